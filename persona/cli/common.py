@@ -1,0 +1,41 @@
+"""What every command shares: the settings, the console, and friendly errors."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import ParamSpec, TypeVar
+
+import typer
+from rich.console import Console
+
+from persona.errors import PersonaError
+from persona.settings import Settings
+
+__all__ = ["console", "err_console", "friendly_errors", "get_settings"]
+
+console = Console()
+err_console = Console(stderr=True)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+@functools.cache
+def get_settings() -> Settings:
+    """The settings, read once per process."""
+    return Settings()
+
+
+def friendly_errors(func: Callable[P, R]) -> Callable[P, R]:
+    """Turn the project's errors into one red line and exit status 1, no traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return func(*args, **kwargs)
+        except PersonaError as exc:
+            err_console.print(f"[red]error:[/red] {exc}", highlight=False, markup=True)
+            raise typer.Exit(1) from None
+
+    return wrapper

@@ -1,0 +1,156 @@
+"""`persona up` and `persona worker`: running the service."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+
+import typer
+
+from persona.cli.common import console, friendly_errors, get_settings
+from persona.connection import connect, describe_url
+from persona.embedded_redis import EmbeddedRedis, find_embedded_url
+from persona.logs import setup_logging
+from persona.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def redis_for_service(settings: Settings) -> Iterator[str]:
+    """The Redis URL to serve on: the configured one, a running embedded one, or a new one."""
+    if settings.redis_url is not None:
+        yield settings.redis_url.get_secret_value()
+        return
+    running = find_embedded_url(settings.data_dir)
+    if running:
+        yield running
+        return
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    embedded = EmbeddedRedis(settings.data_dir)
+    url = embedded.start()
+    try:
+        yield url
+    finally:
+        embedded.stop()
+        log.info("embedded Redis stopped (data kept in %s)", settings.data_dir / "redis")
+
+
+def up(
+    workers: int = typer.Option(1, "--workers", "-w", min=1, help="inference workers to run"),
+    dashboard: bool = typer.Option(True, help="serve the web dashboard and /metrics"),
+    chat: str | None = typer.Option(
+        None, "--chat", metavar="PERSONA", help="then chat with PERSONA in this terminal (logs go to files)"
+    ),
+) -> None:
+    """Run everything on this machine: Redis, workers, dashboard, scheduler, adapters.
+
+    Redis is embedded unless PERSONA_REDIS_URL is set; each chat adapter runs when its
+    token is set.
+
+    Stop with Ctrl-C: workers hand their work back, then Redis saves and exits.
+    """
+    from persona.supervisor import Supervisor, services_for_up
+
+    settings = get_settings()
+    setup_logging(settings)
+    with friendly_exit(), redis_for_service(settings) as url:
+        connect(settings, url=url).close()
+        env = dict(os.environ)
+        if settings.redis_url is None:
+            env["PERSONA_REDIS_URL"] = url
+        log_dir = settings.data_dir / "logs" if chat else None
+        supervisor = Supervisor(services_for_up(settings, workers=workers, dashboard=dashboard), env=env, log_dir=log_dir)
+        supervisor.start()
+        names = ", ".join(s.name for s in supervisor.services)
+        console.print(f"[green]persona is up[/green] on Redis {describe_url(url)}: {names}")
+        try:
+            if chat:
+                console.print(f"logs in {log_dir}; the first reply waits for the model to load")
+                from persona.cli.talk import run_chat
+
+                run_chat(settings, chat, url=url)
+            else:
+                console.print("talk to it from another terminal: [bold]persona chat sage[/bold]  (Ctrl-C here stops everything)")
+                _supervise(supervisor)
+        finally:
+            console.print("stopping...")
+            supervisor.stop()
+
+
+def _supervise(supervisor) -> None:
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        while not stop.wait(1.0):
+            supervisor.check()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def friendly_exit() -> Iterator[None]:
+    with contextlib.suppress(KeyboardInterrupt):
+        yield
+
+
+@friendly_errors
+def worker(
+    device: str = typer.Option(None, help="cpu, cuda or auto (default: the setting, else auto)"),
+    preload: list[str] = typer.Option(None, "--preload", help="load these personas' models before serving"),
+    max_batch: int = typer.Option(None, min=1, help="most requests generated together"),
+) -> None:
+    """Run one inference worker: take requests from the queue, answer them, repeat.
+
+    Many workers on many machines can share one Redis. SIGTERM or Ctrl-C finishes the
+    batch in hand and hands back anything unfinished.
+    """
+    from persona.models import pick_device
+    from persona.pool import ModelPool
+    from persona.worker import Worker
+
+    settings = get_settings()
+    if max_batch:
+        settings.worker.max_batch = max_batch
+    setup_logging(settings)
+    if settings.worker.threads:
+        import torch
+
+        torch.set_num_threads(settings.worker.threads)
+    with redis_for_service(settings) as url:
+        client = connect(settings, url=url)
+        pool = ModelPool(settings, pick_device(device or settings.worker.device))
+        served = Worker(settings, client, pool)
+        signal.signal(signal.SIGTERM, lambda *_: served.stop())
+        signal.signal(signal.SIGINT, _stop_then_interrupt(served))
+        started = time.perf_counter()
+        served.preload(preload or settings.worker.personas or None)
+        log.info("models ready in %.1f s", time.perf_counter() - started)
+        try:
+            served.run()
+        except KeyboardInterrupt:
+            served.stop()
+
+
+def _stop_then_interrupt(served):
+    """First Ctrl-C: finish and hand back. Second: stop at once."""
+
+    def handler(signum, frame):
+        if served.stopping.is_set():
+            raise KeyboardInterrupt
+        log.info("stopping after the batch in hand (Ctrl-C again to stop at once)")
+        served.stop()
+
+    return handler
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(up)
+    app.command()(worker)

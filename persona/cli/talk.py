@@ -1,0 +1,98 @@
+"""`persona ask` and `persona chat`: talking to a persona through the queue."""
+
+from __future__ import annotations
+
+import typer
+
+from persona.cli.common import console, err_console, friendly_errors, get_settings
+from persona.connection import connect
+from persona.contract import GenerationRequest, Message, SamplingOverrides
+from persona.errors import PersonaError, RequestFailed
+from persona.personas import PersonaRegistry
+from persona.queue import QueueClient
+from persona.settings import Settings
+
+
+def _client(settings: Settings, url: str | None = None) -> QueueClient:
+    return QueueClient(connect(settings, url=url), settings.queue)
+
+
+def _check_persona(settings: Settings, name: str) -> None:
+    # Fail fast here rather than after a trip through the queue.
+    PersonaRegistry.from_settings(settings).get(name)
+
+
+@friendly_errors
+def ask(
+    persona: str = typer.Argument(..., help="which persona answers"),
+    text: str = typer.Argument(..., help="what you say to it"),
+    temperature: float = typer.Option(None, min=0.0, max=5.0, help="override the persona's temperature"),
+    max_new_tokens: int = typer.Option(None, min=1, help="override the reply length limit"),
+    seed: int = typer.Option(None, help="sampling seed, for a repeatable answer"),
+    timeout: float = typer.Option(None, min=1.0, help="seconds to wait for the reply"),
+    json_output: bool = typer.Option(False, "--json", help="print the whole reply as JSON"),
+) -> None:
+    """Send one message to PERSONA through the queue and print its reply."""
+    settings = get_settings()
+    _check_persona(settings, persona)
+    request = GenerationRequest(
+        persona=persona,
+        messages=[Message(role="user", content=text)],
+        sampling=SamplingOverrides(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed),
+    )
+    reply = _client(settings).ask(request, timeout=timeout)
+    if json_output:
+        print(reply.to_json())
+    elif not reply.ok:
+        raise RequestFailed(reply)
+    else:
+        print(reply.text)
+
+
+def run_chat(settings: Settings, persona: str, *, url: str | None = None) -> None:
+    """An interactive chat in the terminal, keeping recent turns as context."""
+    _check_persona(settings, persona)
+    client = _client(settings, url)
+    history: list[Message] = []
+    console.print(f"chatting with [bold]{persona}[/bold]; /reset forgets, /quit or Ctrl-D leaves")
+    while True:
+        try:
+            text = console.input("[bold cyan]you>[/bold cyan] ").strip()
+        except (EOFError, KeyboardInterrupt):
+            console.print()
+            return
+        if not text:
+            continue
+        if text in ("/quit", "/exit"):
+            return
+        if text == "/reset":
+            history.clear()
+            console.print("[dim](conversation forgotten)[/dim]")
+            continue
+        history.append(Message(role="user", content=text))
+        request = GenerationRequest(persona=persona, messages=history[-settings.queue.max_messages :])
+        try:
+            with console.status(f"{persona} is thinking..."):
+                reply = client.ask(request)
+        except PersonaError as exc:
+            history.pop()
+            err_console.print(f"[red]{exc}[/red]")
+            continue
+        if not reply.ok:
+            history.pop()
+            err_console.print(f"[red]{reply.error.message if reply.error else 'failed'}[/red]")
+            continue
+        history.append(Message(role="assistant", content=reply.text))
+        console.print(f"[bold magenta]{persona}>[/bold magenta] ", end="")
+        console.print(reply.text, highlight=False, markup=False)
+
+
+@friendly_errors
+def chat(persona: str = typer.Argument("sage", help="which persona to talk to")) -> None:
+    """Chat with PERSONA in the terminal, through the queue (needs `persona up` running)."""
+    run_chat(get_settings(), persona)
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(ask)
+    app.command()(chat)

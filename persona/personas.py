@@ -1,0 +1,220 @@
+"""Persona files (TOML), their validation, and the registry that finds them.
+
+A persona file names a base model and optionally a fine-tuned checkpoint, the voice
+(system prompt and few-shot examples), sampling defaults, output filters, a posting
+schedule, and the adapters it is enabled on. Files come from the project's
+``personas/`` folder, any extra folders in the settings, and the data directory
+(personas that training created); a later folder overrides an earlier one.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from persona.contract import SamplingOverrides
+from persona.errors import ConfigError, UnknownPersona
+from persona.settings import Settings
+
+__all__ = [
+    "BUILTIN_PERSONAS_DIR",
+    "Example",
+    "FiltersConfig",
+    "ModelConfig",
+    "Persona",
+    "PersonaRegistry",
+    "PromptConfig",
+    "Sampling",
+    "ScheduleConfig",
+    "format_validation_error",
+    "load_persona_file",
+]
+
+log = logging.getLogger(__name__)
+
+BUILTIN_PERSONAS_DIR = Path(__file__).resolve().parent.parent / "personas"
+NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelConfig(_Strict):
+    """Which weights speak for the persona."""
+
+    base: str = Field("smollm2", description="'smollm2' (bundled) or a local HF model folder")
+    checkpoint: str | None = Field(
+        None, description="a checkpoint version of this persona (v3) or a folder path"
+    )
+
+
+class Example(_Strict):
+    """One few-shot exchange that shows the voice."""
+
+    user: str
+    assistant: str
+
+
+class PromptConfig(_Strict):
+    """The voice: what the model is told before the conversation."""
+
+    system: str = ""
+    examples: list[Example] = Field(default_factory=list)
+    post_instruction: str = Field(
+        "Write one short new post in your own voice.",
+        description="what a chat model is asked when the persona writes a post",
+    )
+    max_history_turns: int = Field(12, ge=0, description="recent turns kept as context")
+
+
+class Sampling(_Strict):
+    """Sampling defaults; a request may override any of them."""
+
+    temperature: float = Field(0.8, ge=0.0, le=5.0)
+    top_p: float = Field(0.95, gt=0.0, le=1.0)
+    top_k: int = Field(50, ge=0)
+    max_new_tokens: int = Field(96, ge=1, le=4096)
+    repetition_penalty: float = Field(1.1, ge=0.5, le=3.0)
+    stop: list[str] = Field(default_factory=list)
+    seed: int | None = None
+
+    def merged(self, overrides: SamplingOverrides) -> Sampling:
+        """These defaults with a request's overrides applied."""
+        changes = overrides.model_dump(exclude_none=True)
+        if "stop" in changes:
+            changes["stop"] = [*self.stop, *changes["stop"]]
+        return self.model_copy(update=changes)
+
+
+class FiltersConfig(_Strict):
+    """What a generated text must pass before it is posted."""
+
+    min_chars: int = Field(10, ge=0)
+    max_chars: int = Field(280, ge=1)
+    blocklist: list[str] = Field(default_factory=list)
+    max_copied_words: int = Field(8, ge=3, description="longest verbatim run from the corpus")
+    corpus: str | None = Field(None, description="the persona's corpus (JSONL), for originality")
+
+
+class ScheduleConfig(_Strict):
+    """When and where the persona posts on its own."""
+
+    cron: str = "0 9 * * *"
+    timezone: str = "UTC"
+    missed: Literal["skip", "latest"] = "skip"
+    sinks: list[str] = Field(default_factory=list)
+    candidates: int = Field(8, ge=1, le=64)
+    approval: bool = False
+    enabled: bool = False
+
+
+class Persona(_Strict):
+    """One persona file, validated."""
+
+    name: str = Field(pattern=NAME_PATTERN)
+    description: str = ""
+    display_name: str = ""
+    adapters: list[Literal["cli", "discord", "telegram", "scheduler"]] = Field(
+        default_factory=lambda: ["cli", "discord", "telegram"]
+    )
+    model: ModelConfig = ModelConfig()
+    prompt: PromptConfig = PromptConfig()
+    sampling: Sampling = Sampling()
+    filters: FiltersConfig = FiltersConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    source: Path | None = Field(None, exclude=True, description="the file it was read from")
+
+    @field_validator("display_name")
+    @classmethod
+    def _default_display_name(cls, value: str) -> str:
+        return value.strip()
+
+    @property
+    def speaker(self) -> str:
+        """The name the persona speaks under in plain-text transcripts."""
+        return self.display_name or self.name.replace("-", " ").replace("_", " ").title()
+
+
+def format_validation_error(path: Path, error: ValidationError) -> str:
+    """Each problem on its own line, naming the exact field, e.g. ``sampling.top_p``."""
+    lines = [f"{path}: {error.error_count()} problem(s)"]
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"]) or "(file)"
+        got = item.get("input")
+        shown = "" if isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"  {where}: {item['msg']}{shown}")
+    return "\n".join(lines)
+
+
+def load_persona_file(path: Path) -> Persona:
+    """Read and validate one persona file; raise ConfigError naming what is wrong."""
+    try:
+        raw = path.read_bytes().decode("utf-8")
+        data = tomllib.loads(raw)
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
+    data.setdefault("name", path.stem)
+    try:
+        persona = Persona.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(path, exc)) from exc
+    if persona.name != path.stem:
+        raise ConfigError(
+            f"{path}: name: {persona.name!r} differs from the file name; "
+            f"rename the file to {persona.name}.toml or fix the name"
+        )
+    return persona.model_copy(update={"source": path})
+
+
+@dataclass
+class PersonaRegistry:
+    """Every persona the service knows, found in its folders."""
+
+    folders: list[Path]
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> PersonaRegistry:
+        return cls([BUILTIN_PERSONAS_DIR, *settings.personas_dirs, settings.user_personas_dir])
+
+    def files(self) -> list[Path]:
+        """Persona files in search order; a later one overrides an earlier namesake."""
+        return [p for folder in self.folders if folder.is_dir() for p in sorted(folder.glob("*.toml"))]
+
+    def scan(self) -> tuple[dict[str, Persona], list[ConfigError]]:
+        """All valid personas by name, and the errors of the invalid files."""
+        found: dict[str, Persona] = {}
+        problems: list[ConfigError] = []
+        for path in self.files():
+            try:
+                persona = load_persona_file(path)
+            except ConfigError as exc:
+                problems.append(exc)
+                continue
+            found[persona.name] = persona
+        return found, problems
+
+    def all(self) -> dict[str, Persona]:
+        """All valid personas by name; invalid files are logged and skipped."""
+        found, problems = self.scan()
+        for problem in problems:
+            log.warning("skipping invalid persona file: %s", problem)
+        return found
+
+    def get(self, name: str) -> Persona:
+        """One persona by name, or UnknownPersona listing the known ones."""
+        if re.fullmatch(NAME_PATTERN, name):
+            for path in reversed(self.files()):
+                if path.stem == name:
+                    return load_persona_file(path)
+        raise UnknownPersona(name, sorted(self.all()))

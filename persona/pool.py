@@ -1,0 +1,97 @@
+"""The models a worker holds, shared between personas that speak with the same weights.
+
+Two prompt-only personas on the bundled base model share one loaded model; a persona
+with a checkpoint gets its own. ``version`` names the weights in replies, heartbeats
+and metrics: ``base`` for a bare base model, else the checkpoint version (``v3``) or
+the folder name of a checkpoint given by path.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from persona.engine import Generator, TransformersEngine
+from persona.errors import ModelError
+from persona.models import LoadedModel, load_model
+from persona.personas import Persona
+from persona.settings import Settings
+
+__all__ = ["BASE_VERSION", "ModelPool", "Served", "resolve_checkpoint"]
+
+log = logging.getLogger(__name__)
+
+BASE_VERSION = "base"
+
+
+@dataclass(frozen=True)
+class Served:
+    """What answers for a persona right now."""
+
+    key: tuple[str, str]
+    version: str
+    loaded: LoadedModel
+    engine: Generator
+
+
+def resolve_checkpoint(persona: Persona, settings: Settings, version: str | None = None) -> tuple[str, Path | None]:
+    """(version, checkpoint folder) for a persona; version None means its file's choice."""
+    chosen = version if version is not None else persona.model.checkpoint
+    if not chosen or chosen == BASE_VERSION:
+        return BASE_VERSION, None
+    as_path = Path(chosen).expanduser()
+    if as_path.is_absolute() or as_path.exists():
+        if not as_path.is_dir():
+            raise ModelError(f"persona {persona.name!r}: checkpoint folder {as_path} does not exist")
+        return as_path.name, as_path
+    folder = settings.checkpoints_dir / persona.name / chosen
+    if not folder.is_dir():
+        raise ModelError(
+            f"persona {persona.name!r}: no checkpoint version {chosen!r} in {folder.parent}; "
+            f"see `persona checkpoints {persona.name}`"
+        )
+    return chosen, folder
+
+
+EngineFactory = Callable[[LoadedModel], Generator]
+
+
+class ModelPool:
+    """Loads each distinct set of weights once and hands out engines for personas."""
+
+    def __init__(self, settings: Settings, device: str, engine_factory: EngineFactory = TransformersEngine) -> None:
+        self.settings = settings
+        self.device = device
+        self.engine_factory = engine_factory
+        self._served: dict[tuple[str, str], Served] = {}
+        self._lock = threading.Lock()
+
+    def serve(self, persona: Persona, version: str | None = None) -> Served:
+        """The loaded model and engine for a persona, loading them if needed."""
+        version_name, checkpoint = resolve_checkpoint(persona, self.settings, version)
+        key = (persona.model.base, str(checkpoint) if checkpoint else BASE_VERSION)
+        with self._lock:
+            found = self._served.get(key)
+            if found is not None:
+                return Served(key, version_name, found.loaded, found.engine)
+            started = time.perf_counter()
+            loaded = load_model(
+                persona.model.base, checkpoint, cache_dir=self.settings.model_cache_dir, device=self.device
+            )
+            served = Served(key, version_name, loaded, self.engine_factory(loaded))
+            self._served[key] = served
+            log.info("loaded %s for %s in %.1f s", loaded.name, persona.name, time.perf_counter() - started)
+            return served
+
+    def release(self, key: tuple[str, str]) -> None:
+        """Forget one set of weights (the memory is freed once no batch uses it)."""
+        with self._lock:
+            self._served.pop(key, None)
+
+    def loaded_keys(self) -> list[tuple[str, str]]:
+        with self._lock:
+            return list(self._served)

@@ -1,0 +1,106 @@
+"""Turning a request into the token ids a model continues.
+
+Chat-template models (SmolLM2-Instruct) get the persona's system prompt, its few-shot
+examples and the conversation as chat turns. Plain models (GPT-2, or a model fine-tuned
+on raw text) get a transcript ("User: ...\\nSage: ...") and stop at the next speaker's
+name, so the persona never writes the user's side of the conversation.
+
+The conversation is trimmed to the model's context window, oldest turns first; the
+newest message is always kept (cut from its start only if it alone is too long).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from persona.contract import GenerationRequest, Message
+from persona.models import LoadedModel
+from persona.personas import Persona, Sampling
+
+__all__ = ["Prompt", "build_prompt"]
+
+USER_SPEAKER = "User"
+
+
+@dataclass
+class Prompt:
+    """Token ids to continue, and text that ends the persona's turn."""
+
+    token_ids: list[int]
+    stop: list[str]
+
+
+def build_prompt(persona: Persona, request: GenerationRequest, loaded: LoadedModel, sampling: Sampling) -> Prompt:
+    """The prompt for one request, trimmed to fit beside ``max_new_tokens``."""
+    budget = max(16, loaded.context_tokens - sampling.max_new_tokens)
+    use_chat = loaded.has_chat_template
+    # A fine-tuned persona writes posts as raw continuations of its corpus; a
+    # prompt-only persona on an instruct model is asked for one instead.
+    if request.mode == "complete" and not (use_chat and not loaded.fine_tuned):
+        return _plain_completion(request.prefix, loaded, budget, sampling)
+    turns = _conversation(persona, request)
+    if use_chat:
+        return _fit(lambda kept: _chat_ids(persona, kept, request, loaded), turns, loaded, budget, sampling.stop)
+    stop = [f"\n{USER_SPEAKER}:", f"\n{persona.speaker}:", *sampling.stop]
+    return _fit(lambda kept: _transcript_ids(persona, kept, loaded), turns, loaded, budget, stop)
+
+
+def _conversation(persona: Persona, request: GenerationRequest) -> list[Message]:
+    if request.mode == "complete":
+        return [Message(role="user", content=persona.prompt.post_instruction)]
+    turns = [m for m in request.messages if m.role != "system"]
+    keep = persona.prompt.max_history_turns
+    return turns[-keep:] if keep else turns[-1:]
+
+
+def _fit(render, turns: list[Message], loaded: LoadedModel, budget: int, stop: list[str]) -> Prompt:
+    """Drop the oldest turns until the prompt fits; shorten the newest only as a last resort."""
+    kept = list(turns)
+    ids = render(kept)
+    while len(ids) > budget and len(kept) > 1:
+        kept.pop(0)
+        ids = render(kept)
+    if len(ids) > budget and kept:
+        last = kept[-1]
+        overflow_tokens = len(ids) - budget
+        content_ids = loaded.tokenizer.encode(last.content, add_special_tokens=False)
+        tail = loaded.tokenizer.decode(content_ids[overflow_tokens + 8 :])
+        kept[-1] = Message(role=last.role, content=tail)
+        ids = render(kept)[-budget:]
+    return Prompt(token_ids=ids, stop=stop)
+
+
+def _chat_ids(persona: Persona, turns: list[Message], request: GenerationRequest, loaded: LoadedModel) -> list[int]:
+    messages: list[dict[str, str]] = []
+    if persona.prompt.system:
+        messages.append({"role": "system", "content": persona.prompt.system})
+    for example in persona.prompt.examples:
+        messages.append({"role": "user", "content": example.user})
+        messages.append({"role": "assistant", "content": example.assistant})
+    messages.extend({"role": m.role, "content": m.content} for m in turns)
+    text = loaded.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    if request.mode == "complete" and request.prefix:
+        text += request.prefix
+    return loaded.tokenizer.encode(text, add_special_tokens=False)
+
+
+def _transcript_ids(persona: Persona, turns: list[Message], loaded: LoadedModel) -> list[int]:
+    lines: list[str] = []
+    if persona.prompt.system:
+        lines.append(persona.prompt.system.strip() + "\n")
+    for example in persona.prompt.examples:
+        lines.append(f"{USER_SPEAKER}: {example.user}")
+        lines.append(f"{persona.speaker}: {example.assistant}")
+    for message in turns:
+        speaker = persona.speaker if message.role == "assistant" else USER_SPEAKER
+        lines.append(f"{speaker}: {message.content}")
+    lines.append(f"{persona.speaker}:")
+    return loaded.tokenizer.encode("\n".join(lines), add_special_tokens=False)
+
+
+def _plain_completion(prefix: str, loaded: LoadedModel, budget: int, sampling: Sampling) -> Prompt:
+    """Continue ``prefix`` as the author would write, starting a fresh document."""
+    tokenizer = loaded.tokenizer
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    ids = ([start] if start is not None else []) + tokenizer.encode(prefix, add_special_tokens=False)
+    return Prompt(token_ids=ids[-budget:], stop=list(sampling.stop))

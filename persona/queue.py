@@ -1,0 +1,348 @@
+"""The Redis Streams queue between callers and workers.
+
+Callers (``QueueClient``, or ``AsyncQueueClient`` inside adapters) add a request to one
+of two streams, interactive or batch, refused with ``QueueBusy`` once the stream holds
+``max_length`` entries, then wait on the request's own reply list.
+
+Workers (``WorkQueue``) read both streams through one consumer group, interactive first,
+and answer through a script that delivers a reply at most once per request id, counts
+it, and acknowledges and deletes the entry in the same step. Entries held by a dead
+worker (no heartbeat) or held past the visibility timeout are claimed by another;
+after ``max_deliveries`` a request is moved to the dead-letter stream and its caller is
+told so. A worker that leaves hands its unfinished entries back first.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+
+import redis
+import redis.asyncio
+
+from persona import constants as keys
+from persona.contract import ErrorKind, GenerationReply, GenerationRequest, Priority
+from persona.errors import QueueBusy, QueueError, ReplyTimeout
+from persona.settings import QueueSettings
+from persona.validation import check_request
+
+__all__ = ["AsyncQueueClient", "Job", "QueueClient", "WorkQueue", "stream_for"]
+
+log = logging.getLogger(__name__)
+
+REQUEST_FIELD = b"r"
+WAIT_SLACK_S = 5.0
+RECLAIM_BATCH = 100
+
+# Refuse new work once a stream is full, atomically with adding it.
+SUBMIT_SCRIPT = """
+if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then return false end
+return redis.call('XADD', KEYS[1], '*', 'r', ARGV[2])
+"""
+
+# Deliver a reply unless the request was answered already; always settle the entry.
+DELIVER_SCRIPT = """
+local first = redis.call('SET', KEYS[1], ARGV[6], 'NX', 'EX', tonumber(ARGV[3]))
+if first then
+  redis.call('LPUSH', KEYS[2], ARGV[1])
+  redis.call('EXPIRE', KEYS[2], tonumber(ARGV[2]))
+  redis.call('HINCRBY', KEYS[4], ARGV[7], 1)
+end
+if ARGV[5] ~= '' then
+  redis.call('XACK', KEYS[3], ARGV[4], ARGV[5])
+  redis.call('XDEL', KEYS[3], ARGV[5])
+end
+if first then return 1 end
+return 0
+"""
+
+# Put an unfinished entry back at the end of its stream (a leaving worker's hand-back).
+REQUEUE_SCRIPT = """
+local entry = redis.call('XRANGE', KEYS[1], ARGV[2], ARGV[2])
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+redis.call('XDEL', KEYS[1], ARGV[2])
+if #entry == 0 then return false end
+return redis.call('XADD', KEYS[1], '*', unpack(entry[1][2]))
+"""
+
+
+def stream_for(priority: Priority) -> str:
+    return keys.STREAM_INTERACTIVE if priority is Priority.interactive else keys.STREAM_BATCH
+
+
+def _stamp(request: GenerationRequest, settings: QueueSettings) -> GenerationRequest:
+    """Fill in the deadline if the caller left it to the queue."""
+    if not request.deadline:
+        request = request.model_copy(update={"deadline": request.created_at + settings.default_deadline_s})
+    return request
+
+
+def _busy(stream: str, settings: QueueSettings) -> QueueBusy:
+    return QueueBusy(
+        f"the queue is busy ({settings.max_length} requests already waiting in {stream}); "
+        "please try again in a moment"
+    )
+
+
+def _wait_seconds(request: GenerationRequest, timeout: float | None) -> float:
+    if timeout is not None:
+        return timeout
+    return max(1.0, request.deadline - time.time() + WAIT_SLACK_S)
+
+
+def _decode_reply(raw: bytes | None, request: GenerationRequest) -> GenerationReply:
+    if raw is None:
+        raise ReplyTimeout(
+            f"no worker answered request {request.id} for persona {request.persona!r} in time; "
+            "is a worker running (`persona worker`, or `persona up`)? See `persona queue stats`"
+        )
+    return GenerationReply.from_json(raw)
+
+
+class QueueClient:
+    """Submit requests and wait for their replies (blocking)."""
+
+    def __init__(self, client: redis.Redis, settings: QueueSettings) -> None:
+        self.redis = client
+        self.settings = settings
+        self._submit = client.register_script(SUBMIT_SCRIPT)
+
+    def submit(self, request: GenerationRequest) -> GenerationRequest:
+        """Queue a request; InvalidRequest if it breaks the limits, QueueBusy if full."""
+        check_request(request, self.settings)
+        request = _stamp(request, self.settings)
+        stream = stream_for(request.priority)
+        if self._submit(keys=[stream], args=[self.settings.max_length, request.to_json()]) is None:
+            raise _busy(stream, self.settings)
+        return request
+
+    def wait(self, request: GenerationRequest, timeout: float | None = None) -> GenerationReply:
+        """Block until the request's reply arrives; ReplyTimeout if none does."""
+        seconds = _wait_seconds(request, timeout)
+        got = self.redis.blpop([keys.reply_key(request.id)], timeout=seconds)
+        return _decode_reply(got[1] if got else None, request)
+
+    def ask(self, request: GenerationRequest, timeout: float | None = None) -> GenerationReply:
+        """Submit and wait: one round trip through the queue."""
+        return self.wait(self.submit(request), timeout)
+
+    def cancel(self, request_id: str) -> None:
+        """Withdraw a request that is still waiting or running."""
+        self.redis.set(keys.cancel_key(request_id), 1, ex=self.settings.reply_ttl_s)
+
+
+class AsyncQueueClient:
+    """The same as QueueClient, for asyncio code (the chat adapters)."""
+
+    def __init__(self, client: redis.asyncio.Redis, settings: QueueSettings) -> None:
+        self.redis = client
+        self.settings = settings
+        self._submit = client.register_script(SUBMIT_SCRIPT)
+
+    async def submit(self, request: GenerationRequest) -> GenerationRequest:
+        check_request(request, self.settings)
+        request = _stamp(request, self.settings)
+        stream = stream_for(request.priority)
+        if await self._submit(keys=[stream], args=[self.settings.max_length, request.to_json()]) is None:
+            raise _busy(stream, self.settings)
+        return request
+
+    async def wait(self, request: GenerationRequest, timeout: float | None = None) -> GenerationReply:
+        seconds = _wait_seconds(request, timeout)
+        got = await self.redis.blpop([keys.reply_key(request.id)], timeout=seconds)
+        return _decode_reply(got[1] if got else None, request)
+
+    async def ask(self, request: GenerationRequest, timeout: float | None = None) -> GenerationReply:
+        return await self.wait(await self.submit(request), timeout)
+
+    async def cancel(self, request_id: str) -> None:
+        await self.redis.set(keys.cancel_key(request_id), 1, ex=self.settings.reply_ttl_s)
+
+
+@dataclass
+class Job:
+    """One claimed stream entry: a valid request, or the reason it is not one."""
+
+    stream: str
+    entry_id: str
+    payload: bytes
+    request: GenerationRequest | None = None
+    problem: str | None = None
+    claimed_at: float = field(default_factory=time.time)
+
+    @classmethod
+    def parse(cls, stream: str, entry_id: bytes | str, fields: dict) -> Job:
+        entry = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+        payload = fields.get(REQUEST_FIELD) or fields.get("r") or b""
+        job = cls(stream=stream, entry_id=entry, payload=payload)
+        try:
+            job.request = GenerationRequest.from_json(payload)
+        except ValueError as exc:
+            job.problem = f"malformed request: {exc}".splitlines()[0]
+        return job
+
+    @property
+    def request_id(self) -> str | None:
+        if self.request is not None:
+            return self.request.id
+        try:
+            value = json.loads(self.payload).get("id")
+        except (ValueError, AttributeError):
+            return None
+        return value if isinstance(value, str) and value else None
+
+
+class WorkQueue:
+    """The worker's side of the queue."""
+
+    def __init__(self, client: redis.Redis, settings: QueueSettings) -> None:
+        self.redis = client
+        self.settings = settings
+        self._deliver = client.register_script(DELIVER_SCRIPT)
+        self._requeue = client.register_script(REQUEUE_SCRIPT)
+        self.ensure_groups()
+
+    def ensure_groups(self) -> None:
+        """Create the consumer group on both streams (and the streams) if missing."""
+        for stream in keys.STREAMS_BY_PRIORITY:
+            try:
+                self.redis.xgroup_create(stream, keys.CONSUMER_GROUP, id="0", mkstream=True)
+            except redis.exceptions.ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+
+    def claim(self, consumer: str, count: int, block_ms: int = keys.BLOCK_MS) -> list[Job]:
+        """New entries for this consumer: interactive ones first, then batch work."""
+        group = keys.CONSUMER_GROUP
+        got = self.redis.xreadgroup(group, consumer, {keys.STREAM_INTERACTIVE: ">"}, count=count)
+        if not got:
+            streams = {s: ">" for s in keys.STREAMS_BY_PRIORITY}
+            got = self.redis.xreadgroup(group, consumer, streams, count=count, block=block_ms or None)
+        return [
+            Job.parse(stream.decode() if isinstance(stream, bytes) else stream, entry_id, fields)
+            for stream, entries in got or []
+            for entry_id, fields in entries
+        ]
+
+    def deliver(self, settled: list[tuple[Job | None, GenerationReply]], worker: str) -> int:
+        """Send each reply (at most once per request id) and settle its entry.
+
+        Returns how many replies were new; a duplicate is dropped silently because its
+        caller has already been answered.
+        """
+        if not settled:
+            return 0
+        pipe = self.redis.pipeline(transaction=False)
+        for job, reply in settled:
+            counter = "completed" if reply.ok else f"failed:{reply.error.kind if reply.error else 'internal'}"
+            self._deliver(
+                keys=[keys.answered_key(reply.id), keys.reply_key(reply.id), job.stream if job else "", keys.STATS_KEY],
+                args=[
+                    reply.to_json(),
+                    self.settings.reply_ttl_s,
+                    keys.ANSWERED_TTL_S,
+                    keys.CONSUMER_GROUP,
+                    job.entry_id if job else "",
+                    worker,
+                    counter,
+                ],
+                client=pipe,
+            )
+        return sum(int(x) for x in pipe.execute())
+
+    def settle_without_reply(self, job: Job) -> None:
+        """Acknowledge and drop an entry that has nobody to answer."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.xack(job.stream, keys.CONSUMER_GROUP, job.entry_id)
+        pipe.xdel(job.stream, job.entry_id)
+        pipe.hincrby(keys.STATS_KEY, "failed:unanswerable", 1)
+        pipe.execute()
+
+    def is_cancelled(self, request_ids: list[str]) -> set[str]:
+        """Which of these requests their callers have withdrawn."""
+        if not request_ids:
+            return set()
+        flags = self.redis.mget([keys.cancel_key(i) for i in request_ids])
+        return {i for i, flag in zip(request_ids, flags, strict=True) if flag is not None}
+
+    def reclaim(self, consumer: str, live_consumers: set[str]) -> tuple[list[Job], list[tuple[Job, int]]]:
+        """Take over entries a dead or stuck worker holds.
+
+        An entry is taken at once when its holder has no heartbeat, or after the
+        visibility timeout otherwise. Returns the jobs to run now, and the jobs that
+        have used up their deliveries (with their count), which the caller must
+        dead-letter.
+        """
+        timeout_ms = int(self.settings.visibility_timeout_s * 1000)
+        jobs: list[Job] = []
+        exhausted: list[tuple[Job, int]] = []
+        for stream in keys.STREAMS_BY_PRIORITY:
+            pending = self.redis.xpending_range(stream, keys.CONSUMER_GROUP, "-", "+", RECLAIM_BATCH)
+            for item in pending:
+                holder = item["consumer"].decode() if isinstance(item["consumer"], bytes) else item["consumer"]
+                orphaned = holder != consumer and holder not in live_consumers
+                if not orphaned and item["time_since_delivered"] < timeout_ms:
+                    continue
+                entry_id = item["message_id"]
+                min_idle = 0 if orphaned else timeout_ms
+                claimed = self.redis.xclaim(stream, keys.CONSUMER_GROUP, consumer, min_idle, [entry_id])
+                for claimed_id, fields in claimed:
+                    if fields is None:  # deleted meanwhile
+                        continue
+                    job = Job.parse(stream, claimed_id, fields)
+                    deliveries = item["times_delivered"] + 1
+                    if deliveries > self.settings.max_deliveries:
+                        exhausted.append((job, deliveries - 1))
+                    else:
+                        log.warning("reclaimed %s from %s (delivery %d)", job.request_id, holder, deliveries)
+                        jobs.append(job)
+        return jobs, exhausted
+
+    def dead_letter(self, job: Job, reason: str, deliveries: int, worker: str) -> None:
+        """Move a job to the dead-letter stream and tell its caller."""
+        self.redis.xadd(
+            keys.STREAM_DEAD,
+            {
+                "r": job.payload,
+                "stream": job.stream,
+                "reason": reason,
+                "deliveries": deliveries,
+                "worker": worker,
+                "at": time.time(),
+            },
+            maxlen=keys.DEAD_STREAM_MAX_LEN,
+            approximate=True,
+        )
+        request_id = job.request_id
+        if request_id:
+            reply = GenerationReply.failure(
+                request_id, ErrorKind.dead_letter, f"this request failed {deliveries} times and was set aside: {reason}",
+                persona=job.request.persona if job.request else "", worker=worker,
+            )
+            self.deliver([(job, reply)], worker)
+        else:
+            self.settle_without_reply(job)
+        self.redis.hincrby(keys.STATS_KEY, "dead_lettered", 1)
+
+    def hand_back(self, consumer: str) -> int:
+        """Requeue every entry this consumer still holds, then leave the group."""
+        moved = 0
+        for stream in keys.STREAMS_BY_PRIORITY:
+            while True:
+                pending = self.redis.xpending_range(
+                    stream, keys.CONSUMER_GROUP, "-", "+", RECLAIM_BATCH, consumername=consumer
+                )
+                if not pending:
+                    break
+                for item in pending:
+                    self._requeue(keys=[stream], args=[keys.CONSUMER_GROUP, item["message_id"]])
+                    moved += 1
+            left = self.redis.xpending_range(stream, keys.CONSUMER_GROUP, "-", "+", 1, consumername=consumer)
+            if not left:
+                try:
+                    self.redis.xgroup_delconsumer(stream, keys.CONSUMER_GROUP, consumer)
+                except redis.exceptions.ResponseError as exc:
+                    raise QueueError(f"cannot leave the consumer group: {exc}") from exc
+        return moved

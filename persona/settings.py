@@ -1,0 +1,152 @@
+"""The one settings object.
+
+Read once at start-up (``Settings()``) and passed down; nothing else in the project
+reads the environment. Precedence, highest first: constructor arguments, environment
+variables (``PERSONA_`` prefix, ``__`` between nested names), the ``.env`` file in the
+working directory, files in the secrets directory (``/run/secrets`` in containers),
+then the defaults below.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import platformdirs
+from pydantic import BaseModel, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = [
+    "DashboardSettings",
+    "DiscordSettings",
+    "PostingSettings",
+    "QueueSettings",
+    "Settings",
+    "TelegramSettings",
+    "WorkerSettings",
+    "default_data_dir",
+]
+
+SECRETS_DIR = Path("/run/secrets")
+
+
+def default_data_dir() -> Path:
+    """Where trained personas, checkpoints and the embedded Redis live by default."""
+    return platformdirs.user_data_path("persona")
+
+
+class QueueSettings(BaseModel):
+    """Limits of the Redis queue; every worker and client must agree on these."""
+
+    max_length: int = Field(1000, ge=1, description="requests waiting per stream before 'busy'")
+    visibility_timeout_s: float = Field(120.0, gt=0, description="reclaim a job held this long")
+    max_deliveries: int = Field(3, ge=1, description="deliveries before a job is dead-lettered")
+    reply_ttl_s: int = Field(600, ge=1, description="how long an unread reply is kept")
+    default_deadline_s: float = Field(120.0, gt=0, description="a request's deadline if it sets none")
+    max_message_chars: int = Field(8000, ge=1, description="longest single message accepted")
+    max_messages: int = Field(64, ge=1, description="most conversation turns in one request")
+
+
+class WorkerSettings(BaseModel):
+    """How an inference worker runs."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    max_batch: int = Field(16, ge=1, description="requests generated together at most")
+    heartbeat_s: float = Field(2.0, gt=0, description="how often a worker reports it is alive")
+    heartbeat_ttl_s: float = Field(10.0, gt=0, description="a worker silent this long is dead")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads (default: all cores)")
+    personas: list[str] = Field(default_factory=list, description="preload these (default: all)")
+
+
+class DiscordSettings(BaseModel):
+    """The Discord adapter (discord.py)."""
+
+    token: SecretStr | None = None
+    persona: str = "sage"
+    api_url: str = "https://discord.com/api/v10"
+    operator_ids: list[int] = Field(default_factory=list)
+    operator_role: str | None = None
+    allowed_guilds: list[int] = Field(default_factory=list)
+    denied_channels: list[int] = Field(default_factory=list)
+    dm_policy: Literal["open", "allowlist", "pairing"] = "open"
+    allowed_users: list[int] = Field(default_factory=list)
+
+
+class TelegramSettings(BaseModel):
+    """The Telegram adapter (python-telegram-bot)."""
+
+    token: SecretStr | None = None
+    persona: str = "sage"
+    api_url: str = "https://api.telegram.org/bot"
+    webhook_url: str | None = None
+    dm_policy: Literal["open", "allowlist", "pairing"] = "open"
+    allowed_users: list[int] = Field(default_factory=list)
+    allowed_chats: list[int] = Field(default_factory=list)
+
+
+class DashboardSettings(BaseModel):
+    """The web dashboard and Prometheus metrics."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8787, ge=0, le=65535)
+    token: SecretStr | None = None
+
+
+class PostingSettings(BaseModel):
+    """Credentials and API bases for the scheduled-post sinks."""
+
+    x_api_url: str = "https://api.twitter.com"
+    x_bearer_token: SecretStr | None = None
+    x_consumer_key: SecretStr | None = None
+    x_consumer_secret: SecretStr | None = None
+    x_access_token: SecretStr | None = None
+    x_access_token_secret: SecretStr | None = None
+    mastodon_api_url: str = "https://mastodon.social"
+    mastodon_access_token: SecretStr | None = None
+    bluesky_api_url: str = "https://bsky.social/xrpc"
+    bluesky_handle: str | None = None
+    bluesky_password: SecretStr | None = None
+
+
+class Settings(BaseSettings):
+    """Everything the service can be told, from one place."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="PERSONA_",
+        env_nested_delimiter="__",
+        env_file=".env",
+        env_file_encoding="utf-8",
+        secrets_dir=SECRETS_DIR if SECRETS_DIR.is_dir() else None,
+        extra="ignore",
+    )
+
+    data_dir: Path = Field(default_factory=default_data_dir)
+    redis_url: SecretStr | None = Field(
+        None, description="redis://, rediss:// or unix:// URL; unset means the embedded Redis"
+    )
+    personas_dirs: list[Path] = Field(
+        default_factory=list, description="extra persona folders, searched after the built-in ones"
+    )
+    log_level: str = "INFO"
+
+    queue: QueueSettings = QueueSettings()
+    worker: WorkerSettings = WorkerSettings()
+    discord: DiscordSettings = DiscordSettings()
+    telegram: TelegramSettings = TelegramSettings()
+    dashboard: DashboardSettings = DashboardSettings()
+    posting: PostingSettings = PostingSettings()
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        """Every persona's checkpoint versions live under here."""
+        return self.data_dir / "checkpoints"
+
+    @property
+    def user_personas_dir(self) -> Path:
+        """Persona files that training created (the source tree is never written to)."""
+        return self.data_dir / "personas"
+
+    @property
+    def model_cache_dir(self) -> Path:
+        """Models converted once (the GGUF, dequantised) so later loads are fast."""
+        return self.data_dir / "model-cache"

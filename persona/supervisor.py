@@ -1,0 +1,123 @@
+"""``persona up``: every service on one machine, as child processes of one supervisor.
+
+The embedded Redis (when no URL is set) starts first and stops last. Every other
+service is the same ``persona`` command an operator could run alone (``persona worker``,
+``persona dashboard``, ...), started in its own process group so that Ctrl-C reaches the
+supervisor alone, which then stops the services in order: workers hand their work back
+before Redis saves and exits. A service that crashes is restarted, with a growing pause.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from persona.settings import Settings
+
+__all__ = ["Service", "Supervisor", "services_for_up"]
+
+log = logging.getLogger(__name__)
+
+STOP_GRACE_S = 30.0
+MAX_RESTART_PAUSE_S = 30.0
+
+
+@dataclass
+class Service:
+    """One long-running ``persona`` command."""
+
+    name: str
+    args: list[str]
+    process: subprocess.Popen | None = None
+    restarts: int = 0
+    started_at: float = 0.0
+    log_file: Path | None = None
+
+    @property
+    def argv(self) -> list[str]:
+        return [sys.executable, "-m", "persona", *self.args]
+
+
+def services_for_up(settings: Settings, *, workers: int = 1, dashboard: bool = True) -> list[Service]:
+    """The services `persona up` runs: workers, and each optional part that is set up."""
+    services = [Service(f"worker-{i + 1}", ["worker"]) for i in range(workers)]
+    optional = [
+        (dashboard, "dashboard", "persona.dashboard"),
+        (settings.discord.token is not None, "discord", "adapters.discord_bot"),
+        (settings.telegram.token is not None, "telegram", "adapters.telegram_bot"),
+        (True, "scheduler", "adapters.scheduler"),
+    ]
+    for wanted, command, module in optional:
+        if wanted and _importable(module):
+            services.append(Service(command, [command]))
+    return services
+
+
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ImportError:
+        return False
+
+
+@dataclass
+class Supervisor:
+    """Starts services, restarts crashed ones, and stops them all in order."""
+
+    services: list[Service]
+    env: dict[str, str] = field(default_factory=lambda: dict(os.environ))
+    log_dir: Path | None = None  # None: children write to this terminal
+
+    def start(self) -> None:
+        for service in self.services:
+            self._spawn(service)
+
+    def _spawn(self, service: Service) -> None:
+        output = None
+        if self.log_dir is not None:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            service.log_file = self.log_dir / f"{service.name}.log"
+            output = service.log_file.open("ab")
+        service.process = subprocess.Popen(
+            service.argv, env=self.env, stdout=output, stderr=subprocess.STDOUT if output else None,
+            start_new_session=True,
+        )
+        service.started_at = time.monotonic()
+        log.info("started %s (pid %d)", service.name, service.process.pid)
+
+    def check(self) -> None:
+        """Restart any service that exited on its own, pausing longer each time."""
+        for service in self.services:
+            process = service.process
+            if process is None or process.poll() is None:
+                continue
+            ran_s = time.monotonic() - service.started_at
+            service.restarts = 0 if ran_s > 60 else service.restarts + 1
+            pause = min(MAX_RESTART_PAUSE_S, 0.5 * 2 ** service.restarts)
+            log.warning("%s exited with status %s; restarting in %.1f s", service.name, process.returncode, pause)
+            time.sleep(pause)
+            self._spawn(service)
+
+    def stop(self) -> None:
+        """SIGTERM every service, wait for a clean exit, then SIGKILL stragglers."""
+        running = [s for s in self.services if s.process and s.process.poll() is None]
+        for service in running:
+            service.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE_S
+        for service in running:
+            try:
+                service.process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop in time; killing it", service.name)
+                service.process.kill()
+                service.process.wait()
+        for service in self.services:
+            service.process = None

@@ -1,0 +1,223 @@
+"""The inference worker: claim → group by model → batched generate → reply → ack.
+
+One loop, one place where a job's failure is caught: every request gets a reply (text
+or an error saying why), and the worker keeps going. A heartbeat thread keeps the
+worker visible while a long batch runs. On stop (SIGTERM or Ctrl-C) it finishes the
+batch in hand, hands back whatever it still holds, and leaves the consumer group.
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import threading
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Iterator
+
+import redis
+
+from persona import heartbeat
+from persona.contract import ErrorKind, GenerationReply, GenerationRequest, Timings
+from persona.engine import Work
+from persona.errors import ConfigError, ModelError, PersonaError
+from persona.personas import Persona, PersonaRegistry
+from persona.pool import ModelPool, Served
+from persona.prompting import build_prompt
+from persona.queue import Job, WorkQueue
+from persona.settings import Settings
+from persona.validation import request_problem
+
+__all__ = ["Worker", "new_worker_id"]
+
+log = logging.getLogger(__name__)
+
+RECLAIM_EVERY_S = 1.0
+
+
+def new_worker_id() -> str:
+    import socket
+
+    return f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
+
+
+class Worker:
+    """Serves requests from the queue until told to stop."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        client: redis.Redis,
+        pool: ModelPool,
+        *,
+        registry: PersonaRegistry | None = None,
+        worker_id: str | None = None,
+    ) -> None:
+        self.settings = settings
+        self.redis = client
+        self.queue = WorkQueue(client, settings.queue)
+        self.pool = pool
+        self.registry = registry or PersonaRegistry.from_settings(settings)
+        self.id = worker_id or new_worker_id()
+        self.info = heartbeat.WorkerInfo(id=self.id, device=pool.device)
+        self.stopping = threading.Event()
+        self._last_reclaim = 0.0
+
+    # -- life cycle -------------------------------------------------------------
+
+    def preload(self, names: list[str] | None = None) -> None:
+        """Load the models of these personas (default: all) before taking work."""
+        personas = self.registry.all()
+        for name in names or sorted(personas):
+            persona = personas.get(name) or self.registry.get(name)
+            served = self.pool.serve(persona)
+            self.info.personas[persona.name] = served.version
+
+    def run(self) -> None:
+        """Take work until ``stop()``; then hand back what is held and leave."""
+        self.info.state = "serving"
+        heartbeat.publish(self.redis, self.info, self.settings.worker.heartbeat_ttl_s)
+        beat = threading.Thread(target=self._beat, name=f"heartbeat-{self.id}", daemon=True)
+        beat.start()
+        log.info("worker %s serving on %s", self.id, self.pool.device)
+        try:
+            while not self.stopping.is_set():
+                self.step()
+        finally:
+            self.info.state = "leaving"
+            moved = self.queue.hand_back(self.id)
+            if moved:
+                log.info("handed back %d unfinished request(s)", moved)
+            self.stopping.set()
+            beat.join(timeout=5)
+            heartbeat.withdraw(self.redis, self.id)
+            log.info("worker %s stopped", self.id)
+
+    def stop(self) -> None:
+        """Finish the batch in hand, then leave."""
+        self.stopping.set()
+
+    def _beat(self) -> None:
+        while not self.stopping.wait(self.settings.worker.heartbeat_s):
+            self.info.memory_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            try:
+                heartbeat.publish(self.redis, self.info, self.settings.worker.heartbeat_ttl_s)
+            except redis.exceptions.RedisError as exc:
+                log.warning("heartbeat failed: %s", exc)
+
+    # -- one step ---------------------------------------------------------------
+
+    def step(self, block_ms: int = 1000) -> int:
+        """Claim and answer one round of work; return how many jobs it handled."""
+        jobs = self.queue.claim(self.id, self.settings.worker.max_batch, block_ms=block_ms)
+        now = time.monotonic()
+        if now - self._last_reclaim >= RECLAIM_EVERY_S:
+            self._last_reclaim = now
+            jobs.extend(self._reclaim())
+        if jobs:
+            self.process(jobs)
+        return len(jobs)
+
+    def _reclaim(self) -> list[Job]:
+        live = {w.id for w in heartbeat.live_workers(self.redis)}
+        jobs, exhausted = self.queue.reclaim(self.id, live)
+        for job, deliveries in exhausted:
+            log.error("dead-lettering %s after %d deliveries", job.request_id, deliveries)
+            self.queue.dead_letter(job, "it was delivered to workers that died or stalled", deliveries, self.id)
+        return jobs
+
+    def process(self, jobs: list[Job]) -> None:
+        """Answer every job: with text, or with an error that says why not."""
+        runnable: list[Job] = []
+        early: list[tuple[Job, GenerationReply]] = []
+        for job in jobs:
+            refusal = self._refusal(job)
+            if refusal is None:
+                runnable.append(job)
+            elif refusal.id:
+                early.append((job, refusal))
+            else:
+                log.error("dropping unanswerable entry %s: %s", job.entry_id, job.problem)
+                self.queue.settle_without_reply(job)
+        cancelled = self.queue.is_cancelled([j.request.id for j in runnable])
+        for job in [j for j in runnable if j.request.id in cancelled]:
+            early.append((job, self._failure(job.request, ErrorKind.cancelled, "the request was withdrawn")))
+        runnable = [j for j in runnable if j.request.id not in cancelled]
+        self.queue.deliver(early, self.id)
+        for group in self._groups(runnable):
+            self.queue.deliver(group, self.id)
+
+    def _refusal(self, job: Job) -> GenerationReply | None:
+        """An error reply for a job that must not be generated, else None."""
+        request = job.request
+        if request is None:
+            return GenerationReply.failure(job.request_id or "", ErrorKind.invalid, job.problem or "malformed", worker=self.id)
+        if request.expired():
+            return self._failure(request, ErrorKind.timeout, "the request waited past its deadline; please ask again")
+        problem = request_problem(request, self.settings.queue)
+        if problem:
+            return self._failure(request, ErrorKind.invalid, problem)
+        return None
+
+    def _groups(self, runnable: list[Job]) -> Iterator[list[tuple[Job, GenerationReply]]]:
+        """Generate runnable jobs batched per set of weights, yielding each settled group."""
+        by_model: dict[tuple, list[tuple[Job, Persona, Served]]] = defaultdict(list)
+        for job in runnable:
+            try:
+                persona = self.registry.get(job.request.persona)
+                served = self.pool.serve(persona)
+            except ConfigError as exc:
+                yield [(job, self._failure(job.request, ErrorKind.invalid, str(exc)))]
+                continue
+            except ModelError as exc:
+                yield [(job, self._failure(job.request, ErrorKind.model, str(exc)))]
+                continue
+            self.info.personas[persona.name] = served.version
+            by_model[served.key].append((job, persona, served))
+        size = self.settings.worker.max_batch
+        for members in by_model.values():
+            for start in range(0, len(members), size):
+                yield self._generate(members[start : start + size])
+
+    def _generate(self, members: list[tuple[Job, Persona, Served]]) -> list[tuple[Job, GenerationReply]]:
+        """One batched generate; a failure answers each member with the error."""
+        started = time.perf_counter()
+        served = members[0][2]
+        try:
+            batch = []
+            for job, persona, _ in members:
+                sampling = persona.sampling.merged(job.request.sampling)
+                prompt = build_prompt(persona, job.request, served.loaded, sampling)
+                batch.append(Work(prompt.token_ids, sampling, prompt.stop))
+            completions = served.engine.generate(batch)
+        except Exception as exc:  # the one place a batch's failure is caught
+            log.exception("batch of %d for %s failed", len(members), served.loaded.name)
+            kind = ErrorKind.model if isinstance(exc, PersonaError) else ErrorKind.internal
+            return [(job, self._failure(job.request, kind, f"generation failed: {exc}")) for job, _, _ in members]
+        elapsed_ms = (time.perf_counter() - started) * 1000
+        self.info.batches += 1
+        self.info.requests += len(members)
+        settled = []
+        for (job, persona, _), completion in zip(members, completions, strict=True):
+            request = job.request
+            reply = GenerationReply(
+                id=request.id,
+                ok=True,
+                text=completion.text,
+                persona=persona.name,
+                version=served.version,
+                worker=self.id,
+                finish_reason=completion.finish_reason,
+                new_tokens=completion.new_tokens,
+                timings=Timings(queue_ms=max(0.0, (job.claimed_at - request.created_at) * 1000), generate_ms=elapsed_ms),
+            )
+            settled.append((job, reply))
+            log.info(
+                "answered %s persona=%s version=%s tokens=%d batch=%d in %.0f ms",
+                request.id, persona.name, served.version, completion.new_tokens, len(members), elapsed_ms,
+            )
+        return settled
+
+    def _failure(self, request: GenerationRequest, kind: ErrorKind, message: str) -> GenerationReply:
+        return GenerationReply.failure(request.id, kind, message, persona=request.persona, worker=self.id)

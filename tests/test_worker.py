@@ -1,0 +1,115 @@
+"""The worker answers every request through Redis: text, or an error that says why."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from persona.contract import ErrorKind, GenerationRequest, Message, Priority, SamplingOverrides
+from persona.queue import QueueClient
+
+
+def chat(persona: str, text: str = "hello there", **kwargs) -> GenerationRequest:
+    return GenerationRequest(persona=persona, messages=[Message(role="user", content=text)], **kwargs)
+
+
+@pytest.fixture
+def client(settings, redis_client) -> QueueClient:
+    return QueueClient(redis_client, settings.queue)
+
+
+def test_reply_round_trip_through_redis(write_persona, tiny_llama_dir, running_worker, client):
+    write_persona("tiny", base=str(tiny_llama_dir))
+    running_worker()
+    reply = client.ask(chat("tiny"), timeout=60)
+    assert reply.ok, reply.error
+    assert reply.persona == "tiny" and reply.version == "base"
+    assert 1 <= reply.new_tokens <= 8
+    assert reply.worker
+
+
+def test_plain_gpt2_model_answers(write_persona, tiny_gpt2_dir, running_worker, client):
+    write_persona("plain", base=str(tiny_gpt2_dir))
+    running_worker()
+    reply = client.ask(chat("plain"), timeout=60)
+    assert reply.ok, reply.error
+
+
+def test_unknown_persona_gets_an_error_reply_and_worker_keeps_going(write_persona, tiny_llama_dir, running_worker, client):
+    write_persona("tiny", base=str(tiny_llama_dir))
+    running_worker()
+    bad = client.ask(chat("nobody"), timeout=60)
+    assert not bad.ok and bad.error.kind is ErrorKind.invalid
+    assert "unknown persona 'nobody'" in bad.error.message
+    good = client.ask(chat("tiny"), timeout=60)
+    assert good.ok
+
+
+def test_broken_model_fails_its_request_not_the_worker(write_persona, tmp_path, tiny_llama_dir, running_worker, client):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    write_persona("broken", base=str(broken))
+    write_persona("tiny", base=str(tiny_llama_dir))
+    running_worker()
+    bad = client.ask(chat("broken"), timeout=60)
+    assert not bad.ok and bad.error.kind is ErrorKind.model
+    assert client.ask(chat("tiny"), timeout=60).ok
+
+
+def test_mixed_personas_and_sampling_are_batched_together(write_persona, tiny_llama_dir, settings, redis_client, client):
+    """Requests for two personas on the same weights share one batch, each with its own settings."""
+    from persona.pool import ModelPool
+    from persona.worker import Worker
+
+    write_persona("one", base=str(tiny_llama_dir))
+    write_persona("two", base=str(tiny_llama_dir), system="Another voice.")
+    requests = [
+        chat("one", sampling=SamplingOverrides(max_new_tokens=3, temperature=0.0)),
+        chat("two", sampling=SamplingOverrides(max_new_tokens=6, seed=7)),
+        chat("one", sampling=SamplingOverrides(max_new_tokens=5, top_k=1)),
+        chat("two", sampling=SamplingOverrides(max_new_tokens=2, top_p=0.5)),
+    ]
+    for r in requests:
+        client.submit(r)
+    worker = Worker(settings, redis_client, ModelPool(settings, "cpu"), worker_id="w-batch")
+    assert worker.step(block_ms=100) == 4
+    assert worker.info.batches == 1 and worker.info.requests == 4
+    replies = [client.wait(r, timeout=5) for r in requests]
+    assert [r.ok for r in replies] == [True] * 4
+    for request, reply in zip(requests, replies):
+        assert reply.new_tokens <= request.sampling.max_new_tokens
+        assert reply.persona == request.persona
+
+
+def test_interactive_requests_are_served_before_batch_work(write_persona, tiny_llama_dir, settings, redis_client, client):
+    from persona.pool import ModelPool
+    from persona.worker import Worker
+
+    settings.worker.max_batch = 2
+    write_persona("tiny", base=str(tiny_llama_dir))
+    batch = [client.submit(chat("tiny", priority=Priority.batch)) for _ in range(3)]
+    interactive = client.submit(chat("tiny"))
+    worker = Worker(settings, redis_client, ModelPool(settings, "cpu"), worker_id="w-prio")
+    worker.step(block_ms=100)
+    assert client.wait(interactive, timeout=1).ok
+    assert redis_client.llen(f"persona:reply:{batch[-1].id}") == 0
+
+
+def test_expired_request_is_answered_with_timeout_not_generated(write_persona, tiny_llama_dir, running_worker, client):
+    write_persona("tiny", base=str(tiny_llama_dir))
+    request = client.submit(chat("tiny", deadline=time.time() - 1))
+    running_worker()
+    reply = client.wait(request, timeout=30)
+    assert not reply.ok and reply.error.kind is ErrorKind.timeout
+    assert reply.new_tokens == 0
+
+
+def test_cancelled_request_is_not_generated(write_persona, tiny_llama_dir, running_worker, client):
+    write_persona("tiny", base=str(tiny_llama_dir))
+    request = client.submit(chat("tiny"))
+    client.cancel(request.id)
+    running_worker()
+    reply = client.wait(request, timeout=30)
+    assert not reply.ok and reply.error.kind is ErrorKind.cancelled
