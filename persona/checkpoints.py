@@ -1,0 +1,122 @@
+"""Checkpoint versions of a persona, on disk under the data directory.
+
+Layout: ``<data_dir>/checkpoints/<persona>/<version>/`` where versions are ``v1``,
+``v2``, ... in order of creation. Each folder holds the weights (a LoRA adapter with
+``adapter_config.json``, or full weights with ``config.json``), ``checkpoint.json``
+(what made it: base, kind, corpus fingerprint, training config, metrics) and a short
+``README.md`` model card. A version is written into a staging folder and renamed into
+place, so a half-written checkpoint is never listed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from persona.errors import ModelError
+
+__all__ = [
+    "CheckpointInfo",
+    "checkpoint_dir",
+    "list_checkpoints",
+    "next_version",
+    "read_checkpoint",
+    "register_checkpoint",
+]
+
+METADATA_FILE = "checkpoint.json"
+VERSION_PATTERN = re.compile(r"^v(\d+)$")
+
+
+class CheckpointInfo(BaseModel):
+    """What one checkpoint version is and how it was made."""
+
+    persona: str
+    version: str
+    base: str
+    kind: Literal["lora", "full"]
+    created_at: float = Field(default_factory=time.time)
+    corpus_fingerprint: str = ""
+    config: dict[str, Any] = Field(default_factory=dict)
+    metrics: dict[str, float] = Field(default_factory=dict)
+    path: Path | None = Field(None, exclude=True)
+
+
+def checkpoint_dir(checkpoints_root: Path, persona: str) -> Path:
+    return checkpoints_root / persona
+
+
+def _version_number(name: str) -> int | None:
+    match = VERSION_PATTERN.match(name)
+    return int(match.group(1)) if match else None
+
+
+def list_checkpoints(checkpoints_root: Path, persona: str) -> list[CheckpointInfo]:
+    """Every registered version of a persona, oldest first."""
+    folder = checkpoint_dir(checkpoints_root, persona)
+    if not folder.is_dir():
+        return []
+    found = []
+    for child in folder.iterdir():
+        if _version_number(child.name) is not None and (child / METADATA_FILE).is_file():
+            found.append(read_checkpoint(child))
+    return sorted(found, key=lambda c: _version_number(c.version) or 0)
+
+
+def read_checkpoint(path: Path) -> CheckpointInfo:
+    """The metadata of one checkpoint folder."""
+    try:
+        info = CheckpointInfo.model_validate_json((path / METADATA_FILE).read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"checkpoint {path} has no readable {METADATA_FILE}: {exc}") from exc
+    return info.model_copy(update={"path": path})
+
+
+def next_version(checkpoints_root: Path, persona: str) -> str:
+    """The name the next version of this persona gets."""
+    folder = checkpoint_dir(checkpoints_root, persona)
+    numbers = [_version_number(p.name) or 0 for p in folder.iterdir()] if folder.is_dir() else []
+    return f"v{max(numbers, default=0) + 1}"
+
+
+def register_checkpoint(
+    checkpoints_root: Path,
+    staging: Path,
+    info: CheckpointInfo,
+    model_card: str = "",
+) -> CheckpointInfo:
+    """Move a fully written staging folder into place as the next version."""
+    if not ((staging / "adapter_config.json").is_file() or (staging / "config.json").is_file()):
+        raise ModelError(f"{staging} holds no weights (no adapter_config.json or config.json)")
+    folder = checkpoint_dir(checkpoints_root, info.persona)
+    folder.mkdir(parents=True, exist_ok=True)
+    while True:
+        version = next_version(checkpoints_root, info.persona)
+        info = info.model_copy(update={"version": version})
+        (staging / METADATA_FILE).write_text(info.model_dump_json(indent=2))
+        if model_card:
+            (staging / "README.md").write_text(model_card)
+        target = folder / version
+        try:
+            os.rename(staging, target)  # atomic; fails if another writer took the name
+            break
+        except OSError:
+            if not target.exists():
+                raise
+    return info.model_copy(update={"path": target})
+
+
+def remove_checkpoint(checkpoints_root: Path, persona: str, version: str) -> None:
+    """Delete one version's folder."""
+    shutil.rmtree(checkpoint_dir(checkpoints_root, persona) / version)
+
+
+def metadata_json(info: CheckpointInfo) -> str:
+    return json.dumps(info.model_dump(mode="json"), indent=2)
