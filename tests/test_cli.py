@@ -1,0 +1,77 @@
+"""The command line, run as a user runs it: a real process, real output, real exit codes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def persona(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "persona", *args], env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict[str, str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("PERSONA_")}
+    clean |= {"PERSONA_DATA_DIR": str(tmp_path / "data"), "COLUMNS": "200"}
+    return clean
+
+
+def test_help_explains_every_command(env):
+    result = persona("--help", env=env)
+    assert result.returncode == 0
+    for command in ("up", "worker", "ask", "chat", "personas", "queue"):
+        assert command in result.stdout
+
+
+def test_personas_list_prints_one_per_line_name_first(env):
+    result = persona("personas", "list", env=env)
+    assert result.returncode == 0, result.stderr
+    names = [line.split("\t")[0] for line in result.stdout.splitlines()]
+    assert {"sage", "bofh"} <= set(names)
+
+
+def test_personas_validate_points_at_the_field(env, tmp_path: Path):
+    bad = tmp_path / "wrong.toml"
+    bad.write_text("[sampling]\nmax_new_tokens = 0\n")
+    result = persona("personas", "validate", str(bad), env=env)
+    assert result.returncode == 1
+    assert "sampling.max_new_tokens" in result.stderr
+    assert persona("personas", "validate", env=env).returncode == 0
+
+
+def test_personas_show_unknown_is_a_clear_error(env):
+    result = persona("personas", "show", "nobody", env=env)
+    assert result.returncode == 1
+    assert "unknown persona 'nobody'" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_ask_without_a_running_service_says_how_to_start_one(env):
+    result = persona("ask", "sage", "hello", env=env)
+    assert result.returncode == 1
+    assert "persona up" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_ask_with_redis_down_is_a_clear_error(env):
+    env["PERSONA_REDIS_URL"] = "redis://127.0.0.1:1/0"
+    result = persona("queue", "stats", env=env)
+    assert result.returncode == 1
+    assert "cannot reach Redis at redis://127.0.0.1:1/0" in result.stderr
+
+
+def test_queue_stats_shows_streams_and_workers(env, redis_url, redis_client):
+    env["PERSONA_REDIS_URL"] = redis_url
+    result = persona("queue", "stats", env=env)
+    assert result.returncode == 0, result.stderr
+    assert "persona:q:chat" in result.stdout and "workers (0 live)" in result.stdout
+    as_json = persona("queue", "stats", "--json", env=env)
+    assert '"completed"' not in as_json.stdout or as_json.returncode == 0
+    import json
+
+    assert [s["name"] for s in json.loads(as_json.stdout)["streams"]] == ["persona:q:chat", "persona:q:batch"]

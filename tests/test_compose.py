@@ -1,0 +1,55 @@
+"""docker-compose.yml parses with a real Compose parser, and every service is a CLI command."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+from compose_spec import PyCompose
+from typer.main import get_command
+
+from persona.cli import app
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def compose() -> dict:
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+
+
+def test_compose_file_is_valid_compose():
+    # YAML merge keys (<<) are resolved by the YAML loader, as Compose itself does.
+    parsed = PyCompose.from_json(json.dumps(compose()))
+    parsed.to_spec()  # and against the Compose specification's schema
+    assert {"redis", "worker"} <= set(parsed.service_names())
+
+
+def test_redis_persists_with_append_only_file():
+    redis = compose()["services"]["redis"]
+    assert "--appendonly" in redis["command"] and "yes" in redis["command"]
+    assert any(v.endswith(":/data") for v in redis["volumes"])
+
+
+def test_worker_reserves_a_gpu_and_uses_the_shared_redis():
+    worker = compose()["services"]["worker"]
+    devices = worker["deploy"]["resources"]["reservations"]["devices"]
+    assert devices[0]["capabilities"] == ["gpu"]
+    assert worker["environment"]["PERSONA_REDIS_URL"].startswith("redis://redis:")
+
+
+def test_every_persona_service_runs_a_real_cli_command():
+    commands = set(get_command(app).commands)
+    for name, service in compose()["services"].items():
+        if service.get("image", "").startswith("redis"):
+            continue
+        assert service["command"][0] in commands, f"service {name} runs an unknown command"
+
+
+def test_the_parser_rejects_a_broken_file():
+    import pytest
+
+    broken = compose()
+    broken["services"]["worker"]["deploy"]["resources"]["reservations"]["devices"] = "one gpu please"
+    with pytest.raises(ValueError):
+        PyCompose.from_json(json.dumps(broken))

@@ -1,0 +1,89 @@
+"""Persona files: the shipped ones are valid; a broken one is explained field by field."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
+
+from persona.contract import SamplingOverrides
+from persona.errors import ConfigError, UnknownPersona
+from persona.personas import BUILTIN_PERSONAS_DIR, PersonaRegistry, load_persona_file
+
+
+def test_shipped_personas_are_valid_and_distinct():
+    shipped = {p.stem: load_persona_file(p) for p in sorted(BUILTIN_PERSONAS_DIR.glob("*.toml"))}
+    assert {"sage", "bofh"} <= set(shipped)
+    assert shipped["sage"].prompt.system != shipped["bofh"].prompt.system
+    assert all(p.model.base == "smollm2" for p in shipped.values())
+
+
+def test_wrong_field_is_named_exactly(tmp_path: Path):
+    path = tmp_path / "bad.toml"
+    path.write_text('name = "bad"\n[sampling]\ntop_p = 1.7\n[model]\nbsae = "gpt2"\n')
+    with pytest.raises(ConfigError) as caught:
+        load_persona_file(path)
+    message = str(caught.value)
+    assert str(path) in message
+    assert "sampling.top_p" in message and "1.7" in message
+    assert "model.bsae" in message  # a typo is an error, not silently ignored
+
+
+def test_invalid_toml_and_bad_names_are_explained(tmp_path: Path):
+    broken = tmp_path / "broken.toml"
+    broken.write_text('name = "broken\n')
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_persona_file(broken)
+    mismatch = tmp_path / "alpha.toml"
+    mismatch.write_text('name = "beta"\n')
+    with pytest.raises(ConfigError, match="differs from the file name"):
+        load_persona_file(mismatch)
+    binary = tmp_path / "bin.toml"
+    binary.write_bytes(b"\xff\xfe\x00name")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_persona_file(binary)
+
+
+def test_registry_lists_valid_files_and_reports_the_rest(settings, personas_dir: Path):
+    (personas_dir / "ok.toml").write_text('description = "fine"\n')
+    (personas_dir / "nope.toml").write_text("[sampling]\ntemperature = -1\n")
+    registry = PersonaRegistry.from_settings(settings)
+    found, problems = registry.scan()
+    assert "ok" in found and "sage" in found and "nope" not in found
+    assert len(problems) == 1 and "sampling.temperature" in str(problems[0])
+
+
+def test_later_folder_overrides_a_builtin_namesake(settings, personas_dir: Path):
+    (personas_dir / "sage.toml").write_text('description = "my own sage"\n')
+    assert PersonaRegistry.from_settings(settings).get("sage").description == "my own sage"
+
+
+def test_unknown_persona_lists_the_known_ones(settings):
+    with pytest.raises(UnknownPersona, match="known personas: .*sage"):
+        PersonaRegistry.from_settings(settings).get("nobody")
+    with pytest.raises(UnknownPersona):
+        PersonaRegistry.from_settings(settings).get("../../etc/passwd")
+
+
+def test_request_overrides_merge_with_defaults(tmp_path: Path):
+    persona = load_persona_file(BUILTIN_PERSONAS_DIR / "sage.toml")
+    merged = persona.sampling.merged(SamplingOverrides(temperature=0.0, stop=["\n\n"]))
+    assert merged.temperature == 0.0
+    assert merged.top_p == persona.sampling.top_p
+    assert merged.stop[-1] == "\n\n"
+
+
+@hsettings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.binary(max_size=400) | st.text(max_size=400).map(str.encode))
+def test_any_file_content_loads_or_raises_config_error(tmp_path_factory, content: bytes):
+    path = tmp_path_factory.mktemp("fuzz") / "fuzz.toml"
+    path.write_bytes(content)
+    try:
+        persona = load_persona_file(path)
+    except ConfigError as exc:
+        assert str(path) in str(exc)
+    else:
+        assert persona.name == "fuzz"
+        tomllib.loads(content.decode())

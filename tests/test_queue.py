@@ -1,0 +1,144 @@
+"""The queue contract over a real Redis: busy refusal, once-only replies, reclaim, dead letters."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
+
+from persona import constants as keys
+from persona.contract import ErrorKind, GenerationReply, GenerationRequest, Message, Priority
+from persona.errors import InvalidRequest, QueueBusy, ReplyTimeout
+from persona.queue import Job, QueueClient, WorkQueue
+
+
+def chat(text: str = "hi", **kwargs) -> GenerationRequest:
+    return GenerationRequest(persona="sage", messages=[Message(role="user", content=text)], **kwargs)
+
+
+@pytest.fixture
+def client(settings, redis_client) -> QueueClient:
+    return QueueClient(redis_client, settings.queue)
+
+
+@pytest.fixture
+def work(settings, redis_client) -> WorkQueue:
+    return WorkQueue(redis_client, settings.queue)
+
+
+def test_request_survives_the_trip_intact(client, work):
+    sent = client.submit(chat("what is patience?", user="u1", source="test"))
+    [job] = work.claim("w1", 10, block_ms=100)
+    assert job.request == sent
+    assert job.request.deadline > time.time()  # the queue's default deadline was stamped
+
+
+def test_full_stream_refuses_with_busy_and_keeps_what_it_has(settings, client):
+    settings.queue.max_length = 3
+    for _ in range(3):
+        client.submit(chat())
+    with pytest.raises(QueueBusy, match="busy"):
+        client.submit(chat())
+    # batch work has its own room: a full chat stream does not block posts
+    client.submit(chat(priority=Priority.batch))
+    assert client.redis.xlen(keys.STREAM_INTERACTIVE) == 3
+
+
+def test_invalid_requests_are_refused_before_queueing(settings, client):
+    settings.queue.max_message_chars = 10
+    with pytest.raises(InvalidRequest, match="at most 10"):
+        client.submit(chat("x" * 11))
+    with pytest.raises(InvalidRequest, match="empty"):
+        client.submit(chat("   "))
+    assert client.redis.xlen(keys.STREAM_INTERACTIVE) == 0
+
+
+def test_control_characters_are_stripped():
+    request = chat("hel\x00lo\x1b[31m\n")
+    assert request.messages[0].content == "hello[31m\n"
+
+
+def test_reply_is_delivered_once_even_if_two_workers_answer(client, work):
+    request = client.submit(chat())
+    [job] = work.claim("w1", 10, block_ms=100)
+    first = GenerationReply(id=request.id, ok=True, text="first")
+    second = GenerationReply(id=request.id, ok=True, text="second")
+    assert work.deliver([(job, first)], "w1") == 1
+    assert work.deliver([(job, second)], "w2") == 0
+    assert client.wait(request, timeout=1).text == "first"
+    assert client.redis.llen(keys.reply_key(request.id)) == 0
+    assert client.redis.xlen(keys.STREAM_INTERACTIVE) == 0  # settled entries are deleted
+    assert int(client.redis.hget(keys.STATS_KEY, "completed")) == 1
+
+
+def test_waiting_without_a_worker_times_out_clearly(client):
+    request = client.submit(chat())
+    with pytest.raises(ReplyTimeout, match="is a worker running"):
+        client.wait(request, timeout=0.2)
+
+
+def test_dead_workers_entries_are_reclaimed_at_once(client, work):
+    request = client.submit(chat())
+    work.claim("dead-worker", 10, block_ms=100)
+    jobs, exhausted = work.reclaim("live-worker", live_consumers={"live-worker"})
+    assert [j.request.id for j in jobs] == [request.id] and not exhausted
+
+
+def test_live_workers_entries_wait_for_the_visibility_timeout(settings, client, work):
+    settings.queue.visibility_timeout_s = 0.2
+    client.submit(chat())
+    work.claim("slow-worker", 10, block_ms=100)
+    assert work.reclaim("other", live_consumers={"slow-worker", "other"}) == ([], [])
+    time.sleep(0.3)
+    jobs, _ = work.reclaim("other", live_consumers={"slow-worker", "other"})
+    assert len(jobs) == 1
+
+
+def test_poison_request_is_dead_lettered_after_max_deliveries(settings, client, work):
+    settings.queue.max_deliveries = 2
+    request = client.submit(chat())
+    work.claim("crash-1", 10, block_ms=100)  # delivery 1
+    jobs, exhausted = work.reclaim("crash-2", set())  # delivery 2
+    assert len(jobs) == 1 and not exhausted
+    jobs, exhausted = work.reclaim("w3", set())
+    assert not jobs and len(exhausted) == 1
+    job, deliveries = exhausted[0]
+    work.dead_letter(job, "worker crashed", deliveries, "w3")
+    reply = client.wait(request, timeout=1)
+    assert not reply.ok and reply.error.kind is ErrorKind.dead_letter
+    [(_, fields)] = client.redis.xrange(keys.STREAM_DEAD)
+    assert fields[b"reason"] == b"worker crashed" and int(fields[b"deliveries"]) == 2
+    assert GenerationRequest.from_json(fields[b"r"]).id == request.id
+    assert client.redis.xlen(keys.STREAM_INTERACTIVE) == 0
+
+
+def test_leaving_worker_hands_back_what_it_holds(client, work):
+    held = [client.submit(chat(str(i))) for i in range(3)]
+    work.claim("leaver", 10, block_ms=100)
+    assert work.hand_back("leaver") == 3
+    jobs = work.claim("stayer", 10, block_ms=100)
+    assert sorted(j.request.id for j in jobs) == sorted(r.id for r in held)
+    consumers = client.redis.xinfo_consumers(keys.STREAM_INTERACTIVE, keys.CONSUMER_GROUP)
+    assert [c["name"] for c in consumers] == [b"stayer"]  # left the group, nothing orphaned
+
+
+def test_malformed_entry_becomes_a_job_with_a_problem(client, work, redis_client):
+    redis_client.xadd(keys.STREAM_INTERACTIVE, {"r": json.dumps({"id": "abc", "persona": ""})})
+    redis_client.xadd(keys.STREAM_INTERACTIVE, {"r": b"\xff\xfe not json"})
+    first, second = work.claim("w", 10, block_ms=100)
+    assert first.request is None and first.request_id == "abc" and "malformed" in first.problem
+    assert second.request is None and second.request_id is None
+
+
+@hsettings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    st.binary(max_size=300)
+    | st.dictionaries(st.text(max_size=10), st.none() | st.integers() | st.text(max_size=20) | st.lists(st.text(max_size=5)), max_size=6).map(
+        lambda d: json.dumps(d).encode()
+    )
+)
+def test_decoding_any_payload_never_crashes(payload: bytes):
+    job = Job.parse(keys.STREAM_INTERACTIVE, b"1-0", {b"r": payload})
+    assert (job.request is None) == (job.problem is not None)

@@ -1,0 +1,63 @@
+"""One settings object: arguments beat the environment, which beats .env, secrets, defaults."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from persona.settings import Settings
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    import os
+
+    for name in list(os.environ):
+        if name.startswith("PERSONA_"):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_defaults_need_no_configuration(clean_env):
+    settings = Settings()
+    assert settings.redis_url is None  # the embedded Redis
+    assert settings.data_dir.name == "persona"
+    assert settings.queue.max_length == 1000
+    assert settings.discord.api_url == "https://discord.com/api/v10"
+
+
+def test_env_file_then_environment_then_arguments(clean_env, monkeypatch):
+    (clean_env / ".env").write_text("PERSONA_QUEUE__MAX_LENGTH=5\nPERSONA_WORKER__MAX_BATCH=3\nPERSONA_LOG_LEVEL=DEBUG\n")
+    assert Settings().queue.max_length == 5
+    monkeypatch.setenv("PERSONA_QUEUE__MAX_LENGTH", "7")
+    settings = Settings()
+    assert settings.queue.max_length == 7  # environment beats .env
+    assert settings.worker.max_batch == 3  # .env still fills what the environment leaves
+    assert Settings(log_level="WARNING").log_level == "WARNING"  # arguments beat both
+
+
+def test_secrets_directory_is_read_last(clean_env, monkeypatch):
+    secrets = clean_env / "secrets"
+    secrets.mkdir()
+    (secrets / "persona_redis_url").write_text("redis://:from-secret@127.0.0.1:1/0")
+    assert Settings(_secrets_dir=secrets).redis_url.get_secret_value().endswith("@127.0.0.1:1/0")
+    monkeypatch.setenv("PERSONA_REDIS_URL", "redis://:from-env@127.0.0.1:2/0")
+    assert ":from-env@" in Settings(_secrets_dir=secrets).redis_url.get_secret_value()
+
+
+def test_tokens_are_secret_and_never_printed(clean_env, monkeypatch):
+    monkeypatch.setenv("PERSONA_TELEGRAM__TOKEN", "123:very-secret-token")
+    settings = Settings()
+    assert settings.telegram.token.get_secret_value() == "123:very-secret-token"
+    assert "very-secret-token" not in repr(settings)
+    assert "very-secret-token" not in settings.model_dump_json()
+
+
+def test_a_bad_value_names_the_setting(clean_env, monkeypatch):
+    from pydantic import ValidationError
+
+    monkeypatch.setenv("PERSONA_QUEUE__MAX_LENGTH", "zero")
+    with pytest.raises(ValidationError, match="queue.max_length"):
+        Settings()
