@@ -17,6 +17,8 @@ REPLY_KEY_PREFIX = KEY_PREFIX + "reply:"
 ANSWERED_KEY_PREFIX = KEY_PREFIX + "answered:"
 # Set by a caller that no longer wants its answer (/cancel).
 CANCEL_KEY_PREFIX = KEY_PREFIX + "cancel:"
+# How many requests one sender has waiting or running (fair share under a flood).
+USER_PENDING_KEY_PREFIX = KEY_PREFIX + "user-pending:"
 # A worker's heartbeat (JSON, with a TTL): host, device, loaded persona versions.
 WORKER_KEY_PREFIX = KEY_PREFIX + "worker:"
 # Counters that survive a restart (a hash of name -> integer).
@@ -40,6 +42,10 @@ def answered_key(request_id: str) -> str:
 
 def cancel_key(request_id: str) -> str:
     return CANCEL_KEY_PREFIX + request_id
+
+
+def user_pending_key(user: str) -> str:
+    return USER_PENDING_KEY_PREFIX + user
 
 
 def worker_key(worker_id: str) -> str:

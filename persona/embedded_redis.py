@@ -45,6 +45,16 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _previous_password(config: Path) -> str | None:
+    try:
+        for line in config.read_text().splitlines():
+            if line.startswith("requirepass "):
+                return line.split(" ", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -75,13 +85,17 @@ class EmbeddedRedis:
     process: subprocess.Popen | None = None
     url: str = ""
 
-    def start(self) -> str:
-        """Start the server (persistence on) and return its URL."""
+    def start(self, port: int | None = None) -> str:
+        """Start the server (persistence on) and return its URL.
+
+        The password is kept across restarts of the same data directory, so clients
+        that reconnect after a restart on the same port are let back in.
+        """
         folder = self.data_dir / "redis"
         folder.mkdir(parents=True, exist_ok=True)
-        password = secrets.token_urlsafe(24)
-        port = _free_port()
         config = folder / "redis.conf"
+        password = _previous_password(config) or secrets.token_urlsafe(24)
+        port = port or _free_port()
         config.write_text(
             "\n".join(
                 [

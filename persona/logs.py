@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import logging
 import re
+from urllib.parse import urlsplit
 
 from pydantic import SecretStr
 
 from persona.settings import Settings
 
-__all__ = ["RedactingFilter", "secrets_of", "setup_logging"]
+__all__ = ["RedactingFormatter", "secrets_of", "setup_logging"]
 
 REDACTED = "***"
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # Telegram puts the token in its URLs (…/bot123:ABC/getUpdates); hide any such token.
 BOT_TOKEN_IN_URL = re.compile(r"/bot\d+:[A-Za-z0-9_-]+")
 
@@ -25,8 +27,10 @@ def secrets_of(settings: Settings) -> list[str]:
             secret = value.get_secret_value()
             if secret:
                 found.append(secret)
-                if "@" in secret and "://" in secret:  # a URL with a password
-                    found.append(secret.split("://", 1)[1].rsplit("@", 1)[0])
+                if "://" in secret:  # a URL: its password alone may be logged too
+                    password = urlsplit(secret).password
+                    if password:
+                        found.append(password)
         elif hasattr(value, "__pydantic_fields__"):
             for name in type(value).__pydantic_fields__:
                 walk(getattr(value, name))
@@ -35,21 +39,18 @@ def secrets_of(settings: Settings) -> list[str]:
     return sorted({s for s in found if len(s) >= 4}, key=len, reverse=True)
 
 
-class RedactingFilter(logging.Filter):
-    """Replaces secrets in a record's final message before any handler writes it."""
+class RedactingFormatter(logging.Formatter):
+    """Formats as usual, then hides every secret, tracebacks included."""
 
-    def __init__(self, secrets: list[str]) -> None:
-        super().__init__()
+    def __init__(self, fmt: str, secrets: list[str]) -> None:
+        super().__init__(fmt)
         self.secrets = secrets
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        cleaned = BOT_TOKEN_IN_URL.sub("/bot" + REDACTED, message)
+    def format(self, record: logging.LogRecord) -> str:
+        text = BOT_TOKEN_IN_URL.sub("/bot" + REDACTED, super().format(record))
         for secret in self.secrets:
-            cleaned = cleaned.replace(secret, REDACTED)
-        if cleaned != message:
-            record.msg, record.args = cleaned, None
-        return True
+            text = text.replace(secret, REDACTED)
+        return text
 
 
 def setup_logging(settings: Settings, *, level: str | None = None) -> None:
@@ -57,8 +58,7 @@ def setup_logging(settings: Settings, *, level: str | None = None) -> None:
     root = logging.getLogger()
     root.setLevel(level or settings.log_level)
     handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    handler.addFilter(RedactingFilter(secrets_of(settings)))
+    handler.setFormatter(RedactingFormatter(LOG_FORMAT, secrets_of(settings)))
     root.handlers[:] = [handler]
     for noisy in ("httpx", "httpcore", "urllib3", "discord.http", "telegram.ext"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))

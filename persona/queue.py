@@ -36,9 +36,19 @@ REQUEST_FIELD = b"r"
 WAIT_SLACK_S = 5.0
 RECLAIM_BATCH = 100
 
-# Refuse new work once a stream is full, atomically with adding it.
+# Refuse new work once a stream is full, or once its sender already has their share
+# waiting (so a flood from one user cannot starve everyone else), atomically with
+# adding it. KEYS[2] is the sender's pending counter, or '' for an anonymous caller.
 SUBMIT_SCRIPT = """
-if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then return false end
+if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then return 'busy' end
+if KEYS[2] ~= '' then
+  local held = redis.call('INCR', KEYS[2])
+  redis.call('EXPIRE', KEYS[2], tonumber(ARGV[4]))
+  if held > tonumber(ARGV[3]) then
+    redis.call('DECR', KEYS[2])
+    return 'user_busy'
+  end
+end
 return redis.call('XADD', KEYS[1], '*', 'r', ARGV[2])
 """
 
@@ -49,6 +59,9 @@ if first then
   redis.call('LPUSH', KEYS[2], ARGV[1])
   redis.call('EXPIRE', KEYS[2], tonumber(ARGV[2]))
   redis.call('HINCRBY', KEYS[4], ARGV[7], 1)
+  if KEYS[5] ~= '' and tonumber(redis.call('GET', KEYS[5]) or '0') > 0 then
+    redis.call('DECR', KEYS[5])
+  end
 end
 if ARGV[5] ~= '' then
   redis.call('XACK', KEYS[3], ARGV[4], ARGV[5])
@@ -79,11 +92,25 @@ def _stamp(request: GenerationRequest, settings: QueueSettings) -> GenerationReq
     return request
 
 
-def _busy(stream: str, settings: QueueSettings) -> QueueBusy:
-    return QueueBusy(
-        f"the queue is busy ({settings.max_length} requests already waiting in {stream}); "
-        "please try again in a moment"
-    )
+def _submit_keys_args(request: GenerationRequest, settings: QueueSettings) -> tuple[list[str], list]:
+    user_key = keys.user_pending_key(request.user) if request.user else ""
+    hold_s = int(settings.default_deadline_s * 2) + 60  # a lost decrement heals itself
+    return [stream_for(request.priority), user_key], [
+        settings.max_length, request.to_json(), settings.max_pending_per_user, hold_s,
+    ]
+
+
+def _check_submitted(outcome: bytes | None, request: GenerationRequest, settings: QueueSettings) -> None:
+    if outcome == b"busy":
+        raise QueueBusy(
+            f"the queue is busy ({settings.max_length} requests already waiting in "
+            f"{stream_for(request.priority)}); please try again in a moment"
+        )
+    if outcome == b"user_busy":
+        raise QueueBusy(
+            f"you already have {settings.max_pending_per_user} requests waiting; "
+            "please wait for those answers first"
+        )
 
 
 def _wait_seconds(request: GenerationRequest, timeout: float | None) -> float:
@@ -113,9 +140,8 @@ class QueueClient:
         """Queue a request; InvalidRequest if it breaks the limits, QueueBusy if full."""
         check_request(request, self.settings)
         request = _stamp(request, self.settings)
-        stream = stream_for(request.priority)
-        if self._submit(keys=[stream], args=[self.settings.max_length, request.to_json()]) is None:
-            raise _busy(stream, self.settings)
+        script_keys, args = _submit_keys_args(request, self.settings)
+        _check_submitted(self._submit(keys=script_keys, args=args), request, self.settings)
         return request
 
     def wait(self, request: GenerationRequest, timeout: float | None = None) -> GenerationReply:
@@ -144,9 +170,8 @@ class AsyncQueueClient:
     async def submit(self, request: GenerationRequest) -> GenerationRequest:
         check_request(request, self.settings)
         request = _stamp(request, self.settings)
-        stream = stream_for(request.priority)
-        if await self._submit(keys=[stream], args=[self.settings.max_length, request.to_json()]) is None:
-            raise _busy(stream, self.settings)
+        script_keys, args = _submit_keys_args(request, self.settings)
+        _check_submitted(await self._submit(keys=script_keys, args=args), request, self.settings)
         return request
 
     async def wait(self, request: GenerationRequest, timeout: float | None = None) -> GenerationReply:
@@ -237,8 +262,15 @@ class WorkQueue:
         pipe = self.redis.pipeline(transaction=False)
         for job, reply in settled:
             counter = "completed" if reply.ok else f"failed:{reply.error.kind if reply.error else 'internal'}"
+            user = job.request.user if job and job.request else None
             self._deliver(
-                keys=[keys.answered_key(reply.id), keys.reply_key(reply.id), job.stream if job else "", keys.STATS_KEY],
+                keys=[
+                    keys.answered_key(reply.id),
+                    keys.reply_key(reply.id),
+                    job.stream if job else "",
+                    keys.STATS_KEY,
+                    keys.user_pending_key(user) if user else "",
+                ],
                 args=[
                     reply.to_json(),
                     self.settings.reply_ttl_s,

@@ -40,6 +40,7 @@ class QueueSettings(BaseModel):
 
     max_length: int = Field(1000, ge=1, description="requests waiting per stream before 'busy'")
     visibility_timeout_s: float = Field(120.0, gt=0, description="reclaim a job held this long")
+    max_pending_per_user: int = Field(20, ge=1, description="one sender's requests waiting at once")
     max_deliveries: int = Field(3, ge=1, description="deliveries before a job is dead-lettered")
     reply_ttl_s: int = Field(600, ge=1, description="how long an unread reply is kept")
     default_deadline_s: float = Field(120.0, gt=0, description="a request's deadline if it sets none")

@@ -34,6 +34,7 @@ __all__ = ["Worker", "new_worker_id"]
 log = logging.getLogger(__name__)
 
 RECLAIM_EVERY_S = 1.0
+MAX_RECONNECT_PAUSE_S = 5.0
 
 
 def new_worker_id() -> str:
@@ -81,18 +82,41 @@ class Worker:
         beat = threading.Thread(target=self._beat, name=f"heartbeat-{self.id}", daemon=True)
         beat.start()
         log.info("worker %s serving on %s", self.id, self.pool.device)
+        pause_s = 0.0
         try:
             while not self.stopping.is_set():
-                self.step()
+                try:
+                    self.step()
+                    pause_s = 0.0
+                except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, redis.exceptions.BusyLoadingError) as exc:
+                    # Redis restarting: wait and retry; queued requests are kept on its disk.
+                    pause_s = min(MAX_RECONNECT_PAUSE_S, max(0.1, pause_s * 2))
+                    log.warning("Redis unavailable (%s); retrying in %.1f s", exc, pause_s)
+                    self.stopping.wait(pause_s)
+                except redis.exceptions.ResponseError as exc:
+                    if "NOGROUP" not in str(exc):
+                        raise
+                    log.warning("the consumer group is gone (Redis lost its data?); recreating it")
+                    self.queue.ensure_groups()
         finally:
-            self.info.state = "leaving"
+            self._leave(beat)
+
+    def _leave(self, beat: threading.Thread) -> None:
+        """Hand back what is held and disappear from the group and the heartbeats."""
+        self.info.state = "leaving"
+        self.stopping.set()
+        beat.join(timeout=5)
+        try:
             moved = self.queue.hand_back(self.id)
-            if moved:
-                log.info("handed back %d unfinished request(s)", moved)
-            self.stopping.set()
-            beat.join(timeout=5)
             heartbeat.withdraw(self.redis, self.id)
-            log.info("worker %s stopped", self.id)
+        except redis.exceptions.RedisError as exc:
+            # Without Redis nothing can be handed back; the entries stay pending and
+            # another worker reclaims them once this one's heartbeat has lapsed.
+            log.error("could not hand back work while leaving: %s", exc)
+            return
+        if moved:
+            log.info("handed back %d unfinished request(s)", moved)
+        log.info("worker %s stopped", self.id)
 
     def stop(self) -> None:
         """Finish the batch in hand, then leave."""

@@ -142,3 +142,16 @@ def test_malformed_entry_becomes_a_job_with_a_problem(client, work, redis_client
 def test_decoding_any_payload_never_crashes(payload: bytes):
     job = Job.parse(keys.STREAM_INTERACTIVE, b"1-0", {b"r": payload})
     assert (job.request is None) == (job.problem is not None)
+
+
+def test_a_flood_from_one_user_cannot_take_everyones_place(settings, client, work):
+    settings.queue.max_pending_per_user = 3
+    flood = [client.submit(chat(user="flooder")) for _ in range(3)]
+    with pytest.raises(QueueBusy, match="you already have 3 requests waiting"):
+        client.submit(chat(user="flooder"))
+    client.submit(chat(user="someone-else"))  # others still get in
+    # once one of the flooder's requests is answered, they have room again
+    jobs = work.claim("w", 1, block_ms=100)
+    work.deliver([(jobs[0], GenerationReply(id=jobs[0].request.id, ok=True, text="ok"))], "w")
+    client.submit(chat(user="flooder"))
+    assert flood[0].id == jobs[0].request.id

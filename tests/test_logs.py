@@ -1,0 +1,37 @@
+"""Secrets never reach a log line, however they get into one."""
+
+from __future__ import annotations
+
+import logging
+
+from persona.logs import secrets_of, setup_logging
+from persona.settings import Settings
+
+TOKEN = "123456:AAE-super-secret-telegram-token"
+DISCORD = "discord.secret.token.value"
+REDIS_PASSWORD = "hunter2-redis-password"
+
+
+def test_every_secret_is_scrubbed_from_logs(capsys, tmp_path):
+    settings = Settings(
+        _env_file=None,
+        data_dir=tmp_path,
+        redis_url=f"redis://:{REDIS_PASSWORD}@127.0.0.1:6379/0",
+        telegram={"token": TOKEN},
+        discord={"token": DISCORD},
+    )
+    assert {TOKEN, DISCORD, REDIS_PASSWORD} <= set(secrets_of(settings))
+    setup_logging(settings, level="DEBUG")
+    log = logging.getLogger("persona.test")
+    log.info("GET https://api.telegram.org/bot%s/getUpdates", TOKEN)
+    log.warning("connected with %s", settings.redis_url.get_secret_value())
+    log.error("discord said no to %s", DISCORD)
+    logging.getLogger("someone.else").info("unrelated /bot999:XYZ_abc-1/sendMessage")
+    try:
+        raise RuntimeError(f"bad token {TOKEN}")
+    except RuntimeError:
+        log.exception("failure")
+    written = capsys.readouterr().err
+    assert "getUpdates" in written and "discord said no" in written
+    for secret in (TOKEN, DISCORD, REDIS_PASSWORD, "999:XYZ_abc-1"):
+        assert secret not in written

@@ -1,0 +1,186 @@
+"""Faults with real processes: killed workers, stopping workers, poison requests, Redis restarts.
+
+Workers here are real `persona worker` processes on a tiny random model that is made
+slow on purpose (long replies, one request at a time), so a test can kill one while it
+holds work. Every caller must hear back exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import redis
+
+from persona import constants as keys
+from persona.contract import ErrorKind, GenerationRequest, Message
+from persona.embedded_redis import EmbeddedRedis
+from persona.queue import QueueClient
+
+HEARTBEAT_TTL_S = 2.0
+
+
+@pytest.fixture
+def slow_persona(write_persona, tiny_llama_dir):
+    write_persona("slow", base=str(tiny_llama_dir), sampling={"max_new_tokens": 400, "temperature": 1.0})
+    return "slow"
+
+
+@pytest.fixture
+def worker_env(settings, personas_dir: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PERSONA_")}
+    return env | {
+        "PERSONA_REDIS_URL": settings.redis_url.get_secret_value(),
+        "PERSONA_DATA_DIR": str(settings.data_dir),
+        "PERSONA_PERSONAS_DIRS": json.dumps([str(personas_dir)]),
+        "PERSONA_WORKER__MAX_BATCH": "1",
+        "PERSONA_WORKER__HEARTBEAT_S": "0.3",
+        "PERSONA_WORKER__HEARTBEAT_TTL_S": str(HEARTBEAT_TTL_S),
+        "PERSONA_WORKER__THREADS": "1",
+        "PERSONA_QUEUE__VISIBILITY_TIMEOUT_S": "300",
+    }
+
+
+@pytest.fixture
+def spawn_worker(worker_env, tmp_path: Path):
+    """Start `persona worker` processes; returns (process, worker id) once it serves."""
+    processes: list[subprocess.Popen] = []
+
+    def spawn(client: redis.Redis, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+        before = {k.decode() for k in client.scan_iter(match=keys.WORKER_KEY_PREFIX + "*")}
+        log = (tmp_path / f"worker-{len(processes)}.log").open("w")
+        process = subprocess.Popen(
+            [sys.executable, "-m", "persona", "worker", "--preload", "slow"],
+            env=env or worker_env, stdout=log, stderr=subprocess.STDOUT,
+        )
+        processes.append(process)
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            assert process.poll() is None, (tmp_path / f"worker-{len(processes) - 1}.log").read_text()
+            for key in client.scan_iter(match=keys.WORKER_KEY_PREFIX + "*"):
+                name = key.decode()
+                if name not in before and json.loads(client.get(key) or "{}").get("pid") == process.pid:
+                    return process, name.removeprefix(keys.WORKER_KEY_PREFIX)
+            time.sleep(0.1)
+        raise AssertionError("worker did not start serving")
+
+    yield spawn
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def ask_many(client: QueueClient, persona: str, count: int) -> list[GenerationRequest]:
+    return [
+        client.submit(GenerationRequest(persona=persona, messages=[Message(role="user", content=f"question {i}")]))
+        for i in range(count)
+    ]
+
+
+def wait_until_holding(client: redis.Redis, worker_id: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for consumer in client.xinfo_consumers(keys.STREAM_INTERACTIVE, keys.CONSUMER_GROUP):
+            if consumer["name"].decode() == worker_id and consumer["pending"] > 0:
+                return
+        time.sleep(0.02)
+    raise AssertionError(f"{worker_id} never held a request")
+
+
+def assert_answered_exactly_once(client: QueueClient, requests: list[GenerationRequest], timeout: float = 120):
+    replies = [client.wait(r, timeout=timeout) for r in requests]
+    time.sleep(0.5)  # a duplicate would land after the first reply
+    for request in requests:
+        assert client.redis.llen(keys.reply_key(request.id)) == 0, f"{request.id} was answered twice"
+    return replies
+
+
+@pytest.mark.slow
+def test_killed_worker_is_replaced_within_seconds_and_no_one_waits_twice(
+    settings, redis_client, slow_persona, spawn_worker
+):
+    client = QueueClient(redis_client, settings.queue)
+    doomed, doomed_id = spawn_worker(redis_client)
+    requests = ask_many(client, slow_persona, 4)
+    wait_until_holding(redis_client, doomed_id)
+    doomed.kill()  # SIGKILL: no chance to hand anything back
+    killed_at = time.monotonic()
+    spawn_worker(redis_client)
+    replies = assert_answered_exactly_once(client, requests)
+    assert all(r.ok for r in replies), [r.error for r in replies]
+    # reclaimed once the heartbeat lapsed, long before the 300 s visibility timeout
+    assert time.monotonic() - killed_at < 60
+    assert doomed_id not in {r.worker for r in replies}
+
+
+@pytest.mark.slow
+def test_sigterm_finishes_hands_back_and_leaves_cleanly(settings, redis_client, slow_persona, spawn_worker):
+    client = QueueClient(redis_client, settings.queue)
+    leaving, leaving_id = spawn_worker(redis_client)
+    requests = ask_many(client, slow_persona, 3)
+    wait_until_holding(redis_client, leaving_id)
+    leaving.send_signal(signal.SIGTERM)
+    assert leaving.wait(timeout=60) == 0
+    assert redis_client.get(keys.worker_key(leaving_id)) is None  # heartbeat withdrawn
+    consumers = {c["name"].decode() for c in redis_client.xinfo_consumers(keys.STREAM_INTERACTIVE, keys.CONSUMER_GROUP)}
+    assert leaving_id not in consumers  # left the group with nothing pending
+    spawn_worker(redis_client)
+    replies = assert_answered_exactly_once(client, requests)
+    assert all(r.ok for r in replies)
+    assert any(r.worker == leaving_id for r in replies)  # it finished what it had started
+
+
+@pytest.mark.slow
+def test_request_that_keeps_killing_workers_is_dead_lettered(settings, redis_client, slow_persona, spawn_worker, worker_env):
+    env = worker_env | {"PERSONA_QUEUE__MAX_DELIVERIES": "2"}
+    settings.queue.max_deliveries = 2
+    client = QueueClient(redis_client, settings.queue)
+    [poison] = ask_many(client, slow_persona, 1)
+    for _ in range(2):
+        victim, victim_id = spawn_worker(redis_client, env)
+        wait_until_holding(redis_client, victim_id)
+        victim.kill()
+    spawn_worker(redis_client, env)
+    reply = client.wait(poison, timeout=60)
+    assert not reply.ok and reply.error.kind is ErrorKind.dead_letter
+    [(_, fields)] = redis_client.xrange(keys.STREAM_DEAD)
+    assert int(fields[b"deliveries"]) == 2
+    assert redis_client.xlen(keys.STREAM_INTERACTIVE) == 0  # the queue is not blocked
+
+
+@pytest.mark.slow
+def test_queued_requests_survive_a_redis_restart_and_workers_reconnect(
+    tmp_path: Path, settings, slow_persona, spawn_worker, worker_env
+):
+    server = EmbeddedRedis(tmp_path / "own-redis")
+    url = server.start()
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    try:
+        env = worker_env | {"PERSONA_REDIS_URL": url}
+        client = QueueClient(redis.Redis.from_url(url), settings.queue)
+        worker_client = redis.Redis.from_url(url)
+        spawn_worker(worker_client, env)[0].send_signal(signal.SIGTERM)  # creates the group, then leaves
+        time.sleep(1)
+        queued = ask_many(client, slow_persona, 3)
+        time.sleep(1.2)  # appendfsync everysec
+        server.stop()
+        assert server.start(port=port) == url  # same port, same password
+        worker, _ = spawn_worker(worker_client, env)
+        replies = assert_answered_exactly_once(client, queued)
+        assert all(r.ok for r in replies)
+
+        server.stop()  # now with a worker connected
+        time.sleep(1)
+        server.start(port=port)
+        later = ask_many(QueueClient(redis.Redis.from_url(url), settings.queue), slow_persona, 1)
+        assert client.wait(later[0], timeout=120).ok
+        assert worker.poll() is None  # it rode out the outage
+    finally:
+        server.stop()
