@@ -1,0 +1,218 @@
+"""The soak: steady load for a set time while workers are killed and restarted at random.
+
+It starts its own embedded Redis in a temporary data directory, a persona on a tiny
+random model (the bundled tokenizer, so prompts are real) or on the bundled model, and
+``workers`` real ``persona worker`` processes. Callers submit at a steady rate and wait
+for their replies; a chaos loop SIGKILLs or SIGTERMs a random worker every few seconds
+and starts a fresh one. At the end it reports requests sent, answered (ok or with an
+error, by kind), lost (never answered) and duplicated (answered more than once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import redis
+import redis.asyncio
+
+from persona import constants as keys
+from persona.contract import GenerationRequest, Message, SamplingOverrides
+from persona.embedded_redis import EmbeddedRedis
+from persona.errors import PersonaError
+from persona.queue import AsyncQueueClient
+from persona.settings import QueueSettings
+
+__all__ = ["SoakReport", "run_soak"]
+
+log = logging.getLogger(__name__)
+
+DRAIN_S = 90.0
+DUPLICATE_GRACE_S = 2.0
+
+
+@dataclass
+class SoakReport:
+    """What happened to every request the soak sent."""
+
+    seconds: float
+    sent: int = 0
+    answered_ok: int = 0
+    answered_error: Counter = field(default_factory=Counter)
+    refused_busy: int = 0
+    lost: int = 0
+    duplicated: int = 0
+    kills: int = 0
+    terms: int = 0
+    p50_ms: float = 0.0
+    p99_ms: float = 0.0
+
+    def as_dict(self) -> dict:
+        data = self.__dict__.copy()
+        data["answered_error"] = dict(self.answered_error)
+        return data
+
+
+def _tiny_model(folder: Path) -> Path:
+    """A tiny random Llama with the bundled model's real tokenizer and chat template."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from persona.models import bundled_gguf_path
+
+    gguf = bundled_gguf_path()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+class _Workers:
+    """The worker processes, started, killed and replaced."""
+
+    def __init__(self, env: dict[str, str], log_dir: Path) -> None:
+        self.env = env
+        self.log_dir = log_dir
+        self.processes: list[subprocess.Popen] = []
+        self.started = 0
+
+    def start(self) -> None:
+        output = (self.log_dir / f"worker-{self.started}.log").open("w")
+        self.started += 1
+        self.processes.append(
+            subprocess.Popen([sys.executable, "-m", "persona", "worker", "--preload", "soak"],
+                             env=self.env, stdout=output, stderr=subprocess.STDOUT)
+        )
+
+    def disrupt(self, rng: random.Random) -> str:
+        """Kill (SIGKILL) or stop (SIGTERM) a random worker, then start a fresh one."""
+        alive = [p for p in self.processes if p.poll() is None]
+        if not alive:
+            self.start()
+            return "none"
+        victim = rng.choice(alive)
+        how = rng.choice(["kill", "term"])
+        victim.send_signal(signal.SIGKILL if how == "kill" else signal.SIGTERM)
+        self.start()
+        return how
+
+    def stop_all(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in self.processes:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+async def _one(client: AsyncQueueClient, index: int, report: SoakReport, latencies: list[float], ids: list[str]) -> None:
+    request = GenerationRequest(
+        persona="soak", messages=[Message(role="user", content=f"soak question {index}")],
+        sampling=SamplingOverrides(max_new_tokens=12), user=f"user-{index % 7}",
+    )
+    started = time.perf_counter()
+    try:
+        request = await client.submit(request)
+    except PersonaError:
+        report.refused_busy += 1
+        return
+    report.sent += 1
+    ids.append(request.id)
+    try:
+        reply = await client.wait(request, timeout=request.deadline - time.time() + DRAIN_S)
+    except PersonaError:
+        report.lost += 1
+        return
+    latencies.append((time.perf_counter() - started) * 1000)
+    if reply.ok:
+        report.answered_ok += 1
+    else:
+        report.answered_error[str(reply.error.kind if reply.error else "unknown")] += 1
+
+
+async def _load(url: str, seconds: float, rate: float, report: SoakReport, latencies: list[float], ids: list[str]) -> None:
+    connection = redis.asyncio.Redis.from_url(url, max_connections=2000)
+    client = AsyncQueueClient(connection, QueueSettings(max_length=100_000, default_deadline_s=120))
+    tasks = []
+    started = time.monotonic()
+    index = 0
+    while time.monotonic() - started < seconds:
+        tasks.append(asyncio.create_task(_one(client, index, report, latencies, ids)))
+        index += 1
+        await asyncio.sleep(1.0 / rate)
+    await asyncio.gather(*tasks)
+    await connection.aclose()
+
+
+def run_soak(seconds: float, *, workers: int = 2, rate: float = 10.0, chaos_every_s: float = 5.0,
+             model: str = "tiny", seed: int = 0, keep: Path | None = None) -> SoakReport:
+    """Run the soak and return its report."""
+    rng = random.Random(seed)
+    folder = Path(keep or tempfile.mkdtemp(prefix="persona-soak-"))
+    data = folder / "data"
+    (data / "personas").mkdir(parents=True, exist_ok=True)
+    base = "smollm2" if model == "bundled" else str(_tiny_model(folder / "tiny-model"))
+    (data / "personas" / "soak.toml").write_text(
+        f'name = "soak"\n[model]\nbase = {json.dumps(base)}\n[prompt]\nsystem = "You are terse."\n'
+    )
+    server = EmbeddedRedis(data)
+    url = server.start()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PERSONA_")} | {
+        "PERSONA_REDIS_URL": url, "PERSONA_DATA_DIR": str(data),
+        "PERSONA_WORKER__HEARTBEAT_S": "0.5", "PERSONA_WORKER__HEARTBEAT_TTL_S": "2",
+        "PERSONA_WORKER__THREADS": "1", "PERSONA_LOG_LEVEL": "WARNING",
+    }
+    pool = _Workers(env, folder)
+    report = SoakReport(seconds=seconds)
+    latencies: list[float] = []
+    ids: list[str] = []
+    stop = threading.Event()
+
+    def chaos() -> None:
+        while not stop.wait(rng.uniform(0.5, 1.5) * chaos_every_s):
+            how = pool.disrupt(rng)
+            report.kills += how == "kill"
+            report.terms += how == "term"
+
+    try:
+        for _ in range(workers):
+            pool.start()
+        chaos_thread = threading.Thread(target=chaos, daemon=True)
+        chaos_thread.start()
+        load_thread = threading.Thread(target=lambda: asyncio.run(_load(url, seconds, rate, report, latencies, ids)))
+        load_thread.start()
+        time.sleep(seconds)
+        stop.set()  # chaos ends with the load; the survivors drain what is left
+        load_thread.join()
+        time.sleep(DUPLICATE_GRACE_S)
+        client = redis.Redis.from_url(url)
+        report.duplicated = sum(client.llen(keys.reply_key(i)) for i in ids)
+    finally:
+        stop.set()
+        pool.stop_all()
+        server.stop()
+    ordered = sorted(latencies)
+    if ordered:
+        report.p50_ms = ordered[len(ordered) // 2]
+        report.p99_ms = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+    return report
