@@ -1,0 +1,65 @@
+"""Loading weights: local HF folders, LoRA checkpoints merged in, and clear refusals."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from persona.errors import ModelError
+from persona.models import load_model, resolve_base
+
+
+def make_lora(base_dir: Path, out: Path, *, scale: float = 0.5) -> Path:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.mul_(scale * 100)
+    peft_model.save_pretrained(out)
+    return out
+
+
+def test_lora_checkpoint_is_merged_and_changes_the_output(tiny_llama_dir, tmp_path):
+    cache = tmp_path / "cache"
+    base = load_model(str(tiny_llama_dir), cache_dir=cache)
+    tuned = load_model(str(tiny_llama_dir), make_lora(tiny_llama_dir, tmp_path / "lora"), cache_dir=cache)
+    assert tuned.fine_tuned and not base.fine_tuned
+    assert "lora" not in " ".join(n for n, _ in tuned.model.named_parameters())  # merged, runs at base speed
+    ids = torch.tensor([[1, 2, 3, 4]])
+    assert not torch.allclose(base.model(ids).logits, tuned.model(ids).logits)
+
+
+def test_lora_for_another_base_is_refused_with_the_reason(tiny_llama_dir, tiny_gpt2_dir, tmp_path):
+    lora = make_lora(tiny_llama_dir, tmp_path / "lora")
+    with pytest.raises(ModelError, match="does not fit this base model"):
+        load_model(str(tiny_gpt2_dir), lora, cache_dir=tmp_path)
+
+
+def test_corrupt_checkpoint_is_refused(tiny_llama_dir, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (broken / "model.safetensors").write_bytes(b"not really weights")
+    with pytest.raises(ModelError, match="cannot load the model"):
+        load_model(str(tiny_llama_dir), broken, cache_dir=tmp_path)
+    with pytest.raises(ModelError, match="neither adapter_config.json"):
+        load_model(str(tiny_llama_dir), tmp_path, cache_dir=tmp_path)
+
+
+def test_unknown_base_says_nothing_is_downloaded(tmp_path):
+    with pytest.raises(ModelError, match="nothing is downloaded from a model hub"):
+        resolve_base("gpt2", tmp_path)
+
+
+def test_plain_gpt2_folder_loads_without_a_chat_template(tiny_gpt2_dir, tmp_path):
+    loaded = load_model(str(tiny_gpt2_dir), cache_dir=tmp_path)
+    assert not loaded.has_chat_template
+    assert loaded.tokenizer.pad_token_id is not None
+    assert loaded.stop_token_ids == [loaded.tokenizer.eos_token_id]

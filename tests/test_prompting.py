@@ -1,0 +1,87 @@
+"""Prompts: the persona's voice, the conversation trimmed to fit, and turns that end cleanly."""
+
+from __future__ import annotations
+
+import pytest
+
+from persona.contract import GenerationRequest, Message
+from persona.engine import TransformersEngine, Work
+from persona.models import load_model
+from persona.personas import Persona, Sampling
+from persona.prompting import build_prompt
+
+
+@pytest.fixture(scope="module")
+def chat_model(tiny_llama_dir, tmp_path_factory):
+    return load_model(str(tiny_llama_dir), cache_dir=tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(scope="module")
+def plain_model(tiny_gpt2_dir, tmp_path_factory):
+    return load_model(str(tiny_gpt2_dir), cache_dir=tmp_path_factory.mktemp("cache"))
+
+
+PERSONA = Persona(
+    name="sage",
+    prompt={"system": "You are Sage.", "examples": [{"user": "Hi?", "assistant": "Breathe first."}]},
+)
+
+
+def conversation(*texts: str) -> GenerationRequest:
+    roles = ["user", "assistant"]
+    return GenerationRequest(
+        persona="sage", messages=[Message(role=roles[i % 2], content=t) for i, t in enumerate(texts)]
+    )
+
+
+def test_chat_model_gets_system_examples_and_turns(chat_model):
+    prompt = build_prompt(PERSONA, conversation("How are you?"), chat_model, Sampling())
+    text = chat_model.tokenizer.decode(prompt.token_ids)
+    assert text.index("You are Sage.") < text.index("Breathe first.") < text.index("How are you?")
+    assert text.rstrip().endswith("<|im_start|>assistant")
+
+
+def test_plain_model_gets_a_transcript_and_stops_at_the_next_speaker(plain_model):
+    prompt = build_prompt(PERSONA, conversation("How are you?"), plain_model, Sampling())
+    text = plain_model.tokenizer.decode(prompt.token_ids)
+    assert text.endswith("User: How are you?\nSage:")
+    assert "\nUser:" in prompt.stop and "\nSage:" in prompt.stop
+
+
+def test_long_history_drops_oldest_turns_and_keeps_the_newest(chat_model):
+    chat_model_small = chat_model
+    old = ["an old turn " * 40] * 9
+    request = conversation(*old, "the newest question")
+    sampling = Sampling(max_new_tokens=8)
+    full = build_prompt(PERSONA.model_copy(update={"prompt": PERSONA.prompt.model_copy(update={"max_history_turns": 64})}),
+                        request, chat_model_small, sampling)
+    assert len(full.token_ids) <= chat_model_small.context_tokens - 8
+    text = chat_model_small.tokenizer.decode(full.token_ids)
+    assert "the newest question" in text
+    assert text.count("an old turn an old turn") < 9 * 39  # some old turns were dropped
+
+
+def test_a_newest_message_longer_than_the_context_is_cut_from_its_start(chat_model):
+    request = conversation("word " * 2000 + "the very end")
+    prompt = build_prompt(PERSONA, request, chat_model, Sampling(max_new_tokens=8))
+    assert len(prompt.token_ids) <= chat_model.context_tokens - 8
+    assert "the very end" in chat_model.tokenizer.decode(prompt.token_ids)
+
+
+def test_reply_ends_before_a_stop_string(plain_model):
+    engine = TransformersEngine(plain_model)
+    ids = plain_model.tokenizer.encode("Patience is")
+    greedy = Sampling(temperature=0.0, max_new_tokens=20, repetition_penalty=1.0)
+    [free] = engine.generate([Work(ids, greedy)])
+    assert len(free.text) > 6
+    stop = free.text[3:6]
+    [stopped] = engine.generate([Work(ids, greedy, stop=[stop])])
+    assert stopped.finish_reason == "stop"
+    assert stop not in stopped.text and free.text.startswith(stopped.text)
+
+
+def test_post_request_on_a_prompt_only_persona_asks_for_a_post(chat_model):
+    request = GenerationRequest(persona="sage", mode="complete", prefix="Patience")
+    prompt = build_prompt(PERSONA, request, chat_model, Sampling())
+    text = chat_model.tokenizer.decode(prompt.token_ids)
+    assert PERSONA.prompt.post_instruction in text and text.endswith("Patience")
