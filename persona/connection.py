@@ -52,9 +52,10 @@ def _options() -> dict:
 def connect(settings: Settings, *, url: str | None = None) -> redis.Redis:
     """A checked connection to the service's Redis."""
     url = url or redis_url(settings)
-    client = redis.Redis.from_url(url, **_options())
     try:
-        client.ping()
+        # One quick try first: a user with Redis down hears so at once, not after backoff.
+        with redis.Redis.from_url(url, socket_connect_timeout=5) as probe:
+            probe.ping()
     except redis.exceptions.AuthenticationError as exc:
         raise RedisUnavailable(f"Redis at {describe_url(url)} refused the password: {exc}") from None
     except redis.exceptions.ConnectionError as exc:
@@ -62,7 +63,7 @@ def connect(settings: Settings, *, url: str | None = None) -> redis.Redis:
             f"cannot reach Redis at {describe_url(url)}: {exc}. Is it running? "
             "`persona up` starts one; PERSONA_REDIS_URL points elsewhere"
         ) from None
-    return client
+    return redis.Redis.from_url(url, **_options())
 
 
 async def connect_async(settings: Settings, *, url: str | None = None) -> redis.asyncio.Redis:

@@ -75,3 +75,11 @@ def test_queue_stats_shows_streams_and_workers(env, redis_url, redis_client):
     import json
 
     assert [s["name"] for s in json.loads(as_json.stdout)["streams"]] == ["persona:q:chat", "persona:q:batch"]
+
+
+def test_wrong_redis_password_is_named_without_showing_it(env, redis_url):
+    host = redis_url.rsplit("@", 1)[1]
+    env["PERSONA_REDIS_URL"] = f"redis://:not-the-password@{host}"
+    result = persona("queue", "stats", env=env)
+    assert result.returncode == 1
+    assert "refused the password" in result.stderr and "not-the-password" not in result.stderr
