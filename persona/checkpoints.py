@@ -10,7 +10,6 @@ place, so a half-written checkpoint is never listed.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -29,6 +28,7 @@ __all__ = [
     "next_version",
     "read_checkpoint",
     "register_checkpoint",
+    "remove_checkpoint",
 ]
 
 METADATA_FILE = "checkpoint.json"
@@ -116,7 +116,3 @@ def register_checkpoint(
 def remove_checkpoint(checkpoints_root: Path, persona: str, version: str) -> None:
     """Delete one version's folder."""
     shutil.rmtree(checkpoint_dir(checkpoints_root, persona) / version)
-
-
-def metadata_json(info: CheckpointInfo) -> str:
-    return json.dumps(info.model_dump(mode="json"), indent=2)
