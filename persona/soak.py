@@ -92,6 +92,7 @@ class _Workers:
         self.env = env
         self.log_dir = log_dir
         self.processes: list[subprocess.Popen] = []
+        self.signalled: set[int] = set()
         self.started = 0
 
     def start(self) -> None:
@@ -103,14 +104,19 @@ class _Workers:
         )
 
     def disrupt(self, rng: random.Random) -> str:
-        """Kill (SIGKILL) or stop (SIGTERM) a random worker, then start a fresh one."""
-        alive = [p for p in self.processes if p.poll() is None]
+        """Kill (SIGKILL) or stop (SIGTERM) a random worker, then start its replacement.
+
+        Only workers not already told to stop are chosen, so the number of serving
+        workers stays the same however slowly the stopped ones leave.
+        """
+        alive = [p for p in self.processes if p.poll() is None and p.pid not in self.signalled]
         if not alive:
             self.start()
             return "none"
         victim = rng.choice(alive)
         how = rng.choice(["kill", "term"])
         victim.send_signal(signal.SIGKILL if how == "kill" else signal.SIGTERM)
+        self.signalled.add(victim.pid)
         self.start()
         return how
 
