@@ -34,6 +34,11 @@ log = logging.getLogger(__name__)
 
 REQUEST_FIELD = b"r"
 WAIT_SLACK_S = 5.0
+# A caller waits for its reply in slices shorter than any client's socket read timeout
+# (redis-py 8 defaults to 5 s), so one long BLPOP is never cut off as a dead socket.
+WAIT_SLICE_S = 2.0
+# BLPOP treats 0 as "forever": the last slice is never shorter than this.
+MIN_SLICE_S = 0.01
 RECLAIM_BATCH = 100
 
 # Refuse new work once a stream is full, or once its sender already has their share
@@ -119,6 +124,10 @@ def _wait_seconds(request: GenerationRequest, timeout: float | None) -> float:
     return max(1.0, request.deadline - time.time() + WAIT_SLACK_S)
 
 
+def _slice(left_s: float) -> float:
+    return min(max(left_s, MIN_SLICE_S), WAIT_SLICE_S)
+
+
 def _decode_reply(raw: bytes | None, request: GenerationRequest) -> GenerationReply:
     if raw is None:
         raise ReplyTimeout(
@@ -146,8 +155,10 @@ class QueueClient:
 
     def wait(self, request: GenerationRequest, timeout: float | None = None) -> GenerationReply:
         """Block until the request's reply arrives; ReplyTimeout if none does."""
-        seconds = _wait_seconds(request, timeout)
-        got = self.redis.blpop([keys.reply_key(request.id)], timeout=seconds)
+        give_up = time.monotonic() + _wait_seconds(request, timeout)
+        got = None
+        while got is None and (left := give_up - time.monotonic()) > 0:
+            got = self.redis.blpop([keys.reply_key(request.id)], timeout=_slice(left))
         return _decode_reply(got[1] if got else None, request)
 
     def ask(self, request: GenerationRequest, timeout: float | None = None) -> GenerationReply:
@@ -175,8 +186,10 @@ class AsyncQueueClient:
         return request
 
     async def wait(self, request: GenerationRequest, timeout: float | None = None) -> GenerationReply:
-        seconds = _wait_seconds(request, timeout)
-        got = await self.redis.blpop([keys.reply_key(request.id)], timeout=seconds)
+        give_up = time.monotonic() + _wait_seconds(request, timeout)
+        got = None
+        while got is None and (left := give_up - time.monotonic()) > 0:
+            got = await self.redis.blpop([keys.reply_key(request.id)], timeout=_slice(left))
         return _decode_reply(got[1] if got else None, request)
 
     async def ask(self, request: GenerationRequest, timeout: float | None = None) -> GenerationReply:
