@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import typer
 
 from persona.cli.common import console, err_console, friendly_errors, get_settings
@@ -29,7 +31,9 @@ def ask(
     temperature: float = typer.Option(None, min=0.0, max=5.0, help="override the persona's temperature"),
     max_new_tokens: int = typer.Option(None, min=1, help="override the reply length limit"),
     seed: int = typer.Option(None, help="sampling seed, for a repeatable answer"),
-    timeout: float = typer.Option(None, min=1.0, help="seconds to wait for the reply"),
+    timeout: float = typer.Option(
+        None, min=1.0, help="seconds to wait for the reply (also its deadline; default: the queue's)"
+    ),
     json_output: bool = typer.Option(False, "--json", help="print the whole reply as JSON"),
 ) -> None:
     """Send one message to PERSONA through the queue and print its reply."""
@@ -39,6 +43,7 @@ def ask(
         persona=persona,
         messages=[Message(role="user", content=text)],
         sampling=SamplingOverrides(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed),
+        deadline=time.time() + timeout if timeout else 0.0,
     )
     reply = _client(settings).ask(request, timeout=timeout)
     if json_output:
