@@ -31,7 +31,7 @@ from adapters.typing_indicator import keep_typing
 from persona.errors import ConfigError
 from persona.settings import Settings
 
-__all__ = ["TelegramBot", "guard_token_in_logs", "run_telegram"]
+__all__ = ["TelegramBot", "guard_token_in_logs", "run_telegram", "with_flood_control"]
 
 log = logging.getLogger(__name__)
 
