@@ -36,6 +36,9 @@ __all__ = ["TelegramBot", "guard_token_in_logs", "run_telegram", "with_flood_con
 log = logging.getLogger(__name__)
 
 TYPING_REFRESH_S = 4.5
+# The local path the webhook server listens on (http://LISTEN:PORT/telegram); the public
+# PERSONA_TELEGRAM__WEBHOOK_URL is what Telegram calls, usually a proxy forwarding here.
+WEBHOOK_PATH = "telegram"
 FLOOD_RETRIES = 8
 T = TypeVar("T")
 
@@ -149,7 +152,10 @@ class TelegramBot:
         await self.application.initialize()
         await self._connect(self.application)
         await self.application.start()
-        await self.application.updater.start_polling(poll_interval=0.0, timeout=dt.timedelta(seconds=1))
+        if self.options.webhook_url:
+            await self.application.updater.start_webhook(**self._webhook_options())
+        else:
+            await self.application.updater.start_polling(poll_interval=0.0, timeout=dt.timedelta(seconds=1))
 
     async def stop(self) -> None:
         """Stop polling and close the connections."""
@@ -161,16 +167,20 @@ class TelegramBot:
         if self.responder is not None:
             await self.responder.redis.aclose()
 
+    def _webhook_options(self) -> dict:
+        """Where Telegram posts updates, and where we listen for them."""
+        secret = self.options.webhook_secret
+        return {
+            "listen": self.options.webhook_listen, "port": self.options.webhook_port,
+            "url_path": WEBHOOK_PATH, "webhook_url": self.options.webhook_url,
+            "secret_token": secret.get_secret_value() if secret else None,
+            "allowed_updates": Update.ALL_TYPES,
+        }
+
     def run(self) -> None:
         """Serve until interrupted: long polling, or a webhook if one is configured."""
         if self.options.webhook_url:
-            secret = self.options.webhook_secret
-            self.application.run_webhook(
-                listen=self.options.webhook_listen, port=self.options.webhook_port, url_path="telegram",
-                webhook_url=self.options.webhook_url,
-                secret_token=secret.get_secret_value() if secret else None,
-                allowed_updates=Update.ALL_TYPES,
-            )
+            self.application.run_webhook(**self._webhook_options())
         else:
             self.application.run_polling(allowed_updates=Update.ALL_TYPES)
 

@@ -246,3 +246,29 @@ async def test_the_token_never_reaches_the_logs(start_bot, fake_api, telegram_se
             logging.getLogger("httpx").setLevel(logging.WARNING)
     assert "HTTP Request" in caplog.text  # httpx did log its URLs...
     assert TOKEN not in caplog.text and TOKEN.split(":")[1] not in caplog.text  # ...without the token
+
+
+async def test_webhook_mode_registers_the_url_and_answers_posted_updates(start_bot, fake_api, telegram_settings):
+    import socket
+
+    import aiohttp
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with scripted_worker(telegram_settings, echo):
+        await start_bot(webhook_url="https://bot.example.org/telegram", webhook_port=port,
+                        webhook_secret=SecretStr("s3cret-webhook"))
+        registered = [params for method, params in fake_api.calls if method == "setWebhook"]
+        assert registered and registered[0]["url"] == "https://bot.example.org/telegram"
+        assert not any(method == "getUpdates" for method, _ in fake_api.calls)
+        update = {"update_id": 5, "message": {"message_id": 6, "date": int(time.time()), "text": "via webhook",
+                                              "chat": {"id": 1001, "type": "private", "first_name": "Ada"},
+                                              "from": {"id": 1001, "is_bot": False, "first_name": "Ada"}}}
+        async with aiohttp.ClientSession() as session:
+            url = f"http://127.0.0.1:{port}/telegram"
+            async with session.post(url, json=update) as forged:
+                assert forged.status == 403  # no secret: refused
+            async with session.post(url, json=update, headers={"X-Telegram-Bot-Api-Secret-Token": "s3cret-webhook"}) as ok:
+                assert ok.status == 200
+        await fake_api.wait_for(lambda: fake_api.texts() == ["echo: via webhook"])
