@@ -35,6 +35,7 @@ CODE_ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"  # no 0/O or 1/I to misread
 CODE_LENGTH = 8
 PLATFORMS = ("telegram", "discord")
 
+CANNOT_CHECK_TEXT = "I can't check my list of friends right now; please try again in a little while."
 NOT_ALLOWED_TEXT = "Sorry, I only talk to people on my list. Ask the operator of this bot to add you."
 
 
@@ -86,11 +87,14 @@ class AccessControl:
         """Allowed, or the refusal (with a pairing code) to send back."""
         if self.policy == "open" or user in self.allowed:
             return AccessDecision(True)
-        if await self.redis.sismember(keys.access_key(self.platform), user):
-            return AccessDecision(True)
-        if self.policy == "allowlist":
-            return AccessDecision(False, NOT_ALLOWED_TEXT)
-        return AccessDecision(False, pairing_text(await self._code_for(user, name)))
+        try:
+            if await self.redis.sismember(keys.access_key(self.platform), user):
+                return AccessDecision(True)
+            if self.policy == "allowlist":
+                return AccessDecision(False, NOT_ALLOWED_TEXT)
+            return AccessDecision(False, pairing_text(await self._code_for(user, name)))
+        except redis.exceptions.RedisError:
+            return AccessDecision(False, CANNOT_CHECK_TEXT)
 
     async def _code_for(self, user: str, name: str) -> str:
         """The user's pending code, or a new one (one code per user at a time)."""

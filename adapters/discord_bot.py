@@ -75,6 +75,18 @@ class PersonaBot(discord.Client):
         point_client_at(self.options.api_url)
         await self.start(self.options.token.get_secret_value())
 
+    async def serve(self) -> None:
+        """Run until closed; a refused token or intent becomes a ConfigError saying what to fix."""
+        try:
+            await self.start_with_settings()
+        except discord.PrivilegedIntentsRequired:
+            raise ConfigError(
+                "Discord refused the Message Content intent: enable it for this bot in the Developer "
+                "Portal (Bot → Privileged Gateway Intents → Message Content Intent), then start again"
+            ) from None
+        except discord.LoginFailure:
+            raise ConfigError("Discord refused the token: check PERSONA_DISCORD__TOKEN") from None
+
     async def setup_hook(self) -> None:
         """Reach Redis, find the gateway of a non-default API, and register the slash commands."""
         client = await connect_with_backoff(self.settings)
@@ -303,19 +315,10 @@ class PersonaBot(discord.Client):
 
 def run_discord(settings: Settings) -> None:
     """Run the Discord adapter until interrupted (``persona discord``)."""
-    bot = PersonaBot(settings)
 
     async def main() -> None:
-        async with bot:
-            try:
-                await bot.start_with_settings()
-            except discord.PrivilegedIntentsRequired:
-                raise ConfigError(
-                    "Discord refused the Message Content intent: enable it for this bot in the Developer "
-                    "Portal (Bot → Privileged Gateway Intents → Message Content Intent)"
-                ) from None
-            except discord.LoginFailure:
-                raise ConfigError("Discord refused the token: check PERSONA_DISCORD__TOKEN") from None
+        async with PersonaBot(settings) as bot:
+            await bot.serve()
 
     try:
         asyncio.run(main())

@@ -28,3 +28,12 @@ async def test_policies(redis_url, redis_client):
     assert revoke_user(redis_client, "discord", "8") and not revoke_user(redis_client, "discord", "8")
     assert not (await pairing.check("8")).allowed
     await client.aclose()
+
+
+async def test_redis_down_refuses_politely_but_serves_the_configured_list():
+    dead = redis.asyncio.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.5)
+    pairing = AccessControl(dead, "telegram", "pairing", [7], 600)
+    assert (await pairing.check("7")).allowed
+    refused = await pairing.check("8")
+    assert not refused.allowed and "try again" in refused.reply
+    await dead.aclose()

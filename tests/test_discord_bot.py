@@ -20,6 +20,7 @@ from pydantic import SecretStr
 from adapters.discord_bot import OPERATOR_ONLY_TEXT, PersonaBot
 from adapters.responder import BUSY_TEXT, RESET_TEXT
 from persona import constants as keys
+from persona.errors import ConfigError
 from persona.settings import Settings
 from tests.fakes.discord_api import (
     BOT_ID,
@@ -224,3 +225,25 @@ async def test_the_token_never_reaches_the_logs(start_bot, fake_api, discord_set
     assert "IDENTIFY" in caplog.text or "identif" in caplog.text.lower()
     assert TOKEN not in caplog.text
     assert str(BOT_ID) in caplog.text
+
+
+async def test_a_refused_message_content_intent_says_how_to_enable_it(discord_settings, fake_api, redis_client):
+    fake_api.message_content_allowed = False
+    default_base, default_gateway = discord.http.Route.BASE, DiscordWebSocket.DEFAULT_GATEWAY
+    try:
+        async with PersonaBot(discord_settings) as bot:
+            with pytest.raises(ConfigError, match="Message Content Intent"):
+                await asyncio.wait_for(bot.serve(), 30)
+    finally:
+        discord.http.Route.BASE, DiscordWebSocket.DEFAULT_GATEWAY = default_base, default_gateway
+
+
+async def test_a_wrong_token_is_a_clear_error(discord_settings, fake_api, redis_client):
+    discord_settings.discord = discord_settings.discord.model_copy(update={"token": SecretStr("wrong")})
+    default_base = discord.http.Route.BASE
+    try:
+        async with PersonaBot(discord_settings) as bot:
+            with pytest.raises(ConfigError, match="refused the token"):
+                await asyncio.wait_for(bot.serve(), 30)
+    finally:
+        discord.http.Route.BASE = default_base

@@ -52,6 +52,7 @@ class FakeDiscord:
     limits: dict[str, list[float]] = field(default_factory=dict)
     api_url: str = ""
     identified: asyncio.Event = field(default_factory=asyncio.Event)
+    message_content_allowed: bool = True  # False: refuse the privileged intent (close 4014)
 
     def __post_init__(self) -> None:
         self._ids = itertools.count(950000000000000001)
@@ -164,6 +165,9 @@ class FakeDiscord:
                     await socket.close(code=4004)
                     break
                 self.intents = payload["d"].get("intents")
+                if not self.message_content_allowed and self.intents & (1 << 15):
+                    await socket.close(code=4014, message=b"Disallowed intent(s).")
+                    break
                 await self._ready(socket)
         return socket
 
