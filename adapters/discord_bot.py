@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 
 import discord
 import yarl
@@ -255,7 +256,7 @@ class PersonaBot(discord.Client):
                 return False
         return True
 
-    async def _slash_answer(self, interaction: discord.Interaction, make) -> None:
+    async def _slash_answer(self, interaction: discord.Interaction, make: Callable[[Where], Awaitable[str]]) -> None:
         """Rate-limit, show "thinking…" while the queue works, then follow up with the reply."""
         if not await self._slash_allowed(interaction):
             return
