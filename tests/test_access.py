@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import redis.asyncio
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from adapters.access import AccessControl, approve_code, approved_users, pending_pairings, revoke_user
+
+NO_RETRY = Retry(NoBackoff(), 0)  # a dead Redis fails at once (production clients back off)
 
 
 async def test_policies(redis_url, redis_client):
@@ -31,7 +35,7 @@ async def test_policies(redis_url, redis_client):
 
 
 async def test_redis_down_refuses_politely_but_serves_the_configured_list():
-    dead = redis.asyncio.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.5)
+    dead = redis.asyncio.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.5, retry=NO_RETRY)
     pairing = AccessControl(dead, "telegram", "pairing", [7], 600)
     assert (await pairing.check("7")).allowed
     refused = await pairing.check("8")

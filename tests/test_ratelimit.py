@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import redis.asyncio
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from adapters.ratelimit import RateLimiter
+
+NO_RETRY = Retry(NoBackoff(), 0)  # a dead Redis fails at once (production clients back off)
 
 
 async def test_users_and_chats_have_separate_limits(redis_url, redis_client):
@@ -23,6 +27,6 @@ async def test_users_and_chats_have_separate_limits(redis_url, redis_client):
 
 
 async def test_a_redis_outage_lets_messages_through():
-    client = redis.asyncio.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.5)
+    client = redis.asyncio.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.5, retry=NO_RETRY)
     assert (await RateLimiter(client, "telegram", per_user=1, per_chat=1).check("u", "c")).allowed
     await client.aclose()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import redis.asyncio
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from adapters.responder import (
     NOTHING_TO_CANCEL_TEXT,
@@ -16,9 +18,11 @@ from tests.fakes.scripted_worker import scripted_worker
 
 HERE = Where(chat="c1", user="u1")
 
+NO_RETRY = Retry(NoBackoff(), 0)  # a dead Redis fails at once (production clients back off)
+
 
 async def test_redis_down_means_polite_replies_not_crashes(settings: Settings):
-    dead = redis.asyncio.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.5)
+    dead = redis.asyncio.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.5, retry=NO_RETRY)
     responder = Responder(dead, settings, "telegram")
     assert (await responder.admit(HERE))[0].allowed
     assert await responder.answer(HERE, "hello?") == UNREACHABLE_TEXT
@@ -42,9 +46,9 @@ async def test_a_long_message_is_answered_with_a_note(settings: Settings, redis_
     await client.aclose()
 
 
-async def test_switching_persona_checks_the_name(settings: Settings, redis_url, redis_client, write_persona, tiny_llama_dir):
-    write_persona("quiet", base=str(tiny_llama_dir), adapters=["cli"])
-    write_persona("loud", base=str(tiny_llama_dir))
+async def test_switching_persona_checks_the_name(settings: Settings, redis_url, redis_client, write_persona):
+    write_persona("quiet", base="smollm2", adapters=["cli"])
+    write_persona("loud", base="smollm2")
     client = redis.asyncio.Redis.from_url(redis_url)
     responder = Responder(client, settings, "discord")
     assert "no persona called 'quiet'" in await responder.set_persona("c1", "quiet")  # not enabled on discord
