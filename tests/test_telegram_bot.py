@@ -272,3 +272,30 @@ async def test_webhook_mode_registers_the_url_and_answers_posted_updates(start_b
             async with session.post(url, json=update, headers={"X-Telegram-Bot-Api-Secret-Token": "s3cret-webhook"}) as ok:
                 assert ok.status == 200
         await fake_api.wait_for(lambda: fake_api.texts() == ["echo: via webhook"])
+
+
+async def test_a_redis_outage_gets_a_polite_reply_and_the_bot_recovers(start_bot, fake_api, telegram_settings, tmp_path):
+    from persona.embedded_redis import EmbeddedRedis
+
+    from adapters.responder import UNREACHABLE_TEXT
+
+    server = EmbeddedRedis(tmp_path / "own-redis")
+    url = server.start()
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    telegram_settings.redis_url = SecretStr(url)
+    try:
+        with scripted_worker(telegram_settings, echo):
+            await start_bot()
+            fake_api.push_message("before")
+            await fake_api.wait_for(lambda: fake_api.texts() == ["echo: before"])
+        server.stop()
+        fake_api.push_message("during")
+        await fake_api.wait_for(lambda: len(fake_api.sent) == 2, timeout=60)
+        assert fake_api.texts()[1] == UNREACHABLE_TEXT
+        server.start(port=port)
+        with scripted_worker(telegram_settings, echo):
+            fake_api.push_message("after")
+            await fake_api.wait_for(lambda: len(fake_api.sent) == 3, timeout=60)
+        assert fake_api.texts()[2] == "echo: after"
+    finally:
+        server.stop()
