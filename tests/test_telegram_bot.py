@@ -274,6 +274,7 @@ async def test_webhook_mode_registers_the_url_and_answers_posted_updates(start_b
         await fake_api.wait_for(lambda: fake_api.texts() == ["echo: via webhook"])
 
 
+@pytest.mark.slow  # the client's reconnect backoff takes about 15 s before it gives up politely
 async def test_a_redis_outage_gets_a_polite_reply_and_the_bot_recovers(start_bot, fake_api, telegram_settings, tmp_path):
     from persona.embedded_redis import EmbeddedRedis
 
