@@ -300,3 +300,13 @@ async def test_a_redis_outage_gets_a_polite_reply_and_the_bot_recovers(start_bot
         assert fake_api.texts()[2] == "echo: after"
     finally:
         server.stop()
+
+
+async def test_groups_outside_the_allowed_chats_are_ignored(start_bot, fake_api, telegram_settings):
+    with scripted_worker(telegram_settings, echo) as seen:
+        await start_bot(allowed_chats=[GROUP])
+        fake_api.push_message(f"@{BOT_USERNAME} hi", chat_id=-42, chat_type="group")
+        fake_api.push_message(f"@{BOT_USERNAME} hi", chat_id=GROUP, chat_type="group")
+        await fake_api.wait_for(lambda: len(fake_api.sent) == 1)
+        await asyncio.sleep(0.3)
+    assert fake_api.texts(GROUP) == ["echo: hi"] and len(seen) == 1
