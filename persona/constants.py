@@ -25,6 +25,19 @@ WORKER_KEY_PREFIX = KEY_PREFIX + "worker:"
 STATS_KEY = KEY_PREFIX + "stats"
 # Active checkpoint version per persona (a hash persona -> version).
 ACTIVE_VERSIONS_KEY = KEY_PREFIX + "active"
+# Chat adapters. {platform} is "telegram" or "discord"; {scope} names a chat and a user.
+# A conversation's turns (JSON list, with a TTL); /reset deletes it.
+CONVERSATION_KEY_PREFIX = KEY_PREFIX + "conv:"
+# The request a user is waiting on (for /cancel), with a TTL.
+INFLIGHT_KEY_PREFIX = KEY_PREFIX + "inflight:"
+# Fixed-window message counters per user and per chat.
+RATE_KEY_PREFIX = KEY_PREFIX + "rate:"
+# The persona a chat or channel talks to, when switched from the default.
+CHAT_PERSONA_KEY_PREFIX = KEY_PREFIX + "chat-persona:"
+# Private-chat access: a set of approved user ids per platform, pending pairing codes.
+ACCESS_KEY_PREFIX = KEY_PREFIX + "access:"
+PAIRING_CODE_KEY_PREFIX = KEY_PREFIX + "pairing:code:"
+PAIRING_USER_KEY_PREFIX = KEY_PREFIX + "pairing:user:"
 
 DEAD_STREAM_MAX_LEN = 10_000
 ANSWERED_TTL_S = 24 * 3600
@@ -50,3 +63,31 @@ def user_pending_key(user: str) -> str:
 
 def worker_key(worker_id: str) -> str:
     return WORKER_KEY_PREFIX + worker_id
+
+
+def conversation_key(platform: str, scope: str) -> str:
+    return f"{CONVERSATION_KEY_PREFIX}{platform}:{scope}"
+
+
+def inflight_key(platform: str, scope: str) -> str:
+    return f"{INFLIGHT_KEY_PREFIX}{platform}:{scope}"
+
+
+def rate_key(platform: str, kind: str, ident: str, window: int) -> str:
+    return f"{RATE_KEY_PREFIX}{platform}:{kind}:{ident}:{window}"
+
+
+def chat_persona_key(platform: str, chat: str) -> str:
+    return f"{CHAT_PERSONA_KEY_PREFIX}{platform}:{chat}"
+
+
+def access_key(platform: str) -> str:
+    return ACCESS_KEY_PREFIX + platform
+
+
+def pairing_code_key(code: str) -> str:
+    return PAIRING_CODE_KEY_PREFIX + code
+
+
+def pairing_user_key(platform: str, user: str) -> str:
+    return f"{PAIRING_USER_KEY_PREFIX}{platform}:{user}"

@@ -17,6 +17,7 @@ from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = [
+    "ChatAdapterSettings",
     "DashboardSettings",
     "DiscordSettings",
     "PostingSettings",
@@ -59,30 +60,46 @@ class WorkerSettings(BaseModel):
     personas: list[str] = Field(default_factory=list, description="preload these (default: all)")
 
 
-class DiscordSettings(BaseModel):
-    """The Discord adapter (discord.py)."""
+class ChatAdapterSettings(BaseModel):
+    """What every chat adapter shares: rate limits, memory, patience."""
+
+    user_messages_per_minute: int = Field(6, ge=1, description="one person's messages answered per minute")
+    chat_messages_per_minute: int = Field(20, ge=1, description="one chat's or channel's messages per minute")
+    conversation_ttl_s: int = Field(7 * 24 * 3600, ge=60, description="a quiet conversation is forgotten after this")
+    context_chars: int = Field(6000, ge=200, description="most characters of history sent with a message")
+    reply_timeout_s: float = Field(120.0, gt=0, description="how long to wait for a worker's answer")
+    pairing_code_ttl_s: int = Field(24 * 3600, ge=60, description="how long a pairing code can be approved")
+
+
+class DiscordSettings(ChatAdapterSettings):
+    """The Discord adapter (discord.py). Needs the privileged MESSAGE_CONTENT intent."""
 
     token: SecretStr | None = None
     persona: str = "sage"
     api_url: str = "https://discord.com/api/v10"
     operator_ids: list[int] = Field(default_factory=list)
     operator_role: str | None = None
-    allowed_guilds: list[int] = Field(default_factory=list)
+    allowed_guilds: list[int] = Field(default_factory=list, description="empty: every guild")
+    denied_guilds: list[int] = Field(default_factory=list)
+    allowed_channels: list[int] = Field(default_factory=list, description="empty: every channel")
     denied_channels: list[int] = Field(default_factory=list)
     dm_policy: Literal["open", "allowlist", "pairing"] = "open"
     allowed_users: list[int] = Field(default_factory=list)
 
 
-class TelegramSettings(BaseModel):
+class TelegramSettings(ChatAdapterSettings):
     """The Telegram adapter (python-telegram-bot)."""
 
     token: SecretStr | None = None
     persona: str = "sage"
     api_url: str = "https://api.telegram.org/bot"
-    webhook_url: str | None = None
+    webhook_url: str | None = Field(None, description="set: receive updates by webhook instead of polling")
+    webhook_listen: str = "127.0.0.1"
+    webhook_port: int = Field(8443, ge=1, le=65535)
+    webhook_secret: SecretStr | None = None
     dm_policy: Literal["open", "allowlist", "pairing"] = "open"
     allowed_users: list[int] = Field(default_factory=list)
-    allowed_chats: list[int] = Field(default_factory=list)
+    allowed_chats: list[int] = Field(default_factory=list, description="groups it answers in; empty: all")
 
 
 class DashboardSettings(BaseModel):

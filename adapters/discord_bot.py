@@ -1,0 +1,327 @@
+"""The Discord adapter (discord.py): mentions, DMs and replies in, persona replies out.
+
+It answers when mentioned, in a DM (subject to the ``dm_policy``), and when someone
+replies to one of its messages; the reply chain, fetched message by message as llmcord
+does, is the conversation. Elsewhere the conversation is the one kept in Redis. Slash
+commands: /ask, /persona, /reset, /retry, /cancel, and /queue for operators (user ids
+or a role from the settings). Replies are split at 2,000 characters and never ping
+anyone; 429s are waited out by discord.py itself.
+
+The bot needs the privileged **Message Content** intent (Developer Portal → Bot →
+Privileged Gateway Intents) to read what people write; without it Discord closes the
+connection (4014) and the bot says so.
+
+``PERSONA_DISCORD__API_URL`` points the whole client elsewhere: discord.py's REST base
+(``discord.http.Route.BASE``) is set to it, and the websocket goes where that API's
+``GET /gateway/bot`` says, instead of discord.py's built-in gateway address.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+import discord
+import yarl
+from discord import app_commands
+from discord.gateway import DiscordWebSocket
+
+from adapters.access import AccessControl
+from adapters.responder import Responder, Where, connect_with_backoff
+from adapters.splitting import DISCORD_MESSAGE_LIMIT_CHARS, split_message
+from adapters.typing_indicator import keep_typing
+from persona.connection import connect
+from persona.contract import Message
+from persona.errors import ConfigError
+from persona.monitoring import collect_stats
+from persona.settings import Settings
+
+__all__ = ["PersonaBot", "point_client_at", "run_discord"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_API_URL = "https://discord.com/api/v10"
+TYPING_REFRESH_S = 8.0  # Discord shows "typing" for 10 s
+MAX_CHAIN_MESSAGES = 24
+OPERATOR_ONLY_TEXT = "This command is for the bot's operators."
+NO_MENTIONS = discord.AllowedMentions.none()
+
+
+def point_client_at(api_url: str) -> None:
+    """Send discord.py's REST calls to ``api_url`` (the gateway follows in ``setup_hook``)."""
+    discord.http.Route.BASE = api_url.rstrip("/")
+
+
+class PersonaBot(discord.Client):
+    """A Discord client that speaks as a persona."""
+
+    def __init__(self, settings: Settings) -> None:
+        if settings.discord.token is None:
+            raise ConfigError("no Discord token: set PERSONA_DISCORD__TOKEN")
+        intents = discord.Intents.default()
+        intents.message_content = True  # privileged: enable it in the Developer Portal
+        super().__init__(intents=intents, allowed_mentions=NO_MENTIONS)
+        self.settings = settings
+        self.options = settings.discord
+        self.tree = app_commands.CommandTree(self)
+        self.responder: Responder | None = None
+        self.access: AccessControl | None = None
+        self._add_commands()
+
+    # --- start-up -----------------------------------------------------------------------
+
+    async def start_with_settings(self) -> None:
+        """Log in and connect, at the configured API (and the gateway it names)."""
+        point_client_at(self.options.api_url)
+        await self.start(self.options.token.get_secret_value())
+
+    async def serve(self) -> None:
+        """Run until closed; a refused token or intent becomes a ConfigError saying what to fix."""
+        try:
+            await self.start_with_settings()
+        except discord.PrivilegedIntentsRequired:
+            raise ConfigError(
+                "Discord refused the Message Content intent: enable it for this bot in the Developer "
+                "Portal (Bot → Privileged Gateway Intents → Message Content Intent), then start again"
+            ) from None
+        except discord.LoginFailure:
+            raise ConfigError("Discord refused the token: check PERSONA_DISCORD__TOKEN") from None
+
+    async def setup_hook(self) -> None:
+        """Reach Redis, find the gateway of a non-default API, and register the slash commands."""
+        client = await connect_with_backoff(self.settings)
+        self.responder = Responder(client, self.settings, "discord")
+        self.access = AccessControl(
+            client, "discord", self.options.dm_policy, self.options.allowed_users, self.options.pairing_code_ttl_s
+        )
+        if self.options.api_url.rstrip("/") != DEFAULT_API_URL:
+            _shards, url, _limits = await self.http.get_bot_gateway()
+            DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(url)
+            log.info("using the gateway %s named by %s", url, self.options.api_url)
+        await self.tree.sync()
+
+    async def close(self) -> None:
+        """Disconnect, and close the Redis connection."""
+        await super().close()
+        if self.responder is not None:
+            await self.responder.redis.aclose()
+            self.responder = None
+
+    async def on_ready(self) -> None:
+        log.info("Discord bot %s serving persona %s", self.user, self.options.persona)
+
+    async def on_error(self, event_method: str, /, *args, **kwargs) -> None:
+        """The one place event errors end up: log them with the traceback."""
+        log.exception("error while handling Discord event %s", event_method)
+
+    # --- who is talking, and may they -------------------------------------------------
+
+    def _place_allowed(self, guild_id: int | None, channel_id: int) -> bool:
+        """The guild and channel allow/deny lists."""
+        o = self.options
+        if guild_id is not None and ((o.allowed_guilds and guild_id not in o.allowed_guilds) or guild_id in o.denied_guilds):
+            return False
+        if (o.allowed_channels and channel_id not in o.allowed_channels) or channel_id in o.denied_channels:
+            return False
+        return True
+
+    def is_operator(self, user: discord.abc.User) -> bool:
+        """Whether this user may run operator commands (by id, or by role name or id)."""
+        if user.id in self.options.operator_ids:
+            return True
+        role = self.options.operator_role
+        roles = getattr(user, "roles", [])
+        return bool(role) and any(r.name == role or str(r.id) == role for r in roles)
+
+    async def _parent(self, message: discord.Message) -> discord.Message | None:
+        """The message this one replies to, from the payload, the cache, or the API."""
+        reference = message.reference
+        if reference is None or reference.message_id is None:
+            return None
+        if isinstance(reference.resolved, discord.Message):
+            return reference.resolved
+        if reference.cached_message is not None:
+            return reference.cached_message
+        try:
+            return await message.channel.fetch_message(reference.message_id)
+        except discord.HTTPException:
+            return None
+
+    def _clean(self, message: discord.Message) -> str:
+        text = message.content
+        for form in (f"<@{self.user.id}>", f"<@!{self.user.id}>"):
+            text = text.replace(form, "")
+        return text.strip()
+
+    async def reply_chain(self, message: discord.Message) -> list[Message]:
+        """The conversation a reply continues: its ancestors, oldest first."""
+        turns: list[Message] = []
+        current = await self._parent(message)
+        while current is not None and len(turns) < MAX_CHAIN_MESSAGES:
+            role = "assistant" if current.author == self.user else "user"
+            text = self._clean(current)
+            if text:
+                turns.append(Message(role=role, content=text))
+            current = await self._parent(current)
+        turns.reverse()
+        return turns
+
+    # --- messages -----------------------------------------------------------------------
+
+    async def on_message(self, message: discord.Message) -> None:
+        """Answer a mention, a DM, or a reply to the bot."""
+        if message.author.bot or self.responder is None:
+            return
+        is_dm = message.guild is None
+        parent = await self._parent(message)
+        replied_to_bot = parent is not None and parent.author == self.user
+        if not (is_dm or self.user in message.mentions or replied_to_bot):
+            return
+        if not is_dm and not self._place_allowed(message.guild.id, message.channel.id):
+            return
+        if is_dm:
+            decision = await self.access.check(str(message.author.id), message.author.name)
+            if not decision.allowed:
+                await self.send_reply(message, decision.reply)
+                return
+        text = self._clean(message)
+        if not text:
+            return
+        where = Where(chat=str(message.channel.id), user=str(message.author.id))
+        admitted, notice = await self.responder.admit(where)
+        if not admitted.allowed:
+            if notice:
+                await self.send_reply(message, notice)
+            return
+        history = await self.reply_chain(message) if replied_to_bot else None
+        async with keep_typing(message.channel.typing, TYPING_REFRESH_S):
+            reply = await self.responder.answer(where, text, history=history)
+        await self.send_reply(message, reply)
+
+    async def send_reply(self, message: discord.Message, text: str) -> None:
+        """Reply in as many messages as it takes; the first quotes the question."""
+        for index, chunk in enumerate(split_message(text, DISCORD_MESSAGE_LIMIT_CHARS)):
+            if index == 0 and message.guild is not None:
+                await message.reply(chunk, mention_author=False, allowed_mentions=NO_MENTIONS)
+            else:
+                await message.channel.send(chunk, allowed_mentions=NO_MENTIONS)
+
+    # --- slash commands -----------------------------------------------------------------
+
+    def _add_commands(self) -> None:
+        tree = self.tree
+
+        @tree.command(name="ask", description="Ask the persona something")
+        @app_commands.describe(text="what you want to say")
+        async def ask(interaction: discord.Interaction, text: str) -> None:
+            await self._slash_answer(interaction, lambda where: self.responder.answer(where, text))
+
+        @tree.command(name="retry", description="Answer your last message again, differently")
+        async def retry(interaction: discord.Interaction) -> None:
+            await self._slash_answer(interaction, self.responder.retry)
+
+        @tree.command(name="reset", description="Forget our conversation")
+        async def reset(interaction: discord.Interaction) -> None:
+            if await self._slash_allowed(interaction):
+                await self._respond(interaction, await self.responder.reset(self._where(interaction)), ephemeral=True)
+
+        @tree.command(name="cancel", description="Withdraw the answer I am working on")
+        async def cancel(interaction: discord.Interaction) -> None:
+            if await self._slash_allowed(interaction):
+                await self._respond(interaction, await self.responder.cancel(self._where(interaction)), ephemeral=True)
+
+        @tree.command(name="persona", description="Show the persona here, or switch it (operators, or in DMs)")
+        @app_commands.describe(name="the persona to switch to")
+        async def persona(interaction: discord.Interaction, name: str | None = None) -> None:
+            await self._persona(interaction, name)
+
+        @tree.command(name="queue", description="Queue depth, in-flight work and workers (operators only)")
+        async def queue(interaction: discord.Interaction) -> None:
+            await self._queue_stats(interaction)
+
+    @staticmethod
+    def _where(interaction: discord.Interaction) -> Where:
+        return Where(chat=str(interaction.channel_id), user=str(interaction.user.id))
+
+    async def _slash_allowed(self, interaction: discord.Interaction) -> bool:
+        """The place lists and, in DMs, the dm_policy; a refused user is told why."""
+        if interaction.guild_id is not None and not self._place_allowed(interaction.guild_id, interaction.channel_id):
+            await self._respond(interaction, "I'm not answering in this channel.", ephemeral=True)
+            return False
+        if interaction.guild_id is None:
+            decision = await self.access.check(str(interaction.user.id), interaction.user.name)
+            if not decision.allowed:
+                await self._respond(interaction, decision.reply, ephemeral=True)
+                return False
+        return True
+
+    async def _slash_answer(self, interaction: discord.Interaction, make: Callable[[Where], Awaitable[str]]) -> None:
+        """Rate-limit, show "thinking…" while the queue works, then follow up with the reply."""
+        if not await self._slash_allowed(interaction):
+            return
+        where = self._where(interaction)
+        admitted, notice = await self.responder.admit(where)
+        if not admitted.allowed:
+            await self._respond(interaction, notice or "Please slow down a little.", ephemeral=True)
+            return
+        await interaction.response.defer(thinking=True)
+        await self._respond(interaction, await make(where))
+
+    async def _persona(self, interaction: discord.Interaction, name: str | None) -> None:
+        if not await self._slash_allowed(interaction):
+            return
+        chat = str(interaction.channel_id)
+        if name is None:
+            current = await self.responder.persona_for(chat)
+            others = ", ".join(self.responder.persona_names())
+            text = f"You are talking to {self.responder.describe_persona(current)}\nAvailable: {others}"
+        elif interaction.guild_id is not None and not self.is_operator(interaction.user):
+            text = "Only the bot's operators can switch the persona in a server channel."
+        else:
+            text = await self.responder.set_persona(chat, name.lower())
+        await self._respond(interaction, text, ephemeral=name is None)
+
+    async def _queue_stats(self, interaction: discord.Interaction) -> None:
+        if not self.is_operator(interaction.user):
+            await self._respond(interaction, OPERATOR_ONLY_TEXT, ephemeral=True)
+            return
+
+        def read() -> str:
+            client = connect(self.settings)
+            try:
+                stats = collect_stats(client)
+            finally:
+                client.close()
+            lines = [f"{s.name}: {s.waiting} waiting, {s.in_flight} in flight" for s in stats.streams]
+            lines.append(f"completed {stats.completed}, failed {stats.failed}, dead letters {stats.dead_letters}")
+            lines.append(f"workers: {len(stats.workers)} live")
+            return "\n".join(lines)
+
+        try:
+            text = await asyncio.to_thread(read)
+        except Exception as exc:  # the operator hears what failed rather than nothing
+            log.exception("queue stats failed")
+            text = f"Could not read the queue: {exc}"
+        await self._respond(interaction, text, ephemeral=True)
+
+    async def _respond(self, interaction: discord.Interaction, text: str, *, ephemeral: bool = False) -> None:
+        """Answer an interaction (first response or follow-ups), split at the limit."""
+        for chunk in split_message(text, DISCORD_MESSAGE_LIMIT_CHARS) or ["…"]:
+            if interaction.response.is_done():
+                await interaction.followup.send(chunk, ephemeral=ephemeral, allowed_mentions=NO_MENTIONS)
+            else:
+                await interaction.response.send_message(chunk, ephemeral=ephemeral, allowed_mentions=NO_MENTIONS)
+
+
+def run_discord(settings: Settings) -> None:
+    """Run the Discord adapter until interrupted (``persona discord``)."""
+
+    async def main() -> None:
+        async with PersonaBot(settings) as bot:
+            await bot.serve()
+
+    try:
+        asyncio.run(main())
+    except KeyboardInterrupt:
+        pass

@@ -1,0 +1,229 @@
+"""What every chat adapter does with a message, whatever the platform.
+
+An adapter translates a platform event into a ``Where`` (which chat, which user) and
+text, and sends back the text this returns. Here: the rate limits, the conversation
+(from Redis, or a history the platform supplies, such as Discord's reply chain), the
+round trip through the queue, ``/retry``, ``/reset``, ``/cancel`` and the per-chat
+persona. Every failure becomes a polite sentence; nothing here raises to the adapter
+for a queue or Redis problem.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import weakref
+from dataclasses import dataclass
+
+import redis.asyncio
+
+from adapters.conversation import ConversationStore, build_request
+from adapters.ratelimit import RateDecision, RateLimiter, rate_limited_text
+from persona import constants as keys
+from persona.connection import connect_async
+from persona.contract import ErrorKind, GenerationReply, Message
+from persona.errors import ConfigError, InvalidRequest, QueueBusy, QueueError, RedisUnavailable, ReplyTimeout
+from persona.personas import PersonaRegistry
+from persona.queue import AsyncQueueClient
+from persona.settings import ChatAdapterSettings, Settings
+
+__all__ = ["Responder", "Where", "connect_with_backoff"]
+
+log = logging.getLogger(__name__)
+
+BUSY_TEXT = "I'm answering a lot of people right now. Please try again in a moment."
+TIMEOUT_TEXT = "I couldn't finish my thought in time, sorry. Please try again, or use /retry."
+UNREACHABLE_TEXT = "I can't reach my thoughts right now (the service is restarting). Please try again shortly."
+FAILED_TEXT = "Something went wrong on my side while answering. Please try again."
+CANCELLED_TEXT = "Cancelled."
+EMPTY_REPLY_TEXT = "(…) I had nothing to say to that. Try /retry for another attempt."
+NOTHING_TO_RETRY_TEXT = "There is nothing to retry yet: send me a message first."
+NOTHING_TO_CANCEL_TEXT = "Nothing to cancel: I'm not working on anything for you."
+RESET_TEXT = "Done: I've forgotten our conversation. Let's start afresh."
+LONG_MESSAGE_NOTE = "\n\n(Your message was long, so I read only its last {chars} characters.)"
+REDIS_ERRORS = (QueueError, redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+MAX_CONNECT_PAUSE_S = 30.0
+
+
+async def connect_with_backoff(settings: Settings) -> redis.asyncio.Redis:
+    """Connect to the queue's Redis, waiting (with a growing pause) until it answers."""
+    pause = 0.5
+    while True:
+        try:
+            return await connect_async(settings)
+        except RedisUnavailable as exc:
+            log.warning("%s; trying again in %.0f s", exc, pause)
+            await asyncio.sleep(pause)
+            pause = min(MAX_CONNECT_PAUSE_S, pause * 2)
+
+
+@dataclass(frozen=True)
+class Where:
+    """One conversation: a chat (or channel) and a user in it."""
+
+    chat: str
+    user: str
+
+    @property
+    def scope(self) -> str:
+        return f"{self.chat}:{self.user}"
+
+
+class Responder:
+    """The platform-neutral heart of a chat adapter."""
+
+    def __init__(self, client: redis.asyncio.Redis, settings: Settings, platform: str) -> None:
+        self.redis = client
+        self.settings = settings
+        self.platform = platform
+        self.options: ChatAdapterSettings = getattr(settings, platform)
+        self.default_persona: str = getattr(self.options, "persona")
+        self.queue = AsyncQueueClient(client, settings.queue)
+        self.store = ConversationStore(client, platform, self.options.conversation_ttl_s)
+        self.limiter = RateLimiter(
+            client, platform,
+            per_user=self.options.user_messages_per_minute, per_chat=self.options.chat_messages_per_minute,
+        )
+        self.registry = PersonaRegistry.from_settings(settings)
+        # One answer at a time per conversation, so a quick second message sees the first.
+        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+
+    @property
+    def source(self) -> str:
+        return self.platform
+
+    @property
+    def _max_chars(self) -> int:
+        return min(self.options.context_chars, self.settings.queue.max_message_chars)
+
+    def _lock(self, scope: str) -> asyncio.Lock:
+        lock = self._locks.get(scope)
+        if lock is None:
+            lock = asyncio.Lock()
+            self._locks[scope] = lock
+        return lock
+
+    async def admit(self, where: Where) -> tuple[RateDecision, str]:
+        """Count a message against the limits: the decision, and the notice to send (or '')."""
+        decision = await self.limiter.check(where.user, where.chat)
+        notice = rate_limited_text(decision.retry_after_s) if decision.notify else ""
+        return decision, notice
+
+    async def persona_for(self, chat: str) -> str:
+        """The persona that speaks in this chat."""
+        try:
+            chosen = await self.redis.get(keys.chat_persona_key(self.platform, chat))
+        except REDIS_ERRORS:
+            return self.default_persona
+        return chosen.decode() if chosen else self.default_persona
+
+    def persona_names(self) -> list[str]:
+        """Personas enabled on this platform."""
+        return sorted(name for name, p in self.registry.all().items() if self.platform in p.adapters)
+
+    def describe_persona(self, name: str) -> str:
+        """A line or two about a persona, for /persona."""
+        try:
+            persona = self.registry.get(name)
+        except ConfigError:
+            return f"{name} (its persona file cannot be read right now)"
+        return f"{persona.speaker}: {persona.description}".rstrip(": ")
+
+    async def set_persona(self, chat: str, name: str) -> str:
+        """Switch this chat's persona; the reply says what happened."""
+        if name not in self.persona_names():
+            known = ", ".join(self.persona_names()) or "none"
+            return f"There is no persona called {name!r} here. Available: {known}."
+        try:
+            await self.redis.set(keys.chat_persona_key(self.platform, chat), name)
+        except REDIS_ERRORS:
+            return UNREACHABLE_TEXT
+        return f"From now on you are talking to {self.describe_persona(name)}"
+
+    async def answer(self, where: Where, text: str, *, history: list[Message] | None = None) -> str:
+        """Answer ``text``: the conversation so far (or ``history``) plus it, through the queue."""
+        note = LONG_MESSAGE_NOTE.format(chars=self._max_chars) if len(text) > self._max_chars else ""
+        async with self._lock(where.scope):
+            try:
+                turns = history if history is not None else await self.store.load(where.scope)
+                turns = [*turns, Message(role="user", content=text)]
+                reply = await self._generate(where, turns)
+            except REDIS_ERRORS as exc:
+                return self._explain(exc)
+        return reply + note if reply else reply
+
+    async def retry(self, where: Where) -> str:
+        """Answer the last message again, with a fresh seed."""
+        async with self._lock(where.scope):
+            try:
+                turns = await self.store.load(where.scope)
+                while turns and turns[-1].role == "assistant":
+                    turns.pop()
+                if not turns:
+                    return NOTHING_TO_RETRY_TEXT
+                return await self._generate(where, turns, seed=secrets.randbelow(2**31))
+            except REDIS_ERRORS as exc:
+                return self._explain(exc)
+
+    async def reset(self, where: Where) -> str:
+        """Forget the conversation."""
+        try:
+            await self.store.forget(where.scope)
+        except REDIS_ERRORS as exc:
+            return self._explain(exc)
+        return RESET_TEXT
+
+    async def cancel(self, where: Where) -> str:
+        """Withdraw the request this user is waiting for."""
+        try:
+            request_id = await self.store.get_inflight(where.scope)
+            if not request_id:
+                return NOTHING_TO_CANCEL_TEXT
+            await self.queue.cancel(request_id)
+        except REDIS_ERRORS as exc:
+            return self._explain(exc)
+        return "Withdrawing your request…"
+
+    async def _generate(self, where: Where, turns: list[Message], seed: int | None = None) -> str:
+        """One round trip through the queue; stores the exchange when it succeeds."""
+        persona = await self.persona_for(where.chat)
+        request = build_request(
+            persona, turns, user=f"{self.platform}:{where.user}", source=self.source,
+            max_turns=self.settings.queue.max_messages,
+            max_chars=self._max_chars,
+            seed=seed,
+        )
+        await self.store.set_inflight(where.scope, request.id)
+        try:
+            reply = await self.queue.ask(request, timeout=self.options.reply_timeout_s)
+        except InvalidRequest as exc:
+            return f"I can't take that message: {exc}."
+        finally:
+            await self.store.clear_inflight(where.scope, request.id)
+        if not reply.ok:
+            return self._explain_reply(reply)
+        text = reply.text.strip()
+        log.info("%s answered %s in %.0f ms (%s@%s)", self.platform, where.scope,
+                 reply.timings.queue_ms + reply.timings.generate_ms, reply.persona, reply.version)
+        await self.store.save(where.scope, [*request.messages, Message(role="assistant", content=text)])
+        return text or EMPTY_REPLY_TEXT
+
+    def _explain(self, exc: Exception) -> str:
+        if isinstance(exc, QueueBusy):
+            return BUSY_TEXT
+        if isinstance(exc, ReplyTimeout):
+            return TIMEOUT_TEXT
+        log.warning("%s: cannot reach the queue: %s", self.platform, exc)
+        return UNREACHABLE_TEXT
+
+    def _explain_reply(self, reply: GenerationReply) -> str:
+        kind = reply.error.kind if reply.error else ErrorKind.internal
+        if kind is ErrorKind.cancelled:
+            return CANCELLED_TEXT
+        if kind in (ErrorKind.timeout, ErrorKind.dead_letter):
+            return TIMEOUT_TEXT
+        if kind is ErrorKind.invalid and reply.error:
+            return f"I can't answer that: {reply.error.message}."
+        log.warning("%s: request %s failed: %s", self.platform, reply.id, reply.error)
+        return FAILED_TEXT

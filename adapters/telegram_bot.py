@@ -1,0 +1,306 @@
+"""The Telegram adapter (python-telegram-bot): Telegram updates in, persona replies out.
+
+In a private chat it answers every message (subject to the ``dm_policy``); in a group
+only a message that mentions it (@its_name) or replies to one of its messages. Replies
+are plain text split at Telegram's 4,096-character limit, so no split can ever cause
+"can't parse entities". While the queue works it shows "typing", refreshed every 4.5 s
+(Telegram shows it for 5 s). Flood control (``RetryAfter``) delays a message; it never
+drops it. Long polling by default; a webhook when ``PERSONA_TELEGRAM__WEBHOOK_URL`` is
+set. The token is kept out of every log line (httpx logs request URLs, which hold it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import re
+import warnings
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from telegram import BotCommand, Chat, Message, ReplyParameters, Update
+from telegram.constants import ChatAction, ChatMemberStatus, ChatType
+from telegram.error import RetryAfter
+from telegram.ext import Application, CommandHandler, ContextTypes, MessageHandler, filters
+
+from adapters.access import AccessControl
+from adapters.responder import Responder, Where, connect_with_backoff
+from adapters.splitting import TELEGRAM_MESSAGE_LIMIT_CHARS, split_message
+from adapters.typing_indicator import keep_typing
+from persona.errors import ConfigError
+from persona.settings import Settings
+
+__all__ = ["TelegramBot", "guard_token_in_logs", "run_telegram", "with_flood_control"]
+
+log = logging.getLogger(__name__)
+
+TYPING_REFRESH_S = 4.5
+# The local path the webhook server listens on (http://LISTEN:PORT/telegram); the public
+# PERSONA_TELEGRAM__WEBHOOK_URL is what Telegram calls, usually a proxy forwarding here.
+WEBHOOK_PATH = "telegram"
+FLOOD_RETRIES = 8
+T = TypeVar("T")
+
+COMMANDS = [
+    ("start", "say hello and see who you are talking to"),
+    ("help", "what I can do"),
+    ("persona", "show the persona, or switch it: /persona NAME"),
+    ("reset", "forget our conversation"),
+    ("retry", "answer your last message again, differently"),
+    ("cancel", "withdraw the answer I am working on"),
+]
+HELP_TEXT = (
+    "Talk to me: in a private chat just write; in a group mention me or reply to me.\n"
+    + "\n".join(f"/{name} - {about}" for name, about in COMMANDS)
+)
+
+
+_guarded_tokens: set[str] = set()
+
+
+def guard_token_in_logs(token: str) -> None:
+    """Keep the token out of every log record: httpx and PTB both log URLs that hold it.
+
+    A record factory, rather than a filter on some loggers, because any library logger
+    (httpx, telegram.ext.ExtBot, ...) may print a URL, and filters do not inherit.
+    """
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger("httpx").level))
+    if token in _guarded_tokens:
+        return
+    _guarded_tokens.add(token)
+    make_record = logging.getLogRecordFactory()
+
+    def redacting_factory(*args, **kwargs) -> logging.LogRecord:
+        record = make_record(*args, **kwargs)
+        try:
+            message = record.getMessage()
+        except Exception:  # a broken log call is the logging module's to report
+            return record
+        if token in message:
+            record.msg, record.args = message.replace(token, "***"), ()
+        return record
+
+    logging.setLogRecordFactory(redacting_factory)
+
+
+def _retry_after_s(exc: RetryAfter) -> float:
+    with warnings.catch_warnings():  # PTB 22 warns that the type of this value will change
+        warnings.simplefilter("ignore")
+        value = exc.retry_after
+    return value.total_seconds() if isinstance(value, dt.timedelta) else float(value)
+
+
+async def with_flood_control(call: Callable[[], Awaitable[T]]) -> T:
+    """Run a Bot API call, waiting out Telegram's flood control instead of failing."""
+    for _ in range(FLOOD_RETRIES):
+        try:
+            return await call()
+        except RetryAfter as exc:
+            pause = _retry_after_s(exc)
+            log.warning("Telegram asks us to slow down; waiting %.1f s", pause)
+            await asyncio.sleep(pause)
+    return await call()
+
+
+class TelegramBot:
+    """One Telegram bot serving the persona chosen in the settings."""
+
+    def __init__(self, settings: Settings) -> None:
+        options = settings.telegram
+        if options.token is None:
+            raise ConfigError("no Telegram token: set PERSONA_TELEGRAM__TOKEN (from @BotFather)")
+        self.settings = settings
+        self.options = options
+        token = options.token.get_secret_value()
+        guard_token_in_logs(token)
+        self.application = (
+            Application.builder()
+            .token(token)
+            .base_url(options.api_url)
+            .base_file_url(re.sub(r"/bot$", "/file/bot", options.api_url))
+            .concurrent_updates(True)  # /cancel must get through while an answer is pending
+            .post_init(self._connect)
+            .build()
+        )
+        self.responder: Responder | None = None
+        self.access: AccessControl | None = None
+        self._add_handlers()
+
+    def _add_handlers(self) -> None:
+        app = self.application
+        for name, handler in (
+            ("start", self.on_start), ("help", self.on_help), ("persona", self.on_persona),
+            ("reset", self.on_reset), ("retry", self.on_retry), ("cancel", self.on_cancel),
+        ):
+            app.add_handler(CommandHandler(name, handler))
+        app.add_handler(MessageHandler(filters.TEXT & ~filters.COMMAND, self.on_message))
+        app.add_error_handler(self.on_error)
+
+    async def _connect(self, app: Application) -> None:
+        """Reach Redis (waiting for it if need be) and tell Telegram the command list."""
+        client = await connect_with_backoff(self.settings)
+        self.responder = Responder(client, self.settings, "telegram")
+        self.access = AccessControl(
+            client, "telegram", self.options.dm_policy, self.options.allowed_users, self.options.pairing_code_ttl_s
+        )
+        await with_flood_control(lambda: app.bot.set_my_commands([BotCommand(n, a) for n, a in COMMANDS]))
+        log.info("Telegram bot @%s serving persona %s", app.bot.username, self.options.persona)
+
+    async def start(self) -> None:
+        """Start polling inside a running event loop (tests, or an embedding program)."""
+        await self.application.initialize()
+        await self._connect(self.application)
+        await self.application.start()
+        if self.options.webhook_url:
+            await self.application.updater.start_webhook(**self._webhook_options())
+        else:
+            await self.application.updater.start_polling(poll_interval=0.0, timeout=dt.timedelta(seconds=1))
+
+    async def stop(self) -> None:
+        """Stop polling and close the connections."""
+        if self.application.updater.running:
+            await self.application.updater.stop()
+        if self.application.running:
+            await self.application.stop()
+        await self.application.shutdown()
+        if self.responder is not None:
+            await self.responder.redis.aclose()
+
+    def _webhook_options(self) -> dict:
+        """Where Telegram posts updates, and where we listen for them."""
+        secret = self.options.webhook_secret
+        return {
+            "listen": self.options.webhook_listen, "port": self.options.webhook_port,
+            "url_path": WEBHOOK_PATH, "webhook_url": self.options.webhook_url,
+            "secret_token": secret.get_secret_value() if secret else None,
+            "allowed_updates": Update.ALL_TYPES,
+        }
+
+    def run(self) -> None:
+        """Serve until interrupted: long polling, or a webhook if one is configured."""
+        if self.options.webhook_url:
+            self.application.run_webhook(**self._webhook_options())
+        else:
+            self.application.run_polling(allowed_updates=Update.ALL_TYPES)
+
+    # --- who is talking, and may they -------------------------------------------------
+
+    async def _admitted(self, update: Update) -> bool:
+        """Whether to serve this chat and user; a refused private user is told why."""
+        chat, user, message = update.effective_chat, update.effective_user, update.effective_message
+        if chat is None or user is None or message is None or user.is_bot:
+            return False
+        if chat.type != ChatType.PRIVATE:
+            return not self.options.allowed_chats or chat.id in self.options.allowed_chats
+        decision = await self.access.check(str(user.id), user.full_name)
+        if not decision.allowed:
+            await self.send(chat.id, decision.reply)
+        return decision.allowed
+
+    def _addressed_text(self, message: Message, chat: Chat, context: ContextTypes.DEFAULT_TYPE) -> str | None:
+        """The text meant for the bot, or None when a group message is not addressed to it."""
+        text = message.text or ""
+        if chat.type == ChatType.PRIVATE:
+            return text
+        mention = re.compile(re.escape("@" + (context.bot.username or "")), re.IGNORECASE)
+        if context.bot.username and mention.search(text):
+            return mention.sub("", text).strip() or None
+        replied = message.reply_to_message
+        if replied is not None and replied.from_user is not None and replied.from_user.id == context.bot.id:
+            return text
+        return None
+
+    @staticmethod
+    def _where(update: Update) -> Where:
+        return Where(chat=str(update.effective_chat.id), user=str(update.effective_user.id))
+
+    # --- handlers -----------------------------------------------------------------------
+
+    async def on_message(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """Answer a text message (in groups, only one addressed to the bot)."""
+        message, chat = update.effective_message, update.effective_chat
+        if message is None or chat is None:
+            return
+        text = self._addressed_text(message, chat, context)
+        if text is None or not await self._admitted(update):
+            return
+        await self._answer(update, context, lambda where: self.responder.answer(where, text))
+
+    async def _answer(self, update: Update, context: ContextTypes.DEFAULT_TYPE, make: Callable[[Where], Awaitable[str]]) -> None:
+        """Rate-limit, show typing while ``make`` works, then send its text."""
+        chat, message = update.effective_chat, update.effective_message
+        where = self._where(update)
+        decision, notice = await self.responder.admit(where)
+        if not decision.allowed:
+            if notice:
+                await self.send(chat.id, notice, reply_to=message.message_id)
+            return
+        typing = lambda: context.bot.send_chat_action(chat.id, ChatAction.TYPING)  # noqa: E731
+        async with keep_typing(typing, TYPING_REFRESH_S):
+            reply = await make(where)
+        reply_to = message.message_id if chat.type != ChatType.PRIVATE else None
+        await self.send(chat.id, reply, reply_to=reply_to)
+
+    async def on_start(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """Greet, and say who the user is talking to."""
+        if not await self._admitted(update):
+            return
+        persona = await self.responder.persona_for(str(update.effective_chat.id))
+        await self.send(update.effective_chat.id, f"Hello! You are talking to {self.responder.describe_persona(persona)}\n\n{HELP_TEXT}")
+
+    async def on_help(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """List the commands."""
+        if await self._admitted(update):
+            await self.send(update.effective_chat.id, HELP_TEXT)
+
+    async def on_persona(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """Show this chat's persona, or switch it (in groups, administrators only)."""
+        if not await self._admitted(update):
+            return
+        chat = update.effective_chat
+        if not context.args:
+            current = await self.responder.persona_for(str(chat.id))
+            others = ", ".join(self.responder.persona_names())
+            text = f"You are talking to {self.responder.describe_persona(current)}\nAvailable: {others}"
+        elif chat.type != ChatType.PRIVATE and not await self._is_admin(chat, update.effective_user.id):
+            text = "Only the group's administrators can switch the persona here."
+        else:
+            text = await self.responder.set_persona(str(chat.id), context.args[0].lower())
+        await self.send(chat.id, text)
+
+    async def _is_admin(self, chat: Chat, user_id: int) -> bool:
+        member = await with_flood_control(lambda: chat.get_member(user_id))
+        return member.status in (ChatMemberStatus.ADMINISTRATOR, ChatMemberStatus.OWNER)
+
+    async def on_reset(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """Forget the conversation."""
+        if await self._admitted(update):
+            await self.send(update.effective_chat.id, await self.responder.reset(self._where(update)))
+
+    async def on_retry(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """Answer the last message again, with a new seed."""
+        if await self._admitted(update):
+            await self._answer(update, context, self.responder.retry)
+
+    async def on_cancel(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """Withdraw the request still waiting or running."""
+        if await self._admitted(update):
+            await self.send(update.effective_chat.id, await self.responder.cancel(self._where(update)))
+
+    async def on_error(self, update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """The one place errors end up: log them with the traceback."""
+        log.error("error while handling a Telegram update", exc_info=context.error)
+
+    async def send(self, chat_id: int, text: str, reply_to: int | None = None) -> None:
+        """Send plain text in as many messages as it takes, waiting out flood control."""
+        for index, chunk in enumerate(split_message(text, TELEGRAM_MESSAGE_LIMIT_CHARS)):
+            reply = ReplyParameters(message_id=reply_to, allow_sending_without_reply=True) if reply_to and index == 0 else None
+            await with_flood_control(
+                lambda chunk=chunk, reply=reply: self.application.bot.send_message(chat_id, chunk, reply_parameters=reply)
+            )
+
+
+def run_telegram(settings: Settings) -> None:
+    """Run the Telegram adapter until interrupted (``persona telegram``)."""
+    TelegramBot(settings).run()

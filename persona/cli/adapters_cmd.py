@@ -1,0 +1,104 @@
+"""`persona telegram`, `persona discord` and `persona access`: the chat adapters and who may use them."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+
+import typer
+from rich.table import Table
+
+from persona.cli.common import console, err_console, friendly_errors, get_settings
+from persona.connection import connect
+from persona.errors import ConfigError
+from persona.logs import setup_logging
+
+access_app = typer.Typer(
+    help="Who may talk to the bots in private (dm_policy allowlist or pairing).", no_args_is_help=True
+)
+
+
+@friendly_errors
+def telegram() -> None:
+    """Run the Telegram bot (needs PERSONA_TELEGRAM__TOKEN; polls unless a webhook URL is set)."""
+    settings = get_settings()
+    if settings.telegram.token is None:
+        raise ConfigError("set PERSONA_TELEGRAM__TOKEN to the token @BotFather gave you")
+    setup_logging(settings)
+    from adapters.telegram_bot import run_telegram
+
+    run_telegram(settings)
+
+
+@friendly_errors
+def discord() -> None:
+    """Run the Discord bot (needs PERSONA_DISCORD__TOKEN and the Message Content intent)."""
+    settings = get_settings()
+    if settings.discord.token is None:
+        raise ConfigError("set PERSONA_DISCORD__TOKEN to your bot's token (Discord developer portal, Bot tab)")
+    setup_logging(settings)
+    from adapters.discord_bot import run_discord
+
+    run_discord(settings)
+
+
+@access_app.command()
+@friendly_errors
+def approve(code: str = typer.Argument(..., help="the pairing code the user was given")) -> None:
+    """Let the user who was given CODE talk to the bot in private."""
+    from adapters.access import approve_code
+
+    pending = approve_code(connect(get_settings()), code)
+    if pending is None:
+        raise ConfigError(f"no pending pairing code {code!r} (codes expire); see `persona access list`")
+    who = f"{pending.name} " if pending.name else ""
+    console.print(f"approved {who}({pending.platform} user {pending.user})")
+
+
+@access_app.command("list")
+@friendly_errors
+def list_access(json_output: bool = typer.Option(False, "--json", help="print one JSON object")) -> None:
+    """Approved users per platform, and pairing codes waiting for approval."""
+    from adapters.access import approved_users, pending_pairings
+
+    client = connect(get_settings())
+    approved, pending = approved_users(client), pending_pairings(client)
+    if json_output:
+        print(json.dumps({"approved": approved, "pending": [p.__dict__ for p in pending]}))
+        return
+    table = Table(title="approved users", header_style="bold")
+    table.add_column("platform")
+    table.add_column("user id")
+    for platform, users in approved.items():
+        for user in users:
+            table.add_row(platform, user)
+    console.print(table)
+    waiting = Table(title="pending pairing codes", header_style="bold")
+    for column in ("code", "platform", "user id", "name", "asked at (UTC)"):
+        waiting.add_column(column)
+    for p in pending:
+        asked = dt.datetime.fromtimestamp(p.created_at, dt.UTC).strftime("%Y-%m-%d %H:%M")
+        waiting.add_row(p.code, p.platform, p.user, p.name, asked)
+    console.print(waiting)
+
+
+@access_app.command()
+@friendly_errors
+def revoke(
+    platform: str = typer.Argument(..., help="telegram or discord"),
+    user: str = typer.Argument(..., help="the user id to remove"),
+) -> None:
+    """Withdraw a user's approval; they get a new pairing code next time they write."""
+    from adapters.access import revoke_user
+
+    if revoke_user(connect(get_settings()), platform, user):
+        console.print(f"revoked {platform} user {user}")
+    else:
+        err_console.print(f"{platform} user {user} was not approved")
+        raise typer.Exit(1)
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(telegram)
+    app.command()(discord)
+    app.add_typer(access_app, name="access")

@@ -1,0 +1,279 @@
+"""A Discord on loopback, enough for discord.py to log in, connect and talk.
+
+REST: /users/@me, /oauth2/applications/@me, /gateway/bot, channel messages (create and
+fetch), typing, application commands (sync), interaction callbacks and follow-ups.
+Gateway (websocket, JSON text frames): HELLO, IDENTIFY → READY and GUILD_CREATE,
+heartbeat ACKs, and dispatches the tests ask for (MESSAGE_CREATE, INTERACTION_CREATE).
+Tests read back what the bot did: ``sent`` (messages it posted, replies to
+interactions included), ``typing`` (channel ids), ``interaction_responses``.
+``rate_limit(route_prefix, seconds)`` answers the next matching request with a 429.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import time
+from dataclasses import dataclass, field
+
+from aiohttp import WSMsgType, web
+
+BOT_ID = 900000000000000001
+APP_ID = 900000000000000002
+GUILD_ID = 910000000000000001
+CHANNEL_ID = 920000000000000001
+OTHER_CHANNEL_ID = 920000000000000002
+OPERATOR_ROLE_ID = 930000000000000001
+TIMESTAMP = "2025-01-01T00:00:00.000000+00:00"
+
+
+def _json(data, status: int = 200, headers: dict | None = None) -> web.Response:
+    # discord.py reads a body as JSON only when the content type is exactly this (no charset).
+    return web.Response(body=json.dumps(data).encode(), status=status,
+                        headers={"Content-Type": "application/json", **(headers or {})})
+
+
+def user(user_id: int, name: str, bot: bool = False) -> dict:
+    return {"id": str(user_id), "username": name, "discriminator": "0", "global_name": name, "avatar": None, "bot": bot}
+
+
+@dataclass
+class FakeDiscord:
+    """A fake Discord API and gateway for one bot."""
+
+    token: str
+    sent: list[dict] = field(default_factory=list)
+    typing: list[tuple[int, float]] = field(default_factory=list)
+    interaction_responses: list[dict] = field(default_factory=list)
+    commands: list[dict] = field(default_factory=list)
+    requests: list[tuple[str, str]] = field(default_factory=list)
+    messages: dict[int, dict] = field(default_factory=dict)
+    limits: dict[str, list[float]] = field(default_factory=dict)
+    api_url: str = ""
+    identified: asyncio.Event = field(default_factory=asyncio.Event)
+    message_content_allowed: bool = True  # False: refuse the privileged intent (close 4014)
+
+    def __post_init__(self) -> None:
+        self._ids = itertools.count(950000000000000001)
+        self._sequence = itertools.count(1)
+        self._sockets: list[web.WebSocketResponse] = []
+        self._runner: web.AppRunner | None = None
+        self.ws_url = ""
+
+    async def start(self) -> str:
+        """Serve REST and gateway on a free loopback port; returns the API base URL."""
+        app = web.Application()
+        app.router.add_get("/gateway-ws/", self._gateway)
+        app.router.add_route("*", "/api/v10/{path:.*}", self._rest)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]
+        self.api_url = f"http://127.0.0.1:{port}/api/v10"
+        self.ws_url = f"ws://127.0.0.1:{port}/gateway-ws/"
+        return self.api_url
+
+    async def stop(self) -> None:
+        for socket in self._sockets:
+            await socket.close()
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    # --- what tests do ------------------------------------------------------------------
+
+    async def dispatch(self, event: str, data: dict) -> None:
+        """Send a gateway event to every connected client."""
+        frame = json.dumps({"op": 0, "t": event, "s": next(self._sequence), "d": data})
+        for socket in self._sockets:
+            if not socket.closed:
+                await socket.send_str(frame)
+
+    async def user_message(
+        self, content: str, *, author_id: int = 111, author_name: str = "ada", channel_id: int = CHANNEL_ID,
+        guild: bool = True, mention_bot: bool = False, reply_to: dict | None = None, roles: list[int] | None = None,
+    ) -> dict:
+        """A person's message, dispatched as MESSAGE_CREATE; returns its payload."""
+        message = {
+            "id": str(next(self._ids)), "channel_id": str(channel_id), "author": user(author_id, author_name),
+            "content": (f"<@{BOT_ID}> " if mention_bot else "") + content, "timestamp": TIMESTAMP,
+            "edited_timestamp": None, "tts": False, "mention_everyone": False,
+            "mentions": [user(BOT_ID, "persona", bot=True)] if mention_bot else [], "mention_roles": [],
+            "attachments": [], "embeds": [], "pinned": False, "type": 19 if reply_to else 0, "flags": 0,
+        }
+        if guild:
+            message["guild_id"] = str(GUILD_ID)
+            message["member"] = {"roles": [str(r) for r in roles or []], "joined_at": TIMESTAMP, "deaf": False, "mute": False, "flags": 0}
+        if reply_to is not None:
+            message["message_reference"] = {"message_id": reply_to["id"], "channel_id": reply_to["channel_id"],
+                                            **({"guild_id": str(GUILD_ID)} if guild else {})}
+            message["referenced_message"] = reply_to
+        self.messages[int(message["id"])] = message
+        await self.dispatch("MESSAGE_CREATE", message)
+        return message
+
+    async def slash(
+        self, name: str, options: dict | None = None, *, author_id: int = 111, roles: list[int] | None = None,
+        channel_id: int = CHANNEL_ID,
+    ) -> dict:
+        """A slash command, dispatched as INTERACTION_CREATE; returns its payload."""
+        interaction = {
+            "id": str(next(self._ids)), "application_id": str(APP_ID), "type": 2, "token": f"itoken{next(self._ids)}",
+            "version": 1, "guild_id": str(GUILD_ID), "channel_id": str(channel_id),
+            "channel": {"id": str(channel_id), "type": 0, "guild_id": str(GUILD_ID), "name": "general", "position": 0,
+                        "permission_overwrites": []},
+            "member": {"user": user(author_id, "ada"), "roles": [str(r) for r in roles or []], "joined_at": TIMESTAMP,
+                       "permissions": "2147483647", "deaf": False, "mute": False, "flags": 0},
+            "app_permissions": "2147483647", "locale": "en-US", "guild_locale": "en-US", "entitlements": [], "attachment_size_limit": 8388608,
+            "authorizing_integration_owners": {"0": str(GUILD_ID)}, "context": 0,
+            "data": {"id": str(next(self._ids)), "name": name, "type": 1,
+                     "options": [{"name": k, "type": 3, "value": v} for k, v in (options or {}).items()]},
+        }
+        await self.dispatch("INTERACTION_CREATE", interaction)
+        return interaction
+
+    def rate_limit(self, route_prefix: str, seconds: float, times: int = 1) -> None:
+        """Answer the next ``times`` requests whose path starts with ``route_prefix`` with 429."""
+        self.limits.setdefault(route_prefix, []).extend([seconds] * times)
+
+    def texts(self, channel_id: int | None = None) -> list[str]:
+        return [m["content"] for m in self.sent if channel_id is None or int(m["channel_id"]) == channel_id]
+
+    async def wait_for(self, predicate, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out; sent so far: {self.texts()!r}; interactions: {self.interaction_responses!r}")
+            await asyncio.sleep(0.05)
+
+    # --- the gateway --------------------------------------------------------------------
+
+    async def _gateway(self, request: web.Request) -> web.WebSocketResponse:
+        socket = web.WebSocketResponse()
+        await socket.prepare(request)
+        self._sockets.append(socket)
+        await socket.send_str(json.dumps({"op": 10, "d": {"heartbeat_interval": 41250}}))
+        async for frame in socket:
+            if frame.type != WSMsgType.TEXT:
+                continue
+            payload = json.loads(frame.data)
+            if payload["op"] == 1:
+                await socket.send_str(json.dumps({"op": 11}))
+            elif payload["op"] == 2:
+                if payload["d"]["token"] != self.token:
+                    await socket.close(code=4004)
+                    break
+                self.intents = payload["d"].get("intents")
+                if not self.message_content_allowed and self.intents & (1 << 15):
+                    await socket.close(code=4014, message=b"Disallowed intent(s).")
+                    break
+                await self._ready(socket)
+        return socket
+
+    async def _ready(self, socket: web.WebSocketResponse) -> None:
+        ready = {
+            "v": 10, "user": user(BOT_ID, "persona", bot=True), "guilds": [{"id": str(GUILD_ID), "unavailable": True}],
+            "session_id": "fake-session", "resume_gateway_url": self.ws_url, "private_channels": [],
+            "application": {"id": str(APP_ID), "flags": 0},
+        }
+        await socket.send_str(json.dumps({"op": 0, "t": "READY", "s": next(self._sequence), "d": ready}))
+        channel = {"type": 0, "position": 0, "permission_overwrites": [], "nsfw": False, "parent_id": None}
+        guild = {
+            "id": str(GUILD_ID), "name": "fake guild", "icon": None, "owner_id": "1", "unavailable": False,
+            "member_count": 3, "large": False, "features": [], "emojis": [], "stickers": [], "voice_states": [],
+            "presences": [], "threads": [], "stage_instances": [], "guild_scheduled_events": [],
+            "roles": [
+                {"id": str(GUILD_ID), "name": "@everyone", "permissions": "2147483647", "position": 0, "color": 0,
+                 "hoist": False, "managed": False, "mentionable": False},
+                {"id": str(OPERATOR_ROLE_ID), "name": "persona-ops", "permissions": "0", "position": 1, "color": 0,
+                 "hoist": False, "managed": False, "mentionable": False},
+            ],
+            "channels": [
+                {**channel, "id": str(CHANNEL_ID), "name": "general"},
+                {**channel, "id": str(OTHER_CHANNEL_ID), "name": "off-topic"},
+            ],
+            "members": [{"user": user(BOT_ID, "persona", bot=True), "roles": [], "joined_at": TIMESTAMP,
+                         "deaf": False, "mute": False, "flags": 0}],
+        }
+        await socket.send_str(json.dumps({"op": 0, "t": "GUILD_CREATE", "s": next(self._sequence), "d": guild}))
+        self.identified.set()
+
+    # --- REST ---------------------------------------------------------------------------
+
+    async def _rest(self, request: web.Request) -> web.Response:
+        path = "/" + request.match_info["path"]
+        self.requests.append((request.method, path))
+        for prefix, pending in self.limits.items():
+            if pending and path.startswith(prefix) and request.method == "POST":
+                seconds = pending.pop(0)
+                return _json(
+                    {"message": "You are being rate limited.", "retry_after": seconds, "global": False}, status=429,
+                    headers={"Via": "1.1 google", "Retry-After": str(seconds), "X-RateLimit-Limit": "5",
+                             "X-RateLimit-Remaining": "0", "X-RateLimit-Reset-After": str(seconds),
+                             "X-RateLimit-Bucket": "fake", "X-RateLimit-Scope": "user"},
+                )
+        if not path.startswith(("/interactions/", "/webhooks/")) and request.headers.get("Authorization") != f"Bot {self.token}":
+            return _json({"message": "401: Unauthorized", "code": 0}, status=401)
+        body = await self._body(request)
+        parts = path.strip("/").split("/")
+        match request.method, parts:
+            case "GET", ["users", "@me"]:
+                return _json(user(BOT_ID, "persona", bot=True))
+            case "GET", ["oauth2", "applications", "@me"]:
+                return _json({
+                    "id": str(APP_ID), "name": "persona", "description": "", "icon": None, "bot_public": True,
+                    "bot_require_code_grant": False, "owner": user(1, "owner"), "verify_key": "00", "flags": 0,
+                    "rpc_origins": [], "summary": "",
+                })
+            case "GET", ["gateway", "bot"]:
+                return _json({"url": self.ws_url, "shards": 1, "session_start_limit": {
+                    "total": 1000, "remaining": 999, "reset_after": 0, "max_concurrency": 1}})
+            case "PUT", ["applications", _, "commands"]:
+                self.commands = [{**c, "id": str(next(self._ids)), "application_id": str(APP_ID), "version": "1"} for c in body]
+                return _json(self.commands)
+            case "POST", ["channels", channel_id, "typing"]:
+                self.typing.append((int(channel_id), time.monotonic()))
+                return web.Response(status=204)
+            case "POST", ["channels", channel_id, "messages"]:
+                return _json(self._record(channel_id, body))
+            case "GET", ["channels", channel_id, "messages", message_id]:
+                found = self.messages.get(int(message_id))
+                if found is None:
+                    return _json({"message": "Unknown Message", "code": 10008}, status=404)
+                return _json(found)
+            case "POST", ["interactions", interaction_id, _, "callback"]:
+                self.interaction_responses.append({"interaction": interaction_id, **body})
+                data = body.get("data") or {}
+                if "content" in data:
+                    self.sent.append({"channel_id": str(CHANNEL_ID), "content": data["content"], "interaction": interaction_id,
+                                      "flags": data.get("flags", 0)})
+                return _json({"interaction": {
+                    "id": interaction_id, "type": 2, "response_message_loading": body.get("type") == 5,
+                    "response_message_ephemeral": bool(data.get("flags", 0) & 64)}})
+            case "POST", ["webhooks", _, token]:
+                message = self._record(str(CHANNEL_ID), body)
+                message["followup_of"] = token
+                return _json(message)
+        return _json({"message": f"fake has no {request.method} {path}", "code": 0}, status=404)
+
+    async def _body(self, request: web.Request) -> dict | list:
+        if not request.can_read_body:
+            return {}
+        if request.content_type == "multipart/form-data":
+            form = await request.post()
+            return json.loads(form.get("payload_json", "{}"))
+        return await request.json()
+
+    def _record(self, channel_id: str, body: dict) -> dict:
+        message = {
+            "id": str(next(self._ids)), "channel_id": channel_id, "author": user(BOT_ID, "persona", bot=True),
+            "content": body.get("content", ""), "timestamp": TIMESTAMP, "edited_timestamp": None, "tts": False,
+            "mention_everyone": False, "mentions": [], "mention_roles": [], "attachments": [], "embeds": [],
+            "pinned": False, "type": 19 if body.get("message_reference") else 0, "flags": body.get("flags", 0),
+        }
+        if body.get("message_reference"):
+            message["message_reference"] = body["message_reference"]
+        self.messages[int(message["id"])] = message
+        self.sent.append({**message, "allowed_mentions": body.get("allowed_mentions")})
+        return message

@@ -1,0 +1,175 @@
+"""A Telegram Bot API on loopback, enough for python-telegram-bot to poll and reply.
+
+Tests queue updates (``push_message``) that ``getUpdates`` hands out, and read back
+what the bot did: ``sent`` (sendMessage), ``actions`` (sendChatAction), ``commands``
+(setMyCommands), and every call in ``calls``. ``flood(method, seconds)`` makes the
+next call of a method fail with 429 "retry after", as Telegram's flood control does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import time
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+BOT_ID = 777000
+BOT_USERNAME = "persona_test_bot"
+
+
+@dataclass
+class FakeTelegram:
+    """A fake Bot API for one bot token."""
+
+    token: str
+    updates: list[dict] = field(default_factory=list)
+    sent: list[dict] = field(default_factory=list)
+    actions: list[dict] = field(default_factory=list)
+    commands: list[dict] = field(default_factory=list)
+    calls: list[tuple[str, dict]] = field(default_factory=list)
+    admins: set[int] = field(default_factory=set)
+    floods: dict[str, list[int]] = field(default_factory=dict)
+    base_url: str = ""
+
+    def __post_init__(self) -> None:
+        self._ids = itertools.count(1)
+        self._new_update = asyncio.Event()
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> str:
+        """Serve on a free loopback port; returns the base URL to give the library."""
+        app = web.Application()
+        app.router.add_route("*", "/bot{token}/{method}", self._handle)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]
+        self.base_url = f"http://127.0.0.1:{port}/bot"
+        return self.base_url
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    # --- what tests do ------------------------------------------------------------------
+
+    def push_message(
+        self, text: str, *, chat_id: int = 1001, user_id: int = 1001, chat_type: str = "private",
+        reply_to: dict | None = None, first_name: str = "Ada",
+    ) -> dict:
+        """Queue a user's message as an update; returns the message."""
+        message = {
+            "message_id": next(self._ids),
+            "date": int(time.time()),
+            "chat": {"id": chat_id, "type": chat_type, **({"title": "a group"} if chat_type != "private" else {"first_name": first_name})},
+            "from": {"id": user_id, "is_bot": False, "first_name": first_name},
+            "text": text,
+        }
+        if text.startswith("/"):
+            command = text.split()[0]
+            message["entities"] = [{"type": "bot_command", "offset": 0, "length": len(command)}]
+        if reply_to is not None:
+            message["reply_to_message"] = reply_to
+        self.updates.append({"update_id": next(self._ids), "message": message})
+        self._new_update.set()
+        return message
+
+    def flood(self, method: str, seconds: int, times: int = 1) -> None:
+        """Make the next ``times`` calls of ``method`` fail with flood control."""
+        self.floods.setdefault(method, []).extend([seconds] * times)
+
+    def texts(self, chat_id: int | None = None) -> list[str]:
+        return [m["text"] for m in self.sent if chat_id is None or m["chat_id"] == chat_id]
+
+    async def wait_for(self, predicate, timeout: float = 30.0) -> None:
+        """Wait until ``predicate()`` holds; fail with what was sent if it never does."""
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out; sent so far: {self.texts()!r}")
+            await asyncio.sleep(0.05)
+
+    # --- the API ------------------------------------------------------------------------
+
+    async def _params(self, request: web.Request) -> dict:
+        if request.content_type == "application/json":
+            return await request.json()
+        form = await request.post()
+        params = {}
+        for key, value in form.items():
+            try:
+                params[key] = json.loads(value) if isinstance(value, str) else value
+            except ValueError:
+                params[key] = value
+        return params
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        if request.match_info["token"] != self.token:
+            return web.json_response({"ok": False, "error_code": 401, "description": "Unauthorized"}, status=401)
+        method = request.match_info["method"]
+        params = await self._params(request)
+        self.calls.append((method, params))
+        pending_floods = self.floods.get(method)
+        if pending_floods:
+            seconds = pending_floods.pop(0)
+            return web.json_response(
+                {"ok": False, "error_code": 429, "description": f"Too Many Requests: retry after {seconds}",
+                 "parameters": {"retry_after": seconds}},
+                status=429,
+            )
+        handler = getattr(self, f"_api_{method}", None)
+        result = await handler(params) if handler else True
+        return web.json_response({"ok": True, "result": result})
+
+    @staticmethod
+    def bot_user() -> dict:
+        return {"id": BOT_ID, "is_bot": True, "first_name": "Persona", "username": BOT_USERNAME,
+                "can_join_groups": True, "can_read_all_group_messages": False, "supports_inline_queries": False}
+
+    async def _api_getMe(self, params: dict) -> dict:
+        return self.bot_user()
+
+    async def _api_getUpdates(self, params: dict) -> list[dict]:
+        offset = int(params.get("offset") or 0)
+        wait_s = min(float(params.get("timeout") or 0), 1.0)
+        ready = [u for u in self.updates if u["update_id"] >= offset]
+        if not ready and wait_s:
+            self._new_update.clear()
+            try:
+                await asyncio.wait_for(self._new_update.wait(), wait_s)
+            except TimeoutError:
+                pass
+            ready = [u for u in self.updates if u["update_id"] >= offset]
+        return ready
+
+    async def _api_sendMessage(self, params: dict) -> dict:
+        self.sent.append(params)
+        chat_id = int(params["chat_id"])
+        return {
+            "message_id": next(self._ids), "date": int(time.time()),
+            "chat": {"id": chat_id, "type": "private" if chat_id > 0 else "group"},
+            "from": self.bot_user(), "text": params["text"],
+        }
+
+    async def _api_sendChatAction(self, params: dict) -> bool:
+        self.actions.append({**params, "at": time.monotonic()})
+        return True
+
+    async def _api_setMyCommands(self, params: dict) -> bool:
+        self.commands = params.get("commands", [])
+        return True
+
+    async def _api_getChatMember(self, params: dict) -> dict:
+        user_id = int(params["user_id"])
+        status = "administrator" if user_id in self.admins else "member"
+        member = {"status": status, "user": {"id": user_id, "is_bot": False, "first_name": "Someone"}}
+        if status == "administrator":
+            member |= {"can_be_edited": False, "is_anonymous": False, "can_manage_chat": True,
+                       "can_delete_messages": True, "can_manage_video_chats": True, "can_restrict_members": True,
+                       "can_promote_members": False, "can_change_info": True, "can_invite_users": True,
+                       "can_post_stories": False, "can_edit_stories": False, "can_delete_stories": False}
+        return member

@@ -1,0 +1,64 @@
+"""`persona access ...`, `persona telegram|discord` without a token, and which adapters `persona up` starts."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import redis.asyncio
+from pydantic import SecretStr
+
+from adapters.access import AccessControl
+from persona.settings import Settings
+from persona.supervisor import services_for_up
+
+
+def persona(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "persona", *args], env=env, capture_output=True, text=True, timeout=60)
+
+
+@pytest.fixture
+def env(tmp_path: Path, redis_url: str) -> dict[str, str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("PERSONA_")}
+    return clean | {"PERSONA_DATA_DIR": str(tmp_path / "data"), "PERSONA_REDIS_URL": redis_url}
+
+
+async def test_pairing_approve_list_and_revoke(env, redis_url: str, redis_client):
+    client = redis.asyncio.Redis.from_url(redis_url)
+    access = AccessControl(client, "telegram", "pairing", [], code_ttl_s=600)
+    refusal = await access.check("4242", "Ada Lovelace")
+    code = refusal.reply.split("pairing code is ")[1].split(".")[0]
+
+    listed = json.loads(persona("access", "list", "--json", env=env).stdout)
+    assert listed["approved"] == {"telegram": [], "discord": []}
+    assert [(p["code"], p["user"], p["name"]) for p in listed["pending"]] == [(code, "4242", "Ada Lovelace")]
+
+    approved = persona("access", "approve", code, env=env)
+    assert approved.returncode == 0 and "Ada Lovelace" in approved.stdout
+    assert (await access.check("4242")).allowed
+    again = persona("access", "approve", code, env=env)
+    assert again.returncode == 1 and "no pending pairing code" in again.stderr
+
+    assert json.loads(persona("access", "list", "--json", env=env).stdout)["approved"]["telegram"] == ["4242"]
+    assert persona("access", "revoke", "telegram", "4242", env=env).returncode == 0
+    assert not (await access.check("4242")).allowed
+    await client.aclose()
+
+
+@pytest.mark.parametrize("platform", ["telegram", "discord"])
+def test_an_adapter_without_a_token_says_what_to_set(env, platform: str):
+    result = persona(platform, env=env)
+    assert result.returncode == 1 and f"PERSONA_{platform.upper()}__TOKEN" in result.stderr
+
+
+def test_up_starts_only_the_adapters_that_have_tokens(tmp_path: Path):
+    bare = Settings(_env_file=None, data_dir=tmp_path)
+    names = [s.name for s in services_for_up(bare, dashboard=False)]
+    assert "telegram" not in names and "discord" not in names
+    tokened = Settings(_env_file=None, data_dir=tmp_path, telegram={"token": SecretStr("1:x")}, discord={"token": SecretStr("y")})
+    names = [s.name for s in services_for_up(tokened, dashboard=False)]
+    assert "telegram" in names and "discord" in names

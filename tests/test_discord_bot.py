@@ -1,0 +1,249 @@
+"""The Discord adapter, with the real discord.py against a local fake REST API and gateway.
+
+The bot is pointed at the fake by ``PERSONA_DISCORD__API_URL`` alone: it asks the
+fake's ``/gateway/bot`` where the websocket is, exactly as it would a real proxy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+
+import discord
+import pytest
+import redis
+from discord.gateway import DiscordWebSocket
+from pydantic import SecretStr
+
+from adapters.discord_bot import OPERATOR_ONLY_TEXT, PersonaBot
+from adapters.responder import BUSY_TEXT, RESET_TEXT
+from persona import constants as keys
+from persona.errors import ConfigError
+from persona.settings import Settings
+from tests.fakes.discord_api import (
+    BOT_ID,
+    CHANNEL_ID,
+    OPERATOR_ROLE_ID,
+    OTHER_CHANNEL_ID,
+    FakeDiscord,
+)
+from tests.fakes.scripted_worker import scripted_worker
+
+TOKEN = "MTIzNDU2Nzg5.fake-discord.token_value"
+DM_CHANNEL = 940000000000000001
+
+
+@pytest.fixture
+async def fake_api():
+    fake = FakeDiscord(token=TOKEN)
+    await fake.start()
+    yield fake
+    await fake.stop()
+
+
+@pytest.fixture
+def discord_settings(settings: Settings, fake_api: FakeDiscord, write_persona, tiny_llama_dir) -> Settings:
+    write_persona("dc", base=str(tiny_llama_dir))
+    settings.discord = settings.discord.model_copy(
+        update={"token": SecretStr(TOKEN), "api_url": fake_api.api_url, "persona": "dc"}
+    )
+    return settings
+
+
+@pytest.fixture
+async def start_bot(discord_settings: Settings, fake_api: FakeDiscord, redis_client: redis.Redis):
+    """Start a bot with some settings changed, connected to the fake: ``await start_bot(...)``."""
+    running: list[tuple[PersonaBot, asyncio.Task]] = []
+    default_base, default_gateway = discord.http.Route.BASE, DiscordWebSocket.DEFAULT_GATEWAY
+
+    async def start(**changes) -> PersonaBot:
+        discord_settings.discord = discord_settings.discord.model_copy(update=changes)
+        bot = PersonaBot(discord_settings)
+        task = asyncio.create_task(bot.start_with_settings())
+        running.append((bot, task))
+        ready = asyncio.create_task(bot.wait_until_ready())
+        done, _ = await asyncio.wait({ready, task}, timeout=20, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            ready.cancel()
+            task.result()  # raises what stopped the bot
+        assert ready in done, "the bot did not become ready"
+        return bot
+
+    yield start
+    for bot, task in running:
+        await bot.close()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait_for(task, 10)
+    discord.http.Route.BASE, DiscordWebSocket.DEFAULT_GATEWAY = default_base, default_gateway
+
+
+def echo(request) -> str:
+    return "echo: " + " | ".join(f"{m.role}={m.content}" for m in request.messages)
+
+
+async def test_it_connects_where_the_api_says_and_registers_its_commands(start_bot, fake_api):
+    await start_bot()
+    assert ("GET", "/gateway/bot") in fake_api.requests
+    assert str(DiscordWebSocket.DEFAULT_GATEWAY) == fake_api.ws_url
+    assert fake_api.intents & (1 << 15)  # MESSAGE_CONTENT was asked for
+    assert {c["name"] for c in fake_api.commands} == {"ask", "retry", "reset", "cancel", "persona", "queue"}
+
+
+async def test_a_mention_is_answered_through_a_real_worker(start_bot, fake_api, running_worker, redis_client):
+    running_worker()
+    await start_bot()
+    question = await fake_api.user_message("what is patience?", mention_bot=True)
+    await fake_api.wait_for(lambda: len(fake_api.sent) == 1, timeout=60)
+    reply = fake_api.sent[0]
+    assert int(reply["message_reference"]["message_id"]) == int(question["id"])
+    assert reply["allowed_mentions"]["parse"] == []  # a persona never pings anyone
+    assert any(channel == CHANNEL_ID for channel, _ in fake_api.typing)
+    stored = json.loads(redis_client.get(keys.conversation_key("discord", f"{CHANNEL_ID}:111")))
+    assert stored[0] == {"role": "user", "content": "what is patience?"}
+    assert stored[1]["role"] == "assistant"
+
+
+async def test_only_mentions_dms_and_replies_to_the_bot_are_answered(start_bot, fake_api, discord_settings):
+    with scripted_worker(discord_settings, echo) as seen:
+        await start_bot()
+        await fake_api.user_message("talking among ourselves")
+        await fake_api.user_message("hello bot", mention_bot=True)
+        await fake_api.wait_for(lambda: len(fake_api.sent) == 1)
+        first = fake_api.sent[0]
+        await fake_api.user_message("in private", guild=False, channel_id=DM_CHANNEL)
+        await fake_api.wait_for(lambda: len(fake_api.sent) == 2)
+        # A reply to the bot's reply: the chain (fetched from the API) is the context.
+        await fake_api.user_message("tell me more", reply_to=first)
+        await fake_api.wait_for(lambda: len(fake_api.sent) == 3)
+    assert fake_api.texts(DM_CHANNEL) == ["echo: user=in private"]
+    contexts = [[(m.role, m.content) for m in r.messages] for r in seen]
+    assert contexts[0] == [("user", "hello bot")]
+    assert contexts[2] == [("user", "hello bot"), ("assistant", "echo: user=hello bot"), ("user", "tell me more")]
+    assert all(r.source == "discord" and r.user == "discord:111" for r in seen)
+
+
+async def test_a_long_reply_is_split_at_2000_characters(start_bot, fake_api, discord_settings):
+    words = " ".join(f"word{i}" for i in range(700))  # about 5,900 characters
+    with scripted_worker(discord_settings, lambda r: words):
+        await start_bot()
+        await fake_api.user_message("everything", mention_bot=True)
+        await fake_api.wait_for(lambda: len(" ".join(fake_api.texts())) >= len(words))
+    texts = fake_api.texts()
+    assert len(texts) == 3 and all(len(t) <= 2000 for t in texts)
+    assert " ".join(texts) == words
+
+
+async def test_a_429_delays_the_reply_but_never_loses_it(start_bot, fake_api, discord_settings):
+    with scripted_worker(discord_settings, echo):
+        await start_bot()
+        fake_api.rate_limit(f"/channels/{CHANNEL_ID}/messages", 1.0)
+        started = time.monotonic()
+        await fake_api.user_message("hi", mention_bot=True)
+        await fake_api.wait_for(lambda: fake_api.texts() == ["echo: user=hi"])
+    assert time.monotonic() - started >= 1.0
+    posts = [r for r in fake_api.requests if r == ("POST", f"/channels/{CHANNEL_ID}/messages")]
+    assert len(posts) == 2
+
+
+async def test_rate_limits_and_a_busy_queue_get_friendly_replies(start_bot, fake_api, discord_settings, redis_client):
+    with scripted_worker(discord_settings, echo):
+        await start_bot(user_messages_per_minute=1)
+        for n in range(3):
+            await fake_api.user_message(f"m{n}", mention_bot=True)
+        await fake_api.wait_for(lambda: len(fake_api.sent) == 2)
+        await asyncio.sleep(0.3)
+    answers = sorted(fake_api.texts())
+    assert len(answers) == 2 and answers[0].startswith("I need a moment to catch up") and answers[1].startswith("echo: user=m")
+
+    discord_settings.queue.max_length = 1
+    redis_client.xadd(keys.STREAM_INTERACTIVE, {"r": b"{}"})
+    await fake_api.user_message("busy?", mention_bot=True, author_id=222)
+    await fake_api.wait_for(lambda: fake_api.texts()[-1] == BUSY_TEXT)
+
+
+async def test_allow_and_deny_lists(start_bot, fake_api, discord_settings):
+    with scripted_worker(discord_settings, echo):
+        await start_bot(denied_channels=[OTHER_CHANNEL_ID], dm_policy="allowlist", allowed_users=[333])
+        await fake_api.user_message("here?", mention_bot=True, channel_id=OTHER_CHANNEL_ID)
+        await fake_api.user_message("dm", guild=False, channel_id=DM_CHANNEL, author_id=444)
+        await fake_api.user_message("dm", guild=False, channel_id=DM_CHANNEL + 1, author_id=333)
+        await fake_api.wait_for(lambda: len(fake_api.sent) == 2)
+        await asyncio.sleep(0.3)
+    assert fake_api.texts(OTHER_CHANNEL_ID) == []
+    assert "only talk to people on my list" in fake_api.texts(DM_CHANNEL)[0]
+    assert fake_api.texts(DM_CHANNEL + 1) == ["echo: user=dm"]
+
+
+async def test_slash_ask_retry_and_reset(start_bot, fake_api, discord_settings, redis_client):
+    with scripted_worker(discord_settings, echo) as seen:
+        await start_bot()
+        await fake_api.slash("ask", {"text": "what is calm?"})
+        await fake_api.wait_for(lambda: fake_api.texts() == ["echo: user=what is calm?"])
+        assert fake_api.interaction_responses[0]["type"] == 5  # "thinking…" while it waits
+        await fake_api.slash("retry")
+        await fake_api.wait_for(lambda: len(fake_api.texts()) == 2)
+        assert [m.content for m in seen[1].messages] == ["what is calm?"] and seen[1].sampling.seed is not None
+        await fake_api.slash("reset")
+        await fake_api.wait_for(lambda: len(fake_api.texts()) == 3)
+    assert fake_api.texts()[2] == RESET_TEXT
+    assert redis_client.get(keys.conversation_key("discord", f"{CHANNEL_ID}:111")) is None
+
+
+async def test_operator_commands_refuse_ordinary_users(start_bot, fake_api, discord_settings, write_persona, tiny_llama_dir):
+    write_persona("other", base=str(tiny_llama_dir))
+    await start_bot(operator_ids=[555], operator_role="persona-ops")
+    await fake_api.slash("queue", author_id=111)
+    await fake_api.wait_for(lambda: len(fake_api.interaction_responses) == 1)
+    refusal = fake_api.interaction_responses[0]
+    assert refusal["data"]["content"] == OPERATOR_ONLY_TEXT and refusal["data"]["flags"] & 64  # ephemeral
+
+    await fake_api.slash("queue", author_id=555)
+    await fake_api.wait_for(lambda: len(fake_api.interaction_responses) == 2)
+    assert "waiting" in fake_api.interaction_responses[1]["data"]["content"]
+    await fake_api.slash("queue", author_id=666, roles=[OPERATOR_ROLE_ID])
+    await fake_api.wait_for(lambda: len(fake_api.interaction_responses) == 3)
+    assert "workers:" in fake_api.interaction_responses[2]["data"]["content"]
+
+    await fake_api.slash("persona", {"name": "other"}, author_id=111)
+    await fake_api.wait_for(lambda: len(fake_api.interaction_responses) == 4)
+    assert "Only the bot's operators" in fake_api.interaction_responses[3]["data"]["content"]
+    await fake_api.slash("persona", {"name": "other"}, author_id=555)
+    await fake_api.wait_for(lambda: len(fake_api.interaction_responses) == 5)
+    assert fake_api.interaction_responses[4]["data"]["content"].startswith("From now on you are talking to Other")
+
+
+async def test_the_token_never_reaches_the_logs(start_bot, fake_api, discord_settings, caplog):
+    import logging
+
+    caplog.set_level(logging.DEBUG)
+    with scripted_worker(discord_settings, echo):
+        await start_bot()
+        await fake_api.user_message("hi", mention_bot=True)
+        await fake_api.wait_for(lambda: len(fake_api.sent) == 1)
+    assert "IDENTIFY" in caplog.text or "identif" in caplog.text.lower()
+    assert TOKEN not in caplog.text
+    assert str(BOT_ID) in caplog.text
+
+
+async def test_a_refused_message_content_intent_says_how_to_enable_it(discord_settings, fake_api, redis_client):
+    fake_api.message_content_allowed = False
+    default_base, default_gateway = discord.http.Route.BASE, DiscordWebSocket.DEFAULT_GATEWAY
+    try:
+        async with PersonaBot(discord_settings) as bot:
+            with pytest.raises(ConfigError, match="Message Content Intent"):
+                await asyncio.wait_for(bot.serve(), 30)
+    finally:
+        discord.http.Route.BASE, DiscordWebSocket.DEFAULT_GATEWAY = default_base, default_gateway
+
+
+async def test_a_wrong_token_is_a_clear_error(discord_settings, fake_api, redis_client):
+    discord_settings.discord = discord_settings.discord.model_copy(update={"token": SecretStr("wrong")})
+    default_base = discord.http.Route.BASE
+    try:
+        async with PersonaBot(discord_settings) as bot:
+            with pytest.raises(ConfigError, match="refused the token"):
+                await asyncio.wait_for(bot.serve(), 30)
+    finally:
+        discord.http.Route.BASE = default_base

@@ -1,0 +1,57 @@
+"""The platform-neutral core: polite words for every failure, /retry, /cancel, the persona switch."""
+
+from __future__ import annotations
+
+import redis.asyncio
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from adapters.responder import (
+    NOTHING_TO_CANCEL_TEXT,
+    NOTHING_TO_RETRY_TEXT,
+    UNREACHABLE_TEXT,
+    Responder,
+    Where,
+)
+from persona.settings import Settings
+from tests.fakes.scripted_worker import scripted_worker
+
+HERE = Where(chat="c1", user="u1")
+
+NO_RETRY = Retry(NoBackoff(), 0)  # a dead Redis fails at once (production clients back off)
+
+
+async def test_redis_down_means_polite_replies_not_crashes(settings: Settings):
+    dead = redis.asyncio.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.5, retry=NO_RETRY)
+    responder = Responder(dead, settings, "telegram")
+    assert (await responder.admit(HERE))[0].allowed
+    assert await responder.answer(HERE, "hello?") == UNREACHABLE_TEXT
+    assert await responder.retry(HERE) == UNREACHABLE_TEXT
+    assert await responder.reset(HERE) == UNREACHABLE_TEXT
+    assert await responder.cancel(HERE) == UNREACHABLE_TEXT
+    assert await responder.persona_for("c1") == settings.telegram.persona
+    await dead.aclose()
+
+
+async def test_a_long_message_is_answered_with_a_note(settings: Settings, redis_url, redis_client):
+    settings.telegram = settings.telegram.model_copy(update={"context_chars": 500})
+    client = redis.asyncio.Redis.from_url(redis_url)
+    responder = Responder(client, settings, "telegram")
+    assert await responder.retry(HERE) == NOTHING_TO_RETRY_TEXT
+    assert await responder.cancel(HERE) == NOTHING_TO_CANCEL_TEXT
+    with scripted_worker(settings, lambda r: f"read {len(r.messages[-1].content)}") as seen:
+        reply = await responder.answer(HERE, "x" * 900 + "the question?")
+    assert reply.startswith("read 500") and "read only its last 500 characters" in reply
+    assert seen[0].messages[-1].content.endswith("the question?")
+    await client.aclose()
+
+
+async def test_switching_persona_checks_the_name(settings: Settings, redis_url, redis_client, write_persona):
+    write_persona("quiet", base="smollm2", adapters=["cli"])
+    write_persona("loud", base="smollm2")
+    client = redis.asyncio.Redis.from_url(redis_url)
+    responder = Responder(client, settings, "discord")
+    assert "no persona called 'quiet'" in await responder.set_persona("c1", "quiet")  # not enabled on discord
+    assert (await responder.set_persona("c1", "loud")).startswith("From now on")
+    assert await responder.persona_for("c1") == "loud" and await responder.persona_for("c2") == settings.discord.persona
+    await client.aclose()

@@ -1,0 +1,87 @@
+"""Splitting long replies: every piece fits, nothing is lost, code fences stay balanced."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from adapters.splitting import (
+    DISCORD_MESSAGE_LIMIT_CHARS,
+    TELEGRAM_MESSAGE_LIMIT_CHARS,
+    split_message,
+    utf16_length,
+)
+
+
+def normalized(text: str) -> str:
+    """The text without whitespace and without code fences (which a split may repeat)."""
+    return re.sub(r"\s+", "", re.sub(r"```\w*", "", text))
+
+
+def fences_balanced(chunk: str) -> bool:
+    toggles = [line for line in chunk.split("\n") if line.strip().startswith("```") and "```" not in line.strip()[3:]]
+    return len(toggles) % 2 == 0
+
+
+words = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=["Cs", "Zs", "Cc"]), min_size=1, max_size=30)
+separators = st.sampled_from([" ", " ", " ", "\n", "\n\n", "  "])
+fence_lines = st.sampled_from(["\n```\n", "\n```python\n", "\n```\n"])
+pieces = st.lists(st.one_of(words, separators, fence_lines), max_size=300)
+
+
+@settings(max_examples=300, deadline=None)
+@given(pieces, st.sampled_from([40, 64, 200]))
+def test_chunks_fit_lose_nothing_and_keep_fences_balanced(parts: list[str], limit: int):
+    text = "".join(parts)
+    chunks = split_message(text, limit)
+    assert all(utf16_length(chunk) <= limit for chunk in chunks)
+    assert all(chunk.strip() for chunk in chunks)
+    assert all(fences_balanced(chunk) for chunk in chunks)
+    assert normalized("\n".join(chunks)) == normalized(text)
+
+
+def test_short_text_is_one_message():
+    assert split_message("  hello there  ", DISCORD_MESSAGE_LIMIT_CHARS) == ["hello there"]
+    assert split_message("", DISCORD_MESSAGE_LIMIT_CHARS) == []
+
+
+def test_words_are_never_broken_and_paragraphs_are_preferred():
+    paragraph = " ".join(["word"] * 300)  # 1,499 characters
+    text = paragraph + "\n\n" + paragraph
+    chunks = split_message(text, DISCORD_MESSAGE_LIMIT_CHARS)
+    assert chunks == [paragraph, paragraph]
+    long_text = " ".join(f"w{i}" for i in range(3000))
+    for chunk in split_message(long_text, TELEGRAM_MESSAGE_LIMIT_CHARS):
+        assert all(re.fullmatch(r"w\d+", w) for w in chunk.split())
+
+
+def test_a_long_code_block_is_closed_and_reopened_with_its_language():
+    code = "\n".join(f"    print({i})" for i in range(400))
+    text = "Here you go:\n```python\n" + code + "\n```\nDone."
+    chunks = split_message(text, DISCORD_MESSAGE_LIMIT_CHARS)
+    assert len(chunks) >= 3
+    assert chunks[0].startswith("Here you go:")
+    for chunk in chunks[1:-1]:
+        assert chunk.startswith("```python\n    print(") and chunk.endswith("\n```")
+    # indentation survives the cut
+    assert all("\n    print(" in chunk or chunk.startswith("```python\n    print(") for chunk in chunks[1:-1])
+    assert chunks[-1].endswith("Done.")
+
+
+def test_emoji_count_double():
+    text = "😀" * 3000
+    chunks = split_message(text, DISCORD_MESSAGE_LIMIT_CHARS)
+    assert all(utf16_length(c) <= DISCORD_MESSAGE_LIMIT_CHARS for c in chunks)
+    assert "".join(chunks) == text
+
+
+def test_an_unclosed_fence_is_closed():
+    assert split_message("```\ncode", 100) == ["```\ncode\n```"]
+
+
+def test_limit_too_small_is_refused():
+    with pytest.raises(ValueError):
+        split_message("x", 10)

@@ -1,0 +1,312 @@
+"""The Telegram adapter, with the real python-telegram-bot against a local fake Bot API.
+
+Conversations go adapter → Redis → worker (a real one, or a scripted one on the real
+queue where a test needs exact text) → adapter → fake server, and the tests check what
+the fake server received.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+
+import pytest
+import redis
+from pydantic import SecretStr
+
+from adapters.access import approve_code
+from adapters.responder import BUSY_TEXT, CANCELLED_TEXT, RESET_TEXT, TIMEOUT_TEXT
+from adapters.telegram_bot import HELP_TEXT, TelegramBot
+from persona import constants as keys
+from persona.settings import Settings
+from tests.fakes.scripted_worker import scripted_worker
+from tests.fakes.telegram_api import BOT_ID, BOT_USERNAME, FakeTelegram
+
+TOKEN = "123456789:AAE-secret_token-value_xyz"
+GROUP = -100500
+
+
+@pytest.fixture
+async def fake_api():
+    fake = FakeTelegram(token=TOKEN)
+    await fake.start()
+    yield fake
+    await fake.stop()
+
+
+@pytest.fixture
+def telegram_settings(settings: Settings, fake_api: FakeTelegram, write_persona, tiny_llama_dir) -> Settings:
+    write_persona("tg", base=str(tiny_llama_dir))
+    settings.telegram = settings.telegram.model_copy(
+        update={"token": SecretStr(TOKEN), "api_url": fake_api.base_url, "persona": "tg"}
+    )
+    return settings
+
+
+@pytest.fixture
+async def start_bot(telegram_settings: Settings, redis_client: redis.Redis):
+    """Start a bot with some settings changed: ``await start_bot(dm_policy="pairing")``."""
+    bots: list[TelegramBot] = []
+
+    async def start(**changes) -> TelegramBot:
+        telegram_settings.telegram = telegram_settings.telegram.model_copy(update=changes)
+        bot = TelegramBot(telegram_settings)
+        await bot.start()
+        bots.append(bot)
+        return bot
+
+    yield start
+    for bot in bots:
+        await bot.stop()
+
+
+def echo(request) -> str:
+    return "echo: " + request.messages[-1].content
+
+
+async def test_a_private_conversation_through_a_real_worker(
+    start_bot, fake_api: FakeTelegram, running_worker, redis_client: redis.Redis
+):
+    running_worker()
+    await start_bot()
+    assert [c["command"] for c in fake_api.commands] == ["start", "help", "persona", "reset", "retry", "cancel"]
+
+    fake_api.push_message("/start")
+    await fake_api.wait_for(lambda: len(fake_api.sent) == 1)
+    assert fake_api.sent[0]["text"].startswith("Hello! You are talking to Tg") and HELP_TEXT in fake_api.sent[0]["text"]
+
+    fake_api.push_message("How should I spend a quiet morning?")
+    await fake_api.wait_for(lambda: len(fake_api.sent) == 2, timeout=60)
+    answer = fake_api.sent[1]["text"]
+    assert answer and "reply_parameters" not in fake_api.sent[1]  # private chats need no quoting
+    assert any(a["action"] == "typing" and int(a["chat_id"]) == 1001 for a in fake_api.actions)
+    stored = json.loads(redis_client.get(keys.conversation_key("telegram", "1001:1001")))
+    assert stored[0] == {"role": "user", "content": "How should I spend a quiet morning?"}
+    assert stored[1]["role"] == "assistant" and (stored[1]["content"] == answer or not stored[1]["content"])
+
+    fake_api.push_message("/retry")
+    await fake_api.wait_for(lambda: len(fake_api.sent) == 3, timeout=60)
+    again = json.loads(redis_client.get(keys.conversation_key("telegram", "1001:1001")))
+    assert len(again) == 2 and again[0] == stored[0]  # replaced, not appended
+
+    fake_api.push_message("/reset")
+    await fake_api.wait_for(lambda: len(fake_api.sent) == 4)
+    assert fake_api.sent[3]["text"] == RESET_TEXT
+    assert redis_client.get(keys.conversation_key("telegram", "1001:1001")) is None
+
+
+async def test_groups_answer_only_mentions_and_replies(start_bot, fake_api: FakeTelegram, telegram_settings):
+    with scripted_worker(telegram_settings, echo) as seen:
+        await start_bot()
+        fake_api.push_message("just chatting among ourselves", chat_id=GROUP, chat_type="group")
+        mention = fake_api.push_message(f"@{BOT_USERNAME} what is patience?", chat_id=GROUP, chat_type="group")
+        await fake_api.wait_for(lambda: len(fake_api.sent) == 1)
+        bot_message = {"message_id": 9999, "date": 0, "chat": {"id": GROUP, "type": "group"},
+                       "from": {"id": BOT_ID, "is_bot": True, "first_name": "Persona"}, "text": "echo"}
+        fake_api.push_message("and kindness?", chat_id=GROUP, chat_type="group", reply_to=bot_message, user_id=2002)
+        await fake_api.wait_for(lambda: len(fake_api.sent) == 2)
+        fake_api.push_message("still not for you", chat_id=GROUP, chat_type="group")
+        fake_api.push_message("ping", chat_id=1001)  # a private message marks the end of the group traffic
+        await fake_api.wait_for(lambda: len(fake_api.sent) == 3)
+        await asyncio.sleep(0.3)
+    assert fake_api.texts(GROUP) == ["echo: what is patience?", "echo: and kindness?"]
+    assert fake_api.sent[0]["reply_parameters"]["message_id"] == mention["message_id"]
+    assert [r.messages[-1].content for r in seen] == ["what is patience?", "and kindness?", "ping"]
+    assert all(r.source == "telegram" and r.user.startswith("telegram:") for r in seen)
+
+
+async def test_a_long_reply_is_split_at_4096_characters_without_breaking_words(start_bot, fake_api, telegram_settings):
+    words = " ".join(f"word{i}" for i in range(2000))  # about 17,000 characters
+    with scripted_worker(telegram_settings, lambda request: words):
+        await start_bot()
+        fake_api.push_message("tell me everything")
+        await fake_api.wait_for(lambda: sum(len(t) for t in fake_api.texts()) >= len(words) - 10)
+    texts = fake_api.texts()
+    assert len(texts) == 5 and all(len(t) <= 4096 for t in texts)
+    assert " ".join(texts) == words
+
+
+async def test_flood_control_delays_a_reply_but_never_loses_it(start_bot, fake_api, telegram_settings):
+    with scripted_worker(telegram_settings, echo):
+        await start_bot()
+        fake_api.flood("sendMessage", 1, times=2)
+        started = time.monotonic()
+        fake_api.push_message("hello")
+        await fake_api.wait_for(lambda: fake_api.texts() == ["echo: hello"])
+    assert time.monotonic() - started >= 2.0
+    assert sum(1 for method, _ in fake_api.calls if method == "sendMessage") == 3
+
+
+async def test_typing_is_refreshed_no_faster_than_every_4_5_seconds(start_bot, fake_api, telegram_settings):
+    def slow(request) -> str:
+        time.sleep(5.5)
+        return "done"
+
+    with scripted_worker(telegram_settings, slow):
+        await start_bot()
+        fake_api.push_message("take your time")
+        await fake_api.wait_for(lambda: fake_api.texts() == ["done"], timeout=20)
+    moments = [a["at"] for a in fake_api.actions]
+    assert len(moments) == 2
+    assert moments[1] - moments[0] >= 4.4
+
+
+async def test_rate_limits_answer_with_one_friendly_notice(start_bot, fake_api, telegram_settings):
+    with scripted_worker(telegram_settings, echo):
+        await start_bot(user_messages_per_minute=2)
+        for n in range(5):
+            fake_api.push_message(f"message {n}")
+        await fake_api.wait_for(lambda: len(fake_api.sent) == 3)
+        await asyncio.sleep(0.5)
+    texts = fake_api.texts()
+    assert len(texts) == 3
+    notices = [t for t in texts if "catch up" in t]
+    assert len(notices) == 1 and "try again in about" in notices[0]
+
+
+async def test_a_busy_queue_and_a_silent_worker_get_polite_replies(start_bot, fake_api, telegram_settings, redis_client):
+    telegram_settings.queue.max_length = 1
+    redis_client.xadd(keys.STREAM_INTERACTIVE, {"r": b"{}"})  # the queue is full and nobody works
+    await start_bot(reply_timeout_s=1.0)
+    fake_api.push_message("anyone there?")
+    await fake_api.wait_for(lambda: fake_api.texts() == [BUSY_TEXT])
+    redis_client.delete(keys.STREAM_INTERACTIVE)
+    fake_api.push_message("anyone there now?")
+    await fake_api.wait_for(lambda: fake_api.texts() == [BUSY_TEXT, TIMEOUT_TEXT], timeout=15)
+
+
+async def test_cancel_withdraws_a_waiting_request(start_bot, fake_api, telegram_settings):
+    await start_bot()
+    fake_api.push_message("a question that will be withdrawn")
+    await fake_api.wait_for(lambda: len(fake_api.actions) >= 1)  # it is waiting in the queue
+    fake_api.push_message("/cancel")
+    await fake_api.wait_for(lambda: fake_api.texts() == ["Withdrawing your request…"])
+    with scripted_worker(telegram_settings, echo):
+        await fake_api.wait_for(lambda: fake_api.texts()[-1] == CANCELLED_TEXT)
+    fake_api.push_message("/cancel")
+    await fake_api.wait_for(lambda: "Nothing to cancel" in fake_api.texts()[-1])
+
+
+async def test_pairing_gives_a_code_that_the_operator_approves(start_bot, fake_api, telegram_settings, redis_client):
+    with scripted_worker(telegram_settings, echo) as seen:
+        await start_bot(dm_policy="pairing")
+        fake_api.push_message("hello?", user_id=4242, chat_id=4242)
+        await fake_api.wait_for(lambda: len(fake_api.sent) == 1)
+        refusal = fake_api.texts()[0]
+        assert "pairing code" in refusal and not seen
+        code = refusal.split("pairing code is ")[1].split(".")[0]
+        fake_api.push_message("hello again?", user_id=4242, chat_id=4242)
+        await fake_api.wait_for(lambda: len(fake_api.sent) == 2)
+        assert code in fake_api.texts()[1]  # the same code, not a new one each time
+        approved = approve_code(redis_client, code.lower())
+        assert approved is not None and approved.user == "4242" and approved.platform == "telegram"
+        fake_api.push_message("now?", user_id=4242, chat_id=4242)
+        await fake_api.wait_for(lambda: len(fake_api.sent) == 3)
+    assert fake_api.texts()[2] == "echo: now?"
+    assert approve_code(redis_client, code) is None  # one-time
+
+
+async def test_an_allowlist_refuses_strangers_and_serves_its_members(start_bot, fake_api, telegram_settings):
+    with scripted_worker(telegram_settings, echo):
+        await start_bot(dm_policy="allowlist", allowed_users=[1001])
+        fake_api.push_message("hi", user_id=5, chat_id=5)
+        fake_api.push_message("hi", user_id=1001, chat_id=1001)
+        await fake_api.wait_for(lambda: len(fake_api.sent) == 2)
+    assert fake_api.texts(1001) == ["echo: hi"]
+    assert "only talk to people on my list" in fake_api.texts(5)[0]
+
+
+async def test_only_group_admins_switch_the_persona(start_bot, fake_api, telegram_settings, write_persona, tiny_llama_dir, redis_client):
+    write_persona("other", base=str(tiny_llama_dir))
+    await start_bot()
+    fake_api.admins.add(7)
+    fake_api.push_message("/persona other", chat_id=GROUP, chat_type="group", user_id=8)
+    await fake_api.wait_for(lambda: len(fake_api.sent) == 1)
+    assert "administrators" in fake_api.texts()[0]
+    fake_api.push_message("/persona other", chat_id=GROUP, chat_type="group", user_id=7)
+    await fake_api.wait_for(lambda: len(fake_api.sent) == 2)
+    assert fake_api.texts()[1].startswith("From now on you are talking to Other")
+    assert redis_client.get(keys.chat_persona_key("telegram", str(GROUP))) == b"other"
+    fake_api.push_message("/persona nosuch", chat_id=1001)
+    await fake_api.wait_for(lambda: len(fake_api.sent) == 3)
+    assert "no persona called 'nosuch'" in fake_api.texts()[2]
+
+
+async def test_the_token_never_reaches_the_logs(start_bot, fake_api, telegram_settings, caplog):
+    caplog.set_level(logging.DEBUG)
+    with scripted_worker(telegram_settings, echo):
+        await start_bot()
+        logging.getLogger("httpx").setLevel(logging.DEBUG)  # even when someone turns httpx up
+        try:
+            fake_api.push_message("hello")
+            await fake_api.wait_for(lambda: len(fake_api.sent) == 1)
+        finally:
+            logging.getLogger("httpx").setLevel(logging.WARNING)
+    assert "HTTP Request" in caplog.text  # httpx did log its URLs...
+    assert TOKEN not in caplog.text and TOKEN.split(":")[1] not in caplog.text  # ...without the token
+
+
+async def test_webhook_mode_registers_the_url_and_answers_posted_updates(start_bot, fake_api, telegram_settings):
+    import socket
+
+    import aiohttp
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with scripted_worker(telegram_settings, echo):
+        await start_bot(webhook_url="https://bot.example.org/telegram", webhook_port=port,
+                        webhook_secret=SecretStr("s3cret-webhook"))
+        registered = [params for method, params in fake_api.calls if method == "setWebhook"]
+        assert registered and registered[0]["url"] == "https://bot.example.org/telegram"
+        assert not any(method == "getUpdates" for method, _ in fake_api.calls)
+        update = {"update_id": 5, "message": {"message_id": 6, "date": int(time.time()), "text": "via webhook",
+                                              "chat": {"id": 1001, "type": "private", "first_name": "Ada"},
+                                              "from": {"id": 1001, "is_bot": False, "first_name": "Ada"}}}
+        async with aiohttp.ClientSession() as session:
+            url = f"http://127.0.0.1:{port}/telegram"
+            async with session.post(url, json=update) as forged:
+                assert forged.status == 403  # no secret: refused
+            async with session.post(url, json=update, headers={"X-Telegram-Bot-Api-Secret-Token": "s3cret-webhook"}) as ok:
+                assert ok.status == 200
+        await fake_api.wait_for(lambda: fake_api.texts() == ["echo: via webhook"])
+
+
+@pytest.mark.slow  # the client's reconnect backoff takes about 15 s before it gives up politely
+async def test_a_redis_outage_gets_a_polite_reply_and_the_bot_recovers(start_bot, fake_api, telegram_settings, tmp_path):
+    from persona.embedded_redis import EmbeddedRedis
+
+    from adapters.responder import UNREACHABLE_TEXT
+
+    server = EmbeddedRedis(tmp_path / "own-redis")
+    url = server.start()
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    telegram_settings.redis_url = SecretStr(url)
+    try:
+        with scripted_worker(telegram_settings, echo):
+            await start_bot()
+            fake_api.push_message("before")
+            await fake_api.wait_for(lambda: fake_api.texts() == ["echo: before"])
+        server.stop()
+        fake_api.push_message("during")
+        await fake_api.wait_for(lambda: len(fake_api.sent) == 2, timeout=60)
+        assert fake_api.texts()[1] == UNREACHABLE_TEXT
+        server.start(port=port)
+        with scripted_worker(telegram_settings, echo):
+            fake_api.push_message("after")
+            await fake_api.wait_for(lambda: len(fake_api.sent) == 3, timeout=60)
+        assert fake_api.texts()[2] == "echo: after"
+    finally:
+        server.stop()
+
+
+async def test_groups_outside_the_allowed_chats_are_ignored(start_bot, fake_api, telegram_settings):
+    with scripted_worker(telegram_settings, echo) as seen:
+        await start_bot(allowed_chats=[GROUP])
+        fake_api.push_message(f"@{BOT_USERNAME} hi", chat_id=-42, chat_type="group")
+        fake_api.push_message(f"@{BOT_USERNAME} hi", chat_id=GROUP, chat_type="group")
+        await fake_api.wait_for(lambda: len(fake_api.sent) == 1)
+        await asyncio.sleep(0.3)
+    assert fake_api.texts(GROUP) == ["echo: hi"] and len(seen) == 1
