@@ -46,6 +46,17 @@ def test_every_persona_service_runs_a_real_cli_command():
         assert service["command"][0] in commands, f"service {name} runs an unknown command"
 
 
+def test_every_named_volume_is_declared():
+    # Compose refuses to start a service that mounts an undeclared named volume.
+    data = compose()
+    declared = set(data.get("volumes") or {})
+    for name, service in data["services"].items():
+        for volume in service.get("volumes", []):
+            source = volume.split(":", 1)[0]
+            if not source.startswith((".", "/", "~")):
+                assert source in declared, f"service {name} mounts undeclared volume {source!r}"
+
+
 def test_the_parser_rejects_a_broken_file():
     import pytest
 
