@@ -26,6 +26,22 @@ STATS_KEY = KEY_PREFIX + "stats"
 # Active checkpoint version per persona (a hash persona -> version).
 ACTIVE_VERSIONS_KEY = KEY_PREFIX + "active"
 
+# Scheduled posts. A (persona, slot) is worked on by one owner at a time (a lock with a
+# lease), and its ledger record (a hash) says what went out where, with the platforms'
+# post ids; an intent is written before each platform call so a crash is never silent.
+POST_LOCK_KEY_PREFIX = KEY_PREFIX + "post-lock:"
+POST_RECORD_KEY_PREFIX = KEY_PREFIX + "post:"
+POST_HISTORY_STREAM = KEY_PREFIX + "posts"
+RECENT_POSTS_KEY_PREFIX = KEY_PREFIX + "recent-posts:"
+# The approval queue: one hash per waiting post, and a sorted set of the pending ids.
+APPROVAL_KEY_PREFIX = KEY_PREFIX + "approval:"
+APPROVALS_PENDING_KEY = KEY_PREFIX + "approvals"
+# When each persona's schedule was last looked at (hash persona -> epoch seconds).
+SCHEDULER_CHECKED_KEY = KEY_PREFIX + "scheduler:checked"
+
+POST_HISTORY_MAX_LEN = 10_000
+RECENT_POSTS_KEPT = 100
+
 DEAD_STREAM_MAX_LEN = 10_000
 ANSWERED_TTL_S = 24 * 3600
 BLOCK_MS = 1000
@@ -50,3 +66,19 @@ def user_pending_key(user: str) -> str:
 
 def worker_key(worker_id: str) -> str:
     return WORKER_KEY_PREFIX + worker_id
+
+
+def post_lock_key(persona: str, slot: str) -> str:
+    return f"{POST_LOCK_KEY_PREFIX}{persona}:{slot}"
+
+
+def post_record_key(persona: str, slot: str) -> str:
+    return f"{POST_RECORD_KEY_PREFIX}{persona}:{slot}"
+
+
+def recent_posts_key(persona: str) -> str:
+    return RECENT_POSTS_KEY_PREFIX + persona
+
+
+def approval_key(approval_id: str) -> str:
+    return APPROVAL_KEY_PREFIX + approval_id

@@ -1,0 +1,1 @@
+"""Scheduled posts: the sinks that publish, slot arithmetic, and the poster that ties them together."""
