@@ -14,6 +14,7 @@ import json
 import logging
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -105,8 +106,10 @@ class Poster:
     def __init__(
         self, settings: Settings, client: redis.Redis, candidates: CandidateSource, *,
         registry: PersonaRegistry | None = None, owner: str | None = None,
+        sink_factory: Callable[[str, Settings], Sink] = make_sink,
     ) -> None:
         self.settings = settings
+        self.sink_factory = sink_factory
         self.candidates = candidates
         self.registry = registry or PersonaRegistry.from_settings(settings)
         self.ledger = PostLedger(client, lease_s=settings.posting.lease_s, owner=owner)
@@ -116,7 +119,7 @@ class Poster:
     def sinks_for(self, persona: Persona, specs: list[str] | None) -> list[Sink]:
         """The sinks named (or the persona's own), built now so bad credentials fail early."""
         chosen = specs or persona.schedule.sinks
-        return [make_sink(spec, self.settings) for spec in chosen]
+        return [self.sink_factory(spec, self.settings) for spec in chosen]
 
     def corpus_index(self, persona: Persona) -> CopyIndex | None:
         """The persona's corpus as a copy index (cached), if its file names one."""
