@@ -138,7 +138,7 @@ class BlueskySink:
         client = Client(base_url=self.base_url)
         try:
             client.login(self.handle, self.password, fetch_bsky_profile=False)
-            created = client.send_post(text)
+            created = client.send_post(text, profile_identify=self.handle)
         except (BadRequestError, UnauthorizedError, LoginRequiredError) as exc:
             raise SinkError(f"Bluesky refused the post: {exc!r}") from exc
         rkey = created.uri.rsplit("/", 1)[-1]
