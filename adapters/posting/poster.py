@@ -252,6 +252,8 @@ class Poster:
     def approve(self, approval_id: str, text: str | None = None) -> PostOutcome:
         """Publish a waiting post (optionally with edited text) to its sinks."""
         waiting = self.approvals.get(approval_id)
+        if waiting.state != "pending":
+            raise PostingError(f"post {approval_id} was already {waiting.state}")
         persona = self.registry.get(waiting.persona)
         sinks = self.sinks_for(persona, waiting.sinks)
         claim = self.ledger.claim(persona.name, waiting.slot, approving=True)
