@@ -24,9 +24,9 @@ import redis
 
 from adapters.posting.sinks import Sink, make_sink
 from persona.approvals import Approval, ApprovalQueue
-from persona.contract import GenerationRequest, Priority, SamplingOverrides
+from persona.contract import GenerationReply, GenerationRequest, Priority, SamplingOverrides
 from persona.curation import Curated, curate, limit_for, load_corpus
-from persona.errors import PostingError, SinkError
+from persona.errors import PostingError, ReplyTimeout, SinkError
 from persona.ledger import PostLedger, SinkEntry
 from persona.originality import CopyIndex
 from persona.personas import Persona, PersonaRegistry
@@ -38,6 +38,8 @@ __all__ = ["CandidateSource", "PostOutcome", "Poster", "QueueCandidates", "manua
 log = logging.getLogger(__name__)
 
 SEED_RANGE = 2**31 - 1024
+POLL_S = 2.0
+WAIT_SLACK_S = 5.0
 
 
 class CandidateSource(Protocol):
@@ -67,13 +69,25 @@ class QueueCandidates:
         ]
         texts: list[str] = []
         for request in requests:
-            reply = self.queue.wait(request)
+            reply = self._wait(request)
             if reply.ok:
                 texts.append(reply.text)
             else:
                 self.failures += 1
                 log.warning("candidate %s for %s failed: %s", request.id, persona.name, reply.error)
         return texts
+
+
+    def _wait(self, request: GenerationRequest) -> GenerationReply:
+        # Short waits in a loop: a cold worker may take minutes to load its model, longer
+        # than one blocking read may last on a connection with a socket time-out.
+        while True:
+            remaining = request.deadline + WAIT_SLACK_S - time.time()
+            try:
+                return self.queue.wait(request, timeout=max(0.1, min(POLL_S, remaining)))
+            except ReplyTimeout:
+                if remaining <= POLL_S:
+                    raise
 
 
 @dataclass

@@ -16,6 +16,8 @@ from persona.logs import setup_logging
 from persona.queue import QueueClient
 from persona.settings import Settings
 
+__all__ = ["approve", "history", "pending", "post", "register", "reject", "scheduler"]
+
 log = logging.getLogger(__name__)
 
 posts_app = typer.Typer(help="The approval queue and the history of what went out.", no_args_is_help=True)
