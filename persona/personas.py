@@ -100,7 +100,7 @@ class FiltersConfig(_Strict):
     max_chars: int = Field(280, ge=1)
     blocklist: list[str] = Field(default_factory=list)
     max_copied_words: int = Field(8, ge=3, description="longest verbatim run from the corpus")
-    corpus: str | None = Field(None, description="the persona's corpus (JSONL), for originality")
+    corpus: str | None = Field(None, description="the persona's corpus (JSONL), for originality; relative to the persona file")
 
 
 class ScheduleConfig(_Strict):

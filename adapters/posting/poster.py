@@ -68,13 +68,18 @@ class QueueCandidates:
             for i in range(n)
         ]
         texts: list[str] = []
-        for request in requests:
-            reply = self._wait(request)
-            if reply.ok:
-                texts.append(reply.text)
-            else:
-                self.failures += 1
-                log.warning("candidate %s for %s failed: %s", request.id, persona.name, reply.error)
+        try:
+            for request in requests:
+                reply = self._wait(request)
+                if reply.ok:
+                    texts.append(reply.text)
+                else:
+                    self.failures += 1
+                    log.warning("candidate %s for %s failed: %s", request.id, persona.name, reply.error)
+        except BaseException:
+            for request in requests:  # nobody will read them: spare the workers
+                self.queue.cancel(request.id)
+            raise
         return texts
 
 
