@@ -290,3 +290,16 @@ def test_scheduler_rides_out_redis_being_down(settings, scheduled, caplog):
 def test_slot_ids_use_seconds_not_local_time():
     when = datetime(2026, 6, 1, 10, tzinfo=UTC) + timedelta(hours=1)
     assert slot_id(when.astimezone(__import__("zoneinfo").ZoneInfo("Asia/Kolkata"))) == "2026-06-01T11:00:00Z"
+
+
+def test_a_slot_held_by_a_dead_scheduler_is_posted_once_its_lease_runs_out(settings, scheduled, redis_client):
+    dead = PostLedger(redis_client, lease_s=0.5)  # it claimed the slot, then its process was killed
+    assert dead.claim("poet", "2026-01-05T09:00:00Z").claimed
+    runner = Scheduler(poster_for(settings), redis.Redis.from_url(settings.redis_url.get_secret_value()))
+    runner.tick(utc(2026, 1, 5, 8))
+    [held] = runner.tick(utc(2026, 1, 5, 9, 1))
+    assert held.status == "busy" and not scheduled.exists()
+    time.sleep(0.6)
+    [posted] = runner.tick(utc(2026, 1, 5, 9, 2))
+    assert posted.status == "posted" and posted.slot == "2026-01-05T09:00:00Z"
+    assert runner.tick(utc(2026, 1, 5, 9, 3)) == [] and len(read_jsonl(scheduled)) == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import signal
@@ -65,7 +66,10 @@ def post(
     Needs a worker (`persona up`). A slot already posted is reported and skipped.
     """
     settings = get_settings()
-    outcome = _poster(settings).post(persona, slot=slot, sinks=sink or None, dry_run=dry_run, n=n, approval=approval)
+    poster = _poster(settings)
+    waiting = contextlib.nullcontext() if json_output else console.status(f"{persona} is writing candidates...")
+    with waiting:
+        outcome = poster.post(persona, slot=slot, sinks=sink or None, dry_run=dry_run, n=n, approval=approval)
     _show(outcome, json_output)
     if outcome.status in FAILED_STATUSES:
         raise typer.Exit(1)
