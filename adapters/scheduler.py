@@ -53,6 +53,8 @@ class Scheduler:
         now = now or self.clock()
         done: list[PostOutcome] = []
         for persona in scheduled_personas(self.poster.registry.all()):
+            if self.stopping.is_set():
+                break
             try:
                 outcome = self._tick_persona(persona, now)
             except (QueueError, redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):

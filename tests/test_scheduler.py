@@ -303,3 +303,19 @@ def test_a_slot_held_by_a_dead_scheduler_is_posted_once_its_lease_runs_out(setti
     [posted] = runner.tick(utc(2026, 1, 5, 9, 2))
     assert posted.status == "posted" and posted.slot == "2026-01-05T09:00:00Z"
     assert runner.tick(utc(2026, 1, 5, 9, 3)) == [] and len(read_jsonl(scheduled)) == 1
+
+
+def test_stopping_ends_a_wait_for_candidates_and_leaves_the_slot_due(settings, scheduled, redis_client):
+    from adapters.posting.poster import QueueCandidates
+    from persona.queue import QueueClient
+
+    stopping = threading.Event()
+    candidates = QueueCandidates(QueueClient(redis_client, settings.queue), 60.0, stopping=stopping)
+    runner = Scheduler(Poster(settings, redis_client, candidates), redis_client, stopping=stopping)
+    runner.tick(utc(2026, 1, 5, 8))
+    threading.Timer(0.5, runner.stop).start()  # no worker runs: only the stop ends the wait
+    started = time.monotonic()
+    assert runner.tick(utc(2026, 1, 5, 9, 1)) == []
+    assert time.monotonic() - started < 10
+    assert redis_client.hget("persona:scheduler:checked", "poet") == str(utc(2026, 1, 5, 8).timestamp()).encode()
+    assert redis_client.exists("persona:post-lock:poet:2026-01-05T09:00:00Z") == 0

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import secrets
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -51,10 +52,13 @@ class CandidateSource(Protocol):
 class QueueCandidates:
     """Candidates from the workers: N requests at batch priority, seeds ``seed .. seed+N-1``."""
 
-    def __init__(self, queue: QueueClient, wait_s: float, source: str = "scheduler") -> None:
+    def __init__(
+        self, queue: QueueClient, wait_s: float, source: str = "scheduler", stopping: threading.Event | None = None
+    ) -> None:
         self.queue = queue
         self.wait_s = wait_s
         self.source = source
+        self.stopping = stopping or threading.Event()
         self.failures = 0
 
     def __call__(self, persona: Persona, n: int, seed: int) -> list[str]:
@@ -87,6 +91,8 @@ class QueueCandidates:
         # Short waits in a loop: a cold worker may take minutes to load its model, longer
         # than one blocking read may last on a connection with a socket time-out.
         while True:
+            if self.stopping.is_set():
+                raise PostingError("stopped while waiting for candidates; the slot stays due")
             remaining = request.deadline + WAIT_SLACK_S - time.time()
             try:
                 return self.queue.wait(request, timeout=max(0.1, min(POLL_S, remaining)))

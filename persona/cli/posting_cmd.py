@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import signal
+import threading
 from datetime import UTC, datetime
 
 import typer
@@ -26,11 +27,12 @@ posts_app = typer.Typer(help="The approval queue and the history of what went ou
 FAILED_STATUSES = ("no_candidate", "failed", "uncertain", "busy")
 
 
-def _poster(settings: Settings, source: str = "cli"):
+def _poster(settings: Settings, source: str = "cli", stopping: threading.Event | None = None):
     from adapters.posting.poster import Poster, QueueCandidates
 
     client = connect(settings)
-    candidates = QueueCandidates(QueueClient(client, settings.queue), settings.posting.wait_s, source=source)
+    queue = QueueClient(client, settings.queue)
+    candidates = QueueCandidates(queue, settings.posting.wait_s, source=source, stopping=stopping)
     return Poster(settings, client, candidates)
 
 
@@ -152,8 +154,9 @@ def scheduler() -> None:
 
     settings = get_settings()
     setup_logging(settings)
-    poster = _poster(settings, source="scheduler")
-    runner = Scheduler(poster, poster.ledger.redis)
+    stopping = threading.Event()  # shared, so a stop also ends a wait for candidates
+    poster = _poster(settings, source="scheduler", stopping=stopping)
+    runner = Scheduler(poster, poster.ledger.redis, stopping=stopping)
     now = datetime.now(UTC)
     chosen = scheduled_personas(poster.registry.all())
     for persona in chosen:
