@@ -209,8 +209,8 @@ class DiesAfterPosting:
         self.posts += 1
         raise Crash
 
-    def find(self, marker: str) -> Posted | None:
-        return self.inner.find(marker)
+    def find(self, marker: str, text: str) -> Posted | None:
+        return self.inner.find(marker, text)
 
 
 def test_crash_between_posted_and_recorded_checkable_sink(settings, scheduled):
@@ -232,7 +232,7 @@ class Remote(FileSink):
 
     retry = "none"
 
-    def find(self, marker: str) -> Posted | None:
+    def find(self, marker: str, text: str) -> Posted | None:
         return None
 
 

@@ -26,6 +26,7 @@ class FakePlatform:
     url: str = ""
     seen: list[dict] = field(default_factory=list)
     fail_with: int | None = None
+    records: list[dict] = field(default_factory=list)
 
 
 def _jwt() -> str:
@@ -75,8 +76,15 @@ def _routes(fake: FakePlatform) -> web.Application:
         return web.json_response({"accessJwt": _jwt(), "refreshJwt": _jwt(), "handle": "sage.test", "did": "did:plc:fake"})
 
     async def create_record(request):
+        seen = await record(request)
+        uri = f"at://did:plc:fake/app.bsky.feed.post/3kabcdefghij{len(fake.records)}"
+        fake.records.insert(0, {"uri": uri, "cid": "bafyreifake", "value": seen["json"]["record"]})
+        return web.json_response({"uri": uri, "cid": "bafyreifake"})
+
+    async def list_records(request):
         await record(request)
-        return web.json_response({"uri": "at://did:plc:fake/app.bsky.feed.post/3kabcdefghijk", "cid": "bafyreifake"})
+        assert request.query["collection"] == "app.bsky.feed.post"
+        return web.json_response({"records": fake.records[: int(request.query.get("limit", 50))]})
 
     async def me(request):
         await record(request)
@@ -106,6 +114,7 @@ def _routes(fake: FakePlatform) -> web.Application:
     app.router.add_post("/api/v1/statuses", status)
     app.router.add_post("/xrpc/com.atproto.server.createSession", session)
     app.router.add_post("/xrpc/com.atproto.repo.createRecord", create_record)
+    app.router.add_get("/xrpc/com.atproto.repo.listRecords", list_records)
     app.router.add_get("/api/v10/users/@me", me)
     app.router.add_post("/api/v10/channels/{channel}/messages", channel_message)
     app.router.add_post("/bot{token}/{method}", telegram)
@@ -153,11 +162,11 @@ def test_file_sink_appends_json_lines_and_finds_by_marker(settings: Settings):
     first = sink.post("Be still.", "sage:s1:file")
     second = sink.post("Be here.", "sage:s2:file")
     assert [line["text"] for line in read_jsonl(sink.path)] == ["Be still.", "Be here."]
-    assert sink.find("sage:s2:file").id == second.id != first.id
-    assert sink.find("sage:s3:file") is None
+    assert sink.find("sage:s2:file", "Be here.").id == second.id != first.id
+    assert sink.find("sage:s3:file", "Be.") is None
     with sink.path.open("a") as torn:
         torn.write('{"id": "half')  # a crash mid-write leaves a torn line
-    assert sink.find("sage:s1:file").id == first.id
+    assert sink.find("sage:s1:file", "Be still.").id == first.id
 
 
 def test_x_posts_through_tweepy_with_user_keys(settings, platform):
@@ -207,8 +216,8 @@ def test_bluesky_logs_in_then_creates_a_post(settings, platform):
 
     sink = make_sink("bluesky", settings_for(settings, platform, bluesky_handle="sage.test", bluesky_password=SecretStr("app-pass")))
     posted = sink.post("A calm mind is a garden.", "m1")
-    assert posted.id == "at://did:plc:fake/app.bsky.feed.post/3kabcdefghijk"
-    assert posted.url == "https://bsky.app/profile/sage.test/post/3kabcdefghijk"
+    assert posted.id == "at://did:plc:fake/app.bsky.feed.post/3kabcdefghij0"
+    assert posted.url == "https://bsky.app/profile/sage.test/post/3kabcdefghij0"
     login, create = platform.seen
     assert login["json"]["identifier"] == "sage.test" and login["json"]["password"] == "app-pass"
     assert create["json"]["record"]["text"] == "A calm mind is a garden."
@@ -273,3 +282,37 @@ def test_sink_specs(settings):
         make_sink("myspace", settings)
     with pytest.raises(ConfigError, match="name the file"):
         make_sink("file:", settings)
+
+
+def test_bluesky_finds_an_earlier_post_so_a_crash_is_never_posted_twice(settings, platform, write_persona):
+    import redis
+    from pydantic import SecretStr
+
+    from adapters.posting.poster import Poster
+
+    changed = settings_for(settings, platform, bluesky_handle="sage.test", bluesky_password=SecretStr("app-pass"))
+    sink = make_sink("bluesky", changed)
+    sink.post("Older post.", "m0")
+    assert sink.find("m1", "A calm mind is a garden.") is None
+
+    class Crash(BaseException):
+        """The process dies after Bluesky accepted the post."""
+
+    class DiesAfterPosting:
+        spec, platform, retry = sink.spec, sink.platform, sink.retry
+
+        def post(self, text, marker):
+            sink.post(text, marker)
+            raise Crash
+
+    write_persona("sky", base="unused", schedule={"sinks": ["bluesky"], "candidates": 1})
+    client = redis.Redis.from_url(settings.redis_url.get_secret_value())
+    client.flushall()
+    write = lambda persona, n, seed: ["A calm mind is a garden."]  # noqa: E731
+    with pytest.raises(Crash):
+        Poster(changed, client, write, sink_factory=lambda spec, s: DiesAfterPosting()).post("sky", slot="s1")
+    retry = Poster(changed, client, write).post("sky", slot="s1")
+    assert retry.status == "posted"
+    assert retry.sinks["bluesky"]["id"] == "at://did:plc:fake/app.bsky.feed.post/3kabcdefghij1"
+    creates = [s for s in platform.seen if s["path"].endswith("createRecord")]
+    assert len(creates) == 2  # the older post and the crashed one; the retry found it instead

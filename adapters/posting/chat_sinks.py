@@ -72,7 +72,7 @@ class DiscordSink:
                 await http.close()
         return Posted(id=str(message["id"]), url=f"https://discord.com/channels/@me/{self.channel}/{message['id']}")
 
-    def find(self, marker: str) -> Posted | None:
+    def find(self, marker: str, text: str) -> Posted | None:
         return None
 
 
@@ -107,5 +107,5 @@ class TelegramSink:
             raise SinkError(f"Telegram refused the post: {exc}") from exc
         return Posted(id=str(message.message_id), url=message.link or "")
 
-    def find(self, marker: str) -> Posted | None:
+    def find(self, marker: str, text: str) -> Posted | None:
         return None

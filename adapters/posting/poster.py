@@ -242,7 +242,7 @@ class Poster:
             return entry
         if entry is not None and entry.state in ("intent", "uncertain"):
             # An earlier attempt died or lost its answer after the intent: did it post?
-            found = sink.find(marker) if sink.retry == "check" else None
+            found = sink.find(marker, text) if sink.retry == "check" else None
             if found is not None:
                 entry.id, entry.url = found.id, found.url
                 self.ledger.record_post(name, slot, sink.spec, entry, text)

@@ -54,8 +54,8 @@ class Sink(Protocol):
         """Publish ``text``; ``marker`` identifies this (persona, slot, sink) attempt."""
         ...
 
-    def find(self, marker: str) -> Posted | None:
-        """An earlier post made with ``marker``, if the sink can tell (``retry == 'check'``)."""
+    def find(self, marker: str, text: str) -> Posted | None:
+        """An earlier post of ``text`` made with ``marker``, if the sink can tell (``retry == 'check'``)."""
         ...
 
 
@@ -86,7 +86,7 @@ class FileSink:
             os.fsync(out.fileno())
         return posted
 
-    def find(self, marker: str) -> Posted | None:
+    def find(self, marker: str, text: str) -> Posted | None:
         """The post written with ``marker``, if the file holds one."""
         if not self.path.exists():
             return None

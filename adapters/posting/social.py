@@ -22,6 +22,8 @@ log = logging.getLogger(__name__)
 
 X_DEFAULT_API_URL = "https://api.twitter.com"
 REQUEST_TIMEOUT_S = 30.0
+BLUESKY_POST_COLLECTION = "app.bsky.feed.post"
+BLUESKY_LOOKBACK_POSTS = 25
 
 
 def _secret(value: SecretStr | None) -> str | None:
@@ -80,7 +82,7 @@ class XSink:
         tweet_id = str(response.data["id"])
         return Posted(id=tweet_id, url=f"https://x.com/i/web/status/{tweet_id}")
 
-    def find(self, marker: str) -> Posted | None:
+    def find(self, marker: str, text: str) -> Posted | None:
         return None
 
 
@@ -112,15 +114,20 @@ class MastodonSink:
             raise SinkError(f"Mastodon refused the post: {exc}") from exc
         return Posted(id=str(status["id"]), url=str(status.get("url") or ""))
 
-    def find(self, marker: str) -> Posted | None:
+    def find(self, marker: str, text: str) -> Posted | None:
         return None
 
 
 class BlueskySink:
-    """Posts through atproto's client, logged in with the handle and an app password."""
+    """Posts through atproto's client, logged in with the handle and an app password.
+
+    After a crash mid-post it can check: it lists the account's latest posts (Bluesky's
+    read API is open to the account) and looks for the exact text, which the
+    near-repeat filter keeps unique among the persona's recent posts.
+    """
 
     platform = "bluesky"
-    retry: RetrySafety = "none"
+    retry: RetrySafety = "check"
 
     def __init__(self, spec: str, settings: Settings) -> None:
         posting = settings.posting
@@ -131,18 +138,31 @@ class BlueskySink:
         self.handle = posting.bluesky_handle or ""
         self.password = _secret(posting.bluesky_password) or ""
 
-    def post(self, text: str, marker: str) -> Posted:
+    def _client(self):
         from atproto import Client
-        from atproto_client.exceptions import BadRequestError, LoginRequiredError, UnauthorizedError
 
         client = Client(base_url=self.base_url)
+        client.login(self.handle, self.password, fetch_bsky_profile=False)
+        return client
+
+    def _posted(self, uri: str) -> Posted:
+        return Posted(id=uri, url=f"https://bsky.app/profile/{self.handle}/post/{uri.rsplit('/', 1)[-1]}")
+
+    def post(self, text: str, marker: str) -> Posted:
+        from atproto_client.exceptions import BadRequestError, LoginRequiredError, UnauthorizedError
+
         try:
-            client.login(self.handle, self.password, fetch_bsky_profile=False)
-            created = client.send_post(text, profile_identify=self.handle)
+            created = self._client().send_post(text, profile_identify=self.handle)
         except (BadRequestError, UnauthorizedError, LoginRequiredError) as exc:
             raise SinkError(f"Bluesky refused the post: {exc!r}") from exc
-        rkey = created.uri.rsplit("/", 1)[-1]
-        return Posted(id=created.uri, url=f"https://bsky.app/profile/{self.handle}/post/{rkey}")
+        return self._posted(created.uri)
 
-    def find(self, marker: str) -> Posted | None:
+    def find(self, marker: str, text: str) -> Posted | None:
+        from atproto import models
+
+        params = models.ComAtprotoRepoListRecords.Params(repo=self.handle, collection=BLUESKY_POST_COLLECTION, limit=BLUESKY_LOOKBACK_POSTS)
+        listed = self._client().com.atproto.repo.list_records(params)
+        for record in listed.records:
+            if getattr(record.value, "text", None) == text:
+                return self._posted(record.uri)
         return None
