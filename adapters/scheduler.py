@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 
 import redis
 
-from adapters.posting.poster import PostOutcome, Poster
+from adapters.posting.poster import Poster, PostOutcome
 from adapters.posting.slots import plan_slots, slot_id, slots_between
 from persona import constants as keys
 from persona.errors import PersonaError, QueueError

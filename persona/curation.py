@@ -24,6 +24,7 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from difflib import SequenceMatcher
+from itertools import pairwise
 from pathlib import Path
 
 from persona.errors import CorpusError
@@ -107,11 +108,11 @@ def clean_text(raw: str) -> str:
 
 def is_degenerate(text: str) -> bool:
     """Whether the text loops: a word or short phrase repeated, or a character run."""
-    if re.search(r"(.)\1{%d,}" % (REPEATED_CHAR_RUN - 1), text):
+    if re.search(rf"(.)\1{{{REPEATED_CHAR_RUN - 1},}}", text):
         return True
     tokens = words(text)
     run = 1
-    for previous, current in zip(tokens, tokens[1:]):
+    for previous, current in pairwise(tokens):
         run = run + 1 if current == previous else 1
         if run >= REPEATED_WORD_RUN:
             return True

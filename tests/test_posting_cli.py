@@ -24,7 +24,7 @@ TEXTS = [
 
 def persona(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "persona", *args], env=env, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "persona", *args], check=False, env=env, capture_output=True, text=True, timeout=timeout
     )
 
 

@@ -308,7 +308,7 @@ def test_bluesky_finds_an_earlier_post_so_a_crash_is_never_posted_twice(settings
     write_persona("sky", base="unused", schedule={"sinks": ["bluesky"], "candidates": 1})
     client = redis.Redis.from_url(settings.redis_url.get_secret_value())
     client.flushall()
-    write = lambda persona, n, seed: ["A calm mind is a garden."]  # noqa: E731
+    write = lambda persona, n, seed: ["A calm mind is a garden."]
     with pytest.raises(Crash):
         Poster(changed, client, write, sink_factory=lambda spec, s: DiesAfterPosting()).post("sky", slot="s1")
     retry = Poster(changed, client, write).post("sky", slot="s1")

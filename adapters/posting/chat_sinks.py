@@ -95,7 +95,14 @@ class TelegramSink:
 
     async def _post(self, text: str) -> Posted:
         from telegram import Bot
-        from telegram.error import BadRequest, ChatMigrated, EndPointNotFound, Forbidden, InvalidToken, RetryAfter
+        from telegram.error import (
+            BadRequest,
+            ChatMigrated,
+            EndPointNotFound,
+            Forbidden,
+            InvalidToken,
+            RetryAfter,
+        )
 
         # Only answers that say "not sent" become SinkError; a network error or time-out
         # may have been delivered, and the ledger treats it as unknown.

@@ -25,7 +25,12 @@ import redis
 
 from adapters.posting.sinks import Sink, make_sink
 from persona.approvals import Approval, ApprovalQueue
-from persona.contract import GenerationReply, GenerationRequest, Priority, SamplingOverrides
+from persona.contract import (
+    GenerationReply,
+    GenerationRequest,
+    Priority,
+    SamplingOverrides,
+)
 from persona.curation import Curated, curate, limit_for, load_corpus
 from persona.errors import PostingError, ReplyTimeout, SinkError
 from persona.ledger import PostLedger, SinkEntry

@@ -104,7 +104,11 @@ class MastodonSink:
         )
 
     def post(self, text: str, marker: str) -> Posted:
-        from mastodon import MastodonAPIError, MastodonRatelimitError, MastodonServerError
+        from mastodon import (
+            MastodonAPIError,
+            MastodonRatelimitError,
+            MastodonServerError,
+        )
 
         try:
             status = self.client.status_post(text, idempotency_key=marker)
@@ -149,7 +153,11 @@ class BlueskySink:
         return Posted(id=uri, url=f"https://bsky.app/profile/{self.handle}/post/{uri.rsplit('/', 1)[-1]}")
 
     def post(self, text: str, marker: str) -> Posted:
-        from atproto_client.exceptions import BadRequestError, LoginRequiredError, UnauthorizedError
+        from atproto_client.exceptions import (
+            BadRequestError,
+            LoginRequiredError,
+            UnauthorizedError,
+        )
 
         try:
             created = self._client().send_post(text, profile_identify=self.handle)
