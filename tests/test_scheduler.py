@@ -319,3 +319,26 @@ def test_stopping_ends_a_wait_for_candidates_and_leaves_the_slot_due(settings, s
     assert time.monotonic() - started < 10
     assert redis_client.hget("persona:scheduler:checked", "poet") == str(utc(2026, 1, 5, 8).timestamp()).encode()
     assert redis_client.exists("persona:post-lock:poet:2026-01-05T09:00:00Z") == 0
+
+
+def _post_in_a_process(settings: Settings, slot: str, start_at: float) -> None:
+    poster = poster_for(settings)
+    time.sleep(max(0.0, start_at - time.time()))
+    poster.post("poet", slot=slot)
+
+
+def test_four_scheduler_processes_post_a_slot_once(settings, scheduled):
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")  # each child inherits the settings as they are
+    start_at = time.time() + 1.0
+    workers = [
+        context.Process(target=_post_in_a_process, args=(settings, "2026-01-09T09:00:00Z", start_at))
+        for _ in range(4)
+    ]
+    for process in workers:
+        process.start()
+    for process in workers:
+        process.join(20)
+    assert [p.exitcode for p in workers] == [0, 0, 0, 0]
+    assert len(read_jsonl(scheduled)) == 1

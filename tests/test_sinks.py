@@ -316,3 +316,33 @@ def test_bluesky_finds_an_earlier_post_so_a_crash_is_never_posted_twice(settings
     assert retry.sinks["bluesky"]["id"] == "at://did:plc:fake/app.bsky.feed.post/3kabcdefghij1"
     creates = [s for s in platform.seen if s["path"].endswith("createRecord")]
     assert len(creates) == 2  # the older post and the crashed one; the retry found it instead
+
+
+def test_mastodon_retry_after_a_lost_answer_reuses_the_idempotency_key(settings, platform, write_persona):
+    import redis
+    from pydantic import SecretStr
+
+    from adapters.posting.poster import Poster
+
+    changed = settings_for(settings, platform, mastodon_access_token=SecretStr("masto-token"))
+    sink = make_sink("mastodon", changed)
+
+    class LostAnswer(BaseException):
+        """The server took the post, but the process died before reading the answer."""
+
+    class DiesAfterPosting:
+        spec, platform, retry = sink.spec, sink.platform, sink.retry
+
+        def post(self, text, marker):
+            sink.post(text, marker)
+            raise LostAnswer
+
+    write_persona("masto", base="unused", schedule={"sinks": ["mastodon"], "candidates": 1})
+    client = redis.Redis.from_url(settings.redis_url.get_secret_value())
+    client.flushall()
+    write = lambda persona, n, seed: ["Tend the garden daily."]  # noqa: E731 (a candidate source)
+    with pytest.raises(LostAnswer):
+        Poster(changed, client, write, sink_factory=lambda spec, s: DiesAfterPosting()).post("masto", slot="s1")
+    assert Poster(changed, client, write).post("masto", slot="s1").status == "posted"
+    keys = [s["headers"]["Idempotency-Key"] for s in platform.seen]
+    assert keys == ["masto:s1:mastodon", "masto:s1:mastodon"]  # the server drops the repeat
