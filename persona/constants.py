@@ -39,6 +39,22 @@ ACCESS_KEY_PREFIX = KEY_PREFIX + "access:"
 PAIRING_CODE_KEY_PREFIX = KEY_PREFIX + "pairing:code:"
 PAIRING_USER_KEY_PREFIX = KEY_PREFIX + "pairing:user:"
 
+# Scheduled posts. A (persona, slot) is worked on by one owner at a time (a lock with a
+# lease), and its ledger record (a hash) says what went out where, with the platforms'
+# post ids; an intent is written before each platform call so a crash is never silent.
+POST_LOCK_KEY_PREFIX = KEY_PREFIX + "post-lock:"
+POST_RECORD_KEY_PREFIX = KEY_PREFIX + "post:"
+POST_HISTORY_STREAM = KEY_PREFIX + "posts"
+RECENT_POSTS_KEY_PREFIX = KEY_PREFIX + "recent-posts:"
+# The approval queue: one hash per waiting post, and a sorted set of the pending ids.
+APPROVAL_KEY_PREFIX = KEY_PREFIX + "approval:"
+APPROVALS_PENDING_KEY = KEY_PREFIX + "approvals"
+# When each persona's schedule was last looked at (hash persona -> epoch seconds).
+SCHEDULER_CHECKED_KEY = KEY_PREFIX + "scheduler:checked"
+
+POST_HISTORY_MAX_LEN = 10_000
+RECENT_POSTS_KEPT = 100
+
 DEAD_STREAM_MAX_LEN = 10_000
 ANSWERED_TTL_S = 24 * 3600
 BLOCK_MS = 1000
@@ -91,3 +107,19 @@ def pairing_code_key(code: str) -> str:
 
 def pairing_user_key(platform: str, user: str) -> str:
     return f"{PAIRING_USER_KEY_PREFIX}{platform}:{user}"
+
+
+def post_lock_key(persona: str, slot: str) -> str:
+    return f"{POST_LOCK_KEY_PREFIX}{persona}:{slot}"
+
+
+def post_record_key(persona: str, slot: str) -> str:
+    return f"{POST_RECORD_KEY_PREFIX}{persona}:{slot}"
+
+
+def recent_posts_key(persona: str) -> str:
+    return RECENT_POSTS_KEY_PREFIX + persona
+
+
+def approval_key(approval_id: str) -> str:
+    return APPROVAL_KEY_PREFIX + approval_id

@@ -10,7 +10,9 @@
     │   └── ReplyTimeout         no worker answered before the deadline
     ├── InvalidRequest           a request breaks the queue's limits (too long, empty...)
     ├── RequestFailed            a worker answered with an error (carries the reply)
-    └── CorpusError              an author's corpus cannot be read
+    ├── CorpusError              an author's corpus cannot be read
+    └── PostingError             a post cannot be made (no candidate passed, a sink failed)
+        └── SinkError            a platform refused or could not be reached
 
 Every message says what went wrong and what to do next.
 """
@@ -28,11 +30,13 @@ __all__ = [
     "CorpusError",
     "ModelError",
     "PersonaError",
+    "PostingError",
     "QueueBusy",
     "QueueError",
     "RedisUnavailable",
     "ReplyTimeout",
     "RequestFailed",
+    "SinkError",
     "UnknownPersona",
 ]
 
@@ -92,3 +96,11 @@ class RequestFailed(PersonaError):
 
 class CorpusError(PersonaError):
     """An author's corpus cannot be read."""
+
+
+class PostingError(PersonaError):
+    """A post cannot be made (no candidate passed the filters, a sink failed)."""
+
+
+class SinkError(PostingError):
+    """A platform refused the post or could not be reached."""

@@ -100,7 +100,7 @@ class FiltersConfig(_Strict):
     max_chars: int = Field(280, ge=1)
     blocklist: list[str] = Field(default_factory=list)
     max_copied_words: int = Field(8, ge=3, description="longest verbatim run from the corpus")
-    corpus: str | None = Field(None, description="the persona's corpus (JSONL), for originality")
+    corpus: str | None = Field(None, description="the persona's corpus (JSONL), for originality; relative to the persona file")
 
 
 class ScheduleConfig(_Strict):
@@ -113,6 +113,28 @@ class ScheduleConfig(_Strict):
     candidates: int = Field(8, ge=1, le=64)
     approval: bool = False
     enabled: bool = False
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {value!r} (e.g. 'Europe/London', 'UTC')") from None
+        return value
+
+    @field_validator("cron")
+    @classmethod
+    def _valid_cron(cls, value: str) -> str:
+        try:
+            from croniter import croniter
+        except ImportError:  # the posting extra is not installed: nothing schedules anyway
+            return value
+        if not croniter.is_valid(value):
+            raise ValueError(f"not a cron expression: {value!r} (e.g. '0 9 * * *' for 09:00 daily)")
+        return value
 
 
 class Persona(_Strict):

@@ -124,6 +124,11 @@ class PostingSettings(BaseModel):
     bluesky_api_url: str = "https://bsky.social/xrpc"
     bluesky_handle: str | None = None
     bluesky_password: SecretStr | None = None
+    tick_s: float = Field(30.0, gt=0, description="how often the scheduler looks for due slots")
+    grace_s: float = Field(900.0, ge=0, description="a slot this late still counts as on time")
+    lease_s: float = Field(600.0, gt=0, description="how long a slot stays held after its holder dies")
+    recent_posts: int = Field(50, ge=0, description="recent posts a new one must not repeat")
+    wait_s: float = Field(300.0, gt=0, description="how long to wait for the candidates")
 
 
 class Settings(BaseSettings):

@@ -51,7 +51,8 @@ def services_for_up(settings: Settings, *, workers: int = 1, dashboard: bool = T
         (dashboard, "dashboard", "persona.dashboard"),
         (settings.discord.token is not None, "discord", "adapters.discord_bot"),
         (settings.telegram.token is not None, "telegram", "adapters.telegram_bot"),
-        (True, "scheduler", "adapters.scheduler"),
+        # The scheduler idles until a persona enables its schedule; it needs the posting extra.
+        (_importable("croniter"), "scheduler", "adapters.scheduler"),
     ]
     for wanted, command, module in optional:
         if wanted and _importable(module):

@@ -1,0 +1,118 @@
+"""Sinks for a Discord channel (discord.py) and a Telegram channel (python-telegram-bot).
+
+Both use the chat adapters' bot tokens and API base URLs (``settings.discord``,
+``settings.telegram``). discord.py builds every URL from the class attribute
+``Route.BASE``; the sink points it at the configured API for the length of one post.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+from collections.abc import Iterator
+
+from adapters.posting.sinks import Posted, RetrySafety
+from persona.errors import ConfigError, SinkError
+from persona.settings import Settings
+
+__all__ = ["DiscordSink", "TelegramSink"]
+
+DISCORD_NONCE_CHARS = 25
+
+
+@contextlib.contextmanager
+def _discord_base(url: str) -> Iterator[None]:
+    from discord.http import Route
+
+    previous = Route.BASE
+    Route.BASE = url.rstrip("/")
+    try:
+        yield
+    finally:
+        Route.BASE = previous
+
+
+class DiscordSink:
+    """Sends the post as a message in one channel, as the bot."""
+
+    platform = "discord"
+    retry: RetrySafety = "idempotent"  # the marker is an enforced nonce: Discord drops a repeat for minutes
+
+    def __init__(self, spec: str, channel: str, settings: Settings) -> None:
+        if settings.discord.token is None:
+            raise ConfigError(f"sink {spec!r} needs the bot token PERSONA_DISCORD__TOKEN")
+        if not channel.isdigit():
+            raise ConfigError(f"sink {spec!r}: a Discord channel is a number (its id), e.g. discord:123456789012345678")
+        self.spec = spec
+        self.channel = int(channel)
+        self.token = settings.discord.token.get_secret_value()
+        self.api_url = settings.discord.api_url
+
+    def post(self, text: str, marker: str) -> Posted:
+        return asyncio.run(self._post(text, marker))
+
+    async def _post(self, text: str, marker: str) -> Posted:
+        import discord
+        from discord.http import HTTPClient, handle_message_parameters
+
+        nonce = hashlib.sha256(marker.encode()).hexdigest()[:DISCORD_NONCE_CHARS]
+        http = HTTPClient(asyncio.get_running_loop())
+        with _discord_base(self.api_url):
+            try:
+                await http.static_login(self.token)
+                with handle_message_parameters(content=text, nonce=nonce) as params:
+                    params.payload["enforce_nonce"] = True
+                    message = await http.send_message(self.channel, params=params)
+            except discord.DiscordServerError:
+                raise  # may or may not have posted; the nonce makes a prompt retry safe
+            except discord.HTTPException as exc:
+                raise SinkError(f"Discord refused the post: {exc}") from exc
+            finally:
+                await http.close()
+        return Posted(id=str(message["id"]), url=f"https://discord.com/channels/@me/{self.channel}/{message['id']}")
+
+    def find(self, marker: str, text: str) -> Posted | None:
+        return None
+
+
+class TelegramSink:
+    """Sends the post to a channel or chat, as the bot."""
+
+    platform = "telegram"
+    retry: RetrySafety = "none"
+
+    def __init__(self, spec: str, chat: str, settings: Settings) -> None:
+        if settings.telegram.token is None:
+            raise ConfigError(f"sink {spec!r} needs the bot token PERSONA_TELEGRAM__TOKEN")
+        self.spec = spec
+        self.chat: int | str = int(chat) if chat.lstrip("-").isdigit() else chat
+        self.token = settings.telegram.token.get_secret_value()
+        self.api_url = settings.telegram.api_url
+
+    def post(self, text: str, marker: str) -> Posted:
+        return asyncio.run(self._post(text))
+
+    async def _post(self, text: str) -> Posted:
+        from telegram import Bot
+        from telegram.error import (
+            BadRequest,
+            ChatMigrated,
+            EndPointNotFound,
+            Forbidden,
+            InvalidToken,
+            RetryAfter,
+        )
+
+        # Only answers that say "not sent" become SinkError; a network error or time-out
+        # may have been delivered, and the ledger treats it as unknown.
+        refused = (BadRequest, ChatMigrated, EndPointNotFound, Forbidden, InvalidToken, RetryAfter)
+        try:
+            async with Bot(self.token, base_url=self.api_url) as bot:
+                message = await bot.send_message(chat_id=self.chat, text=text)
+        except refused as exc:
+            raise SinkError(f"Telegram refused the post: {exc}") from exc
+        return Posted(id=str(message.message_id), url=message.link or "")
+
+    def find(self, marker: str, text: str) -> Posted | None:
+        return None

@@ -1,0 +1,326 @@
+"""Making one post: generate candidates through the queue, curate, publish exactly once.
+
+``Poster.post`` claims the (persona, slot) in the ledger, generates N candidates at
+batch priority (each with its own seed), keeps the best that passes the filters, and
+stores it in the slot's record *before* publishing, so a retry after a crash publishes
+the same text. Each sink gets an intent record first, then the platform call, then the
+post id; see ``adapters.posting.sinks`` for how each sink makes a retry safe. With
+approval on, the post waits in the approval queue instead of going out.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Protocol
+
+import redis
+
+from adapters.posting.sinks import Sink, make_sink
+from persona.approvals import Approval, ApprovalQueue
+from persona.contract import (
+    GenerationReply,
+    GenerationRequest,
+    Priority,
+    SamplingOverrides,
+)
+from persona.curation import Curated, curate, limit_for, load_corpus
+from persona.errors import PostingError, ReplyTimeout, SinkError
+from persona.ledger import PostLedger, SinkEntry
+from persona.originality import CopyIndex
+from persona.personas import Persona, PersonaRegistry
+from persona.queue import QueueClient
+from persona.settings import Settings
+
+__all__ = ["CandidateSource", "PostOutcome", "Poster", "QueueCandidates", "manual_slot"]
+
+log = logging.getLogger(__name__)
+
+SEED_RANGE = 2**31 - 1024
+POLL_S = 2.0
+WAIT_SLACK_S = 5.0
+
+
+class CandidateSource(Protocol):
+    """Whatever writes the raw candidates for a post."""
+
+    def __call__(self, persona: Persona, n: int, seed: int) -> list[str]: ...
+
+
+class QueueCandidates:
+    """Candidates from the workers: N requests at batch priority, seeds ``seed .. seed+N-1``."""
+
+    def __init__(
+        self, queue: QueueClient, wait_s: float, source: str = "scheduler", stopping: threading.Event | None = None
+    ) -> None:
+        self.queue = queue
+        self.wait_s = wait_s
+        self.source = source
+        self.stopping = stopping or threading.Event()
+        self.failures = 0
+
+    def __call__(self, persona: Persona, n: int, seed: int) -> list[str]:
+        deadline = time.time() + self.wait_s
+        # Submit them all before waiting on any, so a worker generates them as one batch.
+        requests = [
+            self.queue.submit(GenerationRequest(
+                persona=persona.name, mode="complete", priority=Priority.batch, source=self.source,
+                sampling=SamplingOverrides(seed=seed + i), deadline=deadline,
+            ))
+            for i in range(n)
+        ]
+        texts: list[str] = []
+        try:
+            for request in requests:
+                reply = self._wait(request)
+                if reply.ok:
+                    texts.append(reply.text)
+                else:
+                    self.failures += 1
+                    log.warning("candidate %s for %s failed: %s", request.id, persona.name, reply.error)
+        except BaseException:
+            for request in requests:  # nobody will read them: spare the workers
+                self.queue.cancel(request.id)
+            raise
+        return texts
+
+
+    def _wait(self, request: GenerationRequest) -> GenerationReply:
+        # Short waits in a loop: a cold worker may take minutes to load its model, longer
+        # than one blocking read may last on a connection with a socket time-out.
+        while True:
+            if self.stopping.is_set():
+                raise PostingError("stopped while waiting for candidates; the slot stays due")
+            remaining = request.deadline + WAIT_SLACK_S - time.time()
+            try:
+                return self.queue.wait(request, timeout=max(0.1, min(POLL_S, remaining)))
+            except ReplyTimeout:
+                if remaining <= POLL_S:
+                    raise
+
+
+@dataclass
+class PostOutcome:
+    """What became of one post attempt (printed by ``persona post --json``)."""
+
+    persona: str
+    slot: str
+    status: str  # posted | dry_run | pending | done | busy | no_candidate | failed | uncertain
+    text: str = ""
+    candidates: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)
+    passed: list[str] = field(default_factory=list)
+    sinks: dict[str, dict] = field(default_factory=dict)
+    approval_id: str = ""
+    message: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def manual_slot(now: datetime | None = None) -> str:
+    """A fresh slot name for a post made by hand."""
+    return (now or datetime.now(UTC)).strftime("manual-%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+class Poster:
+    """Makes posts for personas: generate, curate, hold for approval or publish."""
+
+    def __init__(
+        self, settings: Settings, client: redis.Redis, candidates: CandidateSource, *,
+        registry: PersonaRegistry | None = None, owner: str | None = None,
+        sink_factory: Callable[[str, Settings], Sink] = make_sink,
+    ) -> None:
+        self.settings = settings
+        self.sink_factory = sink_factory
+        self.candidates = candidates
+        self.registry = registry or PersonaRegistry.from_settings(settings)
+        self.ledger = PostLedger(client, lease_s=settings.posting.lease_s, owner=owner)
+        self.approvals = ApprovalQueue(client)
+        self._corpora: dict[tuple[Path, int], CopyIndex] = {}
+
+    def sinks_for(self, persona: Persona, specs: list[str] | None) -> list[Sink]:
+        """The sinks named (or the persona's own), built now so bad credentials fail early."""
+        chosen = specs or persona.schedule.sinks
+        return [self.sink_factory(spec, self.settings) for spec in chosen]
+
+    def corpus_index(self, persona: Persona) -> CopyIndex | None:
+        """The persona's corpus as a copy index (cached), if its file names one."""
+        if not persona.filters.corpus:
+            return None
+        path = Path(persona.filters.corpus).expanduser()
+        if not path.is_absolute():
+            base = persona.source.parent if persona.source else self.settings.data_dir
+            path = base / path
+        key = (path, persona.filters.max_copied_words)
+        if key not in self._corpora:
+            self._corpora[key] = load_corpus(path, persona.filters.max_copied_words)
+        return self._corpora[key]
+
+    def choose(self, persona: Persona, sinks: list[Sink], n: int) -> Curated:
+        """Generate ``n`` candidates and curate them for these sinks."""
+        raws = self.candidates(persona, n, secrets.randbelow(SEED_RANGE))
+        curated = curate(
+            raws,
+            max_chars=limit_for([s.platform for s in sinks], persona.filters.max_chars),
+            min_chars=persona.filters.min_chars,
+            blocklist=persona.filters.blocklist,
+            recent=self.ledger.recent_texts(persona.name, self.settings.posting.recent_posts),
+            corpus=self.corpus_index(persona),
+        )
+        missing = n - len(raws)
+        if missing:
+            curated.rejected["generation_failed"] = missing
+        return curated
+
+    def post(
+        self, name: str, *, slot: str | None = None, sinks: list[str] | None = None, dry_run: bool = False,
+        n: int | None = None, approval: bool | None = None,
+    ) -> PostOutcome:
+        """Make the post for one slot (a fresh manual slot if none is named)."""
+        persona = self.registry.get(name)
+        built = self.sinks_for(persona, sinks)
+        count = n or persona.schedule.candidates
+        if dry_run:
+            curated = self.choose(persona, built, count)
+            return self._outcome(persona.name, slot or "", "dry_run" if curated.best else "no_candidate", curated)
+        if not built:
+            raise PostingError(f"persona {name!r} has no sinks: add schedule.sinks to its file, or pass --sink")
+        slot = slot or manual_slot()
+        claim = self.ledger.claim(persona.name, slot)
+        if not claim.claimed:
+            return self._unclaimed(persona.name, slot, claim.outcome, claim.state)
+        try:
+            return self._post_claimed(persona, slot, built, count, persona.schedule.approval if approval is None else approval)
+        finally:
+            self.ledger.release(persona.name, slot)  # a no-op once finished
+
+    def _post_claimed(self, persona: Persona, slot: str, sinks: list[Sink], n: int, approval: bool) -> PostOutcome:
+        record = self.ledger.record(persona.name, slot)
+        if record.get("text"):  # a retry: publish what was chosen before, never a new text
+            outcome = PostOutcome(persona.name, slot, "posted", text=record["text"],
+                                  candidates=int(record.get("candidates", 0)), rejected=json.loads(record.get("rejected", "{}")))
+            return self._publish(persona, slot, sinks, outcome)
+        curated = self.choose(persona, sinks, n)
+        outcome = self._outcome(persona.name, slot, "posted", curated)
+        if curated.best is None:
+            self.ledger.save(persona.name, slot, candidates=str(outcome.candidates), rejected=json.dumps(outcome.rejected))
+            self.ledger.finish(persona.name, slot, "failed")
+            outcome.status, outcome.message = "no_candidate", "no candidate passed the filters"
+            return outcome
+        self.ledger.save(
+            persona.name, slot, text=curated.best.text, candidates=str(outcome.candidates),
+            rejected=json.dumps(outcome.rejected), sinks=json.dumps([s.spec for s in sinks]),
+        )
+        if approval:
+            waiting = self.approvals.add(persona.name, slot, curated.best.text, [s.spec for s in sinks], outcome.passed[1:])
+            self.ledger.save(persona.name, slot, approval=waiting.id)
+            self.ledger.finish(persona.name, slot, "pending")
+            outcome.status, outcome.approval_id = "pending", waiting.id
+            outcome.message = f"waiting for approval: `persona posts approve {waiting.id}`"
+            return outcome
+        return self._publish(persona, slot, sinks, outcome)
+
+    def _publish(self, persona: Persona, slot: str, sinks: list[Sink], outcome: PostOutcome) -> PostOutcome:
+        """Send the slot's text to every sink not yet done, then close the slot."""
+        for sink in sinks:
+            entry = self._publish_one(persona.name, slot, sink, outcome.text)
+            outcome.sinks[sink.spec] = {k: v for k, v in asdict(entry).items() if k != "marker"}
+        states = {s["state"] for s in outcome.sinks.values()}
+        outcome.status = "posted" if states == {"posted"} else "uncertain" if "uncertain" in states else "failed"
+        self.ledger.finish(persona.name, slot, outcome.status, outcome.text, recent_kept=max(1, self.settings.posting.recent_posts))
+        if outcome.status != "posted":
+            outcome.message = "; ".join(f"{spec}: {s['state']} {s['error']}".strip() for spec, s in outcome.sinks.items() if s["state"] != "posted")
+        return outcome
+
+    def _publish_one(self, name: str, slot: str, sink: Sink, text: str) -> SinkEntry:
+        marker = f"{name}:{slot}:{sink.spec}"
+        entry = self.ledger.sink_entry(name, slot, sink.spec)
+        if entry is not None and entry.state == "posted":
+            return entry
+        if entry is not None and entry.state in ("intent", "uncertain"):
+            # An earlier attempt died or lost its answer after the intent: did it post?
+            found = sink.find(marker, text) if sink.retry == "check" else None
+            if found is not None:
+                entry.id, entry.url = found.id, found.url
+                self.ledger.record_post(name, slot, sink.spec, entry, text)
+                log.info("%s slot %s: found the earlier post on %s (%s); not posting again", name, slot, sink.spec, found.id)
+                return entry
+            if sink.retry == "none":
+                entry.state = "uncertain"
+                entry.error = entry.error or "an earlier attempt may have posted; check the platform"
+                self.ledger.set_sink(name, slot, sink.spec, entry)
+                return entry
+        entry = SinkEntry(state="intent", marker=marker)
+        self.ledger.extend(name, slot)
+        self.ledger.set_sink(name, slot, sink.spec, entry)
+        try:
+            posted = sink.post(text, marker)
+        except SinkError as exc:  # the platform said no: nothing went out, a retry is safe
+            log.warning("%s slot %s: %s", name, slot, exc)
+            entry.state, entry.error = "failed", str(exc)
+            self.ledger.set_sink(name, slot, sink.spec, entry)
+            return entry
+        except Exception as exc:  # no answer: it may have gone out
+            log.exception("%s slot %s: posting to %s failed midway", name, slot, sink.spec)
+            entry.state = "uncertain" if sink.retry == "none" else "intent"
+            entry.error = f"{type(exc).__name__}: {exc}"
+            self.ledger.set_sink(name, slot, sink.spec, entry)
+            return entry
+        entry.id, entry.url = posted.id, posted.url
+        self.ledger.record_post(name, slot, sink.spec, entry, text)
+        log.info("%s slot %s: posted to %s as %s", name, slot, sink.spec, posted.id)
+        return entry
+
+    def approve(self, approval_id: str, text: str | None = None) -> PostOutcome:
+        """Publish a waiting post (optionally with edited text) to its sinks."""
+        waiting = self.approvals.get(approval_id)
+        if waiting.state != "pending":
+            raise PostingError(f"post {approval_id} was already {waiting.state}")
+        persona = self.registry.get(waiting.persona)
+        sinks = self.sinks_for(persona, waiting.sinks)
+        claim = self.ledger.claim(persona.name, waiting.slot, approving=True)
+        if not claim.claimed:
+            return self._unclaimed(persona.name, waiting.slot, claim.outcome, claim.state)
+        try:
+            waiting = self.approvals.decide(approval_id, "approved", text or "")
+            self.ledger.save(persona.name, waiting.slot, text=waiting.text, state="approved")
+            outcome = PostOutcome(persona.name, waiting.slot, "posted", text=waiting.text, approval_id=approval_id)
+            return self._publish(persona, waiting.slot, sinks, outcome)
+        finally:
+            self.ledger.release(persona.name, waiting.slot)
+
+    def reject(self, approval_id: str) -> Approval:
+        """Drop a waiting post; its slot is closed as rejected."""
+        waiting = self.approvals.get(approval_id)
+        claim = self.ledger.claim(waiting.persona, waiting.slot, approving=True)
+        decided = self.approvals.decide(approval_id, "rejected")
+        if claim.claimed:
+            self.ledger.finish(waiting.persona, waiting.slot, "rejected")
+        return decided
+
+    def _outcome(self, name: str, slot: str, status: str, curated: Curated) -> PostOutcome:
+        return PostOutcome(
+            name, slot, status, text=curated.best.text if curated.best else "",
+            candidates=len(curated.candidates) + curated.rejected.get("generation_failed", 0),
+            rejected=dict(curated.rejected), passed=[c.text for c in curated.passed],
+        )
+
+    def _unclaimed(self, name: str, slot: str, outcome: str, state: str) -> PostOutcome:
+        record = self.ledger.record(name, slot)
+        messages = {
+            "done": f"slot {slot} of {name} was already {state}; nothing to do",
+            "busy": f"slot {slot} of {name} is being posted by another scheduler right now",
+            "pending": f"slot {slot} of {name} is waiting for approval ({record.get('approval', '?')})",
+        }
+        return PostOutcome(
+            name, slot, "done" if outcome == "done" else outcome, text=record.get("text", ""),
+            approval_id=record.get("approval", ""), message=messages.get(outcome, outcome),
+        )

@@ -1,0 +1,126 @@
+"""Where posts go: the ``Sink`` protocol, the file sink, and building sinks from their specs.
+
+A persona file (or ``--sink``) names sinks by spec:
+
+    x                      X (Twitter), API v2, through tweepy
+    mastodon               Mastodon, through Mastodon.py
+    bluesky                Bluesky, through atproto
+    discord:CHANNEL_ID     a Discord channel, through discord.py with the bot's token
+    telegram:CHAT_ID       a Telegram channel or chat (@name or id), through python-telegram-bot
+    file:PATH              one JSON line per post; a relative PATH lives under DATA_DIR/posts
+
+How each sink makes a retry after a crash safe is its ``retry``: ``check`` (the sink can
+look for an earlier post by its marker), ``idempotent`` (the platform drops a repeat of
+the same idempotency key) or ``none`` (nothing can tell: the slot is marked uncertain
+and left for the operator, rather than risk a double post).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Protocol
+
+from persona.errors import ConfigError
+from persona.settings import Settings
+
+__all__ = ["FileSink", "Posted", "Sink", "make_sink", "platform_of"]
+
+RetrySafety = Literal["check", "idempotent", "none"]
+PLATFORMS = ("x", "mastodon", "bluesky", "discord", "telegram", "file")
+
+
+@dataclass
+class Posted:
+    """A post that a platform accepted: its id there, and a link where there is one."""
+
+    id: str
+    url: str = ""
+
+
+class Sink(Protocol):
+    """Somewhere a post can go."""
+
+    spec: str
+    platform: str
+    retry: RetrySafety
+
+    def post(self, text: str, marker: str) -> Posted:
+        """Publish ``text``; ``marker`` identifies this (persona, slot, sink) attempt."""
+        ...
+
+    def find(self, marker: str, text: str) -> Posted | None:
+        """An earlier post of ``text`` made with ``marker``, if the sink can tell (``retry == 'check'``)."""
+        ...
+
+
+def platform_of(spec: str) -> str:
+    """The platform a sink spec names (``discord:123`` → ``discord``)."""
+    return spec.partition(":")[0].strip().lower()
+
+
+class FileSink:
+    """Appends one JSON line per post to a file: for dry runs, archives and tests."""
+
+    platform = "file"
+    retry: RetrySafety = "check"
+
+    def __init__(self, spec: str, path: Path) -> None:
+        self.spec = spec
+        self.path = path
+
+    def post(self, text: str, marker: str) -> Posted:
+        """Append the post (locked, flushed to disk) and return its new id."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        posted = Posted(id=uuid.uuid4().hex, url=self.path.as_uri())
+        line = json.dumps({"id": posted.id, "text": text, "marker": marker, "at": time.time()}, ensure_ascii=False)
+        with self.path.open("a", encoding="utf-8") as out:
+            fcntl.flock(out, fcntl.LOCK_EX)
+            out.write(line + "\n")
+            out.flush()
+            os.fsync(out.fileno())
+        return posted
+
+    def find(self, marker: str, text: str) -> Posted | None:
+        """The post written with ``marker``, if the file holds one."""
+        if not self.path.exists():
+            return None
+        with self.path.open(encoding="utf-8") as lines:
+            for line in lines:
+                try:
+                    item = json.loads(line)
+                except ValueError:  # a torn last line from a crash mid-write
+                    continue
+                if item.get("marker") == marker:
+                    return Posted(id=item["id"], url=self.path.as_uri())
+        return None
+
+
+def make_sink(spec: str, settings: Settings) -> Sink:
+    """The sink a spec names, with its credentials from the settings."""
+    platform = platform_of(spec)
+    target = spec.partition(":")[2].strip()
+    if platform == "file":
+        if not target:
+            raise ConfigError(f"sink {spec!r}: name the file, e.g. file:posts.jsonl")
+        path = Path(target).expanduser()
+        return FileSink(spec, path if path.is_absolute() else settings.data_dir / "posts" / path)
+    if platform in ("x", "mastodon", "bluesky"):
+        from adapters.posting import social
+
+        return {"x": social.XSink, "mastodon": social.MastodonSink, "bluesky": social.BlueskySink}[platform](
+            spec, settings
+        )
+    if platform in ("discord", "telegram"):
+        from adapters.posting import chat_sinks
+
+        if not target:
+            raise ConfigError(f"sink {spec!r}: name the channel, e.g. {platform}:-1001234567890")
+        sink_class = chat_sinks.DiscordSink if platform == "discord" else chat_sinks.TelegramSink
+        return sink_class(spec, target, settings)
+    raise ConfigError(f"unknown sink {spec!r}; use one of: x, mastodon, bluesky, discord:CHANNEL, telegram:CHAT, file:PATH")

@@ -1,0 +1,115 @@
+"""The daily scheduler: posts each persona's due slots, and rides out Redis restarts.
+
+Every ``tick_s`` it looks at each persona whose file enables the schedule (and lists
+``scheduler`` among its adapters), finds the slots due since it last looked, applies
+the persona's missed-slot policy, and asks the ``Poster`` for the one slot to post.
+Any number of schedulers may run: the ledger's claim lets one of them post a slot,
+and the others see it taken or done. The first look at a persona starts its clock
+(nothing before it counts as missed).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import redis
+
+from adapters.posting.poster import Poster, PostOutcome
+from adapters.posting.slots import plan_slots, slot_id, slots_between
+from persona import constants as keys
+from persona.errors import PersonaError, QueueError
+from persona.personas import Persona
+
+__all__ = ["Scheduler", "scheduled_personas"]
+
+log = logging.getLogger(__name__)
+
+MAX_BACKOFF_S = 60.0
+
+
+def scheduled_personas(personas: dict[str, Persona]) -> list[Persona]:
+    """The personas that post on their own: schedule enabled, scheduler adapter on, sinks set."""
+    return [
+        p for p in personas.values()
+        if p.schedule.enabled and "scheduler" in p.adapters and p.schedule.sinks
+    ]
+
+
+@dataclass
+class Scheduler:
+    """Looks for due slots and posts them, tick after tick."""
+
+    poster: Poster
+    client: redis.Redis
+    clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
+    stopping: threading.Event = field(default_factory=threading.Event)
+
+    def tick(self, now: datetime | None = None) -> list[PostOutcome]:
+        """One look at every scheduled persona; returns the posts attempted."""
+        now = now or self.clock()
+        done: list[PostOutcome] = []
+        for persona in scheduled_personas(self.poster.registry.all()):
+            if self.stopping.is_set():
+                break
+            try:
+                outcome = self._tick_persona(persona, now)
+            except (QueueError, redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+                raise  # the caller backs off; the slot stays due
+            except PersonaError as exc:
+                log.error("%s: %s", persona.name, exc)
+                continue
+            if outcome is not None:
+                done.append(outcome)
+        return done
+
+    def _tick_persona(self, persona: Persona, now: datetime) -> PostOutcome | None:
+        schedule = persona.schedule
+        raw = self.client.hget(keys.SCHEDULER_CHECKED_KEY, persona.name)
+        if raw is None:
+            self._checked(persona, now)
+            log.info("%s: schedule %r (%s) starts now", persona.name, schedule.cron, schedule.timezone)
+            return None
+        since = datetime.fromtimestamp(float(raw), UTC)
+        due = slots_between(schedule.cron, schedule.timezone, since, now)
+        plan = plan_slots(due, now, schedule.missed, self.poster.settings.posting.grace_s)
+        for missed in plan.skipped:
+            log.warning("%s: skipped missed slot %s (policy %s)", persona.name, slot_id(missed), schedule.missed)
+        outcome = None
+        if plan.post is not None:
+            slot = slot_id(plan.post)
+            log.info("%s: slot %s is due%s", persona.name, slot, " (late)" if plan.late else "")
+            outcome = self.poster.post(persona.name, slot=slot)
+            log.info("%s: slot %s %s %s", persona.name, slot, outcome.status, outcome.message)
+            if outcome.status == "busy":
+                # Another scheduler holds it, or a dead one whose lease has not yet run out:
+                # look again next tick rather than let the slot fall through.
+                return outcome
+        # Only now: a crash before this line leaves the slot due, and the ledger makes the retry safe.
+        self._checked(persona, now)
+        return outcome
+
+    def _checked(self, persona: Persona, now: datetime) -> None:
+        self.client.hset(keys.SCHEDULER_CHECKED_KEY, persona.name, now.timestamp())
+
+    def run(self) -> None:
+        """Tick until stopped; when Redis or the queue fails, wait longer each time and retry."""
+        tick_s = self.poster.settings.posting.tick_s
+        backoff_s = 0.0
+        while not self.stopping.is_set():
+            try:
+                self.tick()
+                backoff_s = 0.0
+            except (QueueError, redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+                backoff_s = min(MAX_BACKOFF_S, max(1.0, backoff_s * 2))
+                log.warning("scheduler tick failed (%s); retrying in %.0f s", exc, backoff_s)
+            except Exception:
+                log.exception("scheduler tick failed")
+                backoff_s = min(MAX_BACKOFF_S, max(1.0, backoff_s * 2))
+            self.stopping.wait(backoff_s or tick_s)
+
+    def stop(self) -> None:
+        self.stopping.set()

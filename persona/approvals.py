@@ -1,0 +1,112 @@
+"""The approval queue: curated posts that wait for a person before they go out.
+
+Each waiting post is a hash (persona, slot, text, the runner-up candidates, sinks) and
+its id sits in a sorted set by creation time. Approving or rejecting moves it out of
+the pending set in one script, so two operators cannot both act on the same post.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from dataclasses import dataclass, field
+
+import redis
+
+from persona import constants as keys
+from persona.errors import PostingError
+
+__all__ = ["Approval", "ApprovalQueue"]
+
+APPROVAL_TTL_S = 30 * 24 * 3600
+
+# Settle a pending approval (approve or reject) exactly once.
+DECIDE_SCRIPT = """
+if redis.call('HGET', KEYS[1], 'state') ~= 'pending' then
+  return redis.call('HGET', KEYS[1], 'state') or 'missing'
+end
+redis.call('HSET', KEYS[1], 'state', ARGV[1], 'decided', ARGV[2])
+if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'text', ARGV[3]) end
+redis.call('ZREM', KEYS[2], ARGV[4])
+return 'ok'
+"""
+
+
+@dataclass
+class Approval:
+    """One post waiting for (or past) a decision."""
+
+    id: str
+    persona: str
+    slot: str
+    text: str
+    sinks: list[str]
+    alternatives: list[str] = field(default_factory=list)
+    state: str = "pending"
+    created: float = 0.0
+
+    @classmethod
+    def from_hash(cls, approval_id: str, raw: dict) -> Approval:
+        data = {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v) for k, v in raw.items()}
+        return cls(
+            id=approval_id, persona=data["persona"], slot=data["slot"], text=data["text"],
+            sinks=json.loads(data.get("sinks", "[]")), alternatives=json.loads(data.get("alternatives", "[]")),
+            state=data.get("state", "pending"), created=float(data.get("created", 0)),
+        )
+
+
+class ApprovalQueue:
+    """Posts waiting for an operator's yes or no."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.redis = client
+        self._decide = client.register_script(DECIDE_SCRIPT)
+
+    def add(self, persona: str, slot: str, text: str, sinks: list[str], alternatives: list[str]) -> Approval:
+        """Put a curated post in the queue; returns it with its short id."""
+        approval = Approval(
+            id=secrets.token_hex(4), persona=persona, slot=slot, text=text, sinks=sinks,
+            alternatives=alternatives, created=time.time(),
+        )
+        pipe = self.redis.pipeline()
+        pipe.hset(keys.approval_key(approval.id), mapping={
+            "persona": persona, "slot": slot, "text": text, "sinks": json.dumps(sinks),
+            "alternatives": json.dumps(alternatives), "state": "pending", "created": approval.created,
+        })
+        pipe.expire(keys.approval_key(approval.id), APPROVAL_TTL_S)
+        pipe.zadd(keys.APPROVALS_PENDING_KEY, {approval.id: approval.created})
+        pipe.execute()
+        return approval
+
+    def get(self, approval_id: str) -> Approval:
+        """One approval by id; PostingError naming the command that lists them if unknown."""
+        raw = self.redis.hgetall(keys.approval_key(approval_id))
+        if not raw:
+            raise PostingError(f"no post waiting with id {approval_id!r}; see `persona posts pending`")
+        return Approval.from_hash(approval_id, raw)
+
+    def pending(self) -> list[Approval]:
+        """Every post still waiting, oldest first."""
+        ids = [i.decode() if isinstance(i, bytes) else i for i in self.redis.zrange(keys.APPROVALS_PENDING_KEY, 0, -1)]
+        found = []
+        for approval_id in ids:
+            raw = self.redis.hgetall(keys.approval_key(approval_id))
+            if raw:
+                found.append(Approval.from_hash(approval_id, raw))
+            else:  # expired: forget it
+                self.redis.zrem(keys.APPROVALS_PENDING_KEY, approval_id)
+        return found
+
+    def decide(self, approval_id: str, state: str, text: str = "") -> Approval:
+        """Mark a pending post ``approved`` (optionally with new text) or ``rejected``, once."""
+        outcome = self._decide(
+            keys=[keys.approval_key(approval_id), keys.APPROVALS_PENDING_KEY],
+            args=[state, time.time(), text, approval_id],
+        )
+        outcome = outcome.decode() if isinstance(outcome, bytes) else outcome
+        if outcome == "missing":
+            raise PostingError(f"no post waiting with id {approval_id!r}; see `persona posts pending`")
+        if outcome != "ok":
+            raise PostingError(f"post {approval_id} was already {outcome}")
+        return self.get(approval_id)

@@ -1,0 +1,178 @@
+"""`persona post`, `persona posts ...` and `persona scheduler`: curated posts, by hand or on schedule."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import signal
+import threading
+from datetime import UTC, datetime
+
+import typer
+from rich.table import Table
+
+from persona.cli.common import console, err_console, friendly_errors, get_settings
+from persona.connection import connect
+from persona.logs import setup_logging
+from persona.queue import QueueClient
+from persona.settings import Settings
+
+__all__ = ["approve", "history", "pending", "post", "register", "reject", "scheduler"]
+
+log = logging.getLogger(__name__)
+
+posts_app = typer.Typer(help="The approval queue and the history of what went out.", no_args_is_help=True)
+
+FAILED_STATUSES = ("no_candidate", "failed", "uncertain", "busy")
+
+
+def _poster(settings: Settings, source: str = "cli", stopping: threading.Event | None = None):
+    from adapters.posting.poster import Poster, QueueCandidates
+
+    client = connect(settings)
+    queue = QueueClient(client, settings.queue)
+    candidates = QueueCandidates(queue, settings.posting.wait_s, source=source, stopping=stopping)
+    return Poster(settings, client, candidates)
+
+
+def _show(outcome, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(outcome.to_dict(), ensure_ascii=False))
+        return
+    style = "red" if outcome.status in FAILED_STATUSES else "green"
+    console.print(f"[{style}]{outcome.status}[/{style}] {outcome.persona} {outcome.slot}".rstrip(), highlight=False)
+    if outcome.text:
+        console.print(outcome.text, highlight=False, markup=False)
+    if outcome.candidates:
+        reasons = ", ".join(f"{k} {v}" for k, v in sorted(outcome.rejected.items())) or "none"
+        console.print(f"[dim]{outcome.candidates} candidates; rejected: {reasons}[/dim]")
+    for spec, entry in outcome.sinks.items():
+        console.print(f"  {spec}: {entry['state']} {entry.get('url') or entry.get('id') or ''} {entry.get('error') or ''}".rstrip(), highlight=False)
+    if outcome.message:
+        console.print(outcome.message, highlight=False, markup=False)
+
+
+@friendly_errors
+def post(
+    persona: str = typer.Argument(..., help="which persona posts"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="generate and curate, but post nothing and record nothing"),
+    json_output: bool = typer.Option(False, "--json", help="print one JSON object: text, candidates, rejected, sinks"),
+    sink: list[str] = typer.Option(None, "--sink", help="post here instead of the persona's sinks (repeatable): x, mastodon, bluesky, discord:CHANNEL, telegram:CHAT, file:PATH"),
+    slot: str = typer.Option(None, "--slot", help="the slot this post fills (e.g. 2026-11-25T09:00:00Z); a slot already posted is skipped"),
+    n: int = typer.Option(None, "-n", "--candidates", min=1, max=64, help="candidates to generate (default: the persona's schedule.candidates)"),
+    approval: bool = typer.Option(None, "--approval/--no-approval", help="hold for approval (default: the persona's schedule.approval)"),
+) -> None:
+    """Make one post now: generate candidates through the queue, keep the best, publish it.
+
+    Needs a worker (`persona up`). A slot already posted is reported and skipped.
+    """
+    settings = get_settings()
+    poster = _poster(settings)
+    waiting = contextlib.nullcontext() if json_output else console.status(f"{persona} is writing candidates...")
+    with waiting:
+        outcome = poster.post(persona, slot=slot, sinks=sink or None, dry_run=dry_run, n=n, approval=approval)
+    _show(outcome, json_output)
+    if outcome.status in FAILED_STATUSES:
+        raise typer.Exit(1)
+
+
+@posts_app.command("pending")
+@friendly_errors
+def pending(json_output: bool = typer.Option(False, "--json", help="print a JSON list")) -> None:
+    """List the posts waiting for approval, oldest first."""
+    from persona.approvals import ApprovalQueue
+
+    waiting = ApprovalQueue(connect(get_settings())).pending()
+    if json_output:
+        print(json.dumps([w.__dict__ for w in waiting], ensure_ascii=False))
+        return
+    if not waiting:
+        console.print("no posts waiting for approval")
+        return
+    table = Table("id", "persona", "slot", "text", "sinks")
+    for w in waiting:
+        table.add_row(w.id, w.persona, w.slot, w.text, ", ".join(w.sinks))
+    console.print(table)
+
+
+@posts_app.command("approve")
+@friendly_errors
+def approve(
+    approval_id: str = typer.Argument(..., metavar="ID", help="the id `persona posts pending` shows"),
+    text: str = typer.Option(None, "--text", help="post this edited text instead"),
+    json_output: bool = typer.Option(False, "--json", help="print the outcome as JSON"),
+) -> None:
+    """Approve a waiting post: it goes out now to its sinks."""
+    outcome = _poster(get_settings()).approve(approval_id, text)
+    _show(outcome, json_output)
+    if outcome.status in FAILED_STATUSES:
+        raise typer.Exit(1)
+
+
+@posts_app.command("reject")
+@friendly_errors
+def reject(approval_id: str = typer.Argument(..., metavar="ID", help="the id `persona posts pending` shows")) -> None:
+    """Reject a waiting post: it never goes out, and its slot is closed."""
+    decided = _poster(get_settings()).reject(approval_id)
+    console.print(f"rejected {decided.id} ({decided.persona} {decided.slot})", highlight=False)
+
+
+@posts_app.command("history")
+@friendly_errors
+def history(
+    count: int = typer.Option(20, "-n", min=1, help="how many posts to show"),
+    persona: str = typer.Option(None, "--persona", help="only this persona's posts"),
+    json_output: bool = typer.Option(False, "--json", help="print a JSON list"),
+) -> None:
+    """What went out, where and when, newest first."""
+    from persona.ledger import PostLedger
+
+    items = PostLedger(connect(get_settings())).history(count, persona)
+    if json_output:
+        print(json.dumps(items, ensure_ascii=False))
+        return
+    if not items:
+        console.print("nothing posted yet")
+        return
+    table = Table("when (UTC)", "persona", "slot", "sink", "post", "text")
+    for item in items:
+        when = datetime.fromtimestamp(float(item["at"]), UTC).strftime("%Y-%m-%d %H:%M")
+        table.add_row(when, item["persona"], item["slot"], item["sink"], item["url"] or item["id"], item["text"])
+    console.print(table)
+
+
+@friendly_errors
+def scheduler() -> None:
+    """Post every persona's scheduled slots (those whose file sets schedule.enabled).
+
+    Missed slots after downtime follow each persona's schedule.missed policy. Run as
+    many as you like: each slot is posted once. Stop with Ctrl-C or SIGTERM.
+    """
+    from adapters.posting.slots import next_slot, slot_id
+    from adapters.scheduler import Scheduler, scheduled_personas
+
+    settings = get_settings()
+    setup_logging(settings)
+    stopping = threading.Event()  # shared, so a stop also ends a wait for candidates
+    poster = _poster(settings, source="scheduler", stopping=stopping)
+    runner = Scheduler(poster, poster.ledger.redis, stopping=stopping)
+    now = datetime.now(UTC)
+    chosen = scheduled_personas(poster.registry.all())
+    for persona in chosen:
+        upcoming = slot_id(next_slot(persona.schedule.cron, persona.schedule.timezone, now))
+        log.info("%s posts on %r (%s) to %s; next slot %s", persona.name, persona.schedule.cron,
+                 persona.schedule.timezone, ", ".join(persona.schedule.sinks), upcoming)
+    if not chosen:
+        err_console.print("no persona has schedule.enabled = true; the scheduler waits for one")
+    signal.signal(signal.SIGTERM, lambda *_: runner.stop())
+    try:
+        runner.run()
+    except KeyboardInterrupt:
+        runner.stop()
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(post)
+    app.add_typer(posts_app, name="posts")
+    app.command()(scheduler)

@@ -1,0 +1,221 @@
+"""Curation: which generated candidates may be posted, and which one is best.
+
+Generations are hit-and-miss, so a post is chosen from several candidates. Each is
+cleaned, then checked by the filters in order (the first that fails names the reason):
+
+    empty        nothing left after cleaning
+    too_short    under the persona's ``filters.min_chars``
+    too_long     over the tightest limit of the persona and every target platform
+    blocklist    contains a blocked word or phrase (case-insensitive, whole words)
+    degenerate   the model looped (a word or phrase over and over)
+    copied       a verbatim run from the persona's corpus longer than ``max_copied_words``
+    near_repeat  too close to one of the persona's recent posts (or an earlier candidate)
+
+The survivors are scored (a comfortable length, varied words, a finished sentence)
+and the best one wins; ties go to the earlier candidate. Pure functions, no I/O
+except ``load_corpus``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from difflib import SequenceMatcher
+from itertools import pairwise
+from pathlib import Path
+
+from persona.errors import CorpusError
+from persona.originality import CopyIndex, distinct_n, words
+
+__all__ = [
+    "Candidate",
+    "Curated",
+    "clean_text",
+    "curate",
+    "is_degenerate",
+    "is_near_repeat",
+    "limit_for",
+    "load_corpus",
+    "score",
+]
+
+# Platform limits, in characters (X counts most characters as one; URLs and some
+# scripts weigh differently, which short aphorisms do not use).
+X_LIMIT_CHARS = 280
+MASTODON_LIMIT_CHARS = 500
+BLUESKY_LIMIT_CHARS = 300
+DISCORD_LIMIT_CHARS = 2000
+TELEGRAM_LIMIT_CHARS = 4096
+PLATFORM_LIMITS_CHARS = {
+    "x": X_LIMIT_CHARS,
+    "mastodon": MASTODON_LIMIT_CHARS,
+    "bluesky": BLUESKY_LIMIT_CHARS,
+    "discord": DISCORD_LIMIT_CHARS,
+    "telegram": TELEGRAM_LIMIT_CHARS,
+}
+
+NEAR_REPEAT_SIMILARITY = 0.8  # difflib ratio over words at or above which two posts are "the same"
+REPEATED_WORD_RUN = 3  # the same word this many times in a row is a loop
+REPEATED_CHAR_RUN = 8  # the same character this many times in a row ("!!!!!!!!")
+MIN_DISTINCT_BIGRAMS = 0.6  # fewer distinct word pairs than this (over 8+ words) is a loop
+SWEET_SPOT_CHARS = (60, 180)
+SENTENCE_END = re.compile(r"""[.!?…]["'”’)]?$""")
+LEAKED_MARKERS = re.compile(r"<\|[a-z_]+\|>|</?s>")
+
+
+@dataclass
+class Candidate:
+    """One generated text, what became of it, and its score if it passed."""
+
+    index: int
+    raw: str
+    text: str
+    rejected: str | None = None
+    score: float = 0.0
+
+
+@dataclass
+class Curated:
+    """The outcome of curating a batch: the winner (if any) and every candidate."""
+
+    candidates: list[Candidate]
+    best: Candidate | None = None
+    rejected: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> list[Candidate]:
+        """Candidates that passed every filter, best first."""
+        return sorted((c for c in self.candidates if c.rejected is None), key=lambda c: (-c.score, c.index))
+
+
+def limit_for(platforms: Iterable[str], persona_max_chars: int) -> int:
+    """The tightest character limit of the persona and the platforms posted to."""
+    limits = [PLATFORM_LIMITS_CHARS[p] for p in platforms if p in PLATFORM_LIMITS_CHARS]
+    return min([persona_max_chars, *limits])
+
+
+def clean_text(raw: str) -> str:
+    """Trim whitespace, leaked special tokens and wrapping quotes; one space between words."""
+    text = LEAKED_MARKERS.sub(" ", raw)
+    text = " ".join(text.split())
+    if len(text) >= 2 and text[0] in "\"'“" and text[-1] in "\"'”" and text.count(text[0]) <= 2:
+        text = text[1:-1].strip()
+    return text
+
+
+def is_degenerate(text: str) -> bool:
+    """Whether the text loops: a word or short phrase repeated, or a character run."""
+    if re.search(rf"(.)\1{{{REPEATED_CHAR_RUN - 1},}}", text):
+        return True
+    tokens = words(text)
+    run = 1
+    for previous, current in pairwise(tokens):
+        run = run + 1 if current == previous else 1
+        if run >= REPEATED_WORD_RUN:
+            return True
+    return len(tokens) >= 8 and distinct_n([text], 2) < MIN_DISTINCT_BIGRAMS
+
+
+def is_near_repeat(text: str, others: Iterable[str]) -> bool:
+    """Whether the text says nearly the same words as any of ``others``."""
+    mine = words(text)
+    for other in others:
+        theirs = words(other)
+        if mine == theirs or SequenceMatcher(None, mine, theirs, autojunk=False).ratio() >= NEAR_REPEAT_SIMILARITY:
+            return True
+    return False
+
+
+def _blocked(text: str, blocklist: list[str]) -> bool:
+    lowered = " ".join(words(text))
+    return any(
+        re.search(rf"(?<![\w']){re.escape(' '.join(words(term)))}(?![\w'])", lowered)
+        for term in blocklist
+        if words(term)
+    )
+
+
+def score(text: str) -> float:
+    """How good a passing candidate looks: length in the sweet spot, varied, finished."""
+    low, high = SWEET_SPOT_CHARS
+    size = len(text)
+    if size < low:
+        length = size / low
+    elif size > high:
+        length = max(0.0, 1.0 - (size - high) / high)
+    else:
+        length = 1.0
+    variety = distinct_n([text], 1) if words(text) else 0.0
+    finished = 1.0 if SENTENCE_END.search(text) else 0.0
+    capital = 0.25 if text[:1].isupper() else 0.0
+    return round(length + variety + finished + capital, 4)
+
+
+def curate(
+    raws: list[str],
+    *,
+    max_chars: int,
+    min_chars: int = 1,
+    blocklist: list[str] | None = None,
+    recent: list[str] | None = None,
+    corpus: CopyIndex | None = None,
+) -> Curated:
+    """Filter the candidates, score the survivors, and pick the best one."""
+    recent = list(recent or [])
+    accepted: list[str] = []
+    candidates: list[Candidate] = []
+    for index, raw in enumerate(raws):
+        candidate = Candidate(index=index, raw=raw, text=clean_text(raw))
+        candidate.rejected = _first_failure(candidate.text, max_chars, min_chars, blocklist or [], corpus, recent + accepted)
+        if candidate.rejected is None:
+            candidate.score = score(candidate.text)
+            accepted.append(candidate.text)
+        candidates.append(candidate)
+    curated = Curated(candidates=candidates, rejected=dict(Counter(c.rejected for c in candidates if c.rejected)))
+    passed = curated.passed
+    curated.best = passed[0] if passed else None
+    return curated
+
+
+def _first_failure(
+    text: str, max_chars: int, min_chars: int, blocklist: list[str], corpus: CopyIndex | None, seen: list[str]
+) -> str | None:
+    if not text:
+        return "empty"
+    if len(text) < min_chars:
+        return "too_short"
+    if len(text) > max_chars:
+        return "too_long"
+    if _blocked(text, blocklist):
+        return "blocklist"
+    if is_degenerate(text):
+        return "degenerate"
+    if corpus is not None and corpus.copies(text):
+        return "copied"
+    if is_near_repeat(text, seen):
+        return "near_repeat"
+    return None
+
+
+def load_corpus(path: Path, max_copied_words: int) -> CopyIndex:
+    """The copy index of a corpus (JSONL of ``{"text": ...}``, or plain text, one per line)."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise CorpusError(f"cannot read the corpus {path}: {exc.strerror}; fix filters.corpus in the persona file") from exc
+    documents: list[str] = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        if path.suffix != ".jsonl":
+            documents.append(line)
+            continue
+        try:
+            documents.append(str(json.loads(line)["text"]))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CorpusError(f"{path}:{number}: not a {{\"text\": ...}} line ({exc}); rebuild it with `persona corpus build`") from exc
+    # A run one word longer than allowed is the shortest one that breaks the rule.
+    return CopyIndex(documents, n=max_copied_words + 1)

@@ -1,0 +1,147 @@
+"""Curation: every filter rejects what it should and only that; the best candidate wins."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from persona.curation import (
+    clean_text,
+    curate,
+    is_degenerate,
+    is_near_repeat,
+    limit_for,
+    load_corpus,
+    score,
+)
+from persona.errors import CorpusError
+
+GOOD = "Patience is the slow river that carves the canyon of a life."
+
+
+def reason(text: str, **options) -> str | None:
+    options.setdefault("max_chars", 280)
+    return curate([text], **options).candidates[0].rejected
+
+
+def test_platform_limits_take_the_tightest():
+    assert limit_for(["x"], 1000) == 280
+    assert limit_for(["mastodon"], 1000) == 500
+    assert limit_for(["bluesky"], 1000) == 300
+    assert limit_for(["mastodon", "bluesky"], 1000) == 300
+    assert limit_for(["file"], 120) == 120
+    assert limit_for([], 280) == 280
+
+
+def test_a_good_text_passes_every_filter():
+    assert reason(GOOD, min_chars=10, blocklist=["hate"], recent=["Something else entirely, about gardens."]) is None
+
+
+def test_empty_and_too_short():
+    assert reason("   <|endoftext|> ") == "empty"
+    assert reason("Be.", min_chars=10) == "too_short"
+
+
+def test_too_long_for_the_platform():
+    text = " ".join(f"word{i}" for i in range(60)) + "."
+    assert len(text) > 300
+    assert reason(text, max_chars=limit_for(["bluesky"], 1000)) == "too_long"
+    assert reason(text[:290], max_chars=limit_for(["mastodon"], 1000)) is None
+    assert reason(text[:290], max_chars=limit_for(["x"], 1000)) == "too_long"
+
+
+def test_blocklist_matches_whole_words_case_insensitively():
+    assert reason("Damn the torpedoes, full patience ahead.", blocklist=["DAMN"]) == "blocklist"
+    assert reason("Amsterdam teaches patience to its cyclists.", blocklist=["dam"]) is None
+    assert reason("Buy crypto now and wait patiently.", blocklist=["buy crypto"]) == "blocklist"
+
+
+@pytest.mark.parametrize("text", [
+    "Patience patience patience is all you need.",
+    "Wait!!!!!!!!!! for it.",
+    "the road the road the road the road the road the road",
+])
+def test_degenerate_repetition(text):
+    assert is_degenerate(text)
+    assert reason(text) == "degenerate"
+
+
+def test_ordinary_sentences_are_not_degenerate():
+    assert not is_degenerate(GOOD)
+    assert not is_degenerate("That that is, is; and the rest is patience.")
+
+
+def test_copied_from_the_corpus(tmp_path: Path):
+    corpus = tmp_path / "corpus.jsonl"
+    source = "the quiet mind hears the river long before the eye can see it move"
+    corpus.write_text(json.dumps({"text": source}) + "\n" + json.dumps({"text": "Another line."}) + "\n")
+    index = load_corpus(corpus, max_copied_words=8)
+    nine_words = "As they say, the quiet mind hears the river long before the eye, friend."
+    eight_words = "As they say, the quiet mind hears the river long before, friend."
+    assert reason(nine_words, corpus=index) == "copied"
+    assert reason(eight_words, corpus=index) is None
+
+
+def test_corpus_errors_name_the_line(tmp_path: Path):
+    bad = tmp_path / "corpus.jsonl"
+    bad.write_text('{"text": "fine"}\nnot json\n')
+    with pytest.raises(CorpusError, match="corpus.jsonl:2"):
+        load_corpus(bad, 8)
+    with pytest.raises(CorpusError, match="cannot read"):
+        load_corpus(tmp_path / "missing.jsonl", 8)
+
+
+def test_plain_text_corpus_is_one_document_per_line(tmp_path: Path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("one two three four five six seven eight nine ten\n")
+    assert load_corpus(corpus, 3).copies("say one two three four now")
+
+
+def test_near_repeat_of_recent_posts_and_of_earlier_candidates():
+    recent = ["Patience is the slow river that carves the canyon of a life!"]
+    assert is_near_repeat(GOOD, recent)
+    assert reason(GOOD, recent=recent) == "near_repeat"
+    assert not is_near_repeat(GOOD, ["Attention is a lamp; tend its wick each morning."])
+    curated = curate([GOOD, GOOD.replace("life", "lifetime")], max_chars=280)
+    assert [c.rejected for c in curated.candidates] == [None, "near_repeat"]
+
+
+def test_clean_text_strips_markers_quotes_and_spaces():
+    assert clean_text('  "Be  still.\n Be here."<|endoftext|>') == "Be still. Be here."
+    assert clean_text("</s>Hello world") == "Hello world"
+
+
+def test_score_prefers_finished_sentences_of_comfortable_length():
+    assert score(GOOD) > score(GOOD.rstrip("."))
+    assert score(GOOD) > score("Wait.")
+    assert score(GOOD) > score(GOOD + " " + "And more words follow here to make it very long indeed." * 4)
+
+
+def test_best_of_n_picks_the_highest_score_and_counts_rejections():
+    raws = [
+        "",
+        "wait wait wait wait",
+        "short one",
+        GOOD,
+        "Attention is a lamp; tend its wick each morning and it will light the day",
+        "x" * 400,
+    ]
+    curated = curate(raws, max_chars=280, min_chars=10)
+    assert curated.best is not None and curated.best.text == GOOD
+    assert curated.rejected == {"empty": 1, "degenerate": 1, "too_short": 1, "too_long": 1}
+    assert [c.text for c in curated.passed] == [GOOD, raws[4]]
+
+
+def test_ties_go_to_the_earlier_candidate():
+    first = "Attend to the small things today."
+    second = "Listen to the quiet rivers today."
+    assert score(first) == score(second)
+    assert curate([first, second], max_chars=280).best.index == 0
+    assert curate([second, first], max_chars=280).best.index == 0
+
+
+def test_no_survivor_means_no_best():
+    curated = curate(["", "a a a a a"], max_chars=280)
+    assert curated.best is None and sum(curated.rejected.values()) == 2

@@ -1,0 +1,139 @@
+"""`persona post`, `persona posts ...` as a user runs them: real processes, a real worker, real Redis."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import redis
+
+from adapters.posting.poster import Poster
+from persona.ledger import PostLedger
+from persona.settings import Settings
+from tests.conftest import read_jsonl
+
+TEXTS = [
+    "Patience is the slow river that carves the canyon of a life.",
+    "Attend to the small things; the large ones are made of them.",
+]
+
+
+def persona(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "persona", *args], check=False, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.fixture
+def env(settings: Settings, personas_dir: Path) -> dict[str, str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("PERSONA_")}
+    return clean | {
+        "PERSONA_DATA_DIR": str(settings.data_dir),
+        "PERSONA_REDIS_URL": settings.redis_url.get_secret_value(),
+        "PERSONA_PERSONAS_DIRS": json.dumps([str(personas_dir)]),
+        "COLUMNS": "200",
+    }
+
+
+@pytest.fixture
+def tiny_poster(write_persona, tiny_llama_dir, running_worker) -> str:
+    """A persona on the tiny random Llama, with a worker serving it."""
+    write_persona("tinypost", base=str(tiny_llama_dir), filters={"min_chars": 1},
+                  sampling={"max_new_tokens": 12}, schedule={"sinks": ["file:tinypost.jsonl"], "candidates": 3})
+    running_worker()
+    return "tinypost"
+
+
+def test_post_json_end_to_end_through_a_real_worker(tiny_poster, env, settings, redis_client):
+    result = persona("post", tiny_poster, "--json", "-n", "4", "--slot", "2026-02-01T09:00:00Z", env=env)
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert out["status"] == "posted" and out["text"]
+    assert out["candidates"] == 4
+    assert isinstance(out["rejected"], dict) and sum(out["rejected"].values()) + len(out["passed"]) == 4
+    [line] = read_jsonl(settings.data_dir / "posts" / "tinypost.jsonl")
+    assert line["text"] == out["text"] and out["sinks"]["file:tinypost.jsonl"]["id"] == line["id"]
+    # The candidates went through the batch stream, each with its own seed.
+    assert redis_client.hget("persona:stats", "completed") == b"4"
+
+    again = persona("post", tiny_poster, "--slot", "2026-02-01T09:00:00Z", env=env)
+    assert again.returncode == 0 and "already posted" in again.stdout
+    assert len(read_jsonl(settings.data_dir / "posts" / "tinypost.jsonl")) == 1
+
+    history = persona("posts", "history", "--json", env=env)
+    assert [h["text"] for h in json.loads(history.stdout)] == [out["text"]]
+
+
+def test_dry_run_posts_and_records_nothing(tiny_poster, env, settings, redis_client):
+    result = persona("post", tiny_poster, "--dry-run", "--json", "-n", "2", env=env)
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert out["status"] == "dry_run" and out["candidates"] == 2 and "rejected" in out
+    assert not (settings.data_dir / "posts").exists()
+    assert PostLedger(redis_client).history() == []
+
+
+def pending_post(settings: Settings, write_persona, slot: str) -> str:
+    write_persona("careful", base="unused", schedule={"sinks": ["file:careful.jsonl"], "approval": True, "candidates": 2})
+    poster = Poster(settings, redis.Redis.from_url(settings.redis_url.get_secret_value()), lambda p, n, seed: TEXTS[:n])
+    outcome = poster.post("careful", slot=slot)
+    assert outcome.status == "pending" and outcome.text == TEXTS[0]
+    return outcome.approval_id
+
+
+def test_approval_flow(settings, write_persona, env, redis_client):
+    first = pending_post(settings, write_persona, "2026-03-01T09:00:00Z")
+    second = Poster(settings, redis_client, lambda p, n, seed: TEXTS[::-1][:n]).post("careful", slot="2026-03-02T09:00:00Z").approval_id
+    archive = settings.data_dir / "posts" / "careful.jsonl"
+    assert not archive.exists()
+
+    listed = json.loads(persona("posts", "pending", "--json", env=env).stdout)
+    assert [(p["id"], p["text"], p["alternatives"]) for p in listed] == [(first, TEXTS[0], [TEXTS[1]]), (second, TEXTS[1], [TEXTS[0]])]
+    table = persona("posts", "pending", env=env)
+    assert first in table.stdout and "careful" in table.stdout
+
+    approved = persona("posts", "approve", first, "--text", "Patience, edited by a person.", env=env)
+    assert approved.returncode == 0, approved.stderr
+    assert [line["text"] for line in read_jsonl(archive)] == ["Patience, edited by a person."]
+    rejected = persona("posts", "reject", second, env=env)
+    assert rejected.returncode == 0 and f"rejected {second}" in rejected.stdout
+    assert json.loads(persona("posts", "pending", "--json", env=env).stdout) == []
+
+    twice = persona("posts", "approve", second, env=env)
+    assert twice.returncode == 1 and "already rejected" in twice.stderr
+    assert len(read_jsonl(archive)) == 1
+    # The slot of a pending post is not regenerated; a rejected slot stays closed.
+    assert persona("post", "careful", "--slot", "2026-03-02T09:00:00Z", env=env).stdout.count("already rejected") == 1
+
+    history = persona("posts", "history", env=env)
+    assert "Patience, edited by a person." in history.stdout and "file:careful.jsonl" in history.stdout
+
+
+def test_pending_slot_is_reported_not_reposted(settings, write_persona, env):
+    approval_id = pending_post(settings, write_persona, "2026-03-03T09:00:00Z")
+    result = persona("post", "careful", "--slot", "2026-03-03T09:00:00Z", "--json", env=env)
+    out = json.loads(result.stdout)
+    assert out["status"] == "pending" and out["approval_id"] == approval_id
+
+
+def test_clear_errors(write_persona, env):
+    write_persona("nosinks", base="unused")
+    no_sinks = persona("post", "nosinks", env=env)
+    assert no_sinks.returncode == 1 and "--sink" in no_sinks.stderr and "Traceback" not in no_sinks.stderr
+    unknown = persona("posts", "approve", "deadbeef", env=env)
+    assert unknown.returncode == 1 and "persona posts pending" in unknown.stderr
+    bad_sink = persona("post", "nosinks", "--sink", "myspace", env=env)
+    assert bad_sink.returncode == 1 and "unknown sink" in bad_sink.stderr
+    missing = persona("post", "nosinks", "--sink", "x", env=env)
+    assert missing.returncode == 1 and "PERSONA_POSTING__X_BEARER_TOKEN" in missing.stderr
+
+
+def test_up_starts_the_scheduler(settings):
+    from persona.supervisor import services_for_up
+
+    assert "scheduler" in [s.name for s in services_for_up(settings)]
+    assert ["scheduler"] in [s.args for s in services_for_up(settings)]

@@ -1,0 +1,344 @@
+"""The scheduler: slot arithmetic in time zones and across DST, missed-slot policies,
+and exactly-once posting under concurrent schedulers and crashes."""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+import redis
+
+from adapters.posting.poster import Poster
+from adapters.posting.sinks import FileSink, Posted, make_sink
+from adapters.posting.slots import next_slot, plan_slots, slot_id, slots_between
+from adapters.scheduler import Scheduler
+from persona.errors import ConfigError
+from persona.ledger import PostLedger
+from persona.settings import Settings
+from tests.conftest import read_jsonl
+
+TEXTS = [
+    "Patience is the slow river that carves the canyon of a life.",
+    "Attend to the small things; the large ones are made of them.",
+    "wait wait wait wait",
+]
+
+
+def utc(*parts: int) -> datetime:
+    return datetime(*parts, tzinfo=UTC)
+
+
+# --- slot arithmetic -------------------------------------------------------------------
+
+
+def test_slots_are_named_by_their_utc_instant():
+    assert slot_id(datetime(2026, 7, 1, 9, tzinfo=UTC)) == "2026-07-01T09:00:00Z"
+
+
+def test_local_time_holds_across_zones_and_seasons():
+    winter = slots_between("0 9 * * *", "Europe/London", utc(2026, 1, 10), utc(2026, 1, 11))
+    summer = slots_between("0 9 * * *", "Europe/London", utc(2026, 7, 10), utc(2026, 7, 11))
+    tokyo = slots_between("0 9 * * *", "Asia/Tokyo", utc(2026, 7, 10), utc(2026, 7, 11))
+    assert [slot_id(s) for s in winter] == ["2026-01-10T09:00:00Z"]
+    assert [slot_id(s) for s in summer] == ["2026-07-10T08:00:00Z"]
+    assert [slot_id(s) for s in tokyo] == ["2026-07-11T00:00:00Z"]
+
+
+def test_spring_forward_fires_once_after_the_gap():
+    # 01:30 does not exist in London on 2026-03-29 (clocks jump 01:00 -> 02:00).
+    slots = slots_between("30 1 * * *", "Europe/London", utc(2026, 3, 28, 2), utc(2026, 3, 30, 2))
+    assert [slot_id(s) for s in slots] == ["2026-03-29T01:00:00Z", "2026-03-30T00:30:00Z"]
+
+
+def test_fall_back_fires_once_not_twice():
+    # 01:30 happens twice in London on 2026-10-25; a daily post goes out once.
+    slots = slots_between("30 1 * * *", "Europe/London", utc(2026, 10, 24, 2), utc(2026, 10, 26, 3))
+    assert [slot_id(s) for s in slots] == ["2026-10-25T00:30:00Z", "2026-10-26T01:30:00Z"]
+    hourly = slots_between("0 * * * *", "Europe/London", utc(2026, 10, 24, 23, 30), utc(2026, 10, 25, 3, 30))
+    assert [slot_id(s) for s in hourly] == [
+        "2026-10-25T00:00:00Z",  # 01:00 BST
+        "2026-10-25T02:00:00Z",  # 02:00 GMT (the repeated 01:00 GMT is not fired again)
+        "2026-10-25T03:00:00Z",
+    ]
+
+
+def test_us_dst_and_weekday_schedules():
+    # New York springs forward on 2026-03-08; weekdays only.
+    slots = slots_between("0 8 * * 1-5", "America/New_York", utc(2026, 3, 6), utc(2026, 3, 10))
+    assert [slot_id(s) for s in slots] == ["2026-03-06T13:00:00Z", "2026-03-09T12:00:00Z"]
+    assert slot_id(next_slot("0 8 * * 1-5", "America/New_York", utc(2026, 3, 7))) == "2026-03-09T12:00:00Z"
+
+
+def test_bad_schedules_are_clear_errors():
+    with pytest.raises(ConfigError, match="not a cron expression"):
+        slots_between("every day", "UTC", utc(2026, 1, 1), utc(2026, 1, 2))
+    with pytest.raises(ConfigError, match="unknown time zone"):
+        slots_between("0 9 * * *", "Mars/Olympus", utc(2026, 1, 1), utc(2026, 1, 2))
+
+
+def test_persona_file_rejects_a_bad_schedule(write_persona):
+    from persona.personas import load_persona_file
+
+    path = write_persona("badtime", base="x", schedule={"cron": "0 9 * *", "timezone": "Nowhere/Else"})
+    with pytest.raises(ConfigError) as caught:
+        load_persona_file(path)
+    assert "schedule.cron" in str(caught.value) and "schedule.timezone" in str(caught.value)
+
+
+# --- missed-slot policies ---------------------------------------------------------------
+
+
+def test_policy_skip_posts_only_an_on_time_slot():
+    due = [utc(2026, 1, d, 9) for d in (1, 2, 3)]
+    on_time = plan_slots(due, utc(2026, 1, 3, 9, 5), "skip", grace_s=900)
+    assert on_time.post == due[-1] and on_time.skipped == due[:2] and not on_time.late
+    after_outage = plan_slots(due, utc(2026, 1, 3, 12), "skip", grace_s=900)
+    assert after_outage.post is None and after_outage.skipped == due
+
+
+def test_policy_latest_posts_the_newest_late():
+    due = [utc(2026, 1, d, 9) for d in (1, 2, 3)]
+    plan = plan_slots(due, utc(2026, 1, 3, 12), "latest", grace_s=900)
+    assert plan.post == due[-1] and plan.skipped == due[:2] and plan.late
+    assert plan_slots([], utc(2026, 1, 3), "latest", 900).post is None
+
+
+# --- posting exactly once -----------------------------------------------------------------
+
+
+def slow_candidates(persona, n, seed):
+    time.sleep(0.2)  # widen the window in which two schedulers race
+    return TEXTS[:n]
+
+
+def poster_for(settings: Settings, **kwargs) -> Poster:
+    return Poster(settings, redis.Redis.from_url(settings.redis_url.get_secret_value()), slow_candidates, **kwargs)
+
+
+@pytest.fixture
+def scheduled(write_persona, settings: Settings, redis_client) -> Path:
+    """A persona that posts daily at 09:00 London time to a file; returns the file."""
+    schedule = {"cron": "0 9 * * *", "timezone": "Europe/London", "missed": "skip", "enabled": True,
+                "sinks": ["file:poet.jsonl"], "candidates": 3}
+    write_persona("poet", base="unused", adapters=["cli", "scheduler"], schedule=schedule)
+    return settings.data_dir / "posts" / "poet.jsonl"
+
+
+def test_two_concurrent_posters_post_a_slot_once(settings, scheduled):
+    outcomes = []
+    start = threading.Barrier(2)
+
+    def run():
+        poster = poster_for(settings)
+        start.wait()
+        outcomes.append(poster.post("poet", slot="2026-01-05T09:00:00Z"))
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert sorted(o.status for o in outcomes) == ["busy", "posted"]
+    lines = read_jsonl(scheduled)
+    assert [line["text"] for line in lines] == [TEXTS[0]]
+    again = poster_for(settings).post("poet", slot="2026-01-05T09:00:00Z")
+    assert again.status == "done" and "already posted" in again.message
+    assert len(read_jsonl(scheduled)) == 1
+
+
+def test_two_schedulers_ticking_together_post_once(settings, scheduled):
+    schedulers = [Scheduler(poster_for(settings), redis.Redis.from_url(settings.redis_url.get_secret_value())) for _ in range(2)]
+    schedulers[0].tick(utc(2026, 1, 5, 8))  # first look starts the clock
+    results: list[list] = []
+    start = threading.Barrier(2)
+
+    def run(s: Scheduler):
+        start.wait()
+        results.append(s.tick(utc(2026, 1, 5, 9, 1)))
+
+    threads = [threading.Thread(target=run, args=(s,)) for s in schedulers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    statuses = sorted(o.status for r in results for o in r)
+    assert statuses.count("posted") == 1 and set(statuses) <= {"posted", "busy", "done"}
+    assert len(read_jsonl(scheduled)) == 1
+    history = PostLedger(schedulers[0].client).history()
+    assert [(h["slot"], h["sink"]) for h in history] == [("2026-01-05T09:00:00Z", "file:poet.jsonl")]
+
+
+def test_scheduler_after_downtime_follows_the_policy(settings, scheduled, write_persona):
+    runner = Scheduler(poster_for(settings), redis.Redis.from_url(settings.redis_url.get_secret_value()))
+    runner.tick(utc(2026, 1, 5, 8))
+    assert runner.tick(utc(2026, 1, 8, 12)) == []  # three days down, policy skip: nothing late
+    assert not scheduled.exists()
+    write_persona("poet", base="unused", adapters=["cli", "scheduler"], schedule={
+        "cron": "0 9 * * *", "timezone": "Europe/London", "missed": "latest", "enabled": True,
+        "sinks": ["file:poet.jsonl"], "candidates": 3})
+    runner.tick(utc(2026, 1, 8, 13))
+    [late] = runner.tick(utc(2026, 1, 11, 12))
+    assert late.status == "posted" and late.slot == "2026-01-11T09:00:00Z"
+    assert [line["marker"] for line in read_jsonl(scheduled)] == ["poet:2026-01-11T09:00:00Z:file:poet.jsonl"]
+
+
+def test_disabled_schedules_never_post(settings, write_persona, redis_client):
+    write_persona("quiet", base="unused", adapters=["cli", "scheduler"],
+                  schedule={"cron": "* * * * *", "sinks": ["file:quiet.jsonl"]})
+    runner = Scheduler(poster_for(settings), redis_client)
+    runner.tick(utc(2026, 1, 5, 8))
+    assert runner.tick(utc(2026, 1, 5, 9)) == []
+
+
+class Crash(BaseException):
+    """The process dies here: nothing after it runs."""
+
+
+class DiesAfterPosting:
+    """A real sink whose process dies after the platform accepted the post, before the ledger heard."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.spec, self.platform, self.retry = inner, inner.spec, inner.platform, inner.retry
+        self.posts = 0
+
+    def post(self, text: str, marker: str) -> Posted:
+        self.inner.post(text, marker)
+        self.posts += 1
+        raise Crash
+
+    def find(self, marker: str, text: str) -> Posted | None:
+        return self.inner.find(marker, text)
+
+
+def test_crash_between_posted_and_recorded_checkable_sink(settings, scheduled):
+    dying = poster_for(settings, sink_factory=lambda spec, s: DiesAfterPosting(make_sink(spec, s)))
+    with pytest.raises(Crash):
+        dying.post("poet", slot="2026-01-06T09:00:00Z")
+    record = dying.ledger.record("poet", "2026-01-06T09:00:00Z")
+    assert '"state": "intent"' in record["sink:file:poet.jsonl"]
+    [written] = read_jsonl(scheduled)
+
+    retry = poster_for(settings).post("poet", slot="2026-01-06T09:00:00Z")
+    assert retry.status == "posted" and retry.text == written["text"]
+    assert retry.sinks["file:poet.jsonl"]["id"] == written["id"]
+    assert len(read_jsonl(scheduled)) == 1  # found, not posted again
+
+
+class Remote(FileSink):
+    """A platform that cannot be searched afterwards (like X): retry safety 'none'."""
+
+    retry = "none"
+
+    def find(self, marker: str, text: str) -> Posted | None:
+        return None
+
+
+def test_crash_with_an_unsearchable_sink_is_never_posted_twice(settings, scheduled):
+    remote = Remote("x", scheduled)
+    dying = poster_for(settings, sink_factory=lambda spec, s: DiesAfterPosting(remote))
+    with pytest.raises(Crash):
+        dying.post("poet", slot="2026-01-07T09:00:00Z")
+    retry = poster_for(settings, sink_factory=lambda spec, s: remote).post("poet", slot="2026-01-07T09:00:00Z")
+    assert retry.status == "uncertain" and "may have posted" in retry.message
+    assert len(read_jsonl(scheduled)) == 1
+    again = poster_for(settings, sink_factory=lambda spec, s: remote).post("poet", slot="2026-01-07T09:00:00Z")
+    assert again.status == "uncertain" and len(read_jsonl(scheduled)) == 1
+
+
+def test_crash_before_the_platform_call_posts_on_retry(settings, scheduled):
+    class DiesBeforePosting(FileSink):
+        def post(self, text, marker):
+            raise Crash
+
+    with pytest.raises(Crash):
+        poster_for(settings, sink_factory=lambda spec, s: DiesBeforePosting(spec, scheduled)).post("poet", slot="s1")
+    retry = poster_for(settings).post("poet", slot="s1")
+    assert retry.status == "posted" and len(read_jsonl(scheduled)) == 1
+
+
+def test_a_lost_lease_cannot_overwrite_the_new_owner(settings, scheduled, redis_client):
+    first = PostLedger(redis_client, lease_s=0.2)
+    second = PostLedger(redis_client)
+    assert first.claim("poet", "s2").claimed
+    assert second.claim("poet", "s2").outcome == "busy"
+    time.sleep(0.3)
+    assert second.claim("poet", "s2").claimed
+    from persona.errors import PostingError
+
+    with pytest.raises(PostingError, match="lost the claim"):
+        first.save("poet", "s2", text="stale")
+    second.save("poet", "s2", text="fresh")
+    assert second.record("poet", "s2")["text"] == "fresh"
+
+
+def test_scheduler_rides_out_redis_being_down(settings, scheduled, caplog):
+    down = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2)
+    poster = Poster(settings, down, slow_candidates)
+    runner = Scheduler(poster, down, clock=lambda: utc(2026, 1, 5, 9))
+    thread = threading.Thread(target=runner.run)
+    thread.start()
+    time.sleep(1.5)
+    runner.stop()
+    thread.join(5)
+    assert not thread.is_alive()
+    assert "retrying in" in caplog.text
+
+
+def test_slot_ids_use_seconds_not_local_time():
+    when = datetime(2026, 6, 1, 10, tzinfo=UTC) + timedelta(hours=1)
+    assert slot_id(when.astimezone(__import__("zoneinfo").ZoneInfo("Asia/Kolkata"))) == "2026-06-01T11:00:00Z"
+
+
+def test_a_slot_held_by_a_dead_scheduler_is_posted_once_its_lease_runs_out(settings, scheduled, redis_client):
+    dead = PostLedger(redis_client, lease_s=0.5)  # it claimed the slot, then its process was killed
+    assert dead.claim("poet", "2026-01-05T09:00:00Z").claimed
+    runner = Scheduler(poster_for(settings), redis.Redis.from_url(settings.redis_url.get_secret_value()))
+    runner.tick(utc(2026, 1, 5, 8))
+    [held] = runner.tick(utc(2026, 1, 5, 9, 1))
+    assert held.status == "busy" and not scheduled.exists()
+    time.sleep(0.6)
+    [posted] = runner.tick(utc(2026, 1, 5, 9, 2))
+    assert posted.status == "posted" and posted.slot == "2026-01-05T09:00:00Z"
+    assert runner.tick(utc(2026, 1, 5, 9, 3)) == [] and len(read_jsonl(scheduled)) == 1
+
+
+def test_stopping_ends_a_wait_for_candidates_and_leaves_the_slot_due(settings, scheduled, redis_client):
+    from adapters.posting.poster import QueueCandidates
+    from persona.queue import QueueClient
+
+    stopping = threading.Event()
+    candidates = QueueCandidates(QueueClient(redis_client, settings.queue), 60.0, stopping=stopping)
+    runner = Scheduler(Poster(settings, redis_client, candidates), redis_client, stopping=stopping)
+    runner.tick(utc(2026, 1, 5, 8))
+    threading.Timer(0.5, runner.stop).start()  # no worker runs: only the stop ends the wait
+    started = time.monotonic()
+    assert runner.tick(utc(2026, 1, 5, 9, 1)) == []
+    assert time.monotonic() - started < 10
+    assert redis_client.hget("persona:scheduler:checked", "poet") == str(utc(2026, 1, 5, 8).timestamp()).encode()
+    assert redis_client.exists("persona:post-lock:poet:2026-01-05T09:00:00Z") == 0
+
+
+def _post_in_a_process(settings: Settings, slot: str, start_at: float) -> None:
+    poster = poster_for(settings)
+    time.sleep(max(0.0, start_at - time.time()))
+    poster.post("poet", slot=slot)
+
+
+def test_four_scheduler_processes_post_a_slot_once(settings, scheduled):
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")  # each child inherits the settings as they are
+    start_at = time.time() + 1.0
+    workers = [
+        context.Process(target=_post_in_a_process, args=(settings, "2026-01-09T09:00:00Z", start_at))
+        for _ in range(4)
+    ]
+    for process in workers:
+        process.start()
+    for process in workers:
+        process.join(20)
+    assert [p.exitcode for p in workers] == [0, 0, 0, 0]
+    assert len(read_jsonl(scheduled)) == 1
