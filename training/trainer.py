@@ -321,7 +321,8 @@ def train(
     if resume:
         run.load_state()
     else:
-        shutil.rmtree(run_dir, ignore_errors=True)
+        shutil.rmtree(best_dir, ignore_errors=True)
+        (run_dir / STATE_FILE).unlink(missing_ok=True)
         run.state.base_val_loss = run.evaluate()
     state = run.state
     reporter.on_start(run.total_steps, state.step)
