@@ -25,6 +25,16 @@ SAYINGS = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One CPU thread: on a shared machine, two busy-waiting threads per process are far slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+
 def corpus() -> Corpus:
     return Corpus(train=SAYINGS * 3, validation=SAYINGS[:3], fingerprint="test")
 
