@@ -81,6 +81,7 @@ def test_train_errors_say_what_to_do(env, tmp_path: Path, tiny_gpt2_dir: Path):
         assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_train_eval_generate_export_from_the_command_line(env, settings: Settings, tmp_path: Path,
                                                          tiny_gpt2_dir: Path, running_worker):
     (tmp_path / "sage.txt").write_text(SAYINGS)
