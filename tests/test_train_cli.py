@@ -40,7 +40,7 @@ def _one_thread():
 
 
 def persona(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "persona", *args], env=env, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "persona", *args], env=env, capture_output=True, text=True, check=False,
                           timeout=timeout)
 
 

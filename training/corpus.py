@@ -35,9 +35,9 @@ from training.sources import (
 from training.tweets import read_tweets
 
 __all__ = [
+    "VALIDATION_FRACTION",
     "BuildResult",
     "Corpus",
-    "VALIDATION_FRACTION",
     "assign_splits",
     "build_corpus",
     "read_corpus",

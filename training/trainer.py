@@ -120,6 +120,7 @@ class _State:
     best_step: int = 0
     bad_evals: int = 0
     tokens: int = 0
+    step_seconds: float = 0.0
     history: list[dict[str, float]] = field(default_factory=list)
 
 
@@ -331,7 +332,9 @@ def train(
     session_tokens, session_started = state.tokens, time.perf_counter()
     try:
         while state.step < run.total_steps:
+            step_started = time.perf_counter()
             loss = run.step()
+            state.step_seconds += time.perf_counter() - step_started
             state.elapsed_s = time.perf_counter() - started
             total, weight = state.average
             reporter.on_step(state.step, loss, total / weight, state.elapsed_s)
@@ -361,7 +364,9 @@ def train(
         "steps": float(state.step),
         "train_tokens": float(state.tokens),
         "train_seconds": state.elapsed_s,
-        "tokens_per_s": (state.tokens - session_tokens) / session_s if session_s > 0 else 0.0,
+        # Throughput of the optimiser steps alone, and of the whole run with its evaluations.
+        "tokens_per_s": state.tokens / state.step_seconds if state.step_seconds > 0 else 0.0,
+        "run_tokens_per_s": (state.tokens - session_tokens) / session_s if session_s > 0 else 0.0,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
     return TrainResult(status, best_dir, metrics, list(state.history))

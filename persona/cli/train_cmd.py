@@ -13,7 +13,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from persona.cli.common import console, err_console, friendly_errors, get_settings
 from persona.errors import CorpusError
 
-__all__ = ["RichReporter", "register"]
+__all__ = ["RichReporter", "corpus_build", "eval_", "export", "generate", "register", "train"]
 
 corpus_app = typer.Typer(help="Turn an author's writing into a clean training corpus.", no_args_is_help=True)
 
@@ -73,7 +73,7 @@ def _size_line(train: list[str], validation: list[str], base: str | None) -> str
     from persona.models import resolve_base
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_base(base, get_settings().model_cache_dir))
-    count = lambda texts: sum(len(tokenizer.encode(t, add_special_tokens=False)) + 2 for t in texts)  # noqa: E731
+    count = lambda texts: sum(len(tokenizer.encode(t, add_special_tokens=False)) + 2 for t in texts)
     return f"size: {words} words; {count(train)} train tokens, {count(validation)} validation tokens"
 
 
