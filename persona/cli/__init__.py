@@ -27,6 +27,7 @@ COMMAND_MODULES = [
     "persona.cli.queue_cmd",
     "persona.cli.adapters_cmd",
     "persona.cli.posting_cmd",
+    "persona.cli.train_cmd",
 ]
 
 for _module in COMMAND_MODULES:

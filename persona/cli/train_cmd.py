@@ -1,0 +1,291 @@
+"""`persona corpus build`, `train`, `eval`, `generate`, `export`: making a persona from writing."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import typer
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+from persona.cli.common import console, err_console, friendly_errors, get_settings
+from persona.errors import CorpusError
+
+__all__ = ["RichReporter", "corpus_build", "eval_", "export", "generate", "register", "train"]
+
+corpus_app = typer.Typer(help="Turn an author's writing into a clean training corpus.", no_args_is_help=True)
+
+GENERATE_WINDOW = 64  # requests in flight at once, well under the queue's length cap
+SAMPLE_SEPARATOR = "=" * 20 + "\n"
+
+
+@corpus_app.command("build")
+@friendly_errors
+def corpus_build(
+    sources: list[Path] = typer.Argument(..., help="files or folders of the author's writing"),
+    output: Path = typer.Option(..., "-o", "--output", help="the corpus file to write (JSONL)"),
+    fmt: str = typer.Option("auto", "--format", help="auto|text|markdown|csv|jsonl|pdf|tweets|fortune"),
+    author: str = typer.Option(None, help="fortune files: keep only entries signed '-- NAME', unsigned"),
+    column: str = typer.Option("text", help="CSV: the column holding the text"),
+    field: str = typer.Option("text", help="JSONL: the field holding the text (a.b for nested)"),
+    strip_urls: bool = typer.Option(False, "--strip-urls", help="remove web links from the text"),
+    strip_handles: bool = typer.Option(False, "--strip-handles", help="remove @handles from the text"),
+    keep_replies: bool = typer.Option(False, "--keep-replies", help="tweets: keep replies too"),
+    keep_retweets: bool = typer.Option(False, "--keep-retweets", help="tweets: keep retweets too"),
+    min_chars: int = typer.Option(1, min=1, help="drop documents shorter than this"),
+    base: str = typer.Option(None, help="count tokens with this model's tokenizer ('smollm2' or a folder)"),
+) -> None:
+    """Read, clean and de-duplicate an author's writing into one document per line, with a held-out split."""
+    from training.cleaning import CleanOptions
+    from training.corpus import build_corpus, write_corpus
+    from training.sources import ReadOptions
+
+    result = build_corpus(
+        sources, fmt=fmt,
+        read_options=ReadOptions(column=column, field=field, author=author,
+                                 keep_replies=keep_replies, keep_retweets=keep_retweets),
+        clean_options=CleanOptions(strip_urls=strip_urls, strip_handles=strip_handles, min_chars=min_chars),
+    )
+    for problem in result.problems:
+        err_console.print(f"[yellow]skipped[/yellow] {problem}", highlight=False, markup=False)
+    corpus = result.corpus
+    if not corpus.documents:
+        hint = f" signed by {author!r}" if author else ""
+        raise CorpusError(f"no documents{hint} found in {result.files} file(s); nothing written")
+    write_corpus(corpus, output)
+    formats = ", ".join(f"{n} {f}" for f, n in sorted(result.by_format.items()))
+    dropped = ", ".join(f"{n} {why}" for why, n in sorted(result.cleaning.dropped.items())) or "none"
+    console.print(f"read {result.files} file(s): {result.found} documents ({formats})")
+    console.print(f"kept {len(corpus.documents)}, dropped {dropped}")
+    console.print(f"split: {len(corpus.train)} train, {len(corpus.validation)} validation (saved in the file)")
+    console.print(_size_line(corpus.train, corpus.validation, base))
+    console.print(f"wrote {output}  (fingerprint {corpus.fingerprint})")
+
+
+def _size_line(train: list[str], validation: list[str], base: str | None) -> str:
+    words = sum(len(t.split()) for t in train + validation)
+    if base is None:
+        return f"size: {words} words (add --base smollm2 for exact token counts)"
+    from transformers import AutoTokenizer
+
+    from persona.models import resolve_base
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_base(base, get_settings().model_cache_dir))
+    count = lambda texts: sum(len(tokenizer.encode(t, add_special_tokens=False)) + 2 for t in texts)
+    return f"size: {words} words; {count(train)} train tokens, {count(validation)} validation tokens"
+
+
+class RichReporter:
+    """Training progress as a bar: ``[step | seconds] loss avg``, evaluations and samples."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self.task = None
+
+    def on_start(self, total_steps: int, resumed_from: int) -> None:
+        self.task = self.progress.add_task("starting", total=total_steps, completed=resumed_from)
+
+    def on_step(self, step: int, loss: float, average: float, elapsed_s: float) -> None:
+        self.progress.update(self.task, completed=step,
+                             description=f"[{step} | {elapsed_s:.2f}] loss={loss:.2f} avg={average:.2f}")
+
+    def on_eval(self, step: int, val_loss: float, improved: bool) -> None:
+        mark = " [green]best so far[/green]" if improved else ""
+        ppl = math.exp(val_loss) if val_loss < 700 else math.inf
+        self.progress.console.print(f"step {step}: validation loss {val_loss:.3f}, perplexity {ppl:.2f}{mark}")
+
+    def on_samples(self, step: int, texts: list[str]) -> None:
+        for text in texts:
+            self.progress.console.print(f"  [dim]sample:[/dim] {text!r}", highlight=False)
+
+
+@friendly_errors
+def train(
+    name: str = typer.Argument(..., help="the persona to train (created if it does not exist)"),
+    corpus: Path = typer.Option(..., "--corpus", help="a corpus from `persona corpus build`"),
+    base: str = typer.Option(None, help="base model: 'smollm2' (bundled) or a local HF model folder"),
+    lora: bool = typer.Option(True, "--lora/--full", help="train a LoRA adapter (default) or all weights"),
+    steps: int = typer.Option(None, min=1, help="optimiser steps to run"),
+    epochs: float = typer.Option(None, min=0.01, help="passes over the corpus (default 5)"),
+    max_minutes: float = typer.Option(None, min=0.01, help="stop after this many minutes of training"),
+    batch_size: int = typer.Option(8, min=1, help="documents per step"),
+    learning_rate: float = typer.Option(None, min=0.0, help="peak rate (default 2e-4 LoRA, 5e-5 full)"),
+    eval_every: int = typer.Option(None, min=1, help="steps between validations (default ~10 per run)"),
+    patience: int = typer.Option(3, min=1, help="validations without improvement before stopping"),
+    seed: int = typer.Option(0, help="the run's seed: same seed, same corpus, same weights"),
+    device: str = typer.Option("auto", help="auto|cpu|cuda"),
+    resume: bool = typer.Option(False, "--resume", help="continue the persona's interrupted run exactly"),
+    threads: int = typer.Option(None, min=1, help="CPU threads (default: all cores; 1 is faster on a busy machine)"),
+) -> None:
+    """Fine-tune NAME on a corpus and register the best weights as its next checkpoint version."""
+    from training.runs import saved_run_config, train_persona
+    from training.trainer import TrainConfig
+
+    settings = get_settings()
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    if resume:
+        config = saved_run_config(settings, name)
+        if max_minutes is not None:
+            config = config.model_copy(update={"max_minutes": max_minutes})
+    else:
+        from persona.errors import UnknownPersona
+        from persona.personas import PersonaRegistry
+
+        if base is None:
+            try:
+                base = PersonaRegistry.from_settings(settings).get(name).model.base
+            except UnknownPersona:
+                base = "smollm2"
+        config = TrainConfig(base=base, kind="lora" if lora else "full", steps=steps, epochs=epochs,
+                             max_minutes=max_minutes, batch_size=batch_size, learning_rate=learning_rate,
+                             eval_every=eval_every, patience=patience, seed=seed, device=device)
+    columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+               TimeRemainingColumn()]
+    with Progress(*columns, console=console, transient=False) as progress:
+        done = train_persona(settings, name, corpus, config, resume=resume, reporter=RichReporter(progress))
+    metrics = done.result.metrics
+    if done.checkpoint is None:
+        console.print(f"interrupted at step {metrics['steps']:.0f}; continue with "
+                      f"`persona train {name} --corpus {corpus} --resume`")
+        raise typer.Exit(130)
+    info = done.checkpoint
+    console.print(f"{done.result.status}: best at step {metrics['best_step']:.0f} of {metrics['steps']:.0f}; "
+                  f"held-out perplexity {metrics['base_perplexity']:.2f} (base) → {metrics['perplexity']:.2f}; "
+                  f"{metrics['tokens_per_s']:.0f} tokens/s")
+    console.print(f"registered [bold]{name} {info.version}[/bold] at {info.path}")
+    if done.persona_file_updated:
+        console.print(f"persona file {done.persona_file} now uses {info.version}; try `persona ask {name} hello`")
+    else:
+        console.print(f"{done.persona_file} was left as it is; serve the new weights with `persona swap {name} {info.version}`")
+
+
+@friendly_errors
+def eval_(
+    name: str = typer.Argument(..., help="the persona to measure"),
+    corpus: Path = typer.Option(..., "--corpus", help="the corpus it was trained on (its held-out split is used)"),
+    checkpoint: str = typer.Option(None, help="a version (v2) or folder; default: the persona file's"),
+    samples: int = typer.Option(16, min=1, help="samples drawn for the originality check"),
+    seed: int = typer.Option(0, help="sampling seed"),
+    json_output: bool = typer.Option(False, "--json", help="print one JSON object"),
+) -> None:
+    """Held-out perplexity of the base model and of the persona, and how original its samples are."""
+    from persona.personas import PersonaRegistry
+    from training.corpus import read_corpus
+    from training.evaluate import evaluate_persona
+
+    settings = get_settings()
+    persona = PersonaRegistry.from_settings(settings).get(name)
+    data = read_corpus(corpus)
+    with console.status(f"measuring {name} on {len(data.validation)} held-out documents..."):
+        report = evaluate_persona(settings, persona, data, version=checkpoint, samples=samples, seed=seed)
+    if json_output:
+        print(json.dumps(report.as_dict()))
+        return
+    console.print(f"[bold]{name} {report.version}[/bold] on {report.validation_documents} held-out documents")
+    console.print(f"perplexity: base {report.base_perplexity:.2f} → persona {report.perplexity:.2f}")
+    console.print(f"copied 8+ words verbatim: {report.copied_fraction:.0%} of {samples} samples "
+                  f"(longest run {report.longest_copied_run} words)")
+    console.print(f"distinct-1 {report.distinct_1:.2f}, distinct-2 {report.distinct_2:.2f}")
+    for text in report.samples[:5]:
+        console.print(f"  [dim]sample:[/dim] {text!r}", highlight=False)
+
+
+def _finish(text: str, prefix: str, include_prefix: bool, truncate: str | None) -> str:
+    if truncate and truncate in text:
+        text = text[: text.index(truncate)]
+    return prefix + text if include_prefix else text
+
+
+@friendly_errors
+def generate(
+    name: str = typer.Argument(..., help="the persona that writes"),
+    prefix: str = typer.Option("", help="text every sample starts from (default: nothing)"),
+    n: int = typer.Option(8, "-n", "--nsamples", min=1, help="how many samples"),
+    out: Path = typer.Option(None, "--out", help="write samples here (.jsonl: one JSON per line)"),
+    include_prefix: bool = typer.Option(True, "--include-prefix/--no-include-prefix", help="start each sample with the prefix"),
+    truncate: str = typer.Option(None, help="cut each sample at the first occurrence of this text"),
+    temperature: float = typer.Option(None, min=0.0, max=5.0, help="override the persona's temperature"),
+    max_new_tokens: int = typer.Option(None, min=1, help="override the sample length limit"),
+    seed: int = typer.Option(None, help="sample i uses seed+i, for repeatable samples"),
+    timeout: float = typer.Option(600.0, min=1.0, help="seconds to wait for all samples"),
+) -> None:
+    """Many samples from NAME as batch work through the queue, for curation by hand."""
+    from persona.connection import connect
+    from persona.contract import GenerationRequest, Priority, SamplingOverrides
+    from persona.personas import PersonaRegistry
+    from persona.queue import QueueClient
+
+    settings = get_settings()
+    PersonaRegistry.from_settings(settings).get(name)
+    client = QueueClient(connect(settings), settings.queue)
+    deadline = time.time() + timeout
+    texts: list[str] = []
+    failures: list[str] = []
+    with Progress(TextColumn("sampling"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  console=err_console) as progress:
+        task = progress.add_task("sampling", total=n)
+        for begin in range(0, n, GENERATE_WINDOW):
+            waiting = [
+                client.submit(GenerationRequest(
+                    persona=name, mode="complete", prefix=prefix, priority=Priority.batch, source="cli-generate",
+                    deadline=deadline, sampling=SamplingOverrides(
+                        temperature=temperature, max_new_tokens=max_new_tokens,
+                        seed=None if seed is None else seed + i)))
+                for i in range(begin, min(n, begin + GENERATE_WINDOW))
+            ]
+            for request in waiting:
+                reply = client.wait(request)
+                if reply.ok:
+                    texts.append(_finish(reply.text, prefix, include_prefix, truncate))
+                else:
+                    failures.append(reply.error.message if reply.error else "failed")
+                progress.advance(task)
+    _write_samples(texts, out)
+    if failures:
+        err_console.print(f"[yellow]{len(failures)} of {n} samples failed:[/yellow] {failures[0]}")
+        if not texts:
+            raise typer.Exit(1)
+
+
+def _write_samples(texts: list[str], out: Path | None) -> None:
+    if out is None:
+        for text in texts:
+            print(text)
+            print(SAMPLE_SEPARATOR, end="")
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".jsonl":
+        out.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts))
+    else:
+        out.write_text("".join(t + "\n" + SAMPLE_SEPARATOR for t in texts))
+    err_console.print(f"wrote {len(texts)} samples to {out}")
+
+
+@friendly_errors
+def export(
+    name: str = typer.Argument(..., help="the persona to export"),
+    output: Path = typer.Option(..., "-o", "--output", help="a new folder for the model"),
+    checkpoint: str = typer.Option(None, help="a version (v2) or folder; default: the persona file's"),
+) -> None:
+    """Write a standalone Hugging Face model folder, any LoRA merged into its base."""
+    from persona.personas import PersonaRegistry
+    from training.export import export_persona
+
+    settings = get_settings()
+    persona = PersonaRegistry.from_settings(settings).get(name)
+    with console.status(f"exporting {name}..."):
+        folder = export_persona(settings, persona, output, version=checkpoint)
+    console.print(f"wrote {folder}; load it with AutoModelForCausalLM.from_pretrained({str(folder)!r})")
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(corpus_app, name="corpus")
+    app.command()(train)
+    app.command("eval")(eval_)
+    app.command()(generate)
+    app.command()(export)

@@ -1,0 +1,272 @@
+"""Corpus building: every source format, cleaning, the saved split, and fuzzed parsers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
+
+from persona.errors import CorpusError
+from training.cleaning import CleanOptions, clean_documents, normalize_text
+from training.corpus import build_corpus, read_corpus, write_corpus
+from training.pdf import clean_pages, read_pdf
+from training.sources import (
+    ReadOptions,
+    SourceProblem,
+    detect_format,
+    read_csv,
+    read_fortune,
+    read_jsonl,
+    read_markdown,
+    read_text,
+)
+from training.tweets import read_tweets
+
+OPTIONS = ReadOptions()
+
+
+def texts(documents) -> list[str]:
+    return [d.text.strip() for d in documents]
+
+
+def test_markdown_with_yaml_front_matter_keeps_only_the_prose(tmp_path: Path):
+    post = tmp_path / "2020-01-01-hello.md"
+    post.write_text(
+        "---\ntitle: Hello\ntags: [a, b]\n---\n# A heading\n\n"
+        "Some **bold** and _italic_ words with [a link](https://x.org).\n\n"
+        "```python\nprint('code')\n```\n![img](p.png)\n- a list item\n"
+    )
+    [doc] = read_markdown(post, OPTIONS)
+    assert "title" not in doc.text and "code" not in doc.text and "p.png" not in doc.text
+    assert "A heading" in doc.text
+    assert "Some bold and italic words with a link." in doc.text
+    assert "a list item" in doc.text and "- a list" not in doc.text
+
+
+def test_markdown_with_toml_front_matter_and_drafts(tmp_path: Path):
+    post = tmp_path / "post.md"
+    post.write_text('+++\ntitle = "Hugo"\ndate = 2021-01-01\n+++\nBody text here.\n')
+    assert texts(read_markdown(post, OPTIONS)) == ["Body text here."]
+    draft = tmp_path / "draft.md"
+    draft.write_text("---\ndraft: true\n---\nNot yet.\n")
+    assert read_markdown(draft, OPTIONS) == []
+
+
+def test_markdown_with_broken_front_matter_names_file_and_line(tmp_path: Path):
+    post = tmp_path / "bad.md"
+    post.write_text("---\ntitle: [unclosed\nother: 1\n---\nBody\n")
+    with pytest.raises(SourceProblem) as caught:
+        read_markdown(post, OPTIONS)
+    assert "bad.md:" in str(caught.value) and "YAML" in str(caught.value)
+    unclosed = tmp_path / "open.md"
+    unclosed.write_text("+++\ntitle = 'x'\nBody\n")
+    with pytest.raises(SourceProblem, match="never closed"):
+        read_markdown(unclosed, OPTIONS)
+
+
+def test_text_splits_on_end_of_text_markers_else_blank_lines(tmp_path: Path):
+    marked = tmp_path / "marked.txt"
+    marked.write_text("first post\nstill first\n<|endoftext|>\nsecond post<|endoftext|>third")
+    assert texts(read_text(marked, OPTIONS)) == ["first post\nstill first", "second post", "third"]
+    blank = tmp_path / "blank.txt"
+    blank.write_text("one\ntwo\n\n\nthree\n  \nfour\n")
+    docs = read_text(blank, OPTIONS)
+    assert texts(docs) == ["one\ntwo", "three", "four"]
+    assert [d.line for d in docs] == [1, 5, 7]
+
+
+def test_text_that_is_not_utf8_is_reported_with_its_line(tmp_path: Path):
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes(b"fine\nalso fine\ncaf\xe9\n")
+    with pytest.raises(SourceProblem) as caught:
+        read_text(bad, OPTIONS)
+    assert caught.value.line == 3 and "latin1.txt:3" in str(caught.value)
+
+
+FORTUNES = """\
+The only thing we learn from history is that we learn nothing.
+\t\t-- Hegel
+%
+Clothes make the man. Naked people have little or no influence on society.
+\t\t-- Mark Twain
+%
+An unattributed saying
+on two lines.
+%
+Get your facts first, and then you can distort them as much as you please.
+\t\t-- Mark Twain, 1894
+%
+"""
+
+
+def test_fortune_entries_with_and_without_an_author(tmp_path: Path):
+    path = tmp_path / "fortunes"
+    path.write_text(FORTUNES)
+    assert detect_format(path) == "fortune"
+    everything = texts(read_fortune(path, OPTIONS))
+    assert len(everything) == 4 and everything[0].endswith("-- Hegel")
+    twain = texts(read_fortune(path, ReadOptions(author="Mark Twain")))
+    assert twain == [
+        "Clothes make the man. Naked people have little or no influence on society.",
+        "Get your facts first, and then you can distort them as much as you please.",
+    ]
+    assert read_fortune(path, ReadOptions(author="Mark")) != []
+    assert read_fortune(path, ReadOptions(author="Twainy")) == []
+
+
+def test_csv_column_and_missing_column(tmp_path: Path):
+    path = tmp_path / "posts.csv"
+    path.write_text('id,body\n1,"Hello, world"\n2,"multi\nline"\n3,\n')
+    assert texts(read_csv(path, ReadOptions(column="body"))) == ["Hello, world", "multi\nline"]
+    with pytest.raises(SourceProblem, match="no column 'text'; columns are id, body"):
+        read_csv(path, OPTIONS)
+
+
+def test_jsonl_field_nested_and_malformed_line(tmp_path: Path):
+    path = tmp_path / "posts.jsonl"
+    path.write_text('{"post": {"body": "one"}}\n\n{"post": {"body": "two"}}\n{"other": 1}\n')
+    assert texts(read_jsonl(path, ReadOptions(field="post.body"))) == ["one", "two"]
+    path.write_text('{"text": "fine"}\n{"text": broken\n')
+    with pytest.raises(SourceProblem) as caught:
+        read_jsonl(path, OPTIONS)
+    assert caught.value.line == 2
+
+
+def test_tweet_archive_drops_retweets_replies_and_links(tmp_path: Path):
+    tweets = [
+        {"tweet": {"full_text": "My own thought &amp; more https://t.co/abc", "id_str": "1"}},
+        {"tweet": {"full_text": "RT @other: someone else's words", "id_str": "2"}},
+        {"tweet": {"full_text": "@friend a reply", "in_reply_to_status_id_str": "9", "id_str": "3"}},
+        {"tweet": {"full_text": "Another original", "id_str": "4"}},
+    ]
+    path = tmp_path / "tweets.js"
+    path.write_text("window.YTD.tweets.part0 = " + json.dumps(tweets, indent=2))
+    assert detect_format(path) == "tweets"
+    assert texts(read_tweets(path, OPTIONS)) == ["My own thought & more", "Another original"]
+    with_replies = read_tweets(path, ReadOptions(keep_replies=True, keep_retweets=True))
+    assert len(with_replies) == 4
+    plain = tmp_path / "tweets.json"
+    plain.write_text(json.dumps([t["tweet"] for t in tweets]))
+    assert len(read_tweets(plain, OPTIONS)) == 2
+    broken = tmp_path / "tweets-part1.js"
+    broken.write_text('window.YTD.tweets.part1 = [\n  {"tweet": {\n  "full_text": oops}}\n]')
+    with pytest.raises(SourceProblem) as caught:
+        read_tweets(broken, OPTIONS)
+    assert caught.value.line == 3
+
+
+def _write_pdf(path: Path, pages: list[list[str]]) -> None:
+    from fpdf import FPDF
+
+    pdf = FPDF()
+    pdf.set_font("Helvetica", size=11)
+    for number, lines in enumerate(pages, start=1):
+        pdf.add_page()
+        pdf.cell(0, 8, "THE BOOK OF CALM", new_x="LMARGIN", new_y="NEXT")
+        for line in lines:
+            pdf.cell(0, 8, line, new_x="LMARGIN", new_y="NEXT")
+        pdf.set_y(-20)
+        pdf.cell(0, 8, f"Page {number}")
+    pdf.output(str(path))
+
+
+def test_pdf_drops_headers_footers_and_repairs_hyphens(tmp_path: Path):
+    path = tmp_path / "book.pdf"
+    _write_pdf(path, [
+        ["The garden grows in its own", "time, and the gardener learns pa-", "tience from it."],
+        ["A second thought about the", "river and the stones."],
+        ["Third page, with a single line."],
+    ])
+    whole = " ".join(texts(read_pdf(path, OPTIONS)))
+    assert "THE BOOK OF CALM" not in whole and "Page" not in whole
+    assert "learns patience from it." in whole
+    assert "The garden grows in its own time," in whole
+
+
+def test_pdf_page_cleanup_keeps_a_paragraph_across_pages():
+    pages = ["Header\nIt was the best of\n1", "Header\ntimes, it was the worst.\n2", "Header\nEnd.\n3"]
+    assert clean_pages(pages) == "It was the best of times, it was the worst.\n\nEnd."
+
+
+def test_broken_pdf_is_reported(tmp_path: Path):
+    path = tmp_path / "broken.pdf"
+    path.write_bytes(b"%PDF-1.4\nnot really a pdf")
+    with pytest.raises(SourceProblem, match="broken.pdf"):
+        read_pdf(path, OPTIONS)
+
+
+def test_cleaning_normalises_and_drops_duplicates():
+    docs = [
+        "  Ｆｕｌｌ-width   text\t here \n\n\n\nnext ",
+        "The quick brown fox jumps over the lazy dog today.",
+        "the quick brown fox jumps over the lazy dog today!",  # same words: duplicate
+        "The quick brown fox jumps over the lazy dog today again.",  # near duplicate
+        "   ",
+        "Visit https://example.com now @someone",
+    ]
+    kept, report = clean_documents(docs, CleanOptions(strip_urls=True, strip_handles=True))
+    assert kept == ["Full-width text here\n\nnext", "The quick brown fox jumps over the lazy dog today.", "Visit now"]
+    assert report.dropped == {"duplicate": 1, "near-duplicate": 1, "empty": 1}
+    assert normalize_text("a<|endoftext|>b") == "ab"
+
+
+def test_build_reports_bad_files_and_keeps_the_rest(tmp_path: Path):
+    folder = tmp_path / "blog"
+    folder.mkdir()
+    (folder / "a.md").write_text("---\ntitle: A\n---\nFirst post body.\n")
+    (folder / "b.md").write_text("---\ntitle: [broken\n---\nLost.\n")
+    (folder / "notes.txt").write_text("one note\n\nanother note\n")
+    (folder / ".hidden.txt").write_text("secret")
+    result = build_corpus([folder])
+    assert result.files == 3
+    assert [p.path.name for p in result.problems] == ["b.md"]
+    assert sorted(result.corpus.documents) == ["First post body.", "another note", "one note"]
+
+
+def test_split_is_saved_and_reused(tmp_path: Path):
+    source = tmp_path / "all.txt"
+    source.write_text("\n\n".join(f"Entry number {i} says something different {i * 7}." for i in range(40)))
+    result = build_corpus([source])
+    assert len(result.corpus.validation) == 4 and len(result.corpus.train) == 36
+    out = tmp_path / "corpus.jsonl"
+    write_corpus(result.corpus, out)
+    again = read_corpus(out)
+    assert again.validation == result.corpus.validation and again.fingerprint == result.corpus.fingerprint
+    # A hand-written corpus without splits gets the same split from the same texts.
+    bare = tmp_path / "bare.jsonl"
+    bare.write_text("".join(json.dumps({"text": t}) + "\n" for t in result.corpus.documents))
+    assert sorted(read_corpus(bare).validation) == sorted(result.corpus.validation)
+
+
+def test_reading_missing_or_empty_corpus_says_what_to_do(tmp_path: Path):
+    with pytest.raises(CorpusError, match="persona corpus build"):
+        read_corpus(tmp_path / "nope.jsonl")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(CorpusError, match="no documents"):
+        read_corpus(empty)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n[1, 2]\n')
+    with pytest.raises(CorpusError, match="bad.jsonl:2"):
+        read_corpus(bad)
+
+
+READERS = [read_text, read_markdown, read_fortune, read_csv, read_jsonl, read_tweets, read_pdf]
+
+
+@pytest.mark.parametrize("reader", READERS, ids=lambda r: r.__name__)
+@hypothesis_settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.binary(max_size=400) | st.text(max_size=400).map(str.encode))
+def test_parsers_never_crash(reader, data: bytes, tmp_path: Path):
+    path = tmp_path / "fuzzed"
+    path.write_bytes(data)
+    try:
+        documents = reader(path, OPTIONS)
+    except SourceProblem as problem:
+        assert "fuzzed" in str(problem)
+    else:
+        assert all(isinstance(d.text, str) for d in documents)

@@ -1,0 +1,91 @@
+"""Evaluating a persona on its corpus's held-out split, and exporting it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from persona.errors import ConfigError, CorpusError, ModelError
+from persona.personas import PersonaRegistry
+from persona.settings import Settings
+from training.corpus import Corpus, read_corpus
+from training.evaluate import evaluate_persona
+from training.export import export_persona
+from training.runs import train_persona
+from training.trainer import TrainConfig
+
+# The tiny GPT-2's tokenizer was trained on these (tests/conftest.py), so they are easy to learn.
+LONG_SAYINGS = [
+    "Attend to the small things; the large ones are made of them.",
+    "The road is long, and that is why we walk it daily.",
+    "Patience is the art of hoping slowly.",
+    "A calm mind is a well-kept garden.",
+]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One CPU thread: on a shared machine, two busy-waiting threads per process are far slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def corpus_file(tmp_path: Path) -> Path:
+    rows = [{"text": t, "split": "train"} for t in LONG_SAYINGS]
+    rows.append({"text": LONG_SAYINGS[0], "split": "validation"})
+    path = tmp_path / "corpus.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def memorised(settings: Settings, tiny_gpt2_dir: Path, corpus_file: Path) -> str:
+    """A persona that learned its four sayings by heart (full fine-tune, high rate)."""
+    config = TrainConfig(base=str(tiny_gpt2_dir), kind="full", steps=100, batch_size=4, learning_rate=1e-2,
+                         eval_every=100, samples=0)
+    train_persona(settings, "parrot", corpus_file, config)
+    return "parrot"
+
+
+def test_eval_of_a_memorising_persona_shows_low_perplexity_and_copying(settings: Settings, memorised: str,
+                                                                      corpus_file: Path):
+    persona = PersonaRegistry.from_settings(settings).get(memorised)
+    report = evaluate_persona(settings, persona, read_corpus(corpus_file), samples=8, sample_tokens=30)
+    assert report.version == "v1" and report.validation_documents == 1
+    assert report.perplexity < report.base_perplexity / 2
+    assert report.copied_fraction > 0 and report.longest_copied_run >= 8
+    assert len(report.samples) == 8 and 0 < report.distinct_2 <= 1
+    assert {"base_perplexity", "perplexity", "copied_fraction"} <= set(report.as_dict())
+
+
+def test_eval_of_a_persona_without_checkpoint_measures_the_base(settings: Settings, write_persona,
+                                                                tiny_gpt2_dir: Path, corpus_file: Path):
+    write_persona("plain", base=str(tiny_gpt2_dir))
+    persona = PersonaRegistry.from_settings(settings).get("plain")
+    report = evaluate_persona(settings, persona, read_corpus(corpus_file), samples=2, sample_tokens=5)
+    assert report.version == "base" and report.perplexity == report.base_perplexity
+    with pytest.raises(CorpusError, match="no held-out documents"):
+        evaluate_persona(settings, persona, Corpus(train=["a"], validation=[], fingerprint="x"))
+    with pytest.raises(ModelError, match="no fine-tuned checkpoint"):
+        export_persona(settings, persona, settings.data_dir / "out")
+
+
+def test_export_of_full_weights_loads_with_plain_transformers(settings: Settings, memorised: str, tmp_path: Path):
+    persona = PersonaRegistry.from_settings(settings).get(memorised)
+    folder = export_persona(settings, persona, tmp_path / "parrot-model")
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    start = torch.tensor([[tokenizer.eos_token_id]])
+    out = model.generate(start, max_new_tokens=20, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    text = tokenizer.decode(out[0], skip_special_tokens=True)
+    assert any(text.strip() and saying.startswith(text.strip()[:20]) for saying in LONG_SAYINGS), text
+    assert (folder / "README.md").is_file()
+    with pytest.raises(ConfigError, match="not empty"):
+        export_persona(settings, persona, folder)

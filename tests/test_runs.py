@@ -1,0 +1,117 @@
+"""Training a persona end to end: checkpoint versions, its persona file, served by a worker."""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+
+import pytest
+import torch
+
+from persona.checkpoints import list_checkpoints
+from persona.contract import GenerationRequest, Priority
+from persona.errors import ConfigError, CorpusError, ModelError
+from persona.personas import PersonaRegistry
+from persona.queue import QueueClient
+from persona.settings import Settings
+from training.runs import train_persona
+from training.trainer import TrainConfig
+
+SAYINGS = [
+    "Patience is the art of hoping slowly.",
+    "Attend to the small things; the large ones are made of them.",
+    "A calm mind is a well-kept garden.",
+    "The road is long, and that is why we walk it daily.",
+    "Still water shows the moon.",
+    "Every storm runs out of rain.",
+    "A lamp does not ask who is reading.",
+    "Seeds keep their promises quietly.",
+    "The kettle sings only when it is ready.",
+    "Snow forgives the path by hiding it.",
+]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One CPU thread: on a shared machine, two busy-waiting threads per process are far slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+
+@pytest.fixture
+def corpus_file(tmp_path: Path) -> Path:
+    path = tmp_path / "sayings.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in SAYINGS))
+    return path
+
+
+def config(base: Path, **changes) -> TrainConfig:
+    return TrainConfig(base=str(base), steps=4, batch_size=4, samples=0, **changes)
+
+
+def test_new_persona_gets_a_file_in_the_data_dir_and_versions_grow(settings: Settings, tiny_gpt2_dir: Path, corpus_file: Path):
+    first = train_persona(settings, "calm", corpus_file, config(tiny_gpt2_dir))
+    assert first.checkpoint.version == "v1" and first.persona_file_updated
+    assert first.persona_file == settings.user_personas_dir / "calm.toml"
+    persona = PersonaRegistry.from_settings(settings).get("calm")
+    assert persona.model.checkpoint == "v1" and persona.model.base == str(tiny_gpt2_dir)
+    assert persona.filters.corpus == str(corpus_file.resolve())
+
+    second = train_persona(settings, "calm", corpus_file, config(tiny_gpt2_dir, seed=2))
+    assert second.checkpoint.version == "v2"
+    assert PersonaRegistry.from_settings(settings).get("calm").model.checkpoint == "v2"
+    versions = list_checkpoints(settings.checkpoints_dir, "calm")
+    assert [v.version for v in versions] == ["v1", "v2"]
+    for info in versions:
+        assert info.corpus_fingerprint and info.config["kind"] == "lora" and "perplexity" in info.metrics
+        card = (info.path / "README.md").read_text()
+        assert f"calm {info.version}" in card and "perplexity" in card
+    assert not (settings.data_dir / "runs" / "calm").exists()  # finished runs leave nothing behind
+
+
+def test_a_persona_from_elsewhere_is_not_rewritten(settings: Settings, write_persona, tiny_gpt2_dir: Path, corpus_file: Path):
+    path = write_persona("keeper", base=str(tiny_gpt2_dir))
+    before = path.read_text()
+    done = train_persona(settings, "keeper", corpus_file, config(tiny_gpt2_dir))
+    assert done.checkpoint.version == "v1" and not done.persona_file_updated
+    assert path.read_text() == before
+    with pytest.raises(ConfigError, match="would not fit"):
+        train_persona(settings, "keeper", corpus_file, config(Path("/elsewhere")))
+
+
+def test_clear_errors_before_any_training(settings: Settings, tiny_gpt2_dir: Path, tmp_path: Path):
+    with pytest.raises(CorpusError, match="does not exist"):
+        train_persona(settings, "x", tmp_path / "missing.jsonl", config(tiny_gpt2_dir))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(CorpusError, match="no documents"):
+        train_persona(settings, "x", empty, config(tiny_gpt2_dir))
+    one = tmp_path / "one.jsonl"
+    one.write_text('{"text": "only one", "split": "validation"}\n')
+    with pytest.raises(CorpusError, match="no training documents"):
+        train_persona(settings, "x", one, config(tiny_gpt2_dir))
+    one.with_name("two.jsonl").write_text('{"text": "a"}\n{"text": "b"}\n')
+    with pytest.raises(ModelError, match="neither the bundled"):
+        train_persona(settings, "x", one.with_name("two.jsonl"), TrainConfig(base="gpt-17"))
+    with pytest.raises(ConfigError, match="not a persona name"):
+        train_persona(settings, "Bad Name", empty, config(tiny_gpt2_dir))
+
+
+def test_a_trained_persona_answers_through_the_worker(settings: Settings, tiny_llama_dir: Path, corpus_file: Path,
+                                                      running_worker, redis_client):
+    from persona.connection import connect
+
+    train_persona(settings, "sayer", corpus_file, config(tiny_llama_dir))
+    running_worker()
+    client = QueueClient(connect(settings), settings.queue)  # the CLI's client, made for long waits
+    reply = client.ask(GenerationRequest(persona="sayer", mode="complete", prefix="Still",
+                                         priority=Priority.batch), timeout=60)
+    assert reply.ok, reply.error
+    assert reply.version == "v1" and reply.persona == "sayer"
+    chat = client.ask(GenerationRequest(persona="sayer", messages=[{"role": "user", "content": "hi"}]), timeout=60)
+    assert chat.ok and chat.version == "v1"
+    assert tomllib.loads((settings.user_personas_dir / "sayer.toml").read_text())["model"]["checkpoint"] == "v1"

@@ -1,0 +1,120 @@
+"""The training commands, run as a user runs them: a real process, real files, real exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from persona.models import load_model
+from persona.settings import Settings
+
+SAYINGS = "\n%\n".join([
+    "Patience is the art of hoping slowly.\n\t-- Sage",
+    "Attend to the small things; the large ones are made of them.\n\t-- Sage",
+    "A calm mind is a well-kept garden.\n\t-- Sage",
+    "The road is long, and that is why we walk it daily.\n\t-- Sage",
+    "Still water shows the moon.\n\t-- Sage",
+    "Every storm runs out of rain.\n\t-- Sage",
+    "Somebody else entirely.\n\t-- Other",
+    "A lamp does not ask who is reading.\n\t-- Sage",
+    "Seeds keep their promises quietly.\n\t-- Sage",
+    "Patience is the art of hoping slowly!\n\t-- Sage",
+]) + "\n%\n"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One CPU thread: on a shared machine, two busy-waiting threads per process are far slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+
+def persona(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "persona", *args], env=env, capture_output=True, text=True, check=False,
+                          timeout=timeout)
+
+
+@pytest.fixture
+def env(settings: Settings) -> dict[str, str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("PERSONA_")}
+    return clean | {"PERSONA_DATA_DIR": str(settings.data_dir), "COLUMNS": "200", "OMP_NUM_THREADS": "1",
+                    "PERSONA_REDIS_URL": settings.redis_url.get_secret_value()}
+
+
+def test_corpus_build_reports_kept_dropped_and_bad_files(env, tmp_path: Path):
+    (tmp_path / "sage.txt").write_text(SAYINGS)
+    (tmp_path / "broken.jsonl").write_text('{"text": "fine"}\n{oops\n')
+    out = tmp_path / "corpus.jsonl"
+    result = persona("corpus", "build", str(tmp_path / "sage.txt"), str(tmp_path / "broken.jsonl"),
+                     "-o", str(out), "--author", "Sage", env=env)
+    assert result.returncode == 0, result.stderr
+    assert "broken.jsonl:2" in result.stderr
+    assert "kept 8, dropped 1 duplicate" in result.stdout and "7 train, 1 validation" in result.stdout
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 8 and all("-- Sage" not in r["text"] for r in rows)
+    nobody = persona("corpus", "build", str(tmp_path / "sage.txt"), "-o", str(out), "--author", "Nobody", env=env)
+    assert nobody.returncode == 1 and "no documents signed by 'Nobody'" in nobody.stderr
+
+
+def test_train_errors_say_what_to_do(env, tmp_path: Path, tiny_gpt2_dir: Path):
+    missing = persona("train", "x", "--corpus", str(tmp_path / "nope.jsonl"), "--base", str(tiny_gpt2_dir), env=env)
+    assert missing.returncode == 1 and "persona corpus build" in missing.stderr
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    result = persona("train", "x", "--corpus", str(empty), "--base", str(tiny_gpt2_dir), env=env)
+    assert result.returncode == 1 and "holds no documents" in result.stderr
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"text": "a"}\n{"text": "b"}\n')
+    unknown = persona("train", "x", "--corpus", str(good), "--base", "gpt-17", env=env)
+    assert unknown.returncode == 1 and "neither the bundled 'smollm2'" in unknown.stderr
+    for result in (missing, unknown):
+        assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_train_eval_generate_export_from_the_command_line(env, settings: Settings, tmp_path: Path,
+                                                         tiny_gpt2_dir: Path, running_worker):
+    (tmp_path / "sage.txt").write_text(SAYINGS)
+    corpus = tmp_path / "corpus.jsonl"
+    assert persona("corpus", "build", str(tmp_path / "sage.txt"), "-o", str(corpus), env=env).returncode == 0
+
+    trained = persona("train", "sage2", "--corpus", str(corpus), "--base", str(tiny_gpt2_dir), "--steps", "6",
+                      "--batch-size", "4", "--eval-every", "3", "--learning-rate", "0.01", env=env)
+    assert trained.returncode == 0, trained.stderr
+    assert "registered sage2 v1" in trained.stdout and "loss=" in trained.stdout
+    assert (settings.user_personas_dir / "sage2.toml").is_file()
+
+    evaluated = persona("eval", "sage2", "--corpus", str(corpus), "--json", "--samples", "4", env=env)
+    assert evaluated.returncode == 0, evaluated.stderr
+    report = json.loads(evaluated.stdout)
+    assert report["version"] == "v1" and len(report["samples"]) == 4
+    assert report["perplexity"] < report["base_perplexity"] and 0.0 <= report["copied_fraction"] <= 1.0
+
+    running_worker()
+    out = tmp_path / "samples.jsonl"
+    generated = persona("generate", "sage2", "--prefix", "A calm", "-n", "3", "--out", str(out), "--seed", "1",
+                        "--max-new-tokens", "6", env=env)
+    assert generated.returncode == 0, generated.stderr
+    samples = [json.loads(line)["text"] for line in out.read_text().splitlines()]
+    assert len(samples) == 3 and all(s.startswith("A calm") for s in samples)
+
+    exported = tmp_path / "standalone"
+    result = persona("export", "sage2", "-o", str(exported), env=env)
+    assert result.returncode == 0, result.stderr
+    plain = AutoModelForCausalLM.from_pretrained(exported)  # plain transformers, no peft
+    served = load_model(str(tiny_gpt2_dir), settings.checkpoints_dir / "sage2" / "v1", cache_dir=tmp_path)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        assert torch.allclose(plain(ids).logits, served.model(ids).logits, atol=1e-5)
+    again = persona("export", "sage2", "-o", str(exported), env=env)
+    assert again.returncode == 1 and "not empty" in again.stderr

@@ -1,0 +1,143 @@
+"""Fine-tuning tiny real models: loss falls, documents end cleanly, resume is exact."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoTokenizer
+
+from persona.errors import ModelError
+from training.batching import batch_tensors, encode_documents
+from training.corpus import Corpus
+from training.trainer import TrainConfig, train
+
+SAYINGS = [
+    "Patience is the art of hoping slowly.",
+    "Attend to the small things; the large ones are made of them.",
+    "A calm mind is a well-kept garden.",
+    "The road is long, and that is why we walk it daily.",
+    "Still water shows the moon.",
+    "Every storm runs out of rain.",
+]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One CPU thread: on a shared machine, two busy-waiting threads per process are far slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+
+def corpus() -> Corpus:
+    return Corpus(train=SAYINGS * 3, validation=SAYINGS[:3], fingerprint="test")
+
+
+class Recorder:
+    """A reporter that remembers what it was told, and can interrupt the run."""
+
+    def __init__(self, stop_at: int | None = None) -> None:
+        self.losses: list[float] = []
+        self.evals: list[tuple[int, float, bool]] = []
+        self.samples: list[str] = []
+        self.stop_at = stop_at
+
+    def on_start(self, total_steps: int, resumed_from: int) -> None:
+        self.total = total_steps
+        self.resumed_from = resumed_from
+
+    def on_step(self, step: int, loss: float, average: float, elapsed_s: float) -> None:
+        self.losses.append(loss)
+        if step == self.stop_at:
+            raise KeyboardInterrupt  # what Ctrl-C does mid-run
+
+    def on_eval(self, step: int, val_loss: float, improved: bool) -> None:
+        self.evals.append((step, val_loss, improved))
+
+    def on_samples(self, step: int, texts: list[str]) -> None:
+        self.samples.extend(texts)
+
+
+def test_every_example_is_one_document_ending_in_end_of_text(tiny_gpt2_dir: Path):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_gpt2_dir)
+    eos = tokenizer.eos_token_id
+    examples = encode_documents(tokenizer, ["Still water.", "A calm mind is a well-kept garden. " * 6], 16)
+    assert examples[0][0] == eos and examples[0][-1] == eos  # GPT-2 starts and ends with <|endoftext|>
+    long_windows = examples[1:]
+    assert len(long_windows) > 1 and all(len(w) <= 16 for w in long_windows)
+    assert [w[-1] == eos for w in long_windows] == [False] * (len(long_windows) - 1) + [True]
+    batch = batch_tensors(examples[:2], tokenizer.pad_token_id or eos, "cpu")
+    short = len(examples[0])
+    assert (batch["labels"][0, short:] == -100).all() and (batch["labels"][0, :short] == eos).sum() == 2
+
+
+def test_llama_documents_start_like_a_served_completion(tiny_llama_dir: Path):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    [example] = encode_documents(tokenizer, ["Still water shows the moon."], 64)
+    assert example[0] == tokenizer.bos_token_id and example[-1] == tokenizer.eos_token_id
+
+
+@pytest.mark.parametrize("kind", ["lora", "full"])
+def test_training_lowers_validation_loss_and_keeps_the_best(tiny_gpt2_dir: Path, tmp_path: Path, kind: str):
+    config = TrainConfig(kind=kind, steps=30, batch_size=6, eval_every=10, learning_rate=3e-3 if kind == "full" else 2e-2,
+                         samples=1, sample_tokens=8, seed=1)
+    recorder = Recorder()
+    result = train(config, corpus(), tiny_gpt2_dir, tmp_path / "run", reporter=recorder)
+    assert result.status == "finished"
+    assert sum(recorder.losses[-5:]) / 5 < sum(recorder.losses[:5]) / 5
+    assert result.metrics["perplexity"] < result.metrics["base_perplexity"]
+    best = min(recorder.evals, key=lambda e: e[1])
+    assert result.metrics["best_step"] == best[0] and math.isclose(result.metrics["val_loss"], best[1])
+    marker = "adapter_config.json" if kind == "lora" else "config.json"
+    assert (result.best_dir / marker).is_file() and (result.best_dir / "tokenizer_config.json").is_file()
+    assert len(recorder.samples) == 3 and result.metrics["tokens_per_s"] > 0
+
+
+def test_early_stopping_when_validation_stops_improving(tiny_gpt2_dir: Path, tmp_path: Path):
+    # A huge learning rate wrecks the model after the first evaluation.
+    config = TrainConfig(kind="full", steps=60, batch_size=6, eval_every=2, patience=2, learning_rate=5.0, samples=0)
+    result = train(config, corpus(), tiny_gpt2_dir, tmp_path / "run")
+    assert result.status == "early-stopped" and result.metrics["steps"] < 60
+
+
+def _adapter(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(folder / "adapter_model.safetensors")
+
+
+def test_stopped_and_resumed_run_equals_an_uninterrupted_one(tiny_llama_dir: Path, tmp_path: Path):
+    config = TrainConfig(kind="lora", steps=12, batch_size=4, eval_every=12, samples=0, seed=7, lora_dropout=0.1)
+    whole = train(config, corpus(), tiny_llama_dir, tmp_path / "whole")
+
+    interrupted = Recorder(stop_at=5)
+    first = train(config, corpus(), tiny_llama_dir, tmp_path / "parts", reporter=interrupted)
+    assert first.status == "interrupted" and first.metrics["steps"] == 5
+    resumed = Recorder()
+    second = train(config, corpus(), tiny_llama_dir, tmp_path / "parts", resume=True, reporter=resumed)
+    assert second.status == "finished" and resumed.resumed_from == 5 and len(resumed.losses) == 7
+
+    a, b = _adapter(whole.best_dir), _adapter(second.best_dir)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert second.metrics["val_loss"] == whole.metrics["val_loss"]
+
+
+def test_same_seed_same_weights_other_seed_other_weights(tiny_gpt2_dir: Path, tmp_path: Path):
+    def run(seed: int, name: str) -> dict[str, torch.Tensor]:
+        config = TrainConfig(kind="lora", steps=4, batch_size=4, samples=0, seed=seed)
+        return _adapter(train(config, corpus(), tiny_gpt2_dir, tmp_path / name).best_dir)
+
+    one, again, other = run(3, "a"), run(3, "b"), run(4, "c")
+    assert all(torch.equal(one[k], again[k]) for k in one)
+    assert not all(torch.equal(one[k], other[k]) for k in one)
+
+
+def test_resume_without_a_saved_run_says_so(tiny_gpt2_dir: Path, tmp_path: Path):
+    with pytest.raises(ModelError, match="nothing to resume"):
+        train(TrainConfig(steps=2, samples=0), corpus(), tiny_gpt2_dir, tmp_path / "none", resume=True)

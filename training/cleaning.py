@@ -1,0 +1,118 @@
+"""Cleaning documents: Unicode and whitespace normalised, duplicates dropped.
+
+Exact duplicates are found on a folded form of the text (case, punctuation and spacing
+ignored), near duplicates by the overlap of their word 3-grams (Jaccard similarity at
+or above ``NEAR_DUPLICATE_JACCARD``): the same joke told twice with a changed word is
+one document, not two, and would otherwise be learned by heart.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections import Counter, defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+__all__ = ["CleanOptions", "CleanReport", "clean_documents", "normalize_text"]
+
+NEAR_DUPLICATE_JACCARD = 0.8
+_SHINGLE_WORDS = 3
+_URL = re.compile(r"(?:https?://|www\.)\S+", re.IGNORECASE)
+_HANDLE = re.compile(r"(?<![\w@])@\w{1,30}\b")
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\u200b-\u200f\u2028\u2029\ufeff]")
+
+
+@dataclass
+class CleanOptions:
+    """Which cleaning steps to apply."""
+
+    strip_urls: bool = False
+    strip_handles: bool = False
+    min_chars: int = 1
+    near_duplicates: bool = True
+
+
+@dataclass
+class CleanReport:
+    """What cleaning kept and why it dropped the rest."""
+
+    kept: int = 0
+    dropped: Counter[str] = field(default_factory=Counter)
+
+
+def normalize_text(text: str, options: CleanOptions | None = None) -> str:
+    """NFKC Unicode, no control characters, single spaces, at most one blank line."""
+    options = options or CleanOptions()
+    text = unicodedata.normalize("NFKC", text).replace("\r\n", "\n").replace("\r", "\n")
+    text = text.replace("<|endoftext|>", "")  # a leaked marker must never be learned
+    text = _CONTROL.sub("", text.replace("\t", " "))
+    if options.strip_urls:
+        text = _URL.sub("", text)
+    if options.strip_handles:
+        text = _HANDLE.sub("", text)
+    lines = [re.sub(r" {2,}", " ", line).strip() for line in text.split("\n")]
+    text = "\n".join(lines)
+    return re.sub(r"\n{3,}", "\n\n", text).strip()
+
+
+def _folded(text: str) -> str:
+    return " ".join(re.findall(r"\w+", text.casefold()))
+
+
+def _shingles(folded: str) -> set[tuple[str, ...]]:
+    tokens = folded.split()
+    if len(tokens) < _SHINGLE_WORDS:
+        return {tuple(tokens)}
+    return {tuple(tokens[i : i + _SHINGLE_WORDS]) for i in range(len(tokens) - _SHINGLE_WORDS + 1)}
+
+
+class _NearIndex:
+    """Kept documents' shingles, so each new one is compared only with those it shares some with."""
+
+    def __init__(self) -> None:
+        self.sets: list[set[tuple[str, ...]]] = []
+        self.postings: dict[tuple[str, ...], list[int]] = defaultdict(list)
+
+    def is_near(self, shingles: set[tuple[str, ...]]) -> bool:
+        shared: Counter[int] = Counter()
+        for shingle in shingles:
+            shared.update(self.postings.get(shingle, ()))
+        for other, overlap in shared.items():
+            union = len(shingles) + len(self.sets[other]) - overlap
+            if union and overlap / union >= NEAR_DUPLICATE_JACCARD:
+                return True
+        return False
+
+    def add(self, shingles: set[tuple[str, ...]]) -> None:
+        number = len(self.sets)
+        self.sets.append(shingles)
+        for shingle in shingles:
+            self.postings[shingle].append(number)
+
+
+def clean_documents(texts: Iterable[str], options: CleanOptions | None = None) -> tuple[list[str], CleanReport]:
+    """The cleaned documents in their original order, and a report of what was dropped."""
+    options = options or CleanOptions()
+    report = CleanReport()
+    kept: list[str] = []
+    seen: set[str] = set()
+    near = _NearIndex()
+    for raw in texts:
+        text = normalize_text(raw, options)
+        folded = _folded(text)
+        if len(text) < options.min_chars or not folded:
+            report.dropped["empty"] += 1
+            continue
+        if folded in seen:
+            report.dropped["duplicate"] += 1
+            continue
+        shingles = _shingles(folded)
+        if options.near_duplicates and near.is_near(shingles):
+            report.dropped["near-duplicate"] += 1
+            continue
+        seen.add(folded)
+        near.add(shingles)
+        kept.append(text)
+    report.kept = len(kept)
+    return kept, report

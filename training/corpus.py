@@ -1,0 +1,207 @@
+"""An author's corpus: built from source files, saved as JSONL, read back with its split.
+
+One document per line: ``{"text": ..., "split": "train" | "validation"}``. The split is
+chosen once, when the corpus is built, from a hash of each text (so it does not depend
+on file order), and saved in the file: training, early stopping and ``persona eval`` all
+use the same held-out documents. A plain ``{"text": ...}`` JSONL written by hand gets
+the same split when it is read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from persona.errors import CorpusError
+from training.cleaning import CleanOptions, CleanReport, clean_documents
+from training.pdf import read_pdf
+from training.sources import (
+    FORMATS,
+    RawDocument,
+    ReadOptions,
+    SourceProblem,
+    detect_format,
+    read_csv,
+    read_fortune,
+    read_jsonl,
+    read_markdown,
+    read_text,
+)
+from training.tweets import read_tweets
+
+__all__ = [
+    "VALIDATION_FRACTION",
+    "BuildResult",
+    "Corpus",
+    "assign_splits",
+    "build_corpus",
+    "read_corpus",
+    "source_files",
+    "write_corpus",
+]
+
+log = logging.getLogger(__name__)
+
+VALIDATION_FRACTION = 0.1
+MAX_VALIDATION_DOCS = 1000
+SPLITS = ("train", "validation")
+
+Reader = Callable[[Path, ReadOptions], list[RawDocument]]
+READERS: dict[str, Reader] = {
+    "text": read_text,
+    "markdown": read_markdown,
+    "csv": read_csv,
+    "jsonl": read_jsonl,
+    "pdf": read_pdf,
+    "tweets": read_tweets,
+    "fortune": read_fortune,
+}
+_KNOWN_SUFFIXES = {".md", ".markdown", ".txt", ".csv", ".jsonl", ".ndjson", ".pdf", ".js", ".json", ""}
+
+
+@dataclass
+class Corpus:
+    """The documents of a corpus, by split, and a fingerprint of its content."""
+
+    train: list[str]
+    validation: list[str]
+    fingerprint: str
+    path: Path | None = None
+
+    @property
+    def documents(self) -> list[str]:
+        return [*self.train, *self.validation]
+
+
+@dataclass
+class BuildResult:
+    """What building a corpus kept, dropped and could not read."""
+
+    corpus: Corpus
+    files: int = 0
+    found: int = 0
+    cleaning: CleanReport = field(default_factory=CleanReport)
+    problems: list[SourceProblem] = field(default_factory=list)
+    by_format: Counter[str] = field(default_factory=Counter)
+
+
+def _text_hash(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def assign_splits(texts: list[str], fraction: float = VALIDATION_FRACTION) -> list[str]:
+    """"train" or "validation" for each text: the ones whose hash sorts first are held out."""
+    if len(texts) < 2:
+        return ["train"] * len(texts)
+    count = min(MAX_VALIDATION_DOCS, max(1, round(len(texts) * fraction)))
+    held_out = set(sorted(range(len(texts)), key=lambda i: (_text_hash(texts[i]), i))[:count])
+    return ["validation" if i in held_out else "train" for i in range(len(texts))]
+
+
+def _fingerprint(rows: Iterable[tuple[str, str]]) -> str:
+    """A short hash of the documents and their splits, whatever their order in the file."""
+    digest = hashlib.sha256()
+    for split, text in sorted((split, text) for text, split in rows):
+        digest.update(split.encode() + b"\0" + text.encode("utf-8") + b"\0")
+    return digest.hexdigest()[:16]
+
+
+def source_files(sources: list[Path]) -> list[Path]:
+    """The files named, and the readable-looking files inside folders named, sorted."""
+    files: list[Path] = []
+    for source in sources:
+        if source.is_dir():
+            inside = [p for p in sorted(source.rglob("*")) if p.is_file()
+                      and not any(part.startswith(".") for part in p.relative_to(source).parts)
+                      and p.suffix.lower() in _KNOWN_SUFFIXES]
+            files.extend(inside)
+        elif source.is_file():
+            files.append(source)
+        else:
+            raise CorpusError(f"{source} does not exist; name files or folders of the author's writing")
+    return files
+
+
+def build_corpus(
+    sources: list[Path],
+    *,
+    fmt: str = "auto",
+    read_options: ReadOptions | None = None,
+    clean_options: CleanOptions | None = None,
+) -> BuildResult:
+    """Read every source, clean the documents and split them; unreadable files are reported."""
+    if fmt not in FORMATS:
+        raise CorpusError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    read_options = read_options or ReadOptions()
+    files = source_files(sources)
+    raw: list[str] = []
+    problems: list[SourceProblem] = []
+    by_format: Counter[str] = Counter()
+    for path in files:
+        chosen = detect_format(path) if fmt == "auto" else fmt
+        try:
+            documents = READERS[chosen](path, read_options)
+        except SourceProblem as problem:
+            log.warning("skipping %s", problem)
+            problems.append(problem)
+            continue
+        by_format[chosen] += len(documents)
+        raw.extend(doc.text for doc in documents)
+    texts, report = clean_documents(raw, clean_options)
+    splits = assign_splits(texts)
+    corpus = Corpus(
+        train=[t for t, s in zip(texts, splits) if s == "train"],
+        validation=[t for t, s in zip(texts, splits) if s == "validation"],
+        fingerprint=_fingerprint(zip(texts, splits)),
+    )
+    return BuildResult(corpus, len(files), len(raw), report, problems, by_format)
+
+
+def write_corpus(corpus: Corpus, path: Path) -> None:
+    """Save a corpus as JSONL with each document's split."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = [{"text": t, "split": "train"} for t in corpus.train]
+    rows += [{"text": t, "split": "validation"} for t in corpus.validation]
+    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    corpus.path = path
+
+
+def read_corpus(path: Path) -> Corpus:
+    """A corpus file, with the split it was saved with (or the standard one if none)."""
+    if not path.is_file():
+        raise CorpusError(f"corpus {path} does not exist; build one with `persona corpus build SRC... -o {path}`")
+    texts: list[str] = []
+    saved: list[str | None] = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CorpusError(f"cannot read corpus {path}: {exc}") from exc
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise CorpusError(f"{path}:{number}: not JSON ({exc.msg}); a corpus has one {{\"text\": ...}} per line") from exc
+        text = row.get("text") if isinstance(row, dict) else None
+        if not isinstance(text, str):
+            raise CorpusError(f"{path}:{number}: no \"text\" field; a corpus has one {{\"text\": ...}} per line")
+        if text.strip():
+            texts.append(text)
+            split = row.get("split")
+            saved.append(split if split in SPLITS else None)
+    if not texts:
+        raise CorpusError(f"corpus {path} holds no documents; rebuild it with `persona corpus build`")
+    if any(s is None for s in saved):
+        saved = assign_splits(texts)
+    return Corpus(
+        train=[t for t, s in zip(texts, saved) if s == "train"],
+        validation=[t for t, s in zip(texts, saved) if s == "validation"],
+        fingerprint=_fingerprint(zip(texts, saved)),
+        path=path,
+    )

@@ -1,0 +1,103 @@
+"""How good a trained persona is: held-out perplexity against its base, and originality.
+
+Perplexity is measured on the corpus's validation split (the documents training never
+saw), framed exactly as in training. Originality samples texts unconditionally and asks
+how many copy a run of ``copy_words`` words verbatim from the corpus, and how varied
+they are (distinct-1 and distinct-2, ``persona/originality.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+
+from persona.errors import CorpusError
+from persona.models import LoadedModel, load_model, pick_device
+from persona.originality import CopyIndex, copied_fraction, distinct_n
+from persona.personas import Persona
+from persona.pool import BASE_VERSION, resolve_checkpoint
+from persona.settings import Settings
+from training.batching import encode_documents, evaluate_loss, perplexity
+from training.corpus import Corpus
+from training.trainer import sample_texts
+
+__all__ = ["EvalReport", "evaluate_persona", "held_out_loss"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalReport:
+    """A persona checkpoint's scores on its corpus."""
+
+    persona: str
+    version: str
+    base: str
+    validation_documents: int
+    base_loss: float
+    loss: float
+    base_perplexity: float
+    perplexity: float
+    copied_fraction: float
+    longest_copied_run: int
+    distinct_1: float
+    distinct_2: float
+    samples: list[str]
+    seconds: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def held_out_loss(loaded: LoadedModel, corpus: Corpus, max_tokens: int = 256) -> float:
+    """Mean loss per token of a loaded model on the corpus's validation split."""
+    examples = encode_documents(loaded.tokenizer, corpus.validation, max_tokens)
+    pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else loaded.tokenizer.eos_token_id
+    return evaluate_loss(loaded.model, examples, pad_id, loaded.device)
+
+
+def evaluate_persona(
+    settings: Settings,
+    persona: Persona,
+    corpus: Corpus,
+    *,
+    version: str | None = None,
+    samples: int = 16,
+    sample_tokens: int = 48,
+    copy_words: int = 8,
+    seed: int = 0,
+) -> EvalReport:
+    """Base and persona perplexity on the held-out split, and originality of samples."""
+    if not corpus.validation:
+        raise CorpusError("the corpus has no held-out documents to measure on; build it with more entries")
+    started = time.perf_counter()
+    device = pick_device(settings.worker.device)
+    version_name, checkpoint = resolve_checkpoint(persona, settings, version)
+    base = load_model(persona.model.base, None, cache_dir=settings.model_cache_dir, device=device, dtype="float32")
+    base_loss = held_out_loss(base, corpus)
+    if checkpoint is None:
+        tuned, loss = base, base_loss
+    else:
+        del base  # one model in memory at a time
+        tuned = load_model(persona.model.base, checkpoint, cache_dir=settings.model_cache_dir,
+                           device=device, dtype="float32")
+        loss = held_out_loss(tuned, corpus)
+    texts = sample_texts(tuned.model, tuned.tokenizer, samples, sample_tokens, seed, device)
+    index = CopyIndex(corpus.documents, n=copy_words)
+    return EvalReport(
+        persona=persona.name,
+        version=version_name if checkpoint is not None else BASE_VERSION,
+        base=persona.model.base,
+        validation_documents=len(corpus.validation),
+        base_loss=base_loss,
+        loss=loss,
+        base_perplexity=perplexity(base_loss),
+        perplexity=perplexity(loss),
+        copied_fraction=copied_fraction(texts, index),
+        longest_copied_run=max((index.longest_copied_run(t) for t in texts), default=0),
+        distinct_1=distinct_n(texts, 1),
+        distinct_2=distinct_n(texts, 2),
+        samples=texts,
+        seconds=time.perf_counter() - started,
+    )

@@ -1,0 +1,56 @@
+"""A persona's checkpoint as a standalone Hugging Face model folder.
+
+A LoRA adapter is merged into its base, so the folder loads with plain
+``AutoModelForCausalLM.from_pretrained(folder)``: no peft, no persona. Full-weight
+checkpoints are written the same way. (A GGUF file is not written yet.)
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+from persona.errors import ConfigError, ModelError
+from persona.models import load_model
+from persona.personas import Persona
+from persona.pool import resolve_checkpoint
+from persona.settings import Settings
+
+__all__ = ["export_persona"]
+
+log = logging.getLogger(__name__)
+
+
+def export_persona(settings: Settings, persona: Persona, out_dir: Path, *, version: str | None = None) -> Path:
+    """Write the persona's weights (its file's checkpoint, or ``version``) into ``out_dir``."""
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise ConfigError(f"{out_dir} already exists and is not empty; choose a new folder")
+    version_name, checkpoint = resolve_checkpoint(persona, settings, version)
+    if checkpoint is None:
+        raise ModelError(
+            f"persona {persona.name!r} has no fine-tuned checkpoint to export; "
+            f"train one with `persona train {persona.name} --corpus FILE` or name one with --checkpoint"
+        )
+    loaded = load_model(persona.model.base, checkpoint, cache_dir=settings.model_cache_dir, device="cpu", dtype="float32")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    try:
+        loaded.model.save_pretrained(staging)
+        loaded.tokenizer.save_pretrained(staging)
+        (staging / "README.md").write_text(
+            f"# {persona.speaker} ({persona.name} {version_name})\n\n"
+            f"Exported by `persona export` from `{checkpoint}` on base `{persona.model.base}`; "
+            "any LoRA adapter is merged in.\n\n"
+            "```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
+            "model = AutoModelForCausalLM.from_pretrained(FOLDER)\n"
+            "tokenizer = AutoTokenizer.from_pretrained(FOLDER)\n```\n"
+        )
+        if out_dir.exists():
+            out_dir.rmdir()
+        staging.rename(out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log.info("exported %s %s to %s", persona.name, version_name, out_dir)
+    return out_dir

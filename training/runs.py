@@ -1,0 +1,173 @@
+"""Training a persona: the run folder, the checkpoint it registers, the persona file.
+
+``train_persona`` ties the trainer to the rest of the service. The run's resumable state
+lives in ``<data_dir>/runs/<persona>/`` until the run finishes; its best weights then
+become the persona's next checkpoint version (``persona/checkpoints.py``). A persona
+that did not exist gets a file in the data directory's ``personas/`` folder pointing at
+that version; a persona that training created earlier is moved to the new version.
+A persona file elsewhere (the source tree) is never rewritten.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+import tomli_w
+
+from persona.checkpoints import CheckpointInfo, register_checkpoint
+from persona.errors import ConfigError, CorpusError, ModelError, UnknownPersona
+from persona.models import resolve_base
+from persona.personas import NAME_PATTERN, Persona, PersonaRegistry, load_persona_file
+from persona.settings import Settings
+from training.corpus import Corpus, read_corpus
+from training.trainer import Reporter, TrainConfig, TrainResult, train
+
+__all__ = ["TrainedPersona", "model_card", "persona_template", "run_dir", "saved_run_config", "train_persona"]
+
+log = logging.getLogger(__name__)
+
+RUN_FILE = "run.json"
+
+
+@dataclass
+class TrainedPersona:
+    """What ``train_persona`` did."""
+
+    result: TrainResult
+    checkpoint: CheckpointInfo | None
+    persona_file: Path | None
+    persona_file_updated: bool
+
+
+def run_dir(settings: Settings, name: str) -> Path:
+    """Where a persona's unfinished run keeps its resumable state."""
+    return settings.data_dir / "runs" / name
+
+
+def saved_run_config(settings: Settings, name: str) -> TrainConfig:
+    """The config of a persona's unfinished run, for ``--resume``."""
+    path = run_dir(settings, name) / RUN_FILE
+    if not path.is_file():
+        raise ModelError(f"no unfinished training run of {name!r} to resume; start one without --resume")
+    return TrainConfig.model_validate(json.loads(path.read_text())["config"])
+
+
+def persona_template(name: str, base: str, checkpoint: str, corpus: Path) -> dict:
+    """A new persona file's content: sensible defaults around the trained checkpoint."""
+    speaker = name.replace("-", " ").replace("_", " ").title()
+    return {
+        "name": name,
+        "display_name": speaker,
+        "description": f"Fine-tuned on {corpus.name}.",
+        "adapters": ["cli", "discord", "telegram", "scheduler"],
+        "model": {"base": base, "checkpoint": checkpoint},
+        "prompt": {
+            "system": f"You are {speaker}. Answer briefly, in your own voice and style.",
+            "post_instruction": "Write one short new post in your own voice.",
+        },
+        "sampling": {"temperature": 0.8, "top_p": 0.95, "max_new_tokens": 96, "repetition_penalty": 1.1},
+        "filters": {"corpus": str(corpus.resolve())},
+    }
+
+
+def model_card(info: CheckpointInfo, corpus: Corpus, result: TrainResult) -> str:
+    """A short README for a checkpoint folder: what it is, how it was made, how it scores."""
+    m = result.metrics
+    return (
+        f"# {info.persona} {info.version}\n\n"
+        f"A {'LoRA adapter' if info.kind == 'lora' else 'full fine-tune'} of `{info.base}` "
+        f"trained by `persona train` on a corpus of {len(corpus.train)} training and "
+        f"{len(corpus.validation)} held-out documents (fingerprint `{info.corpus_fingerprint}`).\n\n"
+        f"| measure | value |\n|---|---|\n"
+        f"| held-out perplexity, base model | {m['base_perplexity']:.2f} |\n"
+        f"| held-out perplexity, this checkpoint | {m['perplexity']:.2f} |\n"
+        f"| best step / steps run | {m['best_step']:.0f} / {m['steps']:.0f} |\n"
+        f"| training tokens per second | {m['tokens_per_s']:.0f} |\n"
+        f"| ended | {result.status} |\n\n"
+        f"Serve it: `persona swap {info.persona} {info.version}`. Export it as a standalone "
+        f"Hugging Face model: `persona export {info.persona} --checkpoint {info.version} -o DIR`.\n"
+        "The training config is in `checkpoint.json`.\n"
+    )
+
+
+def _existing(settings: Settings, name: str) -> Persona | None:
+    try:
+        return PersonaRegistry.from_settings(settings).get(name)
+    except UnknownPersona:
+        return None
+
+
+def _write_persona_file(settings: Settings, persona: Persona | None, name: str, base: str,
+                        version: str, corpus_path: Path) -> tuple[Path | None, bool]:
+    """Create or move the persona file to the new version, where training may write it."""
+    folder = settings.user_personas_dir
+    if persona is None:
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{name}.toml"
+        path.write_text(tomli_w.dumps(persona_template(name, base, version, corpus_path)))
+    elif persona.source is not None and persona.source.parent.resolve() == folder.resolve():
+        path = persona.source
+        data = tomllib.loads(path.read_text())
+        data.setdefault("model", {})["checkpoint"] = version
+        path.write_text(tomli_w.dumps(data))
+    else:
+        return persona.source, False
+    load_persona_file(path)  # what we wrote must load
+    return path, True
+
+
+def train_persona(
+    settings: Settings,
+    name: str,
+    corpus_path: Path,
+    config: TrainConfig,
+    *,
+    resume: bool = False,
+    reporter: Reporter | None = None,
+) -> TrainedPersona:
+    """Fine-tune a persona on a corpus and register the best weights as its next version."""
+    if not re.fullmatch(NAME_PATTERN, name):
+        raise ConfigError(f"{name!r} is not a persona name: use lower-case letters, digits, - and _")
+    corpus = read_corpus(corpus_path)
+    if not corpus.train:
+        raise CorpusError(f"corpus {corpus_path} has no training documents; add more writing")
+    persona = _existing(settings, name)
+    if persona is not None and persona.model.base != config.base:
+        raise ConfigError(
+            f"persona {name!r} speaks with base {persona.model.base!r}, so a checkpoint trained on "
+            f"{config.base!r} would not fit it; leave out --base or train a new persona"
+        )
+    base_dir = resolve_base(config.base, settings.model_cache_dir)
+    folder = run_dir(settings, name)
+    if resume:
+        saved = json.loads((folder / RUN_FILE).read_text()) if (folder / RUN_FILE).is_file() else {}
+        if saved.get("corpus_fingerprint") not in (None, corpus.fingerprint):
+            raise CorpusError(f"{corpus_path} is not the corpus this run started on; resume with the same corpus")
+    else:
+        folder.mkdir(parents=True, exist_ok=True)
+        record = {"config": config.model_dump(), "corpus_fingerprint": corpus.fingerprint, "corpus": str(corpus_path)}
+        (folder / RUN_FILE).write_text(json.dumps(record, indent=2))
+    result = train(config, corpus, base_dir, folder, resume=resume, reporter=reporter)
+    if result.status == "interrupted":
+        return TrainedPersona(result, None, None, False)
+    info = CheckpointInfo(persona=name, version="pending", base=config.base, kind=config.kind,
+                          corpus_fingerprint=corpus.fingerprint, config=config.model_dump(),
+                          metrics={k: v for k, v in result.metrics.items()})
+    staging = settings.checkpoints_dir / name / f".staging-{os.getpid()}"
+    staging.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.move(result.best_dir, staging)
+    # The version is only known once registered; the card is rewritten with it.
+    info = register_checkpoint(settings.checkpoints_dir, staging, info)
+    (info.path / "README.md").write_text(model_card(info, corpus, result))
+    persona_file, updated = _write_persona_file(settings, persona, name, config.base, info.version, corpus_path)
+    shutil.rmtree(folder, ignore_errors=True)
+    log.info("registered %s %s at %s", name, info.version, info.path)
+    return TrainedPersona(result, info, persona_file, updated)

@@ -1,0 +1,392 @@
+"""Fine-tuning a causal LM on an author's corpus, LoRA or full, resumable exactly.
+
+Reads top to bottom: prepare (seed, model, examples, optimiser) → train (step, report,
+evaluate, keep the best, stop early or on time) → hand back the best weights. The data
+order of epoch ``e`` is a permutation seeded with ``seed + e``, so the position in the
+data is just the step number; with the optimiser, schedule and random states saved in
+the run folder, ``resume=True`` continues as if the run had never stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import resource
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import torch
+from pydantic import BaseModel, Field
+
+from persona.errors import ModelError
+from training.batching import (
+    Example,
+    batch_tensors,
+    encode_documents,
+    evaluate_loss,
+    perplexity,
+    start_token_id,
+    summed_loss,
+)
+from training.corpus import Corpus
+
+__all__ = ["LogReporter", "Reporter", "TrainConfig", "TrainResult", "sample_texts", "train"]
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "state.pt"
+BEST_DIR = "best"
+DEFAULT_EPOCHS = 5.0
+AVERAGE_DECAY = 0.99  # gpt-2-simple's running average of the loss
+
+
+class TrainConfig(BaseModel):
+    """Everything that decides what a run does; saved with its checkpoint."""
+
+    base: str = "smollm2"
+    kind: Literal["lora", "full"] = "lora"
+    steps: int | None = Field(None, ge=1, description="optimiser steps (default: from epochs)")
+    epochs: float | None = Field(None, gt=0, description=f"passes over the data (default {DEFAULT_EPOCHS:g})")
+    max_minutes: float | None = Field(None, gt=0, description="stop after this much training time")
+    batch_size: int = Field(8, ge=1)
+    learning_rate: float | None = Field(None, gt=0, description="default 2e-4 for LoRA, 5e-5 full")
+    warmup_fraction: float = Field(0.05, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    max_tokens: int = Field(256, ge=8, description="longest example; longer documents are windowed")
+    eval_every: int | None = Field(None, ge=1, description="steps between evaluations (default: ~10 per run)")
+    patience: int = Field(3, ge=1, description="evaluations without improvement before stopping")
+    samples: int = Field(2, ge=0, description="samples printed at each evaluation")
+    sample_tokens: int = Field(40, ge=1)
+    seed: int = 0
+    lora_r: int = Field(16, ge=1)
+    lora_alpha: int = Field(32, ge=1)
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    def lr(self) -> float:
+        return self.learning_rate or (2e-4 if self.kind == "lora" else 5e-5)
+
+
+class Reporter(Protocol):
+    """What a run tells the person watching it."""
+
+    def on_start(self, total_steps: int, resumed_from: int) -> None: ...
+    def on_step(self, step: int, loss: float, average: float, elapsed_s: float) -> None: ...
+    def on_eval(self, step: int, val_loss: float, improved: bool) -> None: ...
+    def on_samples(self, step: int, texts: list[str]) -> None: ...
+
+
+class LogReporter:
+    """A reporter that writes to the log, for runs without a terminal."""
+
+    def on_start(self, total_steps: int, resumed_from: int) -> None:
+        log.info("training %d steps (from step %d)", total_steps, resumed_from)
+
+    def on_step(self, step: int, loss: float, average: float, elapsed_s: float) -> None:
+        log.debug("[%d | %.2f] loss=%.2f avg=%.2f", step, elapsed_s, loss, average)
+
+    def on_eval(self, step: int, val_loss: float, improved: bool) -> None:
+        log.info("step %d: validation loss %.3f, perplexity %.1f%s", step, val_loss,
+                 perplexity(val_loss), " (best)" if improved else "")
+
+    def on_samples(self, step: int, texts: list[str]) -> None:
+        for text in texts:
+            log.info("sample at step %d: %s", step, text)
+
+
+@dataclass
+class TrainResult:
+    """How a run ended and where its best weights are."""
+
+    status: Literal["finished", "early-stopped", "time-limit", "interrupted"]
+    best_dir: Path
+    metrics: dict[str, float]
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+@dataclass
+class _State:
+    """What changes as a run goes; saved for ``resume``."""
+
+    step: int = 0
+    elapsed_s: float = 0.0
+    average: tuple[float, float] = (0.0, 0.0)
+    base_val_loss: float = math.nan
+    best_val_loss: float = math.inf
+    best_step: int = 0
+    bad_evals: int = 0
+    tokens: int = 0
+    step_seconds: float = 0.0
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _rng_states() -> dict[str, Any]:
+    states: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _set_rng_states(states: dict[str, Any]) -> None:
+    random.setstate(states["python"])
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def _device(preference: str) -> str:
+    if preference == "cuda" and not torch.cuda.is_available():
+        raise ModelError("--device cuda was asked for, but torch sees no GPU; use --device cpu")
+    return "cuda" if preference != "cpu" and torch.cuda.is_available() else "cpu"
+
+
+def _load(config: TrainConfig, base_dir: Path, device: str) -> tuple[Any, Any]:
+    """The tokenizer and the model to train (wrapped in LoRA when asked)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(base_dir)
+        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    except Exception as exc:  # transformers raises many kinds; the user needs one message
+        raise ModelError(f"cannot load the base model from {base_dir}: {exc}") from exc
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if config.kind == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                          target_modules="all-linear", task_type="CAUSAL_LM")
+        model = get_peft_model(model, lora)
+    model.to(device)
+    model.train()
+    return tokenizer, model
+
+
+def _schedule(total_steps: int, warmup_fraction: float):
+    """Linear warm-up, then cosine decay to a tenth of the peak rate."""
+    warmup = max(1, int(total_steps * warmup_fraction))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def _trainable(model: Any) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def _save_weights(model: Any, tokenizer: Any, folder: Path) -> None:
+    """A folder ``persona.models.load_model`` can load: an adapter or full weights."""
+    staging = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    shutil.rmtree(folder, ignore_errors=True)
+    staging.rename(folder)
+
+
+@torch.no_grad()
+def sample_texts(model: Any, tokenizer: Any, count: int, max_new_tokens: int, seed: int, device: str) -> list[str]:
+    """Unconditional samples, drawn without disturbing the training's random state."""
+    if count == 0:
+        return []
+    start = start_token_id(tokenizer)
+    ids = torch.full((count, 1), start, dtype=torch.long, device=device)
+    was_training = model.training
+    model.eval()
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if device == "cuda" else []):
+        torch.manual_seed(seed)
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, top_p=0.95,
+                             temperature=0.8, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=tokenizer.eos_token_id)
+    if was_training:
+        model.train()
+    return [tokenizer.decode(row[1:], skip_special_tokens=True).strip() for row in out]
+
+
+class _Run:
+    """One training run: the model, its data, its optimiser and its progress."""
+
+    def __init__(self, config: TrainConfig, corpus: Corpus, base_dir: Path, run_dir: Path) -> None:
+        self.config = config
+        self.run_dir = run_dir
+        self.device = _device(config.device)
+        _seed_everything(config.seed)
+        self.tokenizer, self.model = _load(config, base_dir, self.device)
+        self.pad_id = self.tokenizer.pad_token_id
+        self.train_examples = encode_documents(self.tokenizer, corpus.train, config.max_tokens)
+        self.val_examples = encode_documents(self.tokenizer, corpus.validation, config.max_tokens)
+        if not self.train_examples:
+            raise ModelError("the corpus has no training documents; build a bigger corpus")
+        self.steps_per_epoch = math.ceil(len(self.train_examples) / config.batch_size)
+        epochs = config.epochs if config.epochs is not None else DEFAULT_EPOCHS
+        self.total_steps = config.steps or max(1, math.ceil(epochs * self.steps_per_epoch))
+        self.eval_every = config.eval_every or max(1, self.total_steps // 10)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=config.lr(), weight_decay=config.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(self.total_steps, config.warmup_fraction))
+        self.state = _State()
+        self._order: tuple[int, list[int]] = (-1, [])
+
+    def batch_for(self, step: int) -> list[Example]:
+        """The examples of a step: position ``step`` in the seeded epoch orders."""
+        epoch, index = divmod(step, self.steps_per_epoch)
+        if self._order[0] != epoch:
+            generator = torch.Generator().manual_seed(self.config.seed + epoch)
+            self._order = (epoch, torch.randperm(len(self.train_examples), generator=generator).tolist())
+        chosen = self._order[1][index * self.config.batch_size : (index + 1) * self.config.batch_size]
+        return [self.train_examples[i] for i in chosen]
+
+    def save_state(self) -> None:
+        """Everything ``resume`` needs, written atomically."""
+        payload = {
+            "weights": _trainable(self.model),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": _rng_states(),
+            "state": self.state.__dict__,
+            "config": self.config.model_dump(),
+        }
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.run_dir / (STATE_FILE + ".tmp")
+        torch.save(payload, tmp)
+        tmp.replace(self.run_dir / STATE_FILE)
+
+    def load_state(self) -> None:
+        path = self.run_dir / STATE_FILE
+        if not path.is_file():
+            raise ModelError(f"nothing to resume: {path} does not exist; start without --resume")
+        payload = torch.load(path, weights_only=False)
+        self.model.load_state_dict(payload["weights"], strict=False)
+        self.optimizer.load_state_dict(payload["optimizer"])
+        self.scheduler.load_state_dict(payload["scheduler"])
+        self.state = _State(**payload["state"])
+        _set_rng_states(payload["rng"])
+
+    def evaluate(self) -> float:
+        if not self.val_examples:
+            return math.nan
+        with self._autocast():
+            return evaluate_loss(self.model, self.val_examples, self.pad_id, self.device, self.config.batch_size)
+
+    def _autocast(self):
+        # bf16 on a GPU that has it; the CPU trains in fp32 (its bf16 is slower here).
+        enabled = self.device == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.autocast(device_type=self.device, dtype=torch.bfloat16, enabled=enabled)
+
+    def step(self) -> float:
+        """One optimiser step on the next batch; the batch's mean loss per token."""
+        batch = batch_tensors(self.batch_for(self.state.step), self.pad_id, self.device)
+        with self._autocast():
+            loss_sum, tokens = summed_loss(self.model, batch)
+        loss = loss_sum / max(tokens, 1)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], 1.0)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        value = float(loss.detach())
+        total, weight = self.state.average
+        self.state.average = (total * AVERAGE_DECAY + value, weight * AVERAGE_DECAY + 1.0)
+        self.state.tokens += tokens
+        self.state.step += 1
+        return value
+
+
+def train(
+    config: TrainConfig,
+    corpus: Corpus,
+    base_dir: Path,
+    run_dir: Path,
+    *,
+    resume: bool = False,
+    reporter: Reporter | None = None,
+) -> TrainResult:
+    """Fine-tune on the corpus; the best weights (by validation loss) end up in ``run_dir/best``."""
+    reporter = reporter or LogReporter()
+    run = _Run(config, corpus, base_dir, run_dir)
+    best_dir = run_dir / BEST_DIR
+    if resume:
+        run.load_state()
+    else:
+        shutil.rmtree(best_dir, ignore_errors=True)
+        (run_dir / STATE_FILE).unlink(missing_ok=True)
+        run.state.base_val_loss = run.evaluate()
+    state = run.state
+    reporter.on_start(run.total_steps, state.step)
+    status = "finished"
+    started = time.perf_counter() - state.elapsed_s
+    session_tokens, session_started = state.tokens, time.perf_counter()
+    try:
+        while state.step < run.total_steps:
+            step_started = time.perf_counter()
+            loss = run.step()
+            state.step_seconds += time.perf_counter() - step_started
+            state.elapsed_s = time.perf_counter() - started
+            total, weight = state.average
+            reporter.on_step(state.step, loss, total / weight, state.elapsed_s)
+            out_of_time = config.max_minutes is not None and state.elapsed_s >= config.max_minutes * 60
+            if state.step % run.eval_every == 0 or state.step == run.total_steps or out_of_time:
+                if _evaluate_and_keep(run, reporter, best_dir):
+                    status = "early-stopped"
+                    break
+                run.save_state()
+            if out_of_time:
+                status = "time-limit"
+                break
+    except KeyboardInterrupt:
+        state.elapsed_s = time.perf_counter() - started
+        run.save_state()
+        status = "interrupted"
+    if not best_dir.is_dir():  # no validation documents: the last weights are the best we know
+        _save_weights(run.model, run.tokenizer, best_dir)
+        state.best_step = state.step
+    session_s = time.perf_counter() - session_started
+    metrics = {
+        "base_val_loss": state.base_val_loss,
+        "base_perplexity": perplexity(state.base_val_loss),
+        "val_loss": state.best_val_loss if math.isfinite(state.best_val_loss) else math.nan,
+        "perplexity": perplexity(state.best_val_loss) if math.isfinite(state.best_val_loss) else math.nan,
+        "best_step": float(state.best_step),
+        "steps": float(state.step),
+        "train_tokens": float(state.tokens),
+        "train_seconds": state.elapsed_s,
+        # Throughput of the optimiser steps alone, and of the whole run with its evaluations.
+        "tokens_per_s": state.tokens / state.step_seconds if state.step_seconds > 0 else 0.0,
+        "run_tokens_per_s": (state.tokens - session_tokens) / session_s if session_s > 0 else 0.0,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+    return TrainResult(status, best_dir, metrics, list(state.history))
+
+
+def _evaluate_and_keep(run: _Run, reporter: Reporter, best_dir: Path) -> bool:
+    """Evaluate, keep the weights if they are the best yet; True when it is time to stop early."""
+    state = run.state
+    val_loss = run.evaluate()
+    improved = math.isfinite(val_loss) and val_loss < state.best_val_loss
+    if improved:
+        state.best_val_loss, state.best_step, state.bad_evals = val_loss, state.step, 0
+        _save_weights(run.model, run.tokenizer, best_dir)
+    elif math.isfinite(val_loss):
+        state.bad_evals += 1
+    total, weight = state.average
+    state.history.append({"step": float(state.step), "train_loss": total / weight, "val_loss": val_loss})
+    reporter.on_eval(state.step, val_loss, improved)
+    samples = sample_texts(run.model, run.tokenizer, run.config.samples, run.config.sample_tokens,
+                           run.config.seed + state.step, run.device)
+    if samples:
+        reporter.on_samples(state.step, samples)
+    return state.bad_evals >= run.config.patience
