@@ -27,6 +27,7 @@ from persona.pool import ModelPool, Served
 from persona.prompting import build_prompt
 from persona.queue import Job, WorkQueue
 from persona.settings import Settings
+from persona.swapper import Swapper
 from persona.validation import request_problem
 
 __all__ = ["Worker", "new_worker_id"]
@@ -62,6 +63,7 @@ class Worker:
         self.registry = registry or PersonaRegistry.from_settings(settings)
         self.id = worker_id or new_worker_id()
         self.info = heartbeat.WorkerInfo(id=self.id, device=pool.device)
+        self.swaps = Swapper(client, pool, self.registry, self.info)
         self.stopping = threading.Event()
         self._last_reclaim = 0.0
 
@@ -70,9 +72,10 @@ class Worker:
     def preload(self, names: list[str] | None = None) -> None:
         """Load the models of these personas (default: all) before taking work."""
         personas = self.registry.all()
+        self.swaps.refresh_active()
         for name in names or sorted(personas):
             persona = personas.get(name) or self.registry.get(name)
-            served = self.pool.serve(persona)
+            served = self.pool.serve(persona, self.swaps.version_for(persona.name))
             self.info.personas[persona.name] = served.version
 
     def run(self) -> None:
@@ -135,6 +138,7 @@ class Worker:
     def step(self, block_ms: int = 1000) -> int:
         """Claim and answer one round of work; return how many jobs it handled."""
         jobs = self.queue.claim(self.id, self.settings.worker.max_batch, block_ms=block_ms)
+        self.swaps.between_batches()  # swaps are prepared and switched only here
         now = time.monotonic()
         if now - self._last_reclaim >= RECLAIM_EVERY_S:
             self._last_reclaim = now
@@ -190,7 +194,7 @@ class Worker:
         for job in runnable:
             try:
                 persona = self.registry.get(job.request.persona)
-                served = self.pool.serve(persona)
+                served = self.pool.serve(persona, self.swaps.version_for(persona.name))
             except ConfigError as exc:
                 yield [(job, self._failure(job.request, ErrorKind.invalid, str(exc)))]
                 continue
