@@ -226,7 +226,8 @@ def test_swap_with_no_workers_checks_locally_and_flips(settings, redis_client, t
     assert swaps.active_versions(redis_client) == {"tiny": "v1"}
 
 
-def test_checkpoints_swap_and_rollback_commands(settings, redis_url, tiny, tiny_llama_dir, personas_dir):
+@pytest.mark.slow
+def test_checkpoints_swap_and_rollback_commands(settings, redis_url, redis_client, tiny, tiny_llama_dir, personas_dir):
     make_checkpoint(settings, tiny_llama_dir, "tiny", seed=1)
     make_checkpoint(settings, tiny_llama_dir, "tiny", seed=2, hidden=64)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PERSONA_")}
