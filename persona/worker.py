@@ -28,6 +28,7 @@ from persona.prompting import build_prompt
 from persona.queue import Job, WorkQueue
 from persona.settings import Settings
 from persona.swapper import Swapper
+from persona.telemetry import record_replies
 from persona.validation import request_problem
 
 __all__ = ["Worker", "new_worker_id"]
@@ -172,8 +173,12 @@ class Worker:
         for job in [j for j in runnable if j.request.id in cancelled]:
             early.append((job, self._failure(job.request, ErrorKind.cancelled, "the request was withdrawn")))
         runnable = [j for j in runnable if j.request.id not in cancelled]
+        # Timings are recorded just before delivery, so a caller who has its reply sees it counted.
+        record_replies(self.redis, [reply for _, reply in early])
         self.queue.deliver(early, self.id)
         for group in self._groups(runnable):
+            replies = [reply for _, reply in group]
+            record_replies(self.redis, replies, batch_size=len(group) if any(r.ok for r in replies) else 0)
             self.queue.deliver(group, self.id)
 
     def _refusal(self, job: Job) -> GenerationReply | None:

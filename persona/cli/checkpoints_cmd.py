@@ -22,7 +22,7 @@ from persona.personas import Persona, PersonaRegistry
 from persona.pool import BASE_VERSION, resolve_checkpoint
 from persona.settings import Settings
 
-__all__ = ["current_version", "normalise_target", "perform_swap", "register"]
+__all__ = ["checkpoints", "current_version", "normalise_target", "perform_swap", "register", "rollback", "swap"]
 
 DEFAULT_TIMEOUT_S = 300.0
 
