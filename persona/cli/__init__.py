@@ -26,6 +26,7 @@ COMMAND_MODULES = [
     "persona.cli.personas_cmd",
     "persona.cli.queue_cmd",
     "persona.cli.checkpoints_cmd",
+    "persona.cli.dashboard_cmd",
 ]
 
 for _module in COMMAND_MODULES:
