@@ -16,9 +16,9 @@ body{font:14px system-ui,sans-serif;margin:0;background:#f6f7f9;color:#1d2330}
 header{background:#1d2330;color:#fff;padding:10px 20px;display:flex;gap:20px;align-items:baseline}
 header h1{font-size:18px;margin:0} #updated{opacity:.7;font-size:12px}
 main{display:grid;grid-template-columns:repeat(auto-fit,minmax(420px,1fr));gap:14px;padding:14px}
-section{background:#fff;border-radius:6px;padding:10px 14px;box-shadow:0 1px 2px #0002}
+section{background:#fff;border-radius:6px;padding:10px 14px;box-shadow:0 1px 2px #0002;overflow-x:auto}
 h2{font-size:14px;margin:0 0 8px;text-transform:uppercase;letter-spacing:.04em;color:#556}
-table{border-collapse:collapse;width:100%} td,th{padding:3px 6px;text-align:left;border-bottom:1px solid #eee}
+table{border-collapse:collapse;width:100%} td,th{padding:3px 6px;text-align:left;border-bottom:1px solid #eee;overflow-wrap:anywhere}
 td.n{text-align:right;font-variant-numeric:tabular-nums} .big{font-size:26px;font-weight:600}
 .figs{display:flex;gap:24px;flex-wrap:wrap} .fig span{display:block;color:#667;font-size:12px}
 svg{width:100%;height:150px;background:#fbfbfd;border:1px solid #eee} .bad{color:#b00020}
@@ -94,7 +94,7 @@ function render(data){
        '#' + Math.round(w.memory_mb), '#' + (now - w.last_seen).toFixed(1) + 's']);
   rows('personas', data.personas, p => [esc(p.name), '<b>' + esc(p.active) + '</b>', esc(p.versions.join(', ') || '-'),
        '#' + Object.entries(s.version_replies).filter(([k]) => k.split('@')[0] === p.name).map(([k, v]) => k.split('@')[1] + ': ' + v).join(', ')]);
-  rows('dead', data.dead, d => [esc(d.request_id || '(malformed)'), esc(d.persona), '#' + d.deliveries, esc(d.reason),
+  rows('dead', data.dead, d => ['<span title="' + esc(d.request_id) + '">' + esc((d.request_id || '(malformed)').slice(0, 12)) + '</span>', esc(d.persona), '#' + d.deliveries, esc(d.reason),
        d.request_id ? '<button data-id="' + esc(d.id) + '">retry</button>' : '']);
   document.querySelectorAll('#dead button').forEach(b => b.onclick = () => act('api/dead/' + b.dataset.id + '/retry'));
   rows('stuck', s.stuck, x => [esc(x.request_id), esc(x.worker), '#' + x.held_s + 's', esc(x.reason)]);
