@@ -89,3 +89,34 @@ def test_counters_and_dead_letters_survive_a_restart(tmp_path, settings):
         client.close()
     finally:
         server.stop()
+
+
+def test_queue_stats_and_watch_commands(settings, redis_url, redis_client):
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    QueueClient(redis_client, settings.queue).submit(chat())
+    record_replies(redis_client, [GenerationReply(id="a", ok=True, persona="tiny", version="v3", new_tokens=2,
+                                                  timings=Timings(queue_ms=12, generate_ms=80))], batch_size=1)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PERSONA_")}
+    env |= {"PERSONA_DATA_DIR": str(settings.data_dir), "PERSONA_REDIS_URL": redis_url, "COLUMNS": "200"}
+    command = [sys.executable, "-m", "persona", "queue"]
+    shown = subprocess.run([*command, "stats", "--json"], env=env, capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0, shown.stderr
+    figures = json.loads(shown.stdout)
+    assert figures["streams"][0]["waiting"] == 1 and figures["latency"]["generate_ms"]["p50"] == 80
+    table = subprocess.run([*command, "stats"], env=env, capture_output=True, text=True, timeout=120)
+    assert "oldest waiting" in table.stdout and "p95 ms" in table.stdout and "replies/s" in table.stdout
+    before = len(redis_client.client_list())
+    watching = subprocess.Popen([*command, "watch", "--interval", "0.3"], env=env, stdout=subprocess.PIPE, text=True)
+    deadline = time.time() + 90
+    while len(redis_client.client_list()) <= before:  # it has connected: it is watching
+        assert time.time() < deadline and watching.poll() is None
+        time.sleep(0.2)
+    time.sleep(1.5)
+    watching.send_signal(signal.SIGINT)
+    out, _ = watching.communicate(timeout=30)
+    assert watching.returncode == 0 and "persona:q:chat" in out and "generation" in out
