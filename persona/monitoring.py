@@ -105,9 +105,12 @@ def find_stuck(client: redis.Redis, live: set[str], now: float | None = None) ->
             pending = client.xpending_range(stream, keys.CONSUMER_GROUP, "-", "+", STUCK_SCAN_LIMIT)
         except redis.exceptions.ResponseError:
             continue
+        pipe = client.pipeline(transaction=False)
         for item in pending:
+            pipe.xrange(stream, min=item["message_id"], max=item["message_id"])
+        entries = pipe.execute() if pending else []
+        for item, rows in zip(pending, entries, strict=True):
             entry_id, holder = _text(item["message_id"]), _text(item["consumer"])
-            rows = client.xrange(stream, min=entry_id, max=entry_id)
             try:
                 request = json.loads(rows[0][1][b"r"]) if rows else {}
             except (ValueError, KeyError):

@@ -139,13 +139,14 @@ class Worker:
     def step(self, block_ms: int = 1000) -> int:
         """Claim and answer one round of work; return how many jobs it handled."""
         jobs = self.queue.claim(self.id, self.settings.worker.max_batch, block_ms=block_ms)
-        self.swaps.between_batches()  # swaps are prepared and switched only here
+        self.swaps.refresh_active()  # this batch uses the versions active as it starts
         now = time.monotonic()
         if now - self._last_reclaim >= RECLAIM_EVERY_S:
             self._last_reclaim = now
             jobs.extend(self._reclaim())
         if jobs:
             self.process(jobs)
+        self.swaps.between_batches()  # swaps are prepared and switched only here
         return len(jobs)
 
     def _reclaim(self) -> list[Job]:

@@ -36,7 +36,11 @@ def test_figures_after_real_replies(settings, redis_client, write_persona, tiny_
     assert stats.latency.replies_per_s > 0
     assert stats.version_replies == {"tiny@base": 5}
     assert stats.counters["tokens"] == sum(r.new_tokens for r in replies)
-    assert [w.id for w in stats.workers] == ["w-stats"] and stats.workers[0].personas == {"tiny": "base"}
+    assert [w.id for w in stats.workers] == ["w-stats"]
+    deadline = time.time() + 30  # the next heartbeat names what the worker loaded
+    while collect_stats(redis_client).workers[0].personas != {"tiny": "base"}:
+        assert time.time() < deadline
+        time.sleep(0.2)
     buckets, total, count = read_histogram(redis_client, "generate_seconds")
     assert count == 5 and buckets[-1] == ("+Inf", 5) and total > 0
     assert read_histogram(redis_client, "batch_size")[2] >= 2
