@@ -72,7 +72,7 @@ def wait_until(predicate, timeout: float = 30.0) -> None:
 
 
 def persona_keys(worker) -> list:
-    return [k for k in worker.pool.loaded_keys()]
+    return list(worker.pool.loaded_keys())
 
 
 def test_swap_then_rollback_on_a_live_worker(settings, redis_client, tiny, tiny_llama_dir, running_worker, client):
@@ -218,6 +218,10 @@ def test_swap_back_and_forth_under_load_fails_nothing(
 def test_swap_with_no_workers_checks_locally_and_flips(settings, redis_client, tiny, tiny_llama_dir):
     make_checkpoint(settings, tiny_llama_dir, "tiny", seed=1)
     make_checkpoint(settings, tiny_llama_dir, "tiny", seed=2, hidden=64)
+    assert perform_swap(settings, redis_client, tiny, "v1", timeout_s=10).committed
+    folder = str(settings.checkpoints_dir / "tiny" / "v1")
+    assert perform_swap(settings, redis_client, tiny, folder, timeout_s=10).committed  # by path
+    assert swaps.active_versions(redis_client) == {"tiny": folder}
     assert perform_swap(settings, redis_client, tiny, "v1", timeout_s=10).committed
     from persona.errors import SwapRefused
 
