@@ -259,3 +259,36 @@ def test_checkpoints_swap_and_rollback_commands(settings, redis_url, redis_clien
     assert "tiny now serves base" in back.stdout
     again = persona("rollback", "tiny")
     assert again.returncode == 1 and "no earlier version" in again.stderr
+
+
+def make_lora(settings, model_dir: Path, persona: str, recorded_base: Path, targets: list[str]) -> CheckpointInfo:
+    """Register a small peft LoRA adapter trained (here: perturbed) on ``model_dir``."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(4)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), LoraConfig(r=2, target_modules=targets))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:  # zero at init; make the adapter change something
+                p.add_(torch.randn_like(p) * 0.1)
+    staging = settings.data_dir / f"staging-lora-{time.monotonic_ns()}"
+    model.save_pretrained(staging)
+    info = CheckpointInfo(persona=persona, version="", base=str(recorded_base), kind="lora")
+    return register_checkpoint(settings.checkpoints_dir, staging, info)
+
+
+def test_lora_adapter_swaps_in_and_one_for_another_base_is_refused(
+    settings, redis_client, tiny, tiny_llama_dir, tiny_gpt2_dir, running_worker, client
+):
+    make_lora(settings, tiny_llama_dir, "tiny", tiny_llama_dir, ["q_proj", "v_proj"])
+    # metadata that claims the right base, weights made for another model: only loading tells
+    make_lora(settings, tiny_gpt2_dir, "tiny", tiny_llama_dir, ["c_attn"])
+    running_worker("w-lora")
+    assert client.ask(chat(), timeout=60).version == "base"
+    assert perform_swap(settings, redis_client, tiny, "v1", timeout_s=60).committed
+    assert client.ask(chat(), timeout=60).version == "v1"
+    refused = perform_swap(settings, redis_client, tiny, "v2", timeout_s=60)
+    assert not refused.committed and "does not fit this base model" in refused.votes["w-lora"].reason
+    assert client.ask(chat(), timeout=60).version == "v1"

@@ -40,7 +40,7 @@ def normalise_target(target: str) -> str:
     return target
 
 
-def _check_here(settings: Settings, persona: Persona, target: str, workers: int) -> None:
+def _check_here(settings: Settings, client: redis.Redis, persona: Persona, target: str, workers: int) -> None:
     """Checks this machine can make before asking the workers."""
     try:
         _, folder = resolve_checkpoint(persona, settings, target)
@@ -59,7 +59,7 @@ def _check_here(settings: Settings, persona: Persona, target: str, workers: int)
         # No worker to ask: load and check the weights here, so a broken checkpoint is
         # refused now rather than by the first worker that starts.
         with console.status(f"no live workers; loading {target} here to check it"):
-            load_and_check(ModelPool(settings, "cpu"), persona, current_version(connect(settings), persona), target)
+            load_and_check(ModelPool(settings, "cpu"), persona, current_version(client, persona), target)
 
 
 def perform_swap(
@@ -68,7 +68,7 @@ def perform_swap(
 ) -> swaps.SwapOutcome:
     """Check, propose, gather every live worker's vote, and commit or withdraw."""
     previous = current_version(client, persona)
-    _check_here(settings, persona, target, len(live_workers(client)))
+    _check_here(settings, client, persona, target, len(live_workers(client)))
     proposal = swaps.SwapProposal(persona=persona.name, target=target, previous=previous, kind=kind)
     with console.status("asking the workers to load and check it") as status:
 
