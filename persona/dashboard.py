@@ -19,13 +19,18 @@ import logging
 import secrets
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import redis
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 
 from persona.checkpoints import list_checkpoints
 from persona.dashboard_page import PAGE_HTML
@@ -71,7 +76,7 @@ class QueueCollector:
     def __init__(self, client: redis.Redis) -> None:
         self.redis = client
 
-    def collect(self):  # noqa: ANN201 - prometheus_client's collector protocol
+    def collect(self) -> Iterator[Metric]:
         """Yield every metric family."""
         stats = collect_stats(self.redis)
         yield from _queue_families(stats)
@@ -86,7 +91,7 @@ class QueueCollector:
             yield HistogramMetricFamily(f"persona_{name}", help_text, buckets=buckets, sum_value=total)
 
 
-def _queue_families(stats: QueueStats):
+def _queue_families(stats: QueueStats) -> Iterator[Metric]:
     waiting = GaugeMetricFamily("persona_queue_waiting", "Requests waiting per stream", labels=["stream"])
     in_flight = GaugeMetricFamily("persona_queue_in_flight", "Requests being generated per stream", labels=["stream"])
     oldest = GaugeMetricFamily("persona_queue_oldest_waiting_seconds", "Age of the oldest waiting request", labels=["stream"])
@@ -99,7 +104,7 @@ def _queue_families(stats: QueueStats):
     yield GaugeMetricFamily("persona_stuck_requests", "Requests in flight past their deadline or held by a dead worker", value=len(stats.stuck))
 
 
-def _reply_families(stats: QueueStats):
+def _reply_families(stats: QueueStats) -> Iterator[Metric]:
     replies = CounterMetricFamily("persona_replies", "Replies with text, per persona version", labels=["persona", "version"])
     for key, value in sorted(stats.version_replies.items()):
         persona, _, version = key.partition("@")
@@ -118,7 +123,7 @@ def _reply_families(stats: QueueStats):
     yield active
 
 
-def _worker_families(stats: QueueStats):
+def _worker_families(stats: QueueStats) -> Iterator[Metric]:
     up = GaugeMetricFamily("persona_worker_up", "1 for each worker with a live heartbeat", labels=["worker", "host", "device"])
     memory = GaugeMetricFamily("persona_worker_memory_megabytes", "Peak resident memory of each worker", labels=["worker"])
     loaded = GaugeMetricFamily("persona_worker_persona_version", "1 for each persona version a worker serves", labels=["worker", "persona", "version"])

@@ -144,7 +144,7 @@ def test_persona_dashboard_command_serves_and_up_includes_it(settings, redis_url
     env = {k: v for k, v in os.environ.items() if not k.startswith("PERSONA_")}
     env |= {"PERSONA_DATA_DIR": str(settings.data_dir), "PERSONA_REDIS_URL": redis_url}
     refused = subprocess.run([sys.executable, "-m", "persona", "dashboard", "--host", "0.0.0.0"], env=env,
-                             capture_output=True, text=True, timeout=120)
+                             capture_output=True, check=False, text=True, timeout=120)
     assert refused.returncode == 1 and "PERSONA_DASHBOARD__TOKEN" in refused.stderr
     port = free_port()
     env["PERSONA_DASHBOARD__PORT"] = str(port)
@@ -177,7 +177,7 @@ def test_dashboard_in_a_real_headless_browser(settings, redis_client, dashboard,
     flags = [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
              "--no-first-run", "--disable-extensions", "--disable-background-networking",
              f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1400,1100", "--virtual-time-budget=8000"]
-    dom = subprocess.run([*flags, "--dump-dom", url], capture_output=True, text=True, timeout=120)
+    dom = subprocess.run([*flags, "--dump-dom", url], capture_output=True, check=False, text=True, timeout=120)
     assert 'id="waiting-total">3<' in dom.stdout, dom.stderr[-2000:]
     assert 'id="dead-count">1<' in dom.stdout and "w-browser" in dom.stdout and "it crashed the worker" in dom.stdout
     assert "<path" in dom.stdout  # the depth chart has a line

@@ -6,7 +6,13 @@ import time
 
 from persona import constants as keys
 from persona import heartbeat
-from persona.contract import GenerationReply, GenerationRequest, Message, SamplingOverrides, Timings
+from persona.contract import (
+    GenerationReply,
+    GenerationRequest,
+    Message,
+    SamplingOverrides,
+    Timings,
+)
 from persona.embedded_redis import EmbeddedRedis
 from persona.monitoring import collect_stats, find_stuck
 from persona.queue import QueueClient, WorkQueue
@@ -108,11 +114,11 @@ def test_queue_stats_and_watch_commands(settings, redis_url, redis_client):
     env = {k: v for k, v in os.environ.items() if not k.startswith("PERSONA_")}
     env |= {"PERSONA_DATA_DIR": str(settings.data_dir), "PERSONA_REDIS_URL": redis_url, "COLUMNS": "200"}
     command = [sys.executable, "-m", "persona", "queue"]
-    shown = subprocess.run([*command, "stats", "--json"], env=env, capture_output=True, text=True, timeout=120)
+    shown = subprocess.run([*command, "stats", "--json"], env=env, capture_output=True, check=False, text=True, timeout=120)
     assert shown.returncode == 0, shown.stderr
     figures = json.loads(shown.stdout)
     assert figures["streams"][0]["waiting"] == 1 and figures["latency"]["generate_ms"]["p50"] == 80
-    table = subprocess.run([*command, "stats"], env=env, capture_output=True, text=True, timeout=120)
+    table = subprocess.run([*command, "stats"], env=env, capture_output=True, check=False, text=True, timeout=120)
     assert "oldest waiting" in table.stdout and "p95 ms" in table.stdout and "replies/s" in table.stdout
     before = len(redis_client.client_list())
     watching = subprocess.Popen([*command, "watch", "--interval", "0.3"], env=env, stdout=subprocess.PIPE, text=True)
