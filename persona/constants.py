@@ -54,8 +54,24 @@ SCHEDULER_CHECKED_KEY = KEY_PREFIX + "scheduler:checked"
 
 POST_HISTORY_MAX_LEN = 10_000
 RECENT_POSTS_KEPT = 100
+# Checkpoint swaps in progress (a hash persona -> proposal JSON; one per persona at once).
+SWAPS_KEY = KEY_PREFIX + "swaps"
+# Each worker's answer to one swap proposal (a hash worker -> vote JSON).
+SWAP_VOTES_KEY_PREFIX = KEY_PREFIX + "swap-votes:"
+# Versions a persona was swapped away from, newest first (what `rollback` returns to).
+VERSION_HISTORY_KEY_PREFIX = KEY_PREFIX + "history:"
+# Every committed swap, with when it took effect.
+SWAP_LOG_STREAM = KEY_PREFIX + "swap-log"
+# Per-reply timings (a capped stream) and durable histograms/counters behind the figures.
+REPLY_LOG_STREAM = KEY_PREFIX + "reply-log"
+HISTOGRAM_KEY_PREFIX = KEY_PREFIX + "hist:"
+VERSION_REPLIES_KEY = KEY_PREFIX + "stats:versions"
 
 DEAD_STREAM_MAX_LEN = 10_000
+REPLY_LOG_MAX_LEN = 10_000
+SWAP_LOG_MAX_LEN = 1_000
+VERSION_HISTORY_MAX_LEN = 50
+SWAP_VOTES_TTL_S = 3600
 ANSWERED_TTL_S = 24 * 3600
 BLOCK_MS = 1000
 EMBEDDED_REDIS_START_TIMEOUT_S = 20.0
@@ -123,3 +139,15 @@ def recent_posts_key(persona: str) -> str:
 
 def approval_key(approval_id: str) -> str:
     return APPROVAL_KEY_PREFIX + approval_id
+
+
+def swap_votes_key(proposal_id: str) -> str:
+    return SWAP_VOTES_KEY_PREFIX + proposal_id
+
+
+def version_history_key(persona: str) -> str:
+    return VERSION_HISTORY_KEY_PREFIX + persona
+
+
+def histogram_key(name: str) -> str:
+    return HISTOGRAM_KEY_PREFIX + name

@@ -4,6 +4,7 @@
     ├── ConfigError              settings or a persona file are wrong
     │   └── UnknownPersona       no persona by that name
     ├── ModelError               a model or checkpoint cannot be loaded or used
+    │   └── SwapRefused          a checkpoint swap was refused; the old version serves on
     ├── QueueError               talking to the queue failed
     │   ├── RedisUnavailable     no Redis answers at the configured place
     │   ├── QueueBusy            the queue is full; try again shortly
@@ -37,6 +38,7 @@ __all__ = [
     "ReplyTimeout",
     "RequestFailed",
     "SinkError",
+    "SwapRefused",
     "UnknownPersona",
 ]
 
@@ -63,6 +65,10 @@ class UnknownPersona(ConfigError):
 
 class ModelError(PersonaError):
     """A model or checkpoint cannot be loaded or used."""
+
+
+class SwapRefused(ModelError):
+    """A checkpoint swap was refused (by a check or a worker); the old version serves on."""
 
 
 class QueueError(PersonaError):

@@ -1,14 +1,24 @@
-"""What the queue looks like right now: depth, in-flight work, counters, live workers."""
+"""What the queue looks like right now, in one snapshot for the CLI, dashboard and /metrics.
+
+Depth, waiting age, in-flight and stuck work, latency and throughput, dead letters,
+counters, live workers and the active persona versions.
+"""
 
 from __future__ import annotations
 
+import json
+import time
+
 import redis
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from persona import constants as keys
 from persona.heartbeat import WorkerInfo, live_workers
+from persona.telemetry import LatencySummary, summarize
 
-__all__ = ["QueueStats", "StreamStats", "collect_stats"]
+__all__ = ["QueueStats", "StreamStats", "StuckEntry", "collect_stats", "find_stuck"]
+
+STUCK_SCAN_LIMIT = 200
 
 
 class StreamStats(BaseModel):
@@ -17,6 +27,20 @@ class StreamStats(BaseModel):
     name: str
     waiting: int
     in_flight: int
+    oldest_waiting_s: float = 0.0
+
+
+class StuckEntry(BaseModel):
+    """A request in flight that should not be: past its deadline, or its worker is gone."""
+
+    stream: str
+    entry_id: str
+    request_id: str
+    persona: str
+    worker: str
+    held_s: float
+    deliveries: int
+    reason: str
 
 
 class QueueStats(BaseModel):
@@ -26,6 +50,11 @@ class QueueStats(BaseModel):
     dead_letters: int
     counters: dict[str, int]
     workers: list[WorkerInfo]
+    latency: LatencySummary | None = None
+    stuck: list[StuckEntry] = Field(default_factory=list)
+    active_versions: dict[str, str] = Field(default_factory=dict)
+    version_replies: dict[str, int] = Field(default_factory=dict, description="'persona@version' -> replies")
+    taken_at: float = Field(default_factory=time.time)
 
     @property
     def completed(self) -> int:
@@ -36,22 +65,85 @@ class QueueStats(BaseModel):
         return sum(v for k, v in self.counters.items() if k.startswith("failed:"))
 
 
-def _stream_stats(client: redis.Redis, stream: str) -> StreamStats:
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _oldest_waiting_s(client: redis.Redis, stream: str, now: float) -> float:
+    """Age of the oldest entry no worker has read yet (entry ids carry their time)."""
+    try:
+        groups = client.xinfo_groups(stream)
+    except redis.exceptions.ResponseError:  # no stream yet
+        return 0.0
+    last = next((_text(g["last-delivered-id"]) for g in groups if _text(g["name"]) == keys.CONSUMER_GROUP), "0-0")
+    first = client.xrange(stream, min=f"({last}", max="+", count=1)
+    if not first:
+        return 0.0
+    created_ms = int(_text(first[0][0]).split("-")[0])
+    return max(0.0, now - created_ms / 1000)
+
+
+def _stream_stats(client: redis.Redis, stream: str, now: float) -> StreamStats:
     length = client.xlen(stream)
     try:
         pending = client.xpending(stream, keys.CONSUMER_GROUP)["pending"]
     except redis.exceptions.ResponseError:  # no group yet: no worker has started
         pending = 0
     # Settled entries are deleted, so the stream holds waiting plus in-flight entries.
-    return StreamStats(name=stream, waiting=max(0, length - pending), in_flight=pending)
+    return StreamStats(
+        name=stream, waiting=max(0, length - pending), in_flight=pending,
+        oldest_waiting_s=round(_oldest_waiting_s(client, stream, now), 2),
+    )
 
 
-def collect_stats(client: redis.Redis) -> QueueStats:
+def find_stuck(client: redis.Redis, live: set[str], now: float | None = None) -> list[StuckEntry]:
+    """In-flight requests past their deadline, or held by a worker whose heartbeat lapsed."""
+    now = now if now is not None else time.time()
+    found = []
+    for stream in keys.STREAMS_BY_PRIORITY:
+        try:
+            pending = client.xpending_range(stream, keys.CONSUMER_GROUP, "-", "+", STUCK_SCAN_LIMIT)
+        except redis.exceptions.ResponseError:
+            continue
+        pipe = client.pipeline(transaction=False)
+        for item in pending:
+            pipe.xrange(stream, min=item["message_id"], max=item["message_id"])
+        entries = pipe.execute() if pending else []
+        for item, rows in zip(pending, entries, strict=True):
+            entry_id, holder = _text(item["message_id"]), _text(item["consumer"])
+            try:
+                request = json.loads(rows[0][1][b"r"]) if rows else {}
+            except (ValueError, KeyError):
+                request = {}
+            deadline = float(request.get("deadline") or 0)
+            reasons = []
+            if holder not in live:
+                reasons.append(f"held by {holder}, whose heartbeat has lapsed")
+            if deadline and now > deadline:
+                reasons.append(f"in flight {now - deadline:.0f} s past its deadline")
+            if reasons:
+                found.append(StuckEntry(
+                    stream=stream, entry_id=entry_id, request_id=str(request.get("id", "")),
+                    persona=str(request.get("persona", "")), worker=holder,
+                    held_s=round(item["time_since_delivered"] / 1000, 1),
+                    deliveries=item["times_delivered"], reason="; ".join(reasons),
+                ))
+    return found
+
+
+def collect_stats(client: redis.Redis, *, latency_window_s: float = 300.0) -> QueueStats:
     """Read every figure the CLI, the dashboard and /metrics show."""
-    counters = {k.decode(): int(v) for k, v in client.hgetall(keys.STATS_KEY).items()}
+    now = time.time()
+    counters = {_text(k): int(v) for k, v in client.hgetall(keys.STATS_KEY).items()}
+    workers = live_workers(client)
     return QueueStats(
-        streams=[_stream_stats(client, s) for s in keys.STREAMS_BY_PRIORITY],
+        streams=[_stream_stats(client, s, now) for s in keys.STREAMS_BY_PRIORITY],
         dead_letters=client.xlen(keys.STREAM_DEAD),
         counters=counters,
-        workers=live_workers(client),
+        workers=workers,
+        latency=summarize(client, latency_window_s, now),
+        stuck=find_stuck(client, {w.id for w in workers}, now),
+        active_versions={_text(k): _text(v) for k, v in client.hgetall(keys.ACTIVE_VERSIONS_KEY).items()},
+        version_replies={_text(k): int(v) for k, v in client.hgetall(keys.VERSION_REPLIES_KEY).items()},
+        taken_at=now,
     )

@@ -26,6 +26,9 @@ __all__ = ["BASE_VERSION", "ModelPool", "Served", "resolve_checkpoint"]
 log = logging.getLogger(__name__)
 
 BASE_VERSION = "base"
+# transformers' loading patches process-wide state (meta-device init), so two pools in
+# one process (workers in threads) must not load at the same moment.
+_LOADING = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,11 @@ class ModelPool:
         self._served: dict[tuple[str, str], Served] = {}
         self._lock = threading.Lock()
 
+    def key_for(self, persona: Persona, version: str | None = None) -> tuple[str, str]:
+        """Which set of weights a persona at a version speaks with (loaded or not)."""
+        _, checkpoint = resolve_checkpoint(persona, self.settings, version)
+        return (persona.model.base, str(checkpoint) if checkpoint else BASE_VERSION)
+
     def serve(self, persona: Persona, version: str | None = None) -> Served:
         """The loaded model and engine for a persona, loading them if needed."""
         version_name, checkpoint = resolve_checkpoint(persona, self.settings, version)
@@ -79,9 +87,10 @@ class ModelPool:
             if found is not None:
                 return Served(key, version_name, found.loaded, found.engine)
             started = time.perf_counter()
-            loaded = load_model(
-                persona.model.base, checkpoint, cache_dir=self.settings.model_cache_dir, device=self.device
-            )
+            with _LOADING:
+                loaded = load_model(
+                    persona.model.base, checkpoint, cache_dir=self.settings.model_cache_dir, device=self.device
+                )
             served = Served(key, version_name, loaded, self.engine_factory(loaded))
             self._served[key] = served
             log.info("loaded %s for %s in %.1f s", loaded.name, persona.name, time.perf_counter() - started)

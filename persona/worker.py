@@ -27,6 +27,8 @@ from persona.pool import ModelPool, Served
 from persona.prompting import build_prompt
 from persona.queue import Job, WorkQueue
 from persona.settings import Settings
+from persona.swapper import Swapper
+from persona.telemetry import record_replies
 from persona.validation import request_problem
 
 __all__ = ["Worker", "new_worker_id"]
@@ -62,6 +64,7 @@ class Worker:
         self.registry = registry or PersonaRegistry.from_settings(settings)
         self.id = worker_id or new_worker_id()
         self.info = heartbeat.WorkerInfo(id=self.id, device=pool.device)
+        self.swaps = Swapper(client, pool, self.registry, self.info)
         self.stopping = threading.Event()
         self._last_reclaim = 0.0
 
@@ -70,9 +73,10 @@ class Worker:
     def preload(self, names: list[str] | None = None) -> None:
         """Load the models of these personas (default: all) before taking work."""
         personas = self.registry.all()
+        self.swaps.refresh_active()
         for name in names or sorted(personas):
             persona = personas.get(name) or self.registry.get(name)
-            served = self.pool.serve(persona)
+            served = self.pool.serve(persona, self.swaps.version_for(persona.name))
             self.info.personas[persona.name] = served.version
 
     def run(self) -> None:
@@ -135,12 +139,14 @@ class Worker:
     def step(self, block_ms: int = 1000) -> int:
         """Claim and answer one round of work; return how many jobs it handled."""
         jobs = self.queue.claim(self.id, self.settings.worker.max_batch, block_ms=block_ms)
+        self.swaps.refresh_active()  # this batch uses the versions active as it starts
         now = time.monotonic()
         if now - self._last_reclaim >= RECLAIM_EVERY_S:
             self._last_reclaim = now
             jobs.extend(self._reclaim())
         if jobs:
             self.process(jobs)
+        self.swaps.between_batches()  # swaps are prepared and switched only here
         return len(jobs)
 
     def _reclaim(self) -> list[Job]:
@@ -168,8 +174,12 @@ class Worker:
         for job in [j for j in runnable if j.request.id in cancelled]:
             early.append((job, self._failure(job.request, ErrorKind.cancelled, "the request was withdrawn")))
         runnable = [j for j in runnable if j.request.id not in cancelled]
+        # Timings are recorded just before delivery, so a caller who has its reply sees it counted.
+        record_replies(self.redis, [reply for _, reply in early])
         self.queue.deliver(early, self.id)
         for group in self._groups(runnable):
+            replies = [reply for _, reply in group]
+            record_replies(self.redis, replies, batch_size=len(group) if any(r.ok for r in replies) else 0)
             self.queue.deliver(group, self.id)
 
     def _refusal(self, job: Job) -> GenerationReply | None:
@@ -190,7 +200,7 @@ class Worker:
         for job in runnable:
             try:
                 persona = self.registry.get(job.request.persona)
-                served = self.pool.serve(persona)
+                served = self.pool.serve(persona, self.swaps.version_for(persona.name))
             except ConfigError as exc:
                 yield [(job, self._failure(job.request, ErrorKind.invalid, str(exc)))]
                 continue

@@ -28,6 +28,8 @@ COMMAND_MODULES = [
     "persona.cli.adapters_cmd",
     "persona.cli.posting_cmd",
     "persona.cli.train_cmd",
+    "persona.cli.checkpoints_cmd",
+    "persona.cli.dashboard_cmd",
 ]
 
 for _module in COMMAND_MODULES:

@@ -1,37 +1,63 @@
-"""`persona queue ...`: looking at the queue."""
+"""`persona queue ...`: looking at the queue, live, and handling dead letters."""
 
 from __future__ import annotations
 
+import datetime as dt
 import time
 
 import typer
+from rich.console import Group
+from rich.live import Live
 from rich.table import Table
 
+from persona import constants as keys
 from persona.cli.common import console, friendly_errors, get_settings
 from persona.connection import connect
+from persona.dead_letters import list_dead, retry_all, retry_dead
+from persona.errors import QueueError
 from persona.monitoring import QueueStats, collect_stats
+
+__all__ = [
+    "dead", "register", "render_all", "render_latency", "render_stats", "render_stuck", "render_workers", "retry", "stats", "watch",
+]
 
 queue_app = typer.Typer(help="Watch the queue and handle dead letters.", no_args_is_help=True)
 
 
 def render_stats(stats: QueueStats) -> Table:
-    """The figures as one table per section, ready to print."""
+    """Depth, waiting age and counters, ready to print."""
     table = Table(title="queue", show_header=True, header_style="bold")
     table.add_column("stream")
     table.add_column("waiting", justify="right")
     table.add_column("in flight", justify="right")
+    table.add_column("oldest waiting", justify="right")
     for stream in stats.streams:
-        table.add_row(stream.name, str(stream.waiting), str(stream.in_flight))
-    table.add_row("dead letters", str(stats.dead_letters), "")
-    table.add_row("completed", str(stats.completed), "")
-    table.add_row("failed", str(stats.failed), "")
+        table.add_row(stream.name, str(stream.waiting), str(stream.in_flight), f"{stream.oldest_waiting_s:.1f}s")
+    table.add_row("dead letters", str(stats.dead_letters), "", "")
+    table.add_row("completed", str(stats.completed), "", "")
+    table.add_row("failed", str(stats.failed), "", "")
     for name, value in sorted(stats.counters.items()):
         if name.startswith("failed:"):
-            table.add_row(f"  {name}", str(value), "")
+            table.add_row(f"  {name}", str(value), "", "")
+    return table
+
+
+def render_latency(stats: QueueStats) -> Table:
+    """Queue wait and generation percentiles, and throughput."""
+    lat = stats.latency
+    title = f"latency (last {lat.window_s:.0f} s, {lat.replies} replies)" if lat else "latency"
+    table = Table(title=title, header_style="bold")
+    for column in ("", "p50 ms", "p95 ms", "p99 ms"):
+        table.add_column(column, justify="right" if column else "left")
+    if lat:
+        for name, p in (("queue wait", lat.queue_ms), ("generation", lat.generate_ms)):
+            table.add_row(name, f"{p.p50:.0f}", f"{p.p95:.0f}", f"{p.p99:.0f}")
+        table.caption = f"throughput: {lat.replies_per_s:.2f} replies/s, {lat.tokens_per_s:.1f} tokens/s (last minute)"
     return table
 
 
 def render_workers(stats: QueueStats) -> Table:
+    """Each live worker: heartbeat, host, device, versions, memory."""
     table = Table(title=f"workers ({len(stats.workers)} live)", header_style="bold")
     for column in ("worker", "host", "device", "state", "personas", "requests", "memory MB", "seen"):
         table.add_column(column)
@@ -44,16 +70,102 @@ def render_workers(stats: QueueStats) -> Table:
     return table
 
 
+def render_stuck(stats: QueueStats) -> Table:
+    """Requests in flight that should not be."""
+    table = Table(title=f"[red]stuck work ({len(stats.stuck)})[/red]", header_style="bold")
+    for column in ("request", "persona", "worker", "held", "deliveries", "why"):
+        table.add_column(column)
+    for s in stats.stuck:
+        table.add_row(s.request_id, s.persona, s.worker, f"{s.held_s:.0f}s", str(s.deliveries), s.reason)
+    return table
+
+
+def render_all(stats: QueueStats) -> Group:
+    """Every section, for `stats` and each frame of `watch`."""
+    parts = [render_stats(stats), render_latency(stats), render_workers(stats)]
+    if stats.active_versions:
+        parts.append("active versions: " + ", ".join(f"{k}@{v}" for k, v in sorted(stats.active_versions.items())))
+    if stats.stuck:
+        parts.append(render_stuck(stats))
+    return Group(*parts)
+
+
 @queue_app.command()
 @friendly_errors
 def stats(json_output: bool = typer.Option(False, "--json", help="print one JSON object")) -> None:
-    """Depth per stream, in-flight work, completed and failed counts, live workers."""
+    """Depth, oldest waiting age, in-flight and stuck work, latency p50/p95/p99, throughput, workers."""
     figures = collect_stats(connect(get_settings()))
     if json_output:
         print(figures.model_dump_json())
         return
-    console.print(render_stats(figures))
-    console.print(render_workers(figures))
+    console.print(render_all(figures))
+
+
+@queue_app.command()
+@friendly_errors
+def watch(interval: float = typer.Option(1.0, min=0.2, help="seconds between refreshes")) -> None:
+    """The same figures as `stats`, refreshed live until Ctrl-C."""
+    client = connect(get_settings())
+    try:
+        with Live(render_all(collect_stats(client)), console=console, screen=False, auto_refresh=False) as live:
+            while True:
+                time.sleep(interval)
+                live.update(render_all(collect_stats(client)), refresh=True)
+    except KeyboardInterrupt:
+        pass
+
+
+@queue_app.command()
+@friendly_errors
+def dead(
+    limit: int = typer.Option(50, min=1, help="show at most this many, newest first"),
+    json_output: bool = typer.Option(False, "--json", help="print one JSON object per line"),
+) -> None:
+    """Requests set aside after too many failed deliveries, with the reason and delivery count."""
+    letters = list_dead(connect(get_settings()), count=limit)
+    if json_output:
+        for letter in letters:
+            print(letter.model_dump_json())
+        return
+    table = Table(title=f"dead letters ({len(letters)} shown)", header_style="bold")
+    for column in ("id", "request", "persona", "deliveries", "when", "reason"):
+        table.add_column(column)
+    for d in letters:
+        when = dt.datetime.fromtimestamp(d.at).strftime("%Y-%m-%d %H:%M:%S") if d.at else "-"
+        table.add_row(d.id, d.request_id or "(malformed)", d.persona, str(d.deliveries), when, d.reason)
+    console.print(table)
+    if letters:
+        console.print("re-queue one with [bold]persona queue retry ID[/bold], or all with [bold]--all[/bold]")
+
+
+@queue_app.command()
+@friendly_errors
+def retry(
+    entry_id: str = typer.Argument(None, metavar="ID", help="a dead-letter id from `persona queue dead`"),
+    all_: bool = typer.Option(False, "--all", help="re-queue every dead letter"),
+    yes: bool = typer.Option(False, "--yes", "-y", help="do not ask for confirmation with --all"),
+) -> None:
+    """Re-queue dead letters with their original arguments (and a fresh deadline)."""
+    client = connect(get_settings())
+    if all_ == bool(entry_id):
+        raise QueueError("name one dead-letter ID, or pass --all (see `persona queue dead`)")
+    if entry_id:
+        try:
+            new_id = retry_dead(client, entry_id)
+        except ValueError as exc:
+            raise QueueError(f"dead letter {entry_id} holds no readable request, so it cannot be retried: {exc}") from exc
+        if new_id is None:
+            raise QueueError(f"no dead letter {entry_id}; see `persona queue dead`")
+        console.print(f"re-queued {entry_id}")
+        return
+    count = client.xlen(keys.STREAM_DEAD)
+    if not count:
+        console.print("no dead letters")
+        return
+    if not yes and not typer.confirm(f"re-queue all {count} dead letter(s)?"):
+        raise typer.Exit(1)
+    done = retry_all(client)
+    console.print(f"re-queued {len(done)} dead letter(s)")
 
 
 def register(app: typer.Typer) -> None:

@@ -1,0 +1,91 @@
+"""Is this checkpoint fit to serve a persona? Checks before and after loading it.
+
+``static_problem`` looks at the folder only (cheap, runs in the CLI): weights files
+present, readable config, trained on the persona's base. ``loaded_problem`` compares a
+loaded candidate with the weights serving now (same parameter names and shapes) and
+runs one forward pass (finite logits). Each returns a sentence naming the problem, or
+None when the checkpoint is fine.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from persona.checkpoints import METADATA_FILE
+from persona.models import BUNDLED_ALIASES, LoadedModel, is_lora_dir
+from persona.personas import Persona
+
+__all__ = ["loaded_problem", "same_base", "static_problem"]
+
+log = logging.getLogger(__name__)
+
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
+MAX_SHAPE_DIFFERENCES_SHOWN = 3
+SMOKE_TEXT = "Hello"
+
+
+def same_base(a: str, b: str) -> bool:
+    """Whether two base model names mean the same weights (aliases and paths normalised)."""
+    if a in BUNDLED_ALIASES or b in BUNDLED_ALIASES:
+        return a in BUNDLED_ALIASES and b in BUNDLED_ALIASES
+    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+
+
+def static_problem(persona: Persona, folder: Path) -> str | None:
+    """What is wrong with a checkpoint folder before any weights are loaded, or None."""
+    if not folder.is_dir():
+        return f"checkpoint folder {folder} does not exist"
+    config_name = "adapter_config.json" if is_lora_dir(folder) else "config.json"
+    if not (folder / config_name).is_file():
+        return f"checkpoint {folder} has neither adapter_config.json (LoRA) nor config.json (full weights)"
+    try:
+        json.loads((folder / config_name).read_text())
+    except (OSError, ValueError) as exc:
+        return f"checkpoint {folder}: {config_name} is not valid JSON ({exc})"
+    if not any(any(folder.glob(pattern)) for pattern in WEIGHT_PATTERNS):
+        return f"checkpoint {folder} holds no weights files (*.safetensors or *.bin)"
+    metadata = folder / METADATA_FILE
+    if metadata.is_file():
+        try:
+            trained_on = json.loads(metadata.read_text()).get("base", "")
+        except (OSError, ValueError) as exc:
+            return f"checkpoint {folder}: {METADATA_FILE} is not valid JSON ({exc})"
+        if trained_on and not same_base(trained_on, persona.model.base):
+            return (
+                f"checkpoint {folder.name} was trained on base {trained_on!r}, but persona "
+                f"{persona.name!r} runs on {persona.model.base!r} (wrong base)"
+            )
+    return None
+
+
+def _shapes(loaded: LoadedModel) -> dict[str, tuple[int, ...]]:
+    return {name: tuple(t.shape) for name, t in loaded.model.state_dict().items()}
+
+
+def loaded_problem(candidate: LoadedModel, reference: LoadedModel | None, label: str) -> str | None:
+    """What is wrong with loaded weights compared with those serving now, or None."""
+    import torch
+
+    if reference is not None:
+        want, got = _shapes(reference), _shapes(candidate)
+        missing = sorted(set(want) - set(got))
+        extra = sorted(set(got) - set(want))
+        differ = [n for n in sorted(set(want) & set(got)) if want[n] != got[n]]
+        if missing or extra or differ:
+            parts = [f"{n}: {list(got[n])} here, {list(want[n])} now" for n in differ[:MAX_SHAPE_DIFFERENCES_SHOWN]]
+            parts += [f"missing {n}" for n in missing[:MAX_SHAPE_DIFFERENCES_SHOWN]]
+            parts += [f"unexpected {n}" for n in extra[:MAX_SHAPE_DIFFERENCES_SHOWN]]
+            count = len(missing) + len(extra) + len(differ)
+            return f"checkpoint {label} has wrong shapes for this persona's model ({count} tensors differ: {'; '.join(parts)})"
+    ids = candidate.tokenizer(SMOKE_TEXT, return_tensors="pt").input_ids.to(candidate.model.device)
+    try:
+        with torch.inference_mode():
+            logits = candidate.model(input_ids=ids).logits
+    except Exception as exc:  # any failure of a forward pass means the weights cannot serve
+        log.exception("smoke test of %s failed", label)
+        return f"checkpoint {label} fails a forward pass: {exc}"
+    if not torch.isfinite(logits).all():
+        return f"checkpoint {label} produces NaN or infinite logits (corrupt weights)"
+    return None

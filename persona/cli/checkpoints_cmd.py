@@ -1,0 +1,169 @@
+"""`persona checkpoints`, `persona swap`, `persona rollback`: which weights serve a persona."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import time
+from pathlib import Path
+
+import redis
+import typer
+from rich.table import Table
+
+from persona import swap as swaps
+from persona.checkpoint_checks import static_problem
+from persona.checkpoints import list_checkpoints
+from persona.cli.common import console, friendly_errors, get_settings
+from persona.connection import connect
+from persona.errors import ModelError, SwapRefused
+from persona.heartbeat import live_workers
+from persona.personas import Persona, PersonaRegistry
+from persona.pool import BASE_VERSION, resolve_checkpoint
+from persona.settings import Settings
+
+__all__ = ["checkpoints", "current_version", "normalise_target", "perform_swap", "register", "rollback", "swap"]
+
+DEFAULT_TIMEOUT_S = 300.0
+
+
+def current_version(client: redis.Redis, persona: Persona) -> str:
+    """What serves the persona now: the active version in Redis, else its file's choice."""
+    return swaps.active_versions(client).get(persona.name) or persona.model.checkpoint or BASE_VERSION
+
+
+def normalise_target(target: str) -> str:
+    """A version name stays as it is; a folder becomes its absolute path (workers share it)."""
+    path = Path(target).expanduser()
+    if target != BASE_VERSION and (path.is_absolute() or path.exists()):
+        return str(path.resolve())
+    return target
+
+
+def _check_here(settings: Settings, client: redis.Redis, persona: Persona, target: str, workers: int) -> None:
+    """Checks this machine can make before asking the workers."""
+    try:
+        _, folder = resolve_checkpoint(persona, settings, target)
+    except ModelError:
+        if workers:
+            return  # the workers may hold checkpoints this machine does not
+        raise
+    if folder is not None:
+        problem = static_problem(persona, folder)
+        if problem:
+            raise SwapRefused(f"{problem}; {persona.name!r} keeps its current version")
+    if not workers:
+        from persona.pool import ModelPool
+        from persona.swapper import load_and_check
+
+        # No worker to ask: load and check the weights here, so a broken checkpoint is
+        # refused now rather than by the first worker that starts.
+        with console.status(f"no live workers; loading {target} here to check it"):
+            load_and_check(ModelPool(settings, "cpu"), persona, current_version(client, persona), target)
+
+
+def perform_swap(
+    settings: Settings, client: redis.Redis, persona: Persona, target: str, *, kind: str = "swap",
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+) -> swaps.SwapOutcome:
+    """Check, propose, gather every live worker's vote, and commit or withdraw."""
+    previous = current_version(client, persona)
+    _check_here(settings, client, persona, target, len(live_workers(client)))
+    proposal = swaps.SwapProposal(persona=persona.name, target=target, previous=previous, kind=kind)
+    with console.status("asking the workers to load and check it") as status:
+
+        def progress(ready: int, total: int) -> None:
+            status.update(f"workers that loaded and checked {target}: {ready}/{total}")
+
+        return swaps.run_swap(client, proposal, timeout_s, progress)
+
+
+def _report(outcome: swaps.SwapOutcome, json_output: bool, started: float) -> None:
+    if json_output:
+        print(outcome.model_dump_json())
+    if not outcome.committed:
+        raise SwapRefused(outcome.problem)
+    if not json_output:
+        p = outcome.proposal
+        console.print(
+            f"[green]{p.persona} now serves {p.target}[/green] (was {p.previous}); "
+            f"{len(outcome.votes)} worker(s) switched, {time.time() - started:.1f} s"
+        )
+
+
+@friendly_errors
+def checkpoints(
+    persona_name: str = typer.Argument(..., metavar="PERSONA", help="the persona's name"),
+    json_output: bool = typer.Option(False, "--json", help="print one JSON object"),
+) -> None:
+    """The checkpoint versions of a persona: date, kind, metrics, and which one is active."""
+    settings = get_settings()
+    persona = PersonaRegistry.from_settings(settings).get(persona_name)
+    found = list_checkpoints(settings.checkpoints_dir, persona.name)
+    active = current_version(connect(settings), persona)
+    if json_output:
+        rows = [dict(c.model_dump(mode="json"), active=c.version == active) for c in found]
+        print(json.dumps({"persona": persona.name, "active": active, "versions": rows}))
+        return
+    table = Table(title=f"{persona.name}: checkpoints (active: {active})", header_style="bold")
+    for column in ("", "version", "created", "kind", "base", "metrics"):
+        table.add_column(column)
+    table.add_row("*" if active == BASE_VERSION else "", BASE_VERSION, "", "", persona.model.base, "")
+    for c in found:
+        created = dt.datetime.fromtimestamp(c.created_at).strftime("%Y-%m-%d %H:%M")
+        metrics = ", ".join(f"{k}={v:.4g}" for k, v in sorted(c.metrics.items())) or "-"
+        table.add_row("*" if c.version == active else "", c.version, created, c.kind, c.base, metrics)
+    console.print(table)
+    if active not in {BASE_VERSION, *(c.version for c in found)}:
+        console.print(f"active: {active} (a folder outside the versioned checkpoints)")
+
+
+@friendly_errors
+def swap(
+    persona_name: str = typer.Argument(..., metavar="PERSONA", help="the persona's name"),
+    target: str = typer.Argument(..., metavar="VERSION|PATH", help="a version (v3), 'base', or a checkpoint folder"),
+    timeout: float = typer.Option(DEFAULT_TIMEOUT_S, help="seconds to wait for every worker to be ready"),
+    json_output: bool = typer.Option(False, "--json", help="print the outcome as JSON"),
+) -> None:
+    """Switch a persona to another checkpoint on every live worker, or on none.
+
+    Each worker loads and checks the new weights beside the old ones and says ready;
+    only when all have does the active version flip (workers switch between batches,
+    no request is dropped). If any worker refuses, nothing changes and you see why.
+    """
+    settings = get_settings()
+    started = time.time()
+    persona = PersonaRegistry.from_settings(settings).get(persona_name)
+    client = connect(settings)
+    target = normalise_target(target)
+    if target == current_version(client, persona):
+        console.print(f"{persona.name} already serves {target}")
+        return
+    _report(perform_swap(settings, client, persona, target, timeout_s=timeout), json_output, started)
+
+
+@friendly_errors
+def rollback(
+    persona_name: str = typer.Argument(..., metavar="PERSONA", help="the persona's name"),
+    timeout: float = typer.Option(DEFAULT_TIMEOUT_S, help="seconds to wait for every worker to be ready"),
+    json_output: bool = typer.Option(False, "--json", help="print the outcome as JSON"),
+) -> None:
+    """Go back to the version a persona served before its last swap (same all-or-nothing rules)."""
+    settings = get_settings()
+    started = time.time()
+    persona = PersonaRegistry.from_settings(settings).get(persona_name)
+    client = connect(settings)
+    history = swaps.version_history(client, persona.name)
+    if not history:
+        raise SwapRefused(
+            f"{persona.name!r} has no earlier version to roll back to; "
+            f"pick one with `persona checkpoints {persona.name}` and `persona swap {persona.name} VERSION`"
+        )
+    outcome = perform_swap(settings, client, persona, history[0], kind="rollback", timeout_s=timeout)
+    _report(outcome, json_output, started)
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(checkpoints)
+    app.command()(swap)
+    app.command()(rollback)

@@ -1,0 +1,42 @@
+"""`persona dashboard`: the web dashboard and Prometheus /metrics."""
+
+from __future__ import annotations
+
+import typer
+
+from persona.cli.common import console, friendly_errors, get_settings
+from persona.cli.serve import redis_for_service
+from persona.connection import connect
+from persona.logs import setup_logging
+
+__all__ = ["dashboard", "register"]
+
+
+@friendly_errors
+def dashboard(
+    host: str = typer.Option(None, help="address to listen on (default: PERSONA_DASHBOARD__HOST, 127.0.0.1)"),
+    port: int = typer.Option(None, help="port (default: PERSONA_DASHBOARD__PORT, 8787)"),
+) -> None:
+    """Serve the live dashboard (queue, latency, workers, versions, dead letters) and /metrics.
+
+    It listens on loopback unless told otherwise; bound anywhere else it refuses to
+    start without PERSONA_DASHBOARD__TOKEN, and then every page wants that token.
+    """
+    from persona.dashboard import check_binding, serve
+
+    settings = get_settings()
+    setup_logging(settings)
+    check_binding(settings, host or settings.dashboard.host)
+    with redis_for_service(settings) as url:
+        client = connect(settings, url=url)
+        shown_host = host or settings.dashboard.host
+        shown_port = port if port is not None else settings.dashboard.port
+        console.print(f"dashboard on [bold]http://{shown_host}:{shown_port}/[/bold]  (Prometheus: /metrics)")
+        try:
+            serve(settings, client, host=host, port=port)
+        except KeyboardInterrupt:
+            pass
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(dashboard)

@@ -1,0 +1,245 @@
+"""The web dashboard and Prometheus ``/metrics``, on one port (FastAPI + uvicorn).
+
+Live figures come from one JSON endpoint the page polls; the server samples depth and
+latency every few seconds into a bounded history for the charts. Access rules:
+
+- bound to loopback with no token set: reads are open to this machine; a POST (dead-
+  letter retry) must carry the ``X-Persona-Action`` header, which a page on another
+  site cannot send without the browser asking first (so it cannot be forged).
+- a token set (required when bound anywhere else): every route wants it, as
+  ``Authorization: Bearer TOKEN`` or ``?token=TOKEN`` (how the page is opened).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import secrets
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Iterator
+
+import redis
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+
+from persona.checkpoints import list_checkpoints
+from persona.dashboard_page import PAGE_HTML
+from persona.dead_letters import list_dead, retry_all, retry_dead
+from persona.errors import ConfigError
+from persona.monitoring import QueueStats, collect_stats
+from persona.personas import PersonaRegistry
+from persona.pool import BASE_VERSION
+from persona.settings import Settings
+from persona.telemetry import read_histogram
+
+__all__ = ["QueueCollector", "check_binding", "create_app", "is_loopback", "serve"]
+
+log = logging.getLogger(__name__)
+
+SAMPLE_EVERY_S = 2.0
+HISTORY_POINTS = 900  # 30 minutes at one point every two seconds
+ACTION_HEADER = "x-persona-action"
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a bind address only accepts connections from this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_binding(settings: Settings, host: str) -> None:
+    """Refuse to serve beyond this machine without a token."""
+    if not is_loopback(host) and settings.dashboard.token is None:
+        raise ConfigError(
+            f"the dashboard would listen on {host}, reachable from other machines, with no token; "
+            "set PERSONA_DASHBOARD__TOKEN (or bind to 127.0.0.1)"
+        )
+
+
+class QueueCollector:
+    """Prometheus figures read from Redis at each scrape, so every worker's work counts."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.redis = client
+
+    def collect(self) -> Iterator[Metric]:
+        """Yield every metric family."""
+        stats = collect_stats(self.redis)
+        yield from _queue_families(stats)
+        yield from _reply_families(stats)
+        yield from _worker_families(stats)
+        for name, help_text in (
+            ("queue_wait_seconds", "Time requests waited in the queue"),
+            ("generate_seconds", "Time the batch that answered a request took to generate"),
+            ("batch_size", "Requests generated together"),
+        ):
+            buckets, total, _ = read_histogram(self.redis, name)
+            yield HistogramMetricFamily(f"persona_{name}", help_text, buckets=buckets, sum_value=total)
+
+
+def _queue_families(stats: QueueStats) -> Iterator[Metric]:
+    waiting = GaugeMetricFamily("persona_queue_waiting", "Requests waiting per stream", labels=["stream"])
+    in_flight = GaugeMetricFamily("persona_queue_in_flight", "Requests being generated per stream", labels=["stream"])
+    oldest = GaugeMetricFamily("persona_queue_oldest_waiting_seconds", "Age of the oldest waiting request", labels=["stream"])
+    for s in stats.streams:
+        waiting.add_metric([s.name], s.waiting)
+        in_flight.add_metric([s.name], s.in_flight)
+        oldest.add_metric([s.name], s.oldest_waiting_s)
+    yield from (waiting, in_flight, oldest)
+    yield GaugeMetricFamily("persona_dead_letters", "Requests in the dead-letter stream", value=stats.dead_letters)
+    yield GaugeMetricFamily("persona_stuck_requests", "Requests in flight past their deadline or held by a dead worker", value=len(stats.stuck))
+
+
+def _reply_families(stats: QueueStats) -> Iterator[Metric]:
+    replies = CounterMetricFamily("persona_replies", "Replies with text, per persona version", labels=["persona", "version"])
+    for key, value in sorted(stats.version_replies.items()):
+        persona, _, version = key.partition("@")
+        replies.add_metric([persona, version], value)
+    yield replies
+    errors = CounterMetricFamily("persona_request_errors", "Requests answered with an error, by kind", labels=["kind"])
+    for name, value in sorted(stats.counters.items()):
+        if name.startswith("failed:"):
+            errors.add_metric([name.removeprefix("failed:")], value)
+    yield errors
+    yield CounterMetricFamily("persona_tokens_generated", "Tokens generated", value=stats.counters.get("tokens", 0))
+    yield CounterMetricFamily("persona_requests_completed", "Requests answered with text", value=stats.completed)
+    active = GaugeMetricFamily("persona_active_version", "1 for the version each swapped persona serves", labels=["persona", "version"])
+    for persona, version in sorted(stats.active_versions.items()):
+        active.add_metric([persona, version], 1)
+    yield active
+
+
+def _worker_families(stats: QueueStats) -> Iterator[Metric]:
+    up = GaugeMetricFamily("persona_worker_up", "1 for each worker with a live heartbeat", labels=["worker", "host", "device"])
+    memory = GaugeMetricFamily("persona_worker_memory_megabytes", "Peak resident memory of each worker", labels=["worker"])
+    loaded = GaugeMetricFamily("persona_worker_persona_version", "1 for each persona version a worker serves", labels=["worker", "persona", "version"])
+    for w in stats.workers:
+        up.add_metric([w.id, w.host, w.device], 1)
+        memory.add_metric([w.id], w.memory_mb)
+        for persona, version in sorted(w.personas.items()):
+            loaded.add_metric([w.id, persona, version], 1)
+    yield from (up, memory, loaded)
+
+
+def _personas(settings: Settings, stats: QueueStats) -> list[dict]:
+    found, _ = PersonaRegistry.from_settings(settings).scan()
+    rows = []
+    for name, persona in sorted(found.items()):
+        active = stats.active_versions.get(name) or persona.model.checkpoint or BASE_VERSION
+        versions = [c.version for c in list_checkpoints(settings.checkpoints_dir, name)]
+        rows.append({"name": name, "base": persona.model.base, "active": active, "versions": versions})
+    return rows
+
+
+def _sample(stats: QueueStats) -> dict:
+    lat = stats.latency
+    return {
+        "t": round(stats.taken_at, 1),
+        "depth": {s.name: s.waiting + s.in_flight for s in stats.streams},
+        "queue_p95": lat.queue_ms.p95 if lat else 0, "generate_p95": lat.generate_ms.p95 if lat else 0,
+        "queue_p50": lat.queue_ms.p50 if lat else 0, "generate_p50": lat.generate_ms.p50 if lat else 0,
+    }
+
+
+def create_app(settings: Settings, client: redis.Redis) -> FastAPI:
+    """The dashboard app, reading from ``client``."""
+    history: deque[dict] = deque(maxlen=HISTORY_POINTS)
+    token = settings.dashboard.token.get_secret_value() if settings.dashboard.token else None
+
+    async def sampler() -> None:
+        while True:
+            try:
+                history.append(_sample(await asyncio.to_thread(collect_stats, client)))
+            except redis.exceptions.RedisError as exc:
+                log.warning("dashboard could not read the queue: %s", exc)
+            await asyncio.sleep(SAMPLE_EVERY_S)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        task = asyncio.create_task(sampler())
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    def authorized(request: Request) -> None:
+        if token is None:
+            if request.method == "POST" and request.headers.get(ACTION_HEADER) != "1":
+                raise HTTPException(403, f"actions need the {ACTION_HEADER} header")
+            return
+        given = request.query_params.get("token") or ""
+        header = request.headers.get("authorization", "")
+        if header.lower().startswith("bearer "):
+            given = header[7:]
+        if not secrets.compare_digest(given.encode(), token.encode()):
+            raise HTTPException(401, "this dashboard needs its token (Authorization: Bearer ..., or ?token=...)")
+
+    app = FastAPI(title="persona dashboard", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(QueueCollector(client))
+    guard = [Depends(authorized)]
+
+    @app.get("/", response_class=HTMLResponse, dependencies=guard)
+    def page() -> str:
+        return PAGE_HTML
+
+    @app.get("/api/stats", dependencies=guard)
+    def stats() -> JSONResponse:
+        figures = collect_stats(client)
+        if not history or time.time() - history[-1]["t"] >= 1.0:
+            history.append(_sample(figures))
+        return JSONResponse({
+            "stats": figures.model_dump(mode="json"),
+            "history": list(history),
+            "personas": _personas(settings, figures),
+            "dead": [d.model_dump(mode="json", exclude={"payload"}) for d in list_dead(client, count=50)],
+        })
+
+    @app.post("/api/dead/{entry_id}/retry", dependencies=guard)
+    def retry_one(entry_id: str) -> dict:
+        try:
+            new_id = retry_dead(client, entry_id)
+        except ValueError as exc:
+            raise HTTPException(422, f"dead letter {entry_id} holds no readable request") from exc
+        if new_id is None:
+            raise HTTPException(404, f"no dead letter {entry_id}")
+        return {"requeued": [entry_id]}
+
+    @app.post("/api/dead/retry-all", dependencies=guard)
+    def retry_every() -> dict:
+        return {"requeued": retry_all(client)}
+
+    @app.get("/metrics", dependencies=guard)
+    def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/healthz")
+    def healthz() -> dict:
+        return {"ok": True}
+
+    return app
+
+
+def serve(settings: Settings, client: redis.Redis, host: str | None = None, port: int | None = None) -> None:
+    """Run the dashboard until Ctrl-C or SIGTERM."""
+    import uvicorn
+
+    host = host or settings.dashboard.host
+    port = port if port is not None else settings.dashboard.port
+    check_binding(settings, host)
+    log.info("dashboard on http://%s:%d/", host, port)
+    uvicorn.run(create_app(settings, client), host=host, port=port, log_level="warning")

@@ -1,0 +1,119 @@
+"""The dashboard's one page: plain HTML, CSS and a small script, nothing from a CDN.
+
+The script polls ``api/stats`` every two seconds, fills the tables, and draws the
+depth and latency history as inline SVG lines.
+"""
+
+from __future__ import annotations
+
+__all__ = ["PAGE_HTML"]
+
+PAGE_HTML = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>persona dashboard</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<style>
+body{font:14px system-ui,sans-serif;margin:0;background:#f6f7f9;color:#1d2330}
+header{background:#1d2330;color:#fff;padding:10px 20px;display:flex;gap:20px;align-items:baseline}
+header h1{font-size:18px;margin:0} #updated{opacity:.7;font-size:12px}
+main{display:grid;grid-template-columns:repeat(auto-fit,minmax(420px,1fr));gap:14px;padding:14px}
+section{background:#fff;border-radius:6px;padding:10px 14px;box-shadow:0 1px 2px #0002;overflow-x:auto}
+h2{font-size:14px;margin:0 0 8px;text-transform:uppercase;letter-spacing:.04em;color:#556}
+table{border-collapse:collapse;width:100%} td,th{padding:3px 6px;text-align:left;border-bottom:1px solid #eee;overflow-wrap:anywhere}
+td.n{text-align:right;font-variant-numeric:tabular-nums} .big{font-size:26px;font-weight:600}
+.figs{display:flex;gap:24px;flex-wrap:wrap} .fig span{display:block;color:#667;font-size:12px}
+svg{width:100%;height:150px;background:#fbfbfd;border:1px solid #eee} .bad{color:#b00020}
+button{font:inherit;padding:2px 8px;cursor:pointer} .legend span{margin-right:12px;font-size:12px}
+</style></head><body>
+<header><h1>persona</h1><span id="updated">connecting...</span><span id="error" class="bad"></span></header>
+<main>
+<section><h2>Queue</h2><div class="figs">
+ <div class="fig"><div class="big" id="waiting-total">-</div><span>waiting</span></div>
+ <div class="fig"><div class="big" id="inflight-total">-</div><span>in flight</span></div>
+ <div class="fig"><div class="big" id="oldest">-</div><span>oldest waiting</span></div>
+ <div class="fig"><div class="big" id="throughput">-</div><span>replies/s (1 min)</span></div>
+ <div class="fig"><div class="big" id="dead-count">-</div><span>dead letters</span></div>
+ <div class="fig"><div class="big" id="stuck-count">-</div><span>stuck</span></div></div>
+ <table id="streams"><thead><tr><th>stream</th><th>waiting</th><th>in flight</th><th>oldest</th></tr></thead><tbody></tbody></table>
+ <p id="counters"></p></section>
+<section><h2>Latency (ms, last 5 min)</h2>
+ <table id="latency"><thead><tr><th></th><th>p50</th><th>p95</th><th>p99</th></tr></thead><tbody></tbody></table></section>
+<section><h2>Depth over time</h2><svg id="depth-chart" viewBox="0 0 600 150" preserveAspectRatio="none"></svg>
+ <div class="legend" id="depth-legend"></div></section>
+<section><h2>Latency p95 over time (ms)</h2><svg id="latency-chart" viewBox="0 0 600 150" preserveAspectRatio="none"></svg>
+ <div class="legend"><span style="color:#2a6fdb">queue wait</span><span style="color:#d9480f">generation</span></div></section>
+<section><h2>Workers</h2><table id="workers"><thead><tr><th>worker</th><th>host</th><th>device</th><th>state</th>
+ <th>personas</th><th>requests</th><th>MB</th><th>seen</th></tr></thead><tbody></tbody></table></section>
+<section><h2>Personas</h2><table id="personas"><thead><tr><th>persona</th><th>active</th><th>versions</th><th>replies</th></tr></thead><tbody></tbody></table></section>
+<section><h2>Dead letters</h2><p><button id="retry-all">retry all</button></p>
+ <table id="dead"><thead><tr><th>request</th><th>persona</th><th>deliveries</th><th>reason</th><th></th></tr></thead><tbody></tbody></table></section>
+<section><h2>Stuck work</h2><table id="stuck"><thead><tr><th>request</th><th>worker</th><th>held</th><th>why</th></tr></thead><tbody></tbody></table></section>
+</main>
+<script>
+const token = new URLSearchParams(location.search).get('token');
+const headers = token ? {'Authorization': 'Bearer ' + token} : {};
+const colors = ['#2a6fdb', '#d9480f', '#2b8a3e', '#862e9c'];
+function esc(v){return String(v).replace(/[&<>"]/g, c => ({'&':'&amp;','<':'&lt;','>':'&gt;','"':'&quot;'}[c]));}
+function rows(id, list, cells){
+  document.querySelector('#' + id + ' tbody').innerHTML =
+    list.map(item => '<tr>' + cells(item).map(c => c[0] === '#' ? '<td class="n">' + esc(c.slice(1)) + '</td>' : '<td>' + c + '</td>').join('') + '</tr>').join('');
+}
+function line(points, max, color){
+  if (points.length < 2) return '';
+  const step = 600 / (points.length - 1);
+  const d = points.map((v, i) => (i ? 'L' : 'M') + (i * step).toFixed(1) + ' ' + (145 - 140 * v / max).toFixed(1)).join(' ');
+  return '<path d="' + d + '" fill="none" stroke="' + color + '" stroke-width="2" vector-effect="non-scaling-stroke"/>';
+}
+function chart(id, series){
+  const max = Math.max(1, ...series.flatMap(s => s.points));
+  document.getElementById(id).innerHTML = series.map(s => line(s.points, max, s.color)).join('') +
+    '<text x="4" y="12" font-size="11" fill="#667">' + Math.round(max) + '</text>';
+}
+async function act(url){
+  const r = await fetch(url, {method: 'POST', headers: Object.assign({'X-Persona-Action': '1'}, headers)});
+  if (!r.ok) document.getElementById('error').textContent = 'retry failed: ' + r.status;
+  refresh();
+}
+function render(data){
+  const s = data.stats, lat = s.latency;
+  const sum = k => s.streams.reduce((a, x) => a + x[k], 0);
+  document.getElementById('waiting-total').textContent = sum('waiting');
+  document.getElementById('inflight-total').textContent = sum('in_flight');
+  document.getElementById('oldest').textContent = Math.max(...s.streams.map(x => x.oldest_waiting_s)).toFixed(1) + 's';
+  document.getElementById('throughput').textContent = lat ? lat.replies_per_s.toFixed(2) : '-';
+  document.getElementById('dead-count').textContent = s.dead_letters;
+  document.getElementById('stuck-count').textContent = s.stuck.length;
+  rows('streams', s.streams, x => [esc(x.name), '#' + x.waiting, '#' + x.in_flight, '#' + x.oldest_waiting_s.toFixed(1) + 's']);
+  const failed = Object.entries(s.counters).filter(([k]) => k.startsWith('failed:'));
+  document.getElementById('counters').textContent = 'completed ' + (s.counters.completed || 0) + ', tokens ' + (s.counters.tokens || 0) +
+    (failed.length ? ', ' + failed.map(([k, v]) => k + ' ' + v).join(', ') : '');
+  rows('latency', lat ? [['queue wait', lat.queue_ms], ['generation', lat.generate_ms]] : [],
+       ([n, p]) => [n, '#' + Math.round(p.p50), '#' + Math.round(p.p95), '#' + Math.round(p.p99)]);
+  const now = Date.now() / 1000;
+  rows('workers', s.workers, w => [esc(w.id), esc(w.host), esc(w.device), esc(w.state),
+       esc(Object.entries(w.personas).map(([p, v]) => p + '@' + v).join(', ') || '-'), '#' + w.requests,
+       '#' + Math.round(w.memory_mb), '#' + (now - w.last_seen).toFixed(1) + 's']);
+  rows('personas', data.personas, p => [esc(p.name), '<b>' + esc(p.active) + '</b>', esc(p.versions.join(', ') || '-'),
+       '#' + Object.entries(s.version_replies).filter(([k]) => k.split('@')[0] === p.name).map(([k, v]) => k.split('@')[1] + ': ' + v).join(', ')]);
+  rows('dead', data.dead, d => ['<span title="' + esc(d.request_id) + '">' + esc((d.request_id || '(malformed)').slice(0, 12)) + '</span>', esc(d.persona), '#' + d.deliveries, esc(d.reason),
+       d.request_id ? '<button data-id="' + esc(d.id) + '">retry</button>' : '']);
+  document.querySelectorAll('#dead button').forEach(b => b.onclick = () => act('api/dead/' + b.dataset.id + '/retry'));
+  rows('stuck', s.stuck, x => [esc(x.request_id), esc(x.worker), '#' + x.held_s + 's', esc(x.reason)]);
+  const names = s.streams.map(x => x.name);
+  chart('depth-chart', names.map((n, i) => ({color: colors[i % 4], points: data.history.map(h => h.depth[n] || 0)})));
+  document.getElementById('depth-legend').innerHTML = names.map((n, i) => '<span style="color:' + colors[i % 4] + '">' + esc(n) + '</span>').join('');
+  chart('latency-chart', [{color: colors[0], points: data.history.map(h => h.queue_p95)},
+                          {color: colors[1], points: data.history.map(h => h.generate_p95)}]);
+  document.getElementById('updated').textContent = 'updated ' + new Date().toLocaleTimeString();
+}
+async function refresh(){
+  try {
+    const r = await fetch('api/stats', {headers});
+    if (!r.ok) throw new Error('HTTP ' + r.status);
+    render(await r.json());
+    document.getElementById('error').textContent = '';
+  } catch (e) { document.getElementById('error').textContent = 'cannot reach the dashboard: ' + e.message; }
+}
+document.getElementById('retry-all').onclick = () => act('api/dead/retry-all');
+refresh(); setInterval(refresh, 2000);
+</script></body></html>
+"""

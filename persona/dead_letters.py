@@ -1,0 +1,95 @@
+"""Requests set aside after too many failed deliveries: list them, and put them back.
+
+A retried request keeps its id and arguments (persona, messages, sampling, priority);
+it gets a fresh deadline of the same length, and its "answered" mark and old error
+reply are cleared so the new answer is delivered to its reply list. One script moves it, so two operators
+retrying at once re-queue it once.
+"""
+
+from __future__ import annotations
+
+import time
+
+import redis
+from pydantic import BaseModel
+
+from persona import constants as keys
+from persona.contract import GenerationRequest
+
+__all__ = ["DeadLetter", "list_dead", "retry_all", "retry_dead"]
+
+# Re-queue only if the entry is still in the dead-letter stream (XDEL says so).
+RETRY_SCRIPT = """
+if redis.call('XDEL', KEYS[1], ARGV[1]) == 0 then return false end
+redis.call('DEL', KEYS[3], KEYS[5])
+redis.call('HINCRBY', KEYS[4], 'retried', 1)
+return redis.call('XADD', KEYS[2], '*', 'r', ARGV[2])
+"""
+
+
+class DeadLetter(BaseModel):
+    """One dead-lettered request and why it was set aside."""
+
+    id: str
+    request_id: str
+    persona: str
+    stream: str
+    reason: str
+    deliveries: int
+    worker: str
+    at: float
+    payload: str
+
+
+def _text(value: bytes | None) -> str:
+    return value.decode(errors="replace") if value is not None else ""
+
+
+def _parse(entry_id: bytes, fields: dict[bytes, bytes]) -> DeadLetter:
+    payload = _text(fields.get(b"r"))
+    request_id, persona = "", ""
+    try:
+        request = GenerationRequest.from_json(payload)
+        request_id, persona = request.id, request.persona
+    except ValueError:
+        pass  # a malformed request is listed as it is; retrying it is refused
+    return DeadLetter(
+        id=_text(entry_id), request_id=request_id, persona=persona, stream=_text(fields.get(b"stream")),
+        reason=_text(fields.get(b"reason")), deliveries=int(fields.get(b"deliveries") or 0),
+        worker=_text(fields.get(b"worker")), at=float(fields.get(b"at") or 0), payload=payload,
+    )
+
+
+def list_dead(client: redis.Redis, count: int = 100) -> list[DeadLetter]:
+    """The newest dead letters first."""
+    return [_parse(i, f) for i, f in client.xrevrange(keys.STREAM_DEAD, count=count)]
+
+
+def retry_dead(client: redis.Redis, entry_id: str) -> str | None:
+    """Re-queue one dead letter with its original arguments; the new entry id, or None if gone."""
+    rows = client.xrange(keys.STREAM_DEAD, min=entry_id, max=entry_id)
+    if not rows:
+        return None
+    letter = _parse(*rows[0])
+    request = GenerationRequest.from_json(letter.payload)  # ValueError: nothing to re-queue
+    allowed = (request.deadline - request.created_at) if request.deadline else 0.0
+    now = time.time()
+    fresh = request.model_copy(update={"created_at": now, "deadline": now + allowed if allowed > 0 else 0.0})
+    stream = letter.stream if letter.stream in keys.STREAMS_BY_PRIORITY else keys.STREAM_INTERACTIVE
+    new_id = client.eval(
+        RETRY_SCRIPT, 5, keys.STREAM_DEAD, stream, keys.answered_key(request.id), keys.STATS_KEY,
+        keys.reply_key(request.id), entry_id, fresh.to_json(),
+    )
+    return _text(new_id) if new_id else None
+
+
+def retry_all(client: redis.Redis) -> list[str]:
+    """Re-queue every dead letter that holds a readable request; their dead-letter ids."""
+    done = []
+    while True:
+        batch = [d for d in list_dead(client, count=500) if d.request_id and d.id not in done]
+        if not batch:
+            return done
+        for letter in batch:
+            if retry_dead(client, letter.id):
+                done.append(letter.id)

@@ -1,0 +1,254 @@
+"""All-or-nothing checkpoint swaps across every live worker (two-phase).
+
+1. The operator's command writes a *proposal* for one persona into Redis (one at a
+   time per persona) naming the live workers that must agree.
+2. Each of those workers, between batches, loads the new weights beside the old ones,
+   checks them, and votes ready, or refused with the reason (``persona/swapper.py``).
+3. When every worker still alive has voted ready, one Lua script checks the votes
+   again and flips the active version; if any refused (or time ran out) the proposal
+   is withdrawn and nothing changes. Workers pick up a flip at their next batch and
+   free the old weights.
+
+The active version per persona lives in the ``ACTIVE_VERSIONS_KEY`` hash: a version
+name (``v3``), ``base``, or an absolute checkpoint folder. No entry means the persona
+file's own choice. The versions swapped away from are kept in a list, for rollback.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from typing import Literal
+
+import redis
+from pydantic import BaseModel, Field
+
+from persona import constants as keys
+from persona.errors import SwapRefused
+from persona.heartbeat import live_workers
+
+__all__ = [
+    "SwapOutcome",
+    "SwapProposal",
+    "Vote",
+    "abort",
+    "active_versions",
+    "cast_vote",
+    "commit",
+    "open_proposals",
+    "propose",
+    "run_swap",
+    "swap_log",
+    "version_history",
+    "votes",
+]
+
+log = logging.getLogger(__name__)
+
+POLL_S = 0.1
+
+# Flip the active version only if the proposal is still the open one and every named
+# worker has voted ready; record the version left behind (or pop it on a rollback).
+COMMIT_SCRIPT = """
+local raw = redis.call('HGET', KEYS[1], ARGV[1])
+if not raw then return 'gone' end
+if cjson.decode(raw)['id'] ~= ARGV[2] then return 'gone' end
+for i = 7, #ARGV do
+  local vote = redis.call('HGET', KEYS[5], ARGV[i])
+  if not vote then return 'missing:' .. ARGV[i] end
+  if not cjson.decode(vote)['ready'] then return 'refused:' .. ARGV[i] end
+end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
+if ARGV[5] == 'rollback' then
+  redis.call('LPOP', KEYS[3])
+else
+  redis.call('LPUSH', KEYS[3], ARGV[4])
+  redis.call('LTRIM', KEYS[3], 0, tonumber(ARGV[6]) - 1)
+end
+redis.call('HDEL', KEYS[1], ARGV[1])
+local t = redis.call('TIME')
+redis.call('XADD', KEYS[4], 'MAXLEN', '~', 1000, '*', 'persona', ARGV[1], 'version', ARGV[3],
+  'previous', ARGV[4], 'kind', ARGV[5], 'at', t[1] .. '.' .. string.format('%06d', t[2]))
+return 'ok'
+"""
+
+# Withdraw a proposal, but only the one this caller opened.
+ABORT_SCRIPT = """
+local raw = redis.call('HGET', KEYS[1], ARGV[1])
+if raw and cjson.decode(raw)['id'] == ARGV[2] then
+  redis.call('HDEL', KEYS[1], ARGV[1])
+  return 1
+end
+return 0
+"""
+
+
+class SwapProposal(BaseModel):
+    """One persona's pending switch to another version."""
+
+    id: str = Field(default_factory=lambda: uuid.uuid4().hex[:12])
+    persona: str
+    target: str = Field(description="version name, 'base', or an absolute checkpoint folder")
+    previous: str = Field(description="what was active before ('' for the persona file's choice)")
+    kind: Literal["swap", "rollback"] = "swap"
+    workers: list[str] = Field(default_factory=list, description="workers that must vote ready")
+    created_at: float = Field(default_factory=time.time)
+    deadline: float = 0.0
+
+    def expired(self, now: float | None = None) -> bool:
+        return (now if now is not None else time.time()) > self.deadline
+
+
+class Vote(BaseModel):
+    """One worker's answer to a proposal."""
+
+    worker: str
+    ready: bool
+    reason: str = ""
+    seconds: float = 0.0
+
+
+class SwapOutcome(BaseModel):
+    """How a swap ended: committed, or refused with each worker's answer."""
+
+    proposal: SwapProposal
+    committed: bool
+    votes: dict[str, Vote] = Field(default_factory=dict)
+    problem: str = ""
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def active_versions(client: redis.Redis) -> dict[str, str]:
+    """persona -> active version, for every persona an operator has swapped."""
+    return {_text(k): _text(v) for k, v in client.hgetall(keys.ACTIVE_VERSIONS_KEY).items()}
+
+
+def version_history(client: redis.Redis, persona: str) -> list[str]:
+    """Versions this persona was swapped away from, newest first."""
+    return [_text(v) for v in client.lrange(keys.version_history_key(persona), 0, -1)]
+
+
+def open_proposals(client: redis.Redis) -> list[SwapProposal]:
+    """Every swap waiting for votes."""
+    return [SwapProposal.model_validate_json(v) for v in client.hgetall(keys.SWAPS_KEY).values()]
+
+
+def votes(client: redis.Redis, proposal_id: str) -> dict[str, Vote]:
+    """The votes cast on one proposal so far."""
+    return {_text(k): Vote.model_validate_json(v) for k, v in client.hgetall(keys.swap_votes_key(proposal_id)).items()}
+
+
+def cast_vote(client: redis.Redis, proposal_id: str, vote: Vote) -> None:
+    """Record one worker's answer."""
+    key = keys.swap_votes_key(proposal_id)
+    pipe = client.pipeline()
+    pipe.hset(key, vote.worker, vote.model_dump_json())
+    pipe.expire(key, keys.SWAP_VOTES_TTL_S)
+    pipe.execute()
+
+
+def swap_log(client: redis.Redis, count: int = 100) -> list[dict[str, str]]:
+    """The latest committed swaps, newest first, each with the time it took effect."""
+    rows = client.xrevrange(keys.SWAP_LOG_STREAM, count=count)
+    return [{_text(k): _text(v) for k, v in fields.items()} for _, fields in rows]
+
+
+def propose(client: redis.Redis, proposal: SwapProposal) -> None:
+    """Open a proposal; SwapRefused if another swap of this persona is under way."""
+    encoded = proposal.model_dump_json()
+    if client.hsetnx(keys.SWAPS_KEY, proposal.persona, encoded):
+        return
+    raw = client.hget(keys.SWAPS_KEY, proposal.persona)
+    if raw is not None:
+        other = SwapProposal.model_validate_json(raw)
+        if not other.expired():
+            raise SwapRefused(
+                f"a swap of {proposal.persona!r} to {other.target!r} is already under way "
+                f"(started {time.time() - other.created_at:.0f} s ago); wait for it to finish"
+            )
+        abort(client, other)  # its operator gave up; clear it
+    if not client.hsetnx(keys.SWAPS_KEY, proposal.persona, encoded):
+        raise SwapRefused(f"another swap of {proposal.persona!r} started just now; try again")
+
+
+def commit(client: redis.Redis, proposal: SwapProposal, ready_workers: list[str]) -> str:
+    """Flip the active version atomically; 'ok', or why not ('refused:W', 'missing:W', 'gone')."""
+    result = client.eval(
+        COMMIT_SCRIPT,
+        5,
+        keys.SWAPS_KEY,
+        keys.ACTIVE_VERSIONS_KEY,
+        keys.version_history_key(proposal.persona),
+        keys.SWAP_LOG_STREAM,
+        keys.swap_votes_key(proposal.id),
+        proposal.persona,
+        proposal.id,
+        proposal.target,
+        proposal.previous,
+        proposal.kind,
+        keys.VERSION_HISTORY_MAX_LEN,
+        *ready_workers,
+    )
+    return _text(result)
+
+
+def abort(client: redis.Redis, proposal: SwapProposal) -> bool:
+    """Withdraw a proposal (if it is still the open one); workers free what they loaded."""
+    return bool(client.eval(ABORT_SCRIPT, 1, keys.SWAPS_KEY, proposal.persona, proposal.id))
+
+
+def _refusal_text(proposal: SwapProposal, refused: dict[str, Vote]) -> str:
+    lines = [f"swap of {proposal.persona!r} to {proposal.target!r} refused; nothing changed:"]
+    lines += [f"  worker {w}: {v.reason}" for w, v in sorted(refused.items())]
+    return "\n".join(lines)
+
+
+def run_swap(
+    client: redis.Redis,
+    proposal: SwapProposal,
+    timeout_s: float,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> SwapOutcome:
+    """Open a proposal, wait for every live worker's vote, then commit or withdraw it."""
+    live = {w.id for w in live_workers(client)}
+    proposal = proposal.model_copy(update={"workers": sorted(live), "deadline": time.time() + timeout_s})
+    propose(client, proposal)
+    log.info("swap %s: %s -> %s, waiting for %d worker(s)", proposal.id, proposal.persona, proposal.target, len(live))
+    try:
+        while True:
+            cast = votes(client, proposal.id)
+            refused = {w: v for w, v in cast.items() if not v.ready}
+            if refused:
+                abort(client, proposal)
+                return SwapOutcome(proposal=proposal, committed=False, votes=cast, problem=_refusal_text(proposal, refused))
+            # A worker that died meanwhile is not waited for: it reads the active
+            # version when it starts again.
+            alive = {w.id for w in live_workers(client)}
+            expected = [w for w in proposal.workers if w in alive or w in cast]
+            if on_progress:
+                on_progress(sum(1 for w in expected if w in cast), len(expected))
+            if all(w in cast for w in expected):
+                result = commit(client, proposal, expected)
+                if result == "ok":
+                    log.info("swap %s committed: %s now serves %s", proposal.id, proposal.persona, proposal.target)
+                    return SwapOutcome(proposal=proposal, committed=True, votes=cast)
+                if not result.startswith("missing:"):
+                    return SwapOutcome(proposal=proposal, committed=False, votes=cast, problem=f"swap not committed: {result}")
+            if time.time() > proposal.deadline:
+                silent = sorted(w for w in expected if w not in cast)
+                abort(client, proposal)
+                return SwapOutcome(
+                    proposal=proposal, committed=False, votes=cast,
+                    problem=f"swap of {proposal.persona!r} timed out after {timeout_s:.0f} s; nothing changed; "
+                    f"no answer from worker(s) {', '.join(silent)} (busy with a long batch? see `persona queue stats`)",
+                )
+            time.sleep(POLL_S)
+    except BaseException:
+        abort(client, proposal)  # Ctrl-C or a lost connection: leave nothing half-open
+        raise
+

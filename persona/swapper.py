@@ -1,0 +1,144 @@
+"""A worker's side of checkpoint swaps, run between batches.
+
+Each time round the loop the worker reads the active versions (one Redis call), so
+every batch uses the version active when it started. For each open proposal it has
+not answered, it loads the new weights beside the serving ones, checks them, and
+votes. After a flip it switches and frees the weights no persona uses any more, so it
+never holds more than two versions of a persona (the serving one and a candidate).
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+
+import redis
+
+from persona import swap
+from persona.checkpoint_checks import loaded_problem, static_problem
+from persona.errors import PersonaError, SwapRefused
+from persona.heartbeat import WorkerInfo
+from persona.personas import Persona, PersonaRegistry
+from persona.pool import ModelPool, resolve_checkpoint
+
+__all__ = ["Swapper", "load_and_check"]
+
+log = logging.getLogger(__name__)
+
+
+def load_and_check(pool: ModelPool, persona: Persona, serving: str | None, target: str) -> tuple[str, str]:
+    """Load ``target`` beside the serving weights and check it; SwapRefused naming any problem.
+
+    Returns the candidate's weights key (it stays loaded in ``pool``).
+    """
+    label, folder = resolve_checkpoint(persona, pool.settings, target)
+    if folder is not None:
+        problem = static_problem(persona, folder)
+        if problem:
+            raise SwapRefused(problem)
+    current = pool.serve(persona, serving)
+    candidate = pool.serve(persona, target)
+    reference = current.loaded if candidate.key != current.key else None
+    problem = loaded_problem(candidate.loaded, reference, label)
+    if problem:
+        if reference is not None:
+            pool.release(candidate.key)
+        raise SwapRefused(problem)
+    return candidate.key
+
+
+class Swapper:
+    """Follows the active versions in Redis and answers swap proposals for one worker."""
+
+    def __init__(
+        self, client: redis.Redis, pool: ModelPool, registry: PersonaRegistry, info: WorkerInfo
+    ) -> None:
+        self.redis = client
+        self.pool = pool
+        self.registry = registry
+        self.info = info
+        self.active: dict[str, str] = {}
+        self._answered: set[str] = set()
+        self._ready: dict[str, tuple[str, str]] = {}  # proposal id -> candidate weights key
+
+    def refresh_active(self) -> None:
+        """Read which version each persona serves now."""
+        self.active = swap.active_versions(self.redis)
+
+    def version_for(self, persona: str) -> str | None:
+        """The active version of a persona (None: the persona file's own choice)."""
+        return self.active.get(persona)
+
+    def between_batches(self) -> None:
+        """Follow flips, answer new proposals, free weights nobody needs."""
+        self.refresh_active()
+        proposals = [p for p in swap.open_proposals(self.redis) if not p.expired()]
+        open_ids = {p.id for p in proposals}
+        self._answered &= open_ids
+        self._ready = {i: k for i, k in self._ready.items() if i in open_ids}
+        for proposal in proposals:
+            if proposal.id not in self._answered:
+                self._answered.add(proposal.id)
+                self._prepare(proposal)
+        self._follow()
+
+    # -- phase one: prepare and vote ------------------------------------------------
+
+    def _prepare(self, proposal: swap.SwapProposal) -> None:
+        started = time.perf_counter()
+        previous_state, self.info.state = self.info.state, f"preparing {proposal.persona}@{proposal.target}"
+        try:
+            key = load_and_check(self.pool, self.registry.get(proposal.persona), self.version_for(proposal.persona), proposal.target)
+        except PersonaError as exc:
+            reason = str(exc)
+        except Exception as exc:  # a worker must answer every proposal, whatever broke
+            log.exception("preparing swap %s failed", proposal.id)
+            reason = f"{type(exc).__name__}: {exc}"
+        else:
+            reason = ""
+            self._ready[proposal.id] = key
+        finally:
+            self.info.state = previous_state
+        seconds = time.perf_counter() - started
+        vote = swap.Vote(worker=self.info.id, ready=not reason, reason=reason, seconds=seconds)
+        swap.cast_vote(self.redis, proposal.id, vote)
+        if reason:
+            log.warning("refused swap of %s to %s: %s", proposal.persona, proposal.target, reason)
+        else:
+            log.info("ready to swap %s to %s (loaded and checked in %.1f s)", proposal.persona, proposal.target, seconds)
+
+    # -- phase two: switch and free -------------------------------------------------
+
+    def _follow(self) -> None:
+        """Switch personas this worker serves to their active version; free the rest."""
+        wanted = set(self._ready.values())
+        for name, shown in list(self.info.personas.items()):
+            try:
+                persona = self.registry.get(name)
+                served = self.pool.serve(persona, self.version_for(name))
+            except PersonaError as exc:
+                log.error("cannot switch %s to %s: %s", name, self.version_for(name), exc)
+                return  # keep every loaded model rather than free one still in use
+            wanted.add(served.key)
+            if served.version != shown:
+                log.info("switched %s from %s to %s", name, shown, served.version)
+                self.info.personas[name] = served.version
+        freed = [key for key in self.pool.loaded_keys() if key not in wanted]
+        for key in freed:
+            self.pool.release(key)
+            log.info("freed weights %s", key[1])
+        if freed:
+            _free_memory()
+
+
+def _free_memory() -> None:
+    """Give released weights back now rather than at some later collection."""
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:  # a worker without torch holds no weights to free
+        pass

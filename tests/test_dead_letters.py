@@ -1,0 +1,79 @@
+"""Dead letters: listed with their reason, re-queued once with their original arguments."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from persona.contract import ErrorKind, GenerationRequest, Message, SamplingOverrides
+from persona.dead_letters import list_dead, retry_all, retry_dead
+from persona.queue import QueueClient, WorkQueue
+
+
+def chat(persona: str = "tiny", text: str = "hi") -> GenerationRequest:
+    return GenerationRequest(persona=persona, messages=[Message(role="user", content=text)],
+                             sampling=SamplingOverrides(max_new_tokens=3, seed=5))
+
+
+def dead_letter(settings, redis_client, request: GenerationRequest) -> GenerationRequest:
+    client = QueueClient(redis_client, settings.queue)
+    queue = WorkQueue(redis_client, settings.queue)
+    client.submit(request)
+    [job] = queue.claim("w-crashing", 1, block_ms=0)
+    queue.dead_letter(job, "it crashed the worker", 3, "w-crashing")
+    reply = client.wait(request, timeout=5)
+    assert reply.error.kind is ErrorKind.dead_letter
+    return job.request
+
+
+def test_retry_requeues_with_original_arguments_and_answers(settings, redis_client, write_persona, tiny_llama_dir, running_worker):
+    write_persona("tiny", base=str(tiny_llama_dir))
+    sent = dead_letter(settings, redis_client, chat(text="come back"))
+    [letter] = list_dead(redis_client)
+    assert (letter.request_id, letter.persona, letter.reason, letter.deliveries) == (sent.id, "tiny", "it crashed the worker", 3)
+
+    assert retry_dead(redis_client, letter.id)
+    assert retry_dead(redis_client, letter.id) is None  # a second retry finds nothing
+    assert list_dead(redis_client) == []
+    running_worker()
+    reply = QueueClient(redis_client, settings.queue).wait(sent, timeout=60)
+    assert reply.ok and reply.id == sent.id and reply.persona == "tiny"
+    assert int(redis_client.hget("persona:stats", "retried")) == 1
+
+
+def test_retry_all_and_the_cli(settings, redis_client, redis_url):
+    for text in ("one", "two", "three"):
+        dead_letter(settings, redis_client, chat(text=text))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PERSONA_")}
+    env |= {"PERSONA_DATA_DIR": str(settings.data_dir), "PERSONA_REDIS_URL": redis_url, "COLUMNS": "200"}
+
+    def persona(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "persona", *args], env=env, input=stdin,
+                              capture_output=True, check=False, text=True, timeout=120)
+
+    listed = persona("queue", "dead", "--json")
+    assert listed.returncode == 0, listed.stderr
+    rows = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert [r["reason"] for r in rows] == ["it crashed the worker"] * 3 and rows[0]["deliveries"] == 3
+    declined = persona("queue", "retry", "--all", stdin="n\n")
+    assert declined.returncode == 1 and len(list_dead(redis_client)) == 3
+    one = persona("queue", "retry", rows[0]["id"])
+    assert one.returncode == 0, one.stderr
+    assert persona("queue", "retry", rows[0]["id"]).returncode == 1
+    rest = persona("queue", "retry", "--all", "--yes")
+    assert rest.returncode == 0 and "re-queued 2" in rest.stdout
+    assert redis_client.xlen("persona:q:chat") == 3
+
+
+@pytest.mark.parametrize("payload", [b"not json", b'{"id": "x"}'])
+def test_unreadable_dead_letter_is_listed_but_not_retried(redis_client, payload):
+    redis_client.xadd("persona:q:dead", {"r": payload, "reason": "malformed", "deliveries": 1})
+    [letter] = list_dead(redis_client)
+    assert letter.reason == "malformed"
+    with pytest.raises(ValueError):
+        retry_dead(redis_client, letter.id)
+    assert retry_all(redis_client) == []

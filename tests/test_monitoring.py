@@ -1,0 +1,132 @@
+"""Queue figures from a real Redis and real workers: latency, waiting age, stuck work, restarts."""
+
+from __future__ import annotations
+
+import time
+
+from persona import constants as keys
+from persona import heartbeat
+from persona.contract import (
+    GenerationReply,
+    GenerationRequest,
+    Message,
+    SamplingOverrides,
+    Timings,
+)
+from persona.embedded_redis import EmbeddedRedis
+from persona.monitoring import collect_stats, find_stuck
+from persona.queue import QueueClient, WorkQueue
+from persona.telemetry import read_histogram, record_replies, summarize
+
+
+def chat(persona: str = "tiny", **kwargs) -> GenerationRequest:
+    return GenerationRequest(persona=persona, messages=[Message(role="user", content="hi")],
+                             sampling=SamplingOverrides(max_new_tokens=3), **kwargs)
+
+
+def test_figures_after_real_replies(settings, redis_client, write_persona, tiny_llama_dir, running_worker):
+    write_persona("tiny", base=str(tiny_llama_dir))
+    client = QueueClient(redis_client, settings.queue)
+    waiting = [client.submit(chat()) for _ in range(3)]
+    time.sleep(0.3)
+    before = collect_stats(redis_client)
+    interactive = before.streams[0]
+    assert interactive.waiting == 3 and interactive.oldest_waiting_s >= 0.3
+    running_worker("w-stats")
+    replies = [client.wait(r, timeout=60) for r in waiting] + [client.ask(chat(), timeout=60) for _ in range(2)]
+    assert all(r.ok for r in replies)
+    stats = collect_stats(redis_client)
+    assert stats.streams[0].waiting == 0 and stats.streams[0].oldest_waiting_s == 0
+    assert stats.latency.replies == 5
+    assert stats.latency.generate_ms.p50 > 0 and stats.latency.queue_ms.p99 >= 300
+    assert stats.latency.replies_per_s > 0
+    assert stats.version_replies == {"tiny@base": 5}
+    assert stats.counters["tokens"] == sum(r.new_tokens for r in replies)
+    assert [w.id for w in stats.workers] == ["w-stats"]
+    deadline = time.time() + 30  # the next heartbeat names what the worker loaded
+    while collect_stats(redis_client).workers[0].personas != {"tiny": "base"}:
+        assert time.time() < deadline
+        time.sleep(0.2)
+    buckets, total, count = read_histogram(redis_client, "generate_seconds")
+    assert count == 5 and buckets[-1] == ("+Inf", 5) and total > 0
+    assert read_histogram(redis_client, "batch_size")[2] >= 2
+
+
+def test_percentiles_from_the_reply_log(redis_client):
+    replies = [GenerationReply(id=str(i), ok=True, persona="p", version="v1", new_tokens=2,
+                               timings=Timings(queue_ms=i, generate_ms=10 * i)) for i in range(1, 101)]
+    record_replies(redis_client, replies, batch_size=100)
+    summary = summarize(redis_client)
+    assert (summary.queue_ms.p50, summary.queue_ms.p95, summary.queue_ms.p99) == (51, 96, 100)
+    assert summary.generate_ms.p99 == 1000
+    assert summary.tokens_per_s == round(200 / 60, 1)
+    assert summarize(redis_client, now=time.time() + 3600).replies == 0
+
+
+def test_stuck_work_is_flagged(settings, redis_client):
+    client = QueueClient(redis_client, settings.queue)
+    queue = WorkQueue(redis_client, settings.queue)
+    client.submit(chat())
+    queue.claim("ghost", 1, block_ms=0)  # a worker that died without a heartbeat
+    late = chat()
+    client.submit(late.model_copy(update={"deadline": time.time() + 0.2}))
+    queue.claim("w-live", 1, block_ms=0)
+    heartbeat.publish(redis_client, heartbeat.WorkerInfo(id="w-live"), ttl_s=30)
+    time.sleep(0.3)
+    stuck = {s.worker: s for s in find_stuck(redis_client, {"w-live"})}
+    assert "heartbeat has lapsed" in stuck["ghost"].reason
+    assert "past its deadline" in stuck["w-live"].reason and stuck["w-live"].request_id == late.id
+    assert {s.worker for s in collect_stats(redis_client).stuck} == {"ghost", "w-live"}
+
+
+def test_counters_and_dead_letters_survive_a_restart(tmp_path, settings):
+    import redis
+
+    server = EmbeddedRedis(tmp_path / "persisted")
+    url = server.start()
+    try:
+        client = redis.Redis.from_url(url)
+        record_replies(client, [GenerationReply(id="a", ok=True, persona="p", version="v2", new_tokens=4)], batch_size=1)
+        client.xadd(keys.STREAM_DEAD, {"r": "{}", "reason": "crashed", "deliveries": 3})
+        client.close()
+    finally:
+        server.stop()
+    url = server.start()
+    try:
+        client = redis.Redis.from_url(url)
+        stats = collect_stats(client)
+        assert stats.dead_letters == 1 and stats.version_replies == {"p@v2": 1} and stats.counters["tokens"] == 4
+        client.close()
+    finally:
+        server.stop()
+
+
+def test_queue_stats_and_watch_commands(settings, redis_url, redis_client):
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    QueueClient(redis_client, settings.queue).submit(chat())
+    record_replies(redis_client, [GenerationReply(id="a", ok=True, persona="tiny", version="v3", new_tokens=2,
+                                                  timings=Timings(queue_ms=12, generate_ms=80))], batch_size=1)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PERSONA_")}
+    env |= {"PERSONA_DATA_DIR": str(settings.data_dir), "PERSONA_REDIS_URL": redis_url, "COLUMNS": "200"}
+    command = [sys.executable, "-m", "persona", "queue"]
+    shown = subprocess.run([*command, "stats", "--json"], env=env, capture_output=True, check=False, text=True, timeout=120)
+    assert shown.returncode == 0, shown.stderr
+    figures = json.loads(shown.stdout)
+    assert figures["streams"][0]["waiting"] == 1 and figures["latency"]["generate_ms"]["p50"] == 80
+    table = subprocess.run([*command, "stats"], env=env, capture_output=True, check=False, text=True, timeout=120)
+    assert "oldest waiting" in table.stdout and "p95 ms" in table.stdout and "replies/s" in table.stdout
+    before = len(redis_client.client_list())
+    watching = subprocess.Popen([*command, "watch", "--interval", "0.3"], env=env, stdout=subprocess.PIPE, text=True)
+    deadline = time.time() + 90
+    while len(redis_client.client_list()) <= before:  # it has connected: it is watching
+        assert time.time() < deadline and watching.poll() is None
+        time.sleep(0.2)
+    time.sleep(1.5)
+    watching.send_signal(signal.SIGINT)
+    out, _ = watching.communicate(timeout=30)
+    assert watching.returncode == 0 and "persona:q:chat" in out and "generation" in out

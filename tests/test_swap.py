@@ -1,0 +1,294 @@
+"""Live checkpoint swaps: all or nothing across real workers, broken checkpoints refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import redis
+
+from persona import swap as swaps
+from persona.checkpoints import CheckpointInfo, register_checkpoint
+from persona.cli.checkpoints_cmd import perform_swap
+from persona.contract import GenerationRequest, Message, SamplingOverrides
+from persona.personas import PersonaRegistry
+from persona.queue import QueueClient
+
+
+def make_checkpoint(settings, base_dir: Path, persona: str, *, seed: int, hidden: int | None = None,
+                    base: str | None = None, corrupt: bool = False) -> CheckpointInfo:
+    """Register a full-weight copy of the tiny base with perturbed weights (or a broken one)."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    if hidden is None:
+        model = LlamaForCausalLM.from_pretrained(base_dir)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+    else:  # the same architecture at another width: wrong shapes for this base
+        config = LlamaForCausalLM.from_pretrained(base_dir).config
+        config.hidden_size, config.intermediate_size = hidden, hidden * 2
+        model = LlamaForCausalLM(config)
+    staging = settings.data_dir / f"staging-{seed}-{time.monotonic_ns()}"
+    model.save_pretrained(staging)
+    if corrupt:
+        weights = staging / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:1000])
+    info = CheckpointInfo(persona=persona, version="", base=base or str(base_dir), kind="full",
+                          metrics={"eval_loss": 1.0 + seed / 10})
+    return register_checkpoint(settings.checkpoints_dir, staging, info)
+
+
+def chat(persona: str = "tiny", **kwargs) -> GenerationRequest:
+    return GenerationRequest(persona=persona, messages=[Message(role="user", content="hi")],
+                             sampling=SamplingOverrides(max_new_tokens=2), **kwargs)
+
+
+@pytest.fixture
+def tiny(write_persona, tiny_llama_dir, settings):
+    write_persona("tiny", base=str(tiny_llama_dir))
+    return PersonaRegistry.from_settings(settings).get("tiny")
+
+
+@pytest.fixture
+def client(settings, redis_client) -> QueueClient:
+    return QueueClient(redis_client, settings.queue)
+
+
+def wait_until(predicate, timeout: float = 30.0) -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        assert time.time() < deadline, "condition not met in time"
+        time.sleep(0.05)
+
+
+def persona_keys(worker) -> list:
+    return list(worker.pool.loaded_keys())
+
+
+def test_swap_then_rollback_on_a_live_worker(settings, redis_client, tiny, tiny_llama_dir, running_worker, client):
+    v1 = make_checkpoint(settings, tiny_llama_dir, "tiny", seed=1)
+    worker = running_worker("w-one")
+    assert client.ask(chat(), timeout=60).version == "base"
+
+    outcome = perform_swap(settings, redis_client, tiny, "v1", timeout_s=60)
+    assert outcome.committed, outcome.problem
+    assert outcome.votes["w-one"].ready
+    assert client.ask(chat(), timeout=60).version == "v1"
+    assert swaps.active_versions(redis_client) == {"tiny": "v1"}
+    # the base weights were freed once v1 took over: one set of weights in memory
+    wait_until(lambda: persona_keys(worker) == [(str(tiny_llama_dir), str(v1.path))])
+
+    outcome = perform_swap(settings, redis_client, tiny, "base", kind="rollback", timeout_s=60)
+    assert outcome.committed
+    assert client.ask(chat(), timeout=60).version == "base"
+    assert swaps.version_history(redis_client, "tiny") == []
+    wait_until(lambda: persona_keys(worker) == [(str(tiny_llama_dir), "base")])
+
+
+@pytest.mark.parametrize(
+    ("broken", "named"),
+    [
+        ({"corrupt": True}, "cannot load the model"),
+        ({"hidden": 64}, "wrong shapes"),
+        ({"base": "/somewhere/else"}, "wrong base"),
+    ],
+)
+def test_broken_checkpoint_is_refused_and_the_old_one_keeps_serving(
+    settings, redis_client, tiny, tiny_llama_dir, running_worker, client, broken, named
+):
+    make_checkpoint(settings, tiny_llama_dir, "tiny", seed=3, **broken)
+    worker = running_worker("w-one")
+    assert client.ask(chat(), timeout=60).ok
+    if "base" in broken:  # refused by the operator's own machine, before any worker is asked
+        from persona.errors import SwapRefused
+
+        with pytest.raises(SwapRefused, match=named):
+            perform_swap(settings, redis_client, tiny, "v1", timeout_s=60)
+    else:
+        outcome = perform_swap(settings, redis_client, tiny, "v1", timeout_s=60)
+        assert not outcome.committed
+        assert named in outcome.votes["w-one"].reason and "w-one" in outcome.problem
+    assert swaps.active_versions(redis_client) == {}
+    assert swaps.open_proposals(redis_client) == []
+    reply = client.ask(chat(), timeout=60)
+    assert reply.ok and reply.version == "base"
+    wait_until(lambda: persona_keys(worker) == [(str(tiny_llama_dir), "base")])
+
+
+def test_all_or_nothing_when_one_of_two_workers_refuses(
+    settings, redis_client, tiny, tiny_llama_dir, running_worker, client
+):
+    """Worker B's disk holds a damaged copy of v1: neither worker switches."""
+    make_checkpoint(settings, tiny_llama_dir, "tiny", seed=1)
+    other = settings.model_copy(update={"data_dir": settings.data_dir.parent / "machine-b"})
+    shutil.copytree(settings.data_dir, other.data_dir, symlinks=True)
+    damaged = other.checkpoints_dir / "tiny" / "v1" / "model.safetensors"
+    damaged.write_bytes(b"\0" * 64)
+
+    from persona.pool import ModelPool
+    from persona.worker import Worker
+
+    a = running_worker("w-a")
+    b = Worker(other, redis.Redis.from_url(settings.redis_url.get_secret_value()), ModelPool(other, "cpu"), worker_id="w-b")
+    thread = threading.Thread(target=b.run, daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: len(swaps.live_workers(redis_client)) == 2)
+        outcome = perform_swap(settings, redis_client, tiny, "v1", timeout_s=60)
+        assert not outcome.committed
+        # the first refusal ends the swap; w-a may not have answered by then
+        assert "w-a" not in outcome.votes or outcome.votes["w-a"].ready
+        assert not outcome.votes["w-b"].ready
+        assert "cannot load the model from" in outcome.votes["w-b"].reason and "machine-b" in outcome.votes["w-b"].reason
+        assert "worker w-b" in outcome.problem and "nothing changed" in outcome.problem
+        assert swaps.active_versions(redis_client) == {}
+        versions = {client.ask(chat(), timeout=60).version for _ in range(6)}
+        assert versions == {"base"}
+        # the worker that was ready frees the candidate once the proposal is withdrawn
+        wait_until(lambda: all(k[1] == "base" for k in persona_keys(a)))
+    finally:
+        b.stop()
+        thread.join(timeout=30)
+
+
+def _active_at(log: list[dict[str, str]], moment: float) -> tuple[str, float]:
+    """The version active at ``moment`` and how close the nearest flip was."""
+    version, nearest = "base", float("inf")
+    for entry in sorted(log, key=lambda e: float(e["at"])):
+        at = float(entry["at"])
+        nearest = min(nearest, abs(at - moment))
+        if at <= moment:
+            version = entry["version"]
+    return version, nearest
+
+
+def test_swap_back_and_forth_under_load_fails_nothing(
+    settings, redis_client, tiny, tiny_llama_dir, running_worker, client
+):
+    make_checkpoint(settings, tiny_llama_dir, "tiny", seed=1)
+    make_checkpoint(settings, tiny_llama_dir, "tiny", seed=2)
+    settings.worker.max_batch = 4
+    running_worker("w-a")
+    running_worker("w-b")
+    stop = threading.Event()
+    sent: list[GenerationRequest] = []
+
+    def load() -> None:
+        feeder = QueueClient(redis.Redis.from_url(settings.redis_url.get_secret_value()), settings.queue)
+        while not stop.is_set():
+            sent.append(feeder.submit(chat()))
+            time.sleep(0.01)
+
+    feeder = threading.Thread(target=load, daemon=True)
+    feeder.start()
+    try:
+        for target in ("v1", "v2", "v1", "base", "v2"):
+            time.sleep(0.3)
+            outcome = perform_swap(settings, redis_client, tiny, target, timeout_s=60)
+            assert outcome.committed, outcome.problem
+    finally:
+        stop.set()
+        feeder.join()
+    replies = [client.wait(r, timeout=60) for r in sent]
+    assert len(replies) > 50
+    assert [r for r in replies if not r.ok] == []
+    log = swaps.swap_log(redis_client)
+    assert [e["version"] for e in reversed(log)] == ["v1", "v2", "v1", "base", "v2"]
+    mismatched = []
+    for request, reply in zip(sent, replies, strict=True):
+        claimed = request.created_at + reply.timings.queue_ms / 1000
+        expected, nearest = _active_at(log, claimed)
+        # the version is read just after the claim; a flip within that instant is ambiguous
+        if reply.version != expected and nearest > 0.05:
+            mismatched.append((reply.version, expected, nearest))
+    assert mismatched == []
+    assert {r.version for r in replies} == {"base", "v1", "v2"}
+
+
+def test_swap_with_no_workers_checks_locally_and_flips(settings, redis_client, tiny, tiny_llama_dir):
+    make_checkpoint(settings, tiny_llama_dir, "tiny", seed=1)
+    make_checkpoint(settings, tiny_llama_dir, "tiny", seed=2, hidden=64)
+    assert perform_swap(settings, redis_client, tiny, "v1", timeout_s=10).committed
+    folder = str(settings.checkpoints_dir / "tiny" / "v1")
+    assert perform_swap(settings, redis_client, tiny, folder, timeout_s=10).committed  # by path
+    assert swaps.active_versions(redis_client) == {"tiny": folder}
+    assert perform_swap(settings, redis_client, tiny, "v1", timeout_s=10).committed
+    from persona.errors import SwapRefused
+
+    with pytest.raises(SwapRefused, match="wrong shapes"):
+        perform_swap(settings, redis_client, tiny, "v2", timeout_s=10)
+    assert swaps.active_versions(redis_client) == {"tiny": "v1"}
+
+
+@pytest.mark.slow
+def test_checkpoints_swap_and_rollback_commands(settings, redis_url, redis_client, tiny, tiny_llama_dir, personas_dir):
+    make_checkpoint(settings, tiny_llama_dir, "tiny", seed=1)
+    make_checkpoint(settings, tiny_llama_dir, "tiny", seed=2, hidden=64)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PERSONA_")}
+    env |= {"PERSONA_DATA_DIR": str(settings.data_dir), "PERSONA_REDIS_URL": redis_url,
+            "PERSONA_PERSONAS_DIRS": json.dumps([str(personas_dir)]), "COLUMNS": "200"}
+
+    def persona(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "persona", *args], env=env, capture_output=True, check=False, text=True, timeout=120)
+
+    listed = persona("checkpoints", "tiny", "--json")
+    assert listed.returncode == 0, listed.stderr
+    data = json.loads(listed.stdout)
+    assert data["active"] == "base" and [v["version"] for v in data["versions"]] == ["v1", "v2"]
+    assert data["versions"][0]["metrics"] == {"eval_loss": 1.1}
+    swapped = persona("swap", "tiny", "v1")
+    assert swapped.returncode == 0, swapped.stderr
+    table = persona("checkpoints", "tiny")
+    assert table.returncode == 0
+    marked = [line for line in table.stdout.splitlines() if "*" in line]
+    assert len(marked) == 1 and "v1" in marked[0]
+    refused = persona("swap", "tiny", "v2")
+    assert refused.returncode == 1 and "wrong shapes" in refused.stderr and "Traceback" not in refused.stderr
+    back = persona("rollback", "tiny")
+    assert back.returncode == 0, back.stderr
+    assert "tiny now serves base" in back.stdout
+    again = persona("rollback", "tiny")
+    assert again.returncode == 1 and "no earlier version" in again.stderr
+
+
+def make_lora(settings, model_dir: Path, persona: str, recorded_base: Path, targets: list[str]) -> CheckpointInfo:
+    """Register a small peft LoRA adapter trained (here: perturbed) on ``model_dir``."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(4)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), LoraConfig(r=2, target_modules=targets))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:  # zero at init; make the adapter change something
+                p.add_(torch.randn_like(p) * 0.1)
+    staging = settings.data_dir / f"staging-lora-{time.monotonic_ns()}"
+    model.save_pretrained(staging)
+    info = CheckpointInfo(persona=persona, version="", base=str(recorded_base), kind="lora")
+    return register_checkpoint(settings.checkpoints_dir, staging, info)
+
+
+def test_lora_adapter_swaps_in_and_one_for_another_base_is_refused(
+    settings, redis_client, tiny, tiny_llama_dir, tiny_gpt2_dir, running_worker, client
+):
+    make_lora(settings, tiny_llama_dir, "tiny", tiny_llama_dir, ["q_proj", "v_proj"])
+    # metadata that claims the right base, weights made for another model: only loading tells
+    make_lora(settings, tiny_gpt2_dir, "tiny", tiny_llama_dir, ["c_attn"])
+    running_worker("w-lora")
+    assert client.ask(chat(), timeout=60).version == "base"
+    assert perform_swap(settings, redis_client, tiny, "v1", timeout_s=60).committed
+    assert client.ask(chat(), timeout=60).version == "v1"
+    refused = perform_swap(settings, redis_client, tiny, "v2", timeout_s=60)
+    assert not refused.committed and "does not fit this base model" in refused.votes["w-lora"].reason
+    assert client.ask(chat(), timeout=60).version == "v1"
