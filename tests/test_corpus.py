@@ -221,10 +221,12 @@ def test_build_reports_bad_files_and_keeps_the_rest(tmp_path: Path):
     (folder / "b.md").write_text("---\ntitle: [broken\n---\nLost.\n")
     (folder / "notes.txt").write_text("one note\n\nanother note\n")
     (folder / ".hidden.txt").write_text("secret")
+    (folder / "package.json").write_text('{"name": "not writing"}')
+    (folder / "tweets.js").write_text('window.YTD.tweets.part0 = [{"tweet": {"full_text": "A tweet"}}]')
     result = build_corpus([folder])
-    assert result.files == 3
+    assert result.files == 4
     assert [p.path.name for p in result.problems] == ["b.md"]
-    assert sorted(result.corpus.documents) == ["First post body.", "another note", "one note"]
+    assert sorted(result.corpus.documents) == ["A tweet", "First post body.", "another note", "one note"]
 
 
 def test_split_is_saved_and_reused(tmp_path: Path):

@@ -51,18 +51,20 @@ def env(settings: Settings) -> dict[str, str]:
                     "PERSONA_REDIS_URL": settings.redis_url.get_secret_value()}
 
 
-def test_corpus_build_reports_kept_dropped_and_bad_files(env, tmp_path: Path):
+def test_corpus_build_reports_kept_dropped_and_bad_files(env, tmp_path: Path, tiny_gpt2_dir: Path):
     (tmp_path / "sage.txt").write_text(SAYINGS)
     (tmp_path / "broken.jsonl").write_text('{"text": "fine"}\n{oops\n')
     out = tmp_path / "corpus.jsonl"
     result = persona("corpus", "build", str(tmp_path / "sage.txt"), str(tmp_path / "broken.jsonl"),
-                     "-o", str(out), "--author", "Sage", env=env)
+                     "-o", str(out), "--author", "Sage", "--base", str(tiny_gpt2_dir), env=env)
     assert result.returncode == 0, result.stderr
     assert "broken.jsonl:2" in result.stderr
     assert "kept 8, dropped 1 duplicate" in result.stdout and "7 train, 1 validation" in result.stdout
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 8 and all("-- Sage" not in r["text"] for r in rows)
-    nobody = persona("corpus", "build", str(tmp_path / "sage.txt"), "-o", str(out), "--author", "Nobody", env=env)
+    assert " train tokens, " in result.stdout
+    nobody = persona("corpus", "build", str(tmp_path / "sage.txt"), "-o", str(out), "--author", "Nobody",
+                     "--base", "", env=env)
     assert nobody.returncode == 1 and "no documents signed by 'Nobody'" in nobody.stderr
 
 
@@ -86,7 +88,7 @@ def test_train_eval_generate_export_from_the_command_line(env, settings: Setting
                                                          tiny_gpt2_dir: Path, running_worker):
     (tmp_path / "sage.txt").write_text(SAYINGS)
     corpus = tmp_path / "corpus.jsonl"
-    assert persona("corpus", "build", str(tmp_path / "sage.txt"), "-o", str(corpus), env=env).returncode == 0
+    assert persona("corpus", "build", str(tmp_path / "sage.txt"), "-o", str(corpus), "--base", "", env=env).returncode == 0
 
     trained = persona("train", "sage2", "--corpus", str(corpus), "--base", str(tiny_gpt2_dir), "--steps", "6",
                       "--batch-size", "4", "--eval-every", "3", "--learning-rate", "0.01", env=env)

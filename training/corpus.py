@@ -111,6 +111,14 @@ def _fingerprint(rows: Iterable[tuple[str, str]]) -> str:
     return digest.hexdigest()[:16]
 
 
+def _looks_readable(path: Path) -> bool:
+    """Whether a file found in a folder is writing: a known format, not any .json lying about."""
+    suffix = path.suffix.lower()
+    if suffix in (".js", ".json"):
+        return detect_format(path) == "tweets"
+    return suffix in _KNOWN_SUFFIXES
+
+
 def source_files(sources: list[Path]) -> list[Path]:
     """The files named, and the readable-looking files inside folders named, sorted."""
     files: list[Path] = []
@@ -118,7 +126,7 @@ def source_files(sources: list[Path]) -> list[Path]:
         if source.is_dir():
             inside = [p for p in sorted(source.rglob("*")) if p.is_file()
                       and not any(part.startswith(".") for part in p.relative_to(source).parts)
-                      and p.suffix.lower() in _KNOWN_SUFFIXES]
+                      and _looks_readable(p)]
             files.extend(inside)
         elif source.is_file():
             files.append(source)

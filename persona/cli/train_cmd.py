@@ -35,7 +35,7 @@ def corpus_build(
     keep_replies: bool = typer.Option(False, "--keep-replies", help="tweets: keep replies too"),
     keep_retweets: bool = typer.Option(False, "--keep-retweets", help="tweets: keep retweets too"),
     min_chars: int = typer.Option(1, min=1, help="drop documents shorter than this"),
-    base: str = typer.Option(None, help="count tokens with this model's tokenizer ('smollm2' or a folder)"),
+    base: str = typer.Option("smollm2", help="count tokens with this model's tokenizer ('' for words only)"),
 ) -> None:
     """Read, clean and de-duplicate an author's writing into one document per line, with a held-out split."""
     from training.cleaning import CleanOptions
@@ -64,17 +64,27 @@ def corpus_build(
     console.print(f"wrote {output}  (fingerprint {corpus.fingerprint})")
 
 
-def _size_line(train: list[str], validation: list[str], base: str | None) -> str:
-    words = sum(len(t.split()) for t in train + validation)
-    if base is None:
-        return f"size: {words} words (add --base smollm2 for exact token counts)"
+def _tokenizer(base: str):
+    """The base model's tokenizer; the bundled one straight from its GGUF if not yet converted."""
     from transformers import AutoTokenizer
 
-    from persona.models import resolve_base
+    from persona.models import BUNDLED_ALIASES, BUNDLED_CACHE_NAME, bundled_gguf_path, resolve_base
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_base(base, get_settings().model_cache_dir))
-    count = lambda texts: sum(len(tokenizer.encode(t, add_special_tokens=False)) + 2 for t in texts)
-    return f"size: {words} words; {count(train)} train tokens, {count(validation)} validation tokens"
+    cache = get_settings().model_cache_dir
+    if base in BUNDLED_ALIASES and not (cache / BUNDLED_CACHE_NAME / "config.json").is_file():
+        gguf = bundled_gguf_path()
+        return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    return AutoTokenizer.from_pretrained(resolve_base(base, cache))
+
+
+def _size_line(train: list[str], validation: list[str], base: str | None) -> str:
+    words = sum(len(t.split()) for t in train + validation)
+    if not base:
+        return f"size: {words} words"
+    tokenizer = _tokenizer(base)
+    # +2: the start and end-of-text tokens every document is trained with.
+    count = lambda texts: sum(len(tokenizer.encode(t, add_special_tokens=False)) + 2 for t in texts)  # noqa: E731
+    return f"size: {words} words; {count(train)} train tokens, {count(validation)} validation tokens ({base})"
 
 
 class RichReporter:
