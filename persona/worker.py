@@ -187,10 +187,146 @@ class Worker:
     def _groups(self, runnable: list[Job]) -> Iterator[list[tuple[Job, GenerationReply]]]:
         """Generate runnable jobs batched per set of weights, yielding each settled group."""
         by_model: dict[tuple, list[tuple[Job, Persona, Served]]] = defaultdict(list)
+        # Each persona is read (and its model found) once per round, not once per job;
+        # an edited persona file still takes effect on the next round.
+        found: dict[str, tuple[Persona, Served] | tuple[ErrorKind, str]] = {}
         for job in runnable:
+            name = job.request.persona
+            if name not in found:
+                found[name] = self._serve(name)
+            persona, served = found[name]
+            if isinstance(persona, ErrorKind):
+                yield [(job, self._failure(job.request, persona, served))]
+                continue
+            self.info.personas[persona.name] = served.version
+
+    def run(self) -> None:
+        """Take work until ``stop()``; then hand back what is held and leave."""
+        self.info.state = "serving"
+        heartbeat.publish(self.redis, self.info, self.settings.worker.heartbeat_ttl_s)
+        beat = threading.Thread(target=self._beat, name=f"heartbeat-{self.id}", daemon=True)
+        beat.start()
+        log.info("worker %s serving on %s", self.id, self.pool.device)
+        pause_s = 0.0
+        try:
+            while not self.stopping.is_set():
+                try:
+                    self.step()
+                    pause_s = 0.0
+                except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, redis.exceptions.BusyLoadingError) as exc:
+                    # Redis restarting: wait and retry; queued requests are kept on its disk.
+                    pause_s = min(MAX_RECONNECT_PAUSE_S, max(0.1, pause_s * 2))
+                    log.warning("Redis unavailable (%s); retrying in %.1f s", exc, pause_s)
+                    self.stopping.wait(pause_s)
+                except redis.exceptions.ResponseError as exc:
+                    if "NOGROUP" not in str(exc):
+                        raise
+                    log.warning("the consumer group is gone (Redis lost its data?); recreating it")
+                    self.queue.ensure_groups()
+        finally:
+            self._leave(beat)
+
+    def _leave(self, beat: threading.Thread) -> None:
+        """Hand back what is held and disappear from the group and the heartbeats."""
+        self.info.state = "leaving"
+        self.stopping.set()
+        beat.join(timeout=5)
+        try:
+            moved = self.queue.hand_back(self.id)
+            heartbeat.withdraw(self.redis, self.id)
+        except redis.exceptions.RedisError as exc:
+            # Without Redis nothing can be handed back; the entries stay pending and
+            # another worker reclaims them once this one's heartbeat has lapsed.
+            log.error("could not hand back work while leaving: %s", exc)
+            return
+        if moved:
+            log.info("handed back %d unfinished request(s)", moved)
+        log.info("worker %s stopped", self.id)
+
+    def stop(self) -> None:
+        """Finish the batch in hand, then leave."""
+        self.stopping.set()
+
+    def _beat(self) -> None:
+        while not self.stopping.wait(self.settings.worker.heartbeat_s):
+            self.info.memory_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
             try:
-                persona = self.registry.get(job.request.persona)
-                served = self.pool.serve(persona)
+                heartbeat.publish(self.redis, self.info, self.settings.worker.heartbeat_ttl_s)
+            except redis.exceptions.RedisError as exc:
+                log.warning("heartbeat failed: %s", exc)
+
+    # -- one step ---------------------------------------------------------------
+
+    def step(self, block_ms: int = 1000) -> int:
+        """Claim and answer one round of work; return how many jobs it handled."""
+        jobs = self.queue.claim(self.id, self.settings.worker.max_batch, block_ms=block_ms)
+        now = time.monotonic()
+        if now - self._last_reclaim >= RECLAIM_EVERY_S:
+            self._last_reclaim = now
+            jobs.extend(self._reclaim())
+        if jobs:
+            self.process(jobs)
+        return len(jobs)
+
+    def _reclaim(self) -> list[Job]:
+        live = {w.id for w in heartbeat.live_workers(self.redis)}
+        jobs, exhausted = self.queue.reclaim(self.id, live)
+        for job, deliveries in exhausted:
+            log.error("dead-lettering %s after %d deliveries", job.request_id, deliveries)
+            self.queue.dead_letter(job, "it was delivered to workers that died or stalled", deliveries, self.id)
+        return jobs
+
+    def process(self, jobs: list[Job]) -> None:
+        """Answer every job: with text, or with an error that says why not."""
+        runnable: list[Job] = []
+        early: list[tuple[Job, GenerationReply]] = []
+        for job in jobs:
+            refusal = self._refusal(job)
+            if refusal is None:
+                runnable.append(job)
+            elif refusal.id:
+                early.append((job, refusal))
+            else:
+                log.error("dropping unanswerable entry %s: %s", job.entry_id, job.problem)
+                self.queue.settle_without_reply(job)
+        cancelled = self.queue.is_cancelled([j.request.id for j in runnable])
+        for job in [j for j in runnable if j.request.id in cancelled]:
+            early.append((job, self._failure(job.request, ErrorKind.cancelled, "the request was withdrawn")))
+        runnable = [j for j in runnable if j.request.id not in cancelled]
+        self.queue.deliver(early, self.id)
+        for group in self._groups(runnable):
+            self.queue.deliver(group, self.id)
+
+    def _refusal(self, job: Job) -> GenerationReply | None:
+        """An error reply for a job that must not be generated, else None."""
+        request = job.request
+        if request is None:
+            return GenerationReply.failure(job.request_id or "", ErrorKind.invalid, job.problem or "malformed", worker=self.id)
+        if request.expired():
+            return self._failure(request, ErrorKind.timeout, "the request waited past its deadline; please ask again")
+        problem = request_problem(request, self.settings.queue)
+        if problem:
+            return self._failure(request, ErrorKind.invalid, problem)
+        return None
+
+    def _groups(self, runnable: list[Job]) -> Iterator[list[tuple[Job, GenerationReply]]]:
+        """Generate runnable jobs batched per set of weights, yielding each settled group."""
+        by_model: dict[tuple, list[tuple[Job, Persona, Served]]] = defaultdict(list)
+        # Each persona is read (and its model found) once per round, not once per job:
+        # a file edit still takes effect on the next round.
+        found: dict[str, tuple[Persona, Served] | PersonaError] = {}
+        for job in runnable:
+            name = job.request.persona
+            if name not in found:
+                try:
+                    persona = self.registry.get(name)
+                    found[name] = (persona, self.pool.serve(persona))
+                except (ConfigError, ModelError) as exc:
+                    found[name] = exc
+            try:
+                if isinstance(found[name], PersonaError):
+                    raise found[name]
+                persona, served = found[name]
             except ConfigError as exc:
                 yield [(job, self._failure(job.request, ErrorKind.invalid, str(exc)))]
                 continue
@@ -203,6 +339,16 @@ class Worker:
         for members in by_model.values():
             for start in range(0, len(members), size):
                 yield self._generate(members[start : start + size])
+
+    def _serve(self, name: str) -> tuple[Persona, Served] | tuple[ErrorKind, str]:
+        """A persona and what answers for it, or why it cannot answer."""
+        try:
+            persona = self.registry.get(name)
+            return persona, self.pool.serve(persona)
+        except ConfigError as exc:
+            return ErrorKind.invalid, str(exc)
+        except ModelError as exc:
+            return ErrorKind.model, str(exc)
 
     def _generate(self, members: list[tuple[Job, Persona, Served]]) -> list[tuple[Job, GenerationReply]]:
         """One batched generate; a failure answers each member with the error."""

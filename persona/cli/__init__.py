@@ -25,6 +25,7 @@ COMMAND_MODULES = [
     "persona.cli.talk",
     "persona.cli.personas_cmd",
     "persona.cli.queue_cmd",
+    "persona.cli.bench",
 ]
 
 for _module in COMMAND_MODULES:
