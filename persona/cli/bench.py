@@ -6,7 +6,10 @@ import json
 
 import typer
 
-from persona.cli.common import console, friendly_errors
+from rich.progress import Progress
+from rich.table import Table
+
+from persona.cli.common import console, friendly_errors, get_settings
 from persona.cli.soak import register_bench
 
 __all__ = ["bench_app", "register"]
@@ -41,6 +44,57 @@ def queue(
         f"ratio:    {result.ratio:.1f}x the baseline's drain rate",
         highlight=False,
     )
+
+
+def _batches(text: str) -> list[int]:
+    try:
+        sizes = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise typer.BadParameter("give batch sizes as numbers separated by commas, e.g. 1,8") from None
+    if not sizes or min(sizes) < 1:
+        raise typer.BadParameter("batch sizes must be 1 or more, e.g. 1,8")
+    return sizes
+
+
+@bench_app.command("engine")
+@friendly_errors
+def engine(
+    device: str = typer.Option("cpu", help="cpu (the bundled model) or cuda (a random model of its shape, bf16)"),
+    batch: str = typer.Option("", help="batch sizes, comma-separated (default: 1,8 on CPU; 1,8,32,128 on cuda)"),
+    tokens: int = typer.Option(64, min=1, help="new tokens per row"),
+    mode: str = typer.Option("", help="our engine's path: auto, eager, fused or int8 (default: the worker setting)"),
+    repeats: int = typer.Option(2, min=1, help="runs per batch size; the best is kept (the machine is shared)"),
+    threads: int = typer.Option(0, min=0, help="torch CPU threads (default: the worker setting, else all cores)"),
+    json_output: bool = typer.Option(False, "--json", help="print one JSON object"),
+) -> None:
+    """Tokens/s of our engine vs plain transformers generate(), same model, prompts and lengths."""
+    from persona.bench_engine import run_engine_bench
+    from persona.models import pick_device
+
+    settings = get_settings()
+    device = pick_device(device)
+    sizes = _batches(batch or ("1,8" if device == "cpu" else "1,8,32,128"))
+    chosen_mode = mode or settings.worker.engine
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("loading the model...", total=len(sizes) * repeats)
+
+        def advance() -> None:
+            progress.update(task, advance=1, description="benchmarking...")
+
+        result = run_engine_bench(
+            device, settings.model_cache_dir, sizes, new_tokens=tokens, mode=chosen_mode, repeats=repeats,
+            threads=threads or settings.worker.threads, progress=advance,
+        )
+    if json_output:
+        print(json.dumps(result.as_dict()))
+        return
+    table = Table(title=f"{result.model} on {result.device}, {result.new_tokens} new tokens per row, "
+                        f"{result.threads} thread(s), our engine: {result.mode}")
+    for column in ("batch", "ours tok/s", "generate() tok/s", "ratio"):
+        table.add_column(column, justify="right")
+    for size in sizes:
+        table.add_row(str(size), f"{result.ours[size]:,.1f}", f"{result.baseline[size]:,.1f}", f"{result.ratio(size):.2f}x")
+    console.print(table)
 
 
 def register(app: typer.Typer) -> None:
