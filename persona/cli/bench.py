@@ -12,7 +12,7 @@ from rich.table import Table
 from persona.cli.common import console, friendly_errors, get_settings
 from persona.cli.soak import register_bench
 
-__all__ = ["bench_app", "register"]
+__all__ = ["bench_app", "engine", "queue", "register"]
 
 bench_app = typer.Typer(
     help="Benchmarks: each measures ours and a baseline in the same run and prints the ratio.",
