@@ -34,6 +34,9 @@ __all__ = ["Worker", "new_worker_id"]
 log = logging.getLogger(__name__)
 
 RECLAIM_EVERY_S = 1.0
+# A persona file is re-read at most this often: edits apply within a second, and a
+# round of one request does not pay for reading and validating TOML.
+PERSONA_REFRESH_S = 1.0
 MAX_RECONNECT_PAUSE_S = 5.0
 
 
@@ -64,6 +67,7 @@ class Worker:
         self.info = heartbeat.WorkerInfo(id=self.id, device=pool.device)
         self.stopping = threading.Event()
         self._last_reclaim = 0.0
+        self._personas: dict[str, tuple[float, Persona]] = {}
 
     # -- life cycle -------------------------------------------------------------
 
@@ -343,12 +347,21 @@ class Worker:
     def _serve(self, name: str) -> tuple[Persona, Served] | tuple[ErrorKind, str]:
         """A persona and what answers for it, or why it cannot answer."""
         try:
-            persona = self.registry.get(name)
+            persona = self._persona(name)
             return persona, self.pool.serve(persona)
         except ConfigError as exc:
             return ErrorKind.invalid, str(exc)
         except ModelError as exc:
             return ErrorKind.model, str(exc)
+
+    def _persona(self, name: str) -> Persona:
+        now = time.monotonic()
+        cached = self._personas.get(name)
+        if cached is not None and now - cached[0] < PERSONA_REFRESH_S:
+            return cached[1]
+        persona = self.registry.get(name)
+        self._personas[name] = (now, persona)
+        return persona
 
     def _generate(self, members: list[tuple[Job, Persona, Served]]) -> list[tuple[Job, GenerationReply]]:
         """One batched generate; a failure answers each member with the error."""
