@@ -85,7 +85,9 @@ class TransformersEngine:
         if self.mode == "eager":
             self.decoder: _EagerDecoder | llama_decoder.LlamaDecoder = _EagerDecoder(self.model)
         else:
-            self.decoder = llama_decoder.LlamaDecoder(self.model, int8=self.mode == "int8")
+            # On a GPU each decode step replays a CUDA graph (untested here: no GPU).
+            on_gpu = torch.device(loaded.device).type == "cuda"
+            self.decoder = llama_decoder.LlamaDecoder(self.model, int8=self.mode == "int8", graphs=on_gpu)
         log.info("%s decodes with the %s engine", loaded.name, self.mode)
 
     @torch.inference_mode()

@@ -85,7 +85,7 @@ class _Layer:
 class LlamaDecoder:
     """Prefill and decode steps over a left-padded batch with a preallocated KV cache."""
 
-    def __init__(self, model, *, int8: bool = False) -> None:
+    def __init__(self, model, *, int8: bool = False, static: bool = False, graphs: bool = False) -> None:
         config = model.config
         inner = model.model
         self.device = next(model.parameters()).device
@@ -124,6 +124,12 @@ class LlamaDecoder:
         self.v: list[torch.Tensor] = []
         self.valid = torch.empty(0)
         self.length = 0
+        # static: every decode step has the same shapes (the whole cache, masked), so
+        # on a GPU it can be captured once per batch size as a CUDA graph and replayed.
+        self.static = static or graphs
+        self.graphs = graphs and self.device.type == "cuda"
+        self.at = torch.zeros((), dtype=torch.long, device=self.device)
+        self._captured: dict[int, tuple] = {}
 
     # -- the batch's cache --------------------------------------------------------
 
@@ -132,8 +138,13 @@ class LlamaDecoder:
         batch, width = input_ids.shape
         capacity = width + room
         shape = (batch, self.kv_heads, capacity, self.head_dim)
-        self.k = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
-        self.v = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+        # A static step attends over the whole cache; unwritten slots are masked, but
+        # must hold zeros, not whatever memory held (a NaN times a zero weight is NaN).
+        new = torch.zeros if self.static else torch.empty
+        self.k = [new(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+        self.v = [new(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+        self._captured.clear()
+        self.at.fill_(width)
         self.valid = torch.zeros((batch, capacity), dtype=torch.bool, device=self.device)
         self.valid[:, :width] = attention_mask.bool()
         # A padding position attends to itself, so no row of the softmax is empty (NaN).
@@ -149,6 +160,11 @@ class LlamaDecoder:
         at = self.length
         if at >= self.valid.shape[1]:
             raise RuntimeError("the decode ran past the room reserved at start")
+        if self.static:
+            self.length = at + 1
+            logits = self._replay(tokens, positions) if self.graphs else self._static_step(tokens, positions)
+            self.at += 1  # outside the graph, so capturing (which runs the step once) changes nothing
+            return logits
         self.valid[:, at] = True
         self.length = at + 1
         mask = self.valid[:, None, None, : at + 1]
@@ -160,13 +176,42 @@ class LlamaDecoder:
         self.k = [k.index_select(0, keep) for k in self.k]
         self.v = [v.index_select(0, keep) for v in self.v]
         self.valid = self.valid.index_select(0, keep)
+        self._captured.clear()  # captured graphs point at the old tensors
+
+    def _static_step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """One decode step whose shapes never change: write at ``self.at``, attend to all."""
+        self.valid.index_fill_(1, self.at.view(1), True)
+        mask = self.valid[:, None, None, :]
+        hidden = self._forward(tokens[:, None], positions[:, None], mask, None)
+        return self.head(F.rms_norm(hidden[:, -1], (hidden.shape[-1],), self.norm, self.eps))
+
+    def _replay(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The static step as a CUDA graph, captured on first use for this batch size."""
+        batch = tokens.shape[0]
+        if batch not in self._captured:
+            tokens_in, positions_in = tokens.clone(), positions.clone()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self._static_step(tokens_in, positions_in)  # warm-up, off the graph
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                logits = self._static_step(tokens_in, positions_in)
+            self._captured[batch] = (graph, tokens_in, positions_in, logits)
+        graph, tokens_in, positions_in, logits = self._captured[batch]
+        tokens_in.copy_(tokens)
+        positions_in.copy_(positions)
+        graph.replay()
+        return logits.clone()
 
     # -- the model ----------------------------------------------------------------
 
-    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, at: int) -> torch.Tensor:
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, at: int | None) -> torch.Tensor:
+        """The layers; ``at`` None means a static step (one token per row, at ``self.at``)."""
         batch, width = ids.shape
         heads, kv_heads, dim = self.heads, self.kv_heads, self.head_dim
-        end = at + width
+        end = self.k[0].shape[2] if at is None else at + width
         x = F.embedding(ids, self.embed)
         cos = self.cos[positions][:, :, None]  # (batch, width, 1, dim)
         sin = self.sin[positions][:, :, None]
@@ -180,8 +225,12 @@ class LlamaDecoder:
             qk = qk * cos + rotated * sin
             q = qk[:, :, :heads].transpose(1, 2)
             k_cache, v_cache = self.k[index], self.v[index]
-            k_cache[:, :, at:end] = qk[:, :, heads:].transpose(1, 2)
-            v_cache[:, :, at:end] = qkv[:, :, heads + kv_heads :].transpose(1, 2)
+            if at is None:
+                k_cache.index_copy_(2, self.at.view(1), qk[:, :, heads:].transpose(1, 2))
+                v_cache.index_copy_(2, self.at.view(1), qkv[:, :, heads + kv_heads :].transpose(1, 2))
+            else:
+                k_cache[:, :, at:end] = qk[:, :, heads:].transpose(1, 2)
+                v_cache[:, :, at:end] = qkv[:, :, heads + kv_heads :].transpose(1, 2)
             attended = F.scaled_dot_product_attention(
                 q, k_cache[:, :, :end], v_cache[:, :, :end], attn_mask=mask, enable_gqa=kv_heads != heads
             )

@@ -39,6 +39,12 @@ def test_fused_decoder_matches_hugging_face_logits(tiny_llama):
     assert torch.allclose(ours, theirs, atol=1e-4), (ours - theirs).abs().max()
 
 
+def test_static_step_matches_hugging_face_logits(tiny_llama):
+    """The fixed-shape step (the one a GPU captures as a CUDA graph) gives the same logits."""
+    ours, theirs = _teacher_forced(tiny_llama, LlamaDecoder(tiny_llama.model, static=True))
+    assert torch.allclose(ours, theirs, atol=1e-4), (ours - theirs).abs().max()
+
+
 def test_int8_decoder_stays_close_to_full_precision(tiny_llama):
     ours, theirs = _teacher_forced(tiny_llama, LlamaDecoder(tiny_llama.model, int8=True))
     similarity = torch.nn.functional.cosine_similarity(ours.flatten(0, 1), theirs.flatten(0, 1), dim=-1)
@@ -46,8 +52,9 @@ def test_int8_decoder_stays_close_to_full_precision(tiny_llama):
     assert not torch.allclose(ours, theirs, atol=1e-6)  # it really is a different (quantized) path
 
 
-def test_rows_can_leave_the_batch(tiny_llama):
-    decoder = LlamaDecoder(tiny_llama.model)
+@pytest.mark.parametrize("static", [False, True])
+def test_rows_can_leave_the_batch(tiny_llama, static):
+    decoder = LlamaDecoder(tiny_llama.model, static=static)
     ids = torch.tensor([[1, 2, 3], [4, 5, 6]])
     mask = torch.ones_like(ids)
     positions = torch.tensor([[0, 1, 2], [0, 1, 2]])
@@ -56,7 +63,7 @@ def test_rows_can_leave_the_batch(tiny_llama):
         both = decoder.step(torch.tensor([7, 8]), torch.tensor([3, 3]))
         decoder.select(torch.tensor([1]))
         alone = decoder.step(torch.tensor([9]), torch.tensor([4]))
-        again = LlamaDecoder(tiny_llama.model)
+        again = LlamaDecoder(tiny_llama.model, static=static)
         again.start(ids[1:], mask[1:], positions[1:], 4)
         again.step(torch.tensor([8]), torch.tensor([3]))
         expected = again.step(torch.tensor([9]), torch.tensor([4]))
