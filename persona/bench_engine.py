@@ -13,6 +13,7 @@ import gc
 import logging
 import time
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -93,8 +94,10 @@ def _prompt_ids(loaded: LoadedModel, batch: int) -> list[list[int]]:
     tokenizer = loaded.tokenizer
     out = []
     for i in range(batch):
-        messages = [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        text = PROMPTS[i % len(PROMPTS)]
+        if loaded.has_chat_template:
+            messages = [{"role": "user", "content": text}]
+            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         out.append(tokenizer.encode(text, add_special_tokens=False))
     return out
 
@@ -136,19 +139,15 @@ def _time_baseline(loaded: LoadedModel, prompts: list[list[int]], new_tokens: in
 
 
 def run_engine_bench(
-    device: str,
-    cache_dir: Path,
+    loaded: LoadedModel,
     batches: list[int],
     new_tokens: int = 64,
     mode: str = "auto",
     repeats: int = 2,
-    threads: int | None = None,
-    progress=None,
+    progress: Callable[[], None] | None = None,
 ) -> EngineBenchResult:
     """Best of ``repeats`` runs per batch size, ours and the baseline, interleaved."""
-    if threads:
-        torch.set_num_threads(threads)
-    loaded = load_bench_model(device, cache_dir)
+    device = loaded.device
     engine = TransformersEngine(loaded, mode=mode)
     engine.stop_ids = set()  # exactly new_tokens per row, like min_new_tokens on the baseline side
     result = EngineBenchResult(

@@ -68,7 +68,9 @@ def engine(
     json_output: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
     """Tokens/s of our engine vs plain transformers generate(), same model, prompts and lengths."""
-    from persona.bench_engine import run_engine_bench
+    import torch
+
+    from persona.bench_engine import load_bench_model, run_engine_bench
     from persona.models import pick_device
 
     settings = get_settings()
@@ -81,10 +83,10 @@ def engine(
         def advance() -> None:
             progress.update(task, advance=1, description="benchmarking...")
 
-        result = run_engine_bench(
-            device, settings.model_cache_dir, sizes, new_tokens=tokens, mode=chosen_mode, repeats=repeats,
-            threads=threads or settings.worker.threads, progress=advance,
-        )
+        if threads or settings.worker.threads:
+            torch.set_num_threads(threads or settings.worker.threads)
+        loaded = load_bench_model(device, settings.model_cache_dir)
+        result = run_engine_bench(loaded, sizes, new_tokens=tokens, mode=chosen_mode, repeats=repeats, progress=advance)
     if json_output:
         print(json.dumps(result.as_dict()))
         return
