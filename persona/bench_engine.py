@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import resource
 import time
 from dataclasses import dataclass, field
 from collections.abc import Callable
@@ -54,6 +55,8 @@ class EngineBenchResult:
     mode: str
     new_tokens: int
     threads: int
+    engine_build_s: float = 0.0
+    rss_mb: float = 0.0
     ours: dict[int, float] = field(default_factory=dict)
     baseline: dict[int, float] = field(default_factory=dict)
 
@@ -64,7 +67,7 @@ class EngineBenchResult:
     def as_dict(self) -> dict:
         return {
             "device": self.device, "model": self.model, "mode": self.mode, "new_tokens": self.new_tokens,
-            "threads": self.threads, "ours": self.ours, "baseline": self.baseline,
+            "threads": self.threads, "engine_build_s": self.engine_build_s, "rss_mb": self.rss_mb, "ours": self.ours, "baseline": self.baseline,
             "ratio": {b: round(self.ratio(b), 2) for b in self.ours},
         }
 
@@ -148,10 +151,12 @@ def run_engine_bench(
 ) -> EngineBenchResult:
     """Best of ``repeats`` runs per batch size, ours and the baseline, interleaved."""
     device = loaded.device
+    built = time.perf_counter()
     engine = TransformersEngine(loaded, mode=mode)
     engine.stop_ids = set()  # exactly new_tokens per row, like min_new_tokens on the baseline side
     result = EngineBenchResult(
-        device=device, model=loaded.name, mode=engine.mode, new_tokens=new_tokens, threads=torch.get_num_threads()
+        device=device, model=loaded.name, mode=engine.mode, new_tokens=new_tokens, threads=torch.get_num_threads(),
+        engine_build_s=round(time.perf_counter() - built, 2),
     )
     warm = _prompt_ids(loaded, 1)
     _time_ours(engine, warm, 4)
@@ -169,4 +174,5 @@ def run_engine_bench(
         result.ours[batch] = round(ours, 1)
         result.baseline[batch] = round(base, 1)
         log.info("batch %d: ours %.1f tok/s, baseline %.1f tok/s", batch, ours, base)
+    result.rss_mb = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     return result

@@ -59,7 +59,8 @@ class WorkerSettings(BaseModel):
     engine: Literal["auto", "eager", "fused", "int8"] = Field(
         "auto",
         description="decode path: eager (any model), fused (lean Llama loop, same logits), "
-        "int8 (fused with int8 weights, CPU), auto (int8 on CPU, fused on GPU, eager if not Llama)",
+        "int8 (fused with int8 weights, CPU), auto (int8 on CPU for models 512 wide or more, "
+        "else fused; eager if not a Llama)",
     )
     personas: list[str] = Field(default_factory=list, description="preload these (default: all)")
 

@@ -20,7 +20,7 @@ def tiny_llama(tiny_llama_dir, tmp_path_factory):
 def test_both_sides_are_measured_for_every_batch_size(tiny_llama):
     ticks = []
     result = run_engine_bench(tiny_llama, [1, 3], new_tokens=4, mode="auto", repeats=1, progress=lambda: ticks.append(1))
-    assert result.mode == "int8" and result.device == "cpu"
+    assert result.mode == "fused" and result.device == "cpu"
     assert set(result.ours) == set(result.baseline) == {1, 3}
     assert all(v > 0 for v in [*result.ours.values(), *result.baseline.values()])
     assert len(ticks) == 2

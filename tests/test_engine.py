@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from persona.engine import TransformersEngine, Work, pick_engine_mode
@@ -38,8 +40,14 @@ def test_int8_engine_answers_every_row_within_its_budget(tiny_llama):
     assert all(1 <= c.new_tokens <= w.sampling.max_new_tokens for c, w in zip(completions, _batch()))
 
 
-def test_auto_picks_int8_on_cpu_for_llama_and_eager_for_others(tiny_llama, tiny_gpt2_dir, tmp_path):
-    assert pick_engine_mode("auto", tiny_llama) == "int8"
+def test_auto_picks_int8_for_wide_llamas_on_cpu_fused_for_narrow_eager_for_others(tiny_llama, tiny_gpt2_dir, tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    assert pick_engine_mode("auto", tiny_llama) == "fused"
+    wide = LlamaForCausalLM(
+        LlamaConfig(hidden_size=512, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, vocab_size=64)
+    )
+    assert pick_engine_mode("auto", replace(tiny_llama, model=wide)) == "int8"
     gpt2 = load_model(str(tiny_gpt2_dir), cache_dir=tmp_path)
     assert pick_engine_mode("auto", gpt2) == "eager"
     assert pick_engine_mode("fused", gpt2) == "eager"
