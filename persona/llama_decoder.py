@@ -65,6 +65,19 @@ class _Linear:
         return F.linear(x, self.weight, self.bias)
 
 
+def _fuse(linears, share: bool) -> torch.Tensor:
+    """The linears' weights stacked; with ``share`` they become views of the result,
+    so the model keeps working and holds no second copy of its weights."""
+    fused = torch.cat([lin.weight.detach() for lin in linears])
+    if share:
+        start = 0
+        for lin in linears:
+            rows = lin.weight.shape[0]
+            lin.weight.data = fused[start : start + rows]
+            start += rows
+    return fused
+
+
 def _cat_bias(*linears) -> torch.Tensor | None:
     biases = [lin.bias for lin in linears]
     if all(b is None for b in biases):
@@ -103,10 +116,10 @@ class LlamaDecoder:
             qkv = (attn.q_proj, attn.k_proj, attn.v_proj)
             self.layers.append(
                 _Layer(
-                    qkv=_Linear(torch.cat([p.weight for p in qkv]), _cat_bias(*qkv), int8),
+                    qkv=_Linear(_fuse(qkv, share=not int8), _cat_bias(*qkv), int8),
                     o=_Linear(attn.o_proj.weight, attn.o_proj.bias, int8),
                     gate_up=_Linear(
-                        torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), _cat_bias(mlp.gate_proj, mlp.up_proj), int8
+                        _fuse((mlp.gate_proj, mlp.up_proj), share=not int8), _cat_bias(mlp.gate_proj, mlp.up_proj), int8
                     ),
                     down=_Linear(mlp.down_proj.weight, mlp.down_proj.bias, int8),
                     norm1=layer.input_layernorm.weight,
