@@ -18,7 +18,7 @@ from persona.contract import GenerationRequest, Message
 from persona.models import LoadedModel
 from persona.personas import Persona, Sampling
 
-__all__ = ["Prompt", "build_prompt"]
+__all__ = ["Prompt", "build_prompt", "build_prompts"]
 
 USER_SPEAKER = "User"
 
@@ -46,6 +46,33 @@ def build_prompt(persona: Persona, request: GenerationRequest, loaded: LoadedMod
     return _fit(lambda kept: _transcript_ids(persona, kept, loaded), turns, loaded, budget, stop)
 
 
+def build_prompts(
+    items: list[tuple[Persona, GenerationRequest, Sampling]], loaded: LoadedModel
+) -> list[Prompt]:
+    """``build_prompt`` for many requests at once: chat prompts are tokenized in one call.
+
+    A worker builds a prompt for every request it takes, and one tokenizer call for the
+    whole batch costs far less than one per request; a prompt too long for the model
+    (rare) is rebuilt one at a time, trimmed.
+    """
+    prompts: list[Prompt | None] = [None] * len(items)
+    texts: dict[int, str] = {}
+    backend = getattr(loaded.tokenizer, "backend_tokenizer", None)
+    for i, (persona, request, sampling) in enumerate(items):
+        if backend is not None and loaded.has_chat_template and request.mode == "chat":
+            texts[i] = _render_chat(loaded.tokenizer, _chat_messages(persona, _conversation(persona, request)))
+        else:
+            prompts[i] = build_prompt(persona, request, loaded, sampling)
+    if texts:
+        encoded = backend.encode_batch(list(texts.values()), add_special_tokens=False)
+        for i, ids in zip(texts, encoded, strict=True):
+            persona, request, sampling = items[i]
+            budget = max(16, loaded.context_tokens - sampling.max_new_tokens)
+            fits = len(ids.ids) <= budget
+            prompts[i] = Prompt(ids.ids, sampling.stop) if fits else build_prompt(persona, request, loaded, sampling)
+    return [p for p in prompts if p is not None]
+
+
 def _conversation(persona: Persona, request: GenerationRequest) -> list[Message]:
     if request.mode == "complete":
         return [Message(role="user", content=persona.prompt.post_instruction)]
@@ -71,7 +98,7 @@ def _fit(render, turns: list[Message], loaded: LoadedModel, budget: int, stop: l
     return Prompt(token_ids=ids, stop=stop)
 
 
-def _chat_ids(persona: Persona, turns: list[Message], request: GenerationRequest, loaded: LoadedModel) -> list[int]:
+def _chat_messages(persona: Persona, turns: list[Message]) -> list[dict[str, str]]:
     messages: list[dict[str, str]] = []
     if persona.prompt.system:
         messages.append({"role": "system", "content": persona.prompt.system})
@@ -79,7 +106,11 @@ def _chat_ids(persona: Persona, turns: list[Message], request: GenerationRequest
         messages.append({"role": "user", "content": example.user})
         messages.append({"role": "assistant", "content": example.assistant})
     messages.extend({"role": m.role, "content": m.content} for m in turns)
-    text = _render_chat(loaded.tokenizer, messages)
+    return messages
+
+
+def _chat_ids(persona: Persona, turns: list[Message], request: GenerationRequest, loaded: LoadedModel) -> list[int]:
+    text = _render_chat(loaded.tokenizer, _chat_messages(persona, turns))
     if request.mode == "complete" and request.prefix:
         text += request.prefix
     return _encode(loaded.tokenizer, text)

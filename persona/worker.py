@@ -24,7 +24,7 @@ from persona.engine import Work
 from persona.errors import ConfigError, ModelError, PersonaError
 from persona.personas import Persona, PersonaRegistry
 from persona.pool import ModelPool, Served
-from persona.prompting import build_prompt
+from persona.prompting import build_prompts
 from persona.queue import Job, WorkQueue
 from persona.settings import Settings
 from persona.validation import request_problem
@@ -233,11 +233,9 @@ class Worker:
         started = time.perf_counter()
         served = members[0][2]
         try:
-            batch = []
-            for job, persona, _ in members:
-                sampling = persona.sampling.merged(job.request.sampling)
-                prompt = build_prompt(persona, job.request, served.loaded, sampling)
-                batch.append(Work(prompt.token_ids, sampling, prompt.stop))
+            items = [(persona, job.request, persona.sampling.merged(job.request.sampling)) for job, persona, _ in members]
+            prompts = build_prompts(items, served.loaded)
+            batch = [Work(p.token_ids, sampling, p.stop) for p, (_, _, sampling) in zip(prompts, items, strict=True)]
             completions = served.engine.generate(batch)
         except Exception as exc:  # the one place a batch's failure is caught
             log.exception("batch of %d for %s failed", len(members), served.loaded.name)
