@@ -8,6 +8,7 @@ the folder name of a checkpoint given by path.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -66,10 +67,10 @@ EngineFactory = Callable[[LoadedModel], Generator]
 class ModelPool:
     """Loads each distinct set of weights once and hands out engines for personas."""
 
-    def __init__(self, settings: Settings, device: str, engine_factory: EngineFactory = TransformersEngine) -> None:
+    def __init__(self, settings: Settings, device: str, engine_factory: EngineFactory | None = None) -> None:
         self.settings = settings
         self.device = device
-        self.engine_factory = engine_factory
+        self.engine_factory = engine_factory or functools.partial(TransformersEngine, mode=settings.worker.engine)
         self._served: dict[tuple[str, str], Served] = {}
         self._lock = threading.Lock()
 

@@ -57,23 +57,32 @@ end
 return redis.call('XADD', KEYS[1], '*', 'r', ARGV[2])
 """
 
-# Deliver a reply unless the request was answered already; always settle the entry.
+# Deliver each reply unless its request was answered already; always settle its entry.
+# One call settles a whole batch (no round trip per job): KEYS come in fives per reply
+# (answered flag, reply list, stream or '', stats hash, sender counter or ''), ARGV
+# starts with four shared values, then three per reply (reply, entry id or '', counter).
 DELIVER_SCRIPT = """
-local first = redis.call('SET', KEYS[1], ARGV[6], 'NX', 'EX', tonumber(ARGV[3]))
-if first then
-  redis.call('LPUSH', KEYS[2], ARGV[1])
-  redis.call('EXPIRE', KEYS[2], tonumber(ARGV[2]))
-  redis.call('HINCRBY', KEYS[4], ARGV[7], 1)
-  if KEYS[5] ~= '' and tonumber(redis.call('GET', KEYS[5]) or '0') > 0 then
-    redis.call('DECR', KEYS[5])
+local reply_ttl, answered_ttl = tonumber(ARGV[1]), tonumber(ARGV[2])
+local group, worker = ARGV[3], ARGV[4]
+local new = 0
+for i = 0, #KEYS / 5 - 1 do
+  local k, a = i * 5, 4 + i * 3
+  local first = redis.call('SET', KEYS[k + 1], worker, 'NX', 'EX', answered_ttl)
+  if first then
+    new = new + 1
+    redis.call('LPUSH', KEYS[k + 2], ARGV[a + 1])
+    redis.call('EXPIRE', KEYS[k + 2], reply_ttl)
+    redis.call('HINCRBY', KEYS[k + 4], ARGV[a + 3], 1)
+    if KEYS[k + 5] ~= '' and tonumber(redis.call('GET', KEYS[k + 5]) or '0') > 0 then
+      redis.call('DECR', KEYS[k + 5])
+    end
+  end
+  if ARGV[a + 2] ~= '' then
+    redis.call('XACK', KEYS[k + 3], group, ARGV[a + 2])
+    redis.call('XDEL', KEYS[k + 3], ARGV[a + 2])
   end
 end
-if ARGV[5] ~= '' then
-  redis.call('XACK', KEYS[3], ARGV[4], ARGV[5])
-  redis.call('XDEL', KEYS[3], ARGV[5])
-end
-if first then return 1 end
-return 0
+return new
 """
 
 # Put an unfinished entry back at the end of its stream (a leaving worker's hand-back).
@@ -272,30 +281,20 @@ class WorkQueue:
         """
         if not settled:
             return 0
-        pipe = self.redis.pipeline(transaction=False)
+        script_keys: list[str] = []
+        args: list = [self.settings.reply_ttl_s, keys.ANSWERED_TTL_S, keys.CONSUMER_GROUP, worker]
         for job, reply in settled:
             counter = "completed" if reply.ok else f"failed:{reply.error.kind if reply.error else 'internal'}"
             user = job.request.user if job and job.request else None
-            self._deliver(
-                keys=[
-                    keys.answered_key(reply.id),
-                    keys.reply_key(reply.id),
-                    job.stream if job else "",
-                    keys.STATS_KEY,
-                    keys.user_pending_key(user) if user else "",
-                ],
-                args=[
-                    reply.to_json(),
-                    self.settings.reply_ttl_s,
-                    keys.ANSWERED_TTL_S,
-                    keys.CONSUMER_GROUP,
-                    job.entry_id if job else "",
-                    worker,
-                    counter,
-                ],
-                client=pipe,
-            )
-        return sum(int(x) for x in pipe.execute())
+            script_keys += [
+                keys.answered_key(reply.id),
+                keys.reply_key(reply.id),
+                job.stream if job else "",
+                keys.STATS_KEY,
+                keys.user_pending_key(user) if user else "",
+            ]
+            args += [reply.to_json(), job.entry_id if job else "", counter]
+        return int(self._deliver(keys=script_keys, args=args))
 
     def settle_without_reply(self, job: Job) -> None:
         """Acknowledge and drop an entry that has nobody to answer."""

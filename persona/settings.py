@@ -57,6 +57,12 @@ class WorkerSettings(BaseModel):
     heartbeat_s: float = Field(2.0, gt=0, description="how often a worker reports it is alive")
     heartbeat_ttl_s: float = Field(10.0, gt=0, description="a worker silent this long is dead")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: all cores)")
+    engine: Literal["auto", "eager", "fused", "int8"] = Field(
+        "auto",
+        description="decode path: eager (any model), fused (lean Llama loop, same logits), "
+        "int8 (fused with int8 weights, CPU), auto (int8 on CPU for models 512 wide or more, "
+        "else fused; eager if not a Llama)",
+    )
     personas: list[str] = Field(default_factory=list, description="preload these (default: all)")
 
 

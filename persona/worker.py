@@ -24,7 +24,7 @@ from persona.engine import Work
 from persona.errors import ConfigError, ModelError, PersonaError
 from persona.personas import Persona, PersonaRegistry
 from persona.pool import ModelPool, Served
-from persona.prompting import build_prompt
+from persona.prompting import build_prompts
 from persona.queue import Job, WorkQueue
 from persona.settings import Settings
 from persona.swapper import Swapper
@@ -36,6 +36,9 @@ __all__ = ["Worker", "new_worker_id"]
 log = logging.getLogger(__name__)
 
 RECLAIM_EVERY_S = 1.0
+# A persona file is re-read at most this often: edits apply within a second, and a
+# round of one request does not pay for reading and validating TOML.
+PERSONA_REFRESH_S = 1.0
 MAX_RECONNECT_PAUSE_S = 5.0
 
 
@@ -67,6 +70,7 @@ class Worker:
         self.swaps = Swapper(client, pool, self.registry, self.info)
         self.stopping = threading.Event()
         self._last_reclaim = 0.0
+        self._personas: dict[str, tuple[float, Persona]] = {}
 
     # -- life cycle -------------------------------------------------------------
 
@@ -133,6 +137,9 @@ class Worker:
                 heartbeat.publish(self.redis, self.info, self.settings.worker.heartbeat_ttl_s)
             except redis.exceptions.RedisError as exc:
                 log.warning("heartbeat failed: %s", exc)
+            except Exception:
+                # The heartbeat must outlive any surprise: without it, others reclaim our work.
+                log.exception("heartbeat failed unexpectedly; still beating")
 
     # -- one step ---------------------------------------------------------------
 
@@ -197,15 +204,16 @@ class Worker:
     def _groups(self, runnable: list[Job]) -> Iterator[list[tuple[Job, GenerationReply]]]:
         """Generate runnable jobs batched per set of weights, yielding each settled group."""
         by_model: dict[tuple, list[tuple[Job, Persona, Served]]] = defaultdict(list)
+        # Each persona is read (and its model found) once per round, not once per job;
+        # an edited persona file still takes effect on the next round.
+        found: dict[str, tuple[Persona, Served] | tuple[ErrorKind, str]] = {}
         for job in runnable:
-            try:
-                persona = self.registry.get(job.request.persona)
-                served = self.pool.serve(persona, self.swaps.version_for(persona.name))
-            except ConfigError as exc:
-                yield [(job, self._failure(job.request, ErrorKind.invalid, str(exc)))]
-                continue
-            except ModelError as exc:
-                yield [(job, self._failure(job.request, ErrorKind.model, str(exc)))]
+            name = job.request.persona
+            if name not in found:
+                found[name] = self._serve(name)
+            persona, served = found[name]
+            if isinstance(persona, ErrorKind):
+                yield [(job, self._failure(job.request, persona, served))]
                 continue
             self.info.personas[persona.name] = served.version
             by_model[served.key].append((job, persona, served))
@@ -214,16 +222,33 @@ class Worker:
             for start in range(0, len(members), size):
                 yield self._generate(members[start : start + size])
 
+    def _serve(self, name: str) -> tuple[Persona, Served] | tuple[ErrorKind, str]:
+        """A persona and what answers for it, or why it cannot answer."""
+        try:
+            persona = self._persona(name)
+            return persona, self.pool.serve(persona, self.swaps.version_for(persona.name))
+        except ConfigError as exc:
+            return ErrorKind.invalid, str(exc)
+        except ModelError as exc:
+            return ErrorKind.model, str(exc)
+
+    def _persona(self, name: str) -> Persona:
+        now = time.monotonic()
+        cached = self._personas.get(name)
+        if cached is not None and now - cached[0] < PERSONA_REFRESH_S:
+            return cached[1]
+        persona = self.registry.get(name)
+        self._personas[name] = (now, persona)
+        return persona
+
     def _generate(self, members: list[tuple[Job, Persona, Served]]) -> list[tuple[Job, GenerationReply]]:
         """One batched generate; a failure answers each member with the error."""
         started = time.perf_counter()
         served = members[0][2]
         try:
-            batch = []
-            for job, persona, _ in members:
-                sampling = persona.sampling.merged(job.request.sampling)
-                prompt = build_prompt(persona, job.request, served.loaded, sampling)
-                batch.append(Work(prompt.token_ids, sampling, prompt.stop))
+            items = [(persona, job.request, persona.sampling.merged(job.request.sampling)) for job, persona, _ in members]
+            prompts = build_prompts(items, served.loaded)
+            batch = [Work(p.token_ids, sampling, p.stop) for p, (_, _, sampling) in zip(prompts, items, strict=True)]
             completions = served.engine.generate(batch)
         except Exception as exc:  # the one place a batch's failure is caught
             log.exception("batch of %d for %s failed", len(members), served.loaded.name)

@@ -8,7 +8,7 @@ from persona.contract import GenerationRequest, Message
 from persona.engine import TransformersEngine, Work
 from persona.models import load_model
 from persona.personas import Persona, Sampling
-from persona.prompting import build_prompt
+from persona.prompting import build_prompt, build_prompts
 
 
 @pytest.fixture(scope="module")
@@ -85,3 +85,19 @@ def test_post_request_on_a_prompt_only_persona_asks_for_a_post(chat_model):
     prompt = build_prompt(PERSONA, request, chat_model, Sampling())
     text = chat_model.tokenizer.decode(prompt.token_ids)
     assert PERSONA.prompt.post_instruction in text and text.endswith("Patience")
+
+
+def test_prompts_built_together_equal_prompts_built_one_by_one(chat_model, plain_model):
+    """The worker's batched path: one tokenizer call, the same ids; long ones still trimmed."""
+    roomy = PERSONA.model_copy(update={"prompt": PERSONA.prompt.model_copy(update={"max_history_turns": 64})})
+    items = [
+        (PERSONA, conversation("How are you?"), Sampling()),
+        (PERSONA, conversation("Hello", "Hi.", "What is patience?"), Sampling(stop=["END"])),
+        (roomy, conversation(*(["an old turn " * 40] * 9), "the newest question"), Sampling(max_new_tokens=8)),
+        (PERSONA, GenerationRequest(persona="sage", mode="complete", prefix="Once"), Sampling()),
+    ]
+    for model in (chat_model, plain_model):
+        together = build_prompts(items, model)
+        one_by_one = [build_prompt(p, r, model, s) for p, r, s in items]
+        assert [p.token_ids for p in together] == [p.token_ids for p in one_by_one]
+        assert [p.stop for p in together] == [p.stop for p in one_by_one]

@@ -30,6 +30,7 @@ COMMAND_MODULES = [
     "persona.cli.train_cmd",
     "persona.cli.checkpoints_cmd",
     "persona.cli.dashboard_cmd",
+    "persona.cli.bench",
 ]
 
 for _module in COMMAND_MODULES:

@@ -1,0 +1,178 @@
+"""`persona bench engine`: our decode loop against plain ``generate()`` on the same model.
+
+Both sides get the same left-padded chat prompts and produce exactly the same number
+of new tokens per row (greedy; end-of-text is ignored on both sides so lengths match),
+timed from the prompt to the last token. On CPU the model is the bundled SmolLM2; on a
+GPU, where the weights may not have travelled, a model of its shape with random
+weights in bf16.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import resource
+import time
+from dataclasses import dataclass, field
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from persona.engine import TransformersEngine, Work
+from persona.models import LoadedModel, load_model
+from persona.personas import Sampling
+
+__all__ = ["EngineBenchResult", "load_bench_model", "run_engine_bench"]
+
+log = logging.getLogger(__name__)
+
+PROMPTS = [
+    "Tell me a short story about a brave little fox.",
+    "What is the capital of France, and why is it famous?",
+    "Give me three tips for sleeping better.",
+    "Explain what a rainbow is to a five-year-old.",
+    "Write a haiku about the sea at night.",
+    "How do I make a good cup of tea?",
+    "What should I pack for a weekend hike?",
+    "Describe your favourite season and why.",
+]
+
+# The bundled SmolLM2-135M's shape, for a random-weight model where the weights are absent.
+SMOLLM2_SHAPE = dict(
+    hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+    num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True, rope_theta=100000.0,
+    max_position_embeddings=8192, rms_norm_eps=1e-5,
+)
+
+
+@dataclass
+class EngineBenchResult:
+    """Tokens per second by batch size, ours and the baseline's."""
+
+    device: str
+    model: str
+    mode: str
+    new_tokens: int
+    threads: int
+    engine_build_s: float = 0.0
+    rss_mb: float = 0.0
+    ours: dict[int, float] = field(default_factory=dict)
+    baseline: dict[int, float] = field(default_factory=dict)
+
+    def ratio(self, batch: int) -> float:
+        base = self.baseline.get(batch, 0.0)
+        return self.ours.get(batch, 0.0) / base if base else 0.0
+
+    def as_dict(self) -> dict:
+        return {
+            "device": self.device, "model": self.model, "mode": self.mode, "new_tokens": self.new_tokens,
+            "threads": self.threads, "engine_build_s": self.engine_build_s, "rss_mb": self.rss_mb, "ours": self.ours, "baseline": self.baseline,
+            "ratio": {b: round(self.ratio(b), 2) for b in self.ours},
+        }
+
+
+def load_bench_model(device: str, cache_dir: Path) -> LoadedModel:
+    """The bundled model on CPU; a random model of its shape (bf16) on a GPU."""
+    if device == "cpu":
+        return load_model("smollm2", cache_dir=cache_dir, device="cpu")
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from persona.models import bundled_gguf_path
+
+    gguf = bundled_gguf_path()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    torch.manual_seed(0)
+    config = LlamaConfig(**SMOLLM2_SHAPE, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
+    model = LlamaForCausalLM(config).to(device=device, dtype=torch.bfloat16).eval()
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return LoadedModel(
+        model=model, tokenizer=tokenizer, device=device, name="smollm2-shape (random weights)",
+        has_chat_template=True, stop_token_ids=[tokenizer.eos_token_id],
+    )
+
+
+def _prompt_ids(loaded: LoadedModel, batch: int) -> list[list[int]]:
+    tokenizer = loaded.tokenizer
+    out = []
+    for i in range(batch):
+        text = PROMPTS[i % len(PROMPTS)]
+        if loaded.has_chat_template:
+            messages = [{"role": "user", "content": text}]
+            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        out.append(tokenizer.encode(text, add_special_tokens=False))
+    return out
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _time_ours(engine: TransformersEngine, prompts: list[list[int]], new_tokens: int) -> float:
+    work = [Work(ids, Sampling(temperature=0.0, max_new_tokens=new_tokens)) for ids in prompts]
+    _sync(engine.loaded.device)
+    started = time.perf_counter()
+    completions = engine.generate(work)
+    _sync(engine.loaded.device)
+    elapsed = time.perf_counter() - started
+    made = sum(c.new_tokens for c in completions)
+    if made != new_tokens * len(prompts):
+        raise RuntimeError(f"our engine made {made} tokens, expected {new_tokens * len(prompts)}")
+    return made / elapsed
+
+
+@torch.inference_mode()
+def _time_baseline(loaded: LoadedModel, prompts: list[list[int]], new_tokens: int) -> float:
+    width = max(len(p) for p in prompts)
+    pad = loaded.tokenizer.pad_token_id
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=loaded.device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=loaded.device)
+    _sync(loaded.device)
+    started = time.perf_counter()
+    out = loaded.model.generate(
+        input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+        do_sample=False, pad_token_id=pad,
+    )
+    _sync(loaded.device)
+    elapsed = time.perf_counter() - started
+    made = (out.shape[1] - width) * len(prompts)
+    return made / elapsed
+
+
+def run_engine_bench(
+    loaded: LoadedModel,
+    batches: list[int],
+    new_tokens: int = 64,
+    mode: str = "auto",
+    repeats: int = 2,
+    progress: Callable[[], None] | None = None,
+) -> EngineBenchResult:
+    """Best of ``repeats`` runs per batch size, ours and the baseline, interleaved."""
+    device = loaded.device
+    built = time.perf_counter()
+    engine = TransformersEngine(loaded, mode=mode)
+    engine.stop_ids = set()  # exactly new_tokens per row, like min_new_tokens on the baseline side
+    result = EngineBenchResult(
+        device=device, model=loaded.name, mode=engine.mode, new_tokens=new_tokens, threads=torch.get_num_threads(),
+        engine_build_s=round(time.perf_counter() - built, 2),
+    )
+    warm = _prompt_ids(loaded, 1)
+    _time_ours(engine, warm, 4)
+    _time_baseline(loaded, warm, 4)
+    for batch in batches:
+        prompts = _prompt_ids(loaded, batch)
+        ours, base = 0.0, 0.0
+        for _ in range(repeats):
+            # Interleaved, so a neighbour's burst of load hits both sides alike.
+            base = max(base, _time_baseline(loaded, prompts, new_tokens))
+            ours = max(ours, _time_ours(engine, prompts, new_tokens))
+            gc.collect()
+            if progress:
+                progress()
+        result.ours[batch] = round(ours, 1)
+        result.baseline[batch] = round(base, 1)
+        log.info("batch %d: ours %.1f tok/s, baseline %.1f tok/s", batch, ours, base)
+    result.rss_mb = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    return result

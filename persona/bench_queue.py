@@ -1,0 +1,217 @@
+"""`persona bench queue`: how fast one worker drains the queue, against a plain loop.
+
+Everything runs for real: an embedded redis-server in a temporary folder, a persona on a
+tiny random model with the bundled tokenizer (so prompts are built as in production),
+and a real ``Worker`` whose engine answers at once (``InstantEngine``), so what is
+measured is the queue and the worker's own work per request: parse, build the prompt,
+reply, acknowledge. The baseline is the obvious Streams worker: read one entry, push
+its reply, acknowledge it, one command at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import redis
+
+from persona import constants as keys
+from persona.contract import GenerationReply, GenerationRequest, Message
+from persona.embedded_redis import EmbeddedRedis
+from persona.engine import Completion, Work
+from persona.models import LoadedModel
+from persona.queue import QueueClient, WorkQueue
+from persona.settings import QueueSettings, Settings
+
+__all__ = ["InstantEngine", "QueueBenchResult", "run_queue_bench"]
+
+PERSONA_NAME = "bench"
+PREFILL_CHUNK = 1000
+
+
+class InstantEngine:
+    """A Generator that answers every row at once: the queue's cost, not the model's."""
+
+    def __init__(self, loaded: LoadedModel) -> None:
+        self.loaded = loaded
+
+    def generate(self, batch: list[Work]) -> list[Completion]:
+        """One fixed short reply per row."""
+        return [Completion(text="ok", new_tokens=1, finish_reason="stop") for _ in batch]
+
+
+@dataclass
+class QueueBenchResult:
+    """Ours and the baseline: drain rate and light-load round trips."""
+
+    jobs: int
+    batch: int
+    jobs_per_s: float
+    p50_ms: float
+    p99_ms: float
+    baseline_jobs_per_s: float
+    baseline_p50_ms: float
+    baseline_p99_ms: float
+
+    @property
+    def ratio(self) -> float:
+        """How many times the baseline's drain rate ours reaches."""
+        return self.jobs_per_s / self.baseline_jobs_per_s if self.baseline_jobs_per_s else 0.0
+
+    def as_dict(self) -> dict:
+        return asdict(self) | {"ratio": round(self.ratio, 2)}
+
+
+def _request(text: str = "hello there, how are you today?") -> GenerationRequest:
+    return GenerationRequest(persona=PERSONA_NAME, messages=[Message(role="user", content=text)])
+
+
+def _prefill(client: redis.Redis, count: int) -> list[GenerationRequest]:
+    """Queue ``count`` requests in a few pipelines (not timed)."""
+    requests = [_request() for _ in range(count)]
+    for start in range(0, count, PREFILL_CHUNK):
+        pipe = client.pipeline(transaction=False)
+        for request in requests[start : start + PREFILL_CHUNK]:
+            pipe.xadd(keys.STREAM_INTERACTIVE, {"r": request.to_json()})
+        pipe.execute()
+    return requests
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
+
+
+def _round_trips(client: QueueClient, seconds: float) -> list[float]:
+    """One request at a time for ``seconds``: each one's submit-to-reply time in ms."""
+    times: list[float] = []
+    until = time.perf_counter() + seconds
+    while time.perf_counter() < until or len(times) < 20:
+        started = time.perf_counter()
+        reply = client.ask(_request(), timeout=10)
+        times.append((time.perf_counter() - started) * 1000)
+        if not reply.ok:
+            raise RuntimeError(f"the benchmark worker failed a request: {reply.error}")
+    return times
+
+
+def _bench_settings(data_dir: Path, url: str, personas_dir: Path, batch: int) -> Settings:
+    return Settings(
+        _env_file=None,
+        data_dir=data_dir,
+        redis_url=url,
+        personas_dirs=[personas_dir],
+        queue=QueueSettings(max_length=10**7, max_pending_per_user=10**7),
+        worker={"max_batch": batch},
+    )
+
+
+def _ours(settings: Settings, url: str, jobs: int, seconds: float) -> tuple[float, list[float]]:
+    """Drain rate of one real Worker, then its round trips at light load."""
+    from persona.pool import ModelPool
+    from persona.worker import Worker
+
+    client = redis.Redis.from_url(url)
+    worker = Worker(settings, client, ModelPool(settings, "cpu", engine_factory=InstantEngine), worker_id="bench-ours")
+    worker.preload([PERSONA_NAME])
+    worker.step(block_ms=1)  # the first round pays for imports and script loading
+    requests = _prefill(client, jobs)
+    started = time.perf_counter()
+    done = 0
+    while done < jobs:
+        done += worker.step(block_ms=100)
+    rate = jobs / (time.perf_counter() - started)
+    if client.llen(keys.reply_key(requests[-1].id)) != 1:
+        raise RuntimeError("the benchmark worker did not reply to the last request")
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    try:
+        trips = _round_trips(QueueClient(redis.Redis.from_url(url), settings.queue), seconds)
+    finally:
+        worker.stop()
+        thread.join(timeout=10)
+    return rate, trips
+
+
+def _baseline_step(client: redis.Redis, consumer: str) -> int:
+    """The obvious worker: one entry, one reply, one acknowledgement, each its own command."""
+    got = client.xreadgroup(keys.CONSUMER_GROUP, consumer, {keys.STREAM_INTERACTIVE: ">"}, count=1, block=100)
+    for _, entries in got or []:
+        for entry_id, fields in entries:
+            request = GenerationRequest.from_json(fields[b"r"])
+            reply = GenerationReply(id=request.id, ok=True, text="ok", persona=request.persona)
+            client.lpush(keys.reply_key(request.id), reply.to_json())
+            client.xack(keys.STREAM_INTERACTIVE, keys.CONSUMER_GROUP, entry_id)
+            client.xdel(keys.STREAM_INTERACTIVE, entry_id)
+            return 1
+    return 0
+
+
+def _baseline(settings: Settings, url: str, jobs: int, seconds: float) -> tuple[float, list[float]]:
+    """The same measurements for the plain one-at-a-time loop."""
+    client = redis.Redis.from_url(url)
+    client.flushall()
+    WorkQueue(client, settings.queue)  # creates the consumer group
+    _prefill(client, jobs)
+    started = time.perf_counter()
+    done = 0
+    while done < jobs:
+        done += _baseline_step(client, "bench-baseline")
+    rate = jobs / (time.perf_counter() - started)
+    stop = threading.Event()
+
+    def serve() -> None:
+        loop_client = redis.Redis.from_url(url)
+        while not stop.is_set():
+            _baseline_step(loop_client, "bench-baseline")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        trips = _round_trips(QueueClient(redis.Redis.from_url(url), settings.queue), seconds)
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+    return rate, trips
+
+
+def _write_persona(folder: Path, model_dir: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(str(model_dir))  # a TOML basic string is a JSON string
+    (folder / f"{PERSONA_NAME}.toml").write_text(
+        f'name = "{PERSONA_NAME}"\ndescription = "queue benchmark"\n'
+        f'[model]\nbase = {text}\n[prompt]\nsystem = "You are a brief, kind assistant."\n'
+    )
+
+
+def run_queue_bench(jobs: int = 20_000, seconds: float = 3.0, batch: int = 128) -> QueueBenchResult:
+    """Measure ours and the baseline against one fresh embedded Redis."""
+    from persona.soak import _tiny_model
+
+    with tempfile.TemporaryDirectory(prefix="persona-bench-") as tmp:
+        root = Path(tmp)
+        server = EmbeddedRedis(root / "data")
+        url = server.start()
+        try:
+            model_dir = _tiny_model(root / "model")
+            _write_persona(root / "personas", model_dir)
+            settings = _bench_settings(root / "data", url, root / "personas", batch)
+            rate, trips = _ours(settings, url, jobs, seconds)
+            base_rate, base_trips = _baseline(settings, url, max(1000, jobs // 4), seconds)
+        finally:
+            server.stop()
+    return QueueBenchResult(
+        jobs=jobs,
+        batch=batch,
+        jobs_per_s=round(rate, 1),
+        p50_ms=round(statistics.median(trips), 3),
+        p99_ms=round(_percentile(trips, 0.99), 3),
+        baseline_jobs_per_s=round(base_rate, 1),
+        baseline_p50_ms=round(statistics.median(base_trips), 3),
+        baseline_p99_ms=round(_percentile(base_trips, 0.99), 3),
+    )

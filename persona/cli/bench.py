@@ -1,0 +1,107 @@
+"""`persona bench ...`: measure ours against a baseline in the same run."""
+
+from __future__ import annotations
+
+import json
+
+import typer
+
+from rich.progress import Progress
+from rich.table import Table
+
+from persona.cli.common import console, friendly_errors, get_settings
+from persona.cli.soak import register_bench
+
+__all__ = ["bench_app", "engine", "queue", "register"]
+
+bench_app = typer.Typer(
+    help="Benchmarks: each measures ours and a baseline in the same run and prints the ratio.",
+    no_args_is_help=True,
+)
+
+
+@bench_app.command("queue")
+@friendly_errors
+def queue(
+    jobs: int = typer.Option(20_000, min=100, help="requests queued up front, then drained by one worker"),
+    seconds: float = typer.Option(3.0, min=0.1, help="how long to send one request at a time for latency"),
+    batch: int = typer.Option(128, min=1, help="the worker's max_batch (requests claimed per round)"),
+    json_output: bool = typer.Option(False, "--json", help="print one JSON object"),
+) -> None:
+    """Drain rate and round-trip latency of one worker with an instant engine, vs a plain loop."""
+    from persona.bench_queue import run_queue_bench
+
+    with console.status(f"draining {jobs} requests, then {seconds:g} s of single round trips..."):
+        result = run_queue_bench(jobs=jobs, seconds=seconds, batch=batch)
+    if json_output:
+        print(json.dumps(result.as_dict()))
+        return
+    console.print(
+        f"ours:     {result.jobs_per_s:>9,.0f} jobs/s drained by one worker; "
+        f"round trip p50 {result.p50_ms:.2f} ms, p99 {result.p99_ms:.2f} ms\n"
+        f"baseline: {result.baseline_jobs_per_s:>9,.0f} jobs/s (one XREADGROUP, LPUSH, XACK per job); "
+        f"round trip p50 {result.baseline_p50_ms:.2f} ms, p99 {result.baseline_p99_ms:.2f} ms\n"
+        f"ratio:    {result.ratio:.1f}x the baseline's drain rate",
+        highlight=False,
+    )
+
+
+def _batches(text: str) -> list[int]:
+    try:
+        sizes = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise typer.BadParameter("give batch sizes as numbers separated by commas, e.g. 1,8") from None
+    if not sizes or min(sizes) < 1:
+        raise typer.BadParameter("batch sizes must be 1 or more, e.g. 1,8")
+    return sizes
+
+
+@bench_app.command("engine")
+@friendly_errors
+def engine(
+    device: str = typer.Option("cpu", help="cpu (the bundled model) or cuda (a random model of its shape, bf16)"),
+    batch: str = typer.Option("", help="batch sizes, comma-separated (default: 1,8 on CPU; 1,8,32,128 on cuda)"),
+    tokens: int = typer.Option(64, min=1, help="new tokens per row"),
+    mode: str = typer.Option("", help="our engine's path: auto, eager, fused or int8 (default: the worker setting)"),
+    repeats: int = typer.Option(2, min=1, help="runs per batch size; the best is kept (the machine is shared)"),
+    threads: int = typer.Option(0, min=0, help="torch CPU threads (default: the worker setting, else all cores)"),
+    json_output: bool = typer.Option(False, "--json", help="print one JSON object"),
+) -> None:
+    """Tokens/s of our engine vs plain transformers generate(), same model, prompts and lengths."""
+    import torch
+
+    from persona.bench_engine import load_bench_model, run_engine_bench
+    from persona.models import pick_device
+
+    settings = get_settings()
+    device = pick_device(device)
+    sizes = _batches(batch or ("1,8" if device == "cpu" else "1,8,32,128"))
+    chosen_mode = mode or settings.worker.engine
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("loading the model...", total=len(sizes) * repeats)
+
+        def advance() -> None:
+            progress.update(task, advance=1, description="benchmarking...")
+
+        if threads or settings.worker.threads:
+            torch.set_num_threads(threads or settings.worker.threads)
+        loaded = load_bench_model(device, settings.model_cache_dir)
+        result = run_engine_bench(loaded, sizes, new_tokens=tokens, mode=chosen_mode, repeats=repeats, progress=advance)
+    if json_output:
+        print(json.dumps(result.as_dict()))
+        return
+    table = Table(
+        title=f"{result.model} on {result.device}, {result.new_tokens} new tokens per row, {result.threads} thread(s)",
+        caption=f"our engine: {result.mode}, built in {result.engine_build_s:.1f} s; "
+        f"peak memory {result.rss_mb:,.0f} MB (both models)",
+    )
+    for column in ("batch", "ours tok/s", "generate() tok/s", "ratio"):
+        table.add_column(column, justify="right")
+    for size in sizes:
+        table.add_row(str(size), f"{result.ours[size]:,.1f}", f"{result.baseline[size]:,.1f}", f"{result.ratio(size):.2f}x")
+    console.print(table)
+
+
+def register(app: typer.Typer) -> None:
+    register_bench(bench_app)
+    app.add_typer(bench_app, name="bench")

@@ -1,0 +1,45 @@
+"""`persona bench engine` times ours and generate() on the same prompts and lengths."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from persona.bench_engine import run_engine_bench
+from persona.models import load_model
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tiny_llama_dir, tmp_path_factory):
+    return load_model(str(tiny_llama_dir), cache_dir=tmp_path_factory.mktemp("cache"))
+
+
+def test_both_sides_are_measured_for_every_batch_size(tiny_llama):
+    ticks = []
+    result = run_engine_bench(tiny_llama, [1, 3], new_tokens=4, mode="auto", repeats=1, progress=lambda: ticks.append(1))
+    assert result.mode == "fused" and result.device == "cpu"
+    assert set(result.ours) == set(result.baseline) == {1, 3}
+    assert all(v > 0 for v in [*result.ours.values(), *result.baseline.values()])
+    assert len(ticks) == 2
+    data = result.as_dict()
+    assert data["ratio"][1] == round(result.ours[1] / result.baseline[1], 2)
+
+
+def test_eager_mode_runs_any_model(tiny_gpt2_dir, tmp_path):
+    gpt2 = load_model(str(tiny_gpt2_dir), cache_dir=tmp_path)
+    result = run_engine_bench(gpt2, [2], new_tokens=3, mode="auto", repeats=1)
+    assert result.mode == "eager" and result.ours[2] > 0
+
+
+def test_bench_engine_refuses_a_bad_batch_list(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PERSONA_")}
+    env["PERSONA_DATA_DIR"] = str(tmp_path / "data")
+    result = subprocess.run(
+        [sys.executable, "-m", "persona", "bench", "engine", "--batch", "one,eight"],
+        env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2
+    assert "comma" in result.stderr
