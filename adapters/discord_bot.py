@@ -3,8 +3,9 @@
 It answers when mentioned, in a DM (subject to the ``dm_policy``), and when someone
 replies to one of its messages; the reply chain, fetched message by message as llmcord
 does, is the conversation. Elsewhere the conversation is the one kept in Redis. Slash
-commands: /ask, /persona, /reset, /retry, /cancel, and /queue for operators (user ids
-or a role from the settings). Replies are split at 2,000 characters and never ping
+commands: /ask, /persona, /reset, /retry, /cancel; and for operators (user ids or a
+role from the settings) /queue, /swap and /rollback, the same all-or-nothing swap as
+the CLI's. Replies are split at 2,000 characters and never ping
 anyone; 429s are waited out by discord.py itself.
 
 The bot needs the privileged **Message Content** intent (Developer Portal → Bot →
@@ -31,10 +32,13 @@ from adapters.access import AccessControl
 from adapters.responder import Responder, Where, connect_with_backoff
 from adapters.splitting import DISCORD_MESSAGE_LIMIT_CHARS, split_message
 from adapters.typing_indicator import keep_typing
+from persona import swap as swaps
 from persona.connection import connect
 from persona.contract import Message
-from persona.errors import ConfigError
+from persona.errors import ConfigError, PersonaError
+from persona.heartbeat import live_workers
 from persona.monitoring import collect_stats
+from persona.personas import PersonaRegistry
 from persona.settings import Settings
 
 __all__ = ["PersonaBot", "point_client_at", "run_discord"]
@@ -45,6 +49,8 @@ DEFAULT_API_URL = "https://discord.com/api/v10"
 TYPING_REFRESH_S = 8.0  # Discord shows "typing" for 10 s
 MAX_CHAIN_MESSAGES = 24
 OPERATOR_ONLY_TEXT = "This command is for the bot's operators."
+# Every live worker loads and checks the new weights before the switch.
+SWAP_TIMEOUT_S = 300.0
 NO_MENTIONS = discord.AllowedMentions.none()
 
 
@@ -240,6 +246,16 @@ class PersonaBot(discord.Client):
         async def queue(interaction: discord.Interaction) -> None:
             await self._queue_stats(interaction)
 
+        @tree.command(name="swap", description="Switch a persona's checkpoint on every worker (operators only)")
+        @app_commands.describe(persona="the persona", version="a version such as v3, or base")
+        async def swap(interaction: discord.Interaction, persona: str, version: str) -> None:
+            await self._swap(interaction, persona, version)
+
+        @tree.command(name="rollback", description="Return a persona to its previous checkpoint (operators only)")
+        @app_commands.describe(persona="the persona")
+        async def rollback(interaction: discord.Interaction, persona: str) -> None:
+            await self._swap(interaction, persona, None)
+
     @staticmethod
     def _where(interaction: discord.Interaction) -> Where:
         return Where(chat=str(interaction.channel_id), user=str(interaction.user.id))
@@ -304,6 +320,40 @@ class PersonaBot(discord.Client):
             log.exception("queue stats failed")
             text = f"Could not read the queue: {exc}"
         await self._respond(interaction, text, ephemeral=True)
+
+    async def _swap(self, interaction: discord.Interaction, name: str, target: str | None) -> None:
+        """Operator-only: the same all-or-nothing swap as `persona swap` / `persona rollback`."""
+        if not self.is_operator(interaction.user):
+            await self._respond(interaction, OPERATOR_ONLY_TEXT, ephemeral=True)
+            return
+        await interaction.response.defer(ephemeral=True, thinking=True)  # a swap takes seconds
+        try:
+            text = await asyncio.to_thread(self._run_swap, name.strip().lower(), target)
+        except PersonaError as exc:
+            text = str(exc)
+        except Exception as exc:  # the operator hears what failed rather than nothing
+            log.exception("swap failed")
+            text = f"The swap failed: {exc}"
+        await self._respond(interaction, text, ephemeral=True)
+
+    def _run_swap(self, name: str, target: str | None) -> str:
+        client = connect(self.settings)
+        try:
+            persona = PersonaRegistry.from_settings(self.settings).get(name)
+            kind = "swap" if target else "rollback"
+            target = target or swaps.rollback_target(client, persona.name)
+            previous = swaps.current_version(client, persona)
+            if target == previous:
+                return f"{persona.name} already serves {target}."
+            if not live_workers(client):
+                return "No worker is running to load it; start one, or run `persona swap` on the server."
+            proposal = swaps.SwapProposal(persona=persona.name, target=target, previous=previous, kind=kind)
+            outcome = swaps.run_swap(client, proposal, SWAP_TIMEOUT_S)
+            if not outcome.committed:
+                return outcome.problem
+            return f"{persona.name} now serves {target} (was {previous}); {len(outcome.votes)} worker(s) switched."
+        finally:
+            client.close()
 
     async def _respond(self, interaction: discord.Interaction, text: str, *, ephemeral: bool = False) -> None:
         """Answer an interaction (first response or follow-ups), split at the limit."""

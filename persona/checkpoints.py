@@ -22,6 +22,7 @@ from pydantic import BaseModel, Field
 from persona.errors import ModelError
 
 __all__ = [
+    "BASE_VERSION",
     "CheckpointInfo",
     "checkpoint_dir",
     "list_checkpoints",
@@ -31,6 +32,8 @@ __all__ = [
     "remove_checkpoint",
 ]
 
+# The version name of a persona served by its base model alone.
+BASE_VERSION = "base"
 METADATA_FILE = "checkpoint.json"
 VERSION_PATTERN = re.compile(r"^v(\d+)$")
 

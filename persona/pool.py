@@ -12,10 +12,11 @@ import functools
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
+from persona.checkpoints import BASE_VERSION
 from persona.engine import Generator, TransformersEngine
 from persona.errors import ModelError
 from persona.models import LoadedModel, load_model
@@ -26,7 +27,6 @@ __all__ = ["BASE_VERSION", "ModelPool", "Served", "resolve_checkpoint"]
 
 log = logging.getLogger(__name__)
 
-BASE_VERSION = "base"
 # transformers' loading patches process-wide state (meta-device init), so two pools in
 # one process (workers in threads) must not load at the same moment.
 _LOADING = threading.Lock()

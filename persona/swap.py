@@ -26,8 +26,10 @@ import redis
 from pydantic import BaseModel, Field
 
 from persona import constants as keys
+from persona.checkpoints import BASE_VERSION
 from persona.errors import SwapRefused
 from persona.heartbeat import live_workers
+from persona.personas import Persona
 
 __all__ = [
     "SwapOutcome",
@@ -37,8 +39,10 @@ __all__ = [
     "active_versions",
     "cast_vote",
     "commit",
+    "current_version",
     "open_proposals",
     "propose",
+    "rollback_target",
     "run_swap",
     "swap_log",
     "version_history",
@@ -131,6 +135,22 @@ def active_versions(client: redis.Redis) -> dict[str, str]:
 def version_history(client: redis.Redis, persona: str) -> list[str]:
     """Versions this persona was swapped away from, newest first."""
     return [_text(v) for v in client.lrange(keys.version_history_key(persona), 0, -1)]
+
+
+def current_version(client: redis.Redis, persona: Persona) -> str:
+    """What serves the persona now: the active version in Redis, else its file's choice."""
+    return active_versions(client).get(persona.name) or persona.model.checkpoint or BASE_VERSION
+
+
+def rollback_target(client: redis.Redis, persona: str) -> str:
+    """The version a rollback returns to; SwapRefused if the persona was never swapped."""
+    history = version_history(client, persona)
+    if not history:
+        raise SwapRefused(
+            f"{persona!r} has no earlier version to roll back to; "
+            f"pick one with `persona checkpoints {persona}` and `persona swap {persona} VERSION`"
+        )
+    return history[0]
 
 
 def open_proposals(client: redis.Redis) -> list[SwapProposal]:

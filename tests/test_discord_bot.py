@@ -20,7 +20,9 @@ from pydantic import SecretStr
 from adapters.discord_bot import OPERATOR_ONLY_TEXT, PersonaBot
 from adapters.responder import BUSY_TEXT, RESET_TEXT
 from persona import constants as keys
+from persona import swap as swaps
 from persona.errors import ConfigError
+from persona.personas import PersonaRegistry
 from persona.settings import Settings
 from tests.fakes.discord_api import (
     BOT_ID,
@@ -29,6 +31,7 @@ from tests.fakes.discord_api import (
     OTHER_CHANNEL_ID,
     FakeDiscord,
 )
+from tests.fakes.checkpoints import make_checkpoint
 from tests.fakes.scripted_worker import scripted_worker
 
 TOKEN = "MTIzNDU2Nzg5.fake-discord.token_value"
@@ -88,7 +91,9 @@ async def test_it_connects_where_the_api_says_and_registers_its_commands(start_b
     assert ("GET", "/gateway/bot") in fake_api.requests
     assert str(DiscordWebSocket.DEFAULT_GATEWAY) == fake_api.ws_url
     assert fake_api.intents & (1 << 15)  # MESSAGE_CONTENT was asked for
-    assert {c["name"] for c in fake_api.commands} == {"ask", "retry", "reset", "cancel", "persona", "queue"}
+    assert {c["name"] for c in fake_api.commands} == {
+        "ask", "retry", "reset", "cancel", "persona", "queue", "swap", "rollback",
+    }
 
 
 async def test_a_mention_is_answered_through_a_real_worker(start_bot, fake_api, running_worker, redis_client):
@@ -212,6 +217,30 @@ async def test_operator_commands_refuse_ordinary_users(start_bot, fake_api, disc
     await fake_api.slash("persona", {"name": "other"}, author_id=555)
     await fake_api.wait_for(lambda: len(fake_api.interaction_responses) == 5)
     assert fake_api.interaction_responses[4]["data"]["content"].startswith("From now on you are talking to Other")
+
+
+async def test_operators_swap_and_roll_back_a_checkpoint_on_the_live_workers(
+    start_bot, fake_api, discord_settings, running_worker, redis_client, tiny_llama_dir
+):
+    make_checkpoint(discord_settings, tiny_llama_dir, "dc", seed=1)
+    running_worker("w-dc")
+    await fake_api.wait_for(lambda: redis_client.exists(keys.worker_key("w-dc")))
+    await start_bot(operator_ids=[555])
+    await fake_api.slash("swap", {"persona": "dc", "version": "v1"}, author_id=111)
+    await fake_api.wait_for(lambda: len(fake_api.interaction_responses) == 1)
+    assert fake_api.interaction_responses[0]["data"]["content"] == OPERATOR_ONLY_TEXT
+    assert swaps.current_version(redis_client, PersonaRegistry.from_settings(discord_settings).get("dc")) == "base"
+
+    await fake_api.slash("swap", {"persona": "dc", "version": "v1"}, author_id=555)
+    await fake_api.wait_for(lambda: any("now serves v1" in t for t in fake_api.texts()), timeout=120)
+    assert swaps.active_versions(redis_client)["dc"] == "v1"
+    await fake_api.slash("swap", {"persona": "dc", "version": "v9"}, author_id=555)
+    await fake_api.wait_for(lambda: any("v9" in t for t in fake_api.texts()), timeout=120)
+    assert swaps.active_versions(redis_client)["dc"] == "v1"  # refused: nothing changed
+
+    await fake_api.slash("rollback", {"persona": "dc"}, author_id=555)
+    await fake_api.wait_for(lambda: any("now serves base" in t for t in fake_api.texts()), timeout=120)
+    assert swaps.active_versions(redis_client)["dc"] == "base"
 
 
 async def test_the_token_never_reaches_the_logs(start_bot, fake_api, discord_settings, caplog):

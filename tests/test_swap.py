@@ -20,32 +20,7 @@ from persona.cli.checkpoints_cmd import perform_swap
 from persona.contract import GenerationRequest, Message, SamplingOverrides
 from persona.personas import PersonaRegistry
 from persona.queue import QueueClient
-
-
-def make_checkpoint(settings, base_dir: Path, persona: str, *, seed: int, hidden: int | None = None,
-                    base: str | None = None, corrupt: bool = False) -> CheckpointInfo:
-    """Register a full-weight copy of the tiny base with perturbed weights (or a broken one)."""
-    import torch
-    from transformers import LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    if hidden is None:
-        model = LlamaForCausalLM.from_pretrained(base_dir)
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(torch.randn_like(p) * 0.05)
-    else:  # the same architecture at another width: wrong shapes for this base
-        config = LlamaForCausalLM.from_pretrained(base_dir).config
-        config.hidden_size, config.intermediate_size = hidden, hidden * 2
-        model = LlamaForCausalLM(config)
-    staging = settings.data_dir / f"staging-{seed}-{time.monotonic_ns()}"
-    model.save_pretrained(staging)
-    if corrupt:
-        weights = staging / "model.safetensors"
-        weights.write_bytes(weights.read_bytes()[:1000])
-    info = CheckpointInfo(persona=persona, version="", base=base or str(base_dir), kind="full",
-                          metrics={"eval_loss": 1.0 + seed / 10})
-    return register_checkpoint(settings.checkpoints_dir, staging, info)
+from tests.fakes.checkpoints import make_checkpoint
 
 
 def chat(persona: str = "tiny", **kwargs) -> GenerationRequest:

@@ -21,15 +21,11 @@ from persona.heartbeat import live_workers
 from persona.personas import Persona, PersonaRegistry
 from persona.pool import BASE_VERSION, resolve_checkpoint
 from persona.settings import Settings
+from persona.swap import current_version
 
-__all__ = ["checkpoints", "current_version", "normalise_target", "perform_swap", "register", "rollback", "swap"]
+__all__ = ["checkpoints", "normalise_target", "perform_swap", "register", "rollback", "swap"]
 
 DEFAULT_TIMEOUT_S = 300.0
-
-
-def current_version(client: redis.Redis, persona: Persona) -> str:
-    """What serves the persona now: the active version in Redis, else its file's choice."""
-    return swaps.active_versions(client).get(persona.name) or persona.model.checkpoint or BASE_VERSION
 
 
 def normalise_target(target: str) -> str:
@@ -153,13 +149,8 @@ def rollback(
     started = time.time()
     persona = PersonaRegistry.from_settings(settings).get(persona_name)
     client = connect(settings)
-    history = swaps.version_history(client, persona.name)
-    if not history:
-        raise SwapRefused(
-            f"{persona.name!r} has no earlier version to roll back to; "
-            f"pick one with `persona checkpoints {persona.name}` and `persona swap {persona.name} VERSION`"
-        )
-    outcome = perform_swap(settings, client, persona, history[0], kind="rollback", timeout_s=timeout)
+    target = swaps.rollback_target(client, persona.name)
+    outcome = perform_swap(settings, client, persona, target, kind="rollback", timeout_s=timeout)
     _report(outcome, json_output, started)
 
 
