@@ -4,12 +4,24 @@ from __future__ import annotations
 
 import logging
 
+import pytest
+
 from persona.logs import secrets_of, setup_logging
 from persona.settings import Settings
 
 TOKEN = "123456:AAE-super-secret-telegram-token"
 DISCORD = "discord.secret.token.value"
 REDIS_PASSWORD = "hunter2-redis-password"
+
+
+@pytest.fixture(autouse=True)
+def _restore_root_logger():
+    """setup_logging replaces the root handlers; later tests must not write to this test's stderr."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 def test_every_secret_is_scrubbed_from_logs(capsys, tmp_path):
