@@ -70,6 +70,17 @@ def settings(tmp_path: Path, redis_url: str, model_cache_dir: Path) -> Settings:
     return made
 
 
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """Torch on one CPU thread for the test, put back afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def smollm2_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The bundled model's real tokenizer (with its chat template), saved as a folder."""

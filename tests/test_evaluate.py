@@ -27,13 +27,8 @@ LONG_SAYINGS = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One CPU thread: on a shared machine, two busy-waiting threads per process are far slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# One CPU thread: on a shared machine, two busy-waiting threads per process are far slower.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ import tomllib
 from pathlib import Path
 
 import pytest
-import torch
 
 from persona.checkpoints import list_checkpoints
 from persona.contract import GenerationRequest, Priority
@@ -32,14 +31,8 @@ SAYINGS = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One CPU thread: on a shared machine, two busy-waiting threads per process are far slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
+# One CPU thread: on a shared machine, two busy-waiting threads per process are far slower.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture
