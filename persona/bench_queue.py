@@ -27,6 +27,7 @@ from persona.engine import Completion, Work
 from persona.models import LoadedModel
 from persona.queue import QueueClient, WorkQueue
 from persona.settings import QueueSettings, Settings
+from persona.telemetry import percentile
 
 __all__ = ["InstantEngine", "QueueBenchResult", "run_queue_bench"]
 
@@ -80,11 +81,6 @@ def _prefill(client: redis.Redis, count: int) -> list[GenerationRequest]:
             pipe.xadd(keys.STREAM_INTERACTIVE, {"r": request.to_json()})
         pipe.execute()
     return requests
-
-
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
 
 
 def _round_trips(client: QueueClient, seconds: float) -> list[float]:
@@ -210,8 +206,8 @@ def run_queue_bench(jobs: int = 20_000, seconds: float = 3.0, batch: int = 128) 
         batch=batch,
         jobs_per_s=round(rate, 1),
         p50_ms=round(statistics.median(trips), 3),
-        p99_ms=round(_percentile(trips, 0.99), 3),
+        p99_ms=round(percentile(trips, 0.99), 3),
         baseline_jobs_per_s=round(base_rate, 1),
         baseline_p50_ms=round(statistics.median(base_trips), 3),
-        baseline_p99_ms=round(_percentile(base_trips, 0.99), 3),
+        baseline_p99_ms=round(percentile(base_trips, 0.99), 3),
     )

@@ -34,6 +34,7 @@ from persona.embedded_redis import EmbeddedRedis
 from persona.errors import PersonaError
 from persona.queue import AsyncQueueClient
 from persona.settings import QueueSettings
+from persona.telemetry import percentile
 
 __all__ = ["SoakReport", "run_soak"]
 
@@ -217,8 +218,6 @@ def run_soak(seconds: float, *, workers: int = 2, rate: float = 10.0, chaos_ever
         stop.set()
         pool.stop_all()
         server.stop()
-    ordered = sorted(latencies)
-    if ordered:
-        report.p50_ms = ordered[len(ordered) // 2]
-        report.p99_ms = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+    report.p50_ms = percentile(latencies, 0.50)
+    report.p99_ms = percentile(latencies, 0.99)
     return report

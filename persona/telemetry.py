@@ -23,6 +23,7 @@ __all__ = [
     "LATENCY_BUCKETS_S",
     "LatencySummary",
     "Percentiles",
+    "percentile",
     "read_histogram",
     "record_replies",
     "summarize",
@@ -105,13 +106,15 @@ def read_histogram(client: redis.Redis, name: str) -> tuple[list[tuple[str, int]
     return buckets, float(raw.get("sum", 0.0)), int(raw.get("count", 0))
 
 
-def _percentiles(values: list[float]) -> Percentiles:
-    if not values:
-        return Percentiles()
+def percentile(values: Sequence[float], q: float) -> float:
+    """The nearest-rank ``q`` quantile (0 < q < 1) of ``values``; 0.0 when there are none."""
     ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
 
+
+def _percentiles(values: list[float]) -> Percentiles:
     def at(q: float) -> float:
-        return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 1)
+        return round(percentile(values, q), 1)
 
     return Percentiles(p50=at(0.50), p95=at(0.95), p99=at(0.99))
 
