@@ -342,16 +342,15 @@ class PersonaBot(discord.Client):
             persona = PersonaRegistry.from_settings(self.settings).get(name)
             kind = "swap" if target else "rollback"
             target = target or swaps.rollback_target(client, persona.name)
-            previous = swaps.current_version(client, persona)
-            if target == previous:
+            if target == swaps.current_version(client, persona):
                 return f"{persona.name} already serves {target}."
             if not live_workers(client):
                 return "No worker is running to load it; start one, or run `persona swap` on the server."
-            proposal = swaps.SwapProposal(persona=persona.name, target=target, previous=previous, kind=kind)
-            outcome = swaps.run_swap(client, proposal, SWAP_TIMEOUT_S)
+            outcome = swaps.swap_persona(client, persona, target, kind=kind, timeout_s=SWAP_TIMEOUT_S)
             if not outcome.committed:
                 return outcome.problem
-            return f"{persona.name} now serves {target} (was {previous}); {len(outcome.votes)} worker(s) switched."
+            was = outcome.proposal.previous
+            return f"{persona.name} now serves {target} (was {was}); {len(outcome.votes)} worker(s) switched."
         finally:
             client.close()
 

@@ -45,6 +45,7 @@ __all__ = [
     "rollback_target",
     "run_swap",
     "swap_log",
+    "swap_persona",
     "version_history",
     "votes",
 ]
@@ -272,3 +273,16 @@ def run_swap(
         abort(client, proposal)  # Ctrl-C or a lost connection: leave nothing half-open
         raise
 
+
+def swap_persona(
+    client: redis.Redis,
+    persona: Persona,
+    target: str,
+    *,
+    kind: Literal["swap", "rollback"] = "swap",
+    timeout_s: float,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> SwapOutcome:
+    """Move a persona from what serves it now to ``target`` on every live worker, or on none."""
+    proposal = SwapProposal(persona=persona.name, target=target, previous=current_version(client, persona), kind=kind)
+    return run_swap(client, proposal, timeout_s, on_progress)

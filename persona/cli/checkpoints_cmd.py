@@ -63,15 +63,13 @@ def perform_swap(
     timeout_s: float = DEFAULT_TIMEOUT_S,
 ) -> swaps.SwapOutcome:
     """Check, propose, gather every live worker's vote, and commit or withdraw."""
-    previous = current_version(client, persona)
     _check_here(settings, client, persona, target, len(live_workers(client)))
-    proposal = swaps.SwapProposal(persona=persona.name, target=target, previous=previous, kind=kind)
     with console.status("asking the workers to load and check it") as status:
 
         def progress(ready: int, total: int) -> None:
             status.update(f"workers that loaded and checked {target}: {ready}/{total}")
 
-        return swaps.run_swap(client, proposal, timeout_s, progress)
+        return swaps.swap_persona(client, persona, target, kind=kind, timeout_s=timeout_s, on_progress=progress)
 
 
 def _report(outcome: swaps.SwapOutcome, json_output: bool, started: float) -> None:
