@@ -93,8 +93,8 @@ class QueueCandidates:
 
 
     def _wait(self, request: GenerationRequest) -> GenerationReply:
-        # Short waits in a loop: a cold worker may take minutes to load its model, longer
-        # than one blocking read may last on a connection with a socket time-out.
+        # Short waits in a loop, so a stop (SIGTERM) takes effect while a cold worker
+        # spends minutes loading its model.
         while True:
             if self.stopping.is_set():
                 raise PostingError("stopped while waiting for candidates; the slot stays due")
