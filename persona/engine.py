@@ -1,34 +1,55 @@
 """Batched generation with each request's own sampling settings.
 
 ``TransformersEngine`` runs one decode loop over a left-padded batch: every row has its
-own temperature, top-p, top-k, repetition penalty, token budget, stop strings and seed,
-and a row that has finished leaves the batch at the next step (its cache rows are
-dropped), so a long request does not make short ones pay for its length.
+own temperature, top-p, top-k, repetition penalty, token budget, stop strings and seed.
+Batching is continuous: a row that has finished leaves the batch at the next step (its
+cache rows are dropped), and a row added while the batch decodes joins it at the next
+step (where the decoder can join: fused, int8 and llamacpp), so a long request never
+holds short ones hostage. Sampling is ours on every path; decoders only give logits.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import logging
+import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal, Protocol
 
 import torch
 
 from persona import llama_decoder
+from persona.errors import ModelError
 from persona.models import LoadedModel
 from persona.personas import Sampling
 
-__all__ = ["ENGINE_MODES", "Completion", "Generator", "TransformersEngine", "Work", "pick_engine_mode"]
+__all__ = [
+    "ENGINE_MODES",
+    "Completion",
+    "ContinuousGenerator",
+    "Generator",
+    "TransformersEngine",
+    "Work",
+    "llamacpp_available",
+    "pick_engine_mode",
+]
 
 log = logging.getLogger(__name__)
 
 # eager: Hugging Face's own modules (any causal LM). fused: the lean Llama decode loop
 # at full precision (the same logits). int8: that loop with int8 weights (CPU only).
-# auto: the fastest of these the model and device allow.
-ENGINE_MODES = ("auto", "eager", "fused", "int8")
+# llamacpp: llama.cpp's CPU kernels on a GGUF of the same weights (the bundled Q4_1 file
+# itself, or a checkpoint written as GGUF once). auto: the fastest the model and device allow.
+ENGINE_MODES = ("auto", "eager", "fused", "int8", "llamacpp")
 INT8_MIN_HIDDEN = 512  # hidden size from which int8 beats full precision on CPU
+
+
+def llamacpp_available() -> bool:
+    """Whether llama-cpp-python is installed (the ``fast`` extra)."""
+    return importlib.util.find_spec("llama_cpp") is not None
 
 
 def pick_engine_mode(mode: str, loaded: LoadedModel) -> str:
@@ -40,16 +61,21 @@ def pick_engine_mode(mode: str, loaded: LoadedModel) -> str:
     if mode == "auto":
         if not fusable:
             return "eager"
+        if on_cpu and loaded.gguf_ready and llamacpp_available():
+            return "llamacpp"
         # int8 kernels cost a fixed few microseconds per call; only on wide layers do the
         # bytes they save pay for that (measured: slower than fused on a 32-wide model).
         wide = getattr(loaded.model.config, "hidden_size", 0) >= INT8_MIN_HIDDEN
         return "int8" if on_cpu and wide else "fused"
-    if mode in ("fused", "int8") and not fusable:
+    if mode in ("fused", "int8", "llamacpp") and not fusable:
         log.warning("%s is not a Llama-family model; using the eager engine instead of %s", loaded.name, mode)
         return "eager"
-    if mode == "int8" and not on_cpu:
-        log.warning("int8 weights are a CPU path; using the fused engine on %s", loaded.device)
+    if mode in ("int8", "llamacpp") and not on_cpu:
+        log.warning("%s is a CPU path; using the fused engine on %s", mode, loaded.device)
         return "fused"
+    if mode == "llamacpp" and not llamacpp_available():
+        log.warning("llama-cpp-python is not installed (`pip install '.[fast]'`); using the int8 engine")
+        return "int8"
     return mode
 
 
@@ -78,51 +104,139 @@ class Generator(Protocol):
     def generate(self, batch: list[Work]) -> list[Completion]: ...
 
 
-class TransformersEngine:
-    """A Hugging Face causal LM behind a per-row sampling decode loop."""
+class ContinuousGenerator(Generator, Protocol):
+    """A generator that rows can join while it decodes (the worker prefers these)."""
 
-    def __init__(self, loaded: LoadedModel, mode: str = "eager") -> None:
+    @property
+    def active(self) -> int: ...
+
+    def add(self, work: Work, tag: object) -> None: ...
+
+    def step(self) -> list[tuple[object, Completion]]: ...
+
+    def abandon(self) -> list[object]: ...
+
+
+class TransformersEngine:
+    """A causal LM behind a per-row sampling decode loop with continuous batching.
+
+    ``add`` queues a row; each ``step`` first lets queued rows join the running batch
+    (at once when the decoder can join, else when the batch is empty), then decodes
+    one token for every row and returns the rows that finished. ``generate`` is the
+    same loop run to the end for one batch.
+    """
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        mode: str = "eager",
+        *,
+        cache_dir: Path | None = None,
+        threads: int | None = None,
+        gguf_type: str = "q8_0",
+    ) -> None:
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.stop_ids = set(loaded.stop_token_ids)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.mode = pick_engine_mode(mode, loaded)
-        if self.mode == "eager":
-            self.decoder: _EagerDecoder | llama_decoder.LlamaDecoder = _EagerDecoder(self.model)
-        else:
-            # On a GPU each decode step replays a CUDA graph (untested here: no GPU).
-            on_gpu = torch.device(loaded.device).type == "cuda"
-            self.decoder = llama_decoder.LlamaDecoder(self.model, int8=self.mode == "int8", graphs=on_gpu)
+        self.decoder = self._decoder(cache_dir, threads, gguf_type)
+        self._waiting: list[tuple[Work, object]] = []
+        self._rows: _Rows | None = None
+        self._logits: torch.Tensor | None = None
         log.info("%s decodes with the %s engine", loaded.name, self.mode)
 
+    def _decoder(self, cache_dir: Path | None, threads: int | None, gguf_type: str):
+        if self.mode == "eager":
+            return _EagerDecoder(self.model)
+        if self.mode == "llamacpp":
+            from persona.llamacpp_decoder import LlamaCppDecoder, gguf_for
+
+            try:
+                path = gguf_for(self.loaded, cache_dir or Path(tempfile.gettempdir()), gguf_type)
+            except ModelError as exc:
+                log.warning("%s; using the int8 engine", exc)
+                self.mode = "int8"
+            else:
+                return LlamaCppDecoder(path, threads=threads)
+        # On a GPU each decode step replays a CUDA graph (untested here: no GPU).
+        on_gpu = torch.device(self.loaded.device).type == "cuda"
+        return llama_decoder.LlamaDecoder(self.model, int8=self.mode == "int8", graphs=on_gpu)
+
+    @property
+    def active(self) -> int:
+        """Rows decoding or waiting to join."""
+        return len(self._waiting) + (self._rows.size if self._rows is not None else 0)
+
+    def add(self, work: Work, tag: object) -> None:
+        """Queue one row; it joins the batch at the next step. ``tag`` comes back with it."""
+        self._waiting.append((work, tag))
+
     @torch.inference_mode()
-    def generate(self, batch: list[Work]) -> list[Completion]:
-        """Generate every row of ``batch``; rows finish independently."""
-        if not batch:
+    def step(self) -> list[tuple[object, Completion]]:
+        """Admit waiting rows, decode one token for every row; return the finished rows."""
+        if self._waiting and (self._rows is None or getattr(self.decoder, "can_join", False)):
+            self._admit()
+        rows = self._rows
+        if rows is None:
             return []
-        started = time.perf_counter()
-        rows = _Rows(batch, self.model.device, self.pad_id)
-        room = max(w.sampling.max_new_tokens for w in batch) + 1
-        logits = self.decoder.start(rows.input_ids, rows.attention_mask, rows.position_ids, room)
+        tokens = _sample(self._logits.float(), rows)
+        finished = self._advance(rows, tokens)
+        done = [(rows.tags[rows.index[pos]], completion) for pos, completion in finished.items()]
+        if finished:
+            keep = [i for i in range(rows.size) if i not in finished]
+            if not keep:
+                self._rows = self._logits = None
+                return done
+            rows.select(keep)
+            self.decoder.select(torch.tensor(keep, device=self.model.device))
+            tokens = tokens[keep]
+        self._logits = self.decoder.step(tokens, rows.position_ids[:, -1])
+        return done
+
+    def abandon(self) -> list[object]:
+        """Drop every row (after a failed step); return their tags so each can be answered."""
+        tags = [tag for _, tag in self._waiting]
+        if self._rows is not None:
+            tags += [self._rows.tags[i] for i in self._rows.index]
+        self._waiting, self._rows, self._logits = [], None, None
+        return tags
+
+    def _admit(self) -> None:
+        """Prefill the waiting rows and add them to the running batch (or start one)."""
+        waiting, self._waiting = self._waiting, []
+        new = _Rows([w for w, _ in waiting], [t for _, t in waiting], self.model.device, self.pad_id)
+        room = max(w.sampling.max_new_tokens for w, _ in waiting) + 1
+        if self._rows is None:
+            self._logits = self.decoder.start(new.input_ids, new.attention_mask, new.position_ids, room)
+            self._rows = new
+        else:
+            logits = self.decoder.join(new.input_ids, new.attention_mask, new.position_ids, room)
+            self._logits = torch.cat([self._logits, logits])
+            self._rows.merge(new, self.pad_id)
+
+    def generate(self, batch: list[Work]) -> list[Completion]:
+        """Generate every row of ``batch`` (rows finish independently), in order."""
+        if self.active:
+            raise RuntimeError("generate() needs an idle engine; this one is serving rows added with add()")
+        for i, work in enumerate(batch):
+            self.add(work, i)
         results: list[Completion | None] = [None] * len(batch)
-        while True:
-            tokens = _sample(logits.float(), rows)
-            finished = self._advance(rows, tokens, results, started)
-            if finished:
-                keep = [i for i in range(rows.size) if i not in finished]
-                if not keep:
-                    break
-                rows.select(keep)
-                self.decoder.select(torch.tensor(keep, device=self.model.device))
-                tokens = tokens[keep]
-            logits = self.decoder.step(tokens, rows.position_ids[:, -1])
+        try:
+            while self.active:
+                for i, completion in self.step():
+                    results[i] = completion
+        except BaseException:
+            self.abandon()  # the next batch starts clean
+            raise
         return [r for r in results if r is not None]
 
-    def _advance(self, rows: _Rows, tokens: torch.Tensor, results: list, started: float) -> set[int]:
-        """Append each row's token; return the positions of rows that are now done."""
-        finished: set[int] = set()
+    def _advance(self, rows: _Rows, tokens: torch.Tensor) -> dict[int, Completion]:
+        """Append each row's token; return the rows (by position) that are now done."""
+        finished: dict[int, Completion] = {}
         rows.append(tokens)
+        now = time.perf_counter()
         for pos, token in enumerate(tokens.tolist()):
             index = rows.index[pos]
             work = rows.work[index]
@@ -137,13 +251,12 @@ class TransformersEngine:
                 elif len(generated) >= work.sampling.max_new_tokens:
                     reason = "length"
             if reason:
-                finished.add(pos)
                 text = self.tokenizer.decode(generated, skip_special_tokens=True)
-                results[index] = Completion(
+                finished[pos] = Completion(
                     text=_cut_at_stop(text, work.stop).strip(),
                     new_tokens=len(generated),
                     finish_reason=reason,
-                    seconds=time.perf_counter() - started,
+                    seconds=now - rows.started[index],
                 )
         return finished
 
@@ -151,11 +264,13 @@ class TransformersEngine:
 class _Rows:
     """The live rows of a batch, their masks and the state sampling needs."""
 
-    def __init__(self, batch: list[Work], device: torch.device, pad_id: int) -> None:
+    def __init__(self, batch: list[Work], tags: list[object], device: torch.device, pad_id: int) -> None:
         self.work = batch
+        self.tags = tags
         self.size = len(batch)
         self.index = list(range(self.size))
         self.generated: list[list[int]] = [[] for _ in batch]
+        self.started = [time.perf_counter()] * self.size
         width = max(len(w.token_ids) for w in batch) or 1
         ids = torch.full((self.size, width), pad_id, dtype=torch.long)
         mask = torch.zeros((self.size, width), dtype=torch.long)
@@ -190,6 +305,29 @@ class _Rows:
         self.generators = [self.generators[i] for i in keep]
         self.temperatures = [self.temperatures[i] for i in keep]
         self.top_ks = [self.top_ks[i] for i in keep]
+
+    def merge(self, other: _Rows, pad_id: int) -> None:
+        """Append ``other``'s rows after these (rows that joined a running batch)."""
+        offset = len(self.work)
+        self.work = self.work + other.work
+        self.tags = self.tags + other.tags
+        self.generated += other.generated
+        self.started += other.started
+        self.index += [offset + i for i in other.index]
+        self.size += other.size
+        # Only each row's latest position is read from here on.
+        self.position_ids = torch.cat([self.position_ids[:, -1:], other.position_ids[:, -1:]])
+        width = max(self.seen.shape[1], other.seen.shape[1])
+        self.seen = torch.cat([_pad_left(self.seen, width, pad_id), _pad_left(other.seen, width, pad_id)])
+        for name in ("temperature", "top_p", "top_k", "penalty"):
+            setattr(self, name, torch.cat([getattr(self, name), getattr(other, name)]))
+        self.generators += other.generators
+        self.temperatures += other.temperatures
+        self.top_ks += other.top_ks
+
+
+def _pad_left(ids: torch.Tensor, width: int, pad_id: int) -> torch.Tensor:
+    return torch.nn.functional.pad(ids, (width - ids.shape[1], 0), value=pad_id)
 
 
 def _generator(seed: int | None, device: torch.device) -> torch.Generator | None:
@@ -271,7 +409,10 @@ def _sample(logits: torch.Tensor, rows: _Rows) -> torch.Tensor:
         choice[:] = torch.multinomial(probs, 1).squeeze(1)
     else:
         for i, generator in enumerate(rows.generators):
-            choice[i] = torch.multinomial(probs[i], 1, generator=generator)[0]
+            # Only the row's own k candidates: a seeded row draws the same token whatever
+            # the widest top-k of the rows beside it (the rest have probability 0 anyway).
+            own = probs[i, : rows.top_ks[i]] if rows.top_ks[i] > 0 else probs[i]
+            choice[i] = torch.multinomial(own, 1, generator=generator)[0]
     sampled = sorted_ids.gather(1, choice[:, None]).squeeze(1)
     return torch.where(greedy, logits.argmax(dim=-1), sampled)
 

@@ -98,6 +98,8 @@ class _Layer:
 class LlamaDecoder:
     """Prefill and decode steps over a left-padded batch with a preallocated KV cache."""
 
+    can_join = True  # rows can be added while the batch decodes (``join``)
+
     def __init__(self, model, *, int8: bool = False, static: bool = False, graphs: bool = False) -> None:
         config = model.config
         inner = model.model
@@ -183,6 +185,31 @@ class LlamaDecoder:
         mask = self.valid[:, None, None, : at + 1]
         hidden = self._forward(tokens[:, None], positions[:, None], mask, at)
         return self.head(F.rms_norm(hidden[:, -1], (hidden.shape[-1],), self.norm, self.eps))
+
+    def join(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, room: int) -> torch.Tensor:
+        """Prefill new rows and add them after the running ones; return the new rows' logits.
+
+        Both caches are right-aligned to the longer one's length (each row's positions
+        are its own, so where its keys sit in the cache does not matter), and the room
+        left is the larger of the two.
+        """
+        k, v, valid, length = self.k, self.v, self.valid, self.length
+        logits = self.start(input_ids, attention_mask, position_ids, room)
+        joined = max(length, self.length)
+        capacity = joined + max(valid.shape[1] - length, self.valid.shape[1] - self.length)
+
+        def place(cache: torch.Tensor, filled: int) -> torch.Tensor:
+            return F.pad(cache, (0, 0, joined - filled, capacity - joined - (cache.shape[2] - filled)))
+
+        def place_valid(mask: torch.Tensor, filled: int) -> torch.Tensor:
+            return F.pad(mask, (joined - filled, capacity - joined - (mask.shape[1] - filled)), value=False)
+
+        self.k = [torch.cat([place(old, length), place(new, self.length)]) for old, new in zip(k, self.k, strict=True)]
+        self.v = [torch.cat([place(old, length), place(new, self.length)]) for old, new in zip(v, self.v, strict=True)]
+        self.valid = torch.cat([place_valid(valid, length), place_valid(self.valid, self.length)])
+        self.length = joined
+        self.at.fill_(joined)
+        return logits
 
     def select(self, keep: torch.Tensor) -> None:
         """Keep only these rows of the batch (finished rows leave)."""

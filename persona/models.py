@@ -52,6 +52,19 @@ class LoadedModel:
     has_chat_template: bool
     fine_tuned: bool = False
     stop_token_ids: list[int] = field(default_factory=list)
+    # The bundled GGUF when these are its weights unchanged; ``from_bundled`` when they
+    # are the bundled base or a checkpoint of it (same vocabulary: llama.cpp can serve
+    # them once written as GGUF); ``identity`` names the weights for caches.
+    gguf_file: Path | None = None
+    from_bundled: bool = False
+    identity: str = ""
+
+    @property
+    def gguf_ready(self) -> bool:
+        """Whether llama.cpp can serve these weights (as a GGUF, written if need be)."""
+        return self.gguf_file is not None or (
+            self.from_bundled and getattr(self.model.config, "model_type", None) == "llama"
+        )
 
     @property
     def context_tokens(self) -> int:
@@ -187,6 +200,7 @@ def load_model(
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     name = f"{base}+{checkpoint.name}" if checkpoint else base
+    bundled = base in BUNDLED_ALIASES
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
@@ -195,7 +209,21 @@ def load_model(
         has_chat_template=bool(getattr(tokenizer, "chat_template", None)),
         fine_tuned=checkpoint is not None,
         stop_token_ids=_stop_token_ids(tokenizer, model),
+        gguf_file=bundled_gguf_path() if bundled and checkpoint is None and dtype is None else None,
+        from_bundled=bundled,
+        identity=_identity(base_dir, checkpoint),
     )
+
+
+def _identity(base_dir: Path, checkpoint: Path | None) -> str:
+    """Names these weights: folders and their files' sizes and times (a re-save changes it)."""
+    parts = []
+    for folder in (base_dir, checkpoint):
+        if folder is None:
+            continue
+        files = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".json"))
+        parts.append(f"{folder.resolve()}:" + ",".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files))
+    return "|".join(parts)
 
 
 def _merge_lora(model: Any, checkpoint: Path) -> Any:

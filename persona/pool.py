@@ -70,7 +70,13 @@ class ModelPool:
     def __init__(self, settings: Settings, device: str, engine_factory: EngineFactory | None = None) -> None:
         self.settings = settings
         self.device = device
-        self.engine_factory = engine_factory or functools.partial(TransformersEngine, mode=settings.worker.engine)
+        self.engine_factory = engine_factory or functools.partial(
+            TransformersEngine,
+            mode=settings.worker.engine,
+            cache_dir=settings.model_cache_dir,
+            threads=settings.worker.threads,
+            gguf_type=settings.worker.gguf_type,
+        )
         self._served: dict[tuple[str, str], Served] = {}
         self._lock = threading.Lock()
 

@@ -57,11 +57,16 @@ class WorkerSettings(BaseModel):
     heartbeat_s: float = Field(2.0, gt=0, description="how often a worker reports it is alive")
     heartbeat_ttl_s: float = Field(10.0, gt=0, description="a worker silent this long is dead")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: all cores)")
-    engine: Literal["auto", "eager", "fused", "int8"] = Field(
+    engine: Literal["auto", "eager", "fused", "int8", "llamacpp"] = Field(
         "auto",
         description="decode path: eager (any model), fused (lean Llama loop, same logits), "
-        "int8 (fused with int8 weights, CPU), auto (int8 on CPU for models 512 wide or more, "
-        "else fused; eager if not a Llama)",
+        "int8 (fused with int8 weights, CPU), llamacpp (llama.cpp's kernels on a GGUF of the "
+        "weights; needs the `fast` extra), auto (on CPU: llamacpp for the bundled model and "
+        "its checkpoints when installed, else int8 for models 512 wide or more, else fused; "
+        "fused on a GPU; eager if not a Llama)",
+    )
+    gguf_type: Literal["q8_0", "q4_1", "f16"] = Field(
+        "q8_0", description="how a checkpoint is quantized for llama.cpp (the bundled base is Q4_1 as shipped)"
     )
     personas: list[str] = Field(default_factory=list, description="preload these (default: all)")
 

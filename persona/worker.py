@@ -1,9 +1,17 @@
-"""The inference worker: claim → group by model → batched generate → reply → ack.
+"""The inference worker: claim → group by model → decode → reply → ack.
 
-One loop, one place where a job's failure is caught: every request gets a reply (text
-or an error saying why), and the worker keeps going. A heartbeat thread keeps the
-worker visible while a long batch runs. On stop (SIGTERM or Ctrl-C) it finishes the
-batch in hand, hands back whatever it still holds, and leaves the consumer group.
+One loop of short turns. Each turn claims new work (without waiting while rows are
+decoding, and only as much as the batch has room for), lets it join the running
+batch of its model, decodes one token for every row, and delivers the rows that
+finished, so a request that arrives while a long one decodes starts at the next step
+and leaves as soon as it is done (continuous batching). An engine that can only run
+whole batches (``Generator.generate``) is served a round at a time instead.
+
+One place where a job's failure is caught: every request gets a reply (text or an
+error saying why), and the worker keeps going; a reply that cannot be delivered (Redis
+down) is kept and sent again. A heartbeat thread keeps the worker visible while it
+decodes. On stop (SIGTERM or Ctrl-C) it finishes the rows in hand, hands back
+whatever it still holds, and leaves the consumer group.
 """
 
 from __future__ import annotations
@@ -15,12 +23,13 @@ import time
 import uuid
 from collections import defaultdict
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import redis
 
 from persona import heartbeat
 from persona.contract import ErrorKind, GenerationReply, GenerationRequest, Timings
-from persona.engine import Work
+from persona.engine import Completion, ContinuousGenerator, Work
 from persona.errors import ConfigError, ModelError, PersonaError
 from persona.personas import Persona, PersonaRegistry
 from persona.pool import ModelPool, Served
@@ -40,6 +49,17 @@ RECLAIM_EVERY_S = 1.0
 # round of one request does not pay for reading and validating TOML.
 PERSONA_REFRESH_S = 1.0
 MAX_RECONNECT_PAUSE_S = 5.0
+# While rows decode, swap proposals are looked for this often rather than every step.
+SWAP_CHECK_WHILE_DECODING_S = 0.25
+
+
+@dataclass(frozen=True)
+class _Row:
+    """What the worker keeps about a row an engine is decoding, to answer it."""
+
+    job: Job
+    persona: Persona
+    served: Served
 
 
 def new_worker_id() -> str:
@@ -70,7 +90,10 @@ class Worker:
         self.swaps = Swapper(client, pool, self.registry, self.info)
         self.stopping = threading.Event()
         self._last_reclaim = 0.0
+        self._last_swap_check = 0.0
         self._personas: dict[str, tuple[float, Persona]] = {}
+        self._decoding: dict[int, ContinuousGenerator] = {}  # engines with rows, by id
+        self._outbox: list[tuple[Job, GenerationReply]] = []  # settled, not yet delivered
 
     # -- life cycle -------------------------------------------------------------
 
@@ -92,15 +115,19 @@ class Worker:
         log.info("worker %s serving on %s", self.id, self.pool.device)
         pause_s = 0.0
         try:
-            while not self.stopping.is_set():
+            # After stop() the rows in hand are finished (and delivered if Redis allows).
+            while not self.stopping.is_set() or self._decoding:
                 try:
-                    self.step()
+                    self.turn()
                     pause_s = 0.0
                 except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, redis.exceptions.BusyLoadingError) as exc:
                     # Redis restarting: wait and retry; queued requests are kept on its disk.
                     pause_s = min(MAX_RECONNECT_PAUSE_S, max(0.1, pause_s * 2))
                     log.warning("Redis unavailable (%s); retrying in %.1f s", exc, pause_s)
-                    self.stopping.wait(pause_s)
+                    if self.stopping.is_set():
+                        time.sleep(pause_s)
+                    else:
+                        self.stopping.wait(pause_s)
                 except redis.exceptions.ResponseError as exc:
                     if "NOGROUP" not in str(exc):
                         raise
@@ -126,8 +153,13 @@ class Worker:
             log.info("handed back %d unfinished request(s)", moved)
         log.info("worker %s stopped", self.id)
 
+    @property
+    def decoding(self) -> int:
+        """Rows in this worker's engines now (decoding, or waiting to join)."""
+        return sum(engine.active for engine in self._decoding.values())
+
     def stop(self) -> None:
-        """Finish the batch in hand, then leave."""
+        """Finish the rows in hand, then leave."""
         self.stopping.set()
 
     def _beat(self) -> None:
@@ -143,18 +175,37 @@ class Worker:
 
     # -- one step ---------------------------------------------------------------
 
-    def step(self, block_ms: int = 1000) -> int:
-        """Claim and answer one round of work; return how many jobs it handled."""
-        jobs = self.queue.claim(self.id, self.settings.worker.max_batch, block_ms=block_ms)
-        self.swaps.refresh_active()  # this batch uses the versions active as it starts
+    def turn(self, block_ms: int = 1000) -> int:
+        """One turn of the loop: claim what fits, decode one step, deliver; return jobs claimed."""
+        self._flush()
+        busy = bool(self._decoding)
+        room = self.settings.worker.max_batch - self.decoding
+        jobs = []
+        if room > 0 and not self.stopping.is_set():
+            # While rows decode, only look: new work joins them at the next step.
+            jobs = self.queue.claim(self.id, room, block_ms=0 if busy else block_ms)
+        self.swaps.refresh_active()  # new rows use the versions active as they are claimed
         now = time.monotonic()
-        if now - self._last_reclaim >= RECLAIM_EVERY_S:
+        if now - self._last_reclaim >= RECLAIM_EVERY_S and not self.stopping.is_set():
             self._last_reclaim = now
             jobs.extend(self._reclaim())
         if jobs:
             self.process(jobs)
-        self.swaps.between_batches()  # swaps are prepared and switched only here
+        if self._decoding:
+            self._decode_step()
+        # Swaps are prepared and switched here; rows already decoding finish on their weights.
+        if not self._decoding or now - self._last_swap_check >= SWAP_CHECK_WHILE_DECODING_S:
+            self._last_swap_check = now
+            self.swaps.between_batches()
         return len(jobs)
+
+    def step(self, block_ms: int = 1000) -> int:
+        """Claim one round of work and answer all of it; return how many jobs it claimed."""
+        claimed = self.turn(block_ms)
+        while self._decoding:
+            self._decode_step()
+        self._flush()
+        return claimed
 
     def _reclaim(self) -> list[Job]:
         live = {w.id for w in heartbeat.live_workers(self.redis)}
@@ -165,7 +216,7 @@ class Worker:
         return jobs
 
     def process(self, jobs: list[Job]) -> None:
-        """Answer every job: with text, or with an error that says why not."""
+        """Answer every job: refusals at once, the rest by their model's engine."""
         runnable: list[Job] = []
         early: list[tuple[Job, GenerationReply]] = []
         for job in jobs:
@@ -181,13 +232,34 @@ class Worker:
         for job in [j for j in runnable if j.request.id in cancelled]:
             early.append((job, self._failure(job.request, ErrorKind.cancelled, "the request was withdrawn")))
         runnable = [j for j in runnable if j.request.id not in cancelled]
+        self._send(early)
+        for members in self._groups(runnable):
+            if isinstance(members[0], tuple):  # settled already (the persona could not be served)
+                self._send(members)
+            elif hasattr(members[0].served.engine, "add"):
+                self._admit(members)
+            else:
+                self._send(self._generate(members), batch_size=len(members))
+
+    def _send(self, settled: list[tuple[Job, GenerationReply]], batch_size: int = 0) -> None:
+        """Record and deliver replies; what Redis cannot take now is kept and sent again."""
+        if not settled:
+            return
         # Timings are recorded just before delivery, so a caller who has its reply sees it counted.
-        record_replies(self.redis, [reply for _, reply in early])
-        self.queue.deliver(early, self.id)
-        for group in self._groups(runnable):
-            replies = [reply for _, reply in group]
-            record_replies(self.redis, replies, batch_size=len(group) if any(r.ok for r in replies) else 0)
-            self.queue.deliver(group, self.id)
+        replies = [reply for _, reply in settled]
+        record_replies(self.redis, replies, batch_size=batch_size if any(r.ok for r in replies) else 0)
+        self._outbox.extend(settled)
+        self._flush()
+
+    def _flush(self) -> None:
+        if not self._outbox:
+            return
+        held, self._outbox = self._outbox, []
+        try:
+            self.queue.deliver(held, self.id)
+        except redis.exceptions.RedisError:
+            self._outbox = held + self._outbox
+            raise
 
     def _refusal(self, job: Job) -> GenerationReply | None:
         """An error reply for a job that must not be generated, else None."""
@@ -201,9 +273,9 @@ class Worker:
             return self._failure(request, ErrorKind.invalid, problem)
         return None
 
-    def _groups(self, runnable: list[Job]) -> Iterator[list[tuple[Job, GenerationReply]]]:
-        """Generate runnable jobs batched per set of weights, yielding each settled group."""
-        by_model: dict[tuple, list[tuple[Job, Persona, Served]]] = defaultdict(list)
+    def _groups(self, runnable: list[Job]) -> Iterator[list[_Row] | list[tuple[Job, GenerationReply]]]:
+        """Runnable jobs grouped per set of weights (as rows), or settled with why not."""
+        by_model: dict[tuple, list[_Row]] = defaultdict(list)
         # Each persona is read (and its model found) once per round, not once per job;
         # an edited persona file still takes effect on the next round.
         found: dict[str, tuple[Persona, Served] | tuple[ErrorKind, str]] = {}
@@ -216,11 +288,11 @@ class Worker:
                 yield [(job, self._failure(job.request, persona, served))]
                 continue
             self.info.personas[persona.name] = served.version
-            by_model[served.key].append((job, persona, served))
+            by_model[served.key].append(_Row(job, persona, served))
         size = self.settings.worker.max_batch
         for members in by_model.values():
             for start in range(0, len(members), size):
-                yield self._generate(members[start : start + size])
+                yield members[start : start + size]
 
     def _serve(self, name: str) -> tuple[Persona, Served] | tuple[ErrorKind, str]:
         """A persona and what answers for it, or why it cannot answer."""
@@ -241,42 +313,81 @@ class Worker:
         self._personas[name] = (now, persona)
         return persona
 
-    def _generate(self, members: list[tuple[Job, Persona, Served]]) -> list[tuple[Job, GenerationReply]]:
-        """One batched generate; a failure answers each member with the error."""
-        started = time.perf_counter()
-        served = members[0][2]
+    def _works(self, members: list[_Row]) -> list[Work]:
+        items = [(r.persona, r.job.request, r.persona.sampling.merged(r.job.request.sampling)) for r in members]
+        prompts = build_prompts(items, members[0].served.loaded)
+        return [Work(p.token_ids, sampling, p.stop) for p, (_, _, sampling) in zip(prompts, items, strict=True)]
+
+    def _admit(self, members: list[_Row]) -> None:
+        """Hand rows to their model's engine; they join its batch at the next step."""
+        engine = members[0].served.engine
         try:
-            items = [(persona, job.request, persona.sampling.merged(job.request.sampling)) for job, persona, _ in members]
-            prompts = build_prompts(items, served.loaded)
-            batch = [Work(p.token_ids, sampling, p.stop) for p, (_, _, sampling) in zip(prompts, items, strict=True)]
-            completions = served.engine.generate(batch)
-        except Exception as exc:  # the one place a batch's failure is caught
-            log.exception("batch of %d for %s failed", len(members), served.loaded.name)
-            kind = ErrorKind.model if isinstance(exc, PersonaError) else ErrorKind.internal
-            return [(job, self._failure(job.request, kind, f"generation failed: {exc}")) for job, _, _ in members]
-        elapsed_ms = (time.perf_counter() - started) * 1000
+            works = self._works(members)
+        except Exception as exc:
+            self._send(self._failed(members, exc))
+            return
+        for row, work in zip(members, works, strict=True):
+            engine.add(work, row)
+        self._decoding[id(engine)] = engine
+        self.info.batches += 1
+
+    def _decode_step(self) -> None:
+        """One step of every engine with rows; deliver the rows that finished."""
+        for key, engine in list(self._decoding.items()):
+            batch = engine.active
+            try:
+                done = engine.step()
+            except Exception as exc:  # the one place a decode's failure is caught
+                settled = self._failed(engine.abandon(), exc)
+            else:
+                settled = [(row.job, self._reply(row, completion, batch)) for row, completion in done]
+            if not engine.active:
+                del self._decoding[key]
+            self.info.requests += sum(1 for _, reply in settled if reply.ok)
+            self._send(settled, batch_size=batch)
+
+    def _generate(self, members: list[_Row]) -> list[tuple[Job, GenerationReply]]:
+        """One whole batch through an engine that cannot take rows while decoding."""
+        started = time.perf_counter()
+        try:
+            completions = members[0].served.engine.generate(self._works(members))
+        except Exception as exc:
+            return self._failed(members, exc)
+        elapsed = time.perf_counter() - started
         self.info.batches += 1
         self.info.requests += len(members)
-        settled = []
-        for (job, persona, _), completion in zip(members, completions, strict=True):
-            request = job.request
-            reply = GenerationReply(
-                id=request.id,
-                ok=True,
-                text=completion.text,
-                persona=persona.name,
-                version=served.version,
-                worker=self.id,
-                finish_reason=completion.finish_reason,
-                new_tokens=completion.new_tokens,
-                timings=Timings(queue_ms=max(0.0, (job.claimed_at - request.created_at) * 1000), generate_ms=elapsed_ms),
-            )
-            settled.append((job, reply))
-            log.info(
-                "answered %s persona=%s version=%s tokens=%d batch=%d in %.0f ms",
-                request.id, persona.name, served.version, completion.new_tokens, len(members), elapsed_ms,
-            )
-        return settled
+        return [
+            (row.job, self._reply(row, c, len(members), c.seconds or elapsed))
+            for row, c in zip(members, completions, strict=True)
+        ]
+
+    def _reply(self, row: _Row, completion: Completion, batch: int, seconds: float | None = None) -> GenerationReply:
+        request = row.job.request
+        seconds = completion.seconds if seconds is None else seconds
+        log.info(
+            "answered %s persona=%s version=%s tokens=%d batch=%d in %.0f ms",
+            request.id, row.persona.name, row.served.version, completion.new_tokens, batch, seconds * 1000,
+        )
+        return GenerationReply(
+            id=request.id,
+            ok=True,
+            text=completion.text,
+            persona=row.persona.name,
+            version=row.served.version,
+            worker=self.id,
+            finish_reason=completion.finish_reason,
+            new_tokens=completion.new_tokens,
+            timings=Timings(
+                queue_ms=max(0.0, (row.job.claimed_at - request.created_at) * 1000),
+                generate_ms=seconds * 1000,
+            ),
+        )
+
+    def _failed(self, members: list[_Row], exc: Exception) -> list[tuple[Job, GenerationReply]]:
+        """Every row answered with the error that stopped its batch."""
+        log.error("batch of %d for %s failed", len(members), members[0].served.loaded.name if members else "?", exc_info=exc)
+        kind = ErrorKind.model if isinstance(exc, PersonaError) else ErrorKind.internal
+        return [(r.job, self._failure(r.job.request, kind, f"generation failed: {exc}")) for r in members]
 
     def _failure(self, request: GenerationRequest, kind: ErrorKind, message: str) -> GenerationReply:
         return GenerationReply.failure(request.id, kind, message, persona=request.persona, worker=self.id)

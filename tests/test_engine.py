@@ -53,3 +53,49 @@ def test_auto_picks_int8_for_wide_llamas_on_cpu_fused_for_narrow_eager_for_other
     assert pick_engine_mode("fused", gpt2) == "eager"
     with pytest.raises(ValueError, match="unknown engine mode"):
         pick_engine_mode("turbo", gpt2)
+
+
+@pytest.mark.parametrize("mode", ["fused", "int8"])
+def test_a_row_added_while_a_batch_decodes_joins_it_and_leaves_when_done(tiny_llama, mode):
+    """Continuous batching: a short request joins a long one at the next step, finishes
+    first, and at full precision every text is what it is alone (int8 scales the
+    activations per batch, so its texts may differ with the company a row keeps)."""
+    engine = TransformersEngine(tiny_llama, mode=mode)
+    long = Work([100, 200, 300, 400, 500, 600, 700, 800], Sampling(temperature=0.9, max_new_tokens=12, seed=1))
+    short = Work([11, 12], Sampling(temperature=0.0, max_new_tokens=3, repetition_penalty=1.2))
+    later = Work([21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31], Sampling(temperature=1.0, top_k=9, max_new_tokens=4, seed=2))
+    alone = {tag: engine.generate([w])[0] for tag, w in (("long", long), ("short", short), ("later", later))}
+
+    engine.add(long, "long")
+    finished = []
+    for _ in range(3):
+        finished += engine.step()
+    engine.add(short, "short")  # a shorter prompt than the running row's cache
+    finished += engine.step()
+    engine.add(later, "later")  # a longer one
+    while engine.active:
+        finished += engine.step()
+    assert [tag for tag, _ in finished] == ["short", "later", "long"]
+    assert [c.new_tokens for _, c in finished] == [3, 4, 12]
+    if mode == "fused":
+        for tag, completion in finished:
+            assert completion.text == alone[tag].text, tag
+
+
+def test_an_eager_engine_queues_new_rows_until_its_batch_is_done(tiny_llama):
+    engine = TransformersEngine(tiny_llama, mode="eager")
+    engine.add(Work([5, 17], Sampling(temperature=0.0, max_new_tokens=4)), "first")
+    engine.step()
+    engine.add(Work([11, 12], Sampling(temperature=0.0, max_new_tokens=1)), "second")
+    order = []
+    while engine.active:
+        order += [tag for tag, _ in engine.step()]
+    assert order == ["first", "second"]
+
+
+def test_generate_refuses_an_engine_that_is_serving_rows(tiny_llama):
+    engine = TransformersEngine(tiny_llama, mode="fused")
+    engine.add(Work([5], Sampling(temperature=0.0, max_new_tokens=2)), "busy")
+    with pytest.raises(RuntimeError, match="idle engine"):
+        engine.generate([Work([6], Sampling(temperature=0.0, max_new_tokens=1))])
+    assert engine.abandon() == ["busy"] and engine.active == 0

@@ -113,3 +113,36 @@ def test_cancelled_request_is_not_generated(write_persona, tiny_llama_dir, runni
     running_worker()
     reply = client.wait(request, timeout=30)
     assert not reply.ok and reply.error.kind is ErrorKind.cancelled
+
+
+def test_a_short_request_is_answered_while_a_long_one_is_still_decoding(
+    write_persona, tiny_llama_dir, running_worker, client, redis_client
+):
+    """Continuous batching through the queue: the short request joins the long one's
+    batch and is answered long before the long one ends."""
+    from persona import constants as keys
+
+    write_persona("tiny", base=str(tiny_llama_dir))
+    worker = running_worker()
+    long = client.submit(chat("tiny", sampling=SamplingOverrides(max_new_tokens=400, temperature=1.0, top_k=0, seed=5)))
+    deadline = time.monotonic() + 30
+    while not worker.decoding and time.monotonic() < deadline:  # the long one is decoding
+        time.sleep(0.005)
+    short = client.ask(chat("tiny", sampling=SamplingOverrides(max_new_tokens=2, temperature=0.0)), timeout=30)
+    assert short.ok and short.new_tokens <= 2
+    assert redis_client.llen(keys.reply_key(long.id)) == 0, "the short reply waited for the long one"
+    answered = client.wait(long, timeout=60)
+    assert answered.ok and answered.new_tokens == 400
+    assert answered.timings.generate_ms > short.timings.generate_ms
+
+
+def test_a_worker_told_to_stop_finishes_the_rows_it_is_decoding(write_persona, tiny_llama_dir, running_worker, client):
+    write_persona("tiny", base=str(tiny_llama_dir))
+    worker = running_worker()
+    request = client.submit(chat("tiny", sampling=SamplingOverrides(max_new_tokens=300, temperature=1.0, top_k=0, seed=5)))
+    deadline = time.monotonic() + 30
+    while not worker.decoding and time.monotonic() < deadline:
+        time.sleep(0.005)
+    worker.stop()
+    reply = client.wait(request, timeout=60)
+    assert reply.ok and reply.new_tokens == 300

@@ -1,0 +1,177 @@
+"""llama.cpp as a decoder: its CPU kernels on GGUF weights, our sampling on top.
+
+The engine hands this decoder token ids (prompts tokenized by the Hugging Face
+tokenizer, the same vocabulary as the GGUF) and takes back next-token logits, exactly
+as from the torch decoders, so sampling, stop strings and every request's settings
+stay the engine's. Each row of the batch is a llama.cpp sequence in one shared KV
+cache: a row that joins is prefilled as a new sequence beside the running ones, and a
+row that leaves has its sequence dropped, so batching is continuous.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from persona.errors import ModelError
+from persona.models import LoadedModel, bundled_gguf_path
+
+__all__ = ["LlamaCppDecoder", "gguf_for", "route_llama_cpp_logs"]
+
+log = logging.getLogger(__name__)
+
+MAX_SEQUENCES = 256  # llama.cpp's LLAMA_MAX_SEQ
+CONTEXT_TOKENS = 32768  # shared by every row in the batch
+BATCH_TOKENS = 512  # tokens per llama_decode call (prompts are fed in chunks)
+
+
+def gguf_for(loaded: LoadedModel, cache_dir: Path, kind: str) -> Path:
+    """A GGUF file llama.cpp can load with these weights: the bundled one, or written once."""
+    from persona.gguf_files import cached_gguf, tokenizer_matches
+
+    if loaded.gguf_file is not None:
+        return loaded.gguf_file
+    reference = bundled_gguf_path()
+    if not tokenizer_matches(loaded.tokenizer, reference):
+        raise ModelError(f"{loaded.name} does not use the bundled model's vocabulary; llama.cpp cannot serve it here")
+    return cached_gguf(loaded.model, reference, cache_dir, loaded.identity or loaded.name, kind)
+
+
+def route_llama_cpp_logs() -> None:
+    """llama.cpp's own chatter goes to our debug log, not straight to stderr."""
+    import llama_cpp
+
+    global _LOG_CALLBACK
+    if _LOG_CALLBACK is not None:
+        return
+
+    @llama_cpp.llama_log_callback
+    def callback(level, text, user_data):  # noqa: ARG001 - llama.cpp's signature
+        message = text.decode("utf-8", "replace").rstrip()
+        if message:
+            log.debug("llama.cpp: %s", message)
+
+    _LOG_CALLBACK = callback  # llama.cpp keeps only the pointer: keep the function alive
+    llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
+
+
+_LOG_CALLBACK = None
+
+
+class LlamaCppDecoder:
+    """Prefill, join, decode and select over llama.cpp sequences (one per row)."""
+
+    can_join = True
+
+    def __init__(self, path: Path, *, threads: int | None = None, context_tokens: int = CONTEXT_TOKENS) -> None:
+        import llama_cpp
+
+        self.lib = llama_cpp
+        route_llama_cpp_logs()
+        llama_cpp.llama_backend_init()
+        model_params = llama_cpp.llama_model_default_params()
+        self.model = llama_cpp.llama_model_load_from_file(str(path).encode(), model_params)
+        if not self.model:
+            raise ModelError(f"llama.cpp cannot load {path}; delete it if it is a cached GGUF and start again")
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = context_tokens
+        params.n_batch = BATCH_TOKENS
+        params.n_ubatch = BATCH_TOKENS
+        params.n_seq_max = MAX_SEQUENCES
+        params.kv_unified = True  # rows of any length share one cache
+        params.n_threads = params.n_threads_batch = threads or os.cpu_count() or 1
+        self.ctx = llama_cpp.llama_init_from_model(self.model, params)
+        if not self.ctx:
+            llama_cpp.llama_model_free(self.model)
+            raise ModelError(f"llama.cpp cannot make a context for {path} ({context_tokens} tokens)")
+        self.memory = llama_cpp.llama_get_memory(self.ctx)
+        self.vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self.model))
+        self.batch = llama_cpp.llama_batch_init(BATCH_TOKENS, 0, 1)
+        self.sequences: list[int] = []  # row -> llama.cpp sequence id
+        self.free = list(range(MAX_SEQUENCES - 1, -1, -1))
+        self.path = path
+
+    def __del__(self) -> None:
+        lib = getattr(self, "lib", None)
+        if lib is None:
+            return
+        try:
+            lib.llama_batch_free(self.batch)
+            lib.llama_free(self.ctx)
+            lib.llama_model_free(self.model)
+        except Exception:  # noqa: BLE001 - interpreter shutdown may have torn the library down
+            pass
+
+    # -- the decoder interface the engine uses -------------------------------------
+
+    def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, room: int) -> torch.Tensor:
+        """A new batch: forget every sequence, prefill these rows, return their logits."""
+        self.lib.llama_memory_clear(self.memory, True)
+        self.sequences = []
+        self.free = list(range(MAX_SEQUENCES - 1, -1, -1))
+        return self.join(input_ids, attention_mask, position_ids, room)
+
+    def join(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, room: int) -> torch.Tensor:
+        """Prefill these rows as new sequences beside the running ones; return their logits."""
+        if len(input_ids) > len(self.free):
+            raise ModelError(f"llama.cpp holds at most {MAX_SEQUENCES} rows at once")
+        tokens: list[tuple[int, int, int, bool]] = []
+        added = []
+        for ids, mask in zip(input_ids.tolist(), attention_mask.tolist(), strict=True):
+            prompt = [t for t, m in zip(ids, mask, strict=True) if m]
+            sequence = self.free.pop()
+            added.append(sequence)
+            tokens += [(t, p, sequence, p == len(prompt) - 1) for p, t in enumerate(prompt)]
+        try:
+            logits = self._decode(tokens)
+        except ModelError:
+            for sequence in added:
+                self.lib.llama_memory_seq_rm(self.memory, sequence, -1, -1)
+                self.free.append(sequence)
+            raise
+        self.sequences += added
+        return logits
+
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Feed one token per row at its position; return the next-token logits."""
+        fed = zip(tokens.tolist(), positions.tolist(), self.sequences, strict=True)
+        return self._decode([(t, p, s, True) for t, p, s in fed])
+
+    def select(self, keep: torch.Tensor) -> None:
+        """Keep only these rows; the others' sequences leave the cache."""
+        kept = [self.sequences[i] for i in keep.tolist()]
+        for sequence in set(self.sequences) - set(kept):
+            self.lib.llama_memory_seq_rm(self.memory, sequence, -1, -1)
+            self.free.append(sequence)
+        self.sequences = kept
+
+    # -- llama.cpp calls ------------------------------------------------------------
+
+    def _decode(self, tokens: list[tuple[int, int, int, bool]]) -> torch.Tensor:
+        """Run (token, position, sequence, wants logits) in chunks; the wanted logits in order."""
+        out: list[np.ndarray] = []
+        batch = self.batch
+        for start in range(0, len(tokens), BATCH_TOKENS):
+            chunk = tokens[start : start + BATCH_TOKENS]
+            wanted = 0
+            for i, (token, position, sequence, logits) in enumerate(chunk):
+                batch.token[i] = token
+                batch.pos[i] = position
+                batch.n_seq_id[i] = 1
+                batch.seq_id[i][0] = sequence
+                batch.logits[i] = logits
+                wanted += logits
+            batch.n_tokens = len(chunk)
+            status = self.lib.llama_decode(self.ctx, batch)
+            if status != 0:
+                why = "no room left in its cache; lower worker.max_batch" if status == 1 else f"error {status}"
+                raise ModelError(f"llama.cpp could not decode a batch of {len(chunk)} tokens: {why}")
+            if wanted:
+                pointer = self.lib.llama_get_logits(self.ctx)
+                out.append(np.ctypeslib.as_array(pointer, shape=(wanted, self.vocab)).copy())
+        return torch.from_numpy(np.concatenate(out) if len(out) != 1 else out[0])

@@ -1,0 +1,86 @@
+"""llama.cpp serves the bundled GGUF and checkpoints written as GGUF, with our sampling."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from persona.engine import TransformersEngine, Work, llamacpp_available
+from persona.models import bundled_gguf_path, load_model
+from persona.personas import Sampling
+
+pytestmark = pytest.mark.skipif(not llamacpp_available(), reason="llama-cpp-python (the `fast` extra) is not installed")
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tiny_llama_dir, tmp_path_factory):
+    return load_model(str(tiny_llama_dir), cache_dir=tmp_path_factory.mktemp("cache"))
+
+
+def _torch_logits(model, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0, -1]
+
+
+def test_a_checkpoint_written_as_gguf_gives_the_torch_models_logits(tiny_llama, tmp_path):
+    """Written at full precision, the GGUF is the same function: names, shapes and the
+    rotary permutation of q and k are right."""
+    from persona.gguf_files import write_gguf
+    from persona.llamacpp_decoder import LlamaCppDecoder
+
+    path = write_gguf(tiny_llama.model, bundled_gguf_path(), tmp_path / "tiny.gguf", "f32")
+    decoder = LlamaCppDecoder(path, threads=1, context_tokens=1024)
+    prompts = [[5, 17, 42, 99, 3, 8], [11, 12]]
+    ids = torch.tensor([prompts[0], [0] * 4 + prompts[1]])
+    mask = torch.tensor([[1] * 6, [0] * 4 + [1] * 2])
+    ours = decoder.start(ids, mask, None, 4)
+    for row, prompt in enumerate(prompts):
+        assert torch.allclose(ours[row], _torch_logits(tiny_llama.model, prompt), atol=1e-3)
+    # One more token per row, at each row's own position.
+    ours = decoder.step(torch.tensor([7, 9]), torch.tensor([6, 2]))
+    assert torch.allclose(ours[1], _torch_logits(tiny_llama.model, prompts[1] + [9]), atol=1e-3)
+
+
+def test_the_bundled_gguf_agrees_with_the_dequantised_model(model_cache_dir):
+    """llama.cpp on the shipped Q4_1 file and transformers on its dequantised weights
+    predict nearly the same next-token distribution."""
+    from persona.llamacpp_decoder import LlamaCppDecoder
+
+    loaded = load_model("smollm2", cache_dir=model_cache_dir)
+    decoder = LlamaCppDecoder(loaded.gguf_file, threads=1, context_tokens=1024)
+    ids = loaded.tokenizer("The quick brown fox jumps over the lazy dog because").input_ids
+    ours = decoder.start(torch.tensor([ids]), torch.ones((1, len(ids)), dtype=torch.long), None, 1)[0]
+    reference = _torch_logits(loaded.model, ids)
+    kl = torch.nn.functional.kl_div(ours.log_softmax(-1), reference.log_softmax(-1), log_target=True, reduction="sum")
+    assert kl < 0.05
+    assert reference.argmax().item() in ours.topk(3).indices.tolist()
+
+
+def test_llamacpp_engine_lets_a_row_join_a_running_batch(tiny_llama, tmp_path):
+    """A short request added while a long one decodes finishes first, with the text it
+    gets alone; the long one's text is unchanged by its company."""
+    engine = TransformersEngine(tiny_llama, mode="llamacpp", cache_dir=tmp_path, threads=1, gguf_type="f16")
+    assert engine.mode == "llamacpp"
+    long = Work([5, 17, 42, 99], Sampling(temperature=0.0, max_new_tokens=12))
+    short = Work([11, 12, 13], Sampling(temperature=0.0, max_new_tokens=3))
+    [long_alone, short_alone] = [engine.generate([w])[0] for w in (long, short)]
+
+    engine.add(long, "long")
+    finished = []
+    for _ in range(4):
+        finished += engine.step()
+    engine.add(short, "short")
+    while engine.active:
+        finished += [(tag, c) for tag, c in engine.step()]
+    assert [tag for tag, _ in finished] == ["short", "long"]
+    texts = dict((tag, c) for tag, c in finished)
+    assert texts["short"].text == short_alone.text and texts["long"].text == long_alone.text
+    assert texts["long"].new_tokens == long_alone.new_tokens
+
+
+def test_auto_serves_the_bundled_model_with_llamacpp_on_cpu(model_cache_dir, tmp_path):
+    loaded = load_model("smollm2", cache_dir=model_cache_dir)
+    engine = TransformersEngine(loaded, mode="auto", cache_dir=tmp_path, threads=1)
+    assert engine.mode == "llamacpp"
+    [reply] = engine.generate([Work(loaded.tokenizer("Hello, my name is").input_ids, Sampling(temperature=0.0, max_new_tokens=5))])
+    assert reply.new_tokens >= 1 and reply.text
