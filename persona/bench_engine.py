@@ -4,7 +4,9 @@ Both sides get the same left-padded chat prompts and produce exactly the same nu
 of new tokens per row (greedy; end-of-text is ignored on both sides so lengths match),
 timed from the prompt to the last token. On CPU the model is the bundled SmolLM2; on a
 GPU, where the weights may not have travelled, a model of its shape with random
-weights in bf16.
+weights in bf16. When our engine runs on llama.cpp, llama-cpp-python's own one-sequence
+``Llama.generate`` on the same GGUF is measured too (``llamacpp``), batch 1 only: what
+llama.cpp alone gives, against which our sampling and batching are measured.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ class EngineBenchResult:
     rss_mb: float = 0.0
     ours: dict[int, float] = field(default_factory=dict)
     baseline: dict[int, float] = field(default_factory=dict)
+    llamacpp: dict[int, float] = field(default_factory=dict)
 
     def ratio(self, batch: int) -> float:
         base = self.baseline.get(batch, 0.0)
@@ -68,7 +71,7 @@ class EngineBenchResult:
         return {
             "device": self.device, "model": self.model, "mode": self.mode, "new_tokens": self.new_tokens,
             "threads": self.threads, "engine_build_s": self.engine_build_s, "rss_mb": self.rss_mb, "ours": self.ours, "baseline": self.baseline,
-            "ratio": {b: round(self.ratio(b), 2) for b in self.ours},
+            "ratio": {b: round(self.ratio(b), 2) for b in self.ours}, "llamacpp": self.llamacpp,
         }
 
 
@@ -141,6 +144,28 @@ def _time_baseline(loaded: LoadedModel, prompts: list[list[int]], new_tokens: in
     return made / elapsed
 
 
+def _time_llamacpp(path: Path, prompt: list[int], new_tokens: int, threads: int) -> float:
+    """llama-cpp-python's own greedy loop (one sequence, C sampler) on the same GGUF."""
+    import llama_cpp
+
+    from persona.llamacpp_decoder import route_llama_cpp_logs
+
+    route_llama_cpp_logs()
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=1024, n_threads=threads, n_threads_batch=threads, verbose=False)
+    best = 0.0
+    for _ in range(2):
+        llm.reset()
+        started = time.perf_counter()
+        made = 0
+        for _token in llm.generate(prompt, top_k=1, temp=0.0, reset=True):
+            made += 1
+            if made == new_tokens:
+                break
+        best = max(best, made / (time.perf_counter() - started))
+    del llm
+    return best
+
+
 def run_engine_bench(
     loaded: LoadedModel,
     batches: list[int],
@@ -148,11 +173,12 @@ def run_engine_bench(
     mode: str = "auto",
     repeats: int = 2,
     progress: Callable[[], None] | None = None,
+    cache_dir: Path | None = None,
 ) -> EngineBenchResult:
     """Best of ``repeats`` runs per batch size, ours and the baseline, interleaved."""
     device = loaded.device
     built = time.perf_counter()
-    engine = TransformersEngine(loaded, mode=mode)
+    engine = TransformersEngine(loaded, mode=mode, cache_dir=cache_dir, threads=torch.get_num_threads())
     engine.stop_ids = set()  # exactly new_tokens per row, like min_new_tokens on the baseline side
     result = EngineBenchResult(
         device=device, model=loaded.name, mode=engine.mode, new_tokens=new_tokens, threads=torch.get_num_threads(),
@@ -174,5 +200,10 @@ def run_engine_bench(
         result.ours[batch] = round(ours, 1)
         result.baseline[batch] = round(base, 1)
         log.info("batch %d: ours %.1f tok/s, baseline %.1f tok/s", batch, ours, base)
+    if engine.mode == "llamacpp" and 1 in batches:
+        path = engine.decoder.path
+        del engine
+        gc.collect()
+        result.llamacpp[1] = round(_time_llamacpp(path, _prompt_ids(loaded, 1)[0], new_tokens, result.threads), 1)
     result.rss_mb = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     return result

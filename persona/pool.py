@@ -98,9 +98,16 @@ class ModelPool:
                 loaded = load_model(
                     persona.model.base, checkpoint, cache_dir=self.settings.model_cache_dir, device=self.device
                 )
-            served = Served(key, version_name, loaded, self.engine_factory(loaded))
+            engine = self.engine_factory(loaded)
+            warm_up = getattr(engine, "warm_up", None)
+            if warm_up is not None:
+                try:
+                    warm_up()
+                except Exception as exc:  # a model that loads but cannot generate is broken
+                    raise ModelError(f"{loaded.name} loaded but cannot generate: {exc}") from exc
+            served = Served(key, version_name, loaded, engine)
             self._served[key] = served
-            log.info("loaded %s for %s in %.1f s", loaded.name, persona.name, time.perf_counter() - started)
+            log.info("loaded %s for %s in %.1f s (warmed up)", loaded.name, persona.name, time.perf_counter() - started)
             return served
 
     def release(self, key: tuple[str, str]) -> None:

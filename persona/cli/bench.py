@@ -62,7 +62,7 @@ def engine(
     device: str = typer.Option("cpu", help="cpu (the bundled model) or cuda (a random model of its shape, bf16)"),
     batch: str = typer.Option("", help="batch sizes, comma-separated (default: 1,8 on CPU; 1,8,32,128 on cuda)"),
     tokens: int = typer.Option(64, min=1, help="new tokens per row"),
-    mode: str = typer.Option("", help="our engine's path: auto, eager, fused or int8 (default: the worker setting)"),
+    mode: str = typer.Option("", help="our engine's path: auto, eager, fused, int8 or llamacpp (default: the worker setting)"),
     repeats: int = typer.Option(2, min=1, help="runs per batch size; the best is kept (the machine is shared)"),
     threads: int = typer.Option(0, min=0, help="torch CPU threads (default: the worker setting, else all cores)"),
     json_output: bool = typer.Option(False, "--json", help="print one JSON object"),
@@ -86,7 +86,10 @@ def engine(
         if threads or settings.worker.threads:
             torch.set_num_threads(threads or settings.worker.threads)
         loaded = load_bench_model(device, settings.model_cache_dir)
-        result = run_engine_bench(loaded, sizes, new_tokens=tokens, mode=chosen_mode, repeats=repeats, progress=advance)
+        result = run_engine_bench(
+            loaded, sizes, new_tokens=tokens, mode=chosen_mode, repeats=repeats, progress=advance,
+            cache_dir=settings.model_cache_dir,
+        )
     if json_output:
         print(json.dumps(result.as_dict()))
         return
@@ -100,6 +103,12 @@ def engine(
     for size in sizes:
         table.add_row(str(size), f"{result.ours[size]:,.1f}", f"{result.baseline[size]:,.1f}", f"{result.ratio(size):.2f}x")
     console.print(table)
+    if result.llamacpp:
+        reference = result.llamacpp[1]
+        console.print(
+            f"llama.cpp alone (llama-cpp-python's Llama.generate, one sequence, same GGUF): {reference:,.1f} tok/s "
+            f"at batch 1; ours at batch 1 is {result.ours.get(1, 0.0) / reference:.2f}x that"
+        )
 
 
 def register(app: typer.Typer) -> None:
