@@ -134,6 +134,7 @@ class TransformersEngine:
         cache_dir: Path | None = None,
         threads: int | None = None,
         gguf_type: str = "q8_0",
+        kv_tokens: int | None = None,
     ) -> None:
         self.loaded = loaded
         self.model = loaded.model
@@ -141,13 +142,13 @@ class TransformersEngine:
         self.stop_ids = set(loaded.stop_token_ids)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.mode = pick_engine_mode(mode, loaded)
-        self.decoder = self._decoder(cache_dir, threads, gguf_type)
+        self.decoder = self._decoder(cache_dir, threads, gguf_type, kv_tokens)
         self._waiting: list[tuple[Work, object]] = []
         self._rows: _Rows | None = None
         self._logits: torch.Tensor | None = None
         log.info("%s decodes with the %s engine", loaded.name, self.mode)
 
-    def _decoder(self, cache_dir: Path | None, threads: int | None, gguf_type: str):
+    def _decoder(self, cache_dir: Path | None, threads: int | None, gguf_type: str, kv_tokens: int | None):
         if self.mode == "eager":
             return _EagerDecoder(self.model)
         if self.mode == "llamacpp":
@@ -159,6 +160,8 @@ class TransformersEngine:
                 log.warning("%s; using the int8 engine", exc)
                 self.mode = "int8"
             else:
+                if kv_tokens:
+                    return LlamaCppDecoder(path, threads=threads, context_tokens=kv_tokens)
                 return LlamaCppDecoder(path, threads=threads)
         # On a GPU each decode step replays a CUDA graph (untested here: no GPU).
         on_gpu = torch.device(self.loaded.device).type == "cuda"
@@ -212,8 +215,22 @@ class TransformersEngine:
         return tags
 
     def _admit(self) -> None:
-        """Prefill the waiting rows and add them to the running batch (or start one)."""
-        waiting, self._waiting = self._waiting, []
+        """Prefill the waiting rows and add them to the running batch (or start one).
+
+        A decoder with a fixed cache (llama.cpp) takes only the rows whose whole reply
+        fits beside the running ones; the rest wait for rows to leave. With nothing
+        running, at least one row is always tried (if it cannot fit, it fails alone).
+        """
+        count = len(self._waiting)
+        fitting = getattr(self.decoder, "fitting", None)
+        if fitting is not None:
+            room = max(w.sampling.max_new_tokens for w, _ in self._waiting) + 1
+            count = fitting([len(w.token_ids) or 1 for w, _ in self._waiting], room)
+            if count == 0 and self._rows is None:
+                count = 1
+        if count == 0:
+            return
+        waiting, self._waiting = self._waiting[:count], self._waiting[count:]
         new = _Rows([w for w, _ in waiting], [t for _, t in waiting], self.model.device, self.pad_id)
         room = max(w.sampling.max_new_tokens for w, _ in waiting) + 1
         if self._rows is None:

@@ -26,7 +26,7 @@ __all__ = ["LlamaCppDecoder", "gguf_for", "route_llama_cpp_logs"]
 log = logging.getLogger(__name__)
 
 MAX_SEQUENCES = 256  # llama.cpp's LLAMA_MAX_SEQ
-CONTEXT_TOKENS = 32768  # shared by every row in the batch
+CONTEXT_TOKENS = 16384  # the KV cache shared by every row (23 MB per 1,000 for the bundled model)
 BATCH_TOKENS = 512  # tokens per llama_decode call (prompts are fed in chunks)
 
 
@@ -94,6 +94,10 @@ class LlamaCppDecoder:
         self.batch = llama_cpp.llama_batch_init(BATCH_TOKENS, 0, 1)
         self.sequences: list[int] = []  # row -> llama.cpp sequence id
         self.free = list(range(MAX_SEQUENCES - 1, -1, -1))
+        # Cache cells each live sequence may fill (prompt + its room): a row is admitted
+        # only when its whole reply fits, so a decode step never runs out of cache.
+        self.reserved: dict[int, int] = {}
+        self.context_tokens = context_tokens
         self.path = path
 
     def __del__(self) -> None:
@@ -109,10 +113,22 @@ class LlamaCppDecoder:
 
     # -- the decoder interface the engine uses -------------------------------------
 
+    def fitting(self, prompt_lengths: list[int], room: int) -> int:
+        """How many of these rows (in order) fit in the cache beside the running ones."""
+        left = self.context_tokens - BATCH_TOKENS - sum(self.reserved.values())
+        count = 0
+        for length in prompt_lengths[: len(self.free)]:
+            left -= length + room
+            if left < 0:
+                break
+            count += 1
+        return count
+
     def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, room: int) -> torch.Tensor:
         """A new batch: forget every sequence, prefill these rows, return their logits."""
         self.lib.llama_memory_clear(self.memory, True)
         self.sequences = []
+        self.reserved = {}
         self.free = list(range(MAX_SEQUENCES - 1, -1, -1))
         return self.join(input_ids, attention_mask, position_ids, room)
 
@@ -126,12 +142,14 @@ class LlamaCppDecoder:
             prompt = [t for t, m in zip(ids, mask, strict=True) if m]
             sequence = self.free.pop()
             added.append(sequence)
+            self.reserved[sequence] = len(prompt) + room
             tokens += [(t, p, sequence, p == len(prompt) - 1) for p, t in enumerate(prompt)]
         try:
             logits = self._decode(tokens)
         except ModelError:
             for sequence in added:
                 self.lib.llama_memory_seq_rm(self.memory, sequence, -1, -1)
+                self.reserved.pop(sequence, None)
                 self.free.append(sequence)
             raise
         self.sequences += added
@@ -147,6 +165,7 @@ class LlamaCppDecoder:
         kept = [self.sequences[i] for i in keep.tolist()]
         for sequence in set(self.sequences) - set(kept):
             self.lib.llama_memory_seq_rm(self.memory, sequence, -1, -1)
+            self.reserved.pop(sequence, None)
             self.free.append(sequence)
         self.sequences = kept
 
@@ -169,7 +188,7 @@ class LlamaCppDecoder:
             batch.n_tokens = len(chunk)
             status = self.lib.llama_decode(self.ctx, batch)
             if status != 0:
-                why = "no room left in its cache; lower worker.max_batch" if status == 1 else f"error {status}"
+                why = "no room left in its cache; raise worker.kv_tokens" if status == 1 else f"error {status}"
                 raise ModelError(f"llama.cpp could not decode a batch of {len(chunk)} tokens: {why}")
             if wanted:
                 pointer = self.lib.llama_get_logits(self.ctx)

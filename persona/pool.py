@@ -76,6 +76,7 @@ class ModelPool:
             cache_dir=settings.model_cache_dir,
             threads=settings.worker.threads,
             gguf_type=settings.worker.gguf_type,
+            kv_tokens=settings.worker.kv_tokens,
         )
         self._served: dict[tuple[str, str], Served] = {}
         self._lock = threading.Lock()

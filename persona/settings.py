@@ -65,6 +65,11 @@ class WorkerSettings(BaseModel):
         "its checkpoints when installed, else int8 for models 512 wide or more, else fused; "
         "fused on a GPU; eager if not a Llama)",
     )
+    kv_tokens: int = Field(
+        16384, ge=1024,
+        description="llama.cpp engine: cache tokens shared by all rows (prompt + reply each; "
+        "23 MB per 1,000 for the bundled model); a row waits until its reply fits",
+    )
     gguf_type: Literal["q8_0", "q4_1", "f16"] = Field(
         "q8_0", description="how a checkpoint is quantized for llama.cpp (the bundled base is Q4_1 as shipped)"
     )

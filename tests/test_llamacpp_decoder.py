@@ -84,3 +84,20 @@ def test_auto_serves_the_bundled_model_with_llamacpp_on_cpu(model_cache_dir, tmp
     assert engine.mode == "llamacpp"
     [reply] = engine.generate([Work(loaded.tokenizer("Hello, my name is").input_ids, Sampling(temperature=0.0, max_new_tokens=5))])
     assert reply.new_tokens >= 1 and reply.text
+
+
+def test_rows_wait_for_cache_room_instead_of_failing(tiny_llama, tmp_path):
+    """With room for two replies in the cache, a third request waits until one leaves,
+    then is answered like the others."""
+    engine = TransformersEngine(tiny_llama, mode="llamacpp", cache_dir=tmp_path, threads=1, gguf_type="f16", kv_tokens=1024)
+    rows = [Work([5 + i, 17, 42], Sampling(temperature=1.0, top_k=0, max_new_tokens=200, seed=i)) for i in range(3)]
+    rows[0] = Work([5, 17, 42], Sampling(temperature=1.0, top_k=0, max_new_tokens=100, seed=0))
+    for i, work in enumerate(rows):
+        engine.add(work, i)
+    engine.step()
+    assert engine.decoder.sequences and len(engine.decoder.sequences) == 2  # the third waits
+    finished = []
+    while engine.active:
+        finished += engine.step()
+    assert sorted(tag for tag, _ in finished) == [0, 1, 2]
+    assert all(c.new_tokens == w.sampling.max_new_tokens for (tag, c), w in zip(sorted(finished, key=lambda f: f[0]), rows))
