@@ -22,25 +22,6 @@ def _torch_logits(model, ids: list[int]) -> torch.Tensor:
         return model(torch.tensor([ids])).logits[0, -1]
 
 
-def test_a_checkpoint_written_as_gguf_gives_the_torch_models_logits(tiny_llama, tmp_path):
-    """Written at full precision, the GGUF is the same function: names, shapes and the
-    rotary permutation of q and k are right."""
-    from persona.gguf_files import write_gguf
-    from persona.llamacpp_decoder import LlamaCppDecoder
-
-    path = write_gguf(tiny_llama.model, bundled_gguf_path(), tmp_path / "tiny.gguf", "f32")
-    decoder = LlamaCppDecoder(path, threads=1, context_tokens=1024)
-    prompts = [[5, 17, 42, 99, 3, 8], [11, 12]]
-    ids = torch.tensor([prompts[0], [0] * 4 + prompts[1]])
-    mask = torch.tensor([[1] * 6, [0] * 4 + [1] * 2])
-    ours = decoder.start(ids, mask, None, 4)
-    for row, prompt in enumerate(prompts):
-        assert torch.allclose(ours[row], _torch_logits(tiny_llama.model, prompt), atol=1e-3)
-    # One more token per row, at each row's own position.
-    ours = decoder.step(torch.tensor([7, 9]), torch.tensor([6, 2]))
-    assert torch.allclose(ours[1], _torch_logits(tiny_llama.model, prompts[1] + [9]), atol=1e-3)
-
-
 def test_the_bundled_gguf_agrees_with_the_dequantised_model(model_cache_dir):
     """llama.cpp on the shipped Q4_1 file and transformers on its dequantised weights
     predict nearly the same next-token distribution."""

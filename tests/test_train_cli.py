@@ -114,3 +114,6 @@ def test_train_eval_generate_export_from_the_command_line(env, settings: Setting
         assert torch.allclose(plain(ids).logits, served.model(ids).logits, atol=1e-5)
     again = persona("export", "sage2", "-o", str(exported), env=env)
     assert again.returncode == 1 and "not empty" in again.stderr
+    as_gguf = persona("export", "sage2", "-o", str(tmp_path / "gguf"), "--gguf", "q8_0", env=env)
+    assert as_gguf.returncode == 1 and "Llama-family" in as_gguf.stderr  # a GPT-2 checkpoint
+    assert not (tmp_path / "gguf").exists()

@@ -2,7 +2,8 @@
 
 A LoRA adapter is merged into its base, so the folder loads with plain
 ``AutoModelForCausalLM.from_pretrained(folder)``: no peft, no persona. Full-weight
-checkpoints are written the same way. (A GGUF file is not written yet.)
+checkpoints are written the same way. With ``gguf``, a Llama-family checkpoint of the
+bundled base is also written as one GGUF file (for llama.cpp, Ollama, LM Studio...).
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from persona.engine import llamacpp_available
 from persona.errors import ConfigError, ModelError
-from persona.models import load_model
+from persona.gguf_files import GGUF_TYPES, tokenizer_matches, write_gguf
+from persona.models import bundled_gguf_path, load_model
 from persona.personas import Persona
 from persona.pool import resolve_checkpoint
 from persona.settings import Settings
@@ -23,7 +26,9 @@ __all__ = ["export_persona"]
 log = logging.getLogger(__name__)
 
 
-def export_persona(settings: Settings, persona: Persona, out_dir: Path, *, version: str | None = None) -> Path:
+def export_persona(
+    settings: Settings, persona: Persona, out_dir: Path, *, version: str | None = None, gguf: str | None = None
+) -> Path:
     """Write the persona's weights (its file's checkpoint, or ``version``) into ``out_dir``."""
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise ConfigError(f"{out_dir} already exists and is not empty; choose a new folder")
@@ -33,12 +38,22 @@ def export_persona(settings: Settings, persona: Persona, out_dir: Path, *, versi
             f"persona {persona.name!r} has no fine-tuned checkpoint to export; "
             f"train one with `persona train {persona.name} --corpus FILE` or name one with --checkpoint"
         )
+    if gguf and gguf not in GGUF_TYPES:
+        raise ConfigError(f"unknown GGUF type {gguf!r}; choose one of {', '.join(GGUF_TYPES)}")
     loaded = load_model(persona.model.base, checkpoint, cache_dir=settings.model_cache_dir, device="cpu", dtype="float32")
+    llama = getattr(loaded.model.config, "model_type", None) == "llama"
+    if gguf and not (llama and llamacpp_available() and tokenizer_matches(loaded.tokenizer, bundled_gguf_path())):
+        raise ModelError(
+            "a GGUF can be written only for a Llama-family checkpoint with the bundled model's vocabulary, "
+            "with llama-cpp-python installed (`pip install '.[fast]'`); export without --gguf"
+        )
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
     try:
         loaded.model.save_pretrained(staging)
         loaded.tokenizer.save_pretrained(staging)
+        if gguf:
+            write_gguf(loaded.model, bundled_gguf_path(), staging / f"{persona.name}-{version_name}.{gguf}.gguf", gguf)
         (staging / "README.md").write_text(
             f"# {persona.speaker} ({persona.name} {version_name})\n\n"
             f"Exported by `persona export` from `{checkpoint}` on base `{persona.model.base}`; "

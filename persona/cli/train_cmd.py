@@ -281,6 +281,10 @@ def export(
     name: str = typer.Argument(..., help="the persona to export"),
     output: Path = typer.Option(..., "-o", "--output", help="a new folder for the model"),
     checkpoint: str = typer.Option(None, help="a version (v2) or folder; default: the persona file's"),
+    gguf: str = typer.Option(
+        None, help="also write one GGUF file of this type (q8_0, q4_1, f16, f32) for llama.cpp; "
+        "Llama-family checkpoints of the bundled model only",
+    ),
 ) -> None:
     """Write a standalone Hugging Face model folder, any LoRA merged into its base."""
     from persona.personas import PersonaRegistry
@@ -289,7 +293,7 @@ def export(
     settings = get_settings()
     persona = PersonaRegistry.from_settings(settings).get(name)
     with console.status(f"exporting {name}..."):
-        folder = export_persona(settings, persona, output, version=checkpoint)
+        folder = export_persona(settings, persona, output, version=checkpoint, gguf=gguf)
     console.print(f"wrote {folder}; load it with AutoModelForCausalLM.from_pretrained({str(folder)!r})")
 
 

@@ -1,0 +1,59 @@
+"""Checkpoints written as GGUF are the same model for llama.cpp; export can write one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from persona.engine import llamacpp_available
+from persona.models import bundled_gguf_path, load_model
+
+pytestmark = pytest.mark.skipif(not llamacpp_available(), reason="llama-cpp-python (the `fast` extra) is not installed")
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tiny_llama_dir, tmp_path_factory):
+    return load_model(str(tiny_llama_dir), cache_dir=tmp_path_factory.mktemp("cache"))
+
+
+def _torch_logits(model, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0, -1]
+
+
+def test_a_checkpoint_written_as_gguf_gives_the_torch_models_logits(tiny_llama, tmp_path):
+    """Written at full precision, the GGUF is the same function: names, shapes and the
+    rotary permutation of q and k are right."""
+    from persona.gguf_files import write_gguf
+    from persona.llamacpp_decoder import LlamaCppDecoder
+
+    path = write_gguf(tiny_llama.model, bundled_gguf_path(), tmp_path / "tiny.gguf", "f32")
+    decoder = LlamaCppDecoder(path, threads=1, context_tokens=1024)
+    prompts = [[5, 17, 42, 99, 3, 8], [11, 12]]
+    ids = torch.tensor([prompts[0], [0] * 4 + prompts[1]])
+    mask = torch.tensor([[1] * 6, [0] * 4 + [1] * 2])
+    ours = decoder.start(ids, mask, None, 4)
+    for row, prompt in enumerate(prompts):
+        assert torch.allclose(ours[row], _torch_logits(tiny_llama.model, prompt), atol=1e-3)
+    # One more token per row, at each row's own position.
+    ours = decoder.step(torch.tensor([7, 9]), torch.tensor([6, 2]))
+    assert torch.allclose(ours[1], _torch_logits(tiny_llama.model, prompts[1] + [9]), atol=1e-3)
+
+
+def test_export_writes_a_gguf_that_llama_cpp_serves(tiny_llama_dir, write_persona, settings, tmp_path):
+    from persona.llamacpp_decoder import LlamaCppDecoder
+    from persona.personas import PersonaRegistry
+    from tests.fakes.checkpoints import make_checkpoint
+    from training.export import export_persona
+
+    write_persona("tiny", base=str(tiny_llama_dir))
+    make_checkpoint(settings, tiny_llama_dir, "tiny", seed=3)
+    persona = PersonaRegistry.from_settings(settings).get("tiny")
+    folder = export_persona(settings, persona, tmp_path / "out", version="v1", gguf="f16")
+    [gguf] = folder.glob("*.gguf")
+    assert gguf.name == "tiny-v1.f16.gguf"
+    served = load_model(str(tiny_llama_dir), settings.checkpoints_dir / "tiny" / "v1", cache_dir=tmp_path)
+    decoder = LlamaCppDecoder(gguf, threads=1, context_tokens=1024)
+    ids = [5, 17, 42]
+    logits = decoder.start(torch.tensor([ids]), torch.ones((1, 3), dtype=torch.long), None, 1)[0]
+    assert torch.allclose(logits, _torch_logits(served.model, ids), atol=2e-2)
