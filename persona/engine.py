@@ -15,6 +15,7 @@ import inspect
 import logging
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol
@@ -114,6 +115,8 @@ class ContinuousGenerator(Generator, Protocol):
 
     def step(self) -> list[tuple[object, Completion]]: ...
 
+    def remove(self, unwanted: Callable[[object], bool]) -> int: ...
+
     def abandon(self) -> list[object]: ...
 
 
@@ -205,6 +208,21 @@ class TransformersEngine:
             tokens = tokens[keep]
         self._logits = self.decoder.step(tokens, rows.position_ids[:, -1])
         return done
+
+    def remove(self, unwanted: Callable[[object], bool]) -> int:
+        """Drop the rows whose tag is ``unwanted`` (withdrawn requests); return how many."""
+        before = self.active
+        self._waiting = [(w, t) for w, t in self._waiting if not unwanted(t)]
+        rows = self._rows
+        if rows is not None:
+            keep = [i for i in range(rows.size) if not unwanted(rows.tags[rows.index[i]])]
+            if not keep:
+                self._rows = self._logits = None
+            elif len(keep) < rows.size:
+                rows.select(keep)
+                self.decoder.select(torch.tensor(keep, device=self.model.device))
+                self._logits = self._logits[keep]
+        return before - self.active
 
     def abandon(self) -> list[object]:
         """Drop every row (after a failed step); return their tags so each can be answered."""

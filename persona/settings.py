@@ -65,6 +65,9 @@ class WorkerSettings(BaseModel):
         "its checkpoints when installed, else int8 for models 512 wide or more, else fused; "
         "fused on a GPU; eager if not a Llama)",
     )
+    cancel_check_s: float = Field(
+        0.5, gt=0, description="while decoding, how often withdrawn requests are looked for (they stop at once)"
+    )
     kv_tokens: int = Field(
         16384, ge=1024,
         description="llama.cpp engine: cache tokens shared by all rows (prompt + reply each; "

@@ -91,6 +91,8 @@ class Worker:
         self.stopping = threading.Event()
         self._last_reclaim = 0.0
         self._last_swap_check = 0.0
+        self._last_cancel_check = 0.0
+        self._in_flight: dict[str, _Row] = {}  # request id -> its row in an engine
         self._personas: dict[str, tuple[float, Persona]] = {}
         self._decoding: dict[int, ContinuousGenerator] = {}  # engines with rows, by id
         self._outbox: list[tuple[Job, GenerationReply]] = []  # settled, not yet delivered
@@ -191,6 +193,9 @@ class Worker:
             jobs.extend(self._reclaim())
         if jobs:
             self.process(jobs)
+        if self._decoding and now - self._last_cancel_check >= self.settings.worker.cancel_check_s:
+            self._last_cancel_check = now
+            self._drop_withdrawn()
         if self._decoding:
             self._decode_step()
         # Swaps are prepared and switched here; rows already decoding finish on their weights.
@@ -328,6 +333,7 @@ class Worker:
             return
         for row, work in zip(members, works, strict=True):
             engine.add(work, row)
+            self._in_flight[row.job.request.id] = row
         self._decoding[id(engine)] = engine
         self.info.batches += 1
 
@@ -341,10 +347,26 @@ class Worker:
                 settled = self._failed(engine.abandon(), exc)
             else:
                 settled = [(row.job, self._reply(row, completion, batch)) for row, completion in done]
+            for job, _ in settled:
+                self._in_flight.pop(job.request.id, None)
             if not engine.active:
                 del self._decoding[key]
             self.info.requests += sum(1 for _, reply in settled if reply.ok)
             self._send(settled, batch_size=batch)
+
+    def _drop_withdrawn(self) -> None:
+        """Rows whose callers withdrew them leave their batch now and are answered so."""
+        withdrawn = self.queue.is_cancelled(list(self._in_flight))
+        if not withdrawn:
+            return
+        rows = [self._in_flight.pop(request_id) for request_id in withdrawn]
+        dropped = {id(row) for row in rows}
+        for key, engine in list(self._decoding.items()):
+            engine.remove(lambda tag: id(tag) in dropped)
+            if not engine.active:
+                del self._decoding[key]
+        log.info("stopped %d withdrawn request(s) mid-generation", len(rows))
+        self._send([(r.job, self._failure(r.job.request, ErrorKind.cancelled, "the request was withdrawn")) for r in rows])
 
     def _generate(self, members: list[_Row]) -> list[tuple[Job, GenerationReply]]:
         """One whole batch through an engine that cannot take rows while decoding."""

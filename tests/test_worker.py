@@ -146,3 +146,20 @@ def test_a_worker_told_to_stop_finishes_the_rows_it_is_decoding(write_persona, t
     worker.stop()
     reply = client.wait(request, timeout=60)
     assert reply.ok and reply.new_tokens == 300
+
+
+def test_a_request_withdrawn_mid_generation_stops_and_its_caller_is_told(
+    write_persona, tiny_llama_dir, running_worker, client, settings
+):
+    settings.worker.cancel_check_s = 0.01
+    write_persona("tiny", base=str(tiny_llama_dir))
+    worker = running_worker()
+    request = client.submit(chat("tiny", sampling=SamplingOverrides(max_new_tokens=400, temperature=1.0, top_k=0, seed=5)))
+    deadline = time.monotonic() + 30
+    while not worker.decoding and time.monotonic() < deadline:
+        time.sleep(0.001)
+    client.cancel(request.id)
+    reply = client.wait(request, timeout=30)
+    assert not reply.ok and reply.error.kind is ErrorKind.cancelled
+    assert worker.decoding == 0
+    assert client.ask(chat("tiny", sampling=SamplingOverrides(max_new_tokens=2)), timeout=30).ok  # still serving
