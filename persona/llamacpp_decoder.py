@@ -26,7 +26,7 @@ __all__ = ["LlamaCppDecoder", "gguf_for", "route_llama_cpp_logs"]
 log = logging.getLogger(__name__)
 
 MAX_SEQUENCES = 256  # llama.cpp's LLAMA_MAX_SEQ
-CONTEXT_TOKENS = 16384  # the KV cache shared by every row (23 MB per 1,000 for the bundled model)
+CONTEXT_TOKENS = 8192  # the KV cache shared by every row (23 MB per 1,000 for the bundled model)
 BATCH_TOKENS = 512  # tokens per llama_decode call (prompts are fed in chunks)
 
 

@@ -69,7 +69,7 @@ class WorkerSettings(BaseModel):
         0.5, gt=0, description="while decoding, how often withdrawn requests are looked for (they stop at once)"
     )
     kv_tokens: int = Field(
-        16384, ge=1024,
+        8192, ge=1024,
         description="llama.cpp engine: cache tokens shared by all rows (prompt + reply each; "
         "23 MB per 1,000 for the bundled model); a row waits until its reply fits",
     )
