@@ -26,6 +26,7 @@ from persona import constants as keys
 from persona.contract import ErrorKind, GenerationReply, GenerationRequest, Priority
 from persona.errors import QueueBusy, QueueError, ReplyTimeout
 from persona.settings import QueueSettings
+from persona.telemetry import Tally
 from persona.validation import check_request
 
 __all__ = ["AsyncQueueClient", "Job", "QueueClient", "WorkQueue", "stream_for"]
@@ -57,16 +58,22 @@ end
 return redis.call('XADD', KEYS[1], '*', 'r', ARGV[2])
 """
 
-# Deliver each reply unless its request was answered already; always settle its entry.
-# One call settles a whole batch (no round trip per job): KEYS come in fives per reply
-# (answered flag, reply list, stream or '', stats hash, sender counter or ''), ARGV
-# starts with four shared values, then three per reply (reply, entry id or '', counter).
+# Deliver each reply unless its request was answered already; always settle its entry;
+# then record the batch's telemetry, so one call delivers, settles and counts a whole
+# batch (no round trip per job, none for telemetry). ARGV starts with six shared values
+# (reply TTL, answered TTL, group, worker, reply count n, reply-log cap). KEYS come in
+# fives per reply (answered flag, reply list, stream or '', stats hash, sender counter
+# or ''), then the reply log and the telemetry hashes; ARGV goes on with three values per
+# reply (reply, entry id or '', counter), then the telemetry: a count of reply-log rows
+# and seven values per row, then a count of HINCRBYs and three values each (key index
+# after the reply log, field, amount), then the same for HINCRBYFLOATs. Telemetry uses
+# pcall: a failure to count never undoes or blocks a delivery.
 DELIVER_SCRIPT = """
 local reply_ttl, answered_ttl = tonumber(ARGV[1]), tonumber(ARGV[2])
-local group, worker = ARGV[3], ARGV[4]
+local group, worker, n = ARGV[3], ARGV[4], tonumber(ARGV[5])
 local new = 0
-for i = 0, #KEYS / 5 - 1 do
-  local k, a = i * 5, 4 + i * 3
+for i = 0, n - 1 do
+  local k, a = i * 5, 6 + i * 3
   local first = redis.call('SET', KEYS[k + 1], worker, 'NX', 'EX', answered_ttl)
   if first then
     new = new + 1
@@ -82,8 +89,23 @@ for i = 0, #KEYS / 5 - 1 do
     redis.call('XDEL', KEYS[k + 3], ARGV[a + 2])
   end
 end
+local log, t = n * 5 + 1, 6 + n * 3 + 1
+for r = 1, tonumber(ARGV[t] or '0') do
+  local v = t + (r - 1) * 7
+  redis.pcall('XADD', KEYS[log], 'MAXLEN', '~', ARGV[6], '*', 'p', ARGV[v + 1], 'v', ARGV[v + 2],
+    'ok', ARGV[v + 3], 't', ARGV[v + 4], 'q', ARGV[v + 5], 'g', ARGV[v + 6], 'k', ARGV[v + 7])
+end
+t = t + 1 + tonumber(ARGV[t] or '0') * 7
+for _, command in ipairs({'HINCRBY', 'HINCRBYFLOAT'}) do
+  for c = 1, tonumber(ARGV[t] or '0') do
+    local v = t + (c - 1) * 3
+    redis.pcall(command, KEYS[log + tonumber(ARGV[v + 1])], ARGV[v + 2], ARGV[v + 3])
+  end
+  t = t + 1 + tonumber(ARGV[t] or '0') * 3
+end
 return new
 """
+
 
 # Put an unfinished entry back at the end of its stream (a leaving worker's hand-back).
 REQUEUE_SCRIPT = """
@@ -93,6 +115,22 @@ redis.call('XDEL', KEYS[1], ARGV[2])
 if #entry == 0 then return false end
 return redis.call('XADD', KEYS[1], '*', unpack(entry[1][2]))
 """
+
+
+def _add_tally(tally: Tally, script_keys: list[str], args: list) -> None:
+    """Append a tally to the delivery script's keys and arguments, as it reads them."""
+    hashes: dict[str, int] = {}
+    script_keys.append(keys.REPLY_LOG_STREAM)
+    args.append(len(tally.rows))
+    for row in tally.rows:
+        args.extend(row)
+    for table in (tally.counts, tally.sums):
+        args.append(len(table))
+        for (key, name), amount in table.items():
+            if key not in hashes:
+                hashes[key] = len(hashes) + 1
+                script_keys.append(key)
+            args += [hashes[key], name, amount]
 
 
 def stream_for(priority: Priority) -> str:
@@ -273,16 +311,19 @@ class WorkQueue:
             for entry_id, fields in entries
         ]
 
-    def deliver(self, settled: list[tuple[Job | None, GenerationReply]], worker: str) -> int:
+    def deliver(
+        self, settled: list[tuple[Job | None, GenerationReply]], worker: str, *, record: bool = False, batch_size: int = 0
+    ) -> int:
         """Send each reply (at most once per request id) and settle its entry.
 
-        Returns how many replies were new; a duplicate is dropped silently because its
-        caller has already been answered.
+        With ``record``, the replies' telemetry (and one batch of ``batch_size``, if not
+        0) is counted in the same call. Returns how many replies were new; a duplicate is
+        dropped silently because its caller has already been answered.
         """
         if not settled:
             return 0
         script_keys: list[str] = []
-        args: list = [self.settings.reply_ttl_s, keys.ANSWERED_TTL_S, keys.CONSUMER_GROUP, worker]
+        replies: list = []
         for job, reply in settled:
             counter = "completed" if reply.ok else f"failed:{reply.error.kind if reply.error else 'internal'}"
             user = job.request.user if job and job.request else None
@@ -293,7 +334,13 @@ class WorkQueue:
                 keys.STATS_KEY,
                 keys.user_pending_key(user) if user else "",
             ]
-            args += [reply.to_json(), job.entry_id if job else "", counter]
+            replies += [reply.to_json(), job.entry_id if job else "", counter]
+        args: list = [
+            self.settings.reply_ttl_s, keys.ANSWERED_TTL_S, keys.CONSUMER_GROUP, worker, len(settled),
+            keys.REPLY_LOG_MAX_LEN, *replies,
+        ]
+        if record:
+            _add_tally(Tally.of([reply for _, reply in settled], batch_size), script_keys, args)
         return int(self._deliver(keys=script_keys, args=args))
 
     def settle_without_reply(self, job: Job) -> None:

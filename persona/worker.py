@@ -28,7 +28,6 @@ from persona.prompting import build_prompts
 from persona.queue import Job, WorkQueue
 from persona.settings import Settings
 from persona.swapper import Swapper
-from persona.telemetry import record_replies
 from persona.validation import request_problem
 
 __all__ = ["Worker", "new_worker_id"]
@@ -181,13 +180,11 @@ class Worker:
         for job in [j for j in runnable if j.request.id in cancelled]:
             early.append((job, self._failure(job.request, ErrorKind.cancelled, "the request was withdrawn")))
         runnable = [j for j in runnable if j.request.id not in cancelled]
-        # Timings are recorded just before delivery, so a caller who has its reply sees it counted.
-        record_replies(self.redis, [reply for _, reply in early])
-        self.queue.deliver(early, self.id)
+        # Timings are recorded in the delivery's own call, so a caller who has its reply sees it counted.
+        self.queue.deliver(early, self.id, record=True)
         for group in self._groups(runnable):
-            replies = [reply for _, reply in group]
-            record_replies(self.redis, replies, batch_size=len(group) if any(r.ok for r in replies) else 0)
-            self.queue.deliver(group, self.id)
+            batch_size = len(group) if any(reply.ok for _, reply in group) else 0
+            self.queue.deliver(group, self.id, record=True, batch_size=batch_size)
 
     def _refusal(self, job: Job) -> GenerationReply | None:
         """An error reply for a job that must not be generated, else None."""
@@ -272,10 +269,12 @@ class Worker:
                 timings=Timings(queue_ms=max(0.0, (job.claimed_at - request.created_at) * 1000), generate_ms=elapsed_ms),
             )
             settled.append((job, reply))
-            log.info(
-                "answered %s persona=%s version=%s tokens=%d batch=%d in %.0f ms",
-                request.id, persona.name, served.version, completion.new_tokens, len(members), elapsed_ms,
-            )
+            log.debug("answered %s persona=%s tokens=%d", request.id, persona.name, completion.new_tokens)
+        # One line per batch, not per request: at thousands of replies a second, logging is the cost.
+        log.info(
+            "answered %d request(s) for %s version=%s tokens=%d in %.0f ms",
+            len(members), served.loaded.name, served.version, sum(c.new_tokens for c in completions), elapsed_ms,
+        )
         return settled
 
     def _failure(self, request: GenerationRequest, kind: ErrorKind, message: str) -> GenerationReply:
