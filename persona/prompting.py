@@ -11,6 +11,7 @@ newest message is always kept (cut from its start only if it alone is too long).
 
 from __future__ import annotations
 
+import re
 import weakref
 from dataclasses import dataclass
 
@@ -64,12 +65,12 @@ def build_prompts(
         else:
             prompts[i] = build_prompt(persona, request, loaded, sampling)
     if texts:
-        encoded = backend.encode_batch(list(texts.values()), add_special_tokens=False)
+        encoded = _encode_many(loaded.tokenizer, list(texts.values()))
         for i, ids in zip(texts, encoded, strict=True):
             persona, request, sampling = items[i]
             budget = max(16, loaded.context_tokens - sampling.max_new_tokens)
-            fits = len(ids.ids) <= budget
-            prompts[i] = Prompt(ids.ids, sampling.stop) if fits else build_prompt(persona, request, loaded, sampling)
+            fits = len(ids) <= budget
+            prompts[i] = Prompt(ids, sampling.stop) if fits else build_prompt(persona, request, loaded, sampling)
     return [p for p in prompts if p is not None]
 
 
@@ -188,3 +189,88 @@ def _encode(tokenizer, text: str) -> list[int]:
     if backend is not None:
         return backend.encode(text, add_special_tokens=False).ids
     return tokenizer.encode(text, add_special_tokens=False)
+
+
+# Tokenizing is most of a worker's own cost per request, and most of every chat prompt is
+# the same each time: the persona's system prompt and examples, and the template's role
+# headers. A fast tokenizer cuts its input at its added tokens (<|im_start|>...) and
+# encodes each piece between them on its own, so the ids of a piece seen before can be
+# reused: only the pieces holding new text (usually the newest message) are encoded.
+# Used only for tokenizers where that cut is exact (no normalizer, no added token that
+# strips or matches whole words) and where probes agree with encoding the whole text.
+PIECE_CACHE_SIZE = 4096
+_pieces: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+class _PieceEncoder:
+    """Encodes texts piece by piece between added tokens, remembering recent pieces."""
+
+    def __init__(self, backend) -> None:
+        self.backend = backend
+        added = backend.get_added_tokens_decoder()
+        self.ids = {token.content: token_id for token_id, token in added.items()}
+        # Longest first: at one position the longest added token wins, as in the tokenizer.
+        alternatives = sorted(self.ids, key=len, reverse=True)
+        self.split = re.compile("(" + "|".join(map(re.escape, alternatives)) + ")").split
+        self.cache: dict[str, list[int]] = {}
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        parts = [self.split(text) for text in texts]
+        missing = {
+            piece for pieces in parts for n, piece in enumerate(pieces)
+            if n % 2 == 0 and piece and piece not in self.cache
+        }
+        if missing:
+            if len(self.cache) + len(missing) > PIECE_CACHE_SIZE:
+                self.cache.clear()  # crude but bounded; the persona's own pieces come back at once
+            fresh = list(missing)
+            for piece, ids in zip(fresh, self.backend.encode_batch_fast(fresh, add_special_tokens=False), strict=True):
+                self.cache[piece] = ids.ids
+        out = []
+        for pieces in parts:
+            ids: list[int] = []
+            for n, piece in enumerate(pieces):
+                if n % 2:
+                    ids.append(self.ids[piece])
+                elif piece:
+                    ids.extend(self.cache[piece])
+            out.append(ids)
+        return out
+
+
+def _piece_encoder(backend) -> _PieceEncoder | None:
+    """A piece encoder for this tokenizer, or None where cutting at added tokens is not exact."""
+    try:
+        added = backend.get_added_tokens_decoder().values()
+        if backend.normalizer is not None or not added or backend.truncation or backend.padding:
+            return None
+        if any(t.lstrip or t.rstrip or t.single_word or t.normalized for t in added):
+            return None
+        encoder = _PieceEncoder(backend)
+        contents = sorted(encoder.ids, key=len)
+        probes = [
+            f"{contents[-1]}system\nBe brief.{contents[0]}\n{contents[-1]}user\n Hi there! {contents[-1]}x\n",
+            f"plain text, no added tokens {contents[0]}{contents[0]} \n\n  trailing  ",
+        ]
+        for probe in probes:
+            whole = backend.encode(probe, add_special_tokens=False).ids
+            if encoder.encode([probe]) != [whole] or encoder.encode([probe]) != [whole]:
+                return None
+        encoder.cache.clear()
+        return encoder
+    except Exception:  # an unfamiliar tokenizer: encode whole texts
+        return None
+
+
+def _encode_many(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids of each text, without special tokens added (fast tokenizers only)."""
+    backend = tokenizer.backend_tokenizer
+    try:
+        encoder = _pieces[backend]
+    except KeyError:
+        encoder = _pieces[backend] = _piece_encoder(backend)
+    except TypeError:  # cannot be weakly referenced: not cached
+        encoder = None
+    if encoder is not None:
+        return encoder.encode(texts)
+    return [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
