@@ -34,6 +34,7 @@ __all__ = ["AsyncQueueClient", "Job", "QueueClient", "WorkQueue", "stream_for"]
 log = logging.getLogger(__name__)
 
 REQUEST_FIELD = b"r"
+EPOCH_FIELD = b"e"
 WAIT_SLACK_S = 5.0
 # A caller waits for its reply in slices shorter than any client's socket read timeout
 # (redis-py 8 defaults to 5 s), so one long BLPOP is never cut off as a dead socket.
@@ -45,6 +46,8 @@ RECLAIM_BATCH = 100
 # Refuse new work once a stream is full, or once its sender already has their share
 # waiting (so a flood from one user cannot starve everyone else), atomically with
 # adding it. KEYS[2] is the sender's pending counter, or '' for an anonymous caller.
+# The entry carries the cancel epoch as it was added ('x' if the request was already
+# withdrawn), so a worker can skip reading cancel flags when nothing was cancelled since.
 SUBMIT_SCRIPT = """
 if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then return 'busy' end
 if KEYS[2] ~= '' then
@@ -55,7 +58,21 @@ if KEYS[2] ~= '' then
     return 'user_busy'
   end
 end
-return redis.call('XADD', KEYS[1], '*', 'r', ARGV[2])
+local epoch = redis.call('GET', KEYS[3]) or '0'
+if redis.call('EXISTS', KEYS[4]) == 1 then epoch = 'x' end
+return redis.call('XADD', KEYS[1], '*', 'r', ARGV[2], 'e', epoch)
+"""
+
+# A worker's claim without waiting, in one round trip: new interactive entries, else
+# new batch entries; with them the cancel epoch and the active versions as they are
+# now. KEYS: interactive stream, batch stream, cancel epoch, active versions.
+CLAIM_SCRIPT = """
+local stream, got = KEYS[1], nil
+for s = 1, 2 do
+  got = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', ARGV[3], 'STREAMS', KEYS[s], '>')
+  if got then break end
+end
+return {got or {}, redis.call('GET', KEYS[3]) or '0', redis.call('HGETALL', KEYS[4])}
 """
 
 # Deliver each reply unless its request was answered already; always settle its entry;
@@ -147,7 +164,8 @@ def _stamp(request: GenerationRequest, settings: QueueSettings) -> GenerationReq
 def _submit_keys_args(request: GenerationRequest, settings: QueueSettings) -> tuple[list[str], list]:
     user_key = keys.user_pending_key(request.user) if request.user else ""
     hold_s = int(settings.default_deadline_s * 2) + 60  # a lost decrement heals itself
-    return [stream_for(request.priority), user_key], [
+    stream_keys = [stream_for(request.priority), user_key, keys.CANCEL_EPOCH_KEY, keys.cancel_key(request.id)]
+    return stream_keys, [
         settings.max_length, request.to_json(), settings.max_pending_per_user, hold_s,
     ]
 
@@ -175,6 +193,12 @@ def _slice(left_s: float) -> float:
     return min(max(left_s, MIN_SLICE_S), WAIT_SLICE_S)
 
 
+def _cancel(pipe, request_id: str, settings: QueueSettings) -> None:
+    """Queue a cancellation on a MULTI pipeline: the flag, and the epoch workers compare."""
+    pipe.set(keys.cancel_key(request_id), 1, ex=settings.reply_ttl_s)
+    pipe.incr(keys.CANCEL_EPOCH_KEY)
+
+
 def _decode_reply(raw: bytes | None, request: GenerationRequest) -> GenerationReply:
     if raw is None:
         raise ReplyTimeout(
@@ -182,6 +206,18 @@ def _decode_reply(raw: bytes | None, request: GenerationRequest) -> GenerationRe
             "is a worker running (`persona worker`, or `persona up`)? See `persona queue stats`"
         )
     return GenerationReply.from_json(raw)
+
+
+def _pairs(flat: list | None, decode: bool = True) -> dict:
+    """A flat [field, value, ...] reply as a dict (of str, unless ``decode`` is False)."""
+    flat = flat or []
+    pairs = zip(flat[::2], flat[1::2], strict=True)
+    return {k.decode(): v.decode() for k, v in pairs} if decode else dict(pairs)
+
+
+def _texts(mapping: dict | None) -> dict[str, str]:
+    return {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+            for k, v in (mapping or {}).items()}
 
 
 class QueueClient:
@@ -214,7 +250,9 @@ class QueueClient:
 
     def cancel(self, request_id: str) -> None:
         """Withdraw a request that is still waiting or running."""
-        self.redis.set(keys.cancel_key(request_id), 1, ex=self.settings.reply_ttl_s)
+        pipe = self.redis.pipeline(transaction=True)
+        _cancel(pipe, request_id, self.settings)
+        pipe.execute()
 
 
 class AsyncQueueClient:
@@ -243,7 +281,9 @@ class AsyncQueueClient:
         return await self.wait(await self.submit(request), timeout)
 
     async def cancel(self, request_id: str) -> None:
-        await self.redis.set(keys.cancel_key(request_id), 1, ex=self.settings.reply_ttl_s)
+        pipe = self.redis.pipeline(transaction=True)
+        _cancel(pipe, request_id, self.settings)
+        await pipe.execute()
 
 
 @dataclass
@@ -256,12 +296,16 @@ class Job:
     request: GenerationRequest | None = None
     problem: str | None = None
     claimed_at: float = field(default_factory=time.time)
+    # The cancel epoch when it was submitted, if the entry carries one.
+    epoch: bytes | None = None
+    # Claimed with the epoch unchanged since: nobody has cancelled anything, this included.
+    not_cancelled: bool = False
 
     @classmethod
     def parse(cls, stream: str, entry_id: bytes | str, fields: dict) -> Job:
         entry = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
         payload = fields.get(REQUEST_FIELD) or fields.get("r") or b""
-        job = cls(stream=stream, entry_id=entry, payload=payload)
+        job = cls(stream=stream, entry_id=entry, payload=payload, epoch=fields.get(EPOCH_FIELD))
         try:
             job.request = GenerationRequest.from_json(payload)
         except ValueError as exc:
@@ -287,6 +331,8 @@ class WorkQueue:
         self.settings = settings
         self._deliver = client.register_script(DELIVER_SCRIPT)
         self._requeue = client.register_script(REQUEUE_SCRIPT)
+        self._claim = client.register_script(CLAIM_SCRIPT)
+        self.active_versions: dict[str, str] = {}
         self.ensure_groups()
 
     def ensure_groups(self) -> None:
@@ -299,17 +345,40 @@ class WorkQueue:
                     raise
 
     def claim(self, consumer: str, count: int, block_ms: int = keys.BLOCK_MS) -> list[Job]:
-        """New entries for this consumer: interactive ones first, then batch work."""
-        group = keys.CONSUMER_GROUP
-        got = self.redis.xreadgroup(group, consumer, {keys.STREAM_INTERACTIVE: ">"}, count=count)
-        if not got:
-            streams = {s: ">" for s in keys.STREAMS_BY_PRIORITY}
-            got = self.redis.xreadgroup(group, consumer, streams, count=count, block=block_ms or None)
-        return [
-            Job.parse(stream.decode() if isinstance(stream, bytes) else stream, entry_id, fields)
-            for stream, entries in got or []
-            for entry_id, fields in entries
-        ]
+        """New entries for this consumer: interactive ones first, then batch work.
+
+        The same round trip reads the active versions (``active_versions``, as this
+        claim returned) and the cancel epoch, which spares ``cancelled`` a read for
+        requests submitted since the last cancellation.
+        """
+        got, epoch, active = self._claim(
+            keys=[*keys.STREAMS_BY_PRIORITY, keys.CANCEL_EPOCH_KEY, keys.ACTIVE_VERSIONS_KEY],
+            args=[keys.CONSUMER_GROUP, consumer, count],
+        )
+        if not got and block_ms:
+            # Nothing waiting: block on both streams, with the same reads behind the wait.
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.execute_command(
+                "XREADGROUP", "GROUP", keys.CONSUMER_GROUP, consumer, "COUNT", count, "BLOCK", block_ms,
+                "STREAMS", *keys.STREAMS_BY_PRIORITY, ">", ">",
+            )
+            pipe.execute_command("GET", keys.CANCEL_EPOCH_KEY)
+            pipe.execute_command("HGETALL", keys.ACTIVE_VERSIONS_KEY)
+            got, epoch, active = pipe.execute()
+        epoch = epoch or b"0"
+        self.active_versions = _pairs(active) if isinstance(active, list) else _texts(active)
+        jobs = []
+        for stream, entries in got or []:
+            name = stream.decode() if isinstance(stream, bytes) else stream
+            for entry_id, fields in entries:
+                job = Job.parse(name, entry_id, _pairs(fields, decode=False) if isinstance(fields, list) else fields)
+                job.not_cancelled = job.epoch == epoch
+                jobs.append(job)
+        return jobs
+
+    def cancelled(self, jobs: list[Job]) -> set[str]:
+        """The request ids among these jobs that their callers have withdrawn."""
+        return self.is_cancelled([job.request.id for job in jobs if job.request and not job.not_cancelled])
 
     def deliver(
         self, settled: list[tuple[Job | None, GenerationReply]], worker: str, *, record: bool = False, batch_size: int = 0

@@ -15,6 +15,7 @@ import time
 
 import redis
 
+from persona import constants as keys
 from persona import swap
 from persona.checkpoint_checks import loaded_problem, static_problem
 from persona.errors import PersonaError, SwapRefused
@@ -62,9 +63,9 @@ class Swapper:
         self._answered: set[str] = set()
         self._ready: dict[str, tuple[str, str]] = {}  # proposal id -> candidate weights key
 
-    def refresh_active(self) -> None:
-        """Read which version each persona serves now."""
-        self.active = swap.active_versions(self.redis)
+    def refresh_active(self, active: dict[str, str] | None = None) -> None:
+        """Read which version each persona serves now (or take ``active``, read just before)."""
+        self.active = swap.active_versions(self.redis) if active is None else dict(active)
 
     def version_for(self, persona: str) -> str | None:
         """The active version of a persona (None: the persona file's own choice)."""
@@ -72,8 +73,14 @@ class Swapper:
 
     def between_batches(self) -> None:
         """Follow flips, answer new proposals, free weights nobody needs."""
-        self.refresh_active()
-        proposals = [p for p in swap.open_proposals(self.redis) if not p.expired()]
+        # Both reads in one round trip: this runs after every batch, however small.
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hgetall(keys.ACTIVE_VERSIONS_KEY)
+        pipe.hvals(keys.SWAPS_KEY)
+        active, raw_proposals = pipe.execute()
+        self.refresh_active(_texts(active))
+        proposals = [swap.SwapProposal.model_validate_json(v) for v in raw_proposals]
+        proposals = [p for p in proposals if not p.expired()]
         open_ids = {p.id for p in proposals}
         self._answered &= open_ids
         self._ready = {i: k for i, k in self._ready.items() if i in open_ids}
@@ -130,6 +137,11 @@ class Swapper:
             log.info("freed weights %s", key[1])
         if freed:
             _free_memory()
+
+
+def _texts(mapping: dict) -> dict[str, str]:
+    return {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+            for k, v in mapping.items()}
 
 
 def _free_memory() -> None:

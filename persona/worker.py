@@ -145,7 +145,7 @@ class Worker:
     def step(self, block_ms: int = 1000) -> int:
         """Claim and answer one round of work; return how many jobs it handled."""
         jobs = self.queue.claim(self.id, self.settings.worker.max_batch, block_ms=block_ms)
-        self.swaps.refresh_active()  # this batch uses the versions active as it starts
+        self.swaps.refresh_active(self.queue.active_versions)  # read with the claim: as this batch starts
         now = time.monotonic()
         if now - self._last_reclaim >= RECLAIM_EVERY_S:
             self._last_reclaim = now
@@ -176,7 +176,7 @@ class Worker:
             else:
                 log.error("dropping unanswerable entry %s: %s", job.entry_id, job.problem)
                 self.queue.settle_without_reply(job)
-        cancelled = self.queue.is_cancelled([j.request.id for j in runnable])
+        cancelled = self.queue.cancelled(runnable)
         for job in [j for j in runnable if j.request.id in cancelled]:
             early.append((job, self._failure(job.request, ErrorKind.cancelled, "the request was withdrawn")))
         runnable = [j for j in runnable if j.request.id not in cancelled]
