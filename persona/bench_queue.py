@@ -68,13 +68,15 @@ class QueueBenchResult:
         return asdict(self) | {"ratio": round(self.ratio, 2)}
 
 
-def _request(text: str = "hello there, how are you today?") -> GenerationRequest:
+def _request(number: int = 0) -> GenerationRequest:
+    # Every message differs, as in real traffic: no cache may answer for the worker.
+    text = f"hello there, how are you today? This is message {number}."
     return GenerationRequest(persona=PERSONA_NAME, messages=[Message(role="user", content=text)])
 
 
 def _prefill(client: redis.Redis, count: int) -> list[GenerationRequest]:
     """Queue ``count`` requests in a few pipelines (not timed)."""
-    requests = [_request() for _ in range(count)]
+    requests = [_request(n) for n in range(count)]
     for start in range(0, count, PREFILL_CHUNK):
         pipe = client.pipeline(transaction=False)
         for request in requests[start : start + PREFILL_CHUNK]:
@@ -88,8 +90,9 @@ def _round_trips(client: QueueClient, seconds: float) -> list[float]:
     times: list[float] = []
     until = time.perf_counter() + seconds
     while time.perf_counter() < until or len(times) < 20:
+        request = _request(len(times))
         started = time.perf_counter()
-        reply = client.ask(_request(), timeout=10)
+        reply = client.ask(request, timeout=10)
         times.append((time.perf_counter() - started) * 1000)
         if not reply.ok:
             raise RuntimeError(f"the benchmark worker failed a request: {reply.error}")

@@ -202,11 +202,39 @@ PIECE_CACHE_SIZE = 4096
 _pieces: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+# The GPT-2 byte-level split, written out for ASCII text (where \\p{L} is [A-Za-z], \\p{N}
+# is [0-9] and \\s is these six characters): Python runs it faster than the tokenizer's
+# own pre-tokenizer, and each word's ids are then looked up, not merged again.
+_SPACE = " \t\n\r\x0b\x0c"
+_ASCII_WORDS = re.compile(
+    rf"'s|'t|'re|'ve|'m|'ll|'d| ?[A-Za-z]+| ?[0-9]+| ?[^{_SPACE}A-Za-z0-9]+|[{_SPACE}]+(?![^{_SPACE}])|[{_SPACE}]+"
+).findall
+WORD_CACHE_SIZE = 65536
+
+
+def _byte_level_alphabet() -> dict[int, str]:
+    """GPT-2's reversible map from bytes to printable characters."""
+    shown = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = [b for b in range(256) if b not in shown]
+    return {b: chr(b) for b in shown} | {b: chr(256 + n) for n, b in enumerate(extra)}
+
+
+_BYTE_CHARS = str.maketrans({chr(b): c for b, c in _byte_level_alphabet().items() if b < 128})
+
+
 class _PieceEncoder:
     """Encodes texts piece by piece between added tokens, remembering recent pieces."""
 
     def __init__(self, backend) -> None:
         self.backend = backend
+        pre, model = backend.pre_tokenizer, backend.model
+        # Plain ASCII pieces are split and looked up word by word where the tokenizer is a
+        # GPT-2 style byte-level BPE (the bundled one); anything else goes to the tokenizer.
+        self.by_words = (
+            type(pre).__name__ == "ByteLevel" and not pre.add_prefix_space and pre.use_regex
+            and type(model).__name__ == "BPE" and model.dropout is None
+        )
+        self.words: dict[str, list[int]] = {}
         added = backend.get_added_tokens_decoder()
         self.ids = {token.content: token_id for token_id, token in added.items()}
         # Longest first: at one position the longest added token wins, as in the tokenizer.
@@ -214,12 +242,33 @@ class _PieceEncoder:
         self.split = re.compile("(" + "|".join(map(re.escape, alternatives)) + ")").split
         self.cache: dict[str, list[int]] = {}
 
+    def _by_words(self, piece: str) -> list[int] | None:
+        """The ids of an ASCII piece, word by word; None for any other piece."""
+        if not (piece.isascii() and _ONLY_ASCII_TEXT(piece)):
+            return None
+        ids: list[int] = []
+        words = self.words
+        for word in _ASCII_WORDS(piece):
+            found = words.get(word)
+            if found is None:
+                if len(words) >= WORD_CACHE_SIZE:
+                    words.clear()
+                found = words[word] = [t.id for t in self.backend.model.tokenize(word.translate(_BYTE_CHARS))]
+            ids += found
+        return ids
+
     def encode(self, texts: list[str]) -> list[list[int]]:
         parts = [self.split(text) for text in texts]
         missing = {
             piece for pieces in parts for n, piece in enumerate(pieces)
             if n % 2 == 0 and piece and piece not in self.cache
         }
+        if missing and self.by_words:
+            for piece in list(missing):
+                ids = self._by_words(piece)
+                if ids is not None:
+                    self.cache[piece] = ids
+                    missing.discard(piece)
         if missing:
             if len(self.cache) + len(missing) > PIECE_CACHE_SIZE:
                 self.cache.clear()  # crude but bounded; the persona's own pieces come back at once
@@ -238,6 +287,11 @@ class _PieceEncoder:
         return out
 
 
+# Printable ASCII and the whitespace the split above knows; other control characters
+# (never in a message: the contract strips them) go to the tokenizer.
+_ONLY_ASCII_TEXT = re.compile(rf"[\x20-\x7e{_SPACE}]*").fullmatch
+
+
 def _piece_encoder(backend) -> _PieceEncoder | None:
     """A piece encoder for this tokenizer, or None where cutting at added tokens is not exact."""
     try:
@@ -251,12 +305,15 @@ def _piece_encoder(backend) -> _PieceEncoder | None:
         probes = [
             f"{contents[-1]}system\nBe brief.{contents[0]}\n{contents[-1]}user\n Hi there! {contents[-1]}x\n",
             f"plain text, no added tokens {contents[0]}{contents[0]} \n\n  trailing  ",
+            "It's 12:30 -- they'll say \"don't\" ;-)\t\tMAX_LEN=4096\r\n  x  y\x0b\x0cz 1234567 ~`|{}",
+            "naïve café – ünïcödé 東京 🙂 text\u2003spaced",
         ]
         for probe in probes:
             whole = backend.encode(probe, add_special_tokens=False).ids
             if encoder.encode([probe]) != [whole] or encoder.encode([probe]) != [whole]:
                 return None
         encoder.cache.clear()
+        encoder.words.clear()
         return encoder
     except Exception:  # an unfamiliar tokenizer: encode whole texts
         return None
