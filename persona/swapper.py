@@ -27,6 +27,8 @@ __all__ = ["Swapper", "load_and_check"]
 
 log = logging.getLogger(__name__)
 
+FOLLOW_EVERY_S = 1.0
+
 
 def load_and_check(pool: ModelPool, persona: Persona, serving: str | None, target: str) -> tuple[str, str]:
     """Load ``target`` beside the serving weights and check it; SwapRefused naming any problem.
@@ -62,6 +64,8 @@ class Swapper:
         self.active: dict[str, str] = {}
         self._answered: set[str] = set()
         self._ready: dict[str, tuple[str, str]] = {}  # proposal id -> candidate weights key
+        self._followed: tuple | None = None  # what the last follow saw
+        self._followed_at = 0.0
 
     def refresh_active(self, active: dict[str, str] | None = None) -> None:
         """Read which version each persona serves now (or take ``active``, read just before)."""
@@ -88,7 +92,15 @@ class Swapper:
             if proposal.id not in self._answered:
                 self._answered.add(proposal.id)
                 self._prepare(proposal)
-        self._follow()
+        # Following reads every served persona's file: do it at once when anything it
+        # depends on in Redis or the pool changed, else at most once a FOLLOW_EVERY_S
+        # (for edited persona files), not after every batch of a busy worker.
+        state = (sorted(self.active.items()), sorted(self._ready.items()), self.pool.loaded_keys(), sorted(self.info.personas.items()))
+        now = time.monotonic()
+        if state != self._followed or now - self._followed_at >= FOLLOW_EVERY_S:
+            self._follow()
+            self._followed_at = now
+            self._followed = (state[0], state[1], self.pool.loaded_keys(), sorted(self.info.personas.items()))
 
     # -- phase one: prepare and vote ------------------------------------------------
 
