@@ -48,14 +48,23 @@ RECLAIM_BATCH = 100
 # adding it. KEYS[2] is the sender's pending counter, or '' for an anonymous caller.
 # The entry carries the cancel epoch as it was added ('x' if the request was already
 # withdrawn), so a worker can skip reading cancel flags when nothing was cancelled since.
+# A caller that waits for the reply in the same round trip (``ask``) sets ARGV[5]: a
+# refusal is then also pushed to the reply list (KEYS[5]), so that wait ends at once.
 SUBMIT_SCRIPT = """
-if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then return 'busy' end
+local function refuse(why)
+  if ARGV[5] == '1' then
+    redis.call('RPUSH', KEYS[5], why)
+    redis.call('EXPIRE', KEYS[5], 60)
+  end
+  return why
+end
+if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then return refuse('busy') end
 if KEYS[2] ~= '' then
   local held = redis.call('INCR', KEYS[2])
   redis.call('EXPIRE', KEYS[2], tonumber(ARGV[4]))
   if held > tonumber(ARGV[3]) then
     redis.call('DECR', KEYS[2])
-    return 'user_busy'
+    return refuse('user_busy')
   end
 end
 local epoch = redis.call('GET', KEYS[3]) or '0'
@@ -161,22 +170,38 @@ def _stamp(request: GenerationRequest, settings: QueueSettings) -> GenerationReq
     return request
 
 
-def _submit_keys_args(request: GenerationRequest, settings: QueueSettings) -> tuple[list[str], list]:
+def _submit_keys_args(
+    request: GenerationRequest, settings: QueueSettings, waiting: bool = False
+) -> tuple[list[str], list]:
     user_key = keys.user_pending_key(request.user) if request.user else ""
     hold_s = int(settings.default_deadline_s * 2) + 60  # a lost decrement heals itself
-    stream_keys = [stream_for(request.priority), user_key, keys.CANCEL_EPOCH_KEY, keys.cancel_key(request.id)]
+    stream_keys = [
+        stream_for(request.priority), user_key, keys.CANCEL_EPOCH_KEY, keys.cancel_key(request.id),
+        keys.reply_key(request.id),
+    ]
     return stream_keys, [
-        settings.max_length, request.to_json(), settings.max_pending_per_user, hold_s,
+        settings.max_length, request.to_json(), settings.max_pending_per_user, hold_s, int(waiting),
     ]
 
 
-def _check_submitted(outcome: bytes | None, request: GenerationRequest, settings: QueueSettings) -> None:
-    if outcome == b"busy":
+def _ask_pipeline(pipe, request: GenerationRequest, settings: QueueSettings, wait_s: float) -> None:
+    """Submit and start waiting for the reply in one round trip.
+
+    EVAL, not EVALSHA: in a pipeline a missing script would only show after the wait.
+    """
+    script_keys, args = _submit_keys_args(request, settings, waiting=True)
+    pipe.eval(SUBMIT_SCRIPT, len(script_keys), *script_keys, *args)
+    pipe.blpop([keys.reply_key(request.id)], timeout=_slice(wait_s))
+
+
+def _check_submitted(outcome: bytes | str | None, request: GenerationRequest, settings: QueueSettings) -> None:
+    outcome = outcome.decode() if isinstance(outcome, bytes) else outcome
+    if outcome == "busy":
         raise QueueBusy(
             f"the queue is busy ({settings.max_length} requests already waiting in "
             f"{stream_for(request.priority)}); please try again in a moment"
         )
-    if outcome == b"user_busy":
+    if outcome == "user_busy":
         raise QueueBusy(
             f"you already have {settings.max_pending_per_user} requests waiting; "
             "please wait for those answers first"
@@ -238,15 +263,23 @@ class QueueClient:
 
     def wait(self, request: GenerationRequest, timeout: float | None = None) -> GenerationReply:
         """Block until the request's reply arrives; ReplyTimeout if none does."""
-        give_up = time.monotonic() + _wait_seconds(request, timeout)
-        got = None
+        return self._wait(request, time.monotonic() + _wait_seconds(request, timeout))
+
+    def _wait(self, request: GenerationRequest, give_up: float, got=None) -> GenerationReply:
         while got is None and (left := give_up - time.monotonic()) > 0:
             got = self.redis.blpop([keys.reply_key(request.id)], timeout=_slice(left))
         return _decode_reply(got[1] if got else None, request)
 
     def ask(self, request: GenerationRequest, timeout: float | None = None) -> GenerationReply:
-        """Submit and wait: one round trip through the queue."""
-        return self.wait(self.submit(request), timeout)
+        """Submit and wait: one round trip through the queue (one to Redis, too)."""
+        check_request(request, self.settings)
+        request = _stamp(request, self.settings)
+        give_up = time.monotonic() + _wait_seconds(request, timeout)
+        pipe = self.redis.pipeline(transaction=False)
+        _ask_pipeline(pipe, request, self.settings, give_up - time.monotonic())
+        outcome, got = pipe.execute()
+        _check_submitted(outcome, request, self.settings)
+        return self._wait(request, give_up, got)
 
     def cancel(self, request_id: str) -> None:
         """Withdraw a request that is still waiting or running."""
@@ -271,14 +304,22 @@ class AsyncQueueClient:
         return request
 
     async def wait(self, request: GenerationRequest, timeout: float | None = None) -> GenerationReply:
-        give_up = time.monotonic() + _wait_seconds(request, timeout)
-        got = None
+        return await self._wait(request, time.monotonic() + _wait_seconds(request, timeout))
+
+    async def _wait(self, request: GenerationRequest, give_up: float, got=None) -> GenerationReply:
         while got is None and (left := give_up - time.monotonic()) > 0:
             got = await self.redis.blpop([keys.reply_key(request.id)], timeout=_slice(left))
         return _decode_reply(got[1] if got else None, request)
 
     async def ask(self, request: GenerationRequest, timeout: float | None = None) -> GenerationReply:
-        return await self.wait(await self.submit(request), timeout)
+        check_request(request, self.settings)
+        request = _stamp(request, self.settings)
+        give_up = time.monotonic() + _wait_seconds(request, timeout)
+        pipe = self.redis.pipeline(transaction=False)
+        _ask_pipeline(pipe, request, self.settings, give_up - time.monotonic())
+        outcome, got = await pipe.execute()
+        _check_submitted(outcome, request, self.settings)
+        return await self._wait(request, give_up, got)
 
     async def cancel(self, request_id: str) -> None:
         pipe = self.redis.pipeline(transaction=True)
