@@ -12,7 +12,16 @@ from persona.contract import GenerationRequest, Message
 from persona.engine import TransformersEngine, Work
 from persona.models import load_model
 from persona.personas import Persona, Sampling
-from persona.prompting import _encode_many, _piece_encoder, build_prompt, build_prompts
+from persona.prompting import (
+    _chat_messages,
+    _chat_text,
+    _content_is_verbatim,
+    _encode_many,
+    _piece_encoder,
+    _render_chat,
+    build_prompt,
+    build_prompts,
+)
 
 
 @pytest.fixture(scope="module")
@@ -120,3 +129,24 @@ def test_encoding_piece_by_piece_equals_encoding_the_whole_text(chat_model, part
     whole = [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
     assert _encode_many(chat_model.tokenizer, texts) == whole
     assert _encode_many(chat_model.tokenizer, texts) == whole  # from the piece cache the second time
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.text(max_size=20), min_size=1, max_size=6), st.booleans())
+def test_spliced_chat_text_equals_the_rendered_template(chat_model, contents, with_system):
+    persona = PERSONA if with_system else Persona(name="plain")
+    turns = [Message(role=("user", "assistant")[n % 2], content=c) for n, c in enumerate(contents)]
+    tokenizer = chat_model.tokenizer
+    assert _content_is_verbatim(tokenizer)  # the bundled template is spliced
+    assert _chat_text(tokenizer, persona, turns) == _render_chat(tokenizer, _chat_messages(persona, turns))
+
+
+def test_a_template_that_changes_contents_is_rendered_whole(chat_model):
+    import copy
+
+    tokenizer = copy.deepcopy(chat_model.tokenizer)
+    tokenizer.chat_template = tokenizer.chat_template.replace("message['content']", "(message['content'] | trim)")
+    assert not _content_is_verbatim(tokenizer)
+    turns = [Message(role="user", content="  padded  ")]
+    text = _chat_text(tokenizer, PERSONA, turns)
+    assert text == _render_chat(tokenizer, _chat_messages(PERSONA, turns)) and "\npadded<|im_end|>" in text
