@@ -74,14 +74,12 @@ def _request(number: int = 0) -> GenerationRequest:
     return GenerationRequest(persona=PERSONA_NAME, messages=[Message(role="user", content=text)])
 
 
-def _prefill(client: redis.Redis, count: int) -> list[GenerationRequest]:
-    """Queue ``count`` requests in a few pipelines (not timed)."""
+def _prefill(client: redis.Redis, settings: QueueSettings, count: int) -> list[GenerationRequest]:
+    """Queue ``count`` requests as callers do, a chunk per round trip (not timed)."""
+    queue = QueueClient(client, settings)
     requests = [_request(n) for n in range(count)]
     for start in range(0, count, PREFILL_CHUNK):
-        pipe = client.pipeline(transaction=False)
-        for request in requests[start : start + PREFILL_CHUNK]:
-            pipe.xadd(keys.STREAM_INTERACTIVE, {"r": request.to_json()})
-        pipe.execute()
+        queue.submit_many(requests[start : start + PREFILL_CHUNK])
     return requests
 
 
@@ -119,7 +117,7 @@ def _ours(settings: Settings, url: str, jobs: int, seconds: float) -> tuple[floa
     worker = Worker(settings, client, ModelPool(settings, "cpu", engine_factory=InstantEngine), worker_id="bench-ours")
     worker.preload([PERSONA_NAME])
     worker.step(block_ms=1)  # the first round pays for imports and script loading
-    requests = _prefill(client, jobs)
+    requests = _prefill(client, settings.queue, jobs)
     started = time.perf_counter()
     done = 0
     while done < jobs:
@@ -156,7 +154,7 @@ def _baseline(settings: Settings, url: str, jobs: int, seconds: float) -> tuple[
     client = redis.Redis.from_url(url)
     client.flushall()
     WorkQueue(client, settings.queue)  # creates the consumer group
-    _prefill(client, jobs)
+    _prefill(client, settings.queue, jobs)
     started = time.perf_counter()
     done = 0
     while done < jobs:

@@ -360,31 +360,32 @@ class _PieceEncoder:
         return ids
 
     def encode(self, texts: list[str]) -> list[list[int]]:
+        # split() alternates text pieces (even places) and added tokens (odd places).
         parts = [self.split(text) for text in texts]
-        missing = {
-            piece for pieces in parts for n, piece in enumerate(pieces)
-            if n % 2 == 0 and piece and piece not in self.cache
-        }
-        if missing and self.by_words:
-            for piece in list(missing):
-                ids = self._by_words(piece)
-                if ids is not None:
-                    self.cache[piece] = ids
-                    missing.discard(piece)
+        cache = self.cache
+        if len(cache) > PIECE_CACHE_SIZE:
+            cache.clear()  # crude but bounded; the persona's own pieces come back at once
+        cache[""] = []
+        missing = []
+        for pieces in parts:
+            for piece in pieces[::2]:
+                if piece not in cache:
+                    ids = self._by_words(piece) if self.by_words else None
+                    if ids is None:
+                        missing.append(piece)
+                    else:
+                        cache[piece] = ids
         if missing:
-            if len(self.cache) + len(missing) > PIECE_CACHE_SIZE:
-                self.cache.clear()  # crude but bounded; the persona's own pieces come back at once
-            fresh = list(missing)
+            fresh = list(dict.fromkeys(missing))
             for piece, ids in zip(fresh, self.backend.encode_batch_fast(fresh, add_special_tokens=False), strict=True):
-                self.cache[piece] = ids.ids
+                cache[piece] = ids.ids
+        added = self.ids
         out = []
         for pieces in parts:
-            ids: list[int] = []
-            for n, piece in enumerate(pieces):
-                if n % 2:
-                    ids.append(self.ids[piece])
-                elif piece:
-                    ids.extend(self.cache[piece])
+            ids = list(cache[pieces[0]])
+            for k in range(1, len(pieces), 2):
+                ids.append(added[pieces[k]])
+                ids += cache[pieces[k + 1]]
             out.append(ids)
         return out
 

@@ -97,7 +97,7 @@ return {got or {}, redis.call('GET', KEYS[3]) or '0', redis.call('HGETALL', KEYS
 DELIVER_SCRIPT = """
 local reply_ttl, answered_ttl = tonumber(ARGV[1]), tonumber(ARGV[2])
 local group, worker, n = ARGV[3], ARGV[4], tonumber(ARGV[5])
-local new = 0
+local new, counted, settled, stats = 0, {}, {}, nil
 for i = 0, n - 1 do
   local k, a = i * 5, 6 + i * 3
   local first = redis.call('SET', KEYS[k + 1], worker, 'NX', 'EX', answered_ttl)
@@ -105,14 +105,25 @@ for i = 0, n - 1 do
     new = new + 1
     redis.call('LPUSH', KEYS[k + 2], ARGV[a + 1])
     redis.call('EXPIRE', KEYS[k + 2], reply_ttl)
-    redis.call('HINCRBY', KEYS[k + 4], ARGV[a + 3], 1)
+    stats = KEYS[k + 4]
+    counted[ARGV[a + 3]] = (counted[ARGV[a + 3]] or 0) + 1
     if KEYS[k + 5] ~= '' and tonumber(redis.call('GET', KEYS[k + 5]) or '0') > 0 then
       redis.call('DECR', KEYS[k + 5])
     end
   end
   if ARGV[a + 2] ~= '' then
-    redis.call('XACK', KEYS[k + 3], group, ARGV[a + 2])
-    redis.call('XDEL', KEYS[k + 3], ARGV[a + 2])
+    local ids = settled[KEYS[k + 3]]
+    if not ids then ids = {}; settled[KEYS[k + 3]] = ids end
+    ids[#ids + 1] = ARGV[a + 2]
+  end
+end
+-- Counters and acknowledgements once per batch, not once per reply.
+for name, count in pairs(counted) do redis.call('HINCRBY', stats, name, count) end
+for stream, ids in pairs(settled) do
+  for s = 1, #ids, 1000 do
+    local chunk = {unpack(ids, s, math.min(s + 999, #ids))}
+    redis.call('XACK', stream, group, unpack(chunk))
+    redis.call('XDEL', stream, unpack(chunk))
   end
 end
 local log, t = n * 5 + 1, 6 + n * 3 + 1
@@ -260,6 +271,23 @@ class QueueClient:
         script_keys, args = _submit_keys_args(request, self.settings)
         _check_submitted(self._submit(keys=script_keys, args=args), request, self.settings)
         return request
+
+    def submit_many(self, requests: list[GenerationRequest]) -> list[GenerationRequest]:
+        """Queue many requests in one round trip; QueueBusy if any was refused.
+
+        Each is checked and refused on its own, as ``submit`` would: those before a
+        refusal stay queued.
+        """
+        stamped = []
+        pipe = self.redis.pipeline(transaction=False)
+        for request in requests:
+            check_request(request, self.settings)
+            stamped.append(_stamp(request, self.settings))
+            script_keys, args = _submit_keys_args(stamped[-1], self.settings)
+            pipe.eval(SUBMIT_SCRIPT, len(script_keys), *script_keys, *args)
+        for request, outcome in zip(stamped, pipe.execute(), strict=True):
+            _check_submitted(outcome, request, self.settings)
+        return stamped
 
     def wait(self, request: GenerationRequest, timeout: float | None = None) -> GenerationReply:
         """Block until the request's reply arrives; ReplyTimeout if none does."""
