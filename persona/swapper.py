@@ -28,6 +28,7 @@ __all__ = ["Swapper", "load_and_check"]
 log = logging.getLogger(__name__)
 
 FOLLOW_EVERY_S = 1.0
+CHECK_EVERY_S = 0.25
 
 
 def load_and_check(pool: ModelPool, persona: Persona, serving: str | None, target: str) -> tuple[str, str]:
@@ -66,6 +67,7 @@ class Swapper:
         self._ready: dict[str, tuple[str, str]] = {}  # proposal id -> candidate weights key
         self._followed: tuple | None = None  # what the last follow saw
         self._followed_at = 0.0
+        self._checked_at = float("-inf")  # when proposals were last read
 
     def refresh_active(self, active: dict[str, str] | None = None) -> None:
         """Read which version each persona serves now (or take ``active``, read just before)."""
@@ -77,13 +79,31 @@ class Swapper:
 
     def between_batches(self) -> None:
         """Follow flips, answer new proposals, free weights nobody needs."""
-        # Both reads in one round trip: this runs after every batch, however small.
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.hgetall(keys.ACTIVE_VERSIONS_KEY)
-        pipe.hvals(keys.SWAPS_KEY)
-        active, raw_proposals = pipe.execute()
-        self.refresh_active(_texts(active))
-        proposals = [swap.SwapProposal.model_validate_json(v) for v in raw_proposals]
+        # Proposals are read at most once a CHECK_EVERY_S, both reads in one round trip:
+        # a busy worker finishes a batch every millisecond. A flip still counts at once:
+        # the claim before each batch reads the active versions.
+        now = time.monotonic()
+        if now - self._checked_at >= CHECK_EVERY_S:
+            self._checked_at = now
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.hgetall(keys.ACTIVE_VERSIONS_KEY)
+            pipe.hvals(keys.SWAPS_KEY)
+            active, raw_proposals = pipe.execute()
+            self.refresh_active(_texts(active))
+            self._answer([swap.SwapProposal.model_validate_json(v) for v in raw_proposals])
+        # Following reads every served persona's file: do it at once when anything it
+        # depends on in Redis or the pool changed, else at most once a FOLLOW_EVERY_S
+        # (for edited persona files), not after every batch of a busy worker.
+        state = (sorted(self.active.items()), sorted(self._ready.items()), self.pool.loaded_keys(), sorted(self.info.personas.items()))
+        if state != self._followed or now - self._followed_at >= FOLLOW_EVERY_S:
+            self._follow()
+            self._followed_at = now
+            self._followed = (state[0], state[1], self.pool.loaded_keys(), sorted(self.info.personas.items()))
+
+    # -- phase one: prepare and vote ------------------------------------------------
+
+    def _answer(self, proposals: list[swap.SwapProposal]) -> None:
+        """Prepare and vote on each open proposal not answered yet."""
         proposals = [p for p in proposals if not p.expired()]
         open_ids = {p.id for p in proposals}
         self._answered &= open_ids
@@ -92,17 +112,6 @@ class Swapper:
             if proposal.id not in self._answered:
                 self._answered.add(proposal.id)
                 self._prepare(proposal)
-        # Following reads every served persona's file: do it at once when anything it
-        # depends on in Redis or the pool changed, else at most once a FOLLOW_EVERY_S
-        # (for edited persona files), not after every batch of a busy worker.
-        state = (sorted(self.active.items()), sorted(self._ready.items()), self.pool.loaded_keys(), sorted(self.info.personas.items()))
-        now = time.monotonic()
-        if state != self._followed or now - self._followed_at >= FOLLOW_EVERY_S:
-            self._follow()
-            self._followed_at = now
-            self._followed = (state[0], state[1], self.pool.loaded_keys(), sorted(self.info.personas.items()))
-
-    # -- phase one: prepare and vote ------------------------------------------------
 
     def _prepare(self, proposal: swap.SwapProposal) -> None:
         started = time.perf_counter()
