@@ -4,8 +4,10 @@ Everything runs for real: an embedded redis-server in a temporary folder, a pers
 tiny random model with the bundled tokenizer (so prompts are built as in production),
 and a real ``Worker`` whose engine answers at once (``InstantEngine``), so what is
 measured is the queue and the worker's own work per request: parse, build the prompt,
-reply, acknowledge. The baseline is the obvious Streams worker: read one entry, push
-its reply, acknowledge it, one command at a time.
+reply, acknowledge. Requests are queued as callers queue them (the submit script) and
+every message differs, so no cache can answer for the worker. The baseline is the
+obvious Streams worker: read one entry, push its reply, acknowledge it, one command at
+a time.
 """
 
 from __future__ import annotations

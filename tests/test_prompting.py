@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import string
-
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -16,8 +14,6 @@ from persona.prompting import (
     _chat_messages,
     _chat_text,
     _content_is_verbatim,
-    _encode_many,
-    _piece_encoder,
     _render_chat,
     build_prompt,
     build_prompts,
@@ -114,21 +110,6 @@ def test_prompts_built_together_equal_prompts_built_one_by_one(chat_model, plain
         one_by_one = [build_prompt(p, r, model, s) for p, r, s in items]
         assert [p.token_ids for p in together] == [p.token_ids for p in one_by_one]
         assert [p.stop for p in together] == [p.stop for p in one_by_one]
-
-
-@settings(max_examples=400, deadline=None)
-@given(st.lists(st.one_of(
-    st.sampled_from(["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|im_start", "im_end|>", "\n", " ", "  \n"]),
-    st.text(max_size=12),
-    st.text(alphabet=string.printable + "'", max_size=16),
-), max_size=12))
-def test_encoding_piece_by_piece_equals_encoding_the_whole_text(chat_model, parts):
-    texts = ["".join(parts), "user\n" + "".join(reversed(parts))]
-    backend = chat_model.tokenizer.backend_tokenizer
-    assert _piece_encoder(backend).by_words  # the bundled tokenizer takes the fast path, word by word
-    whole = [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
-    assert _encode_many(chat_model.tokenizer, texts) == whole
-    assert _encode_many(chat_model.tokenizer, texts) == whole  # from the piece cache the second time
 
 
 @settings(max_examples=150, deadline=None)

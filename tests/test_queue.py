@@ -10,7 +10,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
 
 from persona import constants as keys
-from persona.contract import ErrorKind, GenerationReply, GenerationRequest, Message, Priority, Timings
+from persona.contract import (
+    ErrorKind,
+    GenerationReply,
+    GenerationRequest,
+    Message,
+    Priority,
+    Timings,
+)
 from persona.errors import InvalidRequest, QueueBusy, ReplyTimeout
 from persona.queue import AsyncQueueClient, Job, QueueClient, WorkQueue
 from persona.telemetry import record_replies
