@@ -4,8 +4,10 @@ Everything runs for real: an embedded redis-server in a temporary folder, a pers
 tiny random model with the bundled tokenizer (so prompts are built as in production),
 and a real ``Worker`` whose engine answers at once (``InstantEngine``), so what is
 measured is the queue and the worker's own work per request: parse, build the prompt,
-reply, acknowledge. The baseline is the obvious Streams worker: read one entry, push
-its reply, acknowledge it, one command at a time.
+reply, acknowledge. Requests are queued as callers queue them (the submit script) and
+every message differs, so no cache can answer for the worker. The baseline is the
+obvious Streams worker: read one entry, push its reply, acknowledge it, one command at
+a time.
 """
 
 from __future__ import annotations
@@ -68,18 +70,18 @@ class QueueBenchResult:
         return asdict(self) | {"ratio": round(self.ratio, 2)}
 
 
-def _request(text: str = "hello there, how are you today?") -> GenerationRequest:
+def _request(number: int = 0) -> GenerationRequest:
+    # Every message differs, as in real traffic: no cache may answer for the worker.
+    text = f"hello there, how are you today? This is message {number}."
     return GenerationRequest(persona=PERSONA_NAME, messages=[Message(role="user", content=text)])
 
 
-def _prefill(client: redis.Redis, count: int) -> list[GenerationRequest]:
-    """Queue ``count`` requests in a few pipelines (not timed)."""
-    requests = [_request() for _ in range(count)]
+def _prefill(client: redis.Redis, settings: QueueSettings, count: int) -> list[GenerationRequest]:
+    """Queue ``count`` requests as callers do, a chunk per round trip (not timed)."""
+    queue = QueueClient(client, settings)
+    requests = [_request(n) for n in range(count)]
     for start in range(0, count, PREFILL_CHUNK):
-        pipe = client.pipeline(transaction=False)
-        for request in requests[start : start + PREFILL_CHUNK]:
-            pipe.xadd(keys.STREAM_INTERACTIVE, {"r": request.to_json()})
-        pipe.execute()
+        queue.submit_many(requests[start : start + PREFILL_CHUNK])
     return requests
 
 
@@ -88,8 +90,9 @@ def _round_trips(client: QueueClient, seconds: float) -> list[float]:
     times: list[float] = []
     until = time.perf_counter() + seconds
     while time.perf_counter() < until or len(times) < 20:
+        request = _request(len(times))
         started = time.perf_counter()
-        reply = client.ask(_request(), timeout=10)
+        reply = client.ask(request, timeout=10)
         times.append((time.perf_counter() - started) * 1000)
         if not reply.ok:
             raise RuntimeError(f"the benchmark worker failed a request: {reply.error}")
@@ -116,7 +119,7 @@ def _ours(settings: Settings, url: str, jobs: int, seconds: float) -> tuple[floa
     worker = Worker(settings, client, ModelPool(settings, "cpu", engine_factory=InstantEngine), worker_id="bench-ours")
     worker.preload([PERSONA_NAME])
     worker.step(block_ms=1)  # the first round pays for imports and script loading
-    requests = _prefill(client, jobs)
+    requests = _prefill(client, settings.queue, jobs)
     started = time.perf_counter()
     done = 0
     while done < jobs:
@@ -153,7 +156,7 @@ def _baseline(settings: Settings, url: str, jobs: int, seconds: float) -> tuple[
     client = redis.Redis.from_url(url)
     client.flushall()
     WorkQueue(client, settings.queue)  # creates the consumer group
-    _prefill(client, jobs)
+    _prefill(client, settings.queue, jobs)
     started = time.perf_counter()
     done = 0
     while done < jobs:

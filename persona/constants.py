@@ -17,6 +17,9 @@ REPLY_KEY_PREFIX = KEY_PREFIX + "reply:"
 ANSWERED_KEY_PREFIX = KEY_PREFIX + "answered:"
 # Set by a caller that no longer wants its answer (/cancel).
 CANCEL_KEY_PREFIX = KEY_PREFIX + "cancel:"
+# Counts cancellations. Each queued entry carries its value at submission, so a worker
+# checks a request's cancel flag only when some request was cancelled since it was sent.
+CANCEL_EPOCH_KEY = KEY_PREFIX + "cancel-epoch"
 # How many requests one sender has waiting or running (fair share under a flood).
 USER_PENDING_KEY_PREFIX = KEY_PREFIX + "user-pending:"
 # A worker's heartbeat (JSON, with a TTL): host, device, loaded persona versions.

@@ -96,7 +96,8 @@ class GenerationRequest(BaseModel):
     mode: Literal["chat", "complete"] = "chat"
     messages: list[Message] = Field(default_factory=list)
     prefix: str = ""
-    sampling: SamplingOverrides = SamplingOverrides()
+    # Factories, not shared instances: pydantic deep-copies a model default for every request.
+    sampling: SamplingOverrides = Field(default_factory=SamplingOverrides)
     priority: Priority = Priority.interactive
     user: str | None = Field(None, description="who asked, for fairness and rate limits")
     source: str = "cli"
@@ -146,7 +147,7 @@ class GenerationReply(BaseModel):
     worker: str = ""
     finish_reason: Literal["stop", "length", "error"] = "stop"
     new_tokens: int = 0
-    timings: Timings = Timings()
+    timings: Timings = Field(default_factory=Timings)
 
     @classmethod
     def failure(

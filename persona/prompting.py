@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from persona.contract import GenerationRequest, Message
 from persona.models import LoadedModel
 from persona.personas import Persona, Sampling
+from persona.tokenizing import encode_many
 
 __all__ = ["Prompt", "build_prompt", "build_prompts"]
 
@@ -60,16 +61,17 @@ def build_prompts(
     backend = getattr(loaded.tokenizer, "backend_tokenizer", None)
     for i, (persona, request, sampling) in enumerate(items):
         if backend is not None and loaded.has_chat_template and request.mode == "chat":
-            texts[i] = _render_chat(loaded.tokenizer, _chat_messages(persona, _conversation(persona, request)))
+            texts[i] = _chat_text(loaded.tokenizer, persona, _conversation(persona, request))
         else:
             prompts[i] = build_prompt(persona, request, loaded, sampling)
     if texts:
-        encoded = backend.encode_batch(list(texts.values()), add_special_tokens=False)
+        encoded = encode_many(loaded.tokenizer, list(texts.values()))
+        context = loaded.context_tokens
         for i, ids in zip(texts, encoded, strict=True):
             persona, request, sampling = items[i]
-            budget = max(16, loaded.context_tokens - sampling.max_new_tokens)
-            fits = len(ids.ids) <= budget
-            prompts[i] = Prompt(ids.ids, sampling.stop) if fits else build_prompt(persona, request, loaded, sampling)
+            budget = max(16, context - sampling.max_new_tokens)
+            fits = len(ids) <= budget
+            prompts[i] = Prompt(ids, sampling.stop) if fits else build_prompt(persona, request, loaded, sampling)
     return [p for p in prompts if p is not None]
 
 
@@ -163,6 +165,107 @@ def _render_chat(tokenizer, messages: list[dict[str, str]]) -> str:
     if render is None:
         return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     return render(messages)
+
+
+# Rendering the template is the other big cost. Where the template provably copies each
+# message's content into its output untouched (the content is only ever printed, alone
+# or joined with +/~, never tested or filtered), a conversation's text is the template
+# rendered once per shape (persona, roles of the turns) with markers in place of the
+# turns' contents, and the contents put back between the pieces. The markers hold a NUL,
+# which no message can (the contract strips control characters).
+_splicers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+SHAPES_KEPT = 1024
+
+
+def _marker(n: int) -> str:
+    return f"\x00turn {n}\x00"
+
+
+class _Splicer:
+    """Chat texts from pieces rendered once per conversation shape."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.shapes: dict[tuple, list[str] | None] = {}
+
+    def text(self, head: list[dict[str, str]], turns: list[Message]) -> str:
+        key = (tuple((m["role"], m["content"]) for m in head), tuple(m.role for m in turns))
+        try:
+            pieces = self.shapes[key]
+        except KeyError:
+            if len(self.shapes) >= SHAPES_KEPT:
+                self.shapes.clear()
+            pieces = self.shapes[key] = self._pieces(head, key[1])
+        if pieces is None:
+            return _render_chat(self.tokenizer, head + [{"role": m.role, "content": m.content} for m in turns])
+        out = [pieces[0]]
+        for message, piece in zip(turns, pieces[1:], strict=True):
+            out += (message.content, piece)
+        return "".join(out)
+
+    def _pieces(self, head: list[dict[str, str]], roles: tuple[str, ...]) -> list[str] | None:
+        """The template's text around each turn's content, or None if splicing is not exact here."""
+        try:
+            marked = _render_chat(self.tokenizer, head + [{"role": r, "content": _marker(n)} for n, r in enumerate(roles)])
+            rest, pieces = marked, []
+            for n in range(len(roles)):
+                before, found, rest = rest.partition(_marker(n))
+                if not found or "\x00" in before:
+                    return None
+                pieces.append(before)
+            if "\x00" in rest:
+                return None
+            pieces.append(rest)
+            # Belt and braces: a probe conversation of this shape must come out the same both ways.
+            probe = [{"role": r, "content": f"  probe {n} <think>x</think>\n\tend  "} for n, r in enumerate(roles)]
+            spliced = pieces[0] + "".join(m["content"] + piece for m, piece in zip(probe, pieces[1:], strict=True))
+            return pieces if spliced == _render_chat(self.tokenizer, head + probe) else None
+        except Exception:  # whatever the template does, the whole render stays the answer
+            return None
+
+
+def _content_is_verbatim(tokenizer) -> bool:
+    """Whether the chat template only ever prints message contents as they are."""
+    try:
+        from jinja2 import Environment, nodes
+
+        def content(node) -> bool:
+            return (isinstance(node, nodes.Getitem) and isinstance(node.arg, nodes.Const) and node.arg.value == "content") or (
+                isinstance(node, nodes.Getattr) and node.attr == "content"
+            )
+
+        def verbatim(node, printed: bool) -> bool:
+            if content(node):
+                return printed
+            keeps = isinstance(node, nodes.Output) or (printed and isinstance(node, (nodes.Add, nodes.Concat)))
+            return all(verbatim(child, keeps) for child in node.iter_child_nodes())
+
+        template = tokenizer.chat_template
+        if not isinstance(template, str):
+            return False
+        try:  # parsed as transformers compiles it (its extensions included)
+            from transformers.utils.chat_template_utils import _compile_jinja_template
+
+            environment = _compile_jinja_template(template).environment
+        except Exception:
+            environment = Environment()
+        return verbatim(environment.parse(template), False)
+    except Exception:  # a template jinja cannot parse here: no splicing
+        return False
+
+
+def _chat_text(tokenizer, persona: Persona, turns: list[Message]) -> str:
+    """The chat template applied to the persona's head and these turns (spliced where exact)."""
+    head = _chat_messages(persona, [])
+    try:
+        splicer = _splicers[tokenizer]
+    except KeyError:
+        splicer = _splicers[tokenizer] = _Splicer(tokenizer) if _content_is_verbatim(tokenizer) else None
+    except TypeError:  # cannot be weakly referenced: no splicing
+        splicer = None
+    if splicer is None:
+        return _render_chat(tokenizer, _chat_messages(persona, turns))
+    return splicer.text(head, turns)
 
 
 def _direct_renderer(tokenizer):

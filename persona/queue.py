@@ -25,7 +25,14 @@ import redis.asyncio
 from persona import constants as keys
 from persona.contract import ErrorKind, GenerationReply, GenerationRequest, Priority
 from persona.errors import QueueBusy, QueueError, ReplyTimeout
+from persona.queue_scripts import (
+    CLAIM_SCRIPT,
+    DELIVER_SCRIPT,
+    REQUEUE_SCRIPT,
+    SUBMIT_SCRIPT,
+)
 from persona.settings import QueueSettings
+from persona.telemetry import Tally
 from persona.validation import check_request
 
 __all__ = ["AsyncQueueClient", "Job", "QueueClient", "WorkQueue", "stream_for"]
@@ -33,6 +40,7 @@ __all__ = ["AsyncQueueClient", "Job", "QueueClient", "WorkQueue", "stream_for"]
 log = logging.getLogger(__name__)
 
 REQUEST_FIELD = b"r"
+EPOCH_FIELD = b"e"
 WAIT_SLACK_S = 5.0
 # A caller waits for its reply in slices shorter than any client's socket read timeout
 # (redis-py 8 defaults to 5 s), so one long BLPOP is never cut off as a dead socket.
@@ -41,58 +49,21 @@ WAIT_SLICE_S = 2.0
 MIN_SLICE_S = 0.01
 RECLAIM_BATCH = 100
 
-# Refuse new work once a stream is full, or once its sender already has their share
-# waiting (so a flood from one user cannot starve everyone else), atomically with
-# adding it. KEYS[2] is the sender's pending counter, or '' for an anonymous caller.
-SUBMIT_SCRIPT = """
-if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then return 'busy' end
-if KEYS[2] ~= '' then
-  local held = redis.call('INCR', KEYS[2])
-  redis.call('EXPIRE', KEYS[2], tonumber(ARGV[4]))
-  if held > tonumber(ARGV[3]) then
-    redis.call('DECR', KEYS[2])
-    return 'user_busy'
-  end
-end
-return redis.call('XADD', KEYS[1], '*', 'r', ARGV[2])
-"""
 
-# Deliver each reply unless its request was answered already; always settle its entry.
-# One call settles a whole batch (no round trip per job): KEYS come in fives per reply
-# (answered flag, reply list, stream or '', stats hash, sender counter or ''), ARGV
-# starts with four shared values, then three per reply (reply, entry id or '', counter).
-DELIVER_SCRIPT = """
-local reply_ttl, answered_ttl = tonumber(ARGV[1]), tonumber(ARGV[2])
-local group, worker = ARGV[3], ARGV[4]
-local new = 0
-for i = 0, #KEYS / 5 - 1 do
-  local k, a = i * 5, 4 + i * 3
-  local first = redis.call('SET', KEYS[k + 1], worker, 'NX', 'EX', answered_ttl)
-  if first then
-    new = new + 1
-    redis.call('LPUSH', KEYS[k + 2], ARGV[a + 1])
-    redis.call('EXPIRE', KEYS[k + 2], reply_ttl)
-    redis.call('HINCRBY', KEYS[k + 4], ARGV[a + 3], 1)
-    if KEYS[k + 5] ~= '' and tonumber(redis.call('GET', KEYS[k + 5]) or '0') > 0 then
-      redis.call('DECR', KEYS[k + 5])
-    end
-  end
-  if ARGV[a + 2] ~= '' then
-    redis.call('XACK', KEYS[k + 3], group, ARGV[a + 2])
-    redis.call('XDEL', KEYS[k + 3], ARGV[a + 2])
-  end
-end
-return new
-"""
-
-# Put an unfinished entry back at the end of its stream (a leaving worker's hand-back).
-REQUEUE_SCRIPT = """
-local entry = redis.call('XRANGE', KEYS[1], ARGV[2], ARGV[2])
-redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
-redis.call('XDEL', KEYS[1], ARGV[2])
-if #entry == 0 then return false end
-return redis.call('XADD', KEYS[1], '*', unpack(entry[1][2]))
-"""
+def _add_tally(tally: Tally, script_keys: list[str], args: list) -> None:
+    """Append a tally to the delivery script's keys and arguments, as it reads them."""
+    hashes: dict[str, int] = {}
+    script_keys.append(keys.REPLY_LOG_STREAM)
+    args.append(len(tally.rows))
+    for row in tally.rows:
+        args.extend(row)
+    for table in (tally.counts, tally.sums):
+        args.append(len(table))
+        for (key, name), amount in table.items():
+            if key not in hashes:
+                hashes[key] = len(hashes) + 1
+                script_keys.append(key)
+            args += [hashes[key], name, amount]
 
 
 def stream_for(priority: Priority) -> str:
@@ -106,21 +77,38 @@ def _stamp(request: GenerationRequest, settings: QueueSettings) -> GenerationReq
     return request
 
 
-def _submit_keys_args(request: GenerationRequest, settings: QueueSettings) -> tuple[list[str], list]:
+def _submit_keys_args(
+    request: GenerationRequest, settings: QueueSettings, waiting: bool = False
+) -> tuple[list[str], list]:
     user_key = keys.user_pending_key(request.user) if request.user else ""
     hold_s = int(settings.default_deadline_s * 2) + 60  # a lost decrement heals itself
-    return [stream_for(request.priority), user_key], [
-        settings.max_length, request.to_json(), settings.max_pending_per_user, hold_s,
+    stream_keys = [
+        stream_for(request.priority), user_key, keys.CANCEL_EPOCH_KEY, keys.cancel_key(request.id),
+        keys.reply_key(request.id),
+    ]
+    return stream_keys, [
+        settings.max_length, request.to_json(), settings.max_pending_per_user, hold_s, int(waiting),
     ]
 
 
-def _check_submitted(outcome: bytes | None, request: GenerationRequest, settings: QueueSettings) -> None:
-    if outcome == b"busy":
+def _ask_pipeline(pipe, request: GenerationRequest, settings: QueueSettings, wait_s: float) -> None:
+    """Submit and start waiting for the reply in one round trip.
+
+    EVAL, not EVALSHA: in a pipeline a missing script would only show after the wait.
+    """
+    script_keys, args = _submit_keys_args(request, settings, waiting=True)
+    pipe.eval(SUBMIT_SCRIPT, len(script_keys), *script_keys, *args)
+    pipe.blpop([keys.reply_key(request.id)], timeout=_slice(wait_s))
+
+
+def _check_submitted(outcome: bytes | str | None, request: GenerationRequest, settings: QueueSettings) -> None:
+    outcome = outcome.decode() if isinstance(outcome, bytes) else outcome
+    if outcome == "busy":
         raise QueueBusy(
             f"the queue is busy ({settings.max_length} requests already waiting in "
             f"{stream_for(request.priority)}); please try again in a moment"
         )
-    if outcome == b"user_busy":
+    if outcome == "user_busy":
         raise QueueBusy(
             f"you already have {settings.max_pending_per_user} requests waiting; "
             "please wait for those answers first"
@@ -137,6 +125,12 @@ def _slice(left_s: float) -> float:
     return min(max(left_s, MIN_SLICE_S), WAIT_SLICE_S)
 
 
+def _cancel(pipe, request_id: str, settings: QueueSettings) -> None:
+    """Queue a cancellation on a MULTI pipeline: the flag, and the epoch workers compare."""
+    pipe.set(keys.cancel_key(request_id), 1, ex=settings.reply_ttl_s)
+    pipe.incr(keys.CANCEL_EPOCH_KEY)
+
+
 def _decode_reply(raw: bytes | None, request: GenerationRequest) -> GenerationReply:
     if raw is None:
         raise ReplyTimeout(
@@ -144,6 +138,18 @@ def _decode_reply(raw: bytes | None, request: GenerationRequest) -> GenerationRe
             "is a worker running (`persona worker`, or `persona up`)? See `persona queue stats`"
         )
     return GenerationReply.from_json(raw)
+
+
+def _pairs(flat: list | None, decode: bool = True) -> dict:
+    """A flat [field, value, ...] reply as a dict (of str, unless ``decode`` is False)."""
+    flat = flat or []
+    pairs = zip(flat[::2], flat[1::2], strict=True)
+    return {k.decode(): v.decode() for k, v in pairs} if decode else dict(pairs)
+
+
+def _texts(mapping: dict | None) -> dict[str, str]:
+    return {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+            for k, v in (mapping or {}).items()}
 
 
 class QueueClient:
@@ -162,21 +168,48 @@ class QueueClient:
         _check_submitted(self._submit(keys=script_keys, args=args), request, self.settings)
         return request
 
+    def submit_many(self, requests: list[GenerationRequest]) -> list[GenerationRequest]:
+        """Queue many requests in one round trip; QueueBusy if any was refused.
+
+        Each is checked and refused on its own, as ``submit`` would: those before a
+        refusal stay queued.
+        """
+        stamped = []
+        pipe = self.redis.pipeline(transaction=False)
+        for request in requests:
+            check_request(request, self.settings)
+            stamped.append(_stamp(request, self.settings))
+            script_keys, args = _submit_keys_args(stamped[-1], self.settings)
+            pipe.eval(SUBMIT_SCRIPT, len(script_keys), *script_keys, *args)
+        for request, outcome in zip(stamped, pipe.execute(), strict=True):
+            _check_submitted(outcome, request, self.settings)
+        return stamped
+
     def wait(self, request: GenerationRequest, timeout: float | None = None) -> GenerationReply:
         """Block until the request's reply arrives; ReplyTimeout if none does."""
-        give_up = time.monotonic() + _wait_seconds(request, timeout)
-        got = None
+        return self._wait(request, time.monotonic() + _wait_seconds(request, timeout))
+
+    def _wait(self, request: GenerationRequest, give_up: float, got=None) -> GenerationReply:
         while got is None and (left := give_up - time.monotonic()) > 0:
             got = self.redis.blpop([keys.reply_key(request.id)], timeout=_slice(left))
         return _decode_reply(got[1] if got else None, request)
 
     def ask(self, request: GenerationRequest, timeout: float | None = None) -> GenerationReply:
-        """Submit and wait: one round trip through the queue."""
-        return self.wait(self.submit(request), timeout)
+        """Submit and wait: one round trip through the queue (one to Redis, too)."""
+        check_request(request, self.settings)
+        request = _stamp(request, self.settings)
+        give_up = time.monotonic() + _wait_seconds(request, timeout)
+        pipe = self.redis.pipeline(transaction=False)
+        _ask_pipeline(pipe, request, self.settings, give_up - time.monotonic())
+        outcome, got = pipe.execute()
+        _check_submitted(outcome, request, self.settings)
+        return self._wait(request, give_up, got)
 
     def cancel(self, request_id: str) -> None:
         """Withdraw a request that is still waiting or running."""
-        self.redis.set(keys.cancel_key(request_id), 1, ex=self.settings.reply_ttl_s)
+        pipe = self.redis.pipeline(transaction=True)
+        _cancel(pipe, request_id, self.settings)
+        pipe.execute()
 
 
 class AsyncQueueClient:
@@ -195,17 +228,27 @@ class AsyncQueueClient:
         return request
 
     async def wait(self, request: GenerationRequest, timeout: float | None = None) -> GenerationReply:
-        give_up = time.monotonic() + _wait_seconds(request, timeout)
-        got = None
+        return await self._wait(request, time.monotonic() + _wait_seconds(request, timeout))
+
+    async def _wait(self, request: GenerationRequest, give_up: float, got=None) -> GenerationReply:
         while got is None and (left := give_up - time.monotonic()) > 0:
             got = await self.redis.blpop([keys.reply_key(request.id)], timeout=_slice(left))
         return _decode_reply(got[1] if got else None, request)
 
     async def ask(self, request: GenerationRequest, timeout: float | None = None) -> GenerationReply:
-        return await self.wait(await self.submit(request), timeout)
+        check_request(request, self.settings)
+        request = _stamp(request, self.settings)
+        give_up = time.monotonic() + _wait_seconds(request, timeout)
+        pipe = self.redis.pipeline(transaction=False)
+        _ask_pipeline(pipe, request, self.settings, give_up - time.monotonic())
+        outcome, got = await pipe.execute()
+        _check_submitted(outcome, request, self.settings)
+        return await self._wait(request, give_up, got)
 
     async def cancel(self, request_id: str) -> None:
-        await self.redis.set(keys.cancel_key(request_id), 1, ex=self.settings.reply_ttl_s)
+        pipe = self.redis.pipeline(transaction=True)
+        _cancel(pipe, request_id, self.settings)
+        await pipe.execute()
 
 
 @dataclass
@@ -218,12 +261,16 @@ class Job:
     request: GenerationRequest | None = None
     problem: str | None = None
     claimed_at: float = field(default_factory=time.time)
+    # The cancel epoch when it was submitted, if the entry carries one.
+    epoch: bytes | None = None
+    # Claimed with the epoch unchanged since: nobody has cancelled anything, this included.
+    not_cancelled: bool = False
 
     @classmethod
     def parse(cls, stream: str, entry_id: bytes | str, fields: dict) -> Job:
         entry = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
         payload = fields.get(REQUEST_FIELD) or fields.get("r") or b""
-        job = cls(stream=stream, entry_id=entry, payload=payload)
+        job = cls(stream=stream, entry_id=entry, payload=payload, epoch=fields.get(EPOCH_FIELD))
         try:
             job.request = GenerationRequest.from_json(payload)
         except ValueError as exc:
@@ -249,6 +296,9 @@ class WorkQueue:
         self.settings = settings
         self._deliver = client.register_script(DELIVER_SCRIPT)
         self._requeue = client.register_script(REQUEUE_SCRIPT)
+        self._claim = client.register_script(CLAIM_SCRIPT)
+        self.active_versions: dict[str, str] = {}
+        self._drained = False  # whether the last claim left the streams empty
         self.ensure_groups()
 
     def ensure_groups(self) -> None:
@@ -261,28 +311,60 @@ class WorkQueue:
                     raise
 
     def claim(self, consumer: str, count: int, block_ms: int = keys.BLOCK_MS) -> list[Job]:
-        """New entries for this consumer: interactive ones first, then batch work."""
-        group = keys.CONSUMER_GROUP
-        got = self.redis.xreadgroup(group, consumer, {keys.STREAM_INTERACTIVE: ">"}, count=count)
-        if not got:
-            streams = {s: ">" for s in keys.STREAMS_BY_PRIORITY}
-            got = self.redis.xreadgroup(group, consumer, streams, count=count, block=block_ms or None)
-        return [
-            Job.parse(stream.decode() if isinstance(stream, bytes) else stream, entry_id, fields)
-            for stream, entries in got or []
-            for entry_id, fields in entries
-        ]
+        """New entries for this consumer: interactive ones first, then batch work.
 
-    def deliver(self, settled: list[tuple[Job | None, GenerationReply]], worker: str) -> int:
+        The same round trip reads the active versions (``active_versions``, as this
+        claim returned) and the cancel epoch, which spares ``cancelled`` a read for
+        requests submitted since the last cancellation.
+        """
+        got = None
+        if not (block_ms and self._drained):
+            got, epoch, active = self._claim(
+                keys=[*keys.STREAMS_BY_PRIORITY, keys.CANCEL_EPOCH_KEY, keys.ACTIVE_VERSIONS_KEY],
+                args=[keys.CONSUMER_GROUP, consumer, count],
+            )
+        # After a claim that emptied the streams, go straight to the blocking read (it
+        # returns at once if work came in meanwhile): an idle worker's round costs one
+        # round trip less. With a backlog, the script keeps interactive work first.
+        if not got and block_ms:
+            # Nothing waiting: block on both streams, with the same reads behind the wait.
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.execute_command(
+                "XREADGROUP", "GROUP", keys.CONSUMER_GROUP, consumer, "COUNT", count, "BLOCK", block_ms,
+                "STREAMS", *keys.STREAMS_BY_PRIORITY, ">", ">",
+            )
+            pipe.execute_command("GET", keys.CANCEL_EPOCH_KEY)
+            pipe.execute_command("HGETALL", keys.ACTIVE_VERSIONS_KEY)
+            got, epoch, active = pipe.execute()
+        epoch = epoch or b"0"
+        self.active_versions = _pairs(active) if isinstance(active, list) else _texts(active)
+        jobs = []
+        for stream, entries in got or []:
+            name = stream.decode() if isinstance(stream, bytes) else stream
+            for entry_id, fields in entries:
+                job = Job.parse(name, entry_id, _pairs(fields, decode=False) if isinstance(fields, list) else fields)
+                job.not_cancelled = job.epoch == epoch
+                jobs.append(job)
+        self._drained = len(jobs) < count
+        return jobs
+
+    def cancelled(self, jobs: list[Job]) -> set[str]:
+        """The request ids among these jobs that their callers have withdrawn."""
+        return self.is_cancelled([job.request.id for job in jobs if job.request and not job.not_cancelled])
+
+    def deliver(
+        self, settled: list[tuple[Job | None, GenerationReply]], worker: str, *, record: bool = False, batch_size: int = 0
+    ) -> int:
         """Send each reply (at most once per request id) and settle its entry.
 
-        Returns how many replies were new; a duplicate is dropped silently because its
-        caller has already been answered.
+        With ``record``, the replies' telemetry (and one batch of ``batch_size``, if not
+        0) is counted in the same call. Returns how many replies were new; a duplicate is
+        dropped silently because its caller has already been answered.
         """
         if not settled:
             return 0
         script_keys: list[str] = []
-        args: list = [self.settings.reply_ttl_s, keys.ANSWERED_TTL_S, keys.CONSUMER_GROUP, worker]
+        replies: list = []
         for job, reply in settled:
             counter = "completed" if reply.ok else f"failed:{reply.error.kind if reply.error else 'internal'}"
             user = job.request.user if job and job.request else None
@@ -293,7 +375,13 @@ class WorkQueue:
                 keys.STATS_KEY,
                 keys.user_pending_key(user) if user else "",
             ]
-            args += [reply.to_json(), job.entry_id if job else "", counter]
+            replies += [reply.to_json(), job.entry_id if job else "", counter]
+        args: list = [
+            self.settings.reply_ttl_s, keys.ANSWERED_TTL_S, keys.CONSUMER_GROUP, worker, len(settled),
+            keys.REPLY_LOG_MAX_LEN, *replies,
+        ]
+        if record:
+            _add_tally(Tally.of([reply for _, reply in settled], batch_size), script_keys, args)
         return int(self._deliver(keys=script_keys, args=args))
 
     def settle_without_reply(self, job: Job) -> None:

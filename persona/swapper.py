@@ -15,6 +15,7 @@ import time
 
 import redis
 
+from persona import constants as keys
 from persona import swap
 from persona.checkpoint_checks import loaded_problem, static_problem
 from persona.errors import PersonaError, SwapRefused
@@ -25,6 +26,9 @@ from persona.pool import ModelPool, resolve_checkpoint
 __all__ = ["Swapper", "load_and_check"]
 
 log = logging.getLogger(__name__)
+
+FOLLOW_EVERY_S = 1.0
+CHECK_EVERY_S = 0.25
 
 
 def load_and_check(pool: ModelPool, persona: Persona, serving: str | None, target: str) -> tuple[str, str]:
@@ -61,10 +65,13 @@ class Swapper:
         self.active: dict[str, str] = {}
         self._answered: set[str] = set()
         self._ready: dict[str, tuple[str, str]] = {}  # proposal id -> candidate weights key
+        self._followed: tuple | None = None  # what the last follow saw
+        self._followed_at = 0.0
+        self._checked_at = float("-inf")  # when proposals were last read
 
-    def refresh_active(self) -> None:
-        """Read which version each persona serves now."""
-        self.active = swap.active_versions(self.redis)
+    def refresh_active(self, active: dict[str, str] | None = None) -> None:
+        """Read which version each persona serves now (or take ``active``, read just before)."""
+        self.active = swap.active_versions(self.redis) if active is None else dict(active)
 
     def version_for(self, persona: str) -> str | None:
         """The active version of a persona (None: the persona file's own choice)."""
@@ -72,8 +79,32 @@ class Swapper:
 
     def between_batches(self) -> None:
         """Follow flips, answer new proposals, free weights nobody needs."""
-        self.refresh_active()
-        proposals = [p for p in swap.open_proposals(self.redis) if not p.expired()]
+        # Proposals are read at most once a CHECK_EVERY_S, both reads in one round trip:
+        # a busy worker finishes a batch every millisecond. A flip still counts at once:
+        # the claim before each batch reads the active versions.
+        now = time.monotonic()
+        if now - self._checked_at >= CHECK_EVERY_S:
+            self._checked_at = now
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.hgetall(keys.ACTIVE_VERSIONS_KEY)
+            pipe.hvals(keys.SWAPS_KEY)
+            active, raw_proposals = pipe.execute()
+            self.refresh_active(_texts(active))
+            self._answer([swap.SwapProposal.model_validate_json(v) for v in raw_proposals])
+        # Following reads every served persona's file: do it at once when anything it
+        # depends on in Redis or the pool changed, else at most once a FOLLOW_EVERY_S
+        # (for edited persona files), not after every batch of a busy worker.
+        state = (sorted(self.active.items()), sorted(self._ready.items()), self.pool.loaded_keys(), sorted(self.info.personas.items()))
+        if state != self._followed or now - self._followed_at >= FOLLOW_EVERY_S:
+            self._follow()
+            self._followed_at = now
+            self._followed = (state[0], state[1], self.pool.loaded_keys(), sorted(self.info.personas.items()))
+
+    # -- phase one: prepare and vote ------------------------------------------------
+
+    def _answer(self, proposals: list[swap.SwapProposal]) -> None:
+        """Prepare and vote on each open proposal not answered yet."""
+        proposals = [p for p in proposals if not p.expired()]
         open_ids = {p.id for p in proposals}
         self._answered &= open_ids
         self._ready = {i: k for i, k in self._ready.items() if i in open_ids}
@@ -81,9 +112,6 @@ class Swapper:
             if proposal.id not in self._answered:
                 self._answered.add(proposal.id)
                 self._prepare(proposal)
-        self._follow()
-
-    # -- phase one: prepare and vote ------------------------------------------------
 
     def _prepare(self, proposal: swap.SwapProposal) -> None:
         started = time.perf_counter()
@@ -130,6 +158,11 @@ class Swapper:
             log.info("freed weights %s", key[1])
         if freed:
             _free_memory()
+
+
+def _texts(mapping: dict) -> dict[str, str]:
+    return {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+            for k, v in mapping.items()}
 
 
 def _free_memory() -> None:

@@ -1,16 +1,23 @@
 """What each answered request cost, kept in Redis so every figure survives a restart.
 
-Workers call ``record_replies`` after delivering a group: one capped stream entry per
-reply (for percentiles and throughput over a recent window) and durable histograms and
-counters (for Prometheus): queue wait, generation time, batch size, tokens generated
-and replies per persona version.
+Each reply leaves one capped stream entry (for percentiles and throughput over a recent
+window) and counts in durable histograms and counters (for Prometheus): queue wait,
+generation time, batch size, tokens generated and replies per persona version.
+
+A ``Tally`` sums a whole batch in Python first, so a batch of any size touches each
+counter and histogram bucket once. Workers hand it to the queue's delivery script,
+which records it in the same call that delivers the replies (one round trip for both);
+``record_replies`` writes one from anywhere else.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from bisect import bisect_left
+from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import redis
 from pydantic import BaseModel
@@ -23,6 +30,7 @@ __all__ = [
     "LATENCY_BUCKETS_S",
     "LatencySummary",
     "Percentiles",
+    "Tally",
     "percentile",
     "read_histogram",
     "record_replies",
@@ -57,39 +65,68 @@ class LatencySummary(BaseModel):
     tokens_per_s: float
 
 
-def _bucket(value: float, bounds: Sequence[float]) -> str:
-    for bound in bounds:
-        if value <= bound:
-            return f"{bound:g}"
-    return "+Inf"
+def _labels(bounds: Sequence[float]) -> tuple[str, ...]:
+    return (*(f"{bound:g}" for bound in bounds), "+Inf")
 
 
-def _observe(pipe: redis.client.Pipeline, name: str, value: float) -> None:
-    key = keys.histogram_key(name)
-    pipe.hincrby(key, _bucket(value, HISTOGRAMS[name]), 1)
-    pipe.hincrbyfloat(key, "sum", value)
-    pipe.hincrby(key, "count", 1)
+_LABELS = {name: _labels(bounds) for name, bounds in HISTOGRAMS.items()}
+
+
+@dataclass
+class Tally:
+    """A batch's telemetry summed in Python: reply-log rows, counter and histogram increments."""
+
+    rows: list[tuple] = field(default_factory=list)  # one (p, v, ok, t, q, g, k) per reply
+    counts: dict[tuple[str, str], int] = field(default_factory=lambda: defaultdict(int))
+    sums: dict[tuple[str, str], float] = field(default_factory=lambda: defaultdict(float))
+
+    @classmethod
+    def of(cls, replies: Sequence[GenerationReply], batch_size: int = 0) -> Tally:
+        """The telemetry of these replies (and of one batch of ``batch_size``, if not 0)."""
+        tally = cls()
+        for reply in replies:
+            tally.add(reply)
+        if batch_size:
+            tally.observe("batch_size", batch_size)
+        return tally
+
+    def add(self, reply: GenerationReply) -> None:
+        """Count one reply."""
+        queue_ms, generate_ms = reply.timings.queue_ms, reply.timings.generate_ms
+        self.rows.append((
+            reply.persona, reply.version, int(reply.ok), reply.new_tokens,
+            round(queue_ms, 2), round(generate_ms, 2), reply.error.kind.value if reply.error else "",
+        ))
+        if reply.ok:
+            self.counts[(keys.VERSION_REPLIES_KEY, f"{reply.persona}@{reply.version}")] += 1
+            self.counts[(keys.STATS_KEY, "tokens")] += reply.new_tokens
+            self.observe("queue_wait_seconds", queue_ms / 1000)
+            self.observe("generate_seconds", generate_ms / 1000)
+
+    def observe(self, name: str, value: float) -> None:
+        """One observation of a histogram: its bucket, sum and count."""
+        key = keys.histogram_key(name)
+        self.counts[(key, _LABELS[name][bisect_left(HISTOGRAMS[name], value)])] += 1
+        self.counts[(key, "count")] += 1
+        self.sums[(key, "sum")] += value
+
+    def __bool__(self) -> bool:
+        return bool(self.rows or self.counts)
 
 
 def record_replies(client: redis.Redis, replies: Sequence[GenerationReply], batch_size: int = 0) -> None:
-    """Log each reply's timings and count it; a failure to record never fails the worker."""
-    if not replies:
+    """Log each reply's timings and count it; a failure to record never fails the caller."""
+    tally = Tally.of(replies, batch_size)
+    if not tally:
         return
     pipe = client.pipeline(transaction=False)
-    for reply in replies:
-        fields = {
-            "p": reply.persona, "v": reply.version, "ok": int(reply.ok), "t": reply.new_tokens,
-            "q": round(reply.timings.queue_ms, 2), "g": round(reply.timings.generate_ms, 2),
-            "k": reply.error.kind if reply.error else "",
-        }
+    for persona, version, ok, tokens, queue_ms, generate_ms, kind in tally.rows:
+        fields = {"p": persona, "v": version, "ok": ok, "t": tokens, "q": queue_ms, "g": generate_ms, "k": kind}
         pipe.xadd(keys.REPLY_LOG_STREAM, fields, maxlen=keys.REPLY_LOG_MAX_LEN, approximate=True)
-        if reply.ok:
-            pipe.hincrby(keys.VERSION_REPLIES_KEY, f"{reply.persona}@{reply.version}", 1)
-            pipe.hincrby(keys.STATS_KEY, "tokens", reply.new_tokens)
-            _observe(pipe, "queue_wait_seconds", reply.timings.queue_ms / 1000)
-            _observe(pipe, "generate_seconds", reply.timings.generate_ms / 1000)
-    if batch_size:
-        _observe(pipe, "batch_size", batch_size)
+    for (key, name), amount in tally.counts.items():
+        pipe.hincrby(key, name, amount)
+    for (key, name), amount in tally.sums.items():
+        pipe.hincrbyfloat(key, name, amount)
     try:
         pipe.execute()
     except redis.exceptions.RedisError as exc:
@@ -100,7 +137,7 @@ def read_histogram(client: redis.Redis, name: str) -> tuple[list[tuple[str, int]
     """(cumulative buckets as (upper bound, count), sum, count) for a Prometheus histogram."""
     raw = {k.decode(): v.decode() for k, v in client.hgetall(keys.histogram_key(name)).items()}
     running, buckets = 0, []
-    for bound in [f"{b:g}" for b in HISTOGRAMS[name]] + ["+Inf"]:
+    for bound in _LABELS[name]:
         running += int(raw.get(bound, 0))
         buckets.append((bound, running))
     return buckets, float(raw.get("sum", 0.0)), int(raw.get("count", 0))

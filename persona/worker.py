@@ -37,7 +37,6 @@ from persona.prompting import build_prompts
 from persona.queue import Job, WorkQueue
 from persona.settings import Settings
 from persona.swapper import Swapper
-from persona.telemetry import record_replies
 from persona.validation import request_problem
 
 __all__ = ["Worker", "new_worker_id"]
@@ -49,8 +48,6 @@ RECLAIM_EVERY_S = 1.0
 # round of one request does not pay for reading and validating TOML.
 PERSONA_REFRESH_S = 1.0
 MAX_RECONNECT_PAUSE_S = 5.0
-# While rows decode, swap proposals are looked for this often rather than every step.
-SWAP_CHECK_WHILE_DECODING_S = 0.25
 
 
 @dataclass(frozen=True)
@@ -90,7 +87,6 @@ class Worker:
         self.swaps = Swapper(client, pool, self.registry, self.info)
         self.stopping = threading.Event()
         self._last_reclaim = 0.0
-        self._last_swap_check = 0.0
         self._last_cancel_check = 0.0
         self._in_flight: dict[str, _Row] = {}  # request id -> its row in an engine
         self._personas: dict[str, tuple[float, Persona]] = {}
@@ -186,7 +182,8 @@ class Worker:
         if room > 0 and not self.stopping.is_set():
             # While rows decode, only look: new work joins them at the next step.
             jobs = self.queue.claim(self.id, room, block_ms=0 if busy else block_ms)
-        self.swaps.refresh_active()  # new rows use the versions active as they are claimed
+            # Read with the claim: new rows use the versions active as they are claimed.
+            self.swaps.refresh_active(self.queue.active_versions)
         now = time.monotonic()
         if now - self._last_reclaim >= RECLAIM_EVERY_S and not self.stopping.is_set():
             self._last_reclaim = now
@@ -198,10 +195,9 @@ class Worker:
             self._drop_withdrawn()
         if self._decoding:
             self._decode_step()
-        # Swaps are prepared and switched here; rows already decoding finish on their weights.
-        if not self._decoding or now - self._last_swap_check >= SWAP_CHECK_WHILE_DECODING_S:
-            self._last_swap_check = now
-            self.swaps.between_batches()
+        # Swaps are prepared and switched here (the swapper reads proposals at most every
+        # 0.25 s); rows already decoding finish on the weights they started with.
+        self.swaps.between_batches()
         return len(jobs)
 
     def step(self, block_ms: int = 1000) -> int:
@@ -233,7 +229,7 @@ class Worker:
             else:
                 log.error("dropping unanswerable entry %s: %s", job.entry_id, job.problem)
                 self.queue.settle_without_reply(job)
-        cancelled = self.queue.is_cancelled([j.request.id for j in runnable])
+        cancelled = self.queue.cancelled(runnable)
         for job in [j for j in runnable if j.request.id in cancelled]:
             early.append((job, self._failure(job.request, ErrorKind.cancelled, "the request was withdrawn")))
         runnable = [j for j in runnable if j.request.id not in cancelled]
@@ -247,21 +243,25 @@ class Worker:
                 self._send(self._generate(members), batch_size=len(members))
 
     def _send(self, settled: list[tuple[Job, GenerationReply]], batch_size: int = 0) -> None:
-        """Record and deliver replies; what Redis cannot take now is kept and sent again."""
+        """Deliver replies (their timings recorded in the same call, so a caller who has its
+        reply sees it counted); what Redis cannot take now is kept and sent again."""
         if not settled:
             return
-        # Timings are recorded just before delivery, so a caller who has its reply sees it counted.
-        replies = [reply for _, reply in settled]
-        record_replies(self.redis, replies, batch_size=batch_size if any(r.ok for r in replies) else 0)
-        self._outbox.extend(settled)
         self._flush()
+        batch_size = batch_size if any(reply.ok for _, reply in settled) else 0
+        try:
+            self.queue.deliver(settled, self.id, record=True, batch_size=batch_size)
+        except redis.exceptions.RedisError:
+            self._outbox.extend(settled)
+            raise
 
     def _flush(self) -> None:
+        """Deliver what an earlier turn could not."""
         if not self._outbox:
             return
         held, self._outbox = self._outbox, []
         try:
-            self.queue.deliver(held, self.id)
+            self.queue.deliver(held, self.id, record=True)
         except redis.exceptions.RedisError:
             self._outbox = held + self._outbox
             raise
@@ -344,11 +344,16 @@ class Worker:
             try:
                 done = engine.step()
             except Exception as exc:  # the one place a decode's failure is caught
-                settled = self._failed(engine.abandon(), exc)
+                done, settled = [], self._failed(engine.abandon(), exc)
             else:
                 settled = [(row.job, self._reply(row, completion, batch)) for row, completion in done]
             for job, _ in settled:
                 self._in_flight.pop(job.request.id, None)
+            if done:
+                log.info(
+                    "answered %d request(s) (batch of %d) tokens=%d",
+                    len(done), batch, sum(completion.new_tokens for _, completion in done),
+                )
             if not engine.active:
                 del self._decoding[key]
             self.info.requests += sum(1 for _, reply in settled if reply.ok)
@@ -378,6 +383,12 @@ class Worker:
         elapsed = time.perf_counter() - started
         self.info.batches += 1
         self.info.requests += len(members)
+        served = members[0].served
+        # One line per batch, not per request: at thousands of replies a second, logging is the cost.
+        log.info(
+            "answered %d request(s) for %s version=%s tokens=%d in %.0f ms",
+            len(members), served.loaded.name, served.version, sum(c.new_tokens for c in completions), elapsed * 1000,
+        )
         return [
             (row.job, self._reply(row, c, len(members), c.seconds or elapsed))
             for row, c in zip(members, completions, strict=True)
@@ -386,7 +397,7 @@ class Worker:
     def _reply(self, row: _Row, completion: Completion, batch: int, seconds: float | None = None) -> GenerationReply:
         request = row.job.request
         seconds = completion.seconds if seconds is None else seconds
-        log.info(
+        log.debug(
             "answered %s persona=%s version=%s tokens=%d batch=%d in %.0f ms",
             request.id, row.persona.name, row.served.version, completion.new_tokens, batch, seconds * 1000,
         )

@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from persona.contract import GenerationRequest, Message
 from persona.engine import TransformersEngine, Work
 from persona.models import load_model
 from persona.personas import Persona, Sampling
-from persona.prompting import build_prompt, build_prompts
+from persona.prompting import (
+    _chat_messages,
+    _chat_text,
+    _content_is_verbatim,
+    _render_chat,
+    build_prompt,
+    build_prompts,
+)
 
 
 @pytest.fixture(scope="module")
@@ -101,3 +110,24 @@ def test_prompts_built_together_equal_prompts_built_one_by_one(chat_model, plain
         one_by_one = [build_prompt(p, r, model, s) for p, r, s in items]
         assert [p.token_ids for p in together] == [p.token_ids for p in one_by_one]
         assert [p.stop for p in together] == [p.stop for p in one_by_one]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.text(max_size=20), min_size=1, max_size=6), st.booleans())
+def test_spliced_chat_text_equals_the_rendered_template(chat_model, contents, with_system):
+    persona = PERSONA if with_system else Persona(name="plain")
+    turns = [Message(role=("user", "assistant")[n % 2], content=c) for n, c in enumerate(contents)]
+    tokenizer = chat_model.tokenizer
+    assert _content_is_verbatim(tokenizer)  # the bundled template is spliced
+    assert _chat_text(tokenizer, persona, turns) == _render_chat(tokenizer, _chat_messages(persona, turns))
+
+
+def test_a_template_that_changes_contents_is_rendered_whole(chat_model):
+    import copy
+
+    tokenizer = copy.deepcopy(chat_model.tokenizer)
+    tokenizer.chat_template = tokenizer.chat_template.replace("message['content']", "(message['content'] | trim)")
+    assert not _content_is_verbatim(tokenizer)
+    turns = [Message(role="user", content="  padded  ")]
+    text = _chat_text(tokenizer, PERSONA, turns)
+    assert text == _render_chat(tokenizer, _chat_messages(PERSONA, turns)) and "\npadded<|im_end|>" in text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 
@@ -9,9 +10,17 @@ import pytest
 from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
 
 from persona import constants as keys
-from persona.contract import ErrorKind, GenerationReply, GenerationRequest, Message, Priority
+from persona.contract import (
+    ErrorKind,
+    GenerationReply,
+    GenerationRequest,
+    Message,
+    Priority,
+    Timings,
+)
 from persona.errors import InvalidRequest, QueueBusy, ReplyTimeout
-from persona.queue import Job, QueueClient, WorkQueue
+from persona.queue import AsyncQueueClient, Job, QueueClient, WorkQueue
+from persona.telemetry import record_replies
 
 
 def chat(text: str = "hi", **kwargs) -> GenerationRequest:
@@ -155,3 +164,85 @@ def test_a_flood_from_one_user_cannot_take_everyones_place(settings, client, wor
     work.deliver([(jobs[0], GenerationReply(id=jobs[0].request.id, ok=True, text="ok"))], "w")
     client.submit(chat(user="flooder"))
     assert flood[0].id == jobs[0].request.id
+
+
+def test_ask_refused_as_busy_returns_at_once_and_leaves_nothing_behind(settings, client):
+    settings.queue.max_length = 1
+    client.submit(chat())
+    refused = chat()
+    started = time.monotonic()
+    with pytest.raises(QueueBusy, match="the queue is busy"):
+        client.ask(refused, timeout=30)
+    assert time.monotonic() - started < 1.5  # not after a whole wait slice
+    assert client.redis.exists(keys.reply_key(refused.id)) == 0
+    settings.queue.max_length, settings.queue.max_pending_per_user = 10, 1
+    client.submit(chat(user="u"))
+    with pytest.raises(QueueBusy, match="you already have 1 requests waiting"):
+        client.ask(chat(user="u"), timeout=30)
+
+
+async def test_async_ask_is_one_round_trip_through_the_queue(settings, redis_url, redis_client, work):
+    import redis.asyncio
+
+    async_redis = redis.asyncio.Redis.from_url(redis_url)
+    try:
+        asker = AsyncQueueClient(async_redis, settings.queue)
+        settings.queue.max_length = 0
+        with pytest.raises(QueueBusy):
+            await asker.ask(chat(), timeout=30)
+        settings.queue.max_length = 10
+        waiting = asyncio.create_task(asker.ask(chat("ping"), timeout=30))
+        jobs = []
+        while not jobs:
+            await asyncio.sleep(0.05)
+            jobs = work.claim("w", 10, block_ms=0)
+        work.deliver([(jobs[0], GenerationReply(id=jobs[0].request.id, ok=True, text="pong"))], "w")
+        assert (await waiting).text == "pong"
+    finally:
+        await async_redis.aclose()
+
+
+def test_cancel_flags_are_read_only_for_requests_sent_before_a_cancellation(client, work):
+    early = client.submit(chat("early"))
+    withdrawn = client.submit(chat("withdrawn"))
+    client.cancel(withdrawn.id)
+    later = client.submit(chat("later"))
+    ahead = chat("cancelled before it was even sent")
+    client.cancel(ahead.id)
+    ahead = client.submit(ahead)
+    jobs = work.claim("w", 10, block_ms=100)
+    assert [j.request.id for j in jobs] == [early.id, withdrawn.id, later.id, ahead.id]
+    assert [j.not_cancelled for j in jobs] == [False, False, False, False]  # the epoch moved after "later"
+    assert work.cancelled(jobs) == {withdrawn.id, ahead.id}
+    fresh = client.submit(chat("fresh"))
+    [job] = work.claim("w", 10, block_ms=100)
+    assert job.request.id == fresh.id and job.not_cancelled and work.cancelled([job]) == set()
+
+
+def test_delivering_with_telemetry_counts_as_record_replies_does(settings, redis_url, redis_client, client, work):
+    import redis as redis_lib
+
+    replies = [
+        GenerationReply(id="a", ok=True, text="x", persona="p", version="v1", new_tokens=3,
+                        timings=Timings(queue_ms=12.5, generate_ms=230)),
+        GenerationReply.failure("b", ErrorKind.timeout, "late", persona="p"),
+        GenerationReply(id="c", ok=True, text="y", persona="p", version="v2", new_tokens=4,
+                        timings=Timings(queue_ms=700_000, generate_ms=5)),
+    ]
+    work.deliver([(None, reply) for reply in replies], "w", record=True, batch_size=3)
+    delivered = _telemetry(redis_client)
+    redis_client.flushdb()
+    record_replies(redis_lib.Redis.from_url(redis_url), replies, batch_size=3)
+    assert delivered == _telemetry(redis_client)
+    assert delivered["hist:batch_size"] == {"4": "1", "count": "1", "sum": "3"}
+    assert delivered["hist:queue_wait_seconds"]["+Inf"] == "1"
+
+
+def _telemetry(client) -> dict:
+    found = {name: {k.decode(): v.decode() for k, v in client.hgetall(keys.histogram_key(name)).items()}
+             for name in ("queue_wait_seconds", "generate_seconds", "batch_size")}
+    found = {f"hist:{name}": value for name, value in found.items()}
+    found["versions"] = client.hgetall(keys.VERSION_REPLIES_KEY)
+    found["tokens"] = client.hget(keys.STATS_KEY, "tokens")
+    found["log"] = [fields for _, fields in client.xrange(keys.REPLY_LOG_STREAM)]
+    return found
