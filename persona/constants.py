@@ -24,6 +24,7 @@ CANCEL_EPOCH_KEY = KEY_PREFIX + "cancel-epoch"
 USER_PENDING_KEY_PREFIX = KEY_PREFIX + "user-pending:"
 # A worker's heartbeat (JSON, with a TTL): host, device, loaded persona versions.
 WORKER_KEY_PREFIX = KEY_PREFIX + "worker:"
+WORKER_INDEX_KEY = KEY_PREFIX + "workers"  # sorted set: worker id -> when its heartbeat lapses
 # Counters that survive a restart (a hash of name -> integer).
 STATS_KEY = KEY_PREFIX + "stats"
 # Active checkpoint version per persona (a hash persona -> version).

@@ -1,4 +1,10 @@
-"""Worker heartbeats: each live worker keeps a key with a TTL saying what it serves."""
+"""Worker heartbeats: each live worker keeps a key with a TTL saying what it serves.
+
+An index (a sorted set of worker ids scored by when their heartbeat lapses) lists
+them, so finding the live workers reads two keys instead of scanning a keyspace that
+holds a day of answered-request flags. A worker that stops beating drops out of the
+index when its score passes.
+"""
 
 from __future__ import annotations
 
@@ -33,20 +39,27 @@ class WorkerInfo(BaseModel):
 def publish(client: redis.Redis, info: WorkerInfo, ttl_s: float) -> None:
     """Say this worker is alive for the next ``ttl_s`` seconds."""
     info.last_seen = time.time()
-    client.set(keys.worker_key(info.id), info.model_dump_json(), px=int(ttl_s * 1000))
+    pipe = client.pipeline(transaction=True)
+    pipe.set(keys.worker_key(info.id), info.model_dump_json(), px=int(ttl_s * 1000))
+    pipe.zadd(keys.WORKER_INDEX_KEY, {info.id: info.last_seen + ttl_s})
+    pipe.zremrangebyscore(keys.WORKER_INDEX_KEY, "-inf", info.last_seen)
+    pipe.execute()
 
 
 def withdraw(client: redis.Redis, worker_id: str) -> None:
     """Say this worker is gone, so its leftovers are reclaimed at once."""
-    client.delete(keys.worker_key(worker_id))
+    pipe = client.pipeline(transaction=True)
+    pipe.delete(keys.worker_key(worker_id))
+    pipe.zrem(keys.WORKER_INDEX_KEY, worker_id)
+    pipe.execute()
 
 
 def live_workers(client: redis.Redis) -> list[WorkerInfo]:
     """Every worker whose heartbeat has not lapsed."""
-    found = list(client.scan_iter(match=keys.WORKER_KEY_PREFIX + "*", count=500))
-    if not found:
+    ids = client.zrangebyscore(keys.WORKER_INDEX_KEY, time.time(), "+inf")
+    if not ids:
         return []
-    values = client.mget(found)
+    values = client.mget([keys.worker_key(i.decode() if isinstance(i, bytes) else i) for i in ids])
     return sorted(
         (WorkerInfo.model_validate_json(v) for v in values if v is not None),
         key=lambda w: w.id,

@@ -130,3 +130,17 @@ def test_queue_stats_and_watch_commands(settings, redis_url, redis_client):
     watching.send_signal(signal.SIGINT)
     out, _ = watching.communicate(timeout=30)
     assert watching.returncode == 0 and "persona:q:chat" in out and "generation" in out
+
+
+def test_live_workers_are_found_by_their_index_and_leave_it_when_silent(redis_client):
+    """A lapsed heartbeat or a withdrawn worker is not live; finding them scans nothing."""
+    redis_client.flushall()
+    heartbeat.publish(redis_client, heartbeat.WorkerInfo(id="w-steady"), ttl_s=30)
+    heartbeat.publish(redis_client, heartbeat.WorkerInfo(id="w-brief"), ttl_s=0.2)
+    heartbeat.publish(redis_client, heartbeat.WorkerInfo(id="w-leaving"), ttl_s=30)
+    heartbeat.withdraw(redis_client, "w-leaving")
+    assert [w.id for w in heartbeat.live_workers(redis_client)] == ["w-brief", "w-steady"]
+    time.sleep(0.3)
+    assert [w.id for w in heartbeat.live_workers(redis_client)] == ["w-steady"]
+    heartbeat.publish(redis_client, heartbeat.WorkerInfo(id="w-steady"), ttl_s=30)  # prunes lapsed ids
+    assert redis_client.zcard("persona:workers") == 1
