@@ -51,7 +51,7 @@ def route_llama_cpp_logs() -> None:
         return
 
     @llama_cpp.llama_log_callback
-    def callback(level, text, user_data):  # noqa: ARG001 - llama.cpp's signature
+    def callback(level, text, user_data):
         message = text.decode("utf-8", "replace").rstrip()
         if message:
             log.debug("llama.cpp: %s", message)

@@ -197,3 +197,11 @@ def running_worker(settings: Settings, redis_client: redis.Redis):
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The tiny Llama loaded once (engines may share it: none changes its weights' values)."""
+    from persona.models import load_model
+
+    return load_model(str(tiny_llama_dir), cache_dir=tmp_path_factory.mktemp("tiny-llama-cache"))

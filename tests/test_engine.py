@@ -11,11 +11,6 @@ from persona.models import load_model
 from persona.personas import Sampling
 
 
-@pytest.fixture(scope="module")
-def tiny_llama(tiny_llama_dir, tmp_path_factory):
-    return load_model(str(tiny_llama_dir), cache_dir=tmp_path_factory.mktemp("cache"))
-
-
 def _batch() -> list[Work]:
     return [
         Work([5, 17, 42, 99], Sampling(temperature=0.0, max_new_tokens=3)),

@@ -11,11 +11,6 @@ from persona.models import bundled_gguf_path, load_model
 pytestmark = pytest.mark.skipif(not llamacpp_available(), reason="llama-cpp-python (the `fast` extra) is not installed")
 
 
-@pytest.fixture(scope="module")
-def tiny_llama(tiny_llama_dir, tmp_path_factory):
-    return load_model(str(tiny_llama_dir), cache_dir=tmp_path_factory.mktemp("cache"))
-
-
 def _torch_logits(model, ids: list[int]) -> torch.Tensor:
     with torch.no_grad():
         return model(torch.tensor([ids])).logits[0, -1]

@@ -6,20 +6,10 @@ import pytest
 import torch
 
 from persona.engine import TransformersEngine, Work, llamacpp_available
-from persona.models import bundled_gguf_path, load_model
+from persona.models import load_model
 from persona.personas import Sampling
 
 pytestmark = pytest.mark.skipif(not llamacpp_available(), reason="llama-cpp-python (the `fast` extra) is not installed")
-
-
-@pytest.fixture(scope="module")
-def tiny_llama(tiny_llama_dir, tmp_path_factory):
-    return load_model(str(tiny_llama_dir), cache_dir=tmp_path_factory.mktemp("cache"))
-
-
-def _torch_logits(model, ids: list[int]) -> torch.Tensor:
-    with torch.no_grad():
-        return model(torch.tensor([ids])).logits[0, -1]
 
 
 def test_the_bundled_gguf_agrees_with_the_dequantised_model(model_cache_dir):
@@ -31,7 +21,8 @@ def test_the_bundled_gguf_agrees_with_the_dequantised_model(model_cache_dir):
     decoder = LlamaCppDecoder(loaded.gguf_file, threads=1, context_tokens=1024)
     ids = loaded.tokenizer("The quick brown fox jumps over the lazy dog because").input_ids
     ours = decoder.start(torch.tensor([ids]), torch.ones((1, len(ids)), dtype=torch.long), None, 1)[0]
-    reference = _torch_logits(loaded.model, ids)
+    with torch.no_grad():
+        reference = loaded.model(torch.tensor([ids])).logits[0, -1]
     kl = torch.nn.functional.kl_div(ours.log_softmax(-1), reference.log_softmax(-1), log_target=True, reduction="sum")
     assert kl < 0.05
     assert reference.argmax().item() in ours.topk(3).indices.tolist()
@@ -54,7 +45,7 @@ def test_llamacpp_engine_lets_a_row_join_a_running_batch(tiny_llama, tmp_path):
     while engine.active:
         finished += [(tag, c) for tag, c in engine.step()]
     assert [tag for tag, _ in finished] == ["short", "long"]
-    texts = dict((tag, c) for tag, c in finished)
+    texts = dict(finished)
     assert texts["short"].text == short_alone.text and texts["long"].text == long_alone.text
     assert texts["long"].new_tokens == long_alone.new_tokens
 

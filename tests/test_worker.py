@@ -115,6 +115,16 @@ def test_cancelled_request_is_not_generated(write_persona, tiny_llama_dir, runni
     assert not reply.ok and reply.error.kind is ErrorKind.cancelled
 
 
+def _long_request_decoding(worker, client: QueueClient, tokens: int) -> GenerationRequest:
+    """Submit a request that decodes ``tokens`` tokens; return once the worker is decoding it."""
+    request = client.submit(chat("tiny", sampling=SamplingOverrides(max_new_tokens=tokens, temperature=1.0, top_k=0, seed=5)))
+    deadline = time.monotonic() + 30
+    while not worker.decoding and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert worker.decoding, "the worker never started decoding the long request"
+    return request
+
+
 def test_a_short_request_is_answered_while_a_long_one_is_still_decoding(
     write_persona, tiny_llama_dir, running_worker, client, redis_client
 ):
@@ -123,11 +133,7 @@ def test_a_short_request_is_answered_while_a_long_one_is_still_decoding(
     from persona import constants as keys
 
     write_persona("tiny", base=str(tiny_llama_dir))
-    worker = running_worker()
-    long = client.submit(chat("tiny", sampling=SamplingOverrides(max_new_tokens=400, temperature=1.0, top_k=0, seed=5)))
-    deadline = time.monotonic() + 30
-    while not worker.decoding and time.monotonic() < deadline:  # the long one is decoding
-        time.sleep(0.005)
+    long = _long_request_decoding(running_worker(), client, 400)
     short = client.ask(chat("tiny", sampling=SamplingOverrides(max_new_tokens=2, temperature=0.0)), timeout=30)
     assert short.ok and short.new_tokens <= 2
     assert redis_client.llen(keys.reply_key(long.id)) == 0, "the short reply waited for the long one"
@@ -139,10 +145,7 @@ def test_a_short_request_is_answered_while_a_long_one_is_still_decoding(
 def test_a_worker_told_to_stop_finishes_the_rows_it_is_decoding(write_persona, tiny_llama_dir, running_worker, client):
     write_persona("tiny", base=str(tiny_llama_dir))
     worker = running_worker()
-    request = client.submit(chat("tiny", sampling=SamplingOverrides(max_new_tokens=300, temperature=1.0, top_k=0, seed=5)))
-    deadline = time.monotonic() + 30
-    while not worker.decoding and time.monotonic() < deadline:
-        time.sleep(0.005)
+    request = _long_request_decoding(worker, client, 300)
     worker.stop()
     reply = client.wait(request, timeout=60)
     assert reply.ok and reply.new_tokens == 300
@@ -154,10 +157,7 @@ def test_a_request_withdrawn_mid_generation_stops_and_its_caller_is_told(
     settings.worker.cancel_check_s = 0.01
     write_persona("tiny", base=str(tiny_llama_dir))
     worker = running_worker()
-    request = client.submit(chat("tiny", sampling=SamplingOverrides(max_new_tokens=400, temperature=1.0, top_k=0, seed=5)))
-    deadline = time.monotonic() + 30
-    while not worker.decoding and time.monotonic() < deadline:
-        time.sleep(0.001)
+    request = _long_request_decoding(worker, client, 400)
     client.cancel(request.id)
     reply = client.wait(request, timeout=30)
     assert not reply.ok and reply.error.kind is ErrorKind.cancelled
