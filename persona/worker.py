@@ -119,13 +119,15 @@ class Worker:
                     self.turn()
                     pause_s = 0.0
                 except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, redis.exceptions.BusyLoadingError) as exc:
+                    if self.stopping.is_set():
+                        # Told to stop with Redis gone: the entries stay pending in Redis, and
+                        # another worker takes them once this one's heartbeat lapses.
+                        log.error("Redis unavailable while stopping (%s); leaving %d row(s) to other workers", exc, self.decoding)
+                        break
                     # Redis restarting: wait and retry; queued requests are kept on its disk.
                     pause_s = min(MAX_RECONNECT_PAUSE_S, max(0.1, pause_s * 2))
                     log.warning("Redis unavailable (%s); retrying in %.1f s", exc, pause_s)
-                    if self.stopping.is_set():
-                        time.sleep(pause_s)
-                    else:
-                        self.stopping.wait(pause_s)
+                    self.stopping.wait(pause_s)
                 except redis.exceptions.ResponseError as exc:
                     if "NOGROUP" not in str(exc):
                         raise

@@ -195,3 +195,36 @@ def test_queued_requests_survive_a_redis_restart_and_workers_reconnect(
         assert worker.poll() is None  # it rode out the outage
     finally:
         server.stop()
+
+
+def test_a_worker_stopping_while_redis_is_down_leaves_its_rows_to_others(
+    tmp_path: Path, settings, write_persona, tiny_llama_dir
+):
+    """Its rows cannot be delivered, so it does not wait for Redis: it leaves, and the
+    entries stay pending for another worker to take."""
+    import threading
+
+    from persona.contract import SamplingOverrides
+    from persona.pool import ModelPool
+    from persona.worker import Worker
+
+    server = EmbeddedRedis(tmp_path / "own-redis")
+    url = server.start()
+    try:
+        write_persona("tiny", base=str(tiny_llama_dir))
+        client = QueueClient(redis.Redis.from_url(url), settings.queue)
+        worker = Worker(settings, redis.Redis.from_url(url), ModelPool(settings, "cpu"), worker_id="w-gone")
+        thread = threading.Thread(target=worker.run, daemon=True)
+        thread.start()
+        sampling = SamplingOverrides(max_new_tokens=400, temperature=1.0, top_k=0, seed=5)
+        client.submit(GenerationRequest(persona="tiny", messages=[Message(role="user", content="hi")], sampling=sampling))
+        deadline = time.monotonic() + 30
+        while not worker.decoding and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert worker.decoding
+        server.stop()
+        worker.stop()
+        thread.join(timeout=20)
+        assert not thread.is_alive()
+    finally:
+        server.stop()
