@@ -148,7 +148,7 @@ class TransformersEngine:
         self.decoder = self._decoder(cache_dir, threads, gguf_type, kv_tokens)
         self._waiting: list[tuple[Work, object]] = []
         self._rows: _Rows | None = None
-        self._logits: torch.Tensor | None = None
+        self._pending: torch.Tensor | None = None  # each row's last token, not fed yet
         log.info("%s decodes with the %s engine", loaded.name, self.mode)
 
     def _decoder(self, cache_dir: Path | None, threads: int | None, gguf_type: str, kv_tokens: int | None):
@@ -189,24 +189,35 @@ class TransformersEngine:
 
     @torch.inference_mode()
     def step(self) -> list[tuple[object, Completion]]:
-        """Admit waiting rows, decode one token for every row; return the finished rows."""
+        """Feed the running rows their last tokens, admit waiting rows, sample one token for
+        every row; return the rows that finished.
+
+        A decode that fails raises before any row of this step is settled: every row it
+        held is still there to be answered (``abandon``), and rows that finished earlier
+        were returned by earlier steps.
+        """
+        logits = None
+        if self._rows is not None:
+            logits = self.decoder.step(self._pending, self._rows.position_ids[:, -1])
         if self._waiting and (self._rows is None or getattr(self.decoder, "can_join", False)):
-            self._admit()
+            joined = self._admit()
+            if joined is not None:
+                logits = joined if logits is None else torch.cat([logits, joined])
         rows = self._rows
         if rows is None:
             return []
-        tokens = _sample(self._logits.float(), rows)
+        tokens = _sample(logits.float(), rows)
         finished = self._advance(rows, tokens)
         done = [(rows.tags[rows.index[pos]], completion) for pos, completion in finished.items()]
         if finished:
             keep = [i for i in range(rows.size) if i not in finished]
             if not keep:
-                self._rows = self._logits = None
+                self._rows = self._pending = None
                 return done
             rows.select(keep)
             self.decoder.select(torch.tensor(keep, device=self.model.device))
             tokens = tokens[keep]
-        self._logits = self.decoder.step(tokens, rows.position_ids[:, -1])
+        self._pending = tokens  # fed at the next step
         return done
 
     def remove(self, unwanted: Callable[[object], bool]) -> int:
@@ -217,11 +228,11 @@ class TransformersEngine:
         if rows is not None:
             keep = [i for i in range(rows.size) if not unwanted(rows.tags[rows.index[i]])]
             if not keep:
-                self._rows = self._logits = None
+                self._rows = self._pending = None
             elif len(keep) < rows.size:
                 rows.select(keep)
                 self.decoder.select(torch.tensor(keep, device=self.model.device))
-                self._logits = self._logits[keep]
+                self._pending = self._pending[keep]
         return before - self.active
 
     def abandon(self) -> list[object]:
@@ -229,11 +240,12 @@ class TransformersEngine:
         tags = [tag for _, tag in self._waiting]
         if self._rows is not None:
             tags += [self._rows.tags[i] for i in self._rows.index]
-        self._waiting, self._rows, self._logits = [], None, None
+        self._waiting, self._rows, self._pending = [], None, None
         return tags
 
-    def _admit(self) -> None:
-        """Prefill the waiting rows and add them to the running batch (or start one).
+    def _admit(self) -> torch.Tensor | None:
+        """Prefill the waiting rows and add them to the running batch (or start one);
+        return their next-token logits (None when none could be admitted).
 
         A decoder with a fixed cache (llama.cpp) takes only the rows whose whole reply
         fits beside the running ones; the rest wait for rows to leave. With nothing
@@ -247,17 +259,17 @@ class TransformersEngine:
             if count == 0 and self._rows is None:
                 count = 1
         if count == 0:
-            return
+            return None
         waiting, self._waiting = self._waiting[:count], self._waiting[count:]
         new = _Rows([w for w, _ in waiting], [t for _, t in waiting], self.model.device, self.pad_id)
         room = max(w.sampling.max_new_tokens for w, _ in waiting) + 1
         if self._rows is None:
-            self._logits = self.decoder.start(new.input_ids, new.attention_mask, new.position_ids, room)
+            logits = self.decoder.start(new.input_ids, new.attention_mask, new.position_ids, room)
             self._rows = new
         else:
             logits = self.decoder.join(new.input_ids, new.attention_mask, new.position_ids, room)
-            self._logits = torch.cat([self._logits, logits])
             self._rows.merge(new, self.pad_id)
+        return logits
 
     def generate(self, batch: list[Work]) -> list[Completion]:
         """Generate every row of ``batch`` (rows finish independently), in order."""
