@@ -155,7 +155,11 @@ class TransformersEngine:
         if self.mode == "eager":
             return _EagerDecoder(self.model)
         if self.mode == "llamacpp":
-            from persona.llamacpp_decoder import LlamaCppDecoder, gguf_for
+            from persona.llamacpp_decoder import (
+                CONTEXT_TOKENS,
+                LlamaCppDecoder,
+                gguf_for,
+            )
 
             try:
                 path = gguf_for(self.loaded, cache_dir or Path(tempfile.gettempdir()), gguf_type)
@@ -163,9 +167,7 @@ class TransformersEngine:
                 log.warning("%s; using the int8 engine", exc)
                 self.mode = "int8"
             else:
-                if kv_tokens:
-                    return LlamaCppDecoder(path, threads=threads, context_tokens=kv_tokens)
-                return LlamaCppDecoder(path, threads=threads)
+                return LlamaCppDecoder(path, threads=threads, context_tokens=kv_tokens or CONTEXT_TOKENS)
         # On a GPU each decode step replays a CUDA graph (untested here: no GPU).
         on_gpu = torch.device(self.loaded.device).type == "cuda"
         return llama_decoder.LlamaDecoder(self.model, int8=self.mode == "int8", graphs=on_gpu)
@@ -209,15 +211,7 @@ class TransformersEngine:
         tokens = _sample(logits.float(), rows)
         finished = self._advance(rows, tokens)
         done = [(rows.tags[rows.index[pos]], completion) for pos, completion in finished.items()]
-        if finished:
-            keep = [i for i in range(rows.size) if i not in finished]
-            if not keep:
-                self._rows = self._pending = None
-                return done
-            rows.select(keep)
-            self.decoder.select(torch.tensor(keep, device=self.model.device))
-            tokens = tokens[keep]
-        self._pending = tokens  # fed at the next step
+        self._keep([i for i in range(rows.size) if i not in finished], tokens)
         return done
 
     def remove(self, unwanted: Callable[[object], bool]) -> int:
@@ -226,14 +220,19 @@ class TransformersEngine:
         self._waiting = [(w, t) for w, t in self._waiting if not unwanted(t)]
         rows = self._rows
         if rows is not None:
-            keep = [i for i in range(rows.size) if not unwanted(rows.tags[rows.index[i]])]
-            if not keep:
-                self._rows = self._pending = None
-            elif len(keep) < rows.size:
-                rows.select(keep)
-                self.decoder.select(torch.tensor(keep, device=self.model.device))
-                self._pending = self._pending[keep]
+            self._keep([i for i in range(rows.size) if not unwanted(rows.tags[rows.index[i]])], self._pending)
         return before - self.active
+
+    def _keep(self, keep: list[int], tokens: torch.Tensor) -> None:
+        """Only these rows stay, each with its next token to feed; none left ends the batch."""
+        if not keep:
+            self._rows = self._pending = None
+            return
+        if len(keep) < self._rows.size:
+            self._rows.select(keep)
+            self.decoder.select(torch.tensor(keep, device=self.model.device))
+            tokens = tokens[keep]
+        self._pending = tokens  # fed at the next step
 
     def abandon(self) -> list[object]:
         """Drop every row (after a failed step); return their tags so each can be answered."""

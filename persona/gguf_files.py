@@ -11,7 +11,6 @@ the interleaved rotary layout GGUF uses (transformers un-permutes them on load).
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 import tempfile
 from pathlib import Path
@@ -21,9 +20,8 @@ import numpy as np
 
 from persona.errors import ModelError
 
-__all__ = ["GGUF_TYPES", "cached_gguf", "tokenizer_matches", "write_gguf"]
+__all__ = ["GGUF_TYPES", "cached_gguf_path", "tokenizer_matches", "write_gguf"]
 
-log = logging.getLogger(__name__)
 
 # The types a written model may be quantized to, with llama.cpp's file-type numbers.
 # q8_0 keeps a fine-tune's small weight changes (a 4-bit step can round them away).
@@ -138,11 +136,7 @@ def write_gguf(model: Any, tokenizer_from: Path, target: Path, kind: str = "q8_0
     return target
 
 
-def cached_gguf(model: Any, tokenizer_from: Path, cache_dir: Path, identity: str, kind: str) -> Path:
-    """The GGUF for these weights, written once and kept under ``cache_dir``."""
+def cached_gguf_path(cache_dir: Path, identity: str, kind: str) -> Path:
+    """Where the GGUF of the weights named ``identity`` is kept under ``cache_dir``."""
     digest = hashlib.sha256(f"{identity}|{kind}".encode()).hexdigest()[:16]
-    target = cache_dir / "gguf" / f"{digest}.{kind}.gguf"
-    if not target.is_file():
-        log.info("writing %s as a %s GGUF for llama.cpp (once)", identity, kind)
-        write_gguf(model, tokenizer_from, target, kind)
-    return target
+    return cache_dir / "gguf" / f"{digest}.{kind}.gguf"

@@ -21,7 +21,7 @@ import torch
 from persona.errors import ModelError
 from persona.models import LoadedModel, bundled_gguf_path
 
-__all__ = ["LlamaCppDecoder", "gguf_for", "route_llama_cpp_logs"]
+__all__ = ["CONTEXT_TOKENS", "LlamaCppDecoder", "gguf_for", "route_llama_cpp_logs"]
 
 log = logging.getLogger(__name__)
 
@@ -32,14 +32,19 @@ BATCH_TOKENS = 512  # tokens per llama_decode call (prompts are fed in chunks)
 
 def gguf_for(loaded: LoadedModel, cache_dir: Path, kind: str) -> Path:
     """A GGUF file llama.cpp can load with these weights: the bundled one, or written once."""
-    from persona.gguf_files import cached_gguf, tokenizer_matches
+    from persona.gguf_files import cached_gguf_path, tokenizer_matches, write_gguf
 
     if loaded.gguf_file is not None:
         return loaded.gguf_file
+    identity = loaded.identity or loaded.name
+    target = cached_gguf_path(cache_dir, identity, kind)
+    if target.is_file():  # written before, so its vocabulary was checked then
+        return target
     reference = bundled_gguf_path()
     if not tokenizer_matches(loaded.tokenizer, reference):
         raise ModelError(f"{loaded.name} does not use the bundled model's vocabulary; llama.cpp cannot serve it here")
-    return cached_gguf(loaded.model, reference, cache_dir, loaded.identity or loaded.name, kind)
+    log.info("writing %s as a %s GGUF for llama.cpp (once)", identity, kind)
+    return write_gguf(loaded.model, reference, target, kind)
 
 
 def route_llama_cpp_logs() -> None:
@@ -93,12 +98,17 @@ class LlamaCppDecoder:
         self.vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self.model))
         self.batch = llama_cpp.llama_batch_init(BATCH_TOKENS, 0, 1)
         self.sequences: list[int] = []  # row -> llama.cpp sequence id
-        self.free = list(range(MAX_SEQUENCES - 1, -1, -1))
+        self.free: list[int] = []
         # Cache cells each live sequence may fill (prompt + its room): a row is admitted
         # only when its whole reply fits, so a decode step never runs out of cache.
         self.reserved: dict[int, int] = {}
+        self._forget_sequences()
         self.context_tokens = context_tokens
         self.path = path
+
+    def _forget_sequences(self) -> None:
+        self.sequences, self.reserved = [], {}
+        self.free = list(range(MAX_SEQUENCES - 1, -1, -1))
 
     def __del__(self) -> None:
         lib = getattr(self, "lib", None)
@@ -127,9 +137,7 @@ class LlamaCppDecoder:
     def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, room: int) -> torch.Tensor:
         """A new batch: forget every sequence, prefill these rows, return their logits."""
         self.lib.llama_memory_clear(self.memory, True)
-        self.sequences = []
-        self.reserved = {}
-        self.free = list(range(MAX_SEQUENCES - 1, -1, -1))
+        self._forget_sequences()
         return self.join(input_ids, attention_mask, position_ids, room)
 
     def join(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, room: int) -> torch.Tensor:
