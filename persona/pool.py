@@ -19,17 +19,13 @@ from pathlib import Path
 from persona.checkpoints import BASE_VERSION
 from persona.engine import Generator, TransformersEngine
 from persona.errors import ModelError
-from persona.models import LoadedModel, load_model
+from persona.models import LOADING, LoadedModel, load_model
 from persona.personas import Persona
 from persona.settings import Settings
 
 __all__ = ["BASE_VERSION", "ModelPool", "Served", "resolve_checkpoint"]
 
 log = logging.getLogger(__name__)
-
-# transformers' loading patches process-wide state (meta-device init), so two pools in
-# one process (workers in threads) must not load at the same moment.
-_LOADING = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -95,7 +91,7 @@ class ModelPool:
             if found is not None:
                 return Served(key, version_name, found.loaded, found.engine)
             started = time.perf_counter()
-            with _LOADING:
+            with LOADING:
                 loaded = load_model(
                     persona.model.base, checkpoint, cache_dir=self.settings.model_cache_dir, device=self.device
                 )

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
 
 import pytest
 
 from persona.engine import TransformersEngine, Work, pick_engine_mode
-from persona.models import load_model
+from persona.models import LoadedModel, load_model
 from persona.personas import Sampling
 
 
@@ -42,7 +41,8 @@ def test_auto_picks_int8_for_wide_llamas_on_cpu_fused_for_narrow_eager_for_other
     wide = LlamaForCausalLM(
         LlamaConfig(hidden_size=512, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, vocab_size=64)
     )
-    assert pick_engine_mode("auto", replace(tiny_llama, model=wide)) == "int8"
+    wide_loaded = LoadedModel(wide, tokenizer=tiny_llama.tokenizer, device="cpu", name="wide", has_chat_template=False)
+    assert pick_engine_mode("auto", wide_loaded) == "int8"
     gpt2 = load_model(str(tiny_gpt2_dir), cache_dir=tmp_path)
     assert pick_engine_mode("auto", gpt2) == "eager"
     assert pick_engine_mode("fused", gpt2) == "eager"

@@ -73,3 +73,27 @@ def test_rows_wait_for_cache_room_instead_of_failing(tiny_llama, tmp_path):
         finished += engine.step()
     assert sorted(tag for tag, _ in finished) == [0, 1, 2]
     assert all(c.new_tokens == w.sampling.max_new_tokens for (tag, c), w in zip(sorted(finished, key=lambda f: f[0]), rows))
+
+
+def test_the_bundled_model_served_by_llamacpp_never_loads_torch_weights(model_cache_dir, tmp_path):
+    """The worker's default path reads only the tokenizer and config; torch loads the
+    weights on first use (training, a torch engine) and not before."""
+    loaded = load_model("smollm2", cache_dir=model_cache_dir)
+    assert not loaded.weights_loaded
+    engine = TransformersEngine(loaded, mode="auto", cache_dir=tmp_path, threads=1)
+    engine.warm_up()
+    assert engine.mode == "llamacpp" and not loaded.weights_loaded
+    shapes = loaded.parameter_shapes()  # from the config, without the weights
+    assert not loaded.weights_loaded
+    assert shapes == {name: tuple(t.shape) for name, t in loaded.model.state_dict().items()}
+    assert loaded.weights_loaded
+
+
+def test_a_checkpoint_served_by_llamacpp_lets_go_of_its_torch_weights(tiny_llama, model_cache_dir, tmp_path):
+    checkpoint = tmp_path / "full"
+    tiny_llama.model.save_pretrained(checkpoint)
+    loaded = load_model("smollm2", checkpoint, cache_dir=model_cache_dir)  # loads now: a broken one fails here
+    assert loaded.weights_loaded
+    engine = TransformersEngine(loaded, mode="llamacpp", cache_dir=tmp_path, threads=1, gguf_type="f16")
+    assert engine.mode == "llamacpp" and not loaded.weights_loaded
+    assert loaded.model is not None and loaded.weights_loaded  # loaded again when asked for

@@ -75,6 +75,7 @@ def test_swap_then_rollback_on_a_live_worker(settings, redis_client, tiny, tiny_
     [
         ({"corrupt": True}, "cannot load the model"),
         ({"hidden": 64}, "wrong shapes"),
+        ({"nan": True}, "NaN or infinite logits"),
         ({"base": "/somewhere/else"}, "wrong base"),
     ],
 )

@@ -9,7 +9,7 @@ from persona.checkpoints import CheckpointInfo, register_checkpoint
 
 
 def make_checkpoint(settings, base_dir: Path, persona: str, *, seed: int, hidden: int | None = None,
-                    base: str | None = None, corrupt: bool = False) -> CheckpointInfo:
+                    base: str | None = None, corrupt: bool = False, nan: bool = False) -> CheckpointInfo:
     """Register a full-weight copy of the tiny base with perturbed weights (or a broken one)."""
     import torch
     from transformers import LlamaForCausalLM
@@ -24,6 +24,9 @@ def make_checkpoint(settings, base_dir: Path, persona: str, *, seed: int, hidden
         config = LlamaForCausalLM.from_pretrained(base_dir).config
         config.hidden_size, config.intermediate_size = hidden, hidden * 2
         model = LlamaForCausalLM(config)
+    if nan:  # loads fine, but its logits are garbage
+        with torch.no_grad():
+            model.model.norm.weight.fill_(float("nan"))
     staging = settings.data_dir / f"staging-{seed}-{time.monotonic_ns()}"
     model.save_pretrained(staging)
     if corrupt:
