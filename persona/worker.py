@@ -133,6 +133,16 @@ class Worker:
                         raise
                     log.warning("the consumer group is gone (Redis lost its data?); recreating it")
                     self.queue.ensure_groups()
+                except Exception:
+                    # A bug must not take every row in hand down with it. What this turn had
+                    # claimed but not admitted stays pending in Redis and is delivered again
+                    # after the visibility timeout (dead-lettered if it keeps failing).
+                    if self.stopping.is_set():
+                        log.exception("unexpected error while stopping; leaving %d row(s) to other workers", self.decoding)
+                        break
+                    pause_s = min(MAX_RECONNECT_PAUSE_S, max(0.1, pause_s * 2))
+                    log.exception("unexpected error in the worker loop; going on in %.1f s", pause_s)
+                    self.stopping.wait(pause_s)
         finally:
             self._leave(beat)
 
@@ -310,6 +320,9 @@ class Worker:
             return ErrorKind.invalid, str(exc)
         except ModelError as exc:
             return ErrorKind.model, str(exc)
+        except Exception as exc:  # out of memory, a bug in an engine: this persona fails, others go on
+            log.exception("cannot serve persona %s", name)
+            return ErrorKind.model, f"cannot load the model: {type(exc).__name__}: {exc}"
 
     def _persona(self, name: str) -> Persona:
         now = time.monotonic()

@@ -58,6 +58,28 @@ def test_broken_model_fails_its_request_not_the_worker(write_persona, tmp_path, 
     assert client.ask(chat("tiny"), timeout=60).ok
 
 
+def test_an_engine_that_cannot_start_fails_its_persona_not_the_worker(
+    write_persona, tiny_llama_dir, tiny_gpt2_dir, running_worker, client
+):
+    """An unexpected error while making a model's engine (here: no memory left for it)
+    answers that persona's requests with the reason; the worker serves the others."""
+    from persona.engine import TransformersEngine
+
+    def engines(loaded):
+        if loaded.config.model_type == "gpt2":
+            raise RuntimeError("out of memory while allocating the cache")
+        return TransformersEngine(loaded)
+
+    write_persona("big", base=str(tiny_gpt2_dir))
+    write_persona("tiny", base=str(tiny_llama_dir))
+    worker = running_worker(engine_factory=engines)
+    bad = client.ask(chat("big"), timeout=60)
+    assert not bad.ok and bad.error.kind is ErrorKind.model
+    assert "out of memory" in bad.error.message
+    assert client.ask(chat("tiny"), timeout=60).ok
+    assert worker.info.state == "serving"
+
+
 def test_mixed_personas_and_sampling_are_batched_together(write_persona, tiny_llama_dir, settings, redis_client, client):
     """Requests for two personas on the same weights share one batch, each with its own settings."""
     from persona.pool import ModelPool
