@@ -40,6 +40,16 @@ PROMPTS = [
     "Describe your favourite season and why.",
 ]
 
+# A chat-sized prompt (a persona's system prompt and a message: about 130 tokens with the
+# bundled chat template, as `sage` builds them) for the time to the first token.
+CHAT_SYSTEM = (
+    "You are Sage, a calm and thoughtful companion. You answer in two or three short sentences, "
+    "plainly and kindly, without lists or headings. You never pretend to know what you do not know; "
+    "when a question has no good answer, you say so and offer a way to think about it instead. "
+    "You like concrete examples, everyday images and a little dry humour."
+)
+CHAT_MESSAGE = "I keep starting projects and never finishing them. What should I do about that?"
+
 # The bundled SmolLM2-135M's shape, for a random-weight model where the weights are absent.
 SMOLLM2_SHAPE = dict(
     hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
@@ -62,6 +72,9 @@ class EngineBenchResult:
     ours: dict[int, float] = field(default_factory=dict)
     baseline: dict[int, float] = field(default_factory=dict)
     llamacpp: dict[int, float] = field(default_factory=dict)
+    # Milliseconds from a chat-sized prompt to its first token (reading the prompt).
+    first_token_ms: dict[str, float] = field(default_factory=dict)
+    prompt_tokens: int = 0
 
     def ratio(self, batch: int) -> float:
         base = self.baseline.get(batch, 0.0)
@@ -72,6 +85,7 @@ class EngineBenchResult:
             "device": self.device, "model": self.model, "mode": self.mode, "new_tokens": self.new_tokens,
             "threads": self.threads, "engine_build_s": self.engine_build_s, "rss_mb": self.rss_mb, "ours": self.ours, "baseline": self.baseline,
             "ratio": {b: round(self.ratio(b), 2) for b in self.ours}, "llamacpp": self.llamacpp,
+            "first_token_ms": self.first_token_ms, "prompt_tokens": self.prompt_tokens,
         }
 
 
@@ -106,6 +120,17 @@ def _prompt_ids(loaded: LoadedModel, batch: int) -> list[list[int]]:
             text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         out.append(tokenizer.encode(text, add_special_tokens=False))
     return out
+
+
+def _chat_prompt_ids(loaded: LoadedModel) -> list[int]:
+    tokenizer = loaded.tokenizer
+    if loaded.has_chat_template:
+        messages = [{"role": "system", "content": CHAT_SYSTEM}, {"role": "user", "content": CHAT_MESSAGE}]
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    else:
+        text = f"{CHAT_SYSTEM}\n\n{CHAT_MESSAGE}\n"
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    return ids[-(loaded.context_tokens - 1):]  # a small model's context may be shorter
 
 
 def _sync(device: str) -> None:
@@ -144,6 +169,18 @@ def _time_baseline(loaded: LoadedModel, prompts: list[list[int]], new_tokens: in
     return made / elapsed
 
 
+def _first_token_ms(generate_one: Callable[[], object], device: str, repeats: int) -> float:
+    """The best of ``repeats`` times (ms) to read a prompt and produce one token."""
+    best = float("inf")
+    for _ in range(repeats):
+        _sync(device)
+        started = time.perf_counter()
+        generate_one()
+        _sync(device)
+        best = min(best, (time.perf_counter() - started) * 1000)
+    return round(best, 1)
+
+
 def _time_llamacpp(path: Path, prompt: list[int], new_tokens: int, threads: int) -> float:
     """llama-cpp-python's own greedy loop (one sequence, C sampler) on the same GGUF."""
     import llama_cpp
@@ -174,11 +211,15 @@ def run_engine_bench(
     repeats: int = 2,
     progress: Callable[[], None] | None = None,
     cache_dir: Path | None = None,
+    gguf_type: str = "q8_0",
 ) -> EngineBenchResult:
-    """Best of ``repeats`` runs per batch size, ours and the baseline, interleaved."""
+    """Best of ``repeats`` runs per batch size, ours and the baseline, interleaved; then
+    the time to the first token of a chat-sized prompt, both sides."""
     device = loaded.device
     built = time.perf_counter()
-    engine = TransformersEngine(loaded, mode=mode, cache_dir=cache_dir, threads=torch.get_num_threads())
+    engine = TransformersEngine(
+        loaded, mode=mode, cache_dir=cache_dir, threads=torch.get_num_threads(), gguf_type=gguf_type
+    )
     engine.stop_ids = set()  # exactly new_tokens per row, like min_new_tokens on the baseline side
     result = EngineBenchResult(
         device=device, model=loaded.name, mode=engine.mode, new_tokens=new_tokens, threads=torch.get_num_threads(),
@@ -200,6 +241,12 @@ def run_engine_bench(
         result.ours[batch] = round(ours, 1)
         result.baseline[batch] = round(base, 1)
         log.info("batch %d: ours %.1f tok/s, baseline %.1f tok/s", batch, ours, base)
+    chat = _chat_prompt_ids(loaded)
+    result.prompt_tokens = len(chat)
+    result.first_token_ms = {
+        "ours": _first_token_ms(lambda: _time_ours(engine, [chat], 1), device, repeats),
+        "baseline": _first_token_ms(lambda: _time_baseline(loaded, [chat], 1), device, repeats),
+    }
     if engine.mode == "llamacpp" and 1 in batches:
         path = engine.decoder.path
         del engine

@@ -20,7 +20,7 @@ import numpy as np
 
 from persona.errors import ModelError
 
-__all__ = ["GGUF_TYPES", "cached_gguf_path", "tokenizer_matches", "write_gguf"]
+__all__ = ["GGUF_TYPES", "cached_gguf_path", "requantize_gguf", "tokenizer_matches", "write_gguf"]
 
 
 # The types a written model may be quantized to, with llama.cpp's file-type numbers.
@@ -126,14 +126,36 @@ def write_gguf(model: Any, tokenizer_from: Path, target: Path, kind: str = "q8_0
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
+        _quantize(plain, target, kind)
+    return target
+
+
+def requantize_gguf(source: Path, target: Path, kind: str) -> Path:
+    """Write the GGUF at ``source`` again as type ``kind`` at ``target`` (llama.cpp reads
+    its quantized weights back to f32 first): the bundled model at another type, no torch."""
+    from persona.llamacpp_decoder import route_llama_cpp_logs
+
+    route_llama_cpp_logs()
+    if kind not in GGUF_TYPES:
+        raise ModelError(f"unknown GGUF type {kind!r}; choose one of {', '.join(GGUF_TYPES)}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _quantize(source, target, kind, requantize=True)
+    return target
+
+
+def _quantize(source: Path, target: Path, kind: str, *, requantize: bool = False) -> None:
+    """llama.cpp's quantizer from ``source`` to ``target`` (written beside it, then moved)."""
+    import llama_cpp
+
+    with tempfile.TemporaryDirectory(prefix=".gguf-", dir=target.parent) as tmp:
         staged = Path(tmp) / "out.gguf"
         params = llama_cpp.llama_model_quantize_default_params()
         params.ftype = GGUF_TYPES[kind]
         params.nthread = os.cpu_count() or 1
-        if llama_cpp.llama_model_quantize(str(plain).encode(), str(staged).encode(), params) != 0:
-            raise ModelError(f"llama.cpp could not quantize {target.name} to {kind}")
+        params.allow_requantize = requantize
+        if llama_cpp.llama_model_quantize(str(source).encode(), str(staged).encode(), params) != 0:
+            raise ModelError(f"llama.cpp could not quantize {source.name} to {kind}")
         os.replace(staged, target)
-    return target
 
 
 def cached_gguf_path(cache_dir: Path, identity: str, kind: str) -> Path:

@@ -21,29 +21,37 @@ import torch
 from persona.errors import ModelError
 from persona.models import LoadedModel, bundled_gguf_path
 
-__all__ = ["CONTEXT_TOKENS", "LlamaCppDecoder", "gguf_for", "route_llama_cpp_logs"]
+__all__ = ["CONTEXT_TOKENS", "SHIPPED_GGUF_TYPE", "LlamaCppDecoder", "gguf_for", "route_llama_cpp_logs"]
 
 log = logging.getLogger(__name__)
 
 MAX_SEQUENCES = 256  # llama.cpp's LLAMA_MAX_SEQ
 CONTEXT_TOKENS = 8192  # the KV cache shared by every row (23 MB per 1,000 for the bundled model)
 BATCH_TOKENS = 512  # tokens per llama_decode call (prompts are fed in chunks)
+SHIPPED_GGUF_TYPE = "q4_1"  # the bundled file's own type
 
 
 def gguf_for(loaded: LoadedModel, cache_dir: Path, kind: str) -> Path:
-    """A GGUF file llama.cpp can load with these weights: the bundled one, or written once."""
-    from persona.gguf_files import cached_gguf_path, tokenizer_matches, write_gguf
+    """A GGUF file of type ``kind`` llama.cpp can load with these weights, written once.
 
-    if loaded.gguf_file is not None:
-        return loaded.gguf_file
-    identity = loaded.identity or loaded.name
+    The bundled model asked for at its shipped type (Q4_1) is the shipped file itself.
+    """
+    from persona.gguf_files import cached_gguf_path, requantize_gguf, tokenizer_matches, write_gguf
+
+    shipped = loaded.gguf_file
+    if shipped is not None and kind == SHIPPED_GGUF_TYPE:
+        return shipped
+    identity = f"{shipped}:{shipped.stat().st_size}:{shipped.stat().st_mtime_ns}" if shipped else loaded.identity or loaded.name
     target = cached_gguf_path(cache_dir, identity, kind)
     if target.is_file():  # written before, so its vocabulary was checked then
         return target
+    if shipped is not None:  # the bundled weights: llama.cpp re-types its own file (seconds, no torch)
+        log.info("writing the bundled model as a %s GGUF for llama.cpp (once)", kind)
+        return requantize_gguf(shipped, target, kind)
     reference = bundled_gguf_path()
     if not tokenizer_matches(loaded.tokenizer, reference):
         raise ModelError(f"{loaded.name} does not use the bundled model's vocabulary; llama.cpp cannot serve it here")
-    log.info("writing %s as a %s GGUF for llama.cpp (once)", identity, kind)
+    log.info("writing %s as a %s GGUF for llama.cpp (once; about 10 s)", loaded.name, kind)
     return write_gguf(loaded.model, reference, target, kind)
 
 

@@ -26,6 +26,9 @@ def test_both_sides_are_measured_for_every_batch_size(tiny_llama):
     assert len(ticks) == 2
     data = result.as_dict()
     assert data["ratio"][1] == round(result.ours[1] / result.baseline[1], 2)
+    # the time to the first token of a chat-sized prompt, both sides
+    assert result.prompt_tokens > 100
+    assert data["first_token_ms"]["ours"] > 0 and data["first_token_ms"]["baseline"] > 0
 
 
 def test_eager_mode_runs_any_model(tiny_gpt2_dir, tmp_path):
@@ -43,3 +46,14 @@ def test_bench_engine_refuses_a_bad_batch_list(tmp_path):
     )
     assert result.returncode == 2
     assert "comma" in result.stderr
+
+
+def test_bench_engine_refuses_an_unknown_gguf_type(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PERSONA_")}
+    env["PERSONA_DATA_DIR"] = str(tmp_path / "data")
+    result = subprocess.run(
+        [sys.executable, "-m", "persona", "bench", "engine", "--gguf", "q2_k"],
+        env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2
+    assert "q8_0, q4_1 or f16" in result.stderr

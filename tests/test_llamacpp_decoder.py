@@ -52,7 +52,7 @@ def test_llamacpp_engine_lets_a_row_join_a_running_batch(tiny_llama, tmp_path):
 
 def test_auto_serves_the_bundled_model_with_llamacpp_on_cpu(model_cache_dir, tmp_path):
     loaded = load_model("smollm2", cache_dir=model_cache_dir)
-    engine = TransformersEngine(loaded, mode="auto", cache_dir=tmp_path, threads=1)
+    engine = TransformersEngine(loaded, mode="auto", cache_dir=tmp_path, threads=1, gguf_type="q4_1")
     assert engine.mode == "llamacpp"
     [reply] = engine.generate([Work(loaded.tokenizer("Hello, my name is").input_ids, Sampling(temperature=0.0, max_new_tokens=5))])
     assert reply.new_tokens >= 1 and reply.text
@@ -75,18 +75,32 @@ def test_rows_wait_for_cache_room_instead_of_failing(tiny_llama, tmp_path):
     assert all(c.new_tokens == w.sampling.max_new_tokens for (tag, c), w in zip(sorted(finished, key=lambda f: f[0]), rows))
 
 
-def test_the_bundled_model_served_by_llamacpp_never_loads_torch_weights(model_cache_dir, tmp_path):
-    """The worker's default path reads only the tokenizer and config; torch loads the
-    weights on first use (training, a torch engine) and not before."""
-    loaded = load_model("smollm2", cache_dir=model_cache_dir)
-    assert not loaded.weights_loaded
-    engine = TransformersEngine(loaded, mode="auto", cache_dir=tmp_path, threads=1)
+def test_the_bundled_model_is_served_from_a_gguf_without_torch_weights(model_cache_dir, tmp_path):
+    """Torch never loads the bundled weights for llama.cpp: as shipped (q4_1) the file is
+    served as is; the default q8_0 is written once from it by llama.cpp, and every later
+    start finds it cached."""
+    shipped = load_model("smollm2", cache_dir=model_cache_dir)
+    engine = TransformersEngine(shipped, mode="auto", cache_dir=tmp_path, threads=1, gguf_type="q4_1")
     engine.warm_up()
-    assert engine.mode == "llamacpp" and not loaded.weights_loaded
-    shapes = loaded.parameter_shapes()  # from the config, without the weights
-    assert not loaded.weights_loaded
-    assert shapes == {name: tuple(t.shape) for name, t in loaded.model.state_dict().items()}
-    assert loaded.weights_loaded
+    assert engine.mode == "llamacpp" and engine.decoder.path == shipped.gguf_file
+    assert not shipped.weights_loaded
+
+    first = load_model("smollm2", cache_dir=model_cache_dir)
+    written = TransformersEngine(first, mode="auto", cache_dir=tmp_path, threads=1, gguf_type="q8_0").decoder.path
+    assert written.name.endswith(".q8_0.gguf") and written.parent.parent == tmp_path
+    import gguf
+
+    kinds = {t.tensor_type.name for t in gguf.GGUFReader(written).tensors if t.name.endswith("attn_q.weight")}
+    assert kinds == {"Q8_0"}
+    assert not first.weights_loaded
+    later = load_model("smollm2", cache_dir=model_cache_dir)
+    assert TransformersEngine(later, mode="auto", cache_dir=tmp_path, threads=1, gguf_type="q8_0").decoder.path == written
+    assert not later.weights_loaded  # never loaded: the cached file was found
+
+    shapes = later.parameter_shapes()  # from the config, without the weights
+    assert not later.weights_loaded
+    assert shapes == {name: tuple(t.shape) for name, t in later.model.state_dict().items()}
+    assert later.weights_loaded
 
 
 def test_a_checkpoint_served_by_llamacpp_lets_go_of_its_torch_weights(tiny_llama, model_cache_dir, tmp_path):

@@ -56,6 +56,14 @@ def _batches(text: str) -> list[int]:
     return sizes
 
 
+def _gguf_type(value: str) -> str:
+    from persona.gguf_files import GGUF_TYPES
+
+    if value not in GGUF_TYPES or value == "f32":
+        raise typer.BadParameter(f"unknown GGUF type {value!r}; choose q8_0, q4_1 or f16")
+    return value
+
+
 @bench_app.command("engine")
 @friendly_errors
 def engine(
@@ -65,9 +73,11 @@ def engine(
     mode: str = typer.Option("", help="our engine's path: auto, eager, fused, int8 or llamacpp (default: the worker setting)"),
     repeats: int = typer.Option(2, min=1, help="runs per batch size; the best is kept (the machine is shared)"),
     threads: int = typer.Option(0, min=0, help="torch CPU threads (default: the worker setting, else all cores)"),
+    gguf: str = typer.Option("", help="llama.cpp path: the GGUF type, q8_0, q4_1 or f16 (default: the worker setting)"),
     json_output: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
-    """Tokens/s of our engine vs plain transformers generate(), same model, prompts and lengths."""
+    """Tokens/s of our engine vs plain transformers generate(), same model, prompts and lengths;
+    and the time to the first token of a chat-sized prompt."""
     import torch
 
     from persona.bench_engine import load_bench_model, run_engine_bench
@@ -88,7 +98,7 @@ def engine(
         loaded = load_bench_model(device, settings.model_cache_dir)
         result = run_engine_bench(
             loaded, sizes, new_tokens=tokens, mode=chosen_mode, repeats=repeats, progress=advance,
-            cache_dir=settings.model_cache_dir,
+            cache_dir=settings.model_cache_dir, gguf_type=_gguf_type(gguf or settings.worker.gguf_type),
         )
     if json_output:
         print(json.dumps(result.as_dict()))
@@ -103,6 +113,12 @@ def engine(
     for size in sizes:
         table.add_row(str(size), f"{result.ours[size]:,.1f}", f"{result.baseline[size]:,.1f}", f"{result.ratio(size):.2f}x")
     console.print(table)
+    if result.first_token_ms:
+        ours, base = result.first_token_ms["ours"], result.first_token_ms["baseline"]
+        console.print(
+            f"first token of a {result.prompt_tokens}-token chat prompt: ours {ours:,.0f} ms, "
+            f"generate() {base:,.0f} ms ({base / ours if ours else 0:.2f}x)"
+        )
     if result.llamacpp:
         reference = result.llamacpp[1]
         console.print(
