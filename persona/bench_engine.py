@@ -15,8 +15,8 @@ import gc
 import logging
 import resource
 import time
-from dataclasses import dataclass, field
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -48,7 +48,12 @@ CHAT_SYSTEM = (
     "when a question has no good answer, you say so and offer a way to think about it instead. "
     "You like concrete examples, everyday images and a little dry humour."
 )
-CHAT_MESSAGE = "I keep starting projects and never finishing them. What should I do about that?"
+CHAT_MESSAGES = [
+    "I keep starting projects and never finishing them. What should I do about that?",
+    "My sister and I argue every time we talk about money. How do I stop that?",
+    "Is it too late to learn the piano at forty, and how would I begin?",
+    "What is a good way to spend a rainy Sunday alone without feeling lonely?",
+]
 
 # The bundled SmolLM2-135M's shape, for a random-weight model where the weights are absent.
 SMOLLM2_SHAPE = dict(
@@ -72,7 +77,8 @@ class EngineBenchResult:
     ours: dict[int, float] = field(default_factory=dict)
     baseline: dict[int, float] = field(default_factory=dict)
     llamacpp: dict[int, float] = field(default_factory=dict)
-    # Milliseconds from a chat-sized prompt to its first token (reading the prompt).
+    # Milliseconds from a chat-sized prompt to its first token (reading the prompt):
+    # "ours" (a prompt new to the engine), "ours_same_persona" and "baseline".
     first_token_ms: dict[str, float] = field(default_factory=dict)
     prompt_tokens: int = 0
 
@@ -122,13 +128,13 @@ def _prompt_ids(loaded: LoadedModel, batch: int) -> list[list[int]]:
     return out
 
 
-def _chat_prompt_ids(loaded: LoadedModel) -> list[int]:
+def _chat_prompt_ids(loaded: LoadedModel, message: str = CHAT_MESSAGES[0]) -> list[int]:
     tokenizer = loaded.tokenizer
     if loaded.has_chat_template:
-        messages = [{"role": "system", "content": CHAT_SYSTEM}, {"role": "user", "content": CHAT_MESSAGE}]
+        messages = [{"role": "system", "content": CHAT_SYSTEM}, {"role": "user", "content": message}]
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     else:
-        text = f"{CHAT_SYSTEM}\n\n{CHAT_MESSAGE}\n"
+        text = f"{CHAT_SYSTEM}\n\n{message}\n"
     ids = tokenizer.encode(text, add_special_tokens=False)
     return ids[-(loaded.context_tokens - 1):]  # a small model's context may be shorter
 
@@ -169,16 +175,28 @@ def _time_baseline(loaded: LoadedModel, prompts: list[list[int]], new_tokens: in
     return made / elapsed
 
 
-def _first_token_ms(generate_one: Callable[[], object], device: str, repeats: int) -> float:
-    """The best of ``repeats`` times (ms) to read a prompt and produce one token."""
-    best = float("inf")
-    for _ in range(repeats):
-        _sync(device)
-        started = time.perf_counter()
-        generate_one()
-        _sync(device)
-        best = min(best, (time.perf_counter() - started) * 1000)
-    return round(best, 1)
+def _first_tokens(engine: TransformersEngine, loaded: LoadedModel, repeats: int) -> dict[str, float]:
+    """Best-of-``repeats`` milliseconds from a chat prompt to its first token: ours with
+    the prompt new to the engine (``ours``), ours for a new message to a persona it has
+    just answered (``ours_same_persona``: its system prompt is kept where the decoder keeps
+    prefixes), and ``generate()``."""
+    forget = getattr(engine.decoder, "forget_prefixes", lambda: None)
+    cold, warm, base = float("inf"), float("inf"), float("inf")
+    for i in range(repeats):
+        first, second = (_chat_prompt_ids(loaded, CHAT_MESSAGES[(2 * i + k) % len(CHAT_MESSAGES)]) for k in (0, 1))
+        forget()
+        cold = min(cold, _timed_ms(lambda p=first: _time_ours(engine, [p], 1), loaded.device))
+        warm = min(warm, _timed_ms(lambda p=second: _time_ours(engine, [p], 1), loaded.device))
+        base = min(base, _timed_ms(lambda p=first: _time_baseline(loaded, [p], 1), loaded.device))
+    return {"ours": round(cold, 1), "ours_same_persona": round(warm, 1), "baseline": round(base, 1)}
+
+
+def _timed_ms(call: Callable[[], object], device: str) -> float:
+    _sync(device)
+    started = time.perf_counter()
+    call()
+    _sync(device)
+    return (time.perf_counter() - started) * 1000
 
 
 def _time_llamacpp(path: Path, prompt: list[int], new_tokens: int, threads: int) -> float:
@@ -225,6 +243,7 @@ def run_engine_bench(
         device=device, model=loaded.name, mode=engine.mode, new_tokens=new_tokens, threads=torch.get_num_threads(),
         engine_build_s=round(time.perf_counter() - built, 2),
     )
+    forget = getattr(engine.decoder, "forget_prefixes", lambda: None)
     warm = _prompt_ids(loaded, 1)
     _time_ours(engine, warm, 4)
     _time_baseline(loaded, warm, 4)
@@ -234,6 +253,7 @@ def run_engine_bench(
         for _ in range(repeats):
             # Interleaved, so a neighbour's burst of load hits both sides alike.
             base = max(base, _time_baseline(loaded, prompts, new_tokens))
+            forget()  # each run reads its prompts in full, as the baseline does
             ours = max(ours, _time_ours(engine, prompts, new_tokens))
             gc.collect()
             if progress:
@@ -241,12 +261,8 @@ def run_engine_bench(
         result.ours[batch] = round(ours, 1)
         result.baseline[batch] = round(base, 1)
         log.info("batch %d: ours %.1f tok/s, baseline %.1f tok/s", batch, ours, base)
-    chat = _chat_prompt_ids(loaded)
-    result.prompt_tokens = len(chat)
-    result.first_token_ms = {
-        "ours": _first_token_ms(lambda: _time_ours(engine, [chat], 1), device, repeats),
-        "baseline": _first_token_ms(lambda: _time_baseline(loaded, [chat], 1), device, repeats),
-    }
+    result.prompt_tokens = len(_chat_prompt_ids(loaded))
+    result.first_token_ms = _first_tokens(engine, loaded, repeats)
     if engine.mode == "llamacpp" and 1 in batches:
         path = engine.decoder.path
         del engine

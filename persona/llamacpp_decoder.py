@@ -6,6 +6,11 @@ as from the torch decoders, so sampling, stop strings and every request's settin
 stay the engine's. Each row of the batch is a llama.cpp sequence in one shared KV
 cache: a row that joins is prefilled as a new sequence beside the running ones, and a
 row that leaves has its sequence dropped, so batching is continuous.
+
+The last few prompts stay in the cache as sequences of their own (prefixes). A row whose
+prompt begins like one of them shares those cache cells (llama.cpp's sequence copy adds
+the row to the cells; nothing is recomputed) and reads only its own remainder, so a
+persona's system prompt, or a conversation's history, is read once and not per message.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +35,10 @@ MAX_SEQUENCES = 256  # llama.cpp's LLAMA_MAX_SEQ
 CONTEXT_TOKENS = 8192  # the KV cache shared by every row (23 MB per 1,000 for the bundled model)
 BATCH_TOKENS = 512  # tokens per llama_decode call (prompts are fed in chunks)
 SHIPPED_GGUF_TYPE = "q4_1"  # the bundled file's own type
+# Recent prompts are kept in the cache so a new row that begins like one of them (the
+# same persona's system prompt and examples, the same conversation) reads only the rest.
+PREFIX_SLOTS = 4
+MIN_SHARED_TOKENS = 16  # a shorter common beginning is not worth a slot
 
 
 def gguf_for(loaded: LoadedModel, cache_dir: Path, kind: str) -> Path:
@@ -36,7 +46,12 @@ def gguf_for(loaded: LoadedModel, cache_dir: Path, kind: str) -> Path:
 
     The bundled model asked for at its shipped type (Q4_1) is the shipped file itself.
     """
-    from persona.gguf_files import cached_gguf_path, requantize_gguf, tokenizer_matches, write_gguf
+    from persona.gguf_files import (
+        cached_gguf_path,
+        requantize_gguf,
+        tokenizer_matches,
+        write_gguf,
+    )
 
     shipped = loaded.gguf_file
     if shipped is not None and kind == SHIPPED_GGUF_TYPE:
@@ -110,13 +125,17 @@ class LlamaCppDecoder:
         # Cache cells each live sequence may fill (prompt + its room): a row is admitted
         # only when its whole reply fits, so a decode step never runs out of cache.
         self.reserved: dict[int, int] = {}
+        self.prefixes: OrderedDict[int, list[int]] = OrderedDict()  # sequence -> its tokens, oldest first
+        self.reused_tokens = 0  # prompt tokens read from a kept prefix instead of computed
         self._forget_sequences()
         self.context_tokens = context_tokens
         self.path = path
 
     def _forget_sequences(self) -> None:
-        self.sequences, self.reserved = [], {}
-        self.free = list(range(MAX_SEQUENCES - 1, -1, -1))
+        """Forget every row's sequence (the kept prefixes stay)."""
+        self.sequences = []
+        self.reserved = {sequence: len(tokens) for sequence, tokens in getattr(self, "prefixes", {}).items()}
+        self.free = [s for s in range(MAX_SEQUENCES - 1, -1, -1) if s not in self.reserved]
 
     def __del__(self) -> None:
         lib = getattr(self, "lib", None)
@@ -132,19 +151,26 @@ class LlamaCppDecoder:
     # -- the decoder interface the engine uses -------------------------------------
 
     def fitting(self, prompt_lengths: list[int], room: int) -> int:
-        """How many of these rows (in order) fit in the cache beside the running ones."""
-        left = self.context_tokens - BATCH_TOKENS - sum(self.reserved.values())
-        count = 0
-        for length in prompt_lengths[: len(self.free)]:
-            left -= length + room
-            if left < 0:
-                break
-            count += 1
-        return count
+        """How many of these rows (in order) fit in the cache beside the running ones;
+        kept prefixes give their room up to rows that would not fit otherwise."""
+        while True:
+            left = self.context_tokens - BATCH_TOKENS - sum(self.reserved.values())
+            count = 0
+            for length in prompt_lengths[: len(self.free)]:
+                # A row's whole prompt is reserved even where it shares a prefix's cells:
+                # those stay in use for as long as the row, whatever becomes of the prefix.
+                left -= length + room
+                if left < 0:
+                    break
+                count += 1
+            if count == len(prompt_lengths) or not self.prefixes:
+                return count
+            self._drop_prefix()
 
     def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, room: int) -> torch.Tensor:
-        """A new batch: forget every sequence, prefill these rows, return their logits."""
-        self.lib.llama_memory_clear(self.memory, True)
+        """A new batch: forget every row's sequence, prefill these rows, return their logits."""
+        for sequence in set(self.reserved) - set(self.prefixes):
+            self.lib.llama_memory_seq_rm(self.memory, sequence, -1, -1)
         self._forget_sequences()
         return self.join(input_ids, attention_mask, position_ids, room)
 
@@ -153,22 +179,26 @@ class LlamaCppDecoder:
         if len(input_ids) > len(self.free):
             raise ModelError(f"llama.cpp holds at most {MAX_SEQUENCES} rows at once")
         tokens: list[tuple[int, int, int, bool]] = []
-        added = []
+        added: list[tuple[int, list[int], int]] = []
         for ids, mask in zip(input_ids.tolist(), attention_mask.tolist(), strict=True):
             prompt = [t for t, m in zip(ids, mask, strict=True) if m]
             sequence = self.free.pop()
-            added.append(sequence)
+            shared = self._share_prefix(prompt, sequence)
+            added.append((sequence, prompt, shared))
             self.reserved[sequence] = len(prompt) + room
-            tokens += [(t, p, sequence, p == len(prompt) - 1) for p, t in enumerate(prompt)]
+            tokens += [(t, p, sequence, p == len(prompt) - 1) for p, t in enumerate(prompt) if p >= shared]
         try:
             logits = self._decode(tokens)
         except ModelError:
-            for sequence in added:
+            for sequence, _, _ in added:
                 self.lib.llama_memory_seq_rm(self.memory, sequence, -1, -1)
                 self.reserved.pop(sequence, None)
                 self.free.append(sequence)
             raise
-        self.sequences += added
+        self.sequences += [sequence for sequence, _, _ in added]
+        for sequence, prompt, shared in added:
+            if shared < len(prompt) - 1:  # it began like no kept prompt (or only partly): keep it
+                self._keep_prefix(sequence, prompt)
         return logits
 
     def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -184,6 +214,55 @@ class LlamaCppDecoder:
             self.reserved.pop(sequence, None)
             self.free.append(sequence)
         self.sequences = kept
+
+    # -- kept prefixes -------------------------------------------------------------
+
+    def _share_prefix(self, prompt: list[int], sequence: int) -> int:
+        """Give ``sequence`` the cells of the longest kept beginning of ``prompt``; its length.
+
+        At least the prompt's last token is always computed: its logits are the row's first.
+        """
+        best, source = 0, None
+        for kept, tokens in self.prefixes.items():
+            shared = _common_length(tokens, prompt, len(prompt) - 1)
+            if shared > best:
+                best, source = shared, kept
+        if source is None or best < MIN_SHARED_TOKENS:
+            return 0
+        self.lib.llama_memory_seq_cp(self.memory, source, sequence, 0, best)
+        self.prefixes.move_to_end(source)
+        self.reused_tokens += best
+        return best
+
+    def _keep_prefix(self, sequence: int, prompt: list[int]) -> None:
+        """Keep ``sequence``'s prompt cells as a prefix of its own. It replaces a kept prompt
+        it begins like (the same persona: it holds that shared beginning too), else the
+        least recently used one once every slot is taken."""
+        if len(prompt) < MIN_SHARED_TOKENS or len(self.free) <= 1:
+            return
+        alike = [kept for kept, tokens in self.prefixes.items() if _common_length(tokens, prompt, MIN_SHARED_TOKENS) == MIN_SHARED_TOKENS]
+        if alike:
+            self._drop_prefix(alike[0])
+        elif len(self.prefixes) >= PREFIX_SLOTS:
+            self._drop_prefix()
+        kept = self.free.pop()
+        self.lib.llama_memory_seq_cp(self.memory, sequence, kept, 0, len(prompt))
+        self.prefixes[kept] = prompt
+        self.reserved[kept] = len(prompt)
+
+    def forget_prefixes(self) -> None:
+        """Drop every kept prefix (the next prompts are read in full)."""
+        while self.prefixes:
+            self._drop_prefix()
+
+    def _drop_prefix(self, sequence: int | None = None) -> None:
+        """Forget a kept prefix, by default the least recently used (rows sharing its cells keep them)."""
+        if sequence is None:
+            sequence = next(iter(self.prefixes))
+        del self.prefixes[sequence]
+        self.lib.llama_memory_seq_rm(self.memory, sequence, -1, -1)
+        self.reserved.pop(sequence, None)
+        self.free.append(sequence)
 
     # -- llama.cpp calls ------------------------------------------------------------
 
@@ -210,3 +289,13 @@ class LlamaCppDecoder:
                 pointer = self.lib.llama_get_logits(self.ctx)
                 out.append(np.ctypeslib.as_array(pointer, shape=(wanted, self.vocab)).copy())
         return torch.from_numpy(np.concatenate(out) if len(out) != 1 else out[0])
+
+
+def _common_length(a: list[int], b: list[int], most: int) -> int:
+    """How many leading tokens ``a`` and ``b`` share, at most ``most``."""
+    count = 0
+    for x, y in zip(a, b):
+        if x != y or count == most:
+            break
+        count += 1
+    return count

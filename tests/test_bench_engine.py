@@ -28,7 +28,8 @@ def test_both_sides_are_measured_for_every_batch_size(tiny_llama):
     assert data["ratio"][1] == round(result.ours[1] / result.baseline[1], 2)
     # the time to the first token of a chat-sized prompt, both sides
     assert result.prompt_tokens > 100
-    assert data["first_token_ms"]["ours"] > 0 and data["first_token_ms"]["baseline"] > 0
+    assert set(data["first_token_ms"]) == {"ours", "ours_same_persona", "baseline"}
+    assert all(ms > 0 for ms in data["first_token_ms"].values())
 
 
 def test_eager_mode_runs_any_model(tiny_gpt2_dir, tmp_path):

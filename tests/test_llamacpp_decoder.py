@@ -75,6 +75,40 @@ def test_rows_wait_for_cache_room_instead_of_failing(tiny_llama, tmp_path):
     assert all(c.new_tokens == w.sampling.max_new_tokens for (tag, c), w in zip(sorted(finished, key=lambda f: f[0]), rows))
 
 
+def test_a_prompt_that_begins_like_a_recent_one_reads_only_the_rest(tiny_llama, tmp_path):
+    """Two messages to the same persona share its system prompt: the second reads only
+    its own message from the cache's kept prefix, and its reply is what a fresh engine
+    gives it (the shared cells hold exactly what it would have computed)."""
+    system = list(range(100, 160))  # a persona's system prompt and examples: 60 tokens
+    first = Work([*system, 7, 8, 9], Sampling(temperature=0.0, max_new_tokens=8))
+    second = Work([*system, 21, 22], Sampling(temperature=0.0, max_new_tokens=8))
+    fresh = TransformersEngine(tiny_llama, mode="llamacpp", cache_dir=tmp_path, threads=1, gguf_type="f32")
+    [expected] = fresh.generate([second])
+    assert fresh.decoder.reused_tokens == 0
+
+    engine = TransformersEngine(tiny_llama, mode="llamacpp", cache_dir=tmp_path, threads=1, gguf_type="f32")
+    engine.generate([first])
+    [reply] = engine.generate([second])
+    assert engine.decoder.reused_tokens == len(system)
+    assert reply.text == expected.text and reply.new_tokens == expected.new_tokens
+    [again] = engine.generate([second])  # all but its last token kept: one token is read
+    assert engine.decoder.reused_tokens == len(system) + len(second.token_ids) - 1
+    assert again.text == expected.text
+
+
+def test_kept_prefixes_give_their_room_to_a_row_that_needs_it(tiny_llama, tmp_path):
+    engine = TransformersEngine(tiny_llama, mode="llamacpp", cache_dir=tmp_path, threads=1, gguf_type="f16", kv_tokens=1024)
+    for i in range(4):  # four different prompts kept: 4 x 100 cells of a 512-cell budget
+        engine.generate([Work([200 + i] * 100, Sampling(temperature=0.0, max_new_tokens=2))])
+    assert len(engine.decoder.prefixes) == 4
+    engine.add(Work([5, 17, 42], Sampling(temperature=0.0, max_new_tokens=400)), "long")
+    finished = []
+    for _ in range(450):  # bounded: a row that never fits would wait forever
+        finished += engine.step()
+    assert [(tag, c.new_tokens) for tag, c in finished] == [("long", 400)]
+    assert len(engine.decoder.prefixes) < 4
+
+
 def test_the_bundled_model_is_served_from_a_gguf_without_torch_weights(model_cache_dir, tmp_path):
     """Torch never loads the bundled weights for llama.cpp: as shipped (q4_1) the file is
     served as is; the default q8_0 is written once from it by llama.cpp, and every later

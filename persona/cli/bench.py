@@ -114,10 +114,12 @@ def engine(
         table.add_row(str(size), f"{result.ours[size]:,.1f}", f"{result.baseline[size]:,.1f}", f"{result.ratio(size):.2f}x")
     console.print(table)
     if result.first_token_ms:
-        ours, base = result.first_token_ms["ours"], result.first_token_ms["baseline"]
+        times = result.first_token_ms
+        ours, warm, base = times["ours"], times["ours_same_persona"], times["baseline"]
         console.print(
-            f"first token of a {result.prompt_tokens}-token chat prompt: ours {ours:,.0f} ms, "
-            f"generate() {base:,.0f} ms ({base / ours if ours else 0:.2f}x)"
+            f"first token of a {result.prompt_tokens}-token chat prompt: ours {ours:,.0f} ms "
+            f"({warm:,.0f} ms for a new message to the persona it just answered), "
+            f"generate() {base:,.0f} ms ({base / ours if ours else 0:.2f}x; {base / warm if warm else 0:.2f}x)"
         )
     if result.llamacpp:
         reference = result.llamacpp[1]
