@@ -175,28 +175,49 @@ class LlamaCppDecoder:
         return self.join(input_ids, attention_mask, position_ids, room)
 
     def join(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, room: int) -> torch.Tensor:
-        """Prefill these rows as new sequences beside the running ones; return their logits."""
+        """Prefill these rows as new sequences beside the running ones; return their logits.
+
+        A row that begins like an earlier row of the same call (best-of-N candidates, one
+        persona's messages arriving together) is read in a second pass, once that row is
+        kept as a prefix, so the shared beginning is read once.
+        """
         if len(input_ids) > len(self.free):
             raise ModelError(f"llama.cpp holds at most {MAX_SEQUENCES} rows at once")
-        tokens: list[tuple[int, int, int, bool]] = []
-        added: list[tuple[int, list[int], int]] = []
-        for ids, mask in zip(input_ids.tolist(), attention_mask.tolist(), strict=True):
-            prompt = [t for t, m in zip(ids, mask, strict=True) if m]
-            sequence = self.free.pop()
-            shared = self._share_prefix(prompt, sequence)
-            added.append((sequence, prompt, shared))
-            self.reserved[sequence] = len(prompt) + room
-            tokens += [(t, p, sequence, p == len(prompt) - 1) for p, t in enumerate(prompt) if p >= shared]
+        prompts = [[t for t, m in zip(ids, mask, strict=True) if m] for ids, mask in zip(input_ids.tolist(), attention_mask.tolist(), strict=True)]
+        first: list[int] = []
+        later: list[int] = []
+        for i, prompt in enumerate(prompts):
+            alike = any(_common_length(prompts[j], prompt, MIN_SHARED_TOKENS) == MIN_SHARED_TOKENS for j in first)
+            (later if alike else first).append(i)
+        added: dict[int, int] = {}  # row -> its sequence
+        logits: dict[int, torch.Tensor] = {}
         try:
-            logits = self._decode(tokens)
+            for wave in (first, later):
+                if wave:
+                    logits.update(zip(wave, self._prefill([prompts[i] for i in wave], room, added, wave)))
         except ModelError:
-            for sequence, _, _ in added:
+            for sequence in added.values():
                 self.lib.llama_memory_seq_rm(self.memory, sequence, -1, -1)
                 self.reserved.pop(sequence, None)
                 self.free.append(sequence)
             raise
-        self.sequences += [sequence for sequence, _, _ in added]
-        for sequence, prompt, shared in added:
+        self.sequences += [added[i] for i in range(len(prompts))]
+        return torch.stack([logits[i] for i in range(len(prompts))])
+
+    def _prefill(self, prompts: list[list[int]], room: int, added: dict[int, int], rows: list[int]) -> torch.Tensor:
+        """Read these prompts (each from its longest kept beginning on) as new sequences,
+        recorded in ``added``; keep each that began like no kept prompt; their logits."""
+        tokens: list[tuple[int, int, int, bool]] = []
+        shares = []
+        for row, prompt in zip(rows, prompts, strict=True):
+            sequence = self.free.pop()
+            added[row] = sequence
+            shared = self._share_prefix(prompt, sequence)
+            shares.append((sequence, prompt, shared))
+            self.reserved[sequence] = len(prompt) + room
+            tokens += [(t, p, sequence, p == len(prompt) - 1) for p, t in enumerate(prompt) if p >= shared]
+        logits = self._decode(tokens)
+        for sequence, prompt, shared in shares:
             if shared < len(prompt) - 1:  # it began like no kept prompt (or only partly): keep it
                 self._keep_prefix(sequence, prompt)
         return logits

@@ -96,6 +96,22 @@ def test_a_prompt_that_begins_like_a_recent_one_reads_only_the_rest(tiny_llama, 
     assert again.text == expected.text
 
 
+def test_candidates_of_one_prompt_arriving_together_read_it_once(tiny_llama, tmp_path):
+    """Best-of-N: N rows with one prompt in the same step. The first reads it; the others
+    share its cells and read only its last token. Each seeded row's text is what it is alone."""
+    prompt = list(range(300, 340))
+    rows = [Work(prompt, Sampling(temperature=1.0, top_k=20, max_new_tokens=6, seed=s)) for s in range(4)]
+    fresh = TransformersEngine(tiny_llama, mode="llamacpp", cache_dir=tmp_path, threads=1, gguf_type="f32")
+    alone = []
+    for work in rows:
+        fresh.decoder.forget_prefixes()
+        alone += fresh.generate([work])
+    engine = TransformersEngine(tiny_llama, mode="llamacpp", cache_dir=tmp_path, threads=1, gguf_type="f32")
+    together = engine.generate(rows)
+    assert engine.decoder.reused_tokens == 3 * (len(prompt) - 1)
+    assert [c.text for c in together] == [c.text for c in alone]
+
+
 def test_kept_prefixes_give_their_room_to_a_row_that_needs_it(tiny_llama, tmp_path):
     engine = TransformersEngine(tiny_llama, mode="llamacpp", cache_dir=tmp_path, threads=1, gguf_type="f16", kv_tokens=1024)
     for i in range(4):  # four different prompts kept: 4 x 100 cells of a 512-cell budget
