@@ -180,15 +180,21 @@ def _first_tokens(engine: TransformersEngine, loaded: LoadedModel, repeats: int)
     the prompt new to the engine (``ours``), ours for a new message to a persona it has
     just answered (``ours_same_persona``: its system prompt is kept where the decoder keeps
     prefixes), and ``generate()``."""
-    forget = getattr(engine.decoder, "forget_prefixes", lambda: None)
     cold, warm, base = float("inf"), float("inf"), float("inf")
     for i in range(repeats):
         first, second = (_chat_prompt_ids(loaded, CHAT_MESSAGES[(2 * i + k) % len(CHAT_MESSAGES)]) for k in (0, 1))
-        forget()
+        _forget_prefixes(engine)
         cold = min(cold, _timed_ms(lambda p=first: _time_ours(engine, [p], 1), loaded.device))
         warm = min(warm, _timed_ms(lambda p=second: _time_ours(engine, [p], 1), loaded.device))
         base = min(base, _timed_ms(lambda p=first: _time_baseline(loaded, [p], 1), loaded.device))
     return {"ours": round(cold, 1), "ours_same_persona": round(warm, 1), "baseline": round(base, 1)}
+
+
+def _forget_prefixes(engine: TransformersEngine) -> None:
+    """Make the next prompts new to the engine (a decoder that keeps prefixes drops them)."""
+    forget = getattr(engine.decoder, "forget_prefixes", None)
+    if forget is not None:
+        forget()
 
 
 def _timed_ms(call: Callable[[], object], device: str) -> float:
@@ -243,7 +249,6 @@ def run_engine_bench(
         device=device, model=loaded.name, mode=engine.mode, new_tokens=new_tokens, threads=torch.get_num_threads(),
         engine_build_s=round(time.perf_counter() - built, 2),
     )
-    forget = getattr(engine.decoder, "forget_prefixes", lambda: None)
     warm = _prompt_ids(loaded, 1)
     _time_ours(engine, warm, 4)
     _time_baseline(loaded, warm, 4)
@@ -253,7 +258,7 @@ def run_engine_bench(
         for _ in range(repeats):
             # Interleaved, so a neighbour's burst of load hits both sides alike.
             base = max(base, _time_baseline(loaded, prompts, new_tokens))
-            forget()  # each run reads its prompts in full, as the baseline does
+            _forget_prefixes(engine)  # each run reads its prompts in full, as the baseline does
             ours = max(ours, _time_ours(engine, prompts, new_tokens))
             gc.collect()
             if progress:

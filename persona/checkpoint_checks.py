@@ -3,14 +3,13 @@
 ``static_problem`` looks at the folder only (cheap, runs in the CLI): weights files
 present, readable config, trained on the persona's base. ``loaded_problem`` compares a
 loaded candidate with the weights serving now (same parameter names and shapes); the
-pool's warm-up of its engine has already run it once (finite logits). Each returns a sentence naming the problem, or
-None when the checkpoint is fine.
+pool's warm-up of its engine has already run it once (finite logits). Each returns a
+sentence naming the problem, or None when the checkpoint is fine.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 from persona.checkpoints import METADATA_FILE
@@ -18,8 +17,6 @@ from persona.models import BUNDLED_ALIASES, LoadedModel, is_lora_dir
 from persona.personas import Persona
 
 __all__ = ["loaded_problem", "same_base", "static_problem"]
-
-log = logging.getLogger(__name__)
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
 MAX_SHAPE_DIFFERENCES_SHOWN = 3

@@ -91,7 +91,6 @@ def _copy_fields(writer: Any, reader: Any) -> None:
 def write_gguf(model: Any, tokenizer_from: Path, target: Path, kind: str = "q8_0") -> Path:
     """Write a Llama-family ``model`` as a GGUF file of type ``kind`` at ``target``."""
     import gguf
-    import llama_cpp
 
     from persona.llamacpp_decoder import route_llama_cpp_logs
 
@@ -154,7 +153,7 @@ def _quantize(source: Path, target: Path, kind: str, *, requantize: bool = False
         params.nthread = os.cpu_count() or 1
         params.allow_requantize = requantize
         if llama_cpp.llama_model_quantize(str(source).encode(), str(staged).encode(), params) != 0:
-            raise ModelError(f"llama.cpp could not quantize {source.name} to {kind}")
+            raise ModelError(f"llama.cpp could not quantize {target.name} to {kind}")
         os.replace(staged, target)
 
 

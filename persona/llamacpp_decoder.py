@@ -134,7 +134,7 @@ class LlamaCppDecoder:
     def _forget_sequences(self) -> None:
         """Forget every row's sequence (the kept prefixes stay)."""
         self.sequences = []
-        self.reserved = {sequence: len(tokens) for sequence, tokens in getattr(self, "prefixes", {}).items()}
+        self.reserved = {sequence: len(tokens) for sequence, tokens in self.prefixes.items()}
         self.free = [s for s in range(MAX_SEQUENCES - 1, -1, -1) if s not in self.reserved]
 
     def __del__(self) -> None:
@@ -187,8 +187,7 @@ class LlamaCppDecoder:
         first: list[int] = []
         later: list[int] = []
         for i, prompt in enumerate(prompts):
-            alike = any(_common_length(prompts[j], prompt, MIN_SHARED_TOKENS) == MIN_SHARED_TOKENS for j in first)
-            (later if alike else first).append(i)
+            (later if any(_begin_alike(prompts[j], prompt) for j in first) else first).append(i)
         added: dict[int, int] = {}  # row -> its sequence
         logits: dict[int, torch.Tensor] = {}
         try:
@@ -261,7 +260,7 @@ class LlamaCppDecoder:
         least recently used one once every slot is taken."""
         if len(prompt) < MIN_SHARED_TOKENS or len(self.free) <= 1:
             return
-        alike = [kept for kept, tokens in self.prefixes.items() if _common_length(tokens, prompt, MIN_SHARED_TOKENS) == MIN_SHARED_TOKENS]
+        alike = [kept for kept, tokens in self.prefixes.items() if _begin_alike(tokens, prompt)]
         if alike:
             self._drop_prefix(alike[0])
         elif len(self.prefixes) >= PREFIX_SLOTS:
@@ -310,6 +309,11 @@ class LlamaCppDecoder:
                 pointer = self.lib.llama_get_logits(self.ctx)
                 out.append(np.ctypeslib.as_array(pointer, shape=(wanted, self.vocab)).copy())
         return torch.from_numpy(np.concatenate(out) if len(out) != 1 else out[0])
+
+
+def _begin_alike(a: list[int], b: list[int]) -> bool:
+    """Whether two prompts share a beginning worth keeping (``MIN_SHARED_TOKENS`` or more)."""
+    return _common_length(a, b, MIN_SHARED_TOKENS) == MIN_SHARED_TOKENS
 
 
 def _common_length(a: list[int], b: list[int], most: int) -> int:

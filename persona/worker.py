@@ -59,6 +59,11 @@ class _Row:
     served: Served
 
 
+def _longer(pause_s: float) -> float:
+    """The next pause before retrying after a failed turn: doubling, 0.1 s to 5 s."""
+    return min(MAX_RECONNECT_PAUSE_S, max(0.1, pause_s * 2))
+
+
 def new_worker_id() -> str:
     import socket
 
@@ -125,7 +130,7 @@ class Worker:
                         log.error("Redis unavailable while stopping (%s); leaving %d row(s) to other workers", exc, self.decoding)
                         break
                     # Redis restarting: wait and retry; queued requests are kept on its disk.
-                    pause_s = min(MAX_RECONNECT_PAUSE_S, max(0.1, pause_s * 2))
+                    pause_s = _longer(pause_s)
                     log.warning("Redis unavailable (%s); retrying in %.1f s", exc, pause_s)
                     self.stopping.wait(pause_s)
                 except redis.exceptions.ResponseError as exc:
@@ -140,7 +145,7 @@ class Worker:
                     if self.stopping.is_set():
                         log.exception("unexpected error while stopping; leaving %d row(s) to other workers", self.decoding)
                         break
-                    pause_s = min(MAX_RECONNECT_PAUSE_S, max(0.1, pause_s * 2))
+                    pause_s = _longer(pause_s)
                     log.exception("unexpected error in the worker loop; going on in %.1f s", pause_s)
                     self.stopping.wait(pause_s)
         finally:

@@ -38,23 +38,23 @@ def test_eager_mode_runs_any_model(tiny_gpt2_dir, tmp_path):
     assert result.mode == "eager" and result.ours[2] > 0
 
 
-def test_bench_engine_refuses_a_bad_batch_list(tmp_path):
+def bench_engine_cli(tmp_path, *args: str) -> subprocess.CompletedProcess:
+    """`persona bench engine ARGS` in a fresh data folder, as a user runs it."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PERSONA_")}
     env["PERSONA_DATA_DIR"] = str(tmp_path / "data")
-    result = subprocess.run(
-        [sys.executable, "-m", "persona", "bench", "engine", "--batch", "one,eight"],
-        env=env, capture_output=True, text=True, timeout=120,
+    return subprocess.run(
+        [sys.executable, "-m", "persona", "bench", "engine", *args],
+        env=env, capture_output=True, text=True, timeout=120, check=False,
     )
+
+
+def test_bench_engine_refuses_a_bad_batch_list(tmp_path):
+    result = bench_engine_cli(tmp_path, "--batch", "one,eight")
     assert result.returncode == 2
     assert "comma" in result.stderr
 
 
 def test_bench_engine_refuses_an_unknown_gguf_type(tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PERSONA_")}
-    env["PERSONA_DATA_DIR"] = str(tmp_path / "data")
-    result = subprocess.run(
-        [sys.executable, "-m", "persona", "bench", "engine", "--gguf", "q2_k"],
-        env=env, capture_output=True, text=True, timeout=120,
-    )
+    result = bench_engine_cli(tmp_path, "--gguf", "q2_k")
     assert result.returncode == 2
     assert "q8_0, q4_1 or f16" in result.stderr
