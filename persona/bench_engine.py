@@ -81,6 +81,8 @@ class EngineBenchResult:
     # "ours" (a prompt new to the engine), "ours_same_persona" and "baseline".
     first_token_ms: dict[str, float] = field(default_factory=dict)
     prompt_tokens: int = 0
+    warm_up_s: float = 0.0  # the engine's warm-up, as a worker runs it at start (compiling included)
+    compiled: bool = False  # whether the decode step ran compiled (torch.compile, GPU)
 
     def ratio(self, batch: int) -> float:
         base = self.baseline.get(batch, 0.0)
@@ -92,19 +94,25 @@ class EngineBenchResult:
             "threads": self.threads, "engine_build_s": self.engine_build_s, "rss_mb": self.rss_mb, "ours": self.ours, "baseline": self.baseline,
             "ratio": {b: round(self.ratio(b), 2) for b in self.ours}, "llamacpp": self.llamacpp,
             "first_token_ms": self.first_token_ms, "prompt_tokens": self.prompt_tokens,
+            "warm_up_s": self.warm_up_s, "compiled": self.compiled,
         }
 
 
-def load_bench_model(device: str, cache_dir: Path) -> LoadedModel:
-    """The bundled model on CPU; a random model of its shape (bf16) on a GPU."""
+def load_bench_model(device: str, cache_dir: Path, tokenizer_dir: Path | None = None) -> LoadedModel:
+    """The bundled model on CPU; a random model of its shape (bf16) on a GPU, with the
+    bundled model's tokenizer (or the one saved in ``tokenizer_dir``, where the GGUF is
+    not installed: a GPU machine the 98 MB file did not travel to)."""
     if device == "cpu":
         return load_model("smollm2", cache_dir=cache_dir, device="cpu")
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from persona.models import bundled_gguf_path
 
-    gguf = bundled_gguf_path()
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if tokenizer_dir is not None:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    else:
+        gguf = bundled_gguf_path()
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     torch.manual_seed(0)
     config = LlamaConfig(**SMOLLM2_SHAPE, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
     model = LlamaForCausalLM(config).to(device=device, dtype=torch.bfloat16).eval()
@@ -236,19 +244,21 @@ def run_engine_bench(
     progress: Callable[[], None] | None = None,
     cache_dir: Path | None = None,
     gguf_type: str = "q8_0",
+    compile: bool = True,
 ) -> EngineBenchResult:
     """Best of ``repeats`` runs per batch size, ours and the baseline, interleaved; then
     the time to the first token of a chat-sized prompt, both sides."""
     device = loaded.device
     built = time.perf_counter()
     engine = TransformersEngine(
-        loaded, mode=mode, cache_dir=cache_dir, threads=torch.get_num_threads(), gguf_type=gguf_type
+        loaded, mode=mode, cache_dir=cache_dir, threads=torch.get_num_threads(), gguf_type=gguf_type, compile=compile
     )
-    engine.stop_ids = set()  # exactly new_tokens per row, like min_new_tokens on the baseline side
     result = EngineBenchResult(
         device=device, model=loaded.name, mode=engine.mode, new_tokens=new_tokens, threads=torch.get_num_threads(),
         engine_build_s=round(time.perf_counter() - built, 2),
     )
+    result.warm_up_s = round(engine.warm_up(), 2)
+    engine.stop_ids = set()  # exactly new_tokens per row, like min_new_tokens on the baseline side
     warm = _prompt_ids(loaded, 1)
     _time_ours(engine, warm, 4)
     _time_baseline(loaded, warm, 4)
@@ -268,6 +278,7 @@ def run_engine_bench(
         log.info("batch %d: ours %.1f tok/s, baseline %.1f tok/s", batch, ours, base)
     result.prompt_tokens = len(_chat_prompt_ids(loaded))
     result.first_token_ms = _first_tokens(engine, loaded, repeats)
+    result.compiled = bool(getattr(engine.decoder, "compiled", False))
     if engine.mode == "llamacpp" and 1 in batches:
         path = engine.decoder.path
         del engine

@@ -138,6 +138,7 @@ class TransformersEngine:
         threads: int | None = None,
         gguf_type: str = "q8_0",
         kv_tokens: int | None = None,
+        compile: bool = True,
     ) -> None:
         self.loaded = loaded
         self.device = torch.device(loaded.device)
@@ -145,14 +146,14 @@ class TransformersEngine:
         self.stop_ids = set(loaded.stop_token_ids)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.mode = pick_engine_mode(mode, loaded)
-        self.decoder = self._decoder(cache_dir, threads, gguf_type, kv_tokens)
+        self.decoder = self._decoder(cache_dir, threads, gguf_type, kv_tokens, compile)
         self._waiting: list[tuple[Work, object]] = []
         self._rows: _Rows | None = None
         self._pending: torch.Tensor | None = None  # each row's last token, not fed yet
         self._checking = False  # while warming up: refuse weights whose logits are not finite
         log.info("%s decodes with the %s engine", loaded.name, self.mode)
 
-    def _decoder(self, cache_dir: Path | None, threads: int | None, gguf_type: str, kv_tokens: int | None):
+    def _decoder(self, cache_dir: Path | None, threads: int | None, gguf_type: str, kv_tokens: int | None, compile: bool):
         if self.mode == "eager":
             return _EagerDecoder(self.loaded.model)
         if self.mode == "llamacpp":
@@ -171,9 +172,11 @@ class TransformersEngine:
                 decoder = LlamaCppDecoder(path, threads=threads, context_tokens=kv_tokens or CONTEXT_TOKENS)
                 self.loaded.release_weights()  # llama.cpp holds its own copy
                 return decoder
-        # On a GPU each decode step replays a CUDA graph (untested here: no GPU).
+        # On a GPU each decode step replays a CUDA graph of the (compiled) step.
         on_gpu = torch.device(self.loaded.device).type == "cuda"
-        return llama_decoder.LlamaDecoder(self.loaded.model, int8=self.mode == "int8", graphs=on_gpu)
+        return llama_decoder.LlamaDecoder(
+            self.loaded.model, int8=self.mode == "int8", graphs=on_gpu, compile=compile and on_gpu
+        )
 
     def warm_up(self) -> float:
         """One short generation, so the first user does not pay for first-call costs
@@ -183,9 +186,14 @@ class TransformersEngine:
         """
         started = time.perf_counter()
         ids = self.tokenizer.encode("Hello", add_special_tokens=False) or [self.pad_id]
+        hello = Work(ids, Sampling(temperature=0.0, max_new_tokens=2))
         self._checking = True
         try:
-            self.generate([Work(ids, Sampling(temperature=0.0, max_new_tokens=2))])
+            if getattr(self.decoder, "compiled", False):
+                # A compiled step is compiled for any batch size once it has seen two rows
+                # (and once more for a single row): both here, not on a user's time.
+                self.generate([hello, hello])
+            self.generate([hello])
         finally:
             self._checking = False
         return time.perf_counter() - started

@@ -6,10 +6,18 @@ same weights (so a merged LoRA checkpoint gets the same path) into a few fused
 matrices per layer (q/k/v as one, gate/up as one), keeps the KV cache in tensors
 allocated once per batch, and on CPU can hold every projection, the output head
 included, as int8 (fbgemm's dynamic int8 linear: a quarter of the bytes per weight).
+
+On a GPU every decode step has the same shapes (``static``): it attends over the whole
+cache with unwritten slots masked, and is captured once per batch size as a CUDA graph
+and replayed, so a step costs one launch instead of about a thousand. Its attention
+reads each grouped KV head once for all the query heads that share it (no copy that
+repeats the keys per query head), and with ``compile`` the step is first compiled by
+``torch.compile`` (inductor fuses the small elementwise kernels between the matmuls).
 """
 
 from __future__ import annotations
 
+import logging
 import warnings
 from dataclasses import dataclass
 
@@ -18,7 +26,12 @@ import torch.nn.functional as F
 
 __all__ = ["LlamaDecoder", "supports", "supports_config"]
 
+log = logging.getLogger(__name__)
+
 FUSABLE_MODEL_TYPES = frozenset({"llama"})
+# A static cache's length is rounded up to this, so batches of similar prompts share
+# one shape (and so one captured graph and one compiled step).
+STATIC_CAPACITY_STEP = 64
 # The overload itself: calling the packet resolves it in Python on every call.
 _LINEAR_DYNAMIC = torch.ops.quantized.linear_dynamic.default
 
@@ -104,7 +117,9 @@ class LlamaDecoder:
 
     can_join = True  # rows can be added while the batch decodes (``join``)
 
-    def __init__(self, model, *, int8: bool = False, static: bool = False, graphs: bool = False) -> None:
+    def __init__(
+        self, model, *, int8: bool = False, static: bool = False, graphs: bool = False, compile: bool = False
+    ) -> None:
         config = model.config
         inner = model.model
         self.device = next(model.parameters()).device
@@ -149,6 +164,12 @@ class LlamaDecoder:
         self.graphs = graphs and self.device.type == "cuda"
         self.at = torch.zeros((), dtype=torch.long, device=self.device)
         self._captured: dict[int, tuple] = {}
+        self.scale = self.head_dim**-0.5
+        # torch.compile of the static step (GPU graphs only), for any batch size and cache
+        # length: compiled once for several rows and once for one (torch specialises a
+        # size of 1), always off the graph; a step that fails to compile runs uncompiled.
+        self.compiled = compile and self.graphs
+        self._step_fn = torch.compile(self._static_step) if self.compiled else self._static_step
 
     # -- the batch's cache --------------------------------------------------------
 
@@ -156,15 +177,23 @@ class LlamaDecoder:
         """Run the prompts (left-padded) and return each row's next-token logits."""
         batch, width = input_ids.shape
         capacity = width + room
+        if self.static:
+            capacity = -(-capacity // STATIC_CAPACITY_STEP) * STATIC_CAPACITY_STEP
         shape = (batch, self.kv_heads, capacity, self.head_dim)
-        # A static step attends over the whole cache; unwritten slots are masked, but
-        # must hold zeros, not whatever memory held (a NaN times a zero weight is NaN).
-        new = torch.zeros if self.static else torch.empty
-        self.k = [new(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
-        self.v = [new(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
-        self._captured.clear()
+        if self.static and self.k and self.k[0].shape == shape:
+            # The same shape as the last batch: its buffers (and the graph captured over
+            # them) serve again. Unwritten slots are masked, but must hold zeros, not the
+            # last batch's values or whatever memory held (NaN times a zero weight is NaN).
+            for cache in (*self.k, *self.v):
+                cache.zero_()
+            self.valid.zero_()
+        else:
+            new = torch.zeros if self.static else torch.empty
+            self.k = [new(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+            self.v = [new(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+            self.valid = torch.zeros((batch, capacity), dtype=torch.bool, device=self.device)
+            self._captured.clear()
         self.at.fill_(width)
-        self.valid = torch.zeros((batch, capacity), dtype=torch.bool, device=self.device)
         self.valid[:, :width] = attention_mask.bool()
         # A padding position attends to itself, so no row of the softmax is empty (NaN).
         causal = torch.ones((width, width), dtype=torch.bool, device=self.device).tril()
@@ -198,6 +227,7 @@ class LlamaDecoder:
         left is the larger of the two.
         """
         k, v, valid, length = self.k, self.v, self.valid, self.length
+        self.k, self.v = [], []  # the new rows get buffers of their own, never the running rows'
         logits = self.start(input_ids, attention_mask, position_ids, room)
         joined = max(length, self.length)
         capacity = joined + max(valid.shape[1] - length, self.valid.shape[1] - self.length)
@@ -213,6 +243,7 @@ class LlamaDecoder:
         self.valid = torch.cat([place_valid(valid, length), place_valid(self.valid, self.length)])
         self.length = joined
         self.at.fill_(joined)
+        self._captured.clear()  # captured graphs point at the old tensors
         return logits
 
     def select(self, keep: torch.Tensor) -> None:
@@ -225,8 +256,7 @@ class LlamaDecoder:
     def _static_step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """One decode step whose shapes never change: write at ``self.at``, attend to all."""
         self.valid.index_fill_(1, self.at.view(1), True)
-        mask = self.valid[:, None, None, :]
-        hidden = self._forward(tokens[:, None], positions[:, None], mask, None)
+        hidden = self._forward(tokens[:, None], positions[:, None], None, None)
         return self.head(F.rms_norm(hidden[:, -1], (hidden.shape[-1],), self.norm, self.eps))
 
     def _replay(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -237,11 +267,17 @@ class LlamaDecoder:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                self._static_step(tokens_in, positions_in)  # warm-up, off the graph
+                self._warm_step(tokens_in, positions_in)  # compiles, picks kernels: off the graph
             torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                logits = self._static_step(tokens_in, positions_in)
+            try:
+                graph, logits = self._capture(tokens_in, positions_in)
+            except Exception as exc:
+                if not self.compiled:
+                    raise
+                log.warning("cannot capture the compiled step (%s: %s); capturing the uncompiled one", type(exc).__name__, exc)
+                self.compiled = False
+                self._step_fn = self._static_step
+                graph, logits = self._capture(tokens_in, positions_in)
             self._captured[batch] = (graph, tokens_in, positions_in, logits)
         graph, tokens_in, positions_in, logits = self._captured[batch]
         tokens_in.copy_(tokens)
@@ -249,9 +285,35 @@ class LlamaDecoder:
         graph.replay()
         return logits.clone()
 
+    def _capture(self, tokens: torch.Tensor, positions: torch.Tensor) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            logits = self._step_fn(tokens, positions)
+        return graph, logits
+
+    def _warm_step(self, tokens: torch.Tensor, positions: torch.Tensor) -> None:
+        """Run the step once before capturing it; a step that cannot compile runs uncompiled."""
+        if self.compiled:
+            # The batch size and the cache's length vary; the weights' shapes never do.
+            for tensor in (*self.k, *self.v):
+                torch._dynamo.maybe_mark_dynamic(tensor, 0)
+                torch._dynamo.maybe_mark_dynamic(tensor, 2)
+            for tensor in (self.valid, tokens, positions):
+                torch._dynamo.maybe_mark_dynamic(tensor, 0)
+            torch._dynamo.maybe_mark_dynamic(self.valid, 1)
+        try:
+            self._step_fn(tokens, positions)
+        except Exception as exc:
+            if self._step_fn is self._static_step:
+                raise
+            log.warning("torch.compile failed (%s: %s); decoding with the uncompiled step", type(exc).__name__, exc)
+            self.compiled = False
+            self._step_fn = self._static_step
+            self._static_step(tokens, positions)
+
     # -- the model ----------------------------------------------------------------
 
-    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, at: int | None) -> torch.Tensor:
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None, at: int | None) -> torch.Tensor:
         """The layers; ``at`` None means a static step (one token per row, at ``self.at``)."""
         batch, width = ids.shape
         heads, kv_heads, dim = self.heads, self.kv_heads, self.head_dim
@@ -275,11 +337,25 @@ class LlamaDecoder:
             else:
                 k_cache[:, :, at:end] = qk[:, :, heads:].transpose(1, 2)
                 v_cache[:, :, at:end] = qkv[:, :, heads + kv_heads :].transpose(1, 2)
-            attended = F.scaled_dot_product_attention(
-                q, k_cache[:, :, :end], v_cache[:, :, :end], attn_mask=mask, enable_gqa=kv_heads != heads
-            )
-            x = x + layer.o(attended.transpose(1, 2).reshape(batch, width, heads * dim))
+            if at is None:
+                attended = self._decode_attention(q, k_cache, v_cache)
+            else:
+                attended = F.scaled_dot_product_attention(
+                    q, k_cache[:, :, :end], v_cache[:, :, :end], attn_mask=mask, enable_gqa=kv_heads != heads
+                ).transpose(1, 2)
+            x = x + layer.o(attended.reshape(batch, width, heads * dim))
             h = F.rms_norm(x, size, layer.norm2, self.eps)
             gate, up = layer.gate_up(h).chunk(2, dim=-1)
             x = x + layer.down(F.silu(gate) * up)
         return x
+
+    def _decode_attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+        """One query per row over the whole (masked) cache, each KV head read once for
+        the query heads that share it: (batch, heads, 1, dim) -> (batch, 1, heads, dim)."""
+        batch = q.shape[0]
+        group = self.heads // self.kv_heads
+        q = q.reshape(batch, self.kv_heads, group, self.head_dim)
+        scores = torch.matmul(q, k_cache.transpose(-1, -2)).float() * self.scale  # (batch, kv, group, slots)
+        scores = scores.masked_fill(~self.valid[:, None, None, :], float("-inf"))
+        attended = torch.matmul(scores.softmax(dim=-1).to(v_cache.dtype), v_cache)  # (batch, kv, group, dim)
+        return attended.reshape(batch, 1, self.heads, self.head_dim)

@@ -73,6 +73,7 @@ class ModelPool:
             threads=settings.worker.threads,
             gguf_type=settings.worker.gguf_type,
             kv_tokens=settings.worker.kv_tokens,
+            compile=settings.worker.compile,
         )
         self._served: dict[tuple[str, str], Served] = {}
         self._lock = threading.Lock()

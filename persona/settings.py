@@ -79,6 +79,12 @@ class WorkerSettings(BaseModel):
         "prompts twice as fast as q4_1; q4_1 serves the bundled file as shipped (no writing, "
         "a little faster per token at batch 1)",
     )
+    compile: bool = Field(
+        True,
+        description="GPU only: compile the decode step with torch.compile before capturing it as a "
+        "CUDA graph (fewer, fused kernels per step; the first start spends a minute or so compiling, "
+        "later starts read torch's on-disk cache)",
+    )
     personas: list[str] = Field(default_factory=list, description="preload these (default: all)")
 
 

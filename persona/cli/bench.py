@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import typer
 
@@ -74,6 +75,13 @@ def engine(
     repeats: int = typer.Option(2, min=1, help="runs per batch size; the best is kept (the machine is shared)"),
     threads: int = typer.Option(0, min=0, help="torch CPU threads (default: the worker setting, else all cores)"),
     gguf: str = typer.Option("", help="llama.cpp path: the GGUF type, q8_0, q4_1 or f16 (default: the worker setting)"),
+    compile: bool | None = typer.Option(
+        None, "--compile/--no-compile", help="GPU: torch.compile the decode step (default: the worker setting)"
+    ),
+    tokenizer: Path | None = typer.Option(
+        None, exists=True, file_okay=False,
+        help="GPU: a saved tokenizer folder for the random-weight model, where the bundled GGUF is not installed",
+    ),
     json_output: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
     """Tokens/s of our engine vs plain transformers generate(), same model, prompts and lengths;
@@ -95,17 +103,19 @@ def engine(
 
         if threads or settings.worker.threads:
             torch.set_num_threads(threads or settings.worker.threads)
-        loaded = load_bench_model(device, settings.model_cache_dir)
+        loaded = load_bench_model(device, settings.model_cache_dir, tokenizer)
         result = run_engine_bench(
             loaded, sizes, new_tokens=tokens, mode=chosen_mode, repeats=repeats, progress=advance,
             cache_dir=settings.model_cache_dir, gguf_type=_gguf_type(gguf or settings.worker.gguf_type),
+            compile=settings.worker.compile if compile is None else compile,
         )
     if json_output:
         print(json.dumps(result.as_dict()))
         return
     table = Table(
         title=f"{result.model} on {result.device}, {result.new_tokens} new tokens per row, {result.threads} thread(s)",
-        caption=f"our engine: {result.mode}, built in {result.engine_build_s:.1f} s; "
+        caption=f"our engine: {result.mode}{' (compiled step)' if result.compiled else ''}, built in "
+        f"{result.engine_build_s:.1f} s, warmed up in {result.warm_up_s:.1f} s; "
         f"peak memory {result.rss_mb:,.0f} MB (both models)",
     )
     for column in ("batch", "ours tok/s", "generate() tok/s", "ratio"):

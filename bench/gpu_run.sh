@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The GPU checks and benchmarks as one run on a lent GPU machine (bench/README.md, "GPU").
+#
+# The machine has torch, transformers and pytest but not this project's other needs and
+# no package index, and the bundled GGUF is too large to travel. Prepare both here first:
+#   bench/gpu_prepare.sh        # wheels into .whl/, the bundled tokenizer into .gpu/tokenizer
+# then run this script there with .whl and .gpu carried. Results land in $OUT.
+set -u
+OUT=${OUT:-/tmp/persona-gpu}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PERSONA_DATA_DIR=/tmp/persona-data
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH="/tmp/site:$PWD"
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)"
+  nproc
+} > "$OUT/env.txt" 2>&1
+# The headline numbers first (it also fills torch's compile cache for what follows).
+timeout "${BENCH_S:-270}" python3 -m persona bench engine --device cuda --batch 1,8,32,128 --tokens 128 \
+  --tokenizer .gpu/tokenizer --json > "$OUT/bench_engine.json" 2> "$OUT/bench_engine.log"
+echo "bench engine rc=$?" >> "$OUT/bench_engine.log"
+timeout "${TESTS_S:-150}" python3 -m pytest -q -p no:cacheprovider --noconftest -c /dev/null --rootdir . \
+  tests/test_gpu_decoder.py > "$OUT/gpu_tests.log" 2>&1
+echo "gpu tests rc=$?" >> "$OUT/gpu_tests.log"
+timeout "${STEPS_S:-120}" python3 bench/gpu_steps.py > "$OUT/gpu_steps.json" 2> "$OUT/gpu_steps.log"
+echo "gpu steps rc=$?" >> "$OUT/gpu_steps.log"
+cat "$OUT"/env.txt "$OUT"/bench_engine.json; tail -5 "$OUT"/gpu_tests.log "$OUT"/gpu_steps.log "$OUT"/bench_engine.log

@@ -1,0 +1,110 @@
+"""Where a GPU decode step's time goes: the decoder alone, without the engine around it.
+
+For a random-weight model of the bundled model's shape (bf16), times ``LlamaDecoder.step``
+at each batch size three ways: launched kernel by kernel (no graph), replayed as a CUDA
+graph of the eager step, and as a graph of the torch.compile'd step. Also the one-off
+costs a server meets: compiling, capturing a graph, and a row leaving a running batch
+(its cache is compacted and the graph captured again). Prints one JSON object.
+
+    python bench/gpu_steps.py [--batches 1,8,32,128] [--steps 100]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+
+from persona.bench_engine import SMOLLM2_SHAPE
+from persona.llama_decoder import LlamaDecoder
+
+PROMPT_TOKENS = 32
+
+
+def _model():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(**SMOLLM2_SHAPE)
+    return LlamaForCausalLM(config).to(device="cuda", dtype=torch.bfloat16).eval()
+
+
+def _start(decoder: LlamaDecoder, batch: int, room: int) -> torch.Tensor:
+    ids = torch.randint(0, SMOLLM2_SHAPE["vocab_size"], (batch, PROMPT_TOKENS), device="cuda")
+    mask = torch.ones_like(ids)
+    positions = torch.arange(PROMPT_TOKENS, device="cuda").expand(batch, -1)
+    decoder.start(ids, mask, positions, room)
+    return positions[:, -1].clone()
+
+
+@torch.inference_mode()
+def time_steps(decoder: LlamaDecoder, batch: int, steps: int) -> dict:
+    """Milliseconds per step once warm, and the first step's (capture, compile)."""
+    last = _start(decoder, batch, 2 * steps + 4)
+    tokens = torch.zeros(batch, dtype=torch.long, device="cuda")
+    torch.cuda.synchronize()
+    began = time.perf_counter()
+    decoder.step(tokens, last + 1)  # captures (and compiles) where the decoder does
+    torch.cuda.synchronize()
+    first_ms = (time.perf_counter() - began) * 1000
+    for i in range(3):
+        decoder.step(tokens, last + 2 + i)
+    torch.cuda.synchronize()
+    began = time.perf_counter()
+    for i in range(steps):
+        decoder.step(tokens, last + 5 + i)
+    torch.cuda.synchronize()
+    step_ms = (time.perf_counter() - began) * 1000 / steps
+    return {"step_ms": round(step_ms, 4), "tokens_per_s": round(batch / step_ms * 1000, 1), "first_step_ms": round(first_ms, 1)}
+
+
+@torch.inference_mode()
+def time_leave(decoder: LlamaDecoder, batch: int) -> float:
+    """Milliseconds for a row to leave a running batch and the next step to run."""
+    last = _start(decoder, batch, 16)
+    tokens = torch.zeros(batch, dtype=torch.long, device="cuda")
+    for i in range(3):
+        decoder.step(tokens, last + 1 + i)
+    torch.cuda.synchronize()
+    began = time.perf_counter()
+    decoder.select(torch.arange(1, batch, device="cuda"))
+    decoder.step(tokens[1:], last[1:] + 4)
+    torch.cuda.synchronize()
+    return round((time.perf_counter() - began) * 1000, 2)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batches", default="1,8,32,128")
+    parser.add_argument("--steps", type=int, default=100)
+    args = parser.parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
+    model = _model()
+    report: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "prompt_tokens": PROMPT_TOKENS}
+    variants = {
+        "kernels": {"static": True},
+        "graph": {"graphs": True},
+        "compiled_graph": {"graphs": True, "compile": True},
+    }
+    for name, options in variants.items():
+        decoder = LlamaDecoder(model, **options)
+        row = {}
+        for batch in batches:
+            try:
+                row[batch] = time_steps(decoder, batch, args.steps)
+            except Exception as exc:  # noqa: BLE001 - one variant failing still reports the others
+                row[batch] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+            print(name, batch, row[batch], flush=True, file=sys.stderr)
+        if options.get("compile"):
+            row["compiled"] = decoder.compiled
+        if options.get("graphs") and max(batches) > 1:
+            row["leave_ms"] = {b: time_leave(decoder, b) for b in batches if b > 1}
+        report[name] = row
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,161 @@
+"""The GPU decode path: CUDA graphs of the (compiled) static step give Hugging Face's logits.
+
+These run only where a CUDA GPU is present (CI has none; the lent H100/H200 runs them
+through ``bench/gpu_run.sh``). Everything is float32 with TF32 off, so our logits and
+Hugging Face's agree to rounding and greedy choices are comparable.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from persona.engine import TransformersEngine, Work
+from persona.llama_decoder import LlamaDecoder
+from persona.models import LoadedModel
+from persona.personas import Sampling
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+VOCAB = 512
+
+
+@pytest.fixture(scope="module")
+def model():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=192, intermediate_size=384, num_hidden_layers=4, num_attention_heads=6,
+        num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True, rope_theta=100000.0,
+    )
+    model = LlamaForCausalLM(config).to("cuda").eval()
+    # Peaked logits: greedy choices then have margins far above float rounding.
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(25)
+    return model
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = {f"w{i}": i for i in range(VOCAB)}
+    inner = Tokenizer(models.WordLevel(words, unk_token="w0"))
+    inner.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=inner, pad_token="w0", eos_token="w1")
+
+
+def _theirs(model, rows: list[list[int]]) -> list[torch.Tensor]:
+    """Hugging Face's next-token logits after every position of each row, alone."""
+    with torch.inference_mode():
+        return [model(input_ids=torch.tensor([row], device="cuda")).logits[0] for row in rows]
+
+
+def _left_padded(prompts: list[list[int]]):
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device="cuda")
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device="cuda")
+    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def _decode(decoder: LlamaDecoder, prompts: list[list[int]], follow: list[list[int]]) -> list[torch.Tensor]:
+    """Our logits for each row: after its prompt, then after each teacher-forced token."""
+    ids, mask, positions = _left_padded(prompts)
+    steps = len(follow[0])
+    with torch.inference_mode():
+        out = [decoder.start(ids, mask, positions, steps + 1)]
+        last = positions[:, -1]
+        for i in range(steps):
+            last = last + 1
+            out.append(decoder.step(torch.tensor([f[i] for f in follow], device="cuda"), last))
+    return list(torch.stack(out, 1))
+
+
+def _expected(model, prompts, follow) -> list[torch.Tensor]:
+    full = [p + f for p, f in zip(prompts, follow, strict=True)]
+    return [t[len(p) - 1 :] for t, p in zip(_theirs(model, full), prompts, strict=True)]
+
+
+PROMPTS = [[5, 17, 42, 99, 7, 3, 250, 31], [11, 12], [300, 301, 302, 303, 304]]
+FOLLOW = [[8, 9, 10, 11, 12, 13], [40, 41, 42, 43, 44, 45], [60, 61, 62, 63, 64, 65]]
+
+
+@pytest.mark.parametrize("compile", [False, True], ids=["graph", "compiled-graph"])
+def test_graph_steps_give_hugging_faces_logits(model, compile):
+    decoder = LlamaDecoder(model, graphs=True, compile=compile)
+    ours = _decode(decoder, PROMPTS, FOLLOW)
+    assert decoder._captured, "the decode steps did not replay a CUDA graph"
+    assert decoder.compiled == compile, "the step fell back from torch.compile"
+    for mine, theirs in zip(ours, _expected(model, PROMPTS, FOLLOW), strict=True):
+        assert torch.allclose(mine.float(), theirs.float(), atol=2e-3), (mine - theirs).abs().max()
+
+
+def test_a_batch_of_the_same_shape_replays_the_graph_over_a_clean_cache(model):
+    decoder = LlamaDecoder(model, graphs=True)
+    _decode(decoder, PROMPTS, FOLLOW)
+    graph = decoder._captured[len(PROMPTS)][0]
+    other = [[p + 1 for p in prompt] for prompt in PROMPTS]
+    ours = _decode(decoder, other, FOLLOW)
+    assert decoder._captured[len(PROMPTS)][0] is graph  # not captured again
+    for mine, theirs in zip(ours, _expected(model, other, FOLLOW), strict=True):
+        assert torch.allclose(mine, theirs, atol=2e-3), (mine - theirs).abs().max()
+
+
+def test_rows_leave_and_join_a_batch_that_replays_graphs(model):
+    decoder = LlamaDecoder(model, graphs=True)
+    ids, mask, positions = _left_padded(PROMPTS[:2])
+    with torch.inference_mode():
+        decoder.start(ids, mask, positions, 8)
+        decoder.step(torch.tensor([8, 40], device="cuda"), positions[:, -1] + 1)
+        decoder.select(torch.tensor([1], device="cuda"))  # the first row leaves
+        decoder.step(torch.tensor([41], device="cuda"), torch.tensor([3], device="cuda"))
+        new_ids, new_mask, new_positions = _left_padded([PROMPTS[2]])
+        decoder.join(new_ids, new_mask, new_positions, 8)
+        both = decoder.step(torch.tensor([42, 60], device="cuda"), torch.tensor([4, 5], device="cuda"))
+    stayed, joined = _theirs(model, [PROMPTS[1] + [40, 41, 42], PROMPTS[2] + [60]])
+    assert torch.allclose(both[0], stayed[-1], atol=2e-3)
+    assert torch.allclose(both[1], joined[-1], atol=2e-3)
+
+
+def test_the_engine_on_a_gpu_writes_what_it_writes_on_the_cpu(model, tokenizer):
+    """Greedy replies, rows joining and leaving, compiled graphs on the GPU vs the plain loop."""
+    from torch._dynamo.utils import counters
+
+    def engine(device: str, compile: bool) -> TransformersEngine:
+        loaded = LoadedModel(
+            model=model if device == "cuda" else _cpu_copy(model), tokenizer=tokenizer, device=device,
+            name="tiny", has_chat_template=False, stop_token_ids=[],
+        )
+        return TransformersEngine(loaded, mode="fused", compile=compile)
+
+    def work(prompt: list[int], tokens: int) -> Work:
+        return Work(prompt, Sampling(temperature=0.0, max_new_tokens=tokens))
+
+    gpu = engine("cuda", compile=True)
+    gpu.warm_up()
+    assert gpu.decoder.compiled
+    compiled_graphs = counters["stats"]["unique_graphs"]
+    cpu = engine("cpu", compile=False)
+    for batch in ([work(PROMPTS[0], 9), work(PROMPTS[1], 3)], [work(p, 5 + i) for i, p in enumerate(PROMPTS * 2)]):
+        assert [c.text for c in gpu.generate(batch)] == [c.text for c in cpu.generate(batch)]
+    # A row that joins a running batch gets the same reply as alone.
+    gpu.add(work(PROMPTS[0], 12), "long")
+    gpu.step()
+    gpu.add(work(PROMPTS[2], 4), "late")
+    replies = {}
+    while gpu.active:
+        replies.update({tag: c.text for tag, c in gpu.step()})
+    assert replies["late"] == cpu.generate([work(PROMPTS[2], 4)])[0].text
+    assert replies["long"] == cpu.generate([work(PROMPTS[0], 12)])[0].text
+    # New batch sizes and cache lengths after warm-up compile nothing on a user's time.
+    assert counters["stats"]["unique_graphs"] == compiled_graphs
+
+
+def _cpu_copy(model):
+    import copy
+
+    return copy.deepcopy(model).to("cpu")
