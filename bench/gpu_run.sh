@@ -5,8 +5,10 @@
 # no package index, and the bundled GGUF is too large to travel. Prepare both here first:
 #   bench/gpu_prepare.sh        # wheels into .whl/, the bundled tokenizer into .gpu/tokenizer
 # then run this script there with .whl and .gpu carried. Results land in $OUT.
+# STAGES picks what runs (default: all, in this order); each has its own time limit.
 set -u
 OUT=${OUT:-/tmp/persona-gpu}
+STAGES=${STAGES:-"bench tests steps sampled"}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PERSONA_DATA_DIR=/tmp/persona-data
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -16,13 +18,26 @@ export PYTHONPATH="/tmp/site:$PWD"
   python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)"
   nproc
 } > "$OUT/env.txt" 2>&1
-# The headline numbers first (it also fills torch's compile cache for what follows).
-timeout "${BENCH_S:-270}" python3 -m persona bench engine --device cuda --batch 1,8,32,128 --tokens 128 \
-  --tokenizer .gpu/tokenizer --json > "$OUT/bench_engine.json" 2> "$OUT/bench_engine.log"
-echo "bench engine rc=$?" >> "$OUT/bench_engine.log"
-timeout "${TESTS_S:-150}" python3 -m pytest -q -p no:cacheprovider --noconftest -c /dev/null --rootdir . \
-  tests/test_gpu_decoder.py > "$OUT/gpu_tests.log" 2>&1
-echo "gpu tests rc=$?" >> "$OUT/gpu_tests.log"
-timeout "${STEPS_S:-120}" python3 bench/gpu_steps.py > "$OUT/gpu_steps.json" 2> "$OUT/gpu_steps.log"
-echo "gpu steps rc=$?" >> "$OUT/gpu_steps.log"
-cat "$OUT"/env.txt "$OUT"/bench_engine.json; tail -5 "$OUT"/gpu_tests.log "$OUT"/gpu_steps.log "$OUT"/bench_engine.log
+cat "$OUT/env.txt"
+bench() {  # $1: output name; the rest: extra options
+  local name=$1; shift
+  timeout "${BENCH_S:-270}" python3 -m persona bench engine --device cuda --batch 1,8,32,128 --tokens 128 \
+    --tokenizer .gpu/tokenizer --json "$@" > "$OUT/$name.json" 2> "$OUT/$name.log"
+  echo "$name rc=$? after ${SECONDS}s" | tee -a "$OUT/$name.log"
+  cat "$OUT/$name.json"
+}
+for stage in $STAGES; do
+  case $stage in
+    # The headline numbers first (it also fills torch's compile cache for what follows).
+    bench) bench bench_engine ;;
+    sampled) BENCH_S=${SAMPLED_S:-150} bench bench_engine_sampled --sample ;;
+    tests)
+      timeout "${TESTS_S:-150}" python3 -m pytest -q -p no:cacheprovider --noconftest -c /dev/null --rootdir . \
+        tests/test_gpu_decoder.py > "$OUT/gpu_tests.log" 2>&1
+      echo "gpu tests rc=$? after ${SECONDS}s" | tee -a "$OUT/gpu_tests.log" ;;
+    steps)
+      timeout "${STEPS_S:-120}" python3 bench/gpu_steps.py > "$OUT/gpu_steps.json" 2> "$OUT/gpu_steps.log"
+      echo "gpu steps rc=$? after ${SECONDS}s" | tee -a "$OUT/gpu_steps.log"
+      cat "$OUT/gpu_steps.json" ;;
+  esac
+done

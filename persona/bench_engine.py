@@ -81,6 +81,8 @@ class EngineBenchResult:
     # "ours" (a prompt new to the engine), "ours_same_persona" and "baseline".
     first_token_ms: dict[str, float] = field(default_factory=dict)
     prompt_tokens: int = 0
+    # "greedy", or "persona": temperature 0.8, top-p 0.95, top-k 50, repetition penalty 1.1
+    sampling: str = "greedy"
     warm_up_s: float = 0.0  # the engine's warm-up, as a worker runs it at start (compiling included)
     compiled: bool = False  # whether the decode step ran compiled (torch.compile, GPU)
 
@@ -94,7 +96,7 @@ class EngineBenchResult:
             "threads": self.threads, "engine_build_s": self.engine_build_s, "rss_mb": self.rss_mb, "ours": self.ours, "baseline": self.baseline,
             "ratio": {b: round(self.ratio(b), 2) for b in self.ours}, "llamacpp": self.llamacpp,
             "first_token_ms": self.first_token_ms, "prompt_tokens": self.prompt_tokens,
-            "warm_up_s": self.warm_up_s, "compiled": self.compiled,
+            "warm_up_s": self.warm_up_s, "compiled": self.compiled, "sampling": self.sampling,
         }
 
 
@@ -152,8 +154,15 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _time_ours(engine: TransformersEngine, prompts: list[list[int]], new_tokens: int) -> float:
-    work = [Work(ids, Sampling(temperature=0.0, max_new_tokens=new_tokens)) for ids in prompts]
+def _sampling(new_tokens: int, sampled: bool) -> Sampling:
+    """Greedy (no repetition penalty, as ``generate()`` by default), or a persona's defaults."""
+    if sampled:
+        return Sampling(max_new_tokens=new_tokens)
+    return Sampling(temperature=0.0, repetition_penalty=1.0, max_new_tokens=new_tokens)
+
+
+def _time_ours(engine: TransformersEngine, prompts: list[list[int]], new_tokens: int, sampled: bool = False) -> float:
+    work = [Work(ids, _sampling(new_tokens, sampled)) for ids in prompts]
     _sync(engine.loaded.device)
     started = time.perf_counter()
     completions = engine.generate(work)
@@ -166,16 +175,22 @@ def _time_ours(engine: TransformersEngine, prompts: list[list[int]], new_tokens:
 
 
 @torch.inference_mode()
-def _time_baseline(loaded: LoadedModel, prompts: list[list[int]], new_tokens: int) -> float:
+def _time_baseline(loaded: LoadedModel, prompts: list[list[int]], new_tokens: int, sampled: bool = False) -> float:
     width = max(len(p) for p in prompts)
     pad = loaded.tokenizer.pad_token_id
     ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=loaded.device)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=loaded.device)
     _sync(loaded.device)
     started = time.perf_counter()
+    if sampled:
+        s = _sampling(new_tokens, True)
+        how = {"do_sample": True, "temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k,
+               "repetition_penalty": s.repetition_penalty}
+    else:
+        how = {"do_sample": False}
     out = loaded.model.generate(
         input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-        do_sample=False, pad_token_id=pad,
+        pad_token_id=pad, **how,
     )
     _sync(loaded.device)
     elapsed = time.perf_counter() - started
@@ -245,9 +260,11 @@ def run_engine_bench(
     cache_dir: Path | None = None,
     gguf_type: str = "q8_0",
     compile: bool = True,
+    sampled: bool = False,
 ) -> EngineBenchResult:
     """Best of ``repeats`` runs per batch size, ours and the baseline, interleaved; then
-    the time to the first token of a chat-sized prompt, both sides."""
+    the time to the first token of a chat-sized prompt, both sides. Greedy, or with
+    ``sampled`` both sides sample as a persona does by default."""
     device = loaded.device
     built = time.perf_counter()
     engine = TransformersEngine(
@@ -255,7 +272,7 @@ def run_engine_bench(
     )
     result = EngineBenchResult(
         device=device, model=loaded.name, mode=engine.mode, new_tokens=new_tokens, threads=torch.get_num_threads(),
-        engine_build_s=round(time.perf_counter() - built, 2),
+        engine_build_s=round(time.perf_counter() - built, 2), sampling="persona" if sampled else "greedy",
     )
     result.warm_up_s = round(engine.warm_up(), 2)
     engine.stop_ids = set()  # exactly new_tokens per row, like min_new_tokens on the baseline side
@@ -267,9 +284,9 @@ def run_engine_bench(
         ours, base = 0.0, 0.0
         for _ in range(repeats):
             # Interleaved, so a neighbour's burst of load hits both sides alike.
-            base = max(base, _time_baseline(loaded, prompts, new_tokens))
+            base = max(base, _time_baseline(loaded, prompts, new_tokens, sampled))
             _forget_prefixes(engine)  # each run reads its prompts in full, as the baseline does
-            ours = max(ours, _time_ours(engine, prompts, new_tokens))
+            ours = max(ours, _time_ours(engine, prompts, new_tokens, sampled))
             gc.collect()
             if progress:
                 progress()

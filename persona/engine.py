@@ -218,7 +218,7 @@ class TransformersEngine:
         """
         logits = None
         if self._rows is not None:
-            logits = self.decoder.step(self._pending, self._rows.position_ids[:, -1])
+            logits = self.decoder.step(self._pending, self._rows.position)
         if self._waiting and (self._rows is None or getattr(self.decoder, "can_join", False)):
             joined = self._admit()
             if joined is not None:
@@ -228,7 +228,7 @@ class TransformersEngine:
             return []
         if self._checking and not torch.isfinite(logits).all():
             raise ModelError(f"{self.loaded.name} produces NaN or infinite logits (corrupt weights)")
-        tokens = _sample(logits.float(), rows)
+        tokens = _sample(logits, rows)
         finished = self._advance(rows, tokens)
         done = [(rows.tags[rows.index[pos]], completion) for pos, completion in finished.items()]
         self._keep([i for i in range(rows.size) if i not in finished], tokens)
@@ -356,7 +356,8 @@ class _Rows:
                 mask[i, -1] = 1
         self.input_ids = ids.to(device)
         self.attention_mask = mask.to(device)
-        self.position_ids = (mask.cumsum(-1) - 1).clamp(min=0).to(device)
+        self.position_ids = (mask.cumsum(-1) - 1).clamp(min=0).to(device)  # the prompts'
+        self.position = self.position_ids[:, -1]  # each row's latest position
         self.seen = self.input_ids.clone()  # for the repetition penalty
         self.temperature = torch.tensor([w.sampling.temperature for w in batch], device=device)
         self.top_p = torch.tensor([w.sampling.top_p for w in batch], device=device)
@@ -366,19 +367,21 @@ class _Rows:
         # Plain copies, so deciding how to sample needs no device sync.
         self.temperatures = [w.sampling.temperature for w in batch]
         self.top_ks = [w.sampling.top_k for w in batch]
+        self.penalties = [w.sampling.repetition_penalty for w in batch]
 
     def append(self, tokens: torch.Tensor) -> None:
-        self.position_ids = torch.cat([self.position_ids, self.position_ids[:, -1:] + 1], dim=1)
+        self.position = self.position + 1
         self.seen = torch.cat([self.seen, tokens[:, None]], dim=1)
 
     def select(self, keep: list[int]) -> None:
         self.size = len(keep)
         self.index = [self.index[i] for i in keep]
-        for name in ("position_ids", "seen", "temperature", "top_p", "top_k", "penalty"):
+        for name in ("position", "seen", "temperature", "top_p", "top_k", "penalty"):
             setattr(self, name, getattr(self, name)[keep])
         self.generators = [self.generators[i] for i in keep]
         self.temperatures = [self.temperatures[i] for i in keep]
         self.top_ks = [self.top_ks[i] for i in keep]
+        self.penalties = [self.penalties[i] for i in keep]
 
     def merge(self, other: _Rows, pad_id: int) -> None:
         """Append ``other``'s rows after these (rows that joined a running batch)."""
@@ -389,8 +392,7 @@ class _Rows:
         self.started += other.started
         self.index += [offset + i for i in other.index]
         self.size += other.size
-        # Only each row's latest position is read from here on.
-        self.position_ids = torch.cat([self.position_ids[:, -1:], other.position_ids[:, -1:]])
+        self.position = torch.cat([self.position, other.position])
         width = max(self.seen.shape[1], other.seen.shape[1])
         self.seen = torch.cat([_pad_left(self.seen, width, pad_id), _pad_left(other.seen, width, pad_id)])
         for name in ("temperature", "top_p", "top_k", "penalty"):
@@ -398,6 +400,7 @@ class _Rows:
         self.generators += other.generators
         self.temperatures += other.temperatures
         self.top_ks += other.top_ks
+        self.penalties += other.penalties
 
 
 def _pad_left(ids: torch.Tensor, width: int, pad_id: int) -> torch.Tensor:
@@ -450,16 +453,21 @@ class _EagerDecoder:
 
 
 def _sample(logits: torch.Tensor, rows: _Rows) -> torch.Tensor:
-    """One token per row, each row with its own sampling settings."""
-    penalised = rows.penalty != 1.0
-    if bool(penalised.any()):
+    """One token per row, each row with its own sampling settings.
+
+    What to do is decided from plain lists (no device sync); greedy rows without a
+    penalty read the logits as they come (bf16 on a GPU: the same argmax).
+    """
+    if any(p != 1.0 for p in rows.penalties):
+        logits = logits.float()
         seen_scores = logits.gather(1, rows.seen)
         factor = rows.penalty[:, None]
         seen_scores = torch.where(seen_scores < 0, seen_scores * factor, seen_scores / factor)
         logits = logits.scatter(1, rows.seen, seen_scores)
-    greedy = rows.temperature <= 0
     if all(t <= 0 for t in rows.temperatures):
         return logits.argmax(dim=-1)
+    greedy = rows.temperature <= 0
+    logits = logits.float()
     scaled = logits / rows.temperature.clamp(min=1e-5)[:, None]
     vocab = scaled.shape[-1]
     # Rows with a top-k never look past their k best tokens, so when every row has one

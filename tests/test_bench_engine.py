@@ -32,6 +32,13 @@ def test_both_sides_are_measured_for_every_batch_size(tiny_llama):
     assert all(ms > 0 for ms in data["first_token_ms"].values())
 
 
+def test_sampled_runs_make_every_token_on_both_sides(tiny_llama):
+    """With --sample both sides sample as a persona does, and still make exactly the tokens asked."""
+    result = run_engine_bench(tiny_llama, [2], new_tokens=5, mode="auto", repeats=1, sampled=True)
+    assert result.sampling == "persona" and result.as_dict()["sampling"] == "persona"
+    assert result.ours[2] > 0 and result.baseline[2] > 0
+
+
 def test_eager_mode_runs_any_model(tiny_gpt2_dir, tmp_path):
     gpt2 = load_model(str(tiny_gpt2_dir), cache_dir=tmp_path)
     result = run_engine_bench(gpt2, [2], new_tokens=3, mode="auto", repeats=1)

@@ -82,6 +82,10 @@ def engine(
         None, exists=True, file_okay=False,
         help="GPU: a saved tokenizer folder for the random-weight model, where the bundled GGUF is not installed",
     ),
+    sample: bool = typer.Option(
+        False, "--sample", help="both sides sample as a persona does (temperature 0.8, top-p 0.95, top-k 50, "
+        "repetition penalty 1.1) instead of greedy",
+    ),
     json_output: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
     """Tokens/s of our engine vs plain transformers generate(), same model, prompts and lengths;
@@ -107,13 +111,14 @@ def engine(
         result = run_engine_bench(
             loaded, sizes, new_tokens=tokens, mode=chosen_mode, repeats=repeats, progress=advance,
             cache_dir=settings.model_cache_dir, gguf_type=_gguf_type(gguf or settings.worker.gguf_type),
-            compile=settings.worker.compile if compile is None else compile,
+            compile=settings.worker.compile if compile is None else compile, sampled=sample,
         )
     if json_output:
         print(json.dumps(result.as_dict()))
         return
     table = Table(
-        title=f"{result.model} on {result.device}, {result.new_tokens} new tokens per row, {result.threads} thread(s)",
+        title=f"{result.model} on {result.device}, {result.new_tokens} new tokens per row, {result.sampling}, "
+        f"{result.threads} thread(s)",
         caption=f"our engine: {result.mode}{' (compiled step)' if result.compiled else ''}, built in "
         f"{result.engine_build_s:.1f} s, warmed up in {result.warm_up_s:.1f} s; "
         f"peak memory {result.rss_mb:,.0f} MB (both models)",
