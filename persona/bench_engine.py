@@ -275,6 +275,7 @@ def run_engine_bench(
         engine_build_s=round(time.perf_counter() - built, 2), sampling="persona" if sampled else "greedy",
     )
     result.warm_up_s = round(engine.warm_up(), 2)
+    log.info("%s engine built in %.1f s, warmed up in %.1f s", engine.mode, result.engine_build_s, result.warm_up_s)
     engine.stop_ids = set()  # exactly new_tokens per row, like min_new_tokens on the baseline side
     warm = _prompt_ids(loaded, 1)
     _time_ours(engine, warm, 4)

@@ -96,6 +96,10 @@ def engine(
     from persona.models import pick_device
 
     settings = get_settings()
+    if json_output:  # no progress bar for machines: progress goes to the log (stderr) instead
+        from persona.logs import setup_logging
+
+        setup_logging(settings)
     device = pick_device(device)
     sizes = _batches(batch or ("1,8" if device == "cpu" else "1,8,32,128"))
     chosen_mode = mode or settings.worker.engine
