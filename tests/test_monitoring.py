@@ -121,7 +121,12 @@ def test_queue_stats_and_watch_commands(settings, redis_url, redis_client):
     table = subprocess.run([*command, "stats"], env=env, capture_output=True, check=False, text=True, timeout=120)
     assert "oldest waiting" in table.stdout and "p95 ms" in table.stdout and "replies/s" in table.stdout
     before = len(redis_client.client_list())
-    watching = subprocess.Popen([*command, "watch", "--interval", "0.3"], env=env, stdout=subprocess.PIPE, text=True)
+    # As in a terminal, Ctrl-C must reach it: a suite started in the background (where the
+    # shell sets SIGINT to be ignored, and children inherit that) would otherwise hang here.
+    ctrl_c_restored = "import signal; signal.signal(signal.SIGINT, signal.default_int_handler); import runpy; runpy.run_module('persona', run_name='__main__')"
+    watching = subprocess.Popen(
+        [sys.executable, "-c", ctrl_c_restored, "queue", "watch", "--interval", "0.3"], env=env, stdout=subprocess.PIPE, text=True
+    )
     deadline = time.time() + 90
     while len(redis_client.client_list()) <= before:  # it has connected: it is watching
         assert time.time() < deadline and watching.poll() is None
