@@ -180,14 +180,14 @@ def _time_baseline(loaded: LoadedModel, prompts: list[list[int]], new_tokens: in
     pad = loaded.tokenizer.pad_token_id
     ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=loaded.device)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=loaded.device)
-    _sync(loaded.device)
-    started = time.perf_counter()
     if sampled:
         s = _sampling(new_tokens, True)
         how = {"do_sample": True, "temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k,
                "repetition_penalty": s.repetition_penalty}
     else:
         how = {"do_sample": False}
+    _sync(loaded.device)
+    started = time.perf_counter()
     out = loaded.model.generate(
         input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
         pad_token_id=pad, **how,

@@ -173,7 +173,7 @@ class TransformersEngine:
                 self.loaded.release_weights()  # llama.cpp holds its own copy
                 return decoder
         # On a GPU each decode step replays a CUDA graph of the (compiled) step.
-        on_gpu = torch.device(self.loaded.device).type == "cuda"
+        on_gpu = self.device.type == "cuda"
         return llama_decoder.LlamaDecoder(
             self.loaded.model, int8=self.mode == "int8", graphs=on_gpu, compile=compile and on_gpu
         )

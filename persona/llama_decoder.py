@@ -274,9 +274,7 @@ class LlamaDecoder:
             except Exception as exc:
                 if not self.compiled:
                     raise
-                log.warning("cannot capture the compiled step (%s: %s); capturing the uncompiled one", type(exc).__name__, exc)
-                self.compiled = False
-                self._step_fn = self._static_step
+                self._stop_compiling("cannot capture the compiled step", exc)
                 graph, logits = self._capture(tokens_in, positions_in)
             self._captured[batch] = (graph, tokens_in, positions_in, logits)
         graph, tokens_in, positions_in, logits = self._captured[batch]
@@ -304,12 +302,16 @@ class LlamaDecoder:
         try:
             self._step_fn(tokens, positions)
         except Exception as exc:
-            if self._step_fn is self._static_step:
+            if not self.compiled:
                 raise
-            log.warning("torch.compile failed (%s: %s); decoding with the uncompiled step", type(exc).__name__, exc)
-            self.compiled = False
-            self._step_fn = self._static_step
+            self._stop_compiling("torch.compile failed", exc)
             self._static_step(tokens, positions)
+
+    def _stop_compiling(self, what: str, exc: Exception) -> None:
+        """From now on every step runs (and is captured) uncompiled."""
+        log.warning("%s (%s: %s); decoding with the uncompiled step", what, type(exc).__name__, exc)
+        self.compiled = False
+        self._step_fn = self._static_step
 
     # -- the model ----------------------------------------------------------------
 
