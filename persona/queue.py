@@ -28,6 +28,7 @@ from persona.errors import QueueBusy, QueueError, ReplyTimeout
 from persona.queue_scripts import (
     CLAIM_SCRIPT,
     DELIVER_SCRIPT,
+    RECORD_SCRIPT,
     REQUEUE_SCRIPT,
     SUBMIT_SCRIPT,
 )
@@ -50,11 +51,11 @@ MIN_SLICE_S = 0.01
 RECLAIM_BATCH = 100
 
 
-def _add_tally(tally: Tally, script_keys: list[str], args: list) -> None:
-    """Append a tally to the delivery script's keys and arguments, as it reads them."""
+def _record_keys_args(tally: Tally) -> tuple[list[str], list]:
+    """A tally as the record script reads it: the reply log and hashes, rows, increments."""
     hashes: dict[str, int] = {}
-    script_keys.append(keys.REPLY_LOG_STREAM)
-    args.append(len(tally.rows))
+    script_keys = [keys.REPLY_LOG_STREAM]
+    args: list = [keys.REPLY_LOG_MAX_LEN, len(tally.rows)]
     for row in tally.rows:
         args.extend(row)
     for table in (tally.counts, tally.sums):
@@ -64,6 +65,12 @@ def _add_tally(tally: Tally, script_keys: list[str], args: list) -> None:
                 hashes[key] = len(hashes) + 1
                 script_keys.append(key)
             args += [hashes[key], name, amount]
+    return script_keys, args
+
+
+def _evalsha(pipe, script, script_keys: list[str], args: list) -> None:
+    """Queue a registered script on a pipeline by its hash (see ``_run``)."""
+    pipe.evalsha(script.sha, len(script_keys), *script_keys, *args)
 
 
 def stream_for(priority: Priority) -> str:
@@ -297,6 +304,7 @@ class WorkQueue:
         self._deliver = client.register_script(DELIVER_SCRIPT)
         self._requeue = client.register_script(REQUEUE_SCRIPT)
         self._claim = client.register_script(CLAIM_SCRIPT)
+        self._record = client.register_script(RECORD_SCRIPT)
         self.active_versions: dict[str, str] = {}
         self._drained = False  # whether the last claim left the streams empty
         self.ensure_groups()
@@ -310,32 +318,36 @@ class WorkQueue:
                 if "BUSYGROUP" not in str(exc):
                     raise
 
-    def claim(self, consumer: str, count: int, block_ms: int = keys.BLOCK_MS) -> list[Job]:
+    def claim(
+        self, consumer: str, count: int, block_ms: int = keys.BLOCK_MS, *, record: Tally | None = None
+    ) -> list[Job]:
         """New entries for this consumer: interactive ones first, then batch work.
 
         The same round trip reads the active versions (``active_versions``, as this
         claim returned) and the cancel epoch, which spares ``cancelled`` a read for
-        requests submitted since the last cancellation.
+        requests submitted since the last cancellation; it also records ``record``, if
+        given, before claiming (a worker's telemetry rides on its claims).
         """
         got = None
+        claim_keys = [*keys.STREAMS_BY_PRIORITY, keys.CANCEL_EPOCH_KEY, keys.ACTIVE_VERSIONS_KEY]
+        claim_args = [keys.CONSUMER_GROUP, consumer, count]
         if not (block_ms and self._drained):
-            got, epoch, active = self._claim(
-                keys=[*keys.STREAMS_BY_PRIORITY, keys.CANCEL_EPOCH_KEY, keys.ACTIVE_VERSIONS_KEY],
-                args=[keys.CONSUMER_GROUP, consumer, count],
-            )
+            if record:
+                [(got, epoch, active)] = self._run(record, [(self._claim, claim_keys, claim_args)])
+                record = None
+            else:
+                got, epoch, active = self._claim(keys=claim_keys, args=claim_args)
         # After a claim that emptied the streams, go straight to the blocking read (it
         # returns at once if work came in meanwhile): an idle worker's round costs one
         # round trip less. With a backlog, the script keeps interactive work first.
         if not got and block_ms:
             # Nothing waiting: block on both streams, with the same reads behind the wait.
-            pipe = self.redis.pipeline(transaction=False)
-            pipe.execute_command(
-                "XREADGROUP", "GROUP", keys.CONSUMER_GROUP, consumer, "COUNT", count, "BLOCK", block_ms,
-                "STREAMS", *keys.STREAMS_BY_PRIORITY, ">", ">",
-            )
-            pipe.execute_command("GET", keys.CANCEL_EPOCH_KEY)
-            pipe.execute_command("HGETALL", keys.ACTIVE_VERSIONS_KEY)
-            got, epoch, active = pipe.execute()
+            got, epoch, active = self._run(record, [
+                ("XREADGROUP", "GROUP", keys.CONSUMER_GROUP, consumer, "COUNT", count, "BLOCK", block_ms,
+                 "STREAMS", *keys.STREAMS_BY_PRIORITY, ">", ">"),
+                ("GET", keys.CANCEL_EPOCH_KEY),
+                ("HGETALL", keys.ACTIVE_VERSIONS_KEY),
+            ])
         epoch = epoch or b"0"
         self.active_versions = _pairs(active) if isinstance(active, list) else _texts(active)
         jobs = []
@@ -348,41 +360,70 @@ class WorkQueue:
         self._drained = len(jobs) < count
         return jobs
 
+    @property
+    def drained(self) -> bool:
+        """Whether the last claim left nothing waiting (so the next one would wait)."""
+        return self._drained
+
+    def _run(self, record: Tally | None, commands: list[tuple]) -> list:
+        """One round trip: record ``record`` (if any), then these commands; their results.
+
+        A command is a tuple of words, or (script, keys, args) for a registered script,
+        sent by its hash: one that Redis has forgotten (after a restart) is loaded and
+        run again on its own, which is right because a command that failed did nothing.
+        A recording that fails is logged, never raised: the claim behind it stands.
+        """
+        calls = [(self._record, *_record_keys_args(record))] if record else []
+        calls += commands
+        pipe = self.redis.pipeline(transaction=False)
+        for call in calls:
+            if isinstance(call[0], str):
+                pipe.execute_command(*call)
+            else:
+                _evalsha(pipe, *call)
+        results = pipe.execute(raise_on_error=False)
+        for at, call in enumerate(calls):
+            if isinstance(results[at], redis.exceptions.NoScriptError) and not isinstance(call[0], str):
+                script, script_keys, args = call
+                results[at] = script(keys=script_keys, args=args)
+        if record:
+            if isinstance(results[0], Exception):
+                log.warning("could not record reply timings: %s", results[0])
+            results = results[1:]
+        for result in results:
+            if isinstance(result, Exception):
+                raise result
+        return results
+
+    def record(self, tally: Tally) -> None:
+        """Record a tally of replies now, in its own round trip."""
+        if tally:
+            self._run(tally, [])
+
     def cancelled(self, jobs: list[Job]) -> set[str]:
         """The request ids among these jobs that their callers have withdrawn."""
         return self.is_cancelled([job.request.id for job in jobs if job.request and not job.not_cancelled])
 
-    def deliver(
-        self, settled: list[tuple[Job | None, GenerationReply]], worker: str, *, record: bool = False, batch_size: int = 0
-    ) -> int:
+    def deliver(self, settled: list[tuple[Job | None, GenerationReply]], worker: str) -> int:
         """Send each reply (at most once per request id) and settle its entry.
 
-        With ``record``, the replies' telemetry (and one batch of ``batch_size``, if not
-        0) is counted in the same call. Returns how many replies were new; a duplicate is
-        dropped silently because its caller has already been answered.
+        Returns how many replies were new; a duplicate is dropped silently because its
+        caller has already been answered. Their telemetry is recorded separately
+        (``record``, or with a later claim), so it never holds a caller's reply back.
         """
         if not settled:
             return 0
-        script_keys: list[str] = []
-        replies: list = []
+        args: list = [
+            self.settings.reply_ttl_s, keys.ANSWERED_TTL_S, keys.CONSUMER_GROUP, worker, len(settled),
+            keys.ANSWERED_KEY_PREFIX, keys.REPLY_KEY_PREFIX, keys.USER_PENDING_KEY_PREFIX,
+        ]
         for job, reply in settled:
             counter = "completed" if reply.ok else f"failed:{reply.error.kind if reply.error else 'internal'}"
             user = job.request.user if job and job.request else None
-            script_keys += [
-                keys.answered_key(reply.id),
-                keys.reply_key(reply.id),
-                job.stream if job else "",
-                keys.STATS_KEY,
-                keys.user_pending_key(user) if user else "",
+            args += [
+                reply.id, reply.to_json(), job.stream if job else "", job.entry_id if job else "", counter, user or "",
             ]
-            replies += [reply.to_json(), job.entry_id if job else "", counter]
-        args: list = [
-            self.settings.reply_ttl_s, keys.ANSWERED_TTL_S, keys.CONSUMER_GROUP, worker, len(settled),
-            keys.REPLY_LOG_MAX_LEN, *replies,
-        ]
-        if record:
-            _add_tally(Tally.of([reply for _, reply in settled], batch_size), script_keys, args)
-        return int(self._deliver(keys=script_keys, args=args))
+        return int(self._deliver(keys=[keys.STATS_KEY], args=args))
 
     def settle_without_reply(self, job: Job) -> None:
         """Acknowledge and drop an entry that has nobody to answer."""

@@ -1,13 +1,13 @@
 """The Lua scripts that make each queue step atomic and one round trip.
 
 Each runs inside Redis in one call: submitting (with the busy and fair-share checks),
-a worker's claim without waiting, delivering a whole batch (with its telemetry), and
-handing an entry back. ``persona.queue`` calls them; the argument layouts are here.
+a worker's claim without waiting, delivering a whole batch, recording the telemetry of
+many batches, and handing an entry back. ``persona.queue`` calls them; the argument layouts are here.
 """
 
 from __future__ import annotations
 
-__all__ = ["CLAIM_SCRIPT", "DELIVER_SCRIPT", "REQUEUE_SCRIPT", "SUBMIT_SCRIPT"]
+__all__ = ["CLAIM_SCRIPT", "DELIVER_SCRIPT", "RECORD_SCRIPT", "REQUEUE_SCRIPT", "SUBMIT_SCRIPT"]
 
 # Refuse new work once a stream is full, or once its sender already has their share
 # waiting (so a flood from one user cannot starve everyone else), atomically with
@@ -51,40 +51,37 @@ return {got or {}, redis.call('GET', KEYS[3]) or '0', redis.call('HGETALL', KEYS
 """
 
 # Deliver each reply unless its request was answered already; always settle its entry;
-# then record the batch's telemetry, so one call delivers, settles and counts a whole
-# batch (no round trip per job, none for telemetry). ARGV starts with six shared values
-# (reply TTL, answered TTL, group, worker, reply count n, reply-log cap). KEYS come in
-# fives per reply (answered flag, reply list, stream or '', stats hash, sender counter
-# or ''), then the reply log and the telemetry hashes; ARGV goes on with three values per
-# reply (reply, entry id or '', counter), then the telemetry: a count of reply-log rows
-# and seven values per row, then a count of HINCRBYs and three values each (key index
-# after the reply log, field, amount), then the same for HINCRBYFLOATs. Telemetry uses
-# pcall: a failure to count never undoes or blocks a delivery.
+# count completions. One call delivers and settles a whole batch. Per-request keys are
+# built here from their prefixes, so a reply costs six arguments and no key packing.
+# ARGV: reply TTL, answered TTL, group, worker, reply count n, then the prefixes of the
+# answered flags, reply lists and senders' pending counters, then six values per reply:
+# request id, reply, stream ('' if no entry), entry id, counter name, sender ('' if none).
+# KEYS[1] is the stats hash.
 DELIVER_SCRIPT = """
 local reply_ttl, answered_ttl = tonumber(ARGV[1]), tonumber(ARGV[2])
 local group, worker, n = ARGV[3], ARGV[4], tonumber(ARGV[5])
-local new, counted, settled, stats = 0, {}, {}, nil
+local answered, replies, pending = ARGV[6], ARGV[7], ARGV[8]
+local new, counted, settled = 0, {}, {}
 for i = 0, n - 1 do
-  local k, a = i * 5, 6 + i * 3
-  local first = redis.call('SET', KEYS[k + 1], worker, 'NX', 'EX', answered_ttl)
-  if first then
+  local a = 8 + i * 6
+  local id, stream, user = ARGV[a + 1], ARGV[a + 3], ARGV[a + 6]
+  if redis.call('SET', answered .. id, worker, 'NX', 'EX', answered_ttl) then
     new = new + 1
-    redis.call('LPUSH', KEYS[k + 2], ARGV[a + 1])
-    redis.call('EXPIRE', KEYS[k + 2], reply_ttl)
-    stats = KEYS[k + 4]
-    counted[ARGV[a + 3]] = (counted[ARGV[a + 3]] or 0) + 1
-    if KEYS[k + 5] ~= '' and tonumber(redis.call('GET', KEYS[k + 5]) or '0') > 0 then
-      redis.call('DECR', KEYS[k + 5])
+    redis.call('LPUSH', replies .. id, ARGV[a + 2])
+    redis.call('EXPIRE', replies .. id, reply_ttl)
+    counted[ARGV[a + 5]] = (counted[ARGV[a + 5]] or 0) + 1
+    if user ~= '' and tonumber(redis.call('GET', pending .. user) or '0') > 0 then
+      redis.call('DECR', pending .. user)
     end
   end
-  if ARGV[a + 2] ~= '' then
-    local ids = settled[KEYS[k + 3]]
-    if not ids then ids = {}; settled[KEYS[k + 3]] = ids end
-    ids[#ids + 1] = ARGV[a + 2]
+  if stream ~= '' then
+    local ids = settled[stream]
+    if not ids then ids = {}; settled[stream] = ids end
+    ids[#ids + 1] = ARGV[a + 4]
   end
 end
 -- Counters and acknowledgements once per batch, not once per reply.
-for name, count in pairs(counted) do redis.call('HINCRBY', stats, name, count) end
+for name, count in pairs(counted) do redis.call('HINCRBY', KEYS[1], name, count) end
 for stream, ids in pairs(settled) do
   for s = 1, #ids, 1000 do
     local chunk = {unpack(ids, s, math.min(s + 999, #ids))}
@@ -92,21 +89,30 @@ for stream, ids in pairs(settled) do
     redis.call('XDEL', stream, unpack(chunk))
   end
 end
-local log, t = n * 5 + 1, 6 + n * 3 + 1
-for r = 1, tonumber(ARGV[t] or '0') do
+return new
+"""
+
+# Record a tally of replies (see ``telemetry.Tally``): reply-log rows, then counter and
+# histogram increments. KEYS[1] is the reply log, then the hashes the increments name.
+# ARGV: the reply log's cap, a count of rows and seven values per row, then a count of
+# HINCRBYs and three values each (key index after the reply log, field, amount), then
+# the same for HINCRBYFLOATs. pcall throughout: counting never fails a worker's turn.
+RECORD_SCRIPT = """
+local t = 2
+for r = 1, tonumber(ARGV[t]) do
   local v = t + (r - 1) * 7
-  redis.pcall('XADD', KEYS[log], 'MAXLEN', '~', ARGV[6], '*', 'p', ARGV[v + 1], 'v', ARGV[v + 2],
+  redis.pcall('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'p', ARGV[v + 1], 'v', ARGV[v + 2],
     'ok', ARGV[v + 3], 't', ARGV[v + 4], 'q', ARGV[v + 5], 'g', ARGV[v + 6], 'k', ARGV[v + 7])
 end
-t = t + 1 + tonumber(ARGV[t] or '0') * 7
+t = t + 1 + tonumber(ARGV[t]) * 7
 for _, command in ipairs({'HINCRBY', 'HINCRBYFLOAT'}) do
-  for c = 1, tonumber(ARGV[t] or '0') do
+  for c = 1, tonumber(ARGV[t]) do
     local v = t + (c - 1) * 3
-    redis.pcall(command, KEYS[log + tonumber(ARGV[v + 1])], ARGV[v + 2], ARGV[v + 3])
+    redis.pcall(command, KEYS[1 + tonumber(ARGV[v + 1])], ARGV[v + 2], ARGV[v + 3])
   end
-  t = t + 1 + tonumber(ARGV[t] or '0') * 3
+  t = t + 1 + tonumber(ARGV[t]) * 3
 end
-return new
+return 1
 """
 
 

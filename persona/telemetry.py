@@ -4,10 +4,10 @@ Each reply leaves one capped stream entry (for percentiles and throughput over a
 window) and counts in durable histograms and counters (for Prometheus): queue wait,
 generation time, batch size, tokens generated and replies per persona version.
 
-A ``Tally`` sums a whole batch in Python first, so a batch of any size touches each
-counter and histogram bucket once. Workers hand it to the queue's delivery script,
-which records it in the same call that delivers the replies (one round trip for both);
-``record_replies`` writes one from anywhere else.
+A ``Tally`` sums many batches in Python first, so they touch each counter and histogram
+bucket once. A worker records its tally with its next claim (no round trip of its own,
+and never in the way of a reply): before it waits for work, and every quarter second
+while it is busy. ``record_replies`` writes one from anywhere else.
 """
 
 from __future__ import annotations
@@ -80,14 +80,23 @@ class Tally:
     counts: dict[tuple[str, str], int] = field(default_factory=lambda: defaultdict(int))
     sums: dict[tuple[str, str], float] = field(default_factory=lambda: defaultdict(float))
 
+    # What it was made of, so a tally that could not be recorded can be made again.
+    batches: list[tuple[Sequence[GenerationReply], int]] = field(default_factory=list)
+
     @classmethod
     def of(cls, replies: Sequence[GenerationReply], batch_size: int = 0) -> Tally:
         """The telemetry of these replies (and of one batch of ``batch_size``, if not 0)."""
-        tally = cls()
-        for reply in replies:
-            tally.add(reply)
-        if batch_size:
-            tally.observe("batch_size", batch_size)
+        return cls.of_batches([(replies, batch_size)])
+
+    @classmethod
+    def of_batches(cls, batches: list[tuple[Sequence[GenerationReply], int]]) -> Tally:
+        """The telemetry of many batches: (replies, batch size or 0) each."""
+        tally = cls(batches=batches)
+        for replies, batch_size in batches:
+            for reply in replies:
+                tally.add(reply)
+            if batch_size:
+                tally.observe("batch_size", batch_size)
         return tally
 
     def add(self, reply: GenerationReply) -> None:

@@ -37,6 +37,7 @@ from persona.prompting import build_prompts
 from persona.queue import Job, WorkQueue
 from persona.settings import Settings
 from persona.swapper import Swapper
+from persona.telemetry import Tally
 from persona.validation import request_problem
 
 __all__ = ["Worker", "new_worker_id"]
@@ -48,6 +49,9 @@ RECLAIM_EVERY_S = 1.0
 # round of one request does not pay for reading and validating TOML.
 PERSONA_REFRESH_S = 1.0
 MAX_RECONNECT_PAUSE_S = 5.0
+# Telemetry of delivered replies is recorded with a claim this long after the last
+# recording: a quarter second late at most, and never in the way of a reply.
+RECORD_EVERY_S = 0.25
 
 
 @dataclass(frozen=True)
@@ -97,6 +101,9 @@ class Worker:
         self._personas: dict[str, tuple[float, Persona]] = {}
         self._decoding: dict[int, ContinuousGenerator] = {}  # engines with rows, by id
         self._outbox: list[tuple[Job, GenerationReply]] = []  # settled, not yet delivered
+        # Delivered, not yet counted: (replies, batch size), recorded with a later claim.
+        self._unrecorded: list[tuple[list[GenerationReply], int]] = []
+        self._last_record = 0.0
 
     # -- life cycle -------------------------------------------------------------
 
@@ -157,6 +164,7 @@ class Worker:
         self.stopping.set()
         beat.join(timeout=5)
         try:
+            self.record_telemetry()
             moved = self.queue.hand_back(self.id)
             heartbeat.withdraw(self.redis, self.id)
         except redis.exceptions.RedisError as exc:
@@ -196,11 +204,25 @@ class Worker:
         busy = bool(self._decoding)
         room = self.settings.worker.max_batch - self.decoding
         jobs = []
-        if room > 0 and not self.stopping.is_set():
-            # While rows decode, only look: new work joins them at the next step.
-            jobs = self.queue.claim(self.id, room, block_ms=0 if busy else block_ms)
-            # Read with the claim: new rows use the versions active as they are claimed.
-            self.swaps.refresh_active(self.queue.active_versions)
+        claiming = room > 0 and not self.stopping.is_set()
+        # While rows decode, only look: new work joins them at the next step. Telemetry
+        # still to record is recorded with the first claim once due, so an idle wait ends then.
+        now = time.monotonic()
+        record = self._tally(now)
+        block_ms = block_ms if claiming and not busy else 0
+        if self._unrecorded:
+            block_ms = min(block_ms, max(1, int((self._last_record + RECORD_EVERY_S - now) * 1000)))
+        try:
+            if claiming:
+                jobs = self.queue.claim(self.id, room, block_ms=block_ms, record=record)
+                # Read with the claim: new rows use the versions active as they are claimed.
+                self.swaps.refresh_active(self.queue.active_versions)
+            elif record is not None:
+                self.queue.record(record)
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+            if record is not None:  # not sent, most likely: counted once Redis is back
+                self._unrecorded[:0] = record.batches
+            raise
         now = time.monotonic()
         if now - self._last_reclaim >= RECLAIM_EVERY_S and not self.stopping.is_set():
             self._last_reclaim = now
@@ -224,6 +246,20 @@ class Worker:
             self._decode_step()
         self._flush()
         return claimed
+
+    def _tally(self, now: float, due: bool = False) -> Tally | None:
+        """What is delivered and not yet counted, if it is time to record it."""
+        if not self._unrecorded or not (due or now - self._last_record >= RECORD_EVERY_S):
+            return None
+        self._last_record = now
+        batches, self._unrecorded = self._unrecorded, []
+        return Tally.of_batches(batches)
+
+    def record_telemetry(self) -> None:
+        """Record what was delivered and not yet counted, now."""
+        tally = self._tally(time.monotonic(), due=True)
+        if tally is not None:
+            self.queue.record(tally)
 
     def _reclaim(self) -> list[Job]:
         live = {w.id for w in heartbeat.live_workers(self.redis)}
@@ -260,17 +296,21 @@ class Worker:
                 self._send(self._generate(members), batch_size=len(members))
 
     def _send(self, settled: list[tuple[Job, GenerationReply]], batch_size: int = 0) -> None:
-        """Deliver replies (their timings recorded in the same call, so a caller who has its
-        reply sees it counted); what Redis cannot take now is kept and sent again."""
+        """Deliver replies; what Redis cannot take now is kept and sent again.
+
+        Their timings are counted with the next claim (within ``RECORD_EVERY_S``), so
+        counting never holds a caller's reply back.
+        """
         if not settled:
             return
         self._flush()
         batch_size = batch_size if any(reply.ok for _, reply in settled) else 0
         try:
-            self.queue.deliver(settled, self.id, record=True, batch_size=batch_size)
+            self.queue.deliver(settled, self.id)
         except redis.exceptions.RedisError:
             self._outbox.extend(settled)
             raise
+        self._unrecorded.append(([reply for _, reply in settled], batch_size))
 
     def _flush(self) -> None:
         """Deliver what an earlier turn could not."""
@@ -278,10 +318,11 @@ class Worker:
             return
         held, self._outbox = self._outbox, []
         try:
-            self.queue.deliver(held, self.id, record=True)
+            self.queue.deliver(held, self.id)
         except redis.exceptions.RedisError:
             self._outbox = held + self._outbox
             raise
+        self._unrecorded.append(([reply for _, reply in held], 0))
 
     def _refusal(self, job: Job) -> GenerationReply | None:
         """An error reply for a job that must not be generated, else None."""

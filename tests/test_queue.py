@@ -20,7 +20,7 @@ from persona.contract import (
 )
 from persona.errors import InvalidRequest, QueueBusy, ReplyTimeout
 from persona.queue import AsyncQueueClient, Job, QueueClient, WorkQueue
-from persona.telemetry import record_replies
+from persona.telemetry import Tally, record_replies
 
 
 def chat(text: str = "hi", **kwargs) -> GenerationRequest:
@@ -219,7 +219,7 @@ def test_cancel_flags_are_read_only_for_requests_sent_before_a_cancellation(clie
     assert job.request.id == fresh.id and job.not_cancelled and work.cancelled([job]) == set()
 
 
-def test_delivering_with_telemetry_counts_as_record_replies_does(settings, redis_url, redis_client, client, work):
+def test_a_workers_recorded_tally_counts_as_record_replies_does(settings, redis_url, redis_client, client, work):
     import redis as redis_lib
 
     replies = [
@@ -229,7 +229,9 @@ def test_delivering_with_telemetry_counts_as_record_replies_does(settings, redis
         GenerationReply(id="c", ok=True, text="y", persona="p", version="v2", new_tokens=4,
                         timings=Timings(queue_ms=700_000, generate_ms=5)),
     ]
-    work.deliver([(None, reply) for reply in replies], "w", record=True, batch_size=3)
+    work.deliver([(None, reply) for reply in replies], "w")
+    assert _telemetry(redis_client)["log"] == []  # delivering does not count: recording does
+    work.record(Tally.of(replies, batch_size=3))
     delivered = _telemetry(redis_client)
     redis_client.flushdb()
     record_replies(redis_lib.Redis.from_url(redis_url), replies, batch_size=3)
