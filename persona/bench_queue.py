@@ -12,7 +12,9 @@ a time.
 
 from __future__ import annotations
 
+import gc
 import json
+import multiprocessing
 import statistics
 import tempfile
 import threading
@@ -112,29 +114,72 @@ def _bench_settings(data_dir: Path, url: str, personas_dir: Path, batch: int) ->
 
 def _ours(settings: Settings, url: str, jobs: int, seconds: float) -> tuple[float, list[float]]:
     """Drain rate of one real Worker, then its round trips at light load."""
+    from persona.worker import freeze_heap
+
+    client = redis.Redis.from_url(url)
+    worker = _bench_worker(settings, client, "bench-ours")
+    worker.step(block_ms=1)  # the first round pays for imports and script loading
+    requests = _prefill(client, settings.queue, jobs)
+    freeze_heap()  # as the worker process does once its models are loaded
+    try:
+        started = time.perf_counter()
+        done = 0
+        while done < jobs:  # turns as ``Worker.run`` takes them: replies ride with the next claim
+            done += worker.turn(block_ms=100)
+        worker.flush()
+        rate = jobs / (time.perf_counter() - started)
+    finally:
+        gc.unfreeze()
+    if client.llen(keys.reply_key(requests[-1].id)) != 1:
+        raise RuntimeError("the benchmark worker did not reply to the last request")
+    worker.queue.hand_back(worker.id)
+    return rate, _round_trips_against(_serve_ours, settings, url, seconds)
+
+
+def _bench_worker(settings: Settings, client: redis.Redis, worker_id: str):
     from persona.pool import ModelPool
     from persona.worker import Worker
 
-    client = redis.Redis.from_url(url)
-    worker = Worker(settings, client, ModelPool(settings, "cpu", engine_factory=InstantEngine), worker_id="bench-ours")
+    worker = Worker(settings, client, ModelPool(settings, "cpu", engine_factory=InstantEngine), worker_id=worker_id)
     worker.preload([PERSONA_NAME])
-    worker.step(block_ms=1)  # the first round pays for imports and script loading
-    requests = _prefill(client, settings.queue, jobs)
-    started = time.perf_counter()
-    done = 0
-    while done < jobs:
-        done += worker.step(block_ms=100)
-    rate = jobs / (time.perf_counter() - started)
-    if client.llen(keys.reply_key(requests[-1].id)) != 1:
-        raise RuntimeError("the benchmark worker did not reply to the last request")
-    thread = threading.Thread(target=worker.run, daemon=True)
+    return worker
+
+
+def _serve_ours(settings: Settings, url: str, ready, stop) -> None:
+    """A worker process as ``persona worker`` runs one, with the instant engine."""
+    from persona.worker import freeze_heap
+
+    worker = _bench_worker(settings, redis.Redis.from_url(url), "bench-ours-process")
+    freeze_heap()
+    ready.set()
+    thread = threading.Thread(target=lambda: (stop.wait(), worker.stop()), daemon=True)
     thread.start()
+    worker.run()
+
+
+def _serve_baseline(settings: Settings, url: str, ready, stop) -> None:
+    """The plain loop, in a process of its own."""
+    client = redis.Redis.from_url(url)
+    ready.set()
+    while not stop.is_set():
+        _baseline_step(client, "bench-baseline-process")
+
+
+def _round_trips_against(serve, settings: Settings, url: str, seconds: float) -> list[float]:
+    """Round trips from this process to a worker ``serve`` runs in another."""
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter, not a copy of this one
+    ready, stop = context.Event(), context.Event()
+    process = context.Process(target=serve, args=(settings, url, ready, stop), daemon=True)
+    process.start()
     try:
-        trips = _round_trips(QueueClient(redis.Redis.from_url(url), settings.queue), seconds)
+        if not ready.wait(timeout=120):
+            raise RuntimeError("the benchmark's worker process did not start")
+        return _round_trips(QueueClient(redis.Redis.from_url(url), settings.queue), seconds)
     finally:
-        worker.stop()
-        thread.join(timeout=10)
-    return rate, trips
+        stop.set()
+        process.join(timeout=30)
+        if process.is_alive():
+            process.kill()
 
 
 def _baseline_step(client: redis.Redis, consumer: str) -> int:
@@ -162,21 +207,7 @@ def _baseline(settings: Settings, url: str, jobs: int, seconds: float) -> tuple[
     while done < jobs:
         done += _baseline_step(client, "bench-baseline")
     rate = jobs / (time.perf_counter() - started)
-    stop = threading.Event()
-
-    def serve() -> None:
-        loop_client = redis.Redis.from_url(url)
-        while not stop.is_set():
-            _baseline_step(loop_client, "bench-baseline")
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    try:
-        trips = _round_trips(QueueClient(redis.Redis.from_url(url), settings.queue), seconds)
-    finally:
-        stop.set()
-        thread.join(timeout=10)
-    return rate, trips
+    return rate, _round_trips_against(_serve_baseline, settings, url, seconds)
 
 
 def _write_persona(folder: Path, model_dir: Path) -> None:

@@ -11,6 +11,7 @@ directory, so every later load takes a second or two instead of twenty.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import logging
@@ -123,9 +124,9 @@ class LoadedModel:
             self.from_bundled and getattr(self.config, "model_type", None) == "llama"
         )
 
-    @property
+    @functools.cached_property
     def context_tokens(self) -> int:
-        """The longest sequence the model was trained on."""
+        """The longest sequence the model was trained on (read once: every prompt asks)."""
         for attr in ("max_position_embeddings", "n_positions", "n_ctx"):
             value = getattr(self.config, attr, None)
             if isinstance(value, int) and value > 0:

@@ -87,7 +87,9 @@ class Sampling(_Strict):
 
     def merged(self, overrides: SamplingOverrides) -> Sampling:
         """These defaults with a request's overrides applied."""
-        changes = overrides.model_dump(exclude_none=True)
+        changes = {name: value for name, value in overrides.__dict__.items() if value is not None}
+        if not changes:
+            return self  # most requests override nothing: no copy (these are never changed in place)
         if "stop" in changes:
             changes["stop"] = [*self.stop, *changes["stop"]]
         return self.model_copy(update=changes)

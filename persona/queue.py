@@ -319,30 +319,39 @@ class WorkQueue:
                     raise
 
     def claim(
-        self, consumer: str, count: int, block_ms: int = keys.BLOCK_MS, *, record: Tally | None = None
+        self,
+        consumer: str,
+        count: int,
+        block_ms: int = keys.BLOCK_MS,
+        *,
+        deliver: list[tuple[Job | None, GenerationReply]] | None = None,
+        record: Tally | None = None,
     ) -> list[Job]:
         """New entries for this consumer: interactive ones first, then batch work.
 
-        The same round trip reads the active versions (``active_versions``, as this
-        claim returned) and the cancel epoch, which spares ``cancelled`` a read for
-        requests submitted since the last cancellation; it also records ``record``, if
-        given, before claiming (a worker's telemetry rides on its claims).
+        The same round trip first delivers ``deliver`` (replies the consumer settled
+        since its last claim, as ``deliver()`` would) and records ``record`` (its
+        telemetry), and reads the active versions (``active_versions``, as this claim
+        returned) and the cancel epoch, which spares ``cancelled`` a read for requests
+        submitted since the last cancellation. Replies go before a wait, never behind it.
         """
+        riders = []
+        if deliver:
+            riders.append((self._deliver, *self._delivery(deliver, consumer)))
+        if record:
+            riders.append((self._record, *_record_keys_args(record)))
         got = None
-        claim_keys = [*keys.STREAMS_BY_PRIORITY, keys.CANCEL_EPOCH_KEY, keys.ACTIVE_VERSIONS_KEY]
-        claim_args = [keys.CONSUMER_GROUP, consumer, count]
         if not (block_ms and self._drained):
-            if record:
-                [(got, epoch, active)] = self._run(record, [(self._claim, claim_keys, claim_args)])
-                record = None
-            else:
-                got, epoch, active = self._claim(keys=claim_keys, args=claim_args)
+            claim = (self._claim, [*keys.STREAMS_BY_PRIORITY, keys.CANCEL_EPOCH_KEY, keys.ACTIVE_VERSIONS_KEY],
+                     [keys.CONSUMER_GROUP, consumer, count])
+            [(got, epoch, active)] = self._run(riders, [claim])
+            riders = []
         # After a claim that emptied the streams, go straight to the blocking read (it
         # returns at once if work came in meanwhile): an idle worker's round costs one
         # round trip less. With a backlog, the script keeps interactive work first.
         if not got and block_ms:
             # Nothing waiting: block on both streams, with the same reads behind the wait.
-            got, epoch, active = self._run(record, [
+            got, epoch, active = self._run(riders, [
                 ("XREADGROUP", "GROUP", keys.CONSUMER_GROUP, consumer, "COUNT", count, "BLOCK", block_ms,
                  "STREAMS", *keys.STREAMS_BY_PRIORITY, ">", ">"),
                 ("GET", keys.CANCEL_EPOCH_KEY),
@@ -365,16 +374,16 @@ class WorkQueue:
         """Whether the last claim left nothing waiting (so the next one would wait)."""
         return self._drained
 
-    def _run(self, record: Tally | None, commands: list[tuple]) -> list:
-        """One round trip: record ``record`` (if any), then these commands; their results.
+    def _run(self, riders: list[tuple], commands: list[tuple]) -> list:
+        """One round trip: the riders (deliveries, recordings), then the commands.
 
-        A command is a tuple of words, or (script, keys, args) for a registered script,
-        sent by its hash: one that Redis has forgotten (after a restart) is loaded and
-        run again on its own, which is right because a command that failed did nothing.
-        A recording that fails is logged, never raised: the claim behind it stands.
+        Returns the commands' results. Each call is a tuple of words, or (script, keys,
+        args) for a registered script, sent by its hash: one that Redis has forgotten
+        (after a restart) is loaded and run again on its own, which is right because a
+        command that failed did nothing. A recording that fails is logged, not raised;
+        any other failure is raised (the worker then keeps its replies to send again).
         """
-        calls = [(self._record, *_record_keys_args(record))] if record else []
-        calls += commands
+        calls = [*riders, *commands]
         pipe = self.redis.pipeline(transaction=False)
         for call in calls:
             if isinstance(call[0], str):
@@ -386,19 +395,18 @@ class WorkQueue:
             if isinstance(results[at], redis.exceptions.NoScriptError) and not isinstance(call[0], str):
                 script, script_keys, args = call
                 results[at] = script(keys=script_keys, args=args)
-        if record:
-            if isinstance(results[0], Exception):
-                log.warning("could not record reply timings: %s", results[0])
-            results = results[1:]
-        for result in results:
+        for call, result in zip(calls, results, strict=True):
             if isinstance(result, Exception):
-                raise result
-        return results
+                if call[0] is self._record:
+                    log.warning("could not record reply timings: %s", result)
+                else:
+                    raise result
+        return results[len(riders):]
 
     def record(self, tally: Tally) -> None:
         """Record a tally of replies now, in its own round trip."""
         if tally:
-            self._run(tally, [])
+            self._run([(self._record, *_record_keys_args(tally))], [])
 
     def cancelled(self, jobs: list[Job]) -> set[str]:
         """The request ids among these jobs that their callers have withdrawn."""
@@ -413,6 +421,11 @@ class WorkQueue:
         """
         if not settled:
             return 0
+        script_keys, args = self._delivery(settled, worker)
+        return int(self._deliver(keys=script_keys, args=args))
+
+    def _delivery(self, settled: list[tuple[Job | None, GenerationReply]], worker: str) -> tuple[list[str], list]:
+        """The delivery script's keys and arguments for these replies."""
         args: list = [
             self.settings.reply_ttl_s, keys.ANSWERED_TTL_S, keys.CONSUMER_GROUP, worker, len(settled),
             keys.ANSWERED_KEY_PREFIX, keys.REPLY_KEY_PREFIX, keys.USER_PENDING_KEY_PREFIX,
@@ -423,7 +436,7 @@ class WorkQueue:
             args += [
                 reply.id, reply.to_json(), job.stream if job else "", job.entry_id if job else "", counter, user or "",
             ]
-        return int(self._deliver(keys=[keys.STATS_KEY], args=args))
+        return [keys.STATS_KEY], args
 
     def settle_without_reply(self, job: Job) -> None:
         """Acknowledge and drop an entry that has nobody to answer."""

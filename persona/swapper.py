@@ -167,7 +167,11 @@ def _texts(mapping: dict) -> dict[str, str]:
 
 def _free_memory() -> None:
     """Give released weights back now rather than at some later collection."""
+    frozen = gc.get_freeze_count() > 0  # the worker froze what it held when it started
+    gc.unfreeze()
     gc.collect()
+    if frozen:
+        gc.freeze()
     try:
         import torch
 

@@ -16,6 +16,7 @@ whatever it still holds, and leaves the consumer group.
 
 from __future__ import annotations
 
+import gc
 import logging
 import resource
 import threading
@@ -40,7 +41,7 @@ from persona.swapper import Swapper
 from persona.telemetry import Tally
 from persona.validation import request_problem
 
-__all__ = ["Worker", "new_worker_id"]
+__all__ = ["Worker", "freeze_heap", "new_worker_id"]
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,17 @@ class _Row:
 def _longer(pause_s: float) -> float:
     """The next pause before retrying after a failed turn: doubling, 0.1 s to 5 s."""
     return min(MAX_RECONNECT_PAUSE_S, max(0.1, pause_s * 2))
+
+
+def freeze_heap() -> None:
+    """Stop the cyclic collector from scanning what a worker process has loaded so far.
+
+    Libraries and models live as long as the worker, and scanning them again at every
+    collection is most of the cost of a collection during work. Called by the worker
+    process once its models are loaded; a swap unfreezes to free the old weights.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def new_worker_id() -> str:
@@ -100,7 +112,8 @@ class Worker:
         self._in_flight: dict[str, _Row] = {}  # request id -> its row in an engine
         self._personas: dict[str, tuple[float, Persona]] = {}
         self._decoding: dict[int, ContinuousGenerator] = {}  # engines with rows, by id
-        self._outbox: list[tuple[Job, GenerationReply]] = []  # settled, not yet delivered
+        # Settled, not yet delivered: (replies, batch size) groups, sent with the next claim.
+        self._outbox: list[tuple[list[tuple[Job, GenerationReply]], int]] = []
         # Delivered, not yet counted: (replies, batch size), recorded with a later claim.
         self._unrecorded: list[tuple[list[GenerationReply], int]] = []
         self._last_record = 0.0
@@ -141,10 +154,18 @@ class Worker:
                     log.warning("Redis unavailable (%s); retrying in %.1f s", exc, pause_s)
                     self.stopping.wait(pause_s)
                 except redis.exceptions.ResponseError as exc:
-                    if "NOGROUP" not in str(exc):
-                        raise
-                    log.warning("the consumer group is gone (Redis lost its data?); recreating it")
-                    self.queue.ensure_groups()
+                    if "NOGROUP" in str(exc):
+                        log.warning("the consumer group is gone (Redis lost its data?); recreating it")
+                        self.queue.ensure_groups()
+                        continue
+                    if self.stopping.is_set():
+                        log.error("Redis refused a command while stopping (%s); leaving %d row(s) to other workers", exc, self.decoding)
+                        break
+                    # Redis refused a command (out of memory, a read-only replica...): replies
+                    # in hand are kept and claimed work stays pending in Redis; try again.
+                    pause_s = _longer(pause_s)
+                    log.error("Redis refused a command (%s); retrying in %.1f s", exc, pause_s)
+                    self.stopping.wait(pause_s)
                 except Exception:
                     # A bug must not take every row in hand down with it. What this turn had
                     # claimed but not admitted stays pending in Redis and is delivered again
@@ -164,6 +185,7 @@ class Worker:
         self.stopping.set()
         beat.join(timeout=5)
         try:
+            self.flush()
             self.record_telemetry()
             moved = self.queue.hand_back(self.id)
             heartbeat.withdraw(self.redis, self.id)
@@ -199,8 +221,11 @@ class Worker:
     # -- one step ---------------------------------------------------------------
 
     def turn(self, block_ms: int = 1000) -> int:
-        """One turn of the loop: claim what fits, decode one step, deliver; return jobs claimed."""
-        self._flush()
+        """One turn of the loop: deliver and claim, decode one step; return jobs claimed.
+
+        Replies settled in the last turn ride with this turn's claim (one round trip for
+        both, the replies first, so none waits behind an idle worker's wait).
+        """
         busy = bool(self._decoding)
         room = self.settings.worker.max_batch - self.decoding
         jobs = []
@@ -212,17 +237,23 @@ class Worker:
         block_ms = block_ms if claiming and not busy else 0
         if self._unrecorded:
             block_ms = min(block_ms, max(1, int((self._last_record + RECORD_EVERY_S - now) * 1000)))
+        outbox, self._outbox = self._outbox, []
+        settled = [pair for group, _ in outbox for pair in group]
         try:
             if claiming:
-                jobs = self.queue.claim(self.id, room, block_ms=block_ms, record=record)
+                jobs = self.queue.claim(self.id, room, block_ms=block_ms, deliver=settled, record=record)
                 # Read with the claim: new rows use the versions active as they are claimed.
                 self.swaps.refresh_active(self.queue.active_versions)
-            elif record is not None:
-                self.queue.record(record)
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
-            if record is not None:  # not sent, most likely: counted once Redis is back
-                self._unrecorded[:0] = record.batches
+            else:
+                self.queue.deliver(settled, self.id)
+                if record is not None:
+                    self.queue.record(record)
+        except redis.exceptions.RedisError as exc:
+            self._outbox[:0] = outbox  # sent again: a reply is delivered at most once anyway
+            if record is not None and isinstance(exc, (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)):
+                self._unrecorded[:0] = record.batches  # not sent, most likely: counted once Redis is back
             raise
+        self._delivered(outbox)
         now = time.monotonic()
         if now - self._last_reclaim >= RECLAIM_EVERY_S and not self.stopping.is_set():
             self._last_reclaim = now
@@ -244,7 +275,7 @@ class Worker:
         claimed = self.turn(block_ms)
         while self._decoding:
             self._decode_step()
-        self._flush()
+        self.flush()
         return claimed
 
     def _tally(self, now: float, due: bool = False) -> Tally | None:
@@ -296,33 +327,28 @@ class Worker:
                 self._send(self._generate(members), batch_size=len(members))
 
     def _send(self, settled: list[tuple[Job, GenerationReply]], batch_size: int = 0) -> None:
-        """Deliver replies; what Redis cannot take now is kept and sent again.
+        """Settle replies: they are delivered with the next claim, or by ``flush``.
 
-        Their timings are counted with the next claim (within ``RECORD_EVERY_S``), so
-        counting never holds a caller's reply back.
+        Their timings are counted later still (within ``RECORD_EVERY_S``), so counting
+        never holds a caller's reply back.
         """
-        if not settled:
-            return
-        self._flush()
-        batch_size = batch_size if any(reply.ok for _, reply in settled) else 0
-        try:
-            self.queue.deliver(settled, self.id)
-        except redis.exceptions.RedisError:
-            self._outbox.extend(settled)
-            raise
-        self._unrecorded.append(([reply for _, reply in settled], batch_size))
+        if settled:
+            self._outbox.append((settled, batch_size if any(reply.ok for _, reply in settled) else 0))
 
-    def _flush(self) -> None:
-        """Deliver what an earlier turn could not."""
+    def flush(self) -> None:
+        """Deliver the settled replies now; what Redis cannot take is kept and sent again."""
         if not self._outbox:
             return
-        held, self._outbox = self._outbox, []
+        outbox, self._outbox = self._outbox, []
         try:
-            self.queue.deliver(held, self.id)
+            self.queue.deliver([pair for group, _ in outbox for pair in group], self.id)
         except redis.exceptions.RedisError:
-            self._outbox = held + self._outbox
+            self._outbox[:0] = outbox
             raise
-        self._unrecorded.append(([reply for _, reply in held], 0))
+        self._delivered(outbox)
+
+    def _delivered(self, outbox: list[tuple[list[tuple[Job, GenerationReply]], int]]) -> None:
+        self._unrecorded += [([reply for _, reply in group], batch_size) for group, batch_size in outbox]
 
     def _refusal(self, job: Job) -> GenerationReply | None:
         """An error reply for a job that must not be generated, else None."""

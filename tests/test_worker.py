@@ -6,6 +6,7 @@ import time
 
 import pytest
 
+from persona import constants as keys
 from persona.contract import ErrorKind, GenerationRequest, Message, Priority, SamplingOverrides
 from persona.queue import QueueClient
 
@@ -185,3 +186,23 @@ def test_a_request_withdrawn_mid_generation_stops_and_its_caller_is_told(
     assert not reply.ok and reply.error.kind is ErrorKind.cancelled
     assert worker.decoding == 0
     assert client.ask(chat("tiny", sampling=SamplingOverrides(max_new_tokens=2)), timeout=30).ok  # still serving
+
+
+def test_a_worker_outlives_redis_refusing_its_commands(write_persona, tiny_llama_dir, running_worker, client, redis_client, caplog):
+    write_persona("long", base=str(tiny_llama_dir), sampling={"max_new_tokens": 400, "temperature": 1.0})
+    running_worker("w-full")
+    waiting = client.submit(chat("long"))
+    deadline = time.time() + 60
+    while not redis_client.xpending(keys.STREAM_INTERACTIVE, keys.CONSUMER_GROUP)["pending"]:
+        assert time.time() < deadline, "the worker never claimed the request"
+        time.sleep(0.01)
+    redis_client.config_set("maxmemory", 1)  # Redis full while it decodes: its reply is refused (OOM)
+    try:
+        while not any("Redis refused a command" in r.getMessage() for r in caplog.records):
+            assert time.time() < deadline, "the worker never met the refusal"
+            time.sleep(0.05)
+    finally:
+        redis_client.config_set("maxmemory", 0)
+    reply = client.wait(waiting, timeout=30)  # the reply it kept is delivered once Redis takes it
+    assert reply.ok and reply.worker == "w-full"
+    assert client.ask(chat("long", "and again"), timeout=60).ok  # and it goes on serving

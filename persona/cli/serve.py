@@ -114,7 +114,7 @@ def worker(
     """
     from persona.models import pick_device
     from persona.pool import ModelPool
-    from persona.worker import Worker
+    from persona.worker import Worker, freeze_heap
 
     settings = get_settings()
     if max_batch:
@@ -133,6 +133,7 @@ def worker(
         started = time.perf_counter()
         served.preload(preload or settings.worker.personas or None)
         log.info("models ready in %.1f s", time.perf_counter() - started)
+        freeze_heap()
         try:
             served.run()
         except KeyboardInterrupt:
