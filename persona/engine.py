@@ -282,11 +282,12 @@ class TransformersEngine:
         waiting, self._waiting = self._waiting[:count], self._waiting[count:]
         new = _Rows([w for w, _ in waiting], [t for _, t in waiting], self.device, self.pad_id)
         room = max(w.sampling.max_new_tokens for w, _ in waiting) + 1
+        prompts, new.prompts = new.prompts, None  # the decoder's from here on
         if self._rows is None:
-            logits = self.decoder.start(new.input_ids, new.attention_mask, new.position_ids, room)
+            logits = self.decoder.start(*prompts, room)
             self._rows = new
         else:
-            logits = self.decoder.join(new.input_ids, new.attention_mask, new.position_ids, room)
+            logits = self.decoder.join(*prompts, room)
             self._rows.merge(new, self.pad_id)
         return logits
 
@@ -354,11 +355,12 @@ class _Rows:
                 mask[i, width - len(w.token_ids) :] = 1
             else:
                 mask[i, -1] = 1
-        self.input_ids = ids.to(device)
-        self.attention_mask = mask.to(device)
-        self.position_ids = (mask.cumsum(-1) - 1).clamp(min=0).to(device)  # the prompts'
-        self.position = self.position_ids[:, -1]  # each row's latest position
-        self.seen = self.input_ids.clone()  # for the repetition penalty
+        input_ids, position_ids = ids.to(device), (mask.cumsum(-1) - 1).clamp(min=0).to(device)
+        # The prompts (ids, mask, positions) until the decoder is handed them at admission;
+        # None after, so nothing reads them once rows leave or join.
+        self.prompts: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = (input_ids, mask.to(device), position_ids)
+        self.position = position_ids[:, -1]  # each row's latest position
+        self.seen = input_ids.clone()  # for the repetition penalty
         self.temperature = torch.tensor([w.sampling.temperature for w in batch], device=device)
         self.top_p = torch.tensor([w.sampling.top_p for w in batch], device=device)
         self.top_k = torch.tensor([w.sampling.top_k for w in batch], device=device)
