@@ -68,9 +68,20 @@ def _record_keys_args(tally: Tally) -> tuple[list[str], list]:
     return script_keys, args
 
 
-def _evalsha(pipe, script, script_keys: list[str], args: list) -> None:
-    """Queue a registered script on a pipeline by its hash (see ``_run``)."""
-    pipe.evalsha(script.sha, len(script_keys), *script_keys, *args)
+def _words(call: tuple) -> tuple:
+    """A call as the words of its command: scripts by their hash (see ``WorkQueue._checked``)."""
+    if isinstance(call[0], str):
+        return call
+    script, script_keys, args = call
+    return ("EVALSHA", script.sha, len(script_keys), *script_keys, *args)
+
+
+def _read(connection) -> object:
+    """One result from a connection: an error Redis answered is returned, not raised."""
+    try:
+        return connection.read_response()
+    except redis.exceptions.ResponseError as exc:
+        return exc
 
 
 def stream_for(priority: Priority) -> str:
@@ -307,6 +318,9 @@ class WorkQueue:
         self._record = client.register_script(RECORD_SCRIPT)
         self.active_versions: dict[str, str] = {}
         self._drained = False  # whether the last claim left the streams empty
+        # Riders sent with the last claim whose results are still to be read, and the
+        # connection they will arrive on (held until ``confirm`` reads them).
+        self._awaiting: tuple[redis.connection.AbstractConnection, list[tuple]] | None = None
         self.ensure_groups()
 
     def ensure_groups(self) -> None:
@@ -329,12 +343,16 @@ class WorkQueue:
     ) -> list[Job]:
         """New entries for this consumer: interactive ones first, then batch work.
 
-        The same round trip first delivers ``deliver`` (replies the consumer settled
-        since its last claim, as ``deliver()`` would) and records ``record`` (its
-        telemetry), and reads the active versions (``active_versions``, as this claim
-        returned) and the cancel epoch, which spares ``cancelled`` a read for requests
-        submitted since the last cancellation. Replies go before a wait, never behind it.
+        The same round trip delivers ``deliver`` (replies the consumer settled since its
+        last claim, as ``deliver()`` would) and records ``record`` (its telemetry), and
+        reads the active versions (``active_versions``, as this claim returned) and the
+        cancel epoch, which spares ``cancelled`` a read for requests submitted since the
+        last cancellation. Before a wait the replies go first and are confirmed at once.
+        Without a wait the claim goes first and the replies right behind it: Redis
+        delivers them while the consumer works on what it claimed, and ``awaiting`` says
+        that their outcome is read by the next ``confirm`` (which every claim calls first).
         """
+        self.confirm()
         riders = []
         if deliver:
             riders.append((self._deliver, *self._delivery(deliver, consumer)))
@@ -344,23 +362,23 @@ class WorkQueue:
         if not (block_ms and self._drained):
             claim = (self._claim, [*keys.STREAMS_BY_PRIORITY, keys.CANCEL_EPOCH_KEY, keys.ACTIVE_VERSIONS_KEY],
                      [keys.CONSUMER_GROUP, consumer, count])
-            [(got, epoch, active)] = self._run(riders, [claim])
+            [(got, epoch, active)] = self._exchange([claim, *riders], now=1)
             riders = []
         # After a claim that emptied the streams, go straight to the blocking read (it
         # returns at once if work came in meanwhile): an idle worker's round costs one
         # round trip less. With a backlog, the script keeps interactive work first.
         if not got and block_ms:
+            self.confirm()
             # Nothing waiting: block on both streams, with the same reads behind the wait.
-            got, epoch, active = self._run(riders, [
-                ("XREADGROUP", "GROUP", keys.CONSUMER_GROUP, consumer, "COUNT", count, "BLOCK", block_ms,
-                 "STREAMS", *keys.STREAMS_BY_PRIORITY, ">", ">"),
-                ("GET", keys.CANCEL_EPOCH_KEY),
-                ("HGETALL", keys.ACTIVE_VERSIONS_KEY),
-            ])
+            calls = [*riders, (
+                "XREADGROUP", "GROUP", keys.CONSUMER_GROUP, consumer, "COUNT", count, "BLOCK", block_ms,
+                "STREAMS", *keys.STREAMS_BY_PRIORITY, ">", ">",
+            ), ("GET", keys.CANCEL_EPOCH_KEY), ("HGETALL", keys.ACTIVE_VERSIONS_KEY)]
+            got, epoch, active = self._exchange(calls, now=len(calls))[len(riders):]
         epoch = epoch or b"0"
         self.active_versions = _pairs(active) if isinstance(active, list) else _texts(active)
         jobs = []
-        for stream, entries in got or []:
+        for stream, entries in got.items() if isinstance(got, dict) else got or []:  # RESP3: a map
             name = stream.decode() if isinstance(stream, bytes) else stream
             for entry_id, fields in entries:
                 job = Job.parse(name, entry_id, _pairs(fields, decode=False) if isinstance(fields, list) else fields)
@@ -374,23 +392,55 @@ class WorkQueue:
         """Whether the last claim left nothing waiting (so the next one would wait)."""
         return self._drained
 
-    def _run(self, riders: list[tuple], commands: list[tuple]) -> list:
-        """One round trip: the riders (deliveries, recordings), then the commands.
+    @property
+    def awaiting(self) -> bool:
+        """Whether the last claim's deliveries are still to be confirmed."""
+        return self._awaiting is not None
 
-        Returns the commands' results. Each call is a tuple of words, or (script, keys,
-        args) for a registered script, sent by its hash: one that Redis has forgotten
-        (after a restart) is loaded and run again on its own, which is right because a
-        command that failed did nothing. A recording that fails is logged, not raised;
-        any other failure is raised (the worker then keeps its replies to send again).
+    def confirm(self) -> None:
+        """Read what became of the deliveries and recordings sent with the last claim.
+
+        Raises what a delivery met (the caller keeps those replies to send again: a
+        reply is delivered at most once, so sending one twice is safe).
         """
-        calls = [*riders, *commands]
-        pipe = self.redis.pipeline(transaction=False)
-        for call in calls:
-            if isinstance(call[0], str):
-                pipe.execute_command(*call)
-            else:
-                _evalsha(pipe, *call)
-        results = pipe.execute(raise_on_error=False)
+        if self._awaiting is None:
+            return
+        connection, calls = self._awaiting
+        self._awaiting = None
+        try:
+            results = [_read(connection) for _ in calls]
+        finally:
+            self.redis.connection_pool.release(connection)
+        self._checked(calls, results)
+
+    def _exchange(self, calls: list[tuple], now: int) -> list:
+        """Send calls in one write; read the first ``now`` results, leave the rest to ``confirm``.
+
+        A call is a tuple of words, or (script, keys, args) for a registered script,
+        sent by its hash.
+        """
+        pool = self.redis.connection_pool
+        connection = pool.get_connection()
+        try:
+            connection.send_packed_command(connection.pack_commands([_words(call) for call in calls]))
+            results = [_read(connection) for _ in calls[:now]]
+        except BaseException:
+            connection.disconnect()
+            pool.release(connection)
+            raise
+        if now < len(calls):
+            self._awaiting = (connection, calls[now:])
+        else:
+            pool.release(connection)
+        return self._checked(calls[:now], results)
+
+    def _checked(self, calls: list[tuple], results: list) -> list:
+        """The results, once each call has succeeded.
+
+        A script that Redis has forgotten (after a restart) is loaded and run again on
+        its own, which is right because a command that failed did nothing. A recording
+        that fails is logged, not raised: counting never costs a claim or a reply.
+        """
         for at, call in enumerate(calls):
             if isinstance(results[at], redis.exceptions.NoScriptError) and not isinstance(call[0], str):
                 script, script_keys, args = call
@@ -401,12 +451,12 @@ class WorkQueue:
                     log.warning("could not record reply timings: %s", result)
                 else:
                     raise result
-        return results[len(riders):]
+        return results
 
     def record(self, tally: Tally) -> None:
         """Record a tally of replies now, in its own round trip."""
         if tally:
-            self._run([(self._record, *_record_keys_args(tally))], [])
+            self._exchange([(self._record, *_record_keys_args(tally))], now=1)
 
     def cancelled(self, jobs: list[Job]) -> set[str]:
         """The request ids among these jobs that their callers have withdrawn."""

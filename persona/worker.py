@@ -112,8 +112,10 @@ class Worker:
         self._in_flight: dict[str, _Row] = {}  # request id -> its row in an engine
         self._personas: dict[str, tuple[float, Persona]] = {}
         self._decoding: dict[int, ContinuousGenerator] = {}  # engines with rows, by id
-        # Settled, not yet delivered: (replies, batch size) groups, sent with the next claim.
+        # Settled, not yet delivered: (replies, batch size) groups, sent with the next claim;
+        # and those sent with the last claim, until the next one confirms them.
         self._outbox: list[tuple[list[tuple[Job, GenerationReply]], int]] = []
+        self._sending: list[tuple[list[tuple[Job, GenerationReply]], int]] = []
         # Delivered, not yet counted: (replies, batch size), recorded with a later claim.
         self._unrecorded: list[tuple[list[GenerationReply], int]] = []
         self._last_record = 0.0
@@ -237,6 +239,7 @@ class Worker:
         block_ms = block_ms if claiming and not busy else 0
         if self._unrecorded:
             block_ms = min(block_ms, max(1, int((self._last_record + RECORD_EVERY_S - now) * 1000)))
+        self._confirm()
         outbox, self._outbox = self._outbox, []
         settled = [pair for group, _ in outbox for pair in group]
         try:
@@ -253,7 +256,10 @@ class Worker:
             if record is not None and isinstance(exc, (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)):
                 self._unrecorded[:0] = record.batches  # not sent, most likely: counted once Redis is back
             raise
-        self._delivered(outbox)
+        if self.queue.awaiting:  # Redis delivers them while this turn works; confirmed next turn
+            self._sending = outbox
+        else:
+            self._delivered(outbox)
         now = time.monotonic()
         if now - self._last_reclaim >= RECLAIM_EVERY_S and not self.stopping.is_set():
             self._last_reclaim = now
@@ -335,8 +341,19 @@ class Worker:
         if settled:
             self._outbox.append((settled, batch_size if any(reply.ok for _, reply in settled) else 0))
 
+    def _confirm(self) -> None:
+        """Learn what became of the replies sent with the last claim; keep them if they failed."""
+        sending, self._sending = self._sending, []
+        try:
+            self.queue.confirm()
+        except redis.exceptions.RedisError:
+            self._outbox[:0] = sending
+            raise
+        self._delivered(sending)
+
     def flush(self) -> None:
         """Deliver the settled replies now; what Redis cannot take is kept and sent again."""
+        self._confirm()
         if not self._outbox:
             return
         outbox, self._outbox = self._outbox, []
