@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import pytest
+import redis
 
 from persona import constants as keys
 from persona.contract import ErrorKind, GenerationRequest, Message, Priority, SamplingOverrides
@@ -206,3 +207,28 @@ def test_a_worker_outlives_redis_refusing_its_commands(write_persona, tiny_llama
     reply = client.wait(waiting, timeout=30)  # the reply it kept is delivered once Redis takes it
     assert reply.ok and reply.worker == "w-full"
     assert client.ask(chat("long", "and again"), timeout=60).ok  # and it goes on serving
+
+
+def test_replies_refused_behind_a_claim_are_kept_and_sent_again(settings, redis_client, write_persona, tiny_llama_dir, client):
+    from persona.bench_queue import InstantEngine
+    from persona.pool import ModelPool
+    from persona.worker import Worker
+
+    write_persona("tiny", base=str(tiny_llama_dir))
+    settings.worker.max_batch = 2
+    worker = Worker(settings, redis_client, ModelPool(settings, "cpu", engine_factory=InstantEngine), worker_id="w-kept")
+    requests = [client.submit(chat("tiny", f"hello {n}")) for n in range(5)]
+    assert worker.turn(block_ms=0) == 2  # answered; the replies wait to ride with the next claim
+    redis_client.config_set("maxmemory", 1)  # Redis full: it still hands out work, but takes no reply
+    try:
+        assert worker.turn(block_ms=0) == 2  # the claim goes first; the replies behind it are refused
+        with pytest.raises(redis.exceptions.ResponseError, match="OOM"):
+            worker.turn(block_ms=0)  # the next claim learns it before claiming anything
+    finally:
+        redis_client.config_set("maxmemory", 0)
+    while worker.turn(block_ms=0):
+        pass
+    worker.flush()
+    replies = [client.wait(r, timeout=5) for r in requests]  # well before any visibility timeout
+    assert all(r.ok for r in replies)
+    assert [redis_client.llen(keys.reply_key(r.id)) for r in requests] == [0] * 5  # each delivered once
