@@ -225,13 +225,15 @@ class Worker:
     def turn(self, block_ms: int = 1000) -> int:
         """One turn of the loop: deliver and claim, decode one step; return jobs claimed.
 
-        Replies settled in the last turn ride with this turn's claim (one round trip for
-        both, the replies first, so none waits behind an idle worker's wait).
+        Replies settled in the last turn ride with this turn's claim, one round trip for
+        both: before an idle wait they go first (none waits behind the wait); otherwise
+        they follow the claim, and the next turn confirms them.
         """
         busy = bool(self._decoding)
         room = self.settings.worker.max_batch - self.decoding
         jobs = []
         claiming = room > 0 and not self.stopping.is_set()
+        self._confirm()
         # While rows decode, only look: new work joins them at the next step. Telemetry
         # still to record is recorded with the first claim once due, so an idle wait ends then.
         now = time.monotonic()
@@ -239,7 +241,6 @@ class Worker:
         block_ms = block_ms if claiming and not busy else 0
         if self._unrecorded:
             block_ms = min(block_ms, max(1, int((self._last_record + RECORD_EVERY_S - now) * 1000)))
-        self._confirm()
         outbox, self._outbox = self._outbox, []
         settled = [pair for group, _ in outbox for pair in group]
         try:
