@@ -69,6 +69,20 @@ def _longer(pause_s: float) -> float:
     return min(MAX_RECONNECT_PAUSE_S, max(0.1, pause_s * 2))
 
 
+def _failed_turn(exc: Exception) -> tuple[int, str, bool]:
+    """How to log a turn that failed: the level, what happened, and whether with a traceback.
+
+    Whatever it was, the worker goes on after a pause: replies in hand are kept and sent
+    again, and work it claimed but did not admit stays pending in Redis (delivered again
+    after the visibility timeout, dead-lettered if it keeps failing).
+    """
+    if isinstance(exc, (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)):
+        return logging.WARNING, f"Redis unavailable ({exc})", False  # restarting: its disk keeps the queue
+    if isinstance(exc, redis.exceptions.ResponseError):
+        return logging.ERROR, f"Redis refused a command ({exc})", False  # out of memory, a read-only replica...
+    return logging.ERROR, "unexpected error in the worker loop", True  # a bug must not take every row down
+
+
 def freeze_heap() -> None:
     """Stop the cyclic collector from scanning what a worker process has loaded so far.
 
@@ -145,38 +159,19 @@ class Worker:
                 try:
                     self.turn()
                     pause_s = 0.0
-                except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, redis.exceptions.BusyLoadingError) as exc:
-                    if self.stopping.is_set():
-                        # Told to stop with Redis gone: the entries stay pending in Redis, and
-                        # another worker takes them once this one's heartbeat lapses.
-                        log.error("Redis unavailable while stopping (%s); leaving %d row(s) to other workers", exc, self.decoding)
-                        break
-                    # Redis restarting: wait and retry; queued requests are kept on its disk.
-                    pause_s = _longer(pause_s)
-                    log.warning("Redis unavailable (%s); retrying in %.1f s", exc, pause_s)
-                    self.stopping.wait(pause_s)
-                except redis.exceptions.ResponseError as exc:
-                    if "NOGROUP" in str(exc):
+                except Exception as exc:
+                    if isinstance(exc, redis.exceptions.ResponseError) and "NOGROUP" in str(exc):
                         log.warning("the consumer group is gone (Redis lost its data?); recreating it")
                         self.queue.ensure_groups()
                         continue
+                    level, what, traceback = _failed_turn(exc)
                     if self.stopping.is_set():
-                        log.error("Redis refused a command while stopping (%s); leaving %d row(s) to other workers", exc, self.decoding)
-                        break
-                    # Redis refused a command (out of memory, a read-only replica...): replies
-                    # in hand are kept and claimed work stays pending in Redis; try again.
-                    pause_s = _longer(pause_s)
-                    log.error("Redis refused a command (%s); retrying in %.1f s", exc, pause_s)
-                    self.stopping.wait(pause_s)
-                except Exception:
-                    # A bug must not take every row in hand down with it. What this turn had
-                    # claimed but not admitted stays pending in Redis and is delivered again
-                    # after the visibility timeout (dead-lettered if it keeps failing).
-                    if self.stopping.is_set():
-                        log.exception("unexpected error while stopping; leaving %d row(s) to other workers", self.decoding)
+                        # The entries in hand stay pending in Redis, and another worker takes
+                        # them once this one's heartbeat lapses.
+                        log.error("%s while stopping; leaving %d row(s) to other workers", what, self.decoding, exc_info=traceback)
                         break
                     pause_s = _longer(pause_s)
-                    log.exception("unexpected error in the worker loop; going on in %.1f s", pause_s)
+                    log.log(level, "%s; retrying in %.1f s", what, pause_s, exc_info=traceback)
                     self.stopping.wait(pause_s)
         finally:
             self._leave(beat)
