@@ -62,6 +62,7 @@ class QueueBenchResult:
     baseline_jobs_per_s: float
     baseline_p50_ms: float
     baseline_p99_ms: float
+    transport: str = "unix socket"  # how both sides reached Redis: "unix socket" or "tcp"
 
     @property
     def ratio(self) -> float:
@@ -219,14 +220,19 @@ def _write_persona(folder: Path, model_dir: Path) -> None:
     )
 
 
-def run_queue_bench(jobs: int = 20_000, seconds: float = 3.0, batch: int = 128) -> QueueBenchResult:
-    """Measure ours and the baseline against one fresh embedded Redis."""
+def run_queue_bench(jobs: int = 20_000, seconds: float = 3.0, batch: int = 128, tcp: bool = False) -> QueueBenchResult:
+    """Measure ours and the baseline against one fresh embedded Redis.
+
+    Both reach it as `persona up`'s processes do (its unix socket), or with ``tcp``
+    over TCP loopback, as a Redis on another machine or container is reached.
+    """
     from persona.soak import _tiny_model
 
     with tempfile.TemporaryDirectory(prefix="persona-bench-") as tmp:
         root = Path(tmp)
         server = EmbeddedRedis(root / "data")
         url = server.start()
+        url = server.tcp_url if tcp else url
         try:
             model_dir = _tiny_model(root / "model")
             _write_persona(root / "personas", model_dir)
@@ -244,4 +250,5 @@ def run_queue_bench(jobs: int = 20_000, seconds: float = 3.0, batch: int = 128) 
         baseline_jobs_per_s=round(base_rate, 1),
         baseline_p50_ms=round(statistics.median(base_trips), 3),
         baseline_p99_ms=round(percentile(base_trips, 0.99), 3),
+        transport="tcp" if url.startswith("redis") else "unix socket",
     )

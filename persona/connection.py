@@ -39,14 +39,16 @@ def describe_url(url: str) -> str:
     return f"{scheme}://***@{rest.rpartition('@')[2]}"
 
 
-def _options() -> dict:
+def _options(url: str) -> dict:
     # Reconnect with backoff: a restarted Redis costs callers a pause, not an error.
-    return {
+    options = {
         "retry": Retry(ExponentialBackoff(cap=2.0, base=0.05), RETRIES),
         "retry_on_error": [redis.exceptions.ConnectionError, redis.exceptions.TimeoutError],
         "health_check_interval": 15,
-        "socket_keepalive": True,
     }
+    if not url.startswith("unix:"):  # TCP keepalive; a unix socket has none (redis-py refuses the option)
+        options["socket_keepalive"] = True
+    return options
 
 
 def connect(settings: Settings, *, url: str | None = None) -> redis.Redis:
@@ -63,7 +65,7 @@ def connect(settings: Settings, *, url: str | None = None) -> redis.Redis:
             f"cannot reach Redis at {describe_url(url)}: {exc}. Is it running? "
             "`persona up` starts one; PERSONA_REDIS_URL points elsewhere"
         ) from None
-    return redis.Redis.from_url(url, **_options())
+    return redis.Redis.from_url(url, **_options(url))
 
 
 async def connect_async(settings: Settings, *, url: str | None = None) -> redis.asyncio.Redis:
@@ -71,7 +73,7 @@ async def connect_async(settings: Settings, *, url: str | None = None) -> redis.
     from redis.asyncio.retry import Retry as AsyncRetry
 
     url = url or redis_url(settings)
-    options = _options() | {"retry": AsyncRetry(ExponentialBackoff(cap=2.0, base=0.05), RETRIES)}
+    options = _options(url) | {"retry": AsyncRetry(ExponentialBackoff(cap=2.0, base=0.05), RETRIES)}
     client = redis.asyncio.Redis.from_url(url, **options)
     try:
         await client.ping()

@@ -27,6 +27,9 @@ __all__ = ["EmbeddedRedis", "find_embedded_url", "redis_server_binary"]
 log = logging.getLogger(__name__)
 
 ADDRESS_FILE = "redis.json"
+SOCKET_FILE = "redis.sock"
+# A unix socket's path must fit in sun_path: 108 bytes on Linux, 104 on macOS.
+MAX_SOCKET_PATH = 100
 
 
 def redis_server_binary() -> str:
@@ -83,36 +86,41 @@ class EmbeddedRedis:
 
     data_dir: Path
     process: subprocess.Popen | None = None
-    url: str = ""
+    url: str = ""  # what local clients use: the unix socket where there is one
+    tcp_url: str = ""
+    port: int = 0
 
-    def start(self, port: int | None = None) -> str:
-        """Start the server (persistence on) and return its URL.
+    def start(self, port: int | None = None, *, unix_socket: bool = True) -> str:
+        """Start the server (persistence on) and return the URL its local clients use.
 
-        The password is kept across restarts of the same data directory, so clients
-        that reconnect after a restart on the same port are let back in.
+        It listens on 127.0.0.1 and, where the data directory allows one, on a unix
+        socket in it, which local clients (everything `persona up` starts) use: a
+        request's round trip through the queue takes about 0.1 ms less through it than
+        through TCP loopback. ``tcp_url`` is the TCP address. The password is kept across restarts of the same data directory,
+        so clients that reconnect after a restart on the same port are let back in.
         """
         folder = self.data_dir / "redis"
         folder.mkdir(parents=True, exist_ok=True)
         config = folder / "redis.conf"
         password = _previous_password(config) or secrets.token_urlsafe(24)
         port = port or _free_port()
-        config.write_text(
-            "\n".join(
-                [
-                    "bind 127.0.0.1",
-                    f"port {port}",
-                    f"dir {folder}",
-                    "appendonly yes",
-                    "appendfsync everysec",
-                    "save 60 1",
-                    "protected-mode yes",
-                    f"requirepass {password}",
-                    f"logfile {folder / 'redis.log'}",
-                    "daemonize no",
-                    "",
-                ]
-            )
-        )
+        socket_path = folder / SOCKET_FILE
+        unix_socket = unix_socket and len(os.fsencode(socket_path.absolute())) <= MAX_SOCKET_PATH
+        lines = [
+            "bind 127.0.0.1",
+            f"port {port}",
+            f"dir {folder}",
+            "appendonly yes",
+            "appendfsync everysec",
+            "save 60 1",
+            "protected-mode yes",
+            f"requirepass {password}",
+            f"logfile {folder / 'redis.log'}",
+            "daemonize no",
+        ]
+        if unix_socket:
+            lines += [f"unixsocket {socket_path.absolute()}", "unixsocketperm 700"]
+        config.write_text("\n".join([*lines, ""]))
         config.chmod(0o600)
         # Its own session: a Ctrl-C meant for `persona up` must not stop Redis before
         # the workers have handed their work back.
@@ -122,12 +130,22 @@ class EmbeddedRedis:
             stderr=subprocess.DEVNULL,
             start_new_session=True,
         )
-        self.url = f"redis://:{password}@127.0.0.1:{port}/0"
-        self._wait_ready()
+        self.port = port
+        self.tcp_url = f"redis://:{password}@127.0.0.1:{port}/0"
+        self.url = f"unix://:{password}@{socket_path.absolute()}?db=0" if unix_socket else self.tcp_url
+        try:
+            self._wait_ready()
+        except RedisUnavailable:
+            if not unix_socket or self.process.poll() is None:
+                raise
+            # A file system that holds no sockets (some network and shared folders): TCP alone.
+            log.warning("the embedded Redis could not open a unix socket in %s; serving on TCP only", folder)
+            return self.start(port, unix_socket=False)
         record = self.data_dir / ADDRESS_FILE
         record.write_text(json.dumps({"url": self.url, "pid": self.process.pid, "port": port}))
         record.chmod(0o600)
-        log.info("embedded Redis listening on 127.0.0.1:%d (data in %s)", port, folder)
+        where = f" and {socket_path}" if unix_socket else ""
+        log.info("embedded Redis listening on 127.0.0.1:%d%s (data in %s)", port, where, folder)
         return self.url
 
     def _wait_ready(self) -> None:

@@ -30,3 +30,4 @@ def test_bench_queue_prints_ours_and_the_baseline_as_json(tmp_path):
     for key in ("jobs_per_s", "p50_ms", "p99_ms", "baseline_jobs_per_s", "baseline_p50_ms", "ratio"):
         assert data[key] > 0, key
     assert data["p99_ms"] >= data["p50_ms"]
+    assert data["transport"] == "unix socket"  # as `persona up` reaches its embedded Redis

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -78,8 +79,8 @@ def test_queue_stats_shows_streams_and_workers(env, redis_url, redis_client):
 
 
 def test_wrong_redis_password_is_named_without_showing_it(env, redis_url):
-    host = redis_url.rsplit("@", 1)[1]
-    env["PERSONA_REDIS_URL"] = f"redis://:not-the-password@{host}"
+    password = urlsplit(redis_url).password
+    env["PERSONA_REDIS_URL"] = redis_url.replace(f":{password}@", ":not-the-password@")
     result = persona("queue", "stats", env=env)
     assert result.returncode == 1
     assert "refused the password" in result.stderr and "not-the-password" not in result.stderr

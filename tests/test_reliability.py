@@ -172,7 +172,7 @@ def test_queued_requests_survive_a_redis_restart_and_workers_reconnect(
 ):
     server = EmbeddedRedis(tmp_path / "own-redis")
     url = server.start()
-    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    port = server.port
     try:
         env = worker_env | {"PERSONA_REDIS_URL": url}
         client = QueueClient(redis.Redis.from_url(url), settings.queue)

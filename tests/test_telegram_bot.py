@@ -282,7 +282,7 @@ async def test_a_redis_outage_gets_a_polite_reply_and_the_bot_recovers(start_bot
 
     server = EmbeddedRedis(tmp_path / "own-redis")
     url = server.start()
-    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    port = server.port
     telegram_settings.redis_url = SecretStr(url)
     try:
         with scripted_worker(telegram_settings, echo):

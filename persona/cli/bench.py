@@ -27,13 +27,17 @@ def queue(
     jobs: int = typer.Option(20_000, min=100, help="requests queued up front, then drained by one worker"),
     seconds: float = typer.Option(3.0, min=0.1, help="how long to send one request at a time for latency"),
     batch: int = typer.Option(128, min=1, help="the worker's max_batch (requests claimed per round)"),
+    tcp: bool = typer.Option(
+        False, "--tcp", help="reach Redis over TCP loopback, as a Redis elsewhere is reached (default: the "
+        "embedded Redis's unix socket, as `persona up` uses it)",
+    ),
     json_output: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
     """Drain rate and round-trip latency of one worker with an instant engine, vs a plain loop."""
     from persona.bench_queue import run_queue_bench
 
     with console.status(f"draining {jobs} requests, then {seconds:g} s of single round trips..."):
-        result = run_queue_bench(jobs=jobs, seconds=seconds, batch=batch)
+        result = run_queue_bench(jobs=jobs, seconds=seconds, batch=batch, tcp=tcp)
     if json_output:
         print(json.dumps(result.as_dict()))
         return
@@ -42,7 +46,7 @@ def queue(
         f"round trip p50 {result.p50_ms:.2f} ms, p99 {result.p99_ms:.2f} ms\n"
         f"baseline: {result.baseline_jobs_per_s:>9,.0f} jobs/s (one XREADGROUP, LPUSH, XACK per job); "
         f"round trip p50 {result.baseline_p50_ms:.2f} ms, p99 {result.baseline_p99_ms:.2f} ms\n"
-        f"ratio:    {result.ratio:.1f}x the baseline's drain rate",
+        f"ratio:    {result.ratio:.1f}x the baseline's drain rate (both through Redis's {result.transport})",
         highlight=False,
     )
 

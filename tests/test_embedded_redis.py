@@ -1,0 +1,73 @@
+"""The embedded Redis: local clients reach it on a unix socket, anything else on TCP."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+import pytest
+import redis
+
+from persona.connection import connect, connect_async
+from persona.embedded_redis import SOCKET_FILE, EmbeddedRedis, find_embedded_url
+from persona.settings import Settings
+
+
+@pytest.fixture
+def server(tmp_path: Path):
+    started = EmbeddedRedis(tmp_path / "data")
+    yield started
+    started.stop()
+
+
+def test_local_clients_get_the_unix_socket_and_tcp_reaches_the_same_data(server: EmbeddedRedis, tmp_path: Path):
+    url = server.start()
+    assert url.startswith("unix://") and url.split("@", 1)[1].startswith(str(tmp_path / "data" / "redis" / SOCKET_FILE))
+    assert server.tcp_url.startswith("redis://") and server.tcp_url.endswith(f"@127.0.0.1:{server.port}/0")
+    assert find_embedded_url(tmp_path / "data") == url  # what `persona` commands connect to
+
+    settings = Settings(_env_file=None, data_dir=tmp_path / "data")
+    over_socket = connect(settings)  # the service's own connection options work on a socket
+    over_tcp = connect(settings, url=server.tcp_url)
+    over_socket.set("written", "through the socket")
+    assert over_tcp.get("written") == b"through the socket"
+
+    async def through_asyncio() -> bytes:
+        client = await connect_async(settings)
+        try:
+            return await client.get("written")
+        finally:
+            await client.aclose()
+
+    assert asyncio.run(through_asyncio()) == b"through the socket"
+
+
+def test_a_socket_path_too_long_for_the_system_means_tcp(tmp_path: Path):
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    server = EmbeddedRedis(deep)
+    try:
+        url = server.start()
+        assert url == server.tcp_url
+        assert redis.Redis.from_url(url).ping()
+    finally:
+        server.stop()
+
+
+def test_a_folder_that_cannot_hold_the_socket_falls_back_to_tcp(server: EmbeddedRedis, tmp_path: Path, caplog):
+    # Something already sits where the socket would go, and Redis cannot replace it.
+    (tmp_path / "data" / "redis" / SOCKET_FILE / "in-the-way").mkdir(parents=True)
+    with caplog.at_level(logging.WARNING, logger="persona.embedded_redis"):
+        url = server.start()
+    assert url == server.tcp_url
+    assert redis.Redis.from_url(url).ping()
+    assert "could not open a unix socket" in caplog.text
+
+
+def test_a_restart_keeps_the_socket_and_the_password(server: EmbeddedRedis):
+    url = server.start()
+    client = redis.Redis.from_url(url)
+    client.set("kept", "1")
+    server.stop()
+    assert server.start(port=server.port) == url
+    assert client.get("kept") == b"1"  # the same client reconnects through the same socket
