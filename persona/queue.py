@@ -160,9 +160,8 @@ def _decode_reply(raw: bytes | None, request: GenerationRequest) -> GenerationRe
 
 def _pairs(flat: list | None, decode: bool = True) -> dict:
     """A flat [field, value, ...] reply as a dict (of str, unless ``decode`` is False)."""
-    flat = flat or []
-    pairs = zip(flat[::2], flat[1::2], strict=True)
-    return {k.decode(): v.decode() for k, v in pairs} if decode else dict(pairs)
+    words = iter(flat or ())
+    return {k.decode(): v.decode() for k, v in zip(words, words)} if decode else dict(zip(words, words))
 
 
 def _texts(mapping: dict | None) -> dict[str, str]:

@@ -70,6 +70,7 @@ def _labels(bounds: Sequence[float]) -> tuple[str, ...]:
 
 
 _LABELS = {name: _labels(bounds) for name, bounds in HISTOGRAMS.items()}
+_KEYS = {name: keys.histogram_key(name) for name in HISTOGRAMS}
 
 
 @dataclass
@@ -114,9 +115,9 @@ class Tally:
 
     def observe(self, name: str, value: float) -> None:
         """One observation of a histogram: its bucket, sum and count."""
-        key = keys.histogram_key(name)
-        self.counts[(key, _LABELS[name][bisect_left(HISTOGRAMS[name], value)])] += 1
-        self.counts[(key, "count")] += 1
+        key, counts = _KEYS[name], self.counts
+        counts[(key, _LABELS[name][bisect_left(HISTOGRAMS[name], value)])] += 1
+        counts[(key, "count")] += 1
         self.sums[(key, "sum")] += value
 
     def __bool__(self) -> bool:
