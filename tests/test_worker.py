@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 
 import pytest
@@ -207,6 +208,26 @@ def test_a_worker_outlives_redis_refusing_its_commands(write_persona, tiny_llama
     reply = client.wait(waiting, timeout=30)  # the reply it kept is delivered once Redis takes it
     assert reply.ok and reply.worker == "w-full"
     assert client.ask(chat("long", "and again"), timeout=60).ok  # and it goes on serving
+
+
+def test_an_unexpected_error_in_a_turn_is_logged_with_its_traceback_and_serving_goes_on(
+    write_persona, tiny_llama_dir, running_worker, client, redis_client, caplog
+):
+    write_persona("tiny", base=str(tiny_llama_dir))
+    running_worker("w-odd")
+    short = SamplingOverrides(max_new_tokens=2)
+    assert client.ask(chat("tiny", sampling=short), timeout=60).ok
+    # Something other than `persona swap` wrote the swap table: the worker fails to read it.
+    redis_client.hset(keys.SWAPS_KEY, "tiny", "not a swap proposal")
+    deadline = time.time() + 30
+    while not (failures := [r for r in caplog.records if "unexpected error in the worker loop" in r.getMessage()]):
+        assert time.time() < deadline, "the worker never met the bad proposal"
+        time.sleep(0.05)
+    assert failures[0].levelno == logging.ERROR and failures[0].exc_info is not None  # with its traceback
+    assert "retrying in" in failures[0].getMessage()
+    assert client.ask(chat("tiny", "still there?", sampling=short), timeout=60).ok  # serving between failures
+    redis_client.hdel(keys.SWAPS_KEY, "tiny")
+    assert client.ask(chat("tiny", "and after", sampling=short), timeout=60).ok
 
 
 def test_replies_refused_behind_a_claim_are_kept_and_sent_again(settings, redis_client, write_persona, tiny_llama_dir, client):
