@@ -1,13 +1,13 @@
 """The Lua scripts that make each queue step atomic and one round trip.
 
 Each runs inside Redis in one call: submitting (with the busy and fair-share checks),
-a worker's claim without waiting, delivering a whole batch, recording the telemetry of
+delivering a whole batch, recording the telemetry of
 many batches, and handing an entry back. ``persona.queue`` calls them; the argument layouts are here.
 """
 
 from __future__ import annotations
 
-__all__ = ["CLAIM_SCRIPT", "DELIVER_SCRIPT", "RECORD_SCRIPT", "REQUEUE_SCRIPT", "SUBMIT_SCRIPT"]
+__all__ = ["DELIVER_SCRIPT", "RECORD_SCRIPT", "REQUEUE_SCRIPT", "SUBMIT_SCRIPT"]
 
 # Refuse new work once a stream is full, or once its sender already has their share
 # waiting (so a flood from one user cannot starve everyone else), atomically with
@@ -36,18 +36,6 @@ end
 local epoch = redis.call('GET', KEYS[3]) or '0'
 if redis.call('EXISTS', KEYS[4]) == 1 then epoch = 'x' end
 return redis.call('XADD', KEYS[1], '*', 'r', ARGV[2], 'e', epoch)
-"""
-
-# A worker's claim without waiting, in one round trip: new interactive entries, else
-# new batch entries; with them the cancel epoch and the active versions as they are
-# now. KEYS: interactive stream, batch stream, cancel epoch, active versions.
-CLAIM_SCRIPT = """
-local stream, got = KEYS[1], nil
-for s = 1, 2 do
-  got = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', ARGV[3], 'STREAMS', KEYS[s], '>')
-  if got then break end
-end
-return {got or {}, redis.call('GET', KEYS[3]) or '0', redis.call('HGETALL', KEYS[4])}
 """
 
 # Deliver each reply unless its request was answered already; always settle its entry;

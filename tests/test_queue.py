@@ -44,6 +44,16 @@ def test_request_survives_the_trip_intact(client, work):
     assert job.request.deadline > time.time()  # the queue's default deadline was stamped
 
 
+def test_a_claim_takes_interactive_work_first_and_fills_its_room_with_batch_work(client, work):
+    batch = [client.submit(chat(f"batch {n}", priority=Priority.batch)) for n in range(3)]
+    interactive = [client.submit(chat(f"chat {n}")) for n in range(2)]
+    first = work.claim("w1", 3, block_ms=0)
+    assert [j.request.id for j in first] == [r.id for r in [*interactive, batch[0]]]
+    assert [j.stream for j in first] == [keys.STREAM_INTERACTIVE] * 2 + [keys.STREAM_BATCH]
+    assert [j.request.id for j in work.claim("w1", 3, block_ms=0)] == [r.id for r in batch[1:]]
+    assert work.claim("w1", 3, block_ms=0) == [] and work.drained
+
+
 def test_full_stream_refuses_with_busy_and_keeps_what_it_has(settings, client):
     settings.queue.max_length = 3
     for _ in range(3):
