@@ -8,6 +8,7 @@ index when its score passes.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import time
@@ -17,7 +18,9 @@ from pydantic import BaseModel, Field
 
 from persona import constants as keys
 
-__all__ = ["WorkerInfo", "live_workers", "publish", "withdraw"]
+__all__ = ["WorkerInfo", "live_worker_ids", "live_workers", "publish", "withdraw"]
+
+log = logging.getLogger(__name__)
 
 
 class WorkerInfo(BaseModel):
@@ -54,13 +57,28 @@ def withdraw(client: redis.Redis, worker_id: str) -> None:
     pipe.execute()
 
 
+def live_worker_ids(client: redis.Redis) -> set[str]:
+    """The ids of every worker whose heartbeat has not lapsed, from the index alone."""
+    return {i.decode() if isinstance(i, bytes) else i for i in client.zrangebyscore(keys.WORKER_INDEX_KEY, time.time(), "+inf")}
+
+
 def live_workers(client: redis.Redis) -> list[WorkerInfo]:
-    """Every worker whose heartbeat has not lapsed."""
-    ids = client.zrangebyscore(keys.WORKER_INDEX_KEY, time.time(), "+inf")
+    """Every worker whose heartbeat has not lapsed and can be read.
+
+    A heartbeat that is not a ``WorkerInfo`` (written by something else, or by a version
+    of persona that reports differently) is skipped with a warning, so one odd key
+    cannot stop the stats, the dashboard, swaps or reclaiming; ``live_worker_ids`` still
+    counts its worker as alive.
+    """
+    ids = sorted(live_worker_ids(client))
     if not ids:
         return []
-    values = client.mget([keys.worker_key(i.decode() if isinstance(i, bytes) else i) for i in ids])
-    return sorted(
-        (WorkerInfo.model_validate_json(v) for v in values if v is not None),
-        key=lambda w: w.id,
-    )
+    workers = []
+    for worker_id, value in zip(ids, client.mget([keys.worker_key(i) for i in ids]), strict=True):
+        if value is None:
+            continue
+        try:
+            workers.append(WorkerInfo.model_validate_json(value))
+        except ValueError as exc:
+            log.warning("skipping the unreadable heartbeat of worker %s: %s", worker_id, str(exc).splitlines()[0])
+    return workers

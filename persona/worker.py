@@ -295,7 +295,7 @@ class Worker:
             self.queue.record(tally)
 
     def _reclaim(self) -> list[Job]:
-        live = {w.id for w in heartbeat.live_workers(self.redis)}
+        live = heartbeat.live_worker_ids(self.redis)  # a heartbeat it cannot read still says alive
         jobs, exhausted = self.queue.reclaim(self.id, live)
         for job, deliveries in exhausted:
             log.error("dead-lettering %s after %d deliveries", job.request_id, deliveries)

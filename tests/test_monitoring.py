@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 
 from persona import constants as keys
@@ -54,6 +55,22 @@ def test_figures_after_real_replies(settings, redis_client, write_persona, tiny_
     buckets, total, count = read_histogram(redis_client, "generate_seconds")
     assert count == 5 and buckets[-1] == ("+Inf", 5) and total > 0
     assert read_histogram(redis_client, "batch_size")[2] >= 2
+
+
+def test_an_unreadable_heartbeat_is_skipped_and_its_worker_still_counts_as_alive(settings, redis_client, caplog):
+    heartbeat.publish(redis_client, heartbeat.WorkerInfo(id="w-good"), ttl_s=30)
+    redis_client.zadd(keys.WORKER_INDEX_KEY, {"w-odd": time.time() + 30})  # something else beats for it
+    redis_client.set(keys.worker_key("w-odd"), "not a heartbeat")
+    with caplog.at_level(logging.WARNING, logger="persona.heartbeat"):
+        stats = collect_stats(redis_client)  # the CLI, the dashboard and /metrics still read
+    assert [w.id for w in stats.workers] == ["w-good"]
+    assert "unreadable heartbeat of worker w-odd" in caplog.text
+    assert heartbeat.live_worker_ids(redis_client) == {"w-good", "w-odd"}
+    # What it holds waits for the visibility timeout, as a live worker's work does.
+    work = WorkQueue(redis_client, settings.queue)
+    QueueClient(redis_client, settings.queue).submit(chat())
+    [held] = work.claim("w-odd", 1, block_ms=0)
+    assert work.reclaim("w-other", heartbeat.live_worker_ids(redis_client)) == ([], [])
 
 
 def test_percentiles_from_the_reply_log(redis_client):
