@@ -58,6 +58,13 @@ def _previous_password(config: Path) -> str | None:
     return None
 
 
+def _log_tail(folder: Path) -> str:
+    try:
+        return (folder / "redis.log").read_text(errors="replace")[-2000:]
+    except OSError:
+        return ""
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -96,8 +103,9 @@ class EmbeddedRedis:
         It listens on 127.0.0.1 and, where the data directory allows one, on a unix
         socket in it, which local clients (everything `persona up` starts) use: a
         request's round trip through the queue takes about 0.1 ms less through it than
-        through TCP loopback. ``tcp_url`` is the TCP address. The password is kept across restarts of the same data directory,
-        so clients that reconnect after a restart on the same port are let back in.
+        through TCP loopback. ``tcp_url`` is the TCP address. The password is kept
+        across restarts of the same data directory, so clients that reconnect after a
+        restart on the same port are let back in.
         """
         folder = self.data_dir / "redis"
         folder.mkdir(parents=True, exist_ok=True)
@@ -136,7 +144,7 @@ class EmbeddedRedis:
         try:
             self._wait_ready()
         except RedisUnavailable:
-            if not unix_socket or self.process.poll() is None:
+            if not (unix_socket and self.process.poll() is not None and "nix socket" in _log_tail(folder)):
                 raise
             # A file system that holds no sockets (some network and shared folders): TCP alone.
             log.warning("the embedded Redis could not open a unix socket in %s; serving on TCP only", folder)

@@ -374,7 +374,10 @@ class WorkQueue:
             entries = _stream_entries(got)
             room = count - sum(len(found) for _, found in entries)
             if room > 0:
-                [got] = self._exchange([self._read_new(consumer, room, keys.STREAM_BATCH)], now=1)
+                # The epoch is read again after these entries: one cancelled since the first
+                # read must not pass as unchanged (reading it after the entries is what is safe).
+                calls = [self._read_new(consumer, room, keys.STREAM_BATCH), ("GET", keys.CANCEL_EPOCH_KEY)]
+                got, epoch = self._exchange(calls, now=len(calls))
                 entries += _stream_entries(got)
         # After a claim that emptied the streams, go straight to the blocking read (it
         # returns at once if work came in meanwhile): an idle worker's round costs one
