@@ -49,23 +49,9 @@ WAIT_SLICE_S = 2.0
 # BLPOP treats 0 as "forever": the last slice is never shorter than this.
 MIN_SLICE_S = 0.01
 RECLAIM_BATCH = 100
-
-
-def _record_keys_args(tally: Tally) -> tuple[list[str], list]:
-    """A tally as the record script reads it: the reply log and hashes, rows, increments."""
-    hashes: dict[str, int] = {}
-    script_keys = [keys.REPLY_LOG_STREAM]
-    args: list = [keys.REPLY_LOG_MAX_LEN, len(tally.rows)]
-    for row in tally.rows:
-        args.extend(row)
-    for table in (tally.counts, tally.sums):
-        args.append(len(table))
-        for (key, name), amount in table.items():
-            if key not in hashes:
-                hashes[key] = len(hashes) + 1
-                script_keys.append(key)
-            args += [hashes[key], name, amount]
-    return script_keys, args
+# Read with every claim, after its entries: the cancel epoch and the active versions.
+_READ_EPOCH = ("GET", keys.CANCEL_EPOCH_KEY)
+_READ_ACTIVE = ("HGETALL", keys.ACTIVE_VERSIONS_KEY)
 
 
 def _words(call: tuple) -> tuple:
@@ -361,14 +347,14 @@ class WorkQueue:
         if deliver:
             riders.append((self._deliver, *self._delivery(deliver, consumer)))
         if record:
-            riders.append((self._record, *_record_keys_args(record)))
+            riders.append((self._record, *record.script_keys_args()))
         entries: list[tuple[str, list]] = []
         if not (block_ms and self._drained):
             # Plain reads, not a script: Redis copies each entry into Lua and back out again,
             # which doubled its time per claimed entry. Interactive work first; batch work
             # fills what room is left, in a second round trip only when there is room.
             calls = [self._read_new(consumer, count, keys.STREAM_INTERACTIVE),
-                     ("GET", keys.CANCEL_EPOCH_KEY), ("HGETALL", keys.ACTIVE_VERSIONS_KEY)]
+                     _READ_EPOCH, _READ_ACTIVE]
             got, epoch, active = self._exchange([*calls, *riders], now=len(calls))
             riders = []
             entries = _stream_entries(got)
@@ -376,7 +362,7 @@ class WorkQueue:
             if room > 0:
                 # The epoch is read again after these entries: one cancelled since the first
                 # read must not pass as unchanged (reading it after the entries is what is safe).
-                calls = [self._read_new(consumer, room, keys.STREAM_BATCH), ("GET", keys.CANCEL_EPOCH_KEY)]
+                calls = [self._read_new(consumer, room, keys.STREAM_BATCH), _READ_EPOCH]
                 got, epoch = self._exchange(calls, now=len(calls))
                 entries += _stream_entries(got)
         # After a claim that emptied the streams, go straight to the blocking read (it
@@ -388,7 +374,7 @@ class WorkQueue:
             calls = [*riders, (
                 "XREADGROUP", "GROUP", keys.CONSUMER_GROUP, consumer, "COUNT", count, "BLOCK", block_ms,
                 "STREAMS", *keys.STREAMS_BY_PRIORITY, ">", ">",
-            ), ("GET", keys.CANCEL_EPOCH_KEY), ("HGETALL", keys.ACTIVE_VERSIONS_KEY)]
+            ), _READ_EPOCH, _READ_ACTIVE]
             got, epoch, active = self._exchange(calls, now=len(calls))[len(riders):]
             entries = _stream_entries(got)
         epoch = epoch or b"0"
@@ -477,7 +463,7 @@ class WorkQueue:
     def record(self, tally: Tally) -> None:
         """Record a tally of replies now, in its own round trip."""
         if tally:
-            self._exchange([(self._record, *_record_keys_args(tally))], now=1)
+            self._exchange([(self._record, *tally.script_keys_args())], now=1)
 
     def cancelled(self, jobs: list[Job]) -> set[str]:
         """The request ids among these jobs that their callers have withdrawn."""

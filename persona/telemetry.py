@@ -24,6 +24,7 @@ from pydantic import BaseModel
 
 from persona import constants as keys
 from persona.contract import GenerationReply
+from persona.queue_scripts import RECORD_SCRIPT
 
 __all__ = [
     "BATCH_BUCKETS",
@@ -123,22 +124,31 @@ class Tally:
     def __bool__(self) -> bool:
         return bool(self.rows or self.counts)
 
+    def script_keys_args(self) -> tuple[list[str], list]:
+        """This tally as ``RECORD_SCRIPT`` reads it: the reply log and hashes, rows, increments."""
+        hashes: dict[str, int] = {}
+        script_keys = [keys.REPLY_LOG_STREAM]
+        args: list = [keys.REPLY_LOG_MAX_LEN, len(self.rows)]
+        for row in self.rows:
+            args.extend(row)
+        for table in (self.counts, self.sums):
+            args.append(len(table))
+            for (key, name), amount in table.items():
+                if key not in hashes:
+                    hashes[key] = len(hashes) + 1
+                    script_keys.append(key)
+                args += [hashes[key], name, amount]
+        return script_keys, args
+
 
 def record_replies(client: redis.Redis, replies: Sequence[GenerationReply], batch_size: int = 0) -> None:
     """Log each reply's timings and count it; a failure to record never fails the caller."""
     tally = Tally.of(replies, batch_size)
     if not tally:
         return
-    pipe = client.pipeline(transaction=False)
-    for persona, version, ok, tokens, queue_ms, generate_ms, kind in tally.rows:
-        fields = {"p": persona, "v": version, "ok": ok, "t": tokens, "q": queue_ms, "g": generate_ms, "k": kind}
-        pipe.xadd(keys.REPLY_LOG_STREAM, fields, maxlen=keys.REPLY_LOG_MAX_LEN, approximate=True)
-    for (key, name), amount in tally.counts.items():
-        pipe.hincrby(key, name, amount)
-    for (key, name), amount in tally.sums.items():
-        pipe.hincrbyfloat(key, name, amount)
-    try:
-        pipe.execute()
+    script_keys, args = tally.script_keys_args()
+    try:  # the script a worker records its tallies with
+        client.register_script(RECORD_SCRIPT)(keys=script_keys, args=args)
     except redis.exceptions.RedisError as exc:
         log.warning("could not record reply timings: %s", exc)
 

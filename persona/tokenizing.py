@@ -70,14 +70,9 @@ class PieceEncoder:
         if not all(found):  # a word not seen yet (every word has at least one id)
             if len(self.words) >= WORD_CACHE_SIZE:
                 self.words.clear()
-            at = found.index(None)
-            while True:
-                word = words[at]
-                found[at] = self.words[word] = [t.id for t in self.backend.model.tokenize(word.translate(_BYTE_CHARS))]
-                try:
-                    at = found.index(None, at + 1)
-                except ValueError:
-                    break
+            for at, word in enumerate(words):
+                if found[at] is None:
+                    found[at] = self.words[word] = [t.id for t in self.backend.model.tokenize(word.translate(_BYTE_CHARS))]
         return list(chain.from_iterable(found))
 
     def encode(self, texts: list[str]) -> list[list[int]]:
