@@ -229,6 +229,32 @@ def test_cancel_flags_are_read_only_for_requests_sent_before_a_cancellation(clie
     assert job.request.id == fresh.id and job.not_cancelled and work.cancelled([job]) == set()
 
 
+def test_a_request_withdrawn_while_a_claim_is_under_way_is_still_found_withdrawn(settings, redis_url, client):
+    """A claim reads batch work in a second round trip; a cancellation landing between the
+    two must not let the withdrawn request pass as unchanged since the first read."""
+    import redis as redis_lib
+
+    withdrawn = client.submit(chat("withdrawn mid-claim", priority=Priority.batch))
+    worker_redis = redis_lib.Redis.from_url(redis_url)
+    armed = []
+
+    class CancelsBeforeTheBatchRead(worker_redis.connection_pool.connection_class):
+        def send_packed_command(self, command, check_health=True):
+            sent = command if isinstance(command, bytes) else b"".join(command)
+            if armed and keys.STREAM_BATCH.encode() in sent:
+                armed.clear()
+                client.cancel(withdrawn.id)  # on another connection, before Redis sees the read
+            super().send_packed_command(command, check_health)
+
+    worker_redis.connection_pool.connection_class = CancelsBeforeTheBatchRead
+    work = WorkQueue(worker_redis, settings.queue)
+    armed.append(True)
+    [job] = work.claim("w", 10, block_ms=0)
+    assert not armed, "the claim never read the batch stream"
+    assert job.request.id == withdrawn.id and not job.not_cancelled
+    assert work.cancelled([job]) == {withdrawn.id}
+
+
 def test_a_workers_recorded_tally_counts_as_record_replies_does(settings, redis_url, redis_client, client, work):
     import redis as redis_lib
 
