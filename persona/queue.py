@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import redis
@@ -343,20 +344,25 @@ class WorkQueue:
         that their outcome is read by the next ``confirm`` (which every claim calls first).
         """
         self.confirm()
-        riders = []
-        if deliver:
-            riders.append((self._deliver, *self._delivery(deliver, consumer)))
-        if record:
-            riders.append((self._record, *record.script_keys_args()))
+
+        def riders() -> list[tuple]:
+            built = []
+            if deliver:
+                built.append((self._deliver, *self._delivery(deliver, consumer)))
+            if record:
+                built.append((self._record, *record.script_keys_args()))
+            return built
+
         entries: list[tuple[str, list]] = []
-        if not (block_ms and self._drained):
+        waits_first = bool(block_ms and self._drained)
+        if not waits_first:
             # Plain reads, not a script: Redis copies each entry into Lua and back out again,
             # which doubled its time per claimed entry. Interactive work first; batch work
             # fills what room is left, in a second round trip only when there is room.
+            # The riders are built while Redis serves the read, and sent right behind it.
             calls = [self._read_new(consumer, count, keys.STREAM_INTERACTIVE),
                      _READ_EPOCH, _READ_ACTIVE]
-            got, epoch, active = self._exchange([*calls, *riders], now=len(calls))
-            riders = []
+            got, epoch, active = self._exchange(calls, now=len(calls), behind=riders)
             entries = _stream_entries(got)
             room = count - sum(len(found) for _, found in entries)
             if room > 0:
@@ -371,11 +377,12 @@ class WorkQueue:
         if not entries and block_ms:
             self.confirm()
             # Nothing waiting: block on both streams, with the same reads behind the wait.
-            calls = [*riders, (
+            ahead = riders() if waits_first else []  # else they went with the first read
+            calls = [*ahead, (
                 "XREADGROUP", "GROUP", keys.CONSUMER_GROUP, consumer, "COUNT", count, "BLOCK", block_ms,
                 "STREAMS", *keys.STREAMS_BY_PRIORITY, ">", ">",
             ), _READ_EPOCH, _READ_ACTIVE]
-            got, epoch, active = self._exchange(calls, now=len(calls))[len(riders):]
+            got, epoch, active = self._exchange(calls, now=len(calls))[len(ahead):]
             entries = _stream_entries(got)
         epoch = epoch or b"0"
         self.active_versions = _pairs(active) if isinstance(active, list) else _texts(active)
@@ -419,17 +426,22 @@ class WorkQueue:
             self.redis.connection_pool.release(connection)
         self._checked(calls, results)
 
-    def _exchange(self, calls: list[tuple], now: int) -> list:
+    def _exchange(self, calls: list[tuple], now: int, behind: Callable[[], list[tuple]] | None = None) -> list:
         """Send calls in one write; read the first ``now`` results, leave the rest to ``confirm``.
 
         A call is a tuple of words, or (script, keys, args) for a registered script,
-        sent by its hash.
+        sent by its hash. ``behind`` builds more calls once the first are sent (while Redis
+        works on them); they follow in a second write and are left to ``confirm`` too.
         """
         pool = self.redis.connection_pool
         connection = pool.get_connection()
         try:
             # hiredis packs the words as redis-py would, without its Python loop over every word.
             connection.send_packed_command([b"".join([pack_command(_words(call)) for call in calls])])
+            more = behind() if behind else []
+            if more:
+                connection.send_packed_command([b"".join([pack_command(_words(call)) for call in more])])
+                calls = [*calls, *more]
             results = [_read(connection) for _ in calls[:now]]
         except BaseException:
             connection.disconnect()
