@@ -72,6 +72,12 @@ def _labels(bounds: Sequence[float]) -> tuple[str, ...]:
 
 _LABELS = {name: _labels(bounds) for name, bounds in HISTOGRAMS.items()}
 _KEYS = {name: keys.histogram_key(name) for name in HISTOGRAMS}
+# What ``Tally.add`` touches for every reply, named once: (hash key, count field, sum field).
+_TOKENS = (keys.STATS_KEY, "tokens")
+_LATENCY_LABELS = _labels(LATENCY_BUCKETS_S)
+_QUEUE_WAIT, _GENERATE = (
+    (_KEYS[name], (_KEYS[name], "count"), (_KEYS[name], "sum")) for name in ("queue_wait_seconds", "generate_seconds")
+)
 
 
 @dataclass
@@ -103,16 +109,20 @@ class Tally:
 
     def add(self, reply: GenerationReply) -> None:
         """Count one reply."""
-        queue_ms, generate_ms = reply.timings.queue_ms, reply.timings.generate_ms
+        timings, error = reply.timings, reply.error
+        queue_ms, generate_ms = timings.queue_ms, timings.generate_ms
         self.rows.append((
             reply.persona, reply.version, int(reply.ok), reply.new_tokens,
-            round(queue_ms, 2), round(generate_ms, 2), reply.error.kind.value if reply.error else "",
+            round(queue_ms, 2), round(generate_ms, 2), error.kind.value if error else "",
         ))
-        if reply.ok:
-            self.counts[(keys.VERSION_REPLIES_KEY, f"{reply.persona}@{reply.version}")] += 1
-            self.counts[(keys.STATS_KEY, "tokens")] += reply.new_tokens
-            self.observe("queue_wait_seconds", queue_ms / 1000)
-            self.observe("generate_seconds", generate_ms / 1000)
+        if reply.ok:  # written out, not two observe() calls: this runs for every reply
+            counts, sums = self.counts, self.sums
+            counts[(keys.VERSION_REPLIES_KEY, f"{reply.persona}@{reply.version}")] += 1
+            counts[_TOKENS] += reply.new_tokens
+            for (key, count, total), seconds in ((_QUEUE_WAIT, queue_ms / 1000), (_GENERATE, generate_ms / 1000)):
+                counts[(key, _LATENCY_LABELS[bisect_left(LATENCY_BUCKETS_S, seconds)])] += 1
+                counts[count] += 1
+                sums[total] += seconds
 
     def observe(self, name: str, value: float) -> None:
         """One observation of a histogram: its bucket, sum and count."""

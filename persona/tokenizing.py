@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import re
 import weakref
-from itertools import chain
 
 __all__ = ["PieceEncoder", "encode_many", "piece_encoder"]
 
@@ -65,15 +64,16 @@ class PieceEncoder:
         """The ids of an ASCII piece, word by word; None for any other piece."""
         if not (piece.isascii() and _ONLY_ASCII_TEXT(piece)):
             return None
-        words = _ASCII_WORDS(piece)
-        found = list(map(self.words.get, words))
-        if not all(found):  # a word not seen yet (every word has at least one id)
-            if len(self.words) >= WORD_CACHE_SIZE:
-                self.words.clear()
-            for at, word in enumerate(words):
-                if found[at] is None:
-                    found[at] = self.words[word] = [t.id for t in self.backend.model.tokenize(word.translate(_BYTE_CHARS))]
-        return list(chain.from_iterable(found))
+        known = self.words
+        if len(known) >= WORD_CACHE_SIZE:
+            known.clear()
+        ids: list[int] = []
+        for word in _ASCII_WORDS(piece):
+            found = known.get(word)
+            if found is None:  # a word not seen yet (every word has at least one id)
+                found = known[word] = [t.id for t in self.backend.model.tokenize(word.translate(_BYTE_CHARS))]
+            ids += found
+        return ids
 
     def encode(self, texts: list[str]) -> list[list[int]]:
         # split() alternates text pieces (even places) and added tokens (odd places).

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import redis
 
 from persona import heartbeat
-from persona.contract import ErrorKind, GenerationReply, GenerationRequest, Timings
+from persona.contract import ErrorKind, GenerationReply, GenerationRequest
 from persona.engine import Completion, ContinuousGenerator, Work
 from persona.errors import ConfigError, ModelError, PersonaError
 from persona.personas import Persona, PersonaRegistry
@@ -501,20 +501,21 @@ class Worker:
             "answered %s persona=%s version=%s tokens=%d batch=%d in %.0f ms",
             request.id, row.persona.name, row.served.version, completion.new_tokens, batch, seconds * 1000,
         )
-        return GenerationReply(
-            id=request.id,
-            ok=True,
-            text=completion.text,
-            persona=row.persona.name,
-            version=row.served.version,
-            worker=self.id,
-            finish_reason=completion.finish_reason,
-            new_tokens=completion.new_tokens,
-            timings=Timings(
-                queue_ms=max(0.0, (row.job.claimed_at - request.created_at) * 1000),
-                generate_ms=seconds * 1000,
-            ),
-        )
+        # Validated from one dict: half the cost of building Timings and then the reply.
+        return GenerationReply.model_validate({
+            "id": request.id,
+            "ok": True,
+            "text": completion.text,
+            "persona": row.persona.name,
+            "version": row.served.version,
+            "worker": self.id,
+            "finish_reason": completion.finish_reason,
+            "new_tokens": completion.new_tokens,
+            "timings": {
+                "queue_ms": max(0.0, (row.job.claimed_at - request.created_at) * 1000),
+                "generate_ms": seconds * 1000,
+            },
+        })
 
     def _failed(self, members: list[_Row], exc: Exception) -> list[tuple[Job, GenerationReply]]:
         """Every row answered with the error that stopped its batch."""
