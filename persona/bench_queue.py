@@ -4,7 +4,7 @@ Everything runs for real: an embedded redis-server in a temporary folder, a pers
 tiny random model with the bundled tokenizer (so prompts are built as in production),
 and a real ``Worker`` whose engine answers at once (``InstantEngine``), so what is
 measured is the queue and the worker's own work per request: parse, build the prompt,
-reply, acknowledge. Requests are queued as callers queue them (the submit script) and
+reply, acknowledge, and log as a worker under `persona up` does (into a file). Requests are queued as callers queue them (the submit script) and
 every message differs, so no cache can answer for the worker. The baseline is the
 obvious Streams worker: read one entry, push its reply, acknowledge it, one command at
 a time.
@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import multiprocessing
 import statistics
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -28,6 +31,7 @@ from persona import constants as keys
 from persona.contract import GenerationReply, GenerationRequest, Message
 from persona.embedded_redis import EmbeddedRedis
 from persona.engine import Completion, Work
+from persona.logs import LOG_FORMAT, RedactingFormatter, secrets_of
 from persona.models import LoadedModel
 from persona.queue import QueueClient, WorkQueue
 from persona.settings import QueueSettings, Settings
@@ -113,6 +117,23 @@ def _bench_settings(data_dir: Path, url: str, personas_dir: Path, batch: int) ->
     )
 
 
+@contextmanager
+def _logging_as_a_worker(settings: Settings) -> Iterator[None]:
+    """Log as `persona worker` does (its format and level), into a file as under `persona up`."""
+    root = logging.getLogger()
+    level, handlers = root.level, root.handlers[:]
+    file = logging.FileHandler(settings.data_dir / "bench-worker.log")
+    file.setFormatter(RedactingFormatter(LOG_FORMAT, secrets_of(settings)))
+    root.handlers[:] = [file]
+    root.setLevel(settings.log_level)
+    try:
+        yield
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        file.close()
+
+
 def _ours(settings: Settings, url: str, jobs: int, seconds: float) -> tuple[float, list[float]]:
     """Drain rate of one real Worker, then its round trips at light load."""
     from persona.worker import freeze_heap
@@ -123,12 +144,13 @@ def _ours(settings: Settings, url: str, jobs: int, seconds: float) -> tuple[floa
     requests = _prefill(client, settings.queue, jobs)
     freeze_heap()  # as the worker process does once its models are loaded
     try:
-        started = time.perf_counter()
-        done = 0
-        while done < jobs:  # turns as ``Worker.run`` takes them: replies ride with the next claim
-            done += worker.turn(block_ms=100)
-        worker.flush()
-        rate = jobs / (time.perf_counter() - started)
+        with _logging_as_a_worker(settings):
+            started = time.perf_counter()
+            done = 0
+            while done < jobs:  # turns as ``Worker.run`` takes them: replies ride with the next claim
+                done += worker.turn(block_ms=100)
+            worker.flush()
+            rate = jobs / (time.perf_counter() - started)
     finally:
         gc.unfreeze()
     if client.llen(keys.reply_key(requests[-1].id)) != 1:
@@ -155,7 +177,8 @@ def _serve_ours(settings: Settings, url: str, ready, stop) -> None:
     ready.set()
     thread = threading.Thread(target=lambda: (stop.wait(), worker.stop()), daemon=True)
     thread.start()
-    worker.run()
+    with _logging_as_a_worker(settings):
+        worker.run()
 
 
 def _serve_baseline(settings: Settings, url: str, ready, stop) -> None:
