@@ -4,8 +4,9 @@ Everything runs for real: an embedded redis-server in a temporary folder, a pers
 tiny random model with the bundled tokenizer (so prompts are built as in production),
 and a real ``Worker`` whose engine answers at once (``InstantEngine``), so what is
 measured is the queue and the worker's own work per request: parse, build the prompt,
-reply, acknowledge, and log as a worker under `persona up` does (into a file). Requests are queued as callers queue them (the submit script) and
-every message differs, so no cache can answer for the worker. The baseline is the
+reply, acknowledge, and log as a worker under `persona up` does (into a file).
+Requests are queued as callers queue them (the submit script) and every message
+differs, so no cache can answer for the worker. The baseline is the
 obvious Streams worker: read one entry, push its reply, acknowledge it, one command at
 a time.
 """
@@ -31,7 +32,7 @@ from persona import constants as keys
 from persona.contract import GenerationReply, GenerationRequest, Message
 from persona.embedded_redis import EmbeddedRedis
 from persona.engine import Completion, Work
-from persona.logs import LOG_FORMAT, RedactingFormatter, secrets_of
+from persona.logs import setup_logging
 from persona.models import LoadedModel
 from persona.queue import QueueClient, WorkQueue
 from persona.settings import QueueSettings, Settings
@@ -122,16 +123,13 @@ def _logging_as_a_worker(settings: Settings) -> Iterator[None]:
     """Log as `persona worker` does (its format and level), into a file as under `persona up`."""
     root = logging.getLogger()
     level, handlers = root.level, root.handlers[:]
-    file = logging.FileHandler(settings.data_dir / "bench-worker.log")
-    file.setFormatter(RedactingFormatter(LOG_FORMAT, secrets_of(settings)))
-    root.handlers[:] = [file]
-    root.setLevel(settings.log_level)
-    try:
-        yield
-    finally:
-        root.handlers[:] = handlers
-        root.setLevel(level)
-        file.close()
+    with open(settings.data_dir / "bench-worker.log", "a", encoding="utf-8") as file:
+        setup_logging(settings, stream=file)
+        try:
+            yield
+        finally:
+            root.handlers[:] = handlers
+            root.setLevel(level)
 
 
 def _ours(settings: Settings, url: str, jobs: int, seconds: float) -> tuple[float, list[float]]:

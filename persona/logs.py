@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+from typing import TextIO
 from urllib.parse import urlsplit
 
 from pydantic import SecretStr
@@ -53,11 +54,12 @@ class RedactingFormatter(logging.Formatter):
         return text
 
 
-def setup_logging(settings: Settings, *, level: str | None = None) -> None:
-    """One log format for every process; secrets never reach a handler."""
+def setup_logging(settings: Settings, *, level: str | None = None, stream: TextIO | None = None) -> None:
+    """One log format for every process; secrets never reach a handler. Lines go to
+    ``stream`` (default: stderr)."""
     root = logging.getLogger()
     root.setLevel(level or settings.log_level)
-    handler = logging.StreamHandler()
+    handler = logging.StreamHandler(stream)
     handler.setFormatter(RedactingFormatter(LOG_FORMAT, secrets_of(settings)))
     root.handlers[:] = [handler]
     for noisy in ("httpx", "httpcore", "urllib3", "discord.http", "telegram.ext"):

@@ -63,6 +63,11 @@ def _words(call: tuple) -> tuple:
     return ("EVALSHA", script.sha, len(script_keys), *script_keys, *args)
 
 
+def _packed(calls: list[tuple]) -> list[bytes]:
+    """Calls as one write: hiredis packs the words as redis-py would, without its Python loop."""
+    return [b"".join([pack_command(_words(call)) for call in calls])]
+
+
 def _read(connection) -> object:
     """One result from a connection: an error Redis answered is returned, not raised."""
     try:
@@ -436,11 +441,10 @@ class WorkQueue:
         pool = self.redis.connection_pool
         connection = pool.get_connection()
         try:
-            # hiredis packs the words as redis-py would, without its Python loop over every word.
-            connection.send_packed_command([b"".join([pack_command(_words(call)) for call in calls])])
+            connection.send_packed_command(_packed(calls))
             more = behind() if behind else []
             if more:
-                connection.send_packed_command([b"".join([pack_command(_words(call)) for call in more])])
+                connection.send_packed_command(_packed(more))
                 calls = [*calls, *more]
             results = [_read(connection) for _ in calls[:now]]
         except BaseException:

@@ -70,14 +70,31 @@ def _labels(bounds: Sequence[float]) -> tuple[str, ...]:
     return (*(f"{bound:g}" for bound in bounds), "+Inf")
 
 
-_LABELS = {name: _labels(bounds) for name, bounds in HISTOGRAMS.items()}
-_KEYS = {name: keys.histogram_key(name) for name in HISTOGRAMS}
-# What ``Tally.add`` touches for every reply, named once: (hash key, count field, sum field).
+@dataclass(frozen=True)
+class _Histogram:
+    """Where one histogram's observations are counted: its hash, buckets, count and sum fields."""
+
+    key: str
+    bounds: Sequence[float]
+    labels: tuple[str, ...]
+    count: tuple[str, str]
+    total: tuple[str, str]
+
+    def observe(self, counts: dict, sums: dict, value: float) -> None:
+        counts[(self.key, self.labels[bisect_left(self.bounds, value)])] += 1
+        counts[self.count] += 1
+        sums[self.total] += value
+
+
+def _histogram(name: str) -> _Histogram:
+    key = keys.histogram_key(name)
+    return _Histogram(key, HISTOGRAMS[name], _labels(HISTOGRAMS[name]), (key, "count"), (key, "sum"))
+
+
+_HISTOGRAMS = {name: _histogram(name) for name in HISTOGRAMS}
+# What ``Tally.add`` touches for every reply, named once.
 _TOKENS = (keys.STATS_KEY, "tokens")
-_LATENCY_LABELS = _labels(LATENCY_BUCKETS_S)
-_QUEUE_WAIT, _GENERATE = (
-    (_KEYS[name], (_KEYS[name], "count"), (_KEYS[name], "sum")) for name in ("queue_wait_seconds", "generate_seconds")
-)
+_QUEUE_WAIT, _GENERATE = _HISTOGRAMS["queue_wait_seconds"], _HISTOGRAMS["generate_seconds"]
 
 
 @dataclass
@@ -115,21 +132,16 @@ class Tally:
             reply.persona, reply.version, int(reply.ok), reply.new_tokens,
             round(queue_ms, 2), round(generate_ms, 2), error.kind.value if error else "",
         ))
-        if reply.ok:  # written out, not two observe() calls: this runs for every reply
+        if reply.ok:
             counts, sums = self.counts, self.sums
             counts[(keys.VERSION_REPLIES_KEY, f"{reply.persona}@{reply.version}")] += 1
             counts[_TOKENS] += reply.new_tokens
-            for (key, count, total), seconds in ((_QUEUE_WAIT, queue_ms / 1000), (_GENERATE, generate_ms / 1000)):
-                counts[(key, _LATENCY_LABELS[bisect_left(LATENCY_BUCKETS_S, seconds)])] += 1
-                counts[count] += 1
-                sums[total] += seconds
+            _QUEUE_WAIT.observe(counts, sums, queue_ms / 1000)
+            _GENERATE.observe(counts, sums, generate_ms / 1000)
 
     def observe(self, name: str, value: float) -> None:
         """One observation of a histogram: its bucket, sum and count."""
-        key, counts = _KEYS[name], self.counts
-        counts[(key, _LABELS[name][bisect_left(HISTOGRAMS[name], value)])] += 1
-        counts[(key, "count")] += 1
-        self.sums[(key, "sum")] += value
+        _HISTOGRAMS[name].observe(self.counts, self.sums, value)
 
     def __bool__(self) -> bool:
         return bool(self.rows or self.counts)
@@ -167,7 +179,7 @@ def read_histogram(client: redis.Redis, name: str) -> tuple[list[tuple[str, int]
     """(cumulative buckets as (upper bound, count), sum, count) for a Prometheus histogram."""
     raw = {k.decode(): v.decode() for k, v in client.hgetall(keys.histogram_key(name)).items()}
     running, buckets = 0, []
-    for bound in _LABELS[name]:
+    for bound in _HISTOGRAMS[name].labels:
         running += int(raw.get(bound, 0))
         buckets.append((bound, running))
     return buckets, float(raw.get("sum", 0.0)), int(raw.get("count", 0))
