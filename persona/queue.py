@@ -336,6 +336,7 @@ class WorkQueue:
         *,
         deliver: list[tuple[Job | None, GenerationReply]] | None = None,
         record: Tally | None = None,
+        meanwhile: Callable[[], None] | None = None,
     ) -> list[Job]:
         """New entries for this consumer: interactive ones first, then batch work.
 
@@ -347,6 +348,9 @@ class WorkQueue:
         Without a wait the claim goes first and the replies right behind it: Redis
         delivers them while the consumer works on what it claimed, and ``awaiting`` says
         that their outcome is read by the next ``confirm`` (which every claim calls first).
+        ``meanwhile`` is called once the replies are on their way, before the claim's
+        results are read (and before any wait): the consumer's work that must not hold
+        its replies back, such as logging them.
         """
         self.confirm()
 
@@ -367,7 +371,7 @@ class WorkQueue:
             # The riders are built while Redis serves the read, and sent right behind it.
             calls = [self._read_new(consumer, count, keys.STREAM_INTERACTIVE),
                      _READ_EPOCH, _READ_ACTIVE]
-            got, epoch, active = self._exchange(calls, now=len(calls), behind=riders)
+            got, epoch, active = self._exchange(calls, now=len(calls), behind=riders, meanwhile=meanwhile)
             entries = _stream_entries(got)
             room = count - sum(len(found) for _, found in entries)
             if room > 0:
@@ -387,7 +391,9 @@ class WorkQueue:
                 "XREADGROUP", "GROUP", keys.CONSUMER_GROUP, consumer, "COUNT", count, "BLOCK", block_ms,
                 "STREAMS", *keys.STREAMS_BY_PRIORITY, ">", ">",
             ), _READ_EPOCH, _READ_ACTIVE]
-            got, epoch, active = self._exchange(calls, now=len(calls))[len(ahead):]
+            got, epoch, active = self._exchange(
+                calls, now=len(calls), meanwhile=meanwhile if waits_first else None
+            )[len(ahead):]
             entries = _stream_entries(got)
         epoch = epoch or b"0"
         self.active_versions = _pairs(active) if isinstance(active, list) else _texts(active)
@@ -431,12 +437,19 @@ class WorkQueue:
             self.redis.connection_pool.release(connection)
         self._checked(calls, results)
 
-    def _exchange(self, calls: list[tuple], now: int, behind: Callable[[], list[tuple]] | None = None) -> list:
+    def _exchange(
+        self,
+        calls: list[tuple],
+        now: int,
+        behind: Callable[[], list[tuple]] | None = None,
+        meanwhile: Callable[[], None] | None = None,
+    ) -> list:
         """Send calls in one write; read the first ``now`` results, leave the rest to ``confirm``.
 
         A call is a tuple of words, or (script, keys, args) for a registered script,
         sent by its hash. ``behind`` builds more calls once the first are sent (while Redis
         works on them); they follow in a second write and are left to ``confirm`` too.
+        ``meanwhile`` runs once everything is sent, before any result is read.
         """
         pool = self.redis.connection_pool
         connection = pool.get_connection()
@@ -446,6 +459,8 @@ class WorkQueue:
             if more:
                 connection.send_packed_command(_packed(more))
                 calls = [*calls, *more]
+            if meanwhile:
+                meanwhile()
             results = [_read(connection) for _ in calls[:now]]
         except BaseException:
             connection.disconnect()

@@ -133,6 +133,9 @@ class Worker:
         # Delivered, not yet counted: (replies, batch size), recorded with a later claim.
         self._unrecorded: list[tuple[list[GenerationReply], int]] = []
         self._last_record = 0.0
+        # Log lines of settled replies (format and arguments), written once the replies
+        # are on their way: a caller's answer never waits for a log line.
+        self._answered: list[tuple] = []
 
     # -- life cycle -------------------------------------------------------------
 
@@ -240,11 +243,14 @@ class Worker:
         settled = [pair for group, _ in outbox for pair in group]
         try:
             if claiming:
-                jobs = self.queue.claim(self.id, room, block_ms=block_ms, deliver=settled, record=record)
+                jobs = self.queue.claim(
+                    self.id, room, block_ms=block_ms, deliver=settled, record=record, meanwhile=self._log_answered
+                )
                 # Read with the claim: new rows use the versions active as they are claimed.
                 self.swaps.refresh_active(self.queue.active_versions)
             else:
                 self.queue.deliver(settled, self.id)
+                self._log_answered()
                 if record is not None:
                     self.queue.record(record)
         except redis.exceptions.RedisError as exc:
@@ -350,15 +356,21 @@ class Worker:
     def flush(self) -> None:
         """Deliver the settled replies now; what Redis cannot take is kept and sent again."""
         self._confirm()
-        if not self._outbox:
-            return
-        outbox, self._outbox = self._outbox, []
-        try:
-            self.queue.deliver([pair for group, _ in outbox for pair in group], self.id)
-        except redis.exceptions.RedisError:
-            self._outbox[:0] = outbox
-            raise
-        self._delivered(outbox)
+        if self._outbox:
+            outbox, self._outbox = self._outbox, []
+            try:
+                self.queue.deliver([pair for group, _ in outbox for pair in group], self.id)
+            except redis.exceptions.RedisError:
+                self._outbox[:0] = outbox
+                raise
+            self._delivered(outbox)
+        self._log_answered()
+
+    def _log_answered(self) -> None:
+        """Write the log lines of the replies just sent (one per batch, not one per request)."""
+        lines, self._answered = self._answered, []
+        for line in lines:
+            log.info(*line)
 
     def _delivered(self, outbox: list[tuple[list[tuple[Job, GenerationReply]], int]]) -> None:
         self._unrecorded += [([reply for _, reply in group], batch_size) for group, batch_size in outbox]
@@ -450,10 +462,10 @@ class Worker:
             for job, _ in settled:
                 self._in_flight.pop(job.request.id, None)
             if done:
-                log.info(
+                self._answered.append((
                     "answered %d request(s) (batch of %d) tokens=%d",
                     len(done), batch, sum(completion.new_tokens for _, completion in done),
-                )
+                ))
             if not engine.active:
                 del self._decoding[key]
             self.info.requests += sum(1 for _, reply in settled if reply.ok)
@@ -485,10 +497,10 @@ class Worker:
         self.info.requests += len(members)
         served = members[0].served
         # One line per batch, not per request: at thousands of replies a second, logging is the cost.
-        log.info(
+        self._answered.append((
             "answered %d request(s) for %s version=%s tokens=%d in %.0f ms",
             len(members), served.loaded.name, served.version, sum(c.new_tokens for c in completions), elapsed * 1000,
-        )
+        ))
         return [
             (row.job, self._reply(row, c, len(members), c.seconds or elapsed))
             for row, c in zip(members, completions, strict=True)

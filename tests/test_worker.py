@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 
@@ -253,3 +254,40 @@ def test_replies_refused_behind_a_claim_are_kept_and_sent_again(settings, redis_
     replies = [client.wait(r, timeout=5) for r in requests]  # well before any visibility timeout
     assert all(r.ok for r in replies)
     assert [redis_client.llen(keys.reply_key(r.id)) for r in requests] == [0] * 5  # each delivered once
+
+
+@pytest.mark.parametrize("block_ms", [0, 100], ids=["busy", "about-to-wait"])
+def test_a_batch_is_logged_once_its_replies_are_on_their_way(
+    settings, redis_client, write_persona, tiny_llama_dir, client, block_ms
+):
+    """The log line never holds a caller's reply back: while it is written, the caller
+    can already take the reply (here the log handler itself waits for it)."""
+    from persona.bench_queue import InstantEngine
+    from persona.pool import ModelPool
+    from persona.worker import Worker
+
+    write_persona("tiny", base=str(tiny_llama_dir))
+    settings.worker.max_batch = 4
+    worker = Worker(settings, redis_client, ModelPool(settings, "cpu", engine_factory=InstantEngine), worker_id="w-log")
+    client.submit(chat("tiny"))
+    assert worker.step(block_ms=0) == 1  # a first round loads the queue's scripts into Redis
+    request = client.submit(chat("tiny"))
+    seen: list = []
+
+    class TakesTheReply(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.getMessage().startswith("answered 1 request(s)"):
+                seen.append(redis_client.blpop([keys.reply_key(request.id)], timeout=2))
+
+    logger = logging.getLogger("persona.worker")
+    level = logger.level
+    logger.addHandler(handler := TakesTheReply())
+    logger.setLevel(logging.INFO)
+    try:
+        assert worker.turn(block_ms=0) == 1  # answered: the reply rides with the next claim
+        assert worker.turn(block_ms=block_ms) == 0
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert len(seen) == 1 and seen[0] is not None, "the log line was written before the reply was sent"
+    assert json.loads(seen[0][1])["ok"] is True
