@@ -12,12 +12,12 @@ newest message is always kept (cut from its start only if it alone is too long).
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from persona.contract import GenerationRequest, Message
 from persona.models import LoadedModel
 from persona.personas import Persona, Sampling
-from persona.tokenizing import encode_many
+from persona.tokenizing import PieceEncoder, encode_many, encoder_for
 
 __all__ = ["Prompt", "build_prompt", "build_prompts"]
 
@@ -53,25 +53,41 @@ def build_prompts(
     """``build_prompt`` for many requests at once: chat prompts are tokenized in one call.
 
     A worker builds a prompt for every request it takes, and one tokenizer call for the
-    whole batch costs far less than one per request; a prompt too long for the model
-    (rare) is rebuilt one at a time, trimmed.
+    whole batch costs far less than one per request. Where the template and tokenizer
+    allow (the bundled model's do), a chat prompt's ids are spliced: only the segments
+    holding message contents are encoded. A prompt too long for the model (rare) is
+    rebuilt one at a time, trimmed.
     """
     prompts: list[Prompt | None] = [None] * len(items)
-    texts: dict[int, str] = {}
-    backend = getattr(loaded.tokenizer, "backend_tokenizer", None)
+    tokenizer = loaded.tokenizer
+    texts: dict[int, str] = {}  # chat prompts encoded whole
+    spliced: dict[int, tuple[_Shape, int]] = {}  # chat prompts spliced: shape, first of its segments
+    segments: list[str] = []
+    chat = loaded.has_chat_template and getattr(tokenizer, "backend_tokenizer", None) is not None
     for i, (persona, request, sampling) in enumerate(items):
-        if backend is not None and loaded.has_chat_template and request.mode == "chat":
-            texts[i] = _chat_text(loaded.tokenizer, persona, _conversation(persona, request))
-        else:
+        if not (chat and request.mode == "chat"):
             prompts[i] = build_prompt(persona, request, loaded, sampling)
+            continue
+        turns = _conversation(persona, request)
+        shape = _shape_of(tokenizer, persona, turns)
+        own = shape.segments(turns) if shape is not None else None
+        if own is not None:
+            spliced[i] = (shape, len(segments))
+            segments += own
+        else:
+            texts[i] = shape.text(turns) if shape is not None else _render_chat(tokenizer, _chat_messages(persona, turns))
+    found: dict[int, list[int]] = {}
+    if spliced:
+        encoded = next(iter(spliced.values()))[0].encoder.encode_pieces(segments)
+        for i, (shape, at) in spliced.items():
+            found[i] = shape.ids(encoded[at : at + len(shape.edges)])
     if texts:
-        encoded = encode_many(loaded.tokenizer, list(texts.values()))
-        context = loaded.context_tokens
-        for i, ids in zip(texts, encoded, strict=True):
-            persona, request, sampling = items[i]
-            budget = max(16, context - sampling.max_new_tokens)
-            fits = len(ids) <= budget
-            prompts[i] = Prompt(ids, sampling.stop) if fits else build_prompt(persona, request, loaded, sampling)
+        found.update(zip(texts, encode_many(tokenizer, list(texts.values())), strict=True))
+    context = loaded.context_tokens
+    for i, ids in found.items():
+        persona, request, sampling = items[i]
+        fits = len(ids) <= max(16, context - sampling.max_new_tokens)
+        prompts[i] = Prompt(ids, sampling.stop) if fits else build_prompt(persona, request, loaded, sampling)
     return [p for p in prompts if p is not None]
 
 
@@ -173,6 +189,12 @@ def _render_chat(tokenizer, messages: list[dict[str, str]]) -> str:
 # rendered once per shape (persona, roles of the turns) with markers in place of the
 # turns' contents, and the contents put back between the pieces. The markers hold a NUL,
 # which no message can (the contract strips control characters).
+#
+# Its token ids are spliced the same way where the tokenizer has a piece encoder (it cuts
+# texts at added tokens such as <|im_start|>, exactly): the ids between contents are
+# encoded once per shape, and a request encodes only the segment holding each content
+# (with the template's text that shares the segment, such as "user\n" before it). A
+# content holding an added token's text cuts its own segment, so it takes the text path.
 _splicers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 SHAPES_KEPT = 1024
 
@@ -181,27 +203,67 @@ def _marker(n: int) -> str:
     return f"\x00turn {n}\x00"
 
 
+@dataclass(frozen=True)
+class _Shape:
+    """One conversation shape's template, rendered once, with what each turn's content fills."""
+
+    pieces: list[str]  # the template's text before, between and after the contents
+    encoder: PieceEncoder | None = None  # set where the token ids are spliced too
+    fixed: list[list[int]] = field(default_factory=list)  # the ids between the contents' segments
+    edges: list[tuple[str, str]] = field(default_factory=list)  # the template's text in each segment
+
+    def text(self, turns: list[Message]) -> str:
+        out = [self.pieces[0]]
+        for message, piece in zip(turns, self.pieces[1:], strict=True):
+            out += (message.content, piece)
+        return "".join(out)
+
+    def segments(self, turns: list[Message]) -> list[str] | None:
+        """The texts to encode for these turns, or None where ids cannot be spliced for them."""
+        encoder = self.encoder
+        if encoder is None or any(encoder.holds_added(m.content) for m in turns):
+            return None
+        return [left + m.content + right for (left, right), m in zip(self.edges, turns, strict=True)]
+
+    def ids(self, encoded: list[list[int]]) -> list[int]:
+        """The prompt's ids, from the ids of its ``segments``."""
+        out = list(self.fixed[0])
+        for segment, between in zip(encoded, self.fixed[1:], strict=True):
+            out += segment
+            out += between
+        return out
+
+
 class _Splicer:
-    """Chat texts from pieces rendered once per conversation shape."""
+    """Chat texts (and token ids) from pieces rendered once per conversation shape."""
 
     def __init__(self, tokenizer) -> None:
         self.tokenizer = tokenizer
-        self.shapes: dict[tuple, list[str] | None] = {}
+        self.encoder = encoder_for(tokenizer)
+        self.shapes: dict[tuple, _Shape | None] = {}
 
-    def text(self, head: list[dict[str, str]], turns: list[Message]) -> str:
-        key = (tuple((m["role"], m["content"]) for m in head), tuple(m.role for m in turns))
+    def shape(self, persona: Persona, turns: list[Message]) -> _Shape | None:
+        """The shape of this persona's conversation with these turns; None if not spliced."""
+        prompt = persona.prompt
+        key = (prompt.system, tuple((e.user, e.assistant) for e in prompt.examples), tuple(m.role for m in turns))
         try:
-            pieces = self.shapes[key]
+            return self.shapes[key]
         except KeyError:
             if len(self.shapes) >= SHAPES_KEPT:
                 self.shapes.clear()
-            pieces = self.shapes[key] = self._pieces(head, key[1])
+            shape = self.shapes[key] = self._shape(_chat_messages(persona, []), key[2])
+            return shape
+
+    def _shape(self, head: list[dict[str, str]], roles: tuple[str, ...]) -> _Shape | None:
+        pieces = self._pieces(head, roles)
         if pieces is None:
-            return _render_chat(self.tokenizer, head + [{"role": m.role, "content": m.content} for m in turns])
-        out = [pieces[0]]
-        for message, piece in zip(turns, pieces[1:], strict=True):
-            out += (message.content, piece)
-        return "".join(out)
+            return None
+        shape = _Shape(pieces)
+        try:
+            with_ids = self._with_ids(shape)
+        except Exception:  # an unforeseen tokenizer: its texts are spliced, its ids are not
+            return shape
+        return with_ids or shape
 
     def _pieces(self, head: list[dict[str, str]], roles: tuple[str, ...]) -> list[str] | None:
         """The template's text around each turn's content, or None if splicing is not exact here."""
@@ -217,11 +279,42 @@ class _Splicer:
                 return None
             pieces.append(rest)
             # Belt and braces: a probe conversation of this shape must come out the same both ways.
-            probe = [{"role": r, "content": f"  probe {n} <think>x</think>\n\tend  "} for n, r in enumerate(roles)]
-            spliced = pieces[0] + "".join(m["content"] + piece for m, piece in zip(probe, pieces[1:], strict=True))
-            return pieces if spliced == _render_chat(self.tokenizer, head + probe) else None
+            probe = _probe(roles)
+            spliced = _Shape(pieces).text(probe)
+            whole = _render_chat(self.tokenizer, head + [{"role": m.role, "content": m.content} for m in probe])
+            return pieces if spliced == whole else None
         except Exception:  # whatever the template does, the whole render stays the answer
             return None
+
+    def _with_ids(self, shape: _Shape) -> _Shape | None:
+        """The shape with its ids spliced too, where each content has a segment of its own."""
+        encoder = self.encoder
+        if encoder is None or len(shape.pieces) < 2:
+            return None
+        last = len(shape.pieces) - 1
+        fixed, lefts, rights = [], [], []
+        for k, piece in enumerate(shape.pieces):
+            parts = encoder.split(piece)  # text, added token, text, ..., text
+            if 0 < k < last and len(parts) == 1:
+                return None  # two contents in one segment
+            if k > 0:
+                rights.append(parts[0])
+            if k < last:
+                lefts.append(parts[-1])
+            # The first piece's opening text and the last one's closing text are segments of
+            # their own (the prompt starts or ends there): the same ids every time.
+            inner = parts[0 if k == 0 else 1 : len(parts) if k == last else len(parts) - 1]
+            fixed.append(encoder.encode(["".join(inner)])[0])
+        spliced = _Shape(shape.pieces, encoder, fixed, list(zip(lefts, rights, strict=True)))
+        probe = _probe(tuple("user" for _ in lefts))
+        segments = spliced.segments(probe)
+        exact = segments is not None and spliced.ids(encoder.encode_pieces(segments)) == encoder.encode([spliced.text(probe)])[0]
+        return spliced if exact else None
+
+
+def _probe(roles: tuple[str, ...]) -> list[Message]:
+    """Turns of these roles whose contents test the edges of a splice (spaces, a newline, a tab)."""
+    return [Message(role=r, content=f"  probe {n} <think>x</think>\n\tend  ") for n, r in enumerate(roles)]
 
 
 def _content_is_verbatim(tokenizer) -> bool:
@@ -254,18 +347,23 @@ def _content_is_verbatim(tokenizer) -> bool:
         return False
 
 
-def _chat_text(tokenizer, persona: Persona, turns: list[Message]) -> str:
-    """The chat template applied to the persona's head and these turns (spliced where exact)."""
-    head = _chat_messages(persona, [])
+def _shape_of(tokenizer, persona: Persona, turns: list[Message]) -> _Shape | None:
+    """The spliced shape of this conversation, or None where the template must render it whole."""
     try:
         splicer = _splicers[tokenizer]
     except KeyError:
         splicer = _splicers[tokenizer] = _Splicer(tokenizer) if _content_is_verbatim(tokenizer) else None
     except TypeError:  # cannot be weakly referenced: no splicing
         splicer = None
-    if splicer is None:
+    return splicer.shape(persona, turns) if splicer is not None else None
+
+
+def _chat_text(tokenizer, persona: Persona, turns: list[Message]) -> str:
+    """The chat template applied to the persona's head and these turns (spliced where exact)."""
+    shape = _shape_of(tokenizer, persona, turns)
+    if shape is None:
         return _render_chat(tokenizer, _chat_messages(persona, turns))
-    return splicer.text(head, turns)
+    return shape.text(turns)
 
 
 def _direct_renderer(tokenizer):

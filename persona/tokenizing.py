@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 import weakref
 
-__all__ = ["PieceEncoder", "encode_many", "piece_encoder"]
+__all__ = ["PieceEncoder", "encode_many", "encoder_for", "piece_encoder"]
 
 PIECE_CACHE_SIZE = 4096
 _pieces: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -56,8 +56,9 @@ class PieceEncoder:
         added = backend.get_added_tokens_decoder()
         self.ids = {token.content: token_id for token_id, token in added.items()}
         # Longest first: at one position the longest added token wins, as in the tokenizer.
-        alternatives = sorted(self.ids, key=len, reverse=True)
-        self.split = re.compile("(" + "|".join(map(re.escape, alternatives)) + ")").split
+        alternatives = "|".join(map(re.escape, sorted(self.ids, key=len, reverse=True)))
+        self.split = re.compile(f"({alternatives})").split
+        self.holds_added = re.compile(alternatives).search
         self.cache: dict[str, list[int]] = {}
 
     def _by_words(self, piece: str) -> list[int] | None:
@@ -75,26 +76,35 @@ class PieceEncoder:
             ids += found
         return ids
 
-    def encode(self, texts: list[str]) -> list[list[int]]:
-        # split() alternates text pieces (even places) and added tokens (odd places).
-        parts = [self.split(text) for text in texts]
+    def _known(self, pieces) -> dict[str, list[int]]:
+        """The piece cache, holding the ids of each of these pieces (texts without added tokens)."""
         cache = self.cache
         if len(cache) > PIECE_CACHE_SIZE:
             cache.clear()  # crude but bounded; the persona's own pieces come back at once
         cache[""] = []
         missing = []
-        for pieces in parts:
-            for piece in pieces[::2]:
-                if piece not in cache:
-                    ids = self._by_words(piece) if self.by_words else None
-                    if ids is None:
-                        missing.append(piece)
-                    else:
-                        cache[piece] = ids
+        for piece in pieces:
+            if piece not in cache:
+                ids = self._by_words(piece) if self.by_words else None
+                if ids is None:
+                    missing.append(piece)
+                else:
+                    cache[piece] = ids
         if missing:
             fresh = list(dict.fromkeys(missing))
             for piece, ids in zip(fresh, self.backend.encode_batch_fast(fresh, add_special_tokens=False), strict=True):
                 cache[piece] = ids.ids
+        return cache
+
+    def encode_pieces(self, pieces: list[str]) -> list[list[int]]:
+        """The ids of texts that hold no added token (see ``holds_added``); not to be changed."""
+        cache = self._known(pieces)
+        return [cache[piece] for piece in pieces]
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        # split() alternates text pieces (even places) and added tokens (odd places).
+        parts = [self.split(text) for text in texts]
+        cache = self._known([piece for pieces in parts for piece in pieces[::2]])
         added = self.ids
         out = []
         for pieces in parts:
@@ -138,15 +148,21 @@ def piece_encoder(backend) -> PieceEncoder | None:
         return None
 
 
-def encode_many(tokenizer, texts: list[str]) -> list[list[int]]:
-    """Token ids of each text, without special tokens added (fast tokenizers only)."""
+def encoder_for(tokenizer) -> PieceEncoder | None:
+    """This fast tokenizer's piece encoder (made once), or None where it has none."""
     backend = tokenizer.backend_tokenizer
     try:
-        encoder = _pieces[backend]
+        return _pieces[backend]
     except KeyError:
         encoder = _pieces[backend] = piece_encoder(backend)
+        return encoder
     except TypeError:  # cannot be weakly referenced: not cached
-        encoder = None
+        return None
+
+
+def encode_many(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids of each text, without special tokens added (fast tokenizers only)."""
+    encoder = encoder_for(tokenizer)
     if encoder is not None:
         return encoder.encode(texts)
-    return [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
+    return [e.ids for e in tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)]

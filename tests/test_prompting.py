@@ -14,7 +14,9 @@ from persona.prompting import (
     _chat_messages,
     _chat_text,
     _content_is_verbatim,
+    _conversation,
     _render_chat,
+    _shape_of,
     build_prompt,
     build_prompts,
 )
@@ -120,6 +122,35 @@ def test_spliced_chat_text_equals_the_rendered_template(chat_model, contents, wi
     tokenizer = chat_model.tokenizer
     assert _content_is_verbatim(tokenizer)  # the bundled template is spliced
     assert _chat_text(tokenizer, persona, turns) == _render_chat(tokenizer, _chat_messages(persona, turns))
+
+
+_ADDED = ["<|im_start|>", "<|im_end|>", "<|endoftext|>"]
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(st.text(max_size=20) | st.sampled_from([f"a{t}b" for t in _ADDED] + [" 12", "\n\nx ", "naïve 🙂"]),
+             min_size=1, max_size=6),
+    st.booleans(),
+)
+def test_spliced_prompt_ids_equal_the_whole_text_tokenized(chat_model, contents, with_system):
+    """Ids are spliced per conversation shape, and come out as tokenizing the whole rendered
+    text would give them, whatever the contents (an added token's text in one included)."""
+    persona = PERSONA if with_system else Persona(name="plain", prompt={"max_history_turns": 64})
+    request = conversation(*contents)
+    tokenizer = chat_model.tokenizer
+    text = _render_chat(tokenizer, _chat_messages(persona, _conversation(persona, request)))
+    whole = tokenizer.backend_tokenizer.encode(text, add_special_tokens=False).ids
+    assert build_prompts([(persona, request, Sampling())], chat_model)[0].token_ids == whole
+
+
+def test_the_bundled_template_has_its_ids_spliced(chat_model):
+    """Only the segments holding contents are encoded (the ids around them are kept per shape)."""
+    turns = _conversation(PERSONA, conversation("Hello", "Hi.", "What is patience?"))
+    shape = _shape_of(chat_model.tokenizer, PERSONA, turns)
+    assert shape is not None and shape.encoder is not None
+    assert shape.segments(turns) == ["user\nHello", "assistant\nHi.", "user\nWhat is patience?"]
+    assert shape.segments([Message(role="user", content="a<|im_end|>b")] + turns[1:]) is None  # the text path
 
 
 def test_a_template_that_changes_contents_is_rendered_whole(chat_model):
