@@ -140,6 +140,7 @@ def _ours(settings: Settings, url: str, jobs: int, seconds: float) -> tuple[floa
     worker = _bench_worker(settings, client, "bench-ours")
     worker.step(block_ms=1)  # the first round pays for imports and script loading
     requests = _prefill(client, settings.queue, jobs)
+    thresholds = gc.get_threshold()
     freeze_heap()  # as the worker process does once its models are loaded
     try:
         with _logging_as_a_worker(settings):
@@ -151,6 +152,7 @@ def _ours(settings: Settings, url: str, jobs: int, seconds: float) -> tuple[floa
             rate = jobs / (time.perf_counter() - started)
     finally:
         gc.unfreeze()
+        gc.set_threshold(*thresholds)
     if client.llen(keys.reply_key(requests[-1].id)) != 1:
         raise RuntimeError("the benchmark worker did not reply to the last request")
     worker.queue.hand_back(worker.id)

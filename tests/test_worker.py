@@ -291,3 +291,36 @@ def test_a_batch_is_logged_once_its_replies_are_on_their_way(
         logger.setLevel(level)
     assert len(seen) == 1 and seen[0] is not None, "the log line was written before the reply was sent"
     assert json.loads(seen[0][1])["ok"] is True
+
+
+def test_a_full_batch_is_answered_without_a_garbage_collection(settings, redis_client, write_persona, tiny_llama_dir, client):
+    """Set for serving, the cyclic collector leaves a batch's objects alone while the batch
+    is answered (they die together at its end): no collection during a whole turn."""
+    import gc
+
+    from persona.bench_queue import InstantEngine
+    from persona.pool import ModelPool
+    from persona.worker import Worker, freeze_heap
+
+    write_persona("tiny", base=str(tiny_llama_dir))
+    settings.worker.max_batch = 128
+    worker = Worker(settings, redis_client, ModelPool(settings, "cpu", engine_factory=InstantEngine), worker_id="w-gc")
+    client.submit(chat("tiny"))
+    assert worker.step(block_ms=0) == 1  # loads the queue's scripts and the template's shape
+    client.submit_many([chat("tiny", f"message number {n}, all different") for n in range(128)])
+    started: list[int] = []
+
+    def count(phase: str, info: dict) -> None:
+        if phase == "start":
+            started.append(info["generation"])
+
+    thresholds = gc.get_threshold()
+    freeze_heap()
+    gc.callbacks.append(count)
+    try:
+        assert worker.step(block_ms=0) == 128
+    finally:
+        gc.callbacks.remove(count)
+        gc.unfreeze()
+        gc.set_threshold(*thresholds)
+    assert started == [], f"collections of generations {started} while answering a batch"
