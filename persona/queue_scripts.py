@@ -82,17 +82,16 @@ return new
 
 # Record a tally of replies (see ``telemetry.Tally``): reply-log rows, then counter and
 # histogram increments. KEYS[1] is the reply log, then the hashes the increments name.
-# ARGV: the reply log's cap, a count of rows and seven values per row, then a count of
-# HINCRBYs and three values each (key index after the reply log, field, amount), then
-# the same for HINCRBYFLOATs. pcall throughout: counting never fails a worker's turn.
+# ARGV: the reply log's cap, a count of rows and the rows (one value each, kept as the
+# entry's field r), then a count of HINCRBYs and three values each (key index after the
+# reply log, field, amount), then the same for HINCRBYFLOATs. pcall throughout: counting
+# never fails a worker's turn.
 RECORD_SCRIPT = """
 local t = 2
 for r = 1, tonumber(ARGV[t]) do
-  local v = t + (r - 1) * 7
-  redis.pcall('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'p', ARGV[v + 1], 'v', ARGV[v + 2],
-    'ok', ARGV[v + 3], 't', ARGV[v + 4], 'q', ARGV[v + 5], 'g', ARGV[v + 6], 'k', ARGV[v + 7])
+  redis.pcall('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'r', ARGV[t + r])
 end
-t = t + 1 + tonumber(ARGV[t]) * 7
+t = t + 1 + tonumber(ARGV[t])
 for _, command in ipairs({'HINCRBY', 'HINCRBYFLOAT'}) do
   for c = 1, tonumber(ARGV[t]) do
     local v = t + (c - 1) * 3

@@ -101,7 +101,7 @@ _QUEUE_WAIT, _GENERATE = _HISTOGRAMS["queue_wait_seconds"], _HISTOGRAMS["generat
 class Tally:
     """A batch's telemetry summed in Python: reply-log rows, counter and histogram increments."""
 
-    rows: list[tuple] = field(default_factory=list)  # one (p, v, ok, t, q, g, k) per reply
+    rows: list[str] = field(default_factory=list)  # one reply-log row per reply (see ``_row``)
     counts: dict[tuple[str, str], int] = field(default_factory=lambda: defaultdict(int))
     sums: dict[tuple[str, str], float] = field(default_factory=lambda: defaultdict(float))
 
@@ -128,10 +128,10 @@ class Tally:
         """Count one reply."""
         timings, error = reply.timings, reply.error
         queue_ms, generate_ms = timings.queue_ms, timings.generate_ms
-        self.rows.append((
-            reply.persona, reply.version, int(reply.ok), reply.new_tokens,
-            round(queue_ms, 2), round(generate_ms, 2), error.kind.value if error else "",
-        ))
+        self.rows.append(
+            f"{int(reply.ok)} {reply.new_tokens} {queue_ms:.2f} {generate_ms:.2f} "
+            f"{error.kind.value if error else ''} {reply.persona} {reply.version}"
+        )
         if reply.ok:
             counts, sums = self.counts, self.sums
             counts[(keys.VERSION_REPLIES_KEY, f"{reply.persona}@{reply.version}")] += 1
@@ -150,9 +150,7 @@ class Tally:
         """This tally as ``RECORD_SCRIPT`` reads it: the reply log and hashes, rows, increments."""
         hashes: dict[str, int] = {}
         script_keys = [keys.REPLY_LOG_STREAM]
-        args: list = [keys.REPLY_LOG_MAX_LEN, len(self.rows)]
-        for row in self.rows:
-            args.extend(row)
+        args: list = [keys.REPLY_LOG_MAX_LEN, len(self.rows), *self.rows]
         for table in (self.counts, self.sums):
             args.append(len(table))
             for (key, name), amount in table.items():
@@ -198,6 +196,19 @@ def _percentiles(values: list[float]) -> Percentiles:
     return Percentiles(p50=at(0.50), p95=at(0.95), p99=at(0.99))
 
 
+def _logged(fields: dict) -> tuple[bool, int, float, float]:
+    """(ok, new tokens, queue ms, generate ms) of a reply-log entry.
+
+    An entry is one row, "ok tokens queue_ms generate_ms error_kind persona version";
+    entries written before rows (a field each) are read too.
+    """
+    row = fields.get(b"r")
+    if row is None:
+        return fields.get(b"ok") == b"1", int(fields.get(b"t", 0)), float(fields.get(b"q", 0)), float(fields.get(b"g", 0))
+    ok, new_tokens, queue_ms, generate_ms, _ = row.split(b" ", 4)
+    return ok == b"1", int(new_tokens), float(queue_ms), float(generate_ms)
+
+
 def summarize(client: redis.Redis, window_s: float = WINDOW_S, now: float | None = None) -> LatencySummary:
     """Latency percentiles over the last ``window_s`` and throughput over the last minute."""
     now = now if now is not None else time.time()
@@ -206,13 +217,14 @@ def summarize(client: redis.Redis, window_s: float = WINDOW_S, now: float | None
     queue, generate, recent, tokens = [], [], 0, 0
     recent_ms = (now - THROUGHPUT_WINDOW_S) * 1000
     for entry_id, fields in entries:
-        if fields.get(b"ok") != b"1":
+        ok, new_tokens, queue_ms, generate_ms = _logged(fields)
+        if not ok:
             continue
-        queue.append(float(fields[b"q"]))
-        generate.append(float(fields[b"g"]))
+        queue.append(queue_ms)
+        generate.append(generate_ms)
         if int(entry_id.split(b"-")[0]) >= recent_ms:
             recent += 1
-            tokens += int(fields[b"t"])
+            tokens += new_tokens
     span = min(THROUGHPUT_WINDOW_S, window_s)
     return LatencySummary(
         window_s=window_s,

@@ -84,6 +84,16 @@ def test_percentiles_from_the_reply_log(redis_client):
     assert summarize(redis_client, now=time.time() + 3600).replies == 0
 
 
+def test_a_reply_log_written_before_rows_is_still_read(redis_client):
+    """Entries of the older layout (a field per value) count beside the rows that follow them."""
+    redis_client.xadd(keys.REPLY_LOG_STREAM, {"p": "p", "v": "v1", "ok": 1, "t": 3, "q": 900.5, "g": 7.25, "k": ""})
+    record_replies(redis_client, [GenerationReply(id="new", ok=True, persona="p", version="v1", new_tokens=5,
+                                                  timings=Timings(queue_ms=40, generate_ms=9))])
+    summary = summarize(redis_client)
+    assert summary.replies == 2 and summary.queue_ms.p99 == 900.5 and summary.generate_ms.p99 == 9
+    assert summary.tokens_per_s == round(8 / 60, 1)
+
+
 def test_stuck_work_is_flagged(settings, redis_client):
     client = QueueClient(redis_client, settings.queue)
     queue = WorkQueue(redis_client, settings.queue)
