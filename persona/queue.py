@@ -513,17 +513,24 @@ class WorkQueue:
         return int(self._deliver(keys=script_keys, args=args))
 
     def _delivery(self, settled: list[tuple[Job | None, GenerationReply]], worker: str) -> tuple[list[str], list]:
-        """The delivery script's keys and arguments for these replies."""
-        args: list = [
-            self.settings.reply_ttl_s, keys.ANSWERED_TTL_S, keys.CONSUMER_GROUP, worker, len(settled),
-            keys.ANSWERED_KEY_PREFIX, keys.REPLY_KEY_PREFIX, keys.USER_PENDING_KEY_PREFIX,
-        ]
+        """The delivery script's keys and arguments for these replies (see ``DELIVER_SCRIPT``)."""
+        runs: dict[str, list] = {}  # counter -> request id, reply, sender of each reply it counts
+        entries: dict[str, list[str]] = {}  # stream -> ids of the entries to settle
         for job, reply in settled:
             counter = "completed" if reply.ok else f"failed:{reply.error.kind if reply.error else 'internal'}"
-            user = job.request.user if job and job.request else None
-            args += [
-                reply.id, reply.to_json(), job.stream if job else "", job.entry_id if job else "", counter, user or "",
-            ]
+            request = job.request if job else None
+            runs.setdefault(counter, []).extend((reply.id, reply.to_json(), (request.user if request else None) or ""))
+            if job:
+                entries.setdefault(job.stream, []).append(job.entry_id)
+        args: list = [
+            self.settings.reply_ttl_s, keys.ANSWERED_TTL_S, keys.CONSUMER_GROUP, worker,
+            keys.ANSWERED_KEY_PREFIX, keys.REPLY_KEY_PREFIX, keys.USER_PENDING_KEY_PREFIX, len(runs),
+        ]
+        for counter, values in runs.items():
+            args += [counter, len(values) // 3, *values]
+        args.append(len(entries))
+        for stream, ids in entries.items():
+            args += [stream, len(ids), *ids]
         return [keys.STATS_KEY], args
 
     def settle_without_reply(self, job: Job) -> None:

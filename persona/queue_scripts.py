@@ -40,42 +40,48 @@ return redis.call('XADD', KEYS[1], '*', 'r', ARGV[2], 'e', epoch)
 
 # Deliver each reply unless its request was answered already; always settle its entry;
 # count completions. One call delivers and settles a whole batch. Per-request keys are
-# built here from their prefixes, so a reply costs six arguments and no key packing.
-# ARGV: reply TTL, answered TTL, group, worker, reply count n, then the prefixes of the
-# answered flags, reply lists and senders' pending counters, then six values per reply:
-# request id, reply, stream ('' if no entry), entry id, counter name, sender ('' if none).
+# built here from their prefixes, and replies come in runs that share a counter, and
+# entries in runs that share a stream, so a reply costs four arguments in all.
+# ARGV: reply TTL, answered TTL, group, worker, then the prefixes of the answered flags,
+# reply lists and senders' pending counters; then a count of reply runs, each a counter
+# name, a count of replies and three values per reply (request id, reply, sender or '');
+# then a count of entry runs, each a stream, a count of entries and their ids.
 # KEYS[1] is the stats hash.
 DELIVER_SCRIPT = """
 local reply_ttl, answered_ttl = tonumber(ARGV[1]), tonumber(ARGV[2])
-local group, worker, n = ARGV[3], ARGV[4], tonumber(ARGV[5])
-local answered, replies, pending = ARGV[6], ARGV[7], ARGV[8]
-local new, counted, settled = 0, {}, {}
-for i = 0, n - 1 do
-  local a = 8 + i * 6
-  local id, stream, user = ARGV[a + 1], ARGV[a + 3], ARGV[a + 6]
-  if redis.call('SET', answered .. id, worker, 'NX', 'EX', answered_ttl) then
-    new = new + 1
-    redis.call('LPUSH', replies .. id, ARGV[a + 2])
-    redis.call('EXPIRE', replies .. id, reply_ttl)
-    counted[ARGV[a + 5]] = (counted[ARGV[a + 5]] or 0) + 1
-    if user ~= '' and tonumber(redis.call('GET', pending .. user) or '0') > 0 then
-      redis.call('DECR', pending .. user)
+local group, worker = ARGV[3], ARGV[4]
+local answered, replies, pending = ARGV[5], ARGV[6], ARGV[7]
+local new, a = 0, 9
+for _ = 1, tonumber(ARGV[8]) do
+  local counter, n, counted = ARGV[a], tonumber(ARGV[a + 1]), 0
+  a = a + 2
+  for _ = 1, n do
+    local id, user = ARGV[a], ARGV[a + 2]
+    if redis.call('SET', answered .. id, worker, 'NX', 'EX', answered_ttl) then
+      counted = counted + 1
+      redis.call('LPUSH', replies .. id, ARGV[a + 1])
+      redis.call('EXPIRE', replies .. id, reply_ttl)
+      if user ~= '' and tonumber(redis.call('GET', pending .. user) or '0') > 0 then
+        redis.call('DECR', pending .. user)
+      end
     end
+    a = a + 3
   end
-  if stream ~= '' then
-    local ids = settled[stream]
-    if not ids then ids = {}; settled[stream] = ids end
-    ids[#ids + 1] = ARGV[a + 4]
-  end
+  -- Counters and acknowledgements once per run, not once per reply.
+  if counted > 0 then redis.call('HINCRBY', KEYS[1], counter, counted) end
+  new = new + counted
 end
--- Counters and acknowledgements once per batch, not once per reply.
-for name, count in pairs(counted) do redis.call('HINCRBY', KEYS[1], name, count) end
-for stream, ids in pairs(settled) do
-  for s = 1, #ids, 1000 do
-    local chunk = {unpack(ids, s, math.min(s + 999, #ids))}
-    redis.call('XACK', stream, group, unpack(chunk))
-    redis.call('XDEL', stream, unpack(chunk))
+local streams = tonumber(ARGV[a])
+a = a + 1
+for _ = 1, streams do
+  local stream, n = ARGV[a], tonumber(ARGV[a + 1])
+  a = a + 2
+  for s = a, a + n - 1, 1000 do
+    local last = math.min(s + 999, a + n - 1)
+    redis.call('XACK', stream, group, unpack(ARGV, s, last))
+    redis.call('XDEL', stream, unpack(ARGV, s, last))
   end
+  a = a + n
 end
 return new
 """

@@ -92,6 +92,47 @@ def test_reply_is_delivered_once_even_if_two_workers_answer(client, work):
     assert int(client.redis.hget(keys.STATS_KEY, "completed")) == 1
 
 
+def test_one_delivery_answers_settles_and_counts_a_mixed_batch(client, work):
+    """Replies that succeeded and failed, from both streams, some with a sender, one already
+    answered: each new reply reaches its caller once, every entry is settled, and each is
+    counted under its outcome."""
+    chats = [client.submit(chat(f"chat {n}", user="ann")) for n in range(3)]
+    posts = [client.submit(chat(f"post {n}", priority=Priority.batch)) for n in range(2)]
+    jobs = {job.request.id: job for job in work.claim("w1", 10, block_ms=0)}
+    assert work.deliver([(jobs[chats[0].id], GenerationReply(id=chats[0].id, ok=True, text="early"))], "w0") == 1
+    replies = [
+        GenerationReply(id=chats[0].id, ok=True, text="again"),  # answered already: dropped
+        GenerationReply(id=chats[1].id, ok=True, text="hi"),
+        GenerationReply.failure(chats[2].id, ErrorKind.timeout, "too late"),
+        GenerationReply.failure(posts[0].id, ErrorKind.cancelled, "withdrawn"),
+        GenerationReply(id=posts[1].id, ok=True, text="a post"),
+    ]
+    assert work.deliver([(jobs[reply.id], reply) for reply in replies], "w1") == 4
+    assert [client.wait(r, timeout=1).text for r in (chats[0], chats[1], posts[1])] == ["early", "hi", "a post"]
+    assert client.wait(chats[2], timeout=1).error.kind is ErrorKind.timeout
+    assert client.wait(posts[0], timeout=1).error.kind is ErrorKind.cancelled
+    assert [client.redis.llen(keys.reply_key(r.id)) for r in [*chats, *posts]] == [0] * 5
+    stats = {k.decode(): int(v) for k, v in client.redis.hgetall(keys.STATS_KEY).items()}
+    assert {k: v for k, v in stats.items() if k.startswith(("completed", "failed"))} == {
+        "completed": 3, "failed:timeout": 1, "failed:cancelled": 1,
+    }
+    assert int(client.redis.get(keys.user_pending_key("ann")) or 0) == 0  # ann may ask again
+    for stream in (keys.STREAM_INTERACTIVE, keys.STREAM_BATCH):
+        assert client.redis.xlen(stream) == 0
+        assert client.redis.xpending(stream, keys.CONSUMER_GROUP)["pending"] == 0
+
+
+def test_a_delivery_of_more_entries_than_one_command_takes_settles_them_all(settings, client, work):
+    """Entries are acknowledged a thousand per command; a bigger delivery still settles each one."""
+    settings.queue.max_length = 2000
+    requests = client.submit_many([chat(f"n {n}") for n in range(1001)])
+    jobs = work.claim("w1", 1001, block_ms=0)
+    assert work.deliver([(job, GenerationReply(id=job.request.id, ok=True)) for job in jobs], "w1") == 1001
+    assert client.redis.xlen(keys.STREAM_INTERACTIVE) == 0
+    assert client.redis.xpending(keys.STREAM_INTERACTIVE, keys.CONSUMER_GROUP)["pending"] == 0
+    assert client.wait(requests[-1], timeout=1).ok
+
+
 def test_waiting_without_a_worker_times_out_clearly(client):
     request = client.submit(chat())
     with pytest.raises(ReplyTimeout, match="is a worker running"):
