@@ -317,6 +317,10 @@ class WorkQueue:
         # Riders sent with the last claim whose results are still to be read, and the
         # connection they will arrive on (held until ``confirm`` reads them).
         self._awaiting: tuple[redis.connection.AbstractConnection, list[tuple]] | None = None
+        # The connection of the last exchange, kept for the next one: taking one from the
+        # pool and giving it back costs redis-py a lock, a poll of the socket and its
+        # bookkeeping every time, on the way to every reply.
+        self._kept: redis.connection.AbstractConnection | None = None
         self.ensure_groups()
 
     def ensure_groups(self) -> None:
@@ -433,9 +437,35 @@ class WorkQueue:
         self._awaiting = None
         try:
             results = [_read(connection) for _ in calls]
-        finally:
-            self.redis.connection_pool.release(connection)
+        except BaseException:
+            self._drop(connection)
+            raise
+        self._keep(connection)
         self._checked(calls, results)
+
+    def _connection(self) -> redis.connection.AbstractConnection:
+        """The kept connection while it is open, else one from the pool."""
+        connection, self._kept = self._kept, None
+        if connection is not None:
+            try:
+                if not connection.can_read(timeout=0):  # nothing to read: open, and owing nothing
+                    return connection
+            except (redis.exceptions.ConnectionError, OSError):
+                pass
+            self._drop(connection)  # closed by Redis meanwhile (a restart, an idle timeout)
+        return self.redis.connection_pool.get_connection()
+
+    def _keep(self, connection: redis.connection.AbstractConnection) -> None:
+        """Keep a connection whose results are all read for the next exchange (one is kept)."""
+        if self._kept is None:
+            self._kept = connection
+        else:
+            self.redis.connection_pool.release(connection)
+
+    def _drop(self, connection: redis.connection.AbstractConnection) -> None:
+        """Close a connection that failed mid-exchange (what it still owes is lost) and return it."""
+        connection.disconnect()
+        self.redis.connection_pool.release(connection)
 
     def _exchange(
         self,
@@ -451,8 +481,7 @@ class WorkQueue:
         works on them); they follow in a second write and are left to ``confirm`` too.
         ``meanwhile`` runs once everything is sent, before any result is read.
         """
-        pool = self.redis.connection_pool
-        connection = pool.get_connection()
+        connection = self._connection()
         try:
             connection.send_packed_command(_packed(calls))
             more = behind() if behind else []
@@ -463,13 +492,12 @@ class WorkQueue:
                 meanwhile()
             results = [_read(connection) for _ in calls[:now]]
         except BaseException:
-            connection.disconnect()
-            pool.release(connection)
+            self._drop(connection)
             raise
         if now < len(calls):
             self._awaiting = (connection, calls[now:])
         else:
-            pool.release(connection)
+            self._keep(connection)
         return self._checked(calls[:now], results)
 
     def _checked(self, calls: list[tuple], results: list) -> list:

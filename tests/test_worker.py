@@ -324,3 +324,22 @@ def test_a_full_batch_is_answered_without_a_garbage_collection(settings, redis_c
         gc.unfreeze()
         gc.set_threshold(*thresholds)
     assert started == [], f"collections of generations {started} while answering a batch"
+
+
+def test_a_connection_redis_closed_between_turns_is_replaced_unnoticed(
+    settings, redis_client, write_persona, tiny_llama_dir, client
+):
+    """The worker keeps its connection from turn to turn; one Redis has closed meanwhile
+    (a restart, an idle timeout) is replaced before it is used, and the turn goes on."""
+    from persona.bench_queue import InstantEngine
+    from persona.pool import ModelPool
+    from persona.worker import Worker
+
+    write_persona("tiny", base=str(tiny_llama_dir))
+    worker = Worker(settings, redis_client, ModelPool(settings, "cpu", engine_factory=InstantEngine), worker_id="w-kept")
+    client.submit(chat("tiny"))
+    assert worker.step(block_ms=0) == 1
+    assert redis_client.client_kill_filter(_type="normal", skipme=True) >= 1  # every connection but this one
+    request = client.submit(chat("tiny"))
+    assert worker.step(block_ms=0) == 1
+    assert client.wait(request, timeout=5).ok
