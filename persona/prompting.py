@@ -75,10 +75,10 @@ def build_prompts(
             spliced[i] = (shape, len(segments))
             segments += own
         else:
-            texts[i] = shape.text(turns) if shape is not None else _render_chat(tokenizer, _chat_messages(persona, turns))
+            texts[i] = _chat_text(tokenizer, persona, turns)
     found: dict[int, list[int]] = {}
     if spliced:
-        encoded = next(iter(spliced.values()))[0].encoder.encode_pieces(segments)
+        encoded = encoder_for(tokenizer).encode_pieces(segments)
         for i, (shape, at) in spliced.items():
             found[i] = shape.ids(encoded[at : at + len(shape.edges)])
     if texts:

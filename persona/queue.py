@@ -448,10 +448,11 @@ class WorkQueue:
         connection, self._kept = self._kept, None
         if connection is not None:
             try:
-                if not connection.can_read(timeout=0):  # nothing to read: open, and owing nothing
-                    return connection
+                usable = not connection.can_read(timeout=0)  # nothing to read: open, and owing nothing
             except (redis.exceptions.ConnectionError, OSError):
-                pass
+                usable = False
+            if usable:
+                return connection
             self._drop(connection)  # closed by Redis meanwhile (a restart, an idle timeout)
         return self.redis.connection_pool.get_connection()
 
@@ -460,6 +461,12 @@ class WorkQueue:
         if self._kept is None:
             self._kept = connection
         else:
+            self.redis.connection_pool.release(connection)
+
+    def release(self) -> None:
+        """Give back the connection kept between exchanges (the worker is leaving)."""
+        connection, self._kept = self._kept, None
+        if connection is not None:
             self.redis.connection_pool.release(connection)
 
     def _drop(self, connection: redis.connection.AbstractConnection) -> None:

@@ -97,7 +97,7 @@ class PieceEncoder:
         return cache
 
     def encode_pieces(self, pieces: list[str]) -> list[list[int]]:
-        """The ids of texts that hold no added token (see ``holds_added``); not to be changed."""
+        """The ids of texts that hold no added token (see ``holds_added``): the cache's own lists, not to be changed."""
         cache = self._known(pieces)
         return [cache[piece] for piece in pieces]
 

@@ -206,6 +206,8 @@ class Worker:
             # another worker reclaims them once this one's heartbeat has lapsed.
             log.error("could not hand back work while leaving: %s", exc)
             return
+        finally:
+            self.queue.release()
         if moved:
             log.info("handed back %d unfinished request(s)", moved)
         log.info("worker %s stopped", self.id)

@@ -336,7 +336,7 @@ def test_a_connection_redis_closed_between_turns_is_replaced_unnoticed(
     from persona.worker import Worker
 
     write_persona("tiny", base=str(tiny_llama_dir))
-    worker = Worker(settings, redis_client, ModelPool(settings, "cpu", engine_factory=InstantEngine), worker_id="w-kept")
+    worker = Worker(settings, redis_client, ModelPool(settings, "cpu", engine_factory=InstantEngine), worker_id="w-reconnect")
     client.submit(chat("tiny"))
     assert worker.step(block_ms=0) == 1
     assert redis_client.client_kill_filter(_type="normal", skipme=True) >= 1  # every connection but this one
