@@ -470,7 +470,7 @@ class WorkQueue:
             self.redis.connection_pool.release(connection)
 
     def _drop(self, connection: redis.connection.AbstractConnection) -> None:
-        """Close a connection that failed mid-exchange (what it still owes is lost) and return it."""
+        """Close a connection that failed or went stale (what it still owes is lost) and return it to the pool."""
         connection.disconnect()
         self.redis.connection_pool.release(connection)
 

@@ -101,7 +101,7 @@ _QUEUE_WAIT, _GENERATE = _HISTOGRAMS["queue_wait_seconds"], _HISTOGRAMS["generat
 class Tally:
     """A batch's telemetry summed in Python: reply-log rows, counter and histogram increments."""
 
-    rows: list[str] = field(default_factory=list)  # one reply-log row per reply (see ``_row``)
+    rows: list[str] = field(default_factory=list)  # one reply-log row per reply (layout: ``_logged``)
     counts: dict[tuple[str, str], int] = field(default_factory=lambda: defaultdict(int))
     sums: dict[tuple[str, str], float] = field(default_factory=lambda: defaultdict(float))
 
