@@ -33,7 +33,7 @@ for stage in $STAGES; do
     sampled) BENCH_S=${SAMPLED_S:-150} bench bench_engine_sampled --sample ;;
     tests)
       timeout "${TESTS_S:-150}" python3 -m pytest -q -p no:cacheprovider --noconftest -c /dev/null --rootdir . \
-        tests/test_gpu_decoder.py > "$OUT/gpu_tests.log" 2>&1
+        tests/test_gpu_decoder.py tests/test_decode_kernels.py > "$OUT/gpu_tests.log" 2>&1
       echo "gpu tests rc=$? after ${SECONDS}s" | tee -a "$OUT/gpu_tests.log" ;;
     steps)
       timeout "${STEPS_S:-120}" python3 bench/gpu_steps.py > "$OUT/gpu_steps.json" 2> "$OUT/gpu_steps.log"

@@ -1,8 +1,9 @@
 """Where a GPU decode step's time goes: the decoder alone, without the engine around it.
 
 For a random-weight model of the bundled model's shape (bf16), times ``LlamaDecoder.step``
-at each batch size three ways: launched kernel by kernel (no graph), replayed as a CUDA
-graph of the eager step, and as a graph of the torch.compile'd step. Also the one-off
+at each batch size four ways: launched kernel by kernel (no graph), replayed as a CUDA
+graph of the eager step, as a graph of the torch.compile'd step, and (up to 8 rows) as a
+graph of the small-batch Triton kernels (``persona/decode_kernels.py``). Also the one-off
 costs a server meets: compiling, capturing a graph, and a row leaving a running batch
 (its cache is compacted and the graph captured again). Prints one JSON object.
 
@@ -85,9 +86,12 @@ def main() -> None:
     model = _model()
     report: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "prompt_tokens": PROMPT_TOKENS}
     variants = {
-        "kernels": {"static": True},
+        "no_graph": {"static": True},
         "graph": {"graphs": True},
         "compiled_graph": {"graphs": True, "compile": True},
+        # Triton kernels for up to 8 rows (persona/decode_kernels.py), captured as a graph;
+        # larger batches take the eager step's graph (nothing compiles: no time for it).
+        "triton_graph": {"graphs": True, "kernels": "always"},
     }
     for name, options in variants.items():
         decoder = LlamaDecoder(model, **options)
@@ -100,6 +104,8 @@ def main() -> None:
             print(name, batch, row[batch], flush=True, file=sys.stderr)
         if options.get("compile"):
             row["compiled"] = decoder.compiled
+        if options.get("kernels"):
+            row["triton_kernels_ran"] = decoder.small_step is not None
         if options.get("graphs") and max(batches) > 1:
             row["leave_ms"] = {b: time_leave(decoder, b) for b in batches if b > 1}
         report[name] = row

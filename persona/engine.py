@@ -175,12 +175,16 @@ class TransformersEngine:
         # On a GPU each decode step replays a CUDA graph of the (compiled) step.
         on_gpu = self.device.type == "cuda"
         return llama_decoder.LlamaDecoder(
-            self.loaded.model, int8=self.mode == "int8", graphs=on_gpu, compile=compile and on_gpu
+            self.loaded.model,
+            int8=self.mode == "int8",
+            graphs=on_gpu,
+            compile=compile and on_gpu,
+            kernels="auto" if on_gpu else "never",
         )
 
     def warm_up(self) -> float:
-        """One short generation, so the first user does not pay for first-call costs
-        (weights paged in, kernels picked, a CUDA graph captured); returns its seconds.
+        """Short generations, so the first user does not pay for first-call costs (weights
+        paged in, kernels picked and compiled, CUDA graphs captured); returns the seconds.
 
         It is also the weights' smoke test: NaN or infinite logits raise ModelError.
         """
@@ -194,6 +198,11 @@ class TransformersEngine:
                 # (and once more for a single row): both here, not on a user's time.
                 self.generate([hello, hello])
             self.generate([hello])
+            small = getattr(self.decoder, "small_step", None)
+            if small is not None and getattr(self.decoder, "graphs", False):
+                # Each small batch size picks its faster step when first captured: here.
+                for rows in range(2, small.max_rows + 1):
+                    self.generate([hello] * rows)
         finally:
             self._checking = False
         return time.perf_counter() - started

@@ -29,6 +29,7 @@ __all__ = ["LlamaDecoder", "supports", "supports_config"]
 log = logging.getLogger(__name__)
 
 FUSABLE_MODEL_TYPES = frozenset({"llama"})
+KERNEL_CHOICES = ("never", "auto", "always")
 # A static cache's length is rounded up to this, so batches of similar prompts share
 # one shape (and so one captured graph and one compiled step).
 STATIC_CAPACITY_STEP = 64
@@ -118,13 +119,23 @@ class LlamaDecoder:
     can_join = True  # rows can be added while the batch decodes (``join``)
 
     def __init__(
-        self, model, *, int8: bool = False, static: bool = False, graphs: bool = False, compile: bool = False
+        self,
+        model,
+        *,
+        int8: bool = False,
+        static: bool = False,
+        graphs: bool = False,
+        compile: bool = False,
+        kernels: str = "never",
     ) -> None:
+        if kernels not in KERNEL_CHOICES:
+            raise ValueError(f"kernels must be one of {', '.join(KERNEL_CHOICES)}, not {kernels!r}")
         config = model.config
         inner = model.model
         self.device = next(model.parameters()).device
         if int8 and self.device.type != "cpu":
             raise ValueError("int8 weights are a CPU path; use full precision on a GPU")
+        self.int8 = int8
         self.heads = config.num_attention_heads
         self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
@@ -170,6 +181,15 @@ class LlamaDecoder:
         # size of 1), always off the graph; a step that fails to compile runs uncompiled.
         self.compiled = compile and self.graphs
         self._step_fn = torch.compile(self._static_step) if self.compiled else self._static_step
+        # kernels: up to decode_kernels.MAX_ROWS rows can take the static step as Triton
+        # kernels (five launches a layer): "always", or "auto": the first capture of each
+        # batch size times both steps and keeps the faster. Without a GPU only Triton's
+        # interpreter runs them (the tests).
+        self.kernels = kernels
+        self.small_step = self._small_step() if self.static and kernels != "never" else None
+        self._small_choice: dict[int, bool] = {}  # batch size -> whether it takes the kernels
+        # batch size -> milliseconds per step of each candidate, as timed by "auto"
+        self.step_ms: dict[int, dict[str, float]] = {}
 
     # -- the batch's cache --------------------------------------------------------
 
@@ -210,7 +230,7 @@ class LlamaDecoder:
             raise RuntimeError("the decode ran past the room reserved at start")
         if self.static:
             self.length = at + 1
-            logits = self._replay(tokens, positions) if self.graphs else self._static_step(tokens, positions)
+            logits = self._replay(tokens, positions) if self.graphs else self._uncaptured_step(tokens, positions)
             self.at += 1  # outside the graph, so capturing (which runs the step once) changes nothing
             return logits
         self.valid[:, at] = True
@@ -253,6 +273,23 @@ class LlamaDecoder:
         self.valid = self.valid.index_select(0, keep)
         self._captured.clear()  # captured graphs point at the old tensors
 
+    def _small_step(self):
+        try:
+            from persona import decode_kernels
+        except ImportError as exc:
+            log.info("no Triton (%s); every decode step runs as torch ops", exc)
+            return None
+        try:
+            return decode_kernels.SmallBatchStep(self)
+        except ValueError as exc:
+            log.info("%s; every decode step runs as torch ops", exc)
+            return None
+
+    def _uncaptured_step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        if self.small_step is not None and tokens.shape[0] <= self.small_step.max_rows:
+            return self.small_step(tokens, positions)
+        return self._static_step(tokens, positions)
+
     def _static_step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """One decode step whose shapes never change: write at ``self.at``, attend to all."""
         self.valid.index_fill_(1, self.at.view(1), True)
@@ -264,18 +301,7 @@ class LlamaDecoder:
         batch = tokens.shape[0]
         if batch not in self._captured:
             tokens_in, positions_in = tokens.clone(), positions.clone()
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                self._warm_step(tokens_in, positions_in)  # compiles, picks kernels: off the graph
-            torch.cuda.current_stream().wait_stream(side)
-            try:
-                graph, logits = self._capture(tokens_in, positions_in)
-            except Exception as exc:
-                if not self.compiled:
-                    raise
-                self._stop_compiling("cannot capture the compiled step", exc)
-                graph, logits = self._capture(tokens_in, positions_in)
+            graph, logits = self._graph_for(tokens_in, positions_in)
             self._captured[batch] = (graph, tokens_in, positions_in, logits)
         graph, tokens_in, positions_in, logits = self._captured[batch]
         tokens_in.copy_(tokens)
@@ -283,14 +309,71 @@ class LlamaDecoder:
         graph.replay()
         return logits.clone()
 
-    def _capture(self, tokens: torch.Tensor, positions: torch.Tensor) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    def _graph_for(self, tokens: torch.Tensor, positions: torch.Tensor) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """A graph of the torch step or of the small-batch kernels: the first time a batch
+        size is captured with both available, each is timed and the faster kept."""
+        batch = tokens.shape[0]
+        small = self.small_step is not None and batch <= self.small_step.max_rows
+        if small and self.kernels == "always":
+            self._small_choice[batch] = True
+        if small and self._small_choice.get(batch):
+            kernels = self._kernel_graph(tokens, positions)
+            if kernels is not None:
+                return kernels
+        ours = self._torch_graph(tokens, positions)
+        if not small or batch in self._small_choice:
+            return ours
+        kernels = self._kernel_graph(tokens, positions)
+        if kernels is None:
+            return ours
+        torch_ms, kernel_ms = _replay_ms(ours[0]), _replay_ms(kernels[0])
+        self._small_choice[batch] = kernel_ms < torch_ms
+        self.step_ms[batch] = {"kernels": round(kernel_ms, 4), "compiled" if self.compiled else "eager": round(torch_ms, 4)}
+        log.info(
+            "decode step for %d row(s): %.3f ms as Triton kernels, %.3f ms as the %s step; using the %s",
+            batch, kernel_ms, torch_ms, "compiled" if self.compiled else "eager",
+            "kernels" if kernel_ms < torch_ms else "torch step",
+        )  # fmt: skip
+        return kernels if kernel_ms < torch_ms else ours
+
+    def _torch_graph(self, tokens: torch.Tensor, positions: torch.Tensor) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        self._off_graph(self._warm_step, tokens, positions)
+        try:
+            return self._capture(self._step_fn, tokens, positions)
+        except Exception as exc:
+            if not self.compiled:
+                raise
+            self._stop_compiling("cannot capture the compiled step", exc)
+            return self._capture(self._step_fn, tokens, positions)
+
+    def _kernel_graph(self, tokens: torch.Tensor, positions: torch.Tensor):
+        """The small-batch kernels captured, or None (and no more kernels) if they fail."""
+        try:
+            self._off_graph(self.small_step, tokens, positions)  # Triton compiles and tunes here
+            return self._capture(self.small_step, tokens, positions)
+        except Exception as exc:  # noqa: BLE001 - any failure of Triton or the capture: the torch step serves
+            log.warning("the small-batch kernels failed (%s: %s); decoding with the torch step", type(exc).__name__, exc)
+            self.small_step = None
+            return None
+
+    @staticmethod
+    def _off_graph(fn, tokens: torch.Tensor, positions: torch.Tensor) -> None:
+        """Run a step once on a side stream before capturing it (compiles, picks kernels)."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fn(tokens, positions)
+        torch.cuda.current_stream().wait_stream(side)
+
+    @staticmethod
+    def _capture(fn, tokens: torch.Tensor, positions: torch.Tensor) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            logits = self._step_fn(tokens, positions)
+            logits = fn(tokens, positions)
         return graph, logits
 
     def _warm_step(self, tokens: torch.Tensor, positions: torch.Tensor) -> None:
-        """Run the step once before capturing it; a step that cannot compile runs uncompiled."""
+        """The torch step once before capturing it; a step that cannot compile runs uncompiled."""
         if self.compiled:
             # The batch size and the cache's length vary; the weights' shapes never do.
             for tensor in (*self.k, *self.v):
@@ -361,3 +444,15 @@ class LlamaDecoder:
         scores = scores.masked_fill(~self.valid[:, None, None, :], float("-inf"))
         attended = torch.matmul(scores.softmax(dim=-1).to(v_cache.dtype), v_cache)  # (batch, kv, group, dim)
         return attended.reshape(batch, 1, self.heads, self.head_dim)
+
+
+def _replay_ms(graph: torch.cuda.CUDAGraph, replays: int = 20) -> float:
+    """Milliseconds per replay of a captured step (it rewrites the same slot each time)."""
+    graph.replay()
+    began, ended = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    began.record()
+    for _ in range(replays):
+        graph.replay()
+    ended.record()
+    ended.synchronize()
+    return began.elapsed_time(ended) / replays

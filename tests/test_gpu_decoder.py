@@ -84,12 +84,16 @@ PROMPTS = [[5, 17, 42, 99, 7, 3, 250, 31], [11, 12], [300, 301, 302, 303, 304]]
 FOLLOW = [[8, 9, 10, 11, 12, 13], [40, 41, 42, 43, 44, 45], [60, 61, 62, 63, 64, 65]]
 
 
-@pytest.mark.parametrize("compile", [False, True], ids=["graph", "compiled-graph"])
-def test_graph_steps_give_hugging_faces_logits(model, compile):
-    decoder = LlamaDecoder(model, graphs=True, compile=compile)
+@pytest.mark.parametrize(
+    ("compile", "kernels"), [(False, "never"), (True, "never"), (False, "always")],
+    ids=["graph", "compiled-graph", "kernels-graph"],
+)  # fmt: skip
+def test_graph_steps_give_hugging_faces_logits(model, compile, kernels):
+    decoder = LlamaDecoder(model, graphs=True, compile=compile, kernels=kernels)
     ours = _decode(decoder, PROMPTS, FOLLOW)
     assert decoder._captured, "the decode steps did not replay a CUDA graph"
     assert decoder.compiled == compile, "the step fell back from torch.compile"
+    assert (decoder.small_step is not None) == (kernels == "always"), "the small-batch kernels failed"
     for mine, theirs in zip(ours, _expected(model, PROMPTS, FOLLOW), strict=True):
         assert torch.allclose(mine.float(), theirs.float(), atol=2e-3), (mine - theirs).abs().max()
 
@@ -138,6 +142,8 @@ def test_the_engine_on_a_gpu_writes_what_it_writes_on_the_cpu(model, tokenizer):
     gpu = engine("cuda", compile=True)
     gpu.warm_up()
     assert gpu.decoder.compiled
+    # Warm-up timed the kernels against the compiled step for every small batch size.
+    assert sorted(gpu.decoder.step_ms) == list(range(1, gpu.decoder.small_step.max_rows + 1)), gpu.decoder.step_ms
     compiled_graphs = counters["stats"]["unique_graphs"]
     cpu = engine("cpu", compile=False)
     for batch in ([work(PROMPTS[0], 9), work(PROMPTS[1], 3)], [work(p, 5 + i) for i, p in enumerate(PROMPTS * 2)]):

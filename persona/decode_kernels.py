@@ -1,0 +1,252 @@
+"""A small batch's decode step in five Triton kernels per layer.
+
+At batch 1 a GPU decode step is a chain of tiny kernels, each costing a few
+microseconds however little it does, while the bundled model's weights (0.27 GB)
+would stream in about 0.1 ms. Even compiled by inductor and replayed as a CUDA graph
+the step is ~13 kernels a layer. Here each layer is five launches:
+
+1. RMS norm and the fused q/k/v projection;
+2. the rotary embedding, the new key and value written to the cache, and attention
+   over the filled part of the cache, each grouped KV head read once for the query
+   heads that share it (one program per row and KV head, an online softmax);
+3. the o projection added to the residual stream;
+4. RMS norm, the fused gate/up projection and SiLU(gate)·up;
+5. the down projection added to the residual stream.
+
+The projections are matrix-vector products over the weights as the model holds them
+(one program per block of output rows and per batch row), so a checkpoint needs no
+conversion. Everything accumulates in float32. The step reads the write position from a
+device tensor, so it can be captured as a CUDA graph and replayed like the compiled one.
+
+On a CPU the kernels run under Triton's interpreter (``TRITON_INTERPRET=1``, set before
+Triton is imported), which is how the tests check them without a GPU; the interpreter
+has no bfloat16, so those checks run in float32.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["MAX_ROWS", "SmallBatchStep", "unsupported"]
+
+# The kernels re-read each weight tile once per row (from L2 after the first); past a
+# few rows the compiled step's matrix-matrix products are the better path.
+MAX_ROWS = 8
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+# (rows of the output per program, columns of the weight per loop, warps); on a GPU the
+# fastest for each projection's shape is picked the first time it runs (off the graph).
+_TILES = [(16, 128, 4), (8, 256, 4), (32, 64, 4), (64, 128, 8)]
+
+
+@triton.jit
+def _project(
+    x_ptr, w_ptr, out_ptr, norm_ptr, res_ptr,
+    N, K, eps,
+    x_stride, w_stride, out_stride,
+    NORM: tl.constexpr, GATED: tl.constexpr, RESIDUAL: tl.constexpr, K_ROW: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """out[row, n] = (res[row, n] +) sum_k norm(x)[row, k] W[n, k]; GATED: silu(gate)·up,
+    the up rows following the N gate rows in W."""
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row = tl.program_id(1)
+    col_ok = cols < N
+    x_row = x_ptr + row * x_stride
+    if NORM:
+        whole = tl.arange(0, K_ROW)
+        row_x = tl.load(x_row + whole, mask=whole < K, other=0.0).to(tl.float32)
+        rstd = tl.rsqrt(tl.sum(row_x * row_x, 0) / K + eps)
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    up = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for start in range(0, K, BLOCK_K):
+        ks = start + tl.arange(0, BLOCK_K)
+        k_ok = ks < K
+        xs = tl.load(x_row + ks, mask=k_ok, other=0.0).to(tl.float32)
+        if NORM:
+            xs = xs * rstd * tl.load(norm_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
+        tile = col_ok[:, None] & k_ok[None, :]
+        w = tl.load(w_ptr + cols[:, None] * w_stride + ks[None, :], mask=tile, other=0.0)
+        acc += tl.sum(w.to(tl.float32) * xs[None, :], 1)
+        if GATED:
+            wu = tl.load(w_ptr + (cols + N)[:, None] * w_stride + ks[None, :], mask=tile, other=0.0)
+            up += tl.sum(wu.to(tl.float32) * xs[None, :], 1)
+    if GATED:
+        acc = acc * tl.sigmoid(acc) * up
+    if RESIDUAL:
+        acc += tl.load(res_ptr + row * out_stride + cols, mask=col_ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * out_stride + cols, acc.to(out_ptr.dtype.element_ty), mask=col_ok)
+
+
+@triton.jit
+def _attend(
+    qkv_ptr, cos_ptr, sin_ptr, positions_ptr, at_ptr, k_ptr, v_ptr, valid_ptr, out_ptr,
+    scale,
+    qkv_stride, table_stride, cache_row_stride, cache_head_stride, valid_stride, out_stride,
+    HEADS: tl.constexpr, KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_P2: tl.constexpr,
+    HALF: tl.constexpr, BLOCK_S: tl.constexpr,
+):  # fmt: skip
+    """One row's query heads that share KV head ``program_id(1)``: rotate q and the new
+    k, write k and v at slot ``at``, attend over the valid slots before it and itself."""
+    row = tl.program_id(0)
+    head = tl.program_id(1)
+    dim = 2 * HALF
+    at = tl.load(at_ptr)
+    d = tl.arange(0, HALF)
+    table = tl.load(positions_ptr + row) * table_stride
+    cos_lo = tl.load(cos_ptr + table + d).to(tl.float32)
+    cos_hi = tl.load(cos_ptr + table + HALF + d).to(tl.float32)
+    sin_lo = tl.load(sin_ptr + table + d).to(tl.float32)
+    sin_hi = tl.load(sin_ptr + table + HALF + d).to(tl.float32)
+    base = qkv_ptr + row * qkv_stride
+    kind = k_ptr.dtype.element_ty
+
+    # The new key (rotated) and value go into the cache at ``at``; rounded as the cache
+    # holds them, so this step scores them as later steps will.
+    k_lo = tl.load(base + (HEADS + head) * dim + d).to(tl.float32)
+    k_hi = tl.load(base + (HEADS + head) * dim + HALF + d).to(tl.float32)
+    key_lo = (k_lo * cos_lo - k_hi * sin_lo).to(kind)
+    key_hi = (k_hi * cos_hi + k_lo * sin_hi).to(kind)
+    v_lo = tl.load(base + (HEADS + KV_HEADS + head) * dim + d)
+    v_hi = tl.load(base + (HEADS + KV_HEADS + head) * dim + HALF + d)
+    cache = row * cache_row_stride + head * cache_head_stride
+    tl.store(k_ptr + cache + at * dim + d, key_lo)
+    tl.store(k_ptr + cache + at * dim + HALF + d, key_hi)
+    tl.store(v_ptr + cache + at * dim + d, v_lo.to(kind))
+    tl.store(v_ptr + cache + at * dim + HALF + d, v_hi.to(kind))
+
+    g = tl.arange(0, GROUP_P2)
+    g_ok = g < GROUP
+    q_at = base + (head * GROUP + g)[:, None] * dim + d[None, :]
+    q_lo = tl.load(q_at, mask=g_ok[:, None], other=0.0).to(tl.float32)
+    q_hi = tl.load(q_at + HALF, mask=g_ok[:, None], other=0.0).to(tl.float32)
+    query_lo = (q_lo * cos_lo[None, :] - q_hi * sin_lo[None, :]).to(kind).to(tl.float32)
+    query_hi = (q_hi * cos_hi[None, :] + q_lo * sin_hi[None, :]).to(kind).to(tl.float32)
+
+    # Online softmax, starting from the new token (always attended, so never empty).
+    best = scale * (
+        tl.sum(query_lo * key_lo.to(tl.float32)[None, :], 1) + tl.sum(query_hi * key_hi.to(tl.float32)[None, :], 1)
+    )
+    total = tl.full([GROUP_P2], 1.0, dtype=tl.float32)
+    acc_lo = tl.zeros([GROUP_P2, HALF], dtype=tl.float32) + v_lo.to(kind).to(tl.float32)[None, :]
+    acc_hi = tl.zeros([GROUP_P2, HALF], dtype=tl.float32) + v_hi.to(kind).to(tl.float32)[None, :]
+    for start in range(0, at, BLOCK_S):
+        s = start + tl.arange(0, BLOCK_S)
+        before = s < at
+        use = before & (tl.load(valid_ptr + row * valid_stride + s, mask=before, other=0) != 0)
+        slot = cache + s[:, None] * dim + d[None, :]
+        keys_lo = tl.load(k_ptr + slot, mask=before[:, None], other=0.0).to(tl.float32)
+        keys_hi = tl.load(k_ptr + slot + HALF, mask=before[:, None], other=0.0).to(tl.float32)
+        scores = tl.sum(query_lo[:, None, :] * keys_lo[None, :, :], 2)
+        scores += tl.sum(query_hi[:, None, :] * keys_hi[None, :, :], 2)
+        scores = tl.where(use[None, :], scores * scale, float("-inf"))
+        new_best = tl.maximum(best, tl.max(scores, 1))
+        kept = tl.exp(best - new_best)
+        p = tl.exp(scores - new_best[:, None])
+        total = total * kept + tl.sum(p, 1)
+        values_lo = tl.load(v_ptr + slot, mask=before[:, None], other=0.0).to(tl.float32)
+        values_hi = tl.load(v_ptr + slot + HALF, mask=before[:, None], other=0.0).to(tl.float32)
+        acc_lo = acc_lo * kept[:, None] + tl.sum(p[:, :, None] * values_lo[None, :, :], 1)
+        acc_hi = acc_hi * kept[:, None] + tl.sum(p[:, :, None] * values_hi[None, :, :], 1)
+        best = new_best
+    out_at = out_ptr + row * out_stride + (head * GROUP + g)[:, None] * dim + d[None, :]
+    kind_out = out_ptr.dtype.element_ty
+    tl.store(out_at, (acc_lo / total[:, None]).to(kind_out), mask=g_ok[:, None])
+    tl.store(out_at + HALF, (acc_hi / total[:, None]).to(kind_out), mask=g_ok[:, None])
+
+
+def _tuned(kernel):
+    """On a GPU, the kernel with its tile picked per projection shape; interpreted, one tile."""
+    if INTERPRETED:
+        return kernel
+    configs = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w) for n, k, w in _TILES]
+    # Tuning runs the kernel several times: the residual projections add into their
+    # output, so it is put back after each run.
+    return triton.autotune(configs, key=["N", "K", "NORM", "GATED", "RESIDUAL"], restore_value=["out_ptr"])(kernel)
+
+
+_project_tuned = _tuned(_project)
+
+
+def unsupported(decoder) -> str | None:
+    """Why these kernels cannot run ``decoder``'s model (None when they can)."""
+    if decoder.int8:
+        return "int8 weights"
+    if decoder.head_dim % 2 or decoder.head_dim & (decoder.head_dim - 1):
+        return f"head size {decoder.head_dim} is not a power of two"
+    linears = [decoder.head] + [lin for layer in decoder.layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+    if any(lin.bias is not None for lin in linears):
+        return "projections with biases"
+    if decoder.device.type != "cuda" and not INTERPRETED:
+        return "no GPU (and Triton's interpreter is off)"
+    return None
+
+
+class SmallBatchStep:
+    """``LlamaDecoder``'s static decode step for up to ``MAX_ROWS`` rows, as Triton kernels.
+
+    Same contract as the decoder's ``_static_step``: one token per row at ``decoder.at``,
+    the new keys and values written there, ``decoder.valid`` marked; returns the logits.
+    """
+
+    max_rows = MAX_ROWS
+
+    def __init__(self, decoder) -> None:
+        reason = unsupported(decoder)
+        if reason:
+            raise ValueError(f"the small-batch kernels cannot run this model: {reason}")
+        self.decoder = decoder
+        self.hidden = decoder.embed.shape[1]
+        self.group = decoder.heads // decoder.kv_heads
+
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        dec = self.decoder
+        rows = tokens.shape[0]
+        if rows > MAX_ROWS:
+            raise ValueError(f"{rows} rows; these kernels take at most {MAX_ROWS}")
+        heads, kv_heads, dim = dec.heads, dec.kv_heads, dec.head_dim
+        dec.valid.index_fill_(1, dec.at.view(1), True)
+        x = torch.index_select(dec.embed, 0, tokens)
+        qkv = torch.empty((rows, (heads + 2 * kv_heads) * dim), dtype=dec.dtype, device=dec.device)
+        attended = torch.empty((rows, heads * dim), dtype=dec.dtype, device=dec.device)
+        inner = dec.layers[0].down.weight.shape[1]
+        act = torch.empty((rows, inner), dtype=dec.dtype, device=dec.device)
+        valid = dec.valid.view(torch.uint8)
+        for index, layer in enumerate(dec.layers):
+            self._project(x, layer.qkv.weight, qkv, norm=layer.norm1)
+            k_cache, v_cache = dec.k[index], dec.v[index]
+            _attend[(rows, kv_heads)](
+                qkv, dec.cos, dec.sin, positions, dec.at, k_cache, v_cache, valid, attended,
+                dec.scale,
+                qkv.stride(0), dec.cos.stride(0), k_cache.stride(0), k_cache.stride(1), valid.stride(0), attended.stride(0),
+                HEADS=heads, KV_HEADS=kv_heads, GROUP=self.group, GROUP_P2=triton.next_power_of_2(self.group),
+                HALF=dim // 2, BLOCK_S=64,
+            )  # fmt: skip
+            self._project(attended, layer.o.weight, x, residual=True)
+            self._project(x, layer.gate_up.weight, act, norm=layer.norm2, gated=True)
+            self._project(act, layer.down.weight, x, residual=True)
+        logits = torch.empty((rows, dec.head.weight.shape[0]), dtype=dec.dtype, device=dec.device)
+        self._project(x, dec.head.weight, logits, norm=dec.norm)
+        return logits
+
+    def _project(
+        self, x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, *,
+        norm: torch.Tensor | None = None, gated: bool = False, residual: bool = False,
+    ) -> None:  # fmt: skip
+        rows, width = x.shape
+        n = out.shape[1]
+        args = (
+            x, weight, out, norm if norm is not None else weight, out,
+            n, width, self.decoder.eps,
+            x.stride(0), weight.stride(0), out.stride(0),
+        )  # fmt: skip
+        flags = {"NORM": norm is not None, "GATED": gated, "RESIDUAL": residual, "K_ROW": triton.next_power_of_2(width)}
+        if INTERPRETED:
+            _project[(triton.cdiv(n, 64), rows)](*args, **flags, BLOCK_N=64, BLOCK_K=128)
+        else:
+            _project_tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), rows)](*args, **flags)

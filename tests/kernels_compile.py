@@ -1,0 +1,60 @@
+"""Compile every Triton kernel the small-batch decode step launches for an H100 (sm_90a),
+without a GPU: Triton's compiler and its bundled ptxas run on any machine.
+
+Run by tests/test_decode_kernels.py in a process of its own (Triton must not be in its
+interpreter mode here). Prints one line per kernel and a summary.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from triton import compile as compile_kernel
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from persona import decode_kernels
+
+H100 = GPUTarget("cuda", 90, 32)
+
+PROJECT = {name: "*bf16" for name in ("x_ptr", "w_ptr", "out_ptr", "norm_ptr", "res_ptr")} | {
+    "N": "i32", "K": "i32", "eps": "fp32", "x_stride": "i32", "w_stride": "i32", "out_stride": "i32",
+}  # fmt: skip
+ATTEND = (
+    {name: "*bf16" for name in ("qkv_ptr", "cos_ptr", "sin_ptr", "k_ptr", "v_ptr", "out_ptr")}
+    | {"positions_ptr": "*i64", "at_ptr": "*i64", "valid_ptr": "*u8", "scale": "fp32"}
+    | {f"{name}_stride": "i32" for name in ("qkv", "table", "cache_row", "cache_head", "valid", "out")}
+)
+# The bundled model's shape (SmolLM2-135M): 9 query heads over 3 KV heads of 64.
+ATTEND_SHAPE = {"HEADS": 9, "KV_HEADS": 3, "GROUP": 3, "GROUP_P2": 4, "HALF": 32, "BLOCK_S": 64}
+# How the step calls the projection: q/k/v and the head; o and down; gate/up.
+PROJECT_USES = [(True, False, False, 1024), (False, False, True, 1), (True, True, False, 1024)]
+
+
+def _compile(kernel, types: dict[str, str], constants: dict, warps: int = 4) -> None:
+    names = list(kernel.arg_names)
+    if sorted(names) != sorted([*types, *constants]):
+        raise SystemExit(f"{kernel.fn.__name__}'s arguments changed ({names}): update {__file__}")
+    signature = {name: types.get(name, "constexpr") for name in names}
+    asm = compile_kernel(ASTSource(kernel, signature, constants), target=H100, options={"num_warps": warps}).asm
+    if not asm.get("cubin"):
+        raise SystemExit(f"no machine code for {kernel.fn.__name__} {constants}")
+    print(kernel.fn.__name__, constants, "warps", warps, "ok")
+
+
+def main() -> int:
+    count = 0
+    for norm, gated, residual, k_row in PROJECT_USES:
+        flags = {"NORM": norm, "GATED": gated, "RESIDUAL": residual, "K_ROW": k_row}
+        # Every tile the GPU may pick for the largest case; the first for the others.
+        for block_n, block_k, warps in decode_kernels._TILES if gated else decode_kernels._TILES[:1]:
+            _compile(decode_kernels._project, PROJECT, flags | {"BLOCK_N": block_n, "BLOCK_K": block_k}, warps)
+            count += 1
+    _compile(decode_kernels._attend, ATTEND, ATTEND_SHAPE)
+    count += 1
+    print(f"compiled {count} kernels for sm_90a")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""The small-batch Triton kernels give Hugging Face's logits, rows joining and leaving included.
+
+On a GPU the kernels are compiled and run there; without one they run under Triton's
+interpreter on the CPU (in float32: the interpreter has no bfloat16), which checks the
+same kernel code, masks and indexing included, just slowly.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu":
+    os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels are defined, so before the import
+
+triton = pytest.importorskip("triton")
+if DEVICE == "cpu" and tuple(int(part) for part in triton.__version__.split(".")[:2]) < (3, 8):
+    pytest.skip("Triton's interpreter needs 3.8 or later with numpy 2.4", allow_module_level=True)
+
+from persona.decode_kernels import SmallBatchStep
+from persona.llama_decoder import LlamaDecoder
+
+
+def _model(**overrides):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.manual_seed(0)
+    shape = {
+        # 6 query heads over 2 KV heads: groups of 3, which the kernel pads to 4.
+        "vocab_size": 256, "hidden_size": 96, "intermediate_size": 160, "num_hidden_layers": 2,
+        "num_attention_heads": 6, "num_key_value_heads": 2, "max_position_embeddings": 256,
+        "tie_word_embeddings": True, "rope_theta": 100000.0,
+    } | overrides  # fmt: skip
+    return LlamaForCausalLM(LlamaConfig(**shape)).to(DEVICE).eval()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return _model()
+
+
+def _left_padded(prompts: list[list[int]]):
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=DEVICE)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=DEVICE)
+    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def _theirs(model, row: list[int]) -> torch.Tensor:
+    """Hugging Face's logits after the last token of ``row``, alone."""
+    with torch.inference_mode():
+        return model(input_ids=torch.tensor([row], device=DEVICE)).logits[0, -1]
+
+
+PROMPTS = [[5, 17, 42, 99, 7, 3, 250], [11, 12]]
+FOLLOW = [[8, 9, 10, 11], [40, 41, 42, 43]]
+
+
+def test_the_kernel_step_gives_hugging_faces_logits(model):
+    decoder = LlamaDecoder(model, static=True, kernels="always")
+    assert isinstance(decoder.small_step, SmallBatchStep)
+    ids, mask, positions = _left_padded(PROMPTS)
+    last = positions[:, -1]
+    with torch.inference_mode():
+        decoder.start(ids, mask, positions, len(FOLLOW[0]) + 1)
+        for i in range(len(FOLLOW[0])):
+            last = last + 1
+            ours = decoder.step(torch.tensor([f[i] for f in FOLLOW], device=DEVICE), last)
+            for row, (prompt, follow) in enumerate(zip(PROMPTS, FOLLOW, strict=True)):
+                theirs = _theirs(model, prompt + follow[: i + 1])
+                assert torch.allclose(ours[row], theirs, atol=1e-4), (i, row, (ours[row] - theirs).abs().max())
+
+
+def test_rows_leave_and_join_a_batch_on_the_kernel_step(model):
+    decoder = LlamaDecoder(model, static=True, kernels="always")
+    ids, mask, positions = _left_padded(PROMPTS)
+    with torch.inference_mode():
+        decoder.start(ids, mask, positions, 6)
+        decoder.step(torch.tensor([8, 40], device=DEVICE), positions[:, -1] + 1)
+        decoder.select(torch.tensor([1], device=DEVICE))  # the first row leaves
+        decoder.step(torch.tensor([41], device=DEVICE), torch.tensor([3], device=DEVICE))
+        new_ids, new_mask, new_positions = _left_padded([[60, 61, 62, 63, 64]])
+        decoder.join(new_ids, new_mask, new_positions, 6)
+        both = decoder.step(torch.tensor([42, 65], device=DEVICE), torch.tensor([4, 5], device=DEVICE))
+    assert torch.allclose(both[0], _theirs(model, PROMPTS[1] + [40, 41, 42]), atol=1e-4)
+    assert torch.allclose(both[1], _theirs(model, [60, 61, 62, 63, 64, 65]), atol=1e-4)
+
+
+def test_a_model_the_kernels_cannot_run_decodes_with_the_torch_step():
+    biased = _model(attention_bias=True, num_hidden_layers=1)
+    with pytest.raises(ValueError, match="biases"):
+        SmallBatchStep(LlamaDecoder(biased, static=True))
+    decoder = LlamaDecoder(biased, static=True, kernels="always")
+    assert decoder.small_step is None
+    ids, mask, positions = _left_padded([[5, 6, 7]])
+    with torch.inference_mode():
+        decoder.start(ids, mask, positions, 2)
+        ours = decoder.step(torch.tensor([8], device=DEVICE), torch.tensor([3], device=DEVICE))
+    assert torch.allclose(ours[0], _theirs(biased, [5, 6, 7, 8]), atol=1e-4)
+
+
+def test_an_unknown_kernel_choice_is_refused(model):
+    with pytest.raises(ValueError, match="kernels must be one of never, auto, always"):
+        LlamaDecoder(model, static=True, kernels="sometimes")
+
+
+def test_the_kernels_compile_for_an_h100_in_bfloat16():
+    """What the interpreter cannot check: Triton's compiler and ptxas accept every kernel the
+    step launches for the bundled model's shape, in every tile the GPU may pick. In a
+    process of its own: Triton here was imported to interpret, which it then does throughout."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = Path(__file__).with_name("kernels_compile.py")
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=240, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "compiled 7 kernels for sm_90a" in done.stdout, done.stdout
