@@ -1,11 +1,12 @@
 """Where a GPU decode step's time goes: the decoder alone, without the engine around it.
 
 For a random-weight model of the bundled model's shape (bf16), times ``LlamaDecoder.step``
-at each batch size four ways: launched kernel by kernel (no graph), replayed as a CUDA
-graph of the eager step, as a graph of the torch.compile'd step, and (up to 8 rows) as a
-graph of the small-batch Triton kernels (``persona/decode_kernels.py``). Also the one-off
-costs a server meets: compiling, capturing a graph, and a row leaving a running batch
-(its cache is compacted and the graph captured again). Prints one JSON object.
+at each batch size five ways: launched kernel by kernel (no graph); replayed as a CUDA
+graph of the eager step; as a graph of the torch.compile'd step; up to 8 rows as a graph
+of the small-batch Triton kernels (``persona/decode_kernels.py``); and as a graph of the
+compiled step whose attention is one Triton kernel. Also the one-off costs a server
+meets: compiling, capturing a graph, and a row leaving a running batch (its cache is
+compacted and the graph captured again). Prints one JSON object.
 
     python bench/gpu_steps.py [--batches 1,8,32,128] [--steps 100]
 """
@@ -92,6 +93,8 @@ def main() -> None:
         # Triton kernels for up to 8 rows (persona/decode_kernels.py), captured as a graph;
         # larger batches take the eager step's graph (nothing compiles: no time for it).
         "triton_graph": {"graphs": True, "kernels": "always"},
+        # The compiled step with its attention as one Triton kernel over the filled slots.
+        "compiled_graph_triton_attention": {"graphs": True, "compile": True, "attention": "triton"},
     }
     for name, options in variants.items():
         decoder = LlamaDecoder(model, **options)
@@ -106,6 +109,8 @@ def main() -> None:
             row["compiled"] = decoder.compiled
         if options.get("kernels"):
             row["triton_kernels_ran"] = decoder.small_step is not None
+        if options.get("attention"):
+            row["triton_attention_ran"] = decoder.attention is not None
         if options.get("graphs") and max(batches) > 1:
             row["leave_ms"] = {b: time_leave(decoder, b) for b in batches if b > 1}
         report[name] = row

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["MAX_ROWS", "SmallBatchStep", "unsupported"]
+__all__ = ["MAX_ROWS", "Attention", "SmallBatchStep", "unsupported"]
 
 # The kernels re-read each weight tile once per row (from L2 after the first); past a
 # few rows the compiled step's matrix-matrix products are the better path.
@@ -187,6 +187,32 @@ def unsupported(decoder) -> str | None:
     return None
 
 
+class Attention:
+    """The rotary embedding, the cache write and decode attention for one layer as one
+    kernel: (rows, q/k/v) in, (rows, heads × head size) out; ``decoder.at`` is the slot."""
+
+    def __init__(self, decoder) -> None:
+        reason = unsupported(decoder)
+        if reason:
+            raise ValueError(f"the Triton kernels cannot run this model: {reason}")
+        self.decoder = decoder
+        self.group = decoder.heads // decoder.kv_heads
+
+    def __call__(self, qkv: torch.Tensor, positions: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+        dec = self.decoder
+        rows = qkv.shape[0]
+        attended = torch.empty((rows, dec.heads * dec.head_dim), dtype=dec.dtype, device=dec.device)
+        valid = dec.valid.view(torch.uint8)
+        _attend[(rows, dec.kv_heads)](
+            qkv, dec.cos, dec.sin, positions, dec.at, k_cache, v_cache, valid, attended,
+            dec.scale,
+            qkv.stride(0), dec.cos.stride(0), k_cache.stride(0), k_cache.stride(1), valid.stride(0), attended.stride(0),
+            HEADS=dec.heads, KV_HEADS=dec.kv_heads, GROUP=self.group, GROUP_P2=triton.next_power_of_2(self.group),
+            HALF=dec.head_dim // 2, BLOCK_S=64,
+        )  # fmt: skip
+        return attended
+
+
 class SmallBatchStep:
     """``LlamaDecoder``'s static decode step for up to ``MAX_ROWS`` rows, as Triton kernels.
 
@@ -197,36 +223,21 @@ class SmallBatchStep:
     max_rows = MAX_ROWS
 
     def __init__(self, decoder) -> None:
-        reason = unsupported(decoder)
-        if reason:
-            raise ValueError(f"the small-batch kernels cannot run this model: {reason}")
+        self.attention = Attention(decoder)
         self.decoder = decoder
-        self.hidden = decoder.embed.shape[1]
-        self.group = decoder.heads // decoder.kv_heads
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         dec = self.decoder
         rows = tokens.shape[0]
         if rows > MAX_ROWS:
             raise ValueError(f"{rows} rows; these kernels take at most {MAX_ROWS}")
-        heads, kv_heads, dim = dec.heads, dec.kv_heads, dec.head_dim
         dec.valid.index_fill_(1, dec.at.view(1), True)
         x = torch.index_select(dec.embed, 0, tokens)
-        qkv = torch.empty((rows, (heads + 2 * kv_heads) * dim), dtype=dec.dtype, device=dec.device)
-        attended = torch.empty((rows, heads * dim), dtype=dec.dtype, device=dec.device)
-        inner = dec.layers[0].down.weight.shape[1]
-        act = torch.empty((rows, inner), dtype=dec.dtype, device=dec.device)
-        valid = dec.valid.view(torch.uint8)
+        qkv = torch.empty((rows, (dec.heads + 2 * dec.kv_heads) * dec.head_dim), dtype=dec.dtype, device=dec.device)
+        act = torch.empty((rows, dec.layers[0].down.weight.shape[1]), dtype=dec.dtype, device=dec.device)
         for index, layer in enumerate(dec.layers):
             self._project(x, layer.qkv.weight, qkv, norm=layer.norm1)
-            k_cache, v_cache = dec.k[index], dec.v[index]
-            _attend[(rows, kv_heads)](
-                qkv, dec.cos, dec.sin, positions, dec.at, k_cache, v_cache, valid, attended,
-                dec.scale,
-                qkv.stride(0), dec.cos.stride(0), k_cache.stride(0), k_cache.stride(1), valid.stride(0), attended.stride(0),
-                HEADS=heads, KV_HEADS=kv_heads, GROUP=self.group, GROUP_P2=triton.next_power_of_2(self.group),
-                HALF=dim // 2, BLOCK_S=64,
-            )  # fmt: skip
+            attended = self.attention(qkv, positions, dec.k[index], dec.v[index])
             self._project(attended, layer.o.weight, x, residual=True)
             self._project(x, layer.gate_up.weight, act, norm=layer.norm2, gated=True)
             self._project(act, layer.down.weight, x, residual=True)
@@ -245,7 +256,7 @@ class SmallBatchStep:
             n, width, self.decoder.eps,
             x.stride(0), weight.stride(0), out.stride(0),
         )  # fmt: skip
-        flags = {"NORM": norm is not None, "GATED": gated, "RESIDUAL": residual, "K_ROW": triton.next_power_of_2(width)}
+        flags = {"NORM": norm is not None, "GATED": gated, "RESIDUAL": residual, "K_ROW": triton.next_power_of_2(width) if norm is not None else 1}
         if INTERPRETED:
             _project[(triton.cdiv(n, 64), rows)](*args, **flags, BLOCK_N=64, BLOCK_K=128)
         else:

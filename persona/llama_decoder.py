@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 FUSABLE_MODEL_TYPES = frozenset({"llama"})
 KERNEL_CHOICES = ("never", "auto", "always")
+ATTENTION_CHOICES = ("torch", "triton")
 # A static cache's length is rounded up to this, so batches of similar prompts share
 # one shape (and so one captured graph and one compiled step).
 STATIC_CAPACITY_STEP = 64
@@ -127,9 +128,12 @@ class LlamaDecoder:
         graphs: bool = False,
         compile: bool = False,
         kernels: str = "never",
+        attention: str = "torch",
     ) -> None:
         if kernels not in KERNEL_CHOICES:
             raise ValueError(f"kernels must be one of {', '.join(KERNEL_CHOICES)}, not {kernels!r}")
+        if attention not in ATTENTION_CHOICES:
+            raise ValueError(f"attention must be one of {', '.join(ATTENTION_CHOICES)}, not {attention!r}")
         config = model.config
         inner = model.model
         self.device = next(model.parameters()).device
@@ -186,7 +190,10 @@ class LlamaDecoder:
         # batch size times both steps and keeps the faster. Without a GPU only Triton's
         # interpreter runs them (the tests).
         self.kernels = kernels
-        self.small_step = self._small_step() if self.static and kernels != "never" else None
+        self.small_step = self._triton("SmallBatchStep") if self.static and kernels != "never" else None
+        # attention "triton": the static step's rotary embedding, cache write and attention
+        # as one Triton kernel that reads only the filled slots (decode_kernels.Attention).
+        self.attention = self._triton("Attention") if self.static and attention == "triton" else None
         self._small_choice: dict[int, bool] = {}  # batch size -> whether it takes the kernels
         # batch size -> milliseconds per step of each candidate, as timed by "auto"
         self.step_ms: dict[int, dict[str, float]] = {}
@@ -273,16 +280,17 @@ class LlamaDecoder:
         self.valid = self.valid.index_select(0, keep)
         self._captured.clear()  # captured graphs point at the old tensors
 
-    def _small_step(self):
+    def _triton(self, name: str):
+        """decode_kernels' ``name`` over this decoder, or None where Triton cannot run it."""
         try:
             from persona import decode_kernels
         except ImportError as exc:
-            log.info("no Triton (%s); every decode step runs as torch ops", exc)
+            log.info("no Triton (%s); decode steps run as torch ops", exc)
             return None
         try:
-            return decode_kernels.SmallBatchStep(self)
+            return getattr(decode_kernels, name)(self)
         except ValueError as exc:
-            log.info("%s; every decode step runs as torch ops", exc)
+            log.info("%s; decode steps run as torch ops", exc)
             return None
 
     def _uncaptured_step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -402,37 +410,45 @@ class LlamaDecoder:
         """The layers; ``at`` None means a static step (one token per row, at ``self.at``)."""
         batch, width = ids.shape
         heads, kv_heads, dim = self.heads, self.kv_heads, self.head_dim
-        end = self.k[0].shape[2] if at is None else at + width
         x = F.embedding(ids, self.embed)
-        cos = self.cos[positions][:, :, None]  # (batch, width, 1, dim)
-        sin = self.sin[positions][:, :, None]
+        kernel = self.attention if at is None else None
+        if kernel is None:
+            rotary = (self.cos[positions][:, :, None], self.sin[positions][:, :, None])  # (batch, width, 1, dim)
         size = (x.shape[-1],)
         for index, layer in enumerate(self.layers):
             h = F.rms_norm(x, size, layer.norm1, self.eps)
             qkv = layer.qkv(h).view(batch, width, heads + 2 * kv_heads, dim)
-            qk = qkv[:, :, : heads + kv_heads]
-            half = dim // 2
-            rotated = torch.cat([-qk[..., half:], qk[..., :half]], dim=-1)
-            qk = qk * cos + rotated * sin
-            q = qk[:, :, :heads].transpose(1, 2)
-            k_cache, v_cache = self.k[index], self.v[index]
-            if at is None:
-                k_cache.index_copy_(2, self.at.view(1), qk[:, :, heads:].transpose(1, 2))
-                v_cache.index_copy_(2, self.at.view(1), qkv[:, :, heads + kv_heads :].transpose(1, 2))
+            if kernel is not None:
+                attended = kernel(qkv.view(batch, -1), positions.view(batch), self.k[index], self.v[index])
             else:
-                k_cache[:, :, at:end] = qk[:, :, heads:].transpose(1, 2)
-                v_cache[:, :, at:end] = qkv[:, :, heads + kv_heads :].transpose(1, 2)
-            if at is None:
-                attended = self._decode_attention(q, k_cache, v_cache)
-            else:
-                attended = F.scaled_dot_product_attention(
-                    q, k_cache[:, :, :end], v_cache[:, :, :end], attn_mask=mask, enable_gqa=kv_heads != heads
-                ).transpose(1, 2)
+                attended = self._attend(index, qkv, rotary, mask, at)
             x = x + layer.o(attended.reshape(batch, width, heads * dim))
             h = F.rms_norm(x, size, layer.norm2, self.eps)
             gate, up = layer.gate_up(h).chunk(2, dim=-1)
             x = x + layer.down(F.silu(gate) * up)
         return x
+
+    def _attend(self, index: int, qkv: torch.Tensor, rotary, mask: torch.Tensor | None, at: int | None) -> torch.Tensor:
+        """Rotate q and k, write k and v into layer ``index``'s cache, attend:
+        (batch, width, q/k/v heads, dim) -> (batch, width, heads, dim)."""
+        heads, kv_heads, dim = self.heads, self.kv_heads, self.head_dim
+        cos, sin = rotary
+        qk = qkv[:, :, : heads + kv_heads]
+        half = dim // 2
+        rotated = torch.cat([-qk[..., half:], qk[..., :half]], dim=-1)
+        qk = qk * cos + rotated * sin
+        q = qk[:, :, :heads].transpose(1, 2)
+        k_cache, v_cache = self.k[index], self.v[index]
+        if at is None:
+            k_cache.index_copy_(2, self.at.view(1), qk[:, :, heads:].transpose(1, 2))
+            v_cache.index_copy_(2, self.at.view(1), qkv[:, :, heads + kv_heads :].transpose(1, 2))
+            return self._decode_attention(q, k_cache, v_cache)
+        end = at + qkv.shape[1]
+        k_cache[:, :, at:end] = qk[:, :, heads:].transpose(1, 2)
+        v_cache[:, :, at:end] = qkv[:, :, heads + kv_heads :].transpose(1, 2)
+        return F.scaled_dot_product_attention(
+            q, k_cache[:, :, :end], v_cache[:, :, :end], attn_mask=mask, enable_gqa=kv_heads != heads
+        ).transpose(1, 2)
 
     def _decode_attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
         """One query per row over the whole (masked) cache, each KV head read once for

@@ -23,7 +23,7 @@ triton = pytest.importorskip("triton")
 if DEVICE == "cpu" and tuple(int(part) for part in triton.__version__.split(".")[:2]) < (3, 8):
     pytest.skip("Triton's interpreter needs 3.8 or later with numpy 2.4", allow_module_level=True)
 
-from persona.decode_kernels import SmallBatchStep
+from persona.decode_kernels import Attention, SmallBatchStep
 from persona.llama_decoder import LlamaDecoder
 
 
@@ -63,9 +63,15 @@ PROMPTS = [[5, 17, 42, 99, 7, 3, 250], [11, 12]]
 FOLLOW = [[8, 9, 10, 11], [40, 41, 42, 43]]
 
 
-def test_the_kernel_step_gives_hugging_faces_logits(model):
-    decoder = LlamaDecoder(model, static=True, kernels="always")
-    assert isinstance(decoder.small_step, SmallBatchStep)
+@pytest.mark.parametrize(
+    "options", [{"kernels": "always"}, {"attention": "triton"}], ids=["whole-step", "attention-in-the-torch-step"]
+)
+def test_the_kernels_give_hugging_faces_logits(model, options):
+    decoder = LlamaDecoder(model, static=True, **options)
+    if "kernels" in options:
+        assert isinstance(decoder.small_step, SmallBatchStep)
+    else:
+        assert isinstance(decoder.attention, Attention) and decoder.small_step is None
     ids, mask, positions = _left_padded(PROMPTS)
     last = positions[:, -1]
     with torch.inference_mode():
@@ -109,6 +115,8 @@ def test_a_model_the_kernels_cannot_run_decodes_with_the_torch_step():
 def test_an_unknown_kernel_choice_is_refused(model):
     with pytest.raises(ValueError, match="kernels must be one of never, auto, always"):
         LlamaDecoder(model, static=True, kernels="sometimes")
+    with pytest.raises(ValueError, match="attention must be one of torch, triton"):
+        LlamaDecoder(model, static=True, attention="flash")
 
 
 def test_the_kernels_compile_for_an_h100_in_bfloat16():

@@ -85,15 +85,17 @@ FOLLOW = [[8, 9, 10, 11, 12, 13], [40, 41, 42, 43, 44, 45], [60, 61, 62, 63, 64,
 
 
 @pytest.mark.parametrize(
-    ("compile", "kernels"), [(False, "never"), (True, "never"), (False, "always")],
-    ids=["graph", "compiled-graph", "kernels-graph"],
-)  # fmt: skip
-def test_graph_steps_give_hugging_faces_logits(model, compile, kernels):
-    decoder = LlamaDecoder(model, graphs=True, compile=compile, kernels=kernels)
+    "options",
+    [{}, {"compile": True}, {"kernels": "always"}, {"compile": True, "attention": "triton"}],
+    ids=["graph", "compiled-graph", "triton-step-graph", "compiled-graph-triton-attention"],
+)
+def test_graph_steps_give_hugging_faces_logits(model, options):
+    decoder = LlamaDecoder(model, graphs=True, **options)
     ours = _decode(decoder, PROMPTS, FOLLOW)
     assert decoder._captured, "the decode steps did not replay a CUDA graph"
-    assert decoder.compiled == compile, "the step fell back from torch.compile"
-    assert (decoder.small_step is not None) == (kernels == "always"), "the small-batch kernels failed"
+    assert decoder.compiled == options.get("compile", False), "the step fell back from torch.compile"
+    assert (decoder.small_step is not None) == ("kernels" in options), "the small-batch kernels failed"
+    assert (decoder.attention is not None) == ("attention" in options)
     for mine, theirs in zip(ours, _expected(model, PROMPTS, FOLLOW), strict=True):
         assert torch.allclose(mine.float(), theirs.float(), atol=2e-3), (mine - theirs).abs().max()
 
