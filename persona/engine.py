@@ -139,6 +139,7 @@ class TransformersEngine:
         gguf_type: str = "q8_0",
         kv_tokens: int | None = None,
         compile: bool = True,
+        lookahead: bool | None = None,
     ) -> None:
         self.loaded = loaded
         self.device = torch.device(loaded.device)
@@ -150,6 +151,11 @@ class TransformersEngine:
         self._waiting: list[tuple[Work, object]] = []
         self._rows: _Rows | None = None
         self._pending: torch.Tensor | None = None  # each row's last token, not fed yet
+        # lookahead (default: on a GPU): each step launches the next before its own tokens
+        # are read back, so the host's bookkeeping runs while the GPU decodes; a row that
+        # ends on a stop token costs one wasted row-step. Replies are the same either way.
+        self.lookahead = self.device.type == "cuda" if lookahead is None else lookahead
+        self._ahead: torch.Tensor | None = None  # the launched step's tokens, not read yet
         self._checking = False  # while warming up: refuse weights whose logits are not finite
         log.info("%s decodes with the %s engine", loaded.name, self.mode)
 
@@ -221,27 +227,45 @@ class TransformersEngine:
         """Feed the running rows their last tokens, admit waiting rows, sample one token for
         every row; return the rows that finished.
 
-        A decode that fails raises before any row of this step is settled: every row it
-        held is still there to be answered (``abandon``), and rows that finished earlier
-        were returned by earlier steps.
+        With ``lookahead`` the step after this one is launched before this one's tokens are
+        read (unless rows wait to join or every row ends now), and the next call starts
+        from its tokens. A decode that fails raises before any row of this step is
+        settled: every row it held is still there to be answered (``abandon``), and rows
+        that finished earlier were returned by earlier steps.
         """
-        logits = None
-        if self._rows is not None:
-            logits = self.decoder.step(self._pending, self._rows.position)
-        if self._waiting and (self._rows is None or getattr(self.decoder, "can_join", False)):
-            joined = self._admit()
-            if joined is not None:
-                logits = joined if logits is None else torch.cat([logits, joined])
-        rows = self._rows
-        if rows is None:
-            return []
-        if self._checking and not torch.isfinite(logits).all():
-            raise ModelError(f"{self.loaded.name} produces NaN or infinite logits (corrupt weights)")
-        tokens = _sample(logits, rows)
-        finished = self._advance(rows, tokens)
+        if self._ahead is not None:
+            tokens, self._ahead = self._ahead, None
+            rows = self._rows
+        else:
+            logits = None
+            if self._rows is not None:
+                logits = self.decoder.step(self._pending, self._rows.position)
+            if self._waiting and (self._rows is None or getattr(self.decoder, "can_join", False)):
+                joined = self._admit()
+                if joined is not None:
+                    logits = joined if logits is None else torch.cat([logits, joined])
+            rows = self._rows
+            if rows is None:
+                return []
+            if self._checking and not torch.isfinite(logits).all():
+                raise ModelError(f"{self.loaded.name} produces NaN or infinite logits (corrupt weights)")
+            tokens = _sample(logits, rows)
+            rows.append(tokens)
+        read = _reader(tokens)
+        if self._worth_looking_ahead(rows):
+            self._ahead = _sample(self.decoder.step(tokens, rows.position), rows)
+            rows.append(self._ahead)
+        finished = self._settle(rows, read())
         done = [(rows.tags[rows.index[pos]], completion) for pos, completion in finished.items()]
         self._keep([i for i in range(rows.size) if i not in finished], tokens)
         return done
+
+    def _worth_looking_ahead(self, rows: _Rows) -> bool:
+        """Whether to launch the next step now: not while rows wait to join (they join at
+        a step that decodes), nor when every row has reached its length with this token."""
+        if not self.lookahead or self._waiting or self._checking:
+            return False
+        return any(len(rows.generated[i]) + 1 < rows.work[i].sampling.max_new_tokens for i in rows.index)
 
     def remove(self, unwanted: Callable[[object], bool]) -> int:
         """Drop the rows whose tag is ``unwanted`` (withdrawn requests); return how many."""
@@ -252,23 +276,27 @@ class TransformersEngine:
             self._keep([i for i in range(rows.size) if not unwanted(rows.tags[rows.index[i]])], self._pending)
         return before - self.active
 
-    def _keep(self, keep: list[int], tokens: torch.Tensor) -> None:
-        """Only these rows stay, each with its next token to feed; none left ends the batch."""
+    def _keep(self, keep: list[int], tokens: torch.Tensor | None) -> None:
+        """Only these rows stay, each with its next token to feed (or, looking ahead, the
+        launched step's token to read); none left ends the batch."""
         if not keep:
-            self._rows = self._pending = None
+            self._rows = self._pending = self._ahead = None
             return
         if len(keep) < self._rows.size:
             self._rows.select(keep)
             self.decoder.select(torch.tensor(keep, device=self.device))
-            tokens = tokens[keep]
-        self._pending = tokens  # fed at the next step
+            tokens = tokens[keep] if tokens is not None else None
+            if self._ahead is not None:
+                self._ahead = self._ahead[keep]
+        # Fed at the next step; looking ahead, this step's tokens are already fed.
+        self._pending = tokens if self._ahead is None else None
 
     def abandon(self) -> list[object]:
         """Drop every row (after a failed step); return their tags so each can be answered."""
         tags = [tag for _, tag in self._waiting]
         if self._rows is not None:
             tags += [self._rows.tags[i] for i in self._rows.index]
-        self._waiting, self._rows, self._pending = [], None, None
+        self._waiting, self._rows, self._pending, self._ahead = [], None, None, None
         return tags
 
     def _admit(self) -> torch.Tensor | None:
@@ -316,12 +344,11 @@ class TransformersEngine:
             raise
         return [r for r in results if r is not None]
 
-    def _advance(self, rows: _Rows, tokens: torch.Tensor) -> dict[int, Completion]:
-        """Append each row's token; return the rows (by position) that are now done."""
+    def _settle(self, rows: _Rows, tokens: list[int]) -> dict[int, Completion]:
+        """Give each row its token; return the rows (by position) that are now done."""
         finished: dict[int, Completion] = {}
-        rows.append(tokens)
         now = time.perf_counter()
-        for pos, token in enumerate(tokens.tolist()):
+        for pos, token in enumerate(tokens):
             index = rows.index[pos]
             work = rows.work[index]
             generated = rows.generated[index]
@@ -412,6 +439,27 @@ class _Rows:
         self.temperatures += other.temperatures
         self.top_ks += other.top_ks
         self.penalties += other.penalties
+
+
+def _reader(tokens: torch.Tensor) -> Callable[[], list[int]]:
+    """Start copying ``tokens`` to the host; the returned call waits for them.
+
+    On a GPU the copy is queued now, behind only the work that made them, so whatever is
+    launched after (the next step) does not delay reading them.
+    """
+    if tokens.device.type != "cuda":
+        values = tokens.tolist()
+        return lambda: values
+    host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+    host.copy_(tokens, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+
+    def read() -> list[int]:
+        copied.synchronize()
+        return host.tolist()
+
+    return read
 
 
 def _pad_left(ids: torch.Tensor, width: int, pad_id: int) -> torch.Tensor:

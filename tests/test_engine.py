@@ -50,12 +50,12 @@ def test_auto_picks_int8_for_wide_llamas_on_cpu_fused_for_narrow_eager_for_other
         pick_engine_mode("turbo", gpt2)
 
 
-@pytest.mark.parametrize("mode", ["fused", "int8"])
-def test_a_row_added_while_a_batch_decodes_joins_it_and_leaves_when_done(tiny_llama, mode):
+@pytest.mark.parametrize(("mode", "lookahead"), [("fused", False), ("int8", False), ("fused", True)])
+def test_a_row_added_while_a_batch_decodes_joins_it_and_leaves_when_done(tiny_llama, mode, lookahead):
     """Continuous batching: a short request joins a long one at the next step, finishes
     first, and at full precision every text is what it is alone (int8 scales the
     activations per batch, so its texts may differ with the company a row keeps)."""
-    engine = TransformersEngine(tiny_llama, mode=mode)
+    engine = TransformersEngine(tiny_llama, mode=mode, lookahead=lookahead)
     long = Work([100, 200, 300, 400, 500, 600, 700, 800], Sampling(temperature=0.9, max_new_tokens=12, seed=1))
     short = Work([11, 12], Sampling(temperature=0.0, max_new_tokens=3, repetition_penalty=1.2))
     later = Work([21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31], Sampling(temperature=1.0, top_k=9, max_new_tokens=4, seed=2))
@@ -94,3 +94,35 @@ def test_generate_refuses_an_engine_that_is_serving_rows(tiny_llama):
     with pytest.raises(RuntimeError, match="idle engine"):
         engine.generate([Work([6], Sampling(temperature=0.0, max_new_tokens=1))])
     assert engine.abandon() == ["busy"] and engine.active == 0
+
+
+def test_looking_ahead_changes_no_reply(tiny_llama):
+    """Launching each next step before reading this one's tokens (what a GPU engine does)
+    gives every row the reply it gets step by step, rows ending early on a stop token and
+    rows withdrawn while a step is ahead included."""
+    plain = TransformersEngine(tiny_llama, mode="fused", lookahead=False)
+    ahead = TransformersEngine(tiny_llama, mode="fused", lookahead=True)
+    expected = plain.generate(_batch())
+    # A token the second row writes now ends it there, while the others go on.
+    stop = tiny_llama.tokenizer.encode(expected[1].text, add_special_tokens=False)[-1]
+    plain.stop_ids = ahead.stop_ids = {stop}
+    expected = plain.generate(_batch())
+    assert expected[1].finish_reason == "stop" and expected[1].new_tokens < _batch()[1].sampling.max_new_tokens
+    replies = ahead.generate(_batch())
+    assert [(c.text, c.new_tokens, c.finish_reason) for c in replies] == [
+        (c.text, c.new_tokens, c.finish_reason) for c in expected
+    ]
+
+    ahead.stop_ids = set()
+    batch = _batch()
+    for i, work in enumerate(batch):
+        ahead.add(work, i)
+    ahead.step()
+    assert ahead._ahead is not None, "the next step was not launched ahead"
+    assert ahead.remove(lambda tag: tag in (0, 2)) == 2
+    left = {}
+    while ahead.active:
+        left.update(dict(ahead.step()))
+    plain.stop_ids = set()
+    alone = plain.generate([batch[1], batch[3]])
+    assert [left[1].text, left[3].text] == [c.text for c in alone]
