@@ -32,7 +32,7 @@ for stage in $STAGES; do
     bench) bench bench_engine ;;
     sampled) BENCH_S=${SAMPLED_S:-150} bench bench_engine_sampled --sample ;;
     tests)
-      timeout "${TESTS_S:-150}" python3 -m pytest -q -p no:cacheprovider --noconftest -c /dev/null --rootdir . \
+      timeout "${TESTS_S:-240}" python3 -m pytest -q -p no:cacheprovider --noconftest -c /dev/null --rootdir . \
         tests/test_gpu_decoder.py tests/test_decode_kernels.py > "$OUT/gpu_tests.log" 2>&1
       echo "gpu tests rc=$? after ${SECONDS}s" | tee -a "$OUT/gpu_tests.log" ;;
     steps)

@@ -85,6 +85,9 @@ class EngineBenchResult:
     sampling: str = "greedy"
     warm_up_s: float = 0.0  # the engine's warm-up, as a worker runs it at start (compiling included)
     compiled: bool = False  # whether the decode step ran compiled (torch.compile, GPU)
+    # GPU: batch size -> milliseconds per decode step of each candidate the engine timed
+    # at warm-up (the small-batch Triton kernels, the compiled step); it keeps the faster.
+    step_ms: dict[int, dict[str, float]] = field(default_factory=dict)
 
     def ratio(self, batch: int) -> float:
         base = self.baseline.get(batch, 0.0)
@@ -97,6 +100,7 @@ class EngineBenchResult:
             "ratio": {b: round(self.ratio(b), 2) for b in self.ours}, "llamacpp": self.llamacpp,
             "first_token_ms": self.first_token_ms, "prompt_tokens": self.prompt_tokens,
             "warm_up_s": self.warm_up_s, "compiled": self.compiled, "sampling": self.sampling,
+            "step_ms": self.step_ms,
         }
 
 
@@ -297,6 +301,7 @@ def run_engine_bench(
     result.prompt_tokens = len(_chat_prompt_ids(loaded))
     result.first_token_ms = _first_tokens(engine, loaded, repeats)
     result.compiled = bool(getattr(engine.decoder, "compiled", False))
+    result.step_ms = dict(getattr(engine.decoder, "step_ms", {}))
     if engine.mode == "llamacpp" and 1 in batches:
         path = engine.decoder.path
         del engine

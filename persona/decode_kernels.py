@@ -41,7 +41,7 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 # (rows of the output per program, columns of the weight per loop, warps); on a GPU the
 # fastest for each projection's shape is picked the first time it runs (off the graph).
-_TILES = [(16, 128, 4), (8, 256, 4), (32, 64, 4), (64, 128, 8)]
+_TILES = [(16, 128, 4), (8, 256, 4), (4, 256, 4), (32, 64, 4)]
 
 
 @triton.jit

@@ -2,14 +2,20 @@
 without a GPU: Triton's compiler and its bundled ptxas run on any machine.
 
 Run by tests/test_decode_kernels.py in a process of its own (Triton must not be in its
-interpreter mode here). Prints one line per kernel and a summary.
+interpreter mode here). A kernel whose registers spill to local memory fails the check:
+such a tile would be slow. Prints one line per kernel and a summary.
 """
 
 from __future__ import annotations
 
+import re
+import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 from triton import compile as compile_kernel
+from triton import knobs
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
@@ -32,6 +38,7 @@ PROJECT_USES = [(True, False, False, 1024), (False, False, True, 1), (True, True
 
 
 def _compile(kernel, types: dict[str, str], constants: dict, warps: int = 4) -> None:
+    """Compile one kernel; refuse one whose registers spill to memory (a slow tile)."""
     names = list(kernel.arg_names)
     if sorted(names) != sorted([*types, *constants]):
         raise SystemExit(f"{kernel.fn.__name__}'s arguments changed ({names}): update {__file__}")
@@ -39,15 +46,24 @@ def _compile(kernel, types: dict[str, str], constants: dict, warps: int = 4) -> 
     asm = compile_kernel(ASTSource(kernel, signature, constants), target=H100, options={"num_warps": warps}).asm
     if not asm.get("cubin"):
         raise SystemExit(f"no machine code for {kernel.fn.__name__} {constants}")
-    print(kernel.fn.__name__, constants, "warps", warps, "ok")
+    with tempfile.TemporaryDirectory() as folder:
+        ptx = Path(folder, "kernel.ptx")
+        ptx.write_text(asm["ptx"])
+        report = subprocess.run(
+            [knobs.nvidia.ptxas.path, "-arch=sm_90a", "-v", str(ptx), "-o", str(ptx.with_suffix(".cubin"))],
+            capture_output=True, text=True, check=True,
+        ).stderr  # fmt: skip
+    registers = re.search(r"Used (\d+) registers", report)
+    if "0 bytes spill stores" not in report:
+        raise SystemExit(f"{kernel.fn.__name__} {constants} warps {warps} spills registers:\n{report}")
+    print(kernel.fn.__name__, constants, "warps", warps, "registers", registers and registers[1], "ok")
 
 
 def main() -> int:
     count = 0
     for norm, gated, residual, k_row in PROJECT_USES:
         flags = {"NORM": norm, "GATED": gated, "RESIDUAL": residual, "K_ROW": k_row}
-        # Every tile the GPU may pick for the largest case; the first for the others.
-        for block_n, block_k, warps in decode_kernels._TILES if gated else decode_kernels._TILES[:1]:
+        for block_n, block_k, warps in decode_kernels._TILES:  # every tile the GPU may pick
             _compile(decode_kernels._project, PROJECT, flags | {"BLOCK_N": block_n, "BLOCK_K": block_k}, warps)
             count += 1
     _compile(decode_kernels._attend, ATTEND, ATTEND_SHAPE)

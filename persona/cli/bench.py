@@ -136,6 +136,9 @@ def engine(
     for size in sizes:
         table.add_row(str(size), f"{result.ours[size]:,.1f}", f"{result.baseline[size]:,.1f}", f"{result.ratio(size):.2f}x")
     console.print(table)
+    for size, candidates in sorted(result.step_ms.items()):
+        timed = ", ".join(f"{name} {ms:.3f} ms" for name, ms in candidates.items())
+        console.print(f"decode step at batch {size}: {timed} (the faster serves)")
     if result.first_token_ms:
         times = result.first_token_ms
         ours, warm, base = times["ours"], times["ours_same_persona"], times["baseline"]
