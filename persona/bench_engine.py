@@ -88,6 +88,8 @@ class EngineBenchResult:
     # GPU: batch size -> milliseconds per decode step of each candidate the engine timed
     # at warm-up (the small-batch Triton kernels, the compiled step); it keeps the faster.
     step_ms: dict[int, dict[str, float]] = field(default_factory=dict)
+    kernels: str = "never"  # GPU: the small-batch Triton step (auto, always, never)
+    attention: str = "torch"  # GPU: the compiled step's attention (torch or triton)
 
     def ratio(self, batch: int) -> float:
         base = self.baseline.get(batch, 0.0)
@@ -100,7 +102,7 @@ class EngineBenchResult:
             "ratio": {b: round(self.ratio(b), 2) for b in self.ours}, "llamacpp": self.llamacpp,
             "first_token_ms": self.first_token_ms, "prompt_tokens": self.prompt_tokens,
             "warm_up_s": self.warm_up_s, "compiled": self.compiled, "sampling": self.sampling,
-            "step_ms": self.step_ms,
+            "step_ms": self.step_ms, "kernels": self.kernels, "attention": self.attention,
         }
 
 
@@ -265,6 +267,8 @@ def run_engine_bench(
     gguf_type: str = "q8_0",
     compile: bool = True,
     sampled: bool = False,
+    kernels: str = "auto",
+    attention: str = "torch",
 ) -> EngineBenchResult:
     """Best of ``repeats`` runs per batch size, ours and the baseline, interleaved; then
     the time to the first token of a chat-sized prompt, both sides. Greedy, or with
@@ -272,8 +276,9 @@ def run_engine_bench(
     device = loaded.device
     built = time.perf_counter()
     engine = TransformersEngine(
-        loaded, mode=mode, cache_dir=cache_dir, threads=torch.get_num_threads(), gguf_type=gguf_type, compile=compile
-    )
+        loaded, mode=mode, cache_dir=cache_dir, threads=torch.get_num_threads(), gguf_type=gguf_type, compile=compile,
+        kernels=kernels, attention=attention,
+    )  # fmt: skip
     result = EngineBenchResult(
         device=device, model=loaded.name, mode=engine.mode, new_tokens=new_tokens, threads=torch.get_num_threads(),
         engine_build_s=round(time.perf_counter() - built, 2), sampling="persona" if sampled else "greedy",
@@ -302,6 +307,9 @@ def run_engine_bench(
     result.first_token_ms = _first_tokens(engine, loaded, repeats)
     result.compiled = bool(getattr(engine.decoder, "compiled", False))
     result.step_ms = dict(getattr(engine.decoder, "step_ms", {}))
+    if getattr(engine.decoder, "graphs", False):
+        result.kernels = engine.decoder.kernels if engine.decoder.small_step is not None else "never"
+        result.attention = "triton" if engine.decoder.attention is not None else "torch"
     if engine.mode == "llamacpp" and 1 in batches:
         path = engine.decoder.path
         del engine

@@ -139,6 +139,8 @@ class TransformersEngine:
         gguf_type: str = "q8_0",
         kv_tokens: int | None = None,
         compile: bool = True,
+        kernels: str = "auto",
+        attention: str = "torch",
         lookahead: bool | None = None,
     ) -> None:
         self.loaded = loaded
@@ -147,7 +149,7 @@ class TransformersEngine:
         self.stop_ids = set(loaded.stop_token_ids)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.mode = pick_engine_mode(mode, loaded)
-        self.decoder = self._decoder(cache_dir, threads, gguf_type, kv_tokens, compile)
+        self.decoder = self._decoder(cache_dir, threads, gguf_type, kv_tokens, compile, kernels, attention)
         self._waiting: list[tuple[Work, object]] = []
         self._rows: _Rows | None = None
         self._pending: torch.Tensor | None = None  # each row's last token, not fed yet
@@ -159,7 +161,10 @@ class TransformersEngine:
         self._checking = False  # while warming up: refuse weights whose logits are not finite
         log.info("%s decodes with the %s engine", loaded.name, self.mode)
 
-    def _decoder(self, cache_dir: Path | None, threads: int | None, gguf_type: str, kv_tokens: int | None, compile: bool):
+    def _decoder(
+        self, cache_dir: Path | None, threads: int | None, gguf_type: str, kv_tokens: int | None, compile: bool,
+        kernels: str, attention: str,
+    ):  # fmt: skip
         if self.mode == "eager":
             return _EagerDecoder(self.loaded.model)
         if self.mode == "llamacpp":
@@ -185,7 +190,8 @@ class TransformersEngine:
             int8=self.mode == "int8",
             graphs=on_gpu,
             compile=compile and on_gpu,
-            kernels="auto" if on_gpu else "never",
+            kernels=kernels if on_gpu else "never",
+            attention=attention if on_gpu else "torch",
         )
 
     def warm_up(self) -> float:

@@ -74,6 +74,8 @@ class ModelPool:
             gguf_type=settings.worker.gguf_type,
             kv_tokens=settings.worker.kv_tokens,
             compile=settings.worker.compile,
+            kernels=settings.worker.kernels,
+            attention=settings.worker.attention,
         )
         self._served: dict[tuple[str, str], Served] = {}
         self._lock = threading.Lock()

@@ -85,6 +85,17 @@ class WorkerSettings(BaseModel):
         "CUDA graph (fewer, fused kernels per step; the first start spends a minute or so compiling, "
         "later starts read torch's on-disk cache)",
     )
+    kernels: Literal["auto", "always", "never"] = Field(
+        "auto",
+        description="GPU only: batches of up to 8 rows may decode through Triton kernels (five a layer) "
+        "instead of the compiled step; auto times both for each such batch size at warm-up and keeps "
+        "the faster",
+    )
+    attention: Literal["torch", "triton"] = Field(
+        "torch",
+        description="GPU only: the compiled step's attention as torch ops over the whole cache, or as one "
+        "Triton kernel that reads only the filled slots",
+    )
     personas: list[str] = Field(default_factory=list, description="preload these (default: all)")
 
 

@@ -65,3 +65,12 @@ def test_bench_engine_refuses_an_unknown_gguf_type(tmp_path):
     result = bench_engine_cli(tmp_path, "--gguf", "q2_k")
     assert result.returncode == 2
     assert "q8_0, q4_1 or f16" in result.stderr
+
+
+def test_bench_engine_refuses_an_unknown_gpu_step_choice(tmp_path):
+    kernels = bench_engine_cli(tmp_path, "--kernels", "sometimes")
+    assert kernels.returncode == 2
+    assert "--kernels must be one of auto, always, never" in kernels.stderr
+    attention = bench_engine_cli(tmp_path, "--attention", "flash")
+    assert attention.returncode == 2
+    assert "--attention must be one of torch, triton" in attention.stderr

@@ -69,6 +69,12 @@ def _gguf_type(value: str) -> str:
     return value
 
 
+def _choice(value: str, choices: tuple[str, ...], option: str) -> str:
+    if value not in choices:
+        raise typer.BadParameter(f"{option} must be one of {', '.join(choices)}, not {value!r}")
+    return value
+
+
 @bench_app.command("engine")
 @friendly_errors
 def engine(
@@ -82,6 +88,10 @@ def engine(
     compile: bool | None = typer.Option(
         None, "--compile/--no-compile", help="GPU: torch.compile the decode step (default: the worker setting)"
     ),
+    kernels: str = typer.Option(
+        "", help="GPU: the small-batch Triton step, auto, always or never (default: the worker setting)"
+    ),
+    attention: str = typer.Option("", help="GPU: the compiled step's attention, torch or triton (default: the worker setting)"),
     tokenizer: Path | None = typer.Option(
         None, exists=True, file_okay=False,
         help="GPU: a saved tokenizer folder for the random-weight model, where the bundled GGUF is not installed",
@@ -107,6 +117,8 @@ def engine(
     device = pick_device(device)
     sizes = _batches(batch or ("1,8" if device == "cpu" else "1,8,32,128"))
     chosen_mode = mode or settings.worker.engine
+    kernels = _choice(kernels or settings.worker.kernels, ("auto", "always", "never"), "--kernels")
+    attention = _choice(attention or settings.worker.attention, ("torch", "triton"), "--attention")
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("loading the model...", total=len(sizes) * repeats)
 
@@ -120,6 +132,7 @@ def engine(
             loaded, sizes, new_tokens=tokens, mode=chosen_mode, repeats=repeats, progress=advance,
             cache_dir=settings.model_cache_dir, gguf_type=_gguf_type(gguf or settings.worker.gguf_type),
             compile=settings.worker.compile if compile is None else compile, sampled=sample,
+            kernels=kernels, attention=attention,
         )
     if json_output:
         print(json.dumps(result.as_dict()))
@@ -127,7 +140,8 @@ def engine(
     table = Table(
         title=f"{result.model} on {result.device}, {result.new_tokens} new tokens per row, {result.sampling}, "
         f"{result.threads} thread(s)",
-        caption=f"our engine: {result.mode}{' (compiled step)' if result.compiled else ''}, built in "
+        caption=f"our engine: {result.mode}{' (compiled step)' if result.compiled else ''}"
+        f"{', Triton attention' if result.attention == 'triton' else ''}, built in "
         f"{result.engine_build_s:.1f} s, warmed up in {result.warm_up_s:.1f} s; "
         f"peak memory {result.rss_mb:,.0f} MB (both models)",
     )
