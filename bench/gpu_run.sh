@@ -5,7 +5,8 @@
 # no package index, and the bundled GGUF is too large to travel. Prepare both here first:
 #   bench/gpu_prepare.sh        # wheels into .whl/, the bundled tokenizer into .gpu/tokenizer
 # then run this script there with .whl and .gpu carried. Results land in $OUT.
-# STAGES picks what runs (default: all, in this order); each has its own time limit.
+# STAGES picks what runs (default: bench tests steps sampled, in this order; also
+# attention); each has its own time limit.
 set -u
 OUT=${OUT:-/tmp/persona-gpu}
 STAGES=${STAGES:-"bench tests steps sampled"}
@@ -31,6 +32,8 @@ for stage in $STAGES; do
     # The headline numbers first (it also fills torch's compile cache for what follows).
     bench) bench bench_engine ;;
     sampled) BENCH_S=${SAMPLED_S:-150} bench bench_engine_sampled --sample ;;
+    # The compiled step with its attention as one Triton kernel (off by default until measured).
+    attention) BENCH_S=${ATTENTION_S:-200} bench bench_engine_triton_attention --attention triton ;;
     tests)
       timeout "${TESTS_S:-240}" python3 -m pytest -q -p no:cacheprovider --noconftest -c /dev/null --rootdir . \
         tests/test_gpu_decoder.py tests/test_decode_kernels.py > "$OUT/gpu_tests.log" 2>&1
