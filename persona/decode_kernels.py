@@ -87,7 +87,7 @@ def _project(
 def _attend(
     qkv_ptr, cos_ptr, sin_ptr, positions_ptr, at_ptr, k_ptr, v_ptr, valid_ptr, out_ptr,
     scale,
-    qkv_stride, table_stride, cache_row_stride, cache_head_stride, valid_stride, out_stride,
+    qkv_stride, table_stride, cache_row_stride, cache_head_stride, cache_slot_stride, valid_stride, out_stride,
     HEADS: tl.constexpr, KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_P2: tl.constexpr,
     HALF: tl.constexpr, BLOCK_S: tl.constexpr,
 ):  # fmt: skip
@@ -115,10 +115,11 @@ def _attend(
     v_lo = tl.load(base + (HEADS + KV_HEADS + head) * dim + d)
     v_hi = tl.load(base + (HEADS + KV_HEADS + head) * dim + HALF + d)
     cache = row * cache_row_stride + head * cache_head_stride
-    tl.store(k_ptr + cache + at * dim + d, key_lo)
-    tl.store(k_ptr + cache + at * dim + HALF + d, key_hi)
-    tl.store(v_ptr + cache + at * dim + d, v_lo.to(kind))
-    tl.store(v_ptr + cache + at * dim + HALF + d, v_hi.to(kind))
+    new = cache + at * cache_slot_stride
+    tl.store(k_ptr + new + d, key_lo)
+    tl.store(k_ptr + new + HALF + d, key_hi)
+    tl.store(v_ptr + new + d, v_lo.to(kind))
+    tl.store(v_ptr + new + HALF + d, v_hi.to(kind))
 
     g = tl.arange(0, GROUP_P2)
     g_ok = g < GROUP
@@ -139,7 +140,7 @@ def _attend(
         s = start + tl.arange(0, BLOCK_S)
         before = s < at
         use = before & (tl.load(valid_ptr + row * valid_stride + s, mask=before, other=0) != 0)
-        slot = cache + s[:, None] * dim + d[None, :]
+        slot = cache + s[:, None] * cache_slot_stride + d[None, :]
         keys_lo = tl.load(k_ptr + slot, mask=before[:, None], other=0.0).to(tl.float32)
         keys_hi = tl.load(k_ptr + slot + HALF, mask=before[:, None], other=0.0).to(tl.float32)
         scores = tl.sum(query_lo[:, None, :] * keys_lo[None, :, :], 2)
@@ -203,10 +204,12 @@ class Attention:
         rows = qkv.shape[0]
         attended = torch.empty((rows, dec.heads * dec.head_dim), dtype=dec.dtype, device=dec.device)
         valid = dec.valid.view(torch.uint8)
+        positions = positions.contiguous()  # the kernel reads one per row, side by side
         _attend[(rows, dec.kv_heads)](
             qkv, dec.cos, dec.sin, positions, dec.at, k_cache, v_cache, valid, attended,
             dec.scale,
-            qkv.stride(0), dec.cos.stride(0), k_cache.stride(0), k_cache.stride(1), valid.stride(0), attended.stride(0),
+            qkv.stride(0), dec.cos.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), valid.stride(0),
+            attended.stride(0),
             HEADS=dec.heads, KV_HEADS=dec.kv_heads, GROUP=self.group, GROUP_P2=triton.next_power_of_2(self.group),
             HALF=dec.head_dim // 2, BLOCK_S=64,
         )  # fmt: skip

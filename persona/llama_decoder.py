@@ -13,6 +13,9 @@ and replayed, so a step costs one launch instead of about a thousand. Its attent
 reads each grouped KV head once for all the query heads that share it (no copy that
 repeats the keys per query head), and with ``compile`` the step is first compiled by
 ``torch.compile`` (inductor fuses the small elementwise kernels between the matmuls).
+Where Triton runs, ``decode_kernels`` offers the step for a few rows as five Triton
+kernels a layer (``kernels``: timed against the torch step, or always), and the static
+step's attention as one Triton kernel over the filled slots (``attention="triton"``).
 """
 
 from __future__ import annotations

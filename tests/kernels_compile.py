@@ -29,7 +29,7 @@ PROJECT = {name: "*bf16" for name in ("x_ptr", "w_ptr", "out_ptr", "norm_ptr", "
 ATTEND = (
     {name: "*bf16" for name in ("qkv_ptr", "cos_ptr", "sin_ptr", "k_ptr", "v_ptr", "out_ptr")}
     | {"positions_ptr": "*i64", "at_ptr": "*i64", "valid_ptr": "*u8", "scale": "fp32"}
-    | {f"{name}_stride": "i32" for name in ("qkv", "table", "cache_row", "cache_head", "valid", "out")}
+    | {f"{name}_stride": "i32" for name in ("qkv", "table", "cache_row", "cache_head", "cache_slot", "valid", "out")}
 )
 # The bundled model's shape (SmolLM2-135M): 9 query heads over 3 KV heads of 64.
 ATTEND_SHAPE = {"HEADS": 9, "KV_HEADS": 3, "GROUP": 3, "GROUP_P2": 4, "HALF": 32, "BLOCK_S": 64}
