@@ -31,13 +31,20 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["MAX_ROWS", "Attention", "SmallBatchStep", "unsupported"]
+__all__ = ["MAX_ROWS", "Attention", "SmallBatchStep", "splits_for", "unsupported"]
 
 # The kernels re-read each weight tile once per row (from L2 after the first); past a
 # few rows the compiled step's matrix-matrix products are the better path.
 MAX_ROWS = 8
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+# Cache slots per attention loop; each row and KV head's slots are split among several
+# programs (merged by a second kernel) when the cache is longer than SLOTS_PER_SPLIT and
+# the batch alone would run fewer than ATTENTION_PROGRAMS programs.
+BLOCK_SLOTS = 64
+SLOTS_PER_SPLIT = 256
+ATTENTION_PROGRAMS = 128
 
 # (rows of the output per program, columns of the weight per loop, warps); on a GPU the
 # fastest for each projection's shape is picked the first time it runs (off the graph).
@@ -85,16 +92,22 @@ def _project(
 
 @triton.jit
 def _attend(
-    qkv_ptr, cos_ptr, sin_ptr, positions_ptr, at_ptr, k_ptr, v_ptr, valid_ptr, out_ptr,
+    qkv_ptr, cos_ptr, sin_ptr, positions_ptr, at_ptr, k_ptr, v_ptr, valid_ptr, out_ptr, part_ptr, stats_ptr,
     scale,
     qkv_stride, table_stride, cache_row_stride, cache_head_stride, cache_slot_stride, valid_stride, out_stride,
     HEADS: tl.constexpr, KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_P2: tl.constexpr,
-    HALF: tl.constexpr, BLOCK_S: tl.constexpr,
+    HALF: tl.constexpr, BLOCK_S: tl.constexpr, SPLITS: tl.constexpr,
 ):  # fmt: skip
     """One row's query heads that share KV head ``program_id(1)``: rotate q and the new
-    k, write k and v at slot ``at``, attend over the valid slots before it and itself."""
+    k, write k and v at slot ``at``, attend over the valid slots before it and itself.
+
+    With ``SPLITS`` > 1 the slots before ``at`` are shared among that many programs
+    (``program_id(2)``), each writing its partial softmax to ``part``/``stats`` for
+    ``_merge``; the first also writes the cache and counts the new token."""
     row = tl.program_id(0)
     head = tl.program_id(1)
+    split = tl.program_id(2)
+    first = split == 0
     dim = 2 * HALF
     at = tl.load(at_ptr)
     d = tl.arange(0, HALF)
@@ -112,14 +125,15 @@ def _attend(
     k_hi = tl.load(base + (HEADS + head) * dim + HALF + d).to(tl.float32)
     key_lo = (k_lo * cos_lo - k_hi * sin_lo).to(kind)
     key_hi = (k_hi * cos_hi + k_lo * sin_hi).to(kind)
-    v_lo = tl.load(base + (HEADS + KV_HEADS + head) * dim + d)
-    v_hi = tl.load(base + (HEADS + KV_HEADS + head) * dim + HALF + d)
+    v_lo = tl.load(base + (HEADS + KV_HEADS + head) * dim + d).to(kind)
+    v_hi = tl.load(base + (HEADS + KV_HEADS + head) * dim + HALF + d).to(kind)
     cache = row * cache_row_stride + head * cache_head_stride
     new = cache + at * cache_slot_stride
-    tl.store(k_ptr + new + d, key_lo)
-    tl.store(k_ptr + new + HALF + d, key_hi)
-    tl.store(v_ptr + new + d, v_lo.to(kind))
-    tl.store(v_ptr + new + HALF + d, v_hi.to(kind))
+    writes = (d < HALF) & first
+    tl.store(k_ptr + new + d, key_lo, mask=writes)
+    tl.store(k_ptr + new + HALF + d, key_hi, mask=writes)
+    tl.store(v_ptr + new + d, v_lo, mask=writes)
+    tl.store(v_ptr + new + HALF + d, v_hi, mask=writes)
 
     g = tl.arange(0, GROUP_P2)
     g_ok = g < GROUP
@@ -129,16 +143,22 @@ def _attend(
     query_lo = (q_lo * cos_lo[None, :] - q_hi * sin_lo[None, :]).to(kind).to(tl.float32)
     query_hi = (q_hi * cos_hi[None, :] + q_lo * sin_hi[None, :]).to(kind).to(tl.float32)
 
-    # Online softmax, starting from the new token (always attended, so never empty).
-    best = scale * (
+    # Online softmax. The first program starts from the new token (always attended, so
+    # its softmax is never empty); the others from nothing (a finite floor, not -inf,
+    # so a split with no valid slot stays 0 instead of NaN).
+    own = scale * (
         tl.sum(query_lo * key_lo.to(tl.float32)[None, :], 1) + tl.sum(query_hi * key_hi.to(tl.float32)[None, :], 1)
     )
-    total = tl.full([GROUP_P2], 1.0, dtype=tl.float32)
-    acc_lo = tl.zeros([GROUP_P2, HALF], dtype=tl.float32) + v_lo.to(kind).to(tl.float32)[None, :]
-    acc_hi = tl.zeros([GROUP_P2, HALF], dtype=tl.float32) + v_hi.to(kind).to(tl.float32)[None, :]
-    for start in range(0, at, BLOCK_S):
+    best = tl.where(first, own, -1.0e30)
+    total = tl.where(first, 1.0, 0.0) + tl.zeros([GROUP_P2], dtype=tl.float32)
+    acc_lo = tl.where(first, v_lo.to(tl.float32)[None, :], 0.0) + tl.zeros([GROUP_P2, HALF], dtype=tl.float32)
+    acc_hi = tl.where(first, v_hi.to(tl.float32)[None, :], 0.0) + tl.zeros([GROUP_P2, HALF], dtype=tl.float32)
+    chunk = tl.cdiv(tl.cdiv(at, SPLITS), BLOCK_S) * BLOCK_S
+    lo = split * chunk
+    hi = tl.minimum(lo + chunk, at)
+    for start in range(lo, hi, BLOCK_S):
         s = start + tl.arange(0, BLOCK_S)
-        before = s < at
+        before = s < hi
         use = before & (tl.load(valid_ptr + row * valid_stride + s, mask=before, other=0) != 0)
         slot = cache + s[:, None] * cache_slot_stride + d[None, :]
         keys_lo = tl.load(k_ptr + slot, mask=before[:, None], other=0.0).to(tl.float32)
@@ -155,10 +175,47 @@ def _attend(
         acc_lo = acc_lo * kept[:, None] + tl.sum(p[:, :, None] * values_lo[None, :, :], 1)
         acc_hi = acc_hi * kept[:, None] + tl.sum(p[:, :, None] * values_hi[None, :, :], 1)
         best = new_best
+    if SPLITS == 1:
+        out_at = out_ptr + row * out_stride + (head * GROUP + g)[:, None] * dim + d[None, :]
+        kind_out = out_ptr.dtype.element_ty
+        tl.store(out_at, (acc_lo / total[:, None]).to(kind_out), mask=g_ok[:, None])
+        tl.store(out_at + HALF, (acc_hi / total[:, None]).to(kind_out), mask=g_ok[:, None])
+    else:
+        # part: (rows, KV heads, SPLITS, GROUP_P2, dim); stats: (rows, KV heads, SPLITS, 2, GROUP_P2)
+        piece = (row * KV_HEADS + head) * SPLITS + split
+        part_at = part_ptr + piece * GROUP_P2 * dim + g[:, None] * dim + d[None, :]
+        tl.store(part_at, acc_lo)
+        tl.store(part_at + HALF, acc_hi)
+        tl.store(stats_ptr + piece * 2 * GROUP_P2 + g, best)
+        tl.store(stats_ptr + piece * 2 * GROUP_P2 + GROUP_P2 + g, total)
+
+
+@triton.jit
+def _merge(
+    part_ptr, stats_ptr, out_ptr, out_stride,
+    KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_P2: tl.constexpr, HALF: tl.constexpr, SPLITS: tl.constexpr,
+):  # fmt: skip
+    """The softmax of ``_attend``'s splits for one row and KV head, merged and normalised."""
+    row = tl.program_id(0)
+    head = tl.program_id(1)
+    dim = 2 * HALF
+    pieces = (row * KV_HEADS + head) * SPLITS + tl.arange(0, SPLITS)  # [SPLITS]
+    g = tl.arange(0, GROUP_P2)
+    d = tl.arange(0, HALF)
+    stats = stats_ptr + pieces[:, None] * 2 * GROUP_P2 + g[None, :]
+    best = tl.load(stats)  # [SPLITS, GROUP_P2]
+    total = tl.load(stats + GROUP_P2)
+    top = tl.max(best, 0)
+    weight = tl.exp(best - top[None, :])  # [SPLITS, GROUP_P2]
+    norm = tl.sum(total * weight, 0)  # [GROUP_P2]
+    part = part_ptr + pieces[:, None, None] * GROUP_P2 * dim + g[None, :, None] * dim + d[None, None, :]
+    merged_lo = tl.sum(tl.load(part) * weight[:, :, None], 0) / norm[:, None]  # [GROUP_P2, HALF]
+    merged_hi = tl.sum(tl.load(part + HALF) * weight[:, :, None], 0) / norm[:, None]
+    g_ok = g < GROUP
     out_at = out_ptr + row * out_stride + (head * GROUP + g)[:, None] * dim + d[None, :]
     kind_out = out_ptr.dtype.element_ty
-    tl.store(out_at, (acc_lo / total[:, None]).to(kind_out), mask=g_ok[:, None])
-    tl.store(out_at + HALF, (acc_hi / total[:, None]).to(kind_out), mask=g_ok[:, None])
+    tl.store(out_at, merged_lo.to(kind_out), mask=g_ok[:, None])
+    tl.store(out_at + HALF, merged_hi.to(kind_out), mask=g_ok[:, None])
 
 
 def _tuned(kernel):
@@ -199,21 +256,42 @@ class Attention:
         self.decoder = decoder
         self.group = decoder.heads // decoder.kv_heads
 
-    def __call__(self, qkv: torch.Tensor, positions: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+    def __call__(
+        self, qkv: torch.Tensor, positions: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, splits: int = 1
+    ) -> torch.Tensor:
+        """``splits`` > 1 shares each row's slots among that many programs (a power of two),
+        merged by a second kernel: for few rows over a long cache."""
         dec = self.decoder
-        rows = qkv.shape[0]
-        attended = torch.empty((rows, dec.heads * dec.head_dim), dtype=dec.dtype, device=dec.device)
+        rows, dim = qkv.shape[0], dec.head_dim
+        group_p2 = triton.next_power_of_2(self.group)
+        attended = torch.empty((rows, dec.heads * dim), dtype=dec.dtype, device=dec.device)
         valid = dec.valid.view(torch.uint8)
         positions = positions.contiguous()  # the kernel reads one per row, side by side
-        _attend[(rows, dec.kv_heads)](
-            qkv, dec.cos, dec.sin, positions, dec.at, k_cache, v_cache, valid, attended,
+        part = stats = attended  # unused by one split
+        if splits > 1:
+            part = torch.empty((rows, dec.kv_heads, splits, group_p2, dim), dtype=torch.float32, device=dec.device)
+            stats = torch.empty((rows, dec.kv_heads, splits, 2, group_p2), dtype=torch.float32, device=dec.device)
+        shape = {"KV_HEADS": dec.kv_heads, "GROUP": self.group, "GROUP_P2": group_p2, "HALF": dim // 2, "SPLITS": splits}
+        _attend[(rows, dec.kv_heads, splits)](
+            qkv, dec.cos, dec.sin, positions, dec.at, k_cache, v_cache, valid, attended, part, stats,
             dec.scale,
             qkv.stride(0), dec.cos.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), valid.stride(0),
             attended.stride(0),
-            HEADS=dec.heads, KV_HEADS=dec.kv_heads, GROUP=self.group, GROUP_P2=triton.next_power_of_2(self.group),
-            HALF=dec.head_dim // 2, BLOCK_S=64,
+            HEADS=dec.heads, BLOCK_S=BLOCK_SLOTS, **shape,
         )  # fmt: skip
+        if splits > 1:
+            _merge[(rows, dec.kv_heads)](part, stats, attended, attended.stride(0), **shape)
         return attended
+
+
+def splits_for(rows: int, kv_heads: int, slots: int) -> int:
+    """How many programs share each row and KV head's slots: one while the cache is short
+    or the batch alone fills the GPU; else enough for ~``ATTENTION_PROGRAMS`` programs,
+    each with at least ``SLOTS_PER_SPLIT`` slots (a power of two, at most 16)."""
+    if slots <= SLOTS_PER_SPLIT:
+        return 1
+    wanted = min(16, slots // SLOTS_PER_SPLIT, max(1, ATTENTION_PROGRAMS // (rows * kv_heads)))
+    return 1 << (wanted.bit_length() - 1)
 
 
 class SmallBatchStep:
@@ -238,9 +316,10 @@ class SmallBatchStep:
         x = torch.index_select(dec.embed, 0, tokens)
         qkv = torch.empty((rows, (dec.heads + 2 * dec.kv_heads) * dec.head_dim), dtype=dec.dtype, device=dec.device)
         act = torch.empty((rows, dec.layers[0].down.weight.shape[1]), dtype=dec.dtype, device=dec.device)
+        splits = splits_for(rows, dec.kv_heads, dec.k[0].shape[2])  # a captured graph keeps its cache length
         for index, layer in enumerate(dec.layers):
             self._project(x, layer.qkv.weight, qkv, norm=layer.norm1)
-            attended = self.attention(qkv, positions, dec.k[index], dec.v[index])
+            attended = self.attention(qkv, positions, dec.k[index], dec.v[index], splits)
             self._project(attended, layer.o.weight, x, residual=True)
             self._project(x, layer.gate_up.weight, act, norm=layer.norm2, gated=True)
             self._project(act, layer.down.weight, x, residual=True)

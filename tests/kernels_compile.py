@@ -28,11 +28,14 @@ PROJECT = {name: "*bf16" for name in ("x_ptr", "w_ptr", "out_ptr", "norm_ptr", "
 }  # fmt: skip
 ATTEND = (
     {name: "*bf16" for name in ("qkv_ptr", "cos_ptr", "sin_ptr", "k_ptr", "v_ptr", "out_ptr")}
-    | {"positions_ptr": "*i64", "at_ptr": "*i64", "valid_ptr": "*u8", "scale": "fp32"}
+    | {"positions_ptr": "*i64", "at_ptr": "*i64", "valid_ptr": "*u8", "part_ptr": "*fp32", "stats_ptr": "*fp32"}
+    | {"scale": "fp32"}
     | {f"{name}_stride": "i32" for name in ("qkv", "table", "cache_row", "cache_head", "cache_slot", "valid", "out")}
 )
 # The bundled model's shape (SmolLM2-135M): 9 query heads over 3 KV heads of 64.
 ATTEND_SHAPE = {"HEADS": 9, "KV_HEADS": 3, "GROUP": 3, "GROUP_P2": 4, "HALF": 32, "BLOCK_S": 64}
+MERGE = {"part_ptr": "*fp32", "stats_ptr": "*fp32", "out_ptr": "*bf16", "out_stride": "i32"}
+SPLITS = (1, 2, 4, 8, 16)  # what decode_kernels.splits_for may pick
 # How the step calls the projection: q/k/v and the head; o and down; gate/up.
 PROJECT_USES = [(True, False, False, 1024), (False, False, True, 1), (True, True, False, 1024)]
 
@@ -66,8 +69,13 @@ def main() -> int:
         for block_n, block_k, warps in decode_kernels._TILES:  # every tile the GPU may pick
             _compile(decode_kernels._project, PROJECT, flags | {"BLOCK_N": block_n, "BLOCK_K": block_k}, warps)
             count += 1
-    _compile(decode_kernels._attend, ATTEND, ATTEND_SHAPE)
-    count += 1
+    for splits in SPLITS:
+        _compile(decode_kernels._attend, ATTEND, ATTEND_SHAPE | {"SPLITS": splits})
+        count += 1
+        if splits > 1:
+            merge = {key: ATTEND_SHAPE[key] for key in ("KV_HEADS", "GROUP", "GROUP_P2", "HALF")}
+            _compile(decode_kernels._merge, MERGE, merge | {"SPLITS": splits})
+            count += 1
     print(f"compiled {count} kernels for sm_90a")
     return 0
 
