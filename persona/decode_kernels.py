@@ -267,10 +267,12 @@ class Attention:
         attended = torch.empty((rows, dec.heads * dim), dtype=dec.dtype, device=dec.device)
         valid = dec.valid.view(torch.uint8)
         positions = positions.contiguous()  # the kernel reads one per row, side by side
-        part = stats = attended  # unused by one split
-        if splits > 1:
-            part = torch.empty((rows, dec.kv_heads, splits, group_p2, dim), dtype=torch.float32, device=dec.device)
-            stats = torch.empty((rows, dec.kv_heads, splits, 2, group_p2), dtype=torch.float32, device=dec.device)
+        # One split writes no partials: one-element stand-ins (no aliasing for torch.compile).
+        part_shape, stats_shape = ((rows, dec.kv_heads, splits, group_p2, dim), (rows, dec.kv_heads, splits, 2, group_p2))
+        if splits == 1:
+            part_shape = stats_shape = (1,)
+        part = torch.empty(part_shape, dtype=torch.float32, device=dec.device)
+        stats = torch.empty(stats_shape, dtype=torch.float32, device=dec.device)
         shape = {"KV_HEADS": dec.kv_heads, "GROUP": self.group, "GROUP_P2": group_p2, "HALF": dim // 2, "SPLITS": splits}
         _attend[(rows, dec.kv_heads, splits)](
             qkv, dec.cos, dec.sin, positions, dec.at, k_cache, v_cache, valid, attended, part, stats,
