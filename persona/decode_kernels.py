@@ -129,7 +129,7 @@ def _attend(
     v_hi = tl.load(base + (HEADS + KV_HEADS + head) * dim + HALF + d).to(kind)
     cache = row * cache_row_stride + head * cache_head_stride
     new = cache + at * cache_slot_stride
-    writes = (d < HALF) & first
+    writes = d < tl.where(first, HALF, 0)  # only the first program writes the cache
     tl.store(k_ptr + new + d, key_lo, mask=writes)
     tl.store(k_ptr + new + HALF + d, key_hi, mask=writes)
     tl.store(v_ptr + new + d, v_lo, mask=writes)

@@ -15,8 +15,8 @@ import tempfile
 from pathlib import Path
 
 from triton import compile as compile_kernel
-from triton import knobs
 from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource
 
 from persona import decode_kernels
@@ -52,10 +52,14 @@ def _compile(kernel, types: dict[str, str], constants: dict, warps: int = 4) -> 
     with tempfile.TemporaryDirectory() as folder:
         ptx = Path(folder, "kernel.ptx")
         ptx.write_text(asm["ptx"])
-        report = subprocess.run(
-            [knobs.nvidia.ptxas.path, "-arch=sm_90a", "-v", str(ptx), "-o", str(ptx.with_suffix(".cubin"))],
-            capture_output=True, text=True, check=True,
-        ).stderr  # fmt: skip
+        # The ptxas Triton itself uses for this GPU (releases bundle more than one).
+        done = subprocess.run(
+            [get_ptxas(H100.arch).path, "-arch=sm_90a", "-v", str(ptx), "-o", str(ptx.with_suffix(".cubin"))],
+            capture_output=True, text=True, check=False,
+        )  # fmt: skip
+    report = done.stderr
+    if done.returncode:
+        raise SystemExit(f"ptxas refused {kernel.fn.__name__} {constants}:\n{report}")
     registers = re.search(r"Used (\d+) registers", report)
     if "0 bytes spill stores" not in report:
         raise SystemExit(f"{kernel.fn.__name__} {constants} warps {warps} spills registers:\n{report}")
