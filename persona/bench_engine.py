@@ -89,7 +89,7 @@ class EngineBenchResult:
     # at warm-up (the small-batch Triton kernels, the compiled step); it keeps the faster.
     step_ms: dict[int, dict[str, float]] = field(default_factory=dict)
     kernels: str = "never"  # GPU: the small-batch Triton step (auto, always, never)
-    attention: str = "torch"  # GPU: the compiled step's attention (torch or triton)
+    attention: str = "torch"  # GPU: the compiled step's attention (auto, torch or triton), as it ran
 
     def ratio(self, batch: int) -> float:
         base = self.baseline.get(batch, 0.0)
@@ -268,7 +268,7 @@ def run_engine_bench(
     compile: bool = True,
     sampled: bool = False,
     kernels: str = "auto",
-    attention: str = "torch",
+    attention: str = "auto",
 ) -> EngineBenchResult:
     """Best of ``repeats`` runs per batch size, ours and the baseline, interleaved; then
     the time to the first token of a chat-sized prompt, both sides. Greedy, or with
@@ -309,7 +309,7 @@ def run_engine_bench(
     result.step_ms = dict(getattr(engine.decoder, "step_ms", {}))
     if getattr(engine.decoder, "graphs", False):
         result.kernels = engine.decoder.kernels if engine.decoder.small_step is not None else "never"
-        result.attention = "triton" if engine.decoder.attention is not None else "torch"
+        result.attention = engine.decoder.attention_mode
     if engine.mode == "llamacpp" and 1 in batches:
         path = engine.decoder.path
         del engine

@@ -140,7 +140,7 @@ class TransformersEngine:
         kv_tokens: int | None = None,
         compile: bool = True,
         kernels: str = "auto",
-        attention: str = "torch",
+        attention: str = "auto",
         lookahead: bool | None = None,
     ) -> None:
         self.loaded = loaded
@@ -210,11 +210,10 @@ class TransformersEngine:
                 # (and once more for a single row): both here, not on a user's time.
                 self.generate([hello, hello])
             self.generate([hello])
-            small = getattr(self.decoder, "small_step", None)
-            if small is not None and getattr(self.decoder, "graphs", False):
-                # Each small batch size picks its faster step when first captured: here.
-                for rows in range(2, small.max_rows + 1):
-                    self.generate([hello] * rows)
+            # Batch sizes that time candidate steps when first captured (a GPU's small
+            # batches, the first large one): here, and compiling what they need.
+            for rows in getattr(self.decoder, "timed_sizes", []):
+                self.generate([hello] * rows)
         finally:
             self._checking = False
         return time.perf_counter() - started

@@ -33,7 +33,12 @@ log = logging.getLogger(__name__)
 
 FUSABLE_MODEL_TYPES = frozenset({"llama"})
 KERNEL_CHOICES = ("never", "auto", "always")
-ATTENTION_CHOICES = ("torch", "triton")
+ATTENTION_CHOICES = ("torch", "triton", "auto")
+# The steps a captured batch size can take (the "auto" choices time them and keep the fastest).
+TORCH, KERNELS, TRITON_ATTENTION = "torch", "kernels", "triton_attention"
+# "auto" offers the torch step with Triton attention to batches larger than this (smaller
+# ones have the whole step as Triton kernels), so it is compiled for one class of shapes.
+ATTENTION_MIN_ROWS = 9
 # A static cache's length is rounded up to this, so batches of similar prompts share
 # one shape (and so one captured graph and one compiled step).
 STATIC_CAPACITY_STEP = 64
@@ -195,9 +200,17 @@ class LlamaDecoder:
         self.kernels = kernels
         self.small_step = self._triton("SmallBatchStep") if self.static and kernels != "never" else None
         # attention "triton": the static step's rotary embedding, cache write and attention
-        # as one Triton kernel that reads only the filled slots (decode_kernels.Attention).
-        self.attention = self._triton("Attention") if self.static and attention == "triton" else None
-        self._small_choice: dict[int, bool] = {}  # batch size -> whether it takes the kernels
+        # as one Triton kernel that reads only the filled slots (decode_kernels.Attention);
+        # "auto": on a GPU, a second (compiled) torch step with that kernel is timed
+        # against the first for each batch size of ATTENTION_MIN_ROWS rows or more.
+        kernel = self._triton("Attention") if self.static and attention != "torch" else None
+        self.attention = kernel if attention == "triton" else None  # what the torch step uses
+        self._attention_kernel = kernel
+        self._attention_fn = None
+        if kernel is not None and attention == "auto" and self.graphs:
+            step = self._triton_attention_step
+            self._attention_fn = torch.compile(step) if self.compiled else step
+        self._choice: dict[int, str] = {}  # batch size -> the step its graphs take
         # batch size -> milliseconds per step of each candidate, as timed by "auto"
         self.step_ms: dict[int, dict[str, float]] = {}
 
@@ -303,9 +316,31 @@ class LlamaDecoder:
 
     def _static_step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """One decode step whose shapes never change: write at ``self.at``, attend to all."""
+        return self._fixed_step(tokens, positions, self.attention)
+
+    def _triton_attention_step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The static step with its attention as the Triton kernel ("auto" times it)."""
+        return self._fixed_step(tokens, positions, self._attention_kernel)
+
+    def _fixed_step(self, tokens: torch.Tensor, positions: torch.Tensor, kernel) -> torch.Tensor:
         self.valid.index_fill_(1, self.at.view(1), True)
-        hidden = self._forward(tokens[:, None], positions[:, None], None, None)
+        hidden = self._forward(tokens[:, None], positions[:, None], None, None, kernel)
         return self.head(F.rms_norm(hidden[:, -1], (hidden.shape[-1],), self.norm, self.eps))
+
+    @property
+    def attention_mode(self) -> str:
+        """How static steps attend now: "triton", "auto" (both timed) or "torch"."""
+        if self.attention is not None:
+            return "triton"
+        return "auto" if self._attention_fn is not None else "torch"
+
+    @property
+    def timed_sizes(self) -> list[int]:
+        """Batch sizes whose first capture times several steps (an engine's warm-up runs them)."""
+        if not self.graphs:
+            return []
+        sizes = list(range(1, self.small_step.max_rows + 1)) if self.small_step is not None and self.kernels == "auto" else []
+        return sizes + ([ATTENTION_MIN_ROWS] if self._attention_fn is not None else [])
 
     def _replay(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """The static step as a CUDA graph, captured on first use for this batch size."""
@@ -321,31 +356,69 @@ class LlamaDecoder:
         return logits.clone()
 
     def _graph_for(self, tokens: torch.Tensor, positions: torch.Tensor) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        """A graph of the torch step or of the small-batch kernels: the first time a batch
-        size is captured with both available, each is timed and the faster kept."""
+        """A graph of the step this batch size takes. The first time, each candidate step is
+        captured and timed and the fastest kept; a candidate that fails is dropped for good."""
         batch = tokens.shape[0]
-        small = self.small_step is not None and batch <= self.small_step.max_rows
-        if small and self.kernels == "always":
-            self._small_choice[batch] = True
-        if small and self._small_choice.get(batch):
-            kernels = self._kernel_graph(tokens, positions)
-            if kernels is not None:
-                return kernels
-        ours = self._torch_graph(tokens, positions)
-        if not small or batch in self._small_choice:
-            return ours
-        kernels = self._kernel_graph(tokens, positions)
-        if kernels is None:
-            return ours
-        torch_ms, kernel_ms = _replay_ms(ours[0]), _replay_ms(kernels[0])
-        self._small_choice[batch] = kernel_ms < torch_ms
-        self.step_ms[batch] = {"kernels": round(kernel_ms, 4), "compiled" if self.compiled else "eager": round(torch_ms, 4)}
+        chosen = self._choice.get(batch)
+        if chosen is None and self.kernels == "always" and KERNELS in self._candidates(batch):
+            chosen = KERNELS
+        if chosen is not None:
+            graph = self._graph_of(chosen, tokens, positions)
+            if graph is not None:
+                self._choice[batch] = chosen
+                return graph
+        graphs = {}
+        for name in self._candidates(batch):
+            graph = self._graph_of(name, tokens, positions)
+            if graph is not None:
+                graphs[name] = graph
+        if len(graphs) == 1:
+            name, graph = next(iter(graphs.items()))
+            self._choice[batch] = name
+            return graph
+        timed = {name: _replay_ms(graph[0]) for name, graph in graphs.items()}
+        best = min(timed, key=timed.get)
+        self._choice[batch] = best
+        self.step_ms[batch] = {self._label(name): round(ms, 4) for name, ms in timed.items()}
         log.info(
-            "decode step for %d row(s): %.3f ms as Triton kernels, %.3f ms as the %s step; using the %s",
-            batch, kernel_ms, torch_ms, "compiled" if self.compiled else "eager",
-            "kernels" if kernel_ms < torch_ms else "torch step",
+            "decode step for %d row(s): %s; using the %s",
+            batch, ", ".join(f"{self._label(n)} {ms:.3f} ms" for n, ms in timed.items()), self._label(best),
         )  # fmt: skip
-        return kernels if kernel_ms < torch_ms else ours
+        return graphs[best]
+
+    def _candidates(self, batch: int) -> list[str]:
+        names = [TORCH]
+        if self.small_step is not None and batch <= self.small_step.max_rows:
+            names.append(KERNELS)
+        if self._attention_fn is not None and batch >= ATTENTION_MIN_ROWS:
+            names.append(TRITON_ATTENTION)
+        return names
+
+    def _label(self, name: str) -> str:
+        if name == KERNELS:
+            return "kernels"
+        step = "compiled" if self.compiled else "eager"
+        return f"{step}_triton_attention" if name == TRITON_ATTENTION else step
+
+    def _graph_of(self, name: str, tokens: torch.Tensor, positions: torch.Tensor):
+        """The candidate step ``name`` captured; None if it failed (the torch step must not)."""
+        if name == TORCH:
+            return self._torch_graph(tokens, positions)
+        step = self.small_step if name == KERNELS else self._attention_fn
+        if step is None:
+            return None
+        try:
+            if name == TRITON_ATTENTION:
+                self._mark_dynamic(tokens, positions)
+            self._off_graph(step, tokens, positions)  # Triton (and inductor) compile here
+            return self._capture(step, tokens, positions)
+        except Exception as exc:  # noqa: BLE001 - any failure of Triton, compiling or capturing: others serve
+            log.warning("the %s step failed (%s: %s); decoding without it", self._label(name), type(exc).__name__, exc)
+            if name == KERNELS:
+                self.small_step = None
+            else:
+                self._attention_fn = None
+            return None
 
     def _torch_graph(self, tokens: torch.Tensor, positions: torch.Tensor) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         self._off_graph(self._warm_step, tokens, positions)
@@ -356,16 +429,6 @@ class LlamaDecoder:
                 raise
             self._stop_compiling("cannot capture the compiled step", exc)
             return self._capture(self._step_fn, tokens, positions)
-
-    def _kernel_graph(self, tokens: torch.Tensor, positions: torch.Tensor):
-        """The small-batch kernels captured, or None (and no more kernels) if they fail."""
-        try:
-            self._off_graph(self.small_step, tokens, positions)  # Triton compiles and tunes here
-            return self._capture(self.small_step, tokens, positions)
-        except Exception as exc:  # noqa: BLE001 - any failure of Triton or the capture: the torch step serves
-            log.warning("the small-batch kernels failed (%s: %s); decoding with the torch step", type(exc).__name__, exc)
-            self.small_step = None
-            return None
 
     @staticmethod
     def _off_graph(fn, tokens: torch.Tensor, positions: torch.Tensor) -> None:
@@ -383,16 +446,19 @@ class LlamaDecoder:
             logits = fn(tokens, positions)
         return graph, logits
 
+    def _mark_dynamic(self, tokens: torch.Tensor, positions: torch.Tensor) -> None:
+        """Before compiling: the batch size and the cache's length vary; the weights' shapes never do."""
+        for tensor in (*self.k, *self.v):
+            torch._dynamo.maybe_mark_dynamic(tensor, 0)
+            torch._dynamo.maybe_mark_dynamic(tensor, 2)
+        for tensor in (self.valid, tokens, positions):
+            torch._dynamo.maybe_mark_dynamic(tensor, 0)
+        torch._dynamo.maybe_mark_dynamic(self.valid, 1)
+
     def _warm_step(self, tokens: torch.Tensor, positions: torch.Tensor) -> None:
         """The torch step once before capturing it; a step that cannot compile runs uncompiled."""
         if self.compiled:
-            # The batch size and the cache's length vary; the weights' shapes never do.
-            for tensor in (*self.k, *self.v):
-                torch._dynamo.maybe_mark_dynamic(tensor, 0)
-                torch._dynamo.maybe_mark_dynamic(tensor, 2)
-            for tensor in (self.valid, tokens, positions):
-                torch._dynamo.maybe_mark_dynamic(tensor, 0)
-            torch._dynamo.maybe_mark_dynamic(self.valid, 1)
+            self._mark_dynamic(tokens, positions)
         try:
             self._step_fn(tokens, positions)
         except Exception as exc:
@@ -406,15 +472,19 @@ class LlamaDecoder:
         log.warning("%s (%s: %s); decoding with the uncompiled step", what, type(exc).__name__, exc)
         self.compiled = False
         self._step_fn = self._static_step
+        if self._attention_fn is not None:
+            self._attention_fn = self._triton_attention_step
 
     # -- the model ----------------------------------------------------------------
 
-    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None, at: int | None) -> torch.Tensor:
-        """The layers; ``at`` None means a static step (one token per row, at ``self.at``)."""
+    def _forward(
+        self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None, at: int | None, kernel=None
+    ) -> torch.Tensor:
+        """The layers; ``at`` None means a static step (one token per row, at ``self.at``),
+        whose attention ``kernel`` (decode_kernels.Attention) runs if given."""
         batch, width = ids.shape
         heads, kv_heads, dim = self.heads, self.kv_heads, self.head_dim
         x = F.embedding(ids, self.embed)
-        kernel = self.attention if at is None else None
         if kernel is None:
             rotary = (self.cos[positions][:, :, None], self.sin[positions][:, :, None])  # (batch, width, 1, dim)
         size = (x.shape[-1],)

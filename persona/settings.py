@@ -91,10 +91,11 @@ class WorkerSettings(BaseModel):
         "instead of the compiled step; auto times both for each such batch size at warm-up and keeps "
         "the faster",
     )
-    attention: Literal["torch", "triton"] = Field(
-        "torch",
+    attention: Literal["auto", "torch", "triton"] = Field(
+        "auto",
         description="GPU only: the compiled step's attention as torch ops over the whole cache, or as one "
-        "Triton kernel that reads only the filled slots",
+        "Triton kernel that reads only the filled slots; auto compiles both and times them for each batch "
+        "size of 9 rows or more (at warm-up and at a size's first batch), keeping the faster",
     )
     personas: list[str] = Field(default_factory=list, description="preload these (default: all)")
 

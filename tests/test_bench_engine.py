@@ -73,4 +73,4 @@ def test_bench_engine_refuses_an_unknown_gpu_step_choice(tmp_path):
     assert "--kernels must be one of auto, always, never" in kernels.stderr
     attention = bench_engine_cli(tmp_path, "--attention", "flash")
     assert attention.returncode == 2
-    assert "--attention must be one of torch, triton" in attention.stderr
+    assert "--attention must be one of auto, torch, triton" in attention.stderr

@@ -148,7 +148,7 @@ def test_a_model_the_kernels_cannot_run_decodes_with_the_torch_step():
 def test_an_unknown_kernel_choice_is_refused(model):
     with pytest.raises(ValueError, match="kernels must be one of never, auto, always"):
         LlamaDecoder(model, static=True, kernels="sometimes")
-    with pytest.raises(ValueError, match="attention must be one of torch, triton"):
+    with pytest.raises(ValueError, match="attention must be one of torch, triton, auto"):
         LlamaDecoder(model, static=True, attention="flash")
 
 

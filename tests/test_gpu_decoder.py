@@ -100,6 +100,16 @@ def test_graph_steps_give_hugging_faces_logits(model, options):
         assert torch.allclose(mine.float(), theirs.float(), atol=2e-3), (mine - theirs).abs().max()
 
 
+def test_a_large_batch_times_both_attentions_and_gives_hugging_faces_logits(model):
+    decoder = LlamaDecoder(model, graphs=True, compile=True, attention="auto")
+    prompts = [[p + i for p in PROMPTS[i % 3]] for i in range(10)]
+    follow = [FOLLOW[i % 3] for i in range(10)]
+    ours = _decode(decoder, prompts, follow)
+    assert set(decoder.step_ms[10]) == {"compiled", "compiled_triton_attention"}, decoder.step_ms
+    for mine, theirs in zip(ours, _expected(model, prompts, follow), strict=True):
+        assert torch.allclose(mine, theirs, atol=2e-3), (mine - theirs).abs().max()
+
+
 def test_a_batch_of_the_same_shape_replays_the_graph_over_a_clean_cache(model):
     decoder = LlamaDecoder(model, graphs=True)
     _decode(decoder, PROMPTS, FOLLOW)
@@ -144,8 +154,9 @@ def test_the_engine_on_a_gpu_writes_what_it_writes_on_the_cpu(model, tokenizer):
     gpu = engine("cuda", compile=True)
     gpu.warm_up()
     assert gpu.decoder.compiled
-    # Warm-up timed the kernels against the compiled step for every small batch size.
-    assert sorted(gpu.decoder.step_ms) == list(range(1, gpu.decoder.small_step.max_rows + 1)), gpu.decoder.step_ms
+    # Warm-up timed the candidate steps for every small batch size and a large one.
+    assert gpu.decoder.attention_mode == "auto" and gpu.decoder.small_step is not None
+    assert sorted(gpu.decoder.step_ms) == gpu.decoder.timed_sizes == [*range(1, 9), 9], gpu.decoder.step_ms
     compiled_graphs = counters["stats"]["unique_graphs"]
     cpu = engine("cpu", compile=False)
     for batch in ([work(PROMPTS[0], 9), work(PROMPTS[1], 3)], [work(p, 5 + i) for i, p in enumerate(PROMPTS * 2)]):

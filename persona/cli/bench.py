@@ -91,7 +91,9 @@ def engine(
     kernels: str = typer.Option(
         "", help="GPU: the small-batch Triton step, auto, always or never (default: the worker setting)"
     ),
-    attention: str = typer.Option("", help="GPU: the compiled step's attention, torch or triton (default: the worker setting)"),
+    attention: str = typer.Option(
+        "", help="GPU: the compiled step's attention, auto, torch or triton (default: the worker setting)"
+    ),
     tokenizer: Path | None = typer.Option(
         None, exists=True, file_okay=False,
         help="GPU: a saved tokenizer folder for the random-weight model, where the bundled GGUF is not installed",
@@ -118,7 +120,7 @@ def engine(
     sizes = _batches(batch or ("1,8" if device == "cpu" else "1,8,32,128"))
     chosen_mode = mode or settings.worker.engine
     kernels = _choice(kernels or settings.worker.kernels, ("auto", "always", "never"), "--kernels")
-    attention = _choice(attention or settings.worker.attention, ("torch", "triton"), "--attention")
+    attention = _choice(attention or settings.worker.attention, ("auto", "torch", "triton"), "--attention")
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("loading the model...", total=len(sizes) * repeats)
 
@@ -141,7 +143,8 @@ def engine(
         title=f"{result.model} on {result.device}, {result.new_tokens} new tokens per row, {result.sampling}, "
         f"{result.threads} thread(s)",
         caption=f"our engine: {result.mode}{' (compiled step)' if result.compiled else ''}"
-        f"{', Triton attention' if result.attention == 'triton' else ''}, built in "
+        f"{', Triton attention' if result.attention == 'triton' else ''}"
+        f"{', Triton attention where faster' if result.attention == 'auto' else ''}, built in "
         f"{result.engine_build_s:.1f} s, warmed up in {result.warm_up_s:.1f} s; "
         f"peak memory {result.rss_mb:,.0f} MB (both models)",
     )
