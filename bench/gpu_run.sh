@@ -35,11 +35,11 @@ for stage in $STAGES; do
     # The compiled step with its attention as one Triton kernel (off by default until measured).
     attention) BENCH_S=${ATTENTION_S:-200} bench bench_engine_triton_attention --attention triton ;;
     tests)
-      timeout "${TESTS_S:-240}" python3 -m pytest -q -p no:cacheprovider --noconftest -c /dev/null --rootdir . \
+      timeout "${TESTS_S:-300}" python3 -m pytest -q -p no:cacheprovider --noconftest -c /dev/null --rootdir . \
         tests/test_gpu_decoder.py tests/test_decode_kernels.py > "$OUT/gpu_tests.log" 2>&1
       echo "gpu tests rc=$? after ${SECONDS}s" | tee -a "$OUT/gpu_tests.log" ;;
     steps)
-      timeout "${STEPS_S:-120}" python3 bench/gpu_steps.py > "$OUT/gpu_steps.json" 2> "$OUT/gpu_steps.log"
+      timeout "${STEPS_S:-240}" python3 bench/gpu_steps.py > "$OUT/gpu_steps.json" 2> "$OUT/gpu_steps.log"
       echo "gpu steps rc=$? after ${SECONDS}s" | tee -a "$OUT/gpu_steps.log"
       cat "$OUT/gpu_steps.json" ;;
   esac
