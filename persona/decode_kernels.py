@@ -8,10 +8,14 @@ the step is ~13 kernels a layer. Here each layer is five launches:
 1. RMS norm and the fused q/k/v projection;
 2. the rotary embedding, the new key and value written to the cache, and attention
    over the filled part of the cache, each grouped KV head read once for the query
-   heads that share it (one program per row and KV head, an online softmax);
+   heads that share it (one program per row and KV head, an online softmax; over a
+   long cache a few rows' slots are split among programs and merged by a sixth kernel);
 3. the o projection added to the residual stream;
 4. RMS norm, the fused gate/up projection and SiLU(gate)·up;
 5. the down projection added to the residual stream.
+
+``Attention`` (kernel 2 alone) also serves inside the compiled torch step, for batches
+too large for these matrix-vector products.
 
 The projections are matrix-vector products over the weights as the model holds them
 (one program per block of output rows and per batch row), so a checkpoint needs no
