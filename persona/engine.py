@@ -190,8 +190,8 @@ class TransformersEngine:
             int8=self.mode == "int8",
             graphs=on_gpu,
             compile=compile and on_gpu,
-            kernels=kernels if on_gpu else "never",
-            attention=attention if on_gpu else "torch",
+            kernels=kernels,  # both act only on a GPU's static step
+            attention=attention,
         )
 
     def warm_up(self) -> float:
@@ -205,14 +205,13 @@ class TransformersEngine:
         hello = Work(ids, Sampling(temperature=0.0, max_new_tokens=2))
         self._checking = True
         try:
-            if getattr(self.decoder, "compiled", False):
-                # A compiled step is compiled for any batch size once it has seen two rows
-                # (and once more for a single row): both here, not on a user's time.
-                self.generate([hello, hello])
-            self.generate([hello])
-            # Batch sizes that time candidate steps when first captured (a GPU's small
-            # batches, the first large one): here, and compiling what they need.
-            for rows in getattr(self.decoder, "timed_sizes", []):
+            # A compiled step is compiled for any batch size once it has seen two rows (and
+            # once more for a single row); batch sizes that time candidate steps when first
+            # captured (a GPU's small batches, the first large one) compile what they need.
+            # All here, each size once, not on a user's time.
+            sizes = [2, 1] if getattr(self.decoder, "compiled", False) else [1]
+            sizes += [rows for rows in getattr(self.decoder, "timed_sizes", []) if rows not in sizes]
+            for rows in sizes:
                 self.generate([hello] * rows)
         finally:
             self._checking = False
