@@ -4,9 +4,10 @@ For a random-weight model of the bundled model's shape (bf16), times ``LlamaDeco
 at each batch size five ways: launched kernel by kernel (no graph); replayed as a CUDA
 graph of the eager step; as a graph of the torch.compile'd step; up to 8 rows as a graph
 of the small-batch Triton kernels (``persona/decode_kernels.py``); and as a graph of the
-compiled step whose attention is one Triton kernel. Also the one-off costs a server
-meets: compiling, capturing a graph, and a row leaving a running batch (its cache is
-compacted and the graph captured again). Prints one JSON object.
+compiled step whose attention is one Triton kernel. Also what a server meets: compiling,
+capturing a graph, a row leaving a running batch (its lane idles; the graph stays), and
+``churn``: tokens/s while one row leaves and a new one joins after every step. Prints one
+JSON object.
 
     python bench/gpu_steps.py [--batches 1,8,32,128] [--steps 100]
 """
@@ -64,6 +65,42 @@ def time_steps(decoder: LlamaDecoder, batch: int, steps: int) -> dict:
 
 
 @torch.inference_mode()
+def time_churn(decoder: LlamaDecoder, batch: int, steps: int) -> dict:
+    """A serving batch: after every step the oldest row leaves and a new one (a 32-token
+    prompt, read then and there) joins, as when one reply ends each step. Rows take and
+    free lanes of the same cache, so no graph is captured again; the ``layouts`` the run
+    needed (1: none beyond the first) come back with the speed."""
+    room = batch + 4
+    last = _start(decoder, batch, room)
+    positions = last + 1
+    tokens = torch.zeros(batch, dtype=torch.long, device="cuda")
+    ids = torch.randint(0, SMOLLM2_SHAPE["vocab_size"], (1, PROMPT_TOKENS), device="cuda")
+    mask = torch.ones_like(ids)
+    prompt_positions = torch.arange(PROMPT_TOKENS, device="cuda")[None]
+    layouts = decoder.layouts
+
+    def turn() -> None:
+        nonlocal positions
+        decoder.step(tokens, positions)
+        decoder.select(list(range(1, batch)))
+        decoder.join(ids, mask, prompt_positions, room)
+        positions = torch.cat([positions[1:] + 1, prompt_positions[:, -1] + 1])
+
+    for _ in range(5):
+        turn()
+    torch.cuda.synchronize()
+    began = time.perf_counter()
+    for _ in range(steps):
+        turn()
+    torch.cuda.synchronize()
+    step_ms = (time.perf_counter() - began) * 1000 / steps
+    return {
+        "step_ms": round(step_ms, 4), "tokens_per_s": round(batch / step_ms * 1000, 1),
+        "layouts": decoder.layouts - layouts + 1,
+    }  # fmt: skip
+
+
+@torch.inference_mode()
 def time_leave(decoder: LlamaDecoder, batch: int) -> float:
     """Milliseconds for a row to leave a running batch and the next step to run."""
     last = _start(decoder, batch, 16)
@@ -72,7 +109,7 @@ def time_leave(decoder: LlamaDecoder, batch: int) -> float:
         decoder.step(tokens, last + 1 + i)
     torch.cuda.synchronize()
     began = time.perf_counter()
-    decoder.select(torch.arange(1, batch, device="cuda"))
+    decoder.select(list(range(1, batch)))
     decoder.step(tokens[1:], last[1:] + 4)
     torch.cuda.synchronize()
     return round((time.perf_counter() - began) * 1000, 2)
@@ -113,6 +150,7 @@ def main() -> None:
             row["triton_attention_ran"] = decoder.attention is not None
         if options.get("graphs") and max(batches) > 1:
             row["leave_ms"] = {b: time_leave(decoder, b) for b in batches if b > 1}
+            row["churn"] = {b: time_churn(decoder, b, args.steps) for b in batches if b > 1}
         report[name] = row
     print(json.dumps(report))
 

@@ -85,8 +85,9 @@ class EngineBenchResult:
     sampling: str = "greedy"
     warm_up_s: float = 0.0  # the engine's warm-up, as a worker runs it at start (compiling included)
     compiled: bool = False  # whether the decode step ran compiled (torch.compile, GPU)
-    # GPU: batch size -> milliseconds per decode step of each candidate the engine timed
-    # at warm-up (the small-batch Triton kernels, the compiled step); it keeps the faster.
+    # GPU: lanes (the rows a cache is laid out for) -> milliseconds per decode step of each
+    # candidate the engine timed at warm-up (the small-batch Triton kernels, the compiled
+    # step); it keeps the faster.
     step_ms: dict[int, dict[str, float]] = field(default_factory=dict)
     kernels: str = "never"  # GPU: the small-batch Triton step (auto, always, never)
     attention: str = "torch"  # GPU: the compiled step's attention (auto, torch or triton), as it ran

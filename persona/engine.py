@@ -206,8 +206,8 @@ class TransformersEngine:
         self._checking = True
         try:
             # A compiled step is compiled for any batch size once it has seen two rows (and
-            # once more for a single row); batch sizes that time candidate steps when first
-            # captured (a GPU's small batches, the first large one) compile what they need.
+            # once more for a single row); cache layouts that time candidate steps when first
+            # captured (a GPU's small ones, the first large one) compile what they need.
             # All here, each size once, not on a user's time.
             sizes = [2, 1] if getattr(self.decoder, "compiled", False) else [1]
             sizes += [rows for rows in getattr(self.decoder, "timed_sizes", []) if rows not in sizes]
@@ -288,7 +288,7 @@ class TransformersEngine:
             return
         if len(keep) < self._rows.size:
             self._rows.select(keep)
-            self.decoder.select(torch.tensor(keep, device=self.device))
+            self.decoder.select(keep)
             tokens = tokens[keep] if tokens is not None else None
             if self._ahead is not None:
                 self._ahead = self._ahead[keep]
@@ -501,9 +501,10 @@ class _EagerDecoder:
         self.attention_mask = torch.cat([self.attention_mask, one], dim=1)
         return self._forward(tokens[:, None], positions[:, None])
 
-    def select(self, keep: torch.Tensor) -> None:
-        self.cache.batch_select_indices(keep)
-        self.attention_mask = self.attention_mask[keep]
+    def select(self, keep: list[int]) -> None:
+        index = torch.tensor(keep, device=self.attention_mask.device)
+        self.cache.batch_select_indices(index)
+        self.attention_mask = self.attention_mask[index]
 
     def _forward(self, input_ids, position_ids) -> torch.Tensor:
         return self.model(

@@ -8,8 +8,12 @@ allocated once per batch, and on CPU can hold every projection, the output head
 included, as int8 (fbgemm's dynamic int8 linear: a quarter of the bytes per weight).
 
 On a GPU every decode step has the same shapes (``static``): it attends over the whole
-cache with unwritten slots masked, and is captured once per batch size as a CUDA graph
-and replayed, so a step costs one launch instead of about a thousand. Its attention
+cache with unwritten slots masked, and is captured as a CUDA graph and replayed, so a
+step costs one launch instead of about a thousand. The static cache has a fixed number
+of rows ("lanes": 1, 2, 4, 8, then multiples of 8): a row that finishes frees its lane
+and a row that joins takes a free one, so rows come and go without new buffers or a new
+graph; only outgrowing the lanes or the cache, or half the lanes idling for
+``SHRINK_AFTER_STEPS`` steps, lays the cache out again (and captures again). Its attention
 reads each grouped KV head once for all the query heads that share it (no copy that
 repeats the keys per query head), and with ``compile`` the step is first compiled by
 ``torch.compile`` (inductor fuses the small elementwise kernels between the matmuls).
@@ -27,23 +31,40 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-__all__ = ["LlamaDecoder", "supports", "supports_config"]
+__all__ = ["LlamaDecoder", "lane_count", "supports", "supports_config"]
 
 log = logging.getLogger(__name__)
 
 FUSABLE_MODEL_TYPES = frozenset({"llama"})
 KERNEL_CHOICES = ("never", "auto", "always")
 ATTENTION_CHOICES = ("torch", "triton", "auto")
-# The steps a captured batch size can take (the "auto" choices time them and keep the fastest).
+# The steps a captured layout can take (the "auto" choices time them and keep the fastest).
 TORCH, KERNELS, TRITON_ATTENTION = "torch", "kernels", "triton_attention"
-# "auto" offers the torch step with Triton attention to batches larger than this (smaller
-# ones have the whole step as Triton kernels), so it is compiled for one class of shapes.
-ATTENTION_MIN_ROWS = 9
+# "auto" offers the torch step with Triton attention to layouts of this many lanes or more
+# (smaller ones have the whole step as Triton kernels), so it is compiled for one class of shapes.
+ATTENTION_MIN_LANES = 16
 # A static cache's length is rounded up to this, so batches of similar prompts share
 # one shape (and so one captured graph and one compiled step).
 STATIC_CAPACITY_STEP = 64
+# A static cache has lanes for 1, 2, 4 or 8 rows, then for a multiple of this many.
+LANE_STEP = 8
+# A static cache with half its lanes idle or more for this many steps in a row is laid
+# out for fewer (a new layout costs a graph capture; rows that soon join again would
+# make it lay out more lanes again).
+SHRINK_AFTER_STEPS = 64
 # The overload itself: calling the packet resolves it in Python on every call.
 _LINEAR_DYNAMIC = torch.ops.quantized.linear_dynamic.default
+
+
+def lane_count(rows: int) -> int:
+    """How many rows a static cache for ``rows`` rows is laid out for (its lanes)."""
+    if rows <= LANE_STEP:
+        return 1 << max(rows - 1, 0).bit_length()
+    return -(-rows // LANE_STEP) * LANE_STEP
+
+
+def _rounded(slots: int) -> int:
+    return -(-slots // STATIC_CAPACITY_STEP) * STATIC_CAPACITY_STEP
 
 
 def supports(model) -> bool:
@@ -182,11 +203,19 @@ class LlamaDecoder:
         self.valid = torch.empty(0)
         self.length = 0
         # static: every decode step has the same shapes (the whole cache, masked), so
-        # on a GPU it can be captured once per batch size as a CUDA graph and replayed.
+        # on a GPU it can be captured once per layout as a CUDA graph and replayed.
         self.static = static or graphs
         self.graphs = graphs and self.device.type == "cuda"
         self.at = torch.zeros((), dtype=torch.long, device=self.device)
-        self._captured: dict[int, tuple] = {}
+        # static: rows live in lanes of a cache laid out for more rows than the batch may
+        # have (see "lanes" below); the layout's graphs by its number of lanes.
+        self.lanes: list[int] = []  # each row's lane, in the batch's order
+        self._lane_ids: torch.Tensor | None = None  # the same on the device; None: rows are lanes 0..n-1
+        self._spans: dict[int, tuple[int, int]] = {}
+        self._feed = (torch.empty(0), torch.empty(0))  # the step's inputs, one per lane
+        self._captured: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.layouts = 0  # how many times a static cache was allocated (each drops its graphs)
+        self._half_idle = 0  # steps in a row with half the lanes idle or more
         self.scale = self.head_dim**-0.5
         # torch.compile of the static step (GPU graphs only), for any batch size and cache
         # length: compiled once for several rows and once for one (torch specialises a
@@ -195,14 +224,14 @@ class LlamaDecoder:
         self._step_fn = torch.compile(self._static_step) if self.compiled else self._static_step
         # kernels: up to decode_kernels.MAX_ROWS rows can take the static step as Triton
         # kernels (five launches a layer): "always", or "auto": the first capture of each
-        # batch size times both steps and keeps the faster. Without a GPU only Triton's
+        # number of lanes times both steps and keeps the faster. Without a GPU only Triton's
         # interpreter runs them (the tests).
         self.kernels = kernels
         self.small_step = self._triton("SmallBatchStep") if self.static and kernels != "never" else None
         # attention "triton": the static step's rotary embedding, cache write and attention
         # as one Triton kernel that reads only the filled slots (decode_kernels.Attention);
         # "auto": on a GPU, a second (compiled) torch step with that kernel is timed
-        # against the first for each batch size of ATTENTION_MIN_ROWS rows or more.
+        # against the first for each layout of ATTENTION_MIN_LANES lanes or more.
         kernel = self._triton("Attention") if self.static and attention != "torch" else None
         self.attention = kernel if attention == "triton" else None  # what the torch step uses
         self._attention_kernel = kernel
@@ -210,52 +239,52 @@ class LlamaDecoder:
         if kernel is not None and attention == "auto" and self.graphs:
             step = self._triton_attention_step
             self._attention_fn = torch.compile(step) if self.compiled else step
-        self._choice: dict[int, str] = {}  # batch size -> the step its graphs take
-        # batch size -> milliseconds per step of each candidate, as timed by "auto"
+        self._choice: dict[int, str] = {}  # lanes -> the step their graphs take
+        # lanes -> milliseconds per step of each candidate, as timed by "auto"
         self.step_ms: dict[int, dict[str, float]] = {}
 
     # -- the batch's cache --------------------------------------------------------
 
     def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, room: int) -> torch.Tensor:
         """Run the prompts (left-padded) and return each row's next-token logits."""
-        batch, width = input_ids.shape
-        capacity = width + room
+        width = input_ids.shape[1]
         if self.static:
-            capacity = -(-capacity // STATIC_CAPACITY_STEP) * STATIC_CAPACITY_STEP
-        shape = (batch, self.kv_heads, capacity, self.head_dim)
-        if self.static and self.k and self.k[0].shape == shape:
-            # The same shape as the last batch: its buffers (and the graph captured over
-            # them) serve again. Unwritten slots are masked, but must hold zeros, not the
-            # last batch's values or whatever memory held (NaN times a zero weight is NaN).
-            for cache in (*self.k, *self.v):
-                cache.zero_()
-            self.valid.zero_()
-        else:
-            new = torch.zeros if self.static else torch.empty
-            self.k = [new(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
-            self.v = [new(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
-            self.valid = torch.zeros((batch, capacity), dtype=torch.bool, device=self.device)
-            self._captured.clear()
-        self.at.fill_(width)
-        self.valid[:, :width] = attention_mask.bool()
-        # A padding position attends to itself, so no row of the softmax is empty (NaN).
-        causal = torch.ones((width, width), dtype=torch.bool, device=self.device).tril()
-        mask = causal[None] & self.valid[:, None, :width]
-        mask |= torch.eye(width, dtype=torch.bool, device=self.device)[None]
+            logits, k, v, valid = self._prefill(input_ids, attention_mask, position_ids, width)
+            lanes, capacity = lane_count(input_ids.shape[0]), _rounded(width + room)
+            if not (self.k and self.k[0].shape[0] == lanes and self.k[0].shape[2] == capacity):
+                self._allocate(lanes, capacity)
+            # else the last batch's buffers (and the graphs captured over them) serve again:
+            # each row's lane is written whole, and lanes left idle compute nothing anyone reads.
+            self.lanes, self._spans, self._half_idle = [], {}, 0
+            self._set_length(width)
+            self._place(k, v, valid, room)
+            return logits
+        logits, self.k, self.v, self.valid = self._prefill(input_ids, attention_mask, position_ids, width + room)
         self.length = width
-        hidden = self._forward(input_ids, position_ids, mask[:, None], 0)
-        return self.head(F.rms_norm(hidden[:, -1], (hidden.shape[-1],), self.norm, self.eps))
+        return logits
 
     def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Feed one token per row; return the next-token logits."""
+        if self.static:
+            self._shrink_if_idle()  # first: a new layout may move every row's slots
         at = self.length
         if at >= self.valid.shape[1]:
             raise RuntimeError("the decode ran past the room reserved at start")
         if self.static:
             self.length = at + 1
-            logits = self._replay(tokens, positions) if self.graphs else self._uncaptured_step(tokens, positions)
+            ids = self._lane_ids
+            if ids is not None or self.graphs:  # into the lanes; idle ones keep stale inputs
+                feed_tokens, feed_positions = self._feed
+                if ids is None:
+                    tokens, positions = feed_tokens.copy_(tokens), feed_positions.copy_(positions)
+                else:
+                    tokens = feed_tokens.index_copy_(0, ids, tokens)
+                    positions = feed_positions.index_copy_(0, ids, positions)
+            logits = self._replay() if self.graphs else self._uncaptured_step(tokens, positions)
             self.at += 1  # outside the graph, so capturing (which runs the step once) changes nothing
-            return logits
+            if ids is not None:
+                return logits.index_select(0, ids)
+            return logits.clone() if self.graphs else logits
         self.valid[:, at] = True
         self.length = at + 1
         mask = self.valid[:, None, None, : at + 1]
@@ -265,15 +294,20 @@ class LlamaDecoder:
     def join(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, room: int) -> torch.Tensor:
         """Prefill new rows and add them after the running ones; return the new rows' logits.
 
-        Both caches are right-aligned to the longer one's length (each row's positions
-        are its own, so where its keys sit in the cache does not matter), and the room
-        left is the larger of the two.
+        Every row's cache ends at the same slot (each row's positions are its own, so
+        where its keys sit in the cache does not matter): the new rows' keys are placed to
+        end where the running rows' do, after moving those right if a new prompt is longer.
         """
+        rows, width = input_ids.shape
+        if self.static:
+            logits, k, v, valid = self._prefill(input_ids, attention_mask, position_ids, width)
+            self._make_room(rows, width, room)
+            self._place(k, v, valid, room)
+            return logits
         k, v, valid, length = self.k, self.v, self.valid, self.length
-        self.k, self.v = [], []  # the new rows get buffers of their own, never the running rows'
-        logits = self.start(input_ids, attention_mask, position_ids, room)
-        joined = max(length, self.length)
-        capacity = joined + max(valid.shape[1] - length, self.valid.shape[1] - self.length)
+        logits, new_k, new_v, new_valid = self._prefill(input_ids, attention_mask, position_ids, width + room)
+        joined = max(length, width)
+        capacity = joined + max(valid.shape[1] - length, room)
 
         def place(cache: torch.Tensor, filled: int) -> torch.Tensor:
             return F.pad(cache, (0, 0, joined - filled, capacity - joined - (cache.shape[2] - filled)))
@@ -281,20 +315,164 @@ class LlamaDecoder:
         def place_valid(mask: torch.Tensor, filled: int) -> torch.Tensor:
             return F.pad(mask, (joined - filled, capacity - joined - (mask.shape[1] - filled)), value=False)
 
-        self.k = [torch.cat([place(old, length), place(new, self.length)]) for old, new in zip(k, self.k, strict=True)]
-        self.v = [torch.cat([place(old, length), place(new, self.length)]) for old, new in zip(v, self.v, strict=True)]
-        self.valid = torch.cat([place_valid(valid, length), place_valid(self.valid, self.length)])
+        self.k = [torch.cat([place(old, length), place(new, width)]) for old, new in zip(k, new_k, strict=True)]
+        self.v = [torch.cat([place(old, length), place(new, width)]) for old, new in zip(v, new_v, strict=True)]
+        self.valid = torch.cat([place_valid(valid, length), place_valid(new_valid, width)])
         self.length = joined
-        self.at.fill_(joined)
-        self._captured.clear()  # captured graphs point at the old tensors
         return logits
 
-    def select(self, keep: torch.Tensor) -> None:
-        """Keep only these rows of the batch (finished rows leave)."""
-        self.k = [k.index_select(0, keep) for k in self.k]
-        self.v = [v.index_select(0, keep) for v in self.v]
-        self.valid = self.valid.index_select(0, keep)
+    def select(self, keep: list[int]) -> None:
+        """Keep only these rows of the batch (by position; finished rows leave)."""
+        if not self.static:
+            index = torch.tensor(keep, device=self.device)
+            self.k = [k.index_select(0, index) for k in self.k]
+            self.v = [v.index_select(0, index) for v in self.v]
+            self.valid = self.valid.index_select(0, index)
+            return
+        lanes = [self.lanes[i] for i in keep]
+        for lane in set(self.lanes).difference(lanes):
+            del self._spans[lane]
+        self.lanes = lanes  # the others' lanes idle until rows join (or the layout shrinks)
+        self._lanes_changed()
+
+    def _prefill(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, capacity: int
+    ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+        """Read the prompts into a cache of their own with room for ``capacity`` slots;
+        return their next-token logits, the cache's keys and values, and its valid slots."""
+        batch, width = input_ids.shape
+        shape = (batch, self.kv_heads, capacity, self.head_dim)
+        # A static cache must hold zeros where nothing was written: those slots are masked,
+        # but NaN (whatever memory held) times a zero weight is NaN.
+        new = torch.zeros if self.static else torch.empty
+        k = [new(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+        v = [new(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+        valid = torch.zeros((batch, capacity), dtype=torch.bool, device=self.device)
+        valid[:, :width] = attention_mask.bool()
+        # A padding position attends to itself, so no row of the softmax is empty (NaN).
+        causal = torch.ones((width, width), dtype=torch.bool, device=self.device).tril()
+        mask = causal[None] & valid[:, None, :width]
+        mask |= torch.eye(width, dtype=torch.bool, device=self.device)[None]
+        hidden = self._forward(input_ids, position_ids, mask[:, None], 0, caches=(k, v))
+        logits = self.head(F.rms_norm(hidden[:, -1], (hidden.shape[-1],), self.norm, self.eps))
+        return logits, k, v, valid
+
+    # -- lanes: a static cache's rows --------------------------------------------
+    #
+    # A static cache is laid out for a number of rows ("lanes", ``lane_count``) that can
+    # exceed the batch. A row that leaves frees its lane; a row that joins takes a free
+    # lane. The buffers, and the CUDA graphs captured over them, stay until the batch
+    # outgrows its lanes or its cache, or half its lanes or more idle for
+    # SHRINK_AFTER_STEPS steps (rows that left and others that soon join would otherwise
+    # make it shrink and grow again, capturing each time). Idle lanes
+    # decode stale inputs nobody reads. Each row's ``_spans`` entry (the slot its prompt
+    # starts at, the slot its last token ends at) says what a layout must keep.
+
+    def _allocate(self, lanes: int, capacity: int) -> None:
+        shape = (lanes, self.kv_heads, capacity, self.head_dim)
+        self.k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+        self.v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+        self.valid = torch.zeros((lanes, capacity), dtype=torch.bool, device=self.device)
+        self._feed = (
+            torch.zeros(lanes, dtype=torch.long, device=self.device),
+            torch.zeros(lanes, dtype=torch.long, device=self.device),
+        )
         self._captured.clear()  # captured graphs point at the old tensors
+        self.layouts += 1
+
+    def _set_length(self, length: int) -> None:
+        self.length = length
+        self.at.fill_(length)
+
+    def _place(self, k: list[torch.Tensor], v: list[torch.Tensor], valid: torch.Tensor, room: int) -> None:
+        """Write prefilled rows into free lanes, whole, their slots ending at ``self.length``."""
+        rows, width = valid.shape
+        at, capacity = self.length, self.valid.shape[1]
+        taken = set(self.lanes)
+        lanes = [lane for lane in range(self.valid.shape[0]) if lane not in taken][:rows]
+        index = self._on_device(lanes)
+        pad = (at - width, capacity - at)
+        for cache, new in zip((*self.k, *self.v), (*k, *v), strict=True):
+            cache.index_copy_(0, index, F.pad(new, (0, 0, *pad)))
+        self.valid.index_copy_(0, index, F.pad(valid, pad, value=False))
+        self.lanes += lanes
+        self._spans.update({lane: (at - width, at + room) for lane in lanes})
+        self._lanes_changed()
+
+    def _make_room(self, rows: int, width: int, room: int) -> None:
+        """Before ``rows`` rows of ``width`` slots join needing ``room`` more: a free lane for
+        each, the running rows' slots moved right if the new prompts are longer than their
+        history, and cache slots to the longest reply's end. In place where the lanes and
+        slots suffice (dropping the slots before every row's start if need be), else in a
+        new layout with more lanes, or half as many slots again."""
+        shift = max(0, width - self.length)
+        lead = min([self._spans[lane][0] + shift for lane in self.lanes] + [self.length + shift - width])
+        needed = max([self._spans[lane][1] + shift for lane in self.lanes] + [self.length + shift + room])
+        lanes, capacity = self.valid.shape
+        wanted = len(self.lanes) + rows
+        if wanted <= lanes and needed <= capacity:
+            if shift:
+                self._move(shift)
+        elif wanted <= lanes and needed - lead <= capacity:
+            self._move(shift - lead)
+        else:
+            if needed - lead > capacity:
+                capacity = _rounded(max(needed - lead, capacity * 3 // 2))
+            self._relayout(max(lanes, lane_count(wanted)), capacity, shift - lead)
+
+    def _move(self, move: int) -> None:
+        """Shift every row's slots by ``move`` within the same buffers."""
+        first = min(start for start, _ in self._spans.values())
+        at = self.length
+        for cache in (*self.k, *self.v):
+            cache[:, :, first + move : at + move] = cache[:, :, first:at].clone()
+        kept = self.valid[:, first:at].clone()
+        self.valid.zero_()
+        self.valid[:, first + move : at + move] = kept
+        self._spans = {lane: (start + move, end + move) for lane, (start, end) in self._spans.items()}
+        self._set_length(at + move)
+
+    def _relayout(self, lanes: int, capacity: int, move: int) -> None:
+        """New buffers of ``lanes`` lanes and ``capacity`` slots; the rows move into the
+        first lanes, in order, their slots shifted by ``move``."""
+        first = min(start for start, _ in self._spans.values()) if self._spans else self.length
+        at = self.length
+        index = self._on_device(self.lanes)
+        k, v, valid = self.k, self.v, self.valid
+        self._allocate(lanes, capacity)
+        rows = len(self.lanes)
+        for new, old in zip((*self.k, *self.v), (*k, *v), strict=True):
+            new[:rows, :, first + move : at + move] = old[index, :, first:at]
+        self.valid[:rows, first + move : at + move] = valid[index, first:at]
+        self._spans = {
+            lane: (self._spans[old][0] + move, self._spans[old][1] + move) for lane, old in enumerate(self.lanes)
+        }
+        self.lanes = list(range(rows))
+        self._set_length(at + move)
+        self._lanes_changed()
+
+    def _shrink_if_idle(self) -> None:
+        """Lay the cache out for fewer lanes once half or more have idled long enough."""
+        fewer = lane_count(len(self.lanes)) if self.lanes else 1
+        if fewer > self.valid.shape[0] // 2:
+            self._half_idle = 0
+            return
+        self._half_idle += 1
+        if self._half_idle >= SHRINK_AFTER_STEPS:
+            lead = min((start for start, _ in self._spans.values()), default=0)
+            self._relayout(fewer, self.valid.shape[1], -lead)
+            self._half_idle = 0
+
+    def _lanes_changed(self) -> None:
+        """Rows in lanes 0..n-1 of n need no scatter or gather around the step."""
+        self._lane_ids = None if self.lanes == list(range(self.valid.shape[0])) else self._on_device(self.lanes)
+
+    def _on_device(self, values: list[int]) -> torch.Tensor:
+        """Indices on the decoder's device, without waiting for the work queued before."""
+        host = torch.tensor(values, dtype=torch.long)
+        if self.device.type != "cuda":
+            return host
+        return host.pin_memory().to(self.device, non_blocking=True)
 
     def _triton(self, name: str):
         """decode_kernels' ``name`` over this decoder, or None where Triton cannot run it."""
@@ -336,27 +514,27 @@ class LlamaDecoder:
 
     @property
     def timed_sizes(self) -> list[int]:
-        """Batch sizes whose first capture times several steps (an engine's warm-up runs them)."""
+        """Lane counts whose first capture times several steps (an engine's warm-up runs
+        batches of these sizes)."""
         if not self.graphs:
             return []
-        sizes = list(range(1, self.small_step.max_rows + 1)) if self.small_step is not None and self.kernels == "auto" else []
-        return sizes + ([ATTENTION_MIN_ROWS] if self._attention_fn is not None else [])
+        sizes = []
+        if self.small_step is not None and self.kernels == "auto":
+            sizes = sorted({lane_count(rows) for rows in range(1, self.small_step.max_rows + 1)})
+        return sizes + ([ATTENTION_MIN_LANES] if self._attention_fn is not None else [])
 
-    def _replay(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """The static step as a CUDA graph, captured on first use for this batch size."""
-        batch = tokens.shape[0]
-        if batch not in self._captured:
-            tokens_in, positions_in = tokens.clone(), positions.clone()
-            graph, logits = self._graph_for(tokens_in, positions_in)
-            self._captured[batch] = (graph, tokens_in, positions_in, logits)
-        graph, tokens_in, positions_in, logits = self._captured[batch]
-        tokens_in.copy_(tokens)
-        positions_in.copy_(positions)
+    def _replay(self) -> torch.Tensor:
+        """The static step as a CUDA graph over the lanes' inputs (``_feed``), captured on
+        first use of this layout; returns the graph's own logits, rewritten by each replay."""
+        lanes = self.valid.shape[0]
+        if lanes not in self._captured:
+            self._captured[lanes] = self._graph_for(*self._feed)
+        graph, logits = self._captured[lanes]
         graph.replay()
-        return logits.clone()
+        return logits
 
     def _graph_for(self, tokens: torch.Tensor, positions: torch.Tensor) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        """A graph of the step this batch size takes. The first time, each candidate step is
+        """A graph of the step this many lanes take. The first time, each candidate step is
         captured and timed and the fastest kept; a candidate that fails is dropped for good."""
         batch = tokens.shape[0]
         chosen = self._choice.get(batch)
@@ -381,7 +559,7 @@ class LlamaDecoder:
         self._choice[batch] = best
         self.step_ms[batch] = {self._label(name): round(ms, 4) for name, ms in timed.items()}
         log.info(
-            "decode step for %d row(s): %s; using the %s",
+            "decode step for %d lane(s): %s; using the %s",
             batch, ", ".join(f"{self._label(n)} {ms:.3f} ms" for n, ms in timed.items()), self._label(best),
         )  # fmt: skip
         return graphs[best]
@@ -390,7 +568,7 @@ class LlamaDecoder:
         names = [TORCH]
         if self.small_step is not None and batch <= self.small_step.max_rows:
             names.append(KERNELS)
-        if self._attention_fn is not None and batch >= ATTENTION_MIN_ROWS:
+        if self._attention_fn is not None and batch >= ATTENTION_MIN_LANES:
             names.append(TRITON_ATTENTION)
         return names
 
@@ -478,10 +656,13 @@ class LlamaDecoder:
     # -- the model ----------------------------------------------------------------
 
     def _forward(
-        self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None, at: int | None, kernel=None
-    ) -> torch.Tensor:
-        """The layers; ``at`` None means a static step (one token per row, at ``self.at``),
-        whose attention ``kernel`` (decode_kernels.Attention) runs if given."""
+        self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None, at: int | None, kernel=None,
+        caches: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None,
+    ) -> torch.Tensor:  # fmt: skip
+        """The layers over ``caches`` (keys, values; the batch's own by default); ``at`` None
+        means a static step (one token per row, at ``self.at``), whose attention ``kernel``
+        (decode_kernels.Attention) runs if given."""
+        keys, values = caches if caches is not None else (self.k, self.v)
         batch, width = ids.shape
         heads, kv_heads, dim = self.heads, self.kv_heads, self.head_dim
         x = F.embedding(ids, self.embed)
@@ -492,17 +673,19 @@ class LlamaDecoder:
             h = F.rms_norm(x, size, layer.norm1, self.eps)
             qkv = layer.qkv(h).view(batch, width, heads + 2 * kv_heads, dim)
             if kernel is not None:
-                attended = kernel(qkv.view(batch, -1), positions.view(batch), self.k[index], self.v[index])
+                attended = kernel(qkv.view(batch, -1), positions.view(batch), keys[index], values[index])
             else:
-                attended = self._attend(index, qkv, rotary, mask, at)
+                attended = self._attend(qkv, rotary, mask, at, keys[index], values[index])
             x = x + layer.o(attended.reshape(batch, width, heads * dim))
             h = F.rms_norm(x, size, layer.norm2, self.eps)
             gate, up = layer.gate_up(h).chunk(2, dim=-1)
             x = x + layer.down(F.silu(gate) * up)
         return x
 
-    def _attend(self, index: int, qkv: torch.Tensor, rotary, mask: torch.Tensor | None, at: int | None) -> torch.Tensor:
-        """Rotate q and k, write k and v into layer ``index``'s cache, attend:
+    def _attend(
+        self, qkv: torch.Tensor, rotary, mask: torch.Tensor | None, at: int | None, k_cache: torch.Tensor, v_cache: torch.Tensor
+    ) -> torch.Tensor:
+        """Rotate q and k, write k and v into a layer's cache, attend:
         (batch, width, q/k/v heads, dim) -> (batch, width, heads, dim)."""
         heads, kv_heads, dim = self.heads, self.kv_heads, self.head_dim
         cos, sin = rotary
@@ -511,7 +694,6 @@ class LlamaDecoder:
         rotated = torch.cat([-qk[..., half:], qk[..., :half]], dim=-1)
         qk = qk * cos + rotated * sin
         q = qk[:, :, :heads].transpose(1, 2)
-        k_cache, v_cache = self.k[index], self.v[index]
         if at is None:
             k_cache.index_copy_(2, self.at.view(1), qk[:, :, heads:].transpose(1, 2))
             v_cache.index_copy_(2, self.at.view(1), qkv[:, :, heads + kv_heads :].transpose(1, 2))

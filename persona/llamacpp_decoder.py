@@ -226,9 +226,9 @@ class LlamaCppDecoder:
         fed = zip(tokens.tolist(), positions.tolist(), self.sequences, strict=True)
         return self._decode([(t, p, s, True) for t, p, s in fed])
 
-    def select(self, keep: torch.Tensor) -> None:
-        """Keep only these rows; the others' sequences leave the cache."""
-        kept = [self.sequences[i] for i in keep.tolist()]
+    def select(self, keep: list[int]) -> None:
+        """Keep only these rows (by position); the others' sequences leave the cache."""
+        kept = [self.sequences[i] for i in keep]
         for sequence in set(self.sequences) - set(kept):
             self.lib.llama_memory_seq_rm(self.memory, sequence, -1, -1)
             self.reserved.pop(sequence, None)

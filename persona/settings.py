@@ -88,14 +88,14 @@ class WorkerSettings(BaseModel):
     kernels: Literal["auto", "always", "never"] = Field(
         "auto",
         description="GPU only: batches of up to 8 rows may decode through Triton kernels (five a layer) "
-        "instead of the compiled step; auto times both for each such batch size at warm-up and keeps "
-        "the faster",
+        "instead of the compiled step; auto times both at warm-up for caches laid out for 1, 2, 4 and 8 "
+        "rows and keeps the faster",
     )
     attention: Literal["auto", "torch", "triton"] = Field(
         "auto",
         description="GPU only: the compiled step's attention as torch ops over the whole cache, or as one "
-        "Triton kernel that reads only the filled slots; auto compiles both and times them for each batch "
-        "size of 9 rows or more (at warm-up and at a size's first batch), keeping the faster",
+        "Triton kernel that reads only the filled slots; auto compiles both and times them for each cache "
+        "laid out for 16 rows or more (at warm-up and at a layout's first batch), keeping the faster",
     )
     personas: list[str] = Field(default_factory=list, description="preload these (default: all)")
 

@@ -25,6 +25,7 @@ if DEVICE == "cpu" and tuple(int(part) for part in triton.__version__.split(".")
 
 from persona.decode_kernels import Attention, SmallBatchStep, splits_for
 from persona.llama_decoder import LlamaDecoder
+from tests.checked_batch import CheckedBatch, prompt
 
 
 def _model(**overrides):
@@ -90,13 +91,27 @@ def test_rows_leave_and_join_a_batch_on_the_kernel_step(model):
     with torch.inference_mode():
         decoder.start(ids, mask, positions, 6)
         decoder.step(torch.tensor([8, 40], device=DEVICE), positions[:, -1] + 1)
-        decoder.select(torch.tensor([1], device=DEVICE))  # the first row leaves
+        decoder.select([1])  # the first row leaves
         decoder.step(torch.tensor([41], device=DEVICE), torch.tensor([3], device=DEVICE))
         new_ids, new_mask, new_positions = _left_padded([[60, 61, 62, 63, 64]])
         decoder.join(new_ids, new_mask, new_positions, 6)
         both = decoder.step(torch.tensor([42, 65], device=DEVICE), torch.tensor([4, 5], device=DEVICE))
     assert torch.allclose(both[0], _theirs(model, PROMPTS[1] + [40, 41, 42]), atol=1e-4)
     assert torch.allclose(both[1], _theirs(model, [60, 61, 62, 63, 64, 65]), atol=1e-4)
+
+
+@pytest.mark.parametrize("options", [{"kernels": "always"}, {"attention": "triton"}], ids=["whole-step", "attention"])
+def test_idle_lanes_and_moved_slots_on_the_kernels(model, options):
+    """The kernels read ``valid`` and ``at`` of a cache whose rows left, joined and moved."""
+    batch = CheckedBatch(model, **options)
+    with torch.inference_mode():
+        batch.start([prompt(i, 2 + i) for i in range(4)], room=5)
+        batch.step()
+        batch.leave(0)
+        batch.step()  # lane 0 idles
+        batch.join([prompt(7, 9)], room=3)  # longer than the history: the rows move right
+        batch.step(2)
+    assert batch.decoder.lanes == [1, 2, 3, 0] and batch.decoder.layouts == 1
 
 
 def test_a_long_cache_is_shared_among_programs_and_merged():
@@ -110,8 +125,8 @@ def test_a_long_cache_is_shared_among_programs_and_merged():
         decoder.start(ids, mask, positions, 100)
         assert splits_for(2, decoder.kv_heads, decoder.k[0].shape[2]) == 2
         ours = decoder.step(torch.tensor([40, 41], device=DEVICE), positions[:, -1] + 1)
-    for row, prompt in enumerate(prompts):
-        theirs = _theirs(model, prompt + [40 + row])
+    for row, tokens in enumerate(prompts):
+        theirs = _theirs(model, tokens + [40 + row])
         assert torch.allclose(ours[row], theirs, atol=1e-4), (row, (ours[row] - theirs).abs().max())
 
 

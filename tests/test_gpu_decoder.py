@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from persona.engine import TransformersEngine, Work
-from persona.llama_decoder import LlamaDecoder
+from persona.llama_decoder import LlamaDecoder, lane_count
 from persona.models import LoadedModel
 from persona.personas import Sampling
+from tests.checked_batch import CheckedBatch, prompt
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -105,7 +106,7 @@ def test_a_large_batch_times_both_attentions_and_gives_hugging_faces_logits(mode
     prompts = [[p + i for p in PROMPTS[i % 3]] for i in range(10)]
     follow = [FOLLOW[i % 3] for i in range(10)]
     ours = _decode(decoder, prompts, follow)
-    assert set(decoder.step_ms[10]) == {"compiled", "compiled_triton_attention"}, decoder.step_ms
+    assert set(decoder.step_ms[16]) == {"compiled", "compiled_triton_attention"}, decoder.step_ms  # 10 rows, 16 lanes
     for mine, theirs in zip(ours, _expected(model, prompts, follow), strict=True):
         assert torch.allclose(mine, theirs, atol=2e-3), (mine - theirs).abs().max()
 
@@ -113,10 +114,11 @@ def test_a_large_batch_times_both_attentions_and_gives_hugging_faces_logits(mode
 def test_a_batch_of_the_same_shape_replays_the_graph_over_a_clean_cache(model):
     decoder = LlamaDecoder(model, graphs=True)
     _decode(decoder, PROMPTS, FOLLOW)
-    graph = decoder._captured[len(PROMPTS)][0]
-    other = [[p + 1 for p in prompt] for prompt in PROMPTS]
+    lanes = lane_count(len(PROMPTS))
+    graph = decoder._captured[lanes][0]
+    other = [[p + 1 for p in row] for row in PROMPTS]
     ours = _decode(decoder, other, FOLLOW)
-    assert decoder._captured[len(PROMPTS)][0] is graph  # not captured again
+    assert decoder._captured[lanes][0] is graph  # not captured again
     for mine, theirs in zip(ours, _expected(model, other, FOLLOW), strict=True):
         assert torch.allclose(mine, theirs, atol=2e-3), (mine - theirs).abs().max()
 
@@ -127,7 +129,7 @@ def test_rows_leave_and_join_a_batch_that_replays_graphs(model):
     with torch.inference_mode():
         decoder.start(ids, mask, positions, 8)
         decoder.step(torch.tensor([8, 40], device="cuda"), positions[:, -1] + 1)
-        decoder.select(torch.tensor([1], device="cuda"))  # the first row leaves
+        decoder.select([1])  # the first row leaves
         decoder.step(torch.tensor([41], device="cuda"), torch.tensor([3], device="cuda"))
         new_ids, new_mask, new_positions = _left_padded([PROMPTS[2]])
         decoder.join(new_ids, new_mask, new_positions, 8)
@@ -135,6 +137,23 @@ def test_rows_leave_and_join_a_batch_that_replays_graphs(model):
     stayed, joined = _theirs(model, [PROMPTS[1] + [40, 41, 42], PROMPTS[2] + [60]])
     assert torch.allclose(both[0], stayed[-1], atol=2e-3)
     assert torch.allclose(both[1], joined[-1], atol=2e-3)
+
+
+@pytest.mark.parametrize("options", [{}, {"kernels": "always"}], ids=["graph", "triton-step-graph"])
+def test_rows_leave_and_join_without_capturing_a_new_graph(model, options):
+    batch = CheckedBatch(model, atol=2e-3, graphs=True, **options)
+    with torch.inference_mode():
+        batch.start([prompt(i, 3 + i) for i in range(4)], room=8)
+        batch.step(2)
+        graph = batch.decoder._captured[4][0]
+        batch.leave(1)
+        batch.step()  # lane 1 idles
+        batch.join([prompt(9, 14)], room=6)  # longer than the history: the rows move right
+        batch.step(2)
+        batch.leave(0)
+        batch.join([prompt(10, 2)], room=4)
+        batch.step(2)
+    assert batch.decoder._captured[4][0] is graph and batch.decoder.layouts == 1
 
 
 def test_the_engine_on_a_gpu_writes_what_it_writes_on_the_cpu(model, tokenizer):
@@ -154,9 +173,9 @@ def test_the_engine_on_a_gpu_writes_what_it_writes_on_the_cpu(model, tokenizer):
     gpu = engine("cuda", compile=True)
     gpu.warm_up()
     assert gpu.decoder.compiled
-    # Warm-up timed the candidate steps for every small batch size and a large one.
+    # Warm-up timed the candidate steps for every small layout (1, 2, 4, 8 lanes) and a large one.
     assert gpu.decoder.attention_mode == "auto" and gpu.decoder.small_step is not None
-    assert sorted(gpu.decoder.step_ms) == gpu.decoder.timed_sizes == [*range(1, 9), 9], gpu.decoder.step_ms
+    assert sorted(gpu.decoder.step_ms) == gpu.decoder.timed_sizes == [1, 2, 4, 8, 16], gpu.decoder.step_ms
     compiled_graphs = counters["stats"]["unique_graphs"]
     cpu = engine("cpu", compile=False)
     for batch in ([work(PROMPTS[0], 9), work(PROMPTS[1], 3)], [work(p, 5 + i) for i, p in enumerate(PROMPTS * 2)]):

@@ -61,7 +61,7 @@ def test_rows_can_leave_the_batch(tiny_llama, static):
     with torch.inference_mode():
         decoder.start(ids, mask, positions, 4)
         both = decoder.step(torch.tensor([7, 8]), torch.tensor([3, 3]))
-        decoder.select(torch.tensor([1]))
+        decoder.select([1])
         alone = decoder.step(torch.tensor([9]), torch.tensor([4]))
         again = LlamaDecoder(tiny_llama.model, static=static)
         again.start(ids[1:], mask[1:], positions[1:], 4)

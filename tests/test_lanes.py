@@ -1,0 +1,129 @@
+"""A static cache's lanes: rows leave and join a running batch in the same buffers (so a
+GPU's captured graphs survive), and every row's logits stay Hugging Face's throughout."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from persona.llama_decoder import SHRINK_AFTER_STEPS, LlamaDecoder, lane_count
+from tests.checked_batch import CheckedBatch, prompt
+
+
+@pytest.mark.parametrize(("rows", "lanes"), [(1, 1), (2, 2), (3, 4), (5, 8), (8, 8), (9, 16), (17, 24), (128, 128)])
+def test_a_static_cache_has_lanes_for_a_bucket_of_batch_sizes(rows, lanes):
+    assert lane_count(rows) == lanes
+
+
+@torch.inference_mode()
+def test_rows_leave_and_join_in_the_same_buffers_while_lanes_and_slots_last(tiny_llama):
+    batch = CheckedBatch(tiny_llama.model)
+    batch.start([prompt(i, 3 + i) for i in range(4)], room=12)
+    assert batch.decoder.valid.shape == (4, 64)
+    layout = batch.buffers()
+    batch.step(2)
+    batch.leave(1)  # three rows in four lanes: one idles
+    batch.step()
+    assert batch.decoder.lanes == [0, 2, 3]
+    # A prompt longer than the batch's history: the running rows' slots move right, in place.
+    batch.join([prompt(9, 12)], room=6)
+    assert batch.decoder.lanes == [0, 2, 3, 1]
+    batch.step(2)
+    batch.leave(2)
+    batch.step()
+    batch.join([prompt(10, 2)], room=4)  # into the lane just freed
+    assert batch.decoder.lanes == [0, 2, 1, 3]
+    batch.step(2)
+    assert batch.buffers() == layout and batch.decoder.layouts == 1
+
+
+@torch.inference_mode()
+def test_a_batch_outgrows_its_lanes_and_its_slots_and_shrinks_once_long_idle(tiny_llama):
+    batch = CheckedBatch(tiny_llama.model)
+    batch.start([prompt(i, 4) for i in range(3)], room=80)
+    assert batch.decoder.valid.shape == (4, 128)
+    batch.step()
+    batch.join([prompt(5, 3), prompt(6, 4)], room=80)  # five rows: eight lanes
+    assert batch.decoder.valid.shape == (8, 128) and batch.decoder.layouts == 2
+    batch.step(2)
+    batch.leave(0, 1, 2, 3)  # one row left in eight lanes: they idle a while first
+    batch.step(SHRINK_AFTER_STEPS - 1)
+    assert batch.decoder.valid.shape == (8, 128)
+    length = batch.decoder.length
+    batch.step()
+    assert batch.decoder.valid.shape == (1, 128) and batch.decoder.layouts == 3
+    assert batch.decoder.length == length  # its slot 0 was nobody's: dropped (then one step on)
+    batch.join([prompt(7, 5)], room=200)  # a reply longer than the cache: more slots
+    assert batch.decoder.valid.shape == (2, 320) and batch.decoder.layouts == 4
+    batch.step(3)
+
+
+@torch.inference_mode()
+def test_slots_no_row_uses_any_more_are_dropped_in_place(tiny_llama):
+    batch = CheckedBatch(tiny_llama.model)
+    batch.start([prompt(i, 3) for i in range(5)], room=4)  # eight lanes, 64 slots
+    batch.join([prompt(5 + i, 2) for i in range(3)], room=55)
+    batch.step()
+    batch.leave(0, 1, 2)
+    batch.join([prompt(9 + i, 2) for i in range(3)], room=5)
+    batch.step()
+    batch.leave(0, 1)  # the first batch's rows are gone: slot 0 is nobody's
+    layout = batch.buffers()
+    length = batch.decoder.length
+    batch.join([prompt(12, 2)], room=60)  # needs 65 slots from slot 0, 64 from slot 1
+    assert batch.decoder.length == length - 1  # every row moved one slot left
+    assert batch.buffers() == layout and batch.decoder.layouts == 1
+    batch.step(3)
+
+
+@torch.inference_mode()
+def test_any_run_of_joins_leaves_and_steps_keeps_every_row_right(tiny_llama):
+    """A busy spell then a quiet one, at random: rows leave when their room is spent or at
+    random (stopped, withdrawn), one to three join with prompts of 1-20 tokens and replies
+    of up to 40; every row checked at every step, while layouts grow and then shrink."""
+    import random
+
+    chance = random.Random(8)
+    batch = CheckedBatch(tiny_llama.model)
+    batch.start([prompt(0, 5)], room=40)
+    seeds = iter(range(1, 1000))
+    widest = 0
+    for turn in range(130):
+        done = [i for i, left in enumerate(batch.room) if left == 0]
+        if len(batch.rows) > 1 and chance.random() < 0.2:
+            done += chance.sample(range(len(batch.rows)), chance.randint(1, len(batch.rows) - 1))
+        busy = turn < 40
+        if len(set(done)) == len(batch.rows) or (busy and chance.random() < 0.6):
+            joining = [prompt(next(seeds), chance.randint(1, 20)) for _ in range(chance.randint(1, 3))]
+            batch.join(joining, room=chance.randint(2, 40) if busy else 90)
+        batch.leave(*set(done))
+        batch.step()
+        widest = max(widest, batch.decoder.valid.shape[0])
+    assert widest >= 8 and batch.decoder.valid.shape[0] < widest  # grew while busy, shrank after
+
+
+def test_the_engine_serves_rows_that_come_and_go_from_lanes(tiny_llama):
+    """The engine over a static cache (as on a GPU, lookahead included): rows joining a
+    running batch and leaving it at their own lengths each get the reply they get alone."""
+    from persona.engine import TransformersEngine, Work
+    from persona.personas import Sampling
+
+    plain = TransformersEngine(tiny_llama, mode="fused")
+    served = TransformersEngine(tiny_llama, mode="fused", lookahead=True)
+    served.decoder = LlamaDecoder(tiny_llama.model, static=True)
+    works = {
+        tag: Work(prompt(seed, length), Sampling(temperature=0.0, max_new_tokens=tokens, repetition_penalty=penalty))
+        for tag, seed, length, tokens, penalty in [
+            ("a", 1, 6, 9, 1.0), ("b", 2, 3, 3, 1.3), ("c", 3, 11, 14, 1.0),
+            ("d", 4, 2, 5, 1.0), ("e", 5, 15, 4, 1.1), ("f", 6, 4, 8, 1.0),
+        ]
+    }  # fmt: skip
+    arrivals = {0: "abc", 2: "d", 3: "e", 7: "f"}  # step -> rows added before it
+    replies = {}
+    for turn in range(60):
+        for tag in arrivals.get(turn, ""):
+            served.add(works[tag], tag)
+        replies.update({tag: completion.text for tag, completion in served.step()})
+    assert served.active == 0
+    assert replies == {tag: plain.generate([work])[0].text for tag, work in works.items()}
+    assert served.decoder.layouts == 1  # every row that joined took a free lane
