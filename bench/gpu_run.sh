@@ -6,7 +6,7 @@
 #   bench/gpu_prepare.sh        # wheels into .whl/, the bundled tokenizer into .gpu/tokenizer
 # then run this script there with .whl and .gpu carried. Results land in $OUT.
 # STAGES picks what runs (default: bench tests steps sampled, in this order; also
-# attention); each has its own time limit.
+# attention and serve); each has its own time limit.
 set -u
 OUT=${OUT:-/tmp/persona-gpu}
 STAGES=${STAGES:-"bench tests steps sampled"}
@@ -32,6 +32,13 @@ for stage in $STAGES; do
     # The headline numbers first (it also fills torch's compile cache for what follows).
     bench) bench bench_engine ;;
     sampled) BENCH_S=${SAMPLED_S:-150} bench bench_engine_sampled --sample ;;
+    # A backlog of mixed-length requests, 128 at a time: continuous batching (rows taking
+    # and freeing lanes) vs one batch at a time vs generate() batches.
+    serve)
+      timeout "${SERVE_S:-240}" python3 -m persona bench serve --device cuda --tokenizer .gpu/tokenizer --json \
+        > "$OUT/bench_serve.json" 2> "$OUT/bench_serve.log"
+      echo "serve rc=$? after ${SECONDS}s" | tee -a "$OUT/bench_serve.log"
+      cat "$OUT/bench_serve.json" ;;
     # The compiled step with its attention as one Triton kernel (off by default until measured).
     attention) BENCH_S=${ATTENTION_S:-200} bench bench_engine_triton_attention --attention triton ;;
     tests)

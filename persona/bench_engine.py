@@ -25,7 +25,10 @@ from persona.engine import TransformersEngine, Work
 from persona.models import LoadedModel, load_model
 from persona.personas import Sampling
 
-__all__ = ["EngineBenchResult", "load_bench_model", "run_engine_bench"]
+__all__ = [
+    "EngineBenchResult", "forget_prefixes", "load_bench_model", "prompt_ids", "run_engine_bench", "sampling_for",
+    "sync_device", "time_baseline",
+]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -133,11 +136,15 @@ def load_bench_model(device: str, cache_dir: Path, tokenizer_dir: Path | None = 
     )
 
 
-def _prompt_ids(loaded: LoadedModel, batch: int) -> list[list[int]]:
+def prompt_ids(loaded: LoadedModel, batch: int, numbered: bool = False) -> list[list[int]]:
+    """``batch`` chat prompts, PROMPTS cycled; ``numbered``: each message begins with its own
+    number, so no two prompts are alike past the chat template's opening."""
     tokenizer = loaded.tokenizer
     out = []
     for i in range(batch):
         text = PROMPTS[i % len(PROMPTS)]
+        if numbered:
+            text = f"Question {i + 1}: {text}"
         if loaded.has_chat_template:
             messages = [{"role": "user", "content": text}]
             text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -156,12 +163,12 @@ def _chat_prompt_ids(loaded: LoadedModel, message: str = CHAT_MESSAGES[0]) -> li
     return ids[-(loaded.context_tokens - 1):]  # a small model's context may be shorter
 
 
-def _sync(device: str) -> None:
+def sync_device(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
 
 
-def _sampling(new_tokens: int, sampled: bool) -> Sampling:
+def sampling_for(new_tokens: int, sampled: bool) -> Sampling:
     """Greedy (no repetition penalty, as ``generate()`` by default), or a persona's defaults."""
     if sampled:
         return Sampling(max_new_tokens=new_tokens)
@@ -169,11 +176,11 @@ def _sampling(new_tokens: int, sampled: bool) -> Sampling:
 
 
 def _time_ours(engine: TransformersEngine, prompts: list[list[int]], new_tokens: int, sampled: bool = False) -> float:
-    work = [Work(ids, _sampling(new_tokens, sampled)) for ids in prompts]
-    _sync(engine.loaded.device)
+    work = [Work(ids, sampling_for(new_tokens, sampled)) for ids in prompts]
+    sync_device(engine.loaded.device)
     started = time.perf_counter()
     completions = engine.generate(work)
-    _sync(engine.loaded.device)
+    sync_device(engine.loaded.device)
     elapsed = time.perf_counter() - started
     made = sum(c.new_tokens for c in completions)
     if made != new_tokens * len(prompts):
@@ -182,24 +189,24 @@ def _time_ours(engine: TransformersEngine, prompts: list[list[int]], new_tokens:
 
 
 @torch.inference_mode()
-def _time_baseline(loaded: LoadedModel, prompts: list[list[int]], new_tokens: int, sampled: bool = False) -> float:
+def time_baseline(loaded: LoadedModel, prompts: list[list[int]], new_tokens: int, sampled: bool = False) -> float:
     width = max(len(p) for p in prompts)
     pad = loaded.tokenizer.pad_token_id
     ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=loaded.device)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=loaded.device)
     if sampled:
-        s = _sampling(new_tokens, True)
+        s = sampling_for(new_tokens, True)
         how = {"do_sample": True, "temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k,
                "repetition_penalty": s.repetition_penalty}
     else:
         how = {"do_sample": False}
-    _sync(loaded.device)
+    sync_device(loaded.device)
     started = time.perf_counter()
     out = loaded.model.generate(
         input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
         pad_token_id=pad, **how,
     )
-    _sync(loaded.device)
+    sync_device(loaded.device)
     elapsed = time.perf_counter() - started
     made = (out.shape[1] - width) * len(prompts)
     return made / elapsed
@@ -213,14 +220,14 @@ def _first_tokens(engine: TransformersEngine, loaded: LoadedModel, repeats: int)
     cold, warm, base = float("inf"), float("inf"), float("inf")
     for i in range(repeats):
         first, second = (_chat_prompt_ids(loaded, CHAT_MESSAGES[(2 * i + k) % len(CHAT_MESSAGES)]) for k in (0, 1))
-        _forget_prefixes(engine)
+        forget_prefixes(engine)
         cold = min(cold, _timed_ms(lambda p=first: _time_ours(engine, [p], 1), loaded.device))
         warm = min(warm, _timed_ms(lambda p=second: _time_ours(engine, [p], 1), loaded.device))
-        base = min(base, _timed_ms(lambda p=first: _time_baseline(loaded, [p], 1), loaded.device))
+        base = min(base, _timed_ms(lambda p=first: time_baseline(loaded, [p], 1), loaded.device))
     return {"ours": round(cold, 1), "ours_same_persona": round(warm, 1), "baseline": round(base, 1)}
 
 
-def _forget_prefixes(engine: TransformersEngine) -> None:
+def forget_prefixes(engine: TransformersEngine) -> None:
     """Make the next prompts new to the engine (a decoder that keeps prefixes drops them)."""
     forget = getattr(engine.decoder, "forget_prefixes", None)
     if forget is not None:
@@ -228,10 +235,10 @@ def _forget_prefixes(engine: TransformersEngine) -> None:
 
 
 def _timed_ms(call: Callable[[], object], device: str) -> float:
-    _sync(device)
+    sync_device(device)
     started = time.perf_counter()
     call()
-    _sync(device)
+    sync_device(device)
     return (time.perf_counter() - started) * 1000
 
 
@@ -287,16 +294,16 @@ def run_engine_bench(
     result.warm_up_s = round(engine.warm_up(), 2)
     log.info("%s engine built in %.1f s, warmed up in %.1f s", engine.mode, result.engine_build_s, result.warm_up_s)
     engine.stop_ids = set()  # exactly new_tokens per row, like min_new_tokens on the baseline side
-    warm = _prompt_ids(loaded, 1)
+    warm = prompt_ids(loaded, 1)
     _time_ours(engine, warm, 4)
-    _time_baseline(loaded, warm, 4)
+    time_baseline(loaded, warm, 4)
     for batch in batches:
-        prompts = _prompt_ids(loaded, batch)
+        prompts = prompt_ids(loaded, batch)
         ours, base = 0.0, 0.0
         for _ in range(repeats):
             # Interleaved, so a neighbour's burst of load hits both sides alike.
-            base = max(base, _time_baseline(loaded, prompts, new_tokens, sampled))
-            _forget_prefixes(engine)  # each run reads its prompts in full, as the baseline does
+            base = max(base, time_baseline(loaded, prompts, new_tokens, sampled))
+            forget_prefixes(engine)  # each run reads its prompts in full, as the baseline does
             ours = max(ours, _time_ours(engine, prompts, new_tokens, sampled))
             gc.collect()
             if progress:
@@ -315,6 +322,6 @@ def run_engine_bench(
         path = engine.decoder.path
         del engine
         gc.collect()
-        result.llamacpp[1] = round(_time_llamacpp(path, _prompt_ids(loaded, 1)[0], new_tokens, result.threads), 1)
+        result.llamacpp[1] = round(_time_llamacpp(path, prompt_ids(loaded, 1)[0], new_tokens, result.threads), 1)
     result.rss_mb = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     return result

@@ -13,7 +13,7 @@ from rich.table import Table
 from persona.cli.common import console, friendly_errors, get_settings
 from persona.cli.soak import register_bench
 
-__all__ = ["bench_app", "engine", "queue", "register"]
+__all__ = ["bench_app", "engine", "queue", "register", "serve"]
 
 bench_app = typer.Typer(
     help="Benchmarks: each measures ours and a baseline in the same run and prints the ratio.",
@@ -170,6 +170,82 @@ def engine(
             f"llama.cpp alone (llama-cpp-python's Llama.generate, one sequence, same GGUF): {reference:,.1f} tok/s "
             f"at batch 1; ours at batch 1 is {result.ours.get(1, 0.0) / reference:.2f}x that"
         )
+
+
+@bench_app.command("serve")
+@friendly_errors
+def serve(
+    device: str = typer.Option("cpu", help="cpu (the bundled model) or cuda (a random model of its shape, bf16)"),
+    requests: int = typer.Option(0, min=0, help="requests waiting at the start (default: 24 on CPU, 512 on cuda)", show_default=False),
+    concurrency: int = typer.Option(0, min=0, help="requests decoding at once (default: 8 on CPU, 128 on cuda)", show_default=False),
+    longest: int = typer.Option(
+        0, min=0, help="the longest reply, in tokens; others are 1/2, 1/4 or 1/8 of it (default: 64 on CPU, 256 on cuda)",
+        show_default=False,
+    ),
+    mode: str = typer.Option("", help="our engine's path: auto, eager, fused, int8 or llamacpp (default: the worker setting)"),
+    threads: int = typer.Option(0, min=0, help="torch CPU threads (default: the worker setting, else all cores)"),
+    tokenizer: Path | None = typer.Option(
+        None, exists=True, file_okay=False,
+        help="GPU: a saved tokenizer folder for the random-weight model, where the bundled GGUF is not installed",
+    ),
+    json_output: bool = typer.Option(False, "--json", help="print one JSON object"),
+) -> None:
+    """A backlog of chat requests of mixed lengths: our engine with continuous batching, the
+    same engine one batch at a time, and plain generate() one batch at a time."""
+    import torch
+
+    from persona.bench_engine import load_bench_model
+    from persona.bench_serve import run_serve_bench
+    from persona.models import pick_device
+
+    settings = get_settings()
+    if json_output:
+        from persona.logs import setup_logging
+
+        setup_logging(settings)
+    device = pick_device(device)
+    on_gpu = device != "cpu"
+    requests = requests or (512 if on_gpu else 24)
+    concurrency = concurrency or (128 if on_gpu else 8)
+    longest = longest or (256 if on_gpu else 64)
+    with console.status("loading the model...") as status:
+        if threads or settings.worker.threads:
+            torch.set_num_threads(threads or settings.worker.threads)
+        loaded = load_bench_model(device, settings.model_cache_dir, tokenizer)
+        status.update("building and warming up our engine...")
+        result = run_serve_bench(
+            loaded, requests=requests, concurrency=concurrency, longest=longest, mode=mode or settings.worker.engine,
+            cache_dir=settings.model_cache_dir, gguf_type=settings.worker.gguf_type, compile=settings.worker.compile,
+            kernels=settings.worker.kernels, attention=settings.worker.attention,
+            progress=lambda name: status.update(f"serving {requests} requests: {_SERVED[name]}..."),
+        )
+    if json_output:
+        print(json.dumps(result.as_dict()))
+        return
+    table = Table(
+        title=f"{requests} requests waiting, {concurrency} at a time, replies of {min(result.reply_tokens)}-"
+        f"{max(result.reply_tokens)} tokens ({sum(result.reply_tokens):,} in all), {result.model} on {result.device}",
+        caption=f"our engine: {result.mode}; useful tokens/s: each request's own tokens over the time to answer all; "
+        "answered: seconds from the start",
+    )
+    for column in ("served by", "useful tok/s", "answered p50", "answered p99", "vs generate()"):
+        table.add_column(column, justify="right")
+    base = result.baseline.tokens_per_s
+    for name in ("ours", "ours_batches", "baseline"):
+        served = getattr(result, name)
+        table.add_row(
+            _SERVED[name], f"{served.tokens_per_s:,.1f}", f"{served.percentile(0.5):.2f} s",
+            f"{served.percentile(0.99):.2f} s", f"{served.tokens_per_s / base if base else 0:.2f}x",
+        )  # fmt: skip
+    console.print(table)
+    console.print(f"continuous batching alone: {result.continuous_gain:.2f}x the same engine one batch at a time")
+
+
+_SERVED = {
+    "ours": "ours, continuous batching",
+    "ours_batches": "ours, one batch at a time",
+    "baseline": "generate(), one batch at a time",
+}
 
 
 def register(app: typer.Typer) -> None:

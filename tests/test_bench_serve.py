@@ -1,0 +1,27 @@
+"""`persona bench serve`: one backlog served with continuous batching, one batch at a time,
+and by generate(); a short request never waits behind a long one in the first."""
+
+from __future__ import annotations
+
+from persona.bench_serve import reply_lengths, run_serve_bench
+
+
+def test_replies_are_mostly_short_with_a_few_long():
+    assert reply_lengths(10, 64) == [64, 8, 16, 32, 8, 16, 8, 32, 64, 8]
+    assert reply_lengths(3, 4) == [4, 1, 1]  # never under one token
+
+
+def test_continuous_batching_answers_short_requests_while_a_long_one_decodes(tiny_llama):
+    result = run_serve_bench(tiny_llama, requests=4, concurrency=2, longest=8)
+    assert result.reply_tokens == [8, 1, 2, 4]
+    # Two at a time. Continuous: request 1 ends at step 1, 2 joins and ends at step 3, 3
+    # joins and ends at step 7, all while request 0 decodes to step 8.
+    assert result.ours.answered_step == [8, 1, 3, 7]
+    # One batch at a time: requests 2 and 3 wait for request 0 to finish first.
+    assert result.ours_batches.answered_step == [8, 1, 10, 12]
+    for served in (result.ours, result.ours_batches, result.baseline):
+        assert served.tokens_per_s > 0 and len(served.answered_s) == 4
+    data = result.as_dict()
+    assert data["useful_tokens"] == 15 and data["mode"] == "fused"
+    assert data["ratio"] == round(result.ours.tokens_per_s / result.baseline.tokens_per_s, 2)
+    assert set(data["ours"]) == {"tokens_per_s", "seconds", "p50_s", "p99_s"}
