@@ -329,7 +329,7 @@ class TransformersEngine:
             self._rows = new
         else:
             logits = self.decoder.join(*prompts, room)
-            self._rows.merge(new, self.pad_id)
+            self._rows.merge(new)
         return logits
 
     def generate(self, batch: list[Work]) -> list[Completion]:
@@ -400,7 +400,10 @@ class _Rows:
         # None after, so nothing reads them once rows leave or join.
         self.prompts: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = (input_ids, mask.to(device), position_ids)
         self.position = position_ids[:, -1]  # each row's latest position
-        self.seen = input_ids.clone()  # for the repetition penalty
+        # The tokens each row has seen, for the repetition penalty: its padding holds the
+        # row's own first token instead (penalised once either way), so a row batched with
+        # longer prompts does not penalise the padding token (often end-of-text) unlike alone.
+        self.seen = torch.where(mask.bool(), ids, ids.gather(1, mask.argmax(dim=1, keepdim=True))).to(device)
         self.temperature = torch.tensor([w.sampling.temperature for w in batch], device=device)
         self.top_p = torch.tensor([w.sampling.top_p for w in batch], device=device)
         self.top_k = torch.tensor([w.sampling.top_k for w in batch], device=device)
@@ -425,7 +428,7 @@ class _Rows:
         self.top_ks = [self.top_ks[i] for i in keep]
         self.penalties = [self.penalties[i] for i in keep]
 
-    def merge(self, other: _Rows, pad_id: int) -> None:
+    def merge(self, other: _Rows) -> None:
         """Append ``other``'s rows after these (rows that joined a running batch)."""
         offset = len(self.work)
         self.work = self.work + other.work
@@ -436,7 +439,7 @@ class _Rows:
         self.size += other.size
         self.position = torch.cat([self.position, other.position])
         width = max(self.seen.shape[1], other.seen.shape[1])
-        self.seen = torch.cat([_pad_left(self.seen, width, pad_id), _pad_left(other.seen, width, pad_id)])
+        self.seen = torch.cat([_widened(self.seen, width), _widened(other.seen, width)])
         for name in ("temperature", "top_p", "top_k", "penalty"):
             setattr(self, name, torch.cat([getattr(self, name), getattr(other, name)]))
         self.generators += other.generators
@@ -466,8 +469,9 @@ def _reader(tokens: torch.Tensor) -> Callable[[], list[int]]:
     return read
 
 
-def _pad_left(ids: torch.Tensor, width: int, pad_id: int) -> torch.Tensor:
-    return torch.nn.functional.pad(ids, (width - ids.shape[1], 0), value=pad_id)
+def _widened(seen: torch.Tensor, width: int) -> torch.Tensor:
+    """``seen`` left-padded to ``width`` with each row's own first token (see ``_Rows``)."""
+    return torch.cat([seen[:, :1].expand(-1, width - seen.shape[1]), seen], dim=1)
 
 
 def _generator(seed: int | None, device: torch.device) -> torch.Generator | None:

@@ -161,3 +161,47 @@ def test_a_checkpoint_served_by_llamacpp_lets_go_of_its_torch_weights(tiny_llama
     engine = TransformersEngine(loaded, mode="llamacpp", cache_dir=tmp_path, threads=1, gguf_type="f16")
     assert engine.mode == "llamacpp" and not loaded.weights_loaded
     assert loaded.model is not None and loaded.weights_loaded  # loaded again when asked for
+
+
+def test_rows_that_come_and_go_each_get_the_reply_they_get_alone(tiny_llama_dir, tmp_path):
+    """Random arrivals (some beginning like earlier prompts, so kept prefixes serve them),
+    greedy and seeded rows with and without a repetition penalty, some withdrawn mid-way:
+    every reply is exactly the row's reply from an engine serving it alone."""
+    import random
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    # Peaked logits (the tiny model's embeddings scaled up): llama.cpp multiplies a batch's
+    # rows in other orders than one row's, and a near tie could then go either way.
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(25)
+    model.save_pretrained(tmp_path / "peaked")
+    AutoTokenizer.from_pretrained(tiny_llama_dir).save_pretrained(tmp_path / "peaked")
+    peaked = load_model(str(tmp_path / "peaked"), cache_dir=tmp_path)
+    chance = random.Random(3)
+    alone = TransformersEngine(peaked, mode="llamacpp", cache_dir=tmp_path, threads=1, gguf_type="f16")
+    served = TransformersEngine(peaked, mode="llamacpp", cache_dir=tmp_path, threads=1, gguf_type="f16")
+    opening = [chance.randint(3, 3000) for _ in range(12)]
+    works = [
+        Work(
+            (opening if chance.random() < 0.4 else []) + [chance.randint(3, 3000) for _ in range(chance.randint(1, 30))],
+            Sampling(
+                temperature=chance.choice([0.0, 0.9]), top_k=20, max_new_tokens=chance.randint(1, 30),
+                seed=chance.randint(0, 10**6), repetition_penalty=chance.choice([1.0, 1.3]),
+            ),
+        )  # fmt: skip
+        for _ in range(30)
+    ]
+    waiting, replies, turn = list(enumerate(works)), {}, 0
+    while waiting or served.active:
+        if waiting and (not served.active or chance.random() < 0.4):
+            for _ in range(chance.randint(1, 5)):
+                if waiting:
+                    served.add(waiting[0][1], waiting.pop(0)[0])
+        if turn % 17 == 16:
+            served.remove(lambda tag, turn=turn: tag % 9 == turn % 9)  # withdrawn
+        replies.update({tag: completion.text for tag, completion in served.step()})
+        turn += 1
+    assert len(replies) > 20
+    assert replies == {tag: alone.generate([works[tag]])[0].text for tag in replies}
