@@ -124,8 +124,9 @@ def _serve(engine: TransformersEngine, work: list[Work], concurrency: int, conti
         steps += 1
         now = time.perf_counter() - started
         for index, completion in finished:
-            if completion.new_tokens != _wanted(work[index]):
-                raise RuntimeError(f"request {index} made {completion.new_tokens} tokens, wanted {_wanted(work[index])}")
+            wanted = _wanted(work[index])
+            if completion.new_tokens != wanted:
+                raise RuntimeError(f"request {index} made {completion.new_tokens} tokens, wanted {wanted}")
             served.answered_s[index] = now
             served.answered_step[index] = steps
     sync_device(engine.loaded.device)

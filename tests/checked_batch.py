@@ -57,10 +57,7 @@ class CheckedBatch:
         return torch.tensor(values, device=self.device)
 
     def _left_padded(self, prompts: list[list[int]]):
-        width = max(len(p) for p in prompts)
-        ids = self._tensor([[0] * (width - len(p)) + p for p in prompts])
-        mask = self._tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-        return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+        return left_padded(prompts, self.device)
 
     def _check(self, logits: torch.Tensor, new: list[list[int]]) -> None:
         self.rows += [list(p) for p in new]
@@ -70,6 +67,14 @@ class CheckedBatch:
             for i, row in enumerate(checked):
                 theirs = self.model(input_ids=self._tensor([row])).logits[0, -1]
                 assert torch.allclose(logits[i], theirs, atol=self.atol), (i, row, (logits[i] - theirs).abs().max())
+
+
+def left_padded(prompts: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Prompts as a decoder takes them: ids left-padded with 0, the mask, the positions."""
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
 
 
 def prompt(seed: int, length: int) -> list[int]:

@@ -25,7 +25,7 @@ if DEVICE == "cpu" and tuple(int(part) for part in triton.__version__.split(".")
 
 from persona.decode_kernels import Attention, SmallBatchStep, splits_for
 from persona.llama_decoder import LlamaDecoder
-from tests.checked_batch import CheckedBatch, prompt
+from tests.checked_batch import CheckedBatch, left_padded, prompt
 
 
 def _model(**overrides):
@@ -48,10 +48,7 @@ def model():
 
 
 def _left_padded(prompts: list[list[int]]):
-    width = max(len(p) for p in prompts)
-    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=DEVICE)
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=DEVICE)
-    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+    return left_padded(prompts, DEVICE)
 
 
 def _theirs(model, row: list[int]) -> torch.Tensor:

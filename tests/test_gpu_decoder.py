@@ -14,7 +14,8 @@ from persona.engine import TransformersEngine, Work
 from persona.llama_decoder import LlamaDecoder, lane_count
 from persona.models import LoadedModel
 from persona.personas import Sampling
-from tests.checked_batch import CheckedBatch, prompt
+from tests.arrivals import word_tokenizer
+from tests.checked_batch import CheckedBatch, left_padded, prompt
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -41,13 +42,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = {f"w{i}": i for i in range(VOCAB)}
-    inner = Tokenizer(models.WordLevel(words, unk_token="w0"))
-    inner.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=inner, pad_token="w0", eos_token="w1")
+    return word_tokenizer(VOCAB)
 
 
 def _theirs(model, rows: list[list[int]]) -> list[torch.Tensor]:
@@ -57,10 +52,7 @@ def _theirs(model, rows: list[list[int]]) -> list[torch.Tensor]:
 
 
 def _left_padded(prompts: list[list[int]]):
-    width = max(len(p) for p in prompts)
-    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device="cuda")
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device="cuda")
-    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+    return left_padded(prompts, "cuda")
 
 
 def _decode(decoder: LlamaDecoder, prompts: list[list[int]], follow: list[list[int]]) -> list[torch.Tensor]:

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from persona.llama_decoder import SHRINK_AFTER_STEPS, LlamaDecoder, lane_count
+from tests.arrivals import random_works, serve_at_random, word_tokenizer
 from tests.checked_batch import CheckedBatch, prompt
 
 
@@ -133,26 +134,22 @@ def test_the_engine_serves_rows_that_come_and_go_from_lanes(tiny_llama):
 def word_model():
     """A toy Llama over a word-level vocabulary whose pad token is an ordinary word (w0),
     with peaked logits, so greedy and seeded choices are stable against float rounding."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     from persona.models import LoadedModel
 
-    vocab = 512
-    inner = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab)}, unk_token="w0"))
-    inner.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=inner, pad_token="w0", eos_token="w1")
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=1024,
     )  # fmt: skip
     model = LlamaForCausalLM(config).eval()
     with torch.no_grad():
         model.model.embed_tokens.weight.mul_(25)
     return LoadedModel(
-        model=model, tokenizer=tokenizer, device="cpu", name="words", has_chat_template=False, stop_token_ids=[1]
-    )
+        model=model, tokenizer=word_tokenizer(512), device="cpu", name="words", has_chat_template=False,
+        stop_token_ids=[1],
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize("lanes", [False, True], ids=["growing-cache", "lanes"])
@@ -162,33 +159,14 @@ def test_rows_that_come_and_go_each_get_the_reply_they_get_alone(word_model, lan
     beside longer prompts must not count as tokens it has seen)."""
     import random
 
-    from persona.engine import TransformersEngine, Work
-    from persona.personas import Sampling
+    from persona.engine import TransformersEngine
 
     chance = random.Random(1)
     alone = TransformersEngine(word_model, mode="fused")
     served = TransformersEngine(word_model, mode="fused", lookahead=lanes)
     if lanes:
         served.decoder = LlamaDecoder(word_model.model, static=True)
-    works = [
-        Work(
-            [chance.randint(2, 511) for _ in range(chance.randint(1, 30))],
-            Sampling(
-                temperature=chance.choice([0.0, 0.9]), top_k=20, max_new_tokens=chance.randint(1, 40),
-                seed=chance.randint(0, 10**6), repetition_penalty=chance.choice([1.0, 1.3]),
-            ),
-        )  # fmt: skip
-        for _ in range(36)
-    ]
-    waiting, replies, turn = list(enumerate(works)), {}, 0
-    while waiting or served.active:
-        if waiting and (not served.active or chance.random() < 0.4):
-            for _ in range(chance.randint(1, 5)):
-                if waiting:
-                    served.add(waiting[0][1], waiting.pop(0)[0])
-        if turn % 17 == 16:
-            served.remove(lambda tag, turn=turn: tag % 9 == turn % 9)  # withdrawn
-        replies.update({tag: completion.text for tag, completion in served.step()})
-        turn += 1
+    works = random_works(chance, 36, ids=(2, 511), longest=40)
+    replies = serve_at_random(served, works, chance)
     assert len(replies) > 25
     assert replies == {tag: alone.generate([works[tag]])[0].text for tag in replies}

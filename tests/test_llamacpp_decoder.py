@@ -8,6 +8,7 @@ import torch
 from persona.engine import TransformersEngine, Work, llamacpp_available
 from persona.models import load_model
 from persona.personas import Sampling
+from tests.arrivals import random_works, serve_at_random
 
 pytestmark = pytest.mark.skipif(not llamacpp_available(), reason="llama-cpp-python (the `fast` extra) is not installed")
 
@@ -183,25 +184,7 @@ def test_rows_that_come_and_go_each_get_the_reply_they_get_alone(tiny_llama_dir,
     alone = TransformersEngine(peaked, mode="llamacpp", cache_dir=tmp_path, threads=1, gguf_type="f16")
     served = TransformersEngine(peaked, mode="llamacpp", cache_dir=tmp_path, threads=1, gguf_type="f16")
     opening = [chance.randint(3, 3000) for _ in range(12)]
-    works = [
-        Work(
-            (opening if chance.random() < 0.4 else []) + [chance.randint(3, 3000) for _ in range(chance.randint(1, 30))],
-            Sampling(
-                temperature=chance.choice([0.0, 0.9]), top_k=20, max_new_tokens=chance.randint(1, 30),
-                seed=chance.randint(0, 10**6), repetition_penalty=chance.choice([1.0, 1.3]),
-            ),
-        )  # fmt: skip
-        for _ in range(30)
-    ]
-    waiting, replies, turn = list(enumerate(works)), {}, 0
-    while waiting or served.active:
-        if waiting and (not served.active or chance.random() < 0.4):
-            for _ in range(chance.randint(1, 5)):
-                if waiting:
-                    served.add(waiting[0][1], waiting.pop(0)[0])
-        if turn % 17 == 16:
-            served.remove(lambda tag, turn=turn: tag % 9 == turn % 9)  # withdrawn
-        replies.update({tag: completion.text for tag, completion in served.step()})
-        turn += 1
+    works = random_works(chance, 30, ids=(3, 3000), longest=30, opening=opening)
+    replies = serve_at_random(served, works, chance)
     assert len(replies) > 20
     assert replies == {tag: alone.generate([works[tag]])[0].text for tag in replies}
