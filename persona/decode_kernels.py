@@ -269,7 +269,9 @@ class Attention:
         rows, dim = qkv.shape[0], dec.head_dim
         group_p2 = triton.next_power_of_2(self.group)
         attended = torch.empty((rows, dec.heads * dim), dtype=dec.dtype, device=dec.device)
-        valid = dec.valid.view(torch.uint8)
+        # The bool mask as is: a dtype view here breaks torch.compile (inductor cannot
+        # lower a bool-to-uint8 view of a user kernel's argument on a GPU).
+        valid = dec.valid
         positions = positions.contiguous()  # the kernel reads one per row, side by side
         # One split writes no partials: one-element stand-ins (no aliasing for torch.compile).
         part_shape, stats_shape = ((rows, dec.kv_heads, splits, group_p2, dim), (rows, dec.kv_heads, splits, 2, group_p2))

@@ -28,7 +28,7 @@ PROJECT = {name: "*bf16" for name in ("x_ptr", "w_ptr", "out_ptr", "norm_ptr", "
 }  # fmt: skip
 ATTEND = (
     {name: "*bf16" for name in ("qkv_ptr", "cos_ptr", "sin_ptr", "k_ptr", "v_ptr", "out_ptr")}
-    | {"positions_ptr": "*i64", "at_ptr": "*i64", "valid_ptr": "*u8", "part_ptr": "*fp32", "stats_ptr": "*fp32"}
+    | {"positions_ptr": "*i64", "at_ptr": "*i64", "valid_ptr": "*i1", "part_ptr": "*fp32", "stats_ptr": "*fp32"}
     | {"scale": "fp32"}
     | {f"{name}_stride": "i32" for name in ("qkv", "table", "cache_row", "cache_head", "cache_slot", "valid", "out")}
 )
