@@ -24,6 +24,7 @@ import torch
 
 from persona import llama_decoder
 from persona.errors import ModelError
+from persona.host_copies import to_device
 from persona.models import LoadedModel
 from persona.personas import Sampling
 
@@ -124,8 +125,9 @@ class TransformersEngine:
     """A causal LM behind a per-row sampling decode loop with continuous batching.
 
     ``add`` queues a row; each ``step`` first lets queued rows join the running batch
-    (at once when the decoder can join, else when the batch is empty), then decodes
-    one token for every row and returns the rows that finished. ``generate`` is the
+    (when the decoder can join: at once, or after up to its ``join_every`` steps so they
+    are read together; else when the batch is empty), then decodes one token for every
+    row and returns the rows that finished. ``generate`` is the
     same loop run to the end for one batch.
     """
 
@@ -158,6 +160,7 @@ class TransformersEngine:
         # ends on a stop token costs one wasted row-step. Replies are the same either way.
         self.lookahead = self.device.type == "cuda" if lookahead is None else lookahead
         self._ahead: torch.Tensor | None = None  # the launched step's tokens, not read yet
+        self._waited = 0  # steps that rows have waited to join the running batch
         self._checking = False  # while warming up: refuse weights whose logits are not finite
         log.info("%s decodes with the %s engine", loaded.name, self.mode)
 
@@ -244,7 +247,7 @@ class TransformersEngine:
             logits = None
             if self._rows is not None:
                 logits = self.decoder.step(self._pending, self._rows.position)
-            if self._waiting and (self._rows is None or getattr(self.decoder, "can_join", False)):
+            if self._waiting and self._join_due():
                 joined = self._admit()
                 if joined is not None:
                     logits = joined if logits is None else torch.cat([logits, joined])
@@ -256,6 +259,7 @@ class TransformersEngine:
             tokens = _sample(logits, rows)
             rows.append(tokens)
         read = _reader(tokens)
+        self._waited = self._waited + 1 if self._waiting else 0
         if self._worth_looking_ahead(rows):
             self._ahead = _sample(self.decoder.step(tokens, rows.position), rows)
             rows.append(self._ahead)
@@ -264,10 +268,21 @@ class TransformersEngine:
         self._keep([i for i in range(rows.size) if i not in finished], tokens)
         return done
 
+    def _join_due(self) -> bool:
+        """Whether waiting rows join at this step: at once into an empty batch; into a
+        running one (where the decoder can) once they have waited ``join_every`` - 1 steps,
+        so a decoder whose every prompt read costs about as much as several decode steps
+        (a GPU's) reads them in groups."""
+        if self._rows is None:
+            return True
+        if not getattr(self.decoder, "can_join", False):
+            return False
+        return self._waited + 1 >= getattr(self.decoder, "join_every", 1)
+
     def _worth_looking_ahead(self, rows: _Rows) -> bool:
-        """Whether to launch the next step now: not while rows wait to join (they join at
-        a step that decodes), nor when every row has reached its length with this token."""
-        if not self.lookahead or self._waiting or self._checking:
+        """Whether to launch the next step now: not when waiting rows join at it (they join
+        at a step that decodes), nor when every row has reached its length with this token."""
+        if not self.lookahead or self._checking or (self._waiting and self._join_due()):
             return False
         return any(len(rows.generated[i]) + 1 < rows.work[i].sampling.max_new_tokens for i in rows.index)
 
@@ -275,6 +290,7 @@ class TransformersEngine:
         """Drop the rows whose tag is ``unwanted`` (withdrawn requests); return how many."""
         before = self.active
         self._waiting = [(w, t) for w, t in self._waiting if not unwanted(t)]
+        self._waited = self._waited if self._waiting else 0
         rows = self._rows
         if rows is not None:
             self._keep([i for i in range(rows.size) if not unwanted(rows.tags[rows.index[i]])], self._pending)
@@ -289,9 +305,10 @@ class TransformersEngine:
         if len(keep) < self._rows.size:
             self._rows.select(keep)
             self.decoder.select(keep)
-            tokens = tokens[keep] if tokens is not None else None
+            index = to_device(torch.tensor(keep), self.device)  # no wait for the step ahead
+            tokens = tokens.index_select(0, index) if tokens is not None else None
             if self._ahead is not None:
-                self._ahead = self._ahead[keep]
+                self._ahead = self._ahead.index_select(0, index)
         # Fed at the next step; looking ahead, this step's tokens are already fed.
         self._pending = tokens if self._ahead is None else None
 
@@ -300,7 +317,7 @@ class TransformersEngine:
         tags = [tag for _, tag in self._waiting]
         if self._rows is not None:
             tags += [self._rows.tags[i] for i in self._rows.index]
-        self._waiting, self._rows, self._pending, self._ahead = [], None, None, None
+        self._waiting, self._rows, self._pending, self._ahead, self._waited = [], None, None, None, 0
         return tags
 
     def _admit(self) -> torch.Tensor | None:
@@ -395,19 +412,22 @@ class _Rows:
                 mask[i, width - len(w.token_ids) :] = 1
             else:
                 mask[i, -1] = 1
-        input_ids, position_ids = ids.to(device), (mask.cumsum(-1) - 1).clamp(min=0).to(device)
+        input_ids, position_ids = to_device(ids, device), to_device((mask.cumsum(-1) - 1).clamp(min=0), device)
         # The prompts (ids, mask, positions) until the decoder is handed them at admission;
         # None after, so nothing reads them once rows leave or join.
-        self.prompts: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = (input_ids, mask.to(device), position_ids)
+        self.prompts: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = (
+            input_ids, to_device(mask, device), position_ids,
+        )  # fmt: skip
         self.position = position_ids[:, -1]  # each row's latest position
         # The tokens each row has seen, for the repetition penalty: its padding holds the
         # row's own first token instead (penalised once either way), so a row batched with
         # longer prompts does not penalise the padding token (often end-of-text) unlike alone.
-        self.seen = torch.where(mask.bool(), ids, ids.gather(1, mask.argmax(dim=1, keepdim=True))).to(device)
-        self.temperature = torch.tensor([w.sampling.temperature for w in batch], device=device)
-        self.top_p = torch.tensor([w.sampling.top_p for w in batch], device=device)
-        self.top_k = torch.tensor([w.sampling.top_k for w in batch], device=device)
-        self.penalty = torch.tensor([w.sampling.repetition_penalty for w in batch], device=device)
+        self.seen = to_device(torch.where(mask.bool(), ids, ids.gather(1, mask.argmax(dim=1, keepdim=True))), device)
+        settings = [w.sampling for w in batch]
+        self.temperature = to_device(torch.tensor([s.temperature for s in settings]), device)
+        self.top_p = to_device(torch.tensor([s.top_p for s in settings]), device)
+        self.top_k = to_device(torch.tensor([s.top_k for s in settings]), device)
+        self.penalty = to_device(torch.tensor([s.repetition_penalty for s in settings]), device)
         self.generators = [_generator(w.sampling.seed, device) for w in batch]
         # Plain copies, so deciding how to sample needs no device sync.
         self.temperatures = [w.sampling.temperature for w in batch]
@@ -421,8 +441,9 @@ class _Rows:
     def select(self, keep: list[int]) -> None:
         self.size = len(keep)
         self.index = [self.index[i] for i in keep]
+        index = to_device(torch.tensor(keep), self.seen.device)
         for name in ("position", "seen", "temperature", "top_p", "top_k", "penalty"):
-            setattr(self, name, getattr(self, name)[keep])
+            setattr(self, name, getattr(self, name).index_select(0, index))
         self.generators = [self.generators[i] for i in keep]
         self.temperatures = [self.temperatures[i] for i in keep]
         self.top_ks = [self.top_ks[i] for i in keep]

@@ -13,7 +13,10 @@ step costs one launch instead of about a thousand. The static cache has a fixed 
 of rows ("lanes": 1, 2, 4, 8, then multiples of 8): a row that finishes frees its lane
 and a row that joins takes a free one, so rows come and go without new buffers or a new
 graph; only outgrowing the lanes or the cache, or half the lanes idling for
-``SHRINK_AFTER_STEPS`` steps, lays the cache out again (and captures again). Its attention
+``SHRINK_AFTER_STEPS`` steps, lays the cache out again (and captures again). Joining rows'
+prompts are read in a few fixed shapes (``prompt_shape``), each read captured as a graph
+of its own once per layout, and rows wait up to ``JOIN_EVERY`` steps to join so that
+they are read together: a read costs a few steps' time however short its prompts. Its attention
 reads each grouped KV head once for all the query heads that share it (no copy that
 repeats the keys per query head), and with ``compile`` the step is first compiled by
 ``torch.compile`` (inductor fuses the small elementwise kernels between the matmuls).
@@ -31,7 +34,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-__all__ = ["LlamaDecoder", "lane_count", "supports", "supports_config"]
+from persona.host_copies import to_device
+
+__all__ = ["LlamaDecoder", "lane_count", "prompt_shape", "supports", "supports_config"]
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +57,14 @@ LANE_STEP = 8
 # out for fewer (a new layout costs a graph capture; rows that soon join again would
 # make it lay out more lanes again).
 SHRINK_AFTER_STEPS = 64
+# Prompts are read (prefilled) in a few fixed shapes, so a GPU captures each shape's read
+# once per layout (``prompt_shape``); larger reads are read as they are.
+PROMPT_MIN_WIDTH = 16
+PROMPT_CAPTURED_TOKENS = 8192
+# On a GPU a prompt read costs about as much as a few decode steps however short the
+# prompts (it is mostly launches), so rows wait up to this many steps to join a running
+# batch and are read together (the engine's ``join_every``).
+JOIN_EVERY = 8
 # The overload itself: calling the packet resolves it in Python on every call.
 _LINEAR_DYNAMIC = torch.ops.quantized.linear_dynamic.default
 
@@ -61,6 +74,15 @@ def lane_count(rows: int) -> int:
     if rows <= LANE_STEP:
         return 1 << max(rows - 1, 0).bit_length()
     return -(-rows // LANE_STEP) * LANE_STEP
+
+
+def prompt_shape(rows: int, width: int) -> tuple[int, int] | None:
+    """The fixed shape a static cache reads ``rows`` prompts of ``width`` tokens in (a GPU
+    captures each shape's read once): rows as lanes are counted, width to a power of two,
+    at least PROMPT_MIN_WIDTH. None for reads of more than PROMPT_CAPTURED_TOKENS tokens so
+    shaped: those are read as they are (their launches are a small part of their time)."""
+    shape = lane_count(rows), max(PROMPT_MIN_WIDTH, 1 << (width - 1).bit_length())
+    return shape if shape[0] * shape[1] <= PROMPT_CAPTURED_TOKENS else None
 
 
 def _rounded(slots: int) -> int:
@@ -158,6 +180,7 @@ class LlamaDecoder:
         compile: bool = False,
         kernels: str = "never",
         attention: str = "torch",
+        join_every: int | None = None,
     ) -> None:
         if kernels not in KERNEL_CHOICES:
             raise ValueError(f"kernels must be one of {', '.join(KERNEL_CHOICES)}, not {kernels!r}")
@@ -214,7 +237,14 @@ class LlamaDecoder:
         self._spans: dict[int, tuple[int, int]] = {}
         self._feed = (torch.empty(0), torch.empty(0))  # the step's inputs, one per lane
         self._captured: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # GPU: prompt reads captured for this layout by shape (rows, width), all in one
+        # memory pool (each read's output is copied before the next); None: not capturing.
+        self._reads: dict | None = {} if self.graphs else None
+        self._read_pool = torch.cuda.graph_pool_handle() if self.graphs else None
         self.layouts = 0  # how many times a static cache was allocated (each drops its graphs)
+        self.reads = 0  # how many times prompts were read into lanes
+        # How many steps rows may wait to join a running batch (the engine groups them).
+        self.join_every = join_every or (JOIN_EVERY if self.graphs else 1)
         self._half_idle = 0  # steps in a row with half the lanes idle or more
         self.scale = self.head_dim**-0.5
         # torch.compile of the static step (GPU graphs only), for any batch size and cache
@@ -249,16 +279,17 @@ class LlamaDecoder:
         """Run the prompts (left-padded) and return each row's next-token logits."""
         width = input_ids.shape[1]
         if self.static:
-            logits, k, v, valid = self._prefill(input_ids, attention_mask, position_ids, width)
-            lanes, capacity = lane_count(input_ids.shape[0]), _rounded(width + room)
-            if not (self.k and self.k[0].shape[0] == lanes and self.k[0].shape[2] == capacity):
-                self._allocate(lanes, capacity)
-            # else the last batch's buffers (and the graphs captured over them) serve again:
-            # each row's lane is written whole, and lanes left idle compute nothing anyone reads.
+            rows, needed = input_ids.shape[0], _rounded(width + room)
+            lanes, capacity = self.valid.shape if self.k else (0, 0)
+            # The last batch's buffers (and the graphs captured over them) serve again if
+            # the rows would not make them shrink (``_shrink_if_idle``) and the slots suffice
+            # without being twice what is needed: each row's lane is written whole, and lanes
+            # left idle compute nothing anyone reads.
+            if not (lanes // 2 < lane_count(rows) <= lanes and needed <= capacity <= 2 * needed):
+                self._allocate(lane_count(rows), needed)
             self.lanes, self._spans, self._half_idle = [], {}, 0
             self._set_length(width)
-            self._place(k, v, valid, room)
-            return logits
+            return self._read_into_lanes(input_ids, attention_mask, position_ids, room)
         logits, self.k, self.v, self.valid = self._prefill(input_ids, attention_mask, position_ids, width + room)
         self.length = width
         return logits
@@ -300,10 +331,8 @@ class LlamaDecoder:
         """
         rows, width = input_ids.shape
         if self.static:
-            logits, k, v, valid = self._prefill(input_ids, attention_mask, position_ids, width)
             self._make_room(rows, width, room)
-            self._place(k, v, valid, room)
-            return logits
+            return self._read_into_lanes(input_ids, attention_mask, position_ids, room)
         k, v, valid, length = self.k, self.v, self.valid, self.length
         logits, new_k, new_v, new_valid = self._prefill(input_ids, attention_mask, position_ids, width + room)
         joined = max(length, width)
@@ -340,22 +369,24 @@ class LlamaDecoder:
     ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
         """Read the prompts into a cache of their own with room for ``capacity`` slots;
         return their next-token logits, the cache's keys and values, and its valid slots."""
-        batch, width = input_ids.shape
+        mask = attention_mask.bool()
+        logits, k, v = self._read_prompts(input_ids, mask, position_ids, capacity)
+        return logits, k, v, F.pad(mask, (0, capacity - mask.shape[1]), value=False)
+
+    def _read_prompts(
+        self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, capacity: int
+    ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        """The prompts' pass (``mask``: their tokens, bool) into new keys and values of
+        ``capacity`` slots, the first ones written; returns the next-token logits too."""
+        batch, width = ids.shape
         shape = (batch, self.kv_heads, capacity, self.head_dim)
-        # A static cache must hold zeros where nothing was written: those slots are masked,
-        # but NaN (whatever memory held) times a zero weight is NaN.
-        new = torch.zeros if self.static else torch.empty
-        k = [new(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
-        v = [new(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
-        valid = torch.zeros((batch, capacity), dtype=torch.bool, device=self.device)
-        valid[:, :width] = attention_mask.bool()
+        k = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+        v = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
         # A padding position attends to itself, so no row of the softmax is empty (NaN).
         causal = torch.ones((width, width), dtype=torch.bool, device=self.device).tril()
-        mask = causal[None] & valid[:, None, :width]
-        mask |= torch.eye(width, dtype=torch.bool, device=self.device)[None]
-        hidden = self._forward(input_ids, position_ids, mask[:, None], 0, caches=(k, v))
-        logits = self.head(F.rms_norm(hidden[:, -1], (hidden.shape[-1],), self.norm, self.eps))
-        return logits, k, v, valid
+        attend = (causal[None] & mask[:, None, :]) | torch.eye(width, dtype=torch.bool, device=self.device)[None]
+        hidden = self._forward(ids, positions, attend[:, None], 0, caches=(k, v))
+        return self.head(F.rms_norm(hidden[:, -1], (hidden.shape[-1],), self.norm, self.eps)), k, v
 
     # -- lanes: a static cache's rows --------------------------------------------
     #
@@ -378,26 +409,85 @@ class LlamaDecoder:
             torch.zeros(lanes, dtype=torch.long, device=self.device),
         )
         self._captured.clear()  # captured graphs point at the old tensors
+        if self._reads is not None:
+            self._reads.clear()
         self.layouts += 1
 
     def _set_length(self, length: int) -> None:
         self.length = length
         self.at.fill_(length)
 
-    def _place(self, k: list[torch.Tensor], v: list[torch.Tensor], valid: torch.Tensor, room: int) -> None:
-        """Write prefilled rows into free lanes, whole, their slots ending at ``self.length``."""
-        rows, width = valid.shape
-        at, capacity = self.length, self.valid.shape[1]
+    def _read_into_lanes(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, room: int
+    ) -> torch.Tensor:
+        """Read prompts into free lanes, whole, their slots ending at ``self.length``;
+        return their next-token logits.
+
+        The read has a fixed shape (``prompt_shape``: the prompts left-padded to a width
+        bucket, the last row repeated to a row bucket), so on a GPU it is captured once per
+        shape and layout and replayed: one launch instead of ~25 a layer."""
+        rows, width = input_ids.shape
+        shape = prompt_shape(rows, width)
+        count, wide = shape or (rows, width)
         taken = set(self.lanes)
         lanes = [lane for lane in range(self.valid.shape[0]) if lane not in taken][:rows]
-        index = self._on_device(lanes)
-        pad = (at - width, capacity - at)
-        for cache, new in zip((*self.k, *self.v), (*k, *v), strict=True):
-            cache.index_copy_(0, index, F.pad(new, (0, 0, *pad)))
-        self.valid.index_copy_(0, index, F.pad(valid, pad, value=False))
+        extra = count - rows
+        inputs = [
+            F.pad(torch.cat([t, t[-1:].expand(extra, -1)]) if extra else t, (wide - width, 0))
+            for t in (input_ids, attention_mask.bool(), position_ids)
+        ]
+        logits = self._read(*inputs, self._on_device(lanes + [lanes[-1]] * extra), capture=shape is not None)[:rows]
+        self.reads += 1
         self.lanes += lanes
+        at = self.length
         self._spans.update({lane: (at - width, at + room) for lane in lanes})
         self._lanes_changed()
+        return logits
+
+    def _read(
+        self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, lane_ids: torch.Tensor, capture: bool
+    ) -> torch.Tensor:
+        """``_read_lanes``, on a GPU (``capture``) as a graph of this shape and layout,
+        captured after its first, uncaptured run."""
+        key = tuple(ids.shape)
+        if not capture or self._reads is None:
+            return self._read_lanes(ids, mask, positions, lane_ids)
+        captured = self._reads.get(key)
+        if captured is None:
+            inputs = (ids, mask, positions, lane_ids)
+            logits = self._read_lanes(*inputs)
+            try:
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self._read_pool):
+                    out = self._read_lanes(*inputs)
+                self._reads[key] = (graph, inputs, out)
+            except Exception as exc:  # noqa: BLE001 - the uncaptured read serves; stop trying
+                log.warning("cannot capture reading prompts (%s: %s); reading them uncaptured", type(exc).__name__, exc)
+                self._reads = None
+            return logits
+        graph, inputs, out = captured
+        for buffer, value in zip(inputs, (ids, mask, positions, lane_ids), strict=True):
+            buffer.copy_(value)
+        graph.replay()
+        return out.clone()  # the next read of any shape may reuse the graph's memory
+
+    def _read_lanes(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, lane_ids: torch.Tensor) -> torch.Tensor:
+        """Device work only, so it can be captured: prefill the prompts (``mask``: their
+        tokens, bool) and write each into its lane (``lane_ids``) of the batch's cache with
+        its last token at slot ``self.at`` - 1; the rest of the lane is zeroed."""
+        rows, wide = ids.shape
+        logits, k, v = self._read_prompts(ids, mask, positions, wide)
+        # Slot of each prompt position; padding that would fall before slot 0 goes to the
+        # last slot instead, unused until this lane's own decode writes it (masked till then).
+        capacity = self.valid.shape[1]
+        slots = self.at - wide + torch.arange(wide, device=self.device)
+        slots = torch.where(slots < 0, capacity - 1, slots)
+        for cache, new in zip((*self.k, *self.v), (*k, *v), strict=True):
+            lane = torch.zeros((rows, *cache.shape[1:]), dtype=self.dtype, device=self.device)
+            cache.index_copy_(0, lane_ids, lane.index_copy_(2, slots, new))
+        valid = torch.zeros((rows, capacity), dtype=torch.bool, device=self.device)
+        self.valid.index_copy_(0, lane_ids, valid.index_copy_(1, slots, mask))
+        return logits
 
     def _make_room(self, rows: int, width: int, room: int) -> None:
         """Before ``rows`` rows of ``width`` slots join needing ``room`` more: a free lane for
@@ -469,10 +559,7 @@ class LlamaDecoder:
 
     def _on_device(self, values: list[int]) -> torch.Tensor:
         """Indices on the decoder's device, without waiting for the work queued before."""
-        host = torch.tensor(values, dtype=torch.long)
-        if self.device.type != "cuda":
-            return host
-        return host.pin_memory().to(self.device, non_blocking=True)
+        return to_device(torch.tensor(values, dtype=torch.long), self.device)
 
     def _triton(self, name: str):
         """decode_kernels' ``name`` over this decoder, or None where Triton cannot run it."""

@@ -143,9 +143,10 @@ def test_rows_leave_and_join_without_capturing_a_new_graph(model, options):
         batch.join([prompt(9, 14)], room=6)  # longer than the history: the rows move right
         batch.step(2)
         batch.leave(0)
-        batch.join([prompt(10, 2)], room=4)
+        batch.join([prompt(10, 2)], room=4)  # read by replaying the last join's graph
         batch.step(2)
     assert batch.decoder._captured[4][0] is graph and batch.decoder.layouts == 1
+    assert set(batch.decoder._reads) == {(4, 16), (1, 16)}  # captured reads, by shape
 
 
 def test_the_engine_on_a_gpu_writes_what_it_writes_on_the_cpu(model, tokenizer):
@@ -189,3 +190,34 @@ def _cpu_copy(model):
     import copy
 
     return copy.deepcopy(model).to("cpu")
+
+
+def test_rows_come_and_go_without_the_host_waiting_for_the_gpu(model, tokenizer):
+    """Looking ahead, the engine queues the next step before its bookkeeping; anything
+    there that waits for the GPU (a copy from pageable memory, ``.item()``) would leave it
+    idle. Once a layout's step and prompt reads are captured, rows joining and leaving
+    make no such wait (torch's sync debug mode raises on one)."""
+    loaded = LoadedModel(
+        model=model, tokenizer=tokenizer, device="cuda", name="tiny", has_chat_template=False, stop_token_ids=[],
+    )
+    engine = TransformersEngine(loaded, mode="fused", compile=False)
+
+    def serve(first_seed: int) -> dict[int, str]:
+        backlog = [
+            (i, Work(prompt(first_seed + i, 5), Sampling(temperature=0.0, max_new_tokens=3 + i % 8))) for i in range(12)
+        ]
+        replies = {}
+        while backlog or engine.active:
+            while backlog and engine.active < 4:
+                engine.add(backlog[0][1], backlog.pop(0)[0])
+            replies.update({tag: c.text for tag, c in engine.step()})
+        return replies
+
+    serve(0)  # lays out four lanes, captures their step and the prompt reads of 1, 2 and 4 rows
+    layouts = engine.decoder.layouts
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        replies = serve(100)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert len(replies) == 12 and engine.decoder.layouts == layouts

@@ -6,7 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from persona.llama_decoder import SHRINK_AFTER_STEPS, LlamaDecoder, lane_count
+from persona.llama_decoder import (
+    SHRINK_AFTER_STEPS,
+    LlamaDecoder,
+    lane_count,
+    prompt_shape,
+)
 from tests.arrivals import random_works, serve_at_random, word_tokenizer
 from tests.checked_batch import CheckedBatch, prompt
 
@@ -14,6 +19,40 @@ from tests.checked_batch import CheckedBatch, prompt
 @pytest.mark.parametrize(("rows", "lanes"), [(1, 1), (2, 2), (3, 4), (5, 8), (8, 8), (9, 16), (17, 24), (128, 128)])
 def test_a_static_cache_has_lanes_for_a_bucket_of_batch_sizes(rows, lanes):
     assert lane_count(rows) == lanes
+
+
+@pytest.mark.parametrize(
+    ("rows", "width", "shape"),
+    [(1, 1, (1, 16)), (3, 17, (4, 32)), (128, 64, (128, 64)), (4, 2048, (4, 2048)), (128, 65, None), (5, 2048, None)],
+)
+def test_prompts_are_read_in_a_few_shapes(rows, width, shape):
+    assert prompt_shape(rows, width) == shape
+
+
+@torch.inference_mode()
+def test_a_new_batch_reuses_a_layout_with_room_for_it(tiny_llama):
+    """A batch starting after another reuses its buffers (a GPU keeps its graphs) when the
+    lanes match and the slots suffice without being twice what it needs. Prompts are read
+    padded to 32 slots here, more than the 20 before the last one: the padding that
+    would fall before slot 0 is parked in the last slot, which the decode reaches last."""
+    batch = CheckedBatch(tiny_llama.model)
+    batch.start([prompt(1, 20), prompt(2, 7)], room=108)  # 2 lanes, 128 slots
+    layout = batch.buffers()
+    batch.step(107)  # through slot 127
+    batch.start([prompt(3, 5), prompt(4, 2)], room=40)  # needs 64 slots of the 128
+    batch.step(3)
+    assert batch.buffers() == layout and batch.decoder.layouts == 1
+    batch.start([prompt(5, 3)], room=40)  # one row would leave a lane of two idle: laid out anew
+    assert batch.decoder.valid.shape == (1, 64) and batch.decoder.layouts == 2
+    batch.start([prompt(6, 4), prompt(7, 4)], room=300)
+    assert batch.decoder.valid.shape == (2, 320) and batch.decoder.layouts == 3
+    batch.step(2)
+    batch.start([prompt(8 + i, 4) for i in range(12)], room=8)  # 16 lanes
+    batch.start([prompt(20 + i, 4) for i in range(9)], room=8)  # 9 rows in 16 lanes: reused
+    assert batch.decoder.valid.shape == (16, 64) and batch.decoder.layouts == 4
+    batch.step()
+    batch.start([prompt(30 + i, 4) for i in range(8)], room=8)  # half the lanes would idle
+    assert batch.decoder.valid.shape == (8, 64) and batch.decoder.layouts == 5
 
 
 @torch.inference_mode()
@@ -103,15 +142,18 @@ def test_any_run_of_joins_leaves_and_steps_keeps_every_row_right(tiny_llama):
     assert widest >= 8 and batch.decoder.valid.shape[0] < widest  # grew while busy, shrank after
 
 
-def test_the_engine_serves_rows_that_come_and_go_from_lanes(tiny_llama):
+@pytest.mark.parametrize(("join_every", "reads"), [(1, 4), (4, 3)])
+def test_the_engine_serves_rows_that_come_and_go_from_lanes(tiny_llama, join_every, reads):
     """The engine over a static cache (as on a GPU, lookahead included): rows joining a
-    running batch and leaving it at their own lengths each get the reply they get alone."""
+    running batch and leaving it at their own lengths each get the reply they get alone.
+    Where a prompt read costs several steps (``join_every``), rows that arrive a step or
+    two apart wait and are read together."""
     from persona.engine import TransformersEngine, Work
     from persona.personas import Sampling
 
     plain = TransformersEngine(tiny_llama, mode="fused")
     served = TransformersEngine(tiny_llama, mode="fused", lookahead=True)
-    served.decoder = LlamaDecoder(tiny_llama.model, static=True)
+    served.decoder = LlamaDecoder(tiny_llama.model, static=True, join_every=join_every)
     works = {
         tag: Work(prompt(seed, length), Sampling(temperature=0.0, max_new_tokens=tokens, repetition_penalty=penalty))
         for tag, seed, length, tokens, penalty in [
@@ -119,7 +161,7 @@ def test_the_engine_serves_rows_that_come_and_go_from_lanes(tiny_llama):
             ("d", 4, 2, 5, 1.0), ("e", 5, 15, 4, 1.1), ("f", 6, 4, 8, 1.0),
         ]
     }  # fmt: skip
-    arrivals = {0: "abc", 2: "d", 3: "e", 7: "f"}  # step -> rows added before it
+    arrivals = {0: "abc", 2: "d", 4: "e", 7: "f"}  # step -> rows added before it
     replies = {}
     for turn in range(60):
         for tag in arrivals.get(turn, ""):
@@ -128,6 +170,7 @@ def test_the_engine_serves_rows_that_come_and_go_from_lanes(tiny_llama):
     assert served.active == 0
     assert replies == {tag: plain.generate([work])[0].text for tag, work in works.items()}
     assert served.decoder.layouts == 1  # every row that joined took a free lane
+    assert served.decoder.reads == reads
 
 
 @pytest.fixture(scope="module")

@@ -188,6 +188,7 @@ def serve(
         None, exists=True, file_okay=False,
         help="GPU: a saved tokenizer folder for the random-weight model, where the bundled GGUF is not installed",
     ),
+    repeats: int = typer.Option(2, min=1, help="runs of our engine each way; the fastest counts (the first pays one-off captures)"),
     json_output: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
     """A backlog of chat requests of mixed lengths: our engine with continuous batching, the
@@ -216,7 +217,7 @@ def serve(
         result = run_serve_bench(
             loaded, requests=requests, concurrency=concurrency, longest=longest, mode=mode or settings.worker.engine,
             cache_dir=settings.model_cache_dir, gguf_type=settings.worker.gguf_type, compile=settings.worker.compile,
-            kernels=settings.worker.kernels, attention=settings.worker.attention,
+            kernels=settings.worker.kernels, attention=settings.worker.attention, repeats=repeats,
             progress=lambda name: status.update(f"serving {requests} requests: {_SERVED[name]}..."),
         )
     if json_output:
