@@ -11,7 +11,9 @@ set -u
 OUT=${OUT:-/tmp/persona-gpu}
 STAGES=${STAGES:-"bench tests steps sampled"}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 PERSONA_DATA_DIR=/tmp/persona-data
+# recompiles: torch logs each recompile of the compiled step and why (the 2026-11-26 run's
+# batch 8 took 80 s of wall time against 15 s for 32 and 128; a recompile is the suspect).
+export PYTHONUNBUFFERED=1 PERSONA_DATA_DIR=/tmp/persona-data TORCH_LOGS=${TORCH_LOGS:-recompiles}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH="/tmp/site:$PWD"
 {

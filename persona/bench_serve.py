@@ -86,6 +86,7 @@ class ServeBenchResult:
     baseline: Served = field(default_factory=Served)
     layouts: int = 0  # GPU: cache layouts (graph captures) the continuous run needed; 0 elsewhere
     reads: int = 0  # static cache (GPU): prompt reads in the continuous run (rows join in groups)
+    warm_up_s: float = 0.0  # our engine's warm-up (on a GPU: compiling, unless its caches hold it)
 
     @property
     def ratio(self) -> float:
@@ -104,6 +105,7 @@ class ServeBenchResult:
             "ours": self.ours.as_dict(), "ours_batches": self.ours_batches.as_dict(),
             "baseline": self.baseline.as_dict(), "ratio": round(self.ratio, 2),
             "continuous_gain": round(self.continuous_gain, 2), "layouts": self.layouts, "reads": self.reads,
+            "warm_up_s": self.warm_up_s,
         }  # fmt: skip
 
 
@@ -175,14 +177,15 @@ def run_serve_bench(
         loaded, mode=mode, cache_dir=cache_dir, threads=torch.get_num_threads(), gguf_type=gguf_type, compile=compile,
         kernels=kernels, attention=attention,
     )  # fmt: skip
-    engine.warm_up()
+    warm_up_s = engine.warm_up()
+    log.info("%s engine warmed up in %.1f s", engine.mode, warm_up_s)
     engine.stop_ids = set()  # exactly each request's tokens, like min_new_tokens on the baseline side
     lengths = reply_lengths(requests, longest)
     prompts = prompt_ids(loaded, requests, numbered=True)  # alike only in the chat template's opening
     work = [Work(ids, sampling_for(tokens, sampled=False)) for ids, tokens in zip(prompts, lengths, strict=True)]
     result = ServeBenchResult(
         device=loaded.device, model=loaded.name, mode=engine.mode, requests=requests, concurrency=concurrency,
-        reply_tokens=lengths,
+        reply_tokens=lengths, warm_up_s=round(warm_up_s, 2),
     )
     time_baseline(loaded, prompts[:1], 2)  # its first call's costs, off the clock
     for name, run in (

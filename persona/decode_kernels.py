@@ -29,6 +29,7 @@ has no bfloat16, so those checks run in float32.
 
 from __future__ import annotations
 
+import inspect
 import os
 
 import torch
@@ -228,8 +229,12 @@ def _tuned(kernel):
         return kernel
     configs = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w) for n, k, w in _TILES]
     # Tuning runs the kernel several times: the residual projections add into their
-    # output, so it is put back after each run.
-    return triton.autotune(configs, key=["N", "K", "NORM", "GATED", "RESIDUAL"], restore_value=["out_ptr"])(kernel)
+    # output, so it is put back after each run. Where this Triton can, the tile each
+    # shape got is kept in Triton's cache (see kernel_cache), so a restart skips tuning.
+    options = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
+    return triton.autotune(
+        configs, key=["N", "K", "NORM", "GATED", "RESIDUAL"], restore_value=["out_ptr"], **options
+    )(kernel)
 
 
 _project_tuned = _tuned(_project)

@@ -25,6 +25,7 @@ import torch
 from persona import llama_decoder
 from persona.errors import ModelError
 from persona.host_copies import to_device
+from persona.kernel_cache import keep_compiled_kernels
 from persona.models import LoadedModel
 from persona.personas import Sampling
 
@@ -121,6 +122,10 @@ class ContinuousGenerator(Generator, Protocol):
     def abandon(self) -> list[object]: ...
 
 
+# The warm-up's second cache length, in new tokens (its first reserves 64 slots, this 128).
+WARM_UP_LONGER_TOKENS = 64
+
+
 class TransformersEngine:
     """A causal LM behind a per-row sampling decode loop with continuous batching.
 
@@ -186,8 +191,11 @@ class TransformersEngine:
                 decoder = LlamaCppDecoder(path, threads=threads, context_tokens=kv_tokens or CONTEXT_TOKENS)
                 self.loaded.release_weights()  # llama.cpp holds its own copy
                 return decoder
-        # On a GPU each decode step replays a CUDA graph of the (compiled) step.
+        # On a GPU each decode step replays a CUDA graph of the (compiled) step; what is
+        # compiled for it is kept beside the models for the next start.
         on_gpu = self.device.type == "cuda"
+        if on_gpu and cache_dir is not None:
+            log.info("compiled kernels are kept in %s", ", ".join(keep_compiled_kernels(cache_dir).values()))
         return llama_decoder.LlamaDecoder(
             self.loaded.model,
             int8=self.mode == "int8",
@@ -212,10 +220,18 @@ class TransformersEngine:
             # once more for a single row); cache layouts that time candidate steps when first
             # captured (a GPU's small ones, the first large one) compile what they need.
             # All here, each size once, not on a user's time.
-            sizes = [2, 1] if getattr(self.decoder, "compiled", False) else [1]
+            compiled = getattr(self.decoder, "compiled", False)
+            sizes = [2, 1] if compiled else [1]
             sizes += [rows for rows in getattr(self.decoder, "timed_sizes", []) if rows not in sizes]
             for rows in sizes:
                 self.generate([hello] * rows)
+            if compiled:
+                # Each size again with a longer cache: torch may specialise a compiled step
+                # to the one cache length it saw, and compile it again for the next (the
+                # 2026-11-26 H100 bench lost ~60 s at its first batch of 8 rows, likely so).
+                longer = Work(ids, Sampling(temperature=0.0, max_new_tokens=WARM_UP_LONGER_TOKENS))
+                for rows in sizes:
+                    self.generate([longer] * rows)
         finally:
             self._checking = False
         return time.perf_counter() - started

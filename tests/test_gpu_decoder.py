@@ -171,7 +171,13 @@ def test_the_engine_on_a_gpu_writes_what_it_writes_on_the_cpu(model, tokenizer):
     assert sorted(gpu.decoder.step_ms) == gpu.decoder.timed_sizes == [1, 2, 4, 8, 16], gpu.decoder.step_ms
     compiled_graphs = counters["stats"]["unique_graphs"]
     cpu = engine("cpu", compile=False)
-    for batch in ([work(PROMPTS[0], 9), work(PROMPTS[1], 3)], [work(p, 5 + i) for i, p in enumerate(PROMPTS * 2)]):
+    batches = (
+        [work(PROMPTS[0], 9), work(PROMPTS[1], 3)],
+        [work(p, 5 + i) for i, p in enumerate(PROMPTS * 2)],
+        [work(PROMPTS[2], 150), work(PROMPTS[0], 20)],  # 192 slots: a longer cache than warm-up's
+        [work(p, 100) for p in PROMPTS * 3],  # 9 rows, 16 lanes, 128 slots
+    )
+    for batch in batches:
         assert [c.text for c in gpu.generate(batch)] == [c.text for c in cpu.generate(batch)]
     # A row that joins a running batch gets the same reply as alone.
     gpu.add(work(PROMPTS[0], 12), "long")
