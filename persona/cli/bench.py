@@ -69,6 +69,30 @@ def _gguf_type(value: str) -> str:
     return value
 
 
+def _bench_setup(device: str, json_output: bool):
+    """The settings and the device (``auto`` resolved) for a model bench. With ``--json`` no
+    progress is drawn for machines to read: it goes to the log (stderr) instead."""
+    from persona.models import pick_device
+
+    settings = get_settings()
+    if json_output:
+        from persona.logs import setup_logging
+
+        setup_logging(settings)
+    return settings, pick_device(device)
+
+
+def _bench_model(settings, device: str, threads: int, tokenizer: Path | None):
+    """The bundled model (on a GPU: a random one of its shape), torch's threads set first."""
+    import torch
+
+    from persona.bench_engine import load_bench_model
+
+    if threads or settings.worker.threads:
+        torch.set_num_threads(threads or settings.worker.threads)
+    return load_bench_model(device, settings.model_cache_dir, tokenizer)
+
+
 def _choice(value: str, choices: tuple[str, ...], option: str) -> str:
     if value not in choices:
         raise typer.BadParameter(f"{option} must be one of {', '.join(choices)}, not {value!r}")
@@ -106,17 +130,9 @@ def engine(
 ) -> None:
     """Tokens/s of our engine vs plain transformers generate(), same model, prompts and lengths;
     and the time to the first token of a chat-sized prompt."""
-    import torch
+    from persona.bench_engine import run_engine_bench
 
-    from persona.bench_engine import load_bench_model, run_engine_bench
-    from persona.models import pick_device
-
-    settings = get_settings()
-    if json_output:  # no progress bar for machines: progress goes to the log (stderr) instead
-        from persona.logs import setup_logging
-
-        setup_logging(settings)
-    device = pick_device(device)
+    settings, device = _bench_setup(device, json_output)
     sizes = _batches(batch or ("1,8" if device == "cpu" else "1,8,32,128"))
     chosen_mode = mode or settings.worker.engine
     kernels = _choice(kernels or settings.worker.kernels, ("auto", "always", "never"), "--kernels")
@@ -127,9 +143,7 @@ def engine(
         def advance() -> None:
             progress.update(task, advance=1, description="benchmarking...")
 
-        if threads or settings.worker.threads:
-            torch.set_num_threads(threads or settings.worker.threads)
-        loaded = load_bench_model(device, settings.model_cache_dir, tokenizer)
+        loaded = _bench_model(settings, device, threads, tokenizer)
         result = run_engine_bench(
             loaded, sizes, new_tokens=tokens, mode=chosen_mode, repeats=repeats, progress=advance,
             cache_dir=settings.model_cache_dir, gguf_type=_gguf_type(gguf or settings.worker.gguf_type),
@@ -193,26 +207,15 @@ def serve(
 ) -> None:
     """A backlog of chat requests of mixed lengths: our engine with continuous batching, the
     same engine one batch at a time, and plain generate() one batch at a time."""
-    import torch
-
-    from persona.bench_engine import load_bench_model
     from persona.bench_serve import run_serve_bench
-    from persona.models import pick_device
 
-    settings = get_settings()
-    if json_output:
-        from persona.logs import setup_logging
-
-        setup_logging(settings)
-    device = pick_device(device)
+    settings, device = _bench_setup(device, json_output)
     on_gpu = device != "cpu"
     requests = requests or (512 if on_gpu else 24)
     concurrency = concurrency or (128 if on_gpu else 8)
     longest = longest or (256 if on_gpu else 64)
     with console.status("loading the model...") as status:
-        if threads or settings.worker.threads:
-            torch.set_num_threads(threads or settings.worker.threads)
-        loaded = load_bench_model(device, settings.model_cache_dir, tokenizer)
+        loaded = _bench_model(settings, device, threads, tokenizer)
         status.update("building and warming up our engine...")
         result = run_serve_bench(
             loaded, requests=requests, concurrency=concurrency, longest=longest, mode=mode or settings.worker.engine,
