@@ -319,9 +319,9 @@ class TransformersEngine:
             self._rows = self._pending = self._ahead = None
             return
         if len(keep) < self._rows.size:
-            self._rows.select(keep)
-            self.decoder.select(keep)
             index = to_device(torch.tensor(keep), self.device)  # no wait for the step ahead
+            self._rows.select(keep, index)
+            self.decoder.select(keep)
             tokens = tokens.index_select(0, index) if tokens is not None else None
             if self._ahead is not None:
                 self._ahead = self._ahead.index_select(0, index)
@@ -454,10 +454,10 @@ class _Rows:
         self.position = self.position + 1
         self.seen = torch.cat([self.seen, tokens[:, None]], dim=1)
 
-    def select(self, keep: list[int]) -> None:
+    def select(self, keep: list[int], index: torch.Tensor) -> None:
+        """Keep these rows (by position; ``index``: the same on the rows' device)."""
         self.size = len(keep)
         self.index = [self.index[i] for i in keep]
-        index = to_device(torch.tensor(keep), self.seen.device)
         for name in ("position", "seen", "temperature", "top_p", "top_k", "penalty"):
             setattr(self, name, getattr(self, name).index_select(0, index))
         self.generators = [self.generators[i] for i in keep]

@@ -153,24 +153,17 @@ def test_the_engine_on_a_gpu_writes_what_it_writes_on_the_cpu(model, tokenizer):
     """Greedy replies, rows joining and leaving, compiled graphs on the GPU vs the plain loop."""
     from torch._dynamo.utils import counters
 
-    def engine(device: str, compile: bool) -> TransformersEngine:
-        loaded = LoadedModel(
-            model=model if device == "cuda" else _cpu_copy(model), tokenizer=tokenizer, device=device,
-            name="tiny", has_chat_template=False, stop_token_ids=[],
-        )
-        return TransformersEngine(loaded, mode="fused", compile=compile)
-
     def work(prompt: list[int], tokens: int) -> Work:
         return Work(prompt, Sampling(temperature=0.0, max_new_tokens=tokens))
 
-    gpu = engine("cuda", compile=True)
+    gpu = _engine(model, tokenizer, "cuda", compile=True)
     gpu.warm_up()
     assert gpu.decoder.compiled
     # Warm-up timed the candidate steps for every small layout (1, 2, 4, 8 lanes) and a large one.
     assert gpu.decoder.attention_mode == "auto" and gpu.decoder.small_step is not None
     assert sorted(gpu.decoder.step_ms) == gpu.decoder.timed_sizes == [1, 2, 4, 8, 16], gpu.decoder.step_ms
     compiled_graphs = counters["stats"]["unique_graphs"]
-    cpu = engine("cpu", compile=False)
+    cpu = _engine(model, tokenizer, "cpu", compile=False)
     batches = (
         [work(PROMPTS[0], 9), work(PROMPTS[1], 3)],
         [work(p, 5 + i) for i, p in enumerate(PROMPTS * 2)],
@@ -192,6 +185,15 @@ def test_the_engine_on_a_gpu_writes_what_it_writes_on_the_cpu(model, tokenizer):
     assert counters["stats"]["unique_graphs"] == compiled_graphs
 
 
+def _engine(model, tokenizer, device: str, compile: bool) -> TransformersEngine:
+    """The fused engine over the test model, on the GPU or over a copy on the CPU."""
+    loaded = LoadedModel(
+        model=model if device == "cuda" else _cpu_copy(model), tokenizer=tokenizer, device=device,
+        name="tiny", has_chat_template=False, stop_token_ids=[],
+    )
+    return TransformersEngine(loaded, mode="fused", compile=compile)
+
+
 def _cpu_copy(model):
     import copy
 
@@ -203,10 +205,7 @@ def test_rows_come_and_go_without_the_host_waiting_for_the_gpu(model, tokenizer)
     there that waits for the GPU (a copy from pageable memory, ``.item()``) would leave it
     idle. Once a layout's step and prompt reads are captured, rows joining and leaving
     make no such wait (torch's sync debug mode raises on one)."""
-    loaded = LoadedModel(
-        model=model, tokenizer=tokenizer, device="cuda", name="tiny", has_chat_template=False, stop_token_ids=[],
-    )
-    engine = TransformersEngine(loaded, mode="fused", compile=False)
+    engine = _engine(model, tokenizer, "cuda", compile=False)
 
     def serve(first_seed: int) -> dict[int, str]:
         backlog = [
