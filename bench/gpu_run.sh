@@ -20,6 +20,7 @@ export PYTHONPATH="/tmp/site:$PWD"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)"
   nproc
+  env | grep -E '^(TORCHINDUCTOR|TRITON|CUDA|PYTORCH)_' || true  # the image's own settings
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 bench() {  # $1: output name; the rest: extra options
@@ -48,8 +49,10 @@ for stage in $STAGES; do
         tests/test_gpu_decoder.py tests/test_decode_kernels.py > "$OUT/gpu_tests.log" 2>&1
       echo "gpu tests rc=$? after ${SECONDS}s" | tee -a "$OUT/gpu_tests.log" ;;
     steps)
-      timeout "${STEPS_S:-240}" python3 bench/gpu_steps.py > "$OUT/gpu_steps.json" 2> "$OUT/gpu_steps.log"
+      # One JSON line per finished variant (each the report so far), so a cut run keeps them.
+      timeout "${STEPS_S:-240}" python3 bench/gpu_steps.py ${STEPS_VARIANTS:+--variants "$STEPS_VARIANTS"} \
+        > "$OUT/gpu_steps.json" 2> "$OUT/gpu_steps.log"
       echo "gpu steps rc=$? after ${SECONDS}s" | tee -a "$OUT/gpu_steps.log"
-      cat "$OUT/gpu_steps.json" ;;
+      tail -n 1 "$OUT/gpu_steps.json" ;;
   esac
 done

@@ -6,10 +6,14 @@ graph of the eager step; as a graph of the torch.compile'd step; up to 8 rows as
 of the small-batch Triton kernels (``persona/decode_kernels.py``); and as a graph of the
 compiled step whose attention is one Triton kernel. Also what a server meets: compiling,
 capturing a graph, a row leaving a running batch (its lane idles; the graph stays), and
-``churn``: tokens/s while one row leaves and a new one joins after every step. Prints one
-JSON object.
+``churn``: tokens/s while one row leaves and a new one joins after every step. Prints the
+JSON report so far after each variant (a run cut short by its time limit keeps what it
+measured); the last line is the whole report.
 
-    python bench/gpu_steps.py [--batches 1,8,32,128] [--steps 100]
+    python bench/gpu_steps.py [--batches 1,8,32,128] [--steps 100] [--variants graph,compiled_graph]
+
+Compiled kernels go where the engine keeps them (the settings' model cache), so after
+``persona bench engine`` on the same machine the compiled variants mostly read them back.
 """
 
 from __future__ import annotations
@@ -22,9 +26,21 @@ import time
 import torch
 
 from persona.bench_engine import SMOLLM2_SHAPE
+from persona.kernel_cache import keep_compiled_kernels
 from persona.llama_decoder import LlamaDecoder
+from persona.settings import Settings
 
 PROMPT_TOKENS = 32
+VARIANTS = {
+    "no_graph": {"static": True},
+    "graph": {"graphs": True},
+    "compiled_graph": {"graphs": True, "compile": True},
+    # Triton kernels for up to 8 rows (persona/decode_kernels.py), captured as a graph;
+    # larger batches take the eager step's graph (nothing compiles: no time for it).
+    "triton_graph": {"graphs": True, "kernels": "always"},
+    # The compiled step with its attention as one Triton kernel over the filled slots.
+    "compiled_graph_triton_attention": {"graphs": True, "compile": True, "attention": "triton"},
+}
 
 
 def _model():
@@ -119,21 +135,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", default="1,8,32,128")
     parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="which of them, in this order")
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
+    chosen = args.variants.split(",")
+    if unknown := set(chosen) - set(VARIANTS):
+        parser.error(f"unknown variants {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
+    keep_compiled_kernels(Settings().model_cache_dir)
     model = _model()
     report: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "prompt_tokens": PROMPT_TOKENS}
-    variants = {
-        "no_graph": {"static": True},
-        "graph": {"graphs": True},
-        "compiled_graph": {"graphs": True, "compile": True},
-        # Triton kernels for up to 8 rows (persona/decode_kernels.py), captured as a graph;
-        # larger batches take the eager step's graph (nothing compiles: no time for it).
-        "triton_graph": {"graphs": True, "kernels": "always"},
-        # The compiled step with its attention as one Triton kernel over the filled slots.
-        "compiled_graph_triton_attention": {"graphs": True, "compile": True, "attention": "triton"},
-    }
-    for name, options in variants.items():
+    for name in chosen:
+        options = VARIANTS[name]
         decoder = LlamaDecoder(model, **options)
         row = {}
         for batch in batches:
@@ -152,7 +164,7 @@ def main() -> None:
             row["leave_ms"] = {b: time_leave(decoder, b) for b in batches if b > 1}
             row["churn"] = {b: time_churn(decoder, b, args.steps) for b in batches if b > 1}
         report[name] = row
-    print(json.dumps(report))
+        print(json.dumps(report), flush=True)
 
 
 if __name__ == "__main__":

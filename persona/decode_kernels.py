@@ -113,6 +113,9 @@ def _attend(
     head = tl.program_id(1)
     split = tl.program_id(2)
     first = split == 0
+    # torch.compile passes a Python float as fp64 (Triton's own launcher as fp32): the
+    # softmax's loop must carry one type either way.
+    scale = tl.cast(scale, tl.float32)
     dim = 2 * HALF
     at = tl.load(at_ptr)
     d = tl.arange(0, HALF)

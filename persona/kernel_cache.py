@@ -19,8 +19,23 @@ CACHE_VARIABLES = {"TORCHINDUCTOR_CACHE_DIR": "torchinductor", "TRITON_CACHE_DIR
 
 
 def keep_compiled_kernels(model_cache: Path) -> dict[str, str]:
-    """Point torch.compile's and Triton's caches under ``model_cache``/compiled, unless
-    already set (the operator's choice stands); return where each cache is."""
+    """Point torch.compile's and Triton's caches under ``model_cache``/compiled, unless an
+    operator set them (their choice stands); return where each cache is.
+
+    torch.compile writes its own default into the environment the first time it looks
+    (a folder under /tmp): that is not an operator's choice, so it is replaced."""
     for variable, folder in CACHE_VARIABLES.items():
-        os.environ.setdefault(variable, str(model_cache / "compiled" / folder))
+        if os.environ.get(variable) in (None, _inductor_default(variable)):
+            os.environ[variable] = str(model_cache / "compiled" / folder)
     return {variable: os.environ[variable] for variable in CACHE_VARIABLES}
+
+
+def _inductor_default(variable: str) -> str | None:
+    """The folder torch.compile puts in ``variable`` by itself (None for other variables)."""
+    if variable != "TORCHINDUCTOR_CACHE_DIR":
+        return None
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    except ImportError:  # another torch: nothing to recognise
+        return None
+    return os.path.abspath(default_cache_dir())

@@ -411,6 +411,10 @@ class LlamaDecoder:
         self._captured.clear()  # captured graphs point at the old tensors
         if self._reads is not None:
             self._reads.clear()
+            # A pool whose graphs are all gone cannot take a new capture (PyTorch's
+            # allocator asserts, and the failed capture leaves the RNG mid-capture, which
+            # then breaks torch.compile): this layout's reads get a pool of their own.
+            self._read_pool = torch.cuda.graph_pool_handle()
         self.layouts += 1
 
     def _set_length(self, length: int) -> None:

@@ -29,7 +29,7 @@ PROJECT = {name: "*bf16" for name in ("x_ptr", "w_ptr", "out_ptr", "norm_ptr", "
 ATTEND = (
     {name: "*bf16" for name in ("qkv_ptr", "cos_ptr", "sin_ptr", "k_ptr", "v_ptr", "out_ptr")}
     | {"positions_ptr": "*i64", "at_ptr": "*i64", "valid_ptr": "*i1", "part_ptr": "*fp32", "stats_ptr": "*fp32"}
-    | {"scale": "fp32"}
+    | {"scale": "fp32"}  # fp64 as well, as torch.compile passes it (main)
     | {f"{name}_stride": "i32" for name in ("qkv", "table", "cache_row", "cache_head", "cache_slot", "valid", "out")}
 )
 # The bundled model's shape (SmolLM2-135M): 9 query heads over 3 KV heads of 64.
@@ -74,8 +74,10 @@ def main() -> int:
             _compile(decode_kernels._project, PROJECT, flags | {"BLOCK_N": block_n, "BLOCK_K": block_k}, warps)
             count += 1
     for splits in SPLITS:
-        _compile(decode_kernels._attend, ATTEND, ATTEND_SHAPE | {"SPLITS": splits})
-        count += 1
+        # Triton's launcher types the float scale fp32; torch.compile's (inductor) fp64.
+        for scale in ("fp32", "fp64"):
+            _compile(decode_kernels._attend, ATTEND | {"scale": scale}, ATTEND_SHAPE | {"SPLITS": splits})
+            count += 1
         if splits > 1:
             merge = {key: ATTEND_SHAPE[key] for key in ("KV_HEADS", "GROUP", "GROUP_P2", "HALF")}
             _compile(decode_kernels._merge, MERGE, merge | {"SPLITS": splits})

@@ -149,6 +149,23 @@ def test_rows_leave_and_join_without_capturing_a_new_graph(model, options):
     assert set(batch.decoder._reads) == {(4, 16), (1, 16)}  # captured reads, by shape
 
 
+def test_a_new_layout_captures_its_prompt_reads_again(model):
+    """A layout's captured reads go with it and the next layout captures its own (the
+    2026-11-26 H100 run: reusing the old layout's memory pool tripped PyTorch's allocator,
+    and the failed capture then broke torch.compile)."""
+    batch = CheckedBatch(model, atol=2e-3, graphs=True)
+    with torch.inference_mode():
+        for rows, room in ((2, 8), (16, 200), (2, 8)):  # each batch lays the cache out anew
+            batch.start([prompt(i, 3 + i) for i in range(rows)], room=room)
+            batch.step()
+            batch.leave(0)
+            batch.join([prompt(20, 5)], room=4)  # read by a graph captured at start
+            batch.step()
+            assert batch.decoder._reads is not None, "a prompt read could not be captured"
+    assert batch.decoder.layouts == 3
+    assert set(batch.decoder._reads) == {(2, 16), (1, 16)}
+
+
 def test_the_engine_on_a_gpu_writes_what_it_writes_on_the_cpu(model, tokenizer):
     """Greedy replies, rows joining and leaving, compiled graphs on the GPU vs the plain loop."""
     from torch._dynamo.utils import counters
