@@ -6,7 +6,7 @@
 #   bench/gpu_prepare.sh        # wheels into .whl/, the bundled tokenizer into .gpu/tokenizer
 # then run this script there with .whl and .gpu carried. Results land in $OUT.
 # STAGES picks what runs (default: bench tests steps sampled, in this order; also
-# attention and serve); each has its own time limit.
+# attention, serve and profile); each has its own time limit.
 set -u
 OUT=${OUT:-/tmp/persona-gpu}
 STAGES=${STAGES:-"bench tests steps sampled"}
@@ -48,6 +48,12 @@ for stage in $STAGES; do
       timeout "${TESTS_S:-300}" python3 -m pytest -q -p no:cacheprovider --noconftest -c /dev/null --rootdir . \
         tests/test_gpu_decoder.py tests/test_decode_kernels.py > "$OUT/gpu_tests.log" 2>&1
       echo "gpu tests rc=$? after ${SECONDS}s" | tee -a "$OUT/gpu_tests.log" ;;
+    # Host-bound or GPU-bound between steps: the engine under torch's profiler.
+    profile)
+      timeout "${PROFILE_S:-200}" python3 bench/gpu_profile.py --tokenizer .gpu/tokenizer \
+        > "$OUT/gpu_profile.json" 2> "$OUT/gpu_profile.log"
+      echo "gpu profile rc=$? after ${SECONDS}s" | tee -a "$OUT/gpu_profile.log"
+      tail -n 1 "$OUT/gpu_profile.json" ;;
     steps)
       # One JSON line per finished variant (each the report so far), so a cut run keeps them.
       timeout "${STEPS_S:-240}" python3 bench/gpu_steps.py ${STEPS_VARIANTS:+--variants "$STEPS_VARIANTS"} \
