@@ -94,6 +94,7 @@ class EngineBenchResult:
     step_ms: dict[int, dict[str, float]] = field(default_factory=dict)
     kernels: str = "never"  # GPU: the small-batch Triton step (auto, always, never)
     attention: str = "torch"  # GPU: the compiled step's attention (auto, torch or triton), as it ran
+    reads_captured: bool = False  # GPU: whether prompt reads replayed captured graphs to the end
 
     def ratio(self, batch: int) -> float:
         base = self.baseline.get(batch, 0.0)
@@ -107,6 +108,7 @@ class EngineBenchResult:
             "first_token_ms": self.first_token_ms, "prompt_tokens": self.prompt_tokens,
             "warm_up_s": self.warm_up_s, "compiled": self.compiled, "sampling": self.sampling,
             "step_ms": self.step_ms, "kernels": self.kernels, "attention": self.attention,
+            "reads_captured": self.reads_captured,
         }
 
 
@@ -318,6 +320,7 @@ def run_engine_bench(
     if getattr(engine.decoder, "graphs", False):
         result.kernels = engine.decoder.kernels if engine.decoder.small_step is not None else "never"
         result.attention = engine.decoder.attention_mode
+        result.reads_captured = engine.decoder.reads_captured
     if engine.mode == "llamacpp" and 1 in batches:
         path = engine.decoder.path
         del engine

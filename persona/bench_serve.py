@@ -87,6 +87,8 @@ class ServeBenchResult:
     layouts: int = 0  # GPU: cache layouts (graph captures) the continuous run needed; 0 elsewhere
     reads: int = 0  # static cache (GPU): prompt reads in the continuous run (rows join in groups)
     warm_up_s: float = 0.0  # our engine's warm-up (on a GPU: compiling, unless its caches hold it)
+    compiled: bool = False  # GPU: whether the decode step ran compiled (torch.compile)
+    reads_captured: bool = False  # GPU: whether prompt reads replayed captured graphs to the end
 
     @property
     def ratio(self) -> float:
@@ -105,7 +107,7 @@ class ServeBenchResult:
             "ours": self.ours.as_dict(), "ours_batches": self.ours_batches.as_dict(),
             "baseline": self.baseline.as_dict(), "ratio": round(self.ratio, 2),
             "continuous_gain": round(self.continuous_gain, 2), "layouts": self.layouts, "reads": self.reads,
-            "warm_up_s": self.warm_up_s,
+            "warm_up_s": self.warm_up_s, "compiled": self.compiled, "reads_captured": self.reads_captured,
         }  # fmt: skip
 
 
@@ -200,8 +202,10 @@ def run_serve_bench(
             served = run()
             if served.tokens_per_s > getattr(result, name).tokens_per_s:
                 setattr(result, name, served)
-            if name == "ours":
-                result.layouts = getattr(engine.decoder, "layouts", 0) - layouts
-                result.reads = getattr(engine.decoder, "reads", 0) - reads
+                if name == "ours":  # the counts of the run reported
+                    result.layouts = getattr(engine.decoder, "layouts", 0) - layouts
+                    result.reads = getattr(engine.decoder, "reads", 0) - reads
         log.info("%s: %.1f useful tok/s", name, getattr(result, name).tokens_per_s)
+    result.compiled = bool(getattr(engine.decoder, "compiled", False))
+    result.reads_captured = bool(getattr(engine.decoder, "reads_captured", False))
     return result

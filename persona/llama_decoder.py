@@ -604,6 +604,12 @@ class LlamaDecoder:
         return "auto" if self._attention_fn is not None else "torch"
 
     @property
+    def reads_captured(self) -> bool:
+        """Whether prompt reads replay captured graphs (a GPU's static cache, unless a
+        capture failed: then they run uncaptured, and the log says why)."""
+        return self._reads is not None
+
+    @property
     def timed_sizes(self) -> list[int]:
         """Lane counts whose first capture times several steps (an engine's warm-up runs
         batches of these sizes)."""
