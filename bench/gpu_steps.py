@@ -2,8 +2,8 @@
 
 For a random-weight model of the bundled model's shape (bf16), times ``LlamaDecoder.step``
 at each batch size five ways: launched kernel by kernel (no graph); replayed as a CUDA
-graph of the eager step; as a graph of the torch.compile'd step; up to 8 rows as a graph
-of the small-batch Triton kernels (``persona/decode_kernels.py``); and as a graph of the
+graph of the eager step; as a graph of the torch.compile'd step; as a graph of the
+Triton step (``persona/decode_kernels.py``); and as a graph of the
 compiled step whose attention is one Triton kernel. Also what a server meets: compiling,
 capturing a graph, a row leaving a running batch (its lane idles; the graph stays), and
 ``churn``: tokens/s while one row leaves and a new one joins after every step. Prints the
@@ -35,8 +35,8 @@ VARIANTS = {
     "no_graph": {"static": True},
     "graph": {"graphs": True},
     "compiled_graph": {"graphs": True, "compile": True},
-    # Triton kernels for up to 8 rows (persona/decode_kernels.py), captured as a graph;
-    # larger batches take the eager step's graph (nothing compiles: no time for it).
+    # The step as Triton kernels (persona/decode_kernels.py), captured as a graph: matrix-
+    # vector projections up to 8 rows, tiled matrix products past that.
     "triton_graph": {"graphs": True, "kernels": "always"},
     # The compiled step with its attention as one Triton kernel over the filled slots.
     "compiled_graph_triton_attention": {"graphs": True, "compile": True, "attention": "triton"},
@@ -157,7 +157,7 @@ def main() -> None:
         if options.get("compile"):
             row["compiled"] = decoder.compiled
         if options.get("kernels"):
-            row["triton_kernels_ran"] = decoder.small_step is not None
+            row["triton_kernels_ran"] = decoder.kernel_step is not None
         if options.get("attention"):
             row["triton_attention_ran"] = decoder.attention is not None
         if options.get("graphs") and max(batches) > 1:

@@ -318,7 +318,7 @@ def run_engine_bench(
     result.compiled = bool(getattr(engine.decoder, "compiled", False))
     result.step_ms = dict(getattr(engine.decoder, "step_ms", {}))
     if getattr(engine.decoder, "graphs", False):
-        result.kernels = engine.decoder.kernels if engine.decoder.small_step is not None else "never"
+        result.kernels = engine.decoder.kernels if engine.decoder.kernel_step is not None else "never"
         result.attention = engine.decoder.attention_mode
         result.reads_captured = engine.decoder.reads_captured
     if engine.mode == "llamacpp" and 1 in batches:

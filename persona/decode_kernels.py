@@ -1,4 +1,4 @@
-"""A small batch's decode step in five Triton kernels per layer.
+"""A decode step in five Triton kernels per layer.
 
 At batch 1 a GPU decode step is a chain of tiny kernels, each costing a few
 microseconds however little it does, while the bundled model's weights (0.27 GB)
@@ -14,13 +14,15 @@ the step is ~13 kernels a layer. Here each layer is five launches:
 4. RMS norm, the fused gate/up projection and SiLU(gate)·up;
 5. the down projection added to the residual stream.
 
-``Attention`` (kernel 2 alone) also serves inside the compiled torch step, for batches
-too large for these matrix-vector products.
+``Attention`` (kernel 2 alone) also serves inside the compiled torch step.
 
-The projections are matrix-vector products over the weights as the model holds them
-(one program per block of output rows and per batch row), so a checkpoint needs no
-conversion. Everything accumulates in float32. The step reads the write position from a
-device tensor, so it can be captured as a CUDA graph and replayed like the compiled one.
+The projections read the weights as the model holds them, so a checkpoint needs no
+conversion. Up to ``MAX_ROWS`` rows they are matrix-vector products (one program per
+block of output rows and per batch row); past that, matrix products over tiles of rows
+(tensor cores on a GPU). Everything accumulates in float32. The step reads the write
+position from a device tensor, so it can be captured as a CUDA graph and replayed like
+the compiled one; on a GPU the decoder times it against the compiled step for each
+layout and keeps the faster.
 
 On a CPU the kernels run under Triton's interpreter (``TRITON_INTERPRET=1``, set before
 Triton is imported), which is how the tests check them without a GPU; the interpreter
@@ -36,10 +38,10 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["MAX_ROWS", "Attention", "SmallBatchStep", "splits_for", "unsupported"]
+__all__ = ["MAX_ROWS", "ROWS_CLASSES", "Attention", "TritonStep", "rows_class", "splits_for", "unsupported"]
 
-# The kernels re-read each weight tile once per row (from L2 after the first); past a
-# few rows the compiled step's matrix-matrix products are the better path.
+# The matrix-vector kernels re-read each weight tile once per row (from L2 after the
+# first); past a few rows the projections are tiled matrix products instead.
 MAX_ROWS = 8
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -93,6 +95,57 @@ def _project(
     if RESIDUAL:
         acc += tl.load(res_ptr + row * out_stride + cols, mask=col_ok, other=0.0).to(tl.float32)
     tl.store(out_ptr + row * out_stride + cols, acc.to(out_ptr.dtype.element_ty), mask=col_ok)
+
+
+@triton.jit
+def _project_rows(
+    x_ptr, w_ptr, out_ptr, norm_ptr, res_ptr,
+    M, N, K, eps,
+    x_stride, w_stride, out_stride, ROWS_CLASS,
+    NORM: tl.constexpr, GATED: tl.constexpr, RESIDUAL: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """``_project`` for many rows: a tile of ``BLOCK_M`` rows by ``BLOCK_N`` outputs per
+    program, as matrix products (tensor cores on a GPU), each weight tile read once for
+    all its rows. The normalised input is rounded to the weights' type before the product,
+    as the torch step rounds it. ``ROWS_CLASS`` (unused here) is what the tile is tuned
+    for: rows to a power of two, at most ROWS_CLASSES' last."""
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < M
+    col_ok = cols < N
+    x_rows = x_ptr + rows[:, None] * x_stride
+    if NORM:  # one pass for each row's RMS, in chunks (a whole row per program would spill)
+        squares = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for start in range(0, K, BLOCK_K):
+            ks = start + tl.arange(0, BLOCK_K)
+            xs = tl.load(x_rows + ks[None, :], mask=row_ok[:, None] & (ks < K)[None, :], other=0.0).to(tl.float32)
+            squares += tl.sum(xs * xs, 1)
+        rstd = tl.rsqrt(squares / K + eps)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    kind = w_ptr.dtype.element_ty
+    for start in range(0, K, BLOCK_K):
+        ks = start + tl.arange(0, BLOCK_K)
+        k_ok = ks < K
+        xs = tl.load(x_rows + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        if NORM:
+            weight = tl.load(norm_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
+            xs = xs.to(tl.float32) * rstd[:, None] * weight[None, :]
+        xs = xs.to(kind)
+        tile = col_ok[:, None] & k_ok[None, :]
+        w = tl.load(w_ptr + cols[:, None] * w_stride + ks[None, :], mask=tile, other=0.0)  # [BLOCK_N, BLOCK_K]
+        acc = tl.dot(xs, tl.trans(w), acc, input_precision=PRECISION)
+        if GATED:
+            wu = tl.load(w_ptr + (cols + N)[:, None] * w_stride + ks[None, :], mask=tile, other=0.0)
+            up = tl.dot(xs, tl.trans(wu), up, input_precision=PRECISION)
+    if GATED:
+        acc = acc * tl.sigmoid(acc) * up
+    out_at = rows[:, None] * out_stride + cols[None, :]
+    both = row_ok[:, None] & col_ok[None, :]
+    if RESIDUAL:
+        acc += tl.load(res_ptr + out_at, mask=both, other=0.0).to(tl.float32)
+    tl.store(out_ptr + out_at, acc.to(out_ptr.dtype.element_ty), mask=both)
 
 
 @triton.jit
@@ -242,6 +295,38 @@ def _tuned(kernel):
 
 _project_tuned = _tuned(_project)
 
+# (rows, outputs and weight columns per program, warps) for ``_project_rows``; the fastest
+# for each projection's shape and row count is picked the first time it runs. None of
+# these spills registers for an H100 in any of the step's uses (tests/kernels_compile.py;
+# larger tiles, and 64 columns with 4 warps, do).
+_ROW_TILES = [(16, 32, 64, 4), (16, 64, 32, 8), (32, 32, 32, 8), (32, 64, 32, 8), (64, 32, 32, 8), (64, 64, 32, 8),
+              (128, 64, 32, 8)]  # fmt: skip
+_ROW_TILE_INTERPRETED = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64}  # partial tiles in the tests
+
+
+# Row counts the tiled projections are tuned for (a count between two takes the larger's
+# tile): tuning takes seconds, so it happens once per class (an engine's warm-up runs a
+# batch of each), not for every number of lanes a server meets.
+ROWS_CLASSES = (16, 32, 64, 128)
+
+
+def rows_class(rows: int) -> int:
+    return min(ROWS_CLASSES[-1], triton.next_power_of_2(rows))
+
+
+def _tuned_rows(kernel):
+    """``_tuned`` for ``_project_rows``: tiles of rows too, tuned per class of row counts."""
+    if INTERPRETED:
+        return kernel
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w) for m, n, k, w in _ROW_TILES]
+    options = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
+    return triton.autotune(
+        configs, key=["ROWS_CLASS", "N", "K", "NORM", "GATED", "RESIDUAL"], restore_value=["out_ptr"], **options
+    )(kernel)
+
+
+_project_rows_tuned = _tuned_rows(_project_rows)
+
 
 def unsupported(decoder) -> str | None:
     """Why these kernels cannot run ``decoder``'s model (None when they can)."""
@@ -310,24 +395,31 @@ def splits_for(rows: int, kv_heads: int, slots: int) -> int:
     return 1 << (wanted.bit_length() - 1)
 
 
-class SmallBatchStep:
-    """``LlamaDecoder``'s static decode step for up to ``MAX_ROWS`` rows, as Triton kernels.
+class TritonStep:
+    """``LlamaDecoder``'s static decode step as Triton kernels, five a layer, for any rows.
 
-    Same contract as the decoder's ``_static_step``: one token per row at ``decoder.at``,
-    the new keys and values written there, ``decoder.valid`` marked; returns the logits.
+    Up to ``MAX_ROWS`` rows the projections are matrix-vector products (``_project``);
+    past that, tiles of rows as matrix products (``_project_rows``), so each weight tile
+    is read once per tile of rows. Same contract as the decoder's ``_static_step``: one
+    token per row at ``decoder.at``, the new keys and values written there,
+    ``decoder.valid`` marked; returns the logits.
     """
 
-    max_rows = MAX_ROWS
+    vector_rows = MAX_ROWS  # rows the matrix-vector kernels take; more take the tiled ones
+    rows_classes = ROWS_CLASSES  # the row counts the tiled ones are tuned for
 
     def __init__(self, decoder) -> None:
         self.attention = Attention(decoder)
         self.decoder = decoder
+        # fp32 weights (the GPU tests' model) multiply in full precision, not as TF32.
+        self.precision = "ieee" if decoder.dtype == torch.float32 else "tf32"
+        self.max_rows: int | None = None  # any; vector_rows once the tiled kernels failed
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         dec = self.decoder
         rows = tokens.shape[0]
-        if rows > MAX_ROWS:
-            raise ValueError(f"{rows} rows; these kernels take at most {MAX_ROWS}")
+        if self.max_rows is not None and rows > self.max_rows:
+            raise ValueError(f"{rows} rows; these kernels now take at most {self.max_rows}")
         dec.valid.index_fill_(1, dec.at.view(1), True)
         x = torch.index_select(dec.embed, 0, tokens)
         qkv = torch.empty((rows, (dec.heads + 2 * dec.kv_heads) * dec.head_dim), dtype=dec.dtype, device=dec.device)
@@ -349,12 +441,21 @@ class SmallBatchStep:
     ) -> None:  # fmt: skip
         rows, width = x.shape
         n = out.shape[1]
-        args = (
-            x, weight, out, norm if norm is not None else weight, out,
-            n, width, self.decoder.eps,
-            x.stride(0), weight.stride(0), out.stride(0),
-        )  # fmt: skip
-        flags = {"NORM": norm is not None, "GATED": gated, "RESIDUAL": residual, "K_ROW": triton.next_power_of_2(width) if norm is not None else 1}
+        norm_weight = norm if norm is not None else weight
+        flags = {"NORM": norm is not None, "GATED": gated, "RESIDUAL": residual}
+        strides = (x.stride(0), weight.stride(0), out.stride(0))
+        if rows > MAX_ROWS:
+            args = (x, weight, out, norm_weight, out, rows, n, width, self.decoder.eps, *strides, rows_class(rows))
+            flags["PRECISION"] = self.precision
+            if INTERPRETED:
+                tile = _ROW_TILE_INTERPRETED
+                _project_rows[(triton.cdiv(n, tile["BLOCK_N"]), triton.cdiv(rows, tile["BLOCK_M"]))](*args, **flags, **tile)
+            else:
+                grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(rows, meta["BLOCK_M"]))
+                _project_rows_tuned[grid](*args, **flags)
+            return
+        args = (x, weight, out, norm_weight, out, n, width, self.decoder.eps, *strides)
+        flags["K_ROW"] = triton.next_power_of_2(width) if norm is not None else 1
         if INTERPRETED:
             _project[(triton.cdiv(n, 64), rows)](*args, **flags, BLOCK_N=64, BLOCK_K=128)
         else:

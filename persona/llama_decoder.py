@@ -252,12 +252,13 @@ class LlamaDecoder:
         # size of 1), always off the graph; a step that fails to compile runs uncompiled.
         self.compiled = compile and self.graphs
         self._step_fn = torch.compile(self._static_step) if self.compiled else self._static_step
-        # kernels: up to decode_kernels.MAX_ROWS rows can take the static step as Triton
-        # kernels (five launches a layer): "always", or "auto": the first capture of each
-        # number of lanes times both steps and keeps the faster. Without a GPU only Triton's
+        # kernels: the static step as Triton kernels (five launches a layer; matrix-vector
+        # products up to decode_kernels.MAX_ROWS rows, tiled matrix products past that):
+        # "always", or "auto": the first capture of each number of lanes times it against
+        # the (compiled) torch step and keeps the faster. Without a GPU only Triton's
         # interpreter runs them (the tests).
         self.kernels = kernels
-        self.small_step = self._triton("SmallBatchStep") if self.static and kernels != "never" else None
+        self.kernel_step = self._triton("TritonStep") if self.static and kernels != "never" else None
         # attention "triton": the static step's rotary embedding, cache write and attention
         # as one Triton kernel that reads only the filled slots (decode_kernels.Attention);
         # "auto": on a GPU, a second (compiled) torch step with that kernel is timed
@@ -579,8 +580,9 @@ class LlamaDecoder:
             return None
 
     def _uncaptured_step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        if self.small_step is not None and tokens.shape[0] <= self.small_step.max_rows:
-            return self.small_step(tokens, positions)
+        step, rows = self.kernel_step, tokens.shape[0]
+        if step is not None and (rows <= step.vector_rows or (self.kernels == "always" and step.max_rows is None)):
+            return step(tokens, positions)
         return self._static_step(tokens, positions)
 
     def _static_step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -615,10 +617,16 @@ class LlamaDecoder:
         batches of these sizes)."""
         if not self.graphs:
             return []
-        sizes = []
-        if self.small_step is not None and self.kernels == "auto":
-            sizes = sorted({lane_count(rows) for rows in range(1, self.small_step.max_rows + 1)})
-        return sizes + ([ATTENTION_MIN_LANES] if self._attention_fn is not None else [])
+        sizes = set()
+        step = self.kernel_step
+        if step is not None and self.kernels == "auto":
+            # The small layouts, and one of each class of row counts the tiled kernels
+            # are tuned for (tuning takes seconds: here, not on a user's time).
+            sizes |= {lane_count(rows) for rows in range(1, step.vector_rows + 1)}
+            sizes |= {lane_count(rows) for rows in step.rows_classes}
+        if self._attention_fn is not None:
+            sizes.add(ATTENTION_MIN_LANES)  # compiles the torch step with Triton attention
+        return sorted(sizes)
 
     def _replay(self) -> torch.Tensor:
         """The static step as a CUDA graph over the lanes' inputs (``_feed``), captured on
@@ -663,7 +671,8 @@ class LlamaDecoder:
 
     def _candidates(self, batch: int) -> list[str]:
         names = [TORCH]
-        if self.small_step is not None and batch <= self.small_step.max_rows:
+        step = self.kernel_step
+        if step is not None and (step.max_rows is None or batch <= step.max_rows):
             names.append(KERNELS)
         if self._attention_fn is not None and batch >= ATTENTION_MIN_LANES:
             names.append(TRITON_ATTENTION)
@@ -679,7 +688,7 @@ class LlamaDecoder:
         """The candidate step ``name`` captured; None if it failed (the torch step must not)."""
         if name == TORCH:
             return self._torch_graph(tokens, positions)
-        step = self.small_step if name == KERNELS else self._attention_fn
+        step = self.kernel_step if name == KERNELS else self._attention_fn
         if step is None:
             return None
         try:
@@ -689,10 +698,12 @@ class LlamaDecoder:
             return self._capture(step, tokens, positions)
         except Exception as exc:  # noqa: BLE001 - any failure of Triton, compiling or capturing: others serve
             log.warning("the %s step failed (%s: %s); decoding without it", self._label(name), type(exc).__name__, exc)
-            if name == KERNELS:
-                self.small_step = None
-            else:
+            if name != KERNELS:
                 self._attention_fn = None
+            elif tokens.shape[0] > self.kernel_step.vector_rows:
+                self.kernel_step.max_rows = self.kernel_step.vector_rows  # the tiled kernels only
+            else:
+                self.kernel_step = None
             return None
 
     def _torch_graph(self, tokens: torch.Tensor, positions: torch.Tensor) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:

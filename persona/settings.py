@@ -87,9 +87,10 @@ class WorkerSettings(BaseModel):
     )
     kernels: Literal["auto", "always", "never"] = Field(
         "auto",
-        description="GPU only: batches of up to 8 rows may decode through Triton kernels (five a layer) "
-        "instead of the compiled step; auto times both at warm-up for caches laid out for 1, 2, 4 and 8 "
-        "rows and keeps the faster",
+        description="GPU only: batches may decode through Triton kernels (five a layer; matrix-vector "
+        "products up to 8 rows, tiled matrix products past that) instead of the compiled step; auto times "
+        "both for each cache layout (at warm-up for 1, 2, 4, 8, 16, 32, 64 and 128 rows, else at a layout's "
+        "first batch) and keeps the faster",
     )
     attention: Literal["auto", "torch", "triton"] = Field(
         "auto",

@@ -26,6 +26,7 @@ H100 = GPUTarget("cuda", 90, 32)
 PROJECT = {name: "*bf16" for name in ("x_ptr", "w_ptr", "out_ptr", "norm_ptr", "res_ptr")} | {
     "N": "i32", "K": "i32", "eps": "fp32", "x_stride": "i32", "w_stride": "i32", "out_stride": "i32",
 }  # fmt: skip
+PROJECT_ROWS = PROJECT | {"M": "i32", "ROWS_CLASS": "i32"}
 ATTEND = (
     {name: "*bf16" for name in ("qkv_ptr", "cos_ptr", "sin_ptr", "k_ptr", "v_ptr", "out_ptr")}
     | {"positions_ptr": "*i64", "at_ptr": "*i64", "valid_ptr": "*i1", "part_ptr": "*fp32", "stats_ptr": "*fp32"}
@@ -72,6 +73,12 @@ def main() -> int:
         flags = {"NORM": norm, "GATED": gated, "RESIDUAL": residual, "K_ROW": k_row}
         for block_n, block_k, warps in decode_kernels._TILES:  # every tile the GPU may pick
             _compile(decode_kernels._project, PROJECT, flags | {"BLOCK_N": block_n, "BLOCK_K": block_k}, warps)
+            count += 1
+        # More rows than the matrix-vector kernels take: the tiled ones, every tile.
+        for block_m, block_n, block_k, warps in decode_kernels._ROW_TILES:
+            rows_flags = {key: flags[key] for key in ("NORM", "GATED", "RESIDUAL")} | {"PRECISION": "tf32"}
+            tile = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k}
+            _compile(decode_kernels._project_rows, PROJECT_ROWS, rows_flags | tile, warps)
             count += 1
     for splits in SPLITS:
         # Triton's launcher types the float scale fp32; torch.compile's (inductor) fp64.

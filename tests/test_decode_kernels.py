@@ -23,7 +23,7 @@ triton = pytest.importorskip("triton")
 if DEVICE == "cpu" and tuple(int(part) for part in triton.__version__.split(".")[:2]) < (3, 8):
     pytest.skip("Triton's interpreter needs 3.8 or later with numpy 2.4", allow_module_level=True)
 
-from persona.decode_kernels import Attention, SmallBatchStep, splits_for
+from persona.decode_kernels import Attention, TritonStep, splits_for
 from persona.llama_decoder import LlamaDecoder
 from tests.checked_batch import CheckedBatch, left_padded, prompt
 
@@ -67,9 +67,9 @@ FOLLOW = [[8, 9, 10, 11], [40, 41, 42, 43]]
 def test_the_kernels_give_hugging_faces_logits(model, options):
     decoder = LlamaDecoder(model, static=True, **options)
     if "kernels" in options:
-        assert isinstance(decoder.small_step, SmallBatchStep)
+        assert isinstance(decoder.kernel_step, TritonStep)
     else:
-        assert isinstance(decoder.attention, Attention) and decoder.small_step is None
+        assert isinstance(decoder.attention, Attention) and decoder.kernel_step is None
     ids, mask, positions = _left_padded(PROMPTS)
     last = positions[:, -1]
     with torch.inference_mode():
@@ -111,6 +111,46 @@ def test_idle_lanes_and_moved_slots_on_the_kernels(model, options):
     assert batch.decoder.lanes == [1, 2, 3, 0] and batch.decoder.layouts == 1
 
 
+@pytest.mark.parametrize("norm", [False, True], ids=["plain", "norm"])
+@pytest.mark.parametrize("gated", [False, True], ids=["linear", "gated"])
+@pytest.mark.parametrize("residual", [False, True], ids=["fresh", "residual"])
+@pytest.mark.parametrize("rows", [3, 19], ids=["vector", "tiled"])
+def test_a_projection_is_norm_then_matrix_product(model, rows, norm, gated, residual):
+    """Each projection the step launches against torch: (RMS norm,) x·Wᵀ, (SiLU(gate)·up,)
+    (+ the residual). 19 rows take the tiled kernel, whose tiles (16 rows, 64 outputs,
+    64 columns) then end part-way in every dimension."""
+    step = TritonStep(LlamaDecoder(model, static=True))
+    torch.manual_seed(1)
+    width, outputs = 96, 80
+    x = torch.randn((rows, width), device=DEVICE)
+    weight = torch.randn((2 * outputs if gated else outputs, width), device=DEVICE) / width**0.5
+    scale = torch.rand(width, device=DEVICE) + 0.5
+    out = torch.randn((rows, outputs), device=DEVICE)
+    residual_stream = out.clone()
+    step._project(x, weight, out, norm=scale if norm else None, gated=gated, residual=residual)
+    h = torch.nn.functional.rms_norm(x, (width,), scale, step.decoder.eps) if norm else x
+    expected = h @ weight.T
+    if gated:
+        gate, up = expected.chunk(2, dim=-1)
+        expected = torch.nn.functional.silu(gate) * up
+    if residual:
+        expected = expected + residual_stream
+    assert torch.allclose(out, expected, atol=1e-4), (out - expected).abs().max()
+
+
+def test_past_eight_rows_the_tiled_kernels_decode_and_rows_come_and_go(model):
+    """20 rows in 24 lanes take the tiled kernels; rows leave and join as on the small step."""
+    batch = CheckedBatch(model, kernels="always")
+    with torch.inference_mode():
+        batch.start([prompt(i, 2 + i % 7) for i in range(20)], room=6)
+        batch.step()
+        batch.leave(0, 5, 11)
+        batch.step()
+        batch.join([prompt(30 + i, 3 + i) for i in range(4)], room=3)  # 21 rows
+        batch.step(2)
+    assert batch.decoder.valid.shape[0] == 24 and batch.decoder.layouts == 1
+
+
 def test_a_long_cache_is_shared_among_programs_and_merged():
     """Over a cache of 640 slots one row's attention is split among two programs per KV
     head and merged by a second kernel: the same logits as Hugging Face's."""
@@ -147,9 +187,9 @@ def test_splitting_the_slots_changes_no_attention(model):
 def test_a_model_the_kernels_cannot_run_decodes_with_the_torch_step():
     biased = _model(attention_bias=True, num_hidden_layers=1)
     with pytest.raises(ValueError, match="biases"):
-        SmallBatchStep(LlamaDecoder(biased, static=True))
+        TritonStep(LlamaDecoder(biased, static=True))
     decoder = LlamaDecoder(biased, static=True, kernels="always")
-    assert decoder.small_step is None
+    assert decoder.kernel_step is None
     ids, mask, positions = _left_padded([[5, 6, 7]])
     with torch.inference_mode():
         decoder.start(ids, mask, positions, 2)
@@ -173,17 +213,23 @@ def test_the_kernels_compile_for_an_h100_in_bfloat16():
     script = Path(__file__).with_name("kernels_compile.py")
     done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=240, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "compiled 26 kernels for sm_90a" in done.stdout, done.stdout
+    assert "compiled 47 kernels for sm_90a" in done.stdout, done.stdout
 
 
 @pytest.mark.skipif(DEVICE == "cpu", reason="bfloat16 needs a GPU (Triton's interpreter has none)")
-@pytest.mark.parametrize("options", [{"kernels": "always"}, {"attention": "triton"}], ids=["whole-step", "attention"])
-def test_in_bfloat16_the_kernels_stay_within_rounding_of_the_torch_step(model, options):
-    """The precision a GPU serves in: the same teacher-forced logits, to bf16 rounding."""
+@pytest.mark.parametrize(
+    ("options", "copies"),
+    [({"kernels": "always"}, 1), ({"kernels": "always"}, 6), ({"attention": "triton"}, 1)],
+    ids=["whole-step", "whole-step-tiled", "attention"],
+)
+def test_in_bfloat16_the_kernels_stay_within_rounding_of_the_torch_step(model, options, copies):
+    """The precision a GPU serves in: the same teacher-forced logits, to bf16 rounding
+    (12 rows: the tiled projections, in tensor cores)."""
     import copy
 
     half = copy.deepcopy(model).to(torch.bfloat16)
-    ids, mask, positions = _left_padded(PROMPTS)
+    ids, mask, positions = _left_padded(PROMPTS * copies)
+    follow = FOLLOW * copies
     results = []
     for opts in ({}, options):
         decoder = LlamaDecoder(half, static=True, **opts)
@@ -192,7 +238,7 @@ def test_in_bfloat16_the_kernels_stay_within_rounding_of_the_torch_step(model, o
             steps = [decoder.start(ids, mask, positions, len(FOLLOW[0]) + 1).float()]
             for i in range(len(FOLLOW[0])):
                 last = last + 1
-                steps.append(decoder.step(torch.tensor([f[i] for f in FOLLOW], device=DEVICE), last).float())
+                steps.append(decoder.step(torch.tensor([f[i] for f in follow], device=DEVICE), last).float())
         results.append(torch.stack(steps, 1))
     torch_step, kernels = results
     assert (torch_step - kernels).abs().max() < 0.05 * torch_step.abs().max(), (torch_step - kernels).abs().max()

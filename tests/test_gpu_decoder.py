@@ -87,7 +87,7 @@ def test_graph_steps_give_hugging_faces_logits(model, options):
     ours = _decode(decoder, PROMPTS, FOLLOW)
     assert decoder._captured, "the decode steps did not replay a CUDA graph"
     assert decoder.compiled == options.get("compile", False), "the step fell back from torch.compile"
-    assert (decoder.small_step is not None) == ("kernels" in options), "the small-batch kernels failed"
+    assert (decoder.kernel_step is not None) == ("kernels" in options), "the small-batch kernels failed"
     assert (decoder.attention is not None) == ("attention" in options)
     for mine, theirs in zip(ours, _expected(model, PROMPTS, FOLLOW), strict=True):
         assert torch.allclose(mine.float(), theirs.float(), atol=2e-3), (mine - theirs).abs().max()
@@ -149,6 +149,22 @@ def test_rows_leave_and_join_without_capturing_a_new_graph(model, options):
     assert set(batch.decoder._reads) == {(4, 16), (1, 16)}  # captured reads, by shape
 
 
+def test_past_eight_rows_the_tiled_kernels_replay_as_a_graph(model):
+    """20 rows in 24 lanes on the Triton step: its projections as tiled matrix products,
+    captured once, rows leaving and joining, every row against Hugging Face's logits."""
+    batch = CheckedBatch(model, atol=2e-3, graphs=True, kernels="always")
+    with torch.inference_mode():
+        batch.start([prompt(i, 2 + i % 7) for i in range(20)], room=8)
+        batch.step(2)
+        graph = batch.decoder._captured[24][0]
+        batch.leave(0, 5, 11)
+        batch.step()
+        batch.join([prompt(30 + i, 3 + i) for i in range(4)], room=4)
+        batch.step(2)
+    assert batch.decoder._choice[24] == "kernels" and batch.decoder.kernel_step.max_rows is None
+    assert batch.decoder._captured[24][0] is graph and batch.decoder.layouts == 1
+
+
 def test_a_new_layout_captures_its_prompt_reads_again(model):
     """A layout's captured reads go with it and the next layout captures its own (the
     2026-11-26 H100 run: reusing the old layout's memory pool tripped PyTorch's allocator,
@@ -176,9 +192,11 @@ def test_the_engine_on_a_gpu_writes_what_it_writes_on_the_cpu(model, tokenizer):
     gpu = _engine(model, tokenizer, "cuda", compile=True)
     gpu.warm_up()
     assert gpu.decoder.compiled
-    # Warm-up timed the candidate steps for every small layout (1, 2, 4, 8 lanes) and a large one.
-    assert gpu.decoder.attention_mode == "auto" and gpu.decoder.small_step is not None
-    assert sorted(gpu.decoder.step_ms) == gpu.decoder.timed_sizes == [1, 2, 4, 8, 16], gpu.decoder.step_ms
+    # Warm-up timed the candidate steps for every small layout (1, 2, 4, 8 lanes) and one
+    # of each class of large ones the tiled kernels are tuned for.
+    assert gpu.decoder.attention_mode == "auto" and gpu.decoder.kernel_step is not None
+    sizes = [1, 2, 4, 8, 16, 32, 64, 128]
+    assert sorted(gpu.decoder.step_ms) == gpu.decoder.timed_sizes == sizes, gpu.decoder.step_ms
     compiled_graphs = counters["stats"]["unique_graphs"]
     cpu = _engine(model, tokenizer, "cpu", compile=False)
     batches = (
