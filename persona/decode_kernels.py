@@ -311,6 +311,7 @@ ROWS_CLASSES = (16, 32, 64, 128)
 
 
 def rows_class(rows: int) -> int:
+    """The class of row counts ``rows`` takes its tiles from."""
     return min(ROWS_CLASSES[-1], triton.next_power_of_2(rows))
 
 
