@@ -217,8 +217,9 @@ class TransformersEngine:
         self._checking = True
         try:
             # A compiled step is compiled for any batch size once it has seen two rows (and
-            # once more for a single row); cache layouts that time candidate steps when first
-            # captured (a GPU's small ones, the first large one) compile what they need.
+            # once more for a single row, unless the Triton step takes one row); cache
+            # layouts that time candidate steps when first captured (a GPU's small ones,
+            # one of each class of large ones) compile and tune what they need.
             # All here, each size once, not on a user's time.
             compiled = getattr(self.decoder, "compiled", False)
             sizes = [2, 1] if compiled else [1]
