@@ -243,6 +243,7 @@ class LlamaDecoder:
         self._read_pool = torch.cuda.graph_pool_handle() if self.graphs else None
         self.layouts = 0  # how many times a static cache was allocated (each drops its graphs)
         self.reads = 0  # how many times prompts were read into lanes
+        self.moves = 0  # how many times rows' slots moved within a layout (``_move``)
         # How many steps rows may wait to join a running batch (the engine groups them).
         self.join_every = join_every or (JOIN_EVERY if self.graphs else 1)
         self._half_idle = 0  # steps in a row with half the lanes idle or more
@@ -499,7 +500,8 @@ class LlamaDecoder:
         each, the running rows' slots moved right if the new prompts are longer than their
         history, and cache slots to the longest reply's end. In place where the lanes and
         slots suffice (dropping the slots before every row's start if need be), else in a
-        new layout with more lanes, or half as many slots again."""
+        new layout with more lanes, or twice the slots (fewer layouts, so fewer captures,
+        as rows keep joining)."""
         shift = max(0, width - self.length)
         lead = min([self._spans[lane][0] + shift for lane in self.lanes] + [self.length + shift - width])
         needed = max([self._spans[lane][1] + shift for lane in self.lanes] + [self.length + shift + room])
@@ -512,11 +514,12 @@ class LlamaDecoder:
             self._move(shift - lead)
         else:
             if needed - lead > capacity:
-                capacity = _rounded(max(needed - lead, capacity * 3 // 2))
+                capacity = _rounded(max(needed - lead, capacity * 2))
             self._relayout(max(lanes, lane_count(wanted)), capacity, shift - lead)
 
     def _move(self, move: int) -> None:
         """Shift every row's slots by ``move`` within the same buffers."""
+        self.moves += 1
         first = min(start for start, _ in self._spans.values())
         at = self.length
         for cache in (*self.k, *self.v):

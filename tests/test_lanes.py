@@ -99,6 +99,19 @@ def test_a_batch_outgrows_its_lanes_and_its_slots_and_shrinks_once_long_idle(tin
 
 
 @torch.inference_mode()
+def test_a_cache_out_of_slots_doubles_them(tiny_llama):
+    """Rows that keep joining with long replies lay the cache out anew a few times, not
+    every few joins: each new layout (a GPU captures its graphs again) has twice the slots.
+    A server's backlog (`persona bench serve`'s mix) now takes 4 layouts instead of 5."""
+    batch = CheckedBatch(tiny_llama.model)
+    batch.start([prompt(1, 4)], room=300)
+    assert batch.decoder.valid.shape == (1, 320)
+    batch.step()
+    batch.join([prompt(2, 4)], room=320)  # needs 325 slots
+    assert batch.decoder.valid.shape == (2, 640) and batch.decoder.layouts == 2
+    batch.step(2)
+
+
 def test_slots_no_row_uses_any_more_are_dropped_in_place(tiny_llama):
     batch = CheckedBatch(tiny_llama.model)
     batch.start([prompt(i, 3) for i in range(5)], room=4)  # eight lanes, 64 slots
