@@ -22,7 +22,7 @@ import json
 import torch
 
 from persona.bench_engine import prompt_ids, sampling_for
-from persona.bench_serve import _serve, reply_lengths
+from persona.bench_serve import reply_lengths, serve_backlog
 from persona.engine import TransformersEngine, Work
 from persona.llama_decoder import JOIN_EVERY, LlamaDecoder
 from persona.models import LoadedModel, bundled_gguf_path
@@ -67,7 +67,7 @@ def main() -> None:
     lengths = reply_lengths(args.requests, args.longest)
     prompts = prompt_ids(loaded, args.requests, numbered=True)
     work = [Work(ids, sampling_for(tokens, sampled=False)) for ids, tokens in zip(prompts, lengths, strict=True)]
-    _serve(engine, work, args.concurrency, continuous=True)
+    serve_backlog(engine, work, args.concurrency, continuous=True)
     report = {"layouts": decoder.layouts, "reads": decoder.reads, "moves": decoder.moves, "shapes": decoder.shapes}
     print(json.dumps(report))
 

@@ -38,7 +38,7 @@ from persona.bench_engine import (
 from persona.engine import TransformersEngine, Work
 from persona.models import LoadedModel
 
-__all__ = ["ServeBenchResult", "Served", "reply_lengths", "run_serve_bench"]
+__all__ = ["ServeBenchResult", "Served", "reply_lengths", "run_serve_bench", "serve_backlog"]
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ class ServeBenchResult:
         }  # fmt: skip
 
 
-def _serve(engine: TransformersEngine, work: list[Work], concurrency: int, continuous: bool) -> Served:
+def serve_backlog(engine: TransformersEngine, work: list[Work], concurrency: int, continuous: bool) -> Served:
     """Run the backlog through the engine's step loop: new rows join whenever a row is
     free (``continuous``), or only once the batch is empty."""
     served = Served(answered_s=[0.0] * len(work), answered_step=[0] * len(work))
@@ -191,8 +191,8 @@ def run_serve_bench(
     )
     time_baseline(loaded, prompts[:1], 2)  # its first call's costs, off the clock
     for name, run in (
-        ("ours", lambda: _serve(engine, work, concurrency, continuous=True)),
-        ("ours_batches", lambda: _serve(engine, work, concurrency, continuous=False)),
+        ("ours", lambda: serve_backlog(engine, work, concurrency, continuous=True)),
+        ("ours_batches", lambda: serve_backlog(engine, work, concurrency, continuous=False)),
         ("baseline", lambda: _serve_baseline(loaded, prompts, lengths, concurrency)),
     ):
         if progress:

@@ -279,21 +279,23 @@ def _merge(
     tl.store(out_at + HALF, merged_hi.to(kind_out), mask=g_ok[:, None])
 
 
-def _tuned(kernel):
-    """On a GPU, the kernel with its tile picked per projection shape; interpreted, one tile."""
+def _tuned(kernel, tiles: list[dict], warps: list[int], key: list[str]):
+    """On a GPU, the kernel with its tile (``tiles[i]`` with ``warps[i]``) picked per value
+    of ``key``; interpreted, the kernel itself (its caller gives one tile)."""
     if INTERPRETED:
         return kernel
-    configs = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w) for n, k, w in _TILES]
+    configs = [triton.Config(tile, num_warps=w) for tile, w in zip(tiles, warps, strict=True)]
     # Tuning runs the kernel several times: the residual projections add into their
     # output, so it is put back after each run. Where this Triton can, the tile each
     # shape got is kept in Triton's cache (see kernel_cache), so a restart skips tuning.
     options = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
-    return triton.autotune(
-        configs, key=["N", "K", "NORM", "GATED", "RESIDUAL"], restore_value=["out_ptr"], **options
-    )(kernel)
+    return triton.autotune(configs, key=key, restore_value=["out_ptr"], **options)(kernel)
 
 
-_project_tuned = _tuned(_project)
+_FLAGS = ["NORM", "GATED", "RESIDUAL"]
+_project_tuned = _tuned(
+    _project, [{"BLOCK_N": n, "BLOCK_K": k} for n, k, _ in _TILES], [w for *_, w in _TILES], ["N", "K", *_FLAGS]
+)
 
 # (rows, outputs and weight columns per program, warps) for ``_project_rows``; the fastest
 # for each projection's shape and row count is picked the first time it runs. None of
@@ -315,18 +317,12 @@ def rows_class(rows: int) -> int:
     return min(ROWS_CLASSES[-1], triton.next_power_of_2(rows))
 
 
-def _tuned_rows(kernel):
-    """``_tuned`` for ``_project_rows``: tiles of rows too, tuned per class of row counts."""
-    if INTERPRETED:
-        return kernel
-    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w) for m, n, k, w in _ROW_TILES]
-    options = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
-    return triton.autotune(
-        configs, key=["ROWS_CLASS", "N", "K", "NORM", "GATED", "RESIDUAL"], restore_value=["out_ptr"], **options
-    )(kernel)
-
-
-_project_rows_tuned = _tuned_rows(_project_rows)
+_project_rows_tuned = _tuned(
+    _project_rows,
+    [{"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k} for m, n, k, _ in _ROW_TILES],
+    [w for *_, w in _ROW_TILES],
+    ["ROWS_CLASS", "N", "K", *_FLAGS],
+)
 
 
 def unsupported(decoder) -> str | None:

@@ -237,10 +237,11 @@ class LlamaDecoder:
         self._spans: dict[int, tuple[int, int]] = {}
         self._feed = (torch.empty(0), torch.empty(0))  # the step's inputs, one per lane
         self._captured: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        # GPU: prompt reads captured for this layout by shape (rows, width), all in one
-        # memory pool (each read's output is copied before the next); None: not capturing.
+        # GPU: prompt reads captured for this layout by shape (rows, width), all in the
+        # layout's memory pool (set by ``_allocate``; each read's output is copied before the
+        # next); None: not capturing.
         self._reads: dict | None = {} if self.graphs else None
-        self._read_pool = torch.cuda.graph_pool_handle() if self.graphs else None
+        self._read_pool = None
         self.layouts = 0  # how many times a static cache was allocated (each drops its graphs)
         self.reads = 0  # how many times prompts were read into lanes
         self.moves = 0  # how many times rows' slots moved within a layout (``_move``)
