@@ -72,6 +72,11 @@ class Message(BaseModel):
         return _without_controls(value)
 
 
+# A seed is any whole number a 64-bit generator takes; past that it is refused when the
+# request is made, not when its batch is being decoded.
+MAX_SEED = 2**63 - 1
+
+
 class SamplingOverrides(BaseModel):
     """Per-request changes to the persona's sampling defaults; unset means the default."""
 
@@ -83,7 +88,7 @@ class SamplingOverrides(BaseModel):
     max_new_tokens: int | None = Field(None, ge=1, le=4096)
     repetition_penalty: float | None = Field(None, ge=0.5, le=3.0)
     stop: list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
 
 
 class GenerationRequest(BaseModel):

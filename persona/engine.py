@@ -445,7 +445,13 @@ class _Rows:
         self.top_p = to_device(torch.tensor([s.top_p for s in settings]), device)
         self.top_k = to_device(torch.tensor([s.top_k for s in settings]), device)
         self.penalty = to_device(torch.tensor([s.repetition_penalty for s in settings]), device)
-        self.generators = [_generator(w.sampling.seed, device) for w in batch]
+        # Each row's uniform draws, one per token it samples (and one for a step taken past
+        # its length), drawn at admission on the host: a seeded row's from its own
+        # generator, so its reply depends on its seed alone, never on the rows beside it
+        # (and is the same on any device); the others' from torch's global generator.
+        # Sampling reads column ``position - start``: no launch per row, seeded or not.
+        self.uniforms = to_device(_uniforms([w.sampling for w in batch]), device)
+        self.start = self.position.clone()  # where its draws begin (the decoder owns the prompts)
         # Plain copies, so deciding how to sample needs no device sync.
         self.temperatures = [w.sampling.temperature for w in batch]
         self.top_ks = [w.sampling.top_k for w in batch]
@@ -459,9 +465,8 @@ class _Rows:
         """Keep these rows (by position; ``index``: the same on the rows' device)."""
         self.size = len(keep)
         self.index = [self.index[i] for i in keep]
-        for name in ("position", "seen", "temperature", "top_p", "top_k", "penalty"):
+        for name in ("position", "start", "uniforms", "seen", "temperature", "top_p", "top_k", "penalty"):
             setattr(self, name, getattr(self, name).index_select(0, index))
-        self.generators = [self.generators[i] for i in keep]
         self.temperatures = [self.temperatures[i] for i in keep]
         self.top_ks = [self.top_ks[i] for i in keep]
         self.penalties = [self.penalties[i] for i in keep]
@@ -475,12 +480,12 @@ class _Rows:
         self.started += other.started
         self.index += [offset + i for i in other.index]
         self.size += other.size
-        self.position = torch.cat([self.position, other.position])
         width = max(self.seen.shape[1], other.seen.shape[1])
         self.seen = torch.cat([_widened(self.seen, width), _widened(other.seen, width)])
-        for name in ("temperature", "top_p", "top_k", "penalty"):
+        draws = max(self.uniforms.shape[1], other.uniforms.shape[1])  # columns past a row's own are never read
+        self.uniforms = torch.cat([_padded(self.uniforms, draws), _padded(other.uniforms, draws)])
+        for name in ("position", "start", "temperature", "top_p", "top_k", "penalty"):
             setattr(self, name, torch.cat([getattr(self, name), getattr(other, name)]))
-        self.generators += other.generators
         self.temperatures += other.temperatures
         self.top_ks += other.top_ks
         self.penalties += other.penalties
@@ -512,12 +517,21 @@ def _widened(seen: torch.Tensor, width: int) -> torch.Tensor:
     return torch.cat([seen[:, :1].expand(-1, width - seen.shape[1]), seen], dim=1)
 
 
-def _generator(seed: int | None, device: torch.device) -> torch.Generator | None:
-    if seed is None:
-        return None
-    generator = torch.Generator(device=device)
-    generator.manual_seed(seed)
-    return generator
+def _padded(uniforms: torch.Tensor, draws: int) -> torch.Tensor:
+    """``uniforms`` with columns added up to ``draws`` (a row never reads past its own)."""
+    extra = draws - uniforms.shape[1]
+    return torch.cat([uniforms, uniforms.new_zeros((uniforms.shape[0], extra))], dim=1) if extra else uniforms
+
+
+def _uniforms(settings: list[Sampling]) -> torch.Tensor:
+    """One row of uniform draws in [0, 1) per row: ``max_new_tokens + 1`` of them (the
+    last for a step launched past the row's length, whose token is never used)."""
+    draws = torch.rand((len(settings), max(s.max_new_tokens for s in settings) + 1))
+    for i, sampling in enumerate(settings):
+        if sampling.seed is not None:
+            own = torch.Generator().manual_seed(sampling.seed)
+            draws[i, : sampling.max_new_tokens + 1] = torch.rand(sampling.max_new_tokens + 1, generator=own)
+    return draws
 
 
 class _EagerDecoder:
@@ -591,17 +605,15 @@ def _sample(logits: torch.Tensor, rows: _Rows) -> torch.Tensor:
     before = probs.cumsum(dim=-1) - probs
     drop |= before > rows.top_p[:, None]
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-    probs = sorted_logits.softmax(dim=-1)
-    choice = torch.empty(rows.size, dtype=torch.long, device=logits.device)
-    if all(g is None for g in rows.generators):
-        choice[:] = torch.multinomial(probs, 1).squeeze(1)
-    else:
-        for i, generator in enumerate(rows.generators):
-            # Only the row's own k candidates: a seeded row draws the same token whatever
-            # the widest top-k of the rows beside it (the rest have probability 0 anyway).
-            own = probs[i, : rows.top_ks[i]] if rows.top_ks[i] > 0 else probs[i]
-            choice[i] = torch.multinomial(own, 1, generator=generator)[0]
-    sampled = sorted_ids.gather(1, choice[:, None]).squeeze(1)
+    # Inverse CDF with each row's own uniform draw for this token (see ``_Rows.uniforms``):
+    # the first candidate whose cumulative probability passes it. Candidates past a row's
+    # own top-k add nothing, so a seeded row draws the same token whatever the widest
+    # top-k of the rows beside it.
+    cdf = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    drawn = (rows.position - rows.start).clamp(max=rows.uniforms.shape[1] - 1)
+    threshold = rows.uniforms.gather(1, drawn[:, None]) * cdf[:, -1:]
+    choice = (cdf < threshold).sum(dim=-1, keepdim=True).clamp(max=cdf.shape[-1] - 1)
+    sampled = sorted_ids.gather(1, choice).squeeze(1)
     return torch.where(greedy, logits.argmax(dim=-1), sampled)
 
 
