@@ -586,7 +586,6 @@ def _sample(logits: torch.Tensor, rows: _Rows) -> torch.Tensor:
         logits = logits.scatter(1, rows.seen, seen_scores)
     if all(t <= 0 for t in rows.temperatures):
         return logits.argmax(dim=-1)
-    greedy = rows.temperature <= 0
     logits = logits.float()
     scaled = logits / rows.temperature.clamp(min=1e-5)[:, None]
     vocab = scaled.shape[-1]
@@ -614,7 +613,9 @@ def _sample(logits: torch.Tensor, rows: _Rows) -> torch.Tensor:
     threshold = rows.uniforms.gather(1, drawn[:, None]) * cdf[:, -1:]
     choice = (cdf < threshold).sum(dim=-1, keepdim=True).clamp(max=cdf.shape[-1] - 1)
     sampled = sorted_ids.gather(1, choice).squeeze(1)
-    return torch.where(greedy, logits.argmax(dim=-1), sampled)
+    if all(t > 0 for t in rows.temperatures):
+        return sampled
+    return torch.where(rows.temperature <= 0, logits.argmax(dim=-1), sampled)
 
 
 def _hits_stop(tokenizer, generated: list[int], stop: list[str]) -> bool:
