@@ -354,7 +354,9 @@ class TransformersEngine:
                 count = 1
         if count == 0:
             return None
-        waiting, self._waiting = self._waiting[:count], self._waiting[count:]
+        # The rows leave the waiting list only once admitted: if reading their prompts
+        # fails, they are still there for ``abandon`` to hand back, to be answered.
+        waiting = self._waiting[:count]
         new = _Rows([w for w, _ in waiting], [t for _, t in waiting], self.device, self.pad_id)
         room = max(w.sampling.max_new_tokens for w, _ in waiting) + 1
         prompts, new.prompts = new.prompts, None  # the decoder's from here on
@@ -364,6 +366,7 @@ class TransformersEngine:
         else:
             logits = self.decoder.join(*prompts, room)
             self._rows.merge(new)
+        del self._waiting[:count]
         return logits
 
     def generate(self, batch: list[Work]) -> list[Completion]:

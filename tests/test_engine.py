@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import pytest
 
 from persona.engine import TransformersEngine, Work, pick_engine_mode
@@ -94,6 +93,28 @@ def test_generate_refuses_an_engine_that_is_serving_rows(tiny_llama):
     with pytest.raises(RuntimeError, match="idle engine"):
         engine.generate([Work([6], Sampling(temperature=0.0, max_new_tokens=1))])
     assert engine.abandon() == ["busy"] and engine.active == 0
+
+
+def test_rows_whose_prompts_cannot_be_read_are_handed_back_to_be_answered(tiny_llama):
+    """A prompt read that fails (here: longer than the model's positions) raises from the
+    step, and ``abandon`` still names every row the engine held, the ones being admitted
+    included, so the worker answers each with the error instead of leaving it unanswered."""
+    engine = TransformersEngine(tiny_llama, mode="fused")
+    too_long = Work([7] * 600, Sampling(temperature=0.0, max_new_tokens=2))  # the tiny model has 512 positions
+    fine = Work([5, 6], Sampling(temperature=0.0, max_new_tokens=4))
+    engine.add(too_long, "too long")
+    engine.add(fine, "beside it")
+    with pytest.raises(IndexError):
+        engine.step()
+    assert sorted(engine.abandon()) == ["beside it", "too long"]
+
+    engine.add(fine, "running")
+    engine.step()
+    engine.add(too_long, "joining")
+    with pytest.raises(IndexError):
+        engine.step()
+    assert sorted(engine.abandon()) == ["joining", "running"]
+    assert engine.generate([fine])[0].new_tokens == 4  # and the engine serves on
 
 
 def test_looking_ahead_changes_no_reply(tiny_llama):
