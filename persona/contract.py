@@ -72,8 +72,9 @@ class Message(BaseModel):
         return _without_controls(value)
 
 
-# A seed is any whole number a 64-bit generator takes; past that it is refused when the
-# request is made, not when its batch is being decoded.
+# Seeds run from 0 to the largest signed 64-bit integer (which any client's JSON and a
+# torch generator take); one outside is refused with the request, not when its batch
+# is being decoded.
 MAX_SEED = 2**63 - 1
 
 
