@@ -321,8 +321,9 @@ class TransformersEngine:
             return
         if len(keep) < self._rows.size:
             index = to_device(torch.tensor(keep), self.device)  # no wait for the step ahead
-            self._rows.select(keep, index)
+            # The decoder first: should it fail, every row is still here for ``abandon``.
             self.decoder.select(keep)
+            self._rows.select(keep, index)
             tokens = tokens.index_select(0, index) if tokens is not None else None
             if self._ahead is not None:
                 self._ahead = self._ahead.index_select(0, index)
