@@ -62,24 +62,32 @@ def pick_engine_mode(mode: str, loaded: LoadedModel) -> str:
     fusable = llama_decoder.supports(loaded.model) if loaded.weights_loaded else llama_decoder.supports_config(loaded.config)
     on_cpu = torch.device(loaded.device).type == "cpu"
     if mode == "auto":
-        if not fusable:
-            return "eager"
         if on_cpu and loaded.gguf_ready and llamacpp_available():
-            return "llamacpp"
-        # int8 kernels cost a fixed few microseconds per call; only on wide layers do the
-        # bytes they save pay for that (measured: slower than fused on a 32-wide model).
-        wide = getattr(loaded.config, "hidden_size", 0) >= INT8_MIN_HIDDEN
-        return "int8" if on_cpu and wide else "fused"
-    if mode in ("fused", "int8", "llamacpp") and not fusable:
+            return "llamacpp"  # Llama-family and GPT-2 models
+        return _torch_mode(loaded)
+    if mode in ("fused", "int8") and not fusable or mode == "llamacpp" and not (fusable or loaded.gguf_ready):
         log.warning("%s is not a Llama-family model; using the eager engine instead of %s", loaded.name, mode)
         return "eager"
     if mode in ("int8", "llamacpp") and not on_cpu:
-        log.warning("%s is a CPU path; using the fused engine on %s", mode, loaded.device)
-        return "fused"
+        log.warning("%s is a CPU path; using the %s engine on %s", mode, "fused" if fusable else "eager", loaded.device)
+        return "fused" if fusable else "eager"
     if mode == "llamacpp" and not llamacpp_available():
-        log.warning("llama-cpp-python is not installed (`pip install '.[fast]'`); using the int8 engine")
-        return "int8"
+        fallback = _torch_mode(loaded)
+        log.warning("llama-cpp-python is not installed (`pip install '.[fast]'`); using the %s engine", fallback)
+        return fallback
     return mode
+
+
+def _torch_mode(loaded: LoadedModel) -> str:
+    """The fastest torch path for this model: where llama.cpp is not installed, cannot
+    serve it, or could not write its GGUF."""
+    fusable = llama_decoder.supports(loaded.model) if loaded.weights_loaded else llama_decoder.supports_config(loaded.config)
+    if not fusable:
+        return "eager"
+    # int8 kernels cost a fixed few microseconds per call; only on wide layers do the
+    # bytes they save pay for that (measured: slower than fused on a 32-wide model).
+    wide = getattr(loaded.config, "hidden_size", 0) >= INT8_MIN_HIDDEN
+    return "int8" if torch.device(loaded.device).type == "cpu" and wide else "fused"
 
 
 @dataclass
@@ -185,8 +193,10 @@ class TransformersEngine:
             try:
                 path = gguf_for(self.loaded, cache_dir or Path(tempfile.gettempdir()), gguf_type)
             except ModelError as exc:
-                log.warning("%s; using the int8 engine", exc)
-                self.mode = "int8"
+                self.mode = _torch_mode(self.loaded)
+                log.warning("%s; using the %s engine", exc, self.mode)
+                if self.mode == "eager":
+                    return _EagerDecoder(self.loaded.model)
             else:
                 decoder = LlamaCppDecoder(path, threads=threads, context_tokens=kv_tokens or CONTEXT_TOKENS)
                 self.loaded.release_weights()  # llama.cpp holds its own copy

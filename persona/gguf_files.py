@@ -1,11 +1,15 @@
-"""Llama-family models as GGUF files, so llama.cpp can serve fine-tuned checkpoints too.
+"""Models as GGUF files, so llama.cpp can serve fine-tuned checkpoints and other bases too.
 
 The bundled base model already is a GGUF (Q4_1). A checkpoint made from it (a LoRA
 merged into the base, or full weights) is a Hugging Face model in memory; ``write_gguf``
-writes it with the bundled file's tokenizer (a checkpoint of the bundled base keeps its
-vocabulary) and the model's own shape, then has llama.cpp quantize it. Only what
-llama.cpp's ``llama`` architecture reads is written; Q and K are permuted back into
-the interleaved rotary layout GGUF uses (transformers un-permutes them on load).
+writes it with the model's own shape, then has llama.cpp quantize it. Two architectures
+are written: Llama-family models (what llama.cpp's ``llama`` graph reads; Q and K are
+permuted back into the interleaved rotary layout GGUF uses, since transformers
+un-permutes them on load) and GPT-2 (its ``gpt2`` graph). The vocabulary: a model with
+the bundled model's gets the bundled file's tokenizer fields (chat template and
+all); any other byte-level BPE vocabulary (GPT-2's, most Llama-3-style ones) is written
+from the model's own tokenizer. llama.cpp only ever gets token ids from us, but it
+needs a vocabulary of the model's size to load the file.
 """
 
 from __future__ import annotations
@@ -20,13 +24,14 @@ import numpy as np
 
 from persona.errors import ModelError
 
-__all__ = ["GGUF_TYPES", "cached_gguf_path", "requantize_gguf", "tokenizer_matches", "write_gguf"]
+__all__ = ["GGUF_TYPES", "cached_gguf_path", "requantize_gguf", "tokenizer_matches", "unwritable", "write_gguf"]
 
 
 # The types a written model may be quantized to, with llama.cpp's file-type numbers.
 # q8_0 keeps a fine-tune's small weight changes (a 4-bit step can round them away).
 GGUF_TYPES = {"f32": 0, "f16": 1, "q4_1": 3, "q8_0": 7}
 _COPIED_PREFIXES = ("tokenizer.",)
+ARCHITECTURES = ("llama", "gpt2")  # the model types written
 
 
 def _permute(weights: np.ndarray, heads: int) -> np.ndarray:
@@ -34,7 +39,71 @@ def _permute(weights: np.ndarray, heads: int) -> np.ndarray:
     return weights.reshape(heads, 2, weights.shape[0] // heads // 2, *weights.shape[1:]).swapaxes(1, 2).reshape(weights.shape)
 
 
+def unwritable(config: Any, tokenizer: Any) -> str | None:
+    """Why a model of this config and tokenizer cannot be written as GGUF here (None: it can)."""
+    kind = getattr(config, "model_type", None)
+    if kind not in ARCHITECTURES:
+        return f"llama.cpp serves Llama-family and GPT-2 models here, not {kind!r}"
+    if kind == "llama":
+        if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
+            return "llama.cpp's llama graph has no projection biases"
+        heads = config.num_attention_heads
+        rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+        if rope.get("rope_type", "default") != "default" or getattr(config, "hidden_act", "silu") != "silu":
+            return "only plain rotary embeddings and SiLU are written as GGUF here"
+        if (getattr(config, "head_dim", None) or config.hidden_size // heads) * heads != config.hidden_size:
+            return "its attention heads do not split its hidden size evenly"
+    elif getattr(config, "activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+        return "llama.cpp's gpt2 graph computes only the tanh GELU"
+    if _bpe_model(tokenizer) is None:
+        return "its tokenizer is not a byte-level BPE (only those are written as GGUF here)"
+    if len(tokenizer) > config.vocab_size:
+        return f"its tokenizer has {len(tokenizer)} tokens, more than the model's {config.vocab_size}"
+    return None
+
+
+def _bpe_model(tokenizer: Any) -> dict | None:
+    """The fast tokenizer's BPE model (vocabulary and merges), if it is a byte-level BPE."""
+    import json
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    spec = json.loads(backend.to_str())
+    model = spec.get("model") or {}
+    if model.get("type") != "BPE" or (spec.get("decoder") or {}).get("type") != "ByteLevel":
+        return None
+    return model
+
+
 def _tensors(model: Any) -> list[tuple[str, np.ndarray]]:
+    """(GGUF name, float32 array) for every weight llama.cpp's graph for this model reads."""
+    if model.config.model_type == "gpt2":
+        return _gpt2_tensors(model)
+    return _llama_tensors(model)
+
+
+def _gpt2_tensors(model: Any) -> list[tuple[str, np.ndarray]]:
+    """GPT-2's weights as llama.cpp's gpt2 graph reads them (its Conv1D weights are stored
+    input-major: transposed to the output-major layout of every other GGUF matrix)."""
+    state = {k: v.detach().float().cpu().numpy() for k, v in model.state_dict().items()}
+    out = [("token_embd.weight", state["transformer.wte.weight"]), ("position_embd.weight", state["transformer.wpe.weight"])]
+    names = {
+        "ln_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output",
+        "ln_2": "ffn_norm", "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down",
+    }
+    for i in range(model.config.n_layer):
+        for hf, gg in names.items():
+            weight = state[f"transformer.h.{i}.{hf}.weight"]
+            out.append((f"blk.{i}.{gg}.weight", weight if hf.startswith("ln_") else weight.T))
+            out.append((f"blk.{i}.{gg}.bias", state[f"transformer.h.{i}.{hf}.bias"]))
+    out += [("output_norm.weight", state["transformer.ln_f.weight"]), ("output_norm.bias", state["transformer.ln_f.bias"])]
+    if not getattr(model.config, "tie_word_embeddings", True):
+        out.append(("output.weight", state["lm_head.weight"]))
+    return out
+
+
+def _llama_tensors(model: Any) -> list[tuple[str, np.ndarray]]:
     """(GGUF name, float32 array) for every weight llama.cpp's llama graph reads."""
     config = model.config
     heads = config.num_attention_heads
@@ -88,37 +157,91 @@ def _copy_fields(writer: Any, reader: Any) -> None:
         writer.add_key_value(key, field.contents(), kind, sub_type=sub)
 
 
-def write_gguf(model: Any, tokenizer_from: Path, target: Path, kind: str = "q8_0") -> Path:
-    """Write a Llama-family ``model`` as a GGUF file of type ``kind`` at ``target``."""
+def _llama_header(writer: Any, config: Any) -> None:
+    heads = config.num_attention_heads
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(getattr(config, "num_key_value_heads", None) or heads)
+    writer.add_rope_dimension_count(getattr(config, "head_dim", None) or config.hidden_size // heads)
+    rope = getattr(config, "rope_parameters", None) or {}
+    writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+
+
+def _gpt2_header(writer: Any, config: Any) -> None:
+    writer.add_context_length(config.n_positions)
+    writer.add_embedding_length(config.n_embd)
+    writer.add_block_count(config.n_layer)
+    writer.add_feed_forward_length(config.n_inner or 4 * config.n_embd)
+    writer.add_head_count(config.n_head)
+    writer.add_layer_norm_eps(config.layer_norm_epsilon)
+
+
+def _write_vocabulary(writer: Any, tokenizer: Any, size: int, pre: str) -> None:
+    """The tokenizer's byte-level BPE as GGUF fields, padded to the model's ``size`` with
+    unused tokens (a model's embedding table is often rounded up past its vocabulary)."""
+    import gguf
+
+    bpe = _bpe_model(tokenizer)
+    tokens = [f"[PAD{i}]" for i in range(size)]
+    for token, i in tokenizer.get_vocab().items():
+        if i < size:
+            tokens[i] = token
+    special = {str(t) for t in tokenizer.all_special_tokens}
+    named = set(tokenizer.get_vocab())
+    types = [
+        gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL if t in named else gguf.TokenType.UNUSED
+        for t in tokens
+    ]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in bpe["merges"]])
+    for add, token_id in (
+        (writer.add_bos_token_id, tokenizer.bos_token_id),
+        (writer.add_eos_token_id, tokenizer.eos_token_id),
+        (writer.add_pad_token_id, tokenizer.pad_token_id),
+    ):
+        if token_id is not None:
+            add(token_id)
+
+
+def write_gguf(model: Any, tokenizer: Any, target: Path, kind: str = "q8_0") -> Path:
+    """Write ``model`` (Llama-family or GPT-2) and its vocabulary as a GGUF file of type
+    ``kind`` at ``target``."""
     import gguf
 
     from persona.llamacpp_decoder import route_llama_cpp_logs
+    from persona.models import bundled_gguf_path
 
     route_llama_cpp_logs()
     if kind not in GGUF_TYPES:
         raise ModelError(f"unknown GGUF type {kind!r}; choose one of {', '.join(GGUF_TYPES)}")
     config = model.config
-    if getattr(config, "model_type", None) != "llama":
-        raise ModelError(f"only Llama-family models can be written as GGUF here, not {config.model_type!r}")
-    heads = config.num_attention_heads
+    why = unwritable(config, tokenizer)
+    if why is not None:
+        raise ModelError(f"{why}; this model needs the torch engine")
+    architecture = config.model_type
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".gguf-", dir=target.parent) as tmp:
         plain = Path(tmp) / "f32.gguf"
-        writer = gguf.GGUFWriter(plain, "llama")
+        writer = gguf.GGUFWriter(plain, architecture)
         writer.add_name(getattr(config, "_name_or_path", "") or "persona")
-        writer.add_context_length(config.max_position_embeddings)
-        writer.add_embedding_length(config.hidden_size)
-        writer.add_block_count(config.num_hidden_layers)
-        writer.add_feed_forward_length(config.intermediate_size)
-        writer.add_head_count(heads)
-        writer.add_head_count_kv(getattr(config, "num_key_value_heads", None) or heads)
-        writer.add_rope_dimension_count(getattr(config, "head_dim", None) or config.hidden_size // heads)
-        rope = getattr(config, "rope_parameters", None) or {}
-        writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
-        writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+        (_gpt2_header if architecture == "gpt2" else _llama_header)(writer, config)
         writer.add_vocab_size(config.vocab_size)
         writer.add_file_type(GGUF_TYPES["f32"])
-        _copy_fields(writer, gguf.GGUFReader(tokenizer_from))
+        try:
+            reference = bundled_gguf_path()
+        except ModelError:  # not installed: every vocabulary is written from its tokenizer
+            reference = None
+        if architecture == "llama" and reference is not None and tokenizer_matches(tokenizer, reference):
+            _copy_fields(writer, gguf.GGUFReader(reference))
+        else:
+            _write_vocabulary(writer, tokenizer, config.vocab_size, "gpt-2" if architecture == "gpt2" else "default")
         for name, array in _tensors(model):
             writer.add_tensor(name, np.ascontiguousarray(array, dtype=np.float32))
         writer.write_header_to_file()

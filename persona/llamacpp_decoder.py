@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from persona.errors import ModelError
-from persona.models import LoadedModel, bundled_gguf_path
+from persona.models import LoadedModel
 
 __all__ = ["CONTEXT_TOKENS", "SHIPPED_GGUF_TYPE", "LlamaCppDecoder", "gguf_for", "route_llama_cpp_logs"]
 
@@ -49,7 +49,7 @@ def gguf_for(loaded: LoadedModel, cache_dir: Path, kind: str) -> Path:
     from persona.gguf_files import (
         cached_gguf_path,
         requantize_gguf,
-        tokenizer_matches,
+        unwritable,
         write_gguf,
     )
 
@@ -63,11 +63,11 @@ def gguf_for(loaded: LoadedModel, cache_dir: Path, kind: str) -> Path:
     if shipped is not None:  # the bundled weights: llama.cpp re-types its own file (seconds, no torch)
         log.info("writing the bundled model as a %s GGUF for llama.cpp (once)", kind)
         return requantize_gguf(shipped, target, kind)
-    reference = bundled_gguf_path()
-    if not tokenizer_matches(loaded.tokenizer, reference):
-        raise ModelError(f"{loaded.name} does not use the bundled model's vocabulary; llama.cpp cannot serve it here")
+    why = unwritable(loaded.config, loaded.tokenizer)
+    if why is not None:
+        raise ModelError(f"llama.cpp cannot serve {loaded.name}: {why}")
     log.info("writing %s as a %s GGUF for llama.cpp (once; about 10 s)", loaded.name, kind)
-    return write_gguf(loaded.model, reference, target, kind)
+    return write_gguf(loaded.model, loaded.tokenizer, target, kind)
 
 
 def route_llama_cpp_logs() -> None:

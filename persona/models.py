@@ -67,7 +67,6 @@ class LoadedModel:
         fine_tuned: bool = False,
         stop_token_ids: list[int] | None = None,
         gguf_file: Path | None = None,
-        from_bundled: bool = False,
         identity: str = "",
         config: Any = None,
         weights: Callable[[], Any] | None = None,
@@ -84,11 +83,9 @@ class LoadedModel:
         self.has_chat_template = has_chat_template
         self.fine_tuned = fine_tuned
         self.stop_token_ids = list(stop_token_ids or [])
-        # The bundled GGUF when these are its weights unchanged; ``from_bundled`` when they
-        # are the bundled base or a checkpoint of it (same vocabulary: llama.cpp can serve
-        # them once written as GGUF); ``identity`` names the weights for caches.
+        # The bundled GGUF when these are its weights unchanged; ``identity`` names the
+        # weights for caches (the GGUF written for llama.cpp among them).
         self.gguf_file = gguf_file
-        self.from_bundled = from_bundled
         self.identity = identity
 
     def __repr__(self) -> str:
@@ -117,12 +114,13 @@ class LoadedModel:
         if self._weights is not None:
             self._model = None
 
-    @property
+    @functools.cached_property
     def gguf_ready(self) -> bool:
-        """Whether llama.cpp can serve these weights (as a GGUF, written if need be)."""
-        return self.gguf_file is not None or (
-            self.from_bundled and getattr(self.config, "model_type", None) == "llama"
-        )
+        """Whether llama.cpp can serve these weights (as a GGUF, written if need be): the
+        bundled file, or a Llama-family or GPT-2 model with a byte-level BPE vocabulary."""
+        from persona.gguf_files import unwritable
+
+        return self.gguf_file is not None or unwritable(self.config, self.tokenizer) is None
 
     @functools.cached_property
     def context_tokens(self) -> int:
@@ -293,7 +291,6 @@ def load_model(
         fine_tuned=checkpoint is not None,
         stop_token_ids=_stop_token_ids(tokenizer, generation),
         gguf_file=gguf_file,
-        from_bundled=bundled,
         identity=_identity(base_dir, checkpoint),
     )
 

@@ -19,7 +19,7 @@ def tiny_llama(tiny_llama_dir, tmp_path_factory):
 
 def test_both_sides_are_measured_for_every_batch_size(tiny_llama):
     ticks = []
-    result = run_engine_bench(tiny_llama, [1, 3], new_tokens=4, mode="auto", repeats=1, progress=lambda: ticks.append(1))
+    result = run_engine_bench(tiny_llama, [1, 3], new_tokens=4, mode="fused", repeats=1, progress=lambda: ticks.append(1))
     assert result.mode == "fused" and result.device == "cpu"
     assert set(result.ours) == set(result.baseline) == {1, 3}
     assert all(v > 0 for v in [*result.ours.values(), *result.baseline.values()])
@@ -41,7 +41,7 @@ def test_sampled_runs_make_every_token_on_both_sides(tiny_llama):
 
 def test_eager_mode_runs_any_model(tiny_gpt2_dir, tmp_path):
     gpt2 = load_model(str(tiny_gpt2_dir), cache_dir=tmp_path)
-    result = run_engine_bench(gpt2, [2], new_tokens=3, mode="auto", repeats=1)
+    result = run_engine_bench(gpt2, [2], new_tokens=3, mode="eager", repeats=1)
     assert result.mode == "eager" and result.ours[2] > 0
 
 

@@ -12,7 +12,7 @@ def test_replies_are_mostly_short_with_a_few_long():
 
 
 def test_continuous_batching_answers_short_requests_while_a_long_one_decodes(tiny_llama):
-    result = run_serve_bench(tiny_llama, requests=4, concurrency=2, longest=8)
+    result = run_serve_bench(tiny_llama, requests=4, concurrency=2, longest=8, mode="fused")
     assert result.reply_tokens == [8, 1, 2, 4]
     # Two at a time. Continuous: request 1 ends at step 1, 2 joins and ends at step 3, 3
     # joins and ends at step 7, all while request 0 decodes to step 8.

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from persona.engine import TransformersEngine, Work, pick_engine_mode
+from persona.engine import (
+    TransformersEngine,
+    Work,
+    llamacpp_available,
+    pick_engine_mode,
+)
 from persona.models import LoadedModel, load_model
 from persona.personas import Sampling
 
@@ -33,17 +38,24 @@ def test_int8_engine_answers_every_row_within_its_budget(tiny_llama):
     assert all(1 <= c.new_tokens <= w.sampling.max_new_tokens for c, w in zip(completions, _batch()))
 
 
-def test_auto_picks_int8_for_wide_llamas_on_cpu_fused_for_narrow_eager_for_others(tiny_llama, tiny_gpt2_dir, tmp_path):
+def test_auto_picks_llamacpp_where_it_can_else_int8_for_wide_llamas_fused_for_narrow_eager_for_others(
+    tiny_llama, tiny_gpt2_dir, tmp_path
+):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    assert pick_engine_mode("auto", tiny_llama) == "fused"
-    wide = LlamaForCausalLM(
-        LlamaConfig(hidden_size=512, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, vocab_size=64)
-    )
-    wide_loaded = LoadedModel(wide, tokenizer=tiny_llama.tokenizer, device="cpu", name="wide", has_chat_template=False)
-    assert pick_engine_mode("auto", wide_loaded) == "int8"
+    assert pick_engine_mode("auto", tiny_llama) == ("llamacpp" if llamacpp_available() else "fused")
+
+    def llama(hidden: int) -> LoadedModel:
+        """A Llama whose 64-token vocabulary is smaller than its tokenizer's: no GGUF for it."""
+        config = LlamaConfig(hidden_size=hidden, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, vocab_size=64)
+        return LoadedModel(
+            LlamaForCausalLM(config), tokenizer=tiny_llama.tokenizer, device="cpu", name="odd", has_chat_template=False
+        )
+
+    assert pick_engine_mode("auto", llama(512)) == "int8"
+    assert pick_engine_mode("auto", llama(32)) == "fused"
     gpt2 = load_model(str(tiny_gpt2_dir), cache_dir=tmp_path)
-    assert pick_engine_mode("auto", gpt2) == "eager"
+    assert pick_engine_mode("auto", gpt2) == ("llamacpp" if llamacpp_available() else "eager")
     assert pick_engine_mode("fused", gpt2) == "eager"
     with pytest.raises(ValueError, match="unknown engine mode"):
         pick_engine_mode("turbo", gpt2)

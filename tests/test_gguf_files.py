@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from persona.engine import llamacpp_available
-from persona.models import bundled_gguf_path, load_model
+from persona.models import load_model
 
 pytestmark = pytest.mark.skipif(not llamacpp_available(), reason="llama-cpp-python (the `fast` extra) is not installed")
 
@@ -22,7 +22,7 @@ def test_a_checkpoint_written_as_gguf_gives_the_torch_models_logits(tiny_llama, 
     from persona.gguf_files import write_gguf
     from persona.llamacpp_decoder import LlamaCppDecoder
 
-    path = write_gguf(tiny_llama.model, bundled_gguf_path(), tmp_path / "tiny.gguf", "f32")
+    path = write_gguf(tiny_llama.model, tiny_llama.tokenizer, tmp_path / "tiny.gguf", "f32")
     decoder = LlamaCppDecoder(path, threads=1, context_tokens=1024)
     prompts = [[5, 17, 42, 99, 3, 8], [11, 12]]
     ids = torch.tensor([prompts[0], [0] * 4 + prompts[1]])
@@ -33,6 +33,40 @@ def test_a_checkpoint_written_as_gguf_gives_the_torch_models_logits(tiny_llama, 
     # One more token per row, at each row's own position.
     ours = decoder.step(torch.tensor([7, 9]), torch.tensor([6, 2]))
     assert torch.allclose(ours[1], _torch_logits(tiny_llama.model, prompts[1] + [9]), atol=1e-3)
+
+
+def test_a_gpt2_written_as_gguf_gives_the_torch_models_logits(tiny_gpt2_dir, tmp_path):
+    """GPT-2 has its own graph in llama.cpp (learned positions, LayerNorm with biases,
+    Conv1D weights stored transposed) and its own vocabulary, written from its tokenizer."""
+    from persona.gguf_files import write_gguf
+    from persona.llamacpp_decoder import LlamaCppDecoder
+
+    gpt2 = load_model(str(tiny_gpt2_dir), cache_dir=tmp_path)
+    assert gpt2.gguf_ready
+    path = write_gguf(gpt2.model, gpt2.tokenizer, tmp_path / "gpt2.gguf", "f32")
+    decoder = LlamaCppDecoder(path, threads=1, context_tokens=512)
+    assert decoder.vocab == gpt2.config.vocab_size
+    prompts = [gpt2.tokenizer.encode("the persona writes"), gpt2.tokenizer.encode("a")]
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    ours = decoder.start(ids, mask, None, 4)
+    for row, prompt in enumerate(prompts):
+        assert torch.allclose(ours[row], _torch_logits(gpt2.model, prompt), atol=1e-3)
+    ours = decoder.step(torch.tensor([7, 9]), torch.tensor([len(prompts[0]), len(prompts[1])]))
+    assert torch.allclose(ours[1], _torch_logits(gpt2.model, prompts[1] + [9]), atol=1e-3)
+
+
+def test_models_llama_cpp_cannot_run_are_named_with_the_reason(tiny_gpt2_dir, tmp_path):
+    from transformers import AutoTokenizer, GPT2Config
+
+    from persona.gguf_files import unwritable
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_gpt2_dir)
+    assert unwritable(GPT2Config(vocab_size=len(tokenizer)), tokenizer) is None
+    assert "not 'gpt_neox'" in unwritable(type("Config", (), {"model_type": "gpt_neox"})(), tokenizer)
+    assert "more than the model's" in unwritable(GPT2Config(vocab_size=10), tokenizer)
+    assert "tanh GELU" in unwritable(GPT2Config(vocab_size=len(tokenizer), activation_function="relu"), tokenizer)
 
 
 def test_export_writes_a_gguf_that_llama_cpp_serves(tiny_llama_dir, write_persona, settings, tmp_path):

@@ -2,8 +2,9 @@
 
 A LoRA adapter is merged into its base, so the folder loads with plain
 ``AutoModelForCausalLM.from_pretrained(folder)``: no peft, no persona. Full-weight
-checkpoints are written the same way. With ``gguf``, a Llama-family checkpoint of the
-bundled base is also written as one GGUF file (for llama.cpp, Ollama, LM Studio...).
+checkpoints are written the same way. With ``gguf``, a Llama-family or GPT-2
+checkpoint with a byte-level BPE vocabulary (the bundled base's, GPT-2's) is also
+written as one GGUF file (for llama.cpp, Ollama, LM Studio...).
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ from pathlib import Path
 
 from persona.engine import llamacpp_available
 from persona.errors import ConfigError, ModelError
-from persona.gguf_files import GGUF_TYPES, tokenizer_matches, write_gguf
-from persona.models import bundled_gguf_path, load_model
+from persona.gguf_files import GGUF_TYPES, unwritable, write_gguf
+from persona.models import load_model
 from persona.personas import Persona
 from persona.pool import resolve_checkpoint
 from persona.settings import Settings
@@ -41,11 +42,12 @@ def export_persona(
     if gguf and gguf not in GGUF_TYPES:
         raise ConfigError(f"unknown GGUF type {gguf!r}; choose one of {', '.join(GGUF_TYPES)}")
     loaded = load_model(persona.model.base, checkpoint, cache_dir=settings.model_cache_dir, device="cpu", dtype="float32")
-    llama = getattr(loaded.model.config, "model_type", None) == "llama"
-    if gguf and not (llama and llamacpp_available() and tokenizer_matches(loaded.tokenizer, bundled_gguf_path())):
+    why = unwritable(loaded.config, loaded.tokenizer)
+    if gguf and (why is not None or not llamacpp_available()):
         raise ModelError(
-            "a GGUF can be written only for a Llama-family checkpoint with the bundled model's vocabulary, "
-            "with llama-cpp-python installed (`pip install '.[fast]'`); export without --gguf"
+            f"no GGUF can be written for this checkpoint: {why or 'llama-cpp-python is not installed'} "
+            "(a Llama-family or GPT-2 model with a byte-level BPE vocabulary, and `pip install '.[fast]'`); "
+            "export without --gguf"
         )
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
@@ -53,7 +55,7 @@ def export_persona(
         loaded.model.save_pretrained(staging)
         loaded.tokenizer.save_pretrained(staging)
         if gguf:
-            write_gguf(loaded.model, bundled_gguf_path(), staging / f"{persona.name}-{version_name}.{gguf}.gguf", gguf)
+            write_gguf(loaded.model, loaded.tokenizer, staging / f"{persona.name}-{version_name}.{gguf}.gguf", gguf)
         (staging / "README.md").write_text(
             f"# {persona.speaker} ({persona.name} {version_name})\n\n"
             f"Exported by `persona export` from `{checkpoint}` on base `{persona.model.base}`; "
