@@ -253,7 +253,16 @@ class TransformersEngine:
         return len(self._waiting) + (self._rows.size if self._rows is not None else 0)
 
     def add(self, work: Work, tag: object) -> None:
-        """Queue one row; it joins the batch at the next step. ``tag`` comes back with it."""
+        """Queue one row; it joins the batch at the next step. ``tag`` comes back with it.
+
+        A row never runs past the model's positions: its reply ends there ("length").
+        Past them GPT-2's learned position table has no row (transformers raises;
+        llama.cpp aborts the whole process) and rotary models leave what they learned.
+        """
+        room = self.loaded.context_tokens - len(work.token_ids)
+        if work.sampling.max_new_tokens > room:
+            capped = work.sampling.model_copy(update={"max_new_tokens": max(1, room)})
+            work = Work(work.token_ids, capped, work.stop)
         self._waiting.append((work, tag))
 
     @torch.inference_mode()

@@ -129,6 +129,21 @@ def test_rows_whose_prompts_cannot_be_read_are_handed_back_to_be_answered(tiny_l
     assert engine.generate([fine])[0].new_tokens == 4  # and the engine serves on
 
 
+@pytest.mark.parametrize("mode", ["eager", "llamacpp"])
+def test_a_reply_ends_at_the_models_last_position(tiny_gpt2_dir, tmp_path, mode):
+    """Asked for more tokens than the model has positions left (the tiny GPT-2 has 256), a
+    row stops at the last one with finish reason "length". Before, transformers raised
+    and llama.cpp aborted the whole worker process."""
+    if mode == "llamacpp" and not llamacpp_available():
+        pytest.skip("llama-cpp-python is not installed")
+    gpt2 = load_model(str(tiny_gpt2_dir), cache_dir=tmp_path)
+    engine = TransformersEngine(gpt2, mode=mode, cache_dir=tmp_path)
+    assert engine.mode == mode
+    engine.stop_ids = set()  # run to the length, whatever it writes
+    [reply] = engine.generate([Work([5, 6, 7], Sampling(temperature=0.0, max_new_tokens=400))])
+    assert (reply.new_tokens, reply.finish_reason) == (gpt2.context_tokens - 3, "length")
+
+
 def test_looking_ahead_changes_no_reply(tiny_llama):
     """Launching each next step before reading this one's tokens (what a GPU engine does)
     gives every row the reply it gets step by step, rows ending early on a stop token and
