@@ -74,3 +74,20 @@ def test_bench_engine_refuses_an_unknown_gpu_step_choice(tmp_path):
     attention = bench_engine_cli(tmp_path, "--attention", "flash")
     assert attention.returncode == 2
     assert "--attention must be one of auto, torch, triton" in attention.stderr
+
+
+def test_bench_engine_measures_a_model_of_the_users_choosing(tmp_path, tiny_gpt2_dir):
+    """--model benches any base: here a GPT-2 folder, which llama.cpp serves where installed."""
+    import json
+
+    from persona.engine import llamacpp_available
+
+    result = bench_engine_cli(
+        tmp_path, "--model", str(tiny_gpt2_dir), "--batch", "1", "--tokens", "3", "--repeats", "1", "--json"
+    )
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["mode"] == ("llamacpp" if llamacpp_available() else "eager")
+    assert data["ours"]["1"] > 0 and data["baseline"]["1"] > 0
+    missing = bench_engine_cli(tmp_path, "--model", str(tmp_path / "nowhere"))
+    assert missing.returncode == 1 and "nowhere" in missing.stderr

@@ -82,14 +82,18 @@ def _bench_setup(device: str, json_output: bool):
     return settings, pick_device(device)
 
 
-def _bench_model(settings, device: str, threads: int, tokenizer: Path | None):
-    """The bundled model (on a GPU: a random one of its shape), torch's threads set first."""
+def _bench_model(settings, device: str, threads: int, tokenizer: Path | None, model: str = ""):
+    """The bundled model (on a GPU: a random one of its shape) or ``model``, torch's threads
+    set first."""
     import torch
 
     from persona.bench_engine import load_bench_model
+    from persona.models import load_model
 
     if threads or settings.worker.threads:
         torch.set_num_threads(threads or settings.worker.threads)
+    if model:
+        return load_model(model, cache_dir=settings.model_cache_dir, device=device)
     return load_bench_model(device, settings.model_cache_dir, tokenizer)
 
 
@@ -122,6 +126,9 @@ def engine(
         None, exists=True, file_okay=False,
         help="GPU: a saved tokenizer folder for the random-weight model, where the bundled GGUF is not installed",
     ),
+    model: str = typer.Option(
+        "", help="a base model to bench instead: 'smollm2' or a local Hugging Face model folder (GPT-2 too)",
+    ),
     sample: bool = typer.Option(
         False, "--sample", help="both sides sample as a persona does (temperature 0.8, top-p 0.95, top-k 50, "
         "repetition penalty 1.1) instead of greedy",
@@ -143,7 +150,7 @@ def engine(
         def advance() -> None:
             progress.update(task, advance=1, description="benchmarking...")
 
-        loaded = _bench_model(settings, device, threads, tokenizer)
+        loaded = _bench_model(settings, device, threads, tokenizer, model)
         result = run_engine_bench(
             loaded, sizes, new_tokens=tokens, mode=chosen_mode, repeats=repeats, progress=advance,
             cache_dir=settings.model_cache_dir, gguf_type=_gguf_type(gguf or settings.worker.gguf_type),
