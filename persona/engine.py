@@ -59,7 +59,7 @@ def pick_engine_mode(mode: str, loaded: LoadedModel) -> str:
     """The decode path a model gets: ``mode`` made concrete for this model and device."""
     if mode not in ENGINE_MODES:
         raise ValueError(f"unknown engine mode {mode!r}; choose one of {', '.join(ENGINE_MODES)}")
-    fusable = llama_decoder.supports(loaded.model) if loaded.weights_loaded else llama_decoder.supports_config(loaded.config)
+    fusable = _fusable(loaded)
     on_cpu = torch.device(loaded.device).type == "cpu"
     if mode == "auto":
         if on_cpu and loaded.gguf_ready and llamacpp_available():
@@ -69,8 +69,9 @@ def pick_engine_mode(mode: str, loaded: LoadedModel) -> str:
         log.warning("%s is not a Llama-family model; using the eager engine instead of %s", loaded.name, mode)
         return "eager"
     if mode in ("int8", "llamacpp") and not on_cpu:
-        log.warning("%s is a CPU path; using the %s engine on %s", mode, "fused" if fusable else "eager", loaded.device)
-        return "fused" if fusable else "eager"
+        fallback = _torch_mode(loaded)  # fused, or eager for a model it cannot fuse
+        log.warning("%s is a CPU path; using the %s engine on %s", mode, fallback, loaded.device)
+        return fallback
     if mode == "llamacpp" and not llamacpp_available():
         fallback = _torch_mode(loaded)
         log.warning("llama-cpp-python is not installed (`pip install '.[fast]'`); using the %s engine", fallback)
@@ -78,11 +79,17 @@ def pick_engine_mode(mode: str, loaded: LoadedModel) -> str:
     return mode
 
 
+def _fusable(loaded: LoadedModel) -> bool:
+    """Whether our Llama decoder runs this model (judged from its config until loaded)."""
+    if loaded.weights_loaded:
+        return llama_decoder.supports(loaded.model)
+    return llama_decoder.supports_config(loaded.config)
+
+
 def _torch_mode(loaded: LoadedModel) -> str:
     """The fastest torch path for this model: where llama.cpp is not installed, cannot
     serve it, or could not write its GGUF."""
-    fusable = llama_decoder.supports(loaded.model) if loaded.weights_loaded else llama_decoder.supports_config(loaded.config)
-    if not fusable:
+    if not _fusable(loaded):
         return "eager"
     # int8 kernels cost a fixed few microseconds per call; only on wide layers do the
     # bytes they save pay for that (measured: slower than fused on a 32-wide model).

@@ -55,25 +55,29 @@ def unwritable(config: Any, tokenizer: Any) -> str | None:
             return "its attention heads do not split its hidden size evenly"
     elif getattr(config, "activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
         return "llama.cpp's gpt2 graph computes only the tanh GELU"
-    if _bpe_model(tokenizer) is None:
+    if not _byte_level_bpe(tokenizer):
         return "its tokenizer is not a byte-level BPE (only those are written as GGUF here)"
     if len(tokenizer) > config.vocab_size:
         return f"its tokenizer has {len(tokenizer)} tokens, more than the model's {config.vocab_size}"
     return None
 
 
-def _bpe_model(tokenizer: Any) -> dict | None:
-    """The fast tokenizer's BPE model (vocabulary and merges), if it is a byte-level BPE."""
-    import json
+def _byte_level_bpe(tokenizer: Any) -> bool:
+    """Whether ``tokenizer`` is a fast tokenizer with a byte-level BPE model."""
+    from tokenizers import decoders, models
 
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        return None
-    spec = json.loads(backend.to_str())
-    model = spec.get("model") or {}
-    if model.get("type") != "BPE" or (spec.get("decoder") or {}).get("type") != "ByteLevel":
-        return None
-    return model
+    return (
+        backend is not None and isinstance(backend.model, models.BPE) and isinstance(backend.decoder, decoders.ByteLevel)
+    )
+
+
+def _merges(tokenizer: Any) -> list[str]:
+    """The BPE's merges as GGUF writes them ("a b"), read from the tokenizer's JSON."""
+    import json
+
+    merges = json.loads(tokenizer.backend_tokenizer.to_str())["model"]["merges"]
+    return [m if isinstance(m, str) else " ".join(m) for m in merges]
 
 
 def _tensors(model: Any) -> list[tuple[str, np.ndarray]]:
@@ -185,7 +189,6 @@ def _write_vocabulary(writer: Any, tokenizer: Any, size: int, pre: str) -> None:
     unused tokens (a model's embedding table is often rounded up past its vocabulary)."""
     import gguf
 
-    bpe = _bpe_model(tokenizer)
     tokens = [f"[PAD{i}]" for i in range(size)]
     for token, i in tokenizer.get_vocab().items():
         if i < size:
@@ -200,7 +203,7 @@ def _write_vocabulary(writer: Any, tokenizer: Any, size: int, pre: str) -> None:
     writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
-    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in bpe["merges"]])
+    writer.add_token_merges(_merges(tokenizer))
     for add, token_id in (
         (writer.add_bos_token_id, tokenizer.bos_token_id),
         (writer.add_eos_token_id, tokenizer.eos_token_id),

@@ -42,13 +42,16 @@ def export_persona(
     if gguf and gguf not in GGUF_TYPES:
         raise ConfigError(f"unknown GGUF type {gguf!r}; choose one of {', '.join(GGUF_TYPES)}")
     loaded = load_model(persona.model.base, checkpoint, cache_dir=settings.model_cache_dir, device="cpu", dtype="float32")
-    why = unwritable(loaded.config, loaded.tokenizer)
-    if gguf and (why is not None or not llamacpp_available()):
-        raise ModelError(
-            f"no GGUF can be written for this checkpoint: {why or 'llama-cpp-python is not installed'} "
-            "(a Llama-family or GPT-2 model with a byte-level BPE vocabulary, and `pip install '.[fast]'`); "
-            "export without --gguf"
-        )
+    if gguf:
+        why = unwritable(loaded.config, loaded.tokenizer)
+        if why is None and not llamacpp_available():
+            why = "llama-cpp-python is not installed"
+        if why is not None:
+            raise ModelError(
+                f"no GGUF can be written for this checkpoint: {why} "
+                "(a Llama-family or GPT-2 model with a byte-level BPE vocabulary, and `pip install '.[fast]'`); "
+                "export without --gguf"
+            )
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
     try:
