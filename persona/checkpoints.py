@@ -15,11 +15,15 @@ import re
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, Field
 
 from persona.errors import ModelError
+
+if TYPE_CHECKING:
+    from persona.personas import Persona
+    from persona.settings import Settings
 
 __all__ = [
     "BASE_VERSION",
@@ -30,6 +34,7 @@ __all__ = [
     "read_checkpoint",
     "register_checkpoint",
     "remove_checkpoint",
+    "resolve_checkpoint",
 ]
 
 # The version name of a persona served by its base model alone.
@@ -119,3 +124,22 @@ def register_checkpoint(
 def remove_checkpoint(checkpoints_root: Path, persona: str, version: str) -> None:
     """Delete one version's folder."""
     shutil.rmtree(checkpoint_dir(checkpoints_root, persona) / version)
+
+
+def resolve_checkpoint(persona: Persona, settings: Settings, version: str | None = None) -> tuple[str, Path | None]:
+    """(version, checkpoint folder) for a persona; version None means its file's choice."""
+    chosen = version if version is not None else persona.model.checkpoint
+    if not chosen or chosen == BASE_VERSION:
+        return BASE_VERSION, None
+    as_path = Path(chosen).expanduser()
+    if as_path.is_absolute() or as_path.exists():
+        if not as_path.is_dir():
+            raise ModelError(f"persona {persona.name!r}: checkpoint folder {as_path} does not exist")
+        return as_path.name, as_path
+    folder = settings.checkpoints_dir / persona.name / chosen
+    if not folder.is_dir():
+        raise ModelError(
+            f"persona {persona.name!r}: no checkpoint version {chosen!r} in {folder.parent}; "
+            f"see `persona checkpoints {persona.name}`"
+        )
+    return chosen, folder

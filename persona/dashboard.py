@@ -32,13 +32,12 @@ from prometheus_client.core import (
     Metric,
 )
 
-from persona.checkpoints import list_checkpoints
+from persona.checkpoints import BASE_VERSION, list_checkpoints
 from persona.dashboard_page import PAGE_HTML
 from persona.dead_letters import list_dead, retry_all, retry_dead
 from persona.errors import ConfigError
 from persona.monitoring import QueueStats, collect_stats
 from persona.personas import PersonaRegistry
-from persona.pool import BASE_VERSION
 from persona.settings import Settings
 from persona.telemetry import read_histogram
 

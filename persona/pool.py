@@ -14,16 +14,15 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
-from persona.checkpoints import BASE_VERSION
+from persona.checkpoints import BASE_VERSION, resolve_checkpoint
 from persona.engine import Generator, TransformersEngine
 from persona.errors import ModelError
 from persona.models import LOADING, LoadedModel, load_model
 from persona.personas import Persona
 from persona.settings import Settings
 
-__all__ = ["BASE_VERSION", "ModelPool", "Served", "resolve_checkpoint"]
+__all__ = ["ModelPool", "Served"]
 
 log = logging.getLogger(__name__)
 
@@ -36,25 +35,6 @@ class Served:
     version: str
     loaded: LoadedModel
     engine: Generator
-
-
-def resolve_checkpoint(persona: Persona, settings: Settings, version: str | None = None) -> tuple[str, Path | None]:
-    """(version, checkpoint folder) for a persona; version None means its file's choice."""
-    chosen = version if version is not None else persona.model.checkpoint
-    if not chosen or chosen == BASE_VERSION:
-        return BASE_VERSION, None
-    as_path = Path(chosen).expanduser()
-    if as_path.is_absolute() or as_path.exists():
-        if not as_path.is_dir():
-            raise ModelError(f"persona {persona.name!r}: checkpoint folder {as_path} does not exist")
-        return as_path.name, as_path
-    folder = settings.checkpoints_dir / persona.name / chosen
-    if not folder.is_dir():
-        raise ModelError(
-            f"persona {persona.name!r}: no checkpoint version {chosen!r} in {folder.parent}; "
-            f"see `persona checkpoints {persona.name}`"
-        )
-    return chosen, folder
 
 
 EngineFactory = Callable[[LoadedModel], Generator]

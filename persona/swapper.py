@@ -18,10 +18,11 @@ import redis
 from persona import constants as keys
 from persona import swap
 from persona.checkpoint_checks import loaded_problem, static_problem
+from persona.checkpoints import resolve_checkpoint
 from persona.errors import PersonaError, SwapRefused
 from persona.heartbeat import WorkerInfo
 from persona.personas import Persona, PersonaRegistry
-from persona.pool import ModelPool, resolve_checkpoint
+from persona.pool import ModelPool
 
 __all__ = ["Swapper", "load_and_check"]
 

@@ -84,3 +84,12 @@ def test_wrong_redis_password_is_named_without_showing_it(env, redis_url):
     result = persona("queue", "stats", env=env)
     assert result.returncode == 1
     assert "refused the password" in result.stderr and "not-the-password" not in result.stderr
+
+
+def test_the_command_line_starts_without_the_model_stack(env):
+    """`persona ask`, `chat`, `queue` and `--help` are clients: they must not pay the
+    seconds torch and transformers take to import (they did, through one stray import)."""
+    probe = "import sys, persona.cli; print(sorted(m for m in ('torch', 'transformers', 'llama_cpp') if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

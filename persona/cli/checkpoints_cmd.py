@@ -13,13 +13,12 @@ from rich.table import Table
 
 from persona import swap as swaps
 from persona.checkpoint_checks import static_problem
-from persona.checkpoints import list_checkpoints
+from persona.checkpoints import BASE_VERSION, list_checkpoints, resolve_checkpoint
 from persona.cli.common import console, friendly_errors, get_settings
 from persona.connection import connect
 from persona.errors import ModelError, SwapRefused
 from persona.heartbeat import live_workers
 from persona.personas import Persona, PersonaRegistry
-from persona.pool import BASE_VERSION, resolve_checkpoint
 from persona.settings import Settings
 from persona.swap import current_version
 
