@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 import uuid
 from enum import StrEnum
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -76,6 +76,9 @@ class Message(BaseModel):
 # torch generator take); one outside is refused with the request, not when its batch
 # is being decoded.
 MAX_SEED = 2**63 - 1
+# A stop string ends the reply where it appears (and is cut off); empty would end every
+# reply at its first token.
+StopString = Annotated[str, Field(min_length=1, max_length=200)]
 
 
 class SamplingOverrides(BaseModel):
@@ -88,7 +91,7 @@ class SamplingOverrides(BaseModel):
     top_k: int | None = Field(None, ge=0)
     max_new_tokens: int | None = Field(None, ge=1, le=4096)
     repetition_penalty: float | None = Field(None, ge=0.5, le=3.0)
-    stop: list[str] | None = None
+    stop: list[StopString] | None = Field(None, max_length=16)
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
 
 

@@ -10,6 +10,7 @@ holds short ones hostage. Sampling is ours on every path; decoders only give log
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import inspect
 import logging
@@ -412,6 +413,11 @@ class TransformersEngine:
             raise
         return [r for r in results if r is not None]
 
+    @functools.cached_property
+    def _pieces(self) -> list[str]:
+        """Each token's text alone, for the stop-string check (made on first use)."""
+        return _token_pieces(self.tokenizer)
+
     def _settle(self, rows: _Rows, tokens: list[int]) -> dict[int, Completion]:
         """Give each row its token; return the rows (by position) that are now done."""
         finished: dict[int, Completion] = {}
@@ -425,7 +431,7 @@ class TransformersEngine:
                 reason = "stop"
             else:
                 generated.append(token)
-                if work.stop and _hits_stop(self.tokenizer, generated, work.stop):
+                if work.stop and _may_complete(self._pieces, token, work.stop) and _hits_stop(self.tokenizer, generated, work.stop):
                     reason = "stop"
                 elif len(generated) >= work.sampling.max_new_tokens:
                     reason = "length"
@@ -646,6 +652,34 @@ def _sample(logits: torch.Tensor, rows: _Rows) -> torch.Tensor:
     if all(t > 0 for t in rows.temperatures):
         return sampled
     return torch.where(rows.temperature <= 0, logits.argmax(dim=-1), sampled)
+
+
+def _token_pieces(tokenizer) -> list[str]:
+    """Each token's text decoded on its own (the Rust tokenizer: 30 ms for 49,152 tokens)."""
+    ids = [[i] for i in range(len(tokenizer))]
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        return backend.decode_batch(ids, skip_special_tokens=True)
+    return tokenizer.batch_decode(ids, skip_special_tokens=True)
+
+
+def _may_complete(pieces: list[str], token: int, stop: list[str]) -> bool:
+    """Whether ``token`` may complete one of the ``stop`` strings, so the reply's tail is
+    worth decoding (about 8 us a row a step: 1 ms a step at 128 rows, as long as a GPU's
+    whole decode step).
+
+    A stop string the tail did not hold a token ago ends in this token's text, and that
+    text decoded alone holds its last character too, unless the token is part of a UTF-8
+    character (alone it reads as U+FFFD) or the character is a space (decoders add and
+    drop spaces between tokens). Those are always checked. (Special tokens are skipped
+    when decoding: they complete nothing.)
+    """
+    if token >= len(pieces):
+        return True
+    piece = pieces[token]
+    if "\ufffd" in piece:
+        return True
+    return any(not s or s[-1] in piece or s[-1].isspace() for s in stop)
 
 
 def _hits_stop(tokenizer, generated: list[int], stop: list[str]) -> bool:

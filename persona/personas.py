@@ -18,7 +18,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from persona.contract import MAX_SEED, SamplingOverrides
+from persona.contract import MAX_SEED, SamplingOverrides, StopString
 from persona.errors import ConfigError, UnknownPersona
 from persona.settings import Settings
 
@@ -82,7 +82,7 @@ class Sampling(_Strict):
     top_k: int = Field(50, ge=0)
     max_new_tokens: int = Field(96, ge=1, le=4096)
     repetition_penalty: float = Field(1.1, ge=0.5, le=3.0)
-    stop: list[str] = Field(default_factory=list)
+    stop: list[StopString] = Field(default_factory=list, max_length=16)
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
 
     def merged(self, overrides: SamplingOverrides) -> Sampling:
