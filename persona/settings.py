@@ -212,5 +212,5 @@ class Settings(BaseSettings):
 
     @property
     def model_cache_dir(self) -> Path:
-        """Models converted once (the GGUF, dequantised) so later loads are fast."""
+        """Models converted once (the bundled GGUF as a Hugging Face folder, GGUFs for llama.cpp) so later loads are fast."""
         return self.data_dir / "model-cache"

@@ -63,3 +63,24 @@ def test_plain_gpt2_folder_loads_without_a_chat_template(tiny_gpt2_dir, tmp_path
     assert not loaded.has_chat_template
     assert loaded.tokenizer.pad_token_id is not None
     assert loaded.stop_token_ids == [loaded.tokenizer.eos_token_id]
+
+
+def test_the_bundled_model_is_converted_for_torch_only_once_torch_needs_it(tmp_path):
+    """A worker serving it on llama.cpp needs its config and tokenizer (about 9 s to
+    convert from the GGUF), not its dequantised weights (15 s more, 538 MB on disk): a
+    newcomer's first start waited for both."""
+    from persona.models import BUNDLED_CACHE_NAME
+
+    loaded = load_model("smollm2", cache_dir=tmp_path)
+    folder = tmp_path / BUNDLED_CACHE_NAME
+    light = {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"}
+    assert {p.name for p in folder.iterdir()} == light
+    assert not loaded.weights_loaded and loaded.has_chat_template
+    config = (folder / "config.json").read_text()
+    assert json.loads(config)["architectures"] == ["LlamaForCausalLM"]
+
+    model = loaded.model  # torch asks: the weights are written now, beside the rest
+    assert {p.name for p in folder.iterdir()} == light | {"model.safetensors"}
+    assert (folder / "config.json").read_text() == config
+    assert model.config.vocab_size == loaded.config.vocab_size == 49152
+    assert resolve_base("smollm2", tmp_path) == folder  # complete: nothing converted again

@@ -65,16 +65,12 @@ def corpus_build(
 
 
 def _tokenizer(base: str):
-    """The base model's tokenizer; the bundled one straight from its GGUF if not yet converted."""
+    """The base model's tokenizer (the bundled model's weights are not converted for it)."""
     from transformers import AutoTokenizer
 
-    from persona.models import BUNDLED_ALIASES, BUNDLED_CACHE_NAME, bundled_gguf_path, resolve_base
+    from persona.models import resolve_base
 
-    cache = get_settings().model_cache_dir
-    if base in BUNDLED_ALIASES and not (cache / BUNDLED_CACHE_NAME / "config.json").is_file():
-        gguf = bundled_gguf_path()
-        return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    return AutoTokenizer.from_pretrained(resolve_base(base, cache))
+    return AutoTokenizer.from_pretrained(resolve_base(base, get_settings().model_cache_dir, weights=False))
 
 
 def _size_line(train: list[str], validation: list[str], base: str | None) -> str:
