@@ -29,6 +29,7 @@ from persona.contract import ErrorKind, GenerationReply, GenerationRequest, Prio
 from persona.errors import QueueBusy, QueueError, ReplyTimeout
 from persona.queue_scripts import (
     DELIVER_SCRIPT,
+    KEEP_SCRIPT,
     RECORD_SCRIPT,
     REQUEUE_SCRIPT,
     SUBMIT_SCRIPT,
@@ -311,6 +312,7 @@ class WorkQueue:
         self.settings = settings
         self._deliver = client.register_script(DELIVER_SCRIPT)
         self._requeue = client.register_script(REQUEUE_SCRIPT)
+        self._keep_fresh = client.register_script(KEEP_SCRIPT)
         self._record = client.register_script(RECORD_SCRIPT)
         self.active_versions: dict[str, str] = {}
         self._drained = False  # whether the last claim left the streams empty
@@ -398,7 +400,7 @@ class WorkQueue:
             got, epoch, active = self._exchange(
                 calls, now=len(calls), meanwhile=meanwhile if waits_first else None
             )[len(ahead):]
-            entries = _stream_entries(got)
+            entries = self._within(_stream_entries(got), count)
         epoch = epoch or b"0"
         self.active_versions = _pairs(active) if isinstance(active, list) else _texts(active)
         jobs = []
@@ -409,6 +411,19 @@ class WorkQueue:
                 jobs.append(job)
         self._drained = len(jobs) < count
         return jobs
+
+    def _within(self, entries: list[tuple[str, list]], count: int) -> list[tuple[str, list]]:
+        """At most ``count`` of these entries, interactive ones first; the rest go back to
+        the end of their stream. (A blocking read of both streams counts per stream, so
+        it can return twice the room.)"""
+        kept: list[tuple[str, list]] = []
+        for stream, found in entries:
+            room = count - sum(len(f) for _, f in kept)
+            if room > 0:
+                kept.append((stream, found[:room]))
+            for entry_id, _fields in found[max(room, 0) :]:
+                self._requeue(keys=[stream], args=[keys.CONSUMER_GROUP, entry_id])
+        return kept
 
     @staticmethod
     def _read_new(consumer: str, count: int, stream: str) -> tuple:
@@ -583,26 +598,39 @@ class WorkQueue:
         flags = self.redis.mget([keys.cancel_key(i) for i in request_ids])
         return {i for i, flag in zip(request_ids, flags, strict=True) if flag is not None}
 
-    def reclaim(self, consumer: str, live_consumers: set[str]) -> tuple[list[Job], list[tuple[Job, int]]]:
-        """Take over entries a dead or stuck worker holds.
+    def reclaim(
+        self, consumer: str, live_consumers: set[str], *, holding: set[str], limit: int = RECLAIM_BATCH
+    ) -> tuple[list[Job], list[tuple[Job, int]]]:
+        """Take over entries a dead or stuck worker holds, up to ``limit`` of them.
 
         An entry is taken at once when its holder has no heartbeat, or after the
-        visibility timeout otherwise. Returns the jobs to run now, and the jobs that
-        have used up their deliveries (with their count), which the caller must
-        dead-letter.
+        visibility timeout otherwise (a live worker keeps the entries it has in hand
+        fresh: see ``keep``). This consumer's own entries that it no longer has in hand
+        (not in ``holding``: claimed by a turn that failed before it took them) are taken
+        back at once. Returns the jobs to run now, and the jobs that have used up their
+        deliveries (with their count), which the caller must dead-letter.
         """
         timeout_ms = int(self.settings.visibility_timeout_s * 1000)
         jobs: list[Job] = []
         exhausted: list[tuple[Job, int]] = []
         for stream in keys.STREAMS_BY_PRIORITY:
+            if len(jobs) >= limit:
+                break
             pending = self.redis.xpending_range(stream, keys.CONSUMER_GROUP, "-", "+", RECLAIM_BATCH)
             for item in pending:
+                if len(jobs) >= limit:
+                    break
                 holder = item["consumer"].decode() if isinstance(item["consumer"], bytes) else item["consumer"]
-                orphaned = holder != consumer and holder not in live_consumers
-                if not orphaned and item["time_since_delivered"] < timeout_ms:
-                    continue
                 entry_id = item["message_id"]
-                min_idle = 0 if orphaned else timeout_ms
+                if holder == consumer:
+                    if (entry_id.decode() if isinstance(entry_id, bytes) else entry_id) in holding:
+                        continue  # in hand, however long it takes
+                    lost = True
+                else:
+                    lost = holder not in live_consumers
+                if not lost and item["time_since_delivered"] < timeout_ms:
+                    continue
+                min_idle = 0 if lost else timeout_ms
                 claimed = self.redis.xclaim(stream, keys.CONSUMER_GROUP, consumer, min_idle, [entry_id])
                 for claimed_id, fields in claimed:
                     if fields is None:  # deleted meanwhile
@@ -615,6 +643,16 @@ class WorkQueue:
                         log.warning("reclaimed %s from %s (delivery %d)", job.request_id, holder, deliveries)
                         jobs.append(job)
         return jobs, exhausted
+
+    def keep(self, consumer: str, jobs: list[Job]) -> None:
+        """These entries are still in this consumer's hand (rows decoding, however long):
+        their idle time starts again, so no worker reclaims them as stalled."""
+        by_stream: dict[str, list[str]] = {}
+        for job in jobs:
+            by_stream.setdefault(job.stream, []).append(job.entry_id)
+        for stream, ids in by_stream.items():
+            for start in range(0, len(ids), RECLAIM_BATCH):
+                self._keep_fresh(keys=[stream], args=[keys.CONSUMER_GROUP, consumer, *ids[start : start + RECLAIM_BATCH]])
 
     def dead_letter(self, job: Job, reason: str, deliveries: int, worker: str) -> None:
         """Move a job to the dead-letter stream and tell its caller."""

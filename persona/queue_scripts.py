@@ -7,7 +7,7 @@ many batches, and handing an entry back. ``persona.queue`` calls them; the argum
 
 from __future__ import annotations
 
-__all__ = ["DELIVER_SCRIPT", "RECORD_SCRIPT", "REQUEUE_SCRIPT", "SUBMIT_SCRIPT"]
+__all__ = ["DELIVER_SCRIPT", "KEEP_SCRIPT", "RECORD_SCRIPT", "REQUEUE_SCRIPT", "SUBMIT_SCRIPT"]
 
 # Refuse new work once a stream is full, or once its sender already has their share
 # waiting (so a flood from one user cannot starve everyone else), atomically with
@@ -116,4 +116,20 @@ redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 redis.call('XDEL', KEYS[1], ARGV[2])
 if #entry == 0 then return false end
 return redis.call('XADD', KEYS[1], '*', unpack(entry[1][2]))
+"""
+
+
+# A worker still has these entries in hand (rows it is decoding): their idle time starts
+# again, so no worker takes them as stalled. Only entries this consumer still holds
+# (one taken over meanwhile stays with its new holder); JUSTID: no delivery is counted.
+# ARGV: group, consumer, entry ids.
+KEEP_SCRIPT = """
+local kept = 0
+for i = 3, #ARGV do
+  if #redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1, ARGV[2]) > 0 then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
+    kept = kept + 1
+  end
+end
+return kept
 """

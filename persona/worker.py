@@ -46,6 +46,9 @@ __all__ = ["Worker", "freeze_heap", "new_worker_id"]
 log = logging.getLogger(__name__)
 
 RECLAIM_EVERY_S = 1.0
+# Rows in hand are marked fresh in Redis this often (a fraction of the visibility timeout),
+# so a reply that takes longer than the timeout is never taken as stalled.
+KEEP_EVERY = 0.25
 # A persona file is re-read at most this often: edits apply within a second, and a
 # round of one request does not pay for reading and validating TOML.
 PERSONA_REFRESH_S = 1.0
@@ -135,6 +138,7 @@ class Worker:
         self.stopping = threading.Event()
         self._last_reclaim = 0.0
         self._last_cancel_check = 0.0
+        self._last_keep = 0.0
         self._in_flight: dict[str, _Row] = {}  # request id -> its row in an engine
         self._personas: dict[str, tuple[float, Persona]] = {}
         self._decoding: dict[int, ContinuousGenerator] = {}  # engines with rows, by id
@@ -279,9 +283,12 @@ class Worker:
         now = time.monotonic()
         if now - self._last_reclaim >= RECLAIM_EVERY_S and not self.stopping.is_set():
             self._last_reclaim = now
-            jobs.extend(self._reclaim())
+            jobs.extend(self._reclaim(jobs, room - len(jobs)))
         if jobs:
             self.process(jobs)
+        if self._in_flight and now - self._last_keep >= self.settings.queue.visibility_timeout_s * KEEP_EVERY:
+            self._last_keep = now
+            self.queue.keep(self.id, [row.job for row in self._in_flight.values()])
         if self._decoding and now - self._last_cancel_check >= self.settings.worker.cancel_check_s:
             self._last_cancel_check = now
             self._drop_withdrawn()
@@ -314,13 +321,25 @@ class Worker:
         if tally is not None:
             self.queue.record(tally)
 
-    def _reclaim(self) -> list[Job]:
+    def _reclaim(self, claimed: list[Job], room: int) -> list[Job]:
+        """Up to ``room`` entries that dead or stalled workers held, or that this one lost
+        (claimed by a turn that failed before it took them in hand)."""
+        if room <= 0:
+            return []
         live = heartbeat.live_worker_ids(self.redis)  # a heartbeat it cannot read still says alive
-        jobs, exhausted = self.queue.reclaim(self.id, live)
+        jobs, exhausted = self.queue.reclaim(self.id, live, holding=self._holding(claimed), limit=room)
         for job, deliveries in exhausted:
             log.error("dead-lettering %s after %d deliveries", job.request_id, deliveries)
             self.queue.dead_letter(job, "it was delivered to workers that died or stalled", deliveries, self.id)
         return jobs
+
+    def _holding(self, claimed: list[Job]) -> set[str]:
+        """The entries this worker has in hand: just claimed, decoding or waiting to join,
+        or answered and not yet delivered (an entry stays pending until its reply is)."""
+        held = {job.entry_id for job in claimed}
+        held.update(row.job.entry_id for row in self._in_flight.values())
+        held.update(job.entry_id for group, _ in self._outbox + self._sending for job, _ in group if job is not None)
+        return held
 
     def process(self, jobs: list[Job]) -> None:
         """Answer every job: refusals at once, the rest by their model's engine."""

@@ -70,7 +70,7 @@ def test_an_unreadable_heartbeat_is_skipped_and_its_worker_still_counts_as_alive
     work = WorkQueue(redis_client, settings.queue)
     QueueClient(redis_client, settings.queue).submit(chat())
     [held] = work.claim("w-odd", 1, block_ms=0)
-    assert work.reclaim("w-other", heartbeat.live_worker_ids(redis_client)) == ([], [])
+    assert work.reclaim("w-other", heartbeat.live_worker_ids(redis_client), holding=set()) == ([], [])
 
 
 def test_percentiles_from_the_reply_log(redis_client):

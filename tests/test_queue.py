@@ -7,7 +7,9 @@ import json
 import time
 
 import pytest
-from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 
 from persona import constants as keys
 from persona.contract import (
@@ -142,7 +144,7 @@ def test_waiting_without_a_worker_times_out_clearly(client):
 def test_dead_workers_entries_are_reclaimed_at_once(client, work):
     request = client.submit(chat())
     work.claim("dead-worker", 10, block_ms=100)
-    jobs, exhausted = work.reclaim("live-worker", live_consumers={"live-worker"})
+    jobs, exhausted = work.reclaim("live-worker", live_consumers={"live-worker"}, holding=set())
     assert [j.request.id for j in jobs] == [request.id] and not exhausted
 
 
@@ -150,19 +152,67 @@ def test_live_workers_entries_wait_for_the_visibility_timeout(settings, client, 
     settings.queue.visibility_timeout_s = 0.2
     client.submit(chat())
     work.claim("slow-worker", 10, block_ms=100)
-    assert work.reclaim("other", live_consumers={"slow-worker", "other"}) == ([], [])
+    assert work.reclaim("other", live_consumers={"slow-worker", "other"}, holding=set()) == ([], [])
     time.sleep(0.3)
-    jobs, _ = work.reclaim("other", live_consumers={"slow-worker", "other"})
+    jobs, _ = work.reclaim("other", live_consumers={"slow-worker", "other"}, holding=set())
     assert len(jobs) == 1
+
+
+def test_entries_a_live_worker_keeps_in_hand_are_not_reclaimed_however_long_they_take(settings, client, work):
+    """A reply longer than the visibility timeout (4,096 tokens at 15 tokens/s) used to be
+    taken from the live worker decoding it, generated again, and dead-lettered after
+    three such deliveries while its first worker was still writing it."""
+    settings.queue.visibility_timeout_s = 0.2
+    client.submit(chat())
+    held = work.claim("slow-worker", 10, block_ms=100)
+    for _ in range(3):
+        time.sleep(0.15)
+        work.keep("slow-worker", held)
+        assert work.reclaim("other", live_consumers={"slow-worker", "other"}, holding=set()) == ([], [])
+    time.sleep(0.3)  # no longer kept: stalled
+    [_taken], _ = work.reclaim("other", live_consumers={"slow-worker", "other"}, holding=set())
+    work.keep("slow-worker", held)  # too late: it stays with the worker that took it
+    [pending] = client.redis.xpending_range(keys.STREAM_INTERACTIVE, keys.CONSUMER_GROUP, "-", "+", 10)
+    assert pending["consumer"] == b"other" and pending["times_delivered"] == 2
+
+
+def test_a_workers_own_entries_it_lost_are_taken_back_at_once_and_those_in_hand_never(client, work):
+    """Entries claimed by a turn that failed before taking them in hand (Redis blinked)
+    waited for the visibility timeout, as long as their deadline: always a timeout."""
+    request = client.submit(chat())
+    [job] = work.claim("w", 10, block_ms=100)
+    assert work.reclaim("w", live_consumers={"w"}, holding={job.entry_id}) == ([], [])
+    [again], _ = work.reclaim("w", live_consumers={"w"}, holding=set())
+    assert again.request.id == request.id
+
+
+def test_a_reclaim_takes_no_more_than_the_room_left(client, work):
+    for n in range(5):
+        client.submit(chat(str(n)))
+    work.claim("dead-worker", 10, block_ms=100)
+    jobs, _ = work.reclaim("live", live_consumers={"live"}, holding=set(), limit=2)
+    assert len(jobs) == 2
+
+
+def test_a_claim_waiting_on_both_streams_takes_no_more_than_its_room(client, work):
+    """A blocking read of both streams counts per stream: a worker with room for 4 got 8,
+    batch work beside the interactive work it had no room for."""
+    assert work.claim("w", 4, block_ms=10) == [] and work.drained  # the next claim waits on both streams
+    interactive = [client.submit(chat(f"chat {n}")) for n in range(3)]
+    batch = [client.submit(chat(f"batch {n}", priority=Priority.batch)) for n in range(3)]
+    first = work.claim("w", 4, block_ms=1000)
+    assert [j.request.id for j in first] == [r.id for r in [*interactive, batch[0]]]
+    rest = work.claim("w", 10, block_ms=100)  # the others went back to their stream, in order
+    assert [j.request.id for j in rest] == [r.id for r in batch[1:]]
 
 
 def test_poison_request_is_dead_lettered_after_max_deliveries(settings, client, work):
     settings.queue.max_deliveries = 2
     request = client.submit(chat())
     work.claim("crash-1", 10, block_ms=100)  # delivery 1
-    jobs, exhausted = work.reclaim("crash-2", set())  # delivery 2
+    jobs, exhausted = work.reclaim("crash-2", set(), holding=set())  # delivery 2
     assert len(jobs) == 1 and not exhausted
-    jobs, exhausted = work.reclaim("w3", set())
+    jobs, exhausted = work.reclaim("w3", set(), holding=set())
     assert not jobs and len(exhausted) == 1
     job, deliveries = exhausted[0]
     work.dead_letter(job, "worker crashed", deliveries, "w3")

@@ -10,7 +10,13 @@ import pytest
 import redis
 
 from persona import constants as keys
-from persona.contract import ErrorKind, GenerationRequest, Message, Priority, SamplingOverrides
+from persona.contract import (
+    ErrorKind,
+    GenerationRequest,
+    Message,
+    Priority,
+    SamplingOverrides,
+)
 from persona.queue import QueueClient
 
 
@@ -343,3 +349,34 @@ def test_a_connection_redis_closed_between_turns_is_replaced_unnoticed(
     request = client.submit(chat("tiny"))
     assert worker.step(block_ms=0) == 1
     assert client.wait(request, timeout=5).ok
+
+
+def test_a_reply_longer_than_the_visibility_timeout_is_written_once_by_its_worker(
+    settings, redis_client, write_persona, tiny_llama_dir, client, one_torch_thread
+):
+    """The worker keeps the rows it has in hand fresh in Redis: neither it nor another
+    live worker takes the entry as stalled and writes the reply again (before, both did,
+    and after three such deliveries the caller was told it was dead-lettered)."""
+    from persona import heartbeat
+    from persona.pool import ModelPool
+    from persona.worker import Worker
+
+    write_persona("tiny", base=str(tiny_llama_dir))
+    settings.queue.visibility_timeout_s = 1.5  # kept every 0.375 s; a turn here takes 5-350 ms
+    slow, other = (Worker(settings, redis_client, ModelPool(settings, "cpu"), worker_id=name) for name in ("w-slow", "w-other"))
+    slow.preload(["tiny"])  # loaded before serving, as `persona worker` does: every turn is short
+    request = client.submit(chat("tiny", sampling=SamplingOverrides(max_new_tokens=100, temperature=1.0, top_k=0)))
+    started = time.monotonic()
+    while not redis_client.llen(keys.reply_key(request.id)) and time.monotonic() - started < 120:
+        for worker in (slow, other):
+            heartbeat.publish(redis_client, worker.info, 10)  # both alive all along
+        slow.turn(block_ms=0)
+        slow.flush()
+        other.turn(block_ms=0)
+        assert not other.decoding, "a live worker's row was taken as stalled"
+        time.sleep(0.05)  # each step slow: the reply takes several visibility timeouts
+    assert time.monotonic() - started > 3 * settings.queue.visibility_timeout_s
+    reply = client.wait(request, timeout=1)
+    assert reply.ok and reply.new_tokens == 100 and reply.worker == "w-slow"
+    assert slow.decoding == 0 and redis_client.xlen(keys.STREAM_DEAD) == 0
+    assert redis_client.xpending(keys.STREAM_INTERACTIVE, keys.CONSUMER_GROUP)["pending"] == 0
