@@ -126,6 +126,13 @@ def test_csv_column_and_missing_column(tmp_path: Path):
         read_csv(path, OPTIONS)
 
 
+def test_csv_with_a_very_long_cell(tmp_path: Path):
+    path = tmp_path / "essays.csv"
+    essay = "word " * 40_000  # 200 KB, over the csv module's default field limit
+    path.write_text(f'text\n"{essay}"\nshort one\n')
+    assert texts(read_csv(path, OPTIONS)) == [essay.strip(), "short one"]
+
+
 def test_jsonl_field_nested_and_malformed_line(tmp_path: Path):
     path = tmp_path / "posts.jsonl"
     path.write_text('{"post": {"body": "one"}}\n\n{"post": {"body": "two"}}\n{"other": 1}\n')
@@ -134,6 +141,13 @@ def test_jsonl_field_nested_and_malformed_line(tmp_path: Path):
     with pytest.raises(SourceProblem) as caught:
         read_jsonl(path, OPTIONS)
     assert caught.value.line == 2
+
+
+def test_jsonl_strings_may_hold_unicode_line_separators(tmp_path: Path):
+    path = tmp_path / "posts.jsonl"
+    odd = ["line one\u2028line two", "para\u2029graph", "next\x85line"]
+    path.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\r\n" for t in odd), encoding="utf-8")
+    assert [d.text for d in read_jsonl(path, OPTIONS)] == odd
 
 
 def test_tweet_archive_drops_retweets_replies_and_links(tmp_path: Path):
@@ -214,6 +228,13 @@ def test_cleaning_normalises_and_drops_duplicates():
     assert normalize_text("a<|endoftext|>b") == "ab"
 
 
+def test_cleaning_keeps_the_joiners_of_persian_words_and_emoji():
+    persian = "می\u200cخواهم"  # "I want": the zero-width non-joiner is part of its spelling
+    family = "\U0001F469\u200d\U0001F469\u200d\U0001F467"  # one emoji, joined by ZWJ
+    assert normalize_text(f"{persian} {family}") == f"{persian} {family}"
+    assert normalize_text("zero\u200bwidth\u200e space\ufeff") == "zerowidth space"
+
+
 def test_build_reports_bad_files_and_keeps_the_rest(tmp_path: Path):
     folder = tmp_path / "blog"
     folder.mkdir()
@@ -227,6 +248,35 @@ def test_build_reports_bad_files_and_keeps_the_rest(tmp_path: Path):
     assert result.files == 4
     assert [p.path.name for p in result.problems] == ["b.md"]
     assert sorted(result.corpus.documents) == ["A tweet", "First post body.", "another note", "one note"]
+
+
+def test_build_skips_its_own_output_inside_the_folder(tmp_path: Path):
+    folder = tmp_path / "blog"
+    folder.mkdir()
+    (folder / "kept.txt").write_text("A post that stays.")
+    (folder / "deleted.txt").write_text("A post the author deletes.")
+    out = folder / "corpus.jsonl"
+    write_corpus(build_corpus([folder], exclude=[out]).corpus, out)
+    (folder / "deleted.txt").unlink()
+    again = build_corpus([folder], exclude=[tmp_path / "blog" / ".." / "blog" / "corpus.jsonl"])
+    assert again.corpus.documents == ["A post that stays."] and again.files == 1
+
+
+def test_corpus_with_line_separators_in_its_text_reads_back(tmp_path: Path):
+    source = tmp_path / "notes.txt"
+    source.write_text("Wait for it\x85 then laugh.\n\nSecond note.\n\nThird note.", encoding="utf-8")
+    built = build_corpus([source]).corpus
+    assert "Wait for it\x85 then laugh." in built.documents  # cleaning keeps U+0085
+    out = tmp_path / "corpus.jsonl"
+    write_corpus(built, out)
+    again = read_corpus(out)
+    assert again.documents == built.documents and again.fingerprint == built.fingerprint
+
+
+def test_hand_written_corpus_may_start_with_a_byte_order_mark(tmp_path: Path):
+    path = tmp_path / "notepad.jsonl"
+    path.write_bytes('\ufeff{"text": "hello there"}\r\n{"text": "second"}\r\n'.encode())
+    assert sorted(read_corpus(path).documents) == ["hello there", "second"]
 
 
 def test_split_is_saved_and_reused(tmp_path: Path):

@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import shlex
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
+from rich.console import Console
+from rich.progress import Progress
 from transformers import AutoModelForCausalLM
 
+from persona.cli.train_cmd import RichReporter
 from persona.models import load_model
 from persona.settings import Settings
 
@@ -75,6 +82,56 @@ def test_train_errors_say_what_to_do(env, tmp_path: Path, tiny_gpt2_dir: Path):
     assert unknown.returncode == 1 and "neither the bundled 'smollm2'" in unknown.stderr
     for result in (missing, unknown):
         assert "Traceback" not in result.stderr
+
+
+def test_errors_quote_paths_with_brackets_as_they_are(env, tmp_path: Path, tiny_gpt2_dir: Path):
+    for folder in ("my [draft] notes", "old [/b]"):
+        corpus = tmp_path / folder / "c.jsonl"
+        result = persona("train", "x", "--corpus", str(corpus), "--base", str(tiny_gpt2_dir), env=env)
+        assert result.returncode == 1 and "Traceback" not in result.stderr
+        assert f"corpus {corpus} does not exist" in result.stderr
+
+
+def test_samples_print_as_the_model_wrote_them():
+    out = io.StringIO()
+    with Progress(console=Console(file=out, width=200)) as progress:
+        RichReporter(progress).on_samples(10, ["a quote [b]bold[/b] from a forum", "see [/quote] here"])
+    assert "'a quote [b]bold[/b] from a forum'" in out.getvalue()
+    assert "'see [/quote] here'" in out.getvalue()
+
+
+def test_corpus_written_inside_its_source_folder_is_not_read_back(env, tmp_path: Path):
+    blog = tmp_path / "blog"
+    blog.mkdir()
+    (blog / "kept.txt").write_text("A post that stays.")
+    (blog / "deleted.txt").write_text("A post the author deletes.")
+    out = blog / "corpus.jsonl"
+    build = ("corpus", "build", str(blog), "-o", str(out), "--base", "")
+    assert persona(*build, env=env).returncode == 0
+    (blog / "deleted.txt").unlink()
+    again = persona(*build, env=env)
+    assert again.returncode == 0, again.stderr
+    assert [json.loads(line)["text"] for line in out.read_text().splitlines()] == ["A post that stays."]
+
+
+def test_ctrl_c_tells_how_to_resume_in_words_a_shell_reads_back(env, settings: Settings, tmp_path: Path,
+                                                               tiny_gpt2_dir: Path):
+    corpus = tmp_path / "my [draft] notes" / "it's mine.jsonl"
+    corpus.parent.mkdir()
+    corpus.write_text("".join(json.dumps({"text": line.split("\n")[0]}) + "\n" for line in SAYINGS.split("%")))
+    args = ["train", "scribe", "--corpus", str(corpus), "--base", str(tiny_gpt2_dir), "--steps", "100000",
+            "--eval-every", "1", "--batch-size", "2"]
+    run = subprocess.Popen([sys.executable, "-m", "persona", *args], env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    state = settings.data_dir / "runs" / "scribe" / "state.pt"
+    deadline = time.monotonic() + 60
+    while not state.exists() and run.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)  # saved after the first step: the run is in its training loop
+    run.send_signal(signal.SIGINT)
+    stdout, stderr = run.communicate(timeout=60)
+    assert run.returncode == 130, stderr
+    hint = stdout.split("continue with `")[1].split("`")[0]
+    assert shlex.split(hint) == ["persona", "train", "scribe", "--corpus", str(corpus), "--resume"]
 
 
 @pytest.mark.slow

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import math
+import os
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch.optim.optimizer import register_optimizer_step_post_hook
 from transformers import AutoTokenizer
 
 from persona.errors import ModelError
@@ -33,8 +38,32 @@ def corpus() -> Corpus:
     return Corpus(train=SAYINGS * 3, validation=SAYINGS[:3], fingerprint="test")
 
 
+def press_ctrl_c() -> None:
+    """What the terminal does on Ctrl-C: SIGINT to the process, wherever it is."""
+    os.kill(os.getpid(), signal.SIGINT)
+
+
+@contextmanager
+def ctrl_c_inside_step(step: int, presses: int = 1) -> Iterator[None]:
+    """Press Ctrl-C during step ``step`` (from 1), after the optimiser moved the weights."""
+    seen = 0
+
+    def after_optimizer_step(optimizer, args, kwargs) -> None:
+        nonlocal seen
+        seen += 1
+        if seen == step:
+            for _ in range(presses):
+                press_ctrl_c()
+
+    handle = register_optimizer_step_post_hook(after_optimizer_step)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 class Recorder:
-    """A reporter that remembers what it was told, and can interrupt the run."""
+    """A reporter that remembers what it was told, and can press Ctrl-C after a step."""
 
     def __init__(self, stop_at: int | None = None) -> None:
         self.losses: list[float] = []
@@ -49,7 +78,7 @@ class Recorder:
     def on_step(self, step: int, loss: float, average: float, elapsed_s: float) -> None:
         self.losses.append(loss)
         if step == self.stop_at:
-            raise KeyboardInterrupt  # what Ctrl-C does mid-run
+            press_ctrl_c()
 
     def on_eval(self, step: int, val_loss: float, improved: bool) -> None:
         self.evals.append((step, val_loss, improved))
@@ -120,6 +149,47 @@ def test_stopped_and_resumed_run_equals_an_uninterrupted_one(tiny_llama_dir: Pat
     for name in a:
         assert torch.equal(a[name], b[name]), name
     assert second.metrics["val_loss"] == whole.metrics["val_loss"]
+
+
+def test_ctrl_c_inside_a_step_stops_after_it_and_resumes_exactly(tiny_llama_dir: Path, tmp_path: Path):
+    config = TrainConfig(kind="lora", steps=12, batch_size=4, eval_every=12, samples=0, seed=7, lora_dropout=0.1)
+    whole = train(config, corpus(), tiny_llama_dir, tmp_path / "whole")
+
+    handler = signal.getsignal(signal.SIGINT)
+    with ctrl_c_inside_step(6):  # between the optimiser step and the step count
+        first = train(config, corpus(), tiny_llama_dir, tmp_path / "parts")
+    assert first.status == "interrupted" and first.metrics["steps"] == 6
+    assert signal.getsignal(signal.SIGINT) is handler
+    second = train(config, corpus(), tiny_llama_dir, tmp_path / "parts", resume=True)
+    assert second.status == "finished"
+
+    a, b = _adapter(whole.best_dir), _adapter(second.best_dir)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_a_second_ctrl_c_stops_at_once(tiny_gpt2_dir: Path, tmp_path: Path):
+    handler = signal.getsignal(signal.SIGINT)
+    config = TrainConfig(kind="lora", steps=6, batch_size=4, samples=0)
+    with ctrl_c_inside_step(2, presses=2), pytest.raises(KeyboardInterrupt):
+        train(config, corpus(), tiny_gpt2_dir, tmp_path / "run")
+    assert signal.getsignal(signal.SIGINT) is handler
+
+
+def test_resumed_run_without_validation_keeps_its_last_weights(tiny_gpt2_dir: Path, tmp_path: Path):
+    # Too few documents to hold any out: the final weights are the result.
+    no_validation = Corpus(train=SAYINGS * 3, validation=[], fingerprint="test")
+    config = TrainConfig(kind="lora", steps=8, batch_size=4, samples=0, seed=7, learning_rate=2e-2)
+    whole = train(config, no_validation, tiny_gpt2_dir, tmp_path / "whole")
+
+    first = train(config, no_validation, tiny_gpt2_dir, tmp_path / "parts", reporter=Recorder(stop_at=3))
+    assert first.status == "interrupted"
+    second = train(config, no_validation, tiny_gpt2_dir, tmp_path / "parts", resume=True)
+
+    a, b = _adapter(whole.best_dir), _adapter(second.best_dir)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert second.status == "finished" and second.metrics["best_step"] == 8
 
 
 def test_same_seed_same_weights_other_seed_other_weights(tiny_gpt2_dir: Path, tmp_path: Path):

@@ -20,7 +20,9 @@ NEAR_DUPLICATE_JACCARD = 0.8
 _SHINGLE_WORDS = 3
 _URL = re.compile(r"(?:https?://|www\.)\S+", re.IGNORECASE)
 _HANDLE = re.compile(r"(?<![\w@])@\w{1,30}\b")
-_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\u200b-\u200f\u2028\u2029\ufeff]")
+# Invisible characters that carry nothing, but not ZWNJ and ZWJ (U+200C, U+200D): they
+# are part of Persian and Indic spelling and join emoji sequences.
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\u200b\u200e\u200f\u2028\u2029\ufeff]")
 
 
 @dataclass

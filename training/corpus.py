@@ -26,6 +26,7 @@ from training.sources import (
     ReadOptions,
     SourceProblem,
     detect_format,
+    json_lines,
     read_csv,
     read_fortune,
     read_jsonl,
@@ -119,14 +120,19 @@ def _looks_readable(path: Path) -> bool:
     return suffix in _KNOWN_SUFFIXES
 
 
-def source_files(sources: list[Path]) -> list[Path]:
-    """The files named, and the readable-looking files inside folders named, sorted."""
+def source_files(sources: list[Path], exclude: Iterable[Path] = ()) -> list[Path]:
+    """The files named, and the readable-looking files inside folders named, sorted.
+
+    Files in ``exclude`` (the corpus being written) are skipped inside folders: a corpus
+    saved next to the writing would otherwise be read back into the next build.
+    """
+    skipped = {p.resolve() for p in exclude}
     files: list[Path] = []
     for source in sources:
         if source.is_dir():
             inside = [p for p in sorted(source.rglob("*")) if p.is_file()
                       and not any(part.startswith(".") for part in p.relative_to(source).parts)
-                      and _looks_readable(p)]
+                      and p.resolve() not in skipped and _looks_readable(p)]
             files.extend(inside)
         elif source.is_file():
             files.append(source)
@@ -141,12 +147,16 @@ def build_corpus(
     fmt: str = "auto",
     read_options: ReadOptions | None = None,
     clean_options: CleanOptions | None = None,
+    exclude: Iterable[Path] = (),
 ) -> BuildResult:
-    """Read every source, clean the documents and split them; unreadable files are reported."""
+    """Read every source, clean the documents and split them; unreadable files are reported.
+
+    ``exclude``: files not to read from the folders named (the corpus file being written).
+    """
     if fmt not in FORMATS:
         raise CorpusError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     read_options = read_options or ReadOptions()
-    files = source_files(sources)
+    files = source_files(sources, exclude)
     raw: list[str] = []
     problems: list[SourceProblem] = []
     by_format: Counter[str] = Counter()
@@ -186,10 +196,11 @@ def read_corpus(path: Path) -> Corpus:
     texts: list[str] = []
     saved: list[str | None] = []
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        # utf-8-sig: a corpus written by hand in an editor may start with a byte-order mark.
+        content = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         raise CorpusError(f"cannot read corpus {path}: {exc}") from exc
-    for number, line in enumerate(lines, start=1):
+    for number, line in enumerate(json_lines(content), start=1):
         if not line.strip():
             continue
         try:

@@ -25,6 +25,7 @@ __all__ = [
     "ReadOptions",
     "SourceProblem",
     "detect_format",
+    "json_lines",
     "read_csv",
     "read_fortune",
     "read_jsonl",
@@ -233,6 +234,8 @@ def read_fortune(path: Path, options: ReadOptions) -> list[RawDocument]:
 def read_csv(path: Path, options: ReadOptions) -> list[RawDocument]:
     """One document per row, from the column named by ``--column``."""
     text = _read_text_file(path)
+    # csv refuses fields over 128 KB by default; no field can be longer than its file.
+    csv.field_size_limit(max(csv.field_size_limit(), len(text)))
     try:
         reader = csv.DictReader(io.StringIO(text, newline=""))
         header = reader.fieldnames or []
@@ -250,10 +253,19 @@ def read_csv(path: Path, options: ReadOptions) -> list[RawDocument]:
         raise SourceProblem(path, reader.line_num, f"bad CSV: {exc}") from exc
 
 
+def json_lines(text: str) -> list[str]:
+    """The lines of a JSONL text, split on newlines only.
+
+    Not ``str.splitlines``: it also splits on U+0085, U+2028 and U+2029, which JSON
+    writes unescaped inside strings (``ensure_ascii=False``), cutting a record in two.
+    """
+    return [line.removesuffix("\r") for line in text.split("\n")]
+
+
 def read_jsonl(path: Path, options: ReadOptions) -> list[RawDocument]:
     """One document per line, from the field named by ``--field`` (dots go deeper)."""
     documents = []
-    for number, line in enumerate(_read_text_file(path).splitlines(), start=1):
+    for number, line in enumerate(json_lines(_read_text_file(path)), start=1):
         if not line.strip():
             continue
         try:

@@ -4,7 +4,9 @@ Reads top to bottom: prepare (seed, model, examples, optimiser) → train (step,
 evaluate, keep the best, stop early or on time) → hand back the best weights. The data
 order of epoch ``e`` is a permutation seeded with ``seed + e``, so the position in the
 data is just the step number; with the optimiser, schedule and random states saved in
-the run folder, ``resume=True`` continues as if the run had never stopped.
+the run folder, ``resume=True`` continues as if the run had never stopped. Ctrl-C stops
+the run after the step it lands in, so the saved state is always that of a whole step;
+a second Ctrl-C stops it at once, leaving the state saved at the last evaluation.
 """
 
 from __future__ import annotations
@@ -14,7 +16,11 @@ import math
 import random
 import resource
 import shutil
+import signal
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -217,6 +223,42 @@ def sample_texts(model: Any, tokenizer: Any, count: int, max_new_tokens: int, se
     return [tokenizer.decode(row[1:], skip_special_tokens=True).strip() for row in out]
 
 
+class _StopRequest:
+    """Whether Ctrl-C asked the run to stop; checked between whole steps."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+
+@contextmanager
+def _ctrl_c_between_steps() -> Iterator[_StopRequest]:
+    """While training, the first Ctrl-C only asks to stop; a second one interrupts at once.
+
+    A KeyboardInterrupt raised wherever the signal lands (mid-forward, or between the
+    optimiser step and the step count) would save a state no uninterrupted run ever had.
+    Signal handlers can only be set from the main thread; elsewhere, or where Ctrl-C is
+    ignored (a background job), nothing changes.
+    """
+    stop = _StopRequest()
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or previous is signal.SIG_IGN:
+        yield stop
+        return
+    if previous is None:  # a handler not set from Python; the interpreter's own stands in
+        previous = signal.default_int_handler
+
+    def ask_to_stop(signum: int, frame: Any) -> None:
+        stop.requested = True
+        signal.signal(signal.SIGINT, previous)
+        log.warning("stopping after this step (Ctrl-C again to stop at once)")
+
+    signal.signal(signal.SIGINT, ask_to_stop)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 class _Run:
     """One training run: the model, its data, its optimiser and its progress."""
 
@@ -330,8 +372,13 @@ def train(
     status = "finished"
     started = time.perf_counter() - state.elapsed_s
     session_tokens, session_started = state.tokens, time.perf_counter()
-    try:
+    with _ctrl_c_between_steps() as stop:
         while state.step < run.total_steps:
+            if stop.requested:
+                status = "interrupted"
+                state.elapsed_s = time.perf_counter() - started
+                run.save_state()
+                break
             step_started = time.perf_counter()
             loss = run.step()
             state.step_seconds += time.perf_counter() - step_started
@@ -347,11 +394,9 @@ def train(
             if out_of_time:
                 status = "time-limit"
                 break
-    except KeyboardInterrupt:
-        state.elapsed_s = time.perf_counter() - started
-        run.save_state()
-        status = "interrupted"
-    if not best_dir.is_dir():  # no validation documents: the last weights are the best we know
+    # Without validation documents the last weights are the best we know (a resumed run's
+    # best/ holds those it was interrupted with); with them, until the first evaluation.
+    if not run.val_examples or not best_dir.is_dir():
         _save_weights(run.model, run.tokenizer, best_dir)
         state.best_step = state.step
     session_s = time.perf_counter() - session_started

@@ -8,6 +8,7 @@ from typing import ParamSpec, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from persona.errors import PersonaError
 from persona.settings import Settings
@@ -35,7 +36,8 @@ def friendly_errors(func: Callable[P, R]) -> Callable[P, R]:
         try:
             return func(*args, **kwargs)
         except PersonaError as exc:
-            err_console.print(f"[red]error:[/red] {exc}", highlight=False, markup=True)
+            # Escaped: a message quotes paths and text that may hold brackets ("my [draft] notes").
+            err_console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
             raise typer.Exit(1) from None
 
     return wrapper

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 import time
 from pathlib import Path
 
 import typer
+from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from persona.cli.common import console, err_console, friendly_errors, get_settings
 from persona.errors import CorpusError
 
-__all__ = ["RichReporter", "corpus_build", "eval_", "export", "generate", "register", "train"]
+__all__ = ["RichReporter", "corpus_build", "eval_", "export", "generate", "register", "resume_command", "train"]
 
 corpus_app = typer.Typer(help="Turn an author's writing into a clean training corpus.", no_args_is_help=True)
 
@@ -47,6 +50,7 @@ def corpus_build(
         read_options=ReadOptions(column=column, field=field, author=author,
                                  keep_replies=keep_replies, keep_retweets=keep_retweets),
         clean_options=CleanOptions(strip_urls=strip_urls, strip_handles=strip_handles, min_chars=min_chars),
+        exclude=[output],
     )
     for problem in result.problems:
         err_console.print(f"[yellow]skipped[/yellow] {problem}", highlight=False, markup=False)
@@ -60,8 +64,8 @@ def corpus_build(
     console.print(f"read {result.files} file(s): {result.found} documents ({formats})")
     console.print(f"kept {len(corpus.documents)}, dropped {dropped}")
     console.print(f"split: {len(corpus.train)} train, {len(corpus.validation)} validation (saved in the file)")
-    console.print(_size_line(corpus.train, corpus.validation, base))
-    console.print(f"wrote {output}  (fingerprint {corpus.fingerprint})")
+    console.print(escape(_size_line(corpus.train, corpus.validation, base)))
+    console.print(f"wrote {escape(str(output))}  (fingerprint {corpus.fingerprint})")
 
 
 def _tokenizer(base: str):
@@ -103,8 +107,18 @@ class RichReporter:
         self.progress.console.print(f"step {step}: validation loss {val_loss:.3f}, perplexity {ppl:.2f}{mark}")
 
     def on_samples(self, step: int, texts: list[str]) -> None:
-        for text in texts:
-            self.progress.console.print(f"  [dim]sample:[/dim] {text!r}", highlight=False)
+        _print_samples(self.progress.console, texts)
+
+
+def _print_samples(target: Console, texts: list[str]) -> None:
+    """Samples as written: a model's text may hold brackets Rich would read as markup."""
+    for text in texts:
+        target.print(f"  [dim]sample:[/dim] {escape(repr(text))}", highlight=False)
+
+
+def resume_command(name: str, corpus: Path) -> str:
+    """The command that continues NAME's interrupted run, quoted for a shell."""
+    return shlex.join(["persona", "train", name, "--corpus", str(corpus), "--resume"])
 
 
 @friendly_errors
@@ -157,17 +171,19 @@ def train(
     metrics = done.result.metrics
     if done.checkpoint is None:
         console.print(f"interrupted at step {metrics['steps']:.0f}; continue with "
-                      f"`persona train {name} --corpus {corpus} --resume`")
+                      f"`{escape(resume_command(name, corpus))}`")
         raise typer.Exit(130)
     info = done.checkpoint
     console.print(f"{done.result.status}: best at step {metrics['best_step']:.0f} of {metrics['steps']:.0f}; "
                   f"held-out perplexity {metrics['base_perplexity']:.2f} (base) → {metrics['perplexity']:.2f}; "
                   f"{metrics['tokens_per_s']:.0f} tokens/s")
-    console.print(f"registered [bold]{name} {info.version}[/bold] at {info.path}")
+    console.print(f"registered [bold]{name} {info.version}[/bold] at {escape(str(info.path))}")
     if done.persona_file_updated:
-        console.print(f"persona file {done.persona_file} now uses {info.version}; try `persona ask {name} hello`")
+        console.print(f"persona file {escape(str(done.persona_file))} now uses {info.version}; "
+                      f"try `persona ask {name} hello`")
     else:
-        console.print(f"{done.persona_file} was left as it is; serve the new weights with `persona swap {name} {info.version}`")
+        console.print(f"{escape(str(done.persona_file))} was left as it is; "
+                      f"serve the new weights with `persona swap {name} {info.version}`")
 
 
 @friendly_errors
@@ -187,18 +203,18 @@ def eval_(
     settings = get_settings()
     persona = PersonaRegistry.from_settings(settings).get(name)
     data = read_corpus(corpus)
-    with console.status(f"measuring {name} on {len(data.validation)} held-out documents..."):
+    with console.status(f"measuring {escape(name)} on {len(data.validation)} held-out documents..."):
         report = evaluate_persona(settings, persona, data, version=checkpoint, samples=samples, seed=seed)
     if json_output:
         print(json.dumps(report.as_dict()))
         return
-    console.print(f"[bold]{name} {report.version}[/bold] on {report.validation_documents} held-out documents")
+    console.print(f"[bold]{escape(name)} {escape(report.version)}[/bold] "
+                  f"on {report.validation_documents} held-out documents")
     console.print(f"perplexity: base {report.base_perplexity:.2f} → persona {report.perplexity:.2f}")
     console.print(f"copied 8+ words verbatim: {report.copied_fraction:.0%} of {samples} samples "
                   f"(longest run {report.longest_copied_run} words)")
     console.print(f"distinct-1 {report.distinct_1:.2f}, distinct-2 {report.distinct_2:.2f}")
-    for text in report.samples[:5]:
-        console.print(f"  [dim]sample:[/dim] {text!r}", highlight=False)
+    _print_samples(console, report.samples[:5])
 
 
 def _finish(text: str, prefix: str, include_prefix: bool, truncate: str | None) -> str:
@@ -253,7 +269,7 @@ def generate(
                 progress.advance(task)
     _write_samples(texts, out)
     if failures:
-        err_console.print(f"[yellow]{len(failures)} of {n} samples failed:[/yellow] {failures[0]}")
+        err_console.print(f"[yellow]{len(failures)} of {n} samples failed:[/yellow] {escape(failures[0])}")
         if not texts:
             raise typer.Exit(1)
 
@@ -269,7 +285,7 @@ def _write_samples(texts: list[str], out: Path | None) -> None:
         out.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts))
     else:
         out.write_text("".join(t + "\n" + SAMPLE_SEPARATOR for t in texts))
-    err_console.print(f"wrote {len(texts)} samples to {out}")
+    err_console.print(f"wrote {len(texts)} samples to {escape(str(out))}")
 
 
 @friendly_errors
@@ -288,9 +304,10 @@ def export(
 
     settings = get_settings()
     persona = PersonaRegistry.from_settings(settings).get(name)
-    with console.status(f"exporting {name}..."):
+    with console.status(f"exporting {escape(name)}..."):
         folder = export_persona(settings, persona, output, version=checkpoint, gguf=gguf)
-    console.print(f"wrote {folder}; load it with AutoModelForCausalLM.from_pretrained({str(folder)!r})")
+    console.print(f"wrote {folder}; load it with AutoModelForCausalLM.from_pretrained({str(folder)!r})",
+                  markup=False)
 
 
 def register(app: typer.Typer) -> None:
