@@ -6,6 +6,7 @@ JSON in one Redis Stream field; a reply travels as JSON in a per-request list.
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from enum import StrEnum
@@ -30,9 +31,16 @@ _CONTROL_CHARS = {c for c in range(32) if c not in (9, 10, 13)} | {127}
 _CONTROL_TABLE = dict.fromkeys(_CONTROL_CHARS)
 
 
+# Half of a UTF-16 pair (an emoji a client cut in two): no UTF-8 can carry it, so the
+# request could be checked but never queued. It becomes U+FFFD, as a decoder would write.
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def _without_controls(value: str) -> str:
     # Most texts are printable through and through, which is far quicker to check than to translate.
-    return value if value.isprintable() else value.translate(_CONTROL_TABLE)
+    if value.isprintable():
+        return value
+    return _LONE_SURROGATE.sub("\ufffd", value.translate(_CONTROL_TABLE))
 
 
 def new_request_id() -> str:

@@ -8,6 +8,7 @@ retrying at once re-queue it once.
 
 from __future__ import annotations
 
+import re
 import time
 
 import redis
@@ -19,6 +20,9 @@ from persona.contract import GenerationRequest
 __all__ = ["DeadLetter", "list_dead", "retry_all", "retry_dead"]
 
 # Re-queue only if the entry is still in the dead-letter stream (XDEL says so).
+# A stream entry id as `persona queue dead` lists it: milliseconds-sequence.
+ENTRY_ID = re.compile(r"\d+-\d+")
+
 RETRY_SCRIPT = """
 if redis.call('XDEL', KEYS[1], ARGV[1]) == 0 then return false end
 redis.call('DEL', KEYS[3], KEYS[5])
@@ -66,7 +70,10 @@ def list_dead(client: redis.Redis, count: int = 100) -> list[DeadLetter]:
 
 
 def retry_dead(client: redis.Redis, entry_id: str) -> str | None:
-    """Re-queue one dead letter with its original arguments; the new entry id, or None if gone."""
+    """Re-queue one dead letter with its original arguments; the new entry id, or None if
+    there is no such dead letter (gone, or not an id at all: a typo)."""
+    if not ENTRY_ID.fullmatch(entry_id):
+        return None
     rows = client.xrange(keys.STREAM_DEAD, min=entry_id, max=entry_id)
     if not rows:
         return None

@@ -64,6 +64,8 @@ def test_retry_all_and_the_cli(settings, redis_client, redis_url):
     one = persona("queue", "retry", rows[0]["id"])
     assert one.returncode == 0, one.stderr
     assert persona("queue", "retry", rows[0]["id"]).returncode == 1
+    typo = persona("queue", "retry", rows[1]["id"] + "x")  # not an id: said so, no traceback
+    assert typo.returncode == 1 and "no dead letter" in typo.stderr and "Traceback" not in typo.stderr
     rest = persona("queue", "retry", "--all", "--yes")
     assert rest.returncode == 0 and "re-queued 2" in rest.stdout
     assert redis_client.xlen("persona:q:chat") == 3

@@ -81,6 +81,15 @@ def test_control_characters_are_stripped():
     assert request.messages[0].content == "hello[31m\n"
 
 
+def test_half_an_emoji_is_replaced_and_the_request_queued(client, work):
+    """A client that cuts an emoji's UTF-16 pair in two (JSON "\\ud83d") sends a lone
+    surrogate: it passed the checks and then failed to serialise when submitted."""
+    cut = json.loads('"patience \\ud83d"')
+    sent = client.submit(chat(cut))
+    [job] = work.claim("w", 10, block_ms=100)
+    assert job.request.messages[0].content == sent.messages[0].content == "patience \ufffd"
+
+
 def test_reply_is_delivered_once_even_if_two_workers_answer(client, work):
     request = client.submit(chat())
     [job] = work.claim("w1", 10, block_ms=100)
