@@ -19,15 +19,19 @@ from persona.contract import GenerationRequest
 
 __all__ = ["DeadLetter", "list_dead", "retry_all", "retry_dead"]
 
-# Re-queue only if the entry is still in the dead-letter stream (XDEL says so).
 # A stream entry id as `persona queue dead` lists it: milliseconds-sequence.
 ENTRY_ID = re.compile(r"\d+-\d+")
 
+# Re-queue only if the entry is still in the dead-letter stream (XDEL says so), with its
+# deadline by Redis's clock (ARGV[3]: the allowance; '' for none), as a submit does.
 RETRY_SCRIPT = """
 if redis.call('XDEL', KEYS[1], ARGV[1]) == 0 then return false end
 redis.call('DEL', KEYS[3], KEYS[5])
 redis.call('HINCRBY', KEYS[4], 'retried', 1)
-return redis.call('XADD', KEYS[2], '*', 'r', ARGV[2])
+if ARGV[3] == '' then return redis.call('XADD', KEYS[2], '*', 'r', ARGV[2]) end
+local t = redis.call('TIME')
+local due = tonumber(t[1]) + tonumber(t[2]) / 1000000 + tonumber(ARGV[3])
+return redis.call('XADD', KEYS[2], '*', 'r', ARGV[2], 'd', string.format('%.3f', due))
 """
 
 
@@ -85,7 +89,7 @@ def retry_dead(client: redis.Redis, entry_id: str) -> str | None:
     stream = letter.stream if letter.stream in keys.STREAMS_BY_PRIORITY else keys.STREAM_INTERACTIVE
     new_id = client.eval(
         RETRY_SCRIPT, 5, keys.STREAM_DEAD, stream, keys.answered_key(request.id), keys.STATS_KEY,
-        keys.reply_key(request.id), entry_id, fresh.to_json(),
+        keys.reply_key(request.id), entry_id, fresh.to_json(), f"{allowed:.3f}" if allowed > 0 else "",
     )
     return _text(new_id) if new_id else None
 

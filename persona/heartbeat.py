@@ -3,7 +3,9 @@
 An index (a sorted set of worker ids scored by when their heartbeat lapses) lists
 them, so finding the live workers reads two keys instead of scanning a keyspace that
 holds a day of answered-request flags. A worker that stops beating drops out of the
-index when its score passes.
+index when its score passes. Those times are Redis's own (its TIME), never a worker's
+clock: a machine whose clock ran ahead would otherwise drop every other worker from the
+index, and its work would be taken from them as if they had died.
 """
 
 from __future__ import annotations
@@ -39,14 +41,28 @@ class WorkerInfo(BaseModel):
     state: str = "starting"
 
 
-def publish(client: redis.Redis, info: WorkerInfo, ttl_s: float) -> None:
-    """Say this worker is alive for the next ``ttl_s`` seconds."""
+# KEYS: the worker's key, the index. ARGV: worker id, its info, TTL in ms. Returns Redis's time.
+PUBLISH_SCRIPT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]) / 1000, ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+return tostring(now)
+"""
+# KEYS: the index. The ids whose heartbeat has not lapsed by Redis's time.
+LIVE_SCRIPT = """
+local t = redis.call('TIME')
+return redis.call('ZRANGEBYSCORE', KEYS[1], tonumber(t[1]) + tonumber(t[2]) / 1000000, '+inf')
+"""
+
+
+def publish(client: redis.Redis, info: WorkerInfo, ttl_s: float) -> float:
+    """Say this worker is alive for the next ``ttl_s`` seconds; returns Redis's time."""
     info.last_seen = time.time()
-    pipe = client.pipeline(transaction=True)
-    pipe.set(keys.worker_key(info.id), info.model_dump_json(), px=int(ttl_s * 1000))
-    pipe.zadd(keys.WORKER_INDEX_KEY, {info.id: info.last_seen + ttl_s})
-    pipe.zremrangebyscore(keys.WORKER_INDEX_KEY, "-inf", info.last_seen)
-    pipe.execute()
+    ttl_ms = max(1, int(ttl_s * 1000))
+    now = client.eval(PUBLISH_SCRIPT, 2, keys.worker_key(info.id), keys.WORKER_INDEX_KEY, info.id, info.model_dump_json(), ttl_ms)
+    return float(now)
 
 
 def withdraw(client: redis.Redis, worker_id: str) -> None:
@@ -59,7 +75,7 @@ def withdraw(client: redis.Redis, worker_id: str) -> None:
 
 def live_worker_ids(client: redis.Redis) -> set[str]:
     """The ids of every worker whose heartbeat has not lapsed, from the index alone."""
-    return {i.decode() if isinstance(i, bytes) else i for i in client.zrangebyscore(keys.WORKER_INDEX_KEY, time.time(), "+inf")}
+    return {i.decode() if isinstance(i, bytes) else i for i in client.eval(LIVE_SCRIPT, 1, keys.WORKER_INDEX_KEY)}
 
 
 def live_workers(client: redis.Redis) -> list[WorkerInfo]:

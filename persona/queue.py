@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 
 REQUEST_FIELD = b"r"
 EPOCH_FIELD = b"e"
+DUE_FIELD = b"d"  # when the deadline falls, by Redis's clock (entries from older clients lack it)
 WAIT_SLACK_S = 5.0
 # A caller waits for its reply in slices shorter than any client's socket read timeout
 # (redis-py 8 defaults to 5 s), so one long BLPOP is never cut off as a dead socket.
@@ -99,6 +100,7 @@ def _submit_keys_args(
     ]
     return stream_keys, [
         settings.max_length, request.to_json(), settings.max_pending_per_user, hold_s, int(waiting),
+        f"{request.deadline - request.created_at:.3f}",  # its allowance, timed from now by Redis
     ]
 
 
@@ -281,17 +283,28 @@ class Job:
     epoch: bytes | None = None
     # Claimed with the epoch unchanged since: nobody has cancelled anything, this included.
     not_cancelled: bool = False
+    # When its deadline falls by Redis's clock (None: only the caller's clock says).
+    due: float | None = None
 
     @classmethod
     def parse(cls, stream: str, entry_id: bytes | str, fields: dict) -> Job:
         entry = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
         payload = fields.get(REQUEST_FIELD) or fields.get("r") or b""
-        job = cls(stream=stream, entry_id=entry, payload=payload, epoch=fields.get(EPOCH_FIELD))
+        due = fields.get(DUE_FIELD) or fields.get("d")
+        job = cls(stream=stream, entry_id=entry, payload=payload, epoch=fields.get(EPOCH_FIELD),
+                  due=float(due) if due else None)
         try:
             job.request = GenerationRequest.from_json(payload)
         except ValueError as exc:
             job.problem = f"malformed request: {exc}".splitlines()[0]
         return job
+
+    def expired(self, redis_now: float) -> bool:
+        """Whether its deadline has passed: by Redis's clock (``redis_now``: the worker's
+        estimate of it) when the entry says when it falls, else by the caller's deadline."""
+        if self.due is not None:
+            return redis_now > self.due
+        return self.request is not None and self.request.expired()
 
     @property
     def request_id(self) -> str | None:

@@ -16,6 +16,8 @@ __all__ = ["DELIVER_SCRIPT", "KEEP_SCRIPT", "RECORD_SCRIPT", "REQUEUE_SCRIPT", "
 # withdrawn), so a worker can skip reading cancel flags when nothing was cancelled since.
 # A caller that waits for the reply in the same round trip (``ask``) sets ARGV[5]: a
 # refusal is then also pushed to the reply list (KEYS[5]), so that wait ends at once.
+# The entry also carries when its deadline falls by Redis's clock ('d': now plus the
+# request's allowance ARGV[6]), so machines whose clocks disagree agree on it.
 SUBMIT_SCRIPT = """
 local function refuse(why)
   if ARGV[5] == '1' then
@@ -35,7 +37,9 @@ if KEYS[2] ~= '' then
 end
 local epoch = redis.call('GET', KEYS[3]) or '0'
 if redis.call('EXISTS', KEYS[4]) == 1 then epoch = 'x' end
-return redis.call('XADD', KEYS[1], '*', 'r', ARGV[2], 'e', epoch)
+local t = redis.call('TIME')
+local due = tonumber(t[1]) + tonumber(t[2]) / 1000000 + tonumber(ARGV[6])
+return redis.call('XADD', KEYS[1], '*', 'r', ARGV[2], 'e', epoch, 'd', string.format('%.3f', due))
 """
 
 # Deliver each reply unless its request was answered already; always settle its entry;

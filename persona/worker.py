@@ -139,6 +139,9 @@ class Worker:
         self._last_reclaim = 0.0
         self._last_cancel_check = 0.0
         self._last_keep = 0.0
+        # Redis's clock minus this machine's, learnt at every heartbeat: deadlines are kept
+        # by Redis's clock, so callers and workers whose clocks disagree agree on them.
+        self._redis_offset = 0.0
         self._in_flight: dict[str, _Row] = {}  # request id -> its row in an engine
         self._personas: dict[str, tuple[float, Persona]] = {}
         self._decoding: dict[int, ContinuousGenerator] = {}  # engines with rows, by id
@@ -167,7 +170,7 @@ class Worker:
     def run(self) -> None:
         """Take work until ``stop()``; then hand back what is held and leave."""
         self.info.state = "serving"
-        heartbeat.publish(self.redis, self.info, self.settings.worker.heartbeat_ttl_s)
+        self._publish_heartbeat()
         beat = threading.Thread(target=self._beat, name=f"heartbeat-{self.id}", daemon=True)
         beat.start()
         log.info("worker %s serving on %s", self.id, self.pool.device)
@@ -225,11 +228,16 @@ class Worker:
         """Finish the rows in hand, then leave."""
         self.stopping.set()
 
+    def _publish_heartbeat(self) -> None:
+        before = time.time()
+        redis_now = heartbeat.publish(self.redis, self.info, self.settings.worker.heartbeat_ttl_s)
+        self._redis_offset = redis_now - (before + time.time()) / 2
+
     def _beat(self) -> None:
         while not self.stopping.wait(self.settings.worker.heartbeat_s):
             self.info.memory_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
             try:
-                heartbeat.publish(self.redis, self.info, self.settings.worker.heartbeat_ttl_s)
+                self._publish_heartbeat()
             except redis.exceptions.RedisError as exc:
                 log.warning("heartbeat failed: %s", exc)
             except Exception:
@@ -413,7 +421,7 @@ class Worker:
         request = job.request
         if request is None:
             return GenerationReply.failure(job.request_id or "", ErrorKind.invalid, job.problem or "malformed", worker=self.id)
-        if request.expired():
+        if job.expired(time.time() + self._redis_offset):
             return self._failure(request, ErrorKind.timeout, "the request waited past its deadline; please ask again")
         problem = request_problem(request, self.settings.queue)
         if problem:

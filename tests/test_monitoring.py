@@ -180,3 +180,16 @@ def test_live_workers_are_found_by_their_index_and_leave_it_when_silent(redis_cl
     assert [w.id for w in heartbeat.live_workers(redis_client)] == ["w-steady"]
     heartbeat.publish(redis_client, heartbeat.WorkerInfo(id="w-steady"), ttl_s=30)  # prunes lapsed ids
     assert redis_client.zcard("persona:workers") == 1
+
+
+def test_a_worker_whose_clock_is_off_neither_drops_the_others_nor_is_dropped(redis_client, monkeypatch):
+    """Heartbeats are timed by Redis. A worker whose clock ran 15 s ahead used to prune
+    every other worker from the index at its first beat, and its reclaims then took their
+    work as if they had died; one 15 s behind saw itself alone."""
+    redis_client.flushall()
+    heartbeat.publish(redis_client, heartbeat.WorkerInfo(id="w-b"), ttl_s=10)
+    real = time.time
+    for skew in (15.0, -15.0):
+        monkeypatch.setattr(time, "time", lambda skew=skew: real() + skew)  # this machine's clock is off
+        heartbeat.publish(redis_client, heartbeat.WorkerInfo(id="w-a"), ttl_s=10)
+        assert heartbeat.live_worker_ids(redis_client) == {"w-a", "w-b"}

@@ -380,3 +380,27 @@ def test_a_reply_longer_than_the_visibility_timeout_is_written_once_by_its_worke
     assert reply.ok and reply.new_tokens == 100 and reply.worker == "w-slow"
     assert slow.decoding == 0 and redis_client.xlen(keys.STREAM_DEAD) == 0
     assert redis_client.xpending(keys.STREAM_INTERACTIVE, keys.CONSUMER_GROUP)["pending"] == 0
+
+
+@pytest.mark.parametrize("skew", [-200.0, 200.0], ids=["caller-behind", "caller-ahead"])
+def test_deadlines_are_kept_by_redis_clock_whatever_the_callers(
+    settings, redis_client, write_persona, tiny_llama_dir, client, monkeypatch, skew
+):
+    """A chat adapter on a machine whose clock is 200 s behind the workers' had every
+    request answered 'waited past its deadline' at once; 200 s ahead, its requests never
+    expired. Redis stamps when each deadline falls, and workers read Redis's clock."""
+    from persona.bench_queue import InstantEngine
+    from persona.pool import ModelPool
+    from persona.worker import Worker
+
+    write_persona("tiny", base=str(tiny_llama_dir))
+    worker = Worker(settings, redis_client, ModelPool(settings, "cpu", engine_factory=InstantEngine), worker_id="w-clock")
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() + skew)  # the caller's machine
+    fresh = client.submit(chat("tiny", "in time", created_at=time.time()))
+    late = client.submit(chat("tiny", "too late", created_at=time.time(), deadline=time.time() + 0.5))
+    monkeypatch.setattr(time, "time", real)
+    time.sleep(0.6)
+    worker.step(block_ms=0)
+    assert client.wait(fresh, timeout=5).ok
+    assert client.wait(late, timeout=5).error.kind is ErrorKind.timeout
