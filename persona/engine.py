@@ -244,6 +244,7 @@ class TransformersEngine:
             sizes += [rows for rows in getattr(self.decoder, "timed_sizes", []) if rows not in sizes]
             for rows in sizes:
                 self.generate([hello] * rows)
+            self._pieces  # noqa: B018 - the stop-string check's table, made now, not at a user's first stop string
             if compiled:
                 # Each size again with a longer cache: torch may specialise a compiled step
                 # to the one cache length it saw, and compile it again for the next (the
