@@ -123,12 +123,13 @@ class PersonaBot(discord.Client):
 
     # --- who is talking, and may they -------------------------------------------------
 
-    def _place_allowed(self, guild_id: int | None, channel_id: int) -> bool:
-        """The guild and channel allow/deny lists."""
+    def _place_allowed(self, guild_id: int | None, channel: discord.abc.Snowflake | None) -> bool:
+        """The guild and channel allow/deny lists; a thread is also judged by its parent channel."""
         o = self.options
         if guild_id is not None and ((o.allowed_guilds and guild_id not in o.allowed_guilds) or guild_id in o.denied_guilds):
             return False
-        if (o.allowed_channels and channel_id not in o.allowed_channels) or channel_id in o.denied_channels:
+        places = set() if channel is None else {channel.id, getattr(channel, "parent_id", None)} - {None}
+        if (o.allowed_channels and not places & set(o.allowed_channels)) or places & set(o.denied_channels):
             return False
         return True
 
@@ -184,7 +185,7 @@ class PersonaBot(discord.Client):
         replied_to_bot = parent is not None and parent.author == self.user
         if not (is_dm or self.user in message.mentions or replied_to_bot):
             return
-        if not is_dm and not self._place_allowed(message.guild.id, message.channel.id):
+        if not is_dm and not self._place_allowed(message.guild.id, message.channel):
             return
         if is_dm:
             decision = await self.access.check(str(message.author.id), message.author.name)
@@ -206,10 +207,12 @@ class PersonaBot(discord.Client):
         await self.send_reply(message, reply)
 
     async def send_reply(self, message: discord.Message, text: str) -> None:
-        """Reply in as many messages as it takes; the first quotes the question."""
+        """Reply in as many messages as it takes; the first quotes the question, if it still exists."""
         for index, chunk in enumerate(split_message(text, DISCORD_MESSAGE_LIMIT_CHARS)):
             if index == 0 and message.guild is not None:
-                await message.reply(chunk, mention_author=False, allowed_mentions=NO_MENTIONS)
+                # The question may be deleted while the bot thinks: then the answer goes out unquoted.
+                quote = message.to_reference(fail_if_not_exists=False)
+                await message.channel.send(chunk, reference=quote, mention_author=False, allowed_mentions=NO_MENTIONS)
             else:
                 await message.channel.send(chunk, allowed_mentions=NO_MENTIONS)
 
@@ -262,7 +265,7 @@ class PersonaBot(discord.Client):
 
     async def _slash_allowed(self, interaction: discord.Interaction) -> bool:
         """The place lists and, in DMs, the dm_policy; a refused user is told why."""
-        if interaction.guild_id is not None and not self._place_allowed(interaction.guild_id, interaction.channel_id):
+        if interaction.guild_id is not None and not self._place_allowed(interaction.guild_id, interaction.channel):
             await self._respond(interaction, "I'm not answering in this channel.", ephemeral=True)
             return False
         if interaction.guild_id is None:

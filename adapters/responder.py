@@ -42,7 +42,9 @@ NOTHING_TO_RETRY_TEXT = "There is nothing to retry yet: send me a message first.
 NOTHING_TO_CANCEL_TEXT = "Nothing to cancel: I'm not working on anything for you."
 RESET_TEXT = "Done: I've forgotten our conversation. Let's start afresh."
 LONG_MESSAGE_NOTE = "\n\n(Your message was long, so I read only its last {chars} characters.)"
-REDIS_ERRORS = (QueueError, redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+# Not only an outage: a Redis that refuses writes (OOM when full, READONLY after a
+# failover, MISCONF on a full disk) must also get the user a polite answer.
+REDIS_ERRORS = (QueueError, redis.exceptions.RedisError)
 MAX_CONNECT_PAUSE_S = 30.0
 
 
@@ -137,8 +139,8 @@ class Responder:
             return f"There is no persona called {name!r} here. Available: {known}."
         try:
             await self.redis.set(keys.chat_persona_key(self.platform, chat), name)
-        except REDIS_ERRORS:
-            return UNREACHABLE_TEXT
+        except REDIS_ERRORS as exc:
+            return self._explain(exc)
         return f"From now on you are talking to {self.describe_persona(name)}"
 
     async def answer(self, where: Where, text: str, *, history: list[Message] | None = None) -> str:
@@ -214,8 +216,8 @@ class Responder:
             return BUSY_TEXT
         if isinstance(exc, ReplyTimeout):
             return TIMEOUT_TEXT
-        log.warning("%s: cannot reach the queue: %s", self.platform, exc)
-        return UNREACHABLE_TEXT
+        log.warning("%s: the queue failed: %s: %s", self.platform, type(exc).__name__, exc)
+        return BUSY_TEXT if isinstance(exc, redis.exceptions.OutOfMemoryError) else UNREACHABLE_TEXT
 
     def _explain_reply(self, reply: GenerationReply) -> str:
         kind = reply.error.kind if reply.error else ErrorKind.internal

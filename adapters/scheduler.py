@@ -84,9 +84,10 @@ class Scheduler:
             log.info("%s: slot %s is due%s", persona.name, slot, " (late)" if plan.late else "")
             outcome = self.poster.post(persona.name, slot=slot)
             log.info("%s: slot %s %s %s", persona.name, slot, outcome.status, outcome.message)
-            if outcome.status == "busy":
-                # Another scheduler holds it, or a dead one whose lease has not yet run out:
-                # look again next tick rather than let the slot fall through.
+            if outcome.status == "busy" or outcome.retry_later:
+                # Another scheduler holds it, a dead one's lease has not yet run out, or a
+                # platform rate-limited the post: look again next tick (the missed-slot
+                # policy and its grace period still apply) rather than let the slot fall through.
                 return outcome
         # Only now: a crash before this line leaves the slot due, and the ledger makes the retry safe.
         self._checked(persona, now)

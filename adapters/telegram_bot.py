@@ -21,7 +21,7 @@ from typing import TypeVar
 
 from telegram import BotCommand, Chat, Message, ReplyParameters, Update
 from telegram.constants import ChatAction, ChatMemberStatus, ChatType
-from telegram.error import RetryAfter
+from telegram.error import InvalidToken, RetryAfter
 from telegram.ext import Application, CommandHandler, ContextTypes, MessageHandler, filters
 
 from adapters.access import AccessControl
@@ -40,6 +40,7 @@ TYPING_REFRESH_S = 4.5
 # PERSONA_TELEGRAM__WEBHOOK_URL is what Telegram calls, usually a proxy forwarding here.
 WEBHOOK_PATH = "telegram"
 FLOOD_RETRIES = 8
+TOKEN_REFUSED_TEXT = "Telegram refused the token: check PERSONA_TELEGRAM__TOKEN"
 T = TypeVar("T")
 
 COMMANDS = [
@@ -129,12 +130,15 @@ class TelegramBot:
 
     def _add_handlers(self) -> None:
         app = self.application
+        # New messages only: an edit of a message already answered (or a command already
+        # run) arrives as an edited_message update, and must not be answered again.
+        new = filters.UpdateType.MESSAGE
         for name, handler in (
             ("start", self.on_start), ("help", self.on_help), ("persona", self.on_persona),
             ("reset", self.on_reset), ("retry", self.on_retry), ("cancel", self.on_cancel),
         ):
-            app.add_handler(CommandHandler(name, handler))
-        app.add_handler(MessageHandler(filters.TEXT & ~filters.COMMAND, self.on_message))
+            app.add_handler(CommandHandler(name, handler, filters=new))
+        app.add_handler(MessageHandler(new & filters.TEXT & ~filters.COMMAND, self.on_message))
         app.add_error_handler(self.on_error)
 
     async def _connect(self, app: Application) -> None:
@@ -149,7 +153,10 @@ class TelegramBot:
 
     async def start(self) -> None:
         """Start polling inside a running event loop (tests, or an embedding program)."""
-        await self.application.initialize()
+        try:
+            await self.application.initialize()
+        except InvalidToken:
+            raise ConfigError(TOKEN_REFUSED_TEXT) from None  # PTB's own message quotes the token
         await self._connect(self.application)
         await self.application.start()
         if self.options.webhook_url:
@@ -179,10 +186,13 @@ class TelegramBot:
 
     def run(self) -> None:
         """Serve until interrupted: long polling, or a webhook if one is configured."""
-        if self.options.webhook_url:
-            self.application.run_webhook(**self._webhook_options())
-        else:
-            self.application.run_polling(allowed_updates=Update.ALL_TYPES)
+        try:
+            if self.options.webhook_url:
+                self.application.run_webhook(**self._webhook_options())
+            else:
+                self.application.run_polling(allowed_updates=Update.ALL_TYPES)
+        except InvalidToken:
+            raise ConfigError(TOKEN_REFUSED_TEXT) from None  # PTB's own message quotes the token
 
     # --- who is talking, and may they -------------------------------------------------
 
@@ -203,7 +213,8 @@ class TelegramBot:
         text = message.text or ""
         if chat.type == ChatType.PRIVATE:
             return text
-        mention = re.compile(re.escape("@" + (context.bot.username or "")), re.IGNORECASE)
+        # Usernames are letters, digits and underscores: @name_fan is someone else.
+        mention = re.compile(rf"(?<![\w@])@{re.escape(context.bot.username or '')}(?!\w)", re.IGNORECASE | re.ASCII)
         if context.bot.username and mention.search(text):
             return mention.sub("", text).strip() or None
         replied = message.reply_to_message

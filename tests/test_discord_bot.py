@@ -32,6 +32,7 @@ from tests.fakes.discord_api import (
     FakeDiscord,
 )
 from tests.fakes.checkpoints import make_checkpoint
+from tests.fakes.full_redis import redis_refusing_writes
 from tests.fakes.scripted_worker import scripted_worker
 
 TOKEN = "MTIzNDU2Nzg5.fake-discord.token_value"
@@ -276,3 +277,56 @@ async def test_a_wrong_token_is_a_clear_error(discord_settings, fake_api, redis_
                 await asyncio.wait_for(bot.serve(), 30)
     finally:
         discord.http.Route.BASE = default_base
+
+
+async def test_a_question_deleted_while_the_bot_thinks_still_gets_its_answer(start_bot, fake_api, discord_settings):
+    def slow(request) -> str:
+        time.sleep(1.0)
+        return "a long thoughtful answer"
+
+    with scripted_worker(discord_settings, slow):
+        await start_bot()
+        question = await fake_api.user_message("what is patience?", mention_bot=True)
+        await fake_api.wait_for(lambda: fake_api.typing)  # it is thinking
+        fake_api.delete(question)
+        await fake_api.wait_for(lambda: fake_api.texts() == ["a long thoughtful answer"])
+    assert "message_reference" not in fake_api.sent[0]  # sent unquoted: there is nothing left to quote
+
+
+async def test_a_thread_is_refused_where_its_parent_channel_is_denied(start_bot, fake_api, discord_settings):
+    with scripted_worker(discord_settings, echo) as seen:
+        await start_bot(denied_channels=[OTHER_CHANNEL_ID])
+        denied = await fake_api.thread(parent_id=OTHER_CHANNEL_ID)
+        open_thread = await fake_api.thread(parent_id=CHANNEL_ID)
+        await fake_api.user_message("in a thread of the denied channel", mention_bot=True, channel_id=denied)
+        await fake_api.slash("ask", {"text": "and by slash command?"}, channel_id=denied)
+        await fake_api.wait_for(lambda: len(fake_api.interaction_responses) == 1)
+        await fake_api.user_message("in a thread of an open channel", mention_bot=True, channel_id=open_thread)
+        await fake_api.wait_for(lambda: len(fake_api.texts(open_thread)) == 1)
+        await asyncio.sleep(0.3)
+    assert fake_api.texts(denied) == []
+    assert fake_api.interaction_responses[0]["data"]["content"] == "I'm not answering in this channel."
+    assert [r.messages[-1].content for r in seen] == ["in a thread of an open channel"]
+
+
+async def test_a_thread_is_answered_where_its_parent_channel_is_allowed(start_bot, fake_api, discord_settings):
+    with scripted_worker(discord_settings, echo):
+        await start_bot(allowed_channels=[CHANNEL_ID])
+        allowed = await fake_api.thread(parent_id=CHANNEL_ID)
+        elsewhere = await fake_api.thread(parent_id=OTHER_CHANNEL_ID)
+        await fake_api.user_message("elsewhere", mention_bot=True, channel_id=elsewhere)
+        await fake_api.slash("ask", {"text": "by slash command"}, channel_id=allowed, author_id=222)
+        await fake_api.user_message("in a thread of the allowed channel", mention_bot=True, channel_id=allowed)
+        await fake_api.wait_for(lambda: len(fake_api.texts(allowed)) == 1 and len(fake_api.texts()) == 2)
+        await asyncio.sleep(0.3)
+    assert fake_api.texts(allowed) == ["echo: user=in a thread of the allowed channel"]
+    assert fake_api.texts(elsewhere) == []
+    assert "echo: user=by slash command" in fake_api.texts()
+
+
+async def test_a_slash_command_is_answered_when_redis_refuses_writes(start_bot, fake_api, redis_client):
+    await start_bot()
+    with redis_refusing_writes(redis_client):
+        await fake_api.slash("ask", {"text": "anyone there?"})
+        await fake_api.wait_for(lambda: fake_api.texts() == [BUSY_TEXT])
+    assert fake_api.interaction_responses[0]["type"] == 5  # the "thinking…" is followed by an answer

@@ -7,6 +7,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from adapters.responder import (
+    BUSY_TEXT,
     NOTHING_TO_CANCEL_TEXT,
     NOTHING_TO_RETRY_TEXT,
     UNREACHABLE_TEXT,
@@ -14,6 +15,7 @@ from adapters.responder import (
     Where,
 )
 from persona.settings import Settings
+from tests.fakes.full_redis import redis_refusing_writes
 from tests.fakes.scripted_worker import scripted_worker
 
 HERE = Where(chat="c1", user="u1")
@@ -54,4 +56,13 @@ async def test_switching_persona_checks_the_name(settings: Settings, redis_url, 
     assert "no persona called 'quiet'" in await responder.set_persona("c1", "quiet")  # not enabled on discord
     assert (await responder.set_persona("c1", "loud")).startswith("From now on")
     assert await responder.persona_for("c1") == "loud" and await responder.persona_for("c2") == settings.discord.persona
+    await client.aclose()
+
+
+async def test_redis_refusing_writes_means_polite_replies_not_silence(settings: Settings, redis_url, redis_client):
+    client = redis.asyncio.Redis.from_url(redis_url)
+    responder = Responder(client, settings, "telegram")
+    with redis_refusing_writes(redis_client):
+        assert await responder.answer(HERE, "hello?") == BUSY_TEXT
+        assert await responder.set_persona("c1", settings.telegram.persona) == BUSY_TEXT
     await client.aclose()

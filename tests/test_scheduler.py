@@ -15,6 +15,7 @@ from adapters.posting.poster import Poster
 from adapters.posting.sinks import FileSink, Posted, make_sink
 from adapters.posting.slots import next_slot, plan_slots, slot_id, slots_between
 from adapters.scheduler import Scheduler
+from persona import constants as keys
 from persona.errors import ConfigError
 from persona.ledger import PostLedger
 from persona.settings import Settings
@@ -319,6 +320,25 @@ def test_stopping_ends_a_wait_for_candidates_and_leaves_the_slot_due(settings, s
     assert time.monotonic() - started < 10
     assert redis_client.hget("persona:scheduler:checked", "poet") == str(utc(2026, 1, 5, 8).timestamp()).encode()
     assert redis_client.exists("persona:post-lock:poet:2026-01-05T09:00:00Z") == 0
+
+
+def test_a_queue_full_midway_withdraws_the_candidates_already_submitted(settings, write_persona, redis_client):
+    from adapters.posting.poster import QueueCandidates
+    from persona.contract import GenerationRequest
+    from persona.errors import QueueBusy
+    from persona.personas import PersonaRegistry
+    from persona.queue import QueueClient
+
+    write_persona("poet", base="unused", adapters=["cli", "scheduler"])
+    settings.queue.max_length = 5
+    for _ in range(3):
+        redis_client.xadd(keys.STREAM_BATCH, {"r": b"{}"})  # other batch work already waiting: room for two
+    candidates = QueueCandidates(QueueClient(redis_client, settings.queue), 300.0)
+    with pytest.raises(QueueBusy):
+        candidates(PersonaRegistry.from_settings(settings).get("poet"), 8, seed=1)
+    submitted = [GenerationRequest.from_json(fields[b"r"]) for _, fields in redis_client.xrange(keys.STREAM_BATCH)[3:]]
+    assert len(submitted) == 2
+    assert all(redis_client.exists(keys.cancel_key(request.id)) for request in submitted)  # no worker will generate them
 
 
 def _post_in_a_process(settings: Settings, slot: str, start_at: float) -> None:

@@ -5,15 +5,23 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import socket
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 
 import pytest
+import requests
 from aiohttp import web
+from pydantic import SecretStr
 
-from adapters.posting.sinks import FileSink, make_sink, platform_of
+from adapters.posting import social
+from adapters.posting.poster import Poster
+from adapters.posting.sinks import FileSink, SinkRateLimited, make_sink, platform_of
+from adapters.scheduler import Scheduler
 from persona.errors import ConfigError, SinkError
 from persona.settings import Settings
 from tests.conftest import read_jsonl
@@ -102,6 +110,9 @@ def _routes(fake: FakePlatform) -> web.Application:
         method = request.match_info["method"]
         if method == "getMe":
             return web.json_response({"ok": True, "result": {"id": 7, "is_bot": True, "first_name": "Sage", "username": "sagebot"}})
+        if fake.fail_with == 429:
+            return web.json_response({"ok": False, "error_code": 429, "description": "Too Many Requests: retry after 7",
+                                      "parameters": {"retry_after": 7}}, status=429)
         if fake.fail_with:
             return web.json_response({"ok": False, "error_code": 400, "description": "Bad Request: chat not found"}, status=400)
         return web.json_response({"ok": True, "result": {
@@ -191,6 +202,17 @@ def test_x_with_a_user_token_and_a_refusal(settings, platform):
     assert platform.seen[0]["headers"]["Authorization"] == "Bearer user-token"
 
 
+def test_x_gives_up_on_a_connection_that_never_answers(settings, monkeypatch):
+    monkeypatch.setattr(social, "REQUEST_TIMEOUT_S", 0.5)
+    with ThreadPoolExecutor(1) as pool, socket.socket() as stalled:
+        stalled.bind(("127.0.0.1", 0))
+        stalled.listen()  # the kernel accepts the connection; nobody ever answers it
+        settings.posting = settings.posting.model_copy(update={
+            "x_api_url": f"http://127.0.0.1:{stalled.getsockname()[1]}", "x_bearer_token": SecretStr("user-token")})
+        attempt = pool.submit(make_sink("x", settings).post, "Patience.", "m1")
+        assert isinstance(attempt.exception(timeout=10), requests.exceptions.Timeout)
+
+
 def test_x_without_credentials_says_which_setting(settings):
     with pytest.raises(ConfigError, match="PERSONA_POSTING__X_BEARER_TOKEN"):
         make_sink("x", settings)
@@ -274,6 +296,32 @@ def test_telegram_channel_through_the_bot(settings, platform):
     platform.fail_with = 400
     with pytest.raises(SinkError, match="(?i)chat not found"):
         sink.post("again", "m2")
+
+
+def test_rate_limits_are_told_apart_from_refusals(settings, platform):
+    changed = settings_for(settings, platform, x_bearer_token=SecretStr("user-token"))
+    changed.telegram.token = SecretStr("123456:telegram-token")
+    platform.fail_with = 429
+    with pytest.raises(SinkRateLimited, match="X is rate-limiting"):
+        make_sink("x", changed).post("Patience.", "m1")
+    with pytest.raises(SinkRateLimited, match="Telegram is rate-limiting"):
+        make_sink("telegram:-1001234567890", changed).post("Patience.", "m2")
+
+
+def test_a_rate_limited_post_is_tried_again_at_the_next_tick(settings, platform, write_persona, redis_client):
+    write_persona("poet", base="unused", adapters=["cli", "scheduler"], schedule={
+        "cron": "0 9 * * *", "timezone": "UTC", "missed": "skip", "enabled": True, "sinks": ["x"], "candidates": 1})
+    changed = settings_for(settings, platform, x_bearer_token=SecretStr("user-token"))
+    runner = Scheduler(Poster(changed, redis_client, lambda persona, n, seed: ["Patience is a slow river."]), redis_client)
+    at_nine = datetime(2026, 1, 5, 9, tzinfo=UTC)
+    runner.tick(at_nine - timedelta(hours=1))  # the first look starts the clock
+    platform.fail_with = 429  # X: too many requests, for now
+    [limited] = runner.tick(at_nine + timedelta(seconds=30))
+    assert limited.status == "failed" and limited.sinks["x"]["state"] == "rate_limited"
+    platform.fail_with = None  # the limit has reset
+    assert [(o.status, o.slot) for o in runner.tick(at_nine + timedelta(minutes=1))] == [("posted", "2026-01-05T09:00:00Z")]
+    assert runner.tick(at_nine + timedelta(minutes=2)) == []
+    assert [seen["json"]["text"] for seen in platform.seen] == ["Patience is a slow river."] * 2
 
 
 def test_sink_specs(settings):

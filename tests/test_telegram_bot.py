@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 import redis
@@ -18,8 +20,9 @@ from pydantic import SecretStr
 
 from adapters.access import approve_code
 from adapters.responder import BUSY_TEXT, CANCELLED_TEXT, RESET_TEXT, TIMEOUT_TEXT
-from adapters.telegram_bot import HELP_TEXT, TelegramBot
+from adapters.telegram_bot import HELP_TEXT, TelegramBot, run_telegram
 from persona import constants as keys
+from persona.errors import ConfigError
 from persona.settings import Settings
 from tests.fakes.scripted_worker import scripted_worker
 from tests.fakes.telegram_api import BOT_ID, BOT_USERNAME, FakeTelegram
@@ -310,3 +313,55 @@ async def test_groups_outside_the_allowed_chats_are_ignored(start_bot, fake_api,
         await fake_api.wait_for(lambda: len(fake_api.sent) == 1)
         await asyncio.sleep(0.3)
     assert fake_api.texts(GROUP) == ["echo: hi"] and len(seen) == 1
+
+
+async def test_an_edited_message_is_not_answered_again(start_bot, fake_api, telegram_settings):
+    with scripted_worker(telegram_settings, echo) as seen:
+        await start_bot()
+        question = fake_api.push_message("what is patience?")
+        await fake_api.wait_for(lambda: len(fake_api.sent) == 1)
+        fake_api.edit_message(question, "what is patience? (typo fixed)")
+        fake_api.edit_message(fake_api.push_message("/reset"), "/reset please")
+        fake_api.push_message("ping")  # answered after the edits were handed out
+        await fake_api.wait_for(lambda: len(fake_api.sent) == 3)
+        await asyncio.sleep(0.3)
+    assert fake_api.texts() == ["echo: what is patience?", RESET_TEXT, "echo: ping"]
+    assert [r.messages[-1].content for r in seen] == ["what is patience?", "ping"]
+
+
+async def test_a_longer_username_that_starts_with_the_bots_is_not_a_mention(start_bot, fake_api, telegram_settings):
+    with scripted_worker(telegram_settings, echo) as seen:
+        await start_bot()
+        fake_api.push_message(f"@{BOT_USERNAME}_fan can you send me the notes?", chat_id=GROUP, chat_type="group")
+        fake_api.push_message(f"mail me at notes@{BOT_USERNAME}.org", chat_id=GROUP, chat_type="group")
+        fake_api.push_message(f"@{BOT_USERNAME.upper()} what is patience?", chat_id=GROUP, chat_type="group")
+        await fake_api.wait_for(lambda: len(fake_api.sent) == 1)
+        await asyncio.sleep(0.3)
+    assert fake_api.texts(GROUP) == ["echo: what is patience?"]
+    assert len(seen) == 1
+
+
+@pytest.fixture
+def fake_api_in_a_thread() -> Iterator[FakeTelegram]:
+    """The fake Bot API on its own loop and thread, for code that runs its own event loop."""
+    loop = asyncio.new_event_loop()
+    fake = FakeTelegram(token=TOKEN)
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    asyncio.run_coroutine_threadsafe(fake.start(), loop).result(10)
+    yield fake
+    asyncio.run_coroutine_threadsafe(fake.stop(), loop).result(10)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(10)
+    loop.close()
+
+
+def test_a_wrong_token_is_a_clear_error_that_never_shows_the_token(settings, fake_api_in_a_thread):
+    wrong = "123456789:AAE-WRONG-secret-token"
+    settings.telegram = settings.telegram.model_copy(
+        update={"token": SecretStr(wrong), "api_url": fake_api_in_a_thread.base_url, "persona": "tg"}
+    )
+    with pytest.raises(ConfigError, match="Telegram refused the token: check PERSONA_TELEGRAM__TOKEN") as refused:
+        run_telegram(settings)
+    assert wrong not in str(refused.value) and wrong.split(":")[1] not in str(refused.value)
+    assert refused.value.__cause__ is None and refused.value.__suppress_context__  # no traceback quoting it

@@ -12,7 +12,7 @@ import contextlib
 import hashlib
 from collections.abc import Iterator
 
-from adapters.posting.sinks import Posted, RetrySafety
+from adapters.posting.sinks import Posted, RetrySafety, SinkRateLimited
 from persona.errors import ConfigError, SinkError
 from persona.settings import Settings
 
@@ -106,10 +106,12 @@ class TelegramSink:
 
         # Only answers that say "not sent" become SinkError; a network error or time-out
         # may have been delivered, and the ledger treats it as unknown.
-        refused = (BadRequest, ChatMigrated, EndPointNotFound, Forbidden, InvalidToken, RetryAfter)
+        refused = (BadRequest, ChatMigrated, EndPointNotFound, Forbidden, InvalidToken)
         try:
             async with Bot(self.token, base_url=self.api_url) as bot:
                 message = await bot.send_message(chat_id=self.chat, text=text)
+        except RetryAfter as exc:
+            raise SinkRateLimited(f"Telegram is rate-limiting posts: {exc}") from exc
         except refused as exc:
             raise SinkError(f"Telegram refused the post: {exc}") from exc
         return Posted(id=str(message.message_id), url=message.link or "")

@@ -23,7 +23,7 @@ from typing import Protocol
 
 import redis
 
-from adapters.posting.sinks import Sink, make_sink
+from adapters.posting.sinks import Sink, SinkRateLimited, make_sink
 from persona.approvals import Approval, ApprovalQueue
 from persona.contract import (
     GenerationReply,
@@ -68,16 +68,16 @@ class QueueCandidates:
 
     def __call__(self, persona: Persona, n: int, seed: int) -> list[str]:
         deadline = time.time() + self.wait_s
-        # Submit them all before waiting on any, so a worker generates them as one batch.
-        requests = [
-            self.queue.submit(GenerationRequest(
-                persona=persona.name, mode="complete", priority=Priority.batch, source=self.source,
-                sampling=SamplingOverrides(seed=seed + i), deadline=deadline,
-            ))
-            for i in range(n)
-        ]
+        requests: list[GenerationRequest] = []
         texts: list[str] = []
         try:
+            # Submit them all before waiting on any, so a worker generates them as one batch.
+            # A full queue may refuse the fifth after taking four: those four are cancelled below.
+            for i in range(n):
+                requests.append(self.queue.submit(GenerationRequest(
+                    persona=persona.name, mode="complete", priority=Priority.batch, source=self.source,
+                    sampling=SamplingOverrides(seed=seed + i), deadline=deadline,
+                )))
             for request in requests:
                 reply = self._wait(request)
                 if reply.ok:
@@ -113,6 +113,8 @@ class PostOutcome:
     persona: str
     slot: str
     status: str  # posted | dry_run | pending | done | busy | no_candidate | failed | uncertain
+    # Failed only because a platform asked us to slow down (nothing went out there): try again later.
+    retry_later: bool = False
     text: str = ""
     candidates: int = 0
     rejected: dict[str, int] = field(default_factory=dict)
@@ -235,6 +237,7 @@ class Poster:
             outcome.sinks[sink.spec] = {k: v for k, v in asdict(entry).items() if k != "marker"}
         states = {s["state"] for s in outcome.sinks.values()}
         outcome.status = "posted" if states == {"posted"} else "uncertain" if "uncertain" in states else "failed"
+        outcome.retry_later = outcome.status == "failed" and states <= {"posted", "rate_limited"}
         self.ledger.finish(persona.name, slot, outcome.status, outcome.text, recent_kept=max(1, self.settings.posting.recent_posts))
         if outcome.status != "posted":
             outcome.message = "; ".join(f"{spec}: {s['state']} {s['error']}".strip() for spec, s in outcome.sinks.items() if s["state"] != "posted")
@@ -263,6 +266,11 @@ class Poster:
         self.ledger.set_sink(name, slot, sink.spec, entry)
         try:
             posted = sink.post(text, marker)
+        except SinkRateLimited as exc:  # nothing went out: the next tick tries again
+            log.warning("%s slot %s: %s", name, slot, exc)
+            entry.state, entry.error = "rate_limited", str(exc)
+            self.ledger.set_sink(name, slot, sink.spec, entry)
+            return entry
         except SinkError as exc:  # the platform said no: nothing went out, a retry is safe
             log.warning("%s slot %s: %s", name, slot, exc)
             entry.state, entry.error = "failed", str(exc)

@@ -13,6 +13,10 @@ How each sink makes a retry after a crash safe is its ``retry``: ``check`` (the 
 look for an earlier post by its marker), ``idempotent`` (the platform drops a repeat of
 the same idempotency key) or ``none`` (nothing can tell: the slot is marked uncertain
 and left for the operator, rather than risk a double post).
+
+A sink raises ``SinkError`` when the platform refused the post (nothing went out), and
+its subclass ``SinkRateLimited`` when the refusal was only "too many requests": the
+slot is then tried again at a later tick instead of being closed as failed.
 """
 
 from __future__ import annotations
@@ -26,13 +30,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
 
-from persona.errors import ConfigError
+from persona.errors import ConfigError, SinkError
 from persona.settings import Settings
 
-__all__ = ["FileSink", "Posted", "Sink", "make_sink", "platform_of"]
+__all__ = ["FileSink", "Posted", "Sink", "SinkRateLimited", "make_sink", "platform_of"]
 
 RetrySafety = Literal["check", "idempotent", "none"]
 PLATFORMS = ("x", "mastodon", "bluesky", "discord", "telegram", "file")
+
+
+class SinkRateLimited(SinkError):
+    """The platform asked us to slow down: nothing went out, and a later try may succeed."""
 
 
 @dataclass

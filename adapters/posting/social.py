@@ -1,8 +1,9 @@
 """Sinks for X (tweepy, API v2), Mastodon (Mastodon.py) and Bluesky (atproto).
 
-Each API base URL is a setting. tweepy's ``Client`` has no base-URL option (its host is
-fixed), so the narrowest hook is its own ``requests`` session: a transport adapter
-mounted for ``https://api.twitter.com/`` sends those requests to the configured base.
+Each API base URL is a setting. tweepy's ``Client`` has neither a base-URL nor a
+time-out option, so the narrowest hook is its own ``requests`` session: a transport
+adapter mounted for ``https://api.twitter.com/`` sends those requests to the configured
+base, and gives each one a time-out (one stalled connection must not freeze the scheduler).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import logging
 import requests
 from pydantic import SecretStr
 
-from adapters.posting.sinks import Posted, RetrySafety
+from adapters.posting.sinks import Posted, RetrySafety, SinkRateLimited
 from persona.errors import ConfigError, SinkError
 from persona.settings import Settings
 
@@ -36,14 +37,16 @@ def _need(value: object, setting: str, sink: str) -> None:
 
 
 class _Rebase(requests.adapters.HTTPAdapter):
-    """Sends requests meant for one URL prefix to another."""
+    """Sends requests meant for one URL prefix to another, each with a time-out."""
 
-    def __init__(self, old: str, new: str) -> None:
+    def __init__(self, old: str, new: str, timeout_s: float) -> None:
         super().__init__()
-        self.old, self.new = old, new.rstrip("/")
+        self.old, self.new, self.timeout_s = old, new.rstrip("/"), timeout_s
 
     def send(self, request, **kwargs):  # type: ignore[override]
         request.url = self.new + request.url[len(self.old) :]
+        if kwargs.get("timeout") is None:  # requests passes None when the caller (tweepy) sets none
+            kwargs["timeout"] = self.timeout_s
         return super().send(request, **kwargs)
 
 
@@ -67,8 +70,9 @@ class XSink:
             consumer_secret=_secret(posting.x_consumer_secret), access_token=_secret(posting.x_access_token),
             access_token_secret=_secret(posting.x_access_token_secret),
         )
-        if posting.x_api_url.rstrip("/") != X_DEFAULT_API_URL:
-            self.client.session.mount(X_DEFAULT_API_URL + "/", _Rebase(X_DEFAULT_API_URL, posting.x_api_url))
+        self.client.session.mount(
+            X_DEFAULT_API_URL + "/", _Rebase(X_DEFAULT_API_URL, posting.x_api_url, REQUEST_TIMEOUT_S)
+        )
 
     def post(self, text: str, marker: str) -> Posted:
         import tweepy
@@ -77,6 +81,8 @@ class XSink:
             response = self.client.create_tweet(text=text, user_auth=self.user_auth)
         except tweepy.TwitterServerError:
             raise  # a 5xx may or may not have posted: the ledger treats it as unknown
+        except tweepy.TooManyRequests as exc:
+            raise SinkRateLimited(f"X is rate-limiting posts: {exc}") from exc
         except tweepy.HTTPException as exc:
             raise SinkError(f"X refused the post: {exc}") from exc
         tweet_id = str(response.data["id"])
@@ -114,7 +120,9 @@ class MastodonSink:
             status = self.client.status_post(text, idempotency_key=marker)
         except MastodonServerError:
             raise  # may or may not have posted; a retry with the same key is safe
-        except (MastodonAPIError, MastodonRatelimitError) as exc:
+        except MastodonRatelimitError as exc:
+            raise SinkRateLimited(f"Mastodon is rate-limiting posts: {exc}") from exc
+        except MastodonAPIError as exc:
             raise SinkError(f"Mastodon refused the post: {exc}") from exc
         return Posted(id=str(status["id"]), url=str(status.get("url") or ""))
 

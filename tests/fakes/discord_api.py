@@ -3,10 +3,12 @@
 REST: /users/@me, /oauth2/applications/@me, /gateway/bot, channel messages (create and
 fetch), typing, application commands (sync), interaction callbacks and follow-ups.
 Gateway (websocket, JSON text frames): HELLO, IDENTIFY → READY and GUILD_CREATE,
-heartbeat ACKs, and dispatches the tests ask for (MESSAGE_CREATE, INTERACTION_CREATE).
-Tests read back what the bot did: ``sent`` (messages it posted, replies to
-interactions included), ``typing`` (channel ids), ``interaction_responses``.
+heartbeat ACKs, and dispatches the tests ask for (MESSAGE_CREATE, INTERACTION_CREATE,
+THREAD_CREATE). Tests read back what the bot did: ``sent`` (messages it posted, replies
+to interactions included), ``typing`` (channel ids), ``interaction_responses``.
 ``rate_limit(route_prefix, seconds)`` answers the next matching request with a 429.
+``delete(message)`` removes a message; a reply to it then fails with 400 "Unknown
+message", as on Discord, unless the reply says ``fail_if_not_exists: false``.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ class FakeDiscord:
     commands: list[dict] = field(default_factory=list)
     requests: list[tuple[str, str]] = field(default_factory=list)
     messages: dict[int, dict] = field(default_factory=dict)
+    threads: dict[int, dict] = field(default_factory=dict)
     limits: dict[str, list[float]] = field(default_factory=dict)
     api_url: str = ""
     identified: asyncio.Event = field(default_factory=asyncio.Event)
@@ -113,16 +116,34 @@ class FakeDiscord:
         await self.dispatch("MESSAGE_CREATE", message)
         return message
 
+    def delete(self, message: dict) -> None:
+        """The author (or a moderator) deletes a message."""
+        del self.messages[int(message["id"])]
+
+    async def thread(self, parent_id: int = CHANNEL_ID, name: str = "side talk") -> int:
+        """A public thread started in a channel, dispatched as THREAD_CREATE; returns its id."""
+        thread = {
+            "id": str(next(self._ids)), "guild_id": str(GUILD_ID), "parent_id": str(parent_id), "type": 11,
+            "name": name, "owner_id": "111", "last_message_id": None, "rate_limit_per_user": 0,
+            "message_count": 0, "member_count": 1, "flags": 0, "newly_created": True,
+            "thread_metadata": {"archived": False, "auto_archive_duration": 1440, "archive_timestamp": TIMESTAMP,
+                                "locked": False},
+        }
+        self.threads[int(thread["id"])] = thread
+        await self.dispatch("THREAD_CREATE", thread)
+        return int(thread["id"])
+
     async def slash(
         self, name: str, options: dict | None = None, *, author_id: int = 111, roles: list[int] | None = None,
         channel_id: int = CHANNEL_ID,
     ) -> dict:
         """A slash command, dispatched as INTERACTION_CREATE; returns its payload."""
+        channel = self.threads.get(channel_id) or {
+            "id": str(channel_id), "type": 0, "guild_id": str(GUILD_ID), "name": "general", "position": 0,
+            "permission_overwrites": []}
         interaction = {
             "id": str(next(self._ids)), "application_id": str(APP_ID), "type": 2, "token": f"itoken{next(self._ids)}",
-            "version": 1, "guild_id": str(GUILD_ID), "channel_id": str(channel_id),
-            "channel": {"id": str(channel_id), "type": 0, "guild_id": str(GUILD_ID), "name": "general", "position": 0,
-                        "permission_overwrites": []},
+            "version": 1, "guild_id": str(GUILD_ID), "channel_id": str(channel_id), "channel": channel,
             "member": {"user": user(author_id, "ada"), "roles": [str(r) for r in roles or []], "joined_at": TIMESTAMP,
                        "permissions": "2147483647", "deaf": False, "mute": False, "flags": 0},
             "app_permissions": "2147483647", "locale": "en-US", "guild_locale": "en-US", "entitlements": [], "attachment_size_limit": 8388608,
@@ -236,6 +257,12 @@ class FakeDiscord:
                 self.typing.append((int(channel_id), time.monotonic()))
                 return web.Response(status=204)
             case "POST", ["channels", channel_id, "messages"]:
+                reference = body.get("message_reference")
+                if reference and int(reference["message_id"]) not in self.messages:
+                    if reference.get("fail_if_not_exists", True):
+                        return _json({"code": 50035, "message": "Invalid Form Body", "errors": {"message_reference": {
+                            "_errors": [{"code": "REPLIES_UNKNOWN_MESSAGE", "message": "Unknown message"}]}}}, status=400)
+                    body = {k: v for k, v in body.items() if k != "message_reference"}  # sent as a plain message
                 return _json(self._record(channel_id, body))
             case "GET", ["channels", channel_id, "messages", message_id]:
                 found = self.messages.get(int(message_id))

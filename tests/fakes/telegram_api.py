@@ -1,6 +1,6 @@
 """A Telegram Bot API on loopback, enough for python-telegram-bot to poll and reply.
 
-Tests queue updates (``push_message``) that ``getUpdates`` hands out, and read back
+Tests queue updates (``push_message``, ``edit_message``) that ``getUpdates`` hands out, and read back
 what the bot did: ``sent`` (sendMessage), ``actions`` (sendChatAction), ``commands``
 (setMyCommands), and every call in ``calls``. ``flood(method, seconds)`` makes the
 next call of a method fail with 429 "retry after", as Telegram's flood control does.
@@ -77,6 +77,13 @@ class FakeTelegram:
         self.updates.append({"update_id": next(self._ids), "message": message})
         self._new_update.set()
         return message
+
+    def edit_message(self, message: dict, text: str) -> dict:
+        """Queue the user's edit of an earlier message (an ``edited_message`` update)."""
+        edited = {**message, "text": text, "edit_date": int(time.time())}
+        self.updates.append({"update_id": next(self._ids), "edited_message": edited})
+        self._new_update.set()
+        return edited
 
     def flood(self, method: str, seconds: int, times: int = 1) -> None:
         """Make the next ``times`` calls of ``method`` fail with flood control."""
