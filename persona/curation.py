@@ -40,10 +40,10 @@ __all__ = [
     "limit_for",
     "load_corpus",
     "score",
+    "x_length",
 ]
 
-# Platform limits, in characters (X counts most characters as one; URLs and some
-# scripts weigh differently, which short aphorisms do not use).
+# Platform limits, in characters (X's counted its own way: see ``x_length``).
 X_LIMIT_CHARS = 280
 MASTODON_LIMIT_CHARS = 500
 BLUESKY_LIMIT_CHARS = 300
@@ -56,6 +56,14 @@ PLATFORM_LIMITS_CHARS = {
     "discord": DISCORD_LIMIT_CHARS,
     "telegram": TELEGRAM_LIMIT_CHARS,
 }
+
+# X's weights (twitter-text v3): code points in these ranges count 1 (Latin, Greek,
+# Cyrillic, Hebrew, Arabic, Indic scripts..., some punctuation); every other one 2 (CJK,
+# emoji); a link 23, however long. (X counts an emoji sequence as 2 in all; counted per
+# code point here, a post is at worst a little shorter than X would allow.)
+X_LIGHT_RANGES = ((0, 4351), (8192, 8205), (8208, 8223), (8242, 8247))
+X_LINK_LENGTH = 23
+_LINK = re.compile(r"https?://\S+", re.IGNORECASE)
 
 NEAR_REPEAT_SIMILARITY = 0.8  # difflib ratio over words at or above which two posts are "the same"
 REPEATED_WORD_RUN = 3  # the same word this many times in a row is a loop
@@ -95,6 +103,15 @@ def limit_for(platforms: Iterable[str], persona_max_chars: int) -> int:
     """The tightest character limit of the persona and the platforms posted to."""
     limits = [PLATFORM_LIMITS_CHARS[p] for p in platforms if p in PLATFORM_LIMITS_CHARS]
     return min([persona_max_chars, *limits])
+
+
+def x_length(text: str) -> int:
+    """How long X counts a post: a 140-character Japanese post is 280, X's whole limit."""
+    links = _LINK.findall(text)
+    rest = _LINK.sub("", text)
+    return X_LINK_LENGTH * len(links) + sum(
+        1 if any(low <= ord(c) <= high for low, high in X_LIGHT_RANGES) else 2 for c in rest
+    )
 
 
 def clean_text(raw: str) -> str:
@@ -162,14 +179,19 @@ def curate(
     blocklist: list[str] | None = None,
     recent: list[str] | None = None,
     corpus: CopyIndex | None = None,
+    platforms: Iterable[str] = (),
 ) -> Curated:
-    """Filter the candidates, score the survivors, and pick the best one."""
+    """Filter the candidates, score the survivors, and pick the best one. Posting to X
+    (``platforms``), a candidate must also fit X's own count (``x_length``)."""
+    x_limit = X_LIMIT_CHARS if "x" in set(platforms) else None
     recent = list(recent or [])
     accepted: list[str] = []
     candidates: list[Candidate] = []
     for index, raw in enumerate(raws):
         candidate = Candidate(index=index, raw=raw, text=clean_text(raw))
-        candidate.rejected = _first_failure(candidate.text, max_chars, min_chars, blocklist or [], corpus, recent + accepted)
+        candidate.rejected = _first_failure(
+            candidate.text, max_chars, min_chars, blocklist or [], corpus, recent + accepted, x_limit
+        )
         if candidate.rejected is None:
             candidate.score = score(candidate.text)
             accepted.append(candidate.text)
@@ -181,13 +203,14 @@ def curate(
 
 
 def _first_failure(
-    text: str, max_chars: int, min_chars: int, blocklist: list[str], corpus: CopyIndex | None, seen: list[str]
+    text: str, max_chars: int, min_chars: int, blocklist: list[str], corpus: CopyIndex | None, seen: list[str],
+    x_limit: int | None = None,
 ) -> str | None:
     if not text:
         return "empty"
     if len(text) < min_chars:
         return "too_short"
-    if len(text) > max_chars:
+    if len(text) > max_chars or (x_limit is not None and x_length(text) > x_limit):
         return "too_long"
     if _blocked(text, blocklist):
         return "blocklist"

@@ -15,6 +15,7 @@ from persona.curation import (
     limit_for,
     load_corpus,
     score,
+    x_length,
 )
 from persona.errors import CorpusError
 
@@ -50,6 +51,21 @@ def test_too_long_for_the_platform():
     assert reason(text, max_chars=limit_for(["bluesky"], 1000)) == "too_long"
     assert reason(text[:290], max_chars=limit_for(["mastodon"], 1000)) is None
     assert reason(text[:290], max_chars=limit_for(["x"], 1000)) == "too_long"
+
+
+def test_x_counts_cjk_emoji_and_links_its_own_way():
+    """X counts a Japanese character or an emoji as two and any link as 23: a 145-character
+    Japanese post passed as fitting X and was 290 by X's count."""
+    phrases = ["忍耐は心の庭である", "静かに待つ者は遠くへ行く", "毎日の小さな練習が道を作る", "焦りは雨のように過ぎ去る",
+               "注意は光を集める", "朝の一歩が夕べの山になる", "言葉より先に呼吸を整える", "失敗は稽古の授業料だ",
+               "川は急がずに谷を刻む", "今日の手の中にあるものを世話する", "明日には明日の庭師がいる", "心の埃を毎朝払う"]
+    japanese = "。".join(phrases) + "。"  # 146 characters, every one weighing 2 on X
+    assert len(japanese) == 146 and x_length(japanese) == 292
+    assert reason(japanese, platforms=["x"]) == "too_long"
+    assert reason(japanese[:140], platforms=["x"]) is None  # 280 exactly
+    assert reason(japanese, platforms=["mastodon"], max_chars=500) is None
+    assert x_length("Patience 🙂") == 11
+    assert x_length("Read https://example.com/a/very/long/path/that/x/shortens/anyway now") == 5 + 23 + 4
 
 
 def test_blocklist_matches_whole_words_case_insensitively():

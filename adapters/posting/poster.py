@@ -176,6 +176,7 @@ class Poster:
             blocklist=persona.filters.blocklist,
             recent=self.ledger.recent_texts(persona.name, self.settings.posting.recent_posts),
             corpus=self.corpus_index(persona),
+            platforms=[s.platform for s in sinks],
         )
         missing = n - len(raws)
         if missing:
