@@ -257,6 +257,14 @@ class TransformersEngine:
         return time.perf_counter() - started
 
     @property
+    def context_tokens(self) -> int:
+        """Positions one row may use: the model's, or fewer where the decoder's cache holds
+        fewer (llama.cpp: its cache less one batch of prompt tokens). Prompts are trimmed
+        to it, so a long chat on a small cache loses old turns instead of failing."""
+        room = getattr(self.decoder, "row_tokens", None)
+        return min(self.loaded.context_tokens, room) if room else self.loaded.context_tokens
+
+    @property
     def active(self) -> int:
         """Rows decoding or waiting to join."""
         return len(self._waiting) + (self._rows.size if self._rows is not None else 0)
@@ -268,7 +276,7 @@ class TransformersEngine:
         Past them GPT-2's learned position table has no row (transformers raises;
         llama.cpp aborts the whole process) and rotary models leave what they learned.
         """
-        room = self.loaded.context_tokens - len(work.token_ids)
+        room = self.context_tokens - len(work.token_ids)
         if work.sampling.max_new_tokens > room:
             capped = work.sampling.model_copy(update={"max_new_tokens": max(1, room)})
             work = Work(work.token_ids, capped, work.stop)
@@ -438,6 +446,8 @@ class TransformersEngine:
                     reason = "length"
             if reason:
                 text = self.tokenizer.decode(generated, skip_special_tokens=True)
+                if reason == "length":  # cut mid-character: not half an emoji as U+FFFD
+                    text = text.rstrip("\ufffd")
                 finished[pos] = Completion(
                     text=_cut_at_stop(text, work.stop).strip(),
                     new_tokens=len(generated),
@@ -684,8 +694,9 @@ def _may_complete(pieces: list[str], token: int, stop: list[str]) -> bool:
 
 
 def _hits_stop(tokenizer, generated: list[int], stop: list[str]) -> bool:
-    # Only the tail can hold a stop string that was not there one token ago.
-    longest = max(len(s) for s in stop)
+    # Only the tail can hold a stop string that was not there one token ago; a character
+    # may take a token per UTF-8 byte (an emoji: up to four).
+    longest = max(len(s.encode("utf-8")) for s in stop)
     tail = tokenizer.decode(generated[-(longest + 4) :], skip_special_tokens=True)
     return any(s in tail for s in stop)
 

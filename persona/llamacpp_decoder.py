@@ -129,6 +129,7 @@ class LlamaCppDecoder:
         self.reused_tokens = 0  # prompt tokens read from a kept prefix instead of computed
         self._forget_sequences()
         self.context_tokens = context_tokens
+        self.row_tokens = context_tokens - BATCH_TOKENS  # the most one row can hold (see ``fitting``)
         self.path = path
 
     def _forget_sequences(self) -> None:

@@ -377,7 +377,9 @@ def _stop_token_ids(tokenizer: Any, generation: Any) -> list[int]:
         elif isinstance(candidate, list):
             ids.update(i for i in candidate if isinstance(i, int))
     vocab = tokenizer.get_vocab()
-    for marker in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<end_of_turn>"):
+    # End of a turn, or the start of the next one (a chat model going on to write the
+    # user's turn itself: <|im_start|> is skipped when decoding, so its text would show).
+    for marker in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<end_of_turn>", "<|im_start|>", "<|start_header_id|>"):
         if marker in vocab:
             ids.add(vocab[marker])
     return sorted(ids)

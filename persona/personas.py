@@ -16,7 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from persona.contract import MAX_SEED, SamplingOverrides, StopString
 from persona.errors import ConfigError, UnknownPersona
@@ -103,6 +110,12 @@ class FiltersConfig(_Strict):
     blocklist: list[str] = Field(default_factory=list)
     max_copied_words: int = Field(8, ge=3, description="longest verbatim run from the corpus")
     corpus: str | None = Field(None, description="the persona's corpus (JSONL), for originality; relative to the persona file")
+
+    @model_validator(mode="after")
+    def _lengths_agree(self) -> FiltersConfig:
+        if self.min_chars > self.max_chars:
+            raise ValueError(f"min_chars ({self.min_chars}) is over max_chars ({self.max_chars}): no post could pass")
+        return self
 
 
 class ScheduleConfig(_Strict):

@@ -11,6 +11,7 @@ newest message is always kept (cut from its start only if it alone is too long).
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from dataclasses import dataclass, field
 
@@ -19,9 +20,10 @@ from persona.models import LoadedModel
 from persona.personas import Persona, Sampling
 from persona.tokenizing import PieceEncoder, encode_many, encoder_for
 
-__all__ = ["Prompt", "build_prompt", "build_prompts"]
+__all__ = ["Prompt", "build_prompt", "build_prompts", "prompt_budget"]
 
 USER_SPEAKER = "User"
+MIN_MESSAGE_TOKENS = 32  # what is kept of the newest message when nothing else can give way
 
 
 @dataclass
@@ -32,9 +34,20 @@ class Prompt:
     stop: list[str]
 
 
-def build_prompt(persona: Persona, request: GenerationRequest, loaded: LoadedModel, sampling: Sampling) -> Prompt:
-    """The prompt for one request, trimmed to fit beside ``max_new_tokens``."""
-    budget = max(16, loaded.context_tokens - sampling.max_new_tokens)
+def prompt_budget(context: int, max_new_tokens: int) -> int:
+    """Tokens a prompt may take beside its reply: the context less the reply's room, but
+    never less than half of it. (A request for more new tokens than the model has
+    positions left its prompt 16 tokens: the system prompt and the question gone. Its
+    reply is capped to the positions left instead.)"""
+    return context - min(max_new_tokens, context // 2)
+
+
+def build_prompt(
+    persona: Persona, request: GenerationRequest, loaded: LoadedModel, sampling: Sampling, context: int | None = None
+) -> Prompt:
+    """The prompt for one request, trimmed to fit beside ``max_new_tokens`` in ``context``
+    positions (default: the model's; an engine's cache may hold fewer)."""
+    budget = prompt_budget(context or loaded.context_tokens, sampling.max_new_tokens)
     use_chat = loaded.has_chat_template
     # A fine-tuned persona writes posts as raw continuations of its corpus; a
     # prompt-only persona on an instruct model is asked for one instead.
@@ -42,13 +55,13 @@ def build_prompt(persona: Persona, request: GenerationRequest, loaded: LoadedMod
         return _plain_completion(request.prefix, loaded, budget, sampling)
     turns = _conversation(persona, request)
     if use_chat:
-        return _fit(lambda kept: _chat_ids(persona, kept, request, loaded), turns, loaded, budget, sampling.stop)
+        return _fit(lambda p, kept: _chat_ids(p, kept, request, loaded), persona, turns, loaded, budget, sampling.stop)
     stop = [f"\n{USER_SPEAKER}:", f"\n{persona.speaker}:", *sampling.stop]
-    return _fit(lambda kept: _transcript_ids(persona, kept, loaded), turns, loaded, budget, stop)
+    return _fit(lambda p, kept: _transcript_ids(p, kept, loaded), persona, turns, loaded, budget, stop)
 
 
 def build_prompts(
-    items: list[tuple[Persona, GenerationRequest, Sampling]], loaded: LoadedModel
+    items: list[tuple[Persona, GenerationRequest, Sampling]], loaded: LoadedModel, context: int | None = None
 ) -> list[Prompt]:
     """``build_prompt`` for many requests at once: chat prompts are tokenized in one call.
 
@@ -66,7 +79,7 @@ def build_prompts(
     chat = loaded.has_chat_template and getattr(tokenizer, "backend_tokenizer", None) is not None
     for i, (persona, request, sampling) in enumerate(items):
         if not (chat and request.mode == "chat"):
-            prompts[i] = build_prompt(persona, request, loaded, sampling)
+            prompts[i] = build_prompt(persona, request, loaded, sampling, context)
             continue
         turns = _conversation(persona, request)
         shape = _shape_of(tokenizer, persona, turns)
@@ -83,11 +96,11 @@ def build_prompts(
             found[i] = shape.ids(encoded[at : at + len(shape.edges)])
     if texts:
         found.update(zip(texts, encode_many(tokenizer, list(texts.values())), strict=True))
-    context = loaded.context_tokens
+    context = context or loaded.context_tokens
     for i, ids in found.items():
         persona, request, sampling = items[i]
-        fits = len(ids) <= max(16, context - sampling.max_new_tokens)
-        prompts[i] = Prompt(ids, sampling.stop) if fits else build_prompt(persona, request, loaded, sampling)
+        fits = len(ids) <= prompt_budget(context, sampling.max_new_tokens)
+        prompts[i] = Prompt(ids, sampling.stop) if fits else build_prompt(persona, request, loaded, sampling, context)
     return [p for p in prompts if p is not None]
 
 
@@ -99,27 +112,73 @@ def _conversation(persona: Persona, request: GenerationRequest) -> list[Message]
     return turns[-keep:] if keep else turns[-1:]
 
 
-def _fit(render, turns: list[Message], loaded: LoadedModel, budget: int, stop: list[str]) -> Prompt:
-    """Drop the oldest turns until the prompt fits; shorten the newest only as a last resort."""
+def _fit(render, persona: Persona, turns: list[Message], loaded: LoadedModel, budget: int, stop: list[str]) -> Prompt:
+    """Make the prompt fit ``budget`` tokens. What gives way, in order: the oldest turns;
+    the few-shot examples; the start of the newest message, down to its last
+    ``MIN_MESSAGE_TOKENS``; the end of the system prompt. The newest message is always
+    there (it used to vanish when the system prompt alone was too long, and the prompt
+    was then cut from its front, mid-system-prompt)."""
+    tokenizer = loaded.tokenizer
     kept = list(turns)
-    ids = render(kept)
+    ids = render(persona, kept)
     while len(ids) > budget and len(kept) > 1:
         kept.pop(0)
-        ids = render(kept)
+        ids = render(persona, kept)
+    if len(ids) > budget and persona.prompt.examples:
+        persona = _with_prompt(persona, examples=[])
+        ids = render(persona, kept)
     if len(ids) > budget and kept:
         last = kept[-1]
-        overflow_tokens = len(ids) - budget
-        content_ids = loaded.tokenizer.encode(last.content, add_special_tokens=False)
-        tail = loaded.tokenizer.decode(content_ids[overflow_tokens + 8 :])
-        kept[-1] = Message(role=last.role, content=tail)
-        ids = render(kept)[-budget:]
-    return Prompt(token_ids=ids, stop=stop)
+        content_ids = tokenizer.encode(last.content, add_special_tokens=False)
+        keep = max(MIN_MESSAGE_TOKENS, len(content_ids) - (len(ids) - budget) - 8)
+        if keep < len(content_ids):
+            kept[-1] = Message(role=last.role, content=tokenizer.decode(content_ids[-keep:]))
+            ids = render(persona, kept)
+    if len(ids) > budget and persona.prompt.system:
+        system_ids = tokenizer.encode(persona.prompt.system, add_special_tokens=False)
+        keep = max(0, len(system_ids) - (len(ids) - budget) - 8)
+        persona = _with_prompt(persona, system=tokenizer.decode(system_ids[:keep]))
+        ids = render(persona, kept)
+    return Prompt(token_ids=ids[-budget:], stop=stop)
 
 
-def _chat_messages(persona: Persona, turns: list[Message]) -> list[dict[str, str]]:
-    messages: list[dict[str, str]] = []
+def _with_prompt(persona: Persona, **changes) -> Persona:
+    return persona.model_copy(update={"prompt": persona.prompt.model_copy(update=changes)})
+
+
+def _system(persona: Persona, tokenizer) -> str:
+    """The system prompt. A persona without one is told who it is where the chat template
+    would otherwise write its own (SmolLM2's says "You are ... SmolLM"); elsewhere it has
+    none (some templates refuse a system turn)."""
     if persona.prompt.system:
-        messages.append({"role": "system", "content": persona.prompt.system})
+        return persona.prompt.system
+    return f"You are {persona.speaker}." if _writes_own_system(tokenizer) else ""
+
+
+_own_system: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _writes_own_system(tokenizer) -> bool:
+    """Whether the chat template writes a system turn into a conversation that has none."""
+    try:
+        return _own_system[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    try:
+        rendered = _render_chat(tokenizer, [{"role": "user", "content": "\x00"}])
+    except Exception:  # noqa: BLE001 - a template that cannot render this writes no system turn of its own
+        rendered = ""
+    writes = "system" in rendered.split("\x00")[0]
+    with contextlib.suppress(TypeError):  # a tokenizer that cannot be weakly referenced is not cached
+        _own_system[tokenizer] = writes
+    return writes
+
+
+def _chat_messages(persona: Persona, turns: list[Message], tokenizer) -> list[dict[str, str]]:
+    messages: list[dict[str, str]] = []
+    system = _system(persona, tokenizer)
+    if system:
+        messages.append({"role": "system", "content": system})
     for example in persona.prompt.examples:
         messages.append({"role": "user", "content": example.user})
         messages.append({"role": "assistant", "content": example.assistant})
@@ -128,7 +187,7 @@ def _chat_messages(persona: Persona, turns: list[Message]) -> list[dict[str, str
 
 
 def _chat_ids(persona: Persona, turns: list[Message], request: GenerationRequest, loaded: LoadedModel) -> list[int]:
-    text = _render_chat(loaded.tokenizer, _chat_messages(persona, turns))
+    text = _render_chat(loaded.tokenizer, _chat_messages(persona, turns, loaded.tokenizer))
     if request.mode == "complete" and request.prefix:
         text += request.prefix
     return _encode(loaded.tokenizer, text)
@@ -245,13 +304,13 @@ class _Splicer:
     def shape(self, persona: Persona, turns: list[Message]) -> _Shape | None:
         """The shape of this persona's conversation with these turns; None if not spliced."""
         prompt = persona.prompt
-        key = (prompt.system, tuple((e.user, e.assistant) for e in prompt.examples), tuple(m.role for m in turns))
+        key = (_system(persona, self.tokenizer), tuple((e.user, e.assistant) for e in prompt.examples), tuple(m.role for m in turns))
         try:
             return self.shapes[key]
         except KeyError:
             if len(self.shapes) >= SHAPES_KEPT:
                 self.shapes.clear()
-            shape = self.shapes[key] = self._shape(_chat_messages(persona, []), key[2])
+            shape = self.shapes[key] = self._shape(_chat_messages(persona, [], self.tokenizer), key[2])
             return shape
 
     def _shape(self, head: list[dict[str, str]], roles: tuple[str, ...]) -> _Shape | None:
@@ -362,7 +421,7 @@ def _chat_text(tokenizer, persona: Persona, turns: list[Message]) -> str:
     """The chat template applied to the persona's head and these turns (spliced where exact)."""
     shape = _shape_of(tokenizer, persona, turns)
     if shape is None:
-        return _render_chat(tokenizer, _chat_messages(persona, turns))
+        return _render_chat(tokenizer, _chat_messages(persona, turns, tokenizer))
     return shape.text(turns)
 
 

@@ -473,7 +473,8 @@ class Worker:
 
     def _works(self, members: list[_Row]) -> list[Work]:
         items = [(r.persona, r.job.request, r.persona.sampling.merged(r.job.request.sampling)) for r in members]
-        prompts = build_prompts(items, members[0].served.loaded)
+        served = members[0].served
+        prompts = build_prompts(items, served.loaded, getattr(served.engine, "context_tokens", None))
         return [Work(p.token_ids, sampling, p.stop) for p, (_, _, sampling) in zip(prompts, items, strict=True)]
 
     def _admit(self, members: list[_Row]) -> None:

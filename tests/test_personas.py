@@ -87,3 +87,13 @@ def test_any_file_content_loads_or_raises_config_error(tmp_path_factory, content
     else:
         assert persona.name == "fuzz"
         tomllib.loads(content.decode())
+
+
+def test_filters_that_no_post_could_pass_are_refused():
+    from pydantic import ValidationError
+
+    from persona.personas import FiltersConfig
+
+    with pytest.raises(ValidationError, match="min_chars"):
+        FiltersConfig(min_chars=400, max_chars=280)
+    assert FiltersConfig(min_chars=280, max_chars=280).min_chars == 280

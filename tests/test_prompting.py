@@ -121,7 +121,7 @@ def test_spliced_chat_text_equals_the_rendered_template(chat_model, contents, wi
     turns = [Message(role=("user", "assistant")[n % 2], content=c) for n, c in enumerate(contents)]
     tokenizer = chat_model.tokenizer
     assert _content_is_verbatim(tokenizer)  # the bundled template is spliced
-    assert _chat_text(tokenizer, persona, turns) == _render_chat(tokenizer, _chat_messages(persona, turns))
+    assert _chat_text(tokenizer, persona, turns) == _render_chat(tokenizer, _chat_messages(persona, turns, tokenizer))
 
 
 _ADDED = ["<|im_start|>", "<|im_end|>", "<|endoftext|>"]
@@ -139,7 +139,7 @@ def test_spliced_prompt_ids_equal_the_whole_text_tokenized(chat_model, contents,
     persona = PERSONA if with_system else Persona(name="plain", prompt={"max_history_turns": 64})
     request = conversation(*contents)
     tokenizer = chat_model.tokenizer
-    text = _render_chat(tokenizer, _chat_messages(persona, _conversation(persona, request)))
+    text = _render_chat(tokenizer, _chat_messages(persona, _conversation(persona, request), tokenizer))
     whole = tokenizer.backend_tokenizer.encode(text, add_special_tokens=False).ids
     assert build_prompts([(persona, request, Sampling())], chat_model)[0].token_ids == whole
 
@@ -161,4 +161,56 @@ def test_a_template_that_changes_contents_is_rendered_whole(chat_model):
     assert not _content_is_verbatim(tokenizer)
     turns = [Message(role="user", content="  padded  ")]
     text = _chat_text(tokenizer, PERSONA, turns)
-    assert text == _render_chat(tokenizer, _chat_messages(PERSONA, turns)) and "\npadded<|im_end|>" in text
+    assert text == _render_chat(tokenizer, _chat_messages(PERSONA, turns, tokenizer)) and "\npadded<|im_end|>" in text
+
+
+def test_a_request_for_more_new_tokens_than_the_model_has_keeps_its_question(chat_model):
+    """4,096 new tokens asked of a 512-position model left the prompt 16 tokens: the system
+    prompt and the question gone. The prompt keeps at least half the context; the reply
+    gets what is left."""
+    request = conversation("What should I do with my life?")
+    for prompt in (build_prompt(PERSONA, request, chat_model, Sampling(max_new_tokens=4096)),
+                   build_prompts([(PERSONA, request, Sampling(max_new_tokens=4096))], chat_model)[0]):
+        text = chat_model.tokenizer.decode(prompt.token_ids)
+        assert "You are Sage." in text and "What should I do with my life?" in text
+
+
+def test_a_system_prompt_too_long_for_the_model_gives_way_before_the_question(chat_model):
+    """The examples go first, then the end of the system prompt; the question stays (it
+    used to be emptied, and the prompt cut from its front, mid-system-prompt)."""
+    wordy = Persona(name="wordy", prompt={
+        "system": "You are Wordy. " + " ".join(f"Rule {n}: be calm and patient." for n in range(120)),
+        "examples": [{"user": "Hi?", "assistant": "Breathe first."}],
+    })
+    prompt = build_prompt(wordy, conversation("Is it raining?"), chat_model, Sampling(max_new_tokens=64))
+    text = chat_model.tokenizer.decode(prompt.token_ids)
+    assert len(prompt.token_ids) <= 512 - 64
+    assert text.startswith("<|im_start|>system\nYou are Wordy. Rule 0")  # its start, whole
+    assert "Breathe first." not in text and text.rstrip().endswith("Is it raining?<|im_end|>\n<|im_start|>assistant")
+
+
+def test_a_persona_without_a_system_prompt_is_told_who_it_is(chat_model):
+    """SmolLM2's template writes its own system turn when a conversation has none:
+    "You are a helpful AI assistant named SmolLM". A persona is told its own name."""
+    plain = Persona(name="plain", display_name="Plain Jane")
+    text = chat_model.tokenizer.decode(build_prompt(plain, conversation("Who are you?"), chat_model, Sampling()).token_ids)
+    assert "SmolLM" not in text and "You are Plain Jane." in text
+
+
+def test_a_long_chat_on_a_small_cache_loses_old_turns_instead_of_failing(chat_model, tmp_path):
+    """Prompts are sized to what one row may hold in the engine (llama.cpp's cache less a
+    batch), not only to the model's positions: a long chat used to fail its request."""
+    from persona.engine import llamacpp_available
+
+    if not llamacpp_available():
+        pytest.skip("llama.cpp is not installed")
+    engine = TransformersEngine(chat_model, mode="llamacpp", cache_dir=tmp_path, threads=1, kv_tokens=700)
+    assert engine.context_tokens == 700 - 512
+    long_chat = Persona(name="sage", prompt={"system": "You are Sage.", "max_history_turns": 64})
+    request = conversation(*[f"Turn {n}: tell me more about patience and gardens." for n in range(31)])
+    sampling = Sampling(max_new_tokens=8, temperature=0.0)
+    [prompt] = build_prompts([(long_chat, request, sampling)], chat_model, engine.context_tokens)
+    assert len(prompt.token_ids) <= engine.context_tokens - 8
+    assert "Turn 30" in chat_model.tokenizer.decode(prompt.token_ids)
+    [reply] = engine.generate([Work(prompt.token_ids, sampling, prompt.stop)])
+    assert reply.finish_reason in ("stop", "length")

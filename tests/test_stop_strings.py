@@ -4,6 +4,7 @@ decoded to look for them only after tokens that may complete one."""
 from __future__ import annotations
 
 import pytest
+import torch
 from pydantic import ValidationError
 
 from persona.contract import SamplingOverrides
@@ -12,6 +13,7 @@ from persona.engine import (
     Work,
     _hits_stop,
     _may_complete,
+    _Rows,
     _token_pieces,
 )
 from persona.personas import Sampling
@@ -87,3 +89,35 @@ def test_an_empty_stop_string_is_refused():
         with pytest.raises(ValidationError, match="stop"):
             Sampling(stop=bad)
     assert SamplingOverrides(stop=["\nUser:"]).stop == ["\nUser:"]
+
+
+def test_a_stop_string_of_emoji_ends_the_reply_where_it_appears(smollm2_tokenizer_dir):
+    """The tail looked at was as many tokens as the stop string has characters, plus four;
+    an emoji takes up to four tokens, so '🧘🧘🧘' (nine tokens) was never seen while
+    decoding and the reply ran to its length."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)
+    ids = tokenizer.encode("Calm now 🧘🧘🧘 and then more words follow", add_special_tokens=False)
+    first = next(n for n in range(1, len(ids) + 1) if "🧘🧘🧘" in tokenizer.decode(ids[:n]))
+    assert _hits_stop(tokenizer, ids[:first], ["🧘🧘🧘"])
+
+
+def test_a_reply_cut_at_its_length_mid_character_drops_the_half_character(tiny_llama):
+    engine = TransformersEngine(tiny_llama, mode="eager")
+    engine.stop_ids = set()
+    ids = tiny_llama.tokenizer.encode("Be naïve 🧘", add_special_tokens=False)  # the emoji: three tokens
+    cut = ids[:-1]  # the emoji's last byte never came
+    assert tiny_llama.tokenizer.decode(cut).endswith("\ufffd")
+    rows = _Rows([Work([1], Sampling(max_new_tokens=len(cut)))], [0], torch.device("cpu"), 0)
+    finished = {}
+    for token in cut:
+        finished = engine._settle(rows, [token])
+    assert finished[0].finish_reason == "length" and finished[0].text == "Be naïve"
+
+
+def test_a_chat_model_starting_the_next_turn_ends_its_reply(tiny_llama):
+    """<|im_start|> is skipped when a reply is decoded, so a model going on to write the
+    user's turn showed as 'Be still.user\\nAnd then what?'."""
+    vocab = tiny_llama.tokenizer.get_vocab()
+    assert {vocab["<|im_end|>"], vocab["<|im_start|>"]} <= set(tiny_llama.stop_token_ids)
