@@ -8,6 +8,9 @@ latency every few seconds into a bounded history for the charts. Access rules:
   site cannot send without the browser asking first (so it cannot be forged).
 - a token set (required when bound anywhere else): every route wants it, as
   ``Authorization: Bearer TOKEN`` or ``?token=TOKEN`` (how the page is opened).
+- with no token, a request must name this machine (or the bound address) in its
+  ``Host`` header: a site whose name an attacker points at 127.0.0.1 (DNS rebinding)
+  is the browser's same origin, but its requests say its own name and are refused.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from prometheus_client.core import (
     HistogramMetricFamily,
     Metric,
 )
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from persona.checkpoints import BASE_VERSION, list_checkpoints
 from persona.dashboard_page import PAGE_HTML
@@ -48,6 +52,7 @@ log = logging.getLogger(__name__)
 SAMPLE_EVERY_S = 2.0
 HISTORY_POINTS = 900  # 30 minutes at one point every two seconds
 ACTION_HEADER = "x-persona-action"
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1", "[::1]")
 
 
 def is_loopback(host: str) -> bool:
@@ -62,11 +67,28 @@ def is_loopback(host: str) -> bool:
 
 def check_binding(settings: Settings, host: str) -> None:
     """Refuse to serve beyond this machine without a token."""
-    if not is_loopback(host) and settings.dashboard.token is None:
+    if not is_loopback(host) and not _has_token(settings):
         raise ConfigError(
             f"the dashboard would listen on {host}, reachable from other machines, with no token; "
             "set PERSONA_DASHBOARD__TOKEN (or bind to 127.0.0.1)"
         )
+
+
+def _has_token(settings: Settings) -> bool:
+    # The one test of "a token is set": a blank one (PERSONA_DASHBOARD__TOKEN= in a .env)
+    # guards nothing, so it counts as none (Settings already reads it as unset).
+    token = settings.dashboard.token
+    return token is not None and bool(token.get_secret_value().strip())
+
+
+def _allowed_hosts(settings: Settings, host: str) -> list[str]:
+    """The Host header values a request may carry: any with a token, else this machine's names."""
+    if _has_token(settings):
+        return ["*"]  # the token, which a rebinding page does not have, guards every route
+    hosts = {*LOOPBACK_NAMES, host}
+    if ":" in host:
+        hosts.add(f"[{host}]")  # how an IPv6 address appears in a Host header
+    return sorted(hosts)
 
 
 class QueueCollector:
@@ -154,10 +176,10 @@ def _sample(stats: QueueStats) -> dict:
     }
 
 
-def create_app(settings: Settings, client: redis.Redis) -> FastAPI:
-    """The dashboard app, reading from ``client``."""
+def create_app(settings: Settings, client: redis.Redis, host: str | None = None) -> FastAPI:
+    """The dashboard app, reading from ``client``, served on ``host`` (default: the setting)."""
     history: deque[dict] = deque(maxlen=HISTORY_POINTS)
-    token = settings.dashboard.token.get_secret_value() if settings.dashboard.token else None
+    token = settings.dashboard.token.get_secret_value() if _has_token(settings) else None
 
     async def sampler() -> None:
         while True:
@@ -188,6 +210,7 @@ def create_app(settings: Settings, client: redis.Redis) -> FastAPI:
             raise HTTPException(401, "this dashboard needs its token (Authorization: Bearer ..., or ?token=...)")
 
     app = FastAPI(title="persona dashboard", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=_allowed_hosts(settings, host or settings.dashboard.host))
     registry = CollectorRegistry(auto_describe=False)
     registry.register(QueueCollector(client))
     guard = [Depends(authorized)]
@@ -241,4 +264,4 @@ def serve(settings: Settings, client: redis.Redis, host: str | None = None, port
     port = port if port is not None else settings.dashboard.port
     check_binding(settings, host)
     log.info("dashboard on http://%s:%d/", host, port)
-    uvicorn.run(create_app(settings, client), host=host, port=port, log_level="warning")
+    uvicorn.run(create_app(settings, client, host), host=host, port=port, log_level="warning")

@@ -82,9 +82,22 @@ def find_embedded_url(data_dir: Path) -> str | None:
         record = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    if not _alive(int(record.get("pid", 0))):
-        return None
-    return record.get("url")
+    url = record.get("url")
+    if not url or not _alive(int(record.get("pid", 0))) or not _answers(url):
+        return None  # stale: left by a Redis that died, its pid since given to another process
+    return url
+
+
+def _answers(url: str) -> bool:
+    import redis
+
+    client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
+    try:
+        return bool(client.ping())
+    except redis.exceptions.RedisError:
+        return False
+    finally:
+        client.close()
 
 
 @dataclass
@@ -108,7 +121,9 @@ class EmbeddedRedis:
         restart on the same port are let back in.
         """
         folder = self.data_dir / "redis"
-        folder.mkdir(parents=True, exist_ok=True)
+        # The append-only file and snapshots hold every conversation: this user's alone.
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        folder.chmod(0o700)  # mkdir's mode does not change a folder that already exists
         config = folder / "redis.conf"
         password = _previous_password(config) or secrets.token_urlsafe(24)
         port = port or _free_port()
@@ -131,12 +146,14 @@ class EmbeddedRedis:
         config.write_text("\n".join([*lines, ""]))
         config.chmod(0o600)
         # Its own session: a Ctrl-C meant for `persona up` must not stop Redis before
-        # the workers have handed their work back.
+        # the workers have handed their work back. Umask 077: the files it writes (the
+        # append-only file, snapshots, its log) are readable by this user alone.
         self.process = subprocess.Popen(
             [redis_server_binary(), str(config)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
+            umask=0o077,
         )
         self.port = port
         self.tcp_url = f"redis://:{password}@127.0.0.1:{port}/0"

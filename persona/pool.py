@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from persona.checkpoints import BASE_VERSION, resolve_checkpoint
 from persona.engine import Generator, TransformersEngine
@@ -67,9 +68,12 @@ class ModelPool:
 
     def serve(self, persona: Persona, version: str | None = None) -> Served:
         """The loaded model and engine for a persona, loading them if needed."""
-        version_name, checkpoint = resolve_checkpoint(persona, self.settings, version)
-        key = (persona.model.base, str(checkpoint) if checkpoint else BASE_VERSION)
         with self._lock:
+            held = self._held(persona, version)
+            if held is not None:
+                return held
+            version_name, checkpoint = resolve_checkpoint(persona, self.settings, version)
+            key = (persona.model.base, str(checkpoint) if checkpoint else BASE_VERSION)
             found = self._served.get(key)
             if found is not None:
                 return Served(key, version_name, found.loaded, found.engine)
@@ -89,6 +93,26 @@ class ModelPool:
             self._served[key] = served
             log.info("loaded %s for %s in %.1f s (warmed up)", loaded.name, persona.name, time.perf_counter() - started)
             return served
+
+    def _held(self, persona: Persona, version: str | None) -> Served | None:
+        """The weights for ``version`` if already loaded, found without reading the disk.
+
+        Loaded weights keep serving after their folder is removed (a disk clean-up), and a
+        swap away from them must still find them; so this asks the pool before the disk.
+        """
+        chosen = version if version is not None else persona.model.checkpoint
+        if not chosen or chosen == BASE_VERSION:
+            candidates = [(BASE_VERSION, BASE_VERSION)]
+        else:
+            as_path = Path(chosen).expanduser()
+            candidates = [(as_path.name, str(as_path))]
+            if not as_path.is_absolute():  # a version name: its folder among the checkpoints
+                candidates.insert(0, (chosen, str(self.settings.checkpoints_dir / persona.name / chosen)))
+        for name, weights in candidates:
+            found = self._served.get((persona.model.base, weights))
+            if found is not None:
+                return Served(found.key, name, found.loaded, found.engine)
+        return None
 
     def release(self, key: tuple[str, str]) -> None:
         """Forget one set of weights (the memory is freed once no batch uses it)."""

@@ -9,11 +9,15 @@ then the defaults below.
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import typing
 from pathlib import Path
 from typing import Literal
 
 import platformdirs
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = [
@@ -26,9 +30,17 @@ __all__ = [
     "TelegramSettings",
     "WorkerSettings",
     "default_data_dir",
+    "explain_settings_error",
 ]
 
 SECRETS_DIR = Path("/run/secrets")
+ENV_PREFIX = "PERSONA_"
+
+
+def _blank_is_unset(value: object) -> object:
+    """A token set to nothing (``PERSONA_DASHBOARD__TOKEN=``) is no token, not an empty one."""
+    raw = value.get_secret_value() if isinstance(value, SecretStr) else value
+    return None if isinstance(raw, str) and not raw.strip() else value
 
 
 def default_data_dir() -> Path:
@@ -127,6 +139,8 @@ class DiscordSettings(ChatAdapterSettings):
     dm_policy: Literal["open", "allowlist", "pairing"] = "open"
     allowed_users: list[int] = Field(default_factory=list)
 
+    _token_blank_is_unset = field_validator("token", mode="before")(_blank_is_unset)
+
 
 class TelegramSettings(ChatAdapterSettings):
     """The Telegram adapter (python-telegram-bot)."""
@@ -142,6 +156,8 @@ class TelegramSettings(ChatAdapterSettings):
     allowed_users: list[int] = Field(default_factory=list)
     allowed_chats: list[int] = Field(default_factory=list, description="groups it answers in; empty: all")
 
+    _token_blank_is_unset = field_validator("token", mode="before")(_blank_is_unset)
+
 
 class DashboardSettings(BaseModel):
     """The web dashboard and Prometheus metrics."""
@@ -149,6 +165,8 @@ class DashboardSettings(BaseModel):
     host: str = "127.0.0.1"
     port: int = Field(8787, ge=0, le=65535)
     token: SecretStr | None = None
+
+    _token_blank_is_unset = field_validator("token", mode="before")(_blank_is_unset)
 
 
 class PostingSettings(BaseModel):
@@ -176,7 +194,7 @@ class Settings(BaseSettings):
     """Everything the service can be told, from one place."""
 
     model_config = SettingsConfigDict(
-        env_prefix="PERSONA_",
+        env_prefix=ENV_PREFIX,
         env_nested_delimiter="__",
         env_file=".env",
         env_file_encoding="utf-8",
@@ -214,3 +232,65 @@ class Settings(BaseSettings):
     def model_cache_dir(self) -> Path:
         """Models converted once (the bundled GGUF as a Hugging Face folder, GGUFs for llama.cpp) so later loads are fast."""
         return self.data_dir / "model-cache"
+
+
+def explain_settings_error(exc: Exception) -> str:
+    """What a ``ValidationError`` or ``SettingsError`` from ``Settings()`` means, by variable name."""
+    if isinstance(exc, ValidationError):
+        return "; ".join(_explain_invalid(error["loc"], error["msg"]) for error in exc.errors())
+    found = re.search(r'field "([^"]+)"', str(exc))
+    if found is None:
+        return f"the settings cannot be read: {exc}"
+    # pydantic-settings parses list and nested values as JSON before validating them.
+    names = _unparsable(found.group(1))
+    return "; ".join(f"{_env_name(n)} cannot be read: expected {_expected_form(n)}" for n in names)
+
+
+def _explain_invalid(loc: tuple, message: str) -> str:
+    names = [part for part in loc if isinstance(part, str)]
+    form = _expected_form(names)
+    hint = f" (expected {form})" if form.startswith("a JSON list") else ""
+    return f"{_env_name(names)}: {message[:1].lower()}{message[1:]}{hint}"
+
+
+def _env_name(names: list[str]) -> str:
+    return ENV_PREFIX + "__".join(name.upper() for name in names)
+
+
+def _annotation(names: list[str]) -> object:
+    model: object = Settings
+    annotation: object = None
+    for name in names:
+        fields = getattr(model, "model_fields", {})
+        if name not in fields:
+            return None
+        annotation = model = fields[name].annotation
+    return annotation
+
+
+def _expected_form(names: list[str]) -> str:
+    annotation = _annotation(names)
+    if typing.get_origin(annotation) is list:
+        example = "[123, 456]" if typing.get_args(annotation) == (int,) else '["first", "second"]'
+        return f"a JSON list, e.g. {_env_name(names)}='{example}'"
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return f"a JSON object, or one variable per field ({_env_name(names)}__FIELD)"
+    return "a valid value"
+
+
+def _unparsable(field: str) -> list[list[str]]:
+    """The set values under a top-level field that are not the JSON they must be."""
+    environ = {name.upper(): value for name, value in os.environ.items()}
+    nested = _annotation([field])
+    candidates = [[field]]
+    if isinstance(nested, type) and issubclass(nested, BaseModel):
+        candidates += [[field, sub] for sub in nested.model_fields]
+    bad = []
+    for names in candidates:
+        value = environ.get(_env_name(names))
+        if value is not None and (len(names) == 1 or typing.get_origin(_annotation(names)) is list):
+            try:
+                json.loads(value)
+            except ValueError:
+                bad.append(names)
+    return bad or [[field]]

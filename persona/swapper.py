@@ -22,7 +22,7 @@ from persona.checkpoints import resolve_checkpoint
 from persona.errors import PersonaError, SwapRefused
 from persona.heartbeat import WorkerInfo
 from persona.personas import Persona, PersonaRegistry
-from persona.pool import ModelPool
+from persona.pool import ModelPool, Served
 
 __all__ = ["Swapper", "load_and_check"]
 
@@ -42,15 +42,27 @@ def load_and_check(pool: ModelPool, persona: Persona, serving: str | None, targe
         problem = static_problem(persona, folder)
         if problem:
             raise SwapRefused(problem)
-    current = pool.serve(persona, serving)
+    current = _serving_weights(pool, persona, serving, target)
     candidate = pool.serve(persona, target)
-    reference = current.loaded if candidate.key != current.key else None
+    fresh = current is None or candidate.key != current.key
+    reference = current.loaded if current is not None and fresh else None
     problem = loaded_problem(candidate.loaded, reference, label)
     if problem:
-        if reference is not None:
+        if fresh:
             pool.release(candidate.key)
         raise SwapRefused(problem)
     return candidate.key
+
+
+def _serving_weights(pool: ModelPool, persona: Persona, serving: str | None, target: str) -> Served | None:
+    """The weights serving now, to compare a candidate with; None if they cannot be loaded."""
+    try:
+        return pool.serve(persona, serving)
+    except PersonaError as exc:
+        # Its folder was removed, say: that must not stop a swap or rollback away from
+        # it, so the candidate is checked on its own.
+        log.warning("cannot load %s at %s to compare with (%s); checking %s alone", persona.name, serving, exc, target)
+        return None
 
 
 class Swapper:

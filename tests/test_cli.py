@@ -66,6 +66,26 @@ def test_ask_with_redis_down_is_a_clear_error(env):
     assert "cannot reach Redis at redis://127.0.0.1:1/0" in result.stderr
 
 
+def test_up_with_redis_down_is_a_clear_error(env):
+    env["PERSONA_REDIS_URL"] = "redis://127.0.0.1:1/0"
+    result = persona("up", "--no-dashboard", env=env)
+    assert result.returncode == 1
+    assert "cannot reach Redis at redis://127.0.0.1:1/0" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_setting_that_cannot_be_read_is_named_with_the_form_it_needs(env):
+    env["PERSONA_WORKER__MAX_BATCH"] = "abc"
+    result = persona("queue", "stats", env=env)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "PERSONA_WORKER__MAX_BATCH: input should be a valid integer" in result.stderr
+
+    del env["PERSONA_WORKER__MAX_BATCH"]
+    env["PERSONA_PERSONAS_DIRS"] = "/srv/personas"  # a list setting wants JSON
+    result = persona("personas", "list", env=env)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "PERSONA_PERSONAS_DIRS cannot be read: expected a JSON list" in result.stderr
+
+
 def test_queue_stats_shows_streams_and_workers(env, redis_url, redis_client):
     env["PERSONA_REDIS_URL"] = redis_url
     result = persona("queue", "stats", env=env)

@@ -23,6 +23,7 @@ from persona.contract import GenerationReply, GenerationRequest, Message, Timing
 from persona.dashboard import check_binding, create_app
 from persona.errors import ConfigError
 from persona.queue import QueueClient, WorkQueue
+from persona.settings import Settings
 from persona.supervisor import services_for_up
 from persona.telemetry import record_replies
 
@@ -114,6 +115,37 @@ def test_token_rules(settings, redis_client, dashboard):
     done = httpx.post(f"{base}/api/dead/retry-all", headers={"Authorization": "Bearer s3cret"})
     assert done.status_code == 200 and len(done.json()["requeued"]) == 1
     assert httpx.get(f"{base}/healthz").status_code == 200
+
+
+@pytest.mark.parametrize("blank", ["", "   "])
+def test_a_blank_token_is_no_token(settings, redis_url, monkeypatch, blank):
+    monkeypatch.setenv("PERSONA_DASHBOARD__TOKEN", blank)  # PERSONA_DASHBOARD__TOKEN= left in a .env
+    from_env = Settings(_env_file=None, data_dir=settings.data_dir, redis_url=redis_url)
+    assert from_env.dashboard.token is None
+    with pytest.raises(ConfigError, match="PERSONA_DASHBOARD__TOKEN"):
+        check_binding(from_env, "0.0.0.0")
+    settings.dashboard.token = SecretStr(blank)  # set in code, past the settings' own check
+    with pytest.raises(ConfigError, match="PERSONA_DASHBOARD__TOKEN"):
+        check_binding(settings, "0.0.0.0")
+
+
+def test_a_page_that_rebinds_its_name_to_loopback_is_refused(settings, redis_client, dashboard):
+    """DNS rebinding: evil.example resolves to 127.0.0.1, so the browser sends its requests
+    here as same-origin ones, but they carry Host: evil.example."""
+    fill_queue(settings, redis_client, waiting=0)
+    base = dashboard()
+    port = base.rsplit(":", 1)[1]
+    rebound = {"Host": f"evil.example:{port}", "X-Persona-Action": "1"}
+    assert httpx.get(f"{base}/api/stats", headers=rebound).status_code == 400
+    assert httpx.post(f"{base}/api/dead/retry-all", headers=rebound).status_code == 400
+    assert redis_client.xlen(keys.STREAM_DEAD) == 1
+    for name in ("127.0.0.1", "localhost", "[::1]"):
+        assert httpx.get(f"{base}/api/stats", headers={"Host": f"{name}:{port}"}).status_code == 200
+
+    # With a token (as in docker-compose, bound to 0.0.0.0 behind a published port) any name will do.
+    guarded = dashboard(token="s3cret", host="0.0.0.0")
+    named = {"Host": "persona.internal:8787", "Authorization": "Bearer s3cret"}
+    assert httpx.get(f"{guarded}/api/stats", headers=named).status_code == 200
 
 
 def test_metrics_parse_with_the_prometheus_parser(settings, redis_client, dashboard):

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -71,3 +74,35 @@ def test_a_restart_keeps_the_socket_and_the_password(server: EmbeddedRedis):
     server.stop()
     assert server.start(port=server.port) == url
     assert client.get("kept") == b"1"  # the same client reconnects through the same socket
+
+
+def test_the_stored_conversations_are_readable_by_this_user_alone(tmp_path: Path):
+    before = os.umask(0o022)  # a usual login umask: new files readable by everyone
+    try:
+        (tmp_path / "data" / "redis").mkdir(parents=True, mode=0o755)  # left by an older version
+        server = EmbeddedRedis(tmp_path / "data")
+        client = redis.Redis.from_url(server.start())
+        client.set("persona:conv:telegram:123", "a user's private conversation")
+        client.save()
+        server.stop()
+    finally:
+        os.umask(before)
+    folder = tmp_path / "data" / "redis"
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    written = [p for p in folder.rglob("*") if p.is_file()]
+    assert {"redis.conf", "redis.log", "dump.rdb"} <= {p.name for p in written}
+    assert [p.name for p in written if p.stat().st_mode & 0o077] == []  # nothing for group or others
+
+
+def test_a_record_left_by_a_dead_redis_whose_pid_was_reused_is_ignored(tmp_path: Path):
+    from persona.cli.serve import redis_for_service
+
+    data = tmp_path / "data"
+    data.mkdir()
+    # What a host crash leaves: after the reboot its pid belongs to another process (this one).
+    stale = {"url": "redis://:old-password@127.0.0.1:1/0", "pid": os.getpid(), "port": 1}
+    (data / "redis.json").write_text(json.dumps(stale))
+    assert find_embedded_url(data) is None
+    with redis_for_service(Settings(_env_file=None, data_dir=data)) as url:
+        assert url != stale["url"] and redis.Redis.from_url(url).ping()
+        assert find_embedded_url(data) == url

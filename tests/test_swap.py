@@ -70,6 +70,32 @@ def test_swap_then_rollback_on_a_live_worker(settings, redis_client, tiny, tiny_
     wait_until(lambda: persona_keys(worker) == [(str(tiny_llama_dir), "base")])
 
 
+def test_a_version_whose_folder_was_removed_can_be_rolled_back_away_from(
+    settings, redis_client, tiny, tiny_llama_dir, running_worker, client
+):
+    make_checkpoint(settings, tiny_llama_dir, "tiny", seed=1)
+    v2 = make_checkpoint(settings, tiny_llama_dir, "tiny", seed=2)
+    running_worker("w-one")
+    assert perform_swap(settings, redis_client, tiny, "v1", timeout_s=60).committed
+    assert perform_swap(settings, redis_client, tiny, "v2", timeout_s=60).committed
+    shutil.rmtree(v2.path)  # a disk clean-up; the worker still holds v2's weights
+    assert client.ask(chat(), timeout=60).version == "v2"
+
+    outcome = perform_swap(settings, redis_client, tiny, swaps.rollback_target(redis_client, "tiny"),
+                           kind="rollback", timeout_s=60)
+    assert outcome.committed, outcome.problem
+    assert client.ask(chat(), timeout=60).version == "v1"
+
+
+def test_swap_with_no_workers_away_from_a_removed_version(settings, redis_client, tiny, tiny_llama_dir):
+    v1 = make_checkpoint(settings, tiny_llama_dir, "tiny", seed=1)
+    assert perform_swap(settings, redis_client, tiny, "v1", timeout_s=10).committed
+    shutil.rmtree(v1.path)
+    # Checked here with nothing to compare against: v1 cannot load, and need not.
+    assert perform_swap(settings, redis_client, tiny, "base", timeout_s=10).committed
+    assert swaps.active_versions(redis_client) == {"tiny": "base"}
+
+
 @pytest.mark.parametrize(
     ("broken", "named"),
     [

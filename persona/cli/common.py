@@ -7,11 +7,13 @@ from collections.abc import Callable
 from typing import ParamSpec, TypeVar
 
 import typer
+from pydantic import ValidationError
+from pydantic_settings import SettingsError
 from rich.console import Console
 from rich.markup import escape
 
 from persona.errors import PersonaError
-from persona.settings import Settings
+from persona.settings import Settings, explain_settings_error
 
 __all__ = ["console", "err_console", "friendly_errors", "get_settings"]
 
@@ -24,8 +26,13 @@ R = TypeVar("R")
 
 @functools.cache
 def get_settings() -> Settings:
-    """The settings, read once per process."""
-    return Settings()
+    """The settings, read once per process; one that cannot be read ends the command (status 1)."""
+    try:
+        return Settings()
+    except (ValidationError, SettingsError) as exc:
+        # The value itself is never shown: it may be a token.
+        err_console.print(f"[red]error:[/red] {escape(explain_settings_error(exc))}", highlight=False)
+        raise typer.Exit(1) from None
 
 
 def friendly_errors(func: Callable[P, R]) -> Callable[P, R]:

@@ -41,6 +41,10 @@ def redis_for_service(settings: Settings) -> Iterator[str]:
         log.info("embedded Redis stopped (data kept in %s)", settings.data_dir / "redis")
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)  # SIGHUP: the terminal or SSH session closed
+
+
+@friendly_errors
 def up(
     workers: int = typer.Option(1, "--workers", "-w", min=1, help="inference workers to run"),
     dashboard: bool = typer.Option(True, help="serve the web dashboard and /metrics"),
@@ -53,23 +57,30 @@ def up(
     Redis is embedded unless PERSONA_REDIS_URL is set; each chat adapter runs when its
     token is set.
 
-    Stop with Ctrl-C: workers hand their work back, then Redis saves and exits.
+    Stop with Ctrl-C (or SIGTERM, or by closing the terminal): workers hand their work
+    back, then Redis saves and exits.
     """
     from persona.supervisor import Supervisor, services_for_up
 
     settings = get_settings()
     setup_logging(settings)
-    with friendly_exit(), redis_for_service(settings) as url:
+    stop = threading.Event()
+    # The signals are handled until the very end: a second SIGTERM must not kill this
+    # process while it stops the services and Redis, leaving them running.
+    with friendly_exit(), _stopped_by_signals(stop, interrupt=bool(chat)), redis_for_service(settings) as url:
         connect(settings, url=url).close()
         env = dict(os.environ)
         if settings.redis_url is None:
             env["PERSONA_REDIS_URL"] = url
         log_dir = settings.data_dir / "logs" if chat else None
         supervisor = Supervisor(services_for_up(settings, workers=workers, dashboard=dashboard), env=env, log_dir=log_dir)
-        supervisor.start()
-        names = ", ".join(s.name for s in supervisor.services)
-        console.print(f"[green]persona is up[/green] on Redis {describe_url(url)}: {names}")
+        # While chatting, the chat holds this thread: the restarts happen in another.
+        watcher = threading.Thread(target=_supervise, args=(supervisor, stop), name="supervisor", daemon=True)
         try:
+            supervisor.start()
+            names = ", ".join(s.name for s in supervisor.services)
+            console.print(f"[green]persona is up[/green] on Redis {describe_url(url)}: {names}")
+            watcher.start()
             if chat:
                 console.print(f"logs in {log_dir}; the first reply waits for the model to load")
                 from persona.cli.talk import run_chat
@@ -77,22 +88,39 @@ def up(
                 run_chat(settings, chat, url=url)
             else:
                 console.print("talk to it from another terminal: [bold]persona chat sage[/bold]  (Ctrl-C here stops everything)")
-                _supervise(supervisor)
+                while not stop.wait(1.0):
+                    pass
         finally:
-            console.print("stopping...")
+            stop.set()
+            with contextlib.suppress(OSError):  # the terminal may be gone (SIGHUP)
+                console.print("stopping...")
+            if watcher.is_alive():
+                watcher.join()
             supervisor.stop()
 
 
-def _supervise(supervisor) -> None:
-    stop = threading.Event()
-    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+def _supervise(supervisor, stop: threading.Event) -> None:
+    """Restart crashed services until ``stop`` is set."""
+    while not stop.wait(1.0):
+        supervisor.check()
+
+
+@contextlib.contextmanager
+def _stopped_by_signals(stop: threading.Event, *, interrupt: bool) -> Iterator[None]:
+    """SIGTERM and SIGHUP set ``stop``; with ``interrupt`` the first also ends the chat, as Ctrl-C does."""
+
+    def handler(signum: int, frame: object) -> None:
+        first = not stop.is_set()
+        stop.set()
+        if interrupt and first:
+            raise KeyboardInterrupt  # the chat waiting for a line leaves at once
+
+    previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
     try:
-        while not stop.wait(1.0):
-            supervisor.check()
-    except KeyboardInterrupt:
-        pass
+        yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 @contextlib.contextmanager
