@@ -45,6 +45,9 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 HISTOGRAMS = {"queue_wait_seconds": LATENCY_BUCKETS_S, "generate_seconds": LATENCY_BUCKETS_S, "batch_size": BATCH_BUCKETS}
 WINDOW_S = 300.0
 THROUGHPUT_WINDOW_S = 60.0
+# The log counts as trimmed (not merely short) once it holds this share of its cap
+# (Redis trims it approximately, so it may hold a little less).
+REPLY_LOG_FULL = 0.9
 
 
 class Percentiles(BaseModel):
@@ -210,12 +213,24 @@ def _logged(fields: dict) -> tuple[bool, int, float, float]:
 
 
 def summarize(client: redis.Redis, window_s: float = WINDOW_S, now: float | None = None) -> LatencySummary:
-    """Latency percentiles over the last ``window_s`` and throughput over the last minute."""
+    """Latency percentiles over the last ``window_s`` and throughput over the last minute.
+
+    The log keeps the last ``REPLY_LOG_MAX_LEN`` replies: past about 167 replies/s it no
+    longer reaches back a minute, and throughput is then taken over the span it does
+    cover (it read as the cap over a minute: a GPU worker at 300/s showed 167). The
+    percentiles are then those of the replies it holds, and ``window_s`` says how far back.
+    """
     now = now if now is not None else time.time()
     since_ms = int((now - window_s) * 1000)
-    entries = client.xrange(keys.REPLY_LOG_STREAM, min=f"{since_ms}-0", max="+")
+    pipe = client.pipeline(transaction=False)
+    pipe.xrange(keys.REPLY_LOG_STREAM, min=f"{since_ms}-0", max="+")
+    pipe.xlen(keys.REPLY_LOG_STREAM)
+    entries, length = pipe.execute()
+    oldest_ms = int(entries[0][0].split(b"-")[0]) if entries else None
+    if oldest_ms is not None and length >= REPLY_LOG_FULL * keys.REPLY_LOG_MAX_LEN and oldest_ms > since_ms:
+        window_s = max(1.0, now - oldest_ms / 1000)  # trimmed: the log starts later than the window
     queue, generate, recent, tokens = [], [], 0, 0
-    recent_ms = (now - THROUGHPUT_WINDOW_S) * 1000
+    recent_ms = (now - min(THROUGHPUT_WINDOW_S, window_s)) * 1000
     for entry_id, fields in entries:
         ok, new_tokens, queue_ms, generate_ms = _logged(fields)
         if not ok:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import time
 
+import pytest
+
 from persona import constants as keys
 from persona import heartbeat
 from persona.contract import (
@@ -82,6 +84,23 @@ def test_percentiles_from_the_reply_log(redis_client):
     assert summary.generate_ms.p99 == 1000
     assert summary.tokens_per_s == round(200 / 60, 1)
     assert summarize(redis_client, now=time.time() + 3600).replies == 0
+
+
+def test_throughput_past_what_the_reply_log_keeps_is_still_measured(redis_client):
+    """The log keeps the last 10,000 replies: at 300 replies/s that is 33 s, and the
+    throughput over the last minute read 10,000 / 60 = 167 replies/s."""
+    redis_client.delete(keys.REPLY_LOG_STREAM)
+    now = time.time()
+    start_ms = int((now - 60) * 1000)
+    pipe = redis_client.pipeline(transaction=False)
+    for n in range(18_000):  # 300 a second for the last minute, trimmed as the workers trim it
+        pipe.xadd(keys.REPLY_LOG_STREAM, {"r": b"1 4 1.5 20.0 - p v1"}, id=f"{start_ms + n * 10 // 3}-{n}",
+                  maxlen=keys.REPLY_LOG_MAX_LEN, approximate=True)
+    pipe.execute()
+    summary = summarize(redis_client, now=now)
+    assert summary.replies_per_s == pytest.approx(300, rel=0.03)
+    assert summary.tokens_per_s == pytest.approx(1200, rel=0.03)
+    assert 30 <= summary.window_s <= 36  # how far back the percentiles reach
 
 
 def test_a_reply_log_written_before_rows_is_still_read(redis_client):
