@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 __all__ = [
     "BASE_VERSION",
     "CheckpointInfo",
+    "checkpoint_candidates",
     "checkpoint_dir",
     "list_checkpoints",
     "next_version",
@@ -126,17 +127,30 @@ def remove_checkpoint(checkpoints_root: Path, persona: str, version: str) -> Non
     shutil.rmtree(checkpoint_dir(checkpoints_root, persona) / version)
 
 
-def resolve_checkpoint(persona: Persona, settings: Settings, version: str | None = None) -> tuple[str, Path | None]:
-    """(version, checkpoint folder) for a persona; version None means its file's choice."""
+def checkpoint_candidates(persona: Persona, settings: Settings, version: str | None = None) -> list[tuple[str, Path | None]]:
+    """Where a persona's weights at ``version`` (None: its file's choice) may be, found
+    without reading the disk, each as (version name, checkpoint folder; None for the base
+    model): the folder it names as a path, and for a relative name, after it, the version
+    of that name among the persona's checkpoints. ``resolve_checkpoint`` picks by what exists."""
     chosen = version if version is not None else persona.model.checkpoint
     if not chosen or chosen == BASE_VERSION:
-        return BASE_VERSION, None
+        return [(BASE_VERSION, None)]
     as_path = Path(chosen).expanduser()
-    if as_path.is_absolute() or as_path.exists():
+    if as_path.is_absolute():
+        return [(as_path.name, as_path)]
+    return [(as_path.name, as_path), (chosen, settings.checkpoints_dir / persona.name / chosen)]
+
+
+def resolve_checkpoint(persona: Persona, settings: Settings, version: str | None = None) -> tuple[str, Path | None]:
+    """(version, checkpoint folder) for a persona; version None means its file's choice."""
+    (name, as_path), *by_version = checkpoint_candidates(persona, settings, version)
+    if as_path is None:
+        return name, None
+    if not by_version or as_path.exists():
         if not as_path.is_dir():
             raise ModelError(f"persona {persona.name!r}: checkpoint folder {as_path} does not exist")
-        return as_path.name, as_path
-    folder = settings.checkpoints_dir / persona.name / chosen
+        return name, as_path
+    [(chosen, folder)] = by_version
     if not folder.is_dir():
         raise ModelError(
             f"persona {persona.name!r}: no checkpoint version {chosen!r} in {folder.parent}; "

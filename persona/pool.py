@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from persona.checkpoints import BASE_VERSION, resolve_checkpoint
+from persona.checkpoints import BASE_VERSION, checkpoint_candidates, resolve_checkpoint
 from persona.engine import Generator, TransformersEngine
 from persona.errors import ModelError
 from persona.models import LOADING, LoadedModel, load_model
@@ -39,6 +39,11 @@ class Served:
 
 
 EngineFactory = Callable[[LoadedModel], Generator]
+
+
+def _key(persona: Persona, checkpoint: Path | None) -> tuple[str, str]:
+    """The pool's name for a set of weights: the base, and the checkpoint folder or ``base``."""
+    return (persona.model.base, str(checkpoint) if checkpoint else BASE_VERSION)
 
 
 class ModelPool:
@@ -64,7 +69,7 @@ class ModelPool:
     def key_for(self, persona: Persona, version: str | None = None) -> tuple[str, str]:
         """Which set of weights a persona at a version speaks with (loaded or not)."""
         _, checkpoint = resolve_checkpoint(persona, self.settings, version)
-        return (persona.model.base, str(checkpoint) if checkpoint else BASE_VERSION)
+        return _key(persona, checkpoint)
 
     def serve(self, persona: Persona, version: str | None = None) -> Served:
         """The loaded model and engine for a persona, loading them if needed."""
@@ -73,10 +78,7 @@ class ModelPool:
             if held is not None:
                 return held
             version_name, checkpoint = resolve_checkpoint(persona, self.settings, version)
-            key = (persona.model.base, str(checkpoint) if checkpoint else BASE_VERSION)
-            found = self._served.get(key)
-            if found is not None:
-                return Served(key, version_name, found.loaded, found.engine)
+            key = _key(persona, checkpoint)
             started = time.perf_counter()
             with LOADING:
                 loaded = load_model(
@@ -100,16 +102,8 @@ class ModelPool:
         Loaded weights keep serving after their folder is removed (a disk clean-up), and a
         swap away from them must still find them; so this asks the pool before the disk.
         """
-        chosen = version if version is not None else persona.model.checkpoint
-        if not chosen or chosen == BASE_VERSION:
-            candidates = [(BASE_VERSION, BASE_VERSION)]
-        else:
-            as_path = Path(chosen).expanduser()
-            candidates = [(as_path.name, str(as_path))]
-            if not as_path.is_absolute():  # a version name: its folder among the checkpoints
-                candidates.insert(0, (chosen, str(self.settings.checkpoints_dir / persona.name / chosen)))
-        for name, weights in candidates:
-            found = self._served.get((persona.model.base, weights))
+        for name, checkpoint in checkpoint_candidates(persona, self.settings, version):
+            found = self._served.get(_key(persona, checkpoint))
             if found is not None:
                 return Served(found.key, name, found.loaded, found.engine)
         return None
