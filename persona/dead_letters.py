@@ -16,6 +16,7 @@ from pydantic import BaseModel
 
 from persona import constants as keys
 from persona.contract import GenerationRequest
+from persona.queue_scripts import REDIS_NOW
 
 __all__ = ["DeadLetter", "list_dead", "retry_all", "retry_dead"]
 
@@ -24,14 +25,12 @@ ENTRY_ID = re.compile(r"\d+-\d+")
 
 # Re-queue only if the entry is still in the dead-letter stream (XDEL says so), with its
 # deadline by Redis's clock (ARGV[3]: the allowance; '' for none), as a submit does.
-RETRY_SCRIPT = """
+RETRY_SCRIPT = REDIS_NOW + """
 if redis.call('XDEL', KEYS[1], ARGV[1]) == 0 then return false end
 redis.call('DEL', KEYS[3], KEYS[5])
 redis.call('HINCRBY', KEYS[4], 'retried', 1)
 if ARGV[3] == '' then return redis.call('XADD', KEYS[2], '*', 'r', ARGV[2]) end
-local t = redis.call('TIME')
-local due = tonumber(t[1]) + tonumber(t[2]) / 1000000 + tonumber(ARGV[3])
-return redis.call('XADD', KEYS[2], '*', 'r', ARGV[2], 'd', string.format('%.3f', due))
+return redis.call('XADD', KEYS[2], '*', 'r', ARGV[2], 'd', string.format('%.3f', now + tonumber(ARGV[3])))
 """
 
 

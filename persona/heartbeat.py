@@ -19,6 +19,7 @@ import redis
 from pydantic import BaseModel, Field
 
 from persona import constants as keys
+from persona.queue_scripts import REDIS_NOW
 
 __all__ = ["WorkerInfo", "live_worker_ids", "live_workers", "publish", "withdraw"]
 
@@ -42,18 +43,15 @@ class WorkerInfo(BaseModel):
 
 
 # KEYS: the worker's key, the index. ARGV: worker id, its info, TTL in ms. Returns Redis's time.
-PUBLISH_SCRIPT = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+PUBLISH_SCRIPT = REDIS_NOW + """
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
 redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]) / 1000, ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
 return tostring(now)
 """
 # KEYS: the index. The ids whose heartbeat has not lapsed by Redis's time.
-LIVE_SCRIPT = """
-local t = redis.call('TIME')
-return redis.call('ZRANGEBYSCORE', KEYS[1], tonumber(t[1]) + tonumber(t[2]) / 1000000, '+inf')
+LIVE_SCRIPT = REDIS_NOW + """
+return redis.call('ZRANGEBYSCORE', KEYS[1], now, '+inf')
 """
 
 

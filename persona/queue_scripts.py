@@ -7,7 +7,14 @@ many batches, and handing an entry back. ``persona.queue`` calls them; the argum
 
 from __future__ import annotations
 
-__all__ = ["DELIVER_SCRIPT", "KEEP_SCRIPT", "RECORD_SCRIPT", "REQUEUE_SCRIPT", "SUBMIT_SCRIPT"]
+__all__ = ["DELIVER_SCRIPT", "KEEP_SCRIPT", "RECORD_SCRIPT", "REDIS_NOW", "REQUEUE_SCRIPT", "SUBMIT_SCRIPT"]
+
+# Redis's own time in seconds, as ``now``: what every script that times something (a
+# heartbeat, a deadline) starts with, so machines whose clocks disagree agree on it.
+REDIS_NOW = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+"""
 
 # Refuse new work once a stream is full, or once its sender already has their share
 # waiting (so a flood from one user cannot starve everyone else), atomically with
@@ -18,7 +25,7 @@ __all__ = ["DELIVER_SCRIPT", "KEEP_SCRIPT", "RECORD_SCRIPT", "REQUEUE_SCRIPT", "
 # refusal is then also pushed to the reply list (KEYS[5]), so that wait ends at once.
 # The entry also carries when its deadline falls by Redis's clock ('d': now plus the
 # request's allowance ARGV[6]), so machines whose clocks disagree agree on it.
-SUBMIT_SCRIPT = """
+SUBMIT_SCRIPT = REDIS_NOW + """
 local function refuse(why)
   if ARGV[5] == '1' then
     redis.call('RPUSH', KEYS[5], why)
@@ -37,9 +44,7 @@ if KEYS[2] ~= '' then
 end
 local epoch = redis.call('GET', KEYS[3]) or '0'
 if redis.call('EXISTS', KEYS[4]) == 1 then epoch = 'x' end
-local t = redis.call('TIME')
-local due = tonumber(t[1]) + tonumber(t[2]) / 1000000 + tonumber(ARGV[6])
-return redis.call('XADD', KEYS[1], '*', 'r', ARGV[2], 'e', epoch, 'd', string.format('%.3f', due))
+return redis.call('XADD', KEYS[1], '*', 'r', ARGV[2], 'e', epoch, 'd', string.format('%.3f', now + tonumber(ARGV[6])))
 """
 
 # Deliver each reply unless its request was answered already; always settle its entry;
