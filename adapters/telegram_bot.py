@@ -12,11 +12,12 @@ set. The token is kept out of every log line (httpx logs request URLs, which hol
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
 import re
 import warnings
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import TypeVar
 
 from telegram import BotCommand, Chat, Message, ReplyParameters, Update
@@ -41,6 +42,17 @@ TYPING_REFRESH_S = 4.5
 WEBHOOK_PATH = "telegram"
 FLOOD_RETRIES = 8
 TOKEN_REFUSED_TEXT = "Telegram refused the token: check PERSONA_TELEGRAM__TOKEN"
+
+
+@contextlib.contextmanager
+def _token_refused_as_config_error() -> Iterator[None]:
+    """A refused token ends the adapter as a ConfigError: PTB's own message quotes the token."""
+    try:
+        yield
+    except InvalidToken:
+        raise ConfigError(TOKEN_REFUSED_TEXT) from None
+
+
 T = TypeVar("T")
 
 COMMANDS = [
@@ -153,10 +165,8 @@ class TelegramBot:
 
     async def start(self) -> None:
         """Start polling inside a running event loop (tests, or an embedding program)."""
-        try:
+        with _token_refused_as_config_error():
             await self.application.initialize()
-        except InvalidToken:
-            raise ConfigError(TOKEN_REFUSED_TEXT) from None  # PTB's own message quotes the token
         await self._connect(self.application)
         await self.application.start()
         if self.options.webhook_url:
@@ -186,13 +196,11 @@ class TelegramBot:
 
     def run(self) -> None:
         """Serve until interrupted: long polling, or a webhook if one is configured."""
-        try:
+        with _token_refused_as_config_error():
             if self.options.webhook_url:
                 self.application.run_webhook(**self._webhook_options())
             else:
                 self.application.run_polling(allowed_updates=Update.ALL_TYPES)
-        except InvalidToken:
-            raise ConfigError(TOKEN_REFUSED_TEXT) from None  # PTB's own message quotes the token
 
     # --- who is talking, and may they -------------------------------------------------
 
