@@ -15,6 +15,8 @@ __all__ = ["connect", "connect_async", "describe_url", "redis_url"]
 
 RETRIES = 8
 SOCKET_TIMEOUT_S = 30.0
+# BLMOVE, which callers read their replies with, came in Redis 6.2.
+OLDEST_REDIS = (6, 2)
 
 
 def redis_url(settings: Settings) -> str:
@@ -39,6 +41,21 @@ def describe_url(url: str) -> str:
     return f"{scheme}://***@{rest.rpartition('@')[2]}"
 
 
+def _check_version(info: dict, url: str) -> None:
+    """Refuse a Redis too old for the queue, saying which one is needed."""
+    version = str(info.get("redis_version", ""))
+    try:
+        found = tuple(int(part) for part in version.split(".")[:2])
+    except ValueError:
+        return  # a server that names its version otherwise (a Redis-compatible one): let it try
+    if found < OLDEST_REDIS:
+        raise RedisUnavailable(
+            f"Redis at {describe_url(url)} is version {version}; persona needs "
+            f"{'.'.join(map(str, OLDEST_REDIS))} or newer (the official redis:7 image, "
+            "or `persona up`'s embedded one)"
+        )
+
+
 def _options(url: str) -> dict:
     # Reconnect with backoff: a restarted Redis costs callers a pause, not an error.
     options = {
@@ -57,7 +74,7 @@ def connect(settings: Settings, *, url: str | None = None) -> redis.Redis:
     try:
         # One quick try first: a user with Redis down hears so at once, not after backoff.
         with redis.Redis.from_url(url, socket_connect_timeout=5) as probe:
-            probe.ping()
+            info = probe.info("server")
     except redis.exceptions.AuthenticationError as exc:
         raise RedisUnavailable(f"Redis at {describe_url(url)} refused the password: {exc}") from None
     except redis.exceptions.ConnectionError as exc:
@@ -65,6 +82,7 @@ def connect(settings: Settings, *, url: str | None = None) -> redis.Redis:
             f"cannot reach Redis at {describe_url(url)}: {exc}. Is it running? "
             "`persona up` starts one; PERSONA_REDIS_URL points elsewhere"
         ) from None
+    _check_version(info, url)
     return redis.Redis.from_url(url, **_options(url))
 
 
@@ -76,8 +94,11 @@ async def connect_async(settings: Settings, *, url: str | None = None) -> redis.
     options = _options(url) | {"retry": AsyncRetry(ExponentialBackoff(cap=2.0, base=0.05), RETRIES)}
     client = redis.asyncio.Redis.from_url(url, **options)
     try:
-        await client.ping()
+        _check_version(await client.info("server"), url)
     except redis.exceptions.ConnectionError as exc:
         await client.aclose()
         raise RedisUnavailable(f"cannot reach Redis at {describe_url(url)}: {exc}") from None
+    except RedisUnavailable:
+        await client.aclose()
+        raise
     return client

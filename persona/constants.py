@@ -11,9 +11,12 @@ STREAMS_BY_PRIORITY = (STREAM_INTERACTIVE, STREAM_BATCH)
 STREAM_DEAD = KEY_PREFIX + "q:dead"
 CONSUMER_GROUP = "workers"
 
-# One list per request; the worker LPUSHes the reply, the caller BLPOPs it.
+# One list per request; the worker LPUSHes the reply, the caller reads it with a BLMOVE
+# of the list onto itself (so a retry after a dropped connection reads it again) and
+# deletes the list with its next call.
 REPLY_KEY_PREFIX = KEY_PREFIX + "reply:"
-# Set once per request by the first worker that answers it: a retry never answers twice.
+# One mark per request: '' once it is queued (so a re-sent submission is not queued
+# again), then the name of the first worker that answers it (so no one answers twice).
 ANSWERED_KEY_PREFIX = KEY_PREFIX + "answered:"
 # Set by a caller that no longer wants its answer (/cancel).
 CANCEL_KEY_PREFIX = KEY_PREFIX + "cancel:"

@@ -2,7 +2,11 @@
 
 Callers (``QueueClient``, or ``AsyncQueueClient`` inside adapters) add a request to one
 of two streams, interactive or batch, refused with ``QueueBusy`` once the stream holds
-``max_length`` entries, then wait on the request's own reply list.
+``max_length`` entries, then wait on the request's own reply list. A request is added
+once however often its submission is sent (redis-py re-sends a call whose reply a
+dropped connection lost), and a caller reads its reply without removing it (BLMOVE of
+the list onto itself), so a reply lost on the way back is read again on the retry; the
+caller deletes the lists it has read with its next call.
 
 Workers (``WorkQueue``) read both streams through one consumer group, interactive first,
 and answer through a script that delivers a reply at most once per request id, counts
@@ -47,9 +51,9 @@ EPOCH_FIELD = b"e"
 DUE_FIELD = b"d"  # when the deadline falls, by Redis's clock (entries from older clients lack it)
 WAIT_SLACK_S = 5.0
 # A caller waits for its reply in slices shorter than any client's socket read timeout
-# (redis-py 8 defaults to 5 s), so one long BLPOP is never cut off as a dead socket.
+# (redis-py 8 defaults to 5 s), so one long BLMOVE is never cut off as a dead socket.
 WAIT_SLICE_S = 2.0
-# BLPOP treats 0 as "forever": the last slice is never shorter than this.
+# BLMOVE treats 0 as "forever": the last slice is never shorter than this.
 MIN_SLICE_S = 0.01
 RECLAIM_BATCH = 100
 # Read with every claim, after its entries: the cancel epoch and the active versions.
@@ -96,7 +100,7 @@ def _submit_keys_args(
     hold_s = int(settings.default_deadline_s * 2) + 60  # a lost decrement heals itself
     stream_keys = [
         stream_for(request.priority), user_key, keys.CANCEL_EPOCH_KEY, keys.cancel_key(request.id),
-        keys.reply_key(request.id),
+        keys.reply_key(request.id), keys.answered_key(request.id),
     ]
     return stream_keys, [
         settings.max_length, request.to_json(), settings.max_pending_per_user, hold_s, int(waiting),
@@ -111,10 +115,25 @@ def _ask_pipeline(pipe, request: GenerationRequest, settings: QueueSettings, wai
     """
     script_keys, args = _submit_keys_args(request, settings, waiting=True)
     pipe.eval(SUBMIT_SCRIPT, len(script_keys), *script_keys, *args)
-    pipe.blpop([keys.reply_key(request.id)], timeout=_slice(wait_s))
+    _take(pipe, keys.reply_key(request.id), wait_s)
 
 
-def _check_submitted(outcome: bytes | str | None, request: GenerationRequest, settings: QueueSettings) -> None:
+def _take(client, key: str, wait_s: float):
+    """Wait up to a slice of ``wait_s`` for the reply in list ``key`` and read it, leaving
+    it there (BLMOVE of the list onto itself): if the connection drops with the reply on
+    its way, redis-py's retry reads it again. The caller deletes the list once it has it."""
+    return client.blmove(key, key, _slice(wait_s), "LEFT", "LEFT")
+
+
+def _unlink_first(pipe, spent: list[str]) -> int:
+    """Start a pipeline by deleting reply lists already read; how many results that adds."""
+    if spent:
+        pipe.unlink(*spent)
+    return 1 if spent else 0
+
+
+def _check_submitted(outcome: bytes | str | None, request: GenerationRequest, settings: QueueSettings) -> bool:
+    """Raise QueueBusy for a refusal; True if the request was queued (now or before)."""
     outcome = outcome.decode() if isinstance(outcome, bytes) else outcome
     if outcome == "busy":
         raise QueueBusy(
@@ -126,6 +145,7 @@ def _check_submitted(outcome: bytes | str | None, request: GenerationRequest, se
             f"you already have {settings.max_pending_per_user} requests waiting; "
             "please wait for those answers first"
         )
+    return True
 
 
 def _wait_seconds(request: GenerationRequest, timeout: float | None) -> float:
@@ -142,6 +162,10 @@ def _cancel(pipe, request_id: str, settings: QueueSettings) -> None:
     """Queue a cancellation on a MULTI pipeline: the flag, and the epoch workers compare."""
     pipe.set(keys.cancel_key(request_id), 1, ex=settings.reply_ttl_s)
     pipe.incr(keys.CANCEL_EPOCH_KEY)
+
+
+# What the submit script leaves in the reply list of a refused ``ask`` (see SUBMIT_SCRIPT).
+_REFUSALS = frozenset({b"busy", b"user_busy", "busy", "user_busy"})
 
 
 def _decode_reply(raw: bytes | None, request: GenerationRequest) -> GenerationReply:
@@ -170,13 +194,38 @@ def _texts(mapping: dict | None) -> dict[str, str]:
             for k, v in (mapping or {}).items()}
 
 
-class QueueClient:
-    """Submit requests and wait for their replies (blocking)."""
+class _Caller:
+    """What both clients keep: their Redis, settings, and the reply lists they have read."""
 
-    def __init__(self, client: redis.Redis, settings: QueueSettings) -> None:
+    def __init__(self, client: redis.Redis | redis.asyncio.Redis, settings: QueueSettings) -> None:
         self.redis = client
         self.settings = settings
         self._submit = client.register_script(SUBMIT_SCRIPT)
+        # Reply lists read and not yet deleted: the next wait or ask deletes them (each
+        # also expires on its own, after the reply TTL).
+        self._spent: list[str] = []
+
+    def _take_spent(self) -> list[str]:
+        spent, self._spent = self._spent, []
+        return spent
+
+    def _check_asked(self, outcome, request: GenerationRequest) -> None:
+        """As ``_check_submitted``; a refusal's word stays in the reply list, to go next time."""
+        try:
+            _check_submitted(outcome, request, self.settings)
+        except QueueBusy:
+            self._spent.append(keys.reply_key(request.id))
+            raise
+
+    def _got(self, key: str, got):
+        """Note a reply read from list ``key`` as spent; the reply."""
+        if got is not None:
+            self._spent.append(key)
+        return got
+
+
+class QueueClient(_Caller):
+    """Submit requests and wait for their replies (blocking)."""
 
     def submit(self, request: GenerationRequest) -> GenerationRequest:
         """Queue a request; InvalidRequest if it breaks the limits, QueueBusy if full."""
@@ -208,9 +257,20 @@ class QueueClient:
         return self._wait(request, time.monotonic() + _wait_seconds(request, timeout))
 
     def _wait(self, request: GenerationRequest, give_up: float, got=None) -> GenerationReply:
-        while got is None and (left := give_up - time.monotonic()) > 0:
-            got = self.redis.blpop([keys.reply_key(request.id)], timeout=_slice(left))
-        return _decode_reply(got[1] if got else None, request)
+        key = keys.reply_key(request.id)
+        while True:
+            if got in _REFUSALS:  # left by an attempt refused before a re-sent one was queued
+                self.redis.lrem(key, 0, got)
+                got = None
+            if got is not None or (left := give_up - time.monotonic()) <= 0:
+                return _decode_reply(self._got(key, got), request)
+            if self._spent:
+                pipe = self.redis.pipeline(transaction=False)
+                _unlink_first(pipe, self._take_spent())
+                _take(pipe, key, left)
+                got = pipe.execute()[-1]
+            else:
+                got = _take(self.redis, key, left)
 
     def ask(self, request: GenerationRequest, timeout: float | None = None) -> GenerationReply:
         """Submit and wait: one round trip through the queue (one to Redis, too)."""
@@ -218,9 +278,10 @@ class QueueClient:
         request = _stamp(request, self.settings)
         give_up = time.monotonic() + _wait_seconds(request, timeout)
         pipe = self.redis.pipeline(transaction=False)
+        ahead = _unlink_first(pipe, self._take_spent())
         _ask_pipeline(pipe, request, self.settings, give_up - time.monotonic())
-        outcome, got = pipe.execute()
-        _check_submitted(outcome, request, self.settings)
+        outcome, got = pipe.execute()[ahead:]
+        self._check_asked(outcome, request)
         return self._wait(request, give_up, got)
 
     def cancel(self, request_id: str) -> None:
@@ -230,13 +291,8 @@ class QueueClient:
         pipe.execute()
 
 
-class AsyncQueueClient:
+class AsyncQueueClient(_Caller):
     """The same as QueueClient, for asyncio code (the chat adapters)."""
-
-    def __init__(self, client: redis.asyncio.Redis, settings: QueueSettings) -> None:
-        self.redis = client
-        self.settings = settings
-        self._submit = client.register_script(SUBMIT_SCRIPT)
 
     async def submit(self, request: GenerationRequest) -> GenerationRequest:
         check_request(request, self.settings)
@@ -249,18 +305,30 @@ class AsyncQueueClient:
         return await self._wait(request, time.monotonic() + _wait_seconds(request, timeout))
 
     async def _wait(self, request: GenerationRequest, give_up: float, got=None) -> GenerationReply:
-        while got is None and (left := give_up - time.monotonic()) > 0:
-            got = await self.redis.blpop([keys.reply_key(request.id)], timeout=_slice(left))
-        return _decode_reply(got[1] if got else None, request)
+        key = keys.reply_key(request.id)
+        while True:
+            if got in _REFUSALS:
+                await self.redis.lrem(key, 0, got)
+                got = None
+            if got is not None or (left := give_up - time.monotonic()) <= 0:
+                return _decode_reply(self._got(key, got), request)
+            if self._spent:
+                pipe = self.redis.pipeline(transaction=False)
+                _unlink_first(pipe, self._take_spent())
+                _take(pipe, key, left)
+                got = (await pipe.execute())[-1]
+            else:
+                got = await _take(self.redis, key, left)
 
     async def ask(self, request: GenerationRequest, timeout: float | None = None) -> GenerationReply:
         check_request(request, self.settings)
         request = _stamp(request, self.settings)
         give_up = time.monotonic() + _wait_seconds(request, timeout)
         pipe = self.redis.pipeline(transaction=False)
+        ahead = _unlink_first(pipe, self._take_spent())
         _ask_pipeline(pipe, request, self.settings, give_up - time.monotonic())
-        outcome, got = await pipe.execute()
-        _check_submitted(outcome, request, self.settings)
+        outcome, got = (await pipe.execute())[ahead:]
+        self._check_asked(outcome, request)
         return await self._wait(request, give_up, got)
 
     async def cancel(self, request_id: str) -> None:

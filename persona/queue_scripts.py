@@ -25,7 +25,11 @@ local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 # refusal is then also pushed to the reply list (KEYS[5]), so that wait ends at once.
 # The entry also carries when its deadline falls by Redis's clock ('d': now plus the
 # request's allowance ARGV[6]), so machines whose clocks disagree agree on it.
+# A request is added once: its mark (KEYS[6], the same key that later says it was
+# answered) is set to '' as it is added, and a request whose mark exists is not added
+# again ('duplicate'): redis-py re-sends a call whose reply a dropped connection lost.
 SUBMIT_SCRIPT = REDIS_NOW + """
+if redis.call('EXISTS', KEYS[6]) == 1 then return 'duplicate' end
 local function refuse(why)
   if ARGV[5] == '1' then
     redis.call('RPUSH', KEYS[5], why)
@@ -44,10 +48,13 @@ if KEYS[2] ~= '' then
 end
 local epoch = redis.call('GET', KEYS[3]) or '0'
 if redis.call('EXISTS', KEYS[4]) == 1 then epoch = 'x' end
-return redis.call('XADD', KEYS[1], '*', 'r', ARGV[2], 'e', epoch, 'd', string.format('%.3f', now + tonumber(ARGV[6])))
+local entry = redis.call('XADD', KEYS[1], '*', 'r', ARGV[2], 'e', epoch, 'd', string.format('%.3f', now + tonumber(ARGV[6])))
+redis.call('SET', KEYS[6], '', 'EX', tonumber(ARGV[4]))
+return entry
 """
 
-# Deliver each reply unless its request was answered already; always settle its entry;
+# Deliver each reply unless its request was answered already (its mark names the
+# worker that answered it; '' is a request queued and not yet answered); always settle its entry;
 # count completions. One call delivers and settles a whole batch. Per-request keys are
 # built here from their prefixes, and replies come in runs that share a counter, and
 # entries in runs that share a stream, so a reply costs four arguments in all.
@@ -66,7 +73,9 @@ for _ = 1, tonumber(ARGV[8]) do
   a = a + 2
   for _ = 1, n do
     local id, user = ARGV[a], ARGV[a + 2]
-    if redis.call('SET', answered .. id, worker, 'NX', 'EX', answered_ttl) then
+    local mark = redis.call('GET', answered .. id)
+    if not mark or mark == '' then
+      redis.call('SET', answered .. id, worker, 'EX', answered_ttl)
       counted = counted + 1
       redis.call('LPUSH', replies .. id, ARGV[a + 1])
       redis.call('EXPIRE', replies .. id, reply_ttl)

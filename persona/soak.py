@@ -132,7 +132,10 @@ class _Workers:
                 process.kill()
 
 
-async def _one(client: AsyncQueueClient, index: int, report: SoakReport, latencies: list[float], ids: list[str]) -> None:
+async def _one(shared: AsyncQueueClient, index: int, report: SoakReport, latencies: list[float], ids: list[str]) -> None:
+    # A client of its own, so that no reply list is deleted once read (a client deletes
+    # the lists it has read with its next call): each must end up holding one reply.
+    client = AsyncQueueClient(shared.redis, shared.settings)
     request = GenerationRequest(
         persona="soak", messages=[Message(role="user", content=f"soak question {index}")],
         sampling=SamplingOverrides(max_new_tokens=12), user=f"user-{index % 7}",
@@ -213,7 +216,7 @@ def run_soak(seconds: float, *, workers: int = 2, rate: float = 10.0, chaos_ever
         load_thread.join()
         time.sleep(DUPLICATE_GRACE_S)
         client = redis.Redis.from_url(url)
-        report.duplicated = sum(client.llen(keys.reply_key(i)) for i in ids)
+        report.duplicated = sum(max(0, client.llen(keys.reply_key(i)) - 1) for i in ids)
     finally:
         stop.set()
         pool.stop_all()

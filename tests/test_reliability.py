@@ -105,10 +105,12 @@ def wait_until_not_holding(client: redis.Redis, worker_id: str, timeout: float =
 
 
 def assert_answered_exactly_once(client: QueueClient, requests: list[GenerationRequest], timeout: float = 120):
-    replies = [client.wait(r, timeout=timeout) for r in requests]
+    # A client of its own for each wait, so no reply list is deleted once read (a client
+    # deletes the lists it has read with its next call): each must hold exactly one reply.
+    replies = [QueueClient(client.redis, client.settings).wait(r, timeout=timeout) for r in requests]
     time.sleep(0.5)  # a duplicate would land after the first reply
     for request in requests:
-        assert client.redis.llen(keys.reply_key(request.id)) == 0, f"{request.id} was answered twice"
+        assert client.redis.llen(keys.reply_key(request.id)) == 1, f"{request.id} was answered twice"
     return replies
 
 

@@ -1,0 +1,137 @@
+"""A connection that drops mid-call loses nothing: no request is queued twice, no reply is lost.
+
+redis-py re-sends a call whose connection dropped (the service's clients retry with
+backoff). Whether Redis ran the call before the drop, the caller cannot know; these
+tests cut the connection at the worst moment, through a real proxy in front of the
+real Redis, and check what the caller and the queue end up with.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from persona import constants as keys
+from persona.connection import connect, connect_async
+from persona.contract import GenerationReply, GenerationRequest, Message
+from persona.errors import RedisUnavailable, ReplyTimeout
+from persona.queue import AsyncQueueClient, QueueClient, WorkQueue
+from persona.queue_scripts import SUBMIT_SCRIPT
+from tests.fakes.cutting_proxy import CuttingProxy
+
+
+def chat(text: str = "hi", **kwargs) -> GenerationRequest:
+    return GenerationRequest(persona="sage", messages=[Message(role="user", content=text)], **kwargs)
+
+
+@pytest.fixture
+def proxy(redis_url):
+    made = CuttingProxy(redis_url)
+    yield made
+    made.close()
+
+
+@pytest.fixture
+def work(settings, redis_client) -> WorkQueue:
+    return WorkQueue(redis_client, settings.queue)
+
+
+@pytest.fixture
+def direct(settings, redis_client) -> QueueClient:
+    return QueueClient(redis_client, settings.queue)
+
+
+def answer(work: WorkQueue, text: str) -> None:
+    [job] = work.claim("w", 10, block_ms=100)
+    assert work.deliver([(job, GenerationReply(id=job.request.id, ok=True, text=text))], "w") == 1
+
+
+def test_a_submission_whose_answer_was_lost_is_queued_once(settings, redis_client, proxy):
+    redis_client.script_load(SUBMIT_SCRIPT)  # so the cut answer is the script's, not "no such script"
+    client = QueueClient(connect(settings, url=proxy.url), settings.queue)
+    request = chat(user="ann")
+    proxy.cut_answer_to(request.id.encode())
+    client.submit(request)
+    assert proxy.cuts == 1
+    assert redis_client.xlen(keys.STREAM_INTERACTIVE) == 1
+    assert int(redis_client.get(keys.user_pending_key("ann"))) == 1  # ann's share counted once
+
+
+def test_an_ask_whose_answer_was_lost_is_queued_once_and_answered(settings, redis_client, proxy, work):
+    client = QueueClient(connect(settings, url=proxy.url), settings.queue)
+    request = chat()
+    proxy.cut_answer_to(request.id.encode())
+    with pytest.raises(ReplyTimeout):  # nobody answers yet: only the queue is looked at
+        client.ask(request, timeout=0.5)
+    assert proxy.cuts == 1
+    assert redis_client.xlen(keys.STREAM_INTERACTIVE) == 1
+    answer(work, "once")
+    assert client.wait(request, timeout=5).text == "once"
+
+
+def test_a_request_answered_already_is_not_queued_again(direct, redis_client, work):
+    request = direct.submit(chat())
+    answer(work, "first")
+    direct.submit(request)
+    assert redis_client.xlen(keys.STREAM_INTERACTIVE) == 0
+    assert direct.wait(request, timeout=1).text == "first"
+
+
+def test_a_reply_lost_on_its_way_to_the_caller_is_read_again(settings, direct, proxy, work):
+    request = direct.submit(chat())
+    answer(work, "the reply that got through")
+    client = QueueClient(connect(settings, url=proxy.url), settings.queue)
+    proxy.cut_answer_holding(b"the reply that got through")
+    assert client.wait(request, timeout=10).text == "the reply that got through"
+    assert proxy.cuts == 1
+
+
+async def test_a_chat_adapters_reply_lost_on_its_way_is_read_again(settings, direct, proxy, work):
+    request = direct.submit(chat())
+    answer(work, "async reply")
+    async_redis = await connect_async(settings, url=proxy.url)
+    try:
+        proxy.cut_answer_holding(b"async reply")
+        assert (await AsyncQueueClient(async_redis, settings.queue).wait(request, timeout=10)).text == "async reply"
+    finally:
+        await async_redis.aclose()
+    assert proxy.cuts == 1
+
+
+def test_reply_lists_read_are_deleted_by_the_next_call(direct, redis_client, work):
+    first = direct.submit(chat("one"))
+    answer(work, "1")
+    assert direct.wait(first, timeout=1).text == "1"
+    assert redis_client.exists(keys.reply_key(first.id)) == 1  # kept in case the answer was lost
+    second = direct.submit(chat("two"))
+    answer(work, "2")
+    assert direct.wait(second, timeout=1).text == "2"
+    assert redis_client.exists(keys.reply_key(first.id)) == 0
+    assert redis_client.ttl(keys.reply_key(second.id)) > 0  # the last one expires on its own
+
+
+def test_a_refusal_left_by_an_earlier_attempt_is_passed_over(direct, redis_client, work):
+    """A refused ask leaves its word in the reply list; if a re-sent submission was then
+    queued, the word must not be taken for the reply."""
+    request = direct.submit(chat())
+    redis_client.rpush(keys.reply_key(request.id), "busy")
+    with pytest.raises(ReplyTimeout):
+        direct.wait(request, timeout=0.3)
+    answer(work, "the real reply")
+    assert direct.wait(request, timeout=1).text == "the real reply"
+
+
+
+@pytest.fixture
+def old_redis():
+    from tests.fakes.old_redis import OldRedis
+
+    server = OldRedis("6.0.16")
+    yield server
+    server.close()
+
+
+async def test_a_redis_too_old_for_the_queue_is_refused_with_the_version_needed(settings, old_redis):
+    with pytest.raises(RedisUnavailable, match=r"version 6\.0\.16; persona needs 6\.2 or newer"):
+        connect(settings, url=old_redis.url)
+    with pytest.raises(RedisUnavailable, match=r"needs 6\.2 or newer"):
+        await connect_async(settings, url=old_redis.url)
