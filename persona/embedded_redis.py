@@ -22,7 +22,7 @@ from pathlib import Path
 from persona.constants import EMBEDDED_REDIS_START_TIMEOUT_S
 from persona.errors import RedisUnavailable
 
-__all__ = ["EmbeddedRedis", "find_embedded_url", "redis_server_binary"]
+__all__ = ["EmbeddedRedis", "find_embedded_url", "redis_server_binary", "stop_embedded"]
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,24 @@ def find_embedded_url(data_dir: Path) -> str | None:
     if not url or not _alive(int(record.get("pid", 0))) or not _answers(url):
         return None  # stale: left by a Redis that died, its pid since given to another process
     return url
+
+
+def stop_embedded(data_dir: Path, timeout_s: float = 15.0) -> bool:
+    """Save and stop the embedded Redis another process started for this data directory
+    (it outlives its starter: its own session); False if none is running."""
+    url = find_embedded_url(data_dir)
+    if url is None:
+        return False
+    record = data_dir / ADDRESS_FILE
+    pid = int(json.loads(record.read_text())["pid"])
+    os.kill(pid, signal.SIGTERM)  # redis saves on SIGTERM
+    deadline = time.monotonic() + timeout_s
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if _alive(pid):
+        os.kill(pid, signal.SIGKILL)
+    record.unlink(missing_ok=True)
+    return True
 
 
 def _answers(url: str) -> bool:

@@ -7,6 +7,8 @@ import json
 import logging
 import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -106,3 +108,80 @@ def test_a_record_left_by_a_dead_redis_whose_pid_was_reused_is_ignored(tmp_path:
     with redis_for_service(Settings(_env_file=None, data_dir=data)) as url:
         assert url != stale["url"] and redis.Redis.from_url(url).ping()
         assert find_embedded_url(data) == url
+
+
+SERVING = """
+import sys
+from pathlib import Path
+from persona.cli.serve import redis_for_service
+from persona.logs import setup_logging
+from persona.settings import Settings
+settings = Settings(_env_file=None, data_dir=Path(sys.argv[1]))
+setup_logging(settings)
+with redis_for_service(settings) as url:
+    print(url, flush=True)
+    sys.stdin.read()  # serves until its stdin closes
+"""
+
+
+class Serving:
+    """A process serving on the embedded Redis of ``data`` as `persona worker` does, until ``leave``."""
+
+    def __init__(self, data: Path) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", SERVING, str(data)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True,
+        )
+        self.url = self.process.stdout.readline().strip()
+        assert self.url, self.process.stderr.read()
+
+    def leave(self) -> str:
+        """Stop it; what it logged."""
+        self.process.stdin.close()
+        assert self.process.wait(timeout=60) == 0
+        return self.process.stderr.read()
+
+
+def redis_pid(data: Path) -> int:
+    return json.loads((data / "redis.json").read_text())["pid"]
+
+
+def gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def test_the_embedded_redis_outlives_its_starter_while_another_serves_on_it(tmp_path: Path):
+    data = tmp_path / "data"
+    starter = Serving(data)
+    pid = redis_pid(data)
+    attached = Serving(data)
+    assert attached.url == starter.url
+    assert "left running for 1 other serving process" in starter.leave()
+    assert redis.Redis.from_url(attached.url).ping()  # the one still serving keeps its Redis
+    assert "embedded Redis stopped" in attached.leave()  # the last one out stops it
+    assert gone(pid) and find_embedded_url(data) is None
+
+
+def test_one_that_attached_leaves_the_embedded_redis_to_its_starter(tmp_path: Path):
+    data = tmp_path / "data"
+    starter = Serving(data)
+    pid = redis_pid(data)
+    assert "left running" in Serving(data).leave()
+    assert redis.Redis.from_url(starter.url).ping()
+    starter.leave()
+    assert gone(pid) and find_embedded_url(data) is None
+
+
+def test_clients_that_do_not_serve_do_not_keep_the_embedded_redis_running(tmp_path: Path):
+    data = tmp_path / "data"
+    starter = Serving(data)
+    pid = redis_pid(data)
+    chatting = redis.Redis.from_url(starter.url)  # `persona chat`, an adapter: clients, not services
+    chatting.ping()
+    assert "embedded Redis stopped" in starter.leave()
+    assert gone(pid)
+    chatting.close()

@@ -10,35 +10,79 @@ import threading
 import time
 from collections.abc import Iterator
 
+import redis
 import typer
 
 from persona.cli.common import console, friendly_errors, get_settings
 from persona.connection import connect, describe_url
-from persona.embedded_redis import EmbeddedRedis, find_embedded_url
+from persona.embedded_redis import EmbeddedRedis, find_embedded_url, stop_embedded
 from persona.logs import setup_logging
 from persona.settings import Settings
 
 log = logging.getLogger(__name__)
 
 
+# While a process serves on the embedded Redis it holds a connection named this and its
+# pid; the last such process to leave stops the server (see ``redis_for_service``).
+SERVING_NAME_PREFIX = "persona-serving-"
+# How long a process leaving waits for the connections of services it has just stopped
+# (its own children, under `persona up`) to close before it counts who else serves.
+CLOSING_GRACE_S = 3.0
+
+
 @contextlib.contextmanager
 def redis_for_service(settings: Settings) -> Iterator[str]:
-    """The Redis URL to serve on: the configured one, a running embedded one, or a new one."""
+    """The Redis URL to serve on: the configured one, a running embedded one, or a new one.
+
+    The embedded Redis is stopped by the last serving process (``persona up``,
+    ``worker``, ``dashboard``) to leave, whichever started it: one that leaves while
+    another still serves on it leaves it running for that one.
+    """
     if settings.redis_url is not None:
         yield settings.redis_url.get_secret_value()
         return
     running = find_embedded_url(settings.data_dir)
+    embedded = None
     if running:
-        yield running
-        return
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    embedded = EmbeddedRedis(settings.data_dir)
-    url = embedded.start()
+        url = running
+    else:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        embedded = EmbeddedRedis(settings.data_dir)
+        url = embedded.start()
+    own = f"{SERVING_NAME_PREFIX}{os.getpid()}"
+    holder = redis.Redis.from_url(url, client_name=own)  # its open connection says: serving
     try:
+        holder.ping()
         yield url
     finally:
-        embedded.stop()
-        log.info("embedded Redis stopped (data kept in %s)", settings.data_dir / "redis")
+        holder.close()
+        others = _others_serving(url, own)
+        if others:
+            log.info("embedded Redis left running for %d other serving process(es) (pids %s); "
+                     "the last of them to stop stops it", len(others), ", ".join(others))
+        else:
+            if embedded is not None:
+                embedded.stop()
+            else:
+                stop_embedded(settings.data_dir)
+            log.info("embedded Redis stopped (data kept in %s)", settings.data_dir / "redis")
+
+
+def _others_serving(url: str, own: str) -> list[str]:
+    """The pids of other processes serving on this Redis (by their connections' names),
+    once those of services just stopped have had a moment to close."""
+    deadline = time.monotonic() + CLOSING_GRACE_S
+    try:
+        with redis.Redis.from_url(url, socket_timeout=5) as client:
+            while True:
+                names = {str(c.get("name") or "") for c in client.client_list()}
+                others = sorted(n.removeprefix(SERVING_NAME_PREFIX) for n in names
+                                if n.startswith(SERVING_NAME_PREFIX) and n != own)
+                if not others or time.monotonic() > deadline:
+                    return others
+                time.sleep(0.1)
+    except redis.exceptions.RedisError:
+        return []  # gone already, or not answering: nothing to leave it running for
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)  # SIGHUP: the terminal or SSH session closed
@@ -58,7 +102,8 @@ def up(
     token is set.
 
     Stop with Ctrl-C (or SIGTERM, or by closing the terminal): workers hand their work
-    back, then Redis saves and exits.
+    back, then Redis saves and exits (unless a `persona worker` or `dashboard` started
+    on its own still serves on it: the last of them stops it).
     """
     from persona.supervisor import Supervisor, services_for_up
 
