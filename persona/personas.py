@@ -76,7 +76,17 @@ class PromptConfig(_Strict):
     examples: list[Example] = Field(default_factory=list)
     post_instruction: str = Field(
         "Write one short new post in your own voice.",
-        description="what a chat model is asked when the persona writes a post",
+        description="what the model is asked when the persona writes a post (unless posts = continue)",
+    )
+    posts: Literal["auto", "ask", "continue"] = Field(
+        "auto",
+        description=(
+            "how a post is written: ask (the system prompt, examples and post_instruction, "
+            "then the persona's turn), continue (a fresh document in the author's voice, "
+            "from the request's prefix: a model trained on the author's posts), or auto "
+            "(continue on a fine-tuned checkpoint, and on a model without a chat template "
+            "that the persona gives no system prompt or examples; ask otherwise)"
+        ),
     )
     max_history_turns: int = Field(12, ge=0, description="recent turns kept as context")
 

@@ -49,15 +49,26 @@ def build_prompt(
     positions (default: the model's; an engine's cache may hold fewer)."""
     budget = prompt_budget(context or loaded.context_tokens, sampling.max_new_tokens)
     use_chat = loaded.has_chat_template
-    # A fine-tuned persona writes posts as raw continuations of its corpus; a
-    # prompt-only persona on an instruct model is asked for one instead.
-    if request.mode == "complete" and not (use_chat and not loaded.fine_tuned):
+    if request.mode == "complete" and _posts_continue(persona, loaded):
         return _plain_completion(request.prefix, loaded, budget, sampling)
     turns = _conversation(persona, request)
     if use_chat:
         return _fit(lambda p, kept: _chat_ids(p, kept, request, loaded), persona, turns, loaded, budget, sampling.stop)
     stop = [f"\n{USER_SPEAKER}:", f"\n{persona.speaker}:", *sampling.stop]
-    return _fit(lambda p, kept: _transcript_ids(p, kept, loaded), persona, turns, loaded, budget, stop)
+    return _fit(lambda p, kept: _transcript_ids(p, kept, request, loaded), persona, turns, loaded, budget, stop)
+
+
+def _posts_continue(persona: Persona, loaded: LoadedModel) -> bool:
+    """Whether this persona writes a post as a raw continuation of its corpus, rather
+    than being asked for one (see ``PromptConfig.posts``). A fine-tuned persona writes
+    the way its corpus reads; a prompt-only persona is asked; a plain model given no
+    voice at all is taken to be the author's own (a GPT-2 tuned elsewhere, used as is)."""
+    if persona.prompt.posts != "auto":
+        return persona.prompt.posts == "continue"
+    if loaded.fine_tuned:
+        return True
+    told_who = bool(persona.prompt.system.strip() or persona.prompt.examples)
+    return not (loaded.has_chat_template or told_who)
 
 
 def build_prompts(
@@ -193,7 +204,7 @@ def _chat_ids(persona: Persona, turns: list[Message], request: GenerationRequest
     return _encode(loaded.tokenizer, text)
 
 
-def _transcript_ids(persona: Persona, turns: list[Message], loaded: LoadedModel) -> list[int]:
+def _transcript_ids(persona: Persona, turns: list[Message], request: GenerationRequest, loaded: LoadedModel) -> list[int]:
     lines: list[str] = []
     if persona.prompt.system:
         lines.append(persona.prompt.system.strip() + "\n")
@@ -204,6 +215,8 @@ def _transcript_ids(persona: Persona, turns: list[Message], loaded: LoadedModel)
         speaker = persona.speaker if message.role == "assistant" else USER_SPEAKER
         lines.append(f"{speaker}: {message.content}")
     lines.append(f"{persona.speaker}:")
+    if request.mode == "complete" and request.prefix:
+        lines[-1] += f" {request.prefix}"  # the post starts as asked
     return _encode(loaded.tokenizer, "\n".join(lines))
 
 

@@ -98,6 +98,42 @@ def test_post_request_on_a_prompt_only_persona_asks_for_a_post(chat_model):
     assert PERSONA.prompt.post_instruction in text and text.endswith("Patience")
 
 
+def post(prefix: str = "") -> GenerationRequest:
+    return GenerationRequest(persona="sage", mode="complete", prefix=prefix)
+
+
+def test_a_prompt_only_persona_on_a_plain_model_is_asked_for_its_post(plain_model):
+    text = plain_model.tokenizer.decode(build_prompt(PERSONA, post("Patience"), plain_model, Sampling()).token_ids)
+    assert text.index("You are Sage.") < text.index(PERSONA.prompt.post_instruction)
+    assert text.endswith("Sage: Patience")
+
+
+def test_a_plain_model_given_no_voice_writes_posts_as_its_corpus_reads(plain_model):
+    """A GPT-2 fine-tuned elsewhere on the author's posts, used as the base as it is."""
+    as_is = Persona(name="dril")
+    prompt = build_prompt(as_is, post("Once"), plain_model, Sampling())
+    assert plain_model.tokenizer.decode(prompt.token_ids).endswith("Once")
+    assert as_is.prompt.post_instruction not in plain_model.tokenizer.decode(prompt.token_ids)
+
+
+def test_a_fine_tuned_persona_continues_unless_told_to_ask(chat_model):
+    from persona.models import LoadedModel
+
+    tuned = LoadedModel(chat_model.model, tokenizer=chat_model.tokenizer, device="cpu", name="tuned",
+                        has_chat_template=True, fine_tuned=True)
+    continued = tuned.tokenizer.decode(build_prompt(PERSONA, post(), tuned, Sampling()).token_ids)
+    assert "You are Sage." not in continued and PERSONA.prompt.post_instruction not in continued
+    asking = PERSONA.model_copy(update={"prompt": PERSONA.prompt.model_copy(update={"posts": "ask"})})
+    asked = tuned.tokenizer.decode(build_prompt(asking, post(), tuned, Sampling()).token_ids)
+    assert PERSONA.prompt.post_instruction in asked
+
+
+def test_a_persona_told_to_continue_does_so_on_an_instruct_model(chat_model):
+    continuing = PERSONA.model_copy(update={"prompt": PERSONA.prompt.model_copy(update={"posts": "continue"})})
+    text = chat_model.tokenizer.decode(build_prompt(continuing, post("Once"), chat_model, Sampling()).token_ids)
+    assert text.endswith("Once") and "You are Sage." not in text and "assistant" not in text
+
+
 def test_prompts_built_together_equal_prompts_built_one_by_one(chat_model, plain_model):
     """The worker's batched path: one tokenizer call, the same ids; long ones still trimmed."""
     roomy = PERSONA.model_copy(update={"prompt": PERSONA.prompt.model_copy(update={"max_history_turns": 64})})
