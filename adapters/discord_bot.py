@@ -23,6 +23,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
+import aiohttp
 import discord
 import yarl
 from discord import app_commands
@@ -52,6 +53,9 @@ OPERATOR_ONLY_TEXT = "This command is for the bot's operators."
 # Every live worker loads and checks the new weights before the switch.
 SWAP_TIMEOUT_S = 300.0
 NO_MENTIONS = discord.AllowedMentions.none()
+# Threads whose parent was asked of the API; a thread never moves, so an entry never goes stale.
+MAX_REMEMBERED_PARENTS = 10_000
+_UNKNOWN = object()  # a channel whose parent the API could not tell
 
 
 def point_client_at(api_url: str) -> None:
@@ -73,6 +77,7 @@ class PersonaBot(discord.Client):
         self.tree = app_commands.CommandTree(self)
         self.responder: Responder | None = None
         self.access: AccessControl | None = None
+        self._parent_ids: dict[int, int | None] = {}  # channel id → parent id, oldest first
         self._add_commands()
 
     # --- start-up -----------------------------------------------------------------------
@@ -123,15 +128,39 @@ class PersonaBot(discord.Client):
 
     # --- who is talking, and may they -------------------------------------------------
 
-    def _place_allowed(self, guild_id: int | None, channel: discord.abc.Snowflake | None) -> bool:
+    async def _place_allowed(self, guild_id: int | None, channel: discord.abc.Snowflake | None) -> bool:
         """The guild and channel allow/deny lists; a thread is also judged by its parent channel."""
         o = self.options
         if guild_id is not None and ((o.allowed_guilds and guild_id not in o.allowed_guilds) or guild_id in o.denied_guilds):
             return False
-        places = set() if channel is None else {channel.id, getattr(channel, "parent_id", None)} - {None}
-        if (o.allowed_channels and not places & set(o.allowed_channels)) or places & set(o.denied_channels):
-            return False
-        return True
+        if not (o.allowed_channels or o.denied_channels):
+            return True
+        parent_id = None if channel is None else await self._parent_id(channel)
+        if parent_id is _UNKNOWN:
+            return False  # the lists cannot be applied: stay quiet rather than talk where denied
+        places = set() if channel is None else {channel.id, parent_id} - {None}
+        return not ((o.allowed_channels and not places & set(o.allowed_channels)) or places & set(o.denied_channels))
+
+    async def _parent_id(self, channel: discord.abc.Snowflake) -> int | None | object:
+        """A thread's parent channel (None: not a thread). A thread discord.py has not cached
+        (from before the bot connected, or archived) comes as a PartialMessageable without
+        one: ask the API, once; ``_UNKNOWN`` while the API cannot say."""
+        parent_id = getattr(channel, "parent_id", None)
+        if parent_id is not None or isinstance(channel, discord.abc.GuildChannel):
+            return parent_id
+        if channel.id in self._parent_ids:
+            return self._parent_ids[channel.id]
+        try:
+            fetched = await self.fetch_channel(channel.id)
+        except (discord.DiscordException, aiohttp.ClientError, OSError) as exc:
+            # Not remembered, so the next message asks again.
+            log.warning("not answering in channel %s: could not look up where it is: %s", channel.id, exc)
+            return _UNKNOWN
+        if len(self._parent_ids) >= MAX_REMEMBERED_PARENTS:
+            del self._parent_ids[next(iter(self._parent_ids))]
+        parent_id = self._parent_ids[channel.id] = getattr(fetched, "parent_id", None)
+        log.debug("channel %s is in channel %s", channel.id, parent_id)
+        return parent_id
 
     def is_operator(self, user: discord.abc.User) -> bool:
         """Whether this user may run operator commands (by id, or by role name or id)."""
@@ -185,7 +214,7 @@ class PersonaBot(discord.Client):
         replied_to_bot = parent is not None and parent.author == self.user
         if not (is_dm or self.user in message.mentions or replied_to_bot):
             return
-        if not is_dm and not self._place_allowed(message.guild.id, message.channel):
+        if not is_dm and not await self._place_allowed(message.guild.id, message.channel):
             return
         if is_dm:
             decision = await self.access.check(str(message.author.id), message.author.name)
@@ -265,7 +294,7 @@ class PersonaBot(discord.Client):
 
     async def _slash_allowed(self, interaction: discord.Interaction) -> bool:
         """The place lists and, in DMs, the dm_policy; a refused user is told why."""
-        if interaction.guild_id is not None and not self._place_allowed(interaction.guild_id, interaction.channel):
+        if interaction.guild_id is not None and not await self._place_allowed(interaction.guild_id, interaction.channel):
             await self._respond(interaction, "I'm not answering in this channel.", ephemeral=True)
             return False
         if interaction.guild_id is None:

@@ -24,6 +24,7 @@ from persona import swap as swaps
 from persona.errors import ConfigError
 from persona.personas import PersonaRegistry
 from persona.settings import Settings
+from tests.fakes.checkpoints import make_checkpoint
 from tests.fakes.discord_api import (
     BOT_ID,
     CHANNEL_ID,
@@ -31,7 +32,6 @@ from tests.fakes.discord_api import (
     OTHER_CHANNEL_ID,
     FakeDiscord,
 )
-from tests.fakes.checkpoints import make_checkpoint
 from tests.fakes.full_redis import redis_refusing_writes
 from tests.fakes.scripted_worker import scripted_worker
 
@@ -322,6 +322,69 @@ async def test_a_thread_is_answered_where_its_parent_channel_is_allowed(start_bo
     assert fake_api.texts(allowed) == ["echo: user=in a thread of the allowed channel"]
     assert fake_api.texts(elsewhere) == []
     assert "echo: user=by slash command" in fake_api.texts()
+
+
+async def test_a_thread_discord_py_never_cached_is_refused_where_its_parent_channel_is_denied(
+    start_bot, fake_api, discord_settings
+):
+    with scripted_worker(discord_settings, echo) as seen:
+        bot = await start_bot(denied_channels=[OTHER_CHANNEL_ID])
+        denied = await fake_api.thread(parent_id=OTHER_CHANNEL_ID, announced=False)
+        open_thread = await fake_api.thread(parent_id=CHANNEL_ID, announced=False)
+        assert bot.get_channel(denied) is None and bot.get_channel(open_thread) is None  # discord.py never heard of them
+        await fake_api.user_message("in an old thread of the denied channel", mention_bot=True, channel_id=denied)
+        await fake_api.user_message("in an old thread of an open channel", mention_bot=True, channel_id=open_thread)
+        await fake_api.wait_for(lambda: len(fake_api.texts(open_thread)) == 1)
+        await asyncio.sleep(0.3)
+    assert fake_api.texts(denied) == []
+    assert [r.messages[-1].content for r in seen] == ["in an old thread of an open channel"]
+
+
+async def test_a_thread_discord_py_never_cached_is_answered_where_its_parent_is_the_only_allowed_channel(
+    start_bot, fake_api, discord_settings
+):
+    with scripted_worker(discord_settings, echo):
+        await start_bot(allowed_channels=[CHANNEL_ID])
+        allowed = await fake_api.thread(parent_id=CHANNEL_ID, announced=False)
+        elsewhere = await fake_api.thread(parent_id=OTHER_CHANNEL_ID, announced=False)
+        await fake_api.user_message("elsewhere", mention_bot=True, channel_id=elsewhere)
+        await fake_api.user_message("in an old thread of the allowed channel", mention_bot=True, channel_id=allowed)
+        await fake_api.wait_for(lambda: len(fake_api.texts(allowed)) == 1, timeout=10)
+        await asyncio.sleep(0.3)
+    assert fake_api.texts(allowed) == ["echo: user=in an old thread of the allowed channel"]
+    assert fake_api.texts(elsewhere) == []
+
+
+async def test_an_uncached_threads_parent_is_fetched_once_for_all_its_messages(start_bot, fake_api, discord_settings):
+    with scripted_worker(discord_settings, echo):
+        await start_bot(denied_channels=[OTHER_CHANNEL_ID])
+        thread = await fake_api.thread(parent_id=CHANNEL_ID, announced=False)
+        chatter = await fake_api.thread(parent_id=CHANNEL_ID, announced=False)
+        await fake_api.user_message("talking among ourselves", channel_id=chatter)
+        for n in range(3):
+            await fake_api.user_message(f"m{n}", mention_bot=True, channel_id=thread)
+            await fake_api.wait_for(lambda n=n: len(fake_api.texts(thread)) == n + 1, timeout=10)
+    assert fake_api.requests.count(("GET", f"/channels/{thread}")) == 1
+    assert ("GET", f"/channels/{chatter}") not in fake_api.requests  # not addressed to the bot: never looked up
+
+
+async def test_a_thread_whose_parent_cannot_be_looked_up_is_not_answered_until_it_can_be(
+    start_bot, fake_api, discord_settings
+):
+    """With channel lists set, a place the bot cannot place is one it keeps quiet in:
+    it may be under a denied channel."""
+    with scripted_worker(discord_settings, echo):
+        await start_bot(denied_channels=[OTHER_CHANNEL_ID])
+        thread = await fake_api.thread(parent_id=CHANNEL_ID, announced=False)  # allowed, as it turns out
+        fake_api.forbidden_channels.add(thread)
+        await fake_api.user_message("while the lookup fails", mention_bot=True, channel_id=thread)
+        await fake_api.wait_for(lambda: fake_api.requests.count(("GET", f"/channels/{thread}")) == 1, timeout=10)
+        fake_api.forbidden_channels.clear()  # a failure is not remembered: the next message asks again
+        await fake_api.user_message("once it works", mention_bot=True, channel_id=thread)
+        await fake_api.wait_for(lambda: len(fake_api.texts(thread)) == 1, timeout=10)
+        await asyncio.sleep(0.3)
+    assert fake_api.texts(thread) == ["echo: user=once it works"]
+    assert fake_api.requests.count(("GET", f"/channels/{thread}")) == 2
 
 
 async def test_a_slash_command_is_answered_when_redis_refuses_writes(start_bot, fake_api, redis_client):

@@ -1,7 +1,8 @@
 """A Discord on loopback, enough for discord.py to log in, connect and talk.
 
-REST: /users/@me, /oauth2/applications/@me, /gateway/bot, channel messages (create and
-fetch), typing, application commands (sync), interaction callbacks and follow-ups.
+REST: /users/@me, /oauth2/applications/@me, /gateway/bot, a thread's channel object,
+channel messages (create and fetch), typing, application commands (sync), interaction
+callbacks and follow-ups.
 Gateway (websocket, JSON text frames): HELLO, IDENTIFY → READY and GUILD_CREATE,
 heartbeat ACKs, and dispatches the tests ask for (MESSAGE_CREATE, INTERACTION_CREATE,
 THREAD_CREATE). Tests read back what the bot did: ``sent`` (messages it posted, replies
@@ -9,6 +10,9 @@ to interactions included), ``typing`` (channel ids), ``interaction_responses``.
 ``rate_limit(route_prefix, seconds)`` answers the next matching request with a 429.
 ``delete(message)`` removes a message; a reply to it then fails with 400 "Unknown
 message", as on Discord, unless the reply says ``fail_if_not_exists: false``.
+``thread(announced=False)`` makes a thread the bot never hears of, so discord.py cannot
+cache it; ``GET /channels/{id}`` (counted in ``requests``) is how the bot learns its parent,
+answered with 403 for the ids in ``forbidden_channels``.
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ class FakeDiscord:
     requests: list[tuple[str, str]] = field(default_factory=list)
     messages: dict[int, dict] = field(default_factory=dict)
     threads: dict[int, dict] = field(default_factory=dict)
+    forbidden_channels: set[int] = field(default_factory=set)
     limits: dict[str, list[float]] = field(default_factory=dict)
     api_url: str = ""
     identified: asyncio.Event = field(default_factory=asyncio.Event)
@@ -120,8 +125,12 @@ class FakeDiscord:
         """The author (or a moderator) deletes a message."""
         del self.messages[int(message["id"])]
 
-    async def thread(self, parent_id: int = CHANNEL_ID, name: str = "side talk") -> int:
-        """A public thread started in a channel, dispatched as THREAD_CREATE; returns its id."""
+    async def thread(self, parent_id: int = CHANNEL_ID, name: str = "side talk", *, announced: bool = True) -> int:
+        """A public thread started in a channel, dispatched as THREAD_CREATE; returns its id.
+
+        ``announced=False``: no THREAD_CREATE, like a thread from before the bot connected or an
+        archived one; discord.py then gives its messages a PartialMessageable, without a parent.
+        """
         thread = {
             "id": str(next(self._ids)), "guild_id": str(GUILD_ID), "parent_id": str(parent_id), "type": 11,
             "name": name, "owner_id": "111", "last_message_id": None, "rate_limit_per_user": 0,
@@ -130,7 +139,8 @@ class FakeDiscord:
                                 "locked": False},
         }
         self.threads[int(thread["id"])] = thread
-        await self.dispatch("THREAD_CREATE", thread)
+        if announced:
+            await self.dispatch("THREAD_CREATE", thread)
         return int(thread["id"])
 
     async def slash(
@@ -253,6 +263,13 @@ class FakeDiscord:
             case "PUT", ["applications", _, "commands"]:
                 self.commands = [{**c, "id": str(next(self._ids)), "application_id": str(APP_ID), "version": "1"} for c in body]
                 return _json(self.commands)
+            case "GET", ["channels", channel_id]:
+                if int(channel_id) in self.forbidden_channels:
+                    return _json({"message": "Missing Access", "code": 50001}, status=403)
+                found = self.threads.get(int(channel_id))
+                if found is None:
+                    return _json({"message": "Unknown Channel", "code": 10003}, status=404)
+                return _json({k: v for k, v in found.items() if k != "newly_created"})
             case "POST", ["channels", channel_id, "typing"]:
                 self.typing.append((int(channel_id), time.monotonic()))
                 return web.Response(status=204)
