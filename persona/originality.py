@@ -2,8 +2,11 @@
 
 A persona should sound like its author without parroting them. ``CopyIndex`` holds
 every run of ``n`` consecutive words in a corpus; a text that contains any of them
-copies at least ``n`` words verbatim. Words are compared lower-cased, punctuation
-stripped, so a copied sentence is caught however it is capitalised or punctuated.
+copies at least ``n`` words verbatim. A document shorter than ``n`` words (a tweet, a
+one-line fortune) has no such run, so it is held whole: a text that repeats all of it
+copies it too, if it has at least ``MIN_WHOLE_COPY_WORDS`` words. Words are compared
+lower-cased, punctuation stripped, so a copied sentence is caught however it is
+capitalised or punctuated.
 """
 
 from __future__ import annotations
@@ -11,8 +14,10 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-__all__ = ["CopyIndex", "copied_fraction", "distinct_n", "words"]
+__all__ = ["MIN_WHOLE_COPY_WORDS", "CopyIndex", "copied_fraction", "distinct_n", "words"]
 
+# Shorter documents ("Thank you!") are phrases anyone writes, not the author's to copy.
+MIN_WHOLE_COPY_WORDS = 4
 WORD = re.compile(r"[\w']+", re.UNICODE)
 
 
@@ -26,25 +31,38 @@ def _ngrams(tokens: list[str], n: int) -> Iterable[tuple[str, ...]]:
 
 
 class CopyIndex:
-    """Every ``n``-word run of a corpus, for fast verbatim-copy checks."""
+    """Every ``n``-word run of a corpus, and its shorter documents whole, for fast verbatim-copy checks."""
 
     def __init__(self, documents: Iterable[str], n: int = 8) -> None:
         self.n = n
         self._runs: set[tuple[str, ...]] = set()
+        self._whole: set[tuple[str, ...]] = set()  # documents shorter than n words
         for document in documents:
-            self._runs.update(_ngrams(words(document), n))
+            tokens = words(document)
+            if MIN_WHOLE_COPY_WORDS <= len(tokens) < n:
+                self._whole.add(tuple(tokens))
+            self._runs.update(_ngrams(tokens, n))
+        self._whole_lengths = sorted({len(w) for w in self._whole}, reverse=True)
 
     def __len__(self) -> int:
-        return len(self._runs)
+        return len(self._runs) + len(self._whole)
 
     def copies(self, text: str) -> bool:
-        """Whether ``text`` contains ``n`` or more consecutive words of the corpus."""
-        return any(run in self._runs for run in _ngrams(words(text), self.n))
+        """Whether ``text`` contains ``n`` consecutive words of the corpus, or a whole short document."""
+        tokens = words(text)
+        return self._longest_whole_copy(tokens) > 0 or any(run in self._runs for run in _ngrams(tokens, self.n))
+
+    def _longest_whole_copy(self, tokens: list[str]) -> int:
+        """The length of the longest short corpus document found whole in ``tokens`` (0 if none)."""
+        for length in self._whole_lengths:
+            if any(gram in self._whole for gram in _ngrams(tokens, length)):
+                return length
+        return 0
 
     def longest_copied_run(self, text: str) -> int:
-        """The most consecutive words of ``text`` found verbatim in the corpus (0 if < n)."""
+        """The most consecutive words of ``text`` found verbatim in the corpus (0: nothing copied)."""
         tokens = words(text)
-        best = 0
+        best = self._longest_whole_copy(tokens)
         i = 0
         while i + self.n <= len(tokens):
             if tuple(tokens[i : i + self.n]) in self._runs:
@@ -59,7 +77,7 @@ class CopyIndex:
 
 
 def copied_fraction(samples: list[str], index: CopyIndex) -> float:
-    """The fraction of samples that copy a run of ``index.n`` words from the corpus."""
+    """The fraction of samples that copy a run of ``index.n`` words, or a whole short document, from the corpus."""
     if not samples:
         return 0.0
     return sum(index.copies(s) for s in samples) / len(samples)

@@ -56,6 +56,15 @@ def test_markdown_with_toml_front_matter_and_drafts(tmp_path: Path):
     assert read_markdown(draft, OPTIONS) == []
 
 
+def test_markdown_saved_with_windows_line_endings(tmp_path: Path):
+    toml = tmp_path / "hugo.md"
+    toml.write_bytes(b'+++\r\ntitle = "Hugo"\r\ntags = ["a"]\r\n+++\r\nBody text here.\r\n\r\nSecond paragraph.\r\n')
+    assert texts(read_markdown(toml, OPTIONS)) == ["Body text here.\n\nSecond paragraph."]
+    yaml = tmp_path / "jekyll.md"
+    yaml.write_bytes(b"---\r\ndraft: true\r\n---\r\nNot yet.\r\n")
+    assert read_markdown(yaml, OPTIONS) == []
+
+
 def test_markdown_with_broken_front_matter_names_file_and_line(tmp_path: Path):
     post = tmp_path / "bad.md"
     post.write_text("---\ntitle: [unclosed\nother: 1\n---\nBody\n")
@@ -173,6 +182,21 @@ def test_tweet_archive_drops_retweets_replies_and_links(tmp_path: Path):
     assert caught.value.line == 3
 
 
+def test_tweet_archive_split_into_parts_is_read_whole(tmp_path: Path):
+    # Older exports name the parts tweet.js, tweet-part1.js...; newer ones tweets.js, tweets-part1.js...
+    data = tmp_path / "twitter-2021" / "data"
+    data.mkdir(parents=True)
+    for name, first in [("tweet.js", 0), ("tweet-part1.js", 10), ("tweets-part2.js", 20)]:
+        part = [{"tweet": {"id_str": str(i), "full_text": f"Thought {i} on gardens."}} for i in (first, first + 1)]
+        (data / name).write_text(f"window.YTD.tweet.part{first // 10} = " + json.dumps(part, indent=2))
+    (data / "manifest.js").write_text("window.__THAR_CONFIG = {}")
+    assert detect_format(data / "tweet-part1.js") == "tweets"
+    result = build_corpus([tmp_path / "twitter-2021"])
+    assert result.files == 3 and result.by_format == {"tweets": 6}
+    assert len(result.corpus.documents) == 6
+    assert len(build_corpus([data / "tweet-part1.js"]).corpus.documents) == 2
+
+
 def _write_pdf(path: Path, pages: list[list[str]]) -> None:
     from fpdf import FPDF
 
@@ -226,6 +250,22 @@ def test_cleaning_normalises_and_drops_duplicates():
     assert kept == ["Full-width text here\n\nnext", "The quick brown fox jumps over the lazy dog today.", "Visit now"]
     assert report.dropped == {"duplicate": 1, "near-duplicate": 1, "empty": 1}
     assert normalize_text("a<|endoftext|>b") == "ab"
+
+
+def test_cleaning_drops_a_short_saying_told_again_with_one_word_changed():
+    # Both are in Debian's fortunes; one was held out for validation while its twin was trained on.
+    wilde = "The one charm of marriage is that it makes a life of deception a necessity."
+    docs = [
+        wilde.replace("necessity", "neccessity") + "\n-- Oscar Wilde",
+        "Whenever people agree with me, I always think I must be wrong.",
+        "Whenever people agree with me I always feel I must be wrong.",
+        f'"{wilde}"\n-- Oscar Wilde',
+        "You will be married within a year.",
+        "You will be rich within a year, and poor within two.",
+    ]
+    kept, report = clean_documents(docs)
+    assert kept == [docs[0], docs[1], docs[4], docs[5]]
+    assert report.dropped == {"near-duplicate": 2}
 
 
 def test_cleaning_keeps_the_joiners_of_persian_words_and_emoji():

@@ -10,6 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from persona.errors import ConfigError, CorpusError, ModelError
+from persona.originality import CopyIndex, copied_fraction
 from persona.personas import PersonaRegistry
 from persona.settings import Settings
 from training.corpus import Corpus, read_corpus
@@ -84,3 +85,13 @@ def test_export_of_full_weights_loads_with_plain_transformers(settings: Settings
     assert (folder / "README.md").is_file()
     with pytest.raises(ConfigError, match="not empty"):
         export_persona(settings, persona, folder)
+
+
+def test_copying_counts_a_short_entry_repeated_whole():
+    # Fortunes and tweets are often shorter than the 8-word run: repeating one is still copying.
+    index = CopyIndex(["Nothing succeeds like excess.", "Patience is the art of hoping slowly.", "Thanks, all!"], n=8)
+    samples = ["Patience is the art of hoping slowly.", "As I said: nothing succeeds like EXCESS, dear.",
+               "Patience is the art of waiting.", "Thanks, all!"]
+    assert [index.copies(s) for s in samples] == [True, True, False, False]
+    assert copied_fraction(samples, index) == 0.5
+    assert [index.longest_copied_run(s) for s in samples] == [7, 4, 0, 0]

@@ -3,7 +3,10 @@
 Exact duplicates are found on a folded form of the text (case, punctuation and spacing
 ignored), near duplicates by the overlap of their word 3-grams (Jaccard similarity at
 or above ``NEAR_DUPLICATE_JACCARD``): the same joke told twice with a changed word is
-one document, not two, and would otherwise be learned by heart.
+one document, not two, and would otherwise be learned by heart (or be held out for
+validation while its twin is trained on). One changed word alters up to three 3-grams,
+too many of a short text's for the Jaccard rule, so texts under ``_SHORT_WORDS`` words
+are also compared word by word (``NEAR_DUPLICATE_WORD_RATIO``).
 """
 
 from __future__ import annotations
@@ -13,11 +16,14 @@ import unicodedata
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from difflib import SequenceMatcher
 
 __all__ = ["CleanOptions", "CleanReport", "clean_documents", "normalize_text"]
 
 NEAR_DUPLICATE_JACCARD = 0.8
+NEAR_DUPLICATE_WORD_RATIO = 0.85  # one word changed in seven, or a misspelling in a tweet
 _SHINGLE_WORDS = 3
+_SHORT_WORDS = 30  # from about here on, one changed word keeps Jaccard at or above 0.8
 _URL = re.compile(r"(?:https?://|www\.)\S+", re.IGNORECASE)
 _HANDLE = re.compile(r"(?<![\w@])@\w{1,30}\b")
 # Invisible characters that carry nothing, but not ZWNJ and ZWJ (U+200C, U+200D): they
@@ -74,9 +80,10 @@ class _NearIndex:
 
     def __init__(self) -> None:
         self.sets: list[set[tuple[str, ...]]] = []
+        self.tokens: list[list[str]] = []
         self.postings: dict[tuple[str, ...], list[int]] = defaultdict(list)
 
-    def is_near(self, shingles: set[tuple[str, ...]]) -> bool:
+    def is_near(self, shingles: set[tuple[str, ...]], tokens: list[str]) -> bool:
         shared: Counter[int] = Counter()
         for shingle in shingles:
             shared.update(self.postings.get(shingle, ()))
@@ -84,13 +91,27 @@ class _NearIndex:
             union = len(shingles) + len(self.sets[other]) - overlap
             if union and overlap / union >= NEAR_DUPLICATE_JACCARD:
                 return True
+            # Two edits change at most six 3-grams: fewer shared and the texts differ more.
+            if overlap >= min(len(shingles), len(self.sets[other])) - 6 and _similar_short(tokens, self.tokens[other]):
+                return True
         return False
 
-    def add(self, shingles: set[tuple[str, ...]]) -> None:
+    def add(self, shingles: set[tuple[str, ...]], tokens: list[str]) -> None:
         number = len(self.sets)
         self.sets.append(shingles)
+        self.tokens.append(tokens)
         for shingle in shingles:
             self.postings[shingle].append(number)
+
+
+def _similar_short(a: list[str], b: list[str]) -> bool:
+    """Whether two short texts are the same words in order but for a few changed, added or dropped."""
+    if len(a) >= _SHORT_WORDS or len(b) >= _SHORT_WORDS:
+        return False
+    if 2 * min(len(a), len(b)) < NEAR_DUPLICATE_WORD_RATIO * (len(a) + len(b)):
+        return False  # the ratio cannot reach the bar: skip the comparison
+    matcher = SequenceMatcher(None, a, b, autojunk=False)
+    return matcher.quick_ratio() >= NEAR_DUPLICATE_WORD_RATIO and matcher.ratio() >= NEAR_DUPLICATE_WORD_RATIO
 
 
 def clean_documents(texts: Iterable[str], options: CleanOptions | None = None) -> tuple[list[str], CleanReport]:
@@ -110,11 +131,12 @@ def clean_documents(texts: Iterable[str], options: CleanOptions | None = None) -
             report.dropped["duplicate"] += 1
             continue
         shingles = _shingles(folded)
-        if options.near_duplicates and near.is_near(shingles):
+        tokens = folded.split()
+        if options.near_duplicates and near.is_near(shingles, tokens):
             report.dropped["near-duplicate"] += 1
             continue
         seen.add(folded)
-        near.add(shingles)
+        near.add(shingles, tokens)
         kept.append(text)
     report.kept = len(kept)
     return kept, report

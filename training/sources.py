@@ -81,11 +81,15 @@ def _read_text_file(path: Path) -> str:
         raise SourceProblem(path, line, f"not UTF-8 text ({exc.reason})") from exc
 
 
+# A large archive is split: tweets.js, tweets-part1.js, ... (older: tweet.js, tweet-part1.js).
+_TWEET_ARCHIVE = re.compile(r"tweets?(-part\d+)?\.js(on)?$")
+
+
 def detect_format(path: Path) -> str:
     """A format name from the file's name and, for plain text, its first lines."""
     name = path.name.lower()
     suffix = path.suffix.lower()
-    if name in ("tweets.js", "tweets.json", "tweet.js") or name.startswith("tweets-part"):
+    if _TWEET_ARCHIVE.match(name):
         return "tweets"
     by_suffix = {".md": "markdown", ".markdown": "markdown", ".csv": "csv", ".jsonl": "jsonl",
                  ".ndjson": "jsonl", ".pdf": "pdf"}
@@ -155,7 +159,9 @@ def strip_markdown(text: str) -> str:
 
 def read_markdown(path: Path, options: ReadOptions) -> list[RawDocument]:
     """One document per file: the body with front matter and markup stripped."""
-    meta, body, start = _split_front_matter(path, _read_text_file(path))
+    # Windows line endings: TOML refuses the "\r" that splitting on "\n" would leave.
+    text = _read_text_file(path).replace("\r\n", "\n")
+    meta, body, start = _split_front_matter(path, text)
     if meta.get("draft") is True:
         return []
     return [RawDocument(strip_markdown(body), str(path), start)]

@@ -211,7 +211,7 @@ def eval_(
     console.print(f"[bold]{escape(name)} {escape(report.version)}[/bold] "
                   f"on {report.validation_documents} held-out documents")
     console.print(f"perplexity: base {report.base_perplexity:.2f} → persona {report.perplexity:.2f}")
-    console.print(f"copied 8+ words verbatim: {report.copied_fraction:.0%} of {samples} samples "
+    console.print(f"copied 8+ words or a whole entry verbatim: {report.copied_fraction:.0%} of {samples} samples "
                   f"(longest run {report.longest_copied_run} words)")
     console.print(f"distinct-1 {report.distinct_1:.2f}, distinct-2 {report.distinct_2:.2f}")
     _print_samples(console, report.samples[:5])
