@@ -19,9 +19,10 @@ from datetime import UTC, datetime
 import redis
 
 from adapters.posting.poster import Poster, PostOutcome
-from adapters.posting.slots import plan_slots, slot_id, slots_between
+from adapters.posting.slots import SlotPlan, plan_slots, slot_id, slots_between
 from persona import constants as keys
 from persona.errors import PersonaError, QueueError
+from persona.ledger import FINAL_STATES
 from persona.personas import Persona
 
 __all__ = ["Scheduler", "scheduled_personas"]
@@ -76,6 +77,10 @@ class Scheduler:
         since = datetime.fromtimestamp(float(raw), UTC)
         due = slots_between(schedule.cron, schedule.timezone, since, now)
         plan = plan_slots(due, now, schedule.missed, self.poster.settings.posting.grace_s)
+        if plan.post is None and due and self._begun(persona, due[-1]):
+            # A scheduler chose its text on time and died mid-post; its lease may outlast the
+            # grace period. Finish it late: the sinks it had not reached get the same text.
+            plan = SlotPlan(post=due[-1], skipped=due[:-1], late=True)
         for missed in plan.skipped:
             log.warning("%s: skipped missed slot %s (policy %s)", persona.name, slot_id(missed), schedule.missed)
         outcome = None
@@ -92,6 +97,11 @@ class Scheduler:
         # Only now: a crash before this line leaves the slot due, and the ledger makes the retry safe.
         self._checked(persona, now)
         return outcome
+
+    def _begun(self, persona: Persona, slot: datetime) -> bool:
+        """Whether the slot's text was chosen but the slot never closed (its poster died)."""
+        record = self.poster.ledger.record(persona.name, slot_id(slot))
+        return bool(record.get("text")) and record.get("state") not in (*FINAL_STATES, "pending")
 
     def _checked(self, persona: Persona, now: datetime) -> None:
         self.client.hset(keys.SCHEDULER_CHECKED_KEY, persona.name, now.timestamp())

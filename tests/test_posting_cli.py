@@ -120,6 +120,19 @@ def test_pending_slot_is_reported_not_reposted(settings, write_persona, env):
     assert out["status"] == "pending" and out["approval_id"] == approval_id
 
 
+def test_a_slot_written_another_way_is_the_same_slot(settings, write_persona, env):
+    write_persona("punctual", base="unused", schedule={"sinks": ["file:punctual.jsonl"], "candidates": 1})
+    Poster(settings, redis.Redis.from_url(settings.redis_url.get_secret_value()), lambda p, n, seed: TEXTS[:n]).post(
+        "punctual", slot="2026-03-05T09:00:00Z")
+    quick = env | {"PERSONA_POSTING__WAIT_S": "2"}  # no worker runs: a new slot would fail fast
+    for same in ("2026-03-05T09:00:00+00:00", "2026-03-05T10:00+01:00", "2026-03-05 04:00:00-05:00"):
+        result = persona("post", "punctual", "--slot", same, env=quick)
+        assert result.returncode == 0 and "already posted" in result.stdout, (same, result.stdout, result.stderr)
+    naive = persona("post", "punctual", "--slot", "2026-03-05T09:00:00", env=quick)
+    assert naive.returncode == 1 and "2026-03-05T09:00:00Z" in naive.stderr and "Traceback" not in naive.stderr
+    assert len(read_jsonl(settings.data_dir / "posts" / "punctual.jsonl")) == 1
+
+
 def test_clear_errors(write_persona, env):
     write_persona("nosinks", base="unused")
     no_sinks = persona("post", "nosinks", env=env)

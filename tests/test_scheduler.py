@@ -3,6 +3,7 @@ and exactly-once posting under concurrent schedulers and crashes."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from datetime import UTC, datetime, timedelta
@@ -304,6 +305,37 @@ def test_a_slot_held_by_a_dead_scheduler_is_posted_once_its_lease_runs_out(setti
     [posted] = runner.tick(utc(2026, 1, 5, 9, 2))
     assert posted.status == "posted" and posted.slot == "2026-01-05T09:00:00Z"
     assert runner.tick(utc(2026, 1, 5, 9, 3)) == [] and len(read_jsonl(scheduled)) == 1
+
+
+class KilledMidPost(FileSink):
+    """The process is killed while the platform call is under way: no cleanup runs at all."""
+
+    def post(self, text: str, marker: str) -> Posted:
+        os._exit(1)
+
+
+def _tick_and_die(settings: Settings, scheduled: Path, at: datetime) -> None:
+    poster = poster_for(settings, sink_factory=lambda spec, s: KilledMidPost(spec, scheduled))
+    Scheduler(poster, poster.ledger.redis).tick(at)
+
+
+def test_a_slot_begun_on_time_is_finished_after_a_crash_however_late(settings, scheduled):
+    import multiprocessing
+
+    # The dead scheduler's lease (here 0.5 s; by default 10 minutes from its platform call)
+    # runs out after the 15 minutes' grace: the slot is late by the time anyone may take it.
+    settings.posting = settings.posting.model_copy(update={"lease_s": 0.5})
+    restarted = Scheduler(poster_for(settings), redis.Redis.from_url(settings.redis_url.get_secret_value()))
+    restarted.tick(utc(2026, 1, 5, 8))
+    dying = multiprocessing.get_context("fork").Process(target=_tick_and_die, args=(settings, scheduled, utc(2026, 1, 5, 9, 5)))
+    dying.start()
+    dying.join(20)
+    assert dying.exitcode == 1 and not scheduled.exists()
+    time.sleep(0.6)
+    [finished] = restarted.tick(utc(2026, 1, 5, 9, 16))
+    assert finished.status == "posted" and finished.slot == "2026-01-05T09:00:00Z" and finished.text == TEXTS[0]
+    assert [line["marker"] for line in read_jsonl(scheduled)] == ["poet:2026-01-05T09:00:00Z:file:poet.jsonl"]
+    assert restarted.tick(utc(2026, 1, 5, 9, 17)) == []
 
 
 def test_stopping_ends_a_wait_for_candidates_and_leaves_the_slot_due(settings, scheduled, redis_client):

@@ -22,7 +22,7 @@ from adapters.posting import social
 from adapters.posting.poster import Poster
 from adapters.posting.sinks import FileSink, SinkRateLimited, make_sink, platform_of
 from adapters.scheduler import Scheduler
-from persona.errors import ConfigError, SinkError
+from persona.errors import ConfigError, PostingError, SinkError
 from persona.settings import Settings
 from tests.conftest import read_jsonl
 
@@ -394,3 +394,22 @@ def test_mastodon_retry_after_a_lost_answer_reuses_the_idempotency_key(settings,
     assert Poster(changed, client, write).post("masto", slot="s1").status == "posted"
     keys = [s["headers"]["Idempotency-Key"] for s in platform.seen]
     assert keys == ["masto:s1:mastodon", "masto:s1:mastodon"]  # the server drops the repeat
+
+
+def test_an_approved_post_that_x_turned_away_goes_out_when_approved_again(settings, platform, write_persona, redis_client):
+    write_persona("careful", base="unused", schedule={"sinks": ["x"], "approval": True, "candidates": 1})
+    changed = settings_for(settings, platform, x_bearer_token=SecretStr("user-token"))
+    poster = Poster(changed, redis_client, lambda persona, n, seed: ["Patience is a slow river."])
+    waiting = poster.post("careful", slot="2026-01-05T09:00:00Z")
+    assert waiting.status == "pending"
+    platform.fail_with = 429  # X: too many requests, for now
+    limited = poster.approve(waiting.approval_id, "Patience, edited.")
+    assert limited.status == "failed" and limited.sinks["x"]["state"] == "rate_limited"
+    assert f"persona posts approve {waiting.approval_id}" in limited.message  # how to try again
+    with pytest.raises(PostingError, match="already approved"):
+        poster.reject(waiting.approval_id)  # too late to reject, and the slot is not left held
+    platform.fail_with = None
+    again = poster.approve(waiting.approval_id)
+    assert again.status == "posted" and again.text == "Patience, edited."
+    assert poster.approve(waiting.approval_id).status == "done"
+    assert [seen["json"]["text"] for seen in platform.seen] == ["Patience, edited."] * 2

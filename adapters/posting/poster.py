@@ -24,6 +24,7 @@ from typing import Protocol
 import redis
 
 from adapters.posting.sinks import Sink, SinkRateLimited, make_sink
+from adapters.posting.slots import parse_slot
 from persona.approvals import Approval, ApprovalQueue
 from persona.contract import (
     GenerationReply,
@@ -196,7 +197,7 @@ class Poster:
             return self._outcome(persona.name, slot or "", "dry_run" if curated.best else "no_candidate", curated)
         if not built:
             raise PostingError(f"persona {name!r} has no sinks: add schedule.sinks to its file, or pass --sink")
-        slot = slot or manual_slot()
+        slot = parse_slot(slot) if slot else manual_slot()
         claim = self.ledger.claim(persona.name, slot)
         if not claim.claimed:
             return self._unclaimed(persona.name, slot, claim.outcome, claim.state)
@@ -289,20 +290,33 @@ class Poster:
         return entry
 
     def approve(self, approval_id: str, text: str | None = None) -> PostOutcome:
-        """Publish a waiting post (optionally with edited text) to its sinks."""
+        """Publish a waiting post (optionally with edited text) to its sinks.
+
+        Approving it again retries the sinks that a refusal, a rate limit or a crash
+        left out (the slot's ledger keeps those already posted from a second post).
+        """
         waiting = self.approvals.get(approval_id)
-        if waiting.state != "pending":
+        retry = waiting.state == "approved"
+        if not retry and waiting.state != "pending":
             raise PostingError(f"post {approval_id} was already {waiting.state}")
+        if retry and text and text != waiting.text:
+            raise PostingError(
+                f"post {approval_id} was approved already with its text; run `persona posts approve {approval_id}` without --text to finish posting it"
+            )
         persona = self.registry.get(waiting.persona)
         sinks = self.sinks_for(persona, waiting.sinks)
         claim = self.ledger.claim(persona.name, waiting.slot, approving=True)
         if not claim.claimed:
             return self._unclaimed(persona.name, waiting.slot, claim.outcome, claim.state)
         try:
-            waiting = self.approvals.decide(approval_id, "approved", text or "")
+            if not retry:
+                waiting = self.approvals.decide(approval_id, "approved", text or "")
             self.ledger.save(persona.name, waiting.slot, text=waiting.text, state="approved")
             outcome = PostOutcome(persona.name, waiting.slot, "posted", text=waiting.text, approval_id=approval_id)
-            return self._publish(persona, waiting.slot, sinks, outcome)
+            outcome = self._publish(persona, waiting.slot, sinks, outcome)
+            if outcome.status == "failed":
+                outcome.message += f"; to try again: `persona posts approve {approval_id}`"
+            return outcome
         finally:
             self.ledger.release(persona.name, waiting.slot)
 
@@ -310,9 +324,12 @@ class Poster:
         """Drop a waiting post; its slot is closed as rejected."""
         waiting = self.approvals.get(approval_id)
         claim = self.ledger.claim(waiting.persona, waiting.slot, approving=True)
-        decided = self.approvals.decide(approval_id, "rejected")
-        if claim.claimed:
-            self.ledger.finish(waiting.persona, waiting.slot, "rejected")
+        try:
+            decided = self.approvals.decide(approval_id, "rejected")
+            if claim.claimed:
+                self.ledger.finish(waiting.persona, waiting.slot, "rejected")
+        finally:
+            self.ledger.release(waiting.persona, waiting.slot)  # too late to reject: the slot is not left held
         return decided
 
     def _outcome(self, name: str, slot: str, status: str, curated: Curated) -> PostOutcome:

@@ -17,9 +17,9 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from croniter import croniter
 
-from persona.errors import ConfigError
+from persona.errors import ConfigError, PostingError
 
-__all__ = ["SlotPlan", "check_schedule", "next_slot", "plan_slots", "slot_id", "slots_between"]
+__all__ = ["SlotPlan", "check_schedule", "next_slot", "parse_slot", "plan_slots", "slot_id", "slots_between"]
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +29,23 @@ MAX_SLOTS_SCANNED = 10_000  # after a long outage, older slots than this are not
 def slot_id(when: datetime) -> str:
     """The slot's name: its UTC instant, to the second."""
     return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_slot(name: str) -> str:
+    """A slot named by hand, in its canonical form: a time with its zone becomes its UTC name.
+
+    ``2026-11-25T10:00+01:00`` is the scheduler's ``2026-11-25T09:00:00Z``: one slot
+    under two spellings would be posted twice. A name that is not a time stays as it is.
+    """
+    try:
+        when = datetime.fromisoformat(name)
+    except ValueError:
+        return name
+    if when.tzinfo is None:
+        if len(name) <= len("2026-11-25"):  # a date alone names a day, not a time
+            return name
+        raise PostingError(f"slot {name!r} has no time zone: write {name}Z for UTC, or add the offset (e.g. +01:00)")
+    return slot_id(when)
 
 
 def check_schedule(cron: str, timezone: str) -> ZoneInfo:

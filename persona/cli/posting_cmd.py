@@ -59,7 +59,7 @@ def post(
     dry_run: bool = typer.Option(False, "--dry-run", help="generate and curate, but post nothing and record nothing"),
     json_output: bool = typer.Option(False, "--json", help="print one JSON object: text, candidates, rejected, sinks"),
     sink: list[str] = typer.Option(None, "--sink", help="post here instead of the persona's sinks (repeatable): x, mastodon, bluesky, discord:CHANNEL, telegram:CHAT, file:PATH"),
-    slot: str = typer.Option(None, "--slot", help="the slot this post fills (e.g. 2026-11-25T09:00:00Z); a slot already posted is skipped"),
+    slot: str = typer.Option(None, "--slot", help="the slot this post fills (e.g. 2026-11-25T09:00:00Z; a time with another offset means the same UTC slot); a slot already posted is skipped"),
     n: int = typer.Option(None, "-n", "--candidates", min=1, max=64, help="candidates to generate (default: the persona's schedule.candidates)"),
     approval: bool = typer.Option(None, "--approval/--no-approval", help="hold for approval (default: the persona's schedule.approval)"),
 ) -> None:
@@ -103,7 +103,7 @@ def approve(
     text: str = typer.Option(None, "--text", help="post this edited text instead"),
     json_output: bool = typer.Option(False, "--json", help="print the outcome as JSON"),
 ) -> None:
-    """Approve a waiting post: it goes out now to its sinks."""
+    """Approve a waiting post: it goes out now to its sinks (again: retries the sinks that failed)."""
     outcome = _poster(get_settings()).approve(approval_id, text)
     _show(outcome, json_output)
     if outcome.status in FAILED_STATUSES:
