@@ -8,7 +8,8 @@ cleaned, then checked by the filters in order (the first that fails names the re
     too_long     over the tightest limit of the persona and every target platform
     blocklist    contains a blocked word or phrase (case-insensitive, whole words)
     degenerate   the model looped (a word or phrase over and over)
-    copied       a verbatim run from the persona's corpus longer than ``max_copied_words``
+    copied       a verbatim run from the persona's corpus longer than ``max_copied_words``,
+                 or a whole corpus entry of 4 words or more (see ``originality.CopyIndex``)
     near_repeat  too close to one of the persona's recent posts (or an earlier candidate)
 
 The survivors are scored (a comfortable length, varied words, a finished sentence)
