@@ -10,6 +10,7 @@ place, so a half-written checkpoint is never listed.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
@@ -36,7 +37,10 @@ __all__ = [
     "register_checkpoint",
     "remove_checkpoint",
     "resolve_checkpoint",
+    "scan_checkpoints",
 ]
+
+log = logging.getLogger(__name__)
 
 # The version name of a persona served by its base model alone.
 BASE_VERSION = "base"
@@ -67,16 +71,31 @@ def _version_number(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def list_checkpoints(checkpoints_root: Path, persona: str) -> list[CheckpointInfo]:
-    """Every registered version of a persona, oldest first."""
+def scan_checkpoints(checkpoints_root: Path, persona: str) -> tuple[list[CheckpointInfo], list[ModelError]]:
+    """Every registered version of a persona, oldest first, and why any other could not be read.
+
+    A version folder whose metadata is damaged (a copy cut short, a hand edit) is left
+    out, so it hides neither the other versions nor the dashboard's figures.
+    """
     folder = checkpoint_dir(checkpoints_root, persona)
     if not folder.is_dir():
-        return []
-    found = []
+        return [], []
+    found, problems = [], []
     for child in folder.iterdir():
         if _version_number(child.name) is not None and (child / METADATA_FILE).is_file():
-            found.append(read_checkpoint(child))
-    return sorted(found, key=lambda c: _version_number(c.version) or 0)
+            try:
+                found.append(read_checkpoint(child))
+            except ModelError as exc:
+                problems.append(exc)
+    return sorted(found, key=lambda c: _version_number(c.version) or 0), problems
+
+
+def list_checkpoints(checkpoints_root: Path, persona: str) -> list[CheckpointInfo]:
+    """Every readable version of a persona, oldest first; unreadable ones are logged and skipped."""
+    found, problems = scan_checkpoints(checkpoints_root, persona)
+    for problem in problems:
+        log.warning("skipping checkpoint: %s", problem)
+    return found
 
 
 def read_checkpoint(path: Path) -> CheckpointInfo:

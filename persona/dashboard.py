@@ -36,7 +36,7 @@ from prometheus_client.core import (
 )
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
-from persona.checkpoints import BASE_VERSION, list_checkpoints
+from persona.checkpoints import BASE_VERSION, scan_checkpoints
 from persona.dashboard_page import PAGE_HTML
 from persona.dead_letters import list_dead, retry_all, retry_dead
 from persona.errors import ConfigError
@@ -161,7 +161,10 @@ def _personas(settings: Settings, stats: QueueStats) -> list[dict]:
     rows = []
     for name, persona in sorted(found.items()):
         active = stats.active_versions.get(name) or persona.model.checkpoint or BASE_VERSION
-        versions = [c.version for c in list_checkpoints(settings.checkpoints_dir, name)]
+        # Unreadable versions are left out quietly: the page asks every two seconds, and
+        # `persona checkpoints` names them.
+        readable, _ = scan_checkpoints(settings.checkpoints_dir, name)
+        versions = [c.version for c in readable]
         rows.append({"name": name, "base": persona.model.base, "active": active, "versions": versions})
     return rows
 

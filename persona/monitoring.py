@@ -1,7 +1,9 @@
 """What the queue looks like right now, in one snapshot for the CLI, dashboard and /metrics.
 
 Depth, waiting age, in-flight and stuck work, latency and throughput, dead letters,
-counters, live workers and the active persona versions.
+counters, live workers and the active persona versions. Ages and deadlines are judged
+by Redis's clock (entry ids, reply-log ids and the deadline each entry carries are
+stamped by it), not by the clock of the machine that reads them.
 """
 
 from __future__ import annotations
@@ -69,6 +71,11 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+def _redis_now(client: redis.Redis) -> float:
+    seconds, microseconds = client.time()
+    return seconds + microseconds / 1_000_000
+
+
 def _oldest_waiting_s(client: redis.Redis, stream: str, now: float) -> float:
     """Age of the oldest entry no worker has read yet (entry ids carry their time)."""
     try:
@@ -97,8 +104,11 @@ def _stream_stats(client: redis.Redis, stream: str, now: float) -> StreamStats:
 
 
 def find_stuck(client: redis.Redis, live: set[str], now: float | None = None) -> list[StuckEntry]:
-    """In-flight requests past their deadline, or held by a worker whose heartbeat lapsed."""
-    now = now if now is not None else time.time()
+    """In-flight requests past their deadline, or held by a worker whose heartbeat lapsed.
+
+    ``now`` is Redis's time (default: asked of it), as is when each entry's deadline falls.
+    """
+    now = now if now is not None else _redis_now(client)
     found = []
     for stream in keys.STREAMS_BY_PRIORITY:
         try:
@@ -111,11 +121,14 @@ def find_stuck(client: redis.Redis, live: set[str], now: float | None = None) ->
         entries = pipe.execute() if pending else []
         for item, rows in zip(pending, entries, strict=True):
             entry_id, holder = _text(item["message_id"]), _text(item["consumer"])
+            fields = rows[0][1] if rows else {}
             try:
-                request = json.loads(rows[0][1][b"r"]) if rows else {}
+                request = json.loads(fields[b"r"]) if rows else {}
             except (ValueError, KeyError):
                 request = {}
-            deadline = float(request.get("deadline") or 0)
+            # When its deadline falls by Redis's clock; entries from older clients only
+            # carry the caller's, by the caller's clock.
+            deadline = float(fields.get(b"d") or request.get("deadline") or 0)
             reasons = []
             if holder not in live:
                 reasons.append(f"held by {holder}, whose heartbeat has lapsed")
@@ -133,7 +146,7 @@ def find_stuck(client: redis.Redis, live: set[str], now: float | None = None) ->
 
 def collect_stats(client: redis.Redis, *, latency_window_s: float = 300.0) -> QueueStats:
     """Read every figure the CLI, the dashboard and /metrics show."""
-    now = time.time()
+    now = _redis_now(client)
     counters = {_text(k): int(v) for k, v in client.hgetall(keys.STATS_KEY).items()}
     workers = live_workers(client)
     return QueueStats(
@@ -145,5 +158,5 @@ def collect_stats(client: redis.Redis, *, latency_window_s: float = 300.0) -> Qu
         stuck=find_stuck(client, {w.id for w in workers}, now),
         active_versions={_text(k): _text(v) for k, v in client.hgetall(keys.ACTIVE_VERSIONS_KEY).items()},
         version_replies={_text(k): int(v) for k, v in client.hgetall(keys.VERSION_REPLIES_KEY).items()},
-        taken_at=now,
+        taken_at=time.time(),
     )

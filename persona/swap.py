@@ -54,12 +54,18 @@ log = logging.getLogger(__name__)
 
 POLL_S = 0.1
 
-# Flip the active version only if the proposal is still the open one and every named
-# worker has voted ready; record the version left behind (or pop it on a rollback).
+# Flip the active version only if the proposal is still the open one, the persona still
+# serves what the proposal was made from (and a rollback still returns to the newest
+# version in the history: another operator's swap or rollback may have landed since it
+# was read), and every named worker has voted ready; record the version left behind
+# (or pop it on a rollback).
 COMMIT_SCRIPT = """
 local raw = redis.call('HGET', KEYS[1], ARGV[1])
 if not raw then return 'gone' end
 if cjson.decode(raw)['id'] ~= ARGV[2] then return 'gone' end
+local serving = redis.call('HGET', KEYS[2], ARGV[1])
+if serving and serving ~= ARGV[4] then return 'moved:' .. serving end
+if ARGV[5] == 'rollback' and redis.call('LINDEX', KEYS[3], 0) ~= ARGV[3] then return 'moved:' .. ARGV[4] end
 for i = 7, #ARGV do
   local vote = redis.call('HGET', KEYS[5], ARGV[i])
   if not vote then return 'missing:' .. ARGV[i] end
@@ -198,7 +204,8 @@ def propose(client: redis.Redis, proposal: SwapProposal) -> None:
 
 
 def commit(client: redis.Redis, proposal: SwapProposal, ready_workers: list[str]) -> str:
-    """Flip the active version atomically; 'ok', or why not ('refused:W', 'missing:W', 'gone')."""
+    """Flip the active version atomically; 'ok', or why not ('refused:W', 'missing:W', 'gone',
+    'moved:V': the persona serves V, not what the proposal was made from)."""
     result = client.eval(
         COMMIT_SCRIPT,
         5,
@@ -227,6 +234,16 @@ def _refusal_text(proposal: SwapProposal, refused: dict[str, Vote]) -> str:
     lines = [f"swap of {proposal.persona!r} to {proposal.target!r} refused; nothing changed:"]
     lines += [f"  worker {w}: {v.reason}" for w, v in sorted(refused.items())]
     return "\n".join(lines)
+
+
+def _not_committed_text(proposal: SwapProposal, result: str) -> str:
+    if result.startswith("moved:"):
+        return (
+            f"{proposal.persona!r} changed while this {proposal.kind} was prepared (another operator's swap or "
+            f"rollback?): it serves {result.removeprefix('moved:')} now; nothing changed; see "
+            f"`persona checkpoints {proposal.persona}` and run it again if it is still wanted"
+        )
+    return f"{proposal.kind} of {proposal.persona!r} to {proposal.target!r} not committed ({result}); nothing changed"
 
 
 def run_swap(
@@ -259,7 +276,8 @@ def run_swap(
                     log.info("swap %s committed: %s now serves %s", proposal.id, proposal.persona, proposal.target)
                     return SwapOutcome(proposal=proposal, committed=True, votes=cast)
                 if not result.startswith("missing:"):
-                    return SwapOutcome(proposal=proposal, committed=False, votes=cast, problem=f"swap not committed: {result}")
+                    abort(client, proposal)
+                    return SwapOutcome(proposal=proposal, committed=False, votes=cast, problem=_not_committed_text(proposal, result))
             if time.time() > proposal.deadline:
                 silent = sorted(w for w in expected if w not in cast)
                 abort(client, proposal)

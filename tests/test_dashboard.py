@@ -101,6 +101,24 @@ def test_json_figures_personas_and_retry(settings, redis_client, dashboard, writ
     assert httpx.get(f"{base}/api/stats").json()["stats"]["streams"][0]["waiting"] == 4
 
 
+def test_a_damaged_checkpoint_folder_leaves_the_figures_and_the_other_versions_shown(
+    settings, redis_client, dashboard, write_persona, tiny_llama_dir
+):
+    """One version whose checkpoint.json was cut short (a copy interrupted, a hand edit)
+    used to fail the whole of /api/stats: the page showed no figures at all."""
+    write_persona("tiny", base=str(tiny_llama_dir))
+    fill_queue(settings, redis_client)
+    for version, metadata in (("v1", '{"persona": "tiny", "version": "v1", "base": "b", "kind": "full"}'),
+                              ("v2", '{"persona": "tiny", "vers')):
+        (settings.checkpoints_dir / "tiny" / version).mkdir(parents=True)
+        (settings.checkpoints_dir / "tiny" / version / "checkpoint.json").write_text(metadata)
+    response = httpx.get(f"{dashboard()}/api/stats")
+    assert response.status_code == 200, response.text
+    data = response.json()
+    assert data["stats"]["streams"][0]["waiting"] == 3
+    assert {p["name"]: p["versions"] for p in data["personas"]}["tiny"] == ["v1"]
+
+
 def test_token_rules(settings, redis_client, dashboard):
     fill_queue(settings, redis_client, waiting=0)
     with pytest.raises(ConfigError, match="PERSONA_DASHBOARD__TOKEN"):

@@ -129,6 +129,35 @@ def test_stuck_work_is_flagged(settings, redis_client):
     assert {s.worker for s in collect_stats(redis_client).stuck} == {"ghost", "w-live"}
 
 
+def test_requests_from_a_caller_whose_clock_is_behind_are_not_flagged_stuck(settings, redis_client):
+    """A deadline falls by Redis's clock (the entry says when), as workers judge it. Stuck
+    work was judged by the caller's own deadline against this machine's clock: each
+    request in flight from an adapter 200 s behind showed as 80 s past its deadline."""
+    QueueClient(redis_client, settings.queue).submit(chat(created_at=time.time() - 200))  # stamped by its clock
+    WorkQueue(redis_client, settings.queue).claim("w-live", 1, block_ms=0)
+    heartbeat.publish(redis_client, heartbeat.WorkerInfo(id="w-live"), ttl_s=30)
+    assert find_stuck(redis_client, {"w-live"}) == []
+    assert collect_stats(redis_client).stuck == []
+
+
+def test_figures_read_on_a_machine_whose_clock_is_ahead_are_timed_by_redis(settings, redis_client, monkeypatch):
+    """Entry ids and deadlines carry Redis's time: a dashboard 90 s ahead showed a request
+    queued just now as waiting 90 s, the last minute's replies as none, and work in hand
+    as past its deadline."""
+    client, queue = QueueClient(redis_client, settings.queue), WorkQueue(redis_client, settings.queue)
+    client.submit(chat())
+    queue.claim("w-live", 1, block_ms=0)
+    heartbeat.publish(redis_client, heartbeat.WorkerInfo(id="w-live"), ttl_s=30)
+    client.submit(chat())
+    record_replies(redis_client, [GenerationReply(id="a", ok=True, persona="tiny", version="base", new_tokens=4)])
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() + 90)  # the dashboard's machine
+    stats = collect_stats(redis_client)
+    assert stats.streams[0].waiting == 1 and stats.streams[0].oldest_waiting_s < 5
+    assert stats.latency.replies == 1 and stats.latency.replies_per_s > 0
+    assert stats.stuck == []
+
+
 def test_counters_and_dead_letters_survive_a_restart(tmp_path, settings):
     import redis
 

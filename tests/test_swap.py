@@ -232,6 +232,37 @@ def test_swap_with_no_workers_checks_locally_and_flips(settings, redis_client, t
     assert swaps.active_versions(redis_client) == {"tiny": "v1"}
 
 
+def test_two_operators_rolling_back_at_once_go_back_one_version(redis_client, tiny):
+    """Both read the version to go back to before either committed. The second used to
+    'roll back' to where the first had just gone, and drop the version before it from
+    the history, so a third rollback found nothing. (No live workers: each swap commits
+    as soon as it is proposed.)"""
+    assert swaps.swap_persona(redis_client, tiny, "v1", timeout_s=10).committed
+    assert swaps.swap_persona(redis_client, tiny, "v2", timeout_s=10).committed
+    first, second = swaps.rollback_target(redis_client, "tiny"), swaps.rollback_target(redis_client, "tiny")
+
+    assert swaps.swap_persona(redis_client, tiny, first, kind="rollback", timeout_s=10).committed
+    late = swaps.swap_persona(redis_client, tiny, second, kind="rollback", timeout_s=10)
+    assert not late.committed
+    assert "changed while" in late.problem and "serves v1" in late.problem and "nothing changed" in late.problem
+    assert swaps.active_versions(redis_client) == {"tiny": "v1"}
+    assert swaps.version_history(redis_client, "tiny") == ["base"]
+    assert swaps.open_proposals(redis_client) == []
+
+
+def test_a_swap_prepared_before_another_landed_is_withdrawn(redis_client, tiny):
+    """The second operator's swap said it left base behind when v1 served by then: the
+    history (and so the next rollback) skipped v1."""
+    prepared = swaps.SwapProposal(persona="tiny", target="v2", previous=swaps.current_version(redis_client, tiny))
+    assert swaps.swap_persona(redis_client, tiny, "v1", timeout_s=10).committed  # the other operator's
+
+    late = swaps.run_swap(redis_client, prepared, timeout_s=10)
+    assert not late.committed and "serves v1" in late.problem
+    assert swaps.active_versions(redis_client) == {"tiny": "v1"}
+    assert swaps.version_history(redis_client, "tiny") == ["base"]
+    assert swaps.open_proposals(redis_client) == []
+
+
 @pytest.mark.slow
 def test_checkpoints_swap_and_rollback_commands(settings, redis_url, redis_client, tiny, tiny_llama_dir, personas_dir):
     make_checkpoint(settings, tiny_llama_dir, "tiny", seed=1)
@@ -261,6 +292,30 @@ def test_checkpoints_swap_and_rollback_commands(settings, redis_url, redis_clien
     assert "tiny now serves base" in back.stdout
     again = persona("rollback", "tiny")
     assert again.returncode == 1 and "no earlier version" in again.stderr
+
+
+def test_checkpoints_lists_the_readable_versions_and_names_a_damaged_one(settings, redis_url, tiny, personas_dir):
+    """A version folder whose checkpoint.json cannot be read used to stop the listing."""
+    make_checkpoint(settings, Path(tiny.model.base), "tiny", seed=1)
+    damaged = settings.checkpoints_dir / "tiny" / "v2"
+    damaged.mkdir()
+    (damaged / "checkpoint.json").write_text('{"persona": "tiny", "vers')
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PERSONA_")}
+    env |= {"PERSONA_DATA_DIR": str(settings.data_dir), "PERSONA_REDIS_URL": redis_url,
+            "PERSONA_PERSONAS_DIRS": json.dumps([str(personas_dir)]), "COLUMNS": "200"}
+
+    def persona(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "persona", *args], env=env, capture_output=True, check=False, text=True, timeout=120)
+
+    table = persona("checkpoints", "tiny")
+    assert table.returncode == 0, table.stderr
+    assert "v1" in table.stdout and "v2" in table.stdout and "checkpoint.json" in table.stdout
+    listed = persona("checkpoints", "tiny", "--json")
+    assert listed.returncode == 0, listed.stderr
+    data = json.loads(listed.stdout)
+    assert [v["version"] for v in data["versions"]] == ["v1"]
+    [problem] = data["unreadable"]
+    assert str(damaged) in problem and "checkpoint.json" in problem
 
 
 def make_lora(settings, model_dir: Path, persona: str, recorded_base: Path, targets: list[str]) -> CheckpointInfo:

@@ -9,11 +9,12 @@ from pathlib import Path
 
 import redis
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from persona import swap as swaps
 from persona.checkpoint_checks import static_problem
-from persona.checkpoints import BASE_VERSION, list_checkpoints, resolve_checkpoint
+from persona.checkpoints import BASE_VERSION, resolve_checkpoint, scan_checkpoints
 from persona.cli.common import console, friendly_errors, get_settings
 from persona.connection import connect
 from persona.errors import ModelError, SwapRefused
@@ -92,11 +93,12 @@ def checkpoints(
     """The checkpoint versions of a persona: date, kind, metrics, and which one is active."""
     settings = get_settings()
     persona = PersonaRegistry.from_settings(settings).get(persona_name)
-    found = list_checkpoints(settings.checkpoints_dir, persona.name)
+    found, unreadable = scan_checkpoints(settings.checkpoints_dir, persona.name)
     active = current_version(connect(settings), persona)
     if json_output:
         rows = [dict(c.model_dump(mode="json"), active=c.version == active) for c in found]
-        print(json.dumps({"persona": persona.name, "active": active, "versions": rows}))
+        print(json.dumps({"persona": persona.name, "active": active, "versions": rows,
+                          "unreadable": [str(p) for p in unreadable]}))
         return
     table = Table(title=f"{persona.name}: checkpoints (active: {active})", header_style="bold")
     for column in ("", "version", "created", "kind", "base", "metrics"):
@@ -109,6 +111,8 @@ def checkpoints(
     console.print(table)
     if active not in {BASE_VERSION, *(c.version for c in found)}:
         console.print(f"active: {active} (a folder outside the versioned checkpoints)")
+    for problem in unreadable:
+        console.print(f"[yellow]not listed:[/yellow] {escape(str(problem))}; fix or remove that folder", highlight=False)
 
 
 @friendly_errors
