@@ -21,9 +21,15 @@ from pydantic import BaseModel, Field
 from persona import constants as keys
 from persona.queue_scripts import REDIS_NOW
 
-__all__ = ["WorkerInfo", "live_worker_ids", "live_workers", "publish", "withdraw"]
+__all__ = ["WorkerInfo", "live_worker_ids", "live_workers", "publish", "redis_now", "withdraw"]
 
 log = logging.getLogger(__name__)
+
+
+def redis_now(client: redis.Redis) -> float:
+    """Redis's time, in seconds: the clock every machine sharing it agrees on."""
+    seconds, microseconds = client.time()
+    return seconds + microseconds / 1_000_000
 
 
 class WorkerInfo(BaseModel):

@@ -15,7 +15,7 @@ import redis
 from pydantic import BaseModel, Field
 
 from persona import constants as keys
-from persona.heartbeat import WorkerInfo, live_workers
+from persona.heartbeat import WorkerInfo, live_workers, redis_now
 from persona.telemetry import LatencySummary, summarize
 
 __all__ = ["QueueStats", "StreamStats", "StuckEntry", "collect_stats", "find_stuck"]
@@ -71,11 +71,6 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def _redis_now(client: redis.Redis) -> float:
-    seconds, microseconds = client.time()
-    return seconds + microseconds / 1_000_000
-
-
 def _oldest_waiting_s(client: redis.Redis, stream: str, now: float) -> float:
     """Age of the oldest entry no worker has read yet (entry ids carry their time)."""
     try:
@@ -108,7 +103,7 @@ def find_stuck(client: redis.Redis, live: set[str], now: float | None = None) ->
 
     ``now`` is Redis's time (default: asked of it), as is when each entry's deadline falls.
     """
-    now = now if now is not None else _redis_now(client)
+    now = now if now is not None else redis_now(client)
     found = []
     for stream in keys.STREAMS_BY_PRIORITY:
         try:
@@ -146,7 +141,7 @@ def find_stuck(client: redis.Redis, live: set[str], now: float | None = None) ->
 
 def collect_stats(client: redis.Redis, *, latency_window_s: float = 300.0) -> QueueStats:
     """Read every figure the CLI, the dashboard and /metrics show."""
-    now = _redis_now(client)
+    now = redis_now(client)
     counters = {_text(k): int(v) for k, v in client.hgetall(keys.STATS_KEY).items()}
     workers = live_workers(client)
     return QueueStats(

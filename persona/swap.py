@@ -28,7 +28,7 @@ from pydantic import BaseModel, Field
 from persona import constants as keys
 from persona.checkpoints import BASE_VERSION
 from persona.errors import SwapRefused
-from persona.heartbeat import live_workers
+from persona.heartbeat import live_workers, redis_now
 from persona.personas import Persona
 
 __all__ = [
@@ -40,6 +40,7 @@ __all__ = [
     "cast_vote",
     "commit",
     "current_version",
+    "open_proposal",
     "open_proposals",
     "propose",
     "rollback_target",
@@ -106,10 +107,12 @@ class SwapProposal(BaseModel):
     kind: Literal["swap", "rollback"] = "swap"
     workers: list[str] = Field(default_factory=list, description="workers that must vote ready")
     created_at: float = Field(default_factory=time.time)
-    deadline: float = 0.0
+    deadline: float = Field(0.0, description="when it lapses, by Redis's clock (as every party reads it)")
 
-    def expired(self, now: float | None = None) -> bool:
-        return (now if now is not None else time.time()) > self.deadline
+    def expired(self, redis_now: float) -> bool:
+        """Whether it has lapsed, ``redis_now`` being Redis's time: the operator's and the
+        workers' clocks may disagree, Redis's is the one they share."""
+        return redis_now > self.deadline
 
 
 class Vote(BaseModel):
@@ -193,7 +196,7 @@ def propose(client: redis.Redis, proposal: SwapProposal) -> None:
     raw = client.hget(keys.SWAPS_KEY, proposal.persona)
     if raw is not None:
         other = SwapProposal.model_validate_json(raw)
-        if not other.expired():
+        if not other.expired(redis_now(client)):
             raise SwapRefused(
                 f"a swap of {proposal.persona!r} to {other.target!r} is already under way "
                 f"(started {time.time() - other.created_at:.0f} s ago); wait for it to finish"
@@ -246,6 +249,15 @@ def _not_committed_text(proposal: SwapProposal, result: str) -> str:
     return f"{proposal.kind} of {proposal.persona!r} to {proposal.target!r} not committed ({result}); nothing changed"
 
 
+def open_proposal(client: redis.Redis, proposal: SwapProposal, timeout_s: float) -> SwapProposal:
+    """Open a proposal for the workers alive now, lapsing ``timeout_s`` from now by Redis's
+    clock; the proposal as opened (SwapRefused if another is under way)."""
+    live = {w.id for w in live_workers(client)}
+    proposal = proposal.model_copy(update={"workers": sorted(live), "deadline": redis_now(client) + timeout_s})
+    propose(client, proposal)
+    return proposal
+
+
 def run_swap(
     client: redis.Redis,
     proposal: SwapProposal,
@@ -253,10 +265,9 @@ def run_swap(
     on_progress: Callable[[int, int], None] | None = None,
 ) -> SwapOutcome:
     """Open a proposal, wait for every live worker's vote, then commit or withdraw it."""
-    live = {w.id for w in live_workers(client)}
-    proposal = proposal.model_copy(update={"workers": sorted(live), "deadline": time.time() + timeout_s})
-    propose(client, proposal)
-    log.info("swap %s: %s -> %s, waiting for %d worker(s)", proposal.id, proposal.persona, proposal.target, len(live))
+    give_up = time.monotonic() + timeout_s
+    proposal = open_proposal(client, proposal, timeout_s)
+    log.info("swap %s: %s -> %s, waiting for %d worker(s)", proposal.id, proposal.persona, proposal.target, len(proposal.workers))
     try:
         while True:
             cast = votes(client, proposal.id)
@@ -278,7 +289,7 @@ def run_swap(
                 if not result.startswith("missing:"):
                     abort(client, proposal)
                     return SwapOutcome(proposal=proposal, committed=False, votes=cast, problem=_not_committed_text(proposal, result))
-            if time.time() > proposal.deadline:
+            if time.monotonic() > give_up:
                 silent = sorted(w for w in expected if w not in cast)
                 abort(client, proposal)
                 return SwapOutcome(

@@ -101,9 +101,11 @@ class Swapper:
             pipe = self.redis.pipeline(transaction=False)
             pipe.hgetall(keys.ACTIVE_VERSIONS_KEY)
             pipe.hvals(keys.SWAPS_KEY)
-            active, raw_proposals = pipe.execute()
+            pipe.time()
+            active, raw_proposals, (seconds, microseconds) = pipe.execute()
             self.refresh_active(_texts(active))
-            self._answer([swap.SwapProposal.model_validate_json(v) for v in raw_proposals])
+            redis_now = seconds + microseconds / 1_000_000
+            self._answer([swap.SwapProposal.model_validate_json(v) for v in raw_proposals], redis_now)
         # Following reads every served persona's file: do it at once when anything it
         # depends on in Redis or the pool changed, else at most once a FOLLOW_EVERY_S
         # (for edited persona files), not after every batch of a busy worker.
@@ -115,9 +117,10 @@ class Swapper:
 
     # -- phase one: prepare and vote ------------------------------------------------
 
-    def _answer(self, proposals: list[swap.SwapProposal]) -> None:
-        """Prepare and vote on each open proposal not answered yet."""
-        proposals = [p for p in proposals if not p.expired()]
+    def _answer(self, proposals: list[swap.SwapProposal], redis_now: float) -> None:
+        """Prepare and vote on each open proposal not answered yet (and not lapsed by
+        Redis's clock, ``redis_now``)."""
+        proposals = [p for p in proposals if not p.expired(redis_now)]
         open_ids = {p.id for p in proposals}
         self._answered &= open_ids
         self._ready = {i: k for i, k in self._ready.items() if i in open_ids}

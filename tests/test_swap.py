@@ -349,3 +349,20 @@ def test_lora_adapter_swaps_in_and_one_for_another_base_is_refused(
     refused = perform_swap(settings, redis_client, tiny, "v2", timeout_s=60)
     assert not refused.committed and "does not fit this base model" in refused.votes["w-lora"].reason
     assert client.ask(chat(), timeout=60).version == "v1"
+
+
+def test_a_swap_opened_on_a_machine_whose_clock_is_behind_is_answered(
+    settings, redis_client, tiny, tiny_llama_dir, running_worker, monkeypatch
+):
+    """A proposal lapses by Redis's clock, which the operator and the workers share: one
+    opened by an operator whose clock ran 10 minutes behind had lapsed for every worker."""
+    make_checkpoint(settings, tiny_llama_dir, "tiny", seed=1)
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() - 600)  # the operator's machine
+    proposal = swaps.open_proposal(
+        redis_client, swaps.SwapProposal(persona="tiny", target="v1", previous=""), timeout_s=60
+    )
+    monkeypatch.setattr(time, "time", real)
+    running_worker("w-one")  # its clock is right
+    wait_until(lambda: "w-one" in swaps.votes(redis_client, proposal.id), timeout=30)
+    assert swaps.votes(redis_client, proposal.id)["w-one"].ready
