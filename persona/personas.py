@@ -9,12 +9,13 @@ schedule, and the adapters it is enabled on. Files come from the project's
 
 from __future__ import annotations
 
+import difflib
 import logging
 import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import (
     BaseModel,
@@ -194,10 +195,27 @@ def format_validation_error(path: Path, error: ValidationError) -> str:
     lines = [f"{path}: {error.error_count()} problem(s)"]
     for item in error.errors():
         where = ".".join(str(part) for part in item["loc"]) or "(file)"
+        if item["type"] == "extra_forbidden":
+            lines.append(f"  {where}: unknown field; {_meant(item['loc'])}")
+            continue
         got = item.get("input")
         shown = "" if isinstance(got, dict) else f" (got {got!r})"
         lines.append(f"  {where}: {item['msg']}{shown}")
     return "\n".join(lines)
+
+
+def _meant(loc: tuple) -> str:
+    """For a field no section has: the known one it is closest to, else the known ones."""
+    model: type[BaseModel] = Persona
+    for part in loc[:-1]:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        if field is None:
+            continue  # a list index: the model is its items'
+        kinds = [field.annotation, *get_args(field.annotation)]
+        model = next((k for k in kinds if isinstance(k, type) and issubclass(k, BaseModel)), model)
+    known = [name for name, field in model.model_fields.items() if not field.exclude]
+    close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+    return f"did you mean {close[0]!r}?" if close else f"known fields: {', '.join(known)}"
 
 
 def load_persona_file(path: Path) -> Persona:

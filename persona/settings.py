@@ -43,6 +43,16 @@ def _blank_is_unset(value: object) -> object:
     return None if isinstance(raw, str) and not raw.strip() else value
 
 
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
+def _redis_url(value: SecretStr | None) -> SecretStr | None:
+    """A Redis URL redis-py can open; the value is never quoted, as it may hold a password."""
+    if value is not None and not value.get_secret_value().startswith(REDIS_SCHEMES):
+        raise ValueError(f"must start with {', '.join(REDIS_SCHEMES)} (e.g. redis://127.0.0.1:6379/0)")
+    return value
+
+
 def default_data_dir() -> Path:
     """Where trained personas, checkpoints and the embedded Redis live by default."""
     return platformdirs.user_data_path("persona")
@@ -217,6 +227,9 @@ class Settings(BaseSettings):
     telegram: TelegramSettings = TelegramSettings()
     dashboard: DashboardSettings = DashboardSettings()
     posting: PostingSettings = PostingSettings()
+
+    _redis_url_blank_is_unset = field_validator("redis_url", mode="before")(_blank_is_unset)
+    _redis_url_opens = field_validator("redis_url")(_redis_url)
 
     @property
     def checkpoints_dir(self) -> Path:

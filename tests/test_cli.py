@@ -113,3 +113,107 @@ def test_the_command_line_starts_without_the_model_stack(env):
     result = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_a_redis_url_that_is_not_one_is_named_without_showing_it(env):
+    env["PERSONA_REDIS_URL"] = "localhost:6379"  # the scheme forgotten
+    result = persona("ask", "sage", "hello", env=env)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "PERSONA_REDIS_URL" in result.stderr and "redis://" in result.stderr
+    env["PERSONA_REDIS_URL"] = "http://:s3cret@127.0.0.1:6379"
+    result = persona("up", "--no-dashboard", env=env)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "PERSONA_REDIS_URL" in result.stderr and "s3cret" not in result.stderr
+
+
+def test_a_server_that_is_not_redis_is_a_clear_error(env):
+    """A URL pointing at the wrong port (the dashboard's, say) answers, but not as Redis."""
+    import http.server
+    import threading
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        env["PERSONA_REDIS_URL"] = f"redis://127.0.0.1:{server.server_address[1]}/0"
+        result = persona("queue", "stats", env=env)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "PERSONA_REDIS_URL" in result.stderr
+
+
+@pytest.fixture
+def doomed_redis(tmp_path: Path):
+    """A Redis of its own that a test may stop halfway; a client on it."""
+    import redis
+
+    from persona.embedded_redis import EmbeddedRedis
+
+    server = EmbeddedRedis(tmp_path / "doomed")
+    url = server.start(unix_socket=False)
+    client = redis.Redis.from_url(url)
+    yield server, url, client
+    client.close()
+    server.stop()
+
+
+def _wait_for_a_request(client, timeout_s: float = 30.0) -> None:
+    import time
+
+    from persona import constants as keys
+
+    deadline = time.monotonic() + timeout_s
+    while not client.xlen(keys.STREAM_INTERACTIVE):
+        assert time.monotonic() < deadline, "the request never reached the queue"
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_ask_when_redis_stops_while_it_waits_is_a_clear_error(env, doomed_redis):
+    server, url, client = doomed_redis
+    env["PERSONA_REDIS_URL"] = url
+    asking = subprocess.Popen(
+        [sys.executable, "-m", "persona", "ask", "sage", "hello"], env=env, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    _wait_for_a_request(client)  # no worker: it waits for the reply
+    server.stop()
+    _, stderr = asking.communicate(timeout=60)
+    assert asking.returncode == 1 and "Traceback" not in stderr
+    assert "lost the connection to Redis" in stderr
+
+
+@pytest.mark.slow
+def test_chat_carries_on_when_redis_stops_under_a_message(env, doomed_redis):
+    server, url, client = doomed_redis
+    env["PERSONA_REDIS_URL"] = url
+    chatting = subprocess.Popen(
+        [sys.executable, "-m", "persona", "chat", "sage"], env=env, text=True,
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    chatting.stdin.write("hello\n")
+    chatting.stdin.flush()
+    _wait_for_a_request(client)
+    server.stop()
+    stdout, stderr = chatting.communicate("/quit\n", timeout=60)
+    assert chatting.returncode == 0 and "Traceback" not in stderr
+    assert "lost the connection to Redis" in stderr
+    assert stdout.count("you>") == 2  # asked again after the error, then left with /quit
+
+
+def test_personas_validate_marks_each_file_without_markup_showing(env, tmp_path: Path):
+    bad = tmp_path / "wrong.toml"
+    bad.write_text("[sampling]\nmax_new_tokens = 0\n")
+    result = persona("personas", "validate", str(bad), env=env)
+    assert result.returncode == 1
+    assert "✗" in result.stderr and "[red]" not in result.stderr and "[/red]" not in result.stderr
+
+
+def test_up_with_a_data_dir_it_cannot_use_says_which_setting_to_change(env, tmp_path: Path):
+    not_a_folder = tmp_path / "a-file"
+    not_a_folder.write_text("")
+    env["PERSONA_DATA_DIR"] = str(not_a_folder)
+    result = persona("up", "--no-dashboard", env=env)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert str(not_a_folder) in result.stderr and "PERSONA_DATA_DIR" in result.stderr

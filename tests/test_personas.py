@@ -97,3 +97,14 @@ def test_filters_that_no_post_could_pass_are_refused():
     with pytest.raises(ValidationError, match="min_chars"):
         FiltersConfig(min_chars=400, max_chars=280)
     assert FiltersConfig(min_chars=280, max_chars=280).min_chars == 280
+
+
+def test_a_misspelt_field_suggests_the_one_meant(tmp_path: Path):
+    path = tmp_path / "typo.toml"
+    path.write_text('descripton = "calm"\n[sampling]\ntemprature = 0.5\nzzz = 1\n')
+    with pytest.raises(ConfigError) as caught:
+        load_persona_file(path)
+    message = str(caught.value)
+    assert "descripton: unknown field; did you mean 'description'?" in message
+    assert "sampling.temprature: unknown field; did you mean 'temperature'?" in message
+    assert "sampling.zzz: unknown field; known fields: temperature, top_p" in message

@@ -61,3 +61,20 @@ def test_a_bad_value_names_the_setting(clean_env, monkeypatch):
     monkeypatch.setenv("PERSONA_QUEUE__MAX_LENGTH", "zero")
     with pytest.raises(ValidationError, match="queue.max_length"):
         Settings()
+
+
+def test_a_redis_url_needs_a_redis_scheme_and_blank_means_unset(clean_env, monkeypatch):
+    from pydantic import ValidationError
+
+    from persona.settings import explain_settings_error
+
+    monkeypatch.setenv("PERSONA_REDIS_URL", "localhost:6379")
+    with pytest.raises(ValidationError) as caught:
+        Settings()
+    explained = explain_settings_error(caught.value)
+    assert explained.startswith("PERSONA_REDIS_URL:") and "redis://" in explained
+    assert "localhost:6379" not in explained  # a URL may carry a password: never shown
+    monkeypatch.setenv("PERSONA_REDIS_URL", " ")
+    assert Settings().redis_url is None  # the embedded Redis, as when it is not set
+    for good in ("redis://127.0.0.1:6379/0", "rediss://:pw@host:6380", "unix:///tmp/redis.sock"):
+        assert Settings(redis_url=good).redis_url.get_secret_value() == good

@@ -6,6 +6,7 @@ import functools
 from collections.abc import Callable
 from typing import ParamSpec, TypeVar
 
+import redis
 import typer
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
@@ -15,7 +16,7 @@ from rich.markup import escape
 from persona.errors import PersonaError
 from persona.settings import Settings, explain_settings_error
 
-__all__ = ["console", "err_console", "friendly_errors", "get_settings"]
+__all__ = ["console", "err_console", "explain_redis_error", "friendly_errors", "get_settings"]
 
 console = Console()
 err_console = Console(stderr=True)
@@ -35,8 +36,22 @@ def get_settings() -> Settings:
         raise typer.Exit(1) from None
 
 
+def explain_redis_error(exc: redis.exceptions.RedisError) -> str:
+    """What a Redis failure past the connection's retries means, and what to do about it."""
+    said = str(exc).rstrip(".")
+    if isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
+        return (
+            f"lost the connection to Redis ({said}); is it still running, at the address "
+            "PERSONA_REDIS_URL gives if set? `persona up` starts one; `persona queue stats` checks"
+        )
+    if isinstance(exc, redis.exceptions.InvalidResponse):
+        return f"the server at PERSONA_REDIS_URL does not answer as Redis does ({said}); is that Redis's address?"
+    return f"Redis refused a command: {said}"
+
+
 def friendly_errors(func: Callable[P, R]) -> Callable[P, R]:
-    """Turn the project's errors into one red line and exit status 1, no traceback."""
+    """Turn the project's errors, and Redis failing under them, into one red line and exit
+    status 1, no traceback."""
 
     @functools.wraps(func)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
@@ -45,6 +60,9 @@ def friendly_errors(func: Callable[P, R]) -> Callable[P, R]:
         except PersonaError as exc:
             # Escaped: a message quotes paths and text that may hold brackets ("my [draft] notes").
             err_console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
+            raise typer.Exit(1) from None
+        except redis.exceptions.RedisError as exc:  # Redis stopped, or never was Redis, mid-command
+            err_console.print(f"[red]error:[/red] {escape(explain_redis_error(exc))}", highlight=False)
             raise typer.Exit(1) from None
 
     return wrapper

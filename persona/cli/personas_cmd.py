@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-
 import typer
+from rich.markup import escape
 
 from persona.cli.common import console, err_console, friendly_errors, get_settings
 from persona.personas import PersonaRegistry
@@ -55,9 +55,9 @@ def validate(
             load_persona_file(path)
         except ConfigError as exc:
             bad += 1
-            err_console.print(f"[red]✗[/red] {exc}", highlight=False, markup=False)
+            err_console.print(f"[red]✗[/red] {escape(str(exc))}", highlight=False)
         else:
-            console.print(f"[green]✓[/green] {path}")
+            console.print(f"[green]✓[/green] {escape(str(path))}")
     if bad:
         raise typer.Exit(1)
 

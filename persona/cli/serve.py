@@ -16,6 +16,7 @@ import typer
 from persona.cli.common import console, friendly_errors, get_settings
 from persona.connection import connect, describe_url
 from persona.embedded_redis import EmbeddedRedis, find_embedded_url, stop_embedded
+from persona.errors import ConfigError
 from persona.logs import setup_logging
 from persona.settings import Settings
 
@@ -46,7 +47,13 @@ def redis_for_service(settings: Settings) -> Iterator[str]:
     if running:
         url = running
     else:
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            settings.data_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot keep data in {settings.data_dir} ({exc.strerror}); set PERSONA_DATA_DIR "
+                "to a folder you can write"
+            ) from None
         embedded = EmbeddedRedis(settings.data_dir)
         url = embedded.start()
     own = f"{SERVING_NAME_PREFIX}{os.getpid()}"

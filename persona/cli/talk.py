@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import time
 
+import redis
 import typer
 
-from persona.cli.common import console, err_console, friendly_errors, get_settings
+from persona.cli.common import (
+    console,
+    err_console,
+    explain_redis_error,
+    friendly_errors,
+    get_settings,
+)
 from persona.connection import connect
 from persona.contract import GenerationRequest, Message, SamplingOverrides
 from persona.errors import PersonaError, RequestFailed
@@ -82,6 +89,10 @@ def run_chat(settings: Settings, persona: str, *, url: str | None = None) -> Non
         except PersonaError as exc:
             history.pop()
             err_console.print(f"[red]{exc}[/red]")
+            continue
+        except redis.exceptions.RedisError as exc:  # the chat goes on: Redis may be back for the next message
+            history.pop()
+            err_console.print(explain_redis_error(exc), style="red", markup=False, highlight=False)
             continue
         if not reply.ok:
             history.pop()
