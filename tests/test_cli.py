@@ -31,6 +31,16 @@ def test_help_explains_every_command(env):
         assert command in result.stdout
 
 
+def test_help_paragraphs_wrap_at_the_terminals_width(env):
+    """Not at the docstring's line breaks as well: on 80 columns that left words alone
+    on a line ("...runs when / its / token is set")."""
+    result = persona("up", "--help", env={**env, "COLUMNS": "80"})
+    assert result.returncode == 0
+    lines = result.stdout.splitlines()
+    assert any("its token is set." in line for line in lines), result.stdout
+    assert all(len(line) <= 80 for line in lines)
+
+
 def test_personas_list_prints_one_per_line_name_first(env):
     result = persona("personas", "list", env=env)
     assert result.returncode == 0, result.stderr

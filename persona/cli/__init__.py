@@ -7,8 +7,11 @@ Each module adds its commands to ``app``; add a new area by writing a module wit
 from __future__ import annotations
 
 import importlib
+import inspect
 
+import click
 import typer
+import typer.main
 
 __all__ = ["app", "main"]
 
@@ -37,6 +40,27 @@ for _module in COMMAND_MODULES:
     importlib.import_module(_module).register(app)
 
 
+def _reflowed(text: str | None) -> str | None:
+    """Help text with each paragraph's lines joined, so the terminal wraps it at its own
+    width: this typer keeps a docstring's line breaks past the first paragraph, and an
+    80-column terminal showed them ragged ("...runs when / its / token is set").
+    Paragraphs laid out by hand (indented lines, lists, ``\\b``) stay as written."""
+    if not text:
+        return text
+    paragraphs = inspect.cleandoc(text).split("\n\n")
+    return "\n\n".join(
+        p if any(line[:1] in (" ", "-", "*", "\b") for line in p.splitlines()) else " ".join(p.split("\n"))
+        for p in paragraphs
+    )
+
+
+def _reflow_help(command: click.Command) -> click.Command:
+    command.help = _reflowed(command.help)
+    for sub in getattr(command, "commands", {}).values():
+        _reflow_help(sub)
+    return command
+
+
 def main() -> None:
     """Entry point of the ``persona`` console script."""
-    app()
+    _reflow_help(typer.main.get_command(app))(prog_name="persona")
