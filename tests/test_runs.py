@@ -11,6 +11,7 @@ import pytest
 from persona.checkpoints import list_checkpoints
 from persona.contract import GenerationRequest, Priority
 from persona.errors import ConfigError, CorpusError, ModelError
+from persona.models import load_model
 from persona.personas import PersonaRegistry
 from persona.queue import QueueClient
 from persona.settings import Settings
@@ -108,3 +109,51 @@ def test_a_trained_persona_answers_through_the_worker(settings: Settings, tiny_l
     chat = client.ask(GenerationRequest(persona="sayer", messages=[{"role": "user", "content": "hi"}]), timeout=60)
     assert chat.ok and chat.version == "v1"
     assert tomllib.loads((settings.user_personas_dir / "sayer.toml").read_text())["model"]["checkpoint"] == "v1"
+
+
+class _StartsAnotherTraining:
+    """A reporter that, once its run has started, tries a second run of the same persona."""
+
+    def __init__(self, start_another) -> None:
+        self.start_another = start_another
+        self.refusal: Exception | None = None
+
+    def on_start(self, total_steps: int, resumed_from: int) -> None:
+        try:
+            self.start_another()
+        except Exception as exc:  # noqa: BLE001 - the test looks at what was raised
+            self.refusal = exc
+
+    def on_step(self, step: int, loss: float, average: float, elapsed_s: float) -> None: ...
+    def on_eval(self, step: int, val_loss: float, improved: bool) -> None: ...
+    def on_samples(self, step: int, texts: list[str]) -> None: ...
+
+
+def test_a_second_training_of_the_same_persona_is_refused_while_one_runs(settings: Settings, tiny_gpt2_dir: Path,
+                                                                         corpus_file: Path):
+    """Two runs would share one run folder: one would crash or register the other's weights."""
+    reporter = _StartsAnotherTraining(
+        lambda: train_persona(settings, "twin", corpus_file, config(tiny_gpt2_dir, seed=2)))
+    first = train_persona(settings, "twin", corpus_file, config(tiny_gpt2_dir), reporter=reporter)
+    assert isinstance(reporter.refusal, ModelError), reporter.refusal
+    assert "already being trained" in str(reporter.refusal)
+    assert first.checkpoint.version == "v1" and first.checkpoint.config["seed"] == 0
+    assert [v.version for v in list_checkpoints(settings.checkpoints_dir, "twin")] == ["v1"]
+    # Once it has finished, the persona trains again.
+    assert train_persona(settings, "twin", corpus_file, config(tiny_gpt2_dir, seed=2)).checkpoint.version == "v2"
+
+
+def test_a_base_named_relative_to_here_is_found_from_anywhere(settings: Settings, tiny_gpt2_dir: Path,
+                                                              corpus_file: Path, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch):
+    """The persona file, checkpoint and run name the base folder absolutely: the worker, export
+    and a resumed run may well start in another directory than `persona train` did."""
+    monkeypatch.chdir(tiny_gpt2_dir.parent)
+    done = train_persona(settings, "here", corpus_file, config(Path(tiny_gpt2_dir.name)))
+    monkeypatch.chdir(tmp_path)
+    persona = PersonaRegistry.from_settings(settings).get("here")
+    assert persona.model.base == str(tiny_gpt2_dir.resolve()) == done.checkpoint.base
+    assert load_model(persona.model.base, done.checkpoint.path, cache_dir=settings.model_cache_dir).fine_tuned
+    # Training it again from here, naming the base the same way, is the same base.
+    monkeypatch.chdir(tiny_gpt2_dir.parent)
+    assert train_persona(settings, "here", corpus_file, config(Path(tiny_gpt2_dir.name))).checkpoint.version == "v2"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import resource
 import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -205,3 +206,34 @@ def test_same_seed_same_weights_other_seed_other_weights(tiny_gpt2_dir: Path, tm
 def test_resume_without_a_saved_run_says_so(tiny_gpt2_dir: Path, tmp_path: Path):
     with pytest.raises(ModelError, match="nothing to resume"):
         train(TrainConfig(steps=2, samples=0), corpus(), tiny_gpt2_dir, tmp_path / "none", resume=True)
+
+
+@contextmanager
+def disk_refusing_files_over(size_bytes: int) -> Iterator[None]:
+    """A disk with no room for a file over ``size_bytes``: the system refuses the write
+    (EFBIG, as a full disk refuses with ENOSPC)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size_bytes, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+
+
+@pytest.mark.parametrize("room", [100_000, 400_000], ids=["best-weights", "run-state"])
+def test_a_full_disk_while_saving_says_so_and_the_run_resumes_once_there_is_room(tiny_gpt2_dir: Path,
+                                                                                 tmp_path: Path, room: int):
+    """Full weights (200 kB here) and the run's state (600 kB) fail to save: a clear error,
+    no half-written file left taking the room, and the last good save resumes."""
+    config = TrainConfig(kind="full", steps=4, batch_size=4, eval_every=2, samples=0, seed=7)
+    whole = train(config, corpus(), tiny_gpt2_dir, tmp_path / "whole")
+    run = tmp_path / "run"
+    assert train(config, corpus(), tiny_gpt2_dir, run, reporter=Recorder(stop_at=1)).status == "interrupted"
+
+    with disk_refusing_files_over(room), pytest.raises(ModelError, match="could not save .* make room"):
+        train(config, corpus(), tiny_gpt2_dir, run, resume=True)
+    assert not [p.name for p in run.iterdir() if p.name.endswith(".tmp")]
+
+    resumed = train(config, corpus(), tiny_gpt2_dir, run, resume=True)
+    assert resumed.status == "finished"
+    assert resumed.metrics["val_loss"] == whole.metrics["val_loss"]

@@ -5,17 +5,21 @@ lives in ``<data_dir>/runs/<persona>/`` until the run finishes; its best weights
 become the persona's next checkpoint version (``persona/checkpoints.py``). A persona
 that did not exist gets a file in the data directory's ``personas/`` folder pointing at
 that version; a persona that training created earlier is moved to the new version.
-A persona file elsewhere (the source tree) is never rewritten.
+A persona file elsewhere (the source tree) is never rewritten. A persona trains in one
+run at a time: a second is refused while the first holds ``runs/<persona>.lock``.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
 import re
 import shutil
 import tomllib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +27,7 @@ import tomli_w
 
 from persona.checkpoints import CheckpointInfo, register_checkpoint
 from persona.errors import ConfigError, CorpusError, ModelError, UnknownPersona
-from persona.models import resolve_base
+from persona.models import BUNDLED_ALIASES, resolve_base
 from persona.personas import NAME_PATTERN, Persona, PersonaRegistry, load_persona_file
 from persona.settings import Settings
 from training.corpus import Corpus, read_corpus
@@ -49,6 +53,37 @@ class TrainedPersona:
 def run_dir(settings: Settings, name: str) -> Path:
     """Where a persona's unfinished run keeps its resumable state."""
     return settings.data_dir / "runs" / name
+
+
+def _absolute_base(base: str) -> str:
+    """A base folder as an absolute path (the bundled alias, or a folder that is not there, as
+    it is): the persona file, checkpoint and run name it for a worker, export or resume that
+    starts in another directory."""
+    folder = Path(base).expanduser()
+    return str(folder.resolve()) if base not in BUNDLED_ALIASES and folder.is_dir() else base
+
+
+@contextmanager
+def _training_lock(settings: Settings, name: str) -> Iterator[None]:
+    """Held while a persona trains: two runs of one persona would share its run folder, so
+    one would crash or register the other's weights. The system lets go if the process dies."""
+    path = settings.data_dir / "runs" / f"{name}.lock"  # beside the run folder, which is removed
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            pid = lock.read().strip()
+            holder = f"process {pid}" if pid else "another process"
+            raise ModelError(
+                f"persona {name!r} is already being trained (by {holder}); wait for that run "
+                f"to finish, or stop it and continue it with `persona train {name} --corpus FILE --resume`"
+            ) from None
+        lock.truncate(0)
+        lock.write(str(os.getpid()))
+        lock.flush()
+        yield
 
 
 def saved_run_config(settings: Settings, name: str) -> TrainConfig:
@@ -135,11 +170,19 @@ def train_persona(
     """Fine-tune a persona on a corpus and register the best weights as its next version."""
     if not re.fullmatch(NAME_PATTERN, name):
         raise ConfigError(f"{name!r} is not a persona name: use lower-case letters, digits, - and _")
+    config = config.model_copy(update={"base": _absolute_base(config.base)})
     corpus = read_corpus(corpus_path)
     if not corpus.train:
         raise CorpusError(f"corpus {corpus_path} has no training documents; add more writing")
+    with _training_lock(settings, name):
+        return _train_and_register(settings, name, corpus_path, corpus, config, resume=resume, reporter=reporter)
+
+
+def _train_and_register(settings: Settings, name: str, corpus_path: Path, corpus: Corpus, config: TrainConfig,
+                        *, resume: bool, reporter: Reporter | None) -> TrainedPersona:
+    """``train_persona``'s work, while it holds the persona's training lock."""
     persona = _existing(settings, name)
-    if persona is not None and persona.model.base != config.base:
+    if persona is not None and _absolute_base(persona.model.base) != config.base:
         raise ConfigError(
             f"persona {name!r} speaks with base {persona.model.base!r}, so a checkpoint trained on "
             f"{config.base!r} would not fit it; leave out --base or train a new persona"

@@ -194,12 +194,33 @@ def _trainable(model: Any) -> dict[str, torch.Tensor]:
     return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
 
 
+@contextmanager
+def _saving(what: str, partial: Path) -> Iterator[None]:
+    """Remove what a failed save half wrote, and say why it failed (a full disk, mostly:
+    torch and safetensors report it in their own words). The last good save stays."""
+    try:
+        yield
+    except BaseException as exc:
+        if partial.is_dir():
+            shutil.rmtree(partial, ignore_errors=True)
+        else:
+            partial.unlink(missing_ok=True)
+        if not isinstance(exc, Exception):  # Ctrl-C: nothing to explain
+            raise
+        free_mb = shutil.disk_usage(partial.parent).free / 2**20
+        raise ModelError(
+            f"could not save {what} in {partial.parent} ({free_mb:.0f} MB free there): {exc}; "
+            "make room, then continue the run with --resume"
+        ) from exc
+
+
 def _save_weights(model: Any, tokenizer: Any, folder: Path) -> None:
     """A folder ``persona.models.load_model`` can load: an adapter or full weights."""
     staging = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
+    with _saving("the best weights", staging):
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
     shutil.rmtree(folder, ignore_errors=True)
     staging.rename(folder)
 
@@ -304,7 +325,8 @@ class _Run:
         }
         self.run_dir.mkdir(parents=True, exist_ok=True)
         tmp = self.run_dir / (STATE_FILE + ".tmp")
-        torch.save(payload, tmp)
+        with _saving("the run's state", tmp):
+            torch.save(payload, tmp)
         tmp.replace(self.run_dir / STATE_FILE)
 
     def load_state(self) -> None:
