@@ -84,6 +84,13 @@ def test_train_errors_say_what_to_do(env, tmp_path: Path, tiny_gpt2_dir: Path):
         assert "Traceback" not in result.stderr
 
 
+def test_resume_refuses_to_change_what_the_run_is_made_of(env, tmp_path: Path):
+    """--resume continues the run exactly: a new --steps or --full was silently dropped."""
+    result = persona("train", "x", "--corpus", str(tmp_path / "c.jsonl"), "--resume", "--steps", "40", "--full", env=env)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "cannot change --lora/--full, --steps" in " ".join(result.stderr.split())
+
+
 def test_errors_quote_paths_with_brackets_as_they_are(env, tmp_path: Path, tiny_gpt2_dir: Path):
     for folder in ("my [draft] notes", "old [/b]"):
         corpus = tmp_path / folder / "c.jsonl"

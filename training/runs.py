@@ -139,6 +139,17 @@ def _existing(settings: Settings, name: str) -> Persona | None:
         return None
 
 
+def _write_atomically(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` whole or not at all: a worker reads persona files while
+    training writes them, and a full disk must not leave one cut short."""
+    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        partial.write_text(text)
+        partial.replace(path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
 def _write_persona_file(settings: Settings, persona: Persona | None, name: str, base: str,
                         version: str, corpus_path: Path) -> tuple[Path | None, bool]:
     """Create or move the persona file to the new version, where training may write it."""
@@ -146,12 +157,12 @@ def _write_persona_file(settings: Settings, persona: Persona | None, name: str, 
     if persona is None:
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{name}.toml"
-        path.write_text(tomli_w.dumps(persona_template(name, base, version, corpus_path)))
+        _write_atomically(path, tomli_w.dumps(persona_template(name, base, version, corpus_path)))
     elif persona.source is not None and persona.source.parent.resolve() == folder.resolve():
         path = persona.source
         data = tomllib.loads(path.read_text())
         data.setdefault("model", {})["checkpoint"] = version
-        path.write_text(tomli_w.dumps(data))
+        _write_atomically(path, tomli_w.dumps(data))
     else:
         return persona.source, False
     load_persona_file(path)  # what we wrote must load
@@ -207,8 +218,15 @@ def _train_and_register(settings: Settings, name: str, corpus_path: Path, corpus
     staging.parent.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(staging, ignore_errors=True)
     shutil.move(result.best_dir, staging)
-    # The version is only known once registered; the card is rewritten with it.
-    info = register_checkpoint(settings.checkpoints_dir, staging, info)
+    try:
+        # The version is only known once registered; the card is rewritten with it.
+        info = register_checkpoint(settings.checkpoints_dir, staging, info)
+    except BaseException:
+        # Ctrl-C or a full disk before the version was in place: the best weights go back
+        # to the run, so --resume registers them (not the last step's).
+        if staging.is_dir():
+            shutil.move(staging, result.best_dir)
+        raise
     (info.path / "README.md").write_text(model_card(info, corpus, result))
     persona_file, updated = _write_persona_file(settings, persona, name, config.base, info.version, corpus_path)
     shutil.rmtree(folder, ignore_errors=True)

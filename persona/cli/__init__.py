@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib
 import inspect
 
-import click
 import typer
 import typer.main
 
@@ -54,7 +53,8 @@ def _reflowed(text: str | None) -> str | None:
     )
 
 
-def _reflow_help(command: click.Command) -> click.Command:
+def _reflow_help(command):  # a click command, as typer builds it
+    """``command`` and its subcommands, their help reflowed."""
     command.help = _reflowed(command.help)
     for sub in getattr(command, "commands", {}).values():
         _reflow_help(sub)

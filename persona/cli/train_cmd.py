@@ -14,7 +14,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from persona.cli.common import console, err_console, friendly_errors, get_settings
-from persona.errors import CorpusError
+from persona.errors import ConfigError, CorpusError
 
 __all__ = ["RichReporter", "corpus_build", "eval_", "export", "generate", "register", "resume_command", "train"]
 
@@ -121,8 +121,15 @@ def resume_command(name: str, corpus: Path) -> str:
     return shlex.join(["persona", "train", name, "--corpus", str(corpus), "--resume"])
 
 
+# What a run is made of: --resume continues it as it started, so none of these may change.
+RUN_OPTIONS = {"base": "--base", "lora": "--lora/--full", "steps": "--steps", "epochs": "--epochs",
+               "batch_size": "--batch-size", "learning_rate": "--learning-rate", "eval_every": "--eval-every",
+               "patience": "--patience", "seed": "--seed", "device": "--device"}
+
+
 @friendly_errors
 def train(
+    ctx: typer.Context,
     name: str = typer.Argument(..., help="the persona to train (created if it does not exist)"),
     corpus: Path = typer.Option(..., "--corpus", help="a corpus from `persona corpus build`"),
     base: str = typer.Option(None, help="base model: 'smollm2' (bundled) or a local HF model folder"),
@@ -136,7 +143,7 @@ def train(
     patience: int = typer.Option(3, min=1, help="validations without improvement before stopping"),
     seed: int = typer.Option(0, help="the run's seed: same seed, same corpus, same weights"),
     device: str = typer.Option("auto", help="auto|cpu|cuda"),
-    resume: bool = typer.Option(False, "--resume", help="continue the persona's interrupted run exactly"),
+    resume: bool = typer.Option(False, "--resume", help="continue the persona's interrupted run exactly as it started (only --max-minutes may change)"),
     threads: int = typer.Option(None, min=1, help="CPU threads (default: all cores; 1 is faster on a busy machine)"),
 ) -> None:
     """Fine-tune NAME on a corpus and register the best weights as its next checkpoint version."""
@@ -149,6 +156,13 @@ def train(
 
         torch.set_num_threads(threads)
     if resume:
+        changed = [flag for option, flag in RUN_OPTIONS.items()
+                   if getattr(ctx.get_parameter_source(option), "name", "") == "COMMANDLINE"]
+        if changed:
+            raise ConfigError(
+                f"--resume continues the run exactly as it started, so it cannot change {', '.join(changed)}; "
+                "leave them out, or start the run over without --resume"
+            )
         config = saved_run_config(settings, name)
         if max_minutes is not None:
             config = config.model_copy(update={"max_minutes": max_minutes})
