@@ -227,3 +227,52 @@ def test_up_with_a_data_dir_it_cannot_use_says_which_setting_to_change(env, tmp_
     result = persona("up", "--no-dashboard", env=env)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert str(not_a_folder) in result.stderr and "PERSONA_DATA_DIR" in result.stderr
+
+
+def _queued_request_id(client) -> str:
+    import json
+
+    from persona import constants as keys
+
+    _wait_for_a_request(client)
+    [(_, fields)] = client.xrange(keys.STREAM_INTERACTIVE)
+    return json.loads(fields[b"r"])["id"]
+
+
+def test_ctrl_c_while_asking_withdraws_the_question(env, doomed_redis):
+    import signal
+
+    from persona import constants as keys
+
+    _, url, client = doomed_redis
+    env["PERSONA_REDIS_URL"] = url
+    asking = subprocess.Popen(
+        [sys.executable, "-m", "persona", "ask", "sage", "hello"], env=env, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    request_id = _queued_request_id(client)  # no worker: it waits for the reply
+    asking.send_signal(signal.SIGINT)
+    _, stderr = asking.communicate(timeout=30)
+    assert "Traceback" not in stderr
+    assert client.exists(keys.cancel_key(request_id)), "a worker would still answer it"
+
+
+def test_ctrl_c_in_a_chat_withdraws_that_message_and_the_chat_goes_on(env, doomed_redis):
+    import signal
+
+    from persona import constants as keys
+
+    _, url, client = doomed_redis
+    env["PERSONA_REDIS_URL"] = url
+    chatting = subprocess.Popen(
+        [sys.executable, "-m", "persona", "chat", "sage"], env=env, text=True,
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    chatting.stdin.write("hello\n")
+    chatting.stdin.flush()
+    request_id = _queued_request_id(client)
+    chatting.send_signal(signal.SIGINT)
+    stdout, stderr = chatting.communicate("/quit\n", timeout=30)
+    assert chatting.returncode == 0 and "Traceback" not in stderr
+    assert client.exists(keys.cancel_key(request_id))
+    assert "(withdrawn)" in stdout and stdout.count("you>") == 2  # asked again, then left with /quit

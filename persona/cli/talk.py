@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import redis
@@ -24,6 +25,17 @@ from persona.settings import Settings
 
 def _client(settings: Settings, url: str | None = None) -> QueueClient:
     return QueueClient(connect(settings, url=url), settings.queue)
+
+
+def _ask(client: QueueClient, request: GenerationRequest, timeout: float | None = None):
+    """``client.ask``; a Ctrl-C while waiting withdraws the request, so no worker spends
+    its time on an answer nobody will read."""
+    try:
+        return client.ask(request, timeout=timeout)
+    except KeyboardInterrupt:
+        with contextlib.suppress(redis.exceptions.RedisError):
+            client.cancel(request.id)
+        raise
 
 
 def _check_persona(settings: Settings, name: str) -> None:
@@ -52,7 +64,7 @@ def ask(
         sampling=SamplingOverrides(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed),
         deadline=time.time() + timeout if timeout else 0.0,
     )
-    reply = _client(settings).ask(request, timeout=timeout)
+    reply = _ask(_client(settings), request, timeout=timeout)
     if json_output:
         print(reply.to_json())
     elif not reply.ok:
@@ -85,10 +97,14 @@ def run_chat(settings: Settings, persona: str, *, url: str | None = None) -> Non
         request = GenerationRequest(persona=persona, messages=history[-settings.queue.max_messages :])
         try:
             with console.status(f"{persona} is thinking..."):
-                reply = client.ask(request)
+                reply = _ask(client, request)
+        except KeyboardInterrupt:  # as in a shell: this message is dropped, the chat goes on
+            history.pop()
+            console.print("[dim](withdrawn)[/dim]")
+            continue
         except PersonaError as exc:
             history.pop()
-            err_console.print(f"[red]{exc}[/red]")
+            err_console.print(str(exc), style="red", markup=False, highlight=False)
             continue
         except redis.exceptions.RedisError as exc:  # the chat goes on: Redis may be back for the next message
             history.pop()
@@ -96,7 +112,7 @@ def run_chat(settings: Settings, persona: str, *, url: str | None = None) -> Non
             continue
         if not reply.ok:
             history.pop()
-            err_console.print(f"[red]{reply.error.message if reply.error else 'failed'}[/red]")
+            err_console.print(reply.error.message if reply.error else "failed", style="red", markup=False, highlight=False)
             continue
         history.append(Message(role="assistant", content=reply.text))
         console.print(f"[bold magenta]{persona}>[/bold magenta] ", end="")
