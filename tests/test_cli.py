@@ -69,6 +69,14 @@ def test_ask_without_a_running_service_says_how_to_start_one(env):
     assert "persona up" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_messages_written_into_a_pipe_stay_on_one_line(env):
+    """A log or a pipe has no width: the 80 columns rich assumes there cut lines mid-sentence."""
+    del env["COLUMNS"]
+    result = persona("ask", "sage", "hello", env=env)
+    [line] = result.stderr.splitlines()
+    assert line.startswith("error: ") and "PERSONA_REDIS_URL" in line and len(line) > 80
+
+
 def test_ask_with_redis_down_is_a_clear_error(env):
     env["PERSONA_REDIS_URL"] = "redis://127.0.0.1:1/0"
     result = persona("queue", "stats", env=env)

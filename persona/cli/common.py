@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import sys
 from collections.abc import Callable
 from typing import ParamSpec, TypeVar
 
@@ -18,8 +19,9 @@ from persona.settings import Settings, explain_settings_error
 
 __all__ = ["console", "err_console", "explain_redis_error", "friendly_errors", "get_settings"]
 
-console = Console()
-err_console = Console(stderr=True)
+# Written into a pipe or a log, a line stays whole (a terminal still wraps at its width).
+console = Console(soft_wrap=not sys.stdout.isatty())
+err_console = Console(stderr=True, soft_wrap=not sys.stderr.isatty())
 
 P = ParamSpec("P")
 R = TypeVar("R")
