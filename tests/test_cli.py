@@ -247,6 +247,14 @@ def _queued_request_id(client) -> str:
     return json.loads(fields[b"r"])["id"]
 
 
+def _with_ctrl_c() -> None:
+    """Run in the child before it starts: Ctrl-C acts on it, as in a terminal, even where
+    this test runs with SIGINT ignored (a background job: Python then ignores it too)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_while_asking_withdraws_the_question(env, doomed_redis):
     import signal
 
@@ -256,7 +264,7 @@ def test_ctrl_c_while_asking_withdraws_the_question(env, doomed_redis):
     env["PERSONA_REDIS_URL"] = url
     asking = subprocess.Popen(
         [sys.executable, "-m", "persona", "ask", "sage", "hello"], env=env, text=True,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=_with_ctrl_c,
     )
     request_id = _queued_request_id(client)  # no worker: it waits for the reply
     asking.send_signal(signal.SIGINT)
@@ -274,7 +282,7 @@ def test_ctrl_c_in_a_chat_withdraws_that_message_and_the_chat_goes_on(env, doome
     env["PERSONA_REDIS_URL"] = url
     chatting = subprocess.Popen(
         [sys.executable, "-m", "persona", "chat", "sage"], env=env, text=True,
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=_with_ctrl_c,
     )
     chatting.stdin.write("hello\n")
     chatting.stdin.flush()
