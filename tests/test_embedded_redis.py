@@ -127,13 +127,18 @@ with redis_for_service(settings) as url:
 class Serving:
     """A process serving on the embedded Redis of ``data`` as `persona worker` does, until ``leave``."""
 
-    def __init__(self, data: Path) -> None:
+    def __init__(self, data: Path, *, wait: bool = True) -> None:
         self.process = subprocess.Popen(
             [sys.executable, "-c", SERVING, str(data)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             stderr=subprocess.PIPE, text=True,
         )
+        self.url = self.serving() if wait else ""
+
+    def serving(self) -> str:
+        """The URL it serves on, once it does."""
         self.url = self.process.stdout.readline().strip()
         assert self.url, self.process.stderr.read()
+        return self.url
 
     def leave(self) -> str:
         """Stop it; what it logged."""
@@ -160,7 +165,7 @@ def test_the_embedded_redis_outlives_its_starter_while_another_serves_on_it(tmp_
     pid = redis_pid(data)
     attached = Serving(data)
     assert attached.url == starter.url
-    assert "left running for 1 other serving process" in starter.leave()
+    assert "left running: another serving process still uses it" in starter.leave()
     assert redis.Redis.from_url(attached.url).ping()  # the one still serving keeps its Redis
     assert "embedded Redis stopped" in attached.leave()  # the last one out stops it
     assert gone(pid) and find_embedded_url(data) is None
@@ -185,3 +190,12 @@ def test_clients_that_do_not_serve_do_not_keep_the_embedded_redis_running(tmp_pa
     assert "embedded Redis stopped" in starter.leave()
     assert gone(pid)
     chatting.close()
+
+
+def test_two_serving_processes_starting_at_once_start_one_redis(tmp_path: Path):
+    data = tmp_path / "data"
+    first, second = Serving(data, wait=False), Serving(data, wait=False)
+    assert first.serving() == second.serving()
+    assert "left running" in first.leave()
+    assert "embedded Redis stopped" in second.leave()
+    assert find_embedded_url(data) is None

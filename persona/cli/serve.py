@@ -10,25 +10,21 @@ import threading
 import time
 from collections.abc import Iterator
 
-import redis
 import typer
 
 from persona.cli.common import console, friendly_errors, get_settings
 from persona.connection import connect, describe_url
-from persona.embedded_redis import EmbeddedRedis, find_embedded_url, stop_embedded
+from persona.embedded_redis import (
+    EmbeddedRedis,
+    find_embedded_url,
+    serving_lock,
+    stop_embedded,
+)
 from persona.errors import ConfigError
 from persona.logs import setup_logging
 from persona.settings import Settings
 
 log = logging.getLogger(__name__)
-
-
-# While a process serves on the embedded Redis it holds a connection named this and its
-# pid; the last such process to leave stops the server (see ``redis_for_service``).
-SERVING_NAME_PREFIX = "persona-serving-"
-# How long a process leaving waits for the connections of services it has just stopped
-# (its own children, under `persona up`) to close before it counts who else serves.
-CLOSING_GRACE_S = 3.0
 
 
 @contextlib.contextmanager
@@ -37,59 +33,37 @@ def redis_for_service(settings: Settings) -> Iterator[str]:
 
     The embedded Redis is stopped by the last serving process (``persona up``,
     ``worker``, ``dashboard``) to leave, whichever started it: one that leaves while
-    another still serves on it leaves it running for that one.
+    another still serves on it leaves it running for that one (see ``serving_lock``).
     """
     if settings.redis_url is not None:
         yield settings.redis_url.get_secret_value()
         return
-    running = find_embedded_url(settings.data_dir)
-    embedded = None
-    if running:
-        url = running
-    else:
+    try:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot keep data in {settings.data_dir} ({exc.strerror}); set PERSONA_DATA_DIR "
+            "to a folder you can write"
+        ) from None
+    with serving_lock(settings.data_dir) as lock:
+        embedded = None
+        url = find_embedded_url(settings.data_dir)
+        if url is None:
+            embedded = EmbeddedRedis(settings.data_dir)
+            url = embedded.start()
+        lock.share()
         try:
-            settings.data_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise ConfigError(
-                f"cannot keep data in {settings.data_dir} ({exc.strerror}); set PERSONA_DATA_DIR "
-                "to a folder you can write"
-            ) from None
-        embedded = EmbeddedRedis(settings.data_dir)
-        url = embedded.start()
-    own = f"{SERVING_NAME_PREFIX}{os.getpid()}"
-    holder = redis.Redis.from_url(url, client_name=own)  # its open connection says: serving
-    try:
-        holder.ping()
-        yield url
-    finally:
-        holder.close()
-        others = _others_serving(url, own)
-        if others:
-            log.info("embedded Redis left running for %d other serving process(es) (pids %s); "
-                     "the last of them to stop stops it", len(others), ", ".join(others))
-        else:
-            if embedded is not None:
-                embedded.stop()
+            yield url
+        finally:
+            if not lock.last():
+                log.info("embedded Redis left running: another serving process still uses it, "
+                         "and the last of them to stop stops it")
             else:
-                stop_embedded(settings.data_dir)
-            log.info("embedded Redis stopped (data kept in %s)", settings.data_dir / "redis")
-
-
-def _others_serving(url: str, own: str) -> list[str]:
-    """The pids of other processes serving on this Redis (by their connections' names),
-    once those of services just stopped have had a moment to close."""
-    deadline = time.monotonic() + CLOSING_GRACE_S
-    try:
-        with redis.Redis.from_url(url, socket_timeout=5) as client:
-            while True:
-                names = {str(c.get("name") or "") for c in client.client_list()}
-                others = sorted(n.removeprefix(SERVING_NAME_PREFIX) for n in names
-                                if n.startswith(SERVING_NAME_PREFIX) and n != own)
-                if not others or time.monotonic() > deadline:
-                    return others
-                time.sleep(0.1)
-    except redis.exceptions.RedisError:
-        return []  # gone already, or not answering: nothing to leave it running for
+                if embedded is not None:
+                    embedded.stop()
+                else:
+                    stop_embedded(settings.data_dir)
+                log.info("embedded Redis stopped (data kept in %s)", settings.data_dir / "redis")
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)  # SIGHUP: the terminal or SSH session closed
