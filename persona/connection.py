@@ -41,6 +41,16 @@ def describe_url(url: str) -> str:
     return f"{scheme}://***@{rest.rpartition('@')[2]}"
 
 
+def _server_info(info, ping) -> dict:
+    """What Redis says about itself; {} for a user its ACL denies INFO (managed Redis often
+    does), whose Redis is then only pinged and its version left unchecked."""
+    try:
+        return info("server")
+    except redis.exceptions.ResponseError:
+        ping()
+        return {}
+
+
 def _check_version(info: dict, url: str) -> None:
     """Refuse a Redis too old for the queue, saying which one is needed."""
     version = str(info.get("redis_version", ""))
@@ -74,7 +84,7 @@ def connect(settings: Settings, *, url: str | None = None) -> redis.Redis:
     try:
         # One quick try first: a user with Redis down hears so at once, not after backoff.
         with redis.Redis.from_url(url, socket_connect_timeout=5) as probe:
-            info = probe.info("server")
+            info = _server_info(probe.info, probe.ping)
     except redis.exceptions.AuthenticationError as exc:
         raise RedisUnavailable(f"Redis at {describe_url(url)} refused the password: {exc}") from None
     except redis.exceptions.ConnectionError as exc:
@@ -94,11 +104,15 @@ async def connect_async(settings: Settings, *, url: str | None = None) -> redis.
     options = _options(url) | {"retry": AsyncRetry(ExponentialBackoff(cap=2.0, base=0.05), RETRIES)}
     client = redis.asyncio.Redis.from_url(url, **options)
     try:
-        _check_version(await client.info("server"), url)
-    except redis.exceptions.ConnectionError as exc:
+        try:
+            info = await client.info("server")
+        except redis.exceptions.ResponseError:  # as in _server_info
+            await client.ping()
+            info = {}
+        _check_version(info, url)
+    except BaseException as exc:
         await client.aclose()
-        raise RedisUnavailable(f"cannot reach Redis at {describe_url(url)}: {exc}") from None
-    except RedisUnavailable:
-        await client.aclose()
+        if isinstance(exc, redis.exceptions.ConnectionError):
+            raise RedisUnavailable(f"cannot reach Redis at {describe_url(url)}: {exc}") from None
         raise
     return client

@@ -135,3 +135,21 @@ async def test_a_redis_too_old_for_the_queue_is_refused_with_the_version_needed(
         connect(settings, url=old_redis.url)
     with pytest.raises(RedisUnavailable, match=r"needs 6\.2 or newer"):
         await connect_async(settings, url=old_redis.url)
+
+
+async def test_a_redis_user_denied_info_still_connects(settings, redis_url, redis_client):
+    """Managed Redis often denies INFO to application users: the version goes unchecked."""
+    from urllib.parse import urlparse
+
+    redis_client.acl_setuser("app", enabled=True, passwords=["+app-pass"], keys=["*"], channels=["*"],
+                             commands=["+@all", "-info"])
+    try:
+        parsed = urlparse(redis_url)
+        url = f"unix://app:app-pass@{parsed.path}?db=0" if parsed.scheme == "unix" else \
+            f"redis://app:app-pass@{parsed.hostname}:{parsed.port}/0"
+        assert connect(settings, url=url).ping()
+        client = await connect_async(settings, url=url)
+        assert await client.ping()
+        await client.aclose()
+    finally:
+        redis_client.acl_deluser("app")
