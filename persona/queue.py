@@ -98,42 +98,39 @@ def _submit_keys_args(
 ) -> tuple[list[str], list]:
     user_key = keys.user_pending_key(request.user) if request.user else ""
     hold_s = int(settings.default_deadline_s * 2) + 60  # a lost decrement heals itself
+    allowance = request.deadline - request.created_at
     stream_keys = [
         stream_for(request.priority), user_key, keys.CANCEL_EPOCH_KEY, keys.cancel_key(request.id),
         keys.reply_key(request.id), keys.answered_key(request.id),
     ]
     return stream_keys, [
         settings.max_length, request.to_json(), settings.max_pending_per_user, hold_s, int(waiting),
-        f"{request.deadline - request.created_at:.3f}",  # its allowance, timed from now by Redis
+        f"{allowance:.3f}",  # its allowance, timed from now by Redis
+        max(hold_s, int(allowance) + 60),  # its mark outlives any re-sent submission
     ]
 
 
-def _ask_pipeline(pipe, request: GenerationRequest, settings: QueueSettings, wait_s: float) -> None:
-    """Submit and start waiting for the reply in one round trip.
+def _ask_pipeline(pipe, request: GenerationRequest, settings: QueueSettings, wait_s: float, spent: list[str]) -> None:
+    """Submit and start waiting for the reply in one round trip (deleting ``spent`` lists).
 
     EVAL, not EVALSHA: in a pipeline a missing script would only show after the wait.
     """
     script_keys, args = _submit_keys_args(request, settings, waiting=True)
     pipe.eval(SUBMIT_SCRIPT, len(script_keys), *script_keys, *args)
-    _take(pipe, keys.reply_key(request.id), wait_s)
+    _take(pipe, keys.reply_key(request.id), wait_s, spent)
 
 
-def _take(client, key: str, wait_s: float):
-    """Wait up to a slice of ``wait_s`` for the reply in list ``key`` and read it, leaving
-    it there (BLMOVE of the list onto itself): if the connection drops with the reply on
-    its way, redis-py's retry reads it again. The caller deletes the list once it has it."""
-    return client.blmove(key, key, _slice(wait_s), "LEFT", "LEFT")
-
-
-def _unlink_first(pipe, spent: list[str]) -> int:
-    """Start a pipeline by deleting reply lists already read; how many results that adds."""
+def _take(pipe, key: str, wait_s: float, spent: list[str]) -> None:
+    """Queue on a pipeline: delete the reply lists already read (``spent``), then wait up to
+    a slice of ``wait_s`` for the reply in list ``key`` and read it, leaving it there (a
+    BLMOVE of the list onto itself): if the connection drops with the reply on its way,
+    redis-py's retry reads it again. Its result is the pipeline's last."""
     if spent:
         pipe.unlink(*spent)
-    return 1 if spent else 0
+    pipe.blmove(key, key, _slice(wait_s), "LEFT", "LEFT")
 
-
-def _check_submitted(outcome: bytes | str | None, request: GenerationRequest, settings: QueueSettings) -> bool:
-    """Raise QueueBusy for a refusal; True if the request was queued (now or before)."""
+def _check_submitted(outcome: bytes | str | None, request: GenerationRequest, settings: QueueSettings) -> None:
+    """Raise QueueBusy for a refusal (else the request is queued, now or before)."""
     outcome = outcome.decode() if isinstance(outcome, bytes) else outcome
     if outcome == "busy":
         raise QueueBusy(
@@ -145,7 +142,6 @@ def _check_submitted(outcome: bytes | str | None, request: GenerationRequest, se
             f"you already have {settings.max_pending_per_user} requests waiting; "
             "please wait for those answers first"
         )
-    return True
 
 
 def _wait_seconds(request: GenerationRequest, timeout: float | None) -> float:
@@ -162,10 +158,6 @@ def _cancel(pipe, request_id: str, settings: QueueSettings) -> None:
     """Queue a cancellation on a MULTI pipeline: the flag, and the epoch workers compare."""
     pipe.set(keys.cancel_key(request_id), 1, ex=settings.reply_ttl_s)
     pipe.incr(keys.CANCEL_EPOCH_KEY)
-
-
-# What the submit script leaves in the reply list of a refused ``ask`` (see SUBMIT_SCRIPT).
-_REFUSALS = frozenset({b"busy", b"user_busy", "busy", "user_busy"})
 
 
 def _decode_reply(raw: bytes | None, request: GenerationRequest) -> GenerationReply:
@@ -201,27 +193,32 @@ class _Caller:
         self.redis = client
         self.settings = settings
         self._submit = client.register_script(SUBMIT_SCRIPT)
-        # Reply lists read and not yet deleted: the next wait or ask deletes them (each
-        # also expires on its own, after the reply TTL).
+        # Reply lists read and not yet deleted: the next wait or ask deletes them. (Each
+        # also expires on its own, after the reply TTL: one noted by another thread just
+        # as they are taken is left to that.)
         self._spent: list[str] = []
 
     def _take_spent(self) -> list[str]:
         spent, self._spent = self._spent, []
         return spent
 
-    def _check_asked(self, outcome, request: GenerationRequest) -> None:
-        """As ``_check_submitted``; a refusal's word stays in the reply list, to go next time."""
-        try:
-            _check_submitted(outcome, request, self.settings)
-        except QueueBusy:
-            self._spent.append(keys.reply_key(request.id))
-            raise
+    def _waiting(self, request: GenerationRequest, left: float):
+        """A pipeline that waits a slice of ``left`` for the request's reply (see ``_take``)."""
+        pipe = self.redis.pipeline(transaction=False)
+        _take(pipe, keys.reply_key(request.id), left, self._take_spent())
+        return pipe
 
-    def _got(self, key: str, got):
-        """Note a reply read from list ``key`` as spent; the reply."""
+    def _reply(self, request: GenerationRequest, got) -> GenerationReply:
+        """The reply read (noting its list as spent), or ReplyTimeout if none came."""
         if got is not None:
-            self._spent.append(key)
-        return got
+            self._spent.append(keys.reply_key(request.id))
+        return _decode_reply(got, request)
+
+    def _asking(self, request: GenerationRequest, give_up: float):
+        """A pipeline that submits the request and starts waiting (see ``_ask_pipeline``)."""
+        pipe = self.redis.pipeline(transaction=False)
+        _ask_pipeline(pipe, request, self.settings, give_up - time.monotonic(), self._take_spent())
+        return pipe
 
 
 class QueueClient(_Caller):
@@ -257,31 +254,17 @@ class QueueClient(_Caller):
         return self._wait(request, time.monotonic() + _wait_seconds(request, timeout))
 
     def _wait(self, request: GenerationRequest, give_up: float, got=None) -> GenerationReply:
-        key = keys.reply_key(request.id)
-        while True:
-            if got in _REFUSALS:  # left by an attempt refused before a re-sent one was queued
-                self.redis.lrem(key, 0, got)
-                got = None
-            if got is not None or (left := give_up - time.monotonic()) <= 0:
-                return _decode_reply(self._got(key, got), request)
-            if self._spent:
-                pipe = self.redis.pipeline(transaction=False)
-                _unlink_first(pipe, self._take_spent())
-                _take(pipe, key, left)
-                got = pipe.execute()[-1]
-            else:
-                got = _take(self.redis, key, left)
+        while got is None and (left := give_up - time.monotonic()) > 0:
+            got = self._waiting(request, left).execute()[-1]
+        return self._reply(request, got)
 
     def ask(self, request: GenerationRequest, timeout: float | None = None) -> GenerationReply:
         """Submit and wait: one round trip through the queue (one to Redis, too)."""
         check_request(request, self.settings)
         request = _stamp(request, self.settings)
         give_up = time.monotonic() + _wait_seconds(request, timeout)
-        pipe = self.redis.pipeline(transaction=False)
-        ahead = _unlink_first(pipe, self._take_spent())
-        _ask_pipeline(pipe, request, self.settings, give_up - time.monotonic())
-        outcome, got = pipe.execute()[ahead:]
-        self._check_asked(outcome, request)
+        outcome, *_, got = self._asking(request, give_up).execute()
+        _check_submitted(outcome, request, self.settings)
         return self._wait(request, give_up, got)
 
     def cancel(self, request_id: str) -> None:
@@ -305,30 +288,16 @@ class AsyncQueueClient(_Caller):
         return await self._wait(request, time.monotonic() + _wait_seconds(request, timeout))
 
     async def _wait(self, request: GenerationRequest, give_up: float, got=None) -> GenerationReply:
-        key = keys.reply_key(request.id)
-        while True:
-            if got in _REFUSALS:
-                await self.redis.lrem(key, 0, got)
-                got = None
-            if got is not None or (left := give_up - time.monotonic()) <= 0:
-                return _decode_reply(self._got(key, got), request)
-            if self._spent:
-                pipe = self.redis.pipeline(transaction=False)
-                _unlink_first(pipe, self._take_spent())
-                _take(pipe, key, left)
-                got = (await pipe.execute())[-1]
-            else:
-                got = await _take(self.redis, key, left)
+        while got is None and (left := give_up - time.monotonic()) > 0:
+            got = (await self._waiting(request, left).execute())[-1]
+        return self._reply(request, got)
 
     async def ask(self, request: GenerationRequest, timeout: float | None = None) -> GenerationReply:
         check_request(request, self.settings)
         request = _stamp(request, self.settings)
         give_up = time.monotonic() + _wait_seconds(request, timeout)
-        pipe = self.redis.pipeline(transaction=False)
-        ahead = _unlink_first(pipe, self._take_spent())
-        _ask_pipeline(pipe, request, self.settings, give_up - time.monotonic())
-        outcome, got = (await pipe.execute())[ahead:]
-        self._check_asked(outcome, request)
+        outcome, *_, got = await self._asking(request, give_up).execute()
+        _check_submitted(outcome, request, self.settings)
         return await self._wait(request, give_up, got)
 
     async def cancel(self, request_id: str) -> None:

@@ -26,8 +26,10 @@ local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 # The entry also carries when its deadline falls by Redis's clock ('d': now plus the
 # request's allowance ARGV[6]), so machines whose clocks disagree agree on it.
 # A request is added once: its mark (KEYS[6], the same key that later says it was
-# answered) is set to '' as it is added, and a request whose mark exists is not added
-# again ('duplicate'): redis-py re-sends a call whose reply a dropped connection lost.
+# answered) is set to '' as it is added, for ARGV[7] seconds, and a request whose mark
+# exists is not added again ('duplicate'): redis-py re-sends a call whose reply a
+# dropped connection lost. A waiting caller's reply list is emptied as its request is
+# added: a refusal an earlier attempt left there is not taken for the reply.
 SUBMIT_SCRIPT = REDIS_NOW + """
 if redis.call('EXISTS', KEYS[6]) == 1 then return 'duplicate' end
 local function refuse(why)
@@ -49,7 +51,8 @@ end
 local epoch = redis.call('GET', KEYS[3]) or '0'
 if redis.call('EXISTS', KEYS[4]) == 1 then epoch = 'x' end
 local entry = redis.call('XADD', KEYS[1], '*', 'r', ARGV[2], 'e', epoch, 'd', string.format('%.3f', now + tonumber(ARGV[6])))
-redis.call('SET', KEYS[6], '', 'EX', tonumber(ARGV[4]))
+redis.call('SET', KEYS[6], '', 'EX', tonumber(ARGV[7]))
+if ARGV[5] == '1' then redis.call('DEL', KEYS[5]) end
 return entry
 """
 

@@ -109,13 +109,13 @@ def test_reply_lists_read_are_deleted_by_the_next_call(direct, redis_client, wor
     assert redis_client.ttl(keys.reply_key(second.id)) > 0  # the last one expires on its own
 
 
-def test_a_refusal_left_by_an_earlier_attempt_is_passed_over(direct, redis_client, work):
-    """A refused ask leaves its word in the reply list; if a re-sent submission was then
+def test_a_refusal_left_by_an_earlier_attempt_is_not_taken_for_the_reply(direct, redis_client, work):
+    """A refused ask leaves its word in the reply list; when a re-sent submission is then
     queued, the word must not be taken for the reply."""
-    request = direct.submit(chat())
-    redis_client.rpush(keys.reply_key(request.id), "busy")
-    with pytest.raises(ReplyTimeout):
-        direct.wait(request, timeout=0.3)
+    request = chat()
+    redis_client.rpush(keys.reply_key(request.id), "busy")  # the earlier attempt's
+    with pytest.raises(ReplyTimeout):  # queued, and waiting: not "busy", nor a garbled reply
+        direct.ask(request, timeout=0.3)
     answer(work, "the real reply")
     assert direct.wait(request, timeout=1).text == "the real reply"
 
