@@ -21,14 +21,19 @@ from pydantic import BaseModel, Field
 from persona import constants as keys
 from persona.queue_scripts import REDIS_NOW
 
-__all__ = ["WorkerInfo", "live_worker_ids", "live_workers", "publish", "redis_now", "withdraw"]
+__all__ = ["WorkerInfo", "live_worker_ids", "live_workers", "publish", "redis_now", "redis_time", "withdraw"]
 
 log = logging.getLogger(__name__)
 
 
 def redis_now(client: redis.Redis) -> float:
     """Redis's time, in seconds: the clock every machine sharing it agrees on."""
-    seconds, microseconds = client.time()
+    return redis_time(client.time())
+
+
+def redis_time(reply: tuple[int, int]) -> float:
+    """Seconds from the answer to a TIME command (say, one sent in a pipeline)."""
+    seconds, microseconds = reply
     return seconds + microseconds / 1_000_000
 
 

@@ -66,7 +66,7 @@ if not raw then return 'gone' end
 if cjson.decode(raw)['id'] ~= ARGV[2] then return 'gone' end
 local serving = redis.call('HGET', KEYS[2], ARGV[1])
 if serving and serving ~= ARGV[4] then return 'moved:' .. serving end
-if ARGV[5] == 'rollback' and redis.call('LINDEX', KEYS[3], 0) ~= ARGV[3] then return 'moved:' .. ARGV[4] end
+if ARGV[5] == 'rollback' and redis.call('LINDEX', KEYS[3], 0) ~= ARGV[3] then return 'history:' .. ARGV[4] end
 for i = 7, #ARGV do
   local vote = redis.call('HGET', KEYS[5], ARGV[i])
   if not vote then return 'missing:' .. ARGV[i] end
@@ -109,10 +109,10 @@ class SwapProposal(BaseModel):
     created_at: float = Field(default_factory=time.time)
     deadline: float = Field(0.0, description="when it lapses, by Redis's clock (as every party reads it)")
 
-    def expired(self, redis_now: float) -> bool:
-        """Whether it has lapsed, ``redis_now`` being Redis's time: the operator's and the
+    def expired(self, now: float) -> bool:
+        """Whether it has lapsed, ``now`` being Redis's time: the operator's and the
         workers' clocks may disagree, Redis's is the one they share."""
-        return redis_now > self.deadline
+        return now > self.deadline
 
 
 class Vote(BaseModel):
@@ -208,7 +208,8 @@ def propose(client: redis.Redis, proposal: SwapProposal) -> None:
 
 def commit(client: redis.Redis, proposal: SwapProposal, ready_workers: list[str]) -> str:
     """Flip the active version atomically; 'ok', or why not ('refused:W', 'missing:W', 'gone',
-    'moved:V': the persona serves V, not what the proposal was made from)."""
+    'moved:V': the persona serves V, not what the proposal was made from; 'history:V': it
+    serves V, but the version a rollback returns to is no longer the one before V)."""
     result = client.eval(
         COMMIT_SCRIPT,
         5,
@@ -240,10 +241,12 @@ def _refusal_text(proposal: SwapProposal, refused: dict[str, Vote]) -> str:
 
 
 def _not_committed_text(proposal: SwapProposal, result: str) -> str:
-    if result.startswith("moved:"):
+    kind, _, serving = result.partition(":")
+    if kind in ("moved", "history"):
+        now = f"it serves {serving} now" + (f", and {proposal.target} is not the version before it" if kind == "history" else "")
         return (
             f"{proposal.persona!r} changed while this {proposal.kind} was prepared (another operator's swap or "
-            f"rollback?): it serves {result.removeprefix('moved:')} now; nothing changed; see "
+            f"rollback?): {now}; nothing changed; see "
             f"`persona checkpoints {proposal.persona}` and run it again if it is still wanted"
         )
     return f"{proposal.kind} of {proposal.persona!r} to {proposal.target!r} not committed ({result}); nothing changed"

@@ -20,7 +20,7 @@ from persona import swap
 from persona.checkpoint_checks import loaded_problem, static_problem
 from persona.checkpoints import resolve_checkpoint
 from persona.errors import PersonaError, SwapRefused
-from persona.heartbeat import WorkerInfo
+from persona.heartbeat import WorkerInfo, redis_time
 from persona.personas import Persona, PersonaRegistry
 from persona.pool import ModelPool, Served
 
@@ -102,10 +102,9 @@ class Swapper:
             pipe.hgetall(keys.ACTIVE_VERSIONS_KEY)
             pipe.hvals(keys.SWAPS_KEY)
             pipe.time()
-            active, raw_proposals, (seconds, microseconds) = pipe.execute()
+            active, raw_proposals, now_there = pipe.execute()
             self.refresh_active(_texts(active))
-            redis_now = seconds + microseconds / 1_000_000
-            self._answer([swap.SwapProposal.model_validate_json(v) for v in raw_proposals], redis_now)
+            self._answer([swap.SwapProposal.model_validate_json(v) for v in raw_proposals], redis_time(now_there))
         # Following reads every served persona's file: do it at once when anything it
         # depends on in Redis or the pool changed, else at most once a FOLLOW_EVERY_S
         # (for edited persona files), not after every batch of a busy worker.
