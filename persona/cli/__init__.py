@@ -48,7 +48,7 @@ def _reflowed(text: str | None) -> str | None:
         return text
     paragraphs = inspect.cleandoc(text).split("\n\n")
     return "\n\n".join(
-        p if any(line[:1] in (" ", "-", "*", "\b") for line in p.splitlines()) else " ".join(p.split("\n"))
+        p if any(line.startswith((" ", "- ", "* ", "\b")) for line in p.splitlines()) else " ".join(p.split("\n"))
         for p in paragraphs
     )
 

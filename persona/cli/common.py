@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import sys
 from collections.abc import Callable
 from typing import ParamSpec, TypeVar
 
@@ -19,9 +18,11 @@ from persona.settings import Settings, explain_settings_error
 
 __all__ = ["console", "err_console", "explain_redis_error", "friendly_errors", "get_settings"]
 
+console = Console()
+err_console = Console(stderr=True)
 # Written into a pipe or a log, a line stays whole (a terminal still wraps at its width).
-console = Console(soft_wrap=not sys.stdout.isatty())
-err_console = Console(stderr=True, soft_wrap=not sys.stderr.isatty())
+for _console in (console, err_console):
+    _console.soft_wrap = not _console.is_terminal
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -48,7 +49,7 @@ def explain_redis_error(exc: redis.exceptions.RedisError) -> str:
         )
     if isinstance(exc, redis.exceptions.InvalidResponse):
         return f"the server at PERSONA_REDIS_URL does not answer as Redis does ({said}); is that Redis's address?"
-    return f"Redis refused a command: {said}"
+    return f"Redis refused a command ({said}); `persona queue stats` shows the state it is in"
 
 
 def friendly_errors(func: Callable[P, R]) -> Callable[P, R]:

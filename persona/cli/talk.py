@@ -95,24 +95,25 @@ def run_chat(settings: Settings, persona: str, *, url: str | None = None) -> Non
             continue
         history.append(Message(role="user", content=text))
         request = GenerationRequest(persona=persona, messages=history[-settings.queue.max_messages :])
+        # Whatever goes wrong with this message, it is dropped and the chat goes on.
+        problem = None
         try:
             with console.status(f"{persona} is thinking..."):
                 reply = _ask(client, request)
-        except KeyboardInterrupt:  # as in a shell: this message is dropped, the chat goes on
+        except KeyboardInterrupt:  # as in a shell
             history.pop()
             console.print("[dim](withdrawn)[/dim]")
             continue
         except PersonaError as exc:
+            problem = str(exc)
+        except redis.exceptions.RedisError as exc:  # Redis may be back for the next message
+            problem = explain_redis_error(exc)
+        else:
+            if not reply.ok:
+                problem = reply.error.message if reply.error else "failed"
+        if problem is not None:
             history.pop()
-            err_console.print(str(exc), style="red", markup=False, highlight=False)
-            continue
-        except redis.exceptions.RedisError as exc:  # the chat goes on: Redis may be back for the next message
-            history.pop()
-            err_console.print(explain_redis_error(exc), style="red", markup=False, highlight=False)
-            continue
-        if not reply.ok:
-            history.pop()
-            err_console.print(reply.error.message if reply.error else "failed", style="red", markup=False, highlight=False)
+            err_console.print(problem, style="red", markup=False, highlight=False)
             continue
         history.append(Message(role="assistant", content=reply.text))
         console.print(f"[bold magenta]{persona}>[/bold magenta] ", end="")

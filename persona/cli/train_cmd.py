@@ -121,10 +121,9 @@ def resume_command(name: str, corpus: Path) -> str:
     return shlex.join(["persona", "train", name, "--corpus", str(corpus), "--resume"])
 
 
-# What a run is made of: --resume continues it as it started, so none of these may change.
-RUN_OPTIONS = {"base": "--base", "lora": "--lora/--full", "steps": "--steps", "epochs": "--epochs",
-               "batch_size": "--batch-size", "learning_rate": "--learning-rate", "eval_every": "--eval-every",
-               "patience": "--patience", "seed": "--seed", "device": "--device"}
+# --resume continues a run as it started: only these may be given with it (any other
+# option, one added later included, would change what the run is made of).
+RESUME_OPTIONS = frozenset({"name", "corpus", "resume", "max_minutes", "threads"})
 
 
 @friendly_errors
@@ -156,8 +155,9 @@ def train(
 
         torch.set_num_threads(threads)
     if resume:
-        changed = [flag for option, flag in RUN_OPTIONS.items()
-                   if getattr(ctx.get_parameter_source(option), "name", "") == "COMMANDLINE"]
+        changed = ["/".join([*p.opts, *p.secondary_opts]) for p in ctx.command.params
+                   if p.name not in RESUME_OPTIONS
+                   and getattr(ctx.get_parameter_source(p.name), "name", "") == "COMMANDLINE"]
         if changed:
             raise ConfigError(
                 f"--resume continues the run exactly as it started, so it cannot change {', '.join(changed)}; "
