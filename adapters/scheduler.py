@@ -30,6 +30,8 @@ __all__ = ["Scheduler", "scheduled_personas"]
 log = logging.getLogger(__name__)
 
 MAX_BACKOFF_S = 60.0
+# How many of the latest due slots are looked up for one a dead scheduler began.
+MAX_BEGUN_LOOKBACK = 48
 
 
 def scheduled_personas(personas: dict[str, Persona]) -> list[Persona]:
@@ -76,11 +78,15 @@ class Scheduler:
             return None
         since = datetime.fromtimestamp(float(raw), UTC)
         due = slots_between(schedule.cron, schedule.timezone, since, now)
-        plan = plan_slots(due, now, schedule.missed, self.poster.settings.posting.grace_s)
-        if plan.post is None and due and self._begun(persona, due[-1]):
-            # A scheduler chose its text on time and died mid-post; its lease may outlast the
-            # grace period. Finish it late: the sinks it had not reached get the same text.
-            plan = SlotPlan(post=due[-1], skipped=due[:-1], late=True)
+        # A scheduler that chose a slot's text on time and died mid-post left it begun; its
+        # lease may outlast the grace period, and newer slots may fall due meanwhile. It is
+        # finished first, however late (the sinks not reached get the same text); the slots
+        # after it stay due for the next tick, when the missed-slot policy applies to them.
+        begun = next((slot for slot in due[-MAX_BEGUN_LOOKBACK:] if self._begun(persona, slot)), None)
+        if begun is not None:
+            plan = SlotPlan(post=begun, late=True)
+        else:
+            plan = plan_slots(due, now, schedule.missed, self.poster.settings.posting.grace_s)
         for missed in plan.skipped:
             log.warning("%s: skipped missed slot %s (policy %s)", persona.name, slot_id(missed), schedule.missed)
         outcome = None
@@ -89,10 +95,11 @@ class Scheduler:
             log.info("%s: slot %s is due%s", persona.name, slot, " (late)" if plan.late else "")
             outcome = self.poster.post(persona.name, slot=slot)
             log.info("%s: slot %s %s %s", persona.name, slot, outcome.status, outcome.message)
-            if outcome.status == "busy" or outcome.retry_later:
+            if outcome.status == "busy" or outcome.retry_later or (begun is not None and begun != due[-1]):
                 # Another scheduler holds it, a dead one's lease has not yet run out, or a
                 # platform rate-limited the post: look again next tick (the missed-slot
                 # policy and its grace period still apply) rather than let the slot fall through.
+                # After a begun slot, the newer ones due stay due for the next tick too.
                 return outcome
         # Only now: a crash before this line leaves the slot due, and the ledger makes the retry safe.
         self._checked(persona, now)

@@ -338,6 +338,24 @@ def test_a_slot_begun_on_time_is_finished_after_a_crash_however_late(settings, s
     assert restarted.tick(utc(2026, 1, 5, 9, 17)) == []
 
 
+def test_a_begun_slot_is_finished_even_when_a_newer_one_fell_due_meanwhile(settings, scheduled):
+    """The newest due slot is not the begun one: it used to be skipped with the others."""
+    import multiprocessing
+
+    settings.posting = settings.posting.model_copy(update={"lease_s": 0.5})
+    restarted = Scheduler(poster_for(settings), redis.Redis.from_url(settings.redis_url.get_secret_value()))
+    restarted.tick(utc(2026, 1, 5, 8))
+    dying = multiprocessing.get_context("fork").Process(target=_tick_and_die, args=(settings, scheduled, utc(2026, 1, 5, 9, 5)))
+    dying.start()
+    dying.join(20)
+    assert dying.exitcode == 1 and not scheduled.exists()
+    time.sleep(0.6)
+    [finished] = restarted.tick(utc(2026, 1, 6, 9, 1))  # a day later: the next slot is due too
+    assert finished.status == "posted" and finished.slot == "2026-01-05T09:00:00Z" and finished.text == TEXTS[0]
+    [today] = restarted.tick(utc(2026, 1, 6, 9, 2))  # the next tick: today's, within its grace
+    assert today.status == "posted" and today.slot == "2026-01-06T09:00:00Z"
+
+
 def test_stopping_ends_a_wait_for_candidates_and_leaves_the_slot_due(settings, scheduled, redis_client):
     from adapters.posting.poster import QueueCandidates
     from persona.queue import QueueClient
