@@ -67,7 +67,7 @@ def _absolute_base(base: str) -> str:
 def _training_lock(settings: Settings, name: str) -> Iterator[None]:
     """Held while a persona trains: two runs of one persona would share its run folder, so
     one would crash or register the other's weights. The system lets go if the process dies."""
-    path = settings.data_dir / "runs" / f"{name}.lock"  # beside the run folder, which is removed
+    path = run_dir(settings, name).with_name(f"{name}.lock")  # beside the run folder, which is removed
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a+") as lock:
         try:
