@@ -173,6 +173,22 @@ def write_persona(personas_dir: Path):
 
 
 @pytest.fixture
+def client(settings: Settings, redis_client: redis.Redis):
+    """A caller's side of the queue (``QueueClient``) on the test Redis."""
+    from persona.queue import QueueClient
+
+    return QueueClient(redis_client, settings.queue)
+
+
+@pytest.fixture
+def work(settings: Settings, redis_client: redis.Redis):
+    """A worker's side of the queue (``WorkQueue``) on the test Redis."""
+    from persona.queue import WorkQueue
+
+    return WorkQueue(redis_client, settings.queue)
+
+
+@pytest.fixture
 def running_worker(settings: Settings, redis_client: redis.Redis):
     """Start real Workers in threads; every one is stopped at the end of the test."""
     from persona.pool import ModelPool

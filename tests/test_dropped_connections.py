@@ -30,16 +30,6 @@ def proxy(redis_url):
     made.close()
 
 
-@pytest.fixture
-def work(settings, redis_client) -> WorkQueue:
-    return WorkQueue(redis_client, settings.queue)
-
-
-@pytest.fixture
-def direct(settings, redis_client) -> QueueClient:
-    return QueueClient(redis_client, settings.queue)
-
-
 def answer(work: WorkQueue, text: str) -> None:
     [job] = work.claim("w", 10, block_ms=100)
     assert work.deliver([(job, GenerationReply(id=job.request.id, ok=True, text=text))], "w") == 1
@@ -47,46 +37,46 @@ def answer(work: WorkQueue, text: str) -> None:
 
 def test_a_submission_whose_answer_was_lost_is_queued_once(settings, redis_client, proxy):
     redis_client.script_load(SUBMIT_SCRIPT)  # so the cut answer is the script's, not "no such script"
-    client = QueueClient(connect(settings, url=proxy.url), settings.queue)
+    through_proxy = QueueClient(connect(settings, url=proxy.url), settings.queue)
     request = chat(user="ann")
     proxy.cut_answer_to(request.id.encode())
-    client.submit(request)
+    through_proxy.submit(request)
     assert proxy.cuts == 1
     assert redis_client.xlen(keys.STREAM_INTERACTIVE) == 1
     assert int(redis_client.get(keys.user_pending_key("ann"))) == 1  # ann's share counted once
 
 
 def test_an_ask_whose_answer_was_lost_is_queued_once_and_answered(settings, redis_client, proxy, work):
-    client = QueueClient(connect(settings, url=proxy.url), settings.queue)
+    through_proxy = QueueClient(connect(settings, url=proxy.url), settings.queue)
     request = chat()
     proxy.cut_answer_to(request.id.encode())
     with pytest.raises(ReplyTimeout):  # nobody answers yet: only the queue is looked at
-        client.ask(request, timeout=0.5)
+        through_proxy.ask(request, timeout=0.5)
     assert proxy.cuts == 1
     assert redis_client.xlen(keys.STREAM_INTERACTIVE) == 1
     answer(work, "once")
-    assert client.wait(request, timeout=5).text == "once"
+    assert through_proxy.wait(request, timeout=5).text == "once"
 
 
-def test_a_request_answered_already_is_not_queued_again(direct, redis_client, work):
-    request = direct.submit(chat())
+def test_a_request_answered_already_is_not_queued_again(client, redis_client, work):
+    request = client.submit(chat())
     answer(work, "first")
-    direct.submit(request)
+    client.submit(request)
     assert redis_client.xlen(keys.STREAM_INTERACTIVE) == 0
-    assert direct.wait(request, timeout=1).text == "first"
+    assert client.wait(request, timeout=1).text == "first"
 
 
-def test_a_reply_lost_on_its_way_to_the_caller_is_read_again(settings, direct, proxy, work):
-    request = direct.submit(chat())
+def test_a_reply_lost_on_its_way_to_the_caller_is_read_again(settings, client, proxy, work):
+    request = client.submit(chat())
     answer(work, "the reply that got through")
-    client = QueueClient(connect(settings, url=proxy.url), settings.queue)
+    through_proxy = QueueClient(connect(settings, url=proxy.url), settings.queue)
     proxy.cut_answer_holding(b"the reply that got through")
-    assert client.wait(request, timeout=10).text == "the reply that got through"
+    assert through_proxy.wait(request, timeout=10).text == "the reply that got through"
     assert proxy.cuts == 1
 
 
-async def test_a_chat_adapters_reply_lost_on_its_way_is_read_again(settings, direct, proxy, work):
-    request = direct.submit(chat())
+async def test_a_chat_adapters_reply_lost_on_its_way_is_read_again(settings, client, proxy, work):
+    request = client.submit(chat())
     answer(work, "async reply")
     async_redis = await connect_async(settings, url=proxy.url)
     try:
@@ -97,27 +87,27 @@ async def test_a_chat_adapters_reply_lost_on_its_way_is_read_again(settings, dir
     assert proxy.cuts == 1
 
 
-def test_reply_lists_read_are_deleted_by_the_next_call(direct, redis_client, work):
-    first = direct.submit(chat("one"))
+def test_reply_lists_read_are_deleted_by_the_next_call(client, redis_client, work):
+    first = client.submit(chat("one"))
     answer(work, "1")
-    assert direct.wait(first, timeout=1).text == "1"
+    assert client.wait(first, timeout=1).text == "1"
     assert redis_client.exists(keys.reply_key(first.id)) == 1  # kept in case the answer was lost
-    second = direct.submit(chat("two"))
+    second = client.submit(chat("two"))
     answer(work, "2")
-    assert direct.wait(second, timeout=1).text == "2"
+    assert client.wait(second, timeout=1).text == "2"
     assert redis_client.exists(keys.reply_key(first.id)) == 0
     assert redis_client.ttl(keys.reply_key(second.id)) > 0  # the last one expires on its own
 
 
-def test_a_refusal_left_by_an_earlier_attempt_is_not_taken_for_the_reply(direct, redis_client, work):
+def test_a_refusal_left_by_an_earlier_attempt_is_not_taken_for_the_reply(client, redis_client, work):
     """A refused ask leaves its word in the reply list; when a re-sent submission is then
     queued, the word must not be taken for the reply."""
     request = chat()
     redis_client.rpush(keys.reply_key(request.id), "busy")  # the earlier attempt's
     with pytest.raises(ReplyTimeout):  # queued, and waiting: not "busy", nor a garbled reply
-        direct.ask(request, timeout=0.3)
+        client.ask(request, timeout=0.3)
     answer(work, "the real reply")
-    assert direct.wait(request, timeout=1).text == "the real reply"
+    assert client.wait(request, timeout=1).text == "the real reply"
 
 
 

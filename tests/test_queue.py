@@ -21,22 +21,12 @@ from persona.contract import (
     Timings,
 )
 from persona.errors import InvalidRequest, QueueBusy, ReplyTimeout
-from persona.queue import AsyncQueueClient, Job, QueueClient, WorkQueue
+from persona.queue import AsyncQueueClient, Job, WorkQueue
 from persona.telemetry import Tally, record_replies
 
 
 def chat(text: str = "hi", **kwargs) -> GenerationRequest:
     return GenerationRequest(persona="sage", messages=[Message(role="user", content=text)], **kwargs)
-
-
-@pytest.fixture
-def client(settings, redis_client) -> QueueClient:
-    return QueueClient(redis_client, settings.queue)
-
-
-@pytest.fixture
-def work(settings, redis_client) -> WorkQueue:
-    return WorkQueue(redis_client, settings.queue)
 
 
 def test_request_survives_the_trip_intact(client, work):

@@ -34,11 +34,6 @@ def tiny(write_persona, tiny_llama_dir, settings):
     return PersonaRegistry.from_settings(settings).get("tiny")
 
 
-@pytest.fixture
-def client(settings, redis_client) -> QueueClient:
-    return QueueClient(redis_client, settings.queue)
-
-
 def wait_until(predicate, timeout: float = 30.0) -> None:
     deadline = time.time() + timeout
     while not predicate():

@@ -24,11 +24,6 @@ def chat(persona: str, text: str = "hello there", **kwargs) -> GenerationRequest
     return GenerationRequest(persona=persona, messages=[Message(role="user", content=text)], **kwargs)
 
 
-@pytest.fixture
-def client(settings, redis_client) -> QueueClient:
-    return QueueClient(redis_client, settings.queue)
-
-
 def test_reply_round_trip_through_redis(write_persona, tiny_llama_dir, running_worker, client):
     write_persona("tiny", base=str(tiny_llama_dir))
     running_worker()
