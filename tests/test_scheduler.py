@@ -319,11 +319,14 @@ def _tick_and_die(settings: Settings, scheduled: Path, at: datetime) -> None:
     Scheduler(poster, poster.ledger.redis).tick(at)
 
 
-def test_a_slot_begun_on_time_is_finished_after_a_crash_however_late(settings, scheduled):
+def _died_mid_post_at_nine(settings: Settings, scheduled: Path) -> Scheduler:
+    """A scheduler that began 2026-01-05's 09:00 slot (its text chosen) and died posting it;
+    the restarted one that looked last at 08:00, returned once the dead one's lease ran out.
+
+    That lease is 0.5 s here (by default 10 minutes from its platform call): it can run
+    out after the 15 minutes' grace, so the slot is late by the time anyone may take it."""
     import multiprocessing
 
-    # The dead scheduler's lease (here 0.5 s; by default 10 minutes from its platform call)
-    # runs out after the 15 minutes' grace: the slot is late by the time anyone may take it.
     settings.posting = settings.posting.model_copy(update={"lease_s": 0.5})
     restarted = Scheduler(poster_for(settings), redis.Redis.from_url(settings.redis_url.get_secret_value()))
     restarted.tick(utc(2026, 1, 5, 8))
@@ -332,6 +335,11 @@ def test_a_slot_begun_on_time_is_finished_after_a_crash_however_late(settings, s
     dying.join(20)
     assert dying.exitcode == 1 and not scheduled.exists()
     time.sleep(0.6)
+    return restarted
+
+
+def test_a_slot_begun_on_time_is_finished_after_a_crash_however_late(settings, scheduled):
+    restarted = _died_mid_post_at_nine(settings, scheduled)
     [finished] = restarted.tick(utc(2026, 1, 5, 9, 16))
     assert finished.status == "posted" and finished.slot == "2026-01-05T09:00:00Z" and finished.text == TEXTS[0]
     assert [line["marker"] for line in read_jsonl(scheduled)] == ["poet:2026-01-05T09:00:00Z:file:poet.jsonl"]
@@ -340,16 +348,7 @@ def test_a_slot_begun_on_time_is_finished_after_a_crash_however_late(settings, s
 
 def test_a_begun_slot_is_finished_even_when_a_newer_one_fell_due_meanwhile(settings, scheduled):
     """The newest due slot is not the begun one: it used to be skipped with the others."""
-    import multiprocessing
-
-    settings.posting = settings.posting.model_copy(update={"lease_s": 0.5})
-    restarted = Scheduler(poster_for(settings), redis.Redis.from_url(settings.redis_url.get_secret_value()))
-    restarted.tick(utc(2026, 1, 5, 8))
-    dying = multiprocessing.get_context("fork").Process(target=_tick_and_die, args=(settings, scheduled, utc(2026, 1, 5, 9, 5)))
-    dying.start()
-    dying.join(20)
-    assert dying.exitcode == 1 and not scheduled.exists()
-    time.sleep(0.6)
+    restarted = _died_mid_post_at_nine(settings, scheduled)
     [finished] = restarted.tick(utc(2026, 1, 6, 9, 1))  # a day later: the next slot is due too
     assert finished.status == "posted" and finished.slot == "2026-01-05T09:00:00Z" and finished.text == TEXTS[0]
     [today] = restarted.tick(utc(2026, 1, 6, 9, 2))  # the next tick: today's, within its grace
