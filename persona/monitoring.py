@@ -118,7 +118,7 @@ def find_stuck(client: redis.Redis, live: set[str], now: float | None = None) ->
             entry_id, holder = _text(item["message_id"]), _text(item["consumer"])
             fields = rows[0][1] if rows else {}
             try:
-                request = json.loads(fields[b"r"]) if rows else {}
+                request = json.loads(fields[b"r"])
             except (ValueError, KeyError):
                 request = {}
             # When its deadline falls by Redis's clock; entries from older clients only

@@ -129,6 +129,7 @@ def _take(pipe, key: str, wait_s: float, spent: list[str]) -> None:
         pipe.unlink(*spent)
     pipe.blmove(key, key, _slice(wait_s), "LEFT", "LEFT")
 
+
 def _check_submitted(outcome: bytes | str | None, request: GenerationRequest, settings: QueueSettings) -> None:
     """Raise QueueBusy for a refusal (else the request is queued, now or before)."""
     outcome = outcome.decode() if isinstance(outcome, bytes) else outcome
