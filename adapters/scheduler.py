@@ -22,7 +22,7 @@ from adapters.posting.poster import Poster, PostOutcome
 from adapters.posting.slots import SlotPlan, plan_slots, slot_id, slots_between
 from persona import constants as keys
 from persona.errors import PersonaError, QueueError
-from persona.ledger import FINAL_STATES
+from persona.ledger import OPEN_STATES
 from persona.personas import Persona
 
 __all__ = ["Scheduler", "scheduled_personas"]
@@ -106,9 +106,14 @@ class Scheduler:
         return outcome
 
     def _begun(self, persona: Persona, slot: datetime) -> bool:
-        """Whether the slot's text was chosen but the slot never closed (its poster died)."""
+        """Whether the slot's text was chosen but the slot never closed (its poster died).
+
+        A slot closed by a living poster is not begun, even when it may be tried again
+        (a rate limit, no answer): that retry keeps to the missed-slot policy, so one
+        post that a platform keeps turning away cannot hold back the slots after it.
+        """
         record = self.poster.ledger.record(persona.name, slot_id(slot))
-        return bool(record.get("text")) and record.get("state") not in (*FINAL_STATES, "pending")
+        return bool(record.get("text")) and record.get("state", "") in OPEN_STATES
 
     def _checked(self, persona: Persona, now: datetime) -> None:
         self.client.hset(keys.SCHEDULER_CHECKED_KEY, persona.name, now.timestamp())

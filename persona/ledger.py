@@ -11,6 +11,11 @@ sink, ``sink:<spec>``, JSON with the sink's ``state`` (``intent`` → ``posted``
 ``failed`` / ``uncertain``), an idempotency ``marker`` and the platform's post ``id``.
 The intent is written *before* the platform is called; a retry that finds an intent
 without an id knows a crash (or a lost reply) happened mid-post, and asks the sink.
+
+A slot's ``state`` is empty while it is being posted, ``pending`` while it waits for an
+approval (``approved`` once approved), then ``posted``, ``failed`` or ``uncertain``
+(which may be tried again), or ``rejected`` or ``expired`` (its approval was never
+given), which close it for good.
 """
 
 from __future__ import annotations
@@ -27,16 +32,28 @@ from persona.errors import PostingError
 
 __all__ = ["ClaimResult", "PostLedger", "SinkEntry"]
 
-FINAL_STATES = ("posted", "rejected", "skipped")
+# A slot in one of these states is never posted again.
+FINAL_STATES = ("posted", "rejected", "skipped", "expired")
+# A poster is working on a slot in one of these states, or was when it died: '' while
+# the scheduler or `persona post` publishes it, 'approved' while its approver does.
+OPEN_STATES = ("", "approved")
 
 # Claim a slot unless it is finished, waiting for approval (unless the approver asks),
 # or held by someone else. Returns 'claimed', 'busy', 'pending' or 'done:<state>'.
 CLAIM_SCRIPT = """
 local state = redis.call('HGET', KEYS[2], 'state')
-if state == 'posted' or state == 'rejected' or state == 'skipped' then return 'done:' .. state end
+if state == 'posted' or state == 'rejected' or state == 'skipped' or state == 'expired' then return 'done:' .. state end
 if state == 'pending' and ARGV[3] ~= '1' then return 'pending' end
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', tonumber(ARGV[2])) then return 'claimed' end
 return 'busy'
+"""
+
+# Close a slot that waits for an approval which is gone (approvals expire unanswered).
+EXPIRE_PENDING_SCRIPT = """
+if redis.call('HGET', KEYS[1], 'state') ~= 'pending' or redis.call('HGET', KEYS[1], 'approval') ~= ARGV[1] then return 0 end
+if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], 'state', 'expired', 'updated', ARGV[2])
+return 1
 """
 
 # HSET on the record only while the caller still holds the slot's lock.
@@ -125,15 +142,28 @@ class PostLedger:
         self._finish = client.register_script(FINISH_SCRIPT)
         self._release = client.register_script(RELEASE_SCRIPT)
         self._extend = client.register_script(EXTEND_SCRIPT)
+        self._expire_pending = client.register_script(EXPIRE_PENDING_SCRIPT)
 
     def claim(self, persona: str, slot: str, *, approving: bool = False) -> ClaimResult:
-        """Take the slot for this owner, unless it is finished or someone else holds it."""
+        """Take the slot for this owner, unless it is finished or someone else holds it.
+
+        A slot still waiting for an approval that expired unanswered is closed as
+        ``expired`` here: nobody can approve it any more.
+        """
         got = _text(self._claim(
             keys=[keys.post_lock_key(persona, slot), keys.post_record_key(persona, slot)],
             args=[self.owner, self.lease_ms, "1" if approving else "0"],
         ))
         outcome, _, state = got.partition(":")
+        if outcome == "pending" and self._expired_approval(persona, slot):
+            return ClaimResult("done", "expired")
         return ClaimResult(outcome, state)
+
+    def _expired_approval(self, persona: str, slot: str) -> bool:
+        approval = _text(self.redis.hget(keys.post_record_key(persona, slot), "approval"))
+        return bool(approval) and bool(self._expire_pending(
+            keys=[keys.post_record_key(persona, slot), keys.approval_key(approval)], args=[approval, time.time()],
+        ))
 
     def extend(self, persona: str, slot: str) -> bool:
         """Renew this owner's lease on the slot; False if it was lost."""

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -118,6 +119,19 @@ def test_pending_slot_is_reported_not_reposted(settings, write_persona, env):
     result = persona("post", "careful", "--slot", "2026-03-03T09:00:00Z", "--json", env=env)
     out = json.loads(result.stdout)
     assert out["status"] == "pending" and out["approval_id"] == approval_id
+
+
+def test_a_slot_whose_approval_expired_is_closed_not_left_pending(settings, write_persona, redis_client):
+    """Approvals expire unanswered (after 30 days); their slot used to say "waiting for
+    approval" forever, naming an id that `persona posts approve` no longer knew."""
+    approval_id = pending_post(settings, write_persona, "2026-03-04T09:00:00Z")
+    redis_client.pexpire(f"persona:approval:{approval_id}", 1)
+    time.sleep(0.05)
+    poster = Poster(settings, redis_client, lambda p, n, seed: TEXTS[:n])
+    again = poster.post("careful", slot="2026-03-04T09:00:00Z")
+    assert again.status == "done" and "approval that expired" in again.message
+    assert PostLedger(redis_client).record("careful", "2026-03-04T09:00:00Z")["state"] == "expired"
+    assert not (settings.data_dir / "posts" / "careful.jsonl").exists()  # never posted unapproved
 
 
 def test_a_slot_written_another_way_is_the_same_slot(settings, write_persona, env):

@@ -324,6 +324,52 @@ def test_a_rate_limited_post_is_tried_again_at_the_next_tick(settings, platform,
     assert [seen["json"]["text"] for seen in platform.seen] == ["Patience is a slow river."] * 2
 
 
+def _nothing_listening() -> str:
+    """A loopback URL whose port refuses connections (bound, then closed)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{probe.getsockname()[1]}"
+
+
+def test_a_post_that_got_no_answer_is_tried_again_at_the_next_tick(settings, platform, write_persona, redis_client):
+    """Mastodon unreachable: nothing says the post went out or not, but its idempotency key
+    makes a retry safe. The slot used to be closed as failed after the one try."""
+    write_persona("poet", base="unused", adapters=["cli", "scheduler"], schedule={
+        "cron": "0 9 * * *", "timezone": "UTC", "missed": "skip", "enabled": True, "sinks": ["mastodon"], "candidates": 1})
+    changed = settings_for(settings, platform, mastodon_access_token=SecretStr("masto-token"))
+    changed.posting.mastodon_api_url = _nothing_listening()  # the server is down
+    runner = Scheduler(Poster(changed, redis_client, lambda persona, n, seed: ["Patience is a slow river."]), redis_client)
+    at_nine = datetime(2026, 1, 5, 9, tzinfo=UTC)
+    runner.tick(at_nine - timedelta(hours=1))  # the first look starts the clock
+    [unanswered] = runner.tick(at_nine + timedelta(seconds=30))
+    assert unanswered.status == "failed" and unanswered.retry_later
+    assert "mastodon: no answer (safe to retry)" in unanswered.message
+    changed.posting.mastodon_api_url = platform.url  # back up
+    assert [(o.status, o.slot) for o in runner.tick(at_nine + timedelta(minutes=1))] == [("posted", "2026-01-05T09:00:00Z")]
+    assert runner.tick(at_nine + timedelta(minutes=2)) == []
+    assert [seen["headers"]["Idempotency-Key"] for seen in platform.seen] == ["poet:2026-01-05T09:00:00Z:mastodon"]
+
+
+def test_a_post_rate_limited_past_its_grace_gives_way_to_the_next_slot(settings, platform, write_persona, redis_client):
+    """A platform that keeps refusing one slot: the slot is retried within the missed-slot
+    policy, then skipped. It used to be retried at every tick however late, ahead of the next day's."""
+    write_persona("poet", base="unused", adapters=["cli", "scheduler"], schedule={
+        "cron": "0 9 * * *", "timezone": "UTC", "missed": "skip", "enabled": True, "sinks": ["x"], "candidates": 1})
+    changed = settings_for(settings, platform, x_bearer_token=SecretStr("user-token"))
+    days = iter(["Patience is a slow river.", "Small steps, daily."])
+    runner = Scheduler(Poster(changed, redis_client, lambda persona, n, seed: [next(days)]), redis_client)
+    at_nine = datetime(2026, 1, 5, 9, tzinfo=UTC)
+    runner.tick(at_nine - timedelta(hours=1))
+    platform.fail_with = 429  # X turns every post away until tomorrow
+    assert [o.sinks["x"]["state"] for o in runner.tick(at_nine + timedelta(minutes=1))] == ["rate_limited"]
+    assert [o.sinks["x"]["state"] for o in runner.tick(at_nine + timedelta(minutes=10))] == ["rate_limited"]
+    assert runner.tick(at_nine + timedelta(minutes=20)) == []  # past the 15 minutes' grace: skipped
+    platform.fail_with = None
+    [tomorrow] = runner.tick(at_nine + timedelta(days=1, minutes=1))
+    assert (tomorrow.status, tomorrow.slot, tomorrow.text) == ("posted", "2026-01-06T09:00:00Z", "Small steps, daily.")
+    assert len(platform.seen) == 3
+
+
 def test_sink_specs(settings):
     assert platform_of("Telegram:@chan") == "telegram"
     with pytest.raises(ConfigError, match="unknown sink"):

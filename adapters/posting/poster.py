@@ -45,6 +45,10 @@ __all__ = ["CandidateSource", "PostOutcome", "Poster", "QueueCandidates", "manua
 log = logging.getLogger(__name__)
 
 SEED_RANGE = 2**31 - 1024
+# Sink states after which trying the slot again is safe and may succeed.
+RETRY_LATER_STATES = ("rate_limited", "intent")
+# How a sink's state reads in a message (an intent left behind means the call got no answer).
+STATE_WORDS = {"intent": "no answer (safe to retry)", "rate_limited": "rate-limited"}
 POLL_S = 2.0
 WAIT_SLACK_S = 5.0
 
@@ -239,10 +243,15 @@ class Poster:
             outcome.sinks[sink.spec] = {k: v for k, v in asdict(entry).items() if k != "marker"}
         states = {s["state"] for s in outcome.sinks.values()}
         outcome.status = "posted" if states == {"posted"} else "uncertain" if "uncertain" in states else "failed"
-        outcome.retry_later = outcome.status == "failed" and states <= {"posted", "rate_limited"}
+        # Nothing was refused outright: a rate limit, or no answer from a sink that makes a
+        # retry safe (its entry stays an intent). A later try may get through.
+        outcome.retry_later = outcome.status == "failed" and states <= {"posted", *RETRY_LATER_STATES}
         self.ledger.finish(persona.name, slot, outcome.status, outcome.text, recent_kept=max(1, self.settings.posting.recent_posts))
         if outcome.status != "posted":
-            outcome.message = "; ".join(f"{spec}: {s['state']} {s['error']}".strip() for spec, s in outcome.sinks.items() if s["state"] != "posted")
+            outcome.message = "; ".join(
+                f"{spec}: {STATE_WORDS.get(s['state'], s['state'])} {s['error']}".strip()
+                for spec, s in outcome.sinks.items() if s["state"] != "posted"
+            )
         return outcome
 
     def _publish_one(self, name: str, slot: str, sink: Sink, text: str) -> SinkEntry:
@@ -342,7 +351,8 @@ class Poster:
     def _unclaimed(self, name: str, slot: str, outcome: str, state: str) -> PostOutcome:
         record = self.ledger.record(name, slot)
         messages = {
-            "done": f"slot {slot} of {name} was already {state}; nothing to do",
+            "done": f"slot {slot} of {name} was already {state}; nothing to do" if state != "expired"
+            else f"slot {slot} of {name} waited for an approval that expired unanswered; nothing to do",
             "busy": f"slot {slot} of {name} is being posted by another scheduler right now",
             "pending": f"slot {slot} of {name} is waiting for approval ({record.get('approval', '?')})",
         }
