@@ -93,13 +93,18 @@ def retry_dead(client: redis.Redis, entry_id: str) -> str | None:
     return _text(new_id) if new_id else None
 
 
-def retry_all(client: redis.Redis) -> list[str]:
-    """Re-queue every dead letter that holds a readable request; their dead-letter ids."""
+def retry_all(client: redis.Redis, page: int = 500) -> list[str]:
+    """Re-queue every dead letter that holds a readable request, newest first; their dead-letter ids.
+
+    The stream is read a page at a time from the newest entry back, so malformed letters
+    (left where they are) never hide the readable ones behind them.
+    """
     done = []
-    while True:
-        batch = [d for d in list_dead(client, count=500) if d.request_id and d.id not in done]
-        if not batch:
-            return done
-        for letter in batch:
-            if retry_dead(client, letter.id):
+    before = "+"
+    while rows := client.xrevrange(keys.STREAM_DEAD, max=before, count=page):
+        for entry_id, fields in rows:
+            letter = _parse(entry_id, fields)
+            if letter.request_id and retry_dead(client, letter.id):
                 done.append(letter.id)
+        before = "(" + _text(rows[-1][0])
+    return done

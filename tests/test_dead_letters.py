@@ -79,3 +79,14 @@ def test_unreadable_dead_letter_is_listed_but_not_retried(redis_client, payload)
     with pytest.raises(ValueError):
         retry_dead(redis_client, letter.id)
     assert retry_all(redis_client) == []
+
+
+def test_retry_all_reaches_readable_letters_behind_a_page_of_unreadable_ones(settings, redis_client):
+    """It used to read the newest page only, and stop there when none of it was readable."""
+    older = [dead_letter(settings, redis_client, chat(text=text)) for text in ("one", "two")]
+    for _ in range(5):
+        redis_client.xadd("persona:q:dead", {"r": b"not json", "reason": "malformed", "deliveries": 1})
+    retried = retry_all(redis_client, page=3)
+    assert len(retried) == 2 and redis_client.xlen("persona:q:dead") == 5
+    requeued = [GenerationRequest.from_json(fields[b"r"]).id for _, fields in redis_client.xrange("persona:q:chat")]
+    assert sorted(requeued) == sorted(request.id for request in older)
