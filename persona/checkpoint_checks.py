@@ -29,6 +29,17 @@ def same_base(a: str, b: str) -> bool:
     return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
 
 
+def _json_object(folder: Path, name: str) -> tuple[dict, str | None]:
+    """A checkpoint file's JSON object, or what is wrong with it."""
+    try:
+        data = json.loads((folder / name).read_text())
+    except (OSError, ValueError) as exc:
+        return {}, f"checkpoint {folder}: {name} is not valid JSON ({exc})"
+    if not isinstance(data, dict):
+        return {}, f"checkpoint {folder}: {name} holds a JSON {type(data).__name__}, not an object"
+    return data, None
+
+
 def static_problem(persona: Persona, folder: Path) -> str | None:
     """What is wrong with a checkpoint folder before any weights are loaded, or None."""
     if not folder.is_dir():
@@ -36,19 +47,17 @@ def static_problem(persona: Persona, folder: Path) -> str | None:
     config_name = "adapter_config.json" if is_lora_dir(folder) else "config.json"
     if not (folder / config_name).is_file():
         return f"checkpoint {folder} has neither adapter_config.json (LoRA) nor config.json (full weights)"
-    try:
-        json.loads((folder / config_name).read_text())
-    except (OSError, ValueError) as exc:
-        return f"checkpoint {folder}: {config_name} is not valid JSON ({exc})"
+    _, problem = _json_object(folder, config_name)
+    if problem:
+        return problem
     if not any(any(folder.glob(pattern)) for pattern in WEIGHT_PATTERNS):
         return f"checkpoint {folder} holds no weights files (*.safetensors or *.bin)"
-    metadata = folder / METADATA_FILE
-    if metadata.is_file():
-        try:
-            trained_on = json.loads(metadata.read_text()).get("base", "")
-        except (OSError, ValueError) as exc:
-            return f"checkpoint {folder}: {METADATA_FILE} is not valid JSON ({exc})"
-        if trained_on and not same_base(trained_on, persona.model.base):
+    if (folder / METADATA_FILE).is_file():
+        metadata, problem = _json_object(folder, METADATA_FILE)
+        if problem:
+            return problem
+        trained_on = metadata.get("base", "")
+        if trained_on and not same_base(str(trained_on), persona.model.base):
             return (
                 f"checkpoint {folder.name} was trained on base {trained_on!r}, but persona "
                 f"{persona.name!r} runs on {persona.model.base!r} (wrong base)"

@@ -227,6 +227,18 @@ def test_swap_with_no_workers_checks_locally_and_flips(settings, redis_client, t
     assert swaps.active_versions(redis_client) == {"tiny": "v1"}
 
 
+@pytest.mark.parametrize(("name", "content"), [("checkpoint.json", "[1, 2]"), ("config.json", '"llama"')])
+def test_a_checkpoint_file_that_is_json_but_no_object_is_refused(settings, redis_client, tiny, tiny_llama_dir, name, content):
+    """Valid JSON of the wrong shape used to end `persona swap` in a traceback."""
+    from persona.errors import SwapRefused
+
+    v1 = make_checkpoint(settings, tiny_llama_dir, "tiny", seed=1)
+    (v1.path / name).write_text(content)
+    with pytest.raises(SwapRefused, match=f"{name} holds a JSON (list|str), not an object"):
+        perform_swap(settings, redis_client, tiny, str(v1.path), timeout_s=10)
+    assert swaps.active_versions(redis_client) == {}
+
+
 def test_two_operators_rolling_back_at_once_go_back_one_version(redis_client, tiny):
     """Both read the version to go back to before either committed. The second used to
     'roll back' to where the first had just gone, and drop the version before it from
