@@ -197,6 +197,138 @@ def test_tweet_archive_split_into_parts_is_read_whole(tmp_path: Path):
     assert len(build_corpus([data / "tweet-part1.js"]).corpus.documents) == 2
 
 
+# Long posts in a newer X export: tweets.js holds the first part of the text, note-tweet.js the whole.
+LONG_GARDEN = (
+    "Gardens teach patience & more than any book I have read: the seeds do not care about my calendar, "
+    "the frost comes when it likes, and the beans climb at their own pace. See https://t.co/plan for the plan. "
+    "I used to plant everything in one weekend and lose half of it to a late cold night. "
+    "Now I sow a row every week from March to June, and whatever the weather does, something always comes up. "
+    "The lesson carries over to writing: a page a day beats a chapter once a month."
+)
+LONG_RIVER = (
+    "The river behind the house floods every spring, and every spring the neighbours ask why we stay. "
+    "Because the water brings the soil back, and the soil brings the willows back, and the willows bring the "
+    "herons. Forty years of floods have given us the best garden on the street, even counting the mud. "
+    "Nobody believes it until they walk the bank in May and see what the water left behind."
+)
+
+
+def _stub(text: str) -> str:
+    """What tweets.js keeps of a long post: its first part, an ellipsis and a link, entities escaped."""
+    return text[:262].replace("&", "&amp;").rstrip() + "… https://t.co/stub"
+
+
+def _tweet(id_: str, text: str, created_at: str | None, **extra) -> dict:
+    tweet = {"id_str": id_, "full_text": text, **extra}
+    if created_at:
+        tweet["created_at"] = created_at
+    return {"tweet": tweet}
+
+
+def _note(id_: str, text: str, created_at: str | None) -> dict:
+    note = {"noteTweetId": id_, "core": {"text": text, "styletags": [], "mentions": [], "cashtags": [],
+                                          "hashtags": [], "urls": [{"shortUrl": "https://t.co/plan",
+                                                                    "expandedUrl": "https://example.org/plan",
+                                                                    "displayUrl": "example.org/plan"}]}}
+    if created_at:
+        note.update(createdAt=created_at, updatedAt=created_at)
+    return {"noteTweet": note}
+
+
+def _export(data: Path, tweets: list[dict], notes: list[dict], notes_name: str = "note-tweet.js") -> None:
+    data.mkdir(parents=True, exist_ok=True)
+    (data / "tweets.js").write_text("window.YTD.tweets.part0 = " + json.dumps(tweets, indent=2))
+    (data / notes_name).write_text("window.YTD.note_tweet.part0 = " + json.dumps(notes, indent=2))
+
+
+def test_tweet_archive_long_post_is_read_whole_from_note_tweet_js(tmp_path: Path):
+    data = tmp_path / "data"
+    _export(data, [
+        _tweet("1790000000000000001", _stub(LONG_GARDEN), "Wed May 01 10:00:00 +0000 2024"),
+        _tweet("1790000000000000005", "A short one of my own.", "Wed May 01 11:00:00 +0000 2024"),
+    ], [_note("1790000000000000002", LONG_GARDEN.replace("https://t.co/plan", "example.org/plan"),
+              "2024-05-01T10:00:00.000Z")])
+    # The note's link is gone as a tweet's would be; the note's id is not the tweet's.
+    whole = LONG_GARDEN.replace("https://t.co/plan", "")
+    assert texts(read_tweets(data / "tweets.js", OPTIONS)) == [whole, "A short one of my own."]
+    # A plain tweets.json with no times at all: a long enough stub is still paired by its text.
+    (data / "tweets.js").unlink()
+    (data / "tweets.json").write_text(json.dumps([_tweet("1", _stub(LONG_GARDEN), None)["tweet"]]))
+    (data / "note-tweet.js").write_text(json.dumps([_note("2", LONG_GARDEN, None)]))
+    assert texts(read_tweets(data / "tweets.json", OPTIONS)) == [whole]
+
+
+def test_tweet_archive_reply_with_a_note_stays_dropped(tmp_path: Path):
+    data = tmp_path / "data"
+    _export(data, [
+        _tweet("1", _stub(LONG_GARDEN), "Wed May 01 10:00:00 +0000 2024", in_reply_to_status_id_str="7",
+               in_reply_to_user_id_str="8"),
+        _tweet("3", _stub(LONG_RIVER), "Thu May 02 08:30:00 +0000 2024"),
+    ], [_note("2", LONG_GARDEN, "2024-05-01T10:00:00.000Z"), _note("4", LONG_RIVER, "2024-05-02T08:30:00.000Z")])
+    assert texts(read_tweets(data / "tweets.js", OPTIONS)) == [LONG_RIVER]
+    with_replies = texts(read_tweets(data / "tweets.js", ReadOptions(keep_replies=True)))
+    assert with_replies == [LONG_GARDEN.replace("https://t.co/plan", ""), LONG_RIVER]
+
+
+def test_tweet_archive_short_stub_takes_only_the_note_of_its_own_time(tmp_path: Path):
+    # Two long posts open with the same words; each stub takes the note written at its moment,
+    # and a short tweet of another time (or of no time) takes none, though its words begin one.
+    first = "Gardens are slow. " + LONG_GARDEN
+    second = "Gardens are slow. " + LONG_RIVER
+    data = tmp_path / "data"
+    _export(data, [
+        _tweet("1", "Gardens are slow… https://t.co/a", "Wed May 01 10:00:00 +0000 2024"),
+        _tweet("3", "Gardens are slow… https://t.co/b", "Fri May 03 18:00:30 +0000 2024"),
+        _tweet("5", "Gardens are slow. The river", "Sat May 04 09:00:00 +0000 2024"),
+        _tweet("6", "Gardens are slow. The riv\u2026", None),
+    ], [_note("2", first, "2024-05-01T10:00:00.000Z"), _note("4", second, "2024-05-03T18:00:00.000Z")])
+    assert texts(read_tweets(data / "tweets.js", OPTIONS)) == [
+        first.replace("https://t.co/plan", ""), second, "Gardens are slow. The river", "Gardens are slow. The riv\u2026"]
+
+
+def test_folder_with_note_tweets_reads_each_post_once(tmp_path: Path):
+    export = tmp_path / "twitter-2024"
+    data = export / "data"
+    _export(data, [
+        _tweet("1", _stub(LONG_GARDEN), "Wed May 01 10:00:00 +0000 2024"),
+        _tweet("5", "A short one of my own.", "Wed May 01 11:00:00 +0000 2024"),
+    ], [_note("2", LONG_GARDEN, "2024-05-01T10:00:00.000Z")])
+    (data / "tweets-part1.js").write_text("window.YTD.tweets.part1 = " + json.dumps(
+        [_tweet("3", _stub(LONG_RIVER), "Thu May 02 08:30:00 +0000 2024")]))
+    (data / "note-tweet-part1.js").write_text("window.YTD.note_tweet.part1 = " + json.dumps(
+        [_note("4", LONG_RIVER, "2024-05-02T08:30:00.000Z")]))
+    # Cleaning closes the gap the link leaves.
+    whole = [LONG_GARDEN.replace(" https://t.co/plan", ""), "A short one of my own.", LONG_RIVER]
+    for sources in ([export], [data / "tweets.js", data / "tweets-part1.js", data / "note-tweet.js",
+                               data / "note-tweet-part1.js"]):
+        result = build_corpus(sources)
+        assert result.files == 2 and result.by_format == {"tweets": 3} and not result.problems
+        assert sorted(result.corpus.documents) == sorted(whole)
+    assert detect_format(data / "note-tweet.js") == "tweets"
+    # Notes with no tweet archive beside them are read as documents of their own.
+    (data / "tweets.js").unlink()
+    (data / "tweets-part1.js").unlink()
+    result = build_corpus([export])
+    assert result.files == 2 and not result.problems
+    assert sorted(result.corpus.documents) == sorted([whole[0], LONG_RIVER])
+
+
+def test_broken_note_tweet_file_is_reported_with_its_line(tmp_path: Path):
+    data = tmp_path / "data"
+    _export(data, [_tweet("1", _stub(LONG_GARDEN), "Wed May 01 10:00:00 +0000 2024")], [])
+    (data / "note-tweet.js").write_text('window.YTD.note_tweet.part0 = [\n  {"noteTweet": {\n    "core": oops}}\n]')
+    with pytest.raises(SourceProblem) as caught:
+        read_tweets(data / "tweets.js", OPTIONS)
+    assert caught.value.path == data / "note-tweet.js" and caught.value.line == 3
+    assert "tweets.js" in caught.value.reason
+    result = build_corpus([tmp_path])
+    assert result.files == 1 and [p.path for p in result.problems] == [data / "note-tweet.js"]
+    (data / "note-tweet.js").write_text('window.YTD.note_tweet.part0 = "no list here"')
+    with pytest.raises(SourceProblem) as caught:
+        read_tweets(data / "tweets.js", OPTIONS)
+    assert caught.value.line == 1
+
+
 def _write_pdf(path: Path, pages: list[list[str]]) -> None:
     from fpdf import FPDF
 

@@ -26,6 +26,8 @@ from training.sources import (
     ReadOptions,
     SourceProblem,
     detect_format,
+    is_note_tweets,
+    is_tweet_archive,
     json_lines,
     read_csv,
     read_fortune,
@@ -124,7 +126,10 @@ def source_files(sources: list[Path], exclude: Iterable[Path] = ()) -> list[Path
     """The files named, and the readable-looking files inside folders named, sorted.
 
     Files in ``exclude`` (the corpus being written) are skipped inside folders: a corpus
-    saved next to the writing would otherwise be read back into the next build.
+    saved next to the writing would otherwise be read back into the next build. An X
+    export's ``note-tweet.js`` is left out when a tweet archive in the same folder is read:
+    the tweets reader takes the full text of long posts from it (read alone, its notes are
+    documents of their own).
     """
     skipped = {p.resolve() for p in exclude}
     files: list[Path] = []
@@ -138,7 +143,8 @@ def source_files(sources: list[Path], exclude: Iterable[Path] = ()) -> list[Path
             files.append(source)
         else:
             raise CorpusError(f"{source} does not exist; name files or folders of the author's writing")
-    return files
+    archives = {p.parent.resolve() for p in files if is_tweet_archive(p)}
+    return [p for p in files if not (is_note_tweets(p) and p.parent.resolve() in archives)]
 
 
 def build_corpus(

@@ -6,7 +6,9 @@ file and line; the corpus builder reports it and goes on with the other files.
 
 Formats: Markdown with YAML (``---``) or TOML (``+++``) front matter, plain text split on
 ``<|endoftext|>`` or blank lines, CSV (one column), JSONL (one field), PDF (``pdf.py``),
-Twitter/X archives (``tweets.py``) and fortune files (``%`` between entries).
+Twitter/X archives (``tweets.py``: ``tweets.js`` and its parts, with the full text of
+long posts taken from the ``note-tweet.js`` beside them) and fortune files (``%`` between
+entries).
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ __all__ = [
     "ReadOptions",
     "SourceProblem",
     "detect_format",
+    "is_note_tweets",
+    "is_tweet_archive",
     "json_lines",
     "read_csv",
     "read_fortune",
@@ -82,14 +86,31 @@ def _read_text_file(path: Path) -> str:
 
 
 # A large archive is split: tweets.js, tweets-part1.js, ... (older: tweet.js, tweet-part1.js).
+# Both patterns are matched from the start of the name: "note-tweet.js" is not a tweet archive,
+# and "deleted-tweets.js" / "deleted-note-tweet.js" (posts the author deleted) are neither.
 _TWEET_ARCHIVE = re.compile(r"tweets?(-part\d+)?\.js(on)?$")
+# Newer X exports keep the full text of posts over 280 characters in note-tweet.js (parts too).
+_NOTE_TWEETS = re.compile(r"note[-_]?tweets?(-part\d+)?\.js(on)?$")
+
+
+def is_tweet_archive(path: Path) -> bool:
+    """Whether the file's name is that of a tweet archive (or one of its parts)."""
+    return _TWEET_ARCHIVE.match(path.name.lower()) is not None
+
+
+def is_note_tweets(path: Path) -> bool:
+    """Whether the file's name is that of an X export's note-tweet file (or one of its parts)."""
+    return _NOTE_TWEETS.match(path.name.lower()) is not None
 
 
 def detect_format(path: Path) -> str:
-    """A format name from the file's name and, for plain text, its first lines."""
-    name = path.name.lower()
+    """A format name from the file's name and, for plain text, its first lines.
+
+    A note-tweet file is ``"tweets"`` too: the tweets reader reads it with the archive
+    beside it, or on its own when there is none.
+    """
     suffix = path.suffix.lower()
-    if _TWEET_ARCHIVE.match(name):
+    if is_tweet_archive(path) or is_note_tweets(path):
         return "tweets"
     by_suffix = {".md": "markdown", ".markdown": "markdown", ".csv": "csv", ".jsonl": "jsonl",
                  ".ndjson": "jsonl", ".pdf": "pdf"}

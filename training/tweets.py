@@ -3,6 +3,23 @@
 The archive's ``tweets.js`` is JavaScript: ``window.YTD.tweets.part0 = [...]``; each
 item is ``{"tweet": {...}}``. Retweets and replies are dropped unless asked for, links
 (always ``t.co`` wrappers) are removed, and HTML entities are decoded.
+
+Long posts: newer X exports keep the whole text of a post over 280 characters (a "note
+tweet") in ``note-tweet.js`` (``note-tweet-part1.js``, ...), items ``{"noteTweet": {...,
+"createdAt": ..., "core": {"text": ...}}}``, while its entry in ``tweets.js`` holds only
+the first part of the text, often ending in "…" and a ``t.co`` link. The note's id is not
+the tweet's, so a tweet is paired with a note from the note-tweet files in its own folder
+when its text (links, a trailing "…" and entities normalised away) begins the note's text
+and, when both carry a time, the two times agree within a minute; a stub shorter than
+``_UNTIMED_PREFIX`` (80) characters is only paired when the times agree, and a stub two
+notes fit equally well keeps its own text. A paired tweet gives
+the note's whole text (links removed); retweets and replies are dropped first, so the note
+of a dropped reply is never read. A note-tweet file is not a source of its own when a
+tweet archive is read with it (``training.corpus.source_files`` leaves it out); read on its
+own (a folder with no ``tweets.js``, or the file named by itself) each note is one
+document, all of them kept: a note does not say whether it was a reply. A note-tweet file
+that is not valid JSON raises ``SourceProblem`` with its own file and line, naming the
+tweets file beside it, which is then not read (rather than read with long posts cut short).
 """
 
 from __future__ import annotations
@@ -10,34 +27,183 @@ from __future__ import annotations
 import html
 import json
 import re
+from bisect import bisect_left, bisect_right
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
-from training.sources import RawDocument, ReadOptions, SourceProblem
+from training.sources import RawDocument, ReadOptions, SourceProblem, is_note_tweets
 
 __all__ = ["parse_archive", "read_tweets"]
 
 _LINK = re.compile(r"https?://\S+")
+# What a truncated tweet may end with, before its ellipsis: a link cut before its "://", an entity
+# cut before its ";". Only the last characters are searched: a regex anchored at the end alone
+# would try every position of a long text.
+_CUT_PIECE = re.compile(r"(?:(?<!\S)h(?:t(?:t(?:p(?:s?(?::/{0,2})?)?)?)?)?|&#?\w{0,12})$")
+_TIME_SLACK = 60.0  # seconds between a tweet's created_at and its note's createdAt
+_UNTIMED_PREFIX = 80  # characters a stub needs to be paired with a note without agreeing times
+# Twitter's own format: "Wed May 01 10:00:00 +0000 2024"; notes use ISO 8601.
+_TWITTER_TIME = "%a %b %d %H:%M:%S %z %Y"
 
 
-def parse_archive(path: Path, text: str) -> list[dict]:
-    """The tweet objects in an archive file's text."""
+def _parse_items(path: Path, text: str, key: str, what: str, plural: str) -> list[dict]:
     body = text.lstrip("\ufeff")
     start = body.find("=") + 1 if body.lstrip().startswith("window.") else 0
     prefix_lines = body[:start].count("\n")
     try:
         items = json.loads(body[start:].strip().rstrip(";"))
     except json.JSONDecodeError as exc:
-        raise SourceProblem(path, exc.lineno + prefix_lines, f"not a tweet archive: {exc.msg}") from exc
+        raise SourceProblem(path, exc.lineno + prefix_lines, f"not a {what}: {exc.msg}") from exc
     if isinstance(items, dict):
-        items = items.get("tweets", items.get("data", [items]))
+        items = items.get(plural, items.get("data", [items]))
     if not isinstance(items, list):
-        raise SourceProblem(path, 1, "not a tweet archive: expected a list of tweets")
-    tweets = []
+        raise SourceProblem(path, 1, f"not a {what}: expected a list of {plural}")
+    found = []
     for item in items:
-        tweet = item.get("tweet", item) if isinstance(item, dict) else None
-        if isinstance(tweet, dict):
-            tweets.append(tweet)
-    return tweets
+        value = item.get(key, item) if isinstance(item, dict) else None
+        if isinstance(value, dict):
+            found.append(value)
+    return found
+
+
+def parse_archive(path: Path, text: str) -> list[dict]:
+    """The tweet objects in an archive file's text."""
+    return _parse_items(path, text, "tweet", "tweet archive", "tweets")
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SourceProblem(path, None, f"cannot read: {exc}") from exc
+
+
+def _timestamp(value: object) -> float | None:
+    """Seconds since the epoch from Twitter's time format or ISO 8601; None when there is none."""
+    if not isinstance(value, str) or not value.strip():
+        return None
+    for parse in (lambda v: datetime.strptime(v, _TWITTER_TIME), datetime.fromisoformat):
+        try:
+            when = parse(value.strip())
+        except ValueError:
+            continue
+        return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
+    return None
+
+
+def _match_key(text: str) -> str:
+    """A text as compared with a note: links, a cut-off end and entities normalised away."""
+    text = _LINK.sub(" ", text).rstrip()
+    for mark in ("…", "..."):
+        if text.endswith(mark):
+            text = text[: -len(mark)].rstrip()
+            break
+    tail = len(text) - 24
+    if tail > 0:
+        text = text[:tail] + _CUT_PIECE.sub("", text[tail:])
+    else:
+        text = _CUT_PIECE.sub("", text)
+    return " ".join(html.unescape(text).split())
+
+
+@dataclass(frozen=True)
+class _Note:
+    text: str  # as it goes into the corpus: entities decoded, links removed
+    key: str  # as compared with a tweet's text
+    times: tuple[float, ...]  # createdAt, and updatedAt when it differs
+
+
+def _note(item: dict) -> _Note | None:
+    core = item.get("core")
+    core = core if isinstance(core, dict) else item
+    text = core.get("text")
+    if not isinstance(text, str):
+        return None
+    # The links the note lists may be written out without "https://" (example.com/page).
+    urls = core.get("urls")
+    written = {value for url in (urls if isinstance(urls, list) else []) if isinstance(url, dict)
+               for name in ("expandedUrl", "displayUrl", "shortUrl")
+               if isinstance(value := url.get(name), str) and len(value) > 3}
+    for url in sorted(written, key=len, reverse=True):
+        text = text.replace(url, "")
+    times = tuple(dict.fromkeys(t for t in (_timestamp(item.get("createdAt")), _timestamp(item.get("updatedAt")))
+                                if t is not None))
+    return _Note(_LINK.sub("", html.unescape(text)).strip(), _match_key(text), times)
+
+
+def _read_notes(path: Path) -> list[tuple[int, _Note]]:
+    """The notes in a note-tweet file, each with its place in the file."""
+    items = _parse_items(path, _read(path), "noteTweet", "note-tweet file", "notes")
+    return [(number, note) for number, item in enumerate(items, start=1) if (note := _note(item)) is not None]
+
+
+class _NoteIndex:
+    """Notes found by their time and by their first characters: one tweet costs a lookup, not a scan."""
+
+    def __init__(self, notes: list[_Note]) -> None:
+        self.notes = notes
+        timed = sorted((t, i) for i, note in enumerate(notes) for t in note.times)
+        self._times = [t for t, _ in timed]
+        self._timed = [i for _, i in timed]
+        self._untimed = sum(1 for note in notes if not note.times)
+        self._by_head: dict[str, list[int]] = defaultdict(list)
+        for i, note in enumerate(notes):
+            if len(note.key) >= _UNTIMED_PREFIX:
+                self._by_head[note.key[:_UNTIMED_PREFIX]].append(i)
+
+    def full_text(self, text: str, time: float | None) -> str | None:
+        """The text of the one note this tweet text begins, or None."""
+        candidates: set[int] = set()
+        if time is not None:
+            low = bisect_left(self._times, time - _TIME_SLACK)
+            candidates.update(self._timed[low:bisect_right(self._times, time + _TIME_SLACK)])
+            if not candidates and not self._untimed:
+                return None  # every note has a time, and none is this tweet's
+        key = _match_key(text)
+        if not key:
+            return None
+        if len(key) >= _UNTIMED_PREFIX:
+            candidates.update(self._by_head.get(key[:_UNTIMED_PREFIX], ()))
+        ranked: list[tuple[float, str]] = []
+        for i in candidates:
+            note = self.notes[i]
+            if not note.key.startswith(key):
+                continue
+            if time is not None and note.times:
+                gap = min(abs(t - time) for t in note.times)
+                if gap > _TIME_SLACK:
+                    continue
+            elif len(key) < _UNTIMED_PREFIX:
+                continue
+            else:
+                gap = _TIME_SLACK + 1  # a match by text alone ranks after any by time
+            ranked.append((gap, note.text))
+        if not ranked:
+            return None
+        ranked.sort(key=lambda r: r[0])
+        best_gap, best = ranked[0]
+        if any(gap == best_gap and other != best for gap, other in ranked[1:]):
+            return None  # two notes fit equally well: keep the tweet's own text
+        return best
+
+
+def _notes_beside(path: Path) -> _NoteIndex | None:
+    """The notes of the note-tweet files in the archive's folder; None when there are none."""
+    try:
+        files = sorted(p for p in path.parent.iterdir() if p.is_file() and is_note_tweets(p))
+    except OSError:
+        return None
+    notes: list[_Note] = []
+    for file in files:
+        try:
+            notes.extend(note for _, note in _read_notes(file))
+        except SourceProblem as problem:
+            raise SourceProblem(problem.path, problem.line,
+                                f"{problem.reason} (it holds the full text of the long posts in {path.name},"
+                                f" which was not read; fix or remove it)") from problem
+    return _NoteIndex(notes) if notes else None
 
 
 def _is_retweet(tweet: dict, text: str) -> bool:
@@ -50,22 +216,26 @@ def _is_reply(tweet: dict) -> bool:
 
 
 def read_tweets(path: Path, options: ReadOptions) -> list[RawDocument]:
-    """One document per tweet the author wrote themselves."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SourceProblem(path, None, f"cannot read: {exc}") from exc
+    """One document per tweet the author wrote themselves, long ones whole from ``note-tweet.js``.
+
+    A note-tweet file read by itself gives one document per note.
+    """
+    if is_note_tweets(path):
+        return [RawDocument(note.text, str(path), number) for number, note in _read_notes(path) if note.text]
+    tweets = parse_archive(path, _read(path))
+    notes = _notes_beside(path)
     documents = []
-    for number, tweet in enumerate(parse_archive(path, text), start=1):
-        body = tweet.get("full_text", tweet.get("text"))
-        if not isinstance(body, str):
+    for number, tweet in enumerate(tweets, start=1):
+        raw = tweet.get("full_text", tweet.get("text"))
+        if not isinstance(raw, str):
             continue
-        body = html.unescape(body)
+        body = html.unescape(raw)
         if _is_retweet(tweet, body) and not options.keep_retweets:
             continue
         if _is_reply(tweet) and not options.keep_replies:
             continue
-        body = _LINK.sub("", body).strip()
+        whole = notes.full_text(raw, _timestamp(tweet.get("created_at", tweet.get("createdAt")))) if notes else None
+        body = whole if whole is not None else _LINK.sub("", body).strip()
         if body:
             documents.append(RawDocument(body, str(path), number))
     return documents
