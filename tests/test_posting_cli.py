@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import redis
+from pydantic import SecretStr
 
 from adapters.posting.poster import Poster
 from persona.ledger import PostLedger
@@ -132,6 +133,23 @@ def test_a_slot_whose_approval_expired_is_closed_not_left_pending(settings, writ
     assert again.status == "done" and "approval that expired" in again.message
     assert PostLedger(redis_client).record("careful", "2026-03-04T09:00:00Z")["state"] == "expired"
     assert not (settings.data_dir / "posts" / "careful.jsonl").exists()  # never posted unapproved
+
+
+def test_a_post_by_hand_that_got_no_answer_says_how_to_try_again(settings, write_persona, env):
+    import socket
+
+    write_persona("masto", base="unused", schedule={"sinks": ["mastodon"], "candidates": 1})
+    with socket.socket() as probe:  # a port that refuses connections: the server is down
+        probe.bind(("127.0.0.1", 0))
+        down = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    env = env | {"PERSONA_POSTING__MASTODON_API_URL": down, "PERSONA_POSTING__MASTODON_ACCESS_TOKEN": "t"}
+    settings.posting = settings.posting.model_copy(update={"mastodon_api_url": down, "mastodon_access_token": SecretStr("t")})
+    slot = "2026-03-06T09:00:00Z"
+    first = Poster(settings, redis.Redis.from_url(settings.redis_url.get_secret_value()), lambda p, n, seed: TEXTS[:n]).post("masto", slot=slot)
+    assert first.status == "failed" and first.retry_later
+    again = persona("post", "masto", "--slot", slot, env=env)  # its text is chosen: no worker needed
+    assert again.returncode == 1 and "mastodon: no answer (safe to retry)" in again.stdout
+    assert f"to try again later: `persona post masto --slot {slot}`" in again.stdout
 
 
 def test_a_slot_written_another_way_is_the_same_slot(settings, write_persona, env):

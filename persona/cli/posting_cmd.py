@@ -72,6 +72,8 @@ def post(
     waiting = contextlib.nullcontext() if json_output else console.status(f"{persona} is writing candidates...")
     with waiting:
         outcome = poster.post(persona, slot=slot, sinks=sink or None, dry_run=dry_run, n=n, approval=approval)
+    if outcome.retry_later:  # the scheduler tries its own slots again; by hand, say how
+        outcome.message += f"; nothing went out there yet, to try again later: `persona post {outcome.persona} --slot {outcome.slot}`"
     _show(outcome, json_output)
     if outcome.status in FAILED_STATUSES:
         raise typer.Exit(1)
