@@ -20,8 +20,10 @@ connection (4014) and the bot says so.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+import signal
+from collections.abc import Awaitable, Callable, Iterator
 
 import aiohttp
 import discord
@@ -55,6 +57,8 @@ SWAP_TIMEOUT_S = 300.0
 NO_MENTIONS = discord.AllowedMentions.none()
 # Threads whose parent was asked of the API; a thread never moves, so an entry never goes stale.
 MAX_REMEMBERED_PARENTS = 10_000
+# How long closing waits for the handlers still answering to say their last words.
+CLOSE_WAIT_S = 10.0
 _UNKNOWN = object()  # a channel whose parent the API could not tell
 
 
@@ -78,6 +82,7 @@ class PersonaBot(discord.Client):
         self.responder: Responder | None = None
         self.access: AccessControl | None = None
         self._parent_ids: dict[int, int | None] = {}  # channel id → parent id, oldest first
+        self._answering: set[asyncio.Task] = set()  # handlers waiting for an answer, or sending it
         self._add_commands()
 
     # --- start-up -----------------------------------------------------------------------
@@ -98,6 +103,11 @@ class PersonaBot(discord.Client):
             ) from None
         except discord.LoginFailure:
             raise ConfigError("Discord refused the token: check PERSONA_DISCORD__TOKEN") from None
+        except (aiohttp.ClientError, OSError) as exc:  # only while logging in: the gateway reconnects by itself
+            raise ConfigError(
+                f"cannot reach Discord at {self.options.api_url} ({exc}): check the network, "
+                "or PERSONA_DISCORD__API_URL"
+            ) from None
 
     async def setup_hook(self) -> None:
         """Reach Redis, find the gateway of a non-default API, and register the slash commands."""
@@ -113,11 +123,27 @@ class PersonaBot(discord.Client):
         await self.tree.sync()
 
     async def close(self) -> None:
-        """Disconnect, and close the Redis connection."""
+        """Withdraw the questions still waiting for a worker and let their askers hear so, then
+        disconnect and close the Redis connection."""
+        if self.responder is not None:
+            self.responder.stop()
+            pending = self._answering - {asyncio.current_task()}
+            if pending:
+                await asyncio.wait(pending, timeout=CLOSE_WAIT_S)
         await super().close()
         if self.responder is not None:
             await self.responder.redis.aclose()
             self.responder = None
+
+    @contextlib.contextmanager
+    def _answering_now(self) -> Iterator[None]:
+        """Mark the running handler as one that ``close`` lets finish."""
+        task = asyncio.current_task()
+        self._answering.add(task)
+        try:
+            yield
+        finally:
+            self._answering.discard(task)
 
     async def on_ready(self) -> None:
         log.info("Discord bot %s serving persona %s", self.user, self.options.persona)
@@ -191,13 +217,18 @@ class PersonaBot(discord.Client):
         return text.strip()
 
     async def reply_chain(self, message: discord.Message) -> list[Message]:
-        """The conversation a reply continues: its ancestors, oldest first."""
+        """The conversation a reply continues: its ancestors, oldest first. The parts of one
+        long answer (each quoting the part before it) come back as one turn."""
         turns: list[Message] = []
         current = await self._parent(message)
-        while current is not None and len(turns) < MAX_CHAIN_MESSAGES:
+        for _ in range(MAX_CHAIN_MESSAGES):
+            if current is None:
+                break
             role = "assistant" if current.author == self.user else "user"
             text = self._clean(current)
-            if text:
+            if text and role == "assistant" and turns and turns[-1].role == "assistant":
+                turns[-1] = Message(role=role, content=f"{text}\n{turns[-1].content}")
+            elif text:
                 turns.append(Message(role=role, content=text))
             current = await self._parent(current)
         turns.reverse()
@@ -230,20 +261,28 @@ class PersonaBot(discord.Client):
             if notice:
                 await self.send_reply(message, notice)
             return
-        history = await self.reply_chain(message) if replied_to_bot else None
-        async with keep_typing(message.channel.typing, TYPING_REFRESH_S):
-            reply = await self.responder.answer(where, text, history=history)
-        await self.send_reply(message, reply)
+        with self._answering_now():
+            # In a DM the conversation kept in Redis is the whole of it; a chain there would end
+            # at the replied-to answer (DM answers quote nothing) and forget all before it.
+            history = await self.reply_chain(message) if replied_to_bot and not is_dm else None
+            async with keep_typing(message.channel.typing, TYPING_REFRESH_S):
+                reply = await self.responder.answer(where, text, history=history)
+            await self.send_reply(message, reply)
 
     async def send_reply(self, message: discord.Message, text: str) -> None:
-        """Reply in as many messages as it takes; the first quotes the question, if it still exists."""
-        for index, chunk in enumerate(split_message(text, DISCORD_MESSAGE_LIMIT_CHARS)):
-            if index == 0 and message.guild is not None:
-                # The question may be deleted while the bot thinks: then the answer goes out unquoted.
-                quote = message.to_reference(fail_if_not_exists=False)
-                await message.channel.send(chunk, reference=quote, mention_author=False, allowed_mentions=NO_MENTIONS)
-            else:
+        """Reply in as many messages as it takes. In a server each quotes the one before it (the
+        first quotes the question, if it still exists), so a reply to any part of a long answer
+        leads back through all of it to the question: the reply chain is the conversation."""
+        quoted = message if message.guild is not None else None
+        for chunk in split_message(text, DISCORD_MESSAGE_LIMIT_CHARS):
+            if quoted is None:
                 await message.channel.send(chunk, allowed_mentions=NO_MENTIONS)
+                continue
+            # The question may be deleted while the bot thinks: then the answer goes out unquoted.
+            quote = quoted.to_reference(fail_if_not_exists=False)
+            quoted = await message.channel.send(
+                chunk, reference=quote, mention_author=False, allowed_mentions=NO_MENTIONS
+            )
 
     # --- slash commands -----------------------------------------------------------------
 
@@ -261,12 +300,12 @@ class PersonaBot(discord.Client):
 
         @tree.command(name="reset", description="Forget our conversation")
         async def reset(interaction: discord.Interaction) -> None:
-            if await self._slash_allowed(interaction):
+            if await self._slash_allowed(interaction, ephemeral=True):
                 await self._respond(interaction, await self.responder.reset(self._where(interaction)), ephemeral=True)
 
         @tree.command(name="cancel", description="Withdraw the answer I am working on")
         async def cancel(interaction: discord.Interaction) -> None:
-            if await self._slash_allowed(interaction):
+            if await self._slash_allowed(interaction, ephemeral=True):
                 await self._respond(interaction, await self.responder.cancel(self._where(interaction)), ephemeral=True)
 
         @tree.command(name="persona", description="Show the persona here, or switch it (operators, or in DMs)")
@@ -292,11 +331,15 @@ class PersonaBot(discord.Client):
     def _where(interaction: discord.Interaction) -> Where:
         return Where(chat=str(interaction.channel_id), user=str(interaction.user.id))
 
-    async def _slash_allowed(self, interaction: discord.Interaction) -> bool:
-        """The place lists and, in DMs, the dm_policy; a refused user is told why."""
+    async def _slash_allowed(self, interaction: discord.Interaction, *, ephemeral: bool) -> bool:
+        """The place lists and, in DMs, the dm_policy; a refused user is told why. An allowed
+        command shows "thinking…" (``ephemeral``: to its user alone) before anything waits on
+        Redis: Discord drops a command not answered within 3 s, and a restarting Redis takes
+        longer than that to say so."""
         if interaction.guild_id is not None and not await self._place_allowed(interaction.guild_id, interaction.channel):
             await self._respond(interaction, "I'm not answering in this channel.", ephemeral=True)
             return False
+        await interaction.response.defer(ephemeral=ephemeral, thinking=True)
         if interaction.guild_id is None:
             decision = await self.access.check(str(interaction.user.id), interaction.user.name)
             if not decision.allowed:
@@ -306,18 +349,18 @@ class PersonaBot(discord.Client):
 
     async def _slash_answer(self, interaction: discord.Interaction, make: Callable[[Where], Awaitable[str]]) -> None:
         """Rate-limit, show "thinking…" while the queue works, then follow up with the reply."""
-        if not await self._slash_allowed(interaction):
+        if not await self._slash_allowed(interaction, ephemeral=False):
             return
         where = self._where(interaction)
         admitted, notice = await self.responder.admit(where)
         if not admitted.allowed:
             await self._respond(interaction, notice or "Please slow down a little.", ephemeral=True)
             return
-        await interaction.response.defer(thinking=True)
-        await self._respond(interaction, await make(where))
+        with self._answering_now():
+            await self._respond(interaction, await make(where))
 
     async def _persona(self, interaction: discord.Interaction, name: str | None) -> None:
-        if not await self._slash_allowed(interaction):
+        if not await self._slash_allowed(interaction, ephemeral=name is None):
             return
         chat = str(interaction.channel_id)
         if name is None:
@@ -395,11 +438,27 @@ class PersonaBot(discord.Client):
                 await interaction.response.send_message(chunk, ephemeral=ephemeral, allowed_mentions=NO_MENTIONS)
 
 
+def _close_on_sigterm(bot: PersonaBot) -> None:
+    """SIGTERM (``persona up`` stopping, ``docker stop``) closes the bot as Ctrl-C does, rather
+    than ending the process mid-answer: questions in flight are withdrawn, their askers told."""
+    loop = asyncio.get_running_loop()
+    closing: set[asyncio.Task] = set()  # holds the closing task while it runs
+
+    def close() -> None:
+        task = loop.create_task(bot.close())
+        closing.add(task)
+        task.add_done_callback(closing.discard)
+
+    with contextlib.suppress(NotImplementedError):  # no signal handlers in this event loop (Windows)
+        loop.add_signal_handler(signal.SIGTERM, close)
+
+
 def run_discord(settings: Settings) -> None:
     """Run the Discord adapter until interrupted (``persona discord``)."""
 
     async def main() -> None:
         async with PersonaBot(settings) as bot:
+            _close_on_sigterm(bot)
             await bot.serve()
 
     try:

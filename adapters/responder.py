@@ -5,12 +5,14 @@ text, and sends back the text this returns. Here: the rate limits, the conversat
 (from Redis, or a history the platform supplies, such as Discord's reply chain), the
 round trip through the queue, ``/retry``, ``/reset``, ``/cancel`` and the per-chat
 persona. Every failure becomes a polite sentence; nothing here raises to the adapter
-for a queue or Redis problem.
+for a queue or Redis problem. When the adapter stops (``stop``), the questions still
+waiting are withdrawn from the queue and answered with a sentence saying so.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import weakref
@@ -22,7 +24,7 @@ from adapters.conversation import ConversationStore, build_request
 from adapters.ratelimit import RateDecision, RateLimiter, rate_limited_text
 from persona import constants as keys
 from persona.connection import connect_async
-from persona.contract import ErrorKind, GenerationReply, Message
+from persona.contract import ErrorKind, GenerationReply, GenerationRequest, Message
 from persona.errors import ConfigError, InvalidRequest, QueueBusy, QueueError, RedisUnavailable, ReplyTimeout
 from persona.personas import PersonaRegistry
 from persona.queue import AsyncQueueClient
@@ -41,6 +43,7 @@ EMPTY_REPLY_TEXT = "(…) I had nothing to say to that. Try /retry for another a
 NOTHING_TO_RETRY_TEXT = "There is nothing to retry yet: send me a message first."
 NOTHING_TO_CANCEL_TEXT = "Nothing to cancel: I'm not working on anything for you."
 RESET_TEXT = "Done: I've forgotten our conversation. Let's start afresh."
+RESTARTING_TEXT = "I'm restarting, so I had to drop your message. Please send it again in a minute."
 LONG_MESSAGE_NOTE = "\n\n(Your message was long, so I read only its last {chars} characters.)"
 # Not only an outage: a Redis that refuses writes (OOM when full, READONLY after a
 # failover, MISCONF on a full disk) must also get the user a polite answer.
@@ -90,6 +93,18 @@ class Responder:
         self.registry = PersonaRegistry.from_settings(settings)
         # One answer at a time per conversation, so a quick second message sees the first.
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+        # Set when the adapter stops: every question still waiting for its answer is withdrawn.
+        self._stopping = asyncio.Event()
+        # Conversations waiting for an answer, and those of them /reset since it was asked: that
+        # answer must not store the forgotten turns again when it arrives.
+        self._answering: set[str] = set()
+        self._forgotten: set[str] = set()
+
+    def stop(self) -> None:
+        """Withdraw every question still waiting for its answer, and any asked from now on: each
+        asker hears at once that the bot is restarting (rather than nothing, when the process is
+        gone before the answer comes), and no worker spends its time on an answer nobody reads."""
+        self._stopping.set()
 
     @property
     def source(self) -> str:
@@ -169,7 +184,9 @@ class Responder:
                 return self._explain(exc)
 
     async def reset(self, where: Where) -> str:
-        """Forget the conversation."""
+        """Forget the conversation, including an exchange whose answer is still on its way."""
+        if where.scope in self._answering:
+            self._forgotten.add(where.scope)
         try:
             await self.store.forget(where.scope)
         except REDIS_ERRORS as exc:
@@ -197,19 +214,49 @@ class Responder:
             seed=seed,
         )
         await self.store.set_inflight(where.scope, request.id)
+        self._answering.add(where.scope)
         try:
-            reply = await self.queue.ask(request, timeout=self.options.reply_timeout_s)
+            reply = await self._ask(request)
         except InvalidRequest as exc:
             return f"I can't take that message: {exc}."
         finally:
+            self._answering.discard(where.scope)
+            forgotten = where.scope in self._forgotten
+            self._forgotten.discard(where.scope)
             await self.store.clear_inflight(where.scope, request.id)
+        if reply is None:
+            return RESTARTING_TEXT
         if not reply.ok:
             return self._explain_reply(reply)
         text = reply.text.strip()
         log.info("%s answered %s in %.0f ms (%s@%s)", self.platform, where.scope,
                  reply.timings.queue_ms + reply.timings.generate_ms, reply.persona, reply.version)
-        await self.store.save(where.scope, [*request.messages, Message(role="assistant", content=text)])
+        if not forgotten:
+            await self.store.save(where.scope, [*request.messages, Message(role="assistant", content=text)])
         return text or EMPTY_REPLY_TEXT
+
+    async def _ask(self, request: GenerationRequest) -> GenerationReply | None:
+        """The queue's reply, or None when the adapter stops first (the request is withdrawn)."""
+        if self._stopping.is_set():
+            return None
+        asking = asyncio.ensure_future(self.queue.ask(request, timeout=self.options.reply_timeout_s))
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait((asking, stopping), return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            asking.cancel()
+            raise
+        finally:
+            stopping.cancel()
+        if asking.done():
+            return asking.result()
+        asking.cancel()
+        with contextlib.suppress(asyncio.CancelledError, *REDIS_ERRORS):
+            await asking
+        with contextlib.suppress(*REDIS_ERRORS):  # best effort: the worker then skips it
+            await self.queue.cancel(request.id)
+        log.info("%s: withdrew request %s, stopping", self.platform, request.id)
+        return None
 
     def _explain(self, exc: Exception) -> str:
         if isinstance(exc, QueueBusy):

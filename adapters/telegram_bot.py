@@ -1,12 +1,13 @@
 """The Telegram adapter (python-telegram-bot): Telegram updates in, persona replies out.
 
 In a private chat it answers every message (subject to the ``dm_policy``); in a group
-only a message that mentions it (@its_name) or replies to one of its messages. Replies
-are plain text split at Telegram's 4,096-character limit, so no split can ever cause
-"can't parse entities". While the queue works it shows "typing", refreshed every 4.5 s
-(Telegram shows it for 5 s). Flood control (``RetryAfter``) delays a message; it never
-drops it. Long polling by default; a webhook when ``PERSONA_TELEGRAM__WEBHOOK_URL`` is
-set. The token is kept out of every log line (httpx logs request URLs, which hold it).
+only a message that mentions it (@its_name) or replies to one of its messages, in the
+forum topic that message was written in. Replies are plain text split at Telegram's
+4,096-character limit, so no split can ever cause "can't parse entities". While the
+queue works it shows "typing", refreshed every 4.5 s (Telegram shows it for 5 s). Flood
+control (``RetryAfter``) delays a message; it never drops it. Long polling by default;
+a webhook when ``PERSONA_TELEGRAM__WEBHOOK_URL`` is set. The token is kept out of every
+log line (httpx logs request URLs, which hold it).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import TypeVar
 
 from telegram import BotCommand, Chat, Message, ReplyParameters, Update
 from telegram.constants import ChatAction, ChatMemberStatus, ChatType
-from telegram.error import InvalidToken, RetryAfter
+from telegram.error import InvalidToken, NetworkError, RetryAfter
 from telegram.ext import Application, CommandHandler, ContextTypes, MessageHandler, filters
 
 from adapters.access import AccessControl
@@ -30,7 +31,7 @@ from adapters.responder import Responder, Where, connect_with_backoff
 from adapters.splitting import TELEGRAM_MESSAGE_LIMIT_CHARS, split_message
 from adapters.typing_indicator import keep_typing
 from persona.errors import ConfigError
-from persona.settings import Settings
+from persona.settings import Settings, TelegramSettings
 
 __all__ = ["TelegramBot", "guard_token_in_logs", "run_telegram", "with_flood_control"]
 
@@ -45,12 +46,37 @@ TOKEN_REFUSED_TEXT = "Telegram refused the token: check PERSONA_TELEGRAM__TOKEN"
 
 
 @contextlib.contextmanager
-def _token_refused_as_config_error() -> Iterator[None]:
-    """A refused token ends the adapter as a ConfigError: PTB's own message quotes the token."""
+def _start_failures_as_config_errors(options: TelegramSettings) -> Iterator[None]:
+    """A refused token or an unreachable Bot API ends the adapter as a ConfigError naming the
+    setting to check, not a traceback (PTB's own message for a refused token quotes it)."""
     try:
         yield
     except InvalidToken:
         raise ConfigError(TOKEN_REFUSED_TEXT) from None
+    except NetworkError as exc:  # raised only while starting: once polling, PTB retries by itself
+        token = options.token.get_secret_value() if options.token else ""
+        reason = str(exc).replace(token, "***") if token else str(exc)
+        raise ConfigError(
+            f"cannot reach the Telegram Bot API at {options.api_url} ({reason}): check the network, "
+            "or PERSONA_TELEGRAM__API_URL"
+        ) from None
+
+
+class _NoTracebackForWhatIsRaised(logging.Filter):
+    """PTB logs the traceback of a start-up call it gives up on ("... Aborting"), then raises
+    the error, which the adapter reports as one line saying what to check: keep PTB's line,
+    drop the traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "Aborting" in str(record.msg):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def _quiet_start_up_tracebacks() -> None:
+    ptb = logging.getLogger("telegram.ext")
+    if not any(isinstance(f, _NoTracebackForWhatIsRaised) for f in ptb.filters):
+        ptb.addFilter(_NoTracebackForWhatIsRaised())
 
 
 T = TypeVar("T")
@@ -116,6 +142,20 @@ async def with_flood_control(call: Callable[[], Awaitable[T]]) -> T:
     return await call()
 
 
+class _Application(Application):
+    """PTB's Application, telling the bot when it begins to stop (SIGTERM, Ctrl-C, ``stop()``):
+    before it waits for the handlers still running, so questions waiting for a worker are
+    withdrawn and their askers told, not waited for until the process is killed."""
+
+    def __init__(self, *, on_stopping: Callable[[], None], **kwargs) -> None:
+        super().__init__(**kwargs)
+        self._on_stopping = on_stopping
+
+    async def stop(self) -> None:
+        self._on_stopping()
+        await super().stop()
+
+
 class TelegramBot:
     """One Telegram bot serving the persona chosen in the settings."""
 
@@ -127,8 +167,10 @@ class TelegramBot:
         self.options = options
         token = options.token.get_secret_value()
         guard_token_in_logs(token)
+        _quiet_start_up_tracebacks()
         self.application = (
             Application.builder()
+            .application_class(_Application, kwargs={"on_stopping": self._withdraw_questions})
             .token(token)
             .base_url(options.api_url)
             .base_file_url(re.sub(r"/bot$", "/file/bot", options.api_url))
@@ -163,9 +205,13 @@ class TelegramBot:
         await with_flood_control(lambda: app.bot.set_my_commands([BotCommand(n, a) for n, a in COMMANDS]))
         log.info("Telegram bot @%s serving persona %s", app.bot.username, self.options.persona)
 
+    def _withdraw_questions(self) -> None:
+        if self.responder is not None:
+            self.responder.stop()
+
     async def start(self) -> None:
         """Start polling inside a running event loop (tests, or an embedding program)."""
-        with _token_refused_as_config_error():
+        with _start_failures_as_config_errors(self.options):
             await self.application.initialize()
         await self._connect(self.application)
         await self.application.start()
@@ -196,7 +242,7 @@ class TelegramBot:
 
     def run(self) -> None:
         """Serve until interrupted: long polling, or a webhook if one is configured."""
-        with _token_refused_as_config_error():
+        with _start_failures_as_config_errors(self.options):
             if self.options.webhook_url:
                 self.application.run_webhook(**self._webhook_options())
             else:
@@ -213,7 +259,7 @@ class TelegramBot:
             return not self.options.allowed_chats or chat.id in self.options.allowed_chats
         decision = await self.access.check(str(user.id), user.full_name)
         if not decision.allowed:
-            await self.send(chat.id, decision.reply)
+            await self.say(update, decision.reply)
         return decision.allowed
 
     def _addressed_text(self, message: Message, chat: Chat, context: ContextTypes.DEFAULT_TYPE) -> str | None:
@@ -234,6 +280,12 @@ class TelegramBot:
     def _where(update: Update) -> Where:
         return Where(chat=str(update.effective_chat.id), user=str(update.effective_user.id))
 
+    @staticmethod
+    def _topic(message: Message | None) -> int | None:
+        """The forum topic a message was written in (None: not a topic). Without it, whatever
+        the bot sends goes to the group's General topic, away from the question."""
+        return message.message_thread_id if message is not None and message.is_topic_message else None
+
     # --- handlers -----------------------------------------------------------------------
 
     async def on_message(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
@@ -253,25 +305,25 @@ class TelegramBot:
         decision, notice = await self.responder.admit(where)
         if not decision.allowed:
             if notice:
-                await self.send(chat.id, notice, reply_to=message.message_id)
+                await self.say(update, notice, quote=True)
             return
-        typing = lambda: context.bot.send_chat_action(chat.id, ChatAction.TYPING)  # noqa: E731
+        topic = self._topic(message)
+        typing = lambda: context.bot.send_chat_action(chat.id, ChatAction.TYPING, message_thread_id=topic)  # noqa: E731
         async with keep_typing(typing, TYPING_REFRESH_S):
             reply = await make(where)
-        reply_to = message.message_id if chat.type != ChatType.PRIVATE else None
-        await self.send(chat.id, reply, reply_to=reply_to)
+        await self.say(update, reply, quote=chat.type != ChatType.PRIVATE)
 
     async def on_start(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         """Greet, and say who the user is talking to."""
         if not await self._admitted(update):
             return
         persona = await self.responder.persona_for(str(update.effective_chat.id))
-        await self.send(update.effective_chat.id, f"Hello! You are talking to {self.responder.describe_persona(persona)}\n\n{HELP_TEXT}")
+        await self.say(update, f"Hello! You are talking to {self.responder.describe_persona(persona)}\n\n{HELP_TEXT}")
 
     async def on_help(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         """List the commands."""
         if await self._admitted(update):
-            await self.send(update.effective_chat.id, HELP_TEXT)
+            await self.say(update, HELP_TEXT)
 
     async def on_persona(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         """Show this chat's persona, or switch it (in groups, administrators only)."""
@@ -286,7 +338,7 @@ class TelegramBot:
             text = "Only the group's administrators can switch the persona here."
         else:
             text = await self.responder.set_persona(str(chat.id), context.args[0].lower())
-        await self.send(chat.id, text)
+        await self.say(update, text)
 
     async def _is_admin(self, chat: Chat, user_id: int) -> bool:
         member = await with_flood_control(lambda: chat.get_member(user_id))
@@ -295,7 +347,7 @@ class TelegramBot:
     async def on_reset(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         """Forget the conversation."""
         if await self._admitted(update):
-            await self.send(update.effective_chat.id, await self.responder.reset(self._where(update)))
+            await self.say(update, await self.responder.reset(self._where(update)))
 
     async def on_retry(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         """Answer the last message again, with a new seed."""
@@ -305,18 +357,26 @@ class TelegramBot:
     async def on_cancel(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         """Withdraw the request still waiting or running."""
         if await self._admitted(update):
-            await self.send(update.effective_chat.id, await self.responder.cancel(self._where(update)))
+            await self.say(update, await self.responder.cancel(self._where(update)))
 
     async def on_error(self, update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
         """The one place errors end up: log them with the traceback."""
         log.error("error while handling a Telegram update", exc_info=context.error)
 
-    async def send(self, chat_id: int, text: str, reply_to: int | None = None) -> None:
+    async def say(self, update: Update, text: str, *, quote: bool = False) -> None:
+        """Answer in the chat, and the forum topic, the update came from (quoting it if ``quote``)."""
+        message = update.effective_message
+        reply_to = message.message_id if quote and message is not None else None
+        await self.send(update.effective_chat.id, text, reply_to=reply_to, topic=self._topic(message))
+
+    async def send(self, chat_id: int, text: str, reply_to: int | None = None, topic: int | None = None) -> None:
         """Send plain text in as many messages as it takes, waiting out flood control."""
         for index, chunk in enumerate(split_message(text, TELEGRAM_MESSAGE_LIMIT_CHARS)):
             reply = ReplyParameters(message_id=reply_to, allow_sending_without_reply=True) if reply_to and index == 0 else None
             await with_flood_control(
-                lambda chunk=chunk, reply=reply: self.application.bot.send_message(chat_id, chunk, reply_parameters=reply)
+                lambda chunk=chunk, reply=reply: self.application.bot.send_message(
+                    chat_id, chunk, reply_parameters=reply, message_thread_id=topic
+                )
             )
 
 

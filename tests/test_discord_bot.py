@@ -9,6 +9,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
 import time
 
 import discord
@@ -18,7 +23,7 @@ from discord.gateway import DiscordWebSocket
 from pydantic import SecretStr
 
 from adapters.discord_bot import OPERATOR_ONLY_TEXT, PersonaBot
-from adapters.responder import BUSY_TEXT, RESET_TEXT
+from adapters.responder import BUSY_TEXT, RESET_TEXT, RESTARTING_TEXT, UNREACHABLE_TEXT
 from persona import constants as keys
 from persona import swap as swaps
 from persona.errors import ConfigError
@@ -141,6 +146,34 @@ async def test_a_long_reply_is_split_at_2000_characters(start_bot, fake_api, dis
     assert " ".join(texts) == words
 
 
+async def test_a_reply_to_the_last_part_of_a_long_answer_continues_from_the_question(start_bot, fake_api, discord_settings):
+    words = " ".join(f"word{i}" for i in range(700))  # three messages
+
+    def script(request) -> str:
+        return words if len(request.messages) == 1 else "briefly: words"
+
+    with scripted_worker(discord_settings, script) as seen:
+        await start_bot()
+        await fake_api.user_message("tell me everything", mention_bot=True)
+        await fake_api.wait_for(lambda: len(fake_api.sent) == 3)
+        await fake_api.user_message("and briefly?", reply_to=fake_api.sent[-1])
+        await fake_api.wait_for(lambda: len(fake_api.sent) == 4)
+    context = [(m.role, m.content.replace("\n", " ")) for m in seen[1].messages]
+    assert context == [("user", "tell me everything"), ("assistant", words), ("user", "and briefly?")]
+
+
+async def test_a_reply_in_a_dm_continues_the_whole_conversation(start_bot, fake_api, discord_settings):
+    with scripted_worker(discord_settings, echo) as seen:
+        await start_bot()
+        for n, text in enumerate(["my name is Ada", "I like tea"]):
+            await fake_api.user_message(text, guild=False, channel_id=DM_CHANNEL)
+            await fake_api.wait_for(lambda n=n: len(fake_api.sent) == n + 1)
+        await fake_api.user_message("what is my name?", guild=False, channel_id=DM_CHANNEL, reply_to=fake_api.sent[-1])
+        await fake_api.wait_for(lambda: len(fake_api.sent) == 3)
+    assert [m.role for m in seen[2].messages] == ["user", "assistant", "user", "assistant", "user"]
+    assert seen[2].messages[0].content == "my name is Ada" and seen[2].messages[-1].content == "what is my name?"
+
+
 async def test_a_429_delays_the_reply_but_never_loses_it(start_bot, fake_api, discord_settings):
     with scripted_worker(discord_settings, echo):
         await start_bot()
@@ -212,12 +245,10 @@ async def test_operator_commands_refuse_ordinary_users(start_bot, fake_api, disc
     await fake_api.wait_for(lambda: len(fake_api.interaction_responses) == 3)
     assert "workers:" in fake_api.interaction_responses[2]["data"]["content"]
 
-    await fake_api.slash("persona", {"name": "other"}, author_id=111)
-    await fake_api.wait_for(lambda: len(fake_api.interaction_responses) == 4)
-    assert "Only the bot's operators" in fake_api.interaction_responses[3]["data"]["content"]
+    await fake_api.slash("persona", {"name": "other"}, author_id=111)  # answered after "thinking…"
+    await fake_api.wait_for(lambda: "Only the bot's operators" in fake_api.texts()[-1])
     await fake_api.slash("persona", {"name": "other"}, author_id=555)
-    await fake_api.wait_for(lambda: len(fake_api.interaction_responses) == 5)
-    assert fake_api.interaction_responses[4]["data"]["content"].startswith("From now on you are talking to Other")
+    await fake_api.wait_for(lambda: fake_api.texts()[-1].startswith("From now on you are talking to Other"))
 
 
 async def test_operators_swap_and_roll_back_a_checkpoint_on_the_live_workers(
@@ -277,6 +308,44 @@ async def test_a_wrong_token_is_a_clear_error(discord_settings, fake_api, redis_
                 await asyncio.wait_for(bot.serve(), 30)
     finally:
         discord.http.Route.BASE = default_base
+
+
+async def test_an_unreachable_api_is_a_clear_error_naming_the_setting(discord_settings, redis_client):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    discord_settings.discord = discord_settings.discord.model_copy(update={"api_url": f"http://127.0.0.1:{port}/api/v10"})
+    default_base = discord.http.Route.BASE
+    try:
+        async with PersonaBot(discord_settings) as bot:
+            with pytest.raises(ConfigError, match="cannot reach Discord at .*PERSONA_DISCORD__API_URL"):
+                await asyncio.wait_for(bot.serve(), 30)
+    finally:
+        discord.http.Route.BASE = default_base
+
+
+async def test_sigterm_withdraws_a_question_in_flight_and_tells_its_asker(fake_api, redis_url, redis_client, tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PERSONA_")} | {
+        "PERSONA_DATA_DIR": str(tmp_path / "data"), "PERSONA_REDIS_URL": redis_url,
+        "PERSONA_DISCORD__TOKEN": TOKEN, "PERSONA_DISCORD__API_URL": fake_api.api_url,
+    }
+    bot = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "persona", "discord", env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    scope = f"{CHANNEL_ID}:111"
+    try:
+        await asyncio.wait_for(fake_api.identified.wait(), 60)
+        await fake_api.user_message("a question no worker takes before the restart", mention_bot=True)
+        await fake_api.wait_for(lambda: redis_client.get(keys.inflight_key("discord", scope)))
+        request_id = redis_client.get(keys.inflight_key("discord", scope)).decode()
+        bot.send_signal(signal.SIGTERM)
+        output, _ = await asyncio.wait_for(bot.communicate(), 20)
+    finally:
+        if bot.returncode is None:
+            bot.kill()
+    assert bot.returncode == 0 and b"Traceback" not in output
+    assert fake_api.texts() == [RESTARTING_TEXT]
+    assert redis_client.exists(keys.cancel_key(request_id))  # no worker will spend time on it
 
 
 async def test_a_question_deleted_while_the_bot_thinks_still_gets_its_answer(start_bot, fake_api, discord_settings):
@@ -393,3 +462,21 @@ async def test_a_slash_command_is_answered_when_redis_refuses_writes(start_bot, 
         await fake_api.slash("ask", {"text": "anyone there?"})
         await fake_api.wait_for(lambda: fake_api.texts() == [BUSY_TEXT])
     assert fake_api.interaction_responses[0]["type"] == 5  # the "thinking…" is followed by an answer
+
+
+@pytest.mark.slow  # the client's reconnect backoff takes about 15 s before it gives up politely
+async def test_slash_commands_during_a_redis_outage_get_polite_replies(start_bot, fake_api, discord_settings, tmp_path):
+    from persona.embedded_redis import EmbeddedRedis
+
+    server = EmbeddedRedis(tmp_path / "own-redis")
+    discord_settings.redis_url = SecretStr(server.start())
+    try:
+        await start_bot()
+        server.stop()
+        await fake_api.slash("ask", {"text": "anyone there?"})
+        await fake_api.slash("reset", author_id=222)
+        # Discord drops a command not answered within 3 s: "thinking…" goes first, then the apology.
+        await fake_api.wait_for(lambda: fake_api.texts() == [UNREACHABLE_TEXT] * 2, timeout=90)
+    finally:
+        server.stop()
+    assert [r["type"] for r in fake_api.interaction_responses] == [5, 5]

@@ -10,6 +10,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -19,7 +24,13 @@ import redis
 from pydantic import SecretStr
 
 from adapters.access import approve_code
-from adapters.responder import BUSY_TEXT, CANCELLED_TEXT, RESET_TEXT, TIMEOUT_TEXT
+from adapters.responder import (
+    BUSY_TEXT,
+    CANCELLED_TEXT,
+    RESET_TEXT,
+    RESTARTING_TEXT,
+    TIMEOUT_TEXT,
+)
 from adapters.telegram_bot import HELP_TEXT, TelegramBot, run_telegram
 from persona import constants as keys
 from persona.errors import ConfigError
@@ -192,6 +203,22 @@ async def test_cancel_withdraws_a_waiting_request(start_bot, fake_api, telegram_
     await fake_api.wait_for(lambda: "Nothing to cancel" in fake_api.texts()[-1])
 
 
+async def test_reset_while_an_answer_is_on_its_way_forgets_that_exchange_too(start_bot, fake_api, telegram_settings):
+    def slow_echo(request) -> str:
+        time.sleep(1.0)
+        return echo(request)
+
+    with scripted_worker(telegram_settings, slow_echo) as seen:
+        await start_bot()
+        fake_api.push_message("my name is Ada")
+        await fake_api.wait_for(lambda: len(seen) == 1)  # the worker is on it
+        fake_api.push_message("/reset")
+        await fake_api.wait_for(lambda: sorted(fake_api.texts()) == sorted([RESET_TEXT, "echo: my name is Ada"]))
+        fake_api.push_message("what is my name?")
+        await fake_api.wait_for(lambda: len(fake_api.sent) == 3)
+    assert [m.content for m in seen[1].messages] == ["what is my name?"]  # the reset holds
+
+
 async def test_pairing_gives_a_code_that_the_operator_approves(start_bot, fake_api, telegram_settings, redis_client):
     with scripted_worker(telegram_settings, echo) as seen:
         await start_bot(dm_policy="pairing")
@@ -341,6 +368,41 @@ async def test_a_longer_username_that_starts_with_the_bots_is_not_a_mention(star
     assert len(seen) == 1
 
 
+async def test_in_a_forum_topic_every_reply_stays_in_the_topic(start_bot, fake_api, telegram_settings):
+    words = " ".join(f"word{i}" for i in range(1000))  # two messages
+    with scripted_worker(telegram_settings, lambda request: words):
+        await start_bot()
+        fake_api.push_message(f"@{BOT_USERNAME} tell me everything", chat_id=GROUP, topic=77)
+        await fake_api.wait_for(lambda: len(fake_api.sent) == 2)
+        fake_api.push_message(f"/help@{BOT_USERNAME}", chat_id=GROUP, topic=77)
+        await fake_api.wait_for(lambda: len(fake_api.sent) == 3)
+    assert [m.get("message_thread_id") for m in fake_api.sent] == [77, 77, 77]  # none in the General topic
+    assert fake_api.actions and all(a.get("message_thread_id") == 77 for a in fake_api.actions)
+
+
+async def test_sigterm_withdraws_a_question_in_flight_and_tells_its_asker(fake_api, redis_url, redis_client, tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PERSONA_")} | {
+        "PERSONA_DATA_DIR": str(tmp_path / "data"), "PERSONA_REDIS_URL": redis_url,
+        "PERSONA_TELEGRAM__TOKEN": TOKEN, "PERSONA_TELEGRAM__API_URL": fake_api.base_url,
+    }
+    bot = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "persona", "telegram", env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    try:
+        await fake_api.wait_for(lambda: any(method == "getUpdates" for method, _ in fake_api.calls), timeout=60)
+        fake_api.push_message("a question no worker takes before the restart")
+        await fake_api.wait_for(lambda: redis_client.get(keys.inflight_key("telegram", "1001:1001")))
+        request_id = redis_client.get(keys.inflight_key("telegram", "1001:1001")).decode()
+        bot.send_signal(signal.SIGTERM)
+        output, _ = await asyncio.wait_for(bot.communicate(), 20)  # not the 120 s it could wait
+    finally:
+        if bot.returncode is None:
+            bot.kill()
+    assert bot.returncode == 0 and b"Traceback" not in output
+    assert fake_api.texts() == [RESTARTING_TEXT]
+    assert redis_client.exists(keys.cancel_key(request_id))  # no worker will spend time on it
+
+
 @pytest.fixture
 def fake_api_in_a_thread() -> Iterator[FakeTelegram]:
     """The fake Bot API on its own loop and thread, for code that runs its own event loop."""
@@ -365,3 +427,22 @@ def test_a_wrong_token_is_a_clear_error_that_never_shows_the_token(settings, fak
         run_telegram(settings)
     assert wrong not in str(refused.value) and wrong.split(":")[1] not in str(refused.value)
     assert refused.value.__cause__ is None and refused.value.__suppress_context__  # no traceback quoting it
+
+
+def closed_port_url(path: str) -> str:
+    """A loopback URL where nothing listens."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return f"http://127.0.0.1:{port}{path}"
+
+
+def test_an_unreachable_bot_api_is_a_clear_error_naming_the_setting(settings, caplog):
+    asyncio.set_event_loop(asyncio.new_event_loop())  # run_polling closes the loop it ran on: not another test's
+    settings.telegram = settings.telegram.model_copy(
+        update={"token": SecretStr(TOKEN), "api_url": closed_port_url("/bot"), "persona": "tg"}
+    )
+    with pytest.raises(ConfigError, match="cannot reach the Telegram Bot API at .*PERSONA_TELEGRAM__API_URL") as refused:
+        run_telegram(settings)
+    assert TOKEN.split(":")[1] not in str(refused.value) and refused.value.__suppress_context__
+    assert not any(record.exc_info for record in caplog.records)  # one line, no traceback

@@ -10,6 +10,8 @@ to interactions included), ``typing`` (channel ids), ``interaction_responses``.
 ``rate_limit(route_prefix, seconds)`` answers the next matching request with a 429.
 ``delete(message)`` removes a message; a reply to it then fails with 400 "Unknown
 message", as on Discord, unless the reply says ``fail_if_not_exists: false``.
+An interaction must get its first response within 3 s of being created, as on Discord;
+a later one fails with 404 "Unknown interaction" (follow-ups stay open).
 ``thread(announced=False)`` makes a thread the bot never hears of, so discord.py cannot
 cache it; ``GET /channels/{id}`` (counted in ``requests``) is how the bot learns its parent,
 answered with 403 for the ids in ``forbidden_channels``.
@@ -32,6 +34,7 @@ CHANNEL_ID = 920000000000000001
 OTHER_CHANNEL_ID = 920000000000000002
 OPERATOR_ROLE_ID = 930000000000000001
 TIMESTAMP = "2025-01-01T00:00:00.000000+00:00"
+INTERACTION_RESPONSE_S = 3.0  # Discord's window for an interaction's first response
 
 
 def _json(data, status: int = 200, headers: dict | None = None) -> web.Response:
@@ -66,6 +69,7 @@ class FakeDiscord:
         self._ids = itertools.count(950000000000000001)
         self._sequence = itertools.count(1)
         self._sockets: list[web.WebSocketResponse] = []
+        self._interactions_created: dict[str, float] = {}  # interaction id → when it was created
         self._runner: web.AppRunner | None = None
         self.ws_url = ""
 
@@ -161,6 +165,7 @@ class FakeDiscord:
             "data": {"id": str(next(self._ids)), "name": name, "type": 1,
                      "options": [{"name": k, "type": 3, "value": v} for k, v in (options or {}).items()]},
         }
+        self._interactions_created[interaction["id"]] = time.monotonic()
         await self.dispatch("INTERACTION_CREATE", interaction)
         return interaction
 
@@ -287,6 +292,9 @@ class FakeDiscord:
                     return _json({"message": "Unknown Message", "code": 10008}, status=404)
                 return _json(found)
             case "POST", ["interactions", interaction_id, _, "callback"]:
+                created = self._interactions_created.get(interaction_id, time.monotonic())
+                if time.monotonic() - created > INTERACTION_RESPONSE_S:
+                    return _json({"message": "Unknown interaction", "code": 10062}, status=404)
                 self.interaction_responses.append({"interaction": interaction_id, **body})
                 data = body.get("data") or {}
                 if "content" in data:

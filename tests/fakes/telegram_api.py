@@ -59,9 +59,10 @@ class FakeTelegram:
 
     def push_message(
         self, text: str, *, chat_id: int = 1001, user_id: int = 1001, chat_type: str = "private",
-        reply_to: dict | None = None, first_name: str = "Ada",
+        reply_to: dict | None = None, first_name: str = "Ada", topic: int | None = None,
     ) -> dict:
-        """Queue a user's message as an update; returns the message."""
+        """Queue a user's message as an update; returns the message. ``topic``: written in that
+        topic of a forum supergroup."""
         message = {
             "message_id": next(self._ids),
             "date": int(time.time()),
@@ -74,6 +75,9 @@ class FakeTelegram:
             message["entities"] = [{"type": "bot_command", "offset": 0, "length": len(command)}]
         if reply_to is not None:
             message["reply_to_message"] = reply_to
+        if topic is not None:
+            message |= {"message_thread_id": topic, "is_topic_message": True}
+            message["chat"] |= {"type": "supergroup", "is_forum": True}
         self.updates.append({"update_id": next(self._ids), "message": message})
         self._new_update.set()
         return message
