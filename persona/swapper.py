@@ -19,7 +19,7 @@ from persona import constants as keys
 from persona import swap
 from persona.checkpoint_checks import loaded_problem, static_problem
 from persona.checkpoints import resolve_checkpoint
-from persona.errors import PersonaError, SwapRefused
+from persona.errors import PersonaError, SwapRefused, UnknownPersona
 from persona.heartbeat import WorkerInfo, redis_time
 from persona.personas import Persona, PersonaRegistry
 from persona.pool import ModelPool, Served
@@ -81,6 +81,7 @@ class Swapper:
         self._followed: tuple | None = None  # what the last follow saw
         self._followed_at = 0.0
         self._checked_at = float("-inf")  # when proposals were last read
+        self._problems: dict[str, str] = {}  # persona -> why the last follow could not switch it
 
     def refresh_active(self, active: dict[str, str] | None = None) -> None:
         """Read which version each persona serves now (or take ``active``, read just before)."""
@@ -154,19 +155,36 @@ class Swapper:
     # -- phase two: switch and free -------------------------------------------------
 
     def _follow(self) -> None:
-        """Switch personas this worker serves to their active version; free the rest."""
+        """Switch personas this worker serves to their active version; free the rest.
+
+        A persona whose file was removed is no longer served (a request for it is
+        answered "unknown persona"), so its weights are freed unless another persona
+        speaks with them. Any other problem keeps every loaded model, and is logged once,
+        not at every follow.
+        """
         wanted = set(self._ready.values())
+        problems: dict[str, str] = {}
         for name, shown in list(self.info.personas.items()):
             try:
                 persona = self.registry.get(name)
                 served = self.pool.serve(persona, self.version_for(name))
+            except UnknownPersona:
+                del self.info.personas[name]
+                log.info("persona %s is gone (its file was removed); no longer serving it", name)
+                continue
             except PersonaError as exc:
-                log.error("cannot switch %s to %s: %s", name, self.version_for(name), exc)
-                return  # keep every loaded model rather than free one still in use
+                problems[name] = f"cannot switch {name} to {self.version_for(name)}: {exc}"
+                continue
             wanted.add(served.key)
             if served.version != shown:
                 log.info("switched %s from %s to %s", name, shown, served.version)
                 self.info.personas[name] = served.version
+        for name, problem in problems.items():
+            if self._problems.get(name) != problem:
+                log.error("%s", problem)
+        self._problems = problems
+        if problems:
+            return  # keep every loaded model rather than free one still in use
         freed = [key for key in self.pool.loaded_keys() if key not in wanted]
         for key in freed:
             self.pool.release(key)

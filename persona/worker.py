@@ -56,6 +56,8 @@ MAX_RECONNECT_PAUSE_S = 5.0
 # Telemetry of delivered replies is recorded with a claim this long after the last
 # recording: a quarter second late at most, and never in the way of a reply.
 RECORD_EVERY_S = 0.25
+# What a row still decoding at its deadline is answered: its caller stops waiting then.
+LATE = "the reply was not finished by its deadline; please ask again"
 
 
 @dataclass(frozen=True)
@@ -136,6 +138,9 @@ class Worker:
         self.info = heartbeat.WorkerInfo(id=self.id, device=pool.device)
         self.swaps = Swapper(client, pool, self.registry, self.info)
         self.stopping = threading.Event()
+        # Set as the worker leaves, not when told to stop: it beats while it finishes the
+        # rows in hand, or others would take them as a dead worker's and decode them again.
+        self._leaving = threading.Event()
         self._last_reclaim = 0.0
         self._last_cancel_check = 0.0
         self._last_keep = 0.0
@@ -159,12 +164,24 @@ class Worker:
     # -- life cycle -------------------------------------------------------------
 
     def preload(self, names: list[str] | None = None) -> None:
-        """Load the models of these personas (default: all) before taking work."""
+        """Load the models of these personas (default: all) before taking work.
+
+        A persona named here that cannot be loaded stops the worker (ModelError,
+        ConfigError); by default one that cannot is skipped with a warning, and its
+        requests are answered with why: one broken persona file used to keep every
+        worker from starting.
+        """
         personas = self.registry.all()
         self.swaps.refresh_active()
         for name in names or sorted(personas):
             persona = personas.get(name) or self.registry.get(name)
-            served = self.pool.serve(persona, self.swaps.version_for(persona.name))
+            try:
+                served = self.pool.serve(persona, self.swaps.version_for(persona.name))
+            except PersonaError as exc:
+                if names:
+                    raise
+                log.warning("not preloading persona %s: %s", persona.name, exc)
+                continue
             self.info.personas[persona.name] = served.version
 
     def run(self) -> None:
@@ -202,6 +219,7 @@ class Worker:
         """Hand back what is held and disappear from the group and the heartbeats."""
         self.info.state = "leaving"
         self.stopping.set()
+        self._leaving.set()
         beat.join(timeout=5)
         try:
             self.flush()
@@ -234,7 +252,7 @@ class Worker:
         self._redis_offset = redis_now - (before + time.time()) / 2
 
     def _beat(self) -> None:
-        while not self.stopping.wait(self.settings.worker.heartbeat_s):
+        while not self._leaving.wait(self.settings.worker.heartbeat_s):
             self.info.memory_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
             try:
                 self._publish_heartbeat()
@@ -477,13 +495,31 @@ class Worker:
         prompts = build_prompts(items, served.loaded, getattr(served.engine, "context_tokens", None))
         return [Work(p.token_ids, sampling, p.stop) for p, (_, _, sampling) in zip(prompts, items, strict=True)]
 
+    def _prompted(self, members: list[_Row]) -> tuple[list[_Row], list[Work]]:
+        """The rows whose prompts could be built, and their work; the others are answered
+        with why, alone: a chat template that refuses one conversation ("roles must
+        alternate", on Llama-2 or Mistral) used to fail every request beside it."""
+        try:
+            return members, self._works(members)
+        except Exception as exc:
+            if len(members) == 1:
+                self._send(self._failed(members, exc))
+                return [], []
+        kept, works = [], []
+        for row in members:
+            try:
+                works += self._works([row])
+            except Exception as exc:
+                self._send(self._failed([row], exc))
+            else:
+                kept.append(row)
+        return kept, works
+
     def _admit(self, members: list[_Row]) -> None:
         """Hand rows to their model's engine; they join its batch at the next step."""
         engine = members[0].served.engine
-        try:
-            works = self._works(members)
-        except Exception as exc:
-            self._send(self._failed(members, exc))
+        members, works = self._prompted(members)
+        if not members:
             return
         for row, work in zip(members, works, strict=True):
             engine.add(work, row)
@@ -514,24 +550,36 @@ class Worker:
             self._send(settled, batch_size=batch)
 
     def _drop_withdrawn(self) -> None:
-        """Rows whose callers withdrew them leave their batch now and are answered so."""
+        """Rows whose callers withdrew them, or whose deadline passed (their callers stop
+        waiting then), leave their batch now and are answered so."""
         withdrawn = self.queue.is_cancelled(list(self._in_flight))
-        if not withdrawn:
+        now = time.time() + self._redis_offset
+        late = {i for i, row in self._in_flight.items() if i not in withdrawn and row.job.expired(now)}
+        if not withdrawn and not late:
             return
-        rows = [self._in_flight.pop(request_id) for request_id in withdrawn]
+        rows = [self._in_flight.pop(request_id) for request_id in [*withdrawn, *late]]
         dropped = {id(row) for row in rows}
         for key, engine in list(self._decoding.items()):
             engine.remove(lambda tag: id(tag) in dropped)
             if not engine.active:
                 del self._decoding[key]
-        log.info("stopped %d withdrawn request(s) mid-generation", len(rows))
-        self._send([(r.job, self._failure(r.job.request, ErrorKind.cancelled, "the request was withdrawn")) for r in rows])
+        if withdrawn:
+            log.info("stopped %d withdrawn request(s) mid-generation", len(withdrawn))
+        if late:
+            log.warning("stopped %d request(s) mid-generation at their deadline", len(late))
+        self._send(
+            [(r.job, self._failure(r.job.request, ErrorKind.cancelled, "the request was withdrawn")) for r in rows[: len(withdrawn)]]
+            + [(r.job, self._failure(r.job.request, ErrorKind.timeout, LATE)) for r in rows[len(withdrawn) :]]
+        )
 
     def _generate(self, members: list[_Row]) -> list[tuple[Job, GenerationReply]]:
         """One whole batch through an engine that cannot take rows while decoding."""
         started = time.perf_counter()
+        members, works = self._prompted(members)
+        if not members:
+            return []
         try:
-            completions = members[0].served.engine.generate(self._works(members))
+            completions = members[0].served.engine.generate(works)
         except Exception as exc:
             return self._failed(members, exc)
         elapsed = time.perf_counter() - started

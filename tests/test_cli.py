@@ -292,3 +292,37 @@ def test_ctrl_c_in_a_chat_withdraws_that_message_and_the_chat_goes_on(env, doome
     assert chatting.returncode == 0 and "Traceback" not in stderr
     assert client.exists(keys.cancel_key(request_id))
     assert "(withdrawn)" in stdout and stdout.count("you>") == 2  # asked again, then left with /quit
+
+
+def test_ask_with_a_sampling_option_past_the_contracts_bounds_names_the_option(env):
+    """`--max-new-tokens 5000` or `--seed -1` ended in a pydantic traceback (status 1)."""
+    for option, value in (("--max-new-tokens", "5000"), ("--seed", "-1")):
+        result = persona("ask", "sage", "hello", option, value, env=env)
+        assert result.returncode == 2, result.stderr
+        assert "Traceback" not in result.stderr and option in result.stderr
+
+
+@pytest.mark.slow
+def test_a_worker_told_to_stop_while_it_loads_its_model_stops_at_once(env, redis_url, tmp_path: Path):
+    """SIGTERM (`persona up` stopping) or Ctrl-C during a worker's first start went on to
+    load and warm every model (minutes on a GPU), serve, then leave: nothing was taken
+    yet, so it stops at once."""
+    import signal
+    import time
+
+    env |= {"PERSONA_REDIS_URL": redis_url, "PERSONA_WORKER__THREADS": "1"}
+    output = tmp_path / "worker.log"
+    with output.open("w") as log:  # a data dir of its own: the bundled model is converted first (seconds)
+        worker = subprocess.Popen([sys.executable, "-m", "persona", "worker", "--preload", "sage"],
+                                  env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while "converting the bundled model" not in output.read_text():
+            assert worker.poll() is None and time.monotonic() < deadline, output.read_text()
+            time.sleep(0.05)
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(timeout=30) == 0
+    finally:
+        worker.kill()
+    said = output.read_text()
+    assert "stopped while loading models" in said and "serving on" not in said and "Traceback" not in said, said

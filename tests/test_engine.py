@@ -174,3 +174,17 @@ def test_looking_ahead_changes_no_reply(tiny_llama):
     plain.stop_ids = set()
     alone = plain.generate([batch[1], batch[3]])
     assert [left[1].text, left[3].text] == [c.text for c in alone]
+
+
+@pytest.mark.parametrize("mode", ["eager", "fused"])
+def test_a_top_k_past_any_vocabulary_samples_as_no_top_k_and_fails_no_batch(tiny_llama, mode):
+    """The contract bounds top_k below by 0 only: one request with top_k=2**63 failed its
+    whole batch ("Overflow when unpacking long long"), the rows beside it included."""
+    from persona.contract import SamplingOverrides
+
+    huge = Sampling(temperature=1.0, max_new_tokens=5, seed=7).merged(SamplingOverrides(top_k=2**63))
+    engine = TransformersEngine(tiny_llama, mode=mode)
+    replies = engine.generate([*_batch(), Work([3, 4, 5], huge)])
+    same = engine.generate([Work([3, 4, 5], huge.model_copy(update={"top_k": 0}))])
+    assert replies[-1].text == same[0].text and replies[-1].new_tokens == 5
+    assert [c.text for c in replies[:-1]] == [c.text for c in engine.generate(_batch())]

@@ -98,3 +98,14 @@ def test_a_damaged_lora_checkpoint_is_called_damaged_not_a_misfit(tiny_llama_dir
     with pytest.raises(ModelError, match="adapter_model.safetensors.*(unreadable|missing)") as refused:
         load_model(str(tiny_llama_dir), lora, cache_dir=tmp_path)
     assert "does not fit" not in str(refused.value)
+
+
+def test_a_device_that_is_not_one_of_the_choices_is_refused_not_taken_for_the_cpu():
+    """`persona worker --device gpu` used to serve on the CPU without a word."""
+    from persona.errors import ConfigError
+    from persona.models import pick_device
+
+    for wrong in ("gpu", "CUDA", "cuda:0", ""):
+        with pytest.raises(ConfigError, match="unknown device"):
+            pick_device(wrong)
+    assert pick_device("cpu") == "cpu"

@@ -399,3 +399,139 @@ def test_deadlines_are_kept_by_redis_clock_whatever_the_callers(
     worker.step(block_ms=0)
     assert client.wait(fresh, timeout=5).ok
     assert client.wait(late, timeout=5).error.kind is ErrorKind.timeout
+
+
+def test_a_persona_that_cannot_be_loaded_is_skipped_at_start_not_the_worker(
+    write_persona, personas_dir, tmp_path, tiny_llama_dir, settings, redis_client, client
+):
+    """`persona worker` preloads every persona: one whose base is gone (a folder removed,
+    a file copied from another machine) ended the worker at start, and under `persona up`
+    every worker, restarted until given up on. Named with --preload, it still stops it."""
+    from persona.errors import ModelError
+    from persona.personas import PersonaRegistry
+    from persona.pool import ModelPool
+    from persona.worker import Worker
+
+    write_persona("gone", base=str(tmp_path / "no-such-model"))
+    write_persona("tiny", base=str(tiny_llama_dir))
+    registry = PersonaRegistry([personas_dir])  # these two alone: the bundled ones load slowly
+    worker = Worker(settings, redis_client, ModelPool(settings, "cpu"), registry=registry, worker_id="w-start")
+    worker.preload()
+    assert "tiny" in worker.info.personas and "gone" not in worker.info.personas
+    good, bad = client.submit(chat("tiny")), client.submit(chat("gone"))
+    worker.step(block_ms=0)
+    assert client.wait(good, timeout=5).ok
+    refused = client.wait(bad, timeout=5)
+    assert not refused.ok and refused.error.kind is ErrorKind.model and "no-such-model" in refused.error.message
+    with pytest.raises(ModelError, match="no-such-model"):
+        Worker(settings, redis_client, ModelPool(settings, "cpu"), registry=registry).preload(["gone"])
+
+
+def test_a_persona_file_removed_while_serving_is_let_go_and_logged_once(
+    write_persona, personas_dir, tiny_llama_dir, tiny_gpt2_dir, settings, redis_client, client, caplog
+):
+    """Removing a persona file under a running worker logged "cannot switch" every second
+    for ever, and the worker then never freed the weights of a swap for any persona."""
+    from persona.personas import PersonaRegistry
+    from persona.pool import ModelPool
+    from persona.swapper import FOLLOW_EVERY_S
+    from persona.worker import Worker
+
+    gone = write_persona("gone", base=str(tiny_gpt2_dir))
+    write_persona("tiny", base=str(tiny_llama_dir))
+    pool = ModelPool(settings, "cpu")
+    worker = Worker(settings, redis_client, pool, registry=PersonaRegistry([personas_dir]), worker_id="w-gone")
+    worker.preload()
+    assert len(pool.loaded_keys()) == 2
+    gone.unlink()
+    with caplog.at_level(logging.INFO, logger="persona.swapper"):
+        started = time.monotonic()
+        while time.monotonic() - started < 3 * FOLLOW_EVERY_S:
+            worker.turn(block_ms=50)
+    assert [r.levelname for r in caplog.records if "gone" in r.getMessage()] == ["INFO"], caplog.text
+    assert list(worker.info.personas) == ["tiny"]
+    assert pool.loaded_keys() == [(str(tiny_llama_dir), "base")]  # the removed persona's weights freed
+    request = client.submit(chat("gone"))
+    worker.step(block_ms=0)
+    assert "unknown persona 'gone'" in client.wait(request, timeout=5).error.message
+
+
+def test_a_row_still_decoding_at_its_deadline_stops_and_its_caller_is_told(
+    write_persona, tiny_llama_dir, settings, redis_client, client
+):
+    """A row kept decoding past its deadline, to its last token, for a caller that had
+    stopped waiting ("no worker answered... is a worker running?"), holding a place in
+    the batch all along: a 4096-token request did so for minutes."""
+    from persona.pool import ModelPool
+    from persona.worker import Worker
+
+    settings.worker.cancel_check_s = 0.01
+    write_persona("tiny", base=str(tiny_llama_dir))
+    worker = Worker(settings, redis_client, ModelPool(settings, "cpu"), worker_id="w-late")
+    worker.preload(["tiny"])
+    long = SamplingOverrides(max_new_tokens=400, temperature=1.0, top_k=0, seed=5)
+    late = client.submit(chat("tiny", sampling=long, deadline=time.time() + 1.0))
+    in_time = client.submit(chat("tiny", sampling=long))
+    started = time.monotonic()
+    while not redis_client.exists(keys.reply_key(late.id)) and time.monotonic() - started < 60:
+        worker.turn(block_ms=0)
+        time.sleep(0.01)  # each step slow: 400 of them take four times the deadline
+    reply = client.wait(late, timeout=1)
+    assert not reply.ok and reply.error.kind is ErrorKind.timeout and "deadline" in reply.error.message
+    assert time.monotonic() - started < 2.5, "it was decoded to its end"
+    assert worker.decoding == 1
+    worker.step(block_ms=0)
+    assert client.wait(in_time, timeout=1).ok  # the row beside it went on
+
+
+def test_a_stopping_worker_keeps_its_heartbeat_until_it_has_finished_its_rows(
+    write_persona, tiny_llama_dir, running_worker, client, redis_client, settings
+):
+    """Told to stop, a worker finishes the rows in hand, but its heartbeat stopped at
+    once: after its TTL other workers took those rows as a dead worker's and decoded them
+    again, and `persona queue stats` showed it gone while it was still answering."""
+    from persona import heartbeat
+
+    settings.worker.heartbeat_s, settings.worker.heartbeat_ttl_s = 0.03, 0.3
+    write_persona("tiny", base=str(tiny_llama_dir))
+    worker = running_worker("w-draining")
+    request = _long_request_decoding(worker, client, 450)
+    worker.stop()
+    stopped = time.monotonic()
+    while worker.decoding:
+        assert "w-draining" in heartbeat.live_worker_ids(redis_client), "its heartbeat lapsed while it decoded"
+        time.sleep(0.01)
+    took = time.monotonic() - stopped
+    assert took > 2.5 * settings.worker.heartbeat_ttl_s, f"the rows were finished too soon to tell ({took:.2f} s)"
+    assert client.wait(request, timeout=30).new_tokens == 450
+
+
+def test_a_conversation_the_chat_template_refuses_fails_alone_not_its_batch(
+    write_persona, tiny_llama_dir, tmp_path, settings, redis_client, client
+):
+    """Llama-2's, Mistral's and Gemma's templates raise on turns that do not alternate
+    (two user messages in a row: someone who wrote again before the answer came). The
+    exception failed every request built with it in one batch."""
+    import shutil
+
+    from persona.engine import TransformersEngine
+    from persona.pool import ModelPool
+    from persona.worker import Worker
+
+    strict = tmp_path / "strict"
+    shutil.copytree(tiny_llama_dir, strict)
+    (strict / "chat_template.jinja").write_text(
+        "{% for m in messages %}{% if m['role'] != 'system' and (m['role'] == 'user') != "
+        "((loop.index0 - (1 if messages[0]['role'] == 'system' else 0)) % 2 == 0) %}"
+        "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+        "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    )
+    write_persona("strict", base=str(strict))
+    worker = Worker(settings, redis_client, ModelPool(settings, "cpu", engine_factory=TransformersEngine), worker_id="w-strict")
+    twice = [Message(role="user", content="hello?"), Message(role="user", content="are you there?")]
+    good, refused = client.submit(chat("strict")), client.submit(GenerationRequest(persona="strict", messages=twice))
+    assert worker.step(block_ms=0) == 2
+    assert client.wait(good, timeout=5).ok
+    reply = client.wait(refused, timeout=5)
+    assert not reply.ok and "roles must alternate" in reply.error.message

@@ -182,25 +182,33 @@ def worker(
         client = connect(settings, url=url)
         pool = ModelPool(settings, pick_device(device or settings.worker.device))
         served = Worker(settings, client, pool)
-        signal.signal(signal.SIGTERM, lambda *_: served.stop())
+        signal.signal(signal.SIGTERM, _stop_then_interrupt(served, finish=True))
         signal.signal(signal.SIGINT, _stop_then_interrupt(served))
         started = time.perf_counter()
-        served.preload(preload or settings.worker.personas or None)
-        log.info("models ready in %.1f s", time.perf_counter() - started)
-        freeze_heap()
+        try:
+            served.preload(preload or settings.worker.personas or None)
+            log.info("models ready in %.1f s", time.perf_counter() - started)
+            freeze_heap()
+        except KeyboardInterrupt:  # told to stop while loading: nothing was taken yet
+            log.info("stopped while loading models; nothing was taken from the queue")
+            return
         try:
             served.run()
         except KeyboardInterrupt:
             served.stop()
 
 
-def _stop_then_interrupt(served):
-    """First Ctrl-C: finish and hand back. Second: stop at once."""
+def _stop_then_interrupt(served, *, finish: bool = False):
+    """First Ctrl-C (or every SIGTERM, ``finish``): finish and hand back. Second Ctrl-C:
+    stop at once. While the models load, with nothing taken yet, any of them stops at
+    once (it used to load every model, minutes on a GPU's first start, then leave)."""
 
     def handler(signum, frame):
-        if served.stopping.is_set():
+        if served.info.state == "starting" or served.stopping.is_set() and not finish:
+            served.stop()
             raise KeyboardInterrupt
-        log.info("stopping after the batch in hand (Ctrl-C again to stop at once)")
+        if not served.stopping.is_set():
+            log.info("stopping after the batch in hand%s", "" if finish else " (Ctrl-C again to stop at once)")
         served.stop()
 
     return handler

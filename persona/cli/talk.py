@@ -16,11 +16,14 @@ from persona.cli.common import (
     get_settings,
 )
 from persona.connection import connect
-from persona.contract import GenerationRequest, Message, SamplingOverrides
+from persona.contract import MAX_SEED, GenerationRequest, Message, SamplingOverrides
 from persona.errors import PersonaError, RequestFailed
 from persona.personas import PersonaRegistry
 from persona.queue import QueueClient
 from persona.settings import Settings
+
+# The contract's bounds, so a value past them is refused as an option (not a traceback).
+MAX_NEW_TOKENS = next(m.le for m in SamplingOverrides.model_fields["max_new_tokens"].metadata if hasattr(m, "le"))
 
 
 def _client(settings: Settings, url: str | None = None) -> QueueClient:
@@ -48,8 +51,8 @@ def ask(
     persona: str = typer.Argument(..., help="which persona answers"),
     text: str = typer.Argument(..., help="what you say to it"),
     temperature: float = typer.Option(None, min=0.0, max=5.0, help="override the persona's temperature"),
-    max_new_tokens: int = typer.Option(None, min=1, help="override the reply length limit"),
-    seed: int = typer.Option(None, help="sampling seed, for a repeatable answer"),
+    max_new_tokens: int = typer.Option(None, min=1, max=MAX_NEW_TOKENS, help="override the reply length limit"),
+    seed: int = typer.Option(None, min=0, max=MAX_SEED, help="sampling seed, for a repeatable answer"),
     timeout: float = typer.Option(
         None, min=1.0, help="seconds to wait for the reply (also its deadline; default: the queue's)"
     ),
