@@ -64,6 +64,9 @@ class ModelPool:
             attention=settings.worker.attention,
         )
         self._served: dict[tuple[str, str], Served] = {}
+        # Weights that failed to load: when, and why. A request for them within
+        # ``load_retry_s`` is refused at once rather than holding up the worker again.
+        self._failed: dict[tuple[str, str], tuple[float, str]] = {}
         self._lock = threading.Lock()
 
     def key_for(self, persona: Persona, version: str | None = None) -> tuple[str, str]:
@@ -79,22 +82,41 @@ class ModelPool:
                 return held
             version_name, checkpoint = resolve_checkpoint(persona, self.settings, version)
             key = _key(persona, checkpoint)
+            self._refuse_recent_failure(key)
             started = time.perf_counter()
-            with LOADING:
-                loaded = load_model(
-                    persona.model.base, checkpoint, cache_dir=self.settings.model_cache_dir, device=self.device
-                )
-            engine = self.engine_factory(loaded)
-            warm_up = getattr(engine, "warm_up", None)
-            if warm_up is not None:
-                try:
-                    warm_up()
-                except Exception as exc:  # a model that loads but cannot generate is broken
-                    raise ModelError(f"{loaded.name} loaded but cannot generate: {exc}") from exc
+            try:
+                loaded, engine = self._load(persona, checkpoint)
+            except ModelError as exc:
+                self._failed[key] = (time.monotonic(), str(exc))
+                raise
+            self._failed.pop(key, None)
             served = Served(key, version_name, loaded, engine)
             self._served[key] = served
             log.info("loaded %s for %s in %.1f s (warmed up)", loaded.name, persona.name, time.perf_counter() - started)
             return served
+
+    def _load(self, persona: Persona, checkpoint: Path | None) -> tuple[LoadedModel, Generator]:
+        """Load the weights and warm an engine up on them."""
+        with LOADING:
+            loaded = load_model(persona.model.base, checkpoint, cache_dir=self.settings.model_cache_dir, device=self.device)
+        engine = self.engine_factory(loaded)
+        warm_up = getattr(engine, "warm_up", None)
+        if warm_up is not None:
+            try:
+                warm_up()
+            except Exception as exc:  # a model that loads but cannot generate is broken
+                raise ModelError(f"{loaded.name} loaded but cannot generate: {exc}") from exc
+        return loaded, engine
+
+    def _refuse_recent_failure(self, key: tuple[str, str]) -> None:
+        """ModelError again, at once, for weights that failed to load moments ago."""
+        failed = self._failed.get(key)
+        if failed is None:
+            return
+        at, reason = failed
+        wait_s = self.settings.worker.load_retry_s - (time.monotonic() - at)
+        if wait_s > 0:
+            raise ModelError(f"{reason} (the worker tries loading it again in {wait_s:.0f} s)")
 
     def _held(self, persona: Persona, version: str | None) -> Served | None:
         """The weights for ``version`` if already loaded, found without reading the disk.

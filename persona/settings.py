@@ -90,6 +90,11 @@ class WorkerSettings(BaseModel):
     cancel_check_s: float = Field(
         0.5, gt=0, description="while decoding, how often withdrawn requests are looked for (they stop at once)"
     )
+    load_retry_s: float = Field(
+        30.0, ge=0,
+        description="a persona whose model failed to load is answered with that failure for this long "
+        "before loading is tried again (each try holds up the worker's other requests)",
+    )
     kv_tokens: int = Field(
         8192, ge=1024,
         description="llama.cpp engine: cache tokens shared by all rows (prompt + reply each; "

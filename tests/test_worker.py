@@ -535,3 +535,31 @@ def test_a_conversation_the_chat_template_refuses_fails_alone_not_its_batch(
     assert client.wait(good, timeout=5).ok
     reply = client.wait(refused, timeout=5)
     assert not reply.ok and "roles must alternate" in reply.error.message
+
+
+def test_a_model_that_failed_to_load_is_not_loaded_again_at_every_request(
+    write_persona, personas_dir, tmp_path, tiny_llama_dir, settings, redis_client, client
+):
+    """Each try at a model that cannot load holds up every other row of the worker (seconds
+    for a big model); it used to be tried again for every request naming its persona."""
+    import shutil
+
+    from persona.personas import PersonaRegistry
+    from persona.pool import ModelPool
+    from persona.worker import Worker
+
+    arriving = tmp_path / "arriving"  # a model still being copied into place
+    write_persona("late", base=str(arriving))
+    worker = Worker(settings, redis_client, ModelPool(settings, "cpu"), registry=PersonaRegistry([personas_dir]), worker_id="w-late")
+    first = client.submit(chat("late"))
+    worker.step(block_ms=0)
+    assert client.wait(first, timeout=5).error.kind is ErrorKind.model
+    shutil.copytree(tiny_llama_dir, arriving)  # now it is there, but the failure is recent
+    again = client.submit(chat("late"))
+    worker.step(block_ms=0)
+    refused = client.wait(again, timeout=5)
+    assert refused.error.kind is ErrorKind.model and "tries loading it again in" in refused.error.message
+    settings.worker.load_retry_s = 0  # the retry time has come
+    third = client.submit(chat("late"))
+    worker.step(block_ms=0)
+    assert client.wait(third, timeout=30).ok
