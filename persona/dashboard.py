@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import ipaddress
 import logging
 import secrets
+import socket
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Iterator
@@ -259,12 +261,40 @@ def create_app(settings: Settings, client: redis.Redis, host: str | None = None)
     return app
 
 
-def serve(settings: Settings, client: redis.Redis, host: str | None = None, port: int | None = None) -> None:
-    """Run the dashboard until Ctrl-C or SIGTERM."""
-    import uvicorn
-
+def bind(settings: Settings, host: str | None = None, port: int | None = None) -> socket.socket:
+    """The dashboard's listening socket, bound now: a port already taken is said before
+    anything claims the dashboard is up."""
     host = host or settings.dashboard.host
     port = port if port is not None else settings.dashboard.port
     check_binding(settings, host)
-    log.info("dashboard on http://%s:%d/", host, port)
-    uvicorn.run(create_app(settings, client, host), host=host, port=port, log_level="warning")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        listening = socket.socket(family, kind, proto)
+    except OSError as exc:
+        raise ConfigError(f"the dashboard cannot listen on {host}: {exc}; check PERSONA_DASHBOARD__HOST") from None
+    try:
+        listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: restart at once
+        listening.bind(address)
+        listening.listen(2048)
+    except OSError as exc:
+        listening.close()
+        taken = " (another dashboard, or `persona up`, may be running)" if exc.errno == errno.EADDRINUSE else ""
+        raise ConfigError(
+            f"the dashboard cannot listen on {host}:{port}: {exc.strerror}{taken}; "
+            "pass --port, or set PERSONA_DASHBOARD__PORT"
+        ) from None
+    return listening
+
+
+def serve(
+    settings: Settings, client: redis.Redis, host: str | None = None, port: int | None = None,
+    listening: socket.socket | None = None,
+) -> None:
+    """Run the dashboard until Ctrl-C or SIGTERM, on ``listening`` (from ``bind``) or a socket bound now."""
+    import uvicorn
+
+    listening = listening or bind(settings, host, port)
+    bound_host, bound_port = listening.getsockname()[:2]
+    log.info("dashboard on http://%s:%d/", bound_host, bound_port)
+    app = create_app(settings, client, host or settings.dashboard.host)
+    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[listening])

@@ -210,6 +210,12 @@ def test_persona_dashboard_command_serves_and_up_includes_it(settings, redis_url
                 pass
             assert time.time() < deadline and process.poll() is None, "persona dashboard did not come up"
             time.sleep(0.3)
+        # A second one on the same port used to announce itself, then fail in uvicorn's words.
+        second = subprocess.run([sys.executable, "-m", "persona", "dashboard"], env=env,
+                                capture_output=True, check=False, text=True, timeout=120)
+        assert second.returncode == 1 and "dashboard on" not in second.stdout
+        assert f"127.0.0.1:{port}" in second.stderr and "PERSONA_DASHBOARD__PORT" in second.stderr
+        assert "Traceback" not in second.stderr
     finally:
         process.terminate()
         process.wait(timeout=30)

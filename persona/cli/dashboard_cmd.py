@@ -22,18 +22,18 @@ def dashboard(
     It listens on loopback unless told otherwise; bound anywhere else it refuses to
     start without PERSONA_DASHBOARD__TOKEN, and then every page wants that token.
     """
-    from persona.dashboard import check_binding, serve
+    from persona.dashboard import bind, serve
 
     settings = get_settings()
     setup_logging(settings)
-    check_binding(settings, host or settings.dashboard.host)
-    with redis_for_service(settings) as url:
+    listening = bind(settings, host, port)  # a port already taken is said first
+    with listening, redis_for_service(settings) as url:
         client = connect(settings, url=url)
         shown_host = host or settings.dashboard.host
-        shown_port = port if port is not None else settings.dashboard.port
+        shown_port = listening.getsockname()[1]
         console.print(f"dashboard on [bold]http://{shown_host}:{shown_port}/[/bold]  (Prometheus: /metrics)")
         try:
-            serve(settings, client, host=host, port=port)
+            serve(settings, client, host=host, listening=listening)
         except KeyboardInterrupt:
             pass
 
