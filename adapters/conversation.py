@@ -3,12 +3,14 @@
 Turns are kept per platform, chat and user, so that each person in a group has their
 own thread and a restart forgets nothing; a quiet conversation expires on its own and
 ``/reset`` forgets it at once. The request that is being answered is remembered too,
-so ``/cancel`` can withdraw it.
+so ``/cancel`` can withdraw it. A chat whose id changes (a Telegram group upgraded to a
+supergroup) takes its conversations along (``move_chat``).
 """
 
 from __future__ import annotations
 
 import json
+import re
 
 import redis.asyncio
 
@@ -18,6 +20,12 @@ from persona.contract import GenerationRequest, Message, SamplingOverrides
 __all__ = ["ConversationStore", "build_request", "trim_turns"]
 
 INFLIGHT_TTL_S = 3600
+SCAN_STEP = 500  # keys Redis looks at per SCAN call: each call is short, so Redis never stalls
+
+
+def _glob_escape(text: str) -> str:
+    """``text`` as a literal in a SCAN MATCH pattern."""
+    return re.sub(r"([*?\[\]\\])", r"\\\1", text)
 
 
 def trim_turns(turns: list[Message], *, max_turns: int, max_chars: int) -> list[Message]:
@@ -87,6 +95,34 @@ class ConversationStore:
     async def forget(self, scope: str) -> bool:
         """Delete the conversation; whether there was one."""
         return bool(await self.redis.delete(keys.conversation_key(self.platform, scope)))
+
+    async def move_chat(self, old_chat: str, new_chat: str) -> int:
+        """Move every conversation of ``old_chat`` (one per user) to ``new_chat``; how many moved.
+
+        No index lists a chat's users, so their keys are found by SCAN on the chat's prefix:
+        it walks the keyspace a bounded step at a time (``SCAN_STEP``) without blocking Redis,
+        as KEYS would. That walk is paid once per chat that changes id, a rare event; an index
+        would instead cost a write on every message.
+        """
+        prefix = keys.conversation_key(self.platform, f"{old_chat}:")
+        moved = 0
+        async for key in self.redis.scan_iter(match=_glob_escape(prefix) + "*", count=SCAN_STEP):
+            name = key.decode() if isinstance(key, bytes) else key
+            user = name.removeprefix(prefix)
+            moved += await self.move_key(name, keys.conversation_key(self.platform, f"{new_chat}:{user}"))
+        return moved
+
+    async def move_key(self, old: str, new: str) -> bool:
+        """Rename ``old`` to ``new``, expiry and all; whether it moved. Where ``new`` exists
+        already (used under the new id before the move came), it is the newer and wins, and
+        ``old`` is dropped rather than left to linger."""
+        try:
+            if await self.redis.renamenx(old, new):
+                return True
+        except redis.exceptions.ResponseError:  # no such key: expired, or already moved
+            return False
+        await self.redis.delete(old)
+        return False
 
     async def set_inflight(self, scope: str, request_id: str) -> None:
         await self.redis.set(keys.inflight_key(self.platform, scope), request_id, ex=INFLIGHT_TTL_S)

@@ -2,7 +2,9 @@
 
 It answers when mentioned, in a DM (subject to the ``dm_policy``), and when someone
 replies to one of its messages; the reply chain, fetched message by message as llmcord
-does, is the conversation. Elsewhere the conversation is the one kept in Redis. Slash
+does, is the conversation. A slash command's answer quotes nothing, so the chain ends
+there; the exchange it answered is kept in Redis under its interaction's id, and the
+chain goes on from that. Elsewhere the conversation is the one kept in Redis. Slash
 commands: /ask, /persona, /reset, /retry, /cancel; and for operators (user ids or a
 role from the settings) /queue, /swap and /rollback, the same all-or-nothing swap as
 the CLI's. Replies are split at 2,000 characters and never ping
@@ -218,11 +220,16 @@ class PersonaBot(discord.Client):
 
     async def reply_chain(self, message: discord.Message) -> list[Message]:
         """The conversation a reply continues: its ancestors, oldest first. The parts of one
-        long answer (each quoting the part before it) come back as one turn."""
+        long answer (each quoting the part before it) come back as one turn; an answer to a
+        slash command brings the conversation it ended (``_slash_exchange``)."""
         turns: list[Message] = []
         current = await self._parent(message)
         for _ in range(MAX_CHAIN_MESSAGES):
             if current is None:
+                break
+            exchange = await self._slash_exchange(current)
+            if exchange:
+                turns.extend(reversed(exchange))
                 break
             role = "assistant" if current.author == self.user else "user"
             text = self._clean(current)
@@ -233,6 +240,22 @@ class PersonaBot(discord.Client):
             current = await self._parent(current)
         turns.reverse()
         return turns
+
+    async def _slash_exchange(self, message: discord.Message) -> list[Message]:
+        """The conversation that ends with this answer to /ask or /retry, or [] if it is not one.
+
+        A slash command's answer quotes nothing: the question was the command's option, which
+        Discord shows on no message and keeps nowhere the bot can fetch. The answer's
+        ``interaction_metadata`` does say which interaction it answers (every part of a long
+        answer says the same), so the exchange is kept in Redis under that id when answering
+        (``keep_as``). That, not the user's latest conversation in the channel, which may have
+        moved on or been /reset since, is exactly what the answer answered. Once it expires
+        (with the conversation TTL) the chain holds the answer alone.
+        """
+        metadata = message.interaction_metadata
+        if message.author != self.user or metadata is None or self.responder is None:
+            return []
+        return await self.responder.kept(_kept_name(metadata.id))
 
     # --- messages -----------------------------------------------------------------------
 
@@ -292,11 +315,13 @@ class PersonaBot(discord.Client):
         @tree.command(name="ask", description="Ask the persona something")
         @app_commands.describe(text="what you want to say")
         async def ask(interaction: discord.Interaction, text: str) -> None:
-            await self._slash_answer(interaction, lambda where: self.responder.answer(where, text))
+            kept = _kept_name(interaction.id)
+            await self._slash_answer(interaction, lambda where: self.responder.answer(where, text, keep_as=kept))
 
         @tree.command(name="retry", description="Answer your last message again, differently")
         async def retry(interaction: discord.Interaction) -> None:
-            await self._slash_answer(interaction, self.responder.retry)
+            kept = _kept_name(interaction.id)
+            await self._slash_answer(interaction, lambda where: self.responder.retry(where, keep_as=kept))
 
         @tree.command(name="reset", description="Forget our conversation")
         async def reset(interaction: discord.Interaction) -> None:
@@ -374,9 +399,13 @@ class PersonaBot(discord.Client):
         await self._respond(interaction, text, ephemeral=name is None)
 
     async def _queue_stats(self, interaction: discord.Interaction) -> None:
+        """Operator-only: queue depths, outcomes and live workers. "Thinking…" goes first, as
+        for every command that reads Redis: a slow or restarting Redis takes longer than the
+        3 s Discord waits for a first response."""
         if not self.is_operator(interaction.user):
             await self._respond(interaction, OPERATOR_ONLY_TEXT, ephemeral=True)
             return
+        await interaction.response.defer(ephemeral=True, thinking=True)
 
         def read() -> str:
             client = connect(self.settings)
@@ -393,7 +422,7 @@ class PersonaBot(discord.Client):
             text = await asyncio.to_thread(read)
         except Exception as exc:  # the operator hears what failed rather than nothing
             log.exception("queue stats failed")
-            text = f"Could not read the queue: {exc}"
+            text = f"Could not read the queue ({exc}). Try again in a minute; if it keeps failing, check Redis."
         await self._respond(interaction, text, ephemeral=True)
 
     async def _swap(self, interaction: discord.Interaction, name: str, target: str | None) -> None:
@@ -436,6 +465,11 @@ class PersonaBot(discord.Client):
                 await interaction.followup.send(chunk, ephemeral=ephemeral, allowed_mentions=NO_MENTIONS)
             else:
                 await interaction.response.send_message(chunk, ephemeral=ephemeral, allowed_mentions=NO_MENTIONS)
+
+
+def _kept_name(interaction_id: int) -> str:
+    """Where a slash command's answer keeps its exchange (see ``PersonaBot._slash_exchange``)."""
+    return f"interaction:{interaction_id}"
 
 
 def _close_on_sigterm(bot: PersonaBot) -> None:

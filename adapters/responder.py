@@ -4,7 +4,9 @@ An adapter translates a platform event into a ``Where`` (which chat, which user)
 text, and sends back the text this returns. Here: the rate limits, the conversation
 (from Redis, or a history the platform supplies, such as Discord's reply chain), the
 round trip through the queue, ``/retry``, ``/reset``, ``/cancel`` and the per-chat
-persona. Every failure becomes a polite sentence; nothing here raises to the adapter
+persona, which moves with its conversations when a chat changes id (``move_chat``). An
+answer can also be kept under a name of the adapter's choosing (``keep_as``, ``kept``),
+for an answer that cannot quote its question. Every failure becomes a polite sentence; nothing here raises to the adapter
 for a queue or Redis problem. When the adapter stops (``stop``), the questions still
 waiting are withdrawn from the queue and answered with a sentence saying so.
 """
@@ -158,20 +160,23 @@ class Responder:
             return self._explain(exc)
         return f"From now on you are talking to {self.describe_persona(name)}"
 
-    async def answer(self, where: Where, text: str, *, history: list[Message] | None = None) -> str:
-        """Answer ``text``: the conversation so far (or ``history``) plus it, through the queue."""
+    async def answer(
+        self, where: Where, text: str, *, history: list[Message] | None = None, keep_as: str | None = None
+    ) -> str:
+        """Answer ``text``: the conversation so far (or ``history``) plus it, through the queue.
+        ``keep_as``: also keep the exchange under that name (see ``kept``)."""
         note = LONG_MESSAGE_NOTE.format(chars=self._max_chars) if len(text) > self._max_chars else ""
         async with self._lock(where.scope):
             try:
                 turns = history if history is not None else await self.store.load(where.scope)
                 turns = [*turns, Message(role="user", content=text)]
-                reply = await self._generate(where, turns)
+                reply = await self._generate(where, turns, keep_as=keep_as)
             except REDIS_ERRORS as exc:
                 return self._explain(exc)
         return reply + note if reply else reply
 
-    async def retry(self, where: Where) -> str:
-        """Answer the last message again, with a fresh seed."""
+    async def retry(self, where: Where, *, keep_as: str | None = None) -> str:
+        """Answer the last message again, with a fresh seed (``keep_as``: as for ``answer``)."""
         async with self._lock(where.scope):
             try:
                 turns = await self.store.load(where.scope)
@@ -179,7 +184,7 @@ class Responder:
                     turns.pop()
                 if not turns:
                     return NOTHING_TO_RETRY_TEXT
-                return await self._generate(where, turns, seed=secrets.randbelow(2**31))
+                return await self._generate(where, turns, seed=secrets.randbelow(2**31), keep_as=keep_as)
             except REDIS_ERRORS as exc:
                 return self._explain(exc)
 
@@ -204,8 +209,34 @@ class Responder:
             return self._explain(exc)
         return "Withdrawing your request…"
 
-    async def _generate(self, where: Where, turns: list[Message], seed: int | None = None) -> str:
-        """One round trip through the queue; stores the exchange when it succeeds."""
+    async def kept(self, name: str) -> list[Message]:
+        """The exchange an answer kept under ``name`` (``keep_as``), oldest turn first: how a
+        platform finds the conversation an answer ended when that answer cannot quote its
+        question (a Discord slash command's). Empty when expired, or while Redis cannot say:
+        the caller then goes on with what it has."""
+        try:
+            return await self.store.load(name)
+        except REDIS_ERRORS as exc:
+            log.warning("%s: could not read the exchange kept as %s: %s", self.platform, name, exc)
+            return []
+
+    async def move_chat(self, old: str, new: str) -> None:
+        """Carry a chat's persona choice and conversations over to its new id (a Telegram group
+        upgraded to a supergroup gets one). Best effort: a Redis failure is logged, and the chat
+        then starts afresh with the default persona, as before the move existed."""
+        try:
+            await self.store.move_key(keys.chat_persona_key(self.platform, old), keys.chat_persona_key(self.platform, new))
+            moved = await self.store.move_chat(old, new)
+        except REDIS_ERRORS as exc:
+            log.warning("%s: could not move chat %s to %s: %s", self.platform, old, new, exc)
+            return
+        log.info("%s: chat %s is now %s; moved its persona choice and %d conversation(s)", self.platform, old, new, moved)
+
+    async def _generate(
+        self, where: Where, turns: list[Message], seed: int | None = None, keep_as: str | None = None
+    ) -> str:
+        """One round trip through the queue; stores the exchange when it succeeds (under the
+        conversation's scope, and under ``keep_as`` if given)."""
         persona = await self.persona_for(where.chat)
         request = build_request(
             persona, turns, user=f"{self.platform}:{where.user}", source=self.source,
@@ -232,7 +263,9 @@ class Responder:
         log.info("%s answered %s in %.0f ms (%s@%s)", self.platform, where.scope,
                  reply.timings.queue_ms + reply.timings.generate_ms, reply.persona, reply.version)
         if not forgotten:
-            await self.store.save(where.scope, [*request.messages, Message(role="assistant", content=text)])
+            exchange = [*request.messages, Message(role="assistant", content=text)]
+            for scope in filter(None, (where.scope, keep_as)):
+                await self.store.save(scope, exchange)
         return text or EMPTY_REPLY_TEXT
 
     async def _ask(self, request: GenerationRequest) -> GenerationReply | None:

@@ -2,7 +2,10 @@
 
 In a private chat it answers every message (subject to the ``dm_policy``); in a group
 only a message that mentions it (@its_name) or replies to one of its messages, in the
-forum topic that message was written in. Replies are plain text split at Telegram's
+forum topic that message was written in. It reads text only: a photo, sticker, voice
+message or file gets a sentence asking for text instead (in a group, only one addressed
+to it). A group upgraded to a supergroup gets a new chat id; its persona choice and
+conversations move to it. Replies are plain text split at Telegram's
 4,096-character limit, so no split can ever cause "can't parse entities". While the
 queue works it shows "typing", refreshed every 4.5 s (Telegram shows it for 5 s). Flood
 control (``RetryAfter``) delays a message; it never drops it. Long polling by default;
@@ -89,6 +92,10 @@ COMMANDS = [
     ("retry", "answer your last message again, differently"),
     ("cancel", "withdraw the answer I am working on"),
 ]
+NOT_TEXT_TEXT = (
+    "I can only read text: I can't see pictures or stickers, hear voice messages or open files. "
+    "Please write your message as text (a photo's caption too)."
+)
 HELP_TEXT = (
     "Talk to me: in a private chat just write; in a group mention me or reply to me.\n"
     + "\n".join(f"/{name} - {about}" for name, about in COMMANDS)
@@ -193,6 +200,8 @@ class TelegramBot:
         ):
             app.add_handler(CommandHandler(name, handler, filters=new))
         app.add_handler(MessageHandler(new & filters.TEXT & ~filters.COMMAND, self.on_message))
+        app.add_handler(MessageHandler(new & filters.ATTACHMENT, self.on_not_text))
+        app.add_handler(MessageHandler(filters.StatusUpdate.MIGRATE, self.on_migrate))
         app.add_error_handler(self.on_error)
 
     async def _connect(self, app: Application) -> None:
@@ -263,14 +272,15 @@ class TelegramBot:
         return decision.allowed
 
     def _addressed_text(self, message: Message, chat: Chat, context: ContextTypes.DEFAULT_TYPE) -> str | None:
-        """The text meant for the bot, or None when a group message is not addressed to it."""
-        text = message.text or ""
+        """The text (or caption) meant for the bot, perhaps empty; None when a group message is
+        not addressed to it."""
+        text = message.text or message.caption or ""
         if chat.type == ChatType.PRIVATE:
             return text
         # Usernames are letters, digits and underscores: @name_fan is someone else.
         mention = re.compile(rf"(?<![\w@])@{re.escape(context.bot.username or '')}(?!\w)", re.IGNORECASE | re.ASCII)
         if context.bot.username and mention.search(text):
-            return mention.sub("", text).strip() or None
+            return mention.sub("", text).strip()
         replied = message.reply_to_message
         if replied is not None and replied.from_user is not None and replied.from_user.id == context.bot.id:
             return text
@@ -294,19 +304,51 @@ class TelegramBot:
         if message is None or chat is None:
             return
         text = self._addressed_text(message, chat, context)
-        if text is None or not await self._admitted(update):
+        if not text or not await self._admitted(update):
             return
         await self._answer(update, context, lambda where: self.responder.answer(where, text))
+
+    async def on_not_text(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """A photo, sticker, voice message, file...: say that only text is read, rather than
+        nothing (in a group, only to one addressed to the bot, by a mention in its caption or
+        as a reply). A caption is not answered on its own: it mostly speaks of what it
+        captions ("what do you think of this?"), and an answer without that would pretend to
+        have seen it; asking for text misleads nobody."""
+        message, chat = update.effective_message, update.effective_chat
+        if message is None or chat is None or self._addressed_text(message, chat, context) is None:
+            return
+        if await self._admitted(update) and await self._within_limits(update):
+            await self.say(update, NOT_TEXT_TEXT, quote=chat.type != ChatType.PRIVATE)
+
+    async def on_migrate(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """A group upgraded to a supergroup has a new chat id: its persona choice and
+        conversations move to it. Telegram tells both chats (``migrate_to_chat_id`` in the old
+        one, ``migrate_from_chat_id`` in the new); the first to arrive moves everything, the
+        other finds nothing left to move."""
+        message = update.effective_message
+        if message.migrate_to_chat_id:
+            old, new = message.chat_id, message.migrate_to_chat_id
+        else:
+            old, new = message.migrate_from_chat_id, message.chat_id
+        await self.responder.move_chat(str(old), str(new))
+        allowed = self.options.allowed_chats
+        if allowed and old in allowed and new not in allowed:
+            log.warning("chat %s is now %s: add %s to PERSONA_TELEGRAM__ALLOWED_CHATS, or I stay quiet there",
+                        old, new, new)
+
+    async def _within_limits(self, update: Update) -> bool:
+        """Count the message against the rate limits; over them, the one notice is sent."""
+        decision, notice = await self.responder.admit(self._where(update))
+        if not decision.allowed and notice:
+            await self.say(update, notice, quote=True)
+        return decision.allowed
 
     async def _answer(self, update: Update, context: ContextTypes.DEFAULT_TYPE, make: Callable[[Where], Awaitable[str]]) -> None:
         """Rate-limit, show typing while ``make`` works, then send its text."""
         chat, message = update.effective_chat, update.effective_message
-        where = self._where(update)
-        decision, notice = await self.responder.admit(where)
-        if not decision.allowed:
-            if notice:
-                await self.say(update, notice, quote=True)
+        if not await self._within_limits(update):
             return
+        where = self._where(update)
         topic = self._topic(message)
         typing = lambda: context.bot.send_chat_action(chat.id, ChatAction.TYPING, message_thread_id=topic)  # noqa: E731
         async with keep_typing(typing, TYPING_REFRESH_S):

@@ -55,3 +55,20 @@ async def test_store_round_trip_ttl_and_forget(redis_url, redis_client):
     await store.clear_inflight("1:1", "r1")
     assert await store.get_inflight("1:1") is None
     await client.aclose()
+
+
+async def test_moving_a_chat_moves_each_users_conversation_and_nothing_else(redis_url, redis_client):
+    client = redis.asyncio.Redis.from_url(redis_url)
+    store = ConversationStore(client, "telegram", ttl_s=300)
+    hello, newer = [Message(role="user", content="hello")], [Message(role="user", content="newer")]
+    for scope in ("-100:1", "-100:2", "-1005:1"):
+        await store.save(scope, hello)
+    await store.save("-200:2", newer)  # written under the new id before the move came
+
+    assert await store.move_chat("-100", "-200") == 1
+    assert await store.load("-200:1") == hello and 0 < redis_client.ttl(keys.conversation_key("telegram", "-200:1")) <= 300
+    assert await store.load("-200:2") == newer  # the newer one wins...
+    assert await store.load("-100:1") == [] and await store.load("-100:2") == []  # ...and none is left behind
+    assert await store.load("-1005:1") == hello  # a chat whose id merely starts the same stays
+    assert await store.move_chat("-100", "-200") == 0  # Telegram's second notice finds nothing to move
+    await client.aclose()

@@ -162,6 +162,28 @@ async def test_a_reply_to_the_last_part_of_a_long_answer_continues_from_the_ques
     assert context == [("user", "tell me everything"), ("assistant", words), ("user", "and briefly?")]
 
 
+async def test_a_reply_to_a_slash_commands_answer_continues_from_its_question(start_bot, fake_api, discord_settings):
+    """/ask's answer quotes nothing (the question was the command's option): the reply chain
+    alone would be that answer, and a request cannot open with the persona's words."""
+    words = " ".join(f"word{i}" for i in range(700))  # three follow-up messages
+
+    def script(request) -> str:
+        question = request.messages[-1].content
+        return words if question == "tell me everything" else f"about {question}"
+
+    with scripted_worker(discord_settings, script) as seen:
+        await start_bot()
+        await fake_api.slash("ask", {"text": "tell me everything"})
+        await fake_api.wait_for(lambda: len(fake_api.sent) == 3)
+        last_part = fake_api.sent[-1]
+        await fake_api.slash("ask", {"text": "what is rain?"})  # the conversation moves on
+        await fake_api.wait_for(lambda: len(fake_api.sent) == 4)
+        await fake_api.user_message("and briefly?", reply_to=last_part, author_id=222)
+        await fake_api.wait_for(lambda: len(fake_api.sent) == 5)
+    context = [(m.role, m.content.replace("\n", " ")) for m in seen[2].messages]
+    assert context == [("user", "tell me everything"), ("assistant", words), ("user", "and briefly?")]
+
+
 async def test_a_reply_in_a_dm_continues_the_whole_conversation(start_bot, fake_api, discord_settings):
     with scripted_worker(discord_settings, echo) as seen:
         await start_bot()
@@ -238,17 +260,30 @@ async def test_operator_commands_refuse_ordinary_users(start_bot, fake_api, disc
     refusal = fake_api.interaction_responses[0]
     assert refusal["data"]["content"] == OPERATOR_ONLY_TEXT and refusal["data"]["flags"] & 64  # ephemeral
 
-    await fake_api.slash("queue", author_id=555)
-    await fake_api.wait_for(lambda: len(fake_api.interaction_responses) == 2)
-    assert "waiting" in fake_api.interaction_responses[1]["data"]["content"]
+    await fake_api.slash("queue", author_id=555)  # answered after "thinking…"
+    await fake_api.wait_for(lambda: len(fake_api.texts()) == 2)
+    assert "waiting" in fake_api.texts()[1]
     await fake_api.slash("queue", author_id=666, roles=[OPERATOR_ROLE_ID])
-    await fake_api.wait_for(lambda: len(fake_api.interaction_responses) == 3)
-    assert "workers:" in fake_api.interaction_responses[2]["data"]["content"]
+    await fake_api.wait_for(lambda: len(fake_api.texts()) == 3)
+    assert "workers:" in fake_api.texts()[2]
 
     await fake_api.slash("persona", {"name": "other"}, author_id=111)  # answered after "thinking…"
     await fake_api.wait_for(lambda: "Only the bot's operators" in fake_api.texts()[-1])
     await fake_api.slash("persona", {"name": "other"}, author_id=555)
     await fake_api.wait_for(lambda: fake_api.texts()[-1].startswith("From now on you are talking to Other"))
+
+
+async def test_operator_commands_say_thinking_before_waiting_on_a_slow_redis(start_bot, fake_api, redis_client):
+    """Discord drops a command not answered within 3 s ("The application did not respond"):
+    /queue, /swap and /rollback read Redis, which may take longer (here it is paused)."""
+    await start_bot(operator_ids=[555])
+    redis_client.client_pause(4000)  # every command waits 4 s, as on a slow or loading Redis
+    await fake_api.slash("queue", author_id=555)
+    await fake_api.slash("rollback", {"persona": "dc"}, author_id=555)
+    await fake_api.wait_for(lambda: len(fake_api.texts()) == 2)
+    assert [r["type"] for r in fake_api.interaction_responses] == [5, 5]  # "thinking…", in time
+    assert any("waiting" in text for text in fake_api.texts())  # the stats came, late
+    assert all(r["data"]["flags"] & 64 for r in fake_api.interaction_responses)  # for the operator alone
 
 
 async def test_operators_swap_and_roll_back_a_checkpoint_on_the_live_workers(

@@ -14,6 +14,7 @@ from adapters.responder import (
     Responder,
     Where,
 )
+from persona.contract import Message
 from persona.settings import Settings
 from tests.fakes.full_redis import redis_refusing_writes
 from tests.fakes.scripted_worker import scripted_worker
@@ -32,6 +33,8 @@ async def test_redis_down_means_polite_replies_not_crashes(settings: Settings):
     assert await responder.reset(HERE) == UNREACHABLE_TEXT
     assert await responder.cancel(HERE) == UNREACHABLE_TEXT
     assert await responder.persona_for("c1") == settings.telegram.persona
+    assert await responder.kept("interaction:1") == []
+    await responder.move_chat("c1", "c2")  # logged, not raised
     await dead.aclose()
 
 
@@ -65,4 +68,31 @@ async def test_redis_refusing_writes_means_polite_replies_not_silence(settings: 
     with redis_refusing_writes(redis_client):
         assert await responder.answer(HERE, "hello?") == BUSY_TEXT
         assert await responder.set_persona("c1", settings.telegram.persona) == BUSY_TEXT
+    await client.aclose()
+
+
+async def test_an_answer_kept_under_a_name_stays_as_it_was(settings: Settings, redis_url, redis_client):
+    client = redis.asyncio.Redis.from_url(redis_url)
+    responder = Responder(client, settings, "discord")
+    with scripted_worker(settings, lambda r: f"about {r.messages[-1].content}"):
+        await responder.answer(HERE, "calm", keep_as="interaction:1")
+        await responder.answer(HERE, "rain")  # the conversation moves on
+        await responder.retry(HERE, keep_as="interaction:2")
+    assert [m.content for m in await responder.kept("interaction:1")] == ["calm", "about calm"]
+    assert [m.content for m in await responder.kept("interaction:2")] == ["calm", "about calm", "rain", "about rain"]
+    await client.aclose()
+
+
+async def test_a_chat_that_changes_id_keeps_its_persona_and_conversations(
+    settings: Settings, redis_url, redis_client, write_persona
+):
+    write_persona("loud", base="smollm2")
+    client = redis.asyncio.Redis.from_url(redis_url)
+    responder = Responder(client, settings, "telegram")
+    turns = [Message(role="user", content="my name is Ada"), Message(role="assistant", content="Hello, Ada.")]
+    await responder.set_persona("-100", "loud")
+    await responder.store.save("-100:7", turns)
+    await responder.move_chat("-100", "-200")
+    assert await responder.persona_for("-200") == "loud" and await responder.persona_for("-100") == settings.telegram.persona
+    assert await responder.store.load("-200:7") == turns and await responder.store.load("-100:7") == []
     await client.aclose()

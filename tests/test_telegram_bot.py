@@ -23,7 +23,7 @@ import pytest
 import redis
 from pydantic import SecretStr
 
-from adapters.access import approve_code
+from adapters.access import NOT_ALLOWED_TEXT, approve_code
 from adapters.responder import (
     BUSY_TEXT,
     CANCELLED_TEXT,
@@ -31,7 +31,7 @@ from adapters.responder import (
     RESTARTING_TEXT,
     TIMEOUT_TEXT,
 )
-from adapters.telegram_bot import HELP_TEXT, TelegramBot, run_telegram
+from adapters.telegram_bot import HELP_TEXT, NOT_TEXT_TEXT, TelegramBot, run_telegram
 from persona import constants as keys
 from persona.errors import ConfigError
 from persona.settings import Settings
@@ -378,6 +378,74 @@ async def test_in_a_forum_topic_every_reply_stays_in_the_topic(start_bot, fake_a
         await fake_api.wait_for(lambda: len(fake_api.sent) == 3)
     assert [m.get("message_thread_id") for m in fake_api.sent] == [77, 77, 77]  # none in the General topic
     assert fake_api.actions and all(a.get("message_thread_id") == 77 for a in fake_api.actions)
+
+
+async def test_a_photo_sticker_voice_message_or_file_in_private_gets_asked_for_text(start_bot, fake_api, telegram_settings):
+    """"It answers every private message": silence would look like a dead bot. A caption is
+    not answered on its own, as if the bot had seen the photo it speaks of."""
+    with scripted_worker(telegram_settings, echo) as seen:
+        await start_bot()
+        for kind in ("photo", "sticker", "voice", "document"):
+            fake_api.push_media(kind)
+        fake_api.push_media("photo", caption="what do you think of this?")
+        await fake_api.wait_for(lambda: len(fake_api.sent) == 5)
+        await asyncio.sleep(0.3)
+    assert fake_api.texts() == [NOT_TEXT_TEXT] * 5
+    assert all("reply_parameters" not in m for m in fake_api.sent)  # private chats need no quoting
+    assert not seen  # nothing was asked of a worker
+
+
+async def test_in_a_group_only_non_text_addressed_to_the_bot_gets_asked_for_text(start_bot, fake_api, telegram_settings):
+    bot_message = {"message_id": 9999, "date": 0, "chat": {"id": GROUP, "type": "group"},
+                   "from": {"id": BOT_ID, "is_bot": True, "first_name": "Persona"}, "text": "echo"}
+    await start_bot()
+    fake_api.push_media("photo", chat_id=GROUP, chat_type="group")
+    fake_api.push_media("photo", caption="look at this, everyone", chat_id=GROUP, chat_type="group")
+    fake_api.push_media("voice", chat_id=GROUP, chat_type="group", topic=77)
+    sticker = fake_api.push_media("sticker", chat_id=GROUP, chat_type="group", reply_to=bot_message)
+    photo = fake_api.push_media("photo", caption=f"@{BOT_USERNAME}", chat_id=GROUP, chat_type="group", user_id=2002)
+    fake_api.push_message("/help")  # a private message marks the end of the group traffic
+    await fake_api.wait_for(lambda: len(fake_api.sent) == 3)
+    await asyncio.sleep(0.3)
+    assert fake_api.texts(GROUP) == [NOT_TEXT_TEXT] * 2
+    quoted = {m["reply_parameters"]["message_id"] for m in fake_api.sent if m["chat_id"] == GROUP}
+    assert quoted == {sticker["message_id"], photo["message_id"]}
+
+
+async def test_non_text_follows_the_access_policy_and_the_rate_limits(start_bot, fake_api):
+    await start_bot(dm_policy="allowlist", allowed_users=[1001], user_messages_per_minute=1)
+    fake_api.push_media("sticker", user_id=5, chat_id=5)
+    for _ in range(3):
+        fake_api.push_media("sticker")
+    await fake_api.wait_for(lambda: len(fake_api.sent) == 3)
+    await asyncio.sleep(0.3)
+    assert fake_api.texts(5) == [NOT_ALLOWED_TEXT]
+    answers = sorted(fake_api.texts(1001))
+    assert len(answers) == 2 and answers[0].startswith("I can only read text") and "catch up" in answers[1]
+
+
+async def test_a_group_upgraded_to_a_supergroup_keeps_its_persona_and_conversations(
+    start_bot, fake_api, telegram_settings, write_persona, tiny_llama_dir, redis_client
+):
+    supergroup = -1001234567
+    write_persona("other", base=str(tiny_llama_dir))
+    fake_api.admins.add(7)
+    with scripted_worker(telegram_settings, echo) as seen:
+        await start_bot()
+        fake_api.push_message("/persona other", chat_id=GROUP, chat_type="group", user_id=7)
+        await fake_api.wait_for(lambda: len(fake_api.sent) == 1)
+        fake_api.push_message(f"@{BOT_USERNAME} my name is Ada", chat_id=GROUP, chat_type="group", user_id=7)
+        await fake_api.wait_for(lambda: len(fake_api.sent) == 2)
+        fake_api.push_migration(GROUP, supergroup)
+        moved = keys.conversation_key("telegram", f"{supergroup}:7")
+        await fake_api.wait_for(lambda: redis_client.exists(moved))  # people write there only after the upgrade
+        fake_api.push_message(f"@{BOT_USERNAME} what is my name?", chat_id=supergroup, chat_type="supergroup", user_id=7)
+        await fake_api.wait_for(lambda: len(fake_api.texts(supergroup)) == 1)
+    assert seen[-1].persona == "other"
+    assert [m.content for m in seen[-1].messages] == ["my name is Ada", "echo: my name is Ada", "what is my name?"]
+    assert 0 < redis_client.ttl(moved) <= telegram_settings.telegram.conversation_ttl_s
+    assert not redis_client.exists(keys.conversation_key("telegram", f"{GROUP}:7"))
+    assert not redis_client.exists(keys.chat_persona_key("telegram", str(GROUP)))
 
 
 async def test_sigterm_withdraws_a_question_in_flight_and_tells_its_asker(fake_api, redis_url, redis_client, tmp_path):

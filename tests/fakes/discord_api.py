@@ -11,7 +11,9 @@ to interactions included), ``typing`` (channel ids), ``interaction_responses``.
 ``delete(message)`` removes a message; a reply to it then fails with 400 "Unknown
 message", as on Discord, unless the reply says ``fail_if_not_exists: false``.
 An interaction must get its first response within 3 s of being created, as on Discord;
-a later one fails with 404 "Unknown interaction" (follow-ups stay open).
+a later one fails with 404 "Unknown interaction" (follow-ups stay open). A follow-up
+message carries ``interaction_metadata`` (and the older ``interaction``) naming the
+interaction and its user, as Discord's do.
 ``thread(announced=False)`` makes a thread the bot never hears of, so discord.py cannot
 cache it; ``GET /channels/{id}`` (counted in ``requests``) is how the bot learns its parent,
 answered with 403 for the ids in ``forbidden_channels``.
@@ -70,6 +72,7 @@ class FakeDiscord:
         self._sequence = itertools.count(1)
         self._sockets: list[web.WebSocketResponse] = []
         self._interactions_created: dict[str, float] = {}  # interaction id → when it was created
+        self._interactions_by_token: dict[str, dict] = {}
         self._runner: web.AppRunner | None = None
         self.ws_url = ""
 
@@ -166,6 +169,7 @@ class FakeDiscord:
                      "options": [{"name": k, "type": 3, "value": v} for k, v in (options or {}).items()]},
         }
         self._interactions_created[interaction["id"]] = time.monotonic()
+        self._interactions_by_token[interaction["token"]] = interaction
         await self.dispatch("INTERACTION_CREATE", interaction)
         return interaction
 
@@ -304,7 +308,7 @@ class FakeDiscord:
                     "id": interaction_id, "type": 2, "response_message_loading": body.get("type") == 5,
                     "response_message_ephemeral": bool(data.get("flags", 0) & 64)}})
             case "POST", ["webhooks", _, token]:
-                message = self._record(str(CHANNEL_ID), body)
+                message = self._record(str(CHANNEL_ID), body, self._answering(token))
                 message["followup_of"] = token
                 return _json(message)
         return _json({"message": f"fake has no {request.method} {path}", "code": 0}, status=404)
@@ -317,7 +321,20 @@ class FakeDiscord:
             return json.loads(form.get("payload_json", "{}"))
         return await request.json()
 
-    def _record(self, channel_id: str, body: dict) -> dict:
+    def _answering(self, token: str) -> dict:
+        """What Discord adds to a message that answers an interaction: which one, and whose."""
+        interaction = self._interactions_by_token.get(token)
+        if interaction is None:
+            return {}
+        asker = interaction["member"]["user"]
+        return {
+            "type": 20,  # CHAT_INPUT_COMMAND
+            "interaction_metadata": {"id": interaction["id"], "type": 2, "user": asker,
+                                     "authorizing_integration_owners": interaction["authorizing_integration_owners"]},
+            "interaction": {"id": interaction["id"], "type": 2, "name": interaction["data"]["name"], "user": asker},
+        }
+
+    def _record(self, channel_id: str, body: dict, extra: dict | None = None) -> dict:
         message = {
             "id": str(next(self._ids)), "channel_id": channel_id, "author": user(BOT_ID, "persona", bot=True),
             "content": body.get("content", ""), "timestamp": TIMESTAMP, "edited_timestamp": None, "tts": False,
@@ -326,6 +343,7 @@ class FakeDiscord:
         }
         if body.get("message_reference"):
             message["message_reference"] = body["message_reference"]
+        message |= extra or {}
         self.messages[int(message["id"])] = message
         self.sent.append({**message, "allowed_mentions": body.get("allowed_mentions")})
         return message

@@ -1,6 +1,8 @@
 """A Telegram Bot API on loopback, enough for python-telegram-bot to poll and reply.
 
-Tests queue updates (``push_message``, ``edit_message``) that ``getUpdates`` hands out, and read back
+Tests queue updates (``push_message``, ``push_media`` for a photo, sticker, voice message or
+document, ``edit_message``, ``push_migration`` for a group upgraded to a supergroup) that
+``getUpdates`` hands out, and read back
 what the bot did: ``sent`` (sendMessage), ``actions`` (sendChatAction), ``commands``
 (setMyCommands), and every call in ``calls``. ``flood(method, seconds)`` makes the
 next call of a method fail with 429 "retry after", as Telegram's flood control does.
@@ -63,21 +65,52 @@ class FakeTelegram:
     ) -> dict:
         """Queue a user's message as an update; returns the message. ``topic``: written in that
         topic of a forum supergroup."""
+        message = self._message(chat_id, user_id, chat_type, reply_to, first_name, topic) | {"text": text}
+        if text.startswith("/"):
+            command = text.split()[0]
+            message["entities"] = [{"type": "bot_command", "offset": 0, "length": len(command)}]
+        return self._push(message)
+
+    def push_media(
+        self, kind: str, *, caption: str | None = None, chat_id: int = 1001, user_id: int = 1001,
+        chat_type: str = "private", reply_to: dict | None = None, topic: int | None = None,
+    ) -> dict:
+        """Queue a user's ``photo``, ``sticker``, ``voice`` or ``document`` (with ``caption``)."""
+        file = {"file_id": f"file{next(self._ids)}", "file_unique_id": f"u{next(self._ids)}"}
+        content = {
+            "photo": [file | {"width": 90, "height": 90}],
+            "sticker": file | {"type": "regular", "width": 512, "height": 512, "is_animated": False, "is_video": False},
+            "voice": file | {"duration": 3},
+            "document": file | {"file_name": "notes.pdf"},
+        }[kind]
+        message = self._message(chat_id, user_id, chat_type, reply_to, "Ada", topic) | {kind: content}
+        if caption is not None:
+            message["caption"] = caption
+        return self._push(message)
+
+    def push_migration(self, old_chat_id: int, new_chat_id: int, *, user_id: int = 1001) -> None:
+        """A group upgraded to a supergroup: Telegram tells the old chat where it went, and the
+        new chat where it came from (two service messages)."""
+        self._push(self._message(old_chat_id, user_id, "group", None, "Ada", None) | {"migrate_to_chat_id": new_chat_id})
+        self._push(self._message(new_chat_id, user_id, "supergroup", None, "Ada", None) | {"migrate_from_chat_id": old_chat_id})
+
+    def _message(
+        self, chat_id: int, user_id: int, chat_type: str, reply_to: dict | None, first_name: str, topic: int | None
+    ) -> dict:
         message = {
             "message_id": next(self._ids),
             "date": int(time.time()),
             "chat": {"id": chat_id, "type": chat_type, **({"title": "a group"} if chat_type != "private" else {"first_name": first_name})},
             "from": {"id": user_id, "is_bot": False, "first_name": first_name},
-            "text": text,
         }
-        if text.startswith("/"):
-            command = text.split()[0]
-            message["entities"] = [{"type": "bot_command", "offset": 0, "length": len(command)}]
         if reply_to is not None:
             message["reply_to_message"] = reply_to
         if topic is not None:
             message |= {"message_thread_id": topic, "is_topic_message": True}
             message["chat"] |= {"type": "supergroup", "is_forum": True}
+        return message
+
+    def _push(self, message: dict) -> dict:
         self.updates.append({"update_id": next(self._ids), "message": message})
         self._new_update.set()
         return message
