@@ -3,7 +3,8 @@
 A retried request keeps its id and arguments (persona, messages, sampling, priority);
 it gets a fresh deadline of the same length, and its "answered" mark and old error
 reply are cleared so the new answer is delivered to its reply list. One script moves it, so two operators
-retrying at once re-queue it once.
+retrying at once re-queue it once. Given the queue's ``max_length``, a retry waits for room as
+callers do: a stream that is full refuses it (``QueueBusy``), and ``retry_all`` stops there.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pydantic import BaseModel
 
 from persona import constants as keys
 from persona.contract import GenerationRequest
+from persona.errors import QueueBusy
 from persona.queue_scripts import REDIS_NOW
 
 __all__ = ["DeadLetter", "list_dead", "retry_all", "retry_dead"]
@@ -24,8 +26,10 @@ __all__ = ["DeadLetter", "list_dead", "retry_all", "retry_dead"]
 ENTRY_ID = re.compile(r"\d+-\d+")
 
 # Re-queue only if the entry is still in the dead-letter stream (XDEL says so), with its
-# deadline by Redis's clock (ARGV[3]: the allowance; '' for none), as a submit does.
+# deadline by Redis's clock (ARGV[3]: the allowance; '' for none), as a submit does; and
+# only while its stream holds fewer than ARGV[4] entries ('' for no limit), else 'busy'.
 RETRY_SCRIPT = REDIS_NOW + """
+if ARGV[4] ~= '' and redis.call('XLEN', KEYS[2]) >= tonumber(ARGV[4]) then return 'busy' end
 if redis.call('XDEL', KEYS[1], ARGV[1]) == 0 then return false end
 redis.call('DEL', KEYS[3], KEYS[5])
 redis.call('HINCRBY', KEYS[4], 'retried', 1)
@@ -72,9 +76,14 @@ def list_dead(client: redis.Redis, count: int = 100) -> list[DeadLetter]:
     return [_parse(i, f) for i, f in client.xrevrange(keys.STREAM_DEAD, count=count)]
 
 
-def retry_dead(client: redis.Redis, entry_id: str) -> str | None:
+def retry_dead(client: redis.Redis, entry_id: str, max_length: int | None = None) -> str | None:
     """Re-queue one dead letter with its original arguments; the new entry id, or None if
-    there is no such dead letter (gone, or not an id at all: a typo)."""
+    there is no such dead letter (gone, or not an id at all: a typo).
+
+    With ``max_length`` (the queue's setting) a stream already that full refuses it with
+    ``QueueBusy`` and the letter stays: `retry --all` of a day's dead letters used to
+    push thousands past the limit, and every caller then heard "busy" until they drained.
+    """
     if not ENTRY_ID.fullmatch(entry_id):
         return None
     rows = client.xrange(keys.STREAM_DEAD, min=entry_id, max=entry_id)
@@ -89,22 +98,32 @@ def retry_dead(client: redis.Redis, entry_id: str) -> str | None:
     new_id = client.eval(
         RETRY_SCRIPT, 5, keys.STREAM_DEAD, stream, keys.answered_key(request.id), keys.STATS_KEY,
         keys.reply_key(request.id), entry_id, fresh.to_json(), f"{allowed:.3f}" if allowed > 0 else "",
+        "" if max_length is None else max_length,
     )
+    if new_id in (b"busy", "busy"):
+        raise QueueBusy(
+            f"{stream} already holds {max_length} requests (PERSONA_QUEUE__MAX_LENGTH), so dead letter {entry_id} "
+            "stays where it is; retry it once the queue has drained (see `persona queue stats`)"
+        )
     return _text(new_id) if new_id else None
 
 
-def retry_all(client: redis.Redis, page: int = 500) -> list[str]:
+def retry_all(client: redis.Redis, page: int = 500, max_length: int | None = None) -> list[str]:
     """Re-queue every dead letter that holds a readable request, newest first; their dead-letter ids.
 
     The stream is read a page at a time from the newest entry back, so malformed letters
-    (left where they are) never hide the readable ones behind them.
+    (left where they are) never hide the readable ones behind them. With ``max_length``
+    it stops at the first letter whose stream is full (see ``retry_dead``); the rest stay.
     """
     done = []
     before = "+"
     while rows := client.xrevrange(keys.STREAM_DEAD, max=before, count=page):
         for entry_id, fields in rows:
             letter = _parse(entry_id, fields)
-            if letter.request_id and retry_dead(client, letter.id):
-                done.append(letter.id)
+            try:
+                if letter.request_id and retry_dead(client, letter.id, max_length):
+                    done.append(letter.id)
+            except QueueBusy:
+                return done
         before = "(" + _text(rows[-1][0])
     return done

@@ -46,16 +46,20 @@ class WorkerInfo(BaseModel):
     device: str = "cpu"
     personas: dict[str, str] = Field(default_factory=dict, description="persona -> loaded version")
     started_at: float = Field(default_factory=time.time)
-    last_seen: float = Field(default_factory=time.time)
+    last_seen: float = Field(default_factory=time.time, description="its latest heartbeat, by Redis's clock")
     batches: int = 0
     requests: int = 0
     memory_mb: float = 0.0
     state: str = "starting"
 
 
-# KEYS: the worker's key, the index. ARGV: worker id, its info, TTL in ms. Returns Redis's time.
+# KEYS: the worker's key, the index. ARGV: worker id, its info without last_seen (a JSON
+# object), TTL in ms. The info is stored with last_seen set to Redis's time, so how long
+# ago a worker was seen is judged on one clock whichever machines wrote and read it.
+# Returns Redis's time.
 PUBLISH_SCRIPT = REDIS_NOW + """
-redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+local info = string.sub(ARGV[2], 1, -2) .. ',"last_seen":' .. string.format('%.6f', now) .. '}'
+redis.call('SET', KEYS[1], info, 'PX', ARGV[3])
 redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]) / 1000, ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
 return tostring(now)
@@ -67,11 +71,17 @@ return redis.call('ZRANGEBYSCORE', KEYS[1], now, '+inf')
 
 
 def publish(client: redis.Redis, info: WorkerInfo, ttl_s: float) -> float:
-    """Say this worker is alive for the next ``ttl_s`` seconds; returns Redis's time."""
-    info.last_seen = time.time()
+    """Say this worker is alive for the next ``ttl_s`` seconds; returns Redis's time.
+
+    ``last_seen`` is written as Redis's time of the beat, not this machine's: the
+    monitoring shows it as an age measured on Redis's clock, and a worker whose clock
+    ran ten minutes ahead read "seen -600.0s ago".
+    """
     ttl_ms = max(1, int(ttl_s * 1000))
-    now = client.eval(PUBLISH_SCRIPT, 2, keys.worker_key(info.id), keys.WORKER_INDEX_KEY, info.id, info.model_dump_json(), ttl_ms)
-    return float(now)
+    described = info.model_dump_json(exclude={"last_seen"})
+    now = float(client.eval(PUBLISH_SCRIPT, 2, keys.worker_key(info.id), keys.WORKER_INDEX_KEY, info.id, described, ttl_ms))
+    info.last_seen = now
+    return now
 
 
 def withdraw(client: redis.Redis, worker_id: str) -> None:

@@ -15,7 +15,7 @@ import redis
 from pydantic import BaseModel, Field
 
 from persona import constants as keys
-from persona.heartbeat import WorkerInfo, live_workers, redis_now
+from persona.heartbeat import WorkerInfo, live_worker_ids, live_workers, redis_now
 from persona.telemetry import LatencySummary, summarize
 
 __all__ = ["QueueStats", "StreamStats", "StuckEntry", "collect_stats", "find_stuck"]
@@ -52,11 +52,15 @@ class QueueStats(BaseModel):
     dead_letters: int
     counters: dict[str, int]
     workers: list[WorkerInfo]
+    unreadable_workers: list[str] = Field(
+        default_factory=list, description="live workers whose heartbeat could not be read (left out of workers)"
+    )
     latency: LatencySummary | None = None
     stuck: list[StuckEntry] = Field(default_factory=list)
     active_versions: dict[str, str] = Field(default_factory=dict)
     version_replies: dict[str, int] = Field(default_factory=dict, description="'persona@version' -> replies")
     taken_at: float = Field(default_factory=time.time)
+    redis_time: float = Field(0.0, description="Redis's time when read: what each worker's last_seen is measured against")
 
     @property
     def completed(self) -> int:
@@ -144,14 +148,19 @@ def collect_stats(client: redis.Redis, *, latency_window_s: float = 300.0) -> Qu
     now = redis_now(client)
     counters = {_text(k): int(v) for k, v in client.hgetall(keys.STATS_KEY).items()}
     workers = live_workers(client)
+    # Every live worker, those whose heartbeat cannot be read too: what they hold is
+    # not stuck (their work was listed as held by a worker whose heartbeat had lapsed).
+    live = live_worker_ids(client)
     return QueueStats(
         streams=[_stream_stats(client, s, now) for s in keys.STREAMS_BY_PRIORITY],
         dead_letters=client.xlen(keys.STREAM_DEAD),
         counters=counters,
         workers=workers,
+        unreadable_workers=sorted(live - {w.id for w in workers}),
         latency=summarize(client, latency_window_s, now),
-        stuck=find_stuck(client, {w.id for w in workers}, now),
+        stuck=find_stuck(client, live, now),
         active_versions={_text(k): _text(v) for k, v in client.hgetall(keys.ACTIVE_VERSIONS_KEY).items()},
         version_replies={_text(k): int(v) for k, v in client.hgetall(keys.VERSION_REPLIES_KEY).items()},
         taken_at=time.time(),
+        redis_time=now,
     )

@@ -199,6 +199,13 @@ def format_validation_error(path: Path, error: ValidationError) -> str:
             lines.append(f"  {where}: unknown field; {_meant(item['loc'])}")
             continue
         got = item.get("input")
+        if item["loc"] == ("name",) and item["type"] == "string_pattern_mismatch":
+            # The pattern itself told nobody what to do ("String should match pattern '^[a-z0-9]...'").
+            lines.append(
+                f"  name: {got!r} is not a persona name: use lower-case letters, digits, - and _ (at most 64, "
+                f"starting with a letter or digit); without a name field, the file's name is the persona's"
+            )
+            continue
         shown = "" if isinstance(got, dict) else f" (got {got!r})"
         lines.append(f"  {where}: {item['msg']}{shown}")
     return "\n".join(lines)
@@ -257,7 +264,13 @@ class PersonaRegistry:
         return [p for folder in self.folders if folder.is_dir() for p in sorted(folder.glob("*.toml"))]
 
     def scan(self) -> tuple[dict[str, Persona], list[ConfigError]]:
-        """All valid personas by name, and the errors of the invalid files."""
+        """All valid personas by name, and the errors of the invalid files.
+
+        An invalid file still overrides its earlier namesakes, as in ``get``: the
+        persona is not served until it is fixed. Listing the earlier file instead showed
+        a persona (in `persona personas list`, on the dashboard, preloaded by workers)
+        that every request then found broken.
+        """
         found: dict[str, Persona] = {}
         problems: list[ConfigError] = []
         for path in self.files():
@@ -265,6 +278,7 @@ class PersonaRegistry:
                 persona = load_persona_file(path)
             except ConfigError as exc:
                 problems.append(exc)
+                found.pop(path.stem, None)
                 continue
             found[persona.name] = persona
         return found, problems

@@ -28,7 +28,7 @@ from pydantic import BaseModel, Field
 from persona import constants as keys
 from persona.checkpoints import BASE_VERSION
 from persona.errors import SwapRefused
-from persona.heartbeat import live_workers, redis_now
+from persona.heartbeat import live_worker_ids, redis_now
 from persona.personas import Persona
 
 __all__ = [
@@ -129,6 +129,7 @@ class SwapOutcome(BaseModel):
 
     proposal: SwapProposal
     committed: bool
+    unchanged: bool = Field(False, description="the persona already served the target: no worker was asked")
     votes: dict[str, Vote] = Field(default_factory=dict)
     problem: str = ""
 
@@ -254,8 +255,12 @@ def _not_committed_text(proposal: SwapProposal, result: str) -> str:
 
 def open_proposal(client: redis.Redis, proposal: SwapProposal, timeout_s: float) -> SwapProposal:
     """Open a proposal for the workers alive now, lapsing ``timeout_s`` from now by Redis's
-    clock; the proposal as opened (SwapRefused if another is under way)."""
-    live = {w.id for w in live_workers(client)}
+    clock; the proposal as opened (SwapRefused if another is under way).
+
+    Every live worker must vote, one whose heartbeat cannot be read too: it serves all
+    the same, and would otherwise pick up the flip without having checked the weights.
+    """
+    live = live_worker_ids(client)
     proposal = proposal.model_copy(update={"workers": sorted(live), "deadline": redis_now(client) + timeout_s})
     propose(client, proposal)
     return proposal
@@ -280,7 +285,7 @@ def run_swap(
                 return SwapOutcome(proposal=proposal, committed=False, votes=cast, problem=_refusal_text(proposal, refused))
             # A worker that died meanwhile is not waited for: it reads the active
             # version when it starts again.
-            alive = {w.id for w in live_workers(client)}
+            alive = live_worker_ids(client)
             expected = [w for w in proposal.workers if w in alive or w in cast]
             if on_progress:
                 on_progress(sum(1 for w in expected if w in cast), len(expected))

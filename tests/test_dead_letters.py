@@ -90,3 +90,29 @@ def test_retry_all_reaches_readable_letters_behind_a_page_of_unreadable_ones(set
     assert len(retried) == 2 and redis_client.xlen("persona:q:dead") == 5
     requeued = [GenerationRequest.from_json(fields[b"r"]).id for _, fields in redis_client.xrange("persona:q:chat")]
     assert sorted(requeued) == sorted(request.id for request in older)
+
+
+def test_retry_waits_for_room_in_the_queue_as_callers_do(settings, redis_client, redis_url):
+    """`retry --all` used to re-queue every dead letter whatever the queue held: a day of
+    them went thousands past PERSONA_QUEUE__MAX_LENGTH, and every caller heard "busy"."""
+    for text in ("one", "two", "three"):
+        dead_letter(settings, redis_client, chat(text=text))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PERSONA_")}
+    env |= {"PERSONA_DATA_DIR": str(settings.data_dir), "PERSONA_REDIS_URL": redis_url, "COLUMNS": "200",
+            "PERSONA_QUEUE__MAX_LENGTH": "2"}
+
+    def persona(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "persona", *args], env=env, capture_output=True, check=False,
+                              text=True, timeout=120)
+
+    some = persona("queue", "retry", "--all", "--yes")
+    assert some.returncode == 0, some.stderr
+    assert "re-queued 2" in some.stdout and "1 left: persona:q:chat holds 2 requests" in some.stdout
+    assert redis_client.xlen("persona:q:chat") == 2
+    [left] = list_dead(redis_client)
+    refused = persona("queue", "retry", left.id)
+    assert refused.returncode == 1 and "holds 2 requests" in refused.stderr and "Traceback" not in refused.stderr
+    assert list_dead(redis_client) == [left] and redis_client.xlen("persona:q:chat") == 2
+    redis_client.delete("persona:q:chat")  # drained
+    assert persona("queue", "retry", left.id).returncode == 0
+    assert list_dead(redis_client) == [] and redis_client.xlen("persona:q:chat") == 1

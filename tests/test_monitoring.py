@@ -241,3 +241,92 @@ def test_a_worker_whose_clock_is_off_neither_drops_the_others_nor_is_dropped(red
         monkeypatch.setattr(time, "time", lambda skew=skew: real() + skew)  # this machine's clock is off
         heartbeat.publish(redis_client, heartbeat.WorkerInfo(id="w-a"), ttl_s=10)
         assert heartbeat.live_worker_ids(redis_client) == {"w-a", "w-b"}
+
+
+def test_work_held_by_a_worker_whose_heartbeat_cannot_be_read_is_not_stuck(settings, redis_client):
+    """Such a worker is alive (``live_worker_ids`` says so, and its work is not reclaimed),
+    but the stats judged it by the readable heartbeats alone: all it held was listed as
+    stuck, "held by w-odd, whose heartbeat has lapsed", and it counted as no worker."""
+    heartbeat.publish(redis_client, heartbeat.WorkerInfo(id="w-odd"), ttl_s=30)
+    redis_client.set(keys.worker_key("w-odd"), "not a heartbeat")
+    QueueClient(redis_client, settings.queue).submit(chat())
+    WorkQueue(redis_client, settings.queue).claim("w-odd", 1, block_ms=0)
+    stats = collect_stats(redis_client)
+    assert stats.streams[0].in_flight == 1 and stats.stuck == []
+    assert stats.workers == [] and stats.unreadable_workers == ["w-odd"]
+    heartbeat.withdraw(redis_client, "w-odd")  # gone: now it is stuck
+    [stuck] = collect_stats(redis_client).stuck
+    assert stuck.worker == "w-odd" and "heartbeat has lapsed" in stuck.reason
+
+
+def test_when_a_worker_was_seen_is_timed_by_redis_not_by_either_machine(settings, redis_url, redis_client, monkeypatch):
+    """A worker whose clock ran ten minutes ahead stamped its heartbeat with that clock,
+    and `persona queue stats` showed it "seen -600.0s ago" (the dashboard the same)."""
+    import os
+    import subprocess
+    import sys
+
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() + 600)  # the worker's machine
+    info = heartbeat.WorkerInfo(id="w-ahead")
+    heartbeat.publish(redis_client, info, ttl_s=60)
+    monkeypatch.setattr(time, "time", real)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PERSONA_")}
+    env |= {"PERSONA_DATA_DIR": str(settings.data_dir), "PERSONA_REDIS_URL": redis_url, "COLUMNS": "200"}
+    shown = subprocess.run([sys.executable, "-m", "persona", "queue", "stats"], env=env, capture_output=True,
+                           check=False, text=True, timeout=120)
+    assert shown.returncode == 0, shown.stderr
+    [row] = [line for line in shown.stdout.splitlines() if "w-ahead" in line]
+    ago = float(row.split("│")[-2].strip().removesuffix("s ago"))
+    assert 0 <= ago < 30, row
+    stats = collect_stats(redis_client)
+    [seen] = stats.workers
+    assert 0 <= stats.redis_time - seen.last_seen < 30 and abs(info.last_seen - seen.last_seen) < 0.001
+
+
+def test_stats_on_a_fresh_redis_show_no_figures_rather_than_zero_latency(settings, redis_url, redis_client):
+    """With no replies yet, p50/p95/p99 read "0" ms (instant answers) and an empty
+    workers table said nothing of why nothing was answered."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PERSONA_")}
+    env |= {"PERSONA_DATA_DIR": str(settings.data_dir), "PERSONA_REDIS_URL": redis_url, "COLUMNS": "200"}
+    shown = subprocess.run([sys.executable, "-m", "persona", "queue", "stats"], env=env, capture_output=True,
+                           check=False, text=True, timeout=120)
+    assert shown.returncode == 0, shown.stderr
+    [wait] = [line for line in shown.stdout.splitlines() if "queue wait" in line]
+    assert [cell.strip() for cell in wait.split("│")[2:5]] == ["-"] * 3, wait
+    assert "no live worker" in shown.stdout and "persona worker" in shown.stdout
+
+
+
+def test_throughput_says_how_far_back_it_was_measured_when_the_reply_log_is_short(redis_client):
+    """Past what the reply log keeps, throughput is taken over the span it covers; the
+    table still said "(last minute)"."""
+    import io
+
+    from rich.console import Console
+
+    from persona.cli.queue_cmd import render_latency
+
+    def shown() -> str:
+        console = Console(width=200, file=io.StringIO())
+        console.print(render_latency(collect_stats(redis_client)))
+        return " ".join(console.file.getvalue().split())  # the caption wraps at the table's width
+
+    redis_client.delete(keys.REPLY_LOG_STREAM)
+    record_replies(redis_client, [GenerationReply(id="a", ok=True, persona="p", version="v1", new_tokens=2,
+                                                  timings=Timings(queue_ms=12, generate_ms=80))])
+    assert "(last minute)" in shown()
+    redis_client.delete(keys.REPLY_LOG_STREAM)
+    now = time.time()
+    start_ms = int((now - 60) * 1000)
+    pipe = redis_client.pipeline(transaction=False)
+    for n in range(18_000):  # 300 a second for the last minute, trimmed as the workers trim it
+        pipe.xadd(keys.REPLY_LOG_STREAM, {"r": b"1 4 1.5 20.0 - p v1"}, id=f"{start_ms + n * 10 // 3}-{n}",
+                  maxlen=keys.REPLY_LOG_MAX_LEN, approximate=True)
+    pipe.execute()
+    text = shown()
+    assert "s: all the reply log holds)" in text and "last minute" not in text, text

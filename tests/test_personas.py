@@ -108,3 +108,68 @@ def test_a_misspelt_field_suggests_the_one_meant(tmp_path: Path):
     assert "descripton: unknown field; did you mean 'description'?" in message
     assert "sampling.temprature: unknown field; did you mean 'temperature'?" in message
     assert "sampling.zzz: unknown field; known fields: temperature, top_p" in message
+
+
+def test_an_invalid_file_hides_its_earlier_namesake_as_get_does(settings, personas_dir: Path):
+    """A broken override used to leave the builtin sage listed (by `personas list`, the
+    dashboard, a worker's preload) while every request for sage found the broken file."""
+    (personas_dir / "sage.toml").write_text("[sampling]\ntop_p = 7\n")
+    registry = PersonaRegistry.from_settings(settings)
+    found, problems = registry.scan()
+    assert "sage" not in found and "bofh" in found
+    assert len(problems) == 1 and "sampling.top_p" in str(problems[0])
+    with pytest.raises(ConfigError, match="sampling.top_p"):
+        registry.get("sage")
+    (personas_dir / "sage.toml").write_text('description = "fixed"\n')
+    assert registry.scan()[0]["sage"].description == "fixed"
+
+
+def test_a_name_that_breaks_the_pattern_says_what_a_name_may_be(tmp_path: Path):
+    upper = tmp_path / "Sage.toml"
+    upper.write_text('description = "capital"\n')
+    with pytest.raises(ConfigError) as caught:
+        load_persona_file(upper)
+    message = str(caught.value)
+    assert "'Sage' is not a persona name: use lower-case letters" in message and "^[a-z0-9]" not in message
+
+
+def test_personas_commands_keep_their_formats_with_unusual_files(settings, personas_dir: Path):
+    """`list` is one line per persona, `show` prints a persona file, and `validate` says
+    which of two namesakes is used."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    (personas_dir / "poet.toml").write_text(
+        'description = """Writes\ttabs and\nnew lines."""\ndisplay_name = "Poète [draft]"\n'
+        '[prompt]\nsystem = "Sé breve. Ünïcode ✓"\n'
+    )
+    (personas_dir / "sage.toml").write_text('description = "my own sage"\n')
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PERSONA_")}
+    env |= {"PERSONA_DATA_DIR": str(settings.data_dir), "PERSONA_PERSONAS_DIRS": json.dumps([str(personas_dir)]),
+            "COLUMNS": "200", "PYTHONIOENCODING": "utf-8"}
+
+    def persona(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "persona", "personas", *args], env=env, capture_output=True,
+                              check=False, text=True, encoding="utf-8", timeout=120)
+
+    listed = persona("list")
+    assert listed.returncode == 0, listed.stderr
+    rows = [line.split("\t") for line in listed.stdout.splitlines()]
+    assert all(len(row) == 3 for row in rows), rows
+    assert ["poet", "smollm2", "Writes tabs and new lines."] in rows and ["sage", "smollm2", "my own sage"] in rows
+
+    shown = persona("show", "poet")
+    assert shown.returncode == 0, shown.stderr
+    data = tomllib.loads(shown.stdout)  # the output is a persona file itself
+    assert data["name"] == "poet" and data["display_name"] == "Poète [draft]" and data["sampling"]["top_p"] == 0.95
+    assert str(personas_dir / "poet.toml") in shown.stdout
+
+    checked = persona("validate")
+    assert checked.returncode == 0, checked.stderr
+    [builtin] = [line for line in checked.stdout.splitlines() if str(BUILTIN_PERSONAS_DIR / "sage.toml") in line]
+    assert f"not used: {personas_dir / 'sage.toml'} overrides it" in builtin
+    [own] = [line for line in checked.stdout.splitlines() if str(personas_dir / "sage.toml") in line and "✓" in line
+             and str(BUILTIN_PERSONAS_DIR) not in line]
+    assert "not used" not in own

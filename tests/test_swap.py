@@ -14,10 +14,12 @@ from pathlib import Path
 import pytest
 import redis
 
+from persona import constants as keys
 from persona import swap as swaps
 from persona.checkpoints import CheckpointInfo, register_checkpoint
 from persona.cli.checkpoints_cmd import perform_swap
 from persona.contract import GenerationRequest, Message, SamplingOverrides
+from persona.heartbeat import live_workers
 from persona.personas import PersonaRegistry
 from persona.queue import QueueClient
 from tests.fakes.checkpoints import make_checkpoint
@@ -140,7 +142,7 @@ def test_all_or_nothing_when_one_of_two_workers_refuses(
     thread = threading.Thread(target=b.run, daemon=True)
     thread.start()
     try:
-        wait_until(lambda: len(swaps.live_workers(redis_client)) == 2)
+        wait_until(lambda: len(live_workers(redis_client)) == 2)
         outcome = perform_swap(settings, redis_client, tiny, "v1", timeout_s=60)
         assert not outcome.committed
         # the first refusal ends the swap; w-a may not have answered by then
@@ -373,3 +375,70 @@ def test_a_swap_opened_on_a_machine_whose_clock_is_behind_is_answered(
     running_worker("w-one")  # its clock is right
     wait_until(lambda: "w-one" in swaps.votes(redis_client, proposal.id), timeout=30)
     assert swaps.votes(redis_client, proposal.id)["w-one"].ready
+
+
+def _cli(settings, redis_url, personas_dir, cwd: Path | None = None):
+    """Run `persona ARGS...` against the test Redis and personas, as an operator would."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PERSONA_")}
+    env |= {"PERSONA_DATA_DIR": str(settings.data_dir), "PERSONA_REDIS_URL": redis_url,
+            "PERSONA_PERSONAS_DIRS": json.dumps([str(personas_dir)]), "COLUMNS": "200",
+            "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+
+    def persona(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "persona", *args], env=env, capture_output=True, check=False,
+                              text=True, timeout=120, cwd=cwd)
+
+    return persona
+
+
+def test_swap_json_to_the_version_already_served_is_still_one_json_object(settings, redis_url, redis_client, tiny,
+                                                                          personas_dir):
+    """`--json` printed "tiny already serves base", which no JSON reader takes."""
+    persona = _cli(settings, redis_url, personas_dir)
+    same = persona("swap", "tiny", "base", "--json")
+    assert same.returncode == 0, same.stderr
+    outcome = json.loads(same.stdout)
+    assert outcome["committed"] and outcome["unchanged"] and outcome["proposal"]["target"] == "base"
+    assert swaps.active_versions(redis_client) == {} and swaps.swap_log(redis_client) == []
+
+
+def test_a_versions_own_folder_named_as_a_path_is_that_version(settings, redis_url, redis_client, tiny, tiny_llama_dir,
+                                                               personas_dir):
+    """Swapped to by its folder's path (or by its name from inside the checkpoints folder,
+    where `v1` is a folder too), v1 was stored as a path: `persona checkpoints` starred no
+    version and called it "a folder outside the versioned checkpoints", and swapping to
+    `v1` from it flipped for nothing."""
+    v1 = make_checkpoint(settings, tiny_llama_dir, "tiny", seed=1)
+    make_checkpoint(settings, tiny_llama_dir, "tiny", seed=2)
+    persona = _cli(settings, redis_url, personas_dir)
+    assert persona("swap", "tiny", str(v1.path)).returncode == 0
+    assert swaps.active_versions(redis_client) == {"tiny": "v1"}
+    again = persona("swap", "tiny", "v1")
+    assert again.returncode == 0 and "already serves v1" in again.stdout
+    from_inside = _cli(settings, redis_url, personas_dir, cwd=v1.path.parent)("swap", "tiny", "v2")
+    assert from_inside.returncode == 0, from_inside.stderr
+    assert swaps.active_versions(redis_client) == {"tiny": "v2"} and swaps.version_history(redis_client, "tiny") == ["v1", "base"]
+
+    redis_client.hset(keys.ACTIVE_VERSIONS_KEY, "tiny", str(v1.path))  # stored as a path by an earlier swap
+    listed = json.loads(persona("checkpoints", "tiny", "--json").stdout)
+    assert [v["active"] for v in listed["versions"]] == [True, False]
+    table = persona("checkpoints", "tiny")
+    assert [line for line in table.stdout.splitlines() if "*" in line and "v1" in line] and "outside" not in table.stdout
+    redis_client.hset(keys.ACTIVE_VERSIONS_KEY, "tiny", "v7")  # a version whose folder was removed
+    table = persona("checkpoints", "tiny")
+    assert "active: v7, whose folder was removed" in table.stdout and "outside" not in table.stdout
+
+
+def test_a_live_worker_whose_heartbeat_cannot_be_read_must_vote_too(settings, redis_client, tiny, tiny_llama_dir):
+    """It serves all the same: left out of the proposal, it picked up the flip without
+    having loaded and checked the new weights (and with no other worker, the swap was
+    checked only on the operator's machine)."""
+    from persona import heartbeat
+
+    make_checkpoint(settings, tiny_llama_dir, "tiny", seed=1)
+    heartbeat.publish(redis_client, heartbeat.WorkerInfo(id="w-odd"), ttl_s=60)
+    redis_client.set(keys.worker_key("w-odd"), "not a heartbeat")
+    outcome = swaps.swap_persona(redis_client, tiny, "v1", timeout_s=1)
+    assert not outcome.committed and outcome.proposal.workers == ["w-odd"]
+    assert "no answer from worker(s) w-odd" in outcome.problem
+    assert swaps.active_versions(redis_client) == {} and swaps.open_proposals(redis_client) == []

@@ -14,11 +14,18 @@ from rich.table import Table
 
 from persona import swap as swaps
 from persona.checkpoint_checks import static_problem
-from persona.checkpoints import BASE_VERSION, resolve_checkpoint, scan_checkpoints
+from persona.checkpoints import (
+    BASE_VERSION,
+    VERSION_PATTERN,
+    CheckpointInfo,
+    checkpoint_dir,
+    resolve_checkpoint,
+    scan_checkpoints,
+)
 from persona.cli.common import console, friendly_errors, get_settings
 from persona.connection import connect
 from persona.errors import ModelError, SwapRefused
-from persona.heartbeat import live_workers
+from persona.heartbeat import live_worker_ids
 from persona.personas import Persona, PersonaRegistry
 from persona.settings import Settings
 from persona.swap import current_version
@@ -28,12 +35,20 @@ __all__ = ["checkpoints", "normalise_target", "perform_swap", "register", "rollb
 DEFAULT_TIMEOUT_S = 300.0
 
 
-def normalise_target(target: str) -> str:
-    """A version name stays as it is; a folder becomes its absolute path (workers share it)."""
+def normalise_target(target: str, versions: Path | None = None) -> str:
+    """A version name stays as it is; a folder becomes its absolute path (workers share it),
+    except a version's own folder under ``versions`` (the persona's checkpoints), which
+    becomes that version's name: swapped to by path, it was listed as "a folder outside
+    the versioned checkpoints", starred nowhere, and swapping to it from that very
+    version flipped for nothing (the same from the checkpoints folder, where ``v2`` is a
+    folder too)."""
     path = Path(target).expanduser()
-    if target != BASE_VERSION and (path.is_absolute() or path.exists()):
-        return str(path.resolve())
-    return target
+    if target == BASE_VERSION or not (path.is_absolute() or path.exists()):
+        return target
+    folder = path.resolve()
+    if versions is not None and folder.parent == versions.resolve() and VERSION_PATTERN.match(folder.name):
+        return folder.name
+    return str(folder)
 
 
 def _check_here(settings: Settings, client: redis.Redis, persona: Persona, target: str, workers: int) -> None:
@@ -63,7 +78,7 @@ def perform_swap(
     timeout_s: float = DEFAULT_TIMEOUT_S,
 ) -> swaps.SwapOutcome:
     """Check, propose, gather every live worker's vote, and commit or withdraw."""
-    _check_here(settings, client, persona, target, len(live_workers(client)))
+    _check_here(settings, client, persona, target, len(live_worker_ids(client)))
     with console.status("asking the workers to load and check it") as status:
 
         def progress(ready: int, total: int) -> None:
@@ -95,8 +110,15 @@ def checkpoints(
     persona = PersonaRegistry.from_settings(settings).get(persona_name)
     found, unreadable = scan_checkpoints(settings.checkpoints_dir, persona.name)
     active = current_version(connect(settings), persona)
+    # A version swapped to by its folder's path (as swaps made before the path was read
+    # as the version were stored) is that version all the same.
+    as_folder = Path(active).resolve() if Path(active).is_absolute() else None
+
+    def is_active(c: CheckpointInfo) -> bool:
+        return c.version == active or (as_folder is not None and c.path is not None and c.path.resolve() == as_folder)
+
     if json_output:
-        rows = [dict(c.model_dump(mode="json"), active=c.version == active) for c in found]
+        rows = [dict(c.model_dump(mode="json"), active=is_active(c)) for c in found]
         print(json.dumps({"persona": persona.name, "active": active, "versions": rows,
                           "unreadable": [str(p) for p in unreadable]}))
         return
@@ -107,10 +129,18 @@ def checkpoints(
     for c in found:
         created = dt.datetime.fromtimestamp(c.created_at).strftime("%Y-%m-%d %H:%M")
         metrics = ", ".join(f"{k}={v:.4g}" for k, v in sorted(c.metrics.items())) or "-"
-        table.add_row("*" if c.version == active else "", c.version, created, c.kind, c.base, metrics)
+        table.add_row("*" if is_active(c) else "", c.version, created, c.kind, c.base, metrics)
     console.print(table)
-    if active not in {BASE_VERSION, *(c.version for c in found)}:
-        console.print(f"active: {active} (a folder outside the versioned checkpoints)")
+    if active != BASE_VERSION and not any(is_active(c) for c in found):
+        if VERSION_PATTERN.match(active):  # a version, not a folder elsewhere: removed, or unreadable
+            removed = not (checkpoint_dir(settings.checkpoints_dir, persona.name) / active).is_dir()
+            why = "whose folder was removed: a worker that starts cannot load it" if removed else "not listed (see below)"
+            console.print(
+                f"active: {escape(active)}, {why}; swap to a listed one with `persona swap {persona.name} VERSION`",
+                highlight=False,
+            )
+        else:
+            console.print(f"active: {escape(active)} (a folder outside the versioned checkpoints)", highlight=False)
     for problem in unreadable:
         console.print(f"[yellow]not listed:[/yellow] {escape(str(problem))}; fix or remove that folder", highlight=False)
 
@@ -132,9 +162,15 @@ def swap(
     started = time.time()
     persona = PersonaRegistry.from_settings(settings).get(persona_name)
     client = connect(settings)
-    target = normalise_target(target)
+    target = normalise_target(target, checkpoint_dir(settings.checkpoints_dir, persona.name))
     if target == current_version(client, persona):
-        console.print(f"{persona.name} already serves {target}")
+        if json_output:  # still one JSON object, as --json promises: nothing needed doing
+            print(swaps.SwapOutcome(
+                proposal=swaps.SwapProposal(persona=persona.name, target=target, previous=target),
+                committed=True, unchanged=True,
+            ).model_dump_json())
+        else:
+            console.print(f"{persona.name} already serves {target}")
         return
     _report(perform_swap(settings, client, persona, target, timeout_s=timeout), json_output, started)
 

@@ -19,7 +19,9 @@ def list_personas() -> None:
     found, problems = registry.scan()
     for name, persona in sorted(found.items()):
         weights = persona.model.base + (f"+{persona.model.checkpoint}" if persona.model.checkpoint else "")
-        print(f"{name}\t{weights}\t{persona.description}")
+        # One line each, whatever the file holds: a multi-line description (a TOML """
+        # string) or a tab in it used to split a persona across lines and columns.
+        print("\t".join(" ".join(field.split()) for field in (name, weights, persona.description)))
     if problems:
         err_console.print(f"[yellow]{len(problems)} invalid persona file(s); see `persona personas validate`[/yellow]")
 
@@ -29,11 +31,13 @@ def list_personas() -> None:
 def show(name: str = typer.Argument(..., help="the persona's name")) -> None:
     """Everything a persona file says, defaults filled in."""
     persona = PersonaRegistry.from_settings(get_settings()).get(name)
-    console.print(f"[bold]{persona.name}[/bold]  ({persona.source})")
     import tomli_w
 
     data = persona.model_dump(mode="json", exclude_none=True)
-    print(tomli_w.dumps(data))
+    # Where it came from as a TOML comment: the output is itself a valid persona file
+    # (a plain header line made `show sage > sage.toml` unreadable).
+    source = " ".join(str(persona.source).split())
+    print(f"# {persona.name}, from {source}, defaults filled in\n{tomli_w.dumps(data)}", end="")
 
 
 @personas_app.command()
@@ -49,6 +53,11 @@ def validate(
 
     registry = PersonaRegistry.from_settings(get_settings())
     files = [Path(p) for p in paths] if paths else registry.files()
+    # Of namesakes in several folders only the last is used: say so, or a fix made to
+    # the other file seems to change nothing.
+    searched = registry.files()
+    winner = {path.stem: path.resolve() for path in searched}
+    searched_here = {path.resolve() for path in searched}
     bad = 0
     for path in files:
         try:
@@ -57,7 +66,10 @@ def validate(
             bad += 1
             err_console.print(f"[red]✗[/red] {escape(str(exc))}", highlight=False)
         else:
-            console.print(f"[green]✓[/green] {escape(str(path))}")
+            here = path.resolve()
+            unused = here in searched_here and winner[path.stem] != here
+            note = f" [yellow](not used: {escape(str(winner[path.stem]))} overrides it)[/yellow]" if unused else ""
+            console.print(f"[green]✓[/green] {escape(str(path))}{note}", highlight=False)
     if bad:
         raise typer.Exit(1)
 

@@ -8,6 +8,7 @@ import time
 import typer
 from rich.console import Group
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 
 from persona import constants as keys
@@ -16,6 +17,7 @@ from persona.connection import connect
 from persona.dead_letters import list_dead, retry_all, retry_dead
 from persona.errors import QueueError
 from persona.monitoring import QueueStats, collect_stats
+from persona.telemetry import THROUGHPUT_WINDOW_S
 
 __all__ = [
     "dead", "register", "render_all", "render_latency", "render_stats", "render_stuck", "render_workers", "retry", "stats", "watch",
@@ -51,22 +53,33 @@ def render_latency(stats: QueueStats) -> Table:
         table.add_column(column, justify="right" if column else "left")
     if lat:
         for name, p in (("queue wait", lat.queue_ms), ("generation", lat.generate_ms)):
-            table.add_row(name, f"{p.p50:.0f}", f"{p.p95:.0f}", f"{p.p99:.0f}")
-        table.caption = f"throughput: {lat.replies_per_s:.2f} replies/s, {lat.tokens_per_s:.1f} tokens/s (last minute)"
+            # No replies in the window: no figure, not a 0 ms one that reads as instant.
+            cells = (f"{p.p50:.0f}", f"{p.p95:.0f}", f"{p.p99:.0f}") if lat.replies else ("-", "-", "-")
+            table.add_row(name, *cells)
+        # Over the last minute, or over what the reply log still holds when it reaches less far back.
+        span = min(THROUGHPUT_WINDOW_S, lat.window_s)
+        over = "last minute" if span >= THROUGHPUT_WINDOW_S else f"last {span:.0f} s: all the reply log holds"
+        table.caption = f"throughput: {lat.replies_per_s:.2f} replies/s, {lat.tokens_per_s:.1f} tokens/s ({over})"
     return table
 
 
 def render_workers(stats: QueueStats) -> Table:
     """Each live worker: heartbeat, host, device, versions, memory."""
-    table = Table(title=f"workers ({len(stats.workers)} live)", header_style="bold")
+    title = f"workers ({len(stats.workers) + len(stats.unreadable_workers)} live)"
+    if stats.unreadable_workers:
+        title += f", [yellow]unreadable heartbeat: {escape(', '.join(stats.unreadable_workers))}[/yellow]"
+    table = Table(title=title, header_style="bold")
     for column in ("worker", "host", "device", "state", "personas", "requests", "memory MB", "seen"):
         table.add_column(column)
-    now = time.time()
+    # Heartbeats are stamped by Redis's clock, and so is this reading: one clock for both.
+    now = stats.redis_time or time.time()
     for w in stats.workers:
         personas = ", ".join(f"{k}@{v}" for k, v in sorted(w.personas.items())) or "-"
         table.add_row(
             w.id, w.host, w.device, w.state, personas, str(w.requests), f"{w.memory_mb:.0f}", f"{now - w.last_seen:.1f}s ago"
         )
+    if not stats.workers and not stats.unreadable_workers:
+        table.caption = "no live worker, so nothing is answered; start one with `persona worker` (or `persona up`)"
     return table
 
 
@@ -146,12 +159,14 @@ def retry(
     yes: bool = typer.Option(False, "--yes", "-y", help="do not ask for confirmation with --all"),
 ) -> None:
     """Re-queue dead letters with their original arguments (and a fresh deadline)."""
-    client = connect(get_settings())
+    settings = get_settings()
+    client = connect(settings)
+    limit = settings.queue.max_length  # re-queued work waits for room as callers' does
     if all_ == bool(entry_id):
         raise QueueError("name one dead-letter ID, or pass --all (see `persona queue dead`)")
     if entry_id:
         try:
-            new_id = retry_dead(client, entry_id)
+            new_id = retry_dead(client, entry_id, limit)
         except ValueError as exc:
             raise QueueError(f"dead letter {entry_id} holds no readable request, so it cannot be retried: {exc}") from exc
         if new_id is None:
@@ -164,8 +179,17 @@ def retry(
         return
     if not yes and not typer.confirm(f"re-queue all {count} dead letter(s)?"):
         raise typer.Exit(1)
-    done = retry_all(client)
+    done = retry_all(client, max_length=limit)
     console.print(f"re-queued {len(done)} dead letter(s)")
+    left = client.xlen(keys.STREAM_DEAD)
+    full = [s for s in keys.STREAMS_BY_PRIORITY if client.xlen(s) >= limit]
+    if left and full:
+        console.print(
+            f"{left} left: {', '.join(full)} holds {limit} requests (PERSONA_QUEUE__MAX_LENGTH); "
+            "run this again once the queue has drained (see `persona queue stats`)"
+        )
+    elif left:
+        console.print(f"{left} left: they hold no readable request (see `persona queue dead`)")
 
 
 def register(app: typer.Typer) -> None:
