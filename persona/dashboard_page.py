@@ -88,7 +88,7 @@ function render(data){
     (failed.length ? ', ' + failed.map(([k, v]) => k + ' ' + v).join(', ') : '');
   rows('latency', lat ? [['queue wait', lat.queue_ms], ['generation', lat.generate_ms]] : [],
        ([n, p]) => [n, '#' + Math.round(p.p50), '#' + Math.round(p.p95), '#' + Math.round(p.p99)]);
-  const now = Date.now() / 1000;
+  const now = s.redis_time || Date.now() / 1000;  // heartbeats are stamped by Redis's clock
   rows('workers', s.workers, w => [esc(w.id), esc(w.host), esc(w.device), esc(w.state),
        esc(Object.entries(w.personas).map(([p, v]) => p + '@' + v).join(', ') || '-'), '#' + w.requests,
        '#' + Math.round(w.memory_mb), '#' + (now - w.last_seen).toFixed(1) + 's']);

@@ -13,6 +13,7 @@ while it is busy. ``record_replies`` writes one from anywhere else.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from bisect import bisect_left
 from collections import defaultdict
@@ -187,9 +188,10 @@ def read_histogram(client: redis.Redis, name: str) -> tuple[list[tuple[str, int]
 
 
 def percentile(values: Sequence[float], q: float) -> float:
-    """The nearest-rank ``q`` quantile (0 < q < 1) of ``values``; 0.0 when there are none."""
+    """The nearest-rank ``q`` quantile (0 < q < 1) of ``values``: the smallest value with at
+    least ``q`` of them at or below it (the median of 10 and 1000 is 10); 0.0 when there are none."""
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
+    return ordered[max(0, min(len(ordered), math.ceil(q * len(ordered))) - 1)] if ordered else 0.0
 
 
 def _percentiles(values: list[float]) -> Percentiles:

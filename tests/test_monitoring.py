@@ -80,10 +80,19 @@ def test_percentiles_from_the_reply_log(redis_client):
                                timings=Timings(queue_ms=i, generate_ms=10 * i)) for i in range(1, 101)]
     record_replies(redis_client, replies, batch_size=100)
     summary = summarize(redis_client)
-    assert (summary.queue_ms.p50, summary.queue_ms.p95, summary.queue_ms.p99) == (51, 96, 100)
-    assert summary.generate_ms.p99 == 1000
+    assert (summary.queue_ms.p50, summary.queue_ms.p95, summary.queue_ms.p99) == (50, 95, 99)
+    assert summary.generate_ms.p99 == 990
     assert summary.tokens_per_s == round(200 / 60, 1)
     assert summarize(redis_client, now=time.time() + 3600).replies == 0
+
+
+def test_percentiles_are_nearest_rank():
+    """They were one rank high whenever q times the count was whole: the median of 10 and 1000 read 1000."""
+    from persona.telemetry import percentile
+
+    assert percentile([1000, 10], 0.5) == 10 and percentile([10, 1000], 0.99) == 1000
+    assert percentile([7], 0.5) == 7 and percentile([], 0.5) == 0.0
+    assert [percentile(range(1, 21), q) for q in (0.5, 0.95, 0.99)] == [10, 19, 20]
 
 
 def test_throughput_past_what_the_reply_log_keeps_is_still_measured(redis_client):

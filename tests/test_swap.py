@@ -301,6 +301,8 @@ def test_checkpoints_swap_and_rollback_commands(settings, redis_url, redis_clien
     assert "tiny now serves base" in back.stdout
     again = persona("rollback", "tiny")
     assert again.returncode == 1 and "no earlier version" in again.stderr
+    no_wait = persona("swap", "tiny", "v1", "--timeout", "0")  # it used to lapse before any worker could answer
+    assert no_wait.returncode == 2 and "--timeout" in no_wait.stderr
 
 
 def test_checkpoints_lists_the_readable_versions_and_names_a_damaged_one(settings, redis_url, tiny, personas_dir):

@@ -149,7 +149,7 @@ def checkpoints(
 def swap(
     persona_name: str = typer.Argument(..., metavar="PERSONA", help="the persona's name"),
     target: str = typer.Argument(..., metavar="VERSION|PATH", help="a version (v3), 'base', or a checkpoint folder"),
-    timeout: float = typer.Option(DEFAULT_TIMEOUT_S, help="seconds to wait for every worker to be ready"),
+    timeout: float = typer.Option(DEFAULT_TIMEOUT_S, min=1.0, help="seconds to wait for every worker to be ready"),
     json_output: bool = typer.Option(False, "--json", help="print the outcome as JSON"),
 ) -> None:
     """Switch a persona to another checkpoint on every live worker, or on none.
@@ -178,7 +178,7 @@ def swap(
 @friendly_errors
 def rollback(
     persona_name: str = typer.Argument(..., metavar="PERSONA", help="the persona's name"),
-    timeout: float = typer.Option(DEFAULT_TIMEOUT_S, help="seconds to wait for every worker to be ready"),
+    timeout: float = typer.Option(DEFAULT_TIMEOUT_S, min=1.0, help="seconds to wait for every worker to be ready"),
     json_output: bool = typer.Option(False, "--json", help="print the outcome as JSON"),
 ) -> None:
     """Go back to the version a persona served before its last swap (same all-or-nothing rules)."""
