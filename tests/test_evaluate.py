@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -95,3 +96,49 @@ def test_copying_counts_a_short_entry_repeated_whole():
     assert [index.copies(s) for s in samples] == [True, True, False, False]
     assert copied_fraction(samples, index) == 0.5
     assert [index.longest_copied_run(s) for s in samples] == [7, 4, 0, 0]
+
+
+def _lora_persona(settings: Settings, tiny_gpt2_dir: Path, corpus_file: Path) -> str:
+    train_persona(settings, "quick", corpus_file, TrainConfig(base=str(tiny_gpt2_dir), steps=2, batch_size=4, samples=0))
+    return "quick"
+
+
+def test_export_into_the_empty_folder_you_are_in(settings: Settings, tiny_gpt2_dir: Path, corpus_file: Path,
+                                                 tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """`mkdir model && cd model && persona export NAME -o .` ended in a traceback (os.rmdir('.'))."""
+    persona = PersonaRegistry.from_settings(settings).get(_lora_persona(settings, tiny_gpt2_dir, corpus_file))
+    here = tmp_path / "quick-model"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    assert export_persona(settings, persona, Path(".")) == here.resolve()
+    assert Path.cwd().samefile(here)  # the folder the shell is in is filled, not replaced
+    assert AutoModelForCausalLM.from_pretrained(here) is not None and (here / "README.md").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left behind
+
+
+def test_eval_on_another_corpus_than_the_trained_one_says_so(settings: Settings, tiny_gpt2_dir: Path,
+                                                            corpus_file: Path, tmp_path: Path):
+    """A corpus rebuilt with more writing holds other documents out, some of them trained on:
+    its perplexity looked better than the persona is, without a word."""
+    persona = PersonaRegistry.from_settings(settings).get(_lora_persona(settings, tiny_gpt2_dir, corpus_file))
+    same = evaluate_persona(settings, persona, read_corpus(corpus_file), samples=1, sample_tokens=4)
+    assert same.trained_on_this_corpus is True
+    grown = tmp_path / "grown.jsonl"
+    grown.write_text(corpus_file.read_text() + json.dumps({"text": "Still water shows the moon."}) + "\n")
+    other = evaluate_persona(settings, persona, read_corpus(grown), samples=1, sample_tokens=4)
+    assert other.trained_on_this_corpus is False and other.as_dict()["trained_on_this_corpus"] is False
+
+
+def test_an_exported_model_is_readable_as_any_folder_you_make(settings: Settings, tiny_gpt2_dir: Path,
+                                                              corpus_file: Path, tmp_path: Path):
+    """The folder came out 0700 (mkdtemp) and its weights 0600 (safetensors): an Ollama or
+    llama.cpp service running as another user could not load the export it was made for."""
+    import stat
+
+    persona = PersonaRegistry.from_settings(settings).get(_lora_persona(settings, tiny_gpt2_dir, corpus_file))
+    folder = export_persona(settings, persona, tmp_path / "shared")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~umask
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir()} == {
+        p.name: 0o666 & ~umask for p in folder.iterdir()}

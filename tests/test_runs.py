@@ -157,3 +157,25 @@ def test_a_base_named_relative_to_here_is_found_from_anywhere(settings: Settings
     # Training it again from here, naming the base the same way, is the same base.
     monkeypatch.chdir(tiny_gpt2_dir.parent)
     assert train_persona(settings, "here", corpus_file, config(Path(tiny_gpt2_dir.name))).checkpoint.version == "v2"
+
+
+def test_the_bundled_base_by_another_of_its_names_fits_its_persona(settings: Settings, write_persona,
+                                                                   corpus_file: Path):
+    """`persona train sage --base bundled` was refused: "base 'smollm2' ... would not fit it"."""
+    write_persona("stoic", base="smollm2")
+    runs = settings.data_dir / "runs" / "stoic"
+    runs.mkdir(parents=True)
+    (runs / "run.json").write_text(json.dumps({"config": {}, "corpus_fingerprint": "another corpus"}))
+    # Past the base check, the run's own check speaks (before the bundled model is prepared).
+    with pytest.raises(CorpusError, match="not the corpus this run started on"):
+        train_persona(settings, "stoic", corpus_file, TrainConfig(base="bundled"), resume=True)
+    with pytest.raises(ConfigError, match="would not fit"):
+        train_persona(settings, "stoic", corpus_file, TrainConfig(base="/elsewhere"), resume=True)
+
+
+def test_the_card_of_a_run_with_nothing_held_out_says_so(settings: Settings, tiny_gpt2_dir: Path, tmp_path: Path):
+    one = tmp_path / "one.jsonl"
+    one.write_text(json.dumps({"text": " ".join(SAYINGS)}) + "\n")
+    done = train_persona(settings, "single", one, config(tiny_gpt2_dir))
+    card = (done.checkpoint.path / "README.md").read_text()
+    assert "not measured (no held-out documents)" in card and "nan" not in card

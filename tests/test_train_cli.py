@@ -184,3 +184,125 @@ def test_train_eval_generate_export_from_the_command_line(env, settings: Setting
     as_gguf = persona("export", "sage2", "-o", str(tmp_path / "gguf2"), "--gguf", "q5_k", env=env)
     assert as_gguf.returncode == 1 and "unknown GGUF type" in as_gguf.stderr
     assert not (tmp_path / "gguf2").exists()
+
+
+def test_progress_written_to_a_pipe_shows_step_lines():
+    """Rich draws no bar into a pipe or a log file until the run ends: `persona train | tee`
+    showed nothing between evaluations. There a step line is printed every ten seconds."""
+    out = io.StringIO()  # not a terminal, as a pipe is not
+    with Progress(console=Console(file=out, width=200)) as progress:
+        reporter = RichReporter(progress)
+        reporter.on_start(100, 0)
+        for step, elapsed in [(1, 0.5), (2, 1.0), (3, 9.0), (4, 10.6), (5, 12.0)]:
+            reporter.on_step(step, 4.0, 4.5, elapsed)
+        lines = out.getvalue().splitlines()
+    assert lines[:2] == ["[1 | 0.50] loss=4.00 avg=4.50", "[4 | 10.60] loss=4.00 avg=4.50"]
+
+    terminal = io.StringIO()
+    with Progress(console=Console(file=terminal, width=200, force_terminal=True)) as progress:
+        reporter = RichReporter(progress)
+        reporter.on_start(100, 0)
+        reporter.on_step(1, 4.0, 4.5, 0.5)
+        assert terminal.getvalue().count("[1 | 0.50]") <= 1  # the bar itself, no extra line
+
+
+def test_an_evaluation_with_nothing_held_out_says_so():
+    out = io.StringIO()
+    with Progress(console=Console(file=out, width=200)) as progress:
+        RichReporter(progress).on_eval(5, float("nan"), False)
+    assert "step 5: no held-out documents to validate on" in out.getvalue()
+    assert "inf" not in out.getvalue() and "nan" not in out.getvalue()
+
+
+def test_a_corpus_with_nothing_held_out_is_trained_with_a_warning_and_no_nan(env, tmp_path: Path,
+                                                                            tiny_gpt2_dir: Path):
+    """One document (a whole book in one post): nothing can be held out. The run said
+    "validation loss nan, perplexity inf" at each evaluation and "perplexity nan (base) → nan"."""
+    source = tmp_path / "book.txt"
+    source.write_text("Patience is the art of hoping slowly. " * 60)
+    corpus = tmp_path / "book.jsonl"
+    built = persona("corpus", "build", str(source), "-o", str(corpus), "--base", "", env=env)
+    assert built.returncode == 0, built.stderr
+    assert "too few documents to hold any out" in " ".join(built.stderr.split())
+
+    trained = persona("train", "book", "--corpus", str(corpus), "--base", str(tiny_gpt2_dir), "--steps", "2", env=env)
+    assert trained.returncode == 0, trained.stderr
+    assert "holds no held-out documents" in " ".join(trained.stderr.split())
+    assert "step 2: no held-out documents to validate on" in trained.stdout
+    assert "finished after 2 steps; no held-out perplexity" in trained.stdout
+    assert not any(wrong in trained.stdout for wrong in ("loss nan", "perplexity inf", "perplexity nan", "→ nan"))
+
+
+def test_bad_option_values_are_one_line_naming_the_option(env, tmp_path: Path):
+    result = persona("train", "x", "--corpus", str(tmp_path / "c.jsonl"), "--learning-rate", "0", "--device", "gpu",
+                     env=env)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    said = " ".join(result.stderr.split())
+    assert "--learning-rate: input should be greater than 0" in said and "--device: input should be" in said
+
+
+# Presses Ctrl-C twice inside optimiser step STEP of a real `persona train`, as a hurried hand does.
+_TWO_PRESSES = """
+import os, signal, sys
+from torch.optim.optimizer import register_optimizer_step_post_hook
+seen = []
+def press(optimizer, args, kwargs):
+    seen.append(1)
+    if len(seen) == int(os.environ["PRESS_AT_STEP"]):
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+register_optimizer_step_post_hook(press)
+from persona.cli import main
+sys.argv[0] = "persona"
+main()
+"""
+
+
+@pytest.mark.parametrize("step", [1, 3], ids=["before-any-save", "after-a-save"])
+def test_a_second_ctrl_c_says_whether_and_how_the_run_continues(env, tmp_path: Path, tiny_gpt2_dir: Path, step: int):
+    """The second Ctrl-C stops at once: typer ended with status 130 and not a word, after
+    "Ctrl-C again to stop at once", so nobody knew the run could be continued."""
+    corpus = tmp_path / "c.jsonl"
+    sayings = [entry.strip().split("\n")[0] for entry in SAYINGS.split("%") if entry.strip()]
+    corpus.write_text("".join(json.dumps({"text": text}) + "\n" for text in sayings))  # 1 held out of 10
+    args = ["train", "hasty", "--corpus", str(corpus), "--base", str(tiny_gpt2_dir), "--steps", "6",
+            "--eval-every", "2", "--batch-size", "2"]
+    stopped = subprocess.run([sys.executable, "-c", _TWO_PRESSES, *args], env=env | {"PRESS_AT_STEP": str(step)},
+                             capture_output=True, text=True, timeout=120, check=False)
+    assert stopped.returncode == 130, stopped.stderr
+    if step == 1:
+        assert "before the run saved anything; start it again without --resume" in stopped.stdout
+        return
+    hint = stopped.stdout.split("continue from the run's last save with `")[1].split("`")[0]
+    assert "measuring it on 1 held-out documents..." in stopped.stdout  # said before the silent minutes
+    assert shlex.split(hint) == ["persona", "train", "hasty", "--corpus", str(corpus), "--resume"]
+    resumed = persona(*shlex.split(hint)[1:], env=env)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "registered hasty v1" in resumed.stdout
+
+
+def test_corpus_build_into_a_folder_or_an_unwritable_place_says_so(env, tmp_path: Path):
+    (tmp_path / "sage.txt").write_text("A post that stays.")
+    folder = tmp_path / "out"
+    folder.mkdir()
+    into_folder = persona("corpus", "build", str(tmp_path / "sage.txt"), "-o", str(folder), "--base", "", env=env)
+    assert into_folder.returncode == 1 and "Traceback" not in into_folder.stderr
+    assert f"e.g. -o {folder / 'corpus.jsonl'}" in " ".join(into_folder.stderr.split())
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    under_a_file = persona("corpus", "build", str(tmp_path / "sage.txt"), "-o", str(blocked / "c.jsonl"),
+                           "--base", "", env=env)
+    assert under_a_file.returncode == 1 and "Traceback" not in under_a_file.stderr
+    assert "cannot write the corpus to" in " ".join(under_a_file.stderr.split())
+
+
+def test_a_run_that_ends_worse_than_its_base_says_so(env, tmp_path: Path, tiny_gpt2_dir: Path):
+    """Only the run's own evaluations compete for "best": a rate that wrecks the model from
+    its first step was registered with no word that the base model was better."""
+    corpus = tmp_path / "c.jsonl"
+    sayings = [entry.strip().split("\n")[0] for entry in SAYINGS.split("%") if entry.strip()]
+    corpus.write_text("".join(json.dumps({"text": text}) + "\n" for text in sayings))
+    wrecked = persona("train", "wrecked", "--corpus", str(corpus), "--base", str(tiny_gpt2_dir), "--full",
+                      "--learning-rate", "5", "--steps", "2", "--eval-every", "1", env=env)
+    assert wrecked.returncode == 0, wrecked.stderr
+    assert "predict the held-out writing worse than the base model" in " ".join(wrecked.stderr.split())

@@ -237,3 +237,22 @@ def test_a_full_disk_while_saving_says_so_and_the_run_resumes_once_there_is_room
     resumed = train(config, corpus(), tiny_gpt2_dir, run, resume=True)
     assert resumed.status == "finished"
     assert resumed.metrics["val_loss"] == whole.metrics["val_loss"]
+
+
+def test_a_document_longer_than_the_tokenizers_limit_is_windowed_without_its_warning(
+        tiny_gpt2_dir: Path, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture):
+    """GPT-2's tokenizer warns that a long text "will result in indexing errors": training
+    windows such a document, so the warning only alarmed whoever trained on a long post."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_gpt2_dir, model_max_length=16)
+    with caplog.at_level("WARNING"):
+        examples = encode_documents(tokenizer, ["Patience is the art of hoping slowly. " * 10], 16)
+    assert len(examples) > 1 and all(len(e) <= 16 for e in examples)
+    assert "indexing errors" not in caplog.text + capfd.readouterr().err
+
+
+def test_the_log_says_when_there_is_nothing_to_validate_on(caplog: pytest.LogCaptureFixture):
+    from training.trainer import LogReporter
+
+    with caplog.at_level("INFO", logger="training.trainer"):
+        LogReporter().on_eval(4, math.nan, False)
+    assert "no held-out documents" in caplog.text and "nan" not in caplog.text

@@ -33,7 +33,9 @@ def encode_documents(tokenizer: Any, texts: list[str], max_tokens: int) -> list[
     head = [start] if start is not None else []
     examples: list[Example] = []
     for text in texts:
-        ids = [*head, *tokenizer.encode(text, add_special_tokens=False), tokenizer.eos_token_id]
+        # verbose=False: a document longer than the model's context is windowed below, so
+        # the tokenizer's "will result in indexing errors" warning would only alarm.
+        ids = [*head, *tokenizer.encode(text, add_special_tokens=False, verbose=False), tokenizer.eos_token_id]
         if len(ids) <= max_tokens:
             examples.append(ids)
             continue

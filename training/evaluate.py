@@ -3,7 +3,9 @@
 Perplexity is measured on the corpus's validation split (the documents training never
 saw), framed exactly as in training. Originality samples texts unconditionally and asks
 how many copy a run of ``copy_words`` words verbatim from the corpus, and how varied
-they are (distinct-1 and distinct-2, ``persona/originality.py``).
+they are (distinct-1 and distinct-2, ``persona/originality.py``). Measured on another
+corpus than the checkpoint's (a corpus rebuilt with more writing holds other documents
+out), the held-out documents may be ones it trained on: the report says so.
 """
 
 from __future__ import annotations
@@ -11,8 +13,10 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
-from persona.errors import CorpusError
+from persona.checkpoints import read_checkpoint
+from persona.errors import CorpusError, ModelError
 from persona.models import LoadedModel, load_model, pick_device
 from persona.originality import CopyIndex, copied_fraction, distinct_n
 from persona.personas import Persona
@@ -45,6 +49,8 @@ class EvalReport:
     distinct_2: float
     samples: list[str]
     seconds: float
+    # Whether the corpus is the one the checkpoint was trained on (None: not known, or the base).
+    trained_on_this_corpus: bool | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -55,6 +61,14 @@ def held_out_loss(loaded: LoadedModel, corpus: Corpus, max_tokens: int = 256) ->
     examples = encode_documents(loaded.tokenizer, corpus.validation, max_tokens)
     pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else loaded.tokenizer.eos_token_id
     return evaluate_loss(loaded.model, examples, pad_id, loaded.device)
+
+
+def _training_fingerprint(checkpoint: Path) -> str | None:
+    """The fingerprint of the corpus a checkpoint was trained on, if its metadata says."""
+    try:
+        return read_checkpoint(checkpoint).corpus_fingerprint or None
+    except ModelError:  # a folder named by path, made elsewhere
+        return None
 
 
 def evaluate_persona(
@@ -74,6 +88,7 @@ def evaluate_persona(
     started = time.perf_counter()
     device = pick_device(settings.worker.device)
     version_name, checkpoint = resolve_checkpoint(persona, settings, version)
+    trained_on = _training_fingerprint(checkpoint) if checkpoint is not None else None
     base = load_model(persona.model.base, None, cache_dir=settings.model_cache_dir, device=device, dtype="float32")
     base_loss = held_out_loss(base, corpus)
     if checkpoint is None:
@@ -100,4 +115,5 @@ def evaluate_persona(
         distinct_2=distinct_n(texts, 2),
         samples=texts,
         seconds=time.perf_counter() - started,
+        trained_on_this_corpus=None if trained_on is None else trained_on == corpus.fingerprint,
     )

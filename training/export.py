@@ -10,6 +10,7 @@ written as one GGUF file (for llama.cpp, Ollama, LM Studio...).
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -27,10 +28,24 @@ __all__ = ["export_persona"]
 log = logging.getLogger(__name__)
 
 
+def _as_made_by_hand(folder: Path) -> None:
+    """The permissions ``mkdir`` and a plain write give under the user's umask: ``mkdtemp``
+    makes the folder private and safetensors writes its weights 0600, so a model exported
+    for another account (an Ollama or llama.cpp service) could not be read by it."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for item in folder.iterdir():
+        item.chmod((0o777 if item.is_dir() else 0o666) & ~umask)
+
+
 def export_persona(
     settings: Settings, persona: Persona, out_dir: Path, *, version: str | None = None, gguf: str | None = None
 ) -> Path:
     """Write the persona's weights (its file's checkpoint, or ``version``) into ``out_dir``."""
+    # Absolute: the folder is staged beside it, and "." (an empty folder the user is in) has
+    # no name to stage beside.
+    out_dir = out_dir.expanduser().resolve()
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise ConfigError(f"{out_dir} already exists and is not empty; choose a new folder")
     version_name, checkpoint = resolve_checkpoint(persona, settings, version)
@@ -67,9 +82,12 @@ def export_persona(
             "model = AutoModelForCausalLM.from_pretrained(FOLDER)\n"
             "tokenizer = AutoTokenizer.from_pretrained(FOLDER)\n```\n"
         )
-        if out_dir.exists():
-            out_dir.rmdir()
-        staging.rename(out_dir)
+        _as_made_by_hand(staging)
+        if out_dir.exists():  # an empty folder made for it (a shell may be in it): filled, not replaced
+            for item in staging.iterdir():
+                item.rename(out_dir / item.name)
+        else:
+            staging.rename(out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     log.info("exported %s %s to %s", persona.name, version_name, out_dir)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import tomli_w
 
+from persona.checkpoint_checks import same_base
 from persona.checkpoints import CheckpointInfo, register_checkpoint
 from persona.errors import ConfigError, CorpusError, ModelError, UnknownPersona
 from persona.models import BUNDLED_ALIASES, resolve_base
@@ -112,6 +114,13 @@ def persona_template(name: str, base: str, checkpoint: str, corpus: Path) -> dic
     }
 
 
+def _measure(value: float, corpus: Corpus) -> str:
+    """A perplexity for the card, where a corpus with nothing held out has none (NaN)."""
+    if math.isnan(value):
+        return "not measured (no held-out documents)" if not corpus.validation else "not measured"
+    return f"{value:.2f}"
+
+
 def model_card(info: CheckpointInfo, corpus: Corpus, result: TrainResult) -> str:
     """A short README for a checkpoint folder: what it is, how it was made, how it scores."""
     m = result.metrics
@@ -121,8 +130,8 @@ def model_card(info: CheckpointInfo, corpus: Corpus, result: TrainResult) -> str
         f"trained by `persona train` on a corpus of {len(corpus.train)} training and "
         f"{len(corpus.validation)} held-out documents (fingerprint `{info.corpus_fingerprint}`).\n\n"
         f"| measure | value |\n|---|---|\n"
-        f"| held-out perplexity, base model | {m['base_perplexity']:.2f} |\n"
-        f"| held-out perplexity, this checkpoint | {m['perplexity']:.2f} |\n"
+        f"| held-out perplexity, base model | {_measure(m['base_perplexity'], corpus)} |\n"
+        f"| held-out perplexity, this checkpoint | {_measure(m['perplexity'], corpus)} |\n"
         f"| best step / steps run | {m['best_step']:.0f} / {m['steps']:.0f} |\n"
         f"| training tokens per second | {m['tokens_per_s']:.0f} |\n"
         f"| ended | {result.status} |\n\n"
@@ -193,18 +202,19 @@ def _train_and_register(settings: Settings, name: str, corpus_path: Path, corpus
                         *, resume: bool, reporter: Reporter | None) -> TrainedPersona:
     """``train_persona``'s work, while it holds the persona's training lock."""
     persona = _existing(settings, name)
-    if persona is not None and _absolute_base(persona.model.base) != config.base:
+    # same_base: "smollm2" and "bundled" name one model, as a folder does however it is written.
+    if persona is not None and not same_base(_absolute_base(persona.model.base), config.base):
         raise ConfigError(
             f"persona {name!r} speaks with base {persona.model.base!r}, so a checkpoint trained on "
             f"{config.base!r} would not fit it; leave out --base or train a new persona"
         )
-    base_dir = resolve_base(config.base, settings.model_cache_dir)
     folder = run_dir(settings, name)
-    if resume:
+    if resume:  # checked before the base is prepared (converting the bundled one takes a while)
         saved = json.loads((folder / RUN_FILE).read_text()) if (folder / RUN_FILE).is_file() else {}
         if saved.get("corpus_fingerprint") not in (None, corpus.fingerprint):
             raise CorpusError(f"{corpus_path} is not the corpus this run started on; resume with the same corpus")
-    else:
+    base_dir = resolve_base(config.base, settings.model_cache_dir)
+    if not resume:
         folder.mkdir(parents=True, exist_ok=True)
         record = {"config": config.model_dump(), "corpus_fingerprint": corpus.fingerprint, "corpus": str(corpus_path)}
         (folder / RUN_FILE).write_text(json.dumps(record, indent=2))

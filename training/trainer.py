@@ -96,6 +96,9 @@ class LogReporter:
         log.debug("[%d | %.2f] loss=%.2f avg=%.2f", step, elapsed_s, loss, average)
 
     def on_eval(self, step: int, val_loss: float, improved: bool) -> None:
+        if math.isnan(val_loss):  # a corpus with no held-out documents
+            log.info("step %d: no held-out documents to validate on; the last weights are kept", step)
+            return
         log.info("step %d: validation loss %.3f, perplexity %.1f%s", step, val_loss,
                  perplexity(val_loss), " (best)" if improved else "")
 

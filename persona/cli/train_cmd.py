@@ -22,6 +22,7 @@ corpus_app = typer.Typer(help="Turn an author's writing into a clean training co
 
 GENERATE_WINDOW = 64  # requests in flight at once, well under the queue's length cap
 SAMPLE_SEPARATOR = "=" * 20 + "\n"
+PLAIN_STEP_EVERY_S = 10.0  # a step line this often where no progress bar can be drawn
 
 
 @corpus_app.command("build")
@@ -45,6 +46,8 @@ def corpus_build(
     from training.corpus import build_corpus, write_corpus
     from training.sources import ReadOptions
 
+    if output.is_dir():  # found out only after reading everything, as a traceback
+        raise CorpusError(f"{output} is a folder; name the corpus file to write, e.g. -o {output / 'corpus.jsonl'}")
     result = build_corpus(
         sources, fmt=fmt,
         read_options=ReadOptions(column=column, field=field, author=author,
@@ -58,12 +61,19 @@ def corpus_build(
     if not corpus.documents:
         hint = f" signed by {author!r}" if author else ""
         raise CorpusError(f"no documents{hint} found in {result.files} file(s); nothing written")
-    write_corpus(corpus, output)
+    try:
+        write_corpus(corpus, output)
+    except OSError as exc:
+        raise CorpusError(f"cannot write the corpus to {output}: {exc.strerror or exc}; choose another -o") from exc
     formats = ", ".join(f"{n} {f}" for f, n in sorted(result.by_format.items()))
     dropped = ", ".join(f"{n} {why}" for why, n in sorted(result.cleaning.dropped.items())) or "none"
     console.print(f"read {result.files} file(s): {result.found} documents ({formats})")
     console.print(f"kept {len(corpus.documents)}, dropped {dropped}")
     console.print(f"split: {len(corpus.train)} train, {len(corpus.validation)} validation (saved in the file)")
+    if not corpus.validation:
+        err_console.print("[yellow]warning:[/yellow] too few documents to hold any out: training will not measure "
+                          "perplexity or stop early, and `persona eval` cannot measure it; add writing, or "
+                          "split it into more documents", highlight=False)
     console.print(escape(_size_line(corpus.train, corpus.validation, base)))
     console.print(f"wrote {escape(str(output))}  (fingerprint {corpus.fingerprint})")
 
@@ -88,20 +98,34 @@ def _size_line(train: list[str], validation: list[str], base: str | None) -> str
 
 
 class RichReporter:
-    """Training progress as a bar: ``[step | seconds] loss avg``, evaluations and samples."""
+    """Training progress as a bar: ``[step | seconds] loss avg``, evaluations and samples.
+
+    Written into a pipe or a log file, where Rich draws no bar until the run ends, the
+    step line is printed instead: at the first step, then at most every
+    ``PLAIN_STEP_EVERY_S`` seconds of training.
+    """
 
     def __init__(self, progress: Progress) -> None:
         self.progress = progress
         self.task = None
+        console = progress.console
+        self.plain = not console.is_terminal or console.is_dumb_terminal
+        self.printed_at: float | None = None
 
     def on_start(self, total_steps: int, resumed_from: int) -> None:
         self.task = self.progress.add_task("starting", total=total_steps, completed=resumed_from)
 
     def on_step(self, step: int, loss: float, average: float, elapsed_s: float) -> None:
-        self.progress.update(self.task, completed=step,
-                             description=f"[{step} | {elapsed_s:.2f}] loss={loss:.2f} avg={average:.2f}")
+        line = f"[{step} | {elapsed_s:.2f}] loss={loss:.2f} avg={average:.2f}"
+        self.progress.update(self.task, completed=step, description=line)
+        if self.plain and (self.printed_at is None or elapsed_s - self.printed_at >= PLAIN_STEP_EVERY_S):
+            self.progress.console.print(line, markup=False, highlight=False)
+            self.printed_at = elapsed_s
 
     def on_eval(self, step: int, val_loss: float, improved: bool) -> None:
+        if math.isnan(val_loss):  # nothing held out: no number to show (it was "perplexity inf")
+            self.progress.console.print(f"step {step}: no held-out documents to validate on")
+            return
         mark = " [green]best so far[/green]" if improved else ""
         ppl = math.exp(val_loss) if val_loss < 700 else math.inf
         self.progress.console.print(f"step {step}: validation loss {val_loss:.3f}, perplexity {ppl:.2f}{mark}")
@@ -146,8 +170,11 @@ def train(
     threads: int = typer.Option(None, min=1, help="CPU threads (default: all cores; 1 is faster on a busy machine)"),
 ) -> None:
     """Fine-tune NAME on a corpus and register the best weights as its next checkpoint version."""
-    from training.runs import saved_run_config, train_persona
-    from training.trainer import TrainConfig
+    from pydantic import ValidationError
+
+    from training.corpus import read_corpus
+    from training.runs import run_dir, saved_run_config, train_persona
+    from training.trainer import STATE_FILE, TrainConfig
 
     settings = get_settings()
     if threads:
@@ -175,22 +202,54 @@ def train(
                 base = PersonaRegistry.from_settings(settings).get(name).model.base
             except UnknownPersona:
                 base = "smollm2"
-        config = TrainConfig(base=base, kind="lora" if lora else "full", steps=steps, epochs=epochs,
-                             max_minutes=max_minutes, batch_size=batch_size, learning_rate=learning_rate,
-                             eval_every=eval_every, patience=patience, seed=seed, device=device)
+        try:
+            config = TrainConfig(base=base, kind="lora" if lora else "full", steps=steps, epochs=epochs,
+                                 max_minutes=max_minutes, batch_size=batch_size, learning_rate=learning_rate,
+                                 eval_every=eval_every, patience=patience, seed=seed, device=device)
+        except ValidationError as exc:  # was a pydantic traceback (--learning-rate 0, --device gpu)
+            raise ConfigError("; ".join(_option_problem(e) for e in exc.errors())) from None
+    held_out = len(read_corpus(corpus).validation)
+    if not held_out:
+        err_console.print(
+            f"[yellow]warning:[/yellow] {escape(str(corpus))} holds no held-out documents (too few documents "
+            "to spare one), so training cannot measure perplexity or stop early and keeps its last weights, "
+            "and `persona eval` cannot measure it; more writing, or writing in more documents, fixes that",
+            highlight=False)
+    # Loading, and measuring the base on a thousand held-out documents, takes minutes on a CPU:
+    # said, so a silent terminal does not look stuck.
+    if resume:
+        console.print("loading the model and the run's saved state...")
+    elif held_out:
+        console.print(f"loading the base model and measuring it on {held_out} held-out documents...")
     columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                TimeRemainingColumn()]
-    with Progress(*columns, console=console, transient=False) as progress:
-        done = train_persona(settings, name, corpus, config, resume=resume, reporter=RichReporter(progress))
+    try:
+        with Progress(*columns, console=console, transient=False) as progress:
+            done = train_persona(settings, name, corpus, config, resume=resume, reporter=RichReporter(progress))
+    except KeyboardInterrupt:  # a second Ctrl-C: stopped at once (typer would exit 130 without a word)
+        if (run_dir(settings, name) / STATE_FILE).is_file():
+            console.print(f"stopped at once; continue from the run's last save with "
+                          f"`{escape(resume_command(name, corpus))}`")
+        else:
+            console.print("stopped at once, before the run saved anything; start it again without --resume")
+        raise typer.Exit(130) from None
     metrics = done.result.metrics
     if done.checkpoint is None:
         console.print(f"interrupted at step {metrics['steps']:.0f}; continue with "
                       f"`{escape(resume_command(name, corpus))}`")
         raise typer.Exit(130)
     info = done.checkpoint
-    console.print(f"{done.result.status}: best at step {metrics['best_step']:.0f} of {metrics['steps']:.0f}; "
-                  f"held-out perplexity {metrics['base_perplexity']:.2f} (base) → {metrics['perplexity']:.2f}; "
-                  f"{metrics['tokens_per_s']:.0f} tokens/s")
+    if math.isnan(metrics["base_perplexity"]):  # nothing held out: the last weights, no perplexity
+        console.print(f"{done.result.status} after {metrics['steps']:.0f} steps; no held-out perplexity "
+                      f"(the corpus holds no held-out documents); {metrics['tokens_per_s']:.0f} tokens/s")
+    else:
+        console.print(f"{done.result.status}: best at step {metrics['best_step']:.0f} of {metrics['steps']:.0f}; "
+                      f"held-out perplexity {metrics['base_perplexity']:.2f} (base) → {metrics['perplexity']:.2f}; "
+                      f"{metrics['tokens_per_s']:.0f} tokens/s")
+        if not metrics["perplexity"] <= metrics["base_perplexity"]:  # the best weights are still worse
+            err_console.print("[yellow]warning:[/yellow] the trained weights predict the held-out writing worse "
+                              "than the base model; train again with a lower --learning-rate or fewer --epochs",
+                              highlight=False)
     console.print(f"registered [bold]{name} {info.version}[/bold] at {escape(str(info.path))}")
     if done.persona_file_updated:
         console.print(f"persona file {escape(str(done.persona_file))} now uses {info.version}; "
@@ -198,6 +257,12 @@ def train(
     else:
         console.print(f"{escape(str(done.persona_file))} was left as it is; "
                       f"serve the new weights with `persona swap {name} {info.version}`")
+
+
+def _option_problem(error: dict) -> str:
+    """One pydantic complaint about TrainConfig in the words of the option that caused it."""
+    option = "--" + str(error["loc"][0]).replace("_", "-") if error["loc"] else "an option"
+    return f"{option}: {error['msg'][:1].lower()}{error['msg'][1:]}"
 
 
 @friendly_errors
@@ -219,6 +284,12 @@ def eval_(
     data = read_corpus(corpus)
     with console.status(f"measuring {escape(name)} on {len(data.validation)} held-out documents..."):
         report = evaluate_persona(settings, persona, data, version=checkpoint, samples=samples, seed=seed)
+    if report.trained_on_this_corpus is False:
+        err_console.print(
+            f"[yellow]warning:[/yellow] {escape(str(corpus))} is not the corpus {escape(report.version)} was "
+            "trained on, so some of its held-out documents may have been trained on and the persona's "
+            "perplexity may look better than it is; measure with the corpus file it was trained on",
+            highlight=False)
     if json_output:
         print(json.dumps(report.as_dict()))
         return
