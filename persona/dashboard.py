@@ -47,7 +47,7 @@ from persona.personas import PersonaRegistry
 from persona.settings import Settings
 from persona.telemetry import read_histogram
 
-__all__ = ["QueueCollector", "check_binding", "create_app", "is_loopback", "serve"]
+__all__ = ["QueueCollector", "bind", "check_binding", "create_app", "is_loopback", "serve"]
 
 log = logging.getLogger(__name__)
 
