@@ -245,28 +245,34 @@ class Responder:
             seed=seed,
         )
         await self.store.set_inflight(where.scope, request.id)
+        # The scope counts as answering until the exchange is saved: a /reset at any moment
+        # before that (it takes no lock) must hold, not be undone by the save.
         self._answering.add(where.scope)
         try:
-            reply = await self._ask(request)
-        except InvalidRequest as exc:
-            return f"I can't take that message: {exc}."
-        finally:
-            self._answering.discard(where.scope)
-            forgotten = where.scope in self._forgotten
-            self._forgotten.discard(where.scope)
-            await self.store.clear_inflight(where.scope, request.id)
-        if reply is None:
-            return RESTARTING_TEXT
-        if not reply.ok:
-            return self._explain_reply(reply)
-        text = reply.text.strip()
-        log.info("%s answered %s in %.0f ms (%s@%s)", self.platform, where.scope,
-                 reply.timings.queue_ms + reply.timings.generate_ms, reply.persona, reply.version)
-        if not forgotten:
+            try:
+                reply = await self._ask(request)
+            except InvalidRequest as exc:
+                return f"I can't take that message: {exc}."
+            finally:
+                await self.store.clear_inflight(where.scope, request.id)
+            if reply is None:
+                return RESTARTING_TEXT
+            if not reply.ok:
+                return self._explain_reply(reply)
+            text = reply.text.strip()
+            log.info("%s answered %s in %.0f ms (%s@%s)", self.platform, where.scope,
+                     reply.timings.queue_ms + reply.timings.generate_ms, reply.persona, reply.version)
             exchange = [*request.messages, Message(role="assistant", content=text)]
             for scope in filter(None, (where.scope, keep_as)):
+                if where.scope in self._forgotten:
+                    break
                 await self.store.save(scope, exchange)
-        return text or EMPTY_REPLY_TEXT
+            if where.scope in self._forgotten:  # a /reset while saving: its forget may have gone first
+                await self.store.forget(where.scope)
+            return text or EMPTY_REPLY_TEXT
+        finally:
+            self._answering.discard(where.scope)
+            self._forgotten.discard(where.scope)
 
     async def _ask(self, request: GenerationRequest) -> GenerationReply | None:
         """The queue's reply, or None when the adapter stops first (the request is withdrawn)."""

@@ -96,3 +96,25 @@ async def test_a_chat_that_changes_id_keeps_its_persona_and_conversations(
     assert await responder.persona_for("-200") == "loud" and await responder.persona_for("-100") == settings.telegram.persona
     assert await responder.store.load("-200:7") == turns and await responder.store.load("-100:7") == []
     await client.aclose()
+
+
+async def test_a_reset_as_the_answer_arrives_holds(settings: Settings, redis_url, redis_client):
+    """A /reset (which takes no lock) landing after the reply came but before the exchange was
+    saved, here while the in-flight mark is cleared: the save used to undo it."""
+    client = redis.asyncio.Redis.from_url(redis_url)
+    responder = Responder(client, settings, "telegram")
+    clear = responder.store.clear_inflight
+
+    async def reset_meanwhile(scope: str, request_id: str) -> None:
+        await responder.reset(HERE)
+        await clear(scope, request_id)
+
+    responder.store.clear_inflight = reset_meanwhile
+    with scripted_worker(settings, lambda r: "Hello, Ada."):
+        assert await responder.answer(HERE, "my name is Ada") == "Hello, Ada."
+    assert await responder.store.load(HERE.scope) == []
+    responder.store.clear_inflight = clear
+    with scripted_worker(settings, lambda r: "Hello again."):
+        await responder.answer(HERE, "hi")  # the next exchange is kept as usual
+    assert [m.content for m in await responder.store.load(HERE.scope)] == ["hi", "Hello again."]
+    await client.aclose()

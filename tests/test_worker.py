@@ -478,7 +478,7 @@ def test_a_row_still_decoding_at_its_deadline_stops_and_its_caller_is_told(
         time.sleep(0.01)  # each step slow: 400 of them take four times the deadline
     reply = client.wait(late, timeout=1)
     assert not reply.ok and reply.error.kind is ErrorKind.timeout and "deadline" in reply.error.message
-    assert time.monotonic() - started < 2.5, "it was decoded to its end"
+    assert time.monotonic() - started < 3.5, "it was decoded to its end"  # to its end: 400 turns, over 4 s
     assert worker.decoding == 1
     worker.step(block_ms=0)
     assert client.wait(in_time, timeout=1).ok  # the row beside it went on
@@ -492,7 +492,7 @@ def test_a_stopping_worker_keeps_its_heartbeat_until_it_has_finished_its_rows(
     again, and `persona queue stats` showed it gone while it was still answering."""
     from persona import heartbeat
 
-    settings.worker.heartbeat_s, settings.worker.heartbeat_ttl_s = 0.03, 0.3
+    settings.worker.heartbeat_s, settings.worker.heartbeat_ttl_s = 0.05, 0.8  # room for a stall on a busy machine
     write_persona("tiny", base=str(tiny_llama_dir))
     worker = running_worker("w-draining")
     request = _long_request_decoding(worker, client, 450)
@@ -502,7 +502,7 @@ def test_a_stopping_worker_keeps_its_heartbeat_until_it_has_finished_its_rows(
         assert "w-draining" in heartbeat.live_worker_ids(redis_client), "its heartbeat lapsed while it decoded"
         time.sleep(0.01)
     took = time.monotonic() - stopped
-    assert took > 2.5 * settings.worker.heartbeat_ttl_s, f"the rows were finished too soon to tell ({took:.2f} s)"
+    assert took > 1.5 * settings.worker.heartbeat_ttl_s, f"the rows were finished too soon to tell ({took:.2f} s)"
     assert client.wait(request, timeout=30).new_tokens == 450
 
 
