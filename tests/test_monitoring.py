@@ -95,17 +95,24 @@ def test_percentiles_are_nearest_rank():
     assert [percentile(range(1, 21), q) for q in (0.5, 0.95, 0.99)] == [10, 19, 20]
 
 
-def test_throughput_past_what_the_reply_log_keeps_is_still_measured(redis_client):
-    """The log keeps the last 10,000 replies: at 300 replies/s that is 33 s, and the
-    throughput over the last minute read 10,000 / 60 = 167 replies/s."""
+def _replies_at_300_a_second_for_a_minute(redis_client) -> float:
+    """A reply log of 300 replies a second over the last minute, trimmed as the workers
+    trim it (it keeps the last 33 s or so); returns the time it ends."""
     redis_client.delete(keys.REPLY_LOG_STREAM)
     now = time.time()
     start_ms = int((now - 60) * 1000)
     pipe = redis_client.pipeline(transaction=False)
-    for n in range(18_000):  # 300 a second for the last minute, trimmed as the workers trim it
+    for n in range(18_000):
         pipe.xadd(keys.REPLY_LOG_STREAM, {"r": b"1 4 1.5 20.0 - p v1"}, id=f"{start_ms + n * 10 // 3}-{n}",
                   maxlen=keys.REPLY_LOG_MAX_LEN, approximate=True)
     pipe.execute()
+    return now
+
+
+def test_throughput_past_what_the_reply_log_keeps_is_still_measured(redis_client):
+    """The log keeps the last 10,000 replies: at 300 replies/s that is 33 s, and the
+    throughput over the last minute read 10,000 / 60 = 167 replies/s."""
+    now = _replies_at_300_a_second_for_a_minute(redis_client)
     summary = summarize(redis_client, now=now)
     assert summary.replies_per_s == pytest.approx(300, rel=0.03)
     assert summary.tokens_per_s == pytest.approx(1200, rel=0.03)
@@ -329,13 +336,6 @@ def test_throughput_says_how_far_back_it_was_measured_when_the_reply_log_is_shor
     record_replies(redis_client, [GenerationReply(id="a", ok=True, persona="p", version="v1", new_tokens=2,
                                                   timings=Timings(queue_ms=12, generate_ms=80))])
     assert "(last minute)" in shown()
-    redis_client.delete(keys.REPLY_LOG_STREAM)
-    now = time.time()
-    start_ms = int((now - 60) * 1000)
-    pipe = redis_client.pipeline(transaction=False)
-    for n in range(18_000):  # 300 a second for the last minute, trimmed as the workers trim it
-        pipe.xadd(keys.REPLY_LOG_STREAM, {"r": b"1 4 1.5 20.0 - p v1"}, id=f"{start_ms + n * 10 // 3}-{n}",
-                  maxlen=keys.REPLY_LOG_MAX_LEN, approximate=True)
-    pipe.execute()
+    _replies_at_300_a_second_for_a_minute(redis_client)
     text = shown()
     assert "s: all the reply log holds)" in text and "last minute" not in text, text
