@@ -211,6 +211,14 @@ def running_worker(settings: Settings, redis_client: redis.Redis):
         thread.join(timeout=30)
 
 
+def free_port() -> int:
+    """A loopback port nothing listens on now (bound, then closed): for a server a test
+    starts, or for a service that is down."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 

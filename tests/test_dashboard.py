@@ -26,14 +26,9 @@ from persona.queue import QueueClient, WorkQueue
 from persona.settings import Settings
 from persona.supervisor import services_for_up
 from persona.telemetry import record_replies
+from tests.conftest import free_port
 
 CHROMIUM = Path("/usr/bin/chromium")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ from persona import swap as swaps
 from persona.errors import ConfigError
 from persona.personas import PersonaRegistry
 from persona.settings import Settings
+from tests.conftest import free_port
 from tests.fakes.checkpoints import make_checkpoint
 from tests.fakes.discord_api import (
     BOT_ID,
@@ -346,10 +346,7 @@ async def test_a_wrong_token_is_a_clear_error(discord_settings, fake_api, redis_
 
 
 async def test_an_unreachable_api_is_a_clear_error_naming_the_setting(discord_settings, redis_client):
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    discord_settings.discord = discord_settings.discord.model_copy(update={"api_url": f"http://127.0.0.1:{port}/api/v10"})
+    discord_settings.discord = discord_settings.discord.model_copy(update={"api_url": f"http://127.0.0.1:{free_port()}/api/v10"})
     default_base = discord.http.Route.BASE
     try:
         async with PersonaBot(discord_settings) as bot:

@@ -16,7 +16,7 @@ from pydantic import SecretStr
 from adapters.posting.poster import Poster
 from persona.ledger import PostLedger
 from persona.settings import Settings
-from tests.conftest import read_jsonl
+from tests.conftest import free_port, read_jsonl
 
 TEXTS = [
     "Patience is the slow river that carves the canyon of a life.",
@@ -136,12 +136,8 @@ def test_a_slot_whose_approval_expired_is_closed_not_left_pending(settings, writ
 
 
 def test_a_post_by_hand_that_got_no_answer_says_how_to_try_again(settings, write_persona, env):
-    import socket
-
     write_persona("masto", base="unused", schedule={"sinks": ["mastodon"], "candidates": 1})
-    with socket.socket() as probe:  # a port that refuses connections: the server is down
-        probe.bind(("127.0.0.1", 0))
-        down = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    down = f"http://127.0.0.1:{free_port()}"  # the server is down
     env = env | {"PERSONA_POSTING__MASTODON_API_URL": down, "PERSONA_POSTING__MASTODON_ACCESS_TOKEN": "t"}
     settings.posting = settings.posting.model_copy(update={"mastodon_api_url": down, "mastodon_access_token": SecretStr("t")})
     slot = "2026-03-06T09:00:00Z"

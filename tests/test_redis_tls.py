@@ -19,6 +19,7 @@ from persona.connection import connect
 from persona.contract import GenerationRequest, Message
 from persona.queue import QueueClient
 from persona.settings import Settings
+from tests.conftest import free_port
 
 REDIS_SERVER = shutil.which("redis-server", path="/usr/bin:/usr/local/bin")
 pytestmark = pytest.mark.skipif(REDIS_SERVER is None, reason="no TLS-capable redis-server (apt-get install redis-server)")
@@ -48,12 +49,8 @@ def self_signed(folder: Path) -> tuple[Path, Path]:
 
 @pytest.fixture
 def tls_redis(tmp_path: Path):
-    import socket
-
     cert, key = self_signed(tmp_path)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     server = subprocess.Popen(
         [REDIS_SERVER, "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
          "--tls-cert-file", str(cert), "--tls-key-file", str(key), "--tls-ca-cert-file", str(cert),

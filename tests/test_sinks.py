@@ -24,7 +24,7 @@ from adapters.posting.sinks import FileSink, SinkRateLimited, make_sink, platfor
 from adapters.scheduler import Scheduler
 from persona.errors import ConfigError, PostingError, SinkError
 from persona.settings import Settings
-from tests.conftest import read_jsonl
+from tests.conftest import free_port, read_jsonl
 
 
 @dataclass
@@ -324,20 +324,13 @@ def test_a_rate_limited_post_is_tried_again_at_the_next_tick(settings, platform,
     assert [seen["json"]["text"] for seen in platform.seen] == ["Patience is a slow river."] * 2
 
 
-def _nothing_listening() -> str:
-    """A loopback URL whose port refuses connections (bound, then closed)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{probe.getsockname()[1]}"
-
-
 def test_a_post_that_got_no_answer_is_tried_again_at_the_next_tick(settings, platform, write_persona, redis_client):
     """Mastodon unreachable: nothing says the post went out or not, but its idempotency key
     makes a retry safe. The slot used to be closed as failed after the one try."""
     write_persona("poet", base="unused", adapters=["cli", "scheduler"], schedule={
         "cron": "0 9 * * *", "timezone": "UTC", "missed": "skip", "enabled": True, "sinks": ["mastodon"], "candidates": 1})
     changed = settings_for(settings, platform, mastodon_access_token=SecretStr("masto-token"))
-    changed.posting.mastodon_api_url = _nothing_listening()  # the server is down
+    changed.posting.mastodon_api_url = f"http://127.0.0.1:{free_port()}"  # the server is down
     runner = Scheduler(Poster(changed, redis_client, lambda persona, n, seed: ["Patience is a slow river."]), redis_client)
     at_nine = datetime(2026, 1, 5, 9, tzinfo=UTC)
     runner.tick(at_nine - timedelta(hours=1))  # the first look starts the clock

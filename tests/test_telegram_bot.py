@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -35,6 +34,7 @@ from adapters.telegram_bot import HELP_TEXT, NOT_TEXT_TEXT, TelegramBot, run_tel
 from persona import constants as keys
 from persona.errors import ConfigError
 from persona.settings import Settings
+from tests.conftest import free_port
 from tests.fakes.scripted_worker import scripted_worker
 from tests.fakes.telegram_api import BOT_ID, BOT_USERNAME, FakeTelegram
 
@@ -279,13 +279,9 @@ async def test_the_token_never_reaches_the_logs(start_bot, fake_api, telegram_se
 
 
 async def test_webhook_mode_registers_the_url_and_answers_posted_updates(start_bot, fake_api, telegram_settings):
-    import socket
-
     import aiohttp
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     with scripted_worker(telegram_settings, echo):
         await start_bot(webhook_url="https://bot.example.org/telegram", webhook_port=port,
                         webhook_secret=SecretStr("s3cret-webhook"))
@@ -499,10 +495,7 @@ def test_a_wrong_token_is_a_clear_error_that_never_shows_the_token(settings, fak
 
 def closed_port_url(path: str) -> str:
     """A loopback URL where nothing listens."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    return f"http://127.0.0.1:{port}{path}"
+    return f"http://127.0.0.1:{free_port()}{path}"
 
 
 def test_an_unreachable_bot_api_is_a_clear_error_naming_the_setting(settings, caplog):
