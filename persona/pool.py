@@ -109,14 +109,18 @@ class ModelPool:
         return loaded, engine
 
     def _refuse_recent_failure(self, key: tuple[str, str]) -> None:
-        """ModelError again, at once, for weights that failed to load moments ago."""
+        """ModelError again, at once, for weights that failed to load moments ago.
+
+        Its words are the same every time: the swapper logs a problem once, for as long as
+        it reads the same (a count of seconds left made it log one every second).
+        """
         failed = self._failed.get(key)
         if failed is None:
             return
         at, reason = failed
-        wait_s = self.settings.worker.load_retry_s - (time.monotonic() - at)
-        if wait_s > 0:
-            raise ModelError(f"{reason} (the worker tries loading it again in {wait_s:.0f} s)")
+        retry_s = self.settings.worker.load_retry_s
+        if time.monotonic() - at < retry_s:
+            raise ModelError(f"{reason} (the worker tries loading it again {retry_s:.0f} s after it failed)")
 
     def _held(self, persona: Persona, version: str | None) -> Served | None:
         """The weights for ``version`` if already loaded, found without reading the disk.
