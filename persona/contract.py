@@ -84,6 +84,8 @@ class Message(BaseModel):
 # torch generator take); one outside is refused with the request, not when its batch
 # is being decoded.
 MAX_SEED = 2**63 - 1
+# The longest reply one request may ask for.
+MAX_NEW_TOKENS = 4096
 # A stop string ends the reply where it appears (and is cut off); empty would end every
 # reply at its first token.
 StopString = Annotated[str, Field(min_length=1, max_length=200)]
@@ -97,7 +99,7 @@ class SamplingOverrides(BaseModel):
     temperature: float | None = Field(None, ge=0.0, le=5.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=0)
-    max_new_tokens: int | None = Field(None, ge=1, le=4096)
+    max_new_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS)
     repetition_penalty: float | None = Field(None, ge=0.5, le=3.0)
     stop: list[StopString] | None = Field(None, max_length=16)
     seed: int | None = Field(None, ge=0, le=MAX_SEED)

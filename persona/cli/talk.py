@@ -16,14 +16,17 @@ from persona.cli.common import (
     get_settings,
 )
 from persona.connection import connect
-from persona.contract import MAX_SEED, GenerationRequest, Message, SamplingOverrides
+from persona.contract import (
+    MAX_NEW_TOKENS,
+    MAX_SEED,
+    GenerationRequest,
+    Message,
+    SamplingOverrides,
+)
 from persona.errors import PersonaError, RequestFailed
 from persona.personas import PersonaRegistry
 from persona.queue import QueueClient
 from persona.settings import Settings
-
-# The contract's bounds, so a value past them is refused as an option (not a traceback).
-MAX_NEW_TOKENS = next(m.le for m in SamplingOverrides.model_fields["max_new_tokens"].metadata if hasattr(m, "le"))
 
 
 def _client(settings: Settings, url: str | None = None) -> QueueClient:
