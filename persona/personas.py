@@ -48,6 +48,8 @@ log = logging.getLogger(__name__)
 
 BUILTIN_PERSONAS_DIR = Path(__file__).resolve().parent.parent / "personas"
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
+# NAME_PATTERN in words, for the errors that refuse a name.
+NAME_RULE = "use lower-case letters, digits, - and _ (at most 64, starting with a letter or digit)"
 
 
 class _Strict(BaseModel):
@@ -202,8 +204,7 @@ def format_validation_error(path: Path, error: ValidationError) -> str:
         if item["loc"] == ("name",) and item["type"] == "string_pattern_mismatch":
             # The pattern itself told nobody what to do ("String should match pattern '^[a-z0-9]...'").
             lines.append(
-                f"  name: {got!r} is not a persona name: use lower-case letters, digits, - and _ (at most 64, "
-                f"starting with a letter or digit); without a name field, the file's name is the persona's"
+                f"  name: {got!r} is not a persona name: {NAME_RULE}; without a name field, the file's name is the persona's"
             )
             continue
         shown = "" if isinstance(got, dict) else f" (got {got!r})"

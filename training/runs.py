@@ -30,7 +30,13 @@ from persona.checkpoint_checks import same_base
 from persona.checkpoints import CheckpointInfo, register_checkpoint
 from persona.errors import ConfigError, CorpusError, ModelError, UnknownPersona
 from persona.models import BUNDLED_ALIASES, resolve_base
-from persona.personas import NAME_PATTERN, Persona, PersonaRegistry, load_persona_file
+from persona.personas import (
+    NAME_PATTERN,
+    NAME_RULE,
+    Persona,
+    PersonaRegistry,
+    load_persona_file,
+)
 from persona.settings import Settings
 from training.corpus import Corpus, read_corpus
 from training.trainer import Reporter, TrainConfig, TrainResult, train
@@ -189,7 +195,7 @@ def train_persona(
 ) -> TrainedPersona:
     """Fine-tune a persona on a corpus and register the best weights as its next version."""
     if not re.fullmatch(NAME_PATTERN, name):
-        raise ConfigError(f"{name!r} is not a persona name: use lower-case letters, digits, - and _")
+        raise ConfigError(f"{name!r} is not a persona name: {NAME_RULE}")
     config = config.model_copy(update={"base": _absolute_base(config.base)})
     corpus = read_corpus(corpus_path)
     if not corpus.train:
