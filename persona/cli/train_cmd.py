@@ -71,9 +71,7 @@ def corpus_build(
     console.print(f"kept {len(corpus.documents)}, dropped {dropped}")
     console.print(f"split: {len(corpus.train)} train, {len(corpus.validation)} validation (saved in the file)")
     if not corpus.validation:
-        err_console.print("[yellow]warning:[/yellow] too few documents to hold any out: training will not measure "
-                          "perplexity or stop early, and `persona eval` cannot measure it; add writing, or "
-                          "split it into more documents", highlight=False)
+        _warn_nothing_held_out("too few documents to hold any out")
     console.print(escape(_size_line(corpus.train, corpus.validation, base)))
     console.print(f"wrote {escape(str(output))}  (fingerprint {corpus.fingerprint})")
 
@@ -85,6 +83,15 @@ def _tokenizer(base: str):
     from persona.models import resolve_base
 
     return AutoTokenizer.from_pretrained(resolve_base(base, get_settings().model_cache_dir, weights=False))
+
+
+def _warn_nothing_held_out(why: str) -> None:
+    """What a corpus with no held-out documents costs, said by `corpus build` and by `train`."""
+    err_console.print(
+        f"[yellow]warning:[/yellow] {why}: training cannot measure perplexity or stop early (it keeps its "
+        "last weights), and `persona eval` cannot measure it; add writing, or split it into more documents",
+        highlight=False,
+    )
 
 
 def _size_line(train: list[str], validation: list[str], base: str | None) -> str:
@@ -210,11 +217,7 @@ def train(
             raise ConfigError("; ".join(_option_problem(e) for e in exc.errors())) from None
     held_out = len(read_corpus(corpus).validation)
     if not held_out:
-        err_console.print(
-            f"[yellow]warning:[/yellow] {escape(str(corpus))} holds no held-out documents (too few documents "
-            "to spare one), so training cannot measure perplexity or stop early and keeps its last weights, "
-            "and `persona eval` cannot measure it; more writing, or writing in more documents, fixes that",
-            highlight=False)
+        _warn_nothing_held_out(f"{escape(str(corpus))} holds no held-out documents (too few documents to spare one)")
     # Loading, and measuring the base on a thousand held-out documents, takes minutes on a CPU:
     # said, so a silent terminal does not look stuck.
     if resume:
