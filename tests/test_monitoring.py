@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -198,10 +201,7 @@ def test_counters_and_dead_letters_survive_a_restart(tmp_path, settings):
 
 def test_queue_stats_and_watch_commands(settings, redis_url, redis_client):
     import json
-    import os
     import signal
-    import subprocess
-    import sys
 
     QueueClient(redis_client, settings.queue).submit(chat())
     record_replies(redis_client, [GenerationReply(id="a", ok=True, persona="tiny", version="v3", new_tokens=2,
@@ -275,22 +275,23 @@ def test_work_held_by_a_worker_whose_heartbeat_cannot_be_read_is_not_stuck(setti
     assert stuck.worker == "w-odd" and "heartbeat has lapsed" in stuck.reason
 
 
+def _queue_stats_command(settings, redis_url: str) -> subprocess.CompletedProcess:
+    """`persona queue stats` as a user runs it, on this test's Redis."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PERSONA_")}
+    env |= {"PERSONA_DATA_DIR": str(settings.data_dir), "PERSONA_REDIS_URL": redis_url, "COLUMNS": "200"}
+    return subprocess.run([sys.executable, "-m", "persona", "queue", "stats"], env=env, capture_output=True,
+                          check=False, text=True, timeout=120)
+
+
 def test_when_a_worker_was_seen_is_timed_by_redis_not_by_either_machine(settings, redis_url, redis_client, monkeypatch):
     """A worker whose clock ran ten minutes ahead stamped its heartbeat with that clock,
     and `persona queue stats` showed it "seen -600.0s ago" (the dashboard the same)."""
-    import os
-    import subprocess
-    import sys
-
     real = time.time
     monkeypatch.setattr(time, "time", lambda: real() + 600)  # the worker's machine
     info = heartbeat.WorkerInfo(id="w-ahead")
     heartbeat.publish(redis_client, info, ttl_s=60)
     monkeypatch.setattr(time, "time", real)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PERSONA_")}
-    env |= {"PERSONA_DATA_DIR": str(settings.data_dir), "PERSONA_REDIS_URL": redis_url, "COLUMNS": "200"}
-    shown = subprocess.run([sys.executable, "-m", "persona", "queue", "stats"], env=env, capture_output=True,
-                           check=False, text=True, timeout=120)
+    shown = _queue_stats_command(settings, redis_url)
     assert shown.returncode == 0, shown.stderr
     [row] = [line for line in shown.stdout.splitlines() if "w-ahead" in line]
     ago = float(row.split("│")[-2].strip().removesuffix("s ago"))
@@ -303,14 +304,7 @@ def test_when_a_worker_was_seen_is_timed_by_redis_not_by_either_machine(settings
 def test_stats_on_a_fresh_redis_show_no_figures_rather_than_zero_latency(settings, redis_url, redis_client):
     """With no replies yet, p50/p95/p99 read "0" ms (instant answers) and an empty
     workers table said nothing of why nothing was answered."""
-    import os
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PERSONA_")}
-    env |= {"PERSONA_DATA_DIR": str(settings.data_dir), "PERSONA_REDIS_URL": redis_url, "COLUMNS": "200"}
-    shown = subprocess.run([sys.executable, "-m", "persona", "queue", "stats"], env=env, capture_output=True,
-                           check=False, text=True, timeout=120)
+    shown = _queue_stats_command(settings, redis_url)
     assert shown.returncode == 0, shown.stderr
     [wait] = [line for line in shown.stdout.splitlines() if "queue wait" in line]
     assert [cell.strip() for cell in wait.split("│")[2:5]] == ["-"] * 3, wait
