@@ -97,15 +97,16 @@ def live_worker_ids(client: redis.Redis) -> set[str]:
     return {i.decode() if isinstance(i, bytes) else i for i in client.eval(LIVE_SCRIPT, 1, keys.WORKER_INDEX_KEY)}
 
 
-def live_workers(client: redis.Redis) -> list[WorkerInfo]:
-    """Every worker whose heartbeat has not lapsed and can be read.
+def live_workers(client: redis.Redis, ids: set[str] | None = None) -> list[WorkerInfo]:
+    """Every worker whose heartbeat has not lapsed and can be read (of ``ids``, when the
+    caller has just read them with ``live_worker_ids``).
 
     A heartbeat that is not a ``WorkerInfo`` (written by something else, or by a version
     of persona that reports differently) is skipped with a warning, so one odd key
     cannot stop the stats, the dashboard, swaps or reclaiming; ``live_worker_ids`` still
     counts its worker as alive.
     """
-    ids = sorted(live_worker_ids(client))
+    ids = sorted(live_worker_ids(client) if ids is None else ids)
     if not ids:
         return []
     workers = []

@@ -147,10 +147,10 @@ def collect_stats(client: redis.Redis, *, latency_window_s: float = 300.0) -> Qu
     """Read every figure the CLI, the dashboard and /metrics show."""
     now = redis_now(client)
     counters = {_text(k): int(v) for k, v in client.hgetall(keys.STATS_KEY).items()}
-    workers = live_workers(client)
     # Every live worker, those whose heartbeat cannot be read too: what they hold is
     # not stuck (their work was listed as held by a worker whose heartbeat had lapsed).
     live = live_worker_ids(client)
+    workers = live_workers(client, live)
     return QueueStats(
         streams=[_stream_stats(client, s, now) for s in keys.STREAMS_BY_PRIORITY],
         dead_letters=client.xlen(keys.STREAM_DEAD),
