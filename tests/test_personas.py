@@ -20,12 +20,17 @@ def test_shipped_personas_are_valid_and_distinct():
     assert all(p.model.base == "smollm2" for p in shipped.values())
 
 
-def test_wrong_field_is_named_exactly(tmp_path: Path):
-    path = tmp_path / "bad.toml"
-    path.write_text('name = "bad"\n[sampling]\ntop_p = 1.7\n[model]\nbsae = "gpt2"\n')
+def _refusal(path: Path, text: str) -> str:
+    """The error a persona file holding ``text`` is refused with."""
+    path.write_text(text)
     with pytest.raises(ConfigError) as caught:
         load_persona_file(path)
-    message = str(caught.value)
+    return str(caught.value)
+
+
+def test_wrong_field_is_named_exactly(tmp_path: Path):
+    path = tmp_path / "bad.toml"
+    message = _refusal(path, 'name = "bad"\n[sampling]\ntop_p = 1.7\n[model]\nbsae = "gpt2"\n')
     assert str(path) in message
     assert "sampling.top_p" in message and "1.7" in message
     assert "model.bsae" in message  # a typo is an error, not silently ignored
@@ -100,11 +105,7 @@ def test_filters_that_no_post_could_pass_are_refused():
 
 
 def test_a_misspelt_field_suggests_the_one_meant(tmp_path: Path):
-    path = tmp_path / "typo.toml"
-    path.write_text('descripton = "calm"\n[sampling]\ntemprature = 0.5\nzzz = 1\n')
-    with pytest.raises(ConfigError) as caught:
-        load_persona_file(path)
-    message = str(caught.value)
+    message = _refusal(tmp_path / "typo.toml", 'descripton = "calm"\n[sampling]\ntemprature = 0.5\nzzz = 1\n')
     assert "descripton: unknown field; did you mean 'description'?" in message
     assert "sampling.temprature: unknown field; did you mean 'temperature'?" in message
     assert "sampling.zzz: unknown field; known fields: temperature, top_p" in message
@@ -125,11 +126,7 @@ def test_an_invalid_file_hides_its_earlier_namesake_as_get_does(settings, person
 
 
 def test_a_name_that_breaks_the_pattern_says_what_a_name_may_be(tmp_path: Path):
-    upper = tmp_path / "Sage.toml"
-    upper.write_text('description = "capital"\n')
-    with pytest.raises(ConfigError) as caught:
-        load_persona_file(upper)
-    message = str(caught.value)
+    message = _refusal(tmp_path / "Sage.toml", 'description = "capital"\n')
     assert "'Sage' is not a persona name: use lower-case letters" in message and "^[a-z0-9]" not in message
 
 
