@@ -8,7 +8,7 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from persona.embedded_redis import find_embedded_url
-from persona.errors import RedisUnavailable
+from persona.errors import ConfigError, PersonaError, RedisUnavailable
 from persona.settings import Settings
 
 __all__ = ["connect", "connect_async", "describe_url", "redis_url"]
@@ -52,14 +52,15 @@ def _server_info(info, ping) -> dict:
 
 
 def _check_version(info: dict, url: str) -> None:
-    """Refuse a Redis too old for the queue, saying which one is needed."""
+    """Refuse a Redis too old for the queue, saying which one is needed. A setting to
+    change, not an outage: waiting for it to answer again cannot help."""
     version = str(info.get("redis_version", ""))
     try:
         found = tuple(int(part) for part in version.split(".")[:2])
     except ValueError:
         return  # a server that names its version otherwise (a Redis-compatible one): let it try
     if found < OLDEST_REDIS:
-        raise RedisUnavailable(
+        raise ConfigError(
             f"Redis at {describe_url(url)} is version {version}; persona needs "
             f"{'.'.join(map(str, OLDEST_REDIS))} or newer (the official redis:7 image, "
             "or `persona up`'s embedded one)"
@@ -78,6 +79,20 @@ def _options(url: str) -> dict:
     return options
 
 
+def _refusal(exc: redis.exceptions.ConnectionError, url: str) -> PersonaError:
+    """What a failed first contact tells the user. A refused password is a setting to fix
+    (a caller that waits for Redis to come back would wait forever); anything else is
+    Redis not answering. (redis-py's asyncio client wraps the refusal in a plain
+    ConnectionError.)"""
+    if any(isinstance(e, redis.exceptions.AuthenticationError) for e in (exc, exc.__cause__)):
+        return ConfigError(f"Redis at {describe_url(url)} refused the password: {str(exc).rstrip('.')}. "
+                           "Check the password in PERSONA_REDIS_URL")
+    return RedisUnavailable(
+        f"cannot reach Redis at {describe_url(url)}: {str(exc).rstrip('.')}. Is it running? "
+        "`persona up` starts one; PERSONA_REDIS_URL points elsewhere"
+    )
+
+
 def connect(settings: Settings, *, url: str | None = None) -> redis.Redis:
     """A checked connection to the service's Redis."""
     url = url or redis_url(settings)
@@ -85,34 +100,28 @@ def connect(settings: Settings, *, url: str | None = None) -> redis.Redis:
         # One quick try first: a user with Redis down hears so at once, not after backoff.
         with redis.Redis.from_url(url, socket_connect_timeout=5) as probe:
             info = _server_info(probe.info, probe.ping)
-    except redis.exceptions.AuthenticationError as exc:
-        raise RedisUnavailable(f"Redis at {describe_url(url)} refused the password: {exc}") from None
     except redis.exceptions.ConnectionError as exc:
-        raise RedisUnavailable(
-            f"cannot reach Redis at {describe_url(url)}: {exc}. Is it running? "
-            "`persona up` starts one; PERSONA_REDIS_URL points elsewhere"
-        ) from None
+        raise _refusal(exc, url) from None
     _check_version(info, url)
     return redis.Redis.from_url(url, **_options(url))
 
 
 async def connect_async(settings: Settings, *, url: str | None = None) -> redis.asyncio.Redis:
-    """A checked asyncio connection to the service's Redis."""
+    """A checked asyncio connection to the service's Redis, probed once as ``connect`` does."""
     from redis.asyncio.retry import Retry as AsyncRetry
 
     url = url or redis_url(settings)
-    options = _options(url) | {"retry": AsyncRetry(ExponentialBackoff(cap=2.0, base=0.05), RETRIES)}
-    client = redis.asyncio.Redis.from_url(url, **options)
+    probe = redis.asyncio.Redis.from_url(url, socket_connect_timeout=5)
     try:
         try:
-            info = await client.info("server")
-        except redis.exceptions.ResponseError:  # as in _server_info
-            await client.ping()
+            info = await probe.info("server")
+        except redis.exceptions.ResponseError:  # as in _server_info: INFO denied, so only ping
+            await probe.ping()
             info = {}
-        _check_version(info, url)
-    except BaseException as exc:
-        await client.aclose()
-        if isinstance(exc, redis.exceptions.ConnectionError):
-            raise RedisUnavailable(f"cannot reach Redis at {describe_url(url)}: {exc}") from None
-        raise
-    return client
+    except redis.exceptions.ConnectionError as exc:
+        raise _refusal(exc, url) from None
+    finally:
+        await probe.aclose()
+    _check_version(info, url)
+    options = _options(url) | {"retry": AsyncRetry(ExponentialBackoff(cap=2.0, base=0.05), RETRIES)}
+    return redis.asyncio.Redis.from_url(url, **options)

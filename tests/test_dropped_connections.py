@@ -8,12 +8,14 @@ real Redis, and check what the caller and the queue end up with.
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from persona import constants as keys
 from persona.connection import connect, connect_async
 from persona.contract import GenerationReply, GenerationRequest, Message
-from persona.errors import RedisUnavailable, ReplyTimeout
+from persona.errors import ConfigError, ReplyTimeout
 from persona.queue import AsyncQueueClient, QueueClient, WorkQueue
 from persona.queue_scripts import SUBMIT_SCRIPT
 from tests.fakes.cutting_proxy import CuttingProxy
@@ -121,10 +123,26 @@ def old_redis():
 
 
 async def test_a_redis_too_old_for_the_queue_is_refused_with_the_version_needed(settings, old_redis):
-    with pytest.raises(RedisUnavailable, match=r"version 6\.0\.16; persona needs 6\.2 or newer"):
+    with pytest.raises(ConfigError, match=r"version 6\.0\.16; persona needs 6\.2 or newer"):
         connect(settings, url=old_redis.url)
-    with pytest.raises(RedisUnavailable, match=r"needs 6\.2 or newer"):
+    with pytest.raises(ConfigError, match=r"needs 6\.2 or newer"):
         await connect_async(settings, url=old_redis.url)
+
+
+async def test_a_bot_told_a_wrong_redis_password_stops_and_says_so(settings, redis_url):
+    """A refused password is a setting to fix: a bot waiting for Redis to come back (as it
+    does through an outage) would wait forever, saying "cannot reach Redis"."""
+    from urllib.parse import urlsplit
+
+    from pydantic import SecretStr
+
+    from adapters.responder import connect_with_backoff
+
+    password = urlsplit(redis_url).password
+    settings = settings.model_copy(update={"redis_url": SecretStr(redis_url.replace(f":{password}@", ":not-the-password@"))})
+    with pytest.raises(ConfigError, match="refused the password") as refused:
+        await asyncio.wait_for(connect_with_backoff(settings), 20)
+    assert "not-the-password" not in str(refused.value) and "PERSONA_REDIS_URL" in str(refused.value)
 
 
 async def test_a_redis_user_denied_info_still_connects(settings, redis_url, redis_client):
