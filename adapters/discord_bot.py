@@ -7,7 +7,8 @@ there; the exchange it answered is kept in Redis under its interaction's id, and
 chain goes on from that. Elsewhere the conversation is the one kept in Redis. Slash
 commands: /ask, /persona, /reset, /retry, /cancel; and for operators (user ids or a
 role from the settings) /queue, /swap and /rollback, the same all-or-nothing swap as
-the CLI's. Replies are split at 2,000 characters and never ping
+the CLI's. A command's refusal (a rate limit, the dm_policy, a switch the user may not
+make) is shown to its user alone. Replies are split at 2,000 characters and never ping
 anyone; 429s are waited out by discord.py itself.
 
 The bot needs the privileged **Message Content** intent (Developer Portal → Bot →
@@ -356,21 +357,36 @@ class PersonaBot(discord.Client):
     def _where(interaction: discord.Interaction) -> Where:
         return Where(chat=str(interaction.channel_id), user=str(interaction.user.id))
 
-    async def _slash_allowed(self, interaction: discord.Interaction, *, ephemeral: bool) -> bool:
-        """The place lists and, in DMs, the dm_policy; a refused user is told why. An allowed
-        command shows "thinking…" (``ephemeral``: to its user alone) before anything waits on
-        Redis: Discord drops a command not answered within 3 s, and a restarting Redis takes
-        longer than that to say so."""
+    async def _slash_allowed(self, interaction: discord.Interaction, *, ephemeral: bool, refusal: str = "") -> bool:
+        """The place lists, then ``refusal`` (a reason to refuse that needs no Redis), then in
+        DMs the dm_policy; a refused user is told why, alone. An allowed command shows
+        "thinking…" (``ephemeral``: to its user alone) before anything waits on Redis: Discord
+        drops a command not answered within 3 s, and a restarting Redis takes longer than that
+        to say so."""
         if interaction.guild_id is not None and not await self._place_allowed(interaction.guild_id, interaction.channel):
-            await self._respond(interaction, "I'm not answering in this channel.", ephemeral=True)
+            refusal = "I'm not answering in this channel."
+        if refusal:
+            await self._respond(interaction, refusal, ephemeral=True)
             return False
         await interaction.response.defer(ephemeral=ephemeral, thinking=True)
         if interaction.guild_id is None:
             decision = await self.access.check(str(interaction.user.id), interaction.user.name)
             if not decision.allowed:
-                await self._respond(interaction, decision.reply, ephemeral=True)
+                await self._refuse(interaction, decision.reply, thinking_in_public=not ephemeral)
                 return False
         return True
+
+    async def _refuse(self, interaction: discord.Interaction, text: str, *, thinking_in_public: bool) -> None:
+        """Tell a command's user alone why not, after its "thinking…". Discord fixes a response's
+        visibility when it is deferred, and the first follow-up fills that response in: after a
+        public "thinking…" the refusal would be shown to the whole channel. So that one is
+        deleted first, and the refusal follows on its own, for its user's eyes only."""
+        if thinking_in_public:
+            try:
+                await interaction.delete_original_response()
+            except discord.HTTPException as exc:  # the refusal still goes out, if in public
+                log.warning('could not delete a public "thinking…" before a refusal: %s', exc)
+        await self._respond(interaction, text, ephemeral=True)
 
     async def _slash_answer(self, interaction: discord.Interaction, make: Callable[[Where], Awaitable[str]]) -> None:
         """Rate-limit, show "thinking…" while the queue works, then follow up with the reply."""
@@ -379,24 +395,34 @@ class PersonaBot(discord.Client):
         where = self._where(interaction)
         admitted, notice = await self.responder.admit(where)
         if not admitted.allowed:
-            await self._respond(interaction, notice or "Please slow down a little.", ephemeral=True)
+            await self._refuse(interaction, notice or "Please slow down a little.", thinking_in_public=True)
             return
         with self._answering_now():
             await self._respond(interaction, await make(where))
 
     async def _persona(self, interaction: discord.Interaction, name: str | None) -> None:
-        if not await self._slash_allowed(interaction, ephemeral=name is None):
+        """Show the persona (to the user alone), or switch it (for all to see)."""
+        refusal = self._switch_refusal(interaction, name.lower()) if name is not None else ""
+        if not await self._slash_allowed(interaction, ephemeral=name is None, refusal=refusal):
             return
         chat = str(interaction.channel_id)
         if name is None:
             current = await self.responder.persona_for(chat)
             others = ", ".join(self.responder.persona_names())
             text = f"You are talking to {self.responder.describe_persona(current)}\nAvailable: {others}"
-        elif interaction.guild_id is not None and not self.is_operator(interaction.user):
-            text = "Only the bot's operators can switch the persona in a server channel."
         else:
             text = await self.responder.set_persona(chat, name.lower())
         await self._respond(interaction, text, ephemeral=name is None)
+
+    def _switch_refusal(self, interaction: discord.Interaction, name: str) -> str:
+        """Why this user cannot switch a server channel to ``name``, or '' when they may try. The
+        settings and persona files tell, so the refusal comes before any public "thinking…".
+        In a DM the dm_policy is checked first, and nothing there is public."""
+        if interaction.guild_id is None:
+            return ""
+        if not self.is_operator(interaction.user):
+            return "Only the bot's operators can switch the persona in a server channel."
+        return self.responder.unknown_persona_text(name)
 
     async def _queue_stats(self, interaction: discord.Interaction) -> None:
         """Operator-only: queue depths, outcomes and live workers. "Thinking…" goes first, as

@@ -149,11 +149,18 @@ class Responder:
             return f"{name} (its persona file cannot be read right now)"
         return f"{persona.speaker}: {persona.description}".rstrip(": ")
 
+    def unknown_persona_text(self, name: str) -> str:
+        """What to say when ``name`` is no persona on this platform; '' when it is one."""
+        if name in self.persona_names():
+            return ""
+        known = ", ".join(self.persona_names()) or "none"
+        return f"There is no persona called {name!r} here. Available: {known}."
+
     async def set_persona(self, chat: str, name: str) -> str:
         """Switch this chat's persona; the reply says what happened."""
-        if name not in self.persona_names():
-            known = ", ".join(self.persona_names()) or "none"
-            return f"There is no persona called {name!r} here. Available: {known}."
+        unknown = self.unknown_persona_text(name)
+        if unknown:
+            return unknown
         try:
             await self.redis.set(keys.chat_persona_key(self.platform, chat), name)
         except REDIS_ERRORS as exc:

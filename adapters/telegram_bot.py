@@ -2,14 +2,17 @@
 
 In a private chat it answers every message (subject to the ``dm_policy``); in a group
 only a message that mentions it (@its_name) or replies to one of its messages, in the
-forum topic that message was written in. It reads text only: a photo, sticker, voice
-message or file gets a sentence asking for text instead (in a group, only one addressed
-to it). A group upgraded to a supergroup gets a new chat id; its persona choice and
-conversations move to it. Replies are plain text split at Telegram's
+forum topic that message was written in. A message written as a chat (by an anonymous
+admin, as the group; by anyone, as their channel) is answered too; its conversation and
+rate limits are that chat's, not those of the placeholder user Telegram names as its
+author. It reads text only: a photo, sticker, voice message or file gets a sentence
+asking for text instead (in a group, only one addressed to it). A group upgraded to a
+supergroup gets a new chat id; its persona choice and conversations move to it, and so
+does an answer that was on its way then. Replies are plain text split at Telegram's
 4,096-character limit, so no split can ever cause "can't parse entities". While the
 queue works it shows "typing", refreshed every 4.5 s (Telegram shows it for 5 s). Flood
-control (``RetryAfter``) delays a message; it never drops it. Long polling by default;
-a webhook when ``PERSONA_TELEGRAM__WEBHOOK_URL`` is set. The token is kept out of every
+control (``RetryAfter``) delays a message; it never drops it. Long polling by default; a
+webhook when ``PERSONA_TELEGRAM__WEBHOOK_URL`` is set. The token is kept out of every
 log line (httpx logs request URLs, which hold it).
 """
 
@@ -26,7 +29,7 @@ from typing import TypeVar
 
 from telegram import BotCommand, Chat, Message, ReplyParameters, Update
 from telegram.constants import ChatAction, ChatMemberStatus, ChatType
-from telegram.error import InvalidToken, NetworkError, RetryAfter
+from telegram.error import ChatMigrated, InvalidToken, NetworkError, RetryAfter
 from telegram.ext import Application, CommandHandler, ContextTypes, MessageHandler, filters
 
 from adapters.access import AccessControl
@@ -260,9 +263,10 @@ class TelegramBot:
     # --- who is talking, and may they -------------------------------------------------
 
     async def _admitted(self, update: Update) -> bool:
-        """Whether to serve this chat and user; a refused private user is told why."""
+        """Whether to serve this chat and user; a refused private user is told why. A message
+        written as a chat (``sender_chat``) is served: its ``from`` is a placeholder bot."""
         chat, user, message = update.effective_chat, update.effective_user, update.effective_message
-        if chat is None or user is None or message is None or user.is_bot:
+        if chat is None or user is None or message is None or (user.is_bot and message.sender_chat is None):
             return False
         if chat.type != ChatType.PRIVATE:
             return not self.options.allowed_chats or chat.id in self.options.allowed_chats
@@ -288,7 +292,12 @@ class TelegramBot:
 
     @staticmethod
     def _where(update: Update) -> Where:
-        return Where(chat=str(update.effective_chat.id), user=str(update.effective_user.id))
+        """The conversation, and rate limit, a message counts in: its author's in its chat, or
+        that of the chat it was written as. An anonymous admin writes as the group, anyone may
+        write as their channel, and ``from`` then names a placeholder (GroupAnonymousBot,
+        Channel_Bot) shared by every such message in every group."""
+        sender = update.effective_message.sender_chat or update.effective_user
+        return Where(chat=str(update.effective_chat.id), user=str(sender.id))
 
     @staticmethod
     def _topic(message: Message | None) -> int | None:
@@ -330,6 +339,10 @@ class TelegramBot:
             old, new = message.chat_id, message.migrate_to_chat_id
         else:
             old, new = message.migrate_from_chat_id, message.chat_id
+        await self._move_chat(old, new)
+
+    async def _move_chat(self, old: int, new: int) -> None:
+        """Carry a chat's persona choice and conversations over to its new id."""
         await self.responder.move_chat(str(old), str(new))
         allowed = self.options.allowed_chats
         if allowed and old in allowed and new not in allowed:
@@ -376,14 +389,19 @@ class TelegramBot:
             current = await self.responder.persona_for(str(chat.id))
             others = ", ".join(self.responder.persona_names())
             text = f"You are talking to {self.responder.describe_persona(current)}\nAvailable: {others}"
-        elif chat.type != ChatType.PRIVATE and not await self._is_admin(chat, update.effective_user.id):
+        elif chat.type != ChatType.PRIVATE and not await self._is_admin(update):
             text = "Only the group's administrators can switch the persona here."
         else:
             text = await self.responder.set_persona(str(chat.id), context.args[0].lower())
         await self.say(update, text)
 
-    async def _is_admin(self, chat: Chat, user_id: int) -> bool:
-        member = await with_flood_control(lambda: chat.get_member(user_id))
+    async def _is_admin(self, update: Update) -> bool:
+        """Whether the message's author administers its group. Only an anonymous admin writes
+        as the group itself; one writing as a channel is not known to be an admin."""
+        chat, written_as = update.effective_chat, update.effective_message.sender_chat
+        if written_as is not None:
+            return written_as.id == chat.id
+        member = await with_flood_control(lambda: chat.get_member(update.effective_user.id))
         return member.status in (ChatMemberStatus.ADMINISTRATOR, ChatMemberStatus.OWNER)
 
     async def on_reset(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
@@ -412,14 +430,24 @@ class TelegramBot:
         await self.send(update.effective_chat.id, text, reply_to=reply_to, topic=self._topic(message))
 
     async def send(self, chat_id: int, text: str, reply_to: int | None = None, topic: int | None = None) -> None:
-        """Send plain text in as many messages as it takes, waiting out flood control."""
+        """Send plain text in as many messages as it takes, waiting out flood control. A group
+        upgraded to a supergroup while its answer was on the way refuses it (``ChatMigrated``):
+        the chat moves (as ``on_migrate`` does, whichever comes first) and the text goes to the
+        new id, so the asker still gets the answer."""
         for index, chunk in enumerate(split_message(text, TELEGRAM_MESSAGE_LIMIT_CHARS)):
             reply = ReplyParameters(message_id=reply_to, allow_sending_without_reply=True) if reply_to and index == 0 else None
-            await with_flood_control(
-                lambda chunk=chunk, reply=reply: self.application.bot.send_message(
-                    chat_id, chunk, reply_parameters=reply, message_thread_id=topic
-                )
-            )
+            try:
+                await self._send_one(chat_id, chunk, reply, topic)
+            except ChatMigrated as moved:
+                log.info("chat %s became %s while its answer was on the way; sending it there", chat_id, moved.new_chat_id)
+                await self._move_chat(chat_id, moved.new_chat_id)
+                chat_id = moved.new_chat_id
+                await self._send_one(chat_id, chunk, reply, topic)
+
+    async def _send_one(self, chat_id: int, text: str, reply: ReplyParameters | None, topic: int | None) -> None:
+        await with_flood_control(
+            lambda: self.application.bot.send_message(chat_id, text, reply_parameters=reply, message_thread_id=topic)
+        )
 
 
 def run_telegram(settings: Settings) -> None:

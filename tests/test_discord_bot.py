@@ -252,6 +252,53 @@ async def test_slash_ask_retry_and_reset(start_bot, fake_api, discord_settings, 
     assert redis_client.get(keys.conversation_key("discord", f"{CHANNEL_ID}:111")) is None
 
 
+async def test_a_rate_limited_slash_command_is_refused_to_its_user_alone(start_bot, fake_api, discord_settings):
+    """/ask and /retry show "thinking…" in public before the rate limit is read from Redis, and
+    Discord keeps a response as visible as it was deferred: a refusal filling it in would be
+    shown to the whole channel. The "thinking…" goes, and the refusal comes on its own."""
+    with scripted_worker(discord_settings, echo):
+        await start_bot(user_messages_per_minute=1)
+        await fake_api.slash("ask", {"text": "first"})
+        await fake_api.wait_for(lambda: fake_api.texts() == ["echo: user=first"])
+        over = [await fake_api.slash("ask", {"text": "second"}), await fake_api.slash("retry")]
+        await fake_api.wait_for(lambda: len(fake_api.texts()) == 3)
+    assert [r["type"] for r in fake_api.interaction_responses] == [5, 5, 5]  # "thinking…" in time, each
+    assert fake_api.public_texts() == ["echo: user=first"]
+    notice, quiet = sorted(fake_api.texts()[1:])
+    assert notice.startswith("I need a moment to catch up") and quiet == "Please slow down a little."
+    assert sorted(fake_api.deleted_originals) == sorted(r["id"] for r in over)
+
+
+async def test_a_slash_command_refused_by_the_dm_policy_is_refused_to_its_user_alone(start_bot, fake_api, discord_settings):
+    with scripted_worker(discord_settings, echo) as seen:
+        await start_bot(dm_policy="allowlist", allowed_users=[333])
+        refused = await fake_api.slash("ask", {"text": "hello?"}, guild=False, channel_id=DM_CHANNEL, author_id=444)
+        await fake_api.wait_for(lambda: len(fake_api.texts()) == 1)
+        await fake_api.slash("ask", {"text": "hello"}, guild=False, channel_id=DM_CHANNEL + 1, author_id=333)
+        await fake_api.wait_for(lambda: len(fake_api.texts()) == 2)
+    assert "only talk to people on my list" in fake_api.texts()[0]
+    assert fake_api.public_texts() == ["echo: user=hello"] and len(seen) == 1
+    assert fake_api.deleted_originals == [refused["id"]]
+
+
+async def test_a_refused_persona_switch_is_told_at_once_to_its_user_alone(
+    start_bot, fake_api, discord_settings, write_persona, tiny_llama_dir, redis_client
+):
+    """Who may switch, and to what, the settings and persona files say: no "thinking…" first."""
+    write_persona("other", base=str(tiny_llama_dir))
+    await start_bot(operator_ids=[555])
+    await fake_api.slash("persona", {"name": "other"}, author_id=111)
+    await fake_api.slash("persona", {"name": "nosuch"}, author_id=555)
+    await fake_api.wait_for(lambda: len(fake_api.texts()) == 2)
+    assert [r["type"] for r in fake_api.interaction_responses] == [4, 4]  # answered, not deferred
+    assert fake_api.public_texts() == []
+    assert sorted(t.split(" ")[0] for t in fake_api.texts()) == ["Only", "There"]
+    assert redis_client.get(keys.chat_persona_key("discord", str(CHANNEL_ID))) is None
+    await fake_api.slash("persona", {"name": "other"}, author_id=555)
+    await fake_api.wait_for(lambda: len(fake_api.texts()) == 3)
+    assert fake_api.public_texts() == [fake_api.texts()[2]] and fake_api.texts()[2].startswith("From now on")
+
+
 async def test_operator_commands_refuse_ordinary_users(start_bot, fake_api, discord_settings, write_persona, tiny_llama_dir):
     write_persona("other", base=str(tiny_llama_dir))
     await start_bot(operator_ids=[555], operator_role="persona-ops")
@@ -267,7 +314,7 @@ async def test_operator_commands_refuse_ordinary_users(start_bot, fake_api, disc
     await fake_api.wait_for(lambda: len(fake_api.texts()) == 3)
     assert "workers:" in fake_api.texts()[2]
 
-    await fake_api.slash("persona", {"name": "other"}, author_id=111)  # answered after "thinking…"
+    await fake_api.slash("persona", {"name": "other"}, author_id=111)
     await fake_api.wait_for(lambda: "Only the bot's operators" in fake_api.texts()[-1])
     await fake_api.slash("persona", {"name": "other"}, author_id=555)
     await fake_api.wait_for(lambda: fake_api.texts()[-1].startswith("From now on you are talking to Other"))

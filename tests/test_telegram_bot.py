@@ -264,6 +264,42 @@ async def test_only_group_admins_switch_the_persona(start_bot, fake_api, telegra
     assert "no persona called 'nosuch'" in fake_api.texts()[2]
 
 
+async def test_anonymous_admins_and_channels_are_answered_each_in_a_conversation_of_their_own(
+    start_bot, fake_api, telegram_settings, redis_client
+):
+    """A message written as a chat (an anonymous admin writes as the group, anyone may write as
+    their channel) comes from a placeholder user, GroupAnonymousBot or Channel_Bot, that every
+    such message in every group shares: its conversation and rate limit follow the chat it is
+    written as instead."""
+    channel, other_channel, other_group = -1009001, -1009002, -1009003
+    with scripted_worker(telegram_settings, echo) as seen:
+        await start_bot(user_messages_per_minute=1)
+        for where, as_chat, text in (
+            (GROUP, channel, "I am a channel"), (GROUP, other_channel, "I am another channel"),
+            (GROUP, GROUP, "I am an admin"), (other_group, other_group, "I am an admin elsewhere"),
+        ):
+            fake_api.push_message(f"@{BOT_USERNAME} {text}", chat_id=where, chat_type="supergroup", as_chat=as_chat)
+        await fake_api.wait_for(lambda: len(fake_api.sent) == 4)
+    assert sorted(fake_api.texts()) == sorted(f"echo: {r.messages[-1].content}" for r in seen)  # no "slow down"
+    assert {r.user for r in seen} == {f"telegram:{c}" for c in (channel, other_channel, GROUP, other_group)}
+    for where, as_chat in ((GROUP, channel), (GROUP, other_channel), (GROUP, GROUP), (other_group, other_group)):
+        assert redis_client.exists(keys.conversation_key("telegram", f"{where}:{as_chat}"))
+
+
+async def test_an_anonymous_admin_may_switch_the_persona_and_a_channel_may_not(
+    start_bot, fake_api, write_persona, tiny_llama_dir, redis_client
+):
+    write_persona("other", base=str(tiny_llama_dir))
+    await start_bot()
+    fake_api.push_message("/persona other", chat_id=GROUP, chat_type="supergroup", as_chat=-1009001)
+    await fake_api.wait_for(lambda: len(fake_api.sent) == 1)
+    assert "administrators" in fake_api.texts()[0]
+    fake_api.push_message("/persona other", chat_id=GROUP, chat_type="supergroup", as_chat=GROUP)
+    await fake_api.wait_for(lambda: len(fake_api.sent) == 2)
+    assert fake_api.texts()[1].startswith("From now on you are talking to Other")
+    assert redis_client.get(keys.chat_persona_key("telegram", str(GROUP))) == b"other"
+
+
 async def test_the_token_never_reaches_the_logs(start_bot, fake_api, telegram_settings, caplog):
     caplog.set_level(logging.DEBUG)
     with scripted_worker(telegram_settings, echo):
@@ -442,6 +478,31 @@ async def test_a_group_upgraded_to_a_supergroup_keeps_its_persona_and_conversati
     assert 0 < redis_client.ttl(moved) <= telegram_settings.telegram.conversation_ttl_s
     assert not redis_client.exists(keys.conversation_key("telegram", f"{GROUP}:7"))
     assert not redis_client.exists(keys.chat_persona_key("telegram", str(GROUP)))
+
+
+async def test_an_answer_in_flight_when_its_group_becomes_a_supergroup_reaches_the_supergroup(
+    start_bot, fake_api, telegram_settings, redis_client
+):
+    """Telegram refuses the old chat id once the group is upgraded (ChatMigrated): the answer
+    goes to the new id, and the conversation it ends carries on there."""
+    supergroup = -1001234567
+    upgraded = threading.Event()
+
+    def answer_after_the_upgrade(request) -> str:
+        upgraded.wait(10)
+        return echo(request)
+
+    with scripted_worker(telegram_settings, answer_after_the_upgrade) as seen:
+        await start_bot()
+        fake_api.push_message(f"@{BOT_USERNAME} my name is Ada", chat_id=GROUP, chat_type="group", user_id=7)
+        await fake_api.wait_for(lambda: len(seen) == 1)  # the worker is on it
+        fake_api.push_migration(GROUP, supergroup)
+        upgraded.set()
+        await fake_api.wait_for(lambda: fake_api.texts(supergroup) == ["echo: my name is Ada"])
+        fake_api.push_message(f"@{BOT_USERNAME} what is my name?", chat_id=supergroup, chat_type="supergroup", user_id=7)
+        await fake_api.wait_for(lambda: len(fake_api.texts(supergroup)) == 2)
+    assert [m.content for m in seen[-1].messages] == ["my name is Ada", "echo: my name is Ada", "what is my name?"]
+    assert not redis_client.exists(keys.conversation_key("telegram", f"{GROUP}:7"))
 
 
 async def test_sigterm_withdraws_a_question_in_flight_and_tells_its_asker(fake_api, redis_url, redis_client, tmp_path):

@@ -2,7 +2,7 @@
 
 REST: /users/@me, /oauth2/applications/@me, /gateway/bot, a thread's channel object,
 channel messages (create and fetch), typing, application commands (sync), interaction
-callbacks and follow-ups.
+callbacks, follow-ups, and deleting an interaction's original response.
 Gateway (websocket, JSON text frames): HELLO, IDENTIFY → READY and GUILD_CREATE,
 heartbeat ACKs, and dispatches the tests ask for (MESSAGE_CREATE, INTERACTION_CREATE,
 THREAD_CREATE). Tests read back what the bot did: ``sent`` (messages it posted, replies
@@ -13,7 +13,11 @@ message", as on Discord, unless the reply says ``fail_if_not_exists: false``.
 An interaction must get its first response within 3 s of being created, as on Discord;
 a later one fails with 404 "Unknown interaction" (follow-ups stay open). A follow-up
 message carries ``interaction_metadata`` (and the older ``interaction``) naming the
-interaction and its user, as Discord's do.
+interaction and its user, as Discord's do. As on Discord, the first follow-up after a
+deferred response ("thinking…") fills that response in, which keeps the visibility it was
+deferred with (the follow-up's ephemeral flag, 64, is ignored); once the original response
+is deleted (``deleted_originals``), a follow-up is a message of its own, with its own flags.
+``public_texts()`` is what everyone in the channel sees.
 ``thread(announced=False)`` makes a thread the bot never hears of, so discord.py cannot
 cache it; ``GET /channels/{id}`` (counted in ``requests``) is how the bot learns its parent,
 answered with 403 for the ids in ``forbidden_channels``.
@@ -57,6 +61,7 @@ class FakeDiscord:
     sent: list[dict] = field(default_factory=list)
     typing: list[tuple[int, float]] = field(default_factory=list)
     interaction_responses: list[dict] = field(default_factory=list)
+    deleted_originals: list[str] = field(default_factory=list)  # interaction ids
     commands: list[dict] = field(default_factory=list)
     requests: list[tuple[str, str]] = field(default_factory=list)
     messages: dict[int, dict] = field(default_factory=dict)
@@ -73,6 +78,9 @@ class FakeDiscord:
         self._sockets: list[web.WebSocketResponse] = []
         self._interactions_created: dict[str, float] = {}  # interaction id → when it was created
         self._interactions_by_token: dict[str, dict] = {}
+        # token → the original response: {"loading": deferred and not filled in yet,
+        # "flags": its visibility, "message": its message's id, once it has one}
+        self._originals: dict[str, dict] = {}
         self._runner: web.AppRunner | None = None
         self.ws_url = ""
 
@@ -152,22 +160,33 @@ class FakeDiscord:
 
     async def slash(
         self, name: str, options: dict | None = None, *, author_id: int = 111, roles: list[int] | None = None,
-        channel_id: int = CHANNEL_ID,
+        channel_id: int = CHANNEL_ID, guild: bool = True,
     ) -> dict:
-        """A slash command, dispatched as INTERACTION_CREATE; returns its payload."""
-        channel = self.threads.get(channel_id) or {
-            "id": str(channel_id), "type": 0, "guild_id": str(GUILD_ID), "name": "general", "position": 0,
-            "permission_overwrites": []}
+        """A slash command, dispatched as INTERACTION_CREATE; returns its payload. ``guild=False``:
+        used in a DM with the bot (``channel_id`` is then the DM's)."""
+        asker = user(author_id, "ada")
         interaction = {
             "id": str(next(self._ids)), "application_id": str(APP_ID), "type": 2, "token": f"itoken{next(self._ids)}",
-            "version": 1, "guild_id": str(GUILD_ID), "channel_id": str(channel_id), "channel": channel,
-            "member": {"user": user(author_id, "ada"), "roles": [str(r) for r in roles or []], "joined_at": TIMESTAMP,
-                       "permissions": "2147483647", "deaf": False, "mute": False, "flags": 0},
-            "app_permissions": "2147483647", "locale": "en-US", "guild_locale": "en-US", "entitlements": [], "attachment_size_limit": 8388608,
-            "authorizing_integration_owners": {"0": str(GUILD_ID)}, "context": 0,
+            "version": 1, "channel_id": str(channel_id),
+            "app_permissions": "2147483647", "locale": "en-US", "entitlements": [], "attachment_size_limit": 8388608,
             "data": {"id": str(next(self._ids)), "name": name, "type": 1,
                      "options": [{"name": k, "type": 3, "value": v} for k, v in (options or {}).items()]},
         }
+        if guild:
+            interaction |= {
+                "guild_id": str(GUILD_ID), "guild_locale": "en-US", "context": 0,
+                "channel": self.threads.get(channel_id) or {
+                    "id": str(channel_id), "type": 0, "guild_id": str(GUILD_ID), "name": "general", "position": 0,
+                    "permission_overwrites": []},
+                "member": {"user": asker, "roles": [str(r) for r in roles or []], "joined_at": TIMESTAMP,
+                           "permissions": "2147483647", "deaf": False, "mute": False, "flags": 0},
+                "authorizing_integration_owners": {"0": str(GUILD_ID)},
+            }
+        else:
+            interaction |= {
+                "context": 1, "user": asker, "authorizing_integration_owners": {"0": "0"},
+                "channel": {"id": str(channel_id), "type": 1, "recipients": [asker], "last_message_id": None},
+            }
         self._interactions_created[interaction["id"]] = time.monotonic()
         self._interactions_by_token[interaction["token"]] = interaction
         await self.dispatch("INTERACTION_CREATE", interaction)
@@ -179,6 +198,10 @@ class FakeDiscord:
 
     def texts(self, channel_id: int | None = None) -> list[str]:
         return [m["content"] for m in self.sent if channel_id is None or int(m["channel_id"]) == channel_id]
+
+    def public_texts(self) -> list[str]:
+        """What the bot posted for everyone to see: not ephemeral, and not deleted since."""
+        return [m["content"] for m in self.sent if not m["flags"] & 64 and int(m["id"]) in self.messages]
 
     async def wait_for(self, predicate, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
@@ -295,22 +318,27 @@ class FakeDiscord:
                 if found is None:
                     return _json({"message": "Unknown Message", "code": 10008}, status=404)
                 return _json(found)
-            case "POST", ["interactions", interaction_id, _, "callback"]:
+            case "POST", ["interactions", interaction_id, token, "callback"]:
                 created = self._interactions_created.get(interaction_id, time.monotonic())
                 if time.monotonic() - created > INTERACTION_RESPONSE_S:
                     return _json({"message": "Unknown interaction", "code": 10062}, status=404)
                 self.interaction_responses.append({"interaction": interaction_id, **body})
                 data = body.get("data") or {}
+                original = self._originals[token] = {"loading": body.get("type") == 5, "flags": data.get("flags", 0)}
                 if "content" in data:
-                    self.sent.append({"channel_id": str(CHANNEL_ID), "content": data["content"], "interaction": interaction_id,
-                                      "flags": data.get("flags", 0)})
+                    original["message"] = self._record(str(CHANNEL_ID), data, self._answering(token))["id"]
                 return _json({"interaction": {
                     "id": interaction_id, "type": 2, "response_message_loading": body.get("type") == 5,
                     "response_message_ephemeral": bool(data.get("flags", 0) & 64)}})
             case "POST", ["webhooks", _, token]:
-                message = self._record(str(CHANNEL_ID), body, self._answering(token))
-                message["followup_of"] = token
-                return _json(message)
+                return _json(self._follow_up(token, body))
+            case "DELETE", ["webhooks", _, token, "messages", "@original"]:
+                original = self._originals.pop(token, None)
+                if original is None:
+                    return _json({"message": "Unknown Message", "code": 10008}, status=404)
+                self.messages.pop(int(original.get("message", 0)), None)
+                self.deleted_originals.append(self._interactions_by_token[token]["id"])
+                return web.Response(status=204)
         return _json({"message": f"fake has no {request.method} {path}", "code": 0}, status=404)
 
     async def _body(self, request: web.Request) -> dict | list:
@@ -321,12 +349,25 @@ class FakeDiscord:
             return json.loads(form.get("payload_json", "{}"))
         return await request.json()
 
+    def _follow_up(self, token: str, body: dict) -> dict:
+        """A follow-up message. The first after a deferred response fills that response in, and
+        keeps the visibility it was deferred with, whatever the follow-up asks."""
+        original = self._originals.get(token)
+        fills_original = original is not None and original["loading"]
+        if fills_original:
+            body = {**body, "flags": (body.get("flags", 0) & ~64) | (original["flags"] & 64)}
+        message = self._record(str(CHANNEL_ID), body, self._answering(token))
+        if fills_original:
+            original |= {"loading": False, "message": message["id"]}
+        message["followup_of"] = token
+        return message
+
     def _answering(self, token: str) -> dict:
         """What Discord adds to a message that answers an interaction: which one, and whose."""
         interaction = self._interactions_by_token.get(token)
         if interaction is None:
             return {}
-        asker = interaction["member"]["user"]
+        asker = interaction["member"]["user"] if "member" in interaction else interaction["user"]
         return {
             "type": 20,  # CHAT_INPUT_COMMAND
             "interaction_metadata": {"id": interaction["id"], "type": 2, "user": asker,

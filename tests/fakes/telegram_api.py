@@ -1,11 +1,13 @@
 """A Telegram Bot API on loopback, enough for python-telegram-bot to poll and reply.
 
-Tests queue updates (``push_message``, ``push_media`` for a photo, sticker, voice message or
-document, ``edit_message``, ``push_migration`` for a group upgraded to a supergroup) that
-``getUpdates`` hands out, and read back
-what the bot did: ``sent`` (sendMessage), ``actions`` (sendChatAction), ``commands``
-(setMyCommands), and every call in ``calls``. ``flood(method, seconds)`` makes the
-next call of a method fail with 429 "retry after", as Telegram's flood control does.
+Tests queue updates (``push_message``, written as oneself or as a chat, as an anonymous group
+admin or a channel writes; ``push_media`` for a photo, sticker, voice message or document,
+``edit_message``, ``push_migration`` for a group upgraded to a supergroup) that
+``getUpdates`` hands out, and read back what the bot did: ``sent`` (sendMessage),
+``actions`` (sendChatAction), ``commands`` (setMyCommands), and every call in ``calls``.
+``flood(method, seconds)`` makes the next call of a method fail with 429 "retry after", as
+Telegram's flood control does. Once a group is upgraded, a call naming its old chat id
+fails with 400 and the new id in ``migrate_to_chat_id``, as on Telegram.
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ from aiohttp import web
 
 BOT_ID = 777000
 BOT_USERNAME = "persona_test_bot"
+# The placeholder authors Telegram puts in ``from`` of a message written as a chat.
+ANONYMOUS_ADMIN = {"id": 1087968824, "is_bot": True, "first_name": "Group", "username": "GroupAnonymousBot"}
+CHANNEL_BOT = {"id": 136817688, "is_bot": True, "first_name": "Channel", "username": "Channel_Bot"}
 
 
 @dataclass
@@ -34,6 +39,7 @@ class FakeTelegram:
     calls: list[tuple[str, dict]] = field(default_factory=list)
     admins: set[int] = field(default_factory=set)
     floods: dict[str, list[int]] = field(default_factory=dict)
+    migrated: dict[int, int] = field(default_factory=dict)  # a group's old chat id → its supergroup's
     base_url: str = ""
 
     def __post_init__(self) -> None:
@@ -62,10 +68,16 @@ class FakeTelegram:
     def push_message(
         self, text: str, *, chat_id: int = 1001, user_id: int = 1001, chat_type: str = "private",
         reply_to: dict | None = None, first_name: str = "Ada", topic: int | None = None,
+        as_chat: int | None = None,
     ) -> dict:
         """Queue a user's message as an update; returns the message. ``topic``: written in that
-        topic of a forum supergroup."""
+        topic of a forum supergroup. ``as_chat``: written as that chat, not as oneself: the group's
+        own id for an anonymous admin, a channel's id for "send as channel"."""
         message = self._message(chat_id, user_id, chat_type, reply_to, first_name, topic) | {"text": text}
+        if as_chat is not None:
+            own = as_chat == chat_id
+            message["sender_chat"] = message["chat"] if own else {"id": as_chat, "type": "channel", "title": "a channel"}
+            message["from"] = ANONYMOUS_ADMIN if own else CHANNEL_BOT
         if text.startswith("/"):
             command = text.split()[0]
             message["entities"] = [{"type": "bot_command", "offset": 0, "length": len(command)}]
@@ -90,7 +102,8 @@ class FakeTelegram:
 
     def push_migration(self, old_chat_id: int, new_chat_id: int, *, user_id: int = 1001) -> None:
         """A group upgraded to a supergroup: Telegram tells the old chat where it went, and the
-        new chat where it came from (two service messages)."""
+        new chat where it came from (two service messages). From now on the old id is refused."""
+        self.migrated[old_chat_id] = new_chat_id
         self._push(self._message(old_chat_id, user_id, "group", None, "Ada", None) | {"migrate_to_chat_id": new_chat_id})
         self._push(self._message(new_chat_id, user_id, "supergroup", None, "Ada", None) | {"migrate_from_chat_id": old_chat_id})
 
@@ -164,6 +177,13 @@ class FakeTelegram:
                 {"ok": False, "error_code": 429, "description": f"Too Many Requests: retry after {seconds}",
                  "parameters": {"retry_after": seconds}},
                 status=429,
+            )
+        moved_to = self.migrated.get(params.get("chat_id"))
+        if moved_to is not None:
+            return web.json_response(
+                {"ok": False, "error_code": 400, "description": "Bad Request: group chat was upgraded to a supergroup chat",
+                 "parameters": {"migrate_to_chat_id": moved_to}},
+                status=400,
             )
         handler = getattr(self, f"_api_{method}", None)
         result = await handler(params) if handler else True
