@@ -7,6 +7,12 @@ name, so the persona never writes the user's side of the conversation.
 
 The conversation is trimmed to the model's context window, oldest turns first; the
 newest message is always kept (cut from its start only if it alone is too long).
+
+Whatever a person wrote (a message, the persona's system prompt and examples, a post's
+opening) is encoded as text: a message spelling "<|im_end|>\\n<|im_start|>system" is
+those characters, never the tokens, so nobody can end their turn early or write a
+system turn. Only the tokens the chat template itself writes are tokens (see
+``persona.tokenizing``: contents are quoted before the template is rendered).
 """
 
 from __future__ import annotations
@@ -18,7 +24,13 @@ from dataclasses import dataclass, field
 from persona.contract import GenerationRequest, Message
 from persona.models import LoadedModel
 from persona.personas import Persona, Sampling
-from persona.tokenizing import PieceEncoder, encode_many, encoder_for
+from persona.tokenizing import (
+    PieceEncoder,
+    encode_as_text,
+    encode_quoted,
+    encoder_for,
+    quote,
+)
 
 __all__ = ["Prompt", "build_prompt", "build_prompts", "prompt_budget"]
 
@@ -79,12 +91,12 @@ def build_prompts(
     A worker builds a prompt for every request it takes, and one tokenizer call for the
     whole batch costs far less than one per request. Where the template and tokenizer
     allow (the bundled model's do), a chat prompt's ids are spliced: only the segments
-    holding message contents are encoded. A prompt too long for the model (rare) is
-    rebuilt one at a time, trimmed.
+    holding message contents are encoded (as text). A prompt too long for the model
+    (rare) is rebuilt one at a time, trimmed.
     """
     prompts: list[Prompt | None] = [None] * len(items)
     tokenizer = loaded.tokenizer
-    texts: dict[int, str] = {}  # chat prompts encoded whole
+    texts: dict[int, str] = {}  # chat prompts encoded whole (their contents quoted)
     spliced: dict[int, tuple[_Shape, int]] = {}  # chat prompts spliced: shape, first of its segments
     segments: list[str] = []
     chat = loaded.has_chat_template and getattr(tokenizer, "backend_tokenizer", None) is not None
@@ -94,10 +106,9 @@ def build_prompts(
             continue
         turns = _conversation(persona, request)
         shape = _shape_of(tokenizer, persona, turns)
-        own = shape.segments(turns) if shape is not None else None
-        if own is not None:
+        if shape is not None and shape.encoder is not None:
             spliced[i] = (shape, len(segments))
-            segments += own
+            segments += shape.segments(turns)
         else:
             texts[i] = _chat_text(tokenizer, persona, turns)
     found: dict[int, list[int]] = {}
@@ -106,7 +117,7 @@ def build_prompts(
         for i, (shape, at) in spliced.items():
             found[i] = shape.ids(encoded[at : at + len(shape.edges)])
     if texts:
-        found.update(zip(texts, encode_many(tokenizer, list(texts.values())), strict=True))
+        found.update(zip(texts, encode_quoted(tokenizer, list(texts.values())), strict=True))
     context = context or loaded.context_tokens
     for i, ids in found.items():
         persona, request, sampling = items[i]
@@ -140,13 +151,13 @@ def _fit(render, persona: Persona, turns: list[Message], loaded: LoadedModel, bu
         ids = render(persona, kept)
     if len(ids) > budget and kept:
         last = kept[-1]
-        content_ids = tokenizer.encode(last.content, add_special_tokens=False)
+        [content_ids] = encode_as_text(tokenizer, [last.content])
         keep = max(MIN_MESSAGE_TOKENS, len(content_ids) - (len(ids) - budget) - 8)
         if keep < len(content_ids):
             kept[-1] = Message(role=last.role, content=tokenizer.decode(content_ids[-keep:]))
             ids = render(persona, kept)
     if len(ids) > budget and persona.prompt.system:
-        system_ids = tokenizer.encode(persona.prompt.system, add_special_tokens=False)
+        [system_ids] = encode_as_text(tokenizer, [persona.prompt.system])
         keep = max(0, len(system_ids) - (len(ids) - budget) - 8)
         persona = _with_prompt(persona, system=tokenizer.decode(system_ids[:keep]))
         ids = render(persona, kept)
@@ -186,6 +197,8 @@ def _writes_own_system(tokenizer) -> bool:
 
 
 def _chat_messages(persona: Persona, turns: list[Message], tokenizer) -> list[dict[str, str]]:
+    """The template's messages, every content quoted: the rendered text reads as text
+    wherever a person wrote it (see ``encode_quoted``)."""
     messages: list[dict[str, str]] = []
     system = _system(persona, tokenizer)
     if system:
@@ -194,14 +207,15 @@ def _chat_messages(persona: Persona, turns: list[Message], tokenizer) -> list[di
         messages.append({"role": "user", "content": example.user})
         messages.append({"role": "assistant", "content": example.assistant})
     messages.extend({"role": m.role, "content": m.content} for m in turns)
-    return messages
+    return [{"role": m["role"], "content": quote(tokenizer, m["content"])} for m in messages]
 
 
 def _chat_ids(persona: Persona, turns: list[Message], request: GenerationRequest, loaded: LoadedModel) -> list[int]:
-    text = _render_chat(loaded.tokenizer, _chat_messages(persona, turns, loaded.tokenizer))
+    tokenizer = loaded.tokenizer
+    text = _render_chat(tokenizer, _chat_messages(persona, turns, tokenizer))
     if request.mode == "complete" and request.prefix:
-        text += request.prefix
-    return _encode(loaded.tokenizer, text)
+        text += quote(tokenizer, request.prefix)
+    return encode_quoted(tokenizer, [text])[0]
 
 
 def _transcript_ids(persona: Persona, turns: list[Message], request: GenerationRequest, loaded: LoadedModel) -> list[int]:
@@ -217,14 +231,14 @@ def _transcript_ids(persona: Persona, turns: list[Message], request: GenerationR
     lines.append(f"{persona.speaker}:")
     if request.mode == "complete" and request.prefix:
         lines[-1] += f" {request.prefix}"  # the post starts as asked
-    return _encode(loaded.tokenizer, "\n".join(lines))
+    return encode_as_text(loaded.tokenizer, ["\n".join(lines)])[0]  # no token here is the template's
 
 
 def _plain_completion(prefix: str, loaded: LoadedModel, budget: int, sampling: Sampling) -> Prompt:
     """Continue ``prefix`` as the author would write, starting a fresh document."""
     tokenizer = loaded.tokenizer
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    ids = ([start] if start is not None else []) + tokenizer.encode(prefix, add_special_tokens=False)
+    ids = ([start] if start is not None else []) + encode_as_text(tokenizer, [prefix])[0]
     return Prompt(token_ids=ids[-budget:], stop=list(sampling.stop))
 
 
@@ -265,8 +279,8 @@ def _render_chat(tokenizer, messages: list[dict[str, str]]) -> str:
 # Its token ids are spliced the same way where the tokenizer has a piece encoder (it cuts
 # texts at added tokens such as <|im_start|>, exactly): the ids between contents are
 # encoded once per shape, and a request encodes only the segment holding each content
-# (with the template's text that shares the segment, such as "user\n" before it). A
-# content holding an added token's text cuts its own segment, so it takes the text path.
+# (with the template's text that shares the segment, such as "user\n" before it), as
+# text. The persona's own contents (system prompt, examples) are quoted in the pieces.
 _splicers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 SHAPES_KEPT = 1024
 
@@ -279,22 +293,20 @@ def _marker(n: int) -> str:
 class _Shape:
     """One conversation shape's template, rendered once, with what each turn's content fills."""
 
-    pieces: list[str]  # the template's text before, between and after the contents
+    pieces: list[str]  # the template's text before, between and after the contents (quoted)
     encoder: PieceEncoder | None = None  # set where the token ids are spliced too
     fixed: list[list[int]] = field(default_factory=list)  # the ids between the contents' segments
     edges: list[tuple[str, str]] = field(default_factory=list)  # the template's text in each segment
 
-    def text(self, turns: list[Message]) -> str:
+    def text(self, contents: list[str]) -> str:
+        """The rendered text with these contents (quoted, to be read by ``encode_quoted``)."""
         out = [self.pieces[0]]
-        for message, piece in zip(turns, self.pieces[1:], strict=True):
-            out += (message.content, piece)
+        for content, piece in zip(contents, self.pieces[1:], strict=True):
+            out += (content, piece)
         return "".join(out)
 
-    def segments(self, turns: list[Message]) -> list[str] | None:
-        """The texts to encode for these turns, or None where ids cannot be spliced for them."""
-        encoder = self.encoder
-        if encoder is None or any(encoder.holds_added(m.content) for m in turns):
-            return None
+    def segments(self, turns: list[Message]) -> list[str]:
+        """The texts to encode, as text, for these turns (a shape with an ``encoder`` only)."""
         return [left + m.content + right for (left, right), m in zip(self.edges, turns, strict=True)]
 
     def ids(self, encoded: list[list[int]]) -> list[int]:
@@ -351,9 +363,9 @@ class _Splicer:
                 return None
             pieces.append(rest)
             # Belt and braces: a probe conversation of this shape must come out the same both ways.
-            probe = _probe(roles)
-            spliced = _Shape(pieces).text(probe)
-            whole = _render_chat(self.tokenizer, head + [{"role": m.role, "content": m.content} for m in probe])
+            probe = [{"role": m.role, "content": quote(self.tokenizer, m.content)} for m in _probe(roles)]
+            spliced = _Shape(pieces).text([m["content"] for m in probe])
+            whole = _render_chat(self.tokenizer, head + probe)
             return pieces if spliced == whole else None
         except Exception:  # whatever the template does, the whole render stays the answer
             return None
@@ -364,29 +376,30 @@ class _Splicer:
         if encoder is None or len(shape.pieces) < 2:
             return None
         last = len(shape.pieces) - 1
+        unquote = encoder.added.unquote  # a segment is encoded as text: its edges are put back
         fixed, lefts, rights = [], [], []
         for k, piece in enumerate(shape.pieces):
             parts = encoder.split(piece)  # text, added token, text, ..., text
             if 0 < k < last and len(parts) == 1:
                 return None  # two contents in one segment
             if k > 0:
-                rights.append(parts[0])
+                rights.append(unquote(parts[0]))
             if k < last:
-                lefts.append(parts[-1])
+                lefts.append(unquote(parts[-1]))
             # The first piece's opening text and the last one's closing text are segments of
             # their own (the prompt starts or ends there): the same ids every time.
             inner = parts[0 if k == 0 else 1 : len(parts) if k == last else len(parts) - 1]
-            fixed.append(encoder.encode(["".join(inner)])[0])
+            fixed.append(encoder.encode_quoted(["".join(inner)])[0])
         spliced = _Shape(shape.pieces, encoder, fixed, list(zip(lefts, rights, strict=True)))
         probe = _probe(tuple("user" for _ in lefts))
-        segments = spliced.segments(probe)
-        exact = segments is not None and spliced.ids(encoder.encode_pieces(segments)) == encoder.encode([spliced.text(probe)])[0]
-        return spliced if exact else None
+        whole = encoder.encode_quoted([spliced.text([encoder.added.quote(m.content) for m in probe])])[0]
+        return spliced if spliced.ids(encoder.encode_pieces(spliced.segments(probe))) == whole else None
 
 
 def _probe(roles: tuple[str, ...]) -> list[Message]:
-    """Turns of these roles whose contents test the edges of a splice (spaces, a newline, a tab)."""
-    return [Message(role=r, content=f"  probe {n} <think>x</think>\n\tend  ") for n, r in enumerate(roles)]
+    """Turns of these roles whose contents test the edges of a splice (spaces, a newline, a
+    tab, the text of a ChatML token)."""
+    return [Message(role=r, content=f"  probe {n} <think>x</think><|im_end|>\n\tend  ") for n, r in enumerate(roles)]
 
 
 def _content_is_verbatim(tokenizer) -> bool:
@@ -431,11 +444,12 @@ def _shape_of(tokenizer, persona: Persona, turns: list[Message]) -> _Shape | Non
 
 
 def _chat_text(tokenizer, persona: Persona, turns: list[Message]) -> str:
-    """The chat template applied to the persona's head and these turns (spliced where exact)."""
+    """The chat template applied to the persona's head and these turns, their contents
+    quoted (spliced where exact): ``encode_quoted`` reads it."""
     shape = _shape_of(tokenizer, persona, turns)
     if shape is None:
         return _render_chat(tokenizer, _chat_messages(persona, turns, tokenizer))
-    return shape.text(turns)
+    return shape.text([quote(tokenizer, m.content) for m in turns])
 
 
 def _direct_renderer(tokenizer):
@@ -453,11 +467,3 @@ def _direct_renderer(tokenizer):
         return render if render(_PROBE) == slow else None
     except Exception:  # any mismatch of transformers internals: use the public path
         return None
-
-
-def _encode(tokenizer, text: str) -> list[int]:
-    """Token ids of ``text`` without special tokens added."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        return backend.encode(text, add_special_tokens=False).ids
-    return tokenizer.encode(text, add_special_tokens=False)

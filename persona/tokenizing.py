@@ -7,17 +7,129 @@ encodes each piece between them on its own, so the ids of a piece seen before ca
 reused: only the pieces holding new text (usually the newest message) are encoded.
 This is used only for tokenizers where that cut is exact (no normalizer, no added token
 that strips or matches whole words) and where probes agree with encoding whole texts.
+
+Text that spells a special token is text. A message that says "<|im_end|>" must not end
+its turn, so whatever a person wrote (a message, a system prompt, a post's opening) is
+encoded *as text*, as the tokenizer reads it with special tokens split
+(``encode_special_tokens``): the token's characters become ordinary pieces. A chat
+template writes tokens of its own around those texts, so a rendered prompt holds both.
+The texts are therefore *quoted* before they are rendered (each special token's text
+becomes a stand-in that no tokenizer reads as a token and a template copies like any
+other text), and ``encode_quoted`` reads the tokens written outright as tokens and the
+quoted ones, put back, as text.
 """
 
 from __future__ import annotations
 
 import re
 import weakref
+from collections.abc import Callable, Iterable
+from typing import Any
 
-__all__ = ["PieceEncoder", "encode_many", "encoder_for", "piece_encoder"]
+__all__ = [
+    "AddedTokens", "PieceEncoder", "encode_as_text", "encode_many", "encode_quoted", "encoder_for", "piece_encoder", "quote",
+]
 
 PIECE_CACHE_SIZE = 4096
 _pieces: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_added: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_plain_copies: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+# A stand-in is "\x01<n>\x01": a control character no message holds (the contract strips
+# them), and one that templates leave alone (it is not whitespace, it has no case). The
+# character itself is quoted too, so quoting is undone exactly whatever the text held.
+_QUOTE = "\x01"
+_STAND_IN = re.compile(r"\x01([0-9]+)\x01")
+
+
+def _splitter(contents: Iterable[str]) -> Callable[[str], list[str]] | None:
+    """A function cutting a text at these strings (the longest wins at a place, as in the
+    tokenizer): text, string, text, ..., text. None where there are none."""
+    alternatives = "|".join(map(re.escape, sorted(contents, key=len, reverse=True)))
+    return re.compile(f"({alternatives})").split if alternatives else None
+
+
+class AddedTokens:
+    """A tokenizer's added tokens: where a text holds them, and stand-ins for the special ones."""
+
+    def __init__(self, added: dict[int, Any]) -> None:
+        self.ids = {token.content: token_id for token_id, token in added.items()}
+        # Every added token cuts a rendered prompt; only those that are not special still
+        # cut a text read as text (the tokenizer matches them even with special tokens split).
+        self.split = _splitter(self.ids) or (lambda text: [text])
+        self.split_text = _splitter(token.content for token in added.values() if not token.special)
+        specials = sorted((token.content for token in added.values() if token.special), key=len, reverse=True)
+        self.spells_special = re.compile("|".join(map(re.escape, specials))).search if specials else _never
+        self.quoted = [_QUOTE, *specials]
+        self._stand_ins = {text: f"{_QUOTE}{n}{_QUOTE}" for n, text in enumerate(self.quoted)}
+        self._quotable = re.compile("|".join(map(re.escape, self.quoted))).sub
+
+    def quote(self, text: str) -> str:
+        """``text`` with each special token's text replaced by a stand-in."""
+        return self._quotable(lambda match: self._stand_ins[match[0]], text)
+
+    def unquote(self, text: str) -> str:
+        """``quote`` undone (a stand-in a template broke stays as it is: text all the same)."""
+        return _STAND_IN.sub(self._put_back, text) if _QUOTE in text else text
+
+    def _put_back(self, match: re.Match) -> str:
+        n = int(match[1])
+        return self.quoted[n] if n < len(self.quoted) else match[0]
+
+
+def _never(text: str) -> None:
+    return None
+
+
+def _added_tokens(source) -> AddedTokens:
+    """The added tokens of a Rust tokenizer, or of a transformers tokenizer without one (made once)."""
+    try:
+        return _added[source]
+    except (KeyError, TypeError):
+        pass
+    get = getattr(source, "get_added_tokens_decoder", None)
+    added = AddedTokens(get() if get is not None else source.added_tokens_decoder)
+    try:
+        _added[source] = added
+    except TypeError:  # cannot be weakly referenced: not cached
+        pass
+    return added
+
+
+def _as_text(backend, texts: list[str]):
+    """Encodings of texts read as text: by the tokenizer itself where no text spells a
+    special token (its ``encode_special_tokens`` flag changes nothing then), else by its
+    plain copy (made when first needed: it takes a tenth of a second)."""
+    spells = _added_tokens(backend).spells_special
+    reader = _plain(backend) if any(map(spells, texts)) else backend
+    return reader.encode_batch_fast(texts, add_special_tokens=False)
+
+
+def _plain(backend):
+    """A copy of this Rust tokenizer that reads a special token's text as text.
+
+    A copy rather than the tokenizer's own ``encode_special_tokens`` flag: transformers
+    sets that flag on every call it makes, so it cannot be relied on between calls (nor
+    changed under another thread). Made again if the tokenizer has gained tokens since.
+    """
+    size = backend.get_vocab_size(with_added_tokens=True)
+    try:
+        made_at, plain = _plain_copies[backend]
+        if made_at == size:
+            return plain
+    except (KeyError, TypeError):
+        pass
+    from tokenizers import Tokenizer
+
+    plain = Tokenizer.from_str(backend.to_str())
+    plain.encode_special_tokens = True
+    plain.no_truncation()
+    plain.no_padding()
+    try:
+        _plain_copies[backend] = (size, plain)
+    except TypeError:  # cannot be weakly referenced: not cached
+        pass
+    return plain
 
 
 # The GPT-2 byte-level split, written out for ASCII text (where \\p{L} is [A-Za-z], \\p{N}
@@ -53,12 +165,8 @@ class PieceEncoder:
             and type(model).__name__ == "BPE" and model.dropout is None
         )
         self.words: dict[str, list[int]] = {}
-        added = backend.get_added_tokens_decoder()
-        self.ids = {token.content: token_id for token_id, token in added.items()}
-        # Longest first: at one position the longest added token wins, as in the tokenizer.
-        alternatives = "|".join(map(re.escape, sorted(self.ids, key=len, reverse=True)))
-        self.split = re.compile(f"({alternatives})").split
-        self.holds_added = re.compile(alternatives).search
+        self.added = _added_tokens(backend)
+        self.split = self.added.split
         self.cache: dict[str, list[int]] = {}
 
     def _by_words(self, piece: str) -> list[int] | None:
@@ -77,7 +185,8 @@ class PieceEncoder:
         return ids
 
     def _known(self, pieces) -> dict[str, list[int]]:
-        """The piece cache, holding the ids of each of these pieces (texts without added tokens)."""
+        """The piece cache, holding the ids of each of these pieces read as text (a piece
+        holds no added token but a special one's text, which is text)."""
         cache = self.cache
         if len(cache) > PIECE_CACHE_SIZE:
             cache.clear()  # crude but bounded; the persona's own pieces come back at once
@@ -92,20 +201,35 @@ class PieceEncoder:
                     cache[piece] = ids
         if missing:
             fresh = list(dict.fromkeys(missing))
-            for piece, ids in zip(fresh, self.backend.encode_batch_fast(fresh, add_special_tokens=False), strict=True):
+            for piece, ids in zip(fresh, _as_text(self.backend, fresh), strict=True):
                 cache[piece] = ids.ids
         return cache
 
     def encode_pieces(self, pieces: list[str]) -> list[list[int]]:
-        """The ids of texts that hold no added token (see ``holds_added``): the cache's own lists, not to be changed."""
-        cache = self._known(pieces)
-        return [cache[piece] for piece in pieces]
+        """The ids of texts read as text (a special token's text is text): where the
+        tokenizer has no other added tokens, the cache's own lists, not to be changed."""
+        split = self.added.split_text
+        if split is None:
+            cache = self._known(pieces)
+            return [cache[piece] for piece in pieces]
+        return self._joined([split(piece) for piece in pieces])
 
     def encode(self, texts: list[str]) -> list[list[int]]:
-        # split() alternates text pieces (even places) and added tokens (odd places).
+        """The ids of texts whose added tokens are read as tokens, as the tokenizer reads them."""
+        return self._joined([self.split(text) for text in texts])
+
+    def encode_quoted(self, texts: list[str]) -> list[list[int]]:
+        """The ids of rendered texts: the added tokens written in them are tokens, the quoted ones text."""
         parts = [self.split(text) for text in texts]
+        unquote = self.added.unquote
+        for pieces in parts:
+            pieces[::2] = [unquote(piece) for piece in pieces[::2]]
+        return self._joined(parts)
+
+    def _joined(self, parts: list[list[str]]) -> list[list[int]]:
+        """The ids of texts cut into text pieces (even places) and added tokens (odd places)."""
         cache = self._known([piece for pieces in parts for piece in pieces[::2]])
-        added = self.ids
+        added = self.added.ids
         out = []
         for pieces in parts:
             ids = list(cache[pieces[0]])
@@ -130,7 +254,7 @@ def piece_encoder(backend) -> PieceEncoder | None:
         if any(t.lstrip or t.rstrip or t.single_word or t.normalized for t in added):
             return None
         encoder = PieceEncoder(backend)
-        contents = sorted(encoder.ids, key=len)
+        contents = sorted(encoder.added.ids, key=len)
         probes = [
             f"{contents[-1]}system\nBe brief.{contents[0]}\n{contents[-1]}user\n Hi there! {contents[-1]}x\n",
             f"plain text, no added tokens {contents[0]}{contents[0]} \n\n  trailing  ",
@@ -161,8 +285,47 @@ def encoder_for(tokenizer) -> PieceEncoder | None:
 
 
 def encode_many(tokenizer, texts: list[str]) -> list[list[int]]:
-    """Token ids of each text, without special tokens added (fast tokenizers only)."""
+    """Token ids of each text, its added tokens read as tokens (fast tokenizers only)."""
     encoder = encoder_for(tokenizer)
     if encoder is not None:
         return encoder.encode(texts)
     return [e.ids for e in tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)]
+
+
+def encode_as_text(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids of each text read as text: a special token's characters are ordinary text."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return [tokenizer.encode(t, add_special_tokens=False, split_special_tokens=True, verbose=False) for t in texts]
+    return [e.ids for e in _as_text(backend, texts)]
+
+
+def quote(tokenizer, text: str) -> str:
+    """``text`` with its special tokens' texts quoted: rendered into a chat template and
+    read by ``encode_quoted``, it is text, never the tokens it spells."""
+    return _added_tokens(_source(tokenizer)).quote(text)
+
+
+def encode_quoted(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids of rendered texts whose own texts were quoted (see ``quote``): the added
+    tokens written in them are tokens, the quoted ones text."""
+    encoder = encoder_for(tokenizer) if getattr(tokenizer, "backend_tokenizer", None) is not None else None
+    if encoder is not None:
+        return encoder.encode_quoted(texts)
+    added = _added_tokens(_source(tokenizer))
+    parts = [added.split(text) for text in texts]
+    encoded = iter(encode_as_text(tokenizer, [added.unquote(piece) for pieces in parts for piece in pieces[::2]]))
+    out = []
+    for pieces in parts:
+        ids = list(next(encoded))
+        for token in pieces[1::2]:
+            ids.append(added.ids[token])
+            ids += next(encoded)
+        out.append(ids)
+    return out
+
+
+def _source(tokenizer):
+    """Where a transformers tokenizer's added tokens are read: its Rust tokenizer, if it has one."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return backend if backend is not None else tokenizer

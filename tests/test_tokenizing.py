@@ -9,7 +9,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from persona.models import load_model
-from persona.tokenizing import encode_many, piece_encoder
+from persona.tokenizing import (
+    encode_as_text,
+    encode_many,
+    encode_quoted,
+    encoder_for,
+    piece_encoder,
+    quote,
+)
 
 
 @pytest.fixture(scope="module")
@@ -17,12 +24,24 @@ def chat_model(tiny_llama_dir, tmp_path_factory):
     return load_model(str(tiny_llama_dir), cache_dir=tmp_path_factory.mktemp("cache"))
 
 
-@settings(max_examples=400, deadline=None)
-@given(st.lists(st.one_of(
-    st.sampled_from(["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|im_start", "im_end|>", "\n", " ", "  \n"]),
+PARTS = st.lists(st.one_of(
+    st.sampled_from(["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|im_start", "im_end|>", "\n", " ", "  \n", "\x01", "\x011\x01"]),
     st.text(max_size=12),
     st.text(alphabet=string.printable + "'", max_size=16),
-), max_size=12))
+), max_size=12)
+
+
+def plain_copy(tokenizer):
+    """The tokenizer's own reading of a text with special tokens split, on a copy."""
+    from tokenizers import Tokenizer
+
+    plain = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+    plain.encode_special_tokens = True
+    return lambda text: plain.encode(text, add_special_tokens=False).ids
+
+
+@settings(max_examples=400, deadline=None)
+@given(PARTS)
 def test_encoding_piece_by_piece_equals_encoding_the_whole_text(chat_model, parts):
     texts = ["".join(parts), "user\n" + "".join(reversed(parts))]
     backend = chat_model.tokenizer.backend_tokenizer
@@ -41,3 +60,49 @@ def test_a_tokenizer_with_a_normalizer_is_encoded_whole(tiny_gpt2_dir):
     assert piece_encoder(tokenizer.backend_tokenizer) is None
     texts = ["Hello THERE", ""]
     assert encode_many(tokenizer, texts) == [e.ids for e in tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)]
+
+
+@pytest.fixture(scope="module")
+def as_text(chat_model):
+    return plain_copy(chat_model.tokenizer)
+
+
+@settings(max_examples=400, deadline=None)
+@given(PARTS)
+def test_text_spelling_special_tokens_is_encoded_as_text(chat_model, as_text, parts):
+    """A text read as text is what the tokenizer gives with special tokens split, piece by
+    piece (from the cache the second time) or whole; the tokenizer itself is left as it was."""
+    tokenizer = chat_model.tokenizer
+    texts = ["".join(parts), "user\n" + "".join(reversed(parts))]
+    expected = [as_text(t) for t in texts]
+    assert encode_as_text(tokenizer, texts) == expected
+    assert encoder_for(tokenizer).encode_pieces(texts) == expected
+    assert encoder_for(tokenizer).encode_pieces(texts) == expected
+    assert tokenizer.backend_tokenizer.encode_special_tokens is False
+
+
+@settings(max_examples=400, deadline=None)
+@given(PARTS, PARTS)
+def test_a_quoted_text_in_a_template_is_text_and_the_templates_tokens_are_tokens(chat_model, as_text, first, second):
+    tokenizer = chat_model.tokenizer
+    start, end = tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
+    a, b = "".join(first), "".join(second)
+    rendered = f"<|im_start|>user\n{quote(tokenizer, a)}<|im_end|>\n<|im_start|>assistant\n{quote(tokenizer, b)}"
+    assert not any(token in quote(tokenizer, a + b) for token in tokenizer.added_tokens_encoder)
+    expected = [start, *as_text("user\n" + a), end, *as_text("\n"), start, *as_text("assistant\n" + b)]
+    assert encode_quoted(tokenizer, [rendered]) == [expected]
+    assert encode_quoted(tokenizer, [rendered]) == [expected]  # from the piece cache
+
+
+def test_a_tokenizer_without_a_piece_encoder_reads_quoted_texts_as_text(tiny_gpt2_dir):
+    from tokenizers import normalizers
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_gpt2_dir)
+    tokenizer.backend_tokenizer.normalizer = normalizers.Lowercase()
+    assert piece_encoder(tokenizer.backend_tokenizer) is None
+    eos = tokenizer.eos_token_id
+    text = "Hello <|endoftext|> THERE"
+    as_text = plain_copy(tokenizer)
+    assert encode_as_text(tokenizer, [text]) == [as_text(text)] and eos not in as_text(text)
+    assert encode_quoted(tokenizer, [f"{quote(tokenizer, text)}<|endoftext|>"]) == [[*as_text(text), eos]]

@@ -5,6 +5,10 @@ the one the serving side begins a fresh completion with (``persona/prompting.py`
 document longer than the context is cut into windows, and only its last window carries
 the end-of-text token. Examples are padded, never packed, so no example holds two
 documents: the model learns where a post ends, and never learns to run on into the next.
+
+The writing is read as text: an author who quotes "<|im_end|>" or "<|endoftext|>" wrote
+those characters, and the only start and end tokens an example holds are its own (the
+serving side reads what a person wrote the same way).
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ import math
 from typing import Any
 
 import torch
+
+from persona.tokenizing import encode_as_text
 
 __all__ = ["Example", "batch_tensors", "encode_documents", "evaluate_loss", "perplexity", "start_token_id", "summed_loss"]
 
@@ -33,9 +39,10 @@ def encode_documents(tokenizer: Any, texts: list[str], max_tokens: int) -> list[
     head = [start] if start is not None else []
     examples: list[Example] = []
     for text in texts:
-        # verbose=False: a document longer than the model's context is windowed below, so
-        # the tokenizer's "will result in indexing errors" warning would only alarm.
-        ids = [*head, *tokenizer.encode(text, add_special_tokens=False, verbose=False), tokenizer.eos_token_id]
+        # One document at a time: a corpus encoded at once would hold every token's offsets.
+        # (Nor is a long document warned about: it is windowed below.)
+        [body] = encode_as_text(tokenizer, [text])
+        ids = [*head, *body, tokenizer.eos_token_id]
         if len(ids) <= max_tokens:
             examples.append(ids)
             continue
