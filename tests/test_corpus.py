@@ -286,6 +286,18 @@ def test_tweet_archive_short_stub_takes_only_the_note_of_its_own_time(tmp_path: 
         first.replace("https://t.co/plan", ""), second, "Gardens are slow. The river", "Gardens are slow. The riv\u2026"]
 
 
+def test_a_short_whole_tweet_keeps_its_text_beside_a_note_that_begins_with_it(tmp_path: Path):
+    """A whole tweet ("Thread:") posted a moment before a long post that opens with its words
+    took the long post's text: a tweet is a note's first part only when it is visibly cut."""
+    thread = "Thread: " + LONG_GARDEN
+    data = tmp_path / "data"
+    _export(data, [
+        _tweet("1", "Thread:", "Wed May 01 10:00:00 +0000 2024"),
+        _tweet("3", _stub(thread), "Wed May 01 10:00:30 +0000 2024"),
+    ], [_note("2", thread, "2024-05-01T10:00:30.000Z")])
+    assert texts(read_tweets(data / "tweets.js", OPTIONS)) == ["Thread:", thread.replace("https://t.co/plan", "")]
+
+
 def test_folder_with_note_tweets_reads_each_post_once(tmp_path: Path):
     export = tmp_path / "twitter-2024"
     data = export / "data"
@@ -464,6 +476,25 @@ def test_split_is_saved_and_reused(tmp_path: Path):
     bare = tmp_path / "bare.jsonl"
     bare.write_text("".join(json.dumps({"text": t}) + "\n" for t in result.corpus.documents))
     assert sorted(read_corpus(bare).validation) == sorted(result.corpus.validation)
+
+
+def test_one_long_document_holds_out_its_end(tmp_path: Path):
+    """A book in one file was one document, so nothing was held out: training could not
+    measure perplexity or stop early. Its last tenth is held out, cut at a paragraph break."""
+    paragraphs = [f"Paragraph {i} of the book, on patience and gardens and the moon. " * 5 for i in range(40)]
+    source = tmp_path / "book.md"
+    source.write_text("\n\n".join(p.strip() for p in paragraphs))
+    result = build_corpus([source])
+    [head], [tail] = result.corpus.train, result.corpus.validation
+    assert result.tail_held_out and result.cleaning.kept == 1
+    assert tail.startswith("Paragraph ") and head.endswith("moon.")
+    assert 0.05 < len(tail) / (len(head) + len(tail)) < 0.2
+    out = tmp_path / "corpus.jsonl"
+    write_corpus(result.corpus, out)
+    assert read_corpus(out).validation == [tail]
+    short = tmp_path / "note.md"
+    short.write_text(paragraphs[0])
+    assert not build_corpus([short]).corpus.validation  # too short to spare a tenth
 
 
 def test_reading_missing_or_empty_corpus_says_what_to_do(tmp_path: Path):

@@ -7,6 +7,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from persona.checkpoints import list_checkpoints
 from persona.contract import GenerationRequest, Priority
@@ -15,7 +16,7 @@ from persona.models import load_model
 from persona.personas import PersonaRegistry
 from persona.queue import QueueClient
 from persona.settings import Settings
-from training.runs import train_persona
+from training.runs import run_dir, saved_run_config, train_persona
 from training.trainer import TrainConfig
 
 SAYINGS = [
@@ -127,6 +128,7 @@ class _StartsAnotherTraining:
     def on_step(self, step: int, loss: float, average: float, elapsed_s: float) -> None: ...
     def on_eval(self, step: int, val_loss: float, improved: bool) -> None: ...
     def on_samples(self, step: int, texts: list[str]) -> None: ...
+    def on_full_eval(self, best_step: int, documents: int) -> None: ...
 
 
 def test_a_second_training_of_the_same_persona_is_refused_while_one_runs(settings: Settings, tiny_gpt2_dir: Path,
@@ -179,3 +181,14 @@ def test_the_card_of_a_run_with_nothing_held_out_says_so(settings: Settings, tin
     done = train_persona(settings, "single", one, config(tiny_gpt2_dir))
     card = (done.checkpoint.path / "README.md").read_text()
     assert "not measured (no held-out documents)" in card and "nan" not in card
+
+
+def test_steps_and_epochs_together_are_refused_but_a_run_saved_with_both_resumes(settings: Settings):
+    """Both given, --steps silently won; a run saved that way before still resumes as it ran."""
+    with pytest.raises(ValidationError, match="keep --steps for an exact number of optimiser steps, or --epochs"):
+        TrainConfig(steps=40, epochs=2)
+    folder = run_dir(settings, "old")
+    folder.mkdir(parents=True)
+    (folder / "run.json").write_text(json.dumps({"config": {"steps": 40, "epochs": 2.0}}))
+    saved = saved_run_config(settings, "old")
+    assert (saved.steps, saved.epochs) == (40, None)

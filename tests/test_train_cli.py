@@ -13,14 +13,16 @@ import time
 from pathlib import Path
 
 import pytest
+import tomli_w
 import torch
 from rich.console import Console
 from rich.progress import Progress
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from persona.cli.train_cmd import RichReporter
 from persona.models import load_model
 from persona.settings import Settings
+from training.runs import persona_template
 
 SAYINGS = "\n%\n".join([
     "Patience is the art of hoping slowly.\n\t-- Sage",
@@ -239,6 +241,38 @@ def test_bad_option_values_are_one_line_naming_the_option(env, tmp_path: Path):
     assert result.returncode == 1 and "Traceback" not in result.stderr
     said = " ".join(result.stderr.split())
     assert "--learning-rate: input should be greater than 0" in said and "--device: input should be" in said
+
+
+def test_steps_and_epochs_together_are_refused_saying_which_to_keep(env, tmp_path: Path):
+    """Both given, --steps silently won: a run asked for 3 epochs stopped after 40 steps."""
+    result = persona("train", "x", "--corpus", str(tmp_path / "c.jsonl"), "--steps", "40", "--epochs", "3", env=env)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    said = " ".join(result.stderr.split())
+    assert "error: --steps and --epochs both set how long the run is; keep --steps for an exact number of " \
+           "optimiser steps, or --epochs for passes over the corpus, not both" in said
+
+
+def test_eval_json_of_a_wrecked_model_is_valid_json(env, settings: Settings, tmp_path: Path, tiny_gpt2_dir: Path):
+    """A model that gives the held-out writing next to no probability has an infinite
+    perplexity: `eval --json` printed a bare Infinity, which JSON parsers refuse."""
+    wrecked = tmp_path / "wrecked"
+    model = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir)
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(3000)
+    model.save_pretrained(wrecked)
+    AutoTokenizer.from_pretrained(tiny_gpt2_dir).save_pretrained(wrecked)
+    corpus = tmp_path / "c.jsonl"
+    sayings = [entry.strip().split("\n")[0] for entry in SAYINGS.split("%") if entry.strip()]
+    corpus.write_text("".join(json.dumps({"text": text}) + "\n" for text in sayings))
+    settings.user_personas_dir.mkdir(parents=True)
+    (settings.user_personas_dir / "wreck.toml").write_text(
+        tomli_w.dumps(persona_template("wreck", str(tiny_gpt2_dir), str(wrecked), corpus)))
+
+    evaluated = persona("eval", "wreck", "--corpus", str(corpus), "--json", "--samples", "1", env=env)
+    assert evaluated.returncode == 0, evaluated.stderr
+    report = json.loads(evaluated.stdout, parse_constant=lambda word: pytest.fail(f"not JSON: {word}"))
+    assert report["perplexity"] is None and report["not_finite"] == {"perplexity": "inf"}
+    assert report["loss"] > 700 and report["base_perplexity"] > 1
 
 
 # Presses Ctrl-C twice inside optimiser step STEP of a real `persona train`, as a hurried hand does.

@@ -13,12 +13,15 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch.nn.modules.module import register_module_forward_hook
 from torch.optim.optimizer import register_optimizer_step_post_hook
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 from persona.errors import ModelError
+from persona.models import load_model
 from training.batching import batch_tensors, encode_documents
 from training.corpus import Corpus
+from training.evaluate import held_out_loss
 from training.trainer import TrainConfig, train
 
 SAYINGS = [
@@ -87,6 +90,9 @@ class Recorder:
     def on_samples(self, step: int, texts: list[str]) -> None:
         self.samples.extend(texts)
 
+    def on_full_eval(self, best_step: int, documents: int) -> None:
+        self.full_eval = (best_step, documents)
+
 
 def test_every_example_is_one_document_ending_in_end_of_text(tiny_gpt2_dir: Path):
     tokenizer = AutoTokenizer.from_pretrained(tiny_gpt2_dir)
@@ -128,6 +134,104 @@ def test_early_stopping_when_validation_stops_improving(tiny_gpt2_dir: Path, tmp
     config = TrainConfig(kind="full", steps=60, batch_size=6, eval_every=2, patience=2, learning_rate=5.0, samples=0)
     result = train(config, corpus(), tiny_gpt2_dir, tmp_path / "run")
     assert result.status == "early-stopped" and result.metrics["steps"] < 60
+
+
+@contextmanager
+def recorded_learning_rates() -> Iterator[list[float]]:
+    """The learning rate of every optimiser step taken inside the block."""
+    rates: list[float] = []
+    handle = register_optimizer_step_post_hook(lambda optimizer, args, kwargs: rates.append(
+        optimizer.param_groups[0]["lr"]))
+    try:
+        yield rates
+    finally:
+        handle.remove()
+
+
+def test_a_run_cut_short_by_its_time_budget_ends_with_the_learning_rate_at_its_floor(tiny_gpt2_dir: Path,
+                                                                                     tmp_path: Path):
+    """With only a time budget the rate followed a five-epoch plan, so a run cut by time
+    (here 1,000 steps an epoch, a 2-second budget) ended still warming up or near its peak."""
+    big = Corpus(train=SAYINGS * 1000, validation=SAYINGS[:3], fingerprint="test")
+    config = TrainConfig(kind="lora", max_minutes=0.03, batch_size=6, learning_rate=1e-3, samples=0)
+    with recorded_learning_rates() as rates:
+        result = train(config, big, tiny_gpt2_dir, tmp_path / "run")
+    assert result.status == "time-limit" and len(rates) >= 5
+    assert max(rates) > 0.9e-3  # warmed up within the budget
+    assert rates[-1] < 0.3e-3  # and decayed towards a tenth of the peak by its end
+
+
+@contextmanager
+def tokens_measured() -> Iterator[list[int]]:
+    """The held-out tokens each forward pass without gradients (an evaluation's) reads."""
+    read: list[int] = []
+
+    def count(module, args, kwargs, output) -> None:
+        if isinstance(module, GPT2LMHeadModel) and not torch.is_grad_enabled():
+            read.append(int(kwargs["attention_mask"].sum()))
+
+    handle = register_module_forward_hook(count, with_kwargs=True)
+    try:
+        yield read
+    finally:
+        handle.remove()
+
+
+class EvalCostRecorder(Recorder):
+    """Also how many held-out tokens each evaluation read."""
+
+    def __init__(self, read: list[int]) -> None:
+        super().__init__()
+        self.read, self.seen, self.eval_tokens = read, 0, []
+
+    def on_start(self, total_steps: int, resumed_from: int) -> None:
+        super().on_start(total_steps, resumed_from)
+        self.base_tokens, self.seen = sum(self.read), len(self.read)
+
+    def on_eval(self, step: int, val_loss: float, improved: bool) -> None:
+        super().on_eval(step, val_loss, improved)
+        self.eval_tokens.append(sum(self.read[self.seen:]))
+        self.seen = len(self.read)
+
+
+def test_evaluations_during_a_run_measure_a_sample_and_the_result_all_held_out_documents(
+        tiny_gpt2_dir: Path, tmp_path: Path):
+    """Evaluating on every held-out document (up to a thousand: minutes each on two cores) ate
+    a --max-minutes budget. Evaluations now read a fixed sample of about ``eval_tokens``;
+    the base and the best weights are still measured on all of them, as `persona eval` does."""
+    held_out = [f"{saying} ({n})" for n in range(20) for saying in SAYINGS]
+    data = Corpus(train=SAYINGS * 3, validation=held_out, fingerprint="test")
+    config = TrainConfig(kind="lora", steps=6, batch_size=6, eval_every=2, eval_tokens=100, learning_rate=2e-2,
+                         samples=0, seed=1)
+    with tokens_measured() as read:
+        recorder = EvalCostRecorder(read)
+        result = train(config, data, tiny_gpt2_dir, tmp_path / "run", reporter=recorder)
+    assert recorder.base_tokens > 1000 and len(recorder.eval_tokens) == 3
+    assert all(0 < tokens <= 100 for tokens in recorder.eval_tokens)
+    assert recorder.full_eval == (result.metrics["best_step"], len(held_out))
+    assert sum(read) == 2 * recorder.base_tokens + sum(recorder.eval_tokens)
+
+    tuned = load_model(str(tiny_gpt2_dir), result.best_dir, cache_dir=tmp_path, dtype="float32")
+    assert math.isclose(result.metrics["val_loss"], held_out_loss(tuned, data), rel_tol=1e-5)
+    assert result.metrics["perplexity"] < result.metrics["base_perplexity"]
+
+
+def test_a_model_with_few_positions_trains_evaluates_and_samples_within_them(tiny_gpt2_dir: Path, tmp_path: Path):
+    """Examples were cut at max_tokens (256) alone: a toy model with 32 positions failed with
+    "index out of range" on any longer document, and when asked for 40-token samples."""
+    short = tmp_path / "short-gpt2"
+    config = GPT2Config.from_pretrained(tiny_gpt2_dir)
+    config.n_positions = 32
+    torch.manual_seed(0)
+    GPT2LMHeadModel(config).save_pretrained(short)
+    AutoTokenizer.from_pretrained(tiny_gpt2_dir).save_pretrained(short)
+    long = " ".join(SAYINGS)
+    data = Corpus(train=[*SAYINGS, long], validation=[long], fingerprint="test")
+    recorder = Recorder()
+    result = train(TrainConfig(kind="lora", steps=2, batch_size=7, samples=1, sample_tokens=40), data, short,
+                   tmp_path / "run", reporter=recorder)
+    assert result.status == "finished" and math.isfinite(result.metrics["val_loss"]) and recorder.samples
+    assert math.isfinite(held_out_loss(load_model(str(short), result.best_dir, cache_dir=tmp_path), data))
 
 
 def _adapter(folder: Path) -> dict[str, torch.Tensor]:
@@ -256,3 +360,18 @@ def test_the_log_says_when_there_is_nothing_to_validate_on(caplog: pytest.LogCap
     with caplog.at_level("INFO", logger="training.trainer"):
         LogReporter().on_eval(4, math.nan, False)
     assert "no held-out documents" in caplog.text and "nan" not in caplog.text
+
+
+def test_writing_that_spells_special_tokens_is_trained_on_as_text(tiny_llama_dir: Path, tiny_gpt2_dir: Path):
+    """An author who writes "<|im_end|>" wrote those characters: the only special tokens
+    in an example are its own start and end-of-text, so the model is never taught to end
+    a post (or open a turn) wherever such text appears."""
+    from training.batching import start_token_id
+
+    for folder in (tiny_llama_dir, tiny_gpt2_dir):
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        writing = "Chat logs look like <|im_start|>user\nhi<|im_end|> and end with <|endoftext|>, I hear."
+        [example] = encode_documents(tokenizer, [writing], 256)
+        assert example[0] == start_token_id(tokenizer) and example[-1] == tokenizer.eos_token_id
+        assert not set(example[1:-1]) & set(tokenizer.added_tokens_decoder)
+        assert tokenizer.decode(example[1:-1]) == writing

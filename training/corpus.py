@@ -4,7 +4,9 @@ One document per line: ``{"text": ..., "split": "train" | "validation"}``. The s
 chosen once, when the corpus is built, from a hash of each text (so it does not depend
 on file order), and saved in the file: training, early stopping and ``persona eval`` all
 use the same held-out documents. A plain ``{"text": ...}`` JSONL written by hand gets
-the same split when it is read.
+the same split when it is read. A corpus of one long document (a book in one file) has
+no document to spare: its last tenth, cut at a paragraph, line, sentence or word break,
+becomes a held-out document of its own.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ log = logging.getLogger(__name__)
 
 VALIDATION_FRACTION = 0.1
 MAX_VALIDATION_DOCS = 1000
+TAIL_HELD_OUT_MIN_CHARS = 10_000  # one document this long holds out its end (a tenth: some 250 words)
 SPLITS = ("train", "validation")
 
 Reader = Callable[[Path, ReadOptions], list[RawDocument]]
@@ -91,6 +94,7 @@ class BuildResult:
     cleaning: CleanReport = field(default_factory=CleanReport)
     problems: list[SourceProblem] = field(default_factory=list)
     by_format: Counter[str] = field(default_factory=Counter)
+    tail_held_out: bool = False  # the one document's end was held out
 
 
 def _text_hash(text: str) -> str:
@@ -104,6 +108,21 @@ def assign_splits(texts: list[str], fraction: float = VALIDATION_FRACTION) -> li
     count = min(MAX_VALIDATION_DOCS, max(1, round(len(texts) * fraction)))
     held_out = set(sorted(range(len(texts)), key=lambda i: (_text_hash(texts[i]), i))[:count])
     return ["validation" if i in held_out else "train" for i in range(len(texts))]
+
+
+def _cut_tail(text: str, fraction: float = VALIDATION_FRACTION) -> tuple[str, str]:
+    """A long text cut in two near its last ``fraction``: at the last paragraph break before
+    that point (within as much again), else a line, sentence or word break, else there."""
+    target = round(len(text) * (1 - fraction))
+    earliest = round(len(text) * (1 - 2 * fraction))
+    for separator in ("\n\n", "\n", ". ", " "):
+        found = text.rfind(separator, earliest, target)
+        if found > 0:
+            cut = found + len(separator)
+            break
+    else:
+        cut = target
+    return text[:cut].rstrip(), text[cut:].strip()
 
 
 def _fingerprint(rows: Iterable[tuple[str, str]]) -> str:
@@ -178,12 +197,15 @@ def build_corpus(
         raw.extend(doc.text for doc in documents)
     texts, report = clean_documents(raw, clean_options)
     splits = assign_splits(texts)
+    tail_held_out = len(texts) == 1 and len(texts[0]) >= TAIL_HELD_OUT_MIN_CHARS
+    if tail_held_out:  # nothing to hold out but part of the one document
+        texts, splits = list(_cut_tail(texts[0])), ["train", "validation"]
     corpus = Corpus(
         train=[t for t, s in zip(texts, splits) if s == "train"],
         validation=[t for t, s in zip(texts, splits) if s == "validation"],
         fingerprint=_fingerprint(zip(texts, splits)),
     )
-    return BuildResult(corpus, len(files), len(raw), report, problems, by_format)
+    return BuildResult(corpus, len(files), len(raw), report, problems, by_format, tail_held_out)
 
 
 def write_corpus(corpus: Corpus, path: Path) -> None:

@@ -10,7 +10,9 @@ out), the held-out documents may be ones it trained on: the report says so.
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,7 +26,7 @@ from persona.pool import BASE_VERSION, resolve_checkpoint
 from persona.settings import Settings
 from training.batching import encode_documents, evaluate_loss, perplexity
 from training.corpus import Corpus
-from training.trainer import sample_texts
+from training.trainer import max_positions, sample_texts
 
 __all__ = ["EvalReport", "evaluate_persona", "held_out_loss"]
 
@@ -55,9 +57,23 @@ class EvalReport:
     def as_dict(self) -> dict:
         return asdict(self)
 
+    def as_json(self) -> str:
+        """The report as one JSON object any parser reads: a measure that is not finite (a
+        wrecked model's perplexity overflows to infinity) is null, and ``not_finite`` maps its
+        name to the value it had ("inf" or "nan"); ``json.dumps`` wrote a bare ``Infinity``."""
+        data = self.as_dict()
+        not_finite = {key: str(value) for key, value in data.items()
+                      if isinstance(value, float) and not math.isfinite(value)}
+        for key in not_finite:
+            data[key] = None
+        data["not_finite"] = not_finite
+        return json.dumps(data, allow_nan=False)
+
 
 def held_out_loss(loaded: LoadedModel, corpus: Corpus, max_tokens: int = 256) -> float:
-    """Mean loss per token of a loaded model on the corpus's validation split."""
+    """Mean loss per token of a loaded model on the corpus's validation split, windowed as in
+    training: ``max_tokens`` at most, and no more than the model has positions for."""
+    max_tokens = min(max_tokens, max_positions(loaded.model) or max_tokens)
     examples = encode_documents(loaded.tokenizer, corpus.validation, max_tokens)
     pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else loaded.tokenizer.eos_token_id
     return evaluate_loss(loaded.model, examples, pad_id, loaded.device)

@@ -99,7 +99,10 @@ def saved_run_config(settings: Settings, name: str) -> TrainConfig:
     path = run_dir(settings, name) / RUN_FILE
     if not path.is_file():
         raise ModelError(f"no unfinished training run of {name!r} to resume; start one without --resume")
-    return TrainConfig.model_validate(json.loads(path.read_text())["config"])
+    saved = json.loads(path.read_text())["config"]
+    if saved.get("steps") is not None:  # saved before steps and epochs were refused together: steps won
+        saved["epochs"] = None
+    return TrainConfig.model_validate(saved)
 
 
 def persona_template(name: str, base: str, checkpoint: str, corpus: Path) -> dict:

@@ -3,8 +3,9 @@
 Reads top to bottom: prepare (seed, model, examples, optimiser) → train (step, report,
 evaluate, keep the best, stop early or on time) → hand back the best weights. The data
 order of epoch ``e`` is a permutation seeded with ``seed + e``, so the position in the
-data is just the step number; with the optimiser, schedule and random states saved in
-the run folder, ``resume=True`` continues as if the run had never stopped. Ctrl-C stops
+data is just the step number, as is the learning rate (``_lr_factor``; with a time budget,
+the time spent too); with the optimiser and random states saved in the run folder,
+``resume=True`` continues as if the run had never stopped. Ctrl-C stops
 the run after the step it lands in, so the saved state is always that of a whole step;
 a second Ctrl-C stops it at once, leaving the state saved at the last evaluation.
 """
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import torch
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from persona.errors import ModelError
 from training.batching import (
@@ -40,7 +41,7 @@ from training.batching import (
 )
 from training.corpus import Corpus
 
-__all__ = ["LogReporter", "Reporter", "TrainConfig", "TrainResult", "sample_texts", "train"]
+__all__ = ["LogReporter", "Reporter", "TrainConfig", "TrainResult", "max_positions", "sample_texts", "train"]
 
 log = logging.getLogger(__name__)
 
@@ -57,13 +58,17 @@ class TrainConfig(BaseModel):
     kind: Literal["lora", "full"] = "lora"
     steps: int | None = Field(None, ge=1, description="optimiser steps (default: from epochs)")
     epochs: float | None = Field(None, gt=0, description=f"passes over the data (default {DEFAULT_EPOCHS:g})")
-    max_minutes: float | None = Field(None, gt=0, description="stop after this much training time")
+    max_minutes: float | None = Field(None, gt=0, description="stop after this much training time "
+                                       "(the learning rate decays to fit it)")
     batch_size: int = Field(8, ge=1)
     learning_rate: float | None = Field(None, gt=0, description="default 2e-4 for LoRA, 5e-5 full")
     warmup_fraction: float = Field(0.05, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
-    max_tokens: int = Field(256, ge=8, description="longest example; longer documents are windowed")
+    max_tokens: int = Field(256, ge=8, description="longest example, at most the model's positions; "
+                            "longer documents are windowed")
     eval_every: int | None = Field(None, ge=1, description="steps between evaluations (default: ~10 per run)")
+    eval_tokens: int = Field(4096, ge=1, description="held-out tokens each evaluation during the run measures "
+                             "(a fixed sample); the base and the best weights are measured on them all")
     patience: int = Field(3, ge=1, description="evaluations without improvement before stopping")
     samples: int = Field(2, ge=0, description="samples printed at each evaluation")
     sample_tokens: int = Field(40, ge=1)
@@ -72,6 +77,14 @@ class TrainConfig(BaseModel):
     lora_alpha: int = Field(32, ge=1)
     lora_dropout: float = Field(0.05, ge=0, lt=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @model_validator(mode="after")
+    def _one_length(self) -> TrainConfig:
+        # Both given, steps silently won: a run meant to be 3 epochs stopped after 100 steps.
+        if self.steps is not None and self.epochs is not None:
+            raise ValueError("--steps and --epochs both set how long the run is; keep --steps for an exact "
+                             "number of optimiser steps, or --epochs for passes over the corpus, not both")
+        return self
 
     def lr(self) -> float:
         return self.learning_rate or (2e-4 if self.kind == "lora" else 5e-5)
@@ -84,6 +97,8 @@ class Reporter(Protocol):
     def on_step(self, step: int, loss: float, average: float, elapsed_s: float) -> None: ...
     def on_eval(self, step: int, val_loss: float, improved: bool) -> None: ...
     def on_samples(self, step: int, texts: list[str]) -> None: ...
+    # Before the best weights are measured on every held-out document (evaluations used a sample).
+    def on_full_eval(self, best_step: int, documents: int) -> None: ...
 
 
 class LogReporter:
@@ -105,6 +120,10 @@ class LogReporter:
     def on_samples(self, step: int, texts: list[str]) -> None:
         for text in texts:
             log.info("sample at step %d: %s", step, text)
+
+    def on_full_eval(self, best_step: int, documents: int) -> None:
+        log.info("the evaluations used a sample of the held-out writing; measuring the best weights "
+                 "(step %d) on all %d held-out documents", best_step, documents)
 
 
 @dataclass
@@ -180,17 +199,53 @@ def _load(config: TrainConfig, base_dir: Path, device: str) -> tuple[Any, Any]:
     return tokenizer, model
 
 
-def _schedule(total_steps: int, warmup_fraction: float):
-    """Linear warm-up, then cosine decay to a tenth of the peak rate."""
+def _lr_factor(step: int, total_steps: int, warmup_fraction: float, time_used: float | None = None) -> float:
+    """The learning rate of ``step`` as a fraction of the peak: a linear warm-up over the first
+    ``warmup_fraction`` of the run, then cosine decay to a tenth of the peak at its end.
+
+    A run ends after ``total_steps`` or when its time budget is spent, whichever comes first,
+    so its progress is read off whichever of the two clocks is further along: ``time_used`` is
+    the fraction of ``max_minutes`` spent (None without a budget). A run cut short by time then
+    ends with the rate at its floor, as one that runs all its steps does; with only a budget,
+    the five-epoch plan had a run cut by time end with the rate still near its peak. Time
+    is used as it is rather than turned into a guess of the steps it allows, which would be
+    wrong whenever the machine's speed or the cost of evaluations changed. A run with a
+    budget is therefore not repeatable step for step (one stopped by time never was); without
+    one the rate depends on the step alone, so ``resume`` stays exact.
+    """
     warmup = max(1, int(total_steps * warmup_fraction))
+    warm = (step + 1) / warmup
+    decay = (step - warmup) / max(1, total_steps - warmup)
+    if time_used is not None:
+        if warmup_fraction > 0:
+            warm = max(warm, time_used / warmup_fraction)
+        decay = max(decay, (time_used - warmup_fraction) / (1 - warmup_fraction))
+    if warm < 1:
+        return warm
+    progress = min(1.0, max(0.0, decay))
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
-    return factor
+def _eval_sample(examples: list[Example], budget_tokens: int, seed: int) -> list[Example]:
+    """The held-out examples the evaluations during a run measure: all of them when they
+    hold at most ``budget_tokens`` tokens, else a seeded sample of about that many.
+
+    Ten evaluations over a thousand held-out documents took minutes each on a small CPU,
+    out of a ``max_minutes`` budget. The sample is the same at every evaluation (and again
+    on ``resume``), so evaluations compare like with like; choosing the best weights needs
+    no more. The figures a run reports, base and best, are measured on every example.
+    """
+    if sum(len(e) for e in examples) <= budget_tokens:
+        return examples
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
+    chosen: list[Example] = []
+    tokens = 0
+    for index in order:
+        if chosen and tokens + len(examples[index]) > budget_tokens:
+            break
+        chosen.append(examples[index])
+        tokens += len(examples[index])
+    return chosen
 
 
 def _trainable(model: Any) -> dict[str, torch.Tensor]:
@@ -228,11 +283,19 @@ def _save_weights(model: Any, tokenizer: Any, folder: Path) -> None:
     staging.rename(folder)
 
 
+def max_positions(model: Any) -> int | None:
+    """The longest sequence the model has positions for; None when its config names no limit."""
+    value = getattr(model.config, "max_position_embeddings", None)  # GPT-2's n_positions too
+    return value if isinstance(value, int) and value > 0 else None
+
+
 @torch.no_grad()
 def sample_texts(model: Any, tokenizer: Any, count: int, max_new_tokens: int, seed: int, device: str) -> list[str]:
     """Unconditional samples, drawn without disturbing the training's random state."""
     if count == 0:
         return []
+    if (positions := max_positions(model)) is not None:  # the start token takes one
+        max_new_tokens = max(1, min(max_new_tokens, positions - 1))
     start = start_token_id(tokenizer)
     ids = torch.full((count, 1), start, dtype=torch.long, device=device)
     was_training = model.training
@@ -293,8 +356,14 @@ class _Run:
         _seed_everything(config.seed)
         self.tokenizer, self.model = _load(config, base_dir, self.device)
         self.pad_id = self.tokenizer.pad_token_id
-        self.train_examples = encode_documents(self.tokenizer, corpus.train, config.max_tokens)
-        self.val_examples = encode_documents(self.tokenizer, corpus.validation, config.max_tokens)
+        # A longer example would index past the model's positions (a toy model may have 64).
+        max_tokens = min(config.max_tokens, max_positions(self.model) or config.max_tokens)
+        if max_tokens < config.max_tokens:
+            log.info("examples are cut at %d tokens, the model's positions (max_tokens %d)",
+                     max_tokens, config.max_tokens)
+        self.train_examples = encode_documents(self.tokenizer, corpus.train, max_tokens)
+        self.val_examples = encode_documents(self.tokenizer, corpus.validation, max_tokens)
+        self.eval_examples = _eval_sample(self.val_examples, config.eval_tokens, config.seed)
         if not self.train_examples:
             raise ModelError("the corpus has no training documents; build a bigger corpus")
         self.steps_per_epoch = math.ceil(len(self.train_examples) / config.batch_size)
@@ -303,7 +372,6 @@ class _Run:
         self.eval_every = config.eval_every or max(1, self.total_steps // 10)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=config.lr(), weight_decay=config.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(self.total_steps, config.warmup_fraction))
         self.state = _State()
         self._order: tuple[int, list[int]] = (-1, [])
 
@@ -321,7 +389,6 @@ class _Run:
         payload = {
             "weights": _trainable(self.model),
             "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
             "rng": _rng_states(),
             "state": self.state.__dict__,
             "config": self.config.model_dump(),
@@ -339,15 +406,34 @@ class _Run:
         payload = torch.load(path, weights_only=False)
         self.model.load_state_dict(payload["weights"], strict=False)
         self.optimizer.load_state_dict(payload["optimizer"])
-        self.scheduler.load_state_dict(payload["scheduler"])
         self.state = _State(**payload["state"])
         _set_rng_states(payload["rng"])
 
-    def evaluate(self) -> float:
-        if not self.val_examples:
+    def evaluate(self, examples: list[Example] | None = None) -> float:
+        """Mean loss per token on ``examples`` (default: the in-run sample); NaN with none."""
+        examples = self.eval_examples if examples is None else examples
+        if not examples:
             return math.nan
         with self._autocast():
-            return evaluate_loss(self.model, self.val_examples, self.pad_id, self.device, self.config.batch_size)
+            return evaluate_loss(self.model, examples, self.pad_id, self.device, self.config.batch_size)
+
+    def load_weights(self, folder: Path) -> None:
+        """Put the weights ``_save_weights`` wrote in ``folder`` back into the model."""
+        from safetensors.torch import load_file
+
+        files = sorted(folder.glob("*.safetensors"))
+        for file in files:
+            if self.config.kind == "lora":
+                from peft import set_peft_model_state_dict
+
+                loaded = set_peft_model_state_dict(self.model, load_file(file))
+            else:
+                loaded = self.model.load_state_dict(load_file(file), strict=False)
+            if loaded.unexpected_keys:
+                raise ModelError(f"the weights in {folder} do not fit the model being trained "
+                                 f"({loaded.unexpected_keys[0]}...); start the run over")
+        if not files:
+            raise ModelError(f"{folder} holds no weights; start the run over")
 
     def _autocast(self):
         # bf16 on a GPU that has it; the CPU trains in fp32 (its bf16 is slower here).
@@ -356,6 +442,11 @@ class _Run:
 
     def step(self) -> float:
         """One optimiser step on the next batch; the batch's mean loss per token."""
+        budget_s = self.config.max_minutes * 60 if self.config.max_minutes is not None else None
+        time_used = self.state.elapsed_s / budget_s if budget_s else None
+        factor = _lr_factor(self.state.step, self.total_steps, self.config.warmup_fraction, time_used)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.config.lr() * factor
         batch = batch_tensors(self.batch_for(self.state.step), self.pad_id, self.device)
         with self._autocast():
             loss_sum, tokens = summed_loss(self.model, batch)
@@ -363,7 +454,6 @@ class _Run:
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], 1.0)
         self.optimizer.step()
-        self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         value = float(loss.detach())
         total, weight = self.state.average
@@ -391,7 +481,7 @@ def train(
     else:
         shutil.rmtree(best_dir, ignore_errors=True)
         (run_dir / STATE_FILE).unlink(missing_ok=True)
-        run.state.base_val_loss = run.evaluate()
+        run.state.base_val_loss = run.evaluate(run.val_examples)
     state = run.state
     reporter.on_start(run.total_steps, state.step)
     status = "finished"
@@ -425,11 +515,15 @@ def train(
         _save_weights(run.model, run.tokenizer, best_dir)
         state.best_step = state.step
     session_s = time.perf_counter() - session_started
+    val_loss = state.best_val_loss if math.isfinite(state.best_val_loss) else math.nan
+    if status != "interrupted" and run.eval_examples is not run.val_examples and math.isfinite(val_loss):
+        val_loss = _measure_best_on_all(run, reporter, best_dir, len(corpus.validation))
     metrics = {
         "base_val_loss": state.base_val_loss,
         "base_perplexity": perplexity(state.base_val_loss),
-        "val_loss": state.best_val_loss if math.isfinite(state.best_val_loss) else math.nan,
-        "perplexity": perplexity(state.best_val_loss) if math.isfinite(state.best_val_loss) else math.nan,
+        # Both over every held-out example; the evaluations in ``history`` over the sample.
+        "val_loss": val_loss,
+        "perplexity": perplexity(val_loss),
         "best_step": float(state.best_step),
         "steps": float(state.step),
         "train_tokens": float(state.tokens),
@@ -440,6 +534,14 @@ def train(
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
     return TrainResult(status, best_dir, metrics, list(state.history))
+
+
+def _measure_best_on_all(run: _Run, reporter: Reporter, best_dir: Path, documents: int) -> float:
+    """The best weights' loss on every held-out example, when the evaluations used a sample."""
+    reporter.on_full_eval(run.state.best_step, documents)
+    if run.state.best_step != run.state.step:  # the weights in hand are later ones
+        run.load_weights(best_dir)
+    return run.evaluate(run.val_examples)
 
 
 def _evaluate_and_keep(run: _Run, reporter: Reporter, best_dir: Path) -> bool:

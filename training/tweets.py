@@ -9,8 +9,10 @@ tweet") in ``note-tweet.js`` (``note-tweet-part1.js``, ...), items ``{"noteTweet
 "createdAt": ..., "core": {"text": ...}}}``, while its entry in ``tweets.js`` holds only
 the first part of the text, often ending in "…" and a ``t.co`` link. The note's id is not
 the tweet's, so a tweet is paired with a note from the note-tweet files in its own folder
-when its text (links, a trailing "…" and entities normalised away) begins the note's text
-and, when both carry a time, the two times agree within a minute; a stub shorter than
+when it is visibly cut (its text ends in "…" or "...", links aside, or nearly fills a
+tweet: a short complete tweet such as "Thread:" stays itself), its text (links, a trailing
+"…" and entities normalised away) begins the note's text and, when both carry a time,
+the two times agree within a minute; a stub shorter than
 ``_UNTIMED_PREFIX`` (80) characters is only paired when the times agree, and a stub two
 notes fit equally well keeps its own text. A paired tweet gives
 the note's whole text (links removed); retweets and replies are dropped first, so the note
@@ -44,6 +46,9 @@ _LINK = re.compile(r"https?://\S+")
 _CUT_PIECE = re.compile(r"(?:(?<!\S)h(?:t(?:t(?:p(?:s?(?::/{0,2})?)?)?)?)?|&#?\w{0,12})$")
 _TIME_SLACK = 60.0  # seconds between a tweet's created_at and its note's createdAt
 _UNTIMED_PREFIX = 80  # characters a stub needs to be paired with a note without agreeing times
+# A tweet this long may be a note's first part cut without an ellipsis (a tweet holds 280, a
+# link counting 23); a shorter one must end in an ellipsis to be a note's first part.
+_NEARLY_FULL_CHARS = 250
 # Twitter's own format: "Wed May 01 10:00:00 +0000 2024"; notes use ISO 8601.
 _TWITTER_TIME = "%a %b %d %H:%M:%S %z %Y"
 
@@ -91,6 +96,12 @@ def _timestamp(value: object) -> float | None:
             continue
         return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
     return None
+
+
+def _looks_cut(text: str) -> bool:
+    """Whether a tweet's text may be the first part of a longer post: it ends in an ellipsis
+    (links aside) or nearly fills a tweet."""
+    return _LINK.sub(" ", text).rstrip().endswith(("…", "...")) or len(text) >= _NEARLY_FULL_CHARS
 
 
 def _match_key(text: str) -> str:
@@ -155,6 +166,8 @@ class _NoteIndex:
 
     def full_text(self, text: str, time: float | None) -> str | None:
         """The text of the one note this tweet text begins, or None."""
+        if not _looks_cut(text):
+            return None  # a whole tweet, however its words begin
         candidates: set[int] = set()
         if time is not None:
             low = bisect_left(self._times, time - _TIME_SLACK)

@@ -68,8 +68,12 @@ def corpus_build(
     formats = ", ".join(f"{n} {f}" for f, n in sorted(result.by_format.items()))
     dropped = ", ".join(f"{n} {why}" for why, n in sorted(result.cleaning.dropped.items())) or "none"
     console.print(f"read {result.files} file(s): {result.found} documents ({formats})")
-    console.print(f"kept {len(corpus.documents)}, dropped {dropped}")
-    console.print(f"split: {len(corpus.train)} train, {len(corpus.validation)} validation (saved in the file)")
+    console.print(f"kept {result.cleaning.kept}, dropped {dropped}")
+    if result.tail_held_out:
+        console.print(f"split: one document, so its last {len(corpus.validation[0].split())} words are held out "
+                      "for validation (saved in the file)")
+    else:
+        console.print(f"split: {len(corpus.train)} train, {len(corpus.validation)} validation (saved in the file)")
     if not corpus.validation:
         _warn_nothing_held_out("too few documents to hold any out")
     console.print(escape(_size_line(corpus.train, corpus.validation, base)))
@@ -140,6 +144,10 @@ class RichReporter:
     def on_samples(self, step: int, texts: list[str]) -> None:
         _print_samples(self.progress.console, texts)
 
+    def on_full_eval(self, best_step: int, documents: int) -> None:
+        self.progress.console.print(f"the validations above measured a sample of the held-out writing; measuring "
+                                    f"the best weights (step {best_step}) on all {documents} held-out documents...")
+
 
 def _print_samples(target: Console, texts: list[str]) -> None:
     """Samples as written: a model's text may hold brackets Rich would read as markup."""
@@ -166,7 +174,7 @@ def train(
     lora: bool = typer.Option(True, "--lora/--full", help="train a LoRA adapter (default) or all weights"),
     steps: int = typer.Option(None, min=1, help="optimiser steps to run"),
     epochs: float = typer.Option(None, min=0.01, help="passes over the corpus (default 5)"),
-    max_minutes: float = typer.Option(None, min=0.01, help="stop after this many minutes of training"),
+    max_minutes: float = typer.Option(None, min=0.01, help="stop after this many minutes of training (the learning rate decays to fit)"),
     batch_size: int = typer.Option(8, min=1, help="documents per step"),
     learning_rate: float = typer.Option(None, min=0.0, help="peak rate (default 2e-4 LoRA, 5e-5 full)"),
     eval_every: int = typer.Option(None, min=1, help="steps between validations (default ~10 per run)"),
@@ -264,8 +272,11 @@ def train(
 
 def _option_problem(error: dict) -> str:
     """One pydantic complaint about TrainConfig in the words of the option that caused it."""
-    option = "--" + str(error["loc"][0]).replace("_", "-") if error["loc"] else "an option"
-    return f"{option}: {error['msg'][:1].lower()}{error['msg'][1:]}"
+    message = error["msg"].removeprefix("Value error, ")  # TrainConfig's own checks name their options
+    if not error["loc"]:
+        return message
+    option = "--" + str(error["loc"][0]).replace("_", "-")
+    return f"{option}: {message[:1].lower()}{message[1:]}"
 
 
 @friendly_errors
@@ -294,7 +305,7 @@ def eval_(
             "perplexity may look better than it is; measure with the corpus file it was trained on",
             highlight=False)
     if json_output:
-        print(json.dumps(report.as_dict()))
+        print(report.as_json())
         return
     console.print(f"[bold]{escape(name)} {escape(report.version)}[/bold] "
                   f"on {report.validation_documents} held-out documents")
