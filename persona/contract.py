@@ -153,10 +153,18 @@ class ErrorInfo(BaseModel):
 
 
 class Timings(BaseModel):
-    """Where the time went, in milliseconds."""
+    """Where the time went, in milliseconds.
+
+    ``queue_ms`` runs from the request's creation to when a worker took it from the queue.
+    Workers measure it on failures too (a request that timed out waiting says how long it
+    waited) and set ``queue_measured`` whenever they do. A failure without it says nothing
+    about its wait: no worker could read the request (a malformed entry), it was set aside
+    (a dead letter), or an older worker answered it (they measured text replies only).
+    """
 
     queue_ms: float = 0.0
     generate_ms: float = 0.0
+    queue_measured: bool = False
 
 
 class GenerationReply(BaseModel):
@@ -175,9 +183,17 @@ class GenerationReply(BaseModel):
 
     @classmethod
     def failure(
-        cls, request_id: str, kind: ErrorKind, message: str, *, persona: str = "", worker: str = ""
+        cls,
+        request_id: str,
+        kind: ErrorKind,
+        message: str,
+        *,
+        persona: str = "",
+        worker: str = "",
+        queue_ms: float | None = None,
     ) -> GenerationReply:
-        """An error reply for a request that could not be answered with text."""
+        """An error reply for a request that could not be answered with text (``queue_ms``:
+        how long it waited for the worker that took it, where that is known)."""
         return cls(
             id=request_id,
             ok=False,
@@ -185,7 +201,14 @@ class GenerationReply(BaseModel):
             persona=persona,
             worker=worker,
             finish_reason="error",
+            timings=Timings() if queue_ms is None else Timings(queue_ms=queue_ms, queue_measured=True),
         )
+
+    @property
+    def queue_wait_ms(self) -> float | None:
+        """How long it waited for a worker, in ms; None where that was not measured (see ``Timings``)."""
+        timings = self.timings
+        return timings.queue_ms if self.ok or timings.queue_measured else None
 
     def to_json(self) -> str:
         return self.model_dump_json()

@@ -41,7 +41,7 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 from persona.checkpoints import BASE_VERSION, scan_checkpoints
 from persona.dashboard_page import PAGE_HTML
 from persona.dead_letters import list_dead, retry_all, retry_dead
-from persona.errors import ConfigError
+from persona.errors import ConfigError, QueueBusy
 from persona.monitoring import QueueStats, collect_stats
 from persona.personas import PersonaRegistry
 from persona.settings import Settings
@@ -106,7 +106,7 @@ class QueueCollector:
         yield from _reply_families(stats)
         yield from _worker_families(stats)
         for name, help_text in (
-            ("queue_wait_seconds", "Time requests waited in the queue"),
+            ("queue_wait_seconds", "Time requests waited in the queue (failed ones too, where measured)"),
             ("generate_seconds", "Time the batch that answered a request took to generate"),
             ("batch_size", "Requests generated together"),
         ):
@@ -236,19 +236,25 @@ def create_app(settings: Settings, client: redis.Redis, host: str | None = None)
             "dead": [d.model_dump(mode="json", exclude={"payload"}) for d in list_dead(client, count=50)],
         })
 
+    # Re-queued work waits for room as callers' does (as `persona queue retry` does too).
+    limit = settings.queue.max_length
+
     @app.post("/api/dead/{entry_id}/retry", dependencies=guard)
     def retry_one(entry_id: str) -> dict:
         try:
-            new_id = retry_dead(client, entry_id)
+            new_id = retry_dead(client, entry_id, limit)
         except ValueError as exc:
             raise HTTPException(422, f"dead letter {entry_id} holds no readable request") from exc
+        except QueueBusy as exc:
+            raise HTTPException(503, str(exc)) from exc
         if new_id is None:
             raise HTTPException(404, f"no dead letter {entry_id}")
         return {"requeued": [entry_id]}
 
     @app.post("/api/dead/retry-all", dependencies=guard)
     def retry_every() -> dict:
-        return {"requeued": retry_all(client)}
+        report = retry_all(client, max_length=limit)
+        return report.model_dump() | {"left": report.left}
 
     @app.get("/metrics", dependencies=guard)
     def metrics() -> Response:

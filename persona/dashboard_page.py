@@ -70,8 +70,12 @@ function chart(id, series){
 }
 async function act(url){
   const r = await fetch(url, {method: 'POST', headers: Object.assign({'X-Persona-Action': '1'}, headers)});
-  if (!r.ok) document.getElementById('error').textContent = 'retry failed: ' + r.status;
-  refresh();
+  const body = await r.json().catch(() => ({}));
+  await refresh();  // first: a refresh clears the line below
+  const full = Object.entries(body.full || {}).map(([k, v]) => v + ' for ' + k + ', which is full').join(', ');
+  const note = !r.ok ? 'retry failed: ' + (body.detail || r.status)
+    : body.left ? body.left + ' left: ' + [full, body.unreadable ? body.unreadable + ' unreadable' : ''].filter(Boolean).join(', ') : '';
+  if (note) document.getElementById('error').textContent = note;
 }
 function render(data){
   const s = data.stats, lat = s.latency;

@@ -2,9 +2,12 @@
 
 A retried request keeps its id and arguments (persona, messages, sampling, priority);
 it gets a fresh deadline of the same length, and its "answered" mark and old error
-reply are cleared so the new answer is delivered to its reply list. One script moves it, so two operators
+reply are cleared so the new answer is delivered to its reply list. Its sender's count
+of requests waiting (their fair share) counts it again: setting it aside answered it,
+and its new answer will be counted off. One script moves it, so two operators
 retrying at once re-queue it once. Given the queue's ``max_length``, a retry waits for room as
-callers do: a stream that is full refuses it (``QueueBusy``), and ``retry_all`` stops there.
+callers do: a stream that is full refuses it (``QueueBusy``); ``retry_all`` leaves the
+letters bound for that stream and goes on with the others.
 """
 
 from __future__ import annotations
@@ -13,14 +16,14 @@ import re
 import time
 
 import redis
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from persona import constants as keys
 from persona.contract import GenerationRequest
 from persona.errors import QueueBusy
 from persona.queue_scripts import REDIS_NOW
 
-__all__ = ["DeadLetter", "list_dead", "retry_all", "retry_dead"]
+__all__ = ["DeadLetter", "RetryReport", "list_dead", "retry_all", "retry_dead"]
 
 # A stream entry id as `persona queue dead` lists it: milliseconds-sequence.
 ENTRY_ID = re.compile(r"\d+-\d+")
@@ -28,11 +31,18 @@ ENTRY_ID = re.compile(r"\d+-\d+")
 # Re-queue only if the entry is still in the dead-letter stream (XDEL says so), with its
 # deadline by Redis's clock (ARGV[3]: the allowance; '' for none), as a submit does; and
 # only while its stream holds fewer than ARGV[4] entries ('' for no limit), else 'busy'.
+# The sender's pending counter (KEYS[6], '' for an anonymous caller) counts it again, as
+# a submit does (without the fair-share limit: an operator asked for it), and lives at
+# least ARGV[5] seconds, so a decrement that is lost heals itself.
 RETRY_SCRIPT = REDIS_NOW + """
 if ARGV[4] ~= '' and redis.call('XLEN', KEYS[2]) >= tonumber(ARGV[4]) then return 'busy' end
 if redis.call('XDEL', KEYS[1], ARGV[1]) == 0 then return false end
 redis.call('DEL', KEYS[3], KEYS[5])
 redis.call('HINCRBY', KEYS[4], 'retried', 1)
+if KEYS[6] ~= '' then
+  redis.call('INCR', KEYS[6])
+  if redis.call('TTL', KEYS[6]) < tonumber(ARGV[5]) then redis.call('EXPIRE', KEYS[6], ARGV[5]) end
+end
 if ARGV[3] == '' then return redis.call('XADD', KEYS[2], '*', 'r', ARGV[2]) end
 return redis.call('XADD', KEYS[2], '*', 'r', ARGV[2], 'd', string.format('%.3f', now + tonumber(ARGV[3])))
 """
@@ -50,6 +60,18 @@ class DeadLetter(BaseModel):
     worker: str
     at: float
     payload: str
+
+
+class RetryReport(BaseModel):
+    """What ``retry_all`` re-queued, and what it left and why."""
+
+    requeued: list[str] = Field(default_factory=list, description="dead-letter ids, newest first")
+    full: dict[str, int] = Field(default_factory=dict, description="stream -> letters left because it was full")
+    unreadable: int = Field(0, description="letters left because they hold no readable request")
+
+    @property
+    def left(self) -> int:
+        return sum(self.full.values()) + self.unreadable
 
 
 def _text(value: bytes | None) -> str:
@@ -94,11 +116,13 @@ def retry_dead(client: redis.Redis, entry_id: str, max_length: int | None = None
     allowed = (request.deadline - request.created_at) if request.deadline else 0.0
     now = time.time()
     fresh = request.model_copy(update={"created_at": now, "deadline": now + allowed if allowed > 0 else 0.0})
-    stream = letter.stream if letter.stream in keys.STREAMS_BY_PRIORITY else keys.STREAM_INTERACTIVE
+    stream = _bound_for(letter)
     new_id = client.eval(
-        RETRY_SCRIPT, 5, keys.STREAM_DEAD, stream, keys.answered_key(request.id), keys.STATS_KEY,
-        keys.reply_key(request.id), entry_id, fresh.to_json(), f"{allowed:.3f}" if allowed > 0 else "",
+        RETRY_SCRIPT, 6, keys.STREAM_DEAD, stream, keys.answered_key(request.id), keys.STATS_KEY,
+        keys.reply_key(request.id), keys.user_pending_key(request.user) if request.user else "",
+        entry_id, fresh.to_json(), f"{allowed:.3f}" if allowed > 0 else "",
         "" if max_length is None else max_length,
+        int(max(allowed, 0.0) * 2) + 60,  # as long as a submit's hold, for its own deadline
     )
     if new_id in (b"busy", "busy"):
         raise QueueBusy(
@@ -108,22 +132,35 @@ def retry_dead(client: redis.Redis, entry_id: str, max_length: int | None = None
     return _text(new_id) if new_id else None
 
 
-def retry_all(client: redis.Redis, page: int = 500, max_length: int | None = None) -> list[str]:
-    """Re-queue every dead letter that holds a readable request, newest first; their dead-letter ids.
+def _bound_for(letter: DeadLetter) -> str:
+    """The stream a dead letter goes back to."""
+    return letter.stream if letter.stream in keys.STREAMS_BY_PRIORITY else keys.STREAM_INTERACTIVE
+
+
+def retry_all(client: redis.Redis, page: int = 500, max_length: int | None = None) -> RetryReport:
+    """Re-queue every dead letter that holds a readable request, newest first.
 
     The stream is read a page at a time from the newest entry back, so malformed letters
     (left where they are) never hide the readable ones behind them. With ``max_length``
-    it stops at the first letter whose stream is full (see ``retry_dead``); the rest stay.
+    a stream that is full leaves its letters where they are (see ``retry_dead``), and
+    the letters bound for the other stream still go: it used to stop at the first full
+    one, and batch work waited behind a full chat stream that had nothing to do with it.
     """
-    done = []
+    report = RetryReport()
     before = "+"
     while rows := client.xrevrange(keys.STREAM_DEAD, max=before, count=page):
         for entry_id, fields in rows:
             letter = _parse(entry_id, fields)
-            try:
-                if letter.request_id and retry_dead(client, letter.id, max_length):
-                    done.append(letter.id)
-            except QueueBusy:
-                return done
+            stream = _bound_for(letter)
+            if not letter.request_id:
+                report.unreadable += 1
+            elif stream in report.full:  # full a moment ago: not asked again for every letter
+                report.full[stream] += 1
+            else:
+                try:
+                    if retry_dead(client, letter.id, max_length):
+                        report.requeued.append(letter.id)
+                except QueueBusy:
+                    report.full[stream] = 1
         before = "(" + _text(rows[-1][0])
-    return done
+    return report

@@ -2,7 +2,9 @@
 
 Each reply leaves one capped stream entry (for percentiles and throughput over a recent
 window) and counts in durable histograms and counters (for Prometheus): queue wait,
-generation time, batch size, tokens generated and replies per persona version.
+generation time, batch size, tokens generated and replies per persona version. Queue
+waits count failures too, wherever a worker measured them: under overload the worst
+waits end as timeouts, and text replies alone showed a healthy p99.
 
 A ``Tally`` sums many batches in Python first, so they touch each counter and histogram
 bucket once. A worker records its tally with its next claim (no round trip of its own,
@@ -21,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import redis
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from persona import constants as keys
 from persona.contract import GenerationReply
@@ -49,6 +51,9 @@ THROUGHPUT_WINDOW_S = 60.0
 # The log counts as trimmed (not merely short) once it holds this share of its cap
 # (Redis trims it approximately, so it may hold a little less).
 REPLY_LOG_FULL = 0.9
+# A reply-log row's first field: how the request ended. Older workers wrote "1" and "0"
+# and measured no failure's queue wait, so "0" stays a failure whose wait is unknown.
+ROW_TEXT, ROW_FAILED, ROW_FAILED_WAITED = "1", "0", "w"
 
 
 class Percentiles(BaseModel):
@@ -63,11 +68,13 @@ class LatencySummary(BaseModel):
     """Recent latency and throughput, from the per-reply log."""
 
     window_s: float
-    replies: int
+    replies: int = Field(description="replies with text: what generate_ms and the throughput are of")
     queue_ms: Percentiles
     generate_ms: Percentiles
     replies_per_s: float
     tokens_per_s: float
+    failed: int = Field(0, description="replies with an error (a timeout, a refusal...)")
+    queue_waits: int = Field(0, description="what queue_ms is of: every text reply and each failure whose wait was measured")
 
 
 def _labels(bounds: Sequence[float]) -> tuple[str, ...]:
@@ -129,18 +136,21 @@ class Tally:
         return tally
 
     def add(self, reply: GenerationReply) -> None:
-        """Count one reply."""
-        timings, error = reply.timings, reply.error
+        """Count one reply: its queue wait wherever it was measured, the rest for text replies only."""
+        timings, error, ok = reply.timings, reply.error, reply.ok
         queue_ms, generate_ms = timings.queue_ms, timings.generate_ms
+        waited = ok or timings.queue_measured  # as ``GenerationReply.queue_wait_ms`` says
+        outcome = ROW_TEXT if ok else ROW_FAILED_WAITED if waited else ROW_FAILED
         self.rows.append(
-            f"{int(reply.ok)} {reply.new_tokens} {queue_ms:.2f} {generate_ms:.2f} "
+            f"{outcome} {reply.new_tokens} {queue_ms:.2f} {generate_ms:.2f} "
             f"{error.kind.value if error else ''} {reply.persona} {reply.version}"
         )
-        if reply.ok:
-            counts, sums = self.counts, self.sums
+        counts, sums = self.counts, self.sums
+        if waited:
+            _QUEUE_WAIT.observe(counts, sums, queue_ms / 1000)
+        if ok:
             counts[(keys.VERSION_REPLIES_KEY, f"{reply.persona}@{reply.version}")] += 1
             counts[_TOKENS] += reply.new_tokens
-            _QUEUE_WAIT.observe(counts, sums, queue_ms / 1000)
             _GENERATE.observe(counts, sums, generate_ms / 1000)
 
     def observe(self, name: str, value: float) -> None:
@@ -201,17 +211,19 @@ def _percentiles(values: list[float]) -> Percentiles:
     return Percentiles(p50=at(0.50), p95=at(0.95), p99=at(0.99))
 
 
-def _logged(fields: dict) -> tuple[bool, int, float, float]:
-    """(ok, new tokens, queue ms, generate ms) of a reply-log entry.
+def _logged(fields: dict) -> tuple[str, int, float, float]:
+    """(outcome, new tokens, queue ms, generate ms) of a reply-log entry; the outcome is
+    one of ``ROW_TEXT``, ``ROW_FAILED`` (its queue wait unknown) and ``ROW_FAILED_WAITED``.
 
-    An entry is one row, "ok tokens queue_ms generate_ms error_kind persona version";
+    An entry is one row, "outcome tokens queue_ms generate_ms error_kind persona version";
     entries written before rows (a field each) are read too.
     """
     row = fields.get(b"r")
     if row is None:
-        return fields.get(b"ok") == b"1", int(fields.get(b"t", 0)), float(fields.get(b"q", 0)), float(fields.get(b"g", 0))
-    ok, new_tokens, queue_ms, generate_ms, _ = row.split(b" ", 4)
-    return ok == b"1", int(new_tokens), float(queue_ms), float(generate_ms)
+        outcome = ROW_TEXT if fields.get(b"ok") == b"1" else ROW_FAILED
+        return outcome, int(fields.get(b"t", 0)), float(fields.get(b"q", 0)), float(fields.get(b"g", 0))
+    outcome, new_tokens, queue_ms, generate_ms, _ = row.split(b" ", 4)
+    return outcome.decode(), int(new_tokens), float(queue_ms), float(generate_ms)
 
 
 def summarize(client: redis.Redis, window_s: float = WINDOW_S, now: float | None = None) -> LatencySummary:
@@ -231,11 +243,14 @@ def summarize(client: redis.Redis, window_s: float = WINDOW_S, now: float | None
     oldest_ms = int(entries[0][0].split(b"-")[0]) if entries else None
     if oldest_ms is not None and length >= REPLY_LOG_FULL * keys.REPLY_LOG_MAX_LEN and oldest_ms > since_ms:
         window_s = max(1.0, now - oldest_ms / 1000)  # trimmed: the log starts later than the window
-    queue, generate, recent, tokens = [], [], 0, 0
+    queue, generate, failed, recent, tokens = [], [], 0, 0, 0
     recent_ms = (now - min(THROUGHPUT_WINDOW_S, window_s)) * 1000
     for entry_id, fields in entries:
-        ok, new_tokens, queue_ms, generate_ms = _logged(fields)
-        if not ok:
+        outcome, new_tokens, queue_ms, generate_ms = _logged(fields)
+        if outcome != ROW_TEXT:
+            failed += 1
+            if outcome == ROW_FAILED_WAITED:
+                queue.append(queue_ms)
             continue
         queue.append(queue_ms)
         generate.append(generate_ms)
@@ -245,9 +260,11 @@ def summarize(client: redis.Redis, window_s: float = WINDOW_S, now: float | None
     span = min(THROUGHPUT_WINDOW_S, window_s)
     return LatencySummary(
         window_s=window_s,
-        replies=len(queue),
+        replies=len(generate),
         queue_ms=_percentiles(queue),
         generate_ms=_percentiles(generate),
         replies_per_s=round(recent / span, 2),
         tokens_per_s=round(tokens / span, 1),
+        failed=failed,
+        queue_waits=len(queue),
     )

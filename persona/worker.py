@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import redis
 
 from persona import heartbeat
-from persona.contract import ErrorKind, GenerationReply, GenerationRequest
+from persona.contract import ErrorKind, GenerationReply
 from persona.engine import Completion, ContinuousGenerator, Work
 from persona.errors import ConfigError, ModelError, PersonaError
 from persona.personas import Persona, PersonaRegistry
@@ -67,6 +67,14 @@ class _Row:
     job: Job
     persona: Persona
     served: Served
+
+
+def _waited_ms(job: Job) -> float:
+    """How long a job's request waited before this worker took it, in ms: from its creation
+    (the caller's clock) to its claim (this one's), so never below 0 where they disagree.
+    One that expired waiting counts all of it, though its caller gave up at its deadline:
+    that is how long the queue held it."""
+    return max(0.0, (job.claimed_at - job.request.created_at) * 1000)
 
 
 def _longer(pause_s: float) -> float:
@@ -382,7 +390,7 @@ class Worker:
                 self.queue.settle_without_reply(job)
         cancelled = self.queue.cancelled(runnable)
         for job in [j for j in runnable if j.request.id in cancelled]:
-            early.append((job, self._failure(job.request, ErrorKind.cancelled, "the request was withdrawn")))
+            early.append((job, self._failure(job, ErrorKind.cancelled, "the request was withdrawn")))
         runnable = [j for j in runnable if j.request.id not in cancelled]
         self._send(early)
         for members in self._groups(runnable):
@@ -440,10 +448,10 @@ class Worker:
         if request is None:
             return GenerationReply.failure(job.request_id or "", ErrorKind.invalid, job.problem or "malformed", worker=self.id)
         if job.expired(time.time() + self._redis_offset):
-            return self._failure(request, ErrorKind.timeout, "the request waited past its deadline; please ask again")
+            return self._failure(job, ErrorKind.timeout, "the request waited past its deadline; please ask again")
         problem = request_problem(request, self.settings.queue)
         if problem:
-            return self._failure(request, ErrorKind.invalid, problem)
+            return self._failure(job, ErrorKind.invalid, problem)
         return None
 
     def _groups(self, runnable: list[Job]) -> Iterator[list[_Row] | list[tuple[Job, GenerationReply]]]:
@@ -458,7 +466,7 @@ class Worker:
                 found[name] = self._serve(name)
             persona, served = found[name]
             if isinstance(persona, ErrorKind):
-                yield [(job, self._failure(job.request, persona, served))]
+                yield [(job, self._failure(job, persona, served))]
                 continue
             self.info.personas[persona.name] = served.version
             by_model[served.key].append(_Row(job, persona, served))
@@ -568,8 +576,8 @@ class Worker:
         if late:
             log.warning("stopped %d request(s) mid-generation at their deadline", len(late))
         self._send(
-            [(r.job, self._failure(r.job.request, ErrorKind.cancelled, "the request was withdrawn")) for r in rows[: len(withdrawn)]]
-            + [(r.job, self._failure(r.job.request, ErrorKind.timeout, LATE)) for r in rows[len(withdrawn) :]]
+            [(r.job, self._failure(r.job, ErrorKind.cancelled, "the request was withdrawn")) for r in rows[: len(withdrawn)]]
+            + [(r.job, self._failure(r.job, ErrorKind.timeout, LATE)) for r in rows[len(withdrawn) :]]
         )
 
     def _generate(self, members: list[_Row]) -> list[tuple[Job, GenerationReply]]:
@@ -614,8 +622,9 @@ class Worker:
             "finish_reason": completion.finish_reason,
             "new_tokens": completion.new_tokens,
             "timings": {
-                "queue_ms": max(0.0, (row.job.claimed_at - request.created_at) * 1000),
+                "queue_ms": _waited_ms(row.job),
                 "generate_ms": seconds * 1000,
+                "queue_measured": True,
             },
         })
 
@@ -623,7 +632,12 @@ class Worker:
         """Every row answered with the error that stopped its batch."""
         log.error("batch of %d for %s failed", len(members), members[0].served.loaded.name if members else "?", exc_info=exc)
         kind = ErrorKind.model if isinstance(exc, PersonaError) else ErrorKind.internal
-        return [(r.job, self._failure(r.job.request, kind, f"generation failed: {exc}")) for r in members]
+        return [(r.job, self._failure(r.job, kind, f"generation failed: {exc}")) for r in members]
 
-    def _failure(self, request: GenerationRequest, kind: ErrorKind, message: str) -> GenerationReply:
-        return GenerationReply.failure(request.id, kind, message, persona=request.persona, worker=self.id)
+    def _failure(self, job: Job, kind: ErrorKind, message: str) -> GenerationReply:
+        """An error reply for a job with a readable request, saying how long it waited: the
+        worst waits end as timeouts, and percentiles of text replies alone hid them."""
+        request = job.request
+        return GenerationReply.failure(
+            request.id, kind, message, persona=request.persona, worker=self.id, queue_ms=_waited_ms(job)
+        )

@@ -96,6 +96,21 @@ def test_json_figures_personas_and_retry(settings, redis_client, dashboard, writ
     assert httpx.get(f"{base}/api/stats").json()["stats"]["streams"][0]["waiting"] == 4
 
 
+def test_a_retry_from_the_page_waits_for_room_as_callers_do(settings, redis_client, dashboard):
+    """The page's retry buttons re-queued dead letters whatever the queue held, past
+    PERSONA_QUEUE__MAX_LENGTH (`persona queue retry` already waited for room)."""
+    settings.queue.max_length = 3
+    fill_queue(settings, redis_client, waiting=3)  # the chat stream is full
+    base = dashboard()
+    action = {"X-Persona-Action": "1"}
+    [letter] = httpx.get(f"{base}/api/stats").json()["dead"]
+    refused = httpx.post(f"{base}/api/dead/{letter['id']}/retry", headers=action)
+    assert refused.status_code == 503 and "holds 3 requests" in refused.json()["detail"]
+    report = httpx.post(f"{base}/api/dead/retry-all", headers=action).json()
+    assert report == {"requeued": [], "full": {"persona:q:chat": 1}, "unreadable": 0, "left": 1}
+    assert redis_client.xlen("persona:q:chat") == 3 and redis_client.xlen("persona:q:dead") == 1
+
+
 def test_a_damaged_checkpoint_folder_leaves_the_figures_and_the_other_versions_shown(
     settings, redis_client, dashboard, write_persona, tiny_llama_dir
 ):

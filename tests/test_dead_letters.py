@@ -9,14 +9,23 @@ import sys
 
 import pytest
 
-from persona.contract import ErrorKind, GenerationRequest, Message, SamplingOverrides
+from persona import constants as keys
+from persona.contract import (
+    ErrorKind,
+    GenerationReply,
+    GenerationRequest,
+    Message,
+    Priority,
+    SamplingOverrides,
+)
 from persona.dead_letters import list_dead, retry_all, retry_dead
+from persona.errors import QueueBusy
 from persona.queue import QueueClient, WorkQueue
 
 
-def chat(persona: str = "tiny", text: str = "hi") -> GenerationRequest:
+def chat(persona: str = "tiny", text: str = "hi", **kwargs) -> GenerationRequest:
     return GenerationRequest(persona=persona, messages=[Message(role="user", content=text)],
-                             sampling=SamplingOverrides(max_new_tokens=3, seed=5))
+                             sampling=SamplingOverrides(max_new_tokens=3, seed=5), **kwargs)
 
 
 def dead_letter(settings, redis_client, request: GenerationRequest) -> GenerationRequest:
@@ -78,7 +87,8 @@ def test_unreadable_dead_letter_is_listed_but_not_retried(redis_client, payload)
     assert letter.reason == "malformed"
     with pytest.raises(ValueError):
         retry_dead(redis_client, letter.id)
-    assert retry_all(redis_client) == []
+    report = retry_all(redis_client)
+    assert report.requeued == [] and report.unreadable == 1 and report.left == 1
 
 
 def test_retry_all_reaches_readable_letters_behind_a_page_of_unreadable_ones(settings, redis_client):
@@ -87,7 +97,7 @@ def test_retry_all_reaches_readable_letters_behind_a_page_of_unreadable_ones(set
     for _ in range(5):
         redis_client.xadd("persona:q:dead", {"r": b"not json", "reason": "malformed", "deliveries": 1})
     retried = retry_all(redis_client, page=3)
-    assert len(retried) == 2 and redis_client.xlen("persona:q:dead") == 5
+    assert len(retried.requeued) == 2 and retried.unreadable == 5 and redis_client.xlen("persona:q:dead") == 5
     requeued = [GenerationRequest.from_json(fields[b"r"]).id for _, fields in redis_client.xrange("persona:q:chat")]
     assert sorted(requeued) == sorted(request.id for request in older)
 
@@ -107,7 +117,8 @@ def test_retry_waits_for_room_in_the_queue_as_callers_do(settings, redis_client,
 
     some = persona("queue", "retry", "--all", "--yes")
     assert some.returncode == 0, some.stderr
-    assert "re-queued 2" in some.stdout and "1 left: persona:q:chat holds 2 requests" in some.stdout
+    assert "re-queued 2" in some.stdout and "1 left:" in some.stdout
+    assert "1 for persona:q:chat, which holds 2 requests" in some.stdout
     assert redis_client.xlen("persona:q:chat") == 2
     [left] = list_dead(redis_client)
     refused = persona("queue", "retry", left.id)
@@ -116,3 +127,50 @@ def test_retry_waits_for_room_in_the_queue_as_callers_do(settings, redis_client,
     redis_client.delete("persona:q:chat")  # drained
     assert persona("queue", "retry", left.id).returncode == 0
     assert list_dead(redis_client) == [] and redis_client.xlen("persona:q:chat") == 1
+
+
+def test_retry_all_goes_on_with_letters_for_a_stream_that_has_room(settings, redis_client, redis_url):
+    """`retry --all` stopped at the first letter whose stream was full: a full chat stream
+    kept every batch letter behind it in the dead-letter stream, though batch had room."""
+    dead_letter(settings, redis_client, chat(text="batch work", priority=Priority.batch))
+    dead_letter(settings, redis_client, chat(text="a chat"))  # newer: retried first
+    redis_client.xadd("persona:q:dead", {"r": b"not json", "reason": "malformed", "deliveries": 1})
+    settings.queue.max_length = 2
+    client = QueueClient(redis_client, settings.queue)
+    for text in ("waiting", "also waiting"):
+        client.submit(chat(text=text))  # the chat stream is full
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PERSONA_")}
+    env |= {"PERSONA_DATA_DIR": str(settings.data_dir), "PERSONA_REDIS_URL": redis_url, "COLUMNS": "200",
+            "PERSONA_QUEUE__MAX_LENGTH": "2"}
+    done = subprocess.run([sys.executable, "-m", "persona", "queue", "retry", "--all", "--yes"], env=env,
+                          capture_output=True, check=False, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert redis_client.xlen("persona:q:batch") == 1, done.stdout
+    assert "re-queued 1 dead letter(s)" in done.stdout and "2 left:" in done.stdout
+    assert "1 for persona:q:chat, which holds 2 requests" in done.stdout
+    assert "1 holding no readable request" in done.stdout
+    assert sorted(letter.stream for letter in list_dead(redis_client)) == ["", "persona:q:chat"]
+
+
+def test_a_retried_letter_counts_again_in_its_senders_fair_share(settings, redis_client, work):
+    """Setting a request aside answers it, so its sender's count of requests waiting went
+    down; its retry did not count it again, so its new answer took the count below the
+    truth, and the sender could then queue more than their share."""
+    settings.queue.max_pending_per_user = 2
+    client = QueueClient(redis_client, settings.queue)
+    pending = keys.user_pending_key("alice")
+    sent = dead_letter(settings, redis_client, chat(text="first", user="alice"))
+    waiting = client.submit(chat(text="second", user="alice"))
+    assert int(redis_client.get(pending)) == 1  # the second; the first was answered (set aside)
+    [letter] = list_dead(redis_client)
+    assert retry_dead(redis_client, letter.id)
+    assert int(redis_client.get(pending)) == 2 and redis_client.ttl(pending) > 0
+    with pytest.raises(QueueBusy, match="2 requests waiting"):
+        client.submit(chat(text="one more than the share", user="alice"))
+    jobs = work.claim("w", 10, block_ms=0)
+    [retried] = [job for job in jobs if job.request.id == sent.id]
+    work.deliver([(retried, GenerationReply(id=sent.id, ok=True, text="at last"))], "w")
+    assert int(redis_client.get(pending)) == 1  # the second is still waiting
+    [second] = [job for job in jobs if job.request.id == waiting.id]
+    work.deliver([(second, GenerationReply(id=waiting.id, ok=True, text="done"))], "w")
+    assert int(redis_client.get(pending)) == 0

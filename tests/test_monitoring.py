@@ -13,6 +13,7 @@ import pytest
 from persona import constants as keys
 from persona import heartbeat
 from persona.contract import (
+    ErrorKind,
     GenerationReply,
     GenerationRequest,
     Message,
@@ -281,6 +282,64 @@ def _queue_stats_command(settings, redis_url: str) -> subprocess.CompletedProces
     env |= {"PERSONA_DATA_DIR": str(settings.data_dir), "PERSONA_REDIS_URL": redis_url, "COLUMNS": "200"}
     return subprocess.run([sys.executable, "-m", "persona", "queue", "stats"], env=env, capture_output=True,
                           check=False, text=True, timeout=120)
+
+
+def test_queue_wait_percentiles_count_the_requests_that_timed_out_waiting(
+    settings, redis_url, redis_client, write_persona, tiny_llama_dir, client
+):
+    """Only text replies carried timings, so under overload the requests that timed out
+    in the queue (the worst waits) were left out, and queue-wait p99 looked healthy:
+    here 4 ms in `persona queue stats`, on the dashboard and in /metrics, with half of
+    all requests having waited a second and a half."""
+    from persona.bench_queue import InstantEngine
+    from persona.pool import ModelPool
+    from persona.worker import Worker
+
+    write_persona("tiny", base=str(tiny_llama_dir))
+    worker = Worker(settings, redis_client, ModelPool(settings, "cpu", engine_factory=InstantEngine), worker_id="w-over")
+    late = [client.submit(chat(deadline=time.time() + 1.0)) for _ in range(3)]
+    time.sleep(1.5)
+    fresh = [client.submit(chat()) for _ in range(3)]
+    worker.step(block_ms=0)
+    worker.record_telemetry()
+    assert [client.wait(r, timeout=5).ok for r in late + fresh] == [False] * 3 + [True] * 3
+    latency = collect_stats(redis_client).latency
+    assert latency.queue_ms.p99 >= 1500 and latency.queue_ms.p50 < 1000
+    assert (latency.replies, latency.failed, latency.queue_waits) == (3, 3, 6)
+    _, total, count = read_histogram(redis_client, "queue_wait_seconds")
+    assert count == 6 and total >= 3 * 1.5
+    assert read_histogram(redis_client, "generate_seconds")[2] == 3  # a timeout generated nothing
+    shown = _queue_stats_command(settings, redis_url)
+    assert shown.returncode == 0, shown.stderr
+    assert "3 replies, 3 failed" in shown.stdout
+    [wait] = [line for line in shown.stdout.splitlines() if "queue wait" in line]
+    assert int(wait.split("│")[4]) >= 1500, wait
+
+
+def test_failures_from_older_workers_do_not_count_as_instant_waits(redis_client):
+    """Older workers logged every failure with a 0 ms queue wait that nobody measured;
+    read as measured, each would pull the percentiles towards 0. Their replies (without
+    the new field) still parse: old and new workers share one Redis."""
+    redis_client.xadd(keys.REPLY_LOG_STREAM, {"r": b"0 0 0.00 0.00 timeout p v1"})  # an older worker's row
+    old_failure = GenerationReply.from_json(
+        '{"id": "d", "ok": false, "error": {"kind": "timeout", "message": "late"}, "finish_reason": "error",'
+        ' "timings": {"queue_ms": 0.0, "generate_ms": 0.0}}'
+    )
+    old_text = GenerationReply.from_json(
+        '{"id": "e", "ok": true, "text": "hi", "persona": "p", "version": "v1", "timings": {"queue_ms": 300.0, "generate_ms": 9.0}}'
+    )
+    assert old_failure.queue_wait_ms is None and old_text.queue_wait_ms == 300
+    record_replies(redis_client, [
+        GenerationReply.failure("a", ErrorKind.timeout, "late", persona="p", queue_ms=900.0),
+        GenerationReply.failure("b", ErrorKind.invalid, "malformed"),  # no worker could read it: no wait
+        GenerationReply(id="c", ok=True, persona="p", version="v1", new_tokens=2, timings=Timings(queue_ms=100)),
+        old_failure, old_text,
+    ])
+    summary = summarize(redis_client)
+    assert (summary.replies, summary.failed, summary.queue_waits) == (2, 4, 3)
+    assert summary.queue_ms.p50 == 300 and summary.queue_ms.p99 == 900
+    _, total, count = read_histogram(redis_client, "queue_wait_seconds")
+    assert count == 3 and total == pytest.approx(1.3)
 
 
 def test_when_a_worker_was_seen_is_timed_by_redis_not_by_either_machine(settings, redis_url, redis_client, monkeypatch):

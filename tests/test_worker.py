@@ -401,6 +401,30 @@ def test_deadlines_are_kept_by_redis_clock_whatever_the_callers(
     assert client.wait(late, timeout=5).error.kind is ErrorKind.timeout
 
 
+def test_failures_say_how_long_their_request_waited_for_a_worker(
+    settings, redis_client, write_persona, tiny_llama_dir, client
+):
+    """A failure carried no timings, so a request that timed out in the queue (the
+    longest wait of all) said nothing of its wait, and queue-wait percentiles left it out."""
+    from persona.bench_queue import InstantEngine
+    from persona.pool import ModelPool
+    from persona.worker import Worker
+
+    write_persona("tiny", base=str(tiny_llama_dir))
+    worker = Worker(settings, redis_client, ModelPool(settings, "cpu", engine_factory=InstantEngine), worker_id="w-wait")
+    late = client.submit(chat("tiny", "too late", deadline=time.time() + 0.2))
+    unknown = client.submit(chat("nobody", "who?"))
+    answered = client.submit(chat("tiny", "in time"))
+    time.sleep(0.4)
+    worker.step(block_ms=0)
+    late_reply, unknown_reply, answered_reply = (client.wait(r, timeout=5) for r in (late, unknown, answered))
+    assert late_reply.error.kind is ErrorKind.timeout and unknown_reply.error.kind is ErrorKind.invalid
+    assert answered_reply.ok
+    for reply in (late_reply, unknown_reply, answered_reply):
+        assert reply.timings.queue_measured and 400 <= reply.queue_wait_ms < 5000, reply.timings
+    assert late_reply.timings.generate_ms == 0  # nothing was generated
+
+
 def test_a_persona_that_cannot_be_loaded_is_skipped_at_start_not_the_worker(
     write_persona, personas_dir, tmp_path, tiny_llama_dir, settings, redis_client, client
 ):

@@ -47,14 +47,15 @@ def render_stats(stats: QueueStats) -> Table:
 def render_latency(stats: QueueStats) -> Table:
     """Queue wait and generation percentiles, and throughput."""
     lat = stats.latency
-    title = f"latency (last {lat.window_s:.0f} s, {lat.replies} replies)" if lat else "latency"
+    title = f"latency (last {lat.window_s:.0f} s, {lat.replies} replies, {lat.failed} failed)" if lat else "latency"
     table = Table(title=title, header_style="bold")
     for column in ("", "p50 ms", "p95 ms", "p99 ms"):
         table.add_column(column, justify="right" if column else "left")
     if lat:
-        for name, p in (("queue wait", lat.queue_ms), ("generation", lat.generate_ms)):
-            # No replies in the window: no figure, not a 0 ms one that reads as instant.
-            cells = (f"{p.p50:.0f}", f"{p.p95:.0f}", f"{p.p99:.0f}") if lat.replies else ("-", "-", "-")
+        # Queue waits count failures too (the requests that timed out waiting are the worst).
+        for name, p, count in (("queue wait", lat.queue_ms, lat.queue_waits), ("generation", lat.generate_ms, lat.replies)):
+            # Nothing measured in the window: no figure, not a 0 ms one that reads as instant.
+            cells = (f"{p.p50:.0f}", f"{p.p95:.0f}", f"{p.p99:.0f}") if count else ("-", "-", "-")
             table.add_row(name, *cells)
         # Over the last minute, or over what the reply log still holds when it reaches less far back.
         span = min(THROUGHPUT_WINDOW_S, lat.window_s)
@@ -179,17 +180,17 @@ def retry(
         return
     if not yes and not typer.confirm(f"re-queue all {count} dead letter(s)?"):
         raise typer.Exit(1)
-    done = retry_all(client, max_length=limit)
-    console.print(f"re-queued {len(done)} dead letter(s)")
-    left = client.xlen(keys.STREAM_DEAD)
-    full = [s for s in keys.STREAMS_BY_PRIORITY if client.xlen(s) >= limit]
-    if left and full:
+    report = retry_all(client, max_length=limit)
+    console.print(f"re-queued {len(report.requeued)} dead letter(s)")
+    if report.left:
+        console.print(f"{report.left} left:")
+    for stream, letters in report.full.items():
         console.print(
-            f"{left} left: {', '.join(full)} holds {limit} requests (PERSONA_QUEUE__MAX_LENGTH); "
-            "run this again once the queue has drained (see `persona queue stats`)"
+            f"  {letters} for {stream}, which holds {limit} requests (PERSONA_QUEUE__MAX_LENGTH): "
+            "run this again once it has drained (see `persona queue stats`)"
         )
-    elif left:
-        console.print(f"{left} left: they hold no readable request (see `persona queue dead`)")
+    if report.unreadable:
+        console.print(f"  {report.unreadable} holding no readable request, which cannot be retried (see `persona queue dead`)")
 
 
 def register(app: typer.Typer) -> None:
