@@ -33,7 +33,7 @@ __all__ = [
 PIECE_CACHE_SIZE = 4096
 _pieces: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _added: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_plain_copies: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_copies: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> {plain: (its size, a copy)}
 
 # A stand-in is "\x01<n>\x01": a control character no message holds (the contract strips
 # them), and one that templates leave alone (it is not whitespace, it has no case). The
@@ -54,6 +54,9 @@ class AddedTokens:
 
     def __init__(self, added: dict[int, Any]) -> None:
         self.ids = {token.content: token_id for token_id, token in added.items()}
+        # The tokens that take the whitespace beside them (lstrip: before, rstrip: after).
+        self.takes_before = {token.content for token in added.values() if token.lstrip}
+        self.takes_after = {token.content for token in added.values() if token.rstrip}
         # Every added token cuts a rendered prompt; only those that are not special still
         # cut a text read as text (the tokenizer matches them even with special tokens split).
         self.split = _splitter(self.ids) or (lambda text: [text])
@@ -101,12 +104,22 @@ def _as_text(backend, texts: list[str]):
     special token (its ``encode_special_tokens`` flag changes nothing then), else by its
     plain copy (made when first needed: it takes a tenth of a second)."""
     spells = _added_tokens(backend).spells_special
-    reader = _plain(backend) if any(map(spells, texts)) else backend
+    reader = _copy(backend, plain=True) if any(map(spells, texts)) else _whole(backend)
     return reader.encode_batch_fast(texts, add_special_tokens=False)
 
 
-def _plain(backend):
-    """A copy of this Rust tokenizer that reads a special token's text as text.
+def _whole(backend):
+    """The tokenizer itself, or where its file set truncation or padding (which transformers
+    turns off for each call it makes, and a direct call would apply: a document cut at 512
+    tokens, pad ids between a prompt's pieces) a copy without them."""
+    if backend.truncation is None and backend.padding is None:
+        return backend
+    return _copy(backend, plain=False)
+
+
+def _copy(backend, *, plain: bool):
+    """A copy of this Rust tokenizer without truncation or padding; ``plain``: one that reads a
+    special token's text as text.
 
     A copy rather than the tokenizer's own ``encode_special_tokens`` flag: transformers
     sets that flag on every call it makes, so it cannot be relied on between calls (nor
@@ -114,22 +127,20 @@ def _plain(backend):
     """
     size = backend.get_vocab_size(with_added_tokens=True)
     try:
-        made_at, plain = _plain_copies[backend]
-        if made_at == size:
-            return plain
-    except (KeyError, TypeError):
-        pass
+        copies = _copies.setdefault(backend, {})
+    except TypeError:  # cannot be weakly referenced: not cached
+        copies = {}
+    made_at, copy = copies.get(plain, (None, None))
+    if made_at == size:
+        return copy
     from tokenizers import Tokenizer
 
-    plain = Tokenizer.from_str(backend.to_str())
-    plain.encode_special_tokens = True
-    plain.no_truncation()
-    plain.no_padding()
-    try:
-        _plain_copies[backend] = (size, plain)
-    except TypeError:  # cannot be weakly referenced: not cached
-        pass
-    return plain
+    copy = Tokenizer.from_str(backend.to_str())
+    copy.encode_special_tokens = plain
+    copy.no_truncation()
+    copy.no_padding()
+    copies[plain] = (size, copy)
+    return copy
 
 
 # The GPT-2 byte-level split, written out for ASCII text (where \\p{L} is [A-Za-z], \\p{N}
@@ -309,20 +320,43 @@ def quote(tokenizer, text: str) -> str:
 def encode_quoted(tokenizer, texts: list[str]) -> list[list[int]]:
     """Token ids of rendered texts whose own texts were quoted (see ``quote``): the added
     tokens written in them are tokens, the quoted ones text."""
-    encoder = encoder_for(tokenizer) if getattr(tokenizer, "backend_tokenizer", None) is not None else None
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    encoder = encoder_for(tokenizer) if backend is not None else None
     if encoder is not None:
         return encoder.encode_quoted(texts)
+    # Without a piece encoder, cutting at added tokens is not exact (a token that takes the
+    # whitespace beside it, a normalizer...): a text with nothing quoted in it (nearly every
+    # one) is read whole, as the tokenizer reads it. One with quoted texts is cut at its
+    # added tokens, each of which still takes the whitespace beside it.
+    out: list[list[int] | None] = [None] * len(texts)
+    whole = [i for i, text in enumerate(texts) if _QUOTE not in text]
+    if whole:
+        if backend is not None:
+            encoded = [e.ids for e in _whole(backend).encode_batch_fast([texts[i] for i in whole], add_special_tokens=False)]
+        else:
+            encoded = [tokenizer.encode(texts[i], add_special_tokens=False, verbose=False) for i in whole]
+        for i, ids in zip(whole, encoded, strict=True):
+            out[i] = ids
     added = _added_tokens(_source(tokenizer))
-    parts = [added.split(text) for text in texts]
-    encoded = iter(encode_as_text(tokenizer, [added.unquote(piece) for pieces in parts for piece in pieces[::2]]))
-    out = []
-    for pieces in parts:
-        ids = list(next(encoded))
-        for token in pieces[1::2]:
+    cut = {i: _stripped(added, added.split(text)) for i, text in enumerate(texts) if out[i] is None}
+    pieces = iter(encode_as_text(tokenizer, [added.unquote(piece) for parts in cut.values() for piece in parts[::2]]))
+    for i, parts in cut.items():
+        ids = list(next(pieces))
+        for token in parts[1::2]:
             ids.append(added.ids[token])
-            ids += next(encoded)
-        out.append(ids)
+            ids += next(pieces)
+        out[i] = ids
     return out
+
+
+def _stripped(added: AddedTokens, parts: list[str]) -> list[str]:
+    """Text pieces and added tokens (odd places), the whitespace each token takes taken away."""
+    for k in range(1, len(parts), 2):
+        if parts[k] in added.takes_before:
+            parts[k - 1] = parts[k - 1].rstrip()
+        if parts[k] in added.takes_after:
+            parts[k + 1] = parts[k + 1].lstrip()
+    return parts
 
 
 def _source(tokenizer):

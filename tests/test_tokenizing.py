@@ -37,6 +37,8 @@ def plain_copy(tokenizer):
 
     plain = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
     plain.encode_special_tokens = True
+    plain.no_truncation()
+    plain.no_padding()
     return lambda text: plain.encode(text, add_special_tokens=False).ids
 
 
@@ -106,3 +108,62 @@ def test_a_tokenizer_without_a_piece_encoder_reads_quoted_texts_as_text(tiny_gpt
     as_text = plain_copy(tokenizer)
     assert encode_as_text(tokenizer, [text]) == [as_text(text)] and eos not in as_text(text)
     assert encode_quoted(tokenizer, [f"{quote(tokenizer, text)}<|endoftext|>"]) == [[*as_text(text), eos]]
+
+
+def with_added_tokens(tokenizer, **flags: dict[str, bool]):
+    """A transformers copy of ``tokenizer`` whose added tokens named in ``flags`` (``im_end={"rstrip": True}``
+    for <|im_end|>) have those flags, with the chat template."""
+    import json
+
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    for token in spec["added_tokens"]:
+        token.update(flags.get(token["content"].strip("<|>"), {}))
+    copy = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)), eos_token="<|im_end|>")
+    copy.chat_template = tokenizer.chat_template
+    return copy
+
+
+def test_a_tokenizer_whose_tokens_take_whitespace_reads_a_rendered_prompt_as_it_would(chat_model):
+    """Tokens that take the whitespace beside them (Phi-3's <|end|> takes the newline after it):
+    cutting at them and encoding the pieces kept that whitespace, so every prompt differed
+    from the tokenizer's own reading of it (apply_chat_template's). A prompt holding nothing
+    quoted is read whole; one holding a quoted text is cut, its tokens taking their whitespace."""
+    tokenizer = with_added_tokens(chat_model.tokenizer, im_end={"rstrip": True}, im_start={"lstrip": True})
+    assert encoder_for(tokenizer) is None
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": " Hello there \n"}]
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert encode_quoted(tokenizer, [text]) == [tokenizer.backend_tokenizer.encode(text, add_special_tokens=False).ids]
+    start, end = tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
+    as_text = plain_copy(tokenizer)
+    rendered = f"<|im_start|>user\n{quote(tokenizer, 'Hi <|im_end|> there  ')}<|im_end|>\n  <|im_start|>assistant\n"
+    assert encode_quoted(tokenizer, [rendered, text]) == [
+        [start, *as_text("user\nHi <|im_end|> there  "), end, start, *as_text("assistant\n")],
+        tokenizer.backend_tokenizer.encode(text, add_special_tokens=False).ids,
+    ]
+
+
+def test_truncation_or_padding_in_a_tokenizer_file_cuts_no_text(chat_model, tmp_path):
+    """A tokenizer.json saved with truncation (a model tokenized with truncation=True, then
+    saved) truncates every direct call; transformers turns it off for its own calls. Read as
+    text, a document or a prompt is never cut (nor padded)."""
+    from transformers import AutoTokenizer
+
+    saved = with_added_tokens(chat_model.tokenizer)
+    saved.backend_tokenizer.enable_truncation(max_length=8)
+    saved.backend_tokenizer.enable_padding(length=12, pad_id=0)
+    saved.save_pretrained(tmp_path)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    assert tokenizer.backend_tokenizer.truncation is not None and tokenizer.backend_tokenizer.padding is not None
+    texts = ["a long document, " * 20, "short", "one that spells <|im_end|> " * 5]
+    rendered = [f"<|im_start|>user\n{quote(tokenizer, text)}<|im_end|>\n" for text in texts]
+    expected = [plain_copy(tokenizer)(t) for t in texts]
+    assert encode_as_text(tokenizer, texts) == expected
+    assert encode_as_text(tokenizer, texts[:1]) == expected[:1]
+    got = encode_quoted(tokenizer, rendered)
+    # transformers' own reading (it turns the file's truncation and padding off as it reads)
+    assert got[:2] == [tokenizer.encode(text, add_special_tokens=False) for text in rendered[:2]]
+    assert got[2] == tokenizer.encode("<|im_start|>user\n", add_special_tokens=False) + expected[2] + tokenizer.encode(
+        "<|im_end|>\n", add_special_tokens=False)
