@@ -22,6 +22,20 @@ __all__ = ["ConversationStore", "build_request", "trim_turns"]
 INFLIGHT_TTL_S = 3600
 SCAN_STEP = 500  # keys Redis looks at per SCAN call: each call is short, so Redis never stalls
 
+# Move KEYS[1] to KEYS[2], unless KEYS[2] was written as late (each save restarts a
+# conversation's expiry, so the longer time to live is the later save; -1, no expiry,
+# counts as the latest): then KEYS[1] is dropped. 1 if it moved.
+MOVE_SCRIPT = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local old_ttl, new_ttl = redis.call('PTTL', KEYS[1]), redis.call('PTTL', KEYS[2])
+if new_ttl ~= -2 and (new_ttl == -1 or (old_ttl ~= -1 and new_ttl >= old_ttl)) then
+  redis.call('DEL', KEYS[1])
+  return 0
+end
+redis.call('RENAME', KEYS[1], KEYS[2])
+return 1
+"""
+
 
 def _glob_escape(text: str) -> str:
     """``text`` as a literal in a SCAN MATCH pattern."""
@@ -113,16 +127,12 @@ class ConversationStore:
         return moved
 
     async def move_key(self, old: str, new: str) -> bool:
-        """Rename ``old`` to ``new``, expiry and all; whether it moved. Where ``new`` exists
-        already (used under the new id before the move came), it is the newer and wins, and
-        ``old`` is dropped rather than left to linger."""
-        try:
-            if await self.redis.renamenx(old, new):
-                return True
-        except redis.exceptions.ResponseError:  # no such key: expired, or already moved
-            return False
-        await self.redis.delete(old)
-        return False
+        """Move ``old`` to ``new``, expiry and all; whether it moved. Where ``new`` exists
+        already, the one saved later wins and the other is dropped rather than left to
+        linger. Both orders happen: a message under the new id before the move came makes
+        ``new`` the later; an answer saved under the old id after a first move (it was on
+        its way during the upgrade) makes ``old`` the later, and a second move brings it."""
+        return bool(await self.redis.eval(MOVE_SCRIPT, 2, old, new))
 
     async def set_inflight(self, scope: str, request_id: str) -> None:
         await self.redis.set(keys.inflight_key(self.platform, scope), request_id, ex=INFLIGHT_TTL_S)

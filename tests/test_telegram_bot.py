@@ -505,6 +505,37 @@ async def test_an_answer_in_flight_when_its_group_becomes_a_supergroup_reaches_t
     assert not redis_client.exists(keys.conversation_key("telegram", f"{GROUP}:7"))
 
 
+async def test_an_answer_saved_under_the_old_id_after_the_upgrade_moved_its_history_is_kept(
+    start_bot, fake_api, telegram_settings, redis_client
+):
+    """The upgrade's notice may move the conversation while an answer is on its way; that
+    answer is then saved under the old id and moved when Telegram refuses it. The later of
+    the two copies is kept: the exchange the answer ended is not lost."""
+    supergroup = -1001234567
+    upgraded = threading.Event()
+
+    def answer(request) -> str:
+        if request.messages[-1].content == "and I like moss":
+            upgraded.wait(10)
+        return echo(request)
+
+    with scripted_worker(telegram_settings, answer) as seen:
+        await start_bot()
+        fake_api.push_message(f"@{BOT_USERNAME} my name is Ada", chat_id=GROUP, chat_type="group", user_id=7)
+        await fake_api.wait_for(lambda: len(fake_api.sent) == 1)
+        fake_api.push_message(f"@{BOT_USERNAME} and I like moss", chat_id=GROUP, chat_type="group", user_id=7)
+        await fake_api.wait_for(lambda: len(seen) == 2)  # the worker is on it
+        fake_api.push_migration(GROUP, supergroup)
+        await fake_api.wait_for(lambda: redis_client.exists(keys.conversation_key("telegram", f"{supergroup}:7")))
+        upgraded.set()
+        await fake_api.wait_for(lambda: fake_api.texts(supergroup) == ["echo: and I like moss"])
+        fake_api.push_message(f"@{BOT_USERNAME} what do I like?", chat_id=supergroup, chat_type="supergroup", user_id=7)
+        await fake_api.wait_for(lambda: len(fake_api.texts(supergroup)) == 2)
+    assert [m.content for m in seen[-1].messages] == [
+        "my name is Ada", "echo: my name is Ada", "and I like moss", "echo: and I like moss", "what do I like?"]
+    assert not redis_client.exists(keys.conversation_key("telegram", f"{GROUP}:7"))
+
+
 async def test_sigterm_withdraws_a_question_in_flight_and_tells_its_asker(fake_api, redis_url, redis_client, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("PERSONA_")} | {
         "PERSONA_DATA_DIR": str(tmp_path / "data"), "PERSONA_REDIS_URL": redis_url,
