@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import codecs
 import json
+import os
+import struct
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -13,16 +19,17 @@ from hypothesis import strategies as st
 from persona.errors import CorpusError
 from training.cleaning import CleanOptions, clean_documents, normalize_text
 from training.corpus import build_corpus, read_corpus, write_corpus
+from training.fortune import read_fortune
 from training.pdf import clean_pages, read_pdf
 from training.sources import (
     ReadOptions,
     SourceProblem,
     detect_format,
     read_csv,
-    read_fortune,
     read_jsonl,
     read_markdown,
     read_text,
+    strip_markdown,
 )
 from training.tweets import read_tweets
 
@@ -77,6 +84,45 @@ def test_markdown_with_broken_front_matter_names_file_and_line(tmp_path: Path):
         read_markdown(unclosed, OPTIONS)
 
 
+def test_front_matter_errors_are_one_line_with_the_file_s_line(tmp_path: Path):
+    """YAML's message ran over four lines and quoted the line and column within the header."""
+    tabbed = tmp_path / "tab.md"
+    tabbed.write_text("---\ntitle: A\nother:\tx\n---\nBody\n")
+    with pytest.raises(SourceProblem) as caught:
+        read_markdown(tabbed, OPTIONS)
+    assert str(caught.value).startswith(f"{tabbed}:3: bad YAML front matter: found character") and "\n" not in str(caught.value)
+    toml = tmp_path / "hugo.md"
+    toml.write_text('+++\ntitle = "ok"\ndate = someday\n+++\nBody\n')
+    with pytest.raises(SourceProblem) as caught:
+        read_markdown(toml, OPTIONS)
+    assert str(caught.value) == f"{toml}:3: bad TOML front matter: Invalid value"
+
+
+def test_markdown_keeps_the_prose_around_markup_and_drops_code(tmp_path: Path):
+    """"3 < 5 and 7 > 2" lost its middle as an HTML tag; a footnote lost its words and kept its
+    mark; a linked badge left "[](...)"; script, style and highlight blocks were read as prose."""
+    text = normalize_text(strip_markdown(
+        "Since 3 < 5 and 7 > 2, we win<br> and <3 you.\n"
+        "A claim[^1] and a badge [![build](https://ci/b.svg)](https://ci) here.\n\n"
+        "[^1]: The footnote's own words.\n\n"
+        "<script>\nvar x = 1;\n</script>\n<style>.a { color: red }</style>\n"
+        "{% highlight python %}\nprint('liquid')\n{% endhighlight %}\n"
+        '{{< highlight go "linenos=table" >}}\nfmt.Println("hugo")\n{{< /highlight >}}\n'
+        "See <https://example.org/page> too.\n"
+    ))
+    assert "Since 3 < 5 and 7 > 2, we win and <3 you." in text
+    assert "A claim and a badge here." in text and "The footnote's own words." in text
+    assert "var x" not in text and "color" not in text and "print" not in text and "Println" not in text
+    assert "See https://example.org/page too." in text
+
+
+def test_markdown_with_many_brackets_is_read_in_time():
+    """Each "[" or "<" was scanned to the line's end: 20,000 "[" took 4 seconds, 100,000 minutes."""
+    started = time.perf_counter()
+    strip_markdown("[" * 100_000 + " and " + "a <b " * 20_000)
+    assert time.perf_counter() - started < 5
+
+
 def test_text_splits_on_end_of_text_markers_else_blank_lines(tmp_path: Path):
     marked = tmp_path / "marked.txt"
     marked.write_text("first post\nstill first\n<|endoftext|>\nsecond post<|endoftext|>third")
@@ -94,6 +140,30 @@ def test_text_that_is_not_utf8_is_reported_with_its_line(tmp_path: Path):
     with pytest.raises(SourceProblem) as caught:
         read_text(bad, OPTIONS)
     assert caught.value.line == 3 and "latin1.txt:3" in str(caught.value)
+    assert "convert it to UTF-8" in str(caught.value)
+
+
+def test_text_saved_as_utf16_with_a_byte_order_mark_is_read(tmp_path: Path):
+    """Notepad's "Unicode" (UTF-16 with a BOM) was refused as "not UTF-8 text"."""
+    for codec in ("utf-16", "utf-16-be", "utf-32"):
+        path = tmp_path / f"{codec}.txt"
+        bom = codecs.BOM_UTF16_BE if codec == "utf-16-be" else b""
+        path.write_bytes(bom + "Première note.\r\n\r\nSeconde note.".encode(codec))
+        assert texts(read_text(path, OPTIONS)) == ["Première note.", "Seconde note."]
+    binary = tmp_path / "photo.md"
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe")
+    with pytest.raises(SourceProblem, match="a binary file, not text"):
+        read_markdown(binary, OPTIONS)
+
+
+def test_a_long_text_file_is_split_in_time(tmp_path: Path):
+    """Each piece's line was counted from the file's start: 80,000 paragraphs (4 MB) took a minute."""
+    path = tmp_path / "journal.txt"
+    path.write_text("".join(f"Entry {i}, a line.\nAnd another.\n\n" for i in range(60_000)))
+    started = time.perf_counter()
+    documents = read_text(path, OPTIONS)
+    assert time.perf_counter() - started < 5
+    assert len(documents) == 60_000 and documents[-1].line == 3 * 59_999 + 1
 
 
 FORTUNES = """\
@@ -127,12 +197,100 @@ def test_fortune_entries_with_and_without_an_author(tmp_path: Path):
     assert read_fortune(path, ReadOptions(author="Twainy")) == []
 
 
+def _strfile_index(path: Path, flags: int) -> None:
+    """The header of the index strfile writes beside a fortune file (version 2, network order)."""
+    path.with_name(path.name + ".dat").write_bytes(struct.pack(">5I", 2, 4, 80, 20, flags) + b"%\0\0\0")
+
+
+def test_fortune_files_as_debian_ships_them(tmp_path: Path):
+    """Debian's fortune files: "kids" with its index "kids.dat" and a link "kids.u8"; fortunes-es
+    names them "proverbios.fortunes". A ".u8" or ".fortunes" file named was read as plain text
+    ("%" lines and all), a folder of ".fortunes" files was passed over in silence, and a
+    "kids.dat" named said only "not UTF-8 text"."""
+    games = tmp_path / "fortunes"
+    games.mkdir()
+    (games / "kids").write_text(FORTUNES)
+    _strfile_index(games / "kids", 0)
+    (games / "kids.u8").symlink_to("kids")
+    (games / "proverbios.fortunes").write_text("Más vale tarde que nunca.\n%\nPoco a poco se va lejos.\n%\n")
+    for name in ("kids.u8", "proverbios.fortunes"):
+        assert detect_format(games / name) == "fortune"
+    result = build_corpus([games])
+    assert result.files == 2 and result.left_out == [] and result.cleaning.dropped == {}
+    assert "Poco a poco se va lejos." in result.corpus.documents and len(result.corpus.documents) == 6
+    assert not any("%" in document for document in result.corpus.documents)
+    with pytest.raises(SourceProblem, match="the index `strfile` made for the fortune file kids, not text; name"):
+        read_text(games / "kids.dat", OPTIONS)
+
+
+def test_a_fortune_file_of_one_entry_is_known_by_its_index(tmp_path: Path):
+    """Debian's "off/it/norm-o" holds one entry, so no "%" line: it was read as plain text, its
+    "-- Woody Allen" kept and --author passed over."""
+    path = tmp_path / "norm-o"
+    path.write_text("Sono mulatto: mio padre e' negro, mia madre bianca e viceversa.\n\t\t-- Woody Allen\n")
+    _strfile_index(path, 0)
+    assert detect_format(path) == "fortune"
+    other = build_corpus([tmp_path], read_options=ReadOptions(author="Oscar Wilde"))
+    assert other.corpus.documents == [] and other.files == 1
+
+
+def test_offensive_fortunes_stored_in_rot13_are_read_decoded(tmp_path: Path):
+    """fortunes-es-off's files are ROT13, as "strfile -x" left them (their index says so): they
+    were read as they are, and a persona would have learned "Ry zrwbe zngevzbavb"."""
+    plain = "El mejor matrimonio sería aquel que reuniese a una mujer ciega con un marido sordo.\n\t\t-- Montaigne\n"
+    rotated = codecs.encode(plain, "rot13") + "%\n"
+    indexed = tmp_path / "misogino.fortunes"
+    indexed.write_text(rotated)
+    _strfile_index(indexed, 0x4)
+    assert texts(read_fortune(indexed, OPTIONS)) == [plain.strip()]
+    assert texts(read_fortune(indexed, ReadOptions(author="Montaigne"))) == [plain.split("\n")[0]]
+    # Without an index, the letters tell: ROT13 turns most vowels into consonants.
+    bare = tmp_path / "copied"
+    bare.write_text((rotated + codecs.encode("Poco a poco se va lejos, y lejos se va poco a poco.\n%\n", "rot13")) * 3)
+    assert texts(read_fortune(bare, OPTIONS))[0] == plain.strip()
+    # Text that is itself, with its index saying nothing, stays as it is.
+    _strfile_index(bare, 0)
+    assert texts(read_fortune(bare, OPTIONS))[0] == codecs.encode(plain, "rot13").strip()
+    unrotated = tmp_path / "fortunes"
+    unrotated.write_text(FORTUNES * 4)
+    assert texts(read_fortune(unrotated, OPTIONS))[0].startswith("The only thing we learn")
+
+
 def test_csv_column_and_missing_column(tmp_path: Path):
     path = tmp_path / "posts.csv"
     path.write_text('id,body\n1,"Hello, world"\n2,"multi\nline"\n3,\n')
     assert texts(read_csv(path, ReadOptions(column="body"))) == ["Hello, world", "multi\nline"]
     with pytest.raises(SourceProblem, match="no column 'text'; columns are id, body"):
         read_csv(path, OPTIONS)
+
+
+def test_csv_with_semicolons_or_tabs_and_a_column_in_another_case(tmp_path: Path):
+    """Excel writes ";" between cells in much of Europe: "columns are id;text"; a ".tsv" was read
+    as plain text; a column "Text" was not the column "text"."""
+    semicolons = tmp_path / "export.csv"
+    semicolons.write_text('id;Text\n1;"Hello, world; again"\n2;Second row\n', encoding="utf-8")
+    assert texts(read_csv(semicolons, OPTIONS)) == ["Hello, world; again", "Second row"]
+    tabs = tmp_path / "posts.tsv"
+    tabs.write_text("id\ttext\n1\tTabbed row, with a comma\n")
+    assert detect_format(tabs) == "csv"
+    assert texts(read_csv(tabs, OPTIONS)) == ["Tabbed row, with a comma"]
+    both = tmp_path / "both.csv"
+    both.write_text("text,TEXT\na,b\n")
+    with pytest.raises(SourceProblem, match="no column 'Text'; columns are text, TEXT"):
+        read_csv(both, ReadOptions(column="Text"))
+
+
+def test_csv_with_a_quote_never_closed_is_reported_where_it_opens(tmp_path: Path):
+    """The rest of the file became one document: "never closed...\n3,next row\n4,...", in silence."""
+    path = tmp_path / "posts.csv"
+    path.write_text('id,text\n1,"A ""quoted"" word\non two lines"\n2,"never closed\n3,next row\n4,last row\n')
+    with pytest.raises(SourceProblem) as caught:
+        read_csv(path, OPTIONS)
+    assert caught.value.line == 4 and "never closed" in str(caught.value)
+    path.write_text('id,text\n1,"A ""quoted"" word\non two lines"\n2,He is 5\'11" tall\n')
+    documents = read_csv(path, OPTIONS)
+    assert texts(documents) == ['A "quoted" word\non two lines', "He is 5'11\" tall"]
+    assert [d.line for d in documents] == [2, 4]
 
 
 def test_csv_with_a_very_long_cell(tmp_path: Path):
@@ -150,6 +308,25 @@ def test_jsonl_field_nested_and_malformed_line(tmp_path: Path):
     with pytest.raises(SourceProblem) as caught:
         read_jsonl(path, OPTIONS)
     assert caught.value.line == 2
+
+
+def test_jsonl_that_is_a_json_array_or_lacks_the_field(tmp_path: Path):
+    """A JSON array saved as .jsonl read nothing in silence (on one line) or failed at its "[";
+    a --field no record has read nothing and said nothing."""
+    records = [{"text": "one"}, {"text": "two"}, {"text": None}]
+    path = tmp_path / "export.jsonl"
+    for dump in (json.dumps(records), json.dumps(records, indent=2), json.dumps(records[0], indent=2)):
+        path.write_text(dump)
+        assert texts(read_jsonl(path, OPTIONS)) == ["one", "two"][: len(json.loads(dump)) if dump[0] == "[" else 1]
+    path.write_text('[\n  {"text": "one"},\n  {"text": broken}\n]')
+    with pytest.raises(SourceProblem) as caught:
+        read_jsonl(path, OPTIONS)
+    assert caught.value.line == 3
+    path.write_text('{"id": 1, "body": "one"}\n{"id": 2, "body": "two"}\n')
+    with pytest.raises(SourceProblem, match="no record has the field 'text'; the first record's fields are id, body"):
+        read_jsonl(path, OPTIONS)
+    path.write_text('{"text": null}\n{"text": "kept"}\n')  # deleted posts: the field is there, empty
+    assert texts(read_jsonl(path, OPTIONS)) == ["kept"]
 
 
 def test_jsonl_strings_may_hold_unicode_line_separators(tmp_path: Path):
@@ -298,6 +475,15 @@ def test_a_short_whole_tweet_keeps_its_text_beside_a_note_that_begins_with_it(tm
     assert texts(read_tweets(data / "tweets.js", OPTIONS)) == ["Thread:", thread.replace("https://t.co/plan", "")]
 
 
+def test_a_japanese_tweet_that_fills_its_280_is_read_whole_from_its_note(tmp_path: Path):
+    """X weighs a Chinese, Japanese or Korean character twice: 140 of them fill a tweet, and
+    such a tweet may be the first part of a long post though it is far from 250 characters."""
+    post = "庭の話をしよう。" * 40  # 320 characters
+    data = tmp_path / "data"
+    _export(data, [_tweet("1", post[:140], "Wed May 01 10:00:00 +0000 2024")], [_note("2", post, "2024-05-01T10:00:00.000Z")])
+    assert texts(read_tweets(data / "tweets.js", OPTIONS)) == [post]
+
+
 def test_folder_with_note_tweets_reads_each_post_once(tmp_path: Path):
     export = tmp_path / "twitter-2024"
     data = export / "data"
@@ -381,6 +567,44 @@ def test_broken_pdf_is_reported(tmp_path: Path):
         read_pdf(path, OPTIONS)
 
 
+def test_pdf_without_a_text_layer_says_to_ocr_it(tmp_path: Path):
+    """A scanned book gave no documents and no word: "no documents found in 1 file(s)"."""
+    from fpdf import FPDF
+
+    scanned = tmp_path / "scanned.pdf"
+    pdf = FPDF()
+    for _ in range(2):
+        pdf.add_page()
+        pdf.rect(10, 10, 100, 140, "F")  # a page that is a picture
+    pdf.output(str(scanned))
+    with pytest.raises(SourceProblem, match="no text on its 2 page"):
+        read_pdf(scanned, OPTIONS)
+
+
+def test_pdf_locked_with_a_password_says_to_unlock_it(tmp_path: Path):
+    """It said "not a readable PDF: File has not been decrypted"."""
+    from pypdf import PdfWriter
+
+    book = tmp_path / "book.pdf"
+    _write_pdf(book, [["Some words of prose."]] * 3)
+    locked = tmp_path / "locked.pdf"
+    writer = PdfWriter(clone_from=book)
+    writer.encrypt(user_password="secret", owner_password="owner")
+    writer.write(locked)
+    with pytest.raises(SourceProblem, match="locked with a password; save an unlocked copy"):
+        read_pdf(locked, OPTIONS)
+
+
+def test_pdf_damaged_in_a_way_pypdf_does_not_expect_is_reported(tmp_path: Path):
+    """An unknown stream filter raised NotImplementedError: a traceback that ended the whole build."""
+    book = tmp_path / "book.pdf"
+    _write_pdf(book, [["Some words of prose."]] * 3)
+    damaged = tmp_path / "damaged.pdf"
+    damaged.write_bytes(book.read_bytes().replace(b"/FlateDecode", b"/FlateDecodX", 1))
+    with pytest.raises(SourceProblem, match="not a readable PDF: Unsupported filter"):
+        read_pdf(damaged, OPTIONS)
+
+
 def test_cleaning_normalises_and_drops_duplicates():
     docs = [
         "  Ｆｕｌｌ-width   text\t here \n\n\n\nnext ",
@@ -410,6 +634,12 @@ def test_cleaning_drops_a_short_saying_told_again_with_one_word_changed():
     kept, report = clean_documents(docs)
     assert kept == [docs[0], docs[1], docs[4], docs[5]]
     assert report.dropped == {"near-duplicate": 2}
+
+
+def test_cleaning_shows_overstruck_text_as_a_terminal_does():
+    """Old fortune files underline with "_\\b": "*____\\b\\b\\b\\bonly*" was kept as "*____only*"."""
+    assert normalize_text("Calm down, it's *____\b\b\b\bonly* ones and zeroes.") == "Calm down, it's *only* ones and zeroes."
+    assert normalize_text("a group of _\bN persons\nB\bBo\bol\bld\bd") == "a group of N persons\nBold"
 
 
 def test_cleaning_keeps_the_joiners_of_persian_words_and_emoji():
@@ -444,6 +674,50 @@ def test_build_skips_its_own_output_inside_the_folder(tmp_path: Path):
     (folder / "deleted.txt").unlink()
     again = build_corpus([folder], exclude=[tmp_path / "blog" / ".." / "blog" / "corpus.jsonl"])
     assert again.corpus.documents == ["A post that stays."] and again.files == 1
+
+
+def test_build_reads_each_file_once_and_says_what_it_left_out(tmp_path: Path):
+    """A file named twice, or reached through a link too, was read twice ("dropped 2 duplicate");
+    files of kinds it does not read were passed over without a word."""
+    blog = tmp_path / "blog"
+    (blog / "posts").mkdir(parents=True)
+    (blog / "posts" / "one.md").write_text("A first post.\n")
+    (blog / "posts" / "link.md").symlink_to("one.md")
+    (blog / "logo.png").write_bytes(b"\x89PNG")
+    (blog / "site.css").write_text("a { color: red }")
+    (blog / ".git").mkdir()
+    (blog / ".git" / "HEAD").write_text("ref: refs/heads/main")
+    result = build_corpus([blog, blog / "posts" / "one.md"])
+    assert result.files == 1 and result.cleaning.dropped == {}
+    assert sorted(p.name for p in result.left_out) == ["logo.png", "site.css"]
+
+
+def _persona_cli(*args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PERSONA_")} | {"COLUMNS": "300"}
+    return subprocess.run([sys.executable, "-m", "persona", "corpus", "build", *args, "--base", ""], env=env,
+                          capture_output=True, text=True, check=False, timeout=120)
+
+
+def test_cli_reports_a_skipped_file_once_in_plain_words(tmp_path: Path):
+    """Each skipped file was printed twice, once as "[yellow]skipped[/yellow] ..." in those words."""
+    folder = tmp_path / "my [draft] notes"
+    folder.mkdir()
+    (folder / "good.txt").write_text("One note.\n\nAnother note.\n")
+    (folder / "bad.jsonl").write_text('{"text": "fine"}\n{oops\n')
+    result = _persona_cli(str(folder), "-o", str(tmp_path / "corpus.jsonl"))
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("bad.jsonl:2") == 1 and "[yellow]" not in result.stderr
+    assert f"skipped {folder / 'bad.jsonl'}:2: not JSON" in result.stderr
+
+
+def test_cli_never_writes_the_corpus_over_a_source(tmp_path: Path):
+    """-o naming the CSV being read replaced the author's CSV with the corpus."""
+    essays = tmp_path / "essays.csv"
+    essays.write_text("id,text\n1,My first essay.\n2,My second essay.\n")
+    before = essays.read_text()
+    refused = _persona_cli(str(essays), "-o", str(tmp_path / "." / "essays.csv"))
+    assert refused.returncode == 1 and "is one of the files to read" in refused.stderr
+    assert essays.read_text() == before
 
 
 def test_corpus_with_line_separators_in_its_text_reads_back(tmp_path: Path):

@@ -49,11 +49,29 @@ class CleanReport:
     dropped: Counter[str] = field(default_factory=Counter)
 
 
+def _overstrike(text: str) -> str:
+    """Text typed over itself with backspaces as a terminal shows it: "_\\bN" (nroff's underline,
+    found in old fortune files) is "N", not "_N"."""
+    lines = text.split("\n")
+    for number, line in enumerate(lines):
+        if "\b" in line:
+            shown: list[str] = []
+            for char in line:
+                if char != "\b":
+                    shown.append(char)
+                elif shown:
+                    shown.pop()
+            lines[number] = "".join(shown)
+    return "\n".join(lines)
+
+
 def normalize_text(text: str, options: CleanOptions | None = None) -> str:
     """NFKC Unicode, no control characters, single spaces, at most one blank line."""
     options = options or CleanOptions()
     text = unicodedata.normalize("NFKC", text).replace("\r\n", "\n").replace("\r", "\n")
     text = text.replace("<|endoftext|>", "")  # a leaked marker must never be learned
+    if "\b" in text:
+        text = _overstrike(text)
     text = _CONTROL.sub("", text.replace("\t", " "))
     if options.strip_urls:
         text = _URL.sub("", text)

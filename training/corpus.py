@@ -21,6 +21,7 @@ from pathlib import Path
 
 from persona.errors import CorpusError
 from training.cleaning import CleanOptions, CleanReport, clean_documents
+from training.fortune import read_fortune
 from training.pdf import read_pdf
 from training.sources import (
     FORMATS,
@@ -32,7 +33,6 @@ from training.sources import (
     is_tweet_archive,
     json_lines,
     read_csv,
-    read_fortune,
     read_jsonl,
     read_markdown,
     read_text,
@@ -67,7 +67,8 @@ READERS: dict[str, Reader] = {
     "tweets": read_tweets,
     "fortune": read_fortune,
 }
-_KNOWN_SUFFIXES = {".md", ".markdown", ".txt", ".csv", ".jsonl", ".ndjson", ".pdf", ".js", ".json", ""}
+_KNOWN_SUFFIXES = {".md", ".markdown", ".txt", ".csv", ".tsv", ".jsonl", ".ndjson", ".pdf", ".js", ".json",
+                   ".fortune", ".fortunes", ".u8", ""}
 
 
 @dataclass
@@ -95,6 +96,7 @@ class BuildResult:
     problems: list[SourceProblem] = field(default_factory=list)
     by_format: Counter[str] = field(default_factory=Counter)
     tail_held_out: bool = False  # the one document's end was held out
+    left_out: list[Path] = field(default_factory=list)  # files in the folders named that are not writing
 
 
 def _text_hash(text: str) -> str:
@@ -141,8 +143,41 @@ def _looks_readable(path: Path) -> bool:
     return suffix in _KNOWN_SUFFIXES
 
 
+def _is_fortune_index(path: Path) -> bool:
+    """Whether a file is the index ``strfile`` made for the fortune file beside it (``NAME.dat``)."""
+    return path.suffix.lower() == ".dat" and path.with_suffix("").is_file()
+
+
+def _scan(sources: list[Path], exclude: Iterable[Path]) -> tuple[list[Path], list[Path]]:
+    """(the files to read, the files inside the folders named that do not look like writing)."""
+    skipped = {p.resolve() for p in exclude}
+    files: list[Path] = []
+    left_out: list[Path] = []
+    for source in sources:
+        if source.is_dir():
+            for path in sorted(source.rglob("*")):
+                if (not path.is_file() or any(part.startswith(".") for part in path.relative_to(source).parts)
+                        or path.resolve() in skipped):
+                    continue
+                if _looks_readable(path):
+                    files.append(path)
+                elif not _is_fortune_index(path):
+                    left_out.append(path)
+        elif source.is_file():
+            files.append(source)
+        else:
+            raise CorpusError(f"{source} does not exist; name files or folders of the author's writing")
+    # A file named twice, or reached again through a link (Debian's "kids.u8" is "kids"), is read once.
+    first: dict[Path, Path] = {}
+    for path in files:
+        first.setdefault(path.resolve(), path)
+    unique = list(first.values())
+    archives = {p.parent.resolve() for p in unique if is_tweet_archive(p)}
+    return [p for p in unique if not (is_note_tweets(p) and p.parent.resolve() in archives)], left_out
+
+
 def source_files(sources: list[Path], exclude: Iterable[Path] = ()) -> list[Path]:
-    """The files named, and the readable-looking files inside folders named, sorted.
+    """The files named, and the readable-looking files inside folders named, sorted, each once.
 
     Files in ``exclude`` (the corpus being written) are skipped inside folders: a corpus
     saved next to the writing would otherwise be read back into the next build. An X
@@ -150,20 +185,7 @@ def source_files(sources: list[Path], exclude: Iterable[Path] = ()) -> list[Path
     the tweets reader takes the full text of long posts from it (read alone, its notes are
     documents of their own).
     """
-    skipped = {p.resolve() for p in exclude}
-    files: list[Path] = []
-    for source in sources:
-        if source.is_dir():
-            inside = [p for p in sorted(source.rglob("*")) if p.is_file()
-                      and not any(part.startswith(".") for part in p.relative_to(source).parts)
-                      and p.resolve() not in skipped and _looks_readable(p)]
-            files.extend(inside)
-        elif source.is_file():
-            files.append(source)
-        else:
-            raise CorpusError(f"{source} does not exist; name files or folders of the author's writing")
-    archives = {p.parent.resolve() for p in files if is_tweet_archive(p)}
-    return [p for p in files if not (is_note_tweets(p) and p.parent.resolve() in archives)]
+    return _scan(sources, exclude)[0]
 
 
 def build_corpus(
@@ -181,7 +203,7 @@ def build_corpus(
     if fmt not in FORMATS:
         raise CorpusError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     read_options = read_options or ReadOptions()
-    files = source_files(sources, exclude)
+    files, left_out = _scan(sources, exclude)
     raw: list[str] = []
     problems: list[SourceProblem] = []
     by_format: Counter[str] = Counter()
@@ -190,7 +212,7 @@ def build_corpus(
         try:
             documents = READERS[chosen](path, read_options)
         except SourceProblem as problem:
-            log.warning("skipping %s", problem)
+            log.info("skipping %s", problem)  # the caller reports problems: a warning would print each twice
             problems.append(problem)
             continue
         by_format[chosen] += len(documents)
@@ -205,7 +227,7 @@ def build_corpus(
         validation=[t for t, s in zip(texts, splits) if s == "validation"],
         fingerprint=_fingerprint(zip(texts, splits)),
     )
-    return BuildResult(corpus, len(files), len(raw), report, problems, by_format, tail_held_out)
+    return BuildResult(corpus, len(files), len(raw), report, problems, by_format, tail_held_out, left_out)
 
 
 def write_corpus(corpus: Corpus, path: Path) -> None:

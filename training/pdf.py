@@ -83,11 +83,17 @@ def split_passages(text: str, words: int = PASSAGE_WORDS) -> list[str]:
 def read_pdf(path: Path, options: ReadOptions) -> list[RawDocument]:
     """Passages of a PDF book's prose."""
     from pypdf import PdfReader
-    from pypdf.errors import PyPdfError
+    from pypdf.errors import FileNotDecryptedError
 
     try:
         reader = PdfReader(path)
         pages = [page.extract_text() or "" for page in reader.pages]
-    except (PyPdfError, OSError, ValueError, KeyError, TypeError) as exc:
+    except FileNotDecryptedError as exc:
+        raise SourceProblem(path, None, "locked with a password; save an unlocked copy and name that "
+                                        "(e.g. `qpdf --password=PASSWORD --decrypt book.pdf unlocked.pdf`)") from exc
+    except Exception as exc:  # a damaged file raises all kinds (NotImplementedError for an unknown filter...)
         raise SourceProblem(path, None, f"not a readable PDF: {exc}") from exc
+    if not any(page.strip() for page in pages):
+        raise SourceProblem(path, None, f"no text on its {len(pages)} page(s): a scanned book is pictures of pages; "
+                                        "give it a text layer first (OCR, e.g. `ocrmypdf book.pdf book-text.pdf`)")
     return [RawDocument(passage, str(path), 1) for passage in split_passages(clean_pages(pages))]

@@ -5,18 +5,23 @@ it came from). A file a reader cannot make sense of raises ``SourceProblem`` nam
 file and line; the corpus builder reports it and goes on with the other files.
 
 Formats: Markdown with YAML (``---``) or TOML (``+++``) front matter, plain text split on
-``<|endoftext|>`` or blank lines, CSV (one column), JSONL (one field), PDF (``pdf.py``),
-Twitter/X archives (``tweets.py``: ``tweets.js`` and its parts, with the full text of
-long posts taken from the ``note-tweet.js`` beside them) and fortune files (``%`` between
-entries).
+``<|endoftext|>`` or blank lines, CSV (one column; comma, semicolon, tab or bar between
+cells), JSONL (one field; a JSON array of records too), PDF (``pdf.py``), Twitter/X
+archives (``tweets.py``: ``tweets.js`` and its parts, with the full text of long posts
+taken from the ``note-tweet.js`` beside them) and fortune files (``fortune.py``: ``%`` between
+entries; the offensive ones that ``strfile -x`` stored in ROT13 are read decoded).
+
+Text is UTF-8, or UTF-16/32 when it starts with a byte-order mark (Notepad's "Unicode").
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
 import re
+import struct
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,11 +36,13 @@ __all__ = [
     "is_tweet_archive",
     "json_lines",
     "read_csv",
-    "read_fortune",
     "read_jsonl",
     "read_markdown",
     "read_text",
+    "read_text_file",
+    "strfile_flags",
     "strip_markdown",
+    "text_blocks",
 ]
 
 FORMATS = ("auto", "text", "markdown", "csv", "jsonl", "pdf", "tweets", "fortune")
@@ -73,16 +80,35 @@ class ReadOptions:
     keep_retweets: bool = False
 
 
-def _read_text_file(path: Path) -> str:
+# UTF-32's little-endian mark begins with UTF-16's: it is looked for first.
+_BYTE_ORDER_MARKS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
+                     (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
+
+
+def read_text_file(path: Path) -> str:
+    """A text file's contents: UTF-8, or UTF-16/32 with a byte-order mark; else a ``SourceProblem`` saying what to do."""
     try:
         raw = path.read_bytes()
     except OSError as exc:
         raise SourceProblem(path, None, f"cannot read: {exc.strerror}") from exc
+    fortune = path.with_suffix("")
+    if path.suffix.lower() == ".dat" and fortune.is_file() and strfile_flags(fortune) is not None:
+        raise SourceProblem(path, None, f"the index `strfile` made for the fortune file {fortune.name}, "
+                                        "not text; name that file instead")
+    for mark, codec in _BYTE_ORDER_MARKS:
+        if raw.startswith(mark):
+            try:
+                return raw.decode(codec)
+            except UnicodeDecodeError as exc:
+                raise SourceProblem(path, None, f"not {codec.upper()} text, though it starts as such ({exc.reason})") from exc
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
-        raise SourceProblem(path, line, f"not UTF-8 text ({exc.reason})") from exc
+        if b"\0" in raw[:4096]:
+            raise SourceProblem(path, None, "a binary file, not text; name the files of the author's writing") from exc
+        raise SourceProblem(path, line, f"not UTF-8 text ({exc.reason}); convert it to UTF-8 first, "
+                                        "e.g. `iconv -f WINDOWS-1252 -t UTF-8` for Latin-1 or Windows text") from exc
 
 
 # A large archive is split: tweets.js, tweets-part1.js, ... (older: tweet.js, tweet-part1.js).
@@ -112,11 +138,13 @@ def detect_format(path: Path) -> str:
     suffix = path.suffix.lower()
     if is_tweet_archive(path) or is_note_tweets(path):
         return "tweets"
-    by_suffix = {".md": "markdown", ".markdown": "markdown", ".csv": "csv", ".jsonl": "jsonl",
-                 ".ndjson": "jsonl", ".pdf": "pdf"}
+    by_suffix = {".md": "markdown", ".markdown": "markdown", ".csv": "csv", ".tsv": "csv", ".jsonl": "jsonl",
+                 ".ndjson": "jsonl", ".pdf": "pdf", ".fortune": "fortune", ".fortunes": "fortune"}
     if suffix in by_suffix:
         return by_suffix[suffix]
-    if suffix in ("", ".txt", ".dat", ".fortune"):
+    if suffix in ("", ".txt", ".dat", ".u8"):  # Debian's fortune files have no suffix, or ".u8" (UTF-8)
+        if strfile_flags(path) is not None:  # indexed by strfile: a fortune file, even of one entry (no "%")
+            return "fortune"
         try:
             head = path.read_bytes()[:4096].decode("utf-8", "ignore")
         except OSError:
@@ -141,7 +169,8 @@ def _split_front_matter(path: Path, text: str) -> tuple[dict, str, int]:
         if lines[end].strip() == fence:
             break
     else:
-        raise SourceProblem(path, 1, f"front matter opened with {fence!r} is never closed")
+        raise SourceProblem(path, 1, f"front matter opened with {fence!r} is never closed; end it with a {fence!r} "
+                                     "line (or, for a rule at the top of the post, put a blank line above it)")
     block = "\n".join(lines[1:end])
     try:
         if _FENCE[fence] == "toml":
@@ -151,23 +180,44 @@ def _split_front_matter(path: Path, text: str) -> tuple[dict, str, int]:
 
             meta = yaml.safe_load(block) or {}
     except Exception as exc:  # yaml and toml raise their own kinds; both mean a bad header
-        line = getattr(getattr(exc, "problem_mark", None), "line", None)
-        raise SourceProblem(path, (line or 0) + 2, f"bad {_FENCE[fence].upper()} front matter: {exc}") from exc
+        line, reason = _header_error(exc)
+        raise SourceProblem(path, line + 1, f"bad {_FENCE[fence].upper()} front matter: {reason}") from exc
     if not isinstance(meta, dict):
-        raise SourceProblem(path, 2, "front matter is not a table of keys")
+        raise SourceProblem(path, 2, f"front matter is not a table of keys (for a rule at the top of the "
+                                     f"post, put a blank line above its {fence!r})")
     return meta, "\n".join(lines[end + 1 :]), end + 2
+
+
+def _header_error(exc: Exception) -> tuple[int, str]:
+    """(line within the header, reason on one line) for a YAML or TOML error."""
+    mark = getattr(exc, "problem_mark", None)  # YAML's, 0-based
+    if mark is not None:
+        return mark.line + 1, getattr(exc, "problem", None) or str(exc).split("\n")[0]
+    found = re.search(r"\s*\(at line (\d+), column \d+\)$", str(exc))  # TOML's
+    if found:
+        return int(found.group(1)), str(exc)[: found.start()]
+    return 1, str(exc).split("\n")[0]
 
 
 def strip_markdown(text: str) -> str:
     """Markdown to the plain prose a reader sees."""
     text = re.sub(r"^(```|~~~).*?^\1\s*$", "", text, flags=re.MULTILINE | re.DOTALL)  # code blocks
     text = re.sub(r"<!--.*?-->", "", text, flags=re.DOTALL)
+    text = re.sub(r"<(script|style)\b.*?</\1\s*>", "", text, flags=re.DOTALL | re.IGNORECASE)
+    # Code in Jekyll's {% highlight %} and Hugo's {{< highlight >}} blocks, then the other tags.
+    text = re.sub(r"\{%-?\s*highlight\b.*?\{%-?\s*endhighlight\s*-?%\}", "", text, flags=re.DOTALL)
+    text = re.sub(r"\{\{([<%])\s*highlight\b.*?\{\{\1\s*/highlight\s*[%>]\}\}", "", text, flags=re.DOTALL)
     text = re.sub(r"\{\{[<%].*?[%>]\}\}|\{%.*?%\}", "", text, flags=re.DOTALL)  # Hugo/Jekyll tags
-    text = re.sub(r"!\[([^\]]*)\]\([^)]*\)", "", text)  # images
-    text = re.sub(r"\[([^\]]+)\]\([^)]*\)", r"\1", text)  # links keep their words
-    text = re.sub(r"\[([^\]]+)\]\[[^\]]*\]", r"\1", text)
+    # Brackets inside link text are not looked for: each "[" is scanned past once, not to the line's end.
+    text = re.sub(r"!\[[^\[\]]*\]\([^)]*\)", "", text)  # images (a linked badge leaves "[](...)")
+    text = re.sub(r"\[([^\[\]]*)\]\([^)]*\)", r"\1", text)  # links keep their words
+    text = re.sub(r"\[([^\[\]]+)\]\[[^\[\]]*\]", r"\1", text)
+    text = re.sub(r"^[ \t]*\[\^[^\[\]]+\]:[ \t]*", "", text, flags=re.MULTILINE)  # a footnote keeps its words
+    text = re.sub(r"\[\^[^\[\]\s]+\]", "", text)  # footnote marks
     text = re.sub(r"^\s*\[[^\]]+\]:\s*\S+.*$", "", text, flags=re.MULTILINE)  # link definitions
-    text = re.sub(r"<[^>\n]+>", "", text)  # inline HTML
+    text = re.sub(r"<((?:https?|ftp)://[^\s<>]+)>", r"\1", text)  # autolinks keep their address
+    # A tag starts with a letter, so "3 < 5 and 7 > 2" stays; no "<" inside keeps it linear.
+    text = re.sub(r"</?[A-Za-z][^<>\n]*>", "", text)  # inline HTML
     text = re.sub(r"^\s{0,3}#{1,6}\s*", "", text, flags=re.MULTILINE)
     text = re.sub(r"^\s{0,3}>\s?", "", text, flags=re.MULTILINE)
     text = re.sub(r"^\s*([-*+]|\d+[.)])\s+", "", text, flags=re.MULTILINE)
@@ -181,7 +231,7 @@ def strip_markdown(text: str) -> str:
 def read_markdown(path: Path, options: ReadOptions) -> list[RawDocument]:
     """One document per file: the body with front matter and markup stripped."""
     # Windows line endings: TOML refuses the "\r" that splitting on "\n" would leave.
-    text = _read_text_file(path).replace("\r\n", "\n")
+    text = read_text_file(path).replace("\r\n", "\n")
     meta, body, start = _split_front_matter(path, text)
     if meta.get("draft") is True:
         return []
@@ -191,16 +241,18 @@ def read_markdown(path: Path, options: ReadOptions) -> list[RawDocument]:
 # --- Plain text ---------------------------------------------------------------------
 
 
-def _blocks(text: str, separator: re.Pattern[str]) -> list[tuple[str, int]]:
+def text_blocks(text: str, separator: re.Pattern[str]) -> list[tuple[str, int]]:
     """Pieces of ``text`` between separator matches, with the line each starts on."""
     found = []
     position = 0
+    line, counted = 1, 0  # newlines are counted on from the last piece: from the start each time is quadratic
     for match in [*separator.finditer(text), None]:
         end = match.start() if match else len(text)
         piece = text[position:end]
-        lead = len(piece) - len(piece.lstrip())
-        line = text.count("\n", 0, position + lead) + 1
         if piece.strip():
+            start = position + len(piece) - len(piece.lstrip())
+            line += text.count("\n", counted, start)
+            counted = start
             found.append((piece.strip(), line))
         if match:
             position = match.end()
@@ -209,75 +261,76 @@ def _blocks(text: str, separator: re.Pattern[str]) -> list[tuple[str, int]]:
 
 def read_text(path: Path, options: ReadOptions) -> list[RawDocument]:
     """Documents split on ``<|endoftext|>`` when present, else on blank lines."""
-    text = _read_text_file(path).replace("\r\n", "\n")
+    text = read_text_file(path).replace("\r\n", "\n")
     if END_OF_TEXT in text:
         separator = re.compile(re.escape(END_OF_TEXT))
     else:
         separator = re.compile(r"\n[ \t]*\n(?:[ \t]*\n)*")
-    return [RawDocument(piece, str(path), line) for piece, line in _blocks(text, separator)]
+    return [RawDocument(piece, str(path), line) for piece, line in text_blocks(text, separator)]
 
 
-# --- Fortune files ------------------------------------------------------------------
-
-_ATTRIBUTION = re.compile(r"^\s*(?:--|—|―|~)\s*(?P<who>[^\n]+?)\s*$")
+# --- Fortune files: their index (the reader is in fortune.py) ---------------------
 
 
-def _attribution(entry: str) -> tuple[str, str | None]:
-    """(entry without its trailing ``-- Author`` lines, the author or None)."""
-    lines = entry.rstrip().split("\n")
-    for i in range(len(lines) - 1, max(len(lines) - 4, 0), -1):
-        match = _ATTRIBUTION.match(lines[i])
-        if match:
-            who = " ".join(line.strip() for line in [match.group("who"), *lines[i + 1 :]])
-            return "\n".join(lines[:i]).rstrip(), who
-    return entry.strip(), None
-
-
-def _author_matches(author: str, attributed: str) -> bool:
-    """Whether the attribution names this author: "Mark Twain" matches "Mark Twain, 1894"."""
-    wanted = re.sub(r"\W+", " ", author).strip().lower()
-    found = re.sub(r"\W+", " ", attributed).strip().lower()
-    return bool(wanted) and re.search(rf"(^| ){re.escape(wanted)}( |$)", found) is not None
-
-
-def read_fortune(path: Path, options: ReadOptions) -> list[RawDocument]:
-    """Entries between ``%`` lines; with an author, only theirs, attribution removed."""
-    text = _read_text_file(path).replace("\r\n", "\n")
-    documents = []
-    for piece, line in _blocks(text, re.compile(r"^%[ \t]*$", re.MULTILINE)):
-        body, who = _attribution(piece)
-        if options.author is not None:
-            if who is None or not _author_matches(options.author, who):
-                continue
-            piece = body
-        if piece.strip():
-            documents.append(RawDocument(piece, str(path), line))
-    return documents
+def strfile_flags(path: Path) -> int | None:
+    """The flags in the index ``strfile`` made beside a fortune file (``NAME.dat``), None if none."""
+    real = path.resolve()  # Debian's "kids.u8" links to "kids", whose index is "kids.dat"
+    try:
+        with real.with_name(real.name + ".dat").open("rb") as index:
+            header = index.read(20)
+    except OSError:
+        return None
+    if len(header) < 20:
+        return None
+    version, _count, _longest, _shortest, flags = struct.unpack(">5I", header)
+    return flags if version in (1, 2) else None
 
 
 # --- CSV and JSONL ------------------------------------------------------------------
 
 
+def _delimiter(header: str) -> str:
+    """The character between the header's cells: of comma, semicolon (Excel's in much of Europe),
+    tab and bar, the one it holds most; a comma if none."""
+    counts = {mark: header.count(mark) for mark in ",;\t|"}
+    best = max(counts, key=lambda mark: counts[mark])
+    return best if counts[best] else ","
+
+
+def _column(path: Path, header: list[str], wanted: str) -> str:
+    """The header's name for the column asked for: as written, else the one that differs only in case."""
+    if wanted in header:
+        return wanted
+    alike = [name for name in header if name.strip().casefold() == wanted.strip().casefold()]
+    if len(alike) == 1:
+        return alike[0]
+    raise SourceProblem(path, 1, f"no column {wanted!r}; columns are {', '.join(header) or 'none'} (use --column)")
+
+
 def read_csv(path: Path, options: ReadOptions) -> list[RawDocument]:
     """One document per row, from the column named by ``--column``."""
-    text = _read_text_file(path)
+    text = read_text_file(path)
     # csv refuses fields over 128 KB by default; no field can be longer than its file.
     csv.field_size_limit(max(csv.field_size_limit(), len(text)))
+    lines = io.StringIO(text, newline="").readlines()
+    reader = csv.DictReader(lines, delimiter=_delimiter(lines[0] if lines else ""))
     try:
-        reader = csv.DictReader(io.StringIO(text, newline=""))
-        header = reader.fieldnames or []
-        if options.column not in header:
-            raise SourceProblem(
-                path, 1, f"no column {options.column!r}; columns are {', '.join(header) or 'none'} (use --column)"
-            )
+        column = _column(path, reader.fieldnames or [], options.column)
         documents = []
+        last, starts = None, reader.line_num + 1  # the line the last row started on, the next one's
         for row in reader:
-            value = row.get(options.column)
+            value = row.get(column)
             if value:
-                documents.append(RawDocument(value, str(path), reader.line_num))
-        return documents
+                documents.append(RawDocument(value, str(path), starts))
+            last, starts = starts, reader.line_num + 1
     except csv.Error as exc:
         raise SourceProblem(path, reader.line_num, f"bad CSV: {exc}") from exc
+    # A quote left open makes the rest of the file one cell: the last row then spans many lines
+    # and holds an odd number of quotes (a quote inside a quoted cell is doubled).
+    if last is not None and last < reader.line_num and "".join(lines[last - 1 :]).count('"') % 2:
+        raise SourceProblem(path, last, 'a quoted cell opened on this line is never closed, so every line after '
+                                        'it would be one text; add the closing " where the cell ends')
+    return documents
 
 
 def json_lines(text: str) -> list[str]:
@@ -289,24 +342,59 @@ def json_lines(text: str) -> list[str]:
     return [line.removesuffix("\r") for line in text.split("\n")]
 
 
-def read_jsonl(path: Path, options: ReadOptions) -> list[RawDocument]:
-    """One document per line, from the field named by ``--field`` (dots go deeper)."""
-    documents = []
-    for number, line in enumerate(json_lines(_read_text_file(path)), start=1):
+def _json_records(path: Path, text: str) -> list[tuple[int, object]]:
+    """(line, record) for each line of a JSONL text. A line holding an array gives its items, and so
+    does a file that is one JSON array over many lines (or one pretty-printed object gives itself)."""
+    records: list[tuple[int, object]] = []
+    for number, line in enumerate(json_lines(text), start=1):
         if not line.strip():
             continue
         try:
             value = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise SourceProblem(path, number, f"not JSON: {exc.msg}") from exc
-        if isinstance(value, str):
-            documents.append(RawDocument(value, str(path), number))
+            if records:
+                raise SourceProblem(path, number, f"not JSON: {exc.msg}") from exc
+            try:
+                whole = json.loads(text)
+            except json.JSONDecodeError as whole_exc:  # says where an array breaks, not at its "["
+                raise SourceProblem(path, whole_exc.lineno, f"not JSON: {whole_exc.msg}") from exc
+            return [(number, item) for item in (whole if isinstance(whole, list) else [whole])]
+        records.extend((number, item) for item in (value if isinstance(value, list) else [value]))
+    return records
+
+
+_ABSENT = object()
+
+
+def _field(record: object, dotted: str) -> object:
+    """The value at a dotted path in a record, ``_ABSENT`` where the record has no such field."""
+    for key in dotted.split("."):
+        if not isinstance(record, dict) or key not in record:
+            return _ABSENT
+        record = record[key]
+    return record
+
+
+def read_jsonl(path: Path, options: ReadOptions) -> list[RawDocument]:
+    """One document per line, from the field named by ``--field`` (dots go deeper)."""
+    documents = []
+    first: tuple[int, dict] | None = None  # the first record that is an object, for the error
+    present = False
+    for number, record in _json_records(path, read_text_file(path)):
+        if isinstance(record, str):
+            documents.append(RawDocument(record, str(path), number))
             continue
-        for key in options.field.split("."):
-            value = value.get(key) if isinstance(value, dict) else None
-        if value is None:
+        if isinstance(record, dict) and first is None:
+            first = number, record
+        value = _field(record, options.field)
+        present = present or value is not _ABSENT
+        if value is _ABSENT or value is None:
             continue
         if not isinstance(value, str):
             raise SourceProblem(path, number, f"field {options.field!r} is not text (use --field)")
         documents.append(RawDocument(value, str(path), number))
+    if first is not None and not present:  # a wrong --field would otherwise read nothing, and say nothing
+        line, record = first
+        raise SourceProblem(path, line, f"no record has the field {options.field!r}; the first record's fields are "
+                                        f"{', '.join(map(str, record)) or 'none'} (use --field)")
     return documents

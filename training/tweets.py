@@ -101,7 +101,17 @@ def _timestamp(value: object) -> float | None:
 def _looks_cut(text: str) -> bool:
     """Whether a tweet's text may be the first part of a longer post: it ends in an ellipsis
     (links aside) or nearly fills a tweet."""
-    return _LINK.sub(" ", text).rstrip().endswith(("…", "...")) or len(text) >= _NEARLY_FULL_CHARS
+    return _LINK.sub(" ", text).rstrip().endswith(("…", "...")) or _weighted_length(text) >= _NEARLY_FULL_CHARS
+
+
+# X counts a character in these ranges once and any other (Chinese, Japanese, Korean, most
+# emoji...) twice against a tweet's 280, so a full tweet in Japanese holds about 140.
+_WEIGHS_TWO = re.compile(r"[^\u0000-\u10ff\u2000-\u200d\u2010-\u201f\u2032-\u2037]")
+
+
+def _weighted_length(text: str) -> int:
+    """A text's length as X weighs it against the 280 a tweet holds (twitter-text's rule)."""
+    return len(text) + len(_WEIGHS_TWO.findall(text))
 
 
 def _match_key(text: str) -> str:

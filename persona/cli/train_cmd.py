@@ -6,6 +6,7 @@ import json
 import math
 import shlex
 import time
+from collections import Counter
 from pathlib import Path
 
 import typer
@@ -48,6 +49,9 @@ def corpus_build(
 
     if output.is_dir():  # found out only after reading everything, as a traceback
         raise CorpusError(f"{output} is a folder; name the corpus file to write, e.g. -o {output / 'corpus.jsonl'}")
+    if any(source.is_file() and source.resolve() == output.resolve() for source in sources):
+        raise CorpusError(f"{output} is one of the files to read: the corpus would be written over the "
+                          "author's writing; choose another -o")
     result = build_corpus(
         sources, fmt=fmt,
         read_options=ReadOptions(column=column, field=field, author=author,
@@ -55,8 +59,10 @@ def corpus_build(
         clean_options=CleanOptions(strip_urls=strip_urls, strip_handles=strip_handles, min_chars=min_chars),
         exclude=[output],
     )
-    for problem in result.problems:
-        err_console.print(f"[yellow]skipped[/yellow] {problem}", highlight=False, markup=False)
+    for problem in result.problems:  # escaped: a path may hold brackets ("my [draft] notes")
+        err_console.print(f"[yellow]skipped[/yellow] {escape(str(problem))}", highlight=False)
+    if result.left_out:
+        err_console.print(f"[yellow]left out[/yellow] {escape(_left_out(result.left_out))}", highlight=False)
     corpus = result.corpus
     if not corpus.documents:
         hint = f" signed by {author!r}" if author else ""
@@ -78,6 +84,14 @@ def corpus_build(
         _warn_nothing_held_out("too few documents to hold any out")
     console.print(escape(_size_line(corpus.train, corpus.validation, base)))
     console.print(f"wrote {escape(str(output))}  (fingerprint {corpus.fingerprint})")
+
+
+def _left_out(paths: list[Path]) -> str:
+    """The files in the folders named that were not read, counted by kind."""
+    kinds = Counter(path.suffix.lower() for path in paths)
+    listing = ", ".join(f"{count} {kind}" for kind, count in kinds.most_common(5)) + (", ..." if len(kinds) > 5 else "")
+    return (f"{len(paths)} file(s) in the folders that are no kind of writing it reads ({listing}); "
+            "name a file to read it, with --format if its name does not say what it is")
 
 
 def _tokenizer(base: str):

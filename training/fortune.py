@@ -1,0 +1,81 @@
+"""Fortune files, as Debian's ``fortunes`` packages ship them.
+
+Entries are separated by ``%`` lines, and many end with an attribution (``-- Mark Twain``);
+with ``--author`` only that author's entries are kept, their attribution removed. The
+offensive files are stored in ROT13 (``strfile -x``) and read decoded, as ``fortune``
+shows them. A file is known as a fortune file by its suffix or by the index ``strfile``
+made beside it (``NAME.dat``; see ``sources.strfile_flags``), even with one entry and no
+``%`` line.
+"""
+
+from __future__ import annotations
+
+import codecs
+import re
+from pathlib import Path
+
+from training.sources import (
+    RawDocument,
+    ReadOptions,
+    read_text_file,
+    strfile_flags,
+    text_blocks,
+)
+
+__all__ = ["read_fortune"]
+
+_ATTRIBUTION = re.compile(r"^\s*(?:--|—|―|~)\s*(?P<who>[^\n]+?)\s*$")
+
+
+def _attribution(entry: str) -> tuple[str, str | None]:
+    """(entry without its trailing ``-- Author`` lines, the author or None)."""
+    lines = entry.rstrip().split("\n")
+    for i in range(len(lines) - 1, max(len(lines) - 4, 0), -1):
+        match = _ATTRIBUTION.match(lines[i])
+        if match:
+            who = " ".join(line.strip() for line in [match.group("who"), *lines[i + 1 :]])
+            return "\n".join(lines[:i]).rstrip(), who
+    return entry.strip(), None
+
+
+def _author_matches(author: str, attributed: str) -> bool:
+    """Whether the attribution names this author: "Mark Twain" matches "Mark Twain, 1894"."""
+    wanted = re.sub(r"\W+", " ", author).strip().lower()
+    found = re.sub(r"\W+", " ", attributed).strip().lower()
+    return bool(wanted) and re.search(rf"(^| ){re.escape(wanted)}( |$)", found) is not None
+
+
+_STR_ROTATED = 0x4  # strfile's flag: the entries are stored in ROT13 (fortune's offensive files)
+
+
+def _vowel_share(text: str) -> float:
+    letters = re.findall(r"[A-Za-z]", text)
+    return sum(c in "aeiouAEIOU" for c in letters) / max(len(letters), 1)
+
+
+def _is_rotated(path: Path, text: str) -> bool:
+    """Whether a fortune file is stored in ROT13: its index says so, or, with no index, its letters do
+    (a third or more of a European language's letters are vowels; ROT13 turns most into consonants)."""
+    flags = strfile_flags(path)
+    if flags is not None:
+        return bool(flags & _STR_ROTATED)
+    sample = text[:20_000]
+    return (len(re.findall(r"[A-Za-z]", sample)) >= 200 and _vowel_share(sample) < 0.25
+            and _vowel_share(codecs.decode(sample, "rot13")) > 0.33)
+
+
+def read_fortune(path: Path, options: ReadOptions) -> list[RawDocument]:
+    """Entries between ``%`` lines; with an author, only theirs, attribution removed."""
+    text = read_text_file(path).replace("\r\n", "\n")
+    if _is_rotated(path, text):  # as `fortune` shows it
+        text = codecs.decode(text, "rot13")
+    documents = []
+    for piece, line in text_blocks(text, re.compile(r"^%[ \t]*$", re.MULTILINE)):
+        body, who = _attribution(piece)
+        if options.author is not None:
+            if who is None or not _author_matches(options.author, who):
+                continue
+            piece = body
+        if piece.strip():
+            documents.append(RawDocument(piece, str(path), line))
+    return documents
