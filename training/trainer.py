@@ -3,7 +3,7 @@
 Reads top to bottom: prepare (seed, model, examples, optimiser) → train (step, report,
 evaluate, keep the best, stop early or on time) → hand back the best weights. The data
 order of epoch ``e`` is a permutation seeded with ``seed + e``, so the position in the
-data is just the step number, as is the learning rate (``_lr_factor``; with a time budget,
+data is just the step number, as is the learning rate (``schedule.lr_factor``; with a time budget,
 the time spent too); with the optimiser and random states saved in the run folder,
 ``resume=True`` continues as if the run had never stopped. Ctrl-C stops
 the run after the step it lands in, so the saved state is always that of a whole step;
@@ -40,6 +40,8 @@ from training.batching import (
     summed_loss,
 )
 from training.corpus import Corpus
+from training.schedule import eval_sample, lr_factor
+from training.weights import load_weights, save_weights, saving, trainable
 
 __all__ = ["LogReporter", "Reporter", "TrainConfig", "TrainResult", "max_positions", "sample_texts", "train"]
 
@@ -199,90 +201,6 @@ def _load(config: TrainConfig, base_dir: Path, device: str) -> tuple[Any, Any]:
     return tokenizer, model
 
 
-def _lr_factor(step: int, total_steps: int, warmup_fraction: float, time_used: float | None = None) -> float:
-    """The learning rate of ``step`` as a fraction of the peak: a linear warm-up over the first
-    ``warmup_fraction`` of the run, then cosine decay to a tenth of the peak at its end.
-
-    A run ends after ``total_steps`` or when its time budget is spent, whichever comes first,
-    so its progress is read off whichever of the two clocks is further along: ``time_used`` is
-    the fraction of ``max_minutes`` spent (None without a budget). A run cut short by time then
-    ends with the rate at its floor, as one that runs all its steps does; with only a budget,
-    the five-epoch plan had a run cut by time end with the rate still near its peak. Time
-    is used as it is rather than turned into a guess of the steps it allows, which would be
-    wrong whenever the machine's speed or the cost of evaluations changed. A run with a
-    budget is therefore not repeatable step for step (one stopped by time never was); without
-    one the rate depends on the step alone, so ``resume`` stays exact.
-    """
-    warmup = max(1, int(total_steps * warmup_fraction))
-    warm = (step + 1) / warmup
-    decay = (step - warmup) / max(1, total_steps - warmup)
-    if time_used is not None:
-        if warmup_fraction > 0:
-            warm = max(warm, time_used / warmup_fraction)
-        decay = max(decay, (time_used - warmup_fraction) / (1 - warmup_fraction))
-    if warm < 1:
-        return warm
-    progress = min(1.0, max(0.0, decay))
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def _eval_sample(examples: list[Example], budget_tokens: int, seed: int) -> list[Example]:
-    """The held-out examples the evaluations during a run measure: all of them when they
-    hold at most ``budget_tokens`` tokens, else a seeded sample of about that many.
-
-    Ten evaluations over a thousand held-out documents took minutes each on a small CPU,
-    out of a ``max_minutes`` budget. The sample is the same at every evaluation (and again
-    on ``resume``), so evaluations compare like with like; choosing the best weights needs
-    no more. The figures a run reports, base and best, are measured on every example.
-    """
-    if sum(len(e) for e in examples) <= budget_tokens:
-        return examples
-    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
-    chosen: list[Example] = []
-    tokens = 0
-    for index in order:
-        if chosen and tokens + len(examples[index]) > budget_tokens:
-            break
-        chosen.append(examples[index])
-        tokens += len(examples[index])
-    return chosen
-
-
-def _trainable(model: Any) -> dict[str, torch.Tensor]:
-    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
-
-
-@contextmanager
-def _saving(what: str, partial: Path) -> Iterator[None]:
-    """Remove what a failed save half wrote, and say why it failed (a full disk, mostly:
-    torch and safetensors report it in their own words). The last good save stays."""
-    try:
-        yield
-    except BaseException as exc:
-        if partial.is_dir():
-            shutil.rmtree(partial, ignore_errors=True)
-        else:
-            partial.unlink(missing_ok=True)
-        if not isinstance(exc, Exception):  # Ctrl-C: nothing to explain
-            raise
-        free_mb = shutil.disk_usage(partial.parent).free / 2**20
-        raise ModelError(
-            f"could not save {what} in {partial.parent} ({free_mb:.0f} MB free there): {exc}; "
-            "make room, then continue the run with --resume"
-        ) from exc
-
-
-def _save_weights(model: Any, tokenizer: Any, folder: Path) -> None:
-    """A folder ``persona.models.load_model`` can load: an adapter or full weights."""
-    staging = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    with _saving("the best weights", staging):
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-    shutil.rmtree(folder, ignore_errors=True)
-    staging.rename(folder)
-
-
 def max_positions(model: Any) -> int | None:
     """The longest sequence the model has positions for; None when its config names no limit."""
     value = getattr(model.config, "max_position_embeddings", None)  # GPT-2's n_positions too
@@ -363,7 +281,7 @@ class _Run:
                      max_tokens, config.max_tokens)
         self.train_examples = encode_documents(self.tokenizer, corpus.train, max_tokens)
         self.val_examples = encode_documents(self.tokenizer, corpus.validation, max_tokens)
-        self.eval_examples = _eval_sample(self.val_examples, config.eval_tokens, config.seed)
+        self.eval_examples = eval_sample(self.val_examples, config.eval_tokens, config.seed)
         if not self.train_examples:
             raise ModelError("the corpus has no training documents; build a bigger corpus")
         self.steps_per_epoch = math.ceil(len(self.train_examples) / config.batch_size)
@@ -387,7 +305,7 @@ class _Run:
     def save_state(self) -> None:
         """Everything ``resume`` needs, written atomically."""
         payload = {
-            "weights": _trainable(self.model),
+            "weights": trainable(self.model),
             "optimizer": self.optimizer.state_dict(),
             "rng": _rng_states(),
             "state": self.state.__dict__,
@@ -395,7 +313,7 @@ class _Run:
         }
         self.run_dir.mkdir(parents=True, exist_ok=True)
         tmp = self.run_dir / (STATE_FILE + ".tmp")
-        with _saving("the run's state", tmp):
+        with saving("the run's state", tmp):
             torch.save(payload, tmp)
         tmp.replace(self.run_dir / STATE_FILE)
 
@@ -417,24 +335,6 @@ class _Run:
         with self._autocast():
             return evaluate_loss(self.model, examples, self.pad_id, self.device, self.config.batch_size)
 
-    def load_weights(self, folder: Path) -> None:
-        """Put the weights ``_save_weights`` wrote in ``folder`` back into the model."""
-        from safetensors.torch import load_file
-
-        files = sorted(folder.glob("*.safetensors"))
-        for file in files:
-            if self.config.kind == "lora":
-                from peft import set_peft_model_state_dict
-
-                loaded = set_peft_model_state_dict(self.model, load_file(file))
-            else:
-                loaded = self.model.load_state_dict(load_file(file), strict=False)
-            if loaded.unexpected_keys:
-                raise ModelError(f"the weights in {folder} do not fit the model being trained "
-                                 f"({loaded.unexpected_keys[0]}...); start the run over")
-        if not files:
-            raise ModelError(f"{folder} holds no weights; start the run over")
-
     def _autocast(self):
         # bf16 on a GPU that has it; the CPU trains in fp32 (its bf16 is slower here).
         enabled = self.device == "cuda" and torch.cuda.is_bf16_supported()
@@ -444,7 +344,7 @@ class _Run:
         """One optimiser step on the next batch; the batch's mean loss per token."""
         budget_s = self.config.max_minutes * 60 if self.config.max_minutes is not None else None
         time_used = self.state.elapsed_s / budget_s if budget_s else None
-        factor = _lr_factor(self.state.step, self.total_steps, self.config.warmup_fraction, time_used)
+        factor = lr_factor(self.state.step, self.total_steps, self.config.warmup_fraction, time_used)
         for group in self.optimizer.param_groups:
             group["lr"] = self.config.lr() * factor
         batch = batch_tensors(self.batch_for(self.state.step), self.pad_id, self.device)
@@ -512,7 +412,7 @@ def train(
     # Without validation documents the last weights are the best we know (a resumed run's
     # best/ holds those it was interrupted with); with them, until the first evaluation.
     if not run.val_examples or not best_dir.is_dir():
-        _save_weights(run.model, run.tokenizer, best_dir)
+        save_weights(run.model, run.tokenizer, best_dir)
         state.best_step = state.step
     session_s = time.perf_counter() - session_started
     val_loss = state.best_val_loss if math.isfinite(state.best_val_loss) else math.nan
@@ -540,7 +440,7 @@ def _measure_best_on_all(run: _Run, reporter: Reporter, best_dir: Path, document
     """The best weights' loss on every held-out example, when the evaluations used a sample."""
     reporter.on_full_eval(run.state.best_step, documents)
     if run.state.best_step != run.state.step:  # the weights in hand are later ones
-        run.load_weights(best_dir)
+        load_weights(run.model, run.config.kind, best_dir)
     return run.evaluate(run.val_examples)
 
 
@@ -551,7 +451,7 @@ def _evaluate_and_keep(run: _Run, reporter: Reporter, best_dir: Path) -> bool:
     improved = math.isfinite(val_loss) and val_loss < state.best_val_loss
     if improved:
         state.best_val_loss, state.best_step, state.bad_evals = val_loss, state.step, 0
-        _save_weights(run.model, run.tokenizer, best_dir)
+        save_weights(run.model, run.tokenizer, best_dir)
     elif math.isfinite(val_loss):
         state.bad_evals += 1
     total, weight = state.average
