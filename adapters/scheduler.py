@@ -19,13 +19,19 @@ from datetime import UTC, datetime
 import redis
 
 from adapters.posting.poster import Poster, PostOutcome
-from adapters.posting.slots import SlotPlan, plan_slots, slot_id, slots_between
+from adapters.posting.slots import (
+    SlotPlan,
+    next_slot,
+    plan_slots,
+    slot_id,
+    slots_between,
+)
 from persona import constants as keys
 from persona.errors import PersonaError, QueueError
 from persona.ledger import OPEN_STATES
 from persona.personas import Persona
 
-__all__ = ["Scheduler", "scheduled_personas"]
+__all__ = ["Scheduler", "scheduled_personas", "unscheduled_reason"]
 
 log = logging.getLogger(__name__)
 
@@ -34,12 +40,20 @@ MAX_BACKOFF_S = 60.0
 MAX_BEGUN_LOOKBACK = 48
 
 
+def unscheduled_reason(persona: Persona) -> str:
+    """Why a persona whose file enables its schedule is not posted on it ("" if it is, or is not enabled)."""
+    if not persona.schedule.enabled:
+        return ""
+    if "scheduler" not in persona.adapters:
+        return f"adapters does not list \"scheduler\" (it lists {', '.join(persona.adapters) or 'none'}); add it to post on schedule"
+    if not persona.schedule.sinks:
+        return "schedule.sinks is empty; name where the posts go, e.g. sinks = [\"file:posts.jsonl\"]"
+    return ""
+
+
 def scheduled_personas(personas: dict[str, Persona]) -> list[Persona]:
     """The personas that post on their own: schedule enabled, scheduler adapter on, sinks set."""
-    return [
-        p for p in personas.values()
-        if p.schedule.enabled and "scheduler" in p.adapters and p.schedule.sinks
-    ]
+    return [p for p in personas.values() if p.schedule.enabled and not unscheduled_reason(p)]
 
 
 @dataclass
@@ -104,6 +118,31 @@ class Scheduler:
         # Only now: a crash before this line leaves the slot due, and the ledger makes the retry safe.
         self._checked(persona, now)
         return outcome
+
+    def preflight(self) -> list[str]:
+        """What would keep a persona from posting on schedule, found now rather than at its first slot.
+
+        A persona that enables its schedule but will never be posted on, one whose
+        schedule has no next time, sinks that lack a setting and a corpus that cannot be
+        read are each named, with what to change.
+        """
+        problems: list[str] = []
+        for persona in self.poster.registry.all().values():
+            if reason := unscheduled_reason(persona):
+                problems.append(f"{persona.name}: schedule.enabled is true, but {reason}")
+                continue
+            if not persona.schedule.enabled:
+                continue
+            try:
+                upcoming = slot_id(next_slot(persona.schedule.cron, persona.schedule.timezone, self.clock()))
+                self.poster.sinks_for(persona, None)
+                self.poster.corpus_index(persona)
+            except PersonaError as exc:
+                problems.append(f"{persona.name}: {exc}")
+                continue
+            log.info("%s posts on %r (%s) to %s; next slot %s", persona.name, persona.schedule.cron,
+                     persona.schedule.timezone, ", ".join(persona.schedule.sinks), upcoming)
+        return problems
 
     def _begun(self, persona: Persona, slot: datetime) -> bool:
         """Whether the slot's text was chosen but the slot never closed (its poster died).

@@ -56,6 +56,13 @@ class Approval:
         )
 
 
+def _unknown(approval_id: str) -> str:
+    return (
+        f"no post waiting with id {approval_id!r} (a post left waiting {APPROVAL_TTL_S // 86400} days expires); "
+        "see `persona posts pending`"
+    )
+
+
 class ApprovalQueue:
     """Posts waiting for an operator's yes or no."""
 
@@ -83,7 +90,7 @@ class ApprovalQueue:
         """One approval by id; PostingError naming the command that lists them if unknown."""
         raw = self.redis.hgetall(keys.approval_key(approval_id))
         if not raw:
-            raise PostingError(f"no post waiting with id {approval_id!r}; see `persona posts pending`")
+            raise PostingError(_unknown(approval_id))
         return Approval.from_hash(approval_id, raw)
 
     def pending(self) -> list[Approval]:
@@ -106,7 +113,7 @@ class ApprovalQueue:
         )
         outcome = outcome.decode() if isinstance(outcome, bytes) else outcome
         if outcome == "missing":
-            raise PostingError(f"no post waiting with id {approval_id!r}; see `persona posts pending`")
+            raise PostingError(_unknown(approval_id))
         if outcome != "ok":
             raise PostingError(f"post {approval_id} was already {outcome}")
         return self.get(approval_id)

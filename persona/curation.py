@@ -40,6 +40,7 @@ __all__ = [
     "is_near_repeat",
     "limit_for",
     "load_corpus",
+    "over_limits",
     "score",
     "x_length",
 ]
@@ -104,6 +105,18 @@ def limit_for(platforms: Iterable[str], persona_max_chars: int) -> int:
     """The tightest character limit of the persona and the platforms posted to."""
     limits = [PLATFORM_LIMITS_CHARS[p] for p in platforms if p in PLATFORM_LIMITS_CHARS]
     return min([persona_max_chars, *limits])
+
+
+def over_limits(text: str, platforms: Iterable[str]) -> list[str]:
+    """Each platform whose limit ``text`` breaks, with its count ("x: 301 of 280"): for a text
+    a person wrote, which no filter but the platforms' own applies to."""
+    over = []
+    for platform in dict.fromkeys(platforms):
+        limit = PLATFORM_LIMITS_CHARS.get(platform)
+        size = x_length(text) if platform == "x" else len(text)
+        if limit is not None and size > limit:
+            over.append(f"{platform}: {size} of {limit}")
+    return over
 
 
 def x_length(text: str) -> int:

@@ -71,11 +71,13 @@ redis.call('XADD', KEYS[3], 'MAXLEN', '~', tonumber(ARGV[5]), '*', unpack(ARGV, 
 return 1
 """
 
-# Close a slot: its final state, the text among the persona's recent posts, lock released.
+# Close a slot: its final state, the text (if given) first among the persona's recent posts
+# (once: a slot retried until it is posted gives it again), lock released.
 FINISH_SCRIPT = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('HSET', KEYS[2], 'state', ARGV[2], 'updated', ARGV[3])
-if ARGV[2] == 'posted' and ARGV[4] ~= '' then
+if ARGV[4] ~= '' then
+  redis.call('LREM', KEYS[3], 0, ARGV[4])
   redis.call('LPUSH', KEYS[3], ARGV[4])
   redis.call('LTRIM', KEYS[3], 0, tonumber(ARGV[5]) - 1)
 end
@@ -216,7 +218,7 @@ class PostLedger:
             raise PostingError(f"lost the claim on {persona} slot {slot} after posting to {sink} (post id {entry.id})")
 
     def finish(self, persona: str, slot: str, state: str, text: str = "", *, recent_kept: int = keys.RECENT_POSTS_KEPT) -> None:
-        """Close the slot in ``state`` and release it; a posted text joins the recent posts."""
+        """Close the slot in ``state`` and release it; ``text``, if given (it went out somewhere), joins the recent posts."""
         ok = self._finish(
             keys=[keys.post_lock_key(persona, slot), keys.post_record_key(persona, slot), keys.recent_posts_key(persona)],
             args=[self.owner, state, time.time(), text, max(1, recent_kept)],

@@ -14,6 +14,7 @@ from persona.curation import (
     is_near_repeat,
     limit_for,
     load_corpus,
+    over_limits,
     score,
     x_length,
 )
@@ -161,3 +162,10 @@ def test_ties_go_to_the_earlier_candidate():
 def test_no_survivor_means_no_best():
     curated = curate(["", "a a a a a"], max_chars=280)
     assert curated.best is None and sum(curated.rejected.values()) == 2
+
+
+def test_over_limits_names_each_platform_a_text_is_too_long_for():
+    """For a person's edit, which no filter judges: only the platforms' own limits, each by its own count."""
+    assert over_limits("a" * 301, ["x", "bluesky", "mastodon", "file", "x"]) == ["x: 301 of 280", "bluesky: 301 of 300"]
+    assert over_limits("忍耐" * 71, ["x", "mastodon"]) == ["x: 284 of 280"]
+    assert over_limits(GOOD, ["x", "bluesky", "telegram", "discord"]) == []

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import redis
 from pydantic import SecretStr
 
 from adapters.posting.poster import Poster
+from persona.errors import PostingError
 from persona.ledger import PostLedger
 from persona.settings import Settings
 from tests.conftest import free_port, read_jsonl
@@ -94,7 +96,8 @@ def test_approval_flow(settings, write_persona, env, redis_client):
     assert not archive.exists()
 
     listed = json.loads(persona("posts", "pending", "--json", env=env).stdout)
-    assert [(p["id"], p["text"], p["alternatives"]) for p in listed] == [(first, TEXTS[0], [TEXTS[1]]), (second, TEXTS[1], [TEXTS[0]])]
+    # The second's runner-up is the first's text, waiting too: not offered twice.
+    assert [(p["id"], p["text"], p["alternatives"]) for p in listed] == [(first, TEXTS[0], [TEXTS[1]]), (second, TEXTS[1], [])]
     table = persona("posts", "pending", env=env)
     assert first in table.stdout and "careful" in table.stdout
 
@@ -115,7 +118,17 @@ def test_approval_flow(settings, write_persona, env, redis_client):
     assert "Patience, edited by a person." in history.stdout and "file:careful.jsonl" in history.stdout
 
 
-def test_pending_slot_is_reported_not_reposted(settings, write_persona, env):
+def test_a_post_waiting_for_approval_is_not_proposed_again(settings, write_persona, redis_client):
+    """Two days' posts waiting for one approver were the same text: approving both posted it twice."""
+    first = pending_post(settings, write_persona, "2026-03-10T09:00:00Z")
+    second = Poster(settings, redis_client, lambda p, n, seed: TEXTS[:n]).post("careful", slot="2026-03-11T09:00:00Z")
+    assert (second.status, second.text, second.rejected) == ("pending", TEXTS[1], {"near_repeat": 1})
+    poster = Poster(settings, redis_client, lambda p, n, seed: TEXTS[:n])
+    assert poster.approve(first).status == poster.approve(second.approval_id).status == "posted"
+    assert [line["text"] for line in read_jsonl(settings.data_dir / "posts" / "careful.jsonl")] == TEXTS
+
+
+def test_pending_slot_is_reported_not_reposted(settings, write_persona, env, redis_client):
     approval_id = pending_post(settings, write_persona, "2026-03-03T09:00:00Z")
     result = persona("post", "careful", "--slot", "2026-03-03T09:00:00Z", "--json", env=env)
     out = json.loads(result.stdout)
@@ -133,6 +146,8 @@ def test_a_slot_whose_approval_expired_is_closed_not_left_pending(settings, writ
     assert again.status == "done" and "approval that expired" in again.message
     assert PostLedger(redis_client).record("careful", "2026-03-04T09:00:00Z")["state"] == "expired"
     assert not (settings.data_dir / "posts" / "careful.jsonl").exists()  # never posted unapproved
+    with pytest.raises(PostingError, match="a post left waiting 30 days expires"):  # not just "no post waiting"
+        poster.approve(approval_id)
 
 
 def test_a_post_by_hand_that_got_no_answer_says_how_to_try_again(settings, write_persona, env):
@@ -178,3 +193,84 @@ def test_up_starts_the_scheduler(settings):
 
     assert "scheduler" in [s.name for s in services_for_up(settings)]
     assert ["scheduler"] in [s.args for s in services_for_up(settings)]
+
+
+def test_posts_are_shown_exactly_as_they_will_go_out(settings, write_persona, env, redis_client):
+    """A text with "[brackets]" or ":100:" was read as rich markup and emoji codes: the
+    approver saw a different post from the one approving it sent (or a crash, for "[/]")."""
+    text = "Wear [red]courage[/red] today; 100:100: and the rest [/] is patience."
+    write_persona("exact", base="unused", schedule={"sinks": ["file:exact.jsonl"], "approval": True, "candidates": 1})
+    waiting = Poster(settings, redis_client, lambda p, n, seed: [text]).post("exact", slot="2026-03-07T09:00:00Z")
+    listed = persona("posts", "pending", env=env)
+    assert listed.returncode == 0 and text in listed.stdout, listed.stdout + listed.stderr
+    approved = persona("posts", "approve", waiting.approval_id, env=env)
+    assert approved.returncode == 0 and text in approved.stdout, approved.stdout + approved.stderr
+    history = persona("posts", "history", env=env | {"COLUMNS": "400"})
+    assert history.returncode == 0 and text in history.stdout, history.stdout + history.stderr
+    assert (settings.data_dir / "posts" / "exact.jsonl").as_uri() in history.stdout
+    narrow = persona("posts", "history", env=env | {"COLUMNS": "100"})
+    assert narrow.returncode == 0 and "…" not in narrow.stdout  # long cells fold onto more lines, never cut short
+
+
+def test_scheduler_says_at_start_why_an_enabled_persona_will_not_post(write_persona, env):
+    """`enabled = true` without "scheduler" in adapters (the default adapters lack it) was
+    passed over, and the scheduler said "no persona has schedule.enabled = true"."""
+    write_persona("eager", base="unused", schedule={"enabled": True, "sinks": ["file:eager.jsonl"]})
+    started = subprocess.Popen([sys.executable, "-m", "persona", "scheduler"], env=env, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    stop = threading.Timer(60, started.terminate)  # a scheduler that never says it would hang the test
+    stop.start()
+    try:
+        said = ""
+        while "waits for one" not in said and (line := started.stdout.readline()):
+            said += line
+    finally:
+        stop.cancel()
+        started.terminate()
+        started.wait(30)
+    assert 'eager: schedule.enabled is true, but adapters does not list "scheduler"' in said, said
+    assert "no persona has schedule.enabled = true" not in said
+
+
+def test_an_edit_that_a_platform_would_refuse_is_refused_before_anything_goes_out(settings, write_persona, env, redis_client):
+    """`approve --text` skipped every check: a text over X's 280 went out to the file (and
+    any other sink) and X refused it, half posted; a blank one was posted blank."""
+    write_persona("edited", base="unused", schedule={"sinks": ["file:edited.jsonl", "x"], "approval": True, "candidates": 1})
+    settings.posting.x_bearer_token = SecretStr("user-token")
+    env = env | {"PERSONA_POSTING__X_BEARER_TOKEN": "user-token", "PERSONA_POSTING__X_API_URL": f"http://127.0.0.1:{free_port()}"}
+    waiting = Poster(settings, redis_client, lambda p, n, seed: TEXTS[:n]).post("edited", slot="2026-03-08T09:00:00Z")
+    too_long = persona("posts", "approve", waiting.approval_id, "--text", "忍耐" * 71, env=env)  # 142 characters, 284 on X
+    assert too_long.returncode == 1 and "x: 284 of 280" in too_long.stderr and "still waits" in too_long.stderr
+    blank = persona("posts", "approve", waiting.approval_id, "--text", "  ", env=env)
+    assert blank.returncode == 1 and f"persona posts reject {waiting.approval_id}" in blank.stderr
+    assert not (settings.data_dir / "posts" / "edited.jsonl").exists()
+    assert [p["id"] for p in json.loads(persona("posts", "pending", "--json", env=env).stdout)] == [waiting.approval_id]
+
+    done = pending_post(settings, write_persona, "2026-03-09T09:00:00Z")
+    assert persona("posts", "approve", done, env=env).returncode == 0
+    late_edit = persona("posts", "approve", done, "--text", "Second thoughts.", env=env)
+    assert late_edit.returncode == 1 and "is posted already" in late_edit.stderr and "finish posting" not in late_edit.stderr
+
+
+def test_dry_run_shows_each_candidate_and_its_verdict_without_credentials(settings, write_persona, env):
+    """The dry run refused to preview anything until every sink had its credentials, and
+    showed only counts of rejections, not which candidate failed which filter."""
+    from tests.fakes.scripted_worker import scripted_worker
+
+    write_persona("preview", base="unused", filters={"min_chars": 1},
+                  schedule={"sinks": ["x", "file:preview.jsonl"], "candidates": 3})
+    drafts = iter(["忍耐" * 71, TEXTS[0], "wait wait wait wait"])  # 284 on X's count
+    with scripted_worker(settings, lambda request: next(drafts)):
+        result = persona("post", "preview", "--dry-run", "--json", env=env)
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert (out["status"], out["text"]) == ("dry_run", TEXTS[0])
+    assert sorted((v["text"], v["rejected"]) for v in out["verdicts"]) == sorted(
+        [("忍耐" * 71, "too_long"), (TEXTS[0], ""), ("wait wait wait wait", "degenerate")])
+    assert "a real post would fail" in out["message"] and "PERSONA_POSTING__X_BEARER_TOKEN" in out["message"]
+    assert not (settings.data_dir / "posts").exists()
+
+    drafts = iter(["wait wait wait wait"] * 3)
+    with scripted_worker(settings, lambda request: next(drafts)):
+        shown = persona("post", "preview", "--dry-run", env=env)
+    assert shown.returncode == 1 and "degenerate: wait wait wait wait" in shown.stdout

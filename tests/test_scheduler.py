@@ -81,6 +81,59 @@ def test_bad_schedules_are_clear_errors():
         slots_between("0 9 * * *", "Mars/Olympus", utc(2026, 1, 1), utc(2026, 1, 2))
 
 
+def test_cron_with_seconds_or_a_date_that_never_comes_is_refused():
+    """croniter takes a sixth field as seconds: "0 0 9 * * *" (seconds first, as Quartz writes
+    it) was every second of midnight on the 9th, a post each tick; Feb 30 raised croniter's
+    own error from every tick, and the scheduler stopped for every persona."""
+    with pytest.raises(ConfigError, match="has 6 fields; a schedule has 5"):
+        slots_between("0 0 9 * * *", "UTC", utc(2026, 1, 8), utc(2026, 1, 10))
+    with pytest.raises(ConfigError, match="never comes"):
+        next_slot("0 9 30 2 *", "UTC", utc(2026, 1, 1))
+    assert [slot_id(s) for s in slots_between("@daily", "UTC", utc(2026, 1, 8), utc(2026, 1, 9))] == ["2026-01-09T00:00:00Z"]
+    assert slot_id(next_slot("0 9 29 2 *", "UTC", utc(2026, 3, 1))) == "2028-02-29T09:00:00Z"
+
+
+def test_a_persona_with_an_impossible_schedule_does_not_stop_the_others(settings, scheduled, write_persona):
+    write_persona("feb30", base="unused", adapters=["cli", "scheduler"],
+                  schedule={"cron": "0 9 30 2 *", "enabled": True, "sinks": ["file:feb30.jsonl"]})
+    runner = Scheduler(poster_for(settings), redis.Redis.from_url(settings.redis_url.get_secret_value()))
+    runner.tick(utc(2026, 1, 5, 8))
+    assert [(o.persona, o.status) for o in runner.tick(utc(2026, 1, 5, 9, 1))] == [("poet", "posted")]
+    assert len(read_jsonl(scheduled)) == 1
+
+
+def test_preflight_names_what_keeps_each_persona_from_posting(settings, scheduled, write_persona, redis_client):
+    """A file with `enabled = true` but no "scheduler" adapter (the default adapters lack it)
+    or no sinks was passed over in silence, and the scheduler said "no persona has
+    schedule.enabled = true"; missing credentials surfaced only at the first slot."""
+    on = {"enabled": True, "sinks": ["file:p.jsonl"]}
+    write_persona("noadapter", base="unused", schedule=on)
+    write_persona("nosinks", base="unused", adapters=["cli", "scheduler"], schedule={"enabled": True})
+    write_persona("nokeys", base="unused", adapters=["cli", "scheduler"], schedule={**on, "sinks": ["x", "file:p.jsonl"]})
+    write_persona("seconds", base="unused", adapters=["cli", "scheduler"], schedule={**on, "cron": "0 0 9 * * *"})
+    write_persona("nocorpus", base="unused", adapters=["cli", "scheduler"], schedule=on, filters={"corpus": "gone.jsonl"})
+    write_persona("off", base="unused", schedule={"sinks": ["x"]})
+    problems = Scheduler(poster_for(settings), redis_client).preflight()
+    assert len(problems) == 5, problems
+    by_name = {p.split(":", 1)[0]: p for p in problems}
+    assert 'adapters does not list "scheduler"' in by_name["noadapter"]
+    assert "schedule.sinks is empty" in by_name["nosinks"]
+    assert "PERSONA_POSTING__X_BEARER_TOKEN" in by_name["nokeys"]
+    assert "has 6 fields" in by_name["seconds"]
+    assert "cannot read the corpus" in by_name["nocorpus"]
+
+
+def test_an_unreadable_corpus_is_said_before_any_candidate_is_generated(settings, write_persona, redis_client):
+    from persona.errors import CorpusError
+
+    write_persona("nocorpus", base="unused", schedule={"sinks": ["file:p.jsonl"]}, filters={"corpus": "gone.jsonl"})
+    asked: list[int] = []
+    poster = Poster(settings, redis_client, lambda persona, n, seed: asked.append(n) or TEXTS[:n])
+    with pytest.raises(CorpusError, match="gone.jsonl"):
+        poster.post("nocorpus", slot="s1")
+    assert asked == []  # no batch of generations thrown away
+
+
 def test_persona_file_rejects_a_bad_schedule(write_persona):
     from persona.personas import load_persona_file
 

@@ -108,6 +108,8 @@ def _routes(fake: FakePlatform) -> web.Application:
     async def telegram(request):
         seen = await record(request)
         method = request.match_info["method"]
+        if fake.fail_with == 401:  # a token Telegram does not know
+            return web.json_response({"ok": False, "error_code": 401, "description": "Unauthorized"}, status=401)
         if method == "getMe":
             return web.json_response({"ok": True, "result": {"id": 7, "is_bot": True, "first_name": "Sage", "username": "sagebot"}})
         if fake.fail_with == 429:
@@ -178,6 +180,16 @@ def test_file_sink_appends_json_lines_and_finds_by_marker(settings: Settings):
     with sink.path.open("a") as torn:
         torn.write('{"id": "half')  # a crash mid-write leaves a torn line
     assert sink.find("sage:s1:file", "Be still.").id == first.id
+
+
+def test_a_file_that_cannot_be_written_is_a_refusal_naming_the_path(settings, tmp_path, write_persona, redis_client):
+    """A path under a file (or a folder one may not write) read "no answer (safe to retry)",
+    with a traceback, and was tried again every tick."""
+    (tmp_path / "taken").write_text("a file, not a folder")
+    write_persona("filer", base="unused", schedule={"sinks": [f"file:{tmp_path}/taken/posts.jsonl"], "candidates": 1})
+    outcome = Poster(settings, redis_client, lambda persona, n, seed: ["Patience is a slow river."]).post("filer", slot="s1")
+    assert (outcome.status, outcome.retry_later) == ("failed", False)
+    assert f"cannot write {tmp_path}/taken/posts.jsonl" in outcome.message
 
 
 def test_x_posts_through_tweepy_with_user_keys(settings, platform):
@@ -343,6 +355,44 @@ def test_a_post_that_got_no_answer_is_tried_again_at_the_next_tick(settings, pla
     assert [seen["headers"]["Idempotency-Key"] for seen in platform.seen] == ["poet:2026-01-05T09:00:00Z:mastodon"]
 
 
+def test_a_platform_that_cannot_be_reached_is_tried_again_even_where_a_retry_is_unsafe(
+    settings, platform, write_persona, redis_client
+):
+    """X and Telegram cannot tell a repeat post: a post that got no answer is left for a
+    person. But a refused connection (a wrong API URL, the network down) sent nothing; it
+    was marked "an earlier attempt may have posted" and the slot could never be posted."""
+    write_persona("reach", base="unused", schedule={"sinks": ["x", "telegram:-1001234567890"], "candidates": 1})
+    down = f"http://127.0.0.1:{free_port()}"
+    changed = settings_for(settings, platform, x_bearer_token=SecretStr("user-token"), x_api_url=down)
+    changed.telegram.token, changed.telegram.api_url = SecretStr("123456:telegram-token"), down + "/bot"
+    poster = Poster(changed, redis_client, lambda persona, n, seed: ["Patience is a slow river."])
+    first = poster.post("reach", slot="2026-01-05T09:00:00Z")
+    assert (first.status, first.retry_later) == ("failed", True)
+    assert {spec: entry["state"] for spec, entry in first.sinks.items()} == {"x": "unreachable", "telegram:-1001234567890": "unreachable"}
+    assert f"x: unreachable, nothing sent: cannot reach X at {down}" in first.message
+    changed.posting.x_api_url, changed.telegram.api_url = platform.url, platform.url + "/bot"  # fixed
+    again = poster.post("reach", slot="2026-01-05T09:00:00Z")
+    assert again.status == "posted" and [s["path"] for s in platform.seen if "getMe" not in s["path"]] == [
+        "/2/tweets", "/bot123456:telegram-token/sendMessage"]
+
+
+def test_a_text_that_went_out_on_one_sink_is_not_posted_again_the_next_day(settings, platform, write_persona, redis_client):
+    """X refused a post that the other sink published: the slot closed as failed, and only a
+    fully posted text counted among the recent posts, so the next day's could repeat it there."""
+    write_persona("twice", base="unused", schedule={"sinks": ["file:twice.jsonl", "x"], "candidates": 2})
+    changed = settings_for(settings, platform, x_bearer_token=SecretStr("user-token"))
+    poster = Poster(changed, redis_client, lambda persona, n, seed: ["Patience is a slow river.", "Small steps, daily."][:n])
+    platform.fail_with = 403
+    today = poster.post("twice", slot="2026-01-05T09:00:00Z")
+    assert today.status == "failed" and today.sinks["file:twice.jsonl"]["state"] == "posted"
+    platform.fail_with = None
+    tomorrow = poster.post("twice", slot="2026-01-06T09:00:00Z")
+    assert (tomorrow.status, tomorrow.text, tomorrow.rejected) == ("posted", "Small steps, daily.", {"near_repeat": 1})
+    retried = poster.post("twice", slot="2026-01-05T09:00:00Z")  # X takes today's at last: listed once, not twice
+    assert retried.status == "posted"
+    assert poster.ledger.recent_texts("twice", 10) == ["Patience is a slow river.", "Small steps, daily."]
+
+
 def test_a_post_rate_limited_past_its_grace_gives_way_to_the_next_slot(settings, platform, write_persona, redis_client):
     """A platform that keeps refusing one slot: the slot is retried within the missed-slot
     policy, then skipped. It used to be retried at every tick however late, ahead of the next day's."""
@@ -361,6 +411,55 @@ def test_a_post_rate_limited_past_its_grace_gives_way_to_the_next_slot(settings,
     [tomorrow] = runner.tick(at_nine + timedelta(days=1, minutes=1))
     assert (tomorrow.status, tomorrow.slot, tomorrow.text) == ("posted", "2026-01-06T09:00:00Z", "Small steps, daily.")
     assert len(platform.seen) == 3
+
+
+def test_wrong_credentials_are_refusals_that_name_the_setting(settings, platform, write_persona, redis_client):
+    """A wrong Discord token escaped as "no answer (safe to retry)": the slot was tried again
+    every tick for nothing. Each platform's "who are you?" now names the setting to fix."""
+    wrong = settings_for(settings, platform, x_bearer_token=SecretStr("wrong"), mastodon_access_token=SecretStr("wrong"),
+                         bluesky_handle="sage.test", bluesky_password=SecretStr("wrong"))
+    wrong.discord.token, wrong.telegram.token = SecretStr("wrong"), SecretStr("123456:wrong")
+    platform.fail_with = 401
+    expected = {
+        "x": "PERSONA_POSTING__X_BEARER_TOKEN",
+        "mastodon": "PERSONA_POSTING__MASTODON_ACCESS_TOKEN",
+        "bluesky": "PERSONA_POSTING__BLUESKY_PASSWORD",
+        "discord:1234": "PERSONA_DISCORD__TOKEN",
+        "telegram:@sagechannel": "PERSONA_TELEGRAM__TOKEN",
+    }
+    for spec, setting in expected.items():
+        with pytest.raises(SinkError, match=setting) as refused:
+            make_sink(spec, wrong).post("Patience.", "m1")
+        assert "\n" not in str(refused.value)
+
+    write_persona("locked", base="unused", schedule={"sinks": ["discord:1234"], "candidates": 1})
+    outcome = Poster(wrong, redis_client, lambda persona, n, seed: ["Patience is a slow river."]).post("locked", slot="s1")
+    assert (outcome.status, outcome.retry_later, outcome.sinks["discord:1234"]["state"]) == ("failed", False, "failed")
+    assert "PERSONA_DISCORD__TOKEN" in outcome.message
+
+
+def test_missing_settings_are_named_all_at_once(settings, write_persona, redis_client):
+    """Six sinks without their settings used to be found one per attempt, and X's message
+    read "PERSONA_POSTING__X_BEARER_TOKEN (AN OAUTH 2 USER TOKEN) OR X_CONSUMER_KEY AND FRIENDS"."""
+    write_persona("unset", base="unused", schedule={"sinks": ["x", "mastodon", "bluesky", "discord:1", "telegram:@c"]})
+    poster = Poster(settings, redis_client, lambda persona, n, seed: [])
+    with pytest.raises(ConfigError) as unset:
+        poster.post("unset", slot="s1")
+    message = str(unset.value)
+    for setting in ("PERSONA_POSTING__X_BEARER_TOKEN", "PERSONA_POSTING__X_ACCESS_TOKEN_SECRET",
+                    "PERSONA_POSTING__MASTODON_ACCESS_TOKEN", "PERSONA_POSTING__BLUESKY_HANDLE",
+                    "PERSONA_POSTING__BLUESKY_PASSWORD", "PERSONA_DISCORD__TOKEN", "PERSONA_TELEGRAM__TOKEN"):
+        assert setting in message, setting
+    assert "AND FRIENDS" not in message and message.startswith("5 sinks cannot post")
+    # Three of X's four keys: the fourth is named, not the bearer token.
+    settings.posting = settings.posting.model_copy(update={
+        "x_consumer_key": SecretStr("k"), "x_consumer_secret": SecretStr("s"), "x_access_token": SecretStr("t"),
+        "x_access_token_secret": SecretStr("  "), "mastodon_access_token": SecretStr("")})  # blank is unset
+    with pytest.raises(ConfigError, match=r"set PERSONA_POSTING__X_ACCESS_TOKEN_SECRET too") as partial:
+        make_sink("x", settings)
+    assert "BEARER" not in str(partial.value)
+    with pytest.raises(ConfigError, match="PERSONA_POSTING__MASTODON_ACCESS_TOKEN"):
+        make_sink("mastodon", settings)
 
 
 def test_sink_specs(settings):

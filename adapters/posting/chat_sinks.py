@@ -12,7 +12,7 @@ import contextlib
 import hashlib
 from collections.abc import Iterator
 
-from adapters.posting.sinks import Posted, RetrySafety, SinkRateLimited
+from adapters.posting.sinks import Posted, RetrySafety, SinkRateLimited, SinkUnreachable
 from persona.errors import ConfigError, SinkError
 from persona.settings import Settings
 
@@ -64,6 +64,8 @@ class DiscordSink:
                 with handle_message_parameters(content=text, nonce=nonce) as params:
                     params.payload["enforce_nonce"] = True
                     message = await http.send_message(self.channel, params=params)
+            except discord.LoginFailure as exc:  # 401 at login: nothing was sent
+                raise SinkError(f"Discord refused the bot token ({exc}); check PERSONA_DISCORD__TOKEN") from exc
             except discord.DiscordServerError:
                 raise  # may or may not have posted; the nonce makes a prompt retry safe
             except discord.HTTPException as exc:
@@ -94,6 +96,7 @@ class TelegramSink:
         return asyncio.run(self._post(text))
 
     async def _post(self, text: str) -> Posted:
+        import httpx
         from telegram import Bot
         from telegram.error import (
             BadRequest,
@@ -101,6 +104,7 @@ class TelegramSink:
             EndPointNotFound,
             Forbidden,
             InvalidToken,
+            NetworkError,
             RetryAfter,
         )
 
@@ -112,8 +116,14 @@ class TelegramSink:
                 message = await bot.send_message(chat_id=self.chat, text=text)
         except RetryAfter as exc:
             raise SinkRateLimited(f"Telegram is rate-limiting posts: {exc}") from exc
+        except InvalidToken as exc:
+            raise SinkError(f"Telegram refused the bot token ({exc}); check PERSONA_TELEGRAM__TOKEN") from exc
         except refused as exc:
             raise SinkError(f"Telegram refused the post: {exc}") from exc
+        except NetworkError as exc:  # TimedOut is one: a connect time-out, like a refusal, sent nothing
+            if isinstance(exc.__cause__, (httpx.ConnectError, httpx.ConnectTimeout)):
+                raise SinkUnreachable(f"cannot reach Telegram at {self.api_url}: {exc}") from exc
+            raise  # the connection broke mid-request: it may have been delivered
         return Posted(id=str(message.message_id), url=message.link or "")
 
     def find(self, marker: str, text: str) -> Posted | None:

@@ -23,7 +23,13 @@ from typing import Protocol
 
 import redis
 
-from adapters.posting.sinks import Sink, SinkRateLimited, make_sink
+from adapters.posting.sinks import (
+    Sink,
+    SinkRateLimited,
+    SinkUnreachable,
+    make_sink,
+    platform_of,
+)
 from adapters.posting.slots import parse_slot
 from persona.approvals import Approval, ApprovalQueue
 from persona.contract import (
@@ -32,9 +38,9 @@ from persona.contract import (
     Priority,
     SamplingOverrides,
 )
-from persona.curation import Curated, curate, limit_for, load_corpus
-from persona.errors import PostingError, ReplyTimeout, SinkError
-from persona.ledger import PostLedger, SinkEntry
+from persona.curation import Curated, curate, limit_for, load_corpus, over_limits
+from persona.errors import ConfigError, PostingError, ReplyTimeout, SinkError
+from persona.ledger import FINAL_STATES, PostLedger, SinkEntry
 from persona.originality import CopyIndex
 from persona.personas import Persona, PersonaRegistry
 from persona.queue import QueueClient
@@ -46,9 +52,9 @@ log = logging.getLogger(__name__)
 
 SEED_RANGE = 2**31 - 1024
 # Sink states after which trying the slot again is safe and may succeed.
-RETRY_LATER_STATES = ("rate_limited", "intent")
+RETRY_LATER_STATES = ("rate_limited", "unreachable", "intent")
 # How a sink's state reads in a message (an intent left behind means the call got no answer).
-STATE_WORDS = {"intent": "no answer (safe to retry)", "rate_limited": "rate-limited"}
+STATE_WORDS = {"intent": "no answer (safe to retry)", "rate_limited": "rate-limited", "unreachable": "unreachable, nothing sent:"}
 POLL_S = 2.0
 WAIT_SLACK_S = 5.0
 
@@ -124,6 +130,8 @@ class PostOutcome:
     candidates: int = 0
     rejected: dict[str, int] = field(default_factory=dict)
     passed: list[str] = field(default_factory=list)
+    # Every candidate as curation saw it, in order: {"text": ..., "rejected": reason, or "" if it passed}.
+    verdicts: list[dict[str, str]] = field(default_factory=list)
     sinks: dict[str, dict] = field(default_factory=dict)
     approval_id: str = ""
     message: str = ""
@@ -155,8 +163,18 @@ class Poster:
 
     def sinks_for(self, persona: Persona, specs: list[str] | None) -> list[Sink]:
         """The sinks named (or the persona's own), built now so bad credentials fail early."""
-        chosen = specs or persona.schedule.sinks
-        return [self.sink_factory(spec, self.settings) for spec in chosen]
+        built: list[Sink] = []
+        problems: list[str] = []
+        for spec in specs or persona.schedule.sinks:
+            try:
+                built.append(self.sink_factory(spec, self.settings))
+            except ConfigError as exc:  # every missing setting at once, not one per attempt
+                problems.append(str(exc))
+        if len(problems) > 1:
+            raise ConfigError(f"{len(problems)} sinks cannot post:\n  " + "\n  ".join(problems))
+        if problems:
+            raise ConfigError(problems[0])
+        return built
 
     def corpus_index(self, persona: Persona) -> CopyIndex | None:
         """The persona's corpus as a copy index (cached), if its file names one."""
@@ -171,17 +189,21 @@ class Poster:
             self._corpora[key] = load_corpus(path, persona.filters.max_copied_words)
         return self._corpora[key]
 
-    def choose(self, persona: Persona, sinks: list[Sink], n: int) -> Curated:
-        """Generate ``n`` candidates and curate them for these sinks."""
+    def choose(self, persona: Persona, platforms: list[str], n: int) -> Curated:
+        """Generate ``n`` candidates and curate them for these platforms."""
+        corpus = self.corpus_index(persona)  # an unreadable corpus is said before the workers spend a batch
         raws = self.candidates(persona, n, secrets.randbelow(SEED_RANGE))
+        # Posts still waiting for approval count as recent: approved a week later, two near
+        # copies would both go out.
+        waiting = [a.text for a in self.approvals.pending() if a.persona == persona.name]
         curated = curate(
             raws,
-            max_chars=limit_for([s.platform for s in sinks], persona.filters.max_chars),
+            max_chars=limit_for(platforms, persona.filters.max_chars),
             min_chars=persona.filters.min_chars,
             blocklist=persona.filters.blocklist,
-            recent=self.ledger.recent_texts(persona.name, self.settings.posting.recent_posts),
-            corpus=self.corpus_index(persona),
-            platforms=[s.platform for s in sinks],
+            recent=self.ledger.recent_texts(persona.name, self.settings.posting.recent_posts) + waiting,
+            corpus=corpus,
+            platforms=platforms,
         )
         missing = n - len(raws)
         if missing:
@@ -194,11 +216,10 @@ class Poster:
     ) -> PostOutcome:
         """Make the post for one slot (a fresh manual slot if none is named)."""
         persona = self.registry.get(name)
-        built = self.sinks_for(persona, sinks)
         count = n or persona.schedule.candidates
         if dry_run:
-            curated = self.choose(persona, built, count)
-            return self._outcome(persona.name, slot or "", "dry_run" if curated.best else "no_candidate", curated)
+            return self._dry_run(persona, slot or "", sinks or persona.schedule.sinks, count)
+        built = self.sinks_for(persona, sinks)
         if not built:
             raise PostingError(f"persona {name!r} has no sinks: add schedule.sinks to its file, or pass --sink")
         slot = parse_slot(slot) if slot else manual_slot()
@@ -216,12 +237,13 @@ class Poster:
             outcome = PostOutcome(persona.name, slot, "posted", text=record["text"],
                                   candidates=int(record.get("candidates", 0)), rejected=json.loads(record.get("rejected", "{}")))
             return self._publish(persona, slot, sinks, outcome)
-        curated = self.choose(persona, sinks, n)
+        curated = self.choose(persona, [s.platform for s in sinks], n)
         outcome = self._outcome(persona.name, slot, "posted", curated)
         if curated.best is None:
             self.ledger.save(persona.name, slot, candidates=str(outcome.candidates), rejected=json.dumps(outcome.rejected))
             self.ledger.finish(persona.name, slot, "failed")
-            outcome.status, outcome.message = "no_candidate", "no candidate passed the filters"
+            reasons = ", ".join(f"{reason} {count}" for reason, count in sorted(outcome.rejected.items()))
+            outcome.status, outcome.message = "no_candidate", f"no candidate passed the filters ({reasons})"
             return outcome
         self.ledger.save(
             persona.name, slot, text=curated.best.text, candidates=str(outcome.candidates),
@@ -246,7 +268,10 @@ class Poster:
         # Nothing was refused outright: a rate limit, or no answer from a sink that makes a
         # retry safe (its entry stays an intent). A later try may get through.
         outcome.retry_later = outcome.status == "failed" and states <= {"posted", *RETRY_LATER_STATES}
-        self.ledger.finish(persona.name, slot, outcome.status, outcome.text, recent_kept=max(1, self.settings.posting.recent_posts))
+        # A text that went out anywhere (or may have) is a recent post: tomorrow's must not repeat
+        # it, even if another sink turned it away today.
+        went_out = outcome.text if states & {"posted", "uncertain", "intent"} else ""
+        self.ledger.finish(persona.name, slot, outcome.status, went_out, recent_kept=max(1, self.settings.posting.recent_posts))
         if outcome.status != "posted":
             outcome.message = "; ".join(
                 f"{spec}: {STATE_WORDS.get(s['state'], s['state'])} {s['error']}".strip()
@@ -277,9 +302,10 @@ class Poster:
         self.ledger.set_sink(name, slot, sink.spec, entry)
         try:
             posted = sink.post(text, marker)
-        except SinkRateLimited as exc:  # nothing went out: the next tick tries again
+        except (SinkRateLimited, SinkUnreachable) as exc:  # nothing went out: the next tick tries again
             log.warning("%s slot %s: %s", name, slot, exc)
-            entry.state, entry.error = "rate_limited", str(exc)
+            entry.state = "rate_limited" if isinstance(exc, SinkRateLimited) else "unreachable"
+            entry.error = str(exc)
             self.ledger.set_sink(name, slot, sink.spec, entry)
             return entry
         except SinkError as exc:  # the platform said no: nothing went out, a retry is safe
@@ -308,7 +334,12 @@ class Poster:
         retry = waiting.state == "approved"
         if not retry and waiting.state != "pending":
             raise PostingError(f"post {approval_id} was already {waiting.state}")
+        if text is not None:
+            text = self._check_edit(approval_id, text, waiting.sinks)
         if retry and text and text != waiting.text:
+            state = self.ledger.record(waiting.persona, waiting.slot).get("state", "")
+            if state in FINAL_STATES:
+                raise PostingError(f"post {approval_id} was approved and is {state} already; its text cannot change now")
             raise PostingError(
                 f"post {approval_id} was approved already with its text; run `persona posts approve {approval_id}` without --text to finish posting it"
             )
@@ -329,6 +360,23 @@ class Poster:
         finally:
             self.ledger.release(persona.name, waiting.slot)
 
+    @staticmethod
+    def _check_edit(approval_id: str, text: str, sinks: list[str]) -> str:
+        """A person's edit, trimmed, if every platform will take it; else PostingError (the post still waits).
+
+        No filter judges a person's words, but a text too long for one platform would go
+        out on the others and not there.
+        """
+        edited = text.strip()
+        if not edited:
+            raise PostingError(f"--text is empty; to drop the post instead: `persona posts reject {approval_id}`")
+        if over := over_limits(edited, [platform_of(spec) for spec in sinks]):
+            raise PostingError(
+                f"the edited text is too long ({'; '.join(over)} characters); shorten it and approve again "
+                f"(post {approval_id} still waits)"
+            )
+        return edited
+
     def reject(self, approval_id: str) -> Approval:
         """Drop a waiting post; its slot is closed as rejected."""
         waiting = self.approvals.get(approval_id)
@@ -341,11 +389,27 @@ class Poster:
             self.ledger.release(waiting.persona, waiting.slot)  # too late to reject: the slot is not left held
         return decided
 
+    def _dry_run(self, persona: Persona, slot: str, specs: list[str], n: int) -> PostOutcome:
+        """The candidates and their verdicts for these sinks, posting nothing.
+
+        A preview needs no credentials (only each sink's platform, for its limit): a
+        sink that could not post yet is named in the message, not a reason to show nothing.
+        """
+        try:
+            problem = "" if self.sinks_for(persona, specs) else "a real post would fail: no sinks (schedule.sinks, or --sink)"
+        except ConfigError as exc:
+            problem = f"a real post would fail: {exc}"
+        curated = self.choose(persona, [platform_of(spec) for spec in specs], n)
+        outcome = self._outcome(persona.name, slot, "dry_run" if curated.best else "no_candidate", curated)
+        outcome.message = problem
+        return outcome
+
     def _outcome(self, name: str, slot: str, status: str, curated: Curated) -> PostOutcome:
         return PostOutcome(
             name, slot, status, text=curated.best.text if curated.best else "",
             candidates=len(curated.candidates) + curated.rejected.get("generation_failed", 0),
             rejected=dict(curated.rejected), passed=[c.text for c in curated.passed],
+            verdicts=[{"text": c.text, "rejected": c.rejected or ""} for c in curated.candidates],
         )
 
     def _unclaimed(self, name: str, slot: str, outcome: str, state: str) -> PostOutcome:

@@ -14,9 +14,11 @@ look for an earlier post by its marker), ``idempotent`` (the platform drops a re
 the same idempotency key) or ``none`` (nothing can tell: the slot is marked uncertain
 and left for the operator, rather than risk a double post).
 
-A sink raises ``SinkError`` when the platform refused the post (nothing went out), and
-its subclass ``SinkRateLimited`` when the refusal was only "too many requests": the
-slot is then tried again at a later tick instead of being closed as failed.
+A sink raises ``SinkError`` when the platform refused the post (nothing went out), its
+subclass ``SinkRateLimited`` when the refusal was only "too many requests", and
+``SinkUnreachable`` when no connection to the platform could be made (so nothing was
+sent, even to a sink whose retry is ``none``): the slot is then tried again at a later
+tick instead of being closed as failed or uncertain.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from typing import Literal, Protocol
 from persona.errors import ConfigError, SinkError
 from persona.settings import Settings
 
-__all__ = ["FileSink", "Posted", "Sink", "SinkRateLimited", "make_sink", "platform_of"]
+__all__ = ["FileSink", "Posted", "Sink", "SinkRateLimited", "SinkUnreachable", "make_sink", "platform_of"]
 
 RetrySafety = Literal["check", "idempotent", "none"]
 PLATFORMS = ("x", "mastodon", "bluesky", "discord", "telegram", "file")
@@ -41,6 +43,10 @@ PLATFORMS = ("x", "mastodon", "bluesky", "discord", "telegram", "file")
 
 class SinkRateLimited(SinkError):
     """The platform asked us to slow down: nothing went out, and a later try may succeed."""
+
+
+class SinkUnreachable(SinkError):
+    """No connection to the platform could be made (refused, no such host): nothing was sent."""
 
 
 @dataclass
@@ -84,10 +90,14 @@ class FileSink:
 
     def post(self, text: str, marker: str) -> Posted:
         """Append the post (locked, flushed to disk) and return its new id."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            out = self.path.open("a", encoding="utf-8")
+        except OSError as exc:  # nothing was written: a refusal, named, not "no answer"
+            raise SinkError(f"cannot write {self.path}: {exc.strerror or exc}; fix the path in {self.spec!r}") from exc
         posted = Posted(id=uuid.uuid4().hex, url=self.path.as_uri())
         line = json.dumps({"id": posted.id, "text": text, "marker": marker, "at": time.time()}, ensure_ascii=False)
-        with self.path.open("a", encoding="utf-8") as out:
+        with out:
             fcntl.flock(out, fcntl.LOCK_EX)
             out.write(line + "\n")
             out.flush()

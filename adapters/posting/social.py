@@ -11,9 +11,10 @@ from __future__ import annotations
 import logging
 
 import requests
+import urllib3
 from pydantic import SecretStr
 
-from adapters.posting.sinks import Posted, RetrySafety, SinkRateLimited
+from adapters.posting.sinks import Posted, RetrySafety, SinkRateLimited, SinkUnreachable
 from persona.errors import ConfigError, SinkError
 from persona.settings import Settings
 
@@ -25,15 +26,35 @@ X_DEFAULT_API_URL = "https://api.twitter.com"
 REQUEST_TIMEOUT_S = 30.0
 BLUESKY_POST_COLLECTION = "app.bsky.feed.post"
 BLUESKY_LOOKBACK_POSTS = 25
+X_USER_KEYS = ("x_consumer_key", "x_consumer_secret", "x_access_token", "x_access_token_secret")  # OAuth 1.0a
 
 
 def _secret(value: SecretStr | None) -> str | None:
-    return value.get_secret_value() if value is not None else None
+    """The secret's value; a blank one (``PERSONA_POSTING__X_BEARER_TOKEN=``) is no secret."""
+    return (value.get_secret_value().strip() or None) if value is not None else None
 
 
-def _need(value: object, setting: str, sink: str) -> None:
-    if not value:
-        raise ConfigError(f"sink {sink!r} needs PERSONA_POSTING__{setting.upper()} in the settings (or .env)")
+def _env(setting: str) -> str:
+    return f"PERSONA_POSTING__{setting.upper()}"
+
+
+def _never_connected(exc: requests.exceptions.ConnectionError) -> bool:
+    """Whether requests failed before a connection was made (refused, no such host, connect time-out)."""
+    reason = getattr(exc.args[0], "reason", None) if exc.args else None
+    return isinstance(exc, requests.exceptions.ConnectTimeout) or isinstance(reason, urllib3.exceptions.NewConnectionError)
+
+
+def _one_line(exc: Exception) -> str:
+    """A library's message on one line (tweepy puts the status and the detail on two)."""
+    return " ".join(str(exc).split())
+
+
+def _need(sink: str, **settings: object) -> None:
+    """ConfigError naming every setting of ``settings`` that is unset or blank."""
+    missing = [_env(name) for name, value in settings.items()
+               if not (_secret(value) if isinstance(value, SecretStr) else str(value or "").strip())]
+    if missing:
+        raise ConfigError(f"sink {sink!r} needs {' and '.join(missing)} in the settings (or .env)")
 
 
 class _Rebase(requests.adapters.HTTPAdapter):
@@ -61,15 +82,22 @@ class XSink:
 
         posting = settings.posting
         self.spec = spec
-        keys = [posting.x_consumer_key, posting.x_consumer_secret, posting.x_access_token, posting.x_access_token_secret]
-        self.user_auth = all(k is not None for k in keys)
-        if not self.user_auth:
-            _need(posting.x_bearer_token, "x_bearer_token (an OAuth 2 user token) or x_consumer_key and friends", spec)
+        given = [key for key in X_USER_KEYS if _secret(getattr(posting, key))]
+        self.user_auth = len(given) == len(X_USER_KEYS)
+        if not self.user_auth and not _secret(posting.x_bearer_token):
+            if given:  # a user who set some of the four keys meant them: name the rest
+                missing = ", ".join(_env(key) for key in X_USER_KEYS if key not in given)
+                raise ConfigError(f"sink {spec!r}: OAuth 1.0a user keys come in fours; set {missing} too (in the settings or .env)")
+            raise ConfigError(
+                f"sink {spec!r} needs {_env('x_bearer_token')} (an OAuth 2 user token), or all four OAuth 1.0a "
+                f"user keys: {', '.join(_env(key) for key in X_USER_KEYS)}, in the settings (or .env)"
+            )
         self.client = tweepy.Client(
             bearer_token=_secret(posting.x_bearer_token), consumer_key=_secret(posting.x_consumer_key),
             consumer_secret=_secret(posting.x_consumer_secret), access_token=_secret(posting.x_access_token),
             access_token_secret=_secret(posting.x_access_token_secret),
         )
+        self.api_url = posting.x_api_url
         self.client.session.mount(
             X_DEFAULT_API_URL + "/", _Rebase(X_DEFAULT_API_URL, posting.x_api_url, REQUEST_TIMEOUT_S)
         )
@@ -79,12 +107,19 @@ class XSink:
 
         try:
             response = self.client.create_tweet(text=text, user_auth=self.user_auth)
+        except requests.exceptions.ConnectionError as exc:
+            if _never_connected(exc):  # a wrong x_api_url, or the network down: X heard nothing
+                raise SinkUnreachable(f"cannot reach X at {self.api_url}: {_one_line(exc)}") from exc
+            raise  # the connection broke mid-request: it may have posted
         except tweepy.TwitterServerError:
             raise  # a 5xx may or may not have posted: the ledger treats it as unknown
         except tweepy.TooManyRequests as exc:
-            raise SinkRateLimited(f"X is rate-limiting posts: {exc}") from exc
+            raise SinkRateLimited(f"X is rate-limiting posts: {_one_line(exc)}") from exc
+        except tweepy.Unauthorized as exc:
+            setting = ", ".join(map(_env, X_USER_KEYS)) if self.user_auth else _env("x_bearer_token")
+            raise SinkError(f"X refused the credentials ({_one_line(exc)}); check {setting}") from exc
         except tweepy.HTTPException as exc:
-            raise SinkError(f"X refused the post: {exc}") from exc
+            raise SinkError(f"X refused the post: {_one_line(exc)}") from exc
         tweet_id = str(response.data["id"])
         return Posted(id=tweet_id, url=f"https://x.com/i/web/status/{tweet_id}")
 
@@ -102,7 +137,7 @@ class MastodonSink:
         from mastodon import Mastodon
 
         posting = settings.posting
-        _need(posting.mastodon_access_token, "mastodon_access_token", spec)
+        _need(spec, mastodon_access_token=posting.mastodon_access_token)
         self.spec = spec
         self.client = Mastodon(
             access_token=_secret(posting.mastodon_access_token), api_base_url=posting.mastodon_api_url,
@@ -114,6 +149,7 @@ class MastodonSink:
             MastodonAPIError,
             MastodonRatelimitError,
             MastodonServerError,
+            MastodonUnauthorizedError,
         )
 
         try:
@@ -122,6 +158,11 @@ class MastodonSink:
             raise  # may or may not have posted; a retry with the same key is safe
         except MastodonRatelimitError as exc:
             raise SinkRateLimited(f"Mastodon is rate-limiting posts: {exc}") from exc
+        except MastodonUnauthorizedError as exc:
+            raise SinkError(
+                f"Mastodon refused the access token ({exc}); check {_env('mastodon_access_token')} "
+                f"(a token of the account on {self.client.api_base_url}, with write:statuses)"
+            ) from exc
         except MastodonAPIError as exc:
             raise SinkError(f"Mastodon refused the post: {exc}") from exc
         return Posted(id=str(status["id"]), url=str(status.get("url") or ""))
@@ -143,11 +184,10 @@ class BlueskySink:
 
     def __init__(self, spec: str, settings: Settings) -> None:
         posting = settings.posting
-        _need(posting.bluesky_handle, "bluesky_handle", spec)
-        _need(posting.bluesky_password, "bluesky_password", spec)
+        _need(spec, bluesky_handle=posting.bluesky_handle, bluesky_password=posting.bluesky_password)
         self.spec = spec
         self.base_url = posting.bluesky_api_url
-        self.handle = posting.bluesky_handle or ""
+        self.handle = (posting.bluesky_handle or "").strip()
         self.password = _secret(posting.bluesky_password) or ""
 
     def _client(self):
@@ -168,9 +208,16 @@ class BlueskySink:
         )
 
         try:
-            created = self._client().send_post(text, profile_identify=self.handle)
+            client = self._client()
+        except (BadRequestError, UnauthorizedError, LoginRequiredError) as exc:  # nothing was posted yet
+            raise SinkError(
+                f"Bluesky refused the login ({exc}); check {_env('bluesky_handle')} ({self.handle!r}) and "
+                f"{_env('bluesky_password')} (an app password)"
+            ) from exc
+        try:
+            created = client.send_post(text, profile_identify=self.handle)
         except (BadRequestError, UnauthorizedError, LoginRequiredError) as exc:
-            raise SinkError(f"Bluesky refused the post: {exc!r}") from exc
+            raise SinkError(f"Bluesky refused the post: {exc}") from exc
         return self._posted(created.uri)
 
     def find(self, marker: str, text: str) -> Posted | None:

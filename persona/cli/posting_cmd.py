@@ -10,7 +10,8 @@ import threading
 from datetime import UTC, datetime
 
 import typer
-from rich.table import Table
+from rich.table import Column, Table
+from rich.text import Text
 
 from persona.cli.common import console, err_console, friendly_errors, get_settings
 from persona.connection import connect
@@ -36,21 +37,38 @@ def _poster(settings: Settings, source: str = "cli", stopping: threading.Event |
     return Poster(settings, client, candidates)
 
 
+def _plain(text: str, style: str = "") -> Text:
+    """Text shown exactly as written: a post's "[brackets]" are not markup, nor ":100:" an emoji."""
+    return Text(text, style=style)
+
+
+def _table(*headers: str) -> Table:
+    """A table that folds a long cell onto more lines: a text or link cut short with "…" cannot be checked or copied."""
+    return Table(*(Column(header, overflow="fold") for header in headers))
+
+
+def _say(text: str, style: str = "") -> None:
+    console.print(_plain(text, style), highlight=False)
+
+
 def _show(outcome, as_json: bool) -> None:
     if as_json:
         print(json.dumps(outcome.to_dict(), ensure_ascii=False))
         return
     style = "red" if outcome.status in FAILED_STATUSES else "green"
-    console.print(f"[{style}]{outcome.status}[/{style}] {outcome.persona} {outcome.slot}".rstrip(), highlight=False)
+    console.print(_plain(outcome.status, style), _plain(f"{outcome.persona} {outcome.slot}".rstrip()), highlight=False)
     if outcome.text:
-        console.print(outcome.text, highlight=False, markup=False)
+        _say(outcome.text)
     if outcome.candidates:
         reasons = ", ".join(f"{k} {v}" for k, v in sorted(outcome.rejected.items())) or "none"
-        console.print(f"[dim]{outcome.candidates} candidates; rejected: {reasons}[/dim]")
+        _say(f"{outcome.candidates} candidates; rejected: {reasons}", "dim")
+    if outcome.status in ("dry_run", "no_candidate"):  # what a person tuning the filters needs to see
+        for verdict in outcome.verdicts:
+            _say(f"  {verdict['rejected'] or 'passed'}: {verdict['text']}", "dim" if verdict["rejected"] else "")
     for spec, entry in outcome.sinks.items():
-        console.print(f"  {spec}: {entry['state']} {entry.get('url') or entry.get('id') or ''} {entry.get('error') or ''}".rstrip(), highlight=False)
+        _say(f"  {spec}: {entry['state']} {entry.get('url') or entry.get('id') or ''} {entry.get('error') or ''}".rstrip())
     if outcome.message:
-        console.print(outcome.message, highlight=False, markup=False)
+        _say(outcome.message)
 
 
 @friendly_errors
@@ -92,9 +110,9 @@ def pending(json_output: bool = typer.Option(False, "--json", help="print a JSON
     if not waiting:
         console.print("no posts waiting for approval")
         return
-    table = Table("id", "persona", "slot", "text", "sinks")
+    table = _table("id", "persona", "slot", "text", "sinks")
     for w in waiting:
-        table.add_row(w.id, w.persona, w.slot, w.text, ", ".join(w.sinks))
+        table.add_row(*map(_plain, (w.id, w.persona, w.slot, w.text, ", ".join(w.sinks))))
     console.print(table)
 
 
@@ -117,7 +135,7 @@ def approve(
 def reject(approval_id: str = typer.Argument(..., metavar="ID", help="the id `persona posts pending` shows")) -> None:
     """Reject a waiting post: it never goes out, and its slot is closed."""
     decided = _poster(get_settings()).reject(approval_id)
-    console.print(f"rejected {decided.id} ({decided.persona} {decided.slot})", highlight=False)
+    _say(f"rejected {decided.id} ({decided.persona} {decided.slot})")
 
 
 @posts_app.command("history")
@@ -137,10 +155,11 @@ def history(
     if not items:
         console.print("nothing posted yet")
         return
-    table = Table("when (UTC)", "persona", "slot", "sink", "post", "text")
+    table = _table("when (UTC)", "persona", "slot", "sink", "post", "text")
     for item in items:
         when = datetime.fromtimestamp(float(item["at"]), UTC).strftime("%Y-%m-%d %H:%M")
-        table.add_row(when, item["persona"], item["slot"], item["sink"], item["url"] or item["id"], item["text"])
+        cells = (when, item["persona"], item["slot"], item["sink"], item["url"] or item["id"], item["text"])
+        table.add_row(*map(_plain, cells))
     console.print(table)
 
 
@@ -151,7 +170,6 @@ def scheduler() -> None:
     Missed slots after downtime follow each persona's schedule.missed policy. Run as
     many as you like: each slot is posted once. Stop with Ctrl-C or SIGTERM.
     """
-    from adapters.posting.slots import next_slot, slot_id
     from adapters.scheduler import Scheduler, scheduled_personas
 
     settings = get_settings()
@@ -159,14 +177,12 @@ def scheduler() -> None:
     stopping = threading.Event()  # shared, so a stop also ends a wait for candidates
     poster = _poster(settings, source="scheduler", stopping=stopping)
     runner = Scheduler(poster, poster.ledger.redis, stopping=stopping)
-    now = datetime.now(UTC)
-    chosen = scheduled_personas(poster.registry.all())
-    for persona in chosen:
-        upcoming = slot_id(next_slot(persona.schedule.cron, persona.schedule.timezone, now))
-        log.info("%s posts on %r (%s) to %s; next slot %s", persona.name, persona.schedule.cron,
-                 persona.schedule.timezone, ", ".join(persona.schedule.sinks), upcoming)
-    if not chosen:
-        err_console.print("no persona has schedule.enabled = true; the scheduler waits for one")
+    # Said now, not at the first slot (tomorrow at 9, say): the operator is watching.
+    for problem in runner.preflight():
+        log.error("%s", problem)
+    if not scheduled_personas(poster.registry.all()):
+        err_console.print(_plain("no persona posts on schedule (a file needs schedule.enabled = true, sinks, "
+                                 "and \"scheduler\" in adapters); the scheduler waits for one"))
     signal.signal(signal.SIGTERM, lambda *_: runner.stop())
     try:
         runner.run()
