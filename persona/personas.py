@@ -13,6 +13,7 @@ import difflib
 import logging
 import re
 import tomllib
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, get_args
@@ -70,6 +71,14 @@ class Example(_Strict):
 
     user: str
     assistant: str
+
+    @field_validator("user", "assistant")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        # A blank side teaches the model to answer nothing, or to nothing.
+        if not value.strip():
+            raise ValueError("empty; an example shows the voice with a question and its answer: write both, or drop it")
+        return value
 
 
 class PromptConfig(_Strict):
@@ -183,7 +192,11 @@ class Persona(_Strict):
 
     @field_validator("display_name")
     @classmethod
-    def _default_display_name(cls, value: str) -> str:
+    def _one_line_display_name(cls, value: str) -> str:
+        # It names the persona's turns in a transcript ("Sage: ..."): a line break there
+        # would start a turn of its own. (Format characters stay: emoji joiners, RTL marks.)
+        if any(unicodedata.category(char) in ("Cc", "Zl", "Zp") for char in value):
+            raise ValueError(f"{value!r} holds a line break or control character; a display name is one line")
         return value.strip()
 
     @property
@@ -206,6 +219,14 @@ def format_validation_error(path: Path, error: ValidationError) -> str:
             lines.append(
                 f"  name: {got!r} is not a persona name: {NAME_RULE}; without a name field, the file's name is the persona's"
             )
+            continue
+        if item["type"] == "value_error":
+            # Our own checks: the message quotes the value and says what to do.
+            said = item["msg"].removeprefix("Value error, ")
+            lines.append(f"  {where}: {said}")
+            continue
+        if item["type"] in ("model_type", "dict_type"):
+            lines.append(f"  {where}: should be a table of fields (a [section], or {{ key = value, ... }}), not {got!r}")
             continue
         shown = "" if isinstance(got, dict) else f" (got {got!r})"
         lines.append(f"  {where}: {item['msg']}{shown}")
@@ -297,4 +318,7 @@ class PersonaRegistry:
             for path in reversed(self.files()):
                 if path.stem == name:
                     return load_persona_file(path)
-        raise UnknownPersona(name, sorted(self.all()))
+        found, problems = self.scan()
+        if problems:  # the one meant may be among them: one line, not every file's problems in full
+            log.warning("%d invalid persona file(s) skipped; `persona personas validate` names the problems", len(problems))
+        raise UnknownPersona(name, sorted(found))

@@ -326,3 +326,100 @@ def test_a_worker_told_to_stop_while_it_loads_its_model_stops_at_once(env, redis
         worker.kill()
     said = output.read_text()
     assert "stopped while loading models" in said and "serving on" not in said and "Traceback" not in said, said
+
+
+def test_personas_validate_checks_what_a_file_points_at_and_takes_a_folder(env, tmp_path: Path):
+    """A base model or checkpoint that is not there, and a schedule that can never post,
+    passed `validate` (the first request, or the scheduler, found them); a folder was
+    refused as "Is a directory"."""
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "fine.toml").write_text('description = "fine"\n')
+    (folder / "lost.toml").write_text('[model]\nbase = "/no/such/model"\n')
+    (folder / "unfit.toml").write_text('[model]\ncheckpoint = "v9"\n')
+    (folder / "mute.toml").write_text('[schedule]\nenabled = true\nsinks = ["file:mute.jsonl"]\n')
+    (folder / "original.toml").write_text('[filters]\ncorpus = "corpus.jsonl"\n')
+    result = persona("personas", "validate", str(folder), env=env)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"✓ {folder / 'fine.toml'}" in result.stdout
+    assert f"{folder / 'lost.toml'}: model.base: base model '/no/such/model' is neither" in result.stderr
+    assert f"{folder / 'unfit.toml'}: model.checkpoint: persona 'unfit': no checkpoint version 'v9'" in result.stderr
+    assert f"{folder / 'mute.toml'}: schedule.enabled is true, but adapters does not list" in result.stderr
+    assert f"{folder / 'original.toml'}: filters.corpus: {folder / 'corpus.jsonl'} is not a file" in result.stderr
+    (folder / "corpus.jsonl").write_text('{"text": "Patience."}\n')
+    assert f"✓ {folder / 'original.toml'}" in persona("personas", "validate", str(folder), env=env).stdout
+    (tmp_path / "empty").mkdir()
+    nothing = persona("personas", "validate", str(tmp_path / "empty"), env=env)
+    assert nothing.returncode == 1 and "no persona files (*.toml) in this folder" in nothing.stderr
+
+
+def test_a_personas_folder_that_is_not_there_is_named(env, tmp_path: Path):
+    """A misspelt PERSONA_PERSONAS_DIRS was searched, found empty, and never mentioned."""
+    env["PERSONA_PERSONAS_DIRS"] = f'["{tmp_path / "persnoas"}"]'
+    checked = persona("personas", "validate", env=env)
+    assert checked.returncode == 1
+    assert f"{tmp_path / 'persnoas'}: not a folder, yet PERSONA_PERSONAS_DIRS names it" in checked.stderr
+    listed = persona("personas", "list", env=env)
+    assert listed.returncode == 0 and "PERSONA_PERSONAS_DIRS names it" in listed.stderr
+
+
+def test_ask_says_at_once_that_no_worker_is_running(env, doomed_redis):
+    """It waited out the whole deadline (two minutes by default) before saying anything."""
+    _, url, _ = doomed_redis
+    env["PERSONA_REDIS_URL"] = url
+    result = persona("ask", "sage", "hello", "--timeout", "1", env=env)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "no worker is running yet; this waits in the queue for one, up to 1 s" in result.stderr
+    env["PERSONA_REDIS_URL"] = "redis://127.0.0.1:1/0"  # an empty message needs no Redis to be refused
+    result = persona("ask", "sage", " ", env=env)
+    assert result.returncode == 1 and "the message is empty" in result.stderr
+
+
+def test_chat_commands_are_never_sent_to_the_persona(env, doomed_redis):
+    """/help, or a misspelt /quitt, went through the queue as a message."""
+    from persona import constants as keys
+
+    _, url, client = doomed_redis
+    env |= {"PERSONA_REDIS_URL": url, "PERSONA_QUEUE__DEFAULT_DEADLINE_S": "1"}
+    result = subprocess.run([sys.executable, "-m", "persona", "chat", "sage"], env=env, input="/help\n/Quitt now\n/quit\n",
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0 and "Traceback" not in result.stderr
+    assert "unknown command /quitt; /reset forgets the conversation" in result.stderr
+    assert result.stdout.count("/help shows this") == 2  # the greeting, then /help
+    assert client.xlen(keys.STREAM_INTERACTIVE) == 0
+
+
+def test_a_line_that_starts_with_a_path_is_a_message_and_commands_ignore_case():
+    from persona.cli.talk import _command
+
+    assert _command("/etc/hosts is where?") is None and _command("/RESET") == "/reset"
+
+
+def test_a_reply_longer_than_a_message_may_be_stays_in_the_chat_cut(env, redis_url, write_persona, tiny_llama_dir,
+                                                                     running_worker, personas_dir: Path):
+    """A long reply, sent back whole as context, got every later message refused
+    ("a message is N characters long; at most M are accepted") until /reset."""
+    write_persona("tiny", base=str(tiny_llama_dir), sampling={"max_new_tokens": 16, "seed": 7})
+    running_worker()
+    env |= {"PERSONA_REDIS_URL": redis_url, "PERSONA_PERSONAS_DIRS": f'["{personas_dir}"]',
+            "PERSONA_QUEUE__MAX_MESSAGE_CHARS": "12"}
+    result = subprocess.run([sys.executable, "-m", "persona", "chat", "tiny"], env=env, input="hi\nhi again\n",
+                            capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0 and "Traceback" not in result.stderr
+    assert "characters long" not in result.stderr, result.stderr
+    assert result.stdout.count("tiny> ") == 2
+    assert "(only the first 12 characters of that reply stay in the conversation)" in result.stdout
+
+
+def test_ask_json_of_a_failed_reply_exits_with_status_1(env, redis_url, write_persona, running_worker,
+                                                          personas_dir: Path):
+    """The worker's error was printed as JSON with exit status 0: a script saw success."""
+    import json
+
+    write_persona("lost", base="/no/such/model")
+    running_worker()
+    env |= {"PERSONA_REDIS_URL": redis_url, "PERSONA_PERSONAS_DIRS": f'["{personas_dir}"]'}
+    result = persona("ask", "lost", "hello", "--json", env=env)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    reply = json.loads(result.stdout)
+    assert reply["ok"] is False and "/no/such/model" in reply["error"]["message"]

@@ -170,3 +170,37 @@ def test_personas_commands_keep_their_formats_with_unusual_files(settings, perso
     [own] = [line for line in checked.stdout.splitlines() if str(personas_dir / "sage.toml") in line and "✓" in line
              and str(BUILTIN_PERSONAS_DIR) not in line]
     assert "not used" not in own
+
+
+def test_an_example_with_an_empty_side_is_refused(tmp_path: Path):
+    message = _refusal(tmp_path / "shy.toml", '[prompt]\nexamples = [{ user = "Hi?", assistant = "  " }]\n')
+    assert "prompt.examples.0.assistant: empty; an example shows the voice" in message
+    assert "prompt.examples.0.user" not in message
+
+
+def test_a_display_name_is_one_line_of_any_script(tmp_path: Path):
+    """A line break in it started a turn of its own in a plain model's transcript."""
+    message = _refusal(tmp_path / "two.toml", 'display_name = "Sage\\nUser"\n')
+    assert "display_name: 'Sage\\nUser' holds a line break" in message
+    path = tmp_path / "family.toml"
+    path.write_text('display_name = "👨\u200d👩\u200d👧 \u200fزينون Ζήνων"\n')  # joiners and an RTL mark
+    assert load_persona_file(path).speaker == "👨\u200d👩\u200d👧 \u200fزينون Ζήνων"
+
+
+def test_our_own_checks_and_a_section_given_a_value_read_plainly(tmp_path: Path):
+    message = _refusal(tmp_path / "when.toml", '[schedule]\ntimezone = "Mars/Base"\n')
+    assert "  schedule.timezone: unknown time zone 'Mars/Base'" in message
+    assert "Value error" not in message and "(got 'Mars/Base')" not in message
+    message = _refusal(tmp_path / "daily.toml", 'schedule = "daily"\n')
+    assert "schedule: should be a table of fields" in message and "ScheduleConfig" not in message
+
+
+def test_an_unknown_persona_is_one_line_not_every_invalid_files_problems(settings, personas_dir: Path, caplog):
+    """Asking for a persona that does not exist logged each invalid file's problems in
+    full before the error it was about."""
+    for name in ("one", "two"):
+        (personas_dir / f"{name}.toml").write_text("[sampling]\ntemprature = 1\n")
+    with caplog.at_level("WARNING"), pytest.raises(UnknownPersona, match="known personas: .*sage"):
+        PersonaRegistry.from_settings(settings).get("nobody")
+    [said] = caplog.messages
+    assert "2 invalid persona file(s) skipped; `persona personas validate`" in said and "temprature" not in said

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
 from rich.markup import escape
 
 from persona.cli.common import console, err_console, friendly_errors, get_settings
-from persona.personas import PersonaRegistry
+from persona.personas import Persona, PersonaRegistry
+from persona.settings import Settings
 
 personas_app = typer.Typer(help="List, show and validate persona files.", no_args_is_help=True)
 
@@ -15,8 +18,11 @@ personas_app = typer.Typer(help="List, show and validate persona files.", no_arg
 @friendly_errors
 def list_personas() -> None:
     """One persona per line: name, base model and checkpoint, description."""
-    registry = PersonaRegistry.from_settings(get_settings())
+    settings = get_settings()
+    registry = PersonaRegistry.from_settings(settings)
     found, problems = registry.scan()
+    for folder in _missing_folders(settings):
+        err_console.print(f"[yellow]{escape(folder)}[/yellow]", highlight=False)
     for name, persona in sorted(found.items()):
         weights = persona.model.base + (f"+{persona.model.checkpoint}" if persona.model.checkpoint else "")
         # One line each, whatever the file holds: a multi-line description (a TOML """
@@ -43,25 +49,35 @@ def show(name: str = typer.Argument(..., help="the persona's name")) -> None:
 @personas_app.command()
 @friendly_errors
 def validate(
-    paths: list[str] = typer.Argument(None, help="files to check (default: every persona file)"),
+    paths: list[str] = typer.Argument(None, help="files or folders to check (default: every persona file)"),
 ) -> None:
-    """Check persona files; each problem names the file and the exact field."""
-    from pathlib import Path
+    """Check persona files; each problem names the file and the exact field.
 
+    Besides the file itself: its base model, checkpoint and filters.corpus must be found
+    on this machine, and an enabled schedule must be able to post.
+    """
     from persona.errors import ConfigError
     from persona.personas import load_persona_file
 
-    registry = PersonaRegistry.from_settings(get_settings())
-    files = [Path(p) for p in paths] if paths else registry.files()
+    settings = get_settings()
+    registry = PersonaRegistry.from_settings(settings)
+    files = _files_named([Path(p) for p in paths]) if paths else registry.files()
     # Of namesakes in several folders only the last is used: say so, or a fix made to
     # the other file seems to change nothing.
     searched = registry.files()
     winner = {path.stem: path.resolve() for path in searched}
     searched_here = {path.resolve() for path in searched}
-    bad = 0
+    if paths:  # a folder named with no persona file in it passed as if all were well
+        missing = [f"{folder}: no persona files (*.toml) in this folder" for folder in map(Path, paths)
+                   if folder.is_dir() and not any(folder.glob("*.toml"))]
+    else:
+        missing = _missing_folders(settings)
+    for problem in missing:
+        err_console.print(f"[red]✗[/red] {escape(problem)}", highlight=False)
+    bad = len(missing)
     for path in files:
         try:
-            load_persona_file(path)
+            _check_usable(load_persona_file(path), settings)
         except ConfigError as exc:
             bad += 1
             err_console.print(f"[red]✗[/red] {escape(str(exc))}", highlight=False)
@@ -72,6 +88,53 @@ def validate(
             console.print(f"[green]✓[/green] {escape(str(path))}{note}", highlight=False)
     if bad:
         raise typer.Exit(1)
+
+
+def _files_named(paths: list[Path]) -> list[Path]:
+    """The files named, a folder standing for its persona files."""
+    return [found for path in paths for found in (sorted(path.glob("*.toml")) if path.is_dir() else [path])]
+
+
+def _missing_folders(settings: Settings) -> list[str]:
+    """A sentence for each folder PERSONA_PERSONAS_DIRS names that is not one (searched, it
+    yielded nothing, without a word)."""
+    return [
+        f"{folder}: not a folder, yet PERSONA_PERSONAS_DIRS names it; create it or fix the setting"
+        for folder in settings.personas_dirs
+        if not folder.is_dir()
+    ]
+
+
+def _check_usable(persona: Persona, settings: Settings) -> None:
+    """ConfigError if a valid persona file still cannot do what it says on this machine:
+    its base model, checkpoint or corpus is not found (nothing is loaded), or its schedule
+    is enabled but can never post (the scheduler passes it by)."""
+    from adapters.scheduler import unscheduled_reason
+    from persona.checkpoints import resolve_checkpoint
+    from persona.errors import ConfigError, ModelError
+    from persona.models import BUNDLED_ALIASES, bundled_gguf_path, resolve_base
+
+    problems = []
+    try:
+        if persona.model.base in BUNDLED_ALIASES:
+            bundled_gguf_path()  # resolve_base would convert it (seconds): installed is enough
+        else:
+            resolve_base(persona.model.base, settings.model_cache_dir, weights=False)
+    except ModelError as exc:
+        problems.append(f"model.base: {exc}")
+    try:
+        resolve_checkpoint(persona, settings)
+    except ModelError as exc:
+        problems.append(f"model.checkpoint: {exc}")
+    corpus = persona.source.parent / Path(persona.filters.corpus).expanduser() if persona.filters.corpus else None
+    if corpus is not None and not corpus.is_file():  # relative to the file, as posting reads it
+        problems.append(f"filters.corpus: {corpus} is not a file; name the persona's corpus (JSONL), or remove the line")
+    if reason := unscheduled_reason(persona):
+        problems.append(f"schedule.enabled is true, but {reason}")
+    if len(problems) == 1:
+        raise ConfigError(f"{persona.source}: {problems[0]}")
+    if problems:
+        raise ConfigError("\n  ".join([f"{persona.source}: {len(problems)} problem(s)", *problems]))
 
 
 def register(app: typer.Typer) -> None:

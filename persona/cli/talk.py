@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import re
 import time
 
 import redis
 import typer
 
+from persona import heartbeat
 from persona.cli.common import (
     console,
     err_console,
@@ -27,6 +29,9 @@ from persona.errors import PersonaError, RequestFailed
 from persona.personas import PersonaRegistry
 from persona.queue import QueueClient
 from persona.settings import Settings
+from persona.validation import check_request
+
+CHAT_COMMANDS = "/reset forgets the conversation, /help shows this, /quit or Ctrl-D leaves"
 
 
 def _client(settings: Settings, url: str | None = None) -> QueueClient:
@@ -49,6 +54,17 @@ def _check_persona(settings: Settings, name: str) -> None:
     PersonaRegistry.from_settings(settings).get(name)
 
 
+def _say_if_no_worker(client: QueueClient, wait_s: float) -> None:
+    """Say so when no worker is live: the wait ahead is then a full deadline, and the
+    user heard nothing until its end ("no worker answered ... in time")."""
+    if not heartbeat.live_worker_ids(client.redis):
+        err_console.print(
+            f"no worker is running yet; this waits in the queue for one, up to {wait_s:.0f} s "
+            "(`persona up` or `persona worker` starts one)",
+            style="yellow", markup=False, highlight=False,
+        )
+
+
 @friendly_errors
 def ask(
     persona: str = typer.Argument(..., help="which persona answers"),
@@ -59,7 +75,9 @@ def ask(
     timeout: float = typer.Option(
         None, min=1.0, help="seconds to wait for the reply (also its deadline; default: the queue's)"
     ),
-    json_output: bool = typer.Option(False, "--json", help="print the whole reply as JSON"),
+    json_output: bool = typer.Option(
+        False, "--json", help="print the whole reply as JSON (exit status 1 when it is an error)"
+    ),
 ) -> None:
     """Send one message to PERSONA through the queue and print its reply."""
     settings = get_settings()
@@ -70,9 +88,14 @@ def ask(
         sampling=SamplingOverrides(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed),
         deadline=time.time() + timeout if timeout else 0.0,
     )
-    reply = _ask(_client(settings), request, timeout=timeout)
+    check_request(request, settings.queue)  # an empty or too long message is refused before Redis is needed
+    client = _client(settings)
+    _say_if_no_worker(client, timeout or settings.queue.default_deadline_s)
+    reply = _ask(client, request, timeout=timeout)
     if json_output:
         print(reply.to_json())
+        if not reply.ok:  # the error is in the JSON; the status tells a script it failed
+            raise typer.Exit(1)
     elif not reply.ok:
         raise RequestFailed(reply)
     else:
@@ -84,7 +107,7 @@ def run_chat(settings: Settings, persona: str, *, url: str | None = None) -> Non
     _check_persona(settings, persona)
     client = _client(settings, url)
     history: list[Message] = []
-    console.print(f"chatting with [bold]{persona}[/bold]; /reset forgets, /quit or Ctrl-D leaves")
+    console.print(f"chatting with [bold]{persona}[/bold]; {CHAT_COMMANDS}")
     while True:
         try:
             text = console.input("[bold cyan]you>[/bold cyan] ").strip()
@@ -93,17 +116,25 @@ def run_chat(settings: Settings, persona: str, *, url: str | None = None) -> Non
             return
         if not text:
             continue
-        if text in ("/quit", "/exit"):
+        command = _command(text)
+        if command in ("/quit", "/exit"):
             return
-        if text == "/reset":
+        if command == "/reset":
             history.clear()
             console.print("[dim](conversation forgotten)[/dim]")
+            continue
+        if command == "/help":
+            console.print(CHAT_COMMANDS, markup=False, highlight=False)
+            continue
+        if command is not None:  # a typo such as /quitt went to the persona as a message
+            err_console.print(f"unknown command {command}; {CHAT_COMMANDS}", markup=False, highlight=False)
             continue
         history.append(Message(role="user", content=text))
         request = GenerationRequest(persona=persona, messages=history[-settings.queue.max_messages :])
         # Whatever goes wrong with this message, it is dropped and the chat goes on.
         problem = None
         try:
+            _say_if_no_worker(client, settings.queue.default_deadline_s)
             with console.status(f"{persona} is thinking..."):
                 reply = _ask(client, request)
         except KeyboardInterrupt:  # as in a shell
@@ -121,9 +152,25 @@ def run_chat(settings: Settings, persona: str, *, url: str | None = None) -> Non
             history.pop()
             err_console.print(problem, style="red", markup=False, highlight=False)
             continue
-        history.append(Message(role="assistant", content=reply.text))
         console.print(f"[bold magenta]{persona}>[/bold magenta] ", end="")
         console.print(reply.text, highlight=False, markup=False)
+        history.append(_as_context(reply.text, settings.queue.max_message_chars))
+
+
+def _command(text: str) -> str | None:
+    """The chat command a line is (``/reset``), lower-cased; None for a message. A path
+    such as "/etc/hosts?" is a message."""
+    word = text.split(maxsplit=1)[0]
+    return word.lower() if re.fullmatch(r"/[A-Za-z]+", word) else None
+
+
+def _as_context(reply: str, limit_chars: int) -> Message:
+    """A reply as the next requests' context: one longer than a message may be is cut to
+    fit, and the user told so (whole, it made every later message in the chat refused
+    as "a message is N characters long")."""
+    if len(reply) > limit_chars:
+        console.print(f"[dim](only the first {limit_chars} characters of that reply stay in the conversation)[/dim]")
+    return Message(role="assistant", content=reply[:limit_chars])
 
 
 @friendly_errors
