@@ -41,6 +41,7 @@ __all__ = [
     "PromptConfig",
     "Sampling",
     "ScheduleConfig",
+    "cron_problem",
     "format_validation_error",
     "load_persona_file",
 ]
@@ -165,13 +166,37 @@ class ScheduleConfig(_Strict):
     @field_validator("cron")
     @classmethod
     def _valid_cron(cls, value: str) -> str:
-        try:
-            from croniter import croniter
-        except ImportError:  # the posting extra is not installed: nothing schedules anyway
-            return value
-        if not croniter.is_valid(value):
-            raise ValueError(f"not a cron expression: {value!r} (e.g. '0 9 * * *' for 09:00 daily)")
+        problem = cron_problem(value)
+        if problem:
+            raise ValueError(problem)
         return value
+
+
+CRON_FIELDS = 5  # minute hour day-of-month month day-of-week
+
+
+def cron_problem(cron: str) -> str:
+    """What is wrong with a schedule's cron expression, '' if nothing: not cron at all; six
+    fields, which croniter reads as seconds at the end ("0 0 9 * * *", seconds first as
+    Quartz writes it, would post every second of midnight on the 9th); a date that never
+    comes ("0 9 30 2 *")."""
+    try:
+        from croniter import CroniterBadDateError, croniter
+    except ImportError:  # the posting extra is not installed: nothing schedules anyway
+        return ""
+    if not croniter.is_valid(cron):
+        return f"{cron!r} is not a cron expression (e.g. '0 9 * * *': 09:00 daily)"
+    fields = cron.split()
+    if len(fields) != CRON_FIELDS and not cron.strip().startswith("@"):
+        return (f"{cron!r} has {len(fields)} fields; a schedule has 5 (minute hour day month weekday), "
+                "no seconds: '0 9 * * *' is 09:00 daily")
+    from datetime import UTC, datetime
+
+    try:
+        croniter(cron, datetime(2000, 1, 1, tzinfo=UTC)).get_next(datetime)
+    except CroniterBadDateError:
+        return f"{cron!r} names a date that never comes; nothing would ever be posted"
+    return ""
 
 
 class Persona(_Strict):

@@ -110,16 +110,14 @@ def test_preflight_names_what_keeps_each_persona_from_posting(settings, schedule
     write_persona("noadapter", base="unused", schedule=on)
     write_persona("nosinks", base="unused", adapters=["cli", "scheduler"], schedule={"enabled": True})
     write_persona("nokeys", base="unused", adapters=["cli", "scheduler"], schedule={**on, "sinks": ["x", "file:p.jsonl"]})
-    write_persona("seconds", base="unused", adapters=["cli", "scheduler"], schedule={**on, "cron": "0 0 9 * * *"})
     write_persona("nocorpus", base="unused", adapters=["cli", "scheduler"], schedule=on, filters={"corpus": "gone.jsonl"})
     write_persona("off", base="unused", schedule={"sinks": ["x"]})
     problems = Scheduler(poster_for(settings), redis_client).preflight()
-    assert len(problems) == 5, problems
+    assert len(problems) == 4, problems
     by_name = {p.split(":", 1)[0]: p for p in problems}
     assert 'adapters does not list "scheduler"' in by_name["noadapter"]
     assert "schedule.sinks is empty" in by_name["nosinks"]
     assert "PERSONA_POSTING__X_BEARER_TOKEN" in by_name["nokeys"]
-    assert "has 6 fields" in by_name["seconds"]
     assert "cannot read the corpus" in by_name["nocorpus"]
 
 
@@ -142,6 +140,16 @@ def test_persona_file_rejects_a_bad_schedule(write_persona):
         load_persona_file(path)
     assert "schedule.cron" in str(caught.value) and "schedule.timezone" in str(caught.value)
 
+
+
+@pytest.mark.parametrize("cron, words", [("0 0 9 * * *", "has 6 fields"), ("0 9 30 2 *", "never comes")])
+def test_persona_file_refuses_a_schedule_the_scheduler_would_refuse(write_persona, cron, words):
+    """`persona personas validate` and every loader see what the scheduler sees: a cron with
+    seconds would post every second, one that never fires would never post."""
+    from persona.personas import load_persona_file
+
+    with pytest.raises(ConfigError, match=words):
+        load_persona_file(write_persona("sixfields", base="x", schedule={"cron": cron}))
 
 # --- missed-slot policies ---------------------------------------------------------------
 

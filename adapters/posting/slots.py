@@ -15,16 +15,16 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from croniter import CroniterBadDateError, croniter
+from croniter import croniter
 
 from persona.errors import ConfigError, PostingError
+from persona.personas import cron_problem
 
 __all__ = ["SlotPlan", "check_schedule", "next_slot", "parse_slot", "plan_slots", "slot_id", "slots_between"]
 
 log = logging.getLogger(__name__)
 
 MAX_SLOTS_SCANNED = 10_000  # after a long outage, older slots than this are not listed
-CRON_FIELDS = 5  # minute hour day-of-month month day-of-week
 
 
 def slot_id(when: datetime) -> str:
@@ -51,24 +51,13 @@ def parse_slot(name: str) -> str:
 
 def check_schedule(cron: str, timezone: str) -> ZoneInfo:
     """The schedule's time zone, or ConfigError naming what is wrong."""
-    if not croniter.is_valid(cron):
-        raise ConfigError(f"schedule.cron: {cron!r} is not a cron expression (e.g. '0 9 * * *': 09:00 daily)")
-    fields = cron.split()
-    if len(fields) != CRON_FIELDS and not cron.strip().startswith("@"):
-        # croniter reads a sixth field as seconds, at the end: "0 0 9 * * *" (seconds first, as
-        # Quartz writes it) would be every second of midnight on the 9th, a post each tick.
-        raise ConfigError(
-            f"schedule.cron: {cron!r} has {len(fields)} fields; a schedule has 5 (minute hour day month weekday), "
-            "no seconds: '0 9 * * *' is 09:00 daily"
-        )
+    problem = cron_problem(cron)
+    if problem:
+        raise ConfigError(f"schedule.cron: {problem}")
     try:
         zone = ZoneInfo(timezone)
     except (ZoneInfoNotFoundError, ValueError):
         raise ConfigError(f"schedule.timezone: unknown time zone {timezone!r} (e.g. 'Europe/London', 'UTC')") from None
-    try:
-        croniter(cron, datetime(2000, 1, 1, tzinfo=UTC)).get_next(datetime)
-    except CroniterBadDateError:  # e.g. '0 9 30 2 *', the 30th of February
-        raise ConfigError(f"schedule.cron: {cron!r} names a date that never comes; nothing would ever be posted") from None
     return zone
 
 
