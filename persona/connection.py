@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from urllib.parse import urlparse
+
 import redis
 import redis.asyncio
 from redis.backoff import ExponentialBackoff
@@ -79,18 +81,31 @@ def _options(url: str) -> dict:
     return options
 
 
-def _refusal(exc: redis.exceptions.ConnectionError, url: str) -> PersonaError:
-    """What a failed first contact tells the user. A refused password is a setting to fix
-    (a caller that waits for Redis to come back would wait forever); anything else is
-    Redis not answering. (redis-py's asyncio client wraps the refusal in a plain
-    ConnectionError.)"""
+def _refusal(exc: redis.exceptions.RedisError, url: str) -> PersonaError:
+    """What a failed first contact tells the user. A refused password, or a session Redis
+    will not open (a database number it does not have), is a setting to fix (a caller that
+    waits for Redis to come back would wait forever); anything else is Redis not
+    answering. (redis-py's asyncio client wraps the refusal in a plain ConnectionError.)"""
+    said = str(exc).rstrip(".")
     if any(isinstance(e, redis.exceptions.AuthenticationError) for e in (exc, exc.__cause__)):
-        return ConfigError(f"Redis at {describe_url(url)} refused the password: {str(exc).rstrip('.')}. "
+        if urlparse(url).password is None:
+            return ConfigError(f"Redis at {describe_url(url)} wants a password, and PERSONA_REDIS_URL gives none: "
+                               "redis://:PASSWORD@HOST:PORT/0")
+        return ConfigError(f"Redis at {describe_url(url)} refused the password: {said}. "
                            "Check the password in PERSONA_REDIS_URL")
+    if isinstance(exc, redis.exceptions.ResponseError):
+        return ConfigError(f"Redis at {describe_url(url)} refused the session PERSONA_REDIS_URL asks for: {said}. "
+                           "Check the URL's database number (/0 is always there) and user")
+    tls = " (rediss:// is TLS: does that port speak it?)" if url.startswith("rediss://") else ""
     return RedisUnavailable(
-        f"cannot reach Redis at {describe_url(url)}: {str(exc).rstrip('.')}. Is it running? "
+        f"cannot reach Redis at {describe_url(url)}: {said}{tls}. Is it running? "
         "`persona up` starts one; PERSONA_REDIS_URL points elsewhere"
     )
+
+
+# What first contact can fail with: refused, not answering (a TLS URL for a plain port
+# times out), or a session refused (a database number it does not have).
+FIRST_CONTACT_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, redis.exceptions.ResponseError)
 
 
 def connect(settings: Settings, *, url: str | None = None) -> redis.Redis:
@@ -100,7 +115,7 @@ def connect(settings: Settings, *, url: str | None = None) -> redis.Redis:
         # One quick try first: a user with Redis down hears so at once, not after backoff.
         with redis.Redis.from_url(url, socket_connect_timeout=5) as probe:
             info = _server_info(probe.info, probe.ping)
-    except redis.exceptions.ConnectionError as exc:
+    except FIRST_CONTACT_ERRORS as exc:
         raise _refusal(exc, url) from None
     _check_version(info, url)
     return redis.Redis.from_url(url, **_options(url))
@@ -118,7 +133,7 @@ async def connect_async(settings: Settings, *, url: str | None = None) -> redis.
         except redis.exceptions.ResponseError:  # as in _server_info: INFO denied, so only ping
             await probe.ping()
             info = {}
-    except redis.exceptions.ConnectionError as exc:
+    except FIRST_CONTACT_ERRORS as exc:
         raise _refusal(exc, url) from None
     finally:
         await probe.aclose()

@@ -15,6 +15,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import secrets
 import signal
 import socket
@@ -23,11 +24,20 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 from persona.constants import EMBEDDED_REDIS_START_TIMEOUT_S
 from persona.errors import RedisUnavailable
 
-__all__ = ["EmbeddedRedis", "ServingLock", "find_embedded_url", "redis_server_binary", "serving_lock", "stop_embedded"]
+__all__ = [
+    "EmbeddedRedis",
+    "ServingLock",
+    "find_embedded_url",
+    "recorded_server",
+    "redis_server_binary",
+    "serving_lock",
+    "stop_embedded",
+]
 
 log = logging.getLogger(__name__)
 
@@ -65,11 +75,27 @@ def _previous_password(config: Path) -> str | None:
     return None
 
 
-def _log_tail(folder: Path) -> str:
+def _config_value(value: object) -> str:
+    """A value for redis.conf, quoted: a data directory may have spaces, quotes or a newline
+    in its name (unquoted, Redis splits ``dir /home/me/My Data`` into three words and exits)."""
+    escaped = str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\r", "\\r")
+    return f'"{escaped}"'
+
+
+def _logged_since(log_file: Path, offset: int) -> str:
+    """What the server wrote to its log past ``offset``: this start's lines, not earlier runs'."""
     try:
-        return (folder / "redis.log").read_text(errors="replace")[-2000:]
+        with log_file.open("rb") as log:
+            log.seek(offset)
+            return log.read().decode(errors="replace")
     except OSError:
         return ""
+
+
+def _last_words(logged: str) -> str:
+    """The last line the server logged, without its pid and time: why it exited, as a rule."""
+    lines = logged.strip().splitlines()
+    return re.sub(r"^\d+:\w \d+ \w+ \d+ [\d:.]+ \S ", "", lines[-1]) if lines else ""
 
 
 def _alive(pid: int) -> bool:
@@ -95,6 +121,16 @@ def find_embedded_url(data_dir: Path) -> str | None:
     return url
 
 
+def recorded_server(data_dir: Path) -> tuple[int, bool]:
+    """The port of the embedded Redis last recorded for this data directory (0: none), and
+    whether its process still runs."""
+    try:
+        record = json.loads((data_dir / ADDRESS_FILE).read_text())
+        return int(record.get("port", 0)), _alive(int(record.get("pid", 0)))
+    except (OSError, ValueError, AttributeError):
+        return 0, False
+
+
 class ServingLock:
     """How the processes serving on one embedded Redis agree on who starts and stops it
     (see ``serving_lock``)."""
@@ -106,6 +142,15 @@ class ServingLock:
         """Found or started: serve beside the others, and let the next one take its turn."""
         fcntl.flock(self._serving, fcntl.LOCK_SH)
         fcntl.flock(self._turn, fcntl.LOCK_UN)
+
+    @contextlib.contextmanager
+    def turn(self) -> Iterator[None]:
+        """This process's turn, while it serves: to start the server again."""
+        fcntl.flock(self._turn, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._turn, fcntl.LOCK_UN)
 
     def last(self) -> bool:
         """Leaving (this process's turn again): whether no other process serves on it."""
@@ -167,6 +212,25 @@ def _answers(url: str) -> bool:
         client.close()
 
 
+def _spawn(config: Path, log_file: Path) -> subprocess.Popen:
+    """Start redis-server on ``config``; what it says before it opens its log (a line of
+    its config it cannot read) goes to the same file."""
+    output = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        # Its own session: a Ctrl-C meant for `persona up` must not stop Redis before
+        # the workers have handed their work back. Umask 077: the files it writes (the
+        # append-only file, snapshots, its log) are readable by this user alone.
+        return subprocess.Popen(
+            [redis_server_binary(), str(config)],
+            stdout=output,
+            stderr=output,
+            start_new_session=True,
+            umask=0o077,
+        )
+    finally:
+        os.close(output)
+
+
 @dataclass
 class EmbeddedRedis:
     """A redis-server child process serving one data directory."""
@@ -187,7 +251,8 @@ class EmbeddedRedis:
         across restarts of the same data directory, so clients that reconnect after a
         restart on the same port are let back in.
         """
-        folder = self.data_dir / "redis"
+        # Absolute: Redis moves into `dir` as it reads it, and would look for its log there.
+        folder = self.data_dir.absolute() / "redis"
         # The append-only file and snapshots hold every conversation: this user's alone.
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         folder.chmod(0o700)  # mkdir's mode does not change a folder that already exists
@@ -195,41 +260,36 @@ class EmbeddedRedis:
         password = _previous_password(config) or secrets.token_urlsafe(24)
         port = port or _free_port()
         socket_path = folder / SOCKET_FILE
-        unix_socket = unix_socket and len(os.fsencode(socket_path.absolute())) <= MAX_SOCKET_PATH
+        unix_socket = unix_socket and len(os.fsencode(socket_path)) <= MAX_SOCKET_PATH
+        log_file = folder / "redis.log"
         lines = [
             "bind 127.0.0.1",
             f"port {port}",
-            f"dir {folder}",
+            f"dir {_config_value(folder)}",
             "appendonly yes",
             "appendfsync everysec",
             "save 60 1",
             "protected-mode yes",
             f"requirepass {password}",
-            f"logfile {folder / 'redis.log'}",
+            f"logfile {_config_value(log_file)}",
             "daemonize no",
         ]
         if unix_socket:
-            lines += [f"unixsocket {socket_path.absolute()}", "unixsocketperm 700"]
+            lines += [f"unixsocket {_config_value(socket_path)}", "unixsocketperm 700"]
         config.write_text("\n".join([*lines, ""]))
         config.chmod(0o600)
-        # Its own session: a Ctrl-C meant for `persona up` must not stop Redis before
-        # the workers have handed their work back. Umask 077: the files it writes (the
-        # append-only file, snapshots, its log) are readable by this user alone.
-        self.process = subprocess.Popen(
-            [redis_server_binary(), str(config)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-            umask=0o077,
-        )
+        logged = log_file.stat().st_size if log_file.exists() else 0
+        self.process = _spawn(config, log_file)
         self.port = port
         self.tcp_url = f"redis://:{password}@127.0.0.1:{port}/0"
-        self.url = f"unix://:{password}@{socket_path.absolute()}?db=0" if unix_socket else self.tcp_url
+        # Quoted: a socket path with a space, '#', '?' or '%' in it is still one path to redis-py.
+        self.url = f"unix://:{password}@{quote(str(socket_path))}?db=0" if unix_socket else self.tcp_url
         try:
             self._wait_ready()
-        except RedisUnavailable:
-            if not (unix_socket and self.process.poll() is not None and "nix socket" in _log_tail(folder)):
-                raise
+        except RedisUnavailable as exc:
+            said = _logged_since(log_file, logged)
+            if not (unix_socket and self.process.poll() is not None and "nix socket" in said):
+                raise RedisUnavailable(f"the embedded Redis {exc} ({_last_words(said)}); see {log_file}") from None
             # A file system that holds no sockets (some network and shared folders): TCP alone.
             log.warning("the embedded Redis could not open a unix socket in %s; serving on TCP only", folder)
             return self.start(port, unix_socket=False)
@@ -241,24 +301,26 @@ class EmbeddedRedis:
         return self.url
 
     def _wait_ready(self) -> None:
+        """Until this server answers; RedisUnavailable if it exits first (its port taken,
+        say) or is slow to start."""
         import redis
 
-        client = redis.Redis.from_url(self.url)
+        # Short timeouts, and its pid checked: whatever else holds the port is not waited on.
+        client = redis.Redis.from_url(self.url, socket_connect_timeout=1, socket_timeout=1)
         deadline = time.monotonic() + EMBEDDED_REDIS_START_TIMEOUT_S
-        while True:
-            try:
-                if client.ping():
-                    client.close()
-                    return
-            except redis.exceptions.BusyLoadingError:
-                pass  # replaying the append-only file
-            except redis.exceptions.ConnectionError:
-                if self.process is not None and self.process.poll() is not None:
-                    log_file = self.data_dir / "redis" / "redis.log"
-                    raise RedisUnavailable(f"the embedded Redis exited at start; see {log_file}") from None
-            if time.monotonic() > deadline:
-                raise RedisUnavailable("the embedded Redis did not start in time")
-            time.sleep(0.05)
+        try:
+            while self.process.poll() is None:
+                try:
+                    if client.info("server").get("process_id") == self.process.pid:
+                        return
+                except redis.exceptions.RedisError:
+                    pass  # not listening yet, or replaying the append-only file
+                if time.monotonic() > deadline:
+                    raise RedisUnavailable("did not start in time")
+                time.sleep(0.05)
+            raise RedisUnavailable("exited at start")
+        finally:
+            client.close()
 
     def stop(self) -> None:
         """Save and stop the server, and forget its address."""

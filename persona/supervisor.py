@@ -6,11 +6,15 @@ service is the same ``persona`` command an operator could run alone (``persona w
 supervisor alone, which then stops the services in order: workers hand their work back
 before Redis saves and exits. A service that crashes is restarted, with a growing pause;
 one that keeps failing soon after it starts (a setting it cannot read, say) is given up
-on, with its exit status logged, rather than restarted for ever.
+on, with its exit status logged, rather than restarted for ever. On Linux each service
+is also stopped (SIGTERM) by the kernel if the supervisor itself dies (``kill -9``, the
+OOM killer): it would otherwise serve on, unseen, beside the next ``persona up``.
 """
 
 from __future__ import annotations
 
+import ctypes
+import fcntl
 import logging
 import os
 import signal
@@ -18,12 +22,15 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from persona.errors import ConfigError
 from persona.settings import Settings
 
-__all__ = ["Service", "Supervisor", "services_for_up"]
+__all__ = ["Service", "Supervisor", "one_up_per_data_dir", "services_for_up"]
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +39,50 @@ FIRST_RESTART_PAUSE_S = 0.5
 MAX_RESTART_PAUSE_S = 30.0
 QUICK_EXIT_S = 60.0  # a service that exits sooner than this after starting failed to start
 MAX_QUICK_EXITS = 5  # quick exits in a row before a service is given up on
+UP_LOCK_FILE = "up.lock"  # held by the one `persona up` serving a data directory
+PR_SET_PDEATHSIG = 1  # from <sys/prctl.h>
+
+
+@contextmanager
+def one_up_per_data_dir(data_dir: Path) -> Iterator[None]:
+    """Held while `persona up` runs for ``data_dir``: a second one is refused, in words.
+
+    A second would start every service again beside the first: its dashboard fails on the
+    taken port, and two chat adapters on one bot token answer every message twice.
+    The system lets go of the lock of a process that dies.
+    """
+    with (data_dir / UP_LOCK_FILE).open("a+") as held:
+        try:
+            fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            held.seek(0)
+            pid = held.read().strip() or "unknown"
+            raise ConfigError(
+                f"`persona up` is already running for data directory {data_dir} (pid {pid}). "
+                "Stop it first (Ctrl-C in its terminal), or set PERSONA_DATA_DIR to another folder "
+                "for a second one. To chat with it: `persona chat PERSONA`; more workers: `persona worker`"
+            ) from None
+        held.truncate(0)
+        held.write(f"{os.getpid()}\n")
+        held.flush()
+        yield
+
+
+def _dies_with_this_process() -> Callable[[], None] | None:
+    """Linux: what a child runs before it starts, so that the kernel sends it SIGTERM when
+    the thread that started it ends (this process killed; or, stopping, the supervisor's
+    thread, just before the SIGTERM that ``stop`` sends anyway)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here: the child only calls it
+    parent = os.getpid()
+
+    def before_exec() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # it died before the call above
+            os._exit(1)
+
+    return before_exec
 
 
 @dataclass
@@ -99,9 +150,11 @@ class Supervisor:
             self.log_dir.mkdir(parents=True, exist_ok=True)
             service.log_file = self.log_dir / f"{service.name}.log"
             output = service.log_file.open("ab")
+        # preexec_fn with threads about (the restarts run in one): safe here, as the child
+        # makes one libc call, looked up before the fork, and no lock is taken.
         service.process = subprocess.Popen(
             service.argv, env=self.env, stdout=output, stderr=subprocess.STDOUT if output else None,
-            start_new_session=True,
+            start_new_session=True, preexec_fn=_dies_with_this_process(),  # noqa: PLW1509
         )
         service.started_at = time.monotonic()
         log.info("started %s (pid %d)", service.name, service.process.pid)
@@ -150,12 +203,19 @@ class Supervisor:
         for service in running:
             service.process.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + STOP_GRACE_S
-        for service in running:
-            try:
-                service.process.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                log.warning("%s did not stop in time; killing it", service.name)
-                service.process.kill()
+        try:
+            for service in running:
+                try:
+                    service.process.wait(timeout=max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    log.warning("%s did not stop in time; killing it", service.name)
+                    service.process.kill()
+                    service.process.wait()
+        except KeyboardInterrupt:  # Ctrl-C again: stop now, and leave nothing running
+            for service in running:
+                if service.process.poll() is None:
+                    log.warning("interrupted again: killing %s", service.name)
+                    service.process.kill()
                 service.process.wait()
         for service in self.services:
             service.process = None

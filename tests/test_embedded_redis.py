@@ -6,9 +6,11 @@ import asyncio
 import json
 import logging
 import os
+import socket
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,7 @@ import redis
 
 from persona.connection import connect, connect_async
 from persona.embedded_redis import SOCKET_FILE, EmbeddedRedis, find_embedded_url
+from persona.errors import RedisUnavailable
 from persona.settings import Settings
 
 
@@ -67,6 +70,53 @@ def test_a_folder_that_cannot_hold_the_socket_falls_back_to_tcp(server: Embedded
     assert url == server.tcp_url
     assert redis.Redis.from_url(url).ping()
     assert "could not open a unix socket" in caplog.text
+
+
+def test_a_data_directory_named_with_spaces_and_url_characters_works(tmp_path: Path):
+    data = tmp_path / 'My "data" #1 100%?'  # what a folder on a desktop may be called
+    server = EmbeddedRedis(data)
+    try:
+        url = server.start()
+        assert url.startswith("unix://")
+        client = redis.Redis.from_url(url)
+        client.set("kept", "1")
+        assert redis.Redis.from_url(server.tcp_url).get("kept") == b"1"
+        assert find_embedded_url(data) == url
+        client.save()
+        assert (data / "redis" / "dump.rdb").exists()  # it writes where it was told
+    finally:
+        server.stop()
+
+
+def test_a_redis_that_cannot_start_says_why_in_the_log_it_names(tmp_path: Path):
+    server = EmbeddedRedis(tmp_path / "data")
+    with pytest.raises(RedisUnavailable, match=r"exited at start \(argument must be between 0 and 65535") as refused:
+        server.start(port=70000)  # a line of its config it refuses, before it opens its log
+    log_file = Path(str(refused.value).rsplit("; see ", 1)[1])
+    assert "port 70000" in log_file.read_text()
+
+
+def test_a_relative_data_directory_works(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.chdir(tmp_path)
+    server = EmbeddedRedis(Path("data"))  # PERSONA_DATA_DIR=data
+    try:
+        assert redis.Redis.from_url(server.start()).ping()
+        assert (tmp_path / "data" / "redis" / "redis.log").exists()
+    finally:
+        server.stop()
+
+
+def test_a_port_held_by_something_else_is_refused_at_once_with_the_reason(server: EmbeddedRedis):
+    server.start()
+    server.stop()  # an earlier run: its log speaks of the unix socket it removed
+    with socket.socket() as squatter:  # a program that holds the port and never answers
+        squatter.bind(("127.0.0.1", server.port))
+        squatter.listen()
+        started = time.monotonic()
+        with pytest.raises(RedisUnavailable, match=r"exited at start \(Failed listening on port \d+ \(TCP\), aborting.\); see "):
+            server.start(port=server.port)
+    assert time.monotonic() - started < 10
+    assert find_embedded_url(server.data_dir) is None
 
 
 def test_a_restart_keeps_the_socket_and_the_password(server: EmbeddedRedis):

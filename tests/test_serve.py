@@ -1,4 +1,5 @@
-"""`persona up` as a real process: it restarts crashed services and stops everything it started."""
+"""`persona up` as a real process: it restarts crashed services and stops everything it
+started; and `persona worker` told a wrong Redis."""
 
 from __future__ import annotations
 
@@ -46,23 +47,34 @@ def wait_for(predicate, what: str, timeout: float = 60.0):
 
 
 @pytest.fixture
-def start_up(tmp_path: Path, write_persona, tiny_gpt2_dir, settings):
-    """Start `persona up ARGS...` on a fresh embedded Redis, serving a tiny persona."""
+def up_env(tmp_path: Path, write_persona, tiny_gpt2_dir, settings) -> dict[str, str]:
+    """The environment of `persona up` on a fresh data directory, serving a tiny persona."""
     write_persona("tiny", base=str(tiny_gpt2_dir))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PERSONA_")} | {
+    return {k: v for k, v in os.environ.items() if not k.startswith("PERSONA_")} | {
         "PERSONA_DATA_DIR": str(tmp_path / "up-data"),
         "PERSONA_PERSONAS_DIRS": json.dumps([str(p) for p in settings.personas_dirs]),
         "PERSONA_WORKER__PERSONAS": '["tiny"]',
         "PERSONA_WORKER__DEVICE": "cpu",
         "TEST_SERVE_RUN": str(tmp_path),  # inherited by every process `persona up` starts
     }
+
+
+def _interruptible() -> None:
+    """Ctrl-C as in a terminal, even where the tests run with SIGINT ignored (in the background)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.fixture
+def start_up(tmp_path: Path, up_env: dict[str, str]):
+    """Start `persona up ARGS...` on the embedded Redis of a fresh data directory."""
     started: list[subprocess.Popen] = []
 
     def start(*args: str) -> tuple[subprocess.Popen, int]:
         """The `persona up` process and its embedded Redis's pid."""
         output = (tmp_path / "up.log").open("w")
-        up = subprocess.Popen([sys.executable, "-m", "persona", "up", "--no-dashboard", *args], env=env,
-                              stdin=subprocess.PIPE, stdout=output, stderr=subprocess.STDOUT)
+        up = subprocess.Popen([sys.executable, "-m", "persona", "up", "--no-dashboard", *args], env=up_env,
+                              stdin=subprocess.PIPE, stdout=output, stderr=subprocess.STDOUT,
+                              preexec_fn=_interruptible)  # noqa: PLW1509 (it only resets a signal)
         started.append(up)
         record = tmp_path / "up-data" / "redis.json"
         wait_for(lambda: record.exists() or up.poll() is not None, "the embedded Redis did not start")
@@ -116,3 +128,112 @@ def test_chatting_still_restarts_a_crashed_worker_and_a_hangup_stops_all(start_u
     up.send_signal(signal.SIGHUP)
     assert up.wait(timeout=60) == 0
     assert [pid for pid in (second, redis_pid) if running(pid)] == []
+
+
+def test_a_second_up_for_the_same_data_directory_is_refused_in_words(start_up, up_env):
+    up, redis_pid = start_up()
+    wait_for(lambda: workers_of(up), "no worker started")
+    second = subprocess.run([sys.executable, "-m", "persona", "up", "--no-dashboard"], env=up_env,
+                            capture_output=True, text=True, timeout=30, check=False)
+    assert second.returncode == 1
+    assert f"`persona up` is already running for data directory {up_env['PERSONA_DATA_DIR']} (pid {up.pid})" in second.stderr
+    assert up.poll() is None and running(redis_pid)  # the first serves on, its Redis untouched
+
+
+def test_killing_up_stops_its_services_and_the_next_up_takes_over_its_redis(start_up):
+    up, redis_pid = start_up()
+    services = wait_for(lambda: workers_of(up), "no worker started") | children(up.pid)
+    services.pop(redis_pid)
+    up.kill()  # kill -9, the OOM killer: it cannot stop anything itself
+    up.wait()
+    wait_for(lambda: not [pid for pid in services if running(pid)], "a service outlived `persona up`", 30)
+
+    again, found = start_up()  # its Redis, left running, still holds the data: served on, then stopped
+    assert found == redis_pid and running(redis_pid)
+    wait_for(lambda: workers_of(again), "no worker started")
+    again.send_signal(signal.SIGTERM)
+    assert again.wait(timeout=60) == 0
+    assert not running(redis_pid)
+
+
+def test_a_killed_embedded_redis_is_started_again_and_served_on(start_up, tmp_path, settings):
+    import redis
+
+    from persona.contract import GenerationRequest, Message
+    from persona.queue import QueueClient
+
+    up, redis_pid = start_up()
+    record = tmp_path / "up-data" / "redis.json"
+    url = json.loads(record.read_text())["url"]
+    os.kill(redis_pid, signal.SIGKILL)
+    revived = wait_for(lambda: (pid := json.loads(record.read_text())["pid"]) != redis_pid and running(pid) and pid,
+                       "the embedded Redis was not started again", 20)
+    assert json.loads(record.read_text())["url"] == url  # same address and password: clients reconnect
+
+    client = QueueClient(redis.Redis.from_url(url), settings.queue)
+    request = GenerationRequest(persona="tiny", messages=[Message(role="user", content="hello")])
+    assert client.ask(request, timeout=60).ok  # the worker serves on the new one
+    up.send_signal(signal.SIGTERM)
+    assert up.wait(timeout=60) == 0
+    assert not running(revived)
+
+
+def catches_sigterm(pid: int) -> bool:
+    """Whether the process handles SIGTERM yet (until it does, SIGTERM kills it, stopped or not)."""
+    status = (Path("/proc") / str(pid) / "status").read_text()
+    caught = next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:"))
+    return bool(int(caught, 16) & 1 << (signal.SIGTERM - 1))
+
+
+def test_ctrl_c_again_kills_a_service_that_is_still_stopping(start_up):
+    up, redis_pid = start_up("--workers", "2")
+    stuck, other = wait_for(lambda: len(w := workers_of(up)) == 2 and sorted(w), "no workers started")
+    wait_for(lambda: catches_sigterm(stuck) and catches_sigterm(other), "the workers did not start")
+    os.kill(stuck, signal.SIGSTOP)  # a worker that does not stop (a long batch, say)
+    up.send_signal(signal.SIGINT)
+    wait_for(lambda: not running(other), "Ctrl-C did not stop the other worker")  # `up` waits for the stuck one now
+    up.send_signal(signal.SIGINT)  # the operator will not wait
+    assert up.wait(timeout=20) == 0
+    assert [pid for pid in (stuck, redis_pid) if running(pid)] == []
+
+
+def test_an_embedded_redis_that_cannot_start_again_is_reported(tmp_path):
+    import socket
+
+    from persona.cli.serve import served_redis
+    from persona.errors import RedisUnavailable
+    from persona.settings import Settings
+
+    with served_redis(Settings(_env_file=None, data_dir=tmp_path / "data")) as served:
+        served.embedded.process.kill()
+        served.embedded.process.wait()
+        with socket.socket() as squatter:  # its port, taken while it was down
+            squatter.bind(("127.0.0.1", served.embedded.port))
+            squatter.listen()
+            with pytest.raises(RedisUnavailable, match=r"exited at start \(Failed listening on port"):
+                served.keep_alive()
+
+
+@pytest.fixture(scope="module")
+def guarded_redis(tmp_path_factory):
+    """A Redis with a password, as a managed one has: its TCP address and the password."""
+    from persona.embedded_redis import EmbeddedRedis
+
+    server = EmbeddedRedis(tmp_path_factory.mktemp("guarded"))
+    server.start()
+    yield f"127.0.0.1:{server.port}", server.tcp_url.split("@")[0].rsplit(":", 1)[1]
+    server.stop()
+
+
+@pytest.mark.parametrize(("url", "said"), [
+    ("redis://{address}/0", "wants a password, and PERSONA_REDIS_URL gives none: redis://:PASSWORD@HOST:PORT/0"),
+    ("redis://:{password}@{address}/99", "refused the session PERSONA_REDIS_URL asks for: DB index is out of range"),
+    ("rediss://:{password}@{address}/0", "(rediss:// is TLS: does that port speak it?)"),
+])
+def test_a_worker_told_a_wrong_redis_url_says_what_to_fix(guarded_redis, up_env, url, said):
+    address, password = guarded_redis
+    env = up_env | {"PERSONA_REDIS_URL": url.format(address=address, password=password)}
+    told = subprocess.run([sys.executable, "-m", "persona", "worker"], env=env, capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert told.returncode == 1 and "Traceback" not in told.stderr
+    assert said in told.stderr and password not in told.stderr

@@ -9,6 +9,8 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
 import typer
 
@@ -16,28 +18,21 @@ from persona.cli.common import console, friendly_errors, get_settings
 from persona.connection import connect, describe_url
 from persona.embedded_redis import (
     EmbeddedRedis,
+    ServingLock,
     find_embedded_url,
+    recorded_server,
     serving_lock,
     stop_embedded,
 )
-from persona.errors import ConfigError
+from persona.errors import ConfigError, RedisUnavailable
 from persona.logs import setup_logging
 from persona.settings import Settings
 
 log = logging.getLogger(__name__)
 
 
-@contextlib.contextmanager
-def redis_for_service(settings: Settings) -> Iterator[str]:
-    """The Redis URL to serve on: the configured one, a running embedded one, or a new one.
-
-    The embedded Redis is stopped by the last serving process (``persona up``,
-    ``worker``, ``dashboard``) to leave, whichever started it: one that leaves while
-    another still serves on it leaves it running for that one (see ``serving_lock``).
-    """
-    if settings.redis_url is not None:
-        yield settings.redis_url.get_secret_value()
-        return
+def _data_dir(settings: Settings) -> Path:
+    """The data directory, made if it is not there yet."""
     try:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -45,25 +40,76 @@ def redis_for_service(settings: Settings) -> Iterator[str]:
             f"cannot keep data in {settings.data_dir} ({exc.strerror}); set PERSONA_DATA_DIR "
             "to a folder you can write"
         ) from None
-    with serving_lock(settings.data_dir) as lock:
-        embedded = None
-        url = find_embedded_url(settings.data_dir)
-        if url is None:
-            embedded = EmbeddedRedis(settings.data_dir)
-            url = embedded.start()
+    return settings.data_dir
+
+
+@dataclass
+class ServedRedis:
+    """The Redis a serving process uses: for the embedded one, its data directory, and the
+    server itself if this process started it."""
+
+    url: str
+    data_dir: Path | None = None
+    lock: ServingLock | None = None
+    embedded: EmbeddedRedis | None = None
+
+    def keep_alive(self) -> None:
+        """Start the embedded Redis again if it died (killed, say): on the same port and
+        socket, with the same password, so that every client reconnects."""
+        if self.lock is None:
+            return  # PERSONA_REDIS_URL's Redis is someone else's to run
+        if self.embedded is not None:
+            running = self.embedded.process.poll() is None
+        else:  # started by another serving process, or by one that was killed
+            running = recorded_server(self.data_dir)[1]
+        if running:
+            return
+        with self.lock.turn():
+            if find_embedded_url(self.data_dir) is not None:  # a serving process that came meanwhile started it
+                self.embedded = None
+                return
+            log.warning("the embedded Redis has died; starting it again")
+            port = self.embedded.port if self.embedded is not None else recorded_server(self.data_dir)[0]
+            self.embedded = EmbeddedRedis(self.data_dir)
+            self.embedded.start(port=port or None)
+
+
+@contextlib.contextmanager
+def served_redis(settings: Settings) -> Iterator[ServedRedis]:
+    """The Redis to serve on: the configured one, a running embedded one, or a new one.
+
+    The embedded Redis is stopped by the last serving process (``persona up``,
+    ``worker``, ``dashboard``) to leave, whichever started it: one that leaves while
+    another still serves on it leaves it running for that one (see ``serving_lock``).
+    """
+    if settings.redis_url is not None:
+        yield ServedRedis(settings.redis_url.get_secret_value())
+        return
+    with serving_lock(_data_dir(settings)) as lock:
+        served = ServedRedis(find_embedded_url(settings.data_dir) or "", settings.data_dir, lock)
+        if not served.url:
+            served.embedded = EmbeddedRedis(settings.data_dir)
+            served.url = served.embedded.start()
         lock.share()
         try:
-            yield url
+            yield served
         finally:
             if not lock.last():
                 log.info("embedded Redis left running: another serving process still uses it, "
                          "and the last of them to stop stops it")
             else:
-                if embedded is not None:
-                    embedded.stop()
+                if served.embedded is not None:
+                    served.embedded.stop()
                 else:
                     stop_embedded(settings.data_dir)
                 log.info("embedded Redis stopped (data kept in %s)", settings.data_dir / "redis")
+
+
+@contextlib.contextmanager
+def redis_for_service(settings: Settings) -> Iterator[str]:
+    """The URL of the Redis to serve on (see ``served_redis``)."""
+    with served_redis(settings) as served:
+        yield served.url
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)  # SIGHUP: the terminal or SSH session closed
@@ -80,20 +126,32 @@ def up(
     """Run everything on this machine: Redis, workers, dashboard, scheduler, adapters.
 
     Redis is embedded unless PERSONA_REDIS_URL is set; each chat adapter runs when its
-    token is set.
+    token is set. The dashboard is at http://127.0.0.1:8787 by default
+    (PERSONA_DASHBOARD__PORT). What it keeps (Redis's data, converted models, the logs
+    of --chat) is in PERSONA_DATA_DIR, and one `persona up` runs per data directory. A
+    service that crashes is restarted, and so is the embedded Redis (one that keeps
+    failing as it starts is given up on, its error logged).
 
     Stop with Ctrl-C (or SIGTERM, or by closing the terminal): workers hand their work
     back, then Redis saves and exits (unless a `persona worker` or `dashboard` started
-    on its own still serves on it: the last of them stops it).
+    on its own still serves on it: the last of them stops it). Ctrl-C again kills the
+    services still stopping.
     """
-    from persona.supervisor import Supervisor, services_for_up
+    from persona.supervisor import Supervisor, one_up_per_data_dir, services_for_up
 
     settings = get_settings()
     setup_logging(settings)
     stop = threading.Event()
+    redis_failed: list[Exception] = []
     # The signals are handled until the very end: a second SIGTERM must not kill this
     # process while it stops the services and Redis, leaving them running.
-    with friendly_exit(), _stopped_by_signals(stop, interrupt=bool(chat)), redis_for_service(settings) as url:
+    with (
+        friendly_exit(),
+        _stopped_by_signals(stop, interrupt=bool(chat)),
+        one_up_per_data_dir(_data_dir(settings)),
+        served_redis(settings) as served,
+    ):
+        url = served.url
         connect(settings, url=url).close()
         env = dict(os.environ)
         if settings.redis_url is None:
@@ -101,7 +159,9 @@ def up(
         log_dir = settings.data_dir / "logs" if chat else None
         supervisor = Supervisor(services_for_up(settings, workers=workers, dashboard=dashboard), env=env, log_dir=log_dir)
         # While chatting, the chat holds this thread: the restarts happen in another.
-        watcher = threading.Thread(target=_supervise, args=(supervisor, stop), name="supervisor", daemon=True)
+        watcher = threading.Thread(
+            target=_supervise, args=(supervisor, served, stop, redis_failed), name="supervisor", daemon=True
+        )
         try:
             supervisor.start()
             names = ", ".join(s.name for s in supervisor.services)
@@ -118,17 +178,31 @@ def up(
                     pass
         finally:
             stop.set()
-            with contextlib.suppress(OSError):  # the terminal may be gone (SIGHUP)
-                console.print("stopping...")
-            if watcher.is_alive():
-                watcher.join()
-            supervisor.stop()
+            try:
+                with contextlib.suppress(OSError):  # the terminal may be gone (SIGHUP)
+                    console.print("stopping...")
+                if watcher.is_alive():
+                    watcher.join()
+            finally:  # even if Ctrl-C comes again: no service is left running
+                supervisor.stop()
+    if redis_failed:
+        raise RedisUnavailable(f"the embedded Redis died, and could not be started again: {redis_failed[0]}")
 
 
-def _supervise(supervisor, stop: threading.Event) -> None:
-    """Restart crashed services until ``stop`` is set."""
+def _supervise(supervisor, served: ServedRedis, stop: threading.Event, redis_failed: list) -> None:
+    """Restart crashed services, and the embedded Redis, until ``stop`` is set."""
     while not stop.wait(1.0):
-        supervisor.check()
+        try:
+            supervisor.check()
+        except Exception:  # a restart that failed (no memory to fork, say): tried again next time
+            log.exception("could not restart a service")
+        try:
+            served.keep_alive()
+        except Exception as exc:  # without Redis nothing can be served: stop, and say why
+            log.error("%s; stopping everything", exc, exc_info=not isinstance(exc, RedisUnavailable))
+            redis_failed.append(exc)
+            os.kill(os.getpid(), signal.SIGTERM)  # stop as SIGTERM does, ending the chat too
+            return
 
 
 @contextlib.contextmanager
@@ -157,14 +231,22 @@ def friendly_exit() -> Iterator[None]:
 
 @friendly_errors
 def worker(
-    device: str = typer.Option(None, help="cpu, cuda or auto (default: the setting, else auto)"),
-    preload: list[str] = typer.Option(None, "--preload", help="load these personas' models before serving"),
-    max_batch: int = typer.Option(None, min=1, help="most requests generated together"),
+    device: str = typer.Option(None, help="cpu, cuda or auto (default: PERSONA_WORKER__DEVICE, else auto)"),
+    preload: list[str] = typer.Option(
+        None, "--preload", metavar="PERSONA",
+        help="load this persona's model before serving; repeat for more. Default: PERSONA_WORKER__PERSONAS, "
+        "else every persona (skipping, with a warning, any that cannot load; one named cannot be skipped)",
+    ),
+    max_batch: int = typer.Option(
+        None, min=1, help="most requests generated together (default: PERSONA_WORKER__MAX_BATCH, else 16)"
+    ),
 ) -> None:
     """Run one inference worker: take requests from the queue, answer them, repeat.
 
-    Many workers on many machines can share one Redis. SIGTERM or Ctrl-C finishes the
-    batch in hand and hands back anything unfinished.
+    It serves on PERSONA_REDIS_URL, or without it on the embedded Redis of
+    PERSONA_DATA_DIR (the one `persona up` runs, or one it starts itself). Many workers
+    on many machines can share one Redis. SIGTERM or Ctrl-C finishes the batch in hand
+    and hands back anything unfinished; Ctrl-C again stops at once.
     """
     from persona.models import pick_device
     from persona.pool import ModelPool
