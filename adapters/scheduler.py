@@ -29,26 +29,15 @@ from adapters.posting.slots import (
 from persona import constants as keys
 from persona.errors import PersonaError, QueueError
 from persona.ledger import OPEN_STATES
-from persona.personas import Persona
+from persona.personas import Persona, unscheduled_reason
 
-__all__ = ["Scheduler", "scheduled_personas", "unscheduled_reason"]
+__all__ = ["Scheduler", "scheduled_personas"]
 
 log = logging.getLogger(__name__)
 
 MAX_BACKOFF_S = 60.0
 # How many of the latest due slots are looked up for one a dead scheduler began.
 MAX_BEGUN_LOOKBACK = 48
-
-
-def unscheduled_reason(persona: Persona) -> str:
-    """Why a persona whose file enables its schedule is not posted on it ("" if it is, or is not enabled)."""
-    if not persona.schedule.enabled:
-        return ""
-    if "scheduler" not in persona.adapters:
-        return f"adapters does not list \"scheduler\" (it lists {', '.join(persona.adapters) or 'none'}); add it to post on schedule"
-    if not persona.schedule.sinks:
-        return "schedule.sinks is empty; name where the posts go, e.g. sinks = [\"file:posts.jsonl\"]"
-    return ""
 
 
 def scheduled_personas(personas: dict[str, Persona]) -> list[Persona]:

@@ -44,6 +44,7 @@ __all__ = [
     "cron_problem",
     "format_validation_error",
     "load_persona_file",
+    "unscheduled_reason",
 ]
 
 log = logging.getLogger(__name__)
@@ -228,6 +229,17 @@ class Persona(_Strict):
     def speaker(self) -> str:
         """The name the persona speaks under in plain-text transcripts."""
         return self.display_name or self.name.replace("-", " ").replace("_", " ").title()
+
+
+def unscheduled_reason(persona: Persona) -> str:
+    """Why a persona whose file enables its schedule is not posted on it ("" if it is, or is not enabled)."""
+    if not persona.schedule.enabled:
+        return ""
+    if "scheduler" not in persona.adapters:
+        return f"adapters does not list \"scheduler\" (it lists {', '.join(persona.adapters) or 'none'}); add it to post on schedule"
+    if not persona.schedule.sinks:
+        return "schedule.sinks is empty; name where the posts go, e.g. sinks = [\"file:posts.jsonl\"]"
+    return ""
 
 
 def format_validation_error(path: Path, error: ValidationError) -> str:

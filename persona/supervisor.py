@@ -51,7 +51,14 @@ def one_up_per_data_dir(data_dir: Path) -> Iterator[None]:
     taken port, and two chat adapters on one bot token answer every message twice.
     The system lets go of the lock of a process that dies.
     """
-    with (data_dir / UP_LOCK_FILE).open("a+") as held:
+    try:
+        held = (data_dir / UP_LOCK_FILE).open("a+")
+    except OSError as exc:  # a read-only folder, or a lock file another user left
+        raise ConfigError(
+            f"cannot keep data in {data_dir} ({exc.strerror}: {exc.filename}); set PERSONA_DATA_DIR "
+            "to a folder you can write"
+        ) from None
+    with held:
         try:
             fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -70,8 +77,9 @@ def one_up_per_data_dir(data_dir: Path) -> Iterator[None]:
 
 def _dies_with_this_process() -> Callable[[], None] | None:
     """Linux: what a child runs before it starts, so that the kernel sends it SIGTERM when
-    the thread that started it ends (this process killed; or, stopping, the supervisor's
-    thread, just before the SIGTERM that ``stop`` sends anyway)."""
+    the thread that started it ends (this process killed, as a rule). A thread that
+    restarts services must outlive them (see ``persona.cli.serve._supervise``): a second
+    SIGTERM, on top of ``stop``'s, cuts a service's own stopping short."""
     if not sys.platform.startswith("linux"):
         return None
     prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here: the child only calls it

@@ -353,6 +353,19 @@ def test_personas_validate_checks_what_a_file_points_at_and_takes_a_folder(env, 
     assert nothing.returncode == 1 and "no persona files (*.toml) in this folder" in nothing.stderr
 
 
+def test_personas_validate_works_without_the_posting_extra(env, tmp_path: Path):
+    """It imported the scheduler to judge a schedule, and so croniter: without the posting
+    extra, checking any persona file ended in a ModuleNotFoundError traceback."""
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "mute.toml").write_text('[schedule]\nenabled = true\nsinks = ["file:mute.jsonl"]\n')
+    without_croniter = "import sys; sys.modules['croniter'] = None; from persona.cli import main; main()"
+    result = subprocess.run([sys.executable, "-c", without_croniter, "personas", "validate", str(tmp_path / "mine")],
+                            env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.returncode == 1
+    assert "schedule.enabled is true, but adapters does not list" in result.stderr
+
+
 def test_a_personas_folder_that_is_not_there_is_named(env, tmp_path: Path):
     """A misspelt PERSONA_PERSONAS_DIRS was searched, found empty, and never mentioned."""
     env["PERSONA_PERSONAS_DIRS"] = f'["{tmp_path / "persnoas"}"]'

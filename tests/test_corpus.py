@@ -293,6 +293,18 @@ def test_csv_with_a_quote_never_closed_is_reported_where_it_opens(tmp_path: Path
     assert [d.line for d in documents] == [2, 4]
 
 
+def test_csv_quotes_that_are_text_or_hold_a_name_are_not_taken_for_structure(tmp_path: Path):
+    """A comma file whose header quotes a name with semicolons in it was read as a semicolon
+    file ("no column 'text'"); a last row with an inch mark, then a blank line, was refused
+    as a quote never closed. Both were read before."""
+    named = tmp_path / "named.csv"
+    named.write_text('text,"note; with; semicolons"\nHello there,a\nSecond row,b\n')
+    assert texts(read_csv(named, OPTIONS)) == ["Hello there", "Second row"]
+    inches = tmp_path / "inches.csv"
+    inches.write_text('text\nFirst row\nShe is 5" tall\n\n')
+    assert texts(read_csv(inches, OPTIONS)) == ["First row", 'She is 5" tall']
+
+
 def test_csv_with_a_very_long_cell(tmp_path: Path):
     path = tmp_path / "essays.csv"
     essay = "word " * 40_000  # 200 KB, over the csv module's default field limit

@@ -3,12 +3,15 @@ started; and `persona worker` told a wrong Redis."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -195,6 +198,55 @@ def test_ctrl_c_again_kills_a_service_that_is_still_stopping(start_up):
     up.send_signal(signal.SIGINT)  # the operator will not wait
     assert up.wait(timeout=20) == 0
     assert [pid for pid in (stuck, redis_pid) if running(pid)] == []
+
+
+@pytest.fixture
+def telegram_api() -> Iterator:
+    """A fake Telegram Bot API on its own loop and thread, for the adapter `persona up` starts."""
+    from tests.fakes.telegram_api import FakeTelegram
+
+    loop = asyncio.new_event_loop()
+    fake = FakeTelegram(token="123456789:AAE-up-test-token")
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    asyncio.run_coroutine_threadsafe(fake.start(), loop).result(10)
+    yield fake
+    asyncio.run_coroutine_threadsafe(fake.stop(), loop).result(10)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(10)
+    loop.close()
+
+
+def test_a_restarted_telegram_adapter_still_tells_its_asker_when_up_stops(start_up, up_env, telegram_api):
+    """A service restarted after a crash is started by the thread that restarts services, and
+    the kernel sends it SIGTERM when that thread ends (PR_SET_PDEATHSIG). The thread ended as
+    `up` stopped, so the supervisor's own SIGTERM came a moment later, a second one: the
+    Telegram adapter, cut short by it, never told the asker of a question in flight."""
+    import redis
+
+    from adapters.responder import RESTARTING_TEXT
+    from persona import constants as keys
+
+    up_env |= {"PERSONA_TELEGRAM__TOKEN": telegram_api.token, "PERSONA_TELEGRAM__API_URL": telegram_api.base_url,
+               "PERSONA_TELEGRAM__PERSONA": "tiny"}
+    up, _ = start_up()
+    def adapters() -> list[int]:
+        return [pid for pid, cmd in children(up.pid).items() if cmd.endswith(" telegram ")]
+    [first] = wait_for(adapters, "no telegram adapter started")
+    os.kill(first, signal.SIGKILL)  # it crashes; the supervisor's thread starts it again
+    [second] = wait_for(lambda: [pid for pid in adapters() if pid != first], "the adapter was not restarted", 20)
+    [worker] = wait_for(lambda: workers_of(up), "no worker started")
+    os.kill(worker, signal.SIGSTOP)  # busy elsewhere: the question stays in flight
+    try:
+        asker = redis.Redis.from_url(json.loads((Path(up_env["PERSONA_DATA_DIR"]) / "redis.json").read_text())["url"])
+        telegram_api.push_message("a question in flight as `up` stops")
+        wait_for(lambda: asker.get(keys.inflight_key("telegram", "1001:1001")), "the question was not sent", 60)
+        up.send_signal(signal.SIGTERM)
+        wait_for(lambda: not running(second), "the adapter did not stop", 30)
+    finally:
+        os.kill(worker, signal.SIGCONT)
+    assert up.wait(timeout=60) == 0
+    assert telegram_api.texts() == [RESTARTING_TEXT]
 
 
 def test_an_embedded_redis_that_cannot_start_again_is_reported(tmp_path):

@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from persona.supervisor import Service, Supervisor
+from persona.errors import ConfigError
+from persona.supervisor import Service, Supervisor, one_up_per_data_dir
 
 
 @pytest.fixture
@@ -85,3 +86,13 @@ def test_nothing_is_restarted_once_stopping(env):
         if service.process is not None:  # the old supervisor's orphan
             service.process.kill()
             service.process.wait()
+
+
+def test_a_data_directory_up_cannot_write_its_lock_in_is_refused_in_words(tmp_path):
+    """A read-only data directory (or an up.lock another user left) ended `persona up` in
+    an OSError traceback, even with PERSONA_REDIS_URL set. A folder in the lock's place
+    stands in here: the tests may run as root, whom a read-only mode does not stop."""
+    (tmp_path / "up.lock").mkdir()
+    refused = r"cannot keep data in .* \(Is a directory: .*up\.lock\); set PERSONA_DATA_DIR"
+    with pytest.raises(ConfigError, match=refused), one_up_per_data_dir(tmp_path):
+        pass

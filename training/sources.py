@@ -291,8 +291,9 @@ def strfile_flags(path: Path) -> int | None:
 
 def _delimiter(header: str) -> str:
     """The character between the header's cells: of comma, semicolon (Excel's in much of Europe),
-    tab and bar, the one it holds most; a comma if none."""
-    counts = {mark: header.count(mark) for mark in ",;\t|"}
+    tab and bar, the one it holds most outside quoted names; a comma if none."""
+    between = re.sub(r'"[^"]*"', "", header)  # "note; with; semicolons" is one name, its marks not between cells
+    counts = {mark: between.count(mark) for mark in ",;\t|"}
     best = max(counts, key=lambda mark: counts[mark])
     return best if counts[best] else ","
 
@@ -317,17 +318,19 @@ def read_csv(path: Path, options: ReadOptions) -> list[RawDocument]:
     try:
         column = _column(path, reader.fieldnames or [], options.column)
         documents = []
-        last, starts = None, reader.line_num + 1  # the line the last row started on, the next one's
+        # The lines the last row started and ended on, and the line the next one starts on
+        # (blank lines after the last row are read past once the rows run out: not its lines).
+        last, ended, starts = None, 0, reader.line_num + 1
         for row in reader:
             value = row.get(column)
             if value:
                 documents.append(RawDocument(value, str(path), starts))
-            last, starts = starts, reader.line_num + 1
+            last, ended, starts = starts, reader.line_num, reader.line_num + 1
     except csv.Error as exc:
         raise SourceProblem(path, reader.line_num, f"bad CSV: {exc}") from exc
     # A quote left open makes the rest of the file one cell: the last row then spans many lines
     # and holds an odd number of quotes (a quote inside a quoted cell is doubled).
-    if last is not None and last < reader.line_num and "".join(lines[last - 1 :]).count('"') % 2:
+    if last is not None and last < ended and "".join(lines[last - 1 : ended]).count('"') % 2:
         raise SourceProblem(path, last, 'a quoted cell opened on this line is never closed, so every line after '
                                         'it would be one text; add the closing " where the cell ends')
     return documents

@@ -8,7 +8,7 @@ import typer
 from rich.markup import escape
 
 from persona.cli.common import console, err_console, friendly_errors, get_settings
-from persona.personas import Persona, PersonaRegistry
+from persona.personas import Persona, PersonaRegistry, unscheduled_reason
 from persona.settings import Settings
 
 personas_app = typer.Typer(help="List, show and validate persona files.", no_args_is_help=True)
@@ -109,7 +109,6 @@ def _check_usable(persona: Persona, settings: Settings) -> None:
     """ConfigError if a valid persona file still cannot do what it says on this machine:
     its base model, checkpoint or corpus is not found (nothing is loaded), or its schedule
     is enabled but can never post (the scheduler passes it by)."""
-    from adapters.scheduler import unscheduled_reason
     from persona.checkpoints import resolve_checkpoint
     from persona.errors import ConfigError, ModelError
     from persona.models import BUNDLED_ALIASES, bundled_gguf_path, resolve_base

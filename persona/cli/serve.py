@@ -141,7 +141,7 @@ def up(
 
     settings = get_settings()
     setup_logging(settings)
-    stop = threading.Event()
+    stop, stopped = threading.Event(), threading.Event()
     redis_failed: list[Exception] = []
     # The signals are handled until the very end: a second SIGTERM must not kill this
     # process while it stops the services and Redis, leaving them running.
@@ -160,7 +160,7 @@ def up(
         supervisor = Supervisor(services_for_up(settings, workers=workers, dashboard=dashboard), env=env, log_dir=log_dir)
         # While chatting, the chat holds this thread: the restarts happen in another.
         watcher = threading.Thread(
-            target=_supervise, args=(supervisor, served, stop, redis_failed), name="supervisor", daemon=True
+            target=_supervise, args=(supervisor, served, stop, stopped, redis_failed), name="supervisor", daemon=True
         )
         try:
             supervisor.start()
@@ -177,32 +177,44 @@ def up(
                 while not stop.wait(1.0):
                     pass
         finally:
-            stop.set()
+            stop.set()  # the watcher restarts nothing more; it ends once the services are stopped
             try:
                 with contextlib.suppress(OSError):  # the terminal may be gone (SIGHUP)
                     console.print("stopping...")
-                if watcher.is_alive():
-                    watcher.join()
             finally:  # even if Ctrl-C comes again: no service is left running
-                supervisor.stop()
+                try:
+                    supervisor.stop()
+                finally:
+                    stopped.set()
+                    if watcher.is_alive():
+                        watcher.join()  # before Redis stops: it may be starting Redis again now
     if redis_failed:
         raise RedisUnavailable(f"the embedded Redis died, and could not be started again: {redis_failed[0]}")
 
 
-def _supervise(supervisor, served: ServedRedis, stop: threading.Event, redis_failed: list) -> None:
-    """Restart crashed services, and the embedded Redis, until ``stop`` is set."""
-    while not stop.wait(1.0):
-        try:
-            supervisor.check()
-        except Exception:  # a restart that failed (no memory to fork, say): tried again next time
-            log.exception("could not restart a service")
-        try:
-            served.keep_alive()
-        except Exception as exc:  # without Redis nothing can be served: stop, and say why
-            log.error("%s; stopping everything", exc, exc_info=not isinstance(exc, RedisUnavailable))
-            redis_failed.append(exc)
-            os.kill(os.getpid(), signal.SIGTERM)  # stop as SIGTERM does, ending the chat too
-            return
+def _supervise(
+    supervisor, served: ServedRedis, stop: threading.Event, stopped: threading.Event, redis_failed: list
+) -> None:
+    """Restart crashed services, and the embedded Redis, until ``stop`` is set; then wait
+    until ``stopped``. The kernel sends a service SIGTERM when the thread that started it
+    ends (see ``supervisor._dies_with_this_process``): ended before ``Supervisor.stop``,
+    this thread would add a second SIGTERM to that one, and a second cuts a service's own
+    stopping short (the Telegram adapter's: the askers of questions in flight not told)."""
+    try:
+        while not stop.wait(1.0):
+            try:
+                supervisor.check()
+            except Exception:  # a restart that failed (no memory to fork, say): tried again next time
+                log.exception("could not restart a service")
+            try:
+                served.keep_alive()
+            except Exception as exc:  # without Redis nothing can be served: stop, and say why
+                log.error("%s; stopping everything", exc, exc_info=not isinstance(exc, RedisUnavailable))
+                redis_failed.append(exc)
+                os.kill(os.getpid(), signal.SIGTERM)  # stop as SIGTERM does, ending the chat too
+                return
+    finally:
+        stopped.wait()
 
 
 @contextlib.contextmanager
