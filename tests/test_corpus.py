@@ -732,6 +732,23 @@ def test_cli_never_writes_the_corpus_over_a_source(tmp_path: Path):
     assert essays.read_text() == before
 
 
+def test_cli_never_writes_over_a_file_of_the_writing_inside_a_folder_it_reads(tmp_path: Path):
+    """-o naming the author's notes.txt inside the folder being read left it out of the
+    build, then wrote the corpus over it. A corpus built before may be written over."""
+    writing = tmp_path / "writing"
+    writing.mkdir()
+    (writing / "essay.md").write_text("An essay about patience, and the garden, and the years.\n")
+    notes = writing / "notes.txt"
+    notes.write_text("My only copy of these notes.\n")
+    refused = _persona_cli(str(writing), "-o", str(notes))
+    assert refused.returncode == 1 and "is not a corpus this command wrote" in refused.stderr
+    assert notes.read_text() == "My only copy of these notes.\n"
+    corpus = writing / "corpus.jsonl"
+    for _ in range(2):  # built, then built again over the first
+        built = _persona_cli(str(writing), "-o", str(corpus))
+        assert built.returncode == 0, built.stderr
+
+
 def test_corpus_with_line_separators_in_its_text_reads_back(tmp_path: Path):
     source = tmp_path / "notes.txt"
     source.write_text("Wait for it\x85 then laugh.\n\nSecond note.\n\nThird note.", encoding="utf-8")

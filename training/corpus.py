@@ -45,6 +45,7 @@ __all__ = [
     "Corpus",
     "assign_splits",
     "build_corpus",
+    "is_built_corpus",
     "read_corpus",
     "source_files",
     "write_corpus",
@@ -237,6 +238,23 @@ def write_corpus(corpus: Corpus, path: Path) -> None:
     rows += [{"text": t, "split": "validation"} for t in corpus.validation]
     path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
     corpus.path = path
+
+
+def is_built_corpus(path: Path) -> bool:
+    """Whether ``path`` holds a corpus ``write_corpus`` wrote (every line a text and its
+    split, nothing else): one that a new build may write over. Anything else there, an
+    author's JSONL or notes, would be lost."""
+    try:
+        with path.open(encoding="utf-8") as lines:
+            for line in lines:
+                if not line.strip():
+                    continue
+                row = json.loads(line)
+                if not (isinstance(row, dict) and row.keys() == {"text", "split"} and row["split"] in SPLITS):
+                    return False
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return True
 
 
 def read_corpus(path: Path) -> Corpus:

@@ -44,7 +44,7 @@ def corpus_build(
 ) -> None:
     """Read, clean and de-duplicate an author's writing into one document per line, with a held-out split."""
     from training.cleaning import CleanOptions
-    from training.corpus import build_corpus, write_corpus
+    from training.corpus import build_corpus, is_built_corpus, write_corpus
     from training.sources import ReadOptions
 
     if output.is_dir():  # found out only after reading everything, as a traceback
@@ -52,6 +52,11 @@ def corpus_build(
     if any(source.is_file() and source.resolve() == output.resolve() for source in sources):
         raise CorpusError(f"{output} is one of the files to read: the corpus would be written over the "
                           "author's writing; choose another -o")
+    if output.is_file() and output.stat().st_size and not is_built_corpus(output):
+        # A file in a folder being read (the author's notes.txt) is left out of the build: it
+        # must not then be written over either.
+        raise CorpusError(f"{output} exists and is not a corpus this command wrote; it would be written over. "
+                          "Choose another -o, or remove it first if it can go")
     result = build_corpus(
         sources, fmt=fmt,
         read_options=ReadOptions(column=column, field=field, author=author,
