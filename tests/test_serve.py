@@ -3,13 +3,11 @@ started; and `persona worker` told a wrong Redis."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -203,18 +201,10 @@ def test_ctrl_c_again_kills_a_service_that_is_still_stopping(start_up):
 @pytest.fixture
 def telegram_api() -> Iterator:
     """A fake Telegram Bot API on its own loop and thread, for the adapter `persona up` starts."""
-    from tests.fakes.telegram_api import FakeTelegram
+    from tests.fakes.telegram_api import in_a_thread
 
-    loop = asyncio.new_event_loop()
-    fake = FakeTelegram(token="123456789:AAE-up-test-token")
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    asyncio.run_coroutine_threadsafe(fake.start(), loop).result(10)
-    yield fake
-    asyncio.run_coroutine_threadsafe(fake.stop(), loop).result(10)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(10)
-    loop.close()
+    with in_a_thread("123456789:AAE-up-test-token") as fake:
+        yield fake
 
 
 def test_a_restarted_telegram_adapter_still_tells_its_asker_when_up_stops(start_up, up_env, telegram_api):

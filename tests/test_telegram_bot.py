@@ -36,7 +36,7 @@ from persona.errors import ConfigError
 from persona.settings import Settings
 from tests.conftest import free_port
 from tests.fakes.scripted_worker import scripted_worker
-from tests.fakes.telegram_api import BOT_ID, BOT_USERNAME, FakeTelegram
+from tests.fakes.telegram_api import BOT_ID, BOT_USERNAME, FakeTelegram, in_a_thread
 
 TOKEN = "123456789:AAE-secret_token-value_xyz"
 GROUP = -100500
@@ -562,16 +562,8 @@ async def test_sigterm_withdraws_a_question_in_flight_and_tells_its_asker(fake_a
 @pytest.fixture
 def fake_api_in_a_thread() -> Iterator[FakeTelegram]:
     """The fake Bot API on its own loop and thread, for code that runs its own event loop."""
-    loop = asyncio.new_event_loop()
-    fake = FakeTelegram(token=TOKEN)
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    asyncio.run_coroutine_threadsafe(fake.start(), loop).result(10)
-    yield fake
-    asyncio.run_coroutine_threadsafe(fake.stop(), loop).result(10)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(10)
-    loop.close()
+    with in_a_thread(TOKEN) as fake:
+        yield fake
 
 
 def test_a_wrong_token_is_a_clear_error_that_never_shows_the_token(settings, fake_api_in_a_thread):

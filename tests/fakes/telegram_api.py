@@ -13,9 +13,12 @@ fails with 400 and the new id in ``migrate_to_chat_id``, as on Telegram.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -237,3 +240,21 @@ class FakeTelegram:
                        "can_promote_members": False, "can_change_info": True, "can_invite_users": True,
                        "can_post_stories": False, "can_edit_stories": False, "can_delete_stories": False}
         return member
+
+
+@contextlib.contextmanager
+def in_a_thread(token: str) -> Iterator[FakeTelegram]:
+    """The fake Bot API on its own loop and thread, for code that runs its own event loop
+    (``run_telegram``, or the adapter a ``persona up`` starts)."""
+    loop = asyncio.new_event_loop()
+    fake = FakeTelegram(token=token)
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    asyncio.run_coroutine_threadsafe(fake.start(), loop).result(10)
+    try:
+        yield fake
+    finally:
+        asyncio.run_coroutine_threadsafe(fake.stop(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
