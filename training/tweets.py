@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from persona.curation import x_length
 from training.sources import RawDocument, ReadOptions, SourceProblem, is_note_tweets
 
 __all__ = ["parse_archive", "read_tweets"]
@@ -100,18 +101,9 @@ def _timestamp(value: object) -> float | None:
 
 def _looks_cut(text: str) -> bool:
     """Whether a tweet's text may be the first part of a longer post: it ends in an ellipsis
-    (links aside) or nearly fills a tweet."""
-    return _LINK.sub(" ", text).rstrip().endswith(("…", "...")) or _weighted_length(text) >= _NEARLY_FULL_CHARS
-
-
-# X counts a character in these ranges once and any other (Chinese, Japanese, Korean, most
-# emoji...) twice against a tweet's 280, so a full tweet in Japanese holds about 140.
-_WEIGHS_TWO = re.compile(r"[^\u0000-\u10ff\u2000-\u200d\u2010-\u201f\u2032-\u2037]")
-
-
-def _weighted_length(text: str) -> int:
-    """A text's length as X weighs it against the 280 a tweet holds (twitter-text's rule)."""
-    return len(text) + len(_WEIGHS_TWO.findall(text))
+    (links aside) or nearly fills a tweet, as X weighs it (a Chinese, Japanese or Korean
+    character counts twice: 140 of them fill one)."""
+    return _LINK.sub(" ", text).rstrip().endswith(("…", "...")) or x_length(text) >= _NEARLY_FULL_CHARS
 
 
 def _match_key(text: str) -> str:
