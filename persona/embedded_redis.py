@@ -110,11 +110,7 @@ def _alive(pid: int) -> bool:
 
 def find_embedded_url(data_dir: Path) -> str | None:
     """The URL of an embedded Redis that is running for this data directory, if any."""
-    path = data_dir / ADDRESS_FILE
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
+    record = _address_record(data_dir)
     url = record.get("url")
     if not url or not _alive(int(record.get("pid", 0))) or not _answers(url):
         return None  # stale: left by a Redis that died, its pid since given to another process
@@ -124,11 +120,21 @@ def find_embedded_url(data_dir: Path) -> str | None:
 def recorded_server(data_dir: Path) -> tuple[int, bool]:
     """The port of the embedded Redis last recorded for this data directory (0: none), and
     whether its process still runs."""
+    record = _address_record(data_dir)
+    try:
+        return int(record.get("port", 0)), _alive(int(record.get("pid", 0)))
+    except (TypeError, ValueError):
+        return 0, False
+
+
+def _address_record(data_dir: Path) -> dict:
+    """What the embedded Redis's starter recorded for this data directory (url, pid, port);
+    {} when there is no readable record."""
     try:
         record = json.loads((data_dir / ADDRESS_FILE).read_text())
-        return int(record.get("port", 0)), _alive(int(record.get("pid", 0)))
-    except (OSError, ValueError, AttributeError):
-        return 0, False
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
 class ServingLock:
@@ -187,15 +193,15 @@ def stop_embedded(data_dir: Path, timeout_s: float = 15.0) -> bool:
     if url is None:
         return False
     record, pid = data_dir / ADDRESS_FILE, 0
-    with contextlib.suppress(OSError, ValueError):
-        pid = int(json.loads(record.read_text()).get("pid", 0))
+    with contextlib.suppress(TypeError, ValueError):
+        pid = int(_address_record(data_dir).get("pid", 0))
     with contextlib.suppress(redis.exceptions.ConnectionError):  # it closes the connection as it goes
         redis.Redis.from_url(url, socket_timeout=timeout_s).shutdown(save=True)
     deadline = time.monotonic() + timeout_s  # until it has saved and exited (waited for, never signalled)
     while (_answers(url) or (pid and _alive(pid))) and time.monotonic() < deadline:
         time.sleep(0.05)
-    with contextlib.suppress(OSError, ValueError):
-        if json.loads(record.read_text()).get("url") == url:
+    if _address_record(data_dir).get("url") == url:
+        with contextlib.suppress(OSError):
             record.unlink()
     return True
 
