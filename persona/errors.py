@@ -2,7 +2,8 @@
 
     PersonaError                 anything this project raises on purpose
     ├── ConfigError              settings or a persona file are wrong
-    │   └── UnknownPersona       no persona by that name
+    │   ├── UnknownPersona       no persona by that name
+    │   └── DataDirUnwritable    the data directory cannot be made or written
     ├── ModelError               a model or checkpoint cannot be loaded or used
     │   └── SwapRefused          a checkpoint swap was refused; the old version serves on
     ├── QueueError               talking to the queue failed
@@ -23,12 +24,15 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from persona.contract import GenerationReply
 
 __all__ = [
     "ConfigError",
-    "InvalidRequest",
     "CorpusError",
+    "DataDirUnwritable",
+    "InvalidRequest",
     "ModelError",
     "PersonaError",
     "PostingError",
@@ -61,6 +65,18 @@ class UnknownPersona(ConfigError):
             "See `persona personas list`."
         )
         self.name = name
+
+
+class DataDirUnwritable(ConfigError):
+    """The data directory (embedded Redis, locks, run records) cannot be made or written."""
+
+    def __init__(self, data_dir: Path, exc: OSError) -> None:
+        where = f": {exc.filename}" if exc.filename and str(exc.filename) != str(data_dir) else ""
+        super().__init__(
+            f"cannot keep data in {data_dir} ({exc.strerror}{where}); set PERSONA_DATA_DIR "
+            "to a folder you can write"
+        )
+        self.data_dir = data_dir
 
 
 class ModelError(PersonaError):

@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from persona.errors import ConfigError
+from persona.errors import ConfigError, DataDirUnwritable
 from persona.settings import Settings
 
 __all__ = ["Service", "Supervisor", "one_up_per_data_dir", "services_for_up"]
@@ -54,10 +54,7 @@ def one_up_per_data_dir(data_dir: Path) -> Iterator[None]:
     try:
         held = (data_dir / UP_LOCK_FILE).open("a+")
     except OSError as exc:  # a read-only folder, or a lock file another user left
-        raise ConfigError(
-            f"cannot keep data in {data_dir} ({exc.strerror}: {exc.filename}); set PERSONA_DATA_DIR "
-            "to a folder you can write"
-        ) from None
+        raise DataDirUnwritable(data_dir, exc) from None
     with held:
         try:
             fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -279,3 +279,13 @@ def test_a_worker_told_a_wrong_redis_url_says_what_to_fix(guarded_redis, up_env,
                           timeout=60, check=False)
     assert told.returncode == 1 and "Traceback" not in told.stderr
     assert said in told.stderr and password not in told.stderr
+
+
+def test_a_worker_whose_data_directory_cannot_be_made_says_what_to_set(tmp_path, up_env):
+    (tmp_path / "a-file").write_text("not a folder")
+    env = up_env | {"PERSONA_DATA_DIR": str(tmp_path / "a-file" / "data")}
+    told = subprocess.run([sys.executable, "-m", "persona", "worker"], env=env, capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert told.returncode == 1 and "Traceback" not in told.stderr
+    assert f"cannot keep data in {tmp_path}/a-file/data (Not a directory" in told.stderr
+    assert "set PERSONA_DATA_DIR to a folder you can write" in told.stderr

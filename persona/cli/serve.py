@@ -24,7 +24,7 @@ from persona.embedded_redis import (
     serving_lock,
     stop_embedded,
 )
-from persona.errors import ConfigError, RedisUnavailable
+from persona.errors import DataDirUnwritable, RedisUnavailable
 from persona.logs import setup_logging
 from persona.settings import Settings
 
@@ -36,10 +36,7 @@ def _data_dir(settings: Settings) -> Path:
     try:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise ConfigError(
-            f"cannot keep data in {settings.data_dir} ({exc.strerror}); set PERSONA_DATA_DIR "
-            "to a folder you can write"
-        ) from None
+        raise DataDirUnwritable(settings.data_dir, exc) from None
     return settings.data_dir
 
 
