@@ -18,6 +18,8 @@ system turn. Only the tokens the chat template itself writes are tokens (see
 from __future__ import annotations
 
 import contextlib
+import functools
+import logging
 import weakref
 from dataclasses import dataclass, field
 
@@ -33,6 +35,8 @@ from persona.tokenizing import (
 )
 
 __all__ = ["Prompt", "build_prompt", "build_prompts", "prompt_budget"]
+
+log = logging.getLogger(__name__)
 
 USER_SPEAKER = "User"
 MIN_MESSAGE_TOKENS = 32  # what is kept of the newest message when nothing else can give way
@@ -159,9 +163,22 @@ def _fit(render, persona: Persona, turns: list[Message], loaded: LoadedModel, bu
     if len(ids) > budget and persona.prompt.system:
         [system_ids] = encode_as_text(tokenizer, [persona.prompt.system])
         keep = max(0, len(system_ids) - (len(ids) - budget) - 8)
+        _say_system_prompt_cut(persona.name, str(persona.source or "its persona file"), len(system_ids), budget)
         persona = _with_prompt(persona, system=tokenizer.decode(system_ids[:keep]))
         ids = render(persona, kept)
     return Prompt(token_ids=ids[-budget:], stop=stop)
+
+
+@functools.lru_cache(maxsize=256)
+def _say_system_prompt_cut(name: str, source: str, system_tokens: int, budget: int) -> None:
+    """Warn, once per persona file and prompt size, that the system prompt did not fit
+    (before, its end was dropped without a word, and the persona drifted from its brief)."""
+    log.warning(
+        "persona %s: its system prompt is %d tokens, and the model's context leaves a prompt "
+        "%d tokens beside the reply, so its end is cut from every request. Shorten prompt.system "
+        "in %s, or lower sampling.max_new_tokens",
+        name, system_tokens, budget, source,
+    )
 
 
 def _with_prompt(persona: Persona, **changes) -> Persona:

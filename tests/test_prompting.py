@@ -304,9 +304,10 @@ def test_a_request_for_more_new_tokens_than_the_model_has_keeps_its_question(cha
         assert "You are Sage." in text and "What should I do with my life?" in text
 
 
-def test_a_system_prompt_too_long_for_the_model_gives_way_before_the_question(chat_model):
+def test_a_system_prompt_too_long_for_the_model_gives_way_before_the_question(chat_model, caplog):
     """The examples go first, then the end of the system prompt; the question stays (it
-    used to be emptied, and the prompt cut from its front, mid-system-prompt)."""
+    used to be emptied, and the prompt cut from its front, mid-system-prompt). The worker's
+    log says so, once: the cut had been silent."""
     wordy = Persona(name="wordy", prompt={
         "system": "You are Wordy. " + " ".join(f"Rule {n}: be calm and patient." for n in range(120)),
         "examples": [{"user": "Hi?", "assistant": "Breathe first."}],
@@ -316,6 +317,9 @@ def test_a_system_prompt_too_long_for_the_model_gives_way_before_the_question(ch
     assert len(prompt.token_ids) <= 512 - 64
     assert text.startswith("<|im_start|>system\nYou are Wordy. Rule 0")  # its start, whole
     assert "Breathe first." not in text and text.rstrip().endswith("Is it raining?<|im_end|>\n<|im_start|>assistant")
+    build_prompt(wordy, conversation("And tomorrow?"), chat_model, Sampling(max_new_tokens=64))
+    [said] = [r.getMessage() for r in caplog.records if "system prompt" in r.getMessage()]
+    assert said.startswith("persona wordy: its system prompt is ") and "Shorten prompt.system in " in said
 
 
 def test_a_persona_without_a_system_prompt_is_told_who_it_is(chat_model):
