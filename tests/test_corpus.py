@@ -20,6 +20,7 @@ from persona.errors import CorpusError
 from training.cleaning import CleanOptions, clean_documents, normalize_text
 from training.corpus import build_corpus, read_corpus, write_corpus
 from training.fortune import read_fortune
+from training.markdown import read_markdown, strip_markdown
 from training.pdf import clean_pages, read_pdf
 from training.sources import (
     ReadOptions,
@@ -27,9 +28,7 @@ from training.sources import (
     detect_format,
     read_csv,
     read_jsonl,
-    read_markdown,
     read_text,
-    strip_markdown,
 )
 from training.tweets import read_tweets
 
@@ -61,6 +60,8 @@ def test_markdown_with_toml_front_matter_and_drafts(tmp_path: Path):
     draft = tmp_path / "draft.md"
     draft.write_text("---\ndraft: true\n---\nNot yet.\n")
     assert read_markdown(draft, OPTIONS) == []
+    [why] = read_markdown(draft, OPTIONS).left_out
+    assert str(why) == f"{draft}:2: a draft (its front matter sets draft to true); set it to false to read the post"
 
 
 def test_markdown_saved_with_windows_line_endings(tmp_path: Path):
@@ -123,6 +124,43 @@ def test_markdown_with_many_brackets_is_read_in_time():
     assert time.perf_counter() - started < 5
 
 
+def test_markdown_with_many_unclosed_blocks_is_read_in_time():
+    """Each "<script" or "{% highlight" never closed was scanned to the text's end: 4,000 of each
+    took about 10 seconds, 40,000 a quarter of an hour; 20,000 blank lines took 10 seconds."""
+    openers = ["<script>x\n", "<style a=b>\n", "{% highlight py %}\n", "{{< highlight go >}}\n", "<!-- note\n",
+               "{% raw\n", "{{< ref\n", "```python\n", "[a](b\n", "_a *b "]
+    started = time.perf_counter()
+    stripped = [strip_markdown(opener * 4_000) for opener in openers]
+    blank = strip_markdown("\n" * 20_000 + "- a list")
+    assert time.perf_counter() - started < 3
+    assert all(len(text) >= 4_000 for text in stripped)  # nothing closed: nothing goes whole
+    assert blank.endswith("\n\na list")
+
+
+def test_markdown_blocks_are_dropped_when_closed_and_kept_when_not():
+    text = strip_markdown(
+        "Before.\n<SCRIPT src=x>code()</script >\n<script>never closed\nAfter.\n"
+        "{% highlight py %}\nx = 1\n{%- endhighlight -%}\n{% highlight js %} left open\n"
+        "{{% highlight go %}}\ngo()\n{{% /highlight %}}\n{{< ref page >}} and {{< unclosed\n"
+        "```\nfenced\n```\n```py\nopen fence\n<!-- gone --> and <!-- open\n"
+        "A _word_ and *stars* and _open\n"
+    )
+    for gone in ("code()", "x = 1", "go()", "ref page", "fenced", "gone"):
+        assert gone not in text
+    for kept in ("Before.", "never closed", "After.", "left open", "{{< unclosed", "open fence", "<!-- open",
+                 "A word and stars and _open"):
+        assert kept in text
+
+
+def test_markdown_link_definitions_and_lists_keep_the_lines_around_them():
+    """A "[" opening a line and never closed there swallowed every line down to a link definition;
+    the blank line before a list or a link definition was eaten with it."""
+    text = strip_markdown("Notes.\n\n[draft: fix this later\n\nA paragraph the author wrote.\n\n"
+                          "[1]: https://example.com\nIntro:\n\n- one\n- two\n")
+    assert "A paragraph the author wrote." in text and "https://example.com" not in text
+    assert "Intro:\n\none\ntwo" in text
+
+
 def test_text_splits_on_end_of_text_markers_else_blank_lines(tmp_path: Path):
     marked = tmp_path / "marked.txt"
     marked.write_text("first post\nstill first\n<|endoftext|>\nsecond post<|endoftext|>third")
@@ -134,13 +172,42 @@ def test_text_splits_on_end_of_text_markers_else_blank_lines(tmp_path: Path):
     assert [d.line for d in docs] == [1, 5, 7]
 
 
-def test_text_that_is_not_utf8_is_reported_with_its_line(tmp_path: Path):
-    bad = tmp_path / "latin1.txt"
-    bad.write_bytes(b"fine\nalso fine\ncaf\xe9\n")
+def test_text_in_windows_1252_is_read_with_a_warning_saying_so(tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    """An old fortune file or a Windows export (é as the byte 0xE9) was skipped whole as "not UTF-8 text"."""
+    old = tmp_path / "latin1.txt"
+    old.write_bytes(b"fine\nalso fine\ncaf\xe9 and \x93quotes\x94 \x96 dashes\n")
+    with caplog.at_level("WARNING", logger="training.sources"):
+        assert texts(read_text(old, OPTIONS)) == ["fine\nalso fine\ncafé and “quotes” – dashes"]
+    [warning] = caplog.messages
+    assert f"{old}: not UTF-8, so read as Windows-1252" in warning
+    assert "byte 0xE9 at offset 18 (line 3), is 'é'" in warning and "iconv -f ENCODING -t UTF-8" in warning
+
+
+def test_utf8_text_with_a_part_in_windows_1252_reads_both_parts(tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    """Read whole as Windows-1252, the UTF-8 part would come out as "Ã©"; a byte of neither encoding
+    is reported with its offset, after a byte-order mark too."""
+    mixed = tmp_path / "notes.txt"
+    mixed.write_bytes(codecs.BOM_UTF8 + "Crème brûlée, naïvely.\n\n".encode() + b"Caf\xe9 society.\n")
+    with caplog.at_level("WARNING", logger="training.sources"):
+        assert texts(read_text(mixed, OPTIONS)) == ["Crème brûlée, naïvely.", "Café society."]
+    assert "UTF-8 but for 1 byte(s)" in caplog.text and "byte 0xE9 at offset 34 (line 3)" in caplog.text
+    dos = tmp_path / "dos.txt"
+    dos.write_bytes(b"fine\nbox \x81 and caf\xe9\n")
     with pytest.raises(SourceProblem) as caught:
-        read_text(bad, OPTIONS)
-    assert caught.value.line == 3 and "latin1.txt:3" in str(caught.value)
-    assert "convert it to UTF-8" in str(caught.value)
+        read_text(dos, OPTIONS)
+    assert caught.value.line == 2 and "neither UTF-8 nor Windows-1252 text (byte 0x81 at offset 9)" in str(caught.value)
+    assert "iconv -f ENCODING -t UTF-8" in str(caught.value)
+
+
+def test_cli_reads_a_latin1_fortune_file_and_says_how(tmp_path: Path):
+    """Debian's fortunes converted back to Latin-1, as older releases shipped them: every entry was skipped."""
+    fortunes = tmp_path / "wisdom"
+    fortunes.write_bytes("Die Gedanken sind frei.\n%\nDer bestirnte Himmel über mir\n-- Kant\n%\n".encode("latin-1"))
+    out = tmp_path / "corpus.jsonl"
+    result = _persona_cli(str(fortunes), "--format", "fortune", "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "Der bestirnte Himmel über mir\n-- Kant" in read_corpus(out).documents
+    assert f"{fortunes}: not UTF-8, so read as Windows-1252 (Latin-1): the first, byte 0xFC at offset 47 (line 3)" in result.stderr
 
 
 def test_text_saved_as_utf16_with_a_byte_order_mark_is_read(tmp_path: Path):
@@ -341,6 +408,39 @@ def test_jsonl_that_is_a_json_array_or_lacks_the_field(tmp_path: Path):
     assert texts(read_jsonl(path, OPTIONS)) == ["kept"]
 
 
+def test_jsonl_records_without_the_field_are_counted_and_named(tmp_path: Path):
+    """Records with no text in the field (missing, null, or not an object) were dropped without a word."""
+    path = tmp_path / "posts.jsonl"
+    path.write_text('{"text": "one"}\n{"body": "two"}\n{"text": null}\n{"text": "four"}\n[5, 6]\n')
+    documents = read_jsonl(path, OPTIONS)
+    assert texts(documents) == ["one", "four"]
+    [why] = documents.left_out
+    assert why.line == 2 and why.reason == ("4 record(s) with no text in the field 'text' (line(s) 2, 3, 5; the other "
+                                            "2 were read); --field names the field that holds the text")
+    path.write_text("".join(json.dumps({"text": f"kept {n}"}) + "\n" + json.dumps({"id": n}) + "\n" for n in range(8)))
+    assert "(line(s) 2, 4, 6, 8, 10 and 3 more;" in str(read_jsonl(path, OPTIONS).left_out[0])
+    path.write_text('{"text": "all there"}\n')
+    assert read_jsonl(path, OPTIONS).left_out == []
+
+
+def test_cli_names_drafts_and_records_it_left_out(tmp_path: Path):
+    """A blog's drafts and the JSONL records without the field were left out of the corpus in silence."""
+    blog = tmp_path / "blog"
+    blog.mkdir()
+    (blog / "out.md").write_text("---\ntitle: Out\n---\nA published post about gardens.\n")
+    (blog / "wip.md").write_text("---\ntitle: Soon\ndraft: true\n---\nAn unfinished post.\n")
+    (blog / "later.md").write_text('+++\ntitle = "Later"\ndraft = true\n+++\nAnother one.\n')
+    posts = tmp_path / "posts.jsonl"
+    posts.write_text('{"text": "A post about rain."}\n{"body": "in another field"}\n')
+    result = _persona_cli(str(blog), str(posts), "-o", str(tmp_path / "corpus.jsonl"))
+    assert result.returncode == 0, result.stderr
+    assert f"skipped {blog / 'wip.md'}:3: a draft (its front matter sets draft to true)" in result.stderr
+    assert f"skipped {blog / 'later.md'}:3: a draft" in result.stderr
+    assert (f"skipped {posts}:2: 1 record(s) with no text in the field 'text' (line(s) 2; the other 1 were read)"
+            in result.stderr)
+    assert sorted(read_corpus(tmp_path / "corpus.jsonl").documents) == ["A post about rain.", "A published post about gardens."]
+
+
 def test_jsonl_strings_may_hold_unicode_line_separators(tmp_path: Path):
     path = tmp_path / "posts.jsonl"
     odd = ["line one\u2028line two", "para\u2029graph", "next\x85line"]
@@ -521,6 +621,28 @@ def test_folder_with_note_tweets_reads_each_post_once(tmp_path: Path):
     result = build_corpus([export])
     assert result.files == 2 and not result.problems
     assert sorted(result.corpus.documents) == sorted([whole[0], LONG_RIVER])
+
+
+def test_note_tweets_are_parsed_once_for_all_the_parts_of_an_archive(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Each part of a split archive parsed every note-tweet file again."""
+    import training.tweets
+
+    data = tmp_path / "data"
+    _export(data, [_tweet("1", _stub(LONG_GARDEN), "Wed May 01 10:00:00 +0000 2024")],
+            [_note("2", LONG_GARDEN, "2024-05-01T10:00:00.000Z"), _note("4", LONG_RIVER, "2024-05-02T08:30:00.000Z")])
+    for part in (1, 2, 3):
+        (data / f"tweets-part{part}.js").write_text(f"window.YTD.tweets.part{part} = " + json.dumps(
+            [_tweet(str(10 + part), _stub(LONG_RIVER), "Thu May 02 08:30:00 +0000 2024")]))
+    parsed: list[Path] = []
+    read_notes = training.tweets._read_notes
+    monkeypatch.setattr(training.tweets, "_read_notes", lambda path: parsed.append(path) or read_notes(path))
+    result = build_corpus([data])
+    assert result.files == 4 and not result.problems and len(result.corpus.documents) == 2
+    assert parsed == [data / "note-tweet.js"]
+    # A note-tweet file changed since is read again.
+    (data / "note-tweet.js").write_text("window.YTD.note_tweet.part0 = " + json.dumps(
+        [_note("4", LONG_RIVER + " Edited later.", "2024-05-02T08:30:00.000Z")]))
+    assert texts(read_tweets(data / "tweets-part1.js", OPTIONS)) == [LONG_RIVER + " Edited later."]
 
 
 def test_broken_note_tweet_file_is_reported_with_its_line(tmp_path: Path):

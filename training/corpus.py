@@ -22,9 +22,11 @@ from pathlib import Path
 from persona.errors import CorpusError
 from training.cleaning import CleanOptions, CleanReport, clean_documents
 from training.fortune import read_fortune
+from training.markdown import read_markdown
 from training.pdf import read_pdf
 from training.sources import (
     FORMATS,
+    Documents,
     RawDocument,
     ReadOptions,
     SourceProblem,
@@ -34,7 +36,6 @@ from training.sources import (
     json_lines,
     read_csv,
     read_jsonl,
-    read_markdown,
     read_text,
 )
 from training.tweets import read_tweets
@@ -94,6 +95,7 @@ class BuildResult:
     files: int = 0
     found: int = 0
     cleaning: CleanReport = field(default_factory=CleanReport)
+    # Files that could not be read, and what readers left out on purpose (a draft, records without the field).
     problems: list[SourceProblem] = field(default_factory=list)
     by_format: Counter[str] = field(default_factory=Counter)
     tail_held_out: bool = False  # the one document's end was held out
@@ -197,7 +199,8 @@ def build_corpus(
     clean_options: CleanOptions | None = None,
     exclude: Iterable[Path] = (),
 ) -> BuildResult:
-    """Read every source, clean the documents and split them; unreadable files are reported.
+    """Read every source, clean the documents and split them; unreadable files, and writing left out
+    on purpose (drafts, records without the field), are reported in ``problems``.
 
     ``exclude``: files not to read from the folders named (the corpus file being written).
     """
@@ -216,6 +219,8 @@ def build_corpus(
             log.info("skipping %s", problem)  # the caller reports problems: a warning would print each twice
             problems.append(problem)
             continue
+        if isinstance(documents, Documents):  # a draft, records without the field: reported like a bad file
+            problems.extend(documents.left_out)
         by_format[chosen] += len(documents)
         raw.extend(doc.text for doc in documents)
     texts, report = clean_documents(raw, clean_options)

@@ -4,14 +4,19 @@ Each reader takes one file and returns its documents (``RawDocument``: text plus
 it came from). A file a reader cannot make sense of raises ``SourceProblem`` naming the
 file and line; the corpus builder reports it and goes on with the other files.
 
-Formats: Markdown with YAML (``---``) or TOML (``+++``) front matter, plain text split on
+Formats: Markdown with YAML (``---``) or TOML (``+++``) front matter (``markdown.py``), plain text split on
 ``<|endoftext|>`` or blank lines, CSV (one column; comma, semicolon, tab or bar between
 cells), JSONL (one field; a JSON array of records too), PDF (``pdf.py``), Twitter/X
 archives (``tweets.py``: ``tweets.js`` and its parts, with the full text of long posts
 taken from the ``note-tweet.js`` beside them) and fortune files (``fortune.py``: ``%`` between
 entries; the offensive ones that ``strfile -x`` stored in ROT13 are read decoded).
 
-Text is UTF-8, or UTF-16/32 when it starts with a byte-order mark (Notepad's "Unicode").
+Text is UTF-8, or UTF-16/32 when it starts with a byte-order mark (Notepad's "Unicode"). Text
+that is not UTF-8 is read as Windows-1252 (Latin-1: old fortune files, Windows exports), with a
+warning naming the file and the first such byte.
+
+What a reader leaves out on purpose, a draft or the JSONL records without the field asked for,
+it returns in ``Documents.left_out``; the corpus builder reports it like a file it could not read.
 """
 
 from __future__ import annotations
@@ -20,14 +25,16 @@ import codecs
 import csv
 import io
 import json
+import logging
 import re
 import struct
-import tomllib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = [
     "FORMATS",
+    "Documents",
     "RawDocument",
     "ReadOptions",
     "SourceProblem",
@@ -37,13 +44,13 @@ __all__ = [
     "json_lines",
     "read_csv",
     "read_jsonl",
-    "read_markdown",
     "read_text",
     "read_text_file",
     "strfile_flags",
-    "strip_markdown",
     "text_blocks",
 ]
+
+log = logging.getLogger(__name__)
 
 FORMATS = ("auto", "text", "markdown", "csv", "jsonl", "pdf", "tweets", "fortune")
 END_OF_TEXT = "<|endoftext|>"
@@ -69,6 +76,15 @@ class RawDocument:
     line: int = 1
 
 
+class Documents(list[RawDocument]):
+    """A reader's documents, and what it found in the file but left out on purpose (a draft, records
+    without the field asked for), each as a ``SourceProblem`` so the corpus builder reports it."""
+
+    def __init__(self, documents: Iterable[RawDocument] = (), left_out: Iterable[SourceProblem] = ()) -> None:
+        super().__init__(documents)
+        self.left_out = list(left_out)
+
+
 @dataclass
 class ReadOptions:
     """What the readers need to know beyond the file itself."""
@@ -86,7 +102,8 @@ _BYTE_ORDER_MARKS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf
 
 
 def read_text_file(path: Path) -> str:
-    """A text file's contents: UTF-8, or UTF-16/32 with a byte-order mark; else a ``SourceProblem`` saying what to do."""
+    """A text file's contents: UTF-8, UTF-16/32 with a byte-order mark, or Windows-1252 guessed (with a
+    warning naming the file) when it is none of those; else a ``SourceProblem`` saying what to do."""
     try:
         raw = path.read_bytes()
     except OSError as exc:
@@ -102,13 +119,57 @@ def read_text_file(path: Path) -> str:
             except UnicodeDecodeError as exc:
                 raise SourceProblem(path, None, f"not {codec.upper()} text, though it starts as such ({exc.reason})") from exc
     try:
-        return raw.decode("utf-8-sig")
+        text = raw.decode("utf-8")  # not "utf-8-sig": its errors count their offsets from after the mark
     except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
         if b"\0" in raw[:4096]:
             raise SourceProblem(path, None, "a binary file, not text; name the files of the author's writing") from exc
-        raise SourceProblem(path, line, f"not UTF-8 text ({exc.reason}); convert it to UTF-8 first, "
-                                        "e.g. `iconv -f WINDOWS-1252 -t UTF-8` for Latin-1 or Windows text") from exc
+        text = _guess_single_byte(path, raw, exc)
+    return text.removeprefix("\ufeff")  # the byte-order mark some editors write at the start of UTF-8
+
+
+_ICONV = "`iconv -f ENCODING -t UTF-8 FILE > NEW.txt` (`iconv -l` lists them; DOS's is CP437, old Macs' MACINTOSH)"
+# A character UTF-8 writes in two to four bytes. Windows-1252 text holds some of the two-byte ones
+# by chance ("ß" then a closing quote), but hardly ever "Ã" or "Â" then a symbol, or three such bytes:
+# those show that the file is UTF-8 (é is "Ã©" read as Windows-1252) but for a part.
+_UTF8_CHARACTER = re.compile(rb"[\xc2-\xdf][\x80-\xbf]|[\xe0-\xef][\x80-\xbf]{2}|[\xf0-\xf4][\x80-\xbf]{3}")
+_UTF8_FOR_SURE = re.compile(rb"[\xc2\xc3][\x80-\xbf]|[\xe0-\xef][\x80-\xbf]{2}|[\xf0-\xf4][\x80-\xbf]{3}")
+_ASCII = bytes(range(0x80))
+
+
+def _byte_as_cp1252(error: UnicodeError) -> tuple[str, int]:
+    """A decoding error handler: the first byte that is not UTF-8 read as Windows-1252, then UTF-8 again."""
+    if not isinstance(error, UnicodeDecodeError):
+        raise error
+    byte = error.object[error.start : error.start + 1]
+    try:
+        return bytes(byte).decode("cp1252"), error.start + 1
+    except UnicodeDecodeError:  # one of the five bytes it leaves undefined: say where in the whole text
+        raise UnicodeDecodeError("cp1252", error.object, error.start, error.start + 1, "undefined") from None
+
+
+codecs.register_error("persona-cp1252", _byte_as_cp1252)
+
+
+def _guess_single_byte(path: Path, raw: bytes, error: UnicodeDecodeError) -> str:
+    """Text that is not UTF-8, with a warning saying how it was read: each byte that is not UTF-8 as
+    Windows-1252 (Latin-1 as Windows extends it: old fortune files, Windows exports), and the whole
+    file so when nothing in it shows UTF-8. A byte Windows-1252 leaves undefined is a ``SourceProblem``."""
+    found = _UTF8_CHARACTER.findall(raw)
+    others = len(raw.translate(None, _ASCII)) - sum(map(len, found))
+    partly = len(found) > others or _UTF8_FOR_SURE.search(raw) is not None
+    try:
+        text = raw.decode("utf-8", "persona-cp1252") if partly else raw.decode("cp1252")
+    except UnicodeDecodeError as exc:
+        raise SourceProblem(path, raw[: exc.start].count(b"\n") + 1,
+                            f"neither UTF-8 nor Windows-1252 text (byte 0x{raw[exc.start]:02X} at offset {exc.start}); "
+                            f"convert it to UTF-8 from the encoding it was saved in: {_ICONV}") from error
+    how = (f"UTF-8 but for {others} byte(s) (a part saved in another encoding?), read as Windows-1252 (Latin-1)"
+           if partly else "not UTF-8, so read as Windows-1252 (Latin-1)")
+    at = error.start
+    log.warning("%s: %s: the first, byte 0x%02X at offset %d (line %d), is %r. If letters come out wrong, convert "
+                "it to UTF-8 from the encoding it was saved in: %s", path, how, raw[at], at,
+                raw[:at].count(b"\n") + 1, raw[at : at + 1].decode("cp1252"), _ICONV)
+    return text
 
 
 # A large archive is split: tweets.js, tweets-part1.js, ... (older: tweet.js, tweet-part1.js).
@@ -152,90 +213,6 @@ def detect_format(path: Path) -> str:
         if re.search(r"^%\s*$", head, re.MULTILINE):
             return "fortune"
     return "text"
-
-
-# --- Markdown -----------------------------------------------------------------------
-
-_FENCE = {"---": "yaml", "+++": "toml"}
-
-
-def _split_front_matter(path: Path, text: str) -> tuple[dict, str, int]:
-    """(front matter, body, line the body starts on); no front matter gives {}."""
-    lines = text.split("\n")
-    fence = lines[0].strip() if lines else ""
-    if fence not in _FENCE:
-        return {}, text, 1
-    for end in range(1, len(lines)):
-        if lines[end].strip() == fence:
-            break
-    else:
-        raise SourceProblem(path, 1, f"front matter opened with {fence!r} is never closed; end it with a {fence!r} "
-                                     "line (or, for a rule at the top of the post, put a blank line above it)")
-    block = "\n".join(lines[1:end])
-    try:
-        if _FENCE[fence] == "toml":
-            meta = tomllib.loads(block)
-        else:
-            import yaml
-
-            meta = yaml.safe_load(block) or {}
-    except Exception as exc:  # yaml and toml raise their own kinds; both mean a bad header
-        line, reason = _header_error(exc)
-        raise SourceProblem(path, line + 1, f"bad {_FENCE[fence].upper()} front matter: {reason}") from exc
-    if not isinstance(meta, dict):
-        raise SourceProblem(path, 2, f"front matter is not a table of keys (for a rule at the top of the "
-                                     f"post, put a blank line above its {fence!r})")
-    return meta, "\n".join(lines[end + 1 :]), end + 2
-
-
-def _header_error(exc: Exception) -> tuple[int, str]:
-    """(line within the header, reason on one line) for a YAML or TOML error."""
-    mark = getattr(exc, "problem_mark", None)  # YAML's, 0-based
-    if mark is not None:
-        return mark.line + 1, getattr(exc, "problem", None) or str(exc).split("\n")[0]
-    found = re.search(r"\s*\(at line (\d+), column \d+\)$", str(exc))  # TOML's
-    if found:
-        return int(found.group(1)), str(exc)[: found.start()]
-    return 1, str(exc).split("\n")[0]
-
-
-def strip_markdown(text: str) -> str:
-    """Markdown to the plain prose a reader sees."""
-    text = re.sub(r"^(```|~~~).*?^\1\s*$", "", text, flags=re.MULTILINE | re.DOTALL)  # code blocks
-    text = re.sub(r"<!--.*?-->", "", text, flags=re.DOTALL)
-    text = re.sub(r"<(script|style)\b.*?</\1\s*>", "", text, flags=re.DOTALL | re.IGNORECASE)
-    # Code in Jekyll's {% highlight %} and Hugo's {{< highlight >}} blocks, then the other tags.
-    text = re.sub(r"\{%-?\s*highlight\b.*?\{%-?\s*endhighlight\s*-?%\}", "", text, flags=re.DOTALL)
-    text = re.sub(r"\{\{([<%])\s*highlight\b.*?\{\{\1\s*/highlight\s*[%>]\}\}", "", text, flags=re.DOTALL)
-    text = re.sub(r"\{\{[<%].*?[%>]\}\}|\{%.*?%\}", "", text, flags=re.DOTALL)  # Hugo/Jekyll tags
-    # Brackets inside link text are not looked for: each "[" is scanned past once, not to the line's end.
-    text = re.sub(r"!\[[^\[\]]*\]\([^)]*\)", "", text)  # images (a linked badge leaves "[](...)")
-    text = re.sub(r"\[([^\[\]]*)\]\([^)]*\)", r"\1", text)  # links keep their words
-    text = re.sub(r"\[([^\[\]]+)\]\[[^\[\]]*\]", r"\1", text)
-    text = re.sub(r"^[ \t]*\[\^[^\[\]]+\]:[ \t]*", "", text, flags=re.MULTILINE)  # a footnote keeps its words
-    text = re.sub(r"\[\^[^\[\]\s]+\]", "", text)  # footnote marks
-    text = re.sub(r"^\s*\[[^\]]+\]:\s*\S+.*$", "", text, flags=re.MULTILINE)  # link definitions
-    text = re.sub(r"<((?:https?|ftp)://[^\s<>]+)>", r"\1", text)  # autolinks keep their address
-    # A tag starts with a letter, so "3 < 5 and 7 > 2" stays; no "<" inside keeps it linear.
-    text = re.sub(r"</?[A-Za-z][^<>\n]*>", "", text)  # inline HTML
-    text = re.sub(r"^\s{0,3}#{1,6}\s*", "", text, flags=re.MULTILINE)
-    text = re.sub(r"^\s{0,3}>\s?", "", text, flags=re.MULTILINE)
-    text = re.sub(r"^\s*([-*+]|\d+[.)])\s+", "", text, flags=re.MULTILINE)
-    text = re.sub(r"^\s*([-*_]\s*){3,}$", "", text, flags=re.MULTILINE)  # rules
-    text = re.sub(r"(\*\*|__)(.+?)\1", r"\2", text)
-    text = re.sub(r"(?<![\w*])([*_])(?!\s)(.+?)(?<!\s)\1(?![\w*])", r"\2", text)
-    text = re.sub(r"`([^`]*)`", r"\1", text)
-    return text
-
-
-def read_markdown(path: Path, options: ReadOptions) -> list[RawDocument]:
-    """One document per file: the body with front matter and markup stripped."""
-    # Windows line endings: TOML refuses the "\r" that splitting on "\n" would leave.
-    text = read_text_file(path).replace("\r\n", "\n")
-    meta, body, start = _split_front_matter(path, text)
-    if meta.get("draft") is True:
-        return []
-    return [RawDocument(strip_markdown(body), str(path), start)]
 
 
 # --- Plain text ---------------------------------------------------------------------
@@ -378,11 +355,13 @@ def _field(record: object, dotted: str) -> object:
     return record
 
 
-def read_jsonl(path: Path, options: ReadOptions) -> list[RawDocument]:
-    """One document per line, from the field named by ``--field`` (dots go deeper)."""
-    documents = []
+def read_jsonl(path: Path, options: ReadOptions) -> Documents:
+    """One document per line, from the field named by ``--field`` (dots go deeper); the records
+    without it (or with null in it) are left out and said so."""
+    documents = Documents()
     first: tuple[int, dict] | None = None  # the first record that is an object, for the error
     present = False
+    lacking: list[int] = []
     for number, record in _json_records(path, read_text_file(path)):
         if isinstance(record, str):
             documents.append(RawDocument(record, str(path), number))
@@ -392,6 +371,7 @@ def read_jsonl(path: Path, options: ReadOptions) -> list[RawDocument]:
         value = _field(record, options.field)
         present = present or value is not _ABSENT
         if value is _ABSENT or value is None:
+            lacking.append(number)
             continue
         if not isinstance(value, str):
             raise SourceProblem(path, number, f"field {options.field!r} is not text (use --field)")
@@ -400,4 +380,10 @@ def read_jsonl(path: Path, options: ReadOptions) -> list[RawDocument]:
         line, record = first
         raise SourceProblem(path, line, f"no record has the field {options.field!r}; the first record's fields are "
                                         f"{', '.join(map(str, record)) or 'none'} (use --field)")
+    if lacking:
+        lines = sorted(set(lacking))
+        shown = ", ".join(map(str, lines[:5])) + (f" and {len(lines) - 5} more" if len(lines) > 5 else "")
+        documents.left_out.append(SourceProblem(
+            path, lines[0], f"{len(lacking)} record(s) with no text in the field {options.field!r} (line(s) {shown}; "
+                            f"the other {len(documents)} were read); --field names the field that holds the text"))
     return documents

@@ -33,6 +33,7 @@ from bisect import bisect_left, bisect_right
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import lru_cache
 from pathlib import Path
 
 from persona.curation import x_length
@@ -208,16 +209,22 @@ def _notes_beside(path: Path) -> _NoteIndex | None:
     """The notes of the note-tweet files in the archive's folder; None when there are none."""
     try:
         files = sorted(p for p in path.parent.iterdir() if p.is_file() and is_note_tweets(p))
+        # Each part of a split archive reads the same notes: they are parsed once while unchanged.
+        seen = tuple((file, file.stat().st_mtime_ns, file.stat().st_size) for file in files)
     except OSError:
         return None
-    notes: list[_Note] = []
-    for file in files:
-        try:
-            notes.extend(note for _, note in _read_notes(file))
-        except SourceProblem as problem:
-            raise SourceProblem(problem.path, problem.line,
-                                f"{problem.reason} (it holds the full text of the long posts in {path.name},"
-                                f" which was not read; fix or remove it)") from problem
+    try:
+        return _note_index(seen)
+    except SourceProblem as problem:
+        raise SourceProblem(problem.path, problem.line,
+                            f"{problem.reason} (it holds the full text of the long posts in {path.name},"
+                            f" which was not read; fix or remove it)") from problem
+
+
+@lru_cache(maxsize=1)
+def _note_index(files: tuple[tuple[Path, int, int], ...]) -> _NoteIndex | None:
+    """The notes of these files (each named with its time and size as last read), indexed."""
+    notes = [note for file, _, _ in files for _, note in _read_notes(file)]
     return _NoteIndex(notes) if notes else None
 
 

@@ -1,0 +1,152 @@
+"""Blog posts in Markdown: front matter (YAML between ``---`` lines, TOML between ``+++``)
+read for ``draft``, and the markup stripped to the prose a reader sees.
+
+Code blocks, comments, scripts and highlighted code go whole; an opener never closed stays
+as text. Every pattern runs in linear time: a post with thousands of unclosed ``<script``
+openers or blank lines is read in a second, not minutes (``_sub_spans``).
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Callable
+from pathlib import Path
+
+from training.sources import (
+    Documents,
+    RawDocument,
+    ReadOptions,
+    SourceProblem,
+    read_text_file,
+)
+
+__all__ = ["read_markdown", "strip_markdown"]
+
+_FENCE = {"---": "yaml", "+++": "toml"}
+
+
+def _split_front_matter(path: Path, text: str) -> tuple[dict, str, int]:
+    """(front matter, body, line the body starts on); no front matter gives {}."""
+    lines = text.split("\n")
+    fence = lines[0].strip() if lines else ""
+    if fence not in _FENCE:
+        return {}, text, 1
+    for end in range(1, len(lines)):
+        if lines[end].strip() == fence:
+            break
+    else:
+        raise SourceProblem(path, 1, f"front matter opened with {fence!r} is never closed; end it with a {fence!r} "
+                                     "line (or, for a rule at the top of the post, put a blank line above it)")
+    block = "\n".join(lines[1:end])
+    try:
+        if _FENCE[fence] == "toml":
+            meta = tomllib.loads(block)
+        else:
+            import yaml
+
+            meta = yaml.safe_load(block) or {}
+    except Exception as exc:  # yaml and toml raise their own kinds; both mean a bad header
+        line, reason = _header_error(exc)
+        raise SourceProblem(path, line + 1, f"bad {_FENCE[fence].upper()} front matter: {reason}") from exc
+    if not isinstance(meta, dict):
+        raise SourceProblem(path, 2, f"front matter is not a table of keys (for a rule at the top of the "
+                                     f"post, put a blank line above its {fence!r})")
+    return meta, "\n".join(lines[end + 1 :]), end + 2
+
+
+def _header_error(exc: Exception) -> tuple[int, str]:
+    """(line within the header, reason on one line) for a YAML or TOML error."""
+    mark = getattr(exc, "problem_mark", None)  # YAML's, 0-based
+    if mark is not None:
+        return mark.line + 1, getattr(exc, "problem", None) or str(exc).split("\n")[0]
+    found = re.search(r"\s*\(at line (\d+), column \d+\)$", str(exc))  # TOML's
+    if found:
+        return int(found.group(1)), str(exc)[: found.start()]
+    return 1, str(exc).split("\n")[0]
+
+
+def _sub_spans(text: str, opener: re.Pattern[str], closer_for: Callable[[re.Match[str]], re.Pattern[str]],
+               keep: Callable[[re.Match[str], str], str] = lambda opened, inner: "", *, one_line: bool = False,
+               inner_min: int = 0) -> str:
+    """``re.sub(opener + ".*?" + closer, keep(opener's match, inner))`` (``.`` crossing lines unless
+    ``one_line``; ``inner_min`` characters at least between), in linear time.
+
+    The regex looks for a closer after every opener: many openers never closed (``<script`` with no
+    ``</script>``) scan to the end many times. Here a closer not found after one place is not looked
+    for again after a later one (up to the same line end).
+    """
+    out: list[str] = []
+    done = look = 0
+    missing: dict[tuple[str, int], int] = {}  # (closer, where looking stops) -> from where it is absent
+    while (start := opener.search(text, look)) is not None:
+        closer = closer_for(start)
+        stop = text.find("\n", start.end()) if one_line else -1
+        stop = len(text) if stop < 0 else stop
+        begin = start.end() + inner_min
+        key = (closer.pattern, stop)
+        close = None if begin >= missing.get(key, stop + 1) else closer.search(text, begin, stop)
+        if close is None:
+            missing[key] = min(begin, missing.get(key, begin))
+            look = start.start() + 1
+            continue
+        out += [text[done : start.start()], keep(start, text[start.end() : close.start()])]
+        done = look = close.end()
+    return "".join(out) + text[done:]
+
+
+_FENCE_OPEN = re.compile(r"^(```|~~~)", re.MULTILINE)
+_HTML_COMMENT = re.compile("<!--")
+_SCRIPT_OPEN = re.compile(r"<(script|style)\b", re.IGNORECASE)
+_JEKYLL_HIGHLIGHT = re.compile(r"\{%-?\s*highlight\b")
+_HUGO_HIGHLIGHT = re.compile(r"\{\{([<%])\s*highlight\b")
+_TEMPLATE_TAG = re.compile(r"\{\{[<%]|\{%")
+_EMPHASIS_OPEN = re.compile(r"(?<![\w*])([*_])(?!\s)")
+# Brackets inside link text are not looked for: each "[" is scanned past once, not to the line's end.
+_IMAGE_OPEN = re.compile(r"!\[[^\[\]]*\]\(")
+_LINK_OPEN = re.compile(r"\[([^\[\]]*)\]\(")
+_CLOSE_PARENTHESIS = re.compile(r"\)")
+
+
+def strip_markdown(text: str) -> str:
+    """Markdown to the plain prose a reader sees."""
+    # Code blocks, comments, scripts and Jekyll/Hugo highlighted code go whole; an opener never
+    # closed stays (as the regex ".*?" between them would leave it), and costs one look ahead.
+    text = _sub_spans(text, _FENCE_OPEN, lambda m: re.compile(rf"^{re.escape(m[1])}\s*$", re.MULTILINE))
+    text = _sub_spans(text, _HTML_COMMENT, lambda m: re.compile("-->"))
+    text = _sub_spans(text, _SCRIPT_OPEN, lambda m: re.compile(rf"</{m[1].lower()}\s*>", re.IGNORECASE))
+    text = _sub_spans(text, _JEKYLL_HIGHLIGHT, lambda m: re.compile(r"\{%-?\s*endhighlight\s*-?%\}"))
+    text = _sub_spans(text, _HUGO_HIGHLIGHT, lambda m: re.compile(rf"\{{\{{{re.escape(m[1])}\s*/highlight\s*[%>]\}}\}}"))
+    # The other Hugo/Jekyll tags: {{< ... >}}, {{% ... %}}, {% ... %}.
+    text = _sub_spans(text, _TEMPLATE_TAG, lambda m: re.compile(r"[%>]\}\}" if m[0].startswith("{{") else r"%\}"))
+    text = _sub_spans(text, _IMAGE_OPEN, lambda m: _CLOSE_PARENTHESIS)  # a linked badge leaves "[](...)"
+    text = _sub_spans(text, _LINK_OPEN, lambda m: _CLOSE_PARENTHESIS, lambda opened, inner: opened[1])  # keep words
+    text = re.sub(r"\[([^\[\]]+)\]\[[^\[\]]*\]", r"\1", text)
+    text = re.sub(r"^[ \t]*\[\^[^\[\]]+\]:[ \t]*", "", text, flags=re.MULTILINE)  # a footnote keeps its words
+    text = re.sub(r"\[\^[^\[\]\s]+\]", "", text)  # footnote marks
+    # "^\s*" would try every blank line after each: thousands of them in a row took seconds.
+    text = re.sub(r"^[ \t]*\[[^\]\n]+\]:\s*\S+.*$", "", text, flags=re.MULTILINE)  # link definitions
+    text = re.sub(r"<((?:https?|ftp)://[^\s<>]+)>", r"\1", text)  # autolinks keep their address
+    # A tag starts with a letter, so "3 < 5 and 7 > 2" stays; no "<" inside keeps it linear.
+    text = re.sub(r"</?[A-Za-z][^<>\n]*>", "", text)  # inline HTML
+    text = re.sub(r"^\s{0,3}#{1,6}\s*", "", text, flags=re.MULTILINE)
+    text = re.sub(r"^\s{0,3}>\s?", "", text, flags=re.MULTILINE)
+    text = re.sub(r"^[ \t]*([-*+]|\d+[.)])\s+", "", text, flags=re.MULTILINE)
+    text = re.sub(r"^[ \t]*([-*_][ \t]*){3,}$", "", text, flags=re.MULTILINE)  # rules
+    text = re.sub(r"(\*\*|__)(.+?)\1", r"\2", text)
+    text = _sub_spans(text, _EMPHASIS_OPEN, lambda m: re.compile(rf"(?<!\s){re.escape(m[1])}(?![\w*])"),
+                      lambda opened, inner: inner, one_line=True, inner_min=1)
+    text = re.sub(r"`([^`]*)`", r"\1", text)
+    return text
+
+
+def read_markdown(path: Path, options: ReadOptions) -> Documents:
+    """One document per file: the body with front matter and markup stripped; a draft is left out, and said so."""
+    # Windows line endings: TOML refuses the "\r" that splitting on "\n" would leave.
+    text = read_text_file(path).replace("\r\n", "\n")
+    meta, body, start = _split_front_matter(path, text)
+    if meta.get("draft") is True:
+        line = next((n for n, row in enumerate(text.split("\n")[1:start], start=2) if re.match(r"\s*draft\b", row)), 1)
+        return Documents(left_out=[SourceProblem(path, line, "a draft (its front matter sets draft to true); set "
+                                                             "it to false to read the post")])
+    return Documents([RawDocument(strip_markdown(body), str(path), start)])
