@@ -389,17 +389,24 @@ def test_ask_says_at_once_that_no_worker_is_running(env, doomed_redis):
 
 
 def test_chat_commands_are_never_sent_to_the_persona(env, doomed_redis):
-    """/help, or a misspelt /quitt, went through the queue as a message."""
+    """/help, or a misspelt /quitt, went through the queue as a message. A line that only
+    looks like one ("/usr is where?") goes as a message when it starts with "//"."""
     from persona import constants as keys
+    from persona.contract import GenerationRequest
 
     _, url, client = doomed_redis
     env |= {"PERSONA_REDIS_URL": url, "PERSONA_QUEUE__DEFAULT_DEADLINE_S": "1"}
-    result = subprocess.run([sys.executable, "-m", "persona", "chat", "sage"], env=env, input="/help\n/Quitt now\n/quit\n",
+    result = subprocess.run([sys.executable, "-m", "persona", "chat", "sage"], env=env,
+                            input="/help\n/Quitt now\n/usr is where?\n//usr is where?\n/quit\n",
                             capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 0 and "Traceback" not in result.stderr
     assert "unknown command /quitt; /reset forgets the conversation" in result.stderr
+    assert "unknown command /usr; /reset forgets the conversation, /help shows this, /quit or Ctrl-D leaves; " \
+           "to send a line that starts with a / as a message, start it with // instead" in result.stderr
     assert result.stdout.count("/help shows this") == 2  # the greeting, then /help
-    assert client.xlen(keys.STREAM_INTERACTIVE) == 0
+    [(_, fields)] = client.xrange(keys.STREAM_INTERACTIVE)
+    [sent] = GenerationRequest.from_json(fields[b"r"]).messages
+    assert sent.content == "/usr is where?"
 
 
 def test_a_line_that_starts_with_a_path_is_a_message_and_commands_ignore_case():

@@ -32,6 +32,7 @@ from persona.settings import Settings
 from persona.validation import check_request
 
 CHAT_COMMANDS = "/reset forgets the conversation, /help shows this, /quit or Ctrl-D leaves"
+AS_MESSAGE = "to send a line that starts with a / as a message, start it with // instead"
 
 
 def _client(settings: Settings, url: str | None = None) -> QueueClient:
@@ -127,8 +128,10 @@ def run_chat(settings: Settings, persona: str, *, url: str | None = None) -> Non
             console.print(CHAT_COMMANDS, markup=False, highlight=False)
             continue
         if command is not None:  # a typo such as /quitt went to the persona as a message
-            err_console.print(f"unknown command {command}; {CHAT_COMMANDS}", markup=False, highlight=False)
+            err_console.print(f"unknown command {command}; {CHAT_COMMANDS}; {AS_MESSAGE}",
+                              markup=False, highlight=False)
             continue
+        text = text.removeprefix("/") if text.startswith("//") else text  # "//usr is..." says "/usr is..."
         history.append(Message(role="user", content=text))
         request = GenerationRequest(persona=persona, messages=history[-settings.queue.max_messages :])
         # Whatever goes wrong with this message, it is dropped and the chat goes on.
@@ -159,7 +162,7 @@ def run_chat(settings: Settings, persona: str, *, url: str | None = None) -> Non
 
 def _command(text: str) -> str | None:
     """The chat command a line is (``/reset``), lower-cased; None for a message. A path
-    such as "/etc/hosts?" is a message."""
+    such as "/etc/hosts?" is a message, and so is a line that starts with "//"."""
     word = text.split(maxsplit=1)[0]
     return word.lower() if re.fullmatch(r"/[A-Za-z]+", word) else None
 
