@@ -305,7 +305,21 @@ def load_persona_file(path: Path) -> Persona:
             f"{path}: name: {persona.name!r} differs from the file name; "
             f"rename the file to {persona.name}.toml or fix the name"
         )
-    return persona.model_copy(update={"source": path})
+    return _base_beside_file(persona.model_copy(update={"source": path}))
+
+
+def _base_beside_file(persona: Persona) -> Persona:
+    """``model.base`` named by a relative path is read from the persona file's folder, as
+    ``filters.corpus`` is (it was read from the working directory: a worker started in
+    another folder did not find it). A path found only from the working directory still
+    works, as it did."""
+    from persona.models import BUNDLED_ALIASES
+
+    base = persona.model.base
+    beside = persona.source.parent / Path(base) if persona.source else None
+    if base in BUNDLED_ALIASES or Path(base).expanduser().is_absolute() or beside is None or not beside.exists():
+        return persona
+    return persona.model_copy(update={"model": persona.model.model_copy(update={"base": str(beside.resolve())})})
 
 
 @dataclass

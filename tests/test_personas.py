@@ -204,3 +204,26 @@ def test_an_unknown_persona_is_one_line_not_every_invalid_files_problems(setting
         PersonaRegistry.from_settings(settings).get("nobody")
     [said] = caplog.messages
     assert "2 invalid persona file(s) skipped; `persona personas validate`" in said and "temprature" not in said
+
+
+def test_a_relative_base_model_is_found_beside_the_persona_file_from_any_folder(tmp_path: Path, monkeypatch):
+    """model.base = "../models/mine" was read from the working directory: `persona up` or a
+    worker started in another folder could not find the model that `filters.corpus`, read
+    from the file's folder, sat beside."""
+    from persona.models import resolve_base
+
+    (tmp_path / "models" / "mine").mkdir(parents=True)
+    (tmp_path / "models" / "mine" / "config.json").write_text("{}")
+    (tmp_path / "personas").mkdir()
+    (tmp_path / "personas" / "mine.toml").write_text('[model]\nbase = "../models/mine"\n')
+    (tmp_path / "elsewhere" / "deeper").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "elsewhere" / "deeper")
+    persona = load_persona_file(tmp_path / "personas" / "mine.toml")
+    assert resolve_base(persona.model.base, tmp_path / "cache") == tmp_path / "models" / "mine"
+
+    monkeypatch.chdir(tmp_path)  # a path that only the working directory makes sense of works as it did
+    (tmp_path / "personas" / "old.toml").write_text('[model]\nbase = "models/mine"\n')
+    assert load_persona_file(tmp_path / "personas" / "old.toml").model.base == "models/mine"
+    (tmp_path / "personas" / "bundled.toml").write_text('[model]\nbase = "smollm2"\n')
+    (tmp_path / "personas" / "smollm2").mkdir()  # a folder of the alias's name does not hide the bundled model
+    assert load_persona_file(tmp_path / "personas" / "bundled.toml").model.base == "smollm2"
