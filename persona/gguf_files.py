@@ -272,13 +272,17 @@ def _quantize(source: Path, target: Path, kind: str, *, requantize: bool = False
     """llama.cpp's quantizer from ``source`` to ``target`` (written beside it, then moved)."""
     import llama_cpp
 
+    from persona.llamacpp_decoder import raise_if_interrupted
+
     with tempfile.TemporaryDirectory(prefix=".gguf-", dir=target.parent) as tmp:
         staged = Path(tmp) / "out.gguf"
         params = llama_cpp.llama_model_quantize_default_params()
         params.ftype = GGUF_TYPES[kind]
         params.nthread = os.cpu_count() or 1
         params.allow_requantize = requantize
-        if llama_cpp.llama_model_quantize(str(source).encode(), str(staged).encode(), params) != 0:
+        failed = llama_cpp.llama_model_quantize(str(source).encode(), str(staged).encode(), params) != 0
+        raise_if_interrupted()  # told to stop while it wrote: the half-written file goes with tmp
+        if failed:
             raise ModelError(f"llama.cpp could not quantize {target.name} to {kind}")
         os.replace(staged, target)
 

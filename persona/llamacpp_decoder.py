@@ -20,6 +20,7 @@ import logging
 import os
 from collections import OrderedDict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -27,7 +28,10 @@ import torch
 from persona.errors import ModelError
 from persona.models import LoadedModel
 
-__all__ = ["CONTEXT_TOKENS", "SHIPPED_GGUF_TYPE", "LlamaCppDecoder", "gguf_for", "route_llama_cpp_logs"]
+if TYPE_CHECKING:
+    from types import FrameType
+
+__all__ = ["CONTEXT_TOKENS", "SHIPPED_GGUF_TYPE", "LlamaCppDecoder", "gguf_for", "interrupt", "raise_if_interrupted", "route_llama_cpp_logs"]
 
 log = logging.getLogger(__name__)
 
@@ -77,18 +81,42 @@ def route_llama_cpp_logs() -> None:
     global _LOG_CALLBACK
     if _LOG_CALLBACK is not None:
         return
+    _LOG_CALLBACK = llama_cpp.llama_log_callback(_log_line)  # llama.cpp keeps only the pointer: keep it alive
+    llama_cpp.llama_log_set(_LOG_CALLBACK, ctypes.c_void_p(0))
 
-    @llama_cpp.llama_log_callback
-    def callback(level, text, user_data):
+
+def _log_line(level, text, user_data) -> None:
+    try:
         message = text.decode("utf-8", "replace").rstrip()
         if message:
             log.debug("llama.cpp: %s", message)
-
-    _LOG_CALLBACK = callback  # llama.cpp keeps only the pointer: keep the function alive
-    llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
+    except KeyboardInterrupt:  # ctypes would print it and drop it: kept for raise_if_interrupted
+        _INTERRUPTED.append(True)
 
 
 _LOG_CALLBACK = None
+_INTERRUPTED: list[bool] = []
+
+
+def interrupt(frame: FrameType | None) -> None:
+    """What a signal handler that stops this process does instead of ``raise KeyboardInterrupt``
+    (``frame``: the one it was handed). Where the signal landed in llama.cpp's call back into
+    Python, ctypes would print the exception and drop it (a worker told to stop while
+    llama.cpp loaded went on to serve, then stopped): it is kept, and raised by
+    ``raise_if_interrupted`` once llama.cpp returns."""
+    while frame is not None:
+        if frame.f_code is _log_line.__code__:
+            _INTERRUPTED.append(True)
+            return
+        frame = frame.f_back
+    raise KeyboardInterrupt
+
+
+def raise_if_interrupted() -> None:
+    """Raise the KeyboardInterrupt kept while llama.cpp called back into Python."""
+    if _INTERRUPTED:
+        _INTERRUPTED.clear()
+        raise KeyboardInterrupt
 
 
 class LlamaCppDecoder:
@@ -104,6 +132,9 @@ class LlamaCppDecoder:
         llama_cpp.llama_backend_init()
         model_params = llama_cpp.llama_model_default_params()
         self.model = llama_cpp.llama_model_load_from_file(str(path).encode(), model_params)
+        if self.model and _INTERRUPTED:
+            llama_cpp.llama_model_free(self.model)
+            raise_if_interrupted()
         if not self.model:
             raise ModelError(f"llama.cpp cannot load {path}; delete it if it is a cached GGUF and start again")
         params = llama_cpp.llama_context_default_params()
@@ -114,6 +145,10 @@ class LlamaCppDecoder:
         params.kv_unified = True  # rows of any length share one cache
         params.n_threads = params.n_threads_batch = threads or os.cpu_count() or 1
         self.ctx = llama_cpp.llama_init_from_model(self.model, params)
+        if self.ctx and _INTERRUPTED:
+            llama_cpp.llama_free(self.ctx)
+            llama_cpp.llama_model_free(self.model)
+            raise_if_interrupted()
         if not self.ctx:
             llama_cpp.llama_model_free(self.model)
             raise ModelError(f"llama.cpp cannot make a context for {path} ({context_tokens} tokens)")

@@ -182,6 +182,8 @@ class Worker:
         personas = self.registry.all()
         self.swaps.refresh_active()
         for name in names or sorted(personas):
+            if self.stopping.is_set():  # told to stop while an earlier one loaded
+                return
             persona = personas.get(name) or self.registry.get(name)
             try:
                 served = self.pool.serve(persona, self.swaps.version_for(persona.name))

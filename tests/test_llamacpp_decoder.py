@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import sys
+
 import pytest
 import torch
 
@@ -188,3 +191,50 @@ def test_rows_that_come_and_go_each_get_the_reply_they_get_alone(tiny_llama_dir,
     replies = serve_at_random(served, works, chance)
     assert len(replies) > 20
     assert replies == {tag: alone.generate([works[tag]])[0].text for tag in replies}
+
+
+class _StopHere(logging.Handler):
+    """At llama.cpp's first log line, does what a worker's SIGTERM handler does when the
+    signal lands while llama.cpp calls back into Python: ``interrupt`` with the frame it is
+    handed, or (a plain Ctrl-C handler) ``raise KeyboardInterrupt``."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+
+    def emit(self, record):
+        from persona.llamacpp_decoder import interrupt
+
+        if record.getMessage().startswith("llama.cpp: "):
+            if self.how == "raise":
+                raise KeyboardInterrupt
+            interrupt(sys._getframe())
+
+
+@pytest.mark.parametrize("how", ["interrupt", "raise"])
+def test_a_stop_while_llama_cpp_loads_stops_the_load(tiny_llama, tmp_path, capfd, how):
+    """ctypes printed the KeyboardInterrupt raised inside llama.cpp's log callback as
+    "Exception ignored" and dropped it: the worker loaded on, said it was serving, then
+    stopped. Now the load itself is interrupted."""
+    from persona.llamacpp_decoder import LlamaCppDecoder
+
+    engine = TransformersEngine(tiny_llama, mode="llamacpp", cache_dir=tmp_path, threads=1, gguf_type="f16")
+    logger = logging.getLogger("persona.llamacpp_decoder")
+    stop, level = _StopHere(how), logger.level
+    logger.addHandler(stop)
+    logger.setLevel(logging.DEBUG)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            LlamaCppDecoder(engine.decoder.path, threads=1, context_tokens=256)
+    finally:
+        logger.removeHandler(stop)
+        logger.setLevel(level)
+    assert "Exception ignored" not in capfd.readouterr().err
+    LlamaCppDecoder(engine.decoder.path, threads=1, context_tokens=256)  # the next load is not refused
+
+
+def test_interrupt_raises_anywhere_else():
+    from persona.llamacpp_decoder import interrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        interrupt(sys._getframe())

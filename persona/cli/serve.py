@@ -278,6 +278,8 @@ def worker(
         started = time.perf_counter()
         try:
             served.preload(preload or settings.worker.personas or None)
+            if served.stopping.is_set():  # a stop that a library's C code held back until it returned
+                raise KeyboardInterrupt
             log.info("models ready in %.1f s", time.perf_counter() - started)
             freeze_heap()
         except KeyboardInterrupt:  # told to stop while loading: nothing was taken yet
@@ -294,10 +296,12 @@ def _stop_then_interrupt(served, *, finish: bool = False):
     stop at once. While the models load, with nothing taken yet, any of them stops at
     once (it used to load every model, minutes on a GPU's first start, then leave)."""
 
+    from persona.llamacpp_decoder import interrupt
+
     def handler(signum, frame):
         if served.info.state == "starting" or served.stopping.is_set() and not finish:
             served.stop()
-            raise KeyboardInterrupt
+            interrupt(frame)  # raises, or where llama.cpp called back into Python, once it returns
         if not served.stopping.is_set():
             log.info("stopping after the batch in hand%s", "" if finish else " (Ctrl-C again to stop at once)")
         served.stop()
