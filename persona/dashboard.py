@@ -4,13 +4,18 @@ Live figures come from one JSON endpoint the page polls; the server samples dept
 latency every few seconds into a bounded history for the charts. Access rules:
 
 - bound to loopback with no token set: reads are open to this machine; a POST (dead-
-  letter retry) must carry the ``X-Persona-Action`` header, which a page on another
+  letter retry or drop) must carry the ``X-Persona-Action`` header, which a page on another
   site cannot send without the browser asking first (so it cannot be forged).
 - a token set (required when bound anywhere else): every route wants it, as
   ``Authorization: Bearer TOKEN`` or ``?token=TOKEN`` (how the page is opened).
 - with no token, a request must name this machine (or the bound address) in its
   ``Host`` header: a site whose name an attacker points at 127.0.0.1 (DNS rebinding)
   is the browser's same origin, but its requests say its own name and are refused.
+
+With Redis out of reach the dashboard keeps answering: the page's figures and actions
+get 503 with the reason (the page shows it), and ``/metrics`` still answers, with
+``persona_redis_up 0`` and nothing else, as an exporter does when what it watches is
+down (a failed scrape would read as the dashboard being down).
 """
 
 from __future__ import annotations
@@ -40,20 +45,21 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from persona.checkpoints import BASE_VERSION, scan_checkpoints
 from persona.dashboard_page import PAGE_HTML
-from persona.dead_letters import list_dead, retry_all, retry_dead
+from persona.dead_letters import drop_dead, list_dead, retry_all, retry_dead
 from persona.errors import ConfigError, QueueBusy
 from persona.monitoring import QueueStats, collect_stats
 from persona.personas import PersonaRegistry
 from persona.settings import Settings
 from persona.telemetry import read_histogram
 
-__all__ = ["QueueCollector", "bind", "check_binding", "create_app", "is_loopback", "serve"]
+__all__ = ["QueueCollector", "RedisWatch", "bind", "check_binding", "create_app", "is_loopback", "serve"]
 
 log = logging.getLogger(__name__)
 
 SAMPLE_EVERY_S = 2.0
 HISTORY_POINTS = 900  # 30 minutes at one point every two seconds
 ACTION_HEADER = "x-persona-action"
+BYTES_PER_MB = 1024 * 1024  # a heartbeat's memory_mb is ru_maxrss (KiB) / 1024
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1", "[::1]")
 
 
@@ -93,25 +99,60 @@ def _allowed_hosts(settings: Settings, host: str) -> list[str]:
     return sorted(hosts)
 
 
+class RedisWatch:
+    """Whether the dashboard could read Redis last time; says so in the log once per change
+    (the page asks every two seconds and Prometheus scrapes too: one line, not a traceback each)."""
+
+    def __init__(self) -> None:
+        self.reachable = True
+
+    def failed(self, exc: redis.exceptions.RedisError) -> str:
+        """Note a failure; the sentence the page and the log show."""
+        said = f"the dashboard cannot read the queue from Redis ({str(exc).rstrip('.')}); is Redis running? " \
+               "`persona up` starts it; `persona queue stats` checks"
+        if self.reachable:
+            log.warning("%s", said)
+        self.reachable = False
+        return said
+
+    def read(self) -> None:
+        """Note a success."""
+        if not self.reachable:
+            log.info("the dashboard reads Redis again")
+        self.reachable = True
+
+
 class QueueCollector:
     """Prometheus figures read from Redis at each scrape, so every worker's work counts."""
 
-    def __init__(self, client: redis.Redis) -> None:
+    def __init__(self, client: redis.Redis, watch: RedisWatch | None = None) -> None:
         self.redis = client
+        self.watch = watch or RedisWatch()
 
     def collect(self) -> Iterator[Metric]:
-        """Yield every metric family."""
+        """Yield every metric family; with Redis out of reach, only ``persona_redis_up 0``."""
+        try:
+            families, up = self._families(), 1
+        except redis.exceptions.RedisError as exc:
+            self.watch.failed(exc)
+            families, up = [], 0
+        else:
+            self.watch.read()
+        yield GaugeMetricFamily("persona_redis_up", "1 if the dashboard could read Redis at this scrape", value=up)
+        yield from families
+
+    def _families(self) -> list[Metric]:
+        """Every family, read whole before any is yielded: Redis failing half way yields none."""
         stats = collect_stats(self.redis)
-        yield from _queue_families(stats)
-        yield from _reply_families(stats)
-        yield from _worker_families(stats)
+        families = [*_queue_families(stats), *_reply_families(stats), *_worker_families(stats)]
         for name, help_text in (
             ("queue_wait_seconds", "Time requests waited in the queue (failed ones too, where measured)"),
             ("generate_seconds", "Time the batch that answered a request took to generate"),
             ("batch_size", "Requests generated together"),
         ):
             buckets, total, _ = read_histogram(self.redis, name)
-            yield HistogramMetricFamily(f"persona_{name}", help_text, buckets=buckets, sum_value=total)
+            families.append(HistogramMetricFamily(f"persona_{name}", help_text, buckets=buckets, sum_value=total))
+        return families
 
 
 def _queue_families(stats: QueueStats) -> Iterator[Metric]:
@@ -148,11 +189,14 @@ def _reply_families(stats: QueueStats) -> Iterator[Metric]:
 
 def _worker_families(stats: QueueStats) -> Iterator[Metric]:
     up = GaugeMetricFamily("persona_worker_up", "1 for each worker with a live heartbeat", labels=["worker", "host", "device"])
-    memory = GaugeMetricFamily("persona_worker_memory_megabytes", "Peak resident memory of each worker", labels=["worker"])
+    # In bytes, Prometheus's base unit (it was megabytes, which no byte-formatting panel reads right).
+    memory = GaugeMetricFamily(
+        "persona_worker_peak_resident_memory_bytes", "Peak resident memory of each worker", labels=["worker"]
+    )
     loaded = GaugeMetricFamily("persona_worker_persona_version", "1 for each persona version a worker serves", labels=["worker", "persona", "version"])
     for w in stats.workers:
         up.add_metric([w.id, w.host, w.device], 1)
-        memory.add_metric([w.id], w.memory_mb)
+        memory.add_metric([w.id], w.memory_mb * BYTES_PER_MB)
         for persona, version in sorted(w.personas.items()):
             loaded.add_metric([w.id, persona, version], 1)
     yield from (up, memory, loaded)
@@ -185,13 +229,15 @@ def create_app(settings: Settings, client: redis.Redis, host: str | None = None)
     """The dashboard app, reading from ``client``, served on ``host`` (default: the setting)."""
     history: deque[dict] = deque(maxlen=HISTORY_POINTS)
     token = settings.dashboard.token.get_secret_value() if _has_token(settings) else None
+    watch = RedisWatch()
 
     async def sampler() -> None:
         while True:
             try:
                 history.append(_sample(await asyncio.to_thread(collect_stats, client)))
+                watch.read()
             except redis.exceptions.RedisError as exc:
-                log.warning("dashboard could not read the queue: %s", exc)
+                watch.failed(exc)
             await asyncio.sleep(SAMPLE_EVERY_S)
 
     @contextlib.asynccontextmanager
@@ -217,8 +263,13 @@ def create_app(settings: Settings, client: redis.Redis, host: str | None = None)
     app = FastAPI(title="persona dashboard", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=_allowed_hosts(settings, host or settings.dashboard.host))
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(QueueCollector(client))
+    registry.register(QueueCollector(client, watch))
     guard = [Depends(authorized)]
+
+    @app.exception_handler(redis.exceptions.RedisError)
+    def redis_down(_: Request, exc: redis.exceptions.RedisError) -> JSONResponse:
+        # 503, not a bare 500 the page read as "cannot reach the dashboard".
+        return JSONResponse({"detail": watch.failed(exc)}, status_code=503)
 
     @app.get("/", response_class=HTMLResponse, dependencies=guard)
     def page() -> str:
@@ -227,6 +278,7 @@ def create_app(settings: Settings, client: redis.Redis, host: str | None = None)
     @app.get("/api/stats", dependencies=guard)
     def stats() -> JSONResponse:
         figures = collect_stats(client)
+        watch.read()
         if not history or time.time() - history[-1]["t"] >= 1.0:
             history.append(_sample(figures))
         return JSONResponse({
@@ -250,6 +302,12 @@ def create_app(settings: Settings, client: redis.Redis, host: str | None = None)
         if new_id is None:
             raise HTTPException(404, f"no dead letter {entry_id}")
         return {"requeued": [entry_id]}
+
+    @app.post("/api/dead/{entry_id}/drop", dependencies=guard)
+    def drop_one(entry_id: str) -> dict:
+        if not drop_dead(client, [entry_id]):
+            raise HTTPException(404, f"no dead letter {entry_id}")
+        return {"dropped": [entry_id]}
 
     @app.post("/api/dead/retry-all", dependencies=guard)
     def retry_every() -> dict:

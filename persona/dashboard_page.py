@@ -73,7 +73,7 @@ async function act(url){
   const body = await r.json().catch(() => ({}));
   await refresh();  // first: a refresh clears the line below
   const full = Object.entries(body.full || {}).map(([k, v]) => v + ' for ' + k + ', which is full').join(', ');
-  const note = !r.ok ? 'retry failed: ' + (body.detail || r.status)
+  const note = !r.ok ? 'failed: ' + (body.detail || r.status)
     : body.left ? body.left + ' left: ' + [full, body.unreadable ? body.unreadable + ' unreadable' : ''].filter(Boolean).join(', ') : '';
   if (note) document.getElementById('error').textContent = note;
 }
@@ -99,8 +99,13 @@ function render(data){
   rows('personas', data.personas, p => [esc(p.name), '<b>' + esc(p.active) + '</b>', esc(p.versions.join(', ') || '-'),
        '#' + Object.entries(s.version_replies).filter(([k]) => k.split('@')[0] === p.name).map(([k, v]) => k.split('@')[1] + ': ' + v).join(', ')]);
   rows('dead', data.dead, d => ['<span title="' + esc(d.request_id) + '">' + esc((d.request_id || '(malformed)').slice(0, 12)) + '</span>', esc(d.persona), '#' + d.deliveries, esc(d.reason),
-       d.request_id ? '<button data-id="' + esc(d.id) + '">retry</button>' : '']);
-  document.querySelectorAll('#dead button').forEach(b => b.onclick = () => act('api/dead/' + b.dataset.id + '/retry'));
+       (d.request_id ? '<button data-id="' + esc(d.id) + '" data-do="retry">retry</button> ' : '') +
+       '<button data-id="' + esc(d.id) + '" data-do="drop">drop</button>']);
+  document.querySelectorAll('#dead button').forEach(b => b.onclick = () => {
+    // Dropping deletes the request for good: asked first, as `persona queue drop` does for many.
+    if (b.dataset.do === 'drop' && !confirm('Delete dead letter ' + b.dataset.id + ' for good?')) return;
+    act('api/dead/' + b.dataset.id + '/' + b.dataset.do);
+  });
   rows('stuck', s.stuck, x => [esc(x.request_id), esc(x.worker), '#' + x.held_s + 's', esc(x.reason)]);
   const names = s.streams.map(x => x.name);
   chart('depth-chart', names.map((n, i) => ({color: colors[i % 4], points: data.history.map(h => h.depth[n] || 0)})));
@@ -112,7 +117,11 @@ function render(data){
 async function refresh(){
   try {
     const r = await fetch('api/stats', {headers});
-    if (!r.ok) throw new Error('HTTP ' + r.status);
+    if (!r.ok) {  // the dashboard answered: say what it said (Redis down, a wrong token)
+      const body = await r.json().catch(() => ({}));
+      document.getElementById('error').textContent = body.detail || ('the dashboard answered HTTP ' + r.status);
+      return;
+    }
     render(await r.json());
     document.getElementById('error').textContent = '';
   } catch (e) { document.getElementById('error').textContent = 'cannot reach the dashboard: ' + e.message; }

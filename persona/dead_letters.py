@@ -1,4 +1,4 @@
-"""Requests set aside after too many failed deliveries: list them, and put them back.
+"""Requests set aside after too many failed deliveries: list them, put them back, or drop them.
 
 A retried request keeps its id and arguments (persona, messages, sampling, priority);
 it gets a fresh deadline of the same length, and its "answered" mark and old error
@@ -8,6 +8,10 @@ and its new answer will be counted off. One script moves it, so two operators
 retrying at once re-queue it once. Given the queue's ``max_length``, a retry waits for room as
 callers do: a stream that is full refuses it (``QueueBusy``); ``retry_all`` leaves the
 letters bound for that stream and goes on with the others.
+
+A letter that holds no readable request can never be retried, and one that crashes
+every worker should not be: ``drop_dead`` deletes letters for good (their callers were
+answered when they were set aside), counted as ``dropped``.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from persona.contract import GenerationRequest
 from persona.errors import QueueBusy
 from persona.queue_scripts import REDIS_NOW
 
-__all__ = ["DeadLetter", "RetryReport", "list_dead", "retry_all", "retry_dead"]
+__all__ = ["DeadLetter", "RetryReport", "drop_dead", "find_dead", "list_dead", "retry_all", "retry_dead", "unreadable_ids"]
 
 # A stream entry id as `persona queue dead` lists it: milliseconds-sequence.
 ENTRY_ID = re.compile(r"\d+-\d+")
@@ -46,6 +50,15 @@ end
 if ARGV[3] == '' then return redis.call('XADD', KEYS[2], '*', 'r', ARGV[2]) end
 return redis.call('XADD', KEYS[2], '*', 'r', ARGV[2], 'd', string.format('%.3f', now + tonumber(ARGV[3])))
 """
+
+
+# Delete the named letters still there, and count how many went.
+DROP_SCRIPT = """
+local dropped = redis.call('XDEL', KEYS[1], unpack(ARGV))
+if dropped > 0 then redis.call('HINCRBY', KEYS[2], 'dropped', dropped) end
+return dropped
+"""
+DROP_BATCH = 500
 
 
 class DeadLetter(BaseModel):
@@ -98,6 +111,33 @@ def list_dead(client: redis.Redis, count: int = 100) -> list[DeadLetter]:
     return [_parse(i, f) for i, f in client.xrevrange(keys.STREAM_DEAD, count=count)]
 
 
+def find_dead(client: redis.Redis, entry_id: str) -> DeadLetter | None:
+    """One dead letter by its id; None if there is none (gone, or not an id at all: a typo)."""
+    if not ENTRY_ID.fullmatch(entry_id):
+        return None
+    rows = client.xrange(keys.STREAM_DEAD, min=entry_id, max=entry_id)
+    return _parse(*rows[0]) if rows else None
+
+
+def drop_dead(client: redis.Redis, entry_ids: list[str]) -> int:
+    """Delete these dead letters for good; how many there were to delete (ids that are
+    gone, or not ids at all, count for nothing)."""
+    ids = [i for i in entry_ids if ENTRY_ID.fullmatch(i)]
+    dropped = 0
+    for start in range(0, len(ids), DROP_BATCH):
+        dropped += int(client.eval(DROP_SCRIPT, 2, keys.STREAM_DEAD, keys.STATS_KEY, *ids[start : start + DROP_BATCH]))
+    return dropped
+
+
+def unreadable_ids(client: redis.Redis, page: int = 500) -> list[str]:
+    """Every dead letter that holds no readable request, newest first: none can be retried."""
+    found, before = [], "+"
+    while rows := client.xrevrange(keys.STREAM_DEAD, max=before, count=page):
+        found += [letter.id for letter in (_parse(i, f) for i, f in rows) if not letter.request_id]
+        before = "(" + _text(rows[-1][0])
+    return found
+
+
 def retry_dead(client: redis.Redis, entry_id: str, max_length: int | None = None) -> str | None:
     """Re-queue one dead letter with its original arguments; the new entry id, or None if
     there is no such dead letter (gone, or not an id at all: a typo).
@@ -106,12 +146,9 @@ def retry_dead(client: redis.Redis, entry_id: str, max_length: int | None = None
     ``QueueBusy`` and the letter stays: `retry --all` of a day's dead letters used to
     push thousands past the limit, and every caller then heard "busy" until they drained.
     """
-    if not ENTRY_ID.fullmatch(entry_id):
+    letter = find_dead(client, entry_id)
+    if letter is None:
         return None
-    rows = client.xrange(keys.STREAM_DEAD, min=entry_id, max=entry_id)
-    if not rows:
-        return None
-    letter = _parse(*rows[0])
     request = GenerationRequest.from_json(letter.payload)  # ValueError: nothing to re-queue
     allowed = (request.deadline - request.created_at) if request.deadline else 0.0
     now = time.time()

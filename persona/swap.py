@@ -54,6 +54,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 POLL_S = 0.1
+SWAP_LOG_SCAN = 1000  # the swap log's cap (COMMIT_SCRIPT's MAXLEN)
 
 # Flip the active version only if the proposal is still the open one, the persona still
 # serves what the proposal was made from (and a rollback still returns to the newest
@@ -183,10 +184,15 @@ def cast_vote(client: redis.Redis, proposal_id: str, vote: Vote) -> None:
     pipe.execute()
 
 
-def swap_log(client: redis.Redis, count: int = 100) -> list[dict[str, str]]:
-    """The latest committed swaps, newest first, each with the time it took effect."""
-    rows = client.xrevrange(keys.SWAP_LOG_STREAM, count=count)
-    return [{_text(k): _text(v) for k, v in fields.items()} for _, fields in rows]
+def swap_log(client: redis.Redis, count: int = 100, persona: str | None = None) -> list[dict[str, str]]:
+    """The latest committed swaps (of one persona, if named), newest first, each with the
+    time it took effect."""
+    if persona is None:
+        rows = client.xrevrange(keys.SWAP_LOG_STREAM, count=count)
+        return [{_text(k): _text(v) for k, v in fields.items()} for _, fields in rows]
+    # One log for every persona, capped at about a thousand swaps: read it all, keep this one's.
+    everyone = swap_log(client, count=SWAP_LOG_SCAN)
+    return [entry for entry in everyone if entry.get("persona") == persona][:count]
 
 
 def propose(client: redis.Redis, proposal: SwapProposal) -> None:

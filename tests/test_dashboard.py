@@ -33,16 +33,16 @@ CHROMIUM = Path("/usr/bin/chromium")
 
 @pytest.fixture
 def dashboard(settings, redis_url):
-    """Start the real app under uvicorn in a thread: dashboard(token=None, host=...) -> base URL."""
+    """Start the real app under uvicorn in a thread: dashboard(token=None, host=..., url=...) -> base URL."""
     import uvicorn
 
     servers: list[tuple[uvicorn.Server, threading.Thread]] = []
 
-    def start(token: str | None = None, host: str = "127.0.0.1") -> str:
+    def start(token: str | None = None, host: str = "127.0.0.1", url: str = redis_url) -> str:
         settings.dashboard.token = SecretStr(token) if token else None
         check_binding(settings, host)
         port = free_port()
-        app = create_app(settings, redis.Redis.from_url(redis_url))
+        app = create_app(settings, redis.Redis.from_url(url))
         server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
         thread = threading.Thread(target=server.run, daemon=True)
         thread.start()
@@ -109,6 +109,26 @@ def test_a_retry_from_the_page_waits_for_room_as_callers_do(settings, redis_clie
     report = httpx.post(f"{base}/api/dead/retry-all", headers=action).json()
     assert report == {"requeued": [], "full": {"persona:q:chat": 1}, "unreadable": 0, "left": 1}
     assert redis_client.xlen("persona:q:chat") == 3 and redis_client.xlen("persona:q:dead") == 1
+
+
+def test_a_dead_letter_that_cannot_be_retried_can_be_dropped_from_the_page(settings, redis_client, dashboard, tmp_path):
+    """A letter holding no readable request had no button at all: it stayed on the page,
+    and in the dead-letter count, for ever."""
+    fill_queue(settings, redis_client, waiting=0)
+    bad = redis_client.xadd(keys.STREAM_DEAD, {"r": b"not json", "reason": "malformed", "deliveries": 1}).decode()
+    base = dashboard()
+    action = {"X-Persona-Action": "1"}
+    assert httpx.post(f"{base}/api/dead/{bad}/drop").status_code == 403  # what another site's page could send
+    dropped = httpx.post(f"{base}/api/dead/{bad}/drop", headers=action)
+    assert dropped.status_code == 200 and dropped.json() == {"dropped": [bad]}
+    assert httpx.post(f"{base}/api/dead/{bad}/drop", headers=action).status_code == 404
+    data = httpx.get(f"{base}/api/stats").json()
+    assert data["stats"]["dead_letters"] == 1 and [d["reason"] for d in data["dead"]] == ["it crashed the worker"]
+    if CHROMIUM.exists():  # the page offers it: one drop button per letter
+        flags = [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000"]
+        dom = subprocess.run([*flags, "--dump-dom", base], capture_output=True, check=False, text=True, timeout=120)
+        assert 'data-do="drop">drop</button>' in dom.stdout, dom.stderr[-2000:]
 
 
 def test_a_damaged_checkpoint_folder_leaves_the_figures_and_the_other_versions_shown(
@@ -197,6 +217,30 @@ def test_metrics_parse_with_the_prometheus_parser(settings, redis_client, dashbo
     assert samples[("persona_generate_seconds_bucket", (("le", "0.25"),))] == 0
     assert samples[("persona_generate_seconds_bucket", (("le", "0.5"),))] == 9
     assert samples[("persona_batch_size_count", ())] == 1
+    assert samples[("persona_redis_up", ())] == 1
+    assert samples[("persona_worker_peak_resident_memory_bytes", (("worker", "w-1"),))] == 321 * 1024 * 1024
+    # Prometheus's naming rules: base units (seconds, bytes), never ms or megabytes.
+    unit_words = {"ms", "milliseconds", "mb", "megabytes", "kb", "kilobytes", "minutes", "hours"}
+    assert not [name for name in families if unit_words & set(name.split("_"))]
+
+
+def test_with_redis_out_of_reach_the_page_and_metrics_say_so(settings, dashboard, caplog):
+    """Every figure and action answered a bare 500 (the page then said "cannot reach the
+    dashboard", which was up), each with a traceback in the log, and /metrics failed the
+    scrape, which Prometheus reads as the dashboard being down, not Redis."""
+    base = dashboard(url=f"redis://127.0.0.1:{free_port()}/0")  # nothing listens there
+    for _ in range(2):
+        figures = httpx.get(f"{base}/api/stats", timeout=60)
+        assert figures.status_code == 503 and "cannot read the queue from Redis" in figures.json()["detail"]
+    retried = httpx.post(f"{base}/api/dead/1-1/retry", headers={"X-Persona-Action": "1"}, timeout=60)
+    assert retried.status_code == 503 and "Redis" in retried.json()["detail"]
+    scraped = httpx.get(f"{base}/metrics", timeout=60)
+    assert scraped.status_code == 200
+    samples = {s.name: s.value for f in text_string_to_metric_families(scraped.text) for s in f.samples}
+    assert samples == {"persona_redis_up": 0}
+    said = [r for r in caplog.records if r.name == "persona.dashboard"]
+    assert len(said) == 1 and "cannot read the queue from Redis" in said[0].getMessage()
+    assert not [r for r in caplog.records if r.exc_info]
 
 
 def test_persona_dashboard_command_serves_and_up_includes_it(settings, redis_url, redis_client):

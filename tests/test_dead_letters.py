@@ -174,3 +174,38 @@ def test_a_retried_letter_counts_again_in_its_senders_fair_share(settings, redis
     [second] = [job for job in jobs if job.request.id == waiting.id]
     work.deliver([(second, GenerationReply(id=waiting.id, ok=True, text="done"))], "w")
     assert int(redis_client.get(pending)) == 0
+
+
+def test_a_dead_letter_can_be_shown_whole_and_dropped_for_good(settings, redis_client, redis_url):
+    """A letter holding no readable request could be neither retried nor removed: it sat in
+    `persona queue dead` (and the dead-letter gauge) for ever, and `retry` answered with
+    pydantic's three-line error and no next step."""
+    sent = dead_letter(settings, redis_client, chat(text="come back [soon]", user="telegram:42", source="telegram"))
+    bad = redis_client.xadd("persona:q:dead", {"r": b"not json", "reason": "malformed", "deliveries": 1}).decode()
+    [_, good] = list_dead(redis_client)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PERSONA_")}
+    env |= {"PERSONA_DATA_DIR": str(settings.data_dir), "PERSONA_REDIS_URL": redis_url, "COLUMNS": "200"}
+
+    def persona(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "persona", "queue", *args], env=env, capture_output=True,
+                              check=False, text=True, timeout=120)
+
+    refused = persona("retry", bad)
+    assert refused.returncode == 1 and f"persona queue drop {bad}" in refused.stderr
+    assert "Invalid JSON" in refused.stderr and "errors.pydantic.dev" not in refused.stderr
+    shown = persona("show", bad)
+    assert shown.returncode == 0 and "not json" in shown.stdout and f"persona queue drop {bad}" in shown.stdout
+    shown = persona("show", good.id)
+    assert shown.returncode == 0, shown.stderr
+    assert all(part in shown.stdout for part in (sent.id, "come back [soon]", "telegram:42", "it crashed the worker"))
+    assert json.loads(persona("show", good.id, "--json").stdout)["request_id"] == sent.id
+    assert persona("show", "1-1").returncode == 1
+
+    dropped = persona("drop", "--unreadable", "--yes")
+    assert dropped.returncode == 0 and "dropped 1 dead letter" in dropped.stdout
+    assert list_dead(redis_client) == [good]
+    typo = persona("drop", good.id, "1-1")  # one unknown id: nothing dropped
+    assert typo.returncode == 1 and "no dead letter 1-1; nothing dropped" in typo.stderr
+    assert list_dead(redis_client) == [good]
+    assert persona("drop", good.id).returncode == 0
+    assert list_dead(redis_client) == [] and int(redis_client.hget(keys.STATS_KEY, "dropped")) == 2

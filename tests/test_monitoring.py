@@ -233,6 +233,46 @@ def test_queue_stats_and_watch_commands(settings, redis_url, redis_client):
     assert watching.returncode == 0 and "persona:q:chat" in out and "generation" in out
 
 
+def test_watch_says_redis_is_out_of_reach_and_goes_on_when_it_is_back(settings, tmp_path):
+    """`persona queue watch` ended at the first failed read: a Redis restart, just when
+    the operator was watching to see the service come back, left them at a shell prompt."""
+    import signal
+
+    server = EmbeddedRedis(tmp_path / "restarting")
+    url = server.start()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PERSONA_")}
+    # As in a terminal (rich draws a live display's frames only there), Ctrl-C included.
+    env |= {"PERSONA_DATA_DIR": str(settings.data_dir), "PERSONA_REDIS_URL": url, "COLUMNS": "200", "TTY_COMPATIBLE": "1"}
+    ctrl_c_restored = "import signal; signal.signal(signal.SIGINT, signal.default_int_handler); import runpy; runpy.run_module('persona', run_name='__main__')"
+    shown = tmp_path / "watch.out"
+    with shown.open("w") as out:
+        watching = subprocess.Popen([sys.executable, "-c", ctrl_c_restored, "queue", "watch", "--interval", "0.3"],
+                                    env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
+
+    def wait_for(text: str, after: int = 0) -> int:
+        deadline = time.time() + 90
+        while (at := shown.read_text().find(text, after)) < 0:
+            assert watching.poll() is None, shown.read_text()[-2000:]
+            assert time.time() < deadline, shown.read_text()[-2000:]
+            time.sleep(0.2)
+        return at
+
+    try:
+        wait_for("persona:q:chat")
+        server.stop()
+        lost = wait_for("cannot read the queue since")
+        assert "still trying" in shown.read_text()
+        server.start()
+        wait_for("persona:q:chat", after=lost)  # back: the figures again
+        watching.send_signal(signal.SIGINT)
+        watching.wait(timeout=30)
+        assert watching.returncode == 0 and "Traceback" not in shown.read_text()
+    finally:
+        if watching.poll() is None:
+            watching.kill()
+        server.stop()
+
+
 def test_live_workers_are_found_by_their_index_and_leave_it_when_silent(redis_client):
     """A lapsed heartbeat or a withdrawn worker is not live; finding them scans nothing."""
     redis_client.flushall()

@@ -329,6 +329,42 @@ def test_checkpoints_lists_the_readable_versions_and_names_a_damaged_one(setting
     assert str(damaged) in problem and "checkpoint.json" in problem
 
 
+def test_checkpoints_says_what_a_rollback_returns_to_and_the_latest_swaps(
+    settings, redis_url, redis_client, tiny, write_persona, personas_dir
+):
+    """The swap log and the rollback history were kept but shown nowhere: an operator could
+    not tell what `persona rollback` would return to, or when the version serving now
+    went live, until they had rolled back."""
+    make_checkpoint(settings, Path(tiny.model.base), "tiny", seed=1)
+    make_checkpoint(settings, Path(tiny.model.base), "tiny", seed=2)
+    for target in ("v1", "v2"):  # no worker runs: nothing to ask
+        assert swaps.swap_persona(redis_client, tiny, target, timeout_s=10).committed
+    back = swaps.rollback_target(redis_client, "tiny")
+    assert swaps.swap_persona(redis_client, tiny, back, kind="rollback", timeout_s=10).committed
+    write_persona("other", base=tiny.model.base)
+    other = PersonaRegistry.from_settings(settings).get("other")
+    assert swaps.swap_persona(redis_client, other, "v9", timeout_s=10).committed  # another persona's: not listed
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PERSONA_")}
+    env |= {"PERSONA_DATA_DIR": str(settings.data_dir), "PERSONA_REDIS_URL": redis_url,
+            "PERSONA_PERSONAS_DIRS": json.dumps([str(personas_dir)]), "COLUMNS": "200"}
+
+    def persona(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "persona", *args], env=env, capture_output=True, check=False, text=True, timeout=120)
+
+    table = persona("checkpoints", "tiny")
+    assert table.returncode == 0, table.stderr
+    assert "`persona rollback tiny` returns to base" in table.stdout
+    shown = [line.split()[2:] for line in table.stdout.split("latest swaps, newest first:")[1].splitlines() if line.strip()]
+    assert shown == [["rollback", "v2", "->", "v1"], ["swap", "v1", "->", "v2"], ["swap", "base", "->", "v1"]]
+    data = json.loads(persona("checkpoints", "tiny", "--json").stdout)
+    assert data["rollback_to"] == "base" and [e["version"] for e in data["swaps"]] == ["v1", "v2", "v1"]
+    assert all(isinstance(e["at"], float) and e["at"] > 0 for e in data["swaps"])
+    assert len(json.loads(persona("checkpoints", "tiny", "--json", "--history", "1").stdout)["swaps"]) == 1
+    assert [e["version"] for e in json.loads(persona("checkpoints", "other", "--json").stdout)["swaps"]] == ["v9"]
+    redis_client.delete(keys.version_history_key("tiny"))  # rolled back as far as it goes
+    assert "rollback: nothing to return to" in persona("checkpoints", "tiny").stdout
+
+
 def make_lora(settings, model_dir: Path, persona: str, recorded_base: Path, targets: list[str]) -> CheckpointInfo:
     """Register a small peft LoRA adapter trained (here: perturbed) on ``model_dir``."""
     import torch

@@ -100,16 +100,37 @@ def _report(outcome: swaps.SwapOutcome, json_output: bool, started: float) -> No
         )
 
 
+def _print_history(persona: str, rollback_to: str | None, history: list[dict[str, str]]) -> None:
+    """What a rollback returns to, and the latest swaps, newest first."""
+    if rollback_to is None:
+        console.print(f"rollback: nothing to return to ({persona} was never swapped, or was rolled back as far as it goes)")
+    else:
+        console.print(f"rollback: `persona rollback {persona}` returns to {escape(rollback_to)}", highlight=False)
+    if history:
+        console.print("latest swaps, newest first:")
+    for entry in history:
+        at = float(entry.get("at") or 0)
+        when = dt.datetime.fromtimestamp(at).strftime("%Y-%m-%d %H:%M:%S") if at else "-"
+        change = f"{entry.get('previous') or '?'} -> {entry.get('version', '?')}"
+        console.print(f"  {when}  {entry.get('kind', 'swap'):<8}  {escape(change)}", highlight=False)
+
+
 @friendly_errors
 def checkpoints(
     persona_name: str = typer.Argument(..., metavar="PERSONA", help="the persona's name"),
+    history: int = typer.Option(5, min=0, help="show this many of the persona's latest swaps and rollbacks"),
     json_output: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
-    """The checkpoint versions of a persona: date, kind, metrics, and which one is active."""
+    """The checkpoint versions of a persona: date, kind, metrics, which one is active, what a
+    rollback returns to, and the latest swaps."""
     settings = get_settings()
     persona = PersonaRegistry.from_settings(settings).get(persona_name)
     found, unreadable = scan_checkpoints(settings.checkpoints_dir, persona.name)
-    active = current_version(connect(settings), persona)
+    client = connect(settings)
+    active = current_version(client, persona)
+    earlier = swaps.version_history(client, persona.name)
+    rollback_to = earlier[0] if earlier else None
+    latest = swaps.swap_log(client, count=history, persona=persona.name) if history else []
     # A version swapped to by its folder's path (as swaps made before the path was read
     # as the version were stored) is that version all the same.
     as_folder = Path(active).resolve() if Path(active).is_absolute() else None
@@ -120,7 +141,8 @@ def checkpoints(
     if json_output:
         rows = [dict(c.model_dump(mode="json"), active=is_active(c)) for c in found]
         print(json.dumps({"persona": persona.name, "active": active, "versions": rows,
-                          "unreadable": [str(p) for p in unreadable]}))
+                          "unreadable": [str(p) for p in unreadable], "rollback_to": rollback_to,
+                          "swaps": [dict(e, at=float(e.get("at") or 0)) for e in latest]}))
         return
     table = Table(title=f"{persona.name}: checkpoints (active: {active})", header_style="bold")
     for column in ("", "version", "created", "kind", "base", "metrics"):
@@ -143,6 +165,7 @@ def checkpoints(
             console.print(f"active: {escape(active)} (a folder outside the versioned checkpoints)", highlight=False)
     for problem in unreadable:
         console.print(f"[yellow]not listed:[/yellow] {escape(str(problem))}; fix or remove that folder", highlight=False)
+    _print_history(persona.name, rollback_to, latest)
 
 
 @friendly_errors

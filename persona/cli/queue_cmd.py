@@ -3,27 +3,49 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import time
+from typing import Annotated
 
+import redis
 import typer
+from pydantic import ValidationError
 from rich.console import Group
 from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from persona import constants as keys
-from persona.cli.common import console, friendly_errors, get_settings
+from persona.cli.common import (
+    console,
+    explain_redis_error,
+    friendly_errors,
+    get_settings,
+)
 from persona.connection import connect
-from persona.dead_letters import list_dead, retry_all, retry_dead
+from persona.contract import GenerationRequest
+from persona.dead_letters import (
+    DeadLetter,
+    drop_dead,
+    find_dead,
+    list_dead,
+    retry_all,
+    retry_dead,
+    unreadable_ids,
+)
 from persona.errors import QueueError
 from persona.monitoring import QueueStats, collect_stats
 from persona.telemetry import THROUGHPUT_WINDOW_S
 
 __all__ = [
-    "dead", "register", "render_all", "render_latency", "render_stats", "render_stuck", "render_workers", "retry", "stats", "watch",
+    "dead", "drop", "register", "render_all", "render_latency", "render_stats", "render_stuck", "render_workers", "retry",
+    "show", "stats", "watch",
 ]
 
-queue_app = typer.Typer(help="Watch the queue and handle dead letters.", no_args_is_help=True)
+MAX_PROBLEMS_SHOWN = 3
+
+queue_app = typer.Typer(help="Watch the queue and handle dead letters (list, show, retry, drop).", no_args_is_help=True)
 
 
 def render_stats(stats: QueueStats) -> Table:
@@ -115,16 +137,32 @@ def stats(json_output: bool = typer.Option(False, "--json", help="print one JSON
     console.print(render_all(figures))
 
 
+def _frame(client: redis.Redis, lost_since: float | None) -> tuple[Group | Text, float | None]:
+    """One frame of `watch`, and since when Redis could not be read (None: it could):
+    the figures, or why they cannot be read and since when."""
+    try:
+        return render_all(collect_stats(client)), None
+    except redis.exceptions.RedisError as exc:
+        lost_since = lost_since or time.time()
+        since = dt.datetime.fromtimestamp(lost_since).strftime("%H:%M:%S")
+        said = f"{explain_redis_error(exc)}\n(cannot read the queue since {since}; still trying: Ctrl-C stops)"
+        return Text(said, style="red"), lost_since
+
+
 @queue_app.command()
 @friendly_errors
 def watch(interval: float = typer.Option(1.0, min=0.2, help="seconds between refreshes")) -> None:
-    """The same figures as `stats`, refreshed live until Ctrl-C."""
+    """The same figures as `stats`, refreshed live until Ctrl-C (through a Redis restart too)."""
     client = connect(get_settings())
+    lost_since = None
     try:
         with Live(render_all(collect_stats(client)), console=console, screen=False, auto_refresh=False) as live:
             while True:
                 time.sleep(interval)
-                live.update(render_all(collect_stats(client)), refresh=True)
+                # A restarting Redis is said on screen and waited for: the watch used to end
+                # there, just when the operator most wanted to see it come back.
+                frame, lost_since = _frame(client, lost_since)
+                live.update(frame, refresh=True)
     except KeyboardInterrupt:
         pass
 
@@ -149,7 +187,64 @@ def dead(
         table.add_row(d.id, d.request_id or "(malformed)", d.persona, str(d.deliveries), when, d.reason)
     console.print(table)
     if letters:
-        console.print("re-queue one with [bold]persona queue retry ID[/bold], or all with [bold]--all[/bold]")
+        console.print(
+            "see one whole with [bold]persona queue show ID[/bold]; re-queue one with [bold]persona queue retry ID[/bold] "
+            "(or all with [bold]--all[/bold]); delete one for good with [bold]persona queue drop ID[/bold]"
+        )
+
+
+def _when(at: float) -> str:
+    return dt.datetime.fromtimestamp(at).strftime("%Y-%m-%d %H:%M:%S") if at else "-"
+
+
+def _why_unreadable(letter: DeadLetter) -> str:
+    """The first line of what is wrong with a letter's request (pydantic says much more)."""
+    try:
+        GenerationRequest.from_json(letter.payload)
+    except ValidationError as exc:
+        return "; ".join(
+            f"{'.'.join(map(str, e['loc'])) + ': ' if e['loc'] else ''}{e['msg']}" for e in exc.errors()[:MAX_PROBLEMS_SHOWN]
+        )
+    return ""
+
+
+@queue_app.command()
+@friendly_errors
+def show(
+    entry_id: str = typer.Argument(..., metavar="ID", help="a dead-letter id from `persona queue dead`"),
+    json_output: bool = typer.Option(False, "--json", help="print the letter as one JSON object"),
+) -> None:
+    """One dead letter whole: why it was set aside, who asked, and what it asked."""
+    letter = find_dead(connect(get_settings()), entry_id)
+    if letter is None:
+        raise QueueError(f"no dead letter {entry_id}; see `persona queue dead`")
+    if json_output:
+        print(letter.model_dump_json())
+        return
+    lines = [
+        f"dead letter {letter.id}",
+        f"  set aside  {_when(letter.at)} by worker {letter.worker or '-'} after {letter.deliveries} deliveries: {letter.reason}",
+        f"  bound for  {letter.stream or '-'}",
+    ]
+    if letter.request_id:
+        request = GenerationRequest.from_json(letter.payload)
+        user = f", user {request.user}" if request.user else ""
+        lines.append(
+            f"  request    {request.id} for {request.persona} ({request.mode}, {request.priority.value}, "
+            f"from {request.source}{user}), sent {_when(request.created_at)}"
+        )
+        if request.mode == "complete":
+            lines.append(f"  prefix     {json.dumps(request.prefix, ensure_ascii=False)}")
+        lines += [f"  {m.role:>9}: {m.content}" for m in request.messages]
+        lines.append(f"re-queue it with `persona queue retry {letter.id}`, or delete it with `persona queue drop {letter.id}`")
+    else:
+        lines += [
+            f"  unreadable {_why_unreadable(letter)}",
+            f"  payload    {letter.payload}",
+            f"it cannot be retried; delete it with `persona queue drop {letter.id}`",
+        ]
+    for line in lines:
+        console.print(escape(line), highlight=False)
 
 
 @queue_app.command()
@@ -168,8 +263,13 @@ def retry(
     if entry_id:
         try:
             new_id = retry_dead(client, entry_id, limit)
-        except ValueError as exc:
-            raise QueueError(f"dead letter {entry_id} holds no readable request, so it cannot be retried: {exc}") from exc
+        except ValueError:
+            letter = find_dead(client, entry_id)
+            why = _why_unreadable(letter) if letter else "gone meanwhile"
+            raise QueueError(
+                f"dead letter {entry_id} holds no readable request ({why}), so it cannot be retried; "
+                f"see it with `persona queue show {entry_id}`, delete it with `persona queue drop {entry_id}`"
+            ) from None
         if new_id is None:
             raise QueueError(f"no dead letter {entry_id}; see `persona queue dead`")
         console.print(f"re-queued {entry_id}")
@@ -190,7 +290,46 @@ def retry(
             "run this again once it has drained (see `persona queue stats`)"
         )
     if report.unreadable:
-        console.print(f"  {report.unreadable} holding no readable request, which cannot be retried (see `persona queue dead`)")
+        console.print(
+            f"  {report.unreadable} holding no readable request, which cannot be retried (see `persona queue dead`); "
+            "delete them with `persona queue drop --unreadable`"
+        )
+
+
+@queue_app.command()
+@friendly_errors
+def drop(
+    entry_ids: Annotated[list[str] | None, typer.Argument(metavar="ID", help="dead-letter ids from `persona queue dead`")] = None,
+    all_: bool = typer.Option(False, "--all", help="delete every dead letter"),
+    unreadable: bool = typer.Option(False, "--unreadable", help="delete every dead letter that holds no readable request"),
+    yes: bool = typer.Option(False, "--yes", "-y", help="do not ask for confirmation with --all or --unreadable"),
+) -> None:
+    """Delete dead letters for good (one that can never be retried, or should not be).
+
+    Their askers were told when the requests were set aside; nothing else refers to them.
+    """
+    client = connect(get_settings())
+    if sum((bool(entry_ids), all_, unreadable)) != 1:
+        raise QueueError("name dead-letter IDs, or pass --all or --unreadable (see `persona queue dead`)")
+    if entry_ids:
+        missing = [i for i in entry_ids if find_dead(client, i) is None]
+        if missing:  # nothing is dropped: a typo among the ids should not go half done
+            raise QueueError(f"no dead letter {', '.join(missing)}; nothing dropped; see `persona queue dead`")
+        ids = entry_ids
+    elif all_:
+        ids = [_text_id(i) for i, _ in client.xrange(keys.STREAM_DEAD)]
+    else:
+        ids = unreadable_ids(client)
+    if not ids:
+        console.print("no dead letters" if all_ else "no unreadable dead letters")
+        return
+    if not entry_ids and not yes and not typer.confirm(f"delete {len(ids)} dead letter(s) for good?"):
+        raise typer.Exit(1)
+    console.print(f"dropped {drop_dead(client, ids)} dead letter(s)")
+
+
+def _text_id(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def register(app: typer.Typer) -> None:
