@@ -1,7 +1,9 @@
 """The Discord adapter (discord.py): mentions, DMs and replies in, persona replies out.
 
-It answers when mentioned, in a DM (subject to the ``dm_policy``), and when someone
-replies to one of its messages; the reply chain, fetched message by message as llmcord
+It answers when mentioned (or the role Discord made for it, which the mention menu
+offers under the same name), in a DM (subject to the ``dm_policy``), and when someone
+replies to one of its messages; one addressed to it with no text (a picture, a bare
+mention) gets a sentence saying what to write instead of silence; the reply chain, fetched message by message as llmcord
 does, is the conversation. A slash command's answer quotes nothing, so the chain ends
 there; the exchange it answered is kept in Redis under its interaction's id, and the
 chain goes on from that. Elsewhere the conversation is the one kept in Redis. Slash
@@ -35,7 +37,13 @@ from discord import app_commands
 from discord.gateway import DiscordWebSocket
 
 from adapters.access import AccessControl
-from adapters.responder import Responder, Where, connect_with_backoff
+from adapters.responder import (
+    BARE_MENTION_TEXT,
+    Notify,
+    Responder,
+    Where,
+    connect_with_backoff,
+)
 from adapters.splitting import DISCORD_MESSAGE_LIMIT_CHARS, split_message
 from adapters.typing_indicator import keep_typing
 from persona import swap as swaps
@@ -55,6 +63,10 @@ DEFAULT_API_URL = "https://discord.com/api/v10"
 TYPING_REFRESH_S = 8.0  # Discord shows "typing" for 10 s
 MAX_CHAIN_MESSAGES = 24
 OPERATOR_ONLY_TEXT = "This command is for the bot's operators."
+NOT_TEXT_TEXT = (
+    "I can only read text: I can't see pictures or stickers, or open files. "
+    "Please write your message as text."
+)
 # Every live worker loads and checks the new weights before the switch.
 SWAP_TIMEOUT_S = 300.0
 NO_MENTIONS = discord.AllowedMentions.none()
@@ -213,9 +225,18 @@ class PersonaBot(discord.Client):
         except discord.HTTPException:
             return None
 
+    def _mentioned(self, message: discord.Message) -> bool:
+        """Whether the message mentions the bot: its user, or the role Discord made for it in the
+        server, which the mention menu offers under the bot's name and many people pick."""
+        if self.user in message.mentions:
+            return True
+        role = message.guild.self_role if message.guild is not None else None
+        return role is not None and role in message.role_mentions
+
     def _clean(self, message: discord.Message) -> str:
         text = message.content
-        for form in (f"<@{self.user.id}>", f"<@!{self.user.id}>"):
+        role = message.guild.self_role if message.guild is not None else None
+        for form in (f"<@{self.user.id}>", f"<@!{self.user.id}>", *([f"<@&{role.id}>"] if role else [])):
             text = text.replace(form, "")
         return text.strip()
 
@@ -267,7 +288,7 @@ class PersonaBot(discord.Client):
         is_dm = message.guild is None
         parent = await self._parent(message)
         replied_to_bot = parent is not None and parent.author == self.user
-        if not (is_dm or self.user in message.mentions or replied_to_bot):
+        if not (is_dm or self._mentioned(message) or replied_to_bot):
             return
         if not is_dm and not await self._place_allowed(message.guild.id, message.channel):
             return
@@ -277,20 +298,23 @@ class PersonaBot(discord.Client):
                 await self.send_reply(message, decision.reply)
                 return
         text = self._clean(message)
-        if not text:
-            return
         where = Where(chat=str(message.channel.id), user=str(message.author.id))
         admitted, notice = await self.responder.admit(where)
         if not admitted.allowed:
             if notice:
                 await self.send_reply(message, notice)
             return
+        if not text:  # a picture, a sticker, or the mention alone: silence would look like a dead bot
+            await self.send_reply(message, NOT_TEXT_TEXT if message.attachments or message.stickers else BARE_MENTION_TEXT)
+            return
         with self._answering_now():
             # In a DM the conversation kept in Redis is the whole of it; a chain there would end
             # at the replied-to answer (DM answers quote nothing) and forget all before it.
             history = await self.reply_chain(message) if replied_to_bot and not is_dm else None
             async with keep_typing(message.channel.typing, TYPING_REFRESH_S):
-                reply = await self.responder.answer(where, text, history=history)
+                reply = await self.responder.answer(
+                    where, text, history=history, notify=lambda notice: self.send_reply(message, notice)
+                )
             await self.send_reply(message, reply)
 
     async def send_reply(self, message: discord.Message, text: str) -> None:
@@ -317,12 +341,16 @@ class PersonaBot(discord.Client):
         @app_commands.describe(text="what you want to say")
         async def ask(interaction: discord.Interaction, text: str) -> None:
             kept = _kept_name(interaction.id)
-            await self._slash_answer(interaction, lambda where: self.responder.answer(where, text, keep_as=kept))
+            await self._slash_answer(
+                interaction, lambda where, notify: self.responder.answer(where, text, keep_as=kept, notify=notify)
+            )
 
         @tree.command(name="retry", description="Answer your last message again, differently")
         async def retry(interaction: discord.Interaction) -> None:
             kept = _kept_name(interaction.id)
-            await self._slash_answer(interaction, lambda where: self.responder.retry(where, keep_as=kept))
+            await self._slash_answer(
+                interaction, lambda where, notify: self.responder.retry(where, keep_as=kept, notify=notify)
+            )
 
         @tree.command(name="reset", description="Forget our conversation")
         async def reset(interaction: discord.Interaction) -> None:
@@ -388,8 +416,11 @@ class PersonaBot(discord.Client):
                 log.warning('could not delete a public "thinking…" before a refusal: %s', exc)
         await self._respond(interaction, text, ephemeral=True)
 
-    async def _slash_answer(self, interaction: discord.Interaction, make: Callable[[Where], Awaitable[str]]) -> None:
-        """Rate-limit, show "thinking…" while the queue works, then follow up with the reply."""
+    async def _slash_answer(
+        self, interaction: discord.Interaction, make: Callable[[Where, Notify], Awaitable[str]]
+    ) -> None:
+        """Rate-limit, show "thinking…" while the queue works (``make`` may ``notify`` the user
+        meanwhile), then follow up with the reply."""
         if not await self._slash_allowed(interaction, ephemeral=False):
             return
         where = self._where(interaction)
@@ -398,7 +429,7 @@ class PersonaBot(discord.Client):
             await self._refuse(interaction, notice or "Please slow down a little.", thinking_in_public=True)
             return
         with self._answering_now():
-            await self._respond(interaction, await make(where))
+            await self._respond(interaction, await make(where, lambda notice: self._respond(interaction, notice)))
 
     async def _persona(self, interaction: discord.Interaction, name: str | None) -> None:
         """Show the persona (to the user alone), or switch it (for all to see)."""

@@ -8,7 +8,10 @@ persona, which moves with its conversations when a chat changes id (``move_chat`
 answer can also be kept under a name of the adapter's choosing (``keep_as``, ``kept``),
 for an answer that cannot quote its question. Every failure becomes a polite sentence; nothing here raises to the adapter
 for a queue or Redis problem. When the adapter stops (``stop``), the questions still
-waiting are withdrawn from the queue and answered with a sentence saying so.
+waiting are withdrawn from the queue and answered with a sentence saying so. When no
+worker is running, the asker hears so within seconds (through the adapter's ``notify``)
+rather than watching "typing…" for minutes, and the question keeps waiting for one; if
+none starts in time, the answer says that no worker ran, not that thinking took too long.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import contextlib
 import logging
 import secrets
 import weakref
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import redis.asyncio
@@ -28,6 +32,7 @@ from persona import constants as keys
 from persona.connection import connect_async
 from persona.contract import ErrorKind, GenerationReply, GenerationRequest, Message
 from persona.errors import ConfigError, InvalidRequest, QueueBusy, QueueError, RedisUnavailable, ReplyTimeout
+from persona.heartbeat import LIVE_SCRIPT
 from persona.personas import PersonaRegistry
 from persona.queue import AsyncQueueClient
 from persona.settings import ChatAdapterSettings, Settings
@@ -46,11 +51,25 @@ NOTHING_TO_RETRY_TEXT = "There is nothing to retry yet: send me a message first.
 NOTHING_TO_CANCEL_TEXT = "Nothing to cancel: I'm not working on anything for you."
 RESET_TEXT = "Done: I've forgotten our conversation. Let's start afresh."
 RESTARTING_TEXT = "I'm restarting, so I had to drop your message. Please send it again in a minute."
+BARE_MENTION_TEXT = "Yes? Write your question in the same message as the mention, or reply to one of my messages."
+NO_WORKER_TEXT = (
+    "Your message is waiting: none of my workers is running right now, so nobody can write my "
+    "answer yet. I'll answer as soon as one starts."
+)
+NO_WORKER_TIMEOUT_TEXT = (
+    "Sorry, I couldn't answer: none of my workers is running. Please send your message again later."
+)
 LONG_MESSAGE_NOTE = "\n\n(Your message was long, so I read only its last {chars} characters.)"
 # Not only an outage: a Redis that refuses writes (OOM when full, READONLY after a
 # failover, MISCONF on a full disk) must also get the user a polite answer.
 REDIS_ERRORS = (QueueError, redis.exceptions.RedisError)
 MAX_CONNECT_PAUSE_S = 30.0
+# How long a question waits before its asker hears that no worker is running (at most a
+# quarter of the reply timeout). A worker that stopped still counts as live for up to its
+# heartbeat TTL, so a restart in progress goes unmentioned.
+NO_WORKER_NOTICE_S = 5.0
+
+Notify = Callable[[str], Awaitable[None]]
 
 
 async def connect_with_backoff(settings: Settings) -> redis.asyncio.Redis:
@@ -168,22 +187,24 @@ class Responder:
         return f"From now on you are talking to {self.describe_persona(name)}"
 
     async def answer(
-        self, where: Where, text: str, *, history: list[Message] | None = None, keep_as: str | None = None
+        self, where: Where, text: str, *, history: list[Message] | None = None, keep_as: str | None = None,
+        notify: Notify | None = None,
     ) -> str:
         """Answer ``text``: the conversation so far (or ``history``) plus it, through the queue.
-        ``keep_as``: also keep the exchange under that name (see ``kept``)."""
+        ``keep_as``: also keep the exchange under that name (see ``kept``). ``notify``: how to
+        tell the asker something before the answer (that no worker is running)."""
         note = LONG_MESSAGE_NOTE.format(chars=self._max_chars) if len(text) > self._max_chars else ""
         async with self._lock(where.scope):
             try:
                 turns = history if history is not None else await self.store.load(where.scope)
                 turns = [*turns, Message(role="user", content=text)]
-                reply = await self._generate(where, turns, keep_as=keep_as)
+                reply = await self._generate(where, turns, keep_as=keep_as, notify=notify)
             except REDIS_ERRORS as exc:
                 return self._explain(exc)
         return reply + note if reply else reply
 
-    async def retry(self, where: Where, *, keep_as: str | None = None) -> str:
-        """Answer the last message again, with a fresh seed (``keep_as``: as for ``answer``)."""
+    async def retry(self, where: Where, *, keep_as: str | None = None, notify: Notify | None = None) -> str:
+        """Answer the last message again, with a fresh seed (``keep_as``, ``notify``: as for ``answer``)."""
         async with self._lock(where.scope):
             try:
                 turns = await self.store.load(where.scope)
@@ -191,7 +212,9 @@ class Responder:
                     turns.pop()
                 if not turns:
                     return NOTHING_TO_RETRY_TEXT
-                return await self._generate(where, turns, seed=secrets.randbelow(2**31), keep_as=keep_as)
+                return await self._generate(
+                    where, turns, seed=secrets.randbelow(2**31), keep_as=keep_as, notify=notify
+                )
             except REDIS_ERRORS as exc:
                 return self._explain(exc)
 
@@ -240,7 +263,8 @@ class Responder:
         log.info("%s: chat %s is now %s; moved its persona choice and %d conversation(s)", self.platform, old, new, moved)
 
     async def _generate(
-        self, where: Where, turns: list[Message], seed: int | None = None, keep_as: str | None = None
+        self, where: Where, turns: list[Message], seed: int | None = None, keep_as: str | None = None,
+        notify: Notify | None = None,
     ) -> str:
         """One round trip through the queue; stores the exchange when it succeeds (under the
         conversation's scope, and under ``keep_as`` if given)."""
@@ -257,9 +281,13 @@ class Responder:
         self._answering.add(where.scope)
         try:
             try:
-                reply = await self._ask(request)
+                reply = await self._ask(request, notify)
             except InvalidRequest as exc:
                 return f"I can't take that message: {exc}."
+            except ReplyTimeout:
+                if await self._workers_live():
+                    raise
+                return NO_WORKER_TIMEOUT_TEXT
             finally:
                 await self.store.clear_inflight(where.scope, request.id)
             if reply is None:
@@ -281,12 +309,14 @@ class Responder:
             self._answering.discard(where.scope)
             self._forgotten.discard(where.scope)
 
-    async def _ask(self, request: GenerationRequest) -> GenerationReply | None:
-        """The queue's reply, or None when the adapter stops first (the request is withdrawn)."""
+    async def _ask(self, request: GenerationRequest, notify: Notify | None = None) -> GenerationReply | None:
+        """The queue's reply, or None when the adapter stops first (the request is withdrawn).
+        Meanwhile the asker is told (``notify``) if no worker is running to answer it."""
         if self._stopping.is_set():
             return None
         asking = asyncio.ensure_future(self.queue.ask(request, timeout=self.options.reply_timeout_s))
         stopping = asyncio.ensure_future(self._stopping.wait())
+        watching = asyncio.ensure_future(self._tell_if_no_worker(notify))
         try:
             await asyncio.wait((asking, stopping), return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:
@@ -294,6 +324,7 @@ class Responder:
             raise
         finally:
             stopping.cancel()
+            watching.cancel()
         if asking.done():
             return asking.result()
         asking.cancel()
@@ -303,6 +334,27 @@ class Responder:
             await self.queue.cancel(request.id)
         log.info("%s: withdrew request %s, stopping", self.platform, request.id)
         return None
+
+    async def _tell_if_no_worker(self, notify: Notify | None) -> None:
+        """After a short wait, tell the asker if no worker is running (the question keeps waiting)."""
+        if notify is None:
+            return
+        await asyncio.sleep(min(NO_WORKER_NOTICE_S, self.options.reply_timeout_s / 4))
+        if await self._workers_live():
+            return
+        log.warning("%s: no worker is running, so questions wait; start one (`persona worker`, or `persona up`)",
+                    self.platform)
+        try:
+            await notify(NO_WORKER_TEXT)
+        except Exception:  # the answer still comes; a notice that could not be sent is only logged
+            log.exception("%s: could not say that no worker is running", self.platform)
+
+    async def _workers_live(self) -> bool:
+        """Whether any worker's heartbeat is current (True while Redis cannot say)."""
+        try:
+            return bool(await self.redis.eval(LIVE_SCRIPT, 1, keys.WORKER_INDEX_KEY))
+        except REDIS_ERRORS:
+            return True
 
     def _explain(self, exc: Exception) -> str:
         if isinstance(exc, QueueBusy):

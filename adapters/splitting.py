@@ -3,20 +3,29 @@
 Cuts fall at a paragraph break if one is near the limit, else a line break, else a
 space; a word is cut only when it alone is longer than a message. A code block that
 must be cut is closed at the end of one message and reopened (same language) at the
-start of the next, so no message ever carries an unbalanced fence. Lengths are counted
-in UTF-16 code units, as both Telegram and Discord count them, so emoji never push a
-message over the limit.
+start of the next, so no message ever carries an unbalanced fence.
+
+Lengths are counted in Unicode code points (Python's ``len``), as both platforms count
+them: the Bot API server refuses a text whose ``utf8_length`` (tdlib's count of code
+points) passes 4,096 with "message is too long", and Discord's API measures content with
+Python's ``len`` (2,000). Neither counts UTF-16 code units, so an emoji is one
+character, not two. A cut never falls inside a user-perceived character (a grapheme
+cluster: an emoji with its skin tone or ZWJ family, a flag's two letters, a letter and
+its accents) unless that one character is longer than a whole message; and any surrogate
+code points in the text are paired up, or replaced when alone, so every message is
+valid UTF-8 a platform can read.
 """
 
 from __future__ import annotations
 
 import re
 
+import regex
+
 __all__ = [
     "DISCORD_MESSAGE_LIMIT_CHARS",
     "TELEGRAM_MESSAGE_LIMIT_CHARS",
     "split_message",
-    "utf16_length",
 ]
 
 TELEGRAM_MESSAGE_LIMIT_CHARS = 4096
@@ -28,21 +37,29 @@ MIN_LIMIT_CHARS = 40
 # A cut earlier than this share of the budget wastes too much of a message.
 GOOD_CUT_SHARE = 0.5
 _LANGUAGE = re.compile(r"\w{0,20}")
+_GRAPHEME = regex.compile(r"\X")
 
 
-def utf16_length(text: str) -> int:
-    """Length as Telegram and Discord count it (astral characters count twice)."""
-    return len(text) + sum(1 for ch in text if ord(ch) > 0xFFFF)
+def _valid(text: str) -> str:
+    """``text`` with surrogate pairs joined into the characters they encode and lone
+    surrogates replaced (U+FFFD): a lone surrogate cannot be sent as UTF-8 at all."""
+    if not any("\ud800" <= ch <= "\udfff" for ch in text):
+        return text
+    return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
 
 
-def _fits(text: str, units: int) -> int:
-    """How many leading characters of ``text`` fit in ``units`` UTF-16 code units."""
-    used = 0
-    for index, ch in enumerate(text):
-        used += 2 if ord(ch) > 0xFFFF else 1
-        if used > units:
-            return index
-    return len(text)
+def _grapheme_floor(text: str, cut: int) -> int:
+    """The last boundary between grapheme clusters at or before ``cut`` (``cut`` itself when
+    the first cluster is longer than that: only then is a cluster cut)."""
+    if cut >= len(text):
+        return cut
+    # A boundary before ``cut`` depends only on the characters up to the one after it.
+    best = 0
+    for match in _GRAPHEME.finditer(text, 0, cut + 1):
+        if match.end() > cut:
+            break
+        best = match.end()
+    return best or cut
 
 
 def _toggles(line: str) -> bool:
@@ -91,24 +108,23 @@ def _best_cut(window: str, opener: str) -> int:
 
 
 def split_message(text: str, limit: int) -> list[str]:
-    """Split ``text`` into messages of at most ``limit`` UTF-16 units each."""
+    """Split ``text`` into messages of at most ``limit`` characters (code points) each."""
     if limit < MIN_LIMIT_CHARS:
         raise ValueError(f"a message limit below {MIN_LIMIT_CHARS} characters cannot hold a code fence")
     chunks: list[str] = []
     opener = ""  # the fence to reopen at the start of the next message
-    rest = text.strip()
+    rest = _valid(text).strip()
     while rest:
         ends_inside = _fence_state(rest, opener)
         whole = opener + rest + (CLOSE_FENCE if ends_inside else "")
-        if utf16_length(whole) <= limit:
+        if len(whole) <= limit:
             chunks.append(whole)
             break
-        budget = limit - utf16_length(opener) - len(CLOSE_FENCE)
-        window_chars = _fits(rest, budget)
+        window_chars = limit - len(opener) - len(CLOSE_FENCE)
         # A whitespace character just past the window is as good a cut as any inside.
         window = rest[: window_chars + 1] if window_chars < len(rest) else rest[:window_chars]
         cut = _best_cut(window, opener)
-        cut = min(cut, window_chars)
+        cut = _grapheme_floor(rest, min(cut, window_chars))
         piece, rest = rest[:cut].rstrip(), rest[cut:]
         # Drop the separator: newlines only, so the next line keeps its indentation.
         rest = rest.lstrip("\n") if rest[:1] == "\n" else rest.lstrip()

@@ -33,7 +33,7 @@ from telegram.error import ChatMigrated, InvalidToken, NetworkError, RetryAfter
 from telegram.ext import Application, CommandHandler, ContextTypes, MessageHandler, filters
 
 from adapters.access import AccessControl
-from adapters.responder import Responder, Where, connect_with_backoff
+from adapters.responder import BARE_MENTION_TEXT, Notify, Responder, Where, connect_with_backoff
 from adapters.splitting import TELEGRAM_MESSAGE_LIMIT_CHARS, split_message
 from adapters.typing_indicator import keep_typing
 from persona.errors import ConfigError
@@ -308,14 +308,19 @@ class TelegramBot:
     # --- handlers -----------------------------------------------------------------------
 
     async def on_message(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
-        """Answer a text message (in groups, only one addressed to the bot)."""
+        """Answer a text message (in groups, only one addressed to the bot; a bare @mention is
+        told to write its question too, rather than met with silence)."""
         message, chat = update.effective_message, update.effective_chat
         if message is None or chat is None:
             return
         text = self._addressed_text(message, chat, context)
-        if not text or not await self._admitted(update):
+        if text is None or not await self._admitted(update):
             return
-        await self._answer(update, context, lambda where: self.responder.answer(where, text))
+        if not text:
+            if await self._within_limits(update):
+                await self.say(update, BARE_MENTION_TEXT, quote=True)
+            return
+        await self._answer(update, context, lambda where, notify: self.responder.answer(where, text, notify=notify))
 
     async def on_not_text(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         """A photo, sticker, voice message, file...: say that only text is read, rather than
@@ -356,17 +361,25 @@ class TelegramBot:
             await self.say(update, notice, quote=True)
         return decision.allowed
 
-    async def _answer(self, update: Update, context: ContextTypes.DEFAULT_TYPE, make: Callable[[Where], Awaitable[str]]) -> None:
-        """Rate-limit, show typing while ``make`` works, then send its text."""
+    async def _answer(
+        self, update: Update, context: ContextTypes.DEFAULT_TYPE, make: Callable[[Where, Notify], Awaitable[str]]
+    ) -> None:
+        """Rate-limit, show typing while ``make`` works (it may ``notify`` the asker meanwhile),
+        then send its text."""
         chat, message = update.effective_chat, update.effective_message
         if not await self._within_limits(update):
             return
         where = self._where(update)
         topic = self._topic(message)
+        quote = chat.type != ChatType.PRIVATE
         typing = lambda: context.bot.send_chat_action(chat.id, ChatAction.TYPING, message_thread_id=topic)  # noqa: E731
+
+        async def notify(text: str) -> None:
+            await self.say(update, text, quote=quote)
+
         async with keep_typing(typing, TYPING_REFRESH_S):
-            reply = await make(where)
-        await self.say(update, reply, quote=chat.type != ChatType.PRIVATE)
+            reply = await make(where, notify)
+        await self.say(update, reply, quote=quote)
 
     async def on_start(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         """Greet, and say who the user is talking to."""
@@ -412,7 +425,7 @@ class TelegramBot:
     async def on_retry(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         """Answer the last message again, with a new seed."""
         if await self._admitted(update):
-            await self._answer(update, context, self.responder.retry)
+            await self._answer(update, context, lambda where, notify: self.responder.retry(where, notify=notify))
 
     async def on_cancel(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         """Withdraw the request still waiting or running."""

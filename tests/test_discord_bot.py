@@ -21,8 +21,16 @@ import redis
 from discord.gateway import DiscordWebSocket
 from pydantic import SecretStr
 
-from adapters.discord_bot import OPERATOR_ONLY_TEXT, PersonaBot
-from adapters.responder import BUSY_TEXT, RESET_TEXT, RESTARTING_TEXT, UNREACHABLE_TEXT
+from adapters.discord_bot import NOT_TEXT_TEXT, OPERATOR_ONLY_TEXT, PersonaBot
+from adapters.responder import (
+    BARE_MENTION_TEXT,
+    BUSY_TEXT,
+    NO_WORKER_TEXT,
+    NO_WORKER_TIMEOUT_TEXT,
+    RESET_TEXT,
+    RESTARTING_TEXT,
+    UNREACHABLE_TEXT,
+)
 from persona import constants as keys
 from persona import swap as swaps
 from persona.errors import ConfigError
@@ -135,6 +143,32 @@ async def test_only_mentions_dms_and_replies_to_the_bot_are_answered(start_bot, 
     assert all(r.source == "discord" and r.user == "discord:111" for r in seen)
 
 
+async def test_a_mention_of_the_bots_own_role_is_a_mention(start_bot, fake_api, discord_settings):
+    """Discord's mention menu offers the bot and the role made for it under one name; a question
+    that mentioned the role was met with silence."""
+    with scripted_worker(discord_settings, echo) as seen:
+        await start_bot()
+        question = await fake_api.user_message("what is patience?", mention_bot_role=True)
+        await fake_api.wait_for(lambda: len(fake_api.sent) == 1)
+    assert fake_api.texts() == ["echo: user=what is patience?"]
+    assert str(fake_api.sent[0]["message_reference"]["message_id"]) == question["id"]
+    assert [m.content for m in seen[0].messages] == ["what is patience?"]  # the role's tag is not part of it
+
+
+async def test_a_bare_mention_or_a_picture_gets_a_sentence_not_silence(start_bot, fake_api, discord_settings):
+    with scripted_worker(discord_settings, echo) as seen:
+        await start_bot()
+        await fake_api.user_message("", mention_bot=True)
+        await fake_api.wait_for(lambda: len(fake_api.sent) == 1)
+        await fake_api.user_message("", guild=False, channel_id=DM_CHANNEL, attachment="cat.png")
+        await fake_api.wait_for(lambda: len(fake_api.sent) == 2)
+        await fake_api.user_message("", attachment="cat.png")  # not addressed to the bot: none of its business
+        await fake_api.user_message("and now a question", mention_bot=True)
+        await fake_api.wait_for(lambda: len(fake_api.sent) == 3)
+    assert fake_api.texts() == [BARE_MENTION_TEXT, NOT_TEXT_TEXT, "echo: user=and now a question"]
+    assert len(seen) == 1  # neither went to a worker
+
+
 async def test_a_long_reply_is_split_at_2000_characters(start_bot, fake_api, discord_settings):
     words = " ".join(f"word{i}" for i in range(700))  # about 5,900 characters
     with scripted_worker(discord_settings, lambda r: words):
@@ -144,6 +178,44 @@ async def test_a_long_reply_is_split_at_2000_characters(start_bot, fake_api, dis
     texts = fake_api.texts()
     assert len(texts) == 3 and all(len(t) <= 2000 for t in texts)
     assert " ".join(texts) == words
+
+
+async def test_an_emoji_rich_reply_fills_messages_as_discord_counts_them(start_bot, fake_api, discord_settings):
+    """Discord counts code points: 3,000 emoji are two messages (three in UTF-16 units), and a run
+    of flags is never cut between a flag's two letters."""
+    flags = "🇬🇧" * 1500
+    with scripted_worker(discord_settings, lambda r: "😀" * 3000 + "\n\n" + flags):
+        await start_bot()
+        await fake_api.user_message("emoji", mention_bot=True)
+        await fake_api.wait_for(lambda: "".join(fake_api.texts()).count("🇬🇧") == 1500)
+    texts = fake_api.texts()
+    assert len(texts) == 4 and all(len(t) <= 2000 for t in texts)
+    assert "".join(texts[:2]) == "😀" * 3000 and "".join(texts[2:]) == flags
+    assert all(len(t) % 2 == 0 for t in texts[2:])
+
+
+async def test_with_no_worker_running_a_mention_and_a_command_hear_so(start_bot, fake_api, discord_settings):
+    """No worker: "typing…" for two minutes, then an apology for thinking too long. Now the
+    asker hears within seconds that no worker runs (the question waits for one), and at the
+    end that none ran."""
+    await start_bot(reply_timeout_s=2.0)
+    question = await fake_api.user_message("anyone home?", mention_bot=True)
+    await fake_api.wait_for(lambda: len(fake_api.sent) == 2, timeout=10)
+    assert fake_api.texts() == [NO_WORKER_TEXT, NO_WORKER_TIMEOUT_TEXT]
+    assert str(fake_api.sent[0]["message_reference"]["message_id"]) == question["id"]  # quoted, in a server
+    await fake_api.slash("ask", {"text": "and now?"})
+    await fake_api.wait_for(lambda: len(fake_api.sent) == 4, timeout=10)
+    assert fake_api.public_texts()[2:] == [NO_WORKER_TEXT, NO_WORKER_TIMEOUT_TEXT]
+
+
+async def test_the_fake_refuses_what_discord_refuses(start_bot, fake_api, discord_settings):
+    """Discord's own rule, so the tests above prove something: over 2,000 code points is refused."""
+    bot = await start_bot()
+    channel = bot.get_channel(CHANNEL_ID)
+    await channel.send("😀" * 2000)
+    with pytest.raises(discord.HTTPException, match="2000 or fewer"):
+        await channel.send("a" * 2001)
+    assert fake_api.texts() == ["😀" * 2000]
 
 
 async def test_a_reply_to_the_last_part_of_a_long_answer_continues_from_the_question(start_bot, fake_api, discord_settings):

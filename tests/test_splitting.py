@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 import pytest
+import regex
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -12,7 +13,6 @@ from adapters.splitting import (
     DISCORD_MESSAGE_LIMIT_CHARS,
     TELEGRAM_MESSAGE_LIMIT_CHARS,
     split_message,
-    utf16_length,
 )
 
 
@@ -37,7 +37,7 @@ pieces = st.lists(st.one_of(words, separators, fence_lines), max_size=300)
 def test_chunks_fit_lose_nothing_and_keep_fences_balanced(parts: list[str], limit: int):
     text = "".join(parts)
     chunks = split_message(text, limit)
-    assert all(utf16_length(chunk) <= limit for chunk in chunks)
+    assert all(len(chunk) <= limit for chunk in chunks)
     assert all(chunk.strip() for chunk in chunks)
     assert all(fences_balanced(chunk) for chunk in chunks)
     assert normalized("\n".join(chunks)) == normalized(text)
@@ -71,11 +71,58 @@ def test_a_long_code_block_is_closed_and_reopened_with_its_language():
     assert chunks[-1].endswith("Done.")
 
 
-def test_emoji_count_double():
-    text = "😀" * 3000
-    chunks = split_message(text, DISCORD_MESSAGE_LIMIT_CHARS)
-    assert all(utf16_length(c) <= DISCORD_MESSAGE_LIMIT_CHARS for c in chunks)
-    assert "".join(chunks) == text
+def graphemes(text: str) -> list[str]:
+    return regex.findall(r"\X", text)
+
+
+def test_an_emoji_counts_as_one_character_as_on_both_platforms():
+    # Telegram's Bot API counts code points (tdlib's utf8_length), as Discord's API does
+    # (Python's len): 4,096 emoji are one Telegram message, though 8,192 UTF-16 units.
+    assert split_message("😀" * TELEGRAM_MESSAGE_LIMIT_CHARS, TELEGRAM_MESSAGE_LIMIT_CHARS) == ["😀" * 4096]
+    chunks = split_message("😀" * 3000, DISCORD_MESSAGE_LIMIT_CHARS)
+    assert len(chunks) == 2 and all(len(c) <= 2000 for c in chunks) and "".join(chunks) == "😀" * 3000
+
+
+CLUSTERS = [
+    "👨\u200d👩\u200d👧\u200d👦",  # a family: four emoji joined by ZWJ, one character on screen
+    "🇬🇧", "🇯🇵",  # flags: two regional indicators each
+    "👍🏽",  # a skin tone
+    "e\u0301", "n\u0303\u0323",  # accents as combining marks
+    "❤\ufe0f",  # a variation selector
+    "a", "😀", "字",
+]
+
+
+@pytest.mark.parametrize("cluster", CLUSTERS[:6])
+def test_a_cut_never_falls_inside_a_character_on_screen(cluster: str):
+    text = cluster * 700  # no spaces: the cut must fall between characters
+    for limit in (DISCORD_MESSAGE_LIMIT_CHARS, TELEGRAM_MESSAGE_LIMIT_CHARS, 41):
+        chunks = split_message(text, limit)
+        assert all(len(c) <= limit for c in chunks)
+        assert all(graphemes(c) == [cluster] * len(graphemes(c)) for c in chunks), "a character was cut"
+        assert "".join(chunks) == text
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from(CLUSTERS), min_size=1, max_size=400), st.sampled_from([40, 64, 200]))
+def test_every_message_holds_whole_characters(parts: list[str], limit: int):
+    text = "".join(parts)
+    chunks = split_message(text, limit)
+    assert all(len(chunk) <= limit for chunk in chunks)
+    assert [g for chunk in chunks for g in graphemes(chunk)] == graphemes(text)
+
+
+def test_a_character_longer_than_a_message_is_cut_rather_than_lost():
+    zalgo = "z" + "\u0301" * 100  # one character on screen, 101 code points
+    chunks = split_message(zalgo, 40)
+    assert all(len(c) <= 40 for c in chunks) and "".join(chunks) == zalgo
+
+
+def test_surrogates_become_valid_text():
+    # Joined into the emoji they spell, or replaced when alone: a lone one cannot be sent as UTF-8.
+    chunks = split_message("smile \ud83d\ude00 and \ud83d alone", 100)
+    assert chunks == ["smile 😀 and \ufffd alone"]
+    chunks[0].encode("utf-8")
 
 
 def test_an_unclosed_fence_is_closed():

@@ -24,14 +24,18 @@ from pydantic import SecretStr
 
 from adapters.access import NOT_ALLOWED_TEXT, approve_code
 from adapters.responder import (
+    BARE_MENTION_TEXT,
     BUSY_TEXT,
     CANCELLED_TEXT,
+    NO_WORKER_TEXT,
+    NO_WORKER_TIMEOUT_TEXT,
     RESET_TEXT,
     RESTARTING_TEXT,
     TIMEOUT_TEXT,
 )
 from adapters.telegram_bot import HELP_TEXT, NOT_TEXT_TEXT, TelegramBot, run_telegram
 from persona import constants as keys
+from persona import heartbeat
 from persona.errors import ConfigError
 from persona.settings import Settings
 from tests.conftest import free_port
@@ -131,6 +135,18 @@ async def test_groups_answer_only_mentions_and_replies(start_bot, fake_api: Fake
     assert all(r.source == "telegram" and r.user.startswith("telegram:") for r in seen)
 
 
+async def test_a_bare_mention_in_a_group_gets_a_sentence_not_silence(start_bot, fake_api, telegram_settings):
+    with scripted_worker(telegram_settings, echo) as seen:
+        await start_bot()
+        bare = fake_api.push_message(f"@{BOT_USERNAME}", chat_id=GROUP, chat_type="group")
+        await fake_api.wait_for(lambda: len(fake_api.sent) == 1)
+        fake_api.push_message(f"@{BOT_USERNAME} what is patience?", chat_id=GROUP, chat_type="group")
+        await fake_api.wait_for(lambda: len(fake_api.sent) == 2)
+    assert fake_api.texts() == [BARE_MENTION_TEXT, "echo: what is patience?"]
+    assert fake_api.sent[0]["reply_parameters"]["message_id"] == bare["message_id"]
+    assert len(seen) == 1
+
+
 async def test_a_long_reply_is_split_at_4096_characters_without_breaking_words(start_bot, fake_api, telegram_settings):
     words = " ".join(f"word{i}" for i in range(2000))  # about 17,000 characters
     with scripted_worker(telegram_settings, lambda request: words):
@@ -140,6 +156,34 @@ async def test_a_long_reply_is_split_at_4096_characters_without_breaking_words(s
     texts = fake_api.texts()
     assert len(texts) == 5 and all(len(t) <= 4096 for t in texts)
     assert " ".join(texts) == words
+
+
+async def test_an_emoji_rich_reply_fills_messages_as_telegram_counts_them(start_bot, fake_api, telegram_settings):
+    """The Bot API counts code points: 5,000 smileys fit in two messages, and 4,000 family emoji
+    (each one character on screen, seven code points) go out with no family cut in two."""
+    family = "👨\u200d👩\u200d👧\u200d👦"
+    reply = "😀" * 5000 + " " + family * 4000
+    with scripted_worker(telegram_settings, lambda request: reply):
+        await start_bot()
+        fake_api.push_message("emoji, please")
+        await fake_api.wait_for(lambda: sum(len(t) for t in fake_api.texts()) >= len(reply) - 1)
+    texts = fake_api.texts()
+    assert "".join(texts[:2]) == "😀" * 5000  # counted in UTF-16 units it took three messages
+    assert all(t.replace(family, "") == "" for t in texts[2:]) and "".join(texts[2:]) == family * 4000
+    assert not [c for c in fake_api.calls if c[0] == "sendMessage" and c[1] not in fake_api.sent]  # none refused
+
+
+async def test_the_fake_refuses_what_telegram_refuses(fake_api: FakeTelegram):
+    """Telegram's own rule, so the tests above prove something: over 4,096 code points is too long."""
+    import httpx
+
+    async with httpx.AsyncClient(base_url=fake_api.base_url + TOKEN) as http:
+        ok = await http.post("/sendMessage", json={"chat_id": 1, "text": "😀" * 4096})
+        too_long = await http.post("/sendMessage", json={"chat_id": 1, "text": "a" * 4097})
+        empty = await http.post("/sendMessage", json={"chat_id": 1, "text": "  "})
+    assert ok.json()["ok"]
+    assert too_long.status_code == 400 and too_long.json()["description"] == "Bad Request: message is too long"
+    assert empty.status_code == 400 and "empty" in empty.json()["description"]
 
 
 async def test_flood_control_delays_a_reply_but_never_loses_it(start_bot, fake_api, telegram_settings):
@@ -183,12 +227,35 @@ async def test_rate_limits_answer_with_one_friendly_notice(start_bot, fake_api, 
 async def test_a_busy_queue_and_a_silent_worker_get_polite_replies(start_bot, fake_api, telegram_settings, redis_client):
     telegram_settings.queue.max_length = 1
     redis_client.xadd(keys.STREAM_INTERACTIVE, {"r": b"{}"})  # the queue is full and nobody works
+    heartbeat.publish(redis_client, heartbeat.WorkerInfo(id="silent"), 60)  # a worker is alive, but silent
     await start_bot(reply_timeout_s=1.0)
     fake_api.push_message("anyone there?")
     await fake_api.wait_for(lambda: fake_api.texts() == [BUSY_TEXT])
     redis_client.delete(keys.STREAM_INTERACTIVE)
     fake_api.push_message("anyone there now?")
     await fake_api.wait_for(lambda: fake_api.texts() == [BUSY_TEXT, TIMEOUT_TEXT], timeout=15)
+
+
+async def test_with_no_worker_running_the_asker_hears_so_at_once_and_is_answered_when_one_starts(
+    start_bot, fake_api, telegram_settings
+):
+    """No worker: "typing…" for two minutes, then "I couldn't finish my thought in time", which
+    blamed a slow answer. Now the asker hears within seconds why, and the question still waits."""
+    await start_bot(reply_timeout_s=8.0)
+    fake_api.push_message("anyone home?")
+    await fake_api.wait_for(lambda: fake_api.texts() == [NO_WORKER_TEXT], timeout=5)
+    with scripted_worker(telegram_settings, echo):
+        await fake_api.wait_for(lambda: fake_api.texts() == [NO_WORKER_TEXT, "echo: anyone home?"], timeout=10)
+
+
+async def test_with_no_worker_all_along_the_answer_says_so(start_bot, fake_api, telegram_settings):
+    bot_message = {"message_id": 9999, "date": 0, "chat": {"id": GROUP, "type": "group"},
+                   "from": {"id": BOT_ID, "is_bot": True, "first_name": "Persona"}, "text": "earlier"}
+    await start_bot(reply_timeout_s=1.0)
+    question = fake_api.push_message("and now?", chat_id=GROUP, chat_type="group", reply_to=bot_message)
+    await fake_api.wait_for(lambda: len(fake_api.sent) == 2, timeout=10)
+    assert fake_api.texts() == [NO_WORKER_TEXT, NO_WORKER_TIMEOUT_TEXT]
+    assert all(m["reply_parameters"]["message_id"] == question["message_id"] for m in fake_api.sent)  # in a group, quoted
 
 
 async def test_cancel_withdraws_a_waiting_request(start_bot, fake_api, telegram_settings):

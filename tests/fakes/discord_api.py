@@ -18,6 +18,13 @@ deferred response ("thinking…") fills that response in, which keeps the visibi
 deferred with (the follow-up's ephemeral flag, 64, is ignored); once the original response
 is deleted (``deleted_originals``), a follow-up is a message of its own, with its own flags.
 ``public_texts()`` is what everyone in the channel sees.
+The guild has the role Discord makes for a bot when it joins (``BOT_ROLE_ID``, named like the
+bot, tagged with its id); ``user_message(mention_bot_role=True)`` mentions that role, as people
+do who pick it from the mention menu, and ``attachment=`` adds a file (a picture, say).
+Content longer than 2,000 characters is refused with 400 (50035, BASE_TYPE_MAX_LENGTH), and a
+message with no content at all with 400 (50006), wherever a message is sent (channel,
+interaction response, follow-up), as on Discord, whose API counts code points (Python's
+``len``), not UTF-16 code units.
 ``thread(announced=False)`` makes a thread the bot never hears of, so discord.py cannot
 cache it; ``GET /channels/{id}`` (counted in ``requests``) is how the bot learns its parent,
 answered with 403 for the ids in ``forbidden_channels``.
@@ -39,8 +46,10 @@ GUILD_ID = 910000000000000001
 CHANNEL_ID = 920000000000000001
 OTHER_CHANNEL_ID = 920000000000000002
 OPERATOR_ROLE_ID = 930000000000000001
+BOT_ROLE_ID = 930000000000000002  # the managed role Discord gives the bot in a guild
 TIMESTAMP = "2025-01-01T00:00:00.000000+00:00"
 INTERACTION_RESPONSE_S = 3.0  # Discord's window for an interaction's first response
+MESSAGE_LIMIT_CHARS = 2000  # content, in code points
 
 
 def _json(data, status: int = 200, headers: dict | None = None) -> web.Response:
@@ -116,14 +125,20 @@ class FakeDiscord:
     async def user_message(
         self, content: str, *, author_id: int = 111, author_name: str = "ada", channel_id: int = CHANNEL_ID,
         guild: bool = True, mention_bot: bool = False, reply_to: dict | None = None, roles: list[int] | None = None,
+        mention_bot_role: bool = False, attachment: str | None = None,
     ) -> dict:
-        """A person's message, dispatched as MESSAGE_CREATE; returns its payload."""
+        """A person's message, dispatched as MESSAGE_CREATE; returns its payload. ``attachment``:
+        the name of a file sent with it."""
+        files = [{"id": str(next(self._ids)), "filename": attachment, "size": 1024, "url": f"https://cdn.invalid/{attachment}",
+                  "proxy_url": f"https://cdn.invalid/{attachment}"}] if attachment else []
         message = {
             "id": str(next(self._ids)), "channel_id": str(channel_id), "author": user(author_id, author_name),
-            "content": (f"<@{BOT_ID}> " if mention_bot else "") + content, "timestamp": TIMESTAMP,
+            "content": (f"<@{BOT_ID}> " if mention_bot else "") + (f"<@&{BOT_ROLE_ID}> " if mention_bot_role else "")
+            + content, "timestamp": TIMESTAMP,
             "edited_timestamp": None, "tts": False, "mention_everyone": False,
-            "mentions": [user(BOT_ID, "persona", bot=True)] if mention_bot else [], "mention_roles": [],
-            "attachments": [], "embeds": [], "pinned": False, "type": 19 if reply_to else 0, "flags": 0,
+            "mentions": [user(BOT_ID, "persona", bot=True)] if mention_bot else [],
+            "mention_roles": [str(BOT_ROLE_ID)] if mention_bot_role else [],
+            "attachments": files, "embeds": [], "pinned": False, "type": 19 if reply_to else 0, "flags": 0,
         }
         if guild:
             message["guild_id"] = str(GUILD_ID)
@@ -251,12 +266,14 @@ class FakeDiscord:
                  "hoist": False, "managed": False, "mentionable": False},
                 {"id": str(OPERATOR_ROLE_ID), "name": "persona-ops", "permissions": "0", "position": 1, "color": 0,
                  "hoist": False, "managed": False, "mentionable": False},
+                {"id": str(BOT_ROLE_ID), "name": "persona", "permissions": "0", "position": 2, "color": 0,
+                 "hoist": False, "managed": True, "mentionable": False, "tags": {"bot_id": str(BOT_ID)}},
             ],
             "channels": [
                 {**channel, "id": str(CHANNEL_ID), "name": "general"},
                 {**channel, "id": str(OTHER_CHANNEL_ID), "name": "off-topic"},
             ],
-            "members": [{"user": user(BOT_ID, "persona", bot=True), "roles": [], "joined_at": TIMESTAMP,
+            "members": [{"user": user(BOT_ID, "persona", bot=True), "roles": [str(BOT_ROLE_ID)], "joined_at": TIMESTAMP,
                          "deaf": False, "mute": False, "flags": 0}],
         }
         await socket.send_str(json.dumps({"op": 0, "t": "GUILD_CREATE", "s": next(self._sequence), "d": guild}))
@@ -280,6 +297,9 @@ class FakeDiscord:
             return _json({"message": "401: Unauthorized", "code": 0}, status=401)
         body = await self._body(request)
         parts = path.strip("/").split("/")
+        refused = self._refuse_content(request.method, parts, body)
+        if refused is not None:
+            return refused
         match request.method, parts:
             case "GET", ["users", "@me"]:
                 return _json(user(BOT_ID, "persona", bot=True))
@@ -340,6 +360,26 @@ class FakeDiscord:
                 self.deleted_originals.append(self._interactions_by_token[token]["id"])
                 return web.Response(status=204)
         return _json({"message": f"fake has no {request.method} {path}", "code": 0}, status=404)
+
+    @staticmethod
+    def _refuse_content(method: str, parts: list[str], body: dict | list) -> web.Response | None:
+        """Discord's checks on a message's content: at most 2,000 characters, and not nothing."""
+        if method != "POST" or not isinstance(body, dict):
+            return None
+        if parts[:1] == ["channels"] and parts[2:] == ["messages"] or parts[:1] == ["webhooks"]:
+            message = body
+        elif parts[:1] == ["interactions"] and body.get("type") == 4:  # a response with a message
+            message = body.get("data") or {}
+        else:
+            return None
+        content = message.get("content") or ""
+        if len(content) > MESSAGE_LIMIT_CHARS:
+            return _json({"code": 50035, "message": "Invalid Form Body", "errors": {"content": {"_errors": [
+                {"code": "BASE_TYPE_MAX_LENGTH", "message": f"Must be {MESSAGE_LIMIT_CHARS} or fewer in length."}]}}},
+                status=400)
+        if not content.strip() and not message.get("embeds") and not message.get("attachments"):
+            return _json({"message": "Cannot send an empty message", "code": 50006}, status=400)
+        return None
 
     async def _body(self, request: web.Request) -> dict | list:
         if not request.can_read_body:

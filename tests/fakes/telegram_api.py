@@ -7,7 +7,10 @@ admin or a channel writes; ``push_media`` for a photo, sticker, voice message or
 ``actions`` (sendChatAction), ``commands`` (setMyCommands), and every call in ``calls``.
 ``flood(method, seconds)`` makes the next call of a method fail with 429 "retry after", as
 Telegram's flood control does. Once a group is upgraded, a call naming its old chat id
-fails with 400 and the new id in ``migrate_to_chat_id``, as on Telegram.
+fails with 400 and the new id in ``migrate_to_chat_id``, as on Telegram. A text longer than
+4,096 characters is refused with 400 "message is too long", and an empty one with "message
+text is empty", as the Bot API does; it counts code points (tdlib's ``utf8_length``), not
+UTF-16 code units, so 4,096 emoji pass.
 """
 
 from __future__ import annotations
@@ -28,6 +31,11 @@ BOT_USERNAME = "persona_test_bot"
 # The placeholder authors Telegram puts in ``from`` of a message written as a chat.
 ANONYMOUS_ADMIN = {"id": 1087968824, "is_bot": True, "first_name": "Group", "username": "GroupAnonymousBot"}
 CHANNEL_BOT = {"id": 136817688, "is_bot": True, "first_name": "Channel", "username": "Channel_Bot"}
+MESSAGE_LIMIT_CHARS = 4096  # the Bot API's "message_text_length_max", in code points
+
+
+class BadRequest(Exception):
+    """A call the Bot API refuses with 400 and this description."""
 
 
 @dataclass
@@ -189,7 +197,10 @@ class FakeTelegram:
                 status=400,
             )
         handler = getattr(self, f"_api_{method}", None)
-        result = await handler(params) if handler else True
+        try:
+            result = await handler(params) if handler else True
+        except BadRequest as exc:
+            return web.json_response({"ok": False, "error_code": 400, "description": f"Bad Request: {exc}"}, status=400)
         return web.json_response({"ok": True, "result": result})
 
     @staticmethod
@@ -214,6 +225,11 @@ class FakeTelegram:
         return ready
 
     async def _api_sendMessage(self, params: dict) -> dict:
+        text = str(params.get("text", "")).strip()
+        if not text:
+            raise BadRequest("message text is empty")
+        if len(text) > MESSAGE_LIMIT_CHARS:
+            raise BadRequest("message is too long")
         self.sent.append(params)
         chat_id = int(params["chat_id"])
         return {
