@@ -62,6 +62,11 @@ def test_markdown_with_toml_front_matter_and_drafts(tmp_path: Path):
     assert read_markdown(draft, OPTIONS) == []
     [why] = read_markdown(draft, OPTIONS).left_out
     assert str(why) == f"{draft}:2: a draft (its front matter sets draft to true); set it to false to read the post"
+    unpublished = tmp_path / "jekyll.md"  # Jekyll's way of saying the same
+    unpublished.write_text("---\ntitle: Soon\npublished: false\n---\nNot yet.\n")
+    [why] = read_markdown(unpublished, OPTIONS).left_out
+    assert str(why) == f"{unpublished}:3: a draft (its front matter sets published to false); set it to true to read the post"
+    assert read_markdown(unpublished, OPTIONS) == []
 
 
 def test_markdown_saved_with_windows_line_endings(tmp_path: Path):

@@ -141,12 +141,16 @@ def strip_markdown(text: str) -> str:
 
 
 def read_markdown(path: Path, options: ReadOptions) -> Documents:
-    """One document per file: the body with front matter and markup stripped; a draft is left out, and said so."""
+    """One document per file: the body with front matter and markup stripped; a draft (Hugo's
+    ``draft: true``, Jekyll's ``published: false``) is left out, and said so."""
     # Windows line endings: TOML refuses the "\r" that splitting on "\n" would leave.
     text = read_text_file(path).replace("\r\n", "\n")
     meta, body, start = _split_front_matter(path, text)
-    if meta.get("draft") is True:
-        line = next((n for n, row in enumerate(text.split("\n")[1:start], start=2) if re.match(r"\s*draft\b", row)), 1)
-        return Documents(left_out=[SourceProblem(path, line, "a draft (its front matter sets draft to true); set "
-                                                             "it to false to read the post")])
+    for key, unpublished in (("draft", True), ("published", False)):
+        if meta.get(key) is unpublished:
+            header = text.split("\n")[1:start]
+            line = next((n for n, row in enumerate(header, start=2) if re.match(rf"\s*{key}\b", row)), 1)
+            said, undo = str(unpublished).lower(), str(not unpublished).lower()
+            return Documents(left_out=[SourceProblem(
+                path, line, f"a draft (its front matter sets {key} to {said}); set it to {undo} to read the post")])
     return Documents([RawDocument(strip_markdown(body), str(path), start)])
