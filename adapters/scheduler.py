@@ -18,7 +18,8 @@ from datetime import UTC, datetime
 
 import redis
 
-from adapters.posting.poster import Poster, PostOutcome
+from adapters.posting.poster import Poster
+from adapters.posting.publishing import PostOutcome
 from adapters.posting.slots import (
     SlotPlan,
     next_slot,
@@ -97,7 +98,8 @@ class Scheduler:
             slot = slot_id(plan.post)
             log.info("%s: slot %s is due%s", persona.name, slot, " (late)" if plan.late else "")
             outcome = self.poster.post(persona.name, slot=slot)
-            log.info("%s: slot %s %s %s", persona.name, slot, outcome.status, outcome.message)
+            level = logging.INFO if outcome.status in ("posted", "pending", "done", "busy") else logging.WARNING
+            log.log(level, "%s: slot %s %s %s", persona.name, slot, outcome.status, outcome.message)
             if outcome.status == "busy" or outcome.retry_later or (begun is not None and begun != due[-1]):
                 # Another scheduler holds it, a dead one's lease has not yet run out, or a
                 # platform rate-limited the post: look again next tick (the missed-slot

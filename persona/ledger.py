@@ -15,7 +15,9 @@ without an id knows a crash (or a lost reply) happened mid-post, and asks the si
 A slot's ``state`` is empty while it is being posted, ``pending`` while it waits for an
 approval (``approved`` once approved), then ``posted``, ``failed`` or ``uncertain``
 (which may be tried again), or ``rejected`` or ``expired`` (its approval was never
-given), which close it for good.
+given), which close it for good. A sink left ``uncertain`` (the platform took the
+request and never answered, and cannot be searched) stays so until a person who looked
+settles it: ``posted`` (with its link) or ``failed`` (not there, safe to post again).
 """
 
 from __future__ import annotations
@@ -30,10 +32,12 @@ import redis
 from persona import constants as keys
 from persona.errors import PostingError
 
-__all__ = ["ClaimResult", "PostLedger", "SinkEntry"]
+__all__ = ["ClaimResult", "PostLedger", "SinkEntry", "slot_state"]
 
 # A slot in one of these states is never posted again.
 FINAL_STATES = ("posted", "rejected", "skipped", "expired")
+# Sink states a person may settle: the request went out and no answer came back.
+UNSETTLED_STATES = ("uncertain", "intent")
 # A poster is working on a slot in one of these states, or was when it died: '' while
 # the scheduler or `persona post` publishes it, 'approved' while its approver does.
 OPEN_STATES = ("", "approved")
@@ -131,6 +135,14 @@ def _text(value: bytes | str | None) -> str:
     return value.decode() if isinstance(value, bytes) else (value or "")
 
 
+def slot_state(entries: dict[str, SinkEntry]) -> str:
+    """A published slot's state from its sinks': ``posted`` once all are, ``uncertain`` while any is, else ``failed``."""
+    states = {entry.state for entry in entries.values()}
+    if states == {"posted"}:
+        return "posted"
+    return "uncertain" if "uncertain" in states else "failed"
+
+
 class PostLedger:
     """Claims, intents and post records for every (persona, slot), in Redis."""
 
@@ -179,6 +191,13 @@ class PostLedger:
         """The slot's ledger record, decoded (empty if the slot was never touched)."""
         raw = self.redis.hgetall(keys.post_record_key(persona, slot))
         return {_text(k): _text(v) for k, v in raw.items()}
+
+    def sink_entries(self, persona: str, slot: str) -> dict[str, SinkEntry]:
+        """Every sink's entry for the slot, by sink spec, in the order the slot's sinks were chosen."""
+        record = self.record(persona, slot)
+        entries = {name[len("sink:"):]: SinkEntry.from_json(raw) for name, raw in record.items() if name.startswith("sink:")}
+        order = {spec: i for i, spec in enumerate(json.loads(record.get("sinks") or "[]"))}
+        return dict(sorted(entries.items(), key=lambda item: order.get(item[0], len(order))))
 
     def sink_entry(self, persona: str, slot: str, sink: str) -> SinkEntry | None:
         """What the ledger knows about ``sink``'s post for the slot."""
@@ -231,6 +250,22 @@ class PostLedger:
         if count <= 0:
             return []
         return [_text(t) for t in self.redis.lrange(keys.recent_posts_key(persona), 0, count - 1)]
+
+    def unsettled(self, persona: str | None = None) -> list[dict[str, str]]:
+        """Sinks left uncertain (a person must look), oldest first: persona, slot, sink, text, error, at, approval."""
+        found: list[dict[str, str]] = []
+        pattern = f"{keys.POST_RECORD_KEY_PREFIX}{persona or '*'}:*"
+        for key in self.redis.scan_iter(match=pattern, count=1000):
+            owner, _, slot = _text(key)[len(keys.POST_RECORD_KEY_PREFIX):].partition(":")
+            record = self.record(owner, slot)
+            for name, raw in record.items():
+                entry = SinkEntry.from_json(raw) if name.startswith("sink:") else None
+                if entry is not None and entry.state == "uncertain":
+                    found.append({
+                        "persona": owner, "slot": slot, "sink": name[len("sink:"):], "text": record.get("text", ""),
+                        "error": entry.error, "at": str(entry.at), "approval": record.get("approval", ""),
+                    })
+        return sorted(found, key=lambda item: float(item["at"]))
 
     def history(self, count: int = 20, persona: str | None = None) -> list[dict[str, str]]:
         """What went out, newest first: persona, slot, sink, id, url, text, at."""

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -171,9 +172,55 @@ def test_a_slot_written_another_way_is_the_same_slot(settings, write_persona, en
     for same in ("2026-03-05T09:00:00+00:00", "2026-03-05T10:00+01:00", "2026-03-05 04:00:00-05:00"):
         result = persona("post", "punctual", "--slot", same, env=quick)
         assert result.returncode == 0 and "already posted" in result.stdout, (same, result.stdout, result.stderr)
-    naive = persona("post", "punctual", "--slot", "2026-03-05T09:00:00", env=quick)
-    assert naive.returncode == 1 and "2026-03-05T09:00:00Z" in naive.stderr and "Traceback" not in naive.stderr
+    # Without a zone, a time is read in the persona's (UTC here); a date alone is the day's one slot.
+    for same in ("2026-03-05T09:00:00", "2026-03-05T09:00", "2026-03-05"):
+        result = persona("post", "punctual", "--slot", same, env=quick)
+        assert result.returncode == 0 and "already posted" in result.stdout, (same, result.stdout, result.stderr)
     assert len(read_jsonl(settings.data_dir / "posts" / "punctual.jsonl")) == 1
+
+
+def test_a_slot_time_is_read_in_the_personas_time_zone_and_a_day_of_two_slots_needs_the_time(settings, write_persona, env):
+    """`--slot 2026-07-27T18:00` was refused ("no time zone"), and a date became a slot of
+    its own: a persona posting at 9 and 18 had no way to name its evening slot."""
+    from tests.fakes.scripted_worker import scripted_worker
+
+    write_persona("twice", base="unused", schedule={
+        "cron": "0 9,18 * * *", "timezone": "Europe/London", "sinks": ["file:twice.jsonl"], "candidates": 1})
+    with scripted_worker(settings, lambda request: TEXTS[0]):
+        evening = persona("post", "twice", "--slot", "2026-07-27T18:00", "--json", env=env)
+    assert evening.returncode == 0, evening.stderr
+    assert json.loads(evening.stdout)["slot"] == "2026-07-27T17:00:00Z"  # 18:00 in London's summer time
+    again = persona("post", "twice", "--slot", "2026-07-27T17:00Z", env=env)
+    assert again.returncode == 0 and "already posted" in again.stdout
+
+    day = persona("post", "twice", "--slot", "2026-07-27", env=env)
+    assert day.returncode == 1 and "2 slots that day (2026-07-27T09:00, 2026-07-27T18:00)" in day.stderr, day.stderr
+    for wrong in ("tomorrow", "18:00"):
+        refused = persona("post", "twice", "--slot", wrong, env=env)
+        assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr
+        assert "2026-11-27T18:00 (a time in the persona's schedule.timezone)" in refused.stderr, refused.stderr
+    assert len(read_jsonl(settings.data_dir / "posts" / "twice.jsonl")) == 1
+    helped = persona("post", "--help", env=env | {"COLUMNS": "400"})
+    assert "2026-11-27T18:00 (in the persona's schedule.timezone)" in helped.stdout, helped.stdout
+
+
+def test_a_day_posted_by_hand_is_that_days_scheduled_slot(settings, write_persona, redis_client, env):
+    """`persona post daily --slot 2026-03-12` filled a slot named "2026-03-12": the
+    scheduler's 09:00 slot that day was still due, and the persona posted twice."""
+    from adapters.scheduler import Scheduler
+    from tests.fakes.scripted_worker import scripted_worker
+
+    write_persona("daily", base="unused", adapters=["cli", "scheduler"], schedule={
+        "enabled": True, "cron": "0 9 * * *", "timezone": "Europe/London", "sinks": ["file:daily.jsonl"], "candidates": 1})
+    poster = Poster(settings, redis_client, lambda p, n, seed: TEXTS[:n])
+    scheduler = Scheduler(poster, redis_client)
+    scheduler.tick(datetime(2026, 3, 12, 8, 0, tzinfo=UTC))  # starts its clock
+    with scripted_worker(settings, lambda request: TEXTS[1]):
+        by_hand = persona("post", "daily", "--slot", "2026-03-12", env=env)
+    assert by_hand.returncode == 0 and "posted daily 2026-03-12T09:00:00Z" in by_hand.stdout, by_hand.stdout + by_hand.stderr
+    [outcome] = scheduler.tick(datetime(2026, 3, 12, 9, 0, 30, tzinfo=UTC))
+    assert outcome.status == "done" and "already posted" in outcome.message
+    assert len(read_jsonl(settings.data_dir / "posts" / "daily.jsonl")) == 1
 
 
 def test_clear_errors(write_persona, env):
@@ -274,3 +321,86 @@ def test_dry_run_shows_each_candidate_and_its_verdict_without_credentials(settin
     with scripted_worker(settings, lambda request: next(drafts)):
         shown = persona("post", "preview", "--dry-run", env=env)
     assert shown.returncode == 1 and "degenerate: wait wait wait wait" in shown.stdout
+
+
+@pytest.fixture
+def teller(settings, write_persona, env, redis_client):
+    """A persona posting to a file and to X, where X is the fake platform; its CLI environment."""
+    from tests.fakes.social_api import serve, settings_env
+
+    write_persona("teller", base="unused", schedule={"sinks": ["file:teller.jsonl", "x"], "candidates": 1})
+    with serve() as fake:
+        yield fake, env | settings_env(fake.url)
+
+
+def _tweets(fake) -> list[str]:
+    return [seen["json"]["text"] for seen in fake.seen if seen["path"] == "/2/tweets"]
+
+
+def test_an_uncertain_post_is_settled_as_posted_by_a_person(settings, teller):
+    """X took the request and hung up: the slot stayed "uncertain" for ever, every retry
+    said so again, and no command could say what a person found on X."""
+    from tests.fakes.scripted_worker import scripted_worker
+
+    fake, env = teller
+    fake.drop_next(1, "/2/tweets")
+    with scripted_worker(settings, lambda request: TEXTS[0]):
+        first = persona("post", "teller", "--slot", "2026-03-20T09:00Z", env=env)
+    assert first.returncode == 1 and "x: no answer, it may have posted" in first.stdout, first.stdout + first.stderr
+    assert "Traceback" not in first.stderr and "the connection broke before X answered" in first.stderr
+    assert "`persona posts settle teller 2026-03-20T09:00:00Z --posted LINK` (or `--not-posted`)" in first.stdout
+    listed = json.loads(persona("posts", "uncertain", "--json", env=env).stdout)
+    assert [(u["persona"], u["slot"], u["sink"], u["text"]) for u in listed] == [("teller", "2026-03-20T09:00:00Z", "x", TEXTS[0])]
+    assert "teller" in persona("posts", "uncertain", env=env).stdout
+
+    retried = persona("post", "teller", "--slot", "2026-03-20T09:00Z", env=env)
+    assert retried.returncode == 1 and "uncertain" in retried.stdout and _tweets(fake) == [TEXTS[0]]  # never twice
+
+    neither = persona("posts", "settle", "teller", "2026-03-20T09:00Z", env=env)
+    assert neither.returncode != 0 and "--not-posted" in neither.stderr
+    wrong_sink = persona("posts", "settle", "teller", "2026-03-20T09:00Z", "--sink", "file:teller.jsonl", "--posted", "x", env=env)
+    assert wrong_sink.returncode == 1 and "is posted" in wrong_sink.stderr, wrong_sink.stderr
+    link = "https://x.com/teller/status/1790000000000000001"
+    settled = persona("posts", "settle", "teller", "2026-03-20T09:00Z", "--posted", link, env=env)
+    assert settled.returncode == 0, settled.stdout + settled.stderr
+    assert f"x: posted {link}" in settled.stdout
+    assert json.loads(persona("posts", "uncertain", "--json", env=env).stdout) == []
+    history = json.loads(persona("posts", "history", "--json", env=env).stdout)
+    assert (history[0]["sink"], history[0]["url"]) == ("x", link)
+    done = persona("post", "teller", "--slot", "2026-03-20T09:00Z", env=env)
+    assert done.returncode == 0 and "already posted" in done.stdout and _tweets(fake) == [TEXTS[0]]
+    again = persona("posts", "settle", "teller", "2026-03-20T09:00Z", "--not-posted", env=env)
+    assert again.returncode == 1 and "nothing to settle" in again.stderr
+
+
+def test_an_uncertain_post_settled_as_not_posted_goes_out_once_more_where_it_was_missing(settings, teller):
+    from tests.fakes.scripted_worker import scripted_worker
+
+    fake, env = teller
+    fake.drop_next(1, "/2/tweets")
+    with scripted_worker(settings, lambda request: TEXTS[1]):
+        assert persona("post", "teller", "--slot", "2026-03-21T09:00Z", env=env).returncode == 1
+    settled = persona("posts", "settle", "teller", "2026-03-21T09:00Z", "--not-posted", env=env)
+    assert settled.returncode == 0, settled.stdout + settled.stderr
+    assert "to post it now: `persona post teller --slot 2026-03-21T09:00:00Z`" in settled.stdout
+    assert _tweets(fake) == [TEXTS[1]]  # settling posts nothing by itself
+    posted = persona("post", "teller", "--slot", "2026-03-21T09:00Z", env=env)  # its text is chosen: no worker needed
+    assert posted.returncode == 0 and "posted teller 2026-03-21T09:00:00Z" in posted.stdout, posted.stdout + posted.stderr
+    assert _tweets(fake) == [TEXTS[1], TEXTS[1]]
+    assert [line["text"] for line in read_jsonl(settings.data_dir / "posts" / "teller.jsonl")] == [TEXTS[1]]
+
+
+def test_a_retry_by_hand_goes_to_the_sinks_the_post_was_made_for(settings, teller):
+    """`persona post teller --sink x` rate-limited, retried as told with `persona post
+    teller --slot SLOT`, went out to every sink in the persona's file as well."""
+    from tests.fakes.scripted_worker import scripted_worker
+
+    fake, env = teller
+    fake.fail_with = 429
+    with scripted_worker(settings, lambda request: TEXTS[0]):
+        limited = persona("post", "teller", "--sink", "x", "--slot", "2026-03-22T09:00Z", env=env)
+    assert limited.returncode == 1 and "to try again later: `persona post teller --slot 2026-03-22T09:00:00Z`" in limited.stdout
+    fake.fail_with = None
+    retried = persona("post", "teller", "--slot", "2026-03-22T09:00:00Z", env=env)
+    assert retried.returncode == 0 and "x: posted" in retried.stdout, retried.stdout + retried.stderr
+    assert not (settings.data_dir / "posts" / "teller.jsonl").exists()

@@ -128,7 +128,7 @@ def test_an_unreadable_corpus_is_said_before_any_candidate_is_generated(settings
     asked: list[int] = []
     poster = Poster(settings, redis_client, lambda persona, n, seed: asked.append(n) or TEXTS[:n])
     with pytest.raises(CorpusError, match="gone.jsonl"):
-        poster.post("nocorpus", slot="s1")
+        poster.post("nocorpus", slot="2026-01-01T09:00:00Z")
     assert asked == []  # no batch of generations thrown away
 
 
@@ -317,8 +317,8 @@ def test_crash_before_the_platform_call_posts_on_retry(settings, scheduled):
             raise Crash
 
     with pytest.raises(Crash):
-        poster_for(settings, sink_factory=lambda spec, s: DiesBeforePosting(spec, scheduled)).post("poet", slot="s1")
-    retry = poster_for(settings).post("poet", slot="s1")
+        poster_for(settings, sink_factory=lambda spec, s: DiesBeforePosting(spec, scheduled)).post("poet", slot="2026-01-01T09:00:00Z")
+    retry = poster_for(settings).post("poet", slot="2026-01-01T09:00:00Z")
     assert retry.status == "posted" and len(read_jsonl(scheduled)) == 1
 
 
@@ -417,7 +417,7 @@ def test_a_begun_slot_is_finished_even_when_a_newer_one_fell_due_meanwhile(setti
 
 
 def test_stopping_ends_a_wait_for_candidates_and_leaves_the_slot_due(settings, scheduled, redis_client):
-    from adapters.posting.poster import QueueCandidates
+    from adapters.posting.candidates import QueueCandidates
     from persona.queue import QueueClient
 
     stopping = threading.Event()
@@ -433,7 +433,7 @@ def test_stopping_ends_a_wait_for_candidates_and_leaves_the_slot_due(settings, s
 
 
 def test_a_queue_full_midway_withdraws_the_candidates_already_submitted(settings, write_persona, redis_client):
-    from adapters.posting.poster import QueueCandidates
+    from adapters.posting.candidates import QueueCandidates
     from persona.contract import GenerationRequest
     from persona.errors import QueueBusy
     from persona.personas import PersonaRegistry

@@ -2,161 +2,37 @@
 
 from __future__ import annotations
 
-import asyncio
-import base64
-import json
+import logging
 import socket
-import threading
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 import pytest
 import requests
-from aiohttp import web
 from pydantic import SecretStr
 
 from adapters.posting import social
 from adapters.posting.poster import Poster
-from adapters.posting.sinks import FileSink, SinkRateLimited, make_sink, platform_of
+from adapters.posting.sinks import (
+    FileSink,
+    SinkNoAnswer,
+    SinkRateLimited,
+    make_sink,
+    platform_of,
+)
 from adapters.scheduler import Scheduler
 from persona.errors import ConfigError, PostingError, SinkError
 from persona.settings import Settings
 from tests.conftest import free_port, read_jsonl
-
-
-@dataclass
-class FakePlatform:
-    """An aiohttp server in its own thread that records every request it answers."""
-
-    url: str = ""
-    seen: list[dict] = field(default_factory=list)
-    fail_with: int | None = None
-    records: list[dict] = field(default_factory=list)
-
-
-def _jwt() -> str:
-    def part(obj: dict) -> str:
-        return base64.urlsafe_b64encode(json.dumps(obj).encode()).rstrip(b"=").decode()
-
-    now = int(time.time())
-    return f"{part({'alg': 'HS256', 'typ': 'JWT'})}.{part({'sub': 'did:plc:fake', 'iat': now, 'exp': now + 3600})}.c2ln"
-
-
-def _discord_json(data: dict, status: int = 200) -> web.Response:
-    # discord.py parses a body only when the content type is exactly application/json, as Discord sends it.
-    return web.Response(body=json.dumps(data).encode(), status=status, headers={"Content-Type": "application/json"})
-
-
-def _routes(fake: FakePlatform) -> web.Application:
-    async def record(request: web.Request) -> dict:
-        body = await request.read()
-        try:
-            payload = json.loads(body) if body else {}
-        except ValueError:
-            payload = dict(await request.post()) if body else {}
-        seen = {"path": request.path, "headers": dict(request.headers), "json": payload}
-        fake.seen.append(seen)
-        return seen
-
-    async def tweet(request):
-        seen = await record(request)
-        if fake.fail_with:
-            return web.json_response({"title": "Forbidden", "detail": "duplicate content"}, status=fake.fail_with)
-        return web.json_response({"data": {"id": "1790000000000000001", "text": seen["json"]["text"]}}, status=201)
-
-    async def status(request):
-        seen = await record(request)
-        if fake.fail_with:
-            return web.json_response({"error": "Validation failed"}, status=fake.fail_with)
-        return web.json_response({
-            "id": "109000000000000001", "url": "https://masto.test/@sage/109000000000000001",
-            "content": f"<p>{seen['json'].get('status')}</p>", "created_at": "2026-01-01T09:00:00.000Z",
-            "visibility": "public", "account": {"id": "1", "username": "sage", "acct": "sage"},
-        })
-
-    async def session(request):
-        await record(request)
-        if fake.fail_with:
-            return web.json_response({"error": "AuthenticationRequired", "message": "Invalid identifier or password"}, status=401)
-        return web.json_response({"accessJwt": _jwt(), "refreshJwt": _jwt(), "handle": "sage.test", "did": "did:plc:fake"})
-
-    async def create_record(request):
-        seen = await record(request)
-        uri = f"at://did:plc:fake/app.bsky.feed.post/3kabcdefghij{len(fake.records)}"
-        fake.records.insert(0, {"uri": uri, "cid": "bafyreifake", "value": seen["json"]["record"]})
-        return web.json_response({"uri": uri, "cid": "bafyreifake"})
-
-    async def list_records(request):
-        await record(request)
-        assert request.query["collection"] == "app.bsky.feed.post"
-        return web.json_response({"records": fake.records[: int(request.query.get("limit", 50))]})
-
-    async def me(request):
-        await record(request)
-        if fake.fail_with:
-            return _discord_json({"message": "401: Unauthorized", "code": 0}, status=fake.fail_with)
-        return _discord_json({"id": "42", "username": "sagebot", "discriminator": "0", "avatar": None, "bot": True})
-
-    async def channel_message(request):
-        seen = await record(request)
-        return _discord_json({"id": "1200000000000000001", "channel_id": request.match_info["channel"],
-                              "content": seen["json"].get("content")})
-
-    async def telegram(request):
-        seen = await record(request)
-        method = request.match_info["method"]
-        if fake.fail_with == 401:  # a token Telegram does not know
-            return web.json_response({"ok": False, "error_code": 401, "description": "Unauthorized"}, status=401)
-        if method == "getMe":
-            return web.json_response({"ok": True, "result": {"id": 7, "is_bot": True, "first_name": "Sage", "username": "sagebot"}})
-        if fake.fail_with == 429:
-            return web.json_response({"ok": False, "error_code": 429, "description": "Too Many Requests: retry after 7",
-                                      "parameters": {"retry_after": 7}}, status=429)
-        if fake.fail_with:
-            return web.json_response({"ok": False, "error_code": 400, "description": "Bad Request: chat not found"}, status=400)
-        return web.json_response({"ok": True, "result": {
-            "message_id": 77, "date": int(time.time()), "text": seen["json"].get("text"),
-            "chat": {"id": -1001234567890, "type": "channel", "title": "Sage", "username": "sagechannel"},
-        }})
-
-    app = web.Application()
-    app.router.add_post("/2/tweets", tweet)
-    app.router.add_post("/api/v1/statuses", status)
-    app.router.add_post("/xrpc/com.atproto.server.createSession", session)
-    app.router.add_post("/xrpc/com.atproto.repo.createRecord", create_record)
-    app.router.add_get("/xrpc/com.atproto.repo.listRecords", list_records)
-    app.router.add_get("/api/v10/users/@me", me)
-    app.router.add_post("/api/v10/channels/{channel}/messages", channel_message)
-    app.router.add_post("/bot{token}/{method}", telegram)
-    return app
+from tests.fakes.social_api import FakePlatform, serve
 
 
 @pytest.fixture
 def platform() -> Iterator[FakePlatform]:
     """Every fake platform API on one loopback port, served from a background thread."""
-    fake = FakePlatform()
-    loop = asyncio.new_event_loop()
-    ready = threading.Event()
-    runner = web.AppRunner(_routes(fake))
-
-    async def start():
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        fake.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
-        ready.set()
-
-    thread = threading.Thread(target=lambda: (loop.run_until_complete(start()), loop.run_forever()), daemon=True)
-    thread.start()
-    assert ready.wait(10)
-    yield fake
-    asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(10)
-    loop.close()
+    with serve() as fake:
+        yield fake
 
 
 def settings_for(settings: Settings, fake: FakePlatform, **posting) -> Settings:
@@ -187,7 +63,7 @@ def test_a_file_that_cannot_be_written_is_a_refusal_naming_the_path(settings, tm
     with a traceback, and was tried again every tick."""
     (tmp_path / "taken").write_text("a file, not a folder")
     write_persona("filer", base="unused", schedule={"sinks": [f"file:{tmp_path}/taken/posts.jsonl"], "candidates": 1})
-    outcome = Poster(settings, redis_client, lambda persona, n, seed: ["Patience is a slow river."]).post("filer", slot="s1")
+    outcome = Poster(settings, redis_client, lambda persona, n, seed: ["Patience is a slow river."]).post("filer", slot="2026-01-01T09:00:00Z")
     assert (outcome.status, outcome.retry_later) == ("failed", False)
     assert f"cannot write {tmp_path}/taken/posts.jsonl" in outcome.message
 
@@ -222,7 +98,9 @@ def test_x_gives_up_on_a_connection_that_never_answers(settings, monkeypatch):
         settings.posting = settings.posting.model_copy(update={
             "x_api_url": f"http://127.0.0.1:{stalled.getsockname()[1]}", "x_bearer_token": SecretStr("user-token")})
         attempt = pool.submit(make_sink("x", settings).post, "Patience.", "m1")
-        assert isinstance(attempt.exception(timeout=10), requests.exceptions.Timeout)
+        gave_up = attempt.exception(timeout=10)
+        assert isinstance(gave_up, SinkNoAnswer) and isinstance(gave_up.__cause__, requests.exceptions.Timeout)
+        assert "X did not answer in 0 s" in str(gave_up) or "X did not answer in 1 s" in str(gave_up)
 
 
 def test_x_without_credentials_says_which_setting(settings):
@@ -433,7 +311,7 @@ def test_wrong_credentials_are_refusals_that_name_the_setting(settings, platform
         assert "\n" not in str(refused.value)
 
     write_persona("locked", base="unused", schedule={"sinks": ["discord:1234"], "candidates": 1})
-    outcome = Poster(wrong, redis_client, lambda persona, n, seed: ["Patience is a slow river."]).post("locked", slot="s1")
+    outcome = Poster(wrong, redis_client, lambda persona, n, seed: ["Patience is a slow river."]).post("locked", slot="2026-01-01T09:00:00Z")
     assert (outcome.status, outcome.retry_later, outcome.sinks["discord:1234"]["state"]) == ("failed", False, "failed")
     assert "PERSONA_DISCORD__TOKEN" in outcome.message
 
@@ -444,7 +322,7 @@ def test_missing_settings_are_named_all_at_once(settings, write_persona, redis_c
     write_persona("unset", base="unused", schedule={"sinks": ["x", "mastodon", "bluesky", "discord:1", "telegram:@c"]})
     poster = Poster(settings, redis_client, lambda persona, n, seed: [])
     with pytest.raises(ConfigError) as unset:
-        poster.post("unset", slot="s1")
+        poster.post("unset", slot="2026-01-01T09:00:00Z")
     message = str(unset.value)
     for setting in ("PERSONA_POSTING__X_BEARER_TOKEN", "PERSONA_POSTING__X_ACCESS_TOKEN_SECRET",
                     "PERSONA_POSTING__MASTODON_ACCESS_TOKEN", "PERSONA_POSTING__BLUESKY_HANDLE",
@@ -496,8 +374,8 @@ def test_bluesky_finds_an_earlier_post_so_a_crash_is_never_posted_twice(settings
     client.flushall()
     write = lambda persona, n, seed: ["A calm mind is a garden."]
     with pytest.raises(Crash):
-        Poster(changed, client, write, sink_factory=lambda spec, s: DiesAfterPosting()).post("sky", slot="s1")
-    retry = Poster(changed, client, write).post("sky", slot="s1")
+        Poster(changed, client, write, sink_factory=lambda spec, s: DiesAfterPosting()).post("sky", slot="2026-01-01T09:00:00Z")
+    retry = Poster(changed, client, write).post("sky", slot="2026-01-01T09:00:00Z")
     assert retry.status == "posted"
     assert retry.sinks["bluesky"]["id"] == "at://did:plc:fake/app.bsky.feed.post/3kabcdefghij1"
     creates = [s for s in platform.seen if s["path"].endswith("createRecord")]
@@ -528,10 +406,10 @@ def test_mastodon_retry_after_a_lost_answer_reuses_the_idempotency_key(settings,
     client.flushall()
     write = lambda persona, n, seed: ["Tend the garden daily."]  # noqa: E731 (a candidate source)
     with pytest.raises(LostAnswer):
-        Poster(changed, client, write, sink_factory=lambda spec, s: DiesAfterPosting()).post("masto", slot="s1")
-    assert Poster(changed, client, write).post("masto", slot="s1").status == "posted"
+        Poster(changed, client, write, sink_factory=lambda spec, s: DiesAfterPosting()).post("masto", slot="2026-01-01T09:00:00Z")
+    assert Poster(changed, client, write).post("masto", slot="2026-01-01T09:00:00Z").status == "posted"
     keys = [s["headers"]["Idempotency-Key"] for s in platform.seen]
-    assert keys == ["masto:s1:mastodon", "masto:s1:mastodon"]  # the server drops the repeat
+    assert keys == ["masto:2026-01-01T09:00:00Z:mastodon"] * 2  # the server drops the repeat
 
 
 def test_an_approved_post_that_x_turned_away_goes_out_when_approved_again(settings, platform, write_persona, redis_client):
@@ -551,3 +429,26 @@ def test_an_approved_post_that_x_turned_away_goes_out_when_approved_again(settin
     assert again.status == "posted" and again.text == "Patience, edited."
     assert poster.approve(waiting.approval_id).status == "done"
     assert [seen["json"]["text"] for seen in platform.seen] == ["Patience, edited."] * 2
+
+
+def test_a_post_whose_answer_was_lost_is_said_in_one_line_and_never_posted_twice(settings, platform, write_persona, redis_client, caplog):
+    """Each platform takes the post and hangs up. A lost answer was logged as a crash,
+    with a 60-line traceback on the terminal of `persona post`; X's slot was then left
+    "uncertain" with no word of what to do about it."""
+    changed = settings_for(settings, platform, x_bearer_token=SecretStr("user-token"),
+                           mastodon_access_token=SecretStr("masto-token"), bluesky_handle="sage.test",
+                           bluesky_password=SecretStr("app-password"))
+    write_persona("lossy", base="unused", schedule={"sinks": ["x", "mastodon", "bluesky"], "candidates": 1})
+    poster = Poster(changed, redis_client, lambda persona, n, seed: ["Tend the garden daily."])
+    platform.drop_next(3)  # each platform's post
+    first = poster.post("lossy", slot="2026-01-02T09:00:00Z")
+    assert [r.exc_info for r in caplog.records if r.levelno >= logging.WARNING] == [None] * 3, caplog.text
+    assert {spec: s["state"] for spec, s in first.sinks.items()} == {"x": "uncertain", "mastodon": "intent", "bluesky": "intent"}
+    assert first.status == "uncertain" and len(platform.dropped) == 3
+    assert "x: no answer, it may have posted: the connection broke before X answered" in first.message
+    assert "`persona posts settle lossy 2026-01-02T09:00:00Z --posted LINK` (or `--not-posted`)" in first.message
+    assert "Traceback" not in first.message and "\n" not in first.message
+    retry = poster.post("lossy", slot="2026-01-02T09:00:00Z")
+    assert {spec: s["state"] for spec, s in retry.sinks.items()} == {"x": "uncertain", "mastodon": "posted", "bluesky": "posted"}
+    assert len([s for s in platform.seen if s["path"] == "/2/tweets"]) == 1  # X: left to a person
+    assert len(platform.statuses) == 1 and len(platform.records) == 1  # the others: the same post, found or deduplicated

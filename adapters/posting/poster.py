@@ -1,148 +1,36 @@
-"""Making one post: generate candidates through the queue, curate, publish exactly once.
+"""Making one post: generate candidates, curate, hold for approval or publish.
 
-``Poster.post`` claims the (persona, slot) in the ledger, generates N candidates at
-batch priority (each with its own seed), keeps the best that passes the filters, and
-stores it in the slot's record *before* publishing, so a retry after a crash publishes
-the same text. Each sink gets an intent record first, then the platform call, then the
-post id; see ``adapters.posting.sinks`` for how each sink makes a retry safe. With
-approval on, the post waits in the approval queue instead of going out.
+``Poster.post`` claims the (persona, slot) in the ledger, asks its candidate source
+(``adapters.posting.candidates``) for N candidates, keeps the best that passes the
+filters, and stores it in the slot's record *before* publishing, so a retry after a
+crash publishes the same text; ``adapters.posting.publishing`` sends it to each sink
+exactly once. With approval on, the post waits in the approval queue instead.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import secrets
-import threading
-import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Protocol
 
 import redis
 
-from adapters.posting.sinks import (
-    Sink,
-    SinkRateLimited,
-    SinkUnreachable,
-    make_sink,
-    platform_of,
-)
-from adapters.posting.slots import parse_slot
+from adapters.posting.candidates import CandidateSource
+from adapters.posting.publishing import PostOutcome, Publisher
+from adapters.posting.sinks import Sink, make_sink, platform_of
+from adapters.posting.slots import MANUAL_SLOT_PREFIX, manual_slot, resolve_slot
 from persona.approvals import Approval, ApprovalQueue
-from persona.contract import (
-    GenerationReply,
-    GenerationRequest,
-    Priority,
-    SamplingOverrides,
-)
 from persona.curation import Curated, curate, limit_for, load_corpus, over_limits
-from persona.errors import ConfigError, PostingError, ReplyTimeout, SinkError
-from persona.ledger import FINAL_STATES, PostLedger, SinkEntry
+from persona.errors import ConfigError, PostingError
+from persona.ledger import FINAL_STATES, PostLedger
 from persona.originality import CopyIndex
 from persona.personas import Persona, PersonaRegistry
-from persona.queue import QueueClient
 from persona.settings import Settings
 
-__all__ = ["CandidateSource", "PostOutcome", "Poster", "QueueCandidates", "manual_slot"]
-
-log = logging.getLogger(__name__)
+__all__ = ["Poster"]
 
 SEED_RANGE = 2**31 - 1024
-# Sink states after which trying the slot again is safe and may succeed.
-RETRY_LATER_STATES = ("rate_limited", "unreachable", "intent")
-# How a sink's state reads in a message (an intent left behind means the call got no answer).
-STATE_WORDS = {"intent": "no answer (safe to retry)", "rate_limited": "rate-limited", "unreachable": "unreachable, nothing sent:"}
-POLL_S = 2.0
-WAIT_SLACK_S = 5.0
-
-
-class CandidateSource(Protocol):
-    """Whatever writes the raw candidates for a post."""
-
-    def __call__(self, persona: Persona, n: int, seed: int) -> list[str]: ...
-
-
-class QueueCandidates:
-    """Candidates from the workers: N requests at batch priority, seeds ``seed .. seed+N-1``."""
-
-    def __init__(
-        self, queue: QueueClient, wait_s: float, source: str = "scheduler", stopping: threading.Event | None = None
-    ) -> None:
-        self.queue = queue
-        self.wait_s = wait_s
-        self.source = source
-        self.stopping = stopping or threading.Event()
-        self.failures = 0
-
-    def __call__(self, persona: Persona, n: int, seed: int) -> list[str]:
-        deadline = time.time() + self.wait_s
-        requests: list[GenerationRequest] = []
-        texts: list[str] = []
-        try:
-            # Submit them all before waiting on any, so a worker generates them as one batch.
-            # A full queue may refuse the fifth after taking four: those four are cancelled below.
-            for i in range(n):
-                requests.append(self.queue.submit(GenerationRequest(
-                    persona=persona.name, mode="complete", priority=Priority.batch, source=self.source,
-                    sampling=SamplingOverrides(seed=seed + i), deadline=deadline,
-                )))
-            for request in requests:
-                reply = self._wait(request)
-                if reply.ok:
-                    texts.append(reply.text)
-                else:
-                    self.failures += 1
-                    log.warning("candidate %s for %s failed: %s", request.id, persona.name, reply.error)
-        except BaseException:
-            for request in requests:  # nobody will read them: spare the workers
-                self.queue.cancel(request.id)
-            raise
-        return texts
-
-
-    def _wait(self, request: GenerationRequest) -> GenerationReply:
-        # Short waits in a loop, so a stop (SIGTERM) takes effect while a cold worker
-        # spends minutes loading its model.
-        while True:
-            if self.stopping.is_set():
-                raise PostingError("stopped while waiting for candidates; the slot stays due")
-            remaining = request.deadline + WAIT_SLACK_S - time.time()
-            try:
-                return self.queue.wait(request, timeout=max(0.1, min(POLL_S, remaining)))
-            except ReplyTimeout:
-                if remaining <= POLL_S:
-                    raise
-
-
-@dataclass
-class PostOutcome:
-    """What became of one post attempt (printed by ``persona post --json``)."""
-
-    persona: str
-    slot: str
-    status: str  # posted | dry_run | pending | done | busy | no_candidate | failed | uncertain
-    # Failed only because a platform asked us to slow down (nothing went out there): try again later.
-    retry_later: bool = False
-    text: str = ""
-    candidates: int = 0
-    rejected: dict[str, int] = field(default_factory=dict)
-    passed: list[str] = field(default_factory=list)
-    # Every candidate as curation saw it, in order: {"text": ..., "rejected": reason, or "" if it passed}.
-    verdicts: list[dict[str, str]] = field(default_factory=list)
-    sinks: dict[str, dict] = field(default_factory=dict)
-    approval_id: str = ""
-    message: str = ""
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def manual_slot(now: datetime | None = None) -> str:
-    """A fresh slot name for a post made by hand."""
-    return (now or datetime.now(UTC)).strftime("manual-%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 class Poster:
@@ -159,6 +47,7 @@ class Poster:
         self.registry = registry or PersonaRegistry.from_settings(settings)
         self.ledger = PostLedger(client, lease_s=settings.posting.lease_s, owner=owner)
         self.approvals = ApprovalQueue(client)
+        self.publisher = Publisher(self.ledger, recent_kept=settings.posting.recent_posts)
         self._corpora: dict[tuple[Path, int], CopyIndex] = {}
 
     def sinks_for(self, persona: Persona, specs: list[str] | None) -> list[Sink]:
@@ -217,12 +106,13 @@ class Poster:
         """Make the post for one slot (a fresh manual slot if none is named)."""
         persona = self.registry.get(name)
         count = n or persona.schedule.candidates
+        slot = self.slot_named(persona, slot) if slot else ""
         if dry_run:
-            return self._dry_run(persona, slot or "", sinks or persona.schedule.sinks, count)
-        built = self.sinks_for(persona, sinks)
+            return self._dry_run(persona, slot, sinks or persona.schedule.sinks, count)
+        slot = slot or manual_slot()
+        built = self.sinks_for(persona, sinks or self._chosen_sinks(persona.name, slot))
         if not built:
             raise PostingError(f"persona {name!r} has no sinks: add schedule.sinks to its file, or pass --sink")
-        slot = parse_slot(slot) if slot else manual_slot()
         claim = self.ledger.claim(persona.name, slot)
         if not claim.claimed:
             return self._unclaimed(persona.name, slot, claim.outcome, claim.state)
@@ -231,12 +121,28 @@ class Poster:
         finally:
             self.ledger.release(persona.name, slot)  # a no-op once finished
 
+    def slot_named(self, persona: Persona, name: str) -> str:
+        """The slot a person named, as the ledger knows it (see ``slots.resolve_slot`` for the forms).
+
+        A name ``persona post`` made up (``manual-...``), or one the ledger already holds, is
+        taken as it is.
+        """
+        if name.startswith(MANUAL_SLOT_PREFIX) or self.ledger.record(persona.name, name):
+            return name
+        return resolve_slot(name, persona.schedule.cron, persona.schedule.timezone)
+
+    def _chosen_sinks(self, name: str, slot: str) -> list[str] | None:
+        """The sinks a slot's text was chosen for, if it was (None for a slot not begun)."""
+        # A retry by hand of `persona post --sink x` goes on to X alone, not to every sink in the file.
+        record = self.ledger.record(name, slot)
+        return json.loads(record["sinks"]) if record.get("text") and record.get("sinks") else None
+
     def _post_claimed(self, persona: Persona, slot: str, sinks: list[Sink], n: int, approval: bool) -> PostOutcome:
         record = self.ledger.record(persona.name, slot)
         if record.get("text"):  # a retry: publish what was chosen before, never a new text
             outcome = PostOutcome(persona.name, slot, "posted", text=record["text"],
                                   candidates=int(record.get("candidates", 0)), rejected=json.loads(record.get("rejected", "{}")))
-            return self._publish(persona, slot, sinks, outcome)
+            return self.publisher.publish(persona.name, slot, sinks, outcome)
         curated = self.choose(persona, [s.platform for s in sinks], n)
         outcome = self._outcome(persona.name, slot, "posted", curated)
         if curated.best is None:
@@ -256,73 +162,12 @@ class Poster:
             outcome.status, outcome.approval_id = "pending", waiting.id
             outcome.message = f"waiting for approval: `persona posts approve {waiting.id}`"
             return outcome
-        return self._publish(persona, slot, sinks, outcome)
+        return self.publisher.publish(persona.name, slot, sinks, outcome)
 
-    def _publish(self, persona: Persona, slot: str, sinks: list[Sink], outcome: PostOutcome) -> PostOutcome:
-        """Send the slot's text to every sink not yet done, then close the slot."""
-        for sink in sinks:
-            entry = self._publish_one(persona.name, slot, sink, outcome.text)
-            outcome.sinks[sink.spec] = {k: v for k, v in asdict(entry).items() if k != "marker"}
-        states = {s["state"] for s in outcome.sinks.values()}
-        outcome.status = "posted" if states == {"posted"} else "uncertain" if "uncertain" in states else "failed"
-        # Nothing was refused outright: a rate limit, or no answer from a sink that makes a
-        # retry safe (its entry stays an intent). A later try may get through.
-        outcome.retry_later = outcome.status == "failed" and states <= {"posted", *RETRY_LATER_STATES}
-        # A text that went out anywhere (or may have) is a recent post: tomorrow's must not repeat
-        # it, even if another sink turned it away today.
-        went_out = outcome.text if states & {"posted", "uncertain", "intent"} else ""
-        self.ledger.finish(persona.name, slot, outcome.status, went_out, recent_kept=max(1, self.settings.posting.recent_posts))
-        if outcome.status != "posted":
-            outcome.message = "; ".join(
-                f"{spec}: {STATE_WORDS.get(s['state'], s['state'])} {s['error']}".strip()
-                for spec, s in outcome.sinks.items() if s["state"] != "posted"
-            )
-        return outcome
-
-    def _publish_one(self, name: str, slot: str, sink: Sink, text: str) -> SinkEntry:
-        marker = f"{name}:{slot}:{sink.spec}"
-        entry = self.ledger.sink_entry(name, slot, sink.spec)
-        if entry is not None and entry.state == "posted":
-            return entry
-        if entry is not None and entry.state in ("intent", "uncertain"):
-            # An earlier attempt died or lost its answer after the intent: did it post?
-            found = sink.find(marker, text) if sink.retry == "check" else None
-            if found is not None:
-                entry.id, entry.url = found.id, found.url
-                self.ledger.record_post(name, slot, sink.spec, entry, text)
-                log.info("%s slot %s: found the earlier post on %s (%s); not posting again", name, slot, sink.spec, found.id)
-                return entry
-            if sink.retry == "none":
-                entry.state = "uncertain"
-                entry.error = entry.error or "an earlier attempt may have posted; check the platform"
-                self.ledger.set_sink(name, slot, sink.spec, entry)
-                return entry
-        entry = SinkEntry(state="intent", marker=marker)
-        self.ledger.extend(name, slot)
-        self.ledger.set_sink(name, slot, sink.spec, entry)
-        try:
-            posted = sink.post(text, marker)
-        except (SinkRateLimited, SinkUnreachable) as exc:  # nothing went out: the next tick tries again
-            log.warning("%s slot %s: %s", name, slot, exc)
-            entry.state = "rate_limited" if isinstance(exc, SinkRateLimited) else "unreachable"
-            entry.error = str(exc)
-            self.ledger.set_sink(name, slot, sink.spec, entry)
-            return entry
-        except SinkError as exc:  # the platform said no: nothing went out, a retry is safe
-            log.warning("%s slot %s: %s", name, slot, exc)
-            entry.state, entry.error = "failed", str(exc)
-            self.ledger.set_sink(name, slot, sink.spec, entry)
-            return entry
-        except Exception as exc:  # no answer: it may have gone out
-            log.exception("%s slot %s: posting to %s failed midway", name, slot, sink.spec)
-            entry.state = "uncertain" if sink.retry == "none" else "intent"
-            entry.error = f"{type(exc).__name__}: {exc}"
-            self.ledger.set_sink(name, slot, sink.spec, entry)
-            return entry
-        entry.id, entry.url = posted.id, posted.url
-        self.ledger.record_post(name, slot, sink.spec, entry, text)
-        log.info("%s slot %s: posted to %s as %s", name, slot, sink.spec, posted.id)
-        return entry
+    def settle(self, name: str, slot: str, *, posted: str | None, sink: str | None = None) -> PostOutcome:
+        """Record what a person found of a post that got no answer (see ``Publisher.settle``)."""
+        persona = self.registry.get(name)
+        return self.publisher.settle(persona.name, self.slot_named(persona, slot), posted=posted, sink=sink)
 
     def approve(self, approval_id: str, text: str | None = None) -> PostOutcome:
         """Publish a waiting post (optionally with edited text) to its sinks.
@@ -353,7 +198,7 @@ class Poster:
                 waiting = self.approvals.decide(approval_id, "approved", text or "")
             self.ledger.save(persona.name, waiting.slot, text=waiting.text, state="approved")
             outcome = PostOutcome(persona.name, waiting.slot, "posted", text=waiting.text, approval_id=approval_id)
-            outcome = self._publish(persona, waiting.slot, sinks, outcome)
+            outcome = self.publisher.publish(persona.name, waiting.slot, sinks, outcome)
             if outcome.status == "failed":
                 outcome.message += f"; to try again: `persona posts approve {approval_id}`"
             return outcome

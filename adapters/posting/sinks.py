@@ -18,7 +18,9 @@ A sink raises ``SinkError`` when the platform refused the post (nothing went out
 subclass ``SinkRateLimited`` when the refusal was only "too many requests", and
 ``SinkUnreachable`` when no connection to the platform could be made (so nothing was
 sent, even to a sink whose retry is ``none``): the slot is then tried again at a later
-tick instead of being closed as failed or uncertain.
+tick instead of being closed as failed or uncertain. ``SinkNoAnswer`` (not a
+``SinkError``) says the request went out and no answer came back: the post may be
+there. Any other exception from ``post`` is read the same way, as a bug to log in full.
 """
 
 from __future__ import annotations
@@ -32,10 +34,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
 
-from persona.errors import ConfigError, SinkError
+from persona.errors import ConfigError, PostingError, SinkError
 from persona.settings import Settings
 
-__all__ = ["FileSink", "Posted", "Sink", "SinkRateLimited", "SinkUnreachable", "make_sink", "platform_of"]
+__all__ = ["FileSink", "Posted", "Sink", "SinkNoAnswer", "SinkRateLimited", "SinkUnreachable", "make_sink", "platform_of"]
 
 RetrySafety = Literal["check", "idempotent", "none"]
 PLATFORMS = ("x", "mastodon", "bluesky", "discord", "telegram", "file")
@@ -47,6 +49,10 @@ class SinkRateLimited(SinkError):
 
 class SinkUnreachable(SinkError):
     """No connection to the platform could be made (refused, no such host): nothing was sent."""
+
+
+class SinkNoAnswer(PostingError):
+    """The request went out and no answer came back (the connection broke, a time-out, a 5xx): it may have posted."""
 
 
 @dataclass

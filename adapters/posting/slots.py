@@ -6,13 +6,17 @@ persona's time zone, so ``0 9 * * *`` in Europe/London is 09:00 local in winter 
 summer. Around daylight-saving changes it behaves as classic cron does: a local time
 skipped when clocks go forward fires once, at the first valid moment after the gap; a
 local time that happens twice when clocks go back fires once, the first time.
+
+A person names a slot (``persona post --slot``, ``persona posts settle``) the way they
+read the schedule: ``resolve_slot`` turns a local time, an instant with its offset, or a
+date into the scheduler's name for it, so a slot posted by hand is never posted again.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, timedelta
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from croniter import croniter
@@ -20,7 +24,10 @@ from croniter import croniter
 from persona.errors import ConfigError, PostingError
 from persona.personas import cron_problem
 
-__all__ = ["SlotPlan", "check_schedule", "next_slot", "parse_slot", "plan_slots", "slot_id", "slots_between"]
+__all__ = [
+    "MANUAL_SLOT_PREFIX", "SLOT_FORMS", "SlotPlan", "check_schedule", "manual_slot", "next_slot", "plan_slots",
+    "resolve_slot", "slot_id", "slots_between",
+]
 
 log = logging.getLogger(__name__)
 
@@ -32,21 +39,81 @@ def slot_id(when: datetime) -> str:
     return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def parse_slot(name: str) -> str:
-    """A slot named by hand, in its canonical form: a time with its zone becomes its UTC name.
+MANUAL_SLOT_PREFIX = "manual-"  # a post made by hand with no slot named: one slot of its own
+SLOT_FORMS = (
+    "2026-11-27T18:00 (a time in the persona's schedule.timezone), 2026-11-27T18:00Z or "
+    "2026-11-27T19:00+01:00 (that instant), or 2026-11-27 (that day's slot, if the schedule has one that day)"
+)
 
-    ``2026-11-25T10:00+01:00`` is the scheduler's ``2026-11-25T09:00:00Z``: one slot
-    under two spellings would be posted twice. A name that is not a time stays as it is.
+
+def manual_slot(now: datetime | None = None) -> str:
+    """A fresh slot name for a post made by hand."""
+    return (now or datetime.now(UTC)).strftime(MANUAL_SLOT_PREFIX + "%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def resolve_slot(name: str, cron: str, timezone: str) -> str:
+    """The slot a person named, as the scheduler names it (its UTC instant).
+
+    A time with a zone is that instant: ``2026-11-25T10:00+01:00`` is the scheduler's
+    ``2026-11-25T09:00:00Z`` (one slot under two spellings would be posted twice). A time
+    without one is read in the persona's time zone, as its cron is. A date alone is the
+    day's scheduled slot; a day with several (``0 9,18 * * *``) needs the time. Anything
+    else is a PostingError that names the forms accepted.
     """
+    text = name.strip()
     try:
-        when = datetime.fromisoformat(name)
+        when = datetime.fromisoformat(text)
     except ValueError:
-        return name
-    if when.tzinfo is None:
-        if len(name) <= len("2026-11-25"):  # a date alone names a day, not a time
-            return name
-        raise PostingError(f"slot {name!r} has no time zone: write {name}Z for UTC, or add the offset (e.g. +01:00)")
-    return slot_id(when)
+        raise PostingError(f"slot {name!r} is not a slot time; write {SLOT_FORMS}") from None
+    if when.tzinfo is not None:
+        return slot_id(when)
+    zone = check_schedule(cron, timezone)
+    if _is_date(text):
+        return slot_id(_day_slot(name, when, cron, timezone, zone))
+    local = when.replace(tzinfo=zone)  # fold 0: a time that happens twice is the first, as cron fires
+    if local.astimezone(UTC).astimezone(zone).replace(tzinfo=None) != when:
+        slots = ", ".join(_local_time(slot, zone) for slot in _slots_on(when, cron, timezone, zone)) or "none"
+        raise PostingError(
+            f"slot {name!r}: {when:%Y-%m-%dT%H:%M} does not happen in {timezone} (the clocks go forward then); "
+            f"the schedule's slots that day: {slots}"
+        )
+    return slot_id(local)
+
+
+def _is_date(text: str) -> bool:
+    try:
+        date.fromisoformat(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _local_time(when: datetime, zone: ZoneInfo) -> str:
+    return when.astimezone(zone).strftime("%Y-%m-%dT%H:%M")
+
+
+def _slots_on(day: datetime, cron: str, timezone: str, zone: ZoneInfo) -> list[datetime]:
+    """The schedule's slots on the local calendar day of ``day``."""
+    midnight = day.replace(hour=0, minute=0, second=0, microsecond=0, tzinfo=zone)
+    return slots_between(cron, timezone, midnight - timedelta(seconds=1), midnight + timedelta(days=1) - timedelta(seconds=1))
+
+
+def _day_slot(name: str, day: datetime, cron: str, timezone: str, zone: ZoneInfo) -> datetime:
+    """The one slot the schedule has on this local day; PostingError if it has none or several."""
+    found = _slots_on(day, cron, timezone, zone)
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        following = _local_time(next_slot(cron, timezone, day.replace(tzinfo=zone)), zone)
+        raise PostingError(
+            f"slot {name!r}: the schedule ({cron!r}, {timezone}) has no slot that day (the next is {following}); "
+            f"to post in a slot of your own that day, name its time, e.g. --slot {day:%Y-%m-%d}T12:00"
+        )
+    times = ", ".join(_local_time(slot, zone) for slot in found)
+    raise PostingError(
+        f"slot {name!r}: the schedule ({cron!r}, {timezone}) has {len(found)} slots that day ({times}); "
+        f"name one, e.g. --slot {_local_time(found[-1], zone)}"
+    )
 
 
 def check_schedule(cron: str, timezone: str) -> ZoneInfo:

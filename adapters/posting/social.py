@@ -14,7 +14,13 @@ import requests
 import urllib3
 from pydantic import SecretStr
 
-from adapters.posting.sinks import Posted, RetrySafety, SinkRateLimited, SinkUnreachable
+from adapters.posting.sinks import (
+    Posted,
+    RetrySafety,
+    SinkNoAnswer,
+    SinkRateLimited,
+    SinkUnreachable,
+)
 from persona.errors import ConfigError, SinkError
 from persona.settings import Settings
 
@@ -110,9 +116,11 @@ class XSink:
         except requests.exceptions.ConnectionError as exc:
             if _never_connected(exc):  # a wrong x_api_url, or the network down: X heard nothing
                 raise SinkUnreachable(f"cannot reach X at {self.api_url}: {_one_line(exc)}") from exc
-            raise  # the connection broke mid-request: it may have posted
-        except tweepy.TwitterServerError:
-            raise  # a 5xx may or may not have posted: the ledger treats it as unknown
+            raise SinkNoAnswer(f"the connection broke before X answered: {_one_line(exc)}") from exc
+        except requests.exceptions.Timeout as exc:
+            raise SinkNoAnswer(f"X did not answer in {REQUEST_TIMEOUT_S:.0f} s: {_one_line(exc)}") from exc
+        except tweepy.TwitterServerError as exc:  # a 5xx may or may not have posted
+            raise SinkNoAnswer(f"X answered with a server error: {_one_line(exc)}") from exc
         except tweepy.TooManyRequests as exc:
             raise SinkRateLimited(f"X is rate-limiting posts: {_one_line(exc)}") from exc
         except tweepy.Unauthorized as exc:
@@ -147,6 +155,7 @@ class MastodonSink:
     def post(self, text: str, marker: str) -> Posted:
         from mastodon import (
             MastodonAPIError,
+            MastodonNetworkError,
             MastodonRatelimitError,
             MastodonServerError,
             MastodonUnauthorizedError,
@@ -154,8 +163,8 @@ class MastodonSink:
 
         try:
             status = self.client.status_post(text, idempotency_key=marker)
-        except MastodonServerError:
-            raise  # may or may not have posted; a retry with the same key is safe
+        except (MastodonServerError, MastodonNetworkError) as exc:  # a retry with the same key is safe
+            raise SinkNoAnswer(f"no answer from Mastodon at {self.client.api_base_url}: {_one_line(exc)}") from exc
         except MastodonRatelimitError as exc:
             raise SinkRateLimited(f"Mastodon is rate-limiting posts: {exc}") from exc
         except MastodonUnauthorizedError as exc:
@@ -201,9 +210,11 @@ class BlueskySink:
         return Posted(id=uri, url=f"https://bsky.app/profile/{self.handle}/post/{uri.rsplit('/', 1)[-1]}")
 
     def post(self, text: str, marker: str) -> Posted:
+        import httpx
         from atproto_client.exceptions import (
             BadRequestError,
             LoginRequiredError,
+            NetworkError,
             UnauthorizedError,
         )
 
@@ -218,6 +229,8 @@ class BlueskySink:
             created = client.send_post(text, profile_identify=self.handle)
         except (BadRequestError, UnauthorizedError, LoginRequiredError) as exc:
             raise SinkError(f"Bluesky refused the post: {exc}") from exc
+        except (httpx.TransportError, NetworkError) as exc:  # the next try looks for it first
+            raise SinkNoAnswer(f"no answer from Bluesky at {self.base_url}: {_one_line(exc) or type(exc).__name__}") from exc
         return self._posted(created.uri)
 
     def find(self, marker: str, text: str) -> Posted | None:

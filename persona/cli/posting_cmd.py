@@ -19,17 +19,22 @@ from persona.logs import setup_logging
 from persona.queue import QueueClient
 from persona.settings import Settings
 
-__all__ = ["approve", "history", "pending", "post", "register", "reject", "scheduler"]
+__all__ = ["approve", "history", "pending", "post", "register", "reject", "scheduler", "settle", "uncertain"]
 
 log = logging.getLogger(__name__)
 
-posts_app = typer.Typer(help="The approval queue and the history of what went out.", no_args_is_help=True)
+posts_app = typer.Typer(help="The approval queue, the posts that got no answer, and the history of what went out.", no_args_is_help=True)
 
 FAILED_STATUSES = ("no_candidate", "failed", "uncertain", "busy")
+SLOT_HELP = (
+    "which slot: 2026-11-27T18:00 (in the persona's schedule.timezone), 2026-11-27T18:00Z or +01:00 "
+    "(that instant), 2026-11-27 (that day's one slot), or a slot name `persona post` printed"
+)
 
 
 def _poster(settings: Settings, source: str = "cli", stopping: threading.Event | None = None):
-    from adapters.posting.poster import Poster, QueueCandidates
+    from adapters.posting.candidates import QueueCandidates
+    from adapters.posting.poster import Poster
 
     client = connect(settings)
     queue = QueueClient(client, settings.queue)
@@ -65,10 +70,14 @@ def _show(outcome, as_json: bool) -> None:
     if outcome.status in ("dry_run", "no_candidate"):  # what a person tuning the filters needs to see
         for verdict in outcome.verdicts:
             _say(f"  {verdict['rejected'] or 'passed'}: {verdict['text']}", "dim" if verdict["rejected"] else "")
-    for spec, entry in outcome.sinks.items():
-        _say(f"  {spec}: {entry['state']} {entry.get('url') or entry.get('id') or ''} {entry.get('error') or ''}".rstrip())
+    _show_sinks(outcome.sinks)
     if outcome.message:
         _say(outcome.message)
+
+
+def _show_sinks(sinks: dict[str, dict]) -> None:
+    for spec, entry in sinks.items():
+        _say(" ".join(part for part in (f"  {spec}:", entry["state"], entry.get("url") or entry.get("id"), entry.get("error")) if part))
 
 
 @friendly_errors
@@ -77,7 +86,7 @@ def post(
     dry_run: bool = typer.Option(False, "--dry-run", help="generate and curate, but post nothing and record nothing"),
     json_output: bool = typer.Option(False, "--json", help="print one JSON object: text, candidates, rejected, sinks"),
     sink: list[str] = typer.Option(None, "--sink", help="post here instead of the persona's sinks (repeatable): x, mastodon, bluesky, discord:CHANNEL, telegram:CHAT, file:PATH"),
-    slot: str = typer.Option(None, "--slot", help="the slot this post fills (e.g. 2026-11-25T09:00:00Z; a time with another offset means the same UTC slot); a slot already posted is skipped"),
+    slot: str = typer.Option(None, "--slot", help=SLOT_HELP + "; a slot already posted is skipped (default: a new slot of its own)"),
     n: int = typer.Option(None, "-n", "--candidates", min=1, max=64, help="candidates to generate (default: the persona's schedule.candidates)"),
     approval: bool = typer.Option(None, "--approval/--no-approval", help="hold for approval (default: the persona's schedule.approval)"),
 ) -> None:
@@ -136,6 +145,57 @@ def reject(approval_id: str = typer.Argument(..., metavar="ID", help="the id `pe
     """Reject a waiting post: it never goes out, and its slot is closed."""
     decided = _poster(get_settings()).reject(approval_id)
     _say(f"rejected {decided.id} ({decided.persona} {decided.slot})")
+
+
+@posts_app.command("uncertain")
+@friendly_errors
+def uncertain(
+    persona: str = typer.Option(None, "--persona", help="only this persona's posts"),
+    json_output: bool = typer.Option(False, "--json", help="print a JSON list"),
+) -> None:
+    """List the posts that got no answer from a sink (X, Telegram): only a person can tell if they went out."""
+    from persona.ledger import PostLedger
+
+    items = PostLedger(connect(get_settings())).unsettled(persona)
+    if json_output:
+        print(json.dumps(items, ensure_ascii=False))
+        return
+    if not items:
+        console.print("no post is uncertain")
+        return
+    table = _table("persona", "slot", "sink", "text", "what happened")
+    for item in items:
+        table.add_row(*map(_plain, (item["persona"], item["slot"], item["sink"], item["text"], item["error"])))
+    console.print(table)
+    _say("Look for each on its platform, then: `persona posts settle PERSONA SLOT --sink SINK --posted LINK` "
+         "(or `--not-posted`)")
+
+
+@posts_app.command("settle")
+@friendly_errors
+def settle(
+    persona: str = typer.Argument(..., help="whose post"),
+    slot: str = typer.Argument(..., help=SLOT_HELP),
+    posted: str = typer.Option(None, "--posted", metavar="LINK", help="it went out: its link (or its id) on the platform"),
+    not_posted: bool = typer.Option(False, "--not-posted", help="it is not on the platform: posting it again is safe"),
+    sink: str = typer.Option(None, "--sink", help="which sink (needed only when several got no answer)"),
+    json_output: bool = typer.Option(False, "--json", help="print the outcome as JSON"),
+) -> None:
+    """Say what became of a post that got no answer (`persona posts uncertain` lists them).
+
+    --posted LINK records it in the history and closes the slot once every sink has it;
+    --not-posted lets `persona post PERSONA --slot SLOT` post it again. Until then neither
+    the scheduler nor a retry posts it there (it might go out twice).
+    """
+    if (posted is None) == (not not_posted):
+        raise typer.BadParameter("give one of --posted LINK or --not-posted")
+    outcome = _poster(get_settings()).settle(persona, slot, posted=posted, sink=sink)
+    if json_output:
+        print(json.dumps(outcome.to_dict(), ensure_ascii=False))
+        return
+    console.print(_plain("settled", "green"), _plain(f"{outcome.persona} {outcome.slot}"), highlight=False)
+    _show_sinks(outcome.sinks)
+    _say(outcome.message)
 
 
 @posts_app.command("history")

@@ -1,0 +1,86 @@
+"""Where a post's candidates come from: the workers, through the queue, at batch priority.
+
+``QueueCandidates`` submits all N requests (seeds ``seed .. seed+N-1``) before waiting
+on any, so a worker generates them as one batch; a stop (SIGTERM) ends the wait.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Protocol
+
+from persona.contract import (
+    GenerationReply,
+    GenerationRequest,
+    Priority,
+    SamplingOverrides,
+)
+from persona.errors import PostingError, ReplyTimeout
+from persona.personas import Persona
+from persona.queue import QueueClient
+
+__all__ = ["CandidateSource", "QueueCandidates"]
+
+log = logging.getLogger(__name__)
+
+POLL_S = 2.0
+WAIT_SLACK_S = 5.0
+
+
+class CandidateSource(Protocol):
+    """Whatever writes the raw candidates for a post."""
+
+    def __call__(self, persona: Persona, n: int, seed: int) -> list[str]: ...
+
+
+class QueueCandidates:
+    """Candidates from the workers: N requests at batch priority, seeds ``seed .. seed+N-1``."""
+
+    def __init__(
+        self, queue: QueueClient, wait_s: float, source: str = "scheduler", stopping: threading.Event | None = None
+    ) -> None:
+        self.queue = queue
+        self.wait_s = wait_s
+        self.source = source
+        self.stopping = stopping or threading.Event()
+        self.failures = 0
+
+    def __call__(self, persona: Persona, n: int, seed: int) -> list[str]:
+        deadline = time.time() + self.wait_s
+        requests: list[GenerationRequest] = []
+        texts: list[str] = []
+        try:
+            # Submit them all before waiting on any, so a worker generates them as one batch.
+            # A full queue may refuse the fifth after taking four: those four are cancelled below.
+            for i in range(n):
+                requests.append(self.queue.submit(GenerationRequest(
+                    persona=persona.name, mode="complete", priority=Priority.batch, source=self.source,
+                    sampling=SamplingOverrides(seed=seed + i), deadline=deadline,
+                )))
+            for request in requests:
+                reply = self._wait(request)
+                if reply.ok:
+                    texts.append(reply.text)
+                else:
+                    self.failures += 1
+                    log.warning("candidate %s for %s failed: %s", request.id, persona.name, reply.error)
+        except BaseException:
+            for request in requests:  # nobody will read them: spare the workers
+                self.queue.cancel(request.id)
+            raise
+        return texts
+
+    def _wait(self, request: GenerationRequest) -> GenerationReply:
+        # Short waits in a loop, so a stop (SIGTERM) takes effect while a cold worker
+        # spends minutes loading its model.
+        while True:
+            if self.stopping.is_set():
+                raise PostingError("stopped while waiting for candidates; the slot stays due")
+            remaining = request.deadline + WAIT_SLACK_S - time.time()
+            try:
+                return self.queue.wait(request, timeout=max(0.1, min(POLL_S, remaining)))
+            except ReplyTimeout:
+                if remaining <= POLL_S:
+                    raise

@@ -1,0 +1,213 @@
+"""Publishing a slot's chosen text to its sinks exactly once, and settling what cannot be known.
+
+Each sink gets an intent record in the ledger first, then the platform call, then the
+post id; a retry that finds an intent asks the sink whether it posted (see
+``adapters.posting.sinks`` for how each sink makes a retry safe). A sink that took the
+request, never answered and cannot be asked (X, Telegram) is left ``uncertain``: it is
+never posted to again by itself, and ``Publisher.settle`` records what a person found.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+
+from adapters.posting.sinks import Sink, SinkNoAnswer, SinkRateLimited, SinkUnreachable
+from persona.errors import PostingError, SinkError
+from persona.ledger import UNSETTLED_STATES, PostLedger, SinkEntry, slot_state
+
+__all__ = ["PostOutcome", "Publisher"]
+
+log = logging.getLogger(__name__)
+
+# Sink states after which trying the slot again is safe and may succeed.
+RETRY_LATER_STATES = ("rate_limited", "unreachable", "intent")
+# How a sink's state reads in a message (an intent left behind means the call got no answer).
+STATE_WORDS = {
+    "intent": "no answer (safe to retry)", "rate_limited": "rate-limited", "unreachable": "unreachable, nothing sent:",
+    "uncertain": "no answer, it may have posted:",
+}
+
+
+@dataclass
+class PostOutcome:
+    """What became of one post attempt (printed by ``persona post --json``)."""
+
+    persona: str
+    slot: str
+    status: str  # posted | dry_run | pending | done | busy | no_candidate | failed | uncertain
+    # Failed only because a platform asked us to slow down (nothing went out there): try again later.
+    retry_later: bool = False
+    text: str = ""
+    candidates: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)
+    passed: list[str] = field(default_factory=list)
+    # Every candidate as curation saw it, in order: {"text": ..., "rejected": reason, or "" if it passed}.
+    verdicts: list[dict[str, str]] = field(default_factory=list)
+    sinks: dict[str, dict] = field(default_factory=dict)
+    approval_id: str = ""
+    message: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Publisher:
+    """Sends a slot's text to its sinks through the ledger, so that no sink posts it twice."""
+
+    def __init__(self, ledger: PostLedger, *, recent_kept: int) -> None:
+        self.ledger = ledger
+        self.recent_kept = max(1, recent_kept)
+
+    def publish(self, name: str, slot: str, sinks: list[Sink], outcome: PostOutcome) -> PostOutcome:
+        """Send the slot's text to every sink not yet done, then close the slot."""
+        for sink in sinks:
+            entry = self._publish_one(name, slot, sink, outcome.text)
+            outcome.sinks[sink.spec] = {k: v for k, v in asdict(entry).items() if k != "marker"}
+        states = {s["state"] for s in outcome.sinks.values()}
+        outcome.status = "posted" if states == {"posted"} else "uncertain" if "uncertain" in states else "failed"
+        # Nothing was refused outright: a rate limit, or no answer from a sink that makes a
+        # retry safe (its entry stays an intent). A later try may get through.
+        outcome.retry_later = outcome.status == "failed" and states <= {"posted", *RETRY_LATER_STATES}
+        # A text that went out anywhere (or may have) is a recent post: tomorrow's must not repeat
+        # it, even if another sink turned it away today.
+        went_out = outcome.text if states & {"posted", "uncertain", "intent"} else ""
+        self.ledger.finish(name, slot, outcome.status, went_out, recent_kept=self.recent_kept)
+        if outcome.status != "posted":
+            outcome.message = "; ".join(
+                f"{spec}: {STATE_WORDS.get(s['state'], s['state'])} {s['error']}".strip()
+                for spec, s in outcome.sinks.items() if s["state"] != "posted"
+            )
+        if outcome.status == "uncertain":
+            outcome.message += "; " + _settle_hint(name, slot, [spec for spec, s in outcome.sinks.items() if s["state"] == "uncertain"])
+        return outcome
+
+    def _publish_one(self, name: str, slot: str, sink: Sink, text: str) -> SinkEntry:
+        marker = f"{name}:{slot}:{sink.spec}"
+        entry = self.ledger.sink_entry(name, slot, sink.spec)
+        if entry is not None and entry.state == "posted":
+            return entry
+        if entry is not None and entry.state in ("intent", "uncertain"):
+            # An earlier attempt died or lost its answer after the intent: did it post?
+            found = sink.find(marker, text) if sink.retry == "check" else None
+            if found is not None:
+                entry.id, entry.url = found.id, found.url
+                self.ledger.record_post(name, slot, sink.spec, entry, text)
+                log.info("%s slot %s: found the earlier post on %s (%s); not posting again", name, slot, sink.spec, found.id)
+                return entry
+            if sink.retry == "none":
+                entry.state = "uncertain"
+                entry.error = entry.error or "an earlier attempt may have posted; check the platform"
+                self.ledger.set_sink(name, slot, sink.spec, entry)
+                return entry
+        entry = SinkEntry(state="intent", marker=marker)
+        self.ledger.extend(name, slot)
+        self.ledger.set_sink(name, slot, sink.spec, entry)
+        try:
+            posted = sink.post(text, marker)
+        except (SinkRateLimited, SinkUnreachable) as exc:  # nothing went out: the next tick tries again
+            log.warning("%s slot %s: %s", name, slot, exc)
+            entry.state = "rate_limited" if isinstance(exc, SinkRateLimited) else "unreachable"
+            entry.error = str(exc)
+            self.ledger.set_sink(name, slot, sink.spec, entry)
+            return entry
+        except SinkError as exc:  # the platform said no: nothing went out, a retry is safe
+            log.warning("%s slot %s: %s", name, slot, exc)
+            entry.state, entry.error = "failed", str(exc)
+            self.ledger.set_sink(name, slot, sink.spec, entry)
+            return entry
+        except Exception as exc:  # no answer: it may have gone out
+            if isinstance(exc, SinkNoAnswer):
+                log.warning("%s slot %s: %s", name, slot, exc)
+                entry.error = str(exc)
+            else:  # not a failure the sink knows: the traceback is worth having
+                log.exception("%s slot %s: posting to %s failed midway", name, slot, sink.spec)
+                entry.error = f"{type(exc).__name__}: {exc}"
+            entry.state = "uncertain" if sink.retry == "none" else "intent"
+            self.ledger.set_sink(name, slot, sink.spec, entry)
+            return entry
+        entry.id, entry.url = posted.id, posted.url
+        self.ledger.record_post(name, slot, sink.spec, entry, text)
+        log.info("%s slot %s: posted to %s as %s", name, slot, sink.spec, posted.id)
+        return entry
+
+    def settle(self, name: str, slot: str, *, posted: str | None, sink: str | None = None) -> PostOutcome:
+        """Record what a person found of a post that got no answer: ``posted`` (its link or id there), or None: not there.
+
+        A sink that took the request and never answered (X, Telegram) cannot be asked
+        whether it posted, so the slot stays uncertain until someone looks. Posted, the
+        link joins the history and the slot is done once every sink is; not posted, the
+        sink is failed, and `persona post NAME --slot SLOT` posts it there.
+        """
+        if posted is not None and not posted.strip():
+            raise PostingError("--posted needs the post's link (or its id on the platform)")
+        spec = self._unsettled_sink(name, slot, sink)
+        claim = self.ledger.claim(name, slot, approving=True)
+        if not claim.claimed:
+            if claim.outcome == "busy":
+                raise PostingError(f"slot {slot} of {name} is being posted right now; settle it when that is done")
+            raise PostingError(f"slot {slot} of {name} is {claim.state or claim.outcome}; nothing to settle")
+        try:
+            entry = self.ledger.sink_entry(name, slot, spec)
+            if entry is None or entry.state not in UNSETTLED_STATES:  # settled or retried meanwhile
+                raise PostingError(f"{spec} in slot {slot} of {name} is {entry.state if entry else 'gone'} now; nothing to settle")
+            record = self.ledger.record(name, slot)
+            if posted is not None:
+                entry.id, entry.url = _post_reference(posted)
+                entry.error = ""
+                self.ledger.record_post(name, slot, spec, entry, record.get("text", ""))
+            else:
+                entry.state, entry.error = "failed", "a person found it not posted (safe to post again)"
+                self.ledger.set_sink(name, slot, spec, entry)
+            entries = self.ledger.sink_entries(name, slot)
+            state = slot_state(entries)
+            self.ledger.finish(name, slot, state)
+        finally:
+            self.ledger.release(name, slot)
+        outcome = PostOutcome(
+            name, slot, state, text=record.get("text", ""), approval_id=record.get("approval", ""),
+            sinks={s: {k: v for k, v in asdict(e).items() if k != "marker"} for s, e in entries.items()},
+        )
+        if posted is not None:
+            outcome.message = f"{spec}: recorded as posted ({entry.url or entry.id}); slot {state}"
+        else:
+            outcome.message = f"{spec}: recorded as not posted; to post it now: `persona post {name} --slot {slot}`"
+        if state == "uncertain":
+            outcome.message += "; " + _settle_hint(name, slot, [s for s, e in entries.items() if e.state == "uncertain"])
+        return outcome
+
+    def _unsettled_sink(self, name: str, slot: str, sink: str | None) -> str:
+        """The sink to settle: the one named, or the slot's only unsettled one; else PostingError saying which."""
+        entries = self.ledger.sink_entries(name, slot)
+        if not entries:
+            raise PostingError(f"{name} has no post in slot {slot}; `persona posts uncertain` lists the posts to settle")
+        unsettled = [spec for spec, entry in entries.items() if entry.state in UNSETTLED_STATES]
+        states = ", ".join(f"{spec} {entry.state}" for spec, entry in entries.items())
+        if sink is None:
+            if len(unsettled) == 1:
+                return unsettled[0]
+            if not unsettled:
+                raise PostingError(f"slot {slot} of {name} has nothing to settle ({states})")
+            raise PostingError(f"slot {slot} of {name} has {len(unsettled)} sinks to settle ({', '.join(unsettled)}); name one with --sink")
+        if sink not in entries:
+            raise PostingError(f"slot {slot} of {name} did not post to {sink!r}; its sinks: {states}")
+        if sink not in unsettled:
+            raise PostingError(f"{sink} in slot {slot} of {name} is {entries[sink].state}; only a post that got no answer can be settled")
+        return sink
+
+
+def _settle_hint(name: str, slot: str, specs: list[str]) -> str:
+    """What to do about sinks that may or may not hold the post."""
+    which = f" --sink {specs[0]}" if len(specs) > 1 else ""
+    return (
+        f"look on {', '.join(specs)} for the post, then say what you found: "
+        f"`persona posts settle {name} {slot}{which} --posted LINK` (or `--not-posted`)"
+    )
+
+
+def _post_reference(posted: str) -> tuple[str, str]:
+    """(id, url) of a post a person names by its link or its id."""
+    value = posted.strip()
+    if "://" in value:
+        return value.rstrip("/").rsplit("/", 1)[-1], value
+    return value, ""

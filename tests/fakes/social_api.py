@@ -1,0 +1,250 @@
+"""X, Mastodon, Bluesky, Discord and Telegram posting APIs on one loopback port.
+
+Enough of each for the real client libraries (tweepy, Mastodon.py, atproto, discord.py,
+python-telegram-bot) to post. ``seen`` records every request answered; ``fail_with`` makes
+the posting endpoints answer with that HTTP status, each as its platform words it;
+``drop_next(n)`` makes the next ``n`` posting requests be read (and, on Bluesky, stored)
+and then have their connection closed with no answer: the post may have gone out, the
+client cannot know. Bluesky's records are kept, newest first, for ``listRecords``.
+
+In a test, use the ``platform`` fixture of ``tests/test_sinks.py`` (or ``serve()``). By
+hand: ``python -m tests.fakes.social_api [--drop N]`` prints the settings that point
+``persona`` at it, then serves until Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+__all__ = ["FakePlatform", "serve"]
+
+POSTING_PATHS = ("/2/tweets", "/api/v1/statuses", "/xrpc/com.atproto.repo.createRecord")
+
+
+@dataclass
+class FakePlatform:
+    """Every platform's state: what was asked, what to answer, what Bluesky holds."""
+
+    url: str = ""
+    seen: list[dict] = field(default_factory=list)
+    fail_with: int | None = None
+    records: list[dict] = field(default_factory=list)
+    dropping: int = 0
+    dropping_path: str = ""
+    dropped: list[dict] = field(default_factory=list)
+    statuses: dict[str, dict] = field(default_factory=dict)  # Mastodon's, by idempotency key
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def drop_next(self, count: int = 1, path: str = "") -> None:
+        """Read the next ``count`` posting requests (to ``path`` only, if given), then hang up without answering."""
+        with self._lock:
+            self.dropping, self.dropping_path = count, path
+
+    def _take_drop(self, path: str) -> bool:
+        with self._lock:
+            if self.dropping <= 0 or self.dropping_path not in ("", path):
+                return False
+            self.dropping -= 1
+            return True
+
+
+def _jwt() -> str:
+    def part(obj: dict) -> str:
+        return base64.urlsafe_b64encode(json.dumps(obj).encode()).rstrip(b"=").decode()
+
+    now = int(time.time())
+    return f"{part({'alg': 'HS256', 'typ': 'JWT'})}.{part({'sub': 'did:plc:fake', 'iat': now, 'exp': now + 3600})}.c2ln"
+
+
+def _discord_json(data: dict, status: int = 200) -> web.Response:
+    # discord.py parses a body only when the content type is exactly application/json, as Discord sends it.
+    return web.Response(body=json.dumps(data).encode(), status=status, headers={"Content-Type": "application/json"})
+
+
+class _Dropped(Exception):
+    """The connection was closed on purpose: no answer goes back."""
+
+
+def _routes(fake: FakePlatform) -> web.Application:
+    async def record(request: web.Request) -> dict:
+        body = await request.read()
+        try:
+            payload = json.loads(body) if body else {}
+        except ValueError:
+            payload = dict(await request.post()) if body else {}
+        seen = {"path": request.path, "headers": dict(request.headers), "json": payload}
+        fake.seen.append(seen)
+        return seen
+
+    def hang_up(request: web.Request, seen: dict) -> None:
+        """Close the connection with the request handled and no answer sent."""
+        fake.dropped.append(seen)
+        request.transport.close()
+        raise _Dropped
+
+    async def tweet(request):
+        seen = await record(request)
+        if fake._take_drop(request.path):
+            hang_up(request, seen)
+        if fake.fail_with:
+            return web.json_response({"title": "Forbidden", "detail": "duplicate content"}, status=fake.fail_with)
+        return web.json_response({"data": {"id": "1790000000000000001", "text": seen["json"]["text"]}}, status=201)
+
+    async def status(request):
+        seen = await record(request)
+        if fake.fail_with:
+            return web.json_response({"error": "Validation failed"}, status=fake.fail_with)
+        # As Mastodon does, a repeat of an idempotency key gets the first status back, not a second one.
+        key = request.headers.get("Idempotency-Key", "")
+        made = fake.statuses.get(key) if key else None
+        if made is None:
+            number = 109000000000000001 + len(fake.statuses)
+            made = {
+                "id": str(number), "url": f"https://masto.test/@sage/{number}",
+                "content": f"<p>{seen['json'].get('status')}</p>", "created_at": "2026-01-01T09:00:00.000Z",
+                "visibility": "public", "account": {"id": "1", "username": "sage", "acct": "sage"},
+            }
+            fake.statuses[key or made["id"]] = made
+        if fake._take_drop(request.path):  # made, then the answer lost
+            hang_up(request, seen)
+        return web.json_response(made)
+
+    async def session(request):
+        await record(request)
+        if fake.fail_with:
+            return web.json_response({"error": "AuthenticationRequired", "message": "Invalid identifier or password"}, status=401)
+        return web.json_response({"accessJwt": _jwt(), "refreshJwt": _jwt(), "handle": "sage.test", "did": "did:plc:fake"})
+
+    async def create_record(request):
+        seen = await record(request)
+        uri = f"at://did:plc:fake/app.bsky.feed.post/3kabcdefghij{len(fake.records)}"
+        fake.records.insert(0, {"uri": uri, "cid": "bafyreifake", "value": seen["json"]["record"]})
+        if fake._take_drop(request.path):  # stored, then the answer lost
+            hang_up(request, seen)
+        return web.json_response({"uri": uri, "cid": "bafyreifake"})
+
+    async def list_records(request):
+        await record(request)
+        assert request.query["collection"] == "app.bsky.feed.post"
+        return web.json_response({"records": fake.records[: int(request.query.get("limit", 50))]})
+
+    async def me(request):
+        await record(request)
+        if fake.fail_with:
+            return _discord_json({"message": "401: Unauthorized", "code": 0}, status=fake.fail_with)
+        return _discord_json({"id": "42", "username": "sagebot", "discriminator": "0", "avatar": None, "bot": True})
+
+    async def channel_message(request):
+        seen = await record(request)
+        return _discord_json({"id": "1200000000000000001", "channel_id": request.match_info["channel"],
+                              "content": seen["json"].get("content")})
+
+    async def telegram(request):
+        seen = await record(request)
+        method = request.match_info["method"]
+        if fake.fail_with == 401:  # a token Telegram does not know
+            return web.json_response({"ok": False, "error_code": 401, "description": "Unauthorized"}, status=401)
+        if method == "getMe":
+            return web.json_response({"ok": True, "result": {"id": 7, "is_bot": True, "first_name": "Sage", "username": "sagebot"}})
+        if fake.fail_with == 429:
+            return web.json_response({"ok": False, "error_code": 429, "description": "Too Many Requests: retry after 7",
+                                      "parameters": {"retry_after": 7}}, status=429)
+        if fake.fail_with:
+            return web.json_response({"ok": False, "error_code": 400, "description": "Bad Request: chat not found"}, status=400)
+        return web.json_response({"ok": True, "result": {
+            "message_id": 77, "date": int(time.time()), "text": seen["json"].get("text"),
+            "chat": {"id": -1001234567890, "type": "channel", "title": "Sage", "username": "sagechannel"},
+        }})
+
+    @web.middleware
+    async def quiet_drops(request, handler):
+        try:
+            return await handler(request)
+        except _Dropped:
+            return web.Response(status=499)  # written to a closed transport: nobody reads it
+
+    app = web.Application(middlewares=[quiet_drops])
+    app.router.add_post("/2/tweets", tweet)
+    app.router.add_post("/api/v1/statuses", status)
+    app.router.add_post("/xrpc/com.atproto.server.createSession", session)
+    app.router.add_post("/xrpc/com.atproto.repo.createRecord", create_record)
+    app.router.add_get("/xrpc/com.atproto.repo.listRecords", list_records)
+    app.router.add_get("/api/v10/users/@me", me)
+    app.router.add_post("/api/v10/channels/{channel}/messages", channel_message)
+    app.router.add_post("/bot{token}/{method}", telegram)
+    return app
+
+
+@contextmanager
+def serve(port: int = 0) -> Iterator[FakePlatform]:
+    """Every fake platform API on one loopback port, served from a background thread."""
+    fake = FakePlatform()
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+    runner = web.AppRunner(_routes(fake))
+
+    async def start():
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", port)
+        await site.start()
+        fake.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+        ready.set()
+
+    thread = threading.Thread(target=lambda: (loop.run_until_complete(start()), loop.run_forever()), daemon=True)
+    thread.start()
+    assert ready.wait(10), "the fake platform did not start"
+    try:
+        yield fake
+    finally:
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+
+
+def settings_env(url: str) -> dict[str, str]:
+    """Environment variables that send every posting sink to the fake at ``url``, with fake credentials."""
+    return {
+        "PERSONA_POSTING__X_API_URL": url, "PERSONA_POSTING__MASTODON_API_URL": url,
+        "PERSONA_POSTING__BLUESKY_API_URL": url + "/xrpc", "PERSONA_DISCORD__API_URL": url + "/api/v10",
+        "PERSONA_TELEGRAM__API_URL": url + "/bot", "PERSONA_POSTING__X_BEARER_TOKEN": "fake-x-token",
+        "PERSONA_POSTING__MASTODON_ACCESS_TOKEN": "fake-mastodon-token",
+        "PERSONA_POSTING__BLUESKY_HANDLE": "sage.test", "PERSONA_POSTING__BLUESKY_PASSWORD": "fake-app-password",
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--drop", type=int, default=0, help="hang up on this many posting requests first")
+    parser.add_argument("--fail-with", type=int, default=None, help="answer posting requests with this status")
+    args = parser.parse_args()
+    with serve(args.port) as fake:
+        fake.drop_next(args.drop)
+        fake.fail_with = args.fail_with
+        for name, value in settings_env(fake.url).items():
+            print(f"export {name}={value}", flush=True)
+        shown = 0
+        try:
+            while True:
+                time.sleep(0.5)
+                for seen in fake.seen[shown:]:
+                    dropped = " (dropped, no answer)" if seen in fake.dropped else ""
+                    print(f"# {seen['path']} {json.dumps(seen['json'])[:120]}{dropped}", flush=True)
+                shown = len(fake.seen)
+        except KeyboardInterrupt:
+            pass
+
+
+if __name__ == "__main__":
+    main()
