@@ -16,6 +16,13 @@ With Redis out of reach the dashboard keeps answering: the page's figures and ac
 get 503 with the reason (the page shows it), and ``/metrics`` still answers, with
 ``persona_redis_up 0`` and nothing else, as an exporter does when what it watches is
 down (a failed scrape would read as the dashboard being down).
+
+Two probes, open without the token (a probe seldom carries one) and answering at once:
+``/healthz`` is liveness, 200 while the process serves HTTP, Redis or not (restarting
+the dashboard would not bring Redis back); ``/readyz`` is readiness, 200 when Redis can
+be read, else 503 with the reason, tried once within ``READY_TIMEOUT_S`` (the page's
+reads retry with backoff for seconds, longer than a probe waits). A container
+healthcheck or a load balancer should ask ``/readyz``.
 """
 
 from __future__ import annotations
@@ -41,14 +48,24 @@ from prometheus_client.core import (
     HistogramMetricFamily,
     Metric,
 )
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
+from persona import constants as keys
 from persona.checkpoints import BASE_VERSION, scan_checkpoints
 from persona.dashboard_page import PAGE_HTML
-from persona.dead_letters import drop_dead, list_dead, retry_all, retry_dead
+from persona.dead_letters import (
+    cap_warning,
+    drop_dead,
+    list_dead,
+    retry_all,
+    retry_dead,
+    trimmed_note,
+)
 from persona.errors import ConfigError, QueueBusy
 from persona.monitoring import QueueStats, collect_stats
-from persona.personas import PersonaRegistry
+from persona.personas import Persona, PersonaRegistry
 from persona.settings import Settings
 from persona.telemetry import read_histogram
 
@@ -61,6 +78,7 @@ HISTORY_POINTS = 900  # 30 minutes at one point every two seconds
 ACTION_HEADER = "x-persona-action"
 BYTES_PER_MB = 1024 * 1024  # a heartbeat's memory_mb is ru_maxrss (KiB) / 1024
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1", "[::1]")
+READY_TIMEOUT_S = 2.0  # under a probe's usual timeout (Compose's and Kubernetes' default: 30 s and 1 s)
 
 
 def is_loopback(host: str) -> bool:
@@ -125,9 +143,10 @@ class RedisWatch:
 class QueueCollector:
     """Prometheus figures read from Redis at each scrape, so every worker's work counts."""
 
-    def __init__(self, client: redis.Redis, watch: RedisWatch | None = None) -> None:
+    def __init__(self, client: redis.Redis, watch: RedisWatch | None = None, settings: Settings | None = None) -> None:
         self.redis = client
         self.watch = watch or RedisWatch()
+        self.settings = settings  # where the persona files are: each one's version is shown, swapped or not
 
     def collect(self) -> Iterator[Metric]:
         """Yield every metric family; with Redis out of reach, only ``persona_redis_up 0``."""
@@ -144,7 +163,11 @@ class QueueCollector:
     def _families(self) -> list[Metric]:
         """Every family, read whole before any is yielded: Redis failing half way yields none."""
         stats = collect_stats(self.redis)
-        families = [*_queue_families(stats), *_reply_families(stats), *_worker_families(stats)]
+        if self.settings is None:
+            served = stats.active_versions
+        else:
+            served = _served_versions(PersonaRegistry.from_settings(self.settings).scan()[0], stats)
+        families = [*_queue_families(stats), *_reply_families(stats, served), *_worker_families(stats)]
         for name, help_text in (
             ("queue_wait_seconds", "Time requests waited in the queue (failed ones too, where measured)"),
             ("generate_seconds", "Time the batch that answered a request took to generate"),
@@ -165,10 +188,16 @@ def _queue_families(stats: QueueStats) -> Iterator[Metric]:
         oldest.add_metric([s.name], s.oldest_waiting_s)
     yield from (waiting, in_flight, oldest)
     yield GaugeMetricFamily("persona_dead_letters", "Requests in the dead-letter stream", value=stats.dead_letters)
+    # A gauge, not a counter: it is worked out from other counts, which a moment's race
+    # can leave one low, and a counter that dips reads as a reset.
+    yield GaugeMetricFamily(
+        "persona_dead_letters_trimmed", "Dead letters deleted unseen at the stream's cap (never retried or dropped)",
+        value=stats.dead_letters_trimmed,
+    )
     yield GaugeMetricFamily("persona_stuck_requests", "Requests in flight past their deadline or held by a dead worker", value=len(stats.stuck))
 
 
-def _reply_families(stats: QueueStats) -> Iterator[Metric]:
+def _reply_families(stats: QueueStats, served: dict[str, str]) -> Iterator[Metric]:
     replies = CounterMetricFamily("persona_replies", "Replies with text, per persona version", labels=["persona", "version"])
     for key, value in sorted(stats.version_replies.items()):
         persona, _, version = key.partition("@")
@@ -181,8 +210,13 @@ def _reply_families(stats: QueueStats) -> Iterator[Metric]:
     yield errors
     yield CounterMetricFamily("persona_tokens_generated", "Tokens generated", value=stats.counters.get("tokens", 0))
     yield CounterMetricFamily("persona_requests_completed", "Requests answered with text", value=stats.completed)
-    active = GaugeMetricFamily("persona_active_version", "1 for the version each swapped persona serves", labels=["persona", "version"])
-    for persona, version in sorted(stats.active_versions.items()):
+    # Every persona, not only those swapped at least once: a panel or an alert on a
+    # persona's version found nothing until its first swap.
+    active = GaugeMetricFamily(
+        "persona_active_version", "1 for the version each persona serves (base when never swapped)",
+        labels=["persona", "version"],
+    )
+    for persona, version in sorted(served.items()):
         active.add_metric([persona, version], 1)
     yield active
 
@@ -202,11 +236,18 @@ def _worker_families(stats: QueueStats) -> Iterator[Metric]:
     yield from (up, memory, loaded)
 
 
+def _served_versions(found: dict[str, Persona], stats: QueueStats) -> dict[str, str]:
+    """persona -> the version serving it: the one swapped to, else its file's checkpoint,
+    else base (as ``swap.current_version`` reads it), for the page and /metrics alike."""
+    return {name: stats.active_versions.get(name) or p.model.checkpoint or BASE_VERSION for name, p in found.items()}
+
+
 def _personas(settings: Settings, stats: QueueStats) -> list[dict]:
     found, _ = PersonaRegistry.from_settings(settings).scan()
+    served = _served_versions(found, stats)
     rows = []
     for name, persona in sorted(found.items()):
-        active = stats.active_versions.get(name) or persona.model.checkpoint or BASE_VERSION
+        active = served[name]
         # Unreadable versions are left out quietly: the page asks every two seconds, and
         # `persona checkpoints` names them.
         readable, _ = scan_checkpoints(settings.checkpoints_dir, name)
@@ -223,6 +264,18 @@ def _sample(stats: QueueStats) -> dict:
         "queue_p95": lat.queue_ms.p95 if lat else 0, "generate_p95": lat.generate_ms.p95 if lat else 0,
         "queue_p50": lat.queue_ms.p50 if lat else 0, "generate_p50": lat.generate_ms.p50 if lat else 0,
     }
+
+
+def _probe_client(client: redis.Redis) -> redis.Redis:
+    """A client for the same Redis (address, password, TLS) that tries once, briefly:
+    ``client`` rides out a restart with seconds of backoff, and a probe would time out
+    before hearing why."""
+    pool = client.connection_pool
+    kwargs = dict(pool.connection_kwargs) | {
+        "retry": Retry(NoBackoff(), 0), "socket_timeout": READY_TIMEOUT_S,
+        "socket_connect_timeout": READY_TIMEOUT_S, "health_check_interval": 0,
+    }
+    return redis.Redis(connection_pool=redis.ConnectionPool(connection_class=pool.connection_class, max_connections=4, **kwargs))
 
 
 def create_app(settings: Settings, client: redis.Redis, host: str | None = None) -> FastAPI:
@@ -263,7 +316,7 @@ def create_app(settings: Settings, client: redis.Redis, host: str | None = None)
     app = FastAPI(title="persona dashboard", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=_allowed_hosts(settings, host or settings.dashboard.host))
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(QueueCollector(client, watch))
+    registry.register(QueueCollector(client, watch, settings))
     guard = [Depends(authorized)]
 
     @app.exception_handler(redis.exceptions.RedisError)
@@ -286,6 +339,8 @@ def create_app(settings: Settings, client: redis.Redis, host: str | None = None)
             "history": list(history),
             "personas": _personas(settings, figures),
             "dead": [d.model_dump(mode="json", exclude={"payload"}) for d in list_dead(client, count=50)],
+            "dead_note": cap_warning(figures.dead_letters, figures.dead_letters_trimmed)
+            or trimmed_note(figures.dead_letters_trimmed),
         })
 
     # Re-queued work waits for room as callers' does (as `persona queue retry` does too).
@@ -320,7 +375,20 @@ def create_app(settings: Settings, client: redis.Redis, host: str | None = None)
 
     @app.get("/healthz")
     def healthz() -> dict:
+        """Liveness: the dashboard answers (Redis or not)."""
         return {"ok": True}
+
+    probe = _probe_client(client)
+
+    @app.get("/readyz")
+    def readyz() -> JSONResponse:
+        """Readiness: 200 when Redis can be read, else 503 with the reason."""
+        try:
+            probe.exists(keys.STATS_KEY)  # a read of a key, as the page's figures are
+        except redis.exceptions.RedisError as exc:
+            return JSONResponse({"ready": False, "detail": watch.failed(exc)}, status_code=503)
+        watch.read()
+        return JSONResponse({"ready": True})
 
     return app
 

@@ -44,7 +44,7 @@ button{font:inherit;padding:2px 8px;cursor:pointer} .legend span{margin-right:12
 <section><h2>Workers</h2><table id="workers"><thead><tr><th>worker</th><th>host</th><th>device</th><th>state</th>
  <th>personas</th><th>requests</th><th>MB</th><th>seen</th></tr></thead><tbody></tbody></table></section>
 <section><h2>Personas</h2><table id="personas"><thead><tr><th>persona</th><th>active</th><th>versions</th><th>replies</th></tr></thead><tbody></tbody></table></section>
-<section><h2>Dead letters</h2><p><button id="retry-all">retry all</button></p>
+<section><h2>Dead letters</h2><p id="dead-note" class="bad"></p><p><button id="retry-all">retry all</button></p>
  <table id="dead"><thead><tr><th>request</th><th>persona</th><th>deliveries</th><th>reason</th><th></th></tr></thead><tbody></tbody></table></section>
 <section><h2>Stuck work</h2><table id="stuck"><thead><tr><th>request</th><th>worker</th><th>held</th><th>why</th></tr></thead><tbody></tbody></table></section>
 </main>
@@ -85,6 +85,7 @@ function render(data){
   document.getElementById('oldest').textContent = Math.max(...s.streams.map(x => x.oldest_waiting_s)).toFixed(1) + 's';
   document.getElementById('throughput').textContent = lat ? lat.replies_per_s.toFixed(2) : '-';
   document.getElementById('dead-count').textContent = s.dead_letters;
+  document.getElementById('dead-note').textContent = data.dead_note || '';  // trimmed at the cap, or near it
   document.getElementById('stuck-count').textContent = s.stuck.length;
   rows('streams', s.streams, x => [esc(x.name), '#' + x.waiting, '#' + x.in_flight, '#' + x.oldest_waiting_s.toFixed(1) + 's']);
   const failed = Object.entries(s.counters).filter(([k]) => k.startsWith('failed:'));

@@ -12,12 +12,19 @@ letters bound for that stream and goes on with the others.
 A letter that holds no readable request can never be retried, and one that crashes
 every worker should not be: ``drop_dead`` deletes letters for good (their callers were
 answered when they were set aside), counted as ``dropped``.
+
+The stream keeps about ``DEAD_STREAM_MAX_LEN`` letters and Redis trims the oldest past
+that. How many went that way is read from counters the queue keeps anyway (set aside,
+less retried, dropped and still held: ``trimmed_count``), so setting a letter aside
+costs no extra round trip; ``trimmed_note`` says so, and ``cap_warning`` warns while
+the cap is near.
 """
 
 from __future__ import annotations
 
 import re
 import time
+from collections.abc import Mapping
 
 import redis
 from pydantic import BaseModel, Field
@@ -27,7 +34,10 @@ from persona.contract import GenerationRequest
 from persona.errors import QueueBusy
 from persona.queue_scripts import REDIS_NOW
 
-__all__ = ["DeadLetter", "RetryReport", "drop_dead", "find_dead", "list_dead", "retry_all", "retry_dead", "unreadable_ids"]
+__all__ = [
+    "DeadLetter", "RetryReport", "cap_warning", "count_dead", "drop_dead", "find_dead", "list_dead", "retry_all",
+    "retry_dead", "trimmed_count", "trimmed_note", "unreadable_ids",
+]
 
 # A stream entry id as `persona queue dead` lists it: milliseconds-sequence.
 ENTRY_ID = re.compile(r"\d+-\d+")
@@ -59,6 +69,8 @@ if dropped > 0 then redis.call('HINCRBY', KEYS[2], 'dropped', dropped) end
 return dropped
 """
 DROP_BATCH = 500
+# From this share of the cap on, `persona queue dead`, stats and the dashboard warn.
+NEAR_CAP_SHARE = 0.9
 
 
 class DeadLetter(BaseModel):
@@ -104,6 +116,45 @@ def _parse(entry_id: bytes, fields: dict[bytes, bytes]) -> DeadLetter:
         reason=_text(fields.get(b"reason")), deliveries=int(fields.get(b"deliveries") or 0),
         worker=_text(fields.get(b"worker")), at=float(fields.get(b"at") or 0), payload=payload,
     )
+
+
+def trimmed_count(counters: Mapping[str, int], held: int) -> int:
+    """How many dead letters the stream's cap deleted unseen: every one set aside, less
+    those retried, dropped, or ``held`` still. ``counters`` and ``held`` must be read in one
+    transaction; a letter set aside meanwhile is counted just after it is added, which
+    can only make this one too low for a moment."""
+    gone = counters.get("dead_lettered", 0) - counters.get("retried", 0) - counters.get("dropped", 0)
+    return max(0, gone - held)
+
+
+def count_dead(client: redis.Redis) -> tuple[int, int]:
+    """(letters held, letters trimmed at the cap), read together in one round trip."""
+    pipe = client.pipeline(transaction=True)
+    pipe.xlen(keys.STREAM_DEAD)
+    pipe.hmget(keys.STATS_KEY, ["dead_lettered", "retried", "dropped"])
+    held, (added, retried, dropped) = pipe.execute()
+    counters = {"dead_lettered": int(added or 0), "retried": int(retried or 0), "dropped": int(dropped or 0)}
+    return held, trimmed_count(counters, held)
+
+
+def cap_warning(held: int, trimmed: int, cap: int = keys.DEAD_STREAM_MAX_LEN) -> str:
+    """What to tell an operator whose dead-letter stream is near its cap (where Redis starts
+    deleting the oldest unseen); '' while it is not."""
+    if held < cap * NEAR_CAP_SHARE:
+        return ""
+    so_far = f" ({trimmed:,} so far)" if trimmed else ""
+    return (
+        f"the dead-letter stream holds {held:,} of about {cap:,}: past that Redis deletes the oldest unseen{so_far}; "
+        "retry the ones still wanted (`persona queue retry ID` or `--all`) and drop the rest "
+        "(`persona queue drop ID` or `--all`)"
+    )
+
+
+def trimmed_note(trimmed: int, cap: int = keys.DEAD_STREAM_MAX_LEN) -> str:
+    """That dead letters were deleted unseen at the cap, and how many; '' if none were."""
+    if not trimmed:
+        return ""
+    return f"{trimmed:,} older dead letter(s) were deleted unseen when the stream passed its cap of about {cap:,}"
 
 
 def list_dead(client: redis.Redis, count: int = 100) -> list[DeadLetter]:

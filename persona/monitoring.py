@@ -15,6 +15,7 @@ import redis
 from pydantic import BaseModel, Field
 
 from persona import constants as keys
+from persona.dead_letters import trimmed_count
 from persona.heartbeat import WorkerInfo, live_worker_ids, live_workers, redis_now
 from persona.telemetry import LatencySummary, summarize
 
@@ -50,6 +51,9 @@ class QueueStats(BaseModel):
 
     streams: list[StreamStats]
     dead_letters: int
+    dead_letters_trimmed: int = Field(
+        0, description="dead letters the stream's cap (DEAD_STREAM_MAX_LEN) deleted unseen: never retried or dropped"
+    )
     counters: dict[str, int]
     workers: list[WorkerInfo]
     unreadable_workers: list[str] = Field(
@@ -146,14 +150,21 @@ def find_stuck(client: redis.Redis, live: set[str], now: float | None = None) ->
 def collect_stats(client: redis.Redis, *, latency_window_s: float = 300.0) -> QueueStats:
     """Read every figure the CLI, the dashboard and /metrics show."""
     now = redis_now(client)
-    counters = {_text(k): int(v) for k, v in client.hgetall(keys.STATS_KEY).items()}
+    # The counters and the dead letters held, read together: what the cap trimmed is
+    # their difference (a retry between two reads would count as one trimmed).
+    pipe = client.pipeline(transaction=True)
+    pipe.hgetall(keys.STATS_KEY)
+    pipe.xlen(keys.STREAM_DEAD)
+    raw_counters, dead_letters = pipe.execute()
+    counters = {_text(k): int(v) for k, v in raw_counters.items()}
     # Every live worker, those whose heartbeat cannot be read too: what they hold is
     # not stuck (their work was listed as held by a worker whose heartbeat had lapsed).
     live = live_worker_ids(client)
     workers = live_workers(client, live)
     return QueueStats(
         streams=[_stream_stats(client, s, now) for s in keys.STREAMS_BY_PRIORITY],
-        dead_letters=client.xlen(keys.STREAM_DEAD),
+        dead_letters=dead_letters,
+        dead_letters_trimmed=trimmed_count(counters, dead_letters),
         counters=counters,
         workers=workers,
         unreadable_workers=sorted(live - {w.id for w in workers}),

@@ -38,11 +38,11 @@ def dashboard(settings, redis_url):
 
     servers: list[tuple[uvicorn.Server, threading.Thread]] = []
 
-    def start(token: str | None = None, host: str = "127.0.0.1", url: str = redis_url) -> str:
+    def start(token: str | None = None, host: str = "127.0.0.1", url: str = redis_url, client: redis.Redis | None = None) -> str:
         settings.dashboard.token = SecretStr(token) if token else None
         check_binding(settings, host)
         port = free_port()
-        app = create_app(settings, redis.Redis.from_url(url))
+        app = create_app(settings, client or redis.Redis.from_url(url))
         server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
         thread = threading.Thread(target=server.run, daemon=True)
         thread.start()
@@ -224,6 +224,21 @@ def test_metrics_parse_with_the_prometheus_parser(settings, redis_client, dashbo
     assert not [name for name in families if unit_words & set(name.split("_"))]
 
 
+def test_active_version_metric_covers_every_persona(settings, redis_client, dashboard, write_persona, tiny_llama_dir):
+    """persona_active_version named only the personas swapped at least once: one never
+    swapped (serving base, as the page said) had no series for a panel or alert to read."""
+    write_persona("tiny", base=str(tiny_llama_dir))
+    write_persona("other", base=str(tiny_llama_dir))
+    redis_client.hset(keys.ACTIVE_VERSIONS_KEY, "other", "v2")
+    base = dashboard()
+    text = httpx.get(f"{base}/metrics").text
+    [family] = [f for f in text_string_to_metric_families(text) if f.name == "persona_active_version"]
+    served = {s.labels["persona"]: s.labels["version"] for s in family.samples if s.value == 1}
+    assert served["tiny"] == "base" and served["other"] == "v2"
+    page = {p["name"]: p["active"] for p in httpx.get(f"{base}/api/stats").json()["personas"]}
+    assert {name: served[name] for name in page} == page  # the page and /metrics agree
+
+
 def test_with_redis_out_of_reach_the_page_and_metrics_say_so(settings, dashboard, caplog):
     """Every figure and action answered a bare 500 (the page then said "cannot reach the
     dashboard", which was up), each with a traceback in the log, and /metrics failed the
@@ -241,6 +256,31 @@ def test_with_redis_out_of_reach_the_page_and_metrics_say_so(settings, dashboard
     said = [r for r in caplog.records if r.name == "persona.dashboard"]
     assert len(said) == 1 and "cannot read the queue from Redis" in said[0].getMessage()
     assert not [r for r in caplog.records if r.exc_info]
+
+
+def test_readyz_says_when_redis_cannot_be_read_and_healthz_stays_liveness(settings, dashboard, tmp_path):
+    """/healthz said ok with Redis down, and there was nothing else for a probe to ask: a
+    load balancer or a container healthcheck saw a ready dashboard whose every figure
+    answered 503. Redis here is a real one, stopped under the running dashboard."""
+    from persona.connection import connect
+    from persona.embedded_redis import EmbeddedRedis
+
+    server = EmbeddedRedis(tmp_path / "own-redis")
+    url = server.start()
+    try:
+        base = dashboard(token="s3cret", client=connect(settings, url=url))  # the service's client, retries and all
+        ready = httpx.get(f"{base}/readyz")  # a probe carries no token
+        assert ready.status_code == 200 and ready.json() == {"ready": True}
+        server.stop()
+        started = time.monotonic()
+        down = httpx.get(f"{base}/readyz", timeout=60)
+        assert down.status_code == 503 and "cannot read the queue from Redis" in down.json()["detail"]
+        assert time.monotonic() - started < 3  # tried once, not through seconds of backoff
+        assert httpx.get(f"{base}/healthz").status_code == 200  # alive all the same
+        server.start()
+        assert httpx.get(f"{base}/readyz").status_code == 200
+    finally:
+        server.stop()
 
 
 def test_persona_dashboard_command_serves_and_up_includes_it(settings, redis_url, redis_client):

@@ -209,3 +209,69 @@ def test_a_dead_letter_can_be_shown_whole_and_dropped_for_good(settings, redis_c
     assert list_dead(redis_client) == [good]
     assert persona("drop", good.id).returncode == 0
     assert list_dead(redis_client) == [] and int(redis_client.hget(keys.STATS_KEY, "dropped")) == 2
+
+
+def test_dead_letters_holding_brackets_are_listed_as_written(settings, redis_client, redis_url):
+    """The table read reasons as Rich markup: "[bold]" vanished, and a reason quoting a
+    path in brackets ("see [/var/log/x]", a closing tag) ended `persona queue dead` with
+    a MarkupError traceback, so no dead letter could be listed at all."""
+    client = QueueClient(redis_client, settings.queue)
+    queue = WorkQueue(redis_client, settings.queue)
+    client.submit(chat())
+    [job] = queue.claim("w-[gpu0]", 1, block_ms=0)
+    queue.dead_letter(job, "CUDA error in [bold]kernel[/bold]: see [/var/log/x]", 3, "w-[gpu0]")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PERSONA_")}
+    env |= {"PERSONA_DATA_DIR": str(settings.data_dir), "PERSONA_REDIS_URL": redis_url, "COLUMNS": "250"}
+    listed = subprocess.run([sys.executable, "-m", "persona", "queue", "dead"], env=env, capture_output=True,
+                            check=False, text=True, timeout=120)
+    assert listed.returncode == 0, listed.stderr
+    assert "CUDA error in [bold]kernel[/bold]: see [/var/log/x]" in listed.stdout
+
+
+def test_letters_deleted_at_the_streams_cap_are_counted_and_the_cap_is_warned_of(settings, redis_client, redis_url):
+    """The stream keeps about DEAD_STREAM_MAX_LEN letters and Redis trimmed the oldest
+    silently: `persona queue dead` and stats showed about 10,000 however many were lost,
+    and nothing said the cap was near."""
+    from persona.dead_letters import drop_dead
+
+    for text in ("one", "two", "three"):
+        dead_letter(settings, redis_client, chat(text=text))
+    [newest, middle, _] = list_dead(redis_client)
+    assert retry_dead(redis_client, newest.id) and drop_dead(redis_client, [middle.id]) == 1
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PERSONA_")}
+    env |= {"PERSONA_DATA_DIR": str(settings.data_dir), "PERSONA_REDIS_URL": redis_url, "COLUMNS": "400"}
+
+    def persona(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "persona", "queue", *args], env=env, capture_output=True,
+                              check=False, text=True, timeout=120)
+
+    def stats() -> dict:
+        return json.loads(persona("stats", "--json").stdout)
+
+    assert stats()["dead_letters_trimmed"] == 0  # retried and dropped letters are not lost ones
+    # Past the cap, as WorkQueue.dead_letter writes each letter (a real worker takes
+    # seconds per thousand): XADD with MAXLEN ~ the cap, then the count.
+    payload = chat().to_json()
+    pipe = redis_client.pipeline(transaction=False)
+    for i in range(keys.DEAD_STREAM_MAX_LEN + 300):
+        pipe.xadd(keys.STREAM_DEAD, {"r": payload, "stream": keys.STREAM_INTERACTIVE, "reason": f"crash {i}",
+                                     "deliveries": 3, "worker": "w-x", "at": 1.0},
+                  maxlen=keys.DEAD_STREAM_MAX_LEN, approximate=True)
+        pipe.hincrby(keys.STATS_KEY, "dead_lettered", 1)
+    pipe.execute()
+    held = redis_client.xlen(keys.STREAM_DEAD)
+    lost = keys.DEAD_STREAM_MAX_LEN + 301 - held
+    assert lost > 0
+
+    listed = persona("dead", "--limit", "1")
+    assert listed.returncode == 0, listed.stderr
+    assert f"holds {held:,} of about {keys.DEAD_STREAM_MAX_LEN:,}" in listed.stdout and f"({lost:,} so far)" in listed.stdout
+    assert persona("dead", "--limit", "1", "--json").stderr.startswith("warning:")  # JSON lines stay clean
+    assert stats()["dead_letters_trimmed"] == lost
+    from persona.dashboard import QueueCollector
+
+    gauges = {m.name: m.samples[0].value for m in QueueCollector(redis_client).collect() if m.samples}
+    assert gauges["persona_dead_letters_trimmed"] == lost
+    assert persona("drop", "--all", "--yes").returncode == 0
+    after = persona("dead").stdout
+    assert "warning" not in after and f"{lost:,} older dead letter(s) were deleted unseen" in after

@@ -233,6 +233,24 @@ def test_queue_stats_and_watch_commands(settings, redis_url, redis_client):
     assert watching.returncode == 0 and "persona:q:chat" in out and "generation" in out
 
 
+def test_queue_stats_shows_names_holding_brackets_as_written(settings, redis_url, redis_client):
+    """Worker ids, personas and versions were read as Rich markup: a worker named
+    "w-[bold]gpu0" was listed (stuck work, the workers table) as "w-gpu0", a name no
+    command knows, and a version folder such as "/ckpt/[draft]" lost its brackets."""
+    QueueClient(redis_client, settings.queue).submit(chat())
+    WorkQueue(redis_client, settings.queue).claim("w-[bold]gpu0", 1, block_ms=0)  # its worker died: stuck
+    heartbeat.publish(redis_client, heartbeat.WorkerInfo(id="w-[red]live", personas={"tiny": "/ckpt/[draft]"}), ttl_s=30)
+    redis_client.hset(keys.ACTIVE_VERSIONS_KEY, "tiny", "/ckpt/[draft]")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PERSONA_")}
+    env |= {"PERSONA_DATA_DIR": str(settings.data_dir), "PERSONA_REDIS_URL": redis_url, "COLUMNS": "250"}
+    shown = subprocess.run([sys.executable, "-m", "persona", "queue", "stats"], env=env, capture_output=True,
+                           check=False, text=True, timeout=120)
+    assert shown.returncode == 0, shown.stderr
+    assert "held by w-[bold]gpu0, whose heartbeat has lapsed" in shown.stdout
+    assert "w-[red]live" in shown.stdout and "tiny@/ckpt/[draft]" in shown.stdout
+    assert "active versions: tiny@/ckpt/[draft]" in shown.stdout
+
+
 def test_watch_says_redis_is_out_of_reach_and_goes_on_when_it_is_back(settings, tmp_path):
     """`persona queue watch` ended at the first failed read: a Redis restart, just when
     the operator was watching to see the service come back, left them at a shell prompt."""

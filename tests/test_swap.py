@@ -480,3 +480,42 @@ def test_a_live_worker_whose_heartbeat_cannot_be_read_must_vote_too(settings, re
     assert not outcome.committed and outcome.proposal.workers == ["w-odd"]
     assert "no answer from worker(s) w-odd" in outcome.problem
     assert swaps.active_versions(redis_client) == {} and swaps.open_proposals(redis_client) == []
+
+
+def test_a_refused_swap_or_rollback_with_json_is_one_json_object(settings, redis_url, redis_client, tiny, tiny_llama_dir,
+                                                                 personas_dir):
+    """With --json, a refusal made before any worker voted (nothing to roll back to, a version
+    that is not there, a checkpoint for another base, another swap under way) was a red line
+    on stderr and nothing on stdout: a script that asked for JSON could not read why."""
+    make_checkpoint(settings, tiny_llama_dir, "tiny", seed=1, base="/somewhere/else")
+    make_checkpoint(settings, tiny_llama_dir, "tiny", seed=2)
+    persona = _cli(settings, redis_url, personas_dir)
+
+    def refused(*args: str) -> dict:
+        done = persona(*args, "--json")
+        assert done.returncode == 1 and "error" not in done.stderr, done.stderr  # said once, in the object
+        outcome = json.loads(done.stdout)
+        assert not outcome["committed"] and outcome["proposal"]["persona"] == "tiny"
+        return outcome
+
+    back = refused("rollback", "tiny")
+    assert "no earlier version" in back["problem"] and back["proposal"]["kind"] == "rollback"
+    missing = refused("swap", "tiny", "v7")
+    assert "no checkpoint version 'v7'" in missing["problem"] and missing["proposal"]["target"] == "v7"
+    assert "wrong base" in refused("swap", "tiny", "v1")["problem"]
+    from persona import heartbeat
+
+    heartbeat.publish(redis_client, heartbeat.WorkerInfo(id="w-busy"), ttl_s=60)  # asked, so not loaded here
+    swaps.open_proposal(redis_client, swaps.SwapProposal(persona="tiny", target="v1", previous="base"), timeout_s=60)
+    busy = refused("swap", "tiny", "v2")
+    assert "already under way" in busy["problem"] and busy["proposal"]["previous"] == "base"
+    assert swaps.active_versions(redis_client) == {}
+
+
+def test_checkpoints_shows_a_base_folder_holding_brackets_as_written(settings, redis_url, write_persona, personas_dir):
+    """The table read folder names as Rich markup: a base at /models/[draft]/tiny was
+    listed as /models//tiny, a folder that is not there."""
+    write_persona("odd", base="/models/[draft]/tiny")
+    table = _cli(settings, redis_url, personas_dir)("checkpoints", "odd")
+    assert table.returncode == 0, table.stderr
+    assert "/models/[draft]/tiny" in table.stdout

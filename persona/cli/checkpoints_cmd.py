@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Literal
 
 import redis
 import typer
@@ -22,9 +25,14 @@ from persona.checkpoints import (
     resolve_checkpoint,
     scan_checkpoints,
 )
-from persona.cli.common import console, friendly_errors, get_settings
+from persona.cli.common import (
+    console,
+    explain_redis_error,
+    friendly_errors,
+    get_settings,
+)
 from persona.connection import connect
-from persona.errors import ModelError, SwapRefused
+from persona.errors import ModelError, PersonaError, SwapRefused
 from persona.heartbeat import live_worker_ids
 from persona.personas import Persona, PersonaRegistry
 from persona.settings import Settings
@@ -33,6 +41,10 @@ from persona.swap import current_version
 __all__ = ["checkpoints", "normalise_target", "perform_swap", "register", "rollback", "swap"]
 
 DEFAULT_TIMEOUT_S = 300.0
+OUTCOME_JSON_HELP = (
+    "print the outcome as one JSON object (committed, problem, each worker's vote and reason), "
+    "a refusal too, which also exits with status 1"
+)
 
 
 def normalise_target(target: str, versions: Path | None = None) -> str:
@@ -90,14 +102,39 @@ def perform_swap(
 def _report(outcome: swaps.SwapOutcome, json_output: bool, started: float) -> None:
     if json_output:
         print(outcome.model_dump_json())
+        if not outcome.committed:
+            raise typer.Exit(1)  # the object says why; nothing more on stderr to mix into it
+        return
     if not outcome.committed:
         raise SwapRefused(outcome.problem)
-    if not json_output:
-        p = outcome.proposal
-        console.print(
-            f"[green]{p.persona} now serves {p.target}[/green] (was {p.previous}); "
-            f"{len(outcome.votes)} worker(s) switched, {time.time() - started:.1f} s"
-        )
+    p = outcome.proposal
+    console.print(
+        f"[green]{escape(p.persona)} now serves {escape(p.target)}[/green] (was {escape(p.previous)}); "
+        f"{len(outcome.votes)} worker(s) switched, {time.time() - started:.1f} s",
+        highlight=False,
+    )
+
+
+@contextlib.contextmanager
+def _refusal_as_json(json_output: bool, draft: swaps.SwapProposal) -> Iterator[swaps.SwapProposal]:
+    """With ``--json``, a swap refused before any worker voted (no earlier version, an unknown
+    version, a checkpoint this machine refuses, another swap under way, Redis out of reach)
+    is printed as the same outcome object a refused vote gives, with exit status 1: it used
+    to be a red line on stderr and nothing on stdout, which a script reading JSON chokes on.
+    ``draft`` is filled in (target, previous) as the command learns them."""
+    try:
+        yield draft
+    except (PersonaError, redis.exceptions.RedisError) as exc:
+        if not json_output:
+            raise
+        problem = explain_redis_error(exc) if isinstance(exc, redis.exceptions.RedisError) else str(exc)
+        print(swaps.SwapOutcome(proposal=draft, committed=False, problem=problem).model_dump_json())
+        raise typer.Exit(1) from None
+
+
+def _draft(persona: str, target: str, kind: Literal["swap", "rollback"]) -> swaps.SwapProposal:
+    """The proposal a refused command reports: never opened, so no id and no workers."""
+    return swaps.SwapProposal(id="", persona=persona, target=target, previous="", kind=kind)
 
 
 def _print_history(persona: str, rollback_to: str | None, history: list[dict[str, str]]) -> None:
@@ -112,7 +149,7 @@ def _print_history(persona: str, rollback_to: str | None, history: list[dict[str
         at = float(entry.get("at") or 0)
         when = dt.datetime.fromtimestamp(at).strftime("%Y-%m-%d %H:%M:%S") if at else "-"
         change = f"{entry.get('previous') or '?'} -> {entry.get('version', '?')}"
-        console.print(f"  {when}  {entry.get('kind', 'swap'):<8}  {escape(change)}", highlight=False)
+        console.print(f"  {when}  {escape(entry.get('kind', 'swap')):<8}  {escape(change)}", highlight=False)
 
 
 @friendly_errors
@@ -144,14 +181,15 @@ def checkpoints(
                           "unreadable": [str(p) for p in unreadable], "rollback_to": rollback_to,
                           "swaps": [dict(e, at=float(e.get("at") or 0)) for e in latest]}))
         return
-    table = Table(title=f"{persona.name}: checkpoints (active: {active})", header_style="bold")
+    # Every cell escaped: a base or an active folder named "runs/[draft]" was read as markup.
+    table = Table(title=escape(f"{persona.name}: checkpoints (active: {active})"), header_style="bold")
     for column in ("", "version", "created", "kind", "base", "metrics"):
         table.add_column(column)
-    table.add_row("*" if active == BASE_VERSION else "", BASE_VERSION, "", "", persona.model.base, "")
+    table.add_row("*" if active == BASE_VERSION else "", BASE_VERSION, "", "", escape(persona.model.base), "")
     for c in found:
         created = dt.datetime.fromtimestamp(c.created_at).strftime("%Y-%m-%d %H:%M")
         metrics = ", ".join(f"{k}={v:.4g}" for k, v in sorted(c.metrics.items())) or "-"
-        table.add_row("*" if is_active(c) else "", c.version, created, c.kind, c.base, metrics)
+        table.add_row("*" if is_active(c) else "", *map(escape, (c.version, created, c.kind, c.base, metrics)))
     console.print(table)
     if active != BASE_VERSION and not any(is_active(c) for c in found):
         if VERSION_PATTERN.match(active):  # a version, not a folder elsewhere: removed, or unreadable
@@ -173,7 +211,7 @@ def swap(
     persona_name: str = typer.Argument(..., metavar="PERSONA", help="the persona's name"),
     target: str = typer.Argument(..., metavar="VERSION|PATH", help="a version (v3), 'base', or a checkpoint folder"),
     timeout: float = typer.Option(DEFAULT_TIMEOUT_S, min=1.0, help="seconds to wait for every worker to be ready"),
-    json_output: bool = typer.Option(False, "--json", help="print the outcome as JSON"),
+    json_output: bool = typer.Option(False, "--json", help=OUTCOME_JSON_HELP),
 ) -> None:
     """Switch a persona to another checkpoint on every live worker, or on none.
 
@@ -183,34 +221,38 @@ def swap(
     """
     settings = get_settings()
     started = time.time()
-    persona = PersonaRegistry.from_settings(settings).get(persona_name)
-    client = connect(settings)
-    target = normalise_target(target, checkpoint_dir(settings.checkpoints_dir, persona.name))
-    if target == current_version(client, persona):
-        if json_output:  # still one JSON object, as --json promises: nothing needed doing
-            print(swaps.SwapOutcome(
-                proposal=swaps.SwapProposal(persona=persona.name, target=target, previous=target),
-                committed=True, unchanged=True,
-            ).model_dump_json())
-        else:
-            console.print(f"{persona.name} already serves {target}")
-        return
-    _report(perform_swap(settings, client, persona, target, timeout_s=timeout), json_output, started)
+    with _refusal_as_json(json_output, _draft(persona_name, target, "swap")) as draft:
+        persona = PersonaRegistry.from_settings(settings).get(persona_name)
+        client = connect(settings)
+        target = draft.target = normalise_target(target, checkpoint_dir(settings.checkpoints_dir, persona.name))
+        draft.previous = current_version(client, persona)
+        if target == draft.previous:
+            if json_output:  # still one JSON object, as --json promises: nothing needed doing
+                print(swaps.SwapOutcome(
+                    proposal=draft.model_copy(update={"previous": target}), committed=True, unchanged=True,
+                ).model_dump_json())
+            else:
+                console.print(f"{escape(persona.name)} already serves {escape(target)}", highlight=False)
+            return
+        outcome = perform_swap(settings, client, persona, target, timeout_s=timeout)
+    _report(outcome, json_output, started)
 
 
 @friendly_errors
 def rollback(
     persona_name: str = typer.Argument(..., metavar="PERSONA", help="the persona's name"),
     timeout: float = typer.Option(DEFAULT_TIMEOUT_S, min=1.0, help="seconds to wait for every worker to be ready"),
-    json_output: bool = typer.Option(False, "--json", help="print the outcome as JSON"),
+    json_output: bool = typer.Option(False, "--json", help=OUTCOME_JSON_HELP),
 ) -> None:
     """Go back to the version a persona served before its last swap (same all-or-nothing rules)."""
     settings = get_settings()
     started = time.time()
-    persona = PersonaRegistry.from_settings(settings).get(persona_name)
-    client = connect(settings)
-    target = swaps.rollback_target(client, persona.name)
-    outcome = perform_swap(settings, client, persona, target, kind="rollback", timeout_s=timeout)
+    with _refusal_as_json(json_output, _draft(persona_name, "", "rollback")) as draft:
+        persona = PersonaRegistry.from_settings(settings).get(persona_name)
+        client = connect(settings)
+        draft.previous = current_version(client, persona)
+        target = draft.target = swaps.rollback_target(client, persona.name)
+        outcome = perform_swap(settings, client, persona, target, kind="rollback", timeout_s=timeout)
     _report(outcome, json_output, started)
 
 

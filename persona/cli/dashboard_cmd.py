@@ -21,6 +21,8 @@ def dashboard(
 
     It listens on loopback unless told otherwise; bound anywhere else it refuses to
     start without PERSONA_DASHBOARD__TOKEN, and then every page wants that token.
+    Probes need none: /healthz answers while the dashboard runs, /readyz answers 503
+    with the reason while Redis cannot be read (point a healthcheck at /readyz).
     """
     from persona.dashboard import bind, serve
 

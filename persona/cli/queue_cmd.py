@@ -19,6 +19,7 @@ from rich.text import Text
 from persona import constants as keys
 from persona.cli.common import (
     console,
+    err_console,
     explain_redis_error,
     friendly_errors,
     get_settings,
@@ -27,11 +28,14 @@ from persona.connection import connect
 from persona.contract import GenerationRequest
 from persona.dead_letters import (
     DeadLetter,
+    cap_warning,
+    count_dead,
     drop_dead,
     find_dead,
     list_dead,
     retry_all,
     retry_dead,
+    trimmed_note,
     unreadable_ids,
 )
 from persona.errors import QueueError
@@ -56,13 +60,18 @@ def render_stats(stats: QueueStats) -> Table:
     table.add_column("in flight", justify="right")
     table.add_column("oldest waiting", justify="right")
     for stream in stats.streams:
-        table.add_row(stream.name, str(stream.waiting), str(stream.in_flight), f"{stream.oldest_waiting_s:.1f}s")
+        table.add_row(escape(stream.name), str(stream.waiting), str(stream.in_flight), f"{stream.oldest_waiting_s:.1f}s")
     table.add_row("dead letters", str(stats.dead_letters), "", "")
+    if stats.dead_letters_trimmed:
+        table.add_row("  deleted at the cap", str(stats.dead_letters_trimmed), "", "")
+    warning = cap_warning(stats.dead_letters, stats.dead_letters_trimmed)
+    if warning:  # past the cap the oldest letters go unseen: said while there is time to act
+        table.caption, table.caption_style = escape(f"warning: {warning}"), "yellow"
     table.add_row("completed", str(stats.completed), "", "")
     table.add_row("failed", str(stats.failed), "", "")
     for name, value in sorted(stats.counters.items()):
         if name.startswith("failed:"):
-            table.add_row(f"  {name}", str(value), "", "")
+            table.add_row(f"  {escape(name)}", str(value), "", "")
     return table
 
 
@@ -99,7 +108,8 @@ def render_workers(stats: QueueStats) -> Table:
     for w in stats.workers:
         personas = ", ".join(f"{k}@{v}" for k, v in sorted(w.personas.items())) or "-"
         table.add_row(
-            w.id, w.host, w.device, w.state, personas, str(w.requests), f"{w.memory_mb:.0f}", f"{now - w.last_seen:.1f}s ago"
+            *map(escape, (w.id, w.host, w.device, w.state, personas)),
+            str(w.requests), f"{w.memory_mb:.0f}", f"{now - w.last_seen:.1f}s ago",
         )
     if not stats.workers and not stats.unreadable_workers:
         table.caption = "no live worker, so nothing is answered; start one with `persona worker` (or `persona up`)"
@@ -112,7 +122,7 @@ def render_stuck(stats: QueueStats) -> Table:
     for column in ("request", "persona", "worker", "held", "deliveries", "why"):
         table.add_column(column)
     for s in stats.stuck:
-        table.add_row(s.request_id, s.persona, s.worker, f"{s.held_s:.0f}s", str(s.deliveries), s.reason)
+        table.add_row(*map(escape, (s.request_id, s.persona, s.worker)), f"{s.held_s:.0f}s", str(s.deliveries), escape(s.reason))
     return table
 
 
@@ -120,7 +130,7 @@ def render_all(stats: QueueStats) -> Group:
     """Every section, for `stats` and each frame of `watch`."""
     parts = [render_stats(stats), render_latency(stats), render_workers(stats)]
     if stats.active_versions:
-        parts.append("active versions: " + ", ".join(f"{k}@{v}" for k, v in sorted(stats.active_versions.items())))
+        parts.append("active versions: " + escape(", ".join(f"{k}@{v}" for k, v in sorted(stats.active_versions.items()))))
     if stats.stuck:
         parts.append(render_stuck(stats))
     return Group(*parts)
@@ -173,24 +183,41 @@ def dead(
     limit: int = typer.Option(50, min=1, help="show at most this many, newest first"),
     json_output: bool = typer.Option(False, "--json", help="print one JSON object per line"),
 ) -> None:
-    """Requests set aside after too many failed deliveries, with the reason and delivery count."""
-    letters = list_dead(connect(get_settings()), count=limit)
+    """Requests set aside after too many failed deliveries, with the reason and delivery count.
+
+    The stream keeps about 10,000; past that Redis deletes the oldest. A warning below the
+    list (on stderr with --json) says when it nears that cap, and how many went that way.
+    """
+    client = connect(get_settings())
+    letters = list_dead(client, count=limit)
+    held, trimmed = count_dead(client)
+    warning = cap_warning(held, trimmed)
+    note = "" if warning else trimmed_note(trimmed)  # the warning counts them too
     if json_output:
         for letter in letters:
             print(letter.model_dump_json())
+        if warning or note:  # beside the lines, not among them
+            err_console.print(f"[yellow]warning:[/yellow] {escape(warning)}" if warning else escape(note), highlight=False)
         return
-    table = Table(title=f"dead letters ({len(letters)} shown)", header_style="bold")
+    table = Table(title=f"dead letters ({len(letters)} of {held} shown, newest first)", header_style="bold")
     for column in ("id", "request", "persona", "deliveries", "when", "reason"):
         table.add_column(column)
     for d in letters:
         when = dt.datetime.fromtimestamp(d.at).strftime("%Y-%m-%d %H:%M:%S") if d.at else "-"
-        table.add_row(d.id, d.request_id or "(malformed)", d.persona, str(d.deliveries), when, d.reason)
+        # Escaped: a reason or a persona holding "[...]" was read as markup, mangled, or
+        # ("[/var/log/x]", a closing tag) ended the command with a traceback.
+        table.add_row(escape(d.id), escape(d.request_id or "(malformed)"), escape(d.persona), str(d.deliveries), when,
+                      escape(d.reason))
     console.print(table)
     if letters:
         console.print(
             "see one whole with [bold]persona queue show ID[/bold]; re-queue one with [bold]persona queue retry ID[/bold] "
             "(or all with [bold]--all[/bold]); delete one for good with [bold]persona queue drop ID[/bold]"
         )
+    if warning:
+        console.print(f"[yellow]warning:[/yellow] {escape(warning)}", highlight=False)
+    elif note:
+        console.print(escape(note), highlight=False)
 
 
 def _when(at: float) -> str:
