@@ -276,12 +276,7 @@ def test_a_swap_prepared_before_another_landed_is_withdrawn(redis_client, tiny):
 def test_checkpoints_swap_and_rollback_commands(settings, redis_url, redis_client, tiny, tiny_llama_dir, personas_dir):
     make_checkpoint(settings, tiny_llama_dir, "tiny", seed=1)
     make_checkpoint(settings, tiny_llama_dir, "tiny", seed=2, hidden=64)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PERSONA_")}
-    env |= {"PERSONA_DATA_DIR": str(settings.data_dir), "PERSONA_REDIS_URL": redis_url,
-            "PERSONA_PERSONAS_DIRS": json.dumps([str(personas_dir)]), "COLUMNS": "200"}
-
-    def persona(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "persona", *args], env=env, capture_output=True, check=False, text=True, timeout=120)
+    persona = _cli(settings, redis_url, personas_dir)
 
     listed = persona("checkpoints", "tiny", "--json")
     assert listed.returncode == 0, listed.stderr
@@ -311,12 +306,7 @@ def test_checkpoints_lists_the_readable_versions_and_names_a_damaged_one(setting
     damaged = settings.checkpoints_dir / "tiny" / "v2"
     damaged.mkdir()
     (damaged / "checkpoint.json").write_text('{"persona": "tiny", "vers')
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PERSONA_")}
-    env |= {"PERSONA_DATA_DIR": str(settings.data_dir), "PERSONA_REDIS_URL": redis_url,
-            "PERSONA_PERSONAS_DIRS": json.dumps([str(personas_dir)]), "COLUMNS": "200"}
-
-    def persona(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "persona", *args], env=env, capture_output=True, check=False, text=True, timeout=120)
+    persona = _cli(settings, redis_url, personas_dir)
 
     table = persona("checkpoints", "tiny")
     assert table.returncode == 0, table.stderr
@@ -344,12 +334,7 @@ def test_checkpoints_says_what_a_rollback_returns_to_and_the_latest_swaps(
     write_persona("other", base=tiny.model.base)
     other = PersonaRegistry.from_settings(settings).get("other")
     assert swaps.swap_persona(redis_client, other, "v9", timeout_s=10).committed  # another persona's: not listed
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PERSONA_")}
-    env |= {"PERSONA_DATA_DIR": str(settings.data_dir), "PERSONA_REDIS_URL": redis_url,
-            "PERSONA_PERSONAS_DIRS": json.dumps([str(personas_dir)]), "COLUMNS": "200"}
-
-    def persona(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "persona", *args], env=env, capture_output=True, check=False, text=True, timeout=120)
+    persona = _cli(settings, redis_url, personas_dir)
 
     table = persona("checkpoints", "tiny")
     assert table.returncode == 0, table.stderr
