@@ -3,8 +3,10 @@
 It answers when mentioned (or the role Discord made for it, which the mention menu
 offers under the same name), in a DM (subject to the ``dm_policy``), and when someone
 replies to one of its messages; one addressed to it with no text (a picture, a bare
-mention) gets a sentence saying what to write instead of silence; the reply chain, fetched message by message as llmcord
-does, is the conversation. A slash command's answer quotes nothing, so the chain ends
+mention) gets a sentence saying what to write instead of silence. A server message
+edited to mention the bot is answered, once; no other edit is (``on_message_edit``). The
+reply chain, fetched message by message as llmcord does, is the conversation, less the
+bot's notices (``persona_words``). A slash command's answer quotes nothing, so the chain ends
 there; the exchange it answered is kept in Redis under its interaction's id, and the
 chain goes on from that. Elsewhere the conversation is the one kept in Redis. Slash
 commands: /ask, /persona, /reset, /retry, /cancel; and for operators (user ids or a
@@ -28,6 +30,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterator
 
 import aiohttp
@@ -43,6 +46,7 @@ from adapters.responder import (
     Responder,
     Where,
     connect_with_backoff,
+    persona_words,
 )
 from adapters.splitting import DISCORD_MESSAGE_LIMIT_CHARS, split_message
 from adapters.typing_indicator import keep_typing
@@ -74,6 +78,11 @@ NO_MENTIONS = discord.AllowedMentions.none()
 MAX_REMEMBERED_PARENTS = 10_000
 # How long closing waits for the handlers still answering to say their last words.
 CLOSE_WAIT_S = 10.0
+# Messages answered (or being answered), newest last: an edit never answers one of them again.
+# An edit is answered only while its message is in discord.py's message cache (``before`` is
+# known), which holds the last 1,000 messages received: every one of those that was answered
+# is among the last 1,000 answered, so this many are more than enough.
+MAX_REMEMBERED_ANSWERS = 10_000
 _UNKNOWN = object()  # a channel whose parent the API could not tell
 
 
@@ -97,6 +106,7 @@ class PersonaBot(discord.Client):
         self.responder: Responder | None = None
         self.access: AccessControl | None = None
         self._parent_ids: dict[int, int | None] = {}  # channel id → parent id, oldest first
+        self._answered: OrderedDict[int, None] = OrderedDict()  # message ids, see MAX_REMEMBERED_ANSWERS
         self._answering: set[asyncio.Task] = set()  # handlers waiting for an answer, or sending it
         self._add_commands()
 
@@ -255,6 +265,8 @@ class PersonaBot(discord.Client):
                 break
             role = "assistant" if current.author == self.user else "user"
             text = self._clean(current)
+            if role == "assistant":  # a notice (no worker running, slow down...) is not the persona's
+                text = "" if text == NOT_TEXT_TEXT else persona_words(text)
             if text and role == "assistant" and turns and turns[-1].role == "assistant":
                 turns[-1] = Message(role=role, content=f"{text}\n{turns[-1].content}")
             elif text:
@@ -283,12 +295,37 @@ class PersonaBot(discord.Client):
 
     async def on_message(self, message: discord.Message) -> None:
         """Answer a mention, a DM, or a reply to the bot."""
-        if message.author.bot or self.responder is None:
+        if not message.author.bot and self.responder is not None:
+            await self._reply_to(message)
+
+    async def on_message_edit(self, before: discord.Message, after: discord.Message) -> None:
+        """Answer a server message edited to mention the bot: its author wrote the question, then
+        remembered to address it, and expects the answer a message written that way gets. No
+        other edit is answered: in a DM every message was answered as it came, and a message
+        addressed to the bot before was answered then, so an edit there fixes a typo, and a
+        second answer to one message would surprise. discord.py calls this only for a message
+        in its cache, received while the bot ran; an older one may have been answered before a
+        restart, and is left alone."""
+        if after.author.bot or self.responder is None or after.guild is None:
             return
+        if self._mentioned(after) and not self._mentioned(before):
+            await self._reply_to(after)
+
+    def _first_answer(self, message: discord.Message) -> bool:
+        """Whether this message is answered for the first time; from now on it counts as answered."""
+        if message.id in self._answered:
+            return False
+        self._answered[message.id] = None
+        if len(self._answered) > MAX_REMEMBERED_ANSWERS:
+            self._answered.popitem(last=False)
+        return True
+
+    async def _reply_to(self, message: discord.Message) -> None:
+        """Answer a message addressed to the bot (a mention, a DM, a reply to it), once."""
         is_dm = message.guild is None
         parent = await self._parent(message)
         replied_to_bot = parent is not None and parent.author == self.user
-        if not (is_dm or self._mentioned(message) or replied_to_bot):
+        if not (is_dm or self._mentioned(message) or replied_to_bot) or not self._first_answer(message):
             return
         if not is_dm and not await self._place_allowed(message.guild.id, message.channel):
             return

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import secrets
 import weakref
 from collections.abc import Awaitable, Callable
@@ -37,7 +38,7 @@ from persona.personas import PersonaRegistry
 from persona.queue import AsyncQueueClient
 from persona.settings import ChatAdapterSettings, Settings
 
-__all__ = ["Responder", "Where", "connect_with_backoff"]
+__all__ = ["Responder", "Where", "connect_with_backoff", "persona_words"]
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,19 @@ NO_WORKER_TIMEOUT_TEXT = (
     "Sorry, I couldn't answer: none of my workers is running. Please send your message again later."
 )
 LONG_MESSAGE_NOTE = "\n\n(Your message was long, so I read only its last {chars} characters.)"
+# What the bot says that the persona did not: notices, refusals and apologies. A conversation
+# rebuilt from what was said (Discord's reply chain) leaves them out, as the store never saves
+# them: a reply to "none of my workers is running" read that notice as the persona's own words.
+NOTICE_TEXTS = frozenset({
+    BUSY_TEXT, TIMEOUT_TEXT, UNREACHABLE_TEXT, FAILED_TEXT, CANCELLED_TEXT, EMPTY_REPLY_TEXT,
+    NOTHING_TO_RETRY_TEXT, NOTHING_TO_CANCEL_TEXT, RESET_TEXT, RESTARTING_TEXT, BARE_MENTION_TEXT,
+    NO_WORKER_TEXT, NO_WORKER_TIMEOUT_TEXT,
+})
+# (Not "I can't answer that: ...", which the persona may well say too.)
+RATE_LIMITED_PATTERN = re.compile(re.escape(rate_limited_text(0)).replace("0", r"\d+"))
+LONG_MESSAGE_NOTE_PATTERN = re.compile(
+    r"\s*" + re.escape(LONG_MESSAGE_NOTE.strip()).replace(re.escape("{chars}"), r"\d+") + r"\s*$"
+)
 # Not only an outage: a Redis that refuses writes (OOM when full, READONLY after a
 # failover, MISCONF on a full disk) must also get the user a polite answer.
 REDIS_ERRORS = (QueueError, redis.exceptions.RedisError)
@@ -82,6 +96,15 @@ async def connect_with_backoff(settings: Settings) -> redis.asyncio.Redis:
             log.warning("%s; trying again in %.0f s", exc, pause)
             await asyncio.sleep(pause)
             pause = min(MAX_CONNECT_PAUSE_S, pause * 2)
+
+
+def persona_words(text: str) -> str:
+    """What the persona said in a message the bot sent: '' for a notice (``NOTICE_TEXTS``), and an
+    answer without the note that only the end of a long question was read."""
+    text = text.strip()
+    if text in NOTICE_TEXTS or RATE_LIMITED_PATTERN.fullmatch(text):
+        return ""
+    return LONG_MESSAGE_NOTE_PATTERN.sub("", text)
 
 
 @dataclass(frozen=True)

@@ -11,9 +11,11 @@ supergroup gets a new chat id; its persona choice and conversations move to it, 
 does an answer that was on its way then. Replies are plain text split at Telegram's
 4,096-character limit, so no split can ever cause "can't parse entities". While the
 queue works it shows "typing", refreshed every 4.5 s (Telegram shows it for 5 s). Flood
-control (``RetryAfter``) delays a message; it never drops it. Long polling by default; a
-webhook when ``PERSONA_TELEGRAM__WEBHOOK_URL`` is set. The token is kept out of every
-log line (httpx logs request URLs, which hold it).
+control (``RetryAfter``) delays a message; it never drops it. A paste longer than a
+message, which Telegram's apps send in pieces, is answered once, as one message
+(``_Pastes``). A group message edited to mention the bot is answered, once; no other edit
+is (``on_edit``). Long polling by default; a webhook when ``PERSONA_TELEGRAM__WEBHOOK_URL``
+is set. The token is kept out of every log line (httpx logs request URLs, which hold it).
 """
 
 from __future__ import annotations
@@ -21,8 +23,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import itertools
 import logging
 import re
+import time
 import warnings
 from collections.abc import Awaitable, Callable, Iterator
 from typing import TypeVar
@@ -49,6 +53,13 @@ TYPING_REFRESH_S = 4.5
 WEBHOOK_PATH = "telegram"
 FLOOD_RETRIES = 8
 TOKEN_REFUSED_TEXT = "Telegram refused the token: check PERSONA_TELEGRAM__TOKEN"
+# Telegram's apps send a paste longer than a message in pieces, counting UTF-16 units: the
+# desktop app cuts each past half the limit (at a line break or space, which Telegram then
+# trims), the mobile apps at the limit. A message this long may be such a piece.
+PASTE_PIECE_MIN_UNITS = 2000
+# How long an edit of a group message can still draw an answer, and so how long the bot
+# remembers which messages it answered (in this process; see ``on_edit``).
+EDIT_ANSWERED_WITHIN_S = 3600.0
 
 
 @contextlib.contextmanager
@@ -152,6 +163,80 @@ async def with_flood_control(call: Callable[[], Awaitable[T]]) -> T:
     return await call()
 
 
+def _utf16_units(text: str) -> int:
+    """A text's length as Telegram's apps count it when they cut a paste into pieces."""
+    return len(text.encode("utf-16-le")) // 2
+
+
+def _join_pieces(texts: list[str]) -> str:
+    """A paste from its pieces: one that fills a message was cut mid-word (as the mobile apps
+    cut); any other at a line break or space that Telegram trimmed away."""
+    joined = texts[0]
+    for previous, text in itertools.pairwise(texts):
+        joined += ("" if _utf16_units(previous) >= TELEGRAM_MESSAGE_LIMIT_CHARS else "\n") + text
+    return joined
+
+
+class _Paste:
+    """The pieces of one paste, as they arrive."""
+
+    def __init__(self, first: Update) -> None:
+        self.updates = [first]
+        self.ended = False
+        self._more = asyncio.Event()
+
+    def add(self, update: Update, *, last: bool) -> None:
+        self.updates.append(update)
+        self.ended = self.ended or last
+        self._more.set()
+
+    async def complete(self, window_s: float) -> list[Update]:
+        """The pieces, oldest first, once the last came (a short one) or none came for ``window_s``."""
+        while not self.ended:
+            self._more.clear()
+            try:
+                await asyncio.wait_for(self._more.wait(), window_s)
+            except TimeoutError:
+                break
+        return sorted(self.updates, key=lambda update: update.effective_message.message_id)
+
+
+class _Pastes:
+    """Pastes sent in pieces, gathered. Telegram's apps send a paste longer than 4,096 characters
+    as several messages, and each was answered alone: several answers, each to a fragment (in a
+    group, only the piece holding the mention). A message long enough to be a piece waits
+    ``window_s`` for the next; the messages of the same sender in the same chat and topic that
+    follow within that window join it, and a short one, which only a paste's last piece can be,
+    ends it at once. A short message that follows no long one never waits."""
+
+    def __init__(self, window_s: float) -> None:
+        self.window_s = window_s
+        self._open: dict[tuple, _Paste] = {}
+
+    async def gather(self, key: tuple, update: Update) -> list[Update]:
+        """The messages to answer as one, oldest first; [] when this one joined a paste, which
+        the handler of its first piece answers. Nothing awaits before a message is placed, so
+        the pieces, handed to their handlers in order, join in order."""
+        long = _utf16_units(update.effective_message.text or "") >= PASTE_PIECE_MIN_UNITS
+        paste = self._open.get(key)
+        if paste is not None:
+            paste.add(update, last=not long)
+            if paste.ended:
+                del self._open[key]
+            return []
+        if not long or self.window_s <= 0:
+            return [update]
+        paste = self._open[key] = _Paste(update)
+        try:
+            updates = await paste.complete(self.window_s)
+        finally:
+            if self._open.get(key) is paste:
+                del self._open[key]
+        if len(updates) > 1:
+            log.info("a paste in %d pieces from %s is answered as one message", len(updates), key)
+        return updates
+
+
 class _Application(Application):
     """PTB's Application, telling the bot when it begins to stop (SIGTERM, Ctrl-C, ``stop()``):
     before it waits for the handlers still running, so questions waiting for a worker are
@@ -190,6 +275,11 @@ class TelegramBot:
         )
         self.responder: Responder | None = None
         self.access: AccessControl | None = None
+        self._pastes = _Pastes(options.paste_window_s)
+        # Group messages answered (or being answered), by (chat id, message id) → when, oldest
+        # first: an edit never answers one of them again. Kept for EDIT_ANSWERED_WITHIN_S.
+        self._answered: dict[tuple[int, int], float] = {}
+        self._started = dt.datetime.now(dt.UTC).replace(microsecond=0)  # Telegram's dates are whole seconds
         self._add_handlers()
 
     def _add_handlers(self) -> None:
@@ -203,6 +293,7 @@ class TelegramBot:
         ):
             app.add_handler(CommandHandler(name, handler, filters=new))
         app.add_handler(MessageHandler(new & filters.TEXT & ~filters.COMMAND, self.on_message))
+        app.add_handler(MessageHandler(filters.UpdateType.EDITED_MESSAGE & filters.TEXT & ~filters.COMMAND, self.on_edit))
         app.add_handler(MessageHandler(new & filters.ATTACHMENT, self.on_not_text))
         app.add_handler(MessageHandler(filters.StatusUpdate.MIGRATE, self.on_migrate))
         app.add_error_handler(self.on_error)
@@ -275,20 +366,38 @@ class TelegramBot:
             await self.say(update, decision.reply)
         return decision.allowed
 
-    def _addressed_text(self, message: Message, chat: Chat, context: ContextTypes.DEFAULT_TYPE) -> str | None:
-        """The text (or caption) meant for the bot, perhaps empty; None when a group message is
-        not addressed to it."""
-        text = message.text or message.caption or ""
+    def _addressed_text(self, messages: list[Message], chat: Chat, context: ContextTypes.DEFAULT_TYPE) -> str | None:
+        """The text (or caption) of these messages (the pieces of one paste, or one message) meant
+        for the bot, perhaps empty; None when, in a group, none of them is addressed to it."""
+        text = _join_pieces([message.text or message.caption or "" for message in messages])
         if chat.type == ChatType.PRIVATE:
             return text
         # Usernames are letters, digits and underscores: @name_fan is someone else.
         mention = re.compile(rf"(?<![\w@])@{re.escape(context.bot.username or '')}(?!\w)", re.IGNORECASE | re.ASCII)
         if context.bot.username and mention.search(text):
             return mention.sub("", text).strip()
-        replied = message.reply_to_message
-        if replied is not None and replied.from_user is not None and replied.from_user.id == context.bot.id:
+        if any(self._replies_to_bot(message, context) for message in messages):
             return text
         return None
+
+    @staticmethod
+    def _replies_to_bot(message: Message, context: ContextTypes.DEFAULT_TYPE) -> bool:
+        replied = message.reply_to_message
+        return replied is not None and replied.from_user is not None and replied.from_user.id == context.bot.id
+
+    def _first_answer(self, chat: Chat, messages: list[Message]) -> bool:
+        """Whether these group messages are answered for the first time; from now on they count
+        as answered (a private chat's edits are never answered: nothing to remember there)."""
+        if chat.type == ChatType.PRIVATE:
+            return True
+        keys = [(chat.id, message.message_id) for message in messages]
+        if any(key in self._answered for key in keys):
+            return False
+        now = time.monotonic()
+        while self._answered and next(iter(self._answered.values())) < now - EDIT_ANSWERED_WITHIN_S:
+            del self._answered[next(iter(self._answered))]
+        self._answered.update(dict.fromkeys(keys, now))
+        return True
 
     @staticmethod
     def _where(update: Update) -> Where:
@@ -299,6 +408,11 @@ class TelegramBot:
         sender = update.effective_message.sender_chat or update.effective_user
         return Where(chat=str(update.effective_chat.id), user=str(sender.id))
 
+    def _paste_key(self, update: Update) -> tuple:
+        """The pieces of one paste share this: their chat, topic and sender."""
+        where = self._where(update)
+        return where.chat, self._topic(update.effective_message), where.user
+
     @staticmethod
     def _topic(message: Message | None) -> int | None:
         """The forum topic a message was written in (None: not a topic). Without it, whatever
@@ -308,13 +422,39 @@ class TelegramBot:
     # --- handlers -----------------------------------------------------------------------
 
     async def on_message(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
-        """Answer a text message (in groups, only one addressed to the bot; a bare @mention is
-        told to write its question too, rather than met with silence)."""
+        """Answer a text message, or the pieces of a paste as one (in groups, only one addressed
+        to the bot)."""
         message, chat = update.effective_message, update.effective_chat
-        if message is None or chat is None:
+        if message is None or chat is None or (message.sender_chat or update.effective_user) is None:
             return
-        text = self._addressed_text(message, chat, context)
-        if text is None or not await self._admitted(update):
+        pieces = await self._pastes.gather(self._paste_key(update), update)
+        if pieces:
+            await self._reply_to(pieces, context)
+
+    async def on_edit(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """Answer a group message edited to mention the bot: its author wrote the question, then
+        remembered to address it, and expects the answer a message written that way gets. No
+        other edit is answered: in private every message was answered as it came, and a group
+        message addressed to the bot before was answered then, so an edit there fixes a typo,
+        and a second answer to one message would surprise. Only what this process answered is
+        known, so an edit of a message sent before it started (a bot before a restart may have
+        answered it), or older than EDIT_ANSWERED_WITHIN_S, is left alone too."""
+        message, chat = update.effective_message, update.effective_chat
+        if message is None or chat is None or chat.type == ChatType.PRIVATE:
+            return
+        age_s = (dt.datetime.now(dt.UTC) - message.date).total_seconds()
+        if message.date < self._started or age_s > EDIT_ANSWERED_WITHIN_S:
+            return
+        await self._reply_to([update], context)
+
+    async def _reply_to(self, updates: list[Update], context: ContextTypes.DEFAULT_TYPE) -> None:
+        """Answer these messages (one, or the pieces of a paste) as one, quoting the first: in a
+        group only if addressed to the bot, and never a message answered already. A bare @mention
+        is told to write its question too, rather than met with silence."""
+        update, chat = updates[0], updates[0].effective_chat
+        messages = [u.effective_message for u in updates]
+        text = self._addressed_text(messages, chat, context)
+        if text is None or not self._first_answer(chat, messages) or not await self._admitted(update):
             return
         if not text:
             if await self._within_limits(update):
@@ -329,7 +469,7 @@ class TelegramBot:
         captions ("what do you think of this?"), and an answer without that would pretend to
         have seen it; asking for text misleads nobody."""
         message, chat = update.effective_message, update.effective_chat
-        if message is None or chat is None or self._addressed_text(message, chat, context) is None:
+        if message is None or chat is None or self._addressed_text([message], chat, context) is None:
             return
         if await self._admitted(update) and await self._within_limits(update):
             await self.say(update, NOT_TEXT_TEXT, quote=chat.type != ChatType.PRIVATE)

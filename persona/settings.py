@@ -43,6 +43,14 @@ def _blank_is_unset(value: object) -> object:
     return None if isinstance(raw, str) and not raw.strip() else value
 
 
+def _token(value: object) -> object:
+    """A token as pasted, less the whitespace around it: no token holds any, and a stray space or
+    the newline ending a file it was copied from made a right token a refused one. Nothing left
+    is no token, as for ``_blank_is_unset``."""
+    raw = value.get_secret_value() if isinstance(value, SecretStr) else value
+    return (raw.strip() or None) if isinstance(raw, str) else value
+
+
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 
 
@@ -154,7 +162,7 @@ class DiscordSettings(ChatAdapterSettings):
     dm_policy: Literal["open", "allowlist", "pairing"] = "open"
     allowed_users: list[int] = Field(default_factory=list)
 
-    _token_blank_is_unset = field_validator("token", mode="before")(_blank_is_unset)
+    _token_trimmed = field_validator("token", mode="before")(_token)
 
 
 class TelegramSettings(ChatAdapterSettings):
@@ -170,8 +178,14 @@ class TelegramSettings(ChatAdapterSettings):
     dm_policy: Literal["open", "allowlist", "pairing"] = "open"
     allowed_users: list[int] = Field(default_factory=list)
     allowed_chats: list[int] = Field(default_factory=list, description="groups it answers in; empty: all")
+    paste_window_s: float = Field(
+        1.0, ge=0,
+        description="Telegram's apps send a paste over 4,096 characters as several messages: one long "
+        "enough to be such a piece waits this long for the next, and the pieces are answered as one "
+        "message (short messages never wait; 0: answer every piece alone)",
+    )
 
-    _token_blank_is_unset = field_validator("token", mode="before")(_blank_is_unset)
+    _tokens_trimmed = field_validator("token", "webhook_secret", mode="before")(_token)
 
 
 class DashboardSettings(BaseModel):
@@ -181,7 +195,7 @@ class DashboardSettings(BaseModel):
     port: int = Field(8787, ge=0, le=65535)
     token: SecretStr | None = None
 
-    _token_blank_is_unset = field_validator("token", mode="before")(_blank_is_unset)
+    _token_trimmed = field_validator("token", mode="before")(_token)
 
 
 class PostingSettings(BaseModel):
@@ -203,6 +217,12 @@ class PostingSettings(BaseModel):
     lease_s: float = Field(600.0, gt=0, description="how long a slot stays held after its holder dies")
     recent_posts: int = Field(50, ge=0, description="recent posts a new one must not repeat")
     wait_s: float = Field(300.0, gt=0, description="how long to wait for the candidates")
+
+    # Not the Bluesky password: a password may begin or end with a space.
+    _tokens_trimmed = field_validator(
+        "x_bearer_token", "x_consumer_key", "x_consumer_secret", "x_access_token", "x_access_token_secret",
+        "mastodon_access_token", mode="before",
+    )(_token)
 
 
 class Settings(BaseSettings):

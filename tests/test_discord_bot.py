@@ -631,3 +631,45 @@ async def test_slash_commands_during_a_redis_outage_get_polite_replies(start_bot
     finally:
         server.stop()
     assert [r["type"] for r in fake_api.interaction_responses] == [5, 5]
+
+
+async def test_a_server_message_edited_to_mention_the_bot_is_answered_once(start_bot, fake_api, discord_settings):
+    """Someone asks, then edits the message to add the bot's mention: it stayed silent. Now that
+    edit is answered; no other edit is (a DM's, or one of a message it answered already)."""
+    with scripted_worker(discord_settings, lambda request: f"echo: {request.messages[-1].content}") as seen:
+        await start_bot()
+        plain = await fake_api.user_message("what is patience?")
+        await asyncio.sleep(0.5)  # read (and left alone) before the edit, as a person edits seconds later
+        await fake_api.edit_message(plain, "what is patience?", mention_bot=True)
+        await fake_api.wait_for(lambda: len(fake_api.sent) == 1)
+        await fake_api.edit_message(plain, "what is patience, really?", mention_bot=True)  # a typo fixed
+        await fake_api.edit_message(plain, "what is patience, really?")  # the mention taken out
+        await fake_api.edit_message(plain, "what is patience, really?", mention_bot_role=True)  # and put back
+        asked = await fake_api.user_message("and kindness?", mention_bot=True)
+        await fake_api.wait_for(lambda: len(fake_api.sent) == 2)
+        await fake_api.edit_message(asked, "and kindness, too?", mention_bot=True)
+        in_private = await fake_api.user_message("hello", guild=False, channel_id=DM_CHANNEL)
+        await fake_api.wait_for(lambda: len(fake_api.sent) == 3)
+        await fake_api.edit_message(in_private, "hello there", mention_bot=True)
+        await fake_api.user_message("ping", mention_bot=True)  # dispatched after every edit
+        await fake_api.wait_for(lambda: len(fake_api.sent) == 4)
+        await asyncio.sleep(0.3)
+    assert fake_api.texts() == ["echo: what is patience?", "echo: and kindness?", "echo: hello", "echo: ping"]
+    assert str(fake_api.sent[0]["message_reference"]["message_id"]) == plain["id"]
+    assert len(seen) == 4
+
+
+async def test_a_reply_to_the_no_worker_notice_leaves_the_notice_out_of_the_conversation(
+    start_bot, fake_api, discord_settings
+):
+    """The notice is the bot's, not the persona's: in the conversation it read as the persona's
+    own earlier answer."""
+    await start_bot(reply_timeout_s=8.0)
+    await fake_api.user_message("anyone home?", mention_bot=True)
+    await fake_api.wait_for(lambda: fake_api.texts() == [NO_WORKER_TEXT], timeout=6)
+    notice = fake_api.sent[0]
+    with scripted_worker(discord_settings, echo) as seen:
+        await fake_api.wait_for(lambda: len(fake_api.sent) == 2)  # answered once a worker started
+        await fake_api.user_message("hello?", reply_to=notice)
+        await fake_api.wait_for(lambda: len(fake_api.sent) == 3)
+    assert [(m.role, m.content) for m in seen[-1].messages] == [("user", "anyone home?"), ("user", "hello?")]

@@ -6,13 +6,17 @@ import redis.asyncio
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from adapters.ratelimit import rate_limited_text
 from adapters.responder import (
     BUSY_TEXT,
+    LONG_MESSAGE_NOTE,
+    NO_WORKER_TEXT,
     NOTHING_TO_CANCEL_TEXT,
     NOTHING_TO_RETRY_TEXT,
     UNREACHABLE_TEXT,
     Responder,
     Where,
+    persona_words,
 )
 from persona.contract import Message
 from persona.settings import Settings
@@ -118,3 +122,12 @@ async def test_a_reset_as_the_answer_arrives_holds(settings: Settings, redis_url
         await responder.answer(HERE, "hi")  # the next exchange is kept as usual
     assert [m.content for m in await responder.store.load(HERE.scope)] == ["hi", "Hello again."]
     await client.aclose()
+
+
+def test_the_bots_notices_are_no_part_of_what_the_persona_said():
+    """A conversation rebuilt from the messages the bot sent (Discord's reply chain) leaves out
+    what the bot said for itself, as the conversation kept in Redis does."""
+    for notice in (NO_WORKER_TEXT, BUSY_TEXT, rate_limited_text(42)):
+        assert persona_words(notice) == ""
+    assert persona_words("Stillness." + LONG_MESSAGE_NOTE.format(chars=6000)) == "Stillness."
+    assert persona_words("I can't answer that: some things are private.") == "I can't answer that: some things are private."

@@ -78,3 +78,24 @@ def test_a_redis_url_needs_a_redis_scheme_and_blank_means_unset(clean_env, monke
     assert Settings().redis_url is None  # the embedded Redis, as when it is not set
     for good in ("redis://127.0.0.1:6379/0", "rediss://:pw@host:6380", "unix:///tmp/redis.sock"):
         assert Settings(redis_url=good).redis_url.get_secret_value() == good
+
+
+def test_whitespace_around_a_token_is_no_part_of_it(clean_env, monkeypatch):
+    """``PERSONA_TELEGRAM__TOKEN="123:abc "``, or a token pasted from a file with its newline, only
+    got "Telegram refused the token" (or, for the newline, "cannot reach the Telegram Bot API")."""
+    monkeypatch.setenv("PERSONA_TELEGRAM__TOKEN", "123:abc \n")
+    monkeypatch.setenv("PERSONA_TELEGRAM__WEBHOOK_SECRET", "\tsecret-path ")
+    monkeypatch.setenv("PERSONA_DISCORD__TOKEN", " MTIz.discord.token\r\n")
+    monkeypatch.setenv("PERSONA_POSTING__X_BEARER_TOKEN", "bearer\n")
+    monkeypatch.setenv("PERSONA_POSTING__MASTODON_ACCESS_TOKEN", " \n")
+    monkeypatch.setenv("PERSONA_POSTING__BLUESKY_PASSWORD", " a password may end in a space ")
+    (clean_env / ".env").write_text('PERSONA_DASHBOARD__TOKEN="dash-token "\n')
+    settings = Settings()
+    assert settings.telegram.token.get_secret_value() == "123:abc"
+    assert settings.telegram.webhook_secret.get_secret_value() == "secret-path"
+    assert settings.discord.token.get_secret_value() == "MTIz.discord.token"
+    assert settings.dashboard.token.get_secret_value() == "dash-token"
+    assert settings.posting.x_bearer_token.get_secret_value() == "bearer"
+    assert settings.posting.mastodon_access_token is None  # nothing but whitespace: unset
+    assert settings.posting.bluesky_password.get_secret_value() == " a password may end in a space "
+

@@ -658,3 +658,85 @@ def test_an_unreachable_bot_api_is_a_clear_error_naming_the_setting(settings, ca
         run_telegram(settings)
     assert TOKEN.split(":")[1] not in str(refused.value) and refused.value.__suppress_context__
     assert not any(record.exc_info for record in caplog.records)  # one line, no traceback
+
+
+PASTE = "\n\n".join(" ".join(f"p{p}w{w}" for w in range(300)) for p in range(7))  # 13,900 characters
+
+
+async def test_a_long_paste_the_app_sent_in_pieces_is_answered_once_as_one_message(
+    start_bot, fake_api, telegram_settings
+):
+    """Telegram's apps send a paste over 4,096 characters as several messages; each got its own
+    answer, to a fragment. Here the mention comes at the end, in the last piece only."""
+    telegram_settings.queue.max_message_chars = 20_000  # all of it is read, none of it cut off
+    with scripted_worker(telegram_settings, lambda request: "read it") as seen:
+        await start_bot(context_chars=20_000)
+        pieces = fake_api.paste(PASTE + f" @{BOT_USERNAME}", chat_id=GROUP, chat_type="group")
+        assert len(pieces) == 4
+        await fake_api.wait_for(lambda: len(fake_api.sent) == 1)
+        await asyncio.sleep(1.5)  # the window is long over: nothing more comes
+    assert len(seen) == 1 and fake_api.texts() == ["read it"]
+    assert seen[0].messages[-1].content.split() == PASTE.split()  # every word, in order, once
+    assert fake_api.sent[0]["reply_parameters"]["message_id"] == pieces[0]["message_id"]
+
+
+async def test_a_paste_whose_last_piece_is_long_too_is_answered_once_the_window_closes(
+    start_bot, fake_api, telegram_settings
+):
+    telegram_settings.queue.max_message_chars = 20_000
+    with scripted_worker(telegram_settings, lambda request: f"{len(request.messages[-1].content)} characters") as seen:
+        await start_bot(paste_window_s=0.5, context_chars=20_000)
+        pieces = fake_api.paste("x" * 8192)
+        assert [len(p["text"]) for p in pieces] == [4096, 4096]  # cut mid-word: joined as it was
+        await fake_api.wait_for(lambda: len(fake_api.sent) == 1)
+        fake_api.push_message("and a short one")
+        await fake_api.wait_for(lambda: len(fake_api.sent) == 2)
+    assert fake_api.texts() == ["8192 characters", "15 characters"]
+    assert seen[0].messages[-1].content == "x" * 8192
+
+
+async def test_a_short_message_is_answered_without_waiting_for_more(start_bot, fake_api, telegram_settings):
+    with scripted_worker(telegram_settings, echo):
+        await start_bot(paste_window_s=30.0)
+        fake_api.push_message("hello")
+        fake_api.push_message("a" * 1500)  # long, but no piece of a paste: pieces run past 2,048
+        await fake_api.wait_for(lambda: len(fake_api.sent) == 2, timeout=10)
+    assert sorted(fake_api.texts()) == ["echo: " + "a" * 1500, "echo: hello"]
+
+
+async def test_a_group_message_edited_to_mention_the_bot_is_answered_once(start_bot, fake_api, telegram_settings):
+    """Someone asks in a group, then edits the message to add the bot's @mention: it stayed silent.
+    Now that edit is answered; no other edit is (one in private, or of a message answered already)."""
+    with scripted_worker(telegram_settings, echo) as seen:
+        await start_bot()
+        plain = fake_api.push_message("what is patience?", chat_id=GROUP, chat_type="group")
+        fake_api.edit_message(plain, f"what is patience? @{BOT_USERNAME}")
+        await fake_api.wait_for(lambda: len(fake_api.sent) == 1)
+        fake_api.edit_message(plain, f"what is patience, really? @{BOT_USERNAME}")  # a typo fixed
+        fake_api.edit_message(plain, "what is patience, really?")  # the mention taken out
+        fake_api.edit_message(plain, f"@{BOT_USERNAME} what is patience, really?")  # and put back
+        asked = fake_api.push_message(f"@{BOT_USERNAME} and kindness?", chat_id=GROUP, chat_type="group")
+        await fake_api.wait_for(lambda: len(fake_api.sent) == 2)
+        fake_api.edit_message(asked, f"@{BOT_USERNAME} and kindness, too?")
+        fake_api.edit_message(fake_api.push_message("hello"), f"hello @{BOT_USERNAME}")  # in private
+        fake_api.push_message("ping")  # handed out after every edit
+        await fake_api.wait_for(lambda: len(fake_api.sent) == 4)
+        await asyncio.sleep(0.3)
+    assert fake_api.texts() == ["echo: what is patience?", "echo: and kindness?", "echo: hello", "echo: ping"]
+    assert fake_api.sent[0]["reply_parameters"]["message_id"] == plain["message_id"]
+    assert len(seen) == 4
+
+
+async def test_an_edit_of_a_message_from_before_the_bot_started_is_not_answered(start_bot, fake_api, telegram_settings):
+    """Which messages were answered is known only for those since the start: an older one may
+    have been answered by the bot before a restart, and must not be answered twice."""
+    old = fake_api.push_message("what is patience?", chat_id=GROUP, chat_type="group")
+    old["date"] -= 60
+    fake_api.updates.clear()
+    with scripted_worker(telegram_settings, echo):
+        await start_bot()
+        fake_api.edit_message(old, f"@{BOT_USERNAME} what is patience?")
+        fake_api.push_message("ping")
+        await fake_api.wait_for(lambda: len(fake_api.sent) == 1)
+        await asyncio.sleep(0.3)
+    assert fake_api.texts() == ["echo: ping"]

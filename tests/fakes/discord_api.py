@@ -4,8 +4,8 @@ REST: /users/@me, /oauth2/applications/@me, /gateway/bot, a thread's channel obj
 channel messages (create and fetch), typing, application commands (sync), interaction
 callbacks, follow-ups, and deleting an interaction's original response.
 Gateway (websocket, JSON text frames): HELLO, IDENTIFY → READY and GUILD_CREATE,
-heartbeat ACKs, and dispatches the tests ask for (MESSAGE_CREATE, INTERACTION_CREATE,
-THREAD_CREATE). Tests read back what the bot did: ``sent`` (messages it posted, replies
+heartbeat ACKs, and dispatches the tests ask for (MESSAGE_CREATE, MESSAGE_UPDATE for
+``edit_message``, INTERACTION_CREATE, THREAD_CREATE). Tests read back what the bot did: ``sent`` (messages it posted, replies
 to interactions included), ``typing`` (channel ids), ``interaction_responses``.
 ``rate_limit(route_prefix, seconds)`` answers the next matching request with a 429.
 ``delete(message)`` removes a message; a reply to it then fails with 400 "Unknown
@@ -133,11 +133,8 @@ class FakeDiscord:
                   "proxy_url": f"https://cdn.invalid/{attachment}"}] if attachment else []
         message = {
             "id": str(next(self._ids)), "channel_id": str(channel_id), "author": user(author_id, author_name),
-            "content": (f"<@{BOT_ID}> " if mention_bot else "") + (f"<@&{BOT_ROLE_ID}> " if mention_bot_role else "")
-            + content, "timestamp": TIMESTAMP,
+            **self._content(content, mention_bot, mention_bot_role), "timestamp": TIMESTAMP,
             "edited_timestamp": None, "tts": False, "mention_everyone": False,
-            "mentions": [user(BOT_ID, "persona", bot=True)] if mention_bot else [],
-            "mention_roles": [str(BOT_ROLE_ID)] if mention_bot_role else [],
             "attachments": files, "embeds": [], "pinned": False, "type": 19 if reply_to else 0, "flags": 0,
         }
         if guild:
@@ -150,6 +147,26 @@ class FakeDiscord:
         self.messages[int(message["id"])] = message
         await self.dispatch("MESSAGE_CREATE", message)
         return message
+
+    async def edit_message(
+        self, message: dict, content: str, *, mention_bot: bool = False, mention_bot_role: bool = False
+    ) -> dict:
+        """The author edits a message: MESSAGE_UPDATE with the whole message as it now reads, as
+        Discord sends when the content changes; returns it."""
+        edited = {**message, **self._content(content, mention_bot, mention_bot_role), "edited_timestamp": TIMESTAMP}
+        self.messages[int(edited["id"])] = edited
+        await self.dispatch("MESSAGE_UPDATE", edited)
+        return edited
+
+    @staticmethod
+    def _content(content: str, mention_bot: bool, mention_bot_role: bool) -> dict:
+        """A message's content and the mentions Discord parses out of it."""
+        return {
+            "content": (f"<@{BOT_ID}> " if mention_bot else "") + (f"<@&{BOT_ROLE_ID}> " if mention_bot_role else "")
+            + content,
+            "mentions": [user(BOT_ID, "persona", bot=True)] if mention_bot else [],
+            "mention_roles": [str(BOT_ROLE_ID)] if mention_bot_role else [],
+        }
 
     def delete(self, message: dict) -> None:
         """The author (or a moderator) deletes a message."""

@@ -2,7 +2,8 @@
 
 Tests queue updates (``push_message``, written as oneself or as a chat, as an anonymous group
 admin or a channel writes; ``push_media`` for a photo, sticker, voice message or document,
-``edit_message``, ``push_migration`` for a group upgraded to a supergroup) that
+``edit_message``, ``push_migration`` for a group upgraded to a supergroup, ``paste`` for a text
+longer than a message, sent in pieces as Telegram's apps send one) that
 ``getUpdates`` hands out, and read back what the bot did: ``sent`` (sendMessage),
 ``actions`` (sendChatAction), ``commands`` (setMyCommands), and every call in ``calls``.
 ``flood(method, seconds)`` makes the next call of a method fail with 429 "retry after", as
@@ -32,6 +33,11 @@ BOT_USERNAME = "persona_test_bot"
 ANONYMOUS_ADMIN = {"id": 1087968824, "is_bot": True, "first_name": "Group", "username": "GroupAnonymousBot"}
 CHANNEL_BOT = {"id": 136817688, "is_bot": True, "first_name": "Channel", "username": "Channel_Bot"}
 MESSAGE_LIMIT_CHARS = 4096  # the Bot API's "message_text_length_max", in code points
+
+
+def _utf16_units(text: str) -> int:
+    """A text's length as Telegram's apps count it when they split a long message."""
+    return len(text.encode("utf-16-le")) // 2
 
 
 class BadRequest(Exception):
@@ -93,6 +99,28 @@ class FakeTelegram:
             command = text.split()[0]
             message["entities"] = [{"type": "bot_command", "offset": 0, "length": len(command)}]
         return self._push(message)
+
+    def paste(self, text: str, *, reply_to: dict | None = None, **kwargs) -> list[dict]:
+        """Queue a paste longer than a message as Telegram's desktop app sends it: pieces of at most
+        4,096 UTF-16 units, each cut at the last line break (else space, else mid-word) past half
+        of that, and trimmed, as Telegram trims every message; only the first piece replies to
+        ``reply_to``. Returns the messages; ``kwargs`` as for ``push_message``."""
+        pieces, left = [], text
+        while _utf16_units(left) > MESSAGE_LIMIT_CHARS:
+            units, cut, newline, space = 0, 0, 0, 0
+            for cut, char in enumerate(left):
+                units += _utf16_units(char)
+                if units > MESSAGE_LIMIT_CHARS:
+                    break
+                if units > MESSAGE_LIMIT_CHARS // 2 and char == "\n":
+                    newline = cut
+                elif units > MESSAGE_LIMIT_CHARS // 2 and char.isspace():
+                    space = cut
+            cut = newline or space or cut
+            pieces.append(left[:cut].strip())
+            left = left[cut:]
+        pieces.append(left.strip())
+        return [self.push_message(piece, reply_to=reply_to if n == 0 else None, **kwargs) for n, piece in enumerate(pieces)]
 
     def push_media(
         self, kind: str, *, caption: str | None = None, chat_id: int = 1001, user_id: int = 1001,
