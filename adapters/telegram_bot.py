@@ -13,7 +13,7 @@ does an answer that was on its way then. Replies are plain text split at Telegra
 queue works it shows "typing", refreshed every 4.5 s (Telegram shows it for 5 s). Flood
 control (``RetryAfter``) delays a message; it never drops it. A paste longer than a
 message, which Telegram's apps send in pieces, is answered once, as one message
-(``_Pastes``). A group message edited to mention the bot is answered, once; no other edit
+(``telegram_pastes``). A group message edited to mention the bot is answered, once; no other edit
 is (``on_edit``). Long polling by default; a webhook when ``PERSONA_TELEGRAM__WEBHOOK_URL``
 is set. The token is kept out of every log line (httpx logs request URLs, which hold it).
 """
@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import itertools
 import logging
 import re
 import time
@@ -34,11 +33,24 @@ from typing import TypeVar
 from telegram import BotCommand, Chat, Message, ReplyParameters, Update
 from telegram.constants import ChatAction, ChatMemberStatus, ChatType
 from telegram.error import ChatMigrated, InvalidToken, NetworkError, RetryAfter
-from telegram.ext import Application, CommandHandler, ContextTypes, MessageHandler, filters
+from telegram.ext import (
+    Application,
+    CommandHandler,
+    ContextTypes,
+    MessageHandler,
+    filters,
+)
 
 from adapters.access import AccessControl
-from adapters.responder import BARE_MENTION_TEXT, Notify, Responder, Where, connect_with_backoff
+from adapters.responder import (
+    BARE_MENTION_TEXT,
+    Notify,
+    Responder,
+    Where,
+    connect_with_backoff,
+)
 from adapters.splitting import TELEGRAM_MESSAGE_LIMIT_CHARS, split_message
+from adapters.telegram_pastes import Pastes, join_pieces
 from adapters.typing_indicator import keep_typing
 from persona.errors import ConfigError
 from persona.settings import Settings, TelegramSettings
@@ -53,10 +65,6 @@ TYPING_REFRESH_S = 4.5
 WEBHOOK_PATH = "telegram"
 FLOOD_RETRIES = 8
 TOKEN_REFUSED_TEXT = "Telegram refused the token: check PERSONA_TELEGRAM__TOKEN"
-# Telegram's apps send a paste longer than a message in pieces, counting UTF-16 units: the
-# desktop app cuts each past half the limit (at a line break or space, which Telegram then
-# trims), the mobile apps at the limit. A message this long may be such a piece.
-PASTE_PIECE_MIN_UNITS = 2000
 # How long an edit of a group message can still draw an answer, and so how long the bot
 # remembers which messages it answered (in this process; see ``on_edit``).
 EDIT_ANSWERED_WITHIN_S = 3600.0
@@ -163,80 +171,6 @@ async def with_flood_control(call: Callable[[], Awaitable[T]]) -> T:
     return await call()
 
 
-def _utf16_units(text: str) -> int:
-    """A text's length as Telegram's apps count it when they cut a paste into pieces."""
-    return len(text.encode("utf-16-le")) // 2
-
-
-def _join_pieces(texts: list[str]) -> str:
-    """A paste from its pieces: one that fills a message was cut mid-word (as the mobile apps
-    cut); any other at a line break or space that Telegram trimmed away."""
-    joined = texts[0]
-    for previous, text in itertools.pairwise(texts):
-        joined += ("" if _utf16_units(previous) >= TELEGRAM_MESSAGE_LIMIT_CHARS else "\n") + text
-    return joined
-
-
-class _Paste:
-    """The pieces of one paste, as they arrive."""
-
-    def __init__(self, first: Update) -> None:
-        self.updates = [first]
-        self.ended = False
-        self._more = asyncio.Event()
-
-    def add(self, update: Update, *, last: bool) -> None:
-        self.updates.append(update)
-        self.ended = self.ended or last
-        self._more.set()
-
-    async def complete(self, window_s: float) -> list[Update]:
-        """The pieces, oldest first, once the last came (a short one) or none came for ``window_s``."""
-        while not self.ended:
-            self._more.clear()
-            try:
-                await asyncio.wait_for(self._more.wait(), window_s)
-            except TimeoutError:
-                break
-        return sorted(self.updates, key=lambda update: update.effective_message.message_id)
-
-
-class _Pastes:
-    """Pastes sent in pieces, gathered. Telegram's apps send a paste longer than 4,096 characters
-    as several messages, and each was answered alone: several answers, each to a fragment (in a
-    group, only the piece holding the mention). A message long enough to be a piece waits
-    ``window_s`` for the next; the messages of the same sender in the same chat and topic that
-    follow within that window join it, and a short one, which only a paste's last piece can be,
-    ends it at once. A short message that follows no long one never waits."""
-
-    def __init__(self, window_s: float) -> None:
-        self.window_s = window_s
-        self._open: dict[tuple, _Paste] = {}
-
-    async def gather(self, key: tuple, update: Update) -> list[Update]:
-        """The messages to answer as one, oldest first; [] when this one joined a paste, which
-        the handler of its first piece answers. Nothing awaits before a message is placed, so
-        the pieces, handed to their handlers in order, join in order."""
-        long = _utf16_units(update.effective_message.text or "") >= PASTE_PIECE_MIN_UNITS
-        paste = self._open.get(key)
-        if paste is not None:
-            paste.add(update, last=not long)
-            if paste.ended:
-                del self._open[key]
-            return []
-        if not long or self.window_s <= 0:
-            return [update]
-        paste = self._open[key] = _Paste(update)
-        try:
-            updates = await paste.complete(self.window_s)
-        finally:
-            if self._open.get(key) is paste:
-                del self._open[key]
-        if len(updates) > 1:
-            log.info("a paste in %d pieces from %s is answered as one message", len(updates), key)
-        return updates
-
-
 class _Application(Application):
     """PTB's Application, telling the bot when it begins to stop (SIGTERM, Ctrl-C, ``stop()``):
     before it waits for the handlers still running, so questions waiting for a worker are
@@ -275,7 +209,7 @@ class TelegramBot:
         )
         self.responder: Responder | None = None
         self.access: AccessControl | None = None
-        self._pastes = _Pastes(options.paste_window_s)
+        self._pastes = Pastes(options.paste_window_s)
         # Group messages answered (or being answered), by (chat id, message id) → when, oldest
         # first: an edit never answers one of them again. Kept for EDIT_ANSWERED_WITHIN_S.
         self._answered: dict[tuple[int, int], float] = {}
@@ -369,7 +303,7 @@ class TelegramBot:
     def _addressed_text(self, messages: list[Message], chat: Chat, context: ContextTypes.DEFAULT_TYPE) -> str | None:
         """The text (or caption) of these messages (the pieces of one paste, or one message) meant
         for the bot, perhaps empty; None when, in a group, none of them is addressed to it."""
-        text = _join_pieces([message.text or message.caption or "" for message in messages])
+        text = join_pieces([message.text or message.caption or "" for message in messages])
         if chat.type == ChatType.PRIVATE:
             return text
         # Usernames are letters, digits and underscores: @name_fan is someone else.
