@@ -457,7 +457,7 @@ class TransformersEngine:
                 if reason == "length":  # cut mid-character: not half an emoji as U+FFFD
                     text = text.rstrip("\ufffd")
                 finished[pos] = Completion(
-                    text=_cut_at_stop(text, work.stop).strip(),
+                    text=_cut_at_stop(text, work.stop).rstrip(),  # its leading space: see Worker._reply
                     new_tokens=len(generated),
                     finish_reason=reason,
                     seconds=now - rows.started[index],

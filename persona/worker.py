@@ -613,11 +613,14 @@ class Worker:
             "answered %s persona=%s version=%s tokens=%d batch=%d in %.0f ms",
             request.id, row.persona.name, row.served.version, completion.new_tokens, batch, seconds * 1000,
         )
+        # A continuation of a prefix keeps its leading space ("Life is" + " often"); a reply
+        # starts at its first word.
+        text = completion.text if request.mode == "complete" and request.prefix else completion.text.lstrip()
         # Validated from one dict: half the cost of building Timings and then the reply.
         return GenerationReply.model_validate({
             "id": request.id,
             "ok": True,
-            "text": completion.text,
+            "text": text,
             "persona": row.persona.name,
             "version": row.served.version,
             "worker": self.id,

@@ -188,3 +188,24 @@ def test_a_top_k_past_any_vocabulary_samples_as_no_top_k_and_fails_no_batch(tiny
     same = engine.generate([Work([3, 4, 5], huge.model_copy(update={"top_k": 0}))])
     assert replies[-1].text == same[0].text and replies[-1].new_tokens == 5
     assert [c.text for c in replies[:-1]] == [c.text for c in engine.generate(_batch())]
+
+
+def test_a_continuation_keeps_its_leading_space(tiny_gpt2_dir, tmp_path):
+    """Every completion was stripped, so `persona generate --prefix "Life is"` printed "Life
+    isoften used...": the space the model wrote before its first word was gone. The engine
+    now cuts only trailing whitespace (a chat reply is stripped by the worker)."""
+    import torch
+
+    gpt2 = load_model(str(tiny_gpt2_dir), cache_dir=tmp_path)
+    engine = TransformersEngine(gpt2, mode="eager", cache_dir=tmp_path)
+    spaced = 0
+    for prompt in ("The quiet", "A garden of", "Life is", "Rain", "Sage said", "It was", "Words and"):
+        ids = gpt2.tokenizer(prompt).input_ids
+        with torch.no_grad():
+            greedy = gpt2.model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=6,
+                                         eos_token_id=gpt2.tokenizer.eos_token_id, pad_token_id=gpt2.tokenizer.eos_token_id)
+        expected = gpt2.tokenizer.decode(greedy[0, len(ids):], skip_special_tokens=True).rstrip("\ufffd").rstrip()
+        [reply] = engine.generate([Work(ids, Sampling(temperature=0.0, repetition_penalty=1.0, max_new_tokens=6))])
+        assert reply.text == expected
+        spaced += expected[:1].isspace()
+    assert spaced  # some continuation began a new word, and kept its space

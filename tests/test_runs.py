@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import tomllib
 from pathlib import Path
 
@@ -192,3 +194,39 @@ def test_steps_and_epochs_together_are_refused_but_a_run_saved_with_both_resumes
     (folder / "run.json").write_text(json.dumps({"config": {"steps": 40, "epochs": 2.0}}))
     saved = saved_run_config(settings, "old")
     assert (saved.steps, saved.epochs) == (40, None)
+
+
+class _CtrlCAfterFirstStep:
+    def on_start(self, total_steps: int, resumed_from: int) -> None: ...
+    def on_step(self, step: int, loss: float, average: float, elapsed_s: float) -> None:
+        os.kill(os.getpid(), signal.SIGINT)
+    def on_eval(self, step: int, val_loss: float, improved: bool) -> None: ...
+    def on_samples(self, step: int, texts: list[str]) -> None: ...
+    def on_full_eval(self, best_step: int, documents: int) -> None: ...
+
+
+def test_a_new_run_stopped_while_it_loads_leaves_the_unfinished_one_resumable(settings: Settings,
+                                                                             tiny_gpt2_dir: Path,
+                                                                             corpus_file: Path, tmp_path: Path):
+    """A new run wrote its run.json over the unfinished run's before loading its model: stopped
+    there (or failing to load), the old run's state was left under the new run's config."""
+    first = config(tiny_gpt2_dir, eval_every=1)
+    assert train_persona(settings, "again", corpus_file, first, reporter=_CtrlCAfterFirstStep()).checkpoint is None
+    unloadable = tmp_path / "not-a-model"
+    unloadable.mkdir()
+    (unloadable / "config.json").write_text("{}")
+    with pytest.raises(ModelError, match="cannot load the base model"):
+        train_persona(settings, "again", corpus_file, config(unloadable, seed=5))
+    assert saved_run_config(settings, "again") == first.model_copy(update={"base": str(tiny_gpt2_dir)})
+    resumed = train_persona(settings, "again", corpus_file, saved_run_config(settings, "again"), resume=True)
+    assert resumed.result.status == "finished" and resumed.checkpoint.config["seed"] == 0
+
+
+def test_a_corpus_already_read_is_not_read_again(settings: Settings, tiny_gpt2_dir: Path, corpus_file: Path):
+    """`persona train` read the corpus for its held-out count, then train_persona read it again."""
+    from training.corpus import read_corpus
+
+    data = read_corpus(corpus_file)
+    corpus_file.write_text("not a corpus any more\n")  # read again, it would be refused
+    done = train_persona(settings, "once", corpus_file, config(tiny_gpt2_dir), corpus=data)
+    assert done.checkpoint.corpus_fingerprint == data.fingerprint

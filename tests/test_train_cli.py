@@ -340,3 +340,99 @@ def test_a_run_that_ends_worse_than_its_base_says_so(env, tmp_path: Path, tiny_g
                       "--learning-rate", "5", "--steps", "2", "--eval-every", "1", env=env)
     assert wrecked.returncode == 0, wrecked.stderr
     assert "predict the held-out writing worse than the base model" in " ".join(wrecked.stderr.split())
+
+
+def test_a_data_dir_that_cannot_be_written_is_one_line_saying_what_to_set(env, tmp_path: Path, tiny_gpt2_dir: Path):
+    """A data directory under a file (or on a read-only disk) ended `persona train` in a
+    NotADirectoryError traceback from the run's lock."""
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["One saying.", "Another saying."]))
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    result = persona("train", "x", "--corpus", str(corpus), "--base", str(tiny_gpt2_dir), "--steps", "1",
+                     env=env | {"PERSONA_DATA_DIR": str(blocked / "data")})
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    said = " ".join(result.stderr.split())
+    assert f"cannot keep data in {blocked / 'data'}" in said and "set PERSONA_DATA_DIR" in said
+
+
+def test_the_time_left_never_runs_past_the_time_budget():
+    """A `--max-minutes 2` run on the bundled model showed "0:06:06" left: the pace of the
+    35 planned steps, most of which the budget would never reach."""
+    clock = [1000.0]
+    with Progress(*RichReporter.columns(), console=Console(file=io.StringIO(), width=200),
+                  get_time=lambda: clock[0], auto_refresh=False) as progress:
+        reporter = RichReporter(progress, max_minutes=2)
+        reporter.on_start(35, 0)
+        for step in range(1, 7):  # 5 s a step: 29 more steps would take 2:25
+            clock[0] += 5
+            reporter.on_step(step, 4.0, 4.5, 5.0 * step)
+        left = [str(column.render(progress.tasks[0])) for column in progress.columns]
+        assert "0:01:30" in left and "0:02:25" not in left  # 120 s of budget less the 30 spent
+        clock[0] += 100  # an evaluation ran on past the budget
+        assert "0:00:00" in [str(column.render(progress.tasks[0])) for column in progress.columns]
+
+    clock = [1000.0]
+    with Progress(*RichReporter.columns(), console=Console(file=io.StringIO(), width=200),
+                  get_time=lambda: clock[0], auto_refresh=False) as progress:
+        reporter = RichReporter(progress)  # no budget: the steps' pace alone
+        reporter.on_start(35, 0)
+        for step in range(1, 7):
+            clock[0] += 5
+            reporter.on_step(step, 4.0, 4.5, 5.0 * step)
+        assert "0:02:25" in [str(column.render(progress.tasks[0])) for column in progress.columns]
+
+
+def test_a_sample_reads_on_from_its_prefix_as_the_model_wrote_it():
+    """Replies came back stripped, so `persona generate --prefix "Life is"` printed "Life
+    isoften used...". A continuation now keeps its own leading space (see
+    test_engine's test_a_continuation_keeps_its_leading_space), and is joined as written:
+    "Tomor" + "row" is one word, " often" another."""
+    from persona.cli.train_cmd import _finish
+
+    assert _finish(" often used.", "Life is", True, None) == "Life is often used."
+    assert _finish("row, then.", "Tomor", True, None) == "Tomorrow, then."
+    assert _finish(", said he.", "Life is", True, None) == "Life is, said he."
+    assert _finish(" often used.", "Life is", False, None) == "often used."
+    assert _finish(" often. Then more", "Life is", True, ".") == "Life is often"
+
+
+def test_a_new_run_over_an_unfinished_one_says_it_replaces_it(env, settings: Settings, tmp_path: Path,
+                                                              tiny_gpt2_dir: Path):
+    """Forgetting --resume after a Ctrl-C threw the saved run away without a word."""
+    from training.runs import train_persona
+    from training.trainer import TrainConfig
+
+    class CtrlCAfterFirstStep:
+        def on_start(self, total_steps: int, resumed_from: int) -> None: ...
+        def on_step(self, step: int, loss: float, average: float, elapsed_s: float) -> None:
+            os.kill(os.getpid(), signal.SIGINT)
+        def on_eval(self, step: int, val_loss: float, improved: bool) -> None: ...
+        def on_samples(self, step: int, texts: list[str]) -> None: ...
+        def on_full_eval(self, best_step: int, documents: int) -> None: ...
+
+    corpus = tmp_path / "c.jsonl"
+    sayings = [entry.strip().split("\n")[0] for entry in SAYINGS.split("%") if entry.strip()]
+    corpus.write_text("".join(json.dumps({"text": text}) + "\n" for text in sayings))
+    config = TrainConfig(base=str(tiny_gpt2_dir), steps=4, batch_size=2, eval_every=1, samples=0)
+    assert train_persona(settings, "redo", corpus, config, reporter=CtrlCAfterFirstStep()).checkpoint is None
+
+    again = persona("train", "redo", "--corpus", str(corpus), "--base", str(tiny_gpt2_dir), "--steps", "2",
+                    "--batch-size", "2", env=env)
+    assert again.returncode == 0, again.stderr
+    said = " ".join(again.stderr.split())
+    assert "persona 'redo' has an unfinished run" in said and "this new run replaces it" in said
+    assert shlex.join(["persona", "train", "redo", "--corpus", str(corpus), "--resume"]) in said
+
+
+def test_train_shows_the_run_not_the_libraries_chatter(env, tmp_path: Path, tiny_gpt2_dir: Path):
+    """Every run opened with transformers' "Loading weights" bar and warnings about peft's
+    and transformers' own internals (a FutureWarning with a site-packages path)."""
+    corpus = tmp_path / "c.jsonl"
+    sayings = [entry.strip().split("\n")[0] for entry in SAYINGS.split("%") if entry.strip()]
+    corpus.write_text("".join(json.dumps({"text": text}) + "\n" for text in sayings))
+    trained = persona("train", "quiet", "--corpus", str(corpus), "--base", str(tiny_gpt2_dir), "--steps", "1",
+                      env=env)
+    assert trained.returncode == 0, trained.stderr
+    for chatter in ("Loading weights", "FutureWarning", "UserWarning", "site-packages"):
+        assert chatter not in trained.stderr + trained.stdout, trained.stderr

@@ -375,3 +375,24 @@ def test_writing_that_spells_special_tokens_is_trained_on_as_text(tiny_llama_dir
         assert example[0] == start_token_id(tokenizer) and example[-1] == tokenizer.eos_token_id
         assert not set(example[1:-1]) & set(tokenizer.added_tokens_decoder)
         assert tokenizer.decode(example[1:-1]) == writing
+
+
+@pytest.mark.parametrize("damage", ["cut-short", "not-a-save"])
+def test_a_damaged_run_state_says_so_and_how_to_go_on(tiny_gpt2_dir: Path, tmp_path: Path, damage: str):
+    """A run state cut short (a crash mid-copy) or written over ended --resume in a traceback
+    from deep inside torch.load ("OSError: [Errno 22] Invalid argument")."""
+    config = TrainConfig(steps=4, batch_size=4, eval_every=2, samples=0)
+    run = tmp_path / "run"
+    assert train(config, corpus(), tiny_gpt2_dir, run, reporter=Recorder(stop_at=1)).status == "interrupted"
+    state = run / "state.pt"
+    state.write_bytes(state.read_bytes()[:5000] if damage == "cut-short" else b"garbage\n")
+    with pytest.raises(ModelError, match="cannot be read .* start the run over without --resume"):
+        train(config, corpus(), tiny_gpt2_dir, run, resume=True)
+
+
+def test_a_full_disk_at_the_first_save_does_not_send_the_user_to_resume(tiny_gpt2_dir: Path, tmp_path: Path):
+    """With nothing saved yet, "continue the run with --resume" led to "nothing to resume"."""
+    config = TrainConfig(kind="full", steps=2, batch_size=4, eval_every=1, samples=0)
+    with disk_refusing_files_over(100_000), pytest.raises(ModelError, match="could not save") as refused:
+        train(config, corpus(), tiny_gpt2_dir, tmp_path / "run")
+    assert "--resume" not in str(refused.value) and "start the run again" in str(refused.value)

@@ -28,7 +28,13 @@ import tomli_w
 
 from persona.checkpoint_checks import same_base
 from persona.checkpoints import CheckpointInfo, register_checkpoint
-from persona.errors import ConfigError, CorpusError, ModelError, UnknownPersona
+from persona.errors import (
+    ConfigError,
+    CorpusError,
+    DataDirUnwritable,
+    ModelError,
+    UnknownPersona,
+)
 from persona.models import BUNDLED_ALIASES, resolve_base
 from persona.personas import (
     NAME_PATTERN,
@@ -39,13 +45,11 @@ from persona.personas import (
 )
 from persona.settings import Settings
 from training.corpus import Corpus, read_corpus
-from training.trainer import Reporter, TrainConfig, TrainResult, train
+from training.trainer import RUN_FILE, Reporter, TrainConfig, TrainResult, train
 
 __all__ = ["TrainedPersona", "model_card", "persona_template", "run_dir", "saved_run_config", "train_persona"]
 
 log = logging.getLogger(__name__)
-
-RUN_FILE = "run.json"
 
 
 @dataclass
@@ -76,8 +80,12 @@ def _training_lock(settings: Settings, name: str) -> Iterator[None]:
     """Held while a persona trains: two runs of one persona would share its run folder, so
     one would crash or register the other's weights. The system lets go if the process dies."""
     path = run_dir(settings, name).with_name(f"{name}.lock")  # beside the run folder, which is removed
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a+") as lock:
+    try:  # the first thing a run writes: a data directory it cannot use is found here
+        path.parent.mkdir(parents=True, exist_ok=True)
+        opened = path.open("a+")
+    except OSError as exc:  # under a file, read-only, full: was a traceback
+        raise DataDirUnwritable(settings.data_dir, exc) from None
+    with opened as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -195,12 +203,14 @@ def train_persona(
     *,
     resume: bool = False,
     reporter: Reporter | None = None,
+    corpus: Corpus | None = None,
 ) -> TrainedPersona:
-    """Fine-tune a persona on a corpus and register the best weights as its next version."""
+    """Fine-tune a persona on a corpus and register the best weights as its next version
+    (``corpus``: the file at ``corpus_path`` already read, so it is not read again)."""
     if not re.fullmatch(NAME_PATTERN, name):
         raise ConfigError(f"{name!r} is not a persona name: {NAME_RULE}")
     config = config.model_copy(update={"base": _absolute_base(config.base)})
-    corpus = read_corpus(corpus_path)
+    corpus = corpus if corpus is not None else read_corpus(corpus_path)
     if not corpus.train:
         raise CorpusError(f"corpus {corpus_path} has no training documents; add more writing")
     with _training_lock(settings, name):
@@ -223,11 +233,11 @@ def _train_and_register(settings: Settings, name: str, corpus_path: Path, corpus
         if saved.get("corpus_fingerprint") not in (None, corpus.fingerprint):
             raise CorpusError(f"{corpus_path} is not the corpus this run started on; resume with the same corpus")
     base_dir = resolve_base(config.base, settings.model_cache_dir)
-    if not resume:
-        folder.mkdir(parents=True, exist_ok=True)
-        record = {"config": config.model_dump(), "corpus_fingerprint": corpus.fingerprint, "corpus": str(corpus_path)}
-        (folder / RUN_FILE).write_text(json.dumps(record, indent=2))
-    result = train(config, corpus, base_dir, folder, resume=resume, reporter=reporter)
+    # Written by the trainer once the model has loaded, replacing an unfinished earlier run:
+    # stopped while it loads, a new run leaves that one resumable.
+    record = {"config": config.model_dump(), "corpus_fingerprint": corpus.fingerprint, "corpus": str(corpus_path)}
+    result = train(config, corpus, base_dir, folder, resume=resume, reporter=reporter,
+                   record=None if resume else record)
     if result.status == "interrupted":
         return TrainedPersona(result, None, None, False)
     info = CheckpointInfo(persona=name, version="pending", base=config.base, kind=config.kind,

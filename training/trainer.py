@@ -12,6 +12,7 @@ a second Ctrl-C stops it at once, leaving the state saved at the last evaluation
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
@@ -48,6 +49,7 @@ __all__ = ["LogReporter", "Reporter", "TrainConfig", "TrainResult", "max_positio
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.pt"
+RUN_FILE = "run.json"  # what the run is made of (its config, its corpus), for --resume
 BEST_DIR = "best"
 DEFAULT_EPOCHS = 5.0
 AVERAGE_DECAY = 0.99  # gpt-2-simple's running average of the loss
@@ -313,15 +315,25 @@ class _Run:
         }
         self.run_dir.mkdir(parents=True, exist_ok=True)
         tmp = self.run_dir / (STATE_FILE + ".tmp")
-        with saving("the run's state", tmp):
+        with saving("the run's state", tmp, resumable=self.resumable()):
             torch.save(payload, tmp)
         tmp.replace(self.run_dir / STATE_FILE)
+
+    def resumable(self) -> bool:
+        """Whether the run has saved a state ``resume`` can continue from."""
+        return (self.run_dir / STATE_FILE).is_file()
 
     def load_state(self) -> None:
         path = self.run_dir / STATE_FILE
         if not path.is_file():
             raise ModelError(f"nothing to resume: {path} does not exist; start without --resume")
-        payload = torch.load(path, weights_only=False)
+        try:
+            payload = torch.load(path, weights_only=False)
+        except Exception as exc:  # cut short, or not a save: torch says so in its own words
+            raise ModelError(
+                f"the run's saved state {path} cannot be read ({type(exc).__name__}: {exc}); it is damaged "
+                "or cut short; start the run over without --resume"
+            ) from exc
         self.model.load_state_dict(payload["weights"], strict=False)
         self.optimizer.load_state_dict(payload["optimizer"])
         self.state = _State(**payload["state"])
@@ -371,8 +383,14 @@ def train(
     *,
     resume: bool = False,
     reporter: Reporter | None = None,
+    record: dict[str, Any] | None = None,
 ) -> TrainResult:
-    """Fine-tune on the corpus; the best weights (by validation loss) end up in ``run_dir/best``."""
+    """Fine-tune on the corpus; the best weights (by validation loss) end up in ``run_dir/best``.
+
+    A new run writes ``record`` (what ``--resume`` needs to know) as ``run.json`` once the
+    model has loaded, as it discards an earlier unfinished run's state: stopped while it
+    loads, it leaves that run whole and resumable.
+    """
     reporter = reporter or LogReporter()
     run = _Run(config, corpus, base_dir, run_dir)
     best_dir = run_dir / BEST_DIR
@@ -381,6 +399,8 @@ def train(
     else:
         shutil.rmtree(best_dir, ignore_errors=True)
         (run_dir / STATE_FILE).unlink(missing_ok=True)
+        if record is not None:
+            _write_record(run_dir, record)
         run.state.base_val_loss = run.evaluate(run.val_examples)
     state = run.state
     reporter.on_start(run.total_steps, state.step)
@@ -412,7 +432,7 @@ def train(
     # Without validation documents the last weights are the best we know (a resumed run's
     # best/ holds those it was interrupted with); with them, until the first evaluation.
     if not run.val_examples or not best_dir.is_dir():
-        save_weights(run.model, run.tokenizer, best_dir)
+        save_weights(run.model, run.tokenizer, best_dir, resumable=run.resumable())
         state.best_step = state.step
     session_s = time.perf_counter() - session_started
     val_loss = state.best_val_loss if math.isfinite(state.best_val_loss) else math.nan
@@ -436,6 +456,15 @@ def train(
     return TrainResult(status, best_dir, metrics, list(state.history))
 
 
+def _write_record(run_dir: Path, record: dict[str, Any]) -> None:
+    """The run's ``run.json``, whole or not at all."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / (RUN_FILE + ".tmp")
+    with saving("the run's record", tmp, resumable=False):
+        tmp.write_text(json.dumps(record, indent=2))
+    tmp.replace(run_dir / RUN_FILE)
+
+
 def _measure_best_on_all(run: _Run, reporter: Reporter, best_dir: Path, documents: int) -> float:
     """The best weights' loss on every held-out example, when the evaluations used a sample."""
     reporter.on_full_eval(run.state.best_step, documents)
@@ -451,7 +480,7 @@ def _evaluate_and_keep(run: _Run, reporter: Reporter, best_dir: Path) -> bool:
     improved = math.isfinite(val_loss) and val_loss < state.best_val_loss
     if improved:
         state.best_val_loss, state.best_step, state.bad_evals = val_loss, state.step, 0
-        save_weights(run.model, run.tokenizer, best_dir)
+        save_weights(run.model, run.tokenizer, best_dir, resumable=run.resumable())
     elif math.isfinite(val_loss):
         state.bad_evals += 1
     total, weight = state.average

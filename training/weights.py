@@ -22,9 +22,10 @@ def trainable(model: Any) -> dict[str, torch.Tensor]:
 
 
 @contextmanager
-def saving(what: str, partial: Path) -> Iterator[None]:
+def saving(what: str, partial: Path, *, resumable: bool = True) -> Iterator[None]:
     """Remove what a failed save half wrote, and say why it failed (a full disk, mostly:
-    torch and safetensors report it in their own words). The last good save stays."""
+    torch and safetensors report it in their own words). The last good save stays; a run
+    that has none yet (not ``resumable``) is started again, not resumed."""
     try:
         yield
     except BaseException as exc:
@@ -35,17 +36,18 @@ def saving(what: str, partial: Path) -> Iterator[None]:
         if not isinstance(exc, Exception):  # Ctrl-C: nothing to explain
             raise
         free_mb = shutil.disk_usage(partial.parent).free / 2**20
+        then = ("continue the run with --resume" if resumable
+                else "start the run again (it had saved nothing to resume from yet)")
         raise ModelError(
-            f"could not save {what} in {partial.parent} ({free_mb:.0f} MB free there): {exc}; "
-            "make room, then continue the run with --resume"
+            f"could not save {what} in {partial.parent} ({free_mb:.0f} MB free there): {exc}; make room, then {then}"
         ) from exc
 
 
-def save_weights(model: Any, tokenizer: Any, folder: Path) -> None:
+def save_weights(model: Any, tokenizer: Any, folder: Path, *, resumable: bool = True) -> None:
     """A folder ``persona.models.load_model`` can load: an adapter or full weights."""
     staging = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
-    with saving("the best weights", staging):
+    with saving("the best weights", staging, resumable=resumable):
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
     shutil.rmtree(folder, ignore_errors=True)

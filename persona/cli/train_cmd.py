@@ -6,13 +6,22 @@ import json
 import math
 import shlex
 import time
+import warnings
 from collections import Counter
 from pathlib import Path
 
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeRemainingColumn,
+)
+from rich.text import Text
 
 from persona.cli.common import console, err_console, friendly_errors, get_settings
 from persona.errors import ConfigError, CorpusError
@@ -99,6 +108,18 @@ def _left_out(paths: list[Path]) -> str:
             "name a file to read it, with --format if its name does not say what it is")
 
 
+def _quiet_libraries() -> None:
+    """Leave out what transformers and peft say about themselves: a "Loading weights" bar
+    for each model, and warnings about their own internals (a deprecated attribute peft
+    reads, GPT-2's Conv1D layers peft adjusts for), which opened every run with a
+    site-packages path the user can do nothing about."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers|peft")
+    warnings.filterwarnings("ignore", message="fan_in_fan_out is set to False", category=UserWarning)
+
+
 def _tokenizer(base: str):
     """The base model's tokenizer (the bundled model's weights are not converted for it)."""
     from transformers import AutoTokenizer
@@ -127,27 +148,53 @@ def _size_line(train: list[str], validation: list[str], base: str | None) -> str
     return f"size: {words} words; {count(train)} train tokens, {count(validation)} validation tokens ({base})"
 
 
+class _TimeLeftColumn(TimeRemainingColumn):
+    """Rich's estimate from the steps' pace, but never past the end of the run's time budget:
+    a ``--max-minutes 2`` run showed six minutes left, the pace of steps it would never reach."""
+
+    def render(self, task: Task) -> Text:
+        left = task.time_remaining
+        if (deadline := task.fields.get("deadline")) is not None:
+            budget_left = max(0.0, deadline - task.get_time())
+            left = budget_left if left is None else min(left, budget_left)
+        if left is None:
+            return Text("-:--:--", style="progress.remaining")
+        minutes, seconds = divmod(int(left), 60)
+        hours, minutes = divmod(minutes, 60)
+        return Text(f"{hours:d}:{minutes:02d}:{seconds:02d}", style="progress.remaining")
+
+
 class RichReporter:
     """Training progress as a bar: ``[step | seconds] loss avg``, evaluations and samples.
 
     Written into a pipe or a log file, where Rich draws no bar until the run ends, the
     step line is printed instead: at the first step, then at most every
-    ``PLAIN_STEP_EVERY_S`` seconds of training.
+    ``PLAIN_STEP_EVERY_S`` seconds of training. With ``max_minutes``, the time left
+    shown is at most what the budget leaves.
     """
 
-    def __init__(self, progress: Progress) -> None:
+    def __init__(self, progress: Progress, max_minutes: float | None = None) -> None:
         self.progress = progress
         self.task = None
         console = progress.console
         self.plain = not console.is_terminal or console.is_dumb_terminal
         self.printed_at: float | None = None
+        self.budget_s = max_minutes * 60 if max_minutes is not None else None
+
+    @staticmethod
+    def columns() -> list[ProgressColumn]:
+        """The bar's columns: the step line, the bar, steps done, the time left."""
+        return [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                _TimeLeftColumn()]
 
     def on_start(self, total_steps: int, resumed_from: int) -> None:
         self.task = self.progress.add_task("starting", total=total_steps, completed=resumed_from)
 
     def on_step(self, step: int, loss: float, average: float, elapsed_s: float) -> None:
         line = f"[{step} | {elapsed_s:.2f}] loss={loss:.2f} avg={average:.2f}"
-        self.progress.update(self.task, completed=step, description=line)
+        # elapsed_s counts the run's earlier sessions too, as its budget does.
+        deadline = None if self.budget_s is None else self.progress.get_time() + self.budget_s - elapsed_s
+        self.progress.update(self.task, completed=step, description=line, deadline=deadline)
         if self.plain and (self.printed_at is None or elapsed_s - self.printed_at >= PLAIN_STEP_EVERY_S):
             self.progress.console.print(line, markup=False, highlight=False)
             self.printed_at = elapsed_s
@@ -208,9 +255,10 @@ def train(
 
     from training.corpus import read_corpus
     from training.runs import run_dir, saved_run_config, train_persona
-    from training.trainer import STATE_FILE, TrainConfig
+    from training.trainer import RUN_FILE, STATE_FILE, TrainConfig
 
     settings = get_settings()
+    _quiet_libraries()
     if threads:
         import torch
 
@@ -242,7 +290,17 @@ def train(
                                  eval_every=eval_every, patience=patience, seed=seed, device=device)
         except ValidationError as exc:  # was a pydantic traceback (--learning-rate 0, --device gpu)
             raise ConfigError("; ".join(_option_problem(e) for e in exc.errors())) from None
-    held_out = len(read_corpus(corpus).validation)
+    saved_state = run_dir(settings, name) / STATE_FILE
+    if not resume and saved_state.is_file():  # it was thrown away without a word
+        saved_at = time.strftime("%Y-%m-%d %H:%M", time.localtime(saved_state.stat().st_mtime))
+        record = saved_state.with_name(RUN_FILE)
+        began_on = Path(json.loads(record.read_text()).get("corpus", corpus)) if record.is_file() else corpus
+        err_console.print(
+            f"[yellow]warning:[/yellow] persona {name!r} has an unfinished run (last saved {saved_at}); this new "
+            f"run replaces it. To continue that one instead, stop now (Ctrl-C) while the model loads, then run "
+            f"`{escape(resume_command(name, began_on))}`", highlight=False)
+    data = read_corpus(corpus)  # read once: big ones take a while
+    held_out = len(data.validation)
     if not held_out:
         _warn_nothing_held_out(f"{escape(str(corpus))} holds no held-out documents (too few documents to spare one)")
     # Loading, and measuring the base on a thousand held-out documents, takes minutes on a CPU:
@@ -251,11 +309,10 @@ def train(
         console.print("loading the model and the run's saved state...")
     elif held_out:
         console.print(f"loading the base model and measuring it on {held_out} held-out documents...")
-    columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-               TimeRemainingColumn()]
     try:
-        with Progress(*columns, console=console, transient=False) as progress:
-            done = train_persona(settings, name, corpus, config, resume=resume, reporter=RichReporter(progress))
+        with Progress(*RichReporter.columns(), console=console, transient=False) as progress:
+            reporter = RichReporter(progress, max_minutes=config.max_minutes)
+            done = train_persona(settings, name, corpus, config, resume=resume, reporter=reporter, corpus=data)
     except KeyboardInterrupt:  # a second Ctrl-C: stopped at once (typer would exit 130 without a word)
         if (run_dir(settings, name) / STATE_FILE).is_file():
             console.print(f"stopped at once; continue from the run's last save with "
@@ -313,6 +370,7 @@ def eval_(
     from training.evaluate import evaluate_persona
 
     settings = get_settings()
+    _quiet_libraries()
     persona = PersonaRegistry.from_settings(settings).get(name)
     data = read_corpus(corpus)
     with console.status(f"measuring {escape(name)} on {len(data.validation)} held-out documents..."):
@@ -336,9 +394,11 @@ def eval_(
 
 
 def _finish(text: str, prefix: str, include_prefix: bool, truncate: str | None) -> str:
+    """A sample as the user reads it: cut at ``truncate``, after its prefix where asked (a
+    continuation keeps its own leading space: "Life is" + " often", "Tomor" + "row")."""
     if truncate and truncate in text:
         text = text[: text.index(truncate)]
-    return prefix + text if include_prefix else text
+    return prefix + text if include_prefix else text.lstrip()
 
 
 @friendly_errors
@@ -421,6 +481,7 @@ def export(
     from training.export import export_persona
 
     settings = get_settings()
+    _quiet_libraries()
     persona = PersonaRegistry.from_settings(settings).get(name)
     with console.status(f"exporting {escape(name)}..."):
         folder = export_persona(settings, persona, output, version=checkpoint, gguf=gguf)
