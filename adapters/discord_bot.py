@@ -99,6 +99,8 @@ class PersonaBot(discord.Client):
             raise ConfigError("no Discord token: set PERSONA_DISCORD__TOKEN")
         intents = discord.Intents.default()
         intents.message_content = True  # privileged: enable it in the Developer Portal
+        # The bot never joins a voice channel: no "PyNaCl is not installed" warning at start.
+        discord.VoiceClient.warn_nacl = discord.VoiceClient.warn_dave = False
         super().__init__(intents=intents, allowed_mentions=NO_MENTIONS)
         self.settings = settings
         self.options = settings.discord

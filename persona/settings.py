@@ -86,14 +86,14 @@ class WorkerSettings(BaseModel):
     max_batch: int = Field(16, ge=1, description="requests generated together at most")
     heartbeat_s: float = Field(2.0, gt=0, description="how often a worker reports it is alive")
     heartbeat_ttl_s: float = Field(10.0, gt=0, description="a worker silent this long is dead")
-    threads: int | None = Field(None, ge=1, description="torch CPU threads (default: all cores)")
+    threads: int | None = Field(None, ge=1, description="CPU threads for torch and llama.cpp (default: all cores; 1 on a machine shared with other work)")
     engine: Literal["auto", "eager", "fused", "int8", "llamacpp"] = Field(
         "auto",
         description="decode path: eager (any model), fused (lean Llama loop, same logits), "
         "int8 (fused with int8 weights, CPU), llamacpp (llama.cpp's kernels on a GGUF of the "
-        "weights; needs the `fast` extra), auto (on CPU: llamacpp for the bundled model and "
-        "its checkpoints when installed, else int8 for models 512 wide or more, else fused; "
-        "fused on a GPU; eager if not a Llama)",
+        "weights; needs the `fast` extra), auto (on CPU, when installed: llamacpp for any "
+        "Llama-family or GPT-2 model with a byte-level BPE vocabulary; else int8 for Llama "
+        "models 512 wide or more, else fused; fused on a GPU; eager if not a Llama)",
     )
     cancel_check_s: float = Field(
         0.5, gt=0, description="while decoding, how often withdrawn requests are looked for (they stop at once)"

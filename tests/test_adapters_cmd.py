@@ -44,7 +44,10 @@ async def test_pairing_approve_list_and_revoke(env, redis_url: str, redis_client
     assert again.returncode == 1 and "no pending pairing code" in again.stderr
 
     assert json.loads(persona("access", "list", "--json", env=env).stdout)["approved"]["telegram"] == ["4242"]
-    assert persona("access", "revoke", "telegram", "4242", env=env).returncode == 0
+    # A platform misspelt said "slack user 4242 was not approved", as if the id were wrong.
+    misspelt = persona("access", "revoke", "slack", "4242", env=env)
+    assert misspelt.returncode == 1 and "unknown platform 'slack'; name telegram or discord" in misspelt.stderr
+    assert persona("access", "revoke", "Telegram", "4242", env=env).returncode == 0
     assert not (await access.check("4242")).allowed
     await client.aclose()
 

@@ -404,6 +404,7 @@ def test_chat_commands_are_never_sent_to_the_persona(env, doomed_redis):
     assert "unknown command /usr; /reset forgets the conversation, /help shows this, /quit or Ctrl-D leaves; " \
            "to send a line that starts with a / as a message, start it with // instead" in result.stderr
     assert result.stdout.count("/help shows this") == 2  # the greeting, then /help
+    assert result.stdout.count("start it with // instead") == 1  # /help says how to send "/usr..."
     [(_, fields)] = client.xrange(keys.STREAM_INTERACTIVE)
     [sent] = GenerationRequest.from_json(fields[b"r"]).messages
     assert sent.content == "/usr is where?"

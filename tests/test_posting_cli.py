@@ -117,6 +117,9 @@ def test_approval_flow(settings, write_persona, env, redis_client):
 
     history = persona("posts", "history", env=env)
     assert "Patience, edited by a person." in history.stdout and "file:careful.jsonl" in history.stdout
+    # A misspelt name said "nothing posted yet", as if that persona had never posted.
+    misspelt = persona("posts", "history", "--persona", "carefull", env=env)
+    assert misspelt.returncode == 1 and "unknown persona 'carefull'" in misspelt.stderr
 
 
 def test_a_post_waiting_for_approval_is_not_proposed_again(settings, write_persona, redis_client):

@@ -183,6 +183,7 @@ def test_train_eval_generate_export_from_the_command_line(env, settings: Setting
     as_gguf = persona("export", "sage2", "-o", str(tmp_path / "gguf"), "--gguf", "q8_0", env=env)
     assert as_gguf.returncode == 0, as_gguf.stderr  # a GPT-2 checkpoint: llama.cpp has a graph for it
     assert [p.name for p in (tmp_path / "gguf").glob("*.gguf")] == ["sage2-v1.q8_0.gguf"]
+    assert f"and {tmp_path / 'gguf' / 'sage2-v1.q8_0.gguf'} for llama.cpp" in as_gguf.stdout  # named: it was not
     as_gguf = persona("export", "sage2", "-o", str(tmp_path / "gguf2"), "--gguf", "q5_k", env=env)
     assert as_gguf.returncode == 1 and "unknown GGUF type" in as_gguf.stderr
     assert not (tmp_path / "gguf2").exists()

@@ -90,7 +90,11 @@ def revoke(
 ) -> None:
     """Withdraw a user's approval; they get a new pairing code next time they write."""
     from adapters.access import revoke_user
+    from persona.errors import ConfigError
 
+    platform = platform.lower()
+    if platform not in ("telegram", "discord"):  # "slack 1 was not approved" read as a wrong id
+        raise ConfigError(f"unknown platform {platform!r}; name telegram or discord")
     if revoke_user(connect(get_settings()), platform, user):
         console.print(f"revoked {platform} user {user}")
     else:

@@ -111,7 +111,7 @@ def engine(
     tokens: int = typer.Option(64, min=1, help="new tokens per row"),
     mode: str = typer.Option("", help="our engine's path: auto, eager, fused, int8 or llamacpp (default: the worker setting)"),
     repeats: int = typer.Option(2, min=1, help="runs per batch size; the best is kept (the machine is shared)"),
-    threads: int = typer.Option(0, min=0, help="torch CPU threads (default: the worker setting, else all cores)"),
+    threads: int = typer.Option(0, min=0, show_default=False, help="CPU threads for torch and llama.cpp (default: the worker setting, else all cores)"),
     gguf: str = typer.Option("", help="llama.cpp path: the GGUF type, q8_0, q4_1 or f16 (default: the worker setting)"),
     compile: bool | None = typer.Option(
         None, "--compile/--no-compile", help="GPU: torch.compile the decode step (default: the worker setting)"
@@ -204,7 +204,7 @@ def serve(
         show_default=False,
     ),
     mode: str = typer.Option("", help="our engine's path: auto, eager, fused, int8 or llamacpp (default: the worker setting)"),
-    threads: int = typer.Option(0, min=0, help="torch CPU threads (default: the worker setting, else all cores)"),
+    threads: int = typer.Option(0, min=0, show_default=False, help="CPU threads for torch and llama.cpp (default: the worker setting, else all cores)"),
     tokenizer: Path | None = typer.Option(
         None, exists=True, file_okay=False,
         help="GPU: a saved tokenizer folder for the random-weight model, where the bundled GGUF is not installed",

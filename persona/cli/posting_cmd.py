@@ -213,7 +213,11 @@ def history(
         print(json.dumps(items, ensure_ascii=False))
         return
     if not items:
-        console.print("nothing posted yet")
+        if persona is not None:  # a misspelt name read as a persona that never posted
+            from persona.personas import PersonaRegistry
+
+            PersonaRegistry.from_settings(get_settings()).get(persona)
+        console.print(f"nothing posted by {persona} yet" if persona else "nothing posted yet")
         return
     table = _table("when (UTC)", "persona", "slot", "sink", "post", "text")
     for item in items:

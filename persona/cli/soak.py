@@ -27,9 +27,10 @@ def soak(
     if json_output:
         print(json.dumps(report.as_dict()))
         return
+    errors = f" {dict(report.answered_error)}" if report.answered_error else ""
     console.print(
         f"sent {report.sent}, answered {report.answered_ok} ok and {sum(report.answered_error.values())} "
-        f"with an error {dict(report.answered_error)}, lost {report.lost}, duplicated {report.duplicated}; "
+        f"with an error{errors}, lost {report.lost}, duplicated {report.duplicated}; "
         f"{report.kills} SIGKILLs and {report.terms} SIGTERMs; round trip p50 {report.p50_ms:.0f} ms, "
         f"p99 {report.p99_ms:.0f} ms; refused busy {report.refused_busy}"
     )

@@ -72,7 +72,7 @@ def ask(
     text: str = typer.Argument(..., help="what you say to it"),
     temperature: float = typer.Option(None, min=0.0, max=5.0, help="override the persona's temperature"),
     max_new_tokens: int = typer.Option(None, min=1, max=MAX_NEW_TOKENS, help="override the reply length limit"),
-    seed: int = typer.Option(None, min=0, max=MAX_SEED, help="sampling seed, for a repeatable answer"),
+    seed: int = typer.Option(None, min=0, max=MAX_SEED, metavar="N", help="sampling seed, for a repeatable answer"),
     timeout: float = typer.Option(
         None, min=1.0, help="seconds to wait for the reply (also its deadline; default: the queue's)"
     ),
@@ -125,7 +125,7 @@ def run_chat(settings: Settings, persona: str, *, url: str | None = None) -> Non
             console.print("[dim](conversation forgotten)[/dim]")
             continue
         if command == "/help":
-            console.print(CHAT_COMMANDS, markup=False, highlight=False)
+            console.print(f"{CHAT_COMMANDS}; {AS_MESSAGE}", markup=False, highlight=False)
             continue
         if command is not None:  # a typo such as /quitt went to the persona as a message
             err_console.print(f"unknown command {command}; {CHAT_COMMANDS}; {AS_MESSAGE}",

@@ -41,7 +41,7 @@ def corpus_build(
     sources: list[Path] = typer.Argument(..., help="files or folders of the author's writing"),
     output: Path = typer.Option(..., "-o", "--output", help="the corpus file to write (JSONL)"),
     fmt: str = typer.Option("auto", "--format", help="auto|text|markdown|csv|jsonl|pdf|tweets|fortune"),
-    author: str = typer.Option(None, help="fortune files: keep only entries signed '-- NAME', unsigned"),
+    author: str = typer.Option(None, help="fortune files: keep only the entries signed '-- NAME' (the signature is removed)"),
     column: str = typer.Option("text", help="CSV: the column holding the text"),
     field: str = typer.Option("text", help="JSONL: the field holding the text (a.b for nested)"),
     strip_urls: bool = typer.Option(False, "--strip-urls", help="remove web links from the text"),
@@ -240,7 +240,7 @@ def train(
     lora: bool = typer.Option(True, "--lora/--full", help="train a LoRA adapter (default) or all weights"),
     steps: int = typer.Option(None, min=1, help="optimiser steps to run"),
     epochs: float = typer.Option(None, min=0.01, help="passes over the corpus (default 5)"),
-    max_minutes: float = typer.Option(None, min=0.01, help="stop after this many minutes of training (the learning rate decays to fit)"),
+    max_minutes: float = typer.Option(None, min=0.01, help="stop after this many minutes of training (the learning rate decays to fit; the step in hand and the final evaluation of the best weights come on top)"),
     batch_size: int = typer.Option(8, min=1, help="documents per step"),
     learning_rate: float = typer.Option(None, min=0.0, help="peak rate (default 2e-4 LoRA, 5e-5 full)"),
     eval_every: int = typer.Option(None, min=1, help="steps between validations (default ~10 per run)"),
@@ -473,7 +473,7 @@ def export(
     checkpoint: str = typer.Option(None, help="a version (v2) or folder; default: the persona file's"),
     gguf: str = typer.Option(
         None, help="also write one GGUF file of this type (q8_0, q4_1, f16, f32) for llama.cpp; "
-        "Llama-family checkpoints of the bundled model only",
+        "Llama-family or GPT-2 models with a byte-level BPE vocabulary (the bundled model's, GPT-2's)",
     ),
 ) -> None:
     """Write a standalone Hugging Face model folder, any LoRA merged into its base."""
@@ -487,6 +487,8 @@ def export(
         folder = export_persona(settings, persona, output, version=checkpoint, gguf=gguf)
     console.print(f"wrote {folder}; load it with AutoModelForCausalLM.from_pretrained({str(folder)!r})",
                   markup=False)
+    for written in sorted(Path(folder).glob("*.gguf")):
+        console.print(f"and {written} for llama.cpp or Ollama", markup=False)
 
 
 def register(app: typer.Typer) -> None:
