@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import tomllib
 from pathlib import Path
 
@@ -18,6 +16,7 @@ from persona.models import load_model
 from persona.personas import PersonaRegistry
 from persona.queue import QueueClient
 from persona.settings import Settings
+from tests.reporters import Recorder
 from training.runs import run_dir, saved_run_config, train_persona
 from training.trainer import TrainConfig
 
@@ -196,22 +195,13 @@ def test_steps_and_epochs_together_are_refused_but_a_run_saved_with_both_resumes
     assert (saved.steps, saved.epochs) == (40, None)
 
 
-class _CtrlCAfterFirstStep:
-    def on_start(self, total_steps: int, resumed_from: int) -> None: ...
-    def on_step(self, step: int, loss: float, average: float, elapsed_s: float) -> None:
-        os.kill(os.getpid(), signal.SIGINT)
-    def on_eval(self, step: int, val_loss: float, improved: bool) -> None: ...
-    def on_samples(self, step: int, texts: list[str]) -> None: ...
-    def on_full_eval(self, best_step: int, documents: int) -> None: ...
-
-
 def test_a_new_run_stopped_while_it_loads_leaves_the_unfinished_one_resumable(settings: Settings,
                                                                              tiny_gpt2_dir: Path,
                                                                              corpus_file: Path, tmp_path: Path):
     """A new run wrote its run.json over the unfinished run's before loading its model: stopped
     there (or failing to load), the old run's state was left under the new run's config."""
     first = config(tiny_gpt2_dir, eval_every=1)
-    assert train_persona(settings, "again", corpus_file, first, reporter=_CtrlCAfterFirstStep()).checkpoint is None
+    assert train_persona(settings, "again", corpus_file, first, reporter=Recorder(stop_at=1)).checkpoint is None
     unloadable = tmp_path / "not-a-model"
     unloadable.mkdir()
     (unloadable / "config.json").write_text("{}")

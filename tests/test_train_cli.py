@@ -22,6 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from persona.cli.train_cmd import RichReporter
 from persona.models import load_model
 from persona.settings import Settings
+from tests.reporters import Recorder
 from training.runs import persona_template
 
 SAYINGS = "\n%\n".join([
@@ -404,19 +405,11 @@ def test_a_new_run_over_an_unfinished_one_says_it_replaces_it(env, settings: Set
     from training.runs import train_persona
     from training.trainer import TrainConfig
 
-    class CtrlCAfterFirstStep:
-        def on_start(self, total_steps: int, resumed_from: int) -> None: ...
-        def on_step(self, step: int, loss: float, average: float, elapsed_s: float) -> None:
-            os.kill(os.getpid(), signal.SIGINT)
-        def on_eval(self, step: int, val_loss: float, improved: bool) -> None: ...
-        def on_samples(self, step: int, texts: list[str]) -> None: ...
-        def on_full_eval(self, best_step: int, documents: int) -> None: ...
-
     corpus = tmp_path / "c.jsonl"
     sayings = [entry.strip().split("\n")[0] for entry in SAYINGS.split("%") if entry.strip()]
     corpus.write_text("".join(json.dumps({"text": text}) + "\n" for text in sayings))
     config = TrainConfig(base=str(tiny_gpt2_dir), steps=4, batch_size=2, eval_every=1, samples=0)
-    assert train_persona(settings, "redo", corpus, config, reporter=CtrlCAfterFirstStep()).checkpoint is None
+    assert train_persona(settings, "redo", corpus, config, reporter=Recorder(stop_at=1)).checkpoint is None
 
     again = persona("train", "redo", "--corpus", str(corpus), "--base", str(tiny_gpt2_dir), "--steps", "2",
                     "--batch-size", "2", env=env)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 import resource
 import signal
 from collections.abc import Iterator
@@ -19,6 +18,7 @@ from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 from persona.errors import ModelError
 from persona.models import load_model
+from tests.reporters import Recorder, press_ctrl_c
 from training.batching import batch_tensors, encode_documents
 from training.corpus import Corpus
 from training.evaluate import held_out_loss
@@ -42,11 +42,6 @@ def corpus() -> Corpus:
     return Corpus(train=SAYINGS * 3, validation=SAYINGS[:3], fingerprint="test")
 
 
-def press_ctrl_c() -> None:
-    """What the terminal does on Ctrl-C: SIGINT to the process, wherever it is."""
-    os.kill(os.getpid(), signal.SIGINT)
-
-
 @contextmanager
 def ctrl_c_inside_step(step: int, presses: int = 1) -> Iterator[None]:
     """Press Ctrl-C during step ``step`` (from 1), after the optimiser moved the weights."""
@@ -64,34 +59,6 @@ def ctrl_c_inside_step(step: int, presses: int = 1) -> Iterator[None]:
         yield
     finally:
         handle.remove()
-
-
-class Recorder:
-    """A reporter that remembers what it was told, and can press Ctrl-C after a step."""
-
-    def __init__(self, stop_at: int | None = None) -> None:
-        self.losses: list[float] = []
-        self.evals: list[tuple[int, float, bool]] = []
-        self.samples: list[str] = []
-        self.stop_at = stop_at
-
-    def on_start(self, total_steps: int, resumed_from: int) -> None:
-        self.total = total_steps
-        self.resumed_from = resumed_from
-
-    def on_step(self, step: int, loss: float, average: float, elapsed_s: float) -> None:
-        self.losses.append(loss)
-        if step == self.stop_at:
-            press_ctrl_c()
-
-    def on_eval(self, step: int, val_loss: float, improved: bool) -> None:
-        self.evals.append((step, val_loss, improved))
-
-    def on_samples(self, step: int, texts: list[str]) -> None:
-        self.samples.extend(texts)
-
-    def on_full_eval(self, best_step: int, documents: int) -> None:
-        self.full_eval = (best_step, documents)
 
 
 def test_every_example_is_one_document_ending_in_end_of_text(tiny_gpt2_dir: Path):
