@@ -91,8 +91,8 @@ class Scheduler:
             plan = SlotPlan(post=begun, late=True)
         else:
             plan = plan_slots(due, now, schedule.missed, self.poster.settings.posting.grace_s)
-        for missed in plan.skipped:
-            log.warning("%s: skipped missed slot %s (policy %s)", persona.name, slot_id(missed), schedule.missed)
+        for n, missed in enumerate(plan.skipped):
+            self._log_skipped(persona, missed, attempted=n >= len(plan.skipped) - MAX_BEGUN_LOOKBACK)
         outcome = None
         if plan.post is not None:
             slot = slot_id(plan.post)
@@ -144,6 +144,26 @@ class Scheduler:
         """
         record = self.poster.ledger.record(persona.name, slot_id(slot))
         return bool(record.get("text")) and record.get("state", "") in OPEN_STATES
+
+    def _log_skipped(self, persona: Persona, missed: datetime, *, attempted: bool) -> None:
+        """Say a missed slot is skipped; one tried already whose answers were lost says how to finish it.
+
+        A post that got no answer where a retry is safe (Mastodon, Bluesky, Discord) is
+        retried only within the grace period: past it, the slot is skipped with a post that
+        may or may not be out, and only a person can finish it. Only the latest slots are
+        looked up (``attempted``): after a long outage, thousands may be skipped at once.
+        """
+        slot = slot_id(missed)
+        entries = self.poster.ledger.sink_entries(persona.name, slot) if attempted else {}
+        unanswered = [spec for spec, entry in entries.items() if entry.state == "intent"]
+        if not unanswered:
+            log.warning("%s: skipped missed slot %s (policy %s)", persona.name, slot, persona.schedule.missed)
+            return
+        log.warning(
+            "%s: slot %s got no answer from %s and is past its retries (policy %s); it may not be posted there: "
+            "`persona post %s --slot %s` finishes it safely (`persona posts uncertain` lists such posts)",
+            persona.name, slot, ", ".join(unanswered), persona.schedule.missed, persona.name, slot,
+        )
 
     def _checked(self, persona: Persona, now: datetime) -> None:
         self.client.hset(keys.SCHEDULER_CHECKED_KEY, persona.name, now.timestamp())

@@ -252,18 +252,27 @@ class PostLedger:
         return [_text(t) for t in self.redis.lrange(keys.recent_posts_key(persona), 0, count - 1)]
 
     def unsettled(self, persona: str | None = None) -> list[dict[str, str]]:
-        """Sinks left uncertain (a person must look), oldest first: persona, slot, sink, text, error, at, approval."""
+        """Posts that got no answer and were left so, oldest first: persona, slot, sink, state, text, error, at, approval.
+
+        ``state`` is ``uncertain`` where a person must look (the sink cannot tell a repeat),
+        or ``intent`` where the slot was closed with the sink unanswered although a retry
+        is safe: the scheduler retries it only within the missed-slot grace period, so one
+        left past it waits for `persona post --slot`. An intent in a slot still open is a
+        post under way (or its poster died, and the scheduler finishes it), not listed.
+        """
         found: list[dict[str, str]] = []
         pattern = f"{keys.POST_RECORD_KEY_PREFIX}{persona or '*'}:*"
         for key in self.redis.scan_iter(match=pattern, count=1000):
             owner, _, slot = _text(key)[len(keys.POST_RECORD_KEY_PREFIX):].partition(":")
             record = self.record(owner, slot)
+            closed = record.get("state", "") not in OPEN_STATES
             for name, raw in record.items():
                 entry = SinkEntry.from_json(raw) if name.startswith("sink:") else None
-                if entry is not None and entry.state == "uncertain":
+                if entry is not None and (entry.state == "uncertain" or (entry.state == "intent" and closed)):
                     found.append({
-                        "persona": owner, "slot": slot, "sink": name[len("sink:"):], "text": record.get("text", ""),
-                        "error": entry.error, "at": str(entry.at), "approval": record.get("approval", ""),
+                        "persona": owner, "slot": slot, "sink": name[len("sink:"):], "state": entry.state,
+                        "text": record.get("text", ""), "error": entry.error, "at": str(entry.at),
+                        "approval": record.get("approval", ""),
                     })
         return sorted(found, key=lambda item: float(item["at"]))
 

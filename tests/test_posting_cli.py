@@ -407,3 +407,59 @@ def test_a_retry_by_hand_goes_to_the_sinks_the_post_was_made_for(settings, telle
     retried = persona("post", "teller", "--slot", "2026-03-22T09:00:00Z", env=env)
     assert retried.returncode == 0 and "x: posted" in retried.stdout, retried.stdout + retried.stderr
     assert not (settings.data_dir / "posts" / "teller.jsonl").exists()
+
+
+def test_a_lost_answer_from_discord_or_telegram_is_one_line_and_telegram_is_left_for_a_person(settings, write_persona, env, redis_client):
+    """Discord and Telegram took the post and hung up: `persona post` printed two tracebacks
+    (discord.py's ServerDisconnectedError, python-telegram-bot's NetworkError) on its terminal."""
+    from tests.fakes.scripted_worker import scripted_worker
+    from tests.fakes.social_api import serve, settings_env
+
+    write_persona("chatty", base="unused", schedule={"sinks": ["discord:1234", "telegram:@sagechannel"], "candidates": 1})
+    with serve() as fake:
+        env = env | settings_env(fake.url) | {"PERSONA_DISCORD__TOKEN": "d", "PERSONA_TELEGRAM__TOKEN": "123456:t"}
+        fake.drop_next(2)  # each platform's post
+        with scripted_worker(settings, lambda request: TEXTS[0]):
+            first = persona("post", "chatty", "--slot", "2026-03-23T09:00Z", env=env)
+        assert len(fake.dropped) == 2, first.stdout + first.stderr
+        assert first.returncode == 1 and "Traceback" not in first.stderr, first.stderr
+        assert "discord:1234: no answer (safe to retry) the connection broke before Discord answered" in first.stdout, first.stdout
+        assert "telegram:@sagechannel: no answer, it may have posted: the connection broke before Telegram answered" in first.stdout
+        assert "`persona posts settle chatty 2026-03-23T09:00:00Z --posted LINK` (or `--not-posted`)" in first.stdout
+        listed = json.loads(persona("posts", "uncertain", "--json", env=env).stdout)
+        assert [(u["sink"], u["command"]) for u in listed] == [
+            ("discord:1234", "persona post chatty --slot 2026-03-23T09:00:00Z"),  # safe to retry: the nonce
+            ("telegram:@sagechannel", "persona posts settle chatty 2026-03-23T09:00:00Z --sink telegram:@sagechannel --posted LINK"),
+        ]
+        retried = persona("post", "chatty", "--slot", "2026-03-23T09:00Z", env=env)  # its text is chosen: no worker needed
+        assert "discord:1234: posted" in retried.stdout and "telegram:@sagechannel: uncertain" in retried.stdout, retried.stdout
+        assert len(fake.discord_messages) == 1  # the retry's nonce got the first message back
+        assert len(fake.telegram_messages) == 1  # Telegram: never sent again by itself
+
+
+def test_a_lost_answer_where_a_retry_is_safe_is_listed_with_the_command_that_finishes_it(settings, write_persona, env, redis_client):
+    """Mastodon and Bluesky took the post and hung up: the slot closed as failed, and neither
+    `persona posts uncertain` nor the history showed it; once the scheduler's grace period
+    had passed nothing retried it, and nothing said it needed `persona post --slot`."""
+    from tests.fakes.scripted_worker import scripted_worker
+    from tests.fakes.social_api import serve, settings_env
+
+    write_persona("safe", base="unused", schedule={"sinks": ["mastodon", "bluesky"], "candidates": 1})
+    with serve() as fake:
+        env = env | settings_env(fake.url)
+        fake.drop_next(2)  # each platform's post
+        with scripted_worker(settings, lambda request: TEXTS[1]):
+            first = persona("post", "safe", "--slot", "2026-03-24T09:00Z", env=env)
+        assert first.returncode == 1 and len(fake.dropped) == 2, first.stdout + first.stderr
+        listed = json.loads(persona("posts", "uncertain", "--json", env=env).stdout)
+        assert [(u["sink"], u["state"], u["command"]) for u in listed] == [
+            ("mastodon", "intent", "persona post safe --slot 2026-03-24T09:00:00Z"),
+            ("bluesky", "intent", "persona post safe --slot 2026-03-24T09:00:00Z"),
+        ]
+        shown = persona("posts", "uncertain", env=env)
+        assert shown.returncode == 0 and "`persona post safe --slot 2026-03-24T09:00:00Z`" in shown.stdout, shown.stdout
+        assert "safe to retry" in shown.stdout
+        finished = persona("post", "safe", "--slot", "2026-03-24T09:00:00Z", env=env)  # its text is chosen: no worker needed
+        assert finished.returncode == 0 and "posted safe" in finished.stdout, finished.stdout + finished.stderr
+        assert len(fake.statuses) == 1 and len(fake.records) == 1  # the same posts: deduplicated, or found
+        assert json.loads(persona("posts", "uncertain", "--json", env=env).stdout) == []

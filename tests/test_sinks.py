@@ -452,3 +452,45 @@ def test_a_post_whose_answer_was_lost_is_said_in_one_line_and_never_posted_twice
     assert {spec: s["state"] for spec, s in retry.sinks.items()} == {"x": "uncertain", "mastodon": "posted", "bluesky": "posted"}
     assert len([s for s in platform.seen if s["path"] == "/2/tweets"]) == 1  # X: left to a person
     assert len(platform.statuses) == 1 and len(platform.records) == 1  # the others: the same post, found or deduplicated
+
+
+def test_discord_and_telegram_name_a_platform_down_and_a_lost_answer(settings, platform):
+    """discord.py's and python-telegram-bot's connection errors escaped the sinks as they
+    were: read as bugs, logged with their tracebacks, a Discord that was down included."""
+    from adapters.posting.sinks import SinkUnreachable
+
+    changed = settings_for(settings, platform)
+    changed.discord.token, changed.telegram.token = SecretStr("discord-bot-token"), SecretStr("123456:telegram-token")
+    discord_sink, telegram_sink = make_sink("discord:1234", changed), make_sink("telegram:@sagechannel", changed)
+    platform.drop_next(2)
+    with pytest.raises(SinkNoAnswer, match="the connection broke before Discord answered"):
+        discord_sink.post("Tend the garden daily.", "sage:s1:discord:1234")
+    with pytest.raises(SinkNoAnswer, match="the connection broke before Telegram answered"):
+        telegram_sink.post("Tend the garden daily.", "sage:s1:telegram:@sagechannel")
+    again = discord_sink.post("Tend the garden daily.", "sage:s1:discord:1234")  # the same nonce: the same message
+    assert again.id == platform.discord_messages[0]["id"] and len(platform.discord_messages) == 1
+    down = settings_for(settings, FakePlatform(url=f"http://127.0.0.1:{free_port()}"))
+    down.discord.token = SecretStr("discord-bot-token")
+    with pytest.raises(SinkUnreachable, match="cannot reach Discord at http://127.0.0.1"):
+        make_sink("discord:1234", down).post("Tend the garden daily.", "sage:s2:discord:1234")
+
+
+def test_a_post_that_got_no_answer_past_its_grace_says_how_to_finish_it(settings, platform, write_persona, redis_client, caplog):
+    """Mastodon took the post and hung up at every try: past the 15 minutes' grace the slot
+    was logged as "skipped missed slot", as if never tried, with a post that may not be out."""
+    write_persona("poet", base="unused", adapters=["cli", "scheduler"], schedule={
+        "cron": "0 9 * * *", "timezone": "UTC", "missed": "skip", "enabled": True, "sinks": ["mastodon"], "candidates": 1})
+    changed = settings_for(settings, platform, mastodon_access_token=SecretStr("masto-token"))
+    runner = Scheduler(Poster(changed, redis_client, lambda persona, n, seed: ["Patience is a slow river."]), redis_client)
+    at_nine = datetime(2026, 1, 5, 9, tzinfo=UTC)
+    runner.tick(at_nine - timedelta(hours=1))
+    platform.drop_next(2)
+    assert [o.sinks["mastodon"]["state"] for o in runner.tick(at_nine + timedelta(minutes=1))] == ["intent"]
+    assert [o.sinks["mastodon"]["state"] for o in runner.tick(at_nine + timedelta(minutes=10))] == ["intent"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="adapters.scheduler"):
+        assert runner.tick(at_nine + timedelta(minutes=20)) == []  # past the grace: no more retries
+    [said] = [r.getMessage() for r in caplog.records if r.name == "adapters.scheduler"]
+    assert "slot 2026-01-05T09:00:00Z got no answer from mastodon" in said, said
+    assert "`persona post poet --slot 2026-01-05T09:00:00Z` finishes it safely" in said
+    assert "skipped missed slot" not in caplog.text

@@ -3,6 +3,12 @@
 Both use the chat adapters' bot tokens and API base URLs (``settings.discord``,
 ``settings.telegram``). discord.py builds every URL from the class attribute
 ``Route.BASE``; the sink points it at the configured API for the length of one post.
+
+A connection that could not be made is ``SinkUnreachable`` (nothing was sent); one that
+broke after the request went out, a time-out waiting for the answer, or a server error
+is ``SinkNoAnswer``: the message may be in the channel. Discord's enforced nonce makes
+the retry of such a post safe; Telegram has nothing like it, so the post is left for a
+person to look (``persona posts uncertain``).
 """
 
 from __future__ import annotations
@@ -12,13 +18,24 @@ import contextlib
 import hashlib
 from collections.abc import Iterator
 
-from adapters.posting.sinks import Posted, RetrySafety, SinkRateLimited, SinkUnreachable
+from adapters.posting.sinks import (
+    Posted,
+    RetrySafety,
+    SinkNoAnswer,
+    SinkRateLimited,
+    SinkUnreachable,
+)
 from persona.errors import ConfigError, SinkError
 from persona.settings import Settings
 
 __all__ = ["DiscordSink", "TelegramSink"]
 
 DISCORD_NONCE_CHARS = 25
+
+
+def _one_line(exc: Exception) -> str:
+    """A library's message on one line, or the exception's name where it has none."""
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 @contextlib.contextmanager
@@ -53,6 +70,7 @@ class DiscordSink:
         return asyncio.run(self._post(text, marker))
 
     async def _post(self, text: str, marker: str) -> Posted:
+        import aiohttp
         import discord
         from discord.http import HTTPClient, handle_message_parameters
 
@@ -66,10 +84,15 @@ class DiscordSink:
                     message = await http.send_message(self.channel, params=params)
             except discord.LoginFailure as exc:  # 401 at login: nothing was sent
                 raise SinkError(f"Discord refused the bot token ({exc}); check PERSONA_DISCORD__TOKEN") from exc
-            except discord.DiscordServerError:
-                raise  # may or may not have posted; the nonce makes a prompt retry safe
+            except discord.DiscordServerError as exc:  # may or may not have posted; the nonce makes a retry safe
+                raise SinkNoAnswer(f"Discord answered with a server error: {_one_line(exc)}") from exc
             except discord.HTTPException as exc:
                 raise SinkError(f"Discord refused the post: {exc}") from exc
+            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:  # no connection: nothing sent
+                raise SinkUnreachable(f"cannot reach Discord at {self.api_url}: {_one_line(exc)}") from exc
+            except (aiohttp.ClientError, TimeoutError) as exc:  # the request went out; its answer did not come
+                broke = "Discord did not answer in time" if isinstance(exc, TimeoutError) else "the connection broke before Discord answered"
+                raise SinkNoAnswer(f"{broke}: {_one_line(exc)}") from exc
             finally:
                 await http.close()
         return Posted(id=str(message["id"]), url=f"https://discord.com/channels/@me/{self.channel}/{message['id']}")
@@ -106,6 +129,7 @@ class TelegramSink:
             InvalidToken,
             NetworkError,
             RetryAfter,
+            TimedOut,
         )
 
         # Only answers that say "not sent" become SinkError; a network error or time-out
@@ -120,10 +144,12 @@ class TelegramSink:
             raise SinkError(f"Telegram refused the bot token ({exc}); check PERSONA_TELEGRAM__TOKEN") from exc
         except refused as exc:
             raise SinkError(f"Telegram refused the post: {exc}") from exc
-        except NetworkError as exc:  # TimedOut is one: a connect time-out, like a refusal, sent nothing
-            if isinstance(exc.__cause__, (httpx.ConnectError, httpx.ConnectTimeout)):
+        except NetworkError as exc:  # TimedOut is one: a connect (or pool) time-out, like a refusal, sent nothing
+            if isinstance(exc.__cause__, (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)):
                 raise SinkUnreachable(f"cannot reach Telegram at {self.api_url}: {exc}") from exc
-            raise  # the connection broke mid-request: it may have been delivered
+            # The connection broke mid-request, or the answer was too slow: it may have been delivered.
+            broke = "Telegram did not answer in time" if isinstance(exc, TimedOut) else "the connection broke before Telegram answered"
+            raise SinkNoAnswer(f"{broke}: {_one_line(exc)}") from exc
         return Posted(id=str(message.message_id), url=message.link or "")
 
     def find(self, marker: str, text: str) -> Posted | None:

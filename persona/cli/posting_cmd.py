@@ -153,22 +153,38 @@ def uncertain(
     persona: str = typer.Option(None, "--persona", help="only this persona's posts"),
     json_output: bool = typer.Option(False, "--json", help="print a JSON list"),
 ) -> None:
-    """List the posts that got no answer from a sink (X, Telegram): only a person can tell if they went out."""
+    """List the posts that got no answer from a sink, each with the command that finishes it.
+
+    X and Telegram cannot tell a repeat: only a person can say if the post went out
+    (`persona posts settle`). Mastodon, Bluesky, Discord and files make a retry safe: the
+    scheduler retries within the missed-slot grace period, and `persona post PERSONA --slot
+    SLOT` finishes one left after it.
+    """
     from persona.ledger import PostLedger
 
     items = PostLedger(connect(get_settings())).unsettled(persona)
+    for item in items:
+        item["command"] = _finishing_command(item)
     if json_output:
         print(json.dumps(items, ensure_ascii=False))
         return
     if not items:
         console.print("no post is uncertain")
         return
-    table = _table("persona", "slot", "sink", "text", "what happened")
+    table = _table("persona", "slot", "sink", "text", "what happened", "what to do")
     for item in items:
-        table.add_row(*map(_plain, (item["persona"], item["slot"], item["sink"], item["text"], item["error"])))
+        happened = item["error"] if item["state"] == "uncertain" else f"no answer (safe to retry): {item['error']}"
+        todo = (f"look on {item['sink']}, then `{item['command']}` (or `--not-posted`)" if item["state"] == "uncertain"
+                else f"`{item['command']}`")
+        table.add_row(*map(_plain, (item["persona"], item["slot"], item["sink"], item["text"], happened, todo)))
     console.print(table)
-    _say("Look for each on its platform, then: `persona posts settle PERSONA SLOT --sink SINK --posted LINK` "
-         "(or `--not-posted`)")
+
+
+def _finishing_command(item: dict[str, str]) -> str:
+    """The command that finishes a post that got no answer: settle it (a person looked), or post it again (safe)."""
+    if item["state"] == "uncertain":
+        return f"persona posts settle {item['persona']} {item['slot']} --sink {item['sink']} --posted LINK"
+    return f"persona post {item['persona']} --slot {item['slot']}"
 
 
 @posts_app.command("settle")

@@ -3,9 +3,11 @@
 Enough of each for the real client libraries (tweepy, Mastodon.py, atproto, discord.py,
 python-telegram-bot) to post. ``seen`` records every request answered; ``fail_with`` makes
 the posting endpoints answer with that HTTP status, each as its platform words it;
-``drop_next(n)`` makes the next ``n`` posting requests be read (and, on Bluesky, stored)
-and then have their connection closed with no answer: the post may have gone out, the
-client cannot know. Bluesky's records are kept, newest first, for ``listRecords``.
+``drop_next(n)`` makes the next ``n`` posting requests be read (and, on Mastodon, Bluesky,
+Discord and Telegram, stored) and then have their connection closed with no answer: the
+post may have gone out, the client cannot know. Bluesky's records are kept, newest first,
+for ``listRecords``; Discord's messages in ``discord_messages`` (a repeat of an enforced
+nonce gets the first message back, as on Discord), Telegram's in ``telegram_messages``.
 
 In a test, use the ``platform`` fixture of ``tests/test_sinks.py`` (or ``serve()``). By
 hand: ``python -m tests.fakes.social_api [--drop N]`` prints the settings that point
@@ -29,6 +31,8 @@ from aiohttp import web
 __all__ = ["FakePlatform", "serve"]
 
 POSTING_PATHS = ("/2/tweets", "/api/v1/statuses", "/xrpc/com.atproto.repo.createRecord")
+DISCORD_MESSAGE_ID = 1200000000000000001
+TELEGRAM_MESSAGE_ID = 77
 
 
 @dataclass
@@ -43,6 +47,8 @@ class FakePlatform:
     dropping_path: str = ""
     dropped: list[dict] = field(default_factory=list)
     statuses: dict[str, dict] = field(default_factory=dict)  # Mastodon's, by idempotency key
+    discord_messages: list[dict] = field(default_factory=list)  # as sent, each with its nonce
+    telegram_messages: list[dict] = field(default_factory=list)  # as sent
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def drop_next(self, count: int = 1, path: str = "") -> None:
@@ -146,8 +152,17 @@ def _routes(fake: FakePlatform) -> web.Application:
 
     async def channel_message(request):
         seen = await record(request)
-        return _discord_json({"id": "1200000000000000001", "channel_id": request.match_info["channel"],
-                              "content": seen["json"].get("content")})
+        body = seen["json"]
+        # As Discord does, a repeat of an enforced nonce (within minutes) gets the first message back.
+        nonce = body.get("nonce") if body.get("enforce_nonce") else None
+        made = next((m for m in fake.discord_messages if nonce and m["nonce"] == nonce), None)
+        if made is None:
+            made = {"id": str(DISCORD_MESSAGE_ID + len(fake.discord_messages)), "channel_id": request.match_info["channel"],
+                    "content": body.get("content"), "nonce": nonce}
+            fake.discord_messages.append(made)
+        if fake._take_drop(request.path):  # sent, then the answer lost
+            hang_up(request, seen)
+        return _discord_json(made)
 
     async def telegram(request):
         seen = await record(request)
@@ -161,10 +176,14 @@ def _routes(fake: FakePlatform) -> web.Application:
                                       "parameters": {"retry_after": 7}}, status=429)
         if fake.fail_with:
             return web.json_response({"ok": False, "error_code": 400, "description": "Bad Request: chat not found"}, status=400)
-        return web.json_response({"ok": True, "result": {
-            "message_id": 77, "date": int(time.time()), "text": seen["json"].get("text"),
+        message = {
+            "message_id": TELEGRAM_MESSAGE_ID + len(fake.telegram_messages), "date": int(time.time()), "text": seen["json"].get("text"),
             "chat": {"id": -1001234567890, "type": "channel", "title": "Sage", "username": "sagechannel"},
-        }})
+        }
+        fake.telegram_messages.append(message)
+        if method == "sendMessage" and fake._take_drop(request.path):  # sent, then the answer lost
+            hang_up(request, seen)
+        return web.json_response({"ok": True, "result": message})
 
     @web.middleware
     async def quiet_drops(request, handler):
