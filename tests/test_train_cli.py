@@ -229,11 +229,13 @@ def test_a_corpus_with_nothing_held_out_is_trained_with_a_warning_and_no_nan(env
     assert built.returncode == 0, built.stderr
     assert "too few documents to hold any out" in " ".join(built.stderr.split())
 
-    trained = persona("train", "book", "--corpus", str(corpus), "--base", str(tiny_gpt2_dir), "--steps", "2", env=env)
+    trained = persona("train", "book", "--corpus", str(corpus), "--base", str(tiny_gpt2_dir), "--steps", "3", env=env)
     assert trained.returncode == 0, trained.stderr
     assert "holds no held-out documents" in " ".join(trained.stderr.split())
-    assert "step 2: no held-out documents to validate on" in trained.stdout
-    assert "finished after 2 steps; no held-out perplexity" in trained.stdout
+    # Said once, not at each of the three evaluations.
+    assert trained.stdout.count("no held-out documents to validate on") == 1
+    assert "step 1: no held-out documents to validate on" in trained.stdout
+    assert "finished after 3 steps; no held-out perplexity" in trained.stdout
     assert not any(wrong in trained.stdout for wrong in ("loss nan", "perplexity inf", "perplexity nan", "→ nan"))
 
 
@@ -356,6 +358,27 @@ def test_a_data_dir_that_cannot_be_written_is_one_line_saying_what_to_set(env, t
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     said = " ".join(result.stderr.split())
     assert f"cannot keep data in {blocked / 'data'}" in said and "set PERSONA_DATA_DIR" in said
+    assert result.stdout == "", result.stdout  # it said "loading the base model..." first
+
+
+def test_a_persona_already_training_is_refused_before_anything_loads(env, settings: Settings, tmp_path: Path,
+                                                                     tiny_gpt2_dir: Path):
+    """A second `persona train` of a persona in training printed "loading the base model..."
+    (and warned that it would replace the first run's state) before it was refused."""
+    import fcntl
+
+    corpus = tmp_path / "c.jsonl"
+    sayings = [entry.strip().split("\n")[0] for entry in SAYINGS.split("%") if entry.strip()]
+    corpus.write_text("".join(json.dumps({"text": text}) + "\n" for text in sayings))
+    runs = settings.data_dir / "runs"
+    (runs / "busy").mkdir(parents=True)
+    (runs / "busy" / "state.pt").write_bytes(b"the first run's save")
+    with (runs / "busy.lock").open("a+") as lock:  # held as a run in another process holds it
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        result = persona("train", "busy", "--corpus", str(corpus), "--base", str(tiny_gpt2_dir), "--steps", "1",
+                         env=env)
+    assert result.returncode == 1 and "is already being trained" in result.stderr, result.stderr
+    assert result.stdout == "" and "unfinished run" not in result.stderr, result.stdout + result.stderr
 
 
 def test_the_time_left_never_runs_past_the_time_budget():
@@ -383,6 +406,18 @@ def test_the_time_left_never_runs_past_the_time_budget():
             clock[0] += 5
             reporter.on_step(step, 4.0, 4.5, 5.0 * step)
         assert "0:02:25" in [str(column.render(progress.tasks[0])) for column in progress.columns]
+
+
+def test_a_run_stopped_by_its_time_budget_ends_with_a_full_bar_saying_why():
+    """A `--max-minutes 2` run's bar ended at `16/35`, as if it had broken off."""
+    out = io.StringIO()
+    with Progress(*RichReporter.columns(), console=Console(file=out, width=200)) as progress:
+        reporter = RichReporter(progress, max_minutes=2)
+        reporter.on_start(35, 0)
+        reporter.on_step(16, 4.0, 4.5, 121.0)
+        reporter.on_end("time-limit")
+    last = out.getvalue().splitlines()[-1]
+    assert "16/16" in last and "--max-minutes is up" in last, last
 
 
 def test_a_sample_reads_on_from_its_prefix_as_the_model_wrote_it():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import resource
 import signal
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -126,6 +127,33 @@ def test_a_run_cut_short_by_its_time_budget_ends_with_the_learning_rate_at_its_f
     assert result.status == "time-limit" and len(rates) >= 5
     assert max(rates) > 0.9e-3  # warmed up within the budget
     assert rates[-1] < 0.3e-3  # and decayed towards a tenth of the peak by its end
+
+
+class SlowEvaluations(Recorder):
+    """Each evaluation and its samples take ``seconds`` longer, as the bundled model's do on a CPU."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self.seconds = seconds
+
+    def on_eval(self, step: int, val_loss: float, improved: bool) -> None:
+        super().on_eval(step, val_loss, improved)
+        time.sleep(self.seconds)
+
+
+def test_evaluations_take_a_bounded_share_of_a_time_budget(tiny_gpt2_dir: Path, tmp_path: Path):
+    """Evaluations came every ``eval_every`` steps however long they took: on the bundled model
+    with one thread, 13 s each between 5 s steps, 40% of a 2-minute run. Now, after the first,
+    they are spaced by its cost; the one at the end of the run still comes."""
+    big = Corpus(train=SAYINGS * 1000, validation=SAYINGS[:3], fingerprint="test")
+    budget_s, eval_s = 4.0, 0.25
+    config = TrainConfig(kind="lora", max_minutes=budget_s / 60, batch_size=6, eval_every=1, samples=0)
+    recorder = SlowEvaluations(eval_s)
+    result = train(config, big, tiny_gpt2_dir, tmp_path / "run", reporter=recorder)
+    assert result.status == "time-limit"
+    during = recorder.evals[:-1]  # the last one comes as the budget runs out
+    assert 2 <= len(during) and len(during) * eval_s <= 0.25 * budget_s, [e[0] for e in recorder.evals]
+    assert recorder.evals[-1][0] == result.metrics["steps"] and result.metrics["steps"] > 10 * len(recorder.evals)
 
 
 @contextmanager
@@ -327,6 +355,16 @@ def test_the_log_says_when_there_is_nothing_to_validate_on(caplog: pytest.LogCap
     with caplog.at_level("INFO", logger="training.trainer"):
         LogReporter().on_eval(4, math.nan, False)
     assert "no held-out documents" in caplog.text and "nan" not in caplog.text
+
+
+def test_the_log_says_once_that_there_is_nothing_to_validate_on(caplog: pytest.LogCaptureFixture):
+    from training.trainer import LogReporter
+
+    reporter = LogReporter()
+    with caplog.at_level("INFO", logger="training.trainer"):
+        for step in (2, 4, 6):
+            reporter.on_eval(step, math.nan, False)
+    assert caplog.text.count("no held-out documents") == 1
 
 
 def test_writing_that_spells_special_tokens_is_trained_on_as_text(tiny_llama_dir: Path, tiny_gpt2_dir: Path):

@@ -19,7 +19,7 @@ import os
 import re
 import shutil
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -204,9 +204,16 @@ def train_persona(
     resume: bool = False,
     reporter: Reporter | None = None,
     corpus: Corpus | None = None,
+    on_ready: Callable[[], None] | None = None,
 ) -> TrainedPersona:
     """Fine-tune a persona on a corpus and register the best weights as its next version
-    (``corpus``: the file at ``corpus_path`` already read, so it is not read again)."""
+    (``corpus``: the file at ``corpus_path`` already read, so it is not read again).
+
+    ``on_ready`` is called once the run holds the persona's lock and its checks have passed,
+    just before the base model is prepared: what the caller says about the run ("loading the
+    base model...") then never comes before a refusal (another run of the persona, a data
+    directory it cannot write, a base that does not fit).
+    """
     if not re.fullmatch(NAME_PATTERN, name):
         raise ConfigError(f"{name!r} is not a persona name: {NAME_RULE}")
     config = config.model_copy(update={"base": _absolute_base(config.base)})
@@ -214,11 +221,13 @@ def train_persona(
     if not corpus.train:
         raise CorpusError(f"corpus {corpus_path} has no training documents; add more writing")
     with _training_lock(settings, name):
-        return _train_and_register(settings, name, corpus_path, corpus, config, resume=resume, reporter=reporter)
+        return _train_and_register(settings, name, corpus_path, corpus, config, resume=resume, reporter=reporter,
+                                   on_ready=on_ready)
 
 
 def _train_and_register(settings: Settings, name: str, corpus_path: Path, corpus: Corpus, config: TrainConfig,
-                        *, resume: bool, reporter: Reporter | None) -> TrainedPersona:
+                        *, resume: bool, reporter: Reporter | None,
+                        on_ready: Callable[[], None] | None) -> TrainedPersona:
     """``train_persona``'s work, while it holds the persona's training lock."""
     persona = _existing(settings, name)
     # same_base: "smollm2" and "bundled" name one model, as a folder does however it is written.
@@ -232,6 +241,8 @@ def _train_and_register(settings: Settings, name: str, corpus_path: Path, corpus
         saved = json.loads((folder / RUN_FILE).read_text()) if (folder / RUN_FILE).is_file() else {}
         if saved.get("corpus_fingerprint") not in (None, corpus.fingerprint):
             raise CorpusError(f"{corpus_path} is not the corpus this run started on; resume with the same corpus")
+    if on_ready is not None:
+        on_ready()
     base_dir = resolve_base(config.base, settings.model_cache_dir)
     # Written by the trainer once the model has loaded, replacing an unfinished earlier run:
     # stopped while it loads, a new run leaves that one resumable.

@@ -33,6 +33,7 @@ corpus_app = typer.Typer(help="Turn an author's writing into a clean training co
 GENERATE_WINDOW = 64  # requests in flight at once, well under the queue's length cap
 SAMPLE_SEPARATOR = "=" * 20 + "\n"
 PLAIN_STEP_EVERY_S = 10.0  # a step line this often where no progress bar can be drawn
+STOPPED_EARLY = {"time-limit": "stopped: --max-minutes is up", "early-stopped": "stopped early: no more improvement"}
 
 
 @corpus_app.command("build")
@@ -138,6 +139,19 @@ def _warn_nothing_held_out(why: str) -> None:
     )
 
 
+def _warn_replacing(name: str, saved_state: Path, corpus: Path) -> None:
+    """A new run is about to throw away NAME's unfinished one: how to keep it instead."""
+    from training.trainer import RUN_FILE
+
+    saved_at = time.strftime("%Y-%m-%d %H:%M", time.localtime(saved_state.stat().st_mtime))
+    record = saved_state.with_name(RUN_FILE)
+    began_on = Path(json.loads(record.read_text()).get("corpus", corpus)) if record.is_file() else corpus
+    err_console.print(
+        f"[yellow]warning:[/yellow] persona {name!r} has an unfinished run (last saved {saved_at}); this new "
+        f"run replaces it. To continue that one instead, stop now (Ctrl-C) while the model loads, then run "
+        f"`{escape(resume_command(name, began_on))}`", highlight=False)
+
+
 def _size_line(train: list[str], validation: list[str], base: str | None) -> str:
     words = sum(len(t.split()) for t in train + validation)
     if not base:
@@ -180,6 +194,7 @@ class RichReporter:
         self.plain = not console.is_terminal or console.is_dumb_terminal
         self.printed_at: float | None = None
         self.budget_s = max_minutes * 60 if max_minutes is not None else None
+        self.said_nothing_held_out = False
 
     @staticmethod
     def columns() -> list[ProgressColumn]:
@@ -201,7 +216,10 @@ class RichReporter:
 
     def on_eval(self, step: int, val_loss: float, improved: bool) -> None:
         if math.isnan(val_loss):  # nothing held out: no number to show (it was "perplexity inf")
-            self.progress.console.print(f"step {step}: no held-out documents to validate on")
+            if not self.said_nothing_held_out:  # it was said at every evaluation
+                self.progress.console.print(f"step {step}: no held-out documents to validate on; the run keeps "
+                                            "its last weights")
+                self.said_nothing_held_out = True
             return
         mark = " [green]best so far[/green]" if improved else ""
         ppl = math.exp(val_loss) if val_loss < 700 else math.inf
@@ -209,6 +227,15 @@ class RichReporter:
 
     def on_samples(self, step: int, texts: list[str]) -> None:
         _print_samples(self.progress.console, texts)
+
+    def on_end(self, status: str) -> None:
+        """A run that stopped before its planned steps ends with a full bar saying why: it
+        ended at e.g. ``16/35``, as if it had broken off."""
+        if self.task is None or status not in STOPPED_EARLY:
+            return
+        task = next(t for t in self.progress.tasks if t.id == self.task)
+        description = f"{task.description} ({STOPPED_EARLY[status]})"
+        self.progress.update(self.task, total=task.completed, description=description, deadline=None)
 
     def on_full_eval(self, best_step: int, documents: int) -> None:
         self.progress.console.print(f"the validations above measured a sample of the held-out writing; measuring "
@@ -255,7 +282,7 @@ def train(
 
     from training.corpus import read_corpus
     from training.runs import run_dir, saved_run_config, train_persona
-    from training.trainer import RUN_FILE, STATE_FILE, TrainConfig
+    from training.trainer import STATE_FILE, TrainConfig
 
     settings = get_settings()
     _quiet_libraries()
@@ -290,29 +317,36 @@ def train(
                                  eval_every=eval_every, patience=patience, seed=seed, device=device)
         except ValidationError as exc:  # was a pydantic traceback (--learning-rate 0, --device gpu)
             raise ConfigError("; ".join(_option_problem(e) for e in exc.errors())) from None
-    saved_state = run_dir(settings, name) / STATE_FILE
-    if not resume and saved_state.is_file():  # it was thrown away without a word
-        saved_at = time.strftime("%Y-%m-%d %H:%M", time.localtime(saved_state.stat().st_mtime))
-        record = saved_state.with_name(RUN_FILE)
-        began_on = Path(json.loads(record.read_text()).get("corpus", corpus)) if record.is_file() else corpus
-        err_console.print(
-            f"[yellow]warning:[/yellow] persona {name!r} has an unfinished run (last saved {saved_at}); this new "
-            f"run replaces it. To continue that one instead, stop now (Ctrl-C) while the model loads, then run "
-            f"`{escape(resume_command(name, began_on))}`", highlight=False)
     data = read_corpus(corpus)  # read once: big ones take a while
-    held_out = len(data.validation)
-    if not held_out:
-        _warn_nothing_held_out(f"{escape(str(corpus))} holds no held-out documents (too few documents to spare one)")
-    # Loading, and measuring the base on a thousand held-out documents, takes minutes on a CPU:
-    # said, so a silent terminal does not look stuck.
-    if resume:
-        console.print("loading the model and the run's saved state...")
-    elif held_out:
-        console.print(f"loading the base model and measuring it on {held_out} held-out documents...")
+    saved_state = run_dir(settings, name) / STATE_FILE
+
+    def ready() -> None:
+        # Said once the run holds the persona and its checks passed: a second run of a persona,
+        # or a data directory it cannot write, was refused after "loading the base model...".
+        if not resume and saved_state.is_file():  # it was thrown away without a word
+            _warn_replacing(name, saved_state, corpus)
+        if not data.validation:
+            _warn_nothing_held_out(f"{escape(str(corpus))} holds no held-out documents (too few documents to "
+                                   "spare one)")
+        # Loading, and measuring the base on a thousand held-out documents, takes minutes on a
+        # CPU: said, so a silent terminal does not look stuck.
+        if resume:
+            console.print("loading the model and the run's saved state...")
+        elif data.validation:
+            console.print(f"loading the base model and measuring it on {len(data.validation)} held-out documents...")
+        progress.start()
+
+    # Started by ready(): a refusal before it left an empty line where the bar would have been.
+    progress = Progress(*RichReporter.columns(), console=console, transient=False)
+    reporter = RichReporter(progress, max_minutes=config.max_minutes)
     try:
-        with Progress(*RichReporter.columns(), console=console, transient=False) as progress:
-            reporter = RichReporter(progress, max_minutes=config.max_minutes)
-            done = train_persona(settings, name, corpus, config, resume=resume, reporter=reporter, corpus=data)
+        try:
+            done = train_persona(settings, name, corpus, config, resume=resume, reporter=reporter, corpus=data,
+                                 on_ready=ready)
+            reporter.on_end(done.result.status)
+        finally:
+            if progress.live.is_started:  # stopping one never started prints an empty line
+                progress.stop()
     except KeyboardInterrupt:  # a second Ctrl-C: stopped at once (typer would exit 130 without a word)
         if (run_dir(settings, name) / STATE_FILE).is_file():
             console.print(f"stopped at once; continue from the run's last save with "
