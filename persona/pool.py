@@ -3,7 +3,9 @@
 Two prompt-only personas on the bundled base model share one loaded model; a persona
 with a checkpoint gets its own. ``version`` names the weights in replies, heartbeats
 and metrics: ``base`` for a bare base model, else the checkpoint version (``v3``) or
-the folder name of a checkpoint given by path.
+the folder name of a checkpoint given by path. The log names every persona that a set
+of weights serves, as each one first uses them: "loaded smollm2 for bofh" alone
+told someone chatting with sage nothing about sage.
 """
 
 from __future__ import annotations
@@ -67,6 +69,8 @@ class ModelPool:
         # Weights that failed to load: when, and why. A request for them within
         # ``load_retry_s`` is refused at once rather than holding up the worker again.
         self._failed: dict[tuple[str, str], tuple[float, str]] = {}
+        # The personas each set of weights has served, in the order they first asked.
+        self._personas_of: dict[tuple[str, str], list[str]] = {}
         self._lock = threading.Lock()
 
     def key_for(self, persona: Persona, version: str | None = None) -> tuple[str, str]:
@@ -79,6 +83,7 @@ class ModelPool:
         with self._lock:
             held = self._held(persona, version)
             if held is not None:
+                self._note_sharing(held, persona.name)
                 return held
             version_name, checkpoint = resolve_checkpoint(persona, self.settings, version)
             key = _key(persona, checkpoint)
@@ -92,8 +97,17 @@ class ModelPool:
             self._failed.pop(key, None)
             served = Served(key, version_name, loaded, engine)
             self._served[key] = served
+            self._personas_of[key] = [persona.name]
             log.info("loaded %s for %s in %.1f s (warmed up)", loaded.name, persona.name, time.perf_counter() - started)
             return served
+
+    def _note_sharing(self, served: Served, name: str) -> None:
+        """Log, once per persona, that loaded weights now serve it too, naming all they serve."""
+        names = self._personas_of.setdefault(served.key, [])
+        if name in names:
+            return
+        names.append(name)
+        log.info("%s (%s) serves %s with one copy of its weights", served.loaded.name, served.version, ", ".join(names))
 
     def _load(self, persona: Persona, checkpoint: Path | None) -> tuple[LoadedModel, Generator]:
         """Load the weights and warm an engine up on them."""
@@ -138,6 +152,7 @@ class ModelPool:
         """Forget one set of weights (the memory is freed once no batch uses it)."""
         with self._lock:
             self._served.pop(key, None)
+            self._personas_of.pop(key, None)
 
     def loaded_keys(self) -> list[tuple[str, str]]:
         with self._lock:

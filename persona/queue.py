@@ -32,6 +32,7 @@ from persona import constants as keys
 from persona.contract import ErrorKind, GenerationReply, GenerationRequest, Priority
 from persona.errors import QueueBusy, QueueError, ReplyTimeout
 from persona.queue_scripts import (
+    DEAD_LETTER_SCRIPT,
     DELIVER_SCRIPT,
     KEEP_SCRIPT,
     RECORD_SCRIPT,
@@ -365,6 +366,7 @@ class WorkQueue:
         self._requeue = client.register_script(REQUEUE_SCRIPT)
         self._keep_fresh = client.register_script(KEEP_SCRIPT)
         self._record = client.register_script(RECORD_SCRIPT)
+        self._set_aside = client.register_script(DEAD_LETTER_SCRIPT)
         self.active_versions: dict[str, str] = {}
         self._drained = False  # whether the last claim left the streams empty
         # Riders sent with the last claim whose results are still to be read, and the
@@ -705,31 +707,30 @@ class WorkQueue:
             for start in range(0, len(ids), RECLAIM_BATCH):
                 self._keep_fresh(keys=[stream], args=[keys.CONSUMER_GROUP, consumer, *ids[start : start + RECLAIM_BATCH]])
 
-    def dead_letter(self, job: Job, reason: str, deliveries: int, worker: str) -> None:
-        """Move a job to the dead-letter stream and tell its caller."""
-        self.redis.xadd(
-            keys.STREAM_DEAD,
-            {
-                "r": job.payload,
-                "stream": job.stream,
-                "reason": reason,
-                "deliveries": deliveries,
-                "worker": worker,
-                "at": time.time(),
-            },
-            maxlen=keys.DEAD_STREAM_MAX_LEN,
-            approximate=True,
-        )
+    def dead_letter(self, job: Job, reason: str, deliveries: int, worker: str) -> bool:
+        """Move a job to the dead-letter stream, settle its entry, count it and tell its
+        caller, in one atomic step (see ``DEAD_LETTER_SCRIPT``). False if the entry was no
+        longer pending (set aside or answered already): nothing is added or counted."""
         request_id = job.request_id
+        reply = ""
         if request_id:
             reply = GenerationReply.failure(
                 request_id, ErrorKind.dead_letter, f"this request failed {deliveries} times and was set aside: {reason}",
                 persona=job.request.persona if job.request else "", worker=worker,
-            )
-            self.deliver([(job, reply)], worker)
-        else:
-            self.settle_without_reply(job)
-        self.redis.hincrby(keys.STATS_KEY, "dead_lettered", 1)
+            ).to_json()
+        user = (job.request.user if job.request else None) or ""
+        script_keys = [
+            keys.STATS_KEY, keys.STREAM_DEAD, job.stream,
+            keys.answered_key(request_id) if request_id else "",
+            keys.reply_key(request_id) if request_id else "",
+            keys.user_pending_key(user) if request_id and user else "",
+        ]
+        args = [
+            keys.CONSUMER_GROUP, job.entry_id, keys.DEAD_STREAM_MAX_LEN,
+            job.payload, reason, deliveries, worker, time.time(),
+            reply, self.settings.reply_ttl_s, keys.ANSWERED_TTL_S, f"failed:{ErrorKind.dead_letter}",
+        ]
+        return bool(self._set_aside(keys=script_keys, args=args))
 
     def hand_back(self, consumer: str) -> int:
         """Requeue every entry this consumer still holds, then leave the group."""

@@ -2,12 +2,12 @@
 
 Each runs inside Redis in one call: submitting (with the busy and fair-share checks),
 delivering a whole batch, recording the telemetry of
-many batches, and handing an entry back. ``persona.queue`` calls them; the argument layouts are here.
+many batches, setting a request aside as a dead letter, and handing an entry back. ``persona.queue`` calls them; the argument layouts are here.
 """
 
 from __future__ import annotations
 
-__all__ = ["DELIVER_SCRIPT", "KEEP_SCRIPT", "RECORD_SCRIPT", "REDIS_NOW", "REQUEUE_SCRIPT", "SUBMIT_SCRIPT"]
+__all__ = ["DEAD_LETTER_SCRIPT", "DELIVER_SCRIPT", "KEEP_SCRIPT", "RECORD_SCRIPT", "REDIS_NOW", "REQUEUE_SCRIPT", "SUBMIT_SCRIPT"]
 
 # Redis's own time in seconds, as ``now``: what every script that times something (a
 # heartbeat, a deadline) starts with, so machines whose clocks disagree agree on it.
@@ -125,6 +125,43 @@ for _, command in ipairs({'HINCRBY', 'HINCRBYFLOAT'}) do
     redis.pcall(command, KEYS[1 + tonumber(ARGV[v + 1])], ARGV[v + 2], ARGV[v + 3])
   end
   t = t + 1 + tonumber(ARGV[t]) * 3
+end
+return 1
+"""
+
+
+# Set one entry aside: add the letter to the dead stream (KEYS[2]), acknowledge and delete
+# the entry (ARGV[2]) in its stream (KEYS[3]), count it as dead-lettered and answer its
+# caller as DELIVER_SCRIPT would (its answered mark KEYS[4], reply list KEYS[5], sender's
+# pending counter KEYS[6]; KEYS[4] '' for an entry with no readable request: nobody to
+# answer, counted as unanswerable), all in one step: a crash between steps used to leave
+# the letter uncounted (and `persona queue stats` then misreports how many the cap
+# trimmed). Only an entry still pending in the group (ARGV[1]) is set aside, so a call
+# redis-py re-sends after a dropped connection, or a second worker that claimed the
+# same entry, adds no second letter and counts nothing twice. KEYS[1] is the stats hash.
+# ARGV: group, entry id, the dead stream's cap, then the letter's payload, reason,
+# deliveries, worker and time, then the reply, reply TTL, answered TTL and its counter.
+# Returns 1 if it set the entry aside, 0 if it was not pending.
+DEAD_LETTER_SCRIPT = """
+if #redis.call('XPENDING', KEYS[3], ARGV[1], ARGV[2], ARGV[2], 1) == 0 then return 0 end
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'r', ARGV[4], 'stream', KEYS[3],
+  'reason', ARGV[5], 'deliveries', ARGV[6], 'worker', ARGV[7], 'at', ARGV[8])
+redis.call('XACK', KEYS[3], ARGV[1], ARGV[2])
+redis.call('XDEL', KEYS[3], ARGV[2])
+redis.call('HINCRBY', KEYS[1], 'dead_lettered', 1)
+if KEYS[4] == '' then
+  redis.call('HINCRBY', KEYS[1], 'failed:unanswerable', 1)
+  return 1
+end
+local mark = redis.call('GET', KEYS[4])
+if not mark or mark == '' then
+  redis.call('SET', KEYS[4], ARGV[7], 'EX', tonumber(ARGV[11]))
+  redis.call('LPUSH', KEYS[5], ARGV[9])
+  redis.call('EXPIRE', KEYS[5], tonumber(ARGV[10]))
+  if KEYS[6] ~= '' and tonumber(redis.call('GET', KEYS[6]) or '0') > 0 then
+    redis.call('DECR', KEYS[6])
+  end
+  redis.call('HINCRBY', KEYS[1], ARGV[12], 1)
 end
 return 1
 """

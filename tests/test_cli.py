@@ -104,6 +104,30 @@ def test_a_setting_that_cannot_be_read_is_named_with_the_form_it_needs(env):
     assert "PERSONA_PERSONAS_DIRS cannot be read: expected a JSON list" in result.stderr
 
 
+def test_a_command_given_json_fails_with_one_json_object_on_stdout(env):
+    """A script that asked for JSON got a red line on stderr and nothing on stdout when the
+    settings could not be read, or Redis could not be reached: it could not read why."""
+    import json
+
+    env["PERSONA_QUEUE__MAX_LENGTH"] = "abc"
+    for args in (("queue", "stats", "--json"), ("checkpoints", "sage", "--json")):
+        result = persona(*args, env=env)
+        assert result.returncode == 1 and result.stderr == "", result.stderr
+        assert json.loads(result.stdout) == {"ok": False, "error": {
+            "kind": "ConfigError",
+            "message": "PERSONA_QUEUE__MAX_LENGTH: input should be a valid integer, unable to parse string as an integer",
+        }}
+    del env["PERSONA_QUEUE__MAX_LENGTH"]
+    env["PERSONA_REDIS_URL"] = "redis://127.0.0.1:1/0"
+    result = persona("queue", "stats", "--json", env=env)
+    assert result.returncode == 1 and result.stderr == "", result.stderr
+    [line] = result.stdout.splitlines()
+    failed = json.loads(line)["error"]
+    assert failed["kind"] == "RedisUnavailable" and "cannot reach Redis at redis://127.0.0.1:1/0" in failed["message"]
+    plain = persona("queue", "stats", env=env)  # without --json: the red line, as before
+    assert plain.returncode == 1 and plain.stdout == "" and plain.stderr.startswith("error: cannot reach Redis")
+
+
 def test_queue_stats_shows_streams_and_workers(env, redis_url, redis_client):
     env["PERSONA_REDIS_URL"] = redis_url
     result = persona("queue", "stats", env=env)

@@ -223,6 +223,58 @@ def test_poison_request_is_dead_lettered_after_max_deliveries(settings, client, 
     assert client.redis.xlen(keys.STREAM_INTERACTIVE) == 0
 
 
+def test_a_dead_letter_whose_answer_was_lost_is_set_aside_and_counted_once(settings, client, redis_client):
+    """A worker whose connection drops as it sets a request aside (redis-py re-sends the
+    call, or the worker dies before its next one) leaves one letter, counted once: the
+    add used to be re-sent as a second letter, and the count was a separate call, so
+    `persona queue stats` misreported how many letters the cap trimmed."""
+    from persona.connection import connect
+    from persona.dead_letters import count_dead
+    from tests.fakes.cutting_proxy import CuttingProxy
+
+    proxy = CuttingProxy(settings.redis_url.get_secret_value())
+    try:
+        request = client.submit(chat(user="ann"))
+        through_proxy = WorkQueue(connect(settings, url=proxy.url), settings.queue)
+        [job] = through_proxy.claim("w", 1, block_ms=100)
+        proxy.cut_answer_to(keys.STREAM_DEAD.encode())  # the letter is written; the worker never hears so
+        through_proxy.dead_letter(job, "it crashed the worker", 3, "w")
+        assert proxy.cuts == 1
+    finally:
+        proxy.close()
+    assert count_dead(redis_client) == (1, 0)  # one letter, none taken for trimmed
+    assert int(redis_client.hget(keys.STATS_KEY, "dead_lettered")) == 1
+    assert redis_client.xpending(keys.STREAM_INTERACTIVE, keys.CONSUMER_GROUP)["pending"] == 0
+    assert redis_client.xlen(keys.STREAM_INTERACTIVE) == 0
+    reply = client.wait(request, timeout=1)
+    assert reply.error.kind is ErrorKind.dead_letter
+    assert redis_client.llen(keys.reply_key(request.id)) == 1
+    assert int(redis_client.get(keys.user_pending_key("ann"))) == 0
+
+
+def test_an_entry_set_aside_already_is_not_set_aside_again(client, work, redis_client):
+    """Two workers that claimed the same stalled entry both reach its last delivery:
+    the second finds it settled and adds nothing."""
+    client.submit(chat())
+    [job] = work.claim("w1", 1, block_ms=100)
+    work.dead_letter(job, "stalled", 3, "w1")
+    work.dead_letter(job, "stalled", 3, "w2")
+    assert redis_client.xlen(keys.STREAM_DEAD) == 1
+    stats = redis_client.hgetall(keys.STATS_KEY)
+    assert int(stats[b"dead_lettered"]) == 1 and int(stats[b"failed:dead_letter"]) == 1
+
+
+def test_an_unreadable_entry_is_set_aside_uncounted_as_a_reply(work, redis_client):
+    redis_client.xadd(keys.STREAM_INTERACTIVE, {"r": b"not json"})
+    [job] = work.claim("w", 1, block_ms=100)
+    work.dead_letter(job, "malformed", 3, "w")
+    [(_, fields)] = redis_client.xrange(keys.STREAM_DEAD)
+    assert (fields[b"r"], fields[b"stream"], fields[b"worker"]) == (b"not json", keys.STREAM_INTERACTIVE.encode(), b"w")
+    stats = redis_client.hgetall(keys.STATS_KEY)
+    assert (int(stats[b"dead_lettered"]), int(stats[b"failed:unanswerable"])) == (1, 1)
+    assert redis_client.xlen(keys.STREAM_INTERACTIVE) == 0
+
+
 def test_leaving_worker_hands_back_what_it_holds(client, work):
     held = [client.submit(chat(str(i))) for i in range(3)]
     work.claim("leaver", 10, block_ms=100)

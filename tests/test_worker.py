@@ -34,6 +34,25 @@ def test_reply_round_trip_through_redis(write_persona, tiny_llama_dir, running_w
     assert reply.worker
 
 
+def test_the_log_names_every_persona_that_shares_loaded_weights(
+    settings, redis_client, write_persona, tiny_llama_dir, running_worker, client, caplog
+):
+    """Two prompt-only personas on one base share one loaded copy: the log used to say
+    only "loaded tiny-llama for bofh", however long someone chatted with sage."""
+    write_persona("bofh", base=str(tiny_llama_dir))
+    write_persona("sage", base=str(tiny_llama_dir))
+    caplog.set_level(logging.INFO, logger="persona.pool")
+    worker = running_worker()
+    worker.preload(["bofh", "sage"])
+    assert client.ask(chat("sage"), timeout=60).ok
+    assert client.ask(chat("bofh"), timeout=60).ok
+    lines = [r.getMessage() for r in caplog.records if r.name == "persona.pool"]
+    assert len([line for line in lines if line.startswith("loaded ")]) == 1, lines  # one copy of the weights
+    assert [line for line in lines if "sage" in line] == [
+        f"{tiny_llama_dir} (base) serves bofh, sage with one copy of its weights"
+    ], lines
+
+
 def test_plain_gpt2_model_answers(write_persona, tiny_gpt2_dir, running_worker, client):
     write_persona("plain", base=str(tiny_gpt2_dir))
     running_worker()

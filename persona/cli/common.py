@@ -1,8 +1,17 @@
-"""What every command shares: the settings, the console, and friendly errors."""
+"""What every command shares: the settings, the console, and friendly errors.
+
+An error ends a command with exit status 1 and one red line on stderr, or, when the
+command was given ``--json`` (its ``json_output`` option), with one JSON object on
+stdout instead, shaped as a failed reply's: ``{"ok": false, "error": {"kind": ...,
+"message": ...}}``, where ``kind`` names the class in ``persona.errors`` (``ConfigError``
+for settings that cannot be read).
+"""
 
 from __future__ import annotations
 
+import contextvars
 import functools
+import json
 from collections.abc import Callable
 from typing import ParamSpec, TypeVar
 
@@ -13,7 +22,7 @@ from pydantic_settings import SettingsError
 from rich.console import Console
 from rich.markup import escape
 
-from persona.errors import PersonaError
+from persona.errors import ConfigError, PersonaError, QueueError, RedisUnavailable
 from persona.settings import Settings, explain_settings_error
 
 __all__ = ["console", "err_console", "explain_redis_error", "friendly_errors", "get_settings"]
@@ -27,6 +36,19 @@ for _console in (console, err_console):
 P = ParamSpec("P")
 R = TypeVar("R")
 
+# Whether the command running now was asked for JSON (set by ``friendly_errors``).
+_json_errors: contextvars.ContextVar[bool] = contextvars.ContextVar("json_errors", default=False)
+
+
+def _fail(message: str, kind: str) -> typer.Exit:
+    """Say why the command failed, as the command's output asks for; the exit to raise."""
+    if _json_errors.get():
+        print(json.dumps({"ok": False, "error": {"kind": kind, "message": message}}, ensure_ascii=False), flush=True)
+    else:
+        # Escaped: a message quotes paths and text that may hold brackets ("my [draft] notes").
+        err_console.print(f"[red]error:[/red] {escape(message)}", highlight=False)
+    return typer.Exit(1)
+
 
 @functools.cache
 def get_settings() -> Settings:
@@ -35,8 +57,7 @@ def get_settings() -> Settings:
         return Settings()
     except (ValidationError, SettingsError) as exc:
         # The value itself is never shown: it may be a token.
-        err_console.print(f"[red]error:[/red] {escape(explain_settings_error(exc))}", highlight=False)
-        raise typer.Exit(1) from None
+        raise _fail(explain_settings_error(exc), ConfigError.__name__) from None
 
 
 def explain_redis_error(exc: redis.exceptions.RedisError) -> str:
@@ -53,19 +74,20 @@ def explain_redis_error(exc: redis.exceptions.RedisError) -> str:
 
 
 def friendly_errors(func: Callable[P, R]) -> Callable[P, R]:
-    """Turn the project's errors, and Redis failing under them, into one red line and exit
-    status 1, no traceback."""
+    """Turn the project's errors, and Redis failing under them, into one red line (one JSON
+    object on stdout for a command given ``--json``) and exit status 1, no traceback."""
 
     @functools.wraps(func)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        as_json = _json_errors.set(bool(kwargs.get("json_output")))
         try:
             return func(*args, **kwargs)
         except PersonaError as exc:
-            # Escaped: a message quotes paths and text that may hold brackets ("my [draft] notes").
-            err_console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
-            raise typer.Exit(1) from None
+            raise _fail(str(exc), type(exc).__name__) from None
         except redis.exceptions.RedisError as exc:  # Redis stopped, or never was Redis, mid-command
-            err_console.print(f"[red]error:[/red] {escape(explain_redis_error(exc))}", highlight=False)
-            raise typer.Exit(1) from None
+            lost = isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError)
+            raise _fail(explain_redis_error(exc), (RedisUnavailable if lost else QueueError).__name__) from None
+        finally:
+            _json_errors.reset(as_json)
 
     return wrapper
