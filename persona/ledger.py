@@ -135,12 +135,17 @@ def _text(value: bytes | str | None) -> str:
     return value.decode() if isinstance(value, bytes) else (value or "")
 
 
-def slot_state(entries: dict[str, SinkEntry]) -> str:
-    """A published slot's state from its sinks': ``posted`` once all are, ``uncertain`` while any is, else ``failed``."""
-    states = {entry.state for entry in entries.values()}
+def slot_state(states: set[str]) -> str:
+    """A published slot's state from its sinks' states: ``posted`` once all are, ``uncertain``
+    while any is, else ``failed``."""
     if states == {"posted"}:
         return "posted"
     return "uncertain" if "uncertain" in states else "failed"
+
+
+def _sink_entries(record: dict[str, str]) -> dict[str, SinkEntry]:
+    """The sink entries of a slot's record (its ``sink:SPEC`` fields), by sink spec."""
+    return {name[len("sink:"):]: SinkEntry.from_json(raw) for name, raw in record.items() if name.startswith("sink:")}
 
 
 class PostLedger:
@@ -195,7 +200,7 @@ class PostLedger:
     def sink_entries(self, persona: str, slot: str) -> dict[str, SinkEntry]:
         """Every sink's entry for the slot, by sink spec, in the order the slot's sinks were chosen."""
         record = self.record(persona, slot)
-        entries = {name[len("sink:"):]: SinkEntry.from_json(raw) for name, raw in record.items() if name.startswith("sink:")}
+        entries = _sink_entries(record)
         order = {spec: i for i, spec in enumerate(json.loads(record.get("sinks") or "[]"))}
         return dict(sorted(entries.items(), key=lambda item: order.get(item[0], len(order))))
 
@@ -266,11 +271,10 @@ class PostLedger:
             owner, _, slot = _text(key)[len(keys.POST_RECORD_KEY_PREFIX):].partition(":")
             record = self.record(owner, slot)
             closed = record.get("state", "") not in OPEN_STATES
-            for name, raw in record.items():
-                entry = SinkEntry.from_json(raw) if name.startswith("sink:") else None
-                if entry is not None and (entry.state == "uncertain" or (entry.state == "intent" and closed)):
+            for sink, entry in _sink_entries(record).items():
+                if entry.state == "uncertain" or (entry.state == "intent" and closed):
                     found.append({
-                        "persona": owner, "slot": slot, "sink": name[len("sink:"):], "state": entry.state,
+                        "persona": owner, "slot": slot, "sink": sink, "state": entry.state,
                         "text": record.get("text", ""), "error": entry.error, "at": str(entry.at),
                         "approval": record.get("approval", ""),
                     })

@@ -24,6 +24,7 @@ from adapters.posting.sinks import (
     SinkNoAnswer,
     SinkRateLimited,
     SinkUnreachable,
+    one_line,
 )
 from persona.errors import ConfigError, SinkError
 from persona.settings import Settings
@@ -31,11 +32,6 @@ from persona.settings import Settings
 __all__ = ["DiscordSink", "TelegramSink"]
 
 DISCORD_NONCE_CHARS = 25
-
-
-def _one_line(exc: Exception) -> str:
-    """A library's message on one line, or the exception's name where it has none."""
-    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 @contextlib.contextmanager
@@ -85,14 +81,14 @@ class DiscordSink:
             except discord.LoginFailure as exc:  # 401 at login: nothing was sent
                 raise SinkError(f"Discord refused the bot token ({exc}); check PERSONA_DISCORD__TOKEN") from exc
             except discord.DiscordServerError as exc:  # may or may not have posted; the nonce makes a retry safe
-                raise SinkNoAnswer(f"Discord answered with a server error: {_one_line(exc)}") from exc
+                raise SinkNoAnswer(f"Discord answered with a server error: {one_line(exc)}") from exc
             except discord.HTTPException as exc:
                 raise SinkError(f"Discord refused the post: {exc}") from exc
             except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:  # no connection: nothing sent
-                raise SinkUnreachable(f"cannot reach Discord at {self.api_url}: {_one_line(exc)}") from exc
+                raise SinkUnreachable(f"cannot reach Discord at {self.api_url}: {one_line(exc)}") from exc
             except (aiohttp.ClientError, TimeoutError) as exc:  # the request went out; its answer did not come
                 broke = "Discord did not answer in time" if isinstance(exc, TimeoutError) else "the connection broke before Discord answered"
-                raise SinkNoAnswer(f"{broke}: {_one_line(exc)}") from exc
+                raise SinkNoAnswer(f"{broke}: {one_line(exc)}") from exc
             finally:
                 await http.close()
         return Posted(id=str(message["id"]), url=f"https://discord.com/channels/@me/{self.channel}/{message['id']}")
@@ -149,7 +145,7 @@ class TelegramSink:
                 raise SinkUnreachable(f"cannot reach Telegram at {self.api_url}: {exc}") from exc
             # The connection broke mid-request, or the answer was too slow: it may have been delivered.
             broke = "Telegram did not answer in time" if isinstance(exc, TimedOut) else "the connection broke before Telegram answered"
-            raise SinkNoAnswer(f"{broke}: {_one_line(exc)}") from exc
+            raise SinkNoAnswer(f"{broke}: {one_line(exc)}") from exc
         return Posted(id=str(message.message_id), url=message.link or "")
 
     def find(self, marker: str, text: str) -> Posted | None:

@@ -63,9 +63,9 @@ class Publisher:
         """Send the slot's text to every sink not yet done, then close the slot."""
         for sink in sinks:
             entry = self._publish_one(name, slot, sink, outcome.text)
-            outcome.sinks[sink.spec] = {k: v for k, v in asdict(entry).items() if k != "marker"}
+            outcome.sinks[sink.spec] = _shown(entry)
         states = {s["state"] for s in outcome.sinks.values()}
-        outcome.status = "posted" if states == {"posted"} else "uncertain" if "uncertain" in states else "failed"
+        outcome.status = slot_state(states)
         # Nothing was refused outright: a rate limit, or no answer from a sink that makes a
         # retry safe (its entry stays an intent). A later try may get through.
         outcome.retry_later = outcome.status == "failed" and states <= {"posted", *RETRY_LATER_STATES}
@@ -160,13 +160,13 @@ class Publisher:
                 entry.state, entry.error = "failed", "a person found it not posted (safe to post again)"
                 self.ledger.set_sink(name, slot, spec, entry)
             entries = self.ledger.sink_entries(name, slot)
-            state = slot_state(entries)
+            state = slot_state({entry.state for entry in entries.values()})
             self.ledger.finish(name, slot, state)
         finally:
             self.ledger.release(name, slot)
         outcome = PostOutcome(
             name, slot, state, text=record.get("text", ""), approval_id=record.get("approval", ""),
-            sinks={s: {k: v for k, v in asdict(e).items() if k != "marker"} for s, e in entries.items()},
+            sinks={s: _shown(e) for s, e in entries.items()},
         )
         if posted is not None:
             outcome.message = f"{spec}: recorded as posted ({entry.url or entry.id}); slot {state}"
@@ -194,6 +194,11 @@ class Publisher:
         if sink not in unsettled:
             raise PostingError(f"{sink} in slot {slot} of {name} is {entries[sink].state}; only a post that got no answer can be settled")
         return sink
+
+
+def _shown(entry: SinkEntry) -> dict:
+    """A sink's entry as an outcome shows it (its marker is the ledger's own)."""
+    return {k: v for k, v in asdict(entry).items() if k != "marker"}
 
 
 def _settle_hint(name: str, slot: str, specs: list[str]) -> str:

@@ -37,7 +37,9 @@ from typing import Literal, Protocol
 from persona.errors import ConfigError, PostingError, SinkError
 from persona.settings import Settings
 
-__all__ = ["FileSink", "Posted", "Sink", "SinkNoAnswer", "SinkRateLimited", "SinkUnreachable", "make_sink", "platform_of"]
+__all__ = [
+    "FileSink", "Posted", "Sink", "SinkNoAnswer", "SinkRateLimited", "SinkUnreachable", "make_sink", "one_line", "platform_of",
+]
 
 RetrySafety = Literal["check", "idempotent", "none"]
 PLATFORMS = ("x", "mastodon", "bluesky", "discord", "telegram", "file")
@@ -53,6 +55,12 @@ class SinkUnreachable(SinkError):
 
 class SinkNoAnswer(PostingError):
     """The request went out and no answer came back (the connection broke, a time-out, a 5xx): it may have posted."""
+
+
+def one_line(exc: Exception) -> str:
+    """A platform library's message on one line (tweepy puts the status and the detail on
+    two), or the exception's name where it has none."""
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 @dataclass

@@ -20,6 +20,7 @@ from adapters.posting.sinks import (
     SinkNoAnswer,
     SinkRateLimited,
     SinkUnreachable,
+    one_line,
 )
 from persona.errors import ConfigError, SinkError
 from persona.settings import Settings
@@ -48,11 +49,6 @@ def _never_connected(exc: requests.exceptions.ConnectionError) -> bool:
     """Whether requests failed before a connection was made (refused, no such host, connect time-out)."""
     reason = getattr(exc.args[0], "reason", None) if exc.args else None
     return isinstance(exc, requests.exceptions.ConnectTimeout) or isinstance(reason, urllib3.exceptions.NewConnectionError)
-
-
-def _one_line(exc: Exception) -> str:
-    """A library's message on one line (tweepy puts the status and the detail on two)."""
-    return " ".join(str(exc).split())
 
 
 def _need(sink: str, **settings: object) -> None:
@@ -115,19 +111,19 @@ class XSink:
             response = self.client.create_tweet(text=text, user_auth=self.user_auth)
         except requests.exceptions.ConnectionError as exc:
             if _never_connected(exc):  # a wrong x_api_url, or the network down: X heard nothing
-                raise SinkUnreachable(f"cannot reach X at {self.api_url}: {_one_line(exc)}") from exc
-            raise SinkNoAnswer(f"the connection broke before X answered: {_one_line(exc)}") from exc
+                raise SinkUnreachable(f"cannot reach X at {self.api_url}: {one_line(exc)}") from exc
+            raise SinkNoAnswer(f"the connection broke before X answered: {one_line(exc)}") from exc
         except requests.exceptions.Timeout as exc:
-            raise SinkNoAnswer(f"X did not answer in {REQUEST_TIMEOUT_S:.0f} s: {_one_line(exc)}") from exc
+            raise SinkNoAnswer(f"X did not answer in {REQUEST_TIMEOUT_S:.0f} s: {one_line(exc)}") from exc
         except tweepy.TwitterServerError as exc:  # a 5xx may or may not have posted
-            raise SinkNoAnswer(f"X answered with a server error: {_one_line(exc)}") from exc
+            raise SinkNoAnswer(f"X answered with a server error: {one_line(exc)}") from exc
         except tweepy.TooManyRequests as exc:
-            raise SinkRateLimited(f"X is rate-limiting posts: {_one_line(exc)}") from exc
+            raise SinkRateLimited(f"X is rate-limiting posts: {one_line(exc)}") from exc
         except tweepy.Unauthorized as exc:
             setting = ", ".join(map(_env, X_USER_KEYS)) if self.user_auth else _env("x_bearer_token")
-            raise SinkError(f"X refused the credentials ({_one_line(exc)}); check {setting}") from exc
+            raise SinkError(f"X refused the credentials ({one_line(exc)}); check {setting}") from exc
         except tweepy.HTTPException as exc:
-            raise SinkError(f"X refused the post: {_one_line(exc)}") from exc
+            raise SinkError(f"X refused the post: {one_line(exc)}") from exc
         tweet_id = str(response.data["id"])
         return Posted(id=tweet_id, url=f"https://x.com/i/web/status/{tweet_id}")
 
@@ -164,7 +160,7 @@ class MastodonSink:
         try:
             status = self.client.status_post(text, idempotency_key=marker)
         except (MastodonServerError, MastodonNetworkError) as exc:  # a retry with the same key is safe
-            raise SinkNoAnswer(f"no answer from Mastodon at {self.client.api_base_url}: {_one_line(exc)}") from exc
+            raise SinkNoAnswer(f"no answer from Mastodon at {self.client.api_base_url}: {one_line(exc)}") from exc
         except MastodonRatelimitError as exc:
             raise SinkRateLimited(f"Mastodon is rate-limiting posts: {exc}") from exc
         except MastodonUnauthorizedError as exc:
@@ -230,7 +226,7 @@ class BlueskySink:
         except (BadRequestError, UnauthorizedError, LoginRequiredError) as exc:
             raise SinkError(f"Bluesky refused the post: {exc}") from exc
         except (httpx.TransportError, NetworkError) as exc:  # the next try looks for it first
-            raise SinkNoAnswer(f"no answer from Bluesky at {self.base_url}: {_one_line(exc) or type(exc).__name__}") from exc
+            raise SinkNoAnswer(f"no answer from Bluesky at {self.base_url}: {one_line(exc)}") from exc
         return self._posted(created.uri)
 
     def find(self, marker: str, text: str) -> Posted | None:
