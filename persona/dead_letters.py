@@ -35,8 +35,8 @@ from persona.errors import QueueBusy
 from persona.queue_scripts import REDIS_NOW
 
 __all__ = [
-    "DeadLetter", "RetryReport", "cap_warning", "count_dead", "drop_dead", "find_dead", "list_dead", "retry_all",
-    "retry_dead", "trimmed_count", "trimmed_note", "unreadable_ids",
+    "DeadLetter", "RetryReport", "cap_warning", "count_dead", "dead_ids", "drop_dead", "find_dead", "list_dead", "retry_all",
+    "retry_dead", "trimmed_count", "trimmed_note",
 ]
 
 # A stream entry id as `persona queue dead` lists it: milliseconds-sequence.
@@ -180,11 +180,12 @@ def drop_dead(client: redis.Redis, entry_ids: list[str]) -> int:
     return dropped
 
 
-def unreadable_ids(client: redis.Redis, page: int = 500) -> list[str]:
-    """Every dead letter that holds no readable request, newest first: none can be retried."""
+def dead_ids(client: redis.Redis, *, unreadable: bool = False, page: int = 500) -> list[str]:
+    """Every dead letter's id, newest first; with ``unreadable``, only those that hold no
+    readable request (none of them can be retried)."""
     found, before = [], "+"
     while rows := client.xrevrange(keys.STREAM_DEAD, max=before, count=page):
-        found += [letter.id for letter in (_parse(i, f) for i, f in rows) if not letter.request_id]
+        found += [letter.id for letter in (_parse(i, f) for i, f in rows) if not (unreadable and letter.request_id)]
         before = "(" + _text(rows[-1][0])
     return found
 

@@ -30,6 +30,7 @@ from persona.cli.common import (
     explain_redis_error,
     friendly_errors,
     get_settings,
+    local_time,
 )
 from persona.connection import connect
 from persona.errors import ModelError, PersonaError, SwapRefused
@@ -146,8 +147,7 @@ def _print_history(persona: str, rollback_to: str | None, history: list[dict[str
     if history:
         console.print("latest swaps, newest first:")
     for entry in history:
-        at = float(entry.get("at") or 0)
-        when = dt.datetime.fromtimestamp(at).strftime("%Y-%m-%d %H:%M:%S") if at else "-"
+        when = local_time(float(entry.get("at") or 0))
         change = f"{entry.get('previous') or '?'} -> {entry.get('version', '?')}"
         console.print(f"  {when}  {escape(entry.get('kind', 'swap')):<8}  {escape(change)}", highlight=False)
 

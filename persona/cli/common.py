@@ -10,6 +10,7 @@ for settings that cannot be read).
 from __future__ import annotations
 
 import contextvars
+import datetime as dt
 import functools
 import json
 from collections.abc import Callable
@@ -25,7 +26,7 @@ from rich.markup import escape
 from persona.errors import ConfigError, PersonaError, QueueError, RedisUnavailable
 from persona.settings import Settings, explain_settings_error
 
-__all__ = ["console", "err_console", "explain_redis_error", "friendly_errors", "get_settings"]
+__all__ = ["console", "err_console", "explain_redis_error", "friendly_errors", "get_settings", "local_time"]
 
 console = Console()
 err_console = Console(stderr=True)
@@ -58,6 +59,11 @@ def get_settings() -> Settings:
     except (ValidationError, SettingsError) as exc:
         # The value itself is never shown: it may be a token.
         raise _fail(explain_settings_error(exc), ConfigError.__name__) from None
+
+
+def local_time(at: float) -> str:
+    """A timestamp as the tables show it (this machine's time, to the second); "-" for none."""
+    return dt.datetime.fromtimestamp(at).strftime("%Y-%m-%d %H:%M:%S") if at else "-"
 
 
 def explain_redis_error(exc: redis.exceptions.RedisError) -> str:

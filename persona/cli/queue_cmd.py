@@ -23,6 +23,7 @@ from persona.cli.common import (
     explain_redis_error,
     friendly_errors,
     get_settings,
+    local_time,
 )
 from persona.connection import connect
 from persona.contract import GenerationRequest
@@ -30,13 +31,13 @@ from persona.dead_letters import (
     DeadLetter,
     cap_warning,
     count_dead,
+    dead_ids,
     drop_dead,
     find_dead,
     list_dead,
     retry_all,
     retry_dead,
     trimmed_note,
-    unreadable_ids,
 )
 from persona.errors import QueueError
 from persona.monitoring import QueueStats, collect_stats
@@ -203,7 +204,7 @@ def dead(
     for column in ("id", "request", "persona", "deliveries", "when", "reason"):
         table.add_column(column)
     for d in letters:
-        when = dt.datetime.fromtimestamp(d.at).strftime("%Y-%m-%d %H:%M:%S") if d.at else "-"
+        when = local_time(d.at)
         # Escaped: a reason or a persona holding "[...]" was read as markup, mangled, or
         # ("[/var/log/x]", a closing tag) ended the command with a traceback.
         table.add_row(escape(d.id), escape(d.request_id or "(malformed)"), escape(d.persona), str(d.deliveries), when,
@@ -218,10 +219,6 @@ def dead(
         console.print(f"[yellow]warning:[/yellow] {escape(warning)}", highlight=False)
     elif note:
         console.print(escape(note), highlight=False)
-
-
-def _when(at: float) -> str:
-    return dt.datetime.fromtimestamp(at).strftime("%Y-%m-%d %H:%M:%S") if at else "-"
 
 
 def _why_unreadable(letter: DeadLetter) -> str:
@@ -250,7 +247,7 @@ def show(
         return
     lines = [
         f"dead letter {letter.id}",
-        f"  set aside  {_when(letter.at)} by worker {letter.worker or '-'} after {letter.deliveries} deliveries: {letter.reason}",
+        f"  set aside  {local_time(letter.at)} by worker {letter.worker or '-'} after {letter.deliveries} deliveries: {letter.reason}",
         f"  bound for  {letter.stream or '-'}",
     ]
     if letter.request_id:
@@ -258,7 +255,7 @@ def show(
         user = f", user {request.user}" if request.user else ""
         lines.append(
             f"  request    {request.id} for {request.persona} ({request.mode}, {request.priority.value}, "
-            f"from {request.source}{user}), sent {_when(request.created_at)}"
+            f"from {request.source}{user}), sent {local_time(request.created_at)}"
         )
         if request.mode == "complete":
             lines.append(f"  prefix     {json.dumps(request.prefix, ensure_ascii=False)}")
@@ -343,20 +340,14 @@ def drop(
         if missing:  # nothing is dropped: a typo among the ids should not go half done
             raise QueueError(f"no dead letter {', '.join(missing)}; nothing dropped; see `persona queue dead`")
         ids = entry_ids
-    elif all_:
-        ids = [_text_id(i) for i, _ in client.xrange(keys.STREAM_DEAD)]
     else:
-        ids = unreadable_ids(client)
+        ids = dead_ids(client, unreadable=unreadable)
     if not ids:
         console.print("no dead letters" if all_ else "no unreadable dead letters")
         return
     if not entry_ids and not yes and not typer.confirm(f"delete {len(ids)} dead letter(s) for good?"):
         raise typer.Exit(1)
     console.print(f"dropped {drop_dead(client, ids)} dead letter(s)")
-
-
-def _text_id(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 def register(app: typer.Typer) -> None:
