@@ -413,6 +413,25 @@ def test_jsonl_that_is_a_json_array_or_lacks_the_field(tmp_path: Path):
     assert texts(read_jsonl(path, OPTIONS)) == ["kept"]
 
 
+def test_records_of_a_pretty_printed_json_array_are_named_by_their_own_lines(tmp_path: Path):
+    """Every record of an indented JSON array was named by the array's first line: "line(s) 1, 1, 1"."""
+    path = tmp_path / "export.json"
+    path.write_text(json.dumps([{"text": "one"}, {"body": "two"}, {"text": "three"}, {"text": None}], indent=2))
+    documents = read_jsonl(path, OPTIONS)
+    assert [(d.line, d.text) for d in documents] == [(2, "one"), (8, "three")]
+    assert "(line(s) 5, 11; the other 2 were read)" in str(documents.left_out[0])
+    path.write_text(json.dumps([{"text": "one"}, {"text": 2}], indent=2))
+    with pytest.raises(SourceProblem, match="field 'text' is not text") as caught:
+        read_jsonl(path, OPTIONS)
+    assert caught.value.line == 5
+    path.write_text('[\n  {"text": "one"}\n  {"text": "two"}\n]\n')  # a comma forgotten
+    with pytest.raises(SourceProblem, match="Expecting ',' delimiter") as caught:
+        read_jsonl(path, OPTIONS)
+    assert caught.value.line == 3
+    path.write_text('\n\n{\n  "text": "one object"\n}\n')
+    assert [(d.line, d.text) for d in read_jsonl(path, OPTIONS)] == [(3, "one object")]
+
+
 def test_jsonl_records_without_the_field_are_counted_and_named(tmp_path: Path):
     """Records with no text in the field (missing, null, or not an object) were dropped without a word."""
     path = tmp_path / "posts.jsonl"
@@ -444,6 +463,25 @@ def test_cli_names_drafts_and_records_it_left_out(tmp_path: Path):
     assert (f"skipped {posts}:2: 1 record(s) with no text in the field 'text' (line(s) 2; the other 1 were read)"
             in result.stderr)
     assert sorted(read_corpus(tmp_path / "corpus.jsonl").documents) == ["A post about rain.", "A published post about gardens."]
+
+
+def test_cli_sums_up_a_blog_s_many_drafts_in_one_line(tmp_path: Path):
+    """A blog with hundreds of drafts printed a line for each, burying everything else said."""
+    blog = tmp_path / "blog"
+    blog.mkdir()
+    (blog / "out.md").write_text("---\ntitle: Out\n---\nA published post about gardens.\n")
+    (blog / "rain.md").write_text("A published post about rain, with no front matter.\n")
+    for n in range(40):
+        (blog / f"wip-{n:02}.md").write_text(f"---\ndraft: true\n---\nUnfinished post {n}.\n")
+    (blog / "later.md").write_text('+++\npublished = false\n+++\nAnother one.\n')
+    result = _persona_cli(str(blog), "-o", str(tmp_path / "corpus.jsonl"))
+    assert result.returncode == 0, result.stderr
+    said = result.stderr.strip().splitlines()
+    assert len(said) == 1 and "skipped" not in result.stderr, result.stderr
+    assert " ".join(result.stderr.split()) == (
+        f"left out 41 drafts, whose front matter sets draft to true or published to false: {blog / 'later.md'}, "
+        f"{blog / 'wip-00.md'}, {blog / 'wip-01.md'} and 38 more; to read one, set draft to false or published "
+        "to true in its front matter")
 
 
 def test_jsonl_strings_may_hold_unicode_line_separators(tmp_path: Path):
@@ -938,6 +976,16 @@ def test_reading_missing_or_empty_corpus_says_what_to_do(tmp_path: Path):
     bad.write_text('{"text": "ok"}\n[1, 2]\n')
     with pytest.raises(CorpusError, match="bad.jsonl:2"):
         read_corpus(bad)
+
+
+def test_a_pipe_or_a_folder_named_as_a_corpus_is_said_to_be_one(tmp_path: Path):
+    """A pipe (`<(cat notes.txt)`) was said not to exist; a folder given as the corpus to train on too."""
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    with pytest.raises(CorpusError, match="is a pipe or device, not a file; .* save it to a file"):
+        build_corpus([pipe])
+    with pytest.raises(CorpusError, match="is a folder; name the corpus file in it"):
+        read_corpus(tmp_path)
 
 
 READERS = [read_text, read_markdown, read_fortune, read_csv, read_jsonl, read_tweets, read_pdf]

@@ -146,6 +146,19 @@ def test_a_second_training_of_the_same_persona_is_refused_while_one_runs(setting
     assert train_persona(settings, "twin", corpus_file, config(tiny_gpt2_dir, seed=2)).checkpoint.version == "v2"
 
 
+def test_a_run_leaves_no_lock_file_behind(settings: Settings, tiny_gpt2_dir: Path, corpus_file: Path):
+    """Every run, finished or refused, left ``runs/NAME.lock`` in the data directory for good."""
+    lock = settings.data_dir / "runs" / "tidy.lock"
+    held: list[bool] = []
+    reporter = _StartsAnotherTraining(lambda: held.append(lock.is_file()))
+    train_persona(settings, "tidy", corpus_file, config(tiny_gpt2_dir), reporter=reporter)
+    assert held == [True] and not lock.exists()
+    with pytest.raises(ConfigError, match="would not fit"):  # refused while it held the lock
+        train_persona(settings, "tidy", corpus_file, config(Path("/elsewhere")))
+    assert not lock.exists()
+    assert list((settings.data_dir / "runs").iterdir()) == []
+
+
 def test_a_base_named_relative_to_here_is_found_from_anywhere(settings: Settings, tiny_gpt2_dir: Path,
                                                               corpus_file: Path, tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch):

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -465,3 +466,25 @@ def test_train_shows_the_run_not_the_libraries_chatter(env, tmp_path: Path, tiny
     assert trained.returncode == 0, trained.stderr
     for chatter in ("Loading weights", "FutureWarning", "UserWarning", "site-packages"):
         assert chatter not in trained.stderr + trained.stdout, trained.stderr
+
+
+def test_a_corpus_from_a_pipe_is_trained_on_and_kept(env, settings: Settings, tmp_path: Path, tiny_gpt2_dir: Path):
+    """`persona train NAME --corpus <(zcat c.jsonl.gz)` said the corpus "does not exist"."""
+    import threading
+
+    sayings = [entry.strip().split("\n")[0] for entry in SAYINGS.split("%") if entry.strip()]
+    content = "".join(json.dumps({"text": text}) + "\n" for text in sayings)
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+
+    def write() -> None:
+        with pipe.open("w") as writer:  # waits for the reader, as a shell's <(...) does
+            writer.write(content)
+
+    threading.Thread(target=write, daemon=True).start()
+    trained = persona("train", "piped", "--corpus", str(pipe), "--base", str(tiny_gpt2_dir), "--steps", "1",
+                      env=env)
+    assert trained.returncode == 0, trained.stderr
+    kept = Path(tomllib.loads((settings.user_personas_dir / "piped.toml").read_text())["filters"]["corpus"])
+    assert kept.parent == settings.data_dir / "corpora" and f"kept a copy at {kept}" in " ".join(trained.stdout.split())
+    assert sorted(json.loads(line)["text"] for line in kept.read_text().splitlines()) == sorted(sayings)

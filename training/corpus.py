@@ -168,6 +168,9 @@ def _scan(sources: list[Path], exclude: Iterable[Path]) -> tuple[list[Path], lis
                     left_out.append(path)
         elif source.is_file():
             files.append(source)
+        elif source.exists():  # a pipe (<(cat notes.txt)) was said not to exist
+            raise CorpusError(f"{source} is a pipe or device, not a file; corpus build reads a file more than "
+                              "once (to tell its format, then to read it): save it to a file and name that")
         else:
             raise CorpusError(f"{source} does not exist; name files or folders of the author's writing")
     # A file named twice, or reached again through a link (Debian's "kids.u8" is "kids"), is read once.
@@ -263,8 +266,12 @@ def is_built_corpus(path: Path) -> bool:
 
 
 def read_corpus(path: Path) -> Corpus:
-    """A corpus file, with the split it was saved with (or the standard one if none)."""
-    if not path.is_file():
+    """A corpus file, with the split it was saved with (or the standard one if none); a pipe
+    (``--corpus <(zcat corpus.jsonl.gz)``) is read too, once."""
+    if path.is_dir():
+        raise CorpusError(f"corpus {path} is a folder; name the corpus file in it, or build one with "
+                          f"`persona corpus build {path} -o corpus.jsonl`")
+    if not path.exists():  # not is_file(): a pipe or process substitution is no regular file, yet readable
         raise CorpusError(f"corpus {path} does not exist; build one with `persona corpus build SRC... -o {path}`")
     texts: list[str] = []
     saved: list[str | None] = []

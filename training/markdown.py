@@ -15,6 +15,7 @@ from pathlib import Path
 
 from training.sources import (
     Documents,
+    Draft,
     RawDocument,
     ReadOptions,
     SourceProblem,
@@ -150,7 +151,5 @@ def read_markdown(path: Path, options: ReadOptions) -> Documents:
         if meta.get(key) is unpublished:
             header = text.split("\n")[1:start]
             line = next((n for n, row in enumerate(header, start=2) if re.match(rf"\s*{key}\b", row)), 1)
-            said, undo = str(unpublished).lower(), str(not unpublished).lower()
-            return Documents(left_out=[SourceProblem(
-                path, line, f"a draft (its front matter sets {key} to {said}); set it to {undo} to read the post")])
+            return Documents(left_out=[Draft(path, line, key, unpublished)])
     return Documents([RawDocument(strip_markdown(body), str(path), start)])

@@ -44,10 +44,10 @@ from persona.personas import (
     load_persona_file,
 )
 from persona.settings import Settings
-from training.corpus import Corpus, read_corpus
+from training.corpus import Corpus, read_corpus, write_corpus
 from training.trainer import RUN_FILE, Reporter, TrainConfig, TrainResult, train
 
-__all__ = ["TrainedPersona", "model_card", "persona_template", "run_dir", "saved_run_config", "train_persona"]
+__all__ = ["TrainedPersona", "corpus_file", "model_card", "persona_template", "run_dir", "saved_run_config", "train_persona"]
 
 log = logging.getLogger(__name__)
 
@@ -78,28 +78,72 @@ def _absolute_base(base: str) -> str:
 @contextmanager
 def _training_lock(settings: Settings, name: str) -> Iterator[None]:
     """Held while a persona trains: two runs of one persona would share its run folder, so
-    one would crash or register the other's weights. The system lets go if the process dies."""
+    one would crash or register the other's weights. The system lets go if the process dies;
+    the lock file is removed when the run ends (it was left in ``runs/`` after every run)."""
     path = run_dir(settings, name).with_name(f"{name}.lock")  # beside the run folder, which is removed
-    try:  # the first thing a run writes: a data directory it cannot use is found here
-        path.parent.mkdir(parents=True, exist_ok=True)
-        opened = path.open("a+")
-    except OSError as exc:  # under a file, read-only, full: was a traceback
-        raise DataDirUnwritable(settings.data_dir, exc) from None
-    with opened as lock:
+    while True:
+        lock = _open_lock(settings, path)
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             lock.seek(0)
             pid = lock.read().strip()
+            lock.close()
             holder = f"process {pid}" if pid else "another process"
             raise ModelError(
                 f"persona {name!r} is already being trained (by {holder}); wait for that run "
                 f"to finish, or stop it and continue it with `persona train {name} --corpus FILE --resume`"
             ) from None
+        # A run that ended between our open and our lock removed the file we hold: lock the one there now.
+        if _same_file(lock, path):
+            break
+        lock.close()
+    with lock:
         lock.truncate(0)
         lock.write(str(os.getpid()))
         lock.flush()
-        yield
+        try:
+            yield
+        finally:
+            path.unlink(missing_ok=True)  # while still held: no other run holds this file
+
+
+def _open_lock(settings: Settings, path: Path):
+    """The lock file, opened (created if need be) for reading and writing."""
+    try:  # the first thing a run writes: a data directory it cannot use is found here
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path.open("a+")
+    except OSError as exc:  # under a file, read-only, full: was a traceback
+        raise DataDirUnwritable(settings.data_dir, exc) from None
+
+
+def _same_file(opened, path: Path) -> bool:
+    """Whether ``path`` still names the file ``opened`` is."""
+    try:
+        return os.path.samestat(os.fstat(opened.fileno()), path.stat())
+    except FileNotFoundError:
+        return False
+
+
+def corpus_file(settings: Settings, name: str, corpus_path: Path, corpus: Corpus) -> Path:
+    """Where the run, its persona file and ``--resume`` find the corpus: ``corpus_path``, or for a
+    corpus read from a pipe (``--corpus <(zcat c.jsonl.gz)``), which cannot be read twice, a copy
+    kept in the data directory's ``corpora/``."""
+    if corpus_path.is_file():
+        return corpus_path
+    kept = settings.data_dir / "corpora" / f"{name}-{corpus.fingerprint}.jsonl"
+    if not kept.is_file():
+        try:
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            partial = kept.with_name(f".{kept.name}.{os.getpid()}.tmp")
+            try:
+                write_corpus(corpus, partial)
+                partial.replace(kept)
+            finally:
+                partial.unlink(missing_ok=True)
+        except OSError as exc:
+            raise DataDirUnwritable(settings.data_dir, exc) from None
+    return kept
 
 
 def saved_run_config(settings: Settings, name: str) -> TrainConfig:
@@ -220,6 +264,7 @@ def train_persona(
     corpus = corpus if corpus is not None else read_corpus(corpus_path)
     if not corpus.train:
         raise CorpusError(f"corpus {corpus_path} has no training documents; add more writing")
+    corpus_path = corpus_file(settings, name, corpus_path, corpus)
     with _training_lock(settings, name):
         return _train_and_register(settings, name, corpus_path, corpus, config, resume=resume, reporter=reporter,
                                    on_ready=on_ready)

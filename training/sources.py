@@ -35,6 +35,7 @@ from pathlib import Path
 __all__ = [
     "FORMATS",
     "Documents",
+    "Draft",
     "RawDocument",
     "ReadOptions",
     "SourceProblem",
@@ -65,6 +66,16 @@ class SourceProblem(Exception):
         self.path = path
         self.line = line
         self.reason = reason
+
+
+class Draft(SourceProblem):
+    """A post its author has not published (``setting``: what its front matter says, "draft to true");
+    left out on purpose, and reported so."""
+
+    def __init__(self, path: Path, line: int | None, key: str, value: bool) -> None:
+        said, undo = str(value).lower(), str(not value).lower()
+        super().__init__(path, line, f"a draft (its front matter sets {key} to {said}); set it to {undo} to read the post")
+        self.setting, self.undo = f"{key} to {said}", f"{key} to {undo}"
 
 
 @dataclass(frozen=True)
@@ -335,11 +346,42 @@ def _json_records(path: Path, text: str) -> list[tuple[int, object]]:
             if records:
                 raise SourceProblem(path, number, f"not JSON: {exc.msg}") from exc
             try:
-                whole = json.loads(text)
+                return _whole_json_records(text)
             except json.JSONDecodeError as whole_exc:  # says where an array breaks, not at its "["
                 raise SourceProblem(path, whole_exc.lineno, f"not JSON: {whole_exc.msg}") from exc
-            return [(number, item) for item in (whole if isinstance(whole, list) else [whole])]
         records.extend((number, item) for item in (value if isinstance(value, list) else [value]))
+    return records
+
+
+_BLANK = re.compile(r"[ \t\n\r]*")
+
+
+def _whole_json_records(text: str) -> list[tuple[int, object]]:
+    """(line, record) for a text that is one JSON value over many lines: each item of an array
+    with the line it starts on (each was named by the array's first line), or the one value."""
+    decoder = json.JSONDecoder()
+    position = _BLANK.match(text).end()
+    if not text.startswith("[", position):
+        value, end = decoder.raw_decode(text, position)
+        records = [(text.count("\n", 0, position) + 1, value)]
+    else:
+        records = []
+        line, counted = 1, 0
+        end = _BLANK.match(text, position + 1).end()
+        while not (text.startswith("]", end) and not records):
+            line += text.count("\n", counted, end)
+            counted = end
+            item, end = decoder.raw_decode(text, end)
+            records.append((line, item))
+            end = _BLANK.match(text, end).end()
+            if text.startswith("]", end):
+                break
+            if not text.startswith(",", end):
+                raise json.JSONDecodeError("Expecting ',' delimiter", text, end)
+            end = _BLANK.match(text, end + 1).end()
+        end += 1  # past the "]"
+    if (rest := _BLANK.match(text, end).end()) != len(text):
+        raise json.JSONDecodeError("Extra data", text, rest)
     return records
 
 

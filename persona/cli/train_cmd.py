@@ -33,6 +33,7 @@ corpus_app = typer.Typer(help="Turn an author's writing into a clean training co
 GENERATE_WINDOW = 64  # requests in flight at once, well under the queue's length cap
 SAMPLE_SEPARATOR = "=" * 20 + "\n"
 PLAIN_STEP_EVERY_S = 10.0  # a step line this often where no progress bar can be drawn
+DRAFTS_NAMED = 5  # more drafts than this are summed up in one line
 STOPPED_EARLY = {"time-limit": "stopped: --max-minutes is up", "early-stopped": "stopped early: no more improvement"}
 
 
@@ -55,7 +56,7 @@ def corpus_build(
     """Read, clean and de-duplicate an author's writing into one document per line, with a held-out split."""
     from training.cleaning import CleanOptions
     from training.corpus import build_corpus, is_built_corpus, write_corpus
-    from training.sources import ReadOptions
+    from training.sources import Draft, ReadOptions
 
     if output.is_dir():  # found out only after reading everything, as a traceback
         raise CorpusError(f"{output} is a folder; name the corpus file to write, e.g. -o {output / 'corpus.jsonl'}")
@@ -74,8 +75,12 @@ def corpus_build(
         clean_options=CleanOptions(strip_urls=strip_urls, strip_handles=strip_handles, min_chars=min_chars),
         exclude=[output],
     )
+    drafts = [problem for problem in result.problems if isinstance(problem, Draft)]
     for problem in result.problems:  # escaped: a path may hold brackets ("my [draft] notes")
-        err_console.print(f"[yellow]skipped[/yellow] {escape(str(problem))}", highlight=False)
+        if len(drafts) <= DRAFTS_NAMED or not isinstance(problem, Draft):
+            err_console.print(f"[yellow]skipped[/yellow] {escape(str(problem))}", highlight=False)
+    if len(drafts) > DRAFTS_NAMED:  # a line each: hundreds of lines hid everything else said
+        err_console.print(f"[yellow]left out[/yellow] {escape(_drafts_line(drafts))}", highlight=False)
     if result.left_out:
         err_console.print(f"[yellow]left out[/yellow] {escape(_left_out(result.left_out))}", highlight=False)
     corpus = result.corpus
@@ -99,6 +104,15 @@ def corpus_build(
         _warn_nothing_held_out("too few documents to hold any out")
     console.print(escape(_size_line(corpus.train, corpus.validation, base)))
     console.print(f"wrote {escape(str(output))}  (fingerprint {corpus.fingerprint})")
+
+
+def _drafts_line(drafts: list) -> str:
+    """Many drafts in one line: how many, what marks them, the first few."""
+    settings = " or ".join(sorted({draft.setting for draft in drafts}))
+    undo = " or ".join(sorted({draft.undo for draft in drafts}))
+    named = ", ".join(str(draft.path) for draft in drafts[:3])
+    return (f"{len(drafts)} drafts, whose front matter sets {settings}: {named} and {len(drafts) - 3} more; "
+            f"to read one, set {undo} in its front matter")
 
 
 def _left_out(paths: list[Path]) -> str:
@@ -281,7 +295,7 @@ def train(
     from pydantic import ValidationError
 
     from training.corpus import read_corpus
-    from training.runs import run_dir, saved_run_config, train_persona
+    from training.runs import corpus_file, run_dir, saved_run_config, train_persona
     from training.trainer import STATE_FILE, TrainConfig
 
     settings = get_settings()
@@ -318,6 +332,10 @@ def train(
         except ValidationError as exc:  # was a pydantic traceback (--learning-rate 0, --device gpu)
             raise ConfigError("; ".join(_option_problem(e) for e in exc.errors())) from None
     data = read_corpus(corpus)  # read once: big ones take a while
+    if (kept := corpus_file(settings, name, corpus, data)) != corpus:  # a pipe: read once, kept for later
+        console.print(f"the corpus came from a pipe; kept a copy at {escape(str(kept))} for --resume, "
+                      "`persona eval` and the persona's originality filter")
+        corpus = kept
     saved_state = run_dir(settings, name) / STATE_FILE
 
     def ready() -> None:
