@@ -13,6 +13,7 @@
     ├── InvalidRequest           a request breaks the queue's limits (too long, empty...)
     ├── RequestFailed            a worker answered with an error (carries the reply)
     ├── CorpusError              an author's corpus cannot be read
+    ├── UsageError               the command line is wrong (an unknown option, a bad value)
     └── PostingError             a post cannot be made (no candidate passed, a sink failed)
         └── SinkError            a platform refused or could not be reached
 
@@ -44,6 +45,7 @@ __all__ = [
     "SinkError",
     "SwapRefused",
     "UnknownPersona",
+    "UsageError",
 ]
 
 
@@ -118,6 +120,10 @@ class RequestFailed(PersonaError):
 
 class CorpusError(PersonaError):
     """An author's corpus cannot be read."""
+
+
+class UsageError(PersonaError):
+    """The command line is wrong: an unknown option, a value that is not one, an argument missing."""
 
 
 class PostingError(PersonaError):

@@ -219,6 +219,15 @@ def _has_weights(folder: Path) -> bool:
     return (folder / WEIGHTS_FILE).is_file() or (folder / f"{WEIGHTS_FILE}.index.json").is_file()
 
 
+def _quiet_transformers() -> None:
+    """No progress bars from transformers ("Loading weights", "Writing model shards"):
+    each load wrote one into the worker's log, and `persona up`'s, among the log lines,
+    saying nothing a user could act on (training hides them as well)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def _write_bundled(target: Path, *, weights: bool) -> None:
     """Convert the bundled GGUF into ``target`` (its config and tokenizer, or its weights
     too); written beside it and moved in, so a half-written folder is never used."""
@@ -230,6 +239,7 @@ def _write_bundled(target: Path, *, weights: bool) -> None:
     )
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+    _quiet_transformers()
     gguf = bundled_gguf_path()
     log.info("converting the bundled model %s once (%s)", gguf.name, "about 25 s" if weights else "about 10 s")
     started = time.perf_counter()
@@ -282,6 +292,7 @@ def load_model(
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    _quiet_transformers()
     base_dir = resolve_base(base, cache_dir, weights=False)
     torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if device == "cuda" else torch.float32)
     weights_dir = base_dir

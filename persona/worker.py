@@ -549,10 +549,13 @@ class Worker:
                 settled = [(row.job, self._reply(row, completion, batch)) for row, completion in done]
             for job, _ in settled:
                 self._in_flight.pop(job.request.id, None)
-            if done:
+            if done:  # named as a whole batch's line is: who, which version, how long
                 self._answered.append((
-                    "answered %d request(s) (batch of %d) tokens=%d",
-                    len(done), batch, sum(completion.new_tokens for _, completion in done),
+                    "answered %d request(s) for %s version=%s tokens=%d in %.0f ms (batch of %d)",
+                    len(done), ",".join(sorted({row.persona.name for row, _ in done})),
+                    ",".join(sorted({row.served.version for row, _ in done})),
+                    sum(completion.new_tokens for _, completion in done),
+                    max(completion.seconds for _, completion in done) * 1000, batch,
                 ))
             if not engine.active:
                 del self._decoding[key]

@@ -128,6 +128,27 @@ def test_a_command_given_json_fails_with_one_json_object_on_stdout(env):
     assert plain.returncode == 1 and plain.stdout == "" and plain.stderr.startswith("error: cannot reach Redis")
 
 
+def test_a_command_line_refused_under_json_is_one_json_object_too(env):
+    """`persona ask --json --max-new-tokens abc ...` printed click's usage box on stderr and
+    nothing on stdout (status 2): a script reading the JSON could not tell why."""
+    import json
+
+    for args, option in (
+        (("ask", "--json", "--max-new-tokens", "abc", "sage", "hi"), "'--max-new-tokens'"),
+        (("ask", "sage", "hi", "--json", "--max-tokens", "3"), "--max-tokens"),
+        (("queue", "stats", "--json", "--bogus"), "--bogus"),
+    ):
+        result = persona(*args, env=env)
+        assert result.returncode == 1 and result.stderr == "", result.stderr
+        failed = json.loads(result.stdout)
+        assert failed["ok"] is False and failed["error"]["kind"] == "UsageError", failed
+        assert option in failed["error"]["message"] and "--help`" in failed["error"]["message"], failed
+    plain = persona("ask", "--max-new-tokens", "abc", "sage", "hi", env=env)  # without --json: click's usage text
+    assert plain.returncode == 2 and plain.stdout == "" and "--max-new-tokens" in plain.stderr
+    literal = persona("ask", "--max-new-tokens", "abc", "sage", "--", "--json", env=env)  # a message, not the option
+    assert literal.returncode == 2 and literal.stdout == ""
+
+
 def test_queue_stats_shows_streams_and_workers(env, redis_url, redis_client):
     env["PERSONA_REDIS_URL"] = redis_url
     result = persona("queue", "stats", env=env)

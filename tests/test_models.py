@@ -36,6 +36,19 @@ def test_lora_checkpoint_is_merged_and_changes_the_output(tiny_llama_dir, tmp_pa
     assert not torch.allclose(base.model(ids).logits, tuned.model(ids).logits)
 
 
+def test_loading_writes_no_progress_bars(tiny_llama_dir, tmp_path, capfd):
+    """Each load wrote transformers' "Loading weights" bar into a worker's log (and
+    `persona up`'s) among the log lines; a LoRA merged wrote another."""
+    from transformers.utils import logging as hf_logging
+
+    lora = make_lora(tiny_llama_dir, tmp_path / "lora")
+    hf_logging.enable_progress_bar()  # as in a fresh worker process
+    capfd.readouterr()
+    load_model(str(tiny_llama_dir), lora, cache_dir=tmp_path / "cache")
+    said = capfd.readouterr()
+    assert "Loading weights" not in said.err + said.out and "%|" not in said.err, said.err
+
+
 def test_lora_for_another_base_is_refused_with_the_reason(tiny_llama_dir, tiny_gpt2_dir, tmp_path):
     lora = make_lora(tiny_llama_dir, tmp_path / "lora")
     with pytest.raises(ModelError, match="does not fit this base model"):

@@ -65,17 +65,23 @@ def _interruptible() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+def _ignoring_sigint() -> None:
+    """SIGINT ignored, as a shell without job control starts a background command (`persona up &`)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 @pytest.fixture
 def start_up(tmp_path: Path, up_env: dict[str, str]):
     """Start `persona up ARGS...` on the embedded Redis of a fresh data directory."""
     started: list[subprocess.Popen] = []
 
-    def start(*args: str) -> tuple[subprocess.Popen, int]:
-        """The `persona up` process and its embedded Redis's pid."""
+    def start(*args: str, sigint_ignored: bool = False) -> tuple[subprocess.Popen, int]:
+        """The `persona up` process and its embedded Redis's pid; ``sigint_ignored``: started
+        as a script's `persona up &` is, with SIGINT ignored."""
         output = (tmp_path / "up.log").open("w")
         up = subprocess.Popen([sys.executable, "-m", "persona", "up", "--no-dashboard", *args], env=up_env,
                               stdin=subprocess.PIPE, stdout=output, stderr=subprocess.STDOUT,
-                              preexec_fn=_interruptible)  # noqa: PLW1509 (it only resets a signal)
+                              preexec_fn=_ignoring_sigint if sigint_ignored else _interruptible)  # noqa: PLW1509
         started.append(up)
         record = tmp_path / "up-data" / "redis.json"
         wait_for(lambda: record.exists() or up.poll() is not None, "the embedded Redis did not start")
@@ -118,6 +124,16 @@ def test_closing_the_terminal_stops_every_service_and_redis(start_up):
     assert up.wait(timeout=60) == 0
     left = [pid for pid in [*services, redis_pid] if running(pid)]
     assert left == [], "left running after SIGHUP"
+
+
+def test_an_up_started_with_sigint_ignored_still_stops_on_sigint(start_up):
+    """Started from a script (`persona up &`), SIGINT came ignored, and `kill -INT` left
+    everything running."""
+    up, redis_pid = start_up(sigint_ignored=True)
+    services = wait_for(lambda: workers_of(up), "no worker started")
+    up.send_signal(signal.SIGINT)
+    assert up.wait(timeout=60) == 0
+    assert [pid for pid in [*services, redis_pid] if running(pid)] == []
 
 
 def test_chatting_still_restarts_a_crashed_worker_and_a_hangup_stops_all(start_up):
@@ -289,3 +305,13 @@ def test_a_worker_whose_data_directory_cannot_be_made_says_what_to_set(tmp_path,
     assert told.returncode == 1 and "Traceback" not in told.stderr
     assert f"cannot keep data in {tmp_path}/a-file/data (Not a directory" in told.stderr
     assert "set PERSONA_DATA_DIR to a folder you can write" in told.stderr
+
+
+def test_a_worker_told_a_device_that_is_not_one_starts_no_redis(tmp_path, up_env):
+    """`persona worker --device gpu` started an embedded Redis, logged it, stopped it, and
+    only then said the device was wrong."""
+    result = subprocess.run([sys.executable, "-m", "persona", "worker", "--device", "gpu"], env=up_env,
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 1
+    assert "unknown device 'gpu'; choose one of auto, cpu, cuda" in result.stderr
+    assert "Redis" not in result.stderr and not (tmp_path / "up-data" / "redis").exists(), result.stderr

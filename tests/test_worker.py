@@ -53,6 +53,24 @@ def test_the_log_names_every_persona_that_shares_loaded_weights(
     ], lines
 
 
+def test_the_log_line_of_each_answer_names_persona_version_and_time(
+    write_persona, tiny_llama_dir, running_worker, client, caplog
+):
+    """The decoding engines' one line per answer said only "answered 1 request(s) (batch
+    of 1) tokens=8": not who was answered, by which version, nor how long it took."""
+    write_persona("tiny", base=str(tiny_llama_dir))
+    caplog.set_level(logging.INFO, logger="persona.worker")
+    running_worker()
+    assert client.ask(chat("tiny"), timeout=60).ok
+    deadline = time.monotonic() + 10  # the line is written once the reply is on its way
+    while not (said := [r.getMessage() for r in caplog.records if r.getMessage().startswith("answered ")]):
+        assert time.monotonic() < deadline, "no line for the answer"
+        time.sleep(0.02)
+    [line] = said
+    assert line.startswith("answered 1 request(s) for tiny version=base tokens="), line
+    assert line.endswith(" ms (batch of 1)") and " in " in line, line
+
+
 def test_plain_gpt2_model_answers(write_persona, tiny_gpt2_dir, running_worker, client):
     write_persona("plain", base=str(tiny_gpt2_dir))
     running_worker()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import sys
 
 import typer
 import typer.main
@@ -63,4 +64,20 @@ def _reflow_help(command):  # a click command, as typer builds it
 
 def main() -> None:
     """Entry point of the ``persona`` console script."""
-    _reflow_help(typer.main.get_command(app))(prog_name="persona")
+    from persona.cli.common import err_console, usage_failure, wants_json
+
+    command = _reflow_help(typer.main.get_command(app))
+    args = sys.argv[1:]
+    if not wants_json(args):
+        command(args=args, prog_name="persona")
+        return
+    # Left to click, a bad option value printed usage text on stderr and nothing on
+    # stdout: a script reading the JSON could not tell why. Here it is one JSON failure.
+    try:
+        code = command.main(args=args, prog_name="persona", standalone_mode=False)
+    except typer.TyperException as exc:  # an unknown option, a value that is not one
+        code = usage_failure(exc).exit_code
+    except typer.Abort:  # input ended at a prompt
+        err_console.print("Aborted!", markup=False)
+        code = 1
+    sys.exit(code if isinstance(code, int) else 0)

@@ -4,7 +4,8 @@ An error ends a command with exit status 1 and one red line on stderr, or, when 
 command was given ``--json`` (its ``json_output`` option), with one JSON object on
 stdout instead, shaped as a failed reply's: ``{"ok": false, "error": {"kind": ...,
 "message": ...}}``, where ``kind`` names the class in ``persona.errors`` (``ConfigError``
-for settings that cannot be read).
+for settings that cannot be read, ``UsageError`` for a command line that click refused:
+an unknown option, a value that is not one).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import contextvars
 import datetime as dt
 import functools
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import ParamSpec, TypeVar
 
 import redis
@@ -23,10 +24,25 @@ from pydantic_settings import SettingsError
 from rich.console import Console
 from rich.markup import escape
 
-from persona.errors import ConfigError, PersonaError, QueueError, RedisUnavailable
+from persona.errors import (
+    ConfigError,
+    PersonaError,
+    QueueError,
+    RedisUnavailable,
+    UsageError,
+)
 from persona.settings import Settings, explain_settings_error
 
-__all__ = ["console", "err_console", "explain_redis_error", "friendly_errors", "get_settings", "local_time"]
+__all__ = [
+    "console",
+    "err_console",
+    "explain_redis_error",
+    "friendly_errors",
+    "get_settings",
+    "local_time",
+    "usage_failure",
+    "wants_json",
+]
 
 console = Console()
 err_console = Console(stderr=True)
@@ -49,6 +65,25 @@ def _fail(message: str, kind: str) -> typer.Exit:
         # Escaped: a message quotes paths and text that may hold brackets ("my [draft] notes").
         err_console.print(f"[red]error:[/red] {escape(message)}", highlight=False)
     return typer.Exit(1)
+
+
+def wants_json(args: Sequence[str]) -> bool:
+    """Whether a command line asks for JSON: ``--json`` among its options (before any ``--``)."""
+    options = args[: args.index("--")] if "--" in args else args
+    return "--json" in options
+
+
+def usage_failure(exc: typer.TyperException) -> typer.Exit:
+    """A command line that click refused (under ``--json``), said as one JSON failure; the exit to raise."""
+    message = exc.format_message()
+    ctx = getattr(exc, "ctx", None)  # a usage error knows its command; a missing file does not
+    if ctx is not None:
+        message = f"{message.rstrip('.')}; see `{ctx.command_path} --help`"
+    as_json = _json_errors.set(True)
+    try:
+        return _fail(message, UsageError.__name__)
+    finally:
+        _json_errors.reset(as_json)
 
 
 @functools.cache

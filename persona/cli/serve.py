@@ -216,7 +216,8 @@ def _supervise(
 
 @contextlib.contextmanager
 def _stopped_by_signals(stop: threading.Event, *, interrupt: bool) -> Iterator[None]:
-    """SIGTERM and SIGHUP set ``stop``; with ``interrupt`` the first also ends the chat, as Ctrl-C does."""
+    """SIGTERM and SIGHUP set ``stop``; with ``interrupt`` the first also ends the chat, as Ctrl-C does.
+    SIGINT is Ctrl-C, even where this process started with it ignored."""
 
     def handler(signum: int, frame: object) -> None:
         first = not stop.is_set()
@@ -225,6 +226,10 @@ def _stopped_by_signals(stop: threading.Event, *, interrupt: bool) -> Iterator[N
             raise KeyboardInterrupt  # the chat waiting for a line leaves at once
 
     previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
+    # Started with SIGINT ignored (a script's `persona up &`), Python leaves it ignored and
+    # `kill -INT` did nothing; here it stops everything, as Ctrl-C in a terminal does.
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        previous[signal.SIGINT] = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         yield
     finally:
@@ -269,9 +274,10 @@ def worker(
         import torch
 
         torch.set_num_threads(settings.worker.threads)
+    device = pick_device(device or settings.worker.device)  # a wrong one refused before Redis starts
     with redis_for_service(settings) as url:
         client = connect(settings, url=url)
-        pool = ModelPool(settings, pick_device(device or settings.worker.device))
+        pool = ModelPool(settings, device)
         served = Worker(settings, client, pool)
         signal.signal(signal.SIGTERM, _stop_then_interrupt(served, finish=True))
         signal.signal(signal.SIGINT, _stop_then_interrupt(served))
