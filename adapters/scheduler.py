@@ -69,6 +69,9 @@ class Scheduler:
             except PersonaError as exc:
                 log.error("%s: %s", persona.name, exc)
                 continue
+            except Exception:  # a bug with one persona (or its sink) must not keep the others from posting
+                log.exception("%s: posting failed; its slot stays due and is tried again at the next tick", persona.name)
+                continue
             if outcome is not None:
                 done.append(outcome)
         return done

@@ -243,6 +243,11 @@ def load_corpus(path: Path, max_copied_words: int) -> CopyIndex:
         lines = path.read_text(encoding="utf-8").splitlines()
     except OSError as exc:
         raise CorpusError(f"cannot read the corpus {path}: {exc.strerror}; fix filters.corpus in the persona file") from exc
+    except UnicodeDecodeError as exc:  # a text saved as Windows-1252 or Latin-1, say
+        raise CorpusError(
+            f"the corpus {path} is not UTF-8 (byte {exc.start}: {exc.object[exc.start:exc.start + 1]!r}); "
+            f"`persona corpus build {path} -o corpus.jsonl` reads it, then point filters.corpus at corpus.jsonl"
+        ) from exc
     documents: list[str] = []
     for number, line in enumerate(lines, 1):
         if not line.strip():

@@ -164,7 +164,8 @@ def test_a_post_by_hand_that_got_no_answer_says_how_to_try_again(settings, write
     assert first.status == "failed" and first.retry_later
     again = persona("post", "masto", "--slot", slot, env=env)  # its text is chosen: no worker needed
     assert again.returncode == 1 and "mastodon: no answer (safe to retry)" in again.stdout
-    assert f"to try again later: `persona post masto --slot {slot}`" in again.stdout
+    assert f"to try again later: `persona post masto --slot {slot}` (it never posts twice)" in again.stdout
+    assert "nothing went out" not in again.stdout  # it may have: the answer was lost
 
 
 def test_a_slot_written_another_way_is_the_same_slot(settings, write_persona, env):
@@ -391,6 +392,26 @@ def test_an_uncertain_post_settled_as_not_posted_goes_out_once_more_where_it_was
     assert posted.returncode == 0 and "posted teller 2026-03-21T09:00:00Z" in posted.stdout, posted.stdout + posted.stderr
     assert _tweets(fake) == [TEXTS[1], TEXTS[1]]
     assert [line["text"] for line in read_jsonl(settings.data_dir / "posts" / "teller.jsonl")] == [TEXTS[1]]
+
+
+def test_a_post_of_a_persona_whose_file_is_gone_can_still_be_settled(settings, teller, personas_dir, redis_client):
+    """`persona posts uncertain` listed the post of a persona whose file was deleted, with a
+    settle command that answered "unknown persona": nothing could take it off the list."""
+    from tests.fakes.scripted_worker import scripted_worker
+
+    fake, env = teller
+    fake.drop_next(1, "/2/tweets")
+    with scripted_worker(settings, lambda request: TEXTS[0]):
+        assert persona("post", "teller", "--slot", "2026-03-25T09:00Z", env=env).returncode == 1
+    (personas_dir / "teller.toml").unlink()
+    local = persona("posts", "settle", "teller", "2026-03-25T09:00", "--not-posted", env=env)
+    assert local.returncode == 1 and "`persona posts uncertain --persona teller`" in local.stderr, local.stderr
+    typo = persona("posts", "settle", "telller", "2026-03-25T09:00:00Z", "--not-posted", env=env)
+    assert typo.returncode == 1 and "unknown persona 'telller'" in typo.stderr, typo.stderr
+    settled = persona("posts", "settle", "teller", "2026-03-25T10:00+01:00", "--posted", "https://x.com/t/status/9", env=env)
+    assert settled.returncode == 0 and "x: recorded as posted (https://x.com/t/status/9); slot posted" in settled.stdout, (
+        settled.stdout + settled.stderr)
+    assert PostLedger(redis_client).unsettled() == []
 
 
 def test_a_retry_by_hand_goes_to_the_sinks_the_post_was_made_for(settings, teller):

@@ -102,6 +102,41 @@ def test_a_persona_with_an_impossible_schedule_does_not_stop_the_others(settings
     assert len(read_jsonl(scheduled)) == 1
 
 
+def test_a_persona_whose_post_fails_unexpectedly_does_not_stop_the_others(settings, scheduled, write_persona, caplog):
+    """One persona's sink raising what no sink expects ended the whole tick: every persona
+    after it went unposted, tick after tick, for as long as the fault lasted."""
+    write_persona("alpha", base="unused", adapters=["cli", "scheduler"], schedule={
+        "cron": "0 9 * * *", "timezone": "Europe/London", "enabled": True, "sinks": ["file:alpha.jsonl"], "candidates": 1})
+    broken = {"file:alpha.jsonl"}
+
+    def sinks(spec: str, made: Settings):
+        if spec in broken:
+            raise RuntimeError("a bug in the sink")
+        return make_sink(spec, made)
+
+    runner = Scheduler(poster_for(settings, sink_factory=sinks), redis.Redis.from_url(settings.redis_url.get_secret_value()))
+    runner.tick(utc(2026, 1, 5, 8))
+    assert [(o.persona, o.status) for o in runner.tick(utc(2026, 1, 5, 9, 1))] == [("poet", "posted")]
+    assert "alpha: posting failed; its slot stays due" in caplog.text and "RuntimeError: a bug in the sink" in caplog.text
+    broken.clear()
+    assert [(o.persona, o.status) for o in runner.tick(utc(2026, 1, 5, 9, 2))] == [("alpha", "posted")]
+
+
+def test_a_corpus_not_in_utf8_is_named_at_start_and_the_others_post(settings, scheduled, write_persona, redis_client):
+    """filters.corpus naming a text saved as Latin-1 stopped `persona scheduler` at start with
+    a UnicodeDecodeError traceback: no persona posted at all."""
+    latin = settings.data_dir / "wilde.txt"
+    latin.write_bytes("Caf\xe9 society is a bore.\n".encode("latin-1"))
+    write_persona("wilde", base="unused", adapters=["cli", "scheduler"], filters={"corpus": str(latin)},
+                  schedule={"cron": "0 9 * * *", "timezone": "Europe/London", "enabled": True, "sinks": ["file:w.jsonl"]})
+    runner = Scheduler(poster_for(settings), redis_client)
+    [problem] = runner.preflight()
+    assert problem.startswith(f"wilde: the corpus {latin} is not UTF-8 (byte 3: b'\\xe9')"), problem
+    assert f"`persona corpus build {latin} -o corpus.jsonl`" in problem
+    runner.tick(utc(2026, 1, 5, 8))
+    assert [(o.persona, o.status) for o in runner.tick(utc(2026, 1, 5, 9, 1))] == [("poet", "posted")]
+
+
 def test_preflight_names_what_keeps_each_persona_from_posting(settings, scheduled, write_persona, redis_client):
     """A file with `enabled = true` but no "scheduler" adapter (the default adapters lack it)
     or no sinks was passed over in silence, and the scheduler said "no persona has

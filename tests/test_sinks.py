@@ -18,6 +18,7 @@ from adapters.posting.sinks import (
     FileSink,
     SinkNoAnswer,
     SinkRateLimited,
+    SinkUnreachable,
     make_sink,
     platform_of,
 )
@@ -230,7 +231,8 @@ def test_a_post_that_got_no_answer_is_tried_again_at_the_next_tick(settings, pla
     changed.posting.mastodon_api_url = platform.url  # back up
     assert [(o.status, o.slot) for o in runner.tick(at_nine + timedelta(minutes=1))] == [("posted", "2026-01-05T09:00:00Z")]
     assert runner.tick(at_nine + timedelta(minutes=2)) == []
-    assert [seen["headers"]["Idempotency-Key"] for seen in platform.seen] == ["poet:2026-01-05T09:00:00Z:mastodon"]
+    assert [seen["headers"]["Idempotency-Key"] for seen in platform.seen if seen["path"] == "/api/v1/statuses"] == [
+        "poet:2026-01-05T09:00:00Z:mastodon"]
 
 
 def test_a_platform_that_cannot_be_reached_is_tried_again_even_where_a_retry_is_unsafe(
@@ -408,8 +410,8 @@ def test_mastodon_retry_after_a_lost_answer_reuses_the_idempotency_key(settings,
     with pytest.raises(LostAnswer):
         Poster(changed, client, write, sink_factory=lambda spec, s: DiesAfterPosting()).post("masto", slot="2026-01-01T09:00:00Z")
     assert Poster(changed, client, write).post("masto", slot="2026-01-01T09:00:00Z").status == "posted"
-    keys = [s["headers"]["Idempotency-Key"] for s in platform.seen]
-    assert keys == ["masto:2026-01-01T09:00:00Z:mastodon"] * 2  # the server drops the repeat
+    keys = [s["headers"]["Idempotency-Key"] for s in platform.seen if s["path"] == "/api/v1/statuses"]
+    assert keys == ["masto:2026-01-01T09:00:00Z:mastodon"] and len(platform.statuses) == 1  # found, not sent again
 
 
 def test_an_approved_post_that_x_turned_away_goes_out_when_approved_again(settings, platform, write_persona, redis_client):
@@ -476,16 +478,18 @@ def test_discord_and_telegram_name_a_platform_down_and_a_lost_answer(settings, p
 
 
 def test_a_post_that_got_no_answer_past_its_grace_says_how_to_finish_it(settings, platform, write_persona, redis_client, caplog):
-    """Mastodon took the post and hung up at every try: past the 15 minutes' grace the slot
-    was logged as "skipped missed slot", as if never tried, with a post that may not be out."""
+    """Mastodon took the post and hung up, then could not be reached to look for it: past the
+    15 minutes' grace the slot was logged as "skipped missed slot", as if never tried, with a
+    post that may not be out."""
     write_persona("poet", base="unused", adapters=["cli", "scheduler"], schedule={
         "cron": "0 9 * * *", "timezone": "UTC", "missed": "skip", "enabled": True, "sinks": ["mastodon"], "candidates": 1})
     changed = settings_for(settings, platform, mastodon_access_token=SecretStr("masto-token"))
     runner = Scheduler(Poster(changed, redis_client, lambda persona, n, seed: ["Patience is a slow river."]), redis_client)
     at_nine = datetime(2026, 1, 5, 9, tzinfo=UTC)
     runner.tick(at_nine - timedelta(hours=1))
-    platform.drop_next(2)
+    platform.drop_next(1)
     assert [o.sinks["mastodon"]["state"] for o in runner.tick(at_nine + timedelta(minutes=1))] == ["intent"]
+    changed.posting.mastodon_api_url = f"http://127.0.0.1:{free_port()}"  # down
     assert [o.sinks["mastodon"]["state"] for o in runner.tick(at_nine + timedelta(minutes=10))] == ["intent"]
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="adapters.scheduler"):
@@ -494,3 +498,140 @@ def test_a_post_that_got_no_answer_past_its_grace_says_how_to_finish_it(settings
     assert "slot 2026-01-05T09:00:00Z got no answer from mastodon" in said, said
     assert "`persona post poet --slot 2026-01-05T09:00:00Z` finishes it safely" in said
     assert "skipped missed slot" not in caplog.text
+
+
+def _post_within(sink, seconds: float, text: str, marker: str):
+    """``sink.post``, or a failure if it has not returned in ``seconds`` (a post stuck in a wait)."""
+    pool = ThreadPoolExecutor(1)
+    try:
+        return pool.submit(sink.post, text, marker).result(timeout=seconds)
+    finally:
+        pool.shutdown(wait=False)
+
+
+def test_discord_waits_out_a_short_rate_limit_and_names_a_long_one(settings, platform):
+    """discord.py slept through any 429 for as long as Discord asked (a post, and the
+    scheduler behind it, stalled), and five short ones in a row read "Discord refused the
+    post": the slot closed as failed, never tried again."""
+    changed = settings_for(settings, platform)
+    changed.discord.token = SecretStr("discord-bot-token")
+    sink = make_sink("discord:1234", changed)
+    platform.discord_limits = [0.05]  # a short wait is waited out
+    assert _post_within(sink, 10, "Tend the garden daily.", "sage:s1:discord:1234").id == platform.discord_messages[0]["id"]
+    platform.discord_limits = [45.0]  # past the 30 s the sink waits: said at once
+    with pytest.raises(SinkRateLimited, match="Discord is rate-limiting posts: it asks to wait 45 s"):
+        _post_within(sink, 10, "Small steps, daily.", "sage:s2:discord:1234")
+    platform.discord_limits = [0.05] * 5  # still limited after discord.py's five tries
+    with pytest.raises(SinkRateLimited, match="Discord is rate-limiting posts"):
+        _post_within(sink, 10, "Small steps, daily.", "sage:s2:discord:1234")
+    assert len(platform.discord_messages) == 1
+
+
+def test_a_post_discord_rate_limited_is_tried_again_at_the_next_tick(settings, platform, write_persona, redis_client):
+    write_persona("poet", base="unused", adapters=["cli", "scheduler"], schedule={
+        "cron": "0 9 * * *", "timezone": "UTC", "missed": "skip", "enabled": True, "sinks": ["discord:1234"], "candidates": 1})
+    changed = settings_for(settings, platform)
+    changed.discord.token = SecretStr("discord-bot-token")
+    runner = Scheduler(Poster(changed, redis_client, lambda persona, n, seed: ["Patience is a slow river."]), redis_client)
+    at_nine = datetime(2026, 1, 5, 9, tzinfo=UTC)
+    runner.tick(at_nine - timedelta(hours=1))
+    platform.discord_limits = [45.0]
+    pool = ThreadPoolExecutor(1)
+    [limited] = pool.submit(runner.tick, at_nine + timedelta(seconds=30)).result(timeout=10)
+    pool.shutdown(wait=False)
+    assert (limited.status, limited.retry_later, limited.sinks["discord:1234"]["state"]) == ("failed", True, "rate_limited")
+    assert "discord:1234: rate-limited Discord is rate-limiting posts: it asks to wait 45 s" in limited.message
+    assert [(o.status, o.slot) for o in runner.tick(at_nine + timedelta(minutes=1))] == [("posted", "2026-01-05T09:00:00Z")]
+    assert [m["content"] for m in platform.discord_messages] == ["Patience is a slow river."]
+
+
+def test_mastodon_and_bluesky_say_a_rate_limit_and_a_server_error_at_once(settings, platform):
+    """Mastodon.py slept out a 429 (5 minutes at a time, for as long as the limit lasted),
+    stalling the scheduler; Bluesky's 429, 5xx and a login that found it down escaped the
+    sink as tracebacks, read as "the post may be out"."""
+    changed = settings_for(settings, platform, mastodon_access_token=SecretStr("masto-token"),
+                           bluesky_handle="sage.test", bluesky_password=SecretStr("app-pass"))
+    mastodon, bluesky = make_sink("mastodon", changed), make_sink("bluesky", changed)
+    platform.fail_with = 429
+    with pytest.raises(SinkRateLimited, match="Mastodon is rate-limiting posts"):
+        _post_within(mastodon, 10, "Patience.", "m1")
+    with pytest.raises(SinkRateLimited, match="Bluesky is rate-limiting posts: 429"):
+        _post_within(bluesky, 10, "Patience.", "m1")
+    platform.fail_with = 500  # the post may be stored: the next try looks for it first
+    with pytest.raises(SinkNoAnswer, match="no answer from Bluesky at .*: 500"):
+        bluesky.post("Patience.", "m1")
+    platform.fail_with, platform.bluesky_login_fails_with = None, 502  # not even logged in: nothing was posted
+    with pytest.raises(SinkUnreachable, match="cannot log in to Bluesky at .*: 502"):
+        bluesky.post("Patience.", "m1")
+    down = settings_for(settings, FakePlatform(url=f"http://127.0.0.1:{free_port()}"),
+                        bluesky_handle="sage.test", bluesky_password=SecretStr("app-pass"))
+    with pytest.raises(SinkUnreachable, match="cannot log in to Bluesky at .*Connect"):
+        make_sink("bluesky", down).post("Patience.", "m1")
+    with pytest.raises(SinkUnreachable, match="cannot look on Bluesky at .* for the earlier post"):
+        make_sink("bluesky", down).find("m1", "Patience.")
+    assert platform.records == [] and platform.statuses == {}
+
+
+def test_a_platform_down_when_a_retry_looks_for_the_earlier_post_is_tried_again_later(settings, platform, write_persona, redis_client):
+    """Bluesky hung up on a post, then was down when the retry looked for it: the lookup's
+    NetworkError escaped `persona post` as a traceback, and a scheduler tick with it, so
+    no other persona posted until Bluesky came back."""
+    write_persona("sky", base="unused", schedule={"sinks": ["bluesky"], "candidates": 1})
+    changed = settings_for(settings, platform, bluesky_handle="sage.test", bluesky_password=SecretStr("app-pass"))
+    poster = Poster(changed, redis_client, lambda persona, n, seed: ["A calm mind is a garden."])
+    platform.drop_next(1)
+    assert poster.post("sky", slot="2026-01-05T09:00:00Z").sinks["bluesky"]["state"] == "intent"
+    changed.posting.bluesky_api_url = f"http://127.0.0.1:{free_port()}/xrpc"  # down
+    looked = poster.post("sky", slot="2026-01-05T09:00:00Z")
+    assert (looked.status, looked.retry_later, looked.sinks["bluesky"]["state"]) == ("failed", True, "intent")
+    assert "could not look for the earlier post, so nothing was sent: cannot look on Bluesky" in looked.message
+    changed.posting.bluesky_api_url = platform.url + "/xrpc"  # back
+    found = poster.post("sky", slot="2026-01-05T09:00:00Z")
+    assert found.status == "posted" and len(platform.records) == 1  # found, not posted again
+
+
+def test_a_discord_post_whose_poster_died_is_found_not_sent_again(settings, platform, write_persona, redis_client):
+    """A scheduler died after Discord took the post; the slot is taken up again only when its
+    lease runs out, ten minutes on, by when Discord has forgotten the nonce: it went out twice."""
+    changed = settings_for(settings, platform)
+    changed.discord.token = SecretStr("discord-bot-token")
+    sink = make_sink("discord:1234", changed)
+
+    class Crash(BaseException):
+        """The process dies after Discord accepted the post."""
+
+    class DiesAfterPosting:
+        spec, platform, retry = sink.spec, sink.platform, sink.retry
+
+        def post(self, text, marker):
+            sink.post(text, marker)
+            raise Crash
+
+    write_persona("chat", base="unused", schedule={"sinks": ["discord:1234"], "candidates": 1})
+    write = lambda persona, n, seed: ["Tend the garden daily."]
+    with pytest.raises(Crash):
+        Poster(changed, redis_client, write, sink_factory=lambda spec, s: DiesAfterPosting()).post("chat", slot="2026-01-05T09:00:00Z")
+    platform.expire_discord_nonces()  # the lease ran out: minutes later
+    retry = Poster(changed, redis_client, write).post("chat", slot="2026-01-05T09:00:00Z")
+    assert retry.status == "posted" and [m["content"] for m in platform.discord_messages] == ["Tend the garden daily."]
+    assert retry.sinks["discord:1234"]["id"] == platform.discord_messages[0]["id"]
+    assert sink.find("m2", "Small steps, daily.") is None
+    platform.discord_history_forbidden = True  # no Read Message History: the nonce alone, said in the log
+    assert sink.find("m1", "Tend the garden daily.") is None
+
+
+def test_a_mastodon_post_finished_after_its_key_expired_is_found_not_sent_again(settings, platform, write_persona, redis_client):
+    """Mastodon took a post and the answer was lost; the slot was finished more than an hour
+    later (the machine down overnight), when Mastodon had forgotten the idempotency key:
+    the post went out twice."""
+    write_persona("masto", base="unused", schedule={"sinks": ["mastodon"], "candidates": 1})
+    changed = settings_for(settings, platform, mastodon_access_token=SecretStr("masto-token"))
+    poster = Poster(changed, redis_client, lambda persona, n, seed: ["Less, but better & <kinder>."])
+    platform.drop_next(1)
+    assert poster.post("masto", slot="2026-01-05T09:00:00Z").sinks["mastodon"]["state"] == "intent"
+    platform.expire_mastodon_keys()  # the next morning
+    finished = poster.post("masto", slot="2026-01-05T09:00:00Z")
+    assert finished.status == "posted" and len(platform.statuses) == 1
+    [made] = platform.statuses.values()
+    assert finished.sinks["mastodon"]["id"] == made["id"] and made["content"] == "<p>Less, but better &amp; &lt;kinder&gt;.</p>"
+    assert make_sink("mastodon", changed).find("m2", "Small steps, daily.") is None

@@ -6,9 +6,15 @@ Both use the chat adapters' bot tokens and API base URLs (``settings.discord``,
 
 A connection that could not be made is ``SinkUnreachable`` (nothing was sent); one that
 broke after the request went out, a time-out waiting for the answer, or a server error
-is ``SinkNoAnswer``: the message may be in the channel. Discord's enforced nonce makes
-the retry of such a post safe; Telegram has nothing like it, so the post is left for a
-person to look (``persona posts uncertain``).
+is ``SinkNoAnswer``: the message may be in the channel. A retry to Discord looks for the
+bot's message in the channel first, and sends with an enforced nonce besides, so it is
+safe; Telegram has nothing like either, so the post is left for a person to look
+(``persona posts uncertain``).
+
+discord.py sleeps through a 429 for as long as Discord asks, however long, unless told a
+limit: the sink waits out a short one (``DISCORD_RATE_LIMIT_WAIT_S``, the least discord.py
+allows) and reads a longer one, or five in a row, as ``SinkRateLimited``, so the slot is
+tried again at a later tick instead of the scheduler stalling past its lease.
 """
 
 from __future__ import annotations
@@ -16,7 +22,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-from collections.abc import Iterator
+import logging
+from collections.abc import AsyncIterator, Iterator
+from typing import TYPE_CHECKING
 
 from adapters.posting.sinks import (
     Posted,
@@ -29,9 +37,17 @@ from adapters.posting.sinks import (
 from persona.errors import ConfigError, SinkError
 from persona.settings import Settings
 
+if TYPE_CHECKING:
+    from discord.http import HTTPClient
+
 __all__ = ["DiscordSink", "TelegramSink"]
 
+log = logging.getLogger(__name__)
+
 DISCORD_NONCE_CHARS = 25
+DISCORD_LOOKBACK_MESSAGES = 50  # the channel's latest messages a retry looks through for its post
+DISCORD_RATE_LIMIT_WAIT_S = 30.0  # discord.py's smallest max_ratelimit_timeout
+HTTP_TOO_MANY_REQUESTS = 429
 
 
 @contextlib.contextmanager
@@ -47,10 +63,15 @@ def _discord_base(url: str) -> Iterator[None]:
 
 
 class DiscordSink:
-    """Sends the post as a message in one channel, as the bot."""
+    """Sends the post as a message in one channel, as the bot.
+
+    A retry looks first among the channel's latest messages for the bot's own with the
+    same text: Discord drops a repeat of the enforced nonce for only a few minutes, and a
+    slot whose poster died is taken up again only when its lease runs out, later than that.
+    """
 
     platform = "discord"
-    retry: RetrySafety = "idempotent"  # the marker is an enforced nonce: Discord drops a repeat for minutes
+    retry: RetrySafety = "check"
 
     def __init__(self, spec: str, channel: str, settings: Settings) -> None:
         if settings.discord.token is None:
@@ -65,24 +86,59 @@ class DiscordSink:
     def post(self, text: str, marker: str) -> Posted:
         return asyncio.run(self._post(text, marker))
 
+    def find(self, marker: str, text: str) -> Posted | None:
+        """The bot's message with ``text`` among the channel's latest, if there is one."""
+        return asyncio.run(self._find(text))
+
     async def _post(self, text: str, marker: str) -> Posted:
-        import aiohttp
-        import discord
-        from discord.http import HTTPClient, handle_message_parameters
+        from discord.http import handle_message_parameters
 
         nonce = hashlib.sha256(marker.encode()).hexdigest()[:DISCORD_NONCE_CHARS]
-        http = HTTPClient(asyncio.get_running_loop())
+        async with self._session() as (http, _):
+            with handle_message_parameters(content=text, nonce=nonce) as params:
+                params.payload["enforce_nonce"] = True  # a repeat within minutes gets the first message back
+                message = await http.send_message(self.channel, params=params)
+        return self._posted(message)
+
+    async def _find(self, text: str) -> Posted | None:
+        import discord
+
+        try:
+            async with self._session() as (http, bot):
+                latest = await http.logs_from(self.channel, DISCORD_LOOKBACK_MESSAGES)
+        except SinkError as exc:
+            if not isinstance(exc.__cause__, discord.Forbidden):
+                raise
+            # Without Read Message History the nonce is all there is: right within minutes of the first try.
+            log.warning("%s: cannot read the channel's history (%s); a retry relies on the nonce alone", self.spec, exc)
+            return None
+        mine = (m for m in latest if str(m.get("author", {}).get("id")) == str(bot["id"]) and m.get("content") == text)
+        found = next(mine, None)
+        return self._posted(found) if found is not None else None
+
+    def _posted(self, message: dict) -> Posted:
+        return Posted(id=str(message["id"]), url=f"https://discord.com/channels/@me/{self.channel}/{message['id']}")
+
+    @contextlib.asynccontextmanager
+    async def _session(self) -> AsyncIterator[tuple[HTTPClient, dict]]:
+        """discord.py's REST client, logged in as the bot (its user), with every failure said as a sink's."""
+        import aiohttp
+        import discord
+        from discord.http import HTTPClient
+
+        http = HTTPClient(asyncio.get_running_loop(), max_ratelimit_timeout=DISCORD_RATE_LIMIT_WAIT_S)
         with _discord_base(self.api_url):
             try:
-                await http.static_login(self.token)
-                with handle_message_parameters(content=text, nonce=nonce) as params:
-                    params.payload["enforce_nonce"] = True
-                    message = await http.send_message(self.channel, params=params)
+                yield http, await http.static_login(self.token)
             except discord.LoginFailure as exc:  # 401 at login: nothing was sent
                 raise SinkError(f"Discord refused the bot token ({exc}); check PERSONA_DISCORD__TOKEN") from exc
+            except discord.RateLimited as exc:  # asked to wait longer than we do: nothing was sent
+                raise SinkRateLimited(f"Discord is rate-limiting posts: it asks to wait {exc.retry_after:.0f} s") from exc
             except discord.DiscordServerError as exc:  # may or may not have posted; the nonce makes a retry safe
                 raise SinkNoAnswer(f"Discord answered with a server error: {one_line(exc)}") from exc
             except discord.HTTPException as exc:
+                if exc.status == HTTP_TOO_MANY_REQUESTS:  # still limited after discord.py's five tries
+                    raise SinkRateLimited(f"Discord is rate-limiting posts: {one_line(exc)}") from exc
                 raise SinkError(f"Discord refused the post: {exc}") from exc
             except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:  # no connection: nothing sent
                 raise SinkUnreachable(f"cannot reach Discord at {self.api_url}: {one_line(exc)}") from exc
@@ -91,10 +147,6 @@ class DiscordSink:
                 raise SinkNoAnswer(f"{broke}: {one_line(exc)}") from exc
             finally:
                 await http.close()
-        return Posted(id=str(message["id"]), url=f"https://discord.com/channels/@me/{self.channel}/{message['id']}")
-
-    def find(self, marker: str, text: str) -> Posted | None:
-        return None
 
 
 class TelegramSink:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import secrets
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 
 import redis
@@ -19,7 +20,12 @@ import redis
 from adapters.posting.candidates import CandidateSource
 from adapters.posting.publishing import PostOutcome, Publisher
 from adapters.posting.sinks import Sink, make_sink, platform_of
-from adapters.posting.slots import MANUAL_SLOT_PREFIX, manual_slot, resolve_slot
+from adapters.posting.slots import (
+    MANUAL_SLOT_PREFIX,
+    manual_slot,
+    resolve_slot,
+    slot_id,
+)
 from persona.approvals import Approval, ApprovalQueue
 from persona.curation import Curated, curate, limit_for, load_corpus, over_limits
 from persona.errors import ConfigError, PostingError
@@ -166,8 +172,36 @@ class Poster:
 
     def settle(self, name: str, slot: str, *, posted: str | None, sink: str | None = None) -> PostOutcome:
         """Record what a person found of a post that got no answer (see ``Publisher.settle``)."""
-        persona = self.registry.get(name)
+        try:
+            persona = self.registry.get(name)
+        except ConfigError:  # its file deleted, renamed or broken: the ledger still holds its posts
+            found = self._ledger_slot(name, slot)
+            if found is None:
+                raise
+            return self.publisher.settle(name, found, posted=posted, sink=sink)
         return self.publisher.settle(persona.name, self.slot_named(persona, slot), posted=posted, sink=sink)
+
+    def _ledger_slot(self, name: str, slot: str) -> str | None:
+        """The slot a person named, read without the persona's file: as the ledger names it, or an
+        exact instant (``…Z``, ``+01:00``); None if the ledger holds no post of ``name`` there.
+
+        A time without a zone is read in the persona's time zone, which only its file knows:
+        such a name is a PostingError that asks for the slot as `persona posts uncertain` shows it.
+        """
+        if self.ledger.sink_entries(name, slot):
+            return slot
+        try:
+            when = datetime.fromisoformat(slot.strip())
+        except ValueError:
+            when = None
+        if when is not None and when.tzinfo is not None:
+            return slot_id(when) if self.ledger.sink_entries(name, slot_id(when)) else None
+        if any(item["persona"] == name for item in self.ledger.unsettled(name)):
+            raise PostingError(
+                f"persona {name!r} has no file any more, so {slot!r} cannot be read in its time zone; name the slot "
+                f"as `persona posts uncertain --persona {name}` shows it (e.g. 2026-11-27T09:00:00Z)"
+            )
+        return None
 
     def approve(self, approval_id: str, text: str | None = None) -> PostOutcome:
         """Publish a waiting post (optionally with edited text) to its sinks.

@@ -12,7 +12,13 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict, dataclass, field
 
-from adapters.posting.sinks import Sink, SinkNoAnswer, SinkRateLimited, SinkUnreachable
+from adapters.posting.sinks import (
+    Sink,
+    SinkNoAnswer,
+    SinkRateLimited,
+    SinkUnreachable,
+    one_line,
+)
 from persona.errors import PostingError, SinkError
 from persona.ledger import UNSETTLED_STATES, PostLedger, SinkEntry, slot_state
 
@@ -89,7 +95,14 @@ class Publisher:
             return entry
         if entry is not None and entry.state in ("intent", "uncertain"):
             # An earlier attempt died or lost its answer after the intent: did it post?
-            found = sink.find(marker, text) if sink.retry == "check" else None
+            try:
+                found = sink.find(marker, text) if sink.retry == "check" else None
+            except (SinkError, SinkNoAnswer) as exc:  # nobody can say: never post blind, look again at a later try
+                log.warning("%s slot %s: %s", name, slot, exc)
+                return self._not_looked(name, slot, sink, entry, exc)
+            except Exception as exc:  # not a failure the sink knows: the traceback is worth having
+                log.exception("%s slot %s: looking on %s for the earlier post failed", name, slot, sink.spec)
+                return self._not_looked(name, slot, sink, entry, exc)
             if found is not None:
                 entry.id, entry.url = found.id, found.url
                 self.ledger.record_post(name, slot, sink.spec, entry, text)
@@ -129,6 +142,12 @@ class Publisher:
         entry.id, entry.url = posted.id, posted.url
         self.ledger.record_post(name, slot, sink.spec, entry, text)
         log.info("%s slot %s: posted to %s as %s", name, slot, sink.spec, posted.id)
+        return entry
+
+    def _not_looked(self, name: str, slot: str, sink: Sink, entry: SinkEntry, exc: Exception) -> SinkEntry:
+        """An earlier post that could not be looked for (the platform down, say): the entry stays as it was."""
+        entry.error = f"could not look for the earlier post, so nothing was sent: {one_line(exc)}"
+        self.ledger.set_sink(name, slot, sink.spec, entry)
         return entry
 
     def settle(self, name: str, slot: str, *, posted: str | None, sink: str | None = None) -> PostOutcome:

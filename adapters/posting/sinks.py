@@ -10,9 +10,12 @@ A persona file (or ``--sink``) names sinks by spec:
     file:PATH              one JSON line per post; a relative PATH lives under DATA_DIR/posts
 
 How each sink makes a retry after a crash safe is its ``retry``: ``check`` (the sink can
-look for an earlier post by its marker), ``idempotent`` (the platform drops a repeat of
-the same idempotency key) or ``none`` (nothing can tell: the slot is marked uncertain
-and left for the operator, rather than risk a double post).
+look for an earlier post: a file by its marker; Mastodon, Bluesky and Discord by its text
+among the account's latest, since Mastodon's idempotency key and Discord's nonce are
+remembered for an hour and for minutes), ``idempotent`` (the platform drops a repeat of
+the same idempotency key, however late) or ``none`` (nothing can tell: the slot is marked
+uncertain and left for the operator, rather than risk a double post). A sink that cannot
+look (its platform down) leaves the post to a later try.
 
 A sink raises ``SinkError`` when the platform refused the post (nothing went out), its
 subclass ``SinkRateLimited`` when the refusal was only "too many requests", and

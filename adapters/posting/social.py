@@ -9,6 +9,8 @@ base, and gives each one a time-out (one stalled connection must not freeze the 
 from __future__ import annotations
 
 import logging
+import re
+from html import unescape
 
 import requests
 import urllib3
@@ -33,6 +35,7 @@ X_DEFAULT_API_URL = "https://api.twitter.com"
 REQUEST_TIMEOUT_S = 30.0
 BLUESKY_POST_COLLECTION = "app.bsky.feed.post"
 BLUESKY_LOOKBACK_POSTS = 25
+MASTODON_LOOKBACK_POSTS = 40  # the most the API lists at once
 X_USER_KEYS = ("x_consumer_key", "x_consumer_secret", "x_access_token", "x_access_token_secret")  # OAuth 1.0a
 
 
@@ -57,6 +60,13 @@ def _need(sink: str, **settings: object) -> None:
                if not (_secret(value) if isinstance(value, SecretStr) else str(value or "").strip())]
     if missing:
         raise ConfigError(f"sink {sink!r} needs {' and '.join(missing)} in the settings (or .env)")
+
+
+def _said(exc: Exception) -> str:
+    """What an atproto error says (its response's status and message), or, for its ``NetworkError``,
+    which says nothing, the network error behind it."""
+    cause = exc.__cause__
+    return one_line(cause) if not str(exc) and isinstance(cause, Exception) else one_line(exc)
 
 
 class _Rebase(requests.adapters.HTTPAdapter):
@@ -132,10 +142,15 @@ class XSink:
 
 
 class MastodonSink:
-    """Posts a public status through Mastodon.py, with the marker as its idempotency key."""
+    """Posts a public status through Mastodon.py, with the marker as its idempotency key.
+
+    The server drops a repeat of the key for an hour only; a slot whose poster died
+    (the machine down overnight, say) may be finished later than that, so a retry first
+    looks among the account's latest statuses for the text.
+    """
 
     platform = "mastodon"
-    retry: RetrySafety = "idempotent"  # the server drops a repeated key for about an hour
+    retry: RetrySafety = "check"
 
     def __init__(self, spec: str, settings: Settings) -> None:
         from mastodon import Mastodon
@@ -146,6 +161,7 @@ class MastodonSink:
         self.client = Mastodon(
             access_token=_secret(posting.mastodon_access_token), api_base_url=posting.mastodon_api_url,
             request_timeout=REQUEST_TIMEOUT_S, version_check_mode="none",
+            ratelimit_method="throw",  # its default, "wait", sleeps out a 429 (for hours, 5 minutes at a time)
         )
 
     def post(self, text: str, marker: str) -> Posted:
@@ -173,7 +189,26 @@ class MastodonSink:
         return Posted(id=str(status["id"]), url=str(status.get("url") or ""))
 
     def find(self, marker: str, text: str) -> Posted | None:
+        """The account's status with ``text`` among its latest, if there is one."""
+        from mastodon import MastodonError, MastodonRatelimitError
+
+        try:
+            latest = self.client.account_statuses(self.client.me()["id"], limit=MASTODON_LOOKBACK_POSTS, exclude_reblogs=True)
+        except MastodonRatelimitError as exc:
+            raise SinkRateLimited(f"Mastodon is rate-limiting requests: {exc}") from exc
+        except MastodonError as exc:
+            raise SinkUnreachable(f"cannot look on Mastodon at {self.client.api_base_url} for the earlier post: {one_line(exc)}") from exc
+        wanted = " ".join(text.split())
+        for status in latest:
+            if _html_text(str(status.get("content") or "")) == wanted:
+                return Posted(id=str(status["id"]), url=str(status.get("url") or ""))
         return None
+
+
+def _html_text(html: str) -> str:
+    """A status's text from the HTML Mastodon serves it as (paragraphs and breaks as spaces)."""
+    spaced = re.sub(r"(?i)<br\s*/?>|</p>\s*<p>", " ", html)
+    return " ".join(unescape(re.sub(r"<[^>]+>", "", spaced)).split())
 
 
 class BlueskySink:
@@ -210,30 +245,42 @@ class BlueskySink:
         from atproto_client.exceptions import (
             BadRequestError,
             LoginRequiredError,
-            NetworkError,
+            RateLimitExceededError,
+            RequestErrorBase,
             UnauthorizedError,
         )
 
         try:
             client = self._client()
+        except RateLimitExceededError as exc:  # Bluesky allows few logins an hour
+            raise SinkRateLimited(f"Bluesky is rate-limiting logins: {_said(exc)}") from exc
         except (BadRequestError, UnauthorizedError, LoginRequiredError) as exc:  # nothing was posted yet
             raise SinkError(
                 f"Bluesky refused the login ({exc}); check {_env('bluesky_handle')} ({self.handle!r}) and "
                 f"{_env('bluesky_password')} (an app password)"
             ) from exc
+        except (httpx.TransportError, RequestErrorBase) as exc:  # down, or a server error: not logged in, nothing posted
+            raise SinkUnreachable(f"cannot log in to Bluesky at {self.base_url}: {_said(exc)}") from exc
         try:
             created = client.send_post(text, profile_identify=self.handle)
+        except RateLimitExceededError as exc:
+            raise SinkRateLimited(f"Bluesky is rate-limiting posts: {_said(exc)}") from exc
         except (BadRequestError, UnauthorizedError, LoginRequiredError) as exc:
             raise SinkError(f"Bluesky refused the post: {exc}") from exc
-        except (httpx.TransportError, NetworkError) as exc:  # the next try looks for it first
-            raise SinkNoAnswer(f"no answer from Bluesky at {self.base_url}: {one_line(exc)}") from exc
+        except (httpx.TransportError, RequestErrorBase) as exc:  # no answer, or a server error: the next try looks for it first
+            raise SinkNoAnswer(f"no answer from Bluesky at {self.base_url}: {_said(exc)}") from exc
         return self._posted(created.uri)
 
     def find(self, marker: str, text: str) -> Posted | None:
+        import httpx
         from atproto import models
+        from atproto_client.exceptions import LoginRequiredError, RequestErrorBase
 
         params = models.ComAtprotoRepoListRecords.Params(repo=self.handle, collection=BLUESKY_POST_COLLECTION, limit=BLUESKY_LOOKBACK_POSTS)
-        listed = self._client().com.atproto.repo.list_records(params)
+        try:
+            listed = self._client().com.atproto.repo.list_records(params)
+        except (httpx.TransportError, RequestErrorBase, LoginRequiredError) as exc:
+            raise SinkUnreachable(f"cannot look on Bluesky at {self.base_url} for the earlier post: {_said(exc)}") from exc
         for record in listed.records:
             if getattr(record.value, "text", None) == text:
                 return self._posted(record.uri)

@@ -100,7 +100,8 @@ def post(
     with waiting:
         outcome = poster.post(persona, slot=slot, sinks=sink or None, dry_run=dry_run, n=n, approval=approval)
     if outcome.retry_later:  # the scheduler tries its own slots again; by hand, say how
-        outcome.message += f"; nothing went out there yet, to try again later: `persona post {outcome.persona} --slot {outcome.slot}`"
+        # Not "nothing went out": a post that got no answer may be out, and the retry finds or deduplicates it.
+        outcome.message += f"; to try again later: `persona post {outcome.persona} --slot {outcome.slot}` (it never posts twice)"
     _show(outcome, json_output)
     if outcome.status in FAILED_STATUSES:
         raise typer.Exit(1)

@@ -1,13 +1,22 @@
 """X, Mastodon, Bluesky, Discord and Telegram posting APIs on one loopback port.
 
 Enough of each for the real client libraries (tweepy, Mastodon.py, atproto, discord.py,
-python-telegram-bot) to post. ``seen`` records every request answered; ``fail_with`` makes
-the posting endpoints answer with that HTTP status, each as its platform words it;
-``drop_next(n)`` makes the next ``n`` posting requests be read (and, on Mastodon, Bluesky,
-Discord and Telegram, stored) and then have their connection closed with no answer: the
-post may have gone out, the client cannot know. Bluesky's records are kept, newest first,
-for ``listRecords``; Discord's messages in ``discord_messages`` (a repeat of an enforced
-nonce gets the first message back, as on Discord), Telegram's in ``telegram_messages``.
+python-telegram-bot) to post, and to look for an earlier post. ``seen`` records every
+request answered; ``fail_with`` makes the posting endpoints answer with that HTTP status,
+each as its platform words it (on Bluesky, a post's, and for 401 the login's too;
+``bluesky_login_fails_with`` is the login's alone). ``drop_next(n)`` makes the next ``n``
+posting requests be read (and, on Mastodon, Bluesky, Discord and Telegram, stored) and
+then have their connection closed with no answer: the post may have gone out, the client
+cannot know.
+
+What each platform holds, as it would list it: Mastodon's ``statuses`` (by idempotency
+key, so a repeat gets the first back, until ``expire_mastodon_keys()``; listed newest
+first, as HTML), Bluesky's ``records`` (newest first, for ``listRecords``), Discord's
+``discord_messages`` (a repeat of an enforced nonce gets the first message back until
+``expire_discord_nonces()``; a channel's are listed newest first, as the bot's, unless
+``discord_history_forbidden``), Telegram's ``telegram_messages``. ``discord_limits``
+holds the ``retry_after`` seconds of the 429s Discord answers the next posts with, one
+each, worded and headed as Discord's (``fail_with = 429`` is the others').
 
 In a test, use the ``platform`` fixture of ``tests/test_sinks.py`` (or ``serve()``). By
 hand: ``python -m tests.fakes.social_api [--drop N]`` prints the settings that point
@@ -19,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import html
 import json
 import threading
 import time
@@ -33,6 +43,7 @@ __all__ = ["FakePlatform", "serve"]
 POSTING_PATHS = ("/2/tweets", "/api/v1/statuses", "/xrpc/com.atproto.repo.createRecord")
 DISCORD_MESSAGE_ID = 1200000000000000001
 TELEGRAM_MESSAGE_ID = 77
+MASTODON_ACCOUNT = {"id": "1", "username": "sage", "acct": "sage"}
 
 
 @dataclass
@@ -48,6 +59,9 @@ class FakePlatform:
     dropped: list[dict] = field(default_factory=list)
     statuses: dict[str, dict] = field(default_factory=dict)  # Mastodon's, by idempotency key
     discord_messages: list[dict] = field(default_factory=list)  # as sent, each with its nonce
+    discord_limits: list[float] = field(default_factory=list)  # retry_after of the next posts' 429s
+    bluesky_login_fails_with: int | None = None  # createSession's status (401 is fail_with's)
+    discord_history_forbidden: bool = False  # reading a channel's messages answers 403
     telegram_messages: list[dict] = field(default_factory=list)  # as sent
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -55,6 +69,17 @@ class FakePlatform:
         """Read the next ``count`` posting requests (to ``path`` only, if given), then hang up without answering."""
         with self._lock:
             self.dropping, self.dropping_path = count, path
+
+    def expire_mastodon_keys(self) -> None:
+        """Let the hour pass after which Mastodon no longer drops a repeat of an idempotency key."""
+        with self._lock:
+            self.statuses = {made["id"]: made for made in self.statuses.values()}
+
+    def expire_discord_nonces(self) -> None:
+        """Let the minutes pass after which Discord no longer drops a repeat of a nonce."""
+        with self._lock:
+            for message in self.discord_messages:
+                message["nonce_expired"] = True
 
     def _take_drop(self, path: str) -> bool:
         with self._lock:
@@ -75,6 +100,23 @@ def _jwt() -> str:
 def _discord_json(data: dict, status: int = 200) -> web.Response:
     # discord.py parses a body only when the content type is exactly application/json, as Discord sends it.
     return web.Response(body=json.dumps(data).encode(), status=status, headers={"Content-Type": "application/json"})
+
+
+def _discord_rate_limited(retry_after_s: float) -> web.Response:
+    """Discord's 429: discord.py reads it as a rate limit only with these headers (else a Cloudflare ban)."""
+    response = _discord_json({"message": "You are being rate limited.", "retry_after": retry_after_s, "global": False}, 429)
+    response.headers.update({
+        "Via": "1.1 google", "Retry-After": str(retry_after_s), "X-RateLimit-Limit": "5", "X-RateLimit-Remaining": "0",
+        "X-RateLimit-Reset-After": str(retry_after_s), "X-RateLimit-Bucket": "fake", "X-RateLimit-Scope": "user",
+    })
+    return response
+
+
+def _bluesky_error(status: int) -> web.Response:
+    """An error as Bluesky's PDS words it."""
+    error, message = {429: ("RateLimitExceeded", "Rate Limit Exceeded"), 400: ("InvalidRequest", "Invalid record")}.get(
+        status, ("InternalServerError", "Internal Server Error"))
+    return web.json_response({"error": error, "message": message}, status=status)
 
 
 class _Dropped(Exception):
@@ -117,22 +159,35 @@ def _routes(fake: FakePlatform) -> web.Application:
             number = 109000000000000001 + len(fake.statuses)
             made = {
                 "id": str(number), "url": f"https://masto.test/@sage/{number}",
-                "content": f"<p>{seen['json'].get('status')}</p>", "created_at": "2026-01-01T09:00:00.000Z",
-                "visibility": "public", "account": {"id": "1", "username": "sage", "acct": "sage"},
+                "content": f"<p>{html.escape(seen['json'].get('status') or '')}</p>",  # served as HTML, as Mastodon does "created_at": "2026-01-01T09:00:00.000Z",
+                "visibility": "public", "account": MASTODON_ACCOUNT,
             }
             fake.statuses[key or made["id"]] = made
         if fake._take_drop(request.path):  # made, then the answer lost
             hang_up(request, seen)
         return web.json_response(made)
 
+    async def verify_credentials(request):
+        await record(request)
+        return web.json_response(MASTODON_ACCOUNT)
+
+    async def account_statuses(request):
+        await record(request)
+        newest = sorted(fake.statuses.values(), key=lambda made: int(made["id"]), reverse=True)
+        return web.json_response(newest[: int(request.query.get("limit", 20))])
+
     async def session(request):
         await record(request)
-        if fake.fail_with:
+        if fake.fail_with == 401:
             return web.json_response({"error": "AuthenticationRequired", "message": "Invalid identifier or password"}, status=401)
+        if fake.bluesky_login_fails_with:
+            return _bluesky_error(fake.bluesky_login_fails_with)
         return web.json_response({"accessJwt": _jwt(), "refreshJwt": _jwt(), "handle": "sage.test", "did": "did:plc:fake"})
 
     async def create_record(request):
         seen = await record(request)
+        if fake.fail_with:
+            return _bluesky_error(fake.fail_with)
         uri = f"at://did:plc:fake/app.bsky.feed.post/3kabcdefghij{len(fake.records)}"
         fake.records.insert(0, {"uri": uri, "cid": "bafyreifake", "value": seen["json"]["record"]})
         if fake._take_drop(request.path):  # stored, then the answer lost
@@ -146,16 +201,18 @@ def _routes(fake: FakePlatform) -> web.Application:
 
     async def me(request):
         await record(request)
-        if fake.fail_with:
+        if fake.fail_with == 401:
             return _discord_json({"message": "401: Unauthorized", "code": 0}, status=fake.fail_with)
         return _discord_json({"id": "42", "username": "sagebot", "discriminator": "0", "avatar": None, "bot": True})
 
     async def channel_message(request):
         seen = await record(request)
+        if fake.discord_limits:
+            return _discord_rate_limited(fake.discord_limits.pop(0))
         body = seen["json"]
         # As Discord does, a repeat of an enforced nonce (within minutes) gets the first message back.
         nonce = body.get("nonce") if body.get("enforce_nonce") else None
-        made = next((m for m in fake.discord_messages if nonce and m["nonce"] == nonce), None)
+        made = next((m for m in fake.discord_messages if nonce and m["nonce"] == nonce and not m.get("nonce_expired")), None)
         if made is None:
             made = {"id": str(DISCORD_MESSAGE_ID + len(fake.discord_messages)), "channel_id": request.match_info["channel"],
                     "content": body.get("content"), "nonce": nonce}
@@ -163,6 +220,16 @@ def _routes(fake: FakePlatform) -> web.Application:
         if fake._take_drop(request.path):  # sent, then the answer lost
             hang_up(request, seen)
         return _discord_json(made)
+
+    async def channel_history(request):
+        await record(request)
+        if fake.discord_history_forbidden:  # the bot lacks Read Message History
+            return _discord_json({"message": "Missing Access", "code": 50001}, status=403)
+        channel = request.match_info["channel"]
+        mine = [{"id": m["id"], "channel_id": channel, "content": m["content"], "author": {"id": "42", "username": "sagebot", "bot": True}}
+                for m in fake.discord_messages if m["channel_id"] == channel]  # a listed message has no nonce, as on Discord
+        return web.Response(body=json.dumps(mine[::-1][: int(request.query.get("limit", 50))]).encode(),
+                            headers={"Content-Type": "application/json"})
 
     async def telegram(request):
         seen = await record(request)
@@ -195,11 +262,14 @@ def _routes(fake: FakePlatform) -> web.Application:
     app = web.Application(middlewares=[quiet_drops])
     app.router.add_post("/2/tweets", tweet)
     app.router.add_post("/api/v1/statuses", status)
+    app.router.add_get("/api/v1/accounts/verify_credentials", verify_credentials)
+    app.router.add_get("/api/v1/accounts/{id}/statuses", account_statuses)
     app.router.add_post("/xrpc/com.atproto.server.createSession", session)
     app.router.add_post("/xrpc/com.atproto.repo.createRecord", create_record)
     app.router.add_get("/xrpc/com.atproto.repo.listRecords", list_records)
     app.router.add_get("/api/v10/users/@me", me)
     app.router.add_post("/api/v10/channels/{channel}/messages", channel_message)
+    app.router.add_get("/api/v10/channels/{channel}/messages", channel_history)
     app.router.add_post("/bot{token}/{method}", telegram)
     return app
 
