@@ -17,6 +17,10 @@ get 503 with the reason (the page shows it), and ``/metrics`` still answers, wit
 ``persona_redis_up 0`` and nothing else, as an exporter does when what it watches is
 down (a failed scrape would read as the dashboard being down).
 
+Posts that got no answer from a sink (``persona posts uncertain``) are listed on the page,
+each with the command that finishes it, and counted in ``/metrics``; finding them scans
+the keyspace, so they are read at most every ``UNSETTLED_EVERY_S``.
+
 Two probes, open without the token (a probe seldom carries one) and answering at once:
 ``/healthz`` is liveness, 200 while the process serves HTTP, Redis or not (restarting
 the dashboard would not bring Redis back); ``/readyz`` is readiness, 200 when Redis can
@@ -36,7 +40,7 @@ import secrets
 import socket
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import redis
 from fastapi import Depends, FastAPI, HTTPException, Request
@@ -53,7 +57,7 @@ from redis.retry import Retry
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from persona import constants as keys
-from persona.checkpoints import BASE_VERSION, scan_checkpoints
+from persona.checkpoints import scan_checkpoints
 from persona.dashboard_page import PAGE_HTML
 from persona.dead_letters import (
     cap_warning,
@@ -64,12 +68,14 @@ from persona.dead_letters import (
     trimmed_note,
 )
 from persona.errors import ConfigError, QueueBusy
+from persona.ledger import PostLedger
 from persona.monitoring import QueueStats, collect_stats
-from persona.personas import Persona, PersonaRegistry
+from persona.personas import PersonaRegistry
 from persona.settings import Settings
+from persona.swap import served_versions
 from persona.telemetry import read_histogram
 
-__all__ = ["QueueCollector", "RedisWatch", "bind", "check_binding", "create_app", "is_loopback", "serve"]
+__all__ = ["PostsToSettle", "QueueCollector", "RedisWatch", "bind", "check_binding", "create_app", "is_loopback", "serve"]
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +85,7 @@ ACTION_HEADER = "x-persona-action"
 BYTES_PER_MB = 1024 * 1024  # a heartbeat's memory_mb is ru_maxrss (KiB) / 1024
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1", "[::1]")
 READY_TIMEOUT_S = 2.0  # under a probe's usual timeout (Compose's and Kubernetes' default: 30 s and 1 s)
+UNSETTLED_EVERY_S = 15.0  # posts to settle: a SCAN of the keyspace, not run at every poll of the page
 
 
 def is_loopback(host: str) -> bool:
@@ -140,13 +147,42 @@ class RedisWatch:
         self.reachable = True
 
 
+class PostsToSettle:
+    """The posts that got no answer from a sink, as `persona posts uncertain` lists them, each
+    with the command that finishes it; read again at most every ``every_s`` seconds."""
+
+    def __init__(self, client: redis.Redis, every_s: float = UNSETTLED_EVERY_S) -> None:
+        self.ledger = PostLedger(client)
+        self.every_s = every_s
+        self._read_at = float("-inf")
+        self._items: list[dict[str, str]] = []
+
+    def __call__(self) -> list[dict[str, str]]:
+        if time.monotonic() - self._read_at >= self.every_s:
+            self._items = [item | {"command": _finishing_command(item)} for item in self.ledger.unsettled()]
+            self._read_at = time.monotonic()
+        return self._items
+
+
+def _finishing_command(item: dict[str, str]) -> str:
+    """What finishes a post that got no answer (as `persona posts uncertain` says): a person
+    looks and settles it, or, where a retry is safe, it is posted again."""
+    if item["state"] == "uncertain":
+        return f"persona posts settle {item['persona']} {item['slot']} --sink {item['sink']} --posted LINK"
+    return f"persona post {item['persona']} --slot {item['slot']}"
+
+
 class QueueCollector:
     """Prometheus figures read from Redis at each scrape, so every worker's work counts."""
 
-    def __init__(self, client: redis.Redis, watch: RedisWatch | None = None, settings: Settings | None = None) -> None:
+    def __init__(
+        self, client: redis.Redis, watch: RedisWatch | None = None, settings: Settings | None = None,
+        posts: Callable[[], list[dict[str, str]]] | None = None,
+    ) -> None:
         self.redis = client
         self.watch = watch or RedisWatch()
         self.settings = settings  # where the persona files are: each one's version is shown, swapped or not
+        self.posts = posts or PostsToSettle(client)
 
     def collect(self) -> Iterator[Metric]:
         """Yield every metric family; with Redis out of reach, only ``persona_redis_up 0``."""
@@ -166,8 +202,16 @@ class QueueCollector:
         if self.settings is None:
             served = stats.active_versions
         else:
-            served = _served_versions(PersonaRegistry.from_settings(self.settings).scan()[0], stats)
+            served = served_versions(PersonaRegistry.from_settings(self.settings).scan()[0], stats.active_versions)
         families = [*_queue_families(stats), *_reply_families(stats, served), *_worker_families(stats)]
+        unsettled = GaugeMetricFamily(
+            "persona_posts_unsettled", "Posts a sink never answered, left for a person (`persona posts uncertain`): "
+            "uncertain (look, then settle) or intent (safe to post again)", labels=["state"],
+        )
+        posts = self.posts()
+        for state in ("uncertain", "intent"):
+            unsettled.add_metric([state], sum(1 for item in posts if item["state"] == state))
+        families.append(unsettled)
         for name, help_text in (
             ("queue_wait_seconds", "Time requests waited in the queue (failed ones too, where measured)"),
             ("generate_seconds", "Time the batch that answered a request took to generate"),
@@ -190,6 +234,8 @@ def _queue_families(stats: QueueStats) -> Iterator[Metric]:
     yield GaugeMetricFamily("persona_dead_letters", "Requests in the dead-letter stream", value=stats.dead_letters)
     # A gauge, not a counter: it is worked out from other counts, which a moment's race
     # can leave one low, and a counter that dips reads as a reset.
+    # Every one ever, a clean-up too: what the page and the CLI still warn of is the part
+    # since the stream was last emptied (QueueStats.dead_letters_trimmed_since_cleared).
     yield GaugeMetricFamily(
         "persona_dead_letters_trimmed", "Dead letters deleted unseen at the stream's cap (never retried or dropped)",
         value=stats.dead_letters_trimmed,
@@ -236,15 +282,9 @@ def _worker_families(stats: QueueStats) -> Iterator[Metric]:
     yield from (up, memory, loaded)
 
 
-def _served_versions(found: dict[str, Persona], stats: QueueStats) -> dict[str, str]:
-    """persona -> the version serving it: the one swapped to, else its file's checkpoint,
-    else base (as ``swap.current_version`` reads it), for the page and /metrics alike."""
-    return {name: stats.active_versions.get(name) or p.model.checkpoint or BASE_VERSION for name, p in found.items()}
-
-
 def _personas(settings: Settings, stats: QueueStats) -> list[dict]:
     found, _ = PersonaRegistry.from_settings(settings).scan()
-    served = _served_versions(found, stats)
+    served = served_versions(found, stats.active_versions)
     rows = []
     for name, persona in sorted(found.items()):
         active = served[name]
@@ -315,8 +355,9 @@ def create_app(settings: Settings, client: redis.Redis, host: str | None = None)
 
     app = FastAPI(title="persona dashboard", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=_allowed_hosts(settings, host or settings.dashboard.host))
+    posts = PostsToSettle(client)
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(QueueCollector(client, watch, settings))
+    registry.register(QueueCollector(client, watch, settings, posts))
     guard = [Depends(authorized)]
 
     @app.exception_handler(redis.exceptions.RedisError)
@@ -339,8 +380,9 @@ def create_app(settings: Settings, client: redis.Redis, host: str | None = None)
             "history": list(history),
             "personas": _personas(settings, figures),
             "dead": [d.model_dump(mode="json", exclude={"payload"}) for d in list_dead(client, count=50)],
-            "dead_note": cap_warning(figures.dead_letters, figures.dead_letters_trimmed)
-            or trimmed_note(figures.dead_letters_trimmed),
+            "posts_to_settle": posts(),
+            "dead_note": cap_warning(figures.dead_letters, figures.dead_letters_trimmed_since_cleared)
+            or trimmed_note(figures.dead_letters_trimmed_since_cleared),
         })
 
     # Re-queued work waits for room as callers' does (as `persona queue retry` does too).

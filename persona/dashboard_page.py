@@ -1,7 +1,7 @@
 """The dashboard's one page: plain HTML, CSS and a small script, nothing from a CDN.
 
-The script polls ``api/stats`` every two seconds, fills the tables, and draws the
-depth and latency history as inline SVG lines.
+The script polls ``api/stats`` every two seconds, fills the tables (the posts to settle
+among them), and draws the depth and latency history as inline SVG lines.
 """
 
 from __future__ import annotations
@@ -47,6 +47,8 @@ button{font:inherit;padding:2px 8px;cursor:pointer} .legend span{margin-right:12
 <section><h2>Dead letters</h2><p id="dead-note" class="bad"></p><p><button id="retry-all">retry all</button></p>
  <table id="dead"><thead><tr><th>request</th><th>persona</th><th>deliveries</th><th>reason</th><th></th></tr></thead><tbody></tbody></table></section>
 <section><h2>Stuck work</h2><table id="stuck"><thead><tr><th>request</th><th>worker</th><th>held</th><th>why</th></tr></thead><tbody></tbody></table></section>
+<section style="grid-column:1/-1"><h2>Posts to settle</h2><p id="posts-note"></p>
+ <table id="posts"><thead><tr><th>persona</th><th>slot</th><th>sink</th><th>text</th><th>what happened</th><th>what to do</th></tr></thead><tbody></tbody></table></section>
 </main>
 <script>
 const token = new URLSearchParams(location.search).get('token');
@@ -91,8 +93,9 @@ function render(data){
   const failed = Object.entries(s.counters).filter(([k]) => k.startsWith('failed:'));
   document.getElementById('counters').textContent = 'completed ' + (s.counters.completed || 0) + ', tokens ' + (s.counters.tokens || 0) +
     (failed.length ? ', ' + failed.map(([k, v]) => k + ' ' + v).join(', ') : '');
-  rows('latency', lat ? [['queue wait', lat.queue_ms], ['generation', lat.generate_ms]] : [],
-       ([n, p]) => [n, '#' + Math.round(p.p50), '#' + Math.round(p.p95), '#' + Math.round(p.p99)]);
+  // Nothing measured in the window: a dash, as `persona queue stats` shows, not 0 ms (which reads as instant).
+  rows('latency', lat ? [['queue wait', lat.queue_ms, lat.queue_waits], ['generation', lat.generate_ms, lat.replies]] : [],
+       ([n, p, count]) => [n, ...[p.p50, p.p95, p.p99].map(v => '#' + (count ? Math.round(v) : '-'))]);
   const now = s.redis_time || Date.now() / 1000;  // heartbeats are stamped by Redis's clock
   rows('workers', s.workers, w => [esc(w.id), esc(w.host), esc(w.device), esc(w.state),
        esc(Object.entries(w.personas).map(([p, v]) => p + '@' + v).join(', ') || '-'), '#' + w.requests,
@@ -107,6 +110,14 @@ function render(data){
     if (b.dataset.do === 'drop' && !confirm('Delete dead letter ' + b.dataset.id + ' for good?')) return;
     act('api/dead/' + b.dataset.id + '/' + b.dataset.do);
   });
+  // Posts a sink never answered (`persona posts uncertain`): X and Telegram may have posted them.
+  const posts = data.posts_to_settle || [], note = document.getElementById('posts-note');
+  note.textContent = posts.length ? posts.length + ' post(s) got no answer; each waits for what its last column says' : 'none';
+  note.className = posts.some(x => x.state === 'uncertain') ? 'bad' : '';
+  rows('posts', posts, x => [esc(x.persona), esc(x.slot), esc(x.sink), esc(x.text),
+       esc((x.state === 'uncertain' ? 'no answer; it may be posted: ' : 'no answer (safe to post again): ') + x.error),
+       (x.state === 'uncertain' ? 'look on ' + esc(x.sink) + ', then ' : '') + '<code>' + esc(x.command) + '</code>' +
+       (x.state === 'uncertain' ? ' (or <code>--not-posted</code>)' : '')]);
   rows('stuck', s.stuck, x => [esc(x.request_id), esc(x.worker), '#' + x.held_s + 's', esc(x.reason)]);
   const names = s.streams.map(x => x.name);
   chart('depth-chart', names.map((n, i) => ({color: colors[i % 4], points: data.history.map(h => h.depth[n] || 0)})));

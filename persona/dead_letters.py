@@ -17,7 +17,10 @@ The stream keeps about ``DEAD_STREAM_MAX_LEN`` letters and Redis trims the oldes
 that. How many went that way is read from counters the queue keeps anyway (set aside,
 less retried, dropped and still held: ``trimmed_count``), so setting a letter aside
 costs no extra round trip; ``trimmed_note`` says so, and ``cap_warning`` warns while
-the cap is near.
+the cap is near. The total only grows (``/metrics`` shows it); what the CLI and the
+dashboard say is the part since an operator last emptied the stream (a retry or drop
+that leaves no letter records the total then as ``dead_trimmed_cleared``): a clean-up
+used to leave "deleted unseen" on every screen for good.
 """
 
 from __future__ import annotations
@@ -42,17 +45,29 @@ __all__ = [
 # A stream entry id as `persona queue dead` lists it: milliseconds-sequence.
 ENTRY_ID = re.compile(r"\d+-\d+")
 
+# Run after a retry or a drop (KEYS[1] the dead-letter stream, KEYS[2] the counters): the
+# stream emptied, every letter the cap trimmed so far counts as seen.
+CLEARED_IF_EMPTY = """
+local function cleared_if_empty(dead, stats)
+  if redis.call('XLEN', dead) > 0 then return end
+  local c = redis.call('HMGET', stats, 'dead_lettered', 'retried', 'dropped')
+  local gone = (tonumber(c[1]) or 0) - (tonumber(c[2]) or 0) - (tonumber(c[3]) or 0)
+  redis.call('HSET', stats, 'dead_trimmed_cleared', math.max(0, gone))
+end
+"""
+
 # Re-queue only if the entry is still in the dead-letter stream (XDEL says so), with its
 # deadline by Redis's clock (ARGV[3]: the allowance; '' for none), as a submit does; and
 # only while its stream holds fewer than ARGV[4] entries ('' for no limit), else 'busy'.
 # The sender's pending counter (KEYS[6], '' for an anonymous caller) counts it again, as
 # a submit does (without the fair-share limit: an operator asked for it), and lives at
 # least ARGV[5] seconds, so a decrement that is lost heals itself.
-RETRY_SCRIPT = REDIS_NOW + """
+RETRY_SCRIPT = REDIS_NOW + CLEARED_IF_EMPTY + """
 if ARGV[4] ~= '' and redis.call('XLEN', KEYS[2]) >= tonumber(ARGV[4]) then return 'busy' end
 if redis.call('XDEL', KEYS[1], ARGV[1]) == 0 then return false end
 redis.call('DEL', KEYS[3], KEYS[5])
 redis.call('HINCRBY', KEYS[4], 'retried', 1)
+cleared_if_empty(KEYS[1], KEYS[4])
 if KEYS[6] ~= '' then
   redis.call('INCR', KEYS[6])
   if redis.call('TTL', KEYS[6]) < tonumber(ARGV[5]) then redis.call('EXPIRE', KEYS[6], ARGV[5]) end
@@ -63,9 +78,12 @@ return redis.call('XADD', KEYS[2], '*', 'r', ARGV[2], 'd', string.format('%.3f',
 
 
 # Delete the named letters still there, and count how many went.
-DROP_SCRIPT = """
+DROP_SCRIPT = CLEARED_IF_EMPTY + """
 local dropped = redis.call('XDEL', KEYS[1], unpack(ARGV))
-if dropped > 0 then redis.call('HINCRBY', KEYS[2], 'dropped', dropped) end
+if dropped > 0 then
+  redis.call('HINCRBY', KEYS[2], 'dropped', dropped)
+  cleared_if_empty(KEYS[1], KEYS[2])
+end
 return dropped
 """
 DROP_BATCH = 500
@@ -118,23 +136,27 @@ def _parse(entry_id: bytes, fields: dict[bytes, bytes]) -> DeadLetter:
     )
 
 
-def trimmed_count(counters: Mapping[str, int], held: int) -> int:
+def trimmed_count(counters: Mapping[str, int], held: int, *, since_cleared: bool = False) -> int:
     """How many dead letters the stream's cap deleted unseen: every one set aside, less
-    those retried, dropped, or ``held`` still. ``counters`` and ``held`` must be read in one
+    those retried, dropped, or ``held`` still; with ``since_cleared``, only those since an
+    operator last emptied the stream. ``counters`` and ``held`` must be read in one
     transaction; a letter set aside meanwhile is counted just after it is added, which
     can only make this one too low for a moment."""
     gone = counters.get("dead_lettered", 0) - counters.get("retried", 0) - counters.get("dropped", 0)
-    return max(0, gone - held)
+    cleared = counters.get("dead_trimmed_cleared", 0) if since_cleared else 0
+    return max(0, gone - held - cleared)
 
 
 def count_dead(client: redis.Redis) -> tuple[int, int]:
-    """(letters held, letters trimmed at the cap), read together in one round trip."""
+    """(letters held, letters trimmed at the cap since the stream was last emptied), read
+    together in one round trip."""
+    fields = ["dead_lettered", "retried", "dropped", "dead_trimmed_cleared"]
     pipe = client.pipeline(transaction=True)
     pipe.xlen(keys.STREAM_DEAD)
-    pipe.hmget(keys.STATS_KEY, ["dead_lettered", "retried", "dropped"])
-    held, (added, retried, dropped) = pipe.execute()
-    counters = {"dead_lettered": int(added or 0), "retried": int(retried or 0), "dropped": int(dropped or 0)}
-    return held, trimmed_count(counters, held)
+    pipe.hmget(keys.STATS_KEY, fields)
+    held, values = pipe.execute()
+    counters = {name: int(value or 0) for name, value in zip(fields, values, strict=True)}
+    return held, trimmed_count(counters, held, since_cleared=True)
 
 
 def cap_warning(held: int, trimmed: int, cap: int = keys.DEAD_STREAM_MAX_LEN) -> str:
@@ -151,10 +173,14 @@ def cap_warning(held: int, trimmed: int, cap: int = keys.DEAD_STREAM_MAX_LEN) ->
 
 
 def trimmed_note(trimmed: int, cap: int = keys.DEAD_STREAM_MAX_LEN) -> str:
-    """That dead letters were deleted unseen at the cap, and how many; '' if none were."""
+    """That dead letters were deleted unseen at the cap (since the stream was last emptied),
+    and how many; '' if none were."""
     if not trimmed:
         return ""
-    return f"{trimmed:,} older dead letter(s) were deleted unseen when the stream passed its cap of about {cap:,}"
+    return (
+        f"{trimmed:,} older dead letter(s) were deleted unseen when the stream passed its cap of about {cap:,} "
+        "(said until the stream is emptied: retry or drop the rest)"
+    )
 
 
 def list_dead(client: redis.Redis, count: int = 100) -> list[DeadLetter]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping
 
 import redis
 from pydantic import BaseModel, Field
@@ -17,6 +18,8 @@ from pydantic import BaseModel, Field
 from persona import constants as keys
 from persona.dead_letters import trimmed_count
 from persona.heartbeat import WorkerInfo, live_worker_ids, live_workers, redis_now
+from persona.personas import Persona
+from persona.swap import served_versions
 from persona.telemetry import LatencySummary, summarize
 
 __all__ = ["QueueStats", "StreamStats", "StuckEntry", "collect_stats", "find_stuck"]
@@ -54,6 +57,9 @@ class QueueStats(BaseModel):
     dead_letters_trimmed: int = Field(
         0, description="dead letters the stream's cap (DEAD_STREAM_MAX_LEN) deleted unseen: never retried or dropped"
     )
+    dead_letters_trimmed_since_cleared: int = Field(
+        0, description="those of dead_letters_trimmed since an operator last emptied the stream: what the CLI and page warn of"
+    )
     counters: dict[str, int]
     workers: list[WorkerInfo]
     unreadable_workers: list[str] = Field(
@@ -61,7 +67,11 @@ class QueueStats(BaseModel):
     )
     latency: LatencySummary | None = None
     stuck: list[StuckEntry] = Field(default_factory=list)
-    active_versions: dict[str, str] = Field(default_factory=dict)
+    active_versions: dict[str, str] = Field(default_factory=dict, description="persona -> version, for the personas swapped")
+    served_versions: dict[str, str] = Field(
+        default_factory=dict,
+        description="persona -> the version serving it, for every persona file read and every persona swapped",
+    )
     version_replies: dict[str, int] = Field(default_factory=dict, description="'persona@version' -> replies")
     taken_at: float = Field(default_factory=time.time)
     redis_time: float = Field(0.0, description="Redis's time when read: what each worker's last_seen is measured against")
@@ -147,8 +157,11 @@ def find_stuck(client: redis.Redis, live: set[str], now: float | None = None) ->
     return found
 
 
-def collect_stats(client: redis.Redis, *, latency_window_s: float = 300.0) -> QueueStats:
-    """Read every figure the CLI, the dashboard and /metrics show."""
+def collect_stats(
+    client: redis.Redis, *, latency_window_s: float = 300.0, personas: Mapping[str, Persona] | None = None,
+) -> QueueStats:
+    """Read every figure the CLI, the dashboard and /metrics show; with ``personas`` (the
+    persona files read), the version serving each of them too."""
     now = redis_now(client)
     # The counters and the dead letters held, read together: what the cap trimmed is
     # their difference (a retry between two reads would count as one trimmed).
@@ -161,16 +174,21 @@ def collect_stats(client: redis.Redis, *, latency_window_s: float = 300.0) -> Qu
     # not stuck (their work was listed as held by a worker whose heartbeat had lapsed).
     live = live_worker_ids(client)
     workers = live_workers(client, live)
+    active = {_text(k): _text(v) for k, v in client.hgetall(keys.ACTIVE_VERSIONS_KEY).items()}
     return QueueStats(
         streams=[_stream_stats(client, s, now) for s in keys.STREAMS_BY_PRIORITY],
         dead_letters=dead_letters,
         dead_letters_trimmed=trimmed_count(counters, dead_letters),
+        dead_letters_trimmed_since_cleared=trimmed_count(counters, dead_letters, since_cleared=True),
         counters=counters,
         workers=workers,
         unreadable_workers=sorted(live - {w.id for w in workers}),
         latency=summarize(client, latency_window_s, now),
         stuck=find_stuck(client, live, now),
-        active_versions={_text(k): _text(v) for k, v in client.hgetall(keys.ACTIVE_VERSIONS_KEY).items()},
+        active_versions=active,
+        # Every persona, not only those swapped (as /metrics and the page show them); a
+        # persona swapped on the workers whose file this machine lacks is still listed.
+        served_versions=dict(sorted((active | served_versions(personas or {}, active)).items())),
         version_replies={_text(k): int(v) for k, v in client.hgetall(keys.VERSION_REPLIES_KEY).items()},
         taken_at=time.time(),
         redis_time=now,

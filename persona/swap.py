@@ -16,10 +16,13 @@ file's own choice. The versions swapped away from are kept in a list, for rollba
 
 from __future__ import annotations
 
+import getpass
 import logging
+import os
+import socket
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Literal
 
 import redis
@@ -42,9 +45,11 @@ __all__ = [
     "current_version",
     "open_proposal",
     "open_proposals",
+    "operator_name",
     "propose",
     "rollback_target",
     "run_swap",
+    "served_versions",
     "swap_log",
     "swap_persona",
     "version_history",
@@ -60,7 +65,7 @@ SWAP_LOG_SCAN = 1000  # the swap log's cap (COMMIT_SCRIPT's MAXLEN)
 # serves what the proposal was made from (and a rollback still returns to the newest
 # version in the history: another operator's swap or rollback may have landed since it
 # was read), and every named worker has voted ready; record the version left behind
-# (or pop it on a rollback).
+# (or pop it on a rollback), and log the change with who asked for it (ARGV[7]).
 COMMIT_SCRIPT = """
 local raw = redis.call('HGET', KEYS[1], ARGV[1])
 if not raw then return 'gone' end
@@ -68,7 +73,7 @@ if cjson.decode(raw)['id'] ~= ARGV[2] then return 'gone' end
 local serving = redis.call('HGET', KEYS[2], ARGV[1])
 if serving and serving ~= ARGV[4] then return 'moved:' .. serving end
 if ARGV[5] == 'rollback' and redis.call('LINDEX', KEYS[3], 0) ~= ARGV[3] then return 'history:' .. ARGV[4] end
-for i = 7, #ARGV do
+for i = 8, #ARGV do
   local vote = redis.call('HGET', KEYS[5], ARGV[i])
   if not vote then return 'missing:' .. ARGV[i] end
   if not cjson.decode(vote)['ready'] then return 'refused:' .. ARGV[i] end
@@ -83,7 +88,7 @@ end
 redis.call('HDEL', KEYS[1], ARGV[1])
 local t = redis.call('TIME')
 redis.call('XADD', KEYS[4], 'MAXLEN', '~', 1000, '*', 'persona', ARGV[1], 'version', ARGV[3],
-  'previous', ARGV[4], 'kind', ARGV[5], 'at', t[1] .. '.' .. string.format('%06d', t[2]))
+  'previous', ARGV[4], 'kind', ARGV[5], 'at', t[1] .. '.' .. string.format('%06d', t[2]), 'by', ARGV[7])
 return 'ok'
 """
 
@@ -98,6 +103,15 @@ return 0
 """
 
 
+def operator_name() -> str:
+    """Who is asking, as the swap log records it: ``user@host`` of this process."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # a container's uid with no name and no $USER
+        user = f"uid{os.getuid()}"
+    return f"{user}@{socket.gethostname()}"
+
+
 class SwapProposal(BaseModel):
     """One persona's pending switch to another version."""
 
@@ -106,6 +120,7 @@ class SwapProposal(BaseModel):
     target: str = Field(description="version name, 'base', or an absolute checkpoint folder")
     previous: str = Field(description="what was active before ('' for the persona file's choice)")
     kind: Literal["swap", "rollback"] = "swap"
+    by: str = Field("", description="who asked for it, kept in the swap log (opened without it: user@host of this process)")
     workers: list[str] = Field(default_factory=list, description="workers that must vote ready")
     created_at: float = Field(default_factory=time.time)
     deadline: float = Field(0.0, description="when it lapses, by Redis's clock (as every party reads it)")
@@ -151,7 +166,13 @@ def version_history(client: redis.Redis, persona: str) -> list[str]:
 
 def current_version(client: redis.Redis, persona: Persona) -> str:
     """What serves the persona now: the active version in Redis, else its file's choice."""
-    return active_versions(client).get(persona.name) or persona.model.checkpoint or BASE_VERSION
+    return served_versions({persona.name: persona}, active_versions(client))[persona.name]
+
+
+def served_versions(personas: Mapping[str, Persona], active: Mapping[str, str]) -> dict[str, str]:
+    """persona -> the version serving it, for each of ``personas``: the one swapped to
+    (``active``, as ``active_versions`` reads it), else its file's checkpoint, else base."""
+    return {name: active.get(name) or p.model.checkpoint or BASE_VERSION for name, p in personas.items()}
 
 
 def rollback_target(client: redis.Redis, persona: str) -> str:
@@ -186,7 +207,7 @@ def cast_vote(client: redis.Redis, proposal_id: str, vote: Vote) -> None:
 
 def swap_log(client: redis.Redis, count: int = 100, persona: str | None = None) -> list[dict[str, str]]:
     """The latest committed swaps (of one persona, if named), newest first, each with the
-    time it took effect."""
+    time it took effect and who asked for it (``by``; absent from swaps logged before it was kept)."""
     if persona is None:
         rows = client.xrevrange(keys.SWAP_LOG_STREAM, count=count)
         return [{_text(k): _text(v) for k, v in fields.items()} for _, fields in rows]
@@ -205,7 +226,7 @@ def propose(client: redis.Redis, proposal: SwapProposal) -> None:
         other = SwapProposal.model_validate_json(raw)
         if not other.expired(redis_now(client)):
             raise SwapRefused(
-                f"a swap of {proposal.persona!r} to {other.target!r} is already under way "
+                f"a swap of {proposal.persona!r} to {other.target!r}{f' by {other.by}' if other.by else ''} is already under way "
                 f"(started {time.time() - other.created_at:.0f} s ago); wait for it to finish"
             )
         abort(client, other)  # its operator gave up; clear it
@@ -231,6 +252,7 @@ def commit(client: redis.Redis, proposal: SwapProposal, ready_workers: list[str]
         proposal.previous,
         proposal.kind,
         keys.VERSION_HISTORY_MAX_LEN,
+        proposal.by,
         *ready_workers,
     )
     return _text(result)
@@ -267,7 +289,9 @@ def open_proposal(client: redis.Redis, proposal: SwapProposal, timeout_s: float)
     the same, and would otherwise pick up the flip without having checked the weights.
     """
     live = live_worker_ids(client)
-    proposal = proposal.model_copy(update={"workers": sorted(live), "deadline": redis_now(client) + timeout_s})
+    proposal = proposal.model_copy(update={
+        "workers": sorted(live), "deadline": redis_now(client) + timeout_s, "by": proposal.by or operator_name(),
+    })
     propose(client, proposal)
     return proposal
 
@@ -281,7 +305,8 @@ def run_swap(
     """Open a proposal, wait for every live worker's vote, then commit or withdraw it."""
     give_up = time.monotonic() + timeout_s
     proposal = open_proposal(client, proposal, timeout_s)
-    log.info("swap %s: %s -> %s, waiting for %d worker(s)", proposal.id, proposal.persona, proposal.target, len(proposal.workers))
+    log.info("swap %s by %s: %s -> %s, waiting for %d worker(s)", proposal.id, proposal.by, proposal.persona, proposal.target,
+             len(proposal.workers))
     try:
         while True:
             cast = votes(client, proposal.id)
@@ -325,7 +350,12 @@ def swap_persona(
     kind: Literal["swap", "rollback"] = "swap",
     timeout_s: float,
     on_progress: Callable[[int, int], None] | None = None,
+    by: str | None = None,
 ) -> SwapOutcome:
-    """Move a persona from what serves it now to ``target`` on every live worker, or on none."""
-    proposal = SwapProposal(persona=persona.name, target=target, previous=current_version(client, persona), kind=kind)
+    """Move a persona from what serves it now to ``target`` on every live worker, or on none.
+
+    ``by`` names who asked, for the swap log (default: ``user@host`` of this process; an
+    adapter that swaps for a person should name that person)."""
+    proposal = SwapProposal(persona=persona.name, target=target, previous=current_version(client, persona), kind=kind,
+                            by=by or "")
     return run_swap(client, proposal, timeout_s, on_progress)

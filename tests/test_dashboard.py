@@ -74,6 +74,37 @@ def fill_queue(settings, redis_client, waiting: int = 3) -> None:
         client.submit(chat())
 
 
+def leave_post_unanswered(redis_client, persona: str = "tiny", slot: str = "2026-11-25T09:00:00Z",
+                          sink: str = "x", state: str = "uncertain") -> None:
+    """A post a sink took and never answered, recorded as the publisher records it."""
+    from persona.ledger import PostLedger, SinkEntry
+
+    ledger = PostLedger(redis_client)
+    assert ledger.claim(persona, slot).claimed
+    ledger.save(persona, slot, text="Patience is a slow garden.", sinks=f'["{sink}"]')
+    ledger.set_sink(persona, slot, sink, SinkEntry(state=state, marker="m1", error="the request timed out"))
+    ledger.finish(persona, slot, state, "Patience is a slow garden.")
+
+
+def test_posts_that_got_no_answer_are_on_the_page_and_in_metrics(settings, redis_client, dashboard):
+    """`persona posts uncertain` listed the posts X or Telegram never answered (maybe out,
+    maybe not: only a person can tell), but the dashboard an operator watches said nothing."""
+    base = dashboard()
+    assert httpx.get(f"{base}/api/stats").json()["posts_to_settle"] == []
+    leave_post_unanswered(redis_client)
+    leave_post_unanswered(redis_client, slot="2026-11-26T09:00:00Z", sink="mastodon", state="intent")
+    base = dashboard()  # a fresh one: the list is read again at most every UNSETTLED_EVERY_S
+    listed = httpx.get(f"{base}/api/stats").json()["posts_to_settle"]
+    assert [(p["persona"], p["sink"], p["state"]) for p in listed] == [("tiny", "x", "uncertain"), ("tiny", "mastodon", "intent")]
+    assert listed[0]["command"].startswith("persona posts settle tiny 2026-11-25T09:00:00Z --sink x --posted LINK")
+    assert listed[1]["command"] == "persona post tiny --slot 2026-11-26T09:00:00Z"
+    assert listed[0]["text"] == "Patience is a slow garden." and "timed out" in listed[0]["error"]
+    assert 'id="posts"' in httpx.get(base).text
+    families = {f.name: f for f in text_string_to_metric_families(httpx.get(f"{base}/metrics").text)}
+    counted = {s.labels["state"]: s.value for s in families["persona_posts_unsettled"].samples}
+    assert counted == {"uncertain": 1, "intent": 1}
+
+
 def test_json_figures_personas_and_retry(settings, redis_client, dashboard, write_persona, tiny_llama_dir):
     write_persona("tiny", base=str(tiny_llama_dir))
     fill_queue(settings, redis_client)
@@ -316,21 +347,38 @@ def test_persona_dashboard_command_serves_and_up_includes_it(settings, redis_url
 
 
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed (apt-get install chromium)")
+def _chromium(tmp_path: Path) -> list[str]:
+    """A headless Chromium that runs the page's script for a while (virtual time)."""
+    return [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+            "--no-first-run", "--disable-extensions", "--disable-background-networking",
+            f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1400,1100", "--virtual-time-budget=8000"]
+
+
+def test_the_page_shows_no_latency_figure_where_nothing_was_measured(settings, redis_client, dashboard, tmp_path):
+    """With no reply in the last five minutes the page's latency table read 0 ms at every
+    percentile, as if the service answered instantly; `persona queue stats` shows a dash."""
+    dom = subprocess.run([*_chromium(tmp_path), "--dump-dom", dashboard()], capture_output=True, check=False, text=True,
+                         timeout=120)
+    latency = dom.stdout.split('id="latency"')[1].split("</table>")[0]
+    assert "<td>queue wait</td>" in latency, dom.stderr[-2000:]
+    assert latency.count('<td class="n">-</td>') == 6 and '<td class="n">0</td>' not in latency
+
+
 def test_dashboard_in_a_real_headless_browser(settings, redis_client, dashboard, tmp_path, write_persona, tiny_llama_dir):
     write_persona("tiny", base=str(tiny_llama_dir))
     fill_queue(settings, redis_client, waiting=3)
     record_replies(redis_client, [GenerationReply(id="x", ok=True, persona="tiny", version="base", new_tokens=3,
                                                   timings=Timings(queue_ms=40, generate_ms=250))], batch_size=1)
     heartbeat.publish(redis_client, heartbeat.WorkerInfo(id="w-browser", personas={"tiny": "base"}), ttl_s=60)
+    leave_post_unanswered(redis_client)
     url = dashboard(token="tok") + "/?token=tok"
     shot = tmp_path / "dashboard.png"
-    flags = [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-             "--no-first-run", "--disable-extensions", "--disable-background-networking",
-             f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1400,1100", "--virtual-time-budget=8000"]
+    flags = _chromium(tmp_path)
     dom = subprocess.run([*flags, "--dump-dom", url], capture_output=True, check=False, text=True, timeout=120)
     assert 'id="waiting-total">3<' in dom.stdout, dom.stderr[-2000:]
     assert 'id="dead-count">1<' in dom.stdout and "w-browser" in dom.stdout and "it crashed the worker" in dom.stdout
     assert "<path" in dom.stdout  # the depth chart has a line
+    assert "persona posts settle tiny 2026-11-25T09:00:00Z --sink x" in dom.stdout  # a post to settle, with its command
     subprocess.run([*flags, f"--screenshot={shot}", url], capture_output=True, timeout=120, check=True)
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
     keep = os.environ.get("DASHBOARD_SCREENSHOT_DIR")  # CI may collect it; the test run does not need it

@@ -272,6 +272,46 @@ def test_letters_deleted_at_the_streams_cap_are_counted_and_the_cap_is_warned_of
 
     gauges = {m.name: m.samples[0].value for m in QueueCollector(redis_client).collect() if m.samples}
     assert gauges["persona_dead_letters_trimmed"] == lost
+    dropped = drop_dead(redis_client, [list_dead(redis_client, count=1)[0].id])  # one by one: not emptied yet
+    assert dropped == 1 and f"({lost:,} so far)" in persona("dead").stdout
+
+
+def test_a_clean_up_clears_the_deleted_unseen_note_and_metrics_keep_the_total(settings, redis_client, redis_url):
+    """The count of letters deleted unseen at the cap was a running total: after an operator
+    retried or dropped every letter, `persona queue dead`, stats and the page still said
+    "N older dead letter(s) were deleted unseen" for good. Emptying the stream clears it;
+    /metrics keeps the total (it only grows), and letters trimmed later are said anew."""
+    from persona.dashboard import QueueCollector
+    from persona.dead_letters import count_dead, drop_dead
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PERSONA_")}
+    env |= {"PERSONA_DATA_DIR": str(settings.data_dir), "PERSONA_REDIS_URL": redis_url, "COLUMNS": "400"}
+
+    def persona(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "persona", "queue", *args], env=env, capture_output=True,
+                              check=False, text=True, timeout=120)
+
+    for text in ("one", "two", "three"):
+        dead_letter(settings, redis_client, chat(text=text))
+    redis_client.hincrby(keys.STATS_KEY, "dead_lettered", 40)  # as 40 letters set aside, then trimmed at the cap
+    assert count_dead(redis_client) == (3, 40) and "40 older dead letter(s) were deleted unseen" in persona("dead").stdout
+    newest = list_dead(redis_client)[0]
+    assert retry_dead(redis_client, newest.id)
+    assert count_dead(redis_client) == (2, 40)  # letters still held: not cleaned up yet
+    queue = WorkQueue(redis_client, settings.queue)
+    [job] = queue.claim("w", 1, block_ms=0)  # the retried request is answered
+    queue.deliver([(job, GenerationReply(id=job.request.id, ok=True, text="back", persona="tiny"))], "w")
     assert persona("drop", "--all", "--yes").returncode == 0
-    after = persona("dead").stdout
-    assert "warning" not in after and f"{lost:,} older dead letter(s) were deleted unseen" in after
+
+    assert "deleted unseen" not in persona("dead").stdout
+    figures = json.loads(persona("stats", "--json").stdout)
+    assert figures["dead_letters_trimmed"] == 40 and figures["dead_letters_trimmed_since_cleared"] == 0
+    assert "deleted at the cap" not in persona("stats").stdout
+    gauges = {m.name: m.samples[0].value for m in QueueCollector(redis_client).collect() if m.samples}
+    assert gauges["persona_dead_letters_trimmed"] == 40  # Prometheus's count never goes back
+
+    dead_letter(settings, redis_client, chat(text="four"))
+    redis_client.hincrby(keys.STATS_KEY, "dead_lettered", 5)  # trimmed after the clean-up: said again
+    assert count_dead(redis_client) == (1, 5) and "5 older dead letter(s) were deleted unseen" in persona("dead").stdout
+    assert drop_dead(redis_client, [list_dead(redis_client)[0].id]) == 1  # emptied one by one (or by retries) too
+    assert count_dead(redis_client) == (0, 0)

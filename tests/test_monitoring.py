@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import subprocess
 import sys
 import time
@@ -230,7 +231,15 @@ def test_queue_stats_and_watch_commands(settings, redis_url, redis_client):
     time.sleep(1.5)
     watching.send_signal(signal.SIGINT)
     out, _ = watching.communicate(timeout=30)
-    assert watching.returncode == 0 and "persona:q:chat" in out and "generation" in out
+    assert watching.returncode == 0, out
+    # Into a pipe (`| tee`, a file) a live display wrote only its last frame, when it ended:
+    # now one timestamped line a period, the versions said once.
+    lines = out.splitlines()
+    figures = [line for line in lines if "waiting 1 (chat 1, batch 0); in flight 0" in line]
+    assert len(figures) >= 3 and all("p95 queue wait 12 ms, generation 80 ms" in line for line in figures), out
+    assert all(re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d ", line) for line in lines), out  # each line stamped
+    assert sum(line[20:].startswith("active versions: ") for line in lines) == 1, out
+    assert "┃" not in out and "\x1b[" not in out  # no table frames, no cursor movement
 
 
 def test_queue_stats_shows_names_holding_brackets_as_written(settings, redis_url, redis_client):
@@ -248,7 +257,8 @@ def test_queue_stats_shows_names_holding_brackets_as_written(settings, redis_url
     assert shown.returncode == 0, shown.stderr
     assert "held by w-[bold]gpu0, whose heartbeat has lapsed" in shown.stdout
     assert "w-[red]live" in shown.stdout and "tiny@/ckpt/[draft]" in shown.stdout
-    assert "active versions: tiny@/ckpt/[draft]" in shown.stdout
+    [versions] = [line for line in shown.stdout.splitlines() if line.startswith("active versions: ")]
+    assert "tiny@/ckpt/[draft]" in versions
 
 
 def test_watch_says_redis_is_out_of_reach_and_goes_on_when_it_is_back(settings, tmp_path):
@@ -340,6 +350,18 @@ def _queue_stats_command(settings, redis_url: str) -> subprocess.CompletedProces
     env |= {"PERSONA_DATA_DIR": str(settings.data_dir), "PERSONA_REDIS_URL": redis_url, "COLUMNS": "200"}
     return subprocess.run([sys.executable, "-m", "persona", "queue", "stats"], env=env, capture_output=True,
                           check=False, text=True, timeout=120)
+
+
+def test_queue_stats_names_the_version_of_every_persona(settings, redis_url, redis_client):
+    """`persona queue stats` listed only the personas swapped at least once, where /metrics
+    and the dashboard list every persona (a never-swapped one serves base, or its file's
+    checkpoint); one swapped on the workers whose file this machine lacks is still named."""
+    redis_client.hset(keys.ACTIVE_VERSIONS_KEY, mapping={"sage": "v3", "gone": "v1"})  # as a committed swap leaves it
+    shown = _queue_stats_command(settings, redis_url)
+    assert shown.returncode == 0, shown.stderr
+    assert "active versions: bofh@base, gone@v1, sage@v3" in shown.stdout
+    figures = collect_stats(redis_client, personas={})
+    assert figures.served_versions == {"gone": "v1", "sage": "v3"} and figures.active_versions == figures.served_versions
 
 
 def test_queue_wait_percentiles_count_the_requests_that_timed_out_waiting(

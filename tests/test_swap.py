@@ -327,8 +327,8 @@ def test_checkpoints_says_what_a_rollback_returns_to_and_the_latest_swaps(
     went live, until they had rolled back."""
     make_checkpoint(settings, Path(tiny.model.base), "tiny", seed=1)
     make_checkpoint(settings, Path(tiny.model.base), "tiny", seed=2)
-    for target in ("v1", "v2"):  # no worker runs: nothing to ask
-        assert swaps.swap_persona(redis_client, tiny, target, timeout_s=10).committed
+    assert swaps.swap_persona(redis_client, tiny, "v1", timeout_s=10, by="alice@ops-laptop").committed  # no worker: nothing to ask
+    assert swaps.swap_persona(redis_client, tiny, "v2", timeout_s=10).committed
     back = swaps.rollback_target(redis_client, "tiny")
     assert swaps.swap_persona(redis_client, tiny, back, kind="rollback", timeout_s=10).committed
     write_persona("other", base=tiny.model.base)
@@ -340,9 +340,12 @@ def test_checkpoints_says_what_a_rollback_returns_to_and_the_latest_swaps(
     assert table.returncode == 0, table.stderr
     assert "`persona rollback tiny` returns to base" in table.stdout
     shown = [line.split()[2:] for line in table.stdout.split("latest swaps, newest first:")[1].splitlines() if line.strip()]
-    assert shown == [["rollback", "v2", "->", "v1"], ["swap", "v1", "->", "v2"], ["swap", "base", "->", "v1"]]
+    me = swaps.operator_name()  # who made a swap: "who swapped this?" had no answer
+    assert shown == [["rollback", "v2", "->", "v1", "by", me], ["swap", "v1", "->", "v2", "by", me],
+                     ["swap", "base", "->", "v1", "by", "alice@ops-laptop"]]
     data = json.loads(persona("checkpoints", "tiny", "--json").stdout)
     assert data["rollback_to"] == "base" and [e["version"] for e in data["swaps"]] == ["v1", "v2", "v1"]
+    assert [e["by"] for e in data["swaps"]] == [me, me, "alice@ops-laptop"]
     assert all(isinstance(e["at"], float) and e["at"] > 0 for e in data["swaps"])
     assert len(json.loads(persona("checkpoints", "tiny", "--json", "--history", "1").stdout)["swaps"]) == 1
     assert [e["version"] for e in json.loads(persona("checkpoints", "other", "--json").stdout)["swaps"]] == ["v9"]
@@ -504,3 +507,13 @@ def test_checkpoints_shows_a_base_folder_holding_brackets_as_written(settings, r
     table = _cli(settings, redis_url, personas_dir)("checkpoints", "odd")
     assert table.returncode == 0, table.stderr
     assert "/models/[draft]/tiny" in table.stdout
+
+
+def test_a_swap_under_way_names_who_started_it(redis_client, tiny):
+    """A second operator was told only that a swap was under way, not whose it was to ask about."""
+    from persona.errors import SwapRefused
+
+    swaps.open_proposal(redis_client, swaps.SwapProposal(persona="tiny", target="v1", previous="base", by="alice@ops-laptop"),
+                        timeout_s=60)
+    with pytest.raises(SwapRefused, match="to 'v1' by alice@ops-laptop is already under way"):
+        swaps.swap_persona(redis_client, tiny, "v2", timeout_s=5)

@@ -139,7 +139,7 @@ def _draft(persona: str, target: str, kind: Literal["swap", "rollback"]) -> swap
 
 
 def _print_history(persona: str, rollback_to: str | None, history: list[dict[str, str]]) -> None:
-    """What a rollback returns to, and the latest swaps, newest first."""
+    """What a rollback returns to, and the latest swaps, newest first, each with who made it."""
     if rollback_to is None:
         console.print(f"rollback: nothing to return to ({persona} was never swapped, or was rolled back as far as it goes)")
     else:
@@ -149,17 +149,18 @@ def _print_history(persona: str, rollback_to: str | None, history: list[dict[str
     for entry in history:
         when = local_time(float(entry.get("at") or 0))
         change = f"{entry.get('previous') or '?'} -> {entry.get('version', '?')}"
-        console.print(f"  {when}  {escape(entry.get('kind', 'swap')):<8}  {escape(change)}", highlight=False)
+        by = f"  by {entry['by']}" if entry.get("by") else ""  # swaps logged before who was kept have none
+        console.print(f"  {when}  {escape(entry.get('kind', 'swap')):<8}  {escape(change + by)}", highlight=False)
 
 
 @friendly_errors
 def checkpoints(
     persona_name: str = typer.Argument(..., metavar="PERSONA", help="the persona's name"),
-    history: int = typer.Option(5, min=0, help="show this many of the persona's latest swaps and rollbacks"),
+    history: int = typer.Option(5, min=0, help="show this many of the persona's latest swaps and rollbacks (when, what, by whom)"),
     json_output: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
     """The checkpoint versions of a persona: date, kind, metrics, which one is active, what a
-    rollback returns to, and the latest swaps."""
+    rollback returns to, and the latest swaps (each with who made it: user@host)."""
     settings = get_settings()
     persona = PersonaRegistry.from_settings(settings).get(persona_name)
     found, unreadable = scan_checkpoints(settings.checkpoints_dir, persona.name)

@@ -17,7 +17,7 @@ def dashboard(
     host: str = typer.Option(None, help="address to listen on (default: PERSONA_DASHBOARD__HOST, 127.0.0.1)"),
     port: int = typer.Option(None, help="port (default: PERSONA_DASHBOARD__PORT, 8787)"),
 ) -> None:
-    """Serve the live dashboard (queue, latency, workers, versions, dead letters) and /metrics.
+    """Serve the live dashboard (queue, latency, workers, versions, dead letters, posts to settle) and /metrics.
 
     It listens on loopback unless told otherwise; bound anywhere else it refuses to
     start without PERSONA_DASHBOARD__TOKEN, and then every page wants that token.

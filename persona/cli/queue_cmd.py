@@ -41,11 +41,13 @@ from persona.dead_letters import (
 )
 from persona.errors import QueueError
 from persona.monitoring import QueueStats, collect_stats
+from persona.personas import Persona, PersonaRegistry
+from persona.settings import Settings
 from persona.telemetry import THROUGHPUT_WINDOW_S
 
 __all__ = [
     "dead", "drop", "register", "render_all", "render_latency", "render_stats", "render_stuck", "render_workers", "retry",
-    "show", "stats", "watch",
+    "show", "stats", "summary_line", "watch",
 ]
 
 MAX_PROBLEMS_SHOWN = 3
@@ -63,9 +65,9 @@ def render_stats(stats: QueueStats) -> Table:
     for stream in stats.streams:
         table.add_row(escape(stream.name), str(stream.waiting), str(stream.in_flight), f"{stream.oldest_waiting_s:.1f}s")
     table.add_row("dead letters", str(stats.dead_letters), "", "")
-    if stats.dead_letters_trimmed:
-        table.add_row("  deleted at the cap", str(stats.dead_letters_trimmed), "", "")
-    warning = cap_warning(stats.dead_letters, stats.dead_letters_trimmed)
+    if stats.dead_letters_trimmed_since_cleared:  # until an operator empties the stream
+        table.add_row("  deleted at the cap", str(stats.dead_letters_trimmed_since_cleared), "", "")
+    warning = cap_warning(stats.dead_letters, stats.dead_letters_trimmed_since_cleared)
     if warning:  # past the cap the oldest letters go unseen: said while there is time to act
         table.caption, table.caption_style = escape(f"warning: {warning}"), "yellow"
     table.add_row("completed", str(stats.completed), "", "")
@@ -130,8 +132,10 @@ def render_stuck(stats: QueueStats) -> Table:
 def render_all(stats: QueueStats) -> Group:
     """Every section, for `stats` and each frame of `watch`."""
     parts = [render_stats(stats), render_latency(stats), render_workers(stats)]
-    if stats.active_versions:
-        parts.append("active versions: " + escape(", ".join(f"{k}@{v}" for k, v in sorted(stats.active_versions.items()))))
+    # Every persona's version (swapped or not), as /metrics and the dashboard show them.
+    versions = stats.served_versions or stats.active_versions
+    if versions:
+        parts.append("active versions: " + escape(", ".join(f"{k}@{v}" for k, v in sorted(versions.items()))))
     if stats.stuck:
         parts.append(render_stuck(stats))
     return Group(*parts)
@@ -140,40 +144,102 @@ def render_all(stats: QueueStats) -> Group:
 @queue_app.command()
 @friendly_errors
 def stats(json_output: bool = typer.Option(False, "--json", help="print one JSON object")) -> None:
-    """Depth, oldest waiting age, in-flight and stuck work, latency p50/p95/p99, throughput, workers."""
-    figures = collect_stats(connect(get_settings()))
+    """Depth, oldest waiting age, in-flight and stuck work, latency p50/p95/p99, throughput, workers,
+    and the version each persona serves."""
+    settings = get_settings()
+    figures = collect_stats(connect(settings), personas=_personas(settings))
     if json_output:
         print(figures.model_dump_json())
         return
     console.print(render_all(figures))
 
 
-def _frame(client: redis.Redis, lost_since: float | None) -> tuple[Group | Text, float | None]:
-    """One frame of `watch`, and since when Redis could not be read (None: it could):
-    the figures, or why they cannot be read and since when."""
+def _personas(settings: Settings) -> dict[str, Persona]:
+    """The persona files this machine reads (those it cannot read are left out: `persona
+    personas validate` names them), so every persona's version is shown, not only the swapped."""
+    return PersonaRegistry.from_settings(settings).scan()[0]
+
+
+def _read(
+    client: redis.Redis, personas: dict[str, Persona], lost_since: float | None,
+) -> tuple[QueueStats | None, str, float | None]:
+    """One reading for `watch`: the figures, or why they cannot be read (and since when Redis
+    could not be read: None while it can)."""
     try:
-        return render_all(collect_stats(client)), None
+        return collect_stats(client, personas=personas), "", None
     except redis.exceptions.RedisError as exc:
         lost_since = lost_since or time.time()
         since = dt.datetime.fromtimestamp(lost_since).strftime("%H:%M:%S")
-        said = f"{explain_redis_error(exc)}\n(cannot read the queue since {since}; still trying: Ctrl-C stops)"
-        return Text(said, style="red"), lost_since
+        return None, f"{explain_redis_error(exc)} (cannot read the queue since {since}; still trying: Ctrl-C stops)", lost_since
+
+
+def summary_line(stats: QueueStats) -> str:
+    """The figures `watch` prints as one line a period when its output is not a terminal
+    (a file, `| tee`, a log collector)."""
+    waiting = ", ".join(f"{s.name.rsplit(':', 1)[-1]} {s.waiting}" for s in stats.streams)
+    parts = [
+        f"waiting {sum(s.waiting for s in stats.streams)} ({waiting})",
+        f"in flight {sum(s.in_flight for s in stats.streams)}",
+        f"oldest waiting {max((s.oldest_waiting_s for s in stats.streams), default=0.0):.1f}s",
+        f"completed {stats.completed}", f"failed {stats.failed}", f"dead letters {stats.dead_letters}",
+    ]
+    lat = stats.latency
+    if lat and lat.replies:
+        parts.append(f"p95 queue wait {lat.queue_ms.p95:.0f} ms, generation {lat.generate_ms.p95:.0f} ms")
+    if lat:
+        parts.append(f"{lat.replies_per_s:.2f} replies/s")
+    live = len(stats.workers) + len(stats.unreadable_workers)
+    parts.append(f"workers {live}" + ("" if live else " (nothing is answered: start `persona worker`)"))
+    if stats.stuck:
+        parts.append(f"stuck {len(stats.stuck)} (see `persona queue stats`)")
+    return "; ".join(parts)
+
+
+def _watch_live(client: redis.Redis, personas: dict[str, Persona], interval: float) -> None:
+    """A terminal: one screen of figures, redrawn in place."""
+    lost_since = None
+    with Live(render_all(collect_stats(client, personas=personas)), console=console, screen=False, auto_refresh=False) as live:
+        while True:
+            time.sleep(interval)
+            # A restarting Redis is said on screen and waited for: the watch used to end
+            # there, just when the operator most wanted to see it come back.
+            stats, problem, lost_since = _read(client, personas, lost_since)
+            live.update(render_all(stats) if stats else Text(problem, style="red"), refresh=True)
+
+
+def _watch_lines(client: redis.Redis, personas: dict[str, Persona], interval: float) -> None:
+    """Not a terminal: one timestamped line a period, and the versions whenever they change
+    (a live display there wrote nothing until it ended, and then only its last frame)."""
+    reading: tuple[QueueStats | None, str, float | None] = (collect_stats(client, personas=personas), "", None)
+    versions = None
+    while True:
+        stats, problem, lost_since = reading
+        now = dt.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
+        if stats is None:
+            print(f"{now} {problem}", flush=True)
+        else:
+            if stats.served_versions != versions:
+                versions = stats.served_versions
+                shown = ", ".join(f"{k}@{v}" for k, v in sorted(versions.items())) or "-"
+                print(f"{now} active versions: {shown}", flush=True)
+            print(f"{now} {summary_line(stats)}", flush=True)
+        time.sleep(interval)
+        reading = _read(client, personas, lost_since)
 
 
 @queue_app.command()
 @friendly_errors
 def watch(interval: float = typer.Option(1.0, min=0.2, help="seconds between refreshes")) -> None:
-    """The same figures as `stats`, refreshed live until Ctrl-C (through a Redis restart too)."""
-    client = connect(get_settings())
-    lost_since = None
+    """The same figures as `stats`, refreshed live until Ctrl-C (through a Redis restart too).
+
+    Into a file or a pipe (`| tee`), it prints one timestamped line of the main figures every
+    INTERVAL seconds instead, and the active versions whenever they change.
+    """
+    settings = get_settings()
+    client = connect(settings)
+    personas = _personas(settings)
     try:
-        with Live(render_all(collect_stats(client)), console=console, screen=False, auto_refresh=False) as live:
-            while True:
-                time.sleep(interval)
-                # A restarting Redis is said on screen and waited for: the watch used to end
-                # there, just when the operator most wanted to see it come back.
-                frame, lost_since = _frame(client, lost_since)
-                live.update(frame, refresh=True)
+        (_watch_live if console.is_terminal else _watch_lines)(client, personas, interval)
     except KeyboardInterrupt:
         pass
 
