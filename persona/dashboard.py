@@ -159,17 +159,9 @@ class PostsToSettle:
 
     def __call__(self) -> list[dict[str, str]]:
         if time.monotonic() - self._read_at >= self.every_s:
-            self._items = [item | {"command": _finishing_command(item)} for item in self.ledger.unsettled()]
+            self._items = self.ledger.unsettled()
             self._read_at = time.monotonic()
         return self._items
-
-
-def _finishing_command(item: dict[str, str]) -> str:
-    """What finishes a post that got no answer (as `persona posts uncertain` says): a person
-    looks and settles it, or, where a retry is safe, it is posted again."""
-    if item["state"] == "uncertain":
-        return f"persona posts settle {item['persona']} {item['slot']} --sink {item['sink']} --posted LINK"
-    return f"persona post {item['persona']} --slot {item['slot']}"
 
 
 class QueueCollector:

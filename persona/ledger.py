@@ -257,7 +257,9 @@ class PostLedger:
         return [_text(t) for t in self.redis.lrange(keys.recent_posts_key(persona), 0, count - 1)]
 
     def unsettled(self, persona: str | None = None) -> list[dict[str, str]]:
-        """Posts that got no answer and were left so, oldest first: persona, slot, sink, state, text, error, at, approval.
+        """Posts that got no answer and were left so, oldest first: persona, slot, sink, state, text, error, at,
+        approval, and command: what finishes it (`persona posts settle` once a person has looked,
+        or `persona post --slot` where posting again is safe).
 
         ``state`` is ``uncertain`` where a person must look (the sink cannot tell a repeat),
         or ``intent`` where the slot was closed with the sink unanswered although a retry
@@ -277,6 +279,7 @@ class PostLedger:
                         "persona": owner, "slot": slot, "sink": sink, "state": entry.state,
                         "text": record.get("text", ""), "error": entry.error, "at": str(entry.at),
                         "approval": record.get("approval", ""),
+                        "command": _finishing_command(owner, slot, sink, entry.state),
                     })
         return sorted(found, key=lambda item: float(item["at"]))
 
@@ -294,3 +297,10 @@ class PostLedger:
                     found.append(item)
             last = "(" + _text(batch[-1][0])
         return found[:count]
+
+
+def _finishing_command(persona: str, slot: str, sink: str, state: str) -> str:
+    """What finishes a post that got no answer: settle it (a person looked), or post it again (safe)."""
+    if state == "uncertain":
+        return f"persona posts settle {persona} {slot} --sink {sink} --posted LINK"
+    return f"persona post {persona} --slot {slot}"

@@ -164,8 +164,6 @@ def uncertain(
     from persona.ledger import PostLedger
 
     items = PostLedger(connect(get_settings())).unsettled(persona)
-    for item in items:
-        item["command"] = _finishing_command(item)
     if json_output:
         print(json.dumps(items, ensure_ascii=False))
         return
@@ -179,13 +177,6 @@ def uncertain(
                 else f"`{item['command']}`")
         table.add_row(*map(_plain, (item["persona"], item["slot"], item["sink"], item["text"], happened, todo)))
     console.print(table)
-
-
-def _finishing_command(item: dict[str, str]) -> str:
-    """The command that finishes a post that got no answer: settle it (a person looked), or post it again (safe)."""
-    if item["state"] == "uncertain":
-        return f"persona posts settle {item['persona']} {item['slot']} --sink {item['sink']} --posted LINK"
-    return f"persona post {item['persona']} --slot {item['slot']}"
 
 
 @posts_app.command("settle")
