@@ -257,13 +257,13 @@ class Worker:
         self.stopping.set()
 
     def _publish_heartbeat(self) -> None:
+        self.info.memory_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the first beat's too
         before = time.time()
         redis_now = heartbeat.publish(self.redis, self.info, self.settings.worker.heartbeat_ttl_s)
         self._redis_offset = redis_now - (before + time.time()) / 2
 
     def _beat(self) -> None:
         while not self._leaving.wait(self.settings.worker.heartbeat_s):
-            self.info.memory_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
             try:
                 self._publish_heartbeat()
             except redis.exceptions.RedisError as exc:

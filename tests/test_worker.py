@@ -627,3 +627,18 @@ def test_a_model_that_failed_to_load_is_not_loaded_again_at_every_request(
     third = client.submit(chat("late"))
     worker.step(block_ms=0)
     assert client.wait(third, timeout=30).ok
+
+
+def test_a_new_worker_s_first_heartbeat_carries_its_memory(running_worker, redis_client, settings):
+    """The first heartbeat said 0 MB: memory was read only between beats, so `persona queue
+    stats` and the page showed a new worker using no memory until its second beat."""
+    from persona import heartbeat
+
+    settings.worker.heartbeat_s = 3600  # only the first beat, at start
+    running_worker("w-new")
+    deadline = time.monotonic() + 30
+    while "w-new" not in heartbeat.live_worker_ids(redis_client):
+        assert time.monotonic() < deadline, "the worker never beat"
+        time.sleep(0.02)
+    (info,) = heartbeat.live_workers(redis_client, {"w-new"})
+    assert info.memory_mb > 10
