@@ -8,7 +8,8 @@ edited to mention the bot is answered, once; no other edit is (``on_message_edit
 reply chain, fetched message by message as llmcord does, is the conversation, less the
 bot's notices (``persona_words``). A slash command's answer quotes nothing, so the chain ends
 there; the exchange it answered is kept in Redis under its interaction's id, and the
-chain goes on from that. Elsewhere the conversation is the one kept in Redis. Slash
+chain goes on from that. Elsewhere the conversation is the one kept in Redis; a thread
+started from a message opens with that message's conversation (``thread_opening``). Slash
 commands: /ask, /persona, /reset, /retry, /cancel; and for operators (user ids or a
 role from the settings) /queue, /swap and /rollback, the same all-or-nothing swap as
 the CLI's. A command's refusal (a rate limit, the dm_policy, a switch the user may not
@@ -256,8 +257,27 @@ class PersonaBot(discord.Client):
         """The conversation a reply continues: its ancestors, oldest first. The parts of one
         long answer (each quoting the part before it) come back as one turn; an answer to a
         slash command brings the conversation it ended (``_slash_exchange``)."""
+        return await self._chain_from(await self._parent(message))
+
+    async def thread_opening(self, channel: discord.abc.Messageable) -> list[Message]:
+        """The conversation a thread started from a message ("Create Thread" on it) opens with:
+        that message and its reply chain, oldest first. [] for a thread started on its own, any
+        other channel, or while the API cannot say."""
+        starter = channel.starter_message if isinstance(channel, discord.Thread) else None
+        if starter is None:
+            parent_id = await self._parent_id(channel)
+            if not isinstance(parent_id, int):
+                return []
+            try:  # a thread started from a message has that message's id
+                starter = await self.get_partial_messageable(parent_id).fetch_message(channel.id)
+            except (discord.DiscordException, aiohttp.ClientError, OSError) as exc:
+                log.debug("thread %s: no message it was started from: %s", channel.id, exc)
+                return []
+        return await self._chain_from(starter)
+
+    async def _chain_from(self, current: discord.Message | None) -> list[Message]:
+        """The conversation that ends with ``current``: it and its ancestors, oldest first."""
         turns: list[Message] = []
-        current = await self._parent(message)
         for _ in range(MAX_CHAIN_MESSAGES):
             if current is None:
                 break
@@ -350,9 +370,12 @@ class PersonaBot(discord.Client):
             # In a DM the conversation kept in Redis is the whole of it; a chain there would end
             # at the replied-to answer (DM answers quote nothing) and forget all before it.
             history = await self.reply_chain(message) if replied_to_bot and not is_dm else None
+            # A thread's first question goes on from the message the thread was started from.
+            may_open_thread = not is_dm and parent is None
             async with keep_typing(message.channel.typing, TYPING_REFRESH_S):
                 reply = await self.responder.answer(
-                    where, text, history=history, notify=lambda notice: self.send_reply(message, notice)
+                    where, text, history=history, notify=lambda notice: self.send_reply(message, notice),
+                    opening=(lambda: self.thread_opening(message.channel)) if may_open_thread else None,
                 )
             await self.send_reply(message, reply)
 

@@ -211,15 +211,19 @@ class Responder:
 
     async def answer(
         self, where: Where, text: str, *, history: list[Message] | None = None, keep_as: str | None = None,
-        notify: Notify | None = None,
+        notify: Notify | None = None, opening: Callable[[], Awaitable[list[Message]]] | None = None,
     ) -> str:
         """Answer ``text``: the conversation so far (or ``history``) plus it, through the queue.
         ``keep_as``: also keep the exchange under that name (see ``kept``). ``notify``: how to
-        tell the asker something before the answer (that no worker is running)."""
+        tell the asker something before the answer (that no worker is running). ``opening``:
+        what the conversation opens with while none is kept (a Discord thread started from a
+        message: that message's conversation)."""
         note = LONG_MESSAGE_NOTE.format(chars=self._max_chars) if len(text) > self._max_chars else ""
         async with self._lock(where.scope):
             try:
                 turns = history if history is not None else await self.store.load(where.scope)
+                if not turns and history is None and opening is not None:
+                    turns = await opening()
                 turns = [*turns, Message(role="user", content=text)]
                 reply = await self._generate(where, turns, keep_as=keep_as, notify=notify)
             except REDIS_ERRORS as exc:

@@ -107,6 +107,14 @@ def _best_cut(window: str, opener: str) -> int:
     return space or len(window)
 
 
+def _cut(rest: str, opener: str, window_chars: int) -> int:
+    """Where to end a message that may hold ``window_chars`` characters of ``rest``."""
+    # A whitespace character just past the window is as good a cut as any inside.
+    window = rest[: window_chars + 1] if window_chars < len(rest) else rest[:window_chars]
+    cut = _best_cut(window, opener)
+    return _grapheme_floor(rest, min(cut, window_chars))
+
+
 def split_message(text: str, limit: int) -> list[str]:
     """Split ``text`` into messages of at most ``limit`` characters (code points) each."""
     if limit < MIN_LIMIT_CHARS:
@@ -120,11 +128,12 @@ def split_message(text: str, limit: int) -> list[str]:
         if len(whole) <= limit:
             chunks.append(whole)
             break
-        window_chars = limit - len(opener) - len(CLOSE_FENCE)
-        # A whitespace character just past the window is as good a cut as any inside.
-        window = rest[: window_chars + 1] if window_chars < len(rest) else rest[:window_chars]
-        cut = _best_cut(window, opener)
-        cut = _grapheme_floor(rest, min(cut, window_chars))
+        room = limit - len(opener)
+        cut = _cut(rest, opener, room)
+        piece = rest[:cut].rstrip()
+        if _fence_state(piece, opener) and len(piece) + len(CLOSE_FENCE) > room:
+            # It ends inside a code block, so its closing fence must fit too: cut earlier.
+            cut = _cut(rest, opener, room - len(CLOSE_FENCE))
         piece, rest = rest[:cut].rstrip(), rest[cut:]
         # Drop the separator: newlines only, so the next line keeps its indentation.
         rest = rest.lstrip("\n") if rest[:1] == "\n" else rest.lstrip()

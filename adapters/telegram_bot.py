@@ -13,9 +13,11 @@ does an answer that was on its way then. Replies are plain text split at Telegra
 queue works it shows "typing", refreshed every 4.5 s (Telegram shows it for 5 s). Flood
 control (``RetryAfter``) delays a message; it never drops it. A paste longer than a
 message, which Telegram's apps send in pieces, is answered once, as one message
-(``telegram_pastes``). A group message edited to mention the bot is answered, once; no other edit
-is (``on_edit``). Long polling by default; a webhook when ``PERSONA_TELEGRAM__WEBHOOK_URL``
-is set. The token is kept out of every log line (httpx logs request URLs, which hold it).
+(``telegram_pastes``). A group message edited to mention the bot is answered, once (a
+photo's caption too; an edited piece of a paste answers the whole paste); no other edit
+is (``on_edit``). A command it does not have gets the list of those it has. Long polling
+by default; a webhook when ``PERSONA_TELEGRAM__WEBHOOK_URL`` is set. The token is kept out
+of every log line (httpx logs request URLs, which hold it).
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ from adapters.typing_indicator import keep_typing
 from persona.errors import ConfigError
 from persona.settings import Settings, TelegramSettings
 
-__all__ = ["TelegramBot", "guard_token_in_logs", "run_telegram", "with_flood_control"]
+__all__ = ["TelegramBot", "guard_token_in_logs", "run_telegram", "unknown_command_text", "with_flood_control"]
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +124,12 @@ HELP_TEXT = (
     "Talk to me: in a private chat just write; in a group mention me or reply to me.\n"
     + "\n".join(f"/{name} - {about}" for name, about in COMMANDS)
 )
+
+
+
+def unknown_command_text(command: str) -> str:
+    """What a command the bot does not have gets: that, and the commands it has."""
+    return f"I don't know the command {command}.\n\n{HELP_TEXT}"
 
 
 _guarded_tokens: set[str] = set()
@@ -209,7 +217,7 @@ class TelegramBot:
         )
         self.responder: Responder | None = None
         self.access: AccessControl | None = None
-        self._pastes = Pastes(options.paste_window_s)
+        self._pastes = Pastes(options.paste_window_s, keep_s=EDIT_ANSWERED_WITHIN_S)
         # Group messages answered (or being answered), by (chat id, message id) → when, oldest
         # first: an edit never answers one of them again. Kept for EDIT_ANSWERED_WITHIN_S.
         self._answered: dict[tuple[int, int], float] = {}
@@ -226,8 +234,10 @@ class TelegramBot:
             ("reset", self.on_reset), ("retry", self.on_retry), ("cancel", self.on_cancel),
         ):
             app.add_handler(CommandHandler(name, handler, filters=new))
+        app.add_handler(MessageHandler(new & filters.COMMAND, self.on_unknown_command))  # none of the above
         app.add_handler(MessageHandler(new & filters.TEXT & ~filters.COMMAND, self.on_message))
-        app.add_handler(MessageHandler(filters.UpdateType.EDITED_MESSAGE & filters.TEXT & ~filters.COMMAND, self.on_edit))
+        edited = filters.UpdateType.EDITED_MESSAGE
+        app.add_handler(MessageHandler(edited & ((filters.TEXT & ~filters.COMMAND) | filters.ATTACHMENT), self.on_edit))
         app.add_handler(MessageHandler(new & filters.ATTACHMENT, self.on_not_text))
         app.add_handler(MessageHandler(filters.StatusUpdate.MIGRATE, self.on_migrate))
         app.add_error_handler(self.on_error)
@@ -372,14 +382,23 @@ class TelegramBot:
         message addressed to the bot before was answered then, so an edit there fixes a typo,
         and a second answer to one message would surprise. Only what this process answered is
         known, so an edit of a message sent before it started (a bot before a restart may have
-        answered it), or older than EDIT_ANSWERED_WITHIN_S, is left alone too."""
+        answered it), or older than EDIT_ANSWERED_WITHIN_S, is left alone too. An edited piece of
+        a paste answers the whole paste (still being gathered: it stands in it). A photo or file
+        whose caption is edited to mention the bot gets what one captioned so gets (``on_not_text``)."""
         message, chat = update.effective_message, update.effective_chat
         if message is None or chat is None or chat.type == ChatType.PRIVATE:
             return
         age_s = (dt.datetime.now(dt.UTC) - message.date).total_seconds()
         if message.date < self._started or age_s > EDIT_ANSWERED_WITHIN_S:
             return
-        await self._reply_to([update], context)
+        if message.text is None:
+            await self.on_not_text(update, context)
+            return
+        paste = self._pastes.edited(update)  # a piece of a paste: the paste is answered whole
+        if paste is None:
+            await self._reply_to([update], context)
+        elif paste:
+            await self._reply_to(paste, context)
 
     async def _reply_to(self, updates: list[Update], context: ContextTypes.DEFAULT_TYPE) -> None:
         """Answer these messages (one, or the pieces of a paste) as one, quoting the first: in a
@@ -404,6 +423,8 @@ class TelegramBot:
         have seen it; asking for text misleads nobody."""
         message, chat = update.effective_message, update.effective_chat
         if message is None or chat is None or self._addressed_text([message], chat, context) is None:
+            return
+        if not self._first_answer(chat, [message]):  # asked already; its caption edited since
             return
         if await self._admitted(update) and await self._within_limits(update):
             await self.say(update, NOT_TEXT_TEXT, quote=chat.type != ChatType.PRIVATE)
@@ -490,6 +511,17 @@ class TelegramBot:
             return written_as.id == chat.id
         member = await with_flood_control(lambda: chat.get_member(update.effective_user.id))
         return member.status in (ChatMemberStatus.ADMINISTRATOR, ChatMemberStatus.OWNER)
+
+    async def on_unknown_command(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """A command the bot does not have (/ask, a typo): say so and list those it has, rather
+        than stay silent, as if the bot were down. In a group, only one addressed to it
+        (/command@its_name): a bare /command there may be another bot's."""
+        message, chat = update.effective_message, update.effective_chat
+        command, _, addressee = (message.text or "").split(maxsplit=1)[0].partition("@")
+        if addressee.lower() != (context.bot.username or "").lower() and (addressee or chat.type != ChatType.PRIVATE):
+            return
+        if await self._admitted(update):
+            await self.say(update, unknown_command_text(command))
 
     async def on_reset(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         """Forget the conversation."""

@@ -5,7 +5,8 @@ was answered alone: several answers, each to a fragment (in a group, only the pi
 holding the mention). ``Pastes.gather`` holds a message long enough to be a piece for a
 short window; the next messages of the same sender in the same chat and topic join it,
 and a short one, which only a paste's last piece can be, ends it at once. A short message
-that follows no long one never waits.
+that follows no long one never waits. An edit of a piece (``Pastes.edited``) stands for it
+in its paste, so a paste edited to mention the bot is answered whole, not that piece alone.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
+from collections import OrderedDict
 
 from telegram import Update
 
@@ -26,6 +29,8 @@ log = logging.getLogger(__name__)
 # desktop app cuts each past half the limit (at a line break or space, which Telegram then
 # trims), the mobile apps at the limit. A message this long may be such a piece.
 PASTE_PIECE_MIN_UNITS = 2000
+# Pastes gathered, kept so that an edit of one of their pieces finds the others.
+MAX_REMEMBERED_PASTES = 256
 
 
 def utf16_units(text: str) -> int:
@@ -42,6 +47,11 @@ def join_pieces(texts: list[str]) -> str:
     return joined
 
 
+def _identity(update: Update) -> tuple[int, int]:
+    """A message's chat and id: message ids are counted per chat."""
+    return update.effective_message.chat_id, update.effective_message.message_id
+
+
 class Paste:
     """The pieces of one paste, as they arrive."""
 
@@ -54,6 +64,14 @@ class Paste:
         self.updates.append(update)
         self.ended = self.ended or last
         self._more.set()
+
+    def holds(self, update: Update) -> bool:
+        """Whether that message (in its first version, or an edit) is a piece of this paste."""
+        return any(_identity(u) == _identity(update) for u in self.updates)
+
+    def replace(self, update: Update) -> None:
+        """Put an edited piece where the piece it edits was."""
+        self.updates = [update if _identity(u) == _identity(update) else u for u in self.updates]
 
     async def complete(self, window_s: float) -> list[Update]:
         """The pieces, oldest first, once the last came (a short one) or none came for ``window_s``."""
@@ -74,9 +92,40 @@ class Pastes:
     follow within that window join it, and a short one, which only a paste's last piece can be,
     ends it at once. A short message that follows no long one never waits."""
 
-    def __init__(self, window_s: float) -> None:
+    def __init__(self, window_s: float, keep_s: float = 3600.0) -> None:
         self.window_s = window_s
+        self.keep_s = keep_s
         self._open: dict[tuple, Paste] = {}
+        self._ending: set[Paste] = set()  # ended by their last piece, not yet handed back
+        # Every piece of a gathered paste, by (chat id, message id).
+        self._pieces: dict[tuple[int, int], Paste] = {}
+        self._gathered: OrderedDict[Paste, float] = OrderedDict()  # oldest first
+
+    def edited(self, update: Update) -> list[Update] | None:
+        """The paste an edited message is a piece of, with the edit in its place, oldest first;
+        [] when that paste is still being gathered (the edit then stands in it, and the handler
+        of its first piece answers it); None when the message is no piece of a paste known."""
+        for paste in [*self._open.values(), *self._ending]:
+            if paste.holds(update):
+                paste.replace(update)
+                return []
+        found = self._pieces.get(_identity(update))
+        if found is None:
+            return None
+        found.replace(update)
+        return sorted(found.updates, key=lambda u: u.effective_message.message_id)
+
+    def _remember(self, paste: Paste) -> None:
+        """Keep a gathered paste for ``keep_s`` (and at most MAX_REMEMBERED_PASTES of them)."""
+        now = time.monotonic()
+        self._gathered[paste] = now
+        self._pieces.update(dict.fromkeys(map(_identity, paste.updates), paste))
+        while self._gathered and (
+            len(self._gathered) > MAX_REMEMBERED_PASTES or next(iter(self._gathered.values())) < now - self.keep_s
+        ):
+            old, _ = self._gathered.popitem(last=False)
+            for update in old.updates:
+                self._pieces.pop(_identity(update), None)
 
     async def gather(self, key: tuple, update: Update) -> list[Update]:
         """The messages to answer as one, oldest first; [] when this one joined a paste, which
@@ -88,6 +137,7 @@ class Pastes:
             paste.add(update, last=not long)
             if paste.ended:
                 del self._open[key]
+                self._ending.add(paste)
             return []
         if not long or self.window_s <= 0:
             return [update]
@@ -97,6 +147,8 @@ class Pastes:
         finally:
             if self._open.get(key) is paste:
                 del self._open[key]
+            self._ending.discard(paste)
         if len(updates) > 1:
             log.info("a paste in %d pieces from %s is answered as one message", len(updates), key)
+            self._remember(paste)
         return updates

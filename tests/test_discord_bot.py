@@ -673,3 +673,41 @@ async def test_a_reply_to_the_no_worker_notice_leaves_the_notice_out_of_the_conv
         await fake_api.user_message("hello?", reply_to=notice)
         await fake_api.wait_for(lambda: len(fake_api.sent) == 3)
     assert [(m.role, m.content) for m in seen[-1].messages] == [("user", "anyone home?"), ("user", "hello?")]
+
+
+async def thread_from(fake_api: FakeDiscord, message: dict, *, announced: bool = True) -> int:
+    """A thread started from ``message`` ("Create Thread" on it): Discord gives it the message's id."""
+    made = await fake_api.thread(parent_id=int(message["channel_id"]), announced=False)
+    thread = fake_api.threads.pop(made) | {"id": message["id"]}
+    fake_api.threads[int(thread["id"])] = thread
+    if announced:
+        await fake_api.dispatch("THREAD_CREATE", thread)
+    return int(thread["id"])
+
+
+async def test_a_thread_started_from_an_answer_continues_its_conversation(start_bot, fake_api, discord_settings):
+    """Someone starts a thread on the bot's answer and asks in it, "@bot tell me more": the bot
+    knew nothing of the answer the thread is about. The thread now opens with the conversation of
+    the message it was started from (its reply chain), and goes on with its own."""
+    with scripted_worker(discord_settings, echo) as seen:
+        await start_bot()
+        await fake_api.user_message("what is rain?", mention_bot=True)
+        await fake_api.wait_for(lambda: len(fake_api.sent) == 1)
+        thread = await thread_from(fake_api, fake_api.sent[0])
+        await fake_api.user_message("tell me more", mention_bot=True, channel_id=thread)
+        await fake_api.wait_for(lambda: len(fake_api.sent) == 2)
+        await fake_api.user_message("and snow?", mention_bot=True, channel_id=thread)
+        await fake_api.wait_for(lambda: len(fake_api.sent) == 3)
+        someones = await fake_api.user_message("our trip is on Friday", author_id=333)
+        uncached = await thread_from(fake_api, someones, announced=False)  # from before the bot started, say
+        await fake_api.user_message("will it rain?", mention_bot=True, channel_id=uncached)
+        await fake_api.wait_for(lambda: len(fake_api.sent) == 4)
+        plain = await fake_api.thread()  # started on its own: no message to continue
+        await fake_api.user_message("hello", mention_bot=True, channel_id=plain)
+        await fake_api.wait_for(lambda: len(fake_api.sent) == 5)
+    asked = [[(m.role, m.content) for m in request.messages] for request in seen]
+    first_answer = ("assistant", "echo: user=what is rain?")
+    assert asked[1] == [("user", "what is rain?"), first_answer, ("user", "tell me more")]
+    assert asked[2][:3] == asked[1] and asked[2][-1] == ("user", "and snow?")
+    assert asked[3] == [("user", "our trip is on Friday"), ("user", "will it rain?")]
+    assert asked[4] == [("user", "hello")]

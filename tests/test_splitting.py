@@ -132,3 +132,15 @@ def test_an_unclosed_fence_is_closed():
 def test_limit_too_small_is_refused():
     with pytest.raises(ValueError):
         split_message("x", 10)
+
+
+def test_a_message_with_no_code_block_open_fills_the_whole_limit():
+    """Room for a closing fence was kept in every message, code or not: a paragraph of 1,998
+    characters lost its last word to the next message, and a long link was cut in two."""
+    paragraph = " ".join(["word"] * 399) + " end"  # 1,998 characters
+    assert split_message(paragraph + "\n\nnext paragraph", DISCORD_MESSAGE_LIMIT_CHARS) == [paragraph, "next paragraph"]
+    link = "https://example.com/" + "x" * 1975
+    assert split_message(f"see {link} ok", DISCORD_MESSAGE_LIMIT_CHARS) == [f"see {link}", "ok"]
+    code = "```\n" + "\n".join(["x = 1"] * 400) + "\n```"  # a block still open at a cut keeps room to close
+    assert all(len(chunk) <= DISCORD_MESSAGE_LIMIT_CHARS and fences_balanced(chunk)
+               for chunk in split_message(code, DISCORD_MESSAGE_LIMIT_CHARS))

@@ -740,3 +740,81 @@ async def test_an_edit_of_a_message_from_before_the_bot_started_is_not_answered(
         await fake_api.wait_for(lambda: len(fake_api.sent) == 1)
         await asyncio.sleep(0.3)
     assert fake_api.texts() == ["echo: ping"]
+
+
+async def test_a_group_photo_whose_caption_is_edited_to_mention_the_bot_is_asked_for_text_once(
+    start_bot, fake_api, telegram_settings
+):
+    """A photo posted to a group, then its caption edited to add the bot's @mention, met silence,
+    where a text edited that way is answered. It gets the sentence a photo captioned that way
+    gets, once; a photo addressed to the bot from the start is not asked twice by an edit."""
+    with scripted_worker(telegram_settings, echo) as seen:
+        await start_bot()
+        photo = fake_api.push_media("photo", caption="look at this", chat_id=GROUP, chat_type="group")
+        fake_api.edit_message(photo, f"look at this @{BOT_USERNAME}")
+        await fake_api.wait_for(lambda: len(fake_api.sent) == 1)
+        fake_api.edit_message(photo, f"look at this, @{BOT_USERNAME}")  # a typo fixed
+        addressed = fake_api.push_media("document", caption=f"@{BOT_USERNAME} read this", chat_id=GROUP, chat_type="group")
+        await fake_api.wait_for(lambda: len(fake_api.sent) == 2)
+        fake_api.edit_message(addressed, f"@{BOT_USERNAME} read this, please")
+        fake_api.push_message("ping")  # handed out after every edit
+        await fake_api.wait_for(lambda: len(fake_api.sent) == 3)
+        await asyncio.sleep(0.3)
+    assert fake_api.texts() == [NOT_TEXT_TEXT, NOT_TEXT_TEXT, "echo: ping"]
+    assert [m["reply_parameters"]["message_id"] for m in fake_api.sent[:2]] == [photo["message_id"], addressed["message_id"]]
+    assert len(seen) == 1  # a caption is not asked of a worker
+
+
+async def test_a_paste_edited_to_mention_the_bot_is_answered_whole_once(start_bot, fake_api, telegram_settings):
+    """A long paste in a group, sent in pieces without the bot's @mention, then one piece edited to
+    add it: the answer was to that piece alone, a fragment. Now the whole paste is answered, once,
+    whether the edit comes after the paste was gathered or while it still was."""
+    telegram_settings.queue.max_message_chars = 20_000
+    with scripted_worker(telegram_settings, lambda request: f"{len(request.messages[-1].content.split())} words") as seen:
+        await start_bot(context_chars=20_000, paste_window_s=1.0)
+        pieces = fake_api.paste(PASTE, chat_id=GROUP, chat_type="group")
+        await asyncio.sleep(0.5)  # gathered (its last piece is short): not addressed to the bot
+        fake_api.edit_message(pieces[1], pieces[1]["text"] + f" @{BOT_USERNAME}")
+        await fake_api.wait_for(lambda: len(fake_api.sent) == 1)
+        fake_api.edit_message(pieces[2], pieces[2]["text"] + f" @{BOT_USERNAME}")  # answered already
+
+        long_pieces = fake_api.paste("y " * 4000, chat_id=GROUP, chat_type="group", user_id=2002)
+        assert [len(p["text"]) for p in long_pieces] == [4095, 3903]  # both long: the window stays open
+        fake_api.edit_message(long_pieces[1], f"@{BOT_USERNAME} " + long_pieces[1]["text"])  # within it
+        await fake_api.wait_for(lambda: len(fake_api.sent) == 2)
+        fake_api.push_message("ping")
+        await fake_api.wait_for(lambda: len(fake_api.sent) == 3)
+        await asyncio.sleep(0.3)
+    assert fake_api.texts() == [f"{len(PASTE.split())} words", "4000 words", "1 words"]
+    assert [m["reply_parameters"]["message_id"] for m in fake_api.sent[:2]] == [
+        pieces[0]["message_id"], long_pieces[0]["message_id"]]
+    assert len(seen) == 3
+
+
+async def test_an_unknown_command_is_told_the_commands_there_are(start_bot, fake_api, telegram_settings):
+    """/ask (Discord's way to ask) or a typo met silence, as if the bot were down. In a group only
+    one addressed to the bot is told: a bare /command there may be another bot's."""
+    with scripted_worker(telegram_settings, echo) as seen:
+        await start_bot()
+        fake_api.push_message("/ask what is patience?")
+        await fake_api.wait_for(lambda: len(fake_api.sent) == 1)
+        fake_api.push_message("/hepl")
+        await fake_api.wait_for(lambda: len(fake_api.sent) == 2)
+        fake_api.push_message("/roll", chat_id=GROUP, chat_type="group")  # another bot's
+        fake_api.push_message("/roll@dice_bot", chat_id=GROUP, chat_type="group")
+        fake_api.push_message(f"/hepl@{BOT_USERNAME}", chat_id=GROUP, chat_type="group")
+        await fake_api.wait_for(lambda: len(fake_api.sent) == 3)
+        fake_api.push_message("//hello")  # no command: text, answered as such
+        await fake_api.wait_for(lambda: len(fake_api.sent) == 4)
+        await asyncio.sleep(0.3)
+    unknown = [f"I don't know the command {command}.\n\n{HELP_TEXT}" for command in ("/ask", "/hepl", "/hepl")]
+    assert fake_api.texts() == [*unknown, "echo: //hello"]
+    assert fake_api.sent[2]["chat_id"] == GROUP
+    assert len(seen) == 1
+
+
+async def test_an_unknown_command_follows_the_access_policy(start_bot, fake_api):
+    await start_bot(dm_policy="allowlist", allowed_users=[1001])
+    fake_api.push_message("/ask hello", user_id=5, chat_id=5)
+    await fake_api.wait_for(lambda: len(fake_api.sent) == 1)
+    assert fake_api.texts() == [NOT_ALLOWED_TEXT]

@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -95,9 +96,9 @@ class FakeTelegram:
             own = as_chat == chat_id
             message["sender_chat"] = message["chat"] if own else {"id": as_chat, "type": "channel", "title": "a channel"}
             message["from"] = ANONYMOUS_ADMIN if own else CHANNEL_BOT
-        if text.startswith("/"):
-            command = text.split()[0]
-            message["entities"] = [{"type": "bot_command", "offset": 0, "length": len(command)}]
+        command = re.match(r"/\w{1,64}(@\w+)?", text, re.ASCII)  # as Telegram marks one: not "//x" or "/ x"
+        if command:
+            message["entities"] = [{"type": "bot_command", "offset": 0, "length": command.end()}]
         return self._push(message)
 
     def paste(self, text: str, *, reply_to: dict | None = None, **kwargs) -> list[dict]:
@@ -168,8 +169,10 @@ class FakeTelegram:
         return message
 
     def edit_message(self, message: dict, text: str) -> dict:
-        """Queue the user's edit of an earlier message (an ``edited_message`` update)."""
-        edited = {**message, "text": text, "edit_date": int(time.time())}
+        """Queue the user's edit of an earlier message (an ``edited_message`` update): of its text,
+        or of its caption if it is a photo, file...: that is what Telegram lets one edit there."""
+        field_name = "text" if "text" in message else "caption"
+        edited = {**message, field_name: text, "edit_date": int(time.time())}
         self.updates.append({"update_id": next(self._ids), "edited_message": edited})
         self._new_update.set()
         return edited
