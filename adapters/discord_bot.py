@@ -551,7 +551,8 @@ class PersonaBot(discord.Client):
             return
         await interaction.response.defer(ephemeral=True, thinking=True)  # a swap takes seconds
         try:
-            text = await asyncio.to_thread(self._run_swap, name.strip().lower(), target)
+            by = f"discord:{interaction.user} ({interaction.user.id})"  # the swap log says which operator
+            text = await asyncio.to_thread(self._run_swap, name.strip().lower(), target, by)
         except PersonaError as exc:
             text = str(exc)
         except Exception as exc:  # the operator hears what failed rather than nothing
@@ -559,7 +560,7 @@ class PersonaBot(discord.Client):
             text = f"The swap failed: {exc}"
         await self._respond(interaction, text, ephemeral=True)
 
-    def _run_swap(self, name: str, target: str | None) -> str:
+    def _run_swap(self, name: str, target: str | None, by: str) -> str:
         client = connect(self.settings)
         try:
             persona = PersonaRegistry.from_settings(self.settings).get(name)
@@ -569,7 +570,7 @@ class PersonaBot(discord.Client):
                 return f"{persona.name} already serves {target}."
             if not live_workers(client):
                 return "No worker is running to load it; start one, or run `persona swap` on the server."
-            outcome = swaps.swap_persona(client, persona, target, kind=kind, timeout_s=SWAP_TIMEOUT_S)
+            outcome = swaps.swap_persona(client, persona, target, kind=kind, timeout_s=SWAP_TIMEOUT_S, by=by)
             if not outcome.committed:
                 return outcome.problem
             was = outcome.proposal.previous

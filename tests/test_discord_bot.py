@@ -427,6 +427,7 @@ async def test_operators_swap_and_roll_back_a_checkpoint_on_the_live_workers(
     await fake_api.slash("rollback", {"persona": "dc"}, author_id=555)
     await fake_api.wait_for(lambda: any("now serves base" in t for t in fake_api.texts()), timeout=120)
     assert swaps.active_versions(redis_client)["dc"] == "base"
+    assert [entry["by"] for entry in swaps.swap_log(redis_client, persona="dc")] == ["discord:ada (555)"] * 2
 
 
 async def test_the_token_never_reaches_the_logs(start_bot, fake_api, discord_settings, caplog):
