@@ -155,12 +155,17 @@ def test_discord_channel_with_the_bot_token_and_a_nonce(settings, platform):
     sink = make_sink("discord:123456789012345678", changed)
     posted = sink.post("Tend the garden daily.", "sage:s1:discord")
     assert posted.id == "1200000000000000001"
-    me, message = platform.seen
+    # The link names the channel's server (it named @me, a direct message's place, for every channel).
+    assert posted.url == "https://discord.com/channels/777/123456789012345678/1200000000000000001"
+    me, message, channel = platform.seen
+    assert channel["path"] == "/api/v10/channels/123456789012345678"
     assert me["headers"]["Authorization"] == "Bot discord-bot-token"
     assert message["path"] == "/api/v10/channels/123456789012345678/messages"
     assert message["json"]["content"] == "Tend the garden daily."
     assert message["json"]["enforce_nonce"] is True and len(message["json"]["nonce"]) == 25
     assert Route.BASE == "https://discord.com/api/v10"  # put back for everyone else
+    platform.discord_guild_id = None  # a direct message's channel
+    assert sink.post("Tend it again.", "sage:s2:discord").url.startswith("https://discord.com/channels/@me/123456789012345678/")
 
 
 def test_discord_needs_a_numeric_channel_and_a_token(settings):

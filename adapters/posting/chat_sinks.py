@@ -98,7 +98,8 @@ class DiscordSink:
             with handle_message_parameters(content=text, nonce=nonce) as params:
                 params.payload["enforce_nonce"] = True  # a repeat within minutes gets the first message back
                 message = await http.send_message(self.channel, params=params)
-        return self._posted(message)
+            place = await self._place(http)
+        return self._posted(message, place)
 
     async def _find(self, text: str) -> Posted | None:
         import discord
@@ -106,6 +107,7 @@ class DiscordSink:
         try:
             async with self._session() as (http, bot):
                 latest = await http.logs_from(self.channel, DISCORD_LOOKBACK_MESSAGES)
+                place = await self._place(http)
         except SinkError as exc:
             if not isinstance(exc.__cause__, discord.Forbidden):
                 raise
@@ -114,10 +116,23 @@ class DiscordSink:
             return None
         mine = (m for m in latest if str(m.get("author", {}).get("id")) == str(bot["id"]) and m.get("content") == text)
         found = next(mine, None)
-        return self._posted(found) if found is not None else None
+        return self._posted(found, place) if found is not None else None
 
-    def _posted(self, message: dict) -> Posted:
-        return Posted(id=str(message["id"]), url=f"https://discord.com/channels/@me/{self.channel}/{message['id']}")
+    async def _place(self, http: HTTPClient) -> str:
+        """The server the channel is in, as a message's link names it (``@me`` for a direct
+        message, or where the channel cannot be read: the post is made, only its link is off)."""
+        import aiohttp
+        import discord
+
+        try:
+            channel = await http.get_channel(self.channel)
+        except (discord.HTTPException, aiohttp.ClientError, OSError, TimeoutError) as exc:
+            log.warning("%s: cannot read the channel (%s); its posts' links name no server", self.spec, one_line(exc))
+            return "@me"
+        return str(channel.get("guild_id") or "@me")
+
+    def _posted(self, message: dict, place: str) -> Posted:
+        return Posted(id=str(message["id"]), url=f"https://discord.com/channels/{place}/{self.channel}/{message['id']}")
 
     @contextlib.asynccontextmanager
     async def _session(self) -> AsyncIterator[tuple[HTTPClient, dict]]:

@@ -62,6 +62,7 @@ class FakePlatform:
     discord_limits: list[float] = field(default_factory=list)  # retry_after of the next posts' 429s
     bluesky_login_fails_with: int | None = None  # createSession's status (401 is fail_with's)
     discord_history_forbidden: bool = False  # reading a channel's messages answers 403
+    discord_guild_id: str | None = "777"  # the server of every channel (None: a direct message's)
     telegram_messages: list[dict] = field(default_factory=list)  # as sent
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -231,6 +232,11 @@ def _routes(fake: FakePlatform) -> web.Application:
         return web.Response(body=json.dumps(mine[::-1][: int(request.query.get("limit", 50))]).encode(),
                             headers={"Content-Type": "application/json"})
 
+    async def channel(request):
+        await record(request)
+        made = {"id": request.match_info["channel"], "type": 1 if fake.discord_guild_id is None else 0}
+        return _discord_json(made if fake.discord_guild_id is None else made | {"guild_id": fake.discord_guild_id})
+
     async def telegram(request):
         seen = await record(request)
         method = request.match_info["method"]
@@ -270,6 +276,7 @@ def _routes(fake: FakePlatform) -> web.Application:
     app.router.add_get("/api/v10/users/@me", me)
     app.router.add_post("/api/v10/channels/{channel}/messages", channel_message)
     app.router.add_get("/api/v10/channels/{channel}/messages", channel_history)
+    app.router.add_get("/api/v10/channels/{channel}", channel)
     app.router.add_post("/bot{token}/{method}", telegram)
     return app
 
