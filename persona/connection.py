@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from urllib.parse import urlparse
+from pathlib import Path
+from urllib.parse import parse_qs, urlparse
 
 import redis
 import redis.asyncio
@@ -96,10 +97,52 @@ def _refusal(exc: redis.exceptions.RedisError, url: str) -> PersonaError:
     if isinstance(exc, redis.exceptions.ResponseError):
         return ConfigError(f"Redis at {describe_url(url)} refused the session PERSONA_REDIS_URL asks for: {said}. "
                            "Check the URL's database number (/0 is always there) and user")
-    tls = " (rediss:// is TLS: does that port speak it?)" if url.startswith("rediss://") else ""
+    tls = _tls_refusal(said, url)
+    if tls is not None:
+        return tls
+    if url.startswith("rediss://"):
+        hint = " (rediss:// is TLS: does that port speak it?)"
+    elif any(words in said for words in _PLAIN_TO_TLS):
+        hint = " (a Redis that speaks only TLS closes plain connections: if it does, the URL is rediss://)"
+    else:
+        hint = ""
     return RedisUnavailable(
-        f"cannot reach Redis at {describe_url(url)}: {said}{tls}. Is it running? "
+        f"cannot reach Redis at {describe_url(url)}: {said}{hint}. Is it running? "
         "`persona up` starts one; PERSONA_REDIS_URL points elsewhere"
+    )
+
+
+# What a plain connection to a TLS port meets once its first command is sent.
+_PLAIN_TO_TLS = ("Connection reset by peer", "Connection closed by server")
+# The files a rediss:// URL may name, and what each is.
+_TLS_FILES = {"ssl_ca_certs": "CA certificate", "ssl_certfile": "client certificate", "ssl_keyfile": "client key"}
+
+
+def _tls_refusal(said: str, url: str) -> ConfigError | None:
+    """A TLS handshake that failed for a setting to fix (a file the URL names is missing,
+    the server's certificate is not trusted or names another host): waiting for Redis
+    cannot help, and "is it running?" sent people looking in the wrong place."""
+    if not url.startswith("rediss://"):
+        return None
+    where = describe_url(url)
+    query = parse_qs(urlparse(url).query)
+    for option, what in _TLS_FILES.items():
+        for path in query.get(option, []):
+            if not Path(path).is_file():
+                return ConfigError(f"the {what} file that PERSONA_REDIS_URL names ({option}={path}) "
+                                   f"does not exist; fix the path in the URL ({where})")
+    if "CERTIFICATE_VERIFY_FAILED" not in said:
+        return None
+    if "mismatch" in said:
+        return ConfigError(
+            f"Redis at {where} has a TLS certificate for another name: {said}. Put the host name "
+            "the certificate names in PERSONA_REDIS_URL (an IP address rarely is one), or add "
+            "ssl_check_hostname=false to its query (…/0?ssl_check_hostname=false)"
+        )
+    return ConfigError(
+        f"Redis at {where} has a TLS certificate this machine does not trust: {said}. Name the "
+        "CA certificate that signed it in PERSONA_REDIS_URL (rediss://HOST:PORT/0?ssl_ca_certs="
+        "/path/to/ca.pem), or skip the check: ssl_cert_reqs=none in its query"
     )
 
 

@@ -6,7 +6,13 @@ of two streams, interactive or batch, refused with ``QueueBusy`` once the stream
 once however often its submission is sent (redis-py re-sends a call whose reply a
 dropped connection lost), and a caller reads its reply without removing it (BLMOVE of
 the list onto itself), so a reply lost on the way back is read again on the retry; the
-caller deletes the lists it has read with its next call.
+caller deletes the lists it has read with its next call, and keeps the replies it has
+read (the latest ``REPLIES_KEPT``), so waiting again for a request answered already
+returns its reply at once. A wait rides out Redis restarting (its connection refused or
+dropped) until the request's deadline: the request is still queued, and its reply is
+read once Redis is back. A wait that ends without a reply says why: no worker answered
+in time, the request is not in the queue (never submitted, or lost with a Redis that
+keeps nothing over a restart), or its reply was read already or expired unread.
 
 Workers (``WorkQueue``) read both streams through one consumer group, interactive first,
 and answer through a script that delivers a reply at most once per request id, counts
@@ -18,6 +24,8 @@ told so. A worker that leaves hands its unfinished entries back first.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -56,6 +64,10 @@ WAIT_SLACK_S = 5.0
 WAIT_SLICE_S = 2.0
 # BLMOVE treats 0 as "forever": the last slice is never shorter than this.
 MIN_SLICE_S = 0.01
+# While Redis cannot be reached (restarting), a wait tries again this often until its deadline.
+OUTAGE_PAUSE_S = 1.0
+# Replies a client keeps after reading them, for a second wait on the same request.
+REPLIES_KEPT = 256
 RECLAIM_BATCH = 100
 # Read with every claim, after its entries: the cancel epoch and the active versions.
 _READ_EPOCH = ("GET", keys.CANCEL_EPOCH_KEY)
@@ -146,10 +158,20 @@ def _check_submitted(outcome: bytes | str | None, request: GenerationRequest, se
         )
 
 
-def _wait_seconds(request: GenerationRequest, timeout: float | None) -> float:
+def _wait_seconds(request: GenerationRequest, timeout: float | None, settings: QueueSettings) -> float:
+    """How long to wait: ``timeout``, else until the deadline (the one the queue stamps, for
+    a request as it was before ``submit``: a wait on that one used to give up after 1 s)."""
     if timeout is not None:
         return timeout
-    return max(1.0, request.deadline - time.time() + WAIT_SLACK_S)
+    deadline = request.deadline or request.created_at + settings.default_deadline_s
+    return max(1.0, deadline - time.time() + WAIT_SLACK_S)
+
+
+def _outage(exc: redis.exceptions.RedisError) -> bool:
+    """Whether an error is Redis out of reach for now (restarting, loading its data), which a
+    wait rides out; not a refused password, which waiting cannot mend."""
+    refused = (redis.exceptions.AuthenticationError, redis.exceptions.AuthorizationError)
+    return isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError) and not isinstance(exc, refused)
 
 
 def _slice(left_s: float) -> float:
@@ -157,18 +179,41 @@ def _slice(left_s: float) -> float:
 
 
 def _cancel(pipe, request_id: str, settings: QueueSettings) -> None:
-    """Queue a cancellation on a MULTI pipeline: the flag, and the epoch workers compare."""
+    """Queue a cancellation on a MULTI pipeline: the request's mark (see ``_withdrew``), the
+    flag, and the epoch workers compare. The flag is set whatever the mark says: a request
+    whose submission is still on its way is withdrawn as it is added."""
+    pipe.get(keys.answered_key(request_id))
     pipe.set(keys.cancel_key(request_id), 1, ex=settings.reply_ttl_s)
     pipe.incr(keys.CANCEL_EPOCH_KEY)
 
 
-def _decode_reply(raw: bytes | None, request: GenerationRequest) -> GenerationReply:
-    if raw is None:
-        raise ReplyTimeout(
-            f"no worker answered request {request.id} for persona {request.persona!r} in time; "
-            "is a worker running (`persona worker`, or `persona up`)? See `persona queue stats`"
+def _withdrew(results: list) -> bool:
+    """Whether a cancellation found its request waiting or running (its mark '': queued, not
+    answered), rather than answered already or not in the queue (an unknown id)."""
+    mark = results[0]
+    return mark is not None and not mark
+
+
+def _no_reply(request: GenerationRequest, mark: bytes | str | None, settings: QueueSettings) -> ReplyTimeout:
+    """Why a wait ended without a reply, from the request's mark (see ``constants``): queued
+    and not answered yet (''), answered by the worker it names, or not in the queue (None)."""
+    if mark is None:
+        return ReplyTimeout(
+            f"request {request.id} for persona {request.persona!r} is not in the queue: it was never "
+            "submitted (submit it, or use ask), or Redis lost it (a Redis that keeps nothing over a "
+            "restart), or it was answered over a day ago. Submit it again to have it answered"
         )
-    return GenerationReply.from_json(raw)
+    if mark:
+        worker = mark.decode(errors="replace") if isinstance(mark, bytes) else mark
+        return ReplyTimeout(
+            f"request {request.id} was answered (by worker {worker}), but its reply is "
+            f"gone: it was read already, by another client (keep the reply wait returns), or it waited "
+            f"unread past {settings.reply_ttl_s} s. Submit it again with a new id for a new answer"
+        )
+    return ReplyTimeout(
+        f"no worker answered request {request.id} for persona {request.persona!r} in time; "
+        "is a worker running (`persona worker`, or `persona up`)? See `persona queue stats`"
+    )
 
 
 def _pairs(flat: list | None, decode: bool = True) -> dict:
@@ -199,6 +244,9 @@ class _Caller:
         # also expires on its own, after the reply TTL: one noted by another thread just
         # as they are taken is left to that.)
         self._spent: list[str] = []
+        # The replies read, by request id (the newest REPLIES_KEPT): a second wait for one
+        # returns it, where its deleted list would have kept that wait to its deadline.
+        self._replies: dict[str, GenerationReply] = {}
 
     def _take_spent(self) -> list[str]:
         spent, self._spent = self._spent, []
@@ -210,11 +258,41 @@ class _Caller:
         _take(pipe, keys.reply_key(request.id), left, self._take_spent())
         return pipe
 
-    def _reply(self, request: GenerationRequest, got) -> GenerationReply:
-        """The reply read (noting its list as spent), or ReplyTimeout if none came."""
-        if got is not None:
-            self._spent.append(keys.reply_key(request.id))
-        return _decode_reply(got, request)
+    def _read(self, request: GenerationRequest, got: bytes | None) -> GenerationReply | None:
+        """The reply read, if one came (its list noted as spent, the reply kept)."""
+        if got is None:
+            return None
+        self._spent.append(keys.reply_key(request.id))
+        reply = self._replies[request.id] = GenerationReply.from_json(got)
+        if len(self._replies) > REPLIES_KEPT:
+            with contextlib.suppress(StopIteration, RuntimeError, KeyError):  # another thread's turn
+                del self._replies[next(iter(self._replies))]
+        return reply
+
+    def _looking(self, request: GenerationRequest):
+        """A pipeline that reads the request's mark and its reply, if it is there after all."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.get(keys.answered_key(request.id))
+        pipe.lindex(keys.reply_key(request.id), 0)
+        return pipe
+
+    def _found(self, request: GenerationRequest, looked: list) -> GenerationReply:
+        """The reply a last look found (``_looking``), else ReplyTimeout saying why there is none."""
+        mark, got = looked
+        reply = self._read(request, got)
+        if reply is None:
+            raise _no_reply(request, mark, self.settings)
+        return reply
+
+    def _outage_left(self, request: GenerationRequest, exc: redis.exceptions.RedisError, give_up: float) -> float:
+        """How long to pause before trying a wait again that Redis being out of reach cut
+        short; re-raises ``exc`` if the wait's time is up or the error is not an outage."""
+        left = give_up - time.monotonic()
+        if left <= 0 or not _outage(exc):
+            raise exc
+        log.warning("waiting for request %s: Redis cannot be reached (%s); trying again until its deadline",
+                    request.id, exc)
+        return min(OUTAGE_PAUSE_S, left)
 
     def _asking(self, request: GenerationRequest, give_up: float):
         """A pipeline that submits the request and starts waiting (see ``_ask_pipeline``)."""
@@ -252,28 +330,34 @@ class QueueClient(_Caller):
         return stamped
 
     def wait(self, request: GenerationRequest, timeout: float | None = None) -> GenerationReply:
-        """Block until the request's reply arrives; ReplyTimeout if none does."""
-        return self._wait(request, time.monotonic() + _wait_seconds(request, timeout))
+        """Block until the request's reply arrives (at once for one this client has read
+        already), riding out Redis restarting; ReplyTimeout, saying why, if none does."""
+        return self._wait(request, time.monotonic() + _wait_seconds(request, timeout, self.settings))
 
     def _wait(self, request: GenerationRequest, give_up: float, got=None) -> GenerationReply:
-        while got is None and (left := give_up - time.monotonic()) > 0:
-            got = self._waiting(request, left).execute()[-1]
-        return self._reply(request, got)
+        reply = self._read(request, got) if got is not None else self._replies.get(request.id)
+        while reply is None and (left := give_up - time.monotonic()) > 0:
+            try:
+                reply = self._read(request, self._waiting(request, left).execute()[-1])
+            except redis.exceptions.RedisError as exc:
+                time.sleep(self._outage_left(request, exc, give_up))
+        return reply if reply is not None else self._found(request, self._looking(request).execute())
 
     def ask(self, request: GenerationRequest, timeout: float | None = None) -> GenerationReply:
         """Submit and wait: one round trip through the queue (one to Redis, too)."""
         check_request(request, self.settings)
         request = _stamp(request, self.settings)
-        give_up = time.monotonic() + _wait_seconds(request, timeout)
+        give_up = time.monotonic() + _wait_seconds(request, timeout, self.settings)
         outcome, *_, got = self._asking(request, give_up).execute()
         _check_submitted(outcome, request, self.settings)
         return self._wait(request, give_up, got)
 
-    def cancel(self, request_id: str) -> None:
-        """Withdraw a request that is still waiting or running."""
+    def cancel(self, request_id: str) -> bool:
+        """Withdraw a request that is still waiting or running (its caller is answered
+        "cancelled"). False if there was none to withdraw: answered already, or not in the queue."""
         pipe = self.redis.pipeline(transaction=True)
         _cancel(pipe, request_id, self.settings)
-        pipe.execute()
+        return _withdrew(pipe.execute())
 
 
 class AsyncQueueClient(_Caller):
@@ -287,25 +371,29 @@ class AsyncQueueClient(_Caller):
         return request
 
     async def wait(self, request: GenerationRequest, timeout: float | None = None) -> GenerationReply:
-        return await self._wait(request, time.monotonic() + _wait_seconds(request, timeout))
+        return await self._wait(request, time.monotonic() + _wait_seconds(request, timeout, self.settings))
 
     async def _wait(self, request: GenerationRequest, give_up: float, got=None) -> GenerationReply:
-        while got is None and (left := give_up - time.monotonic()) > 0:
-            got = (await self._waiting(request, left).execute())[-1]
-        return self._reply(request, got)
+        reply = self._read(request, got) if got is not None else self._replies.get(request.id)
+        while reply is None and (left := give_up - time.monotonic()) > 0:
+            try:
+                reply = self._read(request, (await self._waiting(request, left).execute())[-1])
+            except redis.exceptions.RedisError as exc:
+                await asyncio.sleep(self._outage_left(request, exc, give_up))
+        return reply if reply is not None else self._found(request, await self._looking(request).execute())
 
     async def ask(self, request: GenerationRequest, timeout: float | None = None) -> GenerationReply:
         check_request(request, self.settings)
         request = _stamp(request, self.settings)
-        give_up = time.monotonic() + _wait_seconds(request, timeout)
+        give_up = time.monotonic() + _wait_seconds(request, timeout, self.settings)
         outcome, *_, got = await self._asking(request, give_up).execute()
         _check_submitted(outcome, request, self.settings)
         return await self._wait(request, give_up, got)
 
-    async def cancel(self, request_id: str) -> None:
+    async def cancel(self, request_id: str) -> bool:
         pipe = self.redis.pipeline(transaction=True)
         _cancel(pipe, request_id, self.settings)
-        await pipe.execute()
+        return _withdrew(await pipe.execute())
 
 
 @dataclass

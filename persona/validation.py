@@ -16,6 +16,12 @@ def request_problem(request: GenerationRequest, limits: QueueSettings) -> str | 
             return "a chat request must end with the user's message"
         if not request.messages[-1].content.strip():
             return "the message is empty; say something"
+    if any(message.role == "system" for message in request.messages):
+        # It was dropped without a word: the persona answered as if it had not been sent.
+        return (
+            "a request cannot carry a system message: a persona's system prompt is prompt.system "
+            "in its file (`persona personas show NAME`); send the conversation as user and assistant turns"
+        )
     if len(request.messages) > limits.max_messages:
         return f"the conversation has {len(request.messages)} turns; at most {limits.max_messages} are accepted"
     for message in request.messages:
@@ -29,8 +35,22 @@ def request_problem(request: GenerationRequest, limits: QueueSettings) -> str | 
     return None
 
 
+# A deadline is a time (epoch seconds); one before this was meant as a duration ("30").
+EARLIEST_DEADLINE = 1_000_000_000.0  # September 2001
+
+
 def check_request(request: GenerationRequest, limits: QueueSettings) -> None:
-    """Raise InvalidRequest if the request breaks the limits."""
+    """Raise InvalidRequest if the request breaks the limits, or its deadline is not a time."""
     problem = request_problem(request, limits)
+    if problem is None and request.deadline and request.deadline < EARLIEST_DEADLINE:
+        # Queued, it was answered at once with "waited past its deadline; please ask again",
+        # and asking again did the same. (A deadline that has only just passed still goes:
+        # its worker answers it with a timeout, as it would a moment later.)
+        after = f"{request.deadline:g}" if request.deadline >= 1 else "30"
+        problem = (
+            f"the deadline {request.deadline:g} is not a time: it is in epoch seconds "
+            f"(time.time() + {after} for {after} s from now), or 0 for the queue's default "
+            f"({limits.default_deadline_s:g} s)"
+        )
     if problem:
         raise InvalidRequest(problem)

@@ -21,7 +21,7 @@ from persona.contract import (
     Timings,
 )
 from persona.errors import InvalidRequest, QueueBusy, ReplyTimeout
-from persona.queue import AsyncQueueClient, Job, WorkQueue
+from persona.queue import AsyncQueueClient, Job, QueueClient, WorkQueue
 from persona.telemetry import Tally, record_replies
 
 
@@ -64,6 +64,15 @@ def test_invalid_requests_are_refused_before_queueing(settings, client):
     with pytest.raises(InvalidRequest, match="empty"):
         client.submit(chat("   "))
     assert client.redis.xlen(keys.STREAM_INTERACTIVE) == 0
+
+
+def test_a_system_message_is_refused_not_dropped(client):
+    """The prompt never had a place for it: it was dropped without a word, and the persona
+    answered as if the caller's instruction had not been sent."""
+    request = GenerationRequest(persona="sage", messages=[Message(role="system", content="Answer in French."),
+                                                          Message(role="user", content="hi")])
+    with pytest.raises(InvalidRequest, match=r"cannot carry a system message: a persona's system prompt is prompt.system"):
+        client.submit(request)
 
 
 def test_control_characters_are_stripped():
@@ -138,6 +147,67 @@ def test_waiting_without_a_worker_times_out_clearly(client):
     request = client.submit(chat())
     with pytest.raises(ReplyTimeout, match="is a worker running"):
         client.wait(request, timeout=0.2)
+
+
+def _answer_soon(work: WorkQueue, after_s: float, text: str = "answered"):
+    """A thread that claims one request after ``after_s`` and answers it."""
+    import threading
+
+    def answer() -> None:
+        time.sleep(after_s)
+        [job] = work.claim("w1", 10, block_ms=1000)
+        work.deliver([(job, GenerationReply(id=job.request.id, ok=True, text=text))], "w1")
+
+    thread = threading.Thread(target=answer, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_wait_on_the_request_as_it_was_before_submit_waits_until_its_deadline(client, work):
+    """An integrator who keeps their own request (deadline 0, as built) rather than the one
+    submit returns: the wait gave up after 1 s, saying no worker answered."""
+    request = chat()
+    client.submit(request)
+    answering = _answer_soon(work, 1.5)
+    assert client.wait(request).text == "answered"
+    answering.join()
+
+
+def test_a_reply_waited_for_twice_comes_back_twice(client, work):
+    """The second wait ran to its deadline and said no worker had answered: the reply's list
+    was deleted by the client's next call, as it should be, once read."""
+    request = client.submit(chat())
+    _answer_soon(work, 0).join()
+    first = client.wait(request, timeout=5)
+    with pytest.raises(ReplyTimeout):
+        client.wait(client.submit(chat("another")), timeout=0.1)  # this call deletes the list read
+    assert client.redis.llen(keys.reply_key(request.id)) == 0
+    started = time.monotonic()
+    assert client.wait(request, timeout=5) == first
+    assert time.monotonic() - started < 0.5
+
+
+def test_a_wait_without_a_reply_says_why_there_is_none(settings, client, work, redis_client):
+    with pytest.raises(ReplyTimeout, match="is not in the queue: it was never submitted"):
+        client.wait(chat(), timeout=0.1)
+    request = client.submit(chat())
+    _answer_soon(work, 0).join()
+    client.wait(request, timeout=5)
+    redis_client.delete(keys.reply_key(request.id))  # its list deleted, as the reader's next call does
+    elsewhere = QueueClient(redis_client, settings.queue)
+    with pytest.raises(ReplyTimeout, match=r"was answered \(by worker w1\), but its reply is gone: it was read already"):
+        elsewhere.wait(request, timeout=0.1)
+
+
+def test_a_deadline_given_as_a_duration_is_refused_saying_it_is_a_time(client):
+    """deadline=30 (meant as "30 s") was queued, answered at once with "waited past its
+    deadline; please ask again", and asking again did the same."""
+    with pytest.raises(InvalidRequest, match=r"deadline 30 is not a time: it is in epoch seconds \(time.time\(\) \+ 30"):
+        client.submit(chat(deadline=30))
+    with pytest.raises(InvalidRequest, match="epoch seconds"):
+        client.ask(chat(deadline=-1), timeout=0.1)
+    assert client.redis.xlen(keys.STREAM_INTERACTIVE) == 0
+    assert client.submit(chat(deadline=time.time() - 1)).deadline  # just passed: its worker answers it
 
 
 def test_dead_workers_entries_are_reclaimed_at_once(client, work):
@@ -352,6 +422,18 @@ async def test_async_ask_is_one_round_trip_through_the_queue(settings, redis_url
         assert (await waiting).text == "pong"
     finally:
         await async_redis.aclose()
+
+
+def test_a_cancellation_says_whether_it_found_a_request_to_withdraw(client, work):
+    """It said nothing: a typo in an id, or a request answered already, looked withdrawn."""
+    assert client.cancel("no-such-request") is False
+    answered = client.submit(chat("answered"))
+    _answer_soon(work, 0).join()
+    assert client.cancel(answered.id) is False
+    waiting = client.submit(chat("waiting"))
+    assert client.cancel(waiting.id) is True
+    [job] = work.claim("w1", 10, block_ms=100)
+    assert work.cancelled([job]) == {waiting.id}
 
 
 def test_cancel_flags_are_read_only_for_requests_sent_before_a_cancellation(client, work):

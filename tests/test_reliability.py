@@ -230,3 +230,75 @@ def test_a_worker_stopping_while_redis_is_down_leaves_its_rows_to_others(
         assert not thread.is_alive()
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("side", ["sync", "async"])
+def test_a_wait_rides_out_redis_restarting_and_reads_the_reply_after(tmp_path: Path, settings, side):
+    """Redis restarting while a caller waits: the request is still queued (persistence), so
+    the wait goes on until its deadline and reads the reply once Redis is back. It used to
+    end with "lost the connection" once the client's reconnects ran out (about 9 s), and
+    the answer was generated for nobody. (This client does not reconnect at all, so the
+    outage need not be long.)"""
+    import asyncio
+    import threading
+
+    import redis.asyncio
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    from persona.contract import GenerationReply
+    from persona.queue import AsyncQueueClient, WorkQueue
+
+    server = EmbeddedRedis(tmp_path / "own-redis")
+    url = server.start(unix_socket=False)
+    port = server.port
+    try:
+        WorkQueue(redis.Redis.from_url(url), settings.queue)  # the group
+        request = QueueClient(redis.Redis.from_url(url), settings.queue).submit(
+            GenerationRequest(persona="sage", messages=[Message(role="user", content="still there?")]))
+        time.sleep(1.2)  # appendfsync everysec
+
+        def restart_and_answer() -> None:
+            time.sleep(0.5)
+            server.stop()
+            time.sleep(1.5)
+            server.start(port=port, unix_socket=False)
+            work = WorkQueue(redis.Redis.from_url(url), settings.queue)
+            [job] = work.claim("w", 10, block_ms=1000)
+            work.deliver([(job, GenerationReply(id=job.request.id, ok=True, text="here"))], "w")
+
+        restarting = threading.Thread(target=restart_and_answer, daemon=True)
+        restarting.start()
+        if side == "sync":
+            client = QueueClient(redis.Redis.from_url(url, retry=Retry(NoBackoff(), 0)), settings.queue)
+            reply = client.wait(request, timeout=20)
+        else:
+            async def wait() -> GenerationReply:
+                caller = redis.asyncio.Redis.from_url(url, retry=redis.asyncio.retry.Retry(NoBackoff(), 0))
+                try:
+                    return await AsyncQueueClient(caller, settings.queue).wait(request, timeout=20)
+                finally:
+                    await caller.aclose()
+
+            reply = asyncio.run(wait())
+        restarting.join()
+        assert reply.text == "here"
+    finally:
+        server.stop()
+
+
+def test_a_wait_still_ends_when_redis_stays_down(tmp_path: Path, settings):
+    """Riding out an outage stops at the wait's deadline, with Redis's own error."""
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    server = EmbeddedRedis(tmp_path / "own-redis")
+    url = server.start(unix_socket=False)
+    request = QueueClient(redis.Redis.from_url(url), settings.queue).submit(
+        GenerationRequest(persona="sage", messages=[Message(role="user", content="anyone?")]))
+    server.stop()
+    client = QueueClient(redis.Redis.from_url(url, retry=Retry(NoBackoff(), 0)), settings.queue)
+    started = time.monotonic()
+    with pytest.raises(redis.exceptions.ConnectionError):
+        client.wait(request, timeout=1.5)
+    assert 1.4 < time.monotonic() - started < 4
