@@ -209,6 +209,7 @@ def test_a_dead_letter_can_be_shown_whole_and_dropped_for_good(settings, redis_c
     assert list_dead(redis_client) == [good]
     assert persona("drop", good.id).returncode == 0
     assert list_dead(redis_client) == [] and int(redis_client.hget(keys.STATS_KEY, "dropped")) == 2
+    assert persona("dead").stdout == "no dead letters\n"  # not an empty table
 
 
 def test_dead_letters_holding_brackets_are_listed_as_written(settings, redis_client, redis_url):

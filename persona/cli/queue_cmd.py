@@ -266,6 +266,8 @@ def dead(
         if warning or note:  # beside the lines, not among them
             err_console.print(f"[yellow]warning:[/yellow] {escape(warning)}" if warning else escape(note), highlight=False)
         return
+    if not letters:  # an empty table, its title and a rule, looked like output cut short
+        console.print("no dead letters")
     table = Table(title=f"dead letters ({len(letters)} of {held} shown, newest first)", header_style="bold")
     for column in ("id", "request", "persona", "deliveries", "when", "reason"):
         table.add_column(column)
@@ -275,8 +277,8 @@ def dead(
         # ("[/var/log/x]", a closing tag) ended the command with a traceback.
         table.add_row(escape(d.id), escape(d.request_id or "(malformed)"), escape(d.persona), str(d.deliveries), when,
                       escape(d.reason))
-    console.print(table)
     if letters:
+        console.print(table)
         console.print(
             "see one whole with [bold]persona queue show ID[/bold]; re-queue one with [bold]persona queue retry ID[/bold] "
             "(or all with [bold]--all[/bold]); delete one for good with [bold]persona queue drop ID[/bold]"
