@@ -233,3 +233,30 @@ def test_a_corpus_already_read_is_not_read_again(settings: Settings, tiny_gpt2_d
     corpus_file.write_text("not a corpus any more\n")  # read again, it would be refused
     done = train_persona(settings, "once", corpus_file, config(tiny_gpt2_dir), corpus=data)
     assert done.checkpoint.corpus_fingerprint == data.fingerprint
+
+
+def test_an_interrupted_run_names_its_corpus_absolutely(settings: Settings, tiny_gpt2_dir: Path, corpus_file: Path,
+                                                        monkeypatch: pytest.MonkeyPatch):
+    """run.json kept --corpus as typed ("sayings.jsonl"): `--resume` from another directory,
+    and the command it was told to run, read a corpus that is not there."""
+    monkeypatch.chdir(corpus_file.parent)
+    done = train_persona(settings, "where", Path(corpus_file.name), config(tiny_gpt2_dir, eval_every=1),
+                         reporter=Recorder(stop_at=1))
+    assert done.checkpoint is None
+    assert json.loads((run_dir(settings, "where") / "run.json").read_text())["corpus"] == str(corpus_file.resolve())
+
+
+def test_a_run_folder_counts_its_linked_weights_once(tmp_path: Path):
+    """The saved state links the best weights: `du` counts them once, and so must the size an
+    interrupted run says it keeps."""
+    from training.runs import run_size_bytes
+
+    folder = tmp_path / "run"
+    (folder / "best").mkdir(parents=True)
+    (folder / "best" / "model.safetensors").write_bytes(b"w" * 100_000)
+    (folder / "weights-3").mkdir()
+    (folder / "weights-3" / "model.safetensors").hardlink_to(folder / "best" / "model.safetensors")
+    one = run_size_bytes(folder)
+    assert 100_000 <= one < 200_000
+    (folder / "state.pt").write_bytes(b"s" * 100_000)
+    assert run_size_bytes(folder) >= one + 100_000

@@ -18,7 +18,7 @@ from pathlib import Path
 from persona.engine import llamacpp_available
 from persona.errors import ConfigError, ModelError
 from persona.gguf_files import GGUF_TYPES, unwritable, write_gguf
-from persona.models import load_model
+from persona.models import LoadedModel, load_model
 from persona.personas import Persona
 from persona.pool import resolve_checkpoint
 from persona.settings import Settings
@@ -46,9 +46,14 @@ def export_persona(
     # Absolute: the folder is staged beside it, and "." (an empty folder the user is in) has
     # no name to stage beside.
     out_dir = out_dir.expanduser().resolve()
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"{out_dir} is a file; name a new folder for the model with -o")
+    if out_dir.exists() and any(out_dir.iterdir()):
         raise ConfigError(f"{out_dir} already exists and is not empty; choose a new folder")
     version_name, checkpoint = resolve_checkpoint(persona, settings, version)
+    if checkpoint is None and version:
+        raise ModelError(f"--checkpoint {version} names the base model, not a fine-tuned checkpoint; name a "
+                         f"version (`persona checkpoints {persona.name}` lists them)")
     if checkpoint is None:
         raise ModelError(
             f"persona {persona.name!r} has no fine-tuned checkpoint to export; "
@@ -56,39 +61,70 @@ def export_persona(
         )
     if gguf and gguf not in GGUF_TYPES:
         raise ConfigError(f"unknown GGUF type {gguf!r}; choose one of {', '.join(GGUF_TYPES)}")
-    loaded = load_model(persona.model.base, checkpoint, cache_dir=settings.model_cache_dir, device="cpu", dtype="float32")
-    if gguf:
-        why = unwritable(loaded.config, loaded.tokenizer)
-        if why is None and not llamacpp_available():
-            why = "llama-cpp-python is not installed"
-        if why is not None:
-            raise ModelError(
-                f"no GGUF can be written for this checkpoint: {why} "
-                "(a Llama-family or GPT-2 model with a byte-level BPE vocabulary, and `pip install '.[fast]'`); "
-                "export without --gguf"
-            )
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    # Made before the model loads (minutes for a big one): a place it cannot write was a
+    # traceback after the wait.
+    staging = _staging_beside(out_dir)
     try:
-        loaded.model.save_pretrained(staging)
-        loaded.tokenizer.save_pretrained(staging)
+        loaded = load_model(persona.model.base, checkpoint, cache_dir=settings.model_cache_dir,
+                            device="cpu", dtype="float32")
         if gguf:
-            write_gguf(loaded.model, loaded.tokenizer, staging / f"{persona.name}-{version_name}.{gguf}.gguf", gguf)
-        (staging / "README.md").write_text(
-            f"# {persona.speaker} ({persona.name} {version_name})\n\n"
-            f"Exported by `persona export` from `{checkpoint}` on base `{persona.model.base}`; "
-            "any LoRA adapter is merged in.\n\n"
-            "```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
-            "model = AutoModelForCausalLM.from_pretrained(FOLDER)\n"
-            "tokenizer = AutoTokenizer.from_pretrained(FOLDER)\n```\n"
-        )
-        _as_made_by_hand(staging)
-        if out_dir.exists():  # an empty folder made for it (a shell may be in it): filled, not replaced
-            for item in staging.iterdir():
-                item.rename(out_dir / item.name)
-        else:
-            staging.rename(out_dir)
+            why = unwritable(loaded.config, loaded.tokenizer)
+            if why is None and not llamacpp_available():
+                why = "llama-cpp-python is not installed"
+            if why is not None:
+                raise ModelError(
+                    f"no GGUF can be written for this checkpoint: {why} "
+                    "(a Llama-family or GPT-2 model with a byte-level BPE vocabulary, and `pip install '.[fast]'`); "
+                    "export without --gguf"
+                )
+        try:
+            _write(staging, loaded, persona, version_name, checkpoint, gguf)
+            if out_dir.exists():  # an empty folder made for it (a shell may be in it): filled, not replaced
+                for item in staging.iterdir():
+                    item.rename(out_dir / item.name)
+            else:
+                staging.rename(out_dir)
+        except OSError as exc:  # a full disk, mostly: nothing half written is left
+            free_mb = shutil.disk_usage(out_dir.parent).free / 2**20
+            raise ConfigError(f"could not write the model to {out_dir} ({free_mb:.0f} MB free there): "
+                              f"{exc.strerror or exc}; make room or choose another -o") from exc
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     log.info("exported %s %s to %s", persona.name, version_name, out_dir)
     return out_dir
+
+
+def _staging_beside(out_dir: Path) -> Path:
+    """A new private folder beside ``out_dir``, its parents made; where that cannot be, why."""
+    if (blocking := next((p for p in out_dir.parents if p.exists() and not p.is_dir()), None)) is not None:
+        raise ConfigError(f"{blocking} is a file, so {out_dir} cannot be made under it; choose another -o")
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # read-only, not allowed: was a traceback after the model loaded
+        raise ConfigError(f"cannot make the folder {exc.filename or out_dir.parent}: {exc.strerror or exc}; "
+                          "choose another -o") from None
+    try:
+        return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    except OSError as exc:
+        raise ConfigError(f"cannot write in {out_dir.parent}: {exc.strerror or exc}; choose another -o") from None
+
+
+def _write(staging: Path, loaded: LoadedModel, persona: Persona, version_name: str, checkpoint: Path, gguf: str | None) -> None:
+    """The model folder's files: weights, tokenizer, any GGUF, a README saying what it is."""
+    loaded.model.save_pretrained(staging)
+    loaded.tokenizer.save_pretrained(staging)
+    gguf_line = ""
+    if gguf:
+        gguf_name = f"{persona.name}-{version_name}.{gguf}.gguf"
+        write_gguf(loaded.model, loaded.tokenizer, staging / gguf_name, gguf)
+        gguf_line = f"`{gguf_name}` is the same model as one GGUF file ({gguf}) for llama.cpp or Ollama.\n\n"
+    (staging / "README.md").write_text(
+        f"# {persona.speaker} ({persona.name} {version_name})\n\n"
+        f"Exported by `persona export` from `{checkpoint}` on base `{persona.model.base}`; "
+        "any LoRA adapter is merged in.\n\n"
+        f"{gguf_line}"
+        "```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
+        "model = AutoModelForCausalLM.from_pretrained(FOLDER)\n"
+        "tokenizer = AutoTokenizer.from_pretrained(FOLDER)\n```\n"
+    )
+    _as_made_by_hand(staging)

@@ -47,7 +47,17 @@ from persona.settings import Settings
 from training.corpus import Corpus, read_corpus, write_corpus
 from training.trainer import RUN_FILE, Reporter, TrainConfig, TrainResult, train
 
-__all__ = ["TrainedPersona", "corpus_file", "model_card", "persona_template", "run_dir", "saved_run_config", "train_persona"]
+__all__ = [
+    "TrainedPersona",
+    "corpus_file",
+    "model_card",
+    "persona_template",
+    "run_corpus",
+    "run_dir",
+    "run_size_bytes",
+    "saved_run_config",
+    "train_persona",
+]
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +75,33 @@ class TrainedPersona:
 def run_dir(settings: Settings, name: str) -> Path:
     """Where a persona's unfinished run keeps its resumable state."""
     return settings.data_dir / "runs" / name
+
+
+def run_size_bytes(folder: Path) -> int:
+    """The disk space a run folder takes, each file counted once: the best weights and the
+    saved state's link to them are one file under two names."""
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for parent, _folders, files in os.walk(folder):
+        for file in files:
+            try:
+                info = os.lstat(os.path.join(parent, file))
+            except OSError:  # removed while we counted
+                continue
+            if (info.st_dev, info.st_ino) not in seen:
+                seen.add((info.st_dev, info.st_ino))
+                total += info.st_blocks * 512
+    return total
+
+
+def run_corpus(settings: Settings, name: str) -> Path | None:
+    """The corpus file a persona's unfinished run started on, as its ``run.json`` names it."""
+    record = run_dir(settings, name) / RUN_FILE
+    try:
+        corpus = json.loads(record.read_text()).get("corpus")
+    except (OSError, ValueError):  # no run, or a record cut short
+        return None
+    return Path(corpus) if corpus else None
 
 
 def _absolute_base(base: str) -> str:
@@ -92,7 +129,7 @@ def _training_lock(settings: Settings, name: str) -> Iterator[None]:
             holder = f"process {pid}" if pid else "another process"
             raise ModelError(
                 f"persona {name!r} is already being trained (by {holder}); wait for that run "
-                f"to finish, or stop it and continue it with `persona train {name} --corpus FILE --resume`"
+                f"to finish, or stop it and continue it with `persona train {name} --resume`"
             ) from None
         # A run that ended between our open and our lock removed the file we hold: lock the one there now.
         if _same_file(lock, path):
@@ -126,11 +163,12 @@ def _same_file(opened, path: Path) -> bool:
 
 
 def corpus_file(settings: Settings, name: str, corpus_path: Path, corpus: Corpus) -> Path:
-    """Where the run, its persona file and ``--resume`` find the corpus: ``corpus_path``, or for a
+    """Where the run, its persona file and ``--resume`` find the corpus: ``corpus_path`` made
+    absolute (a run resumed from another directory found no ``corpus.jsonl`` there), or for a
     corpus read from a pipe (``--corpus <(zcat c.jsonl.gz)``), which cannot be read twice, a copy
     kept in the data directory's ``corpora/``."""
     if corpus_path.is_file():
-        return corpus_path
+        return corpus_path.resolve()
     kept = settings.data_dir / "corpora" / f"{name}-{corpus.fingerprint}.jsonl"
     if not kept.is_file():
         try:
@@ -285,7 +323,9 @@ def _train_and_register(settings: Settings, name: str, corpus_path: Path, corpus
     if resume:  # checked before the base is prepared (converting the bundled one takes a while)
         saved = json.loads((folder / RUN_FILE).read_text()) if (folder / RUN_FILE).is_file() else {}
         if saved.get("corpus_fingerprint") not in (None, corpus.fingerprint):
-            raise CorpusError(f"{corpus_path} is not the corpus this run started on; resume with the same corpus")
+            began_on = f" ({saved['corpus']})" if saved.get("corpus") else ""
+            raise CorpusError(f"{corpus_path} is not the corpus this run started on{began_on}; resume with the "
+                              "same corpus")
     if on_ready is not None:
         on_ready()
     base_dir = resolve_base(config.base, settings.model_cache_dir)

@@ -9,6 +9,7 @@ import time
 import warnings
 from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
@@ -25,6 +26,10 @@ from rich.text import Text
 
 from persona.cli.common import console, err_console, friendly_errors, get_settings
 from persona.errors import ConfigError, CorpusError
+
+if TYPE_CHECKING:
+    from persona.personas import Persona
+    from persona.settings import Settings
 
 __all__ = ["RichReporter", "corpus_build", "eval_", "export", "generate", "register", "resume_command", "train"]
 
@@ -153,17 +158,39 @@ def _warn_nothing_held_out(why: str) -> None:
     )
 
 
-def _warn_replacing(name: str, saved_state: Path, corpus: Path) -> None:
+def _warn_replacing(settings: Settings, name: str, saved_state: Path, corpus: Path) -> None:
     """A new run is about to throw away NAME's unfinished one: how to keep it instead."""
-    from training.trainer import RUN_FILE
+    from training.runs import run_corpus
 
     saved_at = time.strftime("%Y-%m-%d %H:%M", time.localtime(saved_state.stat().st_mtime))
-    record = saved_state.with_name(RUN_FILE)
-    began_on = Path(json.loads(record.read_text()).get("corpus", corpus)) if record.is_file() else corpus
+    began_on = run_corpus(settings, name) or corpus
     err_console.print(
         f"[yellow]warning:[/yellow] persona {name!r} has an unfinished run (last saved {saved_at}); this new "
         f"run replaces it. To continue that one instead, stop now (Ctrl-C) while the model loads, then run "
         f"`{escape(resume_command(name, began_on))}`", highlight=False)
+
+
+def _size(size_bytes: int) -> str:
+    """A size as a person reads it: 1.5 GB, 312 KB."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if size_bytes >= scale:
+            return f"{size_bytes / scale:.1f} {unit}" if size_bytes < 10 * scale else f"{size_bytes / scale:.0f} {unit}"
+    return f"{size_bytes} bytes"
+
+
+def _kept_run(settings: Settings, name: str, resumable: bool) -> str:
+    """What an interrupted run leaves on disk, and how to free it: a --full run of the bundled
+    model kept 1.5 GB in the data directory, without a word, until it was resumed."""
+    from training.runs import run_dir, run_size_bytes
+
+    folder = run_dir(settings, name)
+    if not folder.is_dir():
+        return ""
+    size = _size(run_size_bytes(folder))
+    delete = shlex.join(["rm", "-r", str(folder)])
+    if resumable:
+        return f"\nthe run's saved state takes {size} in {folder}; if you will not continue it, delete it with `{delete}`"
+    return f"\nits folder {folder} ({size}) holds nothing to continue; delete it with `{delete}`"
 
 
 def _size_line(train: list[str], validation: list[str], base: str | None) -> str:
@@ -263,8 +290,9 @@ def _print_samples(target: Console, texts: list[str]) -> None:
 
 
 def resume_command(name: str, corpus: Path) -> str:
-    """The command that continues NAME's interrupted run, quoted for a shell."""
-    return shlex.join(["persona", "train", name, "--corpus", str(corpus), "--resume"])
+    """The command that continues NAME's interrupted run, quoted for a shell; it works from any
+    directory (a relative corpus is named from here)."""
+    return shlex.join(["persona", "train", name, "--corpus", str(corpus.absolute()), "--resume"])
 
 
 # --resume continues a run as it started: only these may be given with it (any other
@@ -276,7 +304,8 @@ RESUME_OPTIONS = frozenset({"name", "corpus", "resume", "max_minutes", "threads"
 def train(
     ctx: typer.Context,
     name: str = typer.Argument(..., help="the persona to train (created if it does not exist)"),
-    corpus: Path = typer.Option(..., "--corpus", help="a corpus from `persona corpus build`"),
+    corpus: Path = typer.Option(None, "--corpus", help="a corpus from `persona corpus build` (required; with "
+                                "--resume, the one the run started on unless named)"),
     base: str = typer.Option(None, help="base model: 'smollm2' (bundled) or a local HF model folder"),
     lora: bool = typer.Option(True, "--lora/--full", help="train a LoRA adapter (default) or all weights"),
     steps: int = typer.Option(None, min=1, help="optimiser steps to run"),
@@ -295,7 +324,13 @@ def train(
     from pydantic import ValidationError
 
     from training.corpus import read_corpus
-    from training.runs import corpus_file, run_dir, saved_run_config, train_persona
+    from training.runs import (
+        corpus_file,
+        run_corpus,
+        run_dir,
+        saved_run_config,
+        train_persona,
+    )
     from training.trainer import STATE_FILE, TrainConfig
 
     settings = get_settings()
@@ -316,7 +351,12 @@ def train(
         config = saved_run_config(settings, name)
         if max_minutes is not None:
             config = config.model_copy(update={"max_minutes": max_minutes})
+        if corpus is None:
+            corpus = _resumed_corpus(name, run_corpus(settings, name))
     else:
+        if corpus is None:
+            raise ConfigError("--corpus is required: name the corpus to train on, written by "
+                              "`persona corpus build SRC... -o corpus.jsonl`")
         from persona.errors import UnknownPersona
         from persona.personas import PersonaRegistry
 
@@ -332,17 +372,18 @@ def train(
         except ValidationError as exc:  # was a pydantic traceback (--learning-rate 0, --device gpu)
             raise ConfigError("; ".join(_option_problem(e) for e in exc.errors())) from None
     data = read_corpus(corpus)  # read once: big ones take a while
-    if (kept := corpus_file(settings, name, corpus, data)) != corpus:  # a pipe: read once, kept for later
-        console.print(f"the corpus came from a pipe; kept a copy at {escape(str(kept))} for --resume, "
+    from_pipe = not corpus.is_file()
+    corpus = corpus_file(settings, name, corpus, data)  # absolute, for --resume from anywhere
+    if from_pipe:  # read once, kept for later
+        console.print(f"the corpus came from a pipe; kept a copy at {escape(str(corpus))} for --resume, "
                       "`persona eval` and the persona's originality filter")
-        corpus = kept
     saved_state = run_dir(settings, name) / STATE_FILE
 
     def ready() -> None:
         # Said once the run holds the persona and its checks passed: a second run of a persona,
         # or a data directory it cannot write, was refused after "loading the base model...".
         if not resume and saved_state.is_file():  # it was thrown away without a word
-            _warn_replacing(name, saved_state, corpus)
+            _warn_replacing(settings, name, saved_state, corpus)
         if not data.validation:
             _warn_nothing_held_out(f"{escape(str(corpus))} holds no held-out documents (too few documents to "
                                    "spare one)")
@@ -366,16 +407,19 @@ def train(
             if progress.live.is_started:  # stopping one never started prints an empty line
                 progress.stop()
     except KeyboardInterrupt:  # a second Ctrl-C: stopped at once (typer would exit 130 without a word)
-        if (run_dir(settings, name) / STATE_FILE).is_file():
-            console.print(f"stopped at once; continue from the run's last save with "
-                          f"`{escape(resume_command(name, corpus))}`")
+        # The saved state may be an earlier run's (stopped while this one loaded): its own corpus.
+        began_on = run_corpus(settings, name) or corpus
+        if resumable := (run_dir(settings, name) / STATE_FILE).is_file():
+            said = f"stopped at once; continue from the run's last save with `{resume_command(name, began_on)}`"
         else:
-            console.print("stopped at once, before the run saved anything; start it again without --resume")
+            said = "stopped at once, before the run saved anything; start it again without --resume"
+        console.print(escape(said + _kept_run(settings, name, resumable)), highlight=False)
         raise typer.Exit(130) from None
     metrics = done.result.metrics
     if done.checkpoint is None:
-        console.print(f"interrupted at step {metrics['steps']:.0f}; continue with "
-                      f"`{escape(resume_command(name, corpus))}`")
+        console.print(escape(f"interrupted at step {metrics['steps']:.0f}; continue with "
+                             f"`{resume_command(name, corpus)}`" + _kept_run(settings, name, True)),
+                      highlight=False)
         raise typer.Exit(130)
     info = done.checkpoint
     if math.isnan(metrics["base_perplexity"]):  # nothing held out: the last weights, no perplexity
@@ -398,6 +442,40 @@ def train(
                       f"serve the new weights with `persona swap {name} {info.version}`")
 
 
+def _resumed_corpus(name: str, recorded: Path | None) -> Path:
+    """The corpus ``--resume`` continues on when none is named: the one the run started on."""
+    if recorded is None:  # a run saved before run.json named its corpus
+        raise ConfigError(f"the unfinished run of {name!r} does not say which corpus it started on; "
+                          f"name it: `persona train {name} --corpus FILE --resume`")
+    if not recorded.is_file():  # moved, or named relative to where that run started
+        raise CorpusError(f"the run of {name!r} started on the corpus {recorded}, which is not there now; "
+                          f"name where it is: `persona train {name} --corpus FILE --resume`")
+    return recorded
+
+
+def _persona(settings: Settings, name: str, to: str) -> Persona:
+    """NAME's persona, for a command that needs its weights (``to``: what it does with them). A
+    persona whose first run was interrupted has no persona file yet: it was "unknown persona"."""
+    from persona.errors import ModelError, UnknownPersona
+    from persona.personas import PersonaRegistry
+    from training.runs import run_corpus, run_dir
+    from training.trainer import STATE_FILE
+
+    try:
+        return PersonaRegistry.from_settings(settings).get(name)
+    except UnknownPersona:
+        if not run_dir(settings, name).is_dir():
+            raise
+    corpus = run_corpus(settings, name)
+    if (run_dir(settings, name) / STATE_FILE).is_file():
+        finish = resume_command(name, corpus) if corpus else f"persona train {name} --corpus FILE --resume"
+        raise ModelError(f"persona {name!r} has nothing to {to} yet: its first training run was interrupted "
+                         f"before it registered a checkpoint; finish it with `{finish}`") from None
+    start = shlex.join(["persona", "train", name, "--corpus", str(corpus) if corpus else "FILE"])
+    raise ModelError(f"persona {name!r} has nothing to {to} yet: its first training run stopped before it "
+                     f"saved anything; train it with `{start}`") from None
+
+
 def _option_problem(error: dict) -> str:
     """One pydantic complaint about TrainConfig in the words of the option that caused it."""
     message = error["msg"].removeprefix("Value error, ")  # TrainConfig's own checks name their options
@@ -417,13 +495,13 @@ def eval_(
     json_output: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
     """Held-out perplexity of the base model and of the persona, and how original its samples are."""
-    from persona.personas import PersonaRegistry
+    from persona.checkpoints import BASE_VERSION
     from training.corpus import read_corpus
     from training.evaluate import evaluate_persona
 
     settings = get_settings()
     _quiet_libraries()
-    persona = PersonaRegistry.from_settings(settings).get(name)
+    persona = _persona(settings, name, "measure")
     data = read_corpus(corpus)
     with console.status(f"measuring {escape(name)} on {len(data.validation)} held-out documents..."):
         report = evaluate_persona(settings, persona, data, version=checkpoint, samples=samples, seed=seed)
@@ -438,7 +516,13 @@ def eval_(
         return
     console.print(f"[bold]{escape(name)} {escape(report.version)}[/bold] "
                   f"on {report.validation_documents} held-out documents")
-    console.print(f"perplexity: base {report.base_perplexity:.2f} → persona {report.perplexity:.2f}")
+    if report.version == BASE_VERSION and checkpoint:
+        console.print(f"perplexity: {report.perplexity:.2f}, of the base model (--checkpoint {escape(checkpoint)})")
+    elif report.version == BASE_VERSION:  # "base 420.08 → persona 420.08" read as training that did nothing
+        console.print(f"perplexity: {report.perplexity:.2f}, of the base model: {escape(name)} has no fine-tuned "
+                      f"checkpoint to compare (train one with `persona train {escape(name)} --corpus FILE`)")
+    else:
+        console.print(f"perplexity: base {report.base_perplexity:.2f} → persona {report.perplexity:.2f}")
     console.print(f"copied 8+ words or a whole entry verbatim: {report.copied_fraction:.0%} of {samples} samples "
                   f"(longest run {report.longest_copied_run} words)")
     console.print(f"distinct-1 {report.distinct_1:.2f}, distinct-2 {report.distinct_2:.2f}")
@@ -469,11 +553,10 @@ def generate(
     """Many samples from NAME as batch work through the queue, for curation by hand."""
     from persona.connection import connect
     from persona.contract import GenerationRequest, Priority, SamplingOverrides
-    from persona.personas import PersonaRegistry
     from persona.queue import QueueClient
 
     settings = get_settings()
-    PersonaRegistry.from_settings(settings).get(name)
+    _persona(settings, name, "sample")
     client = QueueClient(connect(settings), settings.queue)
     deadline = time.time() + timeout
     texts: list[str] = []
@@ -529,12 +612,11 @@ def export(
     ),
 ) -> None:
     """Write a standalone Hugging Face model folder, any LoRA merged into its base."""
-    from persona.personas import PersonaRegistry
     from training.export import export_persona
 
     settings = get_settings()
     _quiet_libraries()
-    persona = PersonaRegistry.from_settings(settings).get(name)
+    persona = _persona(settings, name, "export")
     with console.status(f"exporting {escape(name)}..."):
         folder = export_persona(settings, persona, output, version=checkpoint, gguf=gguf)
     console.print(f"wrote {folder}; load it with AutoModelForCausalLM.from_pretrained({str(folder)!r})",
