@@ -8,8 +8,10 @@ rate limits are that chat's, not those of the placeholder user Telegram names as
 author. It reads text only: a photo, sticker, voice message or file gets a sentence
 asking for text instead (in a group, only one addressed to it). A group upgraded to a
 supergroup gets a new chat id; its persona choice and conversations move to it, and so
-does an answer that was on its way then. Replies are plain text split at Telegram's
-4,096-character limit, so no split can ever cause "can't parse entities". While the
+does an answer that was on its way then. Replies are split at Telegram's 4,096-character
+limit, then each part's Markdown (bold, italic, code, code blocks) is sent as Telegram's
+HTML, everything else escaped (``telegram_html``); a part Telegram still cannot parse ("can't
+parse entities") goes again as the plain text it was, so formatting never costs an answer. While the
 queue works it shows "typing", refreshed every 4.5 s (Telegram shows it for 5 s). Flood
 control (``RetryAfter``) delays a message; it never drops it. A paste longer than a
 message, which Telegram's apps send in pieces, is answered once, as one message
@@ -33,8 +35,14 @@ from collections.abc import Awaitable, Callable, Iterator
 from typing import TypeVar
 
 from telegram import BotCommand, Chat, Message, ReplyParameters, Update
-from telegram.constants import ChatAction, ChatMemberStatus, ChatType
-from telegram.error import ChatMigrated, InvalidToken, NetworkError, RetryAfter
+from telegram.constants import ChatAction, ChatMemberStatus, ChatType, ParseMode
+from telegram.error import (
+    BadRequest,
+    ChatMigrated,
+    InvalidToken,
+    NetworkError,
+    RetryAfter,
+)
 from telegram.ext import (
     Application,
     CommandHandler,
@@ -51,7 +59,11 @@ from adapters.responder import (
     Where,
     connect_with_backoff,
 )
-from adapters.splitting import TELEGRAM_MESSAGE_LIMIT_CHARS, split_message
+from adapters.splitting import (
+    TELEGRAM_MESSAGE_LIMIT_CHARS,
+    split_message,
+    telegram_html,
+)
 from adapters.telegram_pastes import Pastes, join_pieces
 from adapters.typing_indicator import keep_typing
 from persona.errors import ConfigError
@@ -549,7 +561,7 @@ class TelegramBot:
         await self.send(update.effective_chat.id, text, reply_to=reply_to, topic=self._topic(message))
 
     async def send(self, chat_id: int, text: str, reply_to: int | None = None, topic: int | None = None) -> None:
-        """Send plain text in as many messages as it takes, waiting out flood control. A group
+        """Send text in as many messages as it takes, formatted, waiting out flood control. A group
         upgraded to a supergroup while its answer was on the way refuses it (``ChatMigrated``):
         the chat moves (as ``on_migrate`` does, whichever comes first) and the text goes to the
         new id, so the asker still gets the answer."""
@@ -564,8 +576,20 @@ class TelegramBot:
                 await self._send_one(chat_id, chunk, reply, topic)
 
     async def _send_one(self, chat_id: int, text: str, reply: ReplyParameters | None, topic: int | None) -> None:
+        """Send one message: its Markdown as HTML; as it is when it has none, or when Telegram
+        refuses the HTML ("can't parse entities"; any 400 there is worth a try without it)."""
+        bot = self.application.bot
+        formatted = telegram_html(text)
+        if "<" in formatted:  # escaped text holds no "<": a tag is formatting
+            try:
+                await with_flood_control(lambda: bot.send_message(
+                    chat_id, formatted, parse_mode=ParseMode.HTML, reply_parameters=reply, message_thread_id=topic
+                ))
+                return
+            except BadRequest as exc:
+                log.warning("Telegram refused a reply's formatting (%s); sending it as plain text", exc.message)
         await with_flood_control(
-            lambda: self.application.bot.send_message(chat_id, text, reply_parameters=reply, message_thread_id=topic)
+            lambda: bot.send_message(chat_id, text, reply_parameters=reply, message_thread_id=topic)
         )
 
 

@@ -169,6 +169,71 @@ async def test_a_bare_mention_or_a_picture_gets_a_sentence_not_silence(start_bot
     assert len(seen) == 1  # neither went to a worker
 
 
+async def test_a_message_too_long_for_discord_which_its_app_sent_as_a_file_is_read(start_bot, fake_api, discord_settings):
+    """Discord's app makes a message over 2,000 characters into ``message.txt``: it was met with
+    "I can't open files. Please write your message as text", which cannot be done. Now the file
+    is downloaded (from the fake's own CDN, over a socket) and read as the message, a paste; the
+    words written with it come after, and a reply to the answer still has the paste before it."""
+    essay = "\n\n".join(f"Paragraph {n}: " + "tea and patience " * 40 for n in range(4)) + "\nnaïve café ✓"
+    assert len(essay) > 2000
+    with scripted_worker(discord_settings, lambda r: "echo: " + r.messages[-1].content[-30:]) as seen:
+        await start_bot()
+        await fake_api.user_message("", guild=False, channel_id=DM_CHANNEL, attachment="message.txt",
+                                    attachment_bytes=essay.encode())
+        await fake_api.wait_for(lambda: len(fake_api.sent) == 1)
+        await fake_api.user_message("what is this about?", mention_bot=True, attachment="message.txt",
+                                    attachment_bytes=("\ufeff" + essay.replace("\n", "\r\n")).encode())
+        await fake_api.wait_for(lambda: len(fake_api.sent) == 2)
+        await fake_api.user_message("and the last paragraph?", reply_to=fake_api.sent[-1])
+        await fake_api.wait_for(lambda: len(fake_api.sent) == 3)
+    assert [m.content for m in seen[0].messages] == [essay]
+    assert [m.content for m in seen[1].messages] == [essay + "\n\nwhat is this about?"]  # no BOM, no CRs
+    assert [(m.role, m.content) for m in seen[2].messages] == [
+        ("user", essay + "\n\nwhat is this about?"), ("assistant", fake_api.sent[1]["content"]),
+        ("user", "and the last paragraph?"),
+    ]
+    assert len(fake_api.downloads) == 2  # the reply chain's paste was read once, then remembered
+    assert NOT_TEXT_TEXT not in fake_api.texts()
+
+
+async def test_a_text_file_that_cannot_be_read_gets_a_sentence_saying_why(start_bot, fake_api, discord_settings):
+    """Too big (left undownloaded), not UTF-8, or gone from the CDN: the sender hears which file
+    and what to do, nothing reaches a worker, and a reply to that sentence leaves it out."""
+    with scripted_worker(discord_settings, echo) as seen:
+        await start_bot()
+        await fake_api.user_message("read this", mention_bot=True, attachment="huge.log",
+                                    attachment_bytes=b"x" * 100_001, content_type="text/plain")
+        await fake_api.user_message("", guild=False, channel_id=DM_CHANNEL, attachment="old.txt",
+                                    attachment_bytes="caf\xe9".encode("latin-1"))
+        fake_api.gone_files.add("gone.md")
+        await fake_api.user_message("and this", mention_bot=True, attachment="gone.md", attachment_bytes=b"# notes")
+        await fake_api.wait_for(lambda: len(fake_api.sent) == 3)
+        too_big = next(m for m in fake_api.sent if "huge.log" in m["content"])
+        await fake_api.user_message("sorry, here it is: tea", reply_to=too_big)
+        await fake_api.wait_for(lambda: len(fake_api.sent) == 4)
+    texts = sorted(fake_api.texts()[:3])
+    assert texts[0].startswith("I couldn't read your file gone.md: Discord would not let me download it (404")
+    assert texts[1] == ("I couldn't read your file huge.log: it is 101 KB, and I read text files of up to 100 KB. "
+                        "Please send me the part that matters, as a message or a smaller file.")
+    assert texts[2].startswith("I couldn't read your file old.txt: it is not UTF-8 text.")
+    assert not any(path.endswith("huge.log") for path in fake_api.downloads)
+    assert [[(m.role, m.content) for m in r.messages] for r in seen] == [[("user", "read this"), ("user", "sorry, here it is: tea")]]
+
+
+async def test_mentions_reach_the_persona_as_names_not_codes(start_bot, fake_api, discord_settings):
+    """``<@222> <@&930…> <#920…>`` reached the model as digits it cannot read; the bot's own mention
+    is still left out, wherever it stands."""
+    content = (f"ask <@222> and <@&{OPERATOR_ROLE_ID}>, <@{BOT_ID}>, to meet in <#{OTHER_CHANNEL_ID}> "
+               "<:blobcat:123456789012345678> at <t:1735732800:f>; try </ask:123456789012345679>, <@333>")
+    with scripted_worker(discord_settings, echo) as seen:
+        await start_bot()
+        await fake_api.user_message(content, mention_bot=True, mentions=[(222, "grace")])
+        await fake_api.wait_for(lambda: len(fake_api.sent) == 1)
+    assert seen[0].messages[-1].content == (
+        "ask @grace and @persona-ops, , to meet in #off-topic :blobcat: at 2025-01-01 12:00 UTC; try /ask, @unknown-user"
+    )
+
+
 async def test_a_long_reply_is_split_at_2000_characters(start_bot, fake_api, discord_settings):
     words = " ".join(f"word{i}" for i in range(700))  # about 5,900 characters
     with scripted_worker(discord_settings, lambda r: words):

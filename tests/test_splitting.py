@@ -13,7 +13,9 @@ from adapters.splitting import (
     DISCORD_MESSAGE_LIMIT_CHARS,
     TELEGRAM_MESSAGE_LIMIT_CHARS,
     split_message,
+    telegram_html,
 )
+from tests.fakes.telegram_api import visible_text
 
 
 def normalized(text: str) -> str:
@@ -144,3 +146,53 @@ def test_a_message_with_no_code_block_open_fills_the_whole_limit():
     code = "```\n" + "\n".join(["x = 1"] * 400) + "\n```"  # a block still open at a cut keeps room to close
     assert all(len(chunk) <= DISCORD_MESSAGE_LIMIT_CHARS and fences_balanced(chunk)
                for chunk in split_message(code, DISCORD_MESSAGE_LIMIT_CHARS))
+
+
+def test_markdown_becomes_the_html_telegram_formats():
+    """Telegram showed a reply's Markdown as written: ``**bold**`` with its asterisks."""
+    text = (
+        "## **Steps**\n**Bold**, *italic*, _italic_, ***both***, ~~gone~~ and `x < y && z`.\n"
+        "snake_case_name, 2 * 3 * 4, a <tag> & more\n"
+        "```python\nif a < b:\n    print('**not bold**')\n```\n* a bullet"
+    )
+    assert telegram_html(text) == (
+        "<b>Steps</b>\n<b>Bold</b>, <i>italic</i>, <i>italic</i>, <b><i>both</i></b>, <s>gone</s> and "
+        "<code>x &lt; y &amp;&amp; z</code>.\nsnake_case_name, 2 * 3 * 4, a &lt;tag&gt; &amp; more\n"
+        '<pre><code class="language-python">if a &lt; b:\n    print(\'**not bold**\')</code></pre>\n* a bullet'
+    )
+    assert visible_text(telegram_html(text)).startswith("Steps\nBold, italic, italic, both, gone and x < y && z.")
+
+
+def test_text_without_markdown_gets_no_tags():
+    assert telegram_html("plain <text> & 5 * 3 = 15, file_name_here") == "plain &lt;text&gt; &amp; 5 * 3 = 15, file_name_here"
+
+
+def test_markers_that_do_not_pair_stay_as_written():
+    assert visible_text(telegram_html("**a *b** c*")) == "a *b c*"  # tags nest: the inner * stays
+    assert telegram_html("**open only, `and code") == "**open only, `and code"
+    assert telegram_html("```\n```") == "```\n```"  # an empty block is no block
+
+
+markdownish = st.lists(
+    st.one_of(words, separators, fence_lines, st.sampled_from(["*", "**", "***", "_", "__", "~~", "`", "``", "<", "&", "#", "## ", "\n> "])),
+    max_size=200,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(markdownish, st.sampled_from([40, 200, TELEGRAM_MESSAGE_LIMIT_CHARS]))
+def test_every_split_part_makes_html_telegram_accepts_and_no_longer_to_see(parts: list[str], limit: int):
+    """Split, then formatted: the HTML parses as the Bot API parses it (nested tags, nothing
+    unescaped), and what the user sees of each part is no longer than the limit it was split to."""
+    for chunk in split_message("".join(parts), limit):
+        shown = visible_text(telegram_html(chunk))
+        assert len(shown) <= len(chunk) <= limit
+
+
+def test_formatting_a_long_line_of_markup_is_fast():
+    import time
+
+    started = time.monotonic()
+    for line in ("*a* " * 1000, "**x " + "_y_ " * 1000, "`" * 4000, "*" * 4000, "_a" * 2000):
+        visible_text(telegram_html(line))
+    assert time.monotonic() - started < 2.0

@@ -173,6 +173,58 @@ async def test_an_emoji_rich_reply_fills_messages_as_telegram_counts_them(start_
     assert not [c for c in fake_api.calls if c[0] == "sendMessage" and c[1] not in fake_api.sent]  # none refused
 
 
+FORMATTED_REPLY = (
+    "**Patience** is *waiting* without `worry < fear`.\n\n"
+    "```python\nwhile not ready:\n    wait(**kwargs)\n```\n"
+    "Tea & time."
+)
+SHOWN_REPLY = "Patience is waiting without worry < fear.\n\nwhile not ready:\n    wait(**kwargs)\nTea & time."
+
+
+async def test_markdown_in_a_reply_is_shown_formatted_not_as_asterisks(start_bot, fake_api, telegram_settings):
+    """Replies went out as plain text: the persona's ``**bold**`` and code fences showed as
+    written. Now they are Telegram's HTML; the rest escaped, so ``<`` and ``&`` show as such."""
+    with scripted_worker(telegram_settings, lambda request: FORMATTED_REPLY):
+        await start_bot()
+        fake_api.push_message("what is patience?")
+        await fake_api.wait_for(lambda: len(fake_api.sent) == 1)
+        fake_api.push_message("/help")  # no Markdown: sent as it is
+        await fake_api.wait_for(lambda: len(fake_api.sent) == 2)
+    answer, help_message = fake_api.sent
+    assert answer["parse_mode"] == "HTML" and answer["text"].startswith("<b>Patience</b> is <i>waiting</i>")
+    assert '<pre><code class="language-python">' in answer["text"]
+    assert fake_api.texts() == [SHOWN_REPLY, HELP_TEXT] and "parse_mode" not in help_message
+
+
+async def test_a_reply_whose_formatting_telegram_refuses_goes_out_as_plain_text(start_bot, fake_api, telegram_settings):
+    """A 400 "can't parse entities" costs the formatting, never the answer."""
+    fake_api.refuse_html = True
+    with scripted_worker(telegram_settings, lambda request: FORMATTED_REPLY):
+        await start_bot()
+        fake_api.push_message("what is patience?")
+        await fake_api.wait_for(lambda: len(fake_api.sent) == 1)
+    assert fake_api.texts() == [FORMATTED_REPLY] and "parse_mode" not in fake_api.sent[0]
+    assert [params.get("parse_mode") for method, params in fake_api.calls if method == "sendMessage"] == ["HTML", None]
+
+
+async def test_a_long_formatted_reply_is_split_so_each_part_parses_and_fits(start_bot, fake_api, telegram_settings):
+    """Split before formatting: no cut falls inside a tag, a code block cut in two is two blocks,
+    and each part's length is that of the text the user sees."""
+    paragraph = " ".join(f"**word{i}** & `code{i}`" for i in range(150))  # bold and code throughout
+    code = "```python\n" + "\n".join(f"print({i} < {i + 1})" for i in range(400)) + "\n```"
+    reply = f"{paragraph}\n\n{code}\n\n{paragraph}"
+    with scripted_worker(telegram_settings, lambda request: reply):
+        await start_bot()
+        fake_api.push_message("everything")
+        await fake_api.wait_for(lambda: "".join(fake_api.texts()).count("code149") == 2)
+    assert not [c for c in fake_api.calls if c[0] == "sendMessage" and c[1] not in fake_api.sent]  # none refused
+    texts = fake_api.texts()
+    assert len(texts) >= 3 and all(len(t) <= 4096 for t in texts)
+    assert all(m["parse_mode"] == "HTML" for m in fake_api.sent)
+    shown = "\n".join(texts)
+    assert "**" not in shown and "```" not in shown and "print(399 < 400)" in shown and "&amp;" not in shown
+
+
 async def test_the_fake_refuses_what_telegram_refuses(fake_api: FakeTelegram):
     """Telegram's own rule, so the tests above prove something: over 4,096 code points is too long."""
     import httpx

@@ -20,7 +20,15 @@ is deleted (``deleted_originals``), a follow-up is a message of its own, with it
 ``public_texts()`` is what everyone in the channel sees.
 The guild has the role Discord makes for a bot when it joins (``BOT_ROLE_ID``, named like the
 bot, tagged with its id); ``user_message(mention_bot_role=True)`` mentions that role, as people
-do who pick it from the mention menu, and ``attachment=`` adds a file (a picture, say).
+do who pick it from the mention menu, and ``attachment=`` adds a file (a picture, say; or the
+``message.txt`` Discord's app makes of a message longer than 2,000 characters, with
+``attachment_bytes=``). The fake serves a file's bytes itself, at ``/attachments/...`` on its own
+port (the ``url`` and ``proxy_url`` in the payload), so ``Attachment.read()`` downloads them over
+a real socket; each download is counted in ``downloads``, and a file named in ``gone_files``
+answers 404, as Discord's CDN does once a file is deleted.
+Mentions of people and channels: ``user_message(mentions=[(id, name)])`` lists the people that
+``<@id>`` in the content names, as Discord's payload does; the guild has the channels
+``general`` and ``off-topic`` and the roles ``persona-ops`` and ``persona``.
 Content longer than 2,000 characters is refused with 400 (50035, BASE_TYPE_MAX_LENGTH), and a
 message with no content at all with 400 (50006), wherever a message is sent (channel,
 interaction response, follow-up), as on Discord, whose API counts code points (Python's
@@ -35,6 +43,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import mimetypes
 import time
 from dataclasses import dataclass, field
 
@@ -80,6 +89,9 @@ class FakeDiscord:
     api_url: str = ""
     identified: asyncio.Event = field(default_factory=asyncio.Event)
     message_content_allowed: bool = True  # False: refuse the privileged intent (close 4014)
+    files: dict[str, bytes] = field(default_factory=dict)  # an attachment's path → its bytes
+    downloads: list[str] = field(default_factory=list)  # attachment paths, as fetched
+    gone_files: set[str] = field(default_factory=set)  # file names whose download answers 404
 
     def __post_init__(self) -> None:
         self._ids = itertools.count(950000000000000001)
@@ -91,19 +103,21 @@ class FakeDiscord:
         # "flags": its visibility, "message": its message's id, once it has one}
         self._originals: dict[str, dict] = {}
         self._runner: web.AppRunner | None = None
-        self.ws_url = ""
+        self.base_url = self.ws_url = ""
 
     async def start(self) -> str:
         """Serve REST and gateway on a free loopback port; returns the API base URL."""
         app = web.Application()
         app.router.add_get("/gateway-ws/", self._gateway)
+        app.router.add_get("/attachments/{path:.*}", self._download)
         app.router.add_route("*", "/api/v10/{path:.*}", self._rest)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
         await site.start()
         port = site._server.sockets[0].getsockname()[1]
-        self.api_url = f"http://127.0.0.1:{port}/api/v10"
+        self.base_url = f"http://127.0.0.1:{port}"
+        self.api_url = f"{self.base_url}/api/v10"
         self.ws_url = f"ws://127.0.0.1:{port}/gateway-ws/"
         return self.api_url
 
@@ -125,18 +139,21 @@ class FakeDiscord:
     async def user_message(
         self, content: str, *, author_id: int = 111, author_name: str = "ada", channel_id: int = CHANNEL_ID,
         guild: bool = True, mention_bot: bool = False, reply_to: dict | None = None, roles: list[int] | None = None,
-        mention_bot_role: bool = False, attachment: str | None = None,
+        mention_bot_role: bool = False, attachment: str | None = None, attachment_bytes: bytes | None = None,
+        content_type: str | None = None, mentions: list[tuple[int, str]] | None = None,
     ) -> dict:
         """A person's message, dispatched as MESSAGE_CREATE; returns its payload. ``attachment``:
-        the name of a file sent with it."""
-        files = [{"id": str(next(self._ids)), "filename": attachment, "size": 1024, "url": f"https://cdn.invalid/{attachment}",
-                  "proxy_url": f"https://cdn.invalid/{attachment}"}] if attachment else []
+        the name of a file sent with it, holding ``attachment_bytes`` (1 KiB of zeros if not given),
+        of ``content_type`` (by default guessed from the name, as Discord does: ``message.txt`` is
+        ``text/plain; charset=utf-8``). ``mentions``: the people (id, name) the content mentions."""
+        files = [self._attachment(attachment, attachment_bytes, content_type, channel_id)] if attachment else []
         message = {
             "id": str(next(self._ids)), "channel_id": str(channel_id), "author": user(author_id, author_name),
             **self._content(content, mention_bot, mention_bot_role), "timestamp": TIMESTAMP,
             "edited_timestamp": None, "tts": False, "mention_everyone": False,
             "attachments": files, "embeds": [], "pinned": False, "type": 19 if reply_to else 0, "flags": 0,
         }
+        message["mentions"] += [user(person_id, name) for person_id, name in mentions or []]
         if guild:
             message["guild_id"] = str(GUILD_ID)
             message["member"] = {"roles": [str(r) for r in roles or []], "joined_at": TIMESTAMP, "deaf": False, "mute": False, "flags": 0}
@@ -147,6 +164,19 @@ class FakeDiscord:
         self.messages[int(message["id"])] = message
         await self.dispatch("MESSAGE_CREATE", message)
         return message
+
+    def _attachment(self, name: str, data: bytes | None, content_type: str | None, channel_id: int) -> dict:
+        """An attachment's payload; its bytes are served at its ``url`` (see ``_download``)."""
+        data = bytes(1024) if data is None else data
+        if content_type is None:
+            guessed = mimetypes.guess_type(name)[0]
+            content_type = f"{guessed}; charset=utf-8" if guessed and guessed.startswith("text/") else guessed
+        file_id = str(next(self._ids))
+        path = f"{channel_id}/{file_id}/{name}"
+        self.files[path] = data
+        url = f"{self.base_url}/attachments/{path}"
+        return {"id": file_id, "filename": name, "size": len(data), "url": url, "proxy_url": url,
+                **({"content_type": content_type} if content_type else {})}
 
     async def edit_message(
         self, message: dict, content: str, *, mention_bot: bool = False, mention_bot_role: bool = False
@@ -295,6 +325,17 @@ class FakeDiscord:
         }
         await socket.send_str(json.dumps({"op": 0, "t": "GUILD_CREATE", "s": next(self._sequence), "d": guild}))
         self.identified.set()
+
+    # --- the CDN ------------------------------------------------------------------------
+
+    async def _download(self, request: web.Request) -> web.Response:
+        """An attachment's bytes, as Discord's CDN serves them (no token needed)."""
+        path = request.match_info["path"]
+        self.downloads.append(path)
+        data = self.files.get(path)
+        if data is None or path.rsplit("/", 1)[-1] in self.gone_files:
+            return web.Response(status=404, text="Not Found")
+        return web.Response(body=data, content_type="application/octet-stream")
 
     # --- REST ---------------------------------------------------------------------------
 

@@ -12,12 +12,19 @@ fails with 400 and the new id in ``migrate_to_chat_id``, as on Telegram. A text 
 4,096 characters is refused with 400 "message is too long", and an empty one with "message
 text is empty", as the Bot API does; it counts code points (tdlib's ``utf8_length``), not
 UTF-16 code units, so 4,096 emoji pass.
+A text sent with ``parse_mode`` HTML is parsed as the Bot API parses it (``visible_text``): only
+Telegram's tags, properly nested, ``pre`` and ``code`` holding no other tag (but ``pre`` its one
+``code``), and only its four named entities; anything else is refused with 400 "can't parse
+entities", and the limit counts the text the user sees, not the markup. ``texts()`` is what
+the user sees; ``sent`` holds the parameters as sent. ``refuse_html = True`` refuses every
+HTML text that way, as Telegram would one the bot's formatting got wrong.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import html
 import itertools
 import json
 import re
@@ -34,6 +41,49 @@ BOT_USERNAME = "persona_test_bot"
 ANONYMOUS_ADMIN = {"id": 1087968824, "is_bot": True, "first_name": "Group", "username": "GroupAnonymousBot"}
 CHANNEL_BOT = {"id": 136817688, "is_bot": True, "first_name": "Channel", "username": "Channel_Bot"}
 MESSAGE_LIMIT_CHARS = 4096  # the Bot API's "message_text_length_max", in code points
+
+
+# The tags the Bot API's HTML knows (besides ``a``, ``span`` and ``tg-emoji``, which need attributes).
+HTML_TAGS = {"b", "strong", "i", "em", "u", "ins", "s", "strike", "del", "code", "pre", "blockquote", "tg-spoiler"}
+_HTML_TOKEN = re.compile(
+    r"<(/?)([a-zA-Z][\w-]*)([^<>]*)>|&(lt|gt|amp|quot|#\d+|#x[0-9a-fA-F]+);|<|&"
+)
+
+
+def visible_text(markup: str) -> str:
+    """What a user sees of an HTML text, as the Bot API parses it; BadRequest where it would refuse it."""
+    shown: list[str] = []
+    open_tags: list[str] = []
+    position = 0
+    for token in _HTML_TOKEN.finditer(markup):
+        shown.append(markup[position:token.start()])
+        position = token.end()
+        closing, tag, attributes, entity = token.groups()
+        where = f"at byte offset {len(markup[:token.start()].encode())}"
+        if entity:
+            shown.append(html.unescape(token.group(0)))
+        elif tag is None:
+            if token.group(0) == "<":
+                raise BadRequest(f"can't parse entities: unexpected \"<\" {where}")
+            shown.append("&")  # a lone ampersand is taken as one
+        elif closing:
+            if not open_tags or open_tags[-1] != tag.lower():
+                raise BadRequest(f"can't parse entities: unexpected end tag {where}")
+            open_tags.pop()
+        else:
+            tag = tag.lower()
+            inside = open_tags[-1] if open_tags else ""
+            allowed_here = inside not in ("code", "pre") or (inside == "pre" and tag == "code")
+            plain = attributes.strip() == "" or (tag == "code" and re.fullmatch(r'\s*class="language-[\w+-]+"\s*', attributes))
+            if tag not in HTML_TAGS or not plain:
+                raise BadRequest(f"can't parse entities: unsupported start tag \"{tag}\" {where}")
+            if not allowed_here:
+                raise BadRequest(f"can't parse entities: entity \"{tag}\" inside \"{inside}\" {where}")
+            open_tags.append(tag)
+    if open_tags:
+        raise BadRequest(f"can't parse entities: can't find end tag corresponding to start tag \"{open_tags[-1]}\"")
+    shown.append(markup[position:])
+    return "".join(shown)
 
 
 def _utf16_units(text: str) -> int:
@@ -58,6 +108,7 @@ class FakeTelegram:
     admins: set[int] = field(default_factory=set)
     floods: dict[str, list[int]] = field(default_factory=dict)
     migrated: dict[int, int] = field(default_factory=dict)  # a group's old chat id → its supergroup's
+    refuse_html: bool = False  # True: refuse every text sent with parse_mode HTML
     base_url: str = ""
 
     def __post_init__(self) -> None:
@@ -182,7 +233,8 @@ class FakeTelegram:
         self.floods.setdefault(method, []).extend([seconds] * times)
 
     def texts(self, chat_id: int | None = None) -> list[str]:
-        return [m["text"] for m in self.sent if chat_id is None or m["chat_id"] == chat_id]
+        """What the user sees of each message sent (to ``chat_id``): its text, less any HTML markup."""
+        return [m["visible"] for m in self.sent if chat_id is None or m["chat_id"] == chat_id]
 
     async def wait_for(self, predicate, timeout: float = 30.0) -> None:
         """Wait until ``predicate()`` holds; fail with what was sent if it never does."""
@@ -256,17 +308,23 @@ class FakeTelegram:
         return ready
 
     async def _api_sendMessage(self, params: dict) -> dict:
-        text = str(params.get("text", "")).strip()
+        text = str(params.get("text", ""))
+        if str(params.get("parse_mode", "")).lower() == "html":
+            if self.refuse_html:
+                raise BadRequest("can't parse entities: unsupported start tag \"b\" at byte offset 0")
+            text = visible_text(text)
+        text = text.strip()
         if not text:
             raise BadRequest("message text is empty")
         if len(text) > MESSAGE_LIMIT_CHARS:
             raise BadRequest("message is too long")
+        params["visible"] = text  # what the user sees (``texts``); ``text`` is as sent
         self.sent.append(params)
         chat_id = int(params["chat_id"])
         return {
             "message_id": next(self._ids), "date": int(time.time()),
             "chat": {"id": chat_id, "type": "private" if chat_id > 0 else "group"},
-            "from": self.bot_user(), "text": params["text"],
+            "from": self.bot_user(), "text": text,
         }
 
     async def _api_sendChatAction(self, params: dict) -> bool:
