@@ -59,11 +59,8 @@ from adapters.responder import (
     Where,
     connect_with_backoff,
 )
-from adapters.splitting import (
-    TELEGRAM_MESSAGE_LIMIT_CHARS,
-    split_message,
-    telegram_html,
-)
+from adapters.splitting import TELEGRAM_MESSAGE_LIMIT_CHARS, split_message
+from adapters.telegram_format import telegram_html
 from adapters.telegram_pastes import Pastes, join_pieces
 from adapters.typing_indicator import keep_typing
 from persona.errors import ConfigError

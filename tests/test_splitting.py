@@ -13,8 +13,8 @@ from adapters.splitting import (
     DISCORD_MESSAGE_LIMIT_CHARS,
     TELEGRAM_MESSAGE_LIMIT_CHARS,
     split_message,
-    telegram_html,
 )
+from adapters.telegram_format import telegram_html
 from tests.fakes.telegram_api import visible_text
 
 
