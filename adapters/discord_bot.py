@@ -6,7 +6,7 @@ replies to one of its messages; one addressed to it with no text (a picture, a b
 mention) gets a sentence saying what to write instead of silence. A text file sent with a
 message is read as part of it, as a paste: Discord's app makes a message longer than 2,000
 characters into a file (``message.txt``), and a person cannot write it any other way (up to
-``TEXT_FILE_MAX_BYTES``; a bigger file, or one not in UTF-8, gets a sentence saying so). The
+``discord_reading.TEXT_FILE_MAX_BYTES``; a bigger file, or one not in UTF-8, gets a sentence saying so). The
 persona reads mentions of people, roles and channels as Discord shows them (``@ada``,
 ``#general``), not as the codes in the message (``<@123>``), and the bot's own not at all.
 A server message edited to mention the bot is answered, once; no other edit is (``on_message_edit``). The
@@ -34,10 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
 import logging
-import mimetypes
-import re
 import signal
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterator
@@ -49,6 +46,13 @@ from discord import app_commands
 from discord.gateway import DiscordWebSocket
 
 from adapters.access import AccessControl
+from adapters.discord_reading import (
+    FILE_NOTICE_PATTERN,
+    TextFiles,
+    UnreadableFile,
+    is_text_file,
+    readable,
+)
 from adapters.responder import (
     BARE_MENTION_TEXT,
     Notify,
@@ -80,30 +84,6 @@ NOT_TEXT_TEXT = (
     "I can only read text and text files: I can't see pictures or stickers, or open other files. "
     "Please write your message as text."
 )
-# A text file sent with a message is read as part of it (Discord's app makes a message over
-# 2,000 characters into ``message.txt``); a bigger one is refused unread, saying so.
-TEXT_FILE_MAX_BYTES = 100_000
-FILE_TOO_BIG_TEXT = (
-    "I couldn't read your file {name}: it is {size}, and I read text files of up to {limit}. "
-    "Please send me the part that matters, as a message or a smaller file."
-)
-FILE_NOT_UTF8_TEXT = (
-    "I couldn't read your file {name}: it is not UTF-8 text. Please save it as UTF-8 (or paste the "
-    "part that matters) and send it again."
-)
-FILE_NOT_DOWNLOADED_TEXT = "I couldn't read your file {name}: Discord would not let me download it ({reason}). Please send it again."
-# What the bot says of a file: not the persona's words, so a reply chain leaves it out.
-FILE_NOTICE_PATTERN = re.compile(
-    "|".join(
-        ".+".join(re.escape(part) for part in re.split(r"\{\w+\}", template))
-        for template in (FILE_TOO_BIG_TEXT, FILE_NOT_UTF8_TEXT, FILE_NOT_DOWNLOADED_TEXT)
-    ),
-    re.DOTALL,
-)
-# Files read lately, by attachment id: a reply chain holding a paste reads it at every reply.
-MAX_CACHED_FILES = 32
-# Discord's markup: a mention of a person, role or channel, a custom emoji, a command, a time.
-_MARKUP = re.compile(r"<(@!?|@&|#)(\d+)>|<a?:(\w+):\d+>|</([\w -]+):\d+>|<t:(\d{1,11})(?::[a-zA-Z])?>")
 # Every live worker loads and checks the new weights before the switch.
 SWAP_TIMEOUT_S = 300.0
 NO_MENTIONS = discord.AllowedMentions.none()
@@ -143,7 +123,7 @@ class PersonaBot(discord.Client):
         self._parent_ids: dict[int, int | None] = {}  # channel id → parent id, oldest first
         self._answered: OrderedDict[int, None] = OrderedDict()  # message ids, see MAX_REMEMBERED_ANSWERS
         self._answering: set[asyncio.Task] = set()  # handlers waiting for an answer, or sending it
-        self._files: OrderedDict[int, str] = OrderedDict()  # attachment id → text, see MAX_CACHED_FILES
+        self._files = TextFiles()  # read lately: a reply chain holding a paste downloads it once
         self._add_commands()
 
     # --- start-up -----------------------------------------------------------------------
@@ -285,76 +265,24 @@ class PersonaBot(discord.Client):
         role = message.guild.self_role if message.guild is not None else None
         for form in (f"<@{self.user.id}>", f"<@!{self.user.id}>", *([f"<@&{role.id}>"] if role else [])):
             text = text.replace(form, "")
-        return self._readable(message, text).strip()
-
-    def _readable(self, message: discord.Message, text: str) -> str:
-        """``text`` with Discord's markup as its app shows it (``@ada``, ``@role``, ``#general``,
-        ``:emoji:``, ``/command``, a date) rather than codes (``<@123>``) the persona cannot read."""
-        guild = message.guild
-
-        def shown(match: re.Match) -> str:
-            kind, number, emoji, command, seconds = match.groups()
-            if emoji or command:
-                return f":{emoji}:" if emoji else f"/{command}"
-            if seconds:
-                return dt.datetime.fromtimestamp(int(seconds), dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
-            if kind == "#":
-                return f"#{getattr(self.get_channel(int(number)), 'name', None) or 'unknown-channel'}"
-            if kind == "@&":
-                role = guild.get_role(int(number)) if guild is not None else None
-                return f"@{role.name if role else 'unknown-role'}"
-            person = (
-                (guild.get_member(int(number)) if guild is not None else None)
-                or discord.utils.get(message.mentions, id=int(number)) or self.get_user(int(number))
-            )
-            return f"@{person.display_name if person else 'unknown-user'}"
-
-        return _MARKUP.sub(shown, text)
+        return readable(self, message, text).strip()
 
     async def _words(self, message: discord.Message, *, strict: bool) -> str:
         """What a person wrote: the text of the message's text files (a message too long for
         Discord, which its app made a file of), then the message's own. ``strict``: a text file
-        that cannot be read raises ``_UnreadableFile`` saying why; otherwise it is left out."""
+        that cannot be read raises ``UnreadableFile`` saying why; otherwise it is left out."""
         parts = []
         for attachment in message.attachments:
-            if not _is_text_file(attachment):
+            if not is_text_file(attachment):
                 continue
             try:
-                parts.append(await self._file_text(attachment))
-            except _UnreadableFile as exc:
+                parts.append(await self._files.read(attachment))
+            except UnreadableFile as exc:
                 if strict:
                     raise
                 log.debug("left out of a conversation: %s", exc)
         parts.append(self._clean(message))
         return "\n\n".join(part for part in parts if part)
-
-    async def _file_text(self, attachment: discord.Attachment) -> str:
-        """A text file's text, downloaded once (``MAX_CACHED_FILES``); ``_UnreadableFile`` if too
-        big (left unread), not to be downloaded, or not UTF-8."""
-        if attachment.id in self._files:
-            self._files.move_to_end(attachment.id)
-            return self._files[attachment.id]
-        name = attachment.filename
-        too_big = FILE_TOO_BIG_TEXT.format(
-            name=name, size=f"{-(-attachment.size // 1000):,} KB", limit=f"{TEXT_FILE_MAX_BYTES // 1000:,} KB"
-        )
-        if attachment.size > TEXT_FILE_MAX_BYTES:
-            raise _UnreadableFile(too_big)
-        try:
-            data = await attachment.read()
-        except (discord.HTTPException, aiohttp.ClientError, OSError) as exc:
-            log.warning("could not download the file %s (%s): %s", name, attachment.url, exc)
-            raise _UnreadableFile(FILE_NOT_DOWNLOADED_TEXT.format(name=name, reason=exc)) from None
-        if len(data) > TEXT_FILE_MAX_BYTES:
-            raise _UnreadableFile(too_big)
-        try:
-            text = data.decode("utf-8-sig").replace("\r\n", "\n").strip()
-        except UnicodeDecodeError:
-            raise _UnreadableFile(FILE_NOT_UTF8_TEXT.format(name=name)) from None
-        self._files[attachment.id] = text
-        if len(self._files) > MAX_CACHED_FILES:
-            self._files.popitem(last=False)
-        return text
 
     async def reply_chain(self, message: discord.Message) -> list[Message]:
         """The conversation a reply continues: its ancestors, oldest first. The parts of one
@@ -467,7 +395,7 @@ class PersonaBot(discord.Client):
             return
         try:
             text = await self._words(message, strict=True)
-        except _UnreadableFile as exc:
+        except UnreadableFile as exc:
             await self.send_reply(message, str(exc))
             return
         if not text:  # a picture, a sticker, or the mention alone: silence would look like a dead bot
@@ -692,17 +620,6 @@ class PersonaBot(discord.Client):
                 await interaction.followup.send(chunk, ephemeral=ephemeral, allowed_mentions=NO_MENTIONS)
             else:
                 await interaction.response.send_message(chunk, ephemeral=ephemeral, allowed_mentions=NO_MENTIONS)
-
-
-class _UnreadableFile(Exception):
-    """A text file sent to the bot that it cannot read; the message says why, to its sender."""
-
-
-def _is_text_file(attachment: discord.Attachment) -> bool:
-    """Whether an attachment is a text file (``message.txt``, notes, code), by the type Discord
-    gives it, or by its name where it gives none."""
-    kind = attachment.content_type or mimetypes.guess_type(attachment.filename)[0] or ""
-    return kind.split(";")[0].strip().lower().startswith("text/")
 
 
 def _kept_name(interaction_id: int) -> str:
