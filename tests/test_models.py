@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -71,6 +72,17 @@ def test_unknown_base_says_nothing_is_downloaded(tmp_path):
         resolve_base("gpt2", tmp_path)
 
 
+def test_a_model_folder_without_a_tokenizer_says_so_and_what_to_save(tiny_gpt2_dir, tmp_path):
+    """A folder written by the model's save_pretrained alone was refused with transformers'
+    "You need to have sentencepiece or tiktoken installed", which installing does not fix."""
+    import shutil
+
+    folder = tmp_path / "no-tokenizer"
+    shutil.copytree(tiny_gpt2_dir, folder, ignore=shutil.ignore_patterns("*token*", "vocab.json", "merges.txt"))
+    with pytest.raises(ModelError, match=r"no-tokenizer has no tokenizer .*`tokenizer.save_pretrained\(FOLDER\)`"):
+        load_model(str(folder), cache_dir=tmp_path / "cache")
+
+
 def test_plain_gpt2_folder_loads_without_a_chat_template(tiny_gpt2_dir, tmp_path):
     loaded = load_model(str(tiny_gpt2_dir), cache_dir=tmp_path)
     assert not loaded.has_chat_template
@@ -78,11 +90,18 @@ def test_plain_gpt2_folder_loads_without_a_chat_template(tiny_gpt2_dir, tmp_path
     assert loaded.stop_token_ids == [loaded.tokenizer.eos_token_id]
 
 
-def test_the_bundled_model_is_converted_for_torch_only_once_torch_needs_it(tmp_path):
+def test_the_bundled_model_is_converted_for_torch_only_once_torch_needs_it(tmp_path, capfd, caplog):
     """A worker serving it on llama.cpp needs its config and tokenizer (about 9 s to
     convert from the GGUF), not its dequantised weights (15 s more, 538 MB on disk): a
-    newcomer's first start waited for both."""
+    newcomer's first start waited for both. Converting the weights wrote transformers'
+    "Converting and de-quantizing GGUF tensors" bar into the worker's log (and the
+    terminal of `persona up`); our own line says that it converts, and no more."""
+    from transformers.utils import logging as hf_logging
+
     from persona.models import BUNDLED_CACHE_NAME
+
+    hf_logging.enable_progress_bar()  # as in a fresh worker process
+    caplog.set_level(logging.INFO, logger="persona.models")
 
     loaded = load_model("smollm2", cache_dir=tmp_path)
     folder = tmp_path / BUNDLED_CACHE_NAME
@@ -92,7 +111,11 @@ def test_the_bundled_model_is_converted_for_torch_only_once_torch_needs_it(tmp_p
     config = (folder / "config.json").read_text()
     assert json.loads(config)["architectures"] == ["LlamaForCausalLM"]
 
+    capfd.readouterr()
     model = loaded.model  # torch asks: the weights are written now, beside the rest
+    said = capfd.readouterr()
+    assert "GGUF tensors" not in said.err + said.out and "%|" not in said.err, said.err
+    assert "converting the weights of the bundled model" in caplog.text
     assert {p.name for p in folder.iterdir()} == light | {"model.safetensors"}
     assert (folder / "config.json").read_text() == config
     assert model.config.vocab_size == loaded.config.vocab_size == 49152

@@ -147,6 +147,28 @@ def test_chatting_still_restarts_a_crashed_worker_and_a_hangup_stops_all(start_u
     assert [pid for pid in (second, redis_pid) if running(pid)] == []
 
 
+def test_a_sigterm_while_the_chat_waits_for_a_reply_stops_up(start_up, tmp_path):
+    """The chat took the stop signal for a Ctrl-C that withdraws one message, and waited for
+    the next line: `persona up --chat` ignored SIGTERM while a reply was on its way. Its
+    chat also told the user to start a worker with `persona up`, which was starting one."""
+    up, redis_pid = start_up("--chat", "tiny")
+    [worker] = wait_for(lambda: workers_of(up), "no worker started")
+    os.kill(worker, signal.SIGSTOP)  # still loading its model: no worker is live yet
+    log = tmp_path / "up.log"
+    try:
+        up.stdin.write(b"hello\n")
+        up.stdin.flush()
+        said = wait_for(lambda: "no worker is running yet" in (text := log.read_text()) and text, "no word on the worker")
+        assert "(`persona up` is starting one; its log: " in said and "persona worker` starts one" not in said, said
+        up.send_signal(signal.SIGTERM)
+        wait_for(lambda: "stopping..." in log.read_text(), f"the chat did not end: {log.read_text()}", 10)
+    finally:
+        os.kill(worker, signal.SIGCONT)
+        up.stdin.close()  # the old chat waited for its next line
+    assert up.wait(timeout=60) == 0
+    assert [pid for pid in (worker, redis_pid) if running(pid)] == []
+
+
 def test_a_second_up_for_the_same_data_directory_is_refused_in_words(start_up, up_env):
     up, redis_pid = start_up()
     wait_for(lambda: workers_of(up), "no worker started")
@@ -155,6 +177,56 @@ def test_a_second_up_for_the_same_data_directory_is_refused_in_words(start_up, u
     assert second.returncode == 1
     assert f"`persona up` is already running for data directory {up_env['PERSONA_DATA_DIR']} (pid {up.pid})" in second.stderr
     assert up.poll() is None and running(redis_pid)  # the first serves on, its Redis untouched
+
+
+def test_up_suggests_chatting_with_a_persona_it_serves(start_up, tmp_path):
+    """It said `persona chat sage` whatever it served: here its workers preload only `tiny`."""
+    start_up()
+    said = wait_for(lambda: "talk to it" in (text := (tmp_path / "up.log").read_text()) and text,
+                    "`persona up` said nothing about how to talk to it", 30)
+    assert "persona chat tiny" in said and "persona chat sage" not in said, said
+
+
+@pytest.mark.parametrize(("args", "preload", "said"), [
+    (["--chat", "nosuch"], "[]", "unknown persona 'nosuch'; known personas: bofh, sage, tiny"),
+    ([], '["tiny", "nosuch"]', ("PERSONA_WORKER__PERSONAS names 'nosuch', which the workers cannot preload: "
+                                "unknown persona 'nosuch'")),
+])
+def test_up_refuses_a_persona_that_is_not_there_before_starting_anything(tmp_path, up_env, args, preload, said):
+    """`up --chat TYPO` started every service, then stopped them all to say so; a preload
+    naming a persona not there made each worker exit, five times, and then be given up on
+    while `up` served on without one."""
+    env = up_env | {"PERSONA_WORKER__PERSONAS": preload}
+    try:
+        told = subprocess.run([sys.executable, "-m", "persona", "up", "--no-dashboard", *args], env=env,
+                              stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30, check=False)
+    finally:
+        for pid in started_under(tmp_path):  # the old behaviour's services, if any
+            os.kill(pid, signal.SIGKILL)
+    assert told.returncode == 1 and "Traceback" not in told.stderr
+    assert said in " ".join(told.stderr.split()), told.stderr
+    assert "started" not in told.stdout + told.stderr and not (tmp_path / "up-data" / "redis").exists()
+
+
+def test_up_whose_dashboard_port_is_taken_says_what_to_do_before_starting_anything(tmp_path, up_env):
+    """The dashboard exited at once, was started again four times, each time saying "pass
+    --port" (an option `persona up` has not), then was given up on while `up` ran on."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        env = up_env | {"PERSONA_DASHBOARD__PORT": str(taken.getsockname()[1])}
+        try:
+            told = subprocess.run([sys.executable, "-m", "persona", "up"], env=env, stdin=subprocess.DEVNULL,
+                                  capture_output=True, text=True, timeout=30, check=False)
+        finally:
+            for pid in started_under(tmp_path):  # the old behaviour's services, if any
+                os.kill(pid, signal.SIGKILL)
+    said = " ".join(told.stderr.split())
+    assert told.returncode == 1 and "Address already in use" in said, told.stderr
+    assert "set PERSONA_DASHBOARD__PORT to a free port, or start without it: `persona up --no-dashboard`" in said
+    assert "--port," not in said and not (tmp_path / "up-data" / "redis").exists()
 
 
 def test_killing_up_stops_its_services_and_the_next_up_takes_over_its_redis(start_up):

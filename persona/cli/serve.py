@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
 from persona.cli.common import console, friendly_errors, get_settings
 from persona.connection import connect, describe_url
@@ -24,7 +25,7 @@ from persona.embedded_redis import (
     serving_lock,
     stop_embedded,
 )
-from persona.errors import DataDirUnwritable, RedisUnavailable
+from persona.errors import ConfigError, DataDirUnwritable, RedisUnavailable
 from persona.logs import setup_logging
 from persona.settings import Settings
 
@@ -138,6 +139,7 @@ def up(
 
     settings = get_settings()
     setup_logging(settings)
+    _check_personas_named(settings, chat)
     stop, stopped = threading.Event(), threading.Event()
     redis_failed: list[Exception] = []
     # The signals are handled until the very end: a second SIGTERM must not kill this
@@ -146,6 +148,7 @@ def up(
         friendly_exit(),
         _stopped_by_signals(stop, interrupt=bool(chat)),
         one_up_per_data_dir(_data_dir(settings)),
+        _dashboard_can_listen(settings, wanted=dashboard),
         served_redis(settings) as served,
     ):
         url = served.url
@@ -168,9 +171,10 @@ def up(
                 console.print(f"logs in {log_dir}; the first reply waits for the model to load")
                 from persona.cli.talk import run_chat
 
-                run_chat(settings, chat, url=url)
+                starting = f"`persona up` is starting one; its log: {supervisor.services[0].log_file}"
+                run_chat(settings, chat, url=url, stop=stop, starters=starting)
             else:
-                console.print("talk to it from another terminal: [bold]persona chat sage[/bold]  (Ctrl-C here stops everything)")
+                _say_how_to_talk(settings)
                 while not stop.wait(1.0):
                     pass
         finally:
@@ -187,6 +191,73 @@ def up(
                         watcher.join()  # before Redis stops: it may be starting Redis again now
     if redis_failed:
         raise RedisUnavailable(f"the embedded Redis died, and could not be started again: {redis_failed[0]}")
+
+
+def _check_personas_named(settings: Settings, chat: str | None) -> None:
+    """Refuse, before anything starts, a persona to chat with or to preload that is not
+    there or not valid: every service started, then the chat stopped them all again; and
+    each worker exited on it, was restarted four times, then was given up on."""
+    from persona.personas import PersonaRegistry
+
+    registry = PersonaRegistry.from_settings(settings)
+    for name in settings.worker.personas:
+        try:
+            registry.get(name)
+        except ConfigError as exc:
+            raise ConfigError(
+                f"PERSONA_WORKER__PERSONAS names {name!r}, which the workers cannot preload: {exc} "
+                "Fix the setting, or leave it out to preload every persona"
+            ) from None
+    if chat:
+        registry.get(chat)
+
+
+@contextlib.contextmanager
+def _dashboard_can_listen(settings: Settings, *, wanted: bool) -> Iterator[None]:
+    """Refuse to start when the dashboard could not listen (its port taken, say): it
+    exited at once, was started again four times, each saying so among the log lines,
+    then given up on while `persona up` served on without it."""
+    from persona.dashboard import bind
+
+    if wanted:
+        try:
+            bind(settings).close()
+        except ConfigError as exc:
+            said = str(exc)
+            port_advice = "; pass --port, or set PERSONA_DASHBOARD__PORT"  # `persona dashboard`'s, not up's
+            if said.endswith(port_advice):
+                said = said.removesuffix(port_advice) + "; set PERSONA_DASHBOARD__PORT to a free port,"
+            else:
+                said += ";"
+            raise ConfigError(f"{said} or start without it: `persona up --no-dashboard`") from None
+    yield
+
+
+def _say_how_to_talk(settings: Settings) -> None:
+    """How to chat with what is served: it named `sage` even where the workers preload
+    only other personas, or no valid sage file is found."""
+    name = _persona_to_suggest(settings)
+    if name is None:
+        console.print(
+            "no valid persona file found, so nothing can be answered yet: `persona personas validate` names "
+            "the problems (Ctrl-C here stops everything)", style="yellow", markup=False, highlight=False,
+        )
+        return
+    console.print(f"talk to it from another terminal: [bold]persona chat {escape(name)}[/bold]  (Ctrl-C here stops everything)")
+
+
+def _persona_to_suggest(settings: Settings) -> str | None:
+    """The default persona where the workers serve it, else the first they serve: those
+    they preload (PERSONA_WORKER__PERSONAS), else every valid persona."""
+    from persona.cli.talk import DEFAULT_PERSONA
+    from persona.personas import PersonaRegistry
+
+    valid, _ = PersonaRegistry.from_settings(settings).scan()  # the workers log the invalid files
+    preloaded = settings.worker.personas
+    served = [name for name in preloaded if name in valid] if preloaded else sorted(valid)
+    if DEFAULT_PERSONA in served:
+        return DEFAULT_PERSONA
+    return served[0] if served else None
 
 
 def _supervise(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import threading
 import time
 
 import redis
@@ -31,8 +32,10 @@ from persona.queue import QueueClient
 from persona.settings import Settings
 from persona.validation import check_request
 
+DEFAULT_PERSONA = "sage"  # the bundled persona `persona chat` talks to when none is named
 CHAT_COMMANDS = "/reset forgets the conversation, /help shows this, /quit or Ctrl-D leaves"
 AS_MESSAGE = "to send a line that starts with a / as a message, start it with // instead"
+WORKER_STARTERS = "`persona up` or `persona worker` starts one"
 
 
 def _client(settings: Settings, url: str | None = None) -> QueueClient:
@@ -55,13 +58,12 @@ def _check_persona(settings: Settings, name: str) -> None:
     PersonaRegistry.from_settings(settings).get(name)
 
 
-def _say_if_no_worker(client: QueueClient, wait_s: float) -> None:
+def _say_if_no_worker(client: QueueClient, wait_s: float, starters: str = WORKER_STARTERS) -> None:
     """Say so when no worker is live: the wait ahead is then a full deadline, and the
     user heard nothing until its end ("no worker answered ... in time")."""
     if not heartbeat.live_worker_ids(client.redis):
         err_console.print(
-            f"no worker is running yet; this waits in the queue for one, up to {wait_s:.0f} s "
-            "(`persona up` or `persona worker` starts one)",
+            f"no worker is running yet; this waits in the queue for one, up to {wait_s:.0f} s ({starters})",
             style="yellow", markup=False, highlight=False,
         )
 
@@ -103,8 +105,19 @@ def ask(
         print(reply.text)
 
 
-def run_chat(settings: Settings, persona: str, *, url: str | None = None) -> None:
-    """An interactive chat in the terminal, keeping recent turns as context."""
+def run_chat(
+    settings: Settings,
+    persona: str,
+    *,
+    url: str | None = None,
+    stop: threading.Event | None = None,
+    starters: str = WORKER_STARTERS,
+) -> None:
+    """An interactive chat in the terminal, keeping recent turns as context.
+
+    ``stop``: set (by ``persona up``'s SIGTERM or SIGHUP) when an interrupt ends the chat
+    rather than withdraws one message. ``starters``: where a worker will come from.
+    """
     _check_persona(settings, persona)
     client = _client(settings, url)
     history: list[Message] = []
@@ -137,12 +150,14 @@ def run_chat(settings: Settings, persona: str, *, url: str | None = None) -> Non
         # Whatever goes wrong with this message, it is dropped and the chat goes on.
         problem = None
         try:
-            _say_if_no_worker(client, settings.queue.default_deadline_s)
+            _say_if_no_worker(client, settings.queue.default_deadline_s, starters)
             with console.status(f"{persona} is thinking..."):
                 reply = _ask(client, request)
         except KeyboardInterrupt:  # as in a shell
             history.pop()
             console.print("[dim](withdrawn)[/dim]")
+            if stop is not None and stop.is_set():  # SIGTERM or SIGHUP: `persona up` is stopping, and the chat with it
+                return
             continue
         except PersonaError as exc:
             problem = str(exc)
@@ -177,7 +192,7 @@ def _as_context(reply: str, limit_chars: int) -> Message:
 
 
 @friendly_errors
-def chat(persona: str = typer.Argument("sage", help="which persona to talk to")) -> None:
+def chat(persona: str = typer.Argument(DEFAULT_PERSONA, help="which persona to talk to")) -> None:
     """Chat with PERSONA in the terminal, through the queue (needs `persona up` running)."""
     run_chat(get_settings(), persona)
 
