@@ -22,12 +22,13 @@ from pathlib import Path
 import torch
 
 from persona.engine import TransformersEngine, Work
+from persona.errors import UsageError
 from persona.models import LoadedModel, load_model
 from persona.personas import Sampling
 
 __all__ = [
-    "EngineBenchResult", "forget_prefixes", "load_bench_model", "prompt_ids", "run_engine_bench", "sampling_for",
-    "sync_device", "time_baseline",
+    "EngineBenchResult", "check_room", "forget_prefixes", "load_bench_model", "prompt_ids", "run_engine_bench",
+    "sampling_for", "sync_device", "time_baseline",
 ]  # fmt: skip
 
 log = logging.getLogger(__name__)
@@ -165,6 +166,17 @@ def _chat_prompt_ids(loaded: LoadedModel, message: str = CHAT_MESSAGES[0]) -> li
     return ids[-(loaded.context_tokens - 1):]  # a small model's context may be shorter
 
 
+def check_room(loaded: LoadedModel, prompts: list[list[int]], new_tokens: int, option: str = "--tokens") -> None:
+    """Refuse, before anything is timed, new tokens that would run past the model's context."""
+    longest = max(len(p) for p in prompts)
+    room = loaded.context_tokens - longest
+    if new_tokens > room:
+        raise UsageError(
+            f"{option} {new_tokens} does not fit: {loaded.name} reads at most {loaded.context_tokens} tokens and "
+            f"the benchmark's longest prompt takes {longest} of them; give {option} {max(room, 1)} or fewer"
+        )
+
+
 def sync_device(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -251,7 +263,8 @@ def _time_llamacpp(path: Path, prompt: list[int], new_tokens: int, threads: int)
     from persona.llamacpp_decoder import route_llama_cpp_logs
 
     route_llama_cpp_logs()
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=1024, n_threads=threads, n_threads_batch=threads, verbose=False)
+    context = max(1024, len(prompt) + new_tokens)  # room for every token asked
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=context, n_threads=threads, n_threads_batch=threads, verbose=False)
     best = 0.0
     for _ in range(2):
         llm.reset()
@@ -284,6 +297,7 @@ def run_engine_bench(
     the time to the first token of a chat-sized prompt, both sides. Greedy, or with
     ``sampled`` both sides sample as a persona does by default."""
     device = loaded.device
+    check_room(loaded, prompt_ids(loaded, min(max(batches), len(PROMPTS))), new_tokens)
     built = time.perf_counter()
     engine = TransformersEngine(
         loaded, mode=mode, cache_dir=cache_dir, threads=torch.get_num_threads(), gguf_type=gguf_type, compile=compile,

@@ -21,7 +21,7 @@ import statistics
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -132,10 +132,11 @@ def _logging_as_a_worker(settings: Settings) -> Iterator[None]:
             root.setLevel(level)
 
 
-def _ours(settings: Settings, url: str, jobs: int, seconds: float) -> tuple[float, list[float]]:
+def _ours(settings: Settings, url: str, jobs: int, seconds: float, say: Callable[[str], None]) -> tuple[float, list[float]]:
     """Drain rate of one real Worker, then its round trips at light load."""
     from persona.worker import freeze_heap
 
+    say(f"ours: draining {jobs:,} requests with one worker")
     client = redis.Redis.from_url(url)
     worker = _bench_worker(settings, client, "bench-ours")
     worker.step(block_ms=1)  # the first round pays for imports and script loading
@@ -156,6 +157,7 @@ def _ours(settings: Settings, url: str, jobs: int, seconds: float) -> tuple[floa
     if client.llen(keys.reply_key(requests[-1].id)) != 1:
         raise RuntimeError("the benchmark worker did not reply to the last request")
     worker.queue.hand_back(worker.id)
+    say(f"ours: {rate:,.0f} jobs/s; now {seconds:g} s of single round trips to a worker process")
     return rate, _round_trips_against(_serve_ours, settings, url, seconds)
 
 
@@ -220,8 +222,9 @@ def _baseline_step(client: redis.Redis, consumer: str) -> int:
     return 0
 
 
-def _baseline(settings: Settings, url: str, jobs: int, seconds: float) -> tuple[float, list[float]]:
+def _baseline(settings: Settings, url: str, jobs: int, seconds: float, say: Callable[[str], None]) -> tuple[float, list[float]]:
     """The same measurements for the plain one-at-a-time loop."""
+    say(f"baseline: draining {jobs:,} requests one at a time")
     client = redis.Redis.from_url(url)
     client.flushall()
     WorkQueue(client, settings.queue)  # creates the consumer group
@@ -231,6 +234,7 @@ def _baseline(settings: Settings, url: str, jobs: int, seconds: float) -> tuple[
     while done < jobs:
         done += _baseline_step(client, "bench-baseline")
     rate = jobs / (time.perf_counter() - started)
+    say(f"baseline: {rate:,.0f} jobs/s; now {seconds:g} s of single round trips to its process")
     return rate, _round_trips_against(_serve_baseline, settings, url, seconds)
 
 
@@ -243,13 +247,19 @@ def _write_persona(folder: Path, model_dir: Path) -> None:
     )
 
 
-def run_queue_bench(jobs: int = 20_000, seconds: float = 3.0, batch: int = 128, tcp: bool = False) -> QueueBenchResult:
+def run_queue_bench(
+    jobs: int = 20_000, seconds: float = 3.0, batch: int = 128, tcp: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> QueueBenchResult:
     """Measure ours and the baseline against one fresh embedded Redis.
 
     Both reach it as `persona up`'s processes do (its unix socket), or with ``tcp``
     over TCP loopback, as a Redis on another machine or container is reached.
+    ``progress`` is told each phase as it starts, in words.
     """
     from persona.soak import _tiny_model
+
+    say = progress or (lambda _phase: None)
 
     with tempfile.TemporaryDirectory(prefix="persona-bench-") as tmp:
         root = Path(tmp)
@@ -260,8 +270,8 @@ def run_queue_bench(jobs: int = 20_000, seconds: float = 3.0, batch: int = 128, 
             model_dir = _tiny_model(root / "model")
             _write_persona(root / "personas", model_dir)
             settings = _bench_settings(root / "data", url, root / "personas", batch)
-            rate, trips = _ours(settings, url, jobs, seconds)
-            base_rate, base_trips = _baseline(settings, url, max(1000, jobs // 4), seconds)
+            rate, trips = _ours(settings, url, jobs, seconds, say)
+            base_rate, base_trips = _baseline(settings, url, max(1000, jobs // 4), seconds, say)
         finally:
             server.stop()
     return QueueBenchResult(

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from persona.bench_engine import (
+    check_room,
     forget_prefixes,
     prompt_ids,
     sampling_for,
@@ -175,6 +176,8 @@ def run_serve_bench(
     """The backlog served by ours (continuous), ours one batch at a time, and ``generate()``.
     Ours is the best of ``repeats`` runs each way: the first also pays what a long-running
     server pays once (on a GPU: capturing the graphs of new cache layouts and prompt shapes)."""
+    prompts = prompt_ids(loaded, requests, numbered=True)  # alike only in the chat template's opening
+    check_room(loaded, prompts, longest, "--longest")
     engine = TransformersEngine(
         loaded, mode=mode, cache_dir=cache_dir, threads=torch.get_num_threads(), gguf_type=gguf_type, compile=compile,
         kernels=kernels, attention=attention,
@@ -183,7 +186,6 @@ def run_serve_bench(
     log.info("%s engine warmed up in %.1f s", engine.mode, warm_up_s)
     engine.stop_ids = set()  # exactly each request's tokens, like min_new_tokens on the baseline side
     lengths = reply_lengths(requests, longest)
-    prompts = prompt_ids(loaded, requests, numbered=True)  # alike only in the chat template's opening
     work = [Work(ids, sampling_for(tokens, sampled=False)) for ids, tokens in zip(prompts, lengths, strict=True)]
     result = ServeBenchResult(
         device=loaded.device, model=loaded.name, mode=engine.mode, requests=requests, concurrency=concurrency,

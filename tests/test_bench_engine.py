@@ -91,3 +91,22 @@ def test_bench_engine_measures_a_model_of_the_users_choosing(tmp_path, tiny_gpt2
     assert data["ours"]["1"] > 0 and data["baseline"]["1"] > 0
     missing = bench_engine_cli(tmp_path, "--model", str(tmp_path / "nowhere"))
     assert missing.returncode == 1 and "nowhere" in missing.stderr
+
+
+def test_bench_engine_refuses_an_unknown_mode_before_loading_a_model(tmp_path):
+    """--mode turbo is a usage error naming the choices (it was a traceback, after the model loaded)."""
+    result = bench_engine_cli(tmp_path, "--mode", "turbo")
+    assert result.returncode == 2, result.stderr[-2000:]
+    said = " ".join(result.stderr.replace("│", " ").split())  # the error box wraps at the terminal's width
+    assert "--mode must be one of auto, eager, fused, int8, llamacpp, not 'turbo'" in said
+    assert "Traceback" not in result.stderr
+
+
+def test_new_tokens_past_the_models_context_are_refused_before_timing(tiny_gpt2_dir, tmp_path):
+    """A GPT-2 of 256 positions cannot make 1,000 new tokens: said at once, with the most it can
+    (generate() used to fail with an IndexError after the engine's runs)."""
+    from persona.errors import UsageError
+
+    gpt2 = load_model(str(tiny_gpt2_dir), cache_dir=tmp_path)
+    with pytest.raises(UsageError, match=r"--tokens 1000 does not fit: .* reads at most 256 tokens .* give --tokens \d+ or fewer"):
+        run_engine_bench(gpt2, [1, 2], new_tokens=1000, mode="eager", repeats=1)

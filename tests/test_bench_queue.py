@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from persona.bench_queue import InstantEngine
 from persona.engine import Work
 from persona.personas import Sampling
@@ -31,3 +33,56 @@ def test_bench_queue_prints_ours_and_the_baseline_as_json(tmp_path):
         assert data[key] > 0, key
     assert data["p99_ms"] >= data["p50_ms"]
     assert data["transport"] == "unix socket"  # as `persona up` reaches its embedded Redis
+
+
+def _soak_cli(tmp_path, *args: str) -> subprocess.Popen:
+    """`persona bench soak ARGS` in its own process group (as a terminal's Ctrl-C reaches a
+    whole group), its temporary folder under ``tmp_path``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PERSONA_")}
+    env |= {"PERSONA_DATA_DIR": str(tmp_path / "data"), "TMPDIR": str(tmp_path)}
+    return subprocess.Popen(
+        [sys.executable, "-m", "persona", "bench", "soak", *args],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+
+
+@pytest.mark.slow  # about 12 s on two cores: the tiny model and a worker start first
+def test_bench_soak_stops_at_ctrl_c_and_leaves_nothing_behind(tmp_path):
+    """Ctrl-C during the load stops the soak in seconds with what it sent so far; its workers,
+    Redis and temporary folder are gone (it used to run on to the end of --minutes, then
+    wait minutes more for replies from a Redis it had stopped, and kept its folder)."""
+    import signal
+    import time
+
+    soak = _soak_cli(tmp_path, "--minutes", "1", "--workers", "1", "--rate", "5")
+    try:
+        deadline = time.monotonic() + 90
+        while not list(tmp_path.glob("persona-soak-*/worker-0.log")):  # its workers are starting
+            assert soak.poll() is None and time.monotonic() < deadline, soak.communicate()
+            time.sleep(0.1)
+        time.sleep(1.0)  # the callers are sending
+        os.killpg(soak.pid, signal.SIGINT)
+        out, err = soak.communicate(timeout=30)
+    finally:
+        if soak.poll() is None:
+            os.killpg(soak.pid, signal.SIGKILL)
+            soak.communicate()
+    assert soak.returncode == 130, err[-3000:]
+    assert "interrupted after" in out and "sent " in out
+    assert "Traceback" not in err and "cannot be reached" not in err
+    assert not list(tmp_path.glob("persona-soak-*"))
+    for _ in range(50):  # the worker and redis-server processes have left with it
+        try:
+            os.killpg(soak.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError("processes of the soak are still running")
+
+
+def test_bench_soak_refuses_an_unknown_model(tmp_path):
+    soak = _soak_cli(tmp_path, "--model", "huge", "--minutes", "0.1")
+    _, err = soak.communicate(timeout=60)
+    assert soak.returncode == 2
+    assert "choose one of tiny, bundled, not 'huge'" in " ".join(err.replace("│", " ").split())

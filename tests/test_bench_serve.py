@@ -25,3 +25,27 @@ def test_continuous_batching_answers_short_requests_while_a_long_one_decodes(tin
     assert data["useful_tokens"] == 15 and data["mode"] == "fused"
     assert data["ratio"] == round(result.ours.tokens_per_s / result.baseline.tokens_per_s, 2)
     assert set(data["ours"]) == {"tokens_per_s", "seconds", "p50_s", "p99_s"}
+
+
+def test_replies_past_the_models_context_are_refused_before_serving(tiny_llama):
+    import pytest
+
+    from persona.errors import UsageError
+
+    with pytest.raises(UsageError, match=r"--longest 600 does not fit: .* reads at most 512 tokens"):
+        run_serve_bench(tiny_llama, requests=2, concurrency=2, longest=600, mode="fused", repeats=1)
+
+
+def test_bench_serve_refuses_an_unknown_mode_before_loading_a_model(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PERSONA_")} | {"PERSONA_DATA_DIR": str(tmp_path)}
+    result = subprocess.run(
+        [sys.executable, "-m", "persona", "bench", "serve", "--mode", "turbo"],
+        env=env, capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    said = " ".join(result.stderr.replace("│", " ").split())  # the error box wraps at the terminal's width
+    assert "--mode must be one of auto, eager, fused, int8, llamacpp, not 'turbo'" in said

@@ -36,8 +36,10 @@ def queue(
     """Drain rate and round-trip latency of one worker with an instant engine, vs a plain loop."""
     from persona.bench_queue import run_queue_bench
 
-    with console.status(f"draining {jobs} requests, then {seconds:g} s of single round trips..."):
-        result = run_queue_bench(jobs=jobs, seconds=seconds, batch=batch, tcp=tcp)
+    with console.status("starting Redis and a tiny model...") as status:
+        result = run_queue_bench(
+            jobs=jobs, seconds=seconds, batch=batch, tcp=tcp, progress=lambda phase: status.update(f"{phase}...")
+        )
     if json_output:
         print(json.dumps(result.as_dict()))
         return
@@ -103,10 +105,19 @@ def _choice(value: str, choices: tuple[str, ...], option: str) -> str:
     return value
 
 
+def _engine_mode(value: str) -> str:
+    """``--mode`` (or the worker setting), checked before the model loads."""
+    from persona.engine import ENGINE_MODES
+
+    return _choice(value, ENGINE_MODES, "--mode")
+
+
 @bench_app.command("engine")
 @friendly_errors
 def engine(
-    device: str = typer.Option("cpu", help="cpu (the bundled model) or cuda (a random model of its shape, bf16)"),
+    device: str = typer.Option(
+        "cpu", help="cpu (the bundled model), cuda (a random model of its shape, bf16) or auto (cuda if torch sees a GPU)"
+    ),
     batch: str = typer.Option("", help="batch sizes, comma-separated (default: 1,8 on CPU; 1,8,32,128 on cuda)"),
     tokens: int = typer.Option(64, min=1, help="new tokens per row"),
     mode: str = typer.Option("", help="our engine's path: auto, eager, fused, int8 or llamacpp (default: the worker setting)"),
@@ -141,7 +152,8 @@ def engine(
 
     settings, device = _bench_setup(device, json_output)
     sizes = _batches(batch or ("1,8" if device == "cpu" else "1,8,32,128"))
-    chosen_mode = mode or settings.worker.engine
+    chosen_mode = _engine_mode(mode or settings.worker.engine)
+    gguf_type = _gguf_type(gguf or settings.worker.gguf_type)
     kernels = _choice(kernels or settings.worker.kernels, ("auto", "always", "never"), "--kernels")
     attention = _choice(attention or settings.worker.attention, ("auto", "torch", "triton"), "--attention")
     with Progress(console=console, transient=True) as progress:
@@ -153,7 +165,7 @@ def engine(
         loaded = _bench_model(settings, device, threads, tokenizer, model)
         result = run_engine_bench(
             loaded, sizes, new_tokens=tokens, mode=chosen_mode, repeats=repeats, progress=advance,
-            cache_dir=settings.model_cache_dir, gguf_type=_gguf_type(gguf or settings.worker.gguf_type),
+            cache_dir=settings.model_cache_dir, gguf_type=gguf_type,
             compile=settings.worker.compile if compile is None else compile, sampled=sample,
             kernels=kernels, attention=attention,
         )
@@ -196,7 +208,9 @@ def engine(
 @bench_app.command("serve")
 @friendly_errors
 def serve(
-    device: str = typer.Option("cpu", help="cpu (the bundled model) or cuda (a random model of its shape, bf16)"),
+    device: str = typer.Option(
+        "cpu", help="cpu (the bundled model), cuda (a random model of its shape, bf16) or auto (cuda if torch sees a GPU)"
+    ),
     requests: int = typer.Option(0, min=0, help="requests waiting at the start (default: 24 on CPU, 512 on cuda)", show_default=False),
     concurrency: int = typer.Option(0, min=0, help="requests decoding at once (default: 8 on CPU, 128 on cuda)", show_default=False),
     longest: int = typer.Option(
@@ -221,11 +235,12 @@ def serve(
     requests = requests or (512 if on_gpu else 24)
     concurrency = concurrency or (128 if on_gpu else 8)
     longest = longest or (256 if on_gpu else 64)
+    chosen_mode = _engine_mode(mode or settings.worker.engine)
     with console.status("loading the model...") as status:
         loaded = _bench_model(settings, device, threads, tokenizer)
         status.update("building and warming up our engine...")
         result = run_serve_bench(
-            loaded, requests=requests, concurrency=concurrency, longest=longest, mode=mode or settings.worker.engine,
+            loaded, requests=requests, concurrency=concurrency, longest=longest, mode=chosen_mode,
             cache_dir=settings.model_cache_dir, gguf_type=settings.worker.gguf_type, compile=settings.worker.compile,
             kernels=settings.worker.kernels, attention=settings.worker.attention, repeats=repeats,
             progress=lambda name: status.update(f"serving {requests} requests: {_SERVED[name]}..."),
