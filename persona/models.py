@@ -162,7 +162,7 @@ def pick_device(preference: str = "auto") -> str:
         raise ConfigError(f"unknown device {preference!r}; choose one of {', '.join(DEVICES)}")
     if preference == "cuda":
         if not torch.cuda.is_available():
-            raise ModelError("the worker was told to use CUDA, but torch sees no GPU; use --device cpu")
+            raise ModelError("CUDA was asked for (--device cuda or PERSONA_WORKER__DEVICE), but torch sees no GPU; use --device cpu or auto")
         return "cuda"
     if preference == "auto" and torch.cuda.is_available():
         return "cuda"
