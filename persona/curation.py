@@ -4,6 +4,7 @@ Generations are hit-and-miss, so a post is chosen from several candidates. Each 
 cleaned, then checked by the filters in order (the first that fails names the reason):
 
     empty        nothing left after cleaning
+    cut_off      the model stopped at its token limit (``sampling.max_new_tokens``) mid-thought
     too_short    under the persona's ``filters.min_chars``
     too_long     over the tightest limit of the persona and every target platform
     blocklist    contains a blocked word or phrase (case-insensitive, whole words)
@@ -12,9 +13,11 @@ cleaned, then checked by the filters in order (the first that fails names the re
                  or a whole corpus entry of 4 words or more (see ``originality.CopyIndex``)
     near_repeat  too close to one of the persona's recent posts (or an earlier candidate)
 
-The survivors are scored (a comfortable length, varied words, a finished sentence)
-and the best one wins; ties go to the earlier candidate. Pure functions, no I/O
-except ``load_corpus``.
+The survivors are ranked: one without flaws always beats one with them (see
+``flaws``: it ends mid-sentence or in an ellipsis, or a double quote is left open),
+then by score (a comfortable length, varied words, a finished sentence); ties go to
+the earlier candidate. A winner with flaws means no candidate was free of them.
+Pure functions, no I/O except ``load_corpus``.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from difflib import SequenceMatcher
 from itertools import pairwise
@@ -34,9 +37,12 @@ from persona.originality import CopyIndex, distinct_n, words
 __all__ = [
     "Candidate",
     "Curated",
+    "Draft",
     "clean_text",
     "curate",
+    "flaws",
     "is_degenerate",
+    "is_finished",
     "is_near_repeat",
     "limit_for",
     "load_corpus",
@@ -74,19 +80,32 @@ REPEATED_WORD_RUN = 3  # the same word this many times in a row is a loop
 REPEATED_CHAR_RUN = 8  # the same character this many times in a row ("!!!!!!!!")
 MIN_DISTINCT_BIGRAMS = 0.6  # fewer distinct word pairs than this (over 8+ words) is a loop
 SWEET_SPOT_CHARS = (60, 180)
-SENTENCE_END = re.compile(r"""[.!?…]["'”’)]?$""")
+CLOSERS = "\"'”’)]»"  # what may follow a sentence's last stop: "Be still." (she said)
+ELLIPSES = ("..", "…", ". .")  # a trail, not an ending: "...with each step anew..."
+# Each of ``flaws``'s names, as a message says it of a text.
+FLAW_WORDS = {"unfinished": "does not end as a finished sentence", "open_quote": "leaves a double quote open"}
 LEAKED_MARKERS = re.compile(r"<\|[a-z_]+\|>|</?s>")
+
+
+@dataclass(frozen=True)
+class Draft:
+    """A generated text as the model ended it: ``finish_reason`` "length" means it was cut
+    off at the token limit (``GenerationReply.finish_reason``)."""
+
+    text: str
+    finish_reason: str = "stop"
 
 
 @dataclass
 class Candidate:
-    """One generated text, what became of it, and its score if it passed."""
+    """One generated text, what became of it, and its score and flaws if it passed."""
 
     index: int
     raw: str
     text: str
     rejected: str | None = None
     score: float = 0.0
+    flaws: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -99,8 +118,10 @@ class Curated:
 
     @property
     def passed(self) -> list[Candidate]:
-        """Candidates that passed every filter, best first."""
-        return sorted((c for c in self.candidates if c.rejected is None), key=lambda c: (-c.score, c.index))
+        """Candidates that passed every filter, best first: fewest flaws, then highest score."""
+        return sorted(
+            (c for c in self.candidates if c.rejected is None), key=lambda c: (len(c.flaws), -c.score, c.index)
+        )
 
 
 def limit_for(platforms: Iterable[str], persona_max_chars: int) -> int:
@@ -169,6 +190,24 @@ def _blocked(text: str, blocklist: list[str]) -> bool:
     )
 
 
+def is_finished(text: str) -> bool:
+    """Whether the text ends as a finished sentence: a full stop, "!" or "?" (then perhaps a
+    closing quote or bracket), not an ellipsis that trails off."""
+    body = text.rstrip(CLOSERS)
+    return body[-1:] in (".", "!", "?") and not body.endswith(ELLIPSES)
+
+
+def flaws(text: str) -> list[str]:
+    """What makes a passing text look broken, which a clean candidate should win over:
+    ``unfinished`` (no sentence end, or an ellipsis trail) and ``open_quote`` (an odd number
+    of straight double quotes, or unmatched curly ones: a model that garbles words often
+    leaves a stray quote behind)."""
+    found = [] if is_finished(text) else ["unfinished"]
+    if text.count('"') % 2 or text.count("“") != text.count("”"):
+        found.append("open_quote")
+    return found
+
+
 def score(text: str) -> float:
     """How good a passing candidate looks: length in the sweet spot, varied, finished."""
     low, high = SWEET_SPOT_CHARS
@@ -180,13 +219,13 @@ def score(text: str) -> float:
     else:
         length = 1.0
     variety = distinct_n([text], 1) if words(text) else 0.0
-    finished = 1.0 if SENTENCE_END.search(text) else 0.0
+    finished = 1.0 if is_finished(text) else 0.0
     capital = 0.25 if text[:1].isupper() else 0.0
     return round(length + variety + finished + capital, 4)
 
 
 def curate(
-    raws: list[str],
+    raws: Sequence[str | Draft],
     *,
     max_chars: int,
     min_chars: int = 1,
@@ -196,18 +235,24 @@ def curate(
     platforms: Iterable[str] = (),
 ) -> Curated:
     """Filter the candidates, score the survivors, and pick the best one. Posting to X
-    (``platforms``), a candidate must also fit X's own count (``x_length``)."""
+    (``platforms``), a candidate must also fit X's own count (``x_length``). A plain string
+    is a text the model finished; a ``Draft`` says whether it was cut off."""
     x_limit = X_LIMIT_CHARS if "x" in set(platforms) else None
     recent = list(recent or [])
     accepted: list[str] = []
     candidates: list[Candidate] = []
     for index, raw in enumerate(raws):
-        candidate = Candidate(index=index, raw=raw, text=clean_text(raw))
-        candidate.rejected = _first_failure(
-            candidate.text, max_chars, min_chars, blocklist or [], corpus, recent + accepted, x_limit
-        )
+        draft = raw if isinstance(raw, Draft) else Draft(raw)
+        candidate = Candidate(index=index, raw=draft.text, text=clean_text(draft.text))
+        if candidate.text and draft.finish_reason == "length":
+            candidate.rejected = "cut_off"
+        else:
+            candidate.rejected = _first_failure(
+                candidate.text, max_chars, min_chars, blocklist or [], corpus, recent + accepted, x_limit
+            )
         if candidate.rejected is None:
             candidate.score = score(candidate.text)
+            candidate.flaws = flaws(candidate.text)
             accepted.append(candidate.text)
         candidates.append(candidate)
     curated = Curated(candidates=candidates, rejected=dict(Counter(c.rejected for c in candidates if c.rejected)))

@@ -102,7 +102,7 @@ return 0
 
 @dataclass
 class ClaimResult:
-    """The answer to a claim: ``claimed``, ``busy``, ``pending`` or ``done``."""
+    """The answer to a claim: ``claimed``, ``busy``, ``pending`` or ``done`` (``free``: a peek found it claimable)."""
 
     outcome: str
     state: str = ""
@@ -177,6 +177,19 @@ class PostLedger:
         if outcome == "pending" and self._expired_approval(persona, slot):
             return ClaimResult("done", "expired")
         return ClaimResult(outcome, state)
+
+    def peek(self, persona: str, slot: str) -> ClaimResult:
+        """What a claim would answer now, taking nothing (for a dry run): ``free`` where it
+        would be claimed, else ``busy``, ``pending`` or ``done`` as ``claim`` says them."""
+        record = self.record(persona, slot)
+        state = record.get("state", "")
+        if state in FINAL_STATES:
+            return ClaimResult("done", state)
+        if state == "pending":
+            approval = record.get("approval", "")
+            gone = bool(approval) and not self.redis.exists(keys.approval_key(approval))
+            return ClaimResult("done", "expired") if gone else ClaimResult("pending")
+        return ClaimResult("busy" if self.redis.exists(keys.post_lock_key(persona, slot)) else "free")
 
     def _expired_approval(self, persona: str, slot: str) -> bool:
         approval = _text(self.redis.hget(keys.post_record_key(persona, slot), "approval"))

@@ -169,3 +169,56 @@ def test_over_limits_names_each_platform_a_text_is_too_long_for():
     assert over_limits("a" * 301, ["x", "bluesky", "mastodon", "file", "x"]) == ["x: 301 of 280", "bluesky: 301 of 300"]
     assert over_limits("忍耐" * 71, ["x", "mastodon"]) == ["x: 284 of 280"]
     assert over_limits(GOOD, ["x", "bluesky", "telegram", "discord"]) == []
+
+
+TRAIL = "...when you finally rise, with each step anew..."
+GARBLED = "The simplestenbod's: Patience, Attention, Tone-Breathless Faithfulness.\""
+
+
+def test_an_ellipsis_trail_is_not_a_finished_sentence():
+    """A trailing "..." counted as a finished sentence, so a text that trails off won over
+    finished ones."""
+    assert curate([TRAIL, "Rise, and take each step anew."], max_chars=280).best.text == "Rise, and take each step anew."
+    assert score(GOOD.rstrip(".") + "...") < score(GOOD)
+    from persona.curation import is_finished
+
+    for trailing in (TRAIL, "Wait for it…", "Wait for it. . .", 'He said "wait..."'):
+        assert not is_finished(trailing), trailing
+    for finished in (GOOD, "Really?!", 'He said "wait."', "(Be still.)", "Wait… then go."):
+        assert is_finished(finished), finished
+
+
+def test_a_finished_candidate_beats_an_unfinished_one_whatever_their_scores():
+    """A post should end as a finished sentence: an unfinished one of a comfortable length
+    outscored a short finished one, and won."""
+    unfinished = "Attention is a lamp; tend its wick each morning and it will light the day"
+    short = "It is what it is."
+    assert score(unfinished) > score(short)
+    curated = curate([unfinished, short], max_chars=280)
+    assert curated.best.text == short and [c.text for c in curated.passed] == [short, unfinished]
+    assert [c.flaws for c in curated.candidates] == [["unfinished"], []]
+
+
+def test_an_unfinished_candidate_wins_only_when_none_is_finished_and_it_says_so():
+    curated = curate([TRAIL, "Attention is a lamp; tend its wick each morning"], max_chars=280)
+    assert curated.best is not None and curated.best.flaws == ["unfinished"]
+
+
+def test_a_stray_quote_loses_to_a_clean_candidate():
+    """A garbled candidate ending in an unbalanced quote won over clean ones: a model that
+    garbles words often leaves a stray quote behind, and it cannot be balanced by a person."""
+    clean = "Patience is a habit, not a mood."
+    assert score(GARBLED) > score(clean)
+    curated = curate([GARBLED, clean], max_chars=280)
+    assert curated.best.text == clean and curated.candidates[0].flaws == ["open_quote"]
+    assert curate(['She said: "wait." Then she left.'], max_chars=280).best.flaws == []  # balanced quotes are fine
+    assert curate(["“Wait,” she said, “and see.", clean], max_chars=280).best.text == clean
+
+
+def test_a_candidate_cut_off_at_the_token_limit_is_rejected():
+    """A reply cut off at max_new_tokens (finish_reason "length") could win and go out half written."""
+    from persona.curation import Draft
+
+    curated = curate([Draft(GOOD, "length"), Draft("Be still, and wait.", "stop"), Draft("", "length")], max_chars=280)
+    assert [c.rejected for c in curated.candidates] == ["cut_off", None, "empty"]
+    assert curated.best.text == "Be still, and wait." and curated.rejected == {"cut_off": 1, "empty": 1}

@@ -16,6 +16,7 @@ import redis
 from pydantic import SecretStr
 
 from adapters.posting.poster import Poster
+from persona.contract import Priority
 from persona.errors import PostingError
 from persona.ledger import PostLedger
 from persona.settings import Settings
@@ -46,38 +47,50 @@ def env(settings: Settings, personas_dir: Path) -> dict[str, str]:
 
 @pytest.fixture
 def tiny_poster(write_persona, tiny_llama_dir, running_worker) -> str:
-    """A persona on the tiny random Llama, with a worker serving it."""
+    """A persona on the tiny random Llama, with a worker serving it: it never finishes a
+    text (a random model all but never picks its end token), so each stops at 12 tokens."""
     write_persona("tinypost", base=str(tiny_llama_dir), filters={"min_chars": 1},
                   sampling={"max_new_tokens": 12}, schedule={"sinks": ["file:tinypost.jsonl"], "candidates": 3})
     running_worker()
     return "tinypost"
 
 
-def test_post_json_end_to_end_through_a_real_worker(tiny_poster, env, settings, redis_client):
-    result = persona("post", tiny_poster, "--json", "-n", "4", "--slot", "2026-02-01T09:00:00Z", env=env)
+def test_post_json_end_to_end(write_persona, env, settings, redis_client):
+    from tests.fakes.scripted_worker import scripted_worker
+
+    write_persona("scripted", base="unused", schedule={"sinks": ["file:scripted.jsonl"], "candidates": 3})
+    drafts = iter(TEXTS + ["wait wait wait wait", "Small steps."])
+    with scripted_worker(settings, lambda request: next(drafts)) as seen:
+        result = persona("post", "scripted", "--json", "-n", "4", "--slot", "2026-02-01T09:00:00Z", env=env)
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout)
-    assert out["status"] == "posted" and out["text"]
-    assert out["candidates"] == 4
-    assert isinstance(out["rejected"], dict) and sum(out["rejected"].values()) + len(out["passed"]) == 4
-    [line] = read_jsonl(settings.data_dir / "posts" / "tinypost.jsonl")
-    assert line["text"] == out["text"] and out["sinks"]["file:tinypost.jsonl"]["id"] == line["id"]
+    assert out["status"] == "posted" and out["text"] == TEXTS[0]
+    assert out["candidates"] == 4 and out["rejected"] == {"degenerate": 1} and len(out["passed"]) == 3
+    [line] = read_jsonl(settings.data_dir / "posts" / "scripted.jsonl")
+    assert line["text"] == out["text"] and out["sinks"]["file:scripted.jsonl"]["id"] == line["id"]
     # The candidates went through the batch stream, each with its own seed.
-    assert redis_client.hget("persona:stats", "completed") == b"4"
+    assert [r.priority for r in seen] == [Priority.batch] * 4
+    assert len({r.sampling.seed for r in seen}) == 4
 
-    again = persona("post", tiny_poster, "--slot", "2026-02-01T09:00:00Z", env=env)
+    again = persona("post", "scripted", "--slot", "2026-02-01T09:00:00Z", env=env)
     assert again.returncode == 0 and "already posted" in again.stdout
-    assert len(read_jsonl(settings.data_dir / "posts" / "tinypost.jsonl")) == 1
+    assert len(read_jsonl(settings.data_dir / "posts" / "scripted.jsonl")) == 1
 
     history = persona("posts", "history", "--json", env=env)
     assert [h["text"] for h in json.loads(history.stdout)] == [out["text"]]
 
 
-def test_dry_run_posts_and_records_nothing(tiny_poster, env, settings, redis_client):
+def test_a_candidate_cut_off_at_the_token_limit_is_rejected(tiny_poster, env, settings, redis_client):
+    """A candidate the worker stopped at max_new_tokens mid-sentence could win and go out
+    half written: its reply's finish_reason was never looked at."""
     result = persona("post", tiny_poster, "--dry-run", "--json", "-n", "2", env=env)
-    assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout)
-    assert out["status"] == "dry_run" and out["candidates"] == 2 and "rejected" in out
+    assert result.returncode == 1 and out["status"] == "no_candidate", result.stdout + result.stderr
+    assert out["candidates"] == 2 and out["rejected"] == {"cut_off": 2} and out["text"] == ""
+    assert [v["rejected"] for v in out["verdicts"]] == ["cut_off", "cut_off"] and all(v["text"] for v in out["verdicts"])
+    assert "raise sampling.max_new_tokens (now 12)" in out["message"]
+    # A dry run posts and records nothing.
+    assert redis_client.hget("persona:stats", "completed") == b"2"
     assert not (settings.data_dir / "posts").exists()
     assert PostLedger(redis_client).history() == []
 
@@ -484,3 +497,61 @@ def test_a_lost_answer_where_a_retry_is_safe_is_listed_with_the_command_that_fin
         assert finished.returncode == 0 and "posted safe" in finished.stdout, finished.stdout + finished.stderr
         assert len(fake.statuses) == 1 and len(fake.records) == 1  # the same posts: deduplicated, or found
         assert json.loads(persona("posts", "uncertain", "--json", env=env).stdout) == []
+
+
+TRAIL = "...when you finally rise, with each step anew..."
+GARBLED = "The simplestenbod's: Patience, Attention, Tone-Breathless Faithfulness.\""
+
+
+def test_a_post_ends_as_a_finished_sentence_unless_no_candidate_does_and_then_it_says_so(settings, write_persona, env):
+    """A candidate trailing off in "..." (counted as a finished sentence) or garbled with a
+    stray quote won over clean ones; nothing said when every candidate had such a flaw."""
+    from tests.fakes.scripted_worker import scripted_worker
+
+    write_persona("tidy", base="unused", schedule={"sinks": ["file:tidy.jsonl"], "candidates": 3})
+    drafts = iter([TRAIL, GARBLED, "It is what it is."])
+    with scripted_worker(settings, lambda request: next(drafts)):
+        result = persona("post", "tidy", "--dry-run", "--json", env=env)
+    out = json.loads(result.stdout)
+    assert (result.returncode, out["status"], out["text"], out["message"]) == (0, "dry_run", "It is what it is.", ""), result.stdout
+    assert sorted((v["text"], v["rejected"], v["flaws"]) for v in out["verdicts"]) == sorted(
+        [(TRAIL, "", ["unfinished"]), (GARBLED, "", ["open_quote"]), ("It is what it is.", "", [])])
+
+    drafts = iter([TRAIL, "Attention is a lamp; tend its wick each morning"])
+    with scripted_worker(settings, lambda request: next(drafts)):
+        shown = persona("post", "tidy", "--dry-run", "-n", "2", env=env)
+    assert shown.returncode == 0, shown.stdout + shown.stderr
+    assert "passed (unfinished): Attention is a lamp" in shown.stdout
+    assert "no candidate was free of flaws; the best one does not end as a finished sentence" in " ".join(shown.stdout.split())
+
+
+def test_a_dry_run_of_a_slot_already_posted_says_so(settings, write_persona, env, redis_client):
+    """`persona post sage --slot 2026-11-26 --dry-run` showed fresh candidates for a slot that
+    was posted already, as if a real post would post them."""
+    write_persona("again", base="unused", schedule={"sinks": ["file:again.jsonl"], "candidates": 1, "approval": False})
+    poster = Poster(settings, redis_client, lambda p, n, seed: TEXTS[:n])
+    assert poster.post("again", slot="2026-11-26T09:00:00Z").status == "posted"
+    env = env | {"PERSONA_POSTING__WAIT_S": "3"}  # no worker runs: a dry run that asked for candidates would wait
+    shown = persona("post", "again", "--slot", "2026-11-26", "--dry-run", env=env)
+    assert shown.returncode == 0 and "slot 2026-11-26T09:00:00Z of again was already posted; nothing to do" in shown.stdout, shown.stdout + shown.stderr
+    out = json.loads(persona("post", "again", "--slot", "2026-11-26", "--dry-run", "--json", env=env).stdout)
+    assert (out["status"], out["text"], out["verdicts"]) == ("done", TEXTS[0], [])
+    assert "persona post again --dry-run" in out["message"]  # how to preview new candidates after all
+
+    write_persona("held", base="unused", schedule={"sinks": ["file:held.jsonl"], "candidates": 1, "approval": True})
+    waiting = poster.post("held", slot="2026-11-26T09:00:00Z")
+    held = json.loads(persona("post", "held", "--slot", "2026-11-26", "--dry-run", "--json", env=env).stdout)
+    assert (held["status"], held["approval_id"]) == ("pending", waiting.approval_id)
+    assert len(read_jsonl(settings.data_dir / "posts" / "again.jsonl")) == 1
+
+
+def test_history_piped_is_one_whole_line_a_post(settings, write_persona, env, redis_client):
+    """`persona posts history | less` at 80 columns squeezed the table into a word or two a line."""
+    long_text = "Attend to the small things; the large ones are made of them, and the day is made of small things too."
+    write_persona("piped", base="unused", schedule={"sinks": ["file:piped.jsonl"], "candidates": 1})
+    Poster(settings, redis_client, lambda p, n, seed: [long_text]).post("piped", slot="2026-11-26T09:00:00Z")
+    shown = persona("posts", "history", env=env | {"COLUMNS": "80"})
+    header, line = shown.stdout.splitlines()
+    assert header.split() == ["when", "(UTC)", "persona", "slot", "sink", "post", "text"]
+    assert line.split()[2:5] == ["piped", "2026-11-26T09:00:00Z", "file:piped.jsonl"], line
+    assert line.split()[5] == (settings.data_dir / "posts" / "piped.jsonl").as_uri() and line.endswith("  " + long_text), line

@@ -1,7 +1,9 @@
 """Where a post's candidates come from: the workers, through the queue, at batch priority.
 
 ``QueueCandidates`` submits all N requests (seeds ``seed .. seed+N-1``) before waiting
-on any, so a worker generates them as one batch; a stop (SIGTERM) ends the wait.
+on any, so a worker generates them as one batch; a stop (SIGTERM) ends the wait. Each
+text comes back as a ``Draft`` that keeps the reply's finish reason, so curation can
+turn away one the model was cut off in (``cut_off``).
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Sequence
 from typing import Protocol
 
 from persona.contract import (
@@ -17,6 +20,7 @@ from persona.contract import (
     Priority,
     SamplingOverrides,
 )
+from persona.curation import Draft
 from persona.errors import PostingError, ReplyTimeout
 from persona.personas import Persona
 from persona.queue import QueueClient
@@ -30,9 +34,9 @@ WAIT_SLACK_S = 5.0
 
 
 class CandidateSource(Protocol):
-    """Whatever writes the raw candidates for a post."""
+    """Whatever writes the raw candidates for a post (a plain string is a text the model finished)."""
 
-    def __call__(self, persona: Persona, n: int, seed: int) -> list[str]: ...
+    def __call__(self, persona: Persona, n: int, seed: int) -> Sequence[str | Draft]: ...
 
 
 class QueueCandidates:
@@ -47,10 +51,10 @@ class QueueCandidates:
         self.stopping = stopping or threading.Event()
         self.failures = 0
 
-    def __call__(self, persona: Persona, n: int, seed: int) -> list[str]:
+    def __call__(self, persona: Persona, n: int, seed: int) -> list[Draft]:
         deadline = time.time() + self.wait_s
         requests: list[GenerationRequest] = []
-        texts: list[str] = []
+        texts: list[Draft] = []
         try:
             # Submit them all before waiting on any, so a worker generates them as one batch.
             # A full queue may refuse the fifth after taking four: those four are cancelled below.
@@ -62,7 +66,7 @@ class QueueCandidates:
             for request in requests:
                 reply = self._wait(request)
                 if reply.ok:
-                    texts.append(reply.text)
+                    texts.append(Draft(reply.text, reply.finish_reason))
                 else:
                     self.failures += 1
                     log.warning("candidate %s for %s failed: %s", request.id, persona.name, reply.error)

@@ -27,7 +27,14 @@ from adapters.posting.slots import (
     slot_id,
 )
 from persona.approvals import Approval, ApprovalQueue
-from persona.curation import Curated, curate, limit_for, load_corpus, over_limits
+from persona.curation import (
+    FLAW_WORDS,
+    Curated,
+    curate,
+    limit_for,
+    load_corpus,
+    over_limits,
+)
 from persona.errors import ConfigError, PostingError
 from persona.ledger import FINAL_STATES, PostLedger
 from persona.originality import CopyIndex
@@ -150,12 +157,11 @@ class Poster:
                                   candidates=int(record.get("candidates", 0)), rejected=json.loads(record.get("rejected", "{}")))
             return self.publisher.publish(persona.name, slot, sinks, outcome)
         curated = self.choose(persona, [s.platform for s in sinks], n)
-        outcome = self._outcome(persona.name, slot, "posted", curated)
+        outcome = self._outcome(persona, slot, "posted", curated)
         if curated.best is None:
             self.ledger.save(persona.name, slot, candidates=str(outcome.candidates), rejected=json.dumps(outcome.rejected))
             self.ledger.finish(persona.name, slot, "failed")
-            reasons = ", ".join(f"{reason} {count}" for reason, count in sorted(outcome.rejected.items()))
-            outcome.status, outcome.message = "no_candidate", f"no candidate passed the filters ({reasons})"
+            outcome.status = "no_candidate"
             return outcome
         self.ledger.save(
             persona.name, slot, text=curated.best.text, candidates=str(outcome.candidates),
@@ -166,7 +172,7 @@ class Poster:
             self.ledger.save(persona.name, slot, approval=waiting.id)
             self.ledger.finish(persona.name, slot, "pending")
             outcome.status, outcome.approval_id = "pending", waiting.id
-            outcome.message = f"waiting for approval: `persona posts approve {waiting.id}`"
+            outcome.message = _joined(f"waiting for approval: `persona posts approve {waiting.id}`", outcome.message)
             return outcome
         return self.publisher.publish(persona.name, slot, sinks, outcome)
 
@@ -269,26 +275,60 @@ class Poster:
         return decided
 
     def _dry_run(self, persona: Persona, slot: str, specs: list[str], n: int) -> PostOutcome:
-        """The candidates and their verdicts for these sinks, posting nothing.
+        """The candidates and their verdicts for these sinks, posting nothing; for a slot
+        named, first what a real post would do there (nothing, if it was posted already).
 
         A preview needs no credentials (only each sink's platform, for its limit): a
         sink that could not post yet is named in the message, not a reason to show nothing.
         """
+        if slot and (known := self._dry_run_of_begun_slot(persona.name, slot)) is not None:
+            return known
         try:
             problem = "" if self.sinks_for(persona, specs) else "a real post would fail: no sinks (schedule.sinks, or --sink)"
         except ConfigError as exc:
             problem = f"a real post would fail: {exc}"
         curated = self.choose(persona, [platform_of(spec) for spec in specs], n)
-        outcome = self._outcome(persona.name, slot, "dry_run" if curated.best else "no_candidate", curated)
-        outcome.message = problem
+        outcome = self._outcome(persona, slot, "dry_run" if curated.best else "no_candidate", curated)
+        outcome.message = _joined(outcome.message, problem)
         return outcome
 
-    def _outcome(self, name: str, slot: str, status: str, curated: Curated) -> PostOutcome:
+    def _dry_run_of_begun_slot(self, name: str, slot: str) -> PostOutcome | None:
+        """What a real post would do with a slot already begun, or None for one it would generate for."""
+        peeked = self.ledger.peek(name, slot)
+        if peeked.outcome != "free":  # posted, closed, waiting for approval, or being posted now
+            outcome = self._unclaimed(name, slot, peeked.outcome, peeked.state)
+            outcome.message += f"; to preview new candidates, leave out --slot: `persona post {name} --dry-run`"
+            return outcome
+        record = self.ledger.record(name, slot)
+        if not record.get("text"):
+            return None
         return PostOutcome(
-            name, slot, status, text=curated.best.text if curated.best else "",
+            name, slot, "dry_run", text=record["text"], candidates=int(record.get("candidates", 0)),
+            rejected=json.loads(record.get("rejected", "{}")),
+            message=f"this slot's text was chosen before: a real post would finish posting it to "
+                    f"{', '.join(json.loads(record.get('sinks') or '[]')) or 'its sinks'}, with no new candidates",
+        )
+
+    def _outcome(self, persona: Persona, slot: str, status: str, curated: Curated) -> PostOutcome:
+        """The outcome of a curation; its message says why nothing passed, or what is wrong with the best."""
+        best = curated.best
+        if best is None:
+            message = "no candidate passed the filters (" + ", ".join(
+                f"{reason} {count}" for reason, count in sorted(curated.rejected.items())) + ")"
+            if curated.rejected.get("cut_off"):
+                message += (f"; cut_off: the model reached its token limit mid-text: raise sampling.max_new_tokens "
+                            f"(now {persona.sampling.max_new_tokens}) in the persona's file")
+        elif best.flaws:
+            message = ("no candidate was free of flaws; the best one " + " and ".join(FLAW_WORDS[f] for f in best.flaws)
+                       + " (more candidates, -n or schedule.candidates, make a clean one likelier)")
+        else:
+            message = ""
+        return PostOutcome(
+            persona.name, slot, status, text=best.text if best else "",
             candidates=len(curated.candidates) + curated.rejected.get("generation_failed", 0),
             rejected=dict(curated.rejected), passed=[c.text for c in curated.passed],
-            verdicts=[{"text": c.text, "rejected": c.rejected or ""} for c in curated.candidates],
+            verdicts=[{"text": c.text, "rejected": c.rejected or "", "flaws": c.flaws} for c in curated.candidates],
+            message=message,
         )
 
     def _unclaimed(self, name: str, slot: str, outcome: str, state: str) -> PostOutcome:
@@ -303,3 +343,7 @@ class Poster:
             name, slot, "done" if outcome == "done" else outcome, text=record.get("text", ""),
             approval_id=record.get("approval", ""), message=messages.get(outcome, outcome),
         )
+
+
+def _joined(*messages: str) -> str:
+    return "; ".join(m for m in messages if m)

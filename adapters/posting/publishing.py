@@ -48,8 +48,9 @@ class PostOutcome:
     candidates: int = 0
     rejected: dict[str, int] = field(default_factory=dict)
     passed: list[str] = field(default_factory=list)
-    # Every candidate as curation saw it, in order: {"text": ..., "rejected": reason, or "" if it passed}.
-    verdicts: list[dict[str, str]] = field(default_factory=list)
+    # Every candidate as curation saw it, in order: {"text": ..., "rejected": reason, or "" if it passed,
+    # "flaws": what a passing one loses to a clean one for, as ``curation.flaws`` names them}.
+    verdicts: list[dict] = field(default_factory=list)
     sinks: dict[str, dict] = field(default_factory=dict)
     approval_id: str = ""
     message: str = ""

@@ -47,9 +47,22 @@ def _plain(text: str, style: str = "") -> Text:
     return Text(text, style=style)
 
 
-def _table(*headers: str) -> Table:
-    """A table that folds a long cell onto more lines: a text or link cut short with "…" cannot be checked or copied."""
-    return Table(*(Column(header, overflow="fold") for header in headers))
+def _print_rows(headers: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+    """Rows as a table on a terminal; piped or redirected, one unwrapped line per row.
+
+    The table folds a long cell onto more lines (a text or link cut short with "…" cannot be
+    checked or copied), which at 80 columns left a word or two a line; a pipe gets each row
+    whole, its short cells padded into columns and the last one (a text, a command) as it is.
+    """
+    if console.is_terminal:
+        table = Table(*(Column(header, overflow="fold") for header in headers))
+        for row in rows:
+            table.add_row(*map(_plain, row))
+        console.print(table)
+        return
+    widths = [max(len(cell) for cell in column) for column in zip(headers, *rows, strict=True)]
+    for row in (headers, *rows):
+        _say("  ".join([*(cell.ljust(width) for cell, width in zip(row[:-1], widths, strict=False)), row[-1]]).rstrip())
 
 
 def _say(text: str, style: str = "") -> None:
@@ -69,7 +82,8 @@ def _show(outcome, as_json: bool) -> None:
         _say(f"{outcome.candidates} candidates; rejected: {reasons}", "dim")
     if outcome.status in ("dry_run", "no_candidate"):  # what a person tuning the filters needs to see
         for verdict in outcome.verdicts:
-            _say(f"  {verdict['rejected'] or 'passed'}: {verdict['text']}", "dim" if verdict["rejected"] else "")
+            flawed = f" ({', '.join(verdict['flaws'])})" if verdict.get("flaws") else ""
+            _say(f"  {verdict['rejected'] or 'passed' + flawed}: {verdict['text']}", "dim" if verdict["rejected"] else "")
     _show_sinks(outcome.sinks)
     if outcome.message:
         _say(outcome.message)
@@ -83,7 +97,7 @@ def _show_sinks(sinks: dict[str, dict]) -> None:
 @friendly_errors
 def post(
     persona: str = typer.Argument(..., help="which persona posts"),
-    dry_run: bool = typer.Option(False, "--dry-run", help="generate and curate, but post nothing and record nothing"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="generate and curate, but post nothing and record nothing (with --slot: first, whether that slot is posted already)"),
     json_output: bool = typer.Option(False, "--json", help="print one JSON object: text, candidates, rejected, sinks"),
     sink: list[str] = typer.Option(None, "--sink", help="post here instead of the persona's sinks (repeatable): x, mastodon, bluesky, discord:CHANNEL, telegram:CHAT, file:PATH"),
     slot: str = typer.Option(None, "--slot", help=SLOT_HELP + "; a slot already posted is skipped (default: a new slot of its own)"),
@@ -92,7 +106,10 @@ def post(
 ) -> None:
     """Make one post now: generate candidates through the queue, keep the best, publish it.
 
-    Needs a worker (`persona up`). A slot already posted is reported and skipped.
+    Needs a worker (`persona up`). A slot already posted is reported and skipped. The best
+    candidate ends as a finished sentence (not in "...") with its quotes closed, unless none
+    does: then the message says what is wrong with the one chosen. A candidate the model was
+    cut off in at sampling.max_new_tokens is rejected (cut_off).
     """
     settings = get_settings()
     poster = _poster(settings)
@@ -120,10 +137,7 @@ def pending(json_output: bool = typer.Option(False, "--json", help="print a JSON
     if not waiting:
         console.print("no posts waiting for approval")
         return
-    table = _table("id", "persona", "slot", "text", "sinks")
-    for w in waiting:
-        table.add_row(*map(_plain, (w.id, w.persona, w.slot, w.text, ", ".join(w.sinks))))
-    console.print(table)
+    _print_rows(("id", "persona", "slot", "sinks", "text"), [(w.id, w.persona, w.slot, ", ".join(w.sinks), w.text) for w in waiting])
 
 
 @posts_app.command("approve")
@@ -170,13 +184,13 @@ def uncertain(
     if not items:
         console.print("no post is uncertain")
         return
-    table = _table("persona", "slot", "sink", "text", "what happened", "what to do")
+    rows = []
     for item in items:
         happened = item["error"] if item["state"] == "uncertain" else f"no answer (safe to retry): {item['error']}"
         todo = (f"look on {item['sink']}, then `{item['command']}` (or `--not-posted`)" if item["state"] == "uncertain"
                 else f"`{item['command']}`")
-        table.add_row(*map(_plain, (item["persona"], item["slot"], item["sink"], item["text"], happened, todo)))
-    console.print(table)
+        rows.append((item["persona"], item["slot"], item["sink"], happened, todo, item["text"]))
+    _print_rows(("persona", "slot", "sink", "what happened", "what to do", "text"), rows)
 
 
 @posts_app.command("settle")
@@ -213,7 +227,7 @@ def history(
     persona: str = typer.Option(None, "--persona", help="only this persona's posts"),
     json_output: bool = typer.Option(False, "--json", help="print a JSON list"),
 ) -> None:
-    """What went out, where and when, newest first."""
+    """What went out, where and when, newest first (piped: one whole line a post)."""
     from persona.ledger import PostLedger
 
     items = PostLedger(connect(get_settings())).history(count, persona)
@@ -227,12 +241,12 @@ def history(
             PersonaRegistry.from_settings(get_settings()).get(persona)
         console.print(f"nothing posted by {persona} yet" if persona else "nothing posted yet")
         return
-    table = _table("when (UTC)", "persona", "slot", "sink", "post", "text")
-    for item in items:
-        when = datetime.fromtimestamp(float(item["at"]), UTC).strftime("%Y-%m-%d %H:%M")
-        cells = (when, item["persona"], item["slot"], item["sink"], item["url"] or item["id"], item["text"])
-        table.add_row(*map(_plain, cells))
-    console.print(table)
+    rows = [
+        (datetime.fromtimestamp(float(item["at"]), UTC).strftime("%Y-%m-%d %H:%M"), item["persona"], item["slot"],
+         item["sink"], item["url"] or item["id"], item["text"])
+        for item in items
+    ]
+    _print_rows(("when (UTC)", "persona", "slot", "sink", "post", "text"), rows)
 
 
 @friendly_errors
