@@ -46,6 +46,23 @@ def settings_for(settings: Settings, fake: FakePlatform, **posting) -> Settings:
     return changed
 
 
+class DiedAfterPosting(BaseException):
+    """The process died after the platform took the post, before its answer was read."""
+
+
+def dies_after_posting(sink):
+    """``sink`` as a poster that dies once it has posted: what a retry must not post twice."""
+
+    class Dying:
+        spec, platform, retry = sink.spec, sink.platform, sink.retry
+
+        def post(self, text, marker):
+            sink.post(text, marker)
+            raise DiedAfterPosting
+
+    return lambda spec, settings: Dying()
+
+
 def test_file_sink_appends_json_lines_and_finds_by_marker(settings: Settings):
     sink = make_sink("file:archive/sage.jsonl", settings)
     assert isinstance(sink, FileSink) and sink.path == settings.data_dir / "posts" / "archive" / "sage.jsonl"
@@ -366,22 +383,12 @@ def test_bluesky_finds_an_earlier_post_so_a_crash_is_never_posted_twice(settings
     sink.post("Older post.", "m0")
     assert sink.find("m1", "A calm mind is a garden.") is None
 
-    class Crash(BaseException):
-        """The process dies after Bluesky accepted the post."""
-
-    class DiesAfterPosting:
-        spec, platform, retry = sink.spec, sink.platform, sink.retry
-
-        def post(self, text, marker):
-            sink.post(text, marker)
-            raise Crash
-
     write_persona("sky", base="unused", schedule={"sinks": ["bluesky"], "candidates": 1})
     client = redis.Redis.from_url(settings.redis_url.get_secret_value())
     client.flushall()
     write = lambda persona, n, seed: ["A calm mind is a garden."]
-    with pytest.raises(Crash):
-        Poster(changed, client, write, sink_factory=lambda spec, s: DiesAfterPosting()).post("sky", slot="2026-01-01T09:00:00Z")
+    with pytest.raises(DiedAfterPosting):
+        Poster(changed, client, write, sink_factory=dies_after_posting(sink)).post("sky", slot="2026-01-01T09:00:00Z")
     retry = Poster(changed, client, write).post("sky", slot="2026-01-01T09:00:00Z")
     assert retry.status == "posted"
     assert retry.sinks["bluesky"]["id"] == "at://did:plc:fake/app.bsky.feed.post/3kabcdefghij1"
@@ -398,22 +405,12 @@ def test_mastodon_retry_after_a_lost_answer_reuses_the_idempotency_key(settings,
     changed = settings_for(settings, platform, mastodon_access_token=SecretStr("masto-token"))
     sink = make_sink("mastodon", changed)
 
-    class LostAnswer(BaseException):
-        """The server took the post, but the process died before reading the answer."""
-
-    class DiesAfterPosting:
-        spec, platform, retry = sink.spec, sink.platform, sink.retry
-
-        def post(self, text, marker):
-            sink.post(text, marker)
-            raise LostAnswer
-
     write_persona("masto", base="unused", schedule={"sinks": ["mastodon"], "candidates": 1})
     client = redis.Redis.from_url(settings.redis_url.get_secret_value())
     client.flushall()
     write = lambda persona, n, seed: ["Tend the garden daily."]  # noqa: E731 (a candidate source)
-    with pytest.raises(LostAnswer):
-        Poster(changed, client, write, sink_factory=lambda spec, s: DiesAfterPosting()).post("masto", slot="2026-01-01T09:00:00Z")
+    with pytest.raises(DiedAfterPosting):
+        Poster(changed, client, write, sink_factory=dies_after_posting(sink)).post("masto", slot="2026-01-01T09:00:00Z")
     assert Poster(changed, client, write).post("masto", slot="2026-01-01T09:00:00Z").status == "posted"
     keys = [s["headers"]["Idempotency-Key"] for s in platform.seen if s["path"] == "/api/v1/statuses"]
     assert keys == ["masto:2026-01-01T09:00:00Z:mastodon"] and len(platform.statuses) == 1  # found, not sent again
@@ -602,20 +599,10 @@ def test_a_discord_post_whose_poster_died_is_found_not_sent_again(settings, plat
     changed.discord.token = SecretStr("discord-bot-token")
     sink = make_sink("discord:1234", changed)
 
-    class Crash(BaseException):
-        """The process dies after Discord accepted the post."""
-
-    class DiesAfterPosting:
-        spec, platform, retry = sink.spec, sink.platform, sink.retry
-
-        def post(self, text, marker):
-            sink.post(text, marker)
-            raise Crash
-
     write_persona("chat", base="unused", schedule={"sinks": ["discord:1234"], "candidates": 1})
     write = lambda persona, n, seed: ["Tend the garden daily."]
-    with pytest.raises(Crash):
-        Poster(changed, redis_client, write, sink_factory=lambda spec, s: DiesAfterPosting()).post("chat", slot="2026-01-05T09:00:00Z")
+    with pytest.raises(DiedAfterPosting):
+        Poster(changed, redis_client, write, sink_factory=dies_after_posting(sink)).post("chat", slot="2026-01-05T09:00:00Z")
     platform.expire_discord_nonces()  # the lease ran out: minutes later
     retry = Poster(changed, redis_client, write).post("chat", slot="2026-01-05T09:00:00Z")
     assert retry.status == "posted" and [m["content"] for m in platform.discord_messages] == ["Tend the garden daily."]
