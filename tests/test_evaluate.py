@@ -142,3 +142,33 @@ def test_an_exported_model_is_readable_as_any_folder_you_make(settings: Settings
     assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~umask
     assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir()} == {
         p.name: 0o666 & ~umask for p in folder.iterdir()}
+
+
+class _Stages:
+    """An evaluation's progress as it was told: each stage with its total, and the last count."""
+
+    def __init__(self) -> None:
+        self.stages: list[list] = []
+
+    def on_stage(self, stage: str, total: int) -> None:
+        self.stages.append([stage, total, 0])
+
+    def on_advance(self, done: int) -> None:
+        self.stages[-1][2] = done
+
+
+def test_eval_samples_as_the_persona_writes_its_posts_and_tells_each_stage(settings: Settings, write_persona,
+                                                                          tiny_gpt2_dir: Path, corpus_file: Path):
+    """Samples were drawn at a fixed temperature, whatever the persona's own settings, and the
+    minute an evaluation takes went by without a word."""
+    write_persona("terse", base=str(tiny_gpt2_dir), sampling={"max_new_tokens": 6, "stop": ["e"]})
+    persona = PersonaRegistry.from_settings(settings).get("terse")
+    progress = _Stages()
+    report = evaluate_persona(settings, persona, read_corpus(corpus_file), samples=4, sample_tokens=48,
+                              progress=progress)
+    assert any(report.samples) and all("e" not in text for text in report.samples), report.samples
+    assert progress.stages == [
+        [f"loading the base model {tiny_gpt2_dir}", 0, 0],
+        ["measuring the base model on 1 held-out documents", 1, 1],
+        ["writing 4 samples, as its posts are written", 6, 6],  # no longer than its posts
+    ]

@@ -556,3 +556,44 @@ def test_eval_of_a_persona_without_a_checkpoint_says_it_measured_the_base(env, s
     assert evaluated.returncode == 0, evaluated.stderr
     said = " ".join(evaluated.stdout.split())
     assert "of the base model: plain has no fine-tuned checkpoint to compare" in said and "→" not in said
+
+
+def test_eval_says_what_it_is_doing_on_stderr_and_prints_only_json_on_stdout(env, settings: Settings,
+                                                                             tmp_path: Path, tiny_gpt2_dir: Path):
+    """`persona eval` on the bundled model took a minute with nothing said between the model
+    loading and the results."""
+    corpus = tmp_path / "c.jsonl"
+    sayings = [entry.strip().split("\n")[0] for entry in SAYINGS.split("%") if entry.strip()]
+    corpus.write_text("".join(json.dumps({"text": text}) + "\n" for text in sayings))
+    settings.user_personas_dir.mkdir(parents=True)
+    made = persona_template("plain", str(tiny_gpt2_dir), "", corpus)
+    del made["model"]["checkpoint"]
+    (settings.user_personas_dir / "plain.toml").write_text(tomli_w.dumps(made))
+    evaluated = persona("eval", "plain", "--corpus", str(corpus), "--samples", "2", "--json", env=env)
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert json.loads(evaluated.stdout)["version"] == "base"  # stdout: the report alone
+    said = evaluated.stderr.splitlines()
+    assert said[:3] == [f"loading the base model {tiny_gpt2_dir}...",
+                        "measuring the base model on 1 held-out documents...",
+                        "writing 2 samples, as its posts are written..."], evaluated.stderr
+
+
+def test_help_names_the_arguments_and_says_each_option_whole(env):
+    """`persona train --help` read `Usage: persona train [OPTIONS] {name}`, and in an 80-column
+    terminal `corpus build --help` cut --format off as "auto|text|markdown|csv|json…"."""
+    narrow = env | {"COLUMNS": "80"}
+    usage = persona("train", "--help", env=narrow).stdout
+    assert "persona train [OPTIONS] {NAME}" in usage and "{name}" not in usage
+    build = persona("corpus", "build", "--help", env=narrow).stdout
+    assert "…" not in build and "tweets or fortune" in " ".join(build.replace("│", " ").split())
+
+
+def test_samples_say_once_how_they_are_written():
+    """Samples that began mid-word ("-upcasting. This phrase...") read as a broken sampler: they
+    are what its posts would be, and the run says so once."""
+    out = io.StringIO()
+    with Progress(console=Console(file=out, width=300)) as progress:
+        reporter = RichReporter(progress)
+        reporter.on_samples(3, ["-upcasting. This phrase"])
+        reporter.on_samples(6, ["There is only one thing"])
+    assert out.getvalue().count("samples are written from nothing, as its posts") == 1

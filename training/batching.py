@@ -14,6 +14,7 @@ serving side reads what a person wrote the same way).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -77,8 +78,10 @@ def summed_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tenso
 
 
 @torch.no_grad()
-def evaluate_loss(model: Any, examples: list[Example], pad_id: int, device: str, batch_size: int = 8) -> float:
-    """Mean loss per predicted token over the examples (perplexity is its exponent)."""
+def evaluate_loss(model: Any, examples: list[Example], pad_id: int, device: str, batch_size: int = 8,
+                  on_batch: Callable[[int], None] | None = None) -> float:
+    """Mean loss per predicted token over the examples (perplexity is its exponent);
+    ``on_batch`` is told how many examples are done after each batch."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -88,6 +91,8 @@ def evaluate_loss(model: Any, examples: list[Example], pad_id: int, device: str,
         loss, tokens = summed_loss(model, batch_tensors(ordered[begin : begin + batch_size], pad_id, device))
         total += float(loss)
         count += tokens
+        if on_batch is not None:
+            on_batch(min(begin + batch_size, len(ordered)))
     if was_training:
         model.train()
     return total / count if count else math.nan

@@ -1,9 +1,10 @@
 """How good a trained persona is: held-out perplexity against its base, and originality.
 
 Perplexity is measured on the corpus's validation split (the documents training never
-saw), framed exactly as in training. Originality samples texts unconditionally and asks
-how many copy a run of ``copy_words`` words verbatim from the corpus, and how varied
-they are (distinct-1 and distinct-2, ``persona/originality.py``). Measured on another
+saw), framed exactly as in training. Originality samples texts as the persona writes a
+post (from the start token alone, with its sampling settings) and asks how many copy a
+run of ``copy_words`` words verbatim from the corpus, and how varied they are (distinct-1
+and distinct-2, ``persona/originality.py``). Measured on another
 corpus than the checkpoint's (a corpus rebuilt with more writing holds other documents
 out), the held-out documents may be ones it trained on: the report says so.
 """
@@ -16,6 +17,7 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Protocol
 
 from persona.checkpoints import read_checkpoint
 from persona.errors import CorpusError, ModelError
@@ -28,9 +30,28 @@ from training.batching import encode_documents, evaluate_loss, perplexity
 from training.corpus import Corpus
 from training.trainer import max_positions, sample_texts
 
-__all__ = ["EvalReport", "evaluate_persona", "held_out_loss"]
+__all__ = ["EvalProgress", "EvalReport", "evaluate_persona", "held_out_loss"]
 
 log = logging.getLogger(__name__)
+
+
+class EvalProgress(Protocol):
+    """What an evaluation tells the person waiting for it: a minute or more on a CPU."""
+
+    # A new stage of ``total`` units (examples measured, tokens written); 0: no count to show.
+    def on_stage(self, stage: str, total: int) -> None: ...
+    # The units of the current stage done so far.
+    def on_advance(self, done: int) -> None: ...
+
+
+class _Quiet:
+    """The progress of an evaluation nobody watches."""
+
+    def on_stage(self, stage: str, total: int) -> None:
+        log.debug("evaluation: %s", stage)
+
+    def on_advance(self, done: int) -> None:
+        pass
 
 
 @dataclass
@@ -70,13 +91,17 @@ class EvalReport:
         return json.dumps(data, allow_nan=False)
 
 
-def held_out_loss(loaded: LoadedModel, corpus: Corpus, max_tokens: int = 256) -> float:
+def held_out_loss(loaded: LoadedModel, corpus: Corpus, max_tokens: int = 256, *, stage: str = "",
+                  progress: EvalProgress | None = None) -> float:
     """Mean loss per token of a loaded model on the corpus's validation split, windowed as in
-    training: ``max_tokens`` at most, and no more than the model has positions for."""
+    training: ``max_tokens`` at most, and no more than the model has positions for.
+    ``progress`` is told ``stage`` and the examples measured."""
     max_tokens = min(max_tokens, max_positions(loaded.model) or max_tokens)
     examples = encode_documents(loaded.tokenizer, corpus.validation, max_tokens)
     pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else loaded.tokenizer.eos_token_id
-    return evaluate_loss(loaded.model, examples, pad_id, loaded.device)
+    progress = progress or _Quiet()
+    progress.on_stage(stage or f"measuring on {len(corpus.validation)} held-out documents", len(examples))
+    return evaluate_loss(loaded.model, examples, pad_id, loaded.device, on_batch=progress.on_advance)
 
 
 def _training_fingerprint(checkpoint: Path) -> str | None:
@@ -97,24 +122,35 @@ def evaluate_persona(
     sample_tokens: int = 48,
     copy_words: int = 8,
     seed: int = 0,
+    progress: EvalProgress | None = None,
 ) -> EvalReport:
-    """Base and persona perplexity on the held-out split, and originality of samples."""
+    """Base and persona perplexity on the held-out split, and originality of samples written
+    as the persona writes a post; ``progress`` hears of each stage as it goes."""
     if not corpus.validation:
         raise CorpusError("the corpus has no held-out documents to measure on; build it with more entries")
     started = time.perf_counter()
     device = pick_device(settings.worker.device)
     version_name, checkpoint = resolve_checkpoint(persona, settings, version)
     trained_on = _training_fingerprint(checkpoint) if checkpoint is not None else None
+    progress = progress or _Quiet()
+    documents = f"{len(corpus.validation)} held-out documents"
+    progress.on_stage(f"loading the base model {persona.model.base}", 0)
     base = load_model(persona.model.base, None, cache_dir=settings.model_cache_dir, device=device, dtype="float32")
-    base_loss = held_out_loss(base, corpus)
+    base_loss = held_out_loss(base, corpus, stage=f"measuring the base model on {documents}", progress=progress)
     if checkpoint is None:
         tuned, loss = base, base_loss
     else:
         del base  # one model in memory at a time
+        progress.on_stage(f"loading {persona.name} {version_name}", 0)
         tuned = load_model(persona.model.base, checkpoint, cache_dir=settings.model_cache_dir,
                            device=device, dtype="float32")
-        loss = held_out_loss(tuned, corpus)
-    texts = sample_texts(tuned.model, tuned.tokenizer, samples, sample_tokens, seed, device)
+        loss = held_out_loss(tuned, corpus, stage=f"measuring {persona.name} {version_name} on {documents}",
+                             progress=progress)
+    # As long as the persona's posts may be, at most ``sample_tokens``: a sample of each.
+    length = min(sample_tokens, persona.sampling.max_new_tokens)
+    progress.on_stage(f"writing {samples} samples, as its posts are written", length)
+    texts = sample_texts(tuned.model, tuned.tokenizer, samples, length, seed, device,
+                         sampling=persona.sampling, on_token=progress.on_advance)
     index = CopyIndex(corpus.documents, n=copy_words)
     return EvalReport(
         persona=persona.name,

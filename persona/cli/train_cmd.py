@@ -16,10 +16,12 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import (
     BarColumn,
+    MofNCompleteColumn,
     Progress,
     ProgressColumn,
     Task,
     TextColumn,
+    TimeElapsedColumn,
     TimeRemainingColumn,
 )
 from rich.text import Text
@@ -31,7 +33,7 @@ if TYPE_CHECKING:
     from persona.personas import Persona
     from persona.settings import Settings
 
-__all__ = ["RichReporter", "corpus_build", "eval_", "export", "generate", "register", "resume_command", "train"]
+__all__ = ["EvalBar", "RichReporter", "corpus_build", "eval_", "export", "generate", "register", "resume_command", "train"]
 
 corpus_app = typer.Typer(help="Turn an author's writing into a clean training corpus.", no_args_is_help=True)
 
@@ -39,15 +41,20 @@ GENERATE_WINDOW = 64  # requests in flight at once, well under the queue's lengt
 SAMPLE_SEPARATOR = "=" * 20 + "\n"
 PLAIN_STEP_EVERY_S = 10.0  # a step line this often where no progress bar can be drawn
 DRAFTS_NAMED = 5  # more drafts than this are summed up in one line
+# Said once, before the first samples a command shows: early in a run they begin mid-sentence
+# (about the first two minutes of the bundled model on the Wilde fortunes), as its posts would.
+SAMPLES_ARE_POSTS = ("samples are written from nothing, as its posts are; one that begins mid-sentence means it "
+                     "has not yet learned how its writing starts: train longer")
 STOPPED_EARLY = {"time-limit": "stopped: --max-minutes is up", "early-stopped": "stopped early: no more improvement"}
 
 
 @corpus_app.command("build")
 @friendly_errors
 def corpus_build(
-    sources: list[Path] = typer.Argument(..., help="files or folders of the author's writing"),
+    sources: list[Path] = typer.Argument(..., metavar="SOURCE", help="files or folders of the author's writing"),
     output: Path = typer.Option(..., "-o", "--output", help="the corpus file to write (JSONL)"),
-    fmt: str = typer.Option("auto", "--format", help="auto|text|markdown|csv|jsonl|pdf|tweets|fortune"),
+    fmt: str = typer.Option("auto", "--format", help="how to read the sources: auto (each file by its name and "
+                            "first lines), text, markdown, csv, jsonl, pdf, tweets or fortune"),
     author: str = typer.Option(None, help="fortune files: keep only the entries signed '-- NAME' (the signature is removed)"),
     column: str = typer.Option("text", help="CSV: the column holding the text"),
     field: str = typer.Option("text", help="JSONL: the field holding the text (a.b for nested)"),
@@ -236,6 +243,7 @@ class RichReporter:
         self.printed_at: float | None = None
         self.budget_s = max_minutes * 60 if max_minutes is not None else None
         self.said_nothing_held_out = False
+        self.said_what_samples_are = False
 
     @staticmethod
     def columns() -> list[ProgressColumn]:
@@ -267,6 +275,9 @@ class RichReporter:
         self.progress.console.print(f"step {step}: validation loss {val_loss:.3f}, perplexity {ppl:.2f}{mark}")
 
     def on_samples(self, step: int, texts: list[str]) -> None:
+        if not self.said_what_samples_are:
+            self.progress.console.print(f"[dim]{SAMPLES_ARE_POSTS}[/dim]", highlight=False)
+            self.said_what_samples_are = True
         _print_samples(self.progress.console, texts)
 
     def on_end(self, status: str) -> None:
@@ -281,6 +292,39 @@ class RichReporter:
     def on_full_eval(self, best_step: int, documents: int) -> None:
         self.progress.console.print(f"the validations above measured a sample of the held-out writing; measuring "
                                     f"the best weights (step {best_step}) on all {documents} held-out documents...")
+
+
+class EvalBar:
+    """An evaluation's progress on stderr: each stage (loading, measuring, sampling) as a bar,
+    or, where no bar can be drawn (a pipe, a log file), as a line when it starts and every
+    ``PLAIN_STEP_EVERY_S`` seconds while it goes. ``persona eval`` said nothing for a minute."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        console = progress.console
+        self.plain = not console.is_terminal or console.is_dumb_terminal
+        self.task = progress.add_task("", total=None, visible=False)
+        self.stage, self.total, self.said_at = "", 0, 0.0
+
+    @staticmethod
+    def columns() -> list[ProgressColumn]:
+        """The bar's columns: the stage, the bar, how far it is, the time it has taken."""
+        return [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+
+    def on_stage(self, stage: str, total: int) -> None:
+        self.stage, self.total = stage, total
+        self.progress.reset(self.task, total=total or None, description=escape(stage), visible=True)
+        if self.plain:
+            self._say(f"{stage}...")
+
+    def on_advance(self, done: int) -> None:
+        self.progress.update(self.task, completed=done)
+        if self.plain and time.monotonic() - self.said_at >= PLAIN_STEP_EVERY_S:
+            self._say(f"{self.stage}: {done}/{self.total}")
+
+    def _say(self, line: str) -> None:
+        self.progress.console.print(line, markup=False, highlight=False)
+        self.said_at = time.monotonic()
 
 
 def _print_samples(target: Console, texts: list[str]) -> None:
@@ -303,7 +347,7 @@ RESUME_OPTIONS = frozenset({"name", "corpus", "resume", "max_minutes", "threads"
 @friendly_errors
 def train(
     ctx: typer.Context,
-    name: str = typer.Argument(..., help="the persona to train (created if it does not exist)"),
+    name: str = typer.Argument(..., metavar="NAME", help="the persona to train (created if it does not exist)"),
     corpus: Path = typer.Option(None, "--corpus", help="a corpus from `persona corpus build` (required; with "
                                 "--resume, the one the run started on unless named)"),
     base: str = typer.Option(None, help="base model: 'smollm2' (bundled) or a local HF model folder"),
@@ -487,7 +531,7 @@ def _option_problem(error: dict) -> str:
 
 @friendly_errors
 def eval_(
-    name: str = typer.Argument(..., help="the persona to measure"),
+    name: str = typer.Argument(..., metavar="NAME", help="the persona to measure"),
     corpus: Path = typer.Option(..., "--corpus", help="the corpus it was trained on (its held-out split is used)"),
     checkpoint: str = typer.Option(None, help="a version (v2) or folder; default: the persona file's"),
     samples: int = typer.Option(16, min=1, help="samples drawn for the originality check"),
@@ -503,8 +547,18 @@ def eval_(
     _quiet_libraries()
     persona = _persona(settings, name, "measure")
     data = read_corpus(corpus)
-    with console.status(f"measuring {escape(name)} on {len(data.validation)} held-out documents..."):
-        report = evaluate_persona(settings, persona, data, version=checkpoint, samples=samples, seed=seed)
+    # On stderr: --json's stdout holds the report alone. A bar is drawn only on a terminal, and
+    # cleared once done (into a pipe, Rich drew it once at the end, after the lines had said it all).
+    progress = Progress(*EvalBar.columns(), console=err_console, transient=True)
+    bar = EvalBar(progress)
+    if not bar.plain:
+        progress.start()
+    try:
+        report = evaluate_persona(settings, persona, data, version=checkpoint, samples=samples, seed=seed,
+                                  progress=bar)
+    finally:
+        if progress.live.is_started:
+            progress.stop()
     if report.trained_on_this_corpus is False:
         err_console.print(
             f"[yellow]warning:[/yellow] {escape(str(corpus))} is not the corpus {escape(report.version)} was "
@@ -526,6 +580,7 @@ def eval_(
     console.print(f"copied 8+ words or a whole entry verbatim: {report.copied_fraction:.0%} of {samples} samples "
                   f"(longest run {report.longest_copied_run} words)")
     console.print(f"distinct-1 {report.distinct_1:.2f}, distinct-2 {report.distinct_2:.2f}")
+    console.print(f"[dim]{SAMPLES_ARE_POSTS}[/dim]", highlight=False)
     _print_samples(console, report.samples[:5])
 
 
@@ -539,7 +594,7 @@ def _finish(text: str, prefix: str, include_prefix: bool, truncate: str | None) 
 
 @friendly_errors
 def generate(
-    name: str = typer.Argument(..., help="the persona that writes"),
+    name: str = typer.Argument(..., metavar="NAME", help="the persona that writes"),
     prefix: str = typer.Option("", help="text every sample starts from (default: nothing)"),
     n: int = typer.Option(8, "-n", "--nsamples", min=1, help="how many samples"),
     out: Path = typer.Option(None, "--out", help="write samples here (.jsonl: one JSON per line)"),
@@ -603,7 +658,7 @@ def _write_samples(texts: list[str], out: Path | None) -> None:
 
 @friendly_errors
 def export(
-    name: str = typer.Argument(..., help="the persona to export"),
+    name: str = typer.Argument(..., metavar="NAME", help="the persona to export"),
     output: Path = typer.Option(..., "-o", "--output", help="a new folder for the model"),
     checkpoint: str = typer.Option(None, help="a version (v2) or folder; default: the persona file's"),
     gguf: str = typer.Option(
