@@ -542,16 +542,22 @@ def test_export_says_what_is_wrong_with_its_output_before_loading_the_model(sett
     assert not (tmp_path / "out").exists()
 
 
-def test_eval_of_a_persona_without_a_checkpoint_says_it_measured_the_base(env, settings: Settings, tmp_path: Path,
-                                                                         tiny_gpt2_dir: Path):
-    """"perplexity: base 420.08 → persona 420.08" read as a training run that did nothing."""
+def _untrained_persona(settings: Settings, tmp_path: Path, base: Path, name: str) -> Path:
+    """A persona on ``base`` with no checkpoint, and a corpus of sayings to measure it on."""
     corpus = tmp_path / "c.jsonl"
     sayings = [entry.strip().split("\n")[0] for entry in SAYINGS.split("%") if entry.strip()]
     corpus.write_text("".join(json.dumps({"text": text}) + "\n" for text in sayings))
     settings.user_personas_dir.mkdir(parents=True)
-    made = persona_template("plain", str(tiny_gpt2_dir), "", corpus)
+    made = persona_template(name, str(base), "", corpus)
     del made["model"]["checkpoint"]
-    (settings.user_personas_dir / "plain.toml").write_text(tomli_w.dumps(made))
+    (settings.user_personas_dir / f"{name}.toml").write_text(tomli_w.dumps(made))
+    return corpus
+
+
+def test_eval_of_a_persona_without_a_checkpoint_says_it_measured_the_base(env, settings: Settings, tmp_path: Path,
+                                                                         tiny_gpt2_dir: Path):
+    """"perplexity: base 420.08 → persona 420.08" read as a training run that did nothing."""
+    corpus = _untrained_persona(settings, tmp_path, tiny_gpt2_dir, "plain")
     evaluated = persona("eval", "plain", "--corpus", str(corpus), "--samples", "1", env=env)
     assert evaluated.returncode == 0, evaluated.stderr
     said = " ".join(evaluated.stdout.split())
@@ -562,13 +568,7 @@ def test_eval_says_what_it_is_doing_on_stderr_and_prints_only_json_on_stdout(env
                                                                              tmp_path: Path, tiny_gpt2_dir: Path):
     """`persona eval` on the bundled model took a minute with nothing said between the model
     loading and the results."""
-    corpus = tmp_path / "c.jsonl"
-    sayings = [entry.strip().split("\n")[0] for entry in SAYINGS.split("%") if entry.strip()]
-    corpus.write_text("".join(json.dumps({"text": text}) + "\n" for text in sayings))
-    settings.user_personas_dir.mkdir(parents=True)
-    made = persona_template("plain", str(tiny_gpt2_dir), "", corpus)
-    del made["model"]["checkpoint"]
-    (settings.user_personas_dir / "plain.toml").write_text(tomli_w.dumps(made))
+    corpus = _untrained_persona(settings, tmp_path, tiny_gpt2_dir, "plain")
     evaluated = persona("eval", "plain", "--corpus", str(corpus), "--samples", "2", "--json", env=env)
     assert evaluated.returncode == 0, evaluated.stderr
     assert json.loads(evaluated.stdout)["version"] == "base"  # stdout: the report alone
