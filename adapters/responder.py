@@ -12,6 +12,8 @@ waiting are withdrawn from the queue and answered with a sentence saying so. Whe
 worker is running, the asker hears so within seconds (through the adapter's ``notify``)
 rather than watching "typing…" for minutes, and the question keeps waiting for one; if
 none starts in time, the answer says that no worker ran, not that thinking took too long.
+A worker still loading its models is not "none running": the asker hears that the persona
+is waking up.
 """
 
 from __future__ import annotations
@@ -60,6 +62,16 @@ NO_WORKER_TEXT = (
 NO_WORKER_TIMEOUT_TEXT = (
     "Sorry, I couldn't answer: none of my workers is running. Please send your message again later."
 )
+# A worker is loading its models (seconds on a CPU, minutes of warm-up on a GPU): "none of my
+# workers is running" was not true then, and sent people away from an answer on its way.
+STARTING_TEXT = (
+    "Your message is waiting: I'm just waking up (loading my model), so this answer takes a little "
+    "longer. I'll answer as soon as I'm ready."
+)
+STARTING_TIMEOUT_TEXT = (
+    "Sorry, I couldn't answer in time: I'm still waking up (loading my model). Please send your message "
+    "again in a minute."
+)
 LONG_MESSAGE_NOTE = "\n\n(Your message was long, so I read only its last {chars} characters.)"
 # What the bot says that the persona did not: notices, refusals and apologies. A conversation
 # rebuilt from what was said (Discord's reply chain) leaves them out, as the store never saves
@@ -67,7 +79,7 @@ LONG_MESSAGE_NOTE = "\n\n(Your message was long, so I read only its last {chars}
 NOTICE_TEXTS = frozenset({
     BUSY_TEXT, TIMEOUT_TEXT, UNREACHABLE_TEXT, FAILED_TEXT, CANCELLED_TEXT, EMPTY_REPLY_TEXT,
     NOTHING_TO_RETRY_TEXT, NOTHING_TO_CANCEL_TEXT, RESET_TEXT, RESTARTING_TEXT, BARE_MENTION_TEXT,
-    NO_WORKER_TEXT, NO_WORKER_TIMEOUT_TEXT,
+    NO_WORKER_TEXT, NO_WORKER_TIMEOUT_TEXT, STARTING_TEXT, STARTING_TIMEOUT_TEXT,
 })
 # (Not "I can't answer that: ...", which the persona may well say too.)
 RATE_LIMITED_PATTERN = re.compile(re.escape(rate_limited_text(0)).replace("0", r"\d+"))
@@ -314,7 +326,7 @@ class Responder:
             except ReplyTimeout:
                 if await self._workers_live():
                     raise
-                return NO_WORKER_TIMEOUT_TEXT
+                return STARTING_TIMEOUT_TEXT if await self._workers_starting() else NO_WORKER_TIMEOUT_TEXT
             finally:
                 await self.store.clear_inflight(where.scope, request.id)
             if reply is None:
@@ -363,16 +375,22 @@ class Responder:
         return None
 
     async def _tell_if_no_worker(self, notify: Notify | None) -> None:
-        """After a short wait, tell the asker if no worker is running (the question keeps waiting)."""
+        """After a short wait, tell the asker if no worker is running, or only starting (the
+        question keeps waiting)."""
         if notify is None:
             return
         await asyncio.sleep(min(NO_WORKER_NOTICE_S, self.options.reply_timeout_s / 4))
         if await self._workers_live():
             return
-        log.warning("%s: no worker is running, so questions wait; start one (`persona worker`, or `persona up`)",
-                    self.platform)
+        if await self._workers_starting():
+            log.info("%s: a worker is still loading its models; questions wait for it", self.platform)
+            text = STARTING_TEXT
+        else:
+            log.warning("%s: no worker is running, so questions wait; start one (`persona worker`, or `persona up`)",
+                        self.platform)
+            text = NO_WORKER_TEXT
         try:
-            await notify(NO_WORKER_TEXT)
+            await notify(text)
         except Exception:  # the answer still comes; a notice that could not be sent is only logged
             log.exception("%s: could not say that no worker is running", self.platform)
 
@@ -382,6 +400,13 @@ class Responder:
             return bool(await self.redis.eval(LIVE_SCRIPT, 1, keys.WORKER_INDEX_KEY))
         except REDIS_ERRORS:
             return True
+
+    async def _workers_starting(self) -> bool:
+        """Whether a worker is loading its models, not serving yet (False while Redis cannot say)."""
+        try:
+            return bool(await self.redis.eval(LIVE_SCRIPT, 1, keys.STARTING_INDEX_KEY))
+        except REDIS_ERRORS:
+            return False
 
     def _explain(self, exc: Exception) -> str:
         if isinstance(exc, QueueBusy):

@@ -28,6 +28,11 @@ USER_PENDING_KEY_PREFIX = KEY_PREFIX + "user-pending:"
 # A worker's heartbeat (JSON, with a TTL): host, device, loaded persona versions.
 WORKER_KEY_PREFIX = KEY_PREFIX + "worker:"
 WORKER_INDEX_KEY = KEY_PREFIX + "workers"  # sorted set: worker id -> when its heartbeat lapses
+# A worker still loading its models (JSON, with a short TTL): what it loads, since when.
+# Kept apart from the heartbeats: a starting worker serves nothing, so swaps, reclaiming
+# and every count of live workers leave it out; only notices and monitoring show it.
+STARTING_KEY_PREFIX = KEY_PREFIX + "starting:"
+STARTING_INDEX_KEY = KEY_PREFIX + "starting"  # sorted set: worker id -> when its starting key lapses
 # Counters that survive a restart (a hash of name -> integer).
 STATS_KEY = KEY_PREFIX + "stats"
 # Active checkpoint version per persona (a hash persona -> version).
@@ -102,6 +107,10 @@ def user_pending_key(user: str) -> str:
 
 def worker_key(worker_id: str) -> str:
     return WORKER_KEY_PREFIX + worker_id
+
+
+def starting_key(worker_id: str) -> str:
+    return STARTING_KEY_PREFIX + worker_id
 
 
 def conversation_key(platform: str, scope: str) -> str:

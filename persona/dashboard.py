@@ -271,7 +271,14 @@ def _worker_families(stats: QueueStats) -> Iterator[Metric]:
         memory.add_metric([w.id], w.memory_mb * BYTES_PER_MB)
         for persona, version in sorted(w.personas.items()):
             loaded.add_metric([w.id, persona, version], 1)
-    yield from (up, memory, loaded)
+    # Apart from persona_worker_up: a worker loading its models serves nothing yet.
+    starting = GaugeMetricFamily(
+        "persona_worker_starting_seconds", "How long each worker still loading its models has been starting",
+        labels=["worker", "host", "device"],
+    )
+    for w in stats.starting_workers:
+        starting.add_metric([w.id, w.host, w.device], w.loading_s)
+    yield from (up, memory, loaded, starting)
 
 
 def _personas(settings: Settings, stats: QueueStats) -> list[dict]:

@@ -41,7 +41,7 @@ button{font:inherit;padding:2px 8px;cursor:pointer} .legend span{margin-right:12
  <div class="legend" id="depth-legend"></div></section>
 <section><h2>Latency p95 over time (ms)</h2><svg id="latency-chart" viewBox="0 0 600 150" preserveAspectRatio="none"></svg>
  <div class="legend"><span style="color:#2a6fdb">queue wait</span><span style="color:#d9480f">generation</span></div></section>
-<section><h2>Workers</h2><table id="workers"><thead><tr><th>worker</th><th>host</th><th>device</th><th>state</th>
+<section><h2>Workers</h2><p id="workers-note"></p><table id="workers"><thead><tr><th>worker</th><th>host</th><th>device</th><th>state</th>
  <th>personas</th><th>requests</th><th>MB</th><th>seen</th></tr></thead><tbody></tbody></table></section>
 <section><h2>Personas</h2><table id="personas"><thead><tr><th>persona</th><th>active</th><th>versions</th><th>replies</th></tr></thead><tbody></tbody></table></section>
 <section><h2>Dead letters</h2><p id="dead-note" class="bad"></p><p><button id="retry-all">retry all</button></p>
@@ -97,9 +97,19 @@ function render(data){
   rows('latency', lat ? [['queue wait', lat.queue_ms, lat.queue_waits], ['generation', lat.generate_ms, lat.replies]] : [],
        ([n, p, count]) => [n, ...[p.p50, p.p95, p.p99].map(v => '#' + (count ? Math.round(v) : '-'))]);
   const now = s.redis_time || Date.now() / 1000;  // heartbeats are stamped by Redis's clock
-  rows('workers', s.workers, w => [esc(w.id), esc(w.host), esc(w.device), esc(w.state),
-       esc(Object.entries(w.personas).map(([p, v]) => p + '@' + v).join(', ') || '-'), '#' + w.requests,
-       '#' + Math.round(w.memory_mb), '#' + (now - w.last_seen).toFixed(1) + 's']);
+  // Workers still loading their models are listed after the live ones: they serve nothing yet.
+  const starting = s.starting_workers || [];
+  rows('workers', s.workers.concat(starting), w => w.loading_s === undefined
+       ? [esc(w.id), esc(w.host), esc(w.device), esc(w.state),
+          esc(Object.entries(w.personas).map(([p, v]) => p + '@' + v).join(', ') || '-'), '#' + w.requests,
+          '#' + Math.round(w.memory_mb), '#' + (now - w.last_seen).toFixed(1) + 's']
+       : [esc(w.id), esc(w.host), esc(w.device), 'starting (' + Math.round(w.loading_s) + 's)',
+          esc(w.persona ? 'loading ' + (w.model || 'the model') + ' for ' + w.persona : 'starting up'), '#-', '#-',
+          '#' + Math.max(0, now - w.last_seen).toFixed(1) + 's']);
+  const live = s.workers.length + s.unreadable_workers.length;
+  document.getElementById('workers-note').textContent = live + ' live' + (starting.length ? ', ' + starting.length + ' starting' : '') +
+    (live ? '' : starting.length ? ': no worker serves yet; requests wait until a starting one has loaded its models'
+     : ': nothing is answered; start one with `persona worker` (or `persona up`)');
   rows('personas', data.personas, p => [esc(p.name), '<b>' + esc(p.active) + '</b>', esc(p.versions.join(', ') || '-'),
        '#' + Object.entries(s.version_replies).filter(([k]) => k.split('@')[0] === p.name).map(([k, v]) => k.split('@')[1] + ': ' + v).join(', ')]);
   rows('dead', data.dead, d => ['<span title="' + esc(d.request_id) + '">' + esc((d.request_id || '(malformed)').slice(0, 12)) + '</span>', esc(d.persona), '#' + d.deliveries, esc(d.reason),

@@ -1,9 +1,10 @@
 """What the queue looks like right now, in one snapshot for the CLI, dashboard and /metrics.
 
 Depth, waiting age, in-flight and stuck work, latency and throughput, dead letters,
-counters, live workers and the active persona versions. Ages and deadlines are judged
-by Redis's clock (entry ids, reply-log ids and the deadline each entry carries are
-stamped by it), not by the clock of the machine that reads them.
+counters, live workers (and, apart, those still loading their models) and the active
+persona versions. Ages and deadlines are judged by Redis's clock (entry ids, reply-log
+ids and the deadline each entry carries are stamped by it), not by the clock of the
+machine that reads them.
 """
 
 from __future__ import annotations
@@ -17,7 +18,14 @@ from pydantic import BaseModel, Field
 
 from persona import constants as keys
 from persona.dead_letters import trimmed_count
-from persona.heartbeat import WorkerInfo, live_worker_ids, live_workers, redis_now
+from persona.heartbeat import (
+    StartingWorker,
+    WorkerInfo,
+    live_worker_ids,
+    live_workers,
+    redis_now,
+    starting_workers,
+)
 from persona.personas import Persona
 from persona.swap import served_versions
 from persona.telemetry import LatencySummary, summarize
@@ -64,6 +72,9 @@ class QueueStats(BaseModel):
     workers: list[WorkerInfo]
     unreadable_workers: list[str] = Field(
         default_factory=list, description="live workers whose heartbeat could not be read (left out of workers)"
+    )
+    starting_workers: list[StartingWorker] = Field(
+        default_factory=list, description="workers still loading their models: not live, nothing is served by them yet"
     )
     latency: LatencySummary | None = None
     stuck: list[StuckEntry] = Field(default_factory=list)
@@ -183,6 +194,9 @@ def collect_stats(
         counters=counters,
         workers=workers,
         unreadable_workers=sorted(live - {w.id for w in workers}),
+        # A heartbeat ends a worker's starting key in the same step; one left by a beat of
+        # its starting thread that came late still lists the worker once, as live.
+        starting_workers=[w for w in starting_workers(client) if w.id not in live],
         latency=summarize(client, latency_window_s, now),
         stuck=find_stuck(client, live, now),
         active_versions=active,

@@ -21,10 +21,10 @@ import logging
 import resource
 import threading
 import time
-import uuid
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import redis
 
@@ -32,6 +32,7 @@ from persona import heartbeat
 from persona.contract import ErrorKind, GenerationReply
 from persona.engine import Completion, ContinuousGenerator, Work
 from persona.errors import ConfigError, ModelError, PersonaError
+from persona.heartbeat import new_worker_id
 from persona.personas import Persona, PersonaRegistry
 from persona.pool import ModelPool, Served
 from persona.prompting import build_prompts
@@ -119,12 +120,6 @@ def freeze_heap() -> None:
     gc.set_threshold(YOUNG_COLLECTION_THRESHOLD, *gc.get_threshold()[1:])
 
 
-def new_worker_id() -> str:
-    import socket
-
-    return f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
-
-
 class Worker:
     """Serves requests from the queue until told to stop."""
 
@@ -171,13 +166,13 @@ class Worker:
 
     # -- life cycle -------------------------------------------------------------
 
-    def preload(self, names: list[str] | None = None) -> None:
+    def preload(self, names: list[str] | None = None, starting: heartbeat.StartingBeat | None = None) -> None:
         """Load the models of these personas (default: all) before taking work.
 
         A persona named here that cannot be loaded stops the worker (ModelError,
         ConfigError); by default one that cannot is skipped with a warning, and its
         requests are answered with why: one broken persona file used to keep every
-        worker from starting.
+        worker from starting. ``starting``: where to say which model it is loading.
         """
         personas = self.registry.all()
         self.swaps.refresh_active()
@@ -185,6 +180,8 @@ class Worker:
             if self.stopping.is_set():  # told to stop while an earlier one loaded
                 return
             persona = personas.get(name) or self.registry.get(name)
+            if starting is not None:
+                starting.loading(persona.name, Path(persona.model.base).name or persona.model.base)
             try:
                 served = self.pool.serve(persona, self.swaps.version_for(persona.name))
             except PersonaError as exc:

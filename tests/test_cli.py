@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -431,6 +432,28 @@ def test_ask_says_at_once_that_no_worker_is_running(env, doomed_redis):
     env["PERSONA_REDIS_URL"] = "redis://127.0.0.1:1/0"  # an empty message needs no Redis to be refused
     result = persona("ask", "sage", " ", env=env)
     assert result.returncode == 1 and "the message is empty" in result.stderr
+
+
+def test_ask_and_queue_stats_say_a_worker_is_starting_rather_than_that_none_runs(env, doomed_redis):
+    """Right after `persona up`, `persona ask` said "no worker is running yet ... (`persona up`
+    or `persona worker` starts one)" while its worker loaded its model, and `persona queue
+    stats` listed no worker at all."""
+    from persona import heartbeat
+
+    _, url, client = doomed_redis
+    env["PERSONA_REDIS_URL"] = url
+    info = heartbeat.StartingWorker(id="w-warming", device="cuda", since=heartbeat.redis_now(client) - 12)
+    heartbeat.announce_starting(client, info, ttl_s=60)
+    heartbeat.StartingBeat(client, info, ttl_s=60, every_s=60).loading("sage", "smollm2")
+    result = persona("ask", "sage", "hello", "--timeout", "1", env=env)
+    assert result.returncode == 1 and "no worker is running" not in result.stderr
+    assert "a worker is starting (loading smollm2 for sage, 12 s so far); this waits in the queue until it serves, " \
+           "up to 1 s" in result.stderr, result.stderr
+    stats = persona("queue", "stats", env=env)
+    assert stats.returncode == 0, stats.stderr
+    assert "workers (0 live, 1 starting)" in stats.stdout and re.search(r"starting \(1\ds\)", stats.stdout), stats.stdout
+    assert "loading smollm2 for sage" in stats.stdout
+    assert "no worker serves yet: requests wait until a starting one has loaded its models" in stats.stdout
 
 
 def test_chat_commands_are_never_sent_to_the_persona(env, doomed_redis):

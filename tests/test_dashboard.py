@@ -384,3 +384,29 @@ def test_dashboard_in_a_real_headless_browser(settings, redis_client, dashboard,
     keep = os.environ.get("DASHBOARD_SCREENSHOT_DIR")  # CI may collect it; the test run does not need it
     if keep:
         shutil.copy(shot, Path(keep) / shot.name)
+
+
+def test_a_worker_loading_its_models_is_on_the_page_and_in_metrics_apart(
+    settings, redis_client, dashboard, tmp_path, request
+):
+    """A worker loading its models (a GPU's warm-up takes minutes) was shown nowhere: the
+    page listed no worker. It is listed as starting now, and /metrics gives it a gauge of
+    its own: persona_worker_up counts only the workers that serve."""
+    heartbeat.publish(redis_client, heartbeat.WorkerInfo(id="w-serving"), ttl_s=60)
+    info = heartbeat.StartingWorker(id="w-warming", device="cuda", persona="sage", model="smollm2",
+                                    since=heartbeat.redis_now(redis_client) - 42)
+    heartbeat.announce_starting(redis_client, info, ttl_s=60)
+    request.addfinalizer(lambda: heartbeat.withdraw(redis_client, "w-warming"))  # none starting in later tests
+    base = dashboard()
+    [starting] = httpx.get(f"{base}/api/stats").json()["stats"]["starting_workers"]
+    assert (starting["id"], starting["persona"], starting["model"]) == ("w-warming", "sage", "smollm2")
+    samples = {(s.name, s.labels.get("worker")): s.value
+               for f in text_string_to_metric_families(httpx.get(f"{base}/metrics").text) for s in f.samples}
+    assert ("persona_worker_up", "w-warming") not in samples and samples[("persona_worker_up", "w-serving")] == 1
+    assert 42 <= samples[("persona_worker_starting_seconds", "w-warming")] < 100
+    dom = subprocess.run([*_chromium(tmp_path), "--dump-dom", base], capture_output=True, check=False, text=True,
+                         timeout=120)
+    workers = dom.stdout.split('id="workers-note"')[1].split("</table>")[0]
+    assert ">1 live, 1 starting<" in workers, dom.stderr[-2000:]
+    assert "w-serving" in workers and "<td>loading smollm2 for sage</td>" in workers
+    assert "<td>starting (4" in workers  # 42 s and counting

@@ -472,3 +472,23 @@ def test_throughput_says_how_far_back_it_was_measured_when_the_reply_log_is_shor
     _replies_at_300_a_second_for_a_minute(redis_client)
     text = shown()
     assert "s: all the reply log holds)" in text and "last minute" not in text, text
+
+
+def test_workers_loading_their_models_are_shown_apart_from_the_live_ones(redis_client):
+    """A worker loading its models was shown nowhere: `queue watch` said "workers 0
+    (nothing is answered: start `persona worker`)" while one was starting. It is listed
+    apart now, and never among the live workers the stuck work is judged by."""
+    from persona.cli.queue_cmd import summary_line
+
+    heartbeat.publish(redis_client, heartbeat.WorkerInfo(id="w-serving"), ttl_s=30)
+    heartbeat.announce_starting(redis_client, heartbeat.StartingWorker(id="w-loading", persona="sage", model="smollm2"), 30)
+    stats = collect_stats(redis_client)
+    assert [w.id for w in stats.workers] == ["w-serving"] and stats.unreadable_workers == []
+    assert [(w.id, w.doing()) for w in stats.starting_workers] == [("w-loading", "loading smollm2 for sage")]
+    assert "workers 1 (1 starting);" in summary_line(stats) + ";"
+    heartbeat.withdraw(redis_client, "w-serving")
+    assert "workers 0 (1 starting: nothing is answered until it serves)" in summary_line(collect_stats(redis_client))
+    heartbeat.publish(redis_client, heartbeat.WorkerInfo(id="w-loading"), ttl_s=30)  # it serves: listed once
+    stats = collect_stats(redis_client)
+    heartbeat.withdraw(redis_client, "w-loading")
+    assert [w.id for w in stats.workers] == ["w-loading"] and stats.starting_workers == []

@@ -13,11 +13,14 @@ from adapters.responder import (
     NO_WORKER_TEXT,
     NOTHING_TO_CANCEL_TEXT,
     NOTHING_TO_RETRY_TEXT,
+    STARTING_TEXT,
+    STARTING_TIMEOUT_TEXT,
     UNREACHABLE_TEXT,
     Responder,
     Where,
     persona_words,
 )
+from persona import heartbeat
 from persona.contract import Message
 from persona.settings import Settings
 from tests.fakes.full_redis import redis_refusing_writes
@@ -131,3 +134,27 @@ def test_the_bots_notices_are_no_part_of_what_the_persona_said():
         assert persona_words(notice) == ""
     assert persona_words("Stillness." + LONG_MESSAGE_NOTE.format(chars=6000)) == "Stillness."
     assert persona_words("I can't answer that: some things are private.") == "I can't answer that: some things are private."
+
+
+async def test_while_a_worker_loads_its_models_the_asker_hears_the_persona_is_waking_up(
+    settings: Settings, redis_url, redis_client
+):
+    """Askers heard "none of my workers is running right now" while a worker was loading
+    its models (about 15 s on a CPU, minutes of warm-up on a GPU), and at the end of the
+    wait that none ran."""
+    settings.telegram = settings.telegram.model_copy(update={"reply_timeout_s": 2.0})
+    heartbeat.announce_starting(redis_client, heartbeat.StartingWorker(id="w-warming", persona="sage", model="smollm2"), 60)
+    client = redis.asyncio.Redis.from_url(redis_url)
+    responder = Responder(client, settings, "telegram")
+    told: list[str] = []
+
+    async def notify(text: str) -> None:
+        told.append(text)
+
+    try:
+        assert await responder.answer(HERE, "anyone home?", notify=notify) == STARTING_TIMEOUT_TEXT
+    finally:
+        heartbeat.withdraw(redis_client, "w-warming")  # the tests after this one have no worker starting
+        await client.aclose()
+    assert told == [STARTING_TEXT]
+    assert persona_words(STARTING_TEXT) == persona_words(STARTING_TIMEOUT_TEXT) == ""  # never read back as its words

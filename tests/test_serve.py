@@ -387,3 +387,57 @@ def test_a_worker_told_a_device_that_is_not_one_starts_no_redis(tmp_path, up_env
     assert result.returncode == 1
     assert "unknown device 'gpu'; choose one of auto, cpu, cuda" in result.stderr
     assert "Redis" not in result.stderr and not (tmp_path / "up-data" / "redis").exists(), result.stderr
+
+
+@pytest.fixture
+def start_worker(tmp_path: Path, up_env: dict[str, str], redis_url: str):
+    """Start `persona worker` on the test Redis; each one is killed at the end if still running."""
+    started: list[subprocess.Popen] = []
+
+    def start(**settings: str) -> subprocess.Popen:
+        env = up_env | {"PERSONA_REDIS_URL": redis_url} | settings
+        output = (tmp_path / f"worker-{len(started)}.log").open("w")
+        worker = subprocess.Popen([sys.executable, "-m", "persona", "worker"], env=env, stdout=output,
+                                  stderr=subprocess.STDOUT, preexec_fn=_interruptible)  # noqa: PLW1509
+        started.append(worker)
+        return worker
+
+    yield start
+    for worker in started:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait(timeout=30)
+
+
+def _starting(client) -> list:
+    """The workers starting, read after the live ones: one listed was not live when they were read."""
+    from persona import heartbeat
+
+    live = heartbeat.live_worker_ids(client)
+    return [(w, live) for w in heartbeat.starting_workers(client)]
+
+
+def test_a_worker_is_seen_starting_while_it_loads_then_serving(start_worker, redis_client):
+    """A worker was seen only once its models had loaded, so `persona ask` right after
+    `persona up` said that no worker was running, and `persona queue stats` listed none."""
+    from persona import heartbeat
+
+    worker = start_worker(PERSONA_WORKER__HEARTBEAT_S="0.2")
+    [(starting, live)] = wait_for(lambda: _starting(redis_client), "the worker was never seen starting", 30)
+    assert starting.pid == worker.pid and live == set()  # not live while it loads: no swap waits on it
+    served = wait_for(lambda: heartbeat.live_worker_ids(redis_client), "the worker never served", 60)
+    assert served == {starting.id} and heartbeat.starting_workers(redis_client) == []
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(timeout=30) == 0
+    assert heartbeat.live_worker_ids(redis_client) == set() and heartbeat.starting_workers(redis_client) == []
+
+
+def test_a_worker_stopped_while_loading_is_not_left_starting(start_worker, redis_client):
+    """Its starting key goes as it leaves, not when the key would lapse (a minute here)."""
+    from persona import heartbeat
+
+    worker = start_worker(PERSONA_WORKER__HEARTBEAT_TTL_S="60")
+    wait_for(lambda: _starting(redis_client), "the worker was never seen starting", 30)
+    worker.send_signal(signal.SIGINT)
+    assert worker.wait(timeout=30) == 0
+    assert heartbeat.starting_workers(redis_client) == [] and heartbeat.live_worker_ids(redis_client) == set()

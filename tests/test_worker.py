@@ -642,3 +642,60 @@ def test_a_new_worker_s_first_heartbeat_carries_its_memory(running_worker, redis
         time.sleep(0.02)
     (info,) = heartbeat.live_workers(redis_client, {"w-new"})
     assert info.memory_mb > 10
+
+
+def test_a_worker_loading_its_models_is_starting_never_live_until_it_serves(
+    settings, redis_client, write_persona, tiny_gpt2_dir
+):
+    """A worker was seen only once its models had loaded (seconds on a CPU, minutes of GPU
+    warm-up): `persona ask`, the chat adapters and the monitoring said no worker ran while
+    `persona up` was starting one. It is seen as starting now, with the model it loads;
+    never live (swaps vote and work is reclaimed by heartbeats) until its first heartbeat,
+    which ends the starting key in the same step."""
+    import threading
+
+    from persona import heartbeat
+    from persona.pool import ModelPool
+    from persona.worker import Worker
+
+    write_persona("tiny", base=str(tiny_gpt2_dir))
+    worker = Worker(settings, redis_client, ModelPool(settings, "cpu"), worker_id="w-loading")
+    info = heartbeat.StartingWorker(id="w-loading", device="cpu")
+    with heartbeat.StartingBeat(redis_client, info, ttl_s=5, every_s=0.05) as beat:
+        worker.preload(["tiny"], starting=beat)
+        [starting] = heartbeat.starting_workers(redis_client)
+        assert heartbeat.live_worker_ids(redis_client) == set() and heartbeat.live_workers(redis_client) == []
+    assert (starting.id, starting.pid, starting.doing()) == ("w-loading", info.pid, f"loading {tiny_gpt2_dir.name} for tiny")
+    assert starting.since and starting.loading_s >= 0
+    assert [w.id for w in heartbeat.starting_workers(redis_client)] == ["w-loading"]  # until it serves
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not heartbeat.live_worker_ids(redis_client):
+            assert time.monotonic() < deadline, "the worker never beat"
+            time.sleep(0.01)
+        assert heartbeat.starting_workers(redis_client) == []
+        assert redis_client.zcard(keys.STARTING_INDEX_KEY) == 0
+    finally:
+        worker.stop()
+        thread.join(timeout=30)
+
+
+def test_a_starting_key_goes_when_loading_fails_and_lapses_when_its_process_dies(redis_client):
+    """A worker that cannot load its models, or is stopped while loading, is gone at once;
+    one killed while loading says nothing, and its key lapses by itself."""
+    from persona import heartbeat
+    from persona.errors import ModelError
+
+    info = heartbeat.StartingWorker(id="w-broken")
+    with pytest.raises(ModelError), heartbeat.StartingBeat(redis_client, info, ttl_s=30, every_s=0.05) as beat:
+        beat.loading("tiny", "tiny-gpt2")
+        assert [w.id for w in heartbeat.starting_workers(redis_client)] == ["w-broken"]
+        raise ModelError("the weights are unreadable")
+    assert heartbeat.starting_workers(redis_client) == [] and redis_client.zcard(keys.STARTING_INDEX_KEY) == 0
+
+    heartbeat.announce_starting(redis_client, heartbeat.StartingWorker(id="w-killed"), ttl_s=0.3)
+    assert [w.id for w in heartbeat.starting_workers(redis_client)] == ["w-killed"]
+    time.sleep(0.4)
+    assert heartbeat.starting_workers(redis_client) == []

@@ -99,8 +99,9 @@ def render_latency(stats: QueueStats) -> Table:
 
 
 def render_workers(stats: QueueStats) -> Table:
-    """Each live worker: heartbeat, host, device, versions, memory."""
-    title = f"workers ({len(stats.workers) + len(stats.unreadable_workers)} live)"
+    """Each live worker: heartbeat, host, device, versions, memory; then those still starting."""
+    title = f"workers ({len(stats.workers) + len(stats.unreadable_workers)} live"
+    title += f", {len(stats.starting_workers)} starting)" if stats.starting_workers else ")"
     if stats.unreadable_workers:
         title += f", [yellow]unreadable heartbeat: {escape(', '.join(stats.unreadable_workers))}[/yellow]"
     table = Table(title=title, header_style="bold")
@@ -114,8 +115,16 @@ def render_workers(stats: QueueStats) -> Table:
             *map(escape, (w.id, w.host, w.device, w.state, personas)),
             str(w.requests), f"{w.memory_mb:.0f}", f"{now - w.last_seen:.1f}s ago",
         )
+    for w in stats.starting_workers:  # not serving yet: what it loads, and for how long so far
+        table.add_row(
+            *map(escape, (w.id, w.host, w.device, f"starting ({w.loading_s:.0f}s)", w.doing())),
+            "-", "-", f"{max(0.0, now - w.last_seen):.1f}s ago",
+        )
     if not stats.workers and not stats.unreadable_workers:
-        table.caption = "no live worker, so nothing is answered; start one with `persona worker` (or `persona up`)"
+        table.caption = (
+            "no worker serves yet: requests wait until a starting one has loaded its models" if stats.starting_workers
+            else "no live worker, so nothing is answered; start one with `persona worker` (or `persona up`)"
+        )
     return table
 
 
@@ -144,8 +153,8 @@ def render_all(stats: QueueStats) -> Group:
 @queue_app.command()
 @friendly_errors
 def stats(json_output: bool = typer.Option(False, "--json", help="print one JSON object")) -> None:
-    """Depth, oldest waiting age, in-flight and stuck work, latency p50/p95/p99, throughput, workers,
-    and the version each persona serves."""
+    """Depth, oldest waiting age, in-flight and stuck work, latency p50/p95/p99, throughput, workers
+    (those still loading their models listed as starting), and the version each persona serves."""
     settings = get_settings()
     figures = collect_stats(connect(settings), personas=_personas(settings))
     if json_output:
@@ -188,8 +197,11 @@ def summary_line(stats: QueueStats) -> str:
         parts.append(f"p95 queue wait {lat.queue_ms.p95:.0f} ms, generation {lat.generate_ms.p95:.0f} ms")
     if lat:
         parts.append(f"{lat.replies_per_s:.2f} replies/s")
-    live = len(stats.workers) + len(stats.unreadable_workers)
-    parts.append(f"workers {live}" + ("" if live else " (nothing is answered: start `persona worker`)"))
+    live, starting = len(stats.workers) + len(stats.unreadable_workers), len(stats.starting_workers)
+    if starting:
+        parts.append(f"workers {live} ({starting} starting" + (")" if live else ": nothing is answered until it serves)"))
+    else:
+        parts.append(f"workers {live}" + ("" if live else " (nothing is answered: start `persona worker`)"))
     if stats.stuck:
         parts.append(f"stuck {len(stats.stuck)} (see `persona queue stats`)")
     return "; ".join(parts)

@@ -11,10 +11,13 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import redis
 import typer
 from rich.markup import escape
 
+from persona import heartbeat
 from persona.cli.common import console, friendly_errors, get_settings
 from persona.connection import connect, describe_url
 from persona.embedded_redis import (
@@ -28,6 +31,9 @@ from persona.embedded_redis import (
 from persona.errors import ConfigError, DataDirUnwritable, RedisUnavailable
 from persona.logs import setup_logging
 from persona.settings import Settings
+
+if TYPE_CHECKING:
+    from persona.worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -334,31 +340,24 @@ def worker(
     and hands back anything unfinished; Ctrl-C again stops at once.
     """
     from persona.models import pick_device
-    from persona.pool import ModelPool
-    from persona.worker import Worker, freeze_heap
 
     settings = get_settings()
     if max_batch:
         settings.worker.max_batch = max_batch
     setup_logging(settings)
-    if settings.worker.threads:
-        import torch
-
-        torch.set_num_threads(settings.worker.threads)
-    device = pick_device(device or settings.worker.device)  # a wrong one refused before Redis starts
+    preference = device or settings.worker.device
+    if preference not in ("cpu", "auto"):  # a wrong one refused before Redis starts (cpu and auto cannot be)
+        pick_device(preference)
     with redis_for_service(settings) as url:
         client = connect(settings, url=url)
-        pool = ModelPool(settings, device)
-        served = Worker(settings, client, pool)
-        signal.signal(signal.SIGTERM, _stop_then_interrupt(served, finish=True))
-        signal.signal(signal.SIGINT, _stop_then_interrupt(served))
-        started = time.perf_counter()
+        # Seen as starting from here on, by `persona ask`, the chat adapters and the
+        # monitoring (torch's import and the models take seconds, a GPU's warm-up minutes),
+        # but not as serving: swaps and reclaiming count only heartbeats, from `run`.
+        starting = heartbeat.StartingWorker(id=heartbeat.new_worker_id(), device=preference)
+        beat = heartbeat.StartingBeat(client, starting, settings.worker.heartbeat_ttl_s, settings.worker.heartbeat_s)
         try:
-            served.preload(preload or settings.worker.personas or None)
-            if served.stopping.is_set():  # a stop that a library's C code held back until it returned
-                raise KeyboardInterrupt
-            log.info("models ready in %.1f s", time.perf_counter() - started)
-            freeze_heap()
+            with beat:
+                served = _load_worker(settings, client, pick_device(preference), beat, preload)
         except KeyboardInterrupt:  # told to stop while loading: nothing was taken yet
             log.info("stopped while loading models; nothing was taken from the queue")
             return
@@ -366,6 +365,30 @@ def worker(
             served.run()
         except KeyboardInterrupt:
             served.stop()
+
+
+def _load_worker(
+    settings: Settings, client: redis.Redis, device: str, beat: heartbeat.StartingBeat, preload: list[str] | None
+) -> Worker:
+    """A worker with its models loaded, ready to ``run``; ``beat`` says meanwhile what it loads."""
+    from persona.pool import ModelPool
+    from persona.worker import Worker, freeze_heap
+
+    if settings.worker.threads:
+        import torch
+
+        torch.set_num_threads(settings.worker.threads)
+    beat.info.device = device
+    served = Worker(settings, client, ModelPool(settings, device), worker_id=beat.info.id)
+    signal.signal(signal.SIGTERM, _stop_then_interrupt(served, finish=True))
+    signal.signal(signal.SIGINT, _stop_then_interrupt(served))
+    started = time.perf_counter()
+    served.preload(preload or settings.worker.personas or None, starting=beat)
+    if served.stopping.is_set():  # a stop that a library's C code held back until it returned
+        raise KeyboardInterrupt
+    log.info("models ready in %.1f s", time.perf_counter() - started)
+    freeze_heap()
+    return served
 
 
 def _stop_then_interrupt(served, *, finish: bool = False):

@@ -60,12 +60,21 @@ def _check_persona(settings: Settings, name: str) -> None:
 
 def _say_if_no_worker(client: QueueClient, wait_s: float, starters: str = WORKER_STARTERS) -> None:
     """Say so when no worker is live: the wait ahead is then a full deadline, and the
-    user heard nothing until its end ("no worker answered ... in time")."""
-    if not heartbeat.live_worker_ids(client.redis):
-        err_console.print(
-            f"no worker is running yet; this waits in the queue for one, up to {wait_s:.0f} s ({starters})",
-            style="yellow", markup=False, highlight=False,
-        )
+    user heard nothing until its end ("no worker answered ... in time"). A worker still
+    loading its models is named as starting: "no worker is running" sent people to start
+    one while `persona up` was starting it."""
+    if heartbeat.live_worker_ids(client.redis):
+        return
+    starting = heartbeat.starting_workers(client.redis)
+    if starting:
+        first = starting[0]  # the one starting longest: most likely the first to serve
+        others = f" (and {len(starting) - 1} more)" if len(starting) > 1 else ""
+        doing = f"{first.doing()}, " if first.persona else ""
+        said = (f"a worker is starting{others} ({doing}{first.loading_s:.0f} s so far); "
+                f"this waits in the queue until it serves, up to {wait_s:.0f} s")
+    else:
+        said = f"no worker is running yet; this waits in the queue for one, up to {wait_s:.0f} s ({starters})"
+    err_console.print(said, style="yellow", markup=False, highlight=False)
 
 
 @friendly_errors
