@@ -67,7 +67,7 @@ from persona import swap as swaps
 from persona.connection import connect
 from persona.contract import Message
 from persona.errors import ConfigError, PersonaError
-from persona.heartbeat import live_workers
+from persona.heartbeat import live_workers, starting_workers
 from persona.monitoring import collect_stats
 from persona.personas import PersonaRegistry
 from persona.settings import Settings
@@ -604,6 +604,8 @@ class PersonaBot(discord.Client):
             if target == swaps.current_version(client, persona):
                 return f"{persona.name} already serves {target}."
             if not live_workers(client):
+                if starting_workers(client):
+                    return "A worker is still starting (loading its models); try again once it serves."
                 return "No worker is running to load it; start one, or run `persona swap` on the server."
             outcome = swaps.swap_persona(client, persona, target, kind=kind, timeout_s=SWAP_TIMEOUT_S, by=by)
             if not outcome.committed:

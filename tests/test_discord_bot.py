@@ -495,6 +495,23 @@ async def test_operators_swap_and_roll_back_a_checkpoint_on_the_live_workers(
     assert [entry["by"] for entry in swaps.swap_log(redis_client, persona="dc")] == ["discord:ada (555)"] * 2
 
 
+async def test_a_swap_while_the_only_worker_is_starting_says_to_wait_for_it(
+    start_bot, fake_api, discord_settings, redis_client, tiny_llama_dir
+):
+    """/swap said "No worker is running" while a worker was loading its models (seconds on a
+    CPU, minutes of GPU warm-up): the operator went to start another one."""
+    from persona import heartbeat
+
+    make_checkpoint(discord_settings, tiny_llama_dir, "dc", seed=1)
+    heartbeat.announce_starting(redis_client, heartbeat.StartingWorker(id="w-loading"), ttl_s=60)
+    try:
+        await start_bot(operator_ids=[555])
+        await fake_api.slash("swap", {"persona": "dc", "version": "v1"}, author_id=555)
+        await fake_api.wait_for(lambda: any("still starting" in t for t in fake_api.texts()), timeout=60)
+    finally:
+        heartbeat.withdraw(redis_client, "w-loading")  # the test Redis is shared by the whole run
+
+
 async def test_the_token_never_reaches_the_logs(start_bot, fake_api, discord_settings, caplog):
     import logging
 
