@@ -89,6 +89,11 @@ MAX_NEW_TOKENS = 4096
 # A stop string ends the reply where it appears (and is cut off); empty would end every
 # reply at its first token.
 StopString = Annotated[str, Field(min_length=1, max_length=200)]
+# Who asked ("telegram:123456789", "discord:<snowflake>": under 30 characters) and what
+# sent it ("discord", "scheduler"). ``user`` names a Redis key (its fair share), so a
+# longer one is refused with the request (``validation.check_request``), not stored.
+MAX_USER_CHARS = 128
+MAX_SOURCE_CHARS = 128
 
 
 class SamplingOverrides(BaseModel):
@@ -123,8 +128,8 @@ class GenerationRequest(BaseModel):
     # Factories, not shared instances: pydantic deep-copies a model default for every request.
     sampling: SamplingOverrides = Field(default_factory=SamplingOverrides)
     priority: Priority = Priority.interactive
-    user: str | None = Field(None, description="who asked, for fairness and rate limits")
-    source: str = "cli"
+    user: str | None = Field(None, description=f"who asked, for fairness and rate limits (at most {MAX_USER_CHARS} characters)")
+    source: str = Field("cli", description=f"what sent it: cli, discord, scheduler... (at most {MAX_SOURCE_CHARS} characters)")
     created_at: float = Field(default_factory=time.time)
     deadline: float = Field(0.0, description="epoch seconds; 0 means the queue's default")
 

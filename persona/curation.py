@@ -4,7 +4,8 @@ Generations are hit-and-miss, so a post is chosen from several candidates. Each 
 cleaned, then checked by the filters in order (the first that fails names the reason):
 
     empty        nothing left after cleaning
-    cut_off      the model stopped at its token limit (``sampling.max_new_tokens``) mid-thought
+    cut_off      the model stopped at its token limit (``sampling.max_new_tokens``) mid-thought,
+                 with no finished sentence worth keeping before it (see below)
     too_short    under the persona's ``filters.min_chars``
     too_long     over the tightest limit of the persona and every target platform
     blocklist    contains a blocked word or phrase (case-insensitive, whole words)
@@ -12,6 +13,12 @@ cleaned, then checked by the filters in order (the first that fails names the re
     copied       a verbatim run from the persona's corpus longer than ``max_copied_words``,
                  or a whole corpus entry of 4 words or more (see ``originality.CopyIndex``)
     near_repeat  too close to one of the persona's recent posts (or an earlier candidate)
+
+A candidate cut off at the token limit is first trimmed back to its last finished
+sentence (its ``trimmed`` says what was dropped), and that goes through the filters: a
+cut-off second sentence does not spoil a fine first one. What is kept must be at least
+``filters.min_chars`` and ``SALVAGE_MIN_SHARE`` of what was written, so a stray full stop
+early in a text does not make a post of its first few words.
 
 The survivors are ranked: one without flaws always beats one with them (see
 ``flaws``: it ends mid-sentence or in an ellipsis, or a double quote is left open),
@@ -85,6 +92,12 @@ ELLIPSES = ("..", "…", ". .")  # a trail, not an ending: "...with each step an
 # Each of ``flaws``'s names, as a message says it of a text.
 FLAW_WORDS = {"unfinished": "does not end as a finished sentence", "open_quote": "leaves a double quote open"}
 LEAKED_MARKERS = re.compile(r"<\|[a-z_]+\|>|</?s>")
+# A cut-off text keeps its finished sentences only if they are at least this share of it.
+SALVAGE_MIN_SHARE = 1 / 3
+# Where a sentence may end inside a text: a stop (and closers) before a space.
+_SENTENCE_END = re.compile(rf"[.!?][{re.escape(CLOSERS)}]*(?=\s)")
+# A stop after one of these (or after a lone letter: "J. R. R.") ends a word, not a sentence.
+ABBREVIATIONS = frozenset({"mr", "mrs", "ms", "dr", "st", "jr", "sr", "prof", "vs", "etc", "e.g", "i.e", "cf"})
 
 
 @dataclass(frozen=True)
@@ -104,6 +117,7 @@ class Candidate:
     raw: str
     text: str
     rejected: str | None = None
+    trimmed: str = ""  # what was cut from a text the model was cut off in, back to its last finished sentence
     score: float = 0.0
     flaws: list[str] = field(default_factory=list)
 
@@ -224,6 +238,22 @@ def score(text: str) -> float:
     return round(length + variety + finished + capital, 4)
 
 
+def _salvage(text: str, min_chars: int) -> str:
+    """A cut-off text up to its last finished sentence, or "" if none is worth keeping."""
+    if is_finished(text):  # stopped right after a sentence: nothing was cut mid-thought
+        return text
+    floor = max(min_chars, 1, len(text) * SALVAGE_MIN_SHARE)
+    for end in reversed([m.end() for m in _SENTENCE_END.finditer(text)]):
+        kept = text[:end]
+        if len(kept) < floor:
+            return ""
+        last_word = kept.rstrip(CLOSERS)[:-1].rsplit(maxsplit=1)[-1:] or [""]
+        stem = last_word[0].lstrip("\"'“‘([«").lower()
+        if is_finished(kept) and stem not in ABBREVIATIONS and not (len(stem) == 1 and stem.isalpha()):
+            return kept
+    return ""
+
+
 def curate(
     raws: Sequence[str | Draft],
     *,
@@ -236,7 +266,8 @@ def curate(
 ) -> Curated:
     """Filter the candidates, score the survivors, and pick the best one. Posting to X
     (``platforms``), a candidate must also fit X's own count (``x_length``). A plain string
-    is a text the model finished; a ``Draft`` says whether it was cut off."""
+    is a text the model finished; a ``Draft`` says whether it was cut off (and is trimmed
+    back to its last finished sentence, if one is worth keeping)."""
     x_limit = X_LIMIT_CHARS if "x" in set(platforms) else None
     recent = list(recent or [])
     accepted: list[str] = []
@@ -245,8 +276,12 @@ def curate(
         draft = raw if isinstance(raw, Draft) else Draft(raw)
         candidate = Candidate(index=index, raw=draft.text, text=clean_text(draft.text))
         if candidate.text and draft.finish_reason == "length":
-            candidate.rejected = "cut_off"
-        else:
+            kept = _salvage(candidate.text, min_chars)
+            if kept:
+                candidate.text, candidate.trimmed = kept, candidate.text[len(kept):].strip()
+            else:  # shown whole, so a person sees where it stopped
+                candidate.rejected = "cut_off"
+        if candidate.rejected is None:
             candidate.rejected = _first_failure(
                 candidate.text, max_chars, min_chars, blocklist or [], corpus, recent + accepted, x_limit
             )

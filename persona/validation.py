@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from persona.contract import GenerationRequest
+from persona.contract import MAX_SOURCE_CHARS, MAX_USER_CHARS, GenerationRequest
 from persona.errors import InvalidRequest
 from persona.settings import QueueSettings
 
@@ -32,6 +32,17 @@ def request_problem(request: GenerationRequest, limits: QueueSettings) -> str | 
             )
     if len(request.prefix) > limits.max_message_chars:
         return f"the prefix is {len(request.prefix)} characters long; at most {limits.max_message_chars} are accepted"
+    # The user names a Redis key (its count of requests waiting): a megabyte one was stored as one.
+    if request.user and len(request.user) > MAX_USER_CHARS:
+        return (
+            f"the user is {len(request.user):,} characters long; at most {MAX_USER_CHARS} are accepted: "
+            "send an id for who asked (\"telegram:123456789\"), not their name or message"
+        )
+    if len(request.source) > MAX_SOURCE_CHARS:
+        return (
+            f"the source is {len(request.source):,} characters long; at most {MAX_SOURCE_CHARS} are accepted: "
+            "name what sent the request (\"discord\", \"scheduler\")"
+        )
     return None
 
 

@@ -219,6 +219,37 @@ def test_a_candidate_cut_off_at_the_token_limit_is_rejected():
     """A reply cut off at max_new_tokens (finish_reason "length") could win and go out half written."""
     from persona.curation import Draft
 
-    curated = curate([Draft(GOOD, "length"), Draft("Be still, and wait.", "stop"), Draft("", "length")], max_chars=280)
+    cut = GOOD.removesuffix(" life.")  # mid-sentence, with no finished sentence before
+    curated = curate([Draft(cut, "length"), Draft("Be still, and wait.", "stop"), Draft("", "length")], max_chars=280)
     assert [c.rejected for c in curated.candidates] == ["cut_off", None, "empty"]
     assert curated.best.text == "Be still, and wait." and curated.rejected == {"cut_off": 1, "empty": 1}
+
+
+def test_a_cut_off_candidate_is_trimmed_back_to_its_last_finished_sentence():
+    """A candidate cut off mid-second-sentence was thrown away whole, though its first
+    sentence was a fine post: with 64 tokens, often the best of the batch."""
+    from persona.curation import Draft
+
+    cut = GOOD + " And the river, when it"
+    curated = curate([Draft(cut, "length"), Draft("Be still, and wait", "stop")], max_chars=280, min_chars=10)
+    first = curated.candidates[0]
+    assert (first.rejected, first.text, first.trimmed, first.flaws) == (None, GOOD, "And the river, when it", [])
+    assert curated.best is first  # a clean trimmed sentence beats an unfinished one
+    # What is kept still goes through the filters.
+    assert curate([Draft(cut, "length")], max_chars=40).candidates[0].rejected == "too_long"
+    # Stopped right after a full stop: nothing to trim, and nothing is said to be.
+    whole = curate([Draft(GOOD, "length")], max_chars=280).candidates[0]
+    assert (whole.rejected, whole.text, whole.trimmed) == (None, GOOD, "")
+
+
+@pytest.mark.parametrize("text", [
+    "Patience is slow... and the river, when it",  # an ellipsis trails off; it ends nothing
+    "Yes. Patience is the slow river that carves the canyon of",  # a stray early stop: too little of it
+    "Ask Mr. Jones what the slow river carves when",  # an abbreviation, not a sentence's end
+    "“Wait,” she said, and the river",  # no sentence finished at all
+])
+def test_a_cut_off_candidate_with_no_finished_sentence_worth_keeping_is_rejected(text):
+    from persona.curation import Draft
+
+    candidate = curate([Draft(text, "length")], max_chars=280).candidates[0]
+    assert (candidate.rejected, candidate.text, candidate.trimmed) == ("cut_off", text, "")

@@ -508,3 +508,16 @@ def _telemetry(client) -> dict:
     found["tokens"] = client.hget(keys.STATS_KEY, "tokens")
     found["log"] = [fields for _, fields in client.xrange(keys.REPLY_LOG_STREAM)]
     return found
+
+
+def test_an_overlong_user_or_source_is_refused_before_it_names_a_redis_key(client):
+    """A megabyte ``user`` was queued, and stored as the name of its fair-share counter key."""
+    with pytest.raises(InvalidRequest, match=r"the user is 1,000,000 characters long; at most 128 are accepted"):
+        client.submit(chat(user="u" * 1_000_000))
+    with pytest.raises(InvalidRequest, match=r"the source is 129 characters long; at most 128"):
+        client.submit(chat(source="s" * 129))
+    assert client.redis.keys(keys.user_pending_key("*")) == [] and client.redis.xlen(keys.STREAM_INTERACTIVE) == 0
+    # What the bots send is far inside the limit: a Telegram id, a Discord snowflake.
+    for user in ("telegram:" + str(2**63 - 1), "discord:" + str(2**64 - 1)):
+        client.submit(chat(user=user, source=user.split(":")[0]))
+    assert client.redis.xlen(keys.STREAM_INTERACTIVE) == 2

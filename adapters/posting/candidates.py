@@ -3,7 +3,8 @@
 ``QueueCandidates`` submits all N requests (seeds ``seed .. seed+N-1``) before waiting
 on any, so a worker generates them as one batch; a stop (SIGTERM) ends the wait. Each
 text comes back as a ``Draft`` that keeps the reply's finish reason, so curation can
-turn away one the model was cut off in (``cut_off``).
+trim one the model was cut off in back to its last finished sentence, or turn it away
+(``cut_off``).
 """
 
 from __future__ import annotations

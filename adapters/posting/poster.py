@@ -327,7 +327,9 @@ class Poster:
             persona.name, slot, status, text=best.text if best else "",
             candidates=len(curated.candidates) + curated.rejected.get("generation_failed", 0),
             rejected=dict(curated.rejected), passed=[c.text for c in curated.passed],
-            verdicts=[{"text": c.text, "rejected": c.rejected or "", "flaws": c.flaws} for c in curated.candidates],
+            # "trimmed": what was cut from a candidate the model was cut off in, back to its last finished sentence.
+            verdicts=[{"text": c.text, "rejected": c.rejected or "", "flaws": c.flaws, "trimmed": c.trimmed}
+                      for c in curated.candidates],
             message=message,
         )
 
