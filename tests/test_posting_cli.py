@@ -541,6 +541,11 @@ def test_a_post_ends_as_a_finished_sentence_unless_no_candidate_does_and_then_it
     assert "passed (unfinished): Attention is a lamp" in shown.stdout
     assert "no candidate was free of flaws; the best one does not end as a finished sentence" in " ".join(shown.stdout.split())
 
+    drafts = iter([("It is what it is. And the river, when", "length")])  # cut off: trimmed, and says so
+    with scripted_worker(settings, lambda request: next(drafts)):
+        shown = persona("post", "tidy", "--dry-run", "-n", "1", env=env)
+    assert "passed: It is what it is.  (cut off; left out: And the river, when)" in " ".join(shown.stdout.split("\n")), shown.stdout
+
 
 def test_a_dry_run_of_a_slot_already_posted_says_so(settings, write_persona, env, redis_client):
     """`persona post sage --slot 2026-11-26 --dry-run` showed fresh candidates for a slot that

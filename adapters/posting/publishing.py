@@ -49,7 +49,8 @@ class PostOutcome:
     rejected: dict[str, int] = field(default_factory=dict)
     passed: list[str] = field(default_factory=list)
     # Every candidate as curation saw it, in order: {"text": ..., "rejected": reason, or "" if it passed,
-    # "flaws": what a passing one loses to a clean one for, as ``curation.flaws`` names them}.
+    # "flaws": what a passing one loses to a clean one for, as ``curation.flaws`` names them,
+    # "trimmed": what was left out of one the model cut off, back to its last finished sentence}.
     verdicts: list[dict] = field(default_factory=list)
     sinks: dict[str, dict] = field(default_factory=dict)
     approval_id: str = ""

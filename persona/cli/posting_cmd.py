@@ -83,7 +83,8 @@ def _show(outcome, as_json: bool) -> None:
     if outcome.status in ("dry_run", "no_candidate"):  # what a person tuning the filters needs to see
         for verdict in outcome.verdicts:
             flawed = f" ({', '.join(verdict['flaws'])})" if verdict.get("flaws") else ""
-            _say(f"  {verdict['rejected'] or 'passed' + flawed}: {verdict['text']}", "dim" if verdict["rejected"] else "")
+            trimmed = f"  (cut off; left out: {verdict['trimmed']})" if verdict.get("trimmed") else ""
+            _say(f"  {verdict['rejected'] or 'passed' + flawed}: {verdict['text']}{trimmed}", "dim" if verdict["rejected"] else "")
     _show_sinks(outcome.sinks)
     if outcome.message:
         _say(outcome.message)
@@ -108,8 +109,9 @@ def post(
 
     Needs a worker (`persona up`). A slot already posted is reported and skipped. The best
     candidate ends as a finished sentence (not in "...") with its quotes closed, unless none
-    does: then the message says what is wrong with the one chosen. A candidate the model was
-    cut off in at sampling.max_new_tokens is rejected (cut_off).
+    does: then the message says what is wrong with the one chosen. A candidate the model cut
+    off at sampling.max_new_tokens is trimmed back to its last finished sentence, or rejected
+    (cut_off) where none is worth keeping.
     """
     settings = get_settings()
     poster = _poster(settings)

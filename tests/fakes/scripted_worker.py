@@ -22,8 +22,11 @@ from persona.settings import Settings
 
 
 @contextlib.contextmanager
-def scripted_worker(settings: Settings, script: Callable[[GenerationRequest], str]) -> Iterator[list[GenerationRequest]]:
-    """Answer every request with ``script(request)`` until the block ends; yields the requests seen."""
+def scripted_worker(
+    settings: Settings, script: Callable[[GenerationRequest], str | tuple[str, str]]
+) -> Iterator[list[GenerationRequest]]:
+    """Answer every request with ``script(request)`` until the block ends; yields the requests
+    seen. The script gives a text, or a text and its finish reason (``"length"``: cut off)."""
     client = redis.Redis.from_url(settings.redis_url.get_secret_value())
     queue = WorkQueue(client, settings.queue)
     seen: list[GenerationRequest] = []
@@ -42,7 +45,10 @@ def scripted_worker(settings: Settings, script: Callable[[GenerationRequest], st
                 if queue.is_cancelled([job.request.id]):
                     reply = GenerationReply.failure(job.request.id, ErrorKind.cancelled, "withdrawn")
                 else:
-                    reply = GenerationReply(id=job.request.id, ok=True, text=script(job.request), persona=job.request.persona)
+                    said = script(job.request)
+                    text, finish = said if isinstance(said, tuple) else (said, "stop")
+                    reply = GenerationReply(id=job.request.id, ok=True, text=text, finish_reason=finish,
+                                            persona=job.request.persona)
                 queue.deliver([(job, reply)], "scripted")
 
     heartbeat.publish(client, info, settings.worker.heartbeat_ttl_s)
