@@ -5,7 +5,8 @@ Discord's app makes a message longer than 2,000 characters into a text file
 part of its message (``TextFiles``, up to ``TEXT_FILE_MAX_BYTES``; a bigger one, or one not
 in UTF-8, raises ``UnreadableFile`` with a sentence for its sender). Mentions of people,
 roles and channels, custom emoji, commands and times are read as the app shows them
-(``@ada``, ``#general``), not as the codes in the message (``<@123>``): ``readable``.
+(``@ada``, ``#general``), not as the codes in the message (``<@123>``): ``readable``, which
+reads a slash command's text the same way, naming what it mentions from the interaction.
 """
 
 from __future__ import annotations
@@ -55,11 +56,13 @@ MAX_CACHED_FILES = 32
 _MARKUP = re.compile(r"<(@!?|@&|#)(\d+)>|<a?:(\w+):\d+>|</([\w -]+):\d+>|<t:(\d{1,11})(?::[a-zA-Z])?>")
 
 
-def readable(client: discord.Client, message: discord.Message, text: str) -> str:
-    """``text`` with Discord's markup as its app shows it (``@ada``, ``@role``, ``#general``,
-    ``:emoji:``, ``/command``, a date) rather than codes (``<@123>``) the persona cannot read.
-    Names come from the server, then the message's own mentions, then ``client``'s cache."""
-    guild = message.guild
+def readable(client: discord.Client, source: discord.Message | discord.Interaction, text: str) -> str:
+    """``text`` (a message's, or a slash command's option) with Discord's markup as its app shows it
+    (``@ada``, ``@role``, ``#general``, ``:emoji:``, ``/command``, a date) rather than codes
+    (``<@123>``) the persona cannot read. Names come from the server, then those ``source``
+    carries (``_carried_names``), then ``client``'s cache."""
+    guild = source.guild
+    carried = _carried_names(source)
 
     def shown(match: re.Match) -> str:
         kind, number, emoji, command, seconds = match.groups()
@@ -67,18 +70,33 @@ def readable(client: discord.Client, message: discord.Message, text: str) -> str
             return f":{emoji}:" if emoji else f"/{command}"
         if seconds:
             return dt.datetime.fromtimestamp(int(seconds), dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+        key = int(number)
         if kind == "#":
-            return f"#{getattr(client.get_channel(int(number)), 'name', None) or 'unknown-channel'}"
+            return f"#{getattr(client.get_channel(key), 'name', None) or carried.get(key) or 'unknown-channel'}"
         if kind == "@&":
-            role = guild.get_role(int(number)) if guild is not None else None
-            return f"@{role.name if role else 'unknown-role'}"
-        person = (
-            (guild.get_member(int(number)) if guild is not None else None)
-            or discord.utils.get(message.mentions, id=int(number)) or client.get_user(int(number))
-        )
-        return f"@{person.display_name if person else 'unknown-user'}"
+            role = guild.get_role(key) if guild is not None else None
+            return f"@{role.name if role else carried.get(key) or 'unknown-role'}"
+        member = guild.get_member(key) if guild is not None else None
+        person = member.display_name if member else carried.get(key)
+        if person is None:
+            person = getattr(client.get_user(key), "display_name", None)
+        return f"@{person or 'unknown-user'}"
 
     return _MARKUP.sub(shown, text)
+
+
+def _carried_names(source: discord.Message | discord.Interaction) -> dict[int, str]:
+    """The names an event carries for what it mentions, by id: a message's mentioned people; a slash
+    command's ``resolved`` people, roles and channels (there is no message to name them, and
+    Discord names in ``resolved`` those its options mention)."""
+    if isinstance(source, discord.Message):
+        return {person.id: person.display_name for person in source.mentions}
+    resolved = (source.data or {}).get("resolved") or {}
+    names = {int(i): u.get("global_name") or u.get("username", "") for i, u in resolved.get("users", {}).items()}
+    names |= {int(i): m["nick"] for i, m in resolved.get("members", {}).items() if m.get("nick")}
+    for kind in ("roles", "channels"):
+        names |= {int(i): found["name"] for i, found in resolved.get(kind, {}).items() if found.get("name")}
+    return {key: name for key, name in names.items() if name}
 
 
 class UnreadableFile(Exception):

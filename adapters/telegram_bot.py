@@ -9,8 +9,9 @@ author. It reads text only: a photo, sticker, voice message or file gets a sente
 asking for text instead (in a group, only one addressed to it). A group upgraded to a
 supergroup gets a new chat id; its persona choice and conversations move to it, and so
 does an answer that was on its way then. Replies are split at Telegram's 4,096-character
-limit, then each part's Markdown (bold, italic, code, code blocks) is sent as Telegram's
-HTML, everything else escaped (``telegram_html``); a part Telegram still cannot parse ("can't
+limit, and again where a part holds more formatting than the 100 entities Telegram shows
+(``split_for_formatting``), then each part's Markdown (bold, italic, code, code blocks) is sent as
+Telegram's HTML, everything else escaped (``telegram_html``); a part Telegram still cannot parse ("can't
 parse entities") goes again as the plain text it was, so formatting never costs an answer. While the
 queue works it shows "typing", refreshed every 4.5 s (Telegram shows it for 5 s). Flood
 control (``RetryAfter``) delays a message; it never drops it. A paste longer than a
@@ -60,7 +61,7 @@ from adapters.responder import (
     connect_with_backoff,
 )
 from adapters.splitting import TELEGRAM_MESSAGE_LIMIT_CHARS, split_message
-from adapters.telegram_format import telegram_html
+from adapters.telegram_format import split_for_formatting, telegram_html
 from adapters.telegram_pastes import Pastes, join_pieces
 from adapters.typing_indicator import keep_typing
 from persona.errors import ConfigError
@@ -562,7 +563,9 @@ class TelegramBot:
         upgraded to a supergroup while its answer was on the way refuses it (``ChatMigrated``):
         the chat moves (as ``on_migrate`` does, whichever comes first) and the text goes to the
         new id, so the asker still gets the answer."""
-        for index, chunk in enumerate(split_message(text, TELEGRAM_MESSAGE_LIMIT_CHARS)):
+        # Telegram formats only a message's first 100 entities: a part holding more is cut again.
+        chunks = [part for chunk in split_message(text, TELEGRAM_MESSAGE_LIMIT_CHARS) for part in split_for_formatting(chunk)]
+        for index, chunk in enumerate(chunks):
             reply = ReplyParameters(message_id=reply_to, allow_sending_without_reply=True) if reply_to and index == 0 else None
             try:
                 await self._send_one(chat_id, chunk, reply, topic)

@@ -4,7 +4,9 @@ code, code blocks, headings (shown bold). Everything else is escaped, and tags c
 well nested by construction, so any text makes HTML Telegram accepts. A message is split
 first (``adapters.splitting``) and formatted after, so no cut ever falls inside a tag, and
 what the user sees (the text less its markup) is never longer than the Markdown the limit
-was counted on.
+was counted on. Telegram formats only the first 100 entities of a message and silently drops
+the rest (their markers already gone): ``split_for_formatting`` cuts a message holding more,
+and past ``MAX_ENTITIES`` (one line holding more) the message goes on as written.
 """
 
 from __future__ import annotations
@@ -12,9 +14,17 @@ from __future__ import annotations
 import html
 import re
 
-from adapters.splitting import FENCE, fence_opener, toggles_fence
+from telegram.constants import MessageLimit
 
-__all__ = ["telegram_html"]
+from adapters.splitting import (
+    FENCE,
+    MIN_LIMIT_CHARS,
+    fence_opener,
+    split_message,
+    toggles_fence,
+)
+
+__all__ = ["MAX_ENTITIES", "split_for_formatting", "telegram_html"]
 
 _HEADING = re.compile(r" {0,3}#{1,6}[ \t]+(.+?)(?:[ \t]+#+)?[ \t]*")
 _CODE_SPAN = re.compile(r"(`+)(?!`)(.+?)(?<!`)\1(?!`)")
@@ -31,6 +41,12 @@ _EMPHASIS = (
 )
 _BOLD_ALREADY = re.compile(r"\*\*(?=\S)(.+)(?<=\S)\*\*")
 MAX_EMPHASIS_DEPTH = 8  # deeper than any real text nests; past it, markers stay as written
+# Telegram formats this many entities of a message and silently ignores the rest (found by
+# experiment; python-telegram-bot's ``MessageLimit.MESSAGE_ENTITIES``). Past it, Markdown stays as written.
+MAX_ENTITIES = MessageLimit.MESSAGE_ENTITIES
+_OPENING_TAG = re.compile(r"<(?!/|code class=)")  # an entity each; ``<pre><code class=…>`` is one
+
+
 def _escape(text: str) -> str:
     return html.escape(text, quote=False)
 
@@ -99,19 +115,50 @@ def _code_block(fence: str, lines: list[str], closing: str | None) -> str:
 
 def telegram_html(text: str) -> str:
     """``text`` (a message, split already) with its Markdown as Telegram's HTML; everything
-    else escaped. Without Markdown, no tags: the text, escaped."""
-    out: list[str] = []
+    else escaped. Without Markdown, no tags: the text, escaped. Past ``MAX_ENTITIES``, as written."""
+    return "\n".join(_within_entity_limit(_html_parts(text)))
+
+
+def split_for_formatting(text: str) -> list[str]:
+    """``text`` (a message, split already) in as few messages as keep each within Telegram's
+    ``MAX_ENTITIES`` once formatted, cut where ``split_message`` cuts: none then shows plain."""
+    if _entity_count(text) <= MAX_ENTITIES or len(text) < 2 * MIN_LIMIT_CHARS:
+        return [text]
+    return [part for half in split_message(text, len(text) // 2 + 1) for part in split_for_formatting(half)]
+
+
+def _entity_count(text: str) -> int:
+    return sum(len(_OPENING_TAG.findall(markup)) for markup, _written in _html_parts(text))
+
+
+def _html_parts(text: str) -> list[tuple[str, str]]:
+    """Each line, or code block, of ``text``: its HTML, and its text as written."""
+    parts: list[tuple[str, str]] = []
     fence, block = None, []  # the line that opened the code block we are in, and its lines
     for line in text.split("\n"):
         if toggles_fence(line) and fence is not None:
-            out.append(_code_block(fence, block, line))
+            parts.append((_code_block(fence, block, line), "\n".join([fence, *block, line])))
             fence, block = None, []
         elif toggles_fence(line):
             fence = line
         elif fence is not None:
             block.append(line)
         else:
-            out.append(_format_line(line))
+            parts.append((_format_line(line), line))
     if fence is not None:  # never closed: a block to the end
-        out.append(_code_block(fence, block, None))
-    return "\n".join(out)
+        parts.append((_code_block(fence, block, None), "\n".join([fence, *block])))
+    return parts
+
+
+def _within_entity_limit(parts: list[tuple[str, str]]) -> list[str]:
+    """The parts' HTML while the message's entities stay within ``MAX_ENTITIES``; from the part
+    that would pass it on, each as written (escaped). Telegram would show those with their
+    Markdown markers gone and no formatting in their place: a code block as prose."""
+    out: list[str] = []
+    entities = 0
+    for index, (markup, written) in enumerate(parts):
+        entities += len(_OPENING_TAG.findall(markup))
+        if entities > MAX_ENTITIES:
+            return out + [_escape(as_written) for _markup, as_written in parts[index:]]
+        out.append(markup)
+    return out

@@ -234,6 +234,21 @@ async def test_mentions_reach_the_persona_as_names_not_codes(start_bot, fake_api
     )
 
 
+async def test_mentions_in_slash_ask_reach_the_persona_as_names_not_codes(start_bot, fake_api, discord_settings):
+    """/ask's text has no message to name its mentions: they come from the interaction's resolved
+    people, the server and the client's cache, as a message's do."""
+    content = f"ask <@222> and <@&{OPERATOR_ROLE_ID}> in <#{OTHER_CHANNEL_ID}> at <t:1735732800:f>, <@333>"
+    with scripted_worker(discord_settings, echo) as seen:
+        await start_bot()
+        await fake_api.slash("ask", {"text": content}, mentions=[(222, "grace")])
+        await fake_api.wait_for(lambda: len(fake_api.sent) == 1)
+        await fake_api.slash("ask", {"text": f"and <@222> in <#{OTHER_CHANNEL_ID}>?"}, guild=False,
+                             channel_id=DM_CHANNEL, mentions=[(222, "grace")])
+        await fake_api.wait_for(lambda: len(fake_api.sent) == 2)
+    assert seen[0].messages[-1].content == "ask @grace and @persona-ops in #off-topic at 2025-01-01 12:00 UTC, @unknown-user"
+    assert seen[1].messages[-1].content == "and @grace in #off-topic?"
+
+
 async def test_a_long_reply_is_split_at_2000_characters(start_bot, fake_api, discord_settings):
     words = " ".join(f"word{i}" for i in range(700))  # about 5,900 characters
     with scripted_worker(discord_settings, lambda r: words):

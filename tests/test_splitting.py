@@ -14,7 +14,7 @@ from adapters.splitting import (
     TELEGRAM_MESSAGE_LIMIT_CHARS,
     split_message,
 )
-from adapters.telegram_format import telegram_html
+from adapters.telegram_format import MAX_ENTITIES, split_for_formatting, telegram_html
 from tests.fakes.telegram_api import visible_text
 
 
@@ -185,8 +185,35 @@ def test_every_split_part_makes_html_telegram_accepts_and_no_longer_to_see(parts
     """Split, then formatted: the HTML parses as the Bot API parses it (nested tags, nothing
     unescaped), and what the user sees of each part is no longer than the limit it was split to."""
     for chunk in split_message("".join(parts), limit):
-        shown = visible_text(telegram_html(chunk))
+        entities: list[str] = []
+        shown = visible_text(telegram_html(chunk), entities)
         assert len(shown) <= len(chunk) <= limit
+        assert len(entities) <= MAX_ENTITIES
+
+
+def test_past_telegrams_100_entities_a_message_goes_on_as_written():
+    """Telegram formats a message's first 100 entities and silently ignores the rest: the 101st
+    bold line showed as plain text, its asterisks gone, and a code block after it as prose."""
+    lines = [f"**point {n}** and `code {n}`" for n in range(60)]
+    text = "\n".join([*lines, "```python", "print('hi')", "```", "*last*"])
+    entities: list[str] = []
+    shown = visible_text(telegram_html(text), entities)
+    assert len(entities) == 100 and set(entities) == {"b", "code"}
+    assert shown.startswith("point 0 and code 0\npoint 1 and code 1\n")
+    assert shown.endswith("\npoint 49 and code 49\n" + "\n".join([*lines[50:], "```python", "print('hi')", "```", "*last*"]))
+
+
+def test_a_message_with_more_than_100_entities_is_cut_so_each_part_is_formatted_whole():
+    text = " ".join(f"**word{n}** & `code{n}`" for n in range(150)) + "\n```python\nprint(1)\n```"
+    parts = split_for_formatting(text)
+    assert len(parts) > 1 and split_for_formatting("**a** b") == ["**a** b"]
+    shown = []
+    for part in parts:
+        entities: list[str] = []
+        shown.append(visible_text(telegram_html(part), entities))
+        assert 0 < len(entities) <= MAX_ENTITIES
+    together = " ".join(shown)
+    assert "**" not in together and "```" not in together and "word149 & code149" in together
 
 
 def test_formatting_a_long_line_of_markup_is_fast():

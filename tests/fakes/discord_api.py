@@ -27,7 +27,8 @@ port (the ``url`` and ``proxy_url`` in the payload), so ``Attachment.read()`` do
 a real socket; each download is counted in ``downloads``, and a file named in ``gone_files``
 answers 404, as Discord's CDN does once a file is deleted.
 Mentions of people and channels: ``user_message(mentions=[(id, name)])`` lists the people that
-``<@id>`` in the content names, as Discord's payload does; the guild has the channels
+``<@id>`` in the content names, as Discord's payload does (``slash(mentions=...)``: in the
+interaction's ``resolved`` users); the guild has the channels
 ``general`` and ``off-topic`` and the roles ``persona-ops`` and ``persona``.
 Content longer than 2,000 characters is refused with 400 (50035, BASE_TYPE_MAX_LENGTH), and a
 message with no content at all with 400 (50006), wherever a message is sent (channel,
@@ -222,10 +223,11 @@ class FakeDiscord:
 
     async def slash(
         self, name: str, options: dict | None = None, *, author_id: int = 111, roles: list[int] | None = None,
-        channel_id: int = CHANNEL_ID, guild: bool = True,
+        channel_id: int = CHANNEL_ID, guild: bool = True, mentions: list[tuple[int, str]] | None = None,
     ) -> dict:
         """A slash command, dispatched as INTERACTION_CREATE; returns its payload. ``guild=False``:
-        used in a DM with the bot (``channel_id`` is then the DM's)."""
+        used in a DM with the bot (``channel_id`` is then the DM's). ``mentions``: the people (id,
+        name) its string options mention, which the payload's ``resolved`` names, as Discord's does."""
         asker = user(author_id, "ada")
         interaction = {
             "id": str(next(self._ids)), "application_id": str(APP_ID), "type": 2, "token": f"itoken{next(self._ids)}",
@@ -234,6 +236,8 @@ class FakeDiscord:
             "data": {"id": str(next(self._ids)), "name": name, "type": 1,
                      "options": [{"name": k, "type": 3, "value": v} for k, v in (options or {}).items()]},
         }
+        if mentions:
+            interaction["data"]["resolved"] = {"users": {str(i): user(i, name) for i, name in mentions}}
         if guild:
             interaction |= {
                 "guild_id": str(GUILD_ID), "guild_locale": "en-US", "context": 0,

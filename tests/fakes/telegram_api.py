@@ -15,7 +15,9 @@ UTF-16 code units, so 4,096 emoji pass.
 A text sent with ``parse_mode`` HTML is parsed as the Bot API parses it (``visible_text``): only
 Telegram's tags, properly nested, ``pre`` and ``code`` holding no other tag (but ``pre`` its one
 ``code``), and only its four named entities; anything else is refused with 400 "can't parse
-entities", and the limit counts the text the user sees, not the markup. ``texts()`` is what
+entities", and the limit counts the text the user sees, not the markup. As on Telegram, only
+the first 100 entities (tags) of a message are formatted and the rest silently ignored: a sent
+message's ``ignored_entities`` lists those, the text showing them as plain. ``texts()`` is what
 the user sees; ``sent`` holds the parameters as sent. ``refuse_html = True`` refuses every
 HTML text that way, as Telegram would one the bot's formatting got wrong.
 """
@@ -41,6 +43,7 @@ BOT_USERNAME = "persona_test_bot"
 ANONYMOUS_ADMIN = {"id": 1087968824, "is_bot": True, "first_name": "Group", "username": "GroupAnonymousBot"}
 CHANNEL_BOT = {"id": 136817688, "is_bot": True, "first_name": "Channel", "username": "Channel_Bot"}
 MESSAGE_LIMIT_CHARS = 4096  # the Bot API's "message_text_length_max", in code points
+MESSAGE_ENTITIES_MAX = 100  # formatted per message; Telegram silently ignores the rest
 
 
 # The tags the Bot API's HTML knows (besides ``a``, ``span`` and ``tg-emoji``, which need attributes).
@@ -50,8 +53,9 @@ _HTML_TOKEN = re.compile(
 )
 
 
-def visible_text(markup: str) -> str:
-    """What a user sees of an HTML text, as the Bot API parses it; BadRequest where it would refuse it."""
+def visible_text(markup: str, entities: list[str] | None = None) -> str:
+    """What a user sees of an HTML text, as the Bot API parses it; BadRequest where it would refuse it.
+    ``entities`` gets the formatting it holds, a tag name each (``pre`` with its ``code``: one)."""
     shown: list[str] = []
     open_tags: list[str] = []
     position = 0
@@ -79,6 +83,8 @@ def visible_text(markup: str) -> str:
                 raise BadRequest(f"can't parse entities: unsupported start tag \"{tag}\" {where}")
             if not allowed_here:
                 raise BadRequest(f"can't parse entities: entity \"{tag}\" inside \"{inside}\" {where}")
+            if entities is not None and not (inside == "pre" and tag == "code"):
+                entities.append(tag)
             open_tags.append(tag)
     if open_tags:
         raise BadRequest(f"can't parse entities: can't find end tag corresponding to start tag \"{open_tags[-1]}\"")
@@ -312,7 +318,9 @@ class FakeTelegram:
         if str(params.get("parse_mode", "")).lower() == "html":
             if self.refuse_html:
                 raise BadRequest("can't parse entities: unsupported start tag \"b\" at byte offset 0")
-            text = visible_text(text)
+            entities: list[str] = []
+            text = visible_text(text, entities)
+            params["ignored_entities"] = entities[MESSAGE_ENTITIES_MAX:]  # shown unformatted
         text = text.strip()
         if not text:
             raise BadRequest("message text is empty")

@@ -1,0 +1,240 @@
+"""The Discord adapter's slash commands: /ask, /persona, /reset, /retry, /cancel, and for
+operators (user ids or a role from the settings) /queue, /swap and /rollback, the same
+all-or-nothing swap as the CLI's. A command's refusal (a rate limit, the dm_policy, a
+switch the user may not make) is shown to its user alone; every command that waits on
+Redis shows "thinking…" first, since Discord drops one not answered within 3 s.
+
+``SlashCommands`` is the part of ``PersonaBot`` (``adapters.discord_bot``) that answers
+them: it uses the bot's ``responder``, ``access``, ``settings``, ``tree``, its place lists
+(``_place_allowed``), ``is_operator`` and ``_answering_now``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+import discord
+from discord import app_commands
+
+from adapters.discord_reading import readable
+from adapters.responder import Notify, Where
+from adapters.splitting import DISCORD_MESSAGE_LIMIT_CHARS, split_message
+from persona import swap as swaps
+from persona.connection import connect
+from persona.errors import PersonaError
+from persona.heartbeat import live_workers, starting_workers
+from persona.monitoring import collect_stats
+from persona.personas import PersonaRegistry
+
+__all__ = ["NO_MENTIONS", "OPERATOR_ONLY_TEXT", "SlashCommands", "kept_name"]
+
+log = logging.getLogger(__name__)
+
+OPERATOR_ONLY_TEXT = "This command is for the bot's operators."
+# Every live worker loads and checks the new weights before the switch.
+SWAP_TIMEOUT_S = 300.0
+NO_MENTIONS = discord.AllowedMentions.none()  # what the bot says never pings anyone
+
+
+class SlashCommands:
+    """The slash commands of ``PersonaBot``, which it inherits (see the module's docstring)."""
+
+    def _add_commands(self) -> None:
+        tree = self.tree
+
+        @tree.command(name="ask", description="Ask the persona something")
+        @app_commands.describe(text="what you want to say")
+        async def ask(interaction: discord.Interaction, text: str) -> None:
+            kept = kept_name(interaction.id)
+            text = readable(self, interaction, text)
+            await self._slash_answer(
+                interaction, lambda where, notify: self.responder.answer(where, text, keep_as=kept, notify=notify)
+            )
+
+        @tree.command(name="retry", description="Answer your last message again, differently")
+        async def retry(interaction: discord.Interaction) -> None:
+            kept = kept_name(interaction.id)
+            await self._slash_answer(
+                interaction, lambda where, notify: self.responder.retry(where, keep_as=kept, notify=notify)
+            )
+
+        @tree.command(name="reset", description="Forget our conversation")
+        async def reset(interaction: discord.Interaction) -> None:
+            if await self._slash_allowed(interaction, ephemeral=True):
+                await self._respond(interaction, await self.responder.reset(self._where(interaction)), ephemeral=True)
+
+        @tree.command(name="cancel", description="Withdraw the answer I am working on")
+        async def cancel(interaction: discord.Interaction) -> None:
+            if await self._slash_allowed(interaction, ephemeral=True):
+                await self._respond(interaction, await self.responder.cancel(self._where(interaction)), ephemeral=True)
+
+        @tree.command(name="persona", description="Show the persona here, or switch it (operators, or in DMs)")
+        @app_commands.describe(name="the persona to switch to")
+        async def persona(interaction: discord.Interaction, name: str | None = None) -> None:
+            await self._persona(interaction, name)
+
+        @tree.command(name="queue", description="Queue depth, in-flight work and workers (operators only)")
+        async def queue(interaction: discord.Interaction) -> None:
+            await self._queue_stats(interaction)
+
+        @tree.command(name="swap", description="Switch a persona's checkpoint on every worker (operators only)")
+        @app_commands.describe(persona="the persona", version="a version such as v3, or base")
+        async def swap(interaction: discord.Interaction, persona: str, version: str) -> None:
+            await self._swap(interaction, persona, version)
+
+        @tree.command(name="rollback", description="Return a persona to its previous checkpoint (operators only)")
+        @app_commands.describe(persona="the persona")
+        async def rollback(interaction: discord.Interaction, persona: str) -> None:
+            await self._swap(interaction, persona, None)
+
+    @staticmethod
+    def _where(interaction: discord.Interaction) -> Where:
+        return Where(chat=str(interaction.channel_id), user=str(interaction.user.id))
+
+    async def _slash_allowed(self, interaction: discord.Interaction, *, ephemeral: bool, refusal: str = "") -> bool:
+        """The place lists, then ``refusal`` (a reason to refuse that needs no Redis), then in
+        DMs the dm_policy; a refused user is told why, alone. An allowed command shows
+        "thinking…" (``ephemeral``: to its user alone) before anything waits on Redis: Discord
+        drops a command not answered within 3 s, and a restarting Redis takes longer than that
+        to say so."""
+        if interaction.guild_id is not None and not await self._place_allowed(interaction.guild_id, interaction.channel):
+            refusal = "I'm not answering in this channel."
+        if refusal:
+            await self._respond(interaction, refusal, ephemeral=True)
+            return False
+        await interaction.response.defer(ephemeral=ephemeral, thinking=True)
+        if interaction.guild_id is None:
+            decision = await self.access.check(str(interaction.user.id), interaction.user.name)
+            if not decision.allowed:
+                await self._refuse(interaction, decision.reply, thinking_in_public=not ephemeral)
+                return False
+        return True
+
+    async def _refuse(self, interaction: discord.Interaction, text: str, *, thinking_in_public: bool) -> None:
+        """Tell a command's user alone why not, after its "thinking…". Discord fixes a response's
+        visibility when it is deferred, and the first follow-up fills that response in: after a
+        public "thinking…" the refusal would be shown to the whole channel. So that one is
+        deleted first, and the refusal follows on its own, for its user's eyes only."""
+        if thinking_in_public:
+            try:
+                await interaction.delete_original_response()
+            except discord.HTTPException as exc:  # the refusal still goes out, if in public
+                log.warning('could not delete a public "thinking…" before a refusal: %s', exc)
+        await self._respond(interaction, text, ephemeral=True)
+
+    async def _slash_answer(
+        self, interaction: discord.Interaction, make: Callable[[Where, Notify], Awaitable[str]]
+    ) -> None:
+        """Rate-limit, show "thinking…" while the queue works (``make`` may ``notify`` the user
+        meanwhile), then follow up with the reply."""
+        if not await self._slash_allowed(interaction, ephemeral=False):
+            return
+        where = self._where(interaction)
+        admitted, notice = await self.responder.admit(where)
+        if not admitted.allowed:
+            await self._refuse(interaction, notice or "Please slow down a little.", thinking_in_public=True)
+            return
+        with self._answering_now():
+            await self._respond(interaction, await make(where, lambda notice: self._respond(interaction, notice)))
+
+    async def _persona(self, interaction: discord.Interaction, name: str | None) -> None:
+        """Show the persona (to the user alone), or switch it (for all to see)."""
+        refusal = self._switch_refusal(interaction, name.lower()) if name is not None else ""
+        if not await self._slash_allowed(interaction, ephemeral=name is None, refusal=refusal):
+            return
+        chat = str(interaction.channel_id)
+        if name is None:
+            current = await self.responder.persona_for(chat)
+            others = ", ".join(self.responder.persona_names())
+            text = f"You are talking to {self.responder.describe_persona(current)}\nAvailable: {others}"
+        else:
+            text = await self.responder.set_persona(chat, name.lower())
+        await self._respond(interaction, text, ephemeral=name is None)
+
+    def _switch_refusal(self, interaction: discord.Interaction, name: str) -> str:
+        """Why this user cannot switch a server channel to ``name``, or '' when they may try. The
+        settings and persona files tell, so the refusal comes before any public "thinking…".
+        In a DM the dm_policy is checked first, and nothing there is public."""
+        if interaction.guild_id is None:
+            return ""
+        if not self.is_operator(interaction.user):
+            return "Only the bot's operators can switch the persona in a server channel."
+        return self.responder.unknown_persona_text(name)
+
+    async def _queue_stats(self, interaction: discord.Interaction) -> None:
+        """Operator-only: queue depths, outcomes and live workers. "Thinking…" goes first, as
+        for every command that reads Redis: a slow or restarting Redis takes longer than the
+        3 s Discord waits for a first response."""
+        if not self.is_operator(interaction.user):
+            await self._respond(interaction, OPERATOR_ONLY_TEXT, ephemeral=True)
+            return
+        await interaction.response.defer(ephemeral=True, thinking=True)
+
+        def read() -> str:
+            client = connect(self.settings)
+            try:
+                stats = collect_stats(client)
+            finally:
+                client.close()
+            lines = [f"{s.name}: {s.waiting} waiting, {s.in_flight} in flight" for s in stats.streams]
+            lines.append(f"completed {stats.completed}, failed {stats.failed}, dead letters {stats.dead_letters}")
+            lines.append(f"workers: {len(stats.workers)} live")
+            return "\n".join(lines)
+
+        try:
+            text = await asyncio.to_thread(read)
+        except Exception as exc:  # the operator hears what failed rather than nothing
+            log.exception("queue stats failed")
+            text = f"Could not read the queue ({exc}). Try again in a minute; if it keeps failing, check Redis."
+        await self._respond(interaction, text, ephemeral=True)
+
+    async def _swap(self, interaction: discord.Interaction, name: str, target: str | None) -> None:
+        """Operator-only: the same all-or-nothing swap as `persona swap` / `persona rollback`."""
+        if not self.is_operator(interaction.user):
+            await self._respond(interaction, OPERATOR_ONLY_TEXT, ephemeral=True)
+            return
+        await interaction.response.defer(ephemeral=True, thinking=True)  # a swap takes seconds
+        try:
+            by = f"discord:{interaction.user} ({interaction.user.id})"  # the swap log says which operator
+            text = await asyncio.to_thread(self._run_swap, name.strip().lower(), target, by)
+        except PersonaError as exc:
+            text = str(exc)
+        except Exception as exc:  # the operator hears what failed rather than nothing
+            log.exception("swap failed")
+            text = f"The swap failed: {exc}"
+        await self._respond(interaction, text, ephemeral=True)
+
+    def _run_swap(self, name: str, target: str | None, by: str) -> str:
+        client = connect(self.settings)
+        try:
+            persona = PersonaRegistry.from_settings(self.settings).get(name)
+            kind = "swap" if target else "rollback"
+            target = target or swaps.rollback_target(client, persona.name)
+            if target == swaps.current_version(client, persona):
+                return f"{persona.name} already serves {target}."
+            if not live_workers(client):
+                if starting_workers(client):
+                    return "A worker is still starting (loading its models); try again once it serves."
+                return "No worker is running to load it; start one, or run `persona swap` on the server."
+            outcome = swaps.swap_persona(client, persona, target, kind=kind, timeout_s=SWAP_TIMEOUT_S, by=by)
+            if not outcome.committed:
+                return outcome.problem
+            was = outcome.proposal.previous
+            return f"{persona.name} now serves {target} (was {was}); {len(outcome.votes)} worker(s) switched."
+        finally:
+            client.close()
+
+    async def _respond(self, interaction: discord.Interaction, text: str, *, ephemeral: bool = False) -> None:
+        """Answer an interaction (first response or follow-ups), split at the limit."""
+        for chunk in split_message(text, DISCORD_MESSAGE_LIMIT_CHARS) or ["…"]:
+            if interaction.response.is_done():
+                await interaction.followup.send(chunk, ephemeral=ephemeral, allowed_mentions=NO_MENTIONS)
+            else:
+                await interaction.response.send_message(chunk, ephemeral=ephemeral, allowed_mentions=NO_MENTIONS)
+
+
+def kept_name(interaction_id: int) -> str:
+    """Where a slash command's answer keeps its exchange (see ``PersonaBot._slash_exchange``)."""
+    return f"interaction:{interaction_id}"
