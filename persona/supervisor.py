@@ -5,8 +5,10 @@ service is the same ``persona`` command an operator could run alone (``persona w
 ``persona dashboard``, ...), started in its own process group so that Ctrl-C reaches the
 supervisor alone, which then stops the services in order: workers hand their work back
 before Redis saves and exits. A service that crashes is restarted, with a growing pause;
-one that keeps failing soon after it starts (a setting it cannot read, say) is given up
-on, with its exit status logged, rather than restarted for ever. On Linux each service
+one that keeps failing soon after it starts is given up on, with its exit status logged,
+rather than restarted for ever. One that ends on a configuration error (a setting it
+cannot read, a token refused) says so with its own exit status, ``CONFIG_ERROR_EXIT_STATUS``,
+and is not restarted at all: the same error again, four times, helped no one. On Linux each service
 is also stopped (SIGTERM) by the kernel if the supervisor itself dies (``kill -9``, the
 OOM killer): it would otherwise serve on, unseen, beside the next ``persona up``.
 """
@@ -30,7 +32,14 @@ from pathlib import Path
 from persona.errors import ConfigError, DataDirUnwritable
 from persona.settings import Settings
 
-__all__ = ["Service", "Supervisor", "one_up_per_data_dir", "services_for_up"]
+__all__ = [
+    "CONFIG_ERROR_EXIT_STATUS",
+    "Service",
+    "Supervisor",
+    "config_error_exit_status",
+    "one_up_per_data_dir",
+    "services_for_up",
+]
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +49,9 @@ MAX_RESTART_PAUSE_S = 30.0
 QUICK_EXIT_S = 60.0  # a service that exits sooner than this after starting failed to start
 MAX_QUICK_EXITS = 5  # quick exits in a row before a service is given up on
 UP_LOCK_FILE = "up.lock"  # held by the one `persona up` serving a data directory
+CONFIG_ERROR_EXIT_STATUS = 78  # sysexits.h's EX_CONFIG: a service's settings are wrong; restarting cannot help
+# Set in each service's environment: a command run alone keeps exit status 1 for a ConfigError.
+SERVICE_ENV = "PERSONA_UP_SERVICE"
 PR_SET_PDEATHSIG = 1  # from <sys/prctl.h>
 
 
@@ -70,6 +82,16 @@ def one_up_per_data_dir(data_dir: Path) -> Iterator[None]:
         held.write(f"{os.getpid()}\n")
         held.flush()
         yield
+
+
+def config_error_exit_status() -> int:
+    """The exit status a ConfigError ends a command with: ``CONFIG_ERROR_EXIT_STATUS`` in a
+    service `persona up` runs (so it is not restarted), 1 everywhere else.
+
+    Read from the environment the supervisor gives its services, not from the settings:
+    it is no setting of the user's, and it must hold when the settings cannot be read.
+    """
+    return CONFIG_ERROR_EXIT_STATUS if os.environ.get(SERVICE_ENV) == "1" else 1
 
 
 def _dies_with_this_process() -> Callable[[], None] | None:
@@ -158,7 +180,7 @@ class Supervisor:
         # preexec_fn with threads about (the restarts run in one): safe here, as the child
         # makes one libc call, looked up before the fork, and no lock is taken.
         service.process = subprocess.Popen(
-            service.argv, env=self.env, stdout=output, stderr=subprocess.STDOUT if output else None,
+            service.argv, env={**self.env, SERVICE_ENV: "1"}, stdout=output, stderr=subprocess.STDOUT if output else None,
             start_new_session=True, preexec_fn=_dies_with_this_process(),  # noqa: PLW1509
         )
         service.started_at = time.monotonic()
@@ -183,6 +205,16 @@ class Supervisor:
     def _exited(self, service: Service, status: int, now: float) -> None:
         """Decide when to start ``service`` again, or give up on it."""
         ran_s = now - service.started_at
+        if status == CONFIG_ERROR_EXIT_STATUS:  # the same settings would fail the same way
+            service.gave_up = True
+            where = f" in {service.log_file}" if service.log_file else " above"
+            log.error(
+                "%s stopped on a configuration error (exit status %d), which restarting cannot fix, so it is "
+                "not restarted (the other services keep running): fix what its error%s says, then start "
+                "`persona up` again",
+                service.name, status, where,
+            )
+            return
         service.restarts = 0 if ran_s > QUICK_EXIT_S else service.restarts + 1
         if service.restarts >= self.max_quick_exits:
             service.gave_up = True

@@ -399,6 +399,34 @@ def test_personas_validate_checks_what_a_file_points_at_and_takes_a_folder(env, 
     assert nothing.returncode == 1 and "no persona files (*.toml) in this folder" in nothing.stderr
 
 
+def test_personas_validate_finds_what_the_worker_would_refuse_in_a_model_folder(env, tmp_path: Path):
+    """A base folder without a tokenizer, and a LoRA checkpoint whose adapter_config.json is
+    not JSON, passed `validate`; the worker refused the first and crashed on the second."""
+    untokenized = tmp_path / "untokenized"
+    untokenized.mkdir()
+    (untokenized / "config.json").write_text("{}")
+    damaged = tmp_path / "damaged-lora"
+    damaged.mkdir()
+    (damaged / "adapter_config.json").write_text('{"r": 4, "target_modules": [')
+    (damaged / "adapter_model.safetensors").write_bytes(b"weights")
+    tokenized = tmp_path / "tokenized-lora"  # a checkpoint that saved its own tokenizer is enough
+    tokenized.mkdir()
+    (tokenized / "adapter_config.json").write_text("{}")
+    (tokenized / "adapter_model.safetensors").write_bytes(b"weights")
+    (tokenized / "tokenizer_config.json").write_text("{}")
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "bare.toml").write_text(f'[model]\nbase = "{untokenized}"\n')
+    (folder / "torn.toml").write_text(f'[model]\ncheckpoint = "{damaged}"\n')
+    (folder / "tuned.toml").write_text(f'[model]\nbase = "{untokenized}"\ncheckpoint = "{tokenized}"\n')
+    result = persona("personas", "validate", str(folder), env=env)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert (f"{folder / 'bare.toml'}: model.base: the model folder {untokenized} has no tokenizer (none of "
+            "tokenizer.json, tokenizer_config.json, tokenizer.model, vocab.json)") in result.stderr
+    assert f"{folder / 'torn.toml'}: model.checkpoint: checkpoint {damaged}: adapter_config.json" in result.stderr
+    assert f"✓ {folder / 'tuned.toml'}" in result.stdout
+
+
 def test_personas_validate_works_without_the_posting_extra(env, tmp_path: Path):
     """It imported the scheduler to judge a schedule, and so croniter: without the posting
     extra, checking any persona file ended in a ModuleNotFoundError traceback."""

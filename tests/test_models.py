@@ -136,6 +136,15 @@ def test_a_damaged_lora_checkpoint_is_called_damaged_not_a_misfit(tiny_llama_dir
     assert "does not fit" not in str(refused.value)
 
 
+@pytest.mark.parametrize("config", ['{"r": 4, "target_modules": [', "[4]"])
+def test_a_lora_checkpoint_whose_config_is_not_a_json_object_is_called_damaged(tiny_llama_dir, tmp_path, config):
+    """It ended `persona export`, `persona eval` and the worker with a JSONDecodeError traceback."""
+    lora = make_lora(tiny_llama_dir, tmp_path / "lora")
+    (lora / "adapter_config.json").write_text(config)
+    with pytest.raises(ModelError, match=r"adapter_config\.json is unreadable .*copy the whole folder again"):
+        load_model(str(tiny_llama_dir), lora, cache_dir=tmp_path)
+
+
 def test_a_device_that_is_not_one_of_the_choices_is_refused_not_taken_for_the_cpu():
     """`persona worker --device gpu` used to serve on the CPU without a word."""
     from persona.errors import ConfigError

@@ -10,14 +10,21 @@ import time
 import pytest
 
 from persona.errors import ConfigError
-from persona.supervisor import Service, Supervisor, one_up_per_data_dir
+from persona.supervisor import (
+    CONFIG_ERROR_EXIT_STATUS,
+    Service,
+    Supervisor,
+    one_up_per_data_dir,
+)
+from tests.conftest import free_port
 
 
 @pytest.fixture
 def env(tmp_path) -> dict[str, str]:
-    """The environment of services that can never start: a setting they cannot read."""
+    """The environment of services that crash as they start: no Redis at the address given
+    (one may answer there later, so they are restarted)."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith("PERSONA_")}
-    return clean | {"PERSONA_DATA_DIR": str(tmp_path / "data"), "PERSONA_WORKER__MAX_BATCH": "abc"}
+    return clean | {"PERSONA_DATA_DIR": str(tmp_path / "data"), "PERSONA_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}
 
 
 def exited(service: Service, timeout: float = 30.0) -> None:
@@ -67,6 +74,41 @@ def test_a_service_that_can_never_start_is_given_up_on(env, caplog):
         finally:
             supervisor.stop()
     assert "worker-1 exited with status 1, 3 times in a row" in caplog.text and "giving up on it" in caplog.text
+
+
+def test_a_service_that_ends_on_a_configuration_error_is_not_restarted(env, caplog, capfd):
+    """It was restarted four times, each time saying the same error, then given up on."""
+    env["PERSONA_WORKER__MAX_BATCH"] = "abc"  # a setting it cannot read: starting again cannot help
+    service = Service("worker-1", ["worker"])
+    supervisor = Supervisor([service], env=env, first_pause_s=0.05)
+    with caplog.at_level(logging.WARNING, logger="persona.supervisor"):
+        supervisor.start()
+        try:
+            first = service.process.pid
+            exited(service)
+            for _ in range(10):
+                supervisor.check()
+                time.sleep(0.05)
+            assert service.gave_up and service.process.pid == first
+            assert service.process.returncode == CONFIG_ERROR_EXIT_STATUS
+        finally:
+            supervisor.stop()
+    said = capfd.readouterr().err
+    assert said.count("PERSONA_WORKER__MAX_BATCH: input should be a valid integer") == 1, said
+    assert "restarting in" not in caplog.text and len(caplog.records) == 1
+    assert ("worker-1 stopped on a configuration error (exit status 78), which restarting cannot fix, so it is "
+            "not restarted (the other services keep running): fix what its error above says") in caplog.text
+
+
+def test_only_a_service_up_runs_ends_a_configuration_error_with_its_own_status(env):
+    """Run alone, `persona worker` keeps exit status 1 for it, as every command does."""
+    import subprocess
+    import sys
+
+    env["PERSONA_WORKER__MAX_BATCH"] = "abc"
+    alone = subprocess.run([sys.executable, "-m", "persona", "worker"], env=env, capture_output=True, text=True,
+                           timeout=60, check=False)
+    assert alone.returncode == 1 and "PERSONA_WORKER__MAX_BATCH" in alone.stderr, alone.stderr
 
 
 def test_nothing_is_restarted_once_stopping(env):

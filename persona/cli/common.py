@@ -5,7 +5,9 @@ command was given ``--json`` (its ``json_output`` option), with one JSON object 
 stdout instead, shaped as a failed reply's: ``{"ok": false, "error": {"kind": ...,
 "message": ...}}``, where ``kind`` names the class in ``persona.errors`` (``ConfigError``
 for settings that cannot be read, ``UsageError`` for a command line that click refused:
-an unknown option, a value that is not one).
+an unknown option, a value that is not one). A ConfigError ending a service that
+`persona up` runs exits with ``persona.supervisor.CONFIG_ERROR_EXIT_STATUS`` instead, which
+tells the supervisor that starting it again would only fail again.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from persona.errors import (
     UsageError,
 )
 from persona.settings import Settings, explain_settings_error
+from persona.supervisor import config_error_exit_status
 
 __all__ = [
     "console",
@@ -57,14 +60,14 @@ R = TypeVar("R")
 _json_errors: contextvars.ContextVar[bool] = contextvars.ContextVar("json_errors", default=False)
 
 
-def _fail(message: str, kind: str) -> typer.Exit:
+def _fail(message: str, kind: str, status: int = 1) -> typer.Exit:
     """Say why the command failed, as the command's output asks for; the exit to raise."""
     if _json_errors.get():
         print(json.dumps({"ok": False, "error": {"kind": kind, "message": message}}, ensure_ascii=False), flush=True)
     else:
         # Escaped: a message quotes paths and text that may hold brackets ("my [draft] notes").
         err_console.print(f"[red]error:[/red] {escape(message)}", highlight=False)
-    return typer.Exit(1)
+    return typer.Exit(status)
 
 
 def wants_json(args: Sequence[str]) -> bool:
@@ -88,12 +91,12 @@ def usage_failure(exc: typer.TyperException) -> typer.Exit:
 
 @functools.cache
 def get_settings() -> Settings:
-    """The settings, read once per process; one that cannot be read ends the command (status 1)."""
+    """The settings, read once per process; one that cannot be read ends the command (a ConfigError)."""
     try:
         return Settings()
     except (ValidationError, SettingsError) as exc:
         # The value itself is never shown: it may be a token.
-        raise _fail(explain_settings_error(exc), ConfigError.__name__) from None
+        raise _fail(explain_settings_error(exc), ConfigError.__name__, config_error_exit_status()) from None
 
 
 def local_time(at: float) -> str:
@@ -116,7 +119,8 @@ def explain_redis_error(exc: redis.exceptions.RedisError) -> str:
 
 def friendly_errors(func: Callable[P, R]) -> Callable[P, R]:
     """Turn the project's errors, and Redis failing under them, into one red line (one JSON
-    object on stdout for a command given ``--json``) and exit status 1, no traceback."""
+    object on stdout for a command given ``--json``) and exit status 1 (a ConfigError in a
+    service `persona up` runs: ``CONFIG_ERROR_EXIT_STATUS``), no traceback."""
 
     @functools.wraps(func)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
@@ -124,7 +128,8 @@ def friendly_errors(func: Callable[P, R]) -> Callable[P, R]:
         try:
             return func(*args, **kwargs)
         except PersonaError as exc:
-            raise _fail(str(exc), type(exc).__name__) from None
+            status = config_error_exit_status() if isinstance(exc, ConfigError) else 1
+            raise _fail(str(exc), type(exc).__name__, status) from None
         except redis.exceptions.RedisError as exc:  # Redis stopped, or never was Redis, mid-command
             lost = isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError)
             raise _fail(explain_redis_error(exc), (RedisUnavailable if lost else QueueError).__name__) from None

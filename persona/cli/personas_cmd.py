@@ -107,24 +107,11 @@ def _missing_folders(settings: Settings) -> list[str]:
 
 def _check_usable(persona: Persona, settings: Settings) -> None:
     """ConfigError if a valid persona file still cannot do what it says on this machine:
-    its base model, checkpoint or corpus is not found (nothing is loaded), or its schedule
-    is enabled but can never post (the scheduler passes it by)."""
-    from persona.checkpoints import resolve_checkpoint
-    from persona.errors import ConfigError, ModelError
-    from persona.models import BUNDLED_ALIASES, bundled_gguf_path, resolve_base
+    its base model, checkpoint or corpus is not found or not fit to load (nothing is
+    loaded), or its schedule is enabled but can never post (the scheduler passes it by)."""
+    from persona.errors import ConfigError
 
-    problems = []
-    try:
-        if persona.model.base in BUNDLED_ALIASES:
-            bundled_gguf_path()  # resolve_base would convert it (seconds): installed is enough
-        else:
-            resolve_base(persona.model.base, settings.model_cache_dir, weights=False)
-    except ModelError as exc:
-        problems.append(f"model.base: {exc}")
-    try:
-        resolve_checkpoint(persona, settings)
-    except ModelError as exc:
-        problems.append(f"model.checkpoint: {exc}")
+    problems = _model_problems(persona, settings)
     corpus = persona.source.parent / Path(persona.filters.corpus).expanduser() if persona.filters.corpus else None
     if corpus is not None and not corpus.is_file():  # relative to the file, as posting reads it
         problems.append(f"filters.corpus: {corpus} is not a file; name the persona's corpus (JSONL), or remove the line")
@@ -134,6 +121,43 @@ def _check_usable(persona: Persona, settings: Settings) -> None:
         raise ConfigError(f"{persona.source}: {problems[0]}")
     if problems:
         raise ConfigError("\n  ".join([f"{persona.source}: {len(problems)} problem(s)", *problems]))
+
+
+def _model_problems(persona: Persona, settings: Settings) -> list[str]:
+    """What the worker would refuse in a persona's base model and checkpoint, found by the
+    same checks, reading their folders only (the bundled model is not converted)."""
+    from persona.checkpoint_checks import static_problem
+    from persona.checkpoints import resolve_checkpoint
+    from persona.errors import ModelError
+    from persona.models import (
+        BUNDLED_ALIASES,
+        bundled_gguf_path,
+        resolve_base,
+        tokenizer_folder,
+    )
+
+    problems = []
+    base_dir = None
+    try:
+        if persona.model.base in BUNDLED_ALIASES:
+            bundled_gguf_path()  # resolve_base would convert it (seconds): installed is enough
+        else:
+            base_dir = resolve_base(persona.model.base, settings.model_cache_dir, weights=False)
+    except ModelError as exc:
+        problems.append(f"model.base: {exc}")
+    checkpoint = None
+    try:
+        _, checkpoint = resolve_checkpoint(persona, settings)
+    except ModelError as exc:
+        problems.append(f"model.checkpoint: {exc}")
+    if checkpoint is not None and (problem := static_problem(persona, checkpoint)):
+        problems.append(f"model.checkpoint: {problem}")
+    if base_dir is not None:
+        try:
+            tokenizer_folder(base_dir, checkpoint)
+        except ModelError as exc:
+            problems.append(f"model.base: {exc}")
+    return problems
 
 
 def register(app: typer.Typer) -> None:
