@@ -69,7 +69,7 @@ from adapters.responder import (
 from adapters.splitting import DISCORD_MESSAGE_LIMIT_CHARS, split_message
 from adapters.typing_indicator import keep_typing
 from persona.contract import Message
-from persona.errors import ConfigError
+from persona.errors import ConfigError, PlatformUnreachable
 from persona.settings import Settings
 
 __all__ = ["OPERATOR_ONLY_TEXT", "PersonaBot", "point_client_at", "run_discord"]
@@ -141,7 +141,7 @@ class PersonaBot(SlashCommands, discord.Client):
         except discord.LoginFailure:
             raise ConfigError("Discord refused the token: check PERSONA_DISCORD__TOKEN") from None
         except (aiohttp.ClientError, OSError) as exc:  # only while logging in: the gateway reconnects by itself
-            raise ConfigError(
+            raise PlatformUnreachable(
                 f"cannot reach Discord at {self.options.api_url} ({exc}): check the network, "
                 "or PERSONA_DISCORD__API_URL"
             ) from None

@@ -64,7 +64,7 @@ from adapters.splitting import TELEGRAM_MESSAGE_LIMIT_CHARS, split_message
 from adapters.telegram_format import split_for_formatting, telegram_html
 from adapters.telegram_pastes import Pastes, join_pieces
 from adapters.typing_indicator import keep_typing
-from persona.errors import ConfigError
+from persona.errors import ConfigError, PlatformUnreachable
 from persona.settings import Settings, TelegramSettings
 
 __all__ = ["TelegramBot", "guard_token_in_logs", "run_telegram", "unknown_command_text", "with_flood_control"]
@@ -84,8 +84,9 @@ EDIT_ANSWERED_WITHIN_S = 3600.0
 
 @contextlib.contextmanager
 def _start_failures_as_config_errors(options: TelegramSettings) -> Iterator[None]:
-    """A refused token or an unreachable Bot API ends the adapter as a ConfigError naming the
-    setting to check, not a traceback (PTB's own message for a refused token quotes it)."""
+    """A refused token (a ConfigError) or an unreachable Bot API (PlatformUnreachable, which
+    `persona up` restarts after a pause) ends the adapter in one line naming the setting to
+    check, not a traceback (PTB's own message for a refused token quotes it)."""
     try:
         yield
     except InvalidToken:
@@ -93,7 +94,7 @@ def _start_failures_as_config_errors(options: TelegramSettings) -> Iterator[None
     except NetworkError as exc:  # raised only while starting: once polling, PTB retries by itself
         token = options.token.get_secret_value() if options.token else ""
         reason = str(exc).replace(token, "***") if token else str(exc)
-        raise ConfigError(
+        raise PlatformUnreachable(
             f"cannot reach the Telegram Bot API at {options.api_url} ({reason}): check the network, "
             "or PERSONA_TELEGRAM__API_URL"
         ) from None

@@ -14,6 +14,7 @@
     ├── RequestFailed            a worker answered with an error (carries the reply)
     ├── CorpusError              an author's corpus cannot be read
     ├── UsageError               the command line is wrong (an unknown option, a bad value)
+    ├── PlatformUnreachable      a chat platform's API cannot be reached (the network; may mend)
     └── PostingError             a post cannot be made (no candidate passed, a sink failed)
         └── SinkError            a platform refused or could not be reached
 
@@ -44,6 +45,7 @@ __all__ = [
     "RequestFailed",
     "SinkError",
     "SwapRefused",
+    "PlatformUnreachable",
     "UnknownPersona",
     "UsageError",
 ]
@@ -124,6 +126,12 @@ class CorpusError(PersonaError):
 
 class UsageError(PersonaError):
     """The command line is wrong: an unknown option, a value that is not one, an argument missing."""
+
+
+class PlatformUnreachable(PersonaError):
+    """A chat platform's API cannot be reached as an adapter starts: the network, or its
+    address setting. Unlike a refused token, it may mend by itself, so `persona up` restarts
+    the adapter after a pause."""
 
 
 class PostingError(PersonaError):

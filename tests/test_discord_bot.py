@@ -33,7 +33,7 @@ from adapters.responder import (
 )
 from persona import constants as keys
 from persona import swap as swaps
-from persona.errors import ConfigError
+from persona.errors import ConfigError, PlatformUnreachable
 from persona.personas import PersonaRegistry
 from persona.settings import Settings
 from tests.conftest import free_port
@@ -567,7 +567,7 @@ async def test_an_unreachable_api_is_a_clear_error_naming_the_setting(discord_se
     default_base = discord.http.Route.BASE
     try:
         async with PersonaBot(discord_settings) as bot:
-            with pytest.raises(ConfigError, match="cannot reach Discord at .*PERSONA_DISCORD__API_URL"):
+            with pytest.raises(PlatformUnreachable, match="cannot reach Discord at .*PERSONA_DISCORD__API_URL"):
                 await asyncio.wait_for(bot.serve(), 30)
     finally:
         discord.http.Route.BASE = default_base

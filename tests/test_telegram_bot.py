@@ -36,7 +36,7 @@ from adapters.responder import (
 from adapters.telegram_bot import HELP_TEXT, NOT_TEXT_TEXT, TelegramBot, run_telegram
 from persona import constants as keys
 from persona import heartbeat
-from persona.errors import ConfigError
+from persona.errors import ConfigError, PlatformUnreachable
 from persona.settings import Settings
 from tests.conftest import free_port
 from tests.fakes.scripted_worker import scripted_worker
@@ -704,11 +704,12 @@ def closed_port_url(path: str) -> str:
 
 
 def test_an_unreachable_bot_api_is_a_clear_error_naming_the_setting(settings, caplog):
+    """Not a configuration error, which `persona up` would not restart: the network may come up."""
     asyncio.set_event_loop(asyncio.new_event_loop())  # run_polling closes the loop it ran on: not another test's
     settings.telegram = settings.telegram.model_copy(
         update={"token": SecretStr(TOKEN), "api_url": closed_port_url("/bot"), "persona": "tg"}
     )
-    with pytest.raises(ConfigError, match="cannot reach the Telegram Bot API at .*PERSONA_TELEGRAM__API_URL") as refused:
+    with pytest.raises(PlatformUnreachable, match="cannot reach the Telegram Bot API at .*PERSONA_TELEGRAM__API_URL") as refused:
         run_telegram(settings)
     assert TOKEN.split(":")[1] not in str(refused.value) and refused.value.__suppress_context__
     assert not any(record.exc_info for record in caplog.records)  # one line, no traceback
