@@ -134,7 +134,8 @@ def up(
     (PERSONA_DASHBOARD__PORT). What it keeps (Redis's data, converted models, the logs
     of --chat) is in PERSONA_DATA_DIR, and one `persona up` runs per data directory. A
     service that crashes is restarted, and so is the embedded Redis (one that keeps
-    failing as it starts is given up on, its error logged).
+    failing as it starts is given up on, its error logged; one stopped by a configuration
+    error, exit status 78, is not restarted: its error says what to fix).
 
     Stop with Ctrl-C (or SIGTERM, or by closing the terminal): workers hand their work
     back, then Redis saves and exits (unless a `persona worker` or `dashboard` started
