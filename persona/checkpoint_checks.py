@@ -20,6 +20,7 @@ __all__ = ["loaded_problem", "same_base", "static_problem"]
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
 MAX_SHAPE_DIFFERENCES_SHOWN = 3
+DAMAGED_ADVICE = "it is cut short or damaged: copy the whole folder again, or train again"
 
 
 def same_base(a: str, b: str) -> bool:
@@ -34,9 +35,9 @@ def _json_object(folder: Path, name: str) -> tuple[dict, str | None]:
     try:
         data = json.loads((folder / name).read_text())
     except (OSError, ValueError) as exc:
-        return {}, f"checkpoint {folder}: {name} is not valid JSON ({exc})"
+        return {}, f"checkpoint {folder}: {name} is not valid JSON ({exc}); {DAMAGED_ADVICE}"
     if not isinstance(data, dict):
-        return {}, f"checkpoint {folder}: {name} holds a JSON {type(data).__name__}, not an object"
+        return {}, f"checkpoint {folder}: {name} holds a JSON {type(data).__name__}, not an object; {DAMAGED_ADVICE}"
     return data, None
 
 
