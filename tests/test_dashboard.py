@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -409,4 +410,5 @@ def test_a_worker_loading_its_models_is_on_the_page_and_in_metrics_apart(
     workers = dom.stdout.split('id="workers-note"')[1].split("</table>")[0]
     assert ">1 live, 1 starting<" in workers, dom.stderr[-2000:]
     assert "w-serving" in workers and "<td>loading smollm2 for sage</td>" in workers
-    assert "<td>starting (4" in workers  # 42 s and counting
+    shown = re.search(r"<td>starting \((\d+)s\)</td>", workers)
+    assert shown and int(shown.group(1)) >= 42, workers  # 42 s and counting
