@@ -21,7 +21,8 @@ import socket
 import threading
 import time
 import uuid
-from typing import Self
+from collections.abc import Callable
+from typing import Self, TypeVar
 
 import redis
 from pydantic import BaseModel, Field
@@ -45,6 +46,7 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+M = TypeVar("M", bound=BaseModel)
 
 
 def new_worker_id() -> str:
@@ -175,19 +177,9 @@ def starting_workers(client: redis.Redis) -> list[StartingWorker]:
     its first heartbeat is written, and one that died while loading once its key lapses.
     """
     now, *ids = (i.decode() if isinstance(i, bytes) else i for i in client.eval(STARTING_SCRIPT, 1, keys.STARTING_INDEX_KEY))
-    if not ids:
-        return []
-    found = []
-    for worker_id, value in zip(ids, client.mget([keys.starting_key(i) for i in ids]), strict=True):
-        if value is None:
-            continue
-        try:
-            info = StartingWorker.model_validate_json(value)
-        except ValueError as exc:
-            log.warning("skipping the unreadable starting key of worker %s: %s", worker_id, str(exc).splitlines()[0])
-            continue
+    found = _read_each(client, ids, keys.starting_key, StartingWorker, "starting key")
+    for info in found:
         info.loading_s = round(max(0.0, float(now) - info.since), 1)
-        found.append(info)
     return sorted(found, key=lambda w: (-w.loading_s, w.id))
 
 
@@ -254,15 +246,21 @@ def live_workers(client: redis.Redis, ids: set[str] | None = None) -> list[Worke
     cannot stop the stats, the dashboard, swaps or reclaiming; ``live_worker_ids`` still
     counts its worker as alive.
     """
-    ids = sorted(live_worker_ids(client) if ids is None else ids)
+    return _read_each(client, sorted(live_worker_ids(client) if ids is None else ids), keys.worker_key, WorkerInfo,
+                      "heartbeat")
+
+
+def _read_each(client: redis.Redis, ids: list[str], key_of: Callable[[str], str], model: type[M], what: str) -> list[M]:
+    """The workers' keys (``key_of(id)``) read in one MGET as ``model``: a key that lapsed
+    since its id was listed is left out, and one that cannot be read is skipped with a warning."""
     if not ids:
         return []
-    workers = []
-    for worker_id, value in zip(ids, client.mget([keys.worker_key(i) for i in ids]), strict=True):
+    found = []
+    for worker_id, value in zip(ids, client.mget([key_of(i) for i in ids]), strict=True):
         if value is None:
             continue
         try:
-            workers.append(WorkerInfo.model_validate_json(value))
+            found.append(model.model_validate_json(value))
         except ValueError as exc:
-            log.warning("skipping the unreadable heartbeat of worker %s: %s", worker_id, str(exc).splitlines()[0])
-    return workers
+            log.warning("skipping the unreadable %s of worker %s: %s", what, worker_id, str(exc).splitlines()[0])
+    return found
