@@ -83,7 +83,7 @@ EDIT_ANSWERED_WITHIN_S = 3600.0
 
 
 @contextlib.contextmanager
-def _start_failures_as_config_errors(options: TelegramSettings) -> Iterator[None]:
+def _start_failures_in_one_line(options: TelegramSettings) -> Iterator[None]:
     """A refused token (a ConfigError) or an unreachable Bot API (PlatformUnreachable, which
     `persona up` restarts after a pause) ends the adapter in one line naming the setting to
     check, not a traceback (PTB's own message for a refused token quotes it)."""
@@ -269,7 +269,7 @@ class TelegramBot:
 
     async def start(self) -> None:
         """Start polling inside a running event loop (tests, or an embedding program)."""
-        with _start_failures_as_config_errors(self.options):
+        with _start_failures_in_one_line(self.options):
             await self.application.initialize()
         await self._connect(self.application)
         await self.application.start()
@@ -300,7 +300,7 @@ class TelegramBot:
 
     def run(self) -> None:
         """Serve until interrupted: long polling, or a webhook if one is configured."""
-        with _start_failures_as_config_errors(self.options):
+        with _start_failures_in_one_line(self.options):
             if self.options.webhook_url:
                 self.application.run_webhook(**self._webhook_options())
             else:
