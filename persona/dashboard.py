@@ -434,9 +434,12 @@ def create_app(settings: Settings, client: redis.Redis, host: str | None = None)
     return app
 
 
-def bind(settings: Settings, host: str | None = None, port: int | None = None) -> socket.socket:
+def bind(
+    settings: Settings, host: str | None = None, port: int | None = None, *,
+    port_advice: str = "pass --port, or set PERSONA_DASHBOARD__PORT",
+) -> socket.socket:
     """The dashboard's listening socket, bound now: a port already taken is said before
-    anything claims the dashboard is up."""
+    anything claims the dashboard is up, with ``port_advice`` (the caller's way to another port)."""
     host = host or settings.dashboard.host
     port = port if port is not None else settings.dashboard.port
     check_binding(settings, host)
@@ -453,8 +456,7 @@ def bind(settings: Settings, host: str | None = None, port: int | None = None) -
         listening.close()
         taken = " (another dashboard, or `persona up`, may be running)" if exc.errno == errno.EADDRINUSE else ""
         raise ConfigError(
-            f"the dashboard cannot listen on {host}:{port}: {exc.strerror}{taken}; "
-            "pass --port, or set PERSONA_DASHBOARD__PORT"
+            f"the dashboard cannot listen on {host}:{port}: {exc.strerror}{taken}; {port_advice}"
         ) from None
     return listening
 

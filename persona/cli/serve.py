@@ -226,17 +226,13 @@ def _dashboard_can_listen(settings: Settings, *, wanted: bool) -> Iterator[None]
     then given up on while `persona up` served on without it."""
     from persona.dashboard import bind
 
+    without = "start without it: `persona up --no-dashboard`"
     if wanted:
         try:
-            bind(settings).close()
+            bind(settings, port_advice=f"set PERSONA_DASHBOARD__PORT to a free port, or {without}").close()
         except ConfigError as exc:
             said = str(exc)
-            port_advice = "; pass --port, or set PERSONA_DASHBOARD__PORT"  # `persona dashboard`'s, not up's
-            if said.endswith(port_advice):
-                said = said.removesuffix(port_advice) + "; set PERSONA_DASHBOARD__PORT to a free port,"
-            else:
-                said += ";"
-            raise ConfigError(f"{said} or start without it: `persona up --no-dashboard`") from None
+            raise ConfigError(said if said.endswith(without) else f"{said}; or {without}") from None
     yield
 
 
