@@ -16,9 +16,10 @@ cleaned, then checked by the filters in order (the first that fails names the re
 
 A candidate cut off at the token limit is first trimmed back to its last finished
 sentence (its ``trimmed`` says what was dropped), and that goes through the filters: a
-cut-off second sentence does not spoil a fine first one. What is kept must be at least
-``filters.min_chars`` and ``SALVAGE_MIN_SHARE`` of what was written, so a stray full stop
-early in a text does not make a post of its first few words.
+cut-off second sentence does not spoil a fine first one. The stop of an abbreviation or an
+initial ("Mr.", "e.g.", "J. R. R.") ends no sentence, so a post never ends "... said Mr.".
+What is kept must be at least ``filters.min_chars`` and ``SALVAGE_MIN_SHARE`` of what was
+written, so a stray full stop early in a text does not make a post of its first few words.
 
 The survivors are ranked: one without flaws always beats one with them (see
 ``flaws``: it ends mid-sentence or in an ellipsis, or a double quote is left open),
@@ -96,8 +97,18 @@ LEAKED_MARKERS = re.compile(r"<\|[a-z_]+\|>|</?s>")
 SALVAGE_MIN_SHARE = 1 / 3
 # Where a sentence may end inside a text: a stop (and closers) before a space.
 _SENTENCE_END = re.compile(rf"[.!?][{re.escape(CLOSERS)}]*(?=\s)")
-# A stop after one of these (or after a lone letter: "J. R. R.") ends a word, not a sentence.
-ABBREVIATIONS = frozenset({"mr", "mrs", "ms", "dr", "st", "jr", "sr", "prof", "vs", "etc", "e.g", "i.e", "cf"})
+# A stop after one of these ends a word, never a sentence: a title before a name ("Mr."),
+# or what introduces more ("e.g."). A text that ends in one was cut off mid-thought.
+NEVER_FINAL_ABBREVIATIONS = frozenset({
+    "mr", "mrs", "ms", "mx", "dr", "prof", "rev", "fr", "st", "mt", "gen", "col", "capt", "lt", "sgt", "sen",
+    "gov", "hon", "messrs", "mme", "mlle", "e.g", "i.e", "cf", "vs", "viz", "ca", "approx",
+})
+# A stop after one of these may end a sentence ("bread, wine, etc."), or not ("etc. and so"):
+# a cut-off text is not trimmed back to one (nor to a lone letter, "J. R. R.", or to dotted
+# letters, "J.R.R.", "U.S."), but a text the model ended there is finished.
+ABBREVIATIONS = NEVER_FINAL_ABBREVIATIONS | {"etc", "jr", "sr", "inc", "ltd", "co", "al", "esq"}
+_DOTTED_LETTERS = re.compile(r"(?:[^\W\d_]\.)+[^\W\d_]")
+_OPENERS = "\"'“‘([«"
 
 
 @dataclass(frozen=True)
@@ -206,16 +217,31 @@ def _blocked(text: str, blocklist: list[str]) -> bool:
 
 def is_finished(text: str) -> bool:
     """Whether the text ends as a finished sentence: a full stop, "!" or "?" (then perhaps a
-    closing quote or bracket), not an ellipsis that trails off."""
+    closing quote or bracket), not an ellipsis that trails off, nor the stop of a title or an
+    initial that a name should follow ("said Mr.", "by J.") or of "e.g."."""
     body = text.rstrip(CLOSERS)
-    return body[-1:] in (".", "!", "?") and not body.endswith(ELLIPSES)
+    if body[-1:] not in (".", "!", "?") or body.endswith(ELLIPSES):
+        return False
+    return not (body.endswith(".") and _ends_in_abbreviation(body, may_end=False))
+
+
+def _ends_in_abbreviation(body: str, *, may_end: bool) -> bool:
+    """Whether the full stop ending ``body`` (closers stripped) belongs to an abbreviation or
+    an initial ("said Mr.", "by J."): ``may_end`` counts those that may also end a sentence
+    ("etc.", "U.S.", a lone lowercase letter) too."""
+    word = (body[:-1].rsplit(maxsplit=1)[-1:] or [""])[0].lstrip(_OPENERS)
+    if word.lower() in (ABBREVIATIONS if may_end else NEVER_FINAL_ABBREVIATIONS):
+        return True
+    if len(word) == 1 and word.isalpha():  # an initial; "I." is a word, "a." rarely ends a sentence
+        return may_end or (word.isupper() and word != "I")
+    return may_end and bool(_DOTTED_LETTERS.fullmatch(word))
 
 
 def flaws(text: str) -> list[str]:
     """What makes a passing text look broken, which a clean candidate should win over:
-    ``unfinished`` (no sentence end, or an ellipsis trail) and ``open_quote`` (an odd number
-    of straight double quotes, or unmatched curly ones: a model that garbles words often
-    leaves a stray quote behind)."""
+    ``unfinished`` (no sentence end, an ellipsis trail, or a title's stop, "Mr.": see
+    ``is_finished``) and ``open_quote`` (an odd number of straight double quotes, or
+    unmatched curly ones: a model that garbles words often leaves a stray quote behind)."""
     found = [] if is_finished(text) else ["unfinished"]
     if text.count('"') % 2 or text.count("“") != text.count("”"):
         found.append("open_quote")
@@ -247,9 +273,8 @@ def _salvage(text: str, min_chars: int) -> str:
         kept = text[:end]
         if len(kept) < floor:
             return ""
-        last_word = kept.rstrip(CLOSERS)[:-1].rsplit(maxsplit=1)[-1:] or [""]
-        stem = last_word[0].lstrip("\"'“‘([«").lower()
-        if is_finished(kept) and stem not in ABBREVIATIONS and not (len(stem) == 1 and stem.isalpha()):
+        body = kept.rstrip(CLOSERS)
+        if is_finished(kept) and not (body.endswith(".") and _ends_in_abbreviation(body, may_end=True)):
             return kept
     return ""
 

@@ -253,3 +253,41 @@ def test_a_cut_off_candidate_with_no_finished_sentence_worth_keeping_is_rejected
 
     candidate = curate([Draft(text, "length")], max_chars=280).candidates[0]
     assert (candidate.rejected, candidate.text, candidate.trimmed) == ("cut_off", text, "")
+
+
+
+@pytest.mark.parametrize("ending", ["said Mr.", "told Dr.", "as in e.g.", "wrote J. R. R.", "asked Prof.", "(see Mrs.)"])
+def test_a_text_cut_off_right_after_an_abbreviation_is_not_posted_as_finished(ending):
+    """A cut-off text whose last stop was a title's or an initial's ("... said Mr.") counted as
+    a finished sentence: it was kept whole, not trimmed, and went out ending "said Mr."."""
+    from persona.curation import Draft, is_finished
+
+    text = "Patience is the slow river that carves the canyon of a life, as it was once put to me, " + ending
+    assert not is_finished(text)
+    cut = curate([Draft(text, "length")], max_chars=280).candidates[0]
+    assert (cut.rejected, cut.text) == ("cut_off", text)  # nothing finished before it worth keeping
+    # One finished sentence before it: trimmed back to that, the abbreviation left out.
+    after = f"{GOOD} I heard it from an old sailor, who said it to me, {ending}"
+    cut = curate([Draft(after, "length")], max_chars=280).candidates[0]
+    assert (cut.rejected, cut.text, cut.flaws) == (None, GOOD, [])
+    # The model itself stopped there: it may pass, but as unfinished, and a clean one beats it.
+    curated = curate([text, "Be still, and wait."], max_chars=280)
+    assert curated.candidates[0].flaws == ["unfinished"] and curated.best.text == "Be still, and wait."
+
+
+@pytest.mark.parametrize("finished", ["Bring bread, wine, cheese, etc.", "I was born in the U.S.", "So said I.",
+                                      "Ask Martin Luther King Jr.", "It is five p.m.", "Say no."])
+def test_an_abbreviation_that_may_end_a_sentence_still_ends_a_text(finished):
+    from persona.curation import is_finished
+
+    assert is_finished(finished) and curate([finished], max_chars=280).best.flaws == []
+
+
+def test_a_cut_off_text_is_trimmed_past_abbreviations_and_initials_to_a_real_sentence_end():
+    from persona.curation import Draft
+
+    text = f"{GOOD} So wrote J.R.R. Tolkien to Dr. Smith of St. Ives, e.g. in his letters, and Mrs. Jones said"
+    assert curate([Draft(text, "length")], max_chars=280).candidates[0].text == GOOD
+    kept = "Learn to say no. It is the start of a quiet and well-kept life."
+    cut = curate([Draft(kept + " And then the river, when", "length")], max_chars=280).candidates[0]
+    assert (cut.text, cut.trimmed) == (kept, "And then the river, when")

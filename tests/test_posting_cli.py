@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -193,9 +194,9 @@ def test_a_post_by_hand_that_got_no_answer_says_how_to_try_again(settings, write
     first = Poster(settings, redis.Redis.from_url(settings.redis_url.get_secret_value()), lambda p, n, seed: TEXTS[:n]).post("masto", slot=slot)
     assert first.status == "failed" and first.retry_later
     again = persona("post", "masto", "--slot", slot, env=env)  # its text is chosen: no worker needed
-    assert again.returncode == 1 and "mastodon: no answer (safe to retry)" in again.stdout
+    assert again.returncode == 1 and "mastodon: unreachable, nothing sent" in again.stdout
     assert f"to try again later: `persona post masto --slot {slot}` (it never posts twice)" in again.stdout
-    assert "nothing went out" not in again.stdout  # it may have: the answer was lost
+    assert "nothing went out" not in again.stdout  # said of the slot, it could be wrong where an answer was lost
 
 
 def test_a_slot_written_another_way_is_the_same_slot(settings, write_persona, env):
@@ -577,3 +578,70 @@ def test_history_piped_is_one_whole_line_a_post(settings, write_persona, env, re
     assert header.split() == ["when", "(UTC)", "persona", "slot", "sink", "post", "text"]
     assert line.split()[2:5] == ["piped", "2026-11-26T09:00:00Z", "file:piped.jsonl"], line
     assert line.split()[5] == (settings.data_dir / "posts" / "piped.jsonl").as_uri() and line.endswith("  " + long_text), line
+
+
+def persona_with_input(*args: str, stdin: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "persona", *args], check=False, env=env, input=stdin,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_a_text_piped_in_with_text_dash_is_one_post_with_its_line_breaks(settings, write_persona, env, redis_client):
+    """`echo ... | persona post` ignored what was piped in and posted the model's text instead;
+    `--text -` posts it, all of it one post, line breaks kept, and the same text is not posted twice."""
+    write_persona("own", base="unused", schedule={"sinks": ["file:own.jsonl"], "candidates": 1, "approval": False})
+    archive = settings.data_dir / "posts" / "own.jsonl"
+    poem = "Be still.\nThe water clears.\n"
+    done = persona_with_input("post", "own", "--text", "-", "--json", stdin=poem, env=env)  # no worker: nothing generated
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert (out["status"], out["text"], out["candidates"]) == ("posted", "Be still.\nThe water clears.", 0)
+    assert [line["text"] for line in read_jsonl(archive)] == ["Be still.\nThe water clears."]
+    # The same command again (say, after a timeout) would post it twice: refused, with what to do.
+    again = persona_with_input("post", "own", "--text", "-", stdin=poem, env=env)
+    assert again.returncode == 1 and "posted this text already" in again.stderr and "--slot" in again.stderr
+    assert len(read_jsonl(archive)) == 1
+    empty = persona_with_input("post", "own", "--text", "-", stdin="\n", env=env)
+    assert empty.returncode == 1 and "nothing came in on standard input" in empty.stderr
+    too_long = persona("post", "own", "--text", "word " * 60, "--sink", "x", "--dry-run", env=env)
+    assert too_long.returncode == 1 and "x: 299 of 280" in too_long.stderr  # its last space trimmed
+    # Held for approval, it is listed on one line.
+    held = json.loads(persona_with_input("post", "own", "--approval", "--json", "--text", "-",
+                                         stdin="Wait.\nThen go.", env=env).stdout)
+    assert held["status"] == "pending"
+    assert persona("posts", "pending", env=env).stdout.splitlines()[1].endswith("  Wait.\\nThen go.")
+    # A slot whose text failed to go out is retried with that text, not swapped for another.
+    (settings.data_dir / "posts" / "blocked.jsonl").mkdir()
+    failed = json.loads(persona("post", "own", "--sink", "file:blocked.jsonl", "--json", "--text", "First.", env=env).stdout)
+    assert failed["status"] == "failed"
+    swapped = persona("post", "own", "--slot", failed["slot"], "--text", "Second.", env=env)
+    assert swapped.returncode == 1 and "has its text already ('First.')" in swapped.stderr, swapped.stderr
+    (settings.data_dir / "posts" / "blocked.jsonl").rmdir()
+    retried = json.loads(persona("post", "own", "--slot", failed["slot"], "--json", env=env).stdout)
+    assert (retried["status"], retried["text"]) == ("posted", "First.")
+
+
+def test_a_piped_listing_keeps_a_post_with_a_line_break_on_one_line(settings, write_persona, env, redis_client):
+    """A post with a line break in it (an approver's edit) came out of `persona posts history | ...`
+    as two lines, its second looking like a post of its own."""
+    approval_id = pending_post(settings, write_persona, "2026-11-20T09:00:00Z")
+    approved = persona("posts", "approve", approval_id, "--text", "Be still.\nThe water clears.", env=env)
+    assert approved.returncode == 0, approved.stderr
+    lines = persona("posts", "history", env=env).stdout.splitlines()
+    assert len(lines) == 2 and lines[1].endswith("  Be still.\\nThe water clears."), lines
+    shown = json.loads(persona("posts", "history", "--json", env=env).stdout)
+    assert [item["text"] for item in shown] == ["Be still.\nThe water clears."]
+
+
+def test_a_post_with_no_worker_running_says_so_at_once(write_persona, env, redis_client):
+    """With no worker, `persona post` showed its spinner for posting.wait_s (5 minutes) and only
+    then said that no worker answered."""
+    write_persona("alone", base="unused", schedule={"sinks": ["file:alone.jsonl"], "candidates": 1})
+    short = env | {"PERSONA_POSTING__WAIT_S": "20"}  # were it silent, readline would wait that long, not 5 minutes
+    process = subprocess.Popen([sys.executable, "-m", "persona", "post", "alone"], env=short, text=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        said = process.stderr.readline()
+    finally:
+        process.send_signal(signal.SIGINT)  # Ctrl-C withdraws its requests
+        process.communicate(timeout=30)
+    assert said.startswith("no worker is running yet; this waits in the queue for one, up to 20 s"), said

@@ -238,8 +238,8 @@ def test_a_rate_limited_post_is_tried_again_at_the_next_tick(settings, platform,
 
 
 def test_a_post_that_got_no_answer_is_tried_again_at_the_next_tick(settings, platform, write_persona, redis_client):
-    """Mastodon unreachable: nothing says the post went out or not, but its idempotency key
-    makes a retry safe. The slot used to be closed as failed after the one try."""
+    """Mastodon unreachable: nothing went out, and a retry is safe. The slot used to be closed
+    as failed after the one try."""
     write_persona("poet", base="unused", adapters=["cli", "scheduler"], schedule={
         "cron": "0 9 * * *", "timezone": "UTC", "missed": "skip", "enabled": True, "sinks": ["mastodon"], "candidates": 1})
     changed = settings_for(settings, platform, mastodon_access_token=SecretStr("masto-token"))
@@ -249,7 +249,7 @@ def test_a_post_that_got_no_answer_is_tried_again_at_the_next_tick(settings, pla
     runner.tick(at_nine - timedelta(hours=1))  # the first look starts the clock
     [unanswered] = runner.tick(at_nine + timedelta(seconds=30))
     assert unanswered.status == "failed" and unanswered.retry_later
-    assert "mastodon: no answer (safe to retry)" in unanswered.message
+    assert "mastodon: unreachable, nothing sent: cannot reach Mastodon" in unanswered.message
     changed.posting.mastodon_api_url = platform.url  # back up
     assert [(o.status, o.slot) for o in runner.tick(at_nine + timedelta(minutes=1))] == [("posted", "2026-01-05T09:00:00Z")]
     assert runner.tick(at_nine + timedelta(minutes=2)) == []
@@ -627,3 +627,53 @@ def test_a_mastodon_post_finished_after_its_key_expired_is_found_not_sent_again(
     [made] = platform.statuses.values()
     assert finished.sinks["mastodon"]["id"] == made["id"] and made["content"] == "<p>Less, but better &amp; &lt;kinder&gt;.</p>"
     assert make_sink("mastodon", changed).find("m2", "Small steps, daily.") is None
+
+
+def test_a_mastodon_that_cannot_be_reached_is_said_so_like_the_other_platforms(settings, platform, write_persona, redis_client):
+    """A refused connection to Mastodon read "no answer (safe to retry) no answer from Mastodon",
+    as if the post might be out, where every other sink said "unreachable, nothing sent"."""
+    down = f"http://127.0.0.1:{free_port()}"
+    changed = settings_for(settings, platform, mastodon_access_token=SecretStr("token"), mastodon_api_url=down)
+    with pytest.raises(SinkUnreachable, match=f"cannot reach Mastodon at {down}: .*Connection refused"):
+        make_sink("mastodon", changed).post("Tend the garden daily.", "sage:s1:mastodon")
+    write_persona("masto", base="unused", schedule={"sinks": ["mastodon"], "candidates": 1})
+    poster = Poster(changed, redis_client, lambda persona, n, seed: ["Patience is a slow river."])
+    first = poster.post("masto", slot="2026-01-05T09:00:00Z")
+    assert (first.status, first.retry_later, first.sinks["mastodon"]["state"]) == ("failed", True, "unreachable")
+    assert first.message.startswith(f"mastodon: unreachable, nothing sent: cannot reach Mastodon at {down}")
+    changed.posting.mastodon_api_url = platform.url  # back up: posted once, without looking first
+    assert poster.post("masto", slot="2026-01-05T09:00:00Z").status == "posted"
+    assert [seen["path"] for seen in platform.seen] == ["/api/v1/statuses"]
+
+
+def test_a_refused_telegram_token_is_not_spelt_out_in_the_message(settings, platform):
+    """python-telegram-bot's refusal reads "The token `123456:secret` was rejected by the
+    server": the bot's secret token went into the post's message, the log and the ledger."""
+    changed = settings_for(settings, platform)
+    changed.telegram.token = SecretStr("123456:very-secret")
+    platform.fail_with = 401
+    with pytest.raises(SinkError, match="PERSONA_TELEGRAM__TOKEN") as refused:
+        make_sink("telegram:@sagechannel", changed).post("Patience.", "m1")
+    assert "very-secret" not in str(refused.value) and "<PERSONA_TELEGRAM__TOKEN>" in str(refused.value)
+    platform.fail_with = None
+    changed.telegram.api_url = f"http://127.0.0.1:{free_port()}/bot"
+    with pytest.raises(SinkUnreachable) as down:
+        make_sink("telegram:@sagechannel", changed).post("Patience.", "m1")
+    assert "very-secret" not in str(down.value)
+
+
+def test_a_refused_post_says_how_to_finish_it_once_fixed(settings, platform, write_persona, redis_client):
+    """A post that a platform refused (a wrong token) said only "check the setting": nothing
+    retries a refusal, and posting again without --slot made a new post everywhere."""
+    write_persona("fixme", base="unused", schedule={"sinks": ["file:fixme.jsonl", "x"], "candidates": 1})
+    changed = settings_for(settings, platform, x_bearer_token=SecretStr("wrong"))
+    poster = Poster(changed, redis_client, lambda persona, n, seed: ["Patience is a slow river."])
+    platform.fail_with = 401
+    refused = poster.post("fixme", slot="2026-01-05T09:00:00Z")
+    assert (refused.status, refused.retry_later) == ("failed", False)
+    assert refused.message.endswith("check PERSONA_POSTING__X_BEARER_TOKEN; once that is fixed, "
+                                    "`persona post fixme --slot 2026-01-05T09:00:00Z` posts the same text where it failed (never twice)")
+    platform.fail_with = None
+    fixed = poster.post("fixme", slot="2026-01-05T09:00:00Z")
+    assert (fixed.status, fixed.message) == ("posted", "")
+    assert len(read_jsonl(changed.data_dir / "posts" / "fixme.jsonl")) == 1

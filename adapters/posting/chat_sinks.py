@@ -179,7 +179,14 @@ class TelegramSink:
         self.api_url = settings.telegram.api_url
 
     def post(self, text: str, marker: str) -> Posted:
-        return asyncio.run(self._post(text))
+        try:
+            return asyncio.run(self._post(text))
+        except (SinkError, SinkNoAnswer) as exc:
+            # python-telegram-bot spells the token out ("The token `123:ABC` was rejected"), and
+            # the bot's URL holds it: a message goes to logs, the ledger and the dashboard.
+            if self.token not in str(exc):
+                raise
+            raise type(exc)(str(exc).replace(self.token, "<PERSONA_TELEGRAM__TOKEN>")) from None
 
     async def _post(self, text: str) -> Posted:
         import httpx

@@ -114,14 +114,18 @@ class Poster:
 
     def post(
         self, name: str, *, slot: str | None = None, sinks: list[str] | None = None, dry_run: bool = False,
-        n: int | None = None, approval: bool | None = None,
+        n: int | None = None, approval: bool | None = None, text: str | None = None,
     ) -> PostOutcome:
-        """Make the post for one slot (a fresh manual slot if none is named)."""
+        """Make the post for one slot (a fresh manual slot if none is named): generated and
+        curated, or ``text``, a person's own words, posted as written (see ``_own_text``)."""
         persona = self.registry.get(name)
         count = n or persona.schedule.candidates
         slot = self.slot_named(persona, slot) if slot else ""
+        if text is not None:
+            chosen = self._chosen_sinks(persona.name, slot) if slot else None  # begun: its text is checked when claimed
+            text = self._own_text(persona.name, text, sinks or chosen or persona.schedule.sinks, repeat_ok=chosen is not None)
         if dry_run:
-            return self._dry_run(persona, slot, sinks or persona.schedule.sinks, count)
+            return self._dry_run(persona, slot, sinks or persona.schedule.sinks, count, text)
         slot = slot or manual_slot()
         built = self.sinks_for(persona, sinks or self._chosen_sinks(persona.name, slot))
         if not built:
@@ -130,9 +134,38 @@ class Poster:
         if not claim.claimed:
             return self._unclaimed(persona.name, slot, claim.outcome, claim.state)
         try:
-            return self._post_claimed(persona, slot, built, count, persona.schedule.approval if approval is None else approval)
+            approve = persona.schedule.approval if approval is None else approval
+            outcome = self._post_claimed(persona, slot, built, count, approve, text)
         finally:
             self.ledger.release(persona.name, slot)  # a no-op once finished
+        if outcome.status == "failed" and not outcome.retry_later:  # refused: nobody retries it unasked
+            outcome.message = _joined(outcome.message, f"once that is fixed, `persona post {persona.name} --slot {slot}` "
+                                                       f"posts the same text where it failed (never twice)")
+        return outcome
+
+    def _own_text(self, name: str, text: str, specs: list[str], *, repeat_ok: bool = False) -> str:
+        """A person's text for a post, trimmed, if every platform will take it and it is not
+        one of the persona's recent posts; else PostingError.
+
+        No filter judges a person's words, but a text too long for one platform would go
+        out on the others only, and the same command run twice would post it twice.
+        """
+        posted = text.strip()
+        if not posted:
+            raise PostingError("--text is empty (with --text -: nothing came in on standard input); give the post's words")
+        if over := over_limits(posted, [platform_of(spec) for spec in specs]):
+            raise PostingError(f"the text is too long ({'; '.join(over)} characters); shorten it, nothing was posted")
+        if repeat_ok:
+            return posted
+        recent = self.ledger.recent_texts(name, self.settings.posting.recent_posts)
+        waiting = [a.text for a in self.approvals.pending() if a.persona == name]
+        if " ".join(posted.split()) in {" ".join(t.split()) for t in recent + waiting}:
+            raise PostingError(
+                f"{name} posted this text already, or it waits for approval (`persona posts history --persona {name}`, "
+                f"`persona posts pending`); to finish a post that failed somewhere: `persona post {name} --slot SLOT`, "
+                f"which never posts twice"
+            )
+        return posted
 
     def slot_named(self, persona: Persona, name: str) -> str:
         """The slot a person named, as the ledger knows it (see ``slots.resolve_slot`` for the forms).
@@ -150,25 +183,35 @@ class Poster:
         record = self.ledger.record(name, slot)
         return json.loads(record["sinks"]) if record.get("text") and record.get("sinks") else None
 
-    def _post_claimed(self, persona: Persona, slot: str, sinks: list[Sink], n: int, approval: bool) -> PostOutcome:
+    def _post_claimed(
+        self, persona: Persona, slot: str, sinks: list[Sink], n: int, approval: bool, text: str | None = None,
+    ) -> PostOutcome:
         record = self.ledger.record(persona.name, slot)
         if record.get("text"):  # a retry: publish what was chosen before, never a new text
+            if text is not None and text != record["text"]:
+                raise PostingError(
+                    f"slot {slot} of {persona.name} has its text already ({record['text']!r}); to finish posting "
+                    f"it: `persona post {persona.name} --slot {slot}` (without --text); a new text needs a new slot"
+                )
             outcome = PostOutcome(persona.name, slot, "posted", text=record["text"],
                                   candidates=int(record.get("candidates", 0)), rejected=json.loads(record.get("rejected", "{}")))
             return self.publisher.publish(persona.name, slot, sinks, outcome)
-        curated = self.choose(persona, [s.platform for s in sinks], n)
-        outcome = self._outcome(persona, slot, "posted", curated)
-        if curated.best is None:
-            self.ledger.save(persona.name, slot, candidates=str(outcome.candidates), rejected=json.dumps(outcome.rejected))
-            self.ledger.finish(persona.name, slot, "failed")
-            outcome.status = "no_candidate"
-            return outcome
+        if text is not None:  # a person's own words: nothing to generate or choose
+            outcome = PostOutcome(persona.name, slot, "posted", text=text)
+        else:
+            curated = self.choose(persona, [s.platform for s in sinks], n)
+            outcome = self._outcome(persona, slot, "posted", curated)
+            if curated.best is None:
+                self.ledger.save(persona.name, slot, candidates=str(outcome.candidates), rejected=json.dumps(outcome.rejected))
+                self.ledger.finish(persona.name, slot, "failed")
+                outcome.status = "no_candidate"
+                return outcome
         self.ledger.save(
-            persona.name, slot, text=curated.best.text, candidates=str(outcome.candidates),
+            persona.name, slot, text=outcome.text, candidates=str(outcome.candidates),
             rejected=json.dumps(outcome.rejected), sinks=json.dumps([s.spec for s in sinks]),
         )
         if approval:
-            waiting = self.approvals.add(persona.name, slot, curated.best.text, [s.spec for s in sinks], outcome.passed[1:])
+            waiting = self.approvals.add(persona.name, slot, outcome.text, [s.spec for s in sinks], outcome.passed[1:])
             self.ledger.save(persona.name, slot, approval=waiting.id)
             self.ledger.finish(persona.name, slot, "pending")
             outcome.status, outcome.approval_id = "pending", waiting.id
@@ -274,9 +317,10 @@ class Poster:
             self.ledger.release(waiting.persona, waiting.slot)  # too late to reject: the slot is not left held
         return decided
 
-    def _dry_run(self, persona: Persona, slot: str, specs: list[str], n: int) -> PostOutcome:
+    def _dry_run(self, persona: Persona, slot: str, specs: list[str], n: int, text: str | None = None) -> PostOutcome:
         """The candidates and their verdicts for these sinks, posting nothing; for a slot
         named, first what a real post would do there (nothing, if it was posted already).
+        With a person's ``text`` (checked already), that text instead of candidates.
 
         A preview needs no credentials (only each sink's platform, for its limit): a
         sink that could not post yet is named in the message, not a reason to show nothing.
@@ -287,6 +331,8 @@ class Poster:
             problem = "" if self.sinks_for(persona, specs) else "a real post would fail: no sinks (schedule.sinks, or --sink)"
         except ConfigError as exc:
             problem = f"a real post would fail: {exc}"
+        if text is not None:
+            return PostOutcome(persona.name, slot, "dry_run", text=text, message=problem)
         curated = self.choose(persona, [platform_of(spec) for spec in specs], n)
         outcome = self._outcome(persona, slot, "dry_run" if curated.best else "no_candidate", curated)
         outcome.message = _joined(outcome.message, problem)

@@ -176,6 +176,10 @@ class MastodonSink:
         try:
             status = self.client.status_post(text, idempotency_key=marker)
         except (MastodonServerError, MastodonNetworkError) as exc:  # a retry with the same key is safe
+            # Mastodon.py wraps requests' error (raising inside its handler, so it is the context).
+            cause = exc.__cause__ or exc.__context__
+            if isinstance(cause, requests.exceptions.ConnectionError) and _never_connected(cause):
+                raise SinkUnreachable(f"cannot reach Mastodon at {self.client.api_base_url}: {one_line(cause)}") from exc
             raise SinkNoAnswer(f"no answer from Mastodon at {self.client.api_base_url}: {one_line(exc)}") from exc
         except MastodonRatelimitError as exc:
             raise SinkRateLimited(f"Mastodon is rate-limiting posts: {exc}") from exc

@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import signal
+import sys
 import threading
 from datetime import UTC, datetime
 
@@ -14,6 +15,7 @@ from rich.table import Column, Table
 from rich.text import Text
 
 from persona.cli.common import console, err_console, friendly_errors, get_settings
+from persona.cli.talk import _say_if_no_worker
 from persona.connection import connect
 from persona.logs import setup_logging
 from persona.queue import QueueClient
@@ -30,6 +32,21 @@ SLOT_HELP = (
     "which slot: 2026-11-27T18:00 (in the persona's schedule.timezone), 2026-11-27T18:00Z or +01:00 "
     "(that instant), 2026-11-27 (that day's one slot), or a slot name `persona post` printed"
 )
+
+
+# What str.splitlines breaks a line at, and how a piped listing writes each inside a cell.
+LINE_BREAKS = ("\n", "\r", "\v", "\f", "\x1c", "\x1d", "\x1e", "\x85", "\u2028", "\u2029")
+LINE_BREAK_ESCAPES = {char: repr(char)[1:-1] for char in LINE_BREAKS}
+STDIN_TEXT_HELP = "`-` reads them from standard input (all of it one post, line breaks kept)"
+
+
+def _read_text(text: str | None) -> str | None:
+    """A --text as given, or for `-` all of standard input (its trailing line break dropped)."""
+    if text != "-":
+        return text
+    if sys.stdin.isatty():
+        err_console.print("type the post, then Ctrl-D on a line of its own")
+    return sys.stdin.read().rstrip("\r\n")
 
 
 def _poster(settings: Settings, source: str = "cli", stopping: threading.Event | None = None):
@@ -53,6 +70,8 @@ def _print_rows(headers: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
     The table folds a long cell onto more lines (a text or link cut short with "…" cannot be
     checked or copied), which at 80 columns left a word or two a line; a pipe gets each row
     whole, its short cells padded into columns and the last one (a text, a command) as it is.
+    A line break inside a cell is written as `\\n`, so that a post is still one line (`--json`
+    has each text exactly).
     """
     if console.is_terminal:
         table = Table(*(Column(header, overflow="fold") for header in headers))
@@ -60,9 +79,15 @@ def _print_rows(headers: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
             table.add_row(*map(_plain, row))
         console.print(table)
         return
+    rows = [tuple(map(_one_line, row)) for row in rows]
     widths = [max(len(cell) for cell in column) for column in zip(headers, *rows, strict=True)]
     for row in (headers, *rows):
         _say("  ".join([*(cell.ljust(width) for cell, width in zip(row[:-1], widths, strict=False)), row[-1]]).rstrip())
+
+
+def _one_line(cell: str) -> str:
+    """A cell with each character that would break its line escaped: "\\n", "\\r", "\\u2028"."""
+    return "".join(LINE_BREAK_ESCAPES.get(char, char) for char in cell)
 
 
 def _say(text: str, style: str = "") -> None:
@@ -104,20 +129,30 @@ def post(
     slot: str = typer.Option(None, "--slot", help=SLOT_HELP + "; a slot already posted is skipped (default: a new slot of its own)"),
     n: int = typer.Option(None, "-n", "--candidates", min=1, max=64, help="candidates to generate (default: the persona's schedule.candidates)"),
     approval: bool = typer.Option(None, "--approval/--no-approval", help="hold for approval (default: the persona's schedule.approval)"),
+    text: str = typer.Option(None, "--text", help=f"post these words instead of generating; {STDIN_TEXT_HELP}"),
 ) -> None:
     """Make one post now: generate candidates through the queue, keep the best, publish it.
 
-    Needs a worker (`persona up`). A slot already posted is reported and skipped. The best
+    Needs a worker (`persona up`), unless --text gives the words. A slot already posted is reported and skipped. The best
     candidate ends as a finished sentence (not in "...") with its quotes closed, unless none
     does: then the message says what is wrong with the one chosen. A candidate the model cut
     off at sampling.max_new_tokens is trimmed back to its last finished sentence, or rejected
     (cut_off) where none is worth keeping.
+
+    Standard input is read only with `--text -`: `echo "Be still." | persona post sage --text -`
+    posts those words (no model, no filters: only each platform's limit, and not a text the
+    persona posted lately). All of the input is one post, its line breaks kept; for several
+    posts, run it once a post.
     """
     settings = get_settings()
+    text = _read_text(text)
     poster = _poster(settings)
-    waiting = contextlib.nullcontext() if json_output else console.status(f"{persona} is writing candidates...")
+    if text is None:  # else a silent spinner until posting.wait_s (5 minutes) ran out, then "no worker answered"
+        _say_if_no_worker(poster.candidates.queue, settings.posting.wait_s)
+    waiting = (contextlib.nullcontext() if json_output or text is not None
+               else console.status(f"{persona} is writing candidates..."))
     with waiting:
-        outcome = poster.post(persona, slot=slot, sinks=sink or None, dry_run=dry_run, n=n, approval=approval)
+        outcome = poster.post(persona, slot=slot, sinks=sink or None, dry_run=dry_run, n=n, approval=approval, text=text)
     if outcome.retry_later:  # the scheduler tries its own slots again; by hand, say how
         # Not "nothing went out": a post that got no answer may be out, and the retry finds or deduplicates it.
         outcome.message += f"; to try again later: `persona post {outcome.persona} --slot {outcome.slot}` (it never posts twice)"
@@ -129,7 +164,7 @@ def post(
 @posts_app.command("pending")
 @friendly_errors
 def pending(json_output: bool = typer.Option(False, "--json", help="print a JSON list")) -> None:
-    """List the posts waiting for approval, oldest first."""
+    """List the posts waiting for approval, oldest first (piped: one line a post, a line break as \\n)."""
     from persona.approvals import ApprovalQueue
 
     waiting = ApprovalQueue(connect(get_settings())).pending()
@@ -146,11 +181,11 @@ def pending(json_output: bool = typer.Option(False, "--json", help="print a JSON
 @friendly_errors
 def approve(
     approval_id: str = typer.Argument(..., metavar="ID", help="the id `persona posts pending` shows"),
-    text: str = typer.Option(None, "--text", help="post this edited text instead"),
+    text: str = typer.Option(None, "--text", help=f"post this edited text instead; {STDIN_TEXT_HELP}"),
     json_output: bool = typer.Option(False, "--json", help="print the outcome as JSON"),
 ) -> None:
     """Approve a waiting post: it goes out now to its sinks (again: retries the sinks that failed)."""
-    outcome = _poster(get_settings()).approve(approval_id, text)
+    outcome = _poster(get_settings()).approve(approval_id, _read_text(text))
     _show(outcome, json_output)
     if outcome.status in FAILED_STATUSES:
         raise typer.Exit(1)
@@ -175,7 +210,7 @@ def uncertain(
     X and Telegram cannot tell a repeat: only a person can say if the post went out
     (`persona posts settle`). Mastodon, Bluesky, Discord and files make a retry safe: the
     scheduler retries within the missed-slot grace period, and `persona post PERSONA --slot
-    SLOT` finishes one left after it.
+    SLOT` finishes one left after it. Piped: one line a post, a line break as \\n.
     """
     from persona.ledger import PostLedger
 
@@ -229,7 +264,11 @@ def history(
     persona: str = typer.Option(None, "--persona", help="only this persona's posts"),
     json_output: bool = typer.Option(False, "--json", help="print a JSON list"),
 ) -> None:
-    """What went out, where and when, newest first (piped: one whole line a post)."""
+    """What went out, where and when, newest first.
+
+    Piped or redirected: one whole line a post, a line break in its text written as \\n
+    (--json has each text exactly).
+    """
     from persona.ledger import PostLedger
 
     items = PostLedger(connect(get_settings())).history(count, persona)
