@@ -370,7 +370,20 @@ class PersonaBot(SlashCommands, discord.Client):
         return True
 
     async def _reply_to(self, message: discord.Message) -> None:
-        """Answer a message addressed to the bot (a mention, a DM, a reply to it), once."""
+        """Answer a message addressed to the bot (a mention, a DM, a reply to it), once, after the
+        messages its author sent there before it: its turn in the conversation is taken before
+        anything awaits (discord.py hands the messages over in order; the Redis calls before the
+        answer may return in any order, and quick messages were answered last first)."""
+        is_dm = message.guild is None
+        if not (is_dm or self._mentioned(message) or message.reference is not None):
+            return
+        where = Where(chat=str(message.channel.id), user=str(message.author.id))
+        with self._answering_now():
+            async with self.responder.in_turn(where):
+                await self._reply_in_turn(message, where)
+
+    async def _reply_in_turn(self, message: discord.Message, where: Where) -> None:
+        """``_reply_to``, holding the conversation's turn."""
         is_dm = message.guild is None
         parent = await self._parent(message)
         replied_to_bot = parent is not None and parent.author == self.user
@@ -383,7 +396,6 @@ class PersonaBot(SlashCommands, discord.Client):
             if not decision.allowed:
                 await self.send_reply(message, decision.reply)
                 return
-        where = Where(chat=str(message.channel.id), user=str(message.author.id))
         admitted, notice = await self.responder.admit(where)
         if not admitted.allowed:
             if notice:
@@ -397,18 +409,17 @@ class PersonaBot(SlashCommands, discord.Client):
         if not text:  # a picture, a sticker, or the mention alone: silence would look like a dead bot
             await self.send_reply(message, NOT_TEXT_TEXT if message.attachments or message.stickers else BARE_MENTION_TEXT)
             return
-        with self._answering_now():
-            # In a DM the conversation kept in Redis is the whole of it; a chain there would end
-            # at the replied-to answer (DM answers quote nothing) and forget all before it.
-            history = await self.reply_chain(message) if replied_to_bot and not is_dm else None
-            # A thread's first question goes on from the message the thread was started from.
-            may_open_thread = not is_dm and parent is None
-            async with keep_typing(message.channel.typing, TYPING_REFRESH_S):
-                reply = await self.responder.answer(
-                    where, text, history=history, notify=lambda notice: self.send_reply(message, notice),
-                    opening=(lambda: self.thread_opening(message.channel)) if may_open_thread else None,
-                )
-            await self.send_reply(message, reply)
+        # In a DM the conversation kept in Redis is the whole of it; a chain there would end
+        # at the replied-to answer (DM answers quote nothing) and forget all before it.
+        history = await self.reply_chain(message) if replied_to_bot and not is_dm else None
+        # A thread's first question goes on from the message the thread was started from.
+        may_open_thread = not is_dm and parent is None
+        async with keep_typing(message.channel.typing, TYPING_REFRESH_S):
+            reply = await self.responder.answer(
+                where, text, history=history, notify=lambda notice: self.send_reply(message, notice),
+                opening=(lambda: self.thread_opening(message.channel)) if may_open_thread else None,
+            )
+        await self.send_reply(message, reply)
 
     async def send_reply(self, message: discord.Message, text: str) -> None:
         """Reply in as many messages as it takes. In a server each quotes the one before it (the

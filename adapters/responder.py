@@ -3,11 +3,14 @@
 An adapter translates a platform event into a ``Where`` (which chat, which user) and
 text, and sends back the text this returns. Here: the rate limits, the conversation
 (from Redis, or a history the platform supplies, such as Discord's reply chain), the
-round trip through the queue, ``/retry``, ``/reset``, ``/cancel`` and the per-chat
+round trip through the queue, ``/retry`` (of the last answer, or of a question that got
+none: it timed out, the queue was full), ``/reset``, ``/cancel`` and the per-chat
 persona, which moves with its conversations when a chat changes id (``move_chat``). An
 answer can also be kept under a name of the adapter's choosing (``keep_as``, ``kept``),
-for an answer that cannot quote its question. Every failure becomes a polite sentence; nothing here raises to the adapter
-for a queue or Redis problem. When the adapter stops (``stop``), the questions still
+for an answer that cannot quote its question. A conversation's messages are answered one
+at a time, in the order they came, when the adapter takes each one's turn (``in_turn``)
+before it awaits anything. Every failure becomes a polite sentence; nothing here raises to
+the adapter for a queue or Redis problem. When the adapter stops (``stop``), the questions still
 waiting are withdrawn from the queue and answered with a sentence saying so. When no
 worker is running, the asker hears so within seconds (through the adapter's ``notify``)
 rather than watching "typing…" for minutes, and the question keeps waiting for one; if
@@ -24,7 +27,7 @@ import logging
 import re
 import secrets
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 import redis.asyncio
@@ -86,6 +89,9 @@ RATE_LIMITED_PATTERN = re.compile(re.escape(rate_limited_text(0)).replace("0", r
 LONG_MESSAGE_NOTE_PATTERN = re.compile(
     r"\s*" + re.escape(LONG_MESSAGE_NOTE.strip()).replace(re.escape("{chars}"), r"\d+") + r"\s*$"
 )
+# Failed replies whose question is not kept for /retry: one withdrawn by its asker, or one
+# that would be refused again.
+NOT_RETRIED = frozenset({ErrorKind.cancelled, ErrorKind.invalid})
 # Not only an outage: a Redis that refuses writes (OOM when full, READONLY after a
 # failover, MISCONF on a full disk) must also get the user a polite answer.
 REDIS_ERRORS = (QueueError, redis.exceptions.RedisError)
@@ -147,8 +153,10 @@ class Responder:
             per_user=self.options.user_messages_per_minute, per_chat=self.options.chat_messages_per_minute,
         )
         self.registry = PersonaRegistry.from_settings(settings)
-        # One answer at a time per conversation, so a quick second message sees the first.
+        # One answer at a time per conversation, so a quick second message sees the first; and
+        # the handler holding each conversation's turn (``in_turn``).
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+        self._turn_holders: dict[str, asyncio.Task] = {}
         # Set when the adapter stops: every question still waiting for its answer is withdrawn.
         self._stopping = asyncio.Event()
         # Conversations waiting for an answer, and those of them /reset since it was asked: that
@@ -176,6 +184,24 @@ class Responder:
             lock = asyncio.Lock()
             self._locks[scope] = lock
         return lock
+
+    @contextlib.asynccontextmanager
+    async def in_turn(self, where: Where) -> AsyncIterator[None]:
+        """Hold this conversation's turn: its messages are handled one at a time, in the order
+        their handlers took their turns. A handler that takes it before it first awaits anything
+        (the platform calls handlers in the order messages came) answers its message after the
+        one before, and with that answer in the conversation. ``answer`` and ``retry`` take it
+        too, unless their handler holds it already."""
+        task = asyncio.current_task()
+        if task is not None and self._turn_holders.get(where.scope) is task:
+            yield
+            return
+        async with self._lock(where.scope):
+            self._turn_holders[where.scope] = task
+            try:
+                yield
+            finally:
+                del self._turn_holders[where.scope]
 
     async def admit(self, where: Where) -> tuple[RateDecision, str]:
         """Count a message against the limits: the decision, and the notice to send (or '')."""
@@ -231,7 +257,7 @@ class Responder:
         what the conversation opens with while none is kept (a Discord thread started from a
         message: that message's conversation)."""
         note = LONG_MESSAGE_NOTE.format(chars=self._max_chars) if len(text) > self._max_chars else ""
-        async with self._lock(where.scope):
+        async with self.in_turn(where):
             try:
                 turns = history if history is not None else await self.store.load(where.scope)
                 if not turns and history is None and opening is not None:
@@ -243,8 +269,9 @@ class Responder:
         return reply + note if reply else reply
 
     async def retry(self, where: Where, *, keep_as: str | None = None, notify: Notify | None = None) -> str:
-        """Answer the last message again, with a fresh seed (``keep_as``, ``notify``: as for ``answer``)."""
-        async with self._lock(where.scope):
+        """Answer the last message again, with a fresh seed (``keep_as``, ``notify``: as for ``answer``);
+        also a message that got no answer (it timed out, the queue was full, the bot restarted)."""
+        async with self.in_turn(where):
             try:
                 turns = await self.store.load(where.scope)
                 while turns and turns[-1].role == "assistant":
@@ -323,12 +350,15 @@ class Responder:
                 reply = await self._ask(request, notify)
             except InvalidRequest as exc:
                 return f"I can't take that message: {exc}."
-            except ReplyTimeout:
-                if await self._workers_live():
+            except (ReplyTimeout, QueueBusy) as exc:
+                await self._keep_unanswered(where, request)
+                if isinstance(exc, QueueBusy) or await self._workers_live():
                     raise
                 return STARTING_TIMEOUT_TEXT if await self._workers_starting() else NO_WORKER_TIMEOUT_TEXT
             finally:
                 await self.store.clear_inflight(where.scope, request.id)
+            if reply is None or (not reply.ok and (reply.error is None or reply.error.kind not in NOT_RETRIED)):
+                await self._keep_unanswered(where, request)
             if reply is None:
                 return RESTARTING_TEXT
             if not reply.ok:
@@ -347,6 +377,19 @@ class Responder:
         finally:
             self._answering.discard(where.scope)
             self._forgotten.discard(where.scope)
+
+    async def _keep_unanswered(self, where: Where, request: GenerationRequest) -> None:
+        """Keep a question that got no answer (it timed out, the queue was full, the worker
+        failed, the bot stopped) as the conversation's last turn, so that ``/retry``, which
+        those apologies suggest, answers it rather than the message before it, and the next
+        message is read with it. Best effort: a Redis that cannot take it leaves the
+        conversation as it was."""
+        if where.scope in self._forgotten:
+            return
+        try:
+            await self.store.save(where.scope, list(request.messages))
+        except REDIS_ERRORS as exc:
+            log.warning("%s: could not keep the unanswered question of %s: %s", self.platform, where.scope, exc)
 
     async def _ask(self, request: GenerationRequest, notify: Notify | None = None) -> GenerationReply | None:
         """The queue's reply, or None when the adapter stops first (the request is withdrawn).

@@ -418,13 +418,17 @@ class TelegramBot:
         update, chat = updates[0], updates[0].effective_chat
         messages = [u.effective_message for u in updates]
         text = self._addressed_text(messages, chat, context)
-        if text is None or not self._first_answer(chat, messages) or not await self._admitted(update):
+        if text is None or not self._first_answer(chat, messages):
             return
-        if not text:
-            if await self._within_limits(update):
-                await self.say(update, BARE_MENTION_TEXT, quote=True)
-            return
-        await self._answer(update, context, lambda where, notify: self.responder.answer(where, text, notify=notify))
+        # The turn is taken before anything awaits, so quick messages are answered in order.
+        async with self.responder.in_turn(self._where(update)):
+            if not await self._admitted(update):
+                return
+            if not text:
+                if await self._within_limits(update):
+                    await self.say(update, BARE_MENTION_TEXT, quote=True)
+                return
+            await self._answer(update, context, lambda where, notify: self.responder.answer(where, text, notify=notify))
 
     async def on_not_text(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         """A photo, sticker, voice message, file...: say that only text is read, rather than

@@ -809,3 +809,21 @@ async def test_a_thread_started_from_an_answer_continues_its_conversation(start_
     assert asked[2][:3] == asked[1] and asked[2][-1] == ("user", "and snow?")
     assert asked[3] == [("user", "our trip is on Friday"), ("user", "will it rain?")]
     assert asked[4] == [("user", "hello")]
+
+
+async def test_quick_messages_are_answered_in_the_order_they_came(start_bot, fake_api, discord_settings):
+    """Each message of a quick run waited for Redis (its rate limit) before taking its place in
+    the conversation, and Redis's answers came back in any order: the run was answered last first,
+    and the first message's answer was missing all the others."""
+    with scripted_worker(discord_settings, echo):
+        await start_bot()
+        for n in range(5):
+            await fake_api.user_message(f"m{n}", mention_bot=True)
+        await fake_api.wait_for(lambda: len(fake_api.sent) == 5)
+        for n in range(3):
+            await fake_api.user_message(f"d{n}", guild=False, channel_id=DM_CHANNEL, author_id=222)
+        await fake_api.wait_for(lambda: len(fake_api.sent) == 8)
+    answers = fake_api.texts(CHANNEL_ID)
+    assert [answer.rsplit("=", 1)[1] for answer in answers] == ["m0", "m1", "m2", "m3", "m4"]
+    assert answers[1] == "echo: user=m0 | assistant=echo: user=m0 | user=m1"
+    assert [answer.rsplit("=", 1)[1] for answer in fake_api.texts(DM_CHANNEL)] == ["d0", "d1", "d2"]

@@ -873,3 +873,51 @@ async def test_an_unknown_command_follows_the_access_policy(start_bot, fake_api)
     fake_api.push_message("/ask hello", user_id=5, chat_id=5)
     await fake_api.wait_for(lambda: len(fake_api.sent) == 1)
     assert fake_api.texts() == [NOT_ALLOWED_TEXT]
+
+
+async def test_retry_after_a_timeout_answers_the_message_that_timed_out(
+    start_bot, fake_api, telegram_settings, redis_client
+):
+    """"I couldn't finish my thought in time ... use /retry": /retry then answered the message
+    before it again (or said there was nothing to retry), as the question that timed out was
+    never kept. Now it is, and the next message is read with it too."""
+    with scripted_worker(telegram_settings, echo):
+        await start_bot(reply_timeout_s=1.0)
+        fake_api.push_message("first question")
+        await fake_api.wait_for(lambda: fake_api.texts() == ["echo: first question"])
+    heartbeat.publish(redis_client, heartbeat.WorkerInfo(id="silent"), 60)  # live, but answers nothing
+    fake_api.push_message("second question")
+    await fake_api.wait_for(lambda: fake_api.texts()[1:] == [TIMEOUT_TEXT], timeout=10)
+    heartbeat.withdraw(redis_client, "silent")
+    with scripted_worker(telegram_settings, echo) as seen:
+        fake_api.push_message("/retry")
+        await fake_api.wait_for(lambda: len(fake_api.texts()) == 3, timeout=10)
+    assert fake_api.texts()[2] == "echo: second question"
+    assert [m.content for m in seen[-1].messages] == ["first question", "echo: first question", "second question"]
+
+
+async def test_retry_after_a_full_queue_answers_the_message_it_refused(start_bot, fake_api, telegram_settings, redis_client):
+    telegram_settings.queue.max_length = 1
+    redis_client.xadd(keys.STREAM_INTERACTIVE, {"r": b"{}"})  # the queue is full
+    await start_bot()
+    fake_api.push_message("are you there?")
+    await fake_api.wait_for(lambda: fake_api.texts() == [BUSY_TEXT])
+    redis_client.delete(keys.STREAM_INTERACTIVE)
+    with scripted_worker(telegram_settings, echo):
+        fake_api.push_message("/retry")
+        await fake_api.wait_for(lambda: fake_api.texts() == [BUSY_TEXT, "echo: are you there?"], timeout=10)
+
+
+async def test_quick_messages_in_a_group_are_answered_in_the_order_they_came(start_bot, fake_api, telegram_settings):
+    """Each message of a quick run waited for Redis (its rate limit) before taking its place in
+    the conversation, and Redis's answers come back in any order: the run was answered shuffled,
+    each answer missing the messages before it. (The order was lost in most runs of 8, not all,
+    so the run is sent three times.)"""
+    with scripted_worker(telegram_settings, echo) as seen:
+        await start_bot(user_messages_per_minute=100, chat_messages_per_minute=100)
+        for run in range(3):
+            for n in range(8):
+                fake_api.push_message(f"@{BOT_USERNAME} {run}.{n}", chat_id=GROUP, chat_type="group")
+            await fake_api.wait_for(lambda sent=8 * (run + 1): len(fake_api.sent) == sent, timeout=20)
+            assert fake_api.texts(GROUP)[-8:] == [f"echo: {run}.{n}" for n in range(8)]
+    assert [m.content for m in seen[-1].messages[-3:]] == ["2.6", "echo: 2.6", "2.7"]
