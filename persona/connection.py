@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
+import time
+from collections.abc import Iterator
+from contextvars import ContextVar
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
 import redis
 import redis.asyncio
-from redis.backoff import ExponentialBackoff
+import redis.asyncio.retry
+from redis.backoff import AbstractBackoff, ExponentialBackoff
 from redis.retry import Retry
 
 from persona.embedded_redis import find_embedded_url
 from persona.errors import ConfigError, PersonaError, RedisUnavailable
 from persona.settings import Settings
 
-__all__ = ["connect", "connect_async", "describe_url", "redis_url"]
+__all__ = ["connect", "connect_async", "describe_url", "redis_url", "retrying_until"]
 
 RETRIES = 8
 SOCKET_TIMEOUT_S = 30.0
@@ -70,10 +75,87 @@ def _check_version(info: dict, url: str) -> None:
         )
 
 
+# When the calls made in this context must have given up (time.monotonic()), or None.
+_GIVE_UP_AT: ContextVar[float | None] = ContextVar("persona_redis_give_up_at", default=None)
+
+
+@contextlib.contextmanager
+def retrying_until(give_up_at: float) -> Iterator[None]:
+    """Within this block, redis-py's reconnects end by ``give_up_at`` (time.monotonic()): no
+    backoff sleeps past it, and a call that fails after it raises at once. Its 8 reconnects
+    with backoff take about 9 s, which a caller's deadline (``persona ask --timeout 5``)
+    should not wait out. (Only clients made by ``connect`` and ``connect_async``.)"""
+    token = _GIVE_UP_AT.set(give_up_at)
+    try:
+        yield
+    finally:
+        _GIVE_UP_AT.reset(token)
+
+
+class _UntilGiveUp(AbstractBackoff):
+    """A backoff that never sleeps past the give-up time ``retrying_until`` sets."""
+
+    def __init__(self, backoff: AbstractBackoff) -> None:
+        self.backoff = backoff
+
+    def reset(self) -> None:
+        self.backoff.reset()
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _UntilGiveUp) and self.backoff == other.backoff
+
+    def __hash__(self) -> int:
+        return hash(self.backoff)
+
+    def compute(self, failures: int) -> float:
+        pause = self.backoff.compute(failures)
+        give_up_at = _GIVE_UP_AT.get()
+        return pause if give_up_at is None else max(0.0, min(pause, give_up_at - time.monotonic()))
+
+
+def _given_up() -> bool:
+    give_up_at = _GIVE_UP_AT.get()
+    return give_up_at is not None and time.monotonic() >= give_up_at
+
+
+class _Retry(Retry):
+    """redis-py's Retry, ending by the give-up time of ``retrying_until``."""
+
+    def call_with_retry(self, do, fail, is_retryable=None, with_failure_count=False):
+        if _GIVE_UP_AT.get() is None:  # outside retrying_until: redis-py's own
+            return super().call_with_retry(do, fail, is_retryable, with_failure_count)
+
+        def failed(error: Exception, failures: int) -> None:
+            fail(error, failures) if with_failure_count else fail(error)
+            if _given_up():
+                raise error
+
+        return super().call_with_retry(do, failed, is_retryable, with_failure_count=True)
+
+
+class _AsyncRetry(redis.asyncio.retry.Retry):
+    """The asyncio client's Retry, ending by the give-up time of ``retrying_until``."""
+
+    async def call_with_retry(self, do, fail, is_retryable=None, with_failure_count=False):
+        if _GIVE_UP_AT.get() is None:
+            return await super().call_with_retry(do, fail, is_retryable, with_failure_count)
+
+        async def failed(error: Exception, failures: int) -> None:
+            await (fail(error, failures) if with_failure_count else fail(error))
+            if _given_up():
+                raise error
+
+        return await super().call_with_retry(do, failed, is_retryable, with_failure_count=True)
+
+
+def _backoff() -> AbstractBackoff:
+    return _UntilGiveUp(ExponentialBackoff(cap=2.0, base=0.05))
+
+
 def _options(url: str) -> dict:
     # Reconnect with backoff: a restarted Redis costs callers a pause, not an error.
     options = {
-        "retry": Retry(ExponentialBackoff(cap=2.0, base=0.05), RETRIES),
+        "retry": _Retry(_backoff(), RETRIES),
         "retry_on_error": [redis.exceptions.ConnectionError, redis.exceptions.TimeoutError],
         "health_check_interval": 15,
     }
@@ -166,8 +248,6 @@ def connect(settings: Settings, *, url: str | None = None) -> redis.Redis:
 
 async def connect_async(settings: Settings, *, url: str | None = None) -> redis.asyncio.Redis:
     """A checked asyncio connection to the service's Redis, probed once as ``connect`` does."""
-    from redis.asyncio.retry import Retry as AsyncRetry
-
     url = url or redis_url(settings)
     probe = redis.asyncio.Redis.from_url(url, socket_connect_timeout=5)
     try:
@@ -181,5 +261,5 @@ async def connect_async(settings: Settings, *, url: str | None = None) -> redis.
     finally:
         await probe.aclose()
     _check_version(info, url)
-    options = _options(url) | {"retry": AsyncRetry(ExponentialBackoff(cap=2.0, base=0.05), RETRIES)}
+    options = _options(url) | {"retry": _AsyncRetry(_backoff(), RETRIES)}
     return redis.asyncio.Redis.from_url(url, **options)

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from persona.contract import GenerationReply
+    from persona.contract import GenerationReply, GenerationRequest
 
 __all__ = [
     "ConfigError",
@@ -100,7 +100,19 @@ class RedisUnavailable(QueueError):
 
 
 class QueueBusy(QueueError):
-    """The queue is full; the caller should try again shortly."""
+    """The queue is full; the caller should try again shortly.
+
+    Raised by ``QueueClient.submit_many``, ``queued`` lists the requests it did queue
+    (deadlines stamped: wait on these) and ``refused`` those it did not (submit them again).
+    """
+
+    def __init__(
+        self, message: str, *, queued: list[GenerationRequest] | None = None,
+        refused: list[GenerationRequest] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.queued = list(queued or [])
+        self.refused = list(refused or [])
 
 
 class ReplyTimeout(QueueError):

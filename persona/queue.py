@@ -9,10 +9,12 @@ the list onto itself), so a reply lost on the way back is read again on the retr
 caller deletes the lists it has read with its next call, and keeps the replies it has
 read (the latest ``REPLIES_KEPT``), so waiting again for a request answered already
 returns its reply at once. A wait rides out Redis restarting (its connection refused or
-dropped) until the request's deadline: the request is still queued, and its reply is
+dropped) until the request's deadline, and no longer (redis-py's own reconnects end by
+it too: ``connection.retrying_until``): the request is still queued, and its reply is
 read once Redis is back. A wait that ends without a reply says why: no worker answered
-in time, the request is not in the queue (never submitted, or lost with a Redis that
-keeps nothing over a restart), or its reply was read already or expired unread.
+in time (and whether workers run, are still starting, or none is there), the request is
+not in the queue (never submitted, or lost with a Redis that keeps nothing over a
+restart), or its reply was read already or expired unread.
 
 Workers (``WorkQueue``) read both streams through one consumer group, interactive first,
 and answer through a script that delivers a reply at most once per request id, counts
@@ -37,8 +39,10 @@ import redis.asyncio
 from hiredis import pack_command
 
 from persona import constants as keys
+from persona.connection import retrying_until
 from persona.contract import ErrorKind, GenerationReply, GenerationRequest, Priority
-from persona.errors import QueueBusy, QueueError, ReplyTimeout
+from persona.errors import InvalidRequest, QueueBusy, QueueError, ReplyTimeout
+from persona.heartbeat import StartingWorker
 from persona.queue_scripts import (
     DEAD_LETTER_SCRIPT,
     DELIVER_SCRIPT,
@@ -46,6 +50,7 @@ from persona.queue_scripts import (
     RECORD_SCRIPT,
     REQUEUE_SCRIPT,
     SUBMIT_SCRIPT,
+    WORKERS_SCRIPT,
 )
 from persona.settings import QueueSettings
 from persona.telemetry import Tally
@@ -158,6 +163,31 @@ def _check_submitted(outcome: bytes | str | None, request: GenerationRequest, se
         )
 
 
+def _partly_refused(stamped: list[GenerationRequest], refusals: dict[str, list[int]]) -> QueueBusy:
+    """QueueBusy for a ``submit_many`` some of whose requests were refused, naming which."""
+    refused_numbers = sorted(n for numbers in refusals.values() for n in numbers)
+    refused = [stamped[n - 1] for n in refused_numbers]
+    queued = [request for n, request in enumerate(stamped, 1) if n not in set(refused_numbers)]
+    why = "".join(f"\n  {_numbered(numbers)}: {reason}" for reason, numbers in refusals.items())
+    return QueueBusy(
+        f"{len(queued)} of {len(stamped)} requests were queued and {len(refused)} refused (QueueBusy.queued "
+        f"lists those to wait for; submit QueueBusy.refused again in a moment):{why}",
+        queued=queued, refused=refused,
+    )
+
+
+def _numbered(numbers: list[int]) -> str:
+    """Request numbers as runs: "request 3", "requests 2-4, 7"."""
+    runs: list[list[int]] = []
+    for number in numbers:
+        if runs and number == runs[-1][-1] + 1:
+            runs[-1].append(number)
+        else:
+            runs.append([number])
+    said = ", ".join(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]) for run in runs)
+    return f"request{'s' if len(numbers) > 1 else ''} {said}"
+
+
 def _wait_seconds(request: GenerationRequest, timeout: float | None, settings: QueueSettings) -> float:
     """How long to wait: ``timeout``, else until the deadline (the one the queue stamps, for
     a request as it was before ``submit``: a wait on that one used to give up after 1 s)."""
@@ -194,9 +224,12 @@ def _withdrew(results: list) -> bool:
     return mark is not None and not mark
 
 
-def _no_reply(request: GenerationRequest, mark: bytes | str | None, settings: QueueSettings) -> ReplyTimeout:
+def _no_reply(
+    request: GenerationRequest, mark: bytes | str | None, settings: QueueSettings, workers: list | None = None
+) -> ReplyTimeout:
     """Why a wait ended without a reply, from the request's mark (see ``constants``): queued
-    and not answered yet (''), answered by the worker it names, or not in the queue (None)."""
+    and not answered yet (''), answered by the worker it names, or not in the queue (None).
+    For one not answered yet, ``workers`` (``WORKERS_SCRIPT``'s answer) says who could have."""
     if mark is None:
         return ReplyTimeout(
             f"request {request.id} for persona {request.persona!r} is not in the queue: it was never "
@@ -210,10 +243,41 @@ def _no_reply(request: GenerationRequest, mark: bytes | str | None, settings: Qu
             f"gone: it was read already, by another client (keep the reply wait returns), or it waited "
             f"unread past {settings.reply_ttl_s} s. Submit it again with a new id for a new answer"
         )
-    return ReplyTimeout(
-        f"no worker answered request {request.id} for persona {request.persona!r} in time; "
-        "is a worker running (`persona worker`, or `persona up`)? See `persona queue stats`"
-    )
+    return ReplyTimeout(f"no worker answered request {request.id} for persona {request.persona!r} in time; "
+                        + _who_could(*_workers(workers)))
+
+
+_LONGER_WAIT = "`persona ask --timeout SECONDS`, or PERSONA_QUEUE__DEFAULT_DEADLINE_S for every caller"
+
+
+def _who_could(live: int, starting: list[StartingWorker]) -> str:
+    """What a caller whose request went unanswered should know about the workers, and do."""
+    if live:
+        return (f"{live} worker{'s are' if live > 1 else ' is'} running, but did not reach it before its deadline "
+                f"(see `persona queue stats` for the queue's depth); try again, or give it longer ({_LONGER_WAIT})")
+    if starting:
+        first = starting[0]
+        others = f" (and {len(starting) - 1} more)" if len(starting) > 1 else ""
+        return (f"a worker is still starting{others}: {first.doing()}, {first.loading_s:.0f} s so far, and it answers "
+                f"nothing until it has loaded. Wait until `persona queue stats` lists it as live and try again, or "
+                f"give the request longer ({_LONGER_WAIT})")
+    return "is a worker running (`persona worker`, or `persona up`)? See `persona queue stats`"
+
+
+def _workers(found: list | None) -> tuple[int, list[StartingWorker]]:
+    """The live workers' count and the starting workers (longest first) from ``WORKERS_SCRIPT``."""
+    if not found:
+        return 0, []
+    now, live, *infos = found
+    starting = []
+    for info in infos:
+        try:
+            worker = StartingWorker.model_validate_json(info)
+        except ValueError:  # written by another version: it still starts, but is not described
+            continue
+        worker.loading_s = round(max(0.0, float(now) - worker.since), 1)
+        starting.append(worker)
+    return int(live), sorted(starting, key=lambda w: (-w.loading_s, w.id))
 
 
 def _pairs(flat: list | None, decode: bool = True) -> dict:
@@ -270,18 +334,20 @@ class _Caller:
         return reply
 
     def _looking(self, request: GenerationRequest):
-        """A pipeline that reads the request's mark and its reply, if it is there after all."""
+        """A pipeline that reads the request's mark, its reply if it is there after all, and
+        who could have answered it (``WORKERS_SCRIPT``)."""
         pipe = self.redis.pipeline(transaction=False)
         pipe.get(keys.answered_key(request.id))
         pipe.lindex(keys.reply_key(request.id), 0)
+        pipe.eval(WORKERS_SCRIPT, 2, keys.WORKER_INDEX_KEY, keys.STARTING_INDEX_KEY, keys.STARTING_KEY_PREFIX)
         return pipe
 
     def _found(self, request: GenerationRequest, looked: list) -> GenerationReply:
         """The reply a last look found (``_looking``), else ReplyTimeout saying why there is none."""
-        mark, got = looked
+        mark, got, workers = looked
         reply = self._read(request, got)
         if reply is None:
-            raise _no_reply(request, mark, self.settings)
+            raise _no_reply(request, mark, self.settings, workers)
         return reply
 
     def _outage_left(self, request: GenerationRequest, exc: redis.exceptions.RedisError, give_up: float) -> float:
@@ -313,22 +379,36 @@ class QueueClient(_Caller):
         return request
 
     def submit_many(self, requests: list[GenerationRequest]) -> list[GenerationRequest]:
-        """Queue many requests in one round trip; QueueBusy if any was refused.
+        """Queue many requests in one round trip; returns them (deadlines stamped) once all are queued.
 
-        Each is checked and refused on its own, as ``submit`` would: those before a
-        refusal stay queued.
+        Every one is checked before any is sent: InvalidRequest names the first that breaks
+        the limits, and nothing is queued. Each is then refused or queued on its own, as
+        ``submit`` would (a worker may make room part-way; one sender may be over their
+        share while others are not): if any was refused, QueueBusy lists exactly which were
+        queued (``queued``) and which were not (``refused``). Sending a request again is
+        safe, if a connection dropped before the answer: it is queued once.
         """
         stamped = []
-        pipe = self.redis.pipeline(transaction=False)
-        for request in requests:
-            check_request(request, self.settings)
+        for number, request in enumerate(requests, 1):
+            try:
+                check_request(request, self.settings)
+            except InvalidRequest as exc:
+                raise InvalidRequest(f"request {number} of {len(requests)} (id {request.id}): {exc}; "
+                                     "none of them was queued") from None
             stamped.append(_stamp(request, self.settings))
-            script_keys, args = _submit_keys_args(stamped[-1], self.settings)
+        pipe = self.redis.pipeline(transaction=False)
+        for request in stamped:
+            script_keys, args = _submit_keys_args(request, self.settings)
             pipe.eval(SUBMIT_SCRIPT, len(script_keys), *script_keys, *args)
-        for request, outcome in zip(stamped, pipe.execute(), strict=True):
-            _check_submitted(outcome, request, self.settings)
+        refusals: dict[str, list[int]] = {}  # why -> the refused requests' numbers (from 1)
+        for number, (request, outcome) in enumerate(zip(stamped, pipe.execute(), strict=True), 1):
+            try:
+                _check_submitted(outcome, request, self.settings)
+            except QueueBusy as exc:
+                refusals.setdefault(str(exc), []).append(number)
+        if refusals:
+            raise _partly_refused(stamped, refusals)
         return stamped
-
     def wait(self, request: GenerationRequest, timeout: float | None = None) -> GenerationReply:
         """Block until the request's reply arrives (at once for one this client has read
         already), riding out Redis restarting; ReplyTimeout, saying why, if none does."""
@@ -336,19 +416,21 @@ class QueueClient(_Caller):
 
     def _wait(self, request: GenerationRequest, give_up: float, got=None) -> GenerationReply:
         reply = self._read(request, got) if got is not None else self._replies.get(request.id)
-        while reply is None and (left := give_up - time.monotonic()) > 0:
-            try:
-                reply = self._read(request, self._waiting(request, left).execute()[-1])
-            except redis.exceptions.RedisError as exc:
-                time.sleep(self._outage_left(request, exc, give_up))
-        return reply if reply is not None else self._found(request, self._looking(request).execute())
+        with retrying_until(give_up):
+            while reply is None and (left := give_up - time.monotonic()) > 0:
+                try:
+                    reply = self._read(request, self._waiting(request, left).execute()[-1])
+                except redis.exceptions.RedisError as exc:
+                    time.sleep(self._outage_left(request, exc, give_up))
+            return reply if reply is not None else self._found(request, self._looking(request).execute())
 
     def ask(self, request: GenerationRequest, timeout: float | None = None) -> GenerationReply:
         """Submit and wait: one round trip through the queue (one to Redis, too)."""
         check_request(request, self.settings)
         request = _stamp(request, self.settings)
         give_up = time.monotonic() + _wait_seconds(request, timeout, self.settings)
-        outcome, *_, got = self._asking(request, give_up).execute()
+        with retrying_until(give_up):
+            outcome, *_, got = self._asking(request, give_up).execute()
         _check_submitted(outcome, request, self.settings)
         return self._wait(request, give_up, got)
 
@@ -375,18 +457,20 @@ class AsyncQueueClient(_Caller):
 
     async def _wait(self, request: GenerationRequest, give_up: float, got=None) -> GenerationReply:
         reply = self._read(request, got) if got is not None else self._replies.get(request.id)
-        while reply is None and (left := give_up - time.monotonic()) > 0:
-            try:
-                reply = self._read(request, (await self._waiting(request, left).execute())[-1])
-            except redis.exceptions.RedisError as exc:
-                await asyncio.sleep(self._outage_left(request, exc, give_up))
-        return reply if reply is not None else self._found(request, await self._looking(request).execute())
+        with retrying_until(give_up):
+            while reply is None and (left := give_up - time.monotonic()) > 0:
+                try:
+                    reply = self._read(request, (await self._waiting(request, left).execute())[-1])
+                except redis.exceptions.RedisError as exc:
+                    await asyncio.sleep(self._outage_left(request, exc, give_up))
+            return reply if reply is not None else self._found(request, await self._looking(request).execute())
 
     async def ask(self, request: GenerationRequest, timeout: float | None = None) -> GenerationReply:
         check_request(request, self.settings)
         request = _stamp(request, self.settings)
         give_up = time.monotonic() + _wait_seconds(request, timeout, self.settings)
-        outcome, *_, got = await self._asking(request, give_up).execute()
+        with retrying_until(give_up):
+            outcome, *_, got = await self._asking(request, give_up).execute()
         _check_submitted(outcome, request, self.settings)
         return await self._wait(request, give_up, got)
 

@@ -7,7 +7,10 @@ many batches, setting a request aside as a dead letter, and handing an entry bac
 
 from __future__ import annotations
 
-__all__ = ["DEAD_LETTER_SCRIPT", "DELIVER_SCRIPT", "KEEP_SCRIPT", "RECORD_SCRIPT", "REDIS_NOW", "REQUEUE_SCRIPT", "SUBMIT_SCRIPT"]
+__all__ = [
+    "DEAD_LETTER_SCRIPT", "DELIVER_SCRIPT", "KEEP_SCRIPT", "RECORD_SCRIPT", "REDIS_NOW", "REQUEUE_SCRIPT",
+    "SUBMIT_SCRIPT", "WORKERS_SCRIPT",
+]
 
 # Redis's own time in seconds, as ``now``: what every script that times something (a
 # heartbeat, a deadline) starts with, so machines whose clocks disagree agree on it.
@@ -190,4 +193,18 @@ for i = 3, #ARGV do
   end
 end
 return kept
+"""
+
+
+# Who could have answered a request that a caller waited for in vain: Redis's time, how
+# many workers are live, then the info of each worker still starting (loading its models;
+# see ``persona.heartbeat``). KEYS: the heartbeat index, the starting index. ARGV: the
+# starting keys' prefix. Read-only, and only when a wait ends without a reply.
+WORKERS_SCRIPT = REDIS_NOW + """
+local found = {tostring(now), redis.call('ZCOUNT', KEYS[1], now, '+inf')}
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], now, '+inf')) do
+  local info = redis.call('GET', ARGV[1] .. id)
+  if info then table.insert(found, info) end
+end
+return found
 """

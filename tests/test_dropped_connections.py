@@ -9,8 +9,11 @@ real Redis, and check what the caller and the queue end up with.
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 
 import pytest
+import redis
 
 from persona import constants as keys
 from persona.connection import connect, connect_async
@@ -111,6 +114,45 @@ def test_a_refusal_left_by_an_earlier_attempt_is_not_taken_for_the_reply(client,
     answer(work, "the real reply")
     assert client.wait(request, timeout=1).text == "the real reply"
 
+
+
+async def _ask_async(settings, url: str, request: GenerationRequest, timeout: float) -> GenerationReply:
+    async_redis = await connect_async(settings, url=url)
+    try:
+        return await AsyncQueueClient(async_redis, settings.queue).ask(request, timeout=timeout)
+    finally:
+        await async_redis.aclose()
+
+
+@pytest.mark.parametrize("side", ["sync", "async"])
+def test_an_ask_keeps_its_deadline_while_redis_is_down(settings, work, proxy, side):
+    """Redis stopping while a caller waits: the wait ends at its deadline (with Redis's
+    error), give or take a second. redis-py's own reconnects (8, with backoff) ran on
+    past it: `persona ask --timeout 5` answered after about 14 s."""
+    threading.Timer(0.3, proxy.go_down).start()
+    started = time.monotonic()
+    with pytest.raises(redis.exceptions.ConnectionError):
+        if side == "sync":
+            QueueClient(connect(settings, url=proxy.url), settings.queue).ask(chat(), timeout=2)
+        else:
+            asyncio.run(_ask_async(settings, proxy.url, chat(), timeout=2))
+    assert time.monotonic() - started < 3.0
+
+
+def test_a_wait_reads_its_reply_once_redis_is_back_before_the_deadline(settings, client, work, proxy):
+    """Bounding redis-py's reconnects by the deadline does not cut a wait short: an outage
+    shorter than the time left is ridden out, and the reply read after it."""
+    request = client.submit(chat())
+    through_proxy = QueueClient(connect(settings, url=proxy.url), settings.queue)
+
+    def outage_then_answer() -> None:
+        proxy.go_down()
+        time.sleep(1.0)
+        proxy.come_back()
+        answer(work, "after the outage")
+
+    threading.Timer(0.3, outage_then_answer).start()
+    assert through_proxy.wait(request, timeout=5).text == "after the outage"
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ import json
 import time
 
 import pytest
+import redis.asyncio
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
@@ -55,6 +56,35 @@ def test_full_stream_refuses_with_busy_and_keeps_what_it_has(settings, client):
     # batch work has its own room: a full chat stream does not block posts
     client.submit(chat(priority=Priority.batch))
     assert client.redis.xlen(keys.STREAM_INTERACTIVE) == 3
+
+
+def test_a_batch_refused_part_way_says_exactly_which_requests_were_queued(settings, client, work):
+    """submit_many raised a bare QueueBusy at the first refusal ("you already have 1 requests
+    waiting"): the caller could not tell that requests after it were queued (another
+    sender's, or room a worker made), nor which to send again."""
+    settings.queue.max_length = 3
+    settings.queue.max_pending_per_user = 1
+    sent = [chat(f"m{n}", user=user) for n, user in enumerate(["ann", "ann", "bob", "cy", "dee"])]
+    with pytest.raises(QueueBusy) as refused:
+        client.submit_many(sent)
+    busy = refused.value
+    assert [r.id for r in busy.queued] == [sent[0].id, sent[2].id, sent[3].id]
+    assert [r.id for r in busy.refused] == [sent[1].id, sent[4].id]
+    assert all(r.deadline for r in busy.queued)  # stamped: ready to wait on
+    said = str(busy)
+    assert said.startswith("3 of 5 requests were queued and 2 refused")
+    assert "request 2: you already have 1 requests waiting" in said and "request 5: the queue is busy" in said
+    jobs = work.claim("w1", 10, block_ms=0)
+    assert [job.request.id for job in jobs] == [r.id for r in busy.queued]
+    work.deliver([(job, GenerationReply(id=job.request.id, ok=True)) for job in jobs], "w1")
+    assert [r.id for r in client.submit_many(busy.refused)] == [sent[1].id, sent[4].id]  # room again
+
+
+def test_a_batch_with_an_invalid_request_queues_none_and_names_it(settings, client):
+    sent = [chat("fine"), chat(""), chat("fine too")]
+    with pytest.raises(InvalidRequest, match=rf"request 2 of 3 \(id {sent[1].id}\): .*none of them was queued"):
+        client.submit_many(sent)
+    assert client.redis.exists(keys.STREAM_INTERACTIVE) == 0 or client.redis.xlen(keys.STREAM_INTERACTIVE) == 0
 
 
 def test_invalid_requests_are_refused_before_queueing(settings, client):
@@ -147,6 +177,40 @@ def test_waiting_without_a_worker_times_out_clearly(client):
     request = client.submit(chat())
     with pytest.raises(ReplyTimeout, match="is a worker running"):
         client.wait(request, timeout=0.2)
+
+
+def test_a_timeout_while_a_worker_is_still_starting_says_so_and_what_to_do(settings, client, redis_client):
+    """A worker loading its model (minutes of GPU warm-up) answers nothing yet: the timeout
+    said "no worker answered... is a worker running?", which sent people to start another."""
+    from persona import heartbeat
+
+    loading = heartbeat.StartingWorker(id="loading-1", device="cpu", persona="sage", model="smollm2")
+    heartbeat.announce_starting(redis_client, loading, ttl_s=30)
+    request = client.submit(chat())
+    with pytest.raises(ReplyTimeout) as timed_out:
+        client.wait(request, timeout=0.2)
+    said = str(timed_out.value)
+    assert "a worker is still starting: loading smollm2 for sage, " in said
+    assert " s so far" in said and "--timeout" in said and "is a worker running" not in said
+
+    async def wait_async() -> str:
+        caller = redis.asyncio.Redis.from_url(settings.redis_url.get_secret_value())
+        try:
+            with pytest.raises(ReplyTimeout) as timed_out:
+                await AsyncQueueClient(caller, settings.queue).wait(request, timeout=0.2)
+        finally:
+            await caller.aclose()
+        return str(timed_out.value)
+
+    assert "a worker is still starting" in asyncio.run(wait_async())
+
+
+def test_a_timeout_with_workers_running_does_not_ask_whether_one_is(client, redis_client):
+    from persona import heartbeat
+
+    heartbeat.publish(redis_client, heartbeat.WorkerInfo(id="busy-1", state="serving"), ttl_s=30)
+    with pytest.raises(ReplyTimeout, match="1 worker is running, but did not reach it before its deadline"):
+        client.wait(client.submit(chat()), timeout=0.2)
 
 
 def _answer_soon(work: WorkQueue, after_s: float, text: str = "answered"):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import re
 import threading
 import time
@@ -18,7 +17,7 @@ from persona.cli.common import (
     friendly_errors,
     get_settings,
 )
-from persona.connection import connect
+from persona.connection import connect, retrying_until
 from persona.contract import (
     MAX_NEW_TOKENS,
     MAX_SEED,
@@ -36,21 +35,25 @@ DEFAULT_PERSONA = "sage"  # the bundled persona `persona chat` talks to when non
 CHAT_COMMANDS = "/reset forgets the conversation, /help shows this, /quit or Ctrl-D leaves"
 AS_MESSAGE = "to send a line that starts with a / as a message, start it with // instead"
 WORKER_STARTERS = "`persona up` or `persona worker` starts one"
+# A Ctrl-C is answered at once: withdrawing the message gives up on Redis after this long.
+WITHDRAW_WAIT_S = 2.0
 
 
 def _client(settings: Settings, url: str | None = None) -> QueueClient:
     return QueueClient(connect(settings, url=url), settings.queue)
 
 
-def _ask(client: QueueClient, request: GenerationRequest, timeout: float | None = None):
-    """``client.ask``; a Ctrl-C while waiting withdraws the request, so no worker spends
-    its time on an answer nobody will read."""
+def _withdraw(client: QueueClient, request: GenerationRequest) -> str | None:
+    """Withdraw a request whose caller pressed Ctrl-C, so no worker spends its time on an answer
+    nobody will read; None once done, else why not. Quickly: with Redis down, redis-py's
+    reconnects held the terminal for 9 s, and the chat then said "(withdrawn)" all the same."""
     try:
-        return client.ask(request, timeout=timeout)
-    except KeyboardInterrupt:
-        with contextlib.suppress(redis.exceptions.RedisError):
+        with retrying_until(time.monotonic() + WITHDRAW_WAIT_S):
             client.cancel(request.id)
-        raise
+    except redis.exceptions.RedisError as exc:
+        return (f"could not withdraw that message: Redis cannot be reached ({str(exc).rstrip('.')}); "
+                "a worker may still answer it once Redis is back, for nobody")
+    return None
 
 
 def _check_persona(settings: Settings, name: str) -> None:
@@ -85,13 +88,15 @@ def ask(
     max_new_tokens: int = typer.Option(None, min=1, max=MAX_NEW_TOKENS, help="override the reply length limit"),
     seed: int = typer.Option(None, min=0, max=MAX_SEED, metavar="N", help="sampling seed, for a repeatable answer"),
     timeout: float = typer.Option(
-        None, min=1.0, help="seconds to wait for the reply (also its deadline; default: the queue's)"
+        None, min=1.0, help="seconds to wait for the reply, also its deadline (default: the queue's, "
+        "PERSONA_QUEUE__DEFAULT_DEADLINE_S, 120 s unless set); raise it while a worker is still loading its model",
     ),
     json_output: bool = typer.Option(
         False, "--json", help="print the whole reply as JSON (exit status 1 when it is an error)"
     ),
 ) -> None:
-    """Send one message to PERSONA through the queue and print its reply."""
+    """Send one message to PERSONA through the queue and print its reply (needs `persona up`
+    running, or a worker and Redis). Ctrl-C while it waits withdraws the message."""
     settings = get_settings()
     _check_persona(settings, persona)
     request = GenerationRequest(
@@ -103,7 +108,13 @@ def ask(
     check_request(request, settings.queue)  # an empty or too long message is refused before Redis is needed
     client = _client(settings)
     _say_if_no_worker(client, timeout or settings.queue.default_deadline_s)
-    reply = _ask(client, request, timeout=timeout)
+    try:
+        reply = client.ask(request, timeout=timeout)
+    except KeyboardInterrupt:
+        problem = _withdraw(client, request)
+        err_console.print(problem or "(withdrawn: no worker will answer it)", style="yellow" if problem else "dim",
+                          markup=False, highlight=False)
+        raise
     if json_output:
         print(reply.to_json())
         if not reply.ok:  # the error is in the JSON; the status tells a script it failed
@@ -161,10 +172,14 @@ def run_chat(
         try:
             _say_if_no_worker(client, settings.queue.default_deadline_s, starters)
             with console.status(f"{persona} is thinking..."):
-                reply = _ask(client, request)
+                reply = client.ask(request)
         except KeyboardInterrupt:  # as in a shell
             history.pop()
-            console.print("[dim](withdrawn)[/dim]")
+            withdrawn = _withdraw(client, request)
+            if withdrawn is None:
+                console.print("[dim](withdrawn)[/dim]")
+            else:
+                err_console.print(withdrawn, style="yellow", markup=False, highlight=False)
             if stop is not None and stop.is_set():  # SIGTERM or SIGHUP: `persona up` is stopping, and the chat with it
                 return
             continue
@@ -202,7 +217,12 @@ def _as_context(reply: str, limit_chars: int) -> Message:
 
 @friendly_errors
 def chat(persona: str = typer.Argument(DEFAULT_PERSONA, help="which persona to talk to")) -> None:
-    """Chat with PERSONA in the terminal, through the queue (needs `persona up` running)."""
+    """Chat with PERSONA in the terminal, through the queue (needs `persona up` running).
+
+    Each message goes with the recent turns as context. In the chat, /reset forgets the
+    conversation, /help lists the commands, /quit or Ctrl-D leaves, and Ctrl-C withdraws a
+    message still waiting for its reply; a line that starts with // is sent starting with /.
+    """
     run_chat(get_settings(), persona)
 
 

@@ -5,11 +5,13 @@ armed. Armed with ``cut_answer_to(marker)``, it lets the next command whose byte
 ``marker`` reach Redis, then closes the connection instead of passing on Redis's answer:
 the command ran, its caller never hears so. Armed with ``cut_answer_holding(marker)``, it
 closes the connection instead of passing on an answer that holds ``marker``. Each cut
-happens once; ``cuts`` counts them.
+happens once; ``cuts`` counts them. ``go_down()`` plays Redis stopping: every open
+connection is closed and each new one is closed as it is accepted, until ``come_back()``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import select
 import socket
 import threading
@@ -35,6 +37,8 @@ class CuttingProxy:
         self._lock = threading.Lock()
         self._after_command: bytes | None = None
         self._in_answer: bytes | None = None
+        self._down = False
+        self._open: set[socket.socket] = set()
         self._listener = socket.create_server(("127.0.0.1", 0))
         parsed = urlparse(upstream_url)
         login = f"{parsed.username or ''}:{parsed.password}@" if parsed.password else ""
@@ -50,6 +54,18 @@ class CuttingProxy:
         with self._lock:
             self._in_answer = marker
 
+    def go_down(self) -> None:
+        """Close every connection, and each new one as it comes, until ``come_back``."""
+        with self._lock:
+            self._down = True
+            for side in self._open:  # its thread sees the end, and closes it
+                with contextlib.suppress(OSError):
+                    side.shutdown(socket.SHUT_RDWR)
+
+    def come_back(self) -> None:
+        with self._lock:
+            self._down = False
+
     def close(self) -> None:
         self._stopping.set()
         self._listener.close()
@@ -60,7 +76,19 @@ class CuttingProxy:
                 client, _ = self._listener.accept()
             except OSError:
                 return
-            threading.Thread(target=self._pass, args=(client, _connect_upstream(self.upstream_url)), daemon=True).start()
+            with self._lock:
+                down = self._down
+            if down:
+                client.close()
+                continue
+            try:
+                upstream = _connect_upstream(self.upstream_url)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._open.update((client, upstream))
+            threading.Thread(target=self._pass, args=(client, upstream), daemon=True).start()
 
     def _pass(self, client: socket.socket, upstream: socket.socket) -> None:
         cut_next_answer = False
@@ -86,5 +114,7 @@ class CuttingProxy:
         except OSError:
             return
         finally:
+            with self._lock:
+                self._open.difference_update((client, upstream))
             client.close()
             upstream.close()

@@ -1,0 +1,73 @@
+"""`persona ask` and `persona chat` as a user meets them when the queue misbehaves: real
+processes on a real Redis that the test stops halfway."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import redis
+
+from persona import constants as keys
+from persona.embedded_redis import EmbeddedRedis
+
+# `python -m persona`, with Ctrl-C raising KeyboardInterrupt as in a terminal, even where the
+# tests run as a background job (which starts Python with SIGINT ignored).
+AS_IN_A_TERMINAL = (
+    "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "sys.argv[0] = 'persona'; runpy.run_module('persona', run_name='__main__', alter_sys=True)"
+)
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path):
+    """A Redis of this test's own, to stop while a command waits on it; a client on it."""
+    server = EmbeddedRedis(tmp_path / "own-redis")
+    url = server.start(unix_socket=False)
+    client = redis.Redis.from_url(url)
+    yield server, url, client
+    client.close()
+    server.stop()
+
+
+def _talking(tmp_path: Path, url: str, *args: str) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PERSONA_")}
+    env |= {"PERSONA_DATA_DIR": str(tmp_path / "data"), "PERSONA_REDIS_URL": url, "COLUMNS": "200"}
+    return subprocess.Popen(
+        [sys.executable, "-c", AS_IN_A_TERMINAL, *args], env=env, text=True, stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+
+
+def _queued(client: redis.Redis, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not client.exists(keys.STREAM_INTERACTIVE) or not client.xlen(keys.STREAM_INTERACTIVE):
+        assert time.monotonic() < deadline, "the request never reached the queue"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("command", ["ask", "chat"])
+def test_ctrl_c_with_redis_down_answers_at_once_and_says_the_message_was_not_withdrawn(tmp_path, own_redis, command):
+    """Withdrawing the message went through redis-py's reconnects: the terminal hung for 9 s
+    after Ctrl-C, and the chat then said "(withdrawn)" of a message still queued."""
+    server, url, client = own_redis
+    talking = _talking(tmp_path, url, *(["ask", "sage", "hello"] if command == "ask" else ["chat", "sage"]))
+    if command == "chat":
+        talking.stdin.write("hello\n")
+        talking.stdin.flush()
+    _queued(client)  # no worker: it waits for the reply
+    server.stop()
+    pressed = time.monotonic()
+    talking.send_signal(signal.SIGINT)
+    stdout, stderr = talking.communicate("/quit\n" if command == "chat" else None, timeout=30)
+    assert time.monotonic() - pressed < 4.0
+    assert "Traceback" not in stderr
+    assert "could not withdraw that message: Redis cannot be reached" in stderr
+    assert "(withdrawn" not in stdout + stderr
+    if command == "chat":
+        assert talking.returncode == 0 and stdout.count("you>") == 2  # the chat goes on, then /quit
