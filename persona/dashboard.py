@@ -69,6 +69,7 @@ from persona.dead_letters import (
 )
 from persona.errors import ConfigError, QueueBusy
 from persona.ledger import PostLedger
+from persona.logs import REDACTED, secrets_of
 from persona.monitoring import QueueStats, collect_stats
 from persona.personas import PersonaRegistry
 from persona.settings import Settings
@@ -126,15 +127,23 @@ def _allowed_hosts(settings: Settings, host: str) -> list[str]:
 
 class RedisWatch:
     """Whether the dashboard could read Redis last time; says so in the log once per change
-    (the page asks every two seconds and Prometheus scrapes too: one line, not a traceback each)."""
+    (the page asks every two seconds and Prometheus scrapes too: one line, not a traceback each).
 
-    def __init__(self) -> None:
+    What it says hides ``secrets`` (the settings' passwords and tokens): it is the body of
+    ``/readyz``, which answers anyone who can reach the dashboard, token or not, and a
+    server that is not quite Redis may quote the password back ("unknown command 'AUTH',
+    with args beginning with: ...")."""
+
+    def __init__(self, secrets: list[str] | None = None) -> None:
         self.reachable = True
+        self.secrets = secrets or []
 
     def failed(self, exc: redis.exceptions.RedisError) -> str:
         """Note a failure; the sentence the page and the log show."""
         said = f"the dashboard cannot read the queue from Redis ({str(exc).rstrip('.')}); is Redis running? " \
                "`persona up` starts it; `persona queue stats` checks"
+        for secret in self.secrets:
+            said = said.replace(secret, REDACTED)
         if self.reachable:
             log.warning("%s", said)
         self.reachable = False
@@ -215,13 +224,13 @@ class QueueCollector:
 
 
 def _queue_families(stats: QueueStats) -> Iterator[Metric]:
-    waiting = GaugeMetricFamily("persona_queue_waiting", "Requests waiting per stream", labels=["stream"])
-    in_flight = GaugeMetricFamily("persona_queue_in_flight", "Requests being generated per stream", labels=["stream"])
+    waiting = GaugeMetricFamily("persona_queue_waiting", "Requests waiting per stream (chat, batch)", labels=["stream"])
+    in_flight = GaugeMetricFamily("persona_queue_in_flight", "Requests being generated per stream (chat, batch)", labels=["stream"])
     oldest = GaugeMetricFamily("persona_queue_oldest_waiting_seconds", "Age of the oldest waiting request", labels=["stream"])
-    for s in stats.streams:
-        waiting.add_metric([s.name], s.waiting)
-        in_flight.add_metric([s.name], s.in_flight)
-        oldest.add_metric([s.name], s.oldest_waiting_s)
+    for s in stats.streams:  # labelled chat and batch, as people call them, not by Redis key
+        waiting.add_metric([s.label], s.waiting)
+        in_flight.add_metric([s.label], s.in_flight)
+        oldest.add_metric([s.label], s.oldest_waiting_s)
     yield from (waiting, in_flight, oldest)
     yield GaugeMetricFamily("persona_dead_letters", "Requests in the dead-letter stream", value=stats.dead_letters)
     # A gauge, not a counter: it is worked out from other counts, which a moment's race
@@ -321,7 +330,7 @@ def create_app(settings: Settings, client: redis.Redis, host: str | None = None)
     """The dashboard app, reading from ``client``, served on ``host`` (default: the setting)."""
     history: deque[dict] = deque(maxlen=HISTORY_POINTS)
     token = settings.dashboard.token.get_secret_value() if _has_token(settings) else None
-    watch = RedisWatch()
+    watch = RedisWatch(secrets_of(settings))
 
     async def sampler() -> None:
         while True:

@@ -89,7 +89,7 @@ function render(data){
   document.getElementById('dead-count').textContent = s.dead_letters;
   document.getElementById('dead-note').textContent = data.dead_note || '';  // trimmed at the cap, or near it
   document.getElementById('stuck-count').textContent = s.stuck.length;
-  rows('streams', s.streams, x => [esc(x.name), '#' + x.waiting, '#' + x.in_flight, '#' + x.oldest_waiting_s.toFixed(1) + 's']);
+  rows('streams', s.streams, x => [esc(x.label), '#' + x.waiting, '#' + x.in_flight, '#' + x.oldest_waiting_s.toFixed(1) + 's']);
   const failed = Object.entries(s.counters).filter(([k]) => k.startsWith('failed:'));
   document.getElementById('counters').textContent = 'completed ' + (s.counters.completed || 0) + ', tokens ' + (s.counters.tokens || 0) +
     (failed.length ? ', ' + failed.map(([k, v]) => k + ' ' + v).join(', ') : '');
@@ -131,7 +131,7 @@ function render(data){
   rows('stuck', s.stuck, x => [esc(x.request_id), esc(x.worker), '#' + x.held_s + 's', esc(x.reason)]);
   const names = s.streams.map(x => x.name);
   chart('depth-chart', names.map((n, i) => ({color: colors[i % 4], points: data.history.map(h => h.depth[n] || 0)})));
-  document.getElementById('depth-legend').innerHTML = names.map((n, i) => '<span style="color:' + colors[i % 4] + '">' + esc(n) + '</span>').join('');
+  document.getElementById('depth-legend').innerHTML = s.streams.map((x, i) => '<span style="color:' + colors[i % 4] + '">' + esc(x.label) + '</span>').join('');
   chart('latency-chart', [{color: colors[0], points: data.history.map(h => h.queue_p95)},
                           {color: colors[1], points: data.history.map(h => h.generate_p95)}]);
   document.getElementById('updated').textContent = 'updated ' + new Date().toLocaleTimeString();

@@ -240,8 +240,10 @@ def retry_dead(client: redis.Redis, entry_id: str, max_length: int | None = None
         int(max(allowed, 0.0) * 2) + 60,  # as long as a submit's hold, for its own deadline
     )
     if new_id in (b"busy", "busy"):
+        from persona.monitoring import stream_label  # here: monitoring reads this module's counts
+
         raise QueueBusy(
-            f"{stream} already holds {max_length} requests (PERSONA_QUEUE__MAX_LENGTH), so dead letter {entry_id} "
+            f"the {stream_label(stream)} stream already holds {max_length} requests (PERSONA_QUEUE__MAX_LENGTH), so dead letter {entry_id} "
             "stays where it is; retry it once the queue has drained (see `persona queue stats`)"
         )
     return _text(new_id) if new_id else None

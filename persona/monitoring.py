@@ -14,7 +14,7 @@ import time
 from collections.abc import Mapping
 
 import redis
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, computed_field
 
 from persona import constants as keys
 from persona.dead_letters import trimmed_count
@@ -30,18 +30,30 @@ from persona.personas import Persona
 from persona.swap import served_versions
 from persona.telemetry import LatencySummary, summarize
 
-__all__ = ["QueueStats", "StreamStats", "StuckEntry", "collect_stats", "find_stuck"]
+__all__ = ["QueueStats", "StreamStats", "StuckEntry", "collect_stats", "find_stuck", "stream_label"]
 
 STUCK_SCAN_LIMIT = 200
+
+
+def stream_label(stream: str) -> str:
+    """A queue stream as people call it (``chat``, ``batch``), not its Redis key
+    (``persona:q:chat``): what the tables, the page and ``/metrics``' ``stream`` label show."""
+    return stream.removeprefix(keys.KEY_PREFIX + "q:")
 
 
 class StreamStats(BaseModel):
     """One stream's figures."""
 
-    name: str
+    name: str = Field(description="the stream's Redis key")
     waiting: int
     in_flight: int
     oldest_waiting_s: float = 0.0
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def label(self) -> str:
+        """The stream as people call it: ``chat`` or ``batch``."""
+        return stream_label(self.name)
 
 
 class StuckEntry(BaseModel):

@@ -61,6 +61,14 @@ def test_bench_engine_refuses_a_bad_batch_list(tmp_path):
     assert "comma" in result.stderr
 
 
+def test_bench_engine_refuses_a_batch_size_given_twice(tmp_path):
+    """--batch 1,1 measured batch 1 twice and showed two rows of the same figures."""
+    result = bench_engine_cli(tmp_path, "--batch", "1,8,1")
+    assert result.returncode == 2
+    said = " ".join(result.stderr.replace("│", " ").split())  # the error box wraps at the terminal's width
+    assert "Invalid value for '--batch': batch size 1 is given more than once; give each once: --batch 1,8" in said
+
+
 def test_bench_engine_refuses_an_unknown_gguf_type(tmp_path):
     result = bench_engine_cli(tmp_path, "--gguf", "q2_k")
     assert result.returncode == 2

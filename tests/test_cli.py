@@ -42,6 +42,48 @@ def test_help_paragraphs_wrap_at_the_terminals_width(env):
     assert all(len(line) <= 80 for line in lines)
 
 
+# Every command's --help, printed by one process as `persona PATH --help` prints it.
+EVERY_HELP = """
+import sys
+import typer.main
+from persona.cli import app, main
+
+def paths(command, path):
+    yield path
+    for name, sub in getattr(command, "commands", {}).items():
+        yield from paths(sub, [*path, name])
+
+for path in paths(typer.main.get_command(app), []):
+    print("=== persona " + " ".join(path), flush=True)
+    sys.argv = ["persona", *path, "--help"]
+    try:
+        main()
+    except SystemExit:
+        pass
+"""
+
+
+def test_every_commands_usage_and_help_read_plainly(env):
+    """This typer wrote usage lines as `persona swap [OPTIONS] {PERSONA} {VERSION|PATH}` (and
+    `persona ask [OPTIONS] {persona} {text}`), and `<bool>` beside every flag, `--help` too."""
+    result = subprocess.run([sys.executable, "-c", EVERY_HELP], env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    helps = result.stdout.split("=== ")[1:]
+    assert len(helps) > 40  # every command and group
+    usages = [line.strip() for line in result.stdout.splitlines() if line.strip().startswith("Usage:")]
+    assert len(usages) == len(helps)
+    assert not [line for line in usages if set("{}<>").intersection(line)], usages
+    assert "Usage: persona swap [OPTIONS] PERSONA VERSION|PATH" in usages
+    assert "Usage: persona ask [OPTIONS] PERSONA TEXT" in usages
+    assert "Usage: persona queue drop [OPTIONS] [ID]..." in usages
+    odd = re.findall(r"<(?:bool|str|int|float|list|path|dir|file)[^>]*>", result.stdout)
+    assert not odd, odd
+    assert re.search(r"--limit +INTEGER \[x>=1\]", result.stdout)  # a value's type, as click writes it
+    missing = persona("queue", "show", env=env)  # a usage error names the argument the same way
+    assert missing.returncode == 2
+    assert "Usage: persona queue show [OPTIONS] ID\n" in missing.stderr and "Missing argument 'ID'" in missing.stderr
+
+
 def test_personas_list_prints_one_per_line_name_first(env):
     result = persona("personas", "list", env=env)
     assert result.returncode == 0, result.stderr
@@ -154,7 +196,7 @@ def test_queue_stats_shows_streams_and_workers(env, redis_url, redis_client):
     env["PERSONA_REDIS_URL"] = redis_url
     result = persona("queue", "stats", env=env)
     assert result.returncode == 0, result.stderr
-    assert "persona:q:chat" in result.stdout and "workers (0 live)" in result.stdout
+    assert "│ chat " in result.stdout and "persona:q:" not in result.stdout and "workers (0 live)" in result.stdout
     as_json = persona("queue", "stats", "--json", env=env)
     assert '"completed"' not in as_json.stdout or as_json.returncode == 0
     import json
@@ -168,6 +210,36 @@ def test_wrong_redis_password_is_named_without_showing_it(env, redis_url):
     result = persona("queue", "stats", env=env)
     assert result.returncode == 1
     assert "refused the password" in result.stderr and "not-the-password" not in result.stderr
+
+
+def test_a_server_quoting_the_password_back_is_said_without_it(env):
+    """A Redis older than HELLO (5.x) answers the client's greeting by quoting it, password
+    and all, and the error line showed it (on a terminal, in a CI log, in a bug report)."""
+    import contextlib
+    import socket
+    import threading
+
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def answer_as_redis_5_answers_hello() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = listener.accept()
+                with conn:
+                    words = conn.recv(4096).split(b"\r\n")[2::2]  # RESP: *n, $len, word, $len, word, ...
+                    quoted = "".join(f"`{w.decode()}`, " for w in words[1:] if w)
+                    conn.sendall(f"-ERR unknown command `{words[0].decode()}`, with args beginning with: {quoted}\r\n".encode())
+
+    threading.Thread(target=answer_as_redis_5_answers_hello, daemon=True).start()
+    env["PERSONA_REDIS_URL"] = f"redis://:hunter2-secret@127.0.0.1:{listener.getsockname()[1]}/0"
+    try:
+        for args in (("queue", "stats"), ("queue", "dead", "--json")):
+            result = persona(*args, env=env)
+            said = result.stderr + result.stdout
+            assert result.returncode == 1 and "HELLO" in said, said
+            assert "hunter2-secret" not in said and "***" in said
+    finally:
+        listener.close()
 
 
 def test_the_command_line_starts_without_the_model_stack(env):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -240,7 +241,9 @@ def test_metrics_parse_with_the_prometheus_parser(settings, redis_client, dashbo
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}
     assert samples[("persona_replies_total", (("persona", "sage"), ("version", "v2")))] == 6
     assert samples[("persona_replies_total", (("persona", "sage"), ("version", "v1")))] == 3
-    assert samples[("persona_queue_waiting", (("stream", keys.STREAM_INTERACTIVE),))] == 2
+    # Labelled as people call the streams, not by Redis key (it was stream="persona:q:chat").
+    assert samples[("persona_queue_waiting", (("stream", "chat"),))] == 2
+    assert samples[("persona_queue_in_flight", (("stream", "batch"),))] == 0
     assert samples[("persona_request_errors_total", (("kind", "timeout"),))] == 2
     assert samples[("persona_tokens_generated_total", ())] == 45
     assert samples[("persona_dead_letters", ())] == 1
@@ -313,6 +316,35 @@ def test_readyz_says_when_redis_cannot_be_read_and_healthz_stays_liveness(settin
         assert httpx.get(f"{base}/readyz").status_code == 200
     finally:
         server.stop()
+
+
+def test_readyz_never_shows_the_redis_password(settings, dashboard):
+    """/readyz answers anyone who can reach the dashboard, token or not, with Redis's own
+    words, and a Redis older than HELLO (5.x) quotes the client's greeting back, password
+    and all: the body showed it."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def answer_as_redis_5_answers_hello() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = listener.accept()
+                with conn:
+                    words = conn.recv(4096).split(b"\r\n")[2::2]  # RESP: *n, $len, word, $len, word, ...
+                    quoted = "".join(f"`{w.decode()}`, " for w in words[1:] if w)
+                    conn.sendall(f"-ERR unknown command `{words[0].decode()}`, with args beginning with: {quoted}\r\n".encode())
+
+    threading.Thread(target=answer_as_redis_5_answers_hello, daemon=True).start()
+    url = f"redis://:hunter2-secret@127.0.0.1:{listener.getsockname()[1]}/0"
+    settings.redis_url = SecretStr(url)
+    try:
+        base = dashboard(token="s3cret", url=url)
+        down = httpx.get(f"{base}/readyz", timeout=30)
+        assert down.status_code == 503 and "unknown command" in down.json()["detail"], down.text
+        assert "hunter2-secret" not in down.text and "***" in down.text
+        page = httpx.get(f"{base}/api/stats", headers={"Authorization": "Bearer s3cret"}, timeout=30)
+        assert page.status_code == 503 and "hunter2-secret" not in page.text
+    finally:
+        listener.close()
 
 
 def test_persona_dashboard_command_serves_and_up_includes_it(settings, redis_url, redis_client):

@@ -118,11 +118,12 @@ def test_retry_waits_for_room_in_the_queue_as_callers_do(settings, redis_client,
     some = persona("queue", "retry", "--all", "--yes")
     assert some.returncode == 0, some.stderr
     assert "re-queued 2" in some.stdout and "1 left:" in some.stdout
-    assert "1 for persona:q:chat, which holds 2 requests" in some.stdout
+    assert "1 for the chat stream, which holds 2 requests" in some.stdout
     assert redis_client.xlen("persona:q:chat") == 2
     [left] = list_dead(redis_client)
     refused = persona("queue", "retry", left.id)
-    assert refused.returncode == 1 and "holds 2 requests" in refused.stderr and "Traceback" not in refused.stderr
+    assert refused.returncode == 1 and "the chat stream already holds 2 requests" in refused.stderr
+    assert "Traceback" not in refused.stderr and "persona:q:" not in refused.stderr  # the stream as people call it
     assert list_dead(redis_client) == [left] and redis_client.xlen("persona:q:chat") == 2
     redis_client.delete("persona:q:chat")  # drained
     assert persona("queue", "retry", left.id).returncode == 0
@@ -147,7 +148,7 @@ def test_retry_all_goes_on_with_letters_for_a_stream_that_has_room(settings, red
     assert done.returncode == 0, done.stderr
     assert redis_client.xlen("persona:q:batch") == 1, done.stdout
     assert "re-queued 1 dead letter(s)" in done.stdout and "2 left:" in done.stdout
-    assert "1 for persona:q:chat, which holds 2 requests" in done.stdout
+    assert "1 for the chat stream, which holds 2 requests" in done.stdout
     assert "1 holding no readable request" in done.stdout
     assert sorted(letter.stream for letter in list_dead(redis_client)) == ["", "persona:q:chat"]
 
@@ -198,13 +199,14 @@ def test_a_dead_letter_can_be_shown_whole_and_dropped_for_good(settings, redis_c
     shown = persona("show", good.id)
     assert shown.returncode == 0, shown.stderr
     assert all(part in shown.stdout for part in (sent.id, "come back [soon]", "telegram:42", "it crashed the worker"))
+    assert "bound for  the chat stream" in shown.stdout  # not its Redis key, persona:q:chat
     assert json.loads(persona("show", good.id, "--json").stdout)["request_id"] == sent.id
     assert persona("show", "1-1").returncode == 1
 
     dropped = persona("drop", "--unreadable", "--yes")
     assert dropped.returncode == 0 and "dropped 1 dead letter" in dropped.stdout
     assert list_dead(redis_client) == [good]
-    typo = persona("drop", good.id, "1-1")  # one unknown id: nothing dropped
+    typo = persona("drop", good.id, "1-1", "1-1")  # one unknown id (named twice, said once): nothing dropped
     assert typo.returncode == 1 and "no dead letter 1-1; nothing dropped" in typo.stderr
     assert list_dead(redis_client) == [good]
     assert persona("drop", good.id).returncode == 0

@@ -286,12 +286,12 @@ def test_watch_says_redis_is_out_of_reach_and_goes_on_when_it_is_back(settings, 
         return at
 
     try:
-        wait_for("persona:q:chat")
+        wait_for("│ chat ")  # the table: its chat stream row
         server.stop()
         lost = wait_for("cannot read the queue since")
         assert "still trying" in shown.read_text()
         server.start()
-        wait_for("persona:q:chat", after=lost)  # back: the figures again
+        wait_for("│ chat ", after=lost)  # back: the figures again
         watching.send_signal(signal.SIGINT)
         watching.wait(timeout=30)
         assert watching.returncode == 0 and "Traceback" not in shown.read_text()

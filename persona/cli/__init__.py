@@ -54,11 +54,60 @@ def _reflowed(text: str | None) -> str | None:
     )
 
 
-def _reflow_help(command):  # a click command, as typer builds it
-    """``command`` and its subcommands, their help reflowed."""
+# What a value's type reads as in --help, as click has always written it: this typer
+# writes its own labels (``<str>``, ``<int range>``, ``<list[str]>``, and ``<bool>`` beside
+# every flag, which takes no value at all).
+_TYPE_NAMES = {
+    "str": "TEXT", "int": "INTEGER", "float": "FLOAT", "bool": "BOOLEAN", "path": "PATH", "Path": "PATH",
+    "dir": "DIRECTORY", "file": "FILE", "datetime": "DATETIME", "UUID": "UUID",
+}
+
+
+def _plain_type(label: str) -> str:
+    """A typer type label (``<int range>``, ``<list[Path]>``, ``<a|b>``) as click writes it."""
+    name = label.removeprefix("<").removesuffix(">").removesuffix(" range")
+    if name.startswith("list[") and name.endswith("]"):
+        name = name[len("list[") : -1]
+    if "|" in name:  # choices
+        return f"[{name}]"
+    return _TYPE_NAMES.get(name, name.upper())
+
+
+def _plain_placeholders(param) -> None:  # a typer parameter, as typer builds it
+    """Usage lines and help as click writes them: ``persona swap [OPTIONS] PERSONA VERSION|PATH``
+    (this typer wrote ``{PERSONA} {VERSION|PATH}``, and lowercase names: ``{persona} {text}``),
+    a flag with no type beside it, a value's type as ``INTEGER``. Older typers, which write
+    these as click does, have none of the hooks and are left alone."""
+    if not hasattr(type(param), "display_type") or "display_type" in vars(param):  # an old typer, or done
+        return
+    typed = param.display_type
+    if getattr(param, "is_flag", False):
+        param.display_type = lambda ctx: None
+    else:
+        param.display_type = lambda ctx: _plain_type(typed(ctx))
+    if param.param_type_name == "argument":
+        param.metavar = param.metavar or param.name.upper()  # also how "Missing argument 'ID'." names it
+        shown = param.metavar if param.required else f"[{param.metavar}]"
+        shown += "..." if param.nargs != 1 else ""
+        param.get_usage_pieces = lambda ctx: [shown]
+
+
+def _tidy_help(command):  # a click command, as typer builds it
+    """``command`` and its subcommands: their help reflowed, their placeholders plain."""
     command.help = _reflowed(command.help)
+    for param in command.params:
+        _plain_placeholders(param)
+    help_option = command.get_help_option  # made when first asked for (--help itself, a flag)
+
+    def plain_help_option(ctx):
+        option = help_option(ctx)
+        if option is not None:
+            _plain_placeholders(option)
+        return option
+
+    command.get_help_option = plain_help_option
     for sub in getattr(command, "commands", {}).values():
-        _reflow_help(sub)
+        _tidy_help(sub)
     return command
 
 
@@ -66,7 +115,7 @@ def main() -> None:
     """Entry point of the ``persona`` console script."""
     from persona.cli.common import err_console, usage_failure, wants_json
 
-    command = _reflow_help(typer.main.get_command(app))
+    command = _tidy_help(typer.main.get_command(app))
     args = sys.argv[1:]
     if not wants_json(args):
         command(args=args, prog_name="persona")

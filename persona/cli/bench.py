@@ -57,9 +57,16 @@ def _batches(text: str) -> list[int]:
     try:
         sizes = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise typer.BadParameter("give batch sizes as numbers separated by commas, e.g. 1,8") from None
+        raise typer.BadParameter("give batch sizes as numbers separated by commas, e.g. 1,8", param_hint="'--batch'") from None
     if not sizes or min(sizes) < 1:
-        raise typer.BadParameter("batch sizes must be 1 or more, e.g. 1,8")
+        raise typer.BadParameter("batch sizes must be 1 or more, e.g. 1,8", param_hint="'--batch'")
+    # Each size is measured once and shown on one row: 1,1 measured batch 1 twice, for one
+    # row shown twice with the second run's figures (and 1,1 is often a typo for 1,16).
+    again = sorted({size for size in sizes if sizes.count(size) > 1})
+    if again:
+        named = f"batch sizes {', '.join(map(str, again))} are" if len(again) > 1 else f"batch size {again[0]} is"
+        once = ",".join(map(str, dict.fromkeys(sizes)))
+        raise typer.BadParameter(f"{named} given more than once; give each once: --batch {once}", param_hint="'--batch'")
     return sizes
 
 

@@ -33,6 +33,7 @@ from persona.errors import (
     RedisUnavailable,
     UsageError,
 )
+from persona.logs import REDACTED, secrets_of
 from persona.settings import Settings, explain_settings_error
 from persona.supervisor import config_error_exit_status
 
@@ -60,8 +61,21 @@ R = TypeVar("R")
 _json_errors: contextvars.ContextVar[bool] = contextvars.ContextVar("json_errors", default=False)
 
 
+def _without_secrets(message: str) -> str:
+    """``message`` with the settings' passwords and tokens hidden, once the settings are read:
+    a server's own words may quote them (a Redis older than HELLO quotes the client's
+    greeting back, password and all), and an error line ends up in CI logs and bug reports."""
+    if not get_settings.cache_info().currsize:  # not read (or not readable): nothing to hide yet
+        return message
+    for secret in secrets_of(get_settings()):
+        if "://" not in secret:  # a URL's password is hidden on its own; the rest says where Redis is
+            message = message.replace(secret, REDACTED)
+    return message
+
+
 def _fail(message: str, kind: str, status: int = 1) -> typer.Exit:
     """Say why the command failed, as the command's output asks for; the exit to raise."""
+    message = _without_secrets(message)
     if _json_errors.get():
         print(json.dumps({"ok": False, "error": {"kind": kind, "message": message}}, ensure_ascii=False), flush=True)
     else:

@@ -40,7 +40,7 @@ from persona.dead_letters import (
     trimmed_note,
 )
 from persona.errors import QueueError
-from persona.monitoring import QueueStats, collect_stats
+from persona.monitoring import QueueStats, collect_stats, stream_label
 from persona.personas import Persona, PersonaRegistry
 from persona.settings import Settings
 from persona.telemetry import THROUGHPUT_WINDOW_S
@@ -63,7 +63,7 @@ def render_stats(stats: QueueStats) -> Table:
     table.add_column("in flight", justify="right")
     table.add_column("oldest waiting", justify="right")
     for stream in stats.streams:
-        table.add_row(escape(stream.name), str(stream.waiting), str(stream.in_flight), f"{stream.oldest_waiting_s:.1f}s")
+        table.add_row(escape(stream.label), str(stream.waiting), str(stream.in_flight), f"{stream.oldest_waiting_s:.1f}s")
     table.add_row("dead letters", str(stats.dead_letters), "", "")
     if stats.dead_letters_trimmed_since_cleared:  # until an operator empties the stream
         table.add_row("  deleted at the cap", str(stats.dead_letters_trimmed_since_cleared), "", "")
@@ -185,7 +185,7 @@ def _read(
 def summary_line(stats: QueueStats) -> str:
     """The figures `watch` prints as one line a period when its output is not a terminal
     (a file, `| tee`, a log collector)."""
-    waiting = ", ".join(f"{s.name.rsplit(':', 1)[-1]} {s.waiting}" for s in stats.streams)
+    waiting = ", ".join(f"{s.label} {s.waiting}" for s in stats.streams)
     parts = [
         f"waiting {sum(s.waiting for s in stats.streams)} ({waiting})",
         f"in flight {sum(s.in_flight for s in stats.streams)}",
@@ -328,7 +328,7 @@ def show(
     lines = [
         f"dead letter {letter.id}",
         f"  set aside  {local_time(letter.at)} by worker {letter.worker or '-'} after {letter.deliveries} deliveries: {letter.reason}",
-        f"  bound for  {letter.stream or '-'}",
+        f"  bound for  {'the ' + stream_label(letter.stream) + ' stream' if letter.stream else '-'}",
     ]
     if letter.request_id:
         request = GenerationRequest.from_json(letter.payload)
@@ -390,7 +390,7 @@ def retry(
         console.print(f"{report.left} left:")
     for stream, letters in report.full.items():
         console.print(
-            f"  {letters} for {stream}, which holds {limit} requests (PERSONA_QUEUE__MAX_LENGTH): "
+            f"  {letters} for the {stream_label(stream)} stream, which holds {limit} requests (PERSONA_QUEUE__MAX_LENGTH): "
             "run this again once it has drained (see `persona queue stats`)"
         )
     if report.unreadable:
@@ -416,6 +416,7 @@ def drop(
     if sum((bool(entry_ids), all_, unreadable)) != 1:
         raise QueueError("name dead-letter IDs, or pass --all or --unreadable (see `persona queue dead`)")
     if entry_ids:
+        entry_ids = list(dict.fromkeys(entry_ids))  # an id named twice is one letter, and said once
         missing = [i for i in entry_ids if find_dead(client, i) is None]
         if missing:  # nothing is dropped: a typo among the ids should not go half done
             raise QueueError(f"no dead letter {', '.join(missing)}; nothing dropped; see `persona queue dead`")
