@@ -207,7 +207,7 @@ def resolve_base(base: str, cache_dir: Path, *, weights: bool = True) -> Path:
 
 def _bundled_folder(cache_dir: Path, *, weights: bool) -> Path:
     """The bundled GGUF as a plain Hugging Face folder, written once, in two parts: its
-    config and tokenizer (about 9 s), which is all a worker serving it on llama.cpp
+    config and tokenizer (about 5 s), which is all a worker serving it on llama.cpp
     needs, and its dequantised weights (about 15 s more), only once something loads them
     into torch (training, a GPU, the eager engine)."""
     target = cache_dir / BUNDLED_CACHE_NAME
@@ -248,15 +248,15 @@ def _write_bundled(target: Path, *, weights: bool) -> None:
     from transformers import (
         AutoConfig,
         AutoModelForCausalLM,
-        AutoTokenizer,
         GenerationConfig,
+        PreTrainedTokenizerFast,
     )
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     _quiet_transformers()
     gguf = bundled_gguf_path()
     if not weights:
-        log.info("converting the bundled model %s once (about 10 s)", gguf.name)
+        log.info("converting the bundled model %s once (about 5 s)", gguf.name)
     else:
         _quiet_gguf_conversion()
         log.info("converting the weights of the bundled model %s for torch once (about 25 s)", gguf.name)
@@ -284,7 +284,9 @@ def _write_bundled(target: Path, *, weights: bool) -> None:
             config.save_pretrained(staging)
             GenerationConfig.from_model_config(config).save_pretrained(staging)
         if not (target / "config.json").is_file():
-            AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(staging)
+            # Its class named, not AutoTokenizer: that reads the whole GGUF again (about 4 s,
+            # half of a first start) only to learn the model type, which picks this class.
+            PreTrainedTokenizerFast.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(staging)
             try:
                 os.replace(staging, target)
             except OSError:  # another process finished first
@@ -311,22 +313,32 @@ def load_model(
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     _quiet_transformers()
-    base_dir = resolve_base(base, cache_dir, weights=False)
     torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if device == "cuda" else torch.float32)
-    weights_dir = base_dir
+    lora = None
     if checkpoint is not None:
         checkpoint = Path(checkpoint)
         if not checkpoint.is_dir():
             raise ModelError(f"checkpoint {checkpoint} is not a folder")
-        if not is_lora_dir(checkpoint):
-            if not (checkpoint / "config.json").is_file():
-                raise ModelError(
-                    f"checkpoint {checkpoint} has neither adapter_config.json (LoRA) "
-                    "nor config.json (full weights)"
-                )
-            weights_dir = checkpoint
+        if is_lora_dir(checkpoint):
+            lora = checkpoint
+            # A damaged adapter is refused before the base loads (seconds, each time a worker starts).
+            _adapter_config(lora)
+            _check_adapter_weights(lora)
+        elif not (checkpoint / "config.json").is_file():
+            raise ModelError(
+                f"checkpoint {checkpoint} has neither adapter_config.json (LoRA) "
+                "nor config.json (full weights)"
+            )
+    # The bundled weights unchanged are served from their GGUF: torch loads them only if
+    # a torch engine (GPU, eager, int8) or training asks. Anything else loads now, so a
+    # broken checkpoint is refused here and not at its first request; the bundled base
+    # it needs is then converted with its weights in one pass (in two, config first,
+    # the GGUF was read again: about 10 s more).
+    from_gguf = base in BUNDLED_ALIASES and checkpoint is None and dtype is None
+    full_weights = checkpoint is not None and lora is None
+    base_dir = resolve_base(base, cache_dir, weights=not from_gguf and not full_weights)
+    weights_dir = checkpoint if full_weights else base_dir
     tokenizer_dir = tokenizer_folder(base_dir, checkpoint)
-    lora = checkpoint if checkpoint is not None and is_lora_dir(checkpoint) else None
 
     def weights() -> Any:
         if weights_dir == base_dir:
@@ -340,8 +352,7 @@ def load_model(
         model.to(device)
         return model.eval()
 
-    bundled = base in BUNDLED_ALIASES
-    gguf_file = bundled_gguf_path() if bundled and checkpoint is None and dtype is None else None
+    gguf_file = bundled_gguf_path() if from_gguf else None
     try:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     except Exception as exc:
@@ -350,10 +361,7 @@ def load_model(
         config = AutoConfig.from_pretrained(weights_dir)
     except Exception as exc:
         raise ModelError(f"cannot load the model from {weights_dir}: {exc}") from exc
-    # The bundled weights unchanged are served from their GGUF: torch loads them only if
-    # a torch engine (GPU, eager, int8) or training asks. Anything else loads now, so a
-    # broken checkpoint is refused here and not at its first request.
-    model = None if gguf_file is not None else weights()
+    model = None if from_gguf else weights()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     generation = model.generation_config if model is not None else _generation_config(weights_dir, config)

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from persona.checkpoints import BASE_VERSION, checkpoint_candidates, resolve_checkpoint
-from persona.engine import Generator, TransformersEngine
+from persona.engine import Generator, TransformersEngine, llamacpp_available
 from persona.errors import ModelError
-from persona.models import LOADING, LoadedModel, load_model
+from persona.models import LOADING, LoadedModel, load_model, resolve_base
 from persona.personas import Persona
 from persona.settings import Settings
 
@@ -54,6 +54,11 @@ class ModelPool:
     def __init__(self, settings: Settings, device: str, engine_factory: EngineFactory | None = None) -> None:
         self.settings = settings
         self.device = device
+        # Whether our engines decode with torch (not llama.cpp): the bundled model's
+        # weights are then converted with its config, in one pass (see ``_load``).
+        self._torch_engines = engine_factory is None and (
+            device != "cpu" or settings.worker.engine not in ("auto", "llamacpp") or not llamacpp_available()
+        )
         self.engine_factory = engine_factory or functools.partial(
             TransformersEngine,
             mode=settings.worker.engine,
@@ -112,6 +117,10 @@ class ModelPool:
     def _load(self, persona: Persona, checkpoint: Path | None) -> tuple[LoadedModel, Generator]:
         """Load the weights and warm an engine up on them."""
         with LOADING:
+            if self._torch_engines and checkpoint is None:
+                # In one pass: converting its config first and its weights when the engine
+                # asked read the bundled GGUF twice (about 10 s more at a first start).
+                resolve_base(persona.model.base, self.settings.model_cache_dir)
             loaded = load_model(persona.model.base, checkpoint, cache_dir=self.settings.model_cache_dir, device=self.device)
         engine = self.engine_factory(loaded)
         warm_up = getattr(engine, "warm_up", None)

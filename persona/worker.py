@@ -22,7 +22,7 @@ import resource
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,6 +76,18 @@ def _waited_ms(job: Job) -> float:
     One that expired waiting counts all of it, though its caller gave up at its deadline:
     that is how long the queue held it."""
     return max(0.0, (job.claimed_at - job.request.created_at) * 1000)
+
+
+def _answered_line(rows: Sequence[_Row], completions: Sequence[Completion], seconds: float, batch: int) -> tuple:
+    """The log line (format and arguments) of rows answered together, the same from either
+    kind of engine: who, which version, how many tokens, how long, in how big a batch.
+    One line per batch, not per request: at thousands of replies a second, logging is the cost."""
+    return (
+        "answered %d request(s) for %s version=%s tokens=%d in %.0f ms (batch of %d)",
+        len(rows), ",".join(sorted({row.persona.name for row in rows})),
+        ",".join(sorted({row.served.version for row in rows})),
+        sum(c.new_tokens for c in completions), seconds * 1000, batch,
+    )
 
 
 def _longer(pause_s: float) -> float:
@@ -546,14 +558,9 @@ class Worker:
                 settled = [(row.job, self._reply(row, completion, batch)) for row, completion in done]
             for job, _ in settled:
                 self._in_flight.pop(job.request.id, None)
-            if done:  # named as a whole batch's line is: who, which version, how long
-                self._answered.append((
-                    "answered %d request(s) for %s version=%s tokens=%d in %.0f ms (batch of %d)",
-                    len(done), ",".join(sorted({row.persona.name for row, _ in done})),
-                    ",".join(sorted({row.served.version for row, _ in done})),
-                    sum(completion.new_tokens for _, completion in done),
-                    max(completion.seconds for _, completion in done) * 1000, batch,
-                ))
+            if done:
+                rows, completions = zip(*done, strict=True)
+                self._answered.append(_answered_line(rows, completions, max(c.seconds for c in completions), batch))
             if not engine.active:
                 del self._decoding[key]
             self.info.requests += sum(1 for _, reply in settled if reply.ok)
@@ -595,12 +602,7 @@ class Worker:
         elapsed = time.perf_counter() - started
         self.info.batches += 1
         self.info.requests += len(members)
-        served = members[0].served
-        # One line per batch, not per request: at thousands of replies a second, logging is the cost.
-        self._answered.append((
-            "answered %d request(s) for %s version=%s tokens=%d in %.0f ms",
-            len(members), served.loaded.name, served.version, sum(c.new_tokens for c in completions), elapsed * 1000,
-        ))
+        self._answered.append(_answered_line(members, completions, elapsed, len(members)))
         return [
             (row.job, self._reply(row, c, len(members), c.seconds or elapsed))
             for row, c in zip(members, completions, strict=True)

@@ -90,20 +90,33 @@ def test_plain_gpt2_folder_loads_without_a_chat_template(tiny_gpt2_dir, tmp_path
     assert loaded.stop_token_ids == [loaded.tokenizer.eos_token_id]
 
 
-def test_the_bundled_model_is_converted_for_torch_only_once_torch_needs_it(tmp_path, capfd, caplog):
-    """A worker serving it on llama.cpp needs its config and tokenizer (about 9 s to
+def test_the_bundled_model_is_converted_for_torch_only_once_torch_needs_it(tmp_path, capfd, caplog, monkeypatch):
+    """A worker serving it on llama.cpp needs its config and tokenizer (about 5 s to
     convert from the GGUF), not its dequantised weights (15 s more, 538 MB on disk): a
     newcomer's first start waited for both. Converting the weights wrote transformers'
     "Converting and de-quantizing GGUF tensors" bar into the worker's log (and the
-    terminal of `persona up`); our own line says that it converts, and no more."""
+    terminal of `persona up`); our own line says that it converts, and no more.
+
+    The GGUF's metadata is read once for the config and tokenizer: the tokenizer read it
+    all again (about 4 s, half of a first start) only to learn the model's type."""
+    import gguf
     from transformers.utils import logging as hf_logging
 
     from persona.models import BUNDLED_CACHE_NAME
 
     hf_logging.enable_progress_bar()  # as in a fresh worker process
     caplog.set_level(logging.INFO, logger="persona.models")
+    reads = []
+
+    class CountedReader(gguf.GGUFReader):  # gguf's whole-file reader (seconds a read), as transformers uses it
+        def __init__(self, *args, **kwargs) -> None:
+            reads.append(args[0])
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(gguf, "GGUFReader", CountedReader)
 
     loaded = load_model("smollm2", cache_dir=tmp_path)
+    assert len(reads) == 1, reads
     folder = tmp_path / BUNDLED_CACHE_NAME
     light = {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"}
     assert {p.name for p in folder.iterdir()} == light
@@ -120,6 +133,42 @@ def test_the_bundled_model_is_converted_for_torch_only_once_torch_needs_it(tmp_p
     assert (folder / "config.json").read_text() == config
     assert model.config.vocab_size == loaded.config.vocab_size == 49152
     assert resolve_base("smollm2", tmp_path) == folder  # complete: nothing converted again
+
+
+def _conversions_started(caplog) -> list[str]:
+    return [r.getMessage().split(" SmolLM2")[0] for r in caplog.records if r.getMessage().startswith("converting ")]
+
+
+def _unwritable_cache(tmp_path: Path) -> Path:
+    """A model cache that cannot be made: a conversion stops as soon as it starts writing,
+    after saying which it is (a file in the folder's place: the tests may run as root)."""
+    (tmp_path / "a-file").write_text("")
+    return tmp_path / "a-file" / "cache"
+
+
+def test_the_bundled_model_loaded_for_torch_now_is_converted_in_one_pass(tmp_path, caplog):
+    """Loaded for torch at once (a checkpoint on it, a dtype, a torch engine), it was converted
+    in two passes on a fresh data folder, config then weights, each reading the whole GGUF
+    (about 10 s lost)."""
+    caplog.set_level(logging.INFO, logger="persona.models")
+    with pytest.raises(OSError):
+        load_model("smollm2", cache_dir=_unwritable_cache(tmp_path), dtype="float32")
+    assert _conversions_started(caplog) == ["converting the weights of the bundled model"]
+
+
+def test_a_worker_decoding_with_torch_converts_the_bundled_model_in_one_pass(tmp_path, settings, caplog):
+    """The int8 engine (a CPU without llama.cpp), or a GPU, loads the torch weights as it
+    starts: the worker converted the config first, and the weights again moments later."""
+    from persona.personas import Persona
+    from persona.pool import ModelPool
+
+    caplog.set_level(logging.INFO, logger="persona.models")
+    settings.data_dir = _unwritable_cache(tmp_path)
+    settings.worker.engine = "int8"
+    sage = Persona.model_validate({"name": "sage", "model": {"base": "smollm2"}, "prompt": {"system": "Be calm."}})
+    with pytest.raises(OSError):
+        ModelPool(settings, "cpu").serve(sage)
+    assert _conversions_started(caplog) == ["converting the weights of the bundled model"]
 
 
 @pytest.mark.parametrize("damage", ["cut short", "missing"])

@@ -441,3 +441,16 @@ def test_a_worker_stopped_while_loading_is_not_left_starting(start_worker, redis
     worker.send_signal(signal.SIGINT)
     assert worker.wait(timeout=30) == 0
     assert heartbeat.starting_workers(redis_client) == [] and heartbeat.live_worker_ids(redis_client) == set()
+
+
+def test_a_worker_sent_sigterm_while_it_imports_torch_is_not_left_starting(start_worker, redis_client):
+    """SIGTERM (what `persona up` sends as it stops) in the second or two the worker spends
+    importing torch, once it is seen starting, ended it at once, and its starting key stayed
+    listed until it lapsed (up to 10 s; a minute here)."""
+    from persona import heartbeat
+
+    worker = start_worker(PERSONA_WORKER__HEARTBEAT_TTL_S="60")
+    wait_for(lambda: heartbeat.starting_workers(redis_client), "the worker was never seen starting", 30)
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(timeout=30) == 0
+    assert heartbeat.starting_workers(redis_client) == [] and heartbeat.live_worker_ids(redis_client) == set()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -98,6 +99,43 @@ def test_a_service_that_ends_on_a_configuration_error_is_not_restarted(env, capl
     assert "restarting in" not in caplog.text and len(caplog.records) == 1
     assert ("worker-1 stopped on a configuration error (exit status 78), which restarting cannot fix, so it is "
             "not restarted (the other services keep running): fix what its error above says") in caplog.text
+
+
+def test_a_worker_whose_preloaded_checkpoint_is_damaged_is_not_restarted(
+    env, redis_url, write_persona, tiny_gpt2_dir, settings, tmp_path, caplog, capfd
+):
+    """A damaged checkpoint fails the same way at every start: the worker exited 1, and
+    `persona up` restarted it four times, each loading for seconds, then gave up on it."""
+    damaged = tmp_path / "damaged-lora"
+    damaged.mkdir()
+    (damaged / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 4, "target_modules": ["c_attn"]}')
+    (damaged / "adapter_model.safetensors").write_bytes(b"x")  # a copy cut short
+    write_persona("broken", base=str(tiny_gpt2_dir), model={"checkpoint": str(damaged)})
+    env |= {
+        "PERSONA_REDIS_URL": redis_url,
+        "PERSONA_PERSONAS_DIRS": json.dumps([str(p) for p in settings.personas_dirs]),
+        "PERSONA_WORKER__PERSONAS": '["broken"]',
+        "PERSONA_WORKER__DEVICE": "cpu",
+    }
+    service = Service("worker-1", ["worker"])
+    supervisor = Supervisor([service], env=env, first_pause_s=0.05)
+    with caplog.at_level(logging.WARNING, logger="persona.supervisor"):
+        supervisor.start()
+        try:
+            first = service.process.pid
+            exited(service, timeout=60)
+            for _ in range(10):
+                supervisor.check()
+                time.sleep(0.05)
+            assert service.gave_up and service.process.pid == first
+            assert service.process.returncode == CONFIG_ERROR_EXIT_STATUS
+        finally:
+            supervisor.stop()
+    said = capfd.readouterr().err
+    assert "the worker cannot start: persona 'broken', which it was told to preload" in said, said
+    assert "adapter_model.safetensors is unreadable" in said and "copy the whole folder again" in said, said
+    assert "leave 'broken' out of the preloaded personas" in said, said
+    assert "restarting in" not in caplog.text and "stopped on a configuration error" in caplog.text
 
 
 def test_only_a_service_up_runs_ends_a_configuration_error_with_its_own_status(env):

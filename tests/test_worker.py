@@ -71,6 +71,28 @@ def test_the_log_line_of_each_answer_names_persona_version_and_time(
     assert line.endswith(" ms (batch of 1)") and " in " in line, line
 
 
+def test_a_whole_batch_engine_logs_its_answers_as_the_continuous_one_does(
+    settings, redis_client, write_persona, tiny_llama_dir, client, caplog
+):
+    """An engine that answers whole batches (``generate``) wrote "answered 2 request(s) for
+    /tmp/.../tiny-llama version=base ...": the model's folder, not who was answered, and
+    no batch size, unlike the continuous engines' line."""
+    from persona.bench_queue import InstantEngine
+    from persona.pool import ModelPool
+    from persona.worker import Worker
+
+    write_persona("tiny", base=str(tiny_llama_dir))
+    write_persona("calm", base=str(tiny_llama_dir))
+    caplog.set_level(logging.INFO, logger="persona.worker")
+    worker = Worker(settings, redis_client, ModelPool(settings, "cpu", engine_factory=InstantEngine), worker_id="w-line")
+    for name in ("tiny", "calm", "tiny"):
+        client.submit(chat(name))
+    assert worker.step(block_ms=0) == 3
+    [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("answered ")]
+    assert line.startswith("answered 3 request(s) for calm,tiny version=base tokens=3 in "), line
+    assert line.endswith(" ms (batch of 3)"), line
+
+
 def test_plain_gpt2_model_answers(write_persona, tiny_gpt2_dir, running_worker, client):
     write_persona("plain", base=str(tiny_gpt2_dir))
     running_worker()

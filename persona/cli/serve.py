@@ -28,7 +28,7 @@ from persona.embedded_redis import (
     serving_lock,
     stop_embedded,
 )
-from persona.errors import ConfigError, DataDirUnwritable, RedisUnavailable
+from persona.errors import ConfigError, DataDirUnwritable, ModelError, RedisUnavailable
 from persona.logs import setup_logging
 from persona.settings import Settings
 
@@ -343,31 +343,69 @@ def worker(
         settings.worker.max_batch = max_batch
     setup_logging(settings)
     preference = device or settings.worker.device
-    if preference not in ("cpu", "auto"):  # a wrong one refused before Redis starts (cpu and auto cannot be)
-        pick_device(preference)
-    with redis_for_service(settings) as url:
-        client = connect(settings, url=url)
-        # Seen as starting from here on, by `persona ask`, the chat adapters and the
-        # monitoring (torch's import and the models take seconds, a GPU's warm-up minutes),
-        # but not as serving: swaps and reclaiming count only heartbeats, from `run`.
-        starting = heartbeat.StartingWorker(id=heartbeat.new_worker_id(), device=preference)
-        beat = heartbeat.StartingBeat(client, starting, settings.worker.heartbeat_ttl_s, settings.worker.heartbeat_s)
-        try:
-            with beat:
-                served = _load_worker(settings, client, pick_device(preference), beat, preload)
-        except KeyboardInterrupt:  # told to stop while loading: nothing was taken yet
-            log.info("stopped while loading models; nothing was taken from the queue")
-            return
-        try:
-            served.run()
-        except KeyboardInterrupt:
-            served.stop()
+    starting = heartbeat.StartingWorker(id=heartbeat.new_worker_id(), device=preference)
+    told_to_stop = threading.Event()
+    # SIGTERM while torch imports (a second or two) ended the process at once, and its
+    # starting key stayed listed until it lapsed; now it is withdrawn as it leaves (see
+    # ``StartingBeat``). Once the worker is made, ``_load_worker`` handles the signals itself.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _stop_while_starting(told_to_stop))
+    try:
+        if preference not in ("cpu", "auto"):  # a wrong one refused before Redis starts (cpu and auto cannot be)
+            pick_device(preference)
+        with redis_for_service(settings) as url:
+            client = connect(settings, url=url)
+            # Seen as starting from here on, by `persona ask`, the chat adapters and the
+            # monitoring (torch's import and the models take seconds, a GPU's warm-up minutes),
+            # but not as serving: swaps and reclaiming count only heartbeats, from `run`.
+            beat = heartbeat.StartingBeat(client, starting, settings.worker.heartbeat_ttl_s, settings.worker.heartbeat_s)
+            try:
+                with beat:
+                    served = _load_worker(settings, client, pick_device(preference), beat, preload, told_to_stop)
+            except KeyboardInterrupt:  # told to stop while loading: nothing was taken yet
+                log.info("stopped while loading models; nothing was taken from the queue")
+                return
+            try:
+                served.run()
+            except KeyboardInterrupt:
+                served.stop()
+    except KeyboardInterrupt:  # SIGTERM or Ctrl-C before its models began loading (or again while leaving)
+        log.info("worker stopped")
+    except ModelError as exc:
+        raise _cannot_start(exc, starting.persona) from None
+
+
+def _cannot_start(exc: ModelError, persona: str) -> ConfigError:
+    """A model the worker must load that cannot load, as the configuration error it is: the
+    same files (or the same machine, for a GPU) fail the same way at every start. Under
+    `persona up` such a worker was restarted four times, seconds of loading each, then
+    given up on; a ConfigError ends it with the status up does not restart."""
+    if not persona:  # the device asked for
+        return ConfigError(f"the worker cannot start: {exc}")
+    return ConfigError(
+        f"the worker cannot start: persona {persona!r}, which it was told to preload (PERSONA_WORKER__PERSONAS "
+        f"or --preload), cannot load: {exc}. Once that is fixed, start it again; or leave {persona!r} out "
+        "of the preloaded personas to serve the others"
+    )
+
+
+def _stop_while_starting(told: threading.Event):
+    """SIGTERM or Ctrl-C before the worker is made: stop now. Noted as well, since an
+    interrupt raised inside a finalizer (one that runs while torch imports) is dropped."""
+
+    def handler(signum, frame):
+        told.set()
+        raise KeyboardInterrupt
+
+    return handler
 
 
 def _load_worker(
-    settings: Settings, client: redis.Redis, device: str, beat: heartbeat.StartingBeat, preload: list[str] | None
+    settings: Settings, client: redis.Redis, device: str, beat: heartbeat.StartingBeat, preload: list[str] | None,
+    told_to_stop: threading.Event,
 ) -> Worker:
-    """A worker with its models loaded, ready to ``run``; ``beat`` says meanwhile what it loads."""
+    """A worker with its models loaded, ready to ``run``; ``beat`` says meanwhile what it
+    loads. ``told_to_stop``: set by a signal that came before the worker could handle it."""
     from persona.pool import ModelPool
     from persona.worker import Worker, freeze_heap
 
@@ -379,6 +417,8 @@ def _load_worker(
     served = Worker(settings, client, ModelPool(settings, device), worker_id=beat.info.id)
     signal.signal(signal.SIGTERM, _stop_then_interrupt(served, finish=True))
     signal.signal(signal.SIGINT, _stop_then_interrupt(served))
+    if told_to_stop.is_set():
+        raise KeyboardInterrupt
     started = time.perf_counter()
     served.preload(preload or settings.worker.personas or None, starting=beat)
     if served.stopping.is_set():  # a stop that a library's C code held back until it returned
