@@ -260,3 +260,24 @@ def test_a_run_folder_counts_its_linked_weights_once(tmp_path: Path):
     assert 100_000 <= one < 200_000
     (folder / "state.pt").write_bytes(b"s" * 100_000)
     assert run_size_bytes(folder) >= one + 100_000
+
+
+def test_samples_during_a_run_are_written_with_the_personas_own_sampling(settings: Settings, tiny_gpt2_dir: Path,
+                                                                         corpus_file: Path):
+    """A persona file hand-edited to greedy, two-token posts still showed, at every evaluation,
+    samples of 40 tokens drawn at the default temperature: nothing like what it would post."""
+    import tomli_w
+    from transformers import AutoTokenizer
+
+    made = train_persona(settings, "terse", corpus_file, config(tiny_gpt2_dir))
+    data = tomllib.loads(made.persona_file.read_text())
+    data["sampling"].update(temperature=0.0, max_new_tokens=2)  # as a user edits it
+    made.persona_file.write_text(tomli_w.dumps(data))
+
+    seen = Recorder()
+    train_persona(settings, "terse", corpus_file, TrainConfig(base=str(tiny_gpt2_dir), steps=2, batch_size=4, eval_every=1, samples=2),
+                  reporter=seen)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_gpt2_dir)
+    assert len(seen.samples) == 4
+    assert seen.samples[0] == seen.samples[1] and seen.samples[2] == seen.samples[3]  # greedy: one text
+    assert all(len(tokenizer.encode(text)) <= 2 for text in seen.samples), seen.samples

@@ -578,12 +578,26 @@ def test_eval_says_what_it_is_doing_on_stderr_and_prints_only_json_on_stdout(env
                         "writing 2 samples, as its posts are written..."], evaluated.stderr
 
 
+def test_eval_and_export_take_threads_as_train_does(env, settings: Settings, tmp_path: Path, tiny_gpt2_dir: Path):
+    """On two cores shared with other work, `persona eval` took every core: it had no --threads,
+    while `persona train` did."""
+    corpus = _untrained_persona(settings, tmp_path, tiny_gpt2_dir, "plain")
+    all_cores = {k: v for k, v in env.items() if k != "OMP_NUM_THREADS"}
+    evaluated = persona("eval", "plain", "--corpus", str(corpus), "--samples", "1", "--threads", "1", "--json",
+                        env=all_cores)
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert json.loads(evaluated.stdout)["threads"] == 1
+    refused = persona("eval", "plain", "--corpus", str(corpus), "--threads", "0", env=all_cores)
+    assert refused.returncode == 2 and "--threads" in refused.stderr
+    assert "--threads" in persona("export", "--help", env=env).stdout
+
+
 def test_help_names_the_arguments_and_says_each_option_whole(env):
-    """`persona train --help` read `Usage: persona train [OPTIONS] {name}`, and in an 80-column
+    """`persona train --help` read `Usage: persona train [OPTIONS] {name}` (then `{NAME}`), and in an 80-column
     terminal `corpus build --help` cut --format off as "auto|text|markdown|csv|json…"."""
     narrow = env | {"COLUMNS": "80"}
     usage = persona("train", "--help", env=narrow).stdout
-    assert "persona train [OPTIONS] {NAME}" in usage and "{name}" not in usage
+    assert "persona train [OPTIONS] NAME" in usage and "{name}" not in usage and "{NAME}" not in usage
     build = persona("corpus", "build", "--help", env=narrow).stdout
     assert "…" not in build and "tweets or fortune" in " ".join(build.replace("│", " ").split())
 

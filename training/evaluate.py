@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol
 
+import torch
+
 from persona.checkpoints import read_checkpoint
 from persona.errors import CorpusError, ModelError
 from persona.models import LoadedModel, load_model, pick_device
@@ -72,6 +74,7 @@ class EvalReport:
     distinct_2: float
     samples: list[str]
     seconds: float
+    threads: int  # torch's CPU threads, which ``seconds`` depends on
     # Whether the corpus is the one the checkpoint was trained on (None: not known, or the base).
     trained_on_this_corpus: bool | None = None
 
@@ -167,5 +170,6 @@ def evaluate_persona(
         distinct_2=distinct_n(texts, 2),
         samples=texts,
         seconds=time.perf_counter() - started,
+        threads=torch.get_num_threads(),
         trained_on_this_corpus=None if trained_on is None else trained_on == corpus.fingerprint,
     )

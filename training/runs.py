@@ -41,15 +41,18 @@ from persona.personas import (
     NAME_RULE,
     Persona,
     PersonaRegistry,
+    Sampling,
     load_persona_file,
 )
 from persona.settings import Settings
 from training.corpus import Corpus, read_corpus, write_corpus
-from training.trainer import RUN_FILE, Reporter, TrainConfig, TrainResult, train
+from training.run_folder import RUN_FILE, lock_path, run_corpus, run_dir
+from training.trainer import Reporter, TrainConfig, TrainResult, train
 
 __all__ = [
     "TrainedPersona",
     "corpus_file",
+    "lock_path",
     "model_card",
     "persona_template",
     "run_corpus",
@@ -61,6 +64,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+# The sampling a persona that training creates gets (and its samples during that first run).
+NEW_PERSONA_SAMPLING = {"temperature": 0.8, "top_p": 0.95, "max_new_tokens": 96, "repetition_penalty": 1.1}
+
 
 @dataclass
 class TrainedPersona:
@@ -70,11 +76,6 @@ class TrainedPersona:
     checkpoint: CheckpointInfo | None
     persona_file: Path | None
     persona_file_updated: bool
-
-
-def run_dir(settings: Settings, name: str) -> Path:
-    """Where a persona's unfinished run keeps its resumable state."""
-    return settings.data_dir / "runs" / name
 
 
 def run_size_bytes(folder: Path) -> int:
@@ -94,16 +95,6 @@ def run_size_bytes(folder: Path) -> int:
     return total
 
 
-def run_corpus(settings: Settings, name: str) -> Path | None:
-    """The corpus file a persona's unfinished run started on, as its ``run.json`` names it."""
-    record = run_dir(settings, name) / RUN_FILE
-    try:
-        corpus = json.loads(record.read_text()).get("corpus")
-    except (OSError, ValueError):  # no run, or a record cut short
-        return None
-    return Path(corpus) if corpus else None
-
-
 def _absolute_base(base: str) -> str:
     """A base folder as an absolute path (the bundled alias, or a folder that is not there, as
     it is): the persona file, checkpoint and run name it for a worker, export or resume that
@@ -117,7 +108,7 @@ def _training_lock(settings: Settings, name: str) -> Iterator[None]:
     """Held while a persona trains: two runs of one persona would share its run folder, so
     one would crash or register the other's weights. The system lets go if the process dies;
     the lock file is removed when the run ends (it was left in ``runs/`` after every run)."""
-    path = run_dir(settings, name).with_name(f"{name}.lock")  # beside the run folder, which is removed
+    path = lock_path(settings, name)
     while True:
         lock = _open_lock(settings, path)
         try:
@@ -208,7 +199,7 @@ def persona_template(name: str, base: str, checkpoint: str, corpus: Path) -> dic
             "system": f"You are {speaker}. Answer briefly, in your own voice and style.",
             "post_instruction": "Write one short new post in your own voice.",
         },
-        "sampling": {"temperature": 0.8, "top_p": 0.95, "max_new_tokens": 96, "repetition_penalty": 1.1},
+        "sampling": dict(NEW_PERSONA_SAMPLING),
         "filters": {"corpus": str(corpus.resolve())},
     }
 
@@ -332,8 +323,11 @@ def _train_and_register(settings: Settings, name: str, corpus_path: Path, corpus
     # Written by the trainer once the model has loaded, replacing an unfinished earlier run:
     # stopped while it loads, a new run leaves that one resumable.
     record = {"config": config.model_dump(), "corpus_fingerprint": corpus.fingerprint, "corpus": str(corpus_path)}
+    # The samples at each evaluation are written as the persona writes now (its file's
+    # sampling, hand edits included), or as the persona this run creates will.
+    sampling = persona.sampling if persona is not None else Sampling.model_validate(NEW_PERSONA_SAMPLING)
     result = train(config, corpus, base_dir, folder, resume=resume, reporter=reporter,
-                   record=None if resume else record)
+                   record=None if resume else record, sampling=sampling)
     if result.status == "interrupted":
         return TrainedPersona(result, None, None, False)
     info = CheckpointInfo(persona=name, version="pending", base=config.base, kind=config.kind,

@@ -43,6 +43,7 @@ from training.batching import (
     summed_loss,
 )
 from training.corpus import Corpus
+from training.run_folder import PROGRESS_FILE, RUN_FILE, STATE_FILE
 from training.schedule import eval_sample, lr_factor
 from training.weights import load_weights, save_weights, saving, trainable
 
@@ -50,8 +51,6 @@ __all__ = ["LogReporter", "Reporter", "TrainConfig", "TrainResult", "max_positio
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "state.pt"
-RUN_FILE = "run.json"  # what the run is made of (its config, its corpus), for --resume
 BEST_DIR = "best"
 WEIGHTS_PREFIX = "weights-"  # a state saved with the best weights links to their files in weights-STEP/
 DEFAULT_EPOCHS = 5.0
@@ -345,6 +344,7 @@ class _Run:
         self.state = _State()
         self._order: tuple[int, list[int]] = (-1, [])
         self.linked: str | None = None  # the folder of best weights the saved state links to
+        self.sampling = Sampling()  # how the samples at each evaluation are written
 
     def batch_for(self, step: int) -> list[Example]:
         """The examples of a step: position ``step`` in the seeded epoch orders."""
@@ -377,8 +377,19 @@ class _Run:
                 torch.save(payload, tmp)
             tmp.replace(self.run_dir / STATE_FILE)
             self.linked = linked
+            self._save_progress()
         finally:  # the weights the saved state links to stay; any others go
             _remove_leftovers(self.run_dir, keep=self.linked)
+
+    def _save_progress(self) -> None:
+        """How far the state just saved is, in a file `persona checkpoints` and `personas list`
+        read without loading the state (which may hold a whole model's weights)."""
+        progress = {"step": self.state.step, "total_steps": self.total_steps, "elapsed_s": self.state.elapsed_s,
+                    "max_minutes": self.config.max_minutes}
+        tmp = self.run_dir / (PROGRESS_FILE + ".tmp")
+        with saving("the run's progress", tmp):
+            tmp.write_text(json.dumps(progress))
+        tmp.replace(self.run_dir / PROGRESS_FILE)
 
     def _link_best(self, best_dir: Path) -> str | None:
         """A folder of hard links to the best weights' files, named for this step; None where
@@ -466,8 +477,12 @@ def train(
     resume: bool = False,
     reporter: Reporter | None = None,
     record: dict[str, Any] | None = None,
+    sampling: Sampling | None = None,
 ) -> TrainResult:
     """Fine-tune on the corpus; the best weights (by validation loss) end up in ``run_dir/best``.
+
+    The samples shown at each evaluation are written with ``sampling``, the persona's own
+    settings (default: those a trained persona gets), so they read as its posts will.
 
     A new run writes ``record`` (what ``--resume`` needs to know) as ``run.json`` once the
     model has loaded, as it discards an earlier unfinished run's state: stopped while it
@@ -475,12 +490,14 @@ def train(
     """
     reporter = reporter or LogReporter()
     run = _Run(config, corpus, base_dir, run_dir)
+    run.sampling = sampling or Sampling()
     best_dir = run_dir / BEST_DIR
     if resume:
         run.load_state()
     else:
         shutil.rmtree(best_dir, ignore_errors=True)
         (run_dir / STATE_FILE).unlink(missing_ok=True)
+        (run_dir / PROGRESS_FILE).unlink(missing_ok=True)
         if record is not None:
             _write_record(run_dir, record)
         run.state.base_val_loss = run.evaluate(run.val_examples)
@@ -601,8 +618,11 @@ def _evaluate_and_keep(run: _Run, reporter: Reporter, best_dir: Path) -> bool:
     total, weight = state.average
     state.history.append({"step": float(state.step), "train_loss": total / weight, "val_loss": val_loss})
     reporter.on_eval(state.step, val_loss, improved)
-    samples = sample_texts(run.model, run.tokenizer, run.config.samples, run.config.sample_tokens,
-                           run.config.seed + state.step, run.device)
+    # As the persona writes: its sampling, and no longer than its posts may be. With the defaults,
+    # a persona file edited to temperature 0 or a stop string still showed default samples.
+    length = min(run.config.sample_tokens, run.sampling.max_new_tokens)
+    samples = sample_texts(run.model, run.tokenizer, run.config.samples, length, run.config.seed + state.step,
+                           run.device, sampling=run.sampling)
     if samples:
         reporter.on_samples(state.step, samples)
     return state.bad_evals >= run.config.patience

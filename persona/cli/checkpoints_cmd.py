@@ -33,7 +33,7 @@ from persona.cli.common import (
     local_time,
 )
 from persona.connection import connect
-from persona.errors import ModelError, PersonaError, SwapRefused
+from persona.errors import ModelError, PersonaError, SwapRefused, UnknownPersona
 from persona.heartbeat import live_worker_ids
 from persona.personas import Persona, PersonaRegistry
 from persona.settings import Settings
@@ -160,9 +160,29 @@ def checkpoints(
     json_output: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
     """The checkpoint versions of a persona: date, kind, metrics, which one is active, what a
-    rollback returns to, and the latest swaps (each with who made it: user@host)."""
+    rollback returns to, and the latest swaps (each with who made it: user@host).
+
+    An unfinished training run of the persona (stopped, or training now) is shown too, with
+    the command that continues it.
+    """
+    from persona.cli.train_cmd import unfinished_json, unfinished_line
+    from training.run_folder import unfinished_run
+
     settings = get_settings()
-    persona = PersonaRegistry.from_settings(settings).get(persona_name)
+    try:
+        persona = PersonaRegistry.from_settings(settings).get(persona_name)
+    except UnknownPersona:
+        # A first run stopped (or still going) before it registered a checkpoint has no persona file yet.
+        if (first := unfinished_run(settings, persona_name)) is None:
+            raise
+        if json_output:
+            print(json.dumps({"persona": persona_name, "active": None, "versions": [], "unreadable": [],
+                              "rollback_to": None, "swaps": [], "unfinished_run": unfinished_json(first)}))
+        else:
+            console.print(f"{escape(persona_name)} has no checkpoints yet", highlight=False)
+            console.print(escape(unfinished_line(first)), highlight=False)
+        return
+    unfinished = unfinished_run(settings, persona.name)
     found, unreadable = scan_checkpoints(settings.checkpoints_dir, persona.name)
     client = connect(settings)
     active = current_version(client, persona)
@@ -180,7 +200,8 @@ def checkpoints(
         rows = [dict(c.model_dump(mode="json"), active=is_active(c)) for c in found]
         print(json.dumps({"persona": persona.name, "active": active, "versions": rows,
                           "unreadable": [str(p) for p in unreadable], "rollback_to": rollback_to,
-                          "swaps": [dict(e, at=float(e.get("at") or 0)) for e in latest]}))
+                          "swaps": [dict(e, at=float(e.get("at") or 0)) for e in latest],
+                          "unfinished_run": unfinished_json(unfinished) if unfinished else None}))
         return
     # Every cell escaped: a base or an active folder named "runs/[draft]" was read as markup.
     table = Table(title=escape(f"{persona.name}: checkpoints (active: {active})"), header_style="bold")
@@ -204,6 +225,8 @@ def checkpoints(
             console.print(f"active: {escape(active)} (a folder outside the versioned checkpoints)", highlight=False)
     for problem in unreadable:
         console.print(f"[yellow]not listed:[/yellow] {escape(str(problem))}; fix or remove that folder", highlight=False)
+    if unfinished is not None:  # a run stopped with Ctrl-C was shown nowhere
+        console.print(escape(unfinished_line(unfinished)), highlight=False)
     _print_history(persona.name, rollback_to, latest)
 
 

@@ -17,7 +17,8 @@ personas_app = typer.Typer(help="List, show and validate persona files.", no_arg
 @personas_app.command("list")
 @friendly_errors
 def list_personas() -> None:
-    """One persona per line: name, base model and checkpoint, description."""
+    """One persona per line: name, base model and checkpoint, description; then, on stderr,
+    any unfinished training run (stopped or running) and the command that continues it."""
     settings = get_settings()
     registry = PersonaRegistry.from_settings(settings)
     found, problems = registry.scan()
@@ -30,6 +31,21 @@ def list_personas() -> None:
         print("\t".join(" ".join(field.split()) for field in (name, weights, persona.description)))
     if problems:
         err_console.print(f"[yellow]{len(problems)} invalid persona file(s); see `persona personas validate`[/yellow]")
+    _print_unfinished_runs(settings)
+
+
+def _print_unfinished_runs(settings: Settings) -> None:
+    """Each training run that has not registered a checkpoint, with the command that goes on
+    with it (a run stopped with Ctrl-C was listed nowhere). On stderr: stdout lists personas
+    alone, and a first run that was stopped has no persona file yet."""
+    from persona.cli.train_cmd import unfinished_line
+    from training.run_folder import unfinished_runs
+
+    runs = unfinished_runs(settings)
+    if runs:
+        err_console.print("[yellow]unfinished training runs:[/yellow]")
+    for run in runs:
+        err_console.print(f"  {escape(unfinished_line(run))}", highlight=False)
 
 
 @personas_app.command()

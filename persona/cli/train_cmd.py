@@ -26,14 +26,22 @@ from rich.progress import (
 )
 from rich.text import Text
 
-from persona.cli.common import console, err_console, friendly_errors, get_settings
+from persona.cli.common import (
+    console,
+    err_console,
+    friendly_errors,
+    get_settings,
+    local_time,
+)
 from persona.errors import ConfigError, CorpusError
 
 if TYPE_CHECKING:
     from persona.personas import Persona
     from persona.settings import Settings
+    from training.run_folder import UnfinishedRun
 
-__all__ = ["EvalBar", "RichReporter", "corpus_build", "eval_", "export", "generate", "register", "resume_command", "train"]
+__all__ = ["EvalBar", "RichReporter", "corpus_build", "eval_", "export", "generate", "register", "resume_command", "train",
+           "unfinished_json", "unfinished_line"]
 
 corpus_app = typer.Typer(help="Turn an author's writing into a clean training corpus.", no_args_is_help=True)
 
@@ -45,6 +53,7 @@ DRAFTS_NAMED = 5  # more drafts than this are summed up in one line
 # (about the first two minutes of the bundled model on the Wilde fortunes), as its posts would.
 SAMPLES_ARE_POSTS = ("samples are written from nothing, as its posts are; one that begins mid-sentence means it "
                      "has not yet learned how its writing starts: train longer")
+THREADS_HELP = "CPU threads (default: all cores; 1 is faster on a machine shared with other work)"
 STOPPED_EARLY = {"time-limit": "stopped: --max-minutes is up", "early-stopped": "stopped early: no more improvement"}
 
 
@@ -145,6 +154,14 @@ def _quiet_libraries() -> None:
     hf_logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers|peft")
     warnings.filterwarnings("ignore", message="fan_in_fan_out is set to False", category=UserWarning)
+
+
+def _use_threads(threads: int | None) -> None:
+    """Torch's CPU threads for this command; None leaves its default, every core."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 def _tokenizer(base: str):
@@ -339,6 +356,37 @@ def resume_command(name: str, corpus: Path) -> str:
     return shlex.join(["persona", "train", name, "--corpus", str(corpus.absolute()), "--resume"])
 
 
+def unfinished_line(run: UnfinishedRun) -> str:
+    """A persona's unfinished run in one line: training now, or stopped and how far, and the
+    command that goes on with it (a Ctrl-C'd run was listed nowhere)."""
+    how_far = f"step {run.step} of {run.total_steps}" if run.step is not None else ""
+    if run.running:
+        who = f"process {run.trainer_pid}" if run.trainer_pid else "another process"
+        saved = f", last saved at {how_far}" if how_far else ""
+        return f"{run.persona}: training now ({who}{saved}); it registers a checkpoint when it ends"
+    if not run.resumable:
+        again = shlex.join(["persona", "train", run.persona, "--corpus", str(run.corpus) if run.corpus else "FILE"])
+        return (f"{run.persona}: unfinished training run that saved nothing to continue; start it again with "
+                f"`{again}`, or delete it with `{shlex.join(['rm', '-r', str(run.folder)])}`")
+    stopped = f"stopped at {how_far}, saved {local_time(run.saved_at or 0)}" if how_far else \
+        f"saved {local_time(run.saved_at or 0)}"
+    return f"{run.persona}: unfinished training run ({stopped}); continue it with `{_continue_command(run)}`"
+
+
+def unfinished_json(run: UnfinishedRun) -> dict:
+    """A persona's unfinished run as ``--json`` prints it."""
+    return {"persona": run.persona, "folder": str(run.folder), "corpus": str(run.corpus) if run.corpus else None,
+            "running": run.running, "trainer_pid": run.trainer_pid, "resumable": run.resumable,
+            "step": run.step, "total_steps": run.total_steps, "saved_at": run.saved_at,
+            "resume_command": _continue_command(run) if run.resumable and not run.running else None}
+
+
+def _continue_command(run: UnfinishedRun) -> str:
+    if run.corpus is None:  # a run saved before run.json named its corpus
+        return f"persona train {run.persona} --corpus FILE --resume"
+    return resume_command(run.persona, run.corpus)
+
+
 # --resume continues a run as it started: only these may be given with it (any other
 # option, one added later included, would change what the run is made of).
 RESUME_OPTIONS = frozenset({"name", "corpus", "resume", "max_minutes", "threads"})
@@ -362,7 +410,7 @@ def train(
     seed: int = typer.Option(0, help="the run's seed: same seed, same corpus, same weights"),
     device: str = typer.Option("auto", help="auto|cpu|cuda"),
     resume: bool = typer.Option(False, "--resume", help="continue the persona's interrupted run exactly as it started (only --max-minutes may change)"),
-    threads: int = typer.Option(None, min=1, help="CPU threads (default: all cores; 1 is faster on a busy machine)"),
+    threads: int = typer.Option(None, min=1, help=THREADS_HELP),
 ) -> None:
     """Fine-tune NAME on a corpus and register the best weights as its next checkpoint version."""
     from pydantic import ValidationError
@@ -379,10 +427,7 @@ def train(
 
     settings = get_settings()
     _quiet_libraries()
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
+    _use_threads(threads)
     if resume:
         changed = ["/".join([*p.opts, *p.secondary_opts]) for p in ctx.command.params
                    if p.name not in RESUME_OPTIONS
@@ -502,19 +547,21 @@ def _persona(settings: Settings, name: str, to: str) -> Persona:
     persona whose first run was interrupted has no persona file yet: it was "unknown persona"."""
     from persona.errors import ModelError, UnknownPersona
     from persona.personas import PersonaRegistry
-    from training.runs import run_corpus, run_dir
-    from training.trainer import STATE_FILE
+    from training.run_folder import unfinished_run
 
     try:
         return PersonaRegistry.from_settings(settings).get(name)
     except UnknownPersona:
-        if not run_dir(settings, name).is_dir():
+        if (run := unfinished_run(settings, name)) is None:
             raise
-    corpus = run_corpus(settings, name)
-    if (run_dir(settings, name) / STATE_FILE).is_file():
-        finish = resume_command(name, corpus) if corpus else f"persona train {name} --corpus FILE --resume"
+    if run.running:  # it was said to have been interrupted
+        who = f"process {run.trainer_pid}" if run.trainer_pid else "another process"
+        raise ModelError(f"persona {name!r} has nothing to {to} yet: its first training run is still going "
+                         f"({who}); it registers a checkpoint when it ends") from None
+    corpus = run.corpus
+    if run.resumable:
         raise ModelError(f"persona {name!r} has nothing to {to} yet: its first training run was interrupted "
-                         f"before it registered a checkpoint; finish it with `{finish}`") from None
+                         f"before it registered a checkpoint; finish it with `{_continue_command(run)}`") from None
     start = shlex.join(["persona", "train", name, "--corpus", str(corpus) if corpus else "FILE"])
     raise ModelError(f"persona {name!r} has nothing to {to} yet: its first training run stopped before it "
                      f"saved anything; train it with `{start}`") from None
@@ -537,6 +584,7 @@ def eval_(
     samples: int = typer.Option(16, min=1, help="samples drawn for the originality check"),
     seed: int = typer.Option(0, help="sampling seed"),
     json_output: bool = typer.Option(False, "--json", help="print one JSON object"),
+    threads: int = typer.Option(None, min=1, help=THREADS_HELP),
 ) -> None:
     """Held-out perplexity of the base model and of the persona, and how original its samples are."""
     from persona.checkpoints import BASE_VERSION
@@ -545,6 +593,7 @@ def eval_(
 
     settings = get_settings()
     _quiet_libraries()
+    _use_threads(threads)
     persona = _persona(settings, name, "measure")
     data = read_corpus(corpus)
     # On stderr: --json's stdout holds the report alone. A bar is drawn only on a terminal, and
@@ -665,12 +714,14 @@ def export(
         None, help="also write one GGUF file of this type (q8_0, q4_1, f16, f32) for llama.cpp; "
         "Llama-family or GPT-2 models with a byte-level BPE vocabulary (the bundled model's, GPT-2's)",
     ),
+    threads: int = typer.Option(None, min=1, help=THREADS_HELP),
 ) -> None:
     """Write a standalone Hugging Face model folder, any LoRA merged into its base."""
     from training.export import export_persona
 
     settings = get_settings()
     _quiet_libraries()
+    _use_threads(threads)
     persona = _persona(settings, name, "export")
     with console.status(f"exporting {escape(name)}..."):
         folder = export_persona(settings, persona, output, version=checkpoint, gguf=gguf)
