@@ -215,23 +215,10 @@ def test_wrong_redis_password_is_named_without_showing_it(env, redis_url):
 def test_a_server_quoting_the_password_back_is_said_without_it(env):
     """A Redis older than HELLO (5.x) answers the client's greeting by quoting it, password
     and all, and the error line showed it (on a terminal, in a CI log, in a bug report)."""
-    import contextlib
-    import socket
-    import threading
+    from tests.fakes.old_redis import OldRedis
 
-    listener = socket.create_server(("127.0.0.1", 0))
-
-    def answer_as_redis_5_answers_hello() -> None:
-        with contextlib.suppress(OSError):
-            while True:
-                conn, _ = listener.accept()
-                with conn:
-                    words = conn.recv(4096).split(b"\r\n")[2::2]  # RESP: *n, $len, word, $len, word, ...
-                    quoted = "".join(f"`{w.decode()}`, " for w in words[1:] if w)
-                    conn.sendall(f"-ERR unknown command `{words[0].decode()}`, with args beginning with: {quoted}\r\n".encode())
-
-    threading.Thread(target=answer_as_redis_5_answers_hello, daemon=True).start()
-    env["PERSONA_REDIS_URL"] = f"redis://:hunter2-secret@127.0.0.1:{listener.getsockname()[1]}/0"
+    redis_5 = OldRedis("5.0.14")
+    env["PERSONA_REDIS_URL"] = f"redis://:hunter2-secret@127.0.0.1:{redis_5.port}/0"
     try:
         for args in (("queue", "stats"), ("queue", "dead", "--json")):
             result = persona(*args, env=env)
@@ -239,7 +226,7 @@ def test_a_server_quoting_the_password_back_is_said_without_it(env):
             assert result.returncode == 1 and "HELLO" in said, said
             assert "hunter2-secret" not in said and "***" in said
     finally:
-        listener.close()
+        redis_5.close()
 
 
 def test_the_command_line_starts_without_the_model_stack(env):

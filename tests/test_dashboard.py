@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import shutil
@@ -29,6 +28,7 @@ from persona.settings import Settings
 from persona.supervisor import services_for_up
 from persona.telemetry import record_replies
 from tests.conftest import free_port
+from tests.fakes.old_redis import OldRedis
 
 CHROMIUM = Path("/usr/bin/chromium")
 
@@ -322,19 +322,8 @@ def test_readyz_never_shows_the_redis_password(settings, dashboard):
     """/readyz answers anyone who can reach the dashboard, token or not, with Redis's own
     words, and a Redis older than HELLO (5.x) quotes the client's greeting back, password
     and all: the body showed it."""
-    listener = socket.create_server(("127.0.0.1", 0))
-
-    def answer_as_redis_5_answers_hello() -> None:
-        with contextlib.suppress(OSError):
-            while True:
-                conn, _ = listener.accept()
-                with conn:
-                    words = conn.recv(4096).split(b"\r\n")[2::2]  # RESP: *n, $len, word, $len, word, ...
-                    quoted = "".join(f"`{w.decode()}`, " for w in words[1:] if w)
-                    conn.sendall(f"-ERR unknown command `{words[0].decode()}`, with args beginning with: {quoted}\r\n".encode())
-
-    threading.Thread(target=answer_as_redis_5_answers_hello, daemon=True).start()
-    url = f"redis://:hunter2-secret@127.0.0.1:{listener.getsockname()[1]}/0"
+    redis_5 = OldRedis("5.0.14")
+    url = f"redis://:hunter2-secret@127.0.0.1:{redis_5.port}/0"
     settings.redis_url = SecretStr(url)
     try:
         base = dashboard(token="s3cret", url=url)
@@ -344,7 +333,7 @@ def test_readyz_never_shows_the_redis_password(settings, dashboard):
         page = httpx.get(f"{base}/api/stats", headers={"Authorization": "Bearer s3cret"}, timeout=30)
         assert page.status_code == 503 and "hunter2-secret" not in page.text
     finally:
-        listener.close()
+        redis_5.close()
 
 
 def test_persona_dashboard_command_serves_and_up_includes_it(settings, redis_url, redis_client):

@@ -1,4 +1,5 @@
-"""A server that speaks enough of Redis's protocol to say it is an old Redis (6.0)."""
+"""A server that speaks enough of Redis's protocol to say it is an old Redis (6.0, or 5.x,
+which has no HELLO and quotes the greeting back, password and all)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ class OldRedis:
     def __init__(self, version: str = "6.0.16") -> None:
         self.version = version
         self._listener = socket.create_server(("127.0.0.1", 0))
-        self.url = f"redis://127.0.0.1:{self._listener.getsockname()[1]}/0"
+        self.port = self._listener.getsockname()[1]
+        self.url = f"redis://127.0.0.1:{self.port}/0"
         threading.Thread(target=self._accept, daemon=True).start()
 
     def close(self) -> None:
@@ -39,6 +41,9 @@ class OldRedis:
                 if words and words[0].upper() == b"INFO":
                     body = f"# Server\r\nredis_version:{self.version}\r\n".encode()
                     conn.sendall(b"$%d\r\n%s\r\n" % (len(body), body))
+                elif words and words[0].upper() == b"HELLO" and int(self.version.split(".")[0]) < 6:
+                    quoted = b"".join(b"`%s`, " % word for word in words[1:])  # as Redis 5 words it
+                    conn.sendall(b"-ERR unknown command `%s`, with args beginning with: %s\r\n" % (words[0], quoted))
                 elif words and words[0].upper() == b"HELLO":  # RESP3, as Redis 6 speaks it
                     version = self.version.encode()
                     conn.sendall(b"%%2\r\n+proto\r\n:3\r\n+version\r\n$%d\r\n%s\r\n" % (len(version), version))
