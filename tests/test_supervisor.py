@@ -77,16 +77,15 @@ def test_a_service_that_can_never_start_is_given_up_on(env, caplog):
     assert "worker-1 exited with status 1, 3 times in a row" in caplog.text and "giving up on it" in caplog.text
 
 
-def test_a_service_that_ends_on_a_configuration_error_is_not_restarted(env, caplog, capfd):
-    """It was restarted four times, each time saying the same error, then given up on."""
-    env["PERSONA_WORKER__MAX_BATCH"] = "abc"  # a setting it cannot read: starting again cannot help
+def run_until_it_stops_on_a_configuration_error(env, caplog, timeout: float = 30) -> None:
+    """Start one worker under a supervisor and see it exit 78 once, never restarted."""
     service = Service("worker-1", ["worker"])
     supervisor = Supervisor([service], env=env, first_pause_s=0.05)
     with caplog.at_level(logging.WARNING, logger="persona.supervisor"):
         supervisor.start()
         try:
             first = service.process.pid
-            exited(service)
+            exited(service, timeout=timeout)
             for _ in range(10):
                 supervisor.check()
                 time.sleep(0.05)
@@ -94,6 +93,12 @@ def test_a_service_that_ends_on_a_configuration_error_is_not_restarted(env, capl
             assert service.process.returncode == CONFIG_ERROR_EXIT_STATUS
         finally:
             supervisor.stop()
+
+
+def test_a_service_that_ends_on_a_configuration_error_is_not_restarted(env, caplog, capfd):
+    """It was restarted four times, each time saying the same error, then given up on."""
+    env["PERSONA_WORKER__MAX_BATCH"] = "abc"  # a setting it cannot read: starting again cannot help
+    run_until_it_stops_on_a_configuration_error(env, caplog)
     said = capfd.readouterr().err
     assert said.count("PERSONA_WORKER__MAX_BATCH: input should be a valid integer") == 1, said
     assert "restarting in" not in caplog.text and len(caplog.records) == 1
@@ -117,20 +122,7 @@ def test_a_worker_whose_preloaded_checkpoint_is_damaged_is_not_restarted(
         "PERSONA_WORKER__PERSONAS": '["broken"]',
         "PERSONA_WORKER__DEVICE": "cpu",
     }
-    service = Service("worker-1", ["worker"])
-    supervisor = Supervisor([service], env=env, first_pause_s=0.05)
-    with caplog.at_level(logging.WARNING, logger="persona.supervisor"):
-        supervisor.start()
-        try:
-            first = service.process.pid
-            exited(service, timeout=60)
-            for _ in range(10):
-                supervisor.check()
-                time.sleep(0.05)
-            assert service.gave_up and service.process.pid == first
-            assert service.process.returncode == CONFIG_ERROR_EXIT_STATUS
-        finally:
-            supervisor.stop()
+    run_until_it_stops_on_a_configuration_error(env, caplog, timeout=60)
     said = capfd.readouterr().err
     assert "the worker cannot start: persona 'broken', which it was told to preload" in said, said
     assert "adapter_model.safetensors is unreadable" in said and "copy the whole folder again" in said, said
