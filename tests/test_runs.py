@@ -17,22 +17,9 @@ from persona.personas import PersonaRegistry
 from persona.queue import QueueClient
 from persona.settings import Settings
 from tests.reporters import Recorder
+from tests.sayings import SAYINGS
 from training.runs import run_dir, saved_run_config, train_persona
 from training.trainer import TrainConfig
-
-SAYINGS = [
-    "Patience is the art of hoping slowly.",
-    "Attend to the small things; the large ones are made of them.",
-    "A calm mind is a well-kept garden.",
-    "The road is long, and that is why we walk it daily.",
-    "Still water shows the moon.",
-    "Every storm runs out of rain.",
-    "A lamp does not ask who is reading.",
-    "Seeds keep their promises quietly.",
-    "The kettle sings only when it is ready.",
-    "Snow forgives the path by hiding it.",
-]
-
 
 # One CPU thread: on a shared machine, two busy-waiting threads per process are far slower.
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -20,20 +20,11 @@ from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 from persona.errors import ModelError
 from persona.models import load_model
 from tests.reporters import Recorder, press_ctrl_c
+from tests.sayings import SIX_SAYINGS as SAYINGS
 from training.batching import batch_tensors, encode_documents
 from training.corpus import Corpus
 from training.evaluate import held_out_loss
 from training.trainer import TrainConfig, train
-
-SAYINGS = [
-    "Patience is the art of hoping slowly.",
-    "Attend to the small things; the large ones are made of them.",
-    "A calm mind is a well-kept garden.",
-    "The road is long, and that is why we walk it daily.",
-    "Still water shows the moon.",
-    "Every storm runs out of rain.",
-]
-
 
 # One CPU thread: on a shared machine, two busy-waiting threads per process are far slower.
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -15,17 +15,9 @@ import pytest
 
 from persona.settings import Settings
 from tests.reporters import Recorder
+from tests.sayings import SIX_SAYINGS as SAYINGS
 from training.runs import train_persona
 from training.trainer import TrainConfig
-
-SAYINGS = [
-    "Patience is the art of hoping slowly.",
-    "Attend to the small things; the large ones are made of them.",
-    "A calm mind is a well-kept garden.",
-    "The road is long, and that is why we walk it daily.",
-    "Still water shows the moon.",
-    "Every storm runs out of rain.",
-]
 
 # One CPU thread: on a shared machine, two busy-waiting threads per process are far slower.
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
