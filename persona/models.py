@@ -21,6 +21,7 @@ import shutil
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -423,6 +424,8 @@ def _merge_lora(model: Any, checkpoint: Path) -> Any:
 
     config = _adapter_config(checkpoint)
     _check_adapter_weights(checkpoint)
+    # peft reads an attribute transformers deprecated: a warning no user can act on.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
     try:
         merged = PeftModel.from_pretrained(model, checkpoint).merge_and_unload()
     except Exception as exc:

@@ -50,6 +50,18 @@ def test_loading_writes_no_progress_bars(tiny_llama_dir, tmp_path, capfd):
     assert "Loading weights" not in said.err + said.out and "%|" not in said.err, said.err
 
 
+def test_merging_a_lora_warns_nothing_about_the_libraries_internals(tiny_llama_dir, tmp_path):
+    """peft reads an attribute transformers has deprecated, and every worker serving a
+    LoRA checkpoint logged a FutureWarning with a site-packages path about it."""
+    import warnings
+
+    lora = make_lora(tiny_llama_dir, tmp_path / "lora")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_model(str(tiny_llama_dir), lora, cache_dir=tmp_path / "cache")
+    assert not [str(w.message) for w in caught if "checkpointing" in str(w.message)]
+
+
 def test_lora_for_another_base_is_refused_with_the_reason(tiny_llama_dir, tiny_gpt2_dir, tmp_path):
     lora = make_lora(tiny_llama_dir, tmp_path / "lora")
     with pytest.raises(ModelError, match="does not fit this base model"):
