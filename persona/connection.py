@@ -22,7 +22,12 @@ from persona.settings import Settings
 __all__ = ["connect", "connect_async", "describe_url", "redis_url", "retrying_until"]
 
 RETRIES = 8
-SOCKET_TIMEOUT_S = 30.0
+# How long a connection may take to open, and a reply to come: a host that drops packets
+# (a firewall, a machine gone) is "cannot reach Redis" after this, not after the OS's
+# minutes. Said outright, as redis-py before 8 waits forever by default. No call waits
+# longer on purpose: a caller's BLMOVE and a worker's XREADGROUP block for 2 s at most.
+CONNECT_TIMEOUT_S = 5.0
+SOCKET_TIMEOUT_S = 5.0
 # BLMOVE, which callers read their replies with, came in Redis 6.2.
 OLDEST_REDIS = (6, 2)
 
@@ -152,9 +157,13 @@ def _backoff() -> AbstractBackoff:
     return _UntilGiveUp(ExponentialBackoff(cap=2.0, base=0.05))
 
 
+def _timeouts() -> dict:
+    return {"socket_connect_timeout": CONNECT_TIMEOUT_S, "socket_timeout": SOCKET_TIMEOUT_S}
+
+
 def _options(url: str) -> dict:
     # Reconnect with backoff: a restarted Redis costs callers a pause, not an error.
-    options = {
+    options = _timeouts() | {
         "retry": _Retry(_backoff(), RETRIES),
         "retry_on_error": [redis.exceptions.ConnectionError, redis.exceptions.TimeoutError],
         "health_check_interval": 15,
@@ -238,7 +247,7 @@ def connect(settings: Settings, *, url: str | None = None) -> redis.Redis:
     url = url or redis_url(settings)
     try:
         # One quick try first: a user with Redis down hears so at once, not after backoff.
-        with redis.Redis.from_url(url, socket_connect_timeout=5) as probe:
+        with redis.Redis.from_url(url, **_timeouts()) as probe:
             info = _server_info(probe.info, probe.ping)
     except FIRST_CONTACT_ERRORS as exc:
         raise _refusal(exc, url) from None
@@ -249,7 +258,7 @@ def connect(settings: Settings, *, url: str | None = None) -> redis.Redis:
 async def connect_async(settings: Settings, *, url: str | None = None) -> redis.asyncio.Redis:
     """A checked asyncio connection to the service's Redis, probed once as ``connect`` does."""
     url = url or redis_url(settings)
-    probe = redis.asyncio.Redis.from_url(url, socket_connect_timeout=5)
+    probe = redis.asyncio.Redis.from_url(url, **_timeouts())
     try:
         try:
             info = await probe.info("server")

@@ -23,15 +23,21 @@ def request_problem(request: GenerationRequest, limits: QueueSettings) -> str | 
             "in its file (`persona personas show NAME`); send the conversation as user and assistant turns"
         )
     if len(request.messages) > limits.max_messages:
-        return f"the conversation has {len(request.messages)} turns; at most {limits.max_messages} are accepted"
+        return (
+            f"the conversation has {len(request.messages)} turns; at most {limits.max_messages} are accepted: "
+            f"send only the latest {limits.max_messages}, or {_raise('MAX_MESSAGES')}"
+        )
     for message in request.messages:
         if len(message.content) > limits.max_message_chars:
             return (
-                f"a message is {len(message.content)} characters long; "
-                f"at most {limits.max_message_chars} are accepted"
+                f"a message is {len(message.content):,} characters long; at most {limits.max_message_chars:,} "
+                f"are accepted: shorten it or send it in parts, or {_raise('MAX_MESSAGE_CHARS')}"
             )
     if len(request.prefix) > limits.max_message_chars:
-        return f"the prefix is {len(request.prefix)} characters long; at most {limits.max_message_chars} are accepted"
+        return (
+            f"the prefix is {len(request.prefix):,} characters long; at most {limits.max_message_chars:,} "
+            f"are accepted: shorten it, or {_raise('MAX_MESSAGE_CHARS')}"
+        )
     # The user names a Redis key (its count of requests waiting): a megabyte one was stored as one.
     if request.user and len(request.user) > MAX_USER_CHARS:
         return (
@@ -44,6 +50,11 @@ def request_problem(request: GenerationRequest, limits: QueueSettings) -> str | 
             "name what sent the request (\"discord\", \"scheduler\")"
         )
     return None
+
+
+def _raise(setting: str) -> str:
+    """How to raise a queue limit: the same for the whole service, as the workers check it too."""
+    return f"raise the limit with PERSONA_QUEUE__{setting} (set it alike for the workers and every client)"
 
 
 # A deadline is a time (epoch seconds); one before this was meant as a duration ("30").

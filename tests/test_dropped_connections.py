@@ -15,10 +15,11 @@ import time
 import pytest
 import redis
 
+from persona import connection
 from persona import constants as keys
 from persona.connection import connect, connect_async
 from persona.contract import GenerationReply, GenerationRequest, Message
-from persona.errors import ConfigError, ReplyTimeout
+from persona.errors import ConfigError, RedisUnavailable, ReplyTimeout
 from persona.queue import AsyncQueueClient, QueueClient, WorkQueue
 from persona.queue_scripts import SUBMIT_SCRIPT
 from tests.fakes.cutting_proxy import CuttingProxy
@@ -136,6 +137,41 @@ def test_an_ask_keeps_its_deadline_while_redis_is_down(settings, work, proxy, si
             QueueClient(connect(settings, url=proxy.url), settings.queue).ask(chat(), timeout=2)
         else:
             asyncio.run(_ask_async(settings, proxy.url, chat(), timeout=2))
+    assert time.monotonic() - started < 3.0
+
+
+@pytest.fixture
+def quick_timeouts(monkeypatch):
+    """Connections give up after a second or so (5 s in service), so these tests are quick.
+    The read timeout stays longer than a wait's slice, as in service."""
+    monkeypatch.setattr(connection, "CONNECT_TIMEOUT_S", 0.5, raising=False)
+    monkeypatch.setattr(connection, "SOCKET_TIMEOUT_S", 1.5)
+
+
+async def test_a_redis_that_never_answers_is_said_unreachable_in_seconds(settings, proxy, quick_timeouts):
+    """A host that takes connections and answers nothing (a firewall dropping packets, a
+    machine gone) is "cannot reach Redis" once the timeout has passed. redis-py before 8
+    sets no timeout of its own: with 7.4, `persona queue stats` waited forever."""
+    proxy.go_silent()
+    started = time.monotonic()
+    with pytest.raises(RedisUnavailable, match="cannot reach Redis at"):
+        connect(settings, url=proxy.url)
+    with pytest.raises(RedisUnavailable, match="cannot reach Redis at"):
+        await asyncio.wait_for(connect_async(settings, url=proxy.url), 10)
+    assert time.monotonic() - started < 4.0
+
+
+@pytest.mark.parametrize("side", ["sync", "async"])
+def test_an_ask_keeps_its_deadline_when_redis_stops_answering(settings, proxy, quick_timeouts, side):
+    """Redis falling silent while a caller waits (its replies never come, new connections
+    are never answered): the wait ends near its deadline, not whenever the OS gives up."""
+    threading.Timer(0.3, proxy.go_silent).start()
+    started = time.monotonic()
+    with pytest.raises(redis.exceptions.TimeoutError):
+        if side == "sync":
+            QueueClient(connect(settings, url=proxy.url), settings.queue).ask(chat(), timeout=1)
+        else:
+            asyncio.run(_ask_async(settings, proxy.url, chat(), timeout=1))
     assert time.monotonic() - started < 3.0
 
 

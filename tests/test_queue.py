@@ -73,7 +73,7 @@ def test_a_batch_refused_part_way_says_exactly_which_requests_were_queued(settin
     assert all(r.deadline for r in busy.queued)  # stamped: ready to wait on
     said = str(busy)
     assert said.startswith("3 of 5 requests were queued and 2 refused")
-    assert "request 2: you already have 1 requests waiting" in said and "request 5: the queue is busy" in said
+    assert "request 2: you already have 1 request waiting" in said and "request 5: the queue is busy" in said
     jobs = work.claim("w1", 10, block_ms=0)
     assert [job.request.id for job in jobs] == [r.id for r in busy.queued]
     work.deliver([(job, GenerationReply(id=job.request.id, ok=True)) for job in jobs], "w1")
@@ -463,8 +463,32 @@ def test_ask_refused_as_busy_returns_at_once_and_leaves_nothing_behind(settings,
     assert 0 < client.redis.ttl(keys.reply_key(refused.id)) <= 60  # the refusal's word expires soon
     settings.queue.max_length, settings.queue.max_pending_per_user = 10, 1
     client.submit(chat(user="u"))
-    with pytest.raises(QueueBusy, match="you already have 1 requests waiting"):
+    with pytest.raises(QueueBusy, match="you already have 1 request waiting; please wait for that answer first"):
         client.ask(chat(user="u"), timeout=30)
+
+
+def test_a_queue_full_at_one_request_says_one_request(settings, client):
+    """It said "the queue is busy (1 requests already waiting ...)"."""
+    settings.queue.max_length = 1
+    client.submit(chat())
+    with pytest.raises(QueueBusy, match=r"the queue is busy \(1 request already waiting in"):
+        client.submit(chat())
+
+
+def test_a_message_over_the_limit_is_refused_saying_what_to_do(settings, client):
+    """It said only "a message is 9000 characters long; at most 8000 are accepted"."""
+    with pytest.raises(InvalidRequest) as refused:
+        client.submit(chat("x" * 9000))
+    assert str(refused.value) == (
+        "a message is 9,000 characters long; at most 8,000 are accepted: shorten it or send it in parts, "
+        "or raise the limit with PERSONA_QUEUE__MAX_MESSAGE_CHARS (set it alike for the workers and every client)"
+    )
+    settings.queue.max_messages = 2
+    many = GenerationRequest(persona="sage", messages=[Message(role="user", content="hi")] * 3)
+    with pytest.raises(InvalidRequest, match=r"at most 2 are accepted: send only the latest 2, or raise the limit "
+                                             r"with PERSONA_QUEUE__MAX_MESSAGES"):
+        client.submit(many)
+    assert client.redis.xlen(keys.STREAM_INTERACTIVE) == 0
 
 
 async def test_async_ask_is_one_round_trip_through_the_queue(settings, redis_url, redis_client, work):

@@ -71,3 +71,19 @@ def test_ctrl_c_with_redis_down_answers_at_once_and_says_the_message_was_not_wit
     assert "(withdrawn" not in stdout + stderr
     if command == "chat":
         assert talking.returncode == 0 and stdout.count("you>") == 2  # the chat goes on, then /quit
+
+
+def test_an_ask_that_timed_out_is_past_its_deadline_so_no_worker_generates_it_later(tmp_path, own_redis):
+    """`persona ask` does not withdraw a message it stopped waiting for: its deadline (the
+    --timeout) has passed by then, by Redis's clock, so a worker that comes back later
+    answers it "waited past its deadline" without generating (see test_worker)."""
+    from persona.settings import QueueSettings
+    from persona.work_queue import WorkQueue
+
+    _server, url, client = own_redis
+    talking = _talking(tmp_path, url, "ask", "sage", "hello", "--timeout", "1")
+    _stdout, stderr = talking.communicate(timeout=30)
+    assert talking.returncode == 1 and "no worker answered request" in stderr
+    [job] = WorkQueue(client, QueueSettings()).claim("late-worker", 10, block_ms=0)
+    seconds, micros = client.time()
+    assert job.expired(seconds + micros / 1e6)

@@ -15,7 +15,7 @@ from rich.table import Column, Table
 from rich.text import Text
 
 from persona.cli.common import console, err_console, friendly_errors, get_settings
-from persona.cli.talk import _say_if_no_worker
+from persona.cli.talk import say_if_no_worker
 from persona.connection import connect
 from persona.logs import setup_logging
 from persona.queue import QueueClient
@@ -148,7 +148,7 @@ def post(
     text = _read_text(text)
     poster = _poster(settings)
     if text is None:  # else a silent spinner until posting.wait_s (5 minutes) ran out, then "no worker answered"
-        _say_if_no_worker(poster.candidates.queue, settings.posting.wait_s)
+        say_if_no_worker(poster.candidates.queue, settings.posting.wait_s)
     waiting = (contextlib.nullcontext() if json_output or text is not None
                else console.status(f"{persona} is writing candidates..."))
     with waiting:

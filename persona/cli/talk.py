@@ -61,7 +61,7 @@ def _check_persona(settings: Settings, name: str) -> None:
     PersonaRegistry.from_settings(settings).get(name)
 
 
-def _say_if_no_worker(client: QueueClient, wait_s: float, starters: str = WORKER_STARTERS) -> None:
+def say_if_no_worker(client: QueueClient, wait_s: float, starters: str = WORKER_STARTERS) -> None:
     """Say so when no worker is live: the wait ahead is then a full deadline, and the
     user heard nothing until its end ("no worker answered ... in time"). A worker still
     loading its models is named as starting: "no worker is running" sent people to start
@@ -107,7 +107,7 @@ def ask(
     )
     check_request(request, settings.queue)  # an empty or too long message is refused before Redis is needed
     client = _client(settings)
-    _say_if_no_worker(client, timeout or settings.queue.default_deadline_s)
+    say_if_no_worker(client, timeout or settings.queue.default_deadline_s)
     try:
         reply = client.ask(request, timeout=timeout)
     except KeyboardInterrupt:
@@ -170,7 +170,7 @@ def run_chat(
         # Whatever goes wrong with this message, it is dropped and the chat goes on.
         problem = None
         try:
-            _say_if_no_worker(client, settings.queue.default_deadline_s, starters)
+            say_if_no_worker(client, settings.queue.default_deadline_s, starters)
             with console.status(f"{persona} is thinking..."):
                 reply = client.ask(request)
         except KeyboardInterrupt:  # as in a shell

@@ -7,6 +7,8 @@ the command ran, its caller never hears so. Armed with ``cut_answer_holding(mark
 closes the connection instead of passing on an answer that holds ``marker``. Each cut
 happens once; ``cuts`` counts them. ``go_down()`` plays Redis stopping: every open
 connection is closed and each new one is closed as it is accepted, until ``come_back()``.
+``go_silent()`` plays a host that stops answering (a firewall dropping packets, a machine
+gone): connections stay open, new ones are accepted, and not a byte comes back.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import contextlib
 import select
 import socket
 import threading
+import time
 from urllib.parse import urlparse
 
 __all__ = ["CuttingProxy"]
@@ -38,7 +41,9 @@ class CuttingProxy:
         self._after_command: bytes | None = None
         self._in_answer: bytes | None = None
         self._down = False
+        self._silent = False
         self._open: set[socket.socket] = set()
+        self._unanswered: list[socket.socket] = []  # accepted while silent
         self._listener = socket.create_server(("127.0.0.1", 0))
         parsed = urlparse(upstream_url)
         login = f"{parsed.username or ''}:{parsed.password}@" if parsed.password else ""
@@ -62,13 +67,26 @@ class CuttingProxy:
                 with contextlib.suppress(OSError):
                     side.shutdown(socket.SHUT_RDWR)
 
+    def go_silent(self) -> None:
+        """Answer nothing from now on, on open connections and new ones, until ``come_back``."""
+        with self._lock:
+            self._silent = True
+
     def come_back(self) -> None:
         with self._lock:
-            self._down = False
+            self._down = self._silent = False
+            self._close_unanswered()
 
     def close(self) -> None:
         self._stopping.set()
         self._listener.close()
+        with self._lock:
+            self._close_unanswered()
+
+    def _close_unanswered(self) -> None:
+        for client in self._unanswered:
+            client.close()
+        self._unanswered.clear()
 
     def _accept(self) -> None:
         while not self._stopping.is_set():
@@ -77,7 +95,10 @@ class CuttingProxy:
             except OSError:
                 return
             with self._lock:
-                down = self._down
+                down, silent = self._down, self._silent
+                if silent:
+                    self._unanswered.append(client)
+                    continue
             if down:
                 client.close()
                 continue
@@ -94,6 +115,9 @@ class CuttingProxy:
         cut_next_answer = False
         try:
             while not self._stopping.is_set():
+                if self._silent:  # what either side sends waits, unread
+                    time.sleep(0.05)
+                    continue
                 ready, _, _ = select.select([client, upstream], [], [], 0.2)
                 for side in ready:
                     data = side.recv(65536)
