@@ -72,15 +72,21 @@ def build_request(
     max_turns: int,
     max_chars: int,
     seed: int | None = None,
+    patience_s: float | None = None,
 ) -> GenerationRequest:
-    """A chat request for the newest turns that fit, from ``user`` on ``source``."""
-    return GenerationRequest(
+    """A chat request for the newest turns that fit, from ``user`` on ``source``; one that
+    no worker may start once ``patience_s`` has passed (the asker has been told by then
+    that it timed out), or the queue's default deadline if None."""
+    request = GenerationRequest(
         persona=persona,
         messages=trim_turns(turns, max_turns=max_turns, max_chars=max_chars),
         sampling=SamplingOverrides(seed=seed),
         user=user,
         source=source,
     )
+    if patience_s is not None:
+        request = request.model_copy(update={"deadline": request.created_at + patience_s})
+    return request
 
 
 class ConversationStore:

@@ -340,6 +340,7 @@ class Responder:
             max_turns=self.settings.queue.max_messages,
             max_chars=self._max_chars,
             seed=seed,
+            patience_s=self.options.reply_timeout_s,
         )
         await self.store.set_inflight(where.scope, request.id)
         # The scope counts as answering until the exchange is saved: a /reset at any moment

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import redis.asyncio
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -55,6 +56,20 @@ async def test_a_long_message_is_answered_with_a_note(settings: Settings, redis_
         reply = await responder.answer(HERE, "x" * 900 + "the question?")
     assert reply.startswith("read 500") and "read only its last 500 characters" in reply
     assert seen[0].messages[-1].content.endswith("the question?")
+    await client.aclose()
+
+
+async def test_a_question_the_bot_stops_waiting_for_is_not_generated_later(settings: Settings, redis_url, redis_client):
+    """The bot gives up after reply_timeout_s and says so; its request carried the queue's
+    default deadline instead, so a worker that got to it later still generated a reply
+    nobody would read (a GPU's time, and the asker's /retry behind it)."""
+    settings.telegram = settings.telegram.model_copy(update={"reply_timeout_s": 7.0})
+    settings.queue = settings.queue.model_copy(update={"default_deadline_s": 300.0})
+    client = redis.asyncio.Redis.from_url(redis_url)
+    responder = Responder(client, settings, "telegram")
+    with scripted_worker(settings, lambda r: "fine") as seen:
+        assert await responder.answer(HERE, "hello?") == "fine"
+    assert seen[0].deadline - seen[0].created_at == pytest.approx(7.0, abs=0.5)
     await client.aclose()
 
 
