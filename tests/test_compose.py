@@ -5,11 +5,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+import redis
+import typer
 import yaml
 from compose_spec import PyCompose
 from typer.main import get_command
 
 from persona.cli import app
+from persona.dashboard import create_app
+from persona.settings import DashboardSettings, Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -38,12 +43,33 @@ def test_worker_reserves_a_gpu_and_uses_the_shared_redis():
     assert worker["environment"]["PERSONA_REDIS_URL"].startswith("redis://redis:")
 
 
+def persona_services() -> dict[str, dict]:
+    return {
+        name: service
+        for name, service in compose()["services"].items()
+        if not service.get("image", "").startswith("redis")
+    }
+
+
 def test_every_persona_service_runs_a_real_cli_command():
-    commands = set(get_command(app).commands)
-    for name, service in compose()["services"].items():
-        if service.get("image", "").startswith("redis"):
-            continue
-        assert service["command"][0] in commands, f"service {name} runs an unknown command"
+    # The whole command line, options too, parsed by the CLI's own parser (nothing runs):
+    # an option renamed in the CLI breaks this test, not a container at start.
+    commands = get_command(app).commands
+    for name, service in persona_services().items():
+        command, *args = service["command"]
+        assert command in commands, f"service {name} runs an unknown command"
+        try:
+            commands[command].make_context(command, list(args))
+        except typer.TyperException as exc:  # an unknown option, a value that is not one
+            pytest.fail(f"service {name}: `persona {' '.join(service['command'])}`: {exc.format_message()}")
+
+
+def test_the_dashboard_is_published_on_its_port_and_checked_at_readyz():
+    dashboard = compose()["services"]["dashboard"]
+    port = DashboardSettings().port
+    assert all(p.endswith(f":{port}") for p in dashboard["ports"])
+    assert f"127.0.0.1:{port}/readyz" in " ".join(dashboard["healthcheck"]["test"])
+    assert "/readyz" in {route.path for route in create_app(Settings(), redis.Redis()).routes}
 
 
 def test_every_named_volume_is_declared():
