@@ -4,10 +4,10 @@
    time per persona) naming the live workers that must agree.
 2. Each of those workers, between batches, loads the new weights beside the old ones,
    checks them, and votes ready, or refused with the reason (``persona/swapper.py``).
-3. When every worker still alive has voted ready, one Lua script checks the votes
-   again and flips the active version; if any refused (or time ran out) the proposal
-   is withdrawn and nothing changes. Workers pick up a flip at their next batch and
-   free the old weights.
+3. When every worker still alive (and any that began serving meanwhile) has voted
+   ready, one Lua script checks the votes again and flips the active version; if any
+   refused (or time ran out) the proposal is withdrawn and nothing changes. Workers
+   pick up a flip at their next batch and free the old weights.
 
 The active version per persona lives in the ``ACTIVE_VERSIONS_KEY`` hash: a version
 name (``v3``), ``base``, or an absolute checkpoint folder. No entry means the persona
@@ -315,9 +315,12 @@ def run_swap(
                 abort(client, proposal)
                 return SwapOutcome(proposal=proposal, committed=False, votes=cast, problem=_refusal_text(proposal, refused))
             # A worker that died meanwhile is not waited for: it reads the active
-            # version when it starts again.
+            # version when it starts again. One that began serving meanwhile (it was
+            # still loading its models when the proposal opened) is: it answers the
+            # proposal like the others, and would otherwise serve the new weights
+            # without having loaded and checked them (a damaged copy on its disk too).
             alive = live_worker_ids(client)
-            expected = [w for w in proposal.workers if w in alive or w in cast]
+            expected = sorted(w for w in alive.union(proposal.workers) if w in alive or w in cast)
             if on_progress:
                 on_progress(sum(1 for w in expected if w in cast), len(expected))
             if all(w in cast for w in expected):

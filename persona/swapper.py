@@ -18,7 +18,7 @@ import redis
 from persona import constants as keys
 from persona import swap
 from persona.checkpoint_checks import loaded_problem, static_problem
-from persona.checkpoints import resolve_checkpoint
+from persona.checkpoints import BASE_VERSION, resolve_checkpoint
 from persona.errors import PersonaError, SwapRefused, UnknownPersona
 from persona.heartbeat import WorkerInfo, redis_time
 from persona.personas import Persona, PersonaRegistry
@@ -85,7 +85,20 @@ class Swapper:
 
     def refresh_active(self, active: dict[str, str] | None = None) -> None:
         """Read which version each persona serves now (or take ``active``, read just before)."""
-        self.active = swap.active_versions(self.redis) if active is None else dict(active)
+        fresh = swap.active_versions(self.redis) if active is None else dict(active)
+        if fresh != self.active:
+            self._log_flips(fresh)
+        self.active = fresh
+
+    def _log_flips(self, fresh: dict[str, str]) -> None:
+        """Say when a flip reaches this worker, for each persona it serves: the log said
+        "ready to swap" and then nothing until the old weights were freed (and a request
+        for the persona in between hid the "switched" line), so when this worker began
+        answering with the new version could not be read from it."""
+        for name, shown in self.info.personas.items():
+            version = fresh.get(name)
+            if version is not None and version != self.active.get(name) and version != shown:
+                log.info("%s serves %s from its next batch (was %s; rows decoding finish on it)", name, version, shown)
 
     def version_for(self, persona: str) -> str | None:
         """The active version of a persona (None: the persona file's own choice)."""
@@ -188,7 +201,7 @@ class Swapper:
         freed = [key for key in self.pool.loaded_keys() if key not in wanted]
         for key in freed:
             self.pool.release(key)
-            log.info("freed weights %s", key[1])
+            log.info("freed weights %s", key[1] if key[1] != BASE_VERSION else f"{key[0]} (base)")
         if freed:
             _free_memory()
 

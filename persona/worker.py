@@ -199,7 +199,9 @@ class Worker:
             except PersonaError as exc:
                 if names:
                     raise
-                log.warning("not preloading persona %s: %s", persona.name, exc)
+                swapped = self.swaps.version_for(persona.name) is not None and isinstance(exc, ModelError)
+                log.log(logging.ERROR if swapped else logging.WARNING, "not preloading persona %s: %s",
+                        persona.name, self._cannot_serve(persona.name, exc))
                 continue
             self.info.personas[persona.name] = served.version
 
@@ -494,10 +496,23 @@ class Worker:
         except ConfigError as exc:
             return ErrorKind.invalid, str(exc)
         except ModelError as exc:
-            return ErrorKind.model, str(exc)
+            return ErrorKind.model, self._cannot_serve(name, exc)
         except Exception as exc:  # out of memory, a bug in an engine: this persona fails, others go on
             log.exception("cannot serve persona %s", name)
             return ErrorKind.model, f"cannot load the model: {type(exc).__name__}: {exc}"
+
+    def _cannot_serve(self, name: str, exc: PersonaError) -> str:
+        """Why a persona's model cannot load here, and, for a version an operator swapped
+        to, what to do: the fleet agreed on it, but this worker (started since, or on a
+        machine whose copy differs) cannot load it, and it answered every request for the
+        persona with the load error alone, naming neither the swap nor the worker."""
+        version = self.swaps.version_for(name)
+        if version is None or not isinstance(exc, ModelError):  # a persona file's error is the file's
+            return str(exc)
+        return (
+            f"{exc}; {name!r} was swapped to {version}, which worker {self.id} cannot load: fix that checkpoint "
+            f"on its machine, or move every worker off it with `persona rollback {name}` or `persona swap {name} VERSION`"
+        )
 
     def _persona(self, name: str) -> Persona:
         now = time.monotonic()

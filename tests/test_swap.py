@@ -517,3 +517,61 @@ def test_a_swap_under_way_names_who_started_it(redis_client, tiny):
                         timeout_s=60)
     with pytest.raises(SwapRefused, match="to 'v1' by alice@ops-laptop is already under way"):
         swaps.swap_persona(redis_client, tiny, "v2", timeout_s=5)
+
+
+def test_a_worker_that_began_serving_during_a_swap_must_vote_too(redis_client, tiny):
+    """A worker still loading its models when the swap opened was not asked, and the swap
+    committed without it as soon as the others were ready: it then served the new version
+    unchecked (from a damaged copy on its disk, as here, every request failed)."""
+    from persona import heartbeat
+
+    heartbeat.publish(redis_client, heartbeat.WorkerInfo(id="w-a"), ttl_s=60)
+    done: list[swaps.SwapOutcome] = []
+    swapping = threading.Thread(target=lambda: done.append(swaps.swap_persona(redis_client, tiny, "v1", timeout_s=30)))
+    swapping.start()
+    wait_until(lambda: swaps.open_proposals(redis_client) != [])
+    [proposal] = swaps.open_proposals(redis_client)
+    assert proposal.workers == ["w-a"]
+    heartbeat.publish(redis_client, heartbeat.WorkerInfo(id="w-late"), ttl_s=60)  # done loading: serving now
+    swaps.cast_vote(redis_client, proposal.id, swaps.Vote(worker="w-a", ready=True))
+    time.sleep(5 * swaps.POLL_S)
+    assert swaps.active_versions(redis_client) == {} and not done  # still waiting for w-late
+    swaps.cast_vote(redis_client, proposal.id, swaps.Vote(worker="w-late", ready=False, reason="cannot load the model"))
+    swapping.join(timeout=10)
+    [outcome] = done
+    assert not outcome.committed and "worker w-late: cannot load the model" in outcome.problem
+    assert swaps.active_versions(redis_client) == {} and swaps.open_proposals(redis_client) == []
+
+
+def test_a_worker_that_cannot_load_the_version_swapped_to_says_so_and_what_to_do(
+    settings, redis_client, tiny, tiny_llama_dir, running_worker, client
+):
+    """Swapped with no worker running (checked on the operator's machine), then a worker
+    started whose copy is damaged: every request was answered with the load error alone,
+    naming neither the swap nor the worker, nor how to get the persona answering again."""
+    v1 = make_checkpoint(settings, tiny_llama_dir, "tiny", seed=1)
+    assert swaps.swap_persona(redis_client, tiny, "v1", timeout_s=10).committed  # no worker: nothing to ask
+    (v1.path / "model.safetensors").write_bytes(b"\0" * 64)
+    running_worker("w-late")
+    reply = client.ask(chat(), timeout=60)
+    assert not reply.ok and "cannot load the model" in reply.error.message
+    assert "'tiny' was swapped to v1, which worker w-late cannot load" in reply.error.message
+    assert "`persona rollback tiny`" in reply.error.message
+
+
+def test_the_worker_log_says_when_a_swap_reached_it_and_which_weights_it_freed(
+    settings, redis_client, tiny, tiny_llama_dir, running_worker, client, caplog
+):
+    """The log read "ready to swap tiny to v1", then "freed weights base" (which model's
+    base?) and no line saying when this worker began answering with v1."""
+    make_checkpoint(settings, tiny_llama_dir, "tiny", seed=1)
+    settings.worker.engine = "eager"  # no GGUF written for llama.cpp: seconds faster
+    caplog.set_level("INFO", logger="persona.swapper")
+    worker = running_worker("w-one")
+    assert client.ask(chat(), timeout=60).version == "base"
+    assert perform_swap(settings, redis_client, tiny, "v1", timeout_s=60).committed
+    assert client.ask(chat(), timeout=60).version == "v1"
+    wait_until(lambda: len(persona_keys(worker)) == 1)
+    lines = [r.getMessage() for r in caplog.records if r.name == "persona.swapper"]
+    assert "tiny serves v1 from its next batch (was base; rows decoding finish on it)" in lines
+    assert f"freed weights {tiny_llama_dir} (base)" in lines
