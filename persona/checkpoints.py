@@ -171,8 +171,11 @@ def resolve_checkpoint(persona: Persona, settings: Settings, version: str | None
         return name, as_path
     [(chosen, folder)] = by_version
     if not folder.is_dir():
+        if "/" in chosen or chosen.startswith("."):  # written as a path: a folder was meant
+            raise ModelError(f"persona {persona.name!r}: checkpoint folder {as_path.resolve()} does not exist")
+        meant = f"v{chosen}" if chosen.isdigit() and (folder.parent / f"v{chosen}").is_dir() else ""
         raise ModelError(
             f"persona {persona.name!r}: no checkpoint version {chosen!r} in {folder.parent}; "
-            f"see `persona checkpoints {persona.name}`"
+            + (f"did you mean {meant}?" if meant else f"see `persona checkpoints {persona.name}`")
         )
     return chosen, folder

@@ -575,3 +575,20 @@ def test_the_worker_log_says_when_a_swap_reached_it_and_which_weights_it_freed(
     lines = [r.getMessage() for r in caplog.records if r.name == "persona.swapper"]
     assert "tiny serves v1 from its next batch (was base; rows decoding finish on it)" in lines
     assert f"freed weights {tiny_llama_dir} (base)" in lines
+
+
+def test_a_target_that_is_not_there_is_named_as_the_user_meant_it(settings, tiny, tiny_llama_dir, tmp_path,
+                                                                    monkeypatch):
+    """`persona swap tiny ./nope` said "no checkpoint version './nope'" (a folder was meant),
+    and `persona swap tiny 1` said there is no version '1' when there is a v1."""
+    from persona.checkpoints import resolve_checkpoint
+    from persona.errors import ModelError
+
+    make_checkpoint(settings, tiny_llama_dir, "tiny", seed=1)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelError, match=f"checkpoint folder {tmp_path / 'nope'} does not exist"):
+        resolve_checkpoint(tiny, settings, "./nope")
+    with pytest.raises(ModelError, match=r"no checkpoint version '1' .*; did you mean v1\?"):
+        resolve_checkpoint(tiny, settings, "1")
+    with pytest.raises(ModelError, match=r"no checkpoint version 'v7' in .*; see `persona checkpoints tiny`$"):
+        resolve_checkpoint(tiny, settings, "v7")
