@@ -405,7 +405,7 @@ def test_a_sample_reads_on_from_its_prefix_as_the_model_wrote_it():
     isoften used...". A continuation now keeps its own leading space (see
     test_engine's test_a_continuation_keeps_its_leading_space), and is joined as written:
     "Tomor" + "row" is one word, " often" another."""
-    from persona.cli.train_cmd import _finish
+    from persona.cli.generate_cmd import _finish
 
     assert _finish(" often used.", "Life is", True, None) == "Life is often used."
     assert _finish("row, then.", "Tomor", True, None) == "Tomorrow, then."

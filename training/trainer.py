@@ -8,28 +8,28 @@ the time spent too); with the optimiser and random states saved in the run folde
 ``resume=True`` continues as if the run had never stopped. Ctrl-C stops
 the run after the step it lands in, so the saved state is always that of a whole step;
 a second Ctrl-C stops it at once, leaving the state saved at the last evaluation.
+
+Beside it: the settings of a run (``train_config.py``), the state saved for ``resume``
+(``run_state.py``) and the samples shown at each evaluation (``sampling.py``).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 import random
 import resource
 import shutil
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import torch
-from pydantic import BaseModel, Field, model_validator
 
 from persona.errors import ModelError
 from persona.personas import Sampling
@@ -39,64 +39,25 @@ from training.batching import (
     encode_documents,
     evaluate_loss,
     perplexity,
-    start_token_id,
     summed_loss,
 )
 from training.corpus import Corpus
-from training.run_folder import PROGRESS_FILE, RUN_FILE, STATE_FILE
+from training.run_folder import PROGRESS_FILE, STATE_FILE
+from training.run_state import RunState, SavedState, remove_leftovers, write_record
+from training.sampling import max_positions, sample_texts
 from training.schedule import eval_sample, lr_factor
-from training.weights import load_weights, save_weights, saving, trainable
+from training.train_config import DEFAULT_EPOCHS, TrainConfig
+from training.weights import load_weights, save_weights
 
 __all__ = ["LogReporter", "Reporter", "TrainConfig", "TrainResult", "max_positions", "sample_texts", "train"]
 
 log = logging.getLogger(__name__)
 
 BEST_DIR = "best"
-WEIGHTS_PREFIX = "weights-"  # a state saved with the best weights links to their files in weights-STEP/
-DEFAULT_EPOCHS = 5.0
 AVERAGE_DECAY = 0.99  # gpt-2-simple's running average of the loss
 # With --max-minutes, the evaluations during the run (and their samples) take at most about
 # this share of the budget: spaced by what the last one cost, not by the step plan alone.
 EVAL_SHARE_OF_BUDGET = 0.15
-
-
-class TrainConfig(BaseModel):
-    """Everything that decides what a run does; saved with its checkpoint."""
-
-    base: str = "smollm2"
-    kind: Literal["lora", "full"] = "lora"
-    steps: int | None = Field(None, ge=1, description="optimiser steps (default: from epochs)")
-    epochs: float | None = Field(None, gt=0, description=f"passes over the data (default {DEFAULT_EPOCHS:g})")
-    max_minutes: float | None = Field(None, gt=0, description="stop after this much training time "
-                                       "(the learning rate decays to fit it)")
-    batch_size: int = Field(8, ge=1)
-    learning_rate: float | None = Field(None, gt=0, description="default 2e-4 for LoRA, 5e-5 full")
-    warmup_fraction: float = Field(0.05, ge=0, lt=1)
-    weight_decay: float = Field(0.0, ge=0)
-    max_tokens: int = Field(256, ge=8, description="longest example, at most the model's positions; "
-                            "longer documents are windowed")
-    eval_every: int | None = Field(None, ge=1, description="steps between evaluations (default: ~10 per run)")
-    eval_tokens: int = Field(4096, ge=1, description="held-out tokens each evaluation during the run measures "
-                             "(a fixed sample); the base and the best weights are measured on them all")
-    patience: int = Field(3, ge=1, description="evaluations without improvement before stopping")
-    samples: int = Field(2, ge=0, description="samples printed at each evaluation")
-    sample_tokens: int = Field(40, ge=1)
-    seed: int = 0
-    lora_r: int = Field(16, ge=1)
-    lora_alpha: int = Field(32, ge=1)
-    lora_dropout: float = Field(0.05, ge=0, lt=1)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-
-    @model_validator(mode="after")
-    def _one_length(self) -> TrainConfig:
-        # Both given, steps silently won: a run meant to be 3 epochs stopped after 100 steps.
-        if self.steps is not None and self.epochs is not None:
-            raise ValueError("--steps and --epochs both set how long the run is; keep --steps for an exact "
-                             "number of optimiser steps, or --epochs for passes over the corpus, not both")
-        return self
-
-    def lr(self) -> float:
-        return self.learning_rate or (2e-4 if self.kind == "lora" else 5e-5)
 
 
 class Reporter(Protocol):
@@ -150,40 +111,9 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
-@dataclass
-class _State:
-    """What changes as a run goes; saved for ``resume``."""
-
-    step: int = 0
-    elapsed_s: float = 0.0
-    average: tuple[float, float] = (0.0, 0.0)
-    base_val_loss: float = math.nan
-    best_val_loss: float = math.inf
-    best_step: int = 0
-    bad_evals: int = 0
-    tokens: int = 0
-    step_seconds: float = 0.0
-    next_eval_s: float = 0.0  # with a time budget, no evaluation during the run starts before this
-    history: list[dict[str, float]] = field(default_factory=list)
-
-
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
-
-
-def _rng_states() -> dict[str, Any]:
-    states: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def _set_rng_states(states: dict[str, Any]) -> None:
-    random.setstate(states["python"])
-    torch.set_rng_state(states["torch"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 def _device(preference: str) -> str:
@@ -212,71 +142,6 @@ def _load(config: TrainConfig, base_dir: Path, device: str) -> tuple[Any, Any]:
     model.to(device)
     model.train()
     return tokenizer, model
-
-
-def max_positions(model: Any) -> int | None:
-    """The longest sequence the model has positions for; None when its config names no limit."""
-    value = getattr(model.config, "max_position_embeddings", None)  # GPT-2's n_positions too
-    return value if isinstance(value, int) and value > 0 else None
-
-
-class _Ticker:
-    """A stopping criterion that stops nothing: it tells ``on_token`` how many tokens each
-    row has so far, so a caller can show progress through one batched ``generate``."""
-
-    def __init__(self, on_token: Callable[[int], None]) -> None:
-        self.on_token = on_token
-        self.made = 0
-
-    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
-        self.made += 1
-        self.on_token(self.made)
-        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-
-
-@torch.no_grad()
-def sample_texts(model: Any, tokenizer: Any, count: int, max_new_tokens: int, seed: int, device: str, *,
-                 sampling: Sampling | None = None, on_token: Callable[[int], None] | None = None) -> list[str]:
-    """Samples as the served persona writes a post (``persona generate`` without ``--prefix``):
-    from the start token alone, which every training document follows, with its sampling
-    settings (``sampling``: the persona's; default the defaults a trained persona gets).
-    Drawn without disturbing the training's random state.
-
-    Early in a run these may begin mid-sentence: the base model has not yet learned how the
-    writing starts (on the bundled model, for about the first two minutes of the Wilde
-    fortunes), and the persona's posts would begin the same way. ``on_token`` is told each
-    token's number as the batch is written (``max_new_tokens`` at most)."""
-    if count == 0:
-        return []
-    sampling = sampling or Sampling()
-    if (positions := max_positions(model)) is not None:  # the start token takes one
-        max_new_tokens = max(1, min(max_new_tokens, positions - 1))
-    start = start_token_id(tokenizer)
-    ids = torch.full((count, 1), start, dtype=torch.long, device=device)
-    criteria = [_Ticker(on_token)] if on_token is not None else []
-    was_training = model.training
-    model.eval()
-    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if device == "cuda" else []):
-        torch.manual_seed(seed)
-        greedy = sampling.temperature == 0  # as the worker reads a temperature of 0
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=not greedy,
-                             temperature=None if greedy else sampling.temperature,
-                             top_p=None if greedy else sampling.top_p, top_k=None if greedy else sampling.top_k,
-                             repetition_penalty=sampling.repetition_penalty, max_new_tokens=max_new_tokens,
-                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                             stopping_criteria=criteria)
-    if on_token is not None:  # every row ended early (at its end-of-text): done all the same
-        on_token(max_new_tokens)
-    if was_training:
-        model.train()
-    texts = [tokenizer.decode(row[1:], skip_special_tokens=True) for row in out]
-    return [_cut_at(text, sampling.stop).strip() for text in texts]
-
-
-def _cut_at(text: str, stops: list[str]) -> str:
-    """The text up to its first stop string, where the served persona stops writing."""
-    ends = [text.index(stop) for stop in stops if stop and stop in text]
-    return text[: min(ends)] if ends else text
 
 
 class _StopRequest:
@@ -341,9 +206,9 @@ class _Run:
         self.eval_every = config.eval_every or max(1, self.total_steps // 10)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=config.lr(), weight_decay=config.weight_decay)
-        self.state = _State()
+        self.state = RunState()
         self._order: tuple[int, list[int]] = (-1, [])
-        self.linked: str | None = None  # the folder of best weights the saved state links to
+        self.saved = SavedState(run_dir)  # the state saved for resume, in the run folder
         self.sampling = Sampling()  # how the samples at each evaluation are written
 
     def batch_for(self, step: int) -> list[Example]:
@@ -356,81 +221,16 @@ class _Run:
         return [self.train_examples[i] for i in chosen]
 
     def save_state(self, best_dir: Path) -> None:
-        """Everything ``resume`` needs, written atomically.
-
-        When the weights in hand are the best ones, just saved in ``best_dir``, the state links
-        to those files instead of holding a second copy (a full fine-tune of the bundled model
-        saved 0.5 GB twice at every improvement)."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        linked = self._link_best(best_dir) if self.state.best_step == self.state.step else None
-        payload = {
-            "weights": trainable(self.model) if linked is None else None,
-            "weights_dir": linked,
-            "optimizer": self.optimizer.state_dict(),
-            "rng": _rng_states(),
-            "state": self.state.__dict__,
-            "config": self.config.model_dump(),
-        }
-        tmp = self.run_dir / (STATE_FILE + ".tmp")
-        try:
-            with saving("the run's state", tmp, resumable=self.resumable()):
-                torch.save(payload, tmp)
-            tmp.replace(self.run_dir / STATE_FILE)
-            self.linked = linked
-            self._save_progress()
-        finally:  # the weights the saved state links to stay; any others go
-            _remove_leftovers(self.run_dir, keep=self.linked)
-
-    def _save_progress(self) -> None:
-        """How far the state just saved is, in a file `persona checkpoints` and `personas list`
-        read without loading the state (which may hold a whole model's weights)."""
-        progress = {"step": self.state.step, "total_steps": self.total_steps, "elapsed_s": self.state.elapsed_s,
-                    "max_minutes": self.config.max_minutes}
-        tmp = self.run_dir / (PROGRESS_FILE + ".tmp")
-        with saving("the run's progress", tmp):
-            tmp.write_text(json.dumps(progress))
-        tmp.replace(self.run_dir / PROGRESS_FILE)
-
-    def _link_best(self, best_dir: Path) -> str | None:
-        """A folder of hard links to the best weights' files, named for this step; None where
-        there are none to link or the file system has no hard links (the state holds a copy)."""
-        files = sorted(best_dir.glob("*.safetensors")) if best_dir.is_dir() else []
-        if not files:
-            return None
-        folder = self.run_dir / f"{WEIGHTS_PREFIX}{self.state.step}"
-        shutil.rmtree(folder, ignore_errors=True)
-        try:
-            folder.mkdir()
-            for file in files:
-                os.link(file, folder / file.name)
-        except OSError:
-            shutil.rmtree(folder, ignore_errors=True)
-            return None
-        return folder.name
+        """Everything ``resume`` needs, written atomically (``SavedState.save``)."""
+        self.saved.save(self.model, self.optimizer, self.state, self.config, self.total_steps, best_dir)
 
     def resumable(self) -> bool:
         """Whether the run has saved a state ``resume`` can continue from."""
-        return (self.run_dir / STATE_FILE).is_file()
+        return self.saved.resumable()
 
     def load_state(self) -> None:
-        path = self.run_dir / STATE_FILE
-        if not path.is_file():
-            raise ModelError(f"nothing to resume: {path} does not exist; start without --resume")
-        try:
-            payload = torch.load(path, weights_only=False)
-        except Exception as exc:  # cut short, or not a save: torch says so in its own words
-            raise ModelError(
-                f"the run's saved state {path} cannot be read ({type(exc).__name__}: {exc}); it is damaged "
-                "or cut short; start the run over without --resume"
-            ) from exc
-        self.linked = payload.get("weights_dir")
-        if self.linked is not None:
-            load_weights(self.model, self.config.kind, self.run_dir / self.linked)
-        else:
-            self.model.load_state_dict(payload["weights"], strict=False)
-        self.optimizer.load_state_dict(payload["optimizer"])
-        self.state = _State(**payload["state"])
-        _set_rng_states(payload["rng"])
+        """The saved state, to continue from (``SavedState.load``)."""
+        self.state = self.saved.load(self.model, self.optimizer, self.config.kind)
 
     def evaluate(self, examples: list[Example] | None = None) -> float:
         """Mean loss per token on ``examples`` (default: the in-run sample); NaN with none."""
@@ -499,9 +299,9 @@ def train(
         (run_dir / STATE_FILE).unlink(missing_ok=True)
         (run_dir / PROGRESS_FILE).unlink(missing_ok=True)
         if record is not None:
-            _write_record(run_dir, record)
+            write_record(run_dir, record)
         run.state.base_val_loss = run.evaluate(run.val_examples)
-    _remove_leftovers(run_dir, keep=run.linked)  # a crash mid-save left a partial state as big as a whole one
+    remove_leftovers(run_dir, keep=run.saved.linked)  # a crash mid-save left a partial state as big as a whole one
     state = run.state
     reporter.on_start(run.total_steps, state.step)
     status = "finished"
@@ -558,28 +358,6 @@ def train(
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
     return TrainResult(status, best_dir, metrics, list(state.history))
-
-
-def _write_record(run_dir: Path, record: dict[str, Any]) -> None:
-    """The run's ``run.json``, whole or not at all."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / (RUN_FILE + ".tmp")
-    with saving("the run's record", tmp, resumable=False):
-        tmp.write_text(json.dumps(record, indent=2))
-    tmp.replace(run_dir / RUN_FILE)
-
-
-def _remove_leftovers(run_dir: Path, keep: str | None = None) -> None:
-    """Remove what no save in progress needs: the partial files of a save cut short by a crash
-    (``state.pt.tmp`` is as big as the state) and the folders of linked weights other than ``keep``."""
-    if not run_dir.is_dir():
-        return
-    for path in run_dir.iterdir():
-        if path.name.endswith(".tmp") or (path.name.startswith(WEIGHTS_PREFIX) and path.name != keep):
-            if path.is_dir():
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                path.unlink(missing_ok=True)
 
 
 def _measure_best_on_all(run: _Run, reporter: Reporter, best_dir: Path, documents: int) -> float:

@@ -1,0 +1,130 @@
+"""`persona corpus build`: an author's writing made into a clean training corpus."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import typer
+from rich.markup import escape
+
+from persona.cli.common import console, err_console, friendly_errors, get_settings
+from persona.cli.training_common import warn_nothing_held_out
+from persona.errors import CorpusError
+
+__all__ = ["corpus_build", "register"]
+
+corpus_app = typer.Typer(help="Turn an author's writing into a clean training corpus.", no_args_is_help=True)
+
+DRAFTS_NAMED = 5  # more drafts than this are summed up in one line
+
+
+@corpus_app.command("build")
+@friendly_errors
+def corpus_build(
+    sources: list[Path] = typer.Argument(..., metavar="SOURCE", help="files or folders of the author's writing"),
+    output: Path = typer.Option(..., "-o", "--output", help="the corpus file to write (JSONL)"),
+    fmt: str = typer.Option("auto", "--format", help="how to read the sources: auto (each file by its name and "
+                            "first lines), text, markdown, csv, jsonl, pdf, tweets or fortune"),
+    author: str = typer.Option(None, help="fortune files: keep only the entries signed '-- NAME' (the signature is removed)"),
+    column: str = typer.Option("text", help="CSV: the column holding the text"),
+    field: str = typer.Option("text", help="JSONL: the field holding the text (a.b for nested)"),
+    strip_urls: bool = typer.Option(False, "--strip-urls", help="remove web links from the text"),
+    strip_handles: bool = typer.Option(False, "--strip-handles", help="remove @handles from the text"),
+    keep_replies: bool = typer.Option(False, "--keep-replies", help="tweets: keep replies too"),
+    keep_retweets: bool = typer.Option(False, "--keep-retweets", help="tweets: keep retweets too"),
+    min_chars: int = typer.Option(1, min=1, help="drop documents shorter than this"),
+    base: str = typer.Option("smollm2", help="count tokens with this model's tokenizer ('' for words only)"),
+) -> None:
+    """Read, clean and de-duplicate an author's writing into one document per line, with a held-out split."""
+    from training.cleaning import CleanOptions
+    from training.corpus import build_corpus, is_built_corpus, write_corpus
+    from training.sources import Draft, ReadOptions
+
+    if output.is_dir():  # found out only after reading everything, as a traceback
+        raise CorpusError(f"{output} is a folder; name the corpus file to write, e.g. -o {output / 'corpus.jsonl'}")
+    if any(source.is_file() and source.resolve() == output.resolve() for source in sources):
+        raise CorpusError(f"{output} is one of the files to read: the corpus would be written over the "
+                          "author's writing; choose another -o")
+    if output.is_file() and output.stat().st_size and not is_built_corpus(output):
+        # A file in a folder being read (the author's notes.txt) is left out of the build: it
+        # must not then be written over either.
+        raise CorpusError(f"{output} exists and is not a corpus this command wrote; it would be written over. "
+                          "Choose another -o, or remove it first if it can go")
+    result = build_corpus(
+        sources, fmt=fmt,
+        read_options=ReadOptions(column=column, field=field, author=author,
+                                 keep_replies=keep_replies, keep_retweets=keep_retweets),
+        clean_options=CleanOptions(strip_urls=strip_urls, strip_handles=strip_handles, min_chars=min_chars),
+        exclude=[output],
+    )
+    drafts = [problem for problem in result.problems if isinstance(problem, Draft)]
+    for problem in result.problems:  # escaped: a path may hold brackets ("my [draft] notes")
+        if len(drafts) <= DRAFTS_NAMED or not isinstance(problem, Draft):
+            err_console.print(f"[yellow]skipped[/yellow] {escape(str(problem))}", highlight=False)
+    if len(drafts) > DRAFTS_NAMED:  # a line each: hundreds of lines hid everything else said
+        err_console.print(f"[yellow]left out[/yellow] {escape(_drafts_line(drafts))}", highlight=False)
+    if result.left_out:
+        err_console.print(f"[yellow]left out[/yellow] {escape(_left_out(result.left_out))}", highlight=False)
+    corpus = result.corpus
+    if not corpus.documents:
+        hint = f" signed by {author!r}" if author else ""
+        raise CorpusError(f"no documents{hint} found in {result.files} file(s); nothing written")
+    try:
+        write_corpus(corpus, output)
+    except OSError as exc:
+        raise CorpusError(f"cannot write the corpus to {output}: {exc.strerror or exc}; choose another -o") from exc
+    formats = ", ".join(f"{n} {f}" for f, n in sorted(result.by_format.items()))
+    dropped = ", ".join(f"{n} {why}" for why, n in sorted(result.cleaning.dropped.items())) or "none"
+    console.print(f"read {result.files} file(s): {result.found} documents ({formats})")
+    console.print(f"kept {result.cleaning.kept}, dropped {dropped}")
+    if result.tail_held_out:
+        console.print(f"split: one document, so its last {len(corpus.validation[0].split())} words are held out "
+                      "for validation (saved in the file)")
+    else:
+        console.print(f"split: {len(corpus.train)} train, {len(corpus.validation)} validation (saved in the file)")
+    if not corpus.validation:
+        warn_nothing_held_out("too few documents to hold any out")
+    console.print(escape(_size_line(corpus.train, corpus.validation, base)))
+    console.print(f"wrote {escape(str(output))}  (fingerprint {corpus.fingerprint})")
+
+
+def _drafts_line(drafts: list) -> str:
+    """Many drafts in one line: how many, what marks them, the first few."""
+    settings = " or ".join(sorted({draft.setting for draft in drafts}))
+    undo = " or ".join(sorted({draft.undo for draft in drafts}))
+    named = ", ".join(str(draft.path) for draft in drafts[:3])
+    return (f"{len(drafts)} drafts, whose front matter sets {settings}: {named} and {len(drafts) - 3} more; "
+            f"to read one, set {undo} in its front matter")
+
+
+def _left_out(paths: list[Path]) -> str:
+    """The files in the folders named that were not read, counted by kind."""
+    kinds = Counter(path.suffix.lower() for path in paths)
+    listing = ", ".join(f"{count} {kind}" for kind, count in kinds.most_common(5)) + (", ..." if len(kinds) > 5 else "")
+    return (f"{len(paths)} file(s) in the folders that are no kind of writing it reads ({listing}); "
+            "name a file to read it, with --format if its name does not say what it is")
+
+
+def _tokenizer(base: str):
+    """The base model's tokenizer (the bundled model's weights are not converted for it)."""
+    from transformers import AutoTokenizer
+
+    from persona.models import resolve_base
+
+    return AutoTokenizer.from_pretrained(resolve_base(base, get_settings().model_cache_dir, weights=False))
+
+
+def _size_line(train: list[str], validation: list[str], base: str | None) -> str:
+    words = sum(len(t.split()) for t in train + validation)
+    if not base:
+        return f"size: {words} words"
+    tokenizer = _tokenizer(base)
+    # +2: the start and end-of-text tokens every document is trained with.
+    count = lambda texts: sum(len(tokenizer.encode(t, add_special_tokens=False)) + 2 for t in texts)  # noqa: E731
+    return f"size: {words} words; {count(train)} train tokens, {count(validation)} validation tokens ({base})"
+
+
+def register(app: typer.Typer) -> None:
+    """Add `persona corpus` to ``app``."""
+    app.add_typer(corpus_app, name="corpus")

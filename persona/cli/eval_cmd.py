@@ -1,0 +1,82 @@
+"""`persona eval`: how well a persona predicts held-out writing, and how original it is."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.markup import escape
+from rich.progress import Progress
+
+from persona.cli.common import console, err_console, friendly_errors, get_settings
+from persona.cli.training_common import (
+    THREADS_HELP,
+    persona_with_weights,
+    quiet_libraries,
+    use_threads,
+)
+from persona.cli.training_progress import SAMPLES_ARE_POSTS, EvalBar, print_samples
+
+__all__ = ["eval_", "register"]
+
+
+@friendly_errors
+def eval_(
+    name: str = typer.Argument(..., metavar="NAME", help="the persona to measure"),
+    corpus: Path = typer.Option(..., "--corpus", help="the corpus it was trained on (its held-out split is used)"),
+    checkpoint: str = typer.Option(None, help="a version (v2) or folder; default: the persona file's"),
+    samples: int = typer.Option(16, min=1, help="samples drawn for the originality check"),
+    seed: int = typer.Option(0, help="sampling seed"),
+    json_output: bool = typer.Option(False, "--json", help="print one JSON object"),
+    threads: int = typer.Option(None, min=1, help=THREADS_HELP),
+) -> None:
+    """Held-out perplexity of the base model and of the persona, and how original its samples are."""
+    from persona.checkpoints import BASE_VERSION
+    from training.corpus import read_corpus
+    from training.evaluate import evaluate_persona
+
+    settings = get_settings()
+    quiet_libraries()
+    use_threads(threads)
+    persona = persona_with_weights(settings, name, "measure")
+    data = read_corpus(corpus)
+    # On stderr: --json's stdout holds the report alone. A bar is drawn only on a terminal, and
+    # cleared once done (into a pipe, Rich drew it once at the end, after the lines had said it all).
+    progress = Progress(*EvalBar.columns(), console=err_console, transient=True)
+    bar = EvalBar(progress)
+    if not bar.plain:
+        progress.start()
+    try:
+        report = evaluate_persona(settings, persona, data, version=checkpoint, samples=samples, seed=seed,
+                                  progress=bar)
+    finally:
+        if progress.live.is_started:
+            progress.stop()
+    if report.trained_on_this_corpus is False:
+        err_console.print(
+            f"[yellow]warning:[/yellow] {escape(str(corpus))} is not the corpus {escape(report.version)} was "
+            "trained on, so some of its held-out documents may have been trained on and the persona's "
+            "perplexity may look better than it is; measure with the corpus file it was trained on",
+            highlight=False)
+    if json_output:
+        print(report.as_json())
+        return
+    console.print(f"[bold]{escape(name)} {escape(report.version)}[/bold] "
+                  f"on {report.validation_documents} held-out documents")
+    if report.version == BASE_VERSION and checkpoint:
+        console.print(f"perplexity: {report.perplexity:.2f}, of the base model (--checkpoint {escape(checkpoint)})")
+    elif report.version == BASE_VERSION:  # "base 420.08 → persona 420.08" read as training that did nothing
+        console.print(f"perplexity: {report.perplexity:.2f}, of the base model: {escape(name)} has no fine-tuned "
+                      f"checkpoint to compare (train one with `persona train {escape(name)} --corpus FILE`)")
+    else:
+        console.print(f"perplexity: base {report.base_perplexity:.2f} → persona {report.perplexity:.2f}")
+    console.print(f"copied 8+ words or a whole entry verbatim: {report.copied_fraction:.0%} of {samples} samples "
+                  f"(longest run {report.longest_copied_run} words)")
+    console.print(f"distinct-1 {report.distinct_1:.2f}, distinct-2 {report.distinct_2:.2f}")
+    console.print(f"[dim]{SAMPLES_ARE_POSTS}[/dim]", highlight=False)
+    print_samples(console, report.samples[:5])
+
+
+def register(app: typer.Typer) -> None:
+    """Add `persona eval` to ``app``."""
+    app.command("eval")(eval_)

@@ -1,0 +1,153 @@
+"""What the training commands draw while they work: a training run's bar and lines
+(``RichReporter``), an evaluation's stages (``EvalBar``), and the samples they show."""
+
+from __future__ import annotations
+
+import math
+import time
+
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.text import Text
+
+__all__ = ["EvalBar", "RichReporter", "print_samples"]
+
+PLAIN_STEP_EVERY_S = 10.0  # a step line this often where no progress bar can be drawn
+# Said once, before the first samples a command shows: early in a run they begin mid-sentence
+# (about the first two minutes of the bundled model on the Wilde fortunes), as its posts would.
+SAMPLES_ARE_POSTS = ("samples are written from nothing, as its posts are; one that begins mid-sentence means it "
+                     "has not yet learned how its writing starts: train longer")
+STOPPED_EARLY = {"time-limit": "stopped: --max-minutes is up", "early-stopped": "stopped early: no more improvement"}
+
+
+class _TimeLeftColumn(TimeRemainingColumn):
+    """Rich's estimate from the steps' pace, but never past the end of the run's time budget:
+    a ``--max-minutes 2`` run showed six minutes left, the pace of steps it would never reach."""
+
+    def render(self, task: Task) -> Text:
+        left = task.time_remaining
+        if (deadline := task.fields.get("deadline")) is not None:
+            budget_left = max(0.0, deadline - task.get_time())
+            left = budget_left if left is None else min(left, budget_left)
+        if left is None:
+            return Text("-:--:--", style="progress.remaining")
+        minutes, seconds = divmod(int(left), 60)
+        hours, minutes = divmod(minutes, 60)
+        return Text(f"{hours:d}:{minutes:02d}:{seconds:02d}", style="progress.remaining")
+
+
+class RichReporter:
+    """Training progress as a bar: ``[step | seconds] loss avg``, evaluations and samples.
+
+    Written into a pipe or a log file, where Rich draws no bar until the run ends, the
+    step line is printed instead: at the first step, then at most every
+    ``PLAIN_STEP_EVERY_S`` seconds of training. With ``max_minutes``, the time left
+    shown is at most what the budget leaves.
+    """
+
+    def __init__(self, progress: Progress, max_minutes: float | None = None) -> None:
+        self.progress = progress
+        self.task = None
+        console = progress.console
+        self.plain = not console.is_terminal or console.is_dumb_terminal
+        self.printed_at: float | None = None
+        self.budget_s = max_minutes * 60 if max_minutes is not None else None
+        self.said_nothing_held_out = False
+        self.said_what_samples_are = False
+
+    @staticmethod
+    def columns() -> list[ProgressColumn]:
+        """The bar's columns: the step line, the bar, steps done, the time left."""
+        return [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                _TimeLeftColumn()]
+
+    def on_start(self, total_steps: int, resumed_from: int) -> None:
+        self.task = self.progress.add_task("starting", total=total_steps, completed=resumed_from)
+
+    def on_step(self, step: int, loss: float, average: float, elapsed_s: float) -> None:
+        line = f"[{step} | {elapsed_s:.2f}] loss={loss:.2f} avg={average:.2f}"
+        # elapsed_s counts the run's earlier sessions too, as its budget does.
+        deadline = None if self.budget_s is None else self.progress.get_time() + self.budget_s - elapsed_s
+        self.progress.update(self.task, completed=step, description=line, deadline=deadline)
+        if self.plain and (self.printed_at is None or elapsed_s - self.printed_at >= PLAIN_STEP_EVERY_S):
+            self.progress.console.print(line, markup=False, highlight=False)
+            self.printed_at = elapsed_s
+
+    def on_eval(self, step: int, val_loss: float, improved: bool) -> None:
+        if math.isnan(val_loss):  # nothing held out: no number to show (it was "perplexity inf")
+            if not self.said_nothing_held_out:  # it was said at every evaluation
+                self.progress.console.print(f"step {step}: no held-out documents to validate on; the run keeps "
+                                            "its last weights")
+                self.said_nothing_held_out = True
+            return
+        mark = " [green]best so far[/green]" if improved else ""
+        ppl = math.exp(val_loss) if val_loss < 700 else math.inf
+        self.progress.console.print(f"step {step}: validation loss {val_loss:.3f}, perplexity {ppl:.2f}{mark}")
+
+    def on_samples(self, step: int, texts: list[str]) -> None:
+        if not self.said_what_samples_are:
+            self.progress.console.print(f"[dim]{SAMPLES_ARE_POSTS}[/dim]", highlight=False)
+            self.said_what_samples_are = True
+        print_samples(self.progress.console, texts)
+
+    def on_end(self, status: str) -> None:
+        """A run that stopped before its planned steps ends with a full bar saying why: it
+        ended at e.g. ``16/35``, as if it had broken off."""
+        if self.task is None or status not in STOPPED_EARLY:
+            return
+        task = next(t for t in self.progress.tasks if t.id == self.task)
+        description = f"{task.description} ({STOPPED_EARLY[status]})"
+        self.progress.update(self.task, total=task.completed, description=description, deadline=None)
+
+    def on_full_eval(self, best_step: int, documents: int) -> None:
+        self.progress.console.print(f"the validations above measured a sample of the held-out writing; measuring "
+                                    f"the best weights (step {best_step}) on all {documents} held-out documents...")
+
+
+class EvalBar:
+    """An evaluation's progress on stderr: each stage (loading, measuring, sampling) as a bar,
+    or, where no bar can be drawn (a pipe, a log file), as a line when it starts and every
+    ``PLAIN_STEP_EVERY_S`` seconds while it goes. ``persona eval`` said nothing for a minute."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        console = progress.console
+        self.plain = not console.is_terminal or console.is_dumb_terminal
+        self.task = progress.add_task("", total=None, visible=False)
+        self.stage, self.total, self.said_at = "", 0, 0.0
+
+    @staticmethod
+    def columns() -> list[ProgressColumn]:
+        """The bar's columns: the stage, the bar, how far it is, the time it has taken."""
+        return [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+
+    def on_stage(self, stage: str, total: int) -> None:
+        self.stage, self.total = stage, total
+        self.progress.reset(self.task, total=total or None, description=escape(stage), visible=True)
+        if self.plain:
+            self._say(f"{stage}...")
+
+    def on_advance(self, done: int) -> None:
+        self.progress.update(self.task, completed=done)
+        if self.plain and time.monotonic() - self.said_at >= PLAIN_STEP_EVERY_S:
+            self._say(f"{self.stage}: {done}/{self.total}")
+
+    def _say(self, line: str) -> None:
+        self.progress.console.print(line, markup=False, highlight=False)
+        self.said_at = time.monotonic()
+
+
+def print_samples(target: Console, texts: list[str]) -> None:
+    """Samples as written: a model's text may hold brackets Rich would read as markup."""
+    for text in texts:
+        target.print(f"  [dim]sample:[/dim] {escape(repr(text))}", highlight=False)
