@@ -382,7 +382,7 @@ def test_an_uncertain_post_is_settled_as_posted_by_a_person(settings, teller):
     with scripted_worker(settings, lambda request: TEXTS[0]):
         first = persona("post", "teller", "--slot", "2026-03-20T09:00Z", env=env)
     assert first.returncode == 1 and "x: no answer, it may have posted" in first.stdout, first.stdout + first.stderr
-    assert "Traceback" not in first.stderr and "the connection broke before X answered" in first.stderr
+    assert "Traceback" not in first.stderr and "the connection broke before X answered" in first.stdout
     assert "`persona posts settle teller 2026-03-20T09:00:00Z --posted LINK` (or `--not-posted`)" in first.stdout
     listed = json.loads(persona("posts", "uncertain", "--json", env=env).stdout)
     assert [(u["persona"], u["slot"], u["sink"], u["text"]) for u in listed] == [("teller", "2026-03-20T09:00:00Z", "x", TEXTS[0])]
@@ -475,7 +475,7 @@ def test_a_lost_answer_from_discord_or_telegram_is_one_line_and_telegram_is_left
             first = persona("post", "chatty", "--slot", "2026-03-23T09:00Z", env=env)
         assert len(fake.dropped) == 2, first.stdout + first.stderr
         assert first.returncode == 1 and "Traceback" not in first.stderr, first.stderr
-        assert "discord:1234: no answer (safe to retry) the connection broke before Discord answered" in first.stdout, first.stdout
+        assert "discord:1234: no answer (safe to retry): the connection broke before Discord answered" in first.stdout, first.stdout
         assert "telegram:@sagechannel: no answer, it may have posted: the connection broke before Telegram answered" in first.stdout
         assert "`persona posts settle chatty 2026-03-23T09:00:00Z --posted LINK` (or `--not-posted`)" in first.stdout
         listed = json.loads(persona("posts", "uncertain", "--json", env=env).stdout)
@@ -484,7 +484,7 @@ def test_a_lost_answer_from_discord_or_telegram_is_one_line_and_telegram_is_left
             ("telegram:@sagechannel", "persona posts settle chatty 2026-03-23T09:00:00Z --sink telegram:@sagechannel --posted LINK"),
         ]
         retried = persona("post", "chatty", "--slot", "2026-03-23T09:00Z", env=env)  # its text is chosen: no worker needed
-        assert "discord:1234: posted" in retried.stdout and "telegram:@sagechannel: uncertain" in retried.stdout, retried.stdout
+        assert "discord:1234: posted" in retried.stdout and "telegram:@sagechannel: no answer, it may have posted" in retried.stdout, retried.stdout
         assert len(fake.discord_messages) == 1  # the retry's nonce got the first message back
         assert len(fake.telegram_messages) == 1  # Telegram: never sent again by itself
 
@@ -645,3 +645,64 @@ def test_a_post_with_no_worker_running_says_so_at_once(write_persona, env, redis
         process.send_signal(signal.SIGINT)  # Ctrl-C withdraws its requests
         process.communicate(timeout=30)
     assert said.startswith("no worker is running yet; this waits in the queue for one, up to 20 s"), said
+
+
+def _lines_with(text: str, said: str) -> list[str]:
+    return [line for line in said.splitlines() if text in line]
+
+
+def test_a_sink_that_cannot_be_reached_is_said_once_in_a_line_with_what_to_do_next(write_persona, env):
+    """A Mastodon that was down was said three times: its sink's line ("unreachable cannot
+    reach…", with urllib3's "HTTPConnectionPool(…): Max retries exceeded … NewConnectionError(…)"),
+    the message again, and a log line on stderr."""
+    write_persona("masto", base="unused", schedule={"sinks": ["mastodon"], "candidates": 1})
+    down = f"http://127.0.0.1:{free_port()}"
+    env = env | {"PERSONA_POSTING__MASTODON_API_URL": down, "PERSONA_POSTING__MASTODON_ACCESS_TOKEN": "t"}
+    result = persona("post", "masto", "--text", "Tend the garden daily.", env=env)
+    assert (result.returncode, result.stderr) == (1, ""), result.stdout + result.stderr
+    assert _lines_with("Mastodon", result.stdout) == [
+        f"  mastodon: unreachable, nothing sent: cannot reach Mastodon at {down} (connection refused)"], result.stdout
+    slot = result.stdout.split()[2]
+    assert _lines_with("try again", result.stdout) == [
+        f"to try again later: `persona post masto --slot {slot}` (it never posts twice)"], result.stdout
+    # --json (and the scheduler's log) have the whole story in the message.
+    out = json.loads(persona("post", "masto", "--slot", slot, "--json", env=env).stdout)
+    assert out["message"] == (f"mastodon: unreachable, nothing sent: cannot reach Mastodon at {down} (connection refused); "
+                              f"to try again later: `persona post masto --slot {slot}` (it never posts twice)")
+
+
+@pytest.mark.parametrize(("status", "said", "next_step"), [
+    (401, "  x: not posted: X refused the credentials (401 Unauthorized Unauthorized); check PERSONA_POSTING__X_BEARER_TOKEN",
+     "once that is fixed, `persona post teller --slot {slot}` posts the same text where it failed (never twice)"),
+    (429, "  x: rate-limited, nothing sent: X is rate-limiting posts: 429 Too Many Requests Too Many Requests",
+     "to try again later: `persona post teller --slot {slot}` (it never posts twice)"),
+])
+def test_a_refusal_or_a_rate_limit_beside_a_post_that_went_out_is_said_once(teller, status, said, next_step):
+    """A refused token or a rate limit, with the post out on another sink, was said three times
+    too: "x: failed X refused…" (no separator), the message again, and a log line on stderr."""
+    fake, env = teller
+    fake.fail_with = status
+    result = persona("post", "teller", "--text", TEXTS[1], env=env)
+    assert (result.returncode, result.stderr) == (1, ""), result.stdout + result.stderr
+    slot = result.stdout.split()[2]
+    lines = result.stdout.splitlines()
+    assert lines[2:] == [f"  file:teller.jsonl: posted {_lines_with('file://', result.stdout)[0].split()[-1]}",
+                         said, next_step.format(slot=slot)], result.stdout
+
+
+def test_an_approval_that_a_sink_turned_away_is_said_once(teller):
+    """`persona posts approve` said a sink's failure three times, as `persona post` did."""
+    fake, env = teller
+    waiting = json.loads(persona("post", "teller", "--text", TEXTS[1], "--approval", "--json", env=env).stdout)
+    fake.fail_with = 429
+    result = persona("posts", "approve", waiting["approval_id"], env=env)
+    assert (result.returncode, result.stderr) == (1, ""), result.stdout + result.stderr
+    assert len(_lines_with("rate-limiting", result.stdout)) == 1, result.stdout
+    assert result.stdout.splitlines()[-1] == f"to try again: `persona posts approve {waiting['approval_id']}`", result.stdout
+
+
+def test_approve_help_says_it_reads_the_edited_text_from_standard_input(env):
+    """`persona posts approve --help` said "`-` reads them from standard input" of one edited text."""
+    shown = persona("posts", "approve", "--help", env=env).stdout
+    assert "`-` reads it from standard input" in " ".join(shown.replace("│", " ").split()), shown
+    assert "reads them" not in shown

@@ -20,6 +20,7 @@ from adapters.posting.sinks import (
     SinkRateLimited,
     SinkUnreachable,
     make_sink,
+    one_line,
     platform_of,
 )
 from adapters.scheduler import Scheduler
@@ -542,7 +543,7 @@ def test_a_post_discord_rate_limited_is_tried_again_at_the_next_tick(settings, p
     [limited] = pool.submit(runner.tick, at_nine + timedelta(seconds=30)).result(timeout=10)
     pool.shutdown(wait=False)
     assert (limited.status, limited.retry_later, limited.sinks["discord:1234"]["state"]) == ("failed", True, "rate_limited")
-    assert "discord:1234: rate-limited Discord is rate-limiting posts: it asks to wait 45 s" in limited.message
+    assert "discord:1234: rate-limited, nothing sent: Discord is rate-limiting posts: it asks to wait 45 s" in limited.message
     assert [(o.status, o.slot) for o in runner.tick(at_nine + timedelta(minutes=1))] == [("posted", "2026-01-05T09:00:00Z")]
     assert [m["content"] for m in platform.discord_messages] == ["Patience is a slow river."]
 
@@ -563,11 +564,11 @@ def test_mastodon_and_bluesky_say_a_rate_limit_and_a_server_error_at_once(settin
     with pytest.raises(SinkNoAnswer, match="no answer from Bluesky at .*: 500"):
         bluesky.post("Patience.", "m1")
     platform.fail_with, platform.bluesky_login_fails_with = None, 502  # not even logged in: nothing was posted
-    with pytest.raises(SinkUnreachable, match="cannot log in to Bluesky at .*: 502"):
+    with pytest.raises(SinkUnreachable, match=r"cannot log in to Bluesky at .* \(502"):
         bluesky.post("Patience.", "m1")
     down = settings_for(settings, FakePlatform(url=f"http://127.0.0.1:{free_port()}"),
                         bluesky_handle="sage.test", bluesky_password=SecretStr("app-pass"))
-    with pytest.raises(SinkUnreachable, match="cannot log in to Bluesky at .*Connect"):
+    with pytest.raises(SinkUnreachable, match=r"cannot log in to Bluesky at .* \(connection refused\)"):
         make_sink("bluesky", down).post("Patience.", "m1")
     with pytest.raises(SinkUnreachable, match="cannot look on Bluesky at .* for the earlier post"):
         make_sink("bluesky", down).find("m1", "Patience.")
@@ -634,7 +635,7 @@ def test_a_mastodon_that_cannot_be_reached_is_said_so_like_the_other_platforms(s
     as if the post might be out, where every other sink said "unreachable, nothing sent"."""
     down = f"http://127.0.0.1:{free_port()}"
     changed = settings_for(settings, platform, mastodon_access_token=SecretStr("token"), mastodon_api_url=down)
-    with pytest.raises(SinkUnreachable, match=f"cannot reach Mastodon at {down}: .*Connection refused"):
+    with pytest.raises(SinkUnreachable, match=rf"cannot reach Mastodon at {down} \(connection refused\)"):
         make_sink("mastodon", changed).post("Tend the garden daily.", "sage:s1:mastodon")
     write_persona("masto", base="unused", schedule={"sinks": ["mastodon"], "candidates": 1})
     poster = Poster(changed, redis_client, lambda persona, n, seed: ["Patience is a slow river."])
@@ -677,3 +678,66 @@ def test_a_refused_post_says_how_to_finish_it_once_fixed(settings, platform, wri
     fixed = poster.post("fixme", slot="2026-01-05T09:00:00Z")
     assert (fixed.status, fixed.message) == ("posted", "")
     assert len(read_jsonl(changed.data_dir / "posts" / "fixme.jsonl")) == 1
+
+
+def test_every_platform_that_cannot_be_reached_says_why_in_a_few_words_with_its_address(settings):
+    """Each library said it its own way: urllib3's "HTTPConnectionPool(host=…): Max retries
+    exceeded with url: … (Caused by NewConnectionError(…))", aiohttp's "Cannot connect to host
+    … ssl:default [Connect call failed …]", httpx's "All connection attempts failed"."""
+    down = settings_for(settings, FakePlatform(url=f"http://127.0.0.1:{free_port()}"), x_bearer_token=SecretStr("t"),
+                        mastodon_access_token=SecretStr("t"), bluesky_handle="sage.test", bluesky_password=SecretStr("p"))
+    down.discord.token, down.telegram.token = SecretStr("discord-bot-token"), SecretStr("123456:telegram-token")
+    said = {}
+    for spec in ("x", "mastodon", "bluesky", "discord:1234", "telegram:@sagechannel"):
+        with pytest.raises(SinkUnreachable) as unreachable:
+            make_sink(spec, down).post("Tend the garden daily.", f"sage:s1:{spec}")
+        said[spec] = str(unreachable.value)
+    url = down.posting.x_api_url
+    assert said == {
+        "x": f"cannot reach X at {url} (connection refused)",
+        "mastodon": f"cannot reach Mastodon at {url} (connection refused)",
+        "bluesky": f"cannot log in to Bluesky at {url}/xrpc (connection refused)",
+        "discord:1234": f"cannot reach Discord at {url}/api/v10 (connection refused)",
+        "telegram:@sagechannel": f"cannot reach Telegram at {url}/bot (connection refused)",
+    }
+
+
+def test_a_connection_that_times_out_or_names_no_host_is_said_in_a_few_words():
+    """The other two ways a platform cannot be reached, as requests raises them."""
+    import urllib3
+
+    from adapters.posting.sinks import network_reason
+
+    full = socket.socket()
+    full.bind(("127.0.0.1", 0))
+    full.listen(0)  # never accepted: once one connection waits, the next one's SYN goes unanswered
+    waiting = socket.create_connection(full.getsockname())
+    try:
+        with pytest.raises(requests.exceptions.ConnectTimeout) as timed_out:
+            requests.get("http://{}:{}/".format(*full.getsockname()), timeout=(0.3, 1))
+    finally:
+        waiting.close()
+        full.close()
+    assert network_reason(timed_out.value) == "timed out"
+    # What urllib3 raises for a name the resolver does not know (a real lookup needs DNS).
+    unknown = urllib3.exceptions.NameResolutionError("nohost.invalid", None, socket.gaierror(-2, "Name or service not known"))
+    try:
+        raise requests.exceptions.ConnectionError(urllib3.exceptions.MaxRetryError(None, "/", unknown))
+    except requests.exceptions.ConnectionError as exc:
+        assert network_reason(exc) == "name not resolved"
+        assert one_line(exc) == "name not resolved"
+    assert network_reason(ValueError("not a network error")) is None
+    # A sink's own error names the address already: kept whole, whatever is behind it.
+    try:
+        raise SinkUnreachable("cannot reach X at http://x.test (connection refused)") from ConnectionRefusedError(111, "refused")
+    except SinkUnreachable as exc:
+        assert one_line(exc) == "cannot reach X at http://x.test (connection refused)"
+
+
+def test_mastodon_says_what_it_answered_in_words_not_as_a_tuple(settings, platform):
+    """Mastodon.py's error read "(('Mastodon API returned error', 401, 'Unauthorized', 'Validation failed'))"."""
+    changed = settings_for(settings, platform, mastodon_access_token=SecretStr("wrong"))
+    platform.fail_with = 401
+    with pytest.raises(SinkError) as refused:
+        make_sink("mastodon", changed).post("Patience.", "m1")
+    assert str(refused.value).startswith("Mastodon refused the access token (401 Unauthorized: Validation failed); check ")

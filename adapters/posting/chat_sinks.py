@@ -156,7 +156,7 @@ class DiscordSink:
                     raise SinkRateLimited(f"Discord is rate-limiting posts: {one_line(exc)}") from exc
                 raise SinkError(f"Discord refused the post: {exc}") from exc
             except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:  # no connection: nothing sent
-                raise SinkUnreachable(f"cannot reach Discord at {self.api_url}: {one_line(exc)}") from exc
+                raise SinkUnreachable(f"cannot reach Discord at {self.api_url} ({one_line(exc)})") from exc
             except (aiohttp.ClientError, TimeoutError) as exc:  # the request went out; its answer did not come
                 broke = "Discord did not answer in time" if isinstance(exc, TimeoutError) else "the connection broke before Discord answered"
                 raise SinkNoAnswer(f"{broke}: {one_line(exc)}") from exc
@@ -216,7 +216,7 @@ class TelegramSink:
             raise SinkError(f"Telegram refused the post: {exc}") from exc
         except NetworkError as exc:  # TimedOut is one: a connect (or pool) time-out, like a refusal, sent nothing
             if isinstance(exc.__cause__, (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)):
-                raise SinkUnreachable(f"cannot reach Telegram at {self.api_url}: {exc}") from exc
+                raise SinkUnreachable(f"cannot reach Telegram at {self.api_url} ({one_line(exc)})") from exc
             # The connection broke mid-request, or the answer was too slow: it may have been delivered.
             broke = "Telegram did not answer in time" if isinstance(exc, TimedOut) else "the connection broke before Telegram answered"
             raise SinkNoAnswer(f"{broke}: {one_line(exc)}") from exc

@@ -139,8 +139,8 @@ class Poster:
         finally:
             self.ledger.release(persona.name, slot)  # a no-op once finished
         if outcome.status == "failed" and not outcome.retry_later:  # refused: nobody retries it unasked
-            outcome.message = _joined(outcome.message, f"once that is fixed, `persona post {persona.name} --slot {slot}` "
-                                                       f"posts the same text where it failed (never twice)")
+            outcome.advise(f"once that is fixed, `persona post {persona.name} --slot {slot}` posts the same text "
+                           f"where it failed (never twice)")
         return outcome
 
     def _own_text(self, name: str, text: str, specs: list[str], *, repeat_ok: bool = False) -> str:
@@ -283,7 +283,7 @@ class Poster:
             outcome = PostOutcome(persona.name, waiting.slot, "posted", text=waiting.text, approval_id=approval_id)
             outcome = self.publisher.publish(persona.name, waiting.slot, sinks, outcome)
             if outcome.status == "failed":
-                outcome.message += f"; to try again: `persona posts approve {approval_id}`"
+                outcome.advise(f"to try again: `persona posts approve {approval_id}`")
             return outcome
         finally:
             self.ledger.release(persona.name, waiting.slot)

@@ -22,7 +22,7 @@ from adapters.posting.sinks import (
 from persona.errors import PostingError, SinkError
 from persona.ledger import UNSETTLED_STATES, PostLedger, SinkEntry, slot_state
 
-__all__ = ["PostOutcome", "Publisher"]
+__all__ = ["PostOutcome", "Publisher", "sink_said"]
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +30,8 @@ log = logging.getLogger(__name__)
 RETRY_LATER_STATES = ("rate_limited", "unreachable", "intent")
 # How a sink's state reads in a message (an intent left behind means the call got no answer).
 STATE_WORDS = {
-    "intent": "no answer (safe to retry)", "rate_limited": "rate-limited", "unreachable": "unreachable, nothing sent:",
-    "uncertain": "no answer, it may have posted:",
+    "failed": "not posted:", "intent": "no answer (safe to retry):", "rate_limited": "rate-limited, nothing sent:",
+    "unreachable": "unreachable, nothing sent:", "uncertain": "no answer, it may have posted:",
 }
 
 
@@ -54,10 +54,16 @@ class PostOutcome:
     verdicts: list[dict] = field(default_factory=list)
     sinks: dict[str, dict] = field(default_factory=dict)
     approval_id: str = ""
-    message: str = ""
+    message: str = ""  # what happened and what to do next, whole: each failed sink's line first, then next_step
+    next_step: str = ""  # what to do next alone, for a view that shows each sink's line itself
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def advise(self, step: str) -> None:
+        """Add what to do next, to ``next_step`` and to the end of ``message``."""
+        self.next_step = "; ".join(part for part in (self.next_step, step) if part)
+        self.message = "; ".join(part for part in (self.message, step) if part)
 
 
 class Publisher:
@@ -82,12 +88,9 @@ class Publisher:
         went_out = outcome.text if states & {"posted", "uncertain", "intent"} else ""
         self.ledger.finish(name, slot, outcome.status, went_out, recent_kept=self.recent_kept)
         if outcome.status != "posted":
-            outcome.message = "; ".join(
-                f"{spec}: {STATE_WORDS.get(s['state'], s['state'])} {s['error']}".strip()
-                for spec, s in outcome.sinks.items() if s["state"] != "posted"
-            )
+            outcome.message = "; ".join(sink_said(spec, s) for spec, s in outcome.sinks.items() if s["state"] != "posted")
         if outcome.status == "uncertain":
-            outcome.message += "; " + _settle_hint(name, slot, [spec for spec, s in outcome.sinks.items() if s["state"] == "uncertain"])
+            outcome.advise(_settle_hint(name, slot, [spec for spec, s in outcome.sinks.items() if s["state"] == "uncertain"]))
         return outcome
 
     def _publish_one(self, name: str, slot: str, sink: Sink, text: str) -> SinkEntry:
@@ -178,7 +181,7 @@ class Publisher:
                 entry.error = ""
                 self.ledger.record_post(name, slot, spec, entry, record.get("text", ""))
             else:
-                entry.state, entry.error = "failed", "a person found it not posted (safe to post again)"
+                entry.state, entry.error = "failed", "a person found it missing (safe to post again)"
                 self.ledger.set_sink(name, slot, spec, entry)
             entries = self.ledger.sink_entries(name, slot)
             state = slot_state({entry.state for entry in entries.values()})
@@ -194,7 +197,7 @@ class Publisher:
         else:
             outcome.message = f"{spec}: recorded as not posted; to post it now: `persona post {name} --slot {slot}`"
         if state == "uncertain":
-            outcome.message += "; " + _settle_hint(name, slot, [s for s, e in entries.items() if e.state == "uncertain"])
+            outcome.advise(_settle_hint(name, slot, [s for s, e in entries.items() if e.state == "uncertain"]))
         return outcome
 
     def _unsettled_sink(self, name: str, slot: str, sink: str | None) -> str:
@@ -215,6 +218,12 @@ class Publisher:
         if sink not in unsettled:
             raise PostingError(f"{sink} in slot {slot} of {name} is {entries[sink].state}; only a post that got no answer can be settled")
         return sink
+
+
+def sink_said(spec: str, shown: dict) -> str:
+    """One sink's outcome on one line: ``x: posted https://…``, ``mastodon: unreachable, nothing sent: …``."""
+    said = (shown.get("url") or shown.get("id")) if shown["state"] == "posted" else shown.get("error")
+    return " ".join(part for part in (f"{spec}:", STATE_WORDS.get(shown["state"], shown["state"]), said) if part)
 
 
 def _shown(entry: SinkEntry) -> dict:

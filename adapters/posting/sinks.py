@@ -28,9 +28,13 @@ there. Any other exception from ``post`` is read the same way, as a bug to log i
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
+import re
+import socket
+import ssl
 import time
 import uuid
 from dataclasses import dataclass
@@ -41,11 +45,15 @@ from persona.errors import ConfigError, PostingError, SinkError
 from persona.settings import Settings
 
 __all__ = [
-    "FileSink", "Posted", "Sink", "SinkNoAnswer", "SinkRateLimited", "SinkUnreachable", "make_sink", "one_line", "platform_of",
+    "FileSink", "Posted", "Sink", "SinkNoAnswer", "SinkRateLimited", "SinkUnreachable", "make_sink", "network_reason",
+    "one_line", "platform_of",
 ]
 
 RetrySafety = Literal["check", "idempotent", "none"]
 PLATFORMS = ("x", "mastodon", "bluesky", "discord", "telegram", "file")
+# Errors of a connection that could not be made or went down, said by their own words ("no route to host").
+NETWORK_ERRNOS = (errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EHOSTDOWN, errno.ENETDOWN)
+MAX_CHAINED_ERRORS = 32  # how far back ``network_reason`` looks (a chain is a handful; a cycle is cut short)
 
 
 class SinkRateLimited(SinkError):
@@ -62,8 +70,59 @@ class SinkNoAnswer(PostingError):
 
 def one_line(exc: Exception) -> str:
     """A platform library's message on one line (tweepy puts the status and the detail on
-    two), or the exception's name where it has none."""
-    return " ".join(str(exc).split()) or type(exc).__name__
+    two), or the exception's name where it has none; for a network failure, its essence
+    (see ``network_reason``) instead of the library's wall of text. A sink's own error is
+    worded already (and names the address): it is kept whole."""
+    said = None if isinstance(exc, PostingError) else network_reason(exc)
+    return said or " ".join(str(exc).split()) or type(exc).__name__
+
+
+def network_reason(exc: BaseException) -> str | None:
+    """Why a connection failed, in a few words ("connection refused", "name not resolved",
+    "timed out"), from the network error anywhere behind ``exc``; None if there is none.
+
+    Each library wraps the socket's error its own way (requests in urllib3's
+    ``MaxRetryError`` and ``NewConnectionError``, httpx in httpcore's, aiohttp in
+    ``ClientConnectorError``), and says it in a line or three of repr: the address is in
+    the sink's own message already.
+    """
+    chain = _chain(exc)
+    for error in chain:
+        if isinstance(error, ConnectionRefusedError):
+            return "connection refused"
+    for error in chain:
+        if isinstance(error, socket.gaierror) or type(error).__name__ == "NameResolutionError":
+            return "name not resolved"
+    for error in chain:
+        # Every library names its time-out so: requests' ConnectTimeout, urllib3's ConnectTimeoutError,
+        # httpx's ConnectTimeout, python-telegram-bot's TimedOut; aiohttp's is a TimeoutError.
+        if isinstance(error, TimeoutError) or re.search("Timeout|TimedOut", type(error).__name__):
+            return "timed out"
+    for error in chain:
+        if isinstance(error, ssl.SSLCertVerificationError):
+            return f"TLS certificate not trusted ({error.verify_message})"
+        if isinstance(error, ssl.SSLError):
+            return f"TLS failed ({error.reason or error.strerror or error})"
+        if isinstance(error, ConnectionError) or (isinstance(error, OSError) and error.errno in NETWORK_ERRNOS):
+            said = error.strerror or " ".join(str(error).split()) or type(error).__name__
+            return said[:1].lower() + said[1:]  # "connection reset by peer", "remote end closed connection without response"
+    return None
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and every exception behind it: causes, contexts, urllib3's ``reason``, aiohttp's
+    ``os_error``, the members of a group, and exceptions passed as arguments (requests')."""
+    found: list[BaseException] = []
+    todo = [exc]
+    while todo and len(found) < MAX_CHAINED_ERRORS:
+        error = todo.pop(0)
+        if any(error is seen for seen in found):
+            continue
+        found.append(error)
+        linked = [error.__cause__, error.__context__, getattr(error, "reason", None), getattr(error, "os_error", None),
+                  *getattr(error, "exceptions", ()), *error.args]
+        todo.extend(link for link in linked if isinstance(link, BaseException))
+    return found
 
 
 @dataclass

@@ -62,6 +62,16 @@ def _need(sink: str, **settings: object) -> None:
         raise ConfigError(f"sink {sink!r} needs {' and '.join(missing)} in the settings (or .env)")
 
 
+def _mastodon_said(exc: Exception) -> str:
+    """What a Mastodon.py error says: ``401 Unauthorized: The access token is invalid``, not the
+    tuple of its arguments (``('Mastodon API returned error', 401, 'Unauthorized', '...')``)."""
+    match exc.args:
+        case (str(), int() as status, reason, detail):
+            return f"{status} {reason}: {detail}" if detail else f"{status} {reason}"
+        case _:
+            return one_line(exc)
+
+
 def _said(exc: Exception) -> str:
     """What an atproto error says (its response's status and message), or, for its ``NetworkError``,
     which says nothing, the network error behind it."""
@@ -121,7 +131,7 @@ class XSink:
             response = self.client.create_tweet(text=text, user_auth=self.user_auth)
         except requests.exceptions.ConnectionError as exc:
             if _never_connected(exc):  # a wrong x_api_url, or the network down: X heard nothing
-                raise SinkUnreachable(f"cannot reach X at {self.api_url}: {one_line(exc)}") from exc
+                raise SinkUnreachable(f"cannot reach X at {self.api_url} ({one_line(exc)})") from exc
             raise SinkNoAnswer(f"the connection broke before X answered: {one_line(exc)}") from exc
         except requests.exceptions.Timeout as exc:
             raise SinkNoAnswer(f"X did not answer in {REQUEST_TIMEOUT_S:.0f} s: {one_line(exc)}") from exc
@@ -179,17 +189,17 @@ class MastodonSink:
             # Mastodon.py wraps requests' error (raising inside its handler, so it is the context).
             cause = exc.__cause__ or exc.__context__
             if isinstance(cause, requests.exceptions.ConnectionError) and _never_connected(cause):
-                raise SinkUnreachable(f"cannot reach Mastodon at {self.client.api_base_url}: {one_line(cause)}") from exc
-            raise SinkNoAnswer(f"no answer from Mastodon at {self.client.api_base_url}: {one_line(exc)}") from exc
+                raise SinkUnreachable(f"cannot reach Mastodon at {self.client.api_base_url} ({one_line(cause)})") from exc
+            raise SinkNoAnswer(f"no answer from Mastodon at {self.client.api_base_url}: {_mastodon_said(exc)}") from exc
         except MastodonRatelimitError as exc:
-            raise SinkRateLimited(f"Mastodon is rate-limiting posts: {exc}") from exc
+            raise SinkRateLimited(f"Mastodon is rate-limiting posts: {_mastodon_said(exc)}") from exc
         except MastodonUnauthorizedError as exc:
             raise SinkError(
-                f"Mastodon refused the access token ({exc}); check {_env('mastodon_access_token')} "
+                f"Mastodon refused the access token ({_mastodon_said(exc)}); check {_env('mastodon_access_token')} "
                 f"(a token of the account on {self.client.api_base_url}, with write:statuses)"
             ) from exc
         except MastodonAPIError as exc:
-            raise SinkError(f"Mastodon refused the post: {exc}") from exc
+            raise SinkError(f"Mastodon refused the post: {_mastodon_said(exc)}") from exc
         return Posted(id=str(status["id"]), url=str(status.get("url") or ""))
 
     def find(self, marker: str, text: str) -> Posted | None:
@@ -199,9 +209,11 @@ class MastodonSink:
         try:
             latest = self.client.account_statuses(self.client.me()["id"], limit=MASTODON_LOOKBACK_POSTS, exclude_reblogs=True)
         except MastodonRatelimitError as exc:
-            raise SinkRateLimited(f"Mastodon is rate-limiting requests: {exc}") from exc
+            raise SinkRateLimited(f"Mastodon is rate-limiting requests: {_mastodon_said(exc)}") from exc
         except MastodonError as exc:
-            raise SinkUnreachable(f"cannot look on Mastodon at {self.client.api_base_url} for the earlier post: {one_line(exc)}") from exc
+            raise SinkUnreachable(
+                f"cannot look on Mastodon at {self.client.api_base_url} for the earlier post ({_mastodon_said(exc)})"
+            ) from exc
         wanted = " ".join(text.split())
         for status in latest:
             if _html_text(str(status.get("content") or "")) == wanted:
@@ -264,7 +276,7 @@ class BlueskySink:
                 f"{_env('bluesky_password')} (an app password)"
             ) from exc
         except (httpx.TransportError, RequestErrorBase) as exc:  # down, or a server error: not logged in, nothing posted
-            raise SinkUnreachable(f"cannot log in to Bluesky at {self.base_url}: {_said(exc)}") from exc
+            raise SinkUnreachable(f"cannot log in to Bluesky at {self.base_url} ({_said(exc)})") from exc
         try:
             created = client.send_post(text, profile_identify=self.handle)
         except RateLimitExceededError as exc:
@@ -284,7 +296,7 @@ class BlueskySink:
         try:
             listed = self._client().com.atproto.repo.list_records(params)
         except (httpx.TransportError, RequestErrorBase, LoginRequiredError) as exc:
-            raise SinkUnreachable(f"cannot look on Bluesky at {self.base_url} for the earlier post: {_said(exc)}") from exc
+            raise SinkUnreachable(f"cannot look on Bluesky at {self.base_url} for the earlier post ({_said(exc)})") from exc
         for record in listed.records:
             if getattr(record.value, "text", None) == text:
                 return self._posted(record.uri)

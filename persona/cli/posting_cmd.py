@@ -37,7 +37,7 @@ SLOT_HELP = (
 # What str.splitlines breaks a line at, and how a piped listing writes each inside a cell.
 LINE_BREAKS = ("\n", "\r", "\v", "\f", "\x1c", "\x1d", "\x1e", "\x85", "\u2028", "\u2029")
 LINE_BREAK_ESCAPES = {char: repr(char)[1:-1] for char in LINE_BREAKS}
-STDIN_TEXT_HELP = "`-` reads them from standard input (all of it one post, line breaks kept)"
+STDIN_TEXT_HELP = "`-` reads {} from standard input (all of it one post, line breaks kept)"  # "them" (words), "it" (a text)
 
 
 def _read_text(text: str | None) -> str | None:
@@ -111,13 +111,27 @@ def _show(outcome, as_json: bool) -> None:
             trimmed = f"  (cut off; left out: {verdict['trimmed']})" if verdict.get("trimmed") else ""
             _say(f"  {verdict['rejected'] or 'passed' + flawed}: {verdict['text']}{trimmed}", "dim" if verdict["rejected"] else "")
     _show_sinks(outcome.sinks)
-    if outcome.message:
-        _say(outcome.message)
+    # A failed sink's line is the start of the message too (which --json and the scheduler's log have
+    # whole): under the sinks' lines, what is left to say is what to do next.
+    said = outcome.next_step if any(entry["state"] != "posted" for entry in outcome.sinks.values()) else outcome.message
+    if said:
+        _say(said)
 
 
 def _show_sinks(sinks: dict[str, dict]) -> None:
+    """Each sink's outcome on a line of its own: its link, or what went wrong there."""
+    from adapters.posting.publishing import sink_said
+
     for spec, entry in sinks.items():
-        _say(" ".join(part for part in (f"  {spec}:", entry["state"], entry.get("url") or entry.get("id"), entry.get("error")) if part))
+        _say("  " + sink_said(spec, entry))
+
+
+def _sink_failures_on_screen() -> None:
+    """Leave each sink's failure to the outcome shown: the publisher logs it too (for the scheduler,
+    where logs are all there is), and on a terminal that said it a second time on stderr."""
+    from adapters.posting import publishing
+
+    publishing.log.setLevel(logging.ERROR)  # a bug's traceback (log.exception) still shows
 
 
 @friendly_errors
@@ -129,7 +143,7 @@ def post(
     slot: str = typer.Option(None, "--slot", help=SLOT_HELP + "; a slot already posted is skipped (default: a new slot of its own)"),
     n: int = typer.Option(None, "-n", "--candidates", min=1, max=64, help="candidates to generate (default: the persona's schedule.candidates)"),
     approval: bool = typer.Option(None, "--approval/--no-approval", help="hold for approval (default: the persona's schedule.approval)"),
-    text: str = typer.Option(None, "--text", help=f"post these words instead of generating; {STDIN_TEXT_HELP}"),
+    text: str = typer.Option(None, "--text", help="post these words instead of generating; " + STDIN_TEXT_HELP.format("them")),
 ) -> None:
     """Make one post now: generate candidates through the queue, keep the best, publish it.
 
@@ -147,6 +161,7 @@ def post(
     settings = get_settings()
     text = _read_text(text)
     poster = _poster(settings)
+    _sink_failures_on_screen()
     if text is None:  # else a silent spinner until posting.wait_s (5 minutes) ran out, then "no worker answered"
         say_if_no_worker(poster.candidates.queue, settings.posting.wait_s)
     waiting = (contextlib.nullcontext() if json_output or text is not None
@@ -155,7 +170,7 @@ def post(
         outcome = poster.post(persona, slot=slot, sinks=sink or None, dry_run=dry_run, n=n, approval=approval, text=text)
     if outcome.retry_later:  # the scheduler tries its own slots again; by hand, say how
         # Not "nothing went out": a post that got no answer may be out, and the retry finds or deduplicates it.
-        outcome.message += f"; to try again later: `persona post {outcome.persona} --slot {outcome.slot}` (it never posts twice)"
+        outcome.advise(f"to try again later: `persona post {outcome.persona} --slot {outcome.slot}` (it never posts twice)")
     _show(outcome, json_output)
     if outcome.status in FAILED_STATUSES:
         raise typer.Exit(1)
@@ -181,11 +196,13 @@ def pending(json_output: bool = typer.Option(False, "--json", help="print a JSON
 @friendly_errors
 def approve(
     approval_id: str = typer.Argument(..., metavar="ID", help="the id `persona posts pending` shows"),
-    text: str = typer.Option(None, "--text", help=f"post this edited text instead; {STDIN_TEXT_HELP}"),
+    text: str = typer.Option(None, "--text", help="post this edited text instead; " + STDIN_TEXT_HELP.format("it")),
     json_output: bool = typer.Option(False, "--json", help="print the outcome as JSON"),
 ) -> None:
     """Approve a waiting post: it goes out now to its sinks (again: retries the sinks that failed)."""
-    outcome = _poster(get_settings()).approve(approval_id, _read_text(text))
+    poster = _poster(get_settings())
+    _sink_failures_on_screen()
+    outcome = poster.approve(approval_id, _read_text(text))
     _show(outcome, json_output)
     if outcome.status in FAILED_STATUSES:
         raise typer.Exit(1)

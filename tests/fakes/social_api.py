@@ -44,6 +44,7 @@ POSTING_PATHS = ("/2/tweets", "/api/v1/statuses", "/xrpc/com.atproto.repo.create
 DISCORD_MESSAGE_ID = 1200000000000000001
 TELEGRAM_MESSAGE_ID = 77
 MASTODON_ACCOUNT = {"id": "1", "username": "sage", "acct": "sage"}
+X_ERRORS = {401: ("Unauthorized", "Unauthorized"), 429: ("Too Many Requests", "Too Many Requests")}  # else 403's
 
 
 @dataclass
@@ -145,8 +146,10 @@ def _routes(fake: FakePlatform) -> web.Application:
         seen = await record(request)
         if fake._take_drop(request.path):
             hang_up(request, seen)
-        if fake.fail_with:
-            return web.json_response({"title": "Forbidden", "detail": "duplicate content"}, status=fake.fail_with)
+        if fake.fail_with:  # worded as X words each
+            title, detail = X_ERRORS.get(fake.fail_with, ("Forbidden", "You are not allowed to create a Tweet with duplicate content."))
+            return web.json_response({"title": title, "detail": detail, "type": "about:blank", "status": fake.fail_with},
+                                     status=fake.fail_with)
         return web.json_response({"data": {"id": "1790000000000000001", "text": seen["json"]["text"]}}, status=201)
 
     async def status(request):
