@@ -592,3 +592,21 @@ def test_a_target_that_is_not_there_is_named_as_the_user_meant_it(settings, tiny
         resolve_checkpoint(tiny, settings, "1")
     with pytest.raises(ModelError, match=r"no checkpoint version 'v7' in .*; see `persona checkpoints tiny`$"):
         resolve_checkpoint(tiny, settings, "v7")
+
+
+def test_a_swap_with_no_worker_running_says_it_was_checked_here_and_what_workers_will_do(
+    settings, redis_url, redis_client, tiny, tiny_llama_dir, personas_dir
+):
+    """It said "0 worker(s) switched", and a damaged checkpoint only "cannot load the model",
+    without saying nothing had changed."""
+    make_checkpoint(settings, tiny_llama_dir, "tiny", seed=1)
+    make_checkpoint(settings, tiny_llama_dir, "tiny", seed=2, corrupt=True)
+    persona = _cli(settings, redis_url, personas_dir)
+    done = persona("swap", "tiny", "v1")
+    assert done.returncode == 0, done.stderr
+    assert "checked on this machine: no worker is running; workers that start will serve v1" in done.stdout
+    assert "0 worker(s)" not in done.stdout
+    damaged = persona("swap", "tiny", "v2")
+    assert damaged.returncode == 1 and "cannot load the model" in damaged.stderr, damaged.stderr
+    assert "'tiny' keeps its current version" in damaged.stderr, damaged.stderr
+    assert swaps.active_versions(redis_client) == {"tiny": "v1"}

@@ -83,7 +83,10 @@ def _check_here(settings: Settings, client: redis.Redis, persona: Persona, targe
         # No worker to ask: load and check the weights here, so a broken checkpoint is
         # refused now rather than by the first worker that starts.
         with console.status(f"no live workers; loading {target} here to check it"):
-            load_and_check(ModelPool(settings, "cpu"), persona, current_version(client, persona), target)
+            try:
+                load_and_check(ModelPool(settings, "cpu"), persona, current_version(client, persona), target)
+            except (ModelError, SwapRefused) as exc:
+                raise SwapRefused(f"{exc}; {persona.name!r} keeps its current version") from None
 
 
 def perform_swap(
@@ -109,9 +112,11 @@ def _report(outcome: swaps.SwapOutcome, json_output: bool, started: float) -> No
     if not outcome.committed:
         raise SwapRefused(outcome.problem)
     p = outcome.proposal
+    switched = (f"{len(outcome.votes)} worker(s) switched" if outcome.votes else
+                f"checked on this machine: no worker is running; workers that start will serve {escape(p.target)}")
     console.print(
         f"[green]{escape(p.persona)} now serves {escape(p.target)}[/green] (was {escape(p.previous)}); "
-        f"{len(outcome.votes)} worker(s) switched, {time.time() - started:.1f} s",
+        f"{switched}, {time.time() - started:.1f} s",
         highlight=False,
     )
 
