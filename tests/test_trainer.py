@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import resource
 import signal
 import time
@@ -35,8 +36,9 @@ def corpus() -> Corpus:
 
 
 @contextmanager
-def ctrl_c_inside_step(step: int, presses: int = 1) -> Iterator[None]:
-    """Press Ctrl-C during step ``step`` (from 1), after the optimiser moved the weights."""
+def ctrl_c_inside_step(step: int, presses: int = 1, send=press_ctrl_c) -> Iterator[None]:
+    """Press Ctrl-C (or ``send`` another signal) during step ``step`` (from 1), after the
+    optimiser moved the weights."""
     seen = 0
 
     def after_optimizer_step(optimizer, args, kwargs) -> None:
@@ -44,7 +46,7 @@ def ctrl_c_inside_step(step: int, presses: int = 1) -> Iterator[None]:
         seen += 1
         if seen == step:
             for _ in range(presses):
-                press_ctrl_c()
+                send()
 
     handle = register_optimizer_step_post_hook(after_optimizer_step)
     try:
@@ -265,6 +267,29 @@ def test_a_second_ctrl_c_stops_at_once(tiny_gpt2_dir: Path, tmp_path: Path):
     with ctrl_c_inside_step(2, presses=2), pytest.raises(KeyboardInterrupt):
         train(config, corpus(), tiny_gpt2_dir, tmp_path / "run")
     assert signal.getsignal(signal.SIGINT) is handler
+
+
+class KilledMidStep(Exception):
+    """What SIGTERM's default did to a run (it ended the process there), made catchable."""
+
+
+def test_sigterm_stops_after_the_step_and_saves_as_ctrl_c_does(tiny_gpt2_dir: Path, tmp_path: Path):
+    """`kill`, systemd or `docker stop` send SIGTERM: the run died mid-step without a word,
+    its lock file left behind; it now stops after the step and saves, as Ctrl-C does."""
+
+    def killed(signum, frame):
+        raise KilledMidStep
+
+    before = signal.signal(signal.SIGTERM, killed)
+    try:
+        config = TrainConfig(kind="lora", steps=6, batch_size=4, samples=0)
+        with ctrl_c_inside_step(3, send=lambda: os.kill(os.getpid(), signal.SIGTERM)):
+            result = train(config, corpus(), tiny_gpt2_dir, tmp_path / "run")
+        assert result.status == "interrupted" and result.metrics["steps"] == 3
+        assert signal.getsignal(signal.SIGTERM) is killed
+        assert train(config, corpus(), tiny_gpt2_dir, tmp_path / "run", resume=True).status == "finished"
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 def test_resumed_run_without_validation_keeps_its_last_weights(tiny_gpt2_dir: Path, tmp_path: Path):

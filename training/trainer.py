@@ -154,30 +154,38 @@ class _StopRequest:
 @contextmanager
 def _ctrl_c_between_steps() -> Iterator[_StopRequest]:
     """While training, the first Ctrl-C only asks to stop; a second one interrupts at once.
+    SIGTERM (`kill`, systemd, `docker stop`) asks the same way: it killed the run mid-step,
+    without a word, its lock file left behind; a second SIGTERM still ends it at once.
 
     A KeyboardInterrupt raised wherever the signal lands (mid-forward, or between the
     optimiser step and the step count) would save a state no uninterrupted run ever had.
-    Signal handlers can only be set from the main thread; elsewhere, or where Ctrl-C is
-    ignored (a background job), nothing changes.
+    Signal handlers can only be set from the main thread; elsewhere, or where a signal is
+    ignored (Ctrl-C in a background job), nothing changes for it.
     """
     stop = _StopRequest()
-    previous = signal.getsignal(signal.SIGINT)
-    if threading.current_thread() is not threading.main_thread() or previous is signal.SIG_IGN:
+    if threading.current_thread() is not threading.main_thread():
         yield stop
         return
-    if previous is None:  # a handler not set from Python; the interpreter's own stands in
-        previous = signal.default_int_handler
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    previous = {signum: handler for signum, handler in previous.items() if handler is not signal.SIG_IGN}
+    if previous.get(signal.SIGINT, 0) is None:  # a handler not set from Python; the interpreter's own stands in
+        previous[signal.SIGINT] = signal.default_int_handler
+    if previous.get(signal.SIGTERM, 0) is None:
+        previous[signal.SIGTERM] = signal.SIG_DFL
 
     def ask_to_stop(signum: int, frame: Any) -> None:
         stop.requested = True
-        signal.signal(signal.SIGINT, previous)
-        log.warning("stopping after this step (Ctrl-C again to stop at once)")
+        signal.signal(signum, previous[signum])
+        again = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+        log.warning("stopping after this step and saving (%s again to stop at once)", again)
 
-    signal.signal(signal.SIGINT, ask_to_stop)
+    for signum in previous:
+        signal.signal(signum, ask_to_stop)
     try:
         yield stop
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 class _Run:
