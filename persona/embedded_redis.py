@@ -5,7 +5,10 @@ Started by ``persona up`` (or ``persona worker`` or ``dashboard`` run alone) whe
 append-only persistence under the data directory, and records where it listens in
 ``<data_dir>/redis.json`` so every other ``persona`` command on the machine finds it
 without configuration. The last of those serving processes to leave stops it
-(``serving_lock``).
+(``serving_lock``). The server itself holds a lock in its folder for as long as it runs
+(``server_pid``), so a second one is never started on the same files, whatever the
+record says; and it comes back on the port it had, so clients that reach it over TCP
+reconnect to a restarted one.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from persona.constants import EMBEDDED_REDIS_START_TIMEOUT_S
-from persona.errors import RedisUnavailable
+from persona.errors import DataDirUnwritable, RedisUnavailable
 
 __all__ = [
     "EmbeddedRedis",
@@ -35,6 +38,8 @@ __all__ = [
     "find_embedded_url",
     "recorded_server",
     "redis_server_binary",
+    "running_url",
+    "server_pid",
     "serving_lock",
     "stop_embedded",
 ]
@@ -45,6 +50,9 @@ ADDRESS_FILE = "redis.json"
 SERVING_LOCK_FILE = "redis.serving.lock"  # shared by every process serving on it
 TURN_LOCK_FILE = "redis.turn.lock"  # held alone by one process starting or stopping it
 SOCKET_FILE = "redis.sock"
+# In the server's folder; held by the redis-server process itself (an inherited descriptor)
+# for as long as it, or a child saving for it, runs.
+SERVER_LOCK_FILE = "server.lock"
 # A unix socket's path must fit in sun_path: 108 bytes on Linux, 104 on macOS.
 MAX_SOCKET_PATH = 100
 
@@ -65,14 +73,34 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _previous_password(config: Path) -> str | None:
+def _previous_setting(config: Path, name: str) -> str | None:
+    """A setting of the last start's redis.conf, as written there; None if it has none."""
     try:
         for line in config.read_text().splitlines():
-            if line.startswith("requirepass "):
+            if line.startswith(f"{name} "):
                 return line.split(" ", 1)[1].strip()
     except OSError:
         pass
     return None
+
+
+def _previous_port(config: Path) -> int | None:
+    """The port the last start listened on, if it is free now: a client that remembered
+    the TCP address (there is no unix socket on some file systems) reconnects after a
+    restart, as it does through the socket."""
+    try:
+        port = int(_previous_setting(config, "port") or 0)
+    except ValueError:
+        return None
+    if not 0 < port < 65536:
+        return None
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Redis binds: TIME_WAIT is no obstacle
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return None  # taken by another program meanwhile: a new port, and a new address
+    return port
 
 
 def _config_value(value: object) -> str:
@@ -106,6 +134,54 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def server_pid(data_dir: Path) -> int | None:
+    """The pid of the embedded Redis running on this data directory's files (0 if it did
+    not say), whether or not it answers or was recorded; None if none runs. A fact, not a
+    guess from a record: the server holds its lock until it, and any child saving for it,
+    has exited."""
+    try:
+        fd = os.open(data_dir / "redis" / SERVER_LOCK_FILE, os.O_RDONLY)
+    except OSError:
+        return None  # never started here (or unreadable: then the start says why)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            said = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            return int(said) if said.isdigit() else 0
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+def running_url(data_dir: Path, timeout_s: float = EMBEDDED_REDIS_START_TIMEOUT_S) -> str | None:
+    """The URL of the embedded Redis running for this data directory; None if none runs.
+
+    One that runs but does not answer yet is waited for: still loading its data (as long
+    as it loads), or started by a process killed before it was ready. One that runs and
+    does not answer within ``timeout_s`` is refused (RedisUnavailable), never joined by
+    a second server on the same files.
+    """
+    deadline = time.monotonic() + timeout_s
+    while (url := find_embedded_url(data_dir)) is None:
+        pid = server_pid(data_dir)
+        if pid is None:
+            return None
+        if _loading(_address_record(data_dir).get("url")):
+            deadline = time.monotonic() + timeout_s
+        elif time.monotonic() > deadline:
+            folder = data_dir.absolute() / "redis"
+            stop = f"stop it (`kill {pid}`)" if pid else "stop the redis-server serving it"
+            raise RedisUnavailable(
+                f"an embedded Redis{f' (pid {pid})' if pid else ''} runs on {folder} but has not answered for "
+                f"{timeout_s:.0f} s, and a second one must not run on its files. If it is stuck, {stop}, then "
+                f"start again; its log is {folder / 'redis.log'}"
+            )
+        time.sleep(0.1)
+    return url
 
 
 def find_embedded_url(data_dir: Path) -> str | None:
@@ -178,7 +254,11 @@ def serving_lock(data_dir: Path) -> Iterator[ServingLock]:
     arriving meanwhile waits, then starts a fresh server. The system lets go of the locks
     of a process that dies.
     """
-    with (data_dir / TURN_LOCK_FILE).open("a") as turn, (data_dir / SERVING_LOCK_FILE).open("a") as serving:
+    try:
+        turn, serving = (data_dir / TURN_LOCK_FILE).open("a"), (data_dir / SERVING_LOCK_FILE).open("a")
+    except OSError as exc:  # a read-only or full file system, a lock file another user left
+        raise DataDirUnwritable(data_dir, exc) from None
+    with turn, serving:
         fcntl.flock(turn, fcntl.LOCK_EX)
         yield ServingLock(turn, serving)
 
@@ -198,7 +278,7 @@ def stop_embedded(data_dir: Path, timeout_s: float = 15.0) -> bool:
     with contextlib.suppress(redis.exceptions.ConnectionError):  # it closes the connection as it goes
         redis.Redis.from_url(url, socket_timeout=timeout_s).shutdown(save=True)
     deadline = time.monotonic() + timeout_s  # until it has saved and exited (waited for, never signalled)
-    while (_answers(url) or (pid and _alive(pid))) and time.monotonic() < deadline:
+    while (_answers(url) or (pid and _alive(pid)) or server_pid(data_dir) is not None) and time.monotonic() < deadline:
         time.sleep(0.05)
     if _address_record(data_dir).get("url") == url:
         with contextlib.suppress(OSError):
@@ -218,23 +298,65 @@ def _answers(url: str) -> bool:
         client.close()
 
 
-def _spawn(config: Path, log_file: Path) -> subprocess.Popen:
-    """Start redis-server on ``config``; what it says before it opens its log (a line of
-    its config it cannot read) goes to the same file."""
+def _loading(url: str | None) -> bool:
+    """Whether the Redis at ``url`` is up but still loading its data (it answers LOADING)."""
+    import redis
+
+    if not url:
+        return False
+    client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
+    try:
+        client.ping()
+    except redis.exceptions.BusyLoadingError:
+        return True
+    except redis.exceptions.RedisError:
+        return False
+    finally:
+        client.close()
+    return False
+
+
+def _claim(folder: Path) -> int:
+    """The server lock of ``folder``, held, as a descriptor for the server to inherit;
+    RedisUnavailable if a server runs on these files already."""
+    fd = os.open(folder / SERVER_LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    for _ in range(20):  # ``server_pid`` holds it for an instant while it looks
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            time.sleep(0.05)
+    said = os.pread(fd, 32, 0).decode(errors="replace").strip()
+    os.close(fd)
+    raise RedisUnavailable(
+        f"another embedded Redis (pid {said or 'unknown'}) already runs on {folder}, and two must not share its "
+        "files; `persona queue stats` shows whether it answers"
+    )
+
+
+def _spawn(config: Path, log_file: Path, lock: int) -> subprocess.Popen:
+    """Start redis-server on ``config``, holding the server lock ``lock`` for as long as it
+    runs; what it says before it opens its log (a line of its config it cannot read) goes
+    to the same file."""
     output = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:
         # Its own session: a Ctrl-C meant for `persona up` must not stop Redis before
         # the workers have handed their work back. Umask 077: the files it writes (the
         # append-only file, snapshots, its log) are readable by this user alone.
-        return subprocess.Popen(
+        process = subprocess.Popen(
             [redis_server_binary(), str(config)],
             stdout=output,
             stderr=output,
             start_new_session=True,
             umask=0o077,
+            pass_fds=(lock,),
         )
     finally:
         os.close(output)
+    with contextlib.suppress(OSError):  # who holds it, for the messages; a full disk may refuse it
+        os.ftruncate(lock, 0)
+        os.pwrite(lock, f"{process.pid}\n".encode(), 0)
+    return process
 
 
 @dataclass
@@ -254,24 +376,62 @@ class EmbeddedRedis:
         socket in it, which local clients (everything `persona up` starts) use: a
         request's round trip through the queue takes about 0.1 ms less through it than
         through TCP loopback. ``tcp_url`` is the TCP address. The password is kept
-        across restarts of the same data directory, so clients that reconnect after a
-        restart on the same port are let back in.
+        across restarts of the same data directory, and so is the port where it is still
+        free, so clients that reconnect after a restart are let back in. It returns once
+        the server has loaded its data. RedisUnavailable if another server runs on the
+        same files; DataDirUnwritable if the data directory cannot hold its files.
         """
         # Absolute: Redis moves into `dir` as it reads it, and would look for its log there.
         folder = self.data_dir.absolute() / "redis"
-        # The append-only file and snapshots hold every conversation: this user's alone.
-        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-        folder.chmod(0o700)  # mkdir's mode does not change a folder that already exists
         config = folder / "redis.conf"
-        password = _previous_password(config) or secrets.token_urlsafe(24)
-        port = port or _free_port()
         socket_path = folder / SOCKET_FILE
         unix_socket = unix_socket and len(os.fsencode(socket_path)) <= MAX_SOCKET_PATH
         log_file = folder / "redis.log"
+        try:
+            # The append-only file and snapshots hold every conversation: this user's alone.
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            folder.chmod(0o700)  # mkdir's mode does not change a folder that already exists
+            lock = _claim(folder)
+        except OSError as exc:  # read-only, full, or not a folder
+            raise DataDirUnwritable(self.data_dir, exc) from None
+        try:
+            password = _previous_setting(config, "requirepass") or secrets.token_urlsafe(24)
+            port = port or _previous_port(config) or _free_port()
+            self._write_config(config, port, password, log_file, socket_path if unix_socket else None)
+            logged = log_file.stat().st_size if log_file.exists() else 0
+            self.process = _spawn(config, log_file, lock)
+        except OSError as exc:
+            raise DataDirUnwritable(self.data_dir, exc) from None
+        finally:
+            os.close(lock)  # the server holds it now (or, if it did not start, no one)
+        self.port = port
+        self.tcp_url = f"redis://:{password}@127.0.0.1:{port}/0"
+        # Quoted: a socket path with a space, '#', '?' or '%' in it is still one path to redis-py.
+        self.url = f"unix://:{password}@{quote(str(socket_path))}?db=0" if unix_socket else self.tcp_url
+        try:
+            # Recorded before it is ready: a starter killed while it loads leaves it findable.
+            self._record()
+            self._wait_ready()
+        except (RedisUnavailable, OSError) as exc:
+            self._abandon()
+            if isinstance(exc, OSError):
+                raise DataDirUnwritable(self.data_dir, exc) from None
+            said = _logged_since(log_file, logged)
+            if not (unix_socket and "nix socket" in said and "exited" in str(exc)):
+                raise RedisUnavailable(f"the embedded Redis {exc} ({_last_words(said)}); see {log_file}") from None
+            # A file system that holds no sockets (some network and shared folders): TCP alone.
+            log.warning("the embedded Redis could not open a unix socket in %s; serving on TCP only", folder)
+            return self.start(port, unix_socket=False)
+        where = f" and {socket_path}" if unix_socket else ""
+        log.info("embedded Redis listening on 127.0.0.1:%d%s (data in %s)", port, where, folder)
+        return self.url
+
+    @staticmethod
+    def _write_config(config: Path, port: int, password: str, log_file: Path, socket_path: Path | None) -> None:
         lines = [
             "bind 127.0.0.1",
             f"port {port}",
-            f"dir {_config_value(folder)}",
+            f"dir {_config_value(config.parent)}",
             "appendonly yes",
             "appendfsync everysec",
             "save 60 1",
@@ -280,47 +440,51 @@ class EmbeddedRedis:
             f"logfile {_config_value(log_file)}",
             "daemonize no",
         ]
-        if unix_socket:
+        if socket_path is not None:
             lines += [f"unixsocket {_config_value(socket_path)}", "unixsocketperm 700"]
-        config.write_text("\n".join([*lines, ""]))
-        config.chmod(0o600)
-        logged = log_file.stat().st_size if log_file.exists() else 0
-        self.process = _spawn(config, log_file)
-        self.port = port
-        self.tcp_url = f"redis://:{password}@127.0.0.1:{port}/0"
-        # Quoted: a socket path with a space, '#', '?' or '%' in it is still one path to redis-py.
-        self.url = f"unix://:{password}@{quote(str(socket_path))}?db=0" if unix_socket else self.tcp_url
-        try:
-            self._wait_ready()
-        except RedisUnavailable as exc:
-            said = _logged_since(log_file, logged)
-            if not (unix_socket and self.process.poll() is not None and "nix socket" in said):
-                raise RedisUnavailable(f"the embedded Redis {exc} ({_last_words(said)}); see {log_file}") from None
-            # A file system that holds no sockets (some network and shared folders): TCP alone.
-            log.warning("the embedded Redis could not open a unix socket in %s; serving on TCP only", folder)
-            return self.start(port, unix_socket=False)
+        # Written beside it, then put in its place: a full disk leaves the last one (and its
+        # password, which clients still hold) whole rather than empty.
+        written = config.with_name(f".{config.name}.new")
+        written.write_text("\n".join([*lines, ""]))
+        written.chmod(0o600)
+        written.replace(config)
+
+    def _record(self) -> None:
         record = self.data_dir / ADDRESS_FILE
-        record.write_text(json.dumps({"url": self.url, "pid": self.process.pid, "port": port}))
+        record.write_text(json.dumps({"url": self.url, "pid": self.process.pid, "port": self.port}))
         record.chmod(0o600)
-        where = f" and {socket_path}" if unix_socket else ""
-        log.info("embedded Redis listening on 127.0.0.1:%d%s (data in %s)", port, where, folder)
-        return self.url
+
+    def _abandon(self) -> None:
+        """A start that failed: stop the server if it still runs (it would hold its files and
+        lock, unrecorded, for ever) and forget its address."""
+        if self.process is not None:
+            if self.process.poll() is None:
+                self.process.kill()
+            self.process.wait()  # reaped: its lock let go, for a start again (TCP alone) at once
+        self._forget()
 
     def _wait_ready(self) -> None:
-        """Until this server answers; RedisUnavailable if it exits first (its port taken,
-        say) or is slow to start."""
+        """Until this server answers with its data loaded; RedisUnavailable if it exits
+        first (its port taken, say) or is slow to start. A long load is waited for."""
         import redis
 
         # Short timeouts, and its pid checked: whatever else holds the port is not waited on.
         client = redis.Redis.from_url(self.url, socket_connect_timeout=1, socket_timeout=1)
         deadline = time.monotonic() + EMBEDDED_REDIS_START_TIMEOUT_S
+        said_loading = False
         try:
             while self.process.poll() is None:
                 try:
-                    if client.info("server").get("process_id") == self.process.pid:
-                        return
+                    info = client.info()  # answered while loading too, saying so
+                    if info.get("process_id") == self.process.pid:
+                        if not info.get("loading"):
+                            return
+                        deadline = time.monotonic() + EMBEDDED_REDIS_START_TIMEOUT_S  # still making progress
+                        if not said_loading:
+                            log.info("the embedded Redis is loading its data (%s)", info.get("used_memory_human", "?"))
+                            said_loading = True
                 except redis.exceptions.RedisError:
-                    pass  # not listening yet, or replaying the append-only file
+                    pass  # not listening yet
                 if time.monotonic() > deadline:
                     raise RedisUnavailable("did not start in time")
                 time.sleep(0.05)
@@ -339,10 +503,14 @@ class EmbeddedRedis:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        self._forget()
+
+    def _forget(self) -> None:
+        """Remove this server's address record (not one a later server wrote)."""
         record = self.data_dir / ADDRESS_FILE
         try:
             if json.loads(record.read_text()).get("pid") == self.process.pid:
                 record.unlink()
-        except (OSError, ValueError):
+        except (OSError, ValueError, AttributeError):
             pass
         self.process = None

@@ -78,9 +78,11 @@ def one_up_per_data_dir(data_dir: Path) -> Iterator[None]:
                 "Stop it first (Ctrl-C in its terminal), or set PERSONA_DATA_DIR to another folder "
                 "for a second one. To chat with it: `persona chat PERSONA`; more workers: `persona worker`"
             ) from None
-        held.truncate(0)
-        held.write(f"{os.getpid()}\n")
-        held.flush()
+        try:  # unbuffered: a full disk is told here, not by a traceback as the file closes
+            os.ftruncate(held.fileno(), 0)
+            os.pwrite(held.fileno(), f"{os.getpid()}\n".encode(), 0)
+        except OSError as exc:
+            raise DataDirUnwritable(data_dir, exc) from None
         yield
 
 

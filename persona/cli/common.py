@@ -122,6 +122,8 @@ def explain_redis_error(exc: redis.exceptions.RedisError) -> str:
     """What a Redis failure past the connection's retries means, and what to do about it."""
     said = str(exc).rstrip(".")
     if isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
+        if (embedded := _lost_embedded(said)) is not None:
+            return embedded
         return (
             f"lost the connection to Redis ({said}); is it still running, at the address "
             "PERSONA_REDIS_URL gives if set? `persona up` starts one; `persona queue stats` checks"
@@ -129,6 +131,29 @@ def explain_redis_error(exc: redis.exceptions.RedisError) -> str:
     if isinstance(exc, redis.exceptions.InvalidResponse):
         return f"the server at PERSONA_REDIS_URL does not answer as Redis does ({said}); is that Redis's address?"
     return f"Redis refused a command ({said}); `persona queue stats` shows the state it is in"
+
+
+def _lost_embedded(said: str) -> str | None:
+    """A lost connection to the embedded Redis, said with what became of it (once the
+    settings are read and name no PERSONA_REDIS_URL); None otherwise."""
+    if not get_settings.cache_info().currsize:
+        return None
+    settings = get_settings()
+    if settings.redis_url is not None:
+        return None
+    from persona.embedded_redis import find_embedded_url
+
+    lost = f"lost the connection to the embedded Redis of data directory {settings.data_dir} ({said})"
+    if find_embedded_url(settings.data_dir) is None:
+        return (
+            f"{lost}: it has stopped, as it does when the last `persona up`, `persona worker` or "
+            "`persona dashboard` serving on it stops (what was queued is kept with its data). "
+            "Start `persona up` (or `persona worker`) again, then try again"
+        )
+    return (
+        f"{lost}; it is running again now, so try again (should this go on, it came back at another "
+        "address, and this command must be started again to find it)"
+    )
 
 
 def friendly_errors(func: Callable[P, R]) -> Callable[P, R]:

@@ -23,8 +23,8 @@ from persona.connection import connect, describe_url
 from persona.embedded_redis import (
     EmbeddedRedis,
     ServingLock,
-    find_embedded_url,
     recorded_server,
+    running_url,
     serving_lock,
     stop_embedded,
 )
@@ -69,7 +69,7 @@ class ServedRedis:
         if running:
             return
         with self.lock.turn():
-            if find_embedded_url(self.data_dir) is not None:  # a serving process that came meanwhile started it
+            if running_url(self.data_dir) is not None:  # a serving process that came meanwhile started it
                 self.embedded = None
                 return
             log.warning("the embedded Redis has died; starting it again")
@@ -90,7 +90,8 @@ def served_redis(settings: Settings) -> Iterator[ServedRedis]:
         yield ServedRedis(settings.redis_url.get_secret_value())
         return
     with serving_lock(_data_dir(settings)) as lock:
-        served = ServedRedis(find_embedded_url(settings.data_dir) or "", settings.data_dir, lock)
+        # One that runs but is still loading its data is waited for, never started twice.
+        served = ServedRedis(running_url(settings.data_dir) or "", settings.data_dir, lock)
         if not served.url:
             served.embedded = EmbeddedRedis(settings.data_dir)
             served.url = served.embedded.start()
