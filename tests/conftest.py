@@ -247,3 +247,14 @@ def tiny_llama(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     from persona.models import load_model
 
     return load_model(str(tiny_llama_dir), cache_dir=tmp_path_factory.mktemp("tiny-llama-cache"))
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path):
+    """A Redis of this test's own, to stop while a command waits on it; a client on it."""
+    server = EmbeddedRedis(tmp_path / "own-redis")
+    url = server.start(unix_socket=False)
+    client = redis.Redis.from_url(url)
+    yield server, url, client
+    client.close()
+    server.stop()

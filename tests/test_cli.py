@@ -266,21 +266,6 @@ def test_a_server_that_is_not_redis_is_a_clear_error(env):
     assert "PERSONA_REDIS_URL" in result.stderr
 
 
-@pytest.fixture
-def doomed_redis(tmp_path: Path):
-    """A Redis of its own that a test may stop halfway; a client on it."""
-    import redis
-
-    from persona.embedded_redis import EmbeddedRedis
-
-    server = EmbeddedRedis(tmp_path / "doomed")
-    url = server.start(unix_socket=False)
-    client = redis.Redis.from_url(url)
-    yield server, url, client
-    client.close()
-    server.stop()
-
-
 def _wait_for_a_request(client, timeout_s: float = 30.0) -> None:
     import time
 
@@ -293,8 +278,8 @@ def _wait_for_a_request(client, timeout_s: float = 30.0) -> None:
 
 
 @pytest.mark.slow
-def test_ask_when_redis_stops_while_it_waits_is_a_clear_error(env, doomed_redis):
-    server, url, client = doomed_redis
+def test_ask_when_redis_stops_while_it_waits_is_a_clear_error(env, own_redis):
+    server, url, client = own_redis
     env["PERSONA_REDIS_URL"] = url
     asking = subprocess.Popen(
         [sys.executable, "-m", "persona", "ask", "sage", "hello"], env=env, text=True,
@@ -308,8 +293,8 @@ def test_ask_when_redis_stops_while_it_waits_is_a_clear_error(env, doomed_redis)
 
 
 @pytest.mark.slow
-def test_chat_carries_on_when_redis_stops_under_a_message(env, doomed_redis):
-    server, url, client = doomed_redis
+def test_chat_carries_on_when_redis_stops_under_a_message(env, own_redis):
+    server, url, client = own_redis
     env["PERSONA_REDIS_URL"] = url
     chatting = subprocess.Popen(
         [sys.executable, "-m", "persona", "chat", "sage"], env=env, text=True,
@@ -360,12 +345,12 @@ def _with_ctrl_c() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def test_ctrl_c_while_asking_withdraws_the_question(env, doomed_redis):
+def test_ctrl_c_while_asking_withdraws_the_question(env, own_redis):
     import signal
 
     from persona import constants as keys
 
-    _, url, client = doomed_redis
+    _, url, client = own_redis
     env["PERSONA_REDIS_URL"] = url
     asking = subprocess.Popen(
         [sys.executable, "-m", "persona", "ask", "sage", "hello"], env=env, text=True,
@@ -378,12 +363,12 @@ def test_ctrl_c_while_asking_withdraws_the_question(env, doomed_redis):
     assert client.exists(keys.cancel_key(request_id)), "a worker would still answer it"
 
 
-def test_ctrl_c_in_a_chat_withdraws_that_message_and_the_chat_goes_on(env, doomed_redis):
+def test_ctrl_c_in_a_chat_withdraws_that_message_and_the_chat_goes_on(env, own_redis):
     import signal
 
     from persona import constants as keys
 
-    _, url, client = doomed_redis
+    _, url, client = own_redis
     env["PERSONA_REDIS_URL"] = url
     chatting = subprocess.Popen(
         [sys.executable, "-m", "persona", "chat", "sage"], env=env, text=True,
@@ -509,9 +494,9 @@ def test_a_personas_folder_that_is_not_there_is_named(env, tmp_path: Path):
     assert listed.returncode == 0 and "PERSONA_PERSONAS_DIRS names it" in listed.stderr
 
 
-def test_ask_says_at_once_that_no_worker_is_running(env, doomed_redis):
+def test_ask_says_at_once_that_no_worker_is_running(env, own_redis):
     """It waited out the whole deadline (two minutes by default) before saying anything."""
-    _, url, _ = doomed_redis
+    _, url, _ = own_redis
     env["PERSONA_REDIS_URL"] = url
     result = persona("ask", "sage", "hello", "--timeout", "1", env=env)
     assert result.returncode == 1 and "Traceback" not in result.stderr
@@ -521,13 +506,13 @@ def test_ask_says_at_once_that_no_worker_is_running(env, doomed_redis):
     assert result.returncode == 1 and "the message is empty" in result.stderr
 
 
-def test_ask_and_queue_stats_say_a_worker_is_starting_rather_than_that_none_runs(env, doomed_redis):
+def test_ask_and_queue_stats_say_a_worker_is_starting_rather_than_that_none_runs(env, own_redis):
     """Right after `persona up`, `persona ask` said "no worker is running yet ... (`persona up`
     or `persona worker` starts one)" while its worker loaded its model, and `persona queue
     stats` listed no worker at all."""
     from persona import heartbeat
 
-    _, url, client = doomed_redis
+    _, url, client = own_redis
     env["PERSONA_REDIS_URL"] = url
     info = heartbeat.StartingWorker(id="w-warming", device="cuda", since=heartbeat.redis_now(client) - 12)
     heartbeat.announce_starting(client, info, ttl_s=60)
@@ -544,13 +529,13 @@ def test_ask_and_queue_stats_say_a_worker_is_starting_rather_than_that_none_runs
     assert "no worker serves yet: requests wait until a starting one has loaded its models" in stats.stdout
 
 
-def test_chat_commands_are_never_sent_to_the_persona(env, doomed_redis):
+def test_chat_commands_are_never_sent_to_the_persona(env, own_redis):
     """/help, or a misspelt /quitt, went through the queue as a message. A line that only
     looks like one ("/usr is where?") goes as a message when it starts with "//"."""
     from persona import constants as keys
     from persona.contract import GenerationRequest
 
-    _, url, client = doomed_redis
+    _, url, client = own_redis
     env |= {"PERSONA_REDIS_URL": url, "PERSONA_QUEUE__DEFAULT_DEADLINE_S": "1"}
     result = subprocess.run([sys.executable, "-m", "persona", "chat", "sage"], env=env,
                             input="/help\n/Quitt now\n/usr is where?\n//usr is where?\n/quit\n",

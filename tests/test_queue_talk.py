@@ -24,17 +24,6 @@ AS_IN_A_TERMINAL = (
 )
 
 
-@pytest.fixture
-def own_redis(tmp_path: Path):
-    """A Redis of this test's own, to stop while a command waits on it; a client on it."""
-    server = EmbeddedRedis(tmp_path / "own-redis")
-    url = server.start(unix_socket=False)
-    client = redis.Redis.from_url(url)
-    yield server, url, client
-    client.close()
-    server.stop()
-
-
 def _talking(tmp_path: Path, url: str, *args: str) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PERSONA_")}
     env |= {"PERSONA_DATA_DIR": str(tmp_path / "data"), "PERSONA_REDIS_URL": url, "COLUMNS": "200"}
