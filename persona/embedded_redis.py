@@ -4,11 +4,11 @@ Started by ``persona up`` (or ``persona worker`` or ``dashboard`` run alone) whe
 ``PERSONA_REDIS_URL`` is set. It listens on loopback only, with a random password and
 append-only persistence under the data directory, and records where it listens in
 ``<data_dir>/redis.json`` so every other ``persona`` command on the machine finds it
-without configuration. The last of those serving processes to leave stops it
-(``serving_lock``). The server itself holds a lock in its folder for as long as it runs
-(``server_pid``), so a second one is never started on the same files, whatever the
-record says; and it comes back on the port it had, so clients that reach it over TCP
-reconnect to a restarted one.
+without configuration (``persona.embedded_record``). The last of those serving processes
+to leave stops it (``serving_lock``). The server itself holds a lock in its folder for as
+long as it runs (``server_pid``; both in ``persona.embedded_locks``), so a second one is
+never started on the same files, whatever the record says; and it comes back on the port
+it had, so clients that reach it over TCP reconnect to a restarted one.
 """
 
 from __future__ import annotations
@@ -24,12 +24,26 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
 from persona.constants import EMBEDDED_REDIS_START_TIMEOUT_S
+from persona.embedded_locks import (  # noqa: F401 - still importable from here
+    SERVER_LOCK_FILE,
+    SERVING_LOCK_FILE,
+    TURN_LOCK_FILE,
+    ServingLock,
+    server_pid,
+    serving_lock,
+)
+from persona.embedded_record import (
+    ADDRESS_FILE,
+    find_embedded_url,
+    recorded_server,
+    running_url,
+    stop_embedded,
+)
 from persona.errors import DataDirUnwritable, RedisUnavailable
 
 __all__ = [
@@ -46,13 +60,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-ADDRESS_FILE = "redis.json"
-SERVING_LOCK_FILE = "redis.serving.lock"  # shared by every process serving on it
-TURN_LOCK_FILE = "redis.turn.lock"  # held alone by one process starting or stopping it
 SOCKET_FILE = "redis.sock"
-# In the server's folder; held by the redis-server process itself (an inherited descriptor)
-# for as long as it, or a child saving for it, runs.
-SERVER_LOCK_FILE = "server.lock"
 # A unix socket's path must fit in sun_path: 108 bytes on Linux, 104 on macOS.
 MAX_SOCKET_PATH = 100
 
@@ -124,196 +132,6 @@ def _last_words(logged: str) -> str:
     """The last line the server logged, without its pid and time: why it exited, as a rule."""
     lines = logged.strip().splitlines()
     return re.sub(r"^\d+:\w \d+ \w+ \d+ [\d:.]+ \S ", "", lines[-1]) if lines else ""
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def server_pid(data_dir: Path) -> int | None:
-    """The pid of the embedded Redis running on this data directory's files (0 if it did
-    not say), whether or not it answers or was recorded; None if none runs. A fact, not a
-    guess from a record: the server holds its lock until it, and any child saving for it,
-    has exited."""
-    try:
-        fd = os.open(data_dir / "redis" / SERVER_LOCK_FILE, os.O_RDONLY)
-    except OSError:
-        return None  # never started here (or unreadable: then the start says why)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            said = os.pread(fd, 32, 0).decode(errors="replace").strip()
-            return int(said) if said.isdigit() else 0
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return None
-    finally:
-        os.close(fd)
-
-
-def running_url(data_dir: Path, timeout_s: float = EMBEDDED_REDIS_START_TIMEOUT_S) -> str | None:
-    """The URL of the embedded Redis running for this data directory; None if none runs.
-
-    One that runs but does not answer yet is waited for: still loading its data (as long
-    as it loads), or started by a process killed before it was ready. One that runs and
-    does not answer within ``timeout_s`` is refused (RedisUnavailable), never joined by
-    a second server on the same files.
-    """
-    deadline = time.monotonic() + timeout_s
-    while (url := find_embedded_url(data_dir)) is None:
-        pid = server_pid(data_dir)
-        if pid is None:
-            return None
-        if _loading(_address_record(data_dir).get("url")):
-            deadline = time.monotonic() + timeout_s
-        elif time.monotonic() > deadline:
-            folder = data_dir.absolute() / "redis"
-            stop = f"stop it (`kill {pid}`)" if pid else "stop the redis-server serving it"
-            raise RedisUnavailable(
-                f"an embedded Redis{f' (pid {pid})' if pid else ''} runs on {folder} but has not answered for "
-                f"{timeout_s:.0f} s, and a second one must not run on its files. If it is stuck, {stop}, then "
-                f"start again; its log is {folder / 'redis.log'}"
-            )
-        time.sleep(0.1)
-    return url
-
-
-def find_embedded_url(data_dir: Path) -> str | None:
-    """The URL of an embedded Redis that is running for this data directory, if any."""
-    record = _address_record(data_dir)
-    url = record.get("url")
-    if not url or not _alive(int(record.get("pid", 0))) or not _answers(url):
-        return None  # stale: left by a Redis that died, its pid since given to another process
-    return url
-
-
-def recorded_server(data_dir: Path) -> tuple[int, bool]:
-    """The port of the embedded Redis last recorded for this data directory (0: none), and
-    whether its process still runs."""
-    record = _address_record(data_dir)
-    try:
-        return int(record.get("port", 0)), _alive(int(record.get("pid", 0)))
-    except (TypeError, ValueError):
-        return 0, False
-
-
-def _address_record(data_dir: Path) -> dict:
-    """What the embedded Redis's starter recorded for this data directory (url, pid, port);
-    {} when there is no readable record."""
-    try:
-        record = json.loads((data_dir / ADDRESS_FILE).read_text())
-    except (OSError, ValueError):
-        return {}
-    return record if isinstance(record, dict) else {}
-
-
-class ServingLock:
-    """How the processes serving on one embedded Redis agree on who starts and stops it
-    (see ``serving_lock``)."""
-
-    def __init__(self, turn, serving) -> None:
-        self._turn, self._serving = turn, serving
-
-    def share(self) -> None:
-        """Found or started: serve beside the others, and let the next one take its turn."""
-        fcntl.flock(self._serving, fcntl.LOCK_SH)
-        fcntl.flock(self._turn, fcntl.LOCK_UN)
-
-    @contextlib.contextmanager
-    def turn(self) -> Iterator[None]:
-        """This process's turn, while it serves: to start the server again."""
-        fcntl.flock(self._turn, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(self._turn, fcntl.LOCK_UN)
-
-    def last(self) -> bool:
-        """Leaving (this process's turn again): whether no other process serves on it."""
-        fcntl.flock(self._turn, fcntl.LOCK_EX)
-        try:
-            fcntl.flock(self._serving, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return False
-        return True
-
-
-@contextlib.contextmanager
-def serving_lock(data_dir: Path) -> Iterator[ServingLock]:
-    """Taken by every process that serves on the embedded Redis of ``data_dir``.
-
-    One process at a time finds or starts the server, or stops it (its turn): two starting
-    at once start one. While it serves, each holds a shared lock. Leaving, a process that
-    can hold that lock alone is the last one: it stops the server in its turn, so one
-    arriving meanwhile waits, then starts a fresh server. The system lets go of the locks
-    of a process that dies.
-    """
-    try:
-        turn, serving = (data_dir / TURN_LOCK_FILE).open("a"), (data_dir / SERVING_LOCK_FILE).open("a")
-    except OSError as exc:  # a read-only or full file system, a lock file another user left
-        raise DataDirUnwritable(data_dir, exc) from None
-    with turn, serving:
-        fcntl.flock(turn, fcntl.LOCK_EX)
-        yield ServingLock(turn, serving)
-
-
-def stop_embedded(data_dir: Path, timeout_s: float = 15.0) -> bool:
-    """Save and stop the embedded Redis another process started for this data directory
-    (it outlives its starter: its own session), by asking it over its password-protected
-    address, never by a pid that may belong to someone else now; False if none answers."""
-    import redis
-
-    url = find_embedded_url(data_dir)
-    if url is None:
-        return False
-    record, pid = data_dir / ADDRESS_FILE, 0
-    with contextlib.suppress(TypeError, ValueError):
-        pid = int(_address_record(data_dir).get("pid", 0))
-    with contextlib.suppress(redis.exceptions.ConnectionError):  # it closes the connection as it goes
-        redis.Redis.from_url(url, socket_timeout=timeout_s).shutdown(save=True)
-    deadline = time.monotonic() + timeout_s  # until it has saved and exited (waited for, never signalled)
-    while (_answers(url) or (pid and _alive(pid)) or server_pid(data_dir) is not None) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    if _address_record(data_dir).get("url") == url:
-        with contextlib.suppress(OSError):
-            record.unlink()
-    return True
-
-
-def _answers(url: str) -> bool:
-    import redis
-
-    client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
-    try:
-        return bool(client.ping())
-    except redis.exceptions.RedisError:
-        return False
-    finally:
-        client.close()
-
-
-def _loading(url: str | None) -> bool:
-    """Whether the Redis at ``url`` is up but still loading its data (it answers LOADING)."""
-    import redis
-
-    if not url:
-        return False
-    client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
-    try:
-        client.ping()
-    except redis.exceptions.BusyLoadingError:
-        return True
-    except redis.exceptions.RedisError:
-        return False
-    finally:
-        client.close()
-    return False
 
 
 def _claim(folder: Path) -> int:

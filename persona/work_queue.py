@@ -5,23 +5,23 @@ and answer through a script that delivers a reply at most once per request id, c
 it, and acknowledges and deletes the entry in the same step. Entries held by a dead
 worker (no heartbeat) or held past the visibility timeout are claimed by another;
 after ``max_deliveries`` a request is moved to the dead-letter stream and its caller is
-told so. A worker that leaves hands its unfinished entries back first.
+told so. A worker that leaves hands its unfinished entries back first. (Those entries'
+side is ``PendingEntries``, in ``persona.pending_entries``; a claimed entry is a ``Job``,
+in ``persona.jobs``: both importable from here too.)
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import redis
 from hiredis import pack_command
 
 from persona import constants as keys
-from persona.contract import ErrorKind, GenerationReply, GenerationRequest
-from persona.errors import QueueError
+from persona.contract import GenerationReply
+from persona.jobs import DUE_FIELD, EPOCH_FIELD, REQUEST_FIELD, Job  # noqa: F401 - still importable from here
+from persona.pending_entries import RECLAIM_BATCH, PendingEntries  # noqa: F401 - still importable from here
 from persona.queue_scripts import (
     DEAD_LETTER_SCRIPT,
     DELIVER_SCRIPT,
@@ -36,11 +36,6 @@ __all__ = ["Job", "WorkQueue"]
 
 log = logging.getLogger(__name__)
 
-# The fields of a stream entry, as SUBMIT_SCRIPT writes them.
-REQUEST_FIELD = b"r"
-EPOCH_FIELD = b"e"
-DUE_FIELD = b"d"  # when the deadline falls, by Redis's clock (entries from older clients lack it)
-RECLAIM_BATCH = 100
 # Read with every claim, after its entries: the cancel epoch and the active versions.
 _READ_EPOCH = ("GET", keys.CANCEL_EPOCH_KEY)
 _READ_ACTIVE = ("HGETALL", keys.ACTIVE_VERSIONS_KEY)
@@ -84,56 +79,9 @@ def _texts(mapping: dict | None) -> dict[str, str]:
             for k, v in (mapping or {}).items()}
 
 
-@dataclass
-class Job:
-    """One claimed stream entry: a valid request, or the reason it is not one."""
-
-    stream: str
-    entry_id: str
-    payload: bytes
-    request: GenerationRequest | None = None
-    problem: str | None = None
-    claimed_at: float = field(default_factory=time.time)
-    # The cancel epoch when it was submitted, if the entry carries one.
-    epoch: bytes | None = None
-    # Claimed with the epoch unchanged since: nobody has cancelled anything, this included.
-    not_cancelled: bool = False
-    # When its deadline falls by Redis's clock (None: only the caller's clock says).
-    due: float | None = None
-
-    @classmethod
-    def parse(cls, stream: str, entry_id: bytes | str, fields: dict) -> Job:
-        entry = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-        payload = fields.get(REQUEST_FIELD) or fields.get("r") or b""
-        due = fields.get(DUE_FIELD) or fields.get("d")
-        job = cls(stream=stream, entry_id=entry, payload=payload, epoch=fields.get(EPOCH_FIELD),
-                  due=float(due) if due else None)
-        try:
-            job.request = GenerationRequest.from_json(payload)
-        except ValueError as exc:
-            job.problem = f"malformed request: {exc}".splitlines()[0]
-        return job
-
-    def expired(self, redis_now: float) -> bool:
-        """Whether its deadline has passed: by Redis's clock (``redis_now``: the worker's
-        estimate of it) when the entry says when it falls, else by the caller's deadline."""
-        if self.due is not None:
-            return redis_now > self.due
-        return self.request is not None and self.request.expired()
-
-    @property
-    def request_id(self) -> str | None:
-        if self.request is not None:
-            return self.request.id
-        try:
-            value = json.loads(self.payload).get("id")
-        except (ValueError, AttributeError):
-            return None
-        return value if isinstance(value, str) and value else None
-
-
-class WorkQueue:
-    """The worker's side of the queue."""
+class WorkQueue(PendingEntries):
+    """The worker's side of the queue (reclaiming, keeping, dead-lettering and handing
+    back claimed entries: see ``PendingEntries``)."""
 
     def __init__(self, client: redis.Redis, settings: QueueSettings) -> None:
         self.redis = client
@@ -426,105 +374,3 @@ class WorkQueue:
             return set()
         flags = self.redis.mget([keys.cancel_key(i) for i in request_ids])
         return {i for i, flag in zip(request_ids, flags, strict=True) if flag is not None}
-
-    def reclaim(
-        self, consumer: str, live_consumers: set[str], *, holding: set[str], limit: int = RECLAIM_BATCH
-    ) -> tuple[list[Job], list[tuple[Job, int]]]:
-        """Take over entries a dead or stuck worker holds, up to ``limit`` of them.
-
-        An entry is taken at once when its holder has no heartbeat, or after the
-        visibility timeout otherwise (a live worker keeps the entries it has in hand
-        fresh: see ``keep``). This consumer's own entries that it no longer has in hand
-        (not in ``holding``: claimed by a turn that failed before it took them) are taken
-        back at once. Returns the jobs to run now, and the jobs that have used up their
-        deliveries (with their count), which the caller must dead-letter.
-        """
-        timeout_ms = int(self.settings.visibility_timeout_s * 1000)
-        jobs: list[Job] = []
-        exhausted: list[tuple[Job, int]] = []
-        for stream in keys.STREAMS_BY_PRIORITY:
-            if len(jobs) >= limit:
-                break
-            pending = self.redis.xpending_range(stream, keys.CONSUMER_GROUP, "-", "+", RECLAIM_BATCH)
-            for item in pending:
-                if len(jobs) >= limit:
-                    break
-                holder = item["consumer"].decode() if isinstance(item["consumer"], bytes) else item["consumer"]
-                entry_id = item["message_id"]
-                if holder == consumer:
-                    if (entry_id.decode() if isinstance(entry_id, bytes) else entry_id) in holding:
-                        continue  # in hand, however long it takes
-                    lost = True
-                else:
-                    lost = holder not in live_consumers
-                if not lost and item["time_since_delivered"] < timeout_ms:
-                    continue
-                min_idle = 0 if lost else timeout_ms
-                claimed = self.redis.xclaim(stream, keys.CONSUMER_GROUP, consumer, min_idle, [entry_id])
-                for claimed_id, fields in claimed:
-                    if fields is None:  # deleted meanwhile
-                        continue
-                    job = Job.parse(stream, claimed_id, fields)
-                    deliveries = item["times_delivered"] + 1
-                    if deliveries > self.settings.max_deliveries:
-                        exhausted.append((job, deliveries - 1))
-                    else:
-                        log.warning("reclaimed %s from %s (delivery %d)", job.request_id, holder, deliveries)
-                        jobs.append(job)
-        return jobs, exhausted
-
-    def keep(self, consumer: str, jobs: list[Job]) -> None:
-        """These entries are still in this consumer's hand (rows decoding, however long):
-        their idle time starts again, so no worker reclaims them as stalled."""
-        by_stream: dict[str, list[str]] = {}
-        for job in jobs:
-            by_stream.setdefault(job.stream, []).append(job.entry_id)
-        for stream, ids in by_stream.items():
-            for start in range(0, len(ids), RECLAIM_BATCH):
-                self._keep_fresh(keys=[stream], args=[keys.CONSUMER_GROUP, consumer, *ids[start : start + RECLAIM_BATCH]])
-
-    def dead_letter(self, job: Job, reason: str, deliveries: int, worker: str) -> bool:
-        """Move a job to the dead-letter stream, settle its entry, count it and tell its
-        caller, in one atomic step (see ``DEAD_LETTER_SCRIPT``). False if the entry was no
-        longer pending (set aside or answered already): nothing is added or counted."""
-        request_id = job.request_id
-        reply = ""
-        if request_id:
-            reply = GenerationReply.failure(
-                request_id, ErrorKind.dead_letter, f"this request failed {deliveries} times and was set aside: {reason}",
-                persona=job.request.persona if job.request else "", worker=worker,
-            ).to_json()
-        user = (job.request.user if job.request else None) or ""
-        script_keys = [
-            keys.STATS_KEY, keys.STREAM_DEAD, job.stream,
-            keys.answered_key(request_id) if request_id else "",
-            keys.reply_key(request_id) if request_id else "",
-            keys.user_pending_key(user) if request_id and user else "",
-        ]
-        args = [
-            keys.CONSUMER_GROUP, job.entry_id, keys.DEAD_STREAM_MAX_LEN,
-            job.payload, reason, deliveries, worker, time.time(),
-            reply, self.settings.reply_ttl_s, keys.ANSWERED_TTL_S, f"failed:{ErrorKind.dead_letter}",
-        ]
-        return bool(self._set_aside(keys=script_keys, args=args))
-
-    def hand_back(self, consumer: str) -> int:
-        """Requeue every entry this consumer still holds, then leave the group."""
-        moved = 0
-        for stream in keys.STREAMS_BY_PRIORITY:
-            while True:
-                pending = self.redis.xpending_range(
-                    stream, keys.CONSUMER_GROUP, "-", "+", RECLAIM_BATCH, consumername=consumer
-                )
-                if not pending:
-                    break
-                for item in pending:
-                    self._requeue(keys=[stream], args=[keys.CONSUMER_GROUP, item["message_id"]])
-                    moved += 1
-            left = self.redis.xpending_range(stream, keys.CONSUMER_GROUP, "-", "+", 1, consumername=consumer)
-            if not left:
-                try:
-                    self.redis.xgroup_delconsumer(stream, keys.CONSUMER_GROUP, consumer)
-                except redis.exceptions.ResponseError as exc:
-                    raise QueueError(f"cannot leave the consumer group: {exc}") from exc
-        return moved

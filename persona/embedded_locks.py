@@ -1,0 +1,97 @@
+"""The locks around the embedded Redis of one data directory.
+
+The server holds a lock in its folder (``SERVER_LOCK_FILE``) for as long as it, or a
+child saving for it, runs: ``server_pid`` reads it, so a second server is never started
+on the same files, whatever the address record says. The processes that serve on it
+share another (``serving_lock``): one at a time finds or starts the server, or stops it,
+and the last of them to leave stops it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from persona.errors import DataDirUnwritable
+
+__all__ = ["ServingLock", "server_pid", "serving_lock"]
+
+SERVING_LOCK_FILE = "redis.serving.lock"  # shared by every process serving on it
+TURN_LOCK_FILE = "redis.turn.lock"  # held alone by one process starting or stopping it
+# In the server's folder; held by the redis-server process itself (an inherited descriptor)
+# for as long as it, or a child saving for it, runs.
+SERVER_LOCK_FILE = "server.lock"
+
+
+def server_pid(data_dir: Path) -> int | None:
+    """The pid of the embedded Redis running on this data directory's files (0 if it did
+    not say), whether or not it answers or was recorded; None if none runs. A fact, not a
+    guess from a record: the server holds its lock until it, and any child saving for it,
+    has exited."""
+    try:
+        fd = os.open(data_dir / "redis" / SERVER_LOCK_FILE, os.O_RDONLY)
+    except OSError:
+        return None  # never started here (or unreadable: then the start says why)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            said = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            return int(said) if said.isdigit() else 0
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+class ServingLock:
+    """How the processes serving on one embedded Redis agree on who starts and stops it
+    (see ``serving_lock``)."""
+
+    def __init__(self, turn, serving) -> None:
+        self._turn, self._serving = turn, serving
+
+    def share(self) -> None:
+        """Found or started: serve beside the others, and let the next one take its turn."""
+        fcntl.flock(self._serving, fcntl.LOCK_SH)
+        fcntl.flock(self._turn, fcntl.LOCK_UN)
+
+    @contextlib.contextmanager
+    def turn(self) -> Iterator[None]:
+        """This process's turn, while it serves: to start the server again."""
+        fcntl.flock(self._turn, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._turn, fcntl.LOCK_UN)
+
+    def last(self) -> bool:
+        """Leaving (this process's turn again): whether no other process serves on it."""
+        fcntl.flock(self._turn, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(self._serving, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
+
+
+@contextlib.contextmanager
+def serving_lock(data_dir: Path) -> Iterator[ServingLock]:
+    """Taken by every process that serves on the embedded Redis of ``data_dir``.
+
+    One process at a time finds or starts the server, or stops it (its turn): two starting
+    at once start one. While it serves, each holds a shared lock. Leaving, a process that
+    can hold that lock alone is the last one: it stops the server in its turn, so one
+    arriving meanwhile waits, then starts a fresh server. The system lets go of the locks
+    of a process that dies.
+    """
+    try:
+        turn, serving = (data_dir / TURN_LOCK_FILE).open("a"), (data_dir / SERVING_LOCK_FILE).open("a")
+    except OSError as exc:  # a read-only or full file system, a lock file another user left
+        raise DataDirUnwritable(data_dir, exc) from None
+    with turn, serving:
+        fcntl.flock(turn, fcntl.LOCK_EX)
+        yield ServingLock(turn, serving)

@@ -1,0 +1,65 @@
+"""``Job``: one stream entry a worker has claimed, parsed from the fields that
+``SUBMIT_SCRIPT`` writes (``persona.work_queue`` claims them)."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+
+from persona.contract import GenerationRequest
+
+__all__ = ["Job"]
+
+# The fields of a stream entry, as SUBMIT_SCRIPT writes them.
+REQUEST_FIELD = b"r"
+EPOCH_FIELD = b"e"
+DUE_FIELD = b"d"  # when the deadline falls, by Redis's clock (entries from older clients lack it)
+
+
+@dataclass
+class Job:
+    """One claimed stream entry: a valid request, or the reason it is not one."""
+
+    stream: str
+    entry_id: str
+    payload: bytes
+    request: GenerationRequest | None = None
+    problem: str | None = None
+    claimed_at: float = field(default_factory=time.time)
+    # The cancel epoch when it was submitted, if the entry carries one.
+    epoch: bytes | None = None
+    # Claimed with the epoch unchanged since: nobody has cancelled anything, this included.
+    not_cancelled: bool = False
+    # When its deadline falls by Redis's clock (None: only the caller's clock says).
+    due: float | None = None
+
+    @classmethod
+    def parse(cls, stream: str, entry_id: bytes | str, fields: dict) -> Job:
+        entry = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+        payload = fields.get(REQUEST_FIELD) or fields.get("r") or b""
+        due = fields.get(DUE_FIELD) or fields.get("d")
+        job = cls(stream=stream, entry_id=entry, payload=payload, epoch=fields.get(EPOCH_FIELD),
+                  due=float(due) if due else None)
+        try:
+            job.request = GenerationRequest.from_json(payload)
+        except ValueError as exc:
+            job.problem = f"malformed request: {exc}".splitlines()[0]
+        return job
+
+    def expired(self, redis_now: float) -> bool:
+        """Whether its deadline has passed: by Redis's clock (``redis_now``: the worker's
+        estimate of it) when the entry says when it falls, else by the caller's deadline."""
+        if self.due is not None:
+            return redis_now > self.due
+        return self.request is not None and self.request.expired()
+
+    @property
+    def request_id(self) -> str | None:
+        if self.request is not None:
+            return self.request.id
+        try:
+            value = json.loads(self.payload).get("id")
+        except (ValueError, AttributeError):
+            return None
+        return value if isinstance(value, str) and value else None

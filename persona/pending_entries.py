@@ -1,0 +1,147 @@
+"""Entries claimed but not settled, from the worker's side (``WorkQueue`` has these
+methods from ``PendingEntries``).
+
+Entries held by a dead worker (no heartbeat) or held past the visibility timeout are
+claimed by another (``reclaim``); a live worker keeps the entries it has in hand fresh
+(``keep``). After ``max_deliveries`` a request is moved to the dead-letter stream and its
+caller is told so (``dead_letter``). A worker that leaves hands its unfinished entries
+back first (``hand_back``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+import redis
+
+from persona import constants as keys
+from persona.contract import ErrorKind, GenerationReply
+from persona.errors import QueueError
+from persona.jobs import Job
+
+if TYPE_CHECKING:
+    from redis.commands.core import Script
+
+    from persona.settings import QueueSettings
+
+__all__ = ["PendingEntries"]
+
+# Under the name these lines had before they moved here: the log format shows it.
+log = logging.getLogger("persona.work_queue")
+
+RECLAIM_BATCH = 100
+
+
+class PendingEntries:
+    """Reclaiming, keeping fresh, dead-lettering and handing back claimed entries."""
+
+    # Set by ``WorkQueue``: its client and settings, and the scripts it registers.
+    redis: redis.Redis
+    settings: QueueSettings
+    _requeue: Script
+    _keep_fresh: Script
+    _set_aside: Script
+
+    def reclaim(
+        self, consumer: str, live_consumers: set[str], *, holding: set[str], limit: int = RECLAIM_BATCH
+    ) -> tuple[list[Job], list[tuple[Job, int]]]:
+        """Take over entries a dead or stuck worker holds, up to ``limit`` of them.
+
+        An entry is taken at once when its holder has no heartbeat, or after the
+        visibility timeout otherwise (a live worker keeps the entries it has in hand
+        fresh: see ``keep``). This consumer's own entries that it no longer has in hand
+        (not in ``holding``: claimed by a turn that failed before it took them) are taken
+        back at once. Returns the jobs to run now, and the jobs that have used up their
+        deliveries (with their count), which the caller must dead-letter.
+        """
+        timeout_ms = int(self.settings.visibility_timeout_s * 1000)
+        jobs: list[Job] = []
+        exhausted: list[tuple[Job, int]] = []
+        for stream in keys.STREAMS_BY_PRIORITY:
+            if len(jobs) >= limit:
+                break
+            pending = self.redis.xpending_range(stream, keys.CONSUMER_GROUP, "-", "+", RECLAIM_BATCH)
+            for item in pending:
+                if len(jobs) >= limit:
+                    break
+                holder = item["consumer"].decode() if isinstance(item["consumer"], bytes) else item["consumer"]
+                entry_id = item["message_id"]
+                if holder == consumer:
+                    if (entry_id.decode() if isinstance(entry_id, bytes) else entry_id) in holding:
+                        continue  # in hand, however long it takes
+                    lost = True
+                else:
+                    lost = holder not in live_consumers
+                if not lost and item["time_since_delivered"] < timeout_ms:
+                    continue
+                min_idle = 0 if lost else timeout_ms
+                claimed = self.redis.xclaim(stream, keys.CONSUMER_GROUP, consumer, min_idle, [entry_id])
+                for claimed_id, fields in claimed:
+                    if fields is None:  # deleted meanwhile
+                        continue
+                    job = Job.parse(stream, claimed_id, fields)
+                    deliveries = item["times_delivered"] + 1
+                    if deliveries > self.settings.max_deliveries:
+                        exhausted.append((job, deliveries - 1))
+                    else:
+                        log.warning("reclaimed %s from %s (delivery %d)", job.request_id, holder, deliveries)
+                        jobs.append(job)
+        return jobs, exhausted
+
+    def keep(self, consumer: str, jobs: list[Job]) -> None:
+        """These entries are still in this consumer's hand (rows decoding, however long):
+        their idle time starts again, so no worker reclaims them as stalled."""
+        by_stream: dict[str, list[str]] = {}
+        for job in jobs:
+            by_stream.setdefault(job.stream, []).append(job.entry_id)
+        for stream, ids in by_stream.items():
+            for start in range(0, len(ids), RECLAIM_BATCH):
+                self._keep_fresh(keys=[stream], args=[keys.CONSUMER_GROUP, consumer, *ids[start : start + RECLAIM_BATCH]])
+
+    def dead_letter(self, job: Job, reason: str, deliveries: int, worker: str) -> bool:
+        """Move a job to the dead-letter stream, settle its entry, count it and tell its
+        caller, in one atomic step (see ``DEAD_LETTER_SCRIPT``). False if the entry was no
+        longer pending (set aside or answered already): nothing is added or counted."""
+        request_id = job.request_id
+        reply = ""
+        if request_id:
+            reply = GenerationReply.failure(
+                request_id, ErrorKind.dead_letter, f"this request failed {deliveries} times and was set aside: {reason}",
+                persona=job.request.persona if job.request else "", worker=worker,
+            ).to_json()
+        user = (job.request.user if job.request else None) or ""
+        script_keys = [
+            keys.STATS_KEY, keys.STREAM_DEAD, job.stream,
+            keys.answered_key(request_id) if request_id else "",
+            keys.reply_key(request_id) if request_id else "",
+            keys.user_pending_key(user) if request_id and user else "",
+        ]
+        args = [
+            keys.CONSUMER_GROUP, job.entry_id, keys.DEAD_STREAM_MAX_LEN,
+            job.payload, reason, deliveries, worker, time.time(),
+            reply, self.settings.reply_ttl_s, keys.ANSWERED_TTL_S, f"failed:{ErrorKind.dead_letter}",
+        ]
+        return bool(self._set_aside(keys=script_keys, args=args))
+
+    def hand_back(self, consumer: str) -> int:
+        """Requeue every entry this consumer still holds, then leave the group."""
+        moved = 0
+        for stream in keys.STREAMS_BY_PRIORITY:
+            while True:
+                pending = self.redis.xpending_range(
+                    stream, keys.CONSUMER_GROUP, "-", "+", RECLAIM_BATCH, consumername=consumer
+                )
+                if not pending:
+                    break
+                for item in pending:
+                    self._requeue(keys=[stream], args=[keys.CONSUMER_GROUP, item["message_id"]])
+                    moved += 1
+            left = self.redis.xpending_range(stream, keys.CONSUMER_GROUP, "-", "+", 1, consumername=consumer)
+            if not left:
+                try:
+                    self.redis.xgroup_delconsumer(stream, keys.CONSUMER_GROUP, consumer)
+                except redis.exceptions.ResponseError as exc:
+                    raise QueueError(f"cannot leave the consumer group: {exc}") from exc
+        return moved
