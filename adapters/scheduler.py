@@ -101,8 +101,7 @@ class Scheduler:
             slot = slot_id(plan.post)
             log.info("%s: slot %s is due%s", persona.name, slot, " (late)" if plan.late else "")
             outcome = self.poster.post(persona.name, slot=slot)
-            level = logging.INFO if outcome.status in ("posted", "pending", "done", "busy") else logging.WARNING
-            log.log(level, "%s: slot %s %s %s", persona.name, slot, outcome.status, outcome.message)
+            self._log_outcome(persona, slot, outcome)
             if outcome.status == "busy" or outcome.retry_later or (begun is not None and begun != due[-1]):
                 # Another scheduler holds it, a dead one's lease has not yet run out, or a
                 # platform rate-limited the post: look again next tick (the missed-slot
@@ -167,6 +166,17 @@ class Scheduler:
             "`persona post %s --slot %s` finishes it safely (`persona posts uncertain` lists such posts)",
             persona.name, slot, ", ".join(unanswered), persona.schedule.missed, persona.name, slot,
         )
+
+    @staticmethod
+    def _log_outcome(persona: Persona, slot: str, outcome: PostOutcome) -> None:
+        """One line on what became of the slot, and what to do next.
+
+        Each sink's failure was logged by the publisher as it happened: said again here, a
+        long-running service's log had every failure twice.
+        """
+        level = logging.INFO if outcome.status in ("posted", "pending", "done", "busy") else logging.WARNING
+        said = outcome.besides_sinks() or ("it is tried again at the next tick" if outcome.retry_later else "")
+        log.log(level, "%s: slot %s %s%s", persona.name, slot, outcome.headline, f"; {said}" if said else "")
 
     def _checked(self, persona: Persona, now: datetime) -> None:
         self.client.hset(keys.SCHEDULER_CHECKED_KEY, persona.name, now.timestamp())

@@ -32,7 +32,7 @@ import redis
 from persona import constants as keys
 from persona.errors import PostingError
 
-__all__ = ["ClaimResult", "PostLedger", "SinkEntry", "slot_state"]
+__all__ = ["ClaimResult", "PostLedger", "SinkEntry", "slot_state", "slot_summary"]
 
 # A slot in one of these states is never posted again.
 FINAL_STATES = ("posted", "rejected", "skipped", "expired")
@@ -141,6 +141,21 @@ def slot_state(states: set[str]) -> str:
     if states == {"posted"}:
         return "posted"
     return "uncertain" if "uncertain" in states else "failed"
+
+
+def slot_summary(state: str, sink_states: list[str]) -> str:
+    """A slot's state as a person reads it: ``partly posted: 2 of 3`` where some of its sinks
+    took the post and the others did not, ``being posted`` while it is open, else the state.
+
+    The ledger keeps such a slot ``failed`` (a retry posts where it failed, and only there);
+    only the words change.
+    """
+    if state in OPEN_STATES:
+        return "being posted"
+    posted = sink_states.count("posted")
+    if state == "failed" and posted:
+        return f"partly posted: {posted} of {len(sink_states)}"
+    return state
 
 
 def _sink_entries(record: dict[str, str]) -> dict[str, SinkEntry]:
@@ -297,7 +312,8 @@ class PostLedger:
         return sorted(found, key=lambda item: float(item["at"]))
 
     def history(self, count: int = 20, persona: str | None = None) -> list[dict[str, str]]:
-        """What went out, newest first: persona, slot, sink, id, url, text, at."""
+        """What went out, newest first: persona, slot, sink, id, url, text, at, and slot_state: what
+        became of the whole slot (``slot_summary``: ``partly posted: 1 of 2`` where a sink turned it away)."""
         found: list[dict[str, str]] = []
         last = "+"
         while len(found) < count:
@@ -309,7 +325,15 @@ class PostLedger:
                 if persona is None or item.get("persona") == persona:
                     found.append(item)
             last = "(" + _text(batch[-1][0])
-        return found[:count]
+        found = found[:count]
+        summaries: dict[tuple[str, str], str] = {}
+        for item in found:
+            slot = (item.get("persona", ""), item.get("slot", ""))
+            if slot not in summaries:
+                record = self.record(*slot)
+                summaries[slot] = slot_summary(record.get("state", ""), [e.state for e in _sink_entries(record).values()]) if record else ""
+            item["slot_state"] = summaries[slot]
+        return found
 
 
 def _finishing_command(persona: str, slot: str, sink: str, state: str) -> str:

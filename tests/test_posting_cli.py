@@ -575,9 +575,31 @@ def test_history_piped_is_one_whole_line_a_post(settings, write_persona, env, re
     Poster(settings, redis_client, lambda p, n, seed: [long_text]).post("piped", slot="2026-11-26T09:00:00Z")
     shown = persona("posts", "history", env=env | {"COLUMNS": "80"})
     header, line = shown.stdout.splitlines()
-    assert header.split() == ["when", "(UTC)", "persona", "slot", "sink", "post", "text"]
+    assert header.split() == ["when", "(UTC)", "persona", "slot", "sink", "post", "slot", "state", "text"]
     assert line.split()[2:5] == ["piped", "2026-11-26T09:00:00Z", "file:piped.jsonl"], line
-    assert line.split()[5] == (settings.data_dir / "posts" / "piped.jsonl").as_uri() and line.endswith("  " + long_text), line
+    assert line.split()[5:7] == [(settings.data_dir / "posts" / "piped.jsonl").as_uri(), "posted"], line
+    assert line.endswith("  " + long_text), line
+
+
+def test_a_post_some_sinks_took_says_partly_posted_and_is_finished_where_it_failed(settings, write_persona, env, redis_client):
+    """A post that went out on one sink and was turned away by another read "failed", in
+    `persona post`, its --json and the history alike, as if it had gone out nowhere."""
+    write_persona("split", base="unused", schedule={"sinks": ["file:split.jsonl", "file:blocked.jsonl"], "candidates": 1})
+    blocked = settings.data_dir / "posts" / "blocked.jsonl"
+    blocked.mkdir(parents=True)  # that sink cannot write: a refusal
+    shown = persona("post", "split", "--text", "Patience is a slow river.", env=env)
+    assert shown.returncode == 1 and shown.stdout.startswith("partly posted: 1 of 2 split manual-"), shown.stdout
+    slot = shown.stdout.split()[6]
+    assert "file:blocked.jsonl: not posted: cannot write" in shown.stdout
+    out = json.loads(persona("post", "split", "--slot", slot, "--json", env=env).stdout)  # still refused
+    assert (out["status"], out["headline"], out["retry_later"]) == ("failed", "partly posted: 1 of 2", False)
+    [listed] = json.loads(persona("posts", "history", "--json", env=env).stdout)
+    assert (listed["sink"], listed["slot_state"]) == ("file:split.jsonl", "partly posted: 1 of 2")
+    blocked.rmdir()
+    done = persona("post", "split", "--slot", slot, env=env)
+    assert done.returncode == 0 and done.stdout.startswith(f"posted split {slot}"), done.stdout
+    assert [len(read_jsonl(settings.data_dir / "posts" / name)) for name in ("split.jsonl", "blocked.jsonl")] == [1, 1]
+    assert [item["slot_state"] for item in json.loads(persona("posts", "history", "--json", env=env).stdout)] == ["posted"] * 2
 
 
 def persona_with_input(*args: str, stdin: str, env: dict[str, str]) -> subprocess.CompletedProcess:
@@ -665,7 +687,7 @@ def test_a_sink_that_cannot_be_reached_is_said_once_in_a_line_with_what_to_do_ne
     slot = result.stdout.split()[2]
     assert _lines_with("try again", result.stdout) == [
         f"to try again later: `persona post masto --slot {slot}` (it never posts twice)"], result.stdout
-    # --json (and the scheduler's log) have the whole story in the message.
+    # --json has the whole story in the message.
     out = json.loads(persona("post", "masto", "--slot", slot, "--json", env=env).stdout)
     assert out["message"] == (f"mastodon: unreachable, nothing sent: cannot reach Mastodon at {down} (connection refused); "
                               f"to try again later: `persona post masto --slot {slot}` (it never posts twice)")
@@ -684,7 +706,8 @@ def test_a_refusal_or_a_rate_limit_beside_a_post_that_went_out_is_said_once(tell
     fake.fail_with = status
     result = persona("post", "teller", "--text", TEXTS[1], env=env)
     assert (result.returncode, result.stderr) == (1, ""), result.stdout + result.stderr
-    slot = result.stdout.split()[2]
+    assert result.stdout.startswith("partly posted: 1 of 2 teller manual-"), result.stdout
+    slot = result.stdout.split()[6]
     lines = result.stdout.splitlines()
     assert lines[2:] == [f"  file:teller.jsonl: posted {_lines_with('file://', result.stdout)[0].split()[-1]}",
                          said, next_step.format(slot=slot)], result.stdout

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
@@ -741,3 +742,83 @@ def test_mastodon_says_what_it_answered_in_words_not_as_a_tuple(settings, platfo
     with pytest.raises(SinkError) as refused:
         make_sink("mastodon", changed).post("Patience.", "m1")
     assert str(refused.value).startswith("Mastodon refused the access token (401 Unauthorized: Validation failed); check ")
+
+
+def test_the_scheduler_says_each_sink_failure_once_with_what_to_do_next(settings, platform, write_persona, redis_client, caplog):
+    """The publisher logged X's refusal, then the scheduler logged the whole outcome again:
+    a long-running service's log said every failure twice."""
+    write_persona("poet", base="unused", adapters=["cli", "scheduler"], schedule={
+        "cron": "0 9 * * *", "timezone": "UTC", "missed": "skip", "enabled": True,
+        "sinks": ["file:poet.jsonl", "x"], "candidates": 1})
+    changed = settings_for(settings, platform, x_bearer_token=SecretStr("user-token"))
+    runner = Scheduler(Poster(changed, redis_client, lambda persona, n, seed: ["Patience is a slow river."]), redis_client)
+    at_nine = datetime(2026, 1, 5, 9, tzinfo=UTC)
+    runner.tick(at_nine - timedelta(hours=1))
+    platform.fail_with = 429  # first a rate limit: the scheduler tries again by itself
+    with caplog.at_level(logging.INFO):
+        [limited] = runner.tick(at_nine + timedelta(minutes=1))
+    assert [r.getMessage() for r in caplog.records if "rate-limiting" in r.getMessage()] == [
+        "poet slot 2026-01-05T09:00:00Z: X is rate-limiting posts: 429 Too Many Requests Too Many Requests"]
+    [said] = [r.getMessage() for r in caplog.records if r.name == "adapters.scheduler" and "is due" not in r.getMessage()]
+    assert said == "poet: slot 2026-01-05T09:00:00Z partly posted: 1 of 2; it is tried again at the next tick", said
+    assert (limited.status, limited.retry_later) == ("failed", True)
+    caplog.clear()
+    platform.fail_with = 403  # then a refusal: a person must act
+    with caplog.at_level(logging.INFO):
+        [refused] = runner.tick(at_nine + timedelta(minutes=2))
+    assert len([r for r in caplog.records if "X refused the post" in r.getMessage()]) == 1, caplog.text
+    [said] = [r.getMessage() for r in caplog.records if r.name == "adapters.scheduler" and "is due" not in r.getMessage()]
+    assert said == ("poet: slot 2026-01-05T09:00:00Z partly posted: 1 of 2; once that is fixed, `persona post poet "
+                    "--slot 2026-01-05T09:00:00Z` posts the same text where it failed (never twice)"), said
+    assert (refused.status, refused.headline) == ("failed", "partly posted: 1 of 2")
+    assert len(read_jsonl(changed.data_dir / "posts" / "poet.jsonl")) == 1  # the file sink, posted once
+
+
+def test_a_telegram_api_url_without_bot_is_refused_naming_the_setting(settings, platform, write_persona, redis_client):
+    """PERSONA_TELEGRAM__API_URL without its /bot: python-telegram-bot wrote the token into the
+    port ("Invalid port"), and the post, never sent, was left "no answer, it may have posted"
+    for a person to settle."""
+    changed = settings_for(settings, platform)
+    changed.telegram.token, changed.telegram.api_url = SecretStr("123456:telegram-token"), platform.url
+    with pytest.raises(ConfigError, match="PERSONA_TELEGRAM__API_URL") as refused:
+        make_sink("telegram:@sagechannel", changed).post("Patience.", "m1")
+    assert f"set PERSONA_TELEGRAM__API_URL={platform.url}/bot" in str(refused.value)
+    assert "telegram-token" not in str(refused.value)
+    write_persona("tg", base="unused", schedule={"sinks": ["telegram:@sagechannel"], "candidates": 1})
+    poster = Poster(changed, redis_client, lambda persona, n, seed: ["Patience is a slow river."])
+    with pytest.raises(ConfigError, match="ends at the host"):
+        poster.post("tg", slot="2026-01-05T09:00:00Z")
+    assert poster.ledger.unsettled() == [] and platform.seen == []
+    changed.telegram.api_url = platform.url.removeprefix("http://") + "/bot"  # no scheme: httpx cannot send it either
+    with pytest.raises(ConfigError, match="not an http:// or https:// address"):
+        make_sink("telegram:@sagechannel", changed)
+    changed.telegram.api_url = platform.url + "/{token}/"  # python-telegram-bot's placeholder says where the token goes
+    assert make_sink("telegram:@sagechannel", changed).api_url == platform.url + "/{token}/"
+
+
+def test_a_failed_tls_handshake_sent_nothing_and_is_tried_again(settings, platform, tmp_path, write_persona, redis_client):
+    """An X or Mastodon whose TLS handshake failed (a certificate not trusted, plain HTTP on the
+    port) was read as "no answer, it may have posted": X's slot waited for a person to settle it."""
+    from tests.test_redis_tls import self_signed
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(*self_signed(tmp_path))
+    plain_on_https = platform.url.replace("http://", "https://")
+    with serve(ssl_context=context) as untrusted:
+        for url, reason in ((untrusted.url, "TLS certificate not trusted"), (plain_on_https, "TLS failed")):
+            changed = settings_for(settings, platform, x_bearer_token=SecretStr("t"), mastodon_access_token=SecretStr("t"),
+                                   x_api_url=url, mastodon_api_url=url)
+            for spec, name in (("x", "X"), ("mastodon", "Mastodon")):
+                with pytest.raises(SinkUnreachable, match=rf"cannot reach {name} at {url} \({reason}"):
+                    make_sink(spec, changed).post("Tend the garden daily.", f"sage:s1:{spec}")
+        assert untrusted.seen == [] and platform.seen == []
+        write_persona("tls", base="unused", schedule={"sinks": ["x"], "candidates": 1})
+        changed.posting.x_api_url = untrusted.url
+        poster = Poster(changed, redis_client, lambda persona, n, seed: ["Patience is a slow river."])
+        first = poster.post("tls", slot="2026-01-05T09:00:00Z")
+    assert (first.status, first.retry_later, first.sinks["x"]["state"]) == ("failed", True, "unreachable")
+    assert first.message.startswith(f"x: unreachable, nothing sent: cannot reach X at {untrusted.url} (TLS certificate not trusted")
+    assert poster.ledger.unsettled() == []  # nothing for a person to settle
+    changed.posting.x_api_url = platform.url  # fixed: posted, once
+    assert poster.post("tls", slot="2026-01-05T09:00:00Z").status == "posted"
+    assert [seen["path"] for seen in platform.seen] == ["/2/tweets"]

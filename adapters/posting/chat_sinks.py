@@ -25,6 +25,7 @@ import hashlib
 import logging
 from collections.abc import AsyncIterator, Iterator
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 from adapters.posting.sinks import (
     Posted,
@@ -48,6 +49,8 @@ DISCORD_NONCE_CHARS = 25
 DISCORD_LOOKBACK_MESSAGES = 50  # the channel's latest messages a retry looks through for its post
 DISCORD_RATE_LIMIT_WAIT_S = 30.0  # discord.py's smallest max_ratelimit_timeout
 HTTP_TOO_MANY_REQUESTS = 429
+TELEGRAM_API_URL_SETTING = "PERSONA_TELEGRAM__API_URL"
+TELEGRAM_DEFAULT_API_URL = "https://api.telegram.org/bot"
 
 
 @contextlib.contextmanager
@@ -164,6 +167,31 @@ class DiscordSink:
                 await http.close()
 
 
+def _telegram_api_url(spec: str, url: str) -> str:
+    """The Bot API's base URL, if python-telegram-bot can make a method's address of it; else ConfigError.
+
+    python-telegram-bot writes the token right after the URL (``…/bot`` + ``TOKEN/sendMessage``),
+    unless the URL says where (``{token}``). After a bare host the token was read as part
+    of the address ("Invalid port"), and the post, never sent, was left for a person to
+    settle as one that may have gone out. The URL is not mended here: the chat adapter
+    reads the same setting as it is.
+    """
+    if "{" in url:  # python-telegram-bot's own placeholder for the token ({token}, {bot_token}, …)
+        return url
+    parts = urlsplit(url.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(
+            f"sink {spec!r}: {TELEGRAM_API_URL_SETTING}={url!r} is not an http:// or https:// address; "
+            f"Telegram's is {TELEGRAM_DEFAULT_API_URL}"
+        )
+    if not parts.path:
+        raise ConfigError(
+            f"sink {spec!r}: {TELEGRAM_API_URL_SETTING}={url!r} ends at the host, so the bot's token would be read "
+            f"as part of the address; the Bot API's address ends in /bot: set {TELEGRAM_API_URL_SETTING}={url.rstrip('/')}/bot"
+        )
+    return url
+
+
 class TelegramSink:
     """Sends the post to a channel or chat, as the bot."""
 
@@ -176,7 +204,7 @@ class TelegramSink:
         self.spec = spec
         self.chat: int | str = int(chat) if chat.lstrip("-").isdigit() else chat
         self.token = settings.telegram.token.get_secret_value()
-        self.api_url = settings.telegram.api_url
+        self.api_url = _telegram_api_url(spec, settings.telegram.api_url)
 
     def post(self, text: str, marker: str) -> Posted:
         try:
@@ -210,11 +238,14 @@ class TelegramSink:
                 message = await bot.send_message(chat_id=self.chat, text=text)
         except RetryAfter as exc:
             raise SinkRateLimited(f"Telegram is rate-limiting posts: {exc}") from exc
-        except InvalidToken as exc:
-            raise SinkError(f"Telegram refused the bot token ({exc}); check PERSONA_TELEGRAM__TOKEN") from exc
+        except InvalidToken as exc:  # a 401, or a 404: no such token, or no Bot API at that address
+            elsewhere = f", and {TELEGRAM_API_URL_SETTING} ({self.api_url})" if self.api_url != TELEGRAM_DEFAULT_API_URL else ""
+            raise SinkError(f"Telegram refused the bot token ({exc}); check PERSONA_TELEGRAM__TOKEN{elsewhere}") from exc
         except refused as exc:
             raise SinkError(f"Telegram refused the post: {exc}") from exc
         except NetworkError as exc:  # TimedOut is one: a connect (or pool) time-out, like a refusal, sent nothing
+            if isinstance(exc.__cause__, (httpx.InvalidURL, httpx.UnsupportedProtocol)):  # no request could be made of it
+                raise SinkError(f"{TELEGRAM_API_URL_SETTING} ({self.api_url}) makes no valid address: {one_line(exc)}") from exc
             if isinstance(exc.__cause__, (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)):
                 raise SinkUnreachable(f"cannot reach Telegram at {self.api_url} ({one_line(exc)})") from exc
             # The connection broke mid-request, or the answer was too slow: it may have been delivered.

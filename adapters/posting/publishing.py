@@ -20,7 +20,13 @@ from adapters.posting.sinks import (
     one_line,
 )
 from persona.errors import PostingError, SinkError
-from persona.ledger import UNSETTLED_STATES, PostLedger, SinkEntry, slot_state
+from persona.ledger import (
+    UNSETTLED_STATES,
+    PostLedger,
+    SinkEntry,
+    slot_state,
+    slot_summary,
+)
 
 __all__ = ["PostOutcome", "Publisher", "sink_said"]
 
@@ -57,8 +63,19 @@ class PostOutcome:
     message: str = ""  # what happened and what to do next, whole: each failed sink's line first, then next_step
     next_step: str = ""  # what to do next alone, for a view that shows each sink's line itself
 
+    @property
+    def headline(self) -> str:
+        """The status as a person reads it: ``partly posted: 2 of 3`` for a ``failed`` post that some
+        sinks took (the status stays ``failed``: a retry posts where it failed, and only there)."""
+        return slot_summary(self.status, [shown["state"] for shown in self.sinks.values()])
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        return asdict(self) | {"headline": self.headline}
+
+    def besides_sinks(self) -> str:
+        """What the message says besides each sink's line, for a view that shows those lines itself
+        (or a log that said each failure as it happened): what to do next, or a note on the text."""
+        return self.next_step if any(shown["state"] != "posted" for shown in self.sinks.values()) else self.message
 
     def advise(self, step: str) -> None:
         """Add what to do next, to ``next_step`` and to the end of ``message``."""
@@ -117,6 +134,8 @@ class Publisher:
                 entry.state = "uncertain"
                 entry.error = entry.error or "an earlier attempt may have posted; check the platform"
                 self.ledger.set_sink(name, slot, sink.spec, entry)
+                # Said here, as every other sink's failure is, so that a log says it once.
+                log.warning("%s slot %s: %s", name, slot, sink_said(sink.spec, _shown(entry)))
                 return entry
         entry = SinkEntry(state="intent", marker=marker)
         self.ledger.extend(name, slot)
@@ -193,7 +212,7 @@ class Publisher:
             sinks={s: _shown(e) for s, e in entries.items()},
         )
         if posted is not None:
-            outcome.message = f"{spec}: recorded as posted ({entry.url or entry.id}); slot {state}"
+            outcome.message = f"{spec}: recorded as posted ({entry.url or entry.id}); slot {outcome.headline}"
         else:
             outcome.message = f"{spec}: recorded as not posted; to post it now: `persona post {name} --slot {slot}`"
         if state == "uncertain":

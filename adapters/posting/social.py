@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import re
+import ssl
+import traceback
 from html import unescape
 
 import requests
@@ -49,9 +51,23 @@ def _env(setting: str) -> str:
 
 
 def _never_connected(exc: requests.exceptions.ConnectionError) -> bool:
-    """Whether requests failed before a connection was made (refused, no such host, connect time-out)."""
+    """Whether requests failed before anything was sent: no connection made (refused, no such host,
+    connect time-out), or no TLS session agreed on it (see ``_handshake_failed``)."""
     reason = getattr(exc.args[0], "reason", None) if exc.args else None
-    return isinstance(exc, requests.exceptions.ConnectTimeout) or isinstance(reason, urllib3.exceptions.NewConnectionError)
+    return (isinstance(exc, requests.exceptions.ConnectTimeout) or isinstance(reason, urllib3.exceptions.NewConnectionError)
+            or _handshake_failed(reason))
+
+
+def _handshake_failed(reason: object) -> bool:
+    """Whether urllib3's error is a failed TLS handshake: a certificate not trusted, no protocol in
+    common, plain HTTP on the port. A request goes out only once the handshake is done, so
+    nothing was sent; an SSL error while the answer is read (after the request) is not one."""
+    error = reason.args[0] if isinstance(reason, urllib3.exceptions.SSLError) and reason.args else None
+    if not isinstance(error, ssl.SSLError):
+        return False
+    return isinstance(error, ssl.SSLCertVerificationError) or any(
+        frame.f_code.co_name == "do_handshake" for frame, _ in traceback.walk_tb(error.__traceback__)
+    )
 
 
 def _need(sink: str, **settings: object) -> None:
@@ -130,7 +146,7 @@ class XSink:
         try:
             response = self.client.create_tweet(text=text, user_auth=self.user_auth)
         except requests.exceptions.ConnectionError as exc:
-            if _never_connected(exc):  # a wrong x_api_url, or the network down: X heard nothing
+            if _never_connected(exc):  # a wrong x_api_url, the network down, TLS refused: X heard nothing
                 raise SinkUnreachable(f"cannot reach X at {self.api_url} ({one_line(exc)})") from exc
             raise SinkNoAnswer(f"the connection broke before X answered: {one_line(exc)}") from exc
         except requests.exceptions.Timeout as exc:

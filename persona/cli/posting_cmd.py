@@ -99,7 +99,7 @@ def _show(outcome, as_json: bool) -> None:
         print(json.dumps(outcome.to_dict(), ensure_ascii=False))
         return
     style = "red" if outcome.status in FAILED_STATUSES else "green"
-    console.print(_plain(outcome.status, style), _plain(f"{outcome.persona} {outcome.slot}".rstrip()), highlight=False)
+    console.print(_plain(outcome.headline, style), _plain(f"{outcome.persona} {outcome.slot}".rstrip()), highlight=False)
     if outcome.text:
         _say(outcome.text)
     if outcome.candidates:
@@ -111,10 +111,9 @@ def _show(outcome, as_json: bool) -> None:
             trimmed = f"  (cut off; left out: {verdict['trimmed']})" if verdict.get("trimmed") else ""
             _say(f"  {verdict['rejected'] or 'passed' + flawed}: {verdict['text']}{trimmed}", "dim" if verdict["rejected"] else "")
     _show_sinks(outcome.sinks)
-    # A failed sink's line is the start of the message too (which --json and the scheduler's log have
-    # whole): under the sinks' lines, what is left to say is what to do next.
-    said = outcome.next_step if any(entry["state"] != "posted" for entry in outcome.sinks.values()) else outcome.message
-    if said:
+    # A failed sink's line is the start of the message too (which --json has whole): under the
+    # sinks' lines, what is left to say is what to do next.
+    if said := outcome.besides_sinks():
         _say(said)
 
 
@@ -152,6 +151,10 @@ def post(
     does: then the message says what is wrong with the one chosen. A candidate the model cut
     off at sampling.max_new_tokens is trimmed back to its last finished sentence, or rejected
     (cut_off) where none is worth keeping.
+
+    A post that some sinks took and others turned away is "partly posted: 2 of 3" (in --json:
+    status "failed", headline "partly posted: 2 of 3"; exit status 1): `persona post PERSONA --slot SLOT`
+    posts it where it failed, never twice.
 
     Standard input is read only with `--text -`: `echo "Be still." | persona post sage --text -`
     posts those words (no model, no filters: only each platform's limit, and not a text the
@@ -281,7 +284,8 @@ def history(
     persona: str = typer.Option(None, "--persona", help="only this persona's posts"),
     json_output: bool = typer.Option(False, "--json", help="print a JSON list"),
 ) -> None:
-    """What went out, where and when, newest first.
+    """What went out, where and when, newest first, with what became of its slot ("partly
+    posted: 1 of 2" where another sink turned it away: `persona post PERSONA --slot SLOT` posts it there).
 
     Piped or redirected: one whole line a post, a line break in its text written as \\n
     (--json has each text exactly).
@@ -301,10 +305,10 @@ def history(
         return
     rows = [
         (datetime.fromtimestamp(float(item["at"]), UTC).strftime("%Y-%m-%d %H:%M"), item["persona"], item["slot"],
-         item["sink"], item["url"] or item["id"], item["text"])
+         item["sink"], item["url"] or item["id"], item["slot_state"], item["text"])
         for item in items
     ]
-    _print_rows(("when (UTC)", "persona", "slot", "sink", "post", "text"), rows)
+    _print_rows(("when (UTC)", "persona", "slot", "sink", "post", "slot state", "text"), rows)
 
 
 @friendly_errors

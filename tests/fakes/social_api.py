@@ -30,6 +30,7 @@ import asyncio
 import base64
 import html
 import json
+import ssl
 import threading
 import time
 from collections.abc import Iterator
@@ -285,8 +286,9 @@ def _routes(fake: FakePlatform) -> web.Application:
 
 
 @contextmanager
-def serve(port: int = 0) -> Iterator[FakePlatform]:
-    """Every fake platform API on one loopback port, served from a background thread."""
+def serve(port: int = 0, ssl_context: ssl.SSLContext | None = None) -> Iterator[FakePlatform]:
+    """Every fake platform API on one loopback port, served from a background thread; with
+    ``ssl_context``, over TLS (``url`` is then ``https://localhost:PORT``)."""
     fake = FakePlatform()
     loop = asyncio.new_event_loop()
     ready = threading.Event()
@@ -294,9 +296,10 @@ def serve(port: int = 0) -> Iterator[FakePlatform]:
 
     async def start():
         await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", port)
+        site = web.TCPSite(runner, "127.0.0.1", port, ssl_context=ssl_context)
         await site.start()
-        fake.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+        bound = site._server.sockets[0].getsockname()[1]
+        fake.url = f"https://localhost:{bound}" if ssl_context else f"http://127.0.0.1:{bound}"
         ready.set()
 
     thread = threading.Thread(target=lambda: (loop.run_until_complete(start()), loop.run_forever()), daemon=True)
