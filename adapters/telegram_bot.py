@@ -53,6 +53,7 @@ from telegram.ext import (
 )
 
 from adapters.access import AccessControl
+from adapters.posting.chat_sinks import telegram_api_url
 from adapters.responder import (
     BARE_MENTION_TEXT,
     Notify,
@@ -211,6 +212,7 @@ class TelegramBot:
         options = settings.telegram
         if options.token is None:
             raise ConfigError("no Telegram token: set PERSONA_TELEGRAM__TOKEN (from @BotFather)")
+        telegram_api_url(options.api_url, "persona telegram")  # a URL PTB cannot use is a setting to fix
         self.settings = settings
         self.options = options
         token = options.token.get_secret_value()
@@ -482,7 +484,7 @@ class TelegramBot:
         where = self._where(update)
         topic = self._topic(message)
         quote = chat.type != ChatType.PRIVATE
-        typing = lambda: context.bot.send_chat_action(chat.id, ChatAction.TYPING, message_thread_id=topic)  # noqa: E731
+        typing = lambda: context.bot.send_chat_action(chat.id, ChatAction.TYPING, message_thread_id=topic)
 
         async def notify(text: str) -> None:
             await self.say(update, text, quote=quote)

@@ -715,6 +715,18 @@ def test_an_unreachable_bot_api_is_a_clear_error_naming_the_setting(settings, ca
     assert not any(record.exc_info for record in caplog.records)  # one line, no traceback
 
 
+def test_a_bot_api_url_without_bot_is_a_configuration_error_naming_the_fix(settings):
+    """A URL that ends at the host made PTB read the token as part of the address: the adapter
+    said it could not reach the Bot API, and `persona up` restarted it, over and over."""
+    bare = closed_port_url("")
+    settings.telegram = settings.telegram.model_copy(
+        update={"token": SecretStr(TOKEN), "api_url": bare, "persona": "tg"}
+    )
+    with pytest.raises(ConfigError, match=f"set PERSONA_TELEGRAM__API_URL={bare}/bot") as refused:
+        run_telegram(settings)
+    assert TOKEN.split(":")[1] not in str(refused.value)
+
+
 PASTE = "\n\n".join(" ".join(f"p{p}w{w}" for w in range(300)) for p in range(7))  # 13,900 characters
 
 

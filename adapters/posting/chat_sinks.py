@@ -167,8 +167,9 @@ class DiscordSink:
                 await http.close()
 
 
-def _telegram_api_url(spec: str, url: str) -> str:
-    """The Bot API's base URL, if python-telegram-bot can make a method's address of it; else ConfigError.
+def telegram_api_url(url: str, who: str) -> str:
+    """The Bot API's base URL, if python-telegram-bot can make a method's address of it; else
+    ConfigError, its message opening with ``who`` (the sink, or the chat adapter).
 
     python-telegram-bot writes the token right after the URL (``…/bot`` + ``TOKEN/sendMessage``),
     unless the URL says where (``{token}``). After a bare host the token was read as part
@@ -181,12 +182,12 @@ def _telegram_api_url(spec: str, url: str) -> str:
     parts = urlsplit(url.strip())
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(
-            f"sink {spec!r}: {TELEGRAM_API_URL_SETTING}={url!r} is not an http:// or https:// address; "
+            f"{who}: {TELEGRAM_API_URL_SETTING}={url!r} is not an http:// or https:// address; "
             f"Telegram's is {TELEGRAM_DEFAULT_API_URL}"
         )
     if not parts.path:
         raise ConfigError(
-            f"sink {spec!r}: {TELEGRAM_API_URL_SETTING}={url!r} ends at the host, so the bot's token would be read "
+            f"{who}: {TELEGRAM_API_URL_SETTING}={url!r} ends at the host, so the bot's token would be read "
             f"as part of the address; the Bot API's address ends in /bot: set {TELEGRAM_API_URL_SETTING}={url.rstrip('/')}/bot"
         )
     return url
@@ -204,7 +205,7 @@ class TelegramSink:
         self.spec = spec
         self.chat: int | str = int(chat) if chat.lstrip("-").isdigit() else chat
         self.token = settings.telegram.token.get_secret_value()
-        self.api_url = _telegram_api_url(spec, settings.telegram.api_url)
+        self.api_url = telegram_api_url(settings.telegram.api_url, f"sink {spec!r}")
 
     def post(self, text: str, marker: str) -> Posted:
         try:
