@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import json
+import re
+import threading
 import time
 from collections.abc import Iterator
 from contextvars import ContextVar
 from pathlib import Path
-from urllib.parse import parse_qs, urlparse
+from urllib.parse import parse_qs, unquote, urlparse
 
 import redis
 import redis.asyncio
+import redis.asyncio.connection
 import redis.asyncio.retry
+import redis.connection
 from redis.backoff import AbstractBackoff, ExponentialBackoff
 from redis.retry import Retry
 
-from persona.embedded_redis import find_embedded_url
+from persona.embedded_redis import ADDRESS_FILE, find_embedded_url, server_pid
 from persona.errors import ConfigError, PersonaError, RedisUnavailable
 from persona.settings import Settings
 
@@ -30,20 +36,64 @@ CONNECT_TIMEOUT_S = 5.0
 SOCKET_TIMEOUT_S = 5.0
 # BLMOVE, which callers read their replies with, came in Redis 6.2.
 OLDEST_REDIS = (6, 2)
+NEWER_REDIS = "the official redis:7 image, or `persona up`'s embedded one"
+# How long a command waits for an embedded Redis that runs but does not answer yet (loading
+# a large data set after a restart, or starting) before it says so.
+EMBEDDED_WAIT_S = 5.0
 
 
 def redis_url(settings: Settings) -> str:
-    """The configured Redis URL, or the embedded one that `persona up` started."""
+    """The configured Redis URL, or the embedded one that `persona up` started (waited for
+    a few seconds while it loads its data)."""
     if settings.redis_url is not None:
         return settings.redis_url.get_secret_value()
-    url = find_embedded_url(settings.data_dir)
-    if url is None:
-        raise RedisUnavailable(
-            f"no Redis is running for data directory {settings.data_dir}: start the "
-            "service with `persona up` (it starts an embedded Redis), or set "
-            "PERSONA_REDIS_URL to a running Redis"
-        )
+    data_dir = settings.data_dir
+    deadline = time.monotonic() + EMBEDDED_WAIT_S
+    while (url := find_embedded_url(data_dir)) is None:
+        pid = server_pid(data_dir)
+        if pid is None:
+            raise RedisUnavailable(
+                f"no Redis is running for data directory {data_dir}: start the "
+                "service with `persona up` (it starts an embedded Redis), or set "
+                "PERSONA_REDIS_URL to a running Redis"
+            )
+        if time.monotonic() >= deadline:
+            raise RedisUnavailable(_not_ready(data_dir, pid))
+        time.sleep(0.2)
     return url
+
+
+_RECORD_MAX_BYTES = 64 * 1024  # a few hundred, as written; whatever else sits there is not read whole
+
+
+def _recorded_url(data_dir: Path) -> str | None:
+    """The URL the embedded Redis's starter recorded for this data directory, whether or
+    not it answers there (``find_embedded_url`` asks it); None without a readable record."""
+    try:
+        with (data_dir / ADDRESS_FILE).open("rb") as file:
+            record = json.loads(file.read(_RECORD_MAX_BYTES))
+    except (OSError, ValueError):
+        return None
+    url = record.get("url") if isinstance(record, dict) else None
+    return url if isinstance(url, str) else None
+
+
+def _not_ready(data_dir: Path, pid: int) -> str:
+    """Why the embedded Redis that runs on ``data_dir``'s files does not answer: loading its
+    data (for how long so far), or starting or stuck."""
+    url = _recorded_url(data_dir)
+    if url:
+        client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
+        with client, contextlib.suppress(redis.exceptions.RedisError):
+            info = client.info("persistence")  # answered while loading, saying since when
+            if info.get("loading"):
+                since_s = max(0.0, time.time() - float(info.get("loading_start_time", time.time())))
+                return (f"the embedded Redis of data directory {data_dir} is loading its data "
+                        f"({since_s:.0f} s so far); try again in a moment")
+    log_file = data_dir.absolute() / "redis" / "redis.log"
+    return (f"the embedded Redis{f' (pid {pid})' if pid else ''} of data directory {data_dir} runs but has not "
+            f"answered for {EMBEDDED_WAIT_S:.0f} s (starting, or stuck); try again in a moment, and if it goes on, "
+            f"see its log, {log_file}")
 
 
 def describe_url(url: str) -> str:
@@ -75,8 +125,7 @@ def _check_version(info: dict, url: str) -> None:
     if found < OLDEST_REDIS:
         raise ConfigError(
             f"Redis at {describe_url(url)} is version {version}; persona needs "
-            f"{'.'.join(map(str, OLDEST_REDIS))} or newer (the official redis:7 image, "
-            "or `persona up`'s embedded one)"
+            f"{'.'.join(map(str, OLDEST_REDIS))} or newer ({NEWER_REDIS})"
         )
 
 
@@ -178,13 +227,17 @@ def _refusal(exc: redis.exceptions.RedisError, url: str) -> PersonaError:
     will not open (a database number it does not have), is a setting to fix (a caller that
     waits for Redis to come back would wait forever); anything else is Redis not
     answering. (redis-py's asyncio client wraps the refusal in a plain ConnectionError.)"""
-    said = str(exc).rstrip(".")
+    said = _without_password(str(exc).rstrip("."), url)
     if any(isinstance(e, redis.exceptions.AuthenticationError) for e in (exc, exc.__cause__)):
         if urlparse(url).password is None:
             return ConfigError(f"Redis at {describe_url(url)} wants a password, and PERSONA_REDIS_URL gives none: "
                                "redis://:PASSWORD@HOST:PORT/0")
         return ConfigError(f"Redis at {describe_url(url)} refused the password: {said}. "
                            "Check the password in PERSONA_REDIS_URL")
+    if isinstance(exc, redis.exceptions.ResponseError) and _NO_HELLO.search(said):
+        # Its words quote the greeting back, password and all: not repeated.
+        return ConfigError(f"Redis at {describe_url(url)} is too old: it does not know HELLO, which came in "
+                           f"Redis 6; persona needs {'.'.join(map(str, OLDEST_REDIS))} or newer ({NEWER_REDIS})")
     if isinstance(exc, redis.exceptions.ResponseError):
         return ConfigError(f"Redis at {describe_url(url)} refused the session PERSONA_REDIS_URL asks for: {said}. "
                            "Check the URL's database number (/0 is always there) and user")
@@ -201,6 +254,20 @@ def _refusal(exc: redis.exceptions.RedisError, url: str) -> PersonaError:
         f"cannot reach Redis at {describe_url(url)}: {said}{hint}. Is it running? "
         "`persona up` starts one; PERSONA_REDIS_URL points elsewhere"
     )
+
+
+# What a Redis older than 6 answers the greeting with ("unknown command `HELLO`, with args
+# beginning with: ..."; before 5, quoted 'HELLO').
+_NO_HELLO = re.compile(r"unknown command [`']HELLO[`']", re.IGNORECASE)
+
+
+def _without_password(said: str, url: str) -> str:
+    """A server's words with the URL's password hidden: an error quoting the greeting
+    back (a Redis older than 6 does) would show it in a log or a terminal."""
+    parsed = urlparse(url)
+    for secret in {parsed.password, unquote(parsed.password or "")} - {None, ""}:
+        said = said.replace(secret, "***")
+    return said
 
 
 # What a plain connection to a TLS port meets once its first command is sent.
@@ -237,13 +304,117 @@ def _tls_refusal(said: str, url: str) -> ConfigError | None:
     )
 
 
+class _EmbeddedAddress:
+    """Where one client's connections find the embedded Redis of a data directory: the URL
+    it was found at, until a connection fails and the record names another (it restarted
+    on a new port, its own taken by another program meanwhile). Shared by the connections."""
+
+    def __init__(self, data_dir: Path, url: str) -> None:
+        self.data_dir, self.url = data_dir, url
+        self._lock = threading.Lock()
+
+    def moved(self, failed_url: str) -> bool:
+        """After a connection to ``failed_url`` failed: whether the embedded Redis now
+        answers elsewhere (then ``url`` says where)."""
+        with self._lock:
+            if self.url == failed_url:  # not yet looked up by another of the connections
+                self.url = find_embedded_url(self.data_dir) or self.url
+            return self.url != failed_url
+
+
+class _Following:
+    """A redis-py connection to the embedded Redis that follows it to a new address: when it
+    cannot connect, it reads the record again. (Its kind, unix socket or TCP, stays.)"""
+
+    def __init__(self, *, embedded: _EmbeddedAddress, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.embedded, self.following = embedded, embedded.url
+
+    def take_address(self) -> bool:
+        """Point this (unconnected) connection at ``embedded.url``; False if it cannot go there."""
+        url = self.embedded.url
+        if url == self.following:
+            return True
+        found = redis.connection.parse_url(url)
+        if ("path" in found) != isinstance(self, _UNIX_CONNECTIONS):
+            return False
+        for name in ("host", "port", "path"):
+            if name in found:
+                setattr(self, name, found[name])
+        self.username, self.password, self.db = found.get("username"), found.get("password"), found.get("db", 0)
+        self.following = url
+        return True
+
+
+class _FollowingSync(_Following):
+    def _connect(self):
+        self.take_address()  # where another of this client's connections found it
+        return super()._connect()
+
+    def connect_check_health(self, *args, **kwargs):
+        try:
+            return super().connect_check_health(*args, **kwargs)
+        except redis.exceptions.RedisError:  # refused, or another program answered where it was
+            if not (self.embedded.moved(self.following) and self.take_address()):
+                raise
+        self.disconnect()
+        return super().connect_check_health(*args, **kwargs)
+
+
+class _FollowingAsync(_Following):
+    async def _connect(self):
+        self.take_address()
+        return await super()._connect()
+
+    async def connect_check_health(self, *args, **kwargs):
+        try:
+            return await super().connect_check_health(*args, **kwargs)
+        except redis.exceptions.RedisError:
+            if not (await asyncio.to_thread(self.embedded.moved, self.following) and self.take_address()):
+                raise
+        await self.disconnect()
+        return await super().connect_check_health(*args, **kwargs)
+
+
+class _TCP(_FollowingSync, redis.connection.Connection):
+    pass
+
+
+class _Unix(_FollowingSync, redis.connection.UnixDomainSocketConnection):
+    pass
+
+
+class _AsyncTCP(_FollowingAsync, redis.asyncio.connection.Connection):
+    pass
+
+
+class _AsyncUnix(_FollowingAsync, redis.asyncio.connection.UnixDomainSocketConnection):
+    pass
+
+
+_UNIX_CONNECTIONS = (redis.connection.UnixDomainSocketConnection, redis.asyncio.connection.UnixDomainSocketConnection)
+
+
+def _following(settings: Settings, url: str, *, asynchronous: bool) -> dict:
+    """The options that make a client follow the embedded Redis to a new address, when
+    ``url`` is the one its record gives (no PERSONA_REDIS_URL); {} otherwise."""
+    if settings.redis_url is not None or _recorded_url(settings.data_dir) != url:
+        return {}
+    scheme = urlparse(url).scheme
+    if scheme not in ("redis", "unix"):
+        return {}
+    classes = {("redis", False): _TCP, ("unix", False): _Unix, ("redis", True): _AsyncTCP, ("unix", True): _AsyncUnix}
+    return {"connection_class": classes[scheme, asynchronous], "embedded": _EmbeddedAddress(settings.data_dir, url)}
+
+
 # What first contact can fail with: refused, not answering (a TLS URL for a plain port
 # times out), or a session refused (a database number it does not have).
 FIRST_CONTACT_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, redis.exceptions.ResponseError)
 
 
 def connect(settings: Settings, *, url: str | None = None) -> redis.Redis:
-    """A checked connection to the service's Redis."""
+    """A checked connection to the service's Redis. One to the embedded Redis follows it to
+    the address it records, should it come back on another."""
     url = url or redis_url(settings)
     try:
         # One quick try first: a user with Redis down hears so at once, not after backoff.
@@ -252,11 +423,12 @@ def connect(settings: Settings, *, url: str | None = None) -> redis.Redis:
     except FIRST_CONTACT_ERRORS as exc:
         raise _refusal(exc, url) from None
     _check_version(info, url)
-    return redis.Redis.from_url(url, **_options(url))
+    return redis.Redis.from_url(url, **_options(url), **_following(settings, url, asynchronous=False))
 
 
 async def connect_async(settings: Settings, *, url: str | None = None) -> redis.asyncio.Redis:
-    """A checked asyncio connection to the service's Redis, probed once as ``connect`` does."""
+    """A checked asyncio connection to the service's Redis, probed once (and following the
+    embedded Redis) as ``connect`` does."""
     url = url or redis_url(settings)
     probe = redis.asyncio.Redis.from_url(url, **_timeouts())
     try:
@@ -271,4 +443,10 @@ async def connect_async(settings: Settings, *, url: str | None = None) -> redis.
         await probe.aclose()
     _check_version(info, url)
     options = _options(url) | {"retry": _AsyncRetry(_backoff(), RETRIES)}
-    return redis.asyncio.Redis.from_url(url, **options)
+    following = _following(settings, url, asynchronous=True)
+    if not following:
+        return redis.asyncio.Redis.from_url(url, **options)
+    # Built as from_url builds it, but with the following connection class: the asyncio
+    # from_url puts its own unix socket class over the one it is given.
+    pool = redis.asyncio.ConnectionPool(**(options | redis.asyncio.connection.parse_url(url) | following))
+    return redis.asyncio.Redis.from_pool(pool)

@@ -23,6 +23,8 @@ Every message says what went wrong and what to do next.
 
 from __future__ import annotations
 
+import errno
+import os
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -37,6 +39,7 @@ __all__ = [
     "InvalidRequest",
     "ModelError",
     "PersonaError",
+    "PlatformUnreachable",
     "PostingError",
     "QueueBusy",
     "QueueError",
@@ -45,7 +48,6 @@ __all__ = [
     "RequestFailed",
     "SinkError",
     "SwapRefused",
-    "PlatformUnreachable",
     "UnknownPersona",
     "UsageError",
 ]
@@ -75,12 +77,28 @@ class DataDirUnwritable(ConfigError):
     """The data directory (embedded Redis, locks, run records) cannot be made or written."""
 
     def __init__(self, data_dir: Path, exc: OSError) -> None:
+        said = exc.strerror or str(exc) or type(exc).__name__
         where = f": {exc.filename}" if exc.filename and str(exc.filename) != str(data_dir) else ""
-        super().__init__(
-            f"cannot keep data in {data_dir} ({exc.strerror}{where}); set PERSONA_DATA_DIR "
-            "to a folder you can write"
-        )
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):  # another folder on the same disk is full too
+            disk = _mount_point(data_dir)
+            todo = (f"free some space on that disk{f' (mounted at {disk})' if disk else ''}, or set "
+                    "PERSONA_DATA_DIR to a folder on another one")
+        else:
+            todo = "set PERSONA_DATA_DIR to a folder you can write"
+        super().__init__(f"cannot keep data in {data_dir} ({said}{where}); {todo}")
         self.data_dir = data_dir
+
+
+def _mount_point(path: Path) -> str | None:
+    """Where the file system holding ``path`` (or the nearest folder above it that exists)
+    is mounted: which disk to free space on; None if that cannot be told."""
+    try:
+        found = os.path.realpath(path)
+        while not os.path.ismount(found):
+            found = os.path.dirname(found)
+    except OSError:
+        return None
+    return found
 
 
 class ModelError(PersonaError):

@@ -163,3 +163,37 @@ def test_a_client_that_lost_the_embedded_redis_is_told_what_became_of_it(tmp_pat
         served.leave()
     finally:
         get_settings.cache_clear()
+
+
+@pytest.fixture
+def full_disk_error() -> OSError:
+    """What writing a file on a full disk raises (ENOSPC, no file name): a real write to /dev/full."""
+    if not Path("/dev/full").exists():
+        pytest.skip("needs /dev/full")
+    with pytest.raises(OSError) as refused, Path("/dev/full").open("w") as full:
+        full.write("x")
+        full.flush()
+    return refused.value
+
+
+def test_a_full_disk_says_to_free_space_on_it_or_use_another(tmp_path: Path, full_disk_error: OSError):
+    """A full disk was told as "set PERSONA_DATA_DIR to a folder you can write": another folder
+    on the same disk is full too, and the folder is writable; space is what it needs."""
+    from persona.errors import DataDirUnwritable
+
+    said = str(DataDirUnwritable(tmp_path / "data", full_disk_error))
+    assert said.startswith(f"cannot keep data in {tmp_path / 'data'} (No space left on device)"), said
+    assert "free some space on that disk (mounted at " in said
+    assert "or set PERSONA_DATA_DIR to a folder on another one" in said
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_up_on_a_full_disk_says_to_free_space(tmp_path: Path, env):
+    """The embedded Redis's config cannot be written (/dev/full refuses it with ENOSPC)."""
+    (tmp_path / "data" / "redis").mkdir(parents=True)
+    (tmp_path / "data" / "redis" / ".redis.conf.new").symlink_to("/dev/full")  # where its config is written first
+    told = _persona(env, "up", "--no-dashboard")
+    assert told.returncode == 1 and "Traceback" not in told.stderr, told.stderr
+    said = " ".join(told.stderr.split())
+    assert f"cannot keep data in {tmp_path}/data (No space left on device); free some space on that disk" in said
+    assert "or set PERSONA_DATA_DIR to a folder on another one" in said
