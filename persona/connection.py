@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import json
 import re
-import threading
 import time
 from collections.abc import Iterator
 from contextvars import ContextVar
@@ -21,7 +18,9 @@ import redis.connection
 from redis.backoff import AbstractBackoff, ExponentialBackoff
 from redis.retry import Retry
 
-from persona.embedded_redis import ADDRESS_FILE, find_embedded_url, server_pid
+from persona.embedded_following import following_options
+from persona.embedded_record import recorded_url
+from persona.embedded_redis import find_embedded_url, server_pid
 from persona.errors import ConfigError, PersonaError, RedisUnavailable
 from persona.settings import Settings
 
@@ -63,25 +62,10 @@ def redis_url(settings: Settings) -> str:
     return url
 
 
-_RECORD_MAX_BYTES = 64 * 1024  # a few hundred, as written; whatever else sits there is not read whole
-
-
-def _recorded_url(data_dir: Path) -> str | None:
-    """The URL the embedded Redis's starter recorded for this data directory, whether or
-    not it answers there (``find_embedded_url`` asks it); None without a readable record."""
-    try:
-        with (data_dir / ADDRESS_FILE).open("rb") as file:
-            record = json.loads(file.read(_RECORD_MAX_BYTES))
-    except (OSError, ValueError):
-        return None
-    url = record.get("url") if isinstance(record, dict) else None
-    return url if isinstance(url, str) else None
-
-
 def _not_ready(data_dir: Path, pid: int) -> str:
     """Why the embedded Redis that runs on ``data_dir``'s files does not answer: loading its
     data (for how long so far), or starting or stuck."""
-    url = _recorded_url(data_dir)
+    url = recorded_url(data_dir)
     if url:
         client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
         with client, contextlib.suppress(redis.exceptions.RedisError):
@@ -304,109 +288,6 @@ def _tls_refusal(said: str, url: str) -> ConfigError | None:
     )
 
 
-class _EmbeddedAddress:
-    """Where one client's connections find the embedded Redis of a data directory: the URL
-    it was found at, until a connection fails and the record names another (it restarted
-    on a new port, its own taken by another program meanwhile). Shared by the connections."""
-
-    def __init__(self, data_dir: Path, url: str) -> None:
-        self.data_dir, self.url = data_dir, url
-        self._lock = threading.Lock()
-
-    def moved(self, failed_url: str) -> bool:
-        """After a connection to ``failed_url`` failed: whether the embedded Redis now
-        answers elsewhere (then ``url`` says where)."""
-        with self._lock:
-            if self.url == failed_url:  # not yet looked up by another of the connections
-                self.url = find_embedded_url(self.data_dir) or self.url
-            return self.url != failed_url
-
-
-class _Following:
-    """A redis-py connection to the embedded Redis that follows it to a new address: when it
-    cannot connect, it reads the record again. (Its kind, unix socket or TCP, stays.)"""
-
-    def __init__(self, *, embedded: _EmbeddedAddress, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.embedded, self.following = embedded, embedded.url
-
-    def take_address(self) -> bool:
-        """Point this (unconnected) connection at ``embedded.url``; False if it cannot go there."""
-        url = self.embedded.url
-        if url == self.following:
-            return True
-        found = redis.connection.parse_url(url)
-        if ("path" in found) != isinstance(self, _UNIX_CONNECTIONS):
-            return False
-        for name in ("host", "port", "path"):
-            if name in found:
-                setattr(self, name, found[name])
-        self.username, self.password, self.db = found.get("username"), found.get("password"), found.get("db", 0)
-        self.following = url
-        return True
-
-
-class _FollowingSync(_Following):
-    def _connect(self):
-        self.take_address()  # where another of this client's connections found it
-        return super()._connect()
-
-    def connect_check_health(self, *args, **kwargs):
-        try:
-            return super().connect_check_health(*args, **kwargs)
-        except redis.exceptions.RedisError:  # refused, or another program answered where it was
-            if not (self.embedded.moved(self.following) and self.take_address()):
-                raise
-        self.disconnect()
-        return super().connect_check_health(*args, **kwargs)
-
-
-class _FollowingAsync(_Following):
-    async def _connect(self):
-        self.take_address()
-        return await super()._connect()
-
-    async def connect_check_health(self, *args, **kwargs):
-        try:
-            return await super().connect_check_health(*args, **kwargs)
-        except redis.exceptions.RedisError:
-            if not (await asyncio.to_thread(self.embedded.moved, self.following) and self.take_address()):
-                raise
-        await self.disconnect()
-        return await super().connect_check_health(*args, **kwargs)
-
-
-class _TCP(_FollowingSync, redis.connection.Connection):
-    pass
-
-
-class _Unix(_FollowingSync, redis.connection.UnixDomainSocketConnection):
-    pass
-
-
-class _AsyncTCP(_FollowingAsync, redis.asyncio.connection.Connection):
-    pass
-
-
-class _AsyncUnix(_FollowingAsync, redis.asyncio.connection.UnixDomainSocketConnection):
-    pass
-
-
-_UNIX_CONNECTIONS = (redis.connection.UnixDomainSocketConnection, redis.asyncio.connection.UnixDomainSocketConnection)
-
-
-def _following(settings: Settings, url: str, *, asynchronous: bool) -> dict:
-    """The options that make a client follow the embedded Redis to a new address, when
-    ``url`` is the one its record gives (no PERSONA_REDIS_URL); {} otherwise."""
-    if settings.redis_url is not None or _recorded_url(settings.data_dir) != url:
-        return {}
-    scheme = urlparse(url).scheme
-    if scheme not in ("redis", "unix"):
-        return {}
-    classes = {("redis", False): _TCP, ("unix", False): _Unix, ("redis", True): _AsyncTCP, ("unix", True): _AsyncUnix}
-    return {"connection_class": classes[scheme, asynchronous], "embedded": _EmbeddedAddress(settings.data_dir, url)}
-
-
 # What first contact can fail with: refused, not answering (a TLS URL for a plain port
 # times out), or a session refused (a database number it does not have).
 FIRST_CONTACT_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, redis.exceptions.ResponseError)
@@ -423,7 +304,7 @@ def connect(settings: Settings, *, url: str | None = None) -> redis.Redis:
     except FIRST_CONTACT_ERRORS as exc:
         raise _refusal(exc, url) from None
     _check_version(info, url)
-    return redis.Redis.from_url(url, **_options(url), **_following(settings, url, asynchronous=False))
+    return redis.Redis.from_url(url, **_options(url), **following_options(settings, url, asynchronous=False))
 
 
 async def connect_async(settings: Settings, *, url: str | None = None) -> redis.asyncio.Redis:
@@ -443,7 +324,7 @@ async def connect_async(settings: Settings, *, url: str | None = None) -> redis.
         await probe.aclose()
     _check_version(info, url)
     options = _options(url) | {"retry": _AsyncRetry(_backoff(), RETRIES)}
-    following = _following(settings, url, asynchronous=True)
+    following = following_options(settings, url, asynchronous=True)
     if not following:
         return redis.asyncio.Redis.from_url(url, **options)
     # Built as from_url builds it, but with the following connection class: the asyncio

@@ -16,7 +16,7 @@ from persona.constants import EMBEDDED_REDIS_START_TIMEOUT_S
 from persona.embedded_locks import server_pid
 from persona.errors import RedisUnavailable
 
-__all__ = ["find_embedded_url", "recorded_server", "running_url", "stop_embedded"]
+__all__ = ["find_embedded_url", "recorded_server", "recorded_url", "running_url", "stop_embedded"]
 
 ADDRESS_FILE = "redis.json"
 
@@ -77,14 +77,25 @@ def recorded_server(data_dir: Path) -> tuple[int, bool]:
         return 0, False
 
 
+_RECORD_MAX_BYTES = 64 * 1024  # a few hundred, as written; whatever else sits there is not read whole
+
+
 def _address_record(data_dir: Path) -> dict:
     """What the embedded Redis's starter recorded for this data directory (url, pid, port);
     {} when there is no readable record."""
     try:
-        record = json.loads((data_dir / ADDRESS_FILE).read_text())
+        with (data_dir / ADDRESS_FILE).open("rb") as file:
+            record = json.loads(file.read(_RECORD_MAX_BYTES))
     except (OSError, ValueError):
         return {}
     return record if isinstance(record, dict) else {}
+
+
+def recorded_url(data_dir: Path) -> str | None:
+    """The URL the embedded Redis's starter recorded for this data directory, whether or
+    not it answers there (``find_embedded_url`` asks it); None without a readable record."""
+    url = _address_record(data_dir).get("url")
+    return url if isinstance(url, str) else None
 
 
 def stop_embedded(data_dir: Path, timeout_s: float = 15.0) -> bool:

@@ -41,7 +41,7 @@ from persona.settings import Settings
 if TYPE_CHECKING:
     from discord.http import HTTPClient
 
-__all__ = ["DiscordSink", "TelegramSink"]
+__all__ = ["DiscordSink", "TelegramSink", "telegram_api_url"]
 
 log = logging.getLogger(__name__)
 
