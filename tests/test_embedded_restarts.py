@@ -159,7 +159,7 @@ def test_a_client_that_lost_the_embedded_redis_is_told_what_became_of_it(tmp_pat
         assert "it has stopped" in said and "Start `persona up` (or `persona worker`) again" in said
         assert "PERSONA_REDIS_URL" not in said
         served = Serving(data)
-        assert "it is running again now, so try again" in explain_redis_error(lost)
+        assert "it is running again now (this command's connections find it where it is), so try again" in explain_redis_error(lost)
         served.leave()
     finally:
         get_settings.cache_clear()

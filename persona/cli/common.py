@@ -150,10 +150,7 @@ def _lost_embedded(said: str) -> str | None:
             "`persona dashboard` serving on it stops (what was queued is kept with its data). "
             "Start `persona up` (or `persona worker`) again, then try again"
         )
-    return (
-        f"{lost}; it is running again now, so try again (should this go on, it came back at another "
-        "address, and this command must be started again to find it)"
-    )
+    return f"{lost}; it is running again now (this command's connections find it where it is), so try again"
 
 
 def friendly_errors(func: Callable[P, R]) -> Callable[P, R]:
