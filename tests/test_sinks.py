@@ -799,7 +799,7 @@ def test_a_telegram_api_url_without_bot_is_refused_naming_the_setting(settings, 
 def test_a_failed_tls_handshake_sent_nothing_and_is_tried_again(settings, platform, tmp_path, write_persona, redis_client):
     """An X or Mastodon whose TLS handshake failed (a certificate not trusted, plain HTTP on the
     port) was read as "no answer, it may have posted": X's slot waited for a person to settle it."""
-    from tests.test_redis_tls import self_signed
+    from tests.fakes.tls import self_signed
 
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(*self_signed(tmp_path))
