@@ -20,6 +20,20 @@ def test_shipped_personas_are_valid_and_distinct():
     assert all(p.model.base == "smollm2" for p in shipped.values())
 
 
+def test_shipped_personas_show_short_answers_and_sample_cool_enough_to_finish_them():
+    """Through `persona up` and `persona ask` on the bundled model (12 questions, seeds 1-3,
+    36 replies), bofh as shipped (temperature 0.9, two examples) rambled on to
+    max_new_tokens, stopping mid-sentence, in 18 replies; at 0.7 in 12; at 0.9 with four
+    short examples in 7; at 0.7 with four in 5 (and 5 of 36 again on seeds 4-6)."""
+    shipped = [load_persona_file(p) for p in sorted(BUILTIN_PERSONAS_DIR.glob("*.toml"))]
+    for persona in shipped:
+        assert persona.sampling.temperature <= 0.8, persona.name
+        for example in persona.prompt.examples:  # what the model copies is a line or two
+            assert len(example.assistant) <= 120, (persona.name, example.assistant)
+    bofh = next(p for p in shipped if p.name == "bofh")
+    assert len(bofh.prompt.examples) >= 4
+
+
 def _refusal(path: Path, text: str) -> str:
     """The error a persona file holding ``text`` is refused with."""
     path.write_text(text)
