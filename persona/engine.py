@@ -16,7 +16,7 @@ import inspect
 import logging
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol
@@ -402,7 +402,7 @@ class TransformersEngine:
         # The rows leave the waiting list only once admitted: if reading their prompts
         # fails, they are still there for ``abandon`` to hand back, to be answered.
         waiting = self._waiting[:count]
-        new = _Rows([w for w, _ in waiting], [t for _, t in waiting], self.device, self.pad_id)
+        new = _Rows([w for w, _ in waiting], [t for _, t in waiting], self.device, self.pad_id, self.stop_ids)
         room = max(w.sampling.max_new_tokens for w, _ in waiting) + 1
         prompts, new.prompts = new.prompts, None  # the decoder's from here on
         if self._rows is None:
@@ -468,7 +468,8 @@ class TransformersEngine:
 class _Rows:
     """The live rows of a batch, their masks and the state sampling needs."""
 
-    def __init__(self, batch: list[Work], tags: list[object], device: torch.device, pad_id: int) -> None:
+    def __init__(self, batch: list[Work], tags: list[object], device: torch.device, pad_id: int,
+                 unpenalised: Collection[int] = ()) -> None:
         self.work = batch
         self.tags = tags
         self.size = len(batch)
@@ -500,6 +501,10 @@ class _Rows:
         self.top_p = to_device(torch.tensor([s.top_p for s in settings]), device)
         self.top_k = to_device(torch.tensor([s.top_k for s in settings]), device)
         self.penalty = to_device(torch.tensor([s.repetition_penalty for s in settings]), device)
+        # The tokens that end a reply are never penalised: the prompt holds the end of every
+        # turn before it, and a penalty on those made stopping half as likely, so replies
+        # rambled on to max_new_tokens and ended mid-sentence.
+        self.unpenalised = to_device(torch.tensor(sorted(unpenalised), dtype=torch.long), device) if unpenalised else None
         # Each row's uniform draws, one per token it samples (and one for a step taken past
         # its length), drawn at admission on the host: a seeded row's from its own
         # generator, so its reply depends on its seed alone, never on the rows beside it
@@ -638,7 +643,10 @@ def _sample(logits: torch.Tensor, rows: _Rows) -> torch.Tensor:
         seen_scores = logits.gather(1, rows.seen)
         factor = rows.penalty[:, None]
         seen_scores = torch.where(seen_scores < 0, seen_scores * factor, seen_scores / factor)
-        logits = logits.scatter(1, rows.seen, seen_scores)
+        penalised = logits.scatter(1, rows.seen, seen_scores)
+        if rows.unpenalised is not None:
+            penalised = penalised.index_copy(1, rows.unpenalised, logits.index_select(1, rows.unpenalised))
+        logits = penalised
     if all(t <= 0 for t in rows.temperatures):
         return logits.argmax(dim=-1)
     logits = logits.float()

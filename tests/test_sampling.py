@@ -98,3 +98,20 @@ def test_a_seed_out_of_range_is_refused_when_the_request_is_made():
             SamplingOverrides(seed=seed)
     with pytest.raises(ValidationError, match="seed"):
         Sampling(seed=2**64)
+
+
+
+def test_the_tokens_that_end_a_reply_are_never_penalised_for_being_in_the_prompt():
+    """The prompt holds the end-of-turn token after every turn before it; penalised as a
+    repeat, stopping became half as likely, and replies rambled to their length and ended
+    mid-sentence. Here token 5 ends a reply and token 4 is an ordinary word; both are in
+    the prompt, token 0 is not."""
+    greedy = Sampling(temperature=0.0, repetition_penalty=1.5, max_new_tokens=1)
+    prompt = Work([5, 4, 1, 5, 4, 2, 5], greedy)
+
+    def pick(logits: list[float]) -> int:
+        rows = _Rows([prompt], [0], torch.device("cpu"), 0, unpenalised={5})
+        return _sample(torch.tensor([logits]), rows).item()
+
+    assert pick([2.0, 0.0, 0.0, 0.0, 0.0, 2.2]) == 5  # the end of the reply, as likely as before
+    assert pick([2.0, 0.0, 0.0, 0.0, 2.2, 0.0]) == 0  # a repeated word is still penalised
