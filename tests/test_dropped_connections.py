@@ -125,21 +125,6 @@ async def _ask_async(settings, url: str, request: GenerationRequest, timeout: fl
         await async_redis.aclose()
 
 
-@pytest.mark.parametrize("side", ["sync", "async"])
-def test_an_ask_keeps_its_deadline_while_redis_is_down(settings, work, proxy, side):
-    """Redis stopping while a caller waits: the wait ends at its deadline (with Redis's
-    error), give or take a second. redis-py's own reconnects (8, with backoff) ran on
-    past it: `persona ask --timeout 5` answered after about 14 s."""
-    threading.Timer(0.3, proxy.go_down).start()
-    started = time.monotonic()
-    with pytest.raises(redis.exceptions.ConnectionError):
-        if side == "sync":
-            QueueClient(connect(settings, url=proxy.url), settings.queue).ask(chat(), timeout=2)
-        else:
-            asyncio.run(_ask_async(settings, proxy.url, chat(), timeout=2))
-    assert time.monotonic() - started < 3.0
-
-
 @pytest.fixture
 def quick_timeouts(monkeypatch):
     """Connections give up after a second or so (5 s in service), so these tests are quick.
@@ -162,16 +147,21 @@ async def test_a_redis_that_never_answers_is_said_unreachable_in_seconds(setting
 
 
 @pytest.mark.parametrize("side", ["sync", "async"])
-def test_an_ask_keeps_its_deadline_when_redis_stops_answering(settings, proxy, quick_timeouts, side):
-    """Redis falling silent while a caller waits (its replies never come, new connections
-    are never answered): the wait ends near its deadline, not whenever the OS gives up."""
-    threading.Timer(0.3, proxy.go_silent).start()
+@pytest.mark.parametrize(("outage", "error"), [("go_down", redis.exceptions.ConnectionError),
+                                                ("go_silent", redis.exceptions.TimeoutError)])
+def test_an_ask_keeps_its_deadline_while_redis_is_away(settings, work, proxy, quick_timeouts, side, outage, error):
+    """Redis stopping (connections refused) or falling silent (replies never come, new
+    connections never answered) while a caller waits: the wait ends at its deadline, with
+    Redis's error, give or take a second. redis-py's own reconnects (8, with backoff) ran
+    on past it: `persona ask --timeout 5` answered after about 14 s; a silent Redis held it
+    until the OS gave up."""
+    threading.Timer(0.3, getattr(proxy, outage)).start()
     started = time.monotonic()
-    with pytest.raises(redis.exceptions.TimeoutError):
+    with pytest.raises(error):
         if side == "sync":
-            QueueClient(connect(settings, url=proxy.url), settings.queue).ask(chat(), timeout=1)
+            QueueClient(connect(settings, url=proxy.url), settings.queue).ask(chat(), timeout=1.5)
         else:
-            asyncio.run(_ask_async(settings, proxy.url, chat(), timeout=1))
+            asyncio.run(_ask_async(settings, proxy.url, chat(), timeout=1.5))
     assert time.monotonic() - started < 3.0
 
 
