@@ -269,8 +269,10 @@ class EmbeddedRedis:
 
     def _record(self) -> None:
         record = self.data_dir / ADDRESS_FILE
-        record.write_text(json.dumps({"url": self.url, "pid": self.process.pid, "port": self.port}))
-        record.chmod(0o600)
+        written = record.with_name(f".{record.name}.new")  # whole or not at all: others read it at any time
+        written.write_text(json.dumps({"url": self.url, "pid": self.process.pid, "port": self.port}))
+        written.chmod(0o600)
+        written.replace(record)
 
     def _abandon(self) -> None:
         """A start that failed: stop the server if it still runs (it would hold its files and

@@ -84,7 +84,10 @@ def start_up(tmp_path: Path, up_env: dict[str, str]):
                               preexec_fn=_ignoring_sigint if sigint_ignored else _interruptible)  # noqa: PLW1509
         started.append(up)
         record = tmp_path / "up-data" / "redis.json"
-        wait_for(lambda: record.exists() or up.poll() is not None, "the embedded Redis did not start")
+        # Started, not just recorded: the record is written before the server is ready, and
+        # a server killed before `up` saw it ready is a failed start, not one to start again.
+        wait_for(lambda: "persona is up on Redis" in (tmp_path / "up.log").read_text() or up.poll() is not None,
+                 "the embedded Redis did not start")
         assert up.poll() is None, (tmp_path / "up.log").read_text()
         return up, json.loads(record.read_text())["pid"]
 
@@ -255,8 +258,15 @@ def test_a_killed_embedded_redis_is_started_again_and_served_on(start_up, tmp_pa
     record = tmp_path / "up-data" / "redis.json"
     url = json.loads(record.read_text())["url"]
     os.kill(redis_pid, signal.SIGKILL)
-    revived = wait_for(lambda: (pid := json.loads(record.read_text())["pid"]) != redis_pid and running(pid) and pid,
-                       "the embedded Redis was not started again", 20)
+
+    def restarted() -> int | None:  # the record is gone while no server runs, and comes back with the new one
+        try:
+            pid = json.loads(record.read_text())["pid"]
+        except (OSError, ValueError):
+            return None
+        return pid if pid != redis_pid and running(pid) else None
+
+    revived = wait_for(restarted, "the embedded Redis was not started again", 20)
     assert json.loads(record.read_text())["url"] == url  # same address and password: clients reconnect
 
     client = QueueClient(redis.Redis.from_url(url), settings.queue)
