@@ -134,6 +134,15 @@ def _last_words(logged: str) -> str:
     return re.sub(r"^\d+:\w \d+ \w+ \d+ [\d:.]+ \S ", "", lines[-1]) if lines else ""
 
 
+def _write_whole(path: Path, text: str) -> None:
+    """Replace ``path`` (this user's alone) with ``text`` whole or not at all: written
+    beside it, then put in its place."""
+    written = path.with_name(f".{path.name}.new")
+    written.write_text(text)
+    written.chmod(0o600)
+    written.replace(path)
+
+
 def _claim(folder: Path) -> int:
     """The server lock of ``folder``, held, as a descriptor for the server to inherit;
     RedisUnavailable if a server runs on these files already."""
@@ -260,19 +269,12 @@ class EmbeddedRedis:
         ]
         if socket_path is not None:
             lines += [f"unixsocket {_config_value(socket_path)}", "unixsocketperm 700"]
-        # Written beside it, then put in its place: a full disk leaves the last one (and its
-        # password, which clients still hold) whole rather than empty.
-        written = config.with_name(f".{config.name}.new")
-        written.write_text("\n".join([*lines, ""]))
-        written.chmod(0o600)
-        written.replace(config)
+        # A full disk leaves the last one (and its password, which clients still hold) whole.
+        _write_whole(config, "\n".join([*lines, ""]))
 
     def _record(self) -> None:
-        record = self.data_dir / ADDRESS_FILE
-        written = record.with_name(f".{record.name}.new")  # whole or not at all: others read it at any time
-        written.write_text(json.dumps({"url": self.url, "pid": self.process.pid, "port": self.port}))
-        written.chmod(0o600)
-        written.replace(record)
+        # Others read it at any time: never half written.
+        _write_whole(self.data_dir / ADDRESS_FILE, json.dumps({"url": self.url, "pid": self.process.pid, "port": self.port}))
 
     def _abandon(self) -> None:
         """A start that failed: stop the server if it still runs (it would hold its files and
