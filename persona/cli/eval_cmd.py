@@ -12,8 +12,7 @@ from persona.cli.common import console, err_console, friendly_errors, get_settin
 from persona.cli.training_common import (
     THREADS_HELP,
     persona_with_weights,
-    quiet_libraries,
-    use_threads,
+    ready_torch,
 )
 from persona.cli.training_progress import SAMPLES_ARE_POSTS, EvalBar, print_samples
 
@@ -36,8 +35,7 @@ def eval_(
     from training.evaluate import evaluate_persona
 
     settings = get_settings()
-    quiet_libraries()
-    use_threads(threads)
+    ready_torch(threads)
     persona = persona_with_weights(settings, name, "measure")
     data = read_corpus(corpus)
     # On stderr: --json's stdout holds the report alone. A bar is drawn only on a terminal, and

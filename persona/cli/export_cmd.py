@@ -11,8 +11,7 @@ from persona.cli.common import console, friendly_errors, get_settings
 from persona.cli.training_common import (
     THREADS_HELP,
     persona_with_weights,
-    quiet_libraries,
-    use_threads,
+    ready_torch,
 )
 
 __all__ = ["export", "register"]
@@ -33,8 +32,7 @@ def export(
     from training.export import export_persona
 
     settings = get_settings()
-    quiet_libraries()
-    use_threads(threads)
+    ready_torch(threads)
     persona = persona_with_weights(settings, name, "export")
     with console.status(f"exporting {escape(name)}..."):
         folder = export_persona(settings, persona, output, version=checkpoint, gguf=gguf)

@@ -24,8 +24,7 @@ from persona.cli.export_cmd import export
 from persona.cli.generate_cmd import generate
 from persona.cli.training_common import (
     THREADS_HELP,
-    quiet_libraries,
-    use_threads,
+    ready_torch,
     warn_nothing_held_out,
 )
 from persona.cli.training_progress import EvalBar, RichReporter
@@ -78,8 +77,7 @@ def train(
     from training.trainer import STATE_FILE, TrainConfig
 
     settings = get_settings()
-    quiet_libraries()
-    use_threads(threads)
+    ready_torch(threads)
     if resume:
         changed = ["/".join([*p.opts, *p.secondary_opts]) for p in ctx.command.params
                    if p.name not in RESUME_OPTIONS

@@ -14,25 +14,24 @@ if TYPE_CHECKING:
     from persona.personas import Persona
     from persona.settings import Settings
 
-__all__ = ["THREADS_HELP", "persona_with_weights", "quiet_libraries", "use_threads", "warn_nothing_held_out"]
+__all__ = ["THREADS_HELP", "persona_with_weights", "ready_torch", "warn_nothing_held_out"]
 
 THREADS_HELP = "CPU threads (default: all cores; 1 is faster on a machine shared with other work)"
 
 
-def quiet_libraries() -> None:
-    """Leave out what transformers and peft say about themselves: a "Loading weights" bar
-    for each model, and warnings about their own internals (a deprecated attribute peft
-    reads, GPT-2's Conv1D layers peft adjusts for), which opened every run with a
-    site-packages path the user can do nothing about."""
+def ready_torch(threads: int | None) -> None:
+    """Ready the libraries for a command that runs a model here: torch's CPU threads
+    (None leaves its default, every core), and transformers and peft quieter.
+
+    Quieter: without their "Loading weights" bar for each model, and their warnings about
+    their own internals (a deprecated attribute peft reads, GPT-2's Conv1D layers peft
+    adjusts for), which opened every run with a site-packages path the user can do
+    nothing about."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers|peft")
     warnings.filterwarnings("ignore", message="fan_in_fan_out is set to False", category=UserWarning)
-
-
-def use_threads(threads: int | None) -> None:
-    """Torch's CPU threads for this command; None leaves its default, every core."""
     if threads:
         import torch
 
