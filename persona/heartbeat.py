@@ -37,6 +37,7 @@ __all__ = [
     "announce_starting",
     "live_worker_ids",
     "live_workers",
+    "longest_loading_first",
     "new_worker_id",
     "publish",
     "redis_now",
@@ -177,9 +178,14 @@ def starting_workers(client: redis.Redis) -> list[StartingWorker]:
     its first heartbeat is written, and one that died while loading once its key lapses.
     """
     now, *ids = (i.decode() if isinstance(i, bytes) else i for i in client.eval(STARTING_SCRIPT, 1, keys.STARTING_INDEX_KEY))
-    found = _read_each(client, ids, keys.starting_key, StartingWorker, "starting key")
+    return longest_loading_first(float(now), _read_each(client, ids, keys.starting_key, StartingWorker, "starting key"))
+
+
+def longest_loading_first(now: float, found: list[StartingWorker]) -> list[StartingWorker]:
+    """The starting workers ``found``, each with ``loading_s`` set from Redis's time ``now``,
+    the one loading longest first."""
     for info in found:
-        info.loading_s = round(max(0.0, float(now) - info.since), 1)
+        info.loading_s = round(max(0.0, now - info.since), 1)
     return sorted(found, key=lambda w: (-w.loading_s, w.id))
 
 

@@ -34,7 +34,7 @@ from persona import constants as keys
 from persona.connection import retrying_until
 from persona.contract import GenerationReply, GenerationRequest, Priority
 from persona.errors import InvalidRequest, QueueBusy, ReplyTimeout
-from persona.heartbeat import StartingWorker
+from persona.heartbeat import StartingWorker, longest_loading_first
 from persona.queue_scripts import SUBMIT_SCRIPT, WORKERS_SCRIPT
 from persona.settings import QueueSettings
 from persona.validation import check_request
@@ -235,12 +235,10 @@ def _workers(found: list | None) -> tuple[int, list[StartingWorker]]:
     starting = []
     for info in infos:
         try:
-            worker = StartingWorker.model_validate_json(info)
+            starting.append(StartingWorker.model_validate_json(info))
         except ValueError:  # written by another version: it still starts, but is not described
             continue
-        worker.loading_s = round(max(0.0, float(now) - worker.since), 1)
-        starting.append(worker)
-    return int(live), sorted(starting, key=lambda w: (-w.loading_s, w.id))
+    return int(live), longest_loading_first(float(now), starting)
 
 
 class _Caller:
