@@ -20,6 +20,8 @@ cut-off second sentence does not spoil a fine first one. The stop of an abbrevia
 initial ("Mr.", "e.g.", "J. R. R.") ends no sentence, so a post never ends "... said Mr.".
 What is kept must be at least ``filters.min_chars`` and ``SALVAGE_MIN_SHARE`` of what was
 written, so a stray full stop early in a text does not make a post of its first few words.
+A chat reply cut off the same way is trimmed by this same rule (``trim_to_sentence``,
+used by ``persona.endings``).
 
 The survivors are ranked: one without flaws always beats one with them (see
 ``flaws``: it ends mid-sentence or in an ellipsis, or a double quote is left open),
@@ -56,6 +58,7 @@ __all__ = [
     "load_corpus",
     "over_limits",
     "score",
+    "trim_to_sentence",
     "x_length",
 ]
 
@@ -264,8 +267,9 @@ def score(text: str) -> float:
     return round(length + variety + finished + capital, 4)
 
 
-def _salvage(text: str, min_chars: int) -> str:
-    """A cut-off text up to its last finished sentence, or "" if none is worth keeping."""
+def trim_to_sentence(text: str, min_chars: int = 1) -> str:
+    """A cut-off text up to its last finished sentence, or "" if none is worth keeping (at
+    least ``min_chars`` and ``SALVAGE_MIN_SHARE`` of the text; an abbreviation's stop is no end)."""
     if is_finished(text):  # stopped right after a sentence: nothing was cut mid-thought
         return text
     floor = max(min_chars, 1, len(text) * SALVAGE_MIN_SHARE)
@@ -301,7 +305,7 @@ def curate(
         draft = raw if isinstance(raw, Draft) else Draft(raw)
         candidate = Candidate(index=index, raw=draft.text, text=clean_text(draft.text))
         if candidate.text and draft.finish_reason == "length":
-            kept = _salvage(candidate.text, min_chars)
+            kept = trim_to_sentence(candidate.text, min_chars)
             if kept:
                 candidate.text, candidate.trimmed = kept, candidate.text[len(kept):].strip()
             else:  # shown whole, so a person sees where it stopped

@@ -30,6 +30,7 @@ import redis
 
 from persona import heartbeat
 from persona.contract import ErrorKind, GenerationReply
+from persona.endings import end_cut_off
 from persona.engine import Completion, ContinuousGenerator, Work
 from persona.errors import ConfigError, ModelError, PersonaError
 from persona.heartbeat import new_worker_id
@@ -633,6 +634,12 @@ class Worker:
         # A continuation of a prefix keeps its leading space ("Life is" + " often"); a reply
         # starts at its first word.
         text = completion.text if request.mode == "complete" and request.prefix else completion.text.lstrip()
+        if completion.finish_reason == "length" and request.mode == "chat":
+            # Cut off by its token limit, often mid-word: a chat reply ends at its last finished
+            # sentence or whole word. finish_reason stays "length" and new_tokens counts every
+            # token generated. Completions (generate, post candidates) keep the raw text: curation
+            # trims a post itself and records what it dropped.
+            text = end_cut_off(text)
         # Validated from one dict: half the cost of building Timings and then the reply.
         return GenerationReply.model_validate({
             "id": request.id,

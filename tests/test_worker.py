@@ -169,6 +169,56 @@ def test_mixed_personas_and_sampling_are_batched_together(write_persona, tiny_ll
         assert reply.persona == request.persona
 
 
+class CutOffEngine:
+    """A Generator whose every row writes the same text: cut off at its token limit when the
+    row's max_new_tokens is 12, finished (by a stop string, say) otherwise."""
+
+    TEXT = " Be still, and wait. The river knows the way of the riv"
+
+    def __init__(self, loaded) -> None:
+        self.loaded = loaded
+
+    def generate(self, batch):
+        from persona.engine import Completion
+
+        return [
+            Completion(text=self.TEXT, new_tokens=12, finish_reason="length" if w.sampling.max_new_tokens == 12 else "stop")
+            for w in batch
+        ]
+
+
+def test_a_chat_reply_cut_off_at_its_token_limit_ends_cleanly_and_completions_stay_raw(
+    write_persona, tiny_llama_dir, settings, redis_client, client
+):
+    """A chat reply that ran to max_new_tokens ended mid-word ("... the way of the riv"). It now
+    ends at its last finished sentence, still says "length", and counts every token generated;
+    a continuation, a post candidate (mode "complete": curation trims those and records what it
+    dropped) and a reply the model finished keep the text as written."""
+    from persona.pool import ModelPool
+    from persona.worker import Worker
+
+    write_persona("tiny", base=str(tiny_llama_dir))
+    limit = SamplingOverrides(max_new_tokens=12)
+    requests = {
+        "chat": chat("tiny", sampling=limit),
+        "finished": chat("tiny", sampling=SamplingOverrides(max_new_tokens=20)),
+        "continuation": GenerationRequest(persona="tiny", mode="complete", prefix="Listen.", sampling=limit),
+        "post": GenerationRequest(persona="tiny", mode="complete", priority=Priority.batch, source="scheduler", sampling=limit),
+    }
+    for request in requests.values():
+        client.submit(request)
+    worker = Worker(settings, redis_client, ModelPool(settings, "cpu", engine_factory=CutOffEngine), worker_id="w-cut")
+    assert worker.step(block_ms=100) == len(requests)
+    replies = {name: client.wait(request, timeout=5) for name, request in requests.items()}
+    written = CutOffEngine.TEXT
+    assert {name: (r.text, r.finish_reason, r.new_tokens) for name, r in replies.items()} == {
+        "chat": ("Be still, and wait.", "length", 12),
+        "finished": (written.lstrip(), "stop", 12),
+        "continuation": (written, "length", 12),
+        "post": (written.lstrip(), "length", 12),
+    }
+
+
 def test_interactive_requests_are_served_before_batch_work(write_persona, tiny_llama_dir, settings, redis_client, client):
     from persona.pool import ModelPool
     from persona.worker import Worker
