@@ -26,7 +26,13 @@ Two probes, open without the token (a probe seldom carries one) and answering at
 the dashboard would not bring Redis back); ``/readyz`` is readiness, 200 when Redis can
 be read, else 503 with the reason, tried once within ``READY_TIMEOUT_S`` (the page's
 reads retry with backoff for seconds, longer than a probe waits). A container
-healthcheck or a load balancer should ask ``/readyz``.
+healthcheck or a load balancer should ask ``/readyz``. Neither waits for a worker thread:
+the page's reads and scrapes run on those, and a Redis that stops answering held each for
+a minute, until they were all taken and /healthz went unanswered too.
+
+A page read or a scrape rides out a Redis restart for ``READ_GIVE_UP_S`` (a silent Redis:
+one read timeout), then answers 503 (``persona_redis_up 0``), well within Prometheus's
+10 s scrape timeout.
 """
 
 from __future__ import annotations
@@ -58,6 +64,7 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from persona import constants as keys
 from persona.checkpoints import scan_checkpoints
+from persona.connection import retrying_until
 from persona.dashboard_page import PAGE_HTML
 from persona.dead_letters import (
     cap_warning,
@@ -87,6 +94,14 @@ BYTES_PER_MB = 1024 * 1024  # a heartbeat's memory_mb is ru_maxrss (KiB) / 1024
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1", "[::1]")
 READY_TIMEOUT_S = 2.0  # under a probe's usual timeout (Compose's and Kubernetes' default: 30 s and 1 s)
 UNSETTLED_EVERY_S = 15.0  # posts to settle: a SCAN of the keyspace, not run at every poll of the page
+# How long a page read or a scrape retries a Redis that fails (a silent one: until its
+# first read timeout, 5 s) before it answers 503: redis-py's own 8 reconnects took 54 s.
+READ_GIVE_UP_S = 3.0
+
+
+def _reading() -> contextlib.AbstractContextManager[None]:
+    """The Redis reads of one page request, scrape or sample, given up after ``READ_GIVE_UP_S``."""
+    return retrying_until(time.monotonic() + READ_GIVE_UP_S)
 
 
 def is_loopback(host: str) -> bool:
@@ -332,10 +347,14 @@ def create_app(settings: Settings, client: redis.Redis, host: str | None = None)
     token = settings.dashboard.token.get_secret_value() if _has_token(settings) else None
     watch = RedisWatch(secrets_of(settings))
 
+    def sample() -> dict:
+        with _reading():
+            return _sample(collect_stats(client))
+
     async def sampler() -> None:
         while True:
             try:
-                history.append(_sample(await asyncio.to_thread(collect_stats, client)))
+                history.append(await asyncio.to_thread(sample))
                 watch.read()
             except redis.exceptions.RedisError as exc:
                 watch.failed(exc)
@@ -369,7 +388,7 @@ def create_app(settings: Settings, client: redis.Redis, host: str | None = None)
     guard = [Depends(authorized)]
 
     @app.exception_handler(redis.exceptions.RedisError)
-    def redis_down(_: Request, exc: redis.exceptions.RedisError) -> JSONResponse:
+    async def redis_down(_: Request, exc: redis.exceptions.RedisError) -> JSONResponse:
         # 503, not a bare 500 the page read as "cannot reach the dashboard".
         return JSONResponse({"detail": watch.failed(exc)}, status_code=503)
 
@@ -379,7 +398,10 @@ def create_app(settings: Settings, client: redis.Redis, host: str | None = None)
 
     @app.get("/api/stats", dependencies=guard)
     def stats() -> JSONResponse:
-        figures = collect_stats(client)
+        with _reading():
+            figures = collect_stats(client)
+            dead = list_dead(client, count=50)
+            to_settle = posts()
         watch.read()
         if not history or time.time() - history[-1]["t"] >= 1.0:
             history.append(_sample(figures))
@@ -387,8 +409,8 @@ def create_app(settings: Settings, client: redis.Redis, host: str | None = None)
             "stats": figures.model_dump(mode="json"),
             "history": list(history),
             "personas": _personas(settings, figures),
-            "dead": [d.model_dump(mode="json", exclude={"payload"}) for d in list_dead(client, count=50)],
-            "posts_to_settle": posts(),
+            "dead": [d.model_dump(mode="json", exclude={"payload"}) for d in dead],
+            "posts_to_settle": to_settle,
             "dead_note": cap_warning(figures.dead_letters, figures.dead_letters_trimmed_since_cleared)
             or trimmed_note(figures.dead_letters_trimmed_since_cleared),
         })
@@ -399,7 +421,8 @@ def create_app(settings: Settings, client: redis.Redis, host: str | None = None)
     @app.post("/api/dead/{entry_id}/retry", dependencies=guard)
     def retry_one(entry_id: str) -> dict:
         try:
-            new_id = retry_dead(client, entry_id, limit)
+            with _reading():
+                new_id = retry_dead(client, entry_id, limit)
         except ValueError as exc:
             raise HTTPException(422, f"dead letter {entry_id} holds no readable request") from exc
         except QueueBusy as exc:
@@ -410,31 +433,38 @@ def create_app(settings: Settings, client: redis.Redis, host: str | None = None)
 
     @app.post("/api/dead/{entry_id}/drop", dependencies=guard)
     def drop_one(entry_id: str) -> dict:
-        if not drop_dead(client, [entry_id]):
+        with _reading():
+            dropped = drop_dead(client, [entry_id])
+        if not dropped:
             raise HTTPException(404, f"no dead letter {entry_id}")
         return {"dropped": [entry_id]}
 
     @app.post("/api/dead/retry-all", dependencies=guard)
     def retry_every() -> dict:
-        report = retry_all(client, max_length=limit)
+        with _reading():  # gives up on failures only: a long run that goes well is not cut short
+            report = retry_all(client, max_length=limit)
         return report.model_dump() | {"left": report.left}
 
     @app.get("/metrics", dependencies=guard)
     def metrics() -> Response:
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+        with _reading():
+            return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
+    # The probes are async, on no worker thread: page reads and scrapes that wait on a
+    # silent Redis can hold every one, and the probes must still answer.
     @app.get("/healthz")
-    def healthz() -> dict:
+    async def healthz() -> dict:
         """Liveness: the dashboard answers (Redis or not)."""
         return {"ok": True}
 
     probe = _probe_client(client)
 
     @app.get("/readyz")
-    def readyz() -> JSONResponse:
+    async def readyz() -> JSONResponse:
         """Readiness: 200 when Redis can be read, else 503 with the reason."""
         try:
-            probe.exists(keys.STATS_KEY)  # a read of a key, as the page's figures are
+            # On asyncio's own threads (the sampler's), not the page's: tried once, briefly.
+            await asyncio.to_thread(probe.exists, keys.STATS_KEY)  # a read of a key, as the page's figures are
         except redis.exceptions.RedisError as exc:
             return JSONResponse({"ready": False, "detail": watch.failed(exc)}, status_code=503)
         watch.read()

@@ -318,6 +318,52 @@ def test_readyz_says_when_redis_cannot_be_read_and_healthz_stays_liveness(settin
         server.stop()
 
 
+def test_a_silent_redis_is_answered_in_seconds_and_the_probes_keep_answering(settings, redis_url, dashboard, monkeypatch):
+    """A Redis that stops answering (hung, its host gone) held every page read and scrape
+    for 54 s (one 5 s read timeout per reconnect, eight of them): Prometheus gave up on the
+    scrape at its 10 s timeout, so `persona_redis_up 0` was never seen, and the page's polls
+    piled up until they held every worker thread, and /healthz went unanswered: a liveness
+    probe would restart the dashboard, which brings no Redis back. Now each read gives up
+    after one read timeout, and the probes never wait behind the page."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from persona import connection
+    from persona import dashboard as dashboard_module
+    from tests.fakes.cutting_proxy import CuttingProxy
+
+    monkeypatch.setattr(connection, "CONNECT_TIMEOUT_S", 0.5)
+    # 5 s, 3 s and 2 s in service: here a read gives up within its first timeout too.
+    monkeypatch.setattr(connection, "SOCKET_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(dashboard_module, "READ_GIVE_UP_S", 0.3, raising=False)
+    monkeypatch.setattr(dashboard_module, "READY_TIMEOUT_S", 0.5)
+    proxy = CuttingProxy(redis_url)
+    try:
+        base = dashboard(client=connection.connect(settings, url=proxy.url))  # the service's client, retries and all
+        assert httpx.get(f"{base}/api/stats", timeout=30).status_code == 200
+        proxy.go_silent()
+        with ThreadPoolExecutor(45) as pool:  # more polls than the 40 worker threads: tabs left open overnight
+            polls = [pool.submit(httpx.get, f"{base}/api/stats", timeout=120) for _ in range(45)]
+            time.sleep(0.5)
+            started = time.monotonic()
+            assert httpx.get(f"{base}/healthz", timeout=30).status_code == 200
+            assert time.monotonic() - started < 1
+            ready = httpx.get(f"{base}/readyz", timeout=30)
+            assert ready.status_code == 503 and time.monotonic() - started < 2
+            answered = [poll.result() for poll in polls]
+        assert {a.status_code for a in answered} == {503}
+        assert "cannot read the queue from Redis" in answered[0].json()["detail"]
+        started = time.monotonic()
+        scraped = httpx.get(f"{base}/metrics", timeout=60)
+        assert time.monotonic() - started < 2  # one read timeout, not eight
+        samples = {s.name: s.value for f in text_string_to_metric_families(scraped.text) for s in f.samples}
+        assert scraped.status_code == 200 and samples == {"persona_redis_up": 0}
+        proxy.come_back()
+        assert httpx.get(f"{base}/api/stats", timeout=30).status_code == 200
+    finally:
+        proxy.come_back()
+        proxy.close()
+
+
 def test_readyz_never_shows_the_redis_password(settings, dashboard):
     """/readyz answers anyone who can reach the dashboard, token or not, with Redis's own
     words, and a Redis older than HELLO (5.x) quotes the client's greeting back, password

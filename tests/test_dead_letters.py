@@ -318,3 +318,35 @@ def test_a_clean_up_clears_the_deleted_unseen_note_and_metrics_keep_the_total(se
     assert count_dead(redis_client) == (1, 5) and "5 older dead letter(s) were deleted unseen" in persona("dead").stdout
     assert drop_dead(redis_client, [list_dead(redis_client)[0].id]) == 1  # emptied one by one (or by retries) too
     assert count_dead(redis_client) == (0, 0)
+
+
+@pytest.mark.parametrize("columns", ["80", "60"])
+def test_the_dead_letter_ids_listed_on_a_narrow_terminal_are_whole(settings, redis_client, redis_url, columns):
+    """On an 80-column terminal, or into a pipe (80 columns too), `persona queue dead` cut
+    every id to "1795810641…", and the ids are what `show`, `retry` and `drop` take: the
+    operator had nothing to copy (every test here ran it 200 columns wide)."""
+    dead_letter(settings, redis_client, chat(text="a long reason follows " * 5))
+    [letter] = list_dead(redis_client)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PERSONA_")}
+    env |= {"PERSONA_DATA_DIR": str(settings.data_dir), "PERSONA_REDIS_URL": redis_url, "COLUMNS": columns}
+    listed = subprocess.run([sys.executable, "-m", "persona", "queue", "dead"], env=env, capture_output=True,
+                            check=False, text=True, timeout=120)
+    assert listed.returncode == 0, listed.stderr
+    assert letter.id in listed.stdout, listed.stdout
+    assert max(len(line) for line in listed.stdout.splitlines() if "│" in line) <= int(columns)  # the table still fits
+
+
+@pytest.mark.parametrize("command", [["retry", "--all"], ["drop", "--all"], ["drop", "--unreadable"]])
+def test_a_confirmation_nobody_can_answer_says_to_pass_yes(settings, redis_client, redis_url, command):
+    """Run from cron, a script or ssh without a terminal (stdin closed), `retry --all` and
+    `drop --all` printed their question and then "Aborted.", exit 1: no word of what was
+    not done or of --yes, the flag that runs them unattended."""
+    dead_letter(settings, redis_client, chat())
+    redis_client.xadd(keys.STREAM_DEAD, {"r": b"not json", "reason": "malformed", "deliveries": 1})
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PERSONA_")}
+    env |= {"PERSONA_DATA_DIR": str(settings.data_dir), "PERSONA_REDIS_URL": redis_url, "COLUMNS": "200"}
+    asked = subprocess.run([sys.executable, "-m", "persona", "queue", *command], env=env, stdin=subprocess.DEVNULL,
+                           capture_output=True, check=False, text=True, timeout=120)
+    assert asked.returncode == 1 and "Aborted" not in asked.stderr
+    assert "--yes" in asked.stderr and "nothing" in asked.stderr, asked.stderr
+    assert len(list_dead(redis_client)) == 2  # nothing done

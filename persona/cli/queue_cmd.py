@@ -7,6 +7,7 @@ import json
 import time
 from typing import Annotated
 
+import click
 import redis
 import typer
 from pydantic import ValidationError
@@ -163,6 +164,16 @@ def stats(json_output: bool = typer.Option(False, "--json", help="print one JSON
     console.print(render_all(figures))
 
 
+def _confirmed(question: str, undone: str) -> bool:
+    """Ask ``question``; with no one to answer it (stdin closed: cron, a script), say what was
+    not done and how to run it unattended, rather than click's bare "Aborted."."""
+    try:
+        return typer.confirm(question)
+    except (typer.Abort, click.exceptions.Abort):  # typer has its own, in some versions
+        console.print()  # end the question's line
+        raise QueueError(f"no answer to the question (no terminal to ask on), so {undone}; pass --yes to run it without asking") from None
+
+
 def _personas(settings: Settings) -> dict[str, Persona]:
     """The persona files this machine reads (those it cannot read are left out: `persona
     personas validate` names them), so every persona's version is shown, not only the swapped."""
@@ -281,7 +292,10 @@ def dead(
     if not letters:  # an empty table, its title and a rule, looked like output cut short
         console.print("no dead letters")
     table = Table(title=f"dead letters ({len(letters)} of {held} shown, newest first)", header_style="bold")
-    for column in ("id", "request", "persona", "deliveries", "when", "reason"):
+    # The id whole, however narrow the terminal (a pipe is 80 columns): it is what `show`,
+    # `retry` and `drop` take, and "1795810641…" was all there was to copy.
+    table.add_column("id", no_wrap=True, min_width=max((len(d.id) for d in letters), default=2))
+    for column in ("request", "persona", "deliveries", "when", "reason"):
         table.add_column(column)
     for d in letters:
         when = local_time(d.at)
@@ -382,7 +396,7 @@ def retry(
     if not count:
         console.print("no dead letters")
         return
-    if not yes and not typer.confirm(f"re-queue all {count} dead letter(s)?"):
+    if not yes and not _confirmed(f"re-queue all {count} dead letter(s)?", "nothing was re-queued"):
         raise typer.Exit(1)
     report = retry_all(client, max_length=limit)
     console.print(f"re-queued {len(report.requeued)} dead letter(s)")
@@ -426,7 +440,7 @@ def drop(
     if not ids:
         console.print("no dead letters" if all_ else "no unreadable dead letters")
         return
-    if not entry_ids and not yes and not typer.confirm(f"delete {len(ids)} dead letter(s) for good?"):
+    if not entry_ids and not yes and not _confirmed(f"delete {len(ids)} dead letter(s) for good?", "nothing was dropped"):
         raise typer.Exit(1)
     console.print(f"dropped {drop_dead(client, ids)} dead letter(s)")
 
