@@ -182,8 +182,10 @@ class GenerationReply(BaseModel):
     persona: str = ""
     version: str = Field("", description="the persona checkpoint version that produced it")
     worker: str = ""
+    # "length": cut off by max_new_tokens; a chat reply's text is then ended at its last
+    # finished sentence or whole word and "…" (``persona.endings``), a completion's is raw.
     finish_reason: Literal["stop", "length", "error"] = "stop"
-    new_tokens: int = 0
+    new_tokens: int = 0  # every token generated, a trimmed chat reply's dropped ones too
     timings: Timings = Field(default_factory=Timings)
 
     @classmethod

@@ -85,7 +85,11 @@ def ask(
     persona: str = typer.Argument(..., help="which persona answers"),
     text: str = typer.Argument(..., help="what you say to it"),
     temperature: float = typer.Option(None, min=0.0, max=5.0, help="override the persona's temperature"),
-    max_new_tokens: int = typer.Option(None, min=1, max=MAX_NEW_TOKENS, help="override the reply length limit"),
+    max_new_tokens: int = typer.Option(
+        None, min=1, max=MAX_NEW_TOKENS,
+        help="override the reply length limit, in tokens (a reply cut off there ends at its last finished sentence, "
+        "or its last whole word and …)",
+    ),
     seed: int = typer.Option(None, min=0, max=MAX_SEED, metavar="N", help="sampling seed, for a repeatable answer"),
     timeout: float = typer.Option(
         None, min=1.0, help="seconds to wait for the reply, also its deadline (default: the queue's, "
