@@ -122,6 +122,12 @@ def test_markdown_keeps_the_prose_around_markup_and_drops_code(tmp_path: Path):
     assert "See https://example.org/page too." in text
 
 
+def test_markdown_html_entities_are_read_as_the_characters_they_show():
+    """Blogs write "&amp;", "&mdash;" and "&nbsp;": they went into the corpus as written, to be learned."""
+    post = "AT&amp;T &mdash; a <em>phone</em>&nbsp;company; 3 &lt; 5 and &lt;b&gt; is a tag &#8217;s &copy;"
+    assert normalize_text(strip_markdown(post)) == "AT&T — a phone company; 3 < 5 and <b> is a tag ’s ©"
+
+
 def test_markdown_with_many_brackets_is_read_in_time():
     """Each "[" or "<" was scanned to the line's end: 20,000 "[" took 4 seconds, 100,000 minutes."""
     started = time.perf_counter()
@@ -377,6 +383,23 @@ def test_csv_quotes_that_are_text_or_hold_a_name_are_not_taken_for_structure(tmp
     assert texts(read_csv(inches, OPTIONS)) == ["First row", 'She is 5" tall']
 
 
+def test_csv_text_holding_an_unquoted_delimiter_is_not_cut_short(tmp_path: Path):
+    """"1,Hello, world" gave "Hello": the rest of a text with a comma in it was dropped without a word."""
+    path = tmp_path / "posts.csv"
+    path.write_text("id,text\n1,Hello, world, and more\n2,A plain post\n")
+    assert texts(read_csv(path, OPTIONS)) == ["Hello, world, and more", "A plain post"]
+    path.write_text("id;text\n1;Hello; there\n")
+    assert texts(read_csv(path, OPTIONS)) == ["Hello; there"]
+    # Not the last column: which cell is the text cannot be told, so the row is left out and said so.
+    path.write_text("text,id\nHello, world,1\nA plain post,2\nThird, with, commas,3\n")
+    documents = read_csv(path, OPTIONS)
+    assert texts(documents) == ["A plain post"]
+    [why] = documents.left_out
+    assert why.line == 2 and why.reason == (
+        "2 row(s) left out, with more cells than the header (line(s) 2, 4): an unquoted ',' in a text splits it, "
+        "so which cell holds the 'text' cannot be told; quote the cells that hold ','")
+
+
 def test_csv_with_a_very_long_cell(tmp_path: Path):
     path = tmp_path / "essays.csv"
     essay = "word " * 40_000  # 200 KB, over the csv module's default field limit
@@ -482,6 +505,28 @@ def test_cli_sums_up_a_blog_s_many_drafts_in_one_line(tmp_path: Path):
         f"left out 41 drafts, whose front matter sets draft to true or published to false: {blog / 'later.md'}, "
         f"{blog / 'wip-00.md'}, {blog / 'wip-01.md'} and 38 more; to read one, set draft to false or published "
         "to true in its front matter")
+
+
+def test_a_few_broken_jsonl_lines_are_left_out_and_named_not_the_whole_file(tmp_path: Path):
+    """One line cut short (a crash while exporting) skipped the whole file: "skipped posts.jsonl:3: not
+    JSON", and with it the 999 good records, though the line named made it look like one line."""
+    path = tmp_path / "posts.jsonl"
+    good = [json.dumps({"text": f"Post {n} about the garden."}) for n in range(12)]
+    path.write_text("\n".join([*good[:2], '{"text": "cut sho', *good[2:8], "oops", *good[8:]]) + "\n")
+    documents = read_jsonl(path, OPTIONS)
+    assert texts(documents) == [f"Post {n} about the garden." for n in range(12)]
+    [why] = documents.left_out
+    assert why.line == 3 and why.reason == (
+        "2 line(s) not JSON, left out (line(s) 3, 10; the first: Unterminated string starting at (column 10)); "
+        "the other 12 record(s) were read; fix those lines to read them too")
+    result = _persona_cli(str(path), "-o", str(tmp_path / "corpus.jsonl"))
+    assert result.returncode == 0 and f"skipped {path}:3: 2 line(s) not JSON, left out" in result.stderr
+    assert len(read_corpus(tmp_path / "corpus.jsonl").documents) == 12
+    # A file mostly not JSON is no JSONL: it is skipped whole, named by its first bad line.
+    path.write_text('{"text": "fine"}\nid,text\n1,hello\n')
+    with pytest.raises(SourceProblem, match="not JSON") as caught:
+        read_jsonl(path, OPTIONS)
+    assert caught.value.line == 2
 
 
 def test_jsonl_strings_may_hold_unicode_line_separators(tmp_path: Path):
@@ -704,6 +749,74 @@ def test_broken_note_tweet_file_is_reported_with_its_line(tmp_path: Path):
     assert caught.value.line == 1
 
 
+def test_cli_counts_the_retweets_and_replies_it_left_out(tmp_path: Path):
+    """An archive of 4 tweets said "2 documents (2 tweets)": the retweets and replies dropped went unsaid."""
+    data = tmp_path / "twitter-2024" / "data"
+    _export(data, [
+        _tweet("1", "My own thought &amp; more https://t.co/abc", None),
+        _tweet("2", "RT @other: someone else's words", None),
+        _tweet("3", "@friend a reply", None, in_reply_to_status_id_str="9"),
+        _tweet("4", "@friend another reply", None, in_reply_to_user_id_str="8"),
+        _tweet("5", "Another original", None),
+    ], [])
+    result = _persona_cli(str(tmp_path / "twitter-2024"), "-o", str(tmp_path / "corpus.jsonl"))
+    assert result.returncode == 0, result.stderr
+    assert (f"{data / 'tweets.js'}: 1 retweet(s) and 2 reply(ies) left out, as not the author's own posts (the "
+            "other 2 were read); --keep-retweets and --keep-replies read them too") in result.stderr
+    kept = _persona_cli(str(data / "tweets.js"), "--keep-replies", "-o", str(tmp_path / "corpus.jsonl"))
+    assert "1 retweet(s) left out" in kept.stderr and "reply" not in kept.stderr
+    assert "read 1 file(s): 4 documents (4 tweets)" in kept.stdout
+
+
+def _zip(path: Path, members: dict[str, str]) -> Path:
+    import zipfile
+
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, text in members.items():
+            archive.writestr(name, text)
+    return path
+
+
+def test_an_x_export_zip_is_read_as_its_folder_would_be(tmp_path: Path):
+    """The zip X sends was "a binary file, not text" when named, and passed over in a folder:
+    every user had to unzip it first, and was not told so."""
+    tweets = [_tweet("1", _stub(LONG_GARDEN), "Wed May 01 10:00:00 +0000 2024"),
+              _tweet("3", "RT @other: not mine", "Wed May 01 10:30:00 +0000 2024"),
+              _tweet("5", "A short one of my own.", "Wed May 01 11:00:00 +0000 2024")]
+    export = _zip(tmp_path / "twitter-2024-05-02-abc.zip", {
+        "Your archive.html": "<html></html>",
+        "data/tweets.js": "window.YTD.tweets.part0 = " + json.dumps(tweets, indent=2),
+        "data/tweets-part1.js": "window.YTD.tweets.part1 = " + json.dumps([_tweet("7", "Part one's own.", None)]),
+        "data/note-tweet.js": "window.YTD.note_tweet.part0 = " + json.dumps(
+            [_note("2", LONG_GARDEN, "2024-05-01T10:00:00.000Z")]),
+        "data/deleted-tweets.js": "window.YTD.deleted_tweets.part0 = " + json.dumps([_tweet("9", "Deleted.", None)]),
+        "data/account.js": "window.YTD.account.part0 = []",
+    })
+    assert detect_format(export) == "tweets"
+    documents = read_tweets(export, OPTIONS)
+    assert texts(documents) == ["Part one's own.", LONG_GARDEN.replace("https://t.co/plan", ""), "A short one of my own."]
+    [why] = documents.left_out
+    assert why.path == export / "data" / "tweets.js" and why.reason.startswith("1 retweet(s) left out")
+    folder = tmp_path / "downloads"
+    folder.mkdir()
+    export.rename(folder / export.name)
+    result = build_corpus([folder])
+    assert result.files == 1 and result.left_out == [] and result.by_format == {"tweets": 3}
+
+
+def test_a_zip_that_is_no_x_export_says_to_unzip_it(tmp_path: Path):
+    other = _zip(tmp_path / "essays.zip", {"essays/one.txt": "An essay.", "essays/two.md": "Another."})
+    with pytest.raises(SourceProblem, match=r"essays.zip: a zip with no tweets.js in it, so not a Twitter/X archive; "
+                                            r"unzip it and name the folder"):
+        read_tweets(other, OPTIONS)
+    cut = tmp_path / "twitter-2024.zip"
+    cut.write_bytes(_zip(tmp_path / "whole.zip", {"data/tweets.js": "[]"}).read_bytes()[:40])
+    with pytest.raises(SourceProblem, match="not a zip that can be read .*download the archive again"):
+        read_tweets(cut, OPTIONS)
+    result = build_corpus([other, tmp_path / "whole.zip"])
+    assert [p.path for p in result.problems] == [other] and result.files == 2
+
+
 def _write_pdf(path: Path, pages: list[list[str]]) -> None:
     from fpdf import FPDF
 
@@ -839,6 +952,17 @@ def test_build_reports_bad_files_and_keeps_the_rest(tmp_path: Path):
     assert result.files == 4
     assert [p.path.name for p in result.problems] == ["b.md"]
     assert sorted(result.corpus.documents) == ["A tweet", "First post body.", "another note", "one note"]
+
+
+def test_build_tells_how_far_reading_and_cleaning_have_got(tmp_path: Path):
+    """Twenty thousand posts took two silent minutes, 100,000 tweets one: nothing said it was working."""
+    for n in range(3):
+        (tmp_path / f"post-{n}.md").write_text(f"Post {n} about the garden.\n\n")
+    (tmp_path / "more.txt").write_text("One.\n\nTwo.\n")
+    told: list[tuple[str, int, int]] = []
+    result = build_corpus([tmp_path], progress=lambda *step: told.append(step))
+    assert told == [("reading", n, 4) for n in range(4)] + [("cleaning", n, 5) for n in range(5)]
+    assert len(result.corpus.documents) == 5
 
 
 def test_build_skips_its_own_output_inside_the_folder(tmp_path: Path):

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from persona.errors import CorpusError
-from training.cleaning import CleanOptions, CleanReport, clean_documents
+from training.cleaning import CleanOptions, CleanReport, Progress, clean_documents
 from training.fortune import read_fortune
 from training.markdown import read_markdown
 from training.pdf import read_pdf
@@ -38,7 +38,7 @@ from training.sources import (
     read_jsonl,
     read_text,
 )
-from training.tweets import read_tweets
+from training.tweets import read_tweets, tweet_archive_members
 
 __all__ = [
     "VALIDATION_FRACTION",
@@ -143,6 +143,8 @@ def _looks_readable(path: Path) -> bool:
     suffix = path.suffix.lower()
     if suffix in (".js", ".json"):
         return detect_format(path) == "tweets"
+    if suffix == ".zip":  # an X export as downloaded; any other zip is no writing
+        return bool(tweet_archive_members(path))
     return suffix in _KNOWN_SUFFIXES
 
 
@@ -201,11 +203,14 @@ def build_corpus(
     read_options: ReadOptions | None = None,
     clean_options: CleanOptions | None = None,
     exclude: Iterable[Path] = (),
+    progress: Progress | None = None,
 ) -> BuildResult:
     """Read every source, clean the documents and split them; unreadable files, and writing left out
     on purpose (drafts, records without the field), are reported in ``problems``.
 
     ``exclude``: files not to read from the folders named (the corpus file being written).
+    ``progress``: told ("reading", files done, files) before each file, then ("cleaning", ...) as
+    ``clean_documents`` tells it.
     """
     if fmt not in FORMATS:
         raise CorpusError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
@@ -214,7 +219,9 @@ def build_corpus(
     raw: list[str] = []
     problems: list[SourceProblem] = []
     by_format: Counter[str] = Counter()
-    for path in files:
+    for done, path in enumerate(files):
+        if progress:
+            progress("reading", done, len(files))
         chosen = detect_format(path) if fmt == "auto" else fmt
         try:
             documents = READERS[chosen](path, read_options)
@@ -226,7 +233,7 @@ def build_corpus(
             problems.extend(documents.left_out)
         by_format[chosen] += len(documents)
         raw.extend(doc.text for doc in documents)
-    texts, report = clean_documents(raw, clean_options)
+    texts, report = clean_documents(raw, clean_options, progress)
     splits = assign_splits(texts)
     tail_held_out = len(texts) == 1 and len(texts[0]) >= TAIL_HELD_OUT_MIN_CHARS
     if tail_held_out:  # nothing to hold out but part of the one document

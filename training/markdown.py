@@ -1,5 +1,5 @@
 """Blog posts in Markdown: front matter (YAML between ``---`` lines, TOML between ``+++``)
-read for ``draft``, and the markup stripped to the prose a reader sees.
+read for ``draft``, and the markup stripped to the prose a reader sees (HTML entities decoded).
 
 Code blocks, comments, scripts and highlighted code go whole; an opener never closed stays
 as text. Every pattern runs in linear time: a post with thousands of unclosed ``<script``
@@ -8,6 +8,7 @@ openers or blank lines is read in a second, not minutes (``_sub_spans``).
 
 from __future__ import annotations
 
+import html
 import re
 import tomllib
 from collections.abc import Callable
@@ -138,7 +139,8 @@ def strip_markdown(text: str) -> str:
     text = _sub_spans(text, _EMPHASIS_OPEN, lambda m: re.compile(rf"(?<!\s){re.escape(m[1])}(?![\w*])"),
                       lambda opened, inner: inner, one_line=True, inner_min=1)
     text = re.sub(r"`([^`]*)`", r"\1", text)
-    return text
+    # Last, so "&lt;b&gt;" written in the prose stays the text "<b>" a reader sees, not a tag to strip.
+    return html.unescape(text)  # "AT&amp;T", "&mdash;", "&nbsp;" as a reader sees them
 
 
 def read_markdown(path: Path, options: ReadOptions) -> Documents:

@@ -7,16 +7,17 @@ file and line; the corpus builder reports it and goes on with the other files.
 Formats: Markdown with YAML (``---``) or TOML (``+++``) front matter (``markdown.py``), plain text split on
 ``<|endoftext|>`` or blank lines, CSV (one column; comma, semicolon, tab or bar between
 cells), JSONL (one field; a JSON array of records too), PDF (``pdf.py``), Twitter/X
-archives (``tweets.py``: ``tweets.js`` and its parts, with the full text of long posts
-taken from the ``note-tweet.js`` beside them) and fortune files (``fortune.py``: ``%`` between
+archives (``tweets.py``: the export's zip, or ``tweets.js`` and its parts, with the full text of
+long posts taken from the ``note-tweet.js`` beside them) and fortune files (``fortune.py``: ``%`` between
 entries; the offensive ones that ``strfile -x`` stored in ROT13 are read decoded).
 
 Text is UTF-8, or UTF-16/32 when it starts with a byte-order mark (Notepad's "Unicode"). Text
 that is not UTF-8 is read as Windows-1252 (Latin-1: old fortune files, Windows exports), with a
 warning naming the file and the first such byte.
 
-What a reader leaves out on purpose, a draft or the JSONL records without the field asked for,
-it returns in ``Documents.left_out``; the corpus builder reports it like a file it could not read.
+What a reader leaves out on purpose, a draft, the JSONL records without the field asked for or
+a few lines that are not JSON, CSV rows whose text cannot be told, retweets and replies, it
+returns in ``Documents.left_out``; the corpus builder reports it like a file it could not read.
 """
 
 from __future__ import annotations
@@ -211,7 +212,8 @@ def detect_format(path: Path) -> str:
     if is_tweet_archive(path) or is_note_tweets(path):
         return "tweets"
     by_suffix = {".md": "markdown", ".markdown": "markdown", ".csv": "csv", ".tsv": "csv", ".jsonl": "jsonl",
-                 ".ndjson": "jsonl", ".pdf": "pdf", ".fortune": "fortune", ".fortunes": "fortune"}
+                 ".ndjson": "jsonl", ".pdf": "pdf", ".fortune": "fortune", ".fortunes": "fortune",
+                 ".zip": "tweets"}  # the zip of an X export; the tweets reader says what any other zip is
     if suffix in by_suffix:
         return by_suffix[suffix]
     if suffix in ("", ".txt", ".dat", ".u8"):  # Debian's fortune files have no suffix, or ".u8" (UTF-8)
@@ -296,21 +298,32 @@ def _column(path: Path, header: list[str], wanted: str) -> str:
     raise SourceProblem(path, 1, f"no column {wanted!r}; columns are {', '.join(header) or 'none'} (use --column)")
 
 
-def read_csv(path: Path, options: ReadOptions) -> list[RawDocument]:
-    """One document per row, from the column named by ``--column``."""
+def read_csv(path: Path, options: ReadOptions) -> Documents:
+    """One document per row, from the column named by ``--column``. A row with more cells than the
+    header (text holding the delimiter, unquoted: ``1,Hello, world``) keeps its whole text when the
+    column is the last one; else it is left out, and said so."""
     text = read_text_file(path)
     # csv refuses fields over 128 KB by default; no field can be longer than its file.
     csv.field_size_limit(max(csv.field_size_limit(), len(text)))
     lines = io.StringIO(text, newline="").readlines()
-    reader = csv.DictReader(lines, delimiter=_delimiter(lines[0] if lines else ""))
+    delimiter = _delimiter(lines[0] if lines else "")
+    reader = csv.DictReader(lines, delimiter=delimiter)
     try:
         column = _column(path, reader.fieldnames or [], options.column)
-        documents = []
+        last_column = column == (reader.fieldnames or [])[-1]
+        documents = Documents()
+        spilled: list[int] = []  # rows with more cells than the header, whose text cannot be told
         # The lines the last row started and ended on, and the line the next one starts on
         # (blank lines after the last row are read past once the rows run out: not its lines).
         last, ended, starts = None, 0, reader.line_num + 1
         for row in reader:
             value = row.get(column)
+            if row.get(None) and value is not None:  # csv puts the cells past the header's under None
+                if last_column:  # the cells the delimiter split off the end of the text, put back
+                    value = delimiter.join([value, *row[None]])
+                else:
+                    spilled.append(starts)
+                    value = None
             if value:
                 documents.append(RawDocument(value, str(path), starts))
             last, ended, starts = starts, reader.line_num, reader.line_num + 1
@@ -321,6 +334,11 @@ def read_csv(path: Path, options: ReadOptions) -> list[RawDocument]:
     if last is not None and last < ended and "".join(lines[last - 1 : ended]).count('"') % 2:
         raise SourceProblem(path, last, 'a quoted cell opened on this line is never closed, so every line after '
                                         'it would be one text; add the closing " where the cell ends')
+    if spilled:
+        documents.left_out.append(SourceProblem(
+            path, spilled[0], f"{len(spilled)} row(s) left out, with more cells than the header (line(s) "
+                              f"{_some(spilled)}): an unquoted {delimiter!r} in a text splits it, so which cell holds "
+                              f"the {column!r} cannot be told; quote the cells that hold {delimiter!r}"))
     return documents
 
 
@@ -333,24 +351,36 @@ def json_lines(text: str) -> list[str]:
     return [line.removesuffix("\r") for line in text.split("\n")]
 
 
-def _json_records(path: Path, text: str) -> list[tuple[int, object]]:
-    """(line, record) for each line of a JSONL text. A line holding an array gives its items, and so
-    does a file that is one JSON array over many lines (or one pretty-printed object gives itself)."""
+def _json_records(path: Path, text: str) -> tuple[list[tuple[int, object]], list[tuple[int, str]]]:
+    """(line, record) for each line of a JSONL text, and (line, why) for each line that is not JSON.
+    A line holding an array gives its items, and so does a file that is one JSON array over many
+    lines (or one pretty-printed object gives itself).
+
+    A few broken lines (a record cut short by a crash, a stray line) are only those lines: the
+    rest is read. A file with as many broken lines as good ones is no JSONL: ``SourceProblem``.
+    """
     records: list[tuple[int, object]] = []
+    broken: list[tuple[int, str]] = []
+    good = 0
+    whole_error: SourceProblem | None = None
     for number, line in enumerate(json_lines(text), start=1):
         if not line.strip():
             continue
         try:
             value = json.loads(line)
         except json.JSONDecodeError as exc:
-            if records:
-                raise SourceProblem(path, number, f"not JSON: {exc.msg}") from exc
-            try:
-                return _whole_json_records(text)
-            except json.JSONDecodeError as whole_exc:  # says where an array breaks, not at its "["
-                raise SourceProblem(path, whole_exc.lineno, f"not JSON: {whole_exc.msg}") from exc
+            if not good and not broken:  # the first line: perhaps of one value over many lines
+                try:
+                    return _whole_json_records(text), []
+                except json.JSONDecodeError as whole_exc:  # says where an array breaks, not at its "["
+                    whole_error = SourceProblem(path, whole_exc.lineno, f"not JSON: {whole_exc.msg}")
+            broken.append((number, f"{exc.msg} (column {exc.colno})"))
+            continue
+        good += 1
         records.extend((number, item) for item in (value if isinstance(value, list) else [value]))
-    return records
+    if broken and len(broken) >= good:
+        raise whole_error or SourceProblem(path, broken[0][0], f"not JSON: {broken[0][1]}")
+    return records, broken
 
 
 _BLANK = re.compile(r"[ \t\n\r]*")
@@ -399,12 +429,13 @@ def _field(record: object, dotted: str) -> object:
 
 def read_jsonl(path: Path, options: ReadOptions) -> Documents:
     """One document per line, from the field named by ``--field`` (dots go deeper); the records
-    without it (or with null in it) are left out and said so."""
+    without it (or with null in it), and a few lines that are not JSON, are left out and said so."""
     documents = Documents()
     first: tuple[int, dict] | None = None  # the first record that is an object, for the error
     present = False
     lacking: list[int] = []
-    for number, record in _json_records(path, read_text_file(path)):
+    records, broken = _json_records(path, read_text_file(path))
+    for number, record in records:
         if isinstance(record, str):
             documents.append(RawDocument(record, str(path), number))
             continue
@@ -423,9 +454,18 @@ def read_jsonl(path: Path, options: ReadOptions) -> Documents:
         raise SourceProblem(path, line, f"no record has the field {options.field!r}; the first record's fields are "
                                         f"{', '.join(map(str, record)) or 'none'} (use --field)")
     if lacking:
-        lines = sorted(set(lacking))
-        shown = ", ".join(map(str, lines[:5])) + (f" and {len(lines) - 5} more" if len(lines) > 5 else "")
         documents.left_out.append(SourceProblem(
-            path, lines[0], f"{len(lacking)} record(s) with no text in the field {options.field!r} (line(s) {shown}; "
-                            f"the other {len(documents)} were read); --field names the field that holds the text"))
+            path, min(lacking), f"{len(lacking)} record(s) with no text in the field {options.field!r} "
+                                f"(line(s) {_some(lacking)}; the other {len(documents)} were read); --field names the field that holds the text"))
+    if broken:
+        (line, why), *_ = broken
+        documents.left_out.append(SourceProblem(
+            path, line, f"{len(broken)} line(s) not JSON, left out (line(s) {_some(n for n, _ in broken)}; the "
+                         f"first: {why}); the other {len(records)} record(s) were read; fix those lines to read them too"))
     return documents
+
+
+def _some(numbers: Iterable[int], shown: int = 5) -> str:
+    """Line numbers, the first few of them: "2, 5, 9 and 12 more"."""
+    lines = sorted(set(numbers))
+    return ", ".join(map(str, lines[:shown])) + (f" and {len(lines) - shown} more" if len(lines) > shown else "")

@@ -1,8 +1,9 @@
-"""Tweets out of a Twitter/X archive (``data/tweets.js`` or a plain ``tweets.json``).
+"""Tweets out of a Twitter/X archive (the export's zip, its ``data/tweets.js`` or a plain ``tweets.json``).
 
 The archive's ``tweets.js`` is JavaScript: ``window.YTD.tweets.part0 = [...]``; each
-item is ``{"tweet": {...}}``. Retweets and replies are dropped unless asked for, links
-(always ``t.co`` wrappers) are removed, and HTML entities are decoded.
+item is ``{"tweet": {...}}``. Retweets and replies are dropped unless asked for (and counted,
+so the build can say so), links (always ``t.co`` wrappers) are removed, and HTML entities are
+decoded. The zip X sends is read as its unzipped folder would be.
 
 Long posts: newer X exports keep the whole text of a post over 280 characters (a "note
 tweet") in ``note-tweet.js`` (``note-tweet-part1.js``, ...), items ``{"noteTweet": {...,
@@ -29,17 +30,25 @@ from __future__ import annotations
 import html
 import json
 import re
+import zipfile
 from bisect import bisect_left, bisect_right
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import lru_cache
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from persona.curation import x_length
-from training.sources import RawDocument, ReadOptions, SourceProblem, is_note_tweets
+from training.sources import (
+    Documents,
+    RawDocument,
+    ReadOptions,
+    SourceProblem,
+    is_note_tweets,
+    is_tweet_archive,
+)
 
-__all__ = ["parse_archive", "read_tweets"]
+__all__ = ["parse_archive", "read_tweets", "tweet_archive_members"]
 
 _LINK = re.compile(r"https?://\S+")
 # What a truncated tweet may end with, before its ellipsis: a link cut before its "://", an entity
@@ -149,7 +158,12 @@ def _note(item: dict) -> _Note | None:
 
 def _read_notes(path: Path) -> list[tuple[int, _Note]]:
     """The notes in a note-tweet file, each with its place in the file."""
-    items = _parse_items(path, _read(path), "noteTweet", "note-tweet file", "notes")
+    return _notes_in(path, _read(path))
+
+
+def _notes_in(path: Path, text: str) -> list[tuple[int, _Note]]:
+    """The notes in a note-tweet file's text, each with its place in the file."""
+    items = _parse_items(path, text, "noteTweet", "note-tweet file", "notes")
     return [(number, note) for number, item in enumerate(items, start=1) if (note := _note(item)) is not None]
 
 
@@ -237,27 +251,88 @@ def _is_reply(tweet: dict) -> bool:
                                           "in_reply_to_user_id_str", "in_reply_to_user_id"))
 
 
-def read_tweets(path: Path, options: ReadOptions) -> list[RawDocument]:
-    """One document per tweet the author wrote themselves, long ones whole from ``note-tweet.js``.
-
-    A note-tweet file read by itself gives one document per note.
-    """
-    if is_note_tweets(path):
-        return [RawDocument(note.text, str(path), number) for number, note in _read_notes(path) if note.text]
-    tweets = parse_archive(path, _read(path))
-    notes = _notes_beside(path)
-    documents = []
+def _own_tweets(path: Path, tweets: list[dict], notes: _NoteIndex | None, options: ReadOptions) -> Documents:
+    """The tweets the author wrote themselves, as documents; the retweets and replies left out are counted."""
+    documents = Documents()
+    retweets = replies = 0
     for number, tweet in enumerate(tweets, start=1):
         raw = tweet.get("full_text", tweet.get("text"))
         if not isinstance(raw, str):
             continue
         body = html.unescape(raw)
         if _is_retweet(tweet, body) and not options.keep_retweets:
+            retweets += 1
             continue
         if _is_reply(tweet) and not options.keep_replies:
+            replies += 1
             continue
         whole = notes.full_text(raw, _timestamp(tweet.get("created_at", tweet.get("createdAt")))) if notes else None
         body = whole if whole is not None else _LINK.sub("", body).strip()
         if body:
             documents.append(RawDocument(body, str(path), number))
+    if retweets or replies:  # most of an archive may be these: say so, or the count read looks like a loss
+        counted = [f"{n} {what}" for n, what in ((retweets, "retweet(s)"), (replies, "reply(ies)")) if n]
+        keep = [flag for n, flag in ((retweets, "--keep-retweets"), (replies, "--keep-replies")) if n]
+        documents.left_out.append(SourceProblem(
+            path, None, f"{' and '.join(counted)} left out, as not the author's own posts (the other "
+                        f"{len(documents)} were read); {' and '.join(keep)} read them too"))
+    return documents
+
+
+def read_tweets(path: Path, options: ReadOptions) -> Documents:
+    """One document per tweet the author wrote themselves, long ones whole from ``note-tweet.js``;
+    the retweets and replies left out are counted in ``left_out``. A zip of an X export is read
+    as its folder would be.
+
+    A note-tweet file read by itself gives one document per note.
+    """
+    if path.suffix.lower() == ".zip":
+        return _read_zip(path, options)
+    if is_note_tweets(path):
+        return Documents(RawDocument(note.text, str(path), number) for number, note in _read_notes(path) if note.text)
+    return _own_tweets(path, parse_archive(path, _read(path)), _notes_beside(path), options)
+
+
+# --- The export as X sends it: one zip ------------------------------------------------
+
+def tweet_archive_members(path: Path) -> list[str] | None:
+    """The names of the tweet archive files in a zip (``data/tweets.js``, its parts), sorted; None
+    when the file is not a zip that can be read."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return None
+    return sorted(name for name in names if not name.endswith("/") and is_tweet_archive(PurePosixPath(name)))
+
+
+def _member_text(archive: zipfile.ZipFile, path: Path, name: str) -> str:
+    try:
+        return archive.read(name).decode("utf-8")
+    except (OSError, zipfile.BadZipFile, RuntimeError, NotImplementedError, UnicodeDecodeError) as exc:
+        # RuntimeError: a member locked with a password; NotImplementedError: a compression zipfile lacks.
+        raise SourceProblem(path / name, None, f"cannot read it from the zip ({exc}); unzip it and name the folder") from exc
+
+
+def _read_zip(path: Path, options: ReadOptions) -> Documents:
+    """The author's tweets in an X export's zip: each archive file with the notes beside it in the zip."""
+    members = tweet_archive_members(path)
+    if members is None:
+        raise SourceProblem(path, None, "not a zip that can be read (damaged, or cut short while downloading?); "
+                                        "download the archive again, or unzip what there is and name the folder")
+    if not members:
+        raise SourceProblem(path, None, "a zip with no tweets.js in it, so not a Twitter/X archive; unzip it and "
+                                        "name the folder, or the files of the writing in it")
+    documents = Documents()
+    with zipfile.ZipFile(path) as archive:
+        for name in members:
+            folder = PurePosixPath(name).parent
+            note_names = sorted(n for n in archive.namelist()
+                                if PurePosixPath(n).parent == folder and is_note_tweets(PurePosixPath(n)))
+            notes = [note for n in note_names
+                     for _, note in _notes_in(path / n, _member_text(archive, path, n))]
+            read = _own_tweets(path / name, parse_archive(path / name, _member_text(archive, path, name)),
+                               _NoteIndex(notes) if notes else None, options)
+            documents.extend(read)
+            documents.left_out.extend(read.left_out)
     return documents

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -17,12 +18,13 @@ __all__ = ["corpus_build", "register"]
 corpus_app = typer.Typer(help="Turn an author's writing into a clean training corpus.", no_args_is_help=True)
 
 DRAFTS_NAMED = 5  # more drafts than this are summed up in one line
+PROGRESS_EVERY_S = 5.0  # a build this long says how far it has got, as often as this
 
 
 @corpus_app.command("build")
 @friendly_errors
 def corpus_build(
-    sources: list[Path] = typer.Argument(..., metavar="SOURCE", help="files or folders of the author's writing"),
+    sources: list[Path] = typer.Argument(..., metavar="SOURCE", help="files or folders of the author's writing (an X export's zip as downloaded too)"),
     output: Path = typer.Option(..., "-o", "--output", help="the corpus file to write (JSONL)"),
     fmt: str = typer.Option("auto", "--format", help="how to read the sources: auto (each file by its name and "
                             "first lines), text, markdown, csv, jsonl, pdf, tweets or fortune"),
@@ -57,6 +59,7 @@ def corpus_build(
                                  keep_replies=keep_replies, keep_retweets=keep_retweets),
         clean_options=CleanOptions(strip_urls=strip_urls, strip_handles=strip_handles, min_chars=min_chars),
         exclude=[output],
+        progress=_ProgressLine(),
     )
     drafts = [problem for problem in result.problems if isinstance(problem, Draft)]
     for problem in result.problems:  # escaped: a path may hold brackets ("my [draft] notes")
@@ -87,6 +90,20 @@ def corpus_build(
         warn_nothing_held_out("too few documents to hold any out")
     console.print(escape(_size_line(corpus.train, corpus.validation, base)))
     console.print(f"wrote {escape(str(output))}  (fingerprint {corpus.fingerprint})")
+
+
+class _ProgressLine:
+    """A line on stderr every ``PROGRESS_EVERY_S`` seconds of a long build: what it is doing, how far it
+    has got (twenty thousand posts take minutes to read and clean); a short build says nothing."""
+
+    def __init__(self) -> None:
+        self.last = time.monotonic()
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if time.monotonic() - self.last >= PROGRESS_EVERY_S:
+            self.last = time.monotonic()
+            what = "files" if stage == "reading" else "documents"
+            err_console.print(f"{stage}: {done} of {total} {what} ({100 * done // max(total, 1)}%)", highlight=False)
 
 
 def _drafts_line(drafts: list) -> str:
