@@ -94,8 +94,7 @@ class Scheduler:
             plan = SlotPlan(post=begun, late=True)
         else:
             plan = plan_slots(due, now, schedule.missed, self.poster.settings.posting.grace_s)
-        for n, missed in enumerate(plan.skipped):
-            self._log_skipped(persona, missed, attempted=n >= len(plan.skipped) - MAX_BEGUN_LOOKBACK)
+        self._log_skipped(persona, plan.skipped)
         outcome = None
         if plan.post is not None:
             slot = slot_id(plan.post)
@@ -147,25 +146,35 @@ class Scheduler:
         record = self.poster.ledger.record(persona.name, slot_id(slot))
         return bool(record.get("text")) and record.get("state", "") in OPEN_STATES
 
-    def _log_skipped(self, persona: Persona, missed: datetime, *, attempted: bool) -> None:
-        """Say a missed slot is skipped; one tried already whose answers were lost says how to finish it.
+    def _log_skipped(self, persona: Persona, skipped: list[datetime]) -> None:
+        """Say the missed slots skipped, in one line; each tried already whose answers were lost, in its own,
+        with how to finish it.
 
         A post that got no answer where a retry is safe (Mastodon, Bluesky, Discord) is
         retried only within the grace period: past it, the slot is skipped with a post that
         may or may not be out, and only a person can finish it. Only the latest slots are
-        looked up (``attempted``): after a long outage, thousands may be skipped at once.
+        looked up: after a long outage, thousands may be skipped at once (and were said a
+        line each, a month of hourly slots 720 lines).
         """
-        slot = slot_id(missed)
-        entries = self.poster.ledger.sink_entries(persona.name, slot) if attempted else {}
-        unanswered = [spec for spec, entry in entries.items() if entry.state == "intent"]
-        if not unanswered:
-            log.warning("%s: skipped missed slot %s (policy %s)", persona.name, slot, persona.schedule.missed)
-            return
-        log.warning(
-            "%s: slot %s got no answer from %s and is past its retries (policy %s); it may not be posted there: "
-            "`persona post %s --slot %s` finishes it safely (`persona posts uncertain` lists such posts)",
-            persona.name, slot, ", ".join(unanswered), persona.schedule.missed, persona.name, slot,
-        )
+        plain: list[str] = []
+        for n, missed in enumerate(skipped):
+            slot = slot_id(missed)
+            looked = n >= len(skipped) - MAX_BEGUN_LOOKBACK
+            entries = self.poster.ledger.sink_entries(persona.name, slot) if looked else {}
+            unanswered = [spec for spec, entry in entries.items() if entry.state == "intent"]
+            if not unanswered:
+                plain.append(slot)
+                continue
+            log.warning(
+                "%s: slot %s got no answer from %s and is past its retries (policy %s); it may not be posted there: "
+                "`persona post %s --slot %s` finishes it safely (`persona posts uncertain` lists such posts)",
+                persona.name, slot, ", ".join(unanswered), persona.schedule.missed, persona.name, slot,
+            )
+        if len(plain) == 1:
+            log.warning("%s: skipped missed slot %s (policy %s)", persona.name, plain[0], persona.schedule.missed)
+        elif plain:
+            log.warning("%s: skipped %d missed slots, %s to %s (policy %s)", persona.name, len(plain), plain[0], plain[-1],
+                        persona.schedule.missed)
 
     @staticmethod
     def _log_outcome(persona: Persona, slot: str, outcome: PostOutcome) -> None:

@@ -694,9 +694,12 @@ def test_a_sink_that_cannot_be_reached_is_said_once_in_a_line_with_what_to_do_ne
 
 
 @pytest.mark.parametrize(("status", "said", "next_step"), [
-    (401, "  x: not posted: X refused the credentials (401 Unauthorized Unauthorized); check PERSONA_POSTING__X_BEARER_TOKEN",
+    (401, ("  x: not posted: X refused the credentials (401 Unauthorized); check PERSONA_POSTING__X_BEARER_TOKEN in .env or "
+           "the environment (an OAuth 2 user token, which expires 2 hours after it is made: for posts day after day, set "
+           "the four OAuth 1.0a user keys instead, PERSONA_POSTING__X_CONSUMER_KEY, PERSONA_POSTING__X_CONSUMER_SECRET, "
+           "PERSONA_POSTING__X_ACCESS_TOKEN, PERSONA_POSTING__X_ACCESS_TOKEN_SECRET, which do not expire)"),
      "once that is fixed, `persona post teller --slot {slot}` posts the same text where it failed (never twice)"),
-    (429, "  x: rate-limited, nothing sent: X is rate-limiting posts: 429 Too Many Requests Too Many Requests",
+    (429, "  x: rate-limited, nothing sent: X is rate-limiting posts: 429 Too Many Requests",
      "to try again later: `persona post teller --slot {slot}` (it never posts twice)"),
 ])
 def test_a_refusal_or_a_rate_limit_beside_a_post_that_went_out_is_said_once(teller, status, said, next_step):

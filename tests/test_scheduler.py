@@ -3,6 +3,7 @@ and exactly-once posting under concurrent schedulers and crashes."""
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -281,6 +282,22 @@ def test_scheduler_after_downtime_follows_the_policy(settings, scheduled, write_
     [late] = runner.tick(utc(2026, 1, 11, 12))
     assert late.status == "posted" and late.slot == "2026-01-11T09:00:00Z"
     assert [line["marker"] for line in read_jsonl(scheduled)] == ["poet:2026-01-11T09:00:00Z:file:poet.jsonl"]
+
+
+def test_slots_skipped_after_a_long_downtime_are_said_in_one_line(settings, scheduled, caplog):
+    """A month down: the scheduler's first tick logged "skipped missed slot …" once a slot,
+    30 lines for a daily post (720 for an hourly one)."""
+    runner = Scheduler(poster_for(settings), redis.Redis.from_url(settings.redis_url.get_secret_value()))
+    runner.tick(utc(2026, 1, 5, 8))
+    with caplog.at_level(logging.WARNING, logger="adapters.scheduler"):
+        assert runner.tick(utc(2026, 2, 4, 12)) == []
+    assert [r.getMessage() for r in caplog.records if r.name == "adapters.scheduler"] == [
+        "poet: skipped 31 missed slots, 2026-01-05T09:00:00Z to 2026-02-04T09:00:00Z (policy skip)"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="adapters.scheduler"):
+        runner.tick(utc(2026, 2, 5, 12))
+    assert [r.getMessage() for r in caplog.records if r.name == "adapters.scheduler"] == [
+        "poet: skipped missed slot 2026-02-05T09:00:00Z (policy skip)"]
 
 
 def test_disabled_schedules_never_post(settings, write_persona, redis_client):

@@ -13,7 +13,7 @@ import pytest
 import requests
 from pydantic import SecretStr
 
-from adapters.posting import social
+from adapters.posting import chat_sinks, social
 from adapters.posting.poster import Poster
 from adapters.posting.sinks import (
     FileSink,
@@ -673,7 +673,9 @@ def test_a_refused_post_says_how_to_finish_it_once_fixed(settings, platform, wri
     platform.fail_with = 401
     refused = poster.post("fixme", slot="2026-01-05T09:00:00Z")
     assert (refused.status, refused.retry_later) == ("failed", False)
-    assert refused.message.endswith("check PERSONA_POSTING__X_BEARER_TOKEN; once that is fixed, "
+    assert refused.message.startswith("x: not posted: X refused the credentials (401 Unauthorized); check "
+                                      "PERSONA_POSTING__X_BEARER_TOKEN in .env or the environment"), refused.message
+    assert refused.message.endswith("which do not expire); once that is fixed, "
                                     "`persona post fixme --slot 2026-01-05T09:00:00Z` posts the same text where it failed (never twice)")
     platform.fail_with = None
     fixed = poster.post("fixme", slot="2026-01-05T09:00:00Z")
@@ -758,7 +760,7 @@ def test_the_scheduler_says_each_sink_failure_once_with_what_to_do_next(settings
     with caplog.at_level(logging.INFO):
         [limited] = runner.tick(at_nine + timedelta(minutes=1))
     assert [r.getMessage() for r in caplog.records if "rate-limiting" in r.getMessage()] == [
-        "poet slot 2026-01-05T09:00:00Z: X is rate-limiting posts: 429 Too Many Requests Too Many Requests"]
+        "poet slot 2026-01-05T09:00:00Z: x: rate-limited, nothing sent: X is rate-limiting posts: 429 Too Many Requests"]
     [said] = [r.getMessage() for r in caplog.records if r.name == "adapters.scheduler" and "is due" not in r.getMessage()]
     assert said == "poet: slot 2026-01-05T09:00:00Z partly posted: 1 of 2; it is tried again at the next tick", said
     assert (limited.status, limited.retry_later) == ("failed", True)
@@ -822,3 +824,130 @@ def test_a_failed_tls_handshake_sent_nothing_and_is_tried_again(settings, platfo
     changed.posting.x_api_url = platform.url  # fixed: posted, once
     assert poster.post("tls", slot="2026-01-05T09:00:00Z").status == "posted"
     assert [seen["path"] for seen in platform.seen] == ["/2/tweets"]
+
+
+X_USER_KEY_SETTINGS = ", ".join(f"PERSONA_POSTING__{key.upper()}" for key in social.X_USER_KEYS)
+
+
+@pytest.mark.parametrize(("status", "detail", "said"), [
+    (401, None, ("X refused the credentials (401 Unauthorized); check PERSONA_POSTING__X_BEARER_TOKEN in .env or the "
+                 "environment (an OAuth 2 user token, which expires 2 hours after it is made: for posts day after day, "
+                 f"set the four OAuth 1.0a user keys instead, {X_USER_KEY_SETTINGS}, which do not expire)")),
+    (429, None, "X is rate-limiting posts: 429 Too Many Requests"),
+    (403, None, "X refused the post: 403 Forbidden: You are not allowed to create a Tweet with duplicate content"),
+    (403, "You are not permitted to perform this action.",
+     ("X refused the post: 403 Forbidden: You are not permitted to perform this action; if the app may not post, give it "
+      "Read and Write permission in the X developer portal, then generate the access token again (a token keeps the "
+      "permissions it was made with)")),
+    (403, "Authenticating with OAuth 2.0 Application-Only is forbidden for this endpoint.",
+     ("X refused the post: 403 Forbidden: Authenticating with OAuth 2.0 Application-Only is forbidden for this endpoint; "
+      "set PERSONA_POSTING__X_BEARER_TOKEN to an OAuth 2 user token (with tweet.write), or the four OAuth 1.0a user keys")),
+    (503, "Service Unavailable", "X answered with a server error: 503 Service Unavailable"),
+])
+def test_x_says_what_it_answered_once_and_what_to_do(settings, platform, status, detail, said):
+    """tweepy's message is the status line, then X's words, which for a 401 or a 429 are the
+    reason again: "X refused the credentials (401 Unauthorized Unauthorized); check …"."""
+    sink = make_sink("x", settings_for(settings, platform, x_bearer_token=SecretStr("user-token")))
+    platform.fail_with, platform.x_detail = status, detail
+    with pytest.raises((SinkError, SinkNoAnswer)) as refused:
+        sink.post("Patience.", "m1")
+    assert str(refused.value) == said
+
+
+def test_x_with_user_keys_names_those_keys_when_refused(settings, platform):
+    keys = {key: SecretStr("wrong") for key in social.X_USER_KEYS}
+    platform.fail_with = 401
+    with pytest.raises(SinkError) as refused:
+        make_sink("x", settings_for(settings, platform, x_bearer_token=SecretStr("unused"), **keys)).post("Patience.", "m1")
+    assert str(refused.value) == (
+        f"X refused the credentials (401 Unauthorized); check {X_USER_KEY_SETTINGS} (the app's API key and secret, and "
+        "the posting account's access token and secret, from the X developer portal) in .env or the environment")
+
+
+def test_each_log_line_about_a_sink_names_it(settings, platform, write_persona, redis_client, caplog):
+    """Two Discord channels, one rate-limited: the log said "poet slot …: Discord is
+    rate-limiting posts", and not which channel (nor, for a lost answer, which one)."""
+    write_persona("poet", base="unused", schedule={"sinks": ["discord:111", "discord:222"], "candidates": 1})
+    changed = settings_for(settings, platform)
+    changed.discord.token = SecretStr("discord-bot-token")
+    poster = Poster(changed, redis_client, lambda persona, n, seed: ["Patience is a slow river."])
+    platform.discord_limits = [120.0]  # the first channel's post
+    with caplog.at_level(logging.INFO, logger="adapters.posting.publishing"):
+        first = poster.post("poet", slot="2026-01-05T09:00:00Z")
+    assert [r.getMessage() for r in caplog.records if r.name == "adapters.posting.publishing"] == [
+        ("poet slot 2026-01-05T09:00:00Z: discord:111: rate-limited, nothing sent: Discord is rate-limiting posts: "
+         "it asks to wait 120 s"),
+        f"poet slot 2026-01-05T09:00:00Z: posted to discord:222 as {first.sinks['discord:222']['url']}",
+    ]
+    caplog.clear()
+    platform.drop_next(1)  # the retry's post is made, its answer lost
+    with caplog.at_level(logging.WARNING, logger="adapters.posting.publishing"):
+        poster.post("poet", slot="2026-01-05T09:00:00Z")
+    [said] = [r.getMessage() for r in caplog.records if r.name == "adapters.posting.publishing"]
+    assert said.startswith("poet slot 2026-01-05T09:00:00Z: discord:111: no answer (safe to retry): the connection broke"), said
+
+
+def test_a_discord_that_never_answers_is_given_up_on(settings, platform, monkeypatch, write_persona, redis_client):
+    """discord.py sets no time-out: a stalled Discord held `persona post` (and the scheduler,
+    past its lease) for aiohttp's 5 minutes a request. A login that gets no answer sent
+    nothing; a post that gets none may be there, and the retry finds it."""
+    monkeypatch.setattr(chat_sinks, "DISCORD_REQUEST_TIMEOUT_S", 0.5)
+    changed = settings_for(settings, platform)
+    changed.discord.token = SecretStr("discord-bot-token")
+    with socket.socket() as stalled:
+        stalled.bind(("127.0.0.1", 0))
+        stalled.listen()  # the kernel accepts the connection; nobody ever answers it
+        down = settings_for(settings, FakePlatform(url=f"http://127.0.0.1:{stalled.getsockname()[1]}"))
+        down.discord.token = changed.discord.token
+        with pytest.raises(SinkUnreachable, match=r"cannot log in to Discord at http://127.0.0.1:\d+/api/v10 \(timed out\)"):
+            _post_within(make_sink("discord:1234", down), 10, "Tend the garden daily.", "sage:s0:discord:1234")
+    write_persona("slow", base="unused", schedule={"sinks": ["discord:1234"], "candidates": 1})
+    poster = Poster(changed, redis_client, lambda persona, n, seed: ["Tend the garden daily."])
+    platform.slow_s = 2.0  # the message is made; its answer comes too late
+    first = poster.post("slow", slot="2026-01-05T09:00:00Z")
+    assert (first.status, first.retry_later) == ("failed", True)
+    assert first.message.startswith("discord:1234: no answer (safe to retry): Discord did not answer in 0.5 s"), first.message
+    platform.slow_s = 0.0
+    platform.expire_discord_nonces()  # the retry finds the message in the channel, not by its nonce
+    assert poster.post("slow", slot="2026-01-05T09:00:00Z").status == "posted"
+    assert len(platform.discord_messages) == 1
+
+
+def test_telegram_that_never_says_who_the_bot_is_sent_nothing(settings, platform):
+    """Telegram's getMe, asked before the post, got no answer: the post, never sent, was left
+    "no answer, it may have posted" for a person to settle. And a post Telegram took 5 s to
+    confirm was left so too (python-telegram-bot's time-out)."""
+    changed = settings_for(settings, platform)
+    changed.telegram.token = SecretStr("123456:telegram-token")
+    platform.slow_s = 5.5
+    with socket.socket() as stalled, ThreadPoolExecutor(2) as pool:
+        stalled.bind(("127.0.0.1", 0))
+        stalled.listen()
+        down = settings_for(settings, FakePlatform(url=f"http://127.0.0.1:{stalled.getsockname()[1]}"))
+        down.telegram.token = changed.telegram.token
+        unanswered = pool.submit(make_sink("telegram:@sagechannel", down).post, "Tend the garden daily.", "m0")
+        slow = pool.submit(make_sink("telegram:@sagechannel", changed).post, "Tend the garden daily.", "m1")
+        with pytest.raises(SinkUnreachable, match=r"cannot reach Telegram at http://127.0.0.1:\d+/bot \(timed out\)"):
+            unanswered.result(timeout=20)
+        assert slow.result(timeout=20).id == "77"
+
+
+def test_two_spellings_of_one_place_are_refused_before_anything_goes_out(settings, platform, write_persona, redis_client):
+    """"discord:1234", "Discord:1234" and "discord: 1234" are one channel, but each spec was a
+    sink of its own, with its own nonce: every post went to that channel three times."""
+    changed = settings_for(settings, platform)
+    changed.discord.token = SecretStr("discord-bot-token")
+    write_persona("echo", base="unused", adapters=["cli", "scheduler"], schedule={
+        "sinks": ["discord:1234", "Discord:1234", "discord: 1234"], "candidates": 1, "enabled": True})
+    poster = Poster(changed, redis_client, lambda persona, n, seed: ["Patience is a slow river."])
+    said = "sinks 'discord:1234' and 'Discord:1234' post to the same place, which would get each post twice"
+    with pytest.raises(ConfigError, match=said):
+        poster.post("echo", slot="2026-01-05T09:00:00Z")
+    assert platform.discord_messages == [] and poster.ledger.record("echo", "2026-01-05T09:00:00Z") == {}
+    assert [problem for problem in Scheduler(poster, redis_client).preflight() if said in problem]  # said at start
+    archive = changed.data_dir / "posts" / "echo.jsonl"
+    with pytest.raises(ConfigError, match=f"sinks 'file:echo.jsonl' and 'file:{archive}' post to the same place"):
+        poster.post("echo", sinks=["file:echo.jsonl", f"file:{archive}"], text="Patience.")
+    # The same spec listed twice is one sink: posted once, and said once.
+    posted = poster.post("echo", sinks=["discord:1234", "discord:1234"], text="Patience.")
+    assert list(posted.sinks) == ["discord:1234"] and len(platform.discord_messages) == 1

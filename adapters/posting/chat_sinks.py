@@ -48,9 +48,15 @@ log = logging.getLogger(__name__)
 DISCORD_NONCE_CHARS = 25
 DISCORD_LOOKBACK_MESSAGES = 50  # the channel's latest messages a retry looks through for its post
 DISCORD_RATE_LIMIT_WAIT_S = 30.0  # discord.py's smallest max_ratelimit_timeout
+# Each request's limit (discord.py sets none: aiohttp's default waited 5 minutes on a stalled
+# connection, holding the scheduler); a rate limit's wait, between requests, is not counted.
+DISCORD_REQUEST_TIMEOUT_S = 30.0
 HTTP_TOO_MANY_REQUESTS = 429
 TELEGRAM_API_URL_SETTING = "PERSONA_TELEGRAM__API_URL"
 TELEGRAM_DEFAULT_API_URL = "https://api.telegram.org/bot"
+# How long a post's answer may take: python-telegram-bot's 5 s left a post that Telegram was
+# slow to confirm "uncertain", for a person to look for and settle.
+TELEGRAM_SEND_TIMEOUT_S = 30.0
 
 
 @contextlib.contextmanager
@@ -144,10 +150,18 @@ class DiscordSink:
         import discord
         from discord.http import HTTPClient
 
-        http = HTTPClient(asyncio.get_running_loop(), max_ratelimit_timeout=DISCORD_RATE_LIMIT_WAIT_S)
+        class TimedHTTPClient(HTTPClient):
+            async def request(self, route, **kwargs):  # type: ignore[override]
+                kwargs.setdefault("timeout", aiohttp.ClientTimeout(total=DISCORD_REQUEST_TIMEOUT_S))
+                return await super().request(route, **kwargs)
+
+        http = TimedHTTPClient(asyncio.get_running_loop(), max_ratelimit_timeout=DISCORD_RATE_LIMIT_WAIT_S)
+        logged_in = False
         with _discord_base(self.api_url):
             try:
-                yield http, await http.static_login(self.token)
+                bot = await http.static_login(self.token)
+                logged_in = True
+                yield http, bot
             except discord.LoginFailure as exc:  # 401 at login: nothing was sent
                 raise SinkError(f"Discord refused the bot token ({exc}); check PERSONA_DISCORD__TOKEN") from exc
             except discord.RateLimited as exc:  # asked to wait longer than we do: nothing was sent
@@ -160,9 +174,13 @@ class DiscordSink:
                 raise SinkError(f"Discord refused the post: {exc}") from exc
             except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:  # no connection: nothing sent
                 raise SinkUnreachable(f"cannot reach Discord at {self.api_url} ({one_line(exc)})") from exc
-            except (aiohttp.ClientError, TimeoutError) as exc:  # the request went out; its answer did not come
-                broke = "Discord did not answer in time" if isinstance(exc, TimeoutError) else "the connection broke before Discord answered"
-                raise SinkNoAnswer(f"{broke}: {one_line(exc)}") from exc
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                if not logged_in:  # the login's answer did not come: nothing was sent yet
+                    raise SinkUnreachable(f"cannot log in to Discord at {self.api_url} ({one_line(exc)})") from exc
+                # The request went out; its answer did not come.
+                if isinstance(exc, TimeoutError):
+                    raise SinkNoAnswer(f"Discord did not answer in {DISCORD_REQUEST_TIMEOUT_S:g} s") from exc
+                raise SinkNoAnswer(f"the connection broke before Discord answered: {one_line(exc)}") from exc
             finally:
                 await http.close()
 
@@ -234,9 +252,11 @@ class TelegramSink:
         # Only answers that say "not sent" become SinkError; a network error or time-out
         # may have been delivered, and the ledger treats it as unknown.
         refused = (BadRequest, ChatMigrated, EndPointNotFound, Forbidden, InvalidToken)
+        sending = False  # entering the bot asks Telegram who it is (getMe): nothing is sent yet
         try:
             async with Bot(self.token, base_url=self.api_url) as bot:
-                message = await bot.send_message(chat_id=self.chat, text=text)
+                sending = True
+                message = await bot.send_message(chat_id=self.chat, text=text, read_timeout=TELEGRAM_SEND_TIMEOUT_S)
         except RetryAfter as exc:
             raise SinkRateLimited(f"Telegram is rate-limiting posts: {exc}") from exc
         except InvalidToken as exc:  # a 401, or a 404: no such token, or no Bot API at that address
@@ -247,7 +267,7 @@ class TelegramSink:
         except NetworkError as exc:  # TimedOut is one: a connect (or pool) time-out, like a refusal, sent nothing
             if isinstance(exc.__cause__, (httpx.InvalidURL, httpx.UnsupportedProtocol)):  # no request could be made of it
                 raise SinkError(f"{TELEGRAM_API_URL_SETTING} ({self.api_url}) makes no valid address: {one_line(exc)}") from exc
-            if isinstance(exc.__cause__, (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)):
+            if not sending or isinstance(exc.__cause__, (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)):
                 raise SinkUnreachable(f"cannot reach Telegram at {self.api_url} ({one_line(exc)})") from exc
             # The connection broke mid-request, or the answer was too slow: it may have been delivered.
             broke = "Telegram did not answer in time" if isinstance(exc, TimedOut) else "the connection broke before Telegram answered"

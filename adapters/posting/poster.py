@@ -67,7 +67,7 @@ class Poster:
         """The sinks named (or the persona's own), built now so bad credentials fail early."""
         built: list[Sink] = []
         problems: list[str] = []
-        for spec in specs or persona.schedule.sinks:
+        for spec in dict.fromkeys(specs or persona.schedule.sinks):  # a spec listed twice is one sink
             try:
                 built.append(self.sink_factory(spec, self.settings))
             except ConfigError as exc:  # every missing setting at once, not one per attempt
@@ -76,6 +76,7 @@ class Poster:
             raise ConfigError(f"{len(problems)} sinks cannot post:\n  " + "\n  ".join(problems))
         if problems:
             raise ConfigError(problems[0])
+        _refuse_one_place_twice(built)
         return built
 
     def corpus_index(self, persona: Persona) -> CopyIndex | None:
@@ -391,6 +392,29 @@ class Poster:
             name, slot, "done" if outcome == "done" else outcome, text=record.get("text", ""),
             approval_id=record.get("approval", ""), message=messages.get(outcome, outcome),
         )
+
+
+def _place(sink: Sink) -> tuple:
+    """Where a sink's posts land: its platform, and its channel, chat or file (X, Mastodon and
+    Bluesky each post as the one account their settings name)."""
+    if isinstance(path := getattr(sink, "path", None), Path):
+        return sink.platform, path.resolve()
+    for target in (getattr(sink, "channel", None), getattr(sink, "chat", None)):
+        if target is not None:
+            return sink.platform, str(target).lower()  # a Telegram @name is read whatever its case
+    return (sink.platform,)
+
+
+def _refuse_one_place_twice(sinks: list[Sink]) -> None:
+    """ConfigError if two sinks post to one place: each sink's post is its own, so "discord:1",
+    "Discord:1" and "discord: 1" sent every post to that channel three times."""
+    seen: dict[tuple, str] = {}
+    for sink in sinks:
+        if (first := seen.setdefault(_place(sink), sink.spec)) != sink.spec:
+            raise ConfigError(
+                f"sinks {first!r} and {sink.spec!r} post to the same place, which would get each post twice; "
+                f"list it once (schedule.sinks in the persona's file, or --sink)"
+            )
 
 
 def _joined(*messages: str) -> str:

@@ -120,8 +120,7 @@ class Publisher:
             try:
                 found = sink.find(marker, text) if sink.retry == "check" else None
             except (SinkError, SinkNoAnswer) as exc:  # nobody can say: never post blind, look again at a later try
-                log.warning("%s slot %s: %s", name, slot, exc)
-                return self._not_looked(name, slot, sink, entry, exc)
+                return self._said(name, slot, sink, self._not_looked(name, slot, sink, entry, exc))
             except Exception as exc:  # not a failure the sink knows: the traceback is worth having
                 log.exception("%s slot %s: looking on %s for the earlier post failed", name, slot, sink.spec)
                 return self._not_looked(name, slot, sink, entry, exc)
@@ -134,38 +133,42 @@ class Publisher:
                 entry.state = "uncertain"
                 entry.error = entry.error or "an earlier attempt may have posted; check the platform"
                 self.ledger.set_sink(name, slot, sink.spec, entry)
-                # Said here, as every other sink's failure is, so that a log says it once.
-                log.warning("%s slot %s: %s", name, slot, sink_said(sink.spec, _shown(entry)))
-                return entry
+                return self._said(name, slot, sink, entry)
         entry = SinkEntry(state="intent", marker=marker)
         self.ledger.extend(name, slot)
         self.ledger.set_sink(name, slot, sink.spec, entry)
         try:
             posted = sink.post(text, marker)
         except (SinkRateLimited, SinkUnreachable) as exc:  # nothing went out: the next tick tries again
-            log.warning("%s slot %s: %s", name, slot, exc)
             entry.state = "rate_limited" if isinstance(exc, SinkRateLimited) else "unreachable"
             entry.error = str(exc)
             self.ledger.set_sink(name, slot, sink.spec, entry)
-            return entry
+            return self._said(name, slot, sink, entry)
         except SinkError as exc:  # the platform said no: nothing went out, a retry is safe
-            log.warning("%s slot %s: %s", name, slot, exc)
             entry.state, entry.error = "failed", str(exc)
             self.ledger.set_sink(name, slot, sink.spec, entry)
-            return entry
+            return self._said(name, slot, sink, entry)
         except Exception as exc:  # no answer: it may have gone out
-            if isinstance(exc, SinkNoAnswer):
-                log.warning("%s slot %s: %s", name, slot, exc)
-                entry.error = str(exc)
-            else:  # not a failure the sink knows: the traceback is worth having
-                log.exception("%s slot %s: posting to %s failed midway", name, slot, sink.spec)
-                entry.error = f"{type(exc).__name__}: {exc}"
             entry.state = "uncertain" if sink.retry == "none" else "intent"
+            if isinstance(exc, SinkNoAnswer):
+                entry.error = str(exc)
+                self.ledger.set_sink(name, slot, sink.spec, entry)
+                return self._said(name, slot, sink, entry)
+            # Not a failure the sink knows: the traceback is worth having.
+            log.exception("%s slot %s: posting to %s failed midway", name, slot, sink.spec)
+            entry.error = f"{type(exc).__name__}: {exc}"
             self.ledger.set_sink(name, slot, sink.spec, entry)
             return entry
         entry.id, entry.url = posted.id, posted.url
         self.ledger.record_post(name, slot, sink.spec, entry, text)
-        log.info("%s slot %s: posted to %s as %s", name, slot, sink.spec, posted.id)
+        log.info("%s slot %s: posted to %s as %s", name, slot, sink.spec, posted.url or posted.id)
+        return entry
+
+    @staticmethod
+    def _said(name: str, slot: str, sink: Sink, entry: SinkEntry) -> SinkEntry:
+        """Log a sink's failure as its outcome shows it, named by its spec (``discord:123: rate-limited, …``):
+        the platform's words alone ("Discord is rate-limiting posts") cannot tell two channels apart."""
+        log.warning("%s slot %s: %s", name, slot, sink_said(sink.spec, _shown(entry)))
         return entry
 
     def _not_looked(self, name: str, slot: str, sink: Sink, entry: SinkEntry, exc: Exception) -> SinkEntry:

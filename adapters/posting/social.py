@@ -88,6 +88,44 @@ def _mastodon_said(exc: Exception) -> str:
             return one_line(exc)
 
 
+def _x_said(exc: Exception) -> str:
+    """What X answered, once: ``401 Unauthorized``, ``403 Forbidden: You are not allowed to …``.
+
+    tweepy's message is the status line and then X's own words (its ``detail``, or each
+    error's), and X's words for a 401 or a 429 are the status's reason again: the message
+    read "401 Unauthorized Unauthorized". Words that only repeat the reason are left out.
+    """
+    response = getattr(exc, "response", None)
+    if response is None:
+        return one_line(exc)
+    reason = str(response.reason or "").strip()
+    said = f"{response.status_code} {reason}".strip()
+    repeated = {_plain_words(reason), ""}
+    details = []
+    for message in getattr(exc, "api_messages", []):
+        text = " ".join(str(message).split()).rstrip(".")  # a hint may follow: "…content; if the app …"
+        if _plain_words(text) not in repeated:
+            repeated.add(_plain_words(text))
+            details.append(text)
+    return f"{said}: {'; '.join(details)}" if details else said
+
+
+def _plain_words(text: str) -> str:
+    """``text`` lower-cased, its punctuation and spacing dropped: what tells a repeat."""
+    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
+
+
+def _x_forbidden_hint(exc: Exception) -> str:
+    """What to do about X's 403, where its words say no more than "not permitted"."""
+    said = _plain_words(" ".join(map(str, getattr(exc, "api_messages", []))))
+    if "duplicate" in said:  # X's own words say it all: the same text was posted before
+        return ""
+    if "application only" in said:
+        return f"; set {_env('x_bearer_token')} to an OAuth 2 user token (with tweet.write), or the four OAuth 1.0a user keys"
+    return ("; if the app may not post, give it Read and Write permission in the X developer portal, then "
+            "generate the access token again (a token keeps the permissions it was made with)")
+
+
 def _said(exc: Exception) -> str:
     """What an atproto error says (its response's status and message), or, for its ``NetworkError``,
     which says nothing, the network error behind it."""
@@ -152,16 +190,26 @@ class XSink:
         except requests.exceptions.Timeout as exc:
             raise SinkNoAnswer(f"X did not answer in {REQUEST_TIMEOUT_S:.0f} s: {one_line(exc)}") from exc
         except tweepy.TwitterServerError as exc:  # a 5xx may or may not have posted
-            raise SinkNoAnswer(f"X answered with a server error: {one_line(exc)}") from exc
+            raise SinkNoAnswer(f"X answered with a server error: {_x_said(exc)}") from exc
         except tweepy.TooManyRequests as exc:
-            raise SinkRateLimited(f"X is rate-limiting posts: {one_line(exc)}") from exc
+            raise SinkRateLimited(f"X is rate-limiting posts: {_x_said(exc)}") from exc
         except tweepy.Unauthorized as exc:
-            setting = ", ".join(map(_env, X_USER_KEYS)) if self.user_auth else _env("x_bearer_token")
-            raise SinkError(f"X refused the credentials ({one_line(exc)}); check {setting}") from exc
+            raise SinkError(f"X refused the credentials ({_x_said(exc)}); {self._credentials_hint()}") from exc
+        except tweepy.Forbidden as exc:
+            raise SinkError(f"X refused the post: {_x_said(exc)}{_x_forbidden_hint(exc)}") from exc
         except tweepy.HTTPException as exc:
-            raise SinkError(f"X refused the post: {one_line(exc)}") from exc
+            raise SinkError(f"X refused the post: {_x_said(exc)}") from exc
         tweet_id = str(response.data["id"])
         return Posted(id=tweet_id, url=f"https://x.com/i/web/status/{tweet_id}")
+
+    def _credentials_hint(self) -> str:
+        """Which settings X's 401 is about (those in use), and where they come from and go."""
+        if self.user_auth:
+            return (f"check {', '.join(map(_env, X_USER_KEYS))} (the app's API key and secret, and the posting account's "
+                    f"access token and secret, from the X developer portal) in .env or the environment")
+        return (f"check {_env('x_bearer_token')} in .env or the environment (an OAuth 2 user token, which expires "
+                f"2 hours after it is made: for posts day after day, set the four OAuth 1.0a user keys instead, "
+                f"{', '.join(map(_env, X_USER_KEYS))}, which do not expire)")
 
     def find(self, marker: str, text: str) -> Posted | None:
         return None

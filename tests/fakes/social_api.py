@@ -16,7 +16,8 @@ first, as HTML), Bluesky's ``records`` (newest first, for ``listRecords``), Disc
 ``expire_discord_nonces()``; a channel's are listed newest first, as the bot's, unless
 ``discord_history_forbidden``), Telegram's ``telegram_messages``. ``discord_limits``
 holds the ``retry_after`` seconds of the 429s Discord answers the next posts with, one
-each, worded and headed as Discord's (``fail_with = 429`` is the others').
+each, worded and headed as Discord's (``fail_with = 429`` is the others'). ``slow_s`` makes
+each posting endpoint make the post, then wait that long before it answers.
 
 In a test, use the ``platform`` fixture of ``tests/test_sinks.py`` (or ``serve()``). By
 hand: ``python -m tests.fakes.social_api [--drop N]`` prints the settings that point
@@ -55,6 +56,8 @@ class FakePlatform:
     url: str = ""
     seen: list[dict] = field(default_factory=list)
     fail_with: int | None = None
+    slow_s: float = 0.0  # how long each posting endpoint takes to answer, the post made first (a slow platform)
+    x_detail: str | None = None  # X's words for ``fail_with`` (default: as X words a 401, a 429, a duplicate's 403)
     records: list[dict] = field(default_factory=list)
     dropping: int = 0
     dropping_path: str = ""
@@ -149,8 +152,10 @@ def _routes(fake: FakePlatform) -> web.Application:
             hang_up(request, seen)
         if fake.fail_with:  # worded as X words each
             title, detail = X_ERRORS.get(fake.fail_with, ("Forbidden", "You are not allowed to create a Tweet with duplicate content."))
+            detail = fake.x_detail or detail
             return web.json_response({"title": title, "detail": detail, "type": "about:blank", "status": fake.fail_with},
                                      status=fake.fail_with)
+        await asyncio.sleep(fake.slow_s)
         return web.json_response({"data": {"id": "1790000000000000001", "text": seen["json"]["text"]}}, status=201)
 
     async def status(request):
@@ -170,6 +175,7 @@ def _routes(fake: FakePlatform) -> web.Application:
             fake.statuses[key or made["id"]] = made
         if fake._take_drop(request.path):  # made, then the answer lost
             hang_up(request, seen)
+        await asyncio.sleep(fake.slow_s)
         return web.json_response(made)
 
     async def verify_credentials(request):
@@ -197,6 +203,7 @@ def _routes(fake: FakePlatform) -> web.Application:
         fake.records.insert(0, {"uri": uri, "cid": "bafyreifake", "value": seen["json"]["record"]})
         if fake._take_drop(request.path):  # stored, then the answer lost
             hang_up(request, seen)
+        await asyncio.sleep(fake.slow_s)
         return web.json_response({"uri": uri, "cid": "bafyreifake"})
 
     async def list_records(request):
@@ -224,6 +231,7 @@ def _routes(fake: FakePlatform) -> web.Application:
             fake.discord_messages.append(made)
         if fake._take_drop(request.path):  # sent, then the answer lost
             hang_up(request, seen)
+        await asyncio.sleep(fake.slow_s)
         return _discord_json(made)
 
     async def channel_history(request):
@@ -260,6 +268,8 @@ def _routes(fake: FakePlatform) -> web.Application:
         fake.telegram_messages.append(message)
         if method == "sendMessage" and fake._take_drop(request.path):  # sent, then the answer lost
             hang_up(request, seen)
+        if method == "sendMessage":
+            await asyncio.sleep(fake.slow_s)
         return web.json_response({"ok": True, "result": message})
 
     @web.middleware
