@@ -218,6 +218,9 @@ class SlashCommands:
                 if starting_workers(client):
                     return "A worker is still starting (loading its models); try again once it serves."
                 return "No worker is running to load it; start one, or run `persona swap` on the server."
+            if not swaps.voters(client, persona.name):  # none would load and check it before the flip
+                return (f"No running worker serves {persona.name}, so none can check {target} first; run "
+                        "`persona swap` on the server (it checks it there).")
             outcome = swaps.swap_persona(client, persona, target, kind=kind, timeout_s=SWAP_TIMEOUT_S, by=by)
             if not outcome.committed:
                 return outcome.problem

@@ -77,6 +77,12 @@ class ModelPool:
         # The personas each set of weights has served, in the order they first asked.
         self._personas_of: dict[tuple[str, str], list[str]] = {}
         self._lock = threading.Lock()
+        # Weights being loaded now, outside the lock (seconds): a swap's preparation loads
+        # a candidate in a thread of its own while the worker's main thread looks up the
+        # weights it serves. Each end of a load is signalled, so a second thread that wants
+        # the same weights waits for them instead of loading them twice.
+        self._loading: set[tuple[str, str]] = set()
+        self._load_ended = threading.Condition(self._lock)
 
     def key_for(self, persona: Persona, version: str | None = None) -> tuple[str, str]:
         """Which set of weights a persona at a version speaks with (loaded or not)."""
@@ -84,27 +90,47 @@ class ModelPool:
         return _key(persona, checkpoint)
 
     def serve(self, persona: Persona, version: str | None = None) -> Served:
-        """The loaded model and engine for a persona, loading them if needed."""
+        """The loaded model and engine for a persona, loading them if needed.
+
+        Safe from two threads (the worker's and a swap's preparation): the lock is not held
+        while loading, and weights another thread is loading are waited for, not loaded again.
+        """
         with self._lock:
             held = self._held(persona, version)
             if held is not None:
                 self._note_sharing(held, persona.name)
                 return held
-            version_name, checkpoint = resolve_checkpoint(persona, self.settings, version)
-            key = _key(persona, checkpoint)
+        version_name, checkpoint = resolve_checkpoint(persona, self.settings, version)
+        key = _key(persona, checkpoint)
+        with self._load_ended:
+            while key in self._loading:
+                self._load_ended.wait()
+            found = self._served.get(key)
+            if found is not None:  # the other thread's load, just ended
+                self._note_sharing(found, persona.name)
+                return Served(key, version_name, found.loaded, found.engine)
             self._refuse_recent_failure(key)
-            started = time.perf_counter()
-            try:
-                loaded, engine = self._load(persona, checkpoint)
-            except ModelError as exc:
-                self._failed[key] = (time.monotonic(), str(exc))
-                raise
-            self._failed.pop(key, None)
+            self._loading.add(key)
+        started = time.perf_counter()
+        served = failure = None
+        try:
+            loaded, engine = self._load(persona, checkpoint)
             served = Served(key, version_name, loaded, engine)
-            self._served[key] = served
-            self._personas_of[key] = [persona.name]
-            log.info("loaded %s for %s in %.1f s (warmed up)", loaded.name, persona.name, time.perf_counter() - started)
-            return served
+        except ModelError as exc:
+            failure = str(exc)
+            raise
+        finally:
+            with self._load_ended:
+                self._loading.discard(key)
+                if failure is not None:
+                    self._failed[key] = (time.monotonic(), failure)
+                elif served is not None:
+                    self._failed.pop(key, None)
+                    self._served[key] = served
+                    self._personas_of[key] = [persona.name]
+                self._load_ended.notify_all()
+        log.info("loaded %s for %s in %.1f s (warmed up)", loaded.name, persona.name, time.perf_counter() - started)
+        return served
 
     def _note_sharing(self, served: Served, name: str) -> None:
         """Log, once per persona, that loaded weights now serve it too, naming all they serve."""

@@ -1,12 +1,14 @@
 """All-or-nothing checkpoint swaps across every live worker (two-phase).
 
 1. The operator's command writes a *proposal* for one persona into Redis (one at a
-   time per persona) naming the live workers that must agree.
-2. Each of those workers, between batches, loads the new weights beside the old ones,
-   checks them, and votes ready, or refused with the reason (``persona/swapper.py``).
-3. When every worker still alive (and any that began serving meanwhile) has voted
-   ready, one Lua script checks the votes again and flips the active version; if any
-   refused (or time ran out) the proposal is withdrawn and nothing changes. Workers
+   time per persona) naming the live workers that must agree: those that serve the
+   persona (``voters``).
+2. Each of those workers loads the new weights beside the old ones (on a CPU in a
+   thread, decoding meanwhile), checks them, and votes ready, or refused with the
+   reason (``persona/swapper.py``).
+3. When every voter still alive (and any that began serving the persona meanwhile) has
+   voted ready, one Lua script checks the votes again and flips the active version; if
+   any refused (or time ran out) the proposal is withdrawn and nothing changes. Workers
    pick up a flip at their next batch and free the old weights.
 
 The active version per persona lives in the ``ACTIVE_VERSIONS_KEY`` hash: a version
@@ -31,7 +33,7 @@ from pydantic import BaseModel, Field
 from persona import constants as keys
 from persona.checkpoints import BASE_VERSION
 from persona.errors import SwapRefused
-from persona.heartbeat import live_worker_ids, redis_now
+from persona.heartbeat import WorkerInfo, live_worker_ids, redis_now
 from persona.personas import Persona
 
 __all__ = [
@@ -53,6 +55,7 @@ __all__ = [
     "swap_log",
     "swap_persona",
     "version_history",
+    "voters",
     "votes",
 ]
 
@@ -281,16 +284,39 @@ def _not_committed_text(proposal: SwapProposal, result: str) -> str:
     return f"{proposal.kind} of {proposal.persona!r} to {proposal.target!r} not committed ({result}); nothing changed"
 
 
-def open_proposal(client: redis.Redis, proposal: SwapProposal, timeout_s: float) -> SwapProposal:
-    """Open a proposal for the workers alive now, lapsing ``timeout_s`` from now by Redis's
-    clock; the proposal as opened (SwapRefused if another is under way).
+def voters(client: redis.Redis, persona: str) -> set[str]:
+    """The live workers that must vote on a swap of ``persona``: those whose heartbeat says
+    they serve it, and any whose heartbeat cannot be read (it may serve it all the same, and
+    would otherwise pick up the flip without having checked the weights).
 
-    Every live worker must vote, one whose heartbeat cannot be read too: it serves all
-    the same, and would otherwise pick up the flip without having checked the weights.
+    A worker that does not serve the persona is not asked: it used to load and check
+    weights it would never serve. If it comes to serve the persona later, it loads the
+    active version then, as a worker started after the swap does.
     """
-    live = live_worker_ids(client)
+    ids = sorted(live_worker_ids(client))
+    if not ids:
+        return set()
+    found = set()
+    for worker_id, raw in zip(ids, client.mget([keys.worker_key(i) for i in ids]), strict=True):
+        if raw is None:  # its heartbeat lapsed since it was listed
+            continue
+        try:
+            info = WorkerInfo.model_validate_json(raw)
+        except ValueError:
+            found.add(worker_id)
+            continue
+        if persona in info.personas:
+            found.add(worker_id)
+    return found
+
+
+def open_proposal(client: redis.Redis, proposal: SwapProposal, timeout_s: float) -> SwapProposal:
+    """Open a proposal for the workers that serve the persona now (``voters``), lapsing
+    ``timeout_s`` from now by Redis's clock; the proposal as opened (SwapRefused if another
+    is under way)."""
     proposal = proposal.model_copy(update={
-        "workers": sorted(live), "deadline": redis_now(client) + timeout_s, "by": proposal.by or operator_name(),
+        "workers": sorted(voters(client, proposal.persona)), "deadline": redis_now(client) + timeout_s,
+        "by": proposal.by or operator_name(),
     })
     propose(client, proposal)
     return proposal
@@ -302,7 +328,8 @@ def run_swap(
     timeout_s: float,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> SwapOutcome:
-    """Open a proposal, wait for every live worker's vote, then commit or withdraw it."""
+    """Open a proposal, wait for the vote of every live worker that serves the persona,
+    then commit or withdraw it."""
     give_up = time.monotonic() + timeout_s
     proposal = open_proposal(client, proposal, timeout_s)
     log.info("swap %s by %s: %s -> %s, waiting for %d worker(s)", proposal.id, proposal.by, proposal.persona, proposal.target,
@@ -315,12 +342,12 @@ def run_swap(
                 abort(client, proposal)
                 return SwapOutcome(proposal=proposal, committed=False, votes=cast, problem=_refusal_text(proposal, refused))
             # A worker that died meanwhile is not waited for: it reads the active
-            # version when it starts again. One that began serving meanwhile (it was
-            # still loading its models when the proposal opened) is: it answers the
-            # proposal like the others, and would otherwise serve the new weights
+            # version when it starts again. One that began serving the persona meanwhile
+            # (it was still loading its models when the proposal opened) is: it answers
+            # the proposal like the others, and would otherwise serve the new weights
             # without having loaded and checked them (a damaged copy on its disk too).
-            alive = live_worker_ids(client)
-            expected = sorted(w for w in alive.union(proposal.workers) if w in alive or w in cast)
+            # Every vote cast counts, whoever cast it.
+            expected = sorted(voters(client, proposal.persona).union(cast))
             if on_progress:
                 on_progress(sum(1 for w in expected if w in cast), len(expected))
             if all(w in cast for w in expected):
@@ -355,7 +382,8 @@ def swap_persona(
     on_progress: Callable[[int, int], None] | None = None,
     by: str | None = None,
 ) -> SwapOutcome:
-    """Move a persona from what serves it now to ``target`` on every live worker, or on none.
+    """Move a persona from what serves it now to ``target`` on every live worker that serves
+    it, or on none.
 
     ``by`` names who asked, for the swap log (default: ``user@host`` of this process; an
     adapter that swaps for a person should name that person)."""

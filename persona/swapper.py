@@ -1,22 +1,28 @@
 """A worker's side of checkpoint swaps, run between batches.
 
 Each time round the loop the worker reads the active versions (one Redis call), so
-every batch uses the version active when it started. For each open proposal it has
-not answered, it loads the new weights beside the serving ones, checks them, and
-votes. After a flip it switches and frees the weights no persona uses any more, so it
-never holds more than two versions of a persona (the serving one and a candidate).
+every batch uses the version active when it started. For each open proposal of a
+persona it serves and has not answered, it loads the new weights beside the serving
+ones, checks them, and votes: on a CPU in a thread of its own, one proposal at a time,
+while the worker goes on decoding (loading a checkpoint takes seconds to tens of
+seconds, and every request waited for it). After a flip it switches and frees the
+weights no persona uses any more, so it never holds more than two versions of a
+persona (the serving one and a candidate).
 """
 
 from __future__ import annotations
 
 import gc
 import logging
+import os
+import threading
 import time
+from dataclasses import dataclass, field
 
 import redis
 
 from persona import constants as keys
-from persona import swap
+from persona import heartbeat, swap
 from persona.checkpoint_checks import loaded_problem, static_problem
 from persona.checkpoints import BASE_VERSION, resolve_checkpoint
 from persona.errors import PersonaError, SwapRefused, UnknownPersona
@@ -30,6 +36,9 @@ log = logging.getLogger(__name__)
 
 FOLLOW_EVERY_S = 1.0
 CHECK_EVERY_S = 0.25
+# How far below decoding a swap's preparation runs (nice steps), with the threads torch and
+# llama.cpp start from it: on a machine with few cores it takes what decoding leaves.
+PREPARE_NICENESS = 10
 
 
 def load_and_check(pool: ModelPool, persona: Persona, serving: str | None, target: str) -> tuple[str, str]:
@@ -65,16 +74,37 @@ def _serving_weights(pool: ModelPool, persona: Persona, serving: str | None, tar
         return None
 
 
+@dataclass
+class _Preparation:
+    """One proposal's candidate being loaded and checked, and how that ended."""
+
+    proposal: swap.SwapProposal
+    persona: Persona
+    serving: str | None
+    state: str  # what the worker's state says while it prepares
+    state_before: str
+    started: float = field(default_factory=time.perf_counter)
+    done: threading.Event = field(default_factory=threading.Event)
+    key: tuple[str, str] | None = None  # the candidate's weights, loaded and checked
+    voted: bool = False
+
+
 class Swapper:
     """Follows the active versions in Redis and answers swap proposals for one worker."""
 
     def __init__(
-        self, client: redis.Redis, pool: ModelPool, registry: PersonaRegistry, info: WorkerInfo
+        self, client: redis.Redis, pool: ModelPool, registry: PersonaRegistry, info: WorkerInfo,
+        stopping: threading.Event | None = None,
     ) -> None:
         self.redis = client
         self.pool = pool
         self.registry = registry
         self.info = info
+        # The worker's own stop signal: once set, no preparation starts, and one under way
+        # casts no vote (the operator stops waiting for this worker once it has left).
+        self.stopping = stopping or threading.Event()
+        self._preparing: _Preparation | None = None
+        self._announced: set[str] = set()  # the personas its heartbeat names (see _say_what_it_serves)
         self.active: dict[str, str] = {}
         self._answered: set[str] = set()
         self._ready: dict[str, tuple[str, str]] = {}  # proposal id -> candidate weights key
@@ -109,6 +139,8 @@ class Swapper:
         # Proposals are read at most once a CHECK_EVERY_S, both reads in one round trip:
         # a busy worker finishes a batch every millisecond. A flip still counts at once:
         # the claim before each batch reads the active versions.
+        self._collect()
+        self._say_what_it_serves()
         now = time.monotonic()
         if now - self._checked_at >= CHECK_EVERY_S:
             self._checked_at = now
@@ -128,25 +160,77 @@ class Swapper:
             self._followed_at = now
             self._followed = (state[0], state[1], self.pool.loaded_keys(), sorted(self.info.personas.items()))
 
+    def _say_what_it_serves(self) -> None:
+        """Beat at once when this worker begins serving another persona: an operator's swap
+        waits only for the workers whose heartbeat names the persona (``swap.voters``), and
+        one that committed before the next regular beat had this worker serve the new
+        version unchecked."""
+        serving = set(self.info.personas)
+        if serving <= self._announced:
+            self._announced = serving
+            return
+        heartbeat.publish(self.redis, self.info, self.pool.settings.worker.heartbeat_ttl_s)
+        self._announced = serving
+
     # -- phase one: prepare and vote ------------------------------------------------
 
     def _answer(self, proposals: list[swap.SwapProposal], redis_now: float) -> None:
-        """Prepare and vote on each open proposal not answered yet (and not lapsed by
-        Redis's clock, ``redis_now``)."""
+        """Start preparing the first open proposal not answered yet (and not lapsed by
+        Redis's clock, ``redis_now``) of a persona this worker serves, unless one is under
+        way: two candidates at once would hold three copies of the weights."""
         proposals = [p for p in proposals if not p.expired(redis_now)]
         open_ids = {p.id for p in proposals}
         self._answered &= open_ids
         self._ready = {i: k for i, k in self._ready.items() if i in open_ids}
+        if self._preparing is not None or self._stopping():
+            return
         for proposal in proposals:
-            if proposal.id not in self._answered:
+            # A persona not served here is not voted on (``swap.voters`` leaves this worker
+            # out): it used to load weights it would never serve. Should it start serving
+            # the persona while the proposal is open, it votes then.
+            if proposal.id not in self._answered and proposal.persona in self.info.personas:
                 self._answered.add(proposal.id)
-                self._prepare(proposal)
+                self._start(proposal)
+                return
 
-    def _prepare(self, proposal: swap.SwapProposal) -> None:
-        started = time.perf_counter()
-        previous_state, self.info.state = self.info.state, f"preparing {proposal.persona}@{proposal.target}"
+    def _start(self, proposal: swap.SwapProposal) -> None:
+        """Prepare a proposal: on a CPU in a thread, the worker decoding meanwhile; on a GPU here.
+
+        A GPU worker prepares in the foreground, as it always did: decoding captures CUDA
+        graphs as it meets new batch sizes (``LlamaDecoder._graph_for``), and a capture fails
+        when another thread allocates or copies on the device meanwhile, which loading
+        weights does (``load_model`` reads and merges them straight onto the device). Moving
+        only the reading and merging into the thread needs ``load_model`` to load onto the
+        CPU first, with the move, engine build and warm-up left to the worker's thread.
+        """
         try:
-            key = load_and_check(self.pool, self.registry.get(proposal.persona), self.version_for(proposal.persona), proposal.target)
+            persona = self.registry.get(proposal.persona)
+        except PersonaError as exc:  # its file was removed or broken since it was served
+            self._vote(proposal, reason=str(exc), seconds=0.0)
+            return
+        except Exception as exc:  # a worker must answer every proposal, whatever broke
+            log.exception("preparing swap %s failed", proposal.id)
+            self._vote(proposal, reason=f"{type(exc).__name__}: {exc}", seconds=0.0)
+            return
+        background = self.pool.device == "cpu"
+        what = f"preparing {proposal.persona}@{proposal.target}"
+        prep = _Preparation(proposal, persona, self.version_for(proposal.persona),
+                            state=f"serving, {what}" if background else what, state_before=self.info.state)
+        self.info.state = prep.state
+        self._preparing = prep
+        if background:
+            threading.Thread(target=self._prepare, args=(prep, True), name=f"swap-{proposal.id}", daemon=True).start()
+        else:
+            self._prepare(prep, background=False)
+            self._collect()
+
+    def _prepare(self, prep: _Preparation, background: bool) -> None:
+        """Load and check the candidate, then vote (unless the worker is stopping)."""
+        if background:
+            _yield_to_decoding()
+        proposal = prep.proposal
+        try:
+            key = load_and_check(self.pool, prep.persona, prep.serving, proposal.target)
         except PersonaError as exc:
             reason = str(exc)
         except Exception as exc:  # a worker must answer every proposal, whatever broke
@@ -154,16 +238,45 @@ class Swapper:
             reason = f"{type(exc).__name__}: {exc}"
         else:
             reason = ""
-            self._ready[proposal.id] = key
+            prep.key = key
+        try:
+            if self._stopping():
+                log.info("stopping: abandoned the swap of %s to %s", proposal.persona, proposal.target)
+            else:
+                prep.voted = self._vote(proposal, reason, time.perf_counter() - prep.started)
         finally:
-            self.info.state = previous_state
-        seconds = time.perf_counter() - started
+            prep.done.set()
+
+    def _vote(self, proposal: swap.SwapProposal, reason: str, seconds: float) -> bool:
+        """Cast this worker's vote; whether it was cast (Redis may be out of reach)."""
         vote = swap.Vote(worker=self.info.id, ready=not reason, reason=reason, seconds=seconds)
-        swap.cast_vote(self.redis, proposal.id, vote)
+        try:
+            swap.cast_vote(self.redis, proposal.id, vote)
+        except redis.exceptions.RedisError as exc:
+            # Unanswered, the proposal lapses and nothing changes (the operator is told
+            # which worker did not answer); this worker frees the candidate.
+            log.error("could not vote on the swap of %s to %s: %s", proposal.persona, proposal.target, exc)
+            return False
         if reason:
             log.warning("refused swap of %s to %s: %s", proposal.persona, proposal.target, reason)
         else:
             log.info("ready to swap %s to %s (loaded and checked in %.1f s)", proposal.persona, proposal.target, seconds)
+        return True
+
+    def _collect(self) -> None:
+        """Take in a finished preparation: its candidate is kept until the proposal ends."""
+        prep = self._preparing
+        if prep is None or not prep.done.is_set():
+            return
+        self._preparing = None
+        if self.info.state == prep.state:  # not "leaving", say
+            self.info.state = prep.state_before
+        if prep.key is not None and prep.voted:
+            self._ready[prep.proposal.id] = prep.key
+
+    def _stopping(self) -> bool:
+        # "leaving" too: a worker that does not hand the swapper its stop signal sets it as it leaves.
+        return self.stopping.is_set() or self.info.state == "leaving"
 
     # -- phase two: switch and free -------------------------------------------------
 
@@ -198,6 +311,8 @@ class Swapper:
         self._problems = problems
         if problems:
             return  # keep every loaded model rather than free one still in use
+        if self._preparing is not None:
+            return  # the candidate it loads is in the pool before it is in _ready
         freed = [key for key in self.pool.loaded_keys() if key not in wanted]
         for key in freed:
             self.pool.release(key)
@@ -209,6 +324,15 @@ class Swapper:
 def _texts(mapping: dict) -> dict[str, str]:
     return {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
             for k, v in mapping.items()}
+
+
+def _yield_to_decoding() -> None:
+    """Lower this thread's priority (Linux sets it per thread; threads it starts inherit it)."""
+    try:
+        me = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, me, min(19, os.getpriority(os.PRIO_PROCESS, me) + PREPARE_NICENESS))
+    except (AttributeError, OSError):  # no such call here, or not allowed: it competes as an equal
+        pass
 
 
 def _free_memory() -> None:

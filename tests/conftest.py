@@ -208,15 +208,20 @@ def work(settings: Settings, redis_client: redis.Redis):
 
 @pytest.fixture
 def running_worker(settings: Settings, redis_client: redis.Redis):
-    """Start real Workers in threads; every one is stopped at the end of the test."""
+    """Start real Workers in threads; every one is stopped at the end of the test.
+
+    ``preload`` names personas a worker serves from the start, as `persona worker` (which
+    preloads every persona) does; only a worker that serves a persona votes on its swaps."""
     from persona.pool import ModelPool
     from persona.worker import Worker
 
     started: list[tuple[Worker, threading.Thread]] = []
 
-    def start(worker_id: str | None = None, **pool_kwargs) -> Worker:
+    def start(worker_id: str | None = None, preload: list[str] | None = None, **pool_kwargs) -> Worker:
         client = redis.Redis.from_url(settings.redis_url.get_secret_value())
         worker = Worker(settings, client, ModelPool(settings, "cpu", **pool_kwargs), worker_id=worker_id)
+        if preload:
+            worker.preload(preload)
         thread = threading.Thread(target=worker.run, daemon=True)
         thread.start()
         started.append((worker, thread))

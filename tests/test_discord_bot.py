@@ -489,7 +489,7 @@ async def test_operators_swap_and_roll_back_a_checkpoint_on_the_live_workers(
     start_bot, fake_api, discord_settings, running_worker, redis_client, tiny_llama_dir
 ):
     make_checkpoint(discord_settings, tiny_llama_dir, "dc", seed=1)
-    running_worker("w-dc")
+    running_worker("w-dc", preload=["dc"])
     await fake_api.wait_for(lambda: redis_client.exists(keys.worker_key("w-dc")))
     await start_bot(operator_ids=[555])
     await fake_api.slash("swap", {"persona": "dc", "version": "v1"}, author_id=111)

@@ -19,7 +19,7 @@ from persona import swap as swaps
 from persona.checkpoints import CheckpointInfo, register_checkpoint
 from persona.cli.checkpoints_cmd import perform_swap
 from persona.contract import GenerationRequest, Message, SamplingOverrides
-from persona.heartbeat import live_workers
+from persona.heartbeat import live_worker_ids, live_workers
 from persona.personas import PersonaRegistry
 from persona.queue import QueueClient
 from tests.fakes.checkpoints import make_checkpoint
@@ -72,7 +72,8 @@ def test_a_version_whose_folder_was_removed_can_be_rolled_back_away_from(
 ):
     make_checkpoint(settings, tiny_llama_dir, "tiny", seed=1)
     v2 = make_checkpoint(settings, tiny_llama_dir, "tiny", seed=2)
-    running_worker("w-one")
+    settings.worker.engine = "eager"  # no GGUF written for llama.cpp: seconds faster
+    running_worker("w-one", preload=["tiny"])
     assert perform_swap(settings, redis_client, tiny, "v1", timeout_s=60).committed
     assert perform_swap(settings, redis_client, tiny, "v2", timeout_s=60).committed
     shutil.rmtree(v2.path)  # a disk clean-up; the worker still holds v2's weights
@@ -85,6 +86,7 @@ def test_a_version_whose_folder_was_removed_can_be_rolled_back_away_from(
 
 
 def test_swap_with_no_workers_away_from_a_removed_version(settings, redis_client, tiny, tiny_llama_dir):
+    settings.worker.engine = "eager"  # checked here, with no GGUF written for llama.cpp: seconds faster
     v1 = make_checkpoint(settings, tiny_llama_dir, "tiny", seed=1)
     assert perform_swap(settings, redis_client, tiny, "v1", timeout_s=10).committed
     shutil.rmtree(v1.path)
@@ -137,8 +139,10 @@ def test_all_or_nothing_when_one_of_two_workers_refuses(
     from persona.pool import ModelPool
     from persona.worker import Worker
 
-    a = running_worker("w-a")
+    settings.worker.engine = other.worker.engine = "eager"
+    a = running_worker("w-a", preload=["tiny"])
     b = Worker(other, redis.Redis.from_url(settings.redis_url.get_secret_value()), ModelPool(other, "cpu"), worker_id="w-b")
+    b.preload(["tiny"])
     thread = threading.Thread(target=b.run, daemon=True)
     thread.start()
     try:
@@ -177,8 +181,9 @@ def test_swap_back_and_forth_under_load_fails_nothing(
     make_checkpoint(settings, tiny_llama_dir, "tiny", seed=1)
     make_checkpoint(settings, tiny_llama_dir, "tiny", seed=2)
     settings.worker.max_batch = 4
-    running_worker("w-a")
-    running_worker("w-b")
+    settings.worker.engine = "eager"  # no GGUF written for llama.cpp: seconds faster
+    running_worker("w-a", preload=["tiny"])
+    running_worker("w-b", preload=["tiny"])
     stop = threading.Event()
     sent: list[GenerationRequest] = []
 
@@ -215,6 +220,7 @@ def test_swap_back_and_forth_under_load_fails_nothing(
 
 
 def test_swap_with_no_workers_checks_locally_and_flips(settings, redis_client, tiny, tiny_llama_dir):
+    settings.worker.engine = "eager"  # checked here, with no GGUF written for llama.cpp: seconds faster
     make_checkpoint(settings, tiny_llama_dir, "tiny", seed=1)
     make_checkpoint(settings, tiny_llama_dir, "tiny", seed=2, hidden=64)
     assert perform_swap(settings, redis_client, tiny, "v1", timeout_s=10).committed
@@ -398,7 +404,8 @@ def test_a_swap_opened_on_a_machine_whose_clock_is_behind_is_answered(
         redis_client, swaps.SwapProposal(persona="tiny", target="v1", previous=""), timeout_s=60
     )
     monkeypatch.setattr(time, "time", real)
-    running_worker("w-one")  # its clock is right
+    settings.worker.engine = "eager"  # no GGUF written for llama.cpp: seconds faster
+    running_worker("w-one", preload=["tiny"])  # its clock is right
     wait_until(lambda: "w-one" in swaps.votes(redis_client, proposal.id), timeout=30)
     assert swaps.votes(redis_client, proposal.id)["w-one"].ready
 
@@ -408,6 +415,7 @@ def _cli(settings, redis_url, personas_dir, cwd: Path | None = None):
     env = {k: v for k, v in os.environ.items() if not k.startswith("PERSONA_")}
     env |= {"PERSONA_DATA_DIR": str(settings.data_dir), "PERSONA_REDIS_URL": redis_url,
             "PERSONA_PERSONAS_DIRS": json.dumps([str(personas_dir)]), "COLUMNS": "200",
+            "PERSONA_WORKER__ENGINE": "eager",  # a swap with no worker checks here: no GGUF written, seconds faster
             "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
 
     def persona(*args: str) -> subprocess.CompletedProcess:
@@ -493,7 +501,7 @@ def test_a_refused_swap_or_rollback_with_json_is_one_json_object(settings, redis
     assert "wrong base" in refused("swap", "tiny", "v1")["problem"]
     from persona import heartbeat
 
-    heartbeat.publish(redis_client, heartbeat.WorkerInfo(id="w-busy"), ttl_s=60)  # asked, so not loaded here
+    heartbeat.publish(redis_client, heartbeat.WorkerInfo(id="w-busy", personas={"tiny": "base"}), ttl_s=60)  # asked, so not loaded here
     swaps.open_proposal(redis_client, swaps.SwapProposal(persona="tiny", target="v1", previous="base"), timeout_s=60)
     busy = refused("swap", "tiny", "v2")
     assert "already under way" in busy["problem"] and busy["proposal"]["previous"] == "base"
@@ -525,14 +533,14 @@ def test_a_worker_that_began_serving_during_a_swap_must_vote_too(redis_client, t
     unchecked (from a damaged copy on its disk, as here, every request failed)."""
     from persona import heartbeat
 
-    heartbeat.publish(redis_client, heartbeat.WorkerInfo(id="w-a"), ttl_s=60)
+    heartbeat.publish(redis_client, heartbeat.WorkerInfo(id="w-a", personas={"tiny": "base"}), ttl_s=60)
     done: list[swaps.SwapOutcome] = []
     swapping = threading.Thread(target=lambda: done.append(swaps.swap_persona(redis_client, tiny, "v1", timeout_s=30)))
     swapping.start()
     wait_until(lambda: swaps.open_proposals(redis_client) != [])
     [proposal] = swaps.open_proposals(redis_client)
     assert proposal.workers == ["w-a"]
-    heartbeat.publish(redis_client, heartbeat.WorkerInfo(id="w-late"), ttl_s=60)  # done loading: serving now
+    heartbeat.publish(redis_client, heartbeat.WorkerInfo(id="w-late", personas={"tiny": "base"}), ttl_s=60)  # serving now
     swaps.cast_vote(redis_client, proposal.id, swaps.Vote(worker="w-a", ready=True))
     time.sleep(5 * swaps.POLL_S)
     assert swaps.active_versions(redis_client) == {} and not done  # still waiting for w-late
@@ -604,9 +612,23 @@ def test_a_swap_with_no_worker_running_says_it_was_checked_here_and_what_workers
     persona = _cli(settings, redis_url, personas_dir)
     done = persona("swap", "tiny", "v1")
     assert done.returncode == 0, done.stderr
-    assert "checked on this machine: no worker is running; workers that start will serve v1" in done.stdout
+    assert "checked on this machine (no running worker serves tiny); workers load v1 when they next serve it" in done.stdout
     assert "0 worker(s)" not in done.stdout
     damaged = persona("swap", "tiny", "v2")
     assert damaged.returncode == 1 and "cannot load the model" in damaged.stderr, damaged.stderr
     assert "'tiny' keeps its current version" in damaged.stderr, damaged.stderr
     assert swaps.active_versions(redis_client) == {"tiny": "v1"}
+
+
+def test_a_swap_no_running_worker_serves_is_checked_here(
+    settings, redis_url, redis_client, tiny, tiny_llama_dir, personas_dir, running_worker
+):
+    """Only workers that serve a persona vote on its swap: with workers running that serve
+    others, a damaged checkpoint was committed unchecked ("0 worker(s) switched")."""
+    make_checkpoint(settings, tiny_llama_dir, "tiny", seed=1, corrupt=True)
+    running_worker("w-other")  # serves nothing yet
+    wait_until(lambda: live_worker_ids(redis_client) == {"w-other"})
+    damaged = _cli(settings, redis_url, personas_dir)("swap", "tiny", "v1")
+    assert damaged.returncode == 1 and "cannot load the model" in damaged.stderr, damaged.stderr
+    assert "'tiny' keeps its current version" in damaged.stderr, damaged.stderr
+    assert swaps.active_versions(redis_client) == {}

@@ -64,8 +64,9 @@ def normalise_target(target: str, versions: Path | None = None) -> str:
     return str(folder)
 
 
-def _check_here(settings: Settings, client: redis.Redis, persona: Persona, target: str, workers: int) -> None:
-    """Checks this machine can make before asking the workers."""
+def _check_here(settings: Settings, client: redis.Redis, persona: Persona, target: str, workers: int, voters: int) -> None:
+    """Checks this machine can make before asking the ``voters`` (of the live ``workers``:
+    those that serve the persona) to load and check it."""
     try:
         _, folder = resolve_checkpoint(persona, settings, target)
     except ModelError:
@@ -76,13 +77,13 @@ def _check_here(settings: Settings, client: redis.Redis, persona: Persona, targe
         problem = static_problem(persona, folder)
         if problem:
             raise SwapRefused(f"{problem}; {persona.name!r} keeps its current version")
-    if not workers:
+    if not voters:
         from persona.pool import ModelPool
         from persona.swapper import load_and_check
 
-        # No worker to ask: load and check the weights here, so a broken checkpoint is
-        # refused now rather than by the first worker that starts.
-        with console.status(f"no live workers; loading {target} here to check it"):
+        # No worker to ask (none serves the persona): load and check the weights here, so
+        # a broken checkpoint is refused now rather than by the first worker to serve it.
+        with console.status(f"no running worker serves {persona.name}; loading {target} here to check it"):
             try:
                 load_and_check(ModelPool(settings, "cpu"), persona, current_version(client, persona), target)
             except (ModelError, SwapRefused) as exc:
@@ -93,8 +94,9 @@ def perform_swap(
     settings: Settings, client: redis.Redis, persona: Persona, target: str, *, kind: str = "swap",
     timeout_s: float = DEFAULT_TIMEOUT_S,
 ) -> swaps.SwapOutcome:
-    """Check, propose, gather every live worker's vote, and commit or withdraw."""
-    _check_here(settings, client, persona, target, len(live_worker_ids(client)))
+    """Check, propose, gather the vote of every live worker that serves the persona, and
+    commit or withdraw."""
+    _check_here(settings, client, persona, target, len(live_worker_ids(client)), len(swaps.voters(client, persona.name)))
     with console.status("asking the workers to load and check it") as status:
 
         def progress(ready: int, total: int) -> None:
@@ -113,7 +115,8 @@ def _report(outcome: swaps.SwapOutcome, json_output: bool, started: float) -> No
         raise SwapRefused(outcome.problem)
     p = outcome.proposal
     switched = (f"{len(outcome.votes)} worker(s) switched" if outcome.votes else
-                f"checked on this machine: no worker is running; workers that start will serve {escape(p.target)}")
+                f"checked on this machine (no running worker serves {escape(p.persona)}); workers load "
+                f"{escape(p.target)} when they next serve it")
     console.print(
         f"[green]{escape(p.persona)} now serves {escape(p.target)}[/green] (was {escape(p.previous)}); "
         f"{switched}, {time.time() - started:.1f} s",
