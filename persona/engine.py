@@ -406,6 +406,13 @@ class TransformersEngine:
         room = max(w.sampling.max_new_tokens for w, _ in waiting) + 1
         prompts, new.prompts = new.prompts, None  # the decoder's from here on
         if self._rows is None:
+            forget = getattr(self.decoder, "forget_prefixes", None)
+            if forget is not None and any(w.sampling.seed is not None for w, _ in waiting):
+                # A seed promises a repeatable reply, and llama.cpp's logits for a prompt
+                # depend on what its cache holds (a kept prefix it continues, where its cells
+                # land): a seeded row that starts a batch starts from an empty cache, as on a
+                # fresh worker. (One that joins a running batch cannot: see `persona ask --help`.)
+                forget()
             logits = self.decoder.start(*prompts, room)
             self._rows = new
         else:

@@ -11,6 +11,13 @@ The last few prompts stay in the cache as sequences of their own (prefixes). A r
 prompt begins like one of them shares those cache cells (llama.cpp's sequence copy adds
 the row to the cells; nothing is recomputed) and reads only its own remainder, so a
 persona's system prompt, or a conversation's history, is read once and not per message.
+
+A prompt's logits are not quite the same every way it is read: llama.cpp's sums depend
+on where it was cut (a kept prefix, then the rest) and on where its cells sit in the
+cache (flash attention sums 64-cell tiles when a micro-batch has 64 tokens or more, and
+a one-token step on several threads splits a cache of 512 cells or more between them).
+A batch started after ``forget_prefixes`` starts from an empty cache, read exactly as by
+a fresh decoder; rows beside it (one that leaves, too) still change its sums slightly.
 """
 
 from __future__ import annotations
@@ -204,9 +211,13 @@ class LlamaCppDecoder:
             self._drop_prefix()
 
     def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, room: int) -> torch.Tensor:
-        """A new batch: forget every row's sequence, prefill these rows, return their logits."""
+        """A new batch: forget every row's sequence, prefill these rows, return their logits.
+
+        With no prefix kept, the cache starts as new: these rows' logits are a fresh decoder's."""
         for sequence in set(self.reserved) - set(self.prefixes):
             self.lib.llama_memory_seq_rm(self.memory, sequence, -1, -1)
+        if not self.prefixes:  # where new cells go, too, is as in a new cache
+            self.lib.llama_memory_clear(self.memory, False)
         self._forget_sequences()
         return self.join(input_ids, attention_mask, position_ids, room)
 
@@ -307,7 +318,8 @@ class LlamaCppDecoder:
         self.reserved[kept] = len(prompt)
 
     def forget_prefixes(self) -> None:
-        """Drop every kept prefix (the next prompts are read in full)."""
+        """Drop every kept prefix: the next prompts are read in full, and the next ``start``
+        reads its rows exactly as a fresh decoder does (the same logits, whatever ran before)."""
         while self.prefixes:
             self._drop_prefix()
 

@@ -100,6 +100,31 @@ def test_a_prompt_that_begins_like_a_recent_one_reads_only_the_rest(tiny_llama, 
     assert again.text == expected.text
 
 
+def test_a_seeded_reply_is_the_same_whatever_the_engine_did_before(model_cache_dir, tmp_path):
+    """`persona ask sage "Tell me everything about rivers" --max-new-tokens 12 --seed 1` said
+    "A river's waters..." first after `persona up`, then "A river's end may not..." on every
+    later call: those continued the kept prompt, and llama.cpp's sums differ with where a
+    prompt is cut and where its cells sit. A seeded row that starts a batch now starts from
+    an empty cache; unseeded rows still read only what follows a kept prefix."""
+    loaded = load_model("smollm2", cache_dir=model_cache_dir)
+    engine = TransformersEngine(loaded, mode="llamacpp", cache_dir=tmp_path, threads=1, gguf_type="q4_1")
+    engine.warm_up()
+    system = "You are a sage. You answer in short, calm sentences about nature and the mind. " * 3
+
+    def chat(text: str, seed: int | None, new_tokens: int = 8) -> Work:
+        turns = [{"role": "system", "content": system}, {"role": "user", "content": text}]
+        ids = loaded.tokenizer(loaded.tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)).input_ids
+        return Work(ids, Sampling(temperature=0.8, top_p=0.95, top_k=50, max_new_tokens=new_tokens, seed=seed))
+
+    ask = chat("Tell me everything about rivers", seed=1)
+    assert len(ask.token_ids) >= 64  # llama.cpp reads 64 tokens or more its other way (tiled)
+    replies = [engine.generate([ask])[0].text for _ in range(2)]
+    engine.generate([chat("How do I find peace in a busy city?", seed=None, new_tokens=1)])
+    assert engine.decoder.reused_tokens > 0  # an unseeded row still continues the kept prompt
+    replies.append(engine.generate([ask])[0].text)
+    assert replies == [replies[0]] * 3
+
+
 def test_candidates_of_one_prompt_arriving_together_read_it_once(tiny_llama, tmp_path):
     """Best-of-N: N rows with one prompt in the same step. The first reads it; the others
     share its cells and read only its last token. Each seeded row's text is what it is alone."""

@@ -90,7 +90,11 @@ def ask(
         help="override the reply length limit, in tokens (a reply cut off there ends at its last finished sentence, "
         "or its last whole word and …)",
     ),
-    seed: int = typer.Option(None, min=0, max=MAX_SEED, metavar="N", help="sampling seed, for a repeatable answer"),
+    seed: int = typer.Option(
+        None, min=0, max=MAX_SEED, metavar="N",
+        help="sampling seed, for a repeatable answer: the same seed, message and settings get the same answer from "
+        "the same worker and model version, when it is answering nothing else at the time",
+    ),
     timeout: float = typer.Option(
         None, min=1.0, help="seconds to wait for the reply, also its deadline (default: the queue's, "
         "PERSONA_QUEUE__DEFAULT_DEADLINE_S, 120 s unless set); raise it while a worker is still loading its model",
