@@ -23,6 +23,7 @@ Every message says what went wrong and what to do next.
 
 from __future__ import annotations
 
+import difflib
 import errno
 import os
 from typing import TYPE_CHECKING
@@ -50,7 +51,15 @@ __all__ = [
     "SwapRefused",
     "UnknownPersona",
     "UsageError",
+    "closest",
 ]
+
+
+def closest(word: str, known: list[str]) -> str | None:
+    """The one of ``known`` that ``word`` is most likely a misspelling of ("sgae", "Sage":
+    "sage"), or None if none is close: for an error to ask "did you mean ...?"."""
+    found = difflib.get_close_matches(word.lower(), known, n=1)
+    return found[0] if found else None
 
 
 class PersonaError(Exception):
@@ -66,9 +75,11 @@ class UnknownPersona(ConfigError):
 
     def __init__(self, name: str, known: list[str]) -> None:
         listing = ", ".join(known) if known else "none"
+        # Among many personas, the list alone left the reader to spot the typo.
+        meant = closest(name, known)
         super().__init__(
             f"unknown persona {name!r}; known personas: {listing}. "
-            "See `persona personas list`."
+            "See `persona personas list`." + (f" Did you mean {meant!r}?" if meant else "")
         )
         self.name = name
 

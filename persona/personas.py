@@ -9,7 +9,6 @@ schedule, and the adapters it is enabled on. Files come from the project's
 
 from __future__ import annotations
 
-import difflib
 import logging
 import re
 import tomllib
@@ -28,7 +27,7 @@ from pydantic import (
 )
 
 from persona.contract import MAX_SEED, SamplingOverrides, StopString
-from persona.errors import ConfigError, UnknownPersona
+from persona.errors import ConfigError, UnknownPersona, closest
 from persona.settings import Settings
 
 __all__ = [
@@ -280,8 +279,8 @@ def _meant(loc: tuple) -> str:
         kinds = [field.annotation, *get_args(field.annotation)]
         model = next((k for k in kinds if isinstance(k, type) and issubclass(k, BaseModel)), model)
     known = [name for name, field in model.model_fields.items() if not field.exclude]
-    close = difflib.get_close_matches(str(loc[-1]), known, n=1)
-    return f"did you mean {close[0]!r}?" if close else f"known fields: {', '.join(known)}"
+    meant = closest(str(loc[-1]), known)
+    return f"did you mean {meant!r}?" if meant else f"known fields: {', '.join(known)}"
 
 
 def load_persona_file(path: Path) -> Persona:
@@ -373,3 +372,4 @@ class PersonaRegistry:
         if problems:  # the one meant may be among them: one line, not every file's problems in full
             log.warning("%d invalid persona file(s) skipped; `persona personas validate` names the problems", len(problems))
         raise UnknownPersona(name, sorted(found))
+

@@ -585,3 +585,117 @@ def test_ask_json_of_a_failed_reply_exits_with_status_1(env, redis_url, write_pe
     assert result.returncode == 1 and "Traceback" not in result.stderr
     reply = json.loads(result.stdout)
     assert reply["ok"] is False and "/no/such/model" in reply["error"]["message"]
+
+
+def invoke(monkeypatch: pytest.MonkeyPatch, env: dict[str, str], *args: str):
+    """`persona ARGS` run in this process (click's test runner), under ``env``: for checks
+    that do not need a process of their own."""
+    from typer.testing import CliRunner
+
+    from persona.cli import app
+    from persona.cli.common import get_settings
+
+    for name in [k for k in os.environ if k.startswith("PERSONA_")]:
+        monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    get_settings.cache_clear()
+    try:
+        return CliRunner().invoke(app, list(args))
+    finally:
+        get_settings.cache_clear()
+
+
+def test_generate_refuses_an_out_it_cannot_write_before_sampling(env, monkeypatch, tmp_path: Path):
+    """`--out` naming a folder, or a file under a file, was found out only once every sample
+    had been generated (minutes), as a traceback that threw them all away."""
+    result = invoke(monkeypatch, env, "generate", "sage", "--out", str(tmp_path))
+    assert result.exit_code == 2 and "is a directory" in result.stderr, result.stderr
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    result = invoke(monkeypatch, env, "generate", "sage", "--out", str(a_file / "samples.txt"))
+    assert result.exit_code == 1, result.stderr
+    assert "--out" in result.stderr and "cannot make its folder" in result.stderr, result.stderr
+
+
+def test_generate_with_a_sampling_option_past_the_contracts_bounds_names_the_option(env, monkeypatch):
+    """`--seed -1` or `--max-new-tokens 5000` ended in a pydantic traceback, as `ask`'s once did."""
+    for option, value in (("--max-new-tokens", "5000"), ("--seed", "-1")):
+        result = invoke(monkeypatch, env, "generate", "sage", option, value)
+        assert result.exit_code == 2 and option in result.stderr, result.stderr
+
+
+def test_ctrl_c_while_generating_withdraws_the_samples_still_waiting(env, own_redis, tmp_path: Path):
+    """Ctrl-C left every sample asked for in the queue, for a worker to write for nobody, and
+    printed nothing of what had come back."""
+    import json
+    import signal
+    import time
+
+    from persona import constants as keys
+
+    _, url, client = own_redis
+    env["PERSONA_REDIS_URL"] = url
+    earlier = tmp_path / "samples.txt"
+    earlier.write_text("kept\n")
+    generating = subprocess.Popen(
+        [sys.executable, "-m", "persona", "generate", "sage", "-n", "3", "--out", str(earlier)], env=env, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=_with_ctrl_c,  # noqa: PLW1509 (no threads here)
+    )
+    deadline = time.monotonic() + 30
+    while client.xlen(keys.STREAM_BATCH) < 3:  # no worker: they wait for one
+        assert time.monotonic() < deadline, "the samples never reached the queue"
+        time.sleep(0.05)
+    ids = [json.loads(fields[b"r"])["id"] for _, fields in client.xrange(keys.STREAM_BATCH)]
+    generating.send_signal(signal.SIGINT)
+    _, stderr = generating.communicate(timeout=30)
+    assert generating.returncode == 130 and "Traceback" not in stderr, stderr
+    assert "stopped: no sample was written yet; the rest were withdrawn" in stderr, stderr
+    assert all(client.exists(keys.cancel_key(i)) for i in ids), "a worker would still write them"
+    assert earlier.read_text() == "kept\n"  # not replaced by nothing
+
+
+def test_sigterm_stops_the_dashboard_and_the_embedded_redis_it_started(env, tmp_path: Path):
+    """`docker stop` or systemd's SIGTERM killed `persona dashboard` (status 143) before it
+    stopped the embedded Redis it had started, which then ran on for good."""
+    import signal
+    import time
+
+    from persona.embedded_redis import find_embedded_url, stop_embedded
+
+    data_dir = Path(env["PERSONA_DATA_DIR"])
+    output = tmp_path / "dashboard.log"
+    with output.open("w") as log:
+        dashboard = subprocess.Popen([sys.executable, "-m", "persona", "dashboard", "--port", "0"],
+                                     env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        while "dashboard on http" not in output.read_text():
+            assert dashboard.poll() is None and time.monotonic() < deadline, output.read_text()
+            time.sleep(0.05)
+        assert find_embedded_url(data_dir) is not None
+        dashboard.send_signal(signal.SIGTERM)
+        assert dashboard.wait(timeout=30) == 0, output.read_text()
+        assert find_embedded_url(data_dir) is None, output.read_text()
+        assert "embedded Redis stopped" in output.read_text()
+    finally:
+        dashboard.kill()
+        stop_embedded(data_dir)  # whatever the outcome, no server outlives the test
+
+
+def test_dashboard_port_out_of_range_is_refused_not_wrapped(env, monkeypatch):
+    """`--port 99999` listened on 34463 (99999 - 65536) without a word; `--port -1` blamed the host."""
+    for port in ("99999", "-1"):
+        result = invoke(monkeypatch, env, "dashboard", "--port", port)
+        assert result.exit_code == 2 and "'--port'" in result.stderr, result.stderr
+
+
+def test_personas_validate_takes_a_persona_name_and_says_what_a_typo_meant(env, monkeypatch):
+    """`persona personas validate sage` said "sage: cannot read: No such file or directory",
+    and a misspelt name the same, with nothing to go on."""
+    result = invoke(monkeypatch, env, "personas", "validate", "sage", "sgae", "nothere.toml")
+    assert result.exit_code == 1, result.output
+    assert "✓" in result.stdout and "sage.toml" in result.stdout, result.stdout
+    assert "sgae: no such file, folder or persona; did you mean 'sage'?" in result.stderr, result.stderr
+    assert "nothere.toml: no such file or folder" in result.stderr, result.stderr
+    assert invoke(monkeypatch, env, "personas", "validate", "bofh").exit_code == 0

@@ -86,6 +86,18 @@ def test_unknown_persona_lists_the_known_ones(settings):
         PersonaRegistry.from_settings(settings).get("../../etc/passwd")
 
 
+def test_a_misspelt_persona_name_suggests_the_one_meant(settings):
+    """`persona ask sgae ...` listed every known persona and left the reader to spot the typo."""
+    registry = PersonaRegistry.from_settings(settings)
+    for typo, meant in (("sgae", "sage"), ("Sage", "sage"), ("bfoh", "bofh")):
+        with pytest.raises(UnknownPersona) as caught:
+            registry.get(typo)
+        assert str(caught.value).endswith(f"Did you mean {meant!r}?"), caught.value
+    with pytest.raises(UnknownPersona) as caught:
+        registry.get("nobody")
+    assert "did you mean" not in str(caught.value).lower()  # nothing close: only the list
+
+
 def test_request_overrides_merge_with_defaults(tmp_path: Path):
     persona = load_persona_file(BUILTIN_PERSONAS_DIR / "sage.toml")
     merged = persona.sampling.merged(SamplingOverrides(temperature=0.0, stop=["\n\n"]))

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
+from collections.abc import Iterator
+
 import typer
 
 from persona.cli.common import console, friendly_errors, get_settings
@@ -12,10 +16,29 @@ from persona.logs import setup_logging
 __all__ = ["dashboard", "register"]
 
 
+@contextlib.contextmanager
+def _sigterm_as_ctrl_c() -> Iterator[None]:
+    """SIGTERM (`docker stop`, systemd, `persona up` stopping) stops the dashboard as Ctrl-C
+    does. uvicorn re-sends the SIGTERM it caught once it has shut down, and with Python's
+    default handler that killed the process (status 143) before it could stop the embedded
+    Redis it had started, which then ran on with no one to stop it."""
+
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 @friendly_errors
 def dashboard(
     host: str = typer.Option(None, help="address to listen on (default: PERSONA_DASHBOARD__HOST, 127.0.0.1)"),
-    port: int = typer.Option(None, help="port (default: PERSONA_DASHBOARD__PORT, 8787)"),
+    port: int = typer.Option(
+        None, min=0, max=65535, help="port (default: PERSONA_DASHBOARD__PORT, 8787; 0: any free port)"
+    ),
 ) -> None:
     """Serve the live dashboard (queue, latency, workers, versions, dead letters, posts to settle) and /metrics.
 
@@ -23,21 +46,20 @@ def dashboard(
     start without PERSONA_DASHBOARD__TOKEN, and then every page wants that token.
     Probes need none: /healthz answers while the dashboard runs, /readyz answers 503
     with the reason while Redis cannot be read (point a healthcheck at /readyz).
+    Ctrl-C or SIGTERM stops it (and the embedded Redis, if it was the last to serve on it).
     """
     from persona.dashboard import bind, serve
 
     settings = get_settings()
     setup_logging(settings)
-    listening = bind(settings, host, port)  # a port already taken is said first
-    with listening, redis_for_service(settings) as url:
-        client = connect(settings, url=url)
-        shown_host = host or settings.dashboard.host
-        shown_port = listening.getsockname()[1]
-        console.print(f"dashboard on [bold]http://{shown_host}:{shown_port}/[/bold]  (Prometheus: /metrics)")
-        try:
+    with _sigterm_as_ctrl_c(), contextlib.suppress(KeyboardInterrupt):
+        listening = bind(settings, host, port)  # a port already taken is said first
+        with listening, redis_for_service(settings) as url:
+            client = connect(settings, url=url)
+            shown_host = host or settings.dashboard.host
+            shown_port = listening.getsockname()[1]
+            console.print(f"dashboard on [bold]http://{shown_host}:{shown_port}/[/bold]  (Prometheus: /metrics)")
             serve(settings, client, host=host, listening=listening)
-        except KeyboardInterrupt:
-            pass
 
 
 def register(app: typer.Typer) -> None:

@@ -3,20 +3,28 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
+import redis
 import typer
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn
 
 from persona.cli.common import err_console, friendly_errors, get_settings
 from persona.cli.training_common import persona_with_weights
+from persona.contract import MAX_NEW_TOKENS, MAX_SEED
+from persona.errors import ReplyTimeout, UsageError
 
 __all__ = ["generate", "register"]
 
 GENERATE_WINDOW = 64  # requests in flight at once, well under the queue's length cap
 SAMPLE_SEPARATOR = "=" * 20 + "\n"
+# Once the deadline has passed, each sample still unanswered gets only a last look.
+LAST_LOOK_S = 0.1
+# Ctrl-C is answered at once: withdrawing the samples still waiting gives up on Redis after this long.
+WITHDRAW_WAIT_S = 2.0
 
 
 def _finish(text: str, prefix: str, include_prefix: bool, truncate: str | None) -> str:
@@ -32,49 +40,127 @@ def generate(
     name: str = typer.Argument(..., metavar="NAME", help="the persona that writes"),
     prefix: str = typer.Option("", help="text every sample starts from (default: nothing)"),
     n: int = typer.Option(8, "-n", "--nsamples", min=1, help="how many samples"),
-    out: Path = typer.Option(None, "--out", help="write samples here (.jsonl: one JSON per line)"),
+    out: Path = typer.Option(
+        None, "--out", dir_okay=False,
+        help="write samples to this file (.jsonl: one JSON object per line); default: print them, "
+        "each followed by a line of =",
+    ),
     include_prefix: bool = typer.Option(True, "--include-prefix/--no-include-prefix", help="start each sample with the prefix"),
     truncate: str = typer.Option(None, help="cut each sample at the first occurrence of this text"),
     temperature: float = typer.Option(None, min=0.0, max=5.0, help="override the persona's temperature"),
-    max_new_tokens: int = typer.Option(None, min=1, help="override the sample length limit"),
-    seed: int = typer.Option(None, help="sample i uses seed+i, for repeatable samples"),
-    timeout: float = typer.Option(600.0, min=1.0, help="seconds to wait for all samples"),
+    max_new_tokens: int = typer.Option(
+        None, min=1, max=MAX_NEW_TOKENS, help="override the sample length limit, in tokens"
+    ),
+    seed: int = typer.Option(None, min=0, max=MAX_SEED, metavar="N", help="sample i uses seed N+i, for repeatable samples"),
+    timeout: float = typer.Option(600.0, min=1.0, help="seconds to wait for all samples, also their deadline"),
 ) -> None:
-    """Many samples from NAME as batch work through the queue, for curation by hand."""
+    """Many samples from NAME as batch work through the queue, for curation by hand.
+
+    Ctrl-C withdraws the samples still waiting and keeps those already written by the
+    persona: they are printed (or written to --out) before it stops.
+    """
+    from persona.cli.talk import say_if_no_worker
     from persona.connection import connect
-    from persona.contract import GenerationRequest, Priority, SamplingOverrides
     from persona.queue import QueueClient
 
     settings = get_settings()
     persona_with_weights(settings, name, "sample")
+    if out is not None:  # said now, not after minutes of sampling that the traceback then threw away
+        _check_writable(out)
     client = QueueClient(connect(settings), settings.queue)
-    deadline = time.time() + timeout
-    texts: list[str] = []
-    failures: list[str] = []
-    with Progress(TextColumn("sampling"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  console=err_console) as progress:
-        task = progress.add_task("sampling", total=n)
-        for begin in range(0, n, GENERATE_WINDOW):
-            waiting = [
-                client.submit(GenerationRequest(
-                    persona=name, mode="complete", prefix=prefix, priority=Priority.batch, source="cli-generate",
-                    deadline=deadline, sampling=SamplingOverrides(
-                        temperature=temperature, max_new_tokens=max_new_tokens,
-                        seed=None if seed is None else seed + i)))
-                for i in range(begin, min(n, begin + GENERATE_WINDOW))
-            ]
-            for request in waiting:
-                reply = client.wait(request)
-                if reply.ok:
-                    texts.append(_finish(reply.text, prefix, include_prefix, truncate))
-                else:
-                    failures.append(reply.error.message if reply.error else "failed")
-                progress.advance(task)
-    _write_samples(texts, out)
-    if failures:
-        err_console.print(f"[yellow]{len(failures)} of {n} samples failed:[/yellow] {escape(failures[0])}")
-        if not texts:
+    say_if_no_worker(client, timeout)
+    sampling = _Sampling(client, name, prefix, n, temperature, max_new_tokens, seed, deadline=time.time() + timeout)
+    try:
+        sampling.run()
+    except KeyboardInterrupt:
+        problem = sampling.withdraw()
+        kept = f"kept the {len(sampling.texts)} of {n} samples written so far" if sampling.texts else "no sample was written yet"
+        err_console.print(f"stopped: {kept}; {problem or 'the rest were withdrawn'}", style="yellow",
+                          markup=False, highlight=False)
+        _write_samples([_finish(t, prefix, include_prefix, truncate) for t in sampling.texts], out)
+        raise typer.Exit(130) from None
+    _write_samples([_finish(t, prefix, include_prefix, truncate) for t in sampling.texts], out)
+    if sampling.failures:
+        err_console.print(f"[yellow]{len(sampling.failures)} of {n} samples failed:[/yellow] "
+                          f"{escape(sampling.failures[0])}")
+        if not sampling.texts:
             raise typer.Exit(1)
+
+
+class _Sampling:
+    """The samples of one `persona generate`, asked a window at a time; what came back so far."""
+
+    def __init__(self, client, name: str, prefix: str, n: int, temperature: float | None,
+                 max_new_tokens: int | None, seed: int | None, *, deadline: float) -> None:
+        self.client, self.name, self.prefix, self.n, self.deadline = client, name, prefix, n, deadline
+        self.temperature, self.max_new_tokens, self.seed = temperature, max_new_tokens, seed
+        self.texts: list[str] = []
+        self.failures: list[str] = []
+        self.waiting: list = []  # asked (or being asked) and not answered yet: what Ctrl-C withdraws
+
+    def _request(self, i: int):
+        from persona.contract import GenerationRequest, Priority, SamplingOverrides
+
+        return GenerationRequest(
+            persona=self.name, mode="complete", prefix=self.prefix, priority=Priority.batch, source="cli-generate",
+            deadline=self.deadline, sampling=SamplingOverrides(
+                temperature=self.temperature, max_new_tokens=self.max_new_tokens,
+                seed=None if self.seed is None else (self.seed + i) % (MAX_SEED + 1)))
+
+    def run(self) -> None:
+        """Ask for every sample and gather the replies; a sample that fails (or is not
+        answered in time) is counted, and the others are still kept."""
+        with Progress(TextColumn("sampling"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                      console=err_console) as progress:
+            task = progress.add_task("sampling", total=self.n)
+            for begin in range(0, self.n, GENERATE_WINDOW):
+                if time.time() >= self.deadline:
+                    self.failures.append(f"{self.n - begin} not asked for: --timeout ran out first")
+                    return
+                for i in range(begin, min(self.n, begin + GENERATE_WINDOW)):
+                    request = self._request(i)
+                    self.waiting.append(request)  # before it is sent: Ctrl-C while sending withdraws it too
+                    self.client.submit(request)
+                while self.waiting:
+                    self._gather(self.waiting[0])
+                    self.waiting.pop(0)
+                    progress.advance(task)
+
+    def _gather(self, request) -> None:
+        last_look = LAST_LOOK_S if time.time() >= self.deadline else None
+        try:
+            reply = self.client.wait(request, timeout=last_look)
+        except ReplyTimeout as exc:
+            self.failures.append(str(exc))
+            return
+        if reply.ok:
+            self.texts.append(reply.text)
+        else:
+            self.failures.append(reply.error.message if reply.error else "failed")
+
+    def withdraw(self) -> str | None:
+        """Withdraw every sample still waiting, so no worker writes what nobody reads; None
+        once done, else why not (quickly: with Redis down this gives up within seconds)."""
+        from persona.connection import retrying_until
+
+        try:
+            with retrying_until(time.monotonic() + WITHDRAW_WAIT_S):
+                for request in self.waiting:
+                    self.client.cancel(request.id)
+        except redis.exceptions.RedisError as exc:
+            return (f"could not withdraw the samples still waiting: Redis cannot be reached ({str(exc).rstrip('.')}); "
+                    "a worker may still write them once Redis is back, for nobody")
+        return None
+
+
+def _check_writable(out: Path) -> None:
+    """UsageError unless ``out`` can be written (its folder made if need be)."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"--out {out}: cannot make its folder ({exc.strerror}); name a file in a folder you can write") from None
+    if not os.access(out.parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
+        raise UsageError(f"--out {out}: not allowed to write there; name a file in a folder you can write")
 
 
 def _write_samples(texts: list[str], out: Path | None) -> None:
@@ -83,11 +169,20 @@ def _write_samples(texts: list[str], out: Path | None) -> None:
             print(text)
             print(SAMPLE_SEPARATOR, end="")
         return
-    out.parent.mkdir(parents=True, exist_ok=True)
+    if not texts:  # an earlier file of samples is not replaced by nothing
+        err_console.print(f"no samples, so {escape(str(out))} was left as it was")
+        return
     if out.suffix == ".jsonl":
-        out.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts))
+        content = "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts)
     else:
-        out.write_text("".join(t + "\n" + SAMPLE_SEPARATOR for t in texts))
+        content = "".join(t + "\n" + SAMPLE_SEPARATOR for t in texts)
+    try:
+        out.write_text(content)
+    except OSError as exc:  # the disk filled up, say: the samples are printed rather than lost
+        err_console.print(f"[red]error:[/red] cannot write {escape(str(out))} ({escape(exc.strerror or str(exc))}); "
+                          "the samples follow here instead", highlight=False)
+        _write_samples(texts, None)
+        raise typer.Exit(1) from None
     err_console.print(f"wrote {len(texts)} samples to {escape(str(out))}")
 
 

@@ -8,6 +8,7 @@ import typer
 from rich.markup import escape
 
 from persona.cli.common import console, err_console, friendly_errors, get_settings
+from persona.errors import closest
 from persona.personas import Persona, PersonaRegistry, unscheduled_reason
 from persona.settings import Settings
 
@@ -65,7 +66,9 @@ def show(name: str = typer.Argument(..., help="the persona's name")) -> None:
 @personas_app.command()
 @friendly_errors
 def validate(
-    paths: list[str] = typer.Argument(None, help="files or folders to check (default: every persona file)"),
+    paths: list[str] = typer.Argument(
+        None, help="files, folders or persona names to check (default: every persona file)"
+    ),
 ) -> None:
     """Check persona files; each problem names the file and the exact field.
 
@@ -77,15 +80,18 @@ def validate(
 
     settings = get_settings()
     registry = PersonaRegistry.from_settings(settings)
-    files = _files_named([Path(p) for p in paths]) if paths else registry.files()
     # Of namesakes in several folders only the last is used: say so, or a fix made to
     # the other file seems to change nothing.
     searched = registry.files()
     winner = {path.stem: path.resolve() for path in searched}
+    if paths:  # a persona's name stands for the file it is read from ("sage: cannot read" sent people looking)
+        paths = [str(winner[p]) if p in winner and not Path(p).exists() else p for p in paths]
+    files = _files_named([Path(p) for p in paths if Path(p).exists()]) if paths else searched
     searched_here = {path.resolve() for path in searched}
     if paths:  # a folder named with no persona file in it passed as if all were well
         missing = [f"{folder}: no persona files (*.toml) in this folder" for folder in map(Path, paths)
                    if folder.is_dir() and not any(folder.glob("*.toml"))]
+        missing += [_not_found(p, sorted(winner)) for p in paths if not Path(p).exists()]
     else:
         missing = _missing_folders(settings)
     for problem in missing:
@@ -104,6 +110,15 @@ def validate(
             console.print(f"[green]✓[/green] {escape(str(path))}{note}", highlight=False)
     if bad:
         raise typer.Exit(1)
+
+
+def _not_found(named: str, known: list[str]) -> str:
+    """What is wrong with a file, folder or persona name to validate that is none of them."""
+    if "/" in named or named.endswith(".toml"):
+        return f"{named}: no such file or folder"
+    meant = closest(named, known)
+    hint = f"did you mean {meant!r}?" if meant else "`persona personas list` names the personas"
+    return f"{named}: no such file, folder or persona; {hint}"
 
 
 def _files_named(paths: list[Path]) -> list[Path]:
