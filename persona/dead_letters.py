@@ -2,7 +2,9 @@
 
 A retried request keeps its id and arguments (persona, messages, sampling, priority);
 it gets a fresh deadline of the same length, and its "answered" mark and old error
-reply are cleared so the new answer is delivered to its reply list. Its sender's count
+reply are cleared so the new answer is delivered to its reply list. So is a withdrawal
+(its cancel flag) left from before it was set aside: an operator who retries a request
+wants it answered, and it used to be answered "cancelled" at once. Its sender's count
 of requests waiting (their fair share) counts it again: setting it aside answered it,
 and its new answer will be counted off. One script moves it, so two operators
 retrying at once re-queue it once. Given the queue's ``max_length``, a retry waits for room as
@@ -61,11 +63,12 @@ end
 # only while its stream holds fewer than ARGV[4] entries ('' for no limit), else 'busy'.
 # The sender's pending counter (KEYS[6], '' for an anonymous caller) counts it again, as
 # a submit does (without the fair-share limit: an operator asked for it), and lives at
-# least ARGV[5] seconds, so a decrement that is lost heals itself.
+# least ARGV[5] seconds, so a decrement that is lost heals itself. Its answered mark
+# (KEYS[3]), old reply (KEYS[5]) and any cancel flag (KEYS[7]) go.
 RETRY_SCRIPT = REDIS_NOW + CLEARED_IF_EMPTY + """
 if ARGV[4] ~= '' and redis.call('XLEN', KEYS[2]) >= tonumber(ARGV[4]) then return 'busy' end
 if redis.call('XDEL', KEYS[1], ARGV[1]) == 0 then return false end
-redis.call('DEL', KEYS[3], KEYS[5])
+redis.call('DEL', KEYS[3], KEYS[5], KEYS[7])
 redis.call('HINCRBY', KEYS[4], 'retried', 1)
 cleared_if_empty(KEYS[1], KEYS[4])
 if KEYS[6] ~= '' then
@@ -233,8 +236,9 @@ def retry_dead(client: redis.Redis, entry_id: str, max_length: int | None = None
     fresh = request.model_copy(update={"created_at": now, "deadline": now + allowed if allowed > 0 else 0.0})
     stream = _bound_for(letter)
     new_id = client.eval(
-        RETRY_SCRIPT, 6, keys.STREAM_DEAD, stream, keys.answered_key(request.id), keys.STATS_KEY,
+        RETRY_SCRIPT, 7, keys.STREAM_DEAD, stream, keys.answered_key(request.id), keys.STATS_KEY,
         keys.reply_key(request.id), keys.user_pending_key(request.user) if request.user else "",
+        keys.cancel_key(request.id),
         entry_id, fresh.to_json(), f"{allowed:.3f}" if allowed > 0 else "",
         "" if max_length is None else max_length,
         int(max(allowed, 0.0) * 2) + 60,  # as long as a submit's hold, for its own deadline

@@ -7,6 +7,8 @@ import json
 import time
 from dataclasses import dataclass, field
 
+from pydantic import ValidationError
+
 from persona.contract import GenerationRequest
 
 __all__ = ["Job"]
@@ -15,6 +17,18 @@ __all__ = ["Job"]
 REQUEST_FIELD = b"r"
 EPOCH_FIELD = b"e"
 DUE_FIELD = b"d"  # when the deadline falls, by Redis's clock (entries from older clients lack it)
+# What a malformed request's problem names at most (pydantic lists every field wrong).
+MAX_PROBLEMS_NAMED = 3
+
+
+def _problem(exc: ValueError) -> str:
+    """Why a payload is not a request, in one line: the fields wrong and what is wrong with each."""
+    if not isinstance(exc, ValidationError):
+        return f"malformed request: {exc}".splitlines()[0]
+    errors = exc.errors()
+    named = [f"{'.'.join(map(str, e['loc'])) + ': ' if e['loc'] else ''}{e['msg']}" for e in errors[:MAX_PROBLEMS_NAMED]]
+    more = f" (and {len(errors) - MAX_PROBLEMS_NAMED} more)" if len(errors) > MAX_PROBLEMS_NAMED else ""
+    return " ".join(("malformed request: " + "; ".join(named) + more).split())  # one line, whatever a message holds
 
 
 @dataclass
@@ -33,6 +47,8 @@ class Job:
     not_cancelled: bool = False
     # When its deadline falls by Redis's clock (None: only the caller's clock says).
     due: float | None = None
+    # Which delivery of the entry this is (a reclaim says; a new entry's is its first).
+    deliveries: int = 1
 
     @classmethod
     def parse(cls, stream: str, entry_id: bytes | str, fields: dict) -> Job:
@@ -44,7 +60,7 @@ class Job:
         try:
             job.request = GenerationRequest.from_json(payload)
         except ValueError as exc:
-            job.problem = f"malformed request: {exc}".splitlines()[0]
+            job.problem = _problem(exc)
         return job
 
     def expired(self, redis_now: float) -> bool:
@@ -56,10 +72,18 @@ class Job:
 
     @property
     def request_id(self) -> str | None:
-        if self.request is not None:
-            return self.request.id
+        """The request's id, read from a malformed payload too where it holds one (its caller can be answered)."""
+        return self.request.id if self.request is not None else self._raw("id")
+
+    @property
+    def user(self) -> str:
+        """Who sent it ('' for nobody named), read from a malformed payload too."""
+        return (self.request.user if self.request is not None else self._raw("user")) or ""
+
+    def _raw(self, name: str) -> str | None:
+        """A text field of the payload as JSON, whatever else is wrong with it; None if unreadable."""
         try:
-            value = json.loads(self.payload).get("id")
+            value = json.loads(self.payload).get(name)
         except (ValueError, AttributeError):
             return None
         return value if isinstance(value, str) and value else None

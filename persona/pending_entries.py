@@ -4,8 +4,8 @@ methods from ``PendingEntries``).
 Entries held by a dead worker (no heartbeat) or held past the visibility timeout are
 claimed by another (``reclaim``); a live worker keeps the entries it has in hand fresh
 (``keep``). After ``max_deliveries`` a request is moved to the dead-letter stream and its
-caller is told so (``dead_letter``). A worker that leaves hands its unfinished entries
-back first (``hand_back``).
+caller is told so (``dead_letter``); so is an entry that holds no valid request, at once.
+A worker that leaves hands its unfinished entries back first (``hand_back``).
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ class PendingEntries:
                     if fields is None:  # deleted meanwhile
                         continue
                     job = Job.parse(stream, claimed_id, fields)
-                    deliveries = item["times_delivered"] + 1
+                    deliveries = job.deliveries = item["times_delivered"] + 1
                     if deliveries > self.settings.max_deliveries:
                         exhausted.append((job, deliveries - 1))
                     else:
@@ -100,18 +100,23 @@ class PendingEntries:
             for start in range(0, len(ids), RECLAIM_BATCH):
                 self._keep_fresh(keys=[stream], args=[keys.CONSUMER_GROUP, consumer, *ids[start : start + RECLAIM_BATCH]])
 
-    def dead_letter(self, job: Job, reason: str, deliveries: int, worker: str) -> bool:
+    def dead_letter(
+        self, job: Job, reason: str, deliveries: int, worker: str, *,
+        kind: ErrorKind = ErrorKind.dead_letter, message: str | None = None,
+    ) -> str | None:
         """Move a job to the dead-letter stream, settle its entry, count it and tell its
-        caller, in one atomic step (see ``DEAD_LETTER_SCRIPT``). False if the entry was no
-        longer pending (set aside or answered already): nothing is added or counted."""
+        caller (where its id can be read, a malformed request's too), in one atomic step
+        (see ``DEAD_LETTER_SCRIPT``). The caller hears ``kind`` and ``message`` (by default:
+        it failed ``deliveries`` times, and why). Returns the letter's id; None if the entry
+        was no longer pending (set aside or answered already): nothing is added or counted."""
         request_id = job.request_id
         reply = ""
         if request_id:
             reply = GenerationReply.failure(
-                request_id, ErrorKind.dead_letter, f"this request failed {deliveries} times and was set aside: {reason}",
+                request_id, kind, message or f"this request failed {deliveries} times and was set aside: {reason}",
                 persona=job.request.persona if job.request else "", worker=worker,
             ).to_json()
-        user = (job.request.user if job.request else None) or ""
+        user = job.user
         script_keys = [
             keys.STATS_KEY, keys.STREAM_DEAD, job.stream,
             keys.answered_key(request_id) if request_id else "",
@@ -121,9 +126,10 @@ class PendingEntries:
         args = [
             keys.CONSUMER_GROUP, job.entry_id, keys.DEAD_STREAM_MAX_LEN,
             job.payload, reason, deliveries, worker, time.time(),
-            reply, self.settings.reply_ttl_s, keys.ANSWERED_TTL_S, f"failed:{ErrorKind.dead_letter}",
+            reply, self.settings.reply_ttl_s, keys.ANSWERED_TTL_S, f"failed:{kind}",
         ]
-        return bool(self._set_aside(keys=script_keys, args=args))
+        letter = self._set_aside(keys=script_keys, args=args)
+        return letter.decode() if isinstance(letter, bytes) else (letter or None)
 
     def hand_back(self, consumer: str) -> int:
         """Requeue every entry this consumer still holds, then leave the group."""

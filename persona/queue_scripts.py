@@ -144,17 +144,17 @@ return 1
 # same entry, adds no second letter and counts nothing twice. KEYS[1] is the stats hash.
 # ARGV: group, entry id, the dead stream's cap, then the letter's payload, reason,
 # deliveries, worker and time, then the reply, reply TTL, answered TTL and its counter.
-# Returns 1 if it set the entry aside, 0 if it was not pending.
+# Returns the letter's id if it set the entry aside, 0 if it was not pending.
 DEAD_LETTER_SCRIPT = """
 if #redis.call('XPENDING', KEYS[3], ARGV[1], ARGV[2], ARGV[2], 1) == 0 then return 0 end
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'r', ARGV[4], 'stream', KEYS[3],
+local letter = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'r', ARGV[4], 'stream', KEYS[3],
   'reason', ARGV[5], 'deliveries', ARGV[6], 'worker', ARGV[7], 'at', ARGV[8])
 redis.call('XACK', KEYS[3], ARGV[1], ARGV[2])
 redis.call('XDEL', KEYS[3], ARGV[2])
 redis.call('HINCRBY', KEYS[1], 'dead_lettered', 1)
 if KEYS[4] == '' then
   redis.call('HINCRBY', KEYS[1], 'failed:unanswerable', 1)
-  return 1
+  return letter
 end
 local mark = redis.call('GET', KEYS[4])
 if not mark or mark == '' then
@@ -166,7 +166,7 @@ if not mark or mark == '' then
   end
   redis.call('HINCRBY', KEYS[1], ARGV[12], 1)
 end
-return 1
+return letter
 """
 
 

@@ -13,7 +13,7 @@ in ``persona.jobs``: both importable from here too.)
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import redis
 from hiredis import pack_command
@@ -35,6 +35,9 @@ from persona.telemetry import Tally
 __all__ = ["Job", "WorkQueue"]
 
 log = logging.getLogger(__name__)
+
+# Replies to record the telemetry of, as ``Tally.of_batches`` takes them: (replies, batch size or 0) each.
+Batches = list[tuple[Sequence[GenerationReply], int]]
 
 # Read with every claim, after its entries: the cancel epoch and the active versions.
 _READ_EPOCH = ("GET", keys.CANCEL_EPOCH_KEY)
@@ -118,13 +121,14 @@ class WorkQueue(PendingEntries):
         block_ms: int = keys.BLOCK_MS,
         *,
         deliver: list[tuple[Job | None, GenerationReply]] | None = None,
-        record: Tally | None = None,
+        record: Batches | None = None,
         meanwhile: Callable[[], None] | None = None,
     ) -> list[Job]:
         """New entries for this consumer: interactive ones first, then batch work.
 
         The same round trip delivers ``deliver`` (replies the consumer settled since its
-        last claim, as ``deliver()`` would) and records ``record`` (its telemetry), and
+        last claim, as ``deliver()`` would) and records ``record`` (their telemetry: the
+        ``Tally`` of these batches, made once the replies are on their way), and
         reads the active versions (``active_versions``, as this claim returned) and the
         cancel epoch, which spares ``cancelled`` a read for requests submitted since the
         last cancellation. Before a wait the replies go first and are confirmed at once.
@@ -137,13 +141,11 @@ class WorkQueue(PendingEntries):
         """
         self.confirm()
 
-        def riders() -> list[tuple]:
-            built = []
-            if deliver:
-                built.append((self._deliver, *self._delivery(deliver, consumer)))
-            if record:
-                built.append((self._record, *record.script_keys_args()))
-            return built
+        def delivery() -> list[tuple]:
+            return [(self._deliver, *self._delivery(deliver, consumer))] if deliver else []
+
+        def recording() -> list[tuple]:
+            return [(self._record, *Tally.of_batches(record).script_keys_args())] if record else []
 
         entries: list[tuple[str, list]] = []
         waits_first = bool(block_ms and self._drained)
@@ -151,10 +153,11 @@ class WorkQueue(PendingEntries):
             # Plain reads, not a script: Redis copies each entry into Lua and back out again,
             # which doubled its time per claimed entry. Interactive work first; batch work
             # fills what room is left, in a second round trip only when there is room.
-            # The riders are built while Redis serves the read, and sent right behind it.
+            # The riders are built while Redis serves the read, and sent right behind it: the
+            # replies first, their telemetry in a write of its own (never holding them back).
             calls = [self._read_new(consumer, count, keys.STREAM_INTERACTIVE),
                      _READ_EPOCH, _READ_ACTIVE]
-            got, epoch, active = self._exchange(calls, now=len(calls), behind=riders, meanwhile=meanwhile)
+            got, epoch, active = self._exchange(calls, now=len(calls), behind=(delivery, recording), meanwhile=meanwhile)
             entries = _stream_entries(got)
             room = count - sum(len(found) for _, found in entries)
             if room > 0:
@@ -169,7 +172,7 @@ class WorkQueue(PendingEntries):
         if not entries and block_ms:
             self.confirm()
             # Nothing waiting: block on both streams, with the same reads behind the wait.
-            ahead = riders() if waits_first else []  # else they went with the first read
+            ahead = [*delivery(), *recording()] if waits_first else []  # else they went with the first read
             calls = [*ahead, (
                 "XREADGROUP", "GROUP", keys.CONSUMER_GROUP, consumer, "COUNT", count, "BLOCK", block_ms,
                 "STREAMS", *keys.STREAMS_BY_PRIORITY, ">", ">",
@@ -270,23 +273,24 @@ class WorkQueue(PendingEntries):
         self,
         calls: list[tuple],
         now: int,
-        behind: Callable[[], list[tuple]] | None = None,
+        behind: Sequence[Callable[[], list[tuple]]] = (),
         meanwhile: Callable[[], None] | None = None,
     ) -> list:
         """Send calls in one write; read the first ``now`` results, leave the rest to ``confirm``.
 
         A call is a tuple of words, or (script, keys, args) for a registered script,
-        sent by its hash. ``behind`` builds more calls once the first are sent (while Redis
-        works on them); they follow in a second write and are left to ``confirm`` too.
+        sent by its hash. Each of ``behind`` builds more calls once those before are sent
+        (while Redis works on them); they follow, a write each, and are left to ``confirm`` too.
         ``meanwhile`` runs once everything is sent, before any result is read.
         """
         connection = self._connection()
         try:
             connection.send_packed_command(_packed(calls))
-            more = behind() if behind else []
-            if more:
-                connection.send_packed_command(_packed(more))
-                calls = [*calls, *more]
+            for build in behind:
+                more = build()
+                if more:
+                    connection.send_packed_command(_packed(more))
+                    calls = [*calls, *more]
             if meanwhile:
                 meanwhile()
             results = [_read(connection) for _ in calls[:now]]
@@ -327,17 +331,32 @@ class WorkQueue(PendingEntries):
         """The request ids among these jobs that their callers have withdrawn."""
         return self.is_cancelled([job.request.id for job in jobs if job.request and not job.not_cancelled])
 
-    def deliver(self, settled: list[tuple[Job | None, GenerationReply]], worker: str) -> int:
-        """Send each reply (at most once per request id) and settle its entry.
+    def deliver(
+        self, settled: list[tuple[Job | None, GenerationReply]], worker: str, *, record: Batches | None = None
+    ) -> int:
+        """Send each reply (at most once per request id) and settle its entry; with
+        ``record``, record the telemetry of those batches in the same round trip (see ``claim``).
 
         Returns how many replies were new; a duplicate is dropped silently because its
-        caller has already been answered. Their telemetry is recorded separately
-        (``record``, or with a later claim), so it never holds a caller's reply back.
+        caller has already been answered. A recording that fails is logged, not raised.
         """
-        if not settled:
+        if not settled and not record:
             return 0
-        script_keys, args = self._delivery(settled, worker)
-        return int(self._deliver(keys=script_keys, args=args))
+        if record is None:
+            script_keys, args = self._delivery(settled, worker)
+            return int(self._deliver(keys=script_keys, args=args))
+        pipe = self.redis.pipeline(transaction=False)
+        if settled:
+            script_keys, args = self._delivery(settled, worker)
+            self._deliver(keys=script_keys, args=args, client=pipe)
+        record_keys, record_args = Tally.of_batches(record).script_keys_args()
+        self._record(keys=record_keys, args=record_args, client=pipe)
+        results = pipe.execute(raise_on_error=False)
+        if isinstance(results[-1], Exception):
+            log.warning("could not record reply timings: %s", results[-1])
+        if settled and isinstance(results[0], Exception):
+            raise results[0]
+        return int(results[0]) if settled else 0
 
     def _delivery(self, settled: list[tuple[Job | None, GenerationReply]], worker: str) -> tuple[list[str], list]:
         """The delivery script's keys and arguments for these replies (see ``DELIVER_SCRIPT``)."""
@@ -359,14 +378,6 @@ class WorkQueue(PendingEntries):
         for stream, ids in entries.items():
             args += [stream, len(ids), *ids]
         return [keys.STATS_KEY], args
-
-    def settle_without_reply(self, job: Job) -> None:
-        """Acknowledge and drop an entry that has nobody to answer."""
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.xack(job.stream, keys.CONSUMER_GROUP, job.entry_id)
-        pipe.xdel(job.stream, job.entry_id)
-        pipe.hincrby(keys.STATS_KEY, "failed:unanswerable", 1)
-        pipe.execute()
 
     def is_cancelled(self, request_ids: list[str]) -> set[str]:
         """Which of these requests their callers have withdrawn."""

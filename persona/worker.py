@@ -55,8 +55,9 @@ KEEP_EVERY = 0.25
 # round of one request does not pay for reading and validating TOML.
 PERSONA_REFRESH_S = 1.0
 MAX_RECONNECT_PAUSE_S = 5.0
-# Telemetry of delivered replies is recorded with a claim this long after the last
-# recording: a quarter second late at most, and never in the way of a reply.
+# With work waiting, replies carry their telemetry in the round trip that delivers them;
+# an idle worker's (and any a dropped connection lost) goes with a claim this long after
+# the last recording: a quarter second late at most, and never in the way of a reply.
 RECORD_EVERY_S = 0.25
 # What a row still decoding at its deadline is answered: its caller stops waiting then.
 LATE = "the reply was not finished by its deadline; please ask again"
@@ -170,7 +171,9 @@ class Worker:
         # and those sent with the last claim, until the next one confirms them.
         self._outbox: list[tuple[list[tuple[Job, GenerationReply]], int]] = []
         self._sending: list[tuple[list[tuple[Job, GenerationReply]], int]] = []
-        # Delivered, not yet counted: (replies, batch size), recorded with a later claim.
+        # Settled, not yet counted: (replies, batch size), recorded in the round trip that
+        # delivers them while work is waiting (a worker killed under load used to lose a
+        # quarter second of timings for good), within RECORD_EVERY_S while idle.
         self._unrecorded: list[tuple[list[GenerationReply], int]] = []
         self._last_record = 0.0
         # Log lines of settled replies (format and arguments), written once the replies
@@ -298,14 +301,16 @@ class Worker:
         jobs = []
         claiming = room > 0 and not self.stopping.is_set()
         self._confirm()
-        # While rows decode, only look: new work joins them at the next step. Telemetry
-        # still to record is recorded with the first claim once due, so an idle wait ends then.
+        # While rows decode, only look: new work joins them at the next step. With work
+        # waiting, replies carry their telemetry (in a write right behind them); before an
+        # idle wait it goes with the first claim once due (so the wait ends then): a
+        # recording costs Redis as much for one reply as for hundreds.
         now = time.monotonic()
-        record = self._tally(now)
+        outbox, self._outbox = self._outbox, []
         block_ms = block_ms if claiming and not busy else 0
+        record = self._to_record(now, due=bool(outbox) and not (block_ms and self.queue.drained))
         if self._unrecorded:
             block_ms = min(block_ms, max(1, int((self._last_record + RECORD_EVERY_S - now) * 1000)))
-        outbox, self._outbox = self._outbox, []
         settled = [pair for group, _ in outbox for pair in group]
         try:
             if claiming:
@@ -315,19 +320,13 @@ class Worker:
                 # Read with the claim: new rows use the versions active as they are claimed.
                 self.swaps.refresh_active(self.queue.active_versions)
             else:
-                self.queue.deliver(settled, self.id)
+                self.queue.deliver(settled, self.id, record=record)
                 self._log_answered()
-                if record is not None:
-                    self.queue.record(record)
         except redis.exceptions.RedisError as exc:
-            self._outbox[:0] = outbox  # sent again: a reply is delivered at most once anyway
-            if record is not None and isinstance(exc, (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)):
-                self._unrecorded[:0] = record.batches  # not sent, most likely: counted once Redis is back
+            self._unsent(outbox, record, exc)
             raise
-        if self.queue.awaiting:  # Redis delivers them while this turn works; confirmed next turn
-            self._sending = outbox
-        else:
-            self._delivered(outbox)
+        # Sent behind the claim: Redis delivers them while this turn works; confirmed next turn.
+        self._sending = outbox if self.queue.awaiting else []
         now = time.monotonic()
         if now - self._last_reclaim >= RECLAIM_EVERY_S and not self.stopping.is_set():
             self._last_reclaim = now
@@ -355,19 +354,27 @@ class Worker:
         self.flush()
         return claimed
 
-    def _tally(self, now: float, due: bool = False) -> Tally | None:
-        """What is delivered and not yet counted, if it is time to record it."""
+    def _unsent(self, outbox: list[tuple[list[tuple[Job, GenerationReply]], int]],
+                record: list[tuple[list[GenerationReply], int]] | None, exc: Exception) -> None:
+        """Keep what a failed exchange was to deliver and record, to send again."""
+        self._outbox[:0] = outbox  # sent again: a reply is delivered at most once anyway
+        if record and isinstance(exc, (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)):
+            self._unrecorded[:0] = record  # not sent, most likely: counted once Redis is back
+
+    def _to_record(self, now: float, due: bool = False) -> list[tuple[list[GenerationReply], int]] | None:
+        """The batches settled and not yet counted, if it is time to record them (``due``:
+        with replies on their way, at once)."""
         if not self._unrecorded or not (due or now - self._last_record >= RECORD_EVERY_S):
             return None
         self._last_record = now
         batches, self._unrecorded = self._unrecorded, []
-        return Tally.of_batches(batches)
+        return batches
 
     def record_telemetry(self) -> None:
-        """Record what was delivered and not yet counted, now."""
-        tally = self._tally(time.monotonic(), due=True)
-        if tally is not None:
-            self.queue.record(tally)
+        """Record what was settled and not yet counted, now."""
+        batches = self._to_record(time.monotonic(), due=True)
+        if batches:
+            self.queue.record(Tally.of_batches(batches))
 
     def _reclaim(self, claimed: list[Job], room: int) -> list[Job]:
         """Up to ``room`` entries that dead or stalled workers held, or that this one lost
@@ -377,6 +384,9 @@ class Worker:
         live = heartbeat.live_worker_ids(self.redis)  # a heartbeat it cannot read still says alive
         jobs, exhausted = self.queue.reclaim(self.id, live, holding=self._holding(claimed), limit=room)
         for job, deliveries in exhausted:
+            if job.request is None:  # never a request: it could not have been what stalled them
+                self._set_aside(job, deliveries)
+                continue
             log.error("dead-lettering %s after %d deliveries", job.request_id, deliveries)
             self.queue.dead_letter(job, "it was delivered to workers that died or stalled", deliveries, self.id)
         return jobs
@@ -394,14 +404,14 @@ class Worker:
         runnable: list[Job] = []
         early: list[tuple[Job, GenerationReply]] = []
         for job in jobs:
+            if job.request is None:
+                self._set_aside(job)
+                continue
             refusal = self._refusal(job)
             if refusal is None:
                 runnable.append(job)
-            elif refusal.id:
-                early.append((job, refusal))
             else:
-                log.error("dropping unanswerable entry %s: %s", job.entry_id, job.problem)
-                self.queue.settle_without_reply(job)
+                early.append((job, refusal))
         cancelled = self.queue.cancelled(runnable)
         for job in [j for j in runnable if j.request.id in cancelled]:
             early.append((job, self._failure(job, ErrorKind.cancelled, "the request was withdrawn")))
@@ -418,11 +428,14 @@ class Worker:
     def _send(self, settled: list[tuple[Job, GenerationReply]], batch_size: int = 0) -> None:
         """Settle replies: they are delivered with the next claim, or by ``flush``.
 
-        Their timings are counted later still (within ``RECORD_EVERY_S``), so counting
-        never holds a caller's reply back.
+        Their timings follow in the same round trip, right behind them, while work is
+        waiting (before an idle wait, within ``RECORD_EVERY_S``), so counting never holds a
+        caller's reply back.
         """
         if settled:
-            self._outbox.append((settled, batch_size if any(reply.ok for _, reply in settled) else 0))
+            batch_size = batch_size if any(reply.ok for _, reply in settled) else 0
+            self._outbox.append((settled, batch_size))
+            self._unrecorded.append(([reply for _, reply in settled], batch_size))
 
     def _confirm(self) -> None:
         """Learn what became of the replies sent with the last claim; keep them if they failed."""
@@ -430,21 +443,21 @@ class Worker:
         try:
             self.queue.confirm()
         except redis.exceptions.RedisError:
-            self._outbox[:0] = sending
+            self._outbox[:0] = sending  # their telemetry was sent with them: not counted twice
             raise
-        self._delivered(sending)
 
     def flush(self) -> None:
-        """Deliver the settled replies now; what Redis cannot take is kept and sent again."""
+        """Deliver the settled replies now, with their telemetry; what Redis cannot take is
+        kept and sent again."""
         self._confirm()
-        if self._outbox:
-            outbox, self._outbox = self._outbox, []
+        outbox, self._outbox = self._outbox, []
+        record = self._to_record(time.monotonic(), due=bool(outbox))
+        if outbox or record is not None:
             try:
-                self.queue.deliver([pair for group, _ in outbox for pair in group], self.id)
-            except redis.exceptions.RedisError:
-                self._outbox[:0] = outbox
+                self.queue.deliver([pair for group, _ in outbox for pair in group], self.id, record=record)
+            except redis.exceptions.RedisError as exc:
+                self._unsent(outbox, record, exc)
                 raise
-            self._delivered(outbox)
         self._log_answered()
 
     def _log_answered(self) -> None:
@@ -453,14 +466,22 @@ class Worker:
         for line in lines:
             log.info(*line)
 
-    def _delivered(self, outbox: list[tuple[list[tuple[Job, GenerationReply]], int]]) -> None:
-        self._unrecorded += [([reply for _, reply in group], batch_size) for group, batch_size in outbox]
+    def _set_aside(self, job: Job, deliveries: int | None = None) -> None:
+        """Set an entry that holds no valid request aside as a dead letter, payload and all,
+        and answer its caller with why where the payload names one. Such an entry used to
+        be deleted, its payload in no log line, and not one command could show it."""
+        problem = job.problem or "malformed request"
+        letter = self.queue.dead_letter(
+            job, problem, deliveries or job.deliveries, self.id, kind=ErrorKind.invalid,
+            message=f"{problem}; it was set aside for an operator to see (`persona queue dead`)",
+        )
+        if letter:
+            log.error("set aside malformed entry %s (request %s) as dead letter %s: %s; see `persona queue show %s`",
+                      job.entry_id, job.request_id or "unknown", letter, problem, letter)
 
     def _refusal(self, job: Job) -> GenerationReply | None:
-        """An error reply for a job that must not be generated, else None."""
+        """An error reply for a job with a request that must not be generated, else None."""
         request = job.request
-        if request is None:
-            return GenerationReply.failure(job.request_id or "", ErrorKind.invalid, job.problem or "malformed", worker=self.id)
         if job.expired(time.time() + self._redis_offset):
             return self._failure(job, ErrorKind.timeout, "the request waited past its deadline; please ask again")
         problem = request_problem(request, self.settings.queue)

@@ -771,3 +771,35 @@ def test_a_starting_key_goes_when_loading_fails_and_lapses_when_its_process_dies
     assert [w.id for w in heartbeat.starting_workers(redis_client)] == ["w-killed"]
     time.sleep(0.4)
     assert heartbeat.starting_workers(redis_client) == []
+
+
+def test_a_worker_killed_right_after_answering_leaves_its_timings_counted(
+    settings, redis_client, write_persona, tiny_llama_dir, client
+):
+    """Replies were counted as they went out, their timings only with a claim up to a
+    quarter second later: a worker killed (SIGKILL) in between left
+    `persona_requests_completed_total` ahead of `persona_replies_total` and the histograms
+    for good. Now the timings go in the same round trip as the replies."""
+    from persona.bench_queue import InstantEngine
+    from persona.monitoring import collect_stats
+    from persona.pool import ModelPool
+    from persona.queue_scripts import DELIVER_SCRIPT, RECORD_SCRIPT
+    from persona.telemetry import read_histogram
+    from persona.worker import Worker
+
+    write_persona("tiny", base=str(tiny_llama_dir))
+    for script in (DELIVER_SCRIPT, RECORD_SCRIPT):  # as for a worker that has answered before
+        redis_client.script_load(script)
+    worker = Worker(settings, redis_client, ModelPool(settings, "cpu", engine_factory=InstantEngine), worker_id="w-killed")
+    requests = [client.submit(chat("tiny")) for _ in range(3)]
+    assert worker.turn(block_ms=0) == 3  # claimed and answered
+    worker.turn(block_ms=0)  # the replies go out with the next claim; then it is killed: nothing more runs
+    assert all(client.wait(r, timeout=5).ok for r in requests)
+    deadline = time.monotonic() + 2  # Redis works through what was sent before the kill
+    while True:
+        stats = collect_stats(redis_client)
+        counted = (stats.completed, stats.version_replies.get("tiny@base", 0), read_histogram(redis_client, "generate_seconds")[2])
+        if counted == (3, 3, 3) or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert counted == (3, 3, 3), "completed, replies per version, generate_seconds observations"

@@ -1,0 +1,82 @@
+"""A real worker and the dead letters: what it sets aside, and what a retry brings back."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from persona import constants as keys
+from persona.bench_queue import InstantEngine
+from persona.contract import ErrorKind, GenerationReply, GenerationRequest, Message
+from persona.dead_letters import dead_ids, list_dead, retry_dead
+from persona.pool import ModelPool
+from persona.queue import QueueClient, WorkQueue
+from persona.worker import Worker
+
+
+def instant_worker(settings, redis_client, worker_id: str = "w-test") -> Worker:
+    """A real worker whose engine answers at once (the queue's side is what is tested)."""
+    return Worker(settings, redis_client, ModelPool(settings, "cpu", engine_factory=InstantEngine), worker_id=worker_id)
+
+
+def test_a_malformed_entry_is_set_aside_whole_and_its_caller_answered(settings, redis_client, caplog):
+    """An entry that holds no valid request was deleted, counted and named in a log line,
+    its payload nowhere: `persona queue dead` and `show` could not show it."""
+    garbage = b"\xff not json"
+    wrong_types = json.dumps({"id": "abc123", "persona": 5, "user": "ann"}).encode()
+    # One a worker took and died holding: reclaimed, then set aside with its deliveries.
+    redis_client.xadd(keys.STREAM_BATCH, {"r": b'{"id": "lost"}'})
+    WorkQueue(redis_client, settings.queue).claim("w-died", 1, block_ms=0)
+    redis_client.set(keys.user_pending_key("ann"), 1)
+    redis_client.xadd(keys.STREAM_INTERACTIVE, {"r": garbage})
+    redis_client.xadd(keys.STREAM_INTERACTIVE, {"r": wrong_types})
+    redis_client.xadd(keys.STREAM_INTERACTIVE, {"r": b""})  # no request field at all
+
+    worker = instant_worker(settings, redis_client)
+    worker.step(block_ms=0)
+
+    letters = {letter.payload: letter for letter in list_dead(redis_client)}
+    assert set(letters) == {garbage.decode(errors="replace"), wrong_types.decode(), '{"id": "lost"}', ""}
+    assert letters[wrong_types.decode()].reason == "malformed request: persona: Input should be a valid string"
+    assert letters[garbage.decode(errors="replace")].reason.startswith("malformed request: Invalid JSON")
+    assert letters['{"id": "lost"}'].deliveries == 2
+    assert {letter.worker for letter in letters.values()} == {"w-test"}
+    assert sorted(dead_ids(redis_client, unreadable=True)) == sorted(letter.id for letter in letters.values())
+    with pytest.raises(ValueError):  # `persona queue retry` refuses it, saying why
+        retry_dead(redis_client, letters[wrong_types.decode()].id)
+
+    # Whoever sent one with a readable id hears why at once, not at its deadline.
+    [raw] = redis_client.lrange(keys.reply_key("abc123"), 0, -1)
+    reply = GenerationReply.from_json(raw)
+    assert reply.error.kind is ErrorKind.invalid and "persona: Input should be a valid string" in reply.error.message
+    assert int(redis_client.get(keys.user_pending_key("ann"))) == 0
+    stats = {k.decode(): int(v) for k, v in redis_client.hgetall(keys.STATS_KEY).items()}
+    assert stats == {"dead_lettered": 4, "failed:invalid": 2, "failed:unanswerable": 2}
+    for stream in keys.STREAMS_BY_PRIORITY:  # settled: nothing waits, nothing is held
+        assert redis_client.xlen(stream) == 0
+        assert redis_client.xpending(stream, keys.CONSUMER_GROUP)["pending"] == 0
+    said = [r.getMessage() for r in caplog.records if "malformed entry" in r.getMessage()]
+    assert len(said) == 4 and all("persona queue show" in line for line in said), said
+
+
+def test_a_retried_request_withdrawn_before_it_was_set_aside_is_answered(
+    settings, redis_client, write_persona, tiny_llama_dir
+):
+    """A request whose caller gave up (Ctrl-C) while the worker holding it died was set
+    aside; retried by an operator, it was answered "cancelled" at once: the old flag stayed."""
+    write_persona("tiny", base=str(tiny_llama_dir))
+    client = QueueClient(redis_client, settings.queue)
+    request = client.submit(GenerationRequest(persona="tiny", messages=[Message(role="user", content="hi")]))
+    queue = WorkQueue(redis_client, settings.queue)
+    [job] = queue.claim("w-dying", 1, block_ms=0)
+    assert client.cancel(request.id)  # withdrawn while its worker was dying
+    letter = queue.dead_letter(job, "it was delivered to workers that died or stalled", 3, "w-other")
+    assert client.wait(request, timeout=1).error.kind is ErrorKind.dead_letter
+
+    assert retry_dead(redis_client, letter)
+    worker = instant_worker(settings, redis_client)
+    assert worker.step(block_ms=0) == 1
+    reply = GenerationReply.from_json(redis_client.lindex(keys.reply_key(request.id), 0))
+    assert reply.ok, reply.error
+    assert reply.text == "ok"
