@@ -153,8 +153,9 @@ class Worker:
         self.registry = registry or PersonaRegistry.from_settings(settings)
         self.id = worker_id or new_worker_id()
         self.info = heartbeat.WorkerInfo(id=self.id, device=pool.device)
-        self.swaps = Swapper(client, pool, self.registry, self.info)
         self.stopping = threading.Event()
+        # A worker that is stopping starts no swap preparation and casts no vote.
+        self.swaps = Swapper(client, pool, self.registry, self.info, stopping=self.stopping)
         # Set as the worker leaves, not when told to stop: it beats while it finishes the
         # rows in hand, or others would take them as a dead worker's and decode them again.
         self._leaving = threading.Event()
@@ -192,12 +193,13 @@ class Worker:
         """
         personas = self.registry.all()
         self.swaps.refresh_active()
-        for name in names or sorted(personas):
+        wanted = names or sorted(personas)
+        for name in wanted:
             if self.stopping.is_set():  # told to stop while an earlier one loaded
                 return
             persona = personas.get(name) or self.registry.get(name)
             if starting is not None:
-                starting.loading(persona.name, Path(persona.model.base).name or persona.model.base)
+                starting.loading(self._sharing(persona, wanted, personas), Path(persona.model.base).name or persona.model.base)
             try:
                 served = self.pool.serve(persona, self.swaps.version_for(persona.name))
             except PersonaError as exc:
@@ -208,6 +210,18 @@ class Worker:
                         persona.name, self._cannot_serve(persona.name, exc))
                 continue
             self.info.personas[persona.name] = served.version
+
+    def _sharing(self, persona: Persona, names: list[str], personas: dict[str, Persona]) -> str:
+        """The personas of ``names`` that speak with ``persona``'s weights, ``persona`` first:
+        while sage's chat waited, the starting worker said it was loading "for bofh", the
+        first of the two to share the bundled model."""
+        try:
+            key = self.pool.key_for(persona, self.swaps.version_for(persona.name))
+            others = [n for n in names if n != persona.name and n in personas
+                      and self.pool.key_for(personas[n], self.swaps.version_for(n)) == key]
+        except PersonaError:  # a checkpoint that cannot be found: loading it says why
+            others = []
+        return ", ".join([persona.name, *others])
 
     def run(self) -> None:
         """Take work until ``stop()``; then hand back what is held and leave."""

@@ -754,6 +754,26 @@ def test_a_worker_loading_its_models_is_starting_never_live_until_it_serves(
         thread.join(timeout=30)
 
 
+def test_a_starting_worker_names_every_persona_the_model_it_loads_is_for(
+    settings, redis_client, write_persona, tiny_gpt2_dir
+):
+    """While sage's chat waited, the starting worker said it loaded the bundled model "for
+    bofh", the first of the two personas that share it: the user thought sage was not served."""
+    from persona import heartbeat
+    from persona.pool import ModelPool
+    from persona.worker import Worker
+
+    write_persona("alpha", base=str(tiny_gpt2_dir))
+    write_persona("beta", base=str(tiny_gpt2_dir))
+    worker = Worker(settings, redis_client, ModelPool(settings, "cpu"), worker_id="w-sharing")
+    info = heartbeat.StartingWorker(id="w-sharing", device="cpu")
+    with heartbeat.StartingBeat(redis_client, info, ttl_s=5, every_s=0.05) as beat:
+        worker.preload(["beta", "alpha"], starting=beat)
+        [starting] = heartbeat.starting_workers(redis_client)
+    assert starting.doing() == f"loading {tiny_gpt2_dir.name} for alpha, beta"  # the last loaded, and who shares it
+    heartbeat.withdraw(redis_client, "w-sharing")
+
+
 def test_a_starting_key_goes_when_loading_fails_and_lapses_when_its_process_dies(redis_client):
     """A worker that cannot load its models, or is stopped while loading, is gone at once;
     one killed while loading says nothing, and its key lapses by itself."""
