@@ -7,9 +7,10 @@ waits count failures too, wherever a worker measured them: under overload the wo
 waits end as timeouts, and text replies alone showed a healthy p99.
 
 A ``Tally`` sums many batches in Python first, so they touch each counter and histogram
-bucket once. A worker records its tally with its next claim (no round trip of its own,
-and never in the way of a reply): before it waits for work, and every quarter second
-while it is busy. ``record_replies`` writes one from anywhere else.
+bucket once. A worker records timings in the round trip that delivers their replies,
+written right behind them (no round trip of its own, never ahead of a reply, and none
+lost when it is killed under load); an idle worker's within a quarter second.
+``record_replies`` writes one from anywhere else.
 """
 
 from __future__ import annotations
