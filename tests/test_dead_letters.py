@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -78,6 +79,8 @@ def test_retry_all_and_the_cli(settings, redis_client, redis_url):
     rest = persona("queue", "retry", "--all", "--yes")
     assert rest.returncode == 0 and "re-queued 2" in rest.stdout
     assert redis_client.xlen("persona:q:chat") == 3
+    # completed and failed count replies sent: stats says how many letters came back for another try
+    assert re.search(r"retried from dead letters\W+3\b", persona("queue", "stats").stdout)
 
 
 @pytest.mark.parametrize("payload", [b"not json", b'{"id": "x"}'])

@@ -72,6 +72,10 @@ def render_stats(stats: QueueStats) -> Table:
     if warning:  # past the cap the oldest letters go unseen: said while there is time to act
         table.caption, table.caption_style = escape(f"warning: {warning}"), "yellow"
     table.add_row("completed", str(stats.completed), "", "")
+    # Replies sent, each counted once: a dead letter retried and then answered counts in
+    # both, and this says how many that may be.
+    if retried := stats.counters.get("retried", 0):
+        table.add_row("  retried from dead letters", str(retried), "", "")
     table.add_row("failed", str(stats.failed), "", "")
     for name, value in sorted(stats.counters.items()):
         if name.startswith("failed:"):
@@ -273,7 +277,8 @@ def dead(
     limit: int = typer.Option(50, min=1, help="show at most this many, newest first"),
     json_output: bool = typer.Option(False, "--json", help="print one JSON object per line"),
 ) -> None:
-    """Requests set aside after too many failed deliveries, with the reason and delivery count.
+    """Requests set aside after too many failed deliveries, and entries that hold no valid
+    request, with the reason and delivery count.
 
     The stream keeps about 10,000; past that Redis deletes the oldest. A warning below the
     list (on stderr with --json) says when it nears that cap, and how many went that way.
@@ -341,7 +346,7 @@ def show(
         return
     lines = [
         f"dead letter {letter.id}",
-        f"  set aside  {local_time(letter.at)} by worker {letter.worker or '-'} after {letter.deliveries} deliveries: {letter.reason}",
+        f"  set aside  {local_time(letter.at)} by worker {letter.worker or '-'} after {letter.deliveries} {'delivery' if letter.deliveries == 1 else 'deliveries'}: {letter.reason}",
         f"  bound for  {'the ' + stream_label(letter.stream) + ' stream' if letter.stream else '-'}",
     ]
     if letter.request_id:
