@@ -392,13 +392,23 @@ def test_ask_with_a_sampling_option_past_the_contracts_bounds_names_the_option(e
         assert "Traceback" not in result.stderr and option in result.stderr
 
 
+def wait_until_it_says(process: subprocess.Popen, output: Path, text: str, timeout: float) -> None:
+    """Wait for ``text`` in the log a process writes to ``output``; fail, showing the log, if
+    it ends first or ``timeout`` seconds pass."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while text not in output.read_text():
+        assert process.poll() is None and time.monotonic() < deadline, output.read_text()
+        time.sleep(0.05)
+
+
 @pytest.mark.slow
 def test_a_worker_told_to_stop_while_it_loads_its_model_stops_at_once(env, redis_url, tmp_path: Path):
     """SIGTERM (`persona up` stopping) or Ctrl-C during a worker's first start went on to
     load and warm every model (minutes on a GPU), serve, then leave: nothing was taken
     yet, so it stops at once."""
     import signal
-    import time
 
     env |= {"PERSONA_REDIS_URL": redis_url, "PERSONA_WORKER__THREADS": "1"}
     output = tmp_path / "worker.log"
@@ -406,10 +416,7 @@ def test_a_worker_told_to_stop_while_it_loads_its_model_stops_at_once(env, redis
         worker = subprocess.Popen([sys.executable, "-m", "persona", "worker", "--preload", "sage"],
                                   env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 60
-        while "converting the bundled model" not in output.read_text():
-            assert worker.poll() is None and time.monotonic() < deadline, output.read_text()
-            time.sleep(0.05)
+        wait_until_it_says(worker, output, "converting the bundled model", timeout=60)
         worker.send_signal(signal.SIGTERM)
         assert worker.wait(timeout=30) == 0
     finally:
@@ -659,7 +666,6 @@ def test_sigterm_stops_the_dashboard_and_the_embedded_redis_it_started(env, tmp_
     """`docker stop` or systemd's SIGTERM killed `persona dashboard` (status 143) before it
     stopped the embedded Redis it had started, which then ran on for good."""
     import signal
-    import time
 
     from persona.embedded_redis import find_embedded_url, stop_embedded
 
@@ -669,10 +675,7 @@ def test_sigterm_stops_the_dashboard_and_the_embedded_redis_it_started(env, tmp_
         dashboard = subprocess.Popen([sys.executable, "-m", "persona", "dashboard", "--port", "0"],
                                      env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 30
-        while "dashboard on http" not in output.read_text():
-            assert dashboard.poll() is None and time.monotonic() < deadline, output.read_text()
-            time.sleep(0.05)
+        wait_until_it_says(dashboard, output, "dashboard on http", timeout=30)
         assert find_embedded_url(data_dir) is not None
         dashboard.send_signal(signal.SIGTERM)
         assert dashboard.wait(timeout=30) == 0, output.read_text()
