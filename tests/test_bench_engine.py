@@ -32,9 +32,11 @@ def test_both_sides_are_measured_for_every_batch_size(tiny_llama):
     assert all(ms > 0 for ms in data["first_token_ms"].values())
 
 
-def test_sampled_runs_make_every_token_on_both_sides(tiny_llama):
+def test_sampled_runs_make_every_token_on_both_sides(tiny_llama, model_cache_dir):
     """With --sample both sides sample as a persona does, and still make exactly the tokens asked."""
-    result = run_engine_bench(tiny_llama, [2], new_tokens=5, mode="auto", repeats=1, sampled=True)
+    # The run's shared model cache: a GGUF of the tiny Llama (7 s of CPU to write) is written once.
+    result = run_engine_bench(tiny_llama, [2], new_tokens=5, mode="auto", repeats=1, sampled=True,
+                              cache_dir=model_cache_dir)
     assert result.sampling == "persona" and result.as_dict()["sampling"] == "persona"
     assert result.ours[2] > 0 and result.baseline[2] > 0
 
@@ -45,20 +47,41 @@ def test_eager_mode_runs_any_model(tiny_gpt2_dir, tmp_path):
     assert result.mode == "eager" and result.ours[2] > 0
 
 
-def bench_engine_cli(tmp_path, *args: str) -> subprocess.CompletedProcess:
-    """`persona bench engine ARGS` in a fresh data folder, as a user runs it."""
+# `persona ARGS` as the console script runs it; then, last on stderr, whether torch was imported.
+_TORCH_PROBE = """
+import atexit, sys
+atexit.register(lambda: print("torch imported" if "torch" in sys.modules else "torch not imported", file=sys.stderr))
+from persona.cli import main
+sys.argv[0] = "persona"
+main()
+"""
+
+
+def bench_cli(tmp_path, command: str, *args: str) -> subprocess.CompletedProcess:
+    """`persona bench COMMAND ARGS` in a fresh data folder, as a user runs it."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PERSONA_")}
     env["PERSONA_DATA_DIR"] = str(tmp_path / "data")
     return subprocess.run(
-        [sys.executable, "-m", "persona", "bench", "engine", *args],
+        [sys.executable, "-c", _TORCH_PROBE, "bench", command, *args],
         env=env, capture_output=True, text=True, timeout=120, check=False,
     )
+
+
+def bench_engine_cli(tmp_path, *args: str) -> subprocess.CompletedProcess:
+    """`persona bench engine ARGS` in a fresh data folder, as a user runs it."""
+    return bench_cli(tmp_path, "engine", *args)
+
+
+def refused_at_once(result: subprocess.CompletedProcess) -> bool:
+    """Whether the command ended before importing torch: a mistyped option was refused only
+    after it (3 s of CPU; 12 s and more on a busy machine)."""
+    return result.stderr.rstrip().endswith("torch not imported")
 
 
 def test_bench_engine_refuses_a_bad_batch_list(tmp_path):
     result = bench_engine_cli(tmp_path, "--batch", "one,eight")
     assert result.returncode == 2
-    assert "comma" in result.stderr
+    assert "comma" in result.stderr and refused_at_once(result)
 
 
 def test_bench_engine_refuses_a_batch_size_given_twice(tmp_path):
@@ -67,21 +90,22 @@ def test_bench_engine_refuses_a_batch_size_given_twice(tmp_path):
     assert result.returncode == 2
     said = " ".join(result.stderr.replace("│", " ").split())  # the error box wraps at the terminal's width
     assert "Invalid value for '--batch': batch size 1 is given more than once; give each once: --batch 1,8" in said
+    assert refused_at_once(result)
 
 
 def test_bench_engine_refuses_an_unknown_gguf_type(tmp_path):
     result = bench_engine_cli(tmp_path, "--gguf", "q2_k")
     assert result.returncode == 2
-    assert "q8_0, q4_1 or f16" in result.stderr
+    assert "q8_0, q4_1 or f16" in result.stderr and refused_at_once(result)
 
 
 def test_bench_engine_refuses_an_unknown_gpu_step_choice(tmp_path):
     kernels = bench_engine_cli(tmp_path, "--kernels", "sometimes")
     assert kernels.returncode == 2
-    assert "--kernels must be one of auto, always, never" in kernels.stderr
+    assert "--kernels must be one of auto, always, never" in kernels.stderr and refused_at_once(kernels)
     attention = bench_engine_cli(tmp_path, "--attention", "flash")
     assert attention.returncode == 2
-    assert "--attention must be one of auto, torch, triton" in attention.stderr
+    assert "--attention must be one of auto, torch, triton" in attention.stderr and refused_at_once(attention)
 
 
 def test_bench_engine_measures_a_model_of_the_users_choosing(tmp_path, tiny_gpt2_dir):
@@ -99,6 +123,7 @@ def test_bench_engine_measures_a_model_of_the_users_choosing(tmp_path, tiny_gpt2
     assert data["ours"]["1"] > 0 and data["baseline"]["1"] > 0
     missing = bench_engine_cli(tmp_path, "--model", str(tmp_path / "nowhere"))
     assert missing.returncode == 1 and "nowhere" in missing.stderr
+    assert refused_at_once(missing)  # it was said only after torch had been imported
 
 
 def test_bench_engine_refuses_an_unknown_mode_before_loading_a_model(tmp_path):
@@ -107,7 +132,10 @@ def test_bench_engine_refuses_an_unknown_mode_before_loading_a_model(tmp_path):
     assert result.returncode == 2, result.stderr[-2000:]
     said = " ".join(result.stderr.replace("│", " ").split())  # the error box wraps at the terminal's width
     assert "--mode must be one of auto, eager, fused, int8, llamacpp, not 'turbo'" in said
-    assert "Traceback" not in result.stderr
+    assert "Traceback" not in result.stderr and refused_at_once(result)
+    serve = bench_cli(tmp_path, "serve", "--mode", "turbo")  # `bench serve` takes the same choices
+    assert serve.returncode == 2 and refused_at_once(serve), serve.stderr[-2000:]
+    assert "--mode must be one of auto, eager, fused" in " ".join(serve.stderr.replace("│", " ").split())
 
 
 def test_new_tokens_past_the_models_context_are_refused_before_timing(tiny_gpt2_dir, tmp_path):

@@ -34,13 +34,15 @@ def test_the_layout_simulation_reports_layouts_reads_and_moves():
 
 @pytest.mark.slow
 def test_the_engine_profile_runs_on_a_cpu():
-    done = _run("gpu_profile.py", "--device", "cpu", "--batches", "1,2", "--tokens", "3")
+    # One batch size: each costs three runs of the bundled model (half the test's 30 s of CPU
+    # was batch 2's), and the script does the same for each it is given.
+    done = _run("gpu_profile.py", "--device", "cpu", "--batches", "1", "--tokens", "3")
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.splitlines()[-1])
-    for batch in ("1", "2"):
-        step = report[batch]
-        assert step["wall_ms"] > 0 and step["host_ops_ms"] > 0 and step["top_host_ops"]
-        assert step["gpu_ms"] == 0 and step["launches"] == 0  # no GPU here
+    step = report["1"]
+    assert step["wall_ms"] > 0 and step["host_ops_ms"] > 0 and step["top_host_ops"]
+    assert step["gpu_ms"] == 0 and step["launches"] == 0  # no GPU here
+    assert report["device"] == "cpu" and report["warm_up_s"] >= 0
 
 
 @pytest.mark.parametrize("script", ["gpu_steps.py", "gpu_profile.py", "layouts.py"])

@@ -29,13 +29,28 @@ def test_prompts_are_read_in_a_few_shapes(rows, width, shape):
     assert prompt_shape(rows, width) == shape
 
 
+@pytest.fixture(scope="module")
+def lane_model():
+    """The tiny Llama's shape with a vocabulary of 256 (the made-up prompts' ids are below
+    253): what the lanes are made of is the same, and the check of every row against Hugging
+    Face at every step costs a fraction of what 49,152 logits a position cost."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True,
+    )  # fmt: skip
+    return LlamaForCausalLM(config).eval()
+
+
 @torch.inference_mode()
-def test_a_new_batch_reuses_a_layout_with_room_for_it(tiny_llama):
+def test_a_new_batch_reuses_a_layout_with_room_for_it(lane_model):
     """A batch starting after another reuses its buffers (a GPU keeps its graphs) when the
     lanes match and the slots suffice without being twice what it needs. Prompts are read
     padded to 32 slots here, more than the 20 before the last one: the padding that
     would fall before slot 0 is parked in the last slot, which the decode reaches last."""
-    batch = CheckedBatch(tiny_llama.model)
+    batch = CheckedBatch(lane_model)
     batch.start([prompt(1, 20), prompt(2, 7)], room=108)  # 2 lanes, 128 slots
     layout = batch.buffers()
     batch.step(107)  # through slot 127
@@ -56,8 +71,8 @@ def test_a_new_batch_reuses_a_layout_with_room_for_it(tiny_llama):
 
 
 @torch.inference_mode()
-def test_rows_leave_and_join_in_the_same_buffers_while_lanes_and_slots_last(tiny_llama):
-    batch = CheckedBatch(tiny_llama.model)
+def test_rows_leave_and_join_in_the_same_buffers_while_lanes_and_slots_last(lane_model):
+    batch = CheckedBatch(lane_model)
     batch.start([prompt(i, 3 + i) for i in range(4)], room=12)
     assert batch.decoder.valid.shape == (4, 64)
     layout = batch.buffers()
@@ -78,8 +93,8 @@ def test_rows_leave_and_join_in_the_same_buffers_while_lanes_and_slots_last(tiny
 
 
 @torch.inference_mode()
-def test_a_batch_outgrows_its_lanes_and_its_slots_and_shrinks_once_long_idle(tiny_llama):
-    batch = CheckedBatch(tiny_llama.model)
+def test_a_batch_outgrows_its_lanes_and_its_slots_and_shrinks_once_long_idle(lane_model):
+    batch = CheckedBatch(lane_model)
     batch.start([prompt(i, 4) for i in range(3)], room=80)
     assert batch.decoder.valid.shape == (4, 128)
     batch.step()
@@ -99,11 +114,11 @@ def test_a_batch_outgrows_its_lanes_and_its_slots_and_shrinks_once_long_idle(tin
 
 
 @torch.inference_mode()
-def test_a_cache_out_of_slots_doubles_them(tiny_llama):
+def test_a_cache_out_of_slots_doubles_them(lane_model):
     """Rows that keep joining with long replies lay the cache out anew a few times, not
     every few joins: each new layout (a GPU captures its graphs again) has twice the slots.
     A server's backlog (`persona bench serve`'s mix) now takes 4 layouts instead of 5."""
-    batch = CheckedBatch(tiny_llama.model)
+    batch = CheckedBatch(lane_model)
     batch.start([prompt(1, 4)], room=300)
     assert batch.decoder.valid.shape == (1, 320)
     batch.step()
@@ -112,8 +127,8 @@ def test_a_cache_out_of_slots_doubles_them(tiny_llama):
     batch.step(2)
 
 
-def test_slots_no_row_uses_any_more_are_dropped_in_place(tiny_llama):
-    batch = CheckedBatch(tiny_llama.model)
+def test_slots_no_row_uses_any_more_are_dropped_in_place(lane_model):
+    batch = CheckedBatch(lane_model)
     batch.start([prompt(i, 3) for i in range(5)], room=4)  # eight lanes, 64 slots
     batch.join([prompt(5 + i, 2) for i in range(3)], room=55)
     batch.step()
@@ -130,14 +145,14 @@ def test_slots_no_row_uses_any_more_are_dropped_in_place(tiny_llama):
 
 
 @torch.inference_mode()
-def test_any_run_of_joins_leaves_and_steps_keeps_every_row_right(tiny_llama):
+def test_any_run_of_joins_leaves_and_steps_keeps_every_row_right(lane_model):
     """A busy spell then a quiet one, at random: rows leave when their room is spent or at
     random (stopped, withdrawn), one to three join with prompts of 1-20 tokens and replies
     of up to 40; every row checked at every step, while layouts grow and then shrink."""
     import random
 
     chance = random.Random(8)
-    batch = CheckedBatch(tiny_llama.model)
+    batch = CheckedBatch(lane_model)
     batch.start([prompt(0, 5)], room=40)
     seeds = iter(range(1, 1000))
     widest = 0

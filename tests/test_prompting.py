@@ -330,14 +330,15 @@ def test_a_persona_without_a_system_prompt_is_told_who_it_is(chat_model):
     assert "SmolLM" not in text and "You are Plain Jane." in text
 
 
-def test_a_long_chat_on_a_small_cache_loses_old_turns_instead_of_failing(chat_model, tmp_path):
+def test_a_long_chat_on_a_small_cache_loses_old_turns_instead_of_failing(chat_model, model_cache_dir):
     """Prompts are sized to what one row may hold in the engine (llama.cpp's cache less a
     batch), not only to the model's positions: a long chat used to fail its request."""
     from persona.engine import llamacpp_available
 
     if not llamacpp_available():
         pytest.skip("llama.cpp is not installed")
-    engine = TransformersEngine(chat_model, mode="llamacpp", cache_dir=tmp_path, threads=1, kv_tokens=700)
+    # The run's shared model cache: the tiny Llama's GGUF (7 s of CPU to write) is written once a run.
+    engine = TransformersEngine(chat_model, mode="llamacpp", cache_dir=model_cache_dir, threads=1, kv_tokens=700)
     assert engine.context_tokens == 700 - 512
     long_chat = Persona(name="sage", prompt={"system": "You are Sage.", "max_history_turns": 64})
     request = conversation(*[f"Turn {n}: tell me more about patience and gardens." for n in range(31)])

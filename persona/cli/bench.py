@@ -78,17 +78,17 @@ def _gguf_type(value: str) -> str:
     return value
 
 
-def _bench_setup(device: str, json_output: bool):
-    """The settings and the device (``auto`` resolved) for a model bench. With ``--json`` no
-    progress is drawn for machines to read: it goes to the log (stderr) instead."""
+def _bench_device(settings, device: str, json_output: bool) -> str:
+    """The device (``auto`` resolved: this imports torch, so options are checked first) for a
+    model bench. With ``--json`` no progress is drawn for machines to read: it goes to the
+    log (stderr) instead."""
     from persona.models import pick_device
 
-    settings = get_settings()
     if json_output:
         from persona.logs import setup_logging
 
         setup_logging(settings)
-    return settings, pick_device(device)
+    return pick_device(device)
 
 
 def _bench_model(settings, device: str, threads: int, tokenizer: Path | None, model: str = ""):
@@ -112,11 +112,29 @@ def _choice(value: str, choices: tuple[str, ...], option: str) -> str:
     return value
 
 
+def _worker_choice(value: str, setting: str, option: str) -> str:
+    """``option`` (or the worker setting it defaults to), one of the values that setting
+    takes. Read from the settings, not the engine: a refusal comes in a second, before
+    torch is imported (seconds) and long before a model loads."""
+    from typing import get_args
+
+    from persona.settings import WorkerSettings
+
+    return _choice(value, get_args(WorkerSettings.model_fields[setting].annotation), option)
+
+
 def _engine_mode(value: str) -> str:
     """``--mode`` (or the worker setting), checked before the model loads."""
-    from persona.engine import ENGINE_MODES
+    return _worker_choice(value, "engine", "--mode")
 
-    return _choice(value, ENGINE_MODES, "--mode")
+
+def _bench_base(settings, model: str) -> None:
+    """Refuse a ``--model`` that names neither the bundled model nor a model folder, before
+    anything loads (the same words as loading it would say)."""
+    from persona.models import BUNDLED_ALIASES, resolve_base
+
+    if model and model not in BUNDLED_ALIASES:
+        resolve_base(model, settings.model_cache_dir)
 
 
 @bench_app.command("engine")
@@ -155,14 +173,17 @@ def engine(
 ) -> None:
     """Tokens/s of our engine vs plain transformers generate(), same model, prompts and lengths;
     and the time to the first token of a chat-sized prompt."""
-    from persona.bench_engine import run_engine_bench
-
-    settings, device = _bench_setup(device, json_output)
-    sizes = _batches(batch or ("1,8" if device == "cpu" else "1,8,32,128"))
+    settings = get_settings()
+    given_sizes = _batches(batch) if batch else []
     chosen_mode = _engine_mode(mode or settings.worker.engine)
     gguf_type = _gguf_type(gguf or settings.worker.gguf_type)
-    kernels = _choice(kernels or settings.worker.kernels, ("auto", "always", "never"), "--kernels")
-    attention = _choice(attention or settings.worker.attention, ("auto", "torch", "triton"), "--attention")
+    kernels = _worker_choice(kernels or settings.worker.kernels, "kernels", "--kernels")
+    attention = _worker_choice(attention or settings.worker.attention, "attention", "--attention")
+    _bench_base(settings, model)
+    device = _bench_device(settings, device, json_output)
+    sizes = given_sizes or _batches("1,8" if device == "cpu" else "1,8,32,128")
+    from persona.bench_engine import run_engine_bench
+
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("loading the model...", total=len(sizes) * repeats)
 
@@ -235,14 +256,15 @@ def serve(
 ) -> None:
     """A backlog of chat requests of mixed lengths: our engine with continuous batching, the
     same engine one batch at a time, and plain generate() one batch at a time."""
-    from persona.bench_serve import run_serve_bench
-
-    settings, device = _bench_setup(device, json_output)
+    settings = get_settings()
+    chosen_mode = _engine_mode(mode or settings.worker.engine)
+    device = _bench_device(settings, device, json_output)
     on_gpu = device != "cpu"
     requests = requests or (512 if on_gpu else 24)
     concurrency = concurrency or (128 if on_gpu else 8)
     longest = longest or (256 if on_gpu else 64)
-    chosen_mode = _engine_mode(mode or settings.worker.engine)
+    from persona.bench_serve import run_serve_bench
+
     with console.status("loading the model...") as status:
         loaded = _bench_model(settings, device, threads, tokenizer)
         status.update("building and warming up our engine...")
