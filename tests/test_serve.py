@@ -188,6 +188,9 @@ def test_up_suggests_chatting_with_a_persona_it_serves(start_up, tmp_path):
     said = wait_for(lambda: "talk to it" in (text := (tmp_path / "up.log").read_text()) and text,
                     "`persona up` said nothing about how to talk to it", 30)
     assert "persona chat tiny" in said and "persona chat sage" not in said, said
+    # the embedded Redis's own password: "unix://***@/…" read as one the user had set, or a garbled address
+    [banner] = [line for line in said.splitlines() if "persona is up on Redis" in line]
+    assert "***" not in banner and f"(embedded; its password is kept in {tmp_path / 'up-data' / 'redis'})" in banner, banner
 
 
 @pytest.mark.parametrize(("args", "preload", "said"), [

@@ -173,7 +173,11 @@ def up(
         try:
             supervisor.start()
             names = ", ".join(s.name for s in supervisor.services)
-            console.print(f"[green]persona is up[/green] on Redis {describe_url(url)}: {names}")
+            # The embedded Redis has a password of its own (in its folder's config): "***@" in
+            # its address read as one the user had set, or a garbled address.
+            where = (f"{describe_url(url).replace('***@', '')} (embedded; its password is kept in "
+                     f"{_data_dir(settings) / 'redis'})" if settings.redis_url is None else describe_url(url))
+            console.print(f"[green]persona is up[/green] on Redis {where}: {names}")
             watcher.start()
             if chat:
                 console.print(f"logs in {log_dir}; the first reply waits for the model to load")
