@@ -85,12 +85,13 @@ class SoakReport:
 def _tiny_model(folder: Path) -> Path:
     """A tiny random Llama with the bundled model's real tokenizer and chat template."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
     from transformers.utils import logging as hf_logging
 
-    from persona.models import bundled_tokenizer
+    from persona.models import bundled_gguf_path
 
-    tokenizer = bundled_tokenizer()
+    gguf = bundled_gguf_path()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
