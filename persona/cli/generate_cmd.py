@@ -7,7 +7,6 @@ import os
 import time
 from pathlib import Path
 
-import redis
 import typer
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn
@@ -23,8 +22,6 @@ GENERATE_WINDOW = 64  # requests in flight at once, well under the queue's lengt
 SAMPLE_SEPARATOR = "=" * 20 + "\n"
 # Once the deadline has passed, each sample still unanswered gets only a last look.
 LAST_LOOK_S = 0.1
-# Ctrl-C is answered at once: withdrawing the samples still waiting gives up on Redis after this long.
-WITHDRAW_WAIT_S = 2.0
 
 
 def _finish(text: str, prefix: str, include_prefix: bool, truncate: str | None) -> str:
@@ -141,16 +138,9 @@ class _Sampling:
     def withdraw(self) -> str | None:
         """Withdraw every sample still waiting, so no worker writes what nobody reads; None
         once done, else why not (quickly: with Redis down this gives up within seconds)."""
-        from persona.connection import retrying_until
+        from persona.cli.talk import withdraw
 
-        try:
-            with retrying_until(time.monotonic() + WITHDRAW_WAIT_S):
-                for request in self.waiting:
-                    self.client.cancel(request.id)
-        except redis.exceptions.RedisError as exc:
-            return (f"could not withdraw the samples still waiting: Redis cannot be reached ({str(exc).rstrip('.')}); "
-                    "a worker may still write them once Redis is back, for nobody")
-        return None
+        return withdraw(self.client, self.waiting, "the samples still waiting", "write them")
 
 
 def _check_writable(out: Path) -> None:

@@ -43,16 +43,20 @@ def _client(settings: Settings, url: str | None = None) -> QueueClient:
     return QueueClient(connect(settings, url=url), settings.queue)
 
 
-def _withdraw(client: QueueClient, request: GenerationRequest) -> str | None:
-    """Withdraw a request whose caller pressed Ctrl-C, so no worker spends its time on an answer
-    nobody will read; None once done, else why not. Quickly: with Redis down, redis-py's
-    reconnects held the terminal for 9 s, and the chat then said "(withdrawn)" all the same."""
+def withdraw(
+    client: QueueClient, requests: list[GenerationRequest], what: str = "that message", then: str = "answer it",
+) -> str | None:
+    """Withdraw requests whose caller pressed Ctrl-C, so no worker spends its time on answers
+    nobody will read; None once done, else why not (``what`` they are, what a worker may
+    ``then`` do). Quickly: with Redis down, redis-py's reconnects held the terminal for 9 s,
+    and the chat then said "(withdrawn)" all the same."""
     try:
         with retrying_until(time.monotonic() + WITHDRAW_WAIT_S):
-            client.cancel(request.id)
+            for request in requests:
+                client.cancel(request.id)
     except redis.exceptions.RedisError as exc:
-        return (f"could not withdraw that message: Redis cannot be reached ({str(exc).rstrip('.')}); "
-                "a worker may still answer it once Redis is back, for nobody")
+        return (f"could not withdraw {what}: Redis cannot be reached ({str(exc).rstrip('.')}); "
+                f"a worker may still {then} once Redis is back, for nobody")
     return None
 
 
@@ -119,7 +123,7 @@ def ask(
     try:
         reply = client.ask(request, timeout=timeout)
     except KeyboardInterrupt:
-        problem = _withdraw(client, request)
+        problem = withdraw(client, [request])
         err_console.print(problem or "(withdrawn: no worker will answer it)", style="yellow" if problem else "dim",
                           markup=False, highlight=False)
         raise
@@ -183,7 +187,7 @@ def run_chat(
                 reply = client.ask(request)
         except KeyboardInterrupt:  # as in a shell
             history.pop()
-            withdrawn = _withdraw(client, request)
+            withdrawn = withdraw(client, [request])
             if withdrawn is None:
                 console.print("[dim](withdrawn)[/dim]")
             else:
