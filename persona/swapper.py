@@ -94,7 +94,7 @@ class Swapper:
 
     def __init__(
         self, client: redis.Redis, pool: ModelPool, registry: PersonaRegistry, info: WorkerInfo,
-        stopping: threading.Event | None = None,
+        stopping: threading.Event,
     ) -> None:
         self.redis = client
         self.pool = pool
@@ -102,7 +102,7 @@ class Swapper:
         self.info = info
         # The worker's own stop signal: once set, no preparation starts, and one under way
         # casts no vote (the operator stops waiting for this worker once it has left).
-        self.stopping = stopping or threading.Event()
+        self.stopping = stopping
         self._preparing: _Preparation | None = None
         self._announced: set[str] = set()  # the personas its heartbeat names (see _say_what_it_serves)
         self.active: dict[str, str] = {}
@@ -182,7 +182,7 @@ class Swapper:
         open_ids = {p.id for p in proposals}
         self._answered &= open_ids
         self._ready = {i: k for i, k in self._ready.items() if i in open_ids}
-        if self._preparing is not None or self._stopping():
+        if self._preparing is not None or self.stopping.is_set():
             return
         for proposal in proposals:
             # A persona not served here is not voted on (``swap.voters`` leaves this worker
@@ -240,7 +240,7 @@ class Swapper:
             reason = ""
             prep.key = key
         try:
-            if self._stopping():
+            if self.stopping.is_set():
                 log.info("stopping: abandoned the swap of %s to %s", proposal.persona, proposal.target)
             else:
                 prep.voted = self._vote(proposal, reason, time.perf_counter() - prep.started)
@@ -273,10 +273,6 @@ class Swapper:
             self.info.state = prep.state_before
         if prep.key is not None and prep.voted:
             self._ready[prep.proposal.id] = prep.key
-
-    def _stopping(self) -> bool:
-        # "leaving" too: a worker that does not hand the swapper its stop signal sets it as it leaves.
-        return self.stopping.is_set() or self.info.state == "leaving"
 
     # -- phase two: switch and free -------------------------------------------------
 
