@@ -19,7 +19,8 @@ started from a message opens with that message's conversation (``thread_opening`
 slash commands (/ask, /persona, /reset, /retry, /cancel; /queue, /swap and /rollback for
 operators) are answered by ``discord_commands.SlashCommands``, which the bot inherits.
 Replies are split at 2,000 characters and never ping anyone; 429s are waited out by
-discord.py itself.
+discord.py itself. While the gateway cannot be reached, discord.py tries again with waits cut
+to the reply timeout (``bound_reconnect_waits``), and the outage is logged as it begins and ends.
 
 The bot needs the privileged **Message Content** intent (Developer Portal → Bot →
 Privileged Gateway Intents) to read what people write; without it Discord closes the
@@ -34,8 +35,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import signal
+import time
 from collections import OrderedDict
 from collections.abc import Iterator
 
@@ -43,6 +46,7 @@ import aiohttp
 import discord
 import yarl
 from discord import app_commands
+from discord.backoff import ExponentialBackoff
 from discord.gateway import DiscordWebSocket
 
 from adapters.access import AccessControl
@@ -72,7 +76,7 @@ from persona.contract import Message
 from persona.errors import ConfigError, PlatformUnreachable
 from persona.settings import Settings
 
-__all__ = ["OPERATOR_ONLY_TEXT", "PersonaBot", "point_client_at", "run_discord"]
+__all__ = ["OPERATOR_ONLY_TEXT", "PersonaBot", "bound_reconnect_waits", "point_client_at", "run_discord"]
 
 log = logging.getLogger(__name__)
 
@@ -93,11 +97,63 @@ CLOSE_WAIT_S = 10.0
 # is among the last 1,000 answered, so this many are more than enough.
 MAX_REMEMBERED_ANSWERS = 10_000
 _UNKNOWN = object()  # a channel whose parent the API could not tell
+# While the gateway cannot be reached, discord.py waits a random time up to 2, 4, 8, ... 1,024 s
+# between tries: here at most the reply timeout, and never past this, so a message written as
+# Discord comes back is heard within that.
+MAX_RECONNECT_WAIT_S = 10.0
 
 
 def point_client_at(api_url: str) -> None:
     """Send discord.py's REST calls to ``api_url`` (the gateway follows in ``setup_hook``)."""
     discord.http.Route.BASE = api_url.rstrip("/")
+
+
+class _BoundedBackoff(ExponentialBackoff):
+    """discord.py's reconnect backoff, each wait cut to ``cap_s`` (its randomness kept)."""
+
+    def __init__(self, cap_s: float) -> None:
+        super().__init__()
+        self.cap_s = cap_s
+
+    def delay(self) -> float:
+        return min(super().delay(), self.cap_s)
+
+
+def bound_reconnect_waits(cap_s: float) -> None:
+    """Make discord.py wait at most ``cap_s`` between tries to reach the gateway. It builds its
+    backoff in ``Client.connect`` and takes no other: like the REST base, a module's global."""
+    discord.client.ExponentialBackoff = functools.partial(_BoundedBackoff, cap_s)
+
+
+class _OneLinePerOutage(logging.Filter):
+    """discord.py logs each failed try to reach the gateway with its traceback ("Attempting a
+    reconnect in 3.02s"): during an outage, one every few seconds. The first of an outage is said
+    in one line of our own and the rest dropped, until ``connected`` ends the outage."""
+
+    def __init__(self, wait_cap_s: float) -> None:
+        super().__init__()
+        self.wait_cap_s = wait_cap_s
+        self.since: float | None = None
+        self.tries = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith("Attempting a reconnect"):
+            return True
+        self.tries += 1
+        if self.since is None:
+            self.since = time.monotonic()
+            error = record.exc_info[1] if record.exc_info else None
+            reason = " ".join(str(error).split()) or type(error).__name__
+            log.warning("lost the connection to the Discord gateway (%s); trying again, at most %g s apart",
+                        reason, self.wait_cap_s)
+        return False
+
+    def connected(self) -> None:
+        """The gateway took the bot again: say after how long, if it had been lost."""
+        if self.since is not None:
+            log.info("connected to the Discord gateway again after %.1f s (%d failed tries)",
+                     time.monotonic() - self.since, self.tries)
+        self.since, self.tries = None, 0
 
 
 class PersonaBot(SlashCommands, discord.Client):
@@ -120,14 +176,21 @@ class PersonaBot(SlashCommands, discord.Client):
         self._answered: OrderedDict[int, None] = OrderedDict()  # message ids, see MAX_REMEMBERED_ANSWERS
         self._answering: set[asyncio.Task] = set()  # handlers waiting for an answer, or sending it
         self._files = TextFiles()  # read lately: a reply chain holding a paste downloads it once
+        self._outages = _OneLinePerOutage(min(self.options.reply_timeout_s, MAX_RECONNECT_WAIT_S))
         self._add_commands()
 
     # --- start-up -----------------------------------------------------------------------
 
     async def start_with_settings(self) -> None:
-        """Log in and connect, at the configured API (and the gateway it names)."""
+        """Log in and connect, at the configured API (and the gateway it names), trying again
+        while the gateway cannot be reached at most the reply timeout apart."""
         point_client_at(self.options.api_url)
-        await self.start(self.options.token.get_secret_value())
+        bound_reconnect_waits(self._outages.wait_cap_s)
+        logging.getLogger("discord.client").addFilter(self._outages)
+        try:
+            await self.start(self.options.token.get_secret_value())
+        finally:
+            logging.getLogger("discord.client").removeFilter(self._outages)
 
     async def serve(self) -> None:
         """Run until closed; a refused token or intent becomes a ConfigError saying what to fix."""
@@ -183,7 +246,11 @@ class PersonaBot(SlashCommands, discord.Client):
             self._answering.discard(task)
 
     async def on_ready(self) -> None:
+        self._outages.connected()
         log.info("Discord bot %s serving persona %s", self.user, self.options.persona)
+
+    async def on_resumed(self) -> None:
+        self._outages.connected()
 
     async def on_error(self, event_method: str, /, *args, **kwargs) -> None:
         """The one place event errors end up: log them with the traceback."""

@@ -33,7 +33,7 @@ import re
 import time
 import warnings
 from collections.abc import Awaitable, Callable, Iterator
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from telegram import BotCommand, Chat, Message, ReplyParameters, Update
 from telegram.constants import ChatAction, ChatMemberStatus, ChatType, ParseMode
@@ -43,6 +43,7 @@ from telegram.error import (
     InvalidToken,
     NetworkError,
     RetryAfter,
+    TimedOut,
 )
 from telegram.ext import (
     Application,
@@ -51,6 +52,7 @@ from telegram.ext import (
     MessageHandler,
     filters,
 )
+from telegram.request import HTTPXRequest
 
 from adapters.access import AccessControl
 from adapters.posting.chat_sinks import telegram_api_url
@@ -81,6 +83,11 @@ TOKEN_REFUSED_TEXT = "Telegram refused the token: check PERSONA_TELEGRAM__TOKEN"
 # How long an edit of a group message can still draw an answer, and so how long the bot
 # remembers which messages it answered (in this process; see ``on_edit``).
 EDIT_ANSWERED_WITHIN_S = 3600.0
+# While the Bot API cannot be reached, the waits between tries grow from the first to at most
+# the reply timeout, and never past the longest: a message written as it comes back is seen
+# within that (python-telegram-bot's own waits grow to 30 s, whatever the reply timeout).
+FIRST_RECONNECT_WAIT_S = 1.0
+MAX_RECONNECT_WAIT_S = 10.0
 
 
 @contextlib.contextmanager
@@ -116,6 +123,42 @@ def _quiet_start_up_tracebacks() -> None:
     ptb = logging.getLogger("telegram.ext")
     if not any(isinstance(f, _NoTracebackForWhatIsRaised) for f in ptb.filters):
         ptb.addFilter(_NoTracebackForWhatIsRaised())
+
+
+class _PatientPolling(HTTPXRequest):
+    """The long poll's connection (getUpdates): while polling, a try that cannot reach the Bot API
+    is made again after a wait that grows, ×1.5 from FIRST_RECONNECT_WAIT_S, to at most
+    ``wait_cap_s``; one that timed out has waited already, and is made again at once. The outage
+    is logged as it begins and as it ends, not at every try (python-telegram-bot logged each with
+    its traceback). Not polling (starting, stopping), a failure is python-telegram-bot's to handle."""
+
+    def __init__(self, api_url: str, wait_cap_s: float, polling: Callable[[], bool]) -> None:
+        super().__init__(connection_pool_size=1)  # as python-telegram-bot builds the long poll's own
+        self._api_url = api_url
+        self._wait_cap_s = wait_cap_s
+        self._polling = polling
+
+    async def post(self, *args: Any, **kwargs: Any) -> Any:  # BaseRequest.post's arguments and answer
+        """Make the call, trying again while the Bot API cannot be reached and polling goes on."""
+        tries, since, wait_s = 0, 0.0, 0.0
+        while True:
+            try:
+                result = await super().post(*args, **kwargs)
+            except NetworkError as exc:  # TimedOut too; not a refusal (BadRequest, InvalidToken)
+                if not self._polling():
+                    raise
+                if not tries:
+                    since = time.monotonic()
+                    log.warning("cannot reach the Telegram Bot API at %s (%s); trying again, at most %g s apart",
+                                self._api_url, exc.message, self._wait_cap_s)
+                tries += 1
+                wait_s = min(max(wait_s * 1.5, FIRST_RECONNECT_WAIT_S), self._wait_cap_s)
+                await asyncio.sleep(0.0 if isinstance(exc, TimedOut) else wait_s)
+                continue
+            if tries:
+                log.info("reached the Telegram Bot API again after %.1f s (%d failed tries)",
+                         time.monotonic() - since, tries)
+            return result
 
 
 T = TypeVar("T")
@@ -224,6 +267,10 @@ class TelegramBot:
             .token(token)
             .base_url(options.api_url)
             .base_file_url(re.sub(r"/bot$", "/file/bot", options.api_url))
+            .get_updates_request(_PatientPolling(
+                options.api_url, min(options.reply_timeout_s, MAX_RECONNECT_WAIT_S),
+                polling=lambda: self.application.updater.running,
+            ))
             .concurrent_updates(True)  # /cancel must get through while an answer is pending
             .post_init(self._connect)
             .build()

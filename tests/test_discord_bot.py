@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -525,6 +527,35 @@ async def test_a_swap_while_the_only_worker_is_starting_says_to_wait_for_it(
         await fake_api.wait_for(lambda: any("still starting" in t for t in fake_api.texts()), timeout=60)
     finally:
         heartbeat.withdraw(redis_client, "w-loading")  # the test Redis is shared by the whole run
+
+
+async def test_after_a_gateway_outage_the_bot_is_back_within_the_reply_timeout(
+    start_bot, fake_api, discord_settings, caplog
+):
+    """While the gateway could not be reached, discord.py waited ever longer between tries (a
+    random time up to 2, 4, 8, ... 1,024 s), far past the reply timeout: for minutes after
+    Discord came back the bot heard nothing, and each failed try logged a traceback. The waits
+    now stay within the reply timeout, and the outage is logged as it begins and as it ends."""
+    with scripted_worker(discord_settings, echo):
+        await start_bot(reply_timeout_s=0.5)
+        caplog.set_level(logging.INFO)
+        await fake_api.go_down()
+        await fake_api.wait_for(lambda: len(fake_api.refused_connections) >= 5, timeout=5)
+        fake_api.come_back()
+        back = time.monotonic()
+        await fake_api.wait_for(lambda: fake_api.resumes == 1, timeout=5)
+        back_s = time.monotonic() - back
+        await fake_api.user_message("are you back?", mention_bot=True)
+        await fake_api.wait_for(lambda: len(fake_api.sent) == 1)
+    tries = fake_api.refused_connections
+    assert max(later - earlier for earlier, later in itertools.pairwise(tries)) < 0.5 + 0.4
+    assert back_s < 1.5
+    assert fake_api.texts() == ["echo: user=are you back?"]
+    said = [(r.levelname, r.getMessage()) for r in caplog.records if r.levelno >= logging.WARNING or "again" in r.getMessage()]
+    assert said[0][0] == "WARNING" and said[0][1].startswith("lost the connection to the Discord gateway (")
+    assert said[0][1].endswith("; trying again, at most 0.5 s apart")
+    assert said[1][0] == "INFO" and said[1][1].startswith("connected to the Discord gateway again after")
+    assert len(said) == 2 and not any(r.exc_info for r in caplog.records)
 
 
 async def test_the_token_never_reaches_the_logs(start_bot, fake_api, discord_settings, caplog):

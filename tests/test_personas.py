@@ -253,3 +253,46 @@ def test_a_relative_base_model_is_found_beside_the_persona_file_from_any_folder(
     (tmp_path / "personas" / "bundled.toml").write_text('[model]\nbase = "smollm2"\n')
     (tmp_path / "personas" / "smollm2").mkdir()  # a folder of the alias's name does not hide the bundled model
     assert load_persona_file(tmp_path / "personas" / "bundled.toml").model.base == "smollm2"
+
+
+def test_validate_refuses_a_schedule_that_names_one_place_twice(settings, personas_dir: Path, redis_client):
+    """"discord:1234" and "Discord: 1234" are one channel: posting refuses such a schedule ("post to
+    the same place"), yet `persona personas validate` passed it. It now says so, with the file and
+    the field, by posting's own reading of the specs: the two refuse the same files."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from pydantic import SecretStr
+
+    from adapters.posting.poster import Poster
+
+    archive = settings.data_dir / "posts" / "archive.jsonl"
+    (personas_dir / "echo.toml").write_text('[schedule]\nsinks = ["discord:1234", "file:echo.jsonl", "Discord: 1234"]\n')
+    (personas_dir / "archive.toml").write_text(f'[schedule]\nsinks = ["file:archive.jsonl", "file:{archive}"]\n')
+    (personas_dir / "handle.toml").write_text('[schedule]\nsinks = ["telegram:@Persona", "telegram:@persona"]\n')
+    (personas_dir / "fine.toml").write_text('[schedule]\nsinks = ["file:a.jsonl", "file:a.jsonl", "file:b.jsonl", "discord:1234", "telegram:1234"]\n')
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PERSONA_")}
+    env |= {"PERSONA_DATA_DIR": str(settings.data_dir), "PERSONA_PERSONAS_DIRS": json.dumps([str(personas_dir)]),
+            "PYTHONIOENCODING": "utf-8"}
+    checked = subprocess.run([sys.executable, "-m", "persona", "personas", "validate", str(personas_dir)], env=env,
+                             capture_output=True, check=False, text=True, encoding="utf-8", timeout=120)
+    assert checked.returncode == 1
+    twice = "post to the same place, which would get each post twice; list it once"
+    assert f"{personas_dir / 'echo.toml'}: schedule.sinks: 'discord:1234' and 'Discord: 1234' {twice}" in checked.stderr
+    assert f"{personas_dir / 'archive.toml'}: schedule.sinks: 'file:archive.jsonl' and 'file:{archive}' {twice}" in checked.stderr
+    assert f"{personas_dir / 'handle.toml'}: schedule.sinks: 'telegram:@Persona' and 'telegram:@persona'" in checked.stderr
+    assert f"✓ {personas_dir / 'fine.toml'}" in checked.stdout
+
+    credentialed = settings.model_copy(deep=True)
+    credentialed.discord.token = credentialed.telegram.token = SecretStr("123:token")
+    poster = Poster(credentialed, redis_client, lambda persona, n, seed: [])
+    refused = set()
+    for name in ("echo", "archive", "handle", "fine"):
+        try:
+            poster.sinks_for(poster.registry.get(name), None)
+        except ConfigError as exc:
+            assert "post to the same place" in str(exc)
+            refused.add(name)
+    assert refused == {"echo", "archive", "handle"}

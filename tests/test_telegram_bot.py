@@ -8,6 +8,7 @@ the fake server received.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import os
@@ -485,6 +486,34 @@ async def test_a_redis_outage_gets_a_polite_reply_and_the_bot_recovers(start_bot
         server.stop()
 
 
+async def test_after_a_bot_api_outage_a_message_is_seen_within_the_reply_timeout(
+    start_bot, fake_api, telegram_settings, caplog
+):
+    """While the Bot API could not be reached, python-telegram-bot waited ever longer between
+    tries (1 s, 1.5 s, 2.25 s, ... up to 30 s), past the reply timeout: a message written once
+    the API was back waited that long before the bot even saw it, and each failed try logged a
+    traceback. The waits now stay within the reply timeout, and the outage is logged twice: as
+    it begins, and as it ends."""
+    with scripted_worker(telegram_settings, echo):
+        await start_bot(reply_timeout_s=0.5)
+        caplog.set_level(logging.INFO)
+        fake_api.go_down()
+        await fake_api.wait_for(lambda: len(fake_api.refused_polls) >= 5, timeout=5)
+        fake_api.come_back()
+        asked = time.monotonic()
+        fake_api.push_message("are you back?")
+        await fake_api.wait_for(lambda: fake_api.texts() == ["echo: are you back?"], timeout=10)
+        answered_s = time.monotonic() - asked
+    tries = fake_api.refused_polls
+    assert max(later - earlier for earlier, later in itertools.pairwise(tries)) < 0.5 + 0.4
+    assert answered_s < 2.5
+    said = [(r.levelname, r.getMessage()) for r in caplog.records if r.levelno >= logging.WARNING or "Bot API" in r.getMessage()]
+    warned = f"cannot reach the Telegram Bot API at {fake_api.base_url} (Bad Gateway); trying again, at most 0.5 s apart"
+    assert said[0] == ("WARNING", warned)
+    assert said[1][0] == "INFO" and said[1][1].startswith("reached the Telegram Bot API again after")
+    assert len(said) == 2 and not any(r.exc_info for r in caplog.records)
+
+
 async def test_groups_outside_the_allowed_chats_are_ignored(start_bot, fake_api, telegram_settings):
     with scripted_worker(telegram_settings, echo) as seen:
         await start_bot(allowed_chats=[GROUP])
@@ -760,6 +789,25 @@ async def test_a_paste_whose_last_piece_is_long_too_is_answered_once_the_window_
         await fake_api.wait_for(lambda: len(fake_api.sent) == 2)
     assert fake_api.texts() == ["8192 characters", "15 characters"]
     assert seen[0].messages[-1].content == "x" * 8192
+
+
+async def test_pieces_of_a_paste_handed_out_out_of_order_are_joined_in_message_order(
+    start_bot, fake_api, telegram_settings
+):
+    """Pieces may reach the bot in another order than they were written (a webhook's updates come
+    over several connections at once): they are joined by message id, not as they came."""
+    telegram_settings.queue.max_message_chars = 20_000
+    first, second = ("a " * 2030).strip(), ("b " * 2030).strip()  # long, short of a full message
+    fake_api.push_message(first, chat_id=GROUP, chat_type="group")
+    fake_api.push_message(f"{second} @{BOT_USERNAME}", chat_id=GROUP, chat_type="group")
+    older, newer = fake_api.updates
+    older["message"], newer["message"] = newer["message"], older["message"]  # the second piece is handed out first
+    with scripted_worker(telegram_settings, lambda request: "read it") as seen:
+        await start_bot(context_chars=20_000, paste_window_s=0.5)
+        await fake_api.wait_for(lambda: len(fake_api.sent) == 1)
+        await asyncio.sleep(0.7)  # the window is over: nothing more comes
+    assert len(seen) == 1 and seen[0].messages[-1].content == first + "\n" + second
+    assert fake_api.sent[0]["reply_parameters"]["message_id"] == newer["message"]["message_id"]  # the first piece
 
 
 async def test_a_short_message_is_answered_without_waiting_for_more(start_bot, fake_api, telegram_settings):

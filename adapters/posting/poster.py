@@ -19,7 +19,7 @@ import redis
 
 from adapters.posting.candidates import CandidateSource
 from adapters.posting.publishing import PostOutcome, Publisher
-from adapters.posting.sinks import Sink, make_sink, platform_of
+from adapters.posting.sinks import Sink, make_sink, one_place_twice, platform_of
 from adapters.posting.slots import (
     MANUAL_SLOT_PREFIX,
     manual_slot,
@@ -76,7 +76,13 @@ class Poster:
             raise ConfigError(f"{len(problems)} sinks cannot post:\n  " + "\n  ".join(problems))
         if problems:
             raise ConfigError(problems[0])
-        _refuse_one_place_twice(built)
+        if twice := one_place_twice([sink.spec for sink in built], self.settings):
+            # Each sink's post is its own: "discord:1", "Discord:1" and "discord: 1" sent every
+            # post to that channel three times. (`persona personas validate` says so too.)
+            raise ConfigError(
+                f"sinks {twice[0]!r} and {twice[1]!r} post to the same place, which would get each post twice; "
+                f"list it once (schedule.sinks in the persona's file, or --sink)"
+            )
         return built
 
     def corpus_index(self, persona: Persona) -> CopyIndex | None:
@@ -392,29 +398,6 @@ class Poster:
             name, slot, "done" if outcome == "done" else outcome, text=record.get("text", ""),
             approval_id=record.get("approval", ""), message=messages.get(outcome, outcome),
         )
-
-
-def _place(sink: Sink) -> tuple:
-    """Where a sink's posts land: its platform, and its channel, chat or file (X, Mastodon and
-    Bluesky each post as the one account their settings name)."""
-    if isinstance(path := getattr(sink, "path", None), Path):
-        return sink.platform, path.resolve()
-    for target in (getattr(sink, "channel", None), getattr(sink, "chat", None)):
-        if target is not None:
-            return sink.platform, str(target).lower()  # a Telegram @name is read whatever its case
-    return (sink.platform,)
-
-
-def _refuse_one_place_twice(sinks: list[Sink]) -> None:
-    """ConfigError if two sinks post to one place: each sink's post is its own, so "discord:1",
-    "Discord:1" and "discord: 1" sent every post to that channel three times."""
-    seen: dict[tuple, str] = {}
-    for sink in sinks:
-        if (first := seen.setdefault(_place(sink), sink.spec)) != sink.spec:
-            raise ConfigError(
-                f"sinks {first!r} and {sink.spec!r} post to the same place, which would get each post twice; "
-                f"list it once (schedule.sinks in the persona's file, or --sink)"
-            )
 
 
 def _joined(*messages: str) -> str:

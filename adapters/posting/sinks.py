@@ -46,7 +46,7 @@ from persona.settings import Settings
 
 __all__ = [
     "FileSink", "Posted", "Sink", "SinkNoAnswer", "SinkRateLimited", "SinkUnreachable", "make_sink", "network_reason",
-    "one_line", "platform_of",
+    "one_line", "one_place_twice", "platform_of", "sink_place",
 ]
 
 RetrySafety = Literal["check", "idempotent", "none"]
@@ -154,6 +154,42 @@ def platform_of(spec: str) -> str:
     return spec.partition(":")[0].strip().lower()
 
 
+def _target(spec: str) -> str:
+    """What a sink spec names on its platform: a channel, chat or file (``discord: 123`` → ``123``)."""
+    return spec.partition(":")[2].strip()
+
+
+def _file_path(target: str, settings: Settings) -> Path:
+    """The file a ``file:`` sink writes: a relative path lives under DATA_DIR/posts."""
+    path = Path(target).expanduser()
+    return path if path.is_absolute() else settings.data_dir / "posts" / path
+
+
+def sink_place(spec: str, settings: Settings) -> tuple:
+    """Where a sink's posts land, whatever the spec's spelling: its platform, and its channel,
+    chat or file (X, Mastodon and Bluesky each post as the one account their settings name).
+    Read from the spec alone, as its sink reads it, so no credentials are needed."""
+    platform, target = platform_of(spec), _target(spec)
+    if platform == "file":
+        return platform, _file_path(target, settings).resolve()
+    if platform in ("discord", "telegram"):
+        chat = str(int(target)) if target.lstrip("-").isdigit() else target
+        return platform, chat.lower()  # a Telegram @name is read whatever its case
+    return (platform,)
+
+
+def one_place_twice(specs: list[str], settings: Settings) -> tuple[str, str] | None:
+    """The first two specs, spelt differently, that post to one place (``discord:1`` and
+    ``Discord: 1``): each is a sink of its own, and the place would get every post twice.
+    None if there are none. The same spec listed twice is one sink, not two."""
+    seen: dict[tuple, str] = {}
+    for spec in dict.fromkeys(specs):
+        first = seen.setdefault(sink_place(spec, settings), spec)
+        if first != spec:
+            return first, spec
+    return None
+
+
 class FileSink:
     """Appends one JSON line per post to a file: for dry runs, archives and tests."""
 
@@ -197,13 +233,11 @@ class FileSink:
 
 def make_sink(spec: str, settings: Settings) -> Sink:
     """The sink a spec names, with its credentials from the settings."""
-    platform = platform_of(spec)
-    target = spec.partition(":")[2].strip()
+    platform, target = platform_of(spec), _target(spec)
     if platform == "file":
         if not target:
             raise ConfigError(f"sink {spec!r}: name the file, e.g. file:posts.jsonl")
-        path = Path(target).expanduser()
-        return FileSink(spec, path if path.is_absolute() else settings.data_dir / "posts" / path)
+        return FileSink(spec, _file_path(target, settings))
     if platform in ("x", "mastodon", "bluesky"):
         from adapters.posting import social
 

@@ -4,7 +4,7 @@ REST: /users/@me, /oauth2/applications/@me, /gateway/bot, a thread's channel obj
 channel messages (create and fetch), typing, application commands (sync), interaction
 callbacks, follow-ups, and deleting an interaction's original response.
 Gateway (websocket, JSON text frames): HELLO, IDENTIFY → READY and GUILD_CREATE,
-heartbeat ACKs, and dispatches the tests ask for (MESSAGE_CREATE, MESSAGE_UPDATE for
+RESUME → RESUMED (counted in ``resumes``), heartbeat ACKs, and dispatches the tests ask for (MESSAGE_CREATE, MESSAGE_UPDATE for
 ``edit_message``, INTERACTION_CREATE, THREAD_CREATE). Tests read back what the bot did: ``sent`` (messages it posted, replies
 to interactions included), ``typing`` (channel ids), ``interaction_responses``.
 ``rate_limit(route_prefix, seconds)`` answers the next matching request with a 429.
@@ -18,6 +18,9 @@ deferred response ("thinking…") fills that response in, which keeps the visibi
 deferred with (the follow-up's ephemeral flag, 64, is ignored); once the original response
 is deleted (``deleted_originals``), a follow-up is a message of its own, with its own flags.
 ``public_texts()`` is what everyone in the channel sees.
+``go_down()`` plays an outage of the gateway until ``come_back()``: the connections open are
+closed (1001, going away) and each new one is refused with 502 before it opens, its time kept
+in ``refused_connections``.
 The guild has the role Discord makes for a bot when it joins (``BOT_ROLE_ID``, named like the
 bot, tagged with its id); ``user_message(mention_bot_role=True)`` mentions that role, as people
 do who pick it from the mention menu, and ``attachment=`` adds a file (a picture, say; or the
@@ -93,6 +96,9 @@ class FakeDiscord:
     files: dict[str, bytes] = field(default_factory=dict)  # an attachment's path → its bytes
     downloads: list[str] = field(default_factory=list)  # attachment paths, as fetched
     gone_files: set[str] = field(default_factory=set)  # file names whose download answers 404
+    down: bool = False  # True: the gateway refuses every connection (``go_down``)
+    refused_connections: list[float] = field(default_factory=list)  # when each was refused (monotonic)
+    resumes: int = 0  # sessions resumed (RESUME answered with RESUMED)
 
     def __post_init__(self) -> None:
         self._ids = itertools.count(950000000000000001)
@@ -258,6 +264,15 @@ class FakeDiscord:
         await self.dispatch("INTERACTION_CREATE", interaction)
         return interaction
 
+    async def go_down(self) -> None:
+        """Close the gateway's connections and refuse new ones (502) until ``come_back``."""
+        self.down = True
+        for socket in self._sockets:
+            await socket.close(code=1001)
+
+    def come_back(self) -> None:
+        self.down = False
+
     def rate_limit(self, route_prefix: str, seconds: float, times: int = 1) -> None:
         """Answer the next ``times`` requests whose path starts with ``route_prefix`` with 429."""
         self.limits.setdefault(route_prefix, []).extend([seconds] * times)
@@ -278,7 +293,10 @@ class FakeDiscord:
 
     # --- the gateway --------------------------------------------------------------------
 
-    async def _gateway(self, request: web.Request) -> web.WebSocketResponse:
+    async def _gateway(self, request: web.Request) -> web.StreamResponse:
+        if self.down:
+            self.refused_connections.append(time.monotonic())
+            return web.Response(status=502, text="Bad Gateway")
         socket = web.WebSocketResponse()
         await socket.prepare(request)
         self._sockets.append(socket)
@@ -298,6 +316,9 @@ class FakeDiscord:
                     await socket.close(code=4014, message=b"Disallowed intent(s).")
                     break
                 await self._ready(socket)
+            elif payload["op"] == 6:
+                self.resumes += 1
+                await socket.send_str(json.dumps({"op": 0, "t": "RESUMED", "s": next(self._sequence), "d": {}}))
         return socket
 
     async def _ready(self, socket: web.WebSocketResponse) -> None:

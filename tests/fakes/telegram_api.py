@@ -20,6 +20,9 @@ the first 100 entities (tags) of a message are formatted and the rest silently i
 message's ``ignored_entities`` lists those, the text showing them as plain. ``texts()`` is what
 the user sees; ``sent`` holds the parameters as sent. ``refuse_html = True`` refuses every
 HTML text that way, as Telegram would one the bot's formatting got wrong.
+``go_down()`` plays an outage of the Bot API until ``come_back()``: every call is answered with
+502 "Bad Gateway", as Telegram's front answers while the API behind it is down, and the time
+of each ``getUpdates`` so turned away is kept in ``refused_polls``.
 """
 
 from __future__ import annotations
@@ -115,6 +118,8 @@ class FakeTelegram:
     floods: dict[str, list[int]] = field(default_factory=dict)
     migrated: dict[int, int] = field(default_factory=dict)  # a group's old chat id → its supergroup's
     refuse_html: bool = False  # True: refuse every text sent with parse_mode HTML
+    down: bool = False  # True: every call is answered 502 Bad Gateway (``go_down``)
+    refused_polls: list[float] = field(default_factory=list)  # when each getUpdates was turned away (monotonic)
     base_url: str = ""
 
     def __post_init__(self) -> None:
@@ -237,6 +242,14 @@ class FakeTelegram:
         self._new_update.set()
         return edited
 
+    def go_down(self) -> None:
+        """Answer every call with 502 Bad Gateway until ``come_back``; a long poll waiting now ends."""
+        self.down = True
+        self._new_update.set()
+
+    def come_back(self) -> None:
+        self.down = False
+
     def flood(self, method: str, seconds: int, times: int = 1) -> None:
         """Make the next ``times`` calls of ``method`` fail with flood control."""
         self.floods.setdefault(method, []).extend([seconds] * times)
@@ -271,6 +284,10 @@ class FakeTelegram:
         if request.match_info["token"] != self.token:
             return web.json_response({"ok": False, "error_code": 401, "description": "Unauthorized"}, status=401)
         method = request.match_info["method"]
+        if self.down:
+            if method == "getUpdates":
+                self.refused_polls.append(time.monotonic())
+            return web.json_response({"ok": False, "error_code": 502, "description": "Bad Gateway"}, status=502)
         params = await self._params(request)
         self.calls.append((method, params))
         pending_floods = self.floods.get(method)
