@@ -242,11 +242,20 @@ def _queue_families(stats: QueueStats) -> Iterator[Metric]:
     waiting = GaugeMetricFamily("persona_queue_waiting", "Requests waiting per stream (chat, batch)", labels=["stream"])
     in_flight = GaugeMetricFamily("persona_queue_in_flight", "Requests being generated per stream (chat, batch)", labels=["stream"])
     oldest = GaugeMetricFamily("persona_queue_oldest_waiting_seconds", "Age of the oldest waiting request", labels=["stream"])
+    # Not taken yet and no longer wanted: not waiting work (a worker discards them).
+    withdrawn = GaugeMetricFamily(
+        "persona_queue_withdrawn", "Requests not taken yet whose callers withdrew them, per stream", labels=["stream"]
+    )
+    expired = GaugeMetricFamily(
+        "persona_queue_expired", "Requests not taken yet whose deadline has passed, per stream", labels=["stream"]
+    )
     for s in stats.streams:  # labelled chat and batch, as people call them, not by Redis key
         waiting.add_metric([s.label], s.waiting)
         in_flight.add_metric([s.label], s.in_flight)
         oldest.add_metric([s.label], s.oldest_waiting_s)
-    yield from (waiting, in_flight, oldest)
+        withdrawn.add_metric([s.label], s.withdrawn)
+        expired.add_metric([s.label], s.expired)
+    yield from (waiting, in_flight, oldest, withdrawn, expired)
     yield GaugeMetricFamily("persona_dead_letters", "Requests in the dead-letter stream", value=stats.dead_letters)
     # A gauge, not a counter: it is worked out from other counts, which a moment's race
     # can leave one low, and a counter that dips reads as a reset.
@@ -265,11 +274,17 @@ def _reply_families(stats: QueueStats, served: dict[str, str]) -> Iterator[Metri
         persona, _, version = key.partition("@")
         replies.add_metric([persona, version], value)
     yield replies
-    errors = CounterMetricFamily("persona_request_errors", "Requests answered with an error, by kind", labels=["kind"])
+    errors = CounterMetricFamily(
+        "persona_request_errors", "Requests answered with an error, by kind (neither withdrawn nor expired)", labels=["kind"]
+    )
     for name, value in sorted(stats.counters.items()):
         if name.startswith("failed:"):
             errors.add_metric([name.removeprefix("failed:")], value)
     yield errors
+    yield CounterMetricFamily("persona_requests_withdrawn", "Requests discarded because their callers withdrew them",
+                              value=stats.withdrawn)
+    yield CounterMetricFamily("persona_requests_expired", "Requests whose deadline passed before they were generated",
+                              value=stats.expired)
     yield CounterMetricFamily("persona_tokens_generated", "Tokens generated", value=stats.counters.get("tokens", 0))
     yield CounterMetricFamily("persona_requests_completed", "Requests answered with text", value=stats.completed)
     # Every persona, not only those swapped at least once: a panel or an alert on a

@@ -33,7 +33,7 @@ button{font:inherit;padding:2px 8px;cursor:pointer} .legend span{margin-right:12
  <div class="fig"><div class="big" id="throughput">-</div><span>replies/s (1 min)</span></div>
  <div class="fig"><div class="big" id="dead-count">-</div><span>dead letters</span></div>
  <div class="fig"><div class="big" id="stuck-count">-</div><span>stuck</span></div></div>
- <table id="streams"><thead><tr><th>stream</th><th>waiting</th><th>in flight</th><th>oldest</th></tr></thead><tbody></tbody></table>
+ <table id="streams"><thead><tr><th>stream</th><th>waiting</th><th>in flight</th><th>oldest</th><th>withdrawn</th><th>expired</th></tr></thead><tbody></tbody></table>
  <p id="counters"></p></section>
 <section><h2>Latency (ms, last 5 min)</h2>
  <table id="latency"><thead><tr><th></th><th>p50</th><th>p95</th><th>p99</th></tr></thead><tbody></tbody></table></section>
@@ -89,9 +89,12 @@ function render(data){
   document.getElementById('dead-count').textContent = s.dead_letters;
   document.getElementById('dead-note').textContent = data.dead_note || '';  // trimmed at the cap, or near it
   document.getElementById('stuck-count').textContent = s.stuck.length;
-  rows('streams', s.streams, x => [esc(x.label), '#' + x.waiting, '#' + x.in_flight, '#' + x.oldest_waiting_s.toFixed(1) + 's']);
+  // Withdrawn and expired: not taken yet and no longer wanted (a worker discards them), so not waiting.
+  rows('streams', s.streams, x => [esc(x.label), '#' + x.waiting, '#' + x.in_flight, '#' + x.oldest_waiting_s.toFixed(1) + 's',
+                                   '#' + x.withdrawn, '#' + x.expired]);
   const failed = Object.entries(s.counters).filter(([k]) => k.startsWith('failed:'));
   document.getElementById('counters').textContent = 'completed ' + (s.counters.completed || 0) + ', tokens ' + (s.counters.tokens || 0) +
+    ', withdrawn ' + (s.counters.withdrawn || 0) + ', expired ' + (s.counters.expired || 0) +
     (failed.length ? ', ' + failed.map(([k, v]) => k + ' ' + v).join(', ') : '');
   // Nothing measured in the window: a dash, as `persona queue stats` shows, not 0 ms (which reads as instant).
   rows('latency', lat ? [['queue wait', lat.queue_ms, lat.queue_waits], ['generation', lat.generate_ms, lat.replies]] : [],

@@ -5,6 +5,10 @@ counters, live workers (and, apart, those still loading their models) and the ac
 persona versions. Ages and deadlines are judged by Redis's clock (entry ids, reply-log
 ids and the deadline each entry carries are stamped by it), not by the clock of the
 machine that reads them.
+
+A request no worker has taken yet is waiting only while it is still wanted: one its
+caller withdrew, or whose deadline passed, is counted as withdrawn or expired (a worker
+discards it when it takes it, and counts it so again: not as failed).
 """
 
 from __future__ import annotations
@@ -26,13 +30,18 @@ from persona.heartbeat import (
     redis_now,
     starting_workers,
 )
+from persona.jobs import DUE_FIELD, EPOCH_FIELD, REQUEST_FIELD
 from persona.personas import Persona
 from persona.swap import served_versions
-from persona.telemetry import LatencySummary, summarize
+from persona.telemetry import LatencySummary, counters_named, summarize
 
 __all__ = ["QueueStats", "StreamStats", "StuckEntry", "collect_stats", "find_stuck", "stream_label"]
 
 STUCK_SCAN_LIMIT = 200
+# Requests not taken yet that are read to tell the withdrawn and the expired from those
+# still waiting: the oldest this many of each stream (which holds about
+# PERSONA_QUEUE__MAX_LENGTH, 1,000 unless set); any past them count as waiting.
+UNTAKEN_SCAN_LIMIT = 5000
 
 
 def stream_label(stream: str) -> str:
@@ -45,9 +54,11 @@ class StreamStats(BaseModel):
     """One stream's figures."""
 
     name: str = Field(description="the stream's Redis key")
-    waiting: int
+    waiting: int = Field(description="requests no worker has taken yet that are still wanted")
     in_flight: int
-    oldest_waiting_s: float = 0.0
+    oldest_waiting_s: float = Field(0.0, description="age of the oldest of those waiting")
+    withdrawn: int = Field(0, description="requests not taken yet whose callers withdrew them (a worker discards each)")
+    expired: int = Field(0, description="requests not taken yet whose deadline has passed (a worker discards each)")
 
     @computed_field  # type: ignore[prop-decorator]
     @property
@@ -104,7 +115,18 @@ class QueueStats(BaseModel):
         return self.counters.get("completed", 0)
 
     @property
+    def withdrawn(self) -> int:
+        """Requests a worker discarded because their callers withdrew them."""
+        return self.counters.get("withdrawn", 0)
+
+    @property
+    def expired(self) -> int:
+        """Requests whose deadline passed before they were generated (a worker answered them so)."""
+        return self.counters.get("expired", 0)
+
+    @property
     def failed(self) -> int:
+        """Requests answered with an error: neither withdrawn nor expired."""
         return sum(v for k, v in self.counters.items() if k.startswith("failed:"))
 
 
@@ -112,18 +134,53 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def _oldest_waiting_s(client: redis.Redis, stream: str, now: float) -> float:
-    """Age of the oldest entry no worker has read yet (entry ids carry their time)."""
+def _untaken(client: redis.Redis, stream: str) -> list[tuple[bytes, dict]]:
+    """The entries no worker has read yet, oldest first (at most ``UNTAKEN_SCAN_LIMIT``)."""
     try:
         groups = client.xinfo_groups(stream)
     except redis.exceptions.ResponseError:  # no stream yet
-        return 0.0
+        return []
     last = next((_text(g["last-delivered-id"]) for g in groups if _text(g["name"]) == keys.CONSUMER_GROUP), "0-0")
-    first = client.xrange(stream, min=f"({last}", max="+", count=1)
-    if not first:
+    return client.xrange(stream, min=f"({last}", max="+", count=UNTAKEN_SCAN_LIMIT)
+
+
+def _request(fields: dict) -> dict:
+    """An entry's request as plain JSON ({} where it holds none that can be read)."""
+    try:
+        request = json.loads(fields[REQUEST_FIELD])
+    except (ValueError, KeyError):
+        return {}
+    return request if isinstance(request, dict) else {}
+
+
+def _due(fields: dict) -> float:
+    """When an entry's deadline falls (0.0 where it names none that can be read)."""
+    try:
+        return float(fields.get(DUE_FIELD) or _request(fields).get("deadline") or 0)
+    except (TypeError, ValueError):  # a malformed request: a worker sets it aside, it is not judged here
         return 0.0
-    created_ms = int(_text(first[0][0]).split("-")[0])
-    return max(0.0, now - created_ms / 1000)
+
+
+def _unwanted(client: redis.Redis, untaken: list[tuple[bytes, dict]], now: float) -> dict[bytes, str]:
+    """Which untaken entries a worker will discard, judged as it judges them: 'expired'
+    where the deadline has passed (by Redis's clock; entries from older clients carry only
+    the caller's), else 'withdrawn' where the caller withdrew it.
+
+    The cancel epoch spares a look-up for every entry added since the last withdrawal.
+    """
+    found: dict[bytes, str] = {}
+    asked: dict[bytes, str] = {}  # entry id -> request id, for those that may have been withdrawn
+    epoch = client.get(keys.CANCEL_EPOCH_KEY) or b"0"
+    for entry_id, fields in untaken:
+        due = _due(fields)
+        if due and now > due:
+            found[entry_id] = "expired"
+        elif fields.get(EPOCH_FIELD) != epoch and (request_id := _request(fields).get("id")):
+            asked[entry_id] = str(request_id)
+    if asked:
+        flags = client.mget([keys.cancel_key(i) for i in asked.values()])
+        found |= {entry_id: "withdrawn" for entry_id, flag in zip(asked, flags, strict=True) if flag is not None}
+    return found
 
 
 def _stream_stats(client: redis.Redis, stream: str, now: float) -> StreamStats:
@@ -132,10 +189,15 @@ def _stream_stats(client: redis.Redis, stream: str, now: float) -> StreamStats:
         pending = client.xpending(stream, keys.CONSUMER_GROUP)["pending"]
     except redis.exceptions.ResponseError:  # no group yet: no worker has started
         pending = 0
+    untaken = _untaken(client, stream)
+    unwanted = _unwanted(client, untaken, now)
+    wanted = next((_text(entry_id) for entry_id, _ in untaken if entry_id not in unwanted), None)
+    oldest_s = max(0.0, now - int(wanted.split("-")[0]) / 1000) if wanted else 0.0  # entry ids carry their time
+    withdrawn = sum(1 for why in unwanted.values() if why == "withdrawn")
     # Settled entries are deleted, so the stream holds waiting plus in-flight entries.
     return StreamStats(
-        name=stream, waiting=max(0, length - pending), in_flight=pending,
-        oldest_waiting_s=round(_oldest_waiting_s(client, stream, now), 2),
+        name=stream, waiting=max(0, length - pending - len(unwanted)), in_flight=pending,
+        oldest_waiting_s=round(oldest_s, 2), withdrawn=withdrawn, expired=len(unwanted) - withdrawn,
     )
 
 
@@ -192,7 +254,7 @@ def collect_stats(
     pipe.hgetall(keys.STATS_KEY)
     pipe.xlen(keys.STREAM_DEAD)
     raw_counters, dead_letters = pipe.execute()
-    counters = {_text(k): int(v) for k, v in raw_counters.items()}
+    counters = counters_named({_text(k): int(v) for k, v in raw_counters.items()})
     # Every live worker, those whose heartbeat cannot be read too: what they hold is
     # not stuck (their work was listed as held by a worker whose heartbeat had lapsed).
     live = live_worker_ids(client)

@@ -6,6 +6,11 @@ generation time, batch size, tokens generated and replies per persona version. Q
 waits count failures too, wherever a worker measured them: under overload the worst
 waits end as timeouts, and text replies alone showed a healthy p99.
 
+How each request ended is counted in the stats hash (``outcome_counter``): ``completed``,
+``withdrawn`` (its caller took it back), ``expired`` (its deadline passed before it was
+generated), else ``failed:<kind>``. Withdrawn and expired requests are not failures:
+counted as failures they read as workers breaking.
+
 A ``Tally`` sums many batches in Python first, so they touch each counter and histogram
 bucket once. A worker records timings in the round trip that delivers their replies,
 written right behind them (no round trip of its own, never ahead of a reply, and none
@@ -27,7 +32,7 @@ import redis
 from pydantic import BaseModel, Field
 
 from persona import constants as keys
-from persona.contract import GenerationReply
+from persona.contract import ErrorKind, GenerationReply
 from persona.queue_scripts import RECORD_SCRIPT
 
 __all__ = [
@@ -36,6 +41,8 @@ __all__ = [
     "LatencySummary",
     "Percentiles",
     "Tally",
+    "counters_named",
+    "outcome_counter",
     "percentile",
     "read_histogram",
     "record_replies",
@@ -55,6 +62,31 @@ REPLY_LOG_FULL = 0.9
 # A reply-log row's first field: how the request ended. Older workers wrote "1" and "0"
 # and measured no failure's queue wait, so "0" stays a failure whose wait is unknown.
 ROW_TEXT, ROW_FAILED, ROW_FAILED_WAITED = "1", "0", "w"
+# Requests that ended unanswered for a reason of their own, not a failure: their counter.
+UNWANTED = {ErrorKind.cancelled: "withdrawn", ErrorKind.timeout: "expired"}
+# Older workers counted those as failures of their kind; read, they count as these.
+OLDER_COUNTERS = {f"failed:{kind}": counter for kind, counter in UNWANTED.items()}
+# The same, by the error kind a reply-log row names.
+_UNWANTED_KINDS = {kind.value: counter for kind, counter in UNWANTED.items()}
+
+
+def outcome_counter(reply: GenerationReply) -> str:
+    """The stats-hash counter a delivered reply adds to: ``completed``, ``withdrawn``,
+    ``expired``, or ``failed:<kind>`` (a refusal, a model that failed...)."""
+    if reply.ok:
+        return "completed"
+    kind = reply.error.kind if reply.error else ErrorKind.internal
+    return UNWANTED.get(kind) or f"failed:{kind}"
+
+
+def counters_named(counters: dict[str, int]) -> dict[str, int]:
+    """The stats hash's counters with those older workers wrote added to their names now
+    (``failed:cancelled`` to ``withdrawn``, ``failed:timeout`` to ``expired``)."""
+    named: dict[str, int] = {}
+    for name, value in counters.items():
+        name = OLDER_COUNTERS.get(name, name)
+        named[name] = named.get(name, 0) + value
+    return named
 
 
 class Percentiles(BaseModel):
@@ -74,7 +106,9 @@ class LatencySummary(BaseModel):
     generate_ms: Percentiles
     replies_per_s: float
     tokens_per_s: float
-    failed: int = Field(0, description="replies with an error (a timeout, a refusal...)")
+    failed: int = Field(0, description="replies with an error (a refusal, a model that failed...), not withdrawn or expired")
+    withdrawn: int = Field(0, description="requests their callers withdrew, answered 'cancelled' ungenerated")
+    expired: int = Field(0, description="requests whose deadline passed before they were generated")
     queue_waits: int = Field(0, description="what queue_ms is of: every text reply and each failure whose wait was measured")
 
 
@@ -212,19 +246,21 @@ def _percentiles(values: list[float]) -> Percentiles:
     return Percentiles(p50=at(0.50), p95=at(0.95), p99=at(0.99))
 
 
-def _logged(fields: dict) -> tuple[str, int, float, float]:
-    """(outcome, new tokens, queue ms, generate ms) of a reply-log entry; the outcome is
-    one of ``ROW_TEXT``, ``ROW_FAILED`` (its queue wait unknown) and ``ROW_FAILED_WAITED``.
+def _logged(fields: dict) -> tuple[str, int, float, float, str]:
+    """(outcome, new tokens, queue ms, generate ms, error kind) of a reply-log entry; the
+    outcome is one of ``ROW_TEXT``, ``ROW_FAILED`` (its queue wait unknown) and
+    ``ROW_FAILED_WAITED``, the error kind '' for a text reply.
 
     An entry is one row, "outcome tokens queue_ms generate_ms error_kind persona version";
-    entries written before rows (a field each) are read too.
+    entries written before rows (a field each, no error kind) are read too.
     """
     row = fields.get(b"r")
     if row is None:
         outcome = ROW_TEXT if fields.get(b"ok") == b"1" else ROW_FAILED
-        return outcome, int(fields.get(b"t", 0)), float(fields.get(b"q", 0)), float(fields.get(b"g", 0))
-    outcome, new_tokens, queue_ms, generate_ms, _ = row.split(b" ", 4)
-    return outcome.decode(), int(new_tokens), float(queue_ms), float(generate_ms)
+        return outcome, int(fields.get(b"t", 0)), float(fields.get(b"q", 0)), float(fields.get(b"g", 0)), ""
+    outcome, new_tokens, queue_ms, generate_ms, rest = row.split(b" ", 4)
+    kind = rest.split(b" ", 1)[0].decode()
+    return outcome.decode(), int(new_tokens), float(queue_ms), float(generate_ms), kind
 
 
 def summarize(client: redis.Redis, window_s: float = WINDOW_S, now: float | None = None) -> LatencySummary:
@@ -244,12 +280,13 @@ def summarize(client: redis.Redis, window_s: float = WINDOW_S, now: float | None
     oldest_ms = int(entries[0][0].split(b"-")[0]) if entries else None
     if oldest_ms is not None and length >= REPLY_LOG_FULL * keys.REPLY_LOG_MAX_LEN and oldest_ms > since_ms:
         window_s = max(1.0, now - oldest_ms / 1000)  # trimmed: the log starts later than the window
-    queue, generate, failed, recent, tokens = [], [], 0, 0, 0
+    queue, generate, recent, tokens = [], [], 0, 0
+    ended: dict[str, int] = defaultdict(int)  # failed, withdrawn, expired: how the others ended
     recent_ms = (now - min(THROUGHPUT_WINDOW_S, window_s)) * 1000
     for entry_id, fields in entries:
-        outcome, new_tokens, queue_ms, generate_ms = _logged(fields)
+        outcome, new_tokens, queue_ms, generate_ms, kind = _logged(fields)
         if outcome != ROW_TEXT:
-            failed += 1
+            ended[_UNWANTED_KINDS.get(kind, "failed")] += 1
             if outcome == ROW_FAILED_WAITED:
                 queue.append(queue_ms)
             continue
@@ -266,6 +303,8 @@ def summarize(client: redis.Redis, window_s: float = WINDOW_S, now: float | None
         generate_ms=_percentiles(generate),
         replies_per_s=round(recent / span, 2),
         tokens_per_s=round(tokens / span, 1),
-        failed=failed,
+        failed=ended["failed"],
+        withdrawn=ended["withdrawn"],
+        expired=ended["expired"],
         queue_waits=len(queue),
     )

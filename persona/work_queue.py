@@ -30,7 +30,7 @@ from persona.queue_scripts import (
     REQUEUE_SCRIPT,
 )
 from persona.settings import QueueSettings
-from persona.telemetry import Tally
+from persona.telemetry import Tally, outcome_counter
 
 __all__ = ["Job", "WorkQueue"]
 
@@ -363,7 +363,7 @@ class WorkQueue(PendingEntries):
         runs: dict[str, list] = {}  # counter -> request id, reply, sender of each reply it counts
         entries: dict[str, list[str]] = {}  # stream -> ids of the entries to settle
         for job, reply in settled:
-            counter = "completed" if reply.ok else f"failed:{reply.error.kind if reply.error else 'internal'}"
+            counter = outcome_counter(reply)  # completed, withdrawn, expired or failed:<kind>
             request = job.request if job else None
             runs.setdefault(counter, []).extend((reply.id, reply.to_json(), (request.user if request else None) or ""))
             if job:

@@ -234,7 +234,8 @@ def test_metrics_parse_with_the_prometheus_parser(settings, redis_client, dashbo
     replies = [GenerationReply(id=str(i), ok=True, persona="sage", version="v2" if i % 3 else "v1", new_tokens=5,
                                timings=Timings(queue_ms=20, generate_ms=300)) for i in range(9)]
     record_replies(redis_client, replies, batch_size=9)
-    redis_client.hincrby(keys.STATS_KEY, "failed:timeout", 2)
+    redis_client.hincrby(keys.STATS_KEY, "failed:timeout", 2)  # as older workers counted expired requests
+    redis_client.hincrby(keys.STATS_KEY, "failed:model", 1)
     heartbeat.publish(redis_client, heartbeat.WorkerInfo(id="w-1", personas={"sage": "v2"}, memory_mb=321), ttl_s=30)
     text = httpx.get(f"{dashboard()}/metrics").text
     families = {f.name: f for f in text_string_to_metric_families(text)}
@@ -244,7 +245,9 @@ def test_metrics_parse_with_the_prometheus_parser(settings, redis_client, dashbo
     # Labelled as people call the streams, not by Redis key (it was stream="persona:q:chat").
     assert samples[("persona_queue_waiting", (("stream", "chat"),))] == 2
     assert samples[("persona_queue_in_flight", (("stream", "batch"),))] == 0
-    assert samples[("persona_request_errors_total", (("kind", "timeout"),))] == 2
+    assert samples[("persona_request_errors_total", (("kind", "model"),))] == 1
+    assert samples[("persona_requests_expired_total", ())] == 2  # not errors: nothing failed
+    assert ("persona_request_errors_total", (("kind", "timeout"),)) not in samples
     assert samples[("persona_tokens_generated_total", ())] == 45
     assert samples[("persona_dead_letters", ())] == 1
     assert samples[("persona_worker_up", (("device", "cpu"), ("host", socket.gethostname()), ("worker", "w-1")))] == 1
@@ -257,6 +260,26 @@ def test_metrics_parse_with_the_prometheus_parser(settings, redis_client, dashbo
     # Prometheus's naming rules: base units (seconds, bytes), never ms or megabytes.
     unit_words = {"ms", "milliseconds", "mb", "megabytes", "kb", "kilobytes", "minutes", "hours"}
     assert not [name for name in families if unit_words & set(name.split("_"))]
+
+
+def test_withdrawn_and_expired_requests_are_not_waiting_on_the_page_or_in_metrics(settings, redis_client, dashboard):
+    """The page and /metrics read the same figures as `persona queue stats`: a request its
+    caller withdrew, or whose deadline passed before a worker took it, counted as waiting."""
+    client = QueueClient(redis_client, settings.queue)
+    client.cancel(client.submit(chat()).id)
+    client.submit(chat().model_copy(update={"deadline": time.time() + 0.2}))
+    client.submit(chat())
+    time.sleep(0.3)
+    redis_client.hset(keys.STATS_KEY, mapping={"withdrawn": 4, "expired": 5})  # discarded by workers before
+    base = dashboard()
+    [shown, _] = httpx.get(f"{base}/api/stats").json()["stats"]["streams"]
+    assert (shown["waiting"], shown["withdrawn"], shown["expired"]) == (1, 1, 1)
+    families = text_string_to_metric_families(httpx.get(f"{base}/metrics").text)
+    samples = {(s.name, tuple(s.labels.values())): s.value for f in families for s in f.samples}
+    assert samples[("persona_queue_waiting", ("chat",))] == 1
+    assert samples[("persona_queue_withdrawn", ("chat",))] == 1 and samples[("persona_queue_expired", ("chat",))] == 1
+    assert samples[("persona_requests_withdrawn_total", ())] == 4 and samples[("persona_requests_expired_total", ())] == 5
+    assert not [name for name, _ in samples if name == "persona_request_errors_total"]
 
 
 def test_active_version_metric_covers_every_persona(settings, redis_client, dashboard, write_persona, tiny_llama_dir):
@@ -435,6 +458,9 @@ def test_the_page_shows_no_latency_figure_where_nothing_was_measured(settings, r
 def test_dashboard_in_a_real_headless_browser(settings, redis_client, dashboard, tmp_path, write_persona, tiny_llama_dir):
     write_persona("tiny", base=str(tiny_llama_dir))
     fill_queue(settings, redis_client, waiting=3)
+    client = QueueClient(redis_client, settings.queue)
+    client.cancel(client.submit(chat()).id)  # withdrawn: not waiting
+    redis_client.hincrby(keys.STATS_KEY, "withdrawn", 2)
     record_replies(redis_client, [GenerationReply(id="x", ok=True, persona="tiny", version="base", new_tokens=3,
                                                   timings=Timings(queue_ms=40, generate_ms=250))], batch_size=1)
     heartbeat.publish(redis_client, heartbeat.WorkerInfo(id="w-browser", personas={"tiny": "base"}), ttl_s=60)
@@ -444,6 +470,7 @@ def test_dashboard_in_a_real_headless_browser(settings, redis_client, dashboard,
     flags = _chromium(tmp_path)
     dom = subprocess.run([*flags, "--dump-dom", url], capture_output=True, check=False, text=True, timeout=120)
     assert 'id="waiting-total">3<' in dom.stdout, dom.stderr[-2000:]
+    assert "withdrawn 2, expired 0" in dom.stdout
     assert 'id="dead-count">1<' in dom.stdout and "w-browser" in dom.stdout and "it crashed the worker" in dom.stdout
     assert "<path" in dom.stdout  # the depth chart has a line
     assert "persona posts settle tiny 2026-11-25T09:00:00Z --sink x" in dom.stdout  # a post to settle, with its command

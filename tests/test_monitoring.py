@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -202,7 +203,6 @@ def test_counters_and_dead_letters_survive_a_restart(tmp_path, settings):
 
 
 def test_queue_stats_and_watch_commands(settings, redis_url, redis_client):
-    import json
     import signal
 
     QueueClient(redis_client, settings.queue).submit(chat())
@@ -344,12 +344,72 @@ def test_work_held_by_a_worker_whose_heartbeat_cannot_be_read_is_not_stuck(setti
     assert stuck.worker == "w-odd" and "heartbeat has lapsed" in stuck.reason
 
 
-def _queue_stats_command(settings, redis_url: str) -> subprocess.CompletedProcess:
+def _queue_stats_command(settings, redis_url: str, *options: str) -> subprocess.CompletedProcess:
     """`persona queue stats` as a user runs it, on this test's Redis."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PERSONA_")}
     env |= {"PERSONA_DATA_DIR": str(settings.data_dir), "PERSONA_REDIS_URL": redis_url, "COLUMNS": "200"}
-    return subprocess.run([sys.executable, "-m", "persona", "queue", "stats"], env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "persona", "queue", "stats", *options], env=env, capture_output=True,
                           check=False, text=True, timeout=120)
+
+
+def _first_column(table: str) -> dict[str, str]:
+    """Each row of a printed table by its first cell: the second cell (the first row of a name wins)."""
+    rows: dict[str, str] = {}
+    for line in table.splitlines():
+        cells = [cell.strip() for cell in line.split("│")[1:-1]]
+        if len(cells) >= 2:
+            rows.setdefault(cells[0], cells[1])
+    return rows
+
+
+def test_withdrawn_and_expired_requests_are_neither_waiting_nor_failed(
+    settings, redis_url, redis_client, write_persona, tiny_llama_dir, client
+):
+    """A request its caller withdrew (Ctrl-C in `persona ask`), or whose deadline passed
+    before a worker took it, read as waiting in `persona queue stats` (work looked stuck),
+    and once a worker had discarded it, as failed (workers looked broken)."""
+    from persona.bench_queue import InstantEngine
+    from persona.pool import ModelPool
+    from persona.worker import Worker
+
+    write_persona("tiny", base=str(tiny_llama_dir))
+    withdrawn = client.submit(chat())
+    expired = client.submit(chat(deadline=time.time() + 0.5))
+    assert client.cancel(withdrawn.id)
+    time.sleep(1.0)
+    wanted = client.submit(chat())
+    [stream, _] = collect_stats(redis_client).streams
+    assert (stream.waiting, stream.withdrawn, stream.expired) == (1, 1, 1)
+    assert stream.oldest_waiting_s < 0.5  # the age of the one still wanted
+    shown = _queue_stats_command(settings, redis_url, "--json")
+    assert shown.returncode == 0, shown.stderr
+    figures = json.loads(shown.stdout)["streams"][0]
+    assert (figures["waiting"], figures["withdrawn"], figures["expired"]) == (1, 1, 1)
+
+    worker = Worker(settings, redis_client, ModelPool(settings, "cpu", engine_factory=InstantEngine), worker_id="w-discard")
+    worker.step(block_ms=0)
+    worker.record_telemetry()
+    replies = [client.wait(r, timeout=5) for r in (withdrawn, expired, wanted)]
+    assert [r.error.kind if r.error else "text" for r in replies] == [ErrorKind.cancelled, ErrorKind.timeout, "text"]
+    stats = collect_stats(redis_client)
+    assert (stats.completed, stats.withdrawn, stats.expired, stats.failed) == (1, 1, 1, 0)
+    assert (stats.streams[0].waiting, stats.streams[0].withdrawn, stats.streams[0].expired) == (0, 0, 0)
+    assert (stats.latency.replies, stats.latency.failed, stats.latency.withdrawn, stats.latency.expired) == (1, 0, 1, 1)
+    table = _queue_stats_command(settings, redis_url)
+    assert table.returncode == 0, table.stderr
+    rows = _first_column(table.stdout)
+    assert (rows["completed"], rows["withdrawn"], rows["expired"], rows["failed"]) == ("1", "1", "1", "0")
+    assert "failed:" not in table.stdout
+    assert "1 replies, 0 failed, 1 withdrawn, 1 expired" in table.stdout
+
+
+def test_older_workers_counts_of_withdrawn_and_expired_requests_are_not_failures(redis_client):
+    """Older workers counted them as failed:cancelled and failed:timeout; one Redis may hold
+    both kinds of count, and they are read as one."""
+    redis_client.hset(keys.STATS_KEY, mapping={"failed:cancelled": 2, "failed:timeout": 3, "failed:model": 1, "withdrawn": 1})
+    stats = collect_stats(redis_client)
+    assert stats.counters == {"withdrawn": 3, "expired": 3, "failed:model": 1}
+    assert (stats.withdrawn, stats.expired, stats.failed) == (3, 3, 1)
 
 
 def test_queue_stats_names_the_version_of_every_persona(settings, redis_url, redis_client):
@@ -385,13 +445,13 @@ def test_queue_wait_percentiles_count_the_requests_that_timed_out_waiting(
     assert [client.wait(r, timeout=5).ok for r in late + fresh] == [False] * 3 + [True] * 3
     latency = collect_stats(redis_client).latency
     assert latency.queue_ms.p99 >= 1500 and latency.queue_ms.p50 < 1000
-    assert (latency.replies, latency.failed, latency.queue_waits) == (3, 3, 6)
+    assert (latency.replies, latency.expired, latency.queue_waits) == (3, 3, 6)
     _, total, count = read_histogram(redis_client, "queue_wait_seconds")
     assert count == 6 and total >= 3 * 1.5
     assert read_histogram(redis_client, "generate_seconds")[2] == 3  # a timeout generated nothing
     shown = _queue_stats_command(settings, redis_url)
     assert shown.returncode == 0, shown.stderr
-    assert "3 replies, 3 failed" in shown.stdout
+    assert "3 replies, 0 failed, 3 expired" in shown.stdout
     [wait] = [line for line in shown.stdout.splitlines() if "queue wait" in line]
     assert int(wait.split("│")[4]) >= 1500, wait
 
@@ -416,7 +476,7 @@ def test_failures_from_older_workers_do_not_count_as_instant_waits(redis_client)
         old_failure, old_text,
     ])
     summary = summarize(redis_client)
-    assert (summary.replies, summary.failed, summary.queue_waits) == (2, 4, 3)
+    assert (summary.replies, summary.failed, summary.expired, summary.queue_waits) == (2, 1, 3, 3)
     assert summary.queue_ms.p50 == 300 and summary.queue_ms.p99 == 900
     _, total, count = read_histogram(redis_client, "queue_wait_seconds")
     assert count == 3 and total == pytest.approx(1.3)

@@ -17,6 +17,8 @@ import redis
 from pydantic import SecretStr
 
 from adapters.posting.poster import Poster
+from persona import constants as keys
+from persona import heartbeat
 from persona.contract import Priority
 from persona.curation import Draft, is_finished
 from persona.errors import PostingError
@@ -667,6 +669,30 @@ def test_a_post_with_no_worker_running_says_so_at_once(write_persona, env, redis
         process.send_signal(signal.SIGINT)  # Ctrl-C withdraws its requests
         process.communicate(timeout=30)
     assert said.startswith("no worker is running yet; this waits in the queue for one, up to 20 s"), said
+
+
+def test_a_dry_run_with_no_worker_says_so_within_seconds_and_what_to_run(write_persona, env, redis_client):
+    """With no worker, `persona post --dry-run` said it would wait for one, then waited
+    posting.wait_s (5 minutes) to fail with "no worker answered"."""
+    write_persona("alone", base="unused", schedule={"sinks": ["file:alone.jsonl"], "candidates": 2})
+    started = time.monotonic()
+    result = persona("post", "alone", "--dry-run", env=env, timeout=60)  # not minutes
+    assert result.returncode == 1, result.stderr
+    assert ("no worker serves persona 'alone' (none is running or starting), so nothing can write its candidates: "
+            "start one with `persona worker` (or `persona up`), then run this again") in " ".join(result.stderr.split())
+    assert time.monotonic() - started < 45
+    assert redis_client.xlen(keys.STREAM_BATCH) == 0  # nothing left queued for a worker started later
+
+
+def test_a_dry_run_waits_for_a_worker_that_is_starting(write_persona, env, redis_client):
+    """A worker still loading its models will serve: the dry run says so and waits for it, as `persona ask` does."""
+    write_persona("alone", base="unused", schedule={"sinks": ["file:alone.jsonl"], "candidates": 1})
+    starting = heartbeat.StartingWorker(id="w-loading", persona="alone", model="smollm2")
+    heartbeat.announce_starting(redis_client, starting, ttl_s=60)
+    result = persona("post", "alone", "--dry-run", env=env | {"PERSONA_POSTING__WAIT_S": "2"}, timeout=60)
+    assert result.returncode == 1
+    said = " ".join(result.stderr.split())
+    assert "a worker is starting (loading smollm2 for alone" in said and "no worker serves" not in said, said
 
 
 def _lines_with(text: str, said: str) -> list[str]:

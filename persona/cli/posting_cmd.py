@@ -8,16 +8,20 @@ import logging
 import signal
 import sys
 import threading
+import time
 from datetime import UTC, datetime
 
 import typer
 from rich.table import Column, Table
 from rich.text import Text
 
+from persona import heartbeat
 from persona.cli.common import console, err_console, friendly_errors, get_settings
 from persona.cli.talk import say_if_no_worker
 from persona.connection import connect
+from persona.errors import PostingError
 from persona.logs import setup_logging
+from persona.personas import Persona
 from persona.queue import QueueClient
 from persona.settings import Settings
 
@@ -34,6 +38,11 @@ SLOT_HELP = (
 )
 
 
+# A dry run with no worker looks this long for one (`persona up` may be starting it this
+# moment) before it says so and ends, rather than waiting posting.wait_s (5 minutes).
+NO_WORKER_GRACE_S = 3.0
+WORKER_LOOK_S = 0.25
+
 # What str.splitlines breaks a line at, and how a piped listing writes each inside a cell.
 LINE_BREAKS = ("\n", "\r", "\v", "\f", "\x1c", "\x1d", "\x1e", "\x85", "\u2028", "\u2029")
 LINE_BREAK_ESCAPES = {char: repr(char)[1:-1] for char in LINE_BREAKS}
@@ -49,14 +58,37 @@ def _read_text(text: str | None) -> str | None:
     return sys.stdin.read().rstrip("\r\n")
 
 
-def _poster(settings: Settings, source: str = "cli", stopping: threading.Event | None = None):
+def _poster(settings: Settings, source: str = "cli", stopping: threading.Event | None = None, *, worker_now: bool = False):
+    """A Poster whose candidates come through the queue; with ``worker_now``, only from a
+    worker that serves or is starting (see ``_FromAWorker``)."""
     from adapters.posting.candidates import QueueCandidates
     from adapters.posting.poster import Poster
 
     client = connect(settings)
     queue = QueueClient(client, settings.queue)
     candidates = QueueCandidates(queue, settings.posting.wait_s, source=source, stopping=stopping)
-    return Poster(settings, client, candidates)
+    return Poster(settings, client, _FromAWorker(candidates) if worker_now else candidates)
+
+
+class _FromAWorker:
+    """Candidates through the queue, asked for only while a worker serves or is starting:
+    with none, a dry run said it would wait and failed 5 minutes later (posting.wait_s)."""
+
+    def __init__(self, candidates) -> None:
+        self.candidates = candidates
+
+    def __call__(self, persona: Persona, n: int, seed: int) -> list:
+        queue: QueueClient = self.candidates.queue
+        give_up = time.monotonic() + NO_WORKER_GRACE_S
+        while not (heartbeat.live_worker_ids(queue.redis) or heartbeat.starting_workers(queue.redis)):
+            if time.monotonic() >= give_up:
+                raise PostingError(
+                    f"no worker serves persona {persona.name!r} (none is running or starting), so nothing can write "
+                    f"its candidates: start one with `persona worker` (or `persona up`), then run this again"
+                )
+            time.sleep(WORKER_LOOK_S)
+        say_if_no_worker(queue, self.candidates.wait_s)  # a worker still starting: said, then waited for
+        return self.candidates(persona, n, seed)
 
 
 def _plain(text: str, style: str = "") -> Text:
@@ -163,9 +195,10 @@ def post(
     """
     settings = get_settings()
     text = _read_text(text)
-    poster = _poster(settings)
+    # A dry run is a look, not a post to see through: with no worker it ends at once.
+    poster = _poster(settings, worker_now=dry_run)
     _sink_failures_on_screen()
-    if text is None:  # else a silent spinner until posting.wait_s (5 minutes) ran out, then "no worker answered"
+    if text is None and not dry_run:  # else a silent spinner until posting.wait_s (5 minutes) ran out, then "no worker answered"
         say_if_no_worker(poster.candidates.queue, settings.posting.wait_s)
     waiting = (contextlib.nullcontext() if json_output or text is not None
                else console.status(f"{persona} is writing candidates..."))

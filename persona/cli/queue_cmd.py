@@ -63,30 +63,40 @@ def render_stats(stats: QueueStats) -> Table:
     table.add_column("waiting", justify="right")
     table.add_column("in flight", justify="right")
     table.add_column("oldest waiting", justify="right")
+    # Not taken yet, but no longer wanted: a worker discards them (they are not waiting work).
+    table.add_column("withdrawn", justify="right")
+    table.add_column("expired", justify="right")
     for stream in stats.streams:
-        table.add_row(escape(stream.label), str(stream.waiting), str(stream.in_flight), f"{stream.oldest_waiting_s:.1f}s")
-    table.add_row("dead letters", str(stats.dead_letters), "", "")
+        table.add_row(escape(stream.label), str(stream.waiting), str(stream.in_flight), f"{stream.oldest_waiting_s:.1f}s",
+                      str(stream.withdrawn), str(stream.expired))
+    table.add_row("dead letters", str(stats.dead_letters))
     if stats.dead_letters_trimmed_since_cleared:  # until an operator empties the stream
-        table.add_row("  deleted at the cap", str(stats.dead_letters_trimmed_since_cleared), "", "")
+        table.add_row("  deleted at the cap", str(stats.dead_letters_trimmed_since_cleared))
     warning = cap_warning(stats.dead_letters, stats.dead_letters_trimmed_since_cleared)
     if warning:  # past the cap the oldest letters go unseen: said while there is time to act
         table.caption, table.caption_style = escape(f"warning: {warning}"), "yellow"
-    table.add_row("completed", str(stats.completed), "", "")
+    table.add_row("completed", str(stats.completed))
     # Replies sent, each counted once: a dead letter retried and then answered counts in
     # both, and this says how many that may be.
     if retried := stats.counters.get("retried", 0):
-        table.add_row("  retried from dead letters", str(retried), "", "")
-    table.add_row("failed", str(stats.failed), "", "")
+        table.add_row("  retried from dead letters", str(retried))
+    # Discarded by a worker: their callers took them back, or stopped waiting. Not failures.
+    table.add_row("withdrawn", str(stats.withdrawn))
+    table.add_row("expired", str(stats.expired))
+    table.add_row("failed", str(stats.failed))
     for name, value in sorted(stats.counters.items()):
         if name.startswith("failed:"):
-            table.add_row(f"  {escape(name)}", str(value), "", "")
+            table.add_row(f"  {escape(name)}", str(value))
     return table
 
 
 def render_latency(stats: QueueStats) -> Table:
     """Queue wait and generation percentiles, and throughput."""
     lat = stats.latency
-    title = f"latency (last {lat.window_s:.0f} s, {lat.replies} replies, {lat.failed} failed)" if lat else "latency"
+    title = "latency"
+    if lat:
+        unwanted = "".join(f", {count} {name}" for name, count in (("withdrawn", lat.withdrawn), ("expired", lat.expired)) if count)
+        title = f"latency (last {lat.window_s:.0f} s, {lat.replies} replies, {lat.failed} failed{unwanted})"
     table = Table(title=title, header_style="bold")
     for column in ("", "p50 ms", "p95 ms", "p99 ms"):
         table.add_column(column, justify="right" if column else "left")
@@ -205,7 +215,13 @@ def summary_line(stats: QueueStats) -> str:
         f"waiting {sum(s.waiting for s in stats.streams)} ({waiting})",
         f"in flight {sum(s.in_flight for s in stats.streams)}",
         f"oldest waiting {max((s.oldest_waiting_s for s in stats.streams), default=0.0):.1f}s",
-        f"completed {stats.completed}", f"failed {stats.failed}", f"dead letters {stats.dead_letters}",
+    ]
+    untaken = [(name, sum(getattr(s, name) for s in stats.streams)) for name in ("withdrawn", "expired")]
+    if any(count for _, count in untaken):  # no longer wanted, not taken yet: a worker discards them
+        parts.append("not taken yet, no longer wanted: " + ", ".join(f"{name} {count}" for name, count in untaken))
+    parts += [
+        f"completed {stats.completed}", f"withdrawn {stats.withdrawn}", f"expired {stats.expired}",
+        f"failed {stats.failed}", f"dead letters {stats.dead_letters}",
     ]
     lat = stats.latency
     if lat and lat.replies:
