@@ -14,11 +14,14 @@ needs a vocabulary of the model's size to load the file.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from types import MappingProxyType
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -138,27 +141,49 @@ def _llama_tensors(model: Any) -> list[tuple[str, np.ndarray]]:
 
 def tokenizer_matches(tokenizer: Any, reference: Path) -> bool:
     """Whether ``tokenizer`` has exactly the vocabulary of the GGUF at ``reference``."""
-    import gguf
-
-    reader = gguf.GGUFReader(reference)
-    field = reader.fields.get("tokenizer.ggml.tokens")
-    if field is None:
+    tokens = _tokenizer_fields(reference).get("tokenizer.ggml.tokens")
+    if tokens is None:
         return False
-    tokens = field.contents()
     vocab = tokenizer.get_vocab()
-    return len(vocab) == len(tokens) and all(vocab.get(token) == i for i, token in enumerate(tokens))
+    return len(vocab) == len(tokens.value) and all(vocab.get(token) == i for i, token in enumerate(tokens.value))
 
 
-def _copy_fields(writer: Any, reader: Any) -> None:
-    """Copy the tokenizer's metadata (vocabulary, merges, special ids, chat template)."""
+class _Field(NamedTuple):
+    """One GGUF metadata value as ``GGUFWriter.add_key_value`` takes it."""
+
+    value: Any  # an array as a tuple: the value is shared by every conversion
+    kind: Any  # gguf.GGUFValueType
+    sub: Any  # an array's item type, else None
+
+
+def _tokenizer_fields(reference: Path) -> Mapping[str, _Field]:
+    """The tokenizer's metadata (vocabulary, merges, special ids, chat template) of the GGUF
+    at ``reference``, read once per file and process: gguf's reader takes seconds over a
+    vocabulary of 49,152 tokens, and every conversion (a swap, each test's tiny model)
+    needs it, first to compare vocabularies, then to copy them."""
+    stat = reference.stat()
+    return _read_tokenizer_fields(reference, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=2)
+def _read_tokenizer_fields(reference: Path, size: int, mtime_ns: int) -> Mapping[str, _Field]:
+    """``_tokenizer_fields`` for the file as it is at this size and time (a changed file is read again)."""
     import gguf
 
-    for key, field in reader.fields.items():
-        if not key.startswith(_COPIED_PREFIXES):
-            continue
-        kind = field.types[0]
-        sub = field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(key, field.contents(), kind, sub_type=sub)
+    fields = {}
+    for key, field in gguf.GGUFReader(reference).fields.items():
+        if key.startswith(_COPIED_PREFIXES):
+            kind = field.types[0]
+            sub = field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
+            value = field.contents()
+            fields[key] = _Field(tuple(value) if isinstance(value, list) else value, kind, sub)
+    return MappingProxyType(fields)
+
+
+def _copy_fields(writer: Any, reference: Path) -> None:
+    """Copy the tokenizer's metadata (vocabulary, merges, special ids, chat template)."""
+    for key, field in _tokenizer_fields(reference).items():
+        writer.add_key_value(key, field.value, field.kind, sub_type=field.sub)
 
 
 def _llama_header(writer: Any, config: Any) -> None:
@@ -242,7 +267,7 @@ def write_gguf(model: Any, tokenizer: Any, target: Path, kind: str = "q8_0") -> 
         except ModelError:  # not installed: every vocabulary is written from its tokenizer
             reference = None
         if architecture == "llama" and reference is not None and tokenizer_matches(tokenizer, reference):
-            _copy_fields(writer, gguf.GGUFReader(reference))
+            _copy_fields(writer, reference)
         else:
             _write_vocabulary(writer, tokenizer, config.vocab_size, "gpt-2" if architecture == "gpt2" else "default")
         for name, array in _tensors(model):

@@ -35,6 +35,69 @@ def test_a_checkpoint_written_as_gguf_gives_the_torch_models_logits(tiny_llama, 
     assert torch.allclose(ours[1], _torch_logits(tiny_llama.model, prompts[1] + [9]), atol=1e-3)
 
 
+def _tokenizer_metadata(path) -> dict[str, str]:
+    """The tokenizer fields of the GGUF at ``path`` as llama.cpp reads them (arrays aside)."""
+    import ctypes
+
+    import llama_cpp
+
+    params = llama_cpp.llama_model_default_params()
+    params.vocab_only = True
+    model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
+    assert model, f"llama.cpp could not load {path}"
+    try:
+        buffer, fields = ctypes.create_string_buffer(1 << 16), {}
+        for i in range(llama_cpp.llama_model_meta_count(model)):
+            llama_cpp.llama_model_meta_key_by_index(model, i, buffer, len(buffer))
+            key = buffer.value.decode()
+            llama_cpp.llama_model_meta_val_str_by_index(model, i, buffer, len(buffer))
+            if key.startswith("tokenizer."):
+                fields[key] = buffer.value.decode()
+        return fields
+    finally:
+        llama_cpp.llama_model_free(model)
+
+
+def test_a_checkpoint_of_the_bundled_vocabulary_gets_its_tokenizer_reading_it_once(tiny_llama, tmp_path, monkeypatch):
+    """The written file carries the bundled GGUF's tokenizer (chat template, pre-tokenizer,
+    special ids), for llama.cpp elsewhere. gguf's reader takes seconds over its 49,152
+    tokens, and each conversion read the bundled file twice: to compare the vocabularies,
+    then to copy them. Now a process reads it once, whatever it converts."""
+    import gguf
+
+    from persona.gguf_files import write_gguf
+    from persona.models import bundled_gguf_path
+
+    reads = []
+
+    class CountedReader(gguf.GGUFReader):
+        def __init__(self, *args, **kwargs) -> None:
+            reads.append(args[0])
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(gguf, "GGUFReader", CountedReader)
+    written = [write_gguf(tiny_llama.model, tiny_llama.tokenizer, tmp_path / f"{kind}.gguf", kind) for kind in ("f32", "f16")]
+    assert len(reads) <= 1, reads  # none where an earlier conversion in this process read it
+    bundled = _tokenizer_metadata(bundled_gguf_path())
+    assert bundled["tokenizer.ggml.pre"] == "smollm" and "tokenizer.chat_template" in bundled
+    assert [_tokenizer_metadata(path) for path in written] == [bundled, bundled]
+
+
+def test_a_llama_of_another_vocabulary_is_written_with_its_own(tiny_gpt2_dir, tmp_path):
+    """Only the bundled vocabulary gets the bundled file's tokenizer: any other is written from its tokenizer."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from persona.gguf_files import write_gguf
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_gpt2_dir)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+    )  # fmt: skip
+    fields = _tokenizer_metadata(write_gguf(LlamaForCausalLM(config), tokenizer, tmp_path / "own.gguf", "f32"))
+    assert fields["tokenizer.ggml.pre"] == "default" and "tokenizer.chat_template" not in fields
+
+
 def test_a_gpt2_written_as_gguf_gives_the_torch_models_logits(tiny_gpt2_dir, tmp_path):
     """GPT-2 has its own graph in llama.cpp (learned positions, LayerNorm with biases,
     Conv1D weights stored transposed) and its own vocabulary, written from its tokenizer."""
