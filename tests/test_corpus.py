@@ -5,10 +5,13 @@ from __future__ import annotations
 import codecs
 import json
 import os
+import random
+import re
 import struct
 import subprocess
 import sys
 import time
+from difflib import SequenceMatcher
 from pathlib import Path
 
 import pytest
@@ -172,6 +175,25 @@ def test_markdown_link_definitions_and_lists_keep_the_lines_around_them():
     assert "Intro:\n\none\ntwo" in text
 
 
+def test_markdown_tables_and_indented_code_go_and_indented_prose_stays():
+    """Tables and indented code blocks were kept as prose: the persona learned to write "| 2019 | 3 |"
+    rows and Python. A list item's second paragraph and a poem set in by hand are the author's words."""
+    text = normalize_text(strip_markdown(
+        "Here are the numbers.\n\n| Year | Books |\n|:-----|------:|\n| 2019 | 3 |\n| 2020 | 5 |\n\n"
+        "Name | Age\n--- | ---\nAnn | 3\n\n| a row with no rule under a header |\n\n"
+        "To install it:\n\n    pip install -r requirements.txt\n\n"
+        "The code:\n\n    def greet(name):\n        return f\"hello {name}\"\n\n\tprint(greet('Ann'))\n\n"
+        "A poem I love:\n\n    Whose woods these are I think I know.\n    His house is in the village though;\n\n"
+        "- a list item\n\n    that goes on in a second paragraph.\n\n"
+        "Tea | coffee: choose one.\n"
+    ))
+    for gone in ("Year", "2019", "---", "Ann", "a row with no rule", "pip install", "greet", "hello"):
+        assert gone not in text
+    assert text == ("Here are the numbers.\n\nTo install it:\n\nThe code:\n\nA poem I love:\n\n"
+                    "Whose woods these are I think I know.\nHis house is in the village though;\n\n"
+                    "a list item\n\nthat goes on in a second paragraph.\n\nTea | coffee: choose one.")
+
+
 def test_text_splits_on_end_of_text_markers_else_blank_lines(tmp_path: Path):
     marked = tmp_path / "marked.txt"
     marked.write_text("first post\nstill first\n<|endoftext|>\nsecond post<|endoftext|>third")
@@ -232,6 +254,22 @@ def test_text_saved_as_utf16_with_a_byte_order_mark_is_read(tmp_path: Path):
     binary.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe")
     with pytest.raises(SourceProblem, match="a binary file, not text"):
         read_markdown(binary, OPTIONS)
+
+
+def test_text_saved_as_utf16_without_a_byte_order_mark_is_read(tmp_path: Path):
+    """UTF-16 with no byte-order mark (Python's "utf-16-le", some Windows tools) was refused as "a binary
+    file", or, all ASCII, read as UTF-8 with a NUL byte after each letter."""
+    notes = {"latin": "Première note.\r\n\r\nSeconde note.", "ascii": "First note.\n\nSecond note.",
+             "japanese": "一日一歩。\n\n三日坊主。"}
+    for codec in ("utf-16-le", "utf-16-be"):
+        for kind, text in notes.items():
+            path = tmp_path / f"{kind}-{codec}.txt"
+            path.write_bytes(text.encode(codec))
+            assert texts(read_text(path, OPTIONS)) == text.replace("\r", "").split("\n\n"), (kind, codec)
+    counts = tmp_path / "counts.md"  # NUL bytes where UTF-16 text has them, but numbers, not letters
+    counts.write_bytes(struct.pack("<200H", *range(200)))
+    with pytest.raises(SourceProblem, match="a binary file, not text"):
+        read_markdown(counts, OPTIONS)
 
 
 def test_a_long_text_file_is_split_in_time(tmp_path: Path):
@@ -924,6 +962,76 @@ def test_cleaning_drops_a_short_saying_told_again_with_one_word_changed():
     kept, report = clean_documents(docs)
     assert kept == [docs[0], docs[1], docs[4], docs[5]]
     assert report.dropped == {"near-duplicate": 2}
+
+
+def test_cleaning_many_texts_that_open_alike_is_quick():
+    """Each text was measured against every kept one that shared a 3-gram with it: an author who opens
+    every post the same way ("Today I learned that ...") took minutes for a few thousand posts."""
+    words = [f"word{n}" for n in range(30_000)]
+    docs = [f"Today I learned that {' '.join(words[6 * n : 6 * n + 6])}." for n in range(5_000)]
+    started = time.perf_counter()
+    kept, report = clean_documents(docs)
+    assert time.perf_counter() - started < 5
+    assert kept == docs and not report.dropped
+
+
+def _kept_by_reading_every_pair(docs: list[str]) -> list[str]:
+    """The near-duplicate rule read plainly: each text against every text kept before it."""
+    kept: list[tuple[str, list[str], set[tuple[str, ...]]]] = []
+    for doc in docs:
+        text = normalize_text(doc)
+        words = re.findall(r"\w+", text.casefold())
+        grams = {tuple(words[i : i + 3]) for i in range(max(1, len(words) - 2))}
+        if words and not any(words == other or _near_pair(words, grams, other, other_grams)
+                             for _, other, other_grams in kept):
+            kept.append((text, words, grams))
+    return [text for text, _, _ in kept]
+
+
+def _near_pair(a: list[str], a_grams: set[tuple[str, ...]], b: list[str], b_grams: set[tuple[str, ...]]) -> bool:
+    """Near: sharing a 3-gram, and 80% of them (Jaccard), or, both under 30 words and sharing all but six
+    3-grams of the one with fewer, the same words in order at 85% (difflib's ratio)."""
+    shared = len(a_grams & b_grams)
+    if not shared:
+        return False
+    if shared / len(a_grams | b_grams) >= 0.8:
+        return True
+    return (len(a) < 30 and len(b) < 30 and shared >= min(len(a_grams), len(b_grams)) - 6
+            and SequenceMatcher(None, a, b, autojunk=False).ratio() >= 0.85)
+
+
+def test_cleaning_drops_the_near_duplicates_that_reading_every_pair_finds():
+    """Near duplicates are looked for only among the texts that share a rare word or 3-gram with each
+    one: on texts retold with one to six words changed, added, dropped, swapped or repeated, that finds
+    what comparing every pair finds."""
+    rng = random.Random(1)
+    vocabulary = ["the", "of", "and", "to", "a", "in", "is", "it", "you", "that", "he", "was", "for", "on", "are",
+                  *(f"w{n}" for n in range(200))]
+    docs: list[list[str]] = []
+    for _ in range(800):
+        if docs and rng.random() < 0.5:
+            words = list(rng.choice(docs[-200:]))
+            for _ in range(rng.randint(1, 6)):
+                at = rng.randrange(len(words))
+                edit = rng.choice(["change", "add", "drop", "swap", "repeat"])
+                if edit == "change":
+                    words[at] = rng.choice(vocabulary)
+                elif edit == "add":
+                    words.insert(at, rng.choice(vocabulary))
+                elif edit == "drop" and len(words) > 1:
+                    del words[at]
+                elif edit == "swap" and at + 1 < len(words):
+                    words[at], words[at + 1] = words[at + 1], words[at]
+                elif edit == "repeat":
+                    words += words[:3]
+            docs.append(words)
+        else:
+            length = rng.choice([1, 3, 5, rng.randint(6, 35), rng.randint(20, 60)])
+            docs.append(rng.choices(vocabulary[: rng.choice([25, 225])], k=length))
+    texts = [" ".join(words) + rng.choice(["", ".", "!"]) for words in docs]
+    kept, report = clean_documents(texts)
+    assert report.dropped["near-duplicate"] > 50  # the corpus does hold many
+    assert kept == _kept_by_reading_every_pair(texts)
 
 
 def test_cleaning_shows_overstruck_text_as_a_terminal_does():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -84,6 +85,19 @@ def test_train_errors_say_what_to_do(env, tmp_path: Path, tiny_gpt2_dir: Path):
     assert unknown.returncode == 1 and "neither the bundled 'smollm2'" in unknown.stderr
     for result in (missing, unknown):
         assert "Traceback" not in result.stderr
+
+
+def test_a_corpus_missing_or_mistyped_is_refused_before_torch_loads(env, tmp_path: Path):
+    """`persona train x --corpus typo.jsonl` imported torch (seconds, tens on a cold disk) before it
+    said that the file was not there."""
+    cases = {"does not exist; build one with `persona corpus build": ["--corpus", str(tmp_path / "typo.jsonl")],
+             "is a folder; name the corpus file in it": ["--corpus", str(tmp_path)],
+             "--corpus is required": []}
+    for said, args in cases.items():
+        result = persona("train", "x", *args, env=env | {"PYTHONPROFILEIMPORTTIME": "1"})
+        imported = re.findall(r"^import time:.*\|\s*([\w.]+)$", result.stderr, re.MULTILINE)
+        assert result.returncode == 1 and said in " ".join(result.stderr.split()), result.stderr[-2000:]
+        assert "training.corpus" in imported and "torch" not in imported and "transformers" not in imported
 
 
 def test_resume_refuses_to_change_what_the_run_is_made_of(env, tmp_path: Path):

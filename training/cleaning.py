@@ -6,15 +6,18 @@ or above ``NEAR_DUPLICATE_JACCARD``): the same joke told twice with a changed wo
 one document, not two, and would otherwise be learned by heart (or be held out for
 validation while its twin is trained on). One changed word alters up to three 3-grams,
 too many of a short text's for the Jaccard rule, so texts under ``_SHORT_WORDS`` words
-are also compared word by word (``NEAR_DUPLICATE_WORD_RATIO``).
+are also compared word by word (``NEAR_DUPLICATE_WORD_RATIO``). Each text is measured only
+against the kept texts that share one of its rarest 3-grams or words (``_NearIndex``): those
+are all that can be near it.
 """
 
 from __future__ import annotations
 
+import math
 import re
 import unicodedata
 from collections import Counter, defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from difflib import SequenceMatcher
 
@@ -24,7 +27,7 @@ NEAR_DUPLICATE_JACCARD = 0.8
 NEAR_DUPLICATE_WORD_RATIO = 0.85  # one word changed in seven, or a misspelling in a tweet
 _SHINGLE_WORDS = 3
 # Told how far a long step has got: (what it is doing, how many done, of how many); a corpus of
-# 100,000 tweets takes a minute or more to clean, and twenty thousand blog posts minutes to read.
+# 100,000 tweets takes half a minute or more to clean, and twenty thousand blog posts minutes to read.
 Progress = Callable[[str, int, int], None]
 _SHORT_WORDS = 30  # from about here on, one changed word keeps Jaccard at or above 0.8
 _URL = re.compile(r"(?:https?://|www\.)\S+", re.IGNORECASE)
@@ -89,40 +92,122 @@ def _folded(text: str) -> str:
     return " ".join(re.findall(r"\w+", text.casefold()))
 
 
-def _shingles(folded: str) -> set[tuple[str, ...]]:
-    tokens = folded.split()
+def _shingles(tokens: list[str]) -> set[tuple[str, ...]]:
     if len(tokens) < _SHINGLE_WORDS:
         return {tuple(tokens)}
     return {tuple(tokens[i : i + _SHINGLE_WORDS]) for i in range(len(tokens) - _SHINGLE_WORDS + 1)}
 
 
-class _NearIndex:
-    """Kept documents' shingles, so each new one is compared only with those it shares some with."""
+def _words(tokens: list[str]) -> list[tuple[str, int]]:
+    """The words of a text as distinct items: the second "the" is ("the", 1)."""
+    times: dict[str, int] = {}
+    words = []
+    for token in tokens:
+        times[token] = nth = times.get(token, -1) + 1
+        words.append((token, nth))
+    return words
 
-    def __init__(self) -> None:
+
+def _prefix_length(size: int, share: float) -> int:
+    """How many of a set's items, rarest first, hold one of those of any set that shares ``share`` of
+    them with it: two sets sharing k items share one of the first size - k + 1 of each, in any order
+    fixed for all."""
+    # The least share * size rounds up to is never this near an integer, but an integer itself may be
+    # computed a hair above it.
+    return size - math.ceil(share * size - 1e-9) + 1
+
+
+# How many of the words two texts must share for ``_similar_short`` to find them alike, at the least,
+# as a share of the longer one's: its quick ratio 2 * shared / (a + b) must reach the bar, and shared <= b.
+_SHARED_WORDS_SHORT = NEAR_DUPLICATE_WORD_RATIO / (2 - NEAR_DUPLICATE_WORD_RATIO)
+# For each length of a short text, in words, the lengths of those ``_similar_short`` reads it against, each
+# with the fewest words such texts share.
+_ALIKE_LENGTHS = {a: {b: math.ceil(_SHARED_WORDS_SHORT * max(a, b) - 1e-9) for b in range(1, _SHORT_WORDS)
+                      if 2 * min(a, b) >= NEAR_DUPLICATE_WORD_RATIO * (a + b)}
+                  for a in range(1, _SHORT_WORDS)}
+
+
+class _NearIndex:
+    """Kept documents, each found again only by the rarest of its shingles and words (prefix filtering).
+
+    Near duplicates share at least ``NEAR_DUPLICATE_JACCARD`` of their shingles, or (short texts)
+    ``_SHARED_WORDS_SHORT`` of their words, so they share one of the first few of each, rarest first
+    (``_prefix_length``): only those are indexed and looked up. Every text found so is then measured
+    as before. Looking up every shingle, a common one ("one of the") made each new text count its
+    overlap with thousands of others: minutes for 100,000 tweets. ``documents``: the tokens of every
+    text to come; how many of them hold each word fixes the order.
+    """
+
+    def __init__(self, documents: Iterable[list[str]]) -> None:
+        self.word_counts: Counter[tuple[str, int]] = Counter()  # how many texts hold each word (its nth time)
+        for tokens in documents:
+            self.word_counts.update(_words(tokens))
         self.sets: list[set[tuple[str, ...]]] = []
         self.tokens: list[list[str]] = []
-        self.postings: dict[tuple[str, ...], list[int]] = defaultdict(list)
+        self.by_shingle: dict[tuple[str, ...], list[int]] = defaultdict(list)
+        # word -> text's length -> where the word is in the text's order of rarity -> texts
+        self.by_word: dict[tuple[str, int], dict[int, list[list[int]]]] = defaultdict(lambda: defaultdict(list))
 
-    def is_near(self, shingles: set[tuple[str, ...]], tokens: list[str]) -> bool:
-        shared: Counter[int] = Counter()
-        for shingle in shingles:
-            shared.update(self.postings.get(shingle, ()))
-        for other, overlap in shared.items():
-            union = len(shingles) + len(self.sets[other]) - overlap
-            if union and overlap / union >= NEAR_DUPLICATE_JACCARD:
-                return True
-            # Two edits change at most six 3-grams: fewer shared and the texts differ more.
-            if overlap >= min(len(shingles), len(self.sets[other])) - 6 and _similar_short(tokens, self.tokens[other]):
-                return True
-        return False
+    def _rarest_shingles(self, tokens: list[str], count: int) -> list[tuple[str, ...]]:
+        """The first of a text's ``count`` shingles in the order of rarity, guessed from their words' counts
+        (counting every 3-gram took as much memory as the texts); ties go by the 3-gram itself."""
+        if len(tokens) < _SHINGLE_WORDS:
+            return [tuple(tokens)]
+        counts = [self.word_counts[(token, 0)] for token in tokens]
+        ranked = {(counts[i] * counts[i + 1] * counts[i + 2], *tokens[i : i + _SHINGLE_WORDS])
+                  for i in range(len(tokens) - _SHINGLE_WORDS + 1)}
+        return [shingle[1:] for shingle in sorted(ranked)[: _prefix_length(count, NEAR_DUPLICATE_JACCARD)]]
 
-    def add(self, shingles: set[tuple[str, ...]], tokens: list[str]) -> None:
+    def _rarest_words(self, tokens: list[str]) -> list[tuple[str, int]]:
+        if len(tokens) >= _SHORT_WORDS:  # too long for ``_similar_short``: its shingles find it
+            return []
+        ranked = sorted((self.word_counts[word], word) for word in _words(tokens))
+        return [word for _, word in ranked[: _prefix_length(len(tokens), _SHARED_WORDS_SHORT)]]
+
+    def admit(self, shingles: set[tuple[str, ...]], tokens: list[str]) -> bool:
+        """Keep a text unless it is near one kept; whether it was kept."""
+        rarest_shingles = self._rarest_shingles(tokens, len(shingles))
+        rarest_words = self._rarest_words(tokens)
+        candidates: set[int] = set()
+        for shingle in rarest_shingles:
+            candidates.update(self.by_shingle.get(shingle, ()))
+        candidates.update(self._alike_short(rarest_words, len(tokens)))
+        if any(self._near(shingles, tokens, other) for other in candidates):
+            return False
         number = len(self.sets)
         self.sets.append(shingles)
         self.tokens.append(tokens)
-        for shingle in shingles:
-            self.postings[shingle].append(number)
+        for shingle in rarest_shingles:
+            self.by_shingle[shingle].append(number)
+        for place, word in enumerate(rarest_words):
+            by_place = self.by_word[word][len(tokens)]
+            by_place += [[] for _ in range(place + 1 - len(by_place))]
+            by_place[place].append(number)
+        return True
+
+    def _alike_short(self, rarest_words: list[tuple[str, int]], length: int) -> set[int]:
+        """The kept texts that may share enough words with a short one for ``_similar_short``."""
+        found: set[int] = set()
+        for place, word in enumerate(rarest_words):
+            if (by_length := self.by_word.get(word)) is None:
+                continue
+            for other_length, least in _ALIKE_LENGTHS[length].items():
+                # Texts that share this word, the place-th and other_place-th in their orders of rarity,
+                # share no more words than follow it in either (a rarer shared word only raises the bound).
+                if length - place >= least:
+                    for others in by_length.get(other_length, [])[: other_length - least + 1]:
+                        found.update(others)
+        return found
+
+    def _near(self, shingles: set[tuple[str, ...]], tokens: list[str], other: int) -> bool:
+        overlap = len(shingles & self.sets[other])
+        if not overlap:  # only texts that share a 3-gram are compared
+            return False
+        union = len(shingles) + len(self.sets[other]) - overlap
+        if overlap / union >= NEAR_DUPLICATE_JACCARD:
+            return True
+        # Two edits change at most six 3-grams: fewer shared and the texts differ more.
+        return overlap >= min(len(shingles), len(self.sets[other])) - 6 and _similar_short(tokens, self.tokens[other])
 
 
 def _similar_short(a: list[str], b: list[str]) -> bool:
@@ -143,25 +228,24 @@ def clean_documents(texts: Sequence[str], options: CleanOptions | None = None,
     report = CleanReport()
     kept: list[str] = []
     seen: set[str] = set()
-    near = _NearIndex()
-    for done, raw in enumerate(texts):
+    normalized = [normalize_text(raw, options) for raw in texts]
+    folded = [_folded(text) for text in normalized]
+    near = _NearIndex(fold.split() for fold in folded) if options.near_duplicates else None
+    for done, (text, fold) in enumerate(zip(normalized, folded)):
         if progress:
             progress("cleaning", done, len(texts))
-        text = normalize_text(raw, options)
-        folded = _folded(text)
-        if len(text) < options.min_chars or not folded:
+        if len(text) < options.min_chars or not fold:
             report.dropped["empty"] += 1
             continue
-        if folded in seen:
+        if fold in seen:
             report.dropped["duplicate"] += 1
             continue
-        shingles = _shingles(folded)
-        tokens = folded.split()
-        if options.near_duplicates and near.is_near(shingles, tokens):
+        tokens = fold.split()
+        shingles = _shingles(tokens)
+        if near is not None and not near.admit(shingles, tokens):
             report.dropped["near-duplicate"] += 1
             continue
-        seen.add(folded)
-        near.add(shingles, tokens)
+        seen.add(fold)
         kept.append(text)
     report.kept = len(kept)
     return kept, report

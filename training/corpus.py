@@ -46,6 +46,7 @@ __all__ = [
     "Corpus",
     "assign_splits",
     "build_corpus",
+    "check_corpus_path",
     "is_built_corpus",
     "read_corpus",
     "source_files",
@@ -272,14 +273,20 @@ def is_built_corpus(path: Path) -> bool:
     return True
 
 
-def read_corpus(path: Path) -> Corpus:
-    """A corpus file, with the split it was saved with (or the standard one if none); a pipe
-    (``--corpus <(zcat corpus.jsonl.gz)``) is read too, once."""
+def check_corpus_path(path: Path) -> None:
+    """Refuse, saying what to do, a corpus path that is a folder or is not there; a command checks it
+    before it loads a model (seconds), then reads it."""
     if path.is_dir():
         raise CorpusError(f"corpus {path} is a folder; name the corpus file in it, or build one with "
                           f"`persona corpus build {path} -o corpus.jsonl`")
     if not path.exists():  # not is_file(): a pipe or process substitution is no regular file, yet readable
         raise CorpusError(f"corpus {path} does not exist; build one with `persona corpus build SRC... -o {path}`")
+
+
+def read_corpus(path: Path) -> Corpus:
+    """A corpus file, with the split it was saved with (or the standard one if none); a pipe
+    (``--corpus <(zcat corpus.jsonl.gz)``) is read too, once."""
+    check_corpus_path(path)
     texts: list[str] = []
     saved: list[str | None] = []
     try:

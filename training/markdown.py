@@ -3,7 +3,8 @@ read for ``draft``, and the markup stripped to the prose a reader sees (HTML ent
 
 Code blocks, comments, scripts and highlighted code go whole; an opener never closed stays
 as text. Every pattern runs in linear time: a post with thousands of unclosed ``<script``
-openers or blank lines is read in a second, not minutes (``_sub_spans``).
+openers or blank lines is read in a second, not minutes (``_sub_spans``). Tables go whole too,
+and so do indented code blocks, but not indented prose (``_drop_indented_code`` says which is which).
 """
 
 from __future__ import annotations
@@ -110,6 +111,98 @@ _LINK_OPEN = re.compile(r"\[([^\[\]]*)\]\(")
 _CLOSE_PARENTHESIS = re.compile(r"\)")
 
 
+# A table's rule under its header: "|---|:---:|", "--- | ---"; a pipe is required ("---" alone is a rule).
+_TABLE_RULE = re.compile(r"^ {0,3}\|?[ \t]*:?-+:?[ \t]*(?:\|[ \t]*:?-+:?[ \t]*)*\|?[ \t]*$")
+_TABLE_ROW = re.compile(r"^[ \t]*\|.*\|[ \t]*$")  # "| a | b |", a row even with no rule in sight
+
+
+def _drop_tables(text: str) -> str:
+    """Text without its tables: a rule with its header (the line above, if it holds a "|") and its rows
+    (the lines below that hold one), and any line that starts and ends with "|"."""
+    lines = text.split("\n")
+    dropped: set[int] = set()
+    for number, line in enumerate(lines):
+        if number in dropped:
+            continue
+        if _TABLE_ROW.match(line):
+            dropped.add(number)
+        elif "|" in line and _TABLE_RULE.match(line):
+            if number and "|" in lines[number - 1]:
+                dropped.add(number - 1)
+            row = number
+            while row < len(lines) and "|" in lines[row]:
+                dropped.add(row)
+                row += 1
+    return "\n".join(line for number, line in enumerate(lines) if number not in dropped)
+
+
+_LIST_ITEM = re.compile(r"^[ \t]*(?:[-*+]|\d{1,9}[.)])(?:[ \t]+|$)")
+# What shows code, not verse: an address (one sign, however many "/" it holds), brackets, operators, a
+# call "f(", snake_case, "os.path" or "notes.txt", a command's "-x" or "--flag", a line ending in ":"
+# or ";". Prose has some too ("and/or", a link): it is how many there are for the words that tells.
+_CODE_SIGN = re.compile(r"(?:https?|ftp)://\S+|[{}\[\]<>=|\\/$#@~^`+]|\w\(|\w_\w|[A-Za-z]{2,}\.[A-Za-z]{2,}"
+                        r"|(?:^|\s)--?[a-z]|[:;][ \t]*$")
+_CODE_WORDS_PER_SIGN = 4  # at most this many words for each sign: a block of code
+_CODE_INDENT_COLUMNS = 4
+
+
+def _columns(prefix: str) -> int:
+    """How many columns a line's start takes (a tab reaches the next multiple of four)."""
+    return len(prefix.expandtabs(_CODE_INDENT_COLUMNS))
+
+
+def _indent(line: str) -> int:
+    return _columns(line[: len(line) - len(line.lstrip(" \t"))])
+
+
+def _looks_like_code(block: list[str]) -> bool:
+    """Whether an indented block is code: a sign of code (``_CODE_SIGN``) for every few words."""
+    signs = sum(len(_CODE_SIGN.findall(line.strip())) for line in block)
+    words = sum(len(line.split()) for line in block)
+    return _CODE_WORDS_PER_SIGN * signs >= words
+
+
+def _drop_indented_code(text: str) -> str:
+    """Text without its indented code blocks.
+
+    Markdown's rule, that lines indented four columns after a blank line are code, would also take
+    indented prose that a writer means as prose: a list item's next paragraph (indented under its
+    item, as Markdown reads it too) and a poem or quotation set in by hand (which a blog shows as
+    code, and the author still wrote). So a block is dropped only when it is indented four columns
+    more than the list item it follows (if any), and looks like code (``_looks_like_code``): a
+    command with no sign of code in it ("    make install") stays, as the price of keeping verse.
+    """
+    lines = text.split("\n")
+    kept: list[str] = []
+    item_column = 0  # where the text of the list item the lines belong to starts; 0 outside lists
+    after_blank = True
+    number = 0
+    while number < len(lines):
+        line = lines[number]
+        if after_blank and line.strip() and _indent(line) >= item_column + _CODE_INDENT_COLUMNS:
+            end = following = number  # the block runs on over blank lines to its last indented line
+            while following < len(lines) and (not lines[following].strip()
+                                               or _indent(lines[following]) >= item_column + _CODE_INDENT_COLUMNS):
+                following += 1
+                if lines[following - 1].strip():
+                    end = following
+            if not _looks_like_code(lines[number:end]):
+                kept += lines[number:end]
+            number, after_blank = end, False
+            continue
+        if not line.strip():
+            after_blank = True
+        else:
+            if item := _LIST_ITEM.match(line):
+                item_column = _columns(item[0])
+            elif after_blank and _indent(line) < item_column:  # a paragraph set out of the list ends it
+                item_column = 0
+            after_blank = False
+        kept.append(line)
+        number += 1
+    return "\n".join(kept)
+
+
 def strip_markdown(text: str) -> str:
     """Markdown to the plain prose a reader sees."""
     # Code blocks, comments, scripts and Jekyll/Hugo highlighted code go whole; an opener never
@@ -121,6 +214,8 @@ def strip_markdown(text: str) -> str:
     text = _sub_spans(text, _HUGO_HIGHLIGHT, lambda m: re.compile(rf"\{{\{{{re.escape(m[1])}\s*/highlight\s*[%>]\}}\}}"))
     # The other Hugo/Jekyll tags: {{< ... >}}, {{% ... %}}, {% ... %}.
     text = _sub_spans(text, _TEMPLATE_TAG, lambda m: re.compile(r"[%>]\}\}" if m[0].startswith("{{") else r"%\}"))
+    # After the blocks above: a line of theirs read as indented code or a table row could take their closer.
+    text = _drop_tables(_drop_indented_code(text))
     text = _sub_spans(text, _IMAGE_OPEN, lambda m: _CLOSE_PARENTHESIS)  # a linked badge leaves "[](...)"
     text = _sub_spans(text, _LINK_OPEN, lambda m: _CLOSE_PARENTHESIS, lambda opened, inner: opened[1])  # keep words
     text = re.sub(r"\[([^\[\]]+)\]\[[^\[\]]*\]", r"\1", text)

@@ -11,7 +11,8 @@ archives (``tweets.py``: the export's zip, or ``tweets.js`` and its parts, with 
 long posts taken from the ``note-tweet.js`` beside them) and fortune files (``fortune.py``: ``%`` between
 entries; the offensive ones that ``strfile -x`` stored in ROT13 are read decoded).
 
-Text is UTF-8, or UTF-16/32 when it starts with a byte-order mark (Notepad's "Unicode"). Text
+Text is UTF-8, or UTF-16/32 when it starts with a byte-order mark (Notepad's "Unicode"), or UTF-16
+without one (told by where its NUL bytes fall: ``_utf16_without_mark``). Text
 that is not UTF-8 is read as Windows-1252 (Latin-1: old fortune files, Windows exports), with a
 warning naming the file and the first such byte.
 
@@ -29,6 +30,7 @@ import json
 import logging
 import re
 import struct
+import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,13 +132,51 @@ def read_text_file(path: Path) -> str:
                 return raw.decode(codec)
             except UnicodeDecodeError as exc:
                 raise SourceProblem(path, None, f"not {codec.upper()} text, though it starts as such ({exc.reason})") from exc
+    if b"\0" in raw[:_SNIFF_BYTES] and (text := _utf16_without_mark(raw)) is not None:
+        return text
     try:
         text = raw.decode("utf-8")  # not "utf-8-sig": its errors count their offsets from after the mark
     except UnicodeDecodeError as exc:
-        if b"\0" in raw[:4096]:
-            raise SourceProblem(path, None, "a binary file, not text; name the files of the author's writing") from exc
+        if b"\0" in raw[:_SNIFF_BYTES]:
+            raise SourceProblem(path, None, "a binary file, not text (neither UTF-8 nor UTF-16); "
+                                            "name the files of the author's writing") from exc
         text = _guess_single_byte(path, raw, exc)
     return text.removeprefix("\ufeff")  # the byte-order mark some editors write at the start of UTF-8
+
+
+_SNIFF_BYTES = 4096  # where NUL bytes are looked for: text has none, UTF-16 and binary files many
+_NOT_TEXT = frozenset({"Cc", "Cs", "Co", "Cn"})  # control, lone surrogate, private use, unassigned
+_TEXT_CONTROLS = frozenset("\t\n\r\f\v")
+
+
+def _utf16_without_mark(raw: bytes) -> str | None:
+    """UTF-16 text saved without a byte-order mark (as Python's "utf-16-le" and some Windows tools write
+    it), or None if ``raw`` is not that.
+
+    Its tell is the NUL byte of each character below U+0100 (spaces, line ends, Latin letters): at odd
+    offsets little-endian, at even ones big-endian. Chinese or Japanese text has few such characters,
+    and some whose other byte is NUL ("一" is U+4E00), so the order with more NULs is tried first,
+    then the other. Binary data read as UTF-16 gives NUL characters, or control characters, lone
+    surrogates, private-use or unassigned code points: more than one in a hundred is no text.
+    """
+    if len(raw) % 2:
+        return None
+    sample = raw[:_SNIFF_BYTES]
+    orders = ["utf-16-le", "utf-16-be"]
+    if sample[0::2].count(0) > sample[1::2].count(0):
+        orders.reverse()
+    for codec in orders:
+        try:
+            text = raw.decode(codec)
+        except UnicodeDecodeError:  # a lone surrogate
+            continue
+        head = text[:_SNIFF_BYTES]
+        if "\0" in head:  # a NUL character: in no text, and in most binary files
+            continue
+        odd = sum(1 for char in head if unicodedata.category(char) in _NOT_TEXT and char not in _TEXT_CONTROLS)
+        if 100 * odd < len(head):
+            return text
+    return None
 
 
 _ICONV = "`iconv -f ENCODING -t UTF-8 FILE > NEW.txt` (`iconv -l` lists them; DOS's is CP437, old Macs' MACINTOSH)"

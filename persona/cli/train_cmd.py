@@ -66,18 +66,12 @@ def train(
     """Fine-tune NAME on a corpus and register the best weights as its next checkpoint version."""
     from pydantic import ValidationError
 
-    from training.corpus import read_corpus
-    from training.runs import (
-        corpus_file,
-        run_corpus,
-        run_dir,
-        saved_run_config,
-        train_persona,
-    )
-    from training.trainer import STATE_FILE, TrainConfig
+    from training.corpus import check_corpus_path, read_corpus
+    from training.train_config import TrainConfig
 
+    # The options and the corpus path are checked before torch loads (seconds, tens on a cold disk):
+    # a mistyped corpus was said only after that.
     settings = get_settings()
-    ready_torch(threads)
     if resume:
         changed = ["/".join([*p.opts, *p.secondary_opts]) for p in ctx.command.params
                    if p.name not in RESUME_OPTIONS
@@ -87,11 +81,6 @@ def train(
                 f"--resume continues the run exactly as it started, so it cannot change {', '.join(changed)}; "
                 "leave them out, or start the run over without --resume"
             )
-        config = saved_run_config(settings, name)
-        if max_minutes is not None:
-            config = config.model_copy(update={"max_minutes": max_minutes})
-        if corpus is None:
-            corpus = _resumed_corpus(name, run_corpus(settings, name))
     else:
         if corpus is None:
             raise ConfigError("--corpus is required: name the corpus to train on, written by "
@@ -110,6 +99,24 @@ def train(
                                  eval_every=eval_every, patience=patience, seed=seed, device=device)
         except ValidationError as exc:  # was a pydantic traceback (--learning-rate 0, --device gpu)
             raise ConfigError("; ".join(_option_problem(e) for e in exc.errors())) from None
+    if corpus is not None:
+        check_corpus_path(corpus)
+    from training.runs import (
+        corpus_file,
+        run_corpus,
+        run_dir,
+        saved_run_config,
+        train_persona,
+    )
+    from training.trainer import STATE_FILE
+
+    ready_torch(threads)
+    if resume:
+        config = saved_run_config(settings, name)
+        if max_minutes is not None:
+            config = config.model_copy(update={"max_minutes": max_minutes})
+        if corpus is None:
+            corpus = _resumed_corpus(name, run_corpus(settings, name))
     data = read_corpus(corpus)  # read once: big ones take a while
     from_pipe = not corpus.is_file()
     corpus = corpus_file(settings, name, corpus, data)  # absolute, for --resume from anywhere
