@@ -971,7 +971,8 @@ def test_cleaning_many_texts_that_open_alike_is_quick():
     docs = [f"Today I learned that {' '.join(words[6 * n : 6 * n + 6])}." for n in range(5_000)]
     started = time.perf_counter()
     kept, report = clean_documents(docs)
-    assert time.perf_counter() - started < 5
+    # A guard against the quadratic reading, not a speed goal: 0.2 s now, over a minute before.
+    assert time.perf_counter() - started < 15
     assert kept == docs and not report.dropped
 
 
