@@ -313,6 +313,21 @@ def test_fortune_entries_with_and_without_an_author(tmp_path: Path):
     assert read_fortune(path, ReadOptions(author="Twainy")) == []
 
 
+def test_a_fortune_file_saved_as_utf16_is_known_by_its_percent_lines(tmp_path: Path):
+    """Its format was told from its bytes read as UTF-8, where UTF-16 has a NUL after each "%": a fortune
+    file saved so, with a byte-order mark or without, was read as plain text, "%" lines and all."""
+    for codec in ("utf-16", "utf-16-le", "utf-16-be", "utf-32"):
+        path = tmp_path / codec / "wisdom"
+        path.parent.mkdir()
+        path.write_bytes(FORTUNES.encode(codec))
+        assert detect_format(path) == "fortune", codec
+        twain = build_corpus([path], read_options=ReadOptions(author="Mark Twain")).corpus.documents
+        assert sorted(twain) == [
+            "Clothes make the man. Naked people have little or no influence on society.",
+            "Get your facts first, and then you can distort them as much as you please.",
+        ], codec
+
+
 def _strfile_index(path: Path, flags: int) -> None:
     """The header of the index strfile writes beside a fortune file (version 2, network order)."""
     path.with_name(path.name + ".dat").write_bytes(struct.pack(">5I", 2, 4, 80, 20, flags) + b"%\0\0\0")

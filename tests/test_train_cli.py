@@ -48,6 +48,12 @@ def persona(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess
                           timeout=timeout)
 
 
+def persona_imports(*args: str, env: dict[str, str]) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """A command's result, and the modules it imported (as ``python -X importtime`` lists them)."""
+    result = persona(*args, env=env | {"PYTHONPROFILEIMPORTTIME": "1"})
+    return result, re.findall(r"^import time:.*\|\s*([\w.]+)$", result.stderr, re.MULTILINE)
+
+
 @pytest.fixture
 def env(settings: Settings) -> dict[str, str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("PERSONA_")}
@@ -94,10 +100,60 @@ def test_a_corpus_missing_or_mistyped_is_refused_before_torch_loads(env, tmp_pat
              "is a folder; name the corpus file in it": ["--corpus", str(tmp_path)],
              "--corpus is required": []}
     for said, args in cases.items():
-        result = persona("train", "x", *args, env=env | {"PYTHONPROFILEIMPORTTIME": "1"})
-        imported = re.findall(r"^import time:.*\|\s*([\w.]+)$", result.stderr, re.MULTILINE)
+        result, imported = persona_imports("train", "x", *args, env=env)
         assert result.returncode == 1 and said in " ".join(result.stderr.split()), result.stderr[-2000:]
         assert "training.corpus" in imported and "torch" not in imported and "transformers" not in imported
+
+
+def test_a_corpus_with_nothing_to_train_on_is_refused_before_torch_loads(env, tmp_path: Path):
+    """An empty corpus, one of blank texts, notes that are no corpus, or one whose documents are all
+    held out, was refused only once torch had loaded (seconds, tens on a cold disk)."""
+    cases = {"holds no documents; rebuild it with `persona corpus build`": "\n",
+             "holds no documents": '{"text": "  "}\n{"text": "\\n"}\n',
+             'notes.jsonl:1: not JSON (Expecting value); a corpus has one {"text": ...} per line': "a note\n",
+             "has no training documents; add more writing": '{"text": "only one", "split": "validation"}\n'}
+    for said, content in cases.items():
+        corpus = tmp_path / "notes.jsonl"
+        corpus.write_text(content)
+        result, imported = persona_imports("train", "x", "--corpus", str(corpus), env=env)
+        assert result.returncode == 1 and said in " ".join(result.stderr.split()), result.stderr[-2000:]
+        assert "training.corpus" in imported and "torch" not in imported and "transformers" not in imported
+
+
+def test_a_base_that_is_not_there_is_refused_before_torch_loads(env, settings: Settings, tmp_path: Path):
+    """A mistyped --base, or the base folder of a run to resume moved away, was said once torch had loaded."""
+    corpus = tmp_path / "good.jsonl"
+    corpus.write_text('{"text": "a"}\n{"text": "b"}\n')
+    record = settings.data_dir / "runs" / "x" / "run.json"
+    for args in (["--base", str(tmp_path / "gpt-17")], ["--resume"]):
+        if "--resume" in args:
+            record.parent.mkdir(parents=True)
+            record.write_text(json.dumps({"config": {"base": str(tmp_path / "gpt-17")}, "corpus": str(corpus)}))
+        result, imported = persona_imports("train", "x", "--corpus", str(corpus), *args, env=env)
+        assert result.returncode == 1 and f"base model {str(tmp_path / 'gpt-17')!r} is neither the bundled" in \
+            " ".join(result.stderr.split()), result.stderr[-2000:]
+        assert "torch" not in imported and "transformers" not in imported
+
+
+def test_resume_of_a_run_not_there_or_unreadable_is_refused_before_torch_loads(env, settings: Settings,
+                                                                               tmp_path: Path):
+    """`--resume` read the run's record in a module that imports torch: a run not there was said once
+    it had loaded, and a damaged record was a traceback."""
+    record = settings.data_dir / "runs" / "x" / "run.json"
+    cases = {"no unfinished training run of 'x' to resume; start one without --resume": None,
+             f"its record {record} cannot be read (JSONDecodeError": '{"config": {"ste',
+             "cannot be read (learning_rate: Input should be greater than 0); start the run over without --resume":
+                 '{"config": {"learning_rate": 0}}',
+             f"started on the corpus {tmp_path / 'gone.jsonl'}, which is not there now":
+                 json.dumps({"config": {}, "corpus": str(tmp_path / "gone.jsonl")})}
+    for said, saved in cases.items():
+        if saved is not None:
+            record.parent.mkdir(parents=True, exist_ok=True)
+            record.write_text(saved)
+        result, imported = persona_imports("train", "x", "--resume", env=env)
+        assert result.returncode == 1 and said in " ".join(result.stderr.split()), result.stderr[-2000:]
+        assert "Traceback" not in result.stderr
+        assert "training.run_folder" in imported and "torch" not in imported and "transformers" not in imported
 
 
 def test_resume_refuses_to_change_what_the_run_is_made_of(env, tmp_path: Path):

@@ -47,6 +47,7 @@ __all__ = [
     "assign_splits",
     "build_corpus",
     "check_corpus_path",
+    "check_trainable",
     "is_built_corpus",
     "read_corpus",
     "source_files",
@@ -281,6 +282,13 @@ def check_corpus_path(path: Path) -> None:
                           f"`persona corpus build {path} -o corpus.jsonl`")
     if not path.exists():  # not is_file(): a pipe or process substitution is no regular file, yet readable
         raise CorpusError(f"corpus {path} does not exist; build one with `persona corpus build SRC... -o {path}`")
+
+
+def check_trainable(corpus: Corpus, path: Path) -> None:
+    """Refuse, saying what to do, a corpus with no documents to train on (all held out); a command
+    checks it before it loads a model."""
+    if not corpus.train:
+        raise CorpusError(f"corpus {path} has no training documents; add more writing")
 
 
 def read_corpus(path: Path) -> Corpus:

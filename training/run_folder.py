@@ -5,7 +5,8 @@ or training now).
 Training writes the folder (``training/trainer.py``, ``training/runs.py``); the listings
 (`persona personas list`, `persona checkpoints`) read it here, without torch and without
 loading the saved state, which may hold a whole model's weights: ``progress.json`` says how
-far it is, and the persona's training lock, held, says a process is training it now.
+far it is, and the persona's training lock, held, says a process is training it now. `persona train
+--resume` reads the run's config here too, so a run that is not there is said before torch loads.
 """
 
 from __future__ import annotations
@@ -16,8 +17,12 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydantic import ValidationError
+
+from persona.errors import ModelError
 from persona.personas import NAME_PATTERN
 from persona.settings import Settings
+from training.train_config import TrainConfig
 
 __all__ = [
     "PROGRESS_FILE",
@@ -27,6 +32,7 @@ __all__ = [
     "lock_path",
     "run_corpus",
     "run_dir",
+    "saved_run_config",
     "unfinished_run",
     "unfinished_runs",
 ]
@@ -54,6 +60,24 @@ def run_corpus(settings: Settings, name: str) -> Path | None:
     except (OSError, ValueError):  # no run, or a record cut short
         return None
     return Path(corpus) if corpus else None
+
+
+def saved_run_config(settings: Settings, name: str) -> TrainConfig:
+    """The config of a persona's unfinished run, for ``--resume``: read here, without torch, so that a
+    run that is not there, or a record that cannot be read, is said before the model loads."""
+    path = run_dir(settings, name) / RUN_FILE
+    if not path.is_file():
+        raise ModelError(f"no unfinished training run of {name!r} to resume; start one without --resume")
+    try:
+        saved = json.loads(path.read_text())["config"]
+        if saved.get("steps") is not None:  # saved before steps and epochs were refused together: steps won
+            saved["epochs"] = None
+        return TrainConfig.model_validate(saved)
+    except (OSError, ValueError, LookupError, TypeError, AttributeError) as exc:  # was a traceback
+        why = (", ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+               if isinstance(exc, ValidationError) else f"{type(exc).__name__}: {exc}")
+        raise ModelError(f"the unfinished run of {name!r} cannot be resumed: its record {path} cannot be read "
+                         f"({why}); start the run over without --resume") from None
 
 
 @dataclass

@@ -45,8 +45,14 @@ from persona.personas import (
     load_persona_file,
 )
 from persona.settings import Settings
-from training.corpus import Corpus, read_corpus, write_corpus
-from training.run_folder import RUN_FILE, lock_path, run_corpus, run_dir
+from training.corpus import Corpus, check_trainable, read_corpus, write_corpus
+from training.run_folder import (
+    RUN_FILE,
+    lock_path,
+    run_corpus,
+    run_dir,
+    saved_run_config,
+)
 from training.trainer import Reporter, TrainConfig, TrainResult, train
 
 __all__ = [
@@ -175,17 +181,6 @@ def corpus_file(settings: Settings, name: str, corpus_path: Path, corpus: Corpus
     return kept
 
 
-def saved_run_config(settings: Settings, name: str) -> TrainConfig:
-    """The config of a persona's unfinished run, for ``--resume``."""
-    path = run_dir(settings, name) / RUN_FILE
-    if not path.is_file():
-        raise ModelError(f"no unfinished training run of {name!r} to resume; start one without --resume")
-    saved = json.loads(path.read_text())["config"]
-    if saved.get("steps") is not None:  # saved before steps and epochs were refused together: steps won
-        saved["epochs"] = None
-    return TrainConfig.model_validate(saved)
-
-
 def persona_template(name: str, base: str, checkpoint: str, corpus: Path) -> dict:
     """A new persona file's content: sensible defaults around the trained checkpoint."""
     speaker = name.replace("-", " ").replace("_", " ").title()
@@ -291,8 +286,7 @@ def train_persona(
         raise ConfigError(f"{name!r} is not a persona name: {NAME_RULE}")
     config = config.model_copy(update={"base": _absolute_base(config.base)})
     corpus = corpus if corpus is not None else read_corpus(corpus_path)
-    if not corpus.train:
-        raise CorpusError(f"corpus {corpus_path} has no training documents; add more writing")
+    check_trainable(corpus, corpus_path)
     corpus_path = corpus_file(settings, name, corpus_path, corpus)
     with _training_lock(settings, name):
         return _train_and_register(settings, name, corpus_path, corpus, config, resume=resume, reporter=reporter,

@@ -126,6 +126,11 @@ def read_text_file(path: Path) -> str:
     if path.suffix.lower() == ".dat" and fortune.is_file() and strfile_flags(fortune) is not None:
         raise SourceProblem(path, None, f"the index `strfile` made for the fortune file {fortune.name}, "
                                         "not text; name that file instead")
+    return _decode(path, raw)
+
+
+def _decode(path: Path, raw: bytes, *, warn: bool = True) -> str:
+    """A file's bytes as ``read_text_file`` reads them (``warn``: log how text that is not UTF-8 was read)."""
     for mark, codec in _BYTE_ORDER_MARKS:
         if raw.startswith(mark):
             try:
@@ -140,7 +145,7 @@ def read_text_file(path: Path) -> str:
         if b"\0" in raw[:_SNIFF_BYTES]:
             raise SourceProblem(path, None, "a binary file, not text (neither UTF-8 nor UTF-16); "
                                             "name the files of the author's writing") from exc
-        text = _guess_single_byte(path, raw, exc)
+        text = _guess_single_byte(path, raw, exc, warn=warn)
     return text.removeprefix("\ufeff")  # the byte-order mark some editors write at the start of UTF-8
 
 
@@ -202,8 +207,8 @@ def _byte_as_cp1252(error: UnicodeError) -> tuple[str, int]:
 codecs.register_error("persona-cp1252", _byte_as_cp1252)
 
 
-def _guess_single_byte(path: Path, raw: bytes, error: UnicodeDecodeError) -> str:
-    """Text that is not UTF-8, with a warning saying how it was read: each byte that is not UTF-8 as
+def _guess_single_byte(path: Path, raw: bytes, error: UnicodeDecodeError, *, warn: bool = True) -> str:
+    """Text that is not UTF-8, with a warning (if ``warn``) saying how it was read: each byte that is not UTF-8 as
     Windows-1252 (Latin-1 as Windows extends it: old fortune files, Windows exports), and the whole
     file so when nothing in it shows UTF-8. A byte Windows-1252 leaves undefined is a ``SourceProblem``."""
     found = _UTF8_CHARACTER.findall(raw)
@@ -215,6 +220,8 @@ def _guess_single_byte(path: Path, raw: bytes, error: UnicodeDecodeError) -> str
         raise SourceProblem(path, raw[: exc.start].count(b"\n") + 1,
                             f"neither UTF-8 nor Windows-1252 text (byte 0x{raw[exc.start]:02X} at offset {exc.start}); "
                             f"convert it to UTF-8 from the encoding it was saved in: {_ICONV}") from error
+    if not warn:
+        return text
     how = (f"UTF-8 but for {others} byte(s) (a part saved in another encoding?), read as Windows-1252 (Latin-1)"
            if partly else "not UTF-8, so read as Windows-1252 (Latin-1)")
     at = error.start
@@ -259,9 +266,9 @@ def detect_format(path: Path) -> str:
     if suffix in ("", ".txt", ".dat", ".u8"):  # Debian's fortune files have no suffix, or ".u8" (UTF-8)
         if strfile_flags(path) is not None:  # indexed by strfile: a fortune file, even of one entry (no "%")
             return "fortune"
-        try:
-            head = path.read_bytes()[:4096].decode("utf-8", "ignore")
-        except OSError:
+        try:  # decoded as it is read: UTF-16's "%" lines were not found in its bytes read as UTF-8
+            head = _decode(path, path.read_bytes(), warn=False)[:_SNIFF_BYTES]
+        except (OSError, SourceProblem):  # its reader says what is wrong with it
             return "text"
         if re.search(r"^%\s*$", head, re.MULTILINE):
             return "fortune"

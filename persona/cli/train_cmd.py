@@ -66,11 +66,13 @@ def train(
     """Fine-tune NAME on a corpus and register the best weights as its next checkpoint version."""
     from pydantic import ValidationError
 
-    from training.corpus import check_corpus_path, read_corpus
+    from persona.models import BUNDLED_ALIASES, resolve_base
+    from training.corpus import check_corpus_path, check_trainable, read_corpus
+    from training.run_folder import STATE_FILE, run_corpus, run_dir, saved_run_config
     from training.train_config import TrainConfig
 
-    # The options and the corpus path are checked before torch loads (seconds, tens on a cold disk):
-    # a mistyped corpus was said only after that.
+    # The options, the run to resume, the base and the corpus are checked before torch loads (seconds,
+    # tens on a cold disk): a mistyped or empty corpus, a run or base not there, was said only after that.
     settings = get_settings()
     if resume:
         changed = ["/".join([*p.opts, *p.secondary_opts]) for p in ctx.command.params
@@ -101,23 +103,19 @@ def train(
             raise ConfigError("; ".join(_option_problem(e) for e in exc.errors())) from None
     if corpus is not None:
         check_corpus_path(corpus)
-    from training.runs import (
-        corpus_file,
-        run_corpus,
-        run_dir,
-        saved_run_config,
-        train_persona,
-    )
-    from training.trainer import STATE_FILE
-
-    ready_torch(threads)
     if resume:
         config = saved_run_config(settings, name)
         if max_minutes is not None:
             config = config.model_copy(update={"max_minutes": max_minutes})
         if corpus is None:
             corpus = _resumed_corpus(name, run_corpus(settings, name))
+    if config.base not in BUNDLED_ALIASES:  # a folder, only looked at (the bundled one is written when needed)
+        resolve_base(config.base, settings.model_cache_dir)
     data = read_corpus(corpus)  # read once: big ones take a while
+    check_trainable(data, corpus)
+    from training.runs import corpus_file, train_persona
+
+    ready_torch(threads)
     from_pipe = not corpus.is_file()
     corpus = corpus_file(settings, name, corpus, data)  # absolute, for --resume from anywhere
     if from_pipe:  # read once, kept for later
