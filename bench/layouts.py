@@ -25,7 +25,7 @@ from persona.bench_engine import prompt_ids, sampling_for
 from persona.bench_serve import reply_lengths, serve_backlog
 from persona.engine import TransformersEngine, Work
 from persona.llama_decoder import JOIN_EVERY, LlamaDecoder
-from persona.models import LoadedModel, bundled_gguf_path
+from persona.models import LoadedModel, bundled_tokenizer
 
 
 class _Recorded(LlamaDecoder):
@@ -45,10 +45,9 @@ def main() -> None:
     parser.add_argument("--longest", type=int, default=256)
     parser.add_argument("--join-every", type=int, default=JOIN_EVERY)
     args = parser.parse_args()
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    gguf = bundled_gguf_path()
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tokenizer = bundled_tokenizer()
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,

@@ -121,13 +121,9 @@ def load_bench_model(device: str, cache_dir: Path, tokenizer_dir: Path | None = 
         return load_model("smollm2", cache_dir=cache_dir, device="cpu")
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from persona.models import bundled_gguf_path
+    from persona.models import bundled_tokenizer
 
-    if tokenizer_dir is not None:
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    else:
-        gguf = bundled_gguf_path()
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir) if tokenizer_dir is not None else bundled_tokenizer()
     torch.manual_seed(0)
     config = LlamaConfig(**SMOLLM2_SHAPE, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
     model = LlamaForCausalLM(config).to(device=device, dtype=torch.bfloat16).eval()

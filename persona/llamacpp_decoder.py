@@ -77,7 +77,7 @@ def gguf_for(loaded: LoadedModel, cache_dir: Path, kind: str) -> Path:
     why = unwritable(loaded.config, loaded.tokenizer)
     if why is not None:
         raise ModelError(f"llama.cpp cannot serve {loaded.name}: {why}")
-    log.info("writing %s as a %s GGUF for llama.cpp (once; about 10 s)", loaded.name, kind)
+    log.info("writing %s as a %s GGUF for llama.cpp (once; a few seconds)", loaded.name, kind)
     return write_gguf(loaded.model, loaded.tokenizer, target, kind)
 
 

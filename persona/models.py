@@ -33,6 +33,7 @@ __all__ = [
     "LOADING",
     "LoadedModel",
     "bundled_gguf_path",
+    "bundled_tokenizer",
     "is_lora_dir",
     "load_model",
     "pick_device",
@@ -187,6 +188,16 @@ def bundled_gguf_path() -> Path:
     return found[0]
 
 
+def bundled_tokenizer():
+    """The bundled model's tokenizer (its chat template and special tokens too), read from
+    its GGUF with its own class: ``AutoTokenizer`` reads the whole GGUF a second time only
+    to learn the model type, which picks this class (about 4 s)."""
+    from transformers import PreTrainedTokenizerFast
+
+    gguf = bundled_gguf_path()
+    return PreTrainedTokenizerFast.from_pretrained(gguf.parent, gguf_file=gguf.name)
+
+
 def is_lora_dir(path: Path) -> bool:
     return (path / LORA_CONFIG_FILE).is_file()
 
@@ -250,7 +261,6 @@ def _write_bundled(target: Path, *, weights: bool) -> None:
         AutoConfig,
         AutoModelForCausalLM,
         GenerationConfig,
-        PreTrainedTokenizerFast,
     )
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -285,9 +295,7 @@ def _write_bundled(target: Path, *, weights: bool) -> None:
             config.save_pretrained(staging)
             GenerationConfig.from_model_config(config).save_pretrained(staging)
         if not (target / "config.json").is_file():
-            # Its class named, not AutoTokenizer: that reads the whole GGUF again (about 4 s,
-            # half of a first start) only to learn the model type, which picks this class.
-            PreTrainedTokenizerFast.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(staging)
+            bundled_tokenizer().save_pretrained(staging)  # half of a first start, read as AutoTokenizer reads it
             try:
                 os.replace(staging, target)
             except OSError:  # another process finished first

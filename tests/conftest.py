@@ -101,14 +101,10 @@ def one_torch_thread() -> Iterator[None]:
 @pytest.fixture(scope="session")
 def smollm2_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The bundled model's real tokenizer (with its chat template), saved as a folder."""
-    from transformers import PreTrainedTokenizerFast
+    from persona.models import bundled_tokenizer
 
-    from persona.models import bundled_gguf_path
-
-    gguf = bundled_gguf_path()
     folder = tmp_path_factory.mktemp("smollm2-tokenizer")
-    # Its class named, as persona.models does: AutoTokenizer reads the whole GGUF twice.
-    PreTrainedTokenizerFast.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(folder)
+    bundled_tokenizer().save_pretrained(folder)
     return folder
 
 

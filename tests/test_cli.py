@@ -425,6 +425,50 @@ def test_a_worker_told_to_stop_while_it_loads_its_model_stops_at_once(env, redis
     assert "stopped while loading models" in said and "serving on" not in said and "Traceback" not in said, said
 
 
+# `python -m persona worker --preload sage` (as `persona up` runs its workers), sent SIGTERM
+# inside the first code that exec() runs from a string (a dataclass's generated methods,
+# say) while the file named first on its command line is running.
+WORKER_STOPPED_INSIDE_EXEC = """
+import os, runpy, signal, sys
+
+WHILE = os.path.join(*sys.argv[1].split("/"))
+
+def at_the_start_of_that_code(frame, event, arg):
+    if frame.f_code.co_filename == "<string>" and frame.f_code.co_name == "<module>":
+        sys.settrace(None)
+        signal.raise_signal(signal.SIGTERM)  # to this thread: handled here, at once
+
+def on_audit(event, args):
+    if event == "exec" and args[0].co_filename == "<string>" and not sent:
+        frame = sys._getframe()
+        while frame is not None and not frame.f_code.co_filename.endswith(WHILE):
+            frame = frame.f_back
+        if frame is not None:
+            sent.append(True)
+            sys.settrace(at_the_start_of_that_code)
+
+sent = []
+sys.addaudithook(on_audit)
+sys.argv = ["persona", "worker", "--preload", "sage"]
+runpy.run_module("persona", run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("phase", ["torch/__init__.py", "persona/pool.py"], ids=["torch-imports", "model-loads"])
+def test_a_worker_stopped_inside_code_that_exec_runs_exits_cleanly(env, redis_url, tmp_path: Path, phase):
+    """Torch's and transformers' imports, as the model loads, run thousands of pieces of code
+    from strings. A SIGTERM landing in one left it as a KeyboardInterrupt, which CPython
+    noted as unhandled there: the worker said "stopped while loading models", then Python
+    ended it with SIGINT (status -2, a crash to `persona up`)."""
+    env |= {"PERSONA_REDIS_URL": redis_url, "PERSONA_WORKER__THREADS": "1"}
+    (tmp_path / "stopped_inside_exec.py").write_text(WORKER_STOPPED_INSIDE_EXEC)
+    result = subprocess.run([sys.executable, "-m", "stopped_inside_exec", phase], env=env, cwd=tmp_path,
+                            capture_output=True, text=True, timeout=60, check=False)
+    said = result.stdout + result.stderr
+    assert result.returncode == 0, said
+    assert "stopped while loading models" in said and "Traceback" not in said, said
+
+
 def test_personas_validate_checks_what_a_file_points_at_and_takes_a_folder(env, tmp_path: Path):
     """A base model or checkpoint that is not there, and a schedule that can never post,
     passed `validate` (the first request, or the scheduler, found them); a folder was
