@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import resource
 import threading
 import time
@@ -229,7 +230,11 @@ class Worker:
         self._publish_heartbeat()
         beat = threading.Thread(target=self._beat, name=f"heartbeat-{self.id}", daemon=True)
         beat.start()
-        log.info("worker %s serving on %s", self.id, self.pool.device)
+        if self.pool.device == "cpu":  # how many cores it decodes on: `--threads`, PERSONA_WORKER__THREADS
+            threads = self.settings.worker.threads or os.cpu_count() or 1
+            log.info("worker %s serving on cpu (%d thread%s)", self.id, threads, "" if threads == 1 else "s")
+        else:
+            log.info("worker %s serving on %s", self.id, self.pool.device)
         pause_s = 0.0
         try:
             # After stop() the rows in hand are finished (and delivered if Redis allows).

@@ -407,10 +407,10 @@ def start_worker(tmp_path: Path, up_env: dict[str, str], redis_url: str):
     """Start `persona worker` on the test Redis; each one is killed at the end if still running."""
     started: list[subprocess.Popen] = []
 
-    def start(**settings: str) -> subprocess.Popen:
+    def start(*options: str, **settings: str) -> subprocess.Popen:
         env = up_env | {"PERSONA_REDIS_URL": redis_url} | settings
         output = (tmp_path / f"worker-{len(started)}.log").open("w")
-        worker = subprocess.Popen([sys.executable, "-m", "persona", "worker"], env=env, stdout=output,
+        worker = subprocess.Popen([sys.executable, "-m", "persona", "worker", *options], env=env, stdout=output,
                                   stderr=subprocess.STDOUT, preexec_fn=_interruptible)  # noqa: PLW1509
         started.append(worker)
         return worker
@@ -443,6 +443,19 @@ def test_a_worker_is_seen_starting_while_it_loads_then_serving(start_worker, red
     worker.send_signal(signal.SIGTERM)
     assert worker.wait(timeout=30) == 0
     assert heartbeat.live_worker_ids(redis_client) == set() and heartbeat.starting_workers(redis_client) == []
+
+
+def test_a_worker_decodes_on_the_threads_it_is_told_and_says_so(start_worker, redis_client, tmp_path):
+    """`persona worker` had no --threads: on a machine shared with other work the only way
+    to keep it to one core was PERSONA_WORKER__THREADS, and nothing said how many it used."""
+    from persona import heartbeat
+
+    worker = start_worker("--threads", "1", PERSONA_WORKER__THREADS="2")
+    wait_for(lambda: heartbeat.live_worker_ids(redis_client), "the worker never served", 60)
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(timeout=30) == 0
+    said = (tmp_path / "worker-0.log").read_text()
+    assert "serving on cpu (1 thread)" in said, said
 
 
 def test_a_worker_stopped_while_loading_is_not_left_starting(start_worker, redis_client):

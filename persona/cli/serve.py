@@ -337,6 +337,10 @@ def worker(
     max_batch: int = typer.Option(
         None, min=1, help="most requests generated together (default: PERSONA_WORKER__MAX_BATCH, else 16)"
     ),
+    threads: int = typer.Option(
+        None, min=1, help="CPU threads for decoding (default: PERSONA_WORKER__THREADS, else every core; "
+        "1 on a machine shared with other work)",
+    ),
 ) -> None:
     """Run one inference worker: take requests from the queue, answer them, repeat.
 
@@ -350,6 +354,8 @@ def worker(
     settings = get_settings()
     if max_batch:
         settings.worker.max_batch = max_batch
+    if threads:
+        settings.worker.threads = threads
     setup_logging(settings)
     preference = device or settings.worker.device
     starting = heartbeat.StartingWorker(id=heartbeat.new_worker_id(), device=preference)
