@@ -160,10 +160,12 @@ def pick_device(preference: str = "auto") -> str:
 
     Anything else is refused: `--device gpu` used to serve on the CPU without a word.
     """
+    if preference not in DEVICES:  # before torch's import (seconds): a typo is told at once
+        raise ConfigError(f"unknown device {preference!r}; choose one of {', '.join(DEVICES)}")
+    if preference == "cpu":
+        return "cpu"
     import torch
 
-    if preference not in DEVICES:
-        raise ConfigError(f"unknown device {preference!r}; choose one of {', '.join(DEVICES)}")
     if preference == "cuda":
         if not torch.cuda.is_available():
             raise ModelError("CUDA was asked for (--device cuda or PERSONA_WORKER__DEVICE), but torch sees no GPU; use --device cpu or auto")
