@@ -206,11 +206,12 @@ def _options(url: str) -> dict:
     return options
 
 
-def _refusal(exc: redis.exceptions.RedisError, url: str) -> PersonaError:
+def _refusal(exc: redis.exceptions.RedisError, url: str, *, chosen: bool) -> PersonaError:
     """What a failed first contact tells the user. A refused password, or a session Redis
     will not open (a database number it does not have), is a setting to fix (a caller that
     waits for Redis to come back would wait forever); anything else is Redis not
-    answering. (redis-py's asyncio client wraps the refusal in a plain ConnectionError.)"""
+    answering: the one PERSONA_REDIS_URL names (``chosen``), or the embedded one.
+    (redis-py's asyncio client wraps the refusal in a plain ConnectionError.)"""
     said = _without_password(str(exc).rstrip("."), url)
     if any(isinstance(e, redis.exceptions.AuthenticationError) for e in (exc, exc.__cause__)):
         if urlparse(url).password is None:
@@ -234,10 +235,12 @@ def _refusal(exc: redis.exceptions.RedisError, url: str) -> PersonaError:
         hint = " (a Redis that speaks only TLS closes plain connections: if it does, the URL is rediss://)"
     else:
         hint = ""
-    return RedisUnavailable(
-        f"cannot reach Redis at {describe_url(url)}: {said}{hint}. Is it running? "
-        "`persona up` starts one; PERSONA_REDIS_URL points elsewhere"
-    )
+    if chosen:  # `persona up` starts only the embedded Redis, not this one
+        advice = ("Check that the Redis at that address is running and can be reached from here, "
+                  "or unset PERSONA_REDIS_URL to use the embedded one (`persona up` starts it)")
+    else:
+        advice = "Is it running? `persona up` starts one; PERSONA_REDIS_URL points elsewhere"
+    return RedisUnavailable(f"cannot reach Redis at {describe_url(url)}: {said}{hint}. {advice}")
 
 
 # What a Redis older than 6 answers the greeting with ("unknown command `HELLO`, with args
@@ -302,7 +305,7 @@ def connect(settings: Settings, *, url: str | None = None) -> redis.Redis:
         with redis.Redis.from_url(url, **_timeouts()) as probe:
             info = _server_info(probe.info, probe.ping)
     except FIRST_CONTACT_ERRORS as exc:
-        raise _refusal(exc, url) from None
+        raise _refusal(exc, url, chosen=settings.redis_url is not None) from None
     _check_version(info, url)
     return redis.Redis.from_url(url, **_options(url), **following_options(settings, url, asynchronous=False))
 
@@ -319,7 +322,7 @@ async def connect_async(settings: Settings, *, url: str | None = None) -> redis.
             await probe.ping()
             info = {}
     except FIRST_CONTACT_ERRORS as exc:
-        raise _refusal(exc, url) from None
+        raise _refusal(exc, url, chosen=settings.redis_url is not None) from None
     finally:
         await probe.aclose()
     _check_version(info, url)

@@ -15,8 +15,10 @@ import re
 import typing
 from pathlib import Path
 from typing import Literal
+from urllib.parse import ParseResult, parse_qs, unquote, urlparse
 
 import platformdirs
+import redis
 from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -56,9 +58,52 @@ REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 
 def _redis_url(value: SecretStr | None) -> SecretStr | None:
     """A Redis URL redis-py can open; the value is never quoted, as it may hold a password."""
-    if value is not None and not value.get_secret_value().startswith(REDIS_SCHEMES):
-        raise ValueError(f"must start with {', '.join(REDIS_SCHEMES)} (e.g. redis://127.0.0.1:6379/0)")
+    problem = None if value is None else _redis_url_problem(value.get_secret_value())
+    if problem is not None:
+        raise ValueError(problem)
     return value
+
+
+def _redis_url_problem(url: str) -> str | None:
+    """Why redis-py cannot open ``url`` (it would raise at the first command, or, for a database
+    that is no number, quietly use database 0); None if it can."""
+    if not url.startswith(REDIS_SCHEMES):
+        return f"must start with {', '.join(REDIS_SCHEMES)} (e.g. redis://127.0.0.1:6379/0)"
+    # An unencoded / ? # or @ in a password ends the address early: what follows reads as
+    # the port or the database.
+    encoded = "; a password holding / ? # or @ must be percent-encoded (%2F %3F %23 %40)" if "@" in url else ""
+    try:
+        parsed = urlparse(url)
+        port = parsed.port
+    except ValueError as exc:
+        if "IPv6" in str(exc):
+            return "cannot be read: an IPv6 address must be closed by ] (e.g. redis://[::1]:6379/0)"
+        return f"its port must be a number from 1 to 65535 (e.g. redis://127.0.0.1:6379/0){encoded}"
+    if port == 0:  # redis-py reads it as no port, and goes to 6379
+        return "its port must be a number from 1 to 65535 (e.g. redis://127.0.0.1:6379/0)"
+    database = unquote(parsed.path).strip("/")
+    if parsed.scheme != "unix" and database and re.fullmatch(r"[0-9]+", database) is None:
+        return f"its database, the path after HOST:PORT, must be a number (e.g. redis://127.0.0.1:6379/0){encoded}"
+    try:
+        pool = redis.ConnectionPool.from_url(url)
+        pool.connection_class(**pool.connection_kwargs)  # refuses options it does not take; connects nowhere
+    except (ValueError, TypeError, redis.exceptions.RedisError) as exc:
+        return _option_problem(str(exc), parsed)
+    return None
+
+
+def _option_problem(said: str, parsed: ParseResult) -> str:
+    """What redis-py said of a URL's query options, without the URL's passwords."""
+    if (unknown := re.search(r"unexpected keyword argument '([^']+)'", said)) is not None:
+        name = unknown.group(1)
+        tls = " (TLS options: the URL is then rediss://)" if name.startswith("ssl") else ""
+        return f"its query names {name}, which a {parsed.scheme}:// URL does not take{tls}"
+    if (bad := re.search(r"Invalid value for '([^']+)'", said)) is not None:
+        return f"the value of {bad.group(1)} in its query is not one it can take"
+    password = parsed.password or ""
+    for secret in {password, unquote(password), *parse_qs(parsed.query).get("password", [])} - {""}:
+        said = said.replace(secret, "***")
+    return f"redis-py refuses its query options: {said.rstrip('.')}"
 
 
 def default_data_dir() -> Path:

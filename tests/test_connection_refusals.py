@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -51,3 +53,44 @@ async def test_a_bot_hears_the_same_without_the_password(settings, redis_5: OldR
     with pytest.raises(ConfigError, match=too_old) as told:
         connect(settings, url=url)
     assert PASSWORD not in str(told.value)
+
+
+def _persona(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "persona", *args], env=env, capture_output=True,
+                          text=True, timeout=60, check=False)
+
+
+def _env(tmp_path: Path, url: str) -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("PERSONA_")} | {
+        "PERSONA_DATA_DIR": str(tmp_path / "data"), "PERSONA_REDIS_URL": url,
+    }
+
+
+@pytest.mark.parametrize(("url", "said"), [
+    (f"redis://:{PASSWORD}@127.0.0.1:99999/0", "its port must be a number from 1 to 65535"),
+    (f"redis://:{PASSWORD}@127.0.0.1:6391/0?ssl_cert_reqs=bogus", "ssl_cert_reqs, which a redis:// URL does not take"),
+    (f"redis://:{PASSWORD}@127.0.0.1:6391/abc", "its database, the path after HOST:PORT, must be a number"),
+])
+def test_a_redis_url_redis_cannot_open_is_a_config_error_not_a_traceback(tmp_path: Path, url: str, said: str):
+    """`persona queue stats --json` printed redis-py's traceback (Port out of range, an
+    unexpected keyword argument), or for /abc went on to database 0."""
+    told = _persona("queue", "stats", "--json", env=_env(tmp_path, url))
+    assert told.returncode != 0 and told.stderr == "", told.stderr
+    error = json.loads(told.stdout)["error"]
+    assert error["kind"] == "ConfigError" and error["message"].startswith("PERSONA_REDIS_URL: "), error
+    assert said in error["message"] and PASSWORD not in told.stdout
+
+
+def test_a_redis_url_that_answers_nothing_is_not_sent_to_persona_up(tmp_path: Path):
+    """"`persona up` starts one" sent people to start the embedded Redis, which a set
+    PERSONA_REDIS_URL is not: the Redis it names is the one to look at."""
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    told = _persona("queue", "stats", env=_env(tmp_path, f"redis://:{PASSWORD}@127.0.0.1:{port}/0"))
+    said = " ".join(told.stderr.split())
+    assert told.returncode == 1 and "Traceback" not in said, said
+    assert f"cannot reach Redis at redis://***@127.0.0.1:{port}/0" in said
+    assert "Check that the Redis at that address is running and can be reached from here" in said
+    assert "or unset PERSONA_REDIS_URL to use the embedded one" in said
+    assert "`persona up` starts one" not in said and PASSWORD not in said

@@ -99,3 +99,36 @@ def test_whitespace_around_a_token_is_no_part_of_it(clean_env, monkeypatch):
     assert settings.posting.mastodon_access_token is None  # nothing but whitespace: unset
     assert settings.posting.bluesky_password.get_secret_value() == " a password may end in a space "
 
+
+
+@pytest.mark.parametrize(("url", "said"), [
+    ("redis://:hunter2-secret@127.0.0.1:99999/0", "its port must be a number from 1 to 65535"),
+    ("redis://:hunter2-secret@127.0.0.1:abc/0", "its port must be a number from 1 to 65535"),
+    ("redis://:hunter2/secret@127.0.0.1:6379/0", "a password holding / ? # or @ must be percent-encoded"),
+    ("redis://:hunter2-secret@127.0.0.1:6379/0?socket_timeout=abc", "socket_timeout in its query"),
+    ("redis://:hunter2-secret@[::1", "an IPv6 address must be closed by ]"),
+    ("redis://:hunter2-secret@127.0.0.1:6379/0?ssl_cert_reqs=none", "ssl_cert_reqs, which a redis:// URL does not take"),
+    ("rediss://:hunter2-secret@127.0.0.1:6379/0?ssl_cert_reqs=bogus", "Invalid SSL Certificate Requirements Flag: bogus"),
+    ("redis://:hunter2-secret@127.0.0.1:6379/abc", "its database, the path after HOST:PORT, must be a number"),
+    ("redis://:hunter2-secret@127.0.0.1:6379/0/1", "its database, the path after HOST:PORT, must be a number"),
+])
+def test_a_redis_url_redis_cannot_open_is_refused_by_name(clean_env, monkeypatch, url: str, said: str):
+    """Each was a traceback (ValueError, TypeError) at the first command, even with --json; a
+    database that is no number (/abc) was database 0, without a word."""
+    from pydantic import ValidationError
+
+    from persona.settings import explain_settings_error
+
+    monkeypatch.setenv("PERSONA_REDIS_URL", url)
+    with pytest.raises(ValidationError) as caught:
+        Settings()
+    explained = explain_settings_error(caught.value)
+    assert explained.startswith("PERSONA_REDIS_URL: ") and said in explained, explained
+    assert "secret" not in explained and "hunter2" not in explained
+
+
+def test_a_redis_url_with_options_redis_takes_is_kept(clean_env):
+    for good in ("redis://127.0.0.1:6379", "redis://127.0.0.1:6379/", "redis://127.0.0.1:6379/15",
+                 "redis://[::1]:6379/0", "redis://:p%2Fw@host:6379/0?socket_timeout=2.5",
+                 "rediss://host:6380/0?ssl_cert_reqs=none", "unix:///tmp/redis.sock?db=2"):
+        assert Settings(redis_url=good).redis_url.get_secret_value() == good
