@@ -706,6 +706,52 @@ def test_ctrl_c_while_generating_withdraws_the_samples_still_waiting(env, own_re
     assert earlier.read_text() == "kept\n"  # not replaced by nothing
 
 
+def test_a_timeout_past_a_day_is_refused_as_a_usage_error(env, monkeypatch):
+    """`--timeout inf` crashed with OverflowError, and 1e300 said it would wait a 300-digit
+    number of seconds before Redis refused it."""
+    for command in (["ask", "sage", "hello"], ["generate", "sage"]):
+        for value in ("inf", "1e300", "86401"):
+            result = invoke(monkeypatch, env, *command, "--timeout", value)
+            assert result.exit_code == 2, result.output
+            assert "--timeout" in result.stderr and "86400" in result.stderr, result.stderr
+
+
+def test_generate_counts_every_missing_sample_and_fails_when_any_is(env, own_redis):
+    """With -n 100 and a --timeout that ran out during the first window of 64, generate said
+    "63 of 100 samples failed: <the first failure>" and exited 0: the 36 never asked for
+    were one entry among the failures."""
+    import time
+
+    from persona import constants as keys
+    from persona.contract import ErrorKind, GenerationReply
+    from persona.settings import QueueSettings
+    from persona.work_queue import WorkQueue
+
+    _, url, client = own_redis
+    env["PERSONA_REDIS_URL"] = url
+    generating = subprocess.Popen(
+        [sys.executable, "-m", "persona", "generate", "sage", "-n", "100", "--timeout", "1"], env=env, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 30
+    while not client.exists(keys.STREAM_BATCH) or client.xlen(keys.STREAM_BATCH) < 64:  # no worker yet
+        assert time.monotonic() < deadline, "the first window never reached the queue"
+        time.sleep(0.05)
+    work = WorkQueue(client, QueueSettings())
+    jobs = work.claim("slow-worker", 64, block_ms=0)
+    time.sleep(1.2)  # past --timeout: the next window is never asked for
+    late = "the reply was not finished by its deadline"
+    work.deliver([(job, GenerationReply(id=job.request.id, ok=True, text=f"sample {i}") if i < 2
+                   else GenerationReply.failure(job.request.id, ErrorKind.timeout, late)) for i, job in enumerate(jobs)],
+                 "slow-worker")
+    stdout, stderr = generating.communicate(timeout=60)
+    assert stdout.count("sample ") == 2  # those that came are kept
+    assert generating.returncode == 1, stderr
+    said = " ".join(stderr.split())
+    assert "98 of 100 samples not written: 36 never asked for (--timeout ran out first" in said, stderr
+    assert f"62 failed ({late})" in said, stderr
+
+
 def test_sigterm_stops_the_dashboard_and_the_embedded_redis_it_started(env, tmp_path: Path):
     """`docker stop` or systemd's SIGTERM killed `persona dashboard` (status 143) before it
     stopped the embedded Redis it had started, which then ran on for good."""

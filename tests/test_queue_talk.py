@@ -76,3 +76,45 @@ def test_an_ask_that_timed_out_is_past_its_deadline_so_no_worker_generates_it_la
     [job] = WorkQueue(client, QueueSettings()).claim("late-worker", 10, block_ms=0)
     seconds, micros = client.time()
     assert job.expired(seconds + micros / 1e6)
+
+
+def _request_id(client: redis.Redis) -> str:
+    import json
+
+    _queued(client)
+    [(_, fields)] = client.xrange(keys.STREAM_INTERACTIVE)
+    return json.loads(fields[b"r"])["id"]
+
+
+@pytest.mark.parametrize(("command", "stop_signal", "status"), [
+    ("ask", signal.SIGTERM, 143), ("chat", signal.SIGTERM, 143), ("ask", signal.SIGHUP, 129),
+])
+def test_sigterm_or_a_closed_terminal_withdraws_the_message_waiting(tmp_path, own_redis, command, stop_signal, status):
+    """`kill` or closing the terminal left the message queued, for a worker to answer for
+    nobody later (and `persona chat` ended without a word): now it is withdrawn as Ctrl-C's is."""
+    _server, url, client = own_redis
+    talking = _talking(tmp_path, url, *(["ask", "sage", "hello"] if command == "ask" else ["chat", "sage"]))
+    if command == "chat":
+        talking.stdin.write("hello\n")
+        talking.stdin.flush()
+    request_id = _request_id(client)  # no worker: it waits for the reply
+    talking.send_signal(stop_signal)
+    stdout, stderr = talking.communicate(timeout=30)
+    assert talking.returncode == status and "Traceback" not in stderr, stderr
+    assert client.exists(keys.cancel_key(request_id)), "a worker would still answer it"
+    assert "(withdrawn" in stdout + stderr
+
+
+def test_ctrl_c_under_json_prints_the_withdrawal_as_json(tmp_path, own_redis):
+    """A script reading `persona ask --json` got nothing on stdout after Ctrl-C (exit 130)."""
+    import json
+
+    _server, url, client = own_redis
+    talking = _talking(tmp_path, url, "ask", "sage", "hello", "--json")
+    request_id = _request_id(client)
+    talking.send_signal(signal.SIGINT)
+    stdout, stderr = talking.communicate(timeout=30)
+    assert talking.returncode == 130 and "Traceback" not in stderr, stderr
+    reply = json.loads(stdout)
+    assert reply["ok"] is False and reply["id"] == request_id
+    assert reply["error"]["kind"] == "cancelled" and "withdrawn" in reply["error"]["message"]

@@ -12,6 +12,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn
 
 from persona.cli.common import err_console, friendly_errors, get_settings
+from persona.cli.talk import MAX_TIMEOUT_S, stop_signals_as_ctrl_c
 from persona.cli.training_common import persona_with_weights
 from persona.contract import MAX_NEW_TOKENS, MAX_SEED
 from persona.errors import ReplyTimeout, UsageError
@@ -49,12 +50,15 @@ def generate(
         None, min=1, max=MAX_NEW_TOKENS, help="override the sample length limit, in tokens"
     ),
     seed: int = typer.Option(None, min=0, max=MAX_SEED, metavar="N", help="sample i uses seed N+i, for repeatable samples"),
-    timeout: float = typer.Option(600.0, min=1.0, help="seconds to wait for all samples, also their deadline"),
+    timeout: float = typer.Option(
+        600.0, min=1.0, max=MAX_TIMEOUT_S, help="seconds to wait for all samples, also their deadline"
+    ),
 ) -> None:
     """Many samples from NAME as batch work through the queue, for curation by hand.
 
-    Ctrl-C withdraws the samples still waiting and keeps those already written by the
-    persona: they are printed (or written to --out) before it stops.
+    Ctrl-C (or SIGTERM, SIGHUP) withdraws the samples still waiting and keeps those already
+    written by the persona: they are printed (or written to --out) before it stops. Exit
+    status 1 when any sample is missing (not asked for or answered before --timeout, or failed).
     """
     from persona.cli.talk import say_if_no_worker
     from persona.connection import connect
@@ -67,21 +71,21 @@ def generate(
     client = QueueClient(connect(settings), settings.queue)
     say_if_no_worker(client, timeout)
     sampling = _Sampling(client, name, prefix, n, temperature, max_new_tokens, seed, deadline=time.time() + timeout)
-    try:
-        sampling.run()
-    except KeyboardInterrupt:
-        problem = sampling.withdraw()
-        kept = f"kept the {len(sampling.texts)} of {n} samples written so far" if sampling.texts else "no sample was written yet"
-        err_console.print(f"stopped: {kept}; {problem or 'the rest were withdrawn'}", style="yellow",
-                          markup=False, highlight=False)
-        _write_samples([_finish(t, prefix, include_prefix, truncate) for t in sampling.texts], out)
-        raise typer.Exit(130) from None
+    with stop_signals_as_ctrl_c() as stopping:
+        try:
+            sampling.run()
+        except KeyboardInterrupt:
+            problem = sampling.withdraw()
+            kept = f"kept the {len(sampling.texts)} of {n} samples written so far" if sampling.texts else "no sample was written yet"
+            err_console.print(f"stopped: {kept}; {problem or 'the rest were withdrawn'}", style="yellow",
+                              markup=False, highlight=False)
+            _write_samples([_finish(t, prefix, include_prefix, truncate) for t in sampling.texts], out)
+            raise typer.Exit(stopping.exit_status()) from None
     _write_samples([_finish(t, prefix, include_prefix, truncate) for t in sampling.texts], out)
-    if sampling.failures:
-        err_console.print(f"[yellow]{len(sampling.failures)} of {n} samples failed:[/yellow] "
-                          f"{escape(sampling.failures[0])}")
-        if not sampling.texts:
-            raise typer.Exit(1)
+    if len(sampling.texts) < n:  # those that came are kept; the status tells a script some did not
+        err_console.print(f"[yellow]{n - len(sampling.texts)} of {n} samples not written:[/yellow] "
+                          f"{escape(sampling.shortfall())}", highlight=False)
+        raise typer.Exit(1)
 
 
 class _Sampling:
@@ -92,7 +96,9 @@ class _Sampling:
         self.client, self.name, self.prefix, self.n, self.deadline = client, name, prefix, n, deadline
         self.temperature, self.max_new_tokens, self.seed = temperature, max_new_tokens, seed
         self.texts: list[str] = []
-        self.failures: list[str] = []
+        self.never_asked = 0  # not sent at all: --timeout ran out first
+        self.unanswered: list[str] = []  # sent, and no reply came by the deadline: why (ReplyTimeout)
+        self.failures: list[str] = []  # answered with an error: its message
         self.waiting: list = []  # asked (or being asked) and not answered yet: what Ctrl-C withdraws
 
     def _request(self, i: int):
@@ -112,7 +118,7 @@ class _Sampling:
             task = progress.add_task("sampling", total=self.n)
             for begin in range(0, self.n, GENERATE_WINDOW):
                 if time.time() >= self.deadline:
-                    self.failures.append(f"{self.n - begin} not asked for: --timeout ran out first")
+                    self.never_asked = self.n - begin
                     return
                 for i in range(begin, min(self.n, begin + GENERATE_WINDOW)):
                     request = self._request(i)
@@ -128,12 +134,23 @@ class _Sampling:
         try:
             reply = self.client.wait(request, timeout=last_look)
         except ReplyTimeout as exc:
-            self.failures.append(str(exc))
+            self.unanswered.append(str(exc))
             return
         if reply.ok:
             self.texts.append(reply.text)
         else:
             self.failures.append(reply.error.message if reply.error else "failed")
+
+    def shortfall(self) -> str:
+        """Why samples are missing, counted by cause, each with the first one's reason."""
+        parts = []
+        if self.never_asked:
+            parts.append(f"{self.never_asked} never asked for (--timeout ran out first; give it longer)")
+        if self.unanswered:
+            parts.append(f"{len(self.unanswered)} not answered in time ({self.unanswered[0]})")
+        if self.failures:
+            parts.append(f"{len(self.failures)} failed ({self.failures[0]})")
+        return "; ".join(parts)
 
     def withdraw(self) -> str | None:
         """Withdraw every sample still waiting, so no worker writes what nobody reads; None

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
+import signal
 import threading
 import time
+from collections.abc import Iterator
 
 import redis
 import typer
@@ -21,6 +24,8 @@ from persona.connection import connect, retrying_until
 from persona.contract import (
     MAX_NEW_TOKENS,
     MAX_SEED,
+    ErrorKind,
+    GenerationReply,
     GenerationRequest,
     Message,
     SamplingOverrides,
@@ -37,6 +42,46 @@ AS_MESSAGE = "to send a line that starts with a / as a message, start it with //
 WORKER_STARTERS = "`persona up` or `persona worker` starts one"
 # A Ctrl-C is answered at once: withdrawing the message gives up on Redis after this long.
 WITHDRAW_WAIT_S = 2.0
+# The longest --timeout: a day. `--timeout inf` crashed, and 1e300 reached Redis as a
+# 300-digit number it refused; a wait longer than a day is a mistake, not a plan.
+MAX_TIMEOUT_S = 24 * 3600.0
+# SIGTERM (`kill`, `docker stop`) and SIGHUP (the terminal closed) withdraw what waits, as
+# Ctrl-C does; the command then exits 128 + the signal's number (143, 129), Ctrl-C with 130.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+CTRL_C_EXIT_STATUS = 130
+
+
+class Stopping:
+    """The stop signal (SIGTERM or SIGHUP) a command was sent while it waited, if any."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.stop = threading.Event()  # set once one was: the chat ends rather than goes on
+
+    def exit_status(self) -> int:
+        """128 + the signal's number; 130 (Ctrl-C's) when there was none."""
+        return CTRL_C_EXIT_STATUS if self.signum is None else 128 + self.signum
+
+
+@contextlib.contextmanager
+def stop_signals_as_ctrl_c() -> Iterator[Stopping]:
+    """SIGTERM and SIGHUP raise KeyboardInterrupt, as Ctrl-C does, so the message waiting is
+    withdrawn (they left it queued, for a worker to answer for nobody). Only the first: a
+    second must not cut the withdrawal short."""
+    stopping = Stopping()
+
+    def handler(signum: int, frame: object) -> None:
+        if stopping.signum is None:
+            stopping.signum = signum
+            stopping.stop.set()
+            raise KeyboardInterrupt
+
+    previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
+    try:
+        yield stopping
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def _client(settings: Settings, url: str | None = None) -> QueueClient:
@@ -100,15 +145,17 @@ def ask(
         "the same worker and model version, when it is answering nothing else at the time",
     ),
     timeout: float = typer.Option(
-        None, min=1.0, help="seconds to wait for the reply, also its deadline (default: the queue's, "
-        "PERSONA_QUEUE__DEFAULT_DEADLINE_S, 120 s unless set); raise it while a worker is still loading its model",
+        None, min=1.0, max=MAX_TIMEOUT_S, help="seconds to wait for the reply, also its deadline (default: the "
+        "queue's, PERSONA_QUEUE__DEFAULT_DEADLINE_S, 120 s unless set); raise it while a worker is still loading "
+        "its model",
     ),
     json_output: bool = typer.Option(
         False, "--json", help="print the whole reply as JSON (exit status 1 when it is an error)"
     ),
 ) -> None:
     """Send one message to PERSONA through the queue and print its reply (needs `persona up`
-    running, or a worker and Redis). Ctrl-C while it waits withdraws the message."""
+    running, or a worker and Redis). Ctrl-C, SIGTERM or SIGHUP while it waits withdraws the
+    message (exit 130, 143, 129)."""
     settings = get_settings()
     _check_persona(settings, persona)
     request = GenerationRequest(
@@ -120,13 +167,12 @@ def ask(
     check_request(request, settings.queue)  # an empty or too long message is refused before Redis is needed
     client = _client(settings)
     say_if_no_worker(client, timeout or settings.queue.default_deadline_s)
-    try:
-        reply = client.ask(request, timeout=timeout)
-    except KeyboardInterrupt:
-        problem = withdraw(client, [request])
-        err_console.print(problem or "(withdrawn: no worker will answer it)", style="yellow" if problem else "dim",
-                          markup=False, highlight=False)
-        raise
+    with stop_signals_as_ctrl_c() as stopping:
+        try:
+            reply = client.ask(request, timeout=timeout)
+        except KeyboardInterrupt:
+            _withdraw_asked(client, request, json_output)
+            raise typer.Exit(stopping.exit_status()) from None
     if json_output:
         print(reply.to_json())
         if not reply.ok:  # the error is in the JSON; the status tells a script it failed
@@ -135,6 +181,19 @@ def ask(
         raise RequestFailed(reply)
     else:
         print(reply.text)
+
+
+def _withdraw_asked(client: QueueClient, request: GenerationRequest, json_output: bool) -> None:
+    """Withdraw the message of an `ask` stopped while it waited, and say so: on stderr, and
+    under ``--json`` also as the failed reply a script reads (it read nothing, exit 130)."""
+    problem = withdraw(client, [request])
+    said = problem or "(withdrawn: no worker will answer it)"
+    with contextlib.suppress(OSError):  # the terminal may be gone (SIGHUP)
+        err_console.print(said, style="yellow" if problem else "dim", markup=False, highlight=False)
+        if json_output:
+            message = problem or "withdrawn before it was answered (Ctrl-C, SIGTERM or SIGHUP): no worker will answer it"
+            print(GenerationReply.failure(request.id, ErrorKind.cancelled, message, persona=request.persona).to_json(),
+                  flush=True)
 
 
 def run_chat(
@@ -234,8 +293,16 @@ def chat(persona: str = typer.Argument(DEFAULT_PERSONA, help="which persona to t
     Each message goes with the recent turns as context. In the chat, /reset forgets the
     conversation, /help lists the commands, /quit or Ctrl-D leaves, and Ctrl-C withdraws a
     message still waiting for its reply; a line that starts with // is sent starting with /.
+    SIGTERM or SIGHUP (the terminal closed) withdraws it too, and ends the chat (exit 143, 129).
     """
-    run_chat(get_settings(), persona)
+    with stop_signals_as_ctrl_c() as stopping:
+        try:
+            run_chat(get_settings(), persona, stop=stopping.stop)
+        except KeyboardInterrupt:  # a stop signal between messages
+            if stopping.signum is None:
+                raise
+    if stopping.signum is not None:
+        raise typer.Exit(stopping.exit_status())
 
 
 def register(app: typer.Typer) -> None:
