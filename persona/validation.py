@@ -6,7 +6,7 @@ from persona.contract import MAX_SOURCE_CHARS, MAX_USER_CHARS, GenerationRequest
 from persona.errors import InvalidRequest
 from persona.settings import QueueSettings
 
-__all__ = ["check_request", "request_problem"]
+__all__ = ["LATEST_DEADLINE_AFTER_S", "check_request", "request_problem"]
 
 
 def request_problem(request: GenerationRequest, limits: QueueSettings) -> str | None:
@@ -59,6 +59,9 @@ def _raise(setting: str) -> str:
 
 # A deadline is a time (epoch seconds); one before this was meant as a duration ("30").
 EARLIEST_DEADLINE = 1_000_000_000.0  # September 2001
+# The furthest a deadline may lie after the request was made: a day (inf crashed the queue's
+# submit script; `ask`/`generate --timeout` take at most this too).
+LATEST_DEADLINE_AFTER_S = 24 * 3600.0
 
 
 def check_request(request: GenerationRequest, limits: QueueSettings) -> None:
@@ -73,6 +76,12 @@ def check_request(request: GenerationRequest, limits: QueueSettings) -> None:
             f"the deadline {request.deadline:g} is not a time: it is in epoch seconds "
             f"(time.time() + {after} for {after} s from now), or 0 for the queue's default "
             f"({limits.default_deadline_s:g} s)"
+        )
+    allowance = request.deadline - request.created_at
+    if problem is None and request.deadline and not allowance <= LATEST_DEADLINE_AFTER_S:  # inf, nan too
+        problem = (
+            f"the deadline {request.deadline:g} is more than {LATEST_DEADLINE_AFTER_S:g} s after the request was made; "
+            f"give one within a day, or 0 for the queue's default ({limits.default_deadline_s:g} s)"
         )
     if problem:
         raise InvalidRequest(problem)

@@ -275,6 +275,16 @@ def test_a_deadline_given_as_a_duration_is_refused_saying_it_is_a_time(client):
     assert client.submit(chat(deadline=time.time() - 1)).deadline  # just passed: its worker answers it
 
 
+@pytest.mark.parametrize("after_s", [float("inf"), float("nan"), 1e300, 24 * 3600 + 60])
+def test_a_deadline_more_than_a_day_off_is_refused_before_redis(client, after_s):
+    """deadline=inf crashed the submit (OverflowError); 1e300 reached Redis as a number it refused."""
+    request = chat()
+    with pytest.raises(InvalidRequest, match=r"more than 86400 s after the request was made; give one within a day"):
+        client.submit(request.model_copy(update={"deadline": request.created_at + after_s}))
+    assert client.redis.xlen(keys.STREAM_INTERACTIVE) == 0
+    assert client.submit(chat(deadline=time.time() + 24 * 3600 - 60)).deadline  # a day is fine
+
+
 def test_dead_workers_entries_are_reclaimed_at_once(client, work):
     request = client.submit(chat())
     work.claim("dead-worker", 10, block_ms=100)

@@ -34,7 +34,7 @@ from persona.errors import PersonaError, RequestFailed
 from persona.personas import PersonaRegistry
 from persona.queue import QueueClient
 from persona.settings import Settings
-from persona.validation import check_request
+from persona.validation import LATEST_DEADLINE_AFTER_S, check_request
 
 DEFAULT_PERSONA = "sage"  # the bundled persona `persona chat` talks to when none is named
 CHAT_COMMANDS = "/reset forgets the conversation, /help shows this, /quit or Ctrl-D leaves"
@@ -44,7 +44,7 @@ WORKER_STARTERS = "`persona up` or `persona worker` starts one"
 WITHDRAW_WAIT_S = 2.0
 # The longest --timeout: a day. `--timeout inf` crashed, and 1e300 reached Redis as a
 # 300-digit number it refused; a wait longer than a day is a mistake, not a plan.
-MAX_TIMEOUT_S = 24 * 3600.0
+MAX_TIMEOUT_S = LATEST_DEADLINE_AFTER_S
 # SIGTERM (`kill`, `docker stop`) and SIGHUP (the terminal closed) withdraw what waits, as
 # Ctrl-C does; the command then exits 128 + the signal's number (143, 129), Ctrl-C with 130.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
