@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
 from persona.errors import ModelError
 
@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 # The version name of a persona served by its base model alone.
 BASE_VERSION = "base"
 METADATA_FILE = "checkpoint.json"
+DAMAGED_ADVICE = "copy the whole folder again, train again, or remove the folder"
 VERSION_PATTERN = re.compile(r"^v(\d+)$")
 
 
@@ -81,12 +82,16 @@ def scan_checkpoints(checkpoints_root: Path, persona: str) -> tuple[list[Checkpo
     if not folder.is_dir():
         return [], []
     found, problems = [], []
-    for child in folder.iterdir():
-        if _version_number(child.name) is not None and (child / METADATA_FILE).is_file():
-            try:
-                found.append(read_checkpoint(child))
-            except ModelError as exc:
-                problems.append(exc)
+    for child in sorted(folder.iterdir(), key=lambda c: _version_number(c.name) or 0):
+        if _version_number(child.name) is None or not child.is_dir():
+            continue
+        if not (child / METADATA_FILE).is_file():  # swap took it as a version, and this passed it over in silence
+            problems.append(ModelError(_without_metadata(child)))
+            continue
+        try:
+            found.append(read_checkpoint(child))
+        except ModelError as exc:
+            problems.append(exc)
     return sorted(found, key=lambda c: _version_number(c.version) or 0), problems
 
 
@@ -102,9 +107,28 @@ def read_checkpoint(path: Path) -> CheckpointInfo:
     """The metadata of one checkpoint folder."""
     try:
         info = CheckpointInfo.model_validate_json((path / METADATA_FILE).read_text())
+    except ValidationError as exc:  # pydantic's own report runs to lines, a link to its site among them
+        raise ModelError(f"checkpoint {path}: {METADATA_FILE} cannot be read ({_first_problem(exc)}); {DAMAGED_ADVICE}") from exc
     except (OSError, ValueError) as exc:
-        raise ModelError(f"checkpoint {path} has no readable {METADATA_FILE}: {exc}") from exc
+        raise ModelError(f"checkpoint {path}: {METADATA_FILE} cannot be read ({exc}); {DAMAGED_ADVICE}") from exc
     return info.model_copy(update={"path": path})
+
+
+def _without_metadata(folder: Path) -> str:
+    """Why a version folder with no ``checkpoint.json`` is not a version (a copy cut short, or by hand)."""
+    return (f"checkpoint {folder} has no {METADATA_FILE} (every version has one, saying what made it), "
+            f"so it cannot serve: {DAMAGED_ADVICE}")
+
+
+def _first_problem(exc: ValidationError) -> str:
+    """The first thing pydantic found wrong, in one line: which field, what it should be, what it is."""
+    error = exc.errors()[0]
+    field = ".".join(map(str, error["loc"]))
+    said = f"{field}: {error['msg'][:1].lower()}{error['msg'][1:]}" if field else error["msg"]
+    if field and error["type"] != "missing" and isinstance(error.get("input"), str | int | float | bool):
+        said += f", not {error['input']!r}"
+    more = len(exc.errors()) - 1
+    return said + (f" (and {more} more)" if more else "")
 
 
 def next_version(checkpoints_root: Path, persona: str) -> str:
@@ -178,4 +202,6 @@ def resolve_checkpoint(persona: Persona, settings: Settings, version: str | None
             f"persona {persona.name!r}: no checkpoint version {chosen!r} in {folder.parent}; "
             + (f"did you mean {meant}?" if meant else f"see `persona checkpoints {persona.name}`")
         )
+    if _version_number(chosen) is not None and not (folder / METADATA_FILE).is_file():
+        raise ModelError(f"persona {persona.name!r}: {_without_metadata(folder)}")  # as `persona checkpoints` lists it
     return chosen, folder

@@ -6,10 +6,14 @@ Each module adds its commands to ``app``; add a new area by writing a module wit
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
+import os
+import select
 import sys
 
+import rich.console
 import typer
 import typer.main
 
@@ -115,12 +119,87 @@ def _tidy_help(command):  # a click command, as typer builds it
     return command
 
 
+# A reader that stops reading (`persona checkpoints sage | head -1`, `| grep -m1`) ends
+# the command quietly, with no error text, and with status 0: the reader had what it
+# wanted. Click exited 1 there, and so did rich's consoles, which failed every script under
+# `set -o pipefail`; git and ls end by SIGPIPE (status 141), which fails such a script too.
+# A command that had already failed keeps its own status.
+
+
+def _pipe_closed(fd: int) -> bool:
+    """Whether ``fd`` is a pipe whose reader has closed it (poll says POLLERR)."""
+    if not hasattr(select, "poll"):  # no poll (Windows): a broken pipe there is taken as stdout's
+        return fd == 1
+    poller = select.poll()
+    try:
+        poller.register(fd, select.POLLOUT)
+    except (OSError, ValueError):
+        return False
+    return any(events & select.POLLERR for _, events in poller.poll(0))
+
+
+def _drop_output_nobody_reads() -> bool:
+    """Point standard output and error at /dev/null where their readers are gone, so that
+    what is still buffered goes nowhere, not into an "Exception ignored ... BrokenPipeError"
+    note at exit (status 120); whether standard output's was."""
+    closed = [fd for fd in (1, 2) if _pipe_closed(fd)]
+    if closed:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        for fd in closed:
+            os.dup2(devnull, fd)
+        os.close(devnull)
+    return 1 in closed
+
+
+def _on_broken_pipe(console: rich.console.Console) -> None:
+    """A rich console (ours, or typer's for --help) whose reader is gone: standard output's
+    ends the command with status 0; standard error's is dropped and the command goes on
+    to its own status. Rich's default is ``SystemExit(1)``."""
+    console.quiet = True
+    _drop_output_nobody_reads()
+    if not console.stderr:
+        raise SystemExit(0)
+
+
+def _stops_when_the_reader_goes(invoke):
+    """``invoke`` (a click command's), ending with status 0 when standard output's reader
+    goes while it writes with print() (click would exit 1); a broken pipe elsewhere (a
+    socket) is left to fail as it does."""
+
+    @functools.wraps(invoke)
+    def wrapper(ctx):
+        try:
+            return invoke(ctx)
+        except BrokenPipeError:
+            if not _drop_output_nobody_reads():
+                raise
+            raise SystemExit(0) from None
+
+    return wrapper
+
+
+def _flush_stdout() -> None:
+    """Write out what print() left buffered now, while a reader gone can be told apart."""
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _drop_output_nobody_reads()
+
+
 def main() -> None:
     """Entry point of the ``persona`` console script."""
+    rich.console.Console.on_broken_pipe = _on_broken_pipe  # the hook rich offers; see its docstring
+    command = _tidy_help(typer.main.get_command(app))
+    command.invoke = _stops_when_the_reader_goes(command.invoke)
+    try:
+        _run(command, sys.argv[1:])
+    finally:
+        _flush_stdout()
+
+
+def _run(command, args: list[str]) -> None:
     from persona.cli.common import err_console, usage_failure, wants_json
 
-    command = _tidy_help(typer.main.get_command(app))
-    args = sys.argv[1:]
     if not wants_json(args):
         command(args=args, prog_name="persona")
         return

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
+import math
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,6 +32,7 @@ from persona.cli.common import (
     friendly_errors,
     get_settings,
     local_time,
+    print_whole,
 )
 from persona.connection import connect
 from persona.errors import ModelError, PersonaError, SwapRefused, UnknownPersona
@@ -42,6 +44,9 @@ from persona.swap import current_version
 __all__ = ["checkpoints", "normalise_target", "perform_swap", "register", "rollback", "swap"]
 
 DEFAULT_TIMEOUT_S = 300.0
+# Longer than any worker takes to load and check weights; past it (`inf`, `1e300`) a swap
+# failed later with an OverflowError, so the option refuses it with the range.
+MAX_TIMEOUT_S = 24 * 3600.0
 OUTCOME_JSON_HELP = (
     "print the outcome as one JSON object (committed, problem, each worker's vote and reason), "
     "a refusal too, which also exits with status 1"
@@ -103,6 +108,19 @@ def perform_swap(
             status.update(f"workers that loaded and checked {target}: {ready}/{total}")
 
         return swaps.swap_persona(client, persona, target, kind=kind, timeout_s=timeout_s, on_progress=progress)
+
+
+def _seconds(value: float) -> float:
+    """A --timeout that is a number (click's range lets `nan` through: no comparison fails)."""
+    if math.isnan(value):
+        raise typer.BadParameter(f"nan is not a number of seconds; give one from 1 to {MAX_TIMEOUT_S:.0f}")
+    return value
+
+
+def _timeout_option():
+    """--timeout, as swap and rollback take it."""
+    return typer.Option(DEFAULT_TIMEOUT_S, min=1.0, max=MAX_TIMEOUT_S, callback=_seconds,
+                        help="seconds to wait for every worker to be ready")
 
 
 def _report(outcome: swaps.SwapOutcome, json_output: bool, started: float) -> None:
@@ -220,11 +238,11 @@ def checkpoints(
         created = dt.datetime.fromtimestamp(c.created_at).strftime("%Y-%m-%d %H:%M")
         metrics = ", ".join(f"{k}={v:.4g}" for k, v in sorted(c.metrics.items())) or "-"
         table.add_row("*" if is_active(c) else "", *map(escape, (c.version, created, c.kind, c.base, metrics)))
-    console.print(table)
+    print_whole(table)
     if active != BASE_VERSION and not any(is_active(c) for c in found):
         if VERSION_PATTERN.match(active):  # a version, not a folder elsewhere: removed, or unreadable
             removed = not (checkpoint_dir(settings.checkpoints_dir, persona.name) / active).is_dir()
-            why = "whose folder was removed: a worker that starts cannot load it" if removed else "not listed (see below)"
+            why = "whose folder was removed: a worker that starts cannot load it" if removed else "which cannot serve (see below)"
             console.print(
                 f"active: {escape(active)}, {why}; swap to a listed one with `persona swap {persona.name} VERSION`",
                 highlight=False,
@@ -232,7 +250,7 @@ def checkpoints(
         else:
             console.print(f"active: {escape(active)} (a folder outside the versioned checkpoints)", highlight=False)
     for problem in unreadable:
-        console.print(f"[yellow]not listed:[/yellow] {escape(str(problem))}; fix or remove that folder", highlight=False)
+        console.print(f"[yellow]unusable:[/yellow] {escape(str(problem))}", highlight=False)  # it says what to do
     if unfinished is not None:  # a run stopped with Ctrl-C was shown nowhere
         console.print(escape(unfinished_line(unfinished)), highlight=False)
     _print_history(persona.name, rollback_to, latest)
@@ -242,7 +260,7 @@ def checkpoints(
 def swap(
     persona_name: str = typer.Argument(..., metavar="PERSONA", help="the persona's name"),
     target: str = typer.Argument(..., metavar="VERSION|PATH", help="a version (v3), 'base', or a checkpoint folder"),
-    timeout: float = typer.Option(DEFAULT_TIMEOUT_S, min=1.0, help="seconds to wait for every worker to be ready"),
+    timeout: float = _timeout_option(),
     json_output: bool = typer.Option(False, "--json", help=OUTCOME_JSON_HELP),
 ) -> None:
     """Switch a persona to another checkpoint on every live worker, or on none.
@@ -273,7 +291,7 @@ def swap(
 @friendly_errors
 def rollback(
     persona_name: str = typer.Argument(..., metavar="PERSONA", help="the persona's name"),
-    timeout: float = typer.Option(DEFAULT_TIMEOUT_S, min=1.0, help="seconds to wait for every worker to be ready"),
+    timeout: float = _timeout_option(),
     json_output: bool = typer.Option(False, "--json", help=OUTCOME_JSON_HELP),
 ) -> None:
     """Go back to the version a persona served before its last swap (same all-or-nothing rules)."""

@@ -12,6 +12,7 @@ tells the supervisor that starting it again would only fail again.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import datetime as dt
 import functools
@@ -23,8 +24,10 @@ import redis
 import typer
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
-from rich.console import Console
+from rich.console import Console, Group, RenderableType
 from rich.markup import escape
+from rich.measure import Measurement
+from rich.table import Table
 
 from persona.errors import (
     ConfigError,
@@ -44,6 +47,7 @@ __all__ = [
     "friendly_errors",
     "get_settings",
     "local_time",
+    "print_whole",
     "usage_failure",
     "wants_json",
 ]
@@ -53,6 +57,9 @@ err_console = Console(stderr=True)
 # Written into a pipe or a log, a line stays whole (a terminal still wraps at its width).
 for _console in (console, err_console):
     _console.soft_wrap = not _console.is_terminal
+
+# Wide enough for any row a table holds: the width a table is measured at, into a pipe.
+UNBOUNDED_WIDTH_CHARS = 1_000_000
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -77,7 +84,8 @@ def _fail(message: str, kind: str, status: int = 1) -> typer.Exit:
     """Say why the command failed, as the command's output asks for; the exit to raise."""
     message = _without_secrets(message)
     if _json_errors.get():
-        print(json.dumps({"ok": False, "error": {"kind": kind, "message": message}}, ensure_ascii=False), flush=True)
+        with contextlib.suppress(BrokenPipeError):  # its reader is gone (`| head -0`): the status still says it failed
+            print(json.dumps({"ok": False, "error": {"kind": kind, "message": message}}, ensure_ascii=False), flush=True)
     else:
         # Escaped: a message quotes paths and text that may hold brackets ("my [draft] notes").
         err_console.print(f"[red]error:[/red] {escape(message)}", highlight=False)
@@ -111,6 +119,32 @@ def get_settings() -> Settings:
     except (ValidationError, SettingsError) as exc:
         # The value itself is never shown: it may be a token.
         raise _fail(explain_settings_error(exc), ConfigError.__name__, config_error_exit_status()) from None
+
+
+def print_whole(*renderables: RenderableType) -> None:
+    """Print to standard output: on a terminal, at its width; into a pipe or a file, each
+    table as wide as its cells need, so that each row is one line with every cell whole.
+
+    Fitted to a pipe's 80 columns, a table cut a worker's id to "vm-56a5…" and what it
+    serves to "sage@ba…", and folded a dead letter's reason a word a line. (The posts
+    listings, in posting_cmd, write plain columns into a pipe instead: the same idea,
+    one whole line a row; these keep their frame, which scripts already read.)
+    """
+    if not console.is_terminal:
+        for table in _tables(renderables):
+            table.width = Measurement.get(console, console.options.update_width(UNBOUNDED_WIDTH_CHARS), table).maximum
+    console.print(*renderables)
+
+
+def _tables(renderables) -> list[Table]:
+    """The tables among ``renderables``, those inside a Group too."""
+    found = []
+    for item in renderables:
+        if isinstance(item, Table):
+            found.append(item)
+        elif isinstance(item, Group):
+            found += _tables(item.renderables)
+    return found
 
 
 def local_time(at: float) -> str:

@@ -25,6 +25,7 @@ from persona.cli.common import (
     friendly_errors,
     get_settings,
     local_time,
+    print_whole,
 )
 from persona.connection import connect
 from persona.contract import GenerationRequest
@@ -175,7 +176,7 @@ def stats(json_output: bool = typer.Option(False, "--json", help="print one JSON
     if json_output:
         print(figures.model_dump_json())
         return
-    console.print(render_all(figures))
+    print_whole(render_all(figures))
 
 
 def _confirmed(question: str, undone: str) -> bool:
@@ -325,7 +326,7 @@ def dead(
         table.add_row(escape(d.id), escape(d.request_id or "(malformed)"), escape(d.persona), str(d.deliveries), when,
                       escape(d.reason))
     if letters:
-        console.print(table)
+        print_whole(table)
         console.print(
             "see one whole with [bold]persona queue show ID[/bold]; re-queue one with [bold]persona queue retry ID[/bold] "
             "(or all with [bold]--all[/bold]); delete one for good with [bold]persona queue drop ID[/bold]"
