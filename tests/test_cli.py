@@ -290,6 +290,8 @@ def test_ask_when_redis_stops_while_it_waits_is_a_clear_error(env, own_redis):
     _, stderr = asking.communicate(timeout=60)
     assert asking.returncode == 1 and "Traceback" not in stderr
     assert "lost the connection to Redis" in stderr
+    error = stderr[stderr.index("lost the connection"):]
+    assert "PERSONA_REDIS_URL names" in error and "persona up" not in error  # up starts no Redis of that URL
 
 
 @pytest.mark.slow

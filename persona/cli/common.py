@@ -158,6 +158,11 @@ def explain_redis_error(exc: redis.exceptions.RedisError) -> str:
     if isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
         if (embedded := _lost_embedded(said)) is not None:
             return embedded
+        if get_settings.cache_info().currsize and get_settings().redis_url is not None:  # not one `up` starts
+            return (
+                f"lost the connection to Redis ({said}); is the Redis that PERSONA_REDIS_URL names still "
+                "running, and reachable from here? `persona queue stats` checks"
+            )
         return (
             f"lost the connection to Redis ({said}); is it still running, at the address "
             "PERSONA_REDIS_URL gives if set? `persona up` starts one; `persona queue stats` checks"
