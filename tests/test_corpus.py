@@ -1251,3 +1251,43 @@ def test_parsers_never_crash(reader, data: bytes, tmp_path: Path):
         assert "fuzzed" in str(problem)
     else:
         assert all(isinstance(d.text, str) for d in documents)
+
+
+def test_cli_on_a_data_directory_it_cannot_write_says_so_and_writes_nothing(tmp_path: Path):
+    """The bundled tokenizer counts the tokens, and its cache could not be made: a
+    NotADirectoryError traceback, after the corpus was written."""
+    (tmp_path / "notes.txt").write_text("One note.\n\nAnother note.\n")
+    (tmp_path / "a-file").write_text("")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PERSONA_")}
+    env |= {"COLUMNS": "300", "PERSONA_DATA_DIR": str(tmp_path / "a-file")}
+    result = subprocess.run([sys.executable, "-m", "persona", "corpus", "build", str(tmp_path / "notes.txt"),
+                             "-o", str(tmp_path / "corpus.jsonl")], env=env, capture_output=True, text=True,
+                            check=False, timeout=120)
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
+    assert f"cannot keep data in {tmp_path / 'a-file'} (" in result.stderr, result.stderr
+    assert "set PERSONA_DATA_DIR to a folder you can write" in result.stderr
+    assert not (tmp_path / "corpus.jsonl").exists()
+
+
+def test_cli_reads_a_json_file_named_as_json_and_one_in_a_folder_only_when_named(tmp_path: Path):
+    """A .json file named was read as plain text: one document holding the raw JSON. In a
+    folder, a .json is left out (package.json is no writing) and the line says to name it."""
+    folder = tmp_path / "export"
+    folder.mkdir()
+    posts = folder / "posts.json"
+    posts.write_text(json.dumps([{"text": "The first post, in a JSON array."}, {"text": "The second post."}], indent=2))
+    (folder / "notes.txt").write_text("A note beside them.\n")
+    named = _persona_cli(str(posts), "-o", str(tmp_path / "named.jsonl"))
+    assert named.returncode == 0, named.stderr
+    assert "2 documents (2 jsonl)" in named.stdout
+    assert sorted(read_corpus(tmp_path / "named.jsonl").documents) == ["The first post, in a JSON array.", "The second post."]
+
+    in_folder = _persona_cli(str(folder), "-o", str(tmp_path / "folder.jsonl"))
+    assert in_folder.returncode == 0, in_folder.stderr
+    assert "left out 1 file(s) in the folders that are no kind of writing it reads (1 .json); name a file to read it" in in_folder.stderr
+    assert read_corpus(tmp_path / "folder.jsonl").documents == ["A note beside them."]
+
+    posts.write_text("Not JSON at all, only a note.\n")
+    wrong = _persona_cli(str(posts), "-o", str(tmp_path / "wrong.jsonl"))
+    assert wrong.returncode == 1, wrong.stderr
+    assert f"skipped {posts}:1: not JSON: Expecting value; --format text reads it as plain text" in wrong.stderr

@@ -172,3 +172,27 @@ def test_eval_samples_as_the_persona_writes_its_posts_and_tells_each_stage(setti
         ["measuring the base model on 1 held-out documents", 1, 1],
         ["writing 4 samples, as its posts are written", 6, 6],  # no longer than its posts
     ]
+
+
+def test_eval_of_a_checkpoint_that_cannot_load_says_so_before_measuring_the_base(
+        settings: Settings, write_persona, tiny_gpt2_dir: Path, corpus_file: Path, personas_dir: Path):
+    """The base model was loaded and measured (18 s for the bundled one) before the checkpoint
+    was found unloadable."""
+    import subprocess
+    import sys
+
+    from persona.checkpoints import CheckpointInfo, register_checkpoint
+
+    write_persona("sage", base=str(tiny_gpt2_dir))
+    staging = settings.data_dir / "staging"
+    staging.mkdir(parents=True)
+    (staging / "adapter_config.json").write_text('{"r": 4, "target_modules": [')  # a copy cut short
+    (staging / "adapter_model.safetensors").write_bytes(b"")
+    register_checkpoint(settings.checkpoints_dir, staging, CheckpointInfo(persona="sage", version="", base=str(tiny_gpt2_dir), kind="lora"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PERSONA_")}
+    env |= {"PERSONA_DATA_DIR": str(settings.data_dir), "PERSONA_PERSONAS_DIRS": json.dumps([str(personas_dir)]),
+            "COLUMNS": "300"}
+    told = subprocess.run([sys.executable, "-m", "persona", "eval", "sage", "--corpus", str(corpus_file),
+                           "--checkpoint", "v1"], env=env, capture_output=True, text=True, check=False, timeout=120)
+    assert told.returncode == 1 and "adapter_config.json is not valid JSON" in told.stderr, told.stderr
+    assert "nothing measured" in told.stderr and "base model" not in told.stderr + told.stdout, told.stderr

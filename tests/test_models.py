@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from persona.errors import ModelError
+from persona.errors import DataDirUnwritable, ModelError
 from persona.models import load_model, resolve_base
 
 
@@ -163,7 +163,7 @@ def test_the_bundled_model_loaded_for_torch_now_is_converted_in_one_pass(tmp_pat
     in two passes on a fresh data folder, config then weights, each reading the whole GGUF
     (about 10 s lost)."""
     caplog.set_level(logging.INFO, logger="persona.models")
-    with pytest.raises(OSError):
+    with pytest.raises(DataDirUnwritable):
         load_model("smollm2", cache_dir=_unwritable_cache(tmp_path), dtype="float32")
     assert _conversions_started(caplog) == ["converting the weights of the bundled model"]
 
@@ -178,7 +178,7 @@ def test_a_worker_decoding_with_torch_converts_the_bundled_model_in_one_pass(tmp
     settings.data_dir = _unwritable_cache(tmp_path)
     settings.worker.engine = "int8"
     sage = Persona.model_validate({"name": "sage", "model": {"base": "smollm2"}, "prompt": {"system": "Be calm."}})
-    with pytest.raises(OSError):
+    with pytest.raises(DataDirUnwritable):
         ModelPool(settings, "cpu").serve(sage)
     assert _conversions_started(caplog) == ["converting the weights of the bundled model"]
 
@@ -195,6 +195,18 @@ def test_a_damaged_lora_checkpoint_is_called_damaged_not_a_misfit(tiny_llama_dir
     with pytest.raises(ModelError, match="adapter_model.safetensors.*(unreadable|missing)") as refused:
         load_model(str(tiny_llama_dir), lora, cache_dir=tmp_path)
     assert "does not fit" not in str(refused.value)
+
+
+def test_a_lora_adapter_missing_some_of_its_weights_is_refused_naming_them(tiny_llama_dir, tmp_path):
+    """Merged, the weights it lacks change nothing: peft said so only in a warning, kilobytes long."""
+    from safetensors.torch import load_file, save_file
+
+    lora = make_lora(tiny_llama_dir, tmp_path / "lora")
+    weights = load_file(lora / "adapter_model.safetensors")
+    save_file({k: v for k, v in weights.items() if "v_proj" not in k}, lora / "adapter_model.safetensors")
+    with pytest.raises(ModelError, match=r"holds only 4 of the 8 weights its adapter_config\.json names "
+                                         r"\(missing: model\.layers\.0\.self_attn\.v_proj\.lora_A\.weight, "):
+        load_model(str(tiny_llama_dir), lora, cache_dir=tmp_path)
 
 
 @pytest.mark.parametrize("config", ['{"r": 4, "target_modules": [', "[4]"])

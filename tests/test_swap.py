@@ -632,3 +632,28 @@ def test_a_swap_no_running_worker_serves_is_checked_here(
     assert damaged.returncode == 1 and "cannot load the model" in damaged.stderr, damaged.stderr
     assert "'tiny' keeps its current version" in damaged.stderr, damaged.stderr
     assert swaps.active_versions(redis_client) == {}
+
+
+def test_a_lora_adapter_whose_weights_fit_nothing_is_refused_not_swapped_in_as_the_base(
+    settings, redis_url, redis_client, tiny, personas_dir
+):
+    """An adapter_model.safetensors holding none of the weights its config names was
+    merged as nothing: the swap committed and replies said v1 while the base model
+    answered; the only sign was peft's kilobytes-long "Found missing adapter keys" warning."""
+    from safetensors.torch import save_file
+
+    staging = settings.data_dir / "staging-stray"
+    staging.mkdir(parents=True)
+    (staging / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"], "task_type": "CAUSAL_LM"}))
+    import torch
+
+    save_file({"x": torch.zeros(2)}, staging / "adapter_model.safetensors")
+    register_checkpoint(settings.checkpoints_dir, staging,
+                        CheckpointInfo(persona="tiny", version="", base=tiny.model.base, kind="lora"))
+
+    swapped = _cli(settings, redis_url, personas_dir)("swap", "tiny", "v1")
+    assert swapped.returncode == 1, swapped.stdout
+    assert "holds none of the" in swapped.stderr and "keeps its current version" in swapped.stderr, swapped.stderr
+    assert "missing adapter keys" not in swapped.stderr and len(swapped.stderr) < 1000, swapped.stderr
+    assert swaps.active_versions(redis_client) == {}

@@ -258,8 +258,9 @@ def detect_format(path: Path) -> str:
     suffix = path.suffix.lower()
     if is_tweet_archive(path) or is_note_tweets(path):
         return "tweets"
+    # A .json file named is a JSON array of records (or JSON Lines): the JSONL reader reads both.
     by_suffix = {".md": "markdown", ".markdown": "markdown", ".csv": "csv", ".tsv": "csv", ".jsonl": "jsonl",
-                 ".ndjson": "jsonl", ".pdf": "pdf", ".fortune": "fortune", ".fortunes": "fortune",
+                 ".ndjson": "jsonl", ".json": "jsonl", ".pdf": "pdf", ".fortune": "fortune", ".fortunes": "fortune",
                  ".zip": "tweets"}  # the zip of an X export; the tweets reader says what any other zip is
     if suffix in by_suffix:
         return by_suffix[suffix]
@@ -425,8 +426,9 @@ def _json_records(path: Path, text: str) -> tuple[list[tuple[int, object]], list
             continue
         good += 1
         records.extend((number, item) for item in (value if isinstance(value, list) else [value]))
-    if broken and len(broken) >= good:
-        raise whole_error or SourceProblem(path, broken[0][0], f"not JSON: {broken[0][1]}")
+    if broken and len(broken) >= good:  # read as JSON for its name (.json, .jsonl) or --format
+        problem = whole_error or SourceProblem(path, broken[0][0], f"not JSON: {broken[0][1]}")
+        raise SourceProblem(path, problem.line, f"{problem.reason}; --format text reads it as plain text")
     return records, broken
 
 

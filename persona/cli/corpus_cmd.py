@@ -73,6 +73,7 @@ def corpus_build(
     if not corpus.documents:
         hint = f" signed by {author!r}" if author else ""
         raise CorpusError(f"no documents{hint} found in {result.files} file(s); nothing written")
+    size = _size_line(corpus.train, corpus.validation, base)  # before writing: it may fail (no model cache)
     try:
         write_corpus(corpus, output)
     except OSError as exc:
@@ -88,7 +89,7 @@ def corpus_build(
         console.print(f"split: {len(corpus.train)} train, {len(corpus.validation)} validation (saved in the file)")
     if not corpus.validation:
         warn_nothing_held_out("too few documents to hold any out")
-    console.print(escape(_size_line(corpus.train, corpus.validation, base)))
+    console.print(escape(size))
     console.print(f"wrote {escape(str(output))}  (fingerprint {corpus.fingerprint})")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.markup import escape
@@ -15,6 +16,10 @@ from persona.cli.training_common import (
     ready_torch,
 )
 from persona.cli.training_progress import SAMPLES_ARE_POSTS, EvalBar, print_samples
+
+if TYPE_CHECKING:
+    from persona.personas import Persona
+    from persona.settings import Settings
 
 __all__ = ["eval_", "register"]
 
@@ -38,6 +43,7 @@ def eval_(
     ready_torch(threads)
     persona = persona_with_weights(settings, name, "measure")
     data = read_corpus(corpus)
+    _refuse_unfit_checkpoint(settings, persona, checkpoint)
     # On stderr: --json's stdout holds the report alone. A bar is drawn only on a terminal, and
     # cleared once done (into a pipe, Rich drew it once at the end, after the lines had said it all).
     progress = Progress(*EvalBar.columns(), console=err_console, transient=True)
@@ -73,6 +79,18 @@ def eval_(
     console.print(f"distinct-1 {report.distinct_1:.2f}, distinct-2 {report.distinct_2:.2f}")
     console.print(f"[dim]{SAMPLES_ARE_POSTS}[/dim]", highlight=False)
     print_samples(console, report.samples[:5])
+
+
+def _refuse_unfit_checkpoint(settings: Settings, persona: Persona, version: str | None) -> None:
+    """What the cheap checks find wrong with the checkpoint, said before the base model is loaded
+    and measured: it was said after, the seconds that took lost."""
+    from persona.checkpoint_checks import static_problem
+    from persona.checkpoints import resolve_checkpoint
+    from persona.errors import ModelError
+
+    _, folder = resolve_checkpoint(persona, settings, version)
+    if folder is not None and (problem := static_problem(persona, folder)):
+        raise ModelError(f"{problem}; nothing measured")
 
 
 def register(app: typer.Typer) -> None:
