@@ -9,11 +9,12 @@ schedule, and the adapters it is enabled on. Files come from the project's
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 import tomllib
 import unicodedata
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, get_args
 
@@ -326,6 +327,9 @@ class PersonaRegistry:
     """Every persona the service knows, found in its folders."""
 
     folders: list[Path]
+    # Each invalid file's problem as last logged, with its content's digest: a service asks
+    # every few seconds, and said each time, the same block filled its log for good.
+    _said: dict[Path, tuple[str, str]] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> PersonaRegistry:
@@ -343,23 +347,32 @@ class PersonaRegistry:
         a persona (in `persona personas list`, on the dashboard, preloaded by workers)
         that every request then found broken.
         """
+        found, invalid = self._scan()
+        return found, list(invalid.values())
+
+    def _scan(self) -> tuple[dict[str, Persona], dict[Path, ConfigError]]:
         found: dict[str, Persona] = {}
-        problems: list[ConfigError] = []
+        invalid: dict[Path, ConfigError] = {}
         for path in self.files():
             try:
                 persona = load_persona_file(path)
             except ConfigError as exc:
-                problems.append(exc)
+                invalid[path] = exc
                 found.pop(path.stem, None)
                 continue
             found[persona.name] = persona
-        return found, problems
+        return found, invalid
 
     def all(self) -> dict[str, Persona]:
-        """All valid personas by name; invalid files are logged and skipped."""
-        found, problems = self.scan()
-        for problem in problems:
-            log.warning("skipping invalid persona file: %s", problem)
+        """All valid personas by name; invalid files are skipped, each logged once until it changes."""
+        found, invalid = self._scan()
+        for path, problem in invalid.items():
+            said = (str(problem), _digest(path))
+            if self._said.get(path) != said:
+                log.warning("skipping invalid persona file: %s", problem)
+            self._said[path] = said
+        for path in self._said.keys() - invalid.keys():  # fixed or gone: broken again, it is said again
+            self._said.pop(path, None)
         return found
 
     def get(self, name: str) -> Persona:
@@ -373,3 +386,11 @@ class PersonaRegistry:
             log.warning("%d invalid persona file(s) skipped; `persona personas validate` names the problems", len(problems))
         raise UnknownPersona(name, sorted(found))
 
+
+
+def _digest(path: Path) -> str:
+    """A digest of a file's content ("" if it cannot be read)."""
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return ""

@@ -296,3 +296,52 @@ def test_validate_refuses_a_schedule_that_names_one_place_twice(settings, person
             assert "post to the same place" in str(exc)
             refused.add(name)
     assert refused == {"echo", "archive", "handle"}
+
+
+def test_validate_refuses_exactly_the_sink_specs_that_posting_refuses(settings, personas_dir: Path, redis_client):
+    """A schedule of sinks "bogus:1", "telegram" and "file:" passed `persona personas validate`,
+    though `persona post` refused each ("unknown sink", "name the channel", "name the file").
+    Validate now reads each spec as posting does, and says what posting says, file and field
+    first; a missing credential is not its concern (it may be set where the scheduler runs)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from pydantic import SecretStr
+
+    from adapters.posting.poster import Poster
+
+    specs = ["bogus:1", "telegram", "file:", "discord:general", "discord:", "telegram: ", "", "xx", "file:ok.jsonl",
+             "Discord: 1234", "telegram:@chan", "telegram:-100123", "x", " Mastodon ", "bluesky"]
+    for n, spec in enumerate(specs):
+        (personas_dir / f"s{n}.toml").write_text(f"[schedule]\nsinks = [{json.dumps(spec)}]\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PERSONA_")}
+    env |= {"PERSONA_DATA_DIR": str(settings.data_dir), "PERSONA_PERSONAS_DIRS": json.dumps([str(personas_dir)]),
+            "PYTHONIOENCODING": "utf-8"}
+    checked = subprocess.run([sys.executable, "-m", "persona", "personas", "validate", str(personas_dir)], env=env,
+                             capture_output=True, check=False, text=True, encoding="utf-8", timeout=120)
+    assert checked.returncode == 1
+
+    credentialed = settings.model_copy(deep=True)  # every credential set: only the spelling can be refused
+    credentialed.discord.token = credentialed.telegram.token = SecretStr("123:token")
+    posting = credentialed.posting
+    posting.x_bearer_token = posting.mastodon_access_token = posting.bluesky_password = SecretStr("secret")
+    posting.bluesky_handle = "persona.example"
+    poster = Poster(credentialed, redis_client, lambda persona, n, seed: [])
+    said_by_posting = {}
+    for n in range(len(specs)):
+        try:
+            poster.sinks_for(poster.registry.get(f"s{n}"), None)
+        except ConfigError as exc:
+            said_by_posting[n] = str(exc)
+    assert set(said_by_posting) == {0, 1, 2, 3, 4, 5, 6, 7}
+    for n in range(len(specs)):
+        path = personas_dir / f"s{n}.toml"
+        if n in said_by_posting:
+            assert f"✗ {path}: schedule.sinks: {said_by_posting[n]}" in checked.stderr
+        else:
+            assert f"✓ {path}" in checked.stdout
+    assert "unknown sink 'bogus:1'; use one of" in said_by_posting[0]
+    assert "sink 'telegram': name the channel, e.g. telegram:-1001234567890" in said_by_posting[1]
+    assert "sink 'discord:general': a Discord channel is a number" in said_by_posting[3]

@@ -316,6 +316,70 @@ def test_scheduler_says_at_start_why_an_enabled_persona_will_not_post(write_pers
     assert "no persona has schedule.enabled = true" not in said
 
 
+def test_the_scheduler_says_an_invalid_persona_file_once_and_again_when_it_changes(personas_dir, env):
+    """Every tick looked at the persona files and logged each invalid one's problem again:
+    under `persona up` the same block filled the log every 30 s, forever."""
+    broken = personas_dir / "broken.toml"
+    broken.write_text('[sampling]\ntop_p = 3\n[model]\nbsae = "gpt2"\n')
+    started = subprocess.Popen([sys.executable, "-m", "persona", "scheduler"], env=env | {"PERSONA_POSTING__TICK_S": "0.05"},
+                               text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(started.stdout), daemon=True)
+    reader.start()
+
+    def said_once_then_ticked(problem: str) -> None:
+        deadline = time.monotonic() + 60
+        while not any(problem in line for line in lines) and time.monotonic() < deadline and started.poll() is None:
+            time.sleep(0.05)
+        time.sleep(0.5)  # some ten ticks
+
+    try:
+        said_once_then_ticked("sampling.top_p")
+        broken.write_text('[sampling]\ntop_p = 4\n')
+        said_once_then_ticked("(got 4)")
+    finally:
+        started.terminate()
+        started.wait(30)
+        reader.join(10)
+    said = "".join(lines)
+    assert said.count(f"skipping invalid persona file: {broken}: 2 problem(s)") == 1, said
+    assert said.count("model.bsae: unknown field") == 1 and said.count("top_p: Input should be less than or equal to 1 (got 3)") == 1
+    assert said.count(f"skipping invalid persona file: {broken}: 1 problem(s)") == 1, said  # changed: said again, once
+
+
+def test_a_candidate_that_failed_is_said_in_words(write_persona, tiny_llama_dir, running_worker, env):
+    """A persona whose checkpoint cannot load: each candidate was logged with the reply's repr,
+    "failed: kind=<ErrorKind.model: 'model'> message='cannot load…'"."""
+    write_persona("unloadable", base=str(tiny_llama_dir), model={"checkpoint": "v404"},
+                  schedule={"sinks": ["file:unloadable.jsonl"]})
+    running_worker()
+    tried = persona("post", "unloadable", "--dry-run", "-n", "2", env=env)
+    assert tried.returncode == 1
+    failed = [line for line in tried.stderr.splitlines() if " failed: " in line]
+    assert len(failed) == 2, tried.stderr
+    assert all("unloadable failed: " in line and "ErrorKind" not in line and "kind=" not in line for line in failed), failed
+
+
+def test_a_slot_that_is_not_one_of_the_schedules_or_is_yet_to_come_is_refused(settings, write_persona, env, redis_client):
+    """`persona post london --text … --slot 2030-01-01` posted now and marked the 2030 slot done, so
+    the scheduler would skip it; a time off the schedule's cron was taken as a slot too."""
+    write_persona("london", base="unused", schedule={"cron": "30 18 * * *", "timezone": "Europe/London",
+                                                    "sinks": ["file:london.jsonl"]})
+    ahead = persona("post", "london", "--text", "Patience.", "--slot", "2030-01-01", env=env)
+    assert ahead.returncode == 1, ahead.stdout
+    said = " ".join(ahead.stderr.split())
+    assert "slot '2030-01-01': 2030-01-01T18:30 is after today; the scheduler posts it when it comes" in said, said
+    off = persona("post", "london", "--text", "Patience.", "--slot", "2026-07-27T18:00", env=env)
+    assert off.returncode == 1, off.stdout
+    said = " ".join(off.stderr.split())
+    assert ("slot '2026-07-27T18:00': 2026-07-27T18:00 is not one of the schedule's slots ('30 18 * * *', "
+            "Europe/London); the nearest: 2026-07-26T18:30, 2026-07-27T18:30") in said, said
+    assert not (settings.data_dir / "posts" / "london.jsonl").exists()
+    assert not redis_client.keys("*london*2030*") and not redis_client.keys("*london*2026-07-27*")
+    on_time = persona("post", "london", "--text", "Patience.", "--slot", "2026-07-27T18:30", env=env)
+    assert on_time.returncode == 0 and "2026-07-27T17:30:00Z" in on_time.stdout, on_time.stderr
+
+
 def test_an_edit_that_a_platform_would_refuse_is_refused_before_anything_goes_out(settings, write_persona, env, redis_client):
     """`approve --text` skipped every check: a text over X's 280 went out to the file (and
     any other sink) and X refused it, half posted; a blank one was posted blank."""
@@ -669,6 +733,33 @@ def test_a_post_with_no_worker_running_says_so_at_once(write_persona, env, redis
         process.send_signal(signal.SIGINT)  # Ctrl-C withdraws its requests
         process.communicate(timeout=30)
     assert said.startswith("no worker is running yet; this waits in the queue for one, up to 20 s"), said
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_ctrl_c_while_candidates_are_written_says_they_were_withdrawn(settings, write_persona, env, redis_client, as_json):
+    """Ctrl-C while `persona post -n 3` waited for its candidates withdrew them, and said
+    nothing at all (exit 130): not whether anything went out, nor, with --json, a line to read."""
+    from persona.work_queue import WorkQueue
+
+    write_persona("patient", base="unused", schedule={"sinks": ["file:patient.jsonl"]})
+    process = subprocess.Popen([sys.executable, "-m", "persona", "post", "patient", "-n", "3", *(["--json"] * as_json)],
+                               env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while redis_client.xlen(keys.STREAM_BATCH) < 3 and time.monotonic() < deadline and process.poll() is None:
+            time.sleep(0.05)
+        ids = [json.loads(entry[b"r"])["id"] for _, entry in redis_client.xrange(keys.STREAM_BATCH)]
+    finally:
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=30)
+    assert process.returncode == 130, err
+    said = "stopped: the 3 candidates asked for were withdrawn (no worker will write them); nothing was posted"
+    assert said in " ".join(err.split()), err
+    if as_json:
+        assert json.loads(out) == {"ok": False, "error": {"kind": "PostingError", "message": said}}
+    else:
+        assert out == ""
+    assert len(ids) == 3 and WorkQueue(redis_client, settings.queue).is_cancelled(ids) == set(ids)
 
 
 def test_a_dry_run_with_no_worker_says_so_within_seconds_and_what_to_run(write_persona, env, redis_client):

@@ -51,11 +51,13 @@ class QueueCandidates:
         self.source = source
         self.stopping = stopping or threading.Event()
         self.failures = 0
+        self.withdrawn = 0  # of the last call's requests, those withdrawn when it was stopped (Ctrl-C)
 
     def __call__(self, persona: Persona, n: int, seed: int) -> list[Draft]:
         deadline = time.time() + self.wait_s
         requests: list[GenerationRequest] = []
         texts: list[Draft] = []
+        self.withdrawn = 0
         try:
             # Submit them all before waiting on any, so a worker generates them as one batch.
             # A full queue may refuse the fifth after taking four: those four are cancelled below.
@@ -70,10 +72,12 @@ class QueueCandidates:
                     texts.append(Draft(reply.text, reply.finish_reason))
                 else:
                     self.failures += 1
-                    log.warning("candidate %s for %s failed: %s", request.id, persona.name, reply.error)
+                    said = reply.error.message if reply.error else "no reason given"  # its repr is for programmers
+                    log.warning("candidate %s for %s failed: %s", request.id, persona.name, said)
         except BaseException:
             for request in requests:  # nobody will read them: spare the workers
                 self.queue.cancel(request.id)
+            self.withdrawn = len(requests)
             raise
         return texts
 

@@ -85,8 +85,6 @@ class DiscordSink:
     def __init__(self, spec: str, channel: str, settings: Settings) -> None:
         if settings.discord.token is None:
             raise ConfigError(f"sink {spec!r} needs the bot token PERSONA_DISCORD__TOKEN")
-        if not channel.isdigit():
-            raise ConfigError(f"sink {spec!r}: a Discord channel is a number (its id), e.g. discord:123456789012345678")
         self.spec = spec
         self.channel = int(channel)
         self.token = settings.discord.token.get_secret_value()

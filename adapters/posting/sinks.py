@@ -46,7 +46,7 @@ from persona.settings import Settings
 
 __all__ = [
     "FileSink", "Posted", "Sink", "SinkNoAnswer", "SinkRateLimited", "SinkUnreachable", "make_sink", "network_reason",
-    "one_line", "one_place_twice", "platform_of", "sink_place",
+    "one_line", "one_place_twice", "parse_sink", "platform_of", "sink_place",
 ]
 
 RetrySafety = Literal["check", "idempotent", "none"]
@@ -159,6 +159,25 @@ def _target(spec: str) -> str:
     return spec.partition(":")[2].strip()
 
 
+def parse_sink(spec: str) -> tuple[str, str]:
+    """A sink spec's platform and what it names there (``Discord: 123`` → ``discord``, ``123``),
+    or ConfigError saying how to spell it. Credentials are not looked at: this is the one
+    reading of a spec that posting (``make_sink``) and `persona personas validate` share."""
+    platform, target = platform_of(spec), _target(spec)
+    if platform not in PLATFORMS:
+        raise ConfigError(
+            f"unknown sink {spec!r}; use one of: x, mastodon, bluesky, discord:CHANNEL, telegram:CHAT, file:PATH"
+        )
+    if platform == "file" and not target:
+        raise ConfigError(f"sink {spec!r}: name the file, e.g. file:posts.jsonl")
+    if platform in ("discord", "telegram") and not target:
+        example = "discord:123456789012345678" if platform == "discord" else "telegram:-1001234567890 or telegram:@name"
+        raise ConfigError(f"sink {spec!r}: name the channel, e.g. {example}")
+    if platform == "discord" and not target.isdigit():
+        raise ConfigError(f"sink {spec!r}: a Discord channel is a number (its id), e.g. discord:123456789012345678")
+    return platform, target
+
+
 def _file_path(target: str, settings: Settings) -> Path:
     """The file a ``file:`` sink writes: a relative path lives under DATA_DIR/posts."""
     path = Path(target).expanduser()
@@ -233,10 +252,8 @@ class FileSink:
 
 def make_sink(spec: str, settings: Settings) -> Sink:
     """The sink a spec names, with its credentials from the settings."""
-    platform, target = platform_of(spec), _target(spec)
+    platform, target = parse_sink(spec)
     if platform == "file":
-        if not target:
-            raise ConfigError(f"sink {spec!r}: name the file, e.g. file:posts.jsonl")
         return FileSink(spec, _file_path(target, settings))
     if platform in ("x", "mastodon", "bluesky"):
         from adapters.posting import social
@@ -244,11 +261,7 @@ def make_sink(spec: str, settings: Settings) -> Sink:
         return {"x": social.XSink, "mastodon": social.MastodonSink, "bluesky": social.BlueskySink}[platform](
             spec, settings
         )
-    if platform in ("discord", "telegram"):
-        from adapters.posting import chat_sinks
+    from adapters.posting import chat_sinks
 
-        if not target:
-            raise ConfigError(f"sink {spec!r}: name the channel, e.g. {platform}:-1001234567890")
-        sink_class = chat_sinks.DiscordSink if platform == "discord" else chat_sinks.TelegramSink
-        return sink_class(spec, target, settings)
-    raise ConfigError(f"unknown sink {spec!r}; use one of: x, mastodon, bluesky, discord:CHANNEL, telegram:CHAT, file:PATH")
+    sink_class = chat_sinks.DiscordSink if platform == "discord" else chat_sinks.TelegramSink
+    return sink_class(spec, target, settings)

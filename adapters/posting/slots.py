@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from croniter import croniter
+from croniter import CroniterBadDateError, croniter
 
 from persona.errors import ConfigError, PostingError
 from persona.personas import cron_problem
@@ -51,25 +51,26 @@ def manual_slot(now: datetime | None = None) -> str:
     return (now or datetime.now(UTC)).strftime(MANUAL_SLOT_PREFIX + "%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def resolve_slot(name: str, cron: str, timezone: str) -> str:
+def resolve_slot(name: str, cron: str, timezone: str, now: datetime | None = None) -> str:
     """The slot a person named, as the scheduler names it (its UTC instant).
 
     A time with a zone is that instant: ``2026-11-25T10:00+01:00`` is the scheduler's
     ``2026-11-25T09:00:00Z`` (one slot under two spellings would be posted twice). A time
     without one is read in the persona's time zone, as its cron is. A date alone is the
     day's scheduled slot; a day with several (``0 9,18 * * *``) needs the time. Anything
-    else is a PostingError that names the forms accepted.
+    else is a PostingError that names the forms accepted, as is a time that is not one of
+    the schedule's slots, or one after today (see ``_scheduled``).
     """
     text = name.strip()
     try:
         when = datetime.fromisoformat(text)
     except ValueError:
         raise PostingError(f"slot {name!r} is not a slot time; write {SLOT_FORMS}") from None
-    if when.tzinfo is not None:
-        return slot_id(when)
     zone = check_schedule(cron, timezone)
+    if when.tzinfo is not None:
+        return slot_id(_scheduled(name, when.astimezone(UTC), cron, timezone, zone, now))
     if _is_date(text):
-        return slot_id(_day_slot(name, when, cron, timezone, zone))
+        return slot_id(_scheduled(name, _day_slot(name, when, cron, timezone, zone), cron, timezone, zone, now))
     local = when.replace(tzinfo=zone)  # fold 0: a time that happens twice is the first, as cron fires
     if local.astimezone(UTC).astimezone(zone).replace(tzinfo=None) != when:
         slots = ", ".join(_local_time(slot, zone) for slot in _slots_on(when, cron, timezone, zone)) or "none"
@@ -77,7 +78,41 @@ def resolve_slot(name: str, cron: str, timezone: str) -> str:
             f"slot {name!r}: {when:%Y-%m-%dT%H:%M} does not happen in {timezone} (the clocks go forward then); "
             f"the schedule's slots that day: {slots}"
         )
-    return slot_id(local)
+    return slot_id(_scheduled(name, local.astimezone(UTC), cron, timezone, zone, now))
+
+
+def _scheduled(name: str, slot: datetime, cron: str, timezone: str, zone: ZoneInfo, now: datetime | None) -> datetime:
+    """``slot`` (UTC) if it is one of the schedule's slots, today or earlier; else PostingError
+    naming the slots nearest it. A slot posted ahead of its day is marked done, and the
+    scheduler then skips it; a time off the schedule is no slot of its, and is posted by
+    hand without --slot."""
+    today = (now or datetime.now(UTC)).astimezone(zone).replace(hour=0, minute=0, second=0, microsecond=0)
+    tomorrow = (today + timedelta(days=1)).astimezone(UTC)  # local midnight, whatever the clocks did today
+    if slot >= tomorrow:
+        latest = _slot_before(cron, timezone, tomorrow)
+        so_far = f" (the last you can name: {_local_time(latest, zone)})" if latest else ""
+        raise PostingError(f"slot {name!r}: {_local_time(slot, zone)} is after today; the scheduler posts it when it "
+                           f"comes{so_far}; a post of your own now needs no --slot")
+    if slots_between(cron, timezone, slot - timedelta(seconds=1), slot) != [slot]:
+        nearest = [found for found in (_slot_before(cron, timezone, slot), next_slot(cron, timezone, slot)) if found]
+        named = ", ".join(_local_time(found, zone) + (" (after today)" if found >= tomorrow else "") for found in nearest)
+        raise PostingError(f"slot {name!r}: {_local_time(slot, zone)} is not one of the schedule's slots ({cron!r}, "
+                           f"{timezone}); the nearest: {named or 'none'}; a post of your own needs no --slot")
+    return slot
+
+
+def _slot_before(cron: str, timezone: str, before: datetime) -> datetime | None:
+    """The last slot before ``before`` (UTC), if the schedule has one."""
+    zone = check_schedule(cron, timezone)
+    times = croniter(cron, before.astimezone(zone))
+    for _ in range(MAX_SLOTS_SCANNED):
+        try:
+            local = times.get_prev(datetime)
+        except (CroniterBadDateError, OverflowError, ValueError):  # nothing earlier (a date that never came)
+            return None
+        if not _second_occurrence(local, zone):
+            return local.astimezone(UTC)
+    return None
 
 
 def _is_date(text: str) -> bool:
@@ -107,7 +142,7 @@ def _day_slot(name: str, day: datetime, cron: str, timezone: str, zone: ZoneInfo
         following = _local_time(next_slot(cron, timezone, day.replace(tzinfo=zone)), zone)
         raise PostingError(
             f"slot {name!r}: the schedule ({cron!r}, {timezone}) has no slot that day (the next is {following}); "
-            f"to post in a slot of your own that day, name its time, e.g. --slot {day:%Y-%m-%d}T12:00"
+            f"a post of your own needs no --slot"
         )
     times = ", ".join(_local_time(slot, zone) for slot in found)
     raise PostingError(

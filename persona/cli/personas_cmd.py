@@ -73,8 +73,8 @@ def validate(
     """Check persona files; each problem names the file and the exact field.
 
     Besides the file itself: its base model, checkpoint and filters.corpus must be found
-    on this machine, an enabled schedule must be able to post, and no two of its sinks may
-    post to one place.
+    on this machine, an enabled schedule must be able to post, each sink must be spelt as
+    posting reads it, and no two of its sinks may post to one place.
     """
     from persona.errors import ConfigError
     from persona.personas import load_persona_file
@@ -140,9 +140,10 @@ def _missing_folders(settings: Settings) -> list[str]:
 def _check_usable(persona: Persona, settings: Settings) -> None:
     """ConfigError if a valid persona file still cannot do what it says on this machine:
     its base model, checkpoint or corpus is not found or not fit to load (nothing is
-    loaded), its schedule is enabled but can never post (the scheduler passes it by), or two
-    of its sinks post to one place (posting refuses them, by the same reading of their specs)."""
-    from adapters.posting.sinks import one_place_twice
+    loaded), its schedule is enabled but can never post (the scheduler passes it by), a sink's
+    spec is misspelt, or two of its sinks post to one place (posting refuses both, by the same
+    reading of the specs; a missing credential is not checked: it may be set where it runs)."""
+    from adapters.posting.sinks import one_place_twice, parse_sink
     from persona.errors import ConfigError
 
     problems = _model_problems(persona, settings)
@@ -151,7 +152,15 @@ def _check_usable(persona: Persona, settings: Settings) -> None:
         problems.append(f"filters.corpus: {corpus} is not a file; name the persona's corpus (JSONL), or remove the line")
     if reason := unscheduled_reason(persona):
         problems.append(f"schedule.enabled is true, but {reason}")
-    if twice := one_place_twice(persona.schedule.sinks, settings):
+    readable = []
+    for spec in dict.fromkeys(persona.schedule.sinks):
+        try:
+            parse_sink(spec)  # posting's own reading: whatever it refuses, validate does (credentials aside)
+        except ConfigError as exc:
+            problems.append(f"schedule.sinks: {exc}")
+        else:
+            readable.append(spec)
+    if twice := one_place_twice(readable, settings):
         problems.append(f"schedule.sinks: {twice[0]!r} and {twice[1]!r} post to the same place, "
                         "which would get each post twice; list it once")
     if len(problems) == 1:

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 posts_app = typer.Typer(help="The approval queue, the posts that got no answer, and the history of what went out.", no_args_is_help=True)
 
 FAILED_STATUSES = ("no_candidate", "failed", "uncertain", "busy")
+CTRL_C_EXIT_STATUS = 130  # 128 + SIGINT, as a shell reports a command stopped with Ctrl-C
 SLOT_HELP = (
     "which slot: 2026-11-27T18:00 (in the persona's schedule.timezone), 2026-11-27T18:00Z or +01:00 "
     "(that instant), 2026-11-27 (that day's one slot), or a slot name `persona post` printed"
@@ -76,6 +77,10 @@ class _FromAWorker:
 
     def __init__(self, candidates) -> None:
         self.candidates = candidates
+
+    @property
+    def withdrawn(self) -> int:
+        return self.candidates.withdrawn
 
     def __call__(self, persona: Persona, n: int, seed: int) -> list:
         queue: QueueClient = self.candidates.queue
@@ -202,14 +207,37 @@ def post(
         say_if_no_worker(poster.candidates.queue, settings.posting.wait_s)
     waiting = (contextlib.nullcontext() if json_output or text is not None
                else console.status(f"{persona} is writing candidates..."))
-    with waiting:
-        outcome = poster.post(persona, slot=slot, sinks=sink or None, dry_run=dry_run, n=n, approval=approval, text=text)
+    try:
+        with waiting:
+            outcome = poster.post(persona, slot=slot, sinks=sink or None, dry_run=dry_run, n=n, approval=approval, text=text)
+    except KeyboardInterrupt:
+        _say_stopped(persona, poster.candidates.withdrawn, dry_run, json_output)
+        raise typer.Exit(CTRL_C_EXIT_STATUS) from None
     if outcome.retry_later:  # the scheduler tries its own slots again; by hand, say how
         # Not "nothing went out": a post that got no answer may be out, and the retry finds or deduplicates it.
         outcome.advise(f"to try again later: `persona post {outcome.persona} --slot {outcome.slot}` (it never posts twice)")
     _show(outcome, json_output)
     if outcome.status in FAILED_STATUSES:
         raise typer.Exit(1)
+
+
+def _say_stopped(persona: str, withdrawn: int, dry_run: bool, json_output: bool) -> None:
+    """Say what became of a `persona post` stopped with Ctrl-C: on stderr, and
+    under ``--json`` also as the failure a script reads (it read nothing, exit 130)."""
+    if withdrawn:  # stopped while the workers wrote its candidates: the slot was let go, untouched
+        them = f"the {withdrawn} candidates asked for were" if withdrawn > 1 else "the candidate asked for was"
+        said = f"stopped: {them} withdrawn (no worker will write {'them' if withdrawn > 1 else 'it'}); nothing was posted"
+    elif dry_run:
+        said = "stopped: nothing was posted (a dry run posts nothing)"
+    else:  # it may have been posting: only the ledger knows what went out
+        said = (f"stopped before the post was finished: `persona posts history --persona {persona}` shows what went "
+                f"out, `persona posts uncertain` what may have; `persona post {persona} --slot SLOT` finishes a "
+                f"slot begun (never twice)")
+    with contextlib.suppress(OSError):  # the terminal or the reader of a pipe may be gone
+        err_console.print(said, style="yellow", markup=False, highlight=False)
+        if json_output:
+            print(json.dumps({"ok": False, "error": {"kind": PostingError.__name__, "message": said}},
+                             ensure_ascii=False), flush=True)
 
 
 @posts_app.command("pending")
