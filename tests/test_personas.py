@@ -255,29 +255,44 @@ def test_a_relative_base_model_is_found_beside_the_persona_file_from_any_folder(
     assert load_persona_file(tmp_path / "personas" / "bundled.toml").model.base == "smollm2"
 
 
-def test_validate_refuses_a_schedule_that_names_one_place_twice(settings, personas_dir: Path, redis_client):
-    """"discord:1234" and "Discord: 1234" are one channel: posting refuses such a schedule ("post to
-    the same place"), yet `persona personas validate` passed it. It now says so, with the file and
-    the field, by posting's own reading of the specs: the two refuse the same files."""
+def _validate_folder(settings, personas_dir: Path):
+    """`persona personas validate FOLDER`, run as a user runs it, on these settings' data."""
     import json
     import os
     import subprocess
     import sys
 
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PERSONA_")}
+    env |= {"PERSONA_DATA_DIR": str(settings.data_dir), "PERSONA_PERSONAS_DIRS": json.dumps([str(personas_dir)]),
+            "PYTHONIOENCODING": "utf-8"}
+    return subprocess.run([sys.executable, "-m", "persona", "personas", "validate", str(personas_dir)], env=env,
+                          capture_output=True, check=False, text=True, encoding="utf-8", timeout=120)
+
+
+def _poster_with_every_credential(settings, redis_client):
+    """A Poster whose sinks all have credentials: only a sink's spelling can be refused."""
     from pydantic import SecretStr
 
     from adapters.posting.poster import Poster
 
+    credentialed = settings.model_copy(deep=True)
+    credentialed.discord.token = credentialed.telegram.token = SecretStr("123:token")
+    posting = credentialed.posting
+    posting.x_bearer_token = posting.mastodon_access_token = posting.bluesky_password = SecretStr("secret")
+    posting.bluesky_handle = "persona.example"
+    return Poster(credentialed, redis_client, lambda persona, n, seed: [])
+
+
+def test_validate_refuses_a_schedule_that_names_one_place_twice(settings, personas_dir: Path, redis_client):
+    """"discord:1234" and "Discord: 1234" are one channel: posting refuses such a schedule ("post to
+    the same place"), yet `persona personas validate` passed it. It now says so, with the file and
+    the field, by posting's own reading of the specs: the two refuse the same files."""
     archive = settings.data_dir / "posts" / "archive.jsonl"
     (personas_dir / "echo.toml").write_text('[schedule]\nsinks = ["discord:1234", "file:echo.jsonl", "Discord: 1234"]\n')
     (personas_dir / "archive.toml").write_text(f'[schedule]\nsinks = ["file:archive.jsonl", "file:{archive}"]\n')
     (personas_dir / "handle.toml").write_text('[schedule]\nsinks = ["telegram:@Persona", "telegram:@persona"]\n')
     (personas_dir / "fine.toml").write_text('[schedule]\nsinks = ["file:a.jsonl", "file:a.jsonl", "file:b.jsonl", "discord:1234", "telegram:1234"]\n')
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PERSONA_")}
-    env |= {"PERSONA_DATA_DIR": str(settings.data_dir), "PERSONA_PERSONAS_DIRS": json.dumps([str(personas_dir)]),
-            "PYTHONIOENCODING": "utf-8"}
-    checked = subprocess.run([sys.executable, "-m", "persona", "personas", "validate", str(personas_dir)], env=env,
-                             capture_output=True, check=False, text=True, encoding="utf-8", timeout=120)
+    checked = _validate_folder(settings, personas_dir)
     assert checked.returncode == 1
     twice = "post to the same place, which would get each post twice; list it once"
     assert f"{personas_dir / 'echo.toml'}: schedule.sinks: 'discord:1234' and 'Discord: 1234' {twice}" in checked.stderr
@@ -285,9 +300,7 @@ def test_validate_refuses_a_schedule_that_names_one_place_twice(settings, person
     assert f"{personas_dir / 'handle.toml'}: schedule.sinks: 'telegram:@Persona' and 'telegram:@persona'" in checked.stderr
     assert f"✓ {personas_dir / 'fine.toml'}" in checked.stdout
 
-    credentialed = settings.model_copy(deep=True)
-    credentialed.discord.token = credentialed.telegram.token = SecretStr("123:token")
-    poster = Poster(credentialed, redis_client, lambda persona, n, seed: [])
+    poster = _poster_with_every_credential(settings, redis_client)
     refused = set()
     for name in ("echo", "archive", "handle", "fine"):
         try:
@@ -304,31 +317,15 @@ def test_validate_refuses_exactly_the_sink_specs_that_posting_refuses(settings, 
     Validate now reads each spec as posting does, and says what posting says, file and field
     first; a missing credential is not its concern (it may be set where the scheduler runs)."""
     import json
-    import os
-    import subprocess
-    import sys
-
-    from pydantic import SecretStr
-
-    from adapters.posting.poster import Poster
 
     specs = ["bogus:1", "telegram", "file:", "discord:general", "discord:", "telegram: ", "", "xx", "file:ok.jsonl",
              "Discord: 1234", "telegram:@chan", "telegram:-100123", "x", " Mastodon ", "bluesky"]
     for n, spec in enumerate(specs):
         (personas_dir / f"s{n}.toml").write_text(f"[schedule]\nsinks = [{json.dumps(spec)}]\n")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PERSONA_")}
-    env |= {"PERSONA_DATA_DIR": str(settings.data_dir), "PERSONA_PERSONAS_DIRS": json.dumps([str(personas_dir)]),
-            "PYTHONIOENCODING": "utf-8"}
-    checked = subprocess.run([sys.executable, "-m", "persona", "personas", "validate", str(personas_dir)], env=env,
-                             capture_output=True, check=False, text=True, encoding="utf-8", timeout=120)
+    checked = _validate_folder(settings, personas_dir)
     assert checked.returncode == 1
 
-    credentialed = settings.model_copy(deep=True)  # every credential set: only the spelling can be refused
-    credentialed.discord.token = credentialed.telegram.token = SecretStr("123:token")
-    posting = credentialed.posting
-    posting.x_bearer_token = posting.mastodon_access_token = posting.bluesky_password = SecretStr("secret")
-    posting.bluesky_handle = "persona.example"
-    poster = Poster(credentialed, redis_client, lambda persona, n, seed: [])
+    poster = _poster_with_every_credential(settings, redis_client)
     said_by_posting = {}
     for n in range(len(specs)):
         try:
