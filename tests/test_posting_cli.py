@@ -735,10 +735,14 @@ def test_a_post_with_no_worker_running_says_so_at_once(write_persona, env, redis
     assert said.startswith("no worker is running yet; this waits in the queue for one, up to 20 s"), said
 
 
-@pytest.mark.parametrize("as_json", [False, True])
-def test_ctrl_c_while_candidates_are_written_says_they_were_withdrawn(settings, write_persona, env, redis_client, as_json):
+@pytest.mark.parametrize(("as_json", "stop", "status"), [
+    (False, signal.SIGINT, 130), (True, signal.SIGINT, 130), (False, signal.SIGTERM, 143),
+], ids=["ctrl-c", "ctrl-c-json", "sigterm"])
+def test_ctrl_c_while_candidates_are_written_says_they_were_withdrawn(settings, write_persona, env, redis_client, as_json,
+                                                                      stop, status):
     """Ctrl-C while `persona post -n 3` waited for its candidates withdrew them, and said
-    nothing at all (exit 130): not whether anything went out, nor, with --json, a line to read."""
+    nothing at all (exit 130): not whether anything went out, nor, with --json, a line to read.
+    SIGTERM (or SIGHUP) killed it and left them queued for a worker to write for nobody."""
     from persona.work_queue import WorkQueue
 
     write_persona("patient", base="unused", schedule={"sinks": ["file:patient.jsonl"]})
@@ -750,9 +754,9 @@ def test_ctrl_c_while_candidates_are_written_says_they_were_withdrawn(settings, 
             time.sleep(0.05)
         ids = [json.loads(entry[b"r"])["id"] for _, entry in redis_client.xrange(keys.STREAM_BATCH)]
     finally:
-        process.send_signal(signal.SIGINT)
+        process.send_signal(stop)
         out, err = process.communicate(timeout=30)
-    assert process.returncode == 130, err
+    assert process.returncode == status, err
     said = "stopped: the 3 candidates asked for were withdrawn (no worker will write them); nothing was posted"
     assert said in " ".join(err.split()), err
     if as_json:

@@ -17,7 +17,7 @@ from rich.text import Text
 
 from persona import heartbeat
 from persona.cli.common import console, err_console, friendly_errors, get_settings
-from persona.cli.talk import say_if_no_worker
+from persona.cli.talk import say_if_no_worker, stop_signals_as_ctrl_c
 from persona.connection import connect
 from persona.errors import PostingError
 from persona.logs import setup_logging
@@ -32,7 +32,6 @@ log = logging.getLogger(__name__)
 posts_app = typer.Typer(help="The approval queue, the posts that got no answer, and the history of what went out.", no_args_is_help=True)
 
 FAILED_STATUSES = ("no_candidate", "failed", "uncertain", "busy")
-CTRL_C_EXIT_STATUS = 130  # 128 + SIGINT, as a shell reports a command stopped with Ctrl-C
 SLOT_HELP = (
     "which slot: 2026-11-27T18:00 (in the persona's schedule.timezone), 2026-11-27T18:00Z or +01:00 "
     "(that instant), 2026-11-27 (that day's one slot), or a slot name `persona post` printed"
@@ -207,12 +206,15 @@ def post(
         say_if_no_worker(poster.candidates.queue, settings.posting.wait_s)
     waiting = (contextlib.nullcontext() if json_output or text is not None
                else console.status(f"{persona} is writing candidates..."))
-    try:
-        with waiting:
-            outcome = poster.post(persona, slot=slot, sinks=sink or None, dry_run=dry_run, n=n, approval=approval, text=text)
-    except KeyboardInterrupt:
-        _say_stopped(persona, poster.candidates.withdrawn, dry_run, json_output)
-        raise typer.Exit(CTRL_C_EXIT_STATUS) from None
+    # SIGTERM and SIGHUP (the terminal closed) stop it as Ctrl-C does: what waits is withdrawn.
+    with stop_signals_as_ctrl_c() as stopping:
+        try:
+            with waiting:
+                outcome = poster.post(persona, slot=slot, sinks=sink or None, dry_run=dry_run, n=n, approval=approval,
+                                      text=text)
+        except KeyboardInterrupt:
+            _say_stopped(persona, poster.candidates.withdrawn, dry_run, json_output)
+            raise typer.Exit(stopping.exit_status()) from None
     if outcome.retry_later:  # the scheduler tries its own slots again; by hand, say how
         # Not "nothing went out": a post that got no answer may be out, and the retry finds or deduplicates it.
         outcome.advise(f"to try again later: `persona post {outcome.persona} --slot {outcome.slot}` (it never posts twice)")
