@@ -195,6 +195,9 @@ def main() -> None:
         _run(command, sys.argv[1:])
     finally:
         _flush_stdout()
+        from persona.cli.common import forget_interrupts_caught
+
+        forget_interrupts_caught()
 
 
 def _run(command, args: list[str]) -> None:

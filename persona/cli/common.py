@@ -44,6 +44,7 @@ __all__ = [
     "console",
     "err_console",
     "explain_redis_error",
+    "forget_interrupts_caught",
     "friendly_errors",
     "get_settings",
     "local_time",
@@ -212,3 +213,16 @@ def friendly_errors(func: Callable[P, R]) -> Callable[P, R]:
             _json_errors.reset(as_json)
 
     return wrapper
+
+
+def forget_interrupts_caught() -> None:
+    """Clear CPython's note that a KeyboardInterrupt went unhandled; ``main`` calls it as a
+    command ends, and one that really is unhandled is noted again as it leaves ``main``.
+    Stop signals raise it wherever the main thread is (a worker's, `ask`'s SIGTERM), and
+    torch's and transformers' imports, as a model loads, run thousands of pieces of code that
+    exec() runs from a string (dataclasses' and namedtuples' methods; `gguf`'s, just after
+    "converting the bundled model"). Such code that it leaves is noted as unhandled, however
+    it is caught later, and under `python -m` (how `persona up` runs workers) the process then
+    ended itself with SIGINT at exit: status -2, no traceback. Each exec() of a string clears
+    the note."""
+    exec("", {})  # noqa: S102 - an empty program, run for that side effect

@@ -319,11 +319,8 @@ def _stopped_by_signals(stop: threading.Event, *, interrupt: bool) -> Iterator[N
 @contextlib.contextmanager
 def friendly_exit() -> Iterator[None]:
     """Ctrl-C (or a stop signal raised as one) ends the command quietly."""
-    try:
-        with contextlib.suppress(KeyboardInterrupt):
-            yield
-    finally:
-        _forget_interrupts_caught()
+    with contextlib.suppress(KeyboardInterrupt):
+        yield
 
 
 @friendly_errors
@@ -388,19 +385,6 @@ def worker(
         log.info("worker stopped")
     except ModelError as exc:
         raise _cannot_start(exc, starting.persona) from None
-    finally:
-        _forget_interrupts_caught()
-
-
-def _forget_interrupts_caught() -> None:
-    """Clear CPython's note that a KeyboardInterrupt went unhandled, once the worker has
-    caught it. The stop signals' handlers raise it wherever the main thread is, and torch's
-    and transformers' imports, as the model loads, run thousands of pieces of code that
-    exec() runs from a string (dataclasses' and namedtuples' methods; `gguf`'s, just after
-    "converting the bundled model"). Such code that it leaves is noted as unhandled, however
-    it is caught later, and under `python -m` (how `persona up` runs workers) the process then ended
-    itself with SIGINT at exit: status -2, no traceback. Each exec() of a string clears the note."""
-    exec("", {})  # noqa: S102 - an empty program, run for that side effect
 
 
 def _cannot_start(exc: ModelError, persona: str) -> ConfigError:
