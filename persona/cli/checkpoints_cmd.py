@@ -34,6 +34,7 @@ from persona.cli.common import (
     local_time,
     print_whole,
 )
+from persona.cli.talk import MAX_TIMEOUT_S
 from persona.connection import connect
 from persona.errors import ModelError, PersonaError, SwapRefused, UnknownPersona
 from persona.heartbeat import live_worker_ids
@@ -44,9 +45,9 @@ from persona.swap import current_version
 __all__ = ["checkpoints", "normalise_target", "perform_swap", "register", "rollback", "swap"]
 
 DEFAULT_TIMEOUT_S = 300.0
-# Longer than any worker takes to load and check weights; past it (`inf`, `1e300`) a swap
-# failed later with an OverflowError, so the option refuses it with the range.
-MAX_TIMEOUT_S = 24 * 3600.0
+# The longest --timeout is ask's: a day, longer than any worker takes to load and check
+# weights; past it (`inf`, `1e300`) a swap failed later with an OverflowError, so the
+# option refuses it with the range.
 OUTCOME_JSON_HELP = (
     "print the outcome as one JSON object (committed, problem, each worker's vote and reason), "
     "a refusal too, which also exits with status 1"
