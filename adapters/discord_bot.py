@@ -98,9 +98,7 @@ CLOSE_WAIT_S = 10.0
 MAX_REMEMBERED_ANSWERS = 10_000
 _UNKNOWN = object()  # a channel whose parent the API could not tell
 # While the gateway cannot be reached, discord.py waits a random time up to 2, 4, 8, ... 1,024 s
-# between tries: here at most the reply timeout, and never past this, so a message written as
-# Discord comes back is heard within that.
-MAX_RECONNECT_WAIT_S = 10.0
+# between tries: here at most the settings' reconnect_wait_cap_s.
 
 
 def point_client_at(api_url: str) -> None:
@@ -176,7 +174,7 @@ class PersonaBot(SlashCommands, discord.Client):
         self._answered: OrderedDict[int, None] = OrderedDict()  # message ids, see MAX_REMEMBERED_ANSWERS
         self._answering: set[asyncio.Task] = set()  # handlers waiting for an answer, or sending it
         self._files = TextFiles()  # read lately: a reply chain holding a paste downloads it once
-        self._outages = _OneLinePerOutage(min(self.options.reply_timeout_s, MAX_RECONNECT_WAIT_S))
+        self._outages = _OneLinePerOutage(self.options.reconnect_wait_cap_s)
         self._add_commands()
 
     # --- start-up -----------------------------------------------------------------------

@@ -83,11 +83,9 @@ TOKEN_REFUSED_TEXT = "Telegram refused the token: check PERSONA_TELEGRAM__TOKEN"
 # How long an edit of a group message can still draw an answer, and so how long the bot
 # remembers which messages it answered (in this process; see ``on_edit``).
 EDIT_ANSWERED_WITHIN_S = 3600.0
-# While the Bot API cannot be reached, the waits between tries grow from the first to at most
-# the reply timeout, and never past the longest: a message written as it comes back is seen
-# within that (python-telegram-bot's own waits grow to 30 s, whatever the reply timeout).
+# While the Bot API cannot be reached, the waits between tries grow from this to at most the
+# settings' reconnect_wait_cap_s (python-telegram-bot's own grow to 30 s, whatever the reply timeout).
 FIRST_RECONNECT_WAIT_S = 1.0
-MAX_RECONNECT_WAIT_S = 10.0
 
 
 @contextlib.contextmanager
@@ -268,7 +266,7 @@ class TelegramBot:
             .base_url(options.api_url)
             .base_file_url(re.sub(r"/bot$", "/file/bot", options.api_url))
             .get_updates_request(_PatientPolling(
-                options.api_url, min(options.reply_timeout_s, MAX_RECONNECT_WAIT_S),
+                options.api_url, options.reconnect_wait_cap_s,
                 polling=lambda: self.application.updater.running,
             ))
             .concurrent_updates(True)  # /cancel must get through while an answer is pending

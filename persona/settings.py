@@ -181,6 +181,9 @@ class WorkerSettings(BaseModel):
     personas: list[str] = Field(default_factory=list, description="preload these (default: all)")
 
 
+MAX_RECONNECT_WAIT_S = 10.0
+
+
 class ChatAdapterSettings(BaseModel):
     """What every chat adapter shares: rate limits, memory, patience."""
 
@@ -190,6 +193,13 @@ class ChatAdapterSettings(BaseModel):
     context_chars: int = Field(6000, ge=200, description="most characters of history sent with a message")
     reply_timeout_s: float = Field(120.0, gt=0, description="how long to wait for a worker's answer")
     pairing_code_ttl_s: int = Field(24 * 3600, ge=60, description="how long a pairing code can be approved")
+
+    @property
+    def reconnect_wait_cap_s(self) -> float:
+        """The longest wait between tries while the platform cannot be reached: the reply
+        timeout, and never past MAX_RECONNECT_WAIT_S, so a message written as it comes back
+        is heard within that (the libraries' own waits grow to 30 s, or 1,024 s)."""
+        return min(self.reply_timeout_s, MAX_RECONNECT_WAIT_S)
 
 
 class DiscordSettings(ChatAdapterSettings):
