@@ -1,8 +1,9 @@
 """Is this checkpoint fit to serve a persona? Checks before and after loading it.
 
 ``static_problem`` looks at the folder only (cheap, runs in the CLI): weights files
-present, readable config, trained on the persona's base. ``loaded_problem`` compares a
-loaded candidate with the weights serving now (same parameter names and shapes); the
+present, readable config, a ``checkpoint.json`` that ``persona checkpoints`` can list
+(refused in the same words), trained on the persona's base. ``loaded_problem`` compares
+a loaded candidate with the weights serving now (same parameter names and shapes); the
 pool's warm-up of its engine has already run it once (finite logits). Each returns a
 sentence naming the problem, or None when the checkpoint is fine.
 """
@@ -12,7 +13,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from persona.checkpoints import METADATA_FILE
+from persona.checkpoints import METADATA_FILE, read_checkpoint
+from persona.errors import ModelError
 from persona.models import BUNDLED_ALIASES, LoadedModel, is_lora_dir
 from persona.personas import Persona
 
@@ -54,11 +56,11 @@ def static_problem(persona: Persona, folder: Path) -> str | None:
     if not any(any(folder.glob(pattern)) for pattern in WEIGHT_PATTERNS):
         return f"checkpoint {folder} holds no weights files (*.safetensors or *.bin)"
     if (folder / METADATA_FILE).is_file():
-        metadata, problem = _json_object(folder, METADATA_FILE)
-        if problem:
-            return problem
-        trained_on = metadata.get("base", "")
-        if trained_on and not same_base(str(trained_on), persona.model.base):
+        try:
+            trained_on = read_checkpoint(folder).base
+        except ModelError as exc:  # in the words `persona checkpoints` lists it with
+            return str(exc)
+        if trained_on and not same_base(trained_on, persona.model.base):
             return (
                 f"checkpoint {folder.name} was trained on base {trained_on!r}, but persona "
                 f"{persona.name!r} runs on {persona.model.base!r} (wrong base)"

