@@ -16,9 +16,9 @@ parse entities") goes again as the plain text it was, so formatting never costs 
 queue works it shows "typing", refreshed every 4.5 s (Telegram shows it for 5 s). Flood
 control (``RetryAfter``) delays a message; it never drops it. A paste longer than a
 message, which Telegram's apps send in pieces, is answered once, as one message
-(``telegram_pastes``). A group message edited to mention the bot is answered, once (a
-photo's caption too; an edited piece of a paste answers the whole paste); no other edit
-is (``on_edit``). A command it does not have gets the list of those it has. Long polling
+(``telegram_pastes``), in whatever order a webhook's requests bring its pieces. A group
+message edited to mention the bot is answered, once (a photo's caption too; an edited piece
+of a paste answers the whole paste); no other edit is (``on_edit``). A command it does not have gets the list of those it has. Long polling
 by default; a webhook when ``PERSONA_TELEGRAM__WEBHOOK_URL`` is set. The token is kept out
 of every log line (httpx logs request URLs, which hold it).
 """
@@ -50,6 +50,7 @@ from telegram.ext import (
     CommandHandler,
     ContextTypes,
     MessageHandler,
+    TypeHandler,
     filters,
 )
 from telegram.request import HTTPXRequest
@@ -65,6 +66,7 @@ from adapters.responder import (
 )
 from adapters.splitting import TELEGRAM_MESSAGE_LIMIT_CHARS, split_message
 from adapters.telegram_format import split_for_formatting, telegram_html
+from adapters.telegram_order import InOrder
 from adapters.telegram_pastes import Pastes, join_pieces
 from adapters.typing_indicator import keep_typing
 from persona.errors import ConfigError, PlatformUnreachable
@@ -276,6 +278,7 @@ class TelegramBot:
         self.responder: Responder | None = None
         self.access: AccessControl | None = None
         self._pastes = Pastes(options.paste_window_s, keep_s=EDIT_ANSWERED_WITHIN_S)
+        self._in_order = InOrder(options.paste_window_s)  # a webhook's updates, as polling hands them out
         # Group messages answered (or being answered), by (chat id, message id) → when, oldest
         # first: an edit never answers one of them again. Kept for EDIT_ANSWERED_WITHIN_S.
         self._answered: dict[tuple[int, int], float] = {}
@@ -284,6 +287,10 @@ class TelegramBot:
 
     def _add_handlers(self) -> None:
         app = self.application
+        if self.options.webhook_url and self.options.paste_window_s > 0:
+            # Before every other handler (group -1). Updates run concurrently, so one waiting
+            # for its turn holds no other.
+            app.add_handler(TypeHandler(Update, self.in_turn), group=-1)
         # New messages only: an edit of a message already answered (or a command already
         # run) arrives as an edited_message update, and must not be answered again.
         new = filters.UpdateType.MESSAGE
@@ -422,6 +429,11 @@ class TelegramBot:
         return message.message_thread_id if message is not None and message.is_topic_message else None
 
     # --- handlers -----------------------------------------------------------------------
+
+    async def in_turn(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """Handle a webhook's updates in the order Telegram numbered them, as polling does: the
+        pieces of a paste that came out of order are gathered as one (``InOrder``)."""
+        await self._in_order.turn(update.update_id)
 
     async def on_message(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         """Answer a text message, or the pieces of a paste as one (in groups, only one addressed

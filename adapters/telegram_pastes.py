@@ -7,6 +7,9 @@ short window; the next messages of the same sender in the same chat and topic jo
 and a short one, which only a paste's last piece can be, ends it at once. A short message
 that follows no long one never waits. An edit of a piece (``Pastes.edited``) stands for it
 in its paste, so a paste edited to mention the bot is answered whole, not that piece alone.
+
+Gathering needs the pieces in the order they were sent, as long polling hands them out; by
+webhook, ``telegram_order.InOrder`` restores that order first.
 """
 
 from __future__ import annotations

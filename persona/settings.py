@@ -237,7 +237,8 @@ class TelegramSettings(ChatAdapterSettings):
         1.0, ge=0,
         description="Telegram's apps send a paste over 4,096 characters as several messages: one long "
         "enough to be such a piece waits this long for the next, and the pieces are answered as one "
-        "message (short messages never wait; 0: answer every piece alone)",
+        "message (short messages never wait, except by webhook for an update numbered before them and still "
+        "on its way, at most this long; 0: answer every piece alone)",
     )
 
     _tokens_trimmed = field_validator("token", "webhook_secret", mode="before")(_token)

@@ -810,6 +810,51 @@ async def test_pieces_of_a_paste_handed_out_out_of_order_are_joined_in_message_o
     assert fake_api.sent[0]["reply_parameters"]["message_id"] == newer["message"]["message_id"]  # the first piece
 
 
+@pytest.mark.parametrize("order", [(3, 0, 1, 2), (1, 3, 2, 0)], ids=["last-piece-first", "shuffled"])
+async def test_a_paste_whose_pieces_reach_the_webhook_out_of_order_is_answered_once(
+    start_bot, fake_api, telegram_settings, order
+):
+    """A webhook's updates come one per request, several at once, so a paste's short last piece
+    may come before the long ones: it was answered alone at once, then the rest again, two answers.
+    Telegram numbers updates in sequence: they are handled in that order, the paste answered once."""
+    telegram_settings.queue.max_message_chars = 20_000
+    port = free_port()
+    with scripted_worker(telegram_settings, lambda request: "read it") as seen:
+        await start_bot(webhook_url=f"http://127.0.0.1:{port}/telegram", webhook_port=port, context_chars=20_000,
+                        paste_window_s=0.5)
+        await fake_api.deliver(fake_api.push_message("hello"))  # a bot running a while: updates came before
+        await fake_api.wait_for(lambda: len(fake_api.sent) == 1)
+        pieces = fake_api.paste(PASTE)
+        assert len(pieces) == 4 and len(pieces[3]["text"]) < 2000  # three long pieces and a short last one
+        await fake_api.deliver(*(pieces[n] for n in order))
+        await fake_api.wait_for(lambda: len(fake_api.sent) == 2)
+        await asyncio.sleep(0.7)  # the window is over: nothing more comes
+    assert len(seen) == 2 and fake_api.texts() == ["read it", "read it"]
+    assert seen[1].messages[-1].content.split() == PASTE.split()  # every word, in order, once
+
+
+async def test_by_webhook_a_message_waits_only_for_one_numbered_before_it_and_at_most_the_paste_window(
+    start_bot, fake_api, telegram_settings
+):
+    """Messages that come in order are answered at once, however long the paste window; one whose
+    predecessor never comes (lost on the way) waits for it as long as the window, no longer."""
+    port = free_port()
+    with scripted_worker(telegram_settings, echo):
+        await start_bot(webhook_url=f"http://127.0.0.1:{port}/telegram", webhook_port=port, paste_window_s=2.0)
+        started = time.monotonic()
+        await fake_api.deliver(fake_api.push_message("one"))
+        await fake_api.deliver(fake_api.push_message("two"))
+        await fake_api.wait_for(lambda: len(fake_api.sent) == 2)
+        in_order_s = time.monotonic() - started
+        fake_api.push_message("lost on the way")
+        started = time.monotonic()
+        await fake_api.deliver(fake_api.push_message("three"))
+        await fake_api.wait_for(lambda: len(fake_api.sent) == 3)
+        after_a_loss_s = time.monotonic() - started
+    assert fake_api.texts() == ["echo: one", "echo: two", "echo: three"]
+    assert in_order_s < 1.0 and 2.0 <= after_a_loss_s < 3.5
+
+
 async def test_a_short_message_is_answered_without_waiting_for_more(start_bot, fake_api, telegram_settings):
     with scripted_worker(telegram_settings, echo):
         await start_bot(paste_window_s=30.0)

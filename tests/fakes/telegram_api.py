@@ -4,7 +4,9 @@ Tests queue updates (``push_message``, written as oneself or as a chat, as an an
 admin or a channel writes; ``push_media`` for a photo, sticker, voice message or document,
 ``edit_message``, ``push_migration`` for a group upgraded to a supergroup, ``paste`` for a text
 longer than a message, sent in pieces as Telegram's apps send one) that
-``getUpdates`` hands out, and read back what the bot did: ``sent`` (sendMessage),
+``getUpdates`` hands out, or that ``deliver`` posts to the webhook the bot set (``setWebhook``),
+one request each, in the order a test chooses, as Telegram's servers post them over several
+connections at once; and read back what the bot did: ``sent`` (sendMessage),
 ``actions`` (sendChatAction), ``commands`` (setMyCommands), and every call in ``calls``.
 ``flood(method, seconds)`` makes the next call of a method fail with 429 "retry after", as
 Telegram's flood control does. Once a group is upgraded, a call naming its old chat id
@@ -38,6 +40,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+import aiohttp
 from aiohttp import web
 
 BOT_ID = 777000
@@ -120,10 +123,12 @@ class FakeTelegram:
     refuse_html: bool = False  # True: refuse every text sent with parse_mode HTML
     down: bool = False  # True: every call is answered 502 Bad Gateway (``go_down``)
     refused_polls: list[float] = field(default_factory=list)  # when each getUpdates was turned away (monotonic)
+    webhook: dict | None = None  # setWebhook's parameters, until deleteWebhook
     base_url: str = ""
 
     def __post_init__(self) -> None:
         self._ids = itertools.count(1)
+        self._update_ids = itertools.count(1)  # sequential, as Telegram numbers a bot's updates
         self._new_update = asyncio.Event()
         self._runner: web.AppRunner | None = None
 
@@ -229,7 +234,7 @@ class FakeTelegram:
         return message
 
     def _push(self, message: dict) -> dict:
-        self.updates.append({"update_id": next(self._ids), "message": message})
+        self.updates.append({"update_id": next(self._update_ids), "message": message})
         self._new_update.set()
         return message
 
@@ -238,9 +243,22 @@ class FakeTelegram:
         or of its caption if it is a photo, file...: that is what Telegram lets one edit there."""
         field_name = "text" if "text" in message else "caption"
         edited = {**message, field_name: text, "edit_date": int(time.time())}
-        self.updates.append({"update_id": next(self._ids), "edited_message": edited})
+        self.updates.append({"update_id": next(self._update_ids), "edited_message": edited})
         self._new_update.set()
         return edited
+
+    async def deliver(self, *messages: dict) -> None:
+        """Post the updates that queued these messages to the bot's webhook, one request each, in
+        this order, each once the one before was answered (200): as Telegram's servers post a
+        webhook's updates, over several connections at once, so that a later one may come first."""
+        assert self.webhook is not None, "no webhook set: start the bot with a webhook_url"
+        secret = self.webhook.get("secret_token")
+        headers = {"X-Telegram-Bot-Api-Secret-Token": secret} if secret else {}
+        async with aiohttp.ClientSession() as session:
+            for message in messages:
+                update = next(u for u in self.updates if message in (u.get("message"), u.get("edited_message")))
+                async with session.post(self.webhook["url"], json=update, headers=headers) as answer:
+                    assert answer.status == 200, f"the webhook answered {answer.status}"
 
     def go_down(self) -> None:
         """Answer every call with 502 Bad Gateway until ``come_back``; a long poll waiting now ends."""
@@ -354,6 +372,14 @@ class FakeTelegram:
             "chat": {"id": chat_id, "type": "private" if chat_id > 0 else "group"},
             "from": self.bot_user(), "text": text,
         }
+
+    async def _api_setWebhook(self, params: dict) -> bool:
+        self.webhook = params
+        return True
+
+    async def _api_deleteWebhook(self, params: dict) -> bool:
+        self.webhook = None
+        return True
 
     async def _api_sendChatAction(self, params: dict) -> bool:
         self.actions.append({**params, "at": time.monotonic()})
