@@ -754,6 +754,29 @@ def test_generate_counts_every_missing_sample_and_fails_when_any_is(env, own_red
     assert f"62 failed ({late})" in said, stderr
 
 
+def test_generate_withdraws_the_samples_unanswered_at_its_deadline_at_once(env, own_redis):
+    """Past --timeout, generate gave each sample still unanswered a last wait of 0.1 s, one
+    after another: a window of 64 with no worker ended 6 s and more after the queue's slack,
+    and left all 64 queued for a worker to write for nobody."""
+    import time
+
+    from persona import constants as keys
+    from persona.queue import WAIT_SLACK_S
+
+    _, url, client = own_redis
+    env["PERSONA_REDIS_URL"] = url
+    result = subprocess.run([sys.executable, "-m", "persona", "generate", "sage", "-n", "100", "--timeout", "1"],
+                            check=False, env=env, text=True, capture_output=True, timeout=120)
+    ended = time.time()
+    said = " ".join(result.stderr.split())
+    assert result.returncode == 1 and "100 of 100 samples not written: 36 never asked for" in said, result.stderr
+    assert "64 not answered in time (no worker answered request" in said, result.stderr
+    # Past the deadline, the first sample waits out the queue's slack; the other 63 add next to nothing.
+    deadline = max(float(fields[b"d"]) for _, fields in client.xrange(keys.STREAM_BATCH))
+    assert ended - deadline < WAIT_SLACK_S + 3, f"ended {ended - deadline:.1f} s after the deadline"
+    assert len(client.keys(keys.cancel_key("*"))) == 64  # withdrawn: no worker writes them later
+
+
 def test_sigterm_stops_the_dashboard_and_the_embedded_redis_it_started(env, tmp_path: Path):
     """`docker stop` or systemd's SIGTERM killed `persona dashboard` (status 143) before it
     stopped the embedded Redis it had started, which then ran on for good."""

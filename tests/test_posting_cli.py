@@ -9,8 +9,9 @@ import subprocess
 import sys
 import threading
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import pytest
 import redis
@@ -38,6 +39,12 @@ def persona(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess
     )
 
 
+# The tests name slots of fixed dates by hand (`--slot 2026-03-20T09:00Z`); `persona post`
+# takes only a slot the scheduler would still post, one within posting.grace_s of its time.
+# Here every slot of the last hundred years is; a test of the real window leaves this out.
+EVERY_PAST_SLOT_GRACE_S = str(100 * 365 * 24 * 3600)
+
+
 @pytest.fixture
 def env(settings: Settings, personas_dir: Path) -> dict[str, str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("PERSONA_")}
@@ -45,6 +52,7 @@ def env(settings: Settings, personas_dir: Path) -> dict[str, str]:
         "PERSONA_DATA_DIR": str(settings.data_dir),
         "PERSONA_REDIS_URL": settings.redis_url.get_secret_value(),
         "PERSONA_PERSONAS_DIRS": json.dumps([str(personas_dir)]),
+        "PERSONA_POSTING__GRACE_S": EVERY_PAST_SLOT_GRACE_S,
         "COLUMNS": "200",
     }
 
@@ -368,7 +376,7 @@ def test_a_slot_that_is_not_one_of_the_schedules_or_is_yet_to_come_is_refused(se
     ahead = persona("post", "london", "--text", "Patience.", "--slot", "2030-01-01", env=env)
     assert ahead.returncode == 1, ahead.stdout
     said = " ".join(ahead.stderr.split())
-    assert "slot '2030-01-01': 2030-01-01T18:30 is after today; the scheduler posts it when it comes" in said, said
+    assert "slot '2030-01-01': 2030-01-01T18:30 has not come yet" in said and "the scheduler posts it when it comes" in said, said
     off = persona("post", "london", "--text", "Patience.", "--slot", "2026-07-27T18:00", env=env)
     assert off.returncode == 1, off.stdout
     said = " ".join(off.stderr.split())
@@ -378,6 +386,52 @@ def test_a_slot_that_is_not_one_of_the_schedules_or_is_yet_to_come_is_refused(se
     assert not redis_client.keys("*london*2030*") and not redis_client.keys("*london*2026-07-27*")
     on_time = persona("post", "london", "--text", "Patience.", "--slot", "2026-07-27T18:30", env=env)
     assert on_time.returncode == 0 and "2026-07-27T17:30:00Z" in on_time.stdout, on_time.stderr
+
+
+def where_it_is_noon() -> str:
+    """A time zone where it is about noon now (Etc/GMT-3 is UTC+3), so its 23:00 is later today."""
+    hours_ahead = (12 - datetime.now(UTC).hour + 12) % 24 - 12
+    return f"Etc/GMT{-hours_ahead:+d}"
+
+
+def test_a_slot_named_by_hand_is_one_the_scheduler_would_still_post(settings, write_persona, env, redis_client):
+    """`--slot 1900-01-01` posted now and marked a 1900 slot done, and a slot later today was
+    posted before its time and marked done, so the scheduler skipped it: a slot named by hand
+    must have come, and be one the scheduler still catches up on (schedule.missed, posting.grace_s)."""
+    zone = where_it_is_noon()
+    today = datetime.now(ZoneInfo(zone)).date()
+    yesterday, before = today - timedelta(days=1), today - timedelta(days=2)
+    env = {k: v for k, v in env.items() if k != "PERSONA_POSTING__GRACE_S"}  # the real window: 15 minutes
+    write_persona("noon", base="unused", schedule={"cron": "0 23 * * *", "timezone": zone, "sinks": ["file:noon.jsonl"]})
+
+    later_today = persona("post", "noon", "--text", "Patience.", "--slot", f"{today}T23:00", env=env)
+    said = " ".join(later_today.stderr.split())
+    assert later_today.returncode == 1, later_today.stdout
+    assert f"slot '{today}T23:00': {today}T23:00 has not come yet" in said, said
+    assert f"the scheduler posts it when it comes; no slot can be named now (the next: {today}T23:00)" in said, said
+    assert "a post of your own now needs no --slot" in said, said
+    long_ago = persona("post", "noon", "--text", "Patience.", "--slot", "1900-01-01", env=env)
+    said = " ".join(long_ago.stderr.split())
+    assert long_ago.returncode == 1, long_ago.stdout
+    assert ("slot '1900-01-01': 1900-01-01T23:00 is past the scheduler's catch-up (schedule.missed = 'skip': a slot "
+            "more than posting.grace_s (900 s) late is skipped)") in said, said
+    assert not (settings.data_dir / "posts" / "noon.jsonl").exists() and not redis_client.keys("*noon*")
+
+    # A slot begun already is finished whatever its age: here it waits for approval.
+    Poster(settings, redis_client, lambda p, n, seed: TEXTS[:n]).post("noon", slot=f"{before}T23:00", approval=True)
+    waiting = persona("post", "noon", "--slot", f"{before}T23:00", env=env)
+    assert waiting.returncode == 0 and "is waiting for approval" in waiting.stdout, waiting.stdout + waiting.stderr
+
+    # With missed = "latest" the scheduler posts the newest slot however late: so may a person.
+    write_persona("noon", base="unused", schedule={"cron": "0 23 * * *", "timezone": zone, "missed": "latest",
+                                                   "sinks": ["file:noon.jsonl"]})
+    older = persona("post", "noon", "--text", "Patience.", "--slot", f"{before - timedelta(days=1)}", env=env)
+    said = " ".join(older.stderr.split())
+    assert older.returncode == 1 and "schedule.missed = 'latest' posts only the newest slot late" in said, said
+    assert f"the slot you can name now: {yesterday}T23:00" in said, said
+    newest = persona("post", "noon", "--text", "Patience.", "--slot", f"{yesterday}", env=env)
+    assert newest.returncode == 0 and "posted noon" in newest.stdout, newest.stdout + newest.stderr
+    assert [line["text"] for line in read_jsonl(settings.data_dir / "posts" / "noon.jsonl")] == ["Patience."]
 
 
 def test_an_edit_that_a_platform_would_refuse_is_refused_before_anything_goes_out(settings, write_persona, env, redis_client):

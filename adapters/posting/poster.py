@@ -22,6 +22,7 @@ from adapters.posting.publishing import PostOutcome, Publisher
 from adapters.posting.sinks import Sink, make_sink, one_place_twice, platform_of
 from adapters.posting.slots import (
     MANUAL_SLOT_PREFIX,
+    check_catching_up,
     manual_slot,
     resolve_slot,
     slot_id,
@@ -121,13 +122,17 @@ class Poster:
 
     def post(
         self, name: str, *, slot: str | None = None, sinks: list[str] | None = None, dry_run: bool = False,
-        n: int | None = None, approval: bool | None = None, text: str | None = None,
+        n: int | None = None, approval: bool | None = None, text: str | None = None, by_hand: bool = False,
     ) -> PostOutcome:
         """Make the post for one slot (a fresh manual slot if none is named): generated and
-        curated, or ``text``, a person's own words, posted as written (see ``_own_text``)."""
+        curated, or ``text``, a person's own words, posted as written (see ``_own_text``).
+
+        ``by_hand``: a person named the slot, so a slot not begun must be one the scheduler
+        would still post now (``slots.check_catching_up``).
+        """
         persona = self.registry.get(name)
         count = n or persona.schedule.candidates
-        slot = self.slot_named(persona, slot) if slot else ""
+        slot = self.slot_named(persona, slot, by_hand=by_hand) if slot else ""
         if text is not None:
             chosen = self._chosen_sinks(persona.name, slot) if slot else None  # begun: its text is checked when claimed
             text = self._own_text(persona.name, text, sinks or chosen or persona.schedule.sinks, repeat_ok=chosen is not None)
@@ -174,15 +179,21 @@ class Poster:
             )
         return posted
 
-    def slot_named(self, persona: Persona, name: str) -> str:
+    def slot_named(self, persona: Persona, name: str, *, by_hand: bool = False) -> str:
         """The slot a person named, as the ledger knows it (see ``slots.resolve_slot`` for the forms).
 
         A name ``persona post`` made up (``manual-...``), or one the ledger already holds, is
-        taken as it is.
+        taken as it is. ``by_hand`` (a post, not a settle): a slot the ledger does not hold
+        must be one the scheduler would still post now; a slot begun is finished whatever its age.
         """
         if name.startswith(MANUAL_SLOT_PREFIX) or self.ledger.record(persona.name, name):
             return name
-        return resolve_slot(name, persona.schedule.cron, persona.schedule.timezone)
+        schedule = persona.schedule
+        slot = resolve_slot(name, schedule.cron, schedule.timezone)
+        if by_hand and not self.ledger.record(persona.name, slot):
+            check_catching_up(name, slot, schedule.cron, schedule.timezone, schedule.missed,
+                              self.settings.posting.grace_s)
+        return slot
 
     def _chosen_sinks(self, name: str, slot: str) -> list[str] | None:
         """The sinks a slot's text was chosen for, if it was (None for a slot not begun)."""

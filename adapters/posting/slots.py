@@ -25,8 +25,8 @@ from persona.errors import ConfigError, PostingError
 from persona.personas import cron_problem
 
 __all__ = [
-    "MANUAL_SLOT_PREFIX", "SLOT_FORMS", "SlotPlan", "check_schedule", "manual_slot", "next_slot", "plan_slots",
-    "resolve_slot", "slot_id", "slots_between",
+    "MANUAL_SLOT_PREFIX", "SLOT_FORMS", "SlotPlan", "catching_up", "check_catching_up", "check_schedule", "is_late",
+    "manual_slot", "next_slot", "plan_slots", "resolve_slot", "slot_id", "slots_between",
 ]
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,8 @@ def resolve_slot(name: str, cron: str, timezone: str, now: datetime | None = Non
     without one is read in the persona's time zone, as its cron is. A date alone is the
     day's scheduled slot; a day with several (``0 9,18 * * *``) needs the time. Anything
     else is a PostingError that names the forms accepted, as is a time that is not one of
-    the schedule's slots, or one after today (see ``_scheduled``).
+    the schedule's slots (see ``_scheduled``). Whether the slot may be posted now is
+    ``check_catching_up``'s to say.
     """
     text = name.strip()
     try:
@@ -82,23 +83,67 @@ def resolve_slot(name: str, cron: str, timezone: str, now: datetime | None = Non
 
 
 def _scheduled(name: str, slot: datetime, cron: str, timezone: str, zone: ZoneInfo, now: datetime | None) -> datetime:
-    """``slot`` (UTC) if it is one of the schedule's slots, today or earlier; else PostingError
-    naming the slots nearest it. A slot posted ahead of its day is marked done, and the
-    scheduler then skips it; a time off the schedule is no slot of its, and is posted by
-    hand without --slot."""
-    today = (now or datetime.now(UTC)).astimezone(zone).replace(hour=0, minute=0, second=0, microsecond=0)
-    tomorrow = (today + timedelta(days=1)).astimezone(UTC)  # local midnight, whatever the clocks did today
-    if slot >= tomorrow:
-        latest = _slot_before(cron, timezone, tomorrow)
-        so_far = f" (the last you can name: {_local_time(latest, zone)})" if latest else ""
-        raise PostingError(f"slot {name!r}: {_local_time(slot, zone)} is after today; the scheduler posts it when it "
-                           f"comes{so_far}; a post of your own now needs no --slot")
+    """``slot`` (UTC) if it is one of the schedule's slots; else PostingError naming the slots
+    nearest it. A time off the schedule is no slot of its, and is posted by hand without --slot."""
     if slots_between(cron, timezone, slot - timedelta(seconds=1), slot) != [slot]:
+        now = now or datetime.now(UTC)
         nearest = [found for found in (_slot_before(cron, timezone, slot), next_slot(cron, timezone, slot)) if found]
-        named = ", ".join(_local_time(found, zone) + (" (after today)" if found >= tomorrow else "") for found in nearest)
+        named = ", ".join(_local_time(found, zone) + (" (yet to come)" if found > now else "") for found in nearest)
         raise PostingError(f"slot {name!r}: {_local_time(slot, zone)} is not one of the schedule's slots ({cron!r}, "
                            f"{timezone}); the nearest: {named or 'none'}; a post of your own needs no --slot")
     return slot
+
+
+def is_late(slot: datetime, now: datetime, grace_s: float) -> bool:
+    """Whether ``slot`` is past the missed-slot grace period at ``now`` (the scheduler's "late")."""
+    return (now - slot).total_seconds() > grace_s
+
+
+def catching_up(cron: str, timezone: str, missed: str, grace_s: float, now: datetime, most: int = 3) -> list[datetime]:
+    """The slots the scheduler would still post at ``now`` (at most ``most``), newest first.
+
+    The missed-slot rule of ``plan_slots``: a slot is on time until ``grace_s`` after it,
+    and with ``missed = "latest"`` the newest slot that has come is posted however late.
+    A slot yet to come, or one past both, the scheduler does not post now.
+    """
+    newest = _slot_before(cron, timezone, now + timedelta(seconds=1))
+    found: list[datetime] = []
+    slot = newest
+    while slot is not None and len(found) < most and (
+            not is_late(slot, now, grace_s) or (missed == "latest" and slot == newest)):
+        found.append(slot)
+        slot = _slot_before(cron, timezone, slot)
+    return found
+
+
+def check_catching_up(name: str, slot: str, cron: str, timezone: str, missed: str, grace_s: float,
+                      now: datetime | None = None) -> None:
+    """Nothing if the scheduler would still post ``slot`` (see ``catching_up``); else PostingError
+    naming the slots it would, and what to do.
+
+    A person naming a slot by hand takes it from the scheduler: one yet to come, posted
+    early, is marked done and the scheduler skips it; one past the scheduler's catch-up
+    (``--slot 1900-01-01``) the scheduler never posts, so a post now needs no slot name.
+    """
+    zone = check_schedule(cron, timezone)
+    now = now or datetime.now(UTC)
+    when = datetime.fromisoformat(slot).astimezone(UTC)
+    allowed = catching_up(cron, timezone, missed, grace_s, now)
+    if when <= now and (not is_late(when, now, grace_s) or (missed == "latest" and allowed[:1] == [when])):
+        return
+    can = ", ".join(_local_time(found, zone) for found in allowed)
+    upcoming = _local_time(next_slot(cron, timezone, now), zone)
+    nearest = (f"the slot{'s' if len(allowed) > 1 else ''} you can name now: {can}" if allowed
+               else f"no slot can be named now (the next: {upcoming})")
+    if when > now:
+        raise PostingError(
+            f"slot {name!r}: {_local_time(when, zone)} has not come yet (it is {_local_time(now, zone)} in {timezone}); "
+            f"the scheduler posts it when it comes; {nearest}; a post of your own now needs no --slot")
+    window = f"schedule.missed = {missed!r} posts only the newest slot late" if missed == "latest" else (
+        f"schedule.missed = {missed!r}: a slot more than posting.grace_s ({grace_s:g} s) late is skipped")
+    raise PostingError(
+        f"slot {name!r}: {_local_time(when, zone)} is past the scheduler's catch-up ({window}), so it is never "
+        f"posted on schedule now; {nearest}; a post of your own now needs no --slot")
 
 
 def _slot_before(cron: str, timezone: str, before: datetime) -> datetime | None:
@@ -213,7 +258,7 @@ def plan_slots(due: list[datetime], now: datetime, policy: str, grace_s: float) 
     if not due:
         return SlotPlan()
     newest = due[-1]
-    late = (now - newest).total_seconds() > grace_s
+    late = is_late(newest, now, grace_s)
     if late and policy == "skip":
         return SlotPlan(post=None, skipped=list(due))
     return SlotPlan(post=newest, skipped=list(due[:-1]), late=late)

@@ -12,7 +12,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn
 
 from persona.cli.common import err_console, friendly_errors, get_settings
-from persona.cli.talk import MAX_TIMEOUT_S, stop_signals_as_ctrl_c
+from persona.cli.talk import MAX_TIMEOUT_S, stop_signals_as_ctrl_c, withdraw
 from persona.cli.training_common import persona_with_weights
 from persona.contract import MAX_NEW_TOKENS, MAX_SEED
 from persona.errors import ReplyTimeout, UsageError
@@ -21,8 +21,9 @@ __all__ = ["generate", "register"]
 
 GENERATE_WINDOW = 64  # requests in flight at once, well under the queue's length cap
 SAMPLE_SEPARATOR = "=" * 20 + "\n"
-# Once the deadline has passed, each sample still unanswered gets only a last look.
-LAST_LOOK_S = 0.1
+# Once the deadline has passed, each sample still unanswered gets only a look (a wait of 0 s:
+# one round trip); 0.1 s each kept a window of 64 with no worker 6 s and more past --timeout.
+LAST_LOOK_S = 0.0
 
 
 def _finish(text: str, prefix: str, include_prefix: bool, truncate: str | None) -> str:
@@ -100,6 +101,8 @@ class _Sampling:
         self.unanswered: list[str] = []  # sent, and no reply came by the deadline: why (ReplyTimeout)
         self.failures: list[str] = []  # answered with an error: its message
         self.waiting: list = []  # asked (or being asked) and not answered yet: what Ctrl-C withdraws
+        self.late: list = []  # those not answered by the deadline: withdrawn once every window is done
+        self.withdraw_problem: str | None = None  # why they could not be withdrawn
 
     def _request(self, i: int):
         from persona.contract import GenerationRequest, Priority, SamplingOverrides
@@ -119,22 +122,27 @@ class _Sampling:
             for begin in range(0, self.n, GENERATE_WINDOW):
                 if time.time() >= self.deadline:
                     self.never_asked = self.n - begin
-                    return
+                    break
                 for i in range(begin, min(self.n, begin + GENERATE_WINDOW)):
                     request = self._request(i)
                     self.waiting.append(request)  # before it is sent: Ctrl-C while sending withdraws it too
                     self.client.submit(request)
                 while self.waiting:
-                    self._gather(self.waiting[0])
+                    past = time.time() >= self.deadline  # then a look at each, not a wait (LAST_LOOK_S)
+                    self._gather(self.waiting[0], timeout=LAST_LOOK_S if past else None)
                     self.waiting.pop(0)
                     progress.advance(task)
+        if self.late:  # withdrawn together, so no worker writes what nobody reads
+            self.withdraw_problem = withdraw(self.client, self.late, "the samples not answered in time", "write them")
 
-    def _gather(self, request) -> None:
-        last_look = LAST_LOOK_S if time.time() >= self.deadline else None
+    def _gather(self, request, timeout: float | None) -> None:
+        """Wait for one sample's reply (``timeout``; None: until its deadline and the queue's
+        slack after it), and keep what came."""
         try:
-            reply = self.client.wait(request, timeout=last_look)
+            reply = self.client.wait(request, timeout=timeout)
         except ReplyTimeout as exc:
             self.unanswered.append(str(exc))
+            self.late.append(request)
             return
         if reply.ok:
             self.texts.append(reply.text)
@@ -150,13 +158,13 @@ class _Sampling:
             parts.append(f"{len(self.unanswered)} not answered in time ({self.unanswered[0]})")
         if self.failures:
             parts.append(f"{len(self.failures)} failed ({self.failures[0]})")
+        if self.withdraw_problem:
+            parts.append(self.withdraw_problem)
         return "; ".join(parts)
 
     def withdraw(self) -> str | None:
         """Withdraw every sample still waiting, so no worker writes what nobody reads; None
         once done, else why not (quickly: with Redis down this gives up within seconds)."""
-        from persona.cli.talk import withdraw
-
         return withdraw(self.client, self.waiting, "the samples still waiting", "write them")
 
 

@@ -175,7 +175,9 @@ def post(
     dry_run: bool = typer.Option(False, "--dry-run", help="generate and curate, but post nothing and record nothing (with --slot: first, whether that slot is posted already)"),
     json_output: bool = typer.Option(False, "--json", help="print one JSON object: text, candidates, rejected, sinks"),
     sink: list[str] = typer.Option(None, "--sink", help="post here instead of the persona's sinks (repeatable): x, mastodon, bluesky, discord:CHANNEL, telegram:CHAT, file:PATH"),
-    slot: str = typer.Option(None, "--slot", help=SLOT_HELP + "; a slot already posted is skipped (default: a new slot of its own)"),
+    slot: str = typer.Option(None, "--slot", help=SLOT_HELP + "; one not begun must be one the scheduler would still post (its time come, within "
+                          "posting.grace_s, or the newest with schedule.missed = \"latest\"); a slot already posted is "
+                          "skipped (default: a new slot of its own)"),
     n: int = typer.Option(None, "-n", "--candidates", min=1, max=64, help="candidates to generate (default: the persona's schedule.candidates)"),
     approval: bool = typer.Option(None, "--approval/--no-approval", help="hold for approval (default: the persona's schedule.approval)"),
     text: str = typer.Option(None, "--text", help="post these words instead of generating; " + STDIN_TEXT_HELP.format("them")),
@@ -211,7 +213,7 @@ def post(
         try:
             with waiting:
                 outcome = poster.post(persona, slot=slot, sinks=sink or None, dry_run=dry_run, n=n, approval=approval,
-                                      text=text)
+                                      text=text, by_hand=True)
         except KeyboardInterrupt:
             _say_stopped(persona, poster.candidates.withdrawn, dry_run, json_output)
             raise typer.Exit(stopping.exit_status()) from None
