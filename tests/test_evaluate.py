@@ -196,3 +196,39 @@ def test_eval_of_a_checkpoint_that_cannot_load_says_so_before_measuring_the_base
                            "--checkpoint", "v1"], env=env, capture_output=True, text=True, check=False, timeout=120)
     assert told.returncode == 1 and "adapter_config.json is not valid JSON" in told.stderr, told.stderr
     assert "nothing measured" in told.stderr and "base model" not in told.stderr + told.stdout, told.stderr
+
+
+def _unloadable_checkpoint(staging: Path, base: Path, damage: str) -> str:
+    """A checkpoint folder that passes every check short of loading it; the kind it is."""
+    import shutil
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    if damage == "weights cut short":  # a copy that did not finish
+        shutil.copytree(base, staging)
+        weights = staging / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+        return "full"
+    wider = GPT2LMHeadModel(GPT2Config(vocab_size=400, n_embd=48, n_layer=2, n_head=2, n_positions=64))
+    get_peft_model(wider, LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True)).save_pretrained(staging)
+    return "lora"
+
+
+@pytest.mark.parametrize("damage", ["weights cut short", "an adapter for another model's shapes"])
+def test_eval_of_a_checkpoint_that_fails_to_load_measures_nothing_first(
+        settings: Settings, write_persona, tiny_gpt2_dir: Path, corpus_file: Path, damage: str):
+    """A checkpoint whose folder looked whole but would not load was refused only after the base
+    model had been loaded and measured: 47 s lost on a small model's 400 held-out documents."""
+    from persona.checkpoints import CheckpointInfo, register_checkpoint
+
+    write_persona("sage", base=str(tiny_gpt2_dir))
+    staging = settings.data_dir / "staging"
+    kind = _unloadable_checkpoint(staging, tiny_gpt2_dir, damage)
+    register_checkpoint(settings.checkpoints_dir, staging,
+                        CheckpointInfo(persona="sage", version="", base=str(tiny_gpt2_dir), kind=kind))
+    persona = PersonaRegistry.from_settings(settings).get("sage")
+    progress = _Stages()
+    with pytest.raises(ModelError, match="cannot load the model from|does not fit this base model"):
+        evaluate_persona(settings, persona, read_corpus(corpus_file), version="v1", samples=1, progress=progress)
+    assert progress.stages == [["loading sage v1", 0, 0]]  # the base was neither loaded nor measured

@@ -156,6 +156,29 @@ def test_resume_of_a_run_not_there_or_unreadable_is_refused_before_torch_loads(e
         assert "training.run_folder" in imported and "torch" not in imported and "transformers" not in imported
 
 
+def test_a_name_no_persona_can_have_or_a_base_that_would_not_fit_is_refused_before_torch_loads(
+        env, settings: Settings, tmp_path: Path, tiny_gpt2_dir: Path):
+    """`persona train "Bad Name"`, and a persona trained on another base than it speaks with, were
+    refused only once torch had loaded (seconds, tens on a cold disk)."""
+    corpus = tmp_path / "good.jsonl"
+    corpus.write_text('{"text": "a"}\n{"text": "b"}\n')
+    (settings.data_dir / "personas").mkdir()
+    (settings.data_dir / "personas" / "keeper.toml").write_text(
+        tomli_w.dumps(persona_template("keeper", "smollm2", "v1", corpus)))
+    record = settings.data_dir / "runs" / "keeper" / "run.json"
+    record.parent.mkdir(parents=True)
+    record.write_text(json.dumps({"config": {"base": str(tiny_gpt2_dir)}, "corpus": str(corpus)}))
+    not_a_name = "'Bad Name' is not a persona name: use lower-case letters"
+    would_not_fit = f"so a checkpoint trained on {str(tiny_gpt2_dir)!r} would not fit it; leave out --base"
+    cases = [(not_a_name, ["Bad Name", "--corpus", str(corpus)]),
+             (would_not_fit, ["keeper", "--corpus", str(corpus), "--base", str(tiny_gpt2_dir)]),
+             (would_not_fit, ["keeper", "--resume"])]  # its run began on another base than the persona's now
+    for said, args in cases:
+        result, imported = persona_imports("train", *args, env=env)
+        assert result.returncode == 1 and said in " ".join(result.stderr.split()), result.stderr[-2000:]
+        assert "training.train_config" in imported and "torch" not in imported and "transformers" not in imported
+
+
 def test_resume_refuses_to_change_what_the_run_is_made_of(env, tmp_path: Path):
     """--resume continues the run exactly: a new --steps or --full was silently dropped."""
     result = persona("train", "x", "--corpus", str(tmp_path / "c.jsonl"), "--resume", "--steps", "40", "--full", env=env)

@@ -115,6 +115,14 @@ def _training_fingerprint(checkpoint: Path) -> str | None:
         return None
 
 
+def _load(settings: Settings, persona: Persona, checkpoint: Path | None, label: str, device: str,
+          progress: EvalProgress) -> LoadedModel:
+    """The persona's base, with ``checkpoint`` on top when given, in float32 for measuring."""
+    progress.on_stage(f"loading {label}", 0)
+    return load_model(persona.model.base, checkpoint, cache_dir=settings.model_cache_dir, device=device,
+                      dtype="float32")
+
+
 def evaluate_persona(
     settings: Settings,
     persona: Persona,
@@ -137,23 +145,31 @@ def evaluate_persona(
     trained_on = _training_fingerprint(checkpoint) if checkpoint is not None else None
     progress = progress or _Quiet()
     documents = f"{len(corpus.validation)} held-out documents"
-    progress.on_stage(f"loading the base model {persona.model.base}", 0)
-    base = load_model(persona.model.base, None, cache_dir=settings.model_cache_dir, device=device, dtype="float32")
-    base_loss = held_out_loss(base, corpus, stage=f"measuring the base model on {documents}", progress=progress)
-    if checkpoint is None:
-        tuned, loss = base, base_loss
-    else:
-        del base  # one model in memory at a time
-        progress.on_stage(f"loading {persona.name} {version_name}", 0)
-        tuned = load_model(persona.model.base, checkpoint, cache_dir=settings.model_cache_dir,
-                           device=device, dtype="float32")
-        loss = held_out_loss(tuned, corpus, stage=f"measuring {persona.name} {version_name} on {documents}",
-                             progress=progress)
     # As long as the persona's posts may be, at most ``sample_tokens``: a sample of each.
     length = min(sample_tokens, persona.sampling.max_new_tokens)
-    progress.on_stage(f"writing {samples} samples, as its posts are written", length)
-    texts = sample_texts(tuned.model, tuned.tokenizer, samples, length, seed, device,
-                         sampling=persona.sampling, on_token=progress.on_advance)
+
+    def measure(loaded: LoadedModel, who: str) -> float:
+        return held_out_loss(loaded, corpus, stage=f"measuring {who} on {documents}", progress=progress)
+
+    def write_samples(loaded: LoadedModel) -> list[str]:
+        progress.on_stage(f"writing {samples} samples, as its posts are written", length)
+        return sample_texts(loaded.model, loaded.tokenizer, samples, length, seed, device,
+                            sampling=persona.sampling, on_token=progress.on_advance)
+
+    if checkpoint is None:
+        base = _load(settings, persona, None, f"the base model {persona.model.base}", device, progress)
+        base_loss = loss = measure(base, "the base model")
+        texts = write_samples(base)
+    else:
+        # The checkpoint first: weights cut short, or an adapter that fits nothing, were found only
+        # once the base had been loaded and measured (a minute on a CPU, lost). Measured and sampled,
+        # it makes way for the base: one model in memory at a time, each loaded once.
+        tuned = _load(settings, persona, checkpoint, f"{persona.name} {version_name}", device, progress)
+        loss = measure(tuned, f"{persona.name} {version_name}")
+        texts = write_samples(tuned)
+        del tuned
+        base = _load(settings, persona, None, f"the base model {persona.model.base}", device, progress)
+        base_loss = measure(base, "the base model")
     index = CopyIndex(corpus.documents, n=copy_words)
     return EvalReport(
         persona=persona.name,

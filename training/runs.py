@@ -16,7 +16,6 @@ import json
 import logging
 import math
 import os
-import re
 import shutil
 import tomllib
 from collections.abc import Callable, Iterator
@@ -26,10 +25,8 @@ from pathlib import Path
 
 import tomli_w
 
-from persona.checkpoint_checks import same_base
 from persona.checkpoints import CheckpointInfo, register_checkpoint
 from persona.errors import (
-    ConfigError,
     CorpusError,
     DataDirUnwritable,
     ModelError,
@@ -37,8 +34,6 @@ from persona.errors import (
 )
 from persona.models import BUNDLED_ALIASES, resolve_base
 from persona.personas import (
-    NAME_PATTERN,
-    NAME_RULE,
     Persona,
     PersonaRegistry,
     Sampling,
@@ -53,6 +48,7 @@ from training.run_folder import (
     run_dir,
     saved_run_config,
 )
+from training.train_config import check_base_fits, check_run_name
 from training.trainer import Reporter, TrainConfig, TrainResult, train
 
 __all__ = [
@@ -282,8 +278,7 @@ def train_persona(
     base model...") then never comes before a refusal (another run of the persona, a data
     directory it cannot write, a base that does not fit).
     """
-    if not re.fullmatch(NAME_PATTERN, name):
-        raise ConfigError(f"{name!r} is not a persona name: {NAME_RULE}")
+    check_run_name(name)
     config = config.model_copy(update={"base": _absolute_base(config.base)})
     corpus = corpus if corpus is not None else read_corpus(corpus_path)
     check_trainable(corpus, corpus_path)
@@ -298,12 +293,7 @@ def _train_and_register(settings: Settings, name: str, corpus_path: Path, corpus
                         on_ready: Callable[[], None] | None) -> TrainedPersona:
     """``train_persona``'s work, while it holds the persona's training lock."""
     persona = _existing(settings, name)
-    # same_base: "smollm2" and "bundled" name one model, as a folder does however it is written.
-    if persona is not None and not same_base(_absolute_base(persona.model.base), config.base):
-        raise ConfigError(
-            f"persona {name!r} speaks with base {persona.model.base!r}, so a checkpoint trained on "
-            f"{config.base!r} would not fit it; leave out --base or train a new persona"
-        )
+    check_base_fits(persona, config.base)  # `persona train` checked it before torch loaded; again, under the lock
     folder = run_dir(settings, name)
     if resume:  # checked before the base is prepared (converting the bundled one takes a while)
         saved = json.loads((folder / RUN_FILE).read_text()) if (folder / RUN_FILE).is_file() else {}

@@ -1,12 +1,19 @@
-"""What decides a training run: its settings, checked, and saved with the checkpoint it makes."""
+"""What decides a training run: its settings, checked, and saved with the checkpoint it makes;
+and whether a persona can be trained with them (its name, its base), checked without torch so
+that `persona train` refuses a run before the seconds torch takes to load."""
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import BaseModel, Field, model_validator
 
-__all__ = ["TrainConfig"]
+from persona.checkpoint_checks import same_base
+from persona.errors import ConfigError
+from persona.personas import NAME_PATTERN, NAME_RULE, Persona
+
+__all__ = ["TrainConfig", "check_base_fits", "check_run_name"]
 
 DEFAULT_EPOCHS = 5.0
 
@@ -48,3 +55,19 @@ class TrainConfig(BaseModel):
 
     def lr(self) -> float:
         return self.learning_rate or (2e-4 if self.kind == "lora" else 5e-5)
+
+
+def check_run_name(name: str) -> None:
+    """Refuse a name no persona can have: it names the run's folder, its lock and its checkpoints."""
+    if not re.fullmatch(NAME_PATTERN, name):
+        raise ConfigError(f"{name!r} is not a persona name: {NAME_RULE}")
+
+
+def check_base_fits(persona: Persona | None, base: str) -> None:
+    """Refuse training an existing persona on another base than the one it speaks with."""
+    # same_base: "smollm2" and "bundled" name one model, as a folder does however it is written.
+    if persona is not None and not same_base(persona.model.base, base):
+        raise ConfigError(
+            f"persona {persona.name!r} speaks with base {persona.model.base!r}, so a checkpoint trained on "
+            f"{base!r} would not fit it; leave out --base or train a new persona"
+        )

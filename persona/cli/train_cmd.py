@@ -32,6 +32,7 @@ from persona.cli.unfinished_runs import resume_command, unfinished_json, unfinis
 from persona.errors import ConfigError, CorpusError
 
 if TYPE_CHECKING:
+    from persona.personas import Persona
     from persona.settings import Settings
 
 __all__ = ["EvalBar", "RichReporter", "corpus_build", "eval_", "export", "generate", "register", "resume_command", "train",
@@ -69,11 +70,14 @@ def train(
     from persona.models import BUNDLED_ALIASES, resolve_base
     from training.corpus import check_corpus_path, check_trainable, read_corpus
     from training.run_folder import STATE_FILE, run_corpus, run_dir, saved_run_config
-    from training.train_config import TrainConfig
+    from training.train_config import TrainConfig, check_base_fits, check_run_name
 
-    # The options, the run to resume, the base and the corpus are checked before torch loads (seconds,
-    # tens on a cold disk): a mistyped or empty corpus, a run or base not there, was said only after that.
+    # The name, the options, the run to resume, the base and the corpus are checked before torch loads
+    # (seconds, tens on a cold disk): a mistyped or empty corpus, a run or base not there, a name no
+    # persona can have, a base the persona does not speak with, was said only after that.
     settings = get_settings()
+    check_run_name(name)  # before the run folder it names is read
+    existing = _existing_persona(settings, name)
     if resume:
         changed = ["/".join([*p.opts, *p.secondary_opts]) for p in ctx.command.params
                    if p.name not in RESUME_OPTIONS
@@ -87,14 +91,8 @@ def train(
         if corpus is None:
             raise ConfigError("--corpus is required: name the corpus to train on, written by "
                               "`persona corpus build SRC... -o corpus.jsonl`")
-        from persona.errors import UnknownPersona
-        from persona.personas import PersonaRegistry
-
         if base is None:
-            try:
-                base = PersonaRegistry.from_settings(settings).get(name).model.base
-            except UnknownPersona:
-                base = "smollm2"
+            base = existing.model.base if existing is not None else "smollm2"
         try:
             config = TrainConfig(base=base, kind="lora" if lora else "full", steps=steps, epochs=epochs,
                                  max_minutes=max_minutes, batch_size=batch_size, learning_rate=learning_rate,
@@ -109,6 +107,7 @@ def train(
             config = config.model_copy(update={"max_minutes": max_minutes})
         if corpus is None:
             corpus = _resumed_corpus(name, run_corpus(settings, name))
+    check_base_fits(existing, config.base)
     if config.base not in BUNDLED_ALIASES:  # a folder, only looked at (the bundled one is written when needed)
         resolve_base(config.base, settings.model_cache_dir)
     data = read_corpus(corpus)  # read once: big ones take a while
@@ -184,6 +183,17 @@ def train(
     else:
         console.print(f"{escape(str(done.persona_file))} was left as it is; "
                       f"serve the new weights with `persona swap {name} {info.version}`")
+
+
+def _existing_persona(settings: Settings, name: str) -> Persona | None:
+    """NAME's persona, if it has a file: a new run of it must keep its base."""
+    from persona.errors import UnknownPersona
+    from persona.personas import PersonaRegistry
+
+    try:
+        return PersonaRegistry.from_settings(settings).get(name)
+    except UnknownPersona:
+        return None
 
 
 def _resumed_corpus(name: str, recorded: Path | None) -> Path:
