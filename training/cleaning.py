@@ -16,8 +16,9 @@ from __future__ import annotations
 import math
 import re
 import unicodedata
+from array import array
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from difflib import SequenceMatcher
 
@@ -134,29 +135,46 @@ class _NearIndex:
     ``_SHARED_WORDS_SHORT`` of their words, so they share one of the first few of each, rarest first
     (``_prefix_length``): only those are indexed and looked up. Every text found so is then measured
     as before. Looking up every shingle, a common one ("one of the") made each new text count its
-    overlap with thousands of others: minutes for 100,000 tweets. ``documents``: the tokens of every
-    text to come; how many of them hold each word fixes the order.
+    overlap with thousands of others: minutes for 100,000 tweets. ``folds``: every text to come, folded;
+    how many of them hold each word fixes the order.
+
+    Only a shingle among the rarest of two texts or more can find one, and few are (most rare 3-grams are
+    in one text alone): those are told first, from every text's rarest kept as 8-byte hashes, and only
+    they are indexed. A kept text is measured again from its folded form. Holding every kept text's
+    shingles, and every rare one, took two gigabytes for 100,000 posts.
     """
 
-    def __init__(self, documents: Iterable[list[str]]) -> None:
+    def __init__(self, folds: Sequence[str], progress: Progress | None = None) -> None:
+        self.folds = folds
         self.word_counts: Counter[tuple[str, int]] = Counter()  # how many texts hold each word (its nth time)
-        for tokens in documents:
-            self.word_counts.update(_words(tokens))
-        self.sets: list[set[tuple[str, ...]]] = []
-        self.tokens: list[list[str]] = []
-        self.by_shingle: dict[tuple[str, ...], list[int]] = defaultdict(list)
+        for fold in folds:
+            self.word_counts.update(_words(fold.split()))
+        # Text n's rarest shingles, hashed, are rarest[starts[n] : starts[n + 1]]. Two shingles of one hash
+        # only bring a text more to measure: nothing is found near that is not.
+        self.rarest = array("q")
+        self.starts = array("q", [0])
+        for done, fold in enumerate(folds):
+            if progress:
+                progress("indexing", done, len(folds))
+            self.rarest.extend({hash(shingle) for shingle in self._rarest_shingles(fold.split())})
+            self.starts.append(len(self.rarest))
+        import numpy as np  # here: train's checks import this module, and would wait for numpy (0.1 s)
+
+        hashes = np.sort(np.frombuffer(self.rarest, dtype=np.int64))
+        shared = hashes[1:][hashes[1:] == hashes[:-1]]
+        self.by_shingle: dict[int, list[int]] = {key: [] for key in shared.tolist()}  # -> kept texts holding it
         # word -> text's length -> where the word is in the text's order of rarity -> texts
         self.by_word: dict[tuple[str, int], dict[int, list[list[int]]]] = defaultdict(lambda: defaultdict(list))
 
-    def _rarest_shingles(self, tokens: list[str], count: int) -> list[tuple[str, ...]]:
-        """The first of a text's ``count`` shingles in the order of rarity, guessed from their words' counts
+    def _rarest_shingles(self, tokens: list[str]) -> list[tuple[str, ...]]:
+        """The first of a text's shingles in the order of rarity, guessed from their words' counts
         (counting every 3-gram took as much memory as the texts); ties go by the 3-gram itself."""
         if len(tokens) < _SHINGLE_WORDS:
             return [tuple(tokens)]
         counts = [self.word_counts[(token, 0)] for token in tokens]
-        ranked = {(counts[i] * counts[i + 1] * counts[i + 2], *tokens[i : i + _SHINGLE_WORDS])
-                  for i in range(len(tokens) - _SHINGLE_WORDS + 1)}
-        return [shingle[1:] for shingle in sorted(ranked)[: _prefix_length(count, NEAR_DUPLICATE_JACCARD)]]
+        ranked = sorted({(counts[i] * counts[i + 1] * counts[i + 2], *tokens[i : i + _SHINGLE_WORDS])
+                         for i in range(len(tokens) - _SHINGLE_WORDS + 1)})  # one for each distinct 3-gram
+        return [shingle[1:] for shingle in ranked[: _prefix_length(len(ranked), NEAR_DUPLICATE_JACCARD)]]
 
     def _rarest_words(self, tokens: list[str]) -> list[tuple[str, int]]:
         if len(tokens) >= _SHORT_WORDS:  # too long for ``_similar_short``: its shingles find it
@@ -164,21 +182,21 @@ class _NearIndex:
         ranked = sorted((self.word_counts[word], word) for word in _words(tokens))
         return [word for _, word in ranked[: _prefix_length(len(tokens), _SHARED_WORDS_SHORT)]]
 
-    def admit(self, shingles: set[tuple[str, ...]], tokens: list[str]) -> bool:
-        """Keep a text unless it is near one kept; whether it was kept."""
-        rarest_shingles = self._rarest_shingles(tokens, len(shingles))
+    def admit(self, number: int) -> bool:
+        """Keep text ``number`` unless it is near one kept; whether it was kept."""
+        tokens = self.folds[number].split()
+        shared = [key for key in self.rarest[self.starts[number] : self.starts[number + 1]] if key in self.by_shingle]
         rarest_words = self._rarest_words(tokens)
         candidates: set[int] = set()
-        for shingle in rarest_shingles:
-            candidates.update(self.by_shingle.get(shingle, ()))
+        for key in shared:
+            candidates.update(self.by_shingle[key])
         candidates.update(self._alike_short(rarest_words, len(tokens)))
-        if any(self._near(shingles, tokens, other) for other in candidates):
-            return False
-        number = len(self.sets)
-        self.sets.append(shingles)
-        self.tokens.append(tokens)
-        for shingle in rarest_shingles:
-            self.by_shingle[shingle].append(number)
+        if candidates:
+            shingles = _shingles(tokens)
+            if any(self._near(shingles, tokens, other) for other in candidates):
+                return False
+        for key in shared:
+            self.by_shingle[key].append(number)
         for place, word in enumerate(rarest_words):
             by_place = self.by_word[word][len(tokens)]
             by_place += [[] for _ in range(place + 1 - len(by_place))]
@@ -200,14 +218,16 @@ class _NearIndex:
         return found
 
     def _near(self, shingles: set[tuple[str, ...]], tokens: list[str], other: int) -> bool:
-        overlap = len(shingles & self.sets[other])
+        other_tokens = self.folds[other].split()
+        other_shingles = _shingles(other_tokens)
+        overlap = len(shingles & other_shingles)
         if not overlap:  # only texts that share a 3-gram are compared
             return False
-        union = len(shingles) + len(self.sets[other]) - overlap
+        union = len(shingles) + len(other_shingles) - overlap
         if overlap / union >= NEAR_DUPLICATE_JACCARD:
             return True
         # Two edits change at most six 3-grams: fewer shared and the texts differ more.
-        return overlap >= min(len(shingles), len(self.sets[other])) - 6 and _similar_short(tokens, self.tokens[other])
+        return overlap >= min(len(shingles), len(other_shingles)) - 6 and _similar_short(tokens, other_tokens)
 
 
 def _similar_short(a: list[str], b: list[str]) -> bool:
@@ -223,14 +243,15 @@ def _similar_short(a: list[str], b: list[str]) -> bool:
 def clean_documents(texts: Sequence[str], options: CleanOptions | None = None,
                     progress: Progress | None = None) -> tuple[list[str], CleanReport]:
     """The cleaned documents in their original order, and a report of what was dropped;
-    ``progress`` is told ("cleaning", done, total) after each document."""
+    ``progress`` is told ("indexing", done, total) as the near-duplicate index reads each document, then
+    ("cleaning", done, total) after each."""
     options = options or CleanOptions()
     report = CleanReport()
     kept: list[str] = []
     seen: set[str] = set()
     normalized = [normalize_text(raw, options) for raw in texts]
     folded = [_folded(text) for text in normalized]
-    near = _NearIndex(fold.split() for fold in folded) if options.near_duplicates else None
+    near = _NearIndex(folded, progress) if options.near_duplicates else None
     for done, (text, fold) in enumerate(zip(normalized, folded)):
         if progress:
             progress("cleaning", done, len(texts))
@@ -240,9 +261,7 @@ def clean_documents(texts: Sequence[str], options: CleanOptions | None = None,
         if fold in seen:
             report.dropped["duplicate"] += 1
             continue
-        tokens = fold.split()
-        shingles = _shingles(tokens)
-        if near is not None and not near.admit(shingles, tokens):
+        if near is not None and not near.admit(done):
             report.dropped["near-duplicate"] += 1
             continue
         seen.add(fold)

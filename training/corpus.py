@@ -211,8 +211,8 @@ def build_corpus(
     on purpose (drafts, records without the field), are reported in ``problems``.
 
     ``exclude``: files not to read from the folders named (the corpus file being written).
-    ``progress``: told ("reading", files done, files) before each file, then ("cleaning", ...) as
-    ``clean_documents`` tells it.
+    ``progress``: told ("reading", files done, files) before each file, then ("indexing", ...) and
+    ("cleaning", ...) as ``clean_documents`` tells it.
     """
     if fmt not in FORMATS:
         raise CorpusError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")

@@ -6,10 +6,10 @@ file and line; the corpus builder reports it and goes on with the other files.
 
 Formats: Markdown with YAML (``---``) or TOML (``+++``) front matter (``markdown.py``), plain text split on
 ``<|endoftext|>`` or blank lines, CSV (one column; comma, semicolon, tab or bar between
-cells), JSONL (one field; a JSON array of records too), PDF (``pdf.py``), Twitter/X
-archives (``tweets.py``: the export's zip, or ``tweets.js`` and its parts, with the full text of
-long posts taken from the ``note-tweet.js`` beside them) and fortune files (``fortune.py``: ``%`` between
-entries; the offensive ones that ``strfile -x`` stored in ROT13 are read decoded).
+cells), JSONL (one field; a JSON array of records too, or an object wrapping them: ``{"posts": [...]}``),
+PDF (``pdf.py``), Twitter/X archives (``tweets.py``: the export's zip, or ``tweets.js`` and its parts, with
+the full text of long posts taken from the ``note-tweet.js`` beside them) and fortune files (``fortune.py``:
+``%`` between entries; the offensive ones that ``strfile -x`` stored in ROT13 are read decoded).
 
 Text is UTF-8, or UTF-16/32 when it starts with a byte-order mark (Notepad's "Unicode"), or UTF-16
 without one (told by where its NUL bytes fall: ``_utf16_without_mark``). Text
@@ -258,7 +258,7 @@ def detect_format(path: Path) -> str:
     suffix = path.suffix.lower()
     if is_tweet_archive(path) or is_note_tweets(path):
         return "tweets"
-    # A .json file named is a JSON array of records (or JSON Lines): the JSONL reader reads both.
+    # A .json file named is a JSON array of records, an object wrapping them, or JSON Lines: the JSONL reader reads them.
     by_suffix = {".md": "markdown", ".markdown": "markdown", ".csv": "csv", ".tsv": "csv", ".jsonl": "jsonl",
                  ".ndjson": "jsonl", ".json": "jsonl", ".pdf": "pdf", ".fortune": "fortune", ".fortunes": "fortune",
                  ".zip": "tweets"}  # the zip of an X export; the tweets reader says what any other zip is
@@ -438,29 +438,54 @@ _BLANK = re.compile(r"[ \t\n\r]*")
 def _whole_json_records(text: str) -> list[tuple[int, object]]:
     """(line, record) for a text that is one JSON value over many lines: each item of an array
     with the line it starts on (each was named by the array's first line), or the one value."""
-    decoder = json.JSONDecoder()
     position = _BLANK.match(text).end()
     if not text.startswith("[", position):
-        value, end = decoder.raw_decode(text, position)
+        value, end = json.JSONDecoder().raw_decode(text, position)
         records = [(text.count("\n", 0, position) + 1, value)]
     else:
-        records = []
-        line, counted = 1, 0
-        end = _BLANK.match(text, position + 1).end()
-        while not (text.startswith("]", end) and not records):
-            line += text.count("\n", counted, end)
-            counted = end
-            item, end = decoder.raw_decode(text, end)
-            records.append((line, item))
-            end = _BLANK.match(text, end).end()
-            if text.startswith("]", end):
-                break
-            if not text.startswith(",", end):
-                raise json.JSONDecodeError("Expecting ',' delimiter", text, end)
-            end = _BLANK.match(text, end + 1).end()
-        end += 1  # past the "]"
+        records, end = _array_records(text, position)
     if (rest := _BLANK.match(text, end).end()) != len(text):
         raise json.JSONDecodeError("Extra data", text, rest)
+    return records
+
+
+def _array_records(text: str, position: int) -> tuple[list[tuple[int, object]], int]:
+    """(line, item) for each item of the JSON array whose "[" is at ``position``, each with the line
+    it starts on, and where the array ends."""
+    decoder = json.JSONDecoder()
+    records: list[tuple[int, object]] = []
+    line, counted = 1, 0
+    end = _BLANK.match(text, position + 1).end()
+    while not (text.startswith("]", end) and not records):
+        line += text.count("\n", counted, end)
+        counted = end
+        item, end = decoder.raw_decode(text, end)
+        records.append((line, item))
+        end = _BLANK.match(text, end).end()
+        if text.startswith("]", end):
+            break
+        if not text.startswith(",", end):
+            raise json.JSONDecodeError("Expecting ',' delimiter", text, end)
+        end = _BLANK.match(text, end + 1).end()
+    return records, end + 1  # past the "]"
+
+
+def _member_records(text: str, key: str) -> list[tuple[int, object]]:
+    """(line, item) for each item of the array under ``key`` in the JSON object a text holds (a text
+    known to be JSON), each with the line it starts on."""
+    decoder = json.JSONDecoder()
+    records: list[tuple[int, object]] = []
+    end = _BLANK.match(text, text.index("{") + 1).end()  # past the "{" (the lines before it are blank)
+    while not text.startswith("}", end):
+        name, end = decoder.raw_decode(text, end)
+        end = _BLANK.match(text, _BLANK.match(text, end).end() + 1).end()  # past the ":"
+        if name == key and text.startswith("[", end):  # the last of a key written twice, as json.loads reads it
+            records, end = _array_records(text, end)
+        else:
+            end = decoder.raw_decode(text, end)[1]
+        end = _BLANK.match(text, end).end()
+        if text.startswith(",", end):
+            end = _BLANK.match(text, end + 1).end()
     return records
 
 
@@ -476,14 +501,49 @@ def _field(record: object, dotted: str) -> object:
     return record
 
 
+def _listed_records(path: Path, text: str, line: int, record: dict, field: str) -> list[tuple[int, object]]:
+    """The records of a JSON object that wraps them in a list (``{"posts": [...]}``, a JSON feed's
+    ``"items"``), or the object itself when it holds no such list.
+
+    The list is the one whose records have the field; else the one list of records (the error then
+    names their fields); else the one list of strings. Two lists alike cannot be told apart:
+    ``SourceProblem`` naming them.
+    """
+    lists = {key: items for key, items in record.items() if isinstance(items, list) and items}
+    with_field = [key for key, items in lists.items()
+                  if any(isinstance(item, dict) and _field(item, field) is not _ABSENT for item in items)]
+    of_records = [key for key, items in lists.items() if all(isinstance(item, dict) for item in items)]
+    of_strings = [key for key, items in lists.items() if all(isinstance(item, str) for item in items)]
+    for keys in (with_field, of_records, of_strings):
+        if len(keys) == 1:
+            return _member_records(text, keys[0])
+        if len(keys) > 1 and keys is of_records:
+            fields = "; ".join(f"{key!r}: {', '.join(map(str, lists[key][0]))}" for key in keys)
+            raise SourceProblem(path, line, f"no record has the field {field!r}, in any of the lists of records the "
+                                            f"object holds (their first records' fields are {fields}); use --field")
+        if len(keys) > 1:
+            held = ", ".join(f"{key!r} ({len(lists[key])} record(s))" for key in keys)
+            name = keys[0] if keys[0].isidentifier() else "records"
+            pick = f".{keys[0]}" if keys[0].isidentifier() else f".[{json.dumps(keys[0])}]"
+            raise SourceProblem(path, line, f"the object holds several lists of writing: {held}, and which to read "
+                                            f"cannot be told; save the one to read as a file of its own (jq "
+                                            f"'{pick}' {path.name} > {name}.json) and name that")
+    return [(line, record)]
+
+
 def read_jsonl(path: Path, options: ReadOptions) -> Documents:
     """One document per line, from the field named by ``--field`` (dots go deeper); the records
-    without it (or with null in it), and a few lines that are not JSON, are left out and said so."""
+    without it (or with null in it), and a few lines that are not JSON, are left out and said so.
+    One object without the field that wraps the records in a list (``{"posts": [...]}``) gives them."""
     documents = Documents()
     first: tuple[int, dict] | None = None  # the first record that is an object, for the error
     present = False
     lacking: list[int] = []
-    records, broken = _json_records(path, read_text_file(path))
+    text = read_text_file(path)
+    records, broken = _json_records(path, text)
+    if (len(records) == 1 and not broken and isinstance(records[0][1], dict)
+            and _field(records[0][1], options.field) is _ABSENT):  # one object: perhaps the wrapper of a list
+        records = _listed_records(path, text, *records[0], options.field)
     for number, record in records:
         if isinstance(record, str):
             documents.append(RawDocument(record, str(path), number))
