@@ -2,10 +2,11 @@
 
 ``static_problem`` looks at the folder only (cheap, runs in the CLI): weights files
 present, readable config, a ``checkpoint.json`` that ``persona checkpoints`` can list
-(refused in the same words), trained on the persona's base. ``loaded_problem`` compares
-a loaded candidate with the weights serving now (same parameter names and shapes); the
-pool's warm-up of its engine has already run it once (finite logits). Each returns a
-sentence naming the problem, or None when the checkpoint is fine.
+(refused in the same words), trained on the persona's base, full weights' safetensors
+files all there and whole (their headers read; in the words loading refuses them with).
+``loaded_problem`` compares a loaded candidate with the weights serving now (same
+parameter names and shapes); the pool's warm-up of its engine has already run it once
+(finite logits). Each returns a sentence naming the problem, or None when it is fine.
 """
 
 from __future__ import annotations
@@ -15,14 +16,20 @@ from pathlib import Path
 
 from persona.checkpoints import METADATA_FILE, read_checkpoint
 from persona.errors import ModelError
-from persona.models import BUNDLED_ALIASES, LoadedModel, is_lora_dir
+from persona.models import (
+    BUNDLED_ALIASES,
+    LoadedModel,
+    check_weights_files,
+    is_lora_dir,
+)
+from persona.models import DAMAGED_ADVICE as REDO_ADVICE
 from persona.personas import Persona
 
 __all__ = ["loaded_problem", "same_base", "static_problem"]
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
 MAX_SHAPE_DIFFERENCES_SHOWN = 3
-DAMAGED_ADVICE = "it is cut short or damaged: copy the whole folder again, or train again"
+DAMAGED_ADVICE = f"it is cut short or damaged: {REDO_ADVICE}"
 
 
 def same_base(a: str, b: str) -> bool:
@@ -47,7 +54,8 @@ def static_problem(persona: Persona, folder: Path) -> str | None:
     """What is wrong with a checkpoint folder before any weights are loaded, or None."""
     if not folder.is_dir():
         return f"checkpoint folder {folder} does not exist"
-    config_name = "adapter_config.json" if is_lora_dir(folder) else "config.json"
+    lora = is_lora_dir(folder)
+    config_name = "adapter_config.json" if lora else "config.json"
     if not (folder / config_name).is_file():
         return f"checkpoint {folder} has neither adapter_config.json (LoRA) nor config.json (full weights)"
     _, problem = _json_object(folder, config_name)
@@ -65,6 +73,11 @@ def static_problem(persona: Persona, folder: Path) -> str | None:
                 f"checkpoint {folder.name} was trained on base {trained_on!r}, but persona "
                 f"{persona.name!r} runs on {persona.model.base!r} (wrong base)"
             )
+    if not lora:
+        try:
+            check_weights_files(folder)  # headers only: every worker a swap asked loaded them to find this
+        except ModelError as exc:  # in the words loading refuses them with
+            return str(exc)
     return None
 
 

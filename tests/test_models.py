@@ -73,7 +73,7 @@ def test_corrupt_checkpoint_is_refused(tiny_llama_dir, tmp_path):
     broken.mkdir()
     (broken / "config.json").write_text(json.dumps({"model_type": "llama"}))
     (broken / "model.safetensors").write_bytes(b"not really weights")
-    with pytest.raises(ModelError, match="cannot load the model"):
+    with pytest.raises(ModelError, match=r"its model\.safetensors is unreadable .*copy the whole folder again"):
         load_model(str(tiny_llama_dir), broken, cache_dir=tmp_path)
     with pytest.raises(ModelError, match="neither adapter_config.json"):
         load_model(str(tiny_llama_dir), tmp_path, cache_dir=tmp_path)
@@ -195,6 +195,57 @@ def test_a_damaged_lora_checkpoint_is_called_damaged_not_a_misfit(tiny_llama_dir
     with pytest.raises(ModelError, match="adapter_model.safetensors.*(unreadable|missing)") as refused:
         load_model(str(tiny_llama_dir), lora, cache_dir=tmp_path)
     assert "does not fit" not in str(refused.value)
+
+
+def full_checkpoint(base_dir: Path, out: Path, damage: str) -> Path:
+    """A copy of the base as full weights (in two shards for a shard's damage), damaged as said."""
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(base_dir).save_pretrained(out, max_shard_size="100KB" if "shard" in damage else "1GB")
+    weights = max(out.glob("model*.safetensors"))  # the second shard, when sharded
+    if damage == "shard missing":
+        weights.unlink()
+    else:  # a copy that did not finish
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size * 9 // 10])
+    return out
+
+
+@pytest.mark.parametrize(("damage", "said"), [
+    ("cut short", r"its model\.safetensors is unreadable \(it holds [\d,]+ bytes where its header names [\d,]+\), cut short"),
+    ("shard cut short", r"its model-00002-of-00002\.safetensors is unreadable \(it holds [\d,]+ bytes where its header"),
+    ("shard missing", r"has its model\.safetensors\.index\.json but its model-00002-of-00002\.safetensors is missing"),
+])
+def test_a_full_weights_checkpoint_cut_short_is_called_damaged_before_and_when_loading(
+        tiny_llama_dir, tmp_path, damage, said):
+    """It was refused only by loading it, in safetensors' words ("incomplete metadata, file not
+    fully covered") and no advice; `persona swap` found it so by every worker it asked."""
+    from persona.checkpoint_checks import static_problem
+    from persona.personas import Persona
+
+    checkpoint = full_checkpoint(tiny_llama_dir, tmp_path / "full", damage)
+    with pytest.raises(ModelError, match=said) as refused:
+        load_model(str(tiny_llama_dir), checkpoint, cache_dir=tmp_path / "cache")
+    assert str(refused.value).endswith("copy the whole folder again, or train again"), refused.value
+    tiny = Persona.model_validate({"name": "tiny", "model": {"base": str(tiny_llama_dir)}, "prompt": {"system": "Be."}})
+    assert static_problem(tiny, checkpoint) == str(refused.value)  # refused before any load, in the same words
+
+
+def test_a_lora_adapter_for_a_base_of_another_size_is_refused_in_a_sentence(tiny_llama_dir, tmp_path):
+    """peft's error listed every weight of another shape, a line each (hundreds for a real model)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    wider = AutoConfig.from_pretrained(tiny_llama_dir)
+    wider.hidden_size, wider.intermediate_size, wider._name_or_path = 64, 128, "wider-llama"
+    lora = tmp_path / "lora"
+    get_peft_model(AutoModelForCausalLM.from_config(wider), LoraConfig(r=4, target_modules=["q_proj", "v_proj"])).save_pretrained(lora)
+    with pytest.raises(ModelError) as refused:
+        load_model(str(tiny_llama_dir), lora, cache_dir=tmp_path / "cache")
+    said = str(refused.value)
+    assert "does not fit this base model (it was trained on wider-llama): 4 of its 8 weights have other shapes" in said
+    assert "(model.layers.0.self_attn.q_proj.lora_A.weight: [4, 64] in the file, [4, 32] in this model; " in said, said
+    assert said.endswith("; ...); serve it on the base it was trained on, or train it again on this one"), said
+    assert "size mismatch" not in said and "\n" not in said and len(said) < 600, said
 
 
 def test_a_lora_adapter_missing_some_of_its_weights_is_refused_naming_them(tiny_llama_dir, tmp_path):

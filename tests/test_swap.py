@@ -98,7 +98,7 @@ def test_swap_with_no_workers_away_from_a_removed_version(settings, redis_client
 @pytest.mark.parametrize(
     ("broken", "named"),
     [
-        ({"corrupt": True}, "cannot load the model"),
+        ({"corrupt": True}, "its model.safetensors is unreadable"),
         ({"hidden": 64}, "wrong shapes"),
         ({"nan": True}, "NaN or infinite logits"),
         ({"base": "/somewhere/else"}, "wrong base"),
@@ -110,7 +110,7 @@ def test_broken_checkpoint_is_refused_and_the_old_one_keeps_serving(
     make_checkpoint(settings, tiny_llama_dir, "tiny", seed=3, **broken)
     worker = running_worker("w-one")
     assert client.ask(chat(), timeout=60).ok
-    if "base" in broken:  # refused by the operator's own machine, before any worker is asked
+    if "base" in broken or "corrupt" in broken:  # refused by the operator's own machine, before any worker is asked
         from persona.errors import SwapRefused
 
         with pytest.raises(SwapRefused, match=named):
@@ -152,7 +152,8 @@ def test_all_or_nothing_when_one_of_two_workers_refuses(
         # the first refusal ends the swap; w-a may not have answered by then
         assert "w-a" not in outcome.votes or outcome.votes["w-a"].ready
         assert not outcome.votes["w-b"].ready
-        assert "cannot load the model from" in outcome.votes["w-b"].reason and "machine-b" in outcome.votes["w-b"].reason
+        reason = outcome.votes["w-b"].reason
+        assert "model.safetensors is unreadable" in reason and "machine-b" in reason and "copy the whole folder" in reason
         assert "worker w-b" in outcome.problem and "nothing changed" in outcome.problem
         assert swaps.active_versions(redis_client) == {}
         versions = {client.ask(chat(), timeout=60).version for _ in range(6)}
@@ -587,7 +588,7 @@ def test_a_worker_that_cannot_load_the_version_swapped_to_says_so_and_what_to_do
     (v1.path / "model.safetensors").write_bytes(b"\0" * 64)
     running_worker("w-late")
     reply = client.ask(chat(), timeout=60)
-    assert not reply.ok and "cannot load the model" in reply.error.message
+    assert not reply.ok and "its model.safetensors is unreadable" in reply.error.message
     assert "'tiny' was swapped to v1, which worker w-late cannot load" in reply.error.message
     assert "`persona rollback tiny`" in reply.error.message
 
@@ -640,7 +641,7 @@ def test_a_swap_with_no_worker_running_says_it_was_checked_here_and_what_workers
     assert "checked on this machine (no running worker serves tiny); workers load v1 when they next serve it" in done.stdout
     assert "0 worker(s)" not in done.stdout
     damaged = persona("swap", "tiny", "v2")
-    assert damaged.returncode == 1 and "cannot load the model" in damaged.stderr, damaged.stderr
+    assert damaged.returncode == 1 and "cut short or damaged" in damaged.stderr, damaged.stderr
     assert "'tiny' keeps its current version" in damaged.stderr, damaged.stderr
     assert swaps.active_versions(redis_client) == {"tiny": "v1"}
 
@@ -654,7 +655,7 @@ def test_a_swap_no_running_worker_serves_is_checked_here(
     running_worker("w-other")  # serves nothing yet
     wait_until(lambda: live_worker_ids(redis_client) == {"w-other"})
     damaged = _cli(settings, redis_url, personas_dir)("swap", "tiny", "v1")
-    assert damaged.returncode == 1 and "cannot load the model" in damaged.stderr, damaged.stderr
+    assert damaged.returncode == 1 and "cut short or damaged" in damaged.stderr, damaged.stderr
     assert "'tiny' keeps its current version" in damaged.stderr, damaged.stderr
     assert swaps.active_versions(redis_client) == {}
 
@@ -681,4 +682,26 @@ def test_a_lora_adapter_whose_weights_fit_nothing_is_refused_not_swapped_in_as_t
     assert swapped.returncode == 1, swapped.stdout
     assert "holds none of the" in swapped.stderr and "keeps its current version" in swapped.stderr, swapped.stderr
     assert "missing adapter keys" not in swapped.stderr and len(swapped.stderr) < 1000, swapped.stderr
+    assert swaps.active_versions(redis_client) == {}
+
+
+def test_swap_refuses_a_checkpoint_with_a_shard_cut_short_in_words_that_say_what_to_do(
+    settings, redis_url, redis_client, tiny, tiny_llama_dir, personas_dir
+):
+    """A shard cut short (a copy that did not finish) was found only by loading it, on this
+    machine or by every worker asked, and said in safetensors' words: "cannot load the model
+    from …: Error while deserializing header: incomplete metadata, file not fully covered"."""
+    from transformers import AutoModelForCausalLM
+
+    staging = settings.data_dir / "staging-sharded"
+    AutoModelForCausalLM.from_pretrained(tiny_llama_dir).save_pretrained(staging, max_shard_size="100KB")
+    shard = staging / "model-00002-of-00002.safetensors"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    v1 = register_checkpoint(settings.checkpoints_dir, staging,
+                             CheckpointInfo(persona="tiny", version="", base=str(tiny_llama_dir), kind="full"))
+    refused = _cli(settings, redis_url, personas_dir)("swap", "tiny", "v1")
+    said = " ".join(refused.stderr.split())
+    assert refused.returncode == 1, refused.stdout
+    assert f"checkpoint {v1.path}: its model-00002-of-00002.safetensors is unreadable (it holds " in said, said
+    assert "cut short or damaged; copy the whole folder again, or train again; 'tiny' keeps its current version" in said
     assert swaps.active_versions(redis_client) == {}
