@@ -58,7 +58,7 @@ def setup_logging(settings: Settings, *, level: str | None = None, stream: TextI
     """One log format for every process; secrets never reach a handler. Lines go to
     ``stream`` (default: stderr)."""
     root = logging.getLogger()
-    root.setLevel(level or settings.log_level)
+    root.setLevel((level or settings.log_level).upper())
     handler = logging.StreamHandler(stream)
     handler.setFormatter(RedactingFormatter(LOG_FORMAT, secrets_of(settings)))
     root.handlers[:] = [handler]

@@ -253,8 +253,10 @@ def format_validation_error(path: Path, error: ValidationError) -> str:
         got = item.get("input")
         if item["loc"] == ("name",) and item["type"] == "string_pattern_mismatch":
             # The pattern itself told nobody what to do ("String should match pattern '^[a-z0-9]...'").
+            example = _suggested_name(str(got))
             lines.append(
-                f"  name: {got!r} is not a persona name: {NAME_RULE}; without a name field, the file's name is the persona's"
+                f"  name: {got!r} is not a persona name: {NAME_RULE}{f', e.g. {example!r}' if example else ''}; "
+                "without a name field, the file's name is the persona's"
             )
             continue
         if item["type"] == "value_error":
@@ -271,7 +273,13 @@ def format_validation_error(path: Path, error: ValidationError) -> str:
 
 
 def _meant(loc: tuple) -> str:
-    """For a field no section has: the known one it is closest to, else the known ones."""
+    """For a field no section has: the known one it is closest to, else the known ones. A
+    top-level field found in a table was written below a [table] header, where TOML reads
+    every key as the table's, up to the next header."""
+    top_level = [name for name, field in Persona.model_fields.items() if not field.exclude]
+    if len(loc) > 1 and loc[-1] in top_level:
+        return (f"{loc[-1]} is a top-level field: write it at the top of the file, before any [table] header "
+                f"(below [{loc[0]}], a key belongs to that table)")
     model: type[BaseModel] = Persona
     for part in loc[:-1]:
         field = model.model_fields.get(part) if isinstance(part, str) else None
@@ -287,7 +295,8 @@ def _meant(loc: tuple) -> str:
 def load_persona_file(path: Path) -> Persona:
     """Read and validate one persona file; raise ConfigError naming what is wrong."""
     try:
-        raw = path.read_bytes().decode("utf-8")
+        # Less the byte-order mark Windows editors write, which tomllib refuses.
+        raw = path.read_bytes().decode("utf-8").removeprefix("\ufeff")
         data = tomllib.loads(raw)
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
@@ -381,11 +390,30 @@ class PersonaRegistry:
             for path in reversed(self.files()):
                 if path.stem == name:
                     return load_persona_file(path)
+        else:  # its file is skipped by every listing: "unknown persona" sent people looking for it
+            named = unicodedata.normalize("NFC", name)  # macOS keeps file names decomposed
+            for path in reversed(self.files()):
+                if unicodedata.normalize("NFC", path.stem) == named:
+                    raise ConfigError(_misnamed(path))
         found, problems = self.scan()
         if problems:  # the one meant may be among them: one line, not every file's problems in full
             log.warning("%d invalid persona file(s) skipped; `persona personas validate` names the problems", len(problems))
         raise UnknownPersona(name, sorted(found))
 
+
+
+def _suggested_name(word: str) -> str:
+    """A persona name close to ``word`` ("Ünïcode" → "unicode", "My Bot" → "my-bot"), "" if none."""
+    plain = unicodedata.normalize("NFKD", word).encode("ascii", "ignore").decode().lower()
+    name = re.sub(r"[^a-z0-9_-]+", "-", plain).strip("-_")[:64]
+    return name if re.fullmatch(NAME_PATTERN, name) else ""
+
+
+def _misnamed(path: Path) -> str:
+    """What to do with a persona file whose name is no persona name."""
+    example = _suggested_name(path.stem)
+    rename = f"rename it to {example}.toml" if example else "rename it"
+    return f"{path}: the file exists, but {path.stem!r} is not a persona name: {NAME_RULE}; {rename}"
 
 
 def _digest(path: Path) -> str:

@@ -4,7 +4,7 @@ Read once at start-up (``Settings()``) and passed down; nothing else in the proj
 reads the environment. Precedence, highest first: constructor arguments, environment
 variables (``PERSONA_`` prefix, ``__`` between nested names), the ``.env`` file in the
 working directory, files in the secrets directory (``/run/secrets`` in containers),
-then the defaults below.
+then the defaults below. A variable set to nothing (``PERSONA_DATA_DIR=``) counts as unset.
 """
 
 from __future__ import annotations
@@ -43,6 +43,30 @@ def _blank_is_unset(value: object) -> object:
     """A token set to nothing (``PERSONA_DASHBOARD__TOKEN=``) is no token, not an empty one."""
     raw = value.get_secret_value() if isinstance(value, SecretStr) else value
     return None if isinstance(raw, str) and not raw.strip() else value
+
+
+def _data_dir(value: object) -> object:
+    """A blank data directory is the default one, not the working directory (``Path("")`` is ".")."""
+    return default_data_dir() if isinstance(value, str) and not value.strip() else value
+
+
+def _within_a_deadline(value: float) -> float:
+    """A wait tied to one request: no longer than a request's deadline may lie ahead (a day; a
+    request given one further is refused, so a longer setting was every request refused)."""
+    # Not at the top: persona.validation imports this module.
+    from persona.validation import LATEST_DEADLINE_AFTER_S
+
+    if value > LATEST_DEADLINE_AFTER_S:
+        raise ValueError(
+            f"{value:g} s is more than {LATEST_DEADLINE_AFTER_S:g} s (a day), the furthest a request's "
+            "deadline may lie ahead; give a number of seconds within a day"
+        )
+    return value
+
+
+# The longest any other interval setting may be. Past it a value is a slip (milliseconds given
+# as seconds), and far past it the waits overflow: threading's timeouts, Redis's expiry times.
+LONGEST_INTERVAL_S = 7 * 24 * 3600.0  # a week
 
 
 def _token(value: object) -> object:
@@ -115,13 +139,18 @@ class QueueSettings(BaseModel):
     """Limits of the Redis queue; every worker and client must agree on these."""
 
     max_length: int = Field(1000, ge=1, description="requests waiting per stream before 'busy'")
-    visibility_timeout_s: float = Field(120.0, gt=0, description="reclaim a job held this long")
+    visibility_timeout_s: float = Field(120.0, gt=0, allow_inf_nan=False, description="reclaim a job held this long")
     max_pending_per_user: int = Field(20, ge=1, description="one sender's requests waiting at once")
     max_deliveries: int = Field(3, ge=1, description="deliveries before a job is dead-lettered")
     reply_ttl_s: int = Field(600, ge=1, description="how long an unread reply is kept")
-    default_deadline_s: float = Field(120.0, gt=0, description="a request's deadline if it sets none")
+    default_deadline_s: float = Field(
+        120.0, gt=0, allow_inf_nan=False, description="a request's deadline if it sets none (a day at most)"
+    )
     max_message_chars: int = Field(8000, ge=1, description="longest single message accepted")
     max_messages: int = Field(64, ge=1, description="most conversation turns in one request")
+
+    # A job held past any request's deadline has nobody waiting for it.
+    _a_day_at_most = field_validator("visibility_timeout_s", "default_deadline_s")(_within_a_deadline)
 
 
 class WorkerSettings(BaseModel):
@@ -129,8 +158,8 @@ class WorkerSettings(BaseModel):
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
     max_batch: int = Field(16, ge=1, description="requests generated together at most")
-    heartbeat_s: float = Field(2.0, gt=0, description="how often a worker reports it is alive")
-    heartbeat_ttl_s: float = Field(10.0, gt=0, description="a worker silent this long is dead")
+    heartbeat_s: float = Field(2.0, gt=0, le=LONGEST_INTERVAL_S, allow_inf_nan=False, description="how often a worker reports it is alive")
+    heartbeat_ttl_s: float = Field(10.0, gt=0, le=LONGEST_INTERVAL_S, allow_inf_nan=False, description="a worker silent this long is dead")
     threads: int | None = Field(None, ge=1, description="CPU threads for torch and llama.cpp (default: all cores; 1 on a machine shared with other work)")
     engine: Literal["auto", "eager", "fused", "int8", "llamacpp"] = Field(
         "auto",
@@ -141,10 +170,10 @@ class WorkerSettings(BaseModel):
         "models 512 wide or more, else fused; fused on a GPU; eager if not a Llama)",
     )
     cancel_check_s: float = Field(
-        0.5, gt=0, description="while decoding, how often withdrawn requests are looked for (they stop at once)"
+        0.5, gt=0, le=LONGEST_INTERVAL_S, allow_inf_nan=False, description="while decoding, how often withdrawn requests are looked for (they stop at once)"
     )
     load_retry_s: float = Field(
-        30.0, ge=0,
+        30.0, ge=0, le=LONGEST_INTERVAL_S, allow_inf_nan=False,
         description="a persona whose model failed to load is answered with that failure for this long "
         "before loading is tried again (each try holds up the worker's other requests)",
     )
@@ -191,8 +220,12 @@ class ChatAdapterSettings(BaseModel):
     chat_messages_per_minute: int = Field(20, ge=1, description="one chat's or channel's messages per minute")
     conversation_ttl_s: int = Field(7 * 24 * 3600, ge=60, description="a quiet conversation is forgotten after this")
     context_chars: int = Field(6000, ge=200, description="most characters of history sent with a message")
-    reply_timeout_s: float = Field(120.0, gt=0, description="how long to wait for a worker's answer")
+    reply_timeout_s: float = Field(
+        120.0, gt=0, allow_inf_nan=False, description="how long to wait for a worker's answer (a day at most)"
+    )
     pairing_code_ttl_s: int = Field(24 * 3600, ge=60, description="how long a pairing code can be approved")
+
+    _a_day_at_most = field_validator("reply_timeout_s")(_within_a_deadline)
 
     @property
     def reconnect_wait_cap_s(self) -> float:
@@ -234,7 +267,7 @@ class TelegramSettings(ChatAdapterSettings):
     allowed_users: list[int] = Field(default_factory=list)
     allowed_chats: list[int] = Field(default_factory=list, description="groups it answers in; empty: all")
     paste_window_s: float = Field(
-        1.0, ge=0,
+        1.0, ge=0, le=LONGEST_INTERVAL_S, allow_inf_nan=False,
         description="Telegram's apps send a paste over 4,096 characters as several messages: one long "
         "enough to be such a piece waits this long for the next, and the pieces are answered as one "
         "message (short messages never wait, except by webhook for an update numbered before them and still "
@@ -268,17 +301,21 @@ class PostingSettings(BaseModel):
     bluesky_api_url: str = "https://bsky.social/xrpc"
     bluesky_handle: str | None = None
     bluesky_password: SecretStr | None = None
-    tick_s: float = Field(30.0, gt=0, description="how often the scheduler looks for due slots")
-    grace_s: float = Field(900.0, ge=0, description="a slot this late still counts as on time")
-    lease_s: float = Field(600.0, gt=0, description="how long a slot stays held after its holder dies")
+    tick_s: float = Field(30.0, gt=0, le=LONGEST_INTERVAL_S, allow_inf_nan=False, description="how often the scheduler looks for due slots")
+    grace_s: float = Field(900.0, ge=0, le=LONGEST_INTERVAL_S, allow_inf_nan=False, description="a slot this late still counts as on time")
+    lease_s: float = Field(600.0, gt=0, le=LONGEST_INTERVAL_S, allow_inf_nan=False, description="how long a slot stays held after its holder dies")
     recent_posts: int = Field(50, ge=0, description="recent posts a new one must not repeat")
-    wait_s: float = Field(300.0, gt=0, description="how long to wait for the candidates")
+    wait_s: float = Field(
+        300.0, gt=0, allow_inf_nan=False, description="how long to wait for the candidates (a day at most)"
+    )
 
     # Not the Bluesky password: a password may begin or end with a space.
     _tokens_trimmed = field_validator(
         "x_bearer_token", "x_consumer_key", "x_consumer_secret", "x_access_token", "x_access_token_secret",
         "mastodon_access_token", mode="before",
     )(_token)
+    # Its candidates are requests with a deadline this far ahead.
+    _a_day_at_most = field_validator("wait_s")(_within_a_deadline)
 
 
 class Settings(BaseSettings):
@@ -291,6 +328,7 @@ class Settings(BaseSettings):
         env_file_encoding="utf-8",
         secrets_dir=SECRETS_DIR if SECRETS_DIR.is_dir() else None,
         extra="ignore",
+        env_ignore_empty=True,  # PERSONA_X= is unset: "" was a data dir of ".", an adapter persona of ""
     )
 
     data_dir: Path = Field(default_factory=default_data_dir)
@@ -300,7 +338,9 @@ class Settings(BaseSettings):
     personas_dirs: list[Path] = Field(
         default_factory=list, description="extra persona folders, searched after the built-in ones"
     )
-    log_level: str = "INFO"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
+        "INFO", description="any letter case (debug, Info)"
+    )
 
     queue: QueueSettings = QueueSettings()
     worker: WorkerSettings = WorkerSettings()
@@ -309,8 +349,18 @@ class Settings(BaseSettings):
     dashboard: DashboardSettings = DashboardSettings()
     posting: PostingSettings = PostingSettings()
 
+    _data_dir_blank_is_default = field_validator("data_dir", mode="before")(_data_dir)
     _redis_url_blank_is_unset = field_validator("redis_url", mode="before")(_blank_is_unset)
     _redis_url_opens = field_validator("redis_url")(_redis_url)
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _level_in_any_case(cls, value: object) -> object:
+        # logging knows only the upper-case names: "debug" was a traceback at start-up.
+        if not isinstance(value, str):
+            return value
+        name = value.strip().upper()
+        return {"WARN": "WARNING", "FATAL": "CRITICAL", "": "INFO"}.get(name, name)
 
     @property
     def checkpoints_dir(self) -> Path:
@@ -344,6 +394,7 @@ def _explain_invalid(loc: tuple, message: str) -> str:
     names = [part for part in loc if isinstance(part, str)]
     form = _expected_form(names)
     hint = f" (expected {form})" if form.startswith("a JSON list") else ""
+    message = message.removeprefix("Value error, ")  # our own checks say what is wrong in words
     return f"{_env_name(names)}: {message[:1].lower()}{message[1:]}{hint}"
 
 

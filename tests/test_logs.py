@@ -47,3 +47,11 @@ def test_every_secret_is_scrubbed_from_logs(capsys, tmp_path):
     assert "getUpdates" in written and "discord said no" in written
     for secret in (TOKEN, DISCORD, REDIS_PASSWORD, "999:XYZ_abc-1"):
         assert secret not in written
+
+
+def test_a_log_level_in_lower_case_sets_the_level(tmp_path):
+    """PERSONA_LOG_LEVEL=debug was "ValueError: Unknown level: 'debug'" at start-up."""
+    setup_logging(Settings(_env_file=None, data_dir=tmp_path, log_level="debug"))
+    assert logging.getLogger().level == logging.DEBUG
+    setup_logging(Settings(_env_file=None, data_dir=tmp_path), level="warning")
+    assert logging.getLogger().level == logging.WARNING

@@ -342,3 +342,30 @@ def test_validate_refuses_exactly_the_sink_specs_that_posting_refuses(settings, 
     assert "unknown sink 'bogus:1'; use one of" in said_by_posting[0]
     assert "sink 'telegram': name the channel, e.g. telegram:-1001234567890" in said_by_posting[1]
     assert "sink 'discord:general': a Discord channel is a number" in said_by_posting[3]
+
+
+def test_a_file_saved_with_a_byte_order_mark_is_read(tmp_path: Path):
+    """Windows editors begin a UTF-8 file with one: it was "not valid TOML: Invalid statement"."""
+    path = tmp_path / "bom.toml"
+    path.write_bytes('\ufeffdescription = "Sé"\n'.encode())
+    assert load_persona_file(path).description == "Sé"
+
+
+def test_a_persona_file_whose_name_is_no_persona_name_says_what_to_rename_it_to(settings, personas_dir: Path):
+    """`persona personas show Ünïcode` with Ünïcode.toml there said "unknown persona 'Ünïcode'"."""
+    (personas_dir / "Ünïcode.toml").write_text('description = "accents"\n')
+    with pytest.raises(ConfigError) as caught:
+        PersonaRegistry.from_settings(settings).get("Ünïcode")
+    said = str(caught.value)
+    assert not isinstance(caught.value, UnknownPersona)
+    assert said.startswith(f"{personas_dir / 'Ünïcode.toml'}: the file exists, but 'Ünïcode' is not a persona name: use lower-case")
+    assert said.endswith("; rename it to unicode.toml")
+    assert "e.g. 'unicode'" in _refusal(personas_dir / "Ünïcode.toml", 'description = "accents"\n')
+
+
+def test_a_top_level_field_written_below_a_table_header_is_said_to_belong_at_the_top(tmp_path: Path):
+    """It got "schedule.adapters: unknown field; did you mean 'candidates'?"."""
+    message = _refusal(tmp_path / "late.toml", '[schedule]\nenabled = true\nadapters = ["scheduler"]\n')
+    assert ("schedule.adapters: unknown field; adapters is a top-level field: write it at the top of the file, "
+            "before any [table] header (below [schedule], a key belongs to that table)") in message
+    assert "did you mean" not in message

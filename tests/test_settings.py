@@ -132,3 +132,90 @@ def test_a_redis_url_with_options_redis_takes_is_kept(clean_env):
                  "redis://[::1]:6379/0", "redis://:p%2Fw@host:6379/0?socket_timeout=2.5",
                  "rediss://host:6380/0?ssl_cert_reqs=none", "unix:///tmp/redis.sock?db=2"):
         assert Settings(redis_url=good).redis_url.get_secret_value() == good
+
+
+def _float_fields(model: type = Settings, names: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Every float setting, by its path of field names (a field added later is found too)."""
+    import typing
+
+    from pydantic import BaseModel
+
+    found = []
+    for name, field in model.model_fields.items():
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            found += _float_fields(field.annotation, (*names, name))
+        elif float in (field.annotation, *typing.get_args(field.annotation)):
+            found.append((*names, name))
+    return found
+
+
+FLOAT_SETTINGS = _float_fields()
+
+
+def test_the_walk_finds_the_float_settings():
+    assert {("queue", "default_deadline_s"), ("worker", "heartbeat_ttl_s"), ("posting", "tick_s"),
+            ("discord", "reply_timeout_s"), ("telegram", "paste_window_s")} <= set(FLOAT_SETTINGS)
+
+
+@pytest.mark.parametrize("value", ["inf", "-inf", "1e300"])
+@pytest.mark.parametrize("names", FLOAT_SETTINGS, ids=".".join)
+def test_no_duration_setting_takes_infinity_or_the_like(clean_env, monkeypatch, names, value):
+    """PERSONA_QUEUE__DEFAULT_DEADLINE_S=inf passed, then `persona ask` was an OverflowError
+    traceback; PERSONA_WORKER__HEARTBEAT_TTL_S=inf one after the worker had loaded its models."""
+    from pydantic import ValidationError
+
+    from persona.settings import explain_settings_error
+
+    variable = "PERSONA_" + "__".join(name.upper() for name in names)
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ValidationError) as caught:
+        Settings()
+    assert explain_settings_error(caught.value).startswith(f"{variable}: "), explain_settings_error(caught.value)
+
+
+def test_a_default_deadline_is_at_most_the_furthest_a_request_may_set(clean_env, monkeypatch):
+    from pydantic import ValidationError
+
+    from persona.settings import explain_settings_error
+    from persona.validation import LATEST_DEADLINE_AFTER_S
+
+    assert Settings(queue={"default_deadline_s": LATEST_DEADLINE_AFTER_S}).queue.default_deadline_s == LATEST_DEADLINE_AFTER_S
+    monkeypatch.setenv("PERSONA_QUEUE__DEFAULT_DEADLINE_S", str(LATEST_DEADLINE_AFTER_S + 1))
+    with pytest.raises(ValidationError) as caught:
+        Settings()
+    explained = explain_settings_error(caught.value)
+    assert explained.startswith("PERSONA_QUEUE__DEFAULT_DEADLINE_S: 86401 s is more than 86400 s (a day)"), explained
+
+
+def test_a_log_level_in_any_case_is_taken_and_others_name_the_choices(clean_env, monkeypatch):
+    """PERSONA_LOG_LEVEL=debug (or LOUD) passed, then `persona up` was "ValueError: Unknown level"."""
+    from pydantic import ValidationError
+
+    from persona.settings import explain_settings_error
+
+    for given, level in (("debug", "DEBUG"), ("Warning", "WARNING"), (" error ", "ERROR"), ("warn", "WARNING")):
+        monkeypatch.setenv("PERSONA_LOG_LEVEL", given)
+        assert Settings().log_level == level
+    monkeypatch.setenv("PERSONA_LOG_LEVEL", "LOUD")
+    with pytest.raises(ValidationError) as caught:
+        Settings()
+    assert explain_settings_error(caught.value) == (
+        "PERSONA_LOG_LEVEL: input should be 'DEBUG', 'INFO', 'WARNING', 'ERROR' or 'CRITICAL'"
+    )
+
+
+def test_a_setting_set_to_nothing_is_unset(clean_env, monkeypatch):
+    """PERSONA_DATA_DIR= was the working directory (``Path("")`` is "."), a blank adapter
+    persona was a persona named ""; a blank list was a JSON error."""
+    from persona.settings import default_data_dir
+
+    for variable in ("PERSONA_DATA_DIR", "PERSONA_DISCORD__PERSONA", "PERSONA_WORKER__PERSONAS",
+                     "PERSONA_PERSONAS_DIRS", "PERSONA_LOG_LEVEL", "PERSONA_DASHBOARD__HOST"):
+        monkeypatch.setenv(variable, "")
+    (clean_env / ".env").write_text("PERSONA_TELEGRAM__PERSONA=\n")
+    settings = Settings()
+    assert settings.data_dir == default_data_dir() and settings.personas_dirs == []
+    assert settings.discord.persona == "sage" and settings.telegram.persona == "sage"
+    assert settings.worker.personas == [] and settings.log_level == "INFO" and settings.dashboard.host == "127.0.0.1"
+    monkeypatch.setenv("PERSONA_DATA_DIR", "  ")
+    assert Settings().data_dir == default_data_dir()
