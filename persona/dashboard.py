@@ -367,12 +367,19 @@ def create_app(settings: Settings, client: redis.Redis, host: str | None = None)
             return _sample(collect_stats(client))
 
     async def sampler() -> None:
+        failing = ""  # the unexpected error met last: logged once, with its traceback, until sampling works again
         while True:
             try:
                 history.append(await asyncio.to_thread(sample))
                 watch.read()
+                failing = ""
             except redis.exceptions.RedisError as exc:
                 watch.failed(exc)
+            except Exception as exc:  # a boundary: one sample gone must not stop the charts for good
+                if repr(exc) != failing:
+                    log.exception("the dashboard could not sample the queue (its charts miss these points; it "
+                                  "tries again every %.0f s); `persona queue stats` reads the same figures", SAMPLE_EVERY_S)
+                failing = repr(exc)
             await asyncio.sleep(SAMPLE_EVERY_S)
 
     @contextlib.asynccontextmanager
@@ -430,7 +437,7 @@ def create_app(settings: Settings, client: redis.Redis, host: str | None = None)
             or trimmed_note(figures.dead_letters_trimmed_since_cleared),
         })
 
-    # Re-queued work waits for room as callers' does (as `persona queue retry` does too).
+    # Re-queued work is held to the queue's length as callers' is: a full stream refuses it (as `persona queue retry`).
     limit = settings.queue.max_length
 
     @app.post("/api/dead/{entry_id}/retry", dependencies=guard)

@@ -90,6 +90,8 @@ end
 return dropped
 """
 DROP_BATCH = 500
+# A letter's time past this (the year 3000) is no time it was set aside: the tables could not show it.
+LATEST_TIME_S = 32_503_680_000.0
 # From this share of the cap on, `persona queue dead`, stats and the dashboard warn.
 NEAR_CAP_SHARE = 0.9
 
@@ -124,7 +126,27 @@ def _text(value: bytes | None) -> str:
     return value.decode(errors="replace") if value is not None else ""
 
 
+def _count(value: bytes | None) -> int:
+    """A whole number a letter holds (its deliveries); 0 where it holds none that can be read."""
+    try:
+        return int(value or 0)
+    except ValueError:
+        return 0
+
+
+def _time(value: bytes | None) -> float:
+    """A time a letter holds (when it was set aside); 0.0, shown as none, where it holds none that can be read."""
+    try:
+        at = float(value or 0)
+    except ValueError:
+        return 0.0
+    return at if 0.0 < at < LATEST_TIME_S else 0.0
+
+
 def _parse(entry_id: bytes, fields: dict[bytes, bytes]) -> DeadLetter:
+    """A letter as it is listed, whatever wrote it: fields that cannot be read (a foreign
+    writer's) are shown as none, never raised (they ended `queue dead`, `retry --all`,
+    `drop --unreadable` and the page with a traceback, so the letter could not even be dropped)."""
     payload = _text(fields.get(b"r"))
     request_id, persona = "", ""
     try:
@@ -134,8 +156,8 @@ def _parse(entry_id: bytes, fields: dict[bytes, bytes]) -> DeadLetter:
         pass  # a malformed request is listed as it is; retrying it is refused
     return DeadLetter(
         id=_text(entry_id), request_id=request_id, persona=persona, stream=_text(fields.get(b"stream")),
-        reason=_text(fields.get(b"reason")), deliveries=int(fields.get(b"deliveries") or 0),
-        worker=_text(fields.get(b"worker")), at=float(fields.get(b"at") or 0), payload=payload,
+        reason=_text(fields.get(b"reason")), deliveries=_count(fields.get(b"deliveries")),
+        worker=_text(fields.get(b"worker")), at=_time(fields.get(b"at")), payload=payload,
     )
 
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -19,6 +20,27 @@ EPOCH_FIELD = b"e"
 DUE_FIELD = b"d"  # when the deadline falls, by Redis's clock (entries from older clients lack it)
 # What a malformed request's problem names at most (pydantic lists every field wrong).
 MAX_PROBLEMS_NAMED = 3
+# How much of a field that cannot be read a problem quotes (a foreign writer's may be huge).
+MAX_QUOTED_CHARS = 40
+
+
+def _due(value: bytes | str | None) -> float | None:
+    """When an entry's deadline falls, from its ``d`` field; None where it has none.
+
+    Raises ValueError, saying why, where the field is no finite number of seconds (a
+    foreign or damaged writer's): an entry whose deadline cannot be read is malformed.
+    """
+    if not value:
+        return None
+    try:
+        due = float(value)
+    except (TypeError, ValueError):
+        due = math.nan
+    if not math.isfinite(due):
+        text = value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+        quoted = text[:MAX_QUOTED_CHARS] + ("…" if len(text) > MAX_QUOTED_CHARS else "")
+        raise ValueError(f"malformed entry: its deadline (field d) is not a time in seconds: {quoted!r}")
+    return due
 
 
 def _problem(exc: ValueError) -> str:
@@ -54,9 +76,14 @@ class Job:
     def parse(cls, stream: str, entry_id: bytes | str, fields: dict) -> Job:
         entry = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
         payload = fields.get(REQUEST_FIELD) or fields.get("r") or b""
-        due = fields.get(DUE_FIELD) or fields.get("d")
-        job = cls(stream=stream, entry_id=entry, payload=payload, epoch=fields.get(EPOCH_FIELD),
-                  due=float(due) if due else None)
+        job = cls(stream=stream, entry_id=entry, payload=payload, epoch=fields.get(EPOCH_FIELD))
+        try:
+            # Read as a worker reads the request: one from a writer it cannot trust is set
+            # aside, never raised (it stopped the worker answering anyone, turn after turn).
+            job.due = _due(fields.get(DUE_FIELD) or fields.get("d"))
+        except ValueError as exc:
+            job.problem = str(exc)
+            return job
         try:
             job.request = GenerationRequest.from_json(payload)
         except ValueError as exc:
@@ -84,6 +111,6 @@ class Job:
         """A text field of the payload as JSON, whatever else is wrong with it; None if unreadable."""
         try:
             value = json.loads(self.payload).get(name)
-        except (ValueError, AttributeError):
+        except (ValueError, AttributeError, RecursionError):  # nested too deep for json: pydantic says so
             return None
         return value if isinstance(value, str) and value else None

@@ -14,6 +14,7 @@ discards it when it takes it, and counts it so again: not as failed).
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Mapping
 
@@ -148,17 +149,19 @@ def _request(fields: dict) -> dict:
     """An entry's request as plain JSON ({} where it holds none that can be read)."""
     try:
         request = json.loads(fields[REQUEST_FIELD])
-    except (ValueError, KeyError):
+    except (ValueError, KeyError, RecursionError):
         return {}
     return request if isinstance(request, dict) else {}
 
 
 def _due(fields: dict) -> float:
-    """When an entry's deadline falls (0.0 where it names none that can be read)."""
+    """When an entry's deadline falls (0.0 where it names none that can be read): by Redis's
+    clock, or for entries from older clients (no ``d``), by the caller's."""
     try:
-        return float(fields.get(DUE_FIELD) or _request(fields).get("deadline") or 0)
-    except (TypeError, ValueError):  # a malformed request: a worker sets it aside, it is not judged here
+        due = float(fields.get(DUE_FIELD) or _request(fields).get("deadline") or 0)
+    except (TypeError, ValueError, OverflowError):  # malformed: a worker sets it aside, it is not judged here
         return 0.0
+    return due if math.isfinite(due) else 0.0
 
 
 def _unwanted(client: redis.Redis, untaken: list[tuple[bytes, dict]], now: float) -> dict[bytes, str]:
@@ -220,13 +223,9 @@ def find_stuck(client: redis.Redis, live: set[str], now: float | None = None) ->
         for item, rows in zip(pending, entries, strict=True):
             entry_id, holder = _text(item["message_id"]), _text(item["consumer"])
             fields = rows[0][1] if rows else {}
-            try:
-                request = json.loads(fields[b"r"])
-            except (ValueError, KeyError):
-                request = {}
-            # When its deadline falls by Redis's clock; entries from older clients only
-            # carry the caller's, by the caller's clock.
-            deadline = float(fields.get(b"d") or request.get("deadline") or 0)
+            # Read as for the waiting ones: an entry a foreign writer damaged (its
+            # deadline no number) ended every `queue stats`, /metrics and page with a traceback.
+            request, deadline = _request(fields), _due(fields)
             reasons = []
             if holder not in live:
                 reasons.append(f"held by {holder}, whose heartbeat has lapsed")

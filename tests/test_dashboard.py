@@ -316,6 +316,43 @@ def test_with_redis_out_of_reach_the_page_and_metrics_say_so(settings, dashboard
     assert not [r for r in caplog.records if r.exc_info]
 
 
+def test_entries_and_letters_whose_fields_cannot_be_read_leave_the_page_and_metrics_answering(
+    settings, redis_client, dashboard
+):
+    """An entry in flight whose deadline was no number, or a dead letter whose delivery
+    count was none, made /api/stats and /metrics answer 500 (a foreign writer's)."""
+    redis_client.xgroup_create(keys.STREAM_INTERACTIVE, keys.CONSUMER_GROUP, id="0", mkstream=True)
+    redis_client.xadd(keys.STREAM_INTERACTIVE, {"r": b'{"x": 1}', "d": b"notanumber"})
+    redis_client.xreadgroup(keys.CONSUMER_GROUP, "ghost", {keys.STREAM_INTERACTIVE: ">"})
+    bad = redis_client.xadd(keys.STREAM_DEAD, {"deliveries": b"abc", "at": b"xyz"}).decode()
+    base = dashboard()
+    figures = httpx.get(f"{base}/api/stats")
+    assert figures.status_code == 200, figures.text
+    data = figures.json()
+    assert [(d["id"], d["request_id"], d["deliveries"]) for d in data["dead"]] == [(bad, "", 0)]
+    assert [s["worker"] for s in data["stats"]["stuck"]] == ["ghost"]
+    scraped = httpx.get(f"{base}/metrics")
+    assert scraped.status_code == 200 and "persona_redis_up 1.0" in scraped.text
+
+
+def test_the_sampler_outlives_an_unexpected_error_and_says_so_once(settings, redis_client, dashboard, monkeypatch, caplog):
+    """The charts' sampler caught only Redis errors: anything else ended it for good, with
+    not a line in the log, and the charts stood still while the figures went on."""
+    import persona.dashboard
+
+    monkeypatch.setattr(persona.dashboard, "SAMPLE_EVERY_S", 0.05)
+    redis_client.hset(keys.STATS_KEY, "completed", "abc")  # a counter no number: reading the figures raises
+    base = dashboard()
+    time.sleep(0.5)  # ten samples tried, all failed
+    said = [r for r in caplog.records if "could not sample the queue" in r.getMessage()]
+    assert len(said) == 1 and said[0].exc_info and "persona queue stats" in said[0].getMessage()
+    redis_client.hdel(keys.STATS_KEY, "completed")
+    deadline = time.time() + 5
+    while len(history := httpx.get(f"{base}/api/stats").json()["history"]) < 5:  # the page adds one a second at most
+        assert time.time() < deadline, f"the sampler stopped: {history}"
+        time.sleep(0.1)
+
+
 def test_readyz_says_when_redis_cannot_be_read_and_healthz_stays_liveness(settings, dashboard, tmp_path):
     """/healthz said ok with Redis down, and there was nothing else for a probe to ask: a
     load balancer or a container healthcheck saw a ready dashboard whose every figure

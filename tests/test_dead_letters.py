@@ -19,7 +19,7 @@ from persona.contract import (
     Priority,
     SamplingOverrides,
 )
-from persona.dead_letters import list_dead, retry_all, retry_dead
+from persona.dead_letters import dead_ids, list_dead, retry_all, retry_dead
 from persona.errors import QueueBusy
 from persona.queue import QueueClient, WorkQueue
 
@@ -354,3 +354,49 @@ def test_a_confirmation_nobody_can_answer_says_to_pass_yes(settings, redis_clien
     assert asked.returncode == 1 and "Aborted" not in asked.stderr
     assert "--yes" in asked.stderr and "nothing" in asked.stderr, asked.stderr
     assert len(list_dead(redis_client)) == 2  # nothing done
+
+
+def _queue_command(settings, redis_url: str, *args: str) -> subprocess.CompletedProcess:
+    """`persona queue ...` as an operator runs it, on this test's Redis."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PERSONA_")}
+    env |= {"PERSONA_DATA_DIR": str(settings.data_dir), "PERSONA_REDIS_URL": redis_url, "COLUMNS": "200"}
+    return subprocess.run([sys.executable, "-m", "persona", "queue", *args], env=env, capture_output=True,
+                          check=False, text=True, timeout=120)
+
+
+def test_a_letter_whose_fields_cannot_be_read_is_listed_as_unreadable_and_dropped(settings, redis_client, redis_url):
+    """A letter whose delivery count was no number (a foreign writer's) ended `queue dead`,
+    `drop`, `drop --unreadable`, `retry --all` and the page with a ValueError: it could not
+    be listed, nor deleted, and hid every other letter."""
+    sent = dead_letter(settings, redis_client, chat(text="come back"))
+    bad = redis_client.xadd(keys.STREAM_DEAD, {"deliveries": b"abc", "at": b"xyz"}).decode()
+    odd = redis_client.xadd(keys.STREAM_DEAD, {"r": b"not json", "deliveries": b"2.5", "at": b"nan"}).decode()
+    unreadable = {bad, odd}
+
+    listed = {letter.id: letter for letter in list_dead(redis_client)}
+    assert [(listed[i].request_id, listed[i].deliveries, listed[i].at) for i in (bad, odd)] == [("", 0, 0.0)] * 2
+    assert listed[next(iter(listed.keys() - unreadable))].request_id == sent.id
+    assert set(dead_ids(redis_client, unreadable=True)) == unreadable
+    report = retry_all(redis_client)
+    assert len(report.requeued) == 1 and report.unreadable == 2
+    shown = _queue_command(settings, redis_url, "dead")
+    assert shown.returncode == 0, shown.stderr
+    assert all(f"│ {i} │ (malformed) │" in shown.stdout for i in unreadable), shown.stdout
+    assert _queue_command(settings, redis_url, "drop", bad).returncode == 0
+    dropped = _queue_command(settings, redis_url, "drop", "--unreadable", "--yes")
+    assert dropped.returncode == 0 and "dropped 1 dead letter" in dropped.stdout, dropped.stderr
+    assert list_dead(redis_client) == []
+
+
+@pytest.mark.parametrize(("command", "said"), [
+    (["drop", "--all", "--unreadable"], "--all and --unreadable were given together: pass only one of them"),
+    (["drop", "1-0", "--unreadable"], "dead-letter IDs and --unreadable were given together: pass only one of them"),
+    (["retry", "1-0", "--all"], "name one dead-letter ID or pass --all, not both"),
+], ids=["drop --all --unreadable", "drop ID --unreadable", "retry ID --all"])
+def test_options_that_cannot_go_together_are_named(settings, redis_client, redis_url, command, said):
+    """`drop --all --unreadable` answered "name dead-letter IDs, or pass --all or --unreadable",
+    though both were passed: it did not say which was wrong."""
+    dead_letter(settings, redis_client, chat())
+    refused = _queue_command(settings, redis_url, *command, "--yes")
+    assert refused.returncode == 1 and said in refused.stderr, refused.stderr
+    assert len(list_dead(redis_client)) == 1  # nothing done

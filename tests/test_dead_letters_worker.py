@@ -80,3 +80,40 @@ def test_a_retried_request_withdrawn_before_it_was_set_aside_is_answered(
     reply = GenerationReply.from_json(redis_client.lindex(keys.reply_key(request.id), 0))
     assert reply.ok, reply.error
     assert reply.text == "ok"
+
+
+def test_entries_whose_fields_cannot_be_read_are_set_aside_and_the_rest_answered(
+    settings, redis_client, write_persona, tiny_llama_dir
+):
+    """One entry whose deadline was no number (a foreign writer's) raised in every claim
+    and every reclaim: the worker logged "unexpected error in the worker loop" for ever
+    and answered nobody. Nor was a payload nested too deep for json read safely."""
+    write_persona("tiny", base=str(tiny_llama_dir))
+    asked = GenerationRequest(persona="tiny", messages=[Message(role="user", content="hi")])
+    # Taken by a worker that died, then reclaimed; and new ones, beside a good request.
+    redis_client.xgroup_create(keys.STREAM_BATCH, keys.CONSUMER_GROUP, id="0", mkstream=True)
+    redis_client.xadd(keys.STREAM_BATCH, {"r": b'{"x": 1}', "d": b"notanumber"})
+    redis_client.xreadgroup(keys.CONSUMER_GROUP, "w-died", {keys.STREAM_BATCH: ">"})
+    redis_client.xadd(keys.STREAM_INTERACTIVE, {"r": asked.to_json(), "d": b"tomorrow"})
+    redis_client.xadd(keys.STREAM_INTERACTIVE, {"r": b'{"x": 1}', "d": b"inf"})
+    redis_client.xadd(keys.STREAM_INTERACTIVE, {"r": b'{"id": "deep", "x": ' + b"[" * 100_000})
+    fine = QueueClient(redis_client, settings.queue).submit(
+        GenerationRequest(persona="tiny", messages=[Message(role="user", content="still there?")])
+    )
+
+    worker = instant_worker(settings, redis_client)
+    worker.step(block_ms=0)
+
+    assert QueueClient(redis_client, settings.queue).wait(fine, timeout=5).text == "ok"
+    reasons = sorted(letter.reason for letter in list_dead(redis_client))
+    assert reasons[:3] == [
+        "malformed entry: its deadline (field d) is not a time in seconds: 'inf'",
+        "malformed entry: its deadline (field d) is not a time in seconds: 'notanumber'",
+        "malformed entry: its deadline (field d) is not a time in seconds: 'tomorrow'",
+    ]
+    assert reasons[3].startswith("malformed request: Invalid JSON: recursion limit exceeded")
+    # Whose request it was can be read: they hear why at once, not at their deadline.
+    reply = GenerationReply.from_json(redis_client.lindex(keys.reply_key(asked.id), 0))
+    assert reply.error.kind is ErrorKind.invalid and "field d" in reply.error.message
+    for stream in keys.STREAMS_BY_PRIORITY:  # settled: nothing waits, nothing is held
+        assert redis_client.xlen(stream) == 0

@@ -552,3 +552,30 @@ def test_workers_loading_their_models_are_shown_apart_from_the_live_ones(redis_c
     stats = collect_stats(redis_client)
     heartbeat.withdraw(redis_client, "w-loading")
     assert [w.id for w in stats.workers] == ["w-loading"] and stats.starting_workers == []
+
+
+def test_entries_whose_fields_cannot_be_read_are_counted_not_a_traceback(settings, redis_url, redis_client):
+    """An entry whose deadline was no number (a foreign writer's), once a worker held it,
+    ended `persona queue stats`, /metrics and the page with a ValueError; one whose request
+    was a JSON list, or whose deadline overflowed, did so too."""
+    damaged = [
+        {"r": b'{"x": 1}', "d": b"notanumber"},
+        {"r": b"[1, 2]"},
+        {"r": b'{"id": "q", "deadline": "soon"}'},
+        {"r": b'{"id": "q", "deadline": 1' + b"0" * 400 + b"}"},
+    ]
+    redis_client.xgroup_create(keys.STREAM_INTERACTIVE, keys.CONSUMER_GROUP, id="0", mkstream=True)
+    for fields in damaged:
+        redis_client.xadd(keys.STREAM_INTERACTIVE, fields)
+    redis_client.xreadgroup(keys.CONSUMER_GROUP, "ghost", {keys.STREAM_INTERACTIVE: ">"})  # died holding them
+    for fields in damaged:
+        redis_client.xadd(keys.STREAM_INTERACTIVE, fields)
+
+    stats = collect_stats(redis_client)
+    # Waiting (a worker sets each aside as a dead letter when it takes it), never judged expired.
+    assert (stats.streams[0].waiting, stats.streams[0].in_flight, stats.streams[0].expired) == (4, 4, 0)
+    assert [s.worker for s in stats.stuck] == ["ghost"] * 4
+    assert all(s.reason == "held by ghost, whose heartbeat has lapsed" for s in stats.stuck)
+    shown = _queue_stats_command(settings, redis_url)
+    assert shown.returncode == 0, shown.stderr
+    assert _first_column(shown.stdout)["chat"] == "4" and "stuck work (4)" in shown.stdout

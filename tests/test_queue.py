@@ -450,6 +450,26 @@ def test_decoding_any_payload_never_crashes(payload: bytes):
     assert (job.request is None) == (job.problem is not None)
 
 
+# Any value Redis can hold, for each field a writer may leave out, damage, or not know of.
+any_value = st.binary(max_size=40) | st.sampled_from([b"nan", b"inf", b"-inf", b"1e999", b"1_0", b" 12 ", b"0x10"])
+a_request = chat().to_json().encode()
+
+
+@hsettings(max_examples=300, deadline=None)
+@given(st.fixed_dictionaries({}, optional={
+    b"r": any_value | st.just(a_request) | st.just(b"[" * 5000), b"d": any_value, b"e": any_value,
+}))
+def test_reading_any_entry_never_crashes(fields: dict[bytes, bytes]):
+    """A deadline that was no number raised from ``Job.parse`` (the worker answered nobody);
+    whatever an entry holds, it is a request or a problem, and what is read of it never raises."""
+    job = Job.parse(keys.STREAM_INTERACTIVE, b"1-0", fields)
+    assert (job.request is None) == (job.problem is not None)
+    assert job.problem is None or "\n" not in job.problem
+    assert job.due is None or job.expired(job.due + 1)
+    assert isinstance(job.expired(time.time()), bool)
+    assert isinstance(job.user, str) and isinstance(job.request_id, str | None)
+
+
 def test_a_flood_from_one_user_cannot_take_everyones_place(settings, client, work):
     settings.queue.max_pending_per_user = 3
     flood = [client.submit(chat(user="flooder")) for _ in range(3)]

@@ -397,8 +397,10 @@ def retry(
     """Re-queue dead letters with their original arguments (and a fresh deadline)."""
     settings = get_settings()
     client = connect(settings)
-    limit = settings.queue.max_length  # re-queued work waits for room as callers' does
-    if all_ == bool(entry_id):
+    limit = settings.queue.max_length  # re-queued work is held to the queue's length as callers' is: a full stream refuses it
+    if all_ and entry_id:
+        raise QueueError(f"name one dead-letter ID or pass --all, not both (to re-queue only {entry_id}, leave out --all)")
+    if not all_ and not entry_id:
         raise QueueError("name one dead-letter ID, or pass --all (see `persona queue dead`)")
     if entry_id:
         try:
@@ -449,7 +451,10 @@ def drop(
     Their askers were told when the requests were set aside; nothing else refers to them.
     """
     client = connect(get_settings())
-    if sum((bool(entry_ids), all_, unreadable)) != 1:
+    given = [name for name, on in (("dead-letter IDs", bool(entry_ids)), ("--all", all_), ("--unreadable", unreadable)) if on]
+    if len(given) > 1:  # which one was meant cannot be guessed: --all deletes far more than --unreadable
+        raise QueueError(f"{', '.join(given[:-1])} and {given[-1]} were given together: pass only one of them (see `persona queue dead`)")
+    if not given:
         raise QueueError("name dead-letter IDs, or pass --all or --unreadable (see `persona queue dead`)")
     if entry_ids:
         entry_ids = list(dict.fromkeys(entry_ids))  # an id named twice is one letter, and said once
