@@ -18,6 +18,7 @@ file's own choice. The versions swapped away from are kept in a list, for rollba
 
 from __future__ import annotations
 
+import datetime as dt
 import getpass
 import logging
 import os
@@ -32,6 +33,7 @@ from pydantic import BaseModel, Field
 
 from persona import constants as keys
 from persona.checkpoints import BASE_VERSION
+from persona.connection import retrying_until
 from persona.errors import SwapRefused
 from persona.heartbeat import WorkerInfo, live_worker_ids, redis_now
 from persona.personas import Persona
@@ -62,6 +64,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 POLL_S = 0.1
+WITHDRAW_WAIT_S = 2.0  # a stopped swap gives up withdrawing its proposal after this long
 SWAP_LOG_SCAN = 1000  # the swap log's cap (COMMIT_SCRIPT's MAXLEN)
 
 # Flip the active version only if the proposal is still the open one, the persona still
@@ -227,14 +230,25 @@ def propose(client: redis.Redis, proposal: SwapProposal) -> None:
     raw = client.hget(keys.SWAPS_KEY, proposal.persona)
     if raw is not None:
         other = SwapProposal.model_validate_json(raw)
-        if not other.expired(redis_now(client)):
-            raise SwapRefused(
-                f"a swap of {proposal.persona!r} to {other.target!r}{f' by {other.by}' if other.by else ''} is already under way "
-                f"(started {time.time() - other.created_at:.0f} s ago); wait for it to finish"
-            )
+        now = redis_now(client)
+        if not other.expired(now):
+            raise SwapRefused(_under_way_text(proposal.persona, other, now))
         abort(client, other)  # its operator gave up; clear it
     if not client.hsetnx(keys.SWAPS_KEY, proposal.persona, encoded):
         raise SwapRefused(f"another swap of {proposal.persona!r} started just now; try again")
+
+
+def _under_way_text(persona: str, other: SwapProposal, now: float) -> str:
+    """Why a swap cannot start while ``other`` is open (``now``: Redis's time), and until when:
+    one whose command was killed before it could withdraw it stays open until its deadline
+    (``--timeout``, 300 s by default), and the refusal gave no hint of how long that was."""
+    left_s = max(0.0, other.deadline - now)
+    lapses_at = dt.datetime.fromtimestamp(time.time() + left_s).strftime("%H:%M:%S")  # on this machine's clock
+    return (
+        f"a swap of {persona!r} to {other.target!r}{f' by {other.by}' if other.by else ''} is already under way "
+        f"(started {time.time() - other.created_at:.0f} s ago); wait for it to finish, at the latest when it "
+        f"lapses in {left_s:.0f} s ({lapses_at})"
+    )
 
 
 def commit(client: redis.Redis, proposal: SwapProposal, ready_workers: list[str]) -> str:
@@ -368,8 +382,20 @@ def run_swap(
                 )
             time.sleep(POLL_S)
     except BaseException:
-        abort(client, proposal)  # Ctrl-C or a lost connection: leave nothing half-open
+        _withdraw_quickly(client, proposal)  # Ctrl-C, SIGTERM or a lost connection: leave nothing half-open
         raise
+
+
+def _withdraw_quickly(client: redis.Redis, proposal: SwapProposal) -> None:
+    """Withdraw the proposal of a swap that stopped, giving up on Redis after
+    ``WITHDRAW_WAIT_S``: with Redis gone, redis-py's reconnects held the command for
+    seconds and then raised their own error in place of the stop. One not withdrawn
+    lapses at its deadline, and nothing changes."""
+    try:
+        with retrying_until(time.monotonic() + WITHDRAW_WAIT_S):
+            abort(client, proposal)
+    except redis.exceptions.RedisError as exc:
+        log.warning("could not withdraw swap %s of %s (%s); it lapses at its deadline", proposal.id, proposal.persona, exc)
 
 
 def swap_persona(

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import json
 import math
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,14 +30,15 @@ from persona.checkpoints import (
 )
 from persona.cli.common import (
     console,
+    err_console,
     explain_redis_error,
     friendly_errors,
     get_settings,
     local_time,
     print_whole,
 )
-from persona.cli.talk import MAX_TIMEOUT_S
-from persona.connection import connect
+from persona.cli.talk import MAX_TIMEOUT_S, stop_signals_as_ctrl_c
+from persona.connection import connect, retrying_until
 from persona.errors import ModelError, PersonaError, SwapRefused, UnknownPersona
 from persona.heartbeat import live_worker_ids
 from persona.personas import Persona, PersonaRegistry
@@ -165,6 +168,60 @@ def _draft(persona: str, target: str, kind: Literal["swap", "rollback"]) -> swap
     return swaps.SwapProposal(id="", persona=persona, target=target, previous="", kind=kind)
 
 
+@dataclasses.dataclass
+class _Command:
+    """What a swap or rollback command has learned so far: enough to say how it ended if stopped."""
+
+    draft: swaps.SwapProposal
+    timeout_s: float
+    started: float = dataclasses.field(default_factory=time.time)
+    client: redis.Redis | None = None
+
+
+@contextlib.contextmanager
+def _stop_reported(json_output: bool, command: _Command) -> Iterator[None]:
+    """Ctrl-C, SIGTERM (`kill`) or SIGHUP (the terminal closed) withdraw the swap (``run_swap``
+    does) and say so, as one JSON outcome under ``--json``; exit 130, 143 or 129. SIGTERM and
+    SIGHUP ended the command without a word and left its proposal open: every other swap of
+    the persona was refused until its --timeout ran out, the workers holding the new weights
+    meanwhile. Ctrl-C withdrew it, but said nothing, and no JSON."""
+    with stop_signals_as_ctrl_c() as stopping:
+        try:
+            yield
+        except KeyboardInterrupt:
+            how = "Ctrl-C" if stopping.signum is None else signal.Signals(stopping.signum).name
+            committed, said = _after_stop(command, how)
+            with contextlib.suppress(OSError):  # the terminal may be gone (SIGHUP)
+                if json_output:
+                    outcome = swaps.SwapOutcome(proposal=command.draft, committed=committed, problem=said)
+                    print(outcome.model_dump_json(), flush=True)
+                else:
+                    err_console.print(said, style="yellow", markup=False, highlight=False)
+            raise typer.Exit(stopping.exit_status()) from None
+
+
+def _after_stop(command: _Command, how: str) -> tuple[bool, str]:
+    """Whether a stopped swap had been committed all the same (stopped just after), and what
+    to tell the operator, as Redis says within a moment."""
+    draft, client = command.draft, command.client
+    what = f"{draft.kind} of {draft.persona!r}" + (f" to {draft.target!r}" if draft.target else "")
+    if client is None or not draft.previous or not draft.target:
+        return False, f"{what} stopped ({how}) before any worker was asked; nothing changed"
+    try:
+        with retrying_until(time.monotonic() + swaps.WITHDRAW_WAIT_S):
+            serving = swaps.active_versions(client).get(draft.persona)
+    except redis.exceptions.RedisError as exc:
+        return False, (
+            f"{what} stopped ({how}); nothing changed ({draft.persona!r} keeps {draft.previous}), but Redis cannot "
+            f"be reached to withdraw it ({str(exc).rstrip('.')}): other swaps of {draft.persona!r} may be refused "
+            f"until it lapses, within {command.timeout_s:.0f} s"
+        )
+    if serving == draft.target:  # committed in the moment before the stop
+        back = f"; `persona rollback {draft.persona}` returns to {draft.previous}" if draft.kind == "swap" else ""
+        return True, f"{what} stopped ({how}) after it was committed: {draft.persona!r} serves {draft.target} now{back}"
+    return False, f"{what} stopped ({how}) and withdrawn; nothing changed: {draft.persona!r} keeps {draft.previous}"
+
+
 def _print_history(persona: str, rollback_to: str | None, history: list[dict[str, str]]) -> None:
     """What a rollback returns to, and the latest swaps, newest first, each with who made it."""
     if rollback_to is None:
@@ -204,34 +261,38 @@ def checkpoints(
             raise
         if json_output:
             print(json.dumps({"persona": persona_name, "active": None, "versions": [], "unreadable": [],
-                              "rollback_to": None, "swaps": [], "unfinished_run": unfinished_json(first)}))
+                              "rollback_to": None, "swaps": [], "unfinished_run": unfinished_json(first),
+                              "note": None}))
         else:
             console.print(f"{escape(persona_name)} has no checkpoints yet", highlight=False)
             console.print(escape(unfinished_line(first)), highlight=False)
         return
     unfinished = unfinished_run(settings, persona.name)
     found, unreadable = scan_checkpoints(settings.checkpoints_dir, persona.name)
-    client = connect(settings)
-    active = current_version(client, persona)
-    earlier = swaps.version_history(client, persona.name)
-    rollback_to = earlier[0] if earlier else None
-    latest = swaps.swap_log(client, count=history, persona=persona.name) if history else []
+    state = _swap_state(settings, persona, history)
+    active = state.active
     # A version swapped to by its folder's path (as swaps made before the path was read
     # as the version were stored) is that version all the same.
-    as_folder = Path(active).resolve() if Path(active).is_absolute() else None
+    as_folder = Path(active).resolve() if active is not None and Path(active).is_absolute() else None
 
-    def is_active(c: CheckpointInfo) -> bool:
+    def is_active(c: CheckpointInfo) -> bool | None:
+        if active is None:
+            return None  # unknown: Redis cannot be reached
         return c.version == active or (as_folder is not None and c.path is not None and c.path.resolve() == as_folder)
 
     if json_output:
         rows = [dict(c.model_dump(mode="json"), active=is_active(c)) for c in found]
+        swapped = None if state.latest is None else [dict(e, at=float(e.get("at") or 0)) for e in state.latest]
         print(json.dumps({"persona": persona.name, "active": active, "versions": rows,
-                          "unreadable": [str(p) for p in unreadable], "rollback_to": rollback_to,
-                          "swaps": [dict(e, at=float(e.get("at") or 0)) for e in latest],
-                          "unfinished_run": unfinished_json(unfinished) if unfinished else None}))
+                          "unreadable": [str(p) for p in unreadable], "rollback_to": state.rollback_to,
+                          "swaps": swapped, "unfinished_run": unfinished_json(unfinished) if unfinished else None,
+                          "note": state.unknown}))
         return
+    if state.unknown is not None:
+        err_console.print(f"which version is active, and what a rollback returns to, is unknown: {state.unknown}",
+                          style="yellow", markup=False, highlight=False)
     # Every cell escaped: a base or an active folder named "runs/[draft]" was read as markup.
-    table = Table(title=escape(f"{persona.name}: checkpoints (active: {active})"), header_style="bold")
+    table = Table(title=escape(f"{persona.name}: checkpoints (active: {active or 'unknown'})"), header_style="bold")
     for column in ("", "version", "created", "kind", "base", "metrics"):
         table.add_column(column)
     table.add_row("*" if active == BASE_VERSION else "", BASE_VERSION, "", "", escape(persona.model.base), "")
@@ -240,7 +301,7 @@ def checkpoints(
         metrics = ", ".join(f"{k}={v:.4g}" for k, v in sorted(c.metrics.items())) or "-"
         table.add_row("*" if is_active(c) else "", *map(escape, (c.version, created, c.kind, c.base, metrics)))
     print_whole(table)
-    if active != BASE_VERSION and not any(is_active(c) for c in found):
+    if active is not None and active != BASE_VERSION and not any(is_active(c) for c in found):
         if VERSION_PATTERN.match(active):  # a version, not a folder elsewhere: removed, or unreadable
             removed = not (checkpoint_dir(settings.checkpoints_dir, persona.name) / active).is_dir()
             why = "whose folder was removed: a worker that starts cannot load it" if removed else "which cannot serve (see below)"
@@ -254,7 +315,33 @@ def checkpoints(
         console.print(f"[yellow]unusable:[/yellow] {escape(str(problem))}", highlight=False)  # it says what to do
     if unfinished is not None:  # a run stopped with Ctrl-C was shown nowhere
         console.print(escape(unfinished_line(unfinished)), highlight=False)
-    _print_history(persona.name, rollback_to, latest)
+    if state.latest is not None:
+        _print_history(persona.name, state.rollback_to, state.latest)
+
+
+@dataclasses.dataclass
+class _SwapState:
+    """What Redis holds of a persona's swaps; with Redis out of reach, nothing but why (``unknown``)."""
+
+    active: str | None
+    rollback_to: str | None = None
+    latest: list[dict[str, str]] | None = None
+    unknown: str | None = None
+
+
+def _swap_state(settings: Settings, persona: Persona, history: int) -> _SwapState:
+    """The active version, what a rollback returns to, and the ``history`` latest swaps. With
+    Redis down the listing went no further than "cannot reach Redis", though the versions,
+    their metrics and any unfinished run are all on disk: they are listed, none marked active."""
+    try:
+        client = connect(settings)
+        earlier = swaps.version_history(client, persona.name)
+        latest = swaps.swap_log(client, count=history, persona=persona.name) if history else []
+        return _SwapState(current_version(client, persona), earlier[0] if earlier else None, latest)
+    except PersonaError as exc:  # connect's: down, or a setting to fix (a password, TLS)
+        return _SwapState(None, unknown=str(exc))
+    except redis.exceptions.RedisError as exc:  # lost halfway through
+        return _SwapState(None, unknown=explain_redis_error(exc))
 
 
 @friendly_errors
@@ -269,12 +356,13 @@ def swap(
     Each worker loads and checks the new weights beside the old ones and says ready;
     only when all have does the active version flip (workers switch between batches,
     no request is dropped). If any worker refuses, nothing changes and you see why.
+    Ctrl-C, SIGTERM or SIGHUP while it waits withdraws it: nothing changes (exit 130, 143, 129).
     """
     settings = get_settings()
-    started = time.time()
-    with _refusal_as_json(json_output, _draft(persona_name, target, "swap")) as draft:
+    command = _Command(_draft(persona_name, target, "swap"), timeout)
+    with _stop_reported(json_output, command), _refusal_as_json(json_output, command.draft) as draft:
         persona = PersonaRegistry.from_settings(settings).get(persona_name)
-        client = connect(settings)
+        client = command.client = connect(settings)
         target = draft.target = normalise_target(target, checkpoint_dir(settings.checkpoints_dir, persona.name))
         draft.previous = current_version(client, persona)
         if target == draft.previous:
@@ -286,7 +374,7 @@ def swap(
                 console.print(f"{escape(persona.name)} already serves {escape(target)}", highlight=False)
             return
         outcome = perform_swap(settings, client, persona, target, timeout_s=timeout)
-    _report(outcome, json_output, started)
+    _report(outcome, json_output, command.started)
 
 
 @friendly_errors
@@ -295,16 +383,17 @@ def rollback(
     timeout: float = _timeout_option(),
     json_output: bool = typer.Option(False, "--json", help=OUTCOME_JSON_HELP),
 ) -> None:
-    """Go back to the version a persona served before its last swap (same all-or-nothing rules)."""
+    """Go back to the version a persona served before its last swap (same all-or-nothing rules,
+    and Ctrl-C, SIGTERM or SIGHUP while it waits withdraws it as it does a swap)."""
     settings = get_settings()
-    started = time.time()
-    with _refusal_as_json(json_output, _draft(persona_name, "", "rollback")) as draft:
+    command = _Command(_draft(persona_name, "", "rollback"), timeout)
+    with _stop_reported(json_output, command), _refusal_as_json(json_output, command.draft) as draft:
         persona = PersonaRegistry.from_settings(settings).get(persona_name)
-        client = connect(settings)
+        client = command.client = connect(settings)
         draft.previous = current_version(client, persona)
         target = draft.target = swaps.rollback_target(client, persona.name)
         outcome = perform_swap(settings, client, persona, target, kind="rollback", timeout_s=timeout)
-    _report(outcome, json_output, started)
+    _report(outcome, json_output, command.started)
 
 
 def register(app: typer.Typer) -> None:

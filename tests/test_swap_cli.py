@@ -1,0 +1,197 @@
+"""`persona swap`, `rollback`, `checkpoints` and `export` as an operator meets them when a swap
+is stopped halfway or Redis is out of reach: real processes on a real Redis."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import redis
+
+from persona import heartbeat
+from persona import swap as swaps
+from persona.errors import SwapRefused
+from tests.conftest import free_port
+from tests.fakes.checkpoints import make_checkpoint
+from tests.test_queue_talk import AS_IN_A_TERMINAL
+from tests.test_swap import tiny  # noqa: F401 - a fixture: the persona "tiny" on the tiny Llama
+
+
+def _env(settings, redis_url: str, personas_dir: Path) -> dict[str, str]:
+    """The environment `persona` runs in here: the test's data, Redis and personas."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PERSONA_")}
+    return env | {"PERSONA_DATA_DIR": str(settings.data_dir), "PERSONA_REDIS_URL": redis_url,
+                  "PERSONA_PERSONAS_DIRS": json.dumps([str(personas_dir)]), "COLUMNS": "200",
+                  "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+
+
+def _start(env: dict[str, str], *args: str) -> subprocess.Popen:
+    """`persona ARGS...` started as in a terminal (Ctrl-C raises KeyboardInterrupt)."""
+    return subprocess.Popen([sys.executable, "-c", AS_IN_A_TERMINAL, *args], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _run(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "persona", *args], env=env, capture_output=True, text=True,
+                          timeout=120, check=False)
+
+
+def _a_worker_that_never_answers(client: redis.Redis) -> None:
+    """A live worker serving tiny that does not vote: the swap waits for it (until --timeout)."""
+    heartbeat.publish(client, heartbeat.WorkerInfo(id="w-silent", personas={"tiny": "base"}, state="serving"), ttl_s=120)
+
+
+def _waiting_for_votes(client: redis.Redis, timeout_s: float = 60.0) -> swaps.SwapProposal:
+    deadline = time.monotonic() + timeout_s
+    while not (opened := swaps.open_proposals(client)):
+        assert time.monotonic() < deadline, "the swap never opened its proposal"
+        time.sleep(0.05)
+    return opened[0]
+
+
+@pytest.mark.parametrize(("command", "stop_signal", "status", "json_output"), [
+    ("swap", signal.SIGTERM, 143, False),
+    ("swap", signal.SIGHUP, 129, True),
+    ("swap", signal.SIGINT, 130, True),
+    ("rollback", signal.SIGTERM, 143, True),
+    ("rollback", signal.SIGINT, 130, False),
+])
+def test_a_swap_or_rollback_stopped_while_it_waits_is_withdrawn_and_says_nothing_changed(
+    settings, redis_url, redis_client, tiny, tiny_llama_dir, personas_dir,  # noqa: F811
+    command, stop_signal, status, json_output,
+):
+    """`kill` (SIGTERM) or a closed terminal (SIGHUP) ended the command without a word and left
+    its proposal open: every later swap of the persona was refused "already under way" until
+    the --timeout (300 s) ran out, the workers holding the new weights meanwhile. Ctrl-C
+    withdrew it, but said nothing either, and printed no JSON under --json."""
+    make_checkpoint(settings, tiny_llama_dir, "tiny", seed=1)
+    if command == "rollback":  # tiny serves v1, swapped from base
+        assert swaps.swap_persona(redis_client, tiny, "v1", timeout_s=10).committed
+    serving = swaps.current_version(redis_client, tiny)
+    _a_worker_that_never_answers(redis_client)
+    args = ["swap", "tiny", "v1"] if command == "swap" else ["rollback", "tiny"]
+    running = _start(_env(settings, redis_url, personas_dir), *args, *(["--json"] if json_output else []))
+    _waiting_for_votes(redis_client)
+    running.send_signal(stop_signal)
+    stdout, stderr = running.communicate(timeout=30)
+
+    assert running.returncode == status and "Traceback" not in stderr, stderr
+    assert swaps.open_proposals(redis_client) == [], "the next swap of tiny would be refused"
+    assert swaps.current_version(redis_client, tiny) == serving
+    how = {signal.SIGINT: "Ctrl-C"}.get(stop_signal, stop_signal.name)
+    said = f"stopped ({how}) and withdrawn; nothing changed: 'tiny' keeps {serving}"
+    if json_output:
+        outcome = json.loads(stdout)
+        assert outcome["committed"] is False and said in outcome["problem"] and stderr == ""
+        assert outcome["proposal"]["kind"] == command and outcome["proposal"]["previous"] == serving
+    else:
+        assert said in stderr and stdout == ""
+
+
+def test_a_swap_under_way_says_when_it_lapses(redis_client, tiny):  # noqa: F811
+    """"already under way ... wait for it to finish" gave no end: a swap whose command was
+    killed stays open until its deadline, and the operator could not tell how long that was."""
+    swaps.open_proposal(redis_client, swaps.SwapProposal(persona="tiny", target="v1", previous="base", by="alice@ops"),
+                        timeout_s=120)
+    with pytest.raises(SwapRefused) as refused:
+        swaps.swap_persona(redis_client, tiny, "v2", timeout_s=5)
+    said = str(refused.value)
+    assert "to 'v1' by alice@ops is already under way" in said
+    lapses = re.search(r"at the latest when it lapses in (\d+) s \((\d\d:\d\d:\d\d)\)", said)
+    assert lapses is not None, said
+    assert 115 <= int(lapses[1]) <= 120
+
+
+def test_a_swap_stopped_with_redis_gone_says_so_at_once(settings, own_redis, tiny, tiny_llama_dir,  # noqa: F811
+                                                        personas_dir):
+    """Stopped after Redis went away, the command spent seconds in reconnects trying to withdraw
+    its proposal, then ended on that error (exit 1) instead of the stop."""
+    server, url, client = own_redis
+    make_checkpoint(settings, tiny_llama_dir, "tiny", seed=1)
+    _a_worker_that_never_answers(client)
+    running = _start(_env(settings, url, personas_dir), "swap", "tiny", "v1")
+    _waiting_for_votes(client)
+    server.stop()
+    stopped = time.monotonic()
+    running.send_signal(signal.SIGTERM)
+    _stdout, stderr = running.communicate(timeout=30)
+    assert time.monotonic() - stopped < 6.0
+    assert running.returncode == 143 and "Traceback" not in stderr, stderr
+    assert "stopped (SIGTERM); nothing changed ('tiny' keeps base), but Redis cannot be reached" in stderr, stderr
+    assert "may be refused until it lapses, within 300 s" in stderr
+
+
+def test_checkpoints_lists_the_versions_on_disk_with_redis_down(settings, redis_url, tiny, tiny_llama_dir,  # noqa: F811
+                                                                personas_dir):
+    """With Redis down, `persona checkpoints` listed nothing ("cannot reach Redis"), though the
+    versions, their metrics and any unfinished run are on disk: now only which one is active
+    (and the swap history) is unknown, and it says why."""
+    make_checkpoint(settings, tiny_llama_dir, "tiny", seed=1)
+    make_checkpoint(settings, tiny_llama_dir, "tiny", seed=2)
+    env = _env(settings, f"redis://127.0.0.1:{free_port()}/0", personas_dir)
+
+    table = _run(env, "checkpoints", "tiny")
+    assert table.returncode == 0, table.stderr
+    assert "checkpoints (active: unknown)" in table.stdout and "eval_loss=1.1" in table.stdout
+    assert "eval_loss=1.2" in table.stdout and "*" not in table.stdout
+    [why] = table.stderr.splitlines()
+    assert why.startswith("which version is active, and what a rollback returns to, is unknown: cannot reach Redis")
+    listed = _run(env, "checkpoints", "tiny", "--json")
+    assert listed.returncode == 0 and listed.stderr == "", listed.stderr
+    data = json.loads(listed.stdout)
+    assert data["active"] is None and data["swaps"] is None and data["rollback_to"] is None
+    assert [(v["version"], v["active"]) for v in data["versions"]] == [("v1", None), ("v2", None)]
+    assert data["note"].startswith("cannot reach Redis")
+
+
+def test_checkpoints_json_with_redis_up_has_no_note(settings, redis_url, redis_client, tiny, personas_dir):  # noqa: F811
+    data = json.loads(_run(_env(settings, redis_url, personas_dir), "checkpoints", "tiny", "--json").stdout)
+    assert data["active"] == "base" and data["note"] is None and data["swaps"] == []
+
+
+@pytest.mark.slow
+def test_export_without_checkpoint_exports_the_version_the_persona_serves(
+    settings, redis_url, redis_client, tiny, tiny_llama_dir, personas_dir, tmp_path,  # noqa: F811
+):
+    """Swapped to v1, a persona whose file names no checkpoint was refused by `persona export`:
+    "has no fine-tuned checkpoint to export; train one": it read only the persona file."""
+    make_checkpoint(settings, tiny_llama_dir, "tiny", seed=1)
+    make_checkpoint(settings, tiny_llama_dir, "tiny", seed=2)
+    assert swaps.swap_persona(redis_client, tiny, "v1", timeout_s=10).committed
+    env = _env(settings, redis_url, personas_dir)
+
+    exported = _run(env, "export", "tiny", "-o", str(tmp_path / "m"))
+    assert exported.returncode == 0, exported.stderr
+    assert "tiny serves v1 now (swapped to it): exporting v1" in exported.stdout
+    assert "# Tiny (tiny v1)" in (tmp_path / "m" / "README.md").read_text()
+
+    assert swaps.swap_persona(redis_client, tiny, "base", timeout_s=10).committed
+    on_base = _run(env, "export", "tiny", "-o", str(tmp_path / "b"))
+    assert on_base.returncode == 1 and "'tiny' serves its base model now (swapped to base)" in on_base.stderr
+    assert "--checkpoint" in on_base.stderr and not (tmp_path / "b").exists()
+
+
+@pytest.mark.slow
+def test_export_with_redis_down_exports_the_persona_files_checkpoint_and_says_so(
+    settings, write_persona, tiny_llama_dir, personas_dir, tmp_path,
+):
+    make_checkpoint(settings, tiny_llama_dir, "tiny", seed=1)
+    make_checkpoint(settings, tiny_llama_dir, "tiny", seed=2)
+    write_persona("tiny", base=str(tiny_llama_dir), model={"checkpoint": "v2"})
+    env = _env(settings, f"redis://127.0.0.1:{free_port()}/0", personas_dir)
+
+    exported = _run(env, "export", "tiny", "-o", str(tmp_path / "m"))
+    assert exported.returncode == 0, exported.stderr
+    assert "cannot tell which version tiny serves now, so exporting its persona file's checkpoint, v2" in exported.stderr
+    assert "# Tiny (tiny v2)" in (tmp_path / "m" / "README.md").read_text()
+
+    write_persona("tiny", base=str(tiny_llama_dir))  # no checkpoint in the file either
+    refused = _run(env, "export", "tiny", "-o", str(tmp_path / "n"))
+    assert refused.returncode == 1 and "its persona file names no checkpoint; name one with --checkpoint" in refused.stderr
