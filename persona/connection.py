@@ -19,6 +19,7 @@ from redis.backoff import AbstractBackoff, ExponentialBackoff
 from redis.retry import Retry
 
 from persona.embedded_following import following_options
+from persona.embedded_locks import served_on
 from persona.embedded_record import recorded_url
 from persona.embedded_redis import find_embedded_url, server_pid
 from persona.errors import ConfigError, PersonaError, RedisUnavailable
@@ -42,24 +43,34 @@ EMBEDDED_WAIT_S = 5.0
 
 
 def redis_url(settings: Settings) -> str:
-    """The configured Redis URL, or the embedded one that `persona up` started (waited for
-    a few seconds while it loads its data)."""
+    """The configured Redis URL, or the embedded one that `persona up` started: waited for
+    a few seconds while it loads its data, or while a process serving on it starts it
+    again (it died)."""
     if settings.redis_url is not None:
         return settings.redis_url.get_secret_value()
     data_dir = settings.data_dir
     deadline = time.monotonic() + EMBEDDED_WAIT_S
     while (url := find_embedded_url(data_dir)) is None:
         pid = server_pid(data_dir)
-        if pid is None:
+        if pid is None and not served_on(data_dir):
             raise RedisUnavailable(
                 f"no Redis is running for data directory {data_dir}: start the "
                 "service with `persona up` (it starts an embedded Redis), or set "
                 "PERSONA_REDIS_URL to a running Redis"
             )
         if time.monotonic() >= deadline:
-            raise RedisUnavailable(_not_ready(data_dir, pid))
+            raise RedisUnavailable(_not_ready(data_dir, pid) if pid is not None else _not_back(data_dir))
         time.sleep(0.2)
     return url
+
+
+def _not_back(data_dir: Path) -> str:
+    """Why there is no embedded Redis, though a process serves on ``data_dir``: it died, and
+    was not started again in time."""
+    log_file = data_dir.absolute() / "redis" / "redis.log"
+    return (f"the embedded Redis of data directory {data_dir} is not running, and the service using it "
+            f"(`persona up`, or a `persona worker` or `dashboard`) has not started it again within "
+            f"{EMBEDDED_WAIT_S:.0f} s; see that service's log, and Redis's, {log_file}")
 
 
 def _not_ready(data_dir: Path, pid: int) -> str:

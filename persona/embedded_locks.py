@@ -4,7 +4,8 @@ The server holds a lock in its folder (``SERVER_LOCK_FILE``) for as long as it, 
 child saving for it, runs: ``server_pid`` reads it, so a second server is never started
 on the same files, whatever the address record says. The processes that serve on it
 share another (``serving_lock``): one at a time finds or starts the server, or stops it,
-and the last of them to leave stops it.
+and the last of them to leave stops it. A client asks ``served_on`` whether any does: one
+that will start the server again should it die.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from persona.errors import DataDirUnwritable
 
-__all__ = ["ServingLock", "server_pid", "serving_lock"]
+__all__ = ["ServingLock", "served_on", "server_pid", "serving_lock"]
 
 SERVING_LOCK_FILE = "redis.serving.lock"  # shared by every process serving on it
 TURN_LOCK_FILE = "redis.turn.lock"  # held alone by one process starting or stopping it
@@ -45,6 +46,33 @@ def server_pid(data_dir: Path) -> int | None:
         return None
     finally:
         os.close(fd)
+
+
+def served_on(data_dir: Path) -> bool:
+    """Whether a process serves on the embedded Redis of ``data_dir`` now (`persona up`, a
+    `persona worker` or `dashboard` run alone), or is starting or stopping it: one that
+    starts it again should it die. Looked at in a turn of its own (an instant), so that a
+    serving process leaving meanwhile never takes this look for another still serving."""
+    try:
+        turn = os.open(data_dir / TURN_LOCK_FILE, os.O_RDONLY)
+    except OSError:
+        return False  # never served on here
+    try:
+        serving = os.open(data_dir / SERVING_LOCK_FILE, os.O_RDONLY)
+    except OSError:
+        os.close(turn)
+        return False
+    try:
+        fcntl.flock(turn, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(serving, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True  # held: by one serving, or by one in its turn (starting or stopping it)
+    except OSError:
+        return False  # a file system without these locks: no one can be seen serving
+    finally:
+        os.close(serving)  # closing lets go of the locks taken
+        os.close(turn)
+    return False
 
 
 class ServingLock:

@@ -13,6 +13,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -164,3 +165,48 @@ def listening(path: Path) -> bool:
         except OSError:
             return False
     return True
+
+
+def test_a_command_started_while_a_serving_process_starts_the_redis_again_waits_for_it(settings: Settings):
+    """`persona ask` run just as `persona up` started a killed embedded Redis again was told
+    "no Redis is running ...: start the service with `persona up`", which was running, and
+    had Redis back 30 ms later."""
+    from persona.cli.serve import served_redis
+
+    with served_redis(settings) as served, ThreadPoolExecutor(1) as pool:  # served on, as `persona up` does
+        served.embedded.process.kill()
+        served.embedded.process.wait()
+        asked = pool.submit(redis_url, settings)
+        time.sleep(0.5)  # it looks for the server meanwhile
+        served.keep_alive()  # as `persona up` does each second
+        assert asked.result(timeout=10) == served.url
+
+
+def test_a_command_is_told_when_a_serving_process_does_not_start_the_redis_again(settings: Settings, monkeypatch):
+    with served_redis_killed(settings):
+        monkeypatch.setattr(connection, "EMBEDDED_WAIT_S", 0.3)
+        with pytest.raises(RedisUnavailable) as told:
+            redis_url(settings)
+    said = str(told.value)
+    assert f"the embedded Redis of data directory {settings.data_dir} is not running, and the service using it" in said
+    assert "has not started it again within" in said and "no Redis is running" not in said
+
+
+def test_a_command_with_nothing_serving_is_told_to_start_the_service_at_once(settings: Settings):
+    with served_redis_killed(settings):
+        pass  # left: nothing serves on the data directory now
+    started = time.monotonic()
+    with pytest.raises(RedisUnavailable, match=r"no Redis is running for data directory .*: start the service with `persona up`"):
+        redis_url(settings)
+    assert time.monotonic() - started < 1  # not waited for: no one would start it
+
+
+@contextlib.contextmanager
+def served_redis_killed(settings: Settings) -> Iterator[None]:
+    """Served on as `persona up` does, its embedded Redis killed and not started again."""
+    from persona.cli.serve import served_redis
+
+    with served_redis(settings) as served:
+        served.embedded.process.kill()
+        served.embedded.process.wait()
+        yield

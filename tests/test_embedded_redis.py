@@ -249,3 +249,21 @@ def test_two_serving_processes_starting_at_once_start_one_redis(tmp_path: Path):
     assert "left running" in first.leave()
     assert "embedded Redis stopped" in second.leave()
     assert find_embedded_url(data) is None
+
+
+def test_the_last_to_leave_stops_the_redis_another_started_after_its_own_died(tmp_path: Path, caplog):
+    """A serving process (here as `persona up` serves) whose own Redis was killed, and another
+    that started a new one before the first noticed: the first, leaving last, logged
+    "embedded Redis stopped" having stopped only its own, dead one, and the new one ran on
+    with nothing serving on it."""
+    from persona.cli.serve import served_redis
+
+    data = tmp_path / "data"
+    with caplog.at_level(logging.INFO, logger="persona.cli.serve"), served_redis(Settings(_env_file=None, data_dir=data)) as served:
+        served.embedded.process.kill()
+        served.embedded.process.wait()
+        arriving = Serving(data)  # finds none running, so starts one
+        started_again = redis_pid(data)
+        assert "left running" in arriving.leave()
+    assert "embedded Redis stopped" in caplog.text
+    assert gone(started_again) and find_embedded_url(data) is None

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from persona.embedded_redis import EmbeddedRedis
+from persona.embedded_redis import EmbeddedRedis, find_embedded_url
 from persona.errors import RedisUnavailable
 from tests.test_embedded_redis import Serving, redis_pid
 
@@ -197,3 +197,26 @@ def test_up_on_a_full_disk_says_to_free_space(tmp_path: Path, env):
     said = " ".join(told.stderr.split())
     assert f"cannot keep data in {tmp_path}/data (No space left on device); free some space on that disk" in said
     assert "or set PERSONA_DATA_DIR to a folder on another one" in said
+
+
+@pytest.mark.skipif(not Path("/proc/self/cwd").exists(), reason="reads /proc")
+def test_serving_processes_run_alone_start_a_killed_redis_again_one_between_them(tmp_path: Path):
+    """A `persona worker` or `dashboard` run alone (no `persona up`) whose embedded Redis was
+    killed retried it for ever, while clients were told to start `persona up`."""
+    data = tmp_path / "data"
+    first, second = Serving(data, wait=False), Serving(data, wait=False)
+    client = redis.Redis.from_url(first.serving())
+    assert second.serving() == first.url  # `persona chat`, a bot: holds the address it found
+    killed = redis_pid(data)
+    os.kill(killed, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while (servers_on(data) in ([], [killed]) or not find_embedded_url(data)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert client.ping()  # back at the address its clients hold
+    time.sleep(1.5)  # both have looked by now: the second found the one the first started
+    [started_again] = servers_on(data)
+    assert started_again != killed
+    said = first.leave() + second.leave()
+    assert said.count("the embedded Redis has died; starting it again") == 1 and "could not be started" not in said
+    assert "embedded Redis stopped" in said and servers_on(data) == []
+    client.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -480,3 +481,28 @@ def test_a_worker_sent_sigterm_while_it_imports_torch_is_not_left_starting(start
     worker.send_signal(signal.SIGTERM)
     assert worker.wait(timeout=30) == 0
     assert heartbeat.starting_workers(redis_client) == [] and heartbeat.live_worker_ids(redis_client) == set()
+
+
+def _ipv6_loopback() -> bool:
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback here")
+def test_a_dashboard_on_an_ipv6_address_gives_it_as_a_browser_takes_it(tmp_path):
+    """`--host ::1` printed http://::1:PORT/, which no browser opens."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PERSONA_")} | {"PERSONA_DATA_DIR": str(tmp_path / "data")}
+    dashboard = subprocess.Popen([sys.executable, "-m", "persona", "dashboard", "--host", "::1", "--port", "0"], env=env,
+                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        said = dashboard.stdout.readline()
+    finally:
+        dashboard.send_signal(signal.SIGTERM)
+        assert dashboard.wait(timeout=30) == 0
+    assert re.match(r"dashboard on http://\[::1\]:\d+/ ", said), said

@@ -7,6 +7,7 @@ import signal
 from collections.abc import Iterator
 
 import typer
+from rich.markup import escape
 
 from persona.cli.common import console, friendly_errors, get_settings
 from persona.cli.serve import redis_for_service
@@ -14,6 +15,12 @@ from persona.connection import connect
 from persona.logs import setup_logging
 
 __all__ = ["dashboard", "register"]
+
+
+def _http_address(host: str, port: int) -> str:
+    """The dashboard's address as a browser takes it: an IPv6 host in brackets
+    (``http://[::1]:8787/``; ``http://::1:8787/`` is no address at all)."""
+    return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
 
 
 @contextlib.contextmanager
@@ -56,9 +63,8 @@ def dashboard(
         listening = bind(settings, host, port)  # a port already taken is said first
         with listening, redis_for_service(settings) as url:
             client = connect(settings, url=url)
-            shown_host = host or settings.dashboard.host
-            shown_port = listening.getsockname()[1]
-            console.print(f"dashboard on [bold]http://{shown_host}:{shown_port}/[/bold]  (Prometheus: /metrics)")
+            address = _http_address(host or settings.dashboard.host, listening.getsockname()[1])
+            console.print(f"dashboard on [bold]{escape(address)}[/bold]  (Prometheus: /metrics)")
             serve(settings, client, host=host, listening=listening)
 
 

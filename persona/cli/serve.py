@@ -25,6 +25,7 @@ from persona.embedded_redis import (
     ServingLock,
     recorded_server,
     running_url,
+    server_pid,
     serving_lock,
     stop_embedded,
 )
@@ -74,8 +75,74 @@ class ServedRedis:
                 return
             log.warning("the embedded Redis has died; starting it again")
             port = self.embedded.port if self.embedded is not None else recorded_server(self.data_dir)[0]
-            self.embedded = EmbeddedRedis(self.data_dir)
-            self.embedded.start(port=port or None)
+            self.embedded = None  # a start that fails leaves none of this process's running
+            started = EmbeddedRedis(self.data_dir)
+            started.start(port=port or None)
+            self.embedded = started
+
+    def stop(self) -> None:
+        """Stop the embedded Redis, as the last serving process to leave: this process's own,
+        or the one another started after that one died (it used to stop only its own,
+        already dead, and leave that one running with no one to stop it)."""
+        own = self.embedded
+        if own is not None and own.process is not None and own.process.poll() is None:
+            own.stop()
+        else:
+            if own is not None:
+                own.stop()  # reaps it, and forgets its record (not a later server's)
+            if not stop_embedded(self.data_dir):
+                self._none_stopped()
+                return
+        log.info("embedded Redis stopped (data kept in %s)", self.data_dir / "redis")
+
+    def _none_stopped(self) -> None:
+        """Say why no embedded Redis was stopped: none runs (it died), or one runs that does not answer."""
+        folder = self.data_dir.absolute() / "redis"
+        pid = server_pid(self.data_dir)
+        if pid is None:
+            log.info("the embedded Redis had died, so there was none to stop (data kept in %s)", folder)
+            return
+        log.warning("the embedded Redis%s of %s does not answer, so it was not stopped; stop it yourself (%s), "
+                    "and see its log, %s", f" (pid {pid})" if pid else "", folder,
+                    f"`kill {pid}`" if pid else "the redis-server serving it", folder / "redis.log")
+
+
+# How often a `persona worker` or `dashboard` run alone looks whether the embedded Redis it
+# serves on still runs; and at most how long it waits between starts that fail.
+KEEP_ALIVE_EVERY_S = 1.0
+KEEP_ALIVE_MAX_PAUSE_S = 30.0
+
+
+@contextlib.contextmanager
+def _kept_alive(served: ServedRedis) -> Iterator[None]:
+    """While serving (`persona worker` or `dashboard` run alone), start the embedded Redis
+    again should it die, as `persona up` does: it had served on, retrying a dead Redis for
+    ever, while clients were told to start `persona up`. The serving processes take turns
+    (``ServingLock.turn``): one of them starts it, the others find it."""
+    if served.lock is None:
+        yield  # PERSONA_REDIS_URL's Redis is someone else's to run
+        return
+    stop = threading.Event()
+
+    def keep() -> None:
+        pause_s = KEEP_ALIVE_EVERY_S
+        while not stop.wait(pause_s):
+            try:
+                served.keep_alive()
+                pause_s = KEEP_ALIVE_EVERY_S
+            except Exception as exc:  # its port taken meanwhile, say: tried again, less often
+                pause_s = min(pause_s * 2, KEEP_ALIVE_MAX_PAUSE_S)
+                log.error("the embedded Redis died, and could not be started again: %s; trying again in %.0f s "
+                          "(if this goes on, stop this service and start it again)", exc, pause_s,
+                          exc_info=not isinstance(exc, RedisUnavailable))
+
+    keeper = threading.Thread(target=keep, name="embedded-redis", daemon=True)
+    keeper.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        keeper.join()  # before this process's turn to leave: it may be starting Redis now
 
 
 @contextlib.contextmanager
@@ -103,17 +170,14 @@ def served_redis(settings: Settings) -> Iterator[ServedRedis]:
                 log.info("embedded Redis left running: another serving process still uses it, "
                          "and the last of them to stop stops it")
             else:
-                if served.embedded is not None:
-                    served.embedded.stop()
-                else:
-                    stop_embedded(settings.data_dir)
-                log.info("embedded Redis stopped (data kept in %s)", settings.data_dir / "redis")
+                served.stop()
 
 
 @contextlib.contextmanager
 def redis_for_service(settings: Settings) -> Iterator[str]:
-    """The URL of the Redis to serve on (see ``served_redis``)."""
-    with served_redis(settings) as served:
+    """The URL of the Redis to serve on (see ``served_redis``), kept running while serving
+    (`persona up` keeps its own, in ``_supervise``)."""
+    with served_redis(settings) as served, _kept_alive(served):
         yield served.url
 
 
@@ -342,9 +406,10 @@ def worker(
     """Run one inference worker: take requests from the queue, answer them, repeat.
 
     It serves on PERSONA_REDIS_URL, or without it on the embedded Redis of
-    PERSONA_DATA_DIR (the one `persona up` runs, or one it starts itself). Many workers
-    on many machines can share one Redis. SIGTERM or Ctrl-C finishes the batch in hand
-    and hands back anything unfinished; Ctrl-C again stops at once.
+    PERSONA_DATA_DIR (the one `persona up` runs, or one it starts itself, and starts
+    again should it die). Many workers on many machines can share one Redis. SIGTERM
+    or Ctrl-C finishes the batch in hand and hands back anything unfinished; Ctrl-C
+    again stops at once.
     """
     from persona.models import pick_device
 
