@@ -83,7 +83,8 @@ from persona.settings import Settings
 from persona.swap import served_versions
 from persona.telemetry import read_histogram
 
-__all__ = ["PostsToSettle", "QueueCollector", "RedisWatch", "bind", "check_binding", "create_app", "is_loopback", "serve"]
+__all__ = ["PostsToSettle", "QueueCollector", "RedisWatch", "bind", "check_binding", "create_app", "http_address",
+           "is_loopback", "serve"]
 
 log = logging.getLogger(__name__)
 
@@ -522,6 +523,12 @@ def bind(
     return listening
 
 
+def http_address(host: str, port: int) -> str:
+    """The dashboard's address as a browser takes it: an IPv6 host in brackets
+    (``http://[::1]:8787/``; ``http://::1:8787/`` is no address at all)."""
+    return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
+
+
 def serve(
     settings: Settings, client: redis.Redis, host: str | None = None, port: int | None = None,
     listening: socket.socket | None = None,
@@ -531,6 +538,6 @@ def serve(
 
     listening = listening or bind(settings, host, port)
     bound_host, bound_port = listening.getsockname()[:2]
-    log.info("dashboard on http://%s:%d/", bound_host, bound_port)
+    log.info("dashboard on %s", http_address(bound_host, bound_port))
     app = create_app(settings, client, host or settings.dashboard.host)
     uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[listening])

@@ -17,12 +17,6 @@ from persona.logs import setup_logging
 __all__ = ["dashboard", "register"]
 
 
-def _http_address(host: str, port: int) -> str:
-    """The dashboard's address as a browser takes it: an IPv6 host in brackets
-    (``http://[::1]:8787/``; ``http://::1:8787/`` is no address at all)."""
-    return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
-
-
 @contextlib.contextmanager
 def _sigterm_as_ctrl_c() -> Iterator[None]:
     """SIGTERM (`docker stop`, systemd, `persona up` stopping) stops the dashboard as Ctrl-C
@@ -55,7 +49,7 @@ def dashboard(
     with the reason while Redis cannot be read (point a healthcheck at /readyz).
     Ctrl-C or SIGTERM stops it (and the embedded Redis, if it was the last to serve on it).
     """
-    from persona.dashboard import bind, serve
+    from persona.dashboard import bind, http_address, serve
 
     settings = get_settings()
     setup_logging(settings)
@@ -63,7 +57,7 @@ def dashboard(
         listening = bind(settings, host, port)  # a port already taken is said first
         with listening, redis_for_service(settings) as url:
             client = connect(settings, url=url)
-            address = _http_address(host or settings.dashboard.host, listening.getsockname()[1])
+            address = http_address(host or settings.dashboard.host, listening.getsockname()[1])
             console.print(f"dashboard on [bold]{escape(address)}[/bold]  (Prometheus: /metrics)")
             serve(settings, client, host=host, listening=listening)
 
