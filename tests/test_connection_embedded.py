@@ -171,7 +171,7 @@ def test_a_command_started_while_a_serving_process_starts_the_redis_again_waits_
     """`persona ask` run just as `persona up` started a killed embedded Redis again was told
     "no Redis is running ...: start the service with `persona up`", which was running, and
     had Redis back 30 ms later."""
-    from persona.cli.serve import served_redis
+    from persona.served_redis import served_redis
 
     with served_redis(settings) as served, ThreadPoolExecutor(1) as pool:  # served on, as `persona up` does
         served.embedded.process.kill()
@@ -204,7 +204,7 @@ def test_a_command_with_nothing_serving_is_told_to_start_the_service_at_once(set
 @contextlib.contextmanager
 def served_redis_killed(settings: Settings) -> Iterator[None]:
     """Served on as `persona up` does, its embedded Redis killed and not started again."""
-    from persona.cli.serve import served_redis
+    from persona.served_redis import served_redis
 
     with served_redis(settings) as served:
         served.embedded.process.kill()

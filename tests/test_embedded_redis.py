@@ -147,7 +147,7 @@ def test_the_stored_conversations_are_readable_by_this_user_alone(tmp_path: Path
 
 
 def test_a_record_left_by_a_dead_redis_whose_pid_was_reused_is_ignored(tmp_path: Path):
-    from persona.cli.serve import redis_for_service
+    from persona.served_redis import redis_for_service
 
     data = tmp_path / "data"
     data.mkdir()
@@ -163,7 +163,7 @@ def test_a_record_left_by_a_dead_redis_whose_pid_was_reused_is_ignored(tmp_path:
 SERVING = """
 import sys
 from pathlib import Path
-from persona.cli.serve import redis_for_service
+from persona.served_redis import redis_for_service
 from persona.logs import setup_logging
 from persona.settings import Settings
 settings = Settings(_env_file=None, data_dir=Path(sys.argv[1]))
@@ -256,10 +256,10 @@ def test_the_last_to_leave_stops_the_redis_another_started_after_its_own_died(tm
     that started a new one before the first noticed: the first, leaving last, logged
     "embedded Redis stopped" having stopped only its own, dead one, and the new one ran on
     with nothing serving on it."""
-    from persona.cli.serve import served_redis
+    from persona.served_redis import served_redis
 
     data = tmp_path / "data"
-    with caplog.at_level(logging.INFO, logger="persona.cli.serve"), served_redis(Settings(_env_file=None, data_dir=data)) as served:
+    with caplog.at_level(logging.INFO, logger="persona.served_redis"), served_redis(Settings(_env_file=None, data_dir=data)) as served:
         served.embedded.process.kill()
         served.embedded.process.wait()
         arriving = Serving(data)  # finds none running, so starts one

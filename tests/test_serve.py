@@ -344,8 +344,8 @@ def test_a_restarted_telegram_adapter_still_tells_its_asker_when_up_stops(start_
 def test_an_embedded_redis_that_cannot_start_again_is_reported(tmp_path):
     import socket
 
-    from persona.cli.serve import served_redis
     from persona.errors import RedisUnavailable
+    from persona.served_redis import served_redis
     from persona.settings import Settings
 
     with served_redis(Settings(_env_file=None, data_dir=tmp_path / "data")) as served:

@@ -10,9 +10,9 @@ import typer
 from rich.markup import escape
 
 from persona.cli.common import console, friendly_errors, get_settings
-from persona.cli.serve import redis_for_service
 from persona.connection import connect
 from persona.logs import setup_logging
+from persona.served_redis import redis_for_service
 
 __all__ = ["dashboard", "register"]
 
