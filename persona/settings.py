@@ -19,8 +19,18 @@ from urllib.parse import ParseResult, parse_qs, unquote, urlparse
 
 import platformdirs
 import redis
-from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
+from pydantic_core import ErrorDetails
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from persona.validation import LATEST_DEADLINE_AFTER_S
 
 __all__ = [
     "ChatAdapterSettings",
@@ -50,23 +60,20 @@ def _data_dir(value: object) -> object:
     return default_data_dir() if isinstance(value, str) and not value.strip() else value
 
 
-def _within_a_deadline(value: float) -> float:
-    """A wait tied to one request: no longer than a request's deadline may lie ahead (a day; a
-    request given one further is refused, so a longer setting was every request refused)."""
-    # Not at the top: persona.validation imports this module.
-    from persona.validation import LATEST_DEADLINE_AFTER_S
-
-    if value > LATEST_DEADLINE_AFTER_S:
-        raise ValueError(
-            f"{value:g} s is more than {LATEST_DEADLINE_AFTER_S:g} s (a day), the furthest a request's "
-            "deadline may lie ahead; give a number of seconds within a day"
-        )
-    return value
-
+# A wait tied to one request is at most LATEST_DEADLINE_AFTER_S (a day): no request's deadline
+# lies further ahead (one that does is refused, so a longer setting had every request refused).
 
 # The longest any other interval setting may be. Past it a value is a slip (milliseconds given
-# as seconds), and far past it the waits overflow: threading's timeouts, Redis's expiry times.
+# as seconds), and far past it the waits overflow: threading's timeouts, Redis's expiry times
+# (PERSONA_QUEUE__REPLY_TTL_S=99999999999999999999 had every reply's EXPIRE refused).
 LONGEST_INTERVAL_S = 7 * 24 * 3600.0  # a week
+# A quiet conversation may be remembered longer: a week by default, a month a fair choice.
+LONGEST_CONVERSATION_TTL_S = 365 * 24 * 3600  # a year
+# The bounds of the duration settings, in words for the messages that name them.
+BOUNDS_IN_WORDS = {
+    60: "a minute", LATEST_DEADLINE_AFTER_S: "a day", LONGEST_INTERVAL_S: "a week", LONGEST_CONVERSATION_TTL_S: "a year",
+}
+BOUND_REASONS = {LATEST_DEADLINE_AFTER_S: "the furthest a request's deadline may lie ahead"}
 
 
 def _token(value: object) -> object:
@@ -139,18 +146,19 @@ class QueueSettings(BaseModel):
     """Limits of the Redis queue; every worker and client must agree on these."""
 
     max_length: int = Field(1000, ge=1, description="requests waiting per stream before 'busy'")
-    visibility_timeout_s: float = Field(120.0, gt=0, allow_inf_nan=False, description="reclaim a job held this long")
+    # A job held past any request's deadline has nobody waiting for it: a day at most.
+    visibility_timeout_s: float = Field(
+        120.0, gt=0, le=LATEST_DEADLINE_AFTER_S, allow_inf_nan=False, description="reclaim a job held this long"
+    )
     max_pending_per_user: int = Field(20, ge=1, description="one sender's requests waiting at once")
     max_deliveries: int = Field(3, ge=1, description="deliveries before a job is dead-lettered")
-    reply_ttl_s: int = Field(600, ge=1, description="how long an unread reply is kept")
+    reply_ttl_s: int = Field(600, ge=1, le=LONGEST_INTERVAL_S, description="how long an unread reply is kept")
     default_deadline_s: float = Field(
-        120.0, gt=0, allow_inf_nan=False, description="a request's deadline if it sets none (a day at most)"
+        120.0, gt=0, le=LATEST_DEADLINE_AFTER_S, allow_inf_nan=False,
+        description="a request's deadline if it sets none (a day at most)",
     )
     max_message_chars: int = Field(8000, ge=1, description="longest single message accepted")
     max_messages: int = Field(64, ge=1, description="most conversation turns in one request")
-
-    # A job held past any request's deadline has nobody waiting for it.
-    _a_day_at_most = field_validator("visibility_timeout_s", "default_deadline_s")(_within_a_deadline)
 
 
 class WorkerSettings(BaseModel):
@@ -159,7 +167,10 @@ class WorkerSettings(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     max_batch: int = Field(16, ge=1, description="requests generated together at most")
     heartbeat_s: float = Field(2.0, gt=0, le=LONGEST_INTERVAL_S, allow_inf_nan=False, description="how often a worker reports it is alive")
-    heartbeat_ttl_s: float = Field(10.0, gt=0, le=LONGEST_INTERVAL_S, allow_inf_nan=False, description="a worker silent this long is dead")
+    heartbeat_ttl_s: float = Field(
+        10.0, gt=0, le=LONGEST_INTERVAL_S, allow_inf_nan=False, validate_default=True,  # checked against heartbeat_s
+        description="a worker silent this long is dead (twice heartbeat_s at least)",
+    )
     threads: int | None = Field(None, ge=1, description="CPU threads for torch and llama.cpp (default: all cores; 1 on a machine shared with other work)")
     engine: Literal["auto", "eager", "fused", "int8", "llamacpp"] = Field(
         "auto",
@@ -209,6 +220,23 @@ class WorkerSettings(BaseModel):
     )
     personas: list[str] = Field(default_factory=list, description="preload these (default: all)")
 
+    @field_validator("heartbeat_ttl_s")
+    @classmethod
+    def _outlasts_two_beats(cls, ttl_s: float, info: ValidationInfo) -> float:
+        # A worker whose heartbeat has lapsed is dead to the others: they take its requests at once
+        # (answered twice, dead-lettered after max_deliveries), and swaps and counts of live workers
+        # leave it out. Under two beats the TTL lapsed between beats, or at one beat lost to a Redis
+        # blip or a stalled thread; the defaults (2 s, 10 s) outlast four lost beats.
+        beat_s = info.data.get("heartbeat_s")  # absent if it was refused itself
+        if beat_s is not None and ttl_s < 2 * beat_s:
+            ttl, beat = _env_name(["worker", "heartbeat_ttl_s"]), _env_name(["worker", "heartbeat_s"])
+            raise ValueError(
+                f"{ttl_s:g} s is less than twice {beat} ({beat_s:g} s): a worker would be taken for dead between "
+                "heartbeats, or after one lost beat, and its requests taken from it by other workers; "
+                f"set {ttl} to {2 * beat_s:g} or more, or {beat} to {ttl_s / 2:g} or less"
+            )
+        return ttl_s
+
 
 MAX_RECONNECT_WAIT_S = 10.0
 
@@ -218,14 +246,17 @@ class ChatAdapterSettings(BaseModel):
 
     user_messages_per_minute: int = Field(6, ge=1, description="one person's messages answered per minute")
     chat_messages_per_minute: int = Field(20, ge=1, description="one chat's or channel's messages per minute")
-    conversation_ttl_s: int = Field(7 * 24 * 3600, ge=60, description="a quiet conversation is forgotten after this")
+    conversation_ttl_s: int = Field(
+        7 * 24 * 3600, ge=60, le=LONGEST_CONVERSATION_TTL_S, description="a quiet conversation is forgotten after this"
+    )
     context_chars: int = Field(6000, ge=200, description="most characters of history sent with a message")
     reply_timeout_s: float = Field(
-        120.0, gt=0, allow_inf_nan=False, description="how long to wait for a worker's answer (a day at most)"
+        120.0, gt=0, le=LATEST_DEADLINE_AFTER_S, allow_inf_nan=False,
+        description="how long to wait for a worker's answer (a day at most)",
     )
-    pairing_code_ttl_s: int = Field(24 * 3600, ge=60, description="how long a pairing code can be approved")
-
-    _a_day_at_most = field_validator("reply_timeout_s")(_within_a_deadline)
+    pairing_code_ttl_s: int = Field(
+        24 * 3600, ge=60, le=LONGEST_INTERVAL_S, description="how long a pairing code can be approved"
+    )
 
     @property
     def reconnect_wait_cap_s(self) -> float:
@@ -305,8 +336,10 @@ class PostingSettings(BaseModel):
     grace_s: float = Field(900.0, ge=0, le=LONGEST_INTERVAL_S, allow_inf_nan=False, description="a slot this late still counts as on time")
     lease_s: float = Field(600.0, gt=0, le=LONGEST_INTERVAL_S, allow_inf_nan=False, description="how long a slot stays held after its holder dies")
     recent_posts: int = Field(50, ge=0, description="recent posts a new one must not repeat")
+    # Its candidates are requests with a deadline this far ahead: a day at most.
     wait_s: float = Field(
-        300.0, gt=0, allow_inf_nan=False, description="how long to wait for the candidates (a day at most)"
+        300.0, gt=0, le=LATEST_DEADLINE_AFTER_S, allow_inf_nan=False,
+        description="how long to wait for the candidates (a day at most)",
     )
 
     # Not the Bluesky password: a password may begin or end with a space.
@@ -314,8 +347,6 @@ class PostingSettings(BaseModel):
         "x_bearer_token", "x_consumer_key", "x_consumer_secret", "x_access_token", "x_access_token_secret",
         "mastodon_access_token", mode="before",
     )(_token)
-    # Its candidates are requests with a deadline this far ahead.
-    _a_day_at_most = field_validator("wait_s")(_within_a_deadline)
 
 
 class Settings(BaseSettings):
@@ -381,7 +412,7 @@ class Settings(BaseSettings):
 def explain_settings_error(exc: Exception) -> str:
     """What a ``ValidationError`` or ``SettingsError`` from ``Settings()`` means, by variable name."""
     if isinstance(exc, ValidationError):
-        return "; ".join(_explain_invalid(error["loc"], error["msg"]) for error in exc.errors())
+        return "; ".join(_explain_invalid(error) for error in exc.errors())
     found = re.search(r'field "([^"]+)"', str(exc))
     if found is None:
         return f"the settings cannot be read: {exc}"
@@ -390,12 +421,43 @@ def explain_settings_error(exc: Exception) -> str:
     return "; ".join(f"{_env_name(n)} cannot be read: expected {_expected_form(n)}" for n in names)
 
 
-def _explain_invalid(loc: tuple, message: str) -> str:
-    names = [part for part in loc if isinstance(part, str)]
+def _explain_invalid(error: ErrorDetails) -> str:
+    names = [part for part in error["loc"] if isinstance(part, str)]
     form = _expected_form(names)
     hint = f" (expected {form})" if form.startswith("a JSON list") else ""
-    message = message.removeprefix("Value error, ")  # our own checks say what is wrong in words
+    # A duration past a bound is told in seconds; our own checks say what is wrong in words already.
+    message = _out_of_bounds(names, error) or error["msg"].removeprefix("Value error, ")
     return f"{_env_name(names)}: {message[:1].lower()}{message[1:]}{hint}"
+
+
+def _out_of_bounds(names: list[str], error: ErrorDetails) -> str | None:
+    """A duration (a ``*_s`` setting) past a bound, in seconds and in words ("604800 s (a week)"),
+    where pydantic says "less than or equal to 604800"; None for any other error."""
+    kind = error["type"]
+    if not (names and names[-1].endswith("_s")) or kind not in ("less_than_equal", "greater_than_equal", "greater_than"):
+        return None
+    bound = next(iter(error.get("ctx", {}).values()), None)
+    if not isinstance(bound, int | float):
+        return None
+    given, words = _seconds(error["input"]), BOUNDS_IN_WORDS.get(bound)
+    limit = f"{_seconds(bound)} s" + (f" ({words})" if words else "")
+    if kind == "less_than_equal":
+        within = f"within {words}" if words else f"up to {_seconds(bound)}"
+        why = BOUND_REASONS.get(bound, "the longest it may be")
+        return f"{given} s is more than {limit}, {why}; give a number of seconds {within}"
+    if kind == "greater_than_equal":
+        return f"{given} s is less than {limit}, the shortest it may be"
+    return f"{given} s is too short: give a number of seconds more than {_seconds(bound)}"
+
+
+def _seconds(value: object) -> str:
+    """A number of seconds as given: an int in full (99999999999999999999), a float short (86401.0 as 86401)."""
+    if isinstance(value, int) or (isinstance(value, str) and value.strip().isdigit()):
+        return str(int(value))
+    try:
+        return f"{float(value):g}"
+    except (TypeError, ValueError):
+        return str(value)
 
 
 def _env_name(names: list[str]) -> str:

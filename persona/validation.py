@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from persona.contract import MAX_SOURCE_CHARS, MAX_USER_CHARS, GenerationRequest
 from persona.errors import InvalidRequest
-from persona.settings import QueueSettings
+
+if TYPE_CHECKING:  # persona.settings takes LATEST_DEADLINE_AFTER_S from here
+    from persona.settings import QueueSettings
 
 __all__ = ["LATEST_DEADLINE_AFTER_S", "check_request", "request_problem"]
 

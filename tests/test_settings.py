@@ -134,8 +134,9 @@ def test_a_redis_url_with_options_redis_takes_is_kept(clean_env):
         assert Settings(redis_url=good).redis_url.get_secret_value() == good
 
 
-def _float_fields(model: type = Settings, names: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
-    """Every float setting, by its path of field names (a field added later is found too)."""
+def _duration_fields(model: type = Settings, names: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Every duration setting (a float or int named ``*_s``), by its path of field names (a
+    field added later is found too)."""
     import typing
 
     from pydantic import BaseModel
@@ -143,22 +144,27 @@ def _float_fields(model: type = Settings, names: tuple[str, ...] = ()) -> list[t
     found = []
     for name, field in model.model_fields.items():
         if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
-            found += _float_fields(field.annotation, (*names, name))
-        elif float in (field.annotation, *typing.get_args(field.annotation)):
+            found += _duration_fields(field.annotation, (*names, name))
+        elif name.endswith("_s") and {float, int} & {field.annotation, *typing.get_args(field.annotation)}:
             found.append((*names, name))
     return found
 
 
-FLOAT_SETTINGS = _float_fields()
+DURATION_SETTINGS = _duration_fields()
 
 
-def test_the_walk_finds_the_float_settings():
+def _variable(names: tuple[str, ...]) -> str:
+    return "PERSONA_" + "__".join(name.upper() for name in names)
+
+
+def test_the_walk_finds_the_duration_settings():
     assert {("queue", "default_deadline_s"), ("worker", "heartbeat_ttl_s"), ("posting", "tick_s"),
-            ("discord", "reply_timeout_s"), ("telegram", "paste_window_s")} <= set(FLOAT_SETTINGS)
+            ("discord", "reply_timeout_s"), ("telegram", "paste_window_s"), ("queue", "reply_ttl_s"),
+            ("discord", "conversation_ttl_s"), ("telegram", "pairing_code_ttl_s")} <= set(DURATION_SETTINGS)
 
 
 @pytest.mark.parametrize("value", ["inf", "-inf", "1e300"])
-@pytest.mark.parametrize("names", FLOAT_SETTINGS, ids=".".join)
+@pytest.mark.parametrize("names", DURATION_SETTINGS, ids=".".join)
 def test_no_duration_setting_takes_infinity_or_the_like(clean_env, monkeypatch, names, value):
     """PERSONA_QUEUE__DEFAULT_DEADLINE_S=inf passed, then `persona ask` was an OverflowError
     traceback; PERSONA_WORKER__HEARTBEAT_TTL_S=inf one after the worker had loaded its models."""
@@ -166,11 +172,89 @@ def test_no_duration_setting_takes_infinity_or_the_like(clean_env, monkeypatch, 
 
     from persona.settings import explain_settings_error
 
-    variable = "PERSONA_" + "__".join(name.upper() for name in names)
+    variable = _variable(names)
     monkeypatch.setenv(variable, value)
     with pytest.raises(ValidationError) as caught:
         Settings()
     assert explain_settings_error(caught.value).startswith(f"{variable}: "), explain_settings_error(caught.value)
+
+
+@pytest.mark.parametrize("names", DURATION_SETTINGS, ids=".".join)
+def test_no_duration_setting_takes_more_than_its_bound_in_seconds(clean_env, monkeypatch, names):
+    """PERSONA_QUEUE__REPLY_TTL_S=99999999999999999999 passed, then every reply a worker delivered
+    was "Redis refused a command (value is not an integer or out of range ...)", and the reply it
+    had pushed before the refused EXPIRE was kept with no expiry; over a float's bound the message
+    said "less than or equal to 604800", with no unit."""
+    from pydantic import ValidationError
+
+    from persona.settings import explain_settings_error
+
+    variable = _variable(names)
+    monkeypatch.setenv(variable, "99999999999999999999")
+    with pytest.raises(ValidationError) as caught:
+        Settings()
+    explained = explain_settings_error(caught.value)
+    assert explained.startswith(f"{variable}: 99999999999999999999 s is more than "), explained
+    assert "give a number of seconds within a " in explained, explained
+
+
+def test_a_bound_is_told_in_seconds_and_in_words(clean_env, monkeypatch):
+    from pydantic import ValidationError
+
+    from persona.settings import explain_settings_error
+
+    def explained(variable: str, value: str) -> str:
+        monkeypatch.setenv(variable, value)
+        with pytest.raises(ValidationError) as caught:
+            Settings()
+        monkeypatch.delenv(variable)
+        return explain_settings_error(caught.value)
+
+    assert explained("PERSONA_WORKER__HEARTBEAT_S", "700000") == (
+        "PERSONA_WORKER__HEARTBEAT_S: 700000 s is more than 604800 s (a week), the longest it may be; "
+        "give a number of seconds within a week"
+    )
+    assert explained("PERSONA_DISCORD__CONVERSATION_TTL_S", "31536001").startswith(
+        "PERSONA_DISCORD__CONVERSATION_TTL_S: 31536001 s is more than 31536000 s (a year)"
+    )
+    assert explained("PERSONA_TELEGRAM__PAIRING_CODE_TTL_S", "30") == (
+        "PERSONA_TELEGRAM__PAIRING_CODE_TTL_S: 30 s is less than 60 s (a minute), the shortest it may be"
+    )
+    assert explained("PERSONA_QUEUE__VISIBILITY_TIMEOUT_S", "0") == (
+        "PERSONA_QUEUE__VISIBILITY_TIMEOUT_S: 0 s is too short: give a number of seconds more than 0"
+    )
+    assert explained("PERSONA_QUEUE__MAX_LENGTH", "0") == (
+        "PERSONA_QUEUE__MAX_LENGTH: input should be greater than or equal to 1"
+    ), "only a duration is told in seconds"
+    # A conversation is kept up to a year: its default is a week, and a month is a fair choice.
+    assert Settings(discord={"conversation_ttl_s": 365 * 24 * 3600}).discord.conversation_ttl_s == 365 * 24 * 3600
+
+
+def test_a_heartbeat_must_come_well_within_its_ttl(clean_env, monkeypatch):
+    """PERSONA_WORKER__HEARTBEAT_S=30 (the TTL left at 10 s) passed: the worker's heartbeat
+    lapsed 10 s after each beat, so `persona queue stats` said "no live worker" while it served,
+    and other workers took its requests from it as a dead worker's."""
+    from pydantic import ValidationError
+
+    from persona.settings import explain_settings_error
+
+    monkeypatch.setenv("PERSONA_WORKER__HEARTBEAT_S", "30")
+    with pytest.raises(ValidationError) as caught:
+        Settings()
+    assert explain_settings_error(caught.value) == (
+        "PERSONA_WORKER__HEARTBEAT_TTL_S: 10 s is less than twice PERSONA_WORKER__HEARTBEAT_S (30 s): "
+        "a worker would be taken for dead between heartbeats, or after one lost beat, and its requests "
+        "taken from it by other workers; set PERSONA_WORKER__HEARTBEAT_TTL_S to 60 or more, or "
+        "PERSONA_WORKER__HEARTBEAT_S to 5 or less"
+    )
+    monkeypatch.setenv("PERSONA_WORKER__HEARTBEAT_TTL_S", "59.5")
+    with pytest.raises(ValidationError):
+        Settings()
+    monkeypatch.setenv("PERSONA_WORKER__HEARTBEAT_TTL_S", "60")
+    assert Settings().worker.heartbeat_ttl_s == 60
+    monkeypatch.delenv("PERSONA_WORKER__HEARTBEAT_TTL_S")
+    monkeypatch.setenv("PERSONA_WORKER__HEARTBEAT_S", "5")  # with the default TTL, 10 s
+    assert Settings().worker.heartbeat_s == 5
 
 
 def test_a_default_deadline_is_at_most_the_furthest_a_request_may_set(clean_env, monkeypatch):
