@@ -34,7 +34,7 @@ from persona.heartbeat import (
 from persona.jobs import DUE_FIELD, EPOCH_FIELD, REQUEST_FIELD
 from persona.personas import Persona
 from persona.swap import served_versions
-from persona.telemetry import LatencySummary, counters_named, summarize
+from persona.telemetry import LatencySummary, counters_named, read_counts, summarize
 
 __all__ = ["QueueStats", "StreamStats", "StuckEntry", "collect_stats", "find_stuck", "stream_label"]
 
@@ -253,7 +253,8 @@ def collect_stats(
     pipe.hgetall(keys.STATS_KEY)
     pipe.xlen(keys.STREAM_DEAD)
     raw_counters, dead_letters = pipe.execute()
-    counters = counters_named({_text(k): int(v) for k, v in raw_counters.items()})
+    # A counter that is no number (a damaged or foreign writer's) is left out and named once.
+    counters = counters_named(read_counts(keys.STATS_KEY, raw_counters))
     # Every live worker, those whose heartbeat cannot be read too: what they hold is
     # not stuck (their work was listed as held by a worker whose heartbeat had lapsed).
     live = live_worker_ids(client)
@@ -276,7 +277,7 @@ def collect_stats(
         # Every persona, not only those swapped (as /metrics and the page show them); a
         # persona swapped on the workers whose file this machine lacks is still listed.
         served_versions=dict(sorted((active | served_versions(personas or {}, active)).items())),
-        version_replies={_text(k): int(v) for k, v in client.hgetall(keys.VERSION_REPLIES_KEY).items()},
+        version_replies=read_counts(keys.VERSION_REPLIES_KEY, client.hgetall(keys.VERSION_REPLIES_KEY)),
         taken_at=time.time(),
         redis_time=now,
     )

@@ -85,9 +85,17 @@ class PendingEntries:
                     deliveries = job.deliveries = item["times_delivered"] + 1
                     if deliveries > self.settings.max_deliveries:
                         exhausted.append((job, deliveries - 1))
-                    else:
+                        continue
+                    jobs.append(job)
+                    if job.request is not None:
                         log.warning("reclaimed %s from %s (delivery %d)", job.request_id, holder, deliveries)
-                        jobs.append(job)
+                    else:  # the worker sets it aside as it processes it (it logged "reclaimed None")
+                        log.warning(
+                            "reclaimed malformed entry %s (%s) from %s (delivery %d): it is set aside as a dead "
+                            "letter (see `persona queue dead`)", job.entry_id,
+                            f"request {job.request_id}" if job.request_id else "no readable request id",
+                            holder, deliveries,
+                        )
         return jobs, exhausted
 
     def keep(self, consumer: str, jobs: list[Job]) -> None:

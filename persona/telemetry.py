@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import logging
 import math
+import shlex
 import time
 from bisect import bisect_left
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import redis
@@ -44,6 +45,7 @@ __all__ = [
     "counters_named",
     "outcome_counter",
     "percentile",
+    "read_counts",
     "read_histogram",
     "record_replies",
     "summarize",
@@ -68,6 +70,15 @@ UNWANTED = {ErrorKind.cancelled: "withdrawn", ErrorKind.timeout: "expired"}
 OLDER_COUNTERS = {f"failed:{kind}": counter for kind, counter in UNWANTED.items()}
 # The same, by the error kind a reply-log row names.
 _UNWANTED_KINDS = {kind.value: counter for kind, counter in UNWANTED.items()}
+# What HINCRBY counts with: signed 64-bit integers, written plainly ("12", not "012" or "1.5").
+_INT64 = range(-(2**63), 2**63)
+# How much of a value that cannot be read a warning quotes (a foreign writer's may be huge).
+MAX_QUOTED_CHARS = 40
+# Values that could not be read and were named already: (key, field, value). The
+# dashboard reads them every few seconds, and one warning says what to do; past this many
+# they are forgotten (and named again), so a hash flooded with them holds no memory down.
+MAX_REPORTED = 1000
+_reported: set[tuple[str, str, bytes | str]] = set()
 
 
 def outcome_counter(reply: GenerationReply) -> str:
@@ -87,6 +98,70 @@ def counters_named(counters: dict[str, int]) -> dict[str, int]:
         name = OLDER_COUNTERS.get(name, name)
         named[name] = named.get(name, 0) + value
     return named
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else value
+
+
+def _quoted(value: bytes | str) -> str:
+    text = _text(value)
+    return repr(text[:MAX_QUOTED_CHARS] + ("…" if len(text) > MAX_QUOTED_CHARS else ""))
+
+
+def _warn_once(key: str, name: str, value: bytes | str, message: str, *args: object) -> None:
+    """Log ``message`` about ``value`` (field ``name`` of ``key``) unless it was logged already."""
+    if (key, name, value) in _reported:
+        return
+    if len(_reported) >= MAX_REPORTED:
+        _reported.clear()
+    _reported.add((key, name, value))
+    log.warning(message, *args)
+
+
+def _unreadable(key: str, name: str, value: bytes | str, what: str) -> None:
+    """Name a counter that is not ``what`` once, with how to repair it: Redis cannot add to
+    it either, so a worker's delivery or recording that counts into it fails until then."""
+    _warn_once(
+        key, name, value,
+        "counter %s in %s is not %s (%s): left out of the figures. Redis cannot add to it either, so every count "
+        "into it fails until it is deleted (it then counts again from 0): redis-cli HDEL %s %s",
+        name, key, what, _quoted(value), shlex.quote(key), shlex.quote(name),
+    )
+
+
+def _whole(value: bytes | str) -> int | None:
+    """``value`` as the whole number HINCRBY adds to; None where it is none."""
+    try:
+        text = value.decode() if isinstance(value, bytes) else value
+        number = int(text)
+    except ValueError:  # a UnicodeDecodeError too
+        return None
+    return number if str(number) == text and number in _INT64 else None
+
+
+def _real(value: bytes | str) -> float | None:
+    """``value`` as the finite number HINCRBYFLOAT adds to; None where it is none."""
+    try:
+        text = value.decode() if isinstance(value, bytes) else value
+        number = float(text)
+    except ValueError:
+        return None
+    return number if math.isfinite(number) and text == text.strip() and "_" not in text else None
+
+
+def read_counts(key: str, raw: Mapping[bytes | str, bytes | str]) -> dict[str, int]:
+    """A hash of counters (``key``'s, as HGETALL returns it) as numbers: one that is no
+    whole number (a damaged or foreign writer's) is left out, and named once in a warning
+    that says how to repair it; it never ends a reading of the figures."""
+    counts: dict[str, int] = {}
+    for name, value in raw.items():
+        number = _whole(value)
+        if number is None:
+            _unreadable(key, _text(name), value, "a whole number")
+        else:
+            counts[_text(name)] = number
+    return counts
 
 
 class Percentiles(BaseModel):
@@ -223,13 +298,19 @@ def record_replies(client: redis.Redis, replies: Sequence[GenerationReply], batc
 
 
 def read_histogram(client: redis.Redis, name: str) -> tuple[list[tuple[str, int]], float, int]:
-    """(cumulative buckets as (upper bound, count), sum, count) for a Prometheus histogram."""
-    raw = {k.decode(): v.decode() for k, v in client.hgetall(keys.histogram_key(name)).items()}
+    """(cumulative buckets as (upper bound, count), sum, count) for a Prometheus histogram;
+    a field that cannot be read counts as 0 (see ``read_counts``)."""
+    key, histogram = keys.histogram_key(name), _HISTOGRAMS[name]
+    raw = {_text(k): v for k, v in client.hgetall(key).items()}
+    counts = read_counts(key, {field: raw[field] for field in (*histogram.labels, "count") if field in raw})
     running, buckets = 0, []
-    for bound in _HISTOGRAMS[name].labels:
-        running += int(raw.get(bound, 0))
+    for bound in histogram.labels:
+        running += counts.get(bound, 0)
         buckets.append((bound, running))
-    return buckets, float(raw.get("sum", 0.0)), int(raw.get("count", 0))
+    total = _real(raw.get("sum", b"0"))
+    if total is None:
+        _unreadable(key, "sum", raw["sum"], "a number")
+    return buckets, total or 0.0, counts.get("count", 0)
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -246,21 +327,39 @@ def _percentiles(values: list[float]) -> Percentiles:
     return Percentiles(p50=at(0.50), p95=at(0.95), p99=at(0.99))
 
 
-def _logged(fields: dict) -> tuple[str, int, float, float, str]:
+def _logged(fields: dict) -> tuple[str, int, float, float, str] | None:
     """(outcome, new tokens, queue ms, generate ms, error kind) of a reply-log entry; the
     outcome is one of ``ROW_TEXT``, ``ROW_FAILED`` (its queue wait unknown) and
-    ``ROW_FAILED_WAITED``, the error kind '' for a text reply.
+    ``ROW_FAILED_WAITED``, the error kind '' for a text reply. None for one that cannot be
+    read (a damaged or foreign writer's: too few fields, or no numbers where they go).
 
     An entry is one row, "outcome tokens queue_ms generate_ms error_kind persona version";
     entries written before rows (a field each, no error kind) are read too.
     """
     row = fields.get(b"r")
-    if row is None:
-        outcome = ROW_TEXT if fields.get(b"ok") == b"1" else ROW_FAILED
-        return outcome, int(fields.get(b"t", 0)), float(fields.get(b"q", 0)), float(fields.get(b"g", 0)), ""
-    outcome, new_tokens, queue_ms, generate_ms, rest = row.split(b" ", 4)
-    kind = rest.split(b" ", 1)[0].decode()
-    return outcome.decode(), int(new_tokens), float(queue_ms), float(generate_ms), kind
+    try:
+        if row is None:
+            outcome = ROW_TEXT if fields.get(b"ok") == b"1" else ROW_FAILED
+            logged = outcome, int(fields.get(b"t", 0)), float(fields.get(b"q", 0)), float(fields.get(b"g", 0)), ""
+        else:
+            outcome, new_tokens, queue_ms, generate_ms, rest = row.split(b" ", 4)
+            kind = rest.split(b" ", 1)[0].decode()
+            logged = outcome.decode(), int(new_tokens), float(queue_ms), float(generate_ms), kind
+    except ValueError:  # a UnicodeDecodeError too
+        return None
+    return logged if math.isfinite(logged[2]) and math.isfinite(logged[3]) else None
+
+
+def _skipped(entries: list[tuple[bytes, dict]]) -> None:
+    """Name the reply-log entries that could not be read, once: they age out by themselves."""
+    entry_id, fields = entries[0]
+    _warn_once(
+        keys.REPLY_LOG_STREAM, _text(entry_id), b"",
+        "left out %d reply-log %s in %s that could not be read (the first, %s: %s); nothing to do: the log "
+        "drops them as new replies come in (it keeps the last %d), or delete one: redis-cli XDEL %s %s",
+        len(entries), "entry" if len(entries) == 1 else "entries", keys.REPLY_LOG_STREAM, _text(entry_id),
+        _quoted(fields.get(b"r") or str(fields)), keys.REPLY_LOG_MAX_LEN, keys.REPLY_LOG_STREAM, _text(entry_id),
+    )
 
 
 def summarize(client: redis.Redis, window_s: float = WINDOW_S, now: float | None = None) -> LatencySummary:
@@ -283,8 +382,13 @@ def summarize(client: redis.Redis, window_s: float = WINDOW_S, now: float | None
     queue, generate, recent, tokens = [], [], 0, 0
     ended: dict[str, int] = defaultdict(int)  # failed, withdrawn, expired: how the others ended
     recent_ms = (now - min(THROUGHPUT_WINDOW_S, window_s)) * 1000
+    unreadable = []
     for entry_id, fields in entries:
-        outcome, new_tokens, queue_ms, generate_ms, kind = _logged(fields)
+        logged = _logged(fields)
+        if logged is None:
+            unreadable.append((entry_id, fields))
+            continue
+        outcome, new_tokens, queue_ms, generate_ms, kind = logged
         if outcome != ROW_TEXT:
             ended[_UNWANTED_KINDS.get(kind, "failed")] += 1
             if outcome == ROW_FAILED_WAITED:
@@ -295,6 +399,8 @@ def summarize(client: redis.Redis, window_s: float = WINDOW_S, now: float | None
         if int(entry_id.split(b"-")[0]) >= recent_ms:
             recent += 1
             tokens += new_tokens
+    if unreadable:
+        _skipped(unreadable)
     span = min(THROUGHPUT_WINDOW_S, window_s)
     return LatencySummary(
         window_s=window_s,

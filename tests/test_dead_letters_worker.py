@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 
@@ -56,7 +57,7 @@ def test_a_malformed_entry_is_set_aside_whole_and_its_caller_answered(settings, 
     for stream in keys.STREAMS_BY_PRIORITY:  # settled: nothing waits, nothing is held
         assert redis_client.xlen(stream) == 0
         assert redis_client.xpending(stream, keys.CONSUMER_GROUP)["pending"] == 0
-    said = [r.getMessage() for r in caplog.records if "malformed entry" in r.getMessage()]
+    said = [r.getMessage() for r in caplog.records if "set aside malformed entry" in r.getMessage()]
     assert len(said) == 4 and all("persona queue show" in line for line in said), said
 
 
@@ -117,3 +118,21 @@ def test_entries_whose_fields_cannot_be_read_are_set_aside_and_the_rest_answered
     assert reply.error.kind is ErrorKind.invalid and "field d" in reply.error.message
     for stream in keys.STREAMS_BY_PRIORITY:  # settled: nothing waits, nothing is held
         assert redis_client.xlen(stream) == 0
+
+
+def test_a_malformed_entry_a_dead_worker_held_is_named_by_its_entry_when_reclaimed(settings, redis_client, caplog):
+    """Reclaiming an entry whose request id could not be read was logged as "reclaimed
+    None from w-died": no entry a reader could look up, nor what became of it."""
+    redis_client.xadd(keys.STREAM_BATCH, {"r": b'{"x": 1}'})
+    [held] = WorkQueue(redis_client, settings.queue).claim("w-died", 1, block_ms=0)
+
+    with caplog.at_level(logging.WARNING, logger="persona.work_queue"):
+        instant_worker(settings, redis_client).step(block_ms=0)
+
+    [letter] = list_dead(redis_client)
+    said = [r.getMessage() for r in caplog.records if r.name == "persona.work_queue"]
+    assert said == [(
+        f"reclaimed malformed entry {held.entry_id} (no readable request id) from w-died (delivery 2): "
+        "it is set aside as a dead letter (see `persona queue dead`)"
+    )]
+    assert letter.deliveries == 2 and letter.reason.startswith("malformed request")

@@ -579,3 +579,43 @@ def test_entries_whose_fields_cannot_be_read_are_counted_not_a_traceback(setting
     shown = _queue_stats_command(settings, redis_url)
     assert shown.returncode == 0, shown.stderr
     assert _first_column(shown.stdout)["chat"] == "4" and "stuck work (4)" in shown.stdout
+
+
+def test_counters_that_cannot_be_read_are_reported_once_and_read_as_missing(
+    settings, redis_url, redis_client, caplog
+):
+    """A counter that was no whole number (a foreign or damaged writer's, or a person's
+    `HSET persona:stats completed abc`) ended `persona queue stats`, /api/stats and
+    /metrics with a ValueError. Redis cannot add to it either, so it is named once, with
+    how to repair it. (Each value here is this test's own: a value is reported once per process.)"""
+    record_replies(redis_client, [GenerationReply(id="a", ok=True, text="ok", new_tokens=4, persona="tiny", version="base",
+                                                  timings=Timings(queue_ms=20, generate_ms=200))], batch_size=1)
+    redis_client.hset(keys.STATS_KEY, mapping={"completed": "abc-1", "failed:invalid": "1.5", "expired": "0012"})
+    redis_client.hset(keys.VERSION_REPLIES_KEY, "tiny@old", "x-1")
+    generate = keys.histogram_key("generate_seconds")
+    redis_client.hset(generate, mapping={"0.25": "x-2", "sum": "nan"})
+    redis_client.xadd(keys.REPLY_LOG_STREAM, {"r": "garbage-1"})
+
+    with caplog.at_level(logging.WARNING, logger="persona.telemetry"):
+        stats = collect_stats(redis_client)
+        buckets, total, count = read_histogram(redis_client, "generate_seconds")
+    # What can be read is still shown: the tokens and the reply recorded above.
+    assert stats.counters == {"tokens": 4} and stats.completed == 0 and stats.failed == 0
+    assert stats.version_replies == {"tiny@base": 1}
+    assert stats.latency.replies == 1 and stats.latency.generate_ms.p50 == 200
+    assert (dict(buckets)["+Inf"], total, count) == (0, 0.0, 1)  # its one observation (0.2 s) was in 0.25
+    said = [r.getMessage() for r in caplog.records]
+    for key, field in [(keys.STATS_KEY, "completed"), (keys.STATS_KEY, "failed:invalid"), (keys.STATS_KEY, "expired"),
+                       (keys.VERSION_REPLIES_KEY, "tiny@old"), (generate, "0.25"), (generate, "sum")]:
+        assert sum(f"redis-cli HDEL {key} {field}" in line for line in said) == 1, (key, field, said)
+    assert any("counter completed in persona:stats is not a whole number ('abc-1')" in line for line in said), said
+    assert any("1 reply-log entry" in line and "'garbage-1'" in line for line in said), said
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="persona.telemetry"):
+        collect_stats(redis_client)  # the dashboard reads every few seconds: named once is enough
+        read_histogram(redis_client, "generate_seconds")
+    assert caplog.records == []
+    shown = _queue_stats_command(settings, redis_url)
+    assert shown.returncode == 0, shown.stderr
+    assert "redis-cli HDEL persona:stats completed" in shown.stderr
