@@ -37,7 +37,8 @@ from pydantic import BaseModel, Field
 from persona import constants as keys
 from persona.contract import GenerationRequest
 from persona.errors import QueueBusy
-from persona.queue_scripts import REDIS_NOW
+from persona.queue_scripts import ONE_MORE_WAITING, REDIS_NOW
+from persona.telemetry import read_counts
 
 __all__ = [
     "DeadLetter", "RetryReport", "cap_warning", "count_dead", "dead_ids", "drop_dead", "find_dead", "list_dead", "retry_all",
@@ -65,14 +66,14 @@ end
 # a submit does (without the fair-share limit: an operator asked for it), and lives at
 # least ARGV[5] seconds, so a decrement that is lost heals itself. Its answered mark
 # (KEYS[3]), old reply (KEYS[5]) and any cancel flag (KEYS[7]) go.
-RETRY_SCRIPT = REDIS_NOW + CLEARED_IF_EMPTY + """
+RETRY_SCRIPT = REDIS_NOW + ONE_MORE_WAITING + CLEARED_IF_EMPTY + """
 if ARGV[4] ~= '' and redis.call('XLEN', KEYS[2]) >= tonumber(ARGV[4]) then return 'busy' end
 if redis.call('XDEL', KEYS[1], ARGV[1]) == 0 then return false end
 redis.call('DEL', KEYS[3], KEYS[5], KEYS[7])
-redis.call('HINCRBY', KEYS[4], 'retried', 1)
+redis.pcall('HINCRBY', KEYS[4], 'retried', 1)
 cleared_if_empty(KEYS[1], KEYS[4])
 if KEYS[6] ~= '' then
-  redis.call('INCR', KEYS[6])
+  one_more_waiting(KEYS[6])
   if redis.call('TTL', KEYS[6]) < tonumber(ARGV[5]) then redis.call('EXPIRE', KEYS[6], ARGV[5]) end
 end
 if ARGV[3] == '' then return redis.call('XADD', KEYS[2], '*', 'r', ARGV[2]) end
@@ -84,7 +85,7 @@ return redis.call('XADD', KEYS[2], '*', 'r', ARGV[2], 'd', string.format('%.3f',
 DROP_SCRIPT = CLEARED_IF_EMPTY + """
 local dropped = redis.call('XDEL', KEYS[1], unpack(ARGV))
 if dropped > 0 then
-  redis.call('HINCRBY', KEYS[2], 'dropped', dropped)
+  redis.pcall('HINCRBY', KEYS[2], 'dropped', dropped)
   cleared_if_empty(KEYS[1], KEYS[2])
 end
 return dropped
@@ -180,7 +181,8 @@ def count_dead(client: redis.Redis) -> tuple[int, int]:
     pipe.xlen(keys.STREAM_DEAD)
     pipe.hmget(keys.STATS_KEY, fields)
     held, values = pipe.execute()
-    counters = {name: int(value or 0) for name, value in zip(fields, values, strict=True)}
+    # A counter that is no number (a damaged one) is left out and named once with its repair.
+    counters = read_counts(keys.STATS_KEY, {n: v for n, v in zip(fields, values, strict=True) if v is not None})
     return held, trimmed_count(counters, held, since_cleared=True)
 
 

@@ -8,8 +8,8 @@ many batches, setting a request aside as a dead letter, and handing an entry bac
 from __future__ import annotations
 
 __all__ = [
-    "DEAD_LETTER_SCRIPT", "DELIVER_SCRIPT", "KEEP_SCRIPT", "RECORD_SCRIPT", "REDIS_NOW", "REQUEUE_SCRIPT",
-    "SUBMIT_SCRIPT", "WORKERS_SCRIPT",
+    "DEAD_LETTER_SCRIPT", "DELIVER_SCRIPT", "KEEP_SCRIPT", "ONE_MORE_WAITING", "RECORD_SCRIPT", "REDIS_NOW",
+    "REQUEUE_SCRIPT", "SUBMIT_SCRIPT", "WORKERS_SCRIPT",
 ]
 
 # Redis's own time in seconds, as ``now``: what every script that times something (a
@@ -17,6 +17,27 @@ __all__ = [
 REDIS_NOW = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+"""
+
+# Counting never stops the work it counts. A counter Redis cannot add to (a damaged one:
+# `HSET persona:stats completed abc`) made a script fail halfway: the reply pushed, its
+# entry never acknowledged, so every worker turn failed for good. So every count into the
+# stats hash is a ``redis.pcall`` (only that count is lost; `persona queue stats` names
+# the counter and its repair), and a sender's count of requests waiting that is no number
+# is read as 0: never counted down, and started again at 1 by ``ONE_MORE_WAITING``.
+
+# A sender's count of requests waiting, one more (a submit, a retry); one that is no
+# number starts again at 1: Redis cannot add to it, and every request of theirs failed
+# until it expired (if it ever did). The caller sets its expiry (SET leaves it none).
+ONE_MORE_WAITING = """
+local function one_more_waiting(key)
+  local held = redis.pcall('INCR', key)
+  if type(held) ~= 'number' then
+    redis.call('SET', key, 1)
+    held = 1
+  end
+  return held
+end
 """
 
 # Refuse new work once a stream is full, or once its sender already has their share
@@ -33,7 +54,7 @@ local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 # exists is not added again ('duplicate'): redis-py re-sends a call whose reply a
 # dropped connection lost. A waiting caller's reply list is emptied as its request is
 # added: a refusal an earlier attempt left there is not taken for the reply.
-SUBMIT_SCRIPT = REDIS_NOW + """
+SUBMIT_SCRIPT = REDIS_NOW + ONE_MORE_WAITING + """
 if redis.call('EXISTS', KEYS[6]) == 1 then return 'duplicate' end
 local function refuse(why)
   if ARGV[5] == '1' then
@@ -44,7 +65,7 @@ local function refuse(why)
 end
 if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then return refuse('busy') end
 if KEYS[2] ~= '' then
-  local held = redis.call('INCR', KEYS[2])
+  local held = one_more_waiting(KEYS[2])
   redis.call('EXPIRE', KEYS[2], tonumber(ARGV[4]))
   if held > tonumber(ARGV[3]) then
     redis.call('DECR', KEYS[2])
@@ -85,14 +106,15 @@ for _ = 1, tonumber(ARGV[8]) do
       counted = counted + 1
       redis.call('LPUSH', replies .. id, ARGV[a + 1])
       redis.call('EXPIRE', replies .. id, reply_ttl)
-      if user ~= '' and tonumber(redis.call('GET', pending .. user) or '0') > 0 then
+      if user ~= '' and (tonumber(redis.call('GET', pending .. user)) or 0) > 0 then
         redis.call('DECR', pending .. user)
       end
     end
     a = a + 3
   end
-  -- Counters and acknowledgements once per run, not once per reply.
-  if counted > 0 then redis.call('HINCRBY', KEYS[1], counter, counted) end
+  -- Counters and acknowledgements once per run, not once per reply; a count that fails
+  -- (a damaged counter) is lost, never the acknowledgements (see above).
+  if counted > 0 then redis.pcall('HINCRBY', KEYS[1], counter, counted) end
   new = new + counted
 end
 local streams = tonumber(ARGV[a])
@@ -151,9 +173,9 @@ local letter = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'r', ARG
   'reason', ARGV[5], 'deliveries', ARGV[6], 'worker', ARGV[7], 'at', ARGV[8])
 redis.call('XACK', KEYS[3], ARGV[1], ARGV[2])
 redis.call('XDEL', KEYS[3], ARGV[2])
-redis.call('HINCRBY', KEYS[1], 'dead_lettered', 1)
+redis.pcall('HINCRBY', KEYS[1], 'dead_lettered', 1)
 if KEYS[4] == '' then
-  redis.call('HINCRBY', KEYS[1], 'failed:unanswerable', 1)
+  redis.pcall('HINCRBY', KEYS[1], 'failed:unanswerable', 1)
   return letter
 end
 local mark = redis.call('GET', KEYS[4])
@@ -161,10 +183,10 @@ if not mark or mark == '' then
   redis.call('SET', KEYS[4], ARGV[7], 'EX', tonumber(ARGV[11]))
   redis.call('LPUSH', KEYS[5], ARGV[9])
   redis.call('EXPIRE', KEYS[5], tonumber(ARGV[10]))
-  if KEYS[6] ~= '' and tonumber(redis.call('GET', KEYS[6]) or '0') > 0 then
+  if KEYS[6] ~= '' and (tonumber(redis.call('GET', KEYS[6])) or 0) > 0 then
     redis.call('DECR', KEYS[6])
   end
-  redis.call('HINCRBY', KEYS[1], ARGV[12], 1)
+  redis.pcall('HINCRBY', KEYS[1], ARGV[12], 1)
 end
 return letter
 """

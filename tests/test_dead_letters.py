@@ -400,3 +400,36 @@ def test_options_that_cannot_go_together_are_named(settings, redis_client, redis
     refused = _queue_command(settings, redis_url, *command, "--yes")
     assert refused.returncode == 1 and said in refused.stderr, refused.stderr
     assert len(list_dead(redis_client)) == 1  # nothing done
+
+
+def test_counters_redis_cannot_add_to_cost_the_dead_letter_commands_nothing_but_their_counts(
+    settings, redis_client, redis_url
+):
+    """With `retried`, `dropped` or `dead_lettered` no number (`HSET persona:stats retried
+    abc`), `persona queue dead` ended in a traceback, and a retry failed after the letter
+    was deleted and before its request was queued again: the request was lost."""
+    first = dead_letter(settings, redis_client, chat(text="one", user="ann"))
+    dead_letter(settings, redis_client, chat(text="two"))
+    redis_client.hset(keys.STATS_KEY, mapping={"dead_lettered": "abc", "retried": "abc", "dropped": "abc"})
+    redis_client.set(keys.user_pending_key("ann"), "abc")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PERSONA_")}
+    env |= {"PERSONA_DATA_DIR": str(settings.data_dir), "PERSONA_REDIS_URL": redis_url, "COLUMNS": "200"}
+
+    def persona(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "persona", "queue", *args], env=env, capture_output=True,
+                              check=False, text=True, timeout=120)
+
+    [two, one] = list_dead(redis_client)
+    retried = persona("retry", one.id)
+    assert retried.returncode == 0, retried.stderr
+    [job] = WorkQueue(redis_client, settings.queue).claim("w", 1, block_ms=0)
+    assert job.request.id == first.id  # queued again, counted again for its sender
+    assert redis_client.get(keys.user_pending_key("ann")) == b"1"
+    listed = persona("dead", "--json")
+    assert listed.returncode == 0 and "Traceback" not in listed.stderr, listed.stderr
+    assert [json.loads(line)["id"] for line in listed.stdout.splitlines()] == [two.id]
+    assert "redis-cli HDEL persona:stats retried" in listed.stderr  # the repair, said
+    assert persona("drop", two.id).returncode == 0
+    assert list_dead(redis_client) == []
+    stats = {k.decode(): v.decode() for k, v in redis_client.hgetall(keys.STATS_KEY).items()}
+    assert (stats["dead_lettered"], stats["retried"], stats["dropped"]) == ("abc", "abc", "abc")

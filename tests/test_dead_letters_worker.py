@@ -136,3 +136,26 @@ def test_a_malformed_entry_a_dead_worker_held_is_named_by_its_entry_when_reclaim
         "it is set aside as a dead letter (see `persona queue dead`)"
     )]
     assert letter.deliveries == 2 and letter.reason.startswith("malformed request")
+
+
+def test_a_counter_redis_cannot_add_to_costs_a_letter_its_count_never_its_answer_or_acknowledgement(
+    settings, redis_client
+):
+    """With `dead_lettered` no number (`HSET persona:stats dead_lettered abc`), setting an
+    entry aside failed after the letter was added and the entry deleted: the caller went
+    unanswered and the worker's turn raised. Now only the count is lost."""
+    wrong_types = json.dumps({"id": "abc123", "persona": 5, "user": "ann"}).encode()
+    redis_client.xadd(keys.STREAM_INTERACTIVE, {"r": wrong_types})
+    redis_client.xadd(keys.STREAM_INTERACTIVE, {"r": b"\xff not json"})  # nobody to answer
+    redis_client.hset(keys.STATS_KEY, mapping={"dead_lettered": "abc", "failed:invalid": "abc"})
+    redis_client.set(keys.user_pending_key("ann"), "abc")
+
+    assert instant_worker(settings, redis_client).step(block_ms=0) == 2  # nothing raised
+
+    assert len(list_dead(redis_client)) == 2
+    reply = GenerationReply.from_json(redis_client.lindex(keys.reply_key("abc123"), 0))
+    assert reply.error.kind is ErrorKind.invalid  # its sender heard why at once
+    assert redis_client.xlen(keys.STREAM_INTERACTIVE) == 0
+    assert redis_client.xpending(keys.STREAM_INTERACTIVE, keys.CONSUMER_GROUP)["pending"] == 0
+    stats = {k.decode(): v.decode() for k, v in redis_client.hgetall(keys.STATS_KEY).items()}
+    assert stats == {"dead_lettered": "abc", "failed:invalid": "abc", "failed:unanswerable": "1"}

@@ -640,3 +640,15 @@ def test_an_overlong_user_or_source_is_refused_before_it_names_a_redis_key(clien
     for user in ("telegram:" + str(2**63 - 1), "discord:" + str(2**64 - 1)):
         client.submit(chat(user=user, source=user.split(":")[0]))
     assert client.redis.xlen(keys.STREAM_INTERACTIVE) == 2
+
+
+def test_a_senders_count_of_waiting_requests_that_is_no_number_starts_again_at_one(settings, client, work):
+    """A sender's count that Redis could not add to (`SET persona:user-pending:ann abc`) failed
+    every request they sent with "value is not an integer", for as long as it lived."""
+    pending = keys.user_pending_key("ann")
+    client.redis.set(pending, "abc")
+    request = client.submit(chat(user="ann"))
+    assert client.redis.get(pending) == b"1" and client.redis.ttl(pending) > 0
+    [job] = work.claim("w", 1, block_ms=100)
+    work.deliver([(job, GenerationReply(id=request.id, ok=True, text="ok"))], "w")
+    assert client.redis.get(pending) == b"0"

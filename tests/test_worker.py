@@ -823,3 +823,38 @@ def test_a_worker_killed_right_after_answering_leaves_its_timings_counted(
             break
         time.sleep(0.05)
     assert counted == (3, 3, 3), "completed, replies per version, generate_seconds observations"
+
+
+@pytest.mark.parametrize(
+    "damaged", [(keys.STATS_KEY, "completed"), (keys.user_pending_key("ann"), None)], ids=["completed", "senders-count"]
+)
+def test_a_counter_redis_cannot_add_to_costs_its_count_never_the_reply_or_the_acknowledgement(
+    settings, redis_client, write_persona, tiny_llama_dir, client, damaged
+):
+    """A completion counter that was no number (`HSET persona:stats completed abc`) failed
+    the delivery script after the reply went out, before the entry was acknowledged: every
+    turn raised "hash value is not an integer" and waited out its pause, for ever. So did a
+    sender's count of requests waiting that was no number. The work is done; only the count is lost."""
+    from persona.bench_queue import InstantEngine
+    from persona.pool import ModelPool
+    from persona.worker import Worker
+
+    write_persona("tiny", base=str(tiny_llama_dir))
+    worker = Worker(settings, redis_client, ModelPool(settings, "cpu", engine_factory=InstantEngine), worker_id="w-count")
+    requests = [client.submit(chat("tiny", user="ann")), client.submit(chat("nobody-has-this"))]
+    key, field = damaged
+    if field:
+        redis_client.hset(key, field, "abc")
+    else:
+        redis_client.set(key, "abc")
+
+    assert worker.step(block_ms=0) == 2  # one round: answered and settled, nothing raised
+
+    replies = [client.wait(r, timeout=1) for r in requests]
+    assert replies[0].text == "ok" and replies[1].error.kind is ErrorKind.invalid
+    for stream in keys.STREAMS_BY_PRIORITY:  # acknowledged and deleted: nobody answers them again
+        assert redis_client.xlen(stream) == 0
+        assert redis_client.xpending(stream, keys.CONSUMER_GROUP)["pending"] == 0
+    # The damaged one is left for the operator (`persona queue stats` says how); the others still count.
+    assert (redis_client.hget(key, field) if field else redis_client.get(key)) == b"abc"
+    assert redis_client.hget(keys.STATS_KEY, "failed:invalid") == b"1"
