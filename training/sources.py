@@ -31,6 +31,7 @@ import logging
 import re
 import struct
 import unicodedata
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,7 +62,8 @@ END_OF_TEXT = "<|endoftext|>"
 
 
 class SourceProblem(Exception):
-    """One file cannot be read; says which file, which line and why."""
+    """One file cannot be read; says which file, which line and why. Returned in ``Documents.left_out``,
+    it is instead a part of a file that was read, left out on purpose (``whole_file`` False)."""
 
     def __init__(self, path: Path, line: int | None, reason: str) -> None:
         where = f"{path}:{line}" if line else str(path)
@@ -69,6 +71,7 @@ class SourceProblem(Exception):
         self.path = path
         self.line = line
         self.reason = reason
+        self.whole_file = True  # the file was skipped whole, not read
 
 
 class Draft(SourceProblem):
@@ -90,13 +93,30 @@ class RawDocument:
     line: int = 1
 
 
+class _LeftOut(list[SourceProblem]):
+    """What a reader left out of a file it read: each problem put in it is marked so (``whole_file`` False),
+    but a draft, whose whole file is left out. The readers only append and extend."""
+
+    def __init__(self, problems: Iterable[SourceProblem] = ()) -> None:
+        super().__init__()
+        self.extend(problems)
+
+    def append(self, problem: SourceProblem) -> None:
+        problem.whole_file = isinstance(problem, Draft)
+        super().append(problem)
+
+    def extend(self, problems: Iterable[SourceProblem]) -> None:
+        for problem in problems:
+            self.append(problem)
+
+
 class Documents(list[RawDocument]):
     """A reader's documents, and what it found in the file but left out on purpose (a draft, records
     without the field asked for), each as a ``SourceProblem`` so the corpus builder reports it."""
 
     def __init__(self, documents: Iterable[RawDocument] = (), left_out: Iterable[SourceProblem] = ()) -> None:
         super().__init__(documents)
-        self.left_out = list(left_out)
+        self.left_out: list[SourceProblem] = _LeftOut(left_out)
 
 
 @dataclass
@@ -126,7 +146,11 @@ def read_text_file(path: Path) -> str:
     if path.suffix.lower() == ".dat" and fortune.is_file() and strfile_flags(fortune) is not None:
         raise SourceProblem(path, None, f"the index `strfile` made for the fortune file {fortune.name}, "
                                         "not text; name that file instead")
-    return _decode(path, raw)
+    text = _decode(path, raw)
+    if not text.strip():  # else said only as "no documents found", or as a CSV with no columns
+        raise SourceProblem(path, None, "empty (0 bytes), nothing in it to read" if not raw else
+                                        "blank, nothing in it to read but spaces and line ends")
+    return text
 
 
 def _decode(path: Path, raw: bytes, *, warn: bool = True) -> str:
@@ -533,12 +557,13 @@ def _listed_records(path: Path, text: str, line: int, record: dict, field: str) 
 
 def read_jsonl(path: Path, options: ReadOptions) -> Documents:
     """One document per line, from the field named by ``--field`` (dots go deeper); the records
-    without it (or with null in it), and a few lines that are not JSON, are left out and said so.
-    One object without the field that wraps the records in a list (``{"posts": [...]}``) gives them."""
+    without text in it (missing, null, a number...), and a few lines that are not JSON, are left out and
+    said so. One object without the field that wraps the records in a list (``{"posts": [...]}``) gives them."""
     documents = Documents()
     first: tuple[int, dict] | None = None  # the first record that is an object, for the error
     present = False
     lacking: list[int] = []
+    not_text: list[tuple[int, str]] = []  # (line, what the field holds instead)
     text = read_text_file(path)
     records, broken = _json_records(path, text)
     if (len(records) == 1 and not broken and isinstance(records[0][1], dict)
@@ -554,24 +579,38 @@ def read_jsonl(path: Path, options: ReadOptions) -> Documents:
         present = present or value is not _ABSENT
         if value is _ABSENT or value is None:
             lacking.append(number)
-            continue
-        if not isinstance(value, str):
-            raise SourceProblem(path, number, f"field {options.field!r} is not text (use --field)")
-        documents.append(RawDocument(value, str(path), number))
+        elif not isinstance(value, str):
+            not_text.append((number, _JSON_KINDS.get(type(value), "a value")))
+        else:
+            documents.append(RawDocument(value, str(path), number))
     if first is not None and not present:  # a wrong --field would otherwise read nothing, and say nothing
         line, record = first
         raise SourceProblem(path, line, f"no record has the field {options.field!r}; the first record's fields are "
                                         f"{', '.join(map(str, record)) or 'none'} (use --field)")
-    if lacking:
+    from_field = len(documents) - sum(isinstance(record, str) for _, record in records)
+    if not_text and not documents:  # the field holds something else in every record: the wrong field
+        line, kind = not_text[0]
+        raise SourceProblem(path, line, f"field {options.field!r} holds no text in any record ({kind} at line {line}); "
+                                        "use --field to name the field that holds the text (a.b for one inside another)")
+    if lacking or not_text:
+        lines = lacking + [number for number, _ in not_text]
+        kinds = Counter(kind for _, kind in not_text)
+        held = "".join(f", {n} of them {kind}" for kind, n in kinds.items())
+        hint = "" if from_field else "; --field names the field that holds the text"
         documents.left_out.append(SourceProblem(
-            path, min(lacking), f"{len(lacking)} record(s) with no text in the field {options.field!r} "
-                                f"(line(s) {_some(lacking)}; the other {len(documents)} were read); --field names the field that holds the text"))
+            path, min(lines), f"{len(lines)} record(s) with no text in the field {options.field!r} (line(s) "
+                              f"{_some(lines)}{held}; the other {len(documents)} were read){hint}"))
     if broken:
         (line, why), *_ = broken
+        gave = "" if len(documents) == len(records) else f": {len(documents)} gave text, {len(records) - len(documents)} had none"
         documents.left_out.append(SourceProblem(
             path, line, f"{len(broken)} line(s) not JSON, left out (line(s) {_some(n for n, _ in broken)}; the "
-                         f"first: {why}); the other {len(records)} record(s) were read; fix those lines to read them too"))
+                         f"first: {why}); the other {len(records)} record(s) were read{gave}; fix those lines to "
+                         "read them too"))
     return documents
+
+
+_JSON_KINDS = {bool: "true or false", int: "a number", float: "a number", list: "a list", dict: "an object"}
 
 
 def _some(numbers: Iterable[int], shown: int = 5) -> str:

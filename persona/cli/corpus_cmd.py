@@ -63,8 +63,11 @@ def corpus_build(
     )
     drafts = [problem for problem in result.problems if isinstance(problem, Draft)]
     for problem in result.problems:  # escaped: a path may hold brackets ("my [draft] notes")
-        if len(drafts) <= DRAFTS_NAMED or not isinstance(problem, Draft):
-            err_console.print(f"[yellow]skipped[/yellow] {escape(str(problem))}", highlight=False)
+        if len(drafts) > DRAFTS_NAMED and isinstance(problem, Draft):
+            continue
+        # Only a file left out whole was skipped; what was left out of a file read is said under its name.
+        said = f"[yellow]skipped[/yellow] {escape(str(problem))}" if problem.whole_file else escape(str(problem))
+        err_console.print(said, highlight=False)
     if len(drafts) > DRAFTS_NAMED:  # a line each: hundreds of lines hid everything else said
         err_console.print(f"[yellow]left out[/yellow] {escape(_drafts_line(drafts))}", highlight=False)
     if result.left_out:
