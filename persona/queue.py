@@ -35,7 +35,13 @@ from persona.connection import retrying_until
 from persona.contract import GenerationReply, GenerationRequest, Priority
 from persona.errors import InvalidRequest, QueueBusy, ReplyTimeout
 from persona.heartbeat import StartingWorker, longest_loading_first
-from persona.queue_scripts import SUBMIT_SCRIPT, WORKERS_SCRIPT
+from persona.queue_scripts import (
+    CANCEL_SCRIPT,
+    FULL_SCRIPT,
+    HOLDER_SCRIPT,
+    SUBMIT_SCRIPT,
+    WORKERS_SCRIPT,
+)
 from persona.settings import QueueSettings
 from persona.validation import check_request
 from persona.work_queue import Job, WorkQueue
@@ -54,6 +60,13 @@ MIN_SLICE_S = 0.01
 OUTAGE_PAUSE_S = 1.0
 # Replies a client keeps after reading them, for a second wait on the same request.
 REPLIES_KEPT = 256
+# A full stream's untaken entries that a refusal looks through for dead ones (FULL_SCRIPT):
+# 6 ms of Redis's time for 200 of 6000 characters each (1000 took 32 ms, on every refusal).
+FULL_SCAN_LIMIT = 200
+# The entries in flight that an unanswered wait looks through for its own (HOLDER_SCRIPT).
+HOLDER_SCAN_LIMIT = 1000
+# How a request is given longer, for a caller that names none of its own (see ``_Caller``).
+LONGER_WAIT = "a later deadline, or PERSONA_QUEUE__DEFAULT_DEADLINE_S for every caller"
 
 
 def stream_for(priority: Priority) -> str:
@@ -105,20 +118,66 @@ def _take(pipe, key: str, wait_s: float, spent: list[str]) -> None:
     pipe.blmove(key, key, _slice(wait_s), "LEFT", "LEFT")
 
 
-def _check_submitted(outcome: bytes | str | None, request: GenerationRequest, settings: QueueSettings) -> None:
-    """Raise QueueBusy for a refusal (else the request is queued, now or before)."""
+def _full_stream(outcome: bytes | str | None, request: GenerationRequest) -> str | None:
+    """The stream that refused a request as full, if it was refused so."""
+    return stream_for(request.priority) if outcome in (b"busy", "busy") else None
+
+
+def _check_submitted(
+    outcome: bytes | str | None, request: GenerationRequest, settings: QueueSettings,
+    full: dict[str, QueueBusy] | None = None,
+) -> None:
+    """Raise QueueBusy for a refusal (else the request is queued, now or before); ``full``
+    holds the one for each stream that refused a request as full (see ``_full``)."""
     outcome = outcome.decode() if isinstance(outcome, bytes) else outcome
     if outcome == "busy":
-        raise QueueBusy(
-            f"the queue is busy ({_requests(settings.max_length)} already waiting in "
-            f"{stream_for(request.priority)}); please try again in a moment"
-        )
+        stream = stream_for(request.priority)
+        raise (full or {}).get(stream) or _full(stream, settings, None)
     if outcome == "user_busy":
         mine = settings.max_pending_per_user
         raise QueueBusy(
             f"you already have {_requests(mine)} waiting; please wait for "
             f"{'that answer' if mine == 1 else 'those answers'} first"
         )
+
+
+def _looking_at(pipe, stream: str) -> None:
+    """Queue on a pipeline the look at a stream that refused a request as full
+    (``FULL_SCRIPT``, then ``WORKERS_SCRIPT``): what fills it, and who could clear it."""
+    pipe.eval(FULL_SCRIPT, 3, stream, keys.CANCEL_EPOCH_KEY, keys.WORKER_INDEX_KEY,
+              keys.CONSUMER_GROUP, keys.CANCEL_KEY_PREFIX, FULL_SCAN_LIMIT)
+    pipe.eval(WORKERS_SCRIPT, 2, keys.WORKER_INDEX_KEY, keys.STARTING_INDEX_KEY, keys.STARTING_KEY_PREFIX)
+
+
+def _full(stream: str, settings: QueueSettings, looked: list | None) -> QueueBusy:
+    """QueueBusy for a stream that refused a request as full, saying what fills it and
+    whether trying again can help (``looked``: ``_looking_at``'s answers; None if that
+    look failed). "3 requests already waiting" was the limit, not a count: the entries
+    were expired and withdrawn ones that, with no worker running, stayed for good."""
+    limit = f"its limit, PERSONA_QUEUE__MAX_LENGTH={settings.max_length}"
+    if not looked:
+        return QueueBusy(f"the queue is busy ({stream} is full: {limit}); please try again in a moment")
+    (length, in_flight, live, expired, withdrawn, scanned), workers = [int(n) for n in looked[0]], looked[1]
+    if length < settings.max_length:
+        return QueueBusy(f"the queue was full as this request came ({stream}: {limit}); it has room again: try again")
+    if live:
+        return QueueBusy(f"the queue is busy: {stream} holds {_requests(length)} ({limit}), {in_flight} of them "
+                         "being answered; please try again in a moment")
+    parts = [(expired, "past their deadline"), (withdrawn, "withdrawn"),
+             (in_flight, "held by a worker that stopped"),
+             (length - expired - withdrawn - in_flight, "waiting")]
+    counted = ", ".join(f"{n} {what}" for n, what in parts if n)
+    if scanned < length - in_flight:
+        counted += f" (of the oldest {scanned} untaken)"
+    _, starting = _workers(workers)
+    if starting:
+        first = starting[0]
+        why = (f"no worker serves yet to take them, or to clear away those nobody waits for (one is starting: "
+               f"{first.doing()}, {first.loading_s:.0f} s so far): try again once `persona queue stats` lists it as live")
+    else:
+        why = ("no worker is running to take them, or to clear away those nobody waits for, so trying again will not "
+               "help: start one (`persona worker`, or `persona up`), then try again")
+    return QueueBusy(f"the queue is full: {stream} holds {_requests(length)} ({limit}): {counted}; {why}")
 
 
 def _requests(count: int) -> str:
@@ -171,28 +230,28 @@ def _slice(left_s: float) -> float:
     return min(max(left_s, MIN_SLICE_S), WAIT_SLICE_S)
 
 
-def _cancel(pipe, request_id: str, settings: QueueSettings) -> None:
-    """Queue a cancellation on a MULTI pipeline: the request's mark (see ``_withdrew``), the
+def _cancel_keys_args(request_id: str, settings: QueueSettings) -> tuple[list[str], list]:
+    """``CANCEL_SCRIPT``'s keys and arguments: the request's mark (see ``_withdrew``), its
     flag, and the epoch workers compare. The flag is set whatever the mark says: a request
     whose submission is still on its way is withdrawn as it is added."""
-    pipe.get(keys.answered_key(request_id))
-    pipe.set(keys.cancel_key(request_id), 1, ex=settings.reply_ttl_s)
-    pipe.incr(keys.CANCEL_EPOCH_KEY)
+    return [keys.answered_key(request_id), keys.cancel_key(request_id), keys.CANCEL_EPOCH_KEY], [settings.reply_ttl_s]
 
 
-def _withdrew(results: list) -> bool:
+def _withdrew(mark: bytes | str | None) -> bool:
     """Whether a cancellation found its request waiting or running (its mark '': queued, not
     answered), rather than answered already or not in the queue (an unknown id)."""
-    mark = results[0]
     return mark is not None and not mark
 
 
 def _no_reply(
-    request: GenerationRequest, mark: bytes | str | None, settings: QueueSettings, workers: list | None = None
+    request: GenerationRequest, mark: bytes | str | None, settings: QueueSettings, workers: list | None = None,
+    holder: list | None = None, longer: str = LONGER_WAIT,
 ) -> ReplyTimeout:
     """Why a wait ended without a reply, from the request's mark (see ``constants``): queued
     and not answered yet (''), answered by the worker it names, or not in the queue (None).
-    For one not answered yet, ``workers`` (``WORKERS_SCRIPT``'s answer) says who could have."""
+    For one not answered yet, ``holder`` (``HOLDER_SCRIPT``'s answer) says which worker has
+    it in hand, if one took it, else ``workers`` (``WORKERS_SCRIPT``'s) says who could have;
+    ``longer`` is how the caller gives a request longer."""
     if mark is None:
         return ReplyTimeout(
             f"request {request.id} for persona {request.persona!r} is not in the queue: it was never "
@@ -206,24 +265,41 @@ def _no_reply(
             f"gone: it was read already, by another client (keep the reply wait returns), or it waited "
             f"unread past {settings.reply_ttl_s} s. Submit it again with a new id for a new answer"
         )
+    if holder:
+        return ReplyTimeout(f"request {request.id} for persona {request.persona!r} was not answered in time: "
+                            + _held(*holder, longer=longer))
     return ReplyTimeout(f"no worker answered request {request.id} for persona {request.persona!r} in time; "
-                        + _who_could(*_workers(workers)))
+                        + _who_could(*_workers(workers), longer=longer))
 
 
-_LONGER_WAIT = "`persona ask --timeout SECONDS`, or PERSONA_QUEUE__DEFAULT_DEADLINE_S for every caller"
+def _held(worker: bytes | str, held_ms: int, deliveries: int, live: int, longer: str) -> str:
+    """What a caller should know of the worker holding its unanswered request (``HOLDER_SCRIPT``):
+    "did not reach it" was said of a request a worker had taken and was still answering."""
+    worker = worker.decode(errors="replace") if isinstance(worker, bytes) else worker
+    taken = f"worker {worker} took it {int(held_ms) / 1000:.1f} s ago"
+    again = f", for the {_ordinal(int(deliveries))} time" if int(deliveries) > 1 else ""
+    if int(live):
+        return (f"{taken}{again} and is still answering it (a long message or reply takes longer); give it "
+                f"longer ({longer})")
+    return (f"{taken}{again}, but its heartbeat has lapsed: it stopped with the request unfinished, and the "
+            "next live worker takes it over (is one running? See `persona queue stats`)")
 
 
-def _who_could(live: int, starting: list[StartingWorker]) -> str:
+def _ordinal(n: int) -> str:
+    return f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
+
+
+def _who_could(live: int, starting: list[StartingWorker], longer: str = LONGER_WAIT) -> str:
     """What a caller whose request went unanswered should know about the workers, and do."""
     if live:
-        return (f"{live} worker{'s are' if live > 1 else ' is'} running, but did not reach it before its deadline "
-                f"(see `persona queue stats` for the queue's depth); try again, or give it longer ({_LONGER_WAIT})")
+        return (f"{live} worker{'s are' if live > 1 else ' is'} running, but none took it before its deadline "
+                f"(see `persona queue stats` for the queue's depth); try again, or give it longer ({longer})")
     if starting:
         first = starting[0]
         others = f" (and {len(starting) - 1} more)" if len(starting) > 1 else ""
         return (f"a worker is still starting{others}: {first.doing()}, {first.loading_s:.0f} s so far, and it answers "
                 f"nothing until it has loaded. Wait until `persona queue stats` lists it as live and try again, or "
-                f"give the request longer ({_LONGER_WAIT})")
+                f"give the request longer ({longer})")
     return "is a worker running (`persona worker`, or `persona up`)? See `persona queue stats`"
 
 
@@ -244,10 +320,16 @@ def _workers(found: list | None) -> tuple[int, list[StartingWorker]]:
 class _Caller:
     """What both clients keep: their Redis, settings, and the reply lists they have read."""
 
-    def __init__(self, client: redis.Redis | redis.asyncio.Redis, settings: QueueSettings) -> None:
+    def __init__(
+        self, client: redis.Redis | redis.asyncio.Redis, settings: QueueSettings, *, longer_wait: str = LONGER_WAIT
+    ) -> None:
+        """``longer_wait``: how this client's caller gives a request longer, for a ReplyTimeout
+        to name (a command's own option, say); the library names no command."""
         self.redis = client
         self.settings = settings
+        self.longer_wait = longer_wait
         self._submit = client.register_script(SUBMIT_SCRIPT)
+        self._cancel = client.register_script(CANCEL_SCRIPT)
         # Reply lists read and not yet deleted: the next wait or ask deletes them. (Each
         # also expires on its own, after the reply TTL: one noted by another thread just
         # as they are taken is left to that.)
@@ -278,21 +360,42 @@ class _Caller:
         return reply
 
     def _looking(self, request: GenerationRequest):
-        """A pipeline that reads the request's mark, its reply if it is there after all, and
-        who could have answered it (``WORKERS_SCRIPT``)."""
+        """A pipeline that reads the request's mark, its reply if it is there after all, who
+        could have answered it (``WORKERS_SCRIPT``), and who holds it (``HOLDER_SCRIPT``)."""
         pipe = self.redis.pipeline(transaction=False)
         pipe.get(keys.answered_key(request.id))
         pipe.lindex(keys.reply_key(request.id), 0)
         pipe.eval(WORKERS_SCRIPT, 2, keys.WORKER_INDEX_KEY, keys.STARTING_INDEX_KEY, keys.STARTING_KEY_PREFIX)
+        pipe.eval(HOLDER_SCRIPT, 2, stream_for(request.priority), keys.WORKER_INDEX_KEY,
+                  keys.CONSUMER_GROUP, request.id, HOLDER_SCAN_LIMIT)
         return pipe
 
     def _found(self, request: GenerationRequest, looked: list) -> GenerationReply:
         """The reply a last look found (``_looking``), else ReplyTimeout saying why there is none."""
-        mark, got, workers = looked
+        mark, got, workers, holder = looked
         reply = self._read(request, got)
         if reply is None:
-            raise _no_reply(request, mark, self.settings, workers)
+            raise _no_reply(request, mark, self.settings, workers, holder, self.longer_wait)
         return reply
+
+    def _looking_at_full(self, outcomes: list[tuple[GenerationRequest, bytes | str | None]]):
+        """A pipeline that looks at each stream that refused one of these requests as full
+        (see ``_full``), and the streams in its order; None if none did."""
+        streams = list(dict.fromkeys(s for request, outcome in outcomes if (s := _full_stream(outcome, request))))
+        if not streams:
+            return None, []
+        pipe = self.redis.pipeline(transaction=False)
+        for stream in streams:
+            _looking_at(pipe, stream)
+        return pipe, streams
+
+    def _full_ones(self, streams: list[str], looked: list | BaseException) -> dict[str, QueueBusy]:
+        """QueueBusy for each stream that refused a request as full, from ``_looking_at_full``'s
+        answers (a look that failed leaves the plain "busy")."""
+        if isinstance(looked, BaseException):
+            log.warning("could not look at the full queue: %s", looked)
+            return {stream: _full(stream, self.settings, None) for stream in streams}
+        return {stream: _full(stream, self.settings, looked[2 * n : 2 * n + 2]) for n, stream in enumerate(streams)}
 
     def _outage_left(self, request: GenerationRequest, exc: redis.exceptions.RedisError, give_up: float) -> float:
         """How long to pause before trying a wait again that Redis being out of reach cut
@@ -319,8 +422,20 @@ class QueueClient(_Caller):
         check_request(request, self.settings)
         request = _stamp(request, self.settings)
         script_keys, args = _submit_keys_args(request, self.settings)
-        _check_submitted(self._submit(keys=script_keys, args=args), request, self.settings)
+        outcome = self._submit(keys=script_keys, args=args)
+        _check_submitted(outcome, request, self.settings, self._full_of([(request, outcome)]))
         return request
+
+    def _full_of(self, outcomes: list[tuple[GenerationRequest, bytes | str | None]]) -> dict[str, QueueBusy]:
+        """QueueBusy for each stream that refused one of these requests as full, saying what fills it."""
+        pipe, streams = self._looking_at_full(outcomes)
+        if pipe is None:
+            return {}
+        try:
+            looked = pipe.execute()
+        except redis.exceptions.RedisError as exc:  # the refusal stands, said plainly
+            looked = exc
+        return self._full_ones(streams, looked)
 
     def submit_many(self, requests: list[GenerationRequest]) -> list[GenerationRequest]:
         """Queue many requests in one round trip; returns them (deadlines stamped) once all are queued.
@@ -345,9 +460,11 @@ class QueueClient(_Caller):
             script_keys, args = _submit_keys_args(request, self.settings)
             pipe.eval(SUBMIT_SCRIPT, len(script_keys), *script_keys, *args)
         refusals: dict[str, list[int]] = {}  # why -> the refused requests' numbers (from 1)
-        for number, (request, outcome) in enumerate(zip(stamped, pipe.execute(), strict=True), 1):
+        outcomes = list(zip(stamped, pipe.execute(), strict=True))
+        full = self._full_of(outcomes)
+        for number, (request, outcome) in enumerate(outcomes, 1):
             try:
-                _check_submitted(outcome, request, self.settings)
+                _check_submitted(outcome, request, self.settings, full)
             except QueueBusy as exc:
                 refusals.setdefault(str(exc), []).append(number)
         if refusals:
@@ -376,15 +493,14 @@ class QueueClient(_Caller):
         give_up = time.monotonic() + _wait_seconds(request, timeout, self.settings)
         with retrying_until(give_up):
             outcome, *_, got = self._asking(request, give_up).execute()
-        _check_submitted(outcome, request, self.settings)
+        _check_submitted(outcome, request, self.settings, self._full_of([(request, outcome)]))
         return self._wait(request, give_up, got)
 
     def cancel(self, request_id: str) -> bool:
         """Withdraw a request that is still waiting or running (its caller is answered
         "cancelled"). False if there was none to withdraw: answered already, or not in the queue."""
-        pipe = self.redis.pipeline(transaction=True)
-        _cancel(pipe, request_id, self.settings)
-        return _withdrew(pipe.execute())
+        script_keys, args = _cancel_keys_args(request_id, self.settings)
+        return _withdrew(self._cancel(keys=script_keys, args=args))
 
 
 class AsyncQueueClient(_Caller):
@@ -394,8 +510,19 @@ class AsyncQueueClient(_Caller):
         check_request(request, self.settings)
         request = _stamp(request, self.settings)
         script_keys, args = _submit_keys_args(request, self.settings)
-        _check_submitted(await self._submit(keys=script_keys, args=args), request, self.settings)
+        outcome = await self._submit(keys=script_keys, args=args)
+        _check_submitted(outcome, request, self.settings, await self._full_of([(request, outcome)]))
         return request
+
+    async def _full_of(self, outcomes: list[tuple[GenerationRequest, bytes | str | None]]) -> dict[str, QueueBusy]:
+        pipe, streams = self._looking_at_full(outcomes)
+        if pipe is None:
+            return {}
+        try:
+            looked = await pipe.execute()
+        except redis.exceptions.RedisError as exc:  # the refusal stands, said plainly
+            looked = exc
+        return self._full_ones(streams, looked)
 
     async def wait(self, request: GenerationRequest, timeout: float | None = None) -> GenerationReply:
         return await self._wait(request, time.monotonic() + _wait_seconds(request, timeout, self.settings))
@@ -416,10 +543,9 @@ class AsyncQueueClient(_Caller):
         give_up = time.monotonic() + _wait_seconds(request, timeout, self.settings)
         with retrying_until(give_up):
             outcome, *_, got = await self._asking(request, give_up).execute()
-        _check_submitted(outcome, request, self.settings)
+        _check_submitted(outcome, request, self.settings, await self._full_of([(request, outcome)]))
         return await self._wait(request, give_up, got)
 
     async def cancel(self, request_id: str) -> bool:
-        pipe = self.redis.pipeline(transaction=True)
-        _cancel(pipe, request_id, self.settings)
-        return _withdrew(await pipe.execute())
+        script_keys, args = _cancel_keys_args(request_id, self.settings)
+        return _withdrew(await self._cancel(keys=script_keys, args=args))

@@ -1,15 +1,17 @@
 """The Lua scripts that make each queue step atomic and one round trip.
 
 Each runs inside Redis in one call: submitting (with the busy and fair-share checks),
-delivering a whole batch, recording the telemetry of
-many batches, setting a request aside as a dead letter, and handing an entry back. ``persona.queue`` calls them; the argument layouts are here.
+withdrawing, delivering a whole batch, recording the telemetry of many batches, setting
+a request aside as a dead letter, handing an entry back, and the looks a caller takes
+when a request is refused or goes unanswered. ``persona.queue`` calls them; the
+argument layouts are here.
 """
 
 from __future__ import annotations
 
 __all__ = [
-    "DEAD_LETTER_SCRIPT", "DELIVER_SCRIPT", "KEEP_SCRIPT", "ONE_MORE_WAITING", "RECORD_SCRIPT", "REDIS_NOW",
-    "REQUEUE_SCRIPT", "SUBMIT_SCRIPT", "WORKERS_SCRIPT",
+    "CANCEL_SCRIPT", "DEAD_LETTER_SCRIPT", "DELIVER_SCRIPT", "FULL_SCRIPT", "HOLDER_SCRIPT", "KEEP_SCRIPT",
+    "ONE_MORE_WAITING", "RECORD_SCRIPT", "REDIS_NOW", "REQUEST_ID", "REQUEUE_SCRIPT", "SUBMIT_SCRIPT", "WORKERS_SCRIPT",
 ]
 
 # Redis's own time in seconds, as ``now``: what every script that times something (a
@@ -78,6 +80,24 @@ local entry = redis.call('XADD', KEYS[1], '*', 'r', ARGV[2], 'e', epoch, 'd', st
 redis.call('SET', KEYS[6], '', 'EX', tonumber(ARGV[7]))
 if ARGV[5] == '1' then redis.call('DEL', KEYS[5]) end
 return entry
+"""
+
+# Withdraw a request: read its mark (see ``queue._withdrew``), set its cancel flag
+# (KEYS[2], for ARGV[1] seconds) and change the cancel epoch (KEYS[3]) that workers
+# compare with each entry's, so they read the flags again. An epoch Redis cannot add to
+# (a damaged one: `SET persona:cancel-epoch abc`) failed every cancellation, and every
+# entry then carried it unchanged, so workers never read a flag and generated withdrawn
+# requests all the same: such an epoch starts again at Redis's time in microseconds, a
+# value no entry still queued can carry (counting from 0, it could: an entry that
+# carries 1 would pass as not cancelled). KEYS[1] is the request's mark.
+CANCEL_SCRIPT = """
+local mark = redis.call('GET', KEYS[1])
+redis.call('SET', KEYS[2], 1, 'EX', tonumber(ARGV[1]))
+if type(redis.pcall('INCR', KEYS[3])) ~= 'number' then
+  local t = redis.call('TIME')
+  redis.call('SET', KEYS[3], t[1] .. string.format('%06d', tonumber(t[2])))
+end
+return mark
 """
 
 # Deliver each reply unless its request was answered already (its mark names the
@@ -229,4 +249,85 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], now, '+inf')) do
   if info then table.insert(found, info) end
 end
 return found
+"""
+
+
+# An entry's request id (nil where it holds none): read off the front of its JSON, where
+# ``GenerationRequest.to_json`` writes it, else decoded. Decoding every entry of a full
+# stream of long messages took 60 ms of Redis's time per refusal.
+REQUEST_ID = """
+local function request_id(json)
+  local id = string.match(json, '^{"id":"([%w_.:-]*)"')
+  if id then return id end
+  local ok, request = pcall(cjson.decode, json)
+  if ok and type(request) == 'table' and type(request['id']) == 'string' then return request['id'] end
+  return nil
+end
+"""
+
+# What fills a stream that refused a request ('busy'): its length, the entries in flight
+# (taken by a worker, not settled), the live workers, and, only when none is live, how
+# many of the untaken entries are past their deadline and how many were withdrawn (-1
+# each when a worker is live: it discards those as it reaches them, and a scan on every
+# refusal would slow the Redis a flood of callers is already busy with). Judged as
+# ``monitoring`` judges them (by the entry's 'd', else its request's deadline; a
+# withdrawal by the request's cancel flag, read only where the entry's epoch differs),
+# over at most ARGV[3] untaken entries; the last value is how many it scanned.
+# KEYS: the stream, the cancel epoch, the heartbeat index. ARGV: group, cancel flag
+# prefix, scan limit. Read-only, and only after a refusal.
+FULL_SCRIPT = REDIS_NOW + REQUEST_ID + """
+local length = redis.call('XLEN', KEYS[1])
+local live = redis.call('ZCOUNT', KEYS[3], now, '+inf')
+local in_flight, last = 0, '0-0'
+local groups = redis.pcall('XINFO', 'GROUPS', KEYS[1])
+if not groups.err then
+  for _, g in ipairs(groups) do
+    local info = {}
+    for i = 1, #g, 2 do info[g[i]] = g[i + 1] end
+    if info['name'] == ARGV[1] then in_flight, last = info['pending'], info['last-delivered-id'] end
+  end
+end
+if live > 0 then return {length, in_flight, live, -1, -1, 0} end
+local epoch = redis.pcall('GET', KEYS[2])
+if type(epoch) ~= 'string' then epoch = '0' end
+local untaken = redis.call('XRANGE', KEYS[1], '(' .. last, '+', 'COUNT', tonumber(ARGV[3]))
+local expired, withdrawn = 0, 0
+for _, entry in ipairs(untaken) do
+  local f = {}
+  for i = 1, #entry[2], 2 do f[entry[2][i]] = entry[2][i + 1] end
+  local due = tonumber(f['d'])
+  if not due then
+    local ok, request = pcall(cjson.decode, f['r'] or '')
+    due = ok and type(request) == 'table' and tonumber(request['deadline'])
+  end
+  if due and due > 0 and now > due then
+    expired = expired + 1
+  elseif f['e'] ~= epoch then
+    local id = request_id(f['r'] or '')
+    if id and redis.call('EXISTS', ARGV[2] .. id) == 1 then withdrawn = withdrawn + 1 end
+  end
+end
+return {length, in_flight, live, expired, withdrawn, #untaken}
+"""
+
+
+# Whether a worker has taken a request that a caller waited for in vain, and holds it
+# unfinished (its entry pending in the group): {worker, ms since it was delivered,
+# deliveries, 1 if that worker's heartbeat is live else 0}, or nil where none holds it
+# (still waiting untaken). Looks through at most ARGV[3] pending entries. KEYS: the
+# stream, the heartbeat index. ARGV: group, request id, limit. Read-only.
+HOLDER_SCRIPT = REDIS_NOW + REQUEST_ID + """
+local pending = redis.pcall('XPENDING', KEYS[1], ARGV[1], '-', '+', tonumber(ARGV[3]))
+if pending.err then return nil end
+for _, item in ipairs(pending) do
+  local rows = redis.call('XRANGE', KEYS[1], item[1], item[1])
+  local fields = rows[1] and rows[1][2] or {}
+  for i = 1, #fields, 2 do
+    if fields[i] == 'r' and request_id(fields[i + 1]) == ARGV[2] then
+      local lapses = tonumber(redis.call('ZSCORE', KEYS[2], item[2])) or 0
+      return {item[2], item[3], item[4], lapses >= now and 1 or 0}
+    end
+  end
+end
+return nil
 """

@@ -51,7 +51,7 @@ def test_full_stream_refuses_with_busy_and_keeps_what_it_has(settings, client):
     settings.queue.max_length = 3
     for _ in range(3):
         client.submit(chat())
-    with pytest.raises(QueueBusy, match="busy"):
+    with pytest.raises(QueueBusy, match="the queue is full"):
         client.submit(chat())
     # batch work has its own room: a full chat stream does not block posts
     client.submit(chat(priority=Priority.batch))
@@ -73,7 +73,7 @@ def test_a_batch_refused_part_way_says_exactly_which_requests_were_queued(settin
     assert all(r.deadline for r in busy.queued)  # stamped: ready to wait on
     said = str(busy)
     assert said.startswith("3 of 5 requests were queued and 2 refused")
-    assert "request 2: you already have 1 request waiting" in said and "request 5: the queue is busy" in said
+    assert "request 2: you already have 1 request waiting" in said and "request 5: the queue is full" in said
     jobs = work.claim("w1", 10, block_ms=0)
     assert [job.request.id for job in jobs] == [r.id for r in busy.queued]
     work.deliver([(job, GenerationReply(id=job.request.id, ok=True)) for job in jobs], "w1")
@@ -192,7 +192,7 @@ def test_a_timeout_while_a_worker_is_still_starting_says_so_and_what_to_do(setti
         client.wait(request, timeout=0.2)
     said = str(timed_out.value)
     assert "a worker is still starting: loading smollm2 for sage, " in said
-    assert " s so far" in said and "--timeout" in said and "is a worker running" not in said
+    assert " s so far" in said and "PERSONA_QUEUE__DEFAULT_DEADLINE_S" in said and "is a worker running" not in said
 
     async def wait_async() -> str:
         caller = redis.asyncio.Redis.from_url(settings.redis_url.get_secret_value())
@@ -210,7 +210,7 @@ def test_a_timeout_with_workers_running_does_not_ask_whether_one_is(client, redi
     from persona import heartbeat
 
     heartbeat.publish(redis_client, heartbeat.WorkerInfo(id="busy-1", state="serving"), ttl_s=30)
-    with pytest.raises(ReplyTimeout, match="1 worker is running, but did not reach it before its deadline"):
+    with pytest.raises(ReplyTimeout, match="1 worker is running, but none took it before its deadline"):
         client.wait(client.submit(chat()), timeout=0.2)
 
 
@@ -488,7 +488,7 @@ def test_ask_refused_as_busy_returns_at_once_and_leaves_nothing_behind(settings,
     client.submit(chat())
     refused = chat()
     started = time.monotonic()
-    with pytest.raises(QueueBusy, match="the queue is busy"):
+    with pytest.raises(QueueBusy, match="the queue is full"):
         client.ask(refused, timeout=30)
     assert time.monotonic() - started < 1.5  # not after a whole wait slice
     assert 0 < client.redis.ttl(keys.reply_key(refused.id)) <= 60  # the refusal's word expires soon
@@ -502,7 +502,7 @@ def test_a_queue_full_at_one_request_says_one_request(settings, client):
     """It said "the queue is busy (1 requests already waiting ...)"."""
     settings.queue.max_length = 1
     client.submit(chat())
-    with pytest.raises(QueueBusy, match=r"the queue is busy \(1 request already waiting in"):
+    with pytest.raises(QueueBusy, match=r"persona:q:chat holds 1 request \(its limit, PERSONA_QUEUE__MAX_LENGTH=1\): 1 waiting;"):
         client.submit(chat())
 
 
@@ -652,3 +652,117 @@ def test_a_senders_count_of_waiting_requests_that_is_no_number_starts_again_at_o
     [job] = work.claim("w", 1, block_ms=100)
     work.deliver([(job, GenerationReply(id=request.id, ok=True, text="ok"))], "w")
     assert client.redis.get(pending) == b"0"
+
+
+def test_a_cancel_epoch_that_is_no_number_starts_again_and_workers_read_the_flags_again(client, work):
+    """After `SET persona:cancel-epoch abc` every cancel failed ("value is not an integer"),
+    its flag set all the same, and every entry carried "abc" unchanged: workers never read a
+    flag, and generated withdrawn requests anyway."""
+    client.redis.set(keys.CANCEL_EPOCH_KEY, "abc")
+    withdrawn, wanted = client.submit(chat("withdrawn")), client.submit(chat("wanted"))
+    assert client.cancel(withdrawn.id) is True
+    later = client.submit(chat("later"))
+    jobs = work.claim("w", 10, block_ms=100)
+    assert [job.request.id for job in jobs] == [withdrawn.id, wanted.id, later.id]
+    assert work.cancelled(jobs) == {withdrawn.id}
+    assert client.redis.incr(keys.CANCEL_EPOCH_KEY)  # a number again
+
+
+def test_a_cancel_epoch_started_again_is_no_value_a_queued_entry_carries(client, work):
+    """Started again at 1, an entry sent when it was 1 (before it was damaged) would pass as
+    not cancelled however often it was withdrawn."""
+    client.redis.set(keys.CANCEL_EPOCH_KEY, "1")
+    sent_at_one = client.submit(chat("sent at epoch 1"))
+    client.redis.set(keys.CANCEL_EPOCH_KEY, "abc")
+    assert client.cancel(sent_at_one.id) is True
+    [job] = work.claim("w", 10, block_ms=100)
+    assert not job.not_cancelled and work.cancelled([job]) == {sent_at_one.id}
+
+
+def _stale(text: str) -> GenerationRequest:
+    """A request whose deadline passes a moment after it is queued."""
+    now = time.time()
+    return chat(text, created_at=now, deadline=now + 0.05)
+
+
+def test_a_full_queue_with_no_worker_says_what_fills_it_and_that_trying_again_will_not_help(settings, client):
+    """It said "the queue is busy (3 requests already waiting ...); please try again in a
+    moment": 3 was the limit, the entries were expired and withdrawn ones, and with no
+    worker to clear them away trying again never helped."""
+    settings.queue.max_length = 4
+    client.submit(_stale("timed out"))
+    withdrawn = [client.submit(chat(f"withdrawn {n}")) for n in range(2)]
+    for request in withdrawn:
+        client.cancel(request.id)
+    client.submit(chat("still wanted"))
+    time.sleep(0.1)
+    with pytest.raises(QueueBusy) as refused:
+        client.submit(chat())
+    said = str(refused.value)
+    assert said.startswith("the queue is full: persona:q:chat holds 4 requests (its limit, PERSONA_QUEUE__MAX_LENGTH=4): "
+                           "1 past their deadline, 2 withdrawn, 1 waiting; no worker is running")
+    assert "trying again will not help: start one (`persona worker`, or `persona up`)" in said
+    with pytest.raises(QueueBusy, match="1 past their deadline, 2 withdrawn, 1 waiting; no worker is running"):
+        client.ask(chat(), timeout=5)
+
+
+def test_a_full_queue_with_a_live_worker_says_to_try_again_in_a_moment(settings, client, work, redis_client):
+    from persona import heartbeat
+
+    heartbeat.publish(redis_client, heartbeat.WorkerInfo(id="w-busy", state="serving"), ttl_s=30)
+    settings.queue.max_length = 2
+    client.submit(chat("in hand"))
+    work.claim("w-busy", 1, block_ms=0)
+    client.submit(chat("next"))
+    with pytest.raises(QueueBusy) as refused:
+        client.submit(chat())
+    assert str(refused.value) == ("the queue is busy: persona:q:chat holds 2 requests (its limit, "
+                                  "PERSONA_QUEUE__MAX_LENGTH=2), 1 of them being answered; please try again in a moment")
+
+    async def submit_async() -> str:
+        caller = redis.asyncio.Redis.from_url(settings.redis_url.get_secret_value())
+        try:
+            with pytest.raises(QueueBusy) as refused:
+                await AsyncQueueClient(caller, settings.queue).submit(chat())
+        finally:
+            await caller.aclose()
+        return str(refused.value)
+
+    assert "1 of them being answered; please try again in a moment" in asyncio.run(submit_async())
+
+
+def test_a_timeout_tells_a_request_a_worker_is_still_answering_from_one_none_took(client, work, redis_client):
+    """A long message a worker had taken and was still generating timed out as "1 worker is
+    running, but did not reach it before its deadline"."""
+    from persona import heartbeat
+
+    heartbeat.publish(redis_client, heartbeat.WorkerInfo(id="w-slow", state="serving"), ttl_s=30)
+    ahead = client.submit(chat("x" * 6000))
+    taken = client.submit(chat("taken"))
+    never_taken = client.submit(chat("never taken"))
+    work.claim("w-slow", 2, block_ms=0)  # taken, and still being answered
+    with pytest.raises(ReplyTimeout) as timed_out:
+        client.wait(taken, timeout=0.2)
+    said = str(timed_out.value)
+    assert said.startswith(f"request {taken.id} for persona 'sage' was not answered in time: worker w-slow took it ")
+    assert "and is still answering it" in said and "none took it" not in said
+    with pytest.raises(ReplyTimeout, match="1 worker is running, but none took it before its deadline"):
+        client.wait(never_taken, timeout=0.2)
+    heartbeat.withdraw(redis_client, "w-slow")  # it stopped with them in hand
+    with pytest.raises(ReplyTimeout, match="worker w-slow took it .* but its heartbeat has lapsed"):
+        client.wait(ahead, timeout=0.2)
+
+
+def test_a_timeout_names_the_callers_own_way_to_wait_longer_and_no_command_of_its_own(settings, client, redis_client):
+    """It told every caller to use `persona ask --timeout`, `persona generate`'s too."""
+    from persona import heartbeat
+
+    heartbeat.publish(redis_client, heartbeat.WorkerInfo(id="w-1", state="serving"), ttl_s=30)
+    request = client.submit(chat())
+    with pytest.raises(ReplyTimeout) as timed_out:
+        client.wait(request, timeout=0.2)
+    assert "persona ask" not in str(timed_out.value)
+    assert "give it longer (a later deadline, or PERSONA_QUEUE__DEFAULT_DEADLINE_S for every caller)" in str(timed_out.value)
+    own = QueueClient(redis_client, settings.queue, longer_wait="`persona generate --timeout SECONDS`")
+    with pytest.raises(ReplyTimeout, match=r"give it longer \(`persona generate --timeout SECONDS`\)"):
+        own.wait(request, timeout=0.2)

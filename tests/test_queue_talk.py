@@ -24,9 +24,9 @@ AS_IN_A_TERMINAL = (
 )
 
 
-def _talking(tmp_path: Path, url: str, *args: str) -> subprocess.Popen:
+def _talking(tmp_path: Path, url: str, *args: str, **settings: str) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PERSONA_")}
-    env |= {"PERSONA_DATA_DIR": str(tmp_path / "data"), "PERSONA_REDIS_URL": url, "COLUMNS": "200"}
+    env |= {"PERSONA_DATA_DIR": str(tmp_path / "data"), "PERSONA_REDIS_URL": url, "COLUMNS": "200", **settings}
     return subprocess.Popen(
         [sys.executable, "-c", AS_IN_A_TERMINAL, *args], env=env, text=True, stdin=subprocess.PIPE,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -118,3 +118,56 @@ def test_ctrl_c_under_json_prints_the_withdrawal_as_json(tmp_path, own_redis):
     reply = json.loads(stdout)
     assert reply["ok"] is False and reply["id"] == request_id
     assert reply["error"]["kind"] == "cancelled" and "withdrawn" in reply["error"]["message"]
+
+
+def test_a_message_reaches_the_queue_without_c1_controls_and_with_its_joiners_and_marks(tmp_path, own_redis):
+    """U+009B, a terminal's CSI as ESC [ is, reached the persona and its logs while ESC itself
+    was stripped. Format characters inside real text are not controls: the joiner of an emoji
+    sequence and a right-to-left mark stay as sent."""
+    import json
+
+    _server, url, client = own_redis
+    talking = _talking(tmp_path, url, "ask", "sage", "red \x1b[31mtext\x9b0m \U0001f469\u200d\U0001f4bb \u200fשלום")
+    _queued(client)
+    (_, fields), = client.xrange(keys.STREAM_INTERACTIVE)
+    talking.send_signal(signal.SIGINT)
+    talking.communicate(timeout=30)
+    [message] = json.loads(fields[b"r"])["messages"]
+    assert message["content"] == "red [31mtext0m \U0001f469\u200d\U0001f4bb \u200fשלום"
+
+
+def test_ask_into_a_queue_full_of_dead_requests_with_no_worker_says_trying_again_will_not_help(tmp_path, own_redis):
+    """It said "the queue is busy (1 requests already waiting ...); please try again in a
+    moment" while `persona queue stats` showed nothing waiting: the one entry had timed out,
+    and with no worker running nothing ever clears it."""
+    import json
+
+    _server, url, _client = own_redis
+    timed_out = _talking(tmp_path, url, "ask", "sage", "hello", "--timeout", "1", PERSONA_QUEUE__MAX_LENGTH="1")
+    assert timed_out.wait(timeout=30) == 1
+    refused = _talking(tmp_path, url, "ask", "sage", "hi", "--timeout", "2", "--json", PERSONA_QUEUE__MAX_LENGTH="1")
+    stdout, _stderr = refused.communicate(timeout=30)
+    error = json.loads(stdout)["error"]
+    assert error["kind"] == "QueueBusy"
+    assert error["message"].startswith("the queue is full: persona:q:chat holds 1 request (its limit, "
+                                       "PERSONA_QUEUE__MAX_LENGTH=1): 1 past their deadline; no worker is running")
+
+
+def test_ask_that_times_out_while_a_worker_answers_it_says_so_and_names_its_own_option(tmp_path, own_redis):
+    """A long message that a worker had taken and was generating timed out as "1 worker is
+    running, but did not reach it before its deadline"."""
+    from persona import heartbeat
+    from persona.settings import QueueSettings
+    from persona.work_queue import WorkQueue
+
+    _server, url, client = own_redis
+    heartbeat.publish(client, heartbeat.WorkerInfo(id="w-slow", state="serving"), ttl_s=30)
+    work = WorkQueue(client, QueueSettings())
+    talking = _talking(tmp_path, url, "ask", "sage", "x" * 6000, "--timeout", "3")
+    _queued(client)
+    assert work.claim("w-slow", 1, block_ms=0)  # and never answers in time
+    _stdout, stderr = talking.communicate(timeout=30)
+    assert talking.returncode == 1 and "Traceback" not in stderr, stderr
+    said = " ".join(stderr.split())
+    assert "was not answered in time: worker w-slow took it" in said and "is still answering it" in said
+    assert "give it longer (`persona ask --timeout SECONDS`" in said

@@ -84,8 +84,14 @@ def stop_signals_as_ctrl_c() -> Iterator[Stopping]:
             signal.signal(sig, old)
 
 
-def _client(settings: Settings, url: str | None = None) -> QueueClient:
-    return QueueClient(connect(settings, url=url), settings.queue)
+# How `persona ask` gives a request longer, for a timeout to name (the queue names no command).
+ASK_LONGER = "`persona ask --timeout SECONDS`, or PERSONA_QUEUE__DEFAULT_DEADLINE_S for every caller"
+# `persona chat` has no --timeout: only the queue's default deadline gives it longer.
+CHAT_LONGER = "PERSONA_QUEUE__DEFAULT_DEADLINE_S, the queue's deadline for every caller"
+
+
+def _client(settings: Settings, url: str | None = None, longer: str = CHAT_LONGER) -> QueueClient:
+    return QueueClient(connect(settings, url=url), settings.queue, longer_wait=longer)
 
 
 def withdraw(
@@ -165,7 +171,7 @@ def ask(
         deadline=time.time() + timeout if timeout else 0.0,
     )
     check_request(request, settings.queue)  # an empty or too long message is refused before Redis is needed
-    client = _client(settings)
+    client = _client(settings, longer=ASK_LONGER)
     say_if_no_worker(client, timeout or settings.queue.default_deadline_s)
     with stop_signals_as_ctrl_c() as stopping:
         try:
