@@ -24,7 +24,7 @@ from persona.contract import Priority
 from persona.curation import Draft, is_finished
 from persona.errors import PostingError
 from persona.ledger import PostLedger
-from persona.settings import Settings
+from persona.settings import LONGEST_INTERVAL_S, Settings
 from tests.conftest import free_port, read_jsonl
 
 TEXTS = [
@@ -41,8 +41,14 @@ def persona(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess
 
 # The tests name slots of fixed dates by hand (`--slot 2026-03-20T09:00Z`); `persona post`
 # takes only a slot the scheduler would still post, one within posting.grace_s of its time.
-# Here every slot of the last hundred years is; a test of the real window leaves this out.
-EVERY_PAST_SLOT_GRACE_S = str(100 * 365 * 24 * 3600)
+# Here every slot of the last week (the longest grace the settings take) is; a test of the
+# real window leaves this out.
+EVERY_PAST_SLOT_GRACE_S = str(int(LONGEST_INTERVAL_S))
+
+
+def recent_slot(days_ago: int) -> str:
+    """The 09:00 UTC slot (a daily schedule's) of ``days_ago`` days back: one within that grace."""
+    return (datetime.now(UTC) - timedelta(days=days_ago)).strftime("%Y-%m-%dT09:00:00Z")
 
 
 @pytest.fixture
@@ -71,11 +77,13 @@ def test_post_json_end_to_end(write_persona, env, settings, redis_client):
     from tests.fakes.scripted_worker import scripted_worker
 
     write_persona("scripted", base="unused", schedule={"sinks": ["file:scripted.jsonl"], "candidates": 3})
+    slot = recent_slot(1)
     drafts = iter(TEXTS + ["wait wait wait wait", "Small steps."])
     with scripted_worker(settings, lambda request: next(drafts)) as seen:
-        result = persona("post", "scripted", "--json", "-n", "4", "--slot", "2026-02-01T09:00:00Z", env=env)
+        result = persona("post", "scripted", "--json", "-n", "4", "--slot", slot, env=env)
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout)
+    assert out["ok"] is True and "error" not in out
     assert out["status"] == "posted" and out["text"] == TEXTS[0]
     assert out["candidates"] == 4 and out["rejected"] == {"degenerate": 1} and len(out["passed"]) == 3
     [line] = read_jsonl(settings.data_dir / "posts" / "scripted.jsonl")
@@ -84,7 +92,7 @@ def test_post_json_end_to_end(write_persona, env, settings, redis_client):
     assert [r.priority for r in seen] == [Priority.batch] * 4
     assert len({r.sampling.seed for r in seen}) == 4
 
-    again = persona("post", "scripted", "--slot", "2026-02-01T09:00:00Z", env=env)
+    again = persona("post", "scripted", "--slot", slot, env=env)
     assert again.returncode == 0 and "already posted" in again.stdout
     assert len(read_jsonl(settings.data_dir / "posts" / "scripted.jsonl")) == 1
 
@@ -105,6 +113,7 @@ def test_a_candidate_cut_off_at_the_token_limit_is_rejected(tiny_poster, env, se
     if out["rejected"] == {"cut_off": 2}:
         assert result.returncode == 1 and out["status"] == "no_candidate" and out["text"] == ""
         assert "raise sampling.max_new_tokens (now 12)" in out["message"]
+        assert out["ok"] is False and out["error"] == {"kind": "PostingError", "message": out["message"]}
     # A dry run posts and records nothing.
     assert redis_client.hget("persona:stats", "completed") == b"2"
     assert not (settings.data_dir / "posts").exists()
@@ -204,9 +213,9 @@ def test_a_post_by_hand_that_got_no_answer_says_how_to_try_again(settings, write
     first = Poster(settings, redis.Redis.from_url(settings.redis_url.get_secret_value()), lambda p, n, seed: TEXTS[:n]).post("masto", slot=slot)
     assert first.status == "failed" and first.retry_later
     again = persona("post", "masto", "--slot", slot, env=env)  # its text is chosen: no worker needed
-    assert again.returncode == 1 and "mastodon: unreachable, nothing sent" in again.stdout
-    assert f"to try again later: `persona post masto --slot {slot}` (it never posts twice)" in again.stdout
-    assert "nothing went out" not in again.stdout  # said of the slot, it could be wrong where an answer was lost
+    assert again.returncode == 1 and "mastodon: unreachable, nothing sent" in again.stderr and again.stdout == ""
+    assert f"to try again later: `persona post masto --slot {slot}` (it never posts twice)" in again.stderr
+    assert "nothing went out" not in again.stderr  # said of the slot, it could be wrong where an answer was lost
 
 
 def test_a_slot_written_another_way_is_the_same_slot(settings, write_persona, env):
@@ -278,6 +287,28 @@ def test_clear_errors(write_persona, env):
     assert bad_sink.returncode == 1 and "unknown sink" in bad_sink.stderr
     missing = persona("post", "nosinks", "--sink", "x", env=env)
     assert missing.returncode == 1 and "PERSONA_POSTING__X_BEARER_TOKEN" in missing.stderr
+
+
+def test_a_persona_filter_that_names_no_persona_is_refused_with_the_name_meant(settings, write_persona, env, personas_dir):
+    """`posts history --persona sgae --json` printed [] (exit 0) where plain mode said "unknown
+    persona", and `posts uncertain --persona sgae` said "no post is uncertain" in both modes:
+    a typo read as a persona with nothing to show."""
+    write_persona("sage", base="unused", schedule={"sinks": ["file:sage.jsonl"], "candidates": 1})
+    for listing in ("history", "uncertain"):
+        plain = persona("posts", listing, "--persona", "sgae", env=env)
+        assert (plain.returncode, plain.stdout) == (1, ""), plain.stdout + plain.stderr
+        assert "unknown persona 'sgae'" in plain.stderr and "Did you mean 'sage'?" in plain.stderr, plain.stderr
+        as_json = persona("posts", listing, "--persona", "sgae", "--json", env=env)
+        refused = json.loads(as_json.stdout)
+        assert (as_json.returncode, refused["ok"], refused["error"]["kind"]) == (1, False, "UnknownPersona"), refused
+        assert "Did you mean 'sage'?" in refused["error"]["message"]
+        assert persona("posts", listing, "--persona", "sage", "--json", env=env).stdout.strip() == "[]"  # known, none yet
+    # A persona whose file is gone since is known by what it posted: still listed, not refused.
+    Poster(settings, redis.Redis.from_url(settings.redis_url.get_secret_value()),
+           lambda p, n, seed: TEXTS[:n]).post("sage", slot="2026-03-05T09:00:00Z")
+    (personas_dir / "sage.toml").unlink()
+    [listed] = json.loads(persona("posts", "history", "--persona", "sage", "--json", env=env).stdout)
+    assert listed["text"] == TEXTS[0]
 
 
 def test_up_starts_the_scheduler(settings):
@@ -498,33 +529,34 @@ def test_an_uncertain_post_is_settled_as_posted_by_a_person(settings, teller):
     from tests.fakes.scripted_worker import scripted_worker
 
     fake, env = teller
+    slot = recent_slot(1)
     fake.drop_next(1, "/2/tweets")
     with scripted_worker(settings, lambda request: TEXTS[0]):
-        first = persona("post", "teller", "--slot", "2026-03-20T09:00Z", env=env)
-    assert first.returncode == 1 and "x: no answer, it may have posted" in first.stdout, first.stdout + first.stderr
-    assert "Traceback" not in first.stderr and "the connection broke before X answered" in first.stdout
-    assert "`persona posts settle teller 2026-03-20T09:00:00Z --posted LINK` (or `--not-posted`)" in first.stdout
+        first = persona("post", "teller", "--slot", slot, env=env)
+    assert first.returncode == 1 and "x: no answer, it may have posted" in first.stderr, first.stdout + first.stderr
+    assert "Traceback" not in first.stderr and "the connection broke before X answered" in first.stderr
+    assert f"`persona posts settle teller {slot} --posted LINK` (or `--not-posted`)" in first.stderr
     listed = json.loads(persona("posts", "uncertain", "--json", env=env).stdout)
-    assert [(u["persona"], u["slot"], u["sink"], u["text"]) for u in listed] == [("teller", "2026-03-20T09:00:00Z", "x", TEXTS[0])]
+    assert [(u["persona"], u["slot"], u["sink"], u["text"]) for u in listed] == [("teller", slot, "x", TEXTS[0])]
     assert "teller" in persona("posts", "uncertain", env=env).stdout
 
-    retried = persona("post", "teller", "--slot", "2026-03-20T09:00Z", env=env)
-    assert retried.returncode == 1 and "uncertain" in retried.stdout and _tweets(fake) == [TEXTS[0]]  # never twice
+    retried = persona("post", "teller", "--slot", slot, env=env)
+    assert retried.returncode == 1 and "uncertain" in retried.stderr and _tweets(fake) == [TEXTS[0]]  # never twice
 
-    neither = persona("posts", "settle", "teller", "2026-03-20T09:00Z", env=env)
+    neither = persona("posts", "settle", "teller", slot, env=env)
     assert neither.returncode != 0 and "--not-posted" in neither.stderr
-    wrong_sink = persona("posts", "settle", "teller", "2026-03-20T09:00Z", "--sink", "file:teller.jsonl", "--posted", "x", env=env)
+    wrong_sink = persona("posts", "settle", "teller", slot, "--sink", "file:teller.jsonl", "--posted", "x", env=env)
     assert wrong_sink.returncode == 1 and "is posted" in wrong_sink.stderr, wrong_sink.stderr
     link = "https://x.com/teller/status/1790000000000000001"
-    settled = persona("posts", "settle", "teller", "2026-03-20T09:00Z", "--posted", link, env=env)
+    settled = persona("posts", "settle", "teller", slot, "--posted", link, env=env)
     assert settled.returncode == 0, settled.stdout + settled.stderr
     assert f"x: posted {link}" in settled.stdout
     assert json.loads(persona("posts", "uncertain", "--json", env=env).stdout) == []
     history = json.loads(persona("posts", "history", "--json", env=env).stdout)
     assert (history[0]["sink"], history[0]["url"]) == ("x", link)
-    done = persona("post", "teller", "--slot", "2026-03-20T09:00Z", env=env)
+    done = persona("post", "teller", "--slot", slot, env=env)
     assert done.returncode == 0 and "already posted" in done.stdout and _tweets(fake) == [TEXTS[0]]
-    again = persona("posts", "settle", "teller", "2026-03-20T09:00Z", "--not-posted", env=env)
+    again = persona("posts", "settle", "teller", slot, "--not-posted", env=env)
     assert again.returncode == 1 and "nothing to settle" in again.stderr
 
 
@@ -532,15 +564,16 @@ def test_an_uncertain_post_settled_as_not_posted_goes_out_once_more_where_it_was
     from tests.fakes.scripted_worker import scripted_worker
 
     fake, env = teller
+    slot = recent_slot(1)
     fake.drop_next(1, "/2/tweets")
     with scripted_worker(settings, lambda request: TEXTS[1]):
-        assert persona("post", "teller", "--slot", "2026-03-21T09:00Z", env=env).returncode == 1
-    settled = persona("posts", "settle", "teller", "2026-03-21T09:00Z", "--not-posted", env=env)
+        assert persona("post", "teller", "--slot", slot, env=env).returncode == 1
+    settled = persona("posts", "settle", "teller", slot, "--not-posted", env=env)
     assert settled.returncode == 0, settled.stdout + settled.stderr
-    assert "to post it now: `persona post teller --slot 2026-03-21T09:00:00Z`" in settled.stdout
+    assert f"to post it now: `persona post teller --slot {slot}`" in settled.stdout
     assert _tweets(fake) == [TEXTS[1]]  # settling posts nothing by itself
-    posted = persona("post", "teller", "--slot", "2026-03-21T09:00Z", env=env)  # its text is chosen: no worker needed
-    assert posted.returncode == 0 and "posted teller 2026-03-21T09:00:00Z" in posted.stdout, posted.stdout + posted.stderr
+    posted = persona("post", "teller", "--slot", slot, env=env)  # its text is chosen: no worker needed
+    assert posted.returncode == 0 and f"posted teller {slot}" in posted.stdout, posted.stdout + posted.stderr
     assert _tweets(fake) == [TEXTS[1], TEXTS[1]]
     assert [line["text"] for line in read_jsonl(settings.data_dir / "posts" / "teller.jsonl")] == [TEXTS[1]]
 
@@ -588,23 +621,24 @@ def test_a_lost_answer_from_discord_or_telegram_is_one_line_and_telegram_is_left
     from tests.fakes.social_api import serve, settings_env
 
     write_persona("chatty", base="unused", schedule={"sinks": ["discord:1234", "telegram:@sagechannel"], "candidates": 1})
+    slot = recent_slot(1)
     with serve() as fake:
         env = env | settings_env(fake.url) | {"PERSONA_DISCORD__TOKEN": "d", "PERSONA_TELEGRAM__TOKEN": "123456:t"}
         fake.drop_next(2)  # each platform's post
         with scripted_worker(settings, lambda request: TEXTS[0]):
-            first = persona("post", "chatty", "--slot", "2026-03-23T09:00Z", env=env)
+            first = persona("post", "chatty", "--slot", slot, env=env)
         assert len(fake.dropped) == 2, first.stdout + first.stderr
-        assert first.returncode == 1 and "Traceback" not in first.stderr, first.stderr
-        assert "discord:1234: no answer (safe to retry): the connection broke before Discord answered" in first.stdout, first.stdout
-        assert "telegram:@sagechannel: no answer, it may have posted: the connection broke before Telegram answered" in first.stdout
-        assert "`persona posts settle chatty 2026-03-23T09:00:00Z --posted LINK` (or `--not-posted`)" in first.stdout
+        assert first.returncode == 1 and "Traceback" not in first.stderr and first.stdout == "", first.stderr
+        assert "discord:1234: no answer (safe to retry): the connection broke before Discord answered" in first.stderr, first.stderr
+        assert "telegram:@sagechannel: no answer, it may have posted: the connection broke before Telegram answered" in first.stderr
+        assert f"`persona posts settle chatty {slot} --posted LINK` (or `--not-posted`)" in first.stderr
         listed = json.loads(persona("posts", "uncertain", "--json", env=env).stdout)
         assert [(u["sink"], u["command"]) for u in listed] == [
-            ("discord:1234", "persona post chatty --slot 2026-03-23T09:00:00Z"),  # safe to retry: the nonce
-            ("telegram:@sagechannel", "persona posts settle chatty 2026-03-23T09:00:00Z --sink telegram:@sagechannel --posted LINK"),
+            ("discord:1234", f"persona post chatty --slot {slot}"),  # safe to retry: the nonce
+            ("telegram:@sagechannel", f"persona posts settle chatty {slot} --sink telegram:@sagechannel --posted LINK"),
         ]
-        retried = persona("post", "chatty", "--slot", "2026-03-23T09:00Z", env=env)  # its text is chosen: no worker needed
-        assert "discord:1234: posted" in retried.stdout and "telegram:@sagechannel: no answer, it may have posted" in retried.stdout, retried.stdout
+        retried = persona("post", "chatty", "--slot", slot, env=env)  # its text is chosen: no worker needed
+        assert "discord:1234: posted" in retried.stderr and "telegram:@sagechannel: no answer, it may have posted" in retried.stderr, retried.stderr
         assert len(fake.discord_messages) == 1  # the retry's nonce got the first message back
         assert len(fake.telegram_messages) == 1  # Telegram: never sent again by itself
 
@@ -617,21 +651,22 @@ def test_a_lost_answer_where_a_retry_is_safe_is_listed_with_the_command_that_fin
     from tests.fakes.social_api import serve, settings_env
 
     write_persona("safe", base="unused", schedule={"sinks": ["mastodon", "bluesky"], "candidates": 1})
+    slot = recent_slot(1)
     with serve() as fake:
         env = env | settings_env(fake.url)
         fake.drop_next(2)  # each platform's post
         with scripted_worker(settings, lambda request: TEXTS[1]):
-            first = persona("post", "safe", "--slot", "2026-03-24T09:00Z", env=env)
+            first = persona("post", "safe", "--slot", slot, env=env)
         assert first.returncode == 1 and len(fake.dropped) == 2, first.stdout + first.stderr
         listed = json.loads(persona("posts", "uncertain", "--json", env=env).stdout)
         assert [(u["sink"], u["state"], u["command"]) for u in listed] == [
-            ("mastodon", "intent", "persona post safe --slot 2026-03-24T09:00:00Z"),
-            ("bluesky", "intent", "persona post safe --slot 2026-03-24T09:00:00Z"),
+            ("mastodon", "intent", f"persona post safe --slot {slot}"),
+            ("bluesky", "intent", f"persona post safe --slot {slot}"),
         ]
         shown = persona("posts", "uncertain", env=env)
-        assert shown.returncode == 0 and "`persona post safe --slot 2026-03-24T09:00:00Z`" in shown.stdout, shown.stdout
+        assert shown.returncode == 0 and f"`persona post safe --slot {slot}`" in shown.stdout, shown.stdout
         assert "safe to retry" in shown.stdout
-        finished = persona("post", "safe", "--slot", "2026-03-24T09:00:00Z", env=env)  # its text is chosen: no worker needed
+        finished = persona("post", "safe", "--slot", slot, env=env)  # its text is chosen: no worker needed
         assert finished.returncode == 0 and "posted safe" in finished.stdout, finished.stdout + finished.stderr
         assert len(fake.statuses) == 1 and len(fake.records) == 1  # the same posts: deduplicated, or found
         assert json.loads(persona("posts", "uncertain", "--json", env=env).stdout) == []
@@ -708,11 +743,12 @@ def test_a_post_some_sinks_took_says_partly_posted_and_is_finished_where_it_fail
     blocked = settings.data_dir / "posts" / "blocked.jsonl"
     blocked.mkdir(parents=True)  # that sink cannot write: a refusal
     shown = persona("post", "split", "--text", "Patience is a slow river.", env=env)
-    assert shown.returncode == 1 and shown.stdout.startswith("partly posted: 1 of 2 split manual-"), shown.stdout
-    slot = shown.stdout.split()[6]
-    assert "file:blocked.jsonl: not posted: cannot write" in shown.stdout
+    assert shown.returncode == 1 and shown.stderr.startswith("partly posted: 1 of 2 split manual-"), shown.stderr
+    slot = shown.stderr.split()[6]
+    assert "file:blocked.jsonl: not posted: cannot write" in shown.stderr and shown.stdout == ""
     out = json.loads(persona("post", "split", "--slot", slot, "--json", env=env).stdout)  # still refused
     assert (out["status"], out["headline"], out["retry_later"]) == ("failed", "partly posted: 1 of 2", False)
+    assert out["ok"] is False and out["error"] == {"kind": "SinkError", "message": out["message"]}
     [listed] = json.loads(persona("posts", "history", "--json", env=env).stdout)
     assert (listed["sink"], listed["slot_state"]) == ("file:split.jsonl", "partly posted: 1 of 2")
     blocked.rmdir()
@@ -856,12 +892,12 @@ def test_a_sink_that_cannot_be_reached_is_said_once_in_a_line_with_what_to_do_ne
     down = f"http://127.0.0.1:{free_port()}"
     env = env | {"PERSONA_POSTING__MASTODON_API_URL": down, "PERSONA_POSTING__MASTODON_ACCESS_TOKEN": "t"}
     result = persona("post", "masto", "--text", "Tend the garden daily.", env=env)
-    assert (result.returncode, result.stderr) == (1, ""), result.stdout + result.stderr
-    assert _lines_with("Mastodon", result.stdout) == [
-        f"  mastodon: unreachable, nothing sent: cannot reach Mastodon at {down} (connection refused)"], result.stdout
-    slot = result.stdout.split()[2]
-    assert _lines_with("try again", result.stdout) == [
-        f"to try again later: `persona post masto --slot {slot}` (it never posts twice)"], result.stdout
+    assert (result.returncode, result.stdout) == (1, ""), result.stdout + result.stderr
+    assert _lines_with("Mastodon", result.stderr) == [
+        f"  mastodon: unreachable, nothing sent: cannot reach Mastodon at {down} (connection refused)"], result.stderr
+    slot = result.stderr.split()[2]
+    assert _lines_with("try again", result.stderr) == [
+        f"to try again later: `persona post masto --slot {slot}` (it never posts twice)"], result.stderr
     # --json has the whole story in the message.
     out = json.loads(persona("post", "masto", "--slot", slot, "--json", env=env).stdout)
     assert out["message"] == (f"mastodon: unreachable, nothing sent: cannot reach Mastodon at {down} (connection refused); "
@@ -883,12 +919,12 @@ def test_a_refusal_or_a_rate_limit_beside_a_post_that_went_out_is_said_once(tell
     fake, env = teller
     fake.fail_with = status
     result = persona("post", "teller", "--text", TEXTS[1], env=env)
-    assert (result.returncode, result.stderr) == (1, ""), result.stdout + result.stderr
-    assert result.stdout.startswith("partly posted: 1 of 2 teller manual-"), result.stdout
-    slot = result.stdout.split()[6]
-    lines = result.stdout.splitlines()
-    assert lines[2:] == [f"  file:teller.jsonl: posted {_lines_with('file://', result.stdout)[0].split()[-1]}",
-                         said, next_step.format(slot=slot)], result.stdout
+    assert (result.returncode, result.stdout) == (1, ""), result.stdout + result.stderr
+    assert result.stderr.startswith("partly posted: 1 of 2 teller manual-"), result.stderr
+    slot = result.stderr.split()[6]
+    lines = result.stderr.splitlines()
+    assert lines[2:] == [f"  file:teller.jsonl: posted {_lines_with('file://', result.stderr)[0].split()[-1]}",
+                         said, next_step.format(slot=slot)], result.stderr
 
 
 def test_an_approval_that_a_sink_turned_away_is_said_once(teller):
@@ -897,9 +933,11 @@ def test_an_approval_that_a_sink_turned_away_is_said_once(teller):
     waiting = json.loads(persona("post", "teller", "--text", TEXTS[1], "--approval", "--json", env=env).stdout)
     fake.fail_with = 429
     result = persona("posts", "approve", waiting["approval_id"], env=env)
-    assert (result.returncode, result.stderr) == (1, ""), result.stdout + result.stderr
-    assert len(_lines_with("rate-limiting", result.stdout)) == 1, result.stdout
-    assert result.stdout.splitlines()[-1] == f"to try again: `persona posts approve {waiting['approval_id']}`", result.stdout
+    assert (result.returncode, result.stdout) == (1, ""), result.stdout + result.stderr
+    assert len(_lines_with("rate-limiting", result.stderr)) == 1, result.stderr
+    assert result.stderr.splitlines()[-1] == f"to try again: `persona posts approve {waiting['approval_id']}`", result.stderr
+    again = json.loads(persona("posts", "approve", waiting["approval_id"], "--json", env=env).stdout)  # still limited
+    assert again["ok"] is False and again["error"] == {"kind": "SinkError", "message": again["message"]}, again
 
 
 def test_approve_help_says_it_reads_the_edited_text_from_standard_input(env):

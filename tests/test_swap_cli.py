@@ -90,9 +90,41 @@ def test_a_swap_or_rollback_stopped_while_it_waits_is_withdrawn_and_says_nothing
     if json_output:
         outcome = json.loads(stdout)
         assert outcome["committed"] is False and said in outcome["problem"] and stderr == ""
+        assert outcome["ok"] is False and outcome["error"] == {"kind": "SwapRefused", "message": outcome["problem"]}
         assert outcome["proposal"]["kind"] == command and outcome["proposal"]["previous"] == serving
     else:
         assert said in stderr and stdout == ""
+
+
+def test_every_swap_and_rollback_json_outcome_says_ok_and_a_refusal_its_error_as_every_command_does(
+    settings, redis_url, redis_client, tiny, personas_dir,  # noqa: F811
+):
+    """A refused `swap --json` or `rollback --json` printed its outcome with neither "ok" nor
+    "error", while a bad option of the same command printed {"ok": false, "error": ...}: a
+    script that read "ok", as README promises of every --json failure, saw no failure."""
+    env = _env(settings, redis_url, personas_dir)
+    refusals = {
+        ("swap", "tny", "v1"): "UnknownPersona",
+        ("rollback", "tny"): "UnknownPersona",
+        ("rollback", "tiny"): "SwapRefused",  # never swapped: nothing to return to
+        ("swap", "tiny", "v9"): "ModelError",  # no such version, and no worker that might hold it
+    }
+    for args, kind in refusals.items():
+        refused = _run(env, *args, "--json")
+        outcome = json.loads(refused.stdout)
+        assert (refused.returncode, outcome["ok"], outcome["committed"]) == (1, False, False), refused.stdout
+        assert outcome["error"] == {"kind": kind, "message": outcome["problem"]} and outcome["problem"], outcome
+    assert "Did you mean 'tiny'?" in json.loads(_run(env, "rollback", "tny", "--json").stdout)["error"]["message"]
+
+    down = _run(_env(settings, f"redis://127.0.0.1:{free_port()}/0", personas_dir), "swap", "tiny", "v1", "--json")
+    outcome = json.loads(down.stdout)
+    assert (down.returncode, outcome["ok"], outcome["error"]["kind"]) == (1, False, "RedisUnavailable"), down.stdout
+    assert outcome["error"]["message"] == outcome["problem"] and "Redis" in outcome["problem"]
+
+    unchanged = _run(env, "swap", "tiny", "base", "--json")  # it serves base already: nothing to do, a success
+    outcome = json.loads(unchanged.stdout)
+    assert (unchanged.returncode, outcome["ok"], outcome["committed"], outcome["unchanged"]) == (0, True, True, True)
+    assert "error" not in outcome
 
 
 def test_a_swap_under_way_says_when_it_lapses(redis_client, tiny):  # noqa: F811

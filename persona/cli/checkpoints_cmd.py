@@ -39,7 +39,14 @@ from persona.cli.common import (
 )
 from persona.cli.talk import MAX_TIMEOUT_S, stop_signals_as_ctrl_c
 from persona.connection import connect, retrying_until
-from persona.errors import ModelError, PersonaError, SwapRefused, UnknownPersona
+from persona.errors import (
+    ModelError,
+    PersonaError,
+    QueueError,
+    RedisUnavailable,
+    SwapRefused,
+    UnknownPersona,
+)
 from persona.heartbeat import live_worker_ids
 from persona.personas import Persona, PersonaRegistry
 from persona.settings import Settings
@@ -52,8 +59,9 @@ DEFAULT_TIMEOUT_S = 300.0
 # weights; past it (`inf`, `1e300`) a swap failed later with an OverflowError, so the
 # option refuses it with the range.
 OUTCOME_JSON_HELP = (
-    "print the outcome as one JSON object (committed, problem, each worker's vote and reason), "
-    "a refusal too, which also exits with status 1"
+    "print the outcome as one JSON object (ok, committed, problem, each worker's vote and reason), "
+    "a refusal too (with ok false and an error: kind and message, as every command's failure), "
+    "which also exits with status 1"
 )
 
 
@@ -127,9 +135,28 @@ def _timeout_option():
                         help="seconds to wait for every worker to be ready")
 
 
+def _print_outcome(outcome: swaps.SwapOutcome, kind: str = SwapRefused.__name__) -> None:
+    """An outcome as ``--json`` prints it: its own fields, ``ok`` (committed), and for one not
+    committed the ``error`` every other failing command prints (``kind``, its ``problem`` as
+    the message). A refusal had no ``ok`` and no ``error``: a script that read those, as
+    `persona swap --timeout 0 --json` gives them, took a refused swap for a success."""
+    shown = {"ok": outcome.committed, **outcome.model_dump(mode="json")}
+    if not outcome.committed:
+        shown["error"] = {"kind": kind, "message": outcome.problem}
+    print(json.dumps(shown, ensure_ascii=False), flush=True)
+
+
+def _failure_kind(exc: PersonaError | redis.exceptions.RedisError) -> str:
+    """The error kind a refusal is printed with: as ``friendly_errors`` names it for any other command."""
+    if isinstance(exc, PersonaError):
+        return type(exc).__name__
+    lost = isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError)
+    return (RedisUnavailable if lost else QueueError).__name__
+
+
 def _report(outcome: swaps.SwapOutcome, json_output: bool, started: float) -> None:
     if json_output:
-        print(outcome.model_dump_json())
+        _print_outcome(outcome)
         if not outcome.committed:
             raise typer.Exit(1)  # the object says why; nothing more on stderr to mix into it
         return
@@ -150,7 +177,8 @@ def _report(outcome: swaps.SwapOutcome, json_output: bool, started: float) -> No
 def _refusal_as_json(json_output: bool, draft: swaps.SwapProposal) -> Iterator[swaps.SwapProposal]:
     """With ``--json``, a swap refused before any worker voted (no earlier version, an unknown
     version, a checkpoint this machine refuses, another swap under way, Redis out of reach)
-    is printed as the same outcome object a refused vote gives, with exit status 1: it used
+    is printed as the same outcome object a refused vote gives, its error's kind the class that
+    refused it (UnknownPersona, SwapRefused, RedisUnavailable...), with exit status 1: it used
     to be a red line on stderr and nothing on stdout, which a script reading JSON chokes on.
     ``draft`` is filled in (target, previous) as the command learns them."""
     try:
@@ -159,7 +187,7 @@ def _refusal_as_json(json_output: bool, draft: swaps.SwapProposal) -> Iterator[s
         if not json_output:
             raise
         problem = explain_redis_error(exc) if isinstance(exc, redis.exceptions.RedisError) else str(exc)
-        print(swaps.SwapOutcome(proposal=draft, committed=False, problem=problem).model_dump_json())
+        _print_outcome(swaps.SwapOutcome(proposal=draft, committed=False, problem=problem), _failure_kind(exc))
         raise typer.Exit(1) from None
 
 
@@ -192,9 +220,8 @@ def _stop_reported(json_output: bool, command: _Command) -> Iterator[None]:
             how = "Ctrl-C" if stopping.signum is None else signal.Signals(stopping.signum).name
             committed, said = _after_stop(command, how)
             with contextlib.suppress(OSError):  # the terminal may be gone (SIGHUP)
-                if json_output:
-                    outcome = swaps.SwapOutcome(proposal=command.draft, committed=committed, problem=said)
-                    print(outcome.model_dump_json(), flush=True)
+                if json_output:  # withdrawn: the old version serves on, as after a refusal
+                    _print_outcome(swaps.SwapOutcome(proposal=command.draft, committed=committed, problem=said))
                 else:
                     err_console.print(said, style="yellow", markup=False, highlight=False)
             raise typer.Exit(stopping.exit_status()) from None
@@ -367,9 +394,9 @@ def swap(
         draft.previous = current_version(client, persona)
         if target == draft.previous:
             if json_output:  # still one JSON object, as --json promises: nothing needed doing
-                print(swaps.SwapOutcome(
+                _print_outcome(swaps.SwapOutcome(
                     proposal=draft.model_copy(update={"previous": target}), committed=True, unchanged=True,
-                ).model_dump_json())
+                ))
             else:
                 console.print(f"{escape(persona.name)} already serves {escape(target)}", highlight=False)
             return

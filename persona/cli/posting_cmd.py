@@ -12,6 +12,7 @@ import time
 from datetime import UTC, datetime
 
 import typer
+from rich.console import Console
 from rich.table import Column, Table
 from rich.text import Text
 
@@ -19,9 +20,9 @@ from persona import heartbeat
 from persona.cli.common import console, err_console, friendly_errors, get_settings
 from persona.cli.talk import say_if_no_worker, stop_signals_as_ctrl_c
 from persona.connection import connect
-from persona.errors import PostingError
+from persona.errors import PostingError, SinkError
 from persona.logs import setup_logging
-from persona.personas import Persona
+from persona.personas import Persona, PersonaRegistry
 from persona.queue import QueueClient
 from persona.settings import Settings
 
@@ -32,6 +33,9 @@ log = logging.getLogger(__name__)
 posts_app = typer.Typer(help="The approval queue, the posts that got no answer, and the history of what went out.", no_args_is_help=True)
 
 FAILED_STATUSES = ("no_candidate", "failed", "uncertain", "busy")
+# The error kind a failed outcome is printed with under --json: a sink that turned the post away
+# or gave no answer, else the post itself (no candidate passed, another scheduler holds the slot).
+FAILURE_KINDS = {"failed": SinkError.__name__, "uncertain": SinkError.__name__}
 SLOT_HELP = (
     "which slot: 2026-11-27T18:00 (in the persona's schedule.timezone), 2026-11-27T18:00Z or +01:00 "
     "(that instant), 2026-11-27 (that day's one slot), or a slot name `persona post` printed"
@@ -126,39 +130,56 @@ def _one_line(cell: str) -> str:
     return "".join(LINE_BREAK_ESCAPES.get(char, char) for char in cell)
 
 
-def _say(text: str, style: str = "") -> None:
-    console.print(_plain(text, style), highlight=False)
+def _say(text: str, style: str = "", to: Console = console) -> None:
+    to.print(_plain(text, style), highlight=False)
 
 
 def _show(outcome, as_json: bool) -> None:
+    """An outcome of `persona post` or `posts approve`: one JSON object with ``ok`` (and, failed,
+    the ``error`` every failing command prints), or lines, a failure's on stderr as any error's."""
+    failed = outcome.status in FAILED_STATUSES
     if as_json:
-        print(json.dumps(outcome.to_dict(), ensure_ascii=False))
+        shown = {"ok": not failed, **outcome.to_dict()}
+        if failed:
+            shown["error"] = {"kind": FAILURE_KINDS.get(outcome.status, PostingError.__name__),
+                              "message": outcome.message or outcome.headline}
+        print(json.dumps(shown, ensure_ascii=False))
         return
-    style = "red" if outcome.status in FAILED_STATUSES else "green"
-    console.print(_plain(outcome.headline, style), _plain(f"{outcome.persona} {outcome.slot}".rstrip()), highlight=False)
+    to = err_console if failed else console
+    to.print(_plain(outcome.headline, "red" if failed else "green"), _plain(f"{outcome.persona} {outcome.slot}".rstrip()),
+             highlight=False)
     if outcome.text:
-        _say(outcome.text)
+        _say(outcome.text, to=to)
     if outcome.candidates:
         reasons = ", ".join(f"{k} {v}" for k, v in sorted(outcome.rejected.items())) or "none"
-        _say(f"{outcome.candidates} candidates; rejected: {reasons}", "dim")
+        _say(f"{outcome.candidates} candidates; rejected: {reasons}", "dim", to)
     if outcome.status in ("dry_run", "no_candidate"):  # what a person tuning the filters needs to see
         for verdict in outcome.verdicts:
             flawed = f" ({', '.join(verdict['flaws'])})" if verdict.get("flaws") else ""
             trimmed = f"  (cut off; left out: {verdict['trimmed']})" if verdict.get("trimmed") else ""
-            _say(f"  {verdict['rejected'] or 'passed' + flawed}: {verdict['text']}{trimmed}", "dim" if verdict["rejected"] else "")
-    _show_sinks(outcome.sinks)
+            _say(f"  {verdict['rejected'] or 'passed' + flawed}: {verdict['text']}{trimmed}", "dim" if verdict["rejected"] else "", to)
+    _show_sinks(outcome.sinks, to)
     # A failed sink's line is the start of the message too (which --json has whole): under the
     # sinks' lines, what is left to say is what to do next.
     if said := outcome.besides_sinks():
-        _say(said)
+        _say(said, to=to)
 
 
-def _show_sinks(sinks: dict[str, dict]) -> None:
+def _show_sinks(sinks: dict[str, dict], to: Console = console) -> None:
     """Each sink's outcome on a line of its own: its link, or what went wrong there."""
     from adapters.posting.publishing import sink_said
 
     for spec, entry in sinks.items():
-        _say("  " + sink_said(spec, entry))
+        _say("  " + sink_said(spec, entry), to=to)
+
+
+def _refuse_if_unknown(persona: str | None, found: list) -> None:
+    """A --persona filter that found nothing and names no persona is refused (UnknownPersona,
+    with the name it is likely a misspelling of): `posts history --persona sgae --json` printed
+    [] and `posts uncertain --persona sgae` "no post is uncertain", as if sage had none. One
+    that found posts is a name all the same (its persona's file may be gone since)."""
+    if persona is not None and not found:
+        PersonaRegistry.from_settings(get_settings()).get(persona)
 
 
 def _sink_failures_on_screen() -> None:
@@ -300,6 +321,7 @@ def uncertain(
     from persona.ledger import PostLedger
 
     items = PostLedger(connect(get_settings())).unsettled(persona)
+    _refuse_if_unknown(persona, items)
     if json_output:
         print(json.dumps(items, ensure_ascii=False))
         return
@@ -358,14 +380,11 @@ def history(
     from persona.ledger import PostLedger
 
     items = PostLedger(connect(get_settings())).history(count, persona)
+    _refuse_if_unknown(persona, items)
     if json_output:
         print(json.dumps(items, ensure_ascii=False))
         return
     if not items:
-        if persona is not None:  # a misspelt name read as a persona that never posted
-            from persona.personas import PersonaRegistry
-
-            PersonaRegistry.from_settings(get_settings()).get(persona)
         console.print(f"nothing posted by {persona} yet" if persona else "nothing posted yet")
         return
     rows = [
