@@ -11,6 +11,7 @@ place, so a half-written checkpoint is never listed.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import shutil
@@ -18,7 +19,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from persona.errors import ModelError
 
@@ -59,8 +60,20 @@ class CheckpointInfo(BaseModel):
     created_at: float = Field(default_factory=time.time)
     corpus_fingerprint: str = ""
     config: dict[str, Any] = Field(default_factory=dict)
-    metrics: dict[str, float] = Field(default_factory=dict)
+    metrics: dict[str, float] = Field(default_factory=dict)  # what was measured; not measured: absent
     path: Path | None = Field(None, exclude=True)
+
+    @field_validator("metrics", mode="before")
+    @classmethod
+    def _measured_only(cls, metrics: Any) -> Any:
+        """The metrics that hold a number. A run with nothing held out has no perplexity (NaN),
+        which JSON cannot hold: it was written as null, and its own checkpoint.json could then not
+        be read back (unlisted, refused by swap and eval, while a worker served it). Such files,
+        already written, read as their numbers alone."""
+        if not isinstance(metrics, dict):
+            return metrics  # pydantic says what is wrong with it
+        return {key: value for key, value in metrics.items()
+                if value is not None and not (isinstance(value, float) and not math.isfinite(value))}
 
 
 def checkpoint_dir(checkpoints_root: Path, persona: str) -> Path:

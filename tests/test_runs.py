@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from persona.checkpoints import list_checkpoints
+from persona.checkpoints import list_checkpoints, read_checkpoint, scan_checkpoints
 from persona.contract import GenerationRequest, Priority
 from persona.errors import ConfigError, CorpusError, ModelError
 from persona.models import load_model
@@ -36,17 +36,22 @@ def config(base: Path, **changes) -> TrainConfig:
     return TrainConfig(base=str(base), steps=4, batch_size=4, samples=0, **changes)
 
 
-def test_new_persona_gets_a_file_in_the_data_dir_and_versions_grow(settings: Settings, tiny_gpt2_dir: Path, corpus_file: Path):
+def test_new_persona_gets_a_file_in_the_data_dir_and_later_versions_wait_for_a_swap(settings: Settings,
+                                                                                   tiny_gpt2_dir: Path,
+                                                                                   corpus_file: Path):
+    """A second run moved the persona file to v2: workers never swapped followed it at once (no
+    check, no vote, nothing for `persona rollback`)."""
     first = train_persona(settings, "calm", corpus_file, config(tiny_gpt2_dir))
-    assert first.checkpoint.version == "v1" and first.persona_file_updated
+    assert first.checkpoint.version == "v1" and first.persona_file_created
     assert first.persona_file == settings.user_personas_dir / "calm.toml"
     persona = PersonaRegistry.from_settings(settings).get("calm")
     assert persona.model.checkpoint == "v1" and persona.model.base == str(tiny_gpt2_dir)
     assert persona.filters.corpus == str(corpus_file.resolve())
 
+    file_before = first.persona_file.read_text()
     second = train_persona(settings, "calm", corpus_file, config(tiny_gpt2_dir, seed=2))
-    assert second.checkpoint.version == "v2"
-    assert PersonaRegistry.from_settings(settings).get("calm").model.checkpoint == "v2"
+    assert second.checkpoint.version == "v2" and not second.persona_file_created
+    assert first.persona_file.read_text() == file_before  # still serves v1 until `persona swap calm v2`
     versions = list_checkpoints(settings.checkpoints_dir, "calm")
     assert [v.version for v in versions] == ["v1", "v2"]
     for info in versions:
@@ -60,7 +65,7 @@ def test_a_persona_from_elsewhere_is_not_rewritten(settings: Settings, write_per
     path = write_persona("keeper", base=str(tiny_gpt2_dir))
     before = path.read_text()
     done = train_persona(settings, "keeper", corpus_file, config(tiny_gpt2_dir))
-    assert done.checkpoint.version == "v1" and not done.persona_file_updated
+    assert done.checkpoint.version == "v1" and not done.persona_file_created
     assert path.read_text() == before
     with pytest.raises(ConfigError, match="would not fit"):
         train_persona(settings, "keeper", corpus_file, config(Path("/elsewhere")))
@@ -182,6 +187,25 @@ def test_the_card_of_a_run_with_nothing_held_out_says_so(settings: Settings, tin
     done = train_persona(settings, "single", one, config(tiny_gpt2_dir))
     card = (done.checkpoint.path / "README.md").read_text()
     assert "not measured (no held-out documents)" in card and "nan" not in card
+
+
+def test_a_run_with_nothing_held_out_registers_a_checkpoint_its_reader_accepts(settings: Settings,
+                                                                             tiny_gpt2_dir: Path, tmp_path: Path):
+    """Its perplexity (NaN: not measured) was written as null, and its own checkpoint.json was then
+    "unreadable" to `checkpoints`, `personas validate`, `eval` and `swap`, while a worker served it.
+    Not measured is now left out; a checkpoint.json written with nulls before still reads."""
+    one = tmp_path / "one.jsonl"
+    one.write_text(json.dumps({"text": " ".join(SAYINGS)}) + "\n")
+    done = train_persona(settings, "unmeasured", one, config(tiny_gpt2_dir))
+    written = json.loads((done.checkpoint.path / "checkpoint.json").read_text())["metrics"]
+    assert None not in written.values() and "perplexity" not in written and written["steps"] == 4
+    found, unreadable = scan_checkpoints(settings.checkpoints_dir, "unmeasured")
+    assert unreadable == [] and [c.metrics for c in found] == [written]
+
+    as_written_before = dict(written, base_val_loss=None, base_perplexity=None, val_loss=None, perplexity=None)
+    metadata = done.checkpoint.path / "checkpoint.json"
+    metadata.write_text(json.dumps(dict(json.loads(metadata.read_text()), metrics=as_written_before)))
+    assert read_checkpoint(done.checkpoint.path).metrics == written
 
 
 def test_steps_and_epochs_together_are_refused_but_a_run_saved_with_both_resumes(settings: Settings):

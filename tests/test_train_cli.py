@@ -309,6 +309,12 @@ def test_a_corpus_with_nothing_held_out_is_trained_with_a_warning_and_no_nan(env
     assert "step 1: no held-out documents to validate on" in trained.stdout
     assert "finished after 3 steps; no held-out perplexity" in trained.stdout
     assert not any(wrong in trained.stdout for wrong in ("loss nan", "perplexity inf", "perplexity nan", "→ nan"))
+    # Its checkpoint.json held nulls, which `checkpoints` and `personas validate` called unreadable.
+    listed = persona("checkpoints", "book", env=env)
+    assert listed.returncode == 0 and "unusable" not in listed.stdout, listed.stdout
+    assert re.search(r"\* │ v1 .*steps=3", listed.stdout), listed.stdout
+    validated = persona("personas", "validate", env=env)
+    assert validated.returncode == 0, validated.stdout + validated.stderr
 
 
 def test_bad_option_values_are_one_line_naming_the_option(env, tmp_path: Path):
@@ -507,9 +513,10 @@ def test_a_sample_reads_on_from_its_prefix_as_the_model_wrote_it():
     assert _finish(" often. Then more", "Life is", True, ".") == "Life is often"
 
 
-def test_a_new_run_over_an_unfinished_one_says_it_replaces_it(env, settings: Settings, tmp_path: Path,
-                                                              tiny_gpt2_dir: Path):
-    """Forgetting --resume after a Ctrl-C threw the saved run away without a word."""
+def test_a_new_run_over_an_unfinished_one_is_refused_unless_restarted(env, settings: Settings, tmp_path: Path,
+                                                                      tiny_gpt2_dir: Path):
+    """Forgetting --resume after a Ctrl-C threw the saved run away, with only a warning to press
+    Ctrl-C in time. It is refused before torch loads, naming both ways on; --restart discards it."""
     from training.runs import train_persona
     from training.trainer import TrainConfig
 
@@ -518,13 +525,62 @@ def test_a_new_run_over_an_unfinished_one_says_it_replaces_it(env, settings: Set
     corpus.write_text("".join(json.dumps({"text": text}) + "\n" for text in sayings))
     config = TrainConfig(base=str(tiny_gpt2_dir), steps=4, batch_size=2, eval_every=1, samples=0)
     assert train_persona(settings, "redo", corpus, config, reporter=Recorder(stop_at=1)).checkpoint is None
+    saved = (settings.data_dir / "runs" / "redo" / "state.pt").read_bytes()
+    args = ["train", "redo", "--corpus", str(corpus), "--base", str(tiny_gpt2_dir), "--steps", "2", "--batch-size", "2"]
 
-    again = persona("train", "redo", "--corpus", str(corpus), "--base", str(tiny_gpt2_dir), "--steps", "2",
-                    "--batch-size", "2", env=env)
-    assert again.returncode == 0, again.stderr
-    said = " ".join(again.stderr.split())
-    assert "persona 'redo' has an unfinished run" in said and "this new run replaces it" in said
-    assert shlex.join(["persona", "train", "redo", "--corpus", str(corpus), "--resume"]) in said
+    refused, imported = persona_imports(*args, env=env)
+    assert refused.returncode == 1 and "torch" not in imported, refused.stderr
+    said = " ".join(refused.stderr.split())
+    assert "persona 'redo' has an unfinished training run (stopped at step 1 of 4, saved " in said
+    assert f"continue it with `{shlex.join(['persona', 'train', 'redo', '--corpus', str(corpus), '--resume'])}`" in said
+    assert "or discard it and start over by running this command again with --restart" in said
+    assert (settings.data_dir / "runs" / "redo" / "state.pt").read_bytes() == saved
+
+    both = persona(*args, "--resume", "--restart", env=env)
+    assert both.returncode == 1 and "give one of them" in both.stderr, both.stderr
+
+    restarted = persona(*args, "--restart", env=env)
+    assert restarted.returncode == 0, restarted.stderr
+    assert "finished after 2 steps" in restarted.stdout and "registered redo v1" in restarted.stdout
+    assert not (settings.data_dir / "runs" / "redo").exists()
+
+
+def test_a_new_version_of_a_persona_is_served_only_by_a_swap(env, settings: Settings, tmp_path: Path,
+                                                            tiny_gpt2_dir: Path):
+    """Training moved an existing persona's file to the new version, so workers that were never
+    swapped switched to it unasked (and `rollback` had nothing to go back to); where a swap had
+    set the version, it said "now uses v2" while workers went on serving v1."""
+    from training.runs import train_persona
+    from training.trainer import TrainConfig
+
+    corpus = tmp_path / "c.jsonl"
+    sayings = [entry.strip().split("\n")[0] for entry in SAYINGS.split("%") if entry.strip()]
+    corpus.write_text("".join(json.dumps({"text": text}) + "\n" for text in sayings))
+    config = TrainConfig(base=str(tiny_gpt2_dir), steps=1, batch_size=2, samples=0)
+    first = train_persona(settings, "wilde", corpus, config)  # a new persona: its file names v1, served at once
+    assert first.persona_file_created
+    written = first.persona_file.read_text()
+
+    second = persona("train", "wilde", "--corpus", str(corpus), "--steps", "1", "--batch-size", "2", "--seed", "1",
+                     env=env)
+    assert second.returncode == 0, second.stderr
+    assert "registered wilde v2 at " in second.stdout
+    assert "it is not served yet: `persona swap wilde v2` serves it (and `persona rollback wilde` returns to what " \
+           "is served now)" in " ".join(second.stdout.split())
+    assert first.persona_file.read_text() == written
+
+
+def test_a_run_stopped_by_its_time_budget_says_how_far_it_got_of_its_plan(env, tmp_path: Path, tiny_gpt2_dir: Path):
+    """It said "time-limit: best at step 23 of 23" for a run planned for 255 steps."""
+    corpus = tmp_path / "c.jsonl"
+    sayings = [entry.strip().split("\n")[0] for entry in SAYINGS.split("%") if entry.strip()]
+    corpus.write_text("".join(json.dumps({"text": text}) + "\n" for text in sayings))
+    trained = persona("train", "brief", "--corpus", str(corpus), "--base", str(tiny_gpt2_dir), "--steps", "100000",
+                      "--max-minutes", "0.01", "--batch-size", "2", env=env)
+    assert trained.returncode == 0, trained.stderr
+    ran = re.search(r"time-limit after (\d+) of 100000 planned steps; best at step (\d+); held-out perplexity",
+                    trained.stdout)
+    assert ran and int(ran[2]) <= int(ran[1]) < 100000, trained.stdout[-2000:]
 
 
 def test_train_shows_the_run_not_the_libraries_chatter(env, tmp_path: Path, tiny_gpt2_dir: Path):

@@ -3,9 +3,10 @@
 ``train_persona`` ties the trainer to the rest of the service. The run's resumable state
 lives in ``<data_dir>/runs/<persona>/`` until the run finishes; its best weights then
 become the persona's next checkpoint version (``persona/checkpoints.py``). A persona
-that did not exist gets a file in the data directory's ``personas/`` folder pointing at
-that version; a persona that training created earlier is moved to the new version.
-A persona file elsewhere (the source tree) is never rewritten. A persona trains in one
+that did not exist gets a file in the data directory's ``personas/`` folder naming that
+version, so it answers at once. An existing persona's file is never rewritten: workers
+that were never swapped serve what it names, so a new version is served only by
+`persona swap` (two-phase, recorded, undone by `persona rollback`). A persona trains in one
 run at a time: a second is refused while the first holds ``runs/<persona>.lock``.
 """
 
@@ -17,7 +18,6 @@ import logging
 import math
 import os
 import shutil
-import tomllib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -77,7 +77,7 @@ class TrainedPersona:
     result: TrainResult
     checkpoint: CheckpointInfo | None
     persona_file: Path | None
-    persona_file_updated: bool
+    persona_file_created: bool  # a new persona's file, naming this version; else nothing serves it yet
 
 
 def run_size_bytes(folder: Path) -> int:
@@ -242,19 +242,17 @@ def _write_atomically(path: Path, text: str) -> None:
 
 def _write_persona_file(settings: Settings, persona: Persona | None, name: str, base: str,
                         version: str, corpus_path: Path) -> tuple[Path | None, bool]:
-    """Create or move the persona file to the new version, where training may write it."""
-    folder = settings.user_personas_dir
-    if persona is None:
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"{name}.toml"
-        _write_atomically(path, tomli_w.dumps(persona_template(name, base, version, corpus_path)))
-    elif persona.source is not None and persona.source.parent.resolve() == folder.resolve():
-        path = persona.source
-        data = tomllib.loads(path.read_text())
-        data.setdefault("model", {})["checkpoint"] = version
-        _write_atomically(path, tomli_w.dumps(data))
-    else:
+    """A new persona's file, naming its first version; an existing persona's file is left as it is.
+
+    Workers that were never swapped serve the version their persona file names: moving it
+    switched them with no swap (no check, no vote, nothing for `persona rollback`), and did
+    nothing where a swap had set the version. The new version waits for `persona swap`."""
+    if persona is not None:
         return persona.source, False
+    folder = settings.user_personas_dir
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.toml"
+    _write_atomically(path, tomli_w.dumps(persona_template(name, base, version, corpus_path)))
     load_persona_file(path)  # what we wrote must load
     return path, True
 
@@ -331,7 +329,7 @@ def _train_and_register(settings: Settings, name: str, corpus_path: Path, corpus
             shutil.move(staging, result.best_dir)
         raise
     (info.path / "README.md").write_text(model_card(info, corpus, result))
-    persona_file, updated = _write_persona_file(settings, persona, name, config.base, info.version, corpus_path)
+    persona_file, created = _write_persona_file(settings, persona, name, config.base, info.version, corpus_path)
     shutil.rmtree(folder, ignore_errors=True)
     log.info("registered %s %s at %s", name, info.version, info.path)
-    return TrainedPersona(result, info, persona_file, updated)
+    return TrainedPersona(result, info, persona_file, created)

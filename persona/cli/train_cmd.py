@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import shlex
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -28,12 +27,18 @@ from persona.cli.training_common import (
     warn_nothing_held_out,
 )
 from persona.cli.training_progress import EvalBar, RichReporter
-from persona.cli.unfinished_runs import resume_command, unfinished_json, unfinished_line
+from persona.cli.unfinished_runs import (
+    resume_command,
+    unfinished_json,
+    unfinished_line,
+    unfinished_refusal,
+)
 from persona.errors import ConfigError, CorpusError
 
 if TYPE_CHECKING:
     from persona.personas import Persona
     from persona.settings import Settings
+    from training.run_folder import UnfinishedRun
 
 __all__ = ["EvalBar", "RichReporter", "corpus_build", "eval_", "export", "generate", "register", "resume_command", "train",
            "unfinished_json", "unfinished_line"]
@@ -62,6 +67,7 @@ def train(
     seed: int = typer.Option(0, help="the run's seed: same seed, same corpus, same weights"),
     device: str = typer.Option("auto", help="auto|cpu|cuda"),
     resume: bool = typer.Option(False, "--resume", help="continue the persona's interrupted run exactly as it started (only --max-minutes may change)"),
+    restart: bool = typer.Option(False, "--restart", help="start over, discarding the unfinished run"),
     threads: int = typer.Option(None, min=1, help=THREADS_HELP),
 ) -> None:
     """Fine-tune NAME on a corpus and register the best weights as its next checkpoint version."""
@@ -78,6 +84,11 @@ def train(
     settings = get_settings()
     check_run_name(name)  # before the run folder it names is read
     existing = _existing_persona(settings, name)
+    if resume and restart:
+        raise ConfigError("--resume continues the unfinished run and --restart discards it: give one of them")
+    unfinished = None if resume else _unfinished_to_keep(settings, name)
+    if unfinished is not None and not restart:  # forgetting --resume threw it away with only a warning
+        raise ConfigError(unfinished_refusal(unfinished))
     if resume:
         changed = ["/".join([*p.opts, *p.secondary_opts]) for p in ctx.command.params
                    if p.name not in RESUME_OPTIONS
@@ -120,13 +131,13 @@ def train(
     if from_pipe:  # read once, kept for later
         console.print(f"the corpus came from a pipe; kept a copy at {escape(str(corpus))} for --resume, "
                       "`persona eval` and the persona's originality filter")
-    saved_state = run_dir(settings, name) / STATE_FILE
 
     def ready() -> None:
         # Said once the run holds the persona and its checks passed: a second run of a persona,
         # or a data directory it cannot write, was refused after "loading the base model...".
-        if not resume and saved_state.is_file():  # it was thrown away without a word
-            _warn_replacing(settings, name, saved_state, corpus)
+        if unfinished is not None:
+            console.print(escape(f"--restart: this run replaces {name}'s unfinished one once the model has "
+                                 "loaded (stopped before then, that one stays as it was)"), highlight=False)
         if not data.validation:
             warn_nothing_held_out(f"{escape(str(corpus))} holds no held-out documents (too few documents to "
                                    "spare one)")
@@ -140,7 +151,7 @@ def train(
 
     # Started by ready(): a refusal before it left an empty line where the bar would have been.
     progress = Progress(*RichReporter.columns(), console=console, transient=False)
-    reporter = RichReporter(progress, max_minutes=config.max_minutes)
+    reporter = _PlanKeepingReporter(progress, max_minutes=config.max_minutes)
     try:
         try:
             done = train_persona(settings, name, corpus, config, resume=resume, reporter=reporter, corpus=data,
@@ -165,24 +176,52 @@ def train(
                       highlight=False)
         raise typer.Exit(130)
     info = done.checkpoint
+    ran = _steps_run(done.result.status, int(metrics["steps"]), reporter.planned_steps)
     if math.isnan(metrics["base_perplexity"]):  # nothing held out: the last weights, no perplexity
-        console.print(f"{done.result.status} after {metrics['steps']:.0f} steps; no held-out perplexity "
-                      f"(the corpus holds no held-out documents); {metrics['tokens_per_s']:.0f} tokens/s")
+        console.print(f"{ran}; no held-out perplexity (the corpus holds no held-out documents); "
+                      f"{metrics['tokens_per_s']:.0f} tokens/s")
     else:
-        console.print(f"{done.result.status}: best at step {metrics['best_step']:.0f} of {metrics['steps']:.0f}; "
-                      f"held-out perplexity {metrics['base_perplexity']:.2f} (base) → {metrics['perplexity']:.2f}; "
+        console.print(f"{ran}; best at step {metrics['best_step']:.0f}; held-out perplexity "
+                      f"{metrics['base_perplexity']:.2f} (base) → {metrics['perplexity']:.2f}; "
                       f"{metrics['tokens_per_s']:.0f} tokens/s")
         if not metrics["perplexity"] <= metrics["base_perplexity"]:  # the best weights are still worse
             err_console.print("[yellow]warning:[/yellow] the trained weights predict the held-out writing worse "
                               "than the base model; train again with a lower --learning-rate or fewer --epochs",
                               highlight=False)
     console.print(f"registered [bold]{name} {info.version}[/bold] at {escape(str(info.path))}")
-    if done.persona_file_updated:
+    if done.persona_file_created:
         console.print(f"persona file {escape(str(done.persona_file))} now uses {info.version}; "
                       f"try `persona ask {name} hello`")
-    else:
-        console.print(f"{escape(str(done.persona_file))} was left as it is; "
-                      f"serve the new weights with `persona swap {name} {info.version}`")
+    else:  # what the persona serves changes only by a swap (training/runs.py says why)
+        console.print(f"it is not served yet: `persona swap {name} {info.version}` serves it "
+                      f"(and `persona rollback {name}` returns to what is served now)")
+
+
+class _PlanKeepingReporter(RichReporter):
+    """The progress bar, keeping the steps the run planned: its metrics hold the steps it ran,
+    so a run stopped by its time budget said "best at step 23 of 23" of 255 planned."""
+
+    planned_steps: int | None = None
+
+    def on_start(self, total_steps: int, resumed_from: int) -> None:
+        self.planned_steps = total_steps
+        super().on_start(total_steps, resumed_from)
+
+
+def _steps_run(status: str, steps: int, planned: int | None) -> str:
+    """How a run ended and how far it got: "finished after 40 steps", "time-limit after 23 of 255 planned steps"."""
+    if planned is None or planned == steps:
+        return f"{status} after {steps} steps"
+    return f"{status} after {steps} of {planned} planned steps"
+
+
+def _unfinished_to_keep(settings: Settings, name: str) -> UnfinishedRun | None:
+    """NAME's stopped run with a saved state, which a new run would replace. One training now is
+    left to the training lock, which refuses a second run of it."""
+    from training.run_folder import unfinished_run
+
+    run = unfinished_run(settings, name)
+    return run if run is not None and run.resumable and not run.running else None
 
 
 def _existing_persona(settings: Settings, name: str) -> Persona | None:
@@ -214,18 +253,6 @@ def _option_problem(error: dict) -> str:
         return message
     option = "--" + str(error["loc"][0]).replace("_", "-")
     return f"{option}: {message[:1].lower()}{message[1:]}"
-
-
-def _warn_replacing(settings: Settings, name: str, saved_state: Path, corpus: Path) -> None:
-    """A new run is about to throw away NAME's unfinished one: how to keep it instead."""
-    from training.runs import run_corpus
-
-    saved_at = time.strftime("%Y-%m-%d %H:%M", time.localtime(saved_state.stat().st_mtime))
-    began_on = run_corpus(settings, name) or corpus
-    err_console.print(
-        f"[yellow]warning:[/yellow] persona {name!r} has an unfinished run (last saved {saved_at}); this new "
-        f"run replaces it. To continue that one instead, stop now (Ctrl-C) while the model loads, then run "
-        f"`{escape(resume_command(name, began_on))}`", highlight=False)
 
 
 def _size(size_bytes: int) -> str:

@@ -12,7 +12,7 @@ from persona.cli.common import local_time
 if TYPE_CHECKING:
     from training.run_folder import UnfinishedRun
 
-__all__ = ["continue_command", "resume_command", "unfinished_json", "unfinished_line"]
+__all__ = ["continue_command", "resume_command", "unfinished_json", "unfinished_line", "unfinished_refusal"]
 
 
 def resume_command(name: str, corpus: Path) -> str:
@@ -36,6 +36,15 @@ def unfinished_line(run: UnfinishedRun) -> str:
     stopped = f"stopped at {how_far}, saved {local_time(run.saved_at or 0)}" if how_far else \
         f"saved {local_time(run.saved_at or 0)}"
     return f"{run.persona}: unfinished training run ({stopped}); continue it with `{continue_command(run)}`"
+
+
+def unfinished_refusal(run: UnfinishedRun) -> str:
+    """Why a new run of a persona with a stopped, resumable run waits for a choice: it would throw
+    that one away (forgetting --resume did, with only a warning)."""
+    how_far = f"stopped at step {run.step} of {run.total_steps}, " if run.step is not None else ""
+    return (f"persona {run.persona!r} has an unfinished training run ({how_far}saved "
+            f"{local_time(run.saved_at or 0)}), which a new run would discard; continue it with "
+            f"`{continue_command(run)}`, or discard it and start over by running this command again with --restart")
 
 
 def unfinished_json(run: UnfinishedRun) -> dict:
