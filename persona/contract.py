@@ -26,8 +26,9 @@ __all__ = [
     "new_request_id",
 ]
 
-# Characters a person cannot type on purpose; they only confuse tokenizers and logs.
-_CONTROL_CHARS = {c for c in range(32) if c not in (9, 10, 13)} | {127}
+# Characters a person cannot type on purpose; they only confuse tokenizers and logs. C1 too
+# (U+0080-U+009F): U+009B is a terminal's CSI, as ESC [ is, and was kept while ESC was not.
+_CONTROL_CHARS = {c for c in range(32) if c not in (9, 10, 13)} | {127} | set(range(0x80, 0xA0))
 _CONTROL_TABLE = dict.fromkeys(_CONTROL_CHARS)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import unicodedata
 from typing import TYPE_CHECKING
 
 from persona.contract import MAX_SOURCE_CHARS, MAX_USER_CHARS, GenerationRequest
@@ -18,7 +19,7 @@ def request_problem(request: GenerationRequest, limits: QueueSettings) -> str | 
     if request.mode == "chat":
         if not request.messages or request.messages[-1].role != "user":
             return "a chat request must end with the user's message"
-        if not request.messages[-1].content.strip():
+        if not _visible(request.messages[-1].content):
             return "the message is empty; say something"
     if any(message.role == "system" for message in request.messages):
         # It was dropped without a word: the persona answered as if it had not been sent.
@@ -54,6 +55,18 @@ def request_problem(request: GenerationRequest, limits: QueueSettings) -> str | 
             "name what sent the request (\"discord\", \"scheduler\")"
         )
     return None
+
+
+# What shows nothing on its own: format characters (zero-width space and joiner, direction
+# marks and overrides, the byte-order mark) and controls. Whitespace is told by isspace().
+_INVISIBLE_CATEGORIES = frozenset({"Cf", "Cc"})
+
+
+def _visible(text: str) -> bool:
+    """Whether ``text`` shows anything: a message of zero-width spaces, or of a lone
+    right-to-left override, was answered as if something had been said. Only the question
+    is asked: a joiner inside an emoji, or a direction mark inside words, stays as sent."""
+    return any(not char.isspace() and unicodedata.category(char) not in _INVISIBLE_CATEGORIES for char in text)
 
 
 def _raise(setting: str) -> str:

@@ -817,3 +817,61 @@ def test_personas_validate_takes_a_persona_name_and_says_what_a_typo_meant(env, 
     assert "sgae: no such file, folder or persona; did you mean 'sage'?" in result.stderr, result.stderr
     assert "nothere.toml: no such file or folder" in result.stderr, result.stderr
     assert invoke(monkeypatch, env, "personas", "validate", "bofh").exit_code == 0
+
+
+def test_eval_and_train_refuse_a_seed_torch_cannot_take_before_loading_anything(env, monkeypatch, tmp_path: Path):
+    """`--seed 18446744073709551616` was a traceback from torch.manual_seed after the model had
+    loaded (eval: after a minute measuring the base), as `ask`'s and `generate`'s are not."""
+    corpus = tmp_path / "c.jsonl"  # never read: the seed is refused first
+    too_big = str(2**64)
+    result = invoke(monkeypatch, env, "eval", "sage", "--corpus", str(corpus), "--seed", too_big)
+    assert result.exit_code == 2 and "'--seed'" in result.stderr, result.output
+    for seed in (too_big, "-1"):
+        result = invoke(monkeypatch, env, "train", "newcomer", "--corpus", str(corpus), "--seed", seed)
+        assert result.exit_code == 1 and "--seed:" in result.stderr, result.output
+        assert "Traceback" not in result.output
+
+
+def test_a_message_with_nothing_visible_is_refused_as_empty(env, monkeypatch):
+    """Zero-width spaces, or a lone right-to-left override, were queued and answered as if
+    something had been said."""
+    for message in ("\u200b\u200b", "\u202e", "\u200d \u00a0\u2028", "\x9b"):
+        result = invoke(monkeypatch, env, "ask", "sage", message)
+        assert result.exit_code == 1, result.output
+        assert "the message is empty; say something" in result.stderr, result.output
+
+
+def test_generate_waits_no_longer_than_its_timeout(env, own_redis):
+    """With no worker, `generate --timeout 2` took 8.8 s (`ask --timeout 2`: 3.1 s): each sample's
+    wait ran to its deadline and the queue's 5 s of slack after it."""
+    import time
+
+    from persona import constants as keys
+
+    _, url, client = own_redis
+    env["PERSONA_REDIS_URL"] = url
+    result = persona("generate", "sage", "-n", "2", "--timeout", "1", env=env)
+    ended = time.time()
+    assert result.returncode == 1 and "2 not answered in time" in " ".join(result.stderr.split()), result.stderr
+    deadline = max(float(fields[b"d"]) for _, fields in client.xrange(keys.STREAM_BATCH))
+    assert ended - deadline < 2.5, f"ended {ended - deadline:.1f} s after the deadline"
+
+
+def test_usage_errors_read_as_sentences(env, monkeypatch, redis_url):
+    """A suggestion ran into the pointer to --help ("Did you mean 'ask'?; see ..."); a pasted
+    100,000-character id was said back whole; an empty id or --out said "no dead letter ;"
+    and "file '' is a directory"."""
+    import json
+
+    said = json.loads(persona("asc", "--json", env=env).stdout)["error"]["message"]
+    assert said == "No such command 'asc'. Did you mean 'ask'? See `persona --help`", said
+    env["PERSONA_REDIS_URL"] = redis_url
+    result = invoke(monkeypatch, env, "queue", "show", "1" * 100_000)
+    assert result.exit_code == 1 and len(result.stderr) < 300, result.stderr[:300]
+    assert "no dead letter 1111" in result.stderr and "100,000 characters" in result.stderr, result.stderr
+    result = invoke(monkeypatch, env, "queue", "show", "")
+    assert result.exit_code == 1 and "a dead-letter ID is needed" in result.stderr, result.stderr
+    result = invoke(monkeypatch, env, "queue", "drop", "")
+    assert result.exit_code == 1 and "a dead-letter ID cannot be empty" in result.stderr, result.stderr
+    result = invoke(monkeypatch, env, "generate", "sage", "--out", "")
+    assert result.exit_code == 2 and "an output path is needed" in result.stderr, result.stderr

@@ -115,3 +115,19 @@ def test_the_tokens_that_end_a_reply_are_never_penalised_for_being_in_the_prompt
 
     assert pick([2.0, 0.0, 0.0, 0.0, 0.0, 2.2]) == 5  # the end of the reply, as likely as before
     assert pick([2.0, 0.0, 0.0, 0.0, 2.2, 0.0]) == 0  # a repeated word is still penalised
+
+
+def test_training_samples_take_a_seed_past_what_torch_takes(tiny_gpt2_dir):
+    """`persona eval --seed 18446744073709551616` measured for a minute, then torch.manual_seed
+    raised "Overflow when unpacking long long". A sample seed wraps into torch's 64 bits."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from training.sampling import sample_texts
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_gpt2_dir)
+
+    def draw(seed: int) -> list[str]:
+        return sample_texts(model, tokenizer, 2, 6, seed, "cpu", sampling=Sampling(temperature=1.0, top_k=0))
+
+    assert draw(2**64 + 7) == draw(7)

@@ -12,6 +12,8 @@ from training.batching import start_token_id
 
 __all__ = ["max_positions", "sample_texts"]
 
+_TORCH_SEEDS = 2**64  # torch.manual_seed takes 0 .. 2**64 - 1
+
 
 def max_positions(model: Any) -> int | None:
     """The longest sequence the model has positions for; None when its config names no limit."""
@@ -56,7 +58,9 @@ def sample_texts(model: Any, tokenizer: Any, count: int, max_new_tokens: int, se
     was_training = model.training
     model.eval()
     with torch.random.fork_rng(devices=[torch.cuda.current_device()] if device == "cuda" else []):
-        torch.manual_seed(seed)
+        # Torch takes a seed of at most 64 bits; past that it raised, after the model had loaded.
+        # A sample's seed need only repeat, so any other wraps into that range (0 .. 2**64 - 1 stay as they are).
+        torch.manual_seed(seed % _TORCH_SEEDS)
         greedy = sampling.temperature == 0  # as the worker reads a temperature of 0
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=not greedy,
                              temperature=None if greedy else sampling.temperature,

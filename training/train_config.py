@@ -10,6 +10,7 @@ from typing import Literal
 from pydantic import BaseModel, Field, model_validator
 
 from persona.checkpoint_checks import same_base
+from persona.contract import MAX_SEED
 from persona.errors import ConfigError
 from persona.personas import NAME_PATTERN, NAME_RULE, Persona
 
@@ -39,7 +40,10 @@ class TrainConfig(BaseModel):
     patience: int = Field(3, ge=1, description="evaluations without improvement before stopping")
     samples: int = Field(2, ge=0, description="samples printed at each evaluation")
     sample_tokens: int = Field(40, ge=1)
-    seed: int = 0
+    # Bounded as `ask`'s seed, so `persona train` refuses one before torch loads: one past 64 bits
+    # was a traceback from torch.manual_seed once the base had loaded. (The run also seeds with
+    # seed + epoch and seed + step, which stay within the 2**64 torch takes.)
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     lora_r: int = Field(16, ge=1)
     lora_alpha: int = Field(32, ge=1)
     lora_dropout: float = Field(0.05, ge=0, lt=1)

@@ -103,8 +103,10 @@ def usage_failure(exc: typer.TyperException) -> typer.Exit:
     """A command line that click refused (under ``--json``), said as one JSON failure; the exit to raise."""
     message = exc.format_message()
     ctx = getattr(exc, "ctx", None)  # a usage error knows its command; a missing file does not
-    if ctx is not None:
-        message = f"{message.rstrip('.')}; see `{ctx.command_path} --help`"
+    if ctx is not None:  # after click's question ("Did you mean 'ask'?"), a sentence of its own
+        message = message.rstrip(".")
+        joined = " See" if message.endswith("?") else "; see"
+        message = f"{message}{joined} `{ctx.command_path} --help`"
     as_json = _json_errors.set(True)
     try:
         return _fail(message, UsageError.__name__)

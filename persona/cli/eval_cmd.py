@@ -16,6 +16,7 @@ from persona.cli.training_common import (
     ready_torch,
 )
 from persona.cli.training_progress import SAMPLES_ARE_POSTS, EvalBar, print_samples
+from persona.contract import MAX_SEED
 
 if TYPE_CHECKING:
     from persona.personas import Persona
@@ -30,7 +31,7 @@ def eval_(
     corpus: Path = typer.Option(..., "--corpus", help="the corpus it was trained on (its held-out split is used)"),
     checkpoint: str = typer.Option(None, help="a version (v2) or folder; default: the persona file's"),
     samples: int = typer.Option(16, min=1, help="samples drawn for the originality check"),
-    seed: int = typer.Option(0, help="sampling seed"),
+    seed: int = typer.Option(0, min=0, max=MAX_SEED, metavar="N", help="sampling seed"),
     json_output: bool = typer.Option(False, "--json", help="print one JSON object"),
     threads: int = typer.Option(None, min=1, help=THREADS_HELP),
 ) -> None:

@@ -34,13 +34,24 @@ def _finish(text: str, prefix: str, include_prefix: bool, truncate: str | None) 
     return prefix + text if include_prefix else text.lstrip()
 
 
+def _out_file(value: str) -> Path:
+    """--out's file, not a folder. An empty one is said to be missing: as a path it reads
+    ".", so it was refused as "file '' is a directory"."""
+    if not value.strip():
+        raise typer.BadParameter("an output path is needed: name the file to write the samples to, or leave out "
+                                 "--out to print them")
+    if (path := Path(value)).is_dir():
+        raise typer.BadParameter(f"{value} is a directory: name a file in it to write the samples to")
+    return path
+
+
 @friendly_errors
 def generate(
     name: str = typer.Argument(..., metavar="NAME", help="the persona that writes"),
     prefix: str = typer.Option("", help="text every sample starts from (default: nothing)"),
     n: int = typer.Option(8, "-n", "--nsamples", min=1, help="how many samples"),
     out: Path = typer.Option(
-        None, "--out", dir_okay=False,
+        None, "--out", parser=_out_file, metavar="FILE",
         help="write samples to this file (.jsonl: one JSON object per line); default: print them, "
         "each followed by a line of =",
     ),
@@ -128,16 +139,17 @@ class _Sampling:
                     self.waiting.append(request)  # before it is sent: Ctrl-C while sending withdraws it too
                     self.client.submit(request)
                 while self.waiting:
-                    past = time.time() >= self.deadline  # then a look at each, not a wait (LAST_LOOK_S)
-                    self._gather(self.waiting[0], timeout=LAST_LOOK_S if past else None)
+                    # Until the deadline, as `ask --timeout` waits: the queue's slack after it (for
+                    # the worker's own timeout reply) kept a run with no worker 5 s past --timeout.
+                    # Once it has passed, a look at each, not a wait (LAST_LOOK_S).
+                    self._gather(self.waiting[0], timeout=max(LAST_LOOK_S, self.deadline - time.time()))
                     self.waiting.pop(0)
                     progress.advance(task)
         if self.late:  # withdrawn together, so no worker writes what nobody reads
             self.withdraw_problem = withdraw(self.client, self.late, "the samples not answered in time", "write them")
 
-    def _gather(self, request, timeout: float | None) -> None:
-        """Wait for one sample's reply (``timeout``; None: until its deadline and the queue's
-        slack after it), and keep what came."""
+    def _gather(self, request, timeout: float) -> None:
+        """Wait up to ``timeout`` seconds for one sample's reply, and keep what came."""
         try:
             reply = self.client.wait(request, timeout=timeout)
         except ReplyTimeout as exc:

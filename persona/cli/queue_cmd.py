@@ -53,6 +53,8 @@ __all__ = [
 ]
 
 MAX_PROBLEMS_SHOWN = 3
+# A dead letter's id is a stream entry id ("1732800000000-0"), at most 41 characters.
+MAX_ID_SHOWN_CHARS = 48
 
 queue_app = typer.Typer(help="Watch the queue and handle dead letters (list, show, retry, drop).", no_args_is_help=True)
 
@@ -348,6 +350,14 @@ def _why_unreadable(letter: DeadLetter) -> str:
     return ""
 
 
+def _shown_id(entry_id: str) -> str:
+    """An id the user gave, as an error repeats it: cut when far longer than any id (a
+    pasted file was repeated whole)."""
+    if len(entry_id) <= MAX_ID_SHOWN_CHARS:
+        return entry_id
+    return f"{entry_id[:MAX_ID_SHOWN_CHARS]}… ({len(entry_id):,} characters, far longer than an id)"
+
+
 @queue_app.command()
 @friendly_errors
 def show(
@@ -355,9 +365,11 @@ def show(
     json_output: bool = typer.Option(False, "--json", help="print the letter as one JSON object"),
 ) -> None:
     """One dead letter whole: why it was set aside, who asked, and what it asked."""
+    if not entry_id.strip():  # it read "no dead letter ; see ..."
+        raise QueueError("a dead-letter ID is needed: `persona queue dead` lists them")
     letter = find_dead(connect(get_settings()), entry_id)
     if letter is None:
-        raise QueueError(f"no dead letter {entry_id}; see `persona queue dead`")
+        raise QueueError(f"no dead letter {_shown_id(entry_id)}; see `persona queue dead`")
     if json_output:
         print(letter.model_dump_json())
         return
@@ -413,7 +425,7 @@ def retry(
                 f"see it with `persona queue show {entry_id}`, delete it with `persona queue drop {entry_id}`"
             ) from None
         if new_id is None:
-            raise QueueError(f"no dead letter {entry_id}; see `persona queue dead`")
+            raise QueueError(f"no dead letter {_shown_id(entry_id)}; see `persona queue dead`")
         console.print(f"re-queued {entry_id}")
         return
     count = client.xlen(keys.STREAM_DEAD)
@@ -458,9 +470,12 @@ def drop(
         raise QueueError("name dead-letter IDs, or pass --all or --unreadable (see `persona queue dead`)")
     if entry_ids:
         entry_ids = list(dict.fromkeys(entry_ids))  # an id named twice is one letter, and said once
+        if not all(i.strip() for i in entry_ids):
+            raise QueueError("a dead-letter ID cannot be empty; nothing dropped; `persona queue dead` lists them")
         missing = [i for i in entry_ids if find_dead(client, i) is None]
         if missing:  # nothing is dropped: a typo among the ids should not go half done
-            raise QueueError(f"no dead letter {', '.join(missing)}; nothing dropped; see `persona queue dead`")
+            raise QueueError(f"no dead letter {', '.join(map(_shown_id, missing))}; nothing dropped; "
+                             "see `persona queue dead`")
         ids = entry_ids
     else:
         ids = dead_ids(client, unreadable=unreadable)
