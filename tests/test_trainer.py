@@ -446,3 +446,123 @@ def test_a_full_disk_at_the_first_save_does_not_send_the_user_to_resume(tiny_gpt
     with disk_refusing_files_over(100_000), pytest.raises(ModelError, match="could not save") as refused:
         train(config, corpus(), tiny_gpt2_dir, tmp_path / "run")
     assert "--resume" not in str(refused.value) and "start the run again" in str(refused.value)
+
+
+def test_sighup_stops_after_the_step_and_saves_and_a_second_one_still_only_asks(tiny_gpt2_dir: Path,
+                                                                                 tmp_path: Path):
+    """A closed terminal (or a dropped ssh session) sends SIGHUP, maybe twice (the shell's and
+    the kernel's): the run died mid-step without a word, losing everything since its last save."""
+    def killed(signum, frame):
+        raise KilledMidStep
+
+    before = signal.signal(signal.SIGHUP, killed)
+    try:
+        config = TrainConfig(kind="lora", steps=6, batch_size=4, eval_every=6, samples=0)
+        with ctrl_c_inside_step(3, presses=2, send=lambda: os.kill(os.getpid(), signal.SIGHUP)):
+            result = train(config, corpus(), tiny_gpt2_dir, tmp_path / "run")
+        assert result.status == "interrupted" and result.metrics["steps"] == 3
+        assert signal.getsignal(signal.SIGHUP) is killed
+        resumed = Recorder()
+        assert train(config, corpus(), tiny_gpt2_dir, tmp_path / "run", resume=True, reporter=resumed).status == \
+            "finished"
+        assert resumed.resumed_from == 3
+    finally:
+        signal.signal(signal.SIGHUP, before)
+
+
+class PrintsEvaluations(Recorder):
+    """A reporter that prints each evaluation to ``out``, as the command line's does to the terminal."""
+
+    def __init__(self, out) -> None:
+        super().__init__()
+        self.out = out
+
+    def on_eval(self, step: int, val_loss: float, improved: bool) -> None:
+        super().on_eval(step, val_loss, improved)
+        print(f"step {step}: validation loss {val_loss:.3f}", file=self.out, flush=True)
+
+
+def test_output_that_fails_stops_the_run_after_its_step_and_saves_it(tiny_gpt2_dir: Path, tmp_path: Path):
+    """Printed to a terminal that has closed (EIO) or a pipe nobody reads (EPIPE), the next
+    evaluation's line raised out of the run, losing everything since its last save."""
+    read_end, write_end = os.pipe()
+    out = os.fdopen(write_end, "w")
+    try:
+        config = TrainConfig(kind="lora", steps=6, batch_size=4, eval_every=3, samples=0)
+        reporter = PrintsEvaluations(out)
+        with ctrl_c_inside_step(3, send=lambda: os.close(read_end)):  # the reader goes
+            result = train(config, corpus(), tiny_gpt2_dir, tmp_path / "run", reporter=reporter)
+        assert result.status == "interrupted" and result.metrics["steps"] == 3
+        assert train(config, corpus(), tiny_gpt2_dir, tmp_path / "run", resume=True).status == "finished"
+    finally:
+        try:
+            out.close()
+        except BrokenPipeError:  # what it still held for the pipe
+            pass
+
+
+@pytest.fixture
+def save_at_every_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The state saved after every step, where a real run saves every few minutes."""
+    import training.trainer
+
+    monkeypatch.setattr(training.trainer, "SAVE_EVERY_S", 0.0, raising=False)
+    monkeypatch.setattr(training.trainer, "SAVE_SHARE", math.inf, raising=False)
+
+
+@pytest.mark.usefixtures("save_at_every_step")
+def test_a_second_ctrl_c_keeps_the_last_save_between_evaluations_and_resumes_exactly(
+        tiny_llama_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    """The state was saved only at evaluations (a tenth of a run apart) or when a stop was asked
+    for: a crash, an OOM kill or a second Ctrl-C lost everything since."""
+    config = TrainConfig(kind="lora", steps=12, batch_size=4, eval_every=12, samples=0, seed=7, lora_dropout=0.1)
+    whole = train(config, corpus(), tiny_llama_dir, tmp_path / "whole")
+
+    with caplog.at_level("WARNING", logger="training.trainer"), ctrl_c_inside_step(6, presses=2), \
+            pytest.raises(KeyboardInterrupt):
+        train(config, corpus(), tiny_llama_dir, tmp_path / "parts")
+    assert "Ctrl-C again to stop at once, keeping the state saved at step 5" in caplog.text
+    resumed = Recorder()
+    second = train(config, corpus(), tiny_llama_dir, tmp_path / "parts", resume=True, reporter=resumed)
+    assert second.status == "finished" and resumed.resumed_from == 5
+
+    a, b = _adapter(whole.best_dir), _adapter(second.best_dir)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert second.metrics["val_loss"] == whole.metrics["val_loss"]
+
+
+class SlowSteps(Recorder):
+    """Each step takes ``seconds`` longer, as the bundled model's do."""
+
+    def __init__(self, seconds: float, stop_at: int | None = None) -> None:
+        super().__init__(stop_at)
+        self.seconds = seconds
+
+    def on_step(self, step: int, loss: float, average: float, elapsed_s: float) -> None:
+        time.sleep(self.seconds)
+        super().on_step(step, loss, average, elapsed_s)
+
+
+def test_max_minutes_on_resume_limits_the_session_and_without_it_the_runs_own_counts_it_all(
+        tiny_gpt2_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    """A run stopped after 579 s and resumed with --max-minutes 1 trained one step: the limit
+    counted the earlier session's time too."""
+    big = Corpus(train=SAYINGS * 1000, validation=SAYINGS[:3], fingerprint="test")
+    unlimited = TrainConfig(kind="lora", batch_size=6, eval_every=10_000, samples=0)
+    assert train(unlimited, big, tiny_gpt2_dir, tmp_path / "a", reporter=SlowSteps(0.5, stop_at=3)).status == \
+        "interrupted"  # 1.5 s of training
+    session = unlimited.model_copy(update={"max_minutes": 1 / 60})
+    with caplog.at_level("WARNING", logger="training.trainer"):
+        resumed = train(session, big, tiny_gpt2_dir, tmp_path / "a", resume=True, reporter=SlowSteps(0.1))
+    assert resumed.status == "time-limit" and resumed.metrics["steps"] >= 3 + 3
+    assert "this session trains for at most 0.0166667 minutes (--max-minutes)" in caplog.text
+
+    limited = TrainConfig(kind="lora", batch_size=6, eval_every=10_000, samples=0, max_minutes=2 / 60)
+    assert train(limited, big, tiny_gpt2_dir, tmp_path / "b", reporter=SlowSteps(0.5, stop_at=3)).status == \
+        "interrupted"
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="training.trainer"):
+        resumed = train(limited, big, tiny_gpt2_dir, tmp_path / "b", resume=True, reporter=SlowSteps(0.1))
+    assert resumed.status == "time-limit" and resumed.metrics["train_seconds"] < 2 + 0.5
+    assert "of the 0.0333333 minutes it started with (--max-minutes)" in caplog.text

@@ -3,8 +3,9 @@
 ``state.pt`` holds the run's counters (``RunState``), its optimiser and random states and
 its trainable weights, or, when those are the best ones just saved, a link to their files
 in ``weights-STEP/``; ``progress.json`` says how far it is without loading all that, and
-``run.json`` is the record a new run writes. A crash mid-save leaves ``.tmp`` files, which
-the next save, or the next run, removes.
+``run.json`` is the record a new run writes. Each save writes a ``.tmp`` file and renames it
+over the last, so a run killed mid-save (a second Ctrl-C, an OOM kill) keeps the state saved
+before; the ``.tmp`` file it leaves is removed by the next save, or the next run.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import math
 import os
 import random
 import shutil
+import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -46,6 +49,7 @@ class RunState:
     tokens: int = 0
     step_seconds: float = 0.0
     next_eval_s: float = 0.0  # with a time budget, no evaluation during the run starts before this
+    run_minutes: float | None = None  # the time limit the run started with (--max-minutes), for resume
     history: list[dict[str, float]] = field(default_factory=list)
 
 
@@ -70,6 +74,9 @@ class SavedState:
     def __init__(self, run_dir: Path) -> None:
         self.run_dir = run_dir
         self.linked: str | None = None  # the folder of best weights the saved state links to
+        self.step: int | None = None  # the step of the state saved (None: nothing saved yet)
+        self.at_elapsed_s = 0.0  # the run's training time when it was saved
+        self.cost_s = 0.0  # how long the last save took
 
     def save(self, model: Any, optimizer: torch.optim.Optimizer, state: RunState, config: TrainConfig,
              total_steps: int, best_dir: Path) -> None:
@@ -89,14 +96,19 @@ class SavedState:
             "config": config.model_dump(),
         }
         tmp = self.run_dir / (STATE_FILE + ".tmp")
+        started = time.perf_counter()
+        # Cut short after the rename (a second Ctrl-C), the state on disk may link either folder.
+        keep = {self.linked, linked}
         try:
             with saving("the run's state", tmp, resumable=self.resumable()):
                 torch.save(payload, tmp)
             tmp.replace(self.run_dir / STATE_FILE)
-            self.linked = linked
+            self.linked, self.step, self.at_elapsed_s = linked, state.step, state.elapsed_s
+            keep = {linked}
             self._save_progress(state, total_steps, config.max_minutes)
         finally:  # the weights the saved state links to stay; any others go
-            remove_leftovers(self.run_dir, keep=self.linked)
+            remove_leftovers(self.run_dir, keep=keep)
+        self.cost_s = time.perf_counter() - started
 
     def _save_progress(self, state: RunState, total_steps: int, max_minutes: float | None) -> None:
         """How far the state just saved is, in a file `persona checkpoints` and `personas list`
@@ -115,6 +127,8 @@ class SavedState:
         if not files:
             return None
         folder = self.run_dir / f"{WEIGHTS_PREFIX}{step}"
+        if folder.name == self.linked and folder.is_dir():  # saved at this step already: the state on disk links it
+            return folder.name
         shutil.rmtree(folder, ignore_errors=True)
         try:
             folder.mkdir()
@@ -148,8 +162,11 @@ class SavedState:
         else:
             model.load_state_dict(payload["weights"], strict=False)
         optimizer.load_state_dict(payload["optimizer"])
+        # Saved before runs kept the limit they started with: that of the session that saved it.
+        payload["state"].setdefault("run_minutes", payload["config"].get("max_minutes"))
         state = RunState(**payload["state"])
         _set_rng_states(payload["rng"])
+        self.step, self.at_elapsed_s = state.step, state.elapsed_s
         return state
 
 
@@ -162,13 +179,13 @@ def write_record(run_dir: Path, record: dict[str, Any]) -> None:
     tmp.replace(run_dir / RUN_FILE)
 
 
-def remove_leftovers(run_dir: Path, keep: str | None = None) -> None:
+def remove_leftovers(run_dir: Path, keep: Collection[str | None] = ()) -> None:
     """Remove what no save in progress needs: the partial files of a save cut short by a crash
-    (``state.pt.tmp`` is as big as the state) and the folders of linked weights other than ``keep``."""
+    (``state.pt.tmp`` is as big as the state) and the folders of linked weights not in ``keep``."""
     if not run_dir.is_dir():
         return
     for path in run_dir.iterdir():
-        if path.name.endswith(".tmp") or (path.name.startswith(WEIGHTS_PREFIX) and path.name != keep):
+        if path.name.endswith(".tmp") or (path.name.startswith(WEIGHTS_PREFIX) and path.name not in keep):
             if path.is_dir():
                 shutil.rmtree(path, ignore_errors=True)
             else:

@@ -5,9 +5,10 @@ evaluate, keep the best, stop early or on time) → hand back the best weights. 
 order of epoch ``e`` is a permutation seeded with ``seed + e``, so the position in the
 data is just the step number, as is the learning rate (``schedule.lr_factor``; with a time budget,
 the time spent too); with the optimiser and random states saved in the run folder,
-``resume=True`` continues as if the run had never stopped. Ctrl-C stops
-the run after the step it lands in, so the saved state is always that of a whole step;
-a second Ctrl-C stops it at once, leaving the state saved at the last evaluation.
+``resume=True`` continues as if the run had never stopped. The state is saved at each
+evaluation and every few minutes between them (``_save_due``). Ctrl-C, SIGTERM and SIGHUP
+(a closed terminal) stop the run after the step they land in, so the saved state is always
+that of a whole step; a second Ctrl-C or SIGTERM stops it at once, keeping the last save.
 
 Beside it: the settings of a run (``train_config.py``), the state saved for ``resume``
 (``run_state.py``) and the samples shown at each evaluation (``sampling.py``).
@@ -58,6 +59,10 @@ AVERAGE_DECAY = 0.99  # gpt-2-simple's running average of the loss
 # With --max-minutes, the evaluations during the run (and their samples) take at most about
 # this share of the budget: spaced by what the last one cost, not by the step plan alone.
 EVAL_SHARE_OF_BUDGET = 0.15
+# Between evaluations, the state is saved at most this often, and where a save is slow (a full
+# fine-tune), so that saving takes at most about this share of the training time: see _save_due.
+SAVE_EVERY_S = 300.0
+SAVE_SHARE = 0.02
 
 
 class Reporter(Protocol):
@@ -69,6 +74,9 @@ class Reporter(Protocol):
     def on_samples(self, step: int, texts: list[str]) -> None: ...
     # Before the best weights are measured on every held-out document (evaluations used a sample).
     def on_full_eval(self, best_step: int, documents: int) -> None: ...
+    # With a time limit, at the start: the training time (``on_step``'s ``elapsed_s``, which counts
+    # the run's earlier sessions) at which it stops. Optional: reporters written before it lack it.
+    def on_time_budget(self, until_s: float) -> None: ...
 
 
 class LogReporter:
@@ -95,6 +103,9 @@ class LogReporter:
     def on_samples(self, step: int, texts: list[str]) -> None:
         for text in texts:
             log.info("sample at step %d: %s", step, text)
+
+    def on_time_budget(self, until_s: float) -> None:
+        log.info("training until %.0f s of training time", until_s)
 
     def on_full_eval(self, best_step: int, documents: int) -> None:
         log.info("the evaluations used a sample of the held-out writing; measuring the best weights "
@@ -145,39 +156,58 @@ def _load(config: TrainConfig, base_dir: Path, device: str) -> tuple[Any, Any]:
 
 
 class _StopRequest:
-    """Whether Ctrl-C asked the run to stop; checked between whole steps."""
+    """Whether the run was asked to stop (a signal, or its output lost); checked between whole steps."""
 
-    def __init__(self) -> None:
+    def __init__(self, saved: SavedState) -> None:
         self.requested = False
+        self.saved = saved  # what a stop at once keeps
+
+    def ask(self, why: str, again: str | None) -> None:
+        """Stop after the step in hand and save; ``again``: what stops the run at once instead."""
+        if self.requested and again is None:  # a closed terminal may send SIGHUP twice (the shell's, the kernel's)
+            return
+        self.requested = True
+        if again is None:
+            log.warning("%s: stopping after this step and saving; continue the run with --resume", why)
+            return
+        kept = (f"keeping the state saved at step {self.saved.step}" if self.saved.step is not None
+                else "before the run has saved anything")
+        log.warning("%sstopping after this step and saving (%s again to stop at once, %s)", why, again, kept)
+
+
+# The signals that stop a run after its step, and what a second one of each does. The first
+# Ctrl-C; SIGTERM (`kill`, systemd, `docker stop`), which killed the run mid-step without a word,
+# its lock file left behind; SIGHUP (a closed terminal, an ssh session dropped), which killed it
+# as silently, losing everything since its last save. A second Ctrl-C or SIGTERM ends the run at
+# once; SIGHUP comes without a hand on a key, so it only ever asks.
+_STOP_SIGNALS = {signal.SIGINT: ("", "Ctrl-C"), signal.SIGTERM: ("SIGTERM: ", "SIGTERM"),
+                 signal.SIGHUP: ("the terminal closed (SIGHUP)", None)}
 
 
 @contextmanager
-def _ctrl_c_between_steps() -> Iterator[_StopRequest]:
-    """While training, the first Ctrl-C only asks to stop; a second one interrupts at once.
-    SIGTERM (`kill`, systemd, `docker stop`) asks the same way: it killed the run mid-step,
-    without a word, its lock file left behind; a second SIGTERM still ends it at once.
+def _stop_between_steps(saved: SavedState) -> Iterator[_StopRequest]:
+    """While training, the signals in ``_STOP_SIGNALS`` only ask the run to stop after its step.
 
     A KeyboardInterrupt raised wherever the signal lands (mid-forward, or between the
     optimiser step and the step count) would save a state no uninterrupted run ever had.
     Signal handlers can only be set from the main thread; elsewhere, or where a signal is
-    ignored (Ctrl-C in a background job), nothing changes for it.
+    ignored (Ctrl-C in a background job, SIGHUP under nohup), nothing changes for it.
     """
-    stop = _StopRequest()
+    stop = _StopRequest(saved)
     if threading.current_thread() is not threading.main_thread():
         yield stop
         return
-    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    previous = {signum: signal.getsignal(signum) for signum in _STOP_SIGNALS}
     previous = {signum: handler for signum, handler in previous.items() if handler is not signal.SIG_IGN}
-    if previous.get(signal.SIGINT, 0) is None:  # a handler not set from Python; the interpreter's own stands in
-        previous[signal.SIGINT] = signal.default_int_handler
-    if previous.get(signal.SIGTERM, 0) is None:
-        previous[signal.SIGTERM] = signal.SIG_DFL
+    for signum, handler in previous.items():
+        if handler is None:  # a handler not set from Python; the interpreter's own stands in
+            previous[signum] = signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL
 
     def ask_to_stop(signum: int, frame: Any) -> None:
-        stop.requested = True
-        signal.signal(signum, previous[signum])
-        again = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
-        log.warning("stopping after this step and saving (%s again to stop at once)", again)
+        why, again = _STOP_SIGNALS[signal.Signals(signum)]
+        if again is not None:
+            signal.signal(signum, previous[signum])
+        stop.ask(why, again)
 
     for signum in previous:
         signal.signal(signum, ask_to_stop)
@@ -186,6 +216,26 @@ def _ctrl_c_between_steps() -> Iterator[_StopRequest]:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+class _Reporting:
+    """The reporter, whose failing output stops the run after its step, saved, instead of
+    ending it there: a closed terminal fails every write (EIO), a reader gone (``| tee`` killed)
+    too (EPIPE); the first evaluation printed after SIGHUP raised, losing the work since the
+    last save. Methods a reporter does not have (added to ``Reporter`` since) are skipped."""
+
+    def __init__(self, reporter: Reporter, stop: _StopRequest) -> None:
+        self.reporter, self.stop, self.lost = reporter, stop, False
+
+    def __call__(self, method: str, *args: Any) -> None:
+        call = getattr(self.reporter, method, None)
+        if self.lost or call is None:
+            return
+        try:
+            call(*args)
+        except OSError as exc:
+            self.lost = True
+            self.stop.ask(f"the run's output failed ({exc.strerror or exc})", None)
 
 
 class _Run:
@@ -218,6 +268,7 @@ class _Run:
         self._order: tuple[int, list[int]] = (-1, [])
         self.saved = SavedState(run_dir)  # the state saved for resume, in the run folder
         self.sampling = Sampling()  # how the samples at each evaluation are written
+        self.budget: tuple[float, float] | None = None  # with a time limit: the training time it counts from, and to
 
     def batch_for(self, step: int) -> list[Example]:
         """The examples of a step: position ``step`` in the seeded epoch orders."""
@@ -255,8 +306,10 @@ class _Run:
 
     def step(self) -> float:
         """One optimiser step on the next batch; the batch's mean loss per token."""
-        budget_s = self.config.max_minutes * 60 if self.config.max_minutes is not None else None
-        time_used = self.state.elapsed_s / budget_s if budget_s else None
+        time_used = None
+        if self.budget is not None:
+            since_s, until_s = self.budget
+            time_used = (self.state.elapsed_s - since_s) / max(until_s - since_s, 1e-9)
         factor = lr_factor(self.state.step, self.total_steps, self.config.warmup_fraction, time_used)
         for group in self.optimizer.param_groups:
             group["lr"] = self.config.lr() * factor
@@ -296,7 +349,6 @@ def train(
     model has loaded, as it discards an earlier unfinished run's state: stopped while it
     loads, it leaves that run whole and resumable.
     """
-    reporter = reporter or LogReporter()
     run = _Run(config, corpus, base_dir, run_dir)
     run.sampling = sampling or Sampling()
     best_dir = run_dir / BEST_DIR
@@ -309,34 +361,46 @@ def train(
         if record is not None:
             write_record(run_dir, record)
         run.state.base_val_loss = run.evaluate(run.val_examples)
-    remove_leftovers(run_dir, keep=run.saved.linked)  # a crash mid-save left a partial state as big as a whole one
+        run.state.run_minutes = config.max_minutes
+    remove_leftovers(run_dir, keep={run.saved.linked})  # a crash mid-save left a partial state as big as a whole one
     state = run.state
-    reporter.on_start(run.total_steps, state.step)
+    run.budget = _time_budget(config.max_minutes, state, resume)
     status = "finished"
     started = time.perf_counter() - state.elapsed_s
     session_tokens, session_started = state.tokens, time.perf_counter()
-    with _ctrl_c_between_steps() as stop:
+    with _stop_between_steps(run.saved) as stop:
+        report = _Reporting(reporter or LogReporter(), stop)
+        report("on_start", run.total_steps, state.step)
+        if run.budget is not None:
+            report("on_time_budget", run.budget[1])
         while state.step < run.total_steps:
             if stop.requested:
                 status = "interrupted"
-                state.elapsed_s = time.perf_counter() - started
-                run.save_state(best_dir)
+                if run.saved.step != state.step:
+                    state.elapsed_s = time.perf_counter() - started
+                    run.save_state(best_dir)
                 break
             step_started = time.perf_counter()
             loss = run.step()
             state.step_seconds += time.perf_counter() - step_started
             state.elapsed_s = time.perf_counter() - started
             total, weight = state.average
-            reporter.on_step(state.step, loss, total / weight, state.elapsed_s)
-            out_of_time = config.max_minutes is not None and state.elapsed_s >= config.max_minutes * 60
+            report("on_step", state.step, loss, total / weight, state.elapsed_s)
+            out_of_time = run.budget is not None and state.elapsed_s >= run.budget[1]
             if _eval_due(run) or state.step == run.total_steps or out_of_time:
                 eval_started = time.perf_counter()
-                if _evaluate_and_keep(run, reporter, best_dir):
+                stopping = _evaluate_and_keep(run, report, best_dir)
+                if not stopping:  # saved before the samples, which take a while (they leave the random state be)
+                    state.elapsed_s = time.perf_counter() - started
+                    run.save_state(best_dir)
+                _show_samples(run, report)
+                if stopping:
                     status = "early-stopped"
                     break
                 state.elapsed_s = time.perf_counter() - started
-                cost_s = state.elapsed_s - (eval_started - started)
+                cost_s = time.perf_counter() - eval_started - run.saved.cost_s  # the state's save aside
                 state.next_eval_s = state.elapsed_s + cost_s * (1 - EVAL_SHARE_OF_BUDGET) / EVAL_SHARE_OF_BUDGET
+            elif _save_due(run):
                 run.save_state(best_dir)
             if out_of_time:
                 status = "time-limit"
@@ -349,7 +413,7 @@ def train(
     session_s = time.perf_counter() - session_started
     val_loss = state.best_val_loss if math.isfinite(state.best_val_loss) else math.nan
     if status != "interrupted" and run.eval_examples is not run.val_examples and math.isfinite(val_loss):
-        val_loss = _measure_best_on_all(run, reporter, best_dir, len(corpus.validation))
+        val_loss = _measure_best_on_all(run, report, best_dir, len(corpus.validation))
     metrics = {
         "base_val_loss": state.base_val_loss,
         "base_perplexity": perplexity(state.base_val_loss),
@@ -368,9 +432,9 @@ def train(
     return TrainResult(status, best_dir, metrics, list(state.history))
 
 
-def _measure_best_on_all(run: _Run, reporter: Reporter, best_dir: Path, documents: int) -> float:
+def _measure_best_on_all(run: _Run, report: _Reporting, best_dir: Path, documents: int) -> float:
     """The best weights' loss on every held-out example, when the evaluations used a sample."""
-    reporter.on_full_eval(run.state.best_step, documents)
+    report("on_full_eval", run.state.best_step, documents)
     if run.state.best_step != run.state.step:  # the weights in hand are later ones
         load_weights(run.model, run.config.kind, best_dir)
     return run.evaluate(run.val_examples)
@@ -385,13 +449,13 @@ def _eval_due(run: _Run) -> bool:
     model with one thread, an evaluation every three 5-second steps cost 13 s, 40% of a 2-minute run.
     """
     state = run.state
-    if run.config.max_minutes is None:
+    if run.budget is None:
         return state.step % run.eval_every == 0
     last = int(state.history[-1]["step"]) if state.history else 0
     return state.step - last >= run.eval_every and state.elapsed_s >= state.next_eval_s
 
 
-def _evaluate_and_keep(run: _Run, reporter: Reporter, best_dir: Path) -> bool:
+def _evaluate_and_keep(run: _Run, report: _Reporting, best_dir: Path) -> bool:
     """Evaluate, keep the weights if they are the best yet; True when it is time to stop early."""
     state = run.state
     val_loss = run.evaluate()
@@ -403,12 +467,44 @@ def _evaluate_and_keep(run: _Run, reporter: Reporter, best_dir: Path) -> bool:
         state.bad_evals += 1
     total, weight = state.average
     state.history.append({"step": float(state.step), "train_loss": total / weight, "val_loss": val_loss})
-    reporter.on_eval(state.step, val_loss, improved)
-    # As the persona writes: its sampling, and no longer than its posts may be. With the defaults,
-    # a persona file edited to temperature 0 or a stop string still showed default samples.
+    report("on_eval", state.step, val_loss, improved)
+    return state.bad_evals >= run.config.patience
+
+
+def _show_samples(run: _Run, report: _Reporting) -> None:
+    """Samples of the writing at this step, as the persona writes: its sampling, and no longer
+    than its posts may be. With the defaults, a persona file edited to temperature 0 or a stop
+    string still showed default samples."""
     length = min(run.config.sample_tokens, run.sampling.max_new_tokens)
-    samples = sample_texts(run.model, run.tokenizer, run.config.samples, length, run.config.seed + state.step,
+    samples = sample_texts(run.model, run.tokenizer, run.config.samples, length, run.config.seed + run.state.step,
                            run.device, sampling=run.sampling)
     if samples:
-        reporter.on_samples(state.step, samples)
-    return state.bad_evals >= run.config.patience
+        report("on_samples", run.state.step, samples)
+
+
+def _save_due(run: _Run) -> bool:
+    """Whether to save the state between evaluations: a crash, an OOM kill or a second Ctrl-C
+    lost everything since the last one, a tenth of a run by default. At least ``SAVE_EVERY_S``
+    of training apart, and further where a save costs more than ``SAVE_SHARE`` of that."""
+    since_s = run.state.elapsed_s - run.saved.at_elapsed_s
+    return since_s >= max(SAVE_EVERY_S, run.saved.cost_s / SAVE_SHARE)
+
+
+def _time_budget(max_minutes: float | None, state: RunState, resume: bool) -> tuple[float, float] | None:
+    """The training time (``state.elapsed_s``) a time limit counts from, and the time it stops at.
+
+    A run's own ``--max-minutes`` counts all its sessions; resumed with another, that limits the
+    session: a run stopped after 579 s and resumed with ``--max-minutes 1`` trained one step.
+    """
+    if max_minutes is None:
+        return None
+    if resume and max_minutes != state.run_minutes:
+        log.warning("this session trains for at most %g minutes (--max-minutes), on top of the %.1f minutes the "
+                    "run has trained", max_minutes, state.elapsed_s / 60)
+        return state.elapsed_s, state.elapsed_s + max_minutes * 60
+    if resume:
+        left_min = max(0.0, max_minutes - state.elapsed_s / 60)
+        log.warning("the run has trained %.1f of the %g minutes it started with (--max-minutes); %.1f left. To "
+                    "train longer, resume with --max-minutes MINUTES for this session", state.elapsed_s / 60,
+                    max_minutes, left_min)
+    return 0.0, max_minutes * 60

@@ -51,8 +51,8 @@ class RichReporter:
 
     Written into a pipe or a log file, where Rich draws no bar until the run ends, the
     step line is printed instead: at the first step, then at most every
-    ``PLAIN_STEP_EVERY_S`` seconds of training. With ``max_minutes``, the time left
-    shown is at most what the budget leaves.
+    ``PLAIN_STEP_EVERY_S`` seconds of training. With a time limit, the time left
+    shown is at most what it leaves (``on_time_budget``; before it, ``max_minutes``).
     """
 
     def __init__(self, progress: Progress, max_minutes: float | None = None) -> None:
@@ -61,7 +61,7 @@ class RichReporter:
         console = progress.console
         self.plain = not console.is_terminal or console.is_dumb_terminal
         self.printed_at: float | None = None
-        self.budget_s = max_minutes * 60 if max_minutes is not None else None
+        self.until_s = max_minutes * 60 if max_minutes is not None else None  # the training time it stops at
         self.said_nothing_held_out = False
         self.said_what_samples_are = False
 
@@ -76,8 +76,8 @@ class RichReporter:
 
     def on_step(self, step: int, loss: float, average: float, elapsed_s: float) -> None:
         line = f"[{step} | {elapsed_s:.2f}] loss={loss:.2f} avg={average:.2f}"
-        # elapsed_s counts the run's earlier sessions too, as its budget does.
-        deadline = None if self.budget_s is None else self.progress.get_time() + self.budget_s - elapsed_s
+        # elapsed_s counts the run's earlier sessions too, as until_s does.
+        deadline = None if self.until_s is None else self.progress.get_time() + self.until_s - elapsed_s
         self.progress.update(self.task, completed=step, description=line, deadline=deadline)
         if self.plain and (self.printed_at is None or elapsed_s - self.printed_at >= PLAIN_STEP_EVERY_S):
             self.progress.console.print(line, markup=False, highlight=False)
@@ -99,6 +99,11 @@ class RichReporter:
             self.progress.console.print(f"[dim]{SAMPLES_ARE_POSTS}[/dim]", highlight=False)
             self.said_what_samples_are = True
         print_samples(self.progress.console, texts)
+
+    def on_time_budget(self, until_s: float) -> None:
+        # A resumed run's --max-minutes limits its session: ``max_minutes`` alone read as the whole
+        # run's showed no time left.
+        self.until_s = until_s
 
     def on_end(self, status: str) -> None:
         """A run that stopped before its planned steps ends with a full bar saying why: it
