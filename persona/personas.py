@@ -9,7 +9,6 @@ schedule, and the adapters it is enabled on. Files come from the project's
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
 import tomllib
@@ -336,9 +335,9 @@ class PersonaRegistry:
     """Every persona the service knows, found in its folders."""
 
     folders: list[Path]
-    # Each invalid file's problem as last logged, with its content's digest: a service asks
+    # Each invalid file's problem as last logged: a service asks
     # every few seconds, and said each time, the same block filled its log for good.
-    _said: dict[Path, tuple[str, str]] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _said: dict[Path, str] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> PersonaRegistry:
@@ -376,7 +375,9 @@ class PersonaRegistry:
         """All valid personas by name; invalid files are skipped, each logged once until it changes."""
         found, invalid = self._scan()
         for path, problem in invalid.items():
-            said = (str(problem), _digest(path))
+            # Keyed on what is said, not on the file's bytes read again: a file rewritten between
+            # the two reads (an editor saving) had its old problem said twice.
+            said = str(problem)
             if self._said.get(path) != said:
                 log.warning("skipping invalid persona file: %s", problem)
             self._said[path] = said
@@ -415,10 +416,3 @@ def _misnamed(path: Path) -> str:
     rename = f"rename it to {example}.toml" if example else "rename it"
     return f"{path}: the file exists, but {path.stem!r} is not a persona name: {NAME_RULE}; {rename}"
 
-
-def _digest(path: Path) -> str:
-    """A digest of a file's content ("" if it cannot be read)."""
-    try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
-    except OSError:
-        return ""

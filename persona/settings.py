@@ -69,9 +69,13 @@ def _data_dir(value: object) -> object:
 LONGEST_INTERVAL_S = 7 * 24 * 3600.0  # a week
 # A quiet conversation may be remembered longer: a week by default, a month a fair choice.
 LONGEST_CONVERSATION_TTL_S = 365 * 24 * 3600  # a year
+# How late a missed slot may still be posted: only compared with the time, never waited on, so any
+# span a person means goes ("every slot, however late"); past it, a number given in the wrong unit.
+LONGEST_GRACE_S = 1000 * LONGEST_CONVERSATION_TTL_S  # a thousand years
 # The bounds of the duration settings, in words for the messages that name them.
 BOUNDS_IN_WORDS = {
     60: "a minute", LATEST_DEADLINE_AFTER_S: "a day", LONGEST_INTERVAL_S: "a week", LONGEST_CONVERSATION_TTL_S: "a year",
+    LONGEST_GRACE_S: "a thousand years",
 }
 BOUND_REASONS = {LATEST_DEADLINE_AFTER_S: "the furthest a request's deadline may lie ahead"}
 
@@ -333,7 +337,7 @@ class PostingSettings(BaseModel):
     bluesky_handle: str | None = None
     bluesky_password: SecretStr | None = None
     tick_s: float = Field(30.0, gt=0, le=LONGEST_INTERVAL_S, allow_inf_nan=False, description="how often the scheduler looks for due slots")
-    grace_s: float = Field(900.0, ge=0, le=LONGEST_INTERVAL_S, allow_inf_nan=False, description="a slot this late still counts as on time")
+    grace_s: float = Field(900.0, ge=0, le=LONGEST_GRACE_S, allow_inf_nan=False, description="a slot this late still counts as on time (posted, not skipped)")
     lease_s: float = Field(600.0, gt=0, le=LONGEST_INTERVAL_S, allow_inf_nan=False, description="how long a slot stays held after its holder dies")
     recent_posts: int = Field(50, ge=0, description="recent posts a new one must not repeat")
     # Its candidates are requests with a deadline this far ahead: a day at most.

@@ -24,7 +24,7 @@ from persona.contract import Priority
 from persona.curation import Draft, is_finished
 from persona.errors import PostingError
 from persona.ledger import PostLedger
-from persona.settings import LONGEST_INTERVAL_S, Settings
+from persona.settings import LONGEST_GRACE_S, Settings
 from tests.conftest import free_port, read_jsonl
 
 TEXTS = [
@@ -41,9 +41,9 @@ def persona(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess
 
 # The tests name slots of fixed dates by hand (`--slot 2026-03-20T09:00Z`); `persona post`
 # takes only a slot the scheduler would still post, one within posting.grace_s of its time.
-# Here every slot of the last week (the longest grace the settings take) is; a test of the
-# real window leaves this out.
-EVERY_PAST_SLOT_GRACE_S = str(int(LONGEST_INTERVAL_S))
+# Here every past slot is (the longest grace the settings take); a test of the real window
+# leaves this out.
+EVERY_PAST_SLOT_GRACE_S = str(int(LONGEST_GRACE_S))
 
 
 def recent_slot(days_ago: int) -> str:
@@ -506,7 +506,7 @@ def test_dry_run_shows_each_candidate_and_its_verdict_without_credentials(settin
     drafts = iter(["wait wait wait wait"] * 3)
     with scripted_worker(settings, lambda request: next(drafts)):
         shown = persona("post", "preview", "--dry-run", env=env)
-    assert shown.returncode == 1 and "degenerate: wait wait wait wait" in shown.stdout
+    assert shown.returncode == 1 and "degenerate: wait wait wait wait" in shown.stderr and shown.stdout == "", shown.stdout
 
 
 @pytest.fixture
@@ -607,7 +607,7 @@ def test_a_retry_by_hand_goes_to_the_sinks_the_post_was_made_for(settings, telle
     fake.fail_with = 429
     with scripted_worker(settings, lambda request: TEXTS[0]):
         limited = persona("post", "teller", "--sink", "x", "--slot", "2026-03-22T09:00Z", env=env)
-    assert limited.returncode == 1 and "to try again later: `persona post teller --slot 2026-03-22T09:00:00Z`" in limited.stdout
+    assert limited.returncode == 1 and "to try again later: `persona post teller --slot 2026-03-22T09:00:00Z`" in limited.stderr
     fake.fail_with = None
     retried = persona("post", "teller", "--slot", "2026-03-22T09:00:00Z", env=env)
     assert retried.returncode == 0 and "x: posted" in retried.stdout, retried.stdout + retried.stderr

@@ -21,6 +21,8 @@ __all__ = ["generate", "register"]
 
 GENERATE_WINDOW = 64  # requests in flight at once, well under the queue's length cap
 SAMPLE_SEPARATOR = "=" * 20 + "\n"
+# How `persona generate` gives its samples longer, for a timeout to name (the queue names no command).
+GENERATE_LONGER = "`persona generate --timeout SECONDS`"
 # Once the deadline has passed, each sample still unanswered gets only a look (a wait of 0 s:
 # one round trip); 0.1 s each kept a window of 64 with no worker 6 s and more past --timeout.
 LAST_LOOK_S = 0.0
@@ -80,7 +82,7 @@ def generate(
     persona_with_weights(settings, name, "sample")
     if out is not None:  # said now, not after minutes of sampling that the traceback then threw away
         _check_writable(out)
-    client = QueueClient(connect(settings), settings.queue)
+    client = QueueClient(connect(settings), settings.queue, longer_wait=GENERATE_LONGER)
     say_if_no_worker(client, timeout)
     sampling = _Sampling(client, name, prefix, n, temperature, max_new_tokens, seed, deadline=time.time() + timeout)
     with stop_signals_as_ctrl_c() as stopping:
