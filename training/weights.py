@@ -50,8 +50,14 @@ def save_weights(model: Any, tokenizer: Any, folder: Path, *, resumable: bool = 
     with saving("the best weights", staging, resumable=resumable):
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-    shutil.rmtree(folder, ignore_errors=True)
+    # The old folder moves aside before the new one takes its place, and goes only then: removed
+    # first, a kill between the two left no best weights, and the resumed run registered its last.
+    old = folder.with_name(folder.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if folder.exists():
+        folder.rename(old)
     staging.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def load_weights(model: Any, kind: str, folder: Path) -> None:
