@@ -21,11 +21,7 @@ import math
 import random
 import resource
 import shutil
-import signal
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -47,6 +43,7 @@ from training.run_folder import PROGRESS_FILE, STATE_FILE
 from training.run_state import RunState, SavedState, remove_leftovers, write_record
 from training.sampling import max_positions, sample_texts
 from training.schedule import eval_sample, lr_factor
+from training.stopping import Reporting, stop_between_steps
 from training.train_config import DEFAULT_EPOCHS, TrainConfig
 from training.weights import load_weights, save_weights
 
@@ -153,89 +150,6 @@ def _load(config: TrainConfig, base_dir: Path, device: str) -> tuple[Any, Any]:
     model.to(device)
     model.train()
     return tokenizer, model
-
-
-class _StopRequest:
-    """Whether the run was asked to stop (a signal, or its output lost); checked between whole steps."""
-
-    def __init__(self, saved: SavedState) -> None:
-        self.requested = False
-        self.saved = saved  # what a stop at once keeps
-
-    def ask(self, why: str, again: str | None) -> None:
-        """Stop after the step in hand and save; ``again``: what stops the run at once instead."""
-        if self.requested and again is None:  # a closed terminal may send SIGHUP twice (the shell's, the kernel's)
-            return
-        self.requested = True
-        if again is None:
-            log.warning("%s: stopping after this step and saving; continue the run with --resume", why)
-            return
-        kept = (f"keeping the state saved at step {self.saved.step}" if self.saved.step is not None
-                else "before the run has saved anything")
-        log.warning("%sstopping after this step and saving (%s again to stop at once, %s)", why, again, kept)
-
-
-# The signals that stop a run after its step, and what a second one of each does. The first
-# Ctrl-C; SIGTERM (`kill`, systemd, `docker stop`), which killed the run mid-step without a word,
-# its lock file left behind; SIGHUP (a closed terminal, an ssh session dropped), which killed it
-# as silently, losing everything since its last save. A second Ctrl-C or SIGTERM ends the run at
-# once; SIGHUP comes without a hand on a key, so it only ever asks.
-_STOP_SIGNALS = {signal.SIGINT: ("", "Ctrl-C"), signal.SIGTERM: ("SIGTERM: ", "SIGTERM"),
-                 signal.SIGHUP: ("the terminal closed (SIGHUP)", None)}
-
-
-@contextmanager
-def _stop_between_steps(saved: SavedState) -> Iterator[_StopRequest]:
-    """While training, the signals in ``_STOP_SIGNALS`` only ask the run to stop after its step.
-
-    A KeyboardInterrupt raised wherever the signal lands (mid-forward, or between the
-    optimiser step and the step count) would save a state no uninterrupted run ever had.
-    Signal handlers can only be set from the main thread; elsewhere, or where a signal is
-    ignored (Ctrl-C in a background job, SIGHUP under nohup), nothing changes for it.
-    """
-    stop = _StopRequest(saved)
-    if threading.current_thread() is not threading.main_thread():
-        yield stop
-        return
-    previous = {signum: signal.getsignal(signum) for signum in _STOP_SIGNALS}
-    previous = {signum: handler for signum, handler in previous.items() if handler is not signal.SIG_IGN}
-    for signum, handler in previous.items():
-        if handler is None:  # a handler not set from Python; the interpreter's own stands in
-            previous[signum] = signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL
-
-    def ask_to_stop(signum: int, frame: Any) -> None:
-        why, again = _STOP_SIGNALS[signal.Signals(signum)]
-        if again is not None:
-            signal.signal(signum, previous[signum])
-        stop.ask(why, again)
-
-    for signum in previous:
-        signal.signal(signum, ask_to_stop)
-    try:
-        yield stop
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-
-
-class _Reporting:
-    """The reporter, whose failing output stops the run after its step, saved, instead of
-    ending it there: a closed terminal fails every write (EIO), a reader gone (``| tee`` killed)
-    too (EPIPE); the first evaluation printed after SIGHUP raised, losing the work since the
-    last save. Methods a reporter does not have (added to ``Reporter`` since) are skipped."""
-
-    def __init__(self, reporter: Reporter, stop: _StopRequest) -> None:
-        self.reporter, self.stop, self.lost = reporter, stop, False
-
-    def __call__(self, method: str, *args: Any) -> None:
-        call = getattr(self.reporter, method, None)
-        if self.lost or call is None:
-            return
-        try:
-            call(*args)
-        except OSError as exc:
-            self.lost = True
-            self.stop.ask(f"the run's output failed ({exc.strerror or exc})", None)
 
 
 class _Run:
@@ -368,8 +282,8 @@ def train(
     status = "finished"
     started = time.perf_counter() - state.elapsed_s
     session_tokens, session_started = state.tokens, time.perf_counter()
-    with _stop_between_steps(run.saved) as stop:
-        report = _Reporting(reporter or LogReporter(), stop)
+    with stop_between_steps(run.saved) as stop:
+        report = Reporting(reporter or LogReporter(), stop)
         report("on_start", run.total_steps, state.step)
         if run.budget is not None:
             report("on_time_budget", run.budget[1])
@@ -432,7 +346,7 @@ def train(
     return TrainResult(status, best_dir, metrics, list(state.history))
 
 
-def _measure_best_on_all(run: _Run, report: _Reporting, best_dir: Path, documents: int) -> float:
+def _measure_best_on_all(run: _Run, report: Reporting, best_dir: Path, documents: int) -> float:
     """The best weights' loss on every held-out example, when the evaluations used a sample."""
     report("on_full_eval", run.state.best_step, documents)
     if run.state.best_step != run.state.step:  # the weights in hand are later ones
@@ -455,7 +369,7 @@ def _eval_due(run: _Run) -> bool:
     return state.step - last >= run.eval_every and state.elapsed_s >= state.next_eval_s
 
 
-def _evaluate_and_keep(run: _Run, report: _Reporting, best_dir: Path) -> bool:
+def _evaluate_and_keep(run: _Run, report: Reporting, best_dir: Path) -> bool:
     """Evaluate, keep the weights if they are the best yet; True when it is time to stop early."""
     state = run.state
     val_loss = run.evaluate()
@@ -471,7 +385,7 @@ def _evaluate_and_keep(run: _Run, report: _Reporting, best_dir: Path) -> bool:
     return state.bad_evals >= run.config.patience
 
 
-def _show_samples(run: _Run, report: _Reporting) -> None:
+def _show_samples(run: _Run, report: Reporting) -> None:
     """Samples of the writing at this step, as the persona writes: its sampling, and no longer
     than its posts may be. With the defaults, a persona file edited to temperature 0 or a stop
     string still showed default samples."""
