@@ -1,5 +1,7 @@
-"""Unfinished training runs in the listings: a run stopped with Ctrl-C, or one training now,
-shown by `persona personas list` and `persona checkpoints` with the command that continues it."""
+"""Unfinished training runs: a run stopped with Ctrl-C, or one training now, shown by `persona
+personas list` and `persona checkpoints` with the command that continues it; and `persona train`
+stopped the ways runs are stopped, a terminal closed on it, a second Ctrl-C, each keeping the work
+it had done for `--resume` to go on from."""
 
 from __future__ import annotations
 
@@ -23,6 +25,56 @@ from training.trainer import TrainConfig
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
+# A real `persona train` in a terminal whose window closes inside optimiser step CLOSE_AT_STEP:
+# its output then fails (EIO), and SIGHUP comes, maybe twice (from the shell and from the kernel).
+_CLOSED_TERMINAL = """
+import os, pty, select, signal, sys, threading
+from torch.optim.optimizer import register_optimizer_step_post_hook
+master, slave = pty.openpty()
+for fd in (1, 2):
+    os.dup2(slave, fd)
+closing = threading.Event()
+def terminal():  # shows what the run writes until its window closes
+    while not closing.is_set():
+        if select.select([master], [], [], 0.05)[0]:
+            os.read(master, 65536)
+    os.close(master)
+window = threading.Thread(target=terminal)
+window.start()
+seen = []
+def close_the_window(optimizer, args, kwargs):
+    seen.append(1)
+    if len(seen) == int(os.environ["CLOSE_AT_STEP"]):
+        closing.set()
+        window.join()
+        for _ in range(2):
+            os.kill(os.getpid(), signal.SIGHUP)
+register_optimizer_step_post_hook(close_the_window)
+from persona.cli import main
+sys.argv[0] = "persona"
+main()
+"""
+
+# Ctrl-C pressed twice inside optimiser step PRESS_AT_STEP, the state saved after every step
+# (a real run saves every few minutes between its evaluations).
+_TWO_PRESSES_SAVING_EVERY_STEP = """
+import os, signal, sys
+from torch.optim.optimizer import register_optimizer_step_post_hook
+import training.trainer
+training.trainer.SAVE_EVERY_S, training.trainer.SAVE_SHARE = 0.0, float("inf")
+seen = []
+def press(optimizer, args, kwargs):
+    seen.append(1)
+    if len(seen) == int(os.environ["PRESS_AT_STEP"]):
+        for _ in range(2):
+            os.kill(os.getpid(), signal.SIGINT)
+register_optimizer_step_post_hook(press)
+from persona.cli import main
+sys.argv[0] = "persona"
+main()
+"""
+
+
 @pytest.fixture
 def env(settings: Settings) -> dict[str, str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("PERSONA_")}
@@ -37,9 +89,11 @@ def corpus(tmp_path: Path) -> Path:
     return path
 
 
-def persona(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "persona", *args], env=env, capture_output=True, text=True,
-                          check=False, timeout=60)
+def persona(*args: str, env: dict[str, str], script: str | None = None) -> subprocess.CompletedProcess:
+    """`persona ARGS`, or ``script`` (a `persona` run set up to be stopped a certain way) given ARGS."""
+    command = [sys.executable, "-c", script] if script else [sys.executable, "-m", "persona"]
+    return subprocess.run([*command, *args], env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          check=False, timeout=120)
 
 
 def config(base: Path) -> TrainConfig:
@@ -107,3 +161,41 @@ def test_a_run_training_now_is_listed_as_running(env, settings: Settings, corpus
 
     done = persona("personas", "list", env=env)
     assert "busy\t" in done.stdout and "unfinished" not in done.stderr
+
+
+def saved_step(settings: Settings, name: str) -> int | None:
+    progress = settings.data_dir / "runs" / name / "progress.json"
+    return json.loads(progress.read_text())["step"] if progress.is_file() else None
+
+
+def test_a_terminal_closed_on_a_run_stops_it_after_its_step_saved(env, settings: Settings, corpus: Path,
+                                                                  tiny_gpt2_dir: Path):
+    """Closing the terminal killed the run at once and without a word: its folder held nothing
+    to continue ("unfinished training run that saved nothing to continue")."""
+    train = ["train", "closed", "--corpus", str(corpus), "--base", str(tiny_gpt2_dir), "--steps", "6",
+             "--eval-every", "3", "--batch-size", "2"]
+    persona(*train, env=env | {"CLOSE_AT_STEP": "3"}, script=_CLOSED_TERMINAL)
+    assert saved_step(settings, "closed") == 3
+
+    listed = persona("personas", "list", env=env)
+    assert "closed: unfinished training run (stopped at step 3 of 6" in listed.stderr, listed.stderr
+    resumed = persona("train", "closed", "--resume", env=env)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "registered closed v1" in resumed.stdout
+
+
+def test_a_second_ctrl_c_between_evaluations_keeps_the_last_save(env, settings: Settings, corpus: Path,
+                                                                 tiny_gpt2_dir: Path):
+    """The state was saved only at evaluations: a second Ctrl-C (or a crash) before the first
+    one lost the whole run, and after it everything since."""
+    train = ["train", "hasty", "--corpus", str(corpus), "--base", str(tiny_gpt2_dir), "--steps", "6",
+             "--eval-every", "6", "--batch-size", "2"]
+    stopped = persona(*train, env=env | {"PRESS_AT_STEP": "4"}, script=_TWO_PRESSES_SAVING_EVERY_STEP)
+    assert stopped.returncode == 130, stopped.stderr
+    assert "Ctrl-C again to stop at once, keeping the state saved at step 3" in stopped.stderr
+    assert "stopped at once; continue from the run's last save with `persona train hasty" in stopped.stdout
+    assert saved_step(settings, "hasty") == 3
+
+    resumed = persona("train", "hasty", "--resume", env=env)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "registered hasty v1" in resumed.stdout
