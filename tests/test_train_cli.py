@@ -142,7 +142,7 @@ def test_resume_of_a_run_not_there_or_unreadable_is_refused_before_torch_loads(e
     record = settings.data_dir / "runs" / "x" / "run.json"
     cases = {"no unfinished training run of 'x' to resume; start one without --resume": None,
              f"its record {record} cannot be read (JSONDecodeError": '{"config": {"ste',
-             "cannot be read (learning_rate: Input should be greater than 0); start the run over without --resume":
+             "cannot be read (learning_rate: Input should be greater than 0); start the run over with --restart":
                  '{"config": {"learning_rate": 0}}',
              f"started on the corpus {tmp_path / 'gone.jsonl'}, which is not there now":
                  json.dumps({"config": {}, "corpus": str(tmp_path / "gone.jsonl")})}

@@ -436,7 +436,7 @@ def test_a_damaged_run_state_says_so_and_how_to_go_on(tiny_gpt2_dir: Path, tmp_p
     assert train(config, corpus(), tiny_gpt2_dir, run, reporter=Recorder(stop_at=1)).status == "interrupted"
     state = run / "state.pt"
     state.write_bytes(state.read_bytes()[:5000] if damage == "cut-short" else b"garbage\n")
-    with pytest.raises(ModelError, match="cannot be read .* start the run over without --resume"):
+    with pytest.raises(ModelError, match="cannot be read .* start the run over with --restart"):
         train(config, corpus(), tiny_gpt2_dir, run, resume=True)
 
 

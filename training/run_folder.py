@@ -77,7 +77,7 @@ def saved_run_config(settings: Settings, name: str) -> TrainConfig:
         why = (", ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
                if isinstance(exc, ValidationError) else f"{type(exc).__name__}: {exc}")
         raise ModelError(f"the unfinished run of {name!r} cannot be resumed: its record {path} cannot be read "
-                         f"({why}); start the run over without --resume") from None
+                         f"({why}); start the run over with --restart") from None
 
 
 @dataclass

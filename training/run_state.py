@@ -154,7 +154,7 @@ class SavedState:
         except Exception as exc:  # cut short, or not a save: torch says so in its own words
             raise ModelError(
                 f"the run's saved state {path} cannot be read ({type(exc).__name__}: {exc}); it is damaged "
-                "or cut short; start the run over without --resume"
+                "or cut short; start the run over with --restart"
             ) from exc
         self.linked = payload.get("weights_dir")
         if self.linked is not None:

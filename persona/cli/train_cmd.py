@@ -96,7 +96,7 @@ def train(
         if changed:
             raise ConfigError(
                 f"--resume continues the run exactly as it started, so it cannot change {', '.join(changed)}; "
-                "leave them out, or start the run over without --resume"
+                "leave them out, or start the run over with --restart"
             )
     else:
         if corpus is None:
