@@ -11,7 +11,7 @@ from persona.errors import InvalidRequest
 if TYPE_CHECKING:  # persona.settings takes LATEST_DEADLINE_AFTER_S from here
     from persona.settings import QueueSettings
 
-__all__ = ["LATEST_DEADLINE_AFTER_S", "check_request", "request_problem"]
+__all__ = ["LATEST_DEADLINE_AFTER_S", "check_request", "has_visible_text", "request_problem"]
 
 
 def request_problem(request: GenerationRequest, limits: QueueSettings) -> str | None:
@@ -19,7 +19,7 @@ def request_problem(request: GenerationRequest, limits: QueueSettings) -> str | 
     if request.mode == "chat":
         if not request.messages or request.messages[-1].role != "user":
             return "a chat request must end with the user's message"
-        if not _visible(request.messages[-1].content):
+        if not has_visible_text(request.messages[-1].content):
             return "the message is empty; say something"
     if any(message.role == "system" for message in request.messages):
         # It was dropped without a word: the persona answered as if it had not been sent.
@@ -62,7 +62,7 @@ def request_problem(request: GenerationRequest, limits: QueueSettings) -> str | 
 _INVISIBLE_CATEGORIES = frozenset({"Cf", "Cc"})
 
 
-def _visible(text: str) -> bool:
+def has_visible_text(text: str) -> bool:
     """Whether ``text`` shows anything: a message of zero-width spaces, or of a lone
     right-to-left override, was answered as if something had been said. Only the question
     is asked: a joiner inside an emoji, or a direction mark inside words, stays as sent."""

@@ -874,3 +874,23 @@ def test_usage_errors_read_as_sentences(env, monkeypatch, redis_url):
     assert result.exit_code == 1 and "a dead-letter ID cannot be empty" in result.stderr, result.stderr
     result = invoke(monkeypatch, env, "generate", "sage", "--out", "")
     assert result.exit_code == 2 and "an output path is needed" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("message", ["-5 degrees outside", "-5", "-0.5"])
+def test_a_message_taken_for_an_option_says_how_to_send_it(env, message):
+    """`persona ask sage "-5 degrees outside"` said only "No such option: -5"."""
+    import json
+
+    result = persona("ask", "sage", message, env=env)
+    said = " ".join(re.sub(r"[│╭╮╰╯─]", " ", result.stderr).split())
+    assert result.returncode == 2, result.stderr
+    assert ("If that is your message, put -- before it (`persona ask sage -- \"-5 degrees\"`), "
+            "or send - and give it on standard input") in said, said
+    error = json.loads(persona("ask", "sage", message, "--json", env=env).stdout)["error"]
+    assert error["kind"] == "UsageError" and "If that is your message, put -- before it" in error["message"]
+
+
+def test_an_unknown_option_gets_no_message_hint(env):
+    result = persona("ask", "sage", "hello", "-x", env=env)
+    assert result.returncode == 2 and "No such option: -x" in result.stderr
+    assert "If that is your message" not in result.stderr

@@ -171,3 +171,69 @@ def test_ask_that_times_out_while_a_worker_answers_it_says_so_and_names_its_own_
     said = " ".join(stderr.split())
     assert "was not answered in time: worker w-slow took it" in said and "is still answering it" in said
     assert "give it longer (`persona ask --timeout SECONDS`" in said
+
+
+def _scripted_talk(tmp_path: Path, settings, *args: str, stdin: str = "") -> subprocess.CompletedProcess:
+    talking = _talking(tmp_path, settings.redis_url.get_secret_value(), *args)
+    stdout, stderr = talking.communicate(stdin, timeout=60)
+    assert "Traceback" not in stderr, stderr
+    return subprocess.CompletedProcess(talking.args, talking.returncode, stdout, stderr)
+
+
+@pytest.mark.parametrize("command", ["ask", "chat"])
+def test_a_reply_with_no_text_is_said_to_be_nothing(tmp_path, settings, redis_client, command):
+    """A reply that ended at once was printed as an empty line with exit status 0: nothing
+    told the user the persona had said nothing, or what to do."""
+    from tests.fakes.scripted_worker import scripted_worker
+
+    args = ["ask", "sage", "hello"] if command == "ask" else ["chat", "sage"]
+    with scripted_worker(settings, lambda request: ""):
+        result = _scripted_talk(tmp_path, settings, *args, stdin="hello\n/quit\n")
+    assert result.returncode == 0
+    assert "(sage said nothing: its reply ended at once; ask again, or rephrase)" in result.stderr
+
+
+def test_a_reply_cut_off_before_its_first_word_says_how_to_give_it_room(tmp_path, settings, redis_client):
+    from tests.fakes.scripted_worker import scripted_worker
+
+    with scripted_worker(settings, lambda request: ("", "length")):
+        result = _scripted_talk(tmp_path, settings, "ask", "sage", "hello", "--max-new-tokens", "3")
+    assert result.returncode == 0
+    assert ("(sage said nothing: its reply reached its token limit before a whole word; raise --max-new-tokens, "
+            "or rephrase)") in " ".join(result.stderr.split()), result.stderr
+
+
+def test_ask_json_of_a_reply_with_no_text_is_the_reply_alone(tmp_path, settings, redis_client):
+    import json
+
+    from tests.fakes.scripted_worker import scripted_worker
+
+    with scripted_worker(settings, lambda request: ""):
+        result = _scripted_talk(tmp_path, settings, "ask", "sage", "hello", "--json")
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    assert json.loads(result.stdout)["text"] == ""
+
+
+def test_ask_dash_reads_the_whole_message_from_standard_input(tmp_path, settings, redis_client):
+    """`persona ask sage -` sent the message "-"."""
+    from tests.fakes.scripted_worker import scripted_worker
+
+    with scripted_worker(settings, lambda request: "heard") as seen:
+        result = _scripted_talk(tmp_path, settings, "ask", "sage", "-", stdin="line one\n-5 degrees\n")
+    assert result.returncode == 0 and result.stdout == "heard\n", result.stderr
+    [request] = seen
+    assert request.messages[-1].content == "line one\n-5 degrees"
+    empty = _scripted_talk(tmp_path, settings, "ask", "sage", "-", stdin="")
+    assert empty.returncode == 1 and "the message is empty; say something" in empty.stderr, empty.stderr
+
+
+def test_a_chat_line_with_nothing_visible_is_skipped_as_a_blank_line(tmp_path, settings, redis_client):
+    """A line of zero-width spaces, or of a lone right-to-left override, was sent and came
+    back refused: "the message is empty; say something"."""
+    from tests.fakes.scripted_worker import scripted_worker
+
+    with scripted_worker(settings, lambda request: "heard") as seen:
+        result = _scripted_talk(tmp_path, settings, "chat", "sage", stdin="\u200b\u200b\n \u202e \u00a0\nhi\n/quit\n")
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    assert [request.messages[-1].content for request in seen] == ["hi"]
+    assert result.stdout.count("you>") == 4 and result.stdout.count("sage> heard") == 1

@@ -5,12 +5,19 @@ from __future__ import annotations
 import contextlib
 import re
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator
 
 import redis
 import typer
+from typer.core import TyperCommand
+
+try:  # typer 0.2x carries its own click; older typers use click itself
+    from typer._click.exceptions import NoSuchOption
+except ImportError:  # pragma: no cover - depends on the typer installed
+    from click.exceptions import NoSuchOption
 
 from persona import heartbeat
 from persona.cli.common import (
@@ -34,12 +41,15 @@ from persona.errors import PersonaError, RequestFailed
 from persona.personas import PersonaRegistry
 from persona.queue import QueueClient
 from persona.settings import Settings
-from persona.validation import LATEST_DEADLINE_AFTER_S, check_request
+from persona.validation import LATEST_DEADLINE_AFTER_S, check_request, has_visible_text
 
 DEFAULT_PERSONA = "sage"  # the bundled persona `persona chat` talks to when none is named
 CHAT_COMMANDS = "/reset forgets the conversation, /help shows this, /quit or Ctrl-D leaves"
 AS_MESSAGE = "to send a line that starts with a / as a message, start it with // instead"
 WORKER_STARTERS = "`persona up` or `persona worker` starts one"
+FROM_STDIN = "-"  # `persona ask sage -` reads the message from standard input
+# How to send a message that click would take for an option ("-5 degrees outside").
+LEADING_DASH = 'put -- before it (`persona ask sage -- "-5 degrees"`), or send - and give it on standard input'
 # A Ctrl-C is answered at once: withdrawing the message gives up on Redis after this long.
 WITHDRAW_WAIT_S = 2.0
 # The longest --timeout: a day. `--timeout inf` crashed, and 1e300 reached Redis as a
@@ -138,7 +148,9 @@ def say_if_no_worker(client: QueueClient, wait_s: float, starters: str = WORKER_
 @friendly_errors
 def ask(
     persona: str = typer.Argument(..., help="which persona answers"),
-    text: str = typer.Argument(..., help="what you say to it"),
+    text: str = typer.Argument(
+        ..., help="what you say to it; `-` reads it from standard input (all of it one message, line breaks kept)",
+    ),
     temperature: float = typer.Option(None, min=0.0, max=5.0, help="override the persona's temperature"),
     max_new_tokens: int = typer.Option(
         None, min=1, max=MAX_NEW_TOKENS,
@@ -161,7 +173,11 @@ def ask(
 ) -> None:
     """Send one message to PERSONA through the queue and print its reply (needs `persona up`
     running, or a worker and Redis). Ctrl-C, SIGTERM or SIGHUP while it waits withdraws the
-    message (exit 130, 143, 129)."""
+    message (exit 130, 143, 129).
+
+    A message that starts with a dash ("-5 degrees outside") would be read as an option:
+    put -- before it (`persona ask sage -- "-5 degrees"`), or send - and give it on standard input."""
+    text = _read_message(text)
     settings = get_settings()
     _check_persona(settings, persona)
     request = GenerationRequest(
@@ -187,6 +203,51 @@ def ask(
         raise RequestFailed(reply)
     else:
         print(reply.text)
+        if not has_visible_text(reply.text):
+            _say_nothing_said(persona, reply, "raise --max-new-tokens")
+
+
+def _read_message(text: str) -> str:
+    """The message as given, or for `-` all of standard input (its trailing line break dropped)."""
+    if text != FROM_STDIN:
+        return text
+    if sys.stdin.isatty():
+        err_console.print("type the message, then Ctrl-D on a line of its own", markup=False, highlight=False)
+    return sys.stdin.read().rstrip("\r\n")
+
+
+def _say_nothing_said(persona: str, reply: GenerationReply, more: str) -> None:
+    """Say on stderr that a reply has no text: it showed as an empty line, as if nothing had
+    happened. ``more``: how to give a reply cut off at its token limit more room."""
+    if reply.finish_reason == "length":  # cut off, and cut back to its last whole word: none
+        why = f"its reply reached its token limit before a whole word; {more}, or rephrase"
+    else:
+        why = "its reply ended at once; ask again, or rephrase"
+    err_console.print(f"({persona} said nothing: {why})", style="yellow", markup=False, highlight=False)
+
+
+class AskCommand(TyperCommand):
+    """`persona ask`, whose usage error for a message click took as an option says how to send it."""
+
+    def parse_args(self, ctx, args: list[str]) -> list[str]:
+        given = args[: args.index("--")] if "--" in args else args[:]  # a copy: click's parser uses args up
+        try:
+            return super().parse_args(ctx, args)
+        except NoSuchOption as exc:
+            if any(arg.startswith(exc.option_name) and _looks_like_a_message(arg) for arg in given):
+                exc.message = f"{exc.message.rstrip('.')}. If that is your message, {LEADING_DASH}"
+            raise
+
+
+def _looks_like_a_message(arg: str) -> bool:
+    """Whether an argument click took for an option reads as words or a number instead."""
+    if any(char.isspace() for char in arg):
+        return True
+    try:
+        float(arg)
+    except ValueError:
+        return False
+    return True
 
 
 def _withdraw_asked(client: QueueClient, request: GenerationRequest, json_output: bool) -> None:
@@ -225,7 +286,7 @@ def run_chat(
         except (EOFError, KeyboardInterrupt):
             console.print()
             return
-        if not text:
+        if not has_visible_text(text):  # only spaces, zero-width or format characters: as a blank line
             continue
         command = _command(text)
         if command in ("/quit", "/exit"):
@@ -271,6 +332,10 @@ def run_chat(
             history.pop()
             err_console.print(problem, style="red", markup=False, highlight=False)
             continue
+        if not has_visible_text(reply.text):
+            history.pop()  # a turn with no answer: asked again, it goes as if asked first
+            _say_nothing_said(persona, reply, f"raise sampling.max_new_tokens in {persona}'s file")
+            continue
         console.print(f"[bold magenta]{persona}>[/bold magenta] ", end="")
         console.print(reply.text, highlight=False, markup=False)
         history.append(_as_context(reply.text, settings.queue.max_message_chars))
@@ -312,5 +377,5 @@ def chat(persona: str = typer.Argument(DEFAULT_PERSONA, help="which persona to t
 
 
 def register(app: typer.Typer) -> None:
-    app.command()(ask)
+    app.command(cls=AskCommand)(ask)
     app.command()(chat)
