@@ -18,6 +18,7 @@ import redis
 from persona import heartbeat
 from persona import swap as swaps
 from persona.errors import SwapRefused
+from persona.personas import PersonaRegistry
 from tests.conftest import free_port
 from tests.fakes.checkpoints import make_checkpoint
 from tests.test_queue_talk import AS_IN_A_TERMINAL
@@ -201,7 +202,7 @@ def test_export_without_checkpoint_exports_the_version_the_persona_serves(
 
     exported = _run(env, "export", "tiny", "-o", str(tmp_path / "m"))
     assert exported.returncode == 0, exported.stderr
-    assert "tiny serves v1 now (swapped to it): exporting v1" in exported.stdout
+    assert "tiny serves v1 now (swapped to it): exporting v1" in exported.stderr
     assert "# Tiny (tiny v1)" in (tmp_path / "m" / "README.md").read_text()
 
     assert swaps.swap_persona(redis_client, tiny, "base", timeout_s=10).committed
@@ -227,3 +228,49 @@ def test_export_with_redis_down_exports_the_persona_files_checkpoint_and_says_so
     write_persona("tiny", base=str(tiny_llama_dir))  # no checkpoint in the file either
     refused = _run(env, "export", "tiny", "-o", str(tmp_path / "n"))
     assert refused.returncode == 1 and "its persona file names no checkpoint; name one with --checkpoint" in refused.stderr
+
+
+@pytest.mark.slow
+def test_eval_without_checkpoint_measures_the_version_the_persona_serves(
+    settings, redis_url, redis_client, write_persona, tiny_llama_dir, personas_dir, tmp_path,
+):
+    """Swapped to v2 while its file still named v1 (`persona train` no longer rewrites it),
+    `persona eval` measured v1: the file's version, not the one the workers serve."""
+    make_checkpoint(settings, tiny_llama_dir, "tiny", seed=1)
+    make_checkpoint(settings, tiny_llama_dir, "tiny", seed=2)
+    write_persona("tiny", base=str(tiny_llama_dir), model={"checkpoint": "v1"})
+    file_v1 = PersonaRegistry.from_settings(settings).get("tiny")
+    assert swaps.swap_persona(redis_client, file_v1, "v2", timeout_s=10).committed
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": text, "split": split}) + "\n" for text, split in [
+        ("A calm mind is a well-kept garden.", "train"), ("Patience is the art of hoping slowly.", "validation")]))
+    env = _env(settings, redis_url, personas_dir)
+
+    measured = _run(env, "eval", "tiny", "--corpus", str(corpus), "--json", "--samples", "1")
+    assert measured.returncode == 0, measured.stderr
+    assert json.loads(measured.stdout)["version"] == "v2"  # stdout: the report alone
+    assert "tiny serves v2 now (swapped to it): measuring v2" in measured.stderr
+
+    assert swaps.swap_persona(redis_client, file_v1, "base", timeout_s=10).committed
+    on_base = _run(env, "eval", "tiny", "--corpus", str(corpus), "--samples", "1")
+    assert on_base.returncode == 0, on_base.stderr
+    assert "tiny serves its base model now (swapped to base): measuring the base model" in on_base.stderr
+    assert "of the base model, which tiny serves now" in " ".join(on_base.stdout.split())
+
+
+@pytest.mark.slow
+def test_eval_with_redis_down_measures_the_persona_files_choice_and_says_so(
+    settings, write_persona, tiny_llama_dir, personas_dir, tmp_path,
+):
+    make_checkpoint(settings, tiny_llama_dir, "tiny", seed=1)
+    write_persona("tiny", base=str(tiny_llama_dir), model={"checkpoint": "v1"})
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": text, "split": split}) + "\n" for text, split in [
+        ("A calm mind is a well-kept garden.", "train"), ("Patience is the art of hoping slowly.", "validation")]))
+    env = _env(settings, f"redis://127.0.0.1:{free_port()}/0", personas_dir)
+
+    measured = _run(env, "eval", "tiny", "--corpus", str(corpus), "--json", "--samples", "1")
+    assert measured.returncode == 0, measured.stderr
+    assert json.loads(measured.stdout)["version"] == "v1"
+    said = " ".join(measured.stderr.split())
+    assert "cannot tell which version tiny serves now, so measuring its persona file's checkpoint, v1" in said

@@ -11,9 +11,11 @@ from rich.progress import Progress
 
 from persona.cli.common import console, err_console, friendly_errors, get_settings
 from persona.cli.training_common import (
+    SERVED_HELP,
     THREADS_HELP,
     persona_with_weights,
     ready_torch,
+    served_version,
 )
 from persona.cli.training_progress import SAMPLES_ARE_POSTS, EvalBar, print_samples
 from persona.contract import MAX_SEED
@@ -29,7 +31,9 @@ __all__ = ["eval_", "register"]
 def eval_(
     name: str = typer.Argument(..., metavar="NAME", help="the persona to measure"),
     corpus: Path = typer.Option(..., "--corpus", help="the corpus it was trained on (its held-out split is used)"),
-    checkpoint: str = typer.Option(None, help="a version (v2) or folder; default: the persona file's"),
+    checkpoint: str = typer.Option(
+        None, help=f"a version (v2), base or folder; default: {SERVED_HELP}; swapped to base, the base model",
+    ),
     samples: int = typer.Option(16, min=1, help="samples drawn for the originality check"),
     seed: int = typer.Option(0, min=0, max=MAX_SEED, metavar="N", help="sampling seed"),
     json_output: bool = typer.Option(False, "--json", help="print one JSON object"),
@@ -44,7 +48,8 @@ def eval_(
     ready_torch(threads)
     persona = persona_with_weights(settings, name, "measure")
     data = read_corpus(corpus)
-    _refuse_unfit_checkpoint(settings, persona, checkpoint)
+    version = checkpoint or served_version(settings, persona, "measuring", base_allowed=True)
+    _refuse_unfit_checkpoint(settings, persona, version)
     # On stderr: --json's stdout holds the report alone. A bar is drawn only on a terminal, and
     # cleared once done (into a pipe, Rich drew it once at the end, after the lines had said it all).
     progress = Progress(*EvalBar.columns(), console=err_console, transient=True)
@@ -52,7 +57,7 @@ def eval_(
     if not bar.plain:
         progress.start()
     try:
-        report = evaluate_persona(settings, persona, data, version=checkpoint, samples=samples, seed=seed,
+        report = evaluate_persona(settings, persona, data, version=version, samples=samples, seed=seed,
                                   progress=bar)
     finally:
         if progress.live.is_started:
@@ -70,6 +75,8 @@ def eval_(
                   f"on {report.validation_documents} held-out documents")
     if report.version == BASE_VERSION and checkpoint:
         console.print(f"perplexity: {report.perplexity:.2f}, of the base model (--checkpoint {escape(checkpoint)})")
+    elif report.version == BASE_VERSION and version:  # swapped to base
+        console.print(f"perplexity: {report.perplexity:.2f}, of the base model, which {escape(name)} serves now")
     elif report.version == BASE_VERSION:  # "base 420.08 → persona 420.08" read as training that did nothing
         console.print(f"perplexity: {report.perplexity:.2f}, of the base model: {escape(name)} has no fine-tuned "
                       f"checkpoint to compare (train one with `persona train {escape(name)} --corpus FILE`)")

@@ -1,5 +1,5 @@
 """What the commands that train and use a persona's weights share: quieter libraries, CPU
-threads, and the persona whose weights a command needs."""
+threads, the persona whose weights a command needs, and the version it serves."""
 
 from __future__ import annotations
 
@@ -14,8 +14,11 @@ if TYPE_CHECKING:
     from persona.personas import Persona
     from persona.settings import Settings
 
-__all__ = ["THREADS_HELP", "persona_with_weights", "ready_torch", "warn_nothing_held_out"]
+__all__ = ["SERVED_HELP", "THREADS_HELP", "persona_with_weights", "ready_torch", "served_version",
+           "warn_nothing_held_out"]
 
+# --checkpoint's default, for the commands that use ``served_version``.
+SERVED_HELP = "the one the persona serves now (`persona swap` changes it), else the persona file's"
 THREADS_HELP = "CPU threads (default: all cores; 1 is faster on a machine shared with other work)"
 
 
@@ -70,3 +73,44 @@ def persona_with_weights(settings: Settings, name: str, to: str) -> Persona:
     start = shlex.join(["persona", "train", name, "--corpus", str(corpus) if corpus else "FILE"])
     raise ModelError(f"persona {name!r} has nothing to {to} yet: its first training run stopped before it "
                      f"saved anything; train it with `{start}`") from None
+
+
+def served_version(settings: Settings, persona: Persona, doing: str, *, base_allowed: bool) -> str | None:
+    """The version ``persona`` serves now, if an operator swapped it (Redis keeps that; None: its
+    file's choice, as without Redis, which is said), for a command ``doing`` something with it
+    ("exporting"); ``base_allowed``: whether it can use the base model, when swapped to base.
+    Said on stderr: a command's --json stdout holds its report alone. Read only the persona
+    file, `persona export` refused a persona swapped to v1 that was trained no further, and
+    `persona eval` measured another version than the one served."""
+    import redis
+
+    from persona.checkpoints import BASE_VERSION
+    from persona.cli.common import explain_redis_error
+    from persona.connection import connect
+    from persona.errors import ModelError, PersonaError
+    from persona.swap import active_versions
+
+    name, chosen = persona.name, persona.model.checkpoint
+    try:
+        swapped = active_versions(connect(settings)).get(name)
+    except (PersonaError, redis.exceptions.RedisError) as exc:  # these commands need no Redis: said, not refused
+        why = str(exc) if isinstance(exc, PersonaError) else explain_redis_error(exc)
+        if not chosen and not base_allowed:
+            raise ModelError(f"cannot tell which version {name!r} serves now, and its persona file names no "
+                             f"checkpoint; name one with --checkpoint (`persona checkpoints {name}` lists them). "
+                             f"Redis: {why}") from None
+        files = f"checkpoint, {chosen}" if chosen else "choice, the base model"
+        err_console.print(f"cannot tell which version {name} serves now, so {doing} its persona file's {files} "
+                          f"(name another with --checkpoint). Redis: {why}",
+                          style="yellow", markup=False, highlight=False)
+        return None
+    if swapped == BASE_VERSION and not base_allowed:
+        raise ModelError(f"{name!r} serves its base model now (swapped to base): no fine-tuned weights for {doing}; "
+                         f"name a version with --checkpoint (`persona checkpoints {name}` lists them)")
+    if swapped == BASE_VERSION:
+        err_console.print(f"{name} serves its base model now (swapped to base): {doing} the base model",
+                          markup=False, highlight=False)
+    elif swapped is not None:
+        err_console.print(f"{name} serves {swapped} now (swapped to it): {doing} {swapped}",
+                          markup=False, highlight=False)
+    return swapped
