@@ -32,6 +32,7 @@ from persona.cli.common import (
     console,
     err_console,
     explain_redis_error,
+    failure_kind,
     friendly_errors,
     get_settings,
     local_time,
@@ -42,8 +43,6 @@ from persona.connection import connect, retrying_until
 from persona.errors import (
     ModelError,
     PersonaError,
-    QueueError,
-    RedisUnavailable,
     SwapRefused,
     UnknownPersona,
 )
@@ -146,14 +145,6 @@ def _print_outcome(outcome: swaps.SwapOutcome, kind: str = SwapRefused.__name__)
     print(json.dumps(shown, ensure_ascii=False), flush=True)
 
 
-def _failure_kind(exc: PersonaError | redis.exceptions.RedisError) -> str:
-    """The error kind a refusal is printed with: as ``friendly_errors`` names it for any other command."""
-    if isinstance(exc, PersonaError):
-        return type(exc).__name__
-    lost = isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError)
-    return (RedisUnavailable if lost else QueueError).__name__
-
-
 def _report(outcome: swaps.SwapOutcome, json_output: bool, started: float) -> None:
     if json_output:
         _print_outcome(outcome)
@@ -187,7 +178,7 @@ def _refusal_as_json(json_output: bool, draft: swaps.SwapProposal) -> Iterator[s
         if not json_output:
             raise
         problem = explain_redis_error(exc) if isinstance(exc, redis.exceptions.RedisError) else str(exc)
-        _print_outcome(swaps.SwapOutcome(proposal=draft, committed=False, problem=problem), _failure_kind(exc))
+        _print_outcome(swaps.SwapOutcome(proposal=draft, committed=False, problem=problem), failure_kind(exc))
         raise typer.Exit(1) from None
 
 

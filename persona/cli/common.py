@@ -44,6 +44,7 @@ __all__ = [
     "console",
     "err_console",
     "explain_redis_error",
+    "failure_kind",
     "forget_interrupts_caught",
     "friendly_errors",
     "get_settings",
@@ -91,6 +92,15 @@ def _fail(message: str, kind: str, status: int = 1) -> typer.Exit:
         # Escaped: a message quotes paths and text that may hold brackets ("my [draft] notes").
         err_console.print(f"[red]error:[/red] {escape(message)}", highlight=False)
     return typer.Exit(status)
+
+
+def failure_kind(exc: PersonaError | redis.exceptions.RedisError) -> str:
+    """The kind a failure is printed with under ``--json``: a project error's class, or for Redis,
+    RedisUnavailable where it could not be reached and QueueError where it refused a command."""
+    if isinstance(exc, PersonaError):
+        return type(exc).__name__
+    lost = isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError)
+    return (RedisUnavailable if lost else QueueError).__name__
 
 
 def wants_json(args: Sequence[str]) -> bool:
@@ -209,8 +219,7 @@ def friendly_errors(func: Callable[P, R]) -> Callable[P, R]:
             status = config_error_exit_status() if isinstance(exc, ConfigError) else 1
             raise _fail(str(exc), type(exc).__name__, status) from None
         except redis.exceptions.RedisError as exc:  # Redis stopped, or never was Redis, mid-command
-            lost = isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError)
-            raise _fail(explain_redis_error(exc), (RedisUnavailable if lost else QueueError).__name__) from None
+            raise _fail(explain_redis_error(exc), failure_kind(exc)) from None
         finally:
             _json_errors.reset(as_json)
 
