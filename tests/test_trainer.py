@@ -547,14 +547,15 @@ class SlowSteps(Recorder):
 def test_max_minutes_on_resume_limits_the_session_and_without_it_the_runs_own_counts_it_all(
         tiny_gpt2_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture):
     """A run stopped after 579 s and resumed with --max-minutes 1 trained one step: the limit
-    counted the earlier session's time too."""
+    counted the earlier session's time too. Given the value the run started with, it was read
+    as the run's own limit, and still counted it."""
     big = Corpus(train=SAYINGS * 1000, validation=SAYINGS[:3], fingerprint="test")
     unlimited = TrainConfig(kind="lora", batch_size=6, eval_every=10_000, samples=0)
     assert train(unlimited, big, tiny_gpt2_dir, tmp_path / "a", reporter=SlowSteps(0.5, stop_at=3)).status == \
         "interrupted"  # 1.5 s of training
-    session = unlimited.model_copy(update={"max_minutes": 1 / 60})
     with caplog.at_level("WARNING", logger="training.trainer"):
-        resumed = train(session, big, tiny_gpt2_dir, tmp_path / "a", resume=True, reporter=SlowSteps(0.1))
+        resumed = train(unlimited, big, tiny_gpt2_dir, tmp_path / "a", resume=True, session_minutes=1 / 60,
+                        reporter=SlowSteps(0.1))
     assert resumed.status == "time-limit" and resumed.metrics["steps"] >= 3 + 3
     assert "this session trains for at most 0.0166667 minutes (--max-minutes)" in caplog.text
 
@@ -566,3 +567,13 @@ def test_max_minutes_on_resume_limits_the_session_and_without_it_the_runs_own_co
         resumed = train(limited, big, tiny_gpt2_dir, tmp_path / "b", resume=True, reporter=SlowSteps(0.1))
     assert resumed.status == "time-limit" and resumed.metrics["train_seconds"] < 2 + 0.5
     assert "of the 0.0333333 minutes it started with (--max-minutes)" in caplog.text
+
+    # The same value again, given for this session: two more seconds, not what was left of two.
+    assert train(limited, big, tiny_gpt2_dir, tmp_path / "c", reporter=SlowSteps(0.5, stop_at=3)).status == \
+        "interrupted"
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="training.trainer"):
+        resumed = train(limited, big, tiny_gpt2_dir, tmp_path / "c", resume=True, session_minutes=2 / 60,
+                        reporter=SlowSteps(0.1))
+    assert resumed.status == "time-limit" and resumed.metrics["train_seconds"] >= 1.5 + 2
+    assert "this session trains for at most 0.0333333 minutes (--max-minutes)" in caplog.text

@@ -264,6 +264,7 @@ def train_persona(
     config: TrainConfig,
     *,
     resume: bool = False,
+    session_minutes: float | None = None,
     reporter: Reporter | None = None,
     corpus: Corpus | None = None,
     on_ready: Callable[[], None] | None = None,
@@ -282,12 +283,12 @@ def train_persona(
     check_trainable(corpus, corpus_path)
     corpus_path = corpus_file(settings, name, corpus_path, corpus)
     with _training_lock(settings, name):
-        return _train_and_register(settings, name, corpus_path, corpus, config, resume=resume, reporter=reporter,
-                                   on_ready=on_ready)
+        return _train_and_register(settings, name, corpus_path, corpus, config, resume=resume,
+                                   session_minutes=session_minutes, reporter=reporter, on_ready=on_ready)
 
 
 def _train_and_register(settings: Settings, name: str, corpus_path: Path, corpus: Corpus, config: TrainConfig,
-                        *, resume: bool, reporter: Reporter | None,
+                        *, resume: bool, session_minutes: float | None, reporter: Reporter | None,
                         on_ready: Callable[[], None] | None) -> TrainedPersona:
     """``train_persona``'s work, while it holds the persona's training lock."""
     persona = _existing(settings, name)
@@ -308,7 +309,7 @@ def _train_and_register(settings: Settings, name: str, corpus_path: Path, corpus
     # The samples at each evaluation are written as the persona writes now (its file's
     # sampling, hand edits included), or as the persona this run creates will.
     sampling = persona.sampling if persona is not None else Sampling.model_validate(NEW_PERSONA_SAMPLING)
-    result = train(config, corpus, base_dir, folder, resume=resume, reporter=reporter,
+    result = train(config, corpus, base_dir, folder, resume=resume, session_minutes=session_minutes, reporter=reporter,
                    record=None if resume else record, sampling=sampling)
     if result.status == "interrupted":
         return TrainedPersona(result, None, None, False)

@@ -250,6 +250,7 @@ def train(
     run_dir: Path,
     *,
     resume: bool = False,
+    session_minutes: float | None = None,
     reporter: Reporter | None = None,
     record: dict[str, Any] | None = None,
     sampling: Sampling | None = None,
@@ -278,7 +279,8 @@ def train(
         run.state.run_minutes = config.max_minutes
     remove_leftovers(run_dir, keep={run.saved.linked})  # a crash mid-save left a partial state as big as a whole one
     state = run.state
-    run.budget = _time_budget(config.max_minutes, state, resume)
+    # Resumed, the run's own limit is the one it started with, whatever ``config`` says now.
+    run.budget = _time_budget(state.run_minutes if resume else config.max_minutes, state, resume, session_minutes)
     status = "finished"
     started = time.perf_counter() - state.elapsed_s
     session_tokens, session_started = state.tokens, time.perf_counter()
@@ -404,18 +406,20 @@ def _save_due(run: _Run) -> bool:
     return since_s >= max(SAVE_EVERY_S, run.saved.cost_s / SAVE_SHARE)
 
 
-def _time_budget(max_minutes: float | None, state: RunState, resume: bool) -> tuple[float, float] | None:
+def _time_budget(max_minutes: float | None, state: RunState, resume: bool,
+                 session_minutes: float | None = None) -> tuple[float, float] | None:
     """The training time (``state.elapsed_s``) a time limit counts from, and the time it stops at.
 
-    A run's own ``--max-minutes`` counts all its sessions; resumed with another, that limits the
-    session: a run stopped after 579 s and resumed with ``--max-minutes 1`` trained one step.
+    A run's own ``--max-minutes`` counts all its sessions; ``session_minutes`` (``--max-minutes``
+    given to ``--resume``) limits the session alone, whatever the run started with: a run stopped
+    after 579 s and resumed with ``--max-minutes 1`` trained one step.
     """
+    if resume and session_minutes is not None:
+        log.warning("this session trains for at most %g minutes (--max-minutes), on top of the %.1f minutes the "
+                    "run has trained", session_minutes, state.elapsed_s / 60)
+        return state.elapsed_s, state.elapsed_s + session_minutes * 60
     if max_minutes is None:
         return None
-    if resume and max_minutes != state.run_minutes:
-        log.warning("this session trains for at most %g minutes (--max-minutes), on top of the %.1f minutes the "
-                    "run has trained", max_minutes, state.elapsed_s / 60)
-        return state.elapsed_s, state.elapsed_s + max_minutes * 60
     if resume:
         left_min = max(0.0, max_minutes - state.elapsed_s / 60)
         log.warning("the run has trained %.1f of the %g minutes it started with (--max-minutes); %.1f left. To "

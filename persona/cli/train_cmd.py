@@ -59,7 +59,7 @@ def train(
     lora: bool = typer.Option(True, "--lora/--full", help="train a LoRA adapter (default) or all weights"),
     steps: int = typer.Option(None, min=1, help="optimiser steps to run"),
     epochs: float = typer.Option(None, min=0.01, help="passes over the corpus (default 5)"),
-    max_minutes: float = typer.Option(None, min=0.01, help="stop after this many minutes of training (the learning rate decays to fit; the step in hand and the final evaluation of the best weights come on top)"),
+    max_minutes: float = typer.Option(None, min=0.01, help="stop after this many minutes of training (the learning rate decays to fit; the step in hand and the final evaluation of the best weights come on top); with --resume, the minutes of this session"),
     batch_size: int = typer.Option(8, min=1, help="documents per step"),
     learning_rate: float = typer.Option(None, min=0.0, help="peak rate (default 2e-4 LoRA, 5e-5 full)"),
     eval_every: int = typer.Option(None, min=1, help="steps between validations (default ~10 per run)"),
@@ -113,9 +113,7 @@ def train(
     if corpus is not None:
         check_corpus_path(corpus)
     if resume:
-        config = saved_run_config(settings, name)
-        if max_minutes is not None:
-            config = config.model_copy(update={"max_minutes": max_minutes})
+        config = saved_run_config(settings, name)  # its --max-minutes counts the whole run; one given now, this session
         if corpus is None:
             corpus = _resumed_corpus(name, run_corpus(settings, name))
     check_base_fits(existing, config.base)
@@ -151,10 +149,11 @@ def train(
 
     # Started by ready(): a refusal before it left an empty line where the bar would have been.
     progress = Progress(*RichReporter.columns(), console=console, transient=False)
-    reporter = _PlanKeepingReporter(progress, max_minutes=config.max_minutes)
+    reporter = _PlanKeepingReporter(progress, max_minutes=max_minutes if max_minutes is not None else config.max_minutes)
     try:
         try:
-            done = train_persona(settings, name, corpus, config, resume=resume, reporter=reporter, corpus=data,
+            done = train_persona(settings, name, corpus, config, resume=resume,
+                                 session_minutes=max_minutes if resume else None, reporter=reporter, corpus=data,
                                  on_ready=ready)
             reporter.on_end(done.result.status)
         finally:
