@@ -42,7 +42,7 @@ for stage in $STAGES; do
         > "$OUT/bench_serve.json" 2> "$OUT/bench_serve.log"
       echo "serve rc=$? after ${SECONDS}s" | tee -a "$OUT/bench_serve.log"
       cat "$OUT/bench_serve.json" ;;
-    # The compiled step with its attention as one Triton kernel (off by default until measured).
+    # The compiled step with its attention as one Triton kernel (`auto` times it against the torch ops for layouts of 16 rows or more).
     attention) BENCH_S=${ATTENTION_S:-200} bench bench_engine_triton_attention --attention triton ;;
     tests)
       timeout "${TESTS_S:-300}" python3 -m pytest -q -p no:cacheprovider --noconftest -c /dev/null --rootdir . \

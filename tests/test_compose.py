@@ -90,3 +90,19 @@ def test_the_parser_rejects_a_broken_file():
     broken["services"]["worker"]["deploy"]["resources"]["reservations"]["devices"] = "one gpu please"
     with pytest.raises(ValueError):
         PyCompose.from_json(json.dumps(broken))
+
+
+def test_the_image_copies_files_that_exist_and_leaves_the_venv_out_of_its_context():
+    # A COPY of a path that moved fails the image's build, not this suite; and the build
+    # context is the checkout, where `make` leaves a venv of gigabytes.
+    dockerfile = (ROOT / "docker" / "Dockerfile").read_text()
+    copied = [line.split()[1:-1] for line in dockerfile.splitlines() if line.startswith("COPY ")]
+    assert copied, "the Dockerfile copies nothing"
+    ignored = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+               if line.strip() and not line.startswith("#")}
+    for sources in copied:
+        for source in sources:
+            assert (ROOT / source).exists(), f"the Dockerfile copies {source}, which is not in the checkout"
+            assert source not in ignored, f"the Dockerfile copies {source}, which .dockerignore leaves out"
+    assert {".venv", ".git"} <= ignored
+    assert "torch==${TORCH_VERSION}" in dockerfile, "an unpinned torch is whatever its index has newest"

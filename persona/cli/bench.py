@@ -16,7 +16,7 @@ from persona.cli.soak import register_bench
 __all__ = ["bench_app", "engine", "queue", "register", "serve"]
 
 bench_app = typer.Typer(
-    help="Benchmarks: each measures ours and a baseline in the same run and prints the ratio.",
+    help="Benchmarks: each but soak measures ours and a baseline in the same run and prints the ratio.",
     no_args_is_help=True,
 )
 

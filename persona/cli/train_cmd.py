@@ -66,7 +66,7 @@ def train(
     patience: int = typer.Option(3, min=1, help="validations without improvement before stopping"),
     seed: int = typer.Option(0, help="the run's seed: same seed, same corpus, same weights"),
     device: str = typer.Option("auto", help="auto|cpu|cuda"),
-    resume: bool = typer.Option(False, "--resume", help="continue the persona's interrupted run exactly as it started (only --max-minutes may change)"),
+    resume: bool = typer.Option(False, "--resume", help="continue the persona's interrupted run exactly as it started (only --max-minutes, --threads and --corpus may be given with it)"),
     restart: bool = typer.Option(False, "--restart", help="start over, discarding the unfinished run"),
     threads: int = typer.Option(None, min=1, help=THREADS_HELP),
 ) -> None:
