@@ -13,6 +13,7 @@ import json
 import os
 import re
 import typing
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 from urllib.parse import ParseResult, parse_qs, unquote, urlparse
@@ -27,8 +28,16 @@ from pydantic import (
     ValidationInfo,
     field_validator,
 )
+from pydantic.fields import FieldInfo
 from pydantic_core import ErrorDetails
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    DotEnvSettingsSource,
+    EnvSettingsSource,
+    SecretsSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
 
 from persona.validation import LATEST_DEADLINE_AFTER_S
 
@@ -42,7 +51,10 @@ __all__ = [
     "TelegramSettings",
     "WorkerSettings",
     "default_data_dir",
+    "env_name",
     "explain_settings_error",
+    "setting_fields",
+    "where_set",
 ]
 
 SECRETS_DIR = Path("/run/secrets")
@@ -168,7 +180,9 @@ class QueueSettings(BaseModel):
 class WorkerSettings(BaseModel):
     """How an inference worker runs."""
 
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="where a worker decodes: cpu, cuda, or auto (cuda if torch finds a GPU, else cpu)"
+    )
     max_batch: int = Field(16, ge=1, description="requests generated together at most")
     heartbeat_s: float = Field(2.0, gt=0, le=LONGEST_INTERVAL_S, allow_inf_nan=False, description="how often a worker reports it is alive")
     heartbeat_ttl_s: float = Field(
@@ -233,7 +247,7 @@ class WorkerSettings(BaseModel):
         # blip or a stalled thread; the defaults (2 s, 10 s) outlast four lost beats.
         beat_s = info.data.get("heartbeat_s")  # absent if it was refused itself
         if beat_s is not None and ttl_s < 2 * beat_s:
-            ttl, beat = _env_name(["worker", "heartbeat_ttl_s"]), _env_name(["worker", "heartbeat_s"])
+            ttl, beat = env_name(["worker", "heartbeat_ttl_s"]), env_name(["worker", "heartbeat_s"])
             raise ValueError(
                 f"{ttl_s:g} s is less than twice {beat} ({beat_s:g} s): a worker would be taken for dead between "
                 "heartbeats, or after one lost beat, and its requests taken from it by other workers; "
@@ -243,6 +257,12 @@ class WorkerSettings(BaseModel):
 
 
 MAX_RECONNECT_WAIT_S = 10.0
+# The chat adapters' private-message settings, alike on both platforms.
+DM_POLICY_DESCRIPTION = (
+    "who is answered in private: open (anyone), allowlist (allowed_users and those approved), "
+    "pairing (anyone else is given a code for `persona access approve`)"
+)
+ALLOWED_USERS_DESCRIPTION = "user ids always answered in private, whatever dm_policy says"
 
 
 class ChatAdapterSettings(BaseModel):
@@ -273,17 +293,23 @@ class ChatAdapterSettings(BaseModel):
 class DiscordSettings(ChatAdapterSettings):
     """The Discord adapter (discord.py). Needs the privileged MESSAGE_CONTENT intent."""
 
-    token: SecretStr | None = None
-    persona: str = "sage"
-    api_url: str = "https://discord.com/api/v10"
-    operator_ids: list[int] = Field(default_factory=list)
-    operator_role: str | None = None
-    allowed_guilds: list[int] = Field(default_factory=list, description="empty: every guild")
-    denied_guilds: list[int] = Field(default_factory=list)
-    allowed_channels: list[int] = Field(default_factory=list, description="empty: every channel")
-    denied_channels: list[int] = Field(default_factory=list)
-    dm_policy: Literal["open", "allowlist", "pairing"] = "open"
-    allowed_users: list[int] = Field(default_factory=list)
+    token: SecretStr | None = Field(
+        None, description="the bot's token; `persona up` starts the Discord adapter when it is set (discord: sinks post with it)"
+    )
+    persona: str = Field("sage", description="the persona that speaks in a channel or DM until someone switches it")
+    api_url: str = Field("https://discord.com/api/v10", description="Discord's REST API base; the gateway is the one its GET /gateway/bot names")
+    operator_ids: list[int] = Field(
+        default_factory=list, description="user ids that may run operator commands (queue stats, swap, switching a server channel's persona)"
+    )
+    operator_role: str | None = Field(None, description="a role's name or id whose members are operators too")
+    allowed_guilds: list[int] = Field(default_factory=list, description="guilds it answers in; empty: every guild")
+    denied_guilds: list[int] = Field(default_factory=list, description="guilds it never answers in")
+    allowed_channels: list[int] = Field(
+        default_factory=list, description="channels (and their threads) it answers in; empty: every channel"
+    )
+    denied_channels: list[int] = Field(default_factory=list, description="channels (and their threads) it never answers in")
+    dm_policy: Literal["open", "allowlist", "pairing"] = Field("open", description=DM_POLICY_DESCRIPTION)
+    allowed_users: list[int] = Field(default_factory=list, description=ALLOWED_USERS_DESCRIPTION)
 
     _token_trimmed = field_validator("token", mode="before")(_token)
 
@@ -291,15 +317,24 @@ class DiscordSettings(ChatAdapterSettings):
 class TelegramSettings(ChatAdapterSettings):
     """The Telegram adapter (python-telegram-bot)."""
 
-    token: SecretStr | None = None
-    persona: str = "sage"
-    api_url: str = "https://api.telegram.org/bot"
-    webhook_url: str | None = Field(None, description="set: receive updates by webhook instead of polling")
-    webhook_listen: str = "127.0.0.1"
-    webhook_port: int = Field(8443, ge=1, le=65535)
-    webhook_secret: SecretStr | None = None
-    dm_policy: Literal["open", "allowlist", "pairing"] = "open"
-    allowed_users: list[int] = Field(default_factory=list)
+    token: SecretStr | None = Field(
+        None, description="the bot's token from @BotFather; `persona up` starts the Telegram adapter when it is set "
+        "(telegram: sinks post with it)",
+    )
+    persona: str = Field("sage", description="the persona that speaks in a chat until someone switches it")
+    api_url: str = Field(
+        "https://api.telegram.org/bot", description="the Bot API's base, ending in /bot (the token is written after it)"
+    )
+    webhook_url: str | None = Field(
+        None, description="the public URL Telegram posts updates to; set: updates come by webhook instead of polling"
+    )
+    webhook_listen: str = Field("127.0.0.1", description="address the webhook's server listens on")
+    webhook_port: int = Field(8443, ge=1, le=65535, description="port the webhook's server listens on")
+    webhook_secret: SecretStr | None = Field(
+        None, description="Telegram sends it with each webhook update; an update without it is refused"
+    )
+    dm_policy: Literal["open", "allowlist", "pairing"] = Field("open", description=DM_POLICY_DESCRIPTION)
+    allowed_users: list[int] = Field(default_factory=list, description=ALLOWED_USERS_DESCRIPTION)
     allowed_chats: list[int] = Field(default_factory=list, description="groups it answers in; empty: all")
     paste_window_s: float = Field(
         1.0, ge=0, le=LONGEST_INTERVAL_S, allow_inf_nan=False,
@@ -315,9 +350,9 @@ class TelegramSettings(ChatAdapterSettings):
 class DashboardSettings(BaseModel):
     """The web dashboard and Prometheus metrics."""
 
-    host: str = "127.0.0.1"
-    port: int = Field(8787, ge=0, le=65535)
-    token: SecretStr | None = None
+    host: str = Field("127.0.0.1", description="address the dashboard listens on; any but loopback needs the token")
+    port: int = Field(8787, ge=0, le=65535, description="port the dashboard listens on (0: any free port)")
+    token: SecretStr | None = Field(None, description="set: every page but /healthz and /readyz wants it")
 
     _token_trimmed = field_validator("token", mode="before")(_token)
 
@@ -325,17 +360,21 @@ class DashboardSettings(BaseModel):
 class PostingSettings(BaseModel):
     """Credentials and API bases for the scheduled-post sinks."""
 
-    x_api_url: str = "https://api.twitter.com"
-    x_bearer_token: SecretStr | None = None
-    x_consumer_key: SecretStr | None = None
-    x_consumer_secret: SecretStr | None = None
-    x_access_token: SecretStr | None = None
-    x_access_token_secret: SecretStr | None = None
-    mastodon_api_url: str = "https://mastodon.social"
-    mastodon_access_token: SecretStr | None = None
-    bluesky_api_url: str = "https://bsky.social/xrpc"
-    bluesky_handle: str | None = None
-    bluesky_password: SecretStr | None = None
+    x_api_url: str = Field("https://api.twitter.com", description="X's API base")
+    x_bearer_token: SecretStr | None = Field(
+        None, description="X: an OAuth 2 user token with tweet.write (or the four OAuth 1.0a keys instead)"
+    )
+    x_consumer_key: SecretStr | None = Field(None, description="X, OAuth 1.0a: the app's consumer key")
+    x_consumer_secret: SecretStr | None = Field(None, description="X, OAuth 1.0a: the app's consumer secret")
+    x_access_token: SecretStr | None = Field(None, description="X, OAuth 1.0a: the account's access token")
+    x_access_token_secret: SecretStr | None = Field(None, description="X, OAuth 1.0a: the account's access token secret")
+    mastodon_api_url: str = Field("https://mastodon.social", description="the Mastodon instance posted to")
+    mastodon_access_token: SecretStr | None = Field(
+        None, description="Mastodon: a token of the account on that instance, with write:statuses"
+    )
+    bluesky_api_url: str = Field("https://bsky.social/xrpc", description="the Bluesky server's XRPC base")
+    bluesky_handle: str | None = Field(None, description="Bluesky: the account's handle")
+    bluesky_password: SecretStr | None = Field(None, description="Bluesky: an app password of that account")
     tick_s: float = Field(30.0, gt=0, le=LONGEST_INTERVAL_S, allow_inf_nan=False, description="how often the scheduler looks for due slots")
     grace_s: float = Field(900.0, ge=0, le=LONGEST_GRACE_S, allow_inf_nan=False, description="a slot this late still counts as on time (posted, not skipped)")
     lease_s: float = Field(600.0, gt=0, le=LONGEST_INTERVAL_S, allow_inf_nan=False, description="how long a slot stays held after its holder dies")
@@ -366,7 +405,10 @@ class Settings(BaseSettings):
         env_ignore_empty=True,  # PERSONA_X= is unset: "" was a data dir of ".", an adapter persona of ""
     )
 
-    data_dir: Path = Field(default_factory=default_data_dir)
+    data_dir: Path = Field(
+        default_factory=default_data_dir,
+        description="trained personas, checkpoints, the embedded Redis, converted models, `up --chat`'s logs",
+    )
     redis_url: SecretStr | None = Field(
         None, description="redis://, rediss:// or unix:// URL; unset means the embedded Redis"
     )
@@ -413,6 +455,47 @@ class Settings(BaseSettings):
         return self.data_dir / "model-cache"
 
 
+def setting_fields() -> list[tuple[tuple[str, ...], FieldInfo]]:
+    """Every setting one variable sets, in the model's order: its names (``("queue", "max_length")``)
+    and its field, whose default and description it has."""
+    found: list[tuple[tuple[str, ...], FieldInfo]] = []
+    for name, field in Settings.model_fields.items():
+        section = field.annotation
+        if isinstance(section, type) and issubclass(section, BaseModel):
+            found += [((name, sub), subfield) for sub, subfield in section.model_fields.items()]
+        else:
+            found.append(((name,), field))
+    return found
+
+
+def where_set(secrets_dir: Path | None = None) -> dict[tuple[str, ...], str]:
+    """Where each setting given a value gets it, read as ``Settings()`` reads them: "env", ".env",
+    or the secrets directory (``/run/secrets``); a setting not here has its default. A place
+    whose values cannot be read (JSON that is none) is left out: ``Settings()`` says why."""
+    secrets_dir = secrets_dir or Settings.model_config.get("secrets_dir")
+    places = [  # lowest precedence first: a later place overrides
+        (str(secrets_dir), SecretsSettingsSource(Settings, secrets_dir=secrets_dir)),
+        (".env", DotEnvSettingsSource(Settings)),
+        ("env", EnvSettingsSource(Settings)),
+    ]
+    found: dict[tuple[str, ...], str] = {}
+    for place, source in places:
+        try:
+            values = source()
+        except SettingsError:
+            continue
+        for names, _ in setting_fields():
+            held: object = values
+            for name in names:
+                held = held.get(name, _ABSENT) if isinstance(held, dict) else _ABSENT
+            if held is not _ABSENT:
+                found[names] = place
+    return found
+
+
+_ABSENT = object()
+
+
 def explain_settings_error(exc: Exception) -> str:
     """What a ``ValidationError`` or ``SettingsError`` from ``Settings()`` means, by variable name."""
     if isinstance(exc, ValidationError):
@@ -422,7 +505,7 @@ def explain_settings_error(exc: Exception) -> str:
         return f"the settings cannot be read: {exc}"
     # pydantic-settings parses list and nested values as JSON before validating them.
     names = _unparsable(found.group(1))
-    return "; ".join(f"{_env_name(n)} cannot be read: expected {_expected_form(n)}" for n in names)
+    return "; ".join(f"{env_name(n)} cannot be read: expected {_expected_form(n)}" for n in names)
 
 
 def _explain_invalid(error: ErrorDetails) -> str:
@@ -431,7 +514,7 @@ def _explain_invalid(error: ErrorDetails) -> str:
     hint = f" (expected {form})" if form.startswith("a JSON list") else ""
     # A duration past a bound is told in seconds; our own checks say what is wrong in words already.
     message = _out_of_bounds(names, error) or error["msg"].removeprefix("Value error, ")
-    return f"{_env_name(names)}: {message[:1].lower()}{message[1:]}{hint}"
+    return f"{env_name(names)}: {message[:1].lower()}{message[1:]}{hint}"
 
 
 def _out_of_bounds(names: list[str], error: ErrorDetails) -> str | None:
@@ -464,7 +547,8 @@ def _seconds(value: object) -> str:
         return str(value)
 
 
-def _env_name(names: list[str]) -> str:
+def env_name(names: Sequence[str]) -> str:
+    """The variable that sets a setting: ``PERSONA_QUEUE__MAX_LENGTH`` for ``("queue", "max_length")``."""
     return ENV_PREFIX + "__".join(name.upper() for name in names)
 
 
@@ -483,9 +567,9 @@ def _expected_form(names: list[str]) -> str:
     annotation = _annotation(names)
     if typing.get_origin(annotation) is list:
         example = "[123, 456]" if typing.get_args(annotation) == (int,) else '["first", "second"]'
-        return f"a JSON list, e.g. {_env_name(names)}='{example}'"
+        return f"a JSON list, e.g. {env_name(names)}='{example}'"
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return f"a JSON object, or one variable per field ({_env_name(names)}__FIELD)"
+        return f"a JSON object, or one variable per field ({env_name(names)}__FIELD)"
     return "a valid value"
 
 
@@ -498,7 +582,7 @@ def _unparsable(field: str) -> list[list[str]]:
         candidates += [[field, sub] for sub in nested.model_fields]
     bad = []
     for names in candidates:
-        value = environ.get(_env_name(names))
+        value = environ.get(env_name(names))
         if value is not None and (len(names) == 1 or typing.get_origin(_annotation(names)) is list):
             try:
                 json.loads(value)

@@ -303,3 +303,27 @@ def test_a_setting_set_to_nothing_is_unset(clean_env, monkeypatch):
     assert settings.worker.personas == [] and settings.log_level == "INFO" and settings.dashboard.host == "127.0.0.1"
     monkeypatch.setenv("PERSONA_DATA_DIR", "  ")
     assert Settings().data_dir == default_data_dir()
+
+
+def test_every_setting_says_what_it_does():
+    """`persona settings` shows each setting's description: a new one without it would show a blank."""
+    from persona.settings import env_name, setting_fields
+
+    undescribed = [env_name(names) for names, field in setting_fields() if not (field.description or "").strip()]
+    assert not undescribed, f"add description= to these fields in persona/settings.py: {undescribed}"
+    assert ("telegram", "webhook_listen") in dict(setting_fields())  # the walk reaches the nested ones
+
+
+def test_where_each_setting_comes_from(clean_env, monkeypatch):
+    from persona.settings import where_set
+
+    secrets = clean_env / "secrets"
+    secrets.mkdir()
+    (secrets / "persona_redis_url").write_text("redis://:from-secret@127.0.0.1:1/0")
+    (secrets / "persona_log_level").write_text("DEBUG")
+    (clean_env / ".env").write_text("PERSONA_LOG_LEVEL=ERROR\nPERSONA_WORKER__MAX_BATCH=3\n")
+    monkeypatch.setenv("PERSONA_WORKER__MAX_BATCH", "4")
+    monkeypatch.setenv("PERSONA_QUEUE", '{"max_length": 5}')  # a section as one JSON object
+    assert where_set(secrets) == {
+        ("redis_url",): str(secrets), ("log_level",): ".env", ("worker", "max_batch"): "env", ("queue", "max_length"): "env",
+    }

@@ -41,6 +41,7 @@ COMMAND_MODULES = [
     "persona.cli.export_cmd",
     "persona.cli.checkpoints_cmd",
     "persona.cli.dashboard_cmd",
+    "persona.cli.settings_cmd",
     "persona.cli.bench",
 ]
 
