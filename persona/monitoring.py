@@ -165,25 +165,39 @@ def _due(fields: dict) -> float:
 
 
 def _unwanted(client: redis.Redis, untaken: list[tuple[bytes, dict]], now: float) -> dict[bytes, str]:
-    """Which untaken entries a worker will discard, judged as it judges them: 'expired'
-    where the deadline has passed (by Redis's clock; entries from older clients carry only
-    the caller's), else 'withdrawn' where the caller withdrew it.
+    """Which untaken entries nobody waits for any more: 'withdrawn' where the caller withdrew
+    it, whatever its deadline (one withdrawn and then past its deadline was counted as
+    expired), else 'expired' where the deadline has passed (by Redis's clock; entries from
+    older clients carry only the caller's). ``FULL_SCRIPT`` judges a full stream's entries
+    by the same rule.
 
     The cancel epoch spares a look-up for every entry added since the last withdrawal.
     """
     found: dict[bytes, str] = {}
     asked: dict[bytes, str] = {}  # entry id -> request id, for those that may have been withdrawn
-    epoch = client.get(keys.CANCEL_EPOCH_KEY) or b"0"
+    epoch = _cancel_epoch(client)
     for entry_id, fields in untaken:
+        request_id = _request(fields).get("id")
+        if fields.get(EPOCH_FIELD) != epoch and isinstance(request_id, str) and request_id:
+            asked[entry_id] = request_id
         due = _due(fields)
         if due and now > due:
             found[entry_id] = "expired"
-        elif fields.get(EPOCH_FIELD) != epoch and (request_id := _request(fields).get("id")):
-            asked[entry_id] = str(request_id)
     if asked:
         flags = client.mget([keys.cancel_key(i) for i in asked.values()])
         found |= {entry_id: "withdrawn" for entry_id, flag in zip(asked, flags, strict=True) if flag is not None}
     return found
+
+
+def _cancel_epoch(client: redis.Redis) -> bytes | None:
+    """The cancel epoch entries are compared with (b"0" where there is none), as
+    ``FULL_SCRIPT`` reads it; None where it cannot be read (a key of another type, which the
+    next submission starts again): no entry carries that, so every entry's flag is read.
+    Such a key ended `persona queue stats` with WRONGTYPE."""
+    try:
+        return client.get(keys.CANCEL_EPOCH_KEY) or b"0"
+    except redis.exceptions.ResponseError:
+        return None
 
 
 def _stream_stats(client: redis.Redis, stream: str, now: float) -> StreamStats:

@@ -42,6 +42,18 @@ local function one_more_waiting(key)
 end
 """
 
+# A cancel epoch started again, for one Redis cannot add to or read (a damaged one; see
+# ``CANCEL_SCRIPT``): Redis's time in microseconds, a value no entry still queued can carry
+# (counting from 0, it could: an entry that carries 1 would pass as not cancelled).
+FRESH_EPOCH = """
+local function fresh_epoch(key)
+  local t = redis.call('TIME')
+  local epoch = t[1] .. string.format('%06d', tonumber(t[2]))
+  redis.call('SET', key, epoch)
+  return epoch
+end
+"""
+
 # Refuse new work once a stream is full, or once its sender already has their share
 # waiting (so a flood from one user cannot starve everyone else), atomically with
 # adding it. KEYS[2] is the sender's pending counter, or '' for an anonymous caller.
@@ -56,7 +68,9 @@ end
 # exists is not added again ('duplicate'): redis-py re-sends a call whose reply a
 # dropped connection lost. A waiting caller's reply list is emptied as its request is
 # added: a refusal an earlier attempt left there is not taken for the reply.
-SUBMIT_SCRIPT = REDIS_NOW + ONE_MORE_WAITING + """
+# A cancel epoch of another type (a hash or a list where a string belongs) failed every
+# submission until a withdrawal overwrote it: it starts again here (``FRESH_EPOCH``).
+SUBMIT_SCRIPT = REDIS_NOW + ONE_MORE_WAITING + FRESH_EPOCH + """
 if redis.call('EXISTS', KEYS[6]) == 1 then return 'duplicate' end
 local function refuse(why)
   if ARGV[5] == '1' then
@@ -74,7 +88,9 @@ if KEYS[2] ~= '' then
     return refuse('user_busy')
   end
 end
-local epoch = redis.call('GET', KEYS[3]) or '0'
+local epoch = redis.pcall('GET', KEYS[3])
+if type(epoch) == 'table' then epoch = fresh_epoch(KEYS[3]) end
+epoch = epoch or '0'
 if redis.call('EXISTS', KEYS[4]) == 1 then epoch = 'x' end
 local entry = redis.call('XADD', KEYS[1], '*', 'r', ARGV[2], 'e', epoch, 'd', string.format('%.3f', now + tonumber(ARGV[6])))
 redis.call('SET', KEYS[6], '', 'EX', tonumber(ARGV[7]))
@@ -87,16 +103,12 @@ return entry
 # compare with each entry's, so they read the flags again. An epoch Redis cannot add to
 # (a damaged one: `SET persona:cancel-epoch abc`) failed every cancellation, and every
 # entry then carried it unchanged, so workers never read a flag and generated withdrawn
-# requests all the same: such an epoch starts again at Redis's time in microseconds, a
-# value no entry still queued can carry (counting from 0, it could: an entry that
-# carries 1 would pass as not cancelled). KEYS[1] is the request's mark.
-CANCEL_SCRIPT = """
+# requests all the same: such an epoch starts again (``FRESH_EPOCH``). KEYS[1] is the
+# request's mark.
+CANCEL_SCRIPT = FRESH_EPOCH + """
 local mark = redis.call('GET', KEYS[1])
 redis.call('SET', KEYS[2], 1, 'EX', tonumber(ARGV[1]))
-if type(redis.pcall('INCR', KEYS[3])) ~= 'number' then
-  local t = redis.call('TIME')
-  redis.call('SET', KEYS[3], t[1] .. string.format('%06d', tonumber(t[2])))
-end
+if type(redis.pcall('INCR', KEYS[3])) ~= 'number' then fresh_epoch(KEYS[3]) end
 return mark
 """
 
@@ -270,9 +282,12 @@ end
 # many of the untaken entries are past their deadline and how many were withdrawn (-1
 # each when a worker is live: it discards those as it reaches them, and a scan on every
 # refusal would slow the Redis a flood of callers is already busy with). Judged as
-# ``monitoring`` judges them (by the entry's 'd', else its request's deadline; a
-# withdrawal by the request's cancel flag, read only where the entry's epoch differs),
-# over at most ARGV[3] untaken entries; the last value is how many it scanned.
+# ``monitoring._unwanted`` judges them, rule for rule: withdrawn by the request's cancel
+# flag (read only where the entry's epoch differs from the current one: none or '' reads
+# as '0', one of another type as one no entry carries), whatever its deadline; else past
+# its deadline by the entry's 'd', else its request's deadline (one that is no finite
+# number, 0 where that is none), over at most ARGV[3] untaken entries; the last value is
+# how many it scanned.
 # KEYS: the stream, the cancel epoch, the heartbeat index. ARGV: group, cancel flag
 # prefix, scan limit. Read-only, and only after a refusal.
 FULL_SCRIPT = REDIS_NOW + REQUEST_ID + """
@@ -289,22 +304,28 @@ if not groups.err then
 end
 if live > 0 then return {length, in_flight, live, -1, -1, 0} end
 local epoch = redis.pcall('GET', KEYS[2])
-if type(epoch) ~= 'string' then epoch = '0' end
+if type(epoch) == 'table' then epoch = {} elseif not epoch or epoch == '' then epoch = '0' end
+local function due_of(f)
+  local due = f['d']
+  if not due or due == '' then
+    local ok, request = pcall(cjson.decode, f['r'] or '')
+    due = ok and type(request) == 'table' and request['deadline']
+  end
+  due = tonumber(due) or 0
+  if due ~= due or due == math.huge or due == -math.huge then return 0 end
+  return due
+end
 local untaken = redis.call('XRANGE', KEYS[1], '(' .. last, '+', 'COUNT', tonumber(ARGV[3]))
 local expired, withdrawn = 0, 0
 for _, entry in ipairs(untaken) do
   local f = {}
   for i = 1, #entry[2], 2 do f[entry[2][i]] = entry[2][i + 1] end
-  local due = tonumber(f['d'])
-  if not due then
-    local ok, request = pcall(cjson.decode, f['r'] or '')
-    due = ok and type(request) == 'table' and tonumber(request['deadline'])
-  end
-  if due and due > 0 and now > due then
+  local id = f['e'] ~= epoch and request_id(f['r'] or '')
+  local due = due_of(f)
+  if id and id ~= '' and redis.call('EXISTS', ARGV[2] .. id) == 1 then
+    withdrawn = withdrawn + 1
+  elseif due ~= 0 and now > due then
     expired = expired + 1
-  elseif f['e'] ~= epoch then
-    local id = request_id(f['r'] or '')
-    if id and redis.call('EXISTS', ARGV[2] .. id) == 1 then withdrawn = withdrawn + 1 end
   end
 end
 return {length, in_flight, live, expired, withdrawn, #untaken}

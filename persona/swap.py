@@ -341,14 +341,18 @@ def run_swap(
     proposal: SwapProposal,
     timeout_s: float,
     on_progress: Callable[[int, int], None] | None = None,
+    on_open: Callable[[SwapProposal], None] | None = None,
 ) -> SwapOutcome:
     """Open a proposal, wait for the vote of every live worker that serves the persona,
-    then commit or withdraw it."""
+    then commit or withdraw it. ``on_open`` is given the proposal as opened (its id), so a
+    caller stopped during the vote can name it."""
     give_up = time.monotonic() + timeout_s
     proposal = open_proposal(client, proposal, timeout_s)
     log.info("swap %s by %s: %s -> %s, waiting for %d worker(s)", proposal.id, proposal.by, proposal.persona, proposal.target,
              len(proposal.workers))
     try:
+        if on_open:
+            on_open(proposal)
         while True:
             cast = votes(client, proposal.id)
             refused = {w: v for w, v in cast.items() if not v.ready}
@@ -407,12 +411,13 @@ def swap_persona(
     timeout_s: float,
     on_progress: Callable[[int, int], None] | None = None,
     by: str | None = None,
+    on_open: Callable[[SwapProposal], None] | None = None,
 ) -> SwapOutcome:
     """Move a persona from what serves it now to ``target`` on every live worker that serves
     it, or on none.
 
     ``by`` names who asked, for the swap log (default: ``user@host`` of this process; an
-    adapter that swaps for a person should name that person)."""
+    adapter that swaps for a person should name that person). ``on_open``: see ``run_swap``."""
     proposal = SwapProposal(persona=persona.name, target=target, previous=current_version(client, persona), kind=kind,
                             by=by or "")
-    return run_swap(client, proposal, timeout_s, on_progress)
+    return run_swap(client, proposal, timeout_s, on_progress, on_open)

@@ -619,3 +619,56 @@ def test_counters_that_cannot_be_read_are_reported_once_and_read_as_missing(
     shown = _queue_stats_command(settings, redis_url)
     assert shown.returncode == 0, shown.stderr
     assert "redis-cli HDEL persona:stats completed" in shown.stderr
+
+
+def test_stats_and_a_full_queues_refusal_judge_withdrawn_and_expired_entries_by_one_rule(redis_client, client):
+    """A request withdrawn and then past its deadline counted as expired, in `persona queue
+    stats` and in a full queue's refusal alike: the user withdrew it. The stats (Python) and
+    the refusal (FULL_SCRIPT, in Redis) each hold the rule: the same entries, the same counts."""
+    from persona.queue_scripts import FULL_SCRIPT
+
+    def soon(**kwargs) -> GenerationRequest:  # its deadline passes a moment after it is queued
+        return chat(created_at=time.time(), deadline=time.time() + 0.05, **kwargs)
+
+    withdrawn_late, withdrawn, _late, _wanted = [client.submit(r) for r in (soon(), chat(), soon(), chat())]
+    for request in (withdrawn_late, withdrawn):
+        assert client.cancel(request.id)
+    ahead = soon()
+    client.cancel(ahead.id)  # withdrawn before it was even sent: its entry carries 'x'
+    client.submit(ahead)
+    client.submit(soon())  # late, and sent after the last withdrawal: no flag is read for it
+    past = json.loads(chat(deadline=time.time() - 60).to_json())
+    older = [dict(past, id="older-withdrawn"), dict(past, id="older-late")]  # from clients that wrote no 'd'
+    client.cancel("older-withdrawn")
+    for request in older:
+        redis_client.xadd(keys.STREAM_INTERACTIVE, {"r": json.dumps(request), "e": "0"})
+    redis_client.xadd(keys.STREAM_INTERACTIVE, {"r": json.dumps(dict(past, id="unreadable-due")), "e": "0", "d": "soon"})
+    time.sleep(0.1)
+
+    [stream, _] = collect_stats(redis_client).streams
+    *_, expired, withdrawn_count, scanned = redis_client.eval(
+        FULL_SCRIPT, 3, keys.STREAM_INTERACTIVE, keys.CANCEL_EPOCH_KEY, keys.WORKER_INDEX_KEY,
+        keys.CONSUMER_GROUP, keys.CANCEL_KEY_PREFIX, 200)
+    assert scanned == 9
+    assert (stream.withdrawn, stream.expired) == (4, 3)  # withdrawn late, withdrawn, ahead, older-withdrawn
+    assert (withdrawn_count, expired) == (stream.withdrawn, stream.expired)
+    assert stream.waiting == 2  # wanted, and the one whose deadline cannot be read: a worker sets it aside
+
+
+def test_stats_read_a_cancel_epoch_of_another_type_as_none(redis_client, client):
+    """`persona queue stats` ended with WRONGTYPE while the cancel epoch was a hash (until
+    the next submission started it again). Such an epoch is as unknown: every flag is read,
+    by the stats and by a full queue's refusal (FULL_SCRIPT) alike."""
+    from persona.queue_scripts import FULL_SCRIPT
+
+    withdrawn = client.submit(chat())
+    assert client.cancel(withdrawn.id)
+    client.submit(chat())
+    redis_client.delete(keys.CANCEL_EPOCH_KEY)
+    redis_client.hset(keys.CANCEL_EPOCH_KEY, "epoch", 3)
+    [stream, _] = collect_stats(redis_client).streams
+    assert (stream.waiting, stream.withdrawn, stream.expired) == (1, 1, 0)
+    *_, expired, withdrawn_count, _scanned = redis_client.eval(
+        FULL_SCRIPT, 3, keys.STREAM_INTERACTIVE, keys.CANCEL_EPOCH_KEY, keys.WORKER_INDEX_KEY,
+        keys.CONSUMER_GROUP, keys.CANCEL_KEY_PREFIX, 200)
+    assert (withdrawn_count, expired) == (1, 0)

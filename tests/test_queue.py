@@ -679,6 +679,23 @@ def test_a_cancel_epoch_started_again_is_no_value_a_queued_entry_carries(client,
     assert not job.not_cancelled and work.cancelled([job]) == {sent_at_one.id}
 
 
+@pytest.mark.parametrize("damage", [
+    lambda r: r.hset(keys.CANCEL_EPOCH_KEY, "epoch", 3),
+    lambda r: r.rpush(keys.CANCEL_EPOCH_KEY, "3"),
+], ids=["hash", "list"])
+def test_a_cancel_epoch_of_another_type_starts_again_and_submissions_go_through(client, work, damage):
+    """With the cancel epoch a hash or a list (`HSET persona:cancel-epoch ...`), every
+    submission failed ("WRONGTYPE Operation against a key holding the wrong kind of value")
+    until a withdrawal happened to overwrite it."""
+    damage(client.redis)
+    withdrawn, wanted = client.submit(chat("withdrawn")), client.submit(chat("wanted"))
+    assert client.redis.type(keys.CANCEL_EPOCH_KEY) == b"string"
+    assert client.cancel(withdrawn.id) is True
+    jobs = work.claim("w", 10, block_ms=100)
+    assert [job.request.id for job in jobs] == [withdrawn.id, wanted.id]
+    assert work.cancelled(jobs) == {withdrawn.id}
+
+
 def _stale(text: str) -> GenerationRequest:
     """A request whose deadline passes a moment after it is queued."""
     now = time.time()
@@ -704,6 +721,23 @@ def test_a_full_queue_with_no_worker_says_what_fills_it_and_that_trying_again_wi
     assert "trying again will not help: start one (`persona worker`, or `persona up`)" in said
     with pytest.raises(QueueBusy, match="1 past their deadline, 2 withdrawn, 1 waiting; no worker is running"):
         client.ask(chat(), timeout=5)
+
+
+def test_a_full_queue_longer_than_a_refusal_looks_through_says_its_counts_are_of_the_oldest_it_read(settings, client):
+    """A refusal judges at most the oldest 200 untaken entries (each is read inside Redis, on
+    every refusal): requests withdrawn further back are not counted, and it says so."""
+    settings.queue.max_length = 210
+    client.submit_many([_stale(f"timed out {n}") for n in range(5)])
+    for request in client.submit_many([chat(f"withdrawn {n}") for n in range(3)]):
+        client.cancel(request.id)
+    client.submit_many([chat(f"wanted {n}") for n in range(192)])
+    for request in client.submit_many([chat(f"withdrawn past the oldest 200 {n}") for n in range(10)]):
+        client.cancel(request.id)
+    time.sleep(0.1)
+    with pytest.raises(QueueBusy) as refused:
+        client.submit(chat())
+    assert ("holds 210 requests (its limit, PERSONA_QUEUE__MAX_LENGTH=210): 5 past their deadline, 3 withdrawn, "
+            "202 waiting (of the oldest 200 untaken); no worker is running") in str(refused.value)
 
 
 def test_a_full_queue_with_a_live_worker_says_to_try_again_in_a_moment(settings, client, work, redis_client):

@@ -237,3 +237,23 @@ def test_a_chat_line_with_nothing_visible_is_skipped_as_a_blank_line(tmp_path, s
     assert result.returncode == 0 and result.stderr == "", result.stderr
     assert [request.messages[-1].content for request in seen] == ["hi"]
     assert result.stdout.count("you>") == 4 and result.stdout.count("sage> heard") == 1
+
+
+@pytest.mark.parametrize("command", ["ask", "chat"])
+def test_a_full_queue_with_no_worker_is_refused_without_saying_the_message_waits(tmp_path, own_redis, command):
+    """With no worker running, `persona ask` said "no worker is running yet; this waits in
+    the queue for one" and then was refused as busy: the message never waited anywhere."""
+    from persona.contract import GenerationRequest, Message
+    from persona.queue import QueueClient
+    from persona.settings import QueueSettings
+
+    _server, url, client = own_redis
+    QueueClient(client, QueueSettings(max_length=1)).submit(
+        GenerationRequest(persona="sage", messages=[Message(role="user", content="first")]))
+    args = ["ask", "sage", "hi", "--timeout", "2"] if command == "ask" else ["chat", "sage"]
+    talking = _talking(tmp_path, url, *args, PERSONA_QUEUE__MAX_LENGTH="1")
+    _stdout, stderr = talking.communicate("hi\n/quit\n" if command == "chat" else None, timeout=30)
+    assert "Traceback" not in stderr, stderr
+    assert "the queue is full: persona:q:chat holds 1 request" in stderr, stderr
+    assert "waits in the queue" not in stderr and "no worker is running yet" not in stderr
+    assert client.xlen(keys.STREAM_INTERACTIVE) == 1

@@ -71,7 +71,8 @@ def test_a_swap_or_rollback_stopped_while_it_waits_is_withdrawn_and_says_nothing
     """`kill` (SIGTERM) or a closed terminal (SIGHUP) ended the command without a word and left
     its proposal open: every later swap of the persona was refused "already under way" until
     the --timeout (300 s) ran out, the workers holding the new weights meanwhile. Ctrl-C
-    withdrew it, but said nothing either, and printed no JSON under --json."""
+    withdrew it, but said nothing either, and printed no JSON under --json. Then it said
+    so, but named the proposal it withdrew as "" (its id, plain and under --json)."""
     make_checkpoint(settings, tiny_llama_dir, "tiny", seed=1)
     if command == "rollback":  # tiny serves v1, swapped from base
         assert swaps.swap_persona(redis_client, tiny, "v1", timeout_s=10).committed
@@ -79,7 +80,7 @@ def test_a_swap_or_rollback_stopped_while_it_waits_is_withdrawn_and_says_nothing
     _a_worker_that_never_answers(redis_client)
     args = ["swap", "tiny", "v1"] if command == "swap" else ["rollback", "tiny"]
     running = _start(_env(settings, redis_url, personas_dir), *args, *(["--json"] if json_output else []))
-    _waiting_for_votes(redis_client)
+    opened = _waiting_for_votes(redis_client)
     running.send_signal(stop_signal)
     stdout, stderr = running.communicate(timeout=30)
 
@@ -93,8 +94,35 @@ def test_a_swap_or_rollback_stopped_while_it_waits_is_withdrawn_and_says_nothing
         assert outcome["committed"] is False and said in outcome["problem"] and stderr == ""
         assert outcome["ok"] is False and outcome["error"] == {"kind": "SwapRefused", "message": outcome["problem"]}
         assert outcome["proposal"]["kind"] == command and outcome["proposal"]["previous"] == serving
+        assert outcome["proposal"]["id"] == opened.id and outcome["proposal"]["workers"] == ["w-silent"]
+        assert f"(proposal {opened.id}) stopped" in outcome["problem"]
     else:
         assert said in stderr and stdout == ""
+        assert f"(proposal {opened.id}) stopped" in stderr, stderr
+
+
+@pytest.mark.parametrize("json_output", [False, True])
+def test_a_swap_stopped_before_its_proposal_was_made_says_so_and_names_no_proposal(
+    redis_client, tiny, json_output, capsys,  # noqa: F811
+):
+    """Stopped while this machine still checked the weights (no proposal opened yet), a swap
+    said "stopped and withdrawn", and its --json outcome named a proposal whose id was ""."""
+    import typer
+
+    from persona.cli.checkpoints_cmd import _Command, _draft, _stop_reported
+
+    command = _Command(_draft("tiny", "v1", "swap"), timeout_s=300, client=redis_client)
+    command.draft.previous = "base"
+    with pytest.raises(typer.Exit), _stop_reported(json_output, command):
+        raise KeyboardInterrupt  # Ctrl-C
+    stdout, stderr = capsys.readouterr()
+    said = "swap of 'tiny' to 'v1' stopped (Ctrl-C) before a proposal was made, so no worker was asked; nothing changed"
+    if json_output:
+        outcome = json.loads(stdout)
+        assert "id" not in outcome["proposal"] and outcome["committed"] is False
+        assert outcome["problem"].startswith(said) and outcome["error"]["kind"] == "SwapRefused"
+    else:
+        assert said in " ".join(stderr.split()) and "withdrawn" not in stderr
 
 
 def test_every_swap_and_rollback_json_outcome_says_ok_and_a_refusal_its_error_as_every_command_does(

@@ -9,7 +9,7 @@ import json
 import math
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -108,17 +108,18 @@ def _check_here(settings: Settings, client: redis.Redis, persona: Persona, targe
 
 def perform_swap(
     settings: Settings, client: redis.Redis, persona: Persona, target: str, *, kind: str = "swap",
-    timeout_s: float = DEFAULT_TIMEOUT_S,
+    timeout_s: float = DEFAULT_TIMEOUT_S, on_open: Callable[[swaps.SwapProposal], None] | None = None,
 ) -> swaps.SwapOutcome:
     """Check, propose, gather the vote of every live worker that serves the persona, and
-    commit or withdraw."""
+    commit or withdraw (``on_open``: see ``swap.run_swap``)."""
     _check_here(settings, client, persona, target, len(live_worker_ids(client)), len(swaps.voters(client, persona.name)))
     with console.status("asking the workers to load and check it") as status:
 
         def progress(ready: int, total: int) -> None:
             status.update(f"workers that loaded and checked {target}: {ready}/{total}")
 
-        return swaps.swap_persona(client, persona, target, kind=kind, timeout_s=timeout_s, on_progress=progress)
+        return swaps.swap_persona(client, persona, target, kind=kind, timeout_s=timeout_s, on_progress=progress,
+                                  on_open=on_open)
 
 
 def _seconds(value: float) -> float:
@@ -134,12 +135,13 @@ def _timeout_option():
                         help="seconds to wait for every worker to be ready")
 
 
-def _print_outcome(outcome: swaps.SwapOutcome, kind: str = SwapRefused.__name__) -> None:
+def _print_outcome(outcome: swaps.SwapOutcome, kind: str = SwapRefused.__name__, *, unopened: bool = False) -> None:
     """An outcome as ``--json`` prints it: its own fields, ``ok`` (committed), and for one not
     committed the ``error`` every other failing command prints (``kind``, its ``problem`` as
     the message). A refusal had no ``ok`` and no ``error``: a script that read those, as
-    `persona swap --timeout 0 --json` gives them, took a refused swap for a success."""
-    shown = {"ok": outcome.committed, **outcome.model_dump(mode="json")}
+    `persona swap --timeout 0 --json` gives them, took a refused swap for a success.
+    ``unopened``: no proposal was made, so it has no id (one of "" read as an id)."""
+    shown = {"ok": outcome.committed, **outcome.model_dump(mode="json", exclude={"proposal": {"id"}} if unopened else None)}
     if not outcome.committed:
         shown["error"] = {"kind": kind, "message": outcome.problem}
     print(json.dumps(shown, ensure_ascii=False), flush=True)
@@ -196,6 +198,12 @@ class _Command:
     started: float = dataclasses.field(default_factory=time.time)
     client: redis.Redis | None = None
 
+    def opened(self, proposal: swaps.SwapProposal) -> None:
+        """Note the proposal as the swap opened it (its id, its voters): a stop then names it.
+        In place: ``_refusal_as_json`` reports the same draft."""
+        for name in type(proposal).model_fields:
+            setattr(self.draft, name, getattr(proposal, name))
+
 
 @contextlib.contextmanager
 def _stop_reported(json_output: bool, command: _Command) -> Iterator[None]:
@@ -212,7 +220,8 @@ def _stop_reported(json_output: bool, command: _Command) -> Iterator[None]:
             committed, said = _after_stop(command, how)
             with contextlib.suppress(OSError):  # the terminal may be gone (SIGHUP)
                 if json_output:  # withdrawn: the old version serves on, as after a refusal
-                    _print_outcome(swaps.SwapOutcome(proposal=command.draft, committed=committed, problem=said))
+                    _print_outcome(swaps.SwapOutcome(proposal=command.draft, committed=committed, problem=said),
+                                   unopened=not command.draft.id)
                 else:
                     err_console.print(said, style="yellow", markup=False, highlight=False)
             raise typer.Exit(stopping.exit_status()) from None
@@ -220,11 +229,17 @@ def _stop_reported(json_output: bool, command: _Command) -> Iterator[None]:
 
 def _after_stop(command: _Command, how: str) -> tuple[bool, str]:
     """Whether a stopped swap had been committed all the same (stopped just after), and what
-    to tell the operator, as Redis says within a moment."""
+    to tell the operator, as Redis says within a moment. A swap stopped before its proposal
+    was opened (checking the weights here, say) has no proposal to name or withdraw: its
+    JSON showed a proposal id of ""."""
     draft, client = command.draft, command.client
-    what = f"{draft.kind} of {draft.persona!r}" + (f" to {draft.target!r}" if draft.target else "")
+    what = (f"{draft.kind} of {draft.persona!r}" + (f" to {draft.target!r}" if draft.target else "")
+            + (f" (proposal {draft.id})" if draft.id else ""))
     if client is None or not draft.previous or not draft.target:
         return False, f"{what} stopped ({how}) before any worker was asked; nothing changed"
+    if not draft.id:
+        return False, (f"{what} stopped ({how}) before a proposal was made, so no worker was asked; nothing changed: "
+                       f"{draft.persona!r} keeps {draft.previous}")
     try:
         with retrying_until(time.monotonic() + swaps.WITHDRAW_WAIT_S):
             serving = swaps.active_versions(client).get(draft.persona)
@@ -391,7 +406,7 @@ def swap(
             else:
                 console.print(f"{escape(persona.name)} already serves {escape(target)}", highlight=False)
             return
-        outcome = perform_swap(settings, client, persona, target, timeout_s=timeout)
+        outcome = perform_swap(settings, client, persona, target, timeout_s=timeout, on_open=command.opened)
     _report(outcome, json_output, command.started)
 
 
@@ -410,7 +425,8 @@ def rollback(
         client = command.client = connect(settings)
         draft.previous = current_version(client, persona)
         target = draft.target = swaps.rollback_target(client, persona.name)
-        outcome = perform_swap(settings, client, persona, target, kind="rollback", timeout_s=timeout)
+        outcome = perform_swap(settings, client, persona, target, kind="rollback", timeout_s=timeout,
+                               on_open=command.opened)
     _report(outcome, json_output, command.started)
 
 

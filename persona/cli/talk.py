@@ -126,23 +126,43 @@ def _check_persona(settings: Settings, name: str) -> None:
     PersonaRegistry.from_settings(settings).get(name)
 
 
-def say_if_no_worker(client: QueueClient, wait_s: float, starters: str = WORKER_STARTERS) -> None:
-    """Say so when no worker is live: the wait ahead is then a full deadline, and the
-    user heard nothing until its end ("no worker answered ... in time"). A worker still
-    loading its models is named as starting: "no worker is running" sent people to start
-    one while `persona up` was starting it."""
+def no_worker_note(client: QueueClient, wait_s: float, starters: str = WORKER_STARTERS) -> str | None:
+    """What to tell the user when no worker is live (None when one is): the wait ahead is
+    then a full deadline, and the user heard nothing until its end ("no worker answered ...
+    in time"). A worker still loading its models is named as starting: "no worker is
+    running" sent people to start one while `persona up` was starting it."""
     if heartbeat.live_worker_ids(client.redis):
-        return
+        return None
     starting = heartbeat.starting_workers(client.redis)
     if starting:
         first = starting[0]  # the one starting longest: most likely the first to serve
         others = f" (and {len(starting) - 1} more)" if len(starting) > 1 else ""
         doing = f"{first.doing()}, " if first.persona else ""
-        said = (f"a worker is starting{others} ({doing}{first.loading_s:.0f} s so far); "
+        return (f"a worker is starting{others} ({doing}{first.loading_s:.0f} s so far); "
                 f"this waits in the queue until it serves, up to {wait_s:.0f} s")
-    else:
-        said = f"no worker is running yet; this waits in the queue for one, up to {wait_s:.0f} s ({starters})"
+    return f"no worker is running yet; this waits in the queue for one, up to {wait_s:.0f} s ({starters})"
+
+
+def say_if_no_worker(client: QueueClient, wait_s: float, starters: str = WORKER_STARTERS) -> None:
+    """Say so on stderr when no worker is live (see ``no_worker_note``)."""
+    said = no_worker_note(client, wait_s, starters)
+    if said is not None:
+        err_console.print(said, style="yellow", markup=False, highlight=False)
+
+
+def queue_if_no_worker(
+    client: QueueClient, request: GenerationRequest, wait_s: float, starters: str = WORKER_STARTERS,
+) -> GenerationRequest | None:
+    """With no worker live, queue the request, then say that it waits (``no_worker_note``);
+    the request as queued, to wait for. None when a worker is live: ``ask`` queues it and
+    starts waiting in one round trip. Said before the request was sent, "this waits in the
+    queue" came ahead of a full queue's refusal (QueueBusy, now said alone)."""
+    said = no_worker_note(client, wait_s, starters)
+    if said is None:
+        return None
+    queued = client.submit(request)
     err_console.print(said, style="yellow", markup=False, highlight=False)
+    return queued
 
 
 @friendly_errors
@@ -188,10 +208,10 @@ def ask(
     )
     check_request(request, settings.queue)  # an empty or too long message is refused before Redis is needed
     client = _client(settings, longer=ASK_LONGER)
-    say_if_no_worker(client, timeout or settings.queue.default_deadline_s)
     with stop_signals_as_ctrl_c() as stopping:
         try:
-            reply = client.ask(request, timeout=timeout)
+            queued = queue_if_no_worker(client, request, timeout or settings.queue.default_deadline_s)
+            reply = client.ask(request, timeout=timeout) if queued is None else client.wait(queued, timeout=timeout)
         except KeyboardInterrupt:
             _withdraw_asked(client, request, json_output)
             raise typer.Exit(stopping.exit_status()) from None
@@ -308,9 +328,9 @@ def run_chat(
         # Whatever goes wrong with this message, it is dropped and the chat goes on.
         problem = None
         try:
-            say_if_no_worker(client, settings.queue.default_deadline_s, starters)
+            queued = queue_if_no_worker(client, request, settings.queue.default_deadline_s, starters)
             with console.status(f"{persona} is thinking..."):
-                reply = client.ask(request)
+                reply = client.ask(request) if queued is None else client.wait(queued)
         except KeyboardInterrupt:  # as in a shell
             history.pop()
             withdrawn = withdraw(client, [request])
