@@ -2,8 +2,10 @@
 
 ``static_problem`` looks at the folder only (cheap, runs in the CLI): weights files
 present, readable config, a ``checkpoint.json`` that ``persona checkpoints`` can list
-(refused in the same words), trained on the persona's base, full weights' safetensors
-files all there and whole (their headers read; in the words loading refuses them with).
+(refused in the same words), trained on the persona's base, its weights files (full weights'
+or an adapter's, safetensors or pickled) all there and whole (their headers or zip directories
+read; in the words loading refuses them with), and an adapter's shapes those its base's
+config.json gives it.
 ``loaded_problem`` compares a loaded candidate with the weights serving now (same
 parameter names and shapes); the pool's warm-up of its engine has already run it once
 (finite logits). Each returns a sentence naming the problem, or None when it is fine.
@@ -16,10 +18,15 @@ from pathlib import Path
 
 from persona.checkpoints import METADATA_FILE, read_checkpoint
 from persona.errors import ModelError
+from persona.lora import config_misfit
 from persona.models import BUNDLED_ALIASES, LoadedModel
 from persona.personas import Persona
 from persona.weights_files import DAMAGED_ADVICE as REDO_ADVICE
-from persona.weights_files import check_weights_files, is_lora_dir
+from persona.weights_files import (
+    check_adapter_weights_file,
+    check_weights_files,
+    is_lora_dir,
+)
 
 __all__ = ["loaded_problem", "same_base", "static_problem"]
 
@@ -57,7 +64,7 @@ def static_problem(persona: Persona, folder: Path) -> str | None:
     _, problem = _json_object(folder, config_name)
     if problem:
         return problem
-    if not any(any(folder.glob(pattern)) for pattern in WEIGHT_PATTERNS):
+    if not lora and not any(any(folder.glob(pattern)) for pattern in WEIGHT_PATTERNS):  # an adapter's: its own check names it
         return f"checkpoint {folder} holds no weights files (*.safetensors or *.bin)"
     if (folder / METADATA_FILE).is_file():
         try:
@@ -69,12 +76,26 @@ def static_problem(persona: Persona, folder: Path) -> str | None:
                 f"checkpoint {folder.name} was trained on base {trained_on!r}, but persona "
                 f"{persona.name!r} runs on {persona.model.base!r} (wrong base)"
             )
-    if not lora:
-        try:
-            check_weights_files(folder)  # headers only: every worker a swap asked loaded them to find this
-        except ModelError as exc:  # in the words loading refuses them with
-            return str(exc)
+    try:  # headers only: every worker a swap asked loaded them to find this; in the words loading refuses them with
+        if not lora:
+            check_weights_files(folder)
+        elif (held := check_adapter_weights_file(folder)) is not None:
+            return _lora_misfit(persona, folder, held)
+    except ModelError as exc:
+        return str(exc)
     return None
+
+
+def _lora_misfit(persona: Persona, folder: Path, held: dict[str, tuple[int, ...]]) -> str | None:
+    """A LoRA adapter of other shapes than the persona's base (a local folder) gives it, told from
+    the base's config.json, in the words loading it refuses it with; None where that cannot be told."""
+    if persona.model.base in BUNDLED_ALIASES:  # its config is written only once it is converted
+        return None
+    try:
+        base_config = json.loads((Path(persona.model.base).expanduser() / "config.json").read_text())
+    except (OSError, ValueError):  # no base there: its own check says so
+        return None
+    return config_misfit(folder, base_config, held) if isinstance(base_config, dict) else None
 
 
 def loaded_problem(candidate: LoadedModel, reference: LoadedModel | None, label: str) -> str | None:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from persona.errors import ConfigError, DataDirUnwritable, ModelError
-from persona.lora import merge_lora
+from persona.lora import merge_lora, refuse_misfit
 from persona.weights_files import (
     WEIGHTS_FILE,
     WEIGHTS_INDEX_FILE,
@@ -387,6 +387,8 @@ def load_model(
         config = AutoConfig.from_pretrained(weights_dir)
     except Exception as exc:
         raise ModelError(f"cannot load the model from {weights_dir}: {exc}") from exc
+    if lora is not None:  # from the base's config: loading the base first to find it took seconds
+        refuse_misfit(lora, config)
     model = None if from_gguf else weights()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -509,7 +509,7 @@ def test_personas_validate_finds_what_the_worker_would_refuse_in_a_model_folder(
     tokenized = tmp_path / "tokenized-lora"  # a checkpoint that saved its own tokenizer is enough
     tokenized.mkdir()
     (tokenized / "adapter_config.json").write_text("{}")
-    (tokenized / "adapter_model.safetensors").write_bytes(b"weights")
+    (tokenized / "adapter_model.safetensors").write_bytes((2).to_bytes(8, "little") + b"{}")  # whole, if empty
     (tokenized / "tokenizer_config.json").write_text("{}")
     folder = tmp_path / "mine"
     folder.mkdir()

@@ -13,7 +13,7 @@ from persona.errors import DataDirUnwritable, ModelError
 from persona.models import load_model, resolve_base
 
 
-def make_lora(base_dir: Path, out: Path, *, scale: float = 0.5) -> Path:
+def make_lora(base_dir: Path, out: Path, *, scale: float = 0.5, pickled: bool = False) -> Path:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -23,8 +23,15 @@ def make_lora(base_dir: Path, out: Path, *, scale: float = 0.5) -> Path:
         for name, param in peft_model.named_parameters():
             if "lora_B" in name:
                 param.mul_(scale * 100)
-    peft_model.save_pretrained(out)
+    peft_model.save_pretrained(out, safe_serialization=not pickled)  # pickled: adapter_model.bin, as older peft wrote
     return out
+
+
+def persona_on(base_dir: Path):
+    """A persona served on ``base_dir``, for the checks made before any weights load."""
+    from persona.personas import Persona
+
+    return Persona.model_validate({"name": "tiny", "model": {"base": str(base_dir)}, "prompt": {"system": "Be."}})
 
 
 def test_lora_checkpoint_is_merged_and_changes_the_output(tiny_llama_dir, tmp_path):
@@ -183,27 +190,61 @@ def test_a_worker_decoding_with_torch_converts_the_bundled_model_in_one_pass(tmp
     assert _conversions_started(caplog) == ["converting the weights of the bundled model"]
 
 
-@pytest.mark.parametrize("damage", ["cut short", "missing"])
-def test_a_damaged_lora_checkpoint_is_called_damaged_not_a_misfit(tiny_llama_dir, tmp_path, damage):
-    """Its own base cannot fix a half-copied adapter: the error must not send the user looking for another."""
-    lora = make_lora(tiny_llama_dir, tmp_path / "lora")
-    weights = lora / "adapter_model.safetensors"
+@pytest.mark.parametrize(("damage", "file"), [
+    ("cut short", "adapter_model.safetensors"), ("missing", "adapter_model.safetensors"),
+    ("cut short", "adapter_model.bin"), ("garbage", "adapter_model.bin"),
+])
+def test_a_damaged_lora_checkpoint_is_called_damaged_not_a_misfit(tiny_llama_dir, tmp_path, damage, file):
+    """Its own base cannot fix a half-copied adapter: the error must not send the user looking for another.
+    `persona swap` (and `personas validate`) let it through to be loaded, by every worker it asked."""
+    from persona.checkpoint_checks import static_problem
+
+    lora = make_lora(tiny_llama_dir, tmp_path / "lora", pickled=file.endswith(".bin"))
+    weights = lora / file
     if damage == "cut short":
         weights.write_bytes(weights.read_bytes()[: weights.stat().st_size * 9 // 10])
+    elif damage == "garbage":
+        weights.write_bytes(b"PK\x03\x04 not really a zip archive" * 100)
     else:
         weights.unlink()
-    with pytest.raises(ModelError, match="adapter_model.safetensors.*(unreadable|missing)") as refused:
+    with pytest.raises(ModelError, match=f"{file}.*(unreadable|missing)") as refused:
         load_model(str(tiny_llama_dir), lora, cache_dir=tmp_path)
     assert "does not fit" not in str(refused.value)
+    assert static_problem(persona_on(tiny_llama_dir), lora) == str(refused.value)  # before any load, in the same words
+
+
+def pickled_weights(base_dir: Path, out: Path, *, shards: int = 1) -> Path:
+    """A copy of the base as full weights in torch's pickled files (pytorch_model.bin, or shards and
+    their index), as transformers wrote them before safetensors (it writes none itself now)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    model.config.save_pretrained(out)
+    weights = {name: t.contiguous() for name, t in model.state_dict().items()}
+    if shards == 1:
+        torch.save(weights, out / "pytorch_model.bin")
+        return out
+    weight_map = {}
+    for shard in range(1, shards + 1):
+        file = f"pytorch_model-{shard:05d}-of-{shards:05d}.bin"
+        names = sorted(weights)[shard - 1::shards]
+        torch.save({name: weights[name] for name in names}, out / file)
+        weight_map |= dict.fromkeys(names, file)
+    (out / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return out
 
 
 def full_checkpoint(base_dir: Path, out: Path, damage: str) -> Path:
-    """A copy of the base as full weights (in two shards for a shard's damage), damaged as said."""
+    """A copy of the base as full weights (in two shards for a shard's damage; pickled for a .bin's),
+    damaged as said."""
     from transformers import AutoModelForCausalLM
 
-    AutoModelForCausalLM.from_pretrained(base_dir).save_pretrained(out, max_shard_size="100KB" if "shard" in damage else "1GB")
-    weights = max(out.glob("model*.safetensors"))  # the second shard, when sharded
-    if damage == "shard missing":
+    if ".bin" in damage:
+        pickled_weights(base_dir, out, shards=2 if "shard" in damage else 1)
+    else:
+        AutoModelForCausalLM.from_pretrained(base_dir).save_pretrained(out, max_shard_size="100KB" if "shard" in damage else "1GB")
+    weights = max(out.glob("model*.safetensors") if ".bin" not in damage else out.glob("pytorch_model*.bin"))
+    if damage.endswith("shard missing"):
         weights.unlink()
     else:  # a copy that did not finish
         weights.write_bytes(weights.read_bytes()[: weights.stat().st_size * 9 // 10])
@@ -214,11 +255,15 @@ def full_checkpoint(base_dir: Path, out: Path, damage: str) -> Path:
     ("cut short", r"its model\.safetensors is unreadable \(it holds [\d,]+ bytes where its header names [\d,]+\), cut short"),
     ("shard cut short", r"its model-00002-of-00002\.safetensors is unreadable \(it holds [\d,]+ bytes where its header"),
     ("shard missing", r"has its model\.safetensors\.index\.json but its model-00002-of-00002\.safetensors is missing"),
+    (".bin cut short", r"its pytorch_model\.bin is unreadable \(it is not a whole zip archive at [\d,]+ bytes: "),
+    (".bin shard cut short", r"its pytorch_model-00002-of-00002\.bin is unreadable \(it is not a whole zip archive"),
+    (".bin shard missing", r"has its pytorch_model\.bin\.index\.json but its pytorch_model-00002-of-00002\.bin is missing"),
 ])
 def test_a_full_weights_checkpoint_cut_short_is_called_damaged_before_and_when_loading(
         tiny_llama_dir, tmp_path, damage, said):
-    """It was refused only by loading it, in safetensors' words ("incomplete metadata, file not
-    fully covered") and no advice; `persona swap` found it so by every worker it asked."""
+    """It was refused only by loading it, in safetensors' or torch's words ("incomplete metadata, file
+    not fully covered", "failed finding central directory") and no advice; `persona swap` found it so
+    by every worker it asked."""
     from persona.checkpoint_checks import static_problem
     from persona.personas import Persona
 
@@ -246,6 +291,62 @@ def test_a_lora_adapter_for_a_base_of_another_size_is_refused_in_a_sentence(tiny
     assert "(model.layers.0.self_attn.q_proj.lora_A.weight: [4, 64] in the file, [4, 32] in this model; " in said, said
     assert said.endswith("; ...); serve it on the base it was trained on, or train it again on this one"), said
     assert "size mismatch" not in said and "\n" not in said and len(said) < 600, said
+
+
+@pytest.mark.parametrize("shards", [1, 2])
+def test_whole_pickled_full_weights_pass_the_checks_and_load(tiny_llama_dir, tmp_path, shards):
+    """The checks read a pickled file's zip directory, not its tensors: a whole one is not refused."""
+    from persona.checkpoint_checks import static_problem
+
+    checkpoint = pickled_weights(tiny_llama_dir, tmp_path / "full", shards=shards)
+    assert static_problem(persona_on(tiny_llama_dir), checkpoint) is None
+    assert load_model(str(tiny_llama_dir), checkpoint, cache_dir=tmp_path / "cache").fine_tuned
+
+
+def lora_for_another_base(base_dir: Path, out: Path, **changes) -> Path:
+    """A LoRA adapter trained on the base's family at other dimensions (``changes`` to its config)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    other = AutoConfig.from_pretrained(base_dir)
+    for name, value in changes.items():
+        setattr(other, name, value)
+    other._name_or_path = "another-base"
+    targets = ["c_attn", "c_fc"] if other.model_type == "gpt2" else ["q_proj", "v_proj", "down_proj"]
+    get_peft_model(AutoModelForCausalLM.from_config(other), LoraConfig(r=4, target_modules=targets)).save_pretrained(out)
+    return out
+
+
+def base_without_weights(base_dir: Path, out: Path) -> Path:
+    """A copy of a base whose weights file is garbage: loading it fails, its config reads."""
+    import shutil
+
+    shutil.copytree(base_dir, out)
+    (out / "model.safetensors").write_bytes(b"not weights")
+    return out
+
+
+@pytest.mark.parametrize(("base", "changes", "said"), [
+    ("llama", {"hidden_size": 64, "intermediate_size": 128}, "8 of its 12 weights have other shapes than this model's"),
+    ("llama", {"num_hidden_layers": 3}, "its weights are for a model of at least 3 layers, this one has 2"),
+    ("gpt2", {"n_embd": 64}, "all 8 of its weights have other shapes than this model's"),
+])
+def test_a_lora_adapter_for_a_base_of_another_size_is_refused_before_the_base_loads(
+        tiny_llama_dir, tiny_gpt2_dir, tmp_path, base, changes, said):
+    """The base loaded first (11-16 s for the bundled model) and only then was the adapter found not
+    to fit; one for a deeper base was served, its extra layers' weights left out without a word.
+    The base here cannot load at all: refused for its weights, it would say "cannot load the model"."""
+    from persona.checkpoint_checks import static_problem
+
+    base_dir = tiny_llama_dir if base == "llama" else tiny_gpt2_dir
+    lora = lora_for_another_base(base_dir, tmp_path / "lora", **changes)
+    unloadable = base_without_weights(base_dir, tmp_path / "base")
+    with pytest.raises(ModelError, match="does not fit this base model") as refused:
+        load_model(str(unloadable), lora, cache_dir=tmp_path / "cache")
+    sentence = str(refused.value)
+    assert f"(it was trained on another-base): {said}" in sentence, sentence
+    assert sentence.endswith("; serve it on the base it was trained on, or train it again on this one"), sentence
+    assert static_problem(persona_on(unloadable), lora) == sentence  # `persona swap`, without torch: the same words
 
 
 def test_a_lora_adapter_missing_some_of_its_weights_is_refused_naming_them(tiny_llama_dir, tmp_path):

@@ -199,3 +199,26 @@ def test_a_second_ctrl_c_between_evaluations_keeps_the_last_save(env, settings: 
     resumed = persona("train", "hasty", "--resume", env=env)
     assert resumed.returncode == 0, resumed.stderr
     assert "registered hasty v1" in resumed.stdout
+
+
+@pytest.mark.parametrize("killed", ["with the old set aside", "before the old were removed"])
+def test_a_run_killed_while_it_replaced_its_best_weights_resumes_with_its_best(settings: Settings, corpus: Path,
+                                                                              tiny_gpt2_dir: Path, killed: str):
+    """A save of better weights moves the best ones aside (best.old) before the new take their place,
+    and removes them after. Killed with them set aside (no best/), the resumed run took the weights
+    it stopped with for its best; killed before their removal, best.old stayed for good."""
+    four_evals = TrainConfig(base=str(tiny_gpt2_dir), steps=8, batch_size=2, eval_every=4, samples=0)
+    assert train_persona(settings, "calm", corpus, four_evals, reporter=Recorder(stop_at=5)).checkpoint is None
+    best = settings.data_dir / "runs" / "calm" / "best"  # the best weights, evaluated at step 4
+    kept = {file.name: file.read_bytes() for file in best.iterdir()}
+    if killed == "with the old set aside":  # the new weights were never put in place
+        best.rename(best.with_name("best.old"))
+    else:  # in place, and the old weights, copies here, still beside them
+        (best.with_name("best.old")).mkdir()
+        for name, data in kept.items():
+            (best.with_name("best.old") / name).write_bytes(data)
+
+    stopped = train_persona(settings, "calm", corpus, four_evals, resume=True, reporter=Recorder(stop_at=6))
+    assert stopped.result.status == "interrupted" and stopped.result.metrics["best_step"] == 4
+    assert {file.name: file.read_bytes() for file in best.iterdir()} == kept
+    assert not best.with_name("best.old").exists()

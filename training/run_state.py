@@ -25,7 +25,13 @@ import torch
 
 from persona.errors import ModelError
 from training.run_folder import PROGRESS_FILE, RUN_FILE, STATE_FILE
-from training.weights import load_weights, saving, trainable
+from training.weights import (
+    SET_ASIDE_SUFFIX,
+    load_weights,
+    restore_set_aside,
+    saving,
+    trainable,
+)
 
 if TYPE_CHECKING:
     from training.train_config import TrainConfig
@@ -149,6 +155,10 @@ class SavedState:
         path = self.run_dir / STATE_FILE
         if not path.is_file():
             raise ModelError(f"nothing to resume: {path} does not exist; start without --resume")
+        # A run killed while it replaced its best weights left them set aside, and no best/: the
+        # resumed run took its last weights for the best, and registered those.
+        for old in self.run_dir.glob(f"*{SET_ASIDE_SUFFIX}"):
+            restore_set_aside(old.with_name(old.name.removesuffix(SET_ASIDE_SUFFIX)))
         try:
             payload = torch.load(path, weights_only=False)
         except Exception as exc:  # cut short, or not a save: torch says so in its own words
@@ -181,11 +191,14 @@ def write_record(run_dir: Path, record: dict[str, Any]) -> None:
 
 def remove_leftovers(run_dir: Path, keep: Collection[str | None] = ()) -> None:
     """Remove what no save in progress needs: the partial files of a save cut short by a crash
-    (``state.pt.tmp`` is as big as the state) and the folders of linked weights not in ``keep``."""
+    (``state.pt.tmp`` is as big as the state), the folders of linked weights not in ``keep``, and
+    best weights a save set aside (a resumed run put back any it needed when it loaded its state;
+    a new run needs none)."""
     if not run_dir.is_dir():
         return
     for path in run_dir.iterdir():
-        if path.name.endswith(".tmp") or (path.name.startswith(WEIGHTS_PREFIX) and path.name not in keep):
+        if (path.name.endswith((".tmp", SET_ASIDE_SUFFIX))
+                or (path.name.startswith(WEIGHTS_PREFIX) and path.name not in keep)):
             if path.is_dir():
                 shutil.rmtree(path, ignore_errors=True)
             else:

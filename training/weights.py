@@ -14,7 +14,9 @@ import torch
 
 from persona.errors import ModelError
 
-__all__ = ["load_weights", "save_weights", "saving", "trainable"]
+__all__ = ["SET_ASIDE_SUFFIX", "load_weights", "restore_set_aside", "save_weights", "saving", "trainable"]
+
+SET_ASIDE_SUFFIX = ".old"  # the best weights a save replaces wait under this name until the new ones are in place
 
 
 def trainable(model: Any) -> dict[str, torch.Tensor]:
@@ -52,12 +54,26 @@ def save_weights(model: Any, tokenizer: Any, folder: Path, *, resumable: bool = 
         tokenizer.save_pretrained(staging)
     # The old folder moves aside before the new one takes its place, and goes only then: removed
     # first, a kill between the two left no best weights, and the resumed run registered its last.
-    old = folder.with_name(folder.name + ".old")
+    # A kill between the renames leaves only the old folder: ``restore_set_aside`` puts it back.
+    old = folder.with_name(folder.name + SET_ASIDE_SUFFIX)
     shutil.rmtree(old, ignore_errors=True)
     if folder.exists():
         folder.rename(old)
     staging.rename(folder)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def restore_set_aside(folder: Path) -> None:
+    """Finish what a kill inside ``save_weights`` left: the old weights set aside and the new not
+    yet in place (put the old back: they are the best the saved state knows), or the new in place
+    and the old not yet removed (remove them)."""
+    old = folder.with_name(folder.name + SET_ASIDE_SUFFIX)
+    if not old.is_dir():
+        return
+    if folder.is_dir():
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        old.rename(folder)
 
 
 def load_weights(model: Any, kind: str, folder: Path) -> None:
