@@ -52,6 +52,37 @@ async def test_pairing_approve_list_and_revoke(env, redis_url: str, redis_client
     await client.aclose()
 
 
+async def test_access_approve_and_revoke_json_print_one_object_and_a_refusal_as_the_json_failure(env, redis_url,
+                                                                                                  redis_client):
+    """`access list` had --json and `access approve` and `access revoke` did not; a revoke of a
+    user never approved was a bare line on stderr."""
+    client = redis.asyncio.Redis.from_url(redis_url)
+    access = AccessControl(client, "discord", "pairing", [], code_ttl_s=600)
+    refusal = await access.check("77", "Grace")
+    code = refusal.reply.split("pairing code is ")[1].split(".")[0]
+
+    approved = persona("access", "approve", code, "--json", env=env)
+    assert approved.returncode == 0, approved.stderr
+    shown = json.loads(approved.stdout)
+    assert (shown["ok"], shown["code"], shown["platform"], shown["user"], shown["name"]) == (True, code, "discord", "77", "Grace")
+    again = persona("access", "approve", code, "--json", env=env)
+    assert (again.returncode, again.stderr) == (1, "")
+    assert json.loads(again.stdout)["error"] == {
+        "kind": "ConfigError", "message": f"no pending pairing code {code!r} (codes expire); see `persona access list`"}
+
+    revoked = persona("access", "revoke", "discord", "77", "--json", env=env)
+    assert revoked.returncode == 0, revoked.stderr
+    assert json.loads(revoked.stdout) == {"ok": True, "platform": "discord", "user": "77"}
+    assert not (await access.check("77")).allowed
+    never = persona("access", "revoke", "discord", "77", "--json", env=env)
+    assert (never.returncode, never.stderr) == (1, "")
+    assert json.loads(never.stdout) == {"ok": False, "error": {
+        "kind": "ConfigError", "message": "discord user 77 was not approved; `persona access list` shows who is"}}
+    plain = persona("access", "revoke", "discord", "77", env=env)
+    assert (plain.returncode, plain.stdout) == (1, "") and "discord user 77 was not approved" in plain.stderr
+    await client.aclose()
+
+
 @pytest.mark.parametrize("platform", ["telegram", "discord"])
 def test_an_adapter_without_a_token_says_what_to_set(env, platform: str):
     result = persona(platform, env=env)

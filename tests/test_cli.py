@@ -106,6 +106,39 @@ def test_personas_show_unknown_is_a_clear_error(env):
     assert "unknown persona 'nobody'" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_personas_list_show_and_validate_json_print_one_object_and_a_problem_as_the_json_failure(env, tmp_path: Path):
+    """Of the personas commands none had --json: a script split `list` on tabs and read
+    `validate`'s ✓ and ✗ marks."""
+    import json
+
+    listed = persona("personas", "list", "--json", env=env)
+    assert listed.returncode == 0, listed.stderr
+    shown = json.loads(listed.stdout)
+    sage = next(p for p in shown["personas"] if p["name"] == "sage")
+    assert (sage["base"], sage["checkpoint"]) == ("smollm2", None) and sage["source"].endswith("sage.toml")
+    assert (shown["invalid"], shown["unfinished_runs"]) == ([], [])
+
+    one = json.loads(persona("personas", "show", "sage", "--json", env=env).stdout)
+    assert one["name"] == "sage" and one["model"]["base"] == "smollm2" and one["source"] == sage["source"]
+    unknown = persona("personas", "show", "sgae", "--json", env=env)
+    assert (unknown.returncode, unknown.stderr) == (1, "")
+    failed = json.loads(unknown.stdout)
+    assert (failed["ok"], failed["error"]["kind"]) == (False, "UnknownPersona") and "'sage'" in failed["error"]["message"]
+
+    checked = persona("personas", "validate", "sage", "--json", env=env)
+    assert checked.returncode == 0, checked.stderr
+    assert json.loads(checked.stdout) == {"ok": True, "checked": [{"path": sage["source"], "problem": None,
+                                                                   "overridden_by": None}]}
+    bad = tmp_path / "wrong.toml"
+    bad.write_text("[sampling]\nmax_new_tokens = 0\n")
+    refused = persona("personas", "validate", str(bad), "sage", "--json", env=env)
+    assert (refused.returncode, refused.stderr) == (1, "")
+    outcome = json.loads(refused.stdout)
+    [wrong, fine] = outcome["checked"]
+    assert wrong["path"] == str(bad) and "sampling.max_new_tokens" in wrong["problem"] and fine["problem"] is None
+    assert (outcome["ok"], outcome["error"]) == (False, {"kind": "ConfigError", "message": wrong["problem"]})
+
+
 def test_ask_without_a_running_service_says_how_to_start_one(env):
     result = persona("ask", "sage", "hello", env=env)
     assert result.returncode == 1
@@ -838,6 +871,60 @@ def test_a_message_with_nothing_visible_is_refused_as_empty(env, monkeypatch):
         result = invoke(monkeypatch, env, "ask", "sage", message)
         assert result.exit_code == 1, result.output
         assert "the message is empty; say something" in result.stderr, result.output
+
+
+def test_generate_json_prints_one_summary_object_with_the_samples_or_where_they_went(env, settings, redis_client,
+                                                                                     tmp_path: Path):
+    """`persona generate` had no --json: a script split its samples on lines of "=" and read
+    "wrote 2 samples to ..." and "1 of 2 samples not written" from stderr."""
+    import json
+
+    from tests.fakes.scripted_worker import scripted_worker
+
+    env["PERSONA_REDIS_URL"] = settings.redis_url.get_secret_value()
+    with scripted_worker(settings, lambda request: f" and {request.sampling.seed}"):
+        printed = persona("generate", "sage", "-n", "2", "--seed", "3", "--prefix", "Life is", "--json", env=env)
+        out = tmp_path / "samples.jsonl"
+        written = persona("generate", "sage", "-n", "2", "--seed", "3", "--out", str(out), "--json", env=env)
+    assert printed.returncode == 0, printed.stderr
+    assert json.loads(printed.stdout) == {"ok": True, "persona": "sage", "asked": 2, "written": 2, "out": None,
+                                          "samples": ["Life is and 3", "Life is and 4"]}
+    assert written.returncode == 0, written.stderr
+    assert json.loads(written.stdout) == {"ok": True, "persona": "sage", "asked": 2, "written": 2, "out": str(out)}
+    assert [json.loads(line)["text"] for line in out.read_text().splitlines()] == [" and 3", " and 4"]
+
+
+def test_generate_json_with_samples_missing_is_a_failed_summary(env, own_redis):
+    import json
+
+    _, url, _client = own_redis
+    env["PERSONA_REDIS_URL"] = url
+    result = persona("generate", "sage", "-n", "2", "--timeout", "1", "--json", env=env)
+    assert result.returncode == 1
+    shown = json.loads(result.stdout)
+    assert (shown["ok"], shown["written"], shown["samples"], shown["error"]["kind"]) == (False, 0, [], "ReplyTimeout")
+    assert shown["error"]["message"].startswith("2 of 2 samples not written: 2 not answered in time"), shown
+
+
+def test_generate_into_a_full_queue_with_no_worker_is_refused_without_saying_it_waits(env, own_redis):
+    """`persona generate` said "no worker is running yet; this waits in the queue for one" before
+    it sent anything, and then was refused as busy: no sample ever waited."""
+    from persona import constants as keys
+    from persona.contract import GenerationRequest, Priority
+    from persona.queue import QueueClient
+    from persona.settings import QueueSettings
+
+    _, url, client = own_redis
+    QueueClient(client, QueueSettings(max_length=1)).submit(
+        GenerationRequest(persona="sage", mode="complete", priority=Priority.batch))
+    env |= {"PERSONA_REDIS_URL": url, "PERSONA_QUEUE__MAX_LENGTH": "1"}
+    refused = persona("generate", "sage", "-n", "2", "--timeout", "5", env=env)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr
+    assert "the queue is full: persona:q:batch holds 1 request" in " ".join(refused.stderr.split()), refused.stderr
+    assert "waits in the queue" not in refused.stderr and "no worker is running yet" not in refused.stderr
+    assert client.xlen(keys.STREAM_BATCH) == 1
+    said = persona("generate", "sage", "-n", "1", "--timeout", "1", env=env | {"PERSONA_QUEUE__MAX_LENGTH": "2"})
+    assert "no worker is running yet; this waits in the queue for one, up to 1 s" in " ".join(said.stderr.split())
 
 
 def test_generate_waits_no_longer_than_its_timeout(env, own_redis):

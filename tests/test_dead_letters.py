@@ -433,3 +433,33 @@ def test_counters_redis_cannot_add_to_cost_the_dead_letter_commands_nothing_but_
     assert list_dead(redis_client) == []
     stats = {k.decode(): v.decode() for k, v in redis_client.hgetall(keys.STATS_KEY).items()}
     assert (stats["dead_lettered"], stats["retried"], stats["dropped"]) == ("abc", "abc", "abc")
+
+
+def test_retry_and_drop_json_print_one_object_and_a_refusal_as_the_json_failure(settings, redis_client, redis_url):
+    """`queue show` and `queue dead` had --json and `retry` and `drop` did not: a script read
+    "re-queued 2 dead letter(s)", and a "no" to the question ended it with nothing on stdout."""
+    for text in ("one", "two", "three"):
+        dead_letter(settings, redis_client, chat(text=text))
+    bad = redis_client.xadd(keys.STREAM_DEAD, {"r": b"not json", "reason": "malformed", "deliveries": 1}).decode()
+    [_, newest, middle, oldest] = [letter.id for letter in list_dead(redis_client)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PERSONA_")}
+    env |= {"PERSONA_DATA_DIR": str(settings.data_dir), "PERSONA_REDIS_URL": redis_url, "COLUMNS": "200"}
+
+    def queue_json(*args: str, stdin: str = "") -> tuple[int, dict, str]:
+        done = subprocess.run([sys.executable, "-m", "persona", "queue", *args, "--json"], env=env, input=stdin,
+                              capture_output=True, check=False, text=True, timeout=120)
+        return done.returncode, json.loads(done.stdout), done.stderr
+
+    assert queue_json("retry", oldest)[:2] == (0, {"ok": True, "requeued": [oldest], "full": {}, "unreadable": 0, "left": 0})
+    status, shown, _ = queue_json("retry", oldest)
+    assert (status, shown) == (1, {"ok": False, "error": {"kind": "QueueError",
+                                                          "message": f"no dead letter {oldest}; see `persona queue dead`"}})
+    # A "no" (asked on stderr, so stdout holds one object) is a failure that says what was not done.
+    status, shown, asked = queue_json("retry", "--all", stdin="n\n")
+    assert (status, shown["ok"], shown["error"]["message"]) == (1, False, "the answer was no, so nothing was re-queued")
+    assert "re-queue all 3 dead letter(s)?" in asked
+    assert queue_json("retry", "--all", "--yes")[:2] == (0, {"ok": True, "requeued": [newest, middle], "full": {},
+                                                             "unreadable": 1, "left": 1})
+    assert queue_json("drop", bad)[:2] == (0, {"ok": True, "dropped": 1})
+    assert queue_json("drop", "--all", "--yes")[:2] == (0, {"ok": True, "dropped": 0})
+    assert queue_json("retry", "--all")[:2] == (0, {"ok": True, "requeued": [], "full": {}, "unreadable": 0, "left": 0})

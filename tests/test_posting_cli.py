@@ -172,6 +172,35 @@ def test_approval_flow(settings, write_persona, env, redis_client):
     assert misspelt.returncode == 1 and "unknown persona 'carefull'" in misspelt.stderr
 
 
+def test_posts_reject_json_prints_the_rejected_post_and_a_refusal_as_the_json_failure(settings, write_persona, env,
+                                                                                         redis_client):
+    """`posts approve` had --json and `posts reject` did not: a script read "rejected ID (...)"."""
+    waiting = pending_post(settings, write_persona, "2026-03-01T09:00:00Z")
+    rejected = persona("posts", "reject", waiting, "--json", env=env)
+    assert rejected.returncode == 0, rejected.stderr
+    shown = json.loads(rejected.stdout)
+    assert (shown["ok"], shown["id"], shown["persona"], shown["state"]) == (True, waiting, "careful", "rejected")
+    assert shown["text"] == TEXTS[0] and shown["slot"] == "2026-03-01T09:00:00Z"
+    again = persona("posts", "reject", waiting, "--json", env=env)
+    assert (again.returncode, again.stderr) == (1, "")
+    assert json.loads(again.stdout) == {"ok": False, "error": {"kind": "PostingError",
+                                                               "message": f"post {waiting} was already rejected"}}
+
+
+def test_posts_pending_lists_one_personas_posts_with_persona(settings, write_persona, env, redis_client):
+    """`posts history` and `posts uncertain` took --persona and `posts pending` did not."""
+    careful = pending_post(settings, write_persona, "2026-03-01T09:00:00Z")
+    write_persona("wary", base="unused", schedule={"sinks": ["file:wary.jsonl"], "approval": True, "candidates": 1})
+    wary = Poster(settings, redis_client, lambda p, n, seed: TEXTS[1:][:n]).post("wary", slot="2026-03-01T09:00:00Z")
+    assert [p["id"] for p in json.loads(persona("posts", "pending", "--json", env=env).stdout)] == [careful, wary.approval_id]
+    only = json.loads(persona("posts", "pending", "--persona", "wary", "--json", env=env).stdout)
+    assert [(p["id"], p["persona"]) for p in only] == [(wary.approval_id, "wary")]
+    listed = persona("posts", "pending", "--persona", "careful", env=env)
+    assert careful in listed.stdout and wary.approval_id not in listed.stdout
+    none_yet = persona("posts", "pending", "--persona", "sage", env=env)  # a known persona with nothing waiting
+    assert (none_yet.returncode, none_yet.stdout) == (0, "no posts by sage waiting for approval\n")
+
+
 def test_a_post_waiting_for_approval_is_not_proposed_again(settings, write_persona, redis_client):
     """Two days' posts waiting for one approver were the same text: approving both posted it twice."""
     first = pending_post(settings, write_persona, "2026-03-10T09:00:00Z")
@@ -294,7 +323,7 @@ def test_a_persona_filter_that_names_no_persona_is_refused_with_the_name_meant(s
     persona", and `posts uncertain --persona sgae` said "no post is uncertain" in both modes:
     a typo read as a persona with nothing to show."""
     write_persona("sage", base="unused", schedule={"sinks": ["file:sage.jsonl"], "candidates": 1})
-    for listing in ("history", "uncertain"):
+    for listing in ("history", "uncertain", "pending"):
         plain = persona("posts", listing, "--persona", "sgae", env=env)
         assert (plain.returncode, plain.stdout) == (1, ""), plain.stdout + plain.stderr
         assert "unknown persona 'sgae'" in plain.stderr and "Did you mean 'sage'?" in plain.stderr, plain.stderr
@@ -823,6 +852,23 @@ def test_a_post_with_no_worker_running_says_so_at_once(write_persona, env, redis
         process.send_signal(signal.SIGINT)  # Ctrl-C withdraws its requests
         process.communicate(timeout=30)
     assert said.startswith("no worker is running yet; this waits in the queue for one, up to 20 s"), said
+
+
+def test_a_post_into_a_full_queue_with_no_worker_is_refused_without_saying_it_waits(write_persona, env, redis_client):
+    """`persona post` said "no worker is running yet; this waits in the queue for one" before it
+    sent its candidates, and then was refused as busy: they never waited anywhere."""
+    from persona.contract import GenerationRequest
+    from persona.queue import QueueClient
+    from persona.settings import QueueSettings
+
+    write_persona("alone", base="unused", schedule={"sinks": ["file:alone.jsonl"], "candidates": 1})
+    QueueClient(redis_client, QueueSettings(max_length=1)).submit(
+        GenerationRequest(persona="alone", mode="complete", priority=Priority.batch))
+    refused = persona("post", "alone", env=env | {"PERSONA_QUEUE__MAX_LENGTH": "1"})
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr
+    assert "the queue is full: persona:q:batch holds 1 request" in refused.stderr, refused.stderr
+    assert "waits in the queue" not in refused.stderr and "no worker is running yet" not in refused.stderr
+    assert redis_client.xlen(keys.STREAM_BATCH) == 1
 
 
 @pytest.mark.parametrize(("as_json", "stop", "status"), [

@@ -257,3 +257,32 @@ def test_a_full_queue_with_no_worker_is_refused_without_saying_the_message_waits
     assert "the queue is full: persona:q:chat holds 1 request" in stderr, stderr
     assert "waits in the queue" not in stderr and "no worker is running yet" not in stderr
     assert client.xlen(keys.STREAM_INTERACTIVE) == 1
+
+
+def test_chat_takes_asks_sampling_options_and_timeout_for_every_message(tmp_path, settings, redis_client):
+    """`persona chat` had none of `ask`'s --temperature, --max-new-tokens, --seed or --timeout."""
+    from tests.fakes.scripted_worker import scripted_worker
+
+    with scripted_worker(settings, lambda request: "heard") as seen:
+        result = _scripted_talk(tmp_path, settings, "chat", "sage", "--temperature", "0.3", "--max-new-tokens", "5",
+                                "--seed", "7", "--timeout", "30", stdin="hi\nagain\n/quit\n")
+        plain = _scripted_talk(tmp_path, settings, "chat", "sage", stdin="hi\n/quit\n")
+    assert (result.returncode, plain.returncode) == (0, 0), result.stderr + plain.stderr
+    [first, second, default] = seen
+    for request in (first, second):
+        assert (request.sampling.temperature, request.sampling.max_new_tokens, request.sampling.seed) == (0.3, 5, 7)
+        assert request.deadline - request.created_at == pytest.approx(30, abs=2)  # as `ask --timeout 30` gives it
+    assert (default.sampling.temperature, default.sampling.max_new_tokens, default.sampling.seed) == (None, None, None)
+    assert default.deadline - default.created_at == pytest.approx(settings.queue.default_deadline_s, abs=2)
+
+
+def test_a_chat_message_past_its_timeout_names_chats_own_option(tmp_path, own_redis):
+    from persona import heartbeat
+
+    _server, url, client = own_redis
+    heartbeat.publish(client, heartbeat.WorkerInfo(id="w-idle", state="serving"), ttl_s=30)  # live, and never takes it
+    talking = _talking(tmp_path, url, "chat", "sage", "--timeout", "1")
+    _stdout, stderr = talking.communicate("hi\n/quit\n", timeout=30)
+    assert talking.returncode == 0 and "Traceback" not in stderr, stderr
+    said = " ".join(stderr.split())
+    assert "none took it before its deadline" in said and "give it longer (`persona chat --timeout SECONDS`" in said, said

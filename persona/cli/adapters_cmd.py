@@ -8,7 +8,7 @@ import json
 import typer
 from rich.table import Table
 
-from persona.cli.common import console, err_console, friendly_errors, get_settings
+from persona.cli.common import console, friendly_errors, get_settings
 from persona.connection import connect
 from persona.errors import ConfigError
 from persona.logs import setup_logging
@@ -44,13 +44,19 @@ def discord() -> None:
 
 @access_app.command()
 @friendly_errors
-def approve(code: str = typer.Argument(..., help="the pairing code the user was given")) -> None:
+def approve(
+    code: str = typer.Argument(..., help="the pairing code the user was given"),
+    json_output: bool = typer.Option(False, "--json", help="print one JSON object"),
+) -> None:
     """Let the user who was given CODE talk to the bot in private."""
     from adapters.access import approve_code
 
     pending = approve_code(connect(get_settings()), code)
     if pending is None:
         raise ConfigError(f"no pending pairing code {code!r} (codes expire); see `persona access list`")
+    if json_output:  # the pairing as `persona access list --json` listed it, now approved
+        print(json.dumps({"ok": True, **pending.__dict__}))
+        return
     who = f"{pending.name} " if pending.name else ""
     console.print(f"approved {who}({pending.platform} user {pending.user})")
 
@@ -87,19 +93,21 @@ def list_access(json_output: bool = typer.Option(False, "--json", help="print on
 def revoke(
     platform: str = typer.Argument(..., help="telegram or discord"),
     user: str = typer.Argument(..., help="the user id to remove"),
+    json_output: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
     """Withdraw a user's approval; they get a new pairing code next time they write."""
     from adapters.access import revoke_user
-    from persona.errors import ConfigError
 
     platform = platform.lower()
     if platform not in ("telegram", "discord"):  # "slack 1 was not approved" read as a wrong id
         raise ConfigError(f"unknown platform {platform!r}; name telegram or discord")
-    if revoke_user(connect(get_settings()), platform, user):
-        console.print(f"revoked {platform} user {user}")
-    else:
-        err_console.print(f"{platform} user {user} was not approved")
-        raise typer.Exit(1)
+    if not revoke_user(connect(get_settings()), platform, user):
+        # Said as every failure is (one JSON object under --json), not as a bare line on stderr.
+        raise ConfigError(f"{platform} user {user} was not approved; `persona access list` shows who is")
+    if json_output:
+        print(json.dumps({"ok": True, "platform": platform, "user": user}))
+        return
+    console.print(f"revoked {platform} user {user}")
 
 
 def register(app: typer.Typer) -> None:

@@ -48,6 +48,7 @@ __all__ = [
     "forget_interrupts_caught",
     "friendly_errors",
     "get_settings",
+    "json_error",
     "local_time",
     "print_whole",
     "usage_failure",
@@ -82,12 +83,19 @@ def _without_secrets(message: str) -> str:
     return message
 
 
+def json_error(message: str, kind: str) -> dict[str, str]:
+    """The ``error`` of a failure under ``--json``, ``{"kind": ..., "message": ...}``, the settings'
+    secrets hidden: a failing command prints it beside ``"ok": false``, and a failed outcome (a
+    post, samples not all written) beside its own fields."""
+    return {"kind": kind, "message": _without_secrets(message)}
+
+
 def _fail(message: str, kind: str, status: int = 1) -> typer.Exit:
     """Say why the command failed, as the command's output asks for; the exit to raise."""
     message = _without_secrets(message)
     if _json_errors.get():
         with contextlib.suppress(BrokenPipeError):  # its reader is gone (`| head -0`): the status still says it failed
-            print(json.dumps({"ok": False, "error": {"kind": kind, "message": message}}, ensure_ascii=False), flush=True)
+            print(json.dumps({"ok": False, "error": json_error(message, kind)}, ensure_ascii=False), flush=True)
     else:
         # Escaped: a message quotes paths and text that may hold brackets ("my [draft] notes").
         err_console.print(f"[red]error:[/red] {escape(message)}", highlight=False)

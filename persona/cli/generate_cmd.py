@@ -11,11 +11,16 @@ import typer
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn
 
-from persona.cli.common import err_console, friendly_errors, get_settings
-from persona.cli.talk import MAX_TIMEOUT_S, stop_signals_as_ctrl_c, withdraw
+from persona.cli.common import err_console, friendly_errors, get_settings, json_error
+from persona.cli.talk import (
+    MAX_TIMEOUT_S,
+    queue_if_no_worker,
+    stop_signals_as_ctrl_c,
+    withdraw,
+)
 from persona.cli.training_common import persona_with_weights
 from persona.contract import MAX_NEW_TOKENS, MAX_SEED
-from persona.errors import ReplyTimeout, UsageError
+from persona.errors import QueueError, ReplyTimeout, RequestFailed, UsageError
 
 __all__ = ["generate", "register"]
 
@@ -67,6 +72,10 @@ def generate(
     timeout: float = typer.Option(
         600.0, min=1.0, max=MAX_TIMEOUT_S, help="seconds to wait for all samples, also their deadline"
     ),
+    json_output: bool = typer.Option(
+        False, "--json", help="print one JSON object: ok, asked, written, and the samples unless --out has them "
+        "(samples missing: ok false and an error, exit status 1)",
+    ),
 ) -> None:
     """Many samples from NAME as batch work through the queue, for curation by hand.
 
@@ -74,7 +83,6 @@ def generate(
     written by the persona: they are printed (or written to --out) before it stops. Exit
     status 1 when any sample is missing (not asked for or answered before --timeout, or failed).
     """
-    from persona.cli.talk import say_if_no_worker
     from persona.connection import connect
     from persona.queue import QueueClient
 
@@ -83,7 +91,6 @@ def generate(
     if out is not None:  # said now, not after minutes of sampling that the traceback then threw away
         _check_writable(out)
     client = QueueClient(connect(settings), settings.queue, longer_wait=GENERATE_LONGER)
-    say_if_no_worker(client, timeout)
     sampling = _Sampling(client, name, prefix, n, temperature, max_new_tokens, seed, deadline=time.time() + timeout)
     with stop_signals_as_ctrl_c() as stopping:
         try:
@@ -91,15 +98,38 @@ def generate(
         except KeyboardInterrupt:
             problem = sampling.withdraw()
             kept = f"kept the {len(sampling.texts)} of {n} samples written so far" if sampling.texts else "no sample was written yet"
-            err_console.print(f"stopped: {kept}; {problem or 'the rest were withdrawn'}", style="yellow",
-                              markup=False, highlight=False)
-            _write_samples([_finish(t, prefix, include_prefix, truncate) for t in sampling.texts], out)
+            said = f"stopped: {kept}; {problem or 'the rest were withdrawn'}"
+            err_console.print(said, style="yellow", markup=False, highlight=False)
+            texts = [_finish(t, prefix, include_prefix, truncate) for t in sampling.texts]
+            unwritten = _write_samples(texts, out, json_output)
+            if json_output:
+                _print_summary(name, n, texts, out, json_error(said, QueueError.__name__), unwritten)
             raise typer.Exit(stopping.exit_status()) from None
-    _write_samples([_finish(t, prefix, include_prefix, truncate) for t in sampling.texts], out)
-    if len(sampling.texts) < n:  # those that came are kept; the status tells a script some did not
-        err_console.print(f"[yellow]{n - len(sampling.texts)} of {n} samples not written:[/yellow] "
-                          f"{escape(sampling.shortfall())}", highlight=False)
+    texts = [_finish(t, prefix, include_prefix, truncate) for t in sampling.texts]
+    unwritten = _write_samples(texts, out, json_output)
+    missing = f"{n - len(texts)} of {n} samples not written" if len(texts) < n else ""
+    if json_output:
+        error = (json_error(unwritten, UsageError.__name__) if unwritten
+                 else json_error(f"{missing}: {sampling.shortfall()}", sampling.failure_kind()) if missing else None)
+        _print_summary(name, n, texts, out, error, unwritten)
+    elif missing:
+        err_console.print(f"[yellow]{missing}:[/yellow] {escape(sampling.shortfall())}", highlight=False)
+    if missing or unwritten:  # those that came are kept; the status tells a script some did not
         raise typer.Exit(1)
+
+
+def _print_summary(
+    name: str, n: int, texts: list[str], out: Path | None, error: dict[str, str] | None, unwritten: str | None,
+) -> None:
+    """`generate --json`'s one object: how many samples were asked for and written, and where;
+    the samples themselves unless --out has them; ok false, with the error, when any is missing."""
+    summary: dict = {"ok": error is None, "persona": name, "asked": n, "written": len(texts),
+                     "out": None if out is None or unwritten else str(out)}
+    if summary["out"] is None:
+        summary["samples"] = texts
+    if error is not None:
+        summary["error"] = error
+    print(json.dumps(summary, ensure_ascii=False), flush=True)
 
 
 class _Sampling:
@@ -139,6 +169,10 @@ class _Sampling:
                 for i in range(begin, min(self.n, begin + GENERATE_WINDOW)):
                     request = self._request(i)
                     self.waiting.append(request)  # before it is sent: Ctrl-C while sending withdraws it too
+                    # With no worker live, the first is queued, then said to wait: said before it was
+                    # sent, "this waits in the queue" came ahead of a full queue's refusal.
+                    if i == 0 and queue_if_no_worker(self.client, request, self.deadline - time.time()) is not None:
+                        continue
                     self.client.submit(request)
                 while self.waiting:
                     # Until the deadline, as `ask --timeout` waits: the queue's slack after it (for
@@ -176,6 +210,11 @@ class _Sampling:
             parts.append(self.withdraw_problem)
         return "; ".join(parts)
 
+    def failure_kind(self) -> str:
+        """The error kind `--json` gives samples missing: ReplyTimeout where any ran out of time,
+        else RequestFailed (the worker answered with an error)."""
+        return (ReplyTimeout if self.never_asked or self.unanswered else RequestFailed).__name__
+
     def withdraw(self) -> str | None:
         """Withdraw every sample still waiting, so no worker writes what nobody reads; None
         once done, else why not (quickly: with Redis down this gives up within seconds)."""
@@ -192,15 +231,18 @@ def _check_writable(out: Path) -> None:
         raise UsageError(f"--out {out}: not allowed to write there; name a file in a folder you can write")
 
 
-def _write_samples(texts: list[str], out: Path | None) -> None:
+def _write_samples(texts: list[str], out: Path | None, json_output: bool = False) -> str | None:
+    """Write the samples to --out, or print them (under ``--json`` the summary holds them); why
+    --out could not be written, if it could not (the samples are then printed, or in the summary)."""
     if out is None:
-        for text in texts:
-            print(text)
-            print(SAMPLE_SEPARATOR, end="")
-        return
+        if not json_output:
+            for text in texts:
+                print(text)
+                print(SAMPLE_SEPARATOR, end="")
+        return None
     if not texts:  # an earlier file of samples is not replaced by nothing
         err_console.print(f"no samples, so {escape(str(out))} was left as it was")
-        return
+        return None
     if out.suffix == ".jsonl":
         content = "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts)
     else:
@@ -208,11 +250,14 @@ def _write_samples(texts: list[str], out: Path | None) -> None:
     try:
         out.write_text(content)
     except OSError as exc:  # the disk filled up, say: the samples are printed rather than lost
-        err_console.print(f"[red]error:[/red] cannot write {escape(str(out))} ({escape(exc.strerror or str(exc))}); "
-                          "the samples follow here instead", highlight=False)
+        problem = f"cannot write {out} ({exc.strerror or exc})"
+        if json_output:
+            return f"{problem}; the samples are in this object instead"
+        err_console.print(f"[red]error:[/red] {escape(problem)}; the samples follow here instead", highlight=False)
         _write_samples(texts, None)
-        raise typer.Exit(1) from None
+        return problem
     err_console.print(f"wrote {len(texts)} samples to {escape(str(out))}")
+    return None
 
 
 def register(app: typer.Typer) -> None:

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import typer
 from rich.markup import escape
 
-from persona.cli.common import console, err_console, friendly_errors, get_settings
-from persona.errors import closest
+from persona.cli.common import (
+    console,
+    err_console,
+    friendly_errors,
+    get_settings,
+    json_error,
+)
+from persona.errors import ConfigError, closest
 from persona.personas import Persona, PersonaRegistry, unscheduled_reason
 from persona.settings import Settings
 
@@ -17,14 +24,21 @@ personas_app = typer.Typer(help="List, show and validate persona files.", no_arg
 
 @personas_app.command("list")
 @friendly_errors
-def list_personas() -> None:
+def list_personas(json_output: bool = typer.Option(False, "--json", help="print one JSON object")) -> None:
     """One persona per line: name, base model and checkpoint, description; then, on stderr,
-    any unfinished training run (stopped or running) and the command that continues it."""
+    any unfinished training run (stopped or running) and the command that continues it.
+
+    With --json: personas (name, base, checkpoint, description, source), invalid (each
+    unreadable file's problem) and unfinished_runs (persona, running, what to do); the notes on
+    stderr stay there."""
     settings = get_settings()
     registry = PersonaRegistry.from_settings(settings)
     found, problems = registry.scan()
     for folder in _missing_folders(settings):
         err_console.print(f"[yellow]{escape(folder)}[/yellow]", highlight=False)
+    if json_output:
+        _print_listing(found, problems, settings)
+        return
     for name, persona in sorted(found.items()):
         weights = persona.model.base + (f"+{persona.model.checkpoint}" if persona.model.checkpoint else "")
         # One line each, whatever the file holds: a multi-line description (a TOML """
@@ -33,6 +47,22 @@ def list_personas() -> None:
     if problems:
         err_console.print(f"[yellow]{len(problems)} invalid persona file(s); see `persona personas validate`[/yellow]")
     _print_unfinished_runs(settings)
+
+
+def _print_listing(found: dict[str, Persona], problems: list[ConfigError], settings: Settings) -> None:
+    """`personas list --json`'s one object (its notes on stderr, as without --json)."""
+    from persona.cli.train_cmd import unfinished_line
+    from training.run_folder import unfinished_runs
+
+    personas = [{"name": name, "base": persona.model.base, "checkpoint": persona.model.checkpoint,
+                 "description": persona.description, "source": str(persona.source)}
+                for name, persona in sorted(found.items())]
+    runs = [{"persona": run.persona, "running": run.running, "said": unfinished_line(run)}
+            for run in unfinished_runs(settings)]
+    print(json.dumps({"personas": personas, "invalid": [str(problem) for problem in problems], "unfinished_runs": runs},
+                     ensure_ascii=False))
+    if problems:
+        err_console.print(f"[yellow]{len(problems)} invalid persona file(s); see `persona personas validate`[/yellow]")
 
 
 def _print_unfinished_runs(settings: Settings) -> None:
@@ -51,12 +81,18 @@ def _print_unfinished_runs(settings: Settings) -> None:
 
 @personas_app.command()
 @friendly_errors
-def show(name: str = typer.Argument(..., help="the persona's name")) -> None:
-    """Everything a persona file says, defaults filled in."""
+def show(
+    name: str = typer.Argument(..., help="the persona's name"),
+    json_output: bool = typer.Option(False, "--json", help="print one JSON object"),
+) -> None:
+    """Everything a persona file says, defaults filled in (with --json, also its source: the file)."""
     persona = PersonaRegistry.from_settings(get_settings()).get(name)
     import tomli_w
 
     data = persona.model_dump(mode="json", exclude_none=True)
+    if json_output:
+        print(json.dumps({**data, "source": str(persona.source)}, ensure_ascii=False))
+        return
     # Where it came from as a TOML comment: the output is itself a valid persona file
     # (a plain header line made `show sage > sage.toml` unreadable).
     source = " ".join(str(persona.source).split())
@@ -69,14 +105,17 @@ def validate(
     paths: list[str] = typer.Argument(
         None, help="files, folders or persona names to check (default: every persona file)"
     ),
+    json_output: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
     """Check persona files; each problem names the file and the exact field.
 
     Besides the file itself: its base model, checkpoint and filters.corpus must be found
     on this machine, an enabled schedule must be able to post, each sink must be spelt as
     posting reads it, and no two of its sinks may post to one place.
+
+    With --json: ok, and checked (each file: path, problem or null, overridden_by: the namesake
+    used instead, or null); with any problem, ok false and an error holding them all (exit status 1).
     """
-    from persona.errors import ConfigError
     from persona.personas import load_persona_file
 
     settings = get_settings()
@@ -95,22 +134,40 @@ def validate(
         missing += [_not_found(p, sorted(winner)) for p in paths if not Path(p).exists()]
     else:
         missing = _missing_folders(settings)
-    for problem in missing:
-        err_console.print(f"[red]✗[/red] {escape(problem)}", highlight=False)
-    bad = len(missing)
+    checked = []
     for path in files:
+        here = path.resolve()
         try:
             _check_usable(load_persona_file(path), settings)
         except ConfigError as exc:
-            bad += 1
-            err_console.print(f"[red]✗[/red] {escape(str(exc))}", highlight=False)
+            problem = str(exc)
         else:
-            here = path.resolve()
-            unused = here in searched_here and winner[path.stem] != here
-            note = f" [yellow](not used: {escape(str(winner[path.stem]))} overrides it)[/yellow]" if unused else ""
-            console.print(f"[green]✓[/green] {escape(str(path))}{note}", highlight=False)
-    if bad:
+            problem = None
+        unused = here in searched_here and winner[path.stem] != here
+        checked.append({"path": str(path), "problem": problem, "overridden_by": str(winner[path.stem]) if unused else None})
+    problems = missing + [c["problem"] for c in checked if c["problem"]]
+    if json_output:
+        shown = {"ok": not problems, "checked": checked}
+        if problems:
+            said = problems[0] if len(problems) == 1 else "\n".join([f"{len(problems)} problems:", *problems])
+            shown["error"] = json_error(said, ConfigError.__name__)
+        print(json.dumps(shown, ensure_ascii=False))
+    else:
+        _print_checked(missing, checked)
+    if problems:
         raise typer.Exit(1)
+
+
+def _print_checked(missing: list[str], checked: list[dict]) -> None:
+    """What `personas validate` found, a line each: ✗ and the problem on stderr, ✓ and the file on stdout."""
+    for problem in missing:
+        err_console.print(f"[red]✗[/red] {escape(problem)}", highlight=False)
+    for c in checked:
+        if c["problem"]:
+            err_console.print(f"[red]✗[/red] {escape(c['problem'])}", highlight=False)
+        else:
+            note = f" [yellow](not used: {escape(c['overridden_by'])} overrides it)[/yellow]" if c["overridden_by"] else ""
+            console.print(f"[green]✓[/green] {escape(c['path'])}{note}", highlight=False)
 
 
 def _not_found(named: str, known: list[str]) -> str:
@@ -144,7 +201,6 @@ def _check_usable(persona: Persona, settings: Settings) -> None:
     spec is misspelt, or two of its sinks post to one place (posting refuses both, by the same
     reading of the specs; a missing credential is not checked: it may be set where it runs)."""
     from adapters.posting.sinks import one_place_twice, parse_sink
-    from persona.errors import ConfigError
 
     problems = _model_problems(persona, settings)
     corpus = persona.source.parent / Path(persona.filters.corpus).expanduser() if persona.filters.corpus else None

@@ -17,9 +17,16 @@ from rich.table import Column, Table
 from rich.text import Text
 
 from persona import heartbeat
-from persona.cli.common import console, err_console, friendly_errors, get_settings
-from persona.cli.talk import say_if_no_worker, stop_signals_as_ctrl_c
+from persona.cli.common import (
+    console,
+    err_console,
+    friendly_errors,
+    get_settings,
+    json_error,
+)
+from persona.cli.talk import queue_if_no_worker, stop_signals_as_ctrl_c
 from persona.connection import connect
+from persona.contract import GenerationRequest
 from persona.errors import PostingError, SinkError
 from persona.logs import setup_logging
 from persona.personas import Persona, PersonaRegistry
@@ -62,16 +69,39 @@ def _read_text(text: str | None) -> str | None:
     return sys.stdin.read().rstrip("\r\n")
 
 
-def _poster(settings: Settings, source: str = "cli", stopping: threading.Event | None = None, *, worker_now: bool = False):
+def _poster(
+    settings: Settings, source: str = "cli", stopping: threading.Event | None = None, *, worker_now: bool = False,
+    by_hand: bool = False,
+):
     """A Poster whose candidates come through the queue; with ``worker_now``, only from a
-    worker that serves or is starting (see ``_FromAWorker``)."""
+    worker that serves or is starting (see ``_FromAWorker``); ``by_hand`` (`persona post`):
+    it says when they wait for a worker (see ``_SaysItWaits``)."""
     from adapters.posting.candidates import QueueCandidates
     from adapters.posting.poster import Poster
 
     client = connect(settings)
-    queue = QueueClient(client, settings.queue)
+    queue = _SaysItWaits(client, settings) if by_hand else QueueClient(client, settings.queue)
     candidates = QueueCandidates(queue, settings.posting.wait_s, source=source, stopping=stopping)
     return Poster(settings, client, _FromAWorker(candidates) if worker_now else candidates)
+
+
+class _SaysItWaits(QueueClient):
+    """The queue of `persona post`: with no worker live, its first candidate is queued, then said
+    to wait for one (``queue_if_no_worker``). Said before they were sent, "this waits in the
+    queue" came ahead of a full queue's refusal; said not at all, the spinner ran for
+    posting.wait_s (5 minutes) before "no worker answered"."""
+
+    def __init__(self, client, settings: Settings) -> None:
+        super().__init__(client, settings.queue)
+        self.wait_s = settings.posting.wait_s
+        self.told = False
+
+    def submit(self, request: GenerationRequest) -> GenerationRequest:
+        if self.told:
+            return super().submit(request)
+        self.told = True  # first: queue_if_no_worker queues it through this method
+        queued = queue_if_no_worker(self, request, self.wait_s)
+        return super().submit(request) if queued is None else queued
 
 
 class _FromAWorker:
@@ -95,8 +125,7 @@ class _FromAWorker:
                     f"its candidates: start one with `persona worker` (or `persona up`), then run this again"
                 )
             time.sleep(WORKER_LOOK_S)
-        say_if_no_worker(queue, self.candidates.wait_s)  # a worker still starting: said, then waited for
-        return self.candidates(persona, n, seed)
+        return self.candidates(persona, n, seed)  # a worker still starting: said (``_SaysItWaits``), then waited for
 
 
 def _plain(text: str, style: str = "") -> Text:
@@ -141,8 +170,8 @@ def _show(outcome, as_json: bool) -> None:
     if as_json:
         shown = {"ok": not failed, **outcome.to_dict()}
         if failed:
-            shown["error"] = {"kind": FAILURE_KINDS.get(outcome.status, PostingError.__name__),
-                              "message": outcome.message or outcome.headline}
+            shown["error"] = json_error(outcome.message or outcome.headline,
+                                        FAILURE_KINDS.get(outcome.status, PostingError.__name__))
         print(json.dumps(shown, ensure_ascii=False))
         return
     to = err_console if failed else console
@@ -223,10 +252,8 @@ def post(
     settings = get_settings()
     text = _read_text(text)
     # A dry run is a look, not a post to see through: with no worker it ends at once.
-    poster = _poster(settings, worker_now=dry_run)
+    poster = _poster(settings, worker_now=dry_run, by_hand=True)
     _sink_failures_on_screen()
-    if text is None and not dry_run:  # else a silent spinner until posting.wait_s (5 minutes) ran out, then "no worker answered"
-        say_if_no_worker(poster.candidates.queue, settings.posting.wait_s)
     waiting = (contextlib.nullcontext() if json_output or text is not None
                else console.status(f"{persona} is writing candidates..."))
     # SIGTERM and SIGHUP (the terminal closed) stop it as Ctrl-C does: what waits is withdrawn.
@@ -261,22 +288,26 @@ def _say_stopped(persona: str, withdrawn: int, dry_run: bool, json_output: bool)
     with contextlib.suppress(OSError):  # the terminal or the reader of a pipe may be gone
         err_console.print(said, style="yellow", markup=False, highlight=False)
         if json_output:
-            print(json.dumps({"ok": False, "error": {"kind": PostingError.__name__, "message": said}},
-                             ensure_ascii=False), flush=True)
+            print(json.dumps({"ok": False, "error": json_error(said, PostingError.__name__)}, ensure_ascii=False),
+                  flush=True)
 
 
 @posts_app.command("pending")
 @friendly_errors
-def pending(json_output: bool = typer.Option(False, "--json", help="print a JSON list")) -> None:
+def pending(
+    persona: str = typer.Option(None, "--persona", help="only this persona's posts"),
+    json_output: bool = typer.Option(False, "--json", help="print a JSON list"),
+) -> None:
     """List the posts waiting for approval, oldest first (piped: one line a post, a line break as \\n)."""
     from persona.approvals import ApprovalQueue
 
-    waiting = ApprovalQueue(connect(get_settings())).pending()
+    waiting = [w for w in ApprovalQueue(connect(get_settings())).pending() if persona is None or w.persona == persona]
+    _refuse_if_unknown(persona, waiting)
     if json_output:
         print(json.dumps([w.__dict__ for w in waiting], ensure_ascii=False))
         return
     if not waiting:
-        console.print("no posts waiting for approval")
+        console.print(f"no posts by {persona} waiting for approval" if persona else "no posts waiting for approval")
         return
     _print_rows(("id", "persona", "slot", "sinks", "text"), [(w.id, w.persona, w.slot, ", ".join(w.sinks), w.text) for w in waiting])
 
@@ -299,9 +330,15 @@ def approve(
 
 @posts_app.command("reject")
 @friendly_errors
-def reject(approval_id: str = typer.Argument(..., metavar="ID", help="the id `persona posts pending` shows")) -> None:
+def reject(
+    approval_id: str = typer.Argument(..., metavar="ID", help="the id `persona posts pending` shows"),
+    json_output: bool = typer.Option(False, "--json", help="print the outcome as JSON"),
+) -> None:
     """Reject a waiting post: it never goes out, and its slot is closed."""
     decided = _poster(get_settings()).reject(approval_id)
+    if json_output:  # the post as `posts pending --json` lists it, now rejected
+        print(json.dumps({"ok": True, **decided.__dict__}, ensure_ascii=False))
+        return
     _say(f"rejected {decided.id} ({decided.persona} {decided.slot})")
 
 

@@ -31,6 +31,7 @@ from persona.connection import connect
 from persona.contract import GenerationRequest
 from persona.dead_letters import (
     DeadLetter,
+    RetryReport,
     cap_warning,
     count_dead,
     dead_ids,
@@ -181,14 +182,18 @@ def stats(json_output: bool = typer.Option(False, "--json", help="print one JSON
     print_whole(render_all(figures))
 
 
-def _confirmed(question: str, undone: str) -> bool:
+def _confirmed(question: str, undone: str, json_output: bool = False) -> bool:
     """Ask ``question``; with no one to answer it (stdin closed: cron, a script), say what was
-    not done and how to run it unattended, rather than click's bare "Aborted."."""
+    not done and how to run it unattended, rather than click's bare "Aborted.". Under
+    ``--json`` it is asked on stderr, and a "no" is a failure (stdout holds one JSON object)."""
     try:
-        return typer.confirm(question)
+        answer = typer.confirm(question, err=json_output)
     except (typer.Abort, click.exceptions.Abort):  # typer has its own, in some versions
-        console.print()  # end the question's line
+        (err_console if json_output else console).print()  # end the question's line
         raise QueueError(f"no answer to the question (no terminal to ask on), so {undone}; pass --yes to run it without asking") from None
+    if not answer and json_output:
+        raise QueueError(f"the answer was no, so {undone}")
+    return answer
 
 
 def _personas(settings: Settings) -> dict[str, Persona]:
@@ -405,8 +410,13 @@ def retry(
     entry_id: str = typer.Argument(None, metavar="ID", help="a dead-letter id from `persona queue dead`"),
     all_: bool = typer.Option(False, "--all", help="re-queue every dead letter"),
     yes: bool = typer.Option(False, "--yes", "-y", help="do not ask for confirmation with --all"),
+    json_output: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
-    """Re-queue dead letters with their original arguments (and a fresh deadline)."""
+    """Re-queue dead letters with their original arguments (and a fresh deadline).
+
+    With --json: ok, requeued (their dead-letter ids), and those --all left: left, full (per
+    stream, by its Redis key), unreadable.
+    """
     settings = get_settings()
     client = connect(settings)
     limit = settings.queue.max_length  # re-queued work is held to the queue's length as callers' is: a full stream refuses it
@@ -426,15 +436,24 @@ def retry(
             ) from None
         if new_id is None:
             raise QueueError(f"no dead letter {_shown_id(entry_id)}; see `persona queue dead`")
+        if json_output:
+            _print_retried(RetryReport(requeued=[entry_id]))
+            return
         console.print(f"re-queued {entry_id}")
         return
     count = client.xlen(keys.STREAM_DEAD)
     if not count:
+        if json_output:
+            _print_retried(RetryReport())
+            return
         console.print("no dead letters")
         return
-    if not yes and not _confirmed(f"re-queue all {count} dead letter(s)?", "nothing was re-queued"):
+    if not yes and not _confirmed(f"re-queue all {count} dead letter(s)?", "nothing was re-queued", json_output):
         raise typer.Exit(1)
     report = retry_all(client, max_length=limit)
+    if json_output:
+        _print_retried(report)
+        return
     console.print(f"re-queued {len(report.requeued)} dead letter(s)")
     if report.left:
         console.print(f"{report.left} left:")
@@ -450,6 +469,11 @@ def retry(
         )
 
 
+def _print_retried(report: RetryReport) -> None:
+    """`queue retry --json`'s object: the letters re-queued, and those left and why."""
+    print(json.dumps({"ok": True, **report.model_dump(mode="json"), "left": report.left}))
+
+
 @queue_app.command()
 @friendly_errors
 def drop(
@@ -457,10 +481,12 @@ def drop(
     all_: bool = typer.Option(False, "--all", help="delete every dead letter"),
     unreadable: bool = typer.Option(False, "--unreadable", help="delete every dead letter that holds no readable request"),
     yes: bool = typer.Option(False, "--yes", "-y", help="do not ask for confirmation with --all or --unreadable"),
+    json_output: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
     """Delete dead letters for good (one that can never be retried, or should not be).
 
     Their askers were told when the requests were set aside; nothing else refers to them.
+    With --json: ok, and dropped (how many).
     """
     client = connect(get_settings())
     given = [name for name, on in (("dead-letter IDs", bool(entry_ids)), ("--all", all_), ("--unreadable", unreadable)) if on]
@@ -479,12 +505,17 @@ def drop(
         ids = entry_ids
     else:
         ids = dead_ids(client, unreadable=unreadable)
-    if not ids:
-        console.print("no dead letters" if all_ else "no unreadable dead letters")
-        return
-    if not entry_ids and not yes and not _confirmed(f"delete {len(ids)} dead letter(s) for good?", "nothing was dropped"):
+    if ids and not entry_ids and not yes and not _confirmed(
+        f"delete {len(ids)} dead letter(s) for good?", "nothing was dropped", json_output,
+    ):
         raise typer.Exit(1)
-    console.print(f"dropped {drop_dead(client, ids)} dead letter(s)")
+    dropped = drop_dead(client, ids) if ids else 0
+    if json_output:
+        print(json.dumps({"ok": True, "dropped": dropped}))
+    elif not ids:
+        console.print("no dead letters" if all_ else "no unreadable dead letters")
+    else:
+        console.print(f"dropped {dropped} dead letter(s)")
 
 
 def register(app: typer.Typer) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import re
 import signal
 import sys
@@ -94,10 +95,64 @@ def stop_signals_as_ctrl_c() -> Iterator[Stopping]:
             signal.signal(sig, old)
 
 
-# How `persona ask` gives a request longer, for a timeout to name (the queue names no command).
+# How `persona ask` and `persona chat` give a request longer, for a timeout to name (the queue names no command).
 ASK_LONGER = "`persona ask --timeout SECONDS`, or PERSONA_QUEUE__DEFAULT_DEADLINE_S for every caller"
-# `persona chat` has no --timeout: only the queue's default deadline gives it longer.
+CHAT_COMMAND_LONGER = "`persona chat --timeout SECONDS`, or PERSONA_QUEUE__DEFAULT_DEADLINE_S for every caller"
+# The chat `persona up` opens has no --timeout: only the queue's default deadline gives it longer.
 CHAT_LONGER = "PERSONA_QUEUE__DEFAULT_DEADLINE_S, the queue's deadline for every caller"
+
+
+@dataclasses.dataclass(frozen=True)
+class Asking:
+    """How `ask` and `chat` ask for each reply, from their command lines: sampling overrides and
+    --timeout (None: the persona's, the queue's)."""
+
+    temperature: float | None = None
+    max_new_tokens: int | None = None
+    seed: int | None = None
+    timeout: float | None = None
+
+    def request(self, persona: str, messages: list[Message]) -> GenerationRequest:
+        """The request for a reply to ``messages``, its deadline --timeout from now (if given)."""
+        return GenerationRequest(
+            persona=persona,
+            messages=messages,
+            sampling=SamplingOverrides(temperature=self.temperature, max_new_tokens=self.max_new_tokens, seed=self.seed),
+            deadline=time.time() + self.timeout if self.timeout else 0.0,
+        )
+
+    def wait_s(self, settings: Settings) -> float:
+        """How long a reply is waited for: --timeout, or the queue's deadline."""
+        return self.timeout or settings.queue.default_deadline_s
+
+
+# `ask`'s and `chat`'s sampling options and --timeout: one meaning and one help text for both.
+def _temperature_option():
+    return typer.Option(None, min=0.0, max=5.0, help="override the persona's temperature")
+
+
+def _max_new_tokens_option():
+    return typer.Option(
+        None, min=1, max=MAX_NEW_TOKENS,
+        help="override the reply length limit, in tokens (a reply cut off there ends at its last finished sentence, "
+        "or its last whole word and …)",
+    )
+
+
+def _seed_option():
+    return typer.Option(
+        None, min=0, max=MAX_SEED, metavar="N",
+        help="sampling seed, for a repeatable answer: the same seed, message and settings get the same answer from "
+        "the same worker and model version, when it is answering nothing else at the time",
+    )
+
+
+def _timeout_option():
+    return typer.Option(
+        None, min=1.0, max=MAX_TIMEOUT_S, help="seconds to wait for the reply, also its deadline (default: the "
+        "queue's, PERSONA_QUEUE__DEFAULT_DEADLINE_S, 120 s unless set); raise it while a worker is still loading "
+        "its model",
+    )
 
 
 def _client(settings: Settings, url: str | None = None, longer: str = CHAT_LONGER) -> QueueClient:
@@ -143,13 +198,6 @@ def no_worker_note(client: QueueClient, wait_s: float, starters: str = WORKER_ST
     return f"no worker is running yet; this waits in the queue for one, up to {wait_s:.0f} s ({starters})"
 
 
-def say_if_no_worker(client: QueueClient, wait_s: float, starters: str = WORKER_STARTERS) -> None:
-    """Say so on stderr when no worker is live (see ``no_worker_note``)."""
-    said = no_worker_note(client, wait_s, starters)
-    if said is not None:
-        err_console.print(said, style="yellow", markup=False, highlight=False)
-
-
 def queue_if_no_worker(
     client: QueueClient, request: GenerationRequest, wait_s: float, starters: str = WORKER_STARTERS,
 ) -> GenerationRequest | None:
@@ -171,22 +219,10 @@ def ask(
     text: str = typer.Argument(
         ..., help="what you say to it; `-` reads it from standard input (all of it one message, line breaks kept)",
     ),
-    temperature: float = typer.Option(None, min=0.0, max=5.0, help="override the persona's temperature"),
-    max_new_tokens: int = typer.Option(
-        None, min=1, max=MAX_NEW_TOKENS,
-        help="override the reply length limit, in tokens (a reply cut off there ends at its last finished sentence, "
-        "or its last whole word and …)",
-    ),
-    seed: int = typer.Option(
-        None, min=0, max=MAX_SEED, metavar="N",
-        help="sampling seed, for a repeatable answer: the same seed, message and settings get the same answer from "
-        "the same worker and model version, when it is answering nothing else at the time",
-    ),
-    timeout: float = typer.Option(
-        None, min=1.0, max=MAX_TIMEOUT_S, help="seconds to wait for the reply, also its deadline (default: the "
-        "queue's, PERSONA_QUEUE__DEFAULT_DEADLINE_S, 120 s unless set); raise it while a worker is still loading "
-        "its model",
-    ),
+    temperature: float = _temperature_option(),
+    max_new_tokens: int = _max_new_tokens_option(),
+    seed: int = _seed_option(),
+    timeout: float = _timeout_option(),
     json_output: bool = typer.Option(
         False, "--json", help="print the whole reply as JSON (exit status 1 when it is an error)"
     ),
@@ -200,17 +236,13 @@ def ask(
     text = _read_message(text)
     settings = get_settings()
     _check_persona(settings, persona)
-    request = GenerationRequest(
-        persona=persona,
-        messages=[Message(role="user", content=text)],
-        sampling=SamplingOverrides(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed),
-        deadline=time.time() + timeout if timeout else 0.0,
-    )
+    asking = Asking(temperature, max_new_tokens, seed, timeout)
+    request = asking.request(persona, [Message(role="user", content=text)])
     check_request(request, settings.queue)  # an empty or too long message is refused before Redis is needed
     client = _client(settings, longer=ASK_LONGER)
     with stop_signals_as_ctrl_c() as stopping:
         try:
-            queued = queue_if_no_worker(client, request, timeout or settings.queue.default_deadline_s)
+            queued = queue_if_no_worker(client, request, asking.wait_s(settings))
             reply = client.ask(request, timeout=timeout) if queued is None else client.wait(queued, timeout=timeout)
         except KeyboardInterrupt:
             _withdraw_asked(client, request, json_output)
@@ -290,14 +322,18 @@ def run_chat(
     url: str | None = None,
     stop: threading.Event | None = None,
     starters: str = WORKER_STARTERS,
+    asking: Asking | None = None,
 ) -> None:
     """An interactive chat in the terminal, keeping recent turns as context.
 
     ``stop``: set (by ``persona up``'s SIGTERM or SIGHUP) when an interrupt ends the chat
     rather than withdraws one message. ``starters``: where a worker will come from.
+    ``asking``: `persona chat`'s sampling options and --timeout (none: the chat `persona up` opens).
     """
     _check_persona(settings, persona)
-    client = _client(settings, url)
+    client = _client(settings, url, CHAT_LONGER if asking is None else CHAT_COMMAND_LONGER)
+    longer_reply = f"raise sampling.max_new_tokens in {persona}'s file" if asking is None else "raise --max-new-tokens"
+    asking = asking or Asking()
     history: list[Message] = []
     console.print(f"chatting with [bold]{persona}[/bold]; {CHAT_COMMANDS}")
     while True:
@@ -324,13 +360,14 @@ def run_chat(
             continue
         text = text.removeprefix("/") if text.startswith("//") else text  # "//usr is..." says "/usr is..."
         history.append(Message(role="user", content=text))
-        request = GenerationRequest(persona=persona, messages=history[-settings.queue.max_messages :])
+        request = asking.request(persona, history[-settings.queue.max_messages :])
         # Whatever goes wrong with this message, it is dropped and the chat goes on.
         problem = None
         try:
-            queued = queue_if_no_worker(client, request, settings.queue.default_deadline_s, starters)
+            queued = queue_if_no_worker(client, request, asking.wait_s(settings), starters)
             with console.status(f"{persona} is thinking..."):
-                reply = client.ask(request) if queued is None else client.wait(queued)
+                reply = (client.ask(request, timeout=asking.timeout) if queued is None
+                         else client.wait(queued, timeout=asking.timeout))
         except KeyboardInterrupt:  # as in a shell
             history.pop()
             withdrawn = withdraw(client, [request])
@@ -354,7 +391,7 @@ def run_chat(
             continue
         if not has_visible_text(reply.text):
             history.pop()  # a turn with no answer: asked again, it goes as if asked first
-            _say_nothing_said(persona, reply, f"raise sampling.max_new_tokens in {persona}'s file")
+            _say_nothing_said(persona, reply, longer_reply)
             continue
         console.print(f"[bold magenta]{persona}>[/bold magenta] ", end="")
         console.print(reply.text, highlight=False, markup=False)
@@ -378,17 +415,25 @@ def _as_context(reply: str, limit_chars: int) -> Message:
 
 
 @friendly_errors
-def chat(persona: str = typer.Argument(DEFAULT_PERSONA, help="which persona to talk to")) -> None:
+def chat(
+    persona: str = typer.Argument(DEFAULT_PERSONA, help="which persona to talk to"),
+    temperature: float = _temperature_option(),
+    max_new_tokens: int = _max_new_tokens_option(),
+    seed: int = _seed_option(),
+    timeout: float = _timeout_option(),
+) -> None:
     """Chat with PERSONA in the terminal, through the queue (needs `persona up` running).
 
     Each message goes with the recent turns as context. In the chat, /reset forgets the
     conversation, /help lists the commands, /quit or Ctrl-D leaves, and Ctrl-C withdraws a
     message still waiting for its reply; a line that starts with // is sent starting with /.
     SIGTERM or SIGHUP (the terminal closed) withdraws it too, and ends the chat (exit 143, 129).
+    The sampling options and --timeout hold for every message, as `persona ask`'s do for its one.
     """
     with stop_signals_as_ctrl_c() as stopping:
         try:
-            run_chat(get_settings(), persona, stop=stopping.stop)
+            run_chat(get_settings(), persona, stop=stopping.stop,
+                     asking=Asking(temperature, max_new_tokens, seed, timeout))
         except KeyboardInterrupt:  # a stop signal between messages
             if stopping.signum is None:
                 raise
