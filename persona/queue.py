@@ -397,14 +397,17 @@ class _Caller:
             return {stream: _full(stream, self.settings, None) for stream in streams}
         return {stream: _full(stream, self.settings, looked[2 * n : 2 * n + 2]) for n, stream in enumerate(streams)}
 
-    def _outage_left(self, request: GenerationRequest, exc: redis.exceptions.RedisError, give_up: float) -> float:
+    def _outage_left(self, request: GenerationRequest, exc: redis.exceptions.RedisError, give_up: float,
+                     first: bool) -> float:
         """How long to pause before trying a wait again that Redis being out of reach cut
-        short; re-raises ``exc`` if the wait's time is up or the error is not an outage."""
+        short; re-raises ``exc`` if the wait's time is up or the error is not an outage. Said
+        once a wait (``first``): every second, it filled the terminal of a `persona ask`."""
         left = give_up - time.monotonic()
         if left <= 0 or not _outage(exc):
             raise exc
-        log.warning("waiting for request %s: Redis cannot be reached (%s); trying again until its deadline",
-                    request.id, exc)
+        if first:
+            log.warning("waiting for request %s: Redis cannot be reached (%s); trying again until its deadline, "
+                        "%.0f s from now", request.id, str(exc).rstrip("."), left)
         return min(OUTAGE_PAUSE_S, left)
 
     def _asking(self, request: GenerationRequest, give_up: float):
@@ -479,11 +482,13 @@ class QueueClient(_Caller):
     def _wait(self, request: GenerationRequest, give_up: float, got=None) -> GenerationReply:
         reply = self._read(request, got) if got is not None else self._replies.get(request.id)
         with retrying_until(give_up):
+            outages = 0
             while reply is None and (left := give_up - time.monotonic()) > 0:
                 try:
                     reply = self._read(request, self._waiting(request, left).execute()[-1])
                 except redis.exceptions.RedisError as exc:
-                    time.sleep(self._outage_left(request, exc, give_up))
+                    time.sleep(self._outage_left(request, exc, give_up, first=not outages))
+                    outages += 1
             return reply if reply is not None else self._found(request, self._looking(request).execute())
 
     def ask(self, request: GenerationRequest, timeout: float | None = None) -> GenerationReply:
@@ -530,11 +535,13 @@ class AsyncQueueClient(_Caller):
     async def _wait(self, request: GenerationRequest, give_up: float, got=None) -> GenerationReply:
         reply = self._read(request, got) if got is not None else self._replies.get(request.id)
         with retrying_until(give_up):
+            outages = 0
             while reply is None and (left := give_up - time.monotonic()) > 0:
                 try:
                     reply = self._read(request, (await self._waiting(request, left).execute())[-1])
                 except redis.exceptions.RedisError as exc:
-                    await asyncio.sleep(self._outage_left(request, exc, give_up))
+                    await asyncio.sleep(self._outage_left(request, exc, give_up, first=not outages))
+                    outages += 1
             return reply if reply is not None else self._found(request, await self._looking(request).execute())
 
     async def ask(self, request: GenerationRequest, timeout: float | None = None) -> GenerationReply:
