@@ -127,6 +127,8 @@ def _answers(url: str) -> bool:
     client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
     try:
         return bool(client.ping())
+    except redis.exceptions.ResponseError:  # an error reply is an answer: MISCONF refuses PING too
+        return True
     except redis.exceptions.RedisError:
         return False
     finally:

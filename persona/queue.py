@@ -58,6 +58,9 @@ WAIT_SLICE_S = 2.0
 MIN_SLICE_S = 0.01
 # While Redis cannot be reached (restarting), a wait tries again this often until its deadline.
 OUTAGE_PAUSE_S = 1.0
+# Error replies of a Redis that refuses writes for now (see ``_outage``), besides MISCONF's (a
+# disk it cannot write), which redis-py gives no class of its own.
+WRITES_REFUSED = (redis.exceptions.OutOfMemoryError, redis.exceptions.ReadOnlyError, redis.exceptions.MasterDownError)
 # Replies a client keeps after reading them, for a second wait on the same request.
 REPLIES_KEPT = 256
 # A full stream's untaken entries that a refusal looks through for dead ones (FULL_SCRIPT):
@@ -220,9 +223,13 @@ def _wait_seconds(request: GenerationRequest, timeout: float | None, settings: Q
 
 
 def _outage(exc: redis.exceptions.RedisError) -> bool:
-    """Whether an error is Redis out of reach for now (restarting, loading its data), which a
-    wait rides out; not a refused password, which waiting cannot mend."""
+    """Whether an error is Redis out of reach for now (restarting, loading its data), or
+    refusing writes for now (a disk it cannot write, its memory full, a replica), which a wait
+    rides out: a reply is read with BLMOVE, a write, and one waiting to be read is kept; not a
+    refused password, which waiting cannot mend."""
     refused = (redis.exceptions.AuthenticationError, redis.exceptions.AuthorizationError)
+    if isinstance(exc, redis.exceptions.ResponseError):
+        return isinstance(exc, WRITES_REFUSED) or "MISCONF " in str(exc)  # in a pipeline's error, after its command
     return isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError) and not isinstance(exc, refused)
 
 
@@ -406,8 +413,9 @@ class _Caller:
         if left <= 0 or not _outage(exc):
             raise exc
         if first:
-            log.warning("waiting for request %s: Redis cannot be reached (%s); trying again until its deadline, "
-                        "%.0f s from now", request.id, str(exc).rstrip("."), left)
+            why = "refuses writes for now" if isinstance(exc, redis.exceptions.ResponseError) else "cannot be reached"
+            log.warning("waiting for request %s: Redis %s (%s); trying again until its deadline, %.0f s from now",
+                        request.id, why, str(exc).rstrip("."), left)
         return min(OUTAGE_PAUSE_S, left)
 
     def _asking(self, request: GenerationRequest, give_up: float):

@@ -302,3 +302,78 @@ def test_a_wait_still_ends_when_redis_stays_down(tmp_path: Path, settings):
     with pytest.raises(redis.exceptions.ConnectionError):
         client.wait(request, timeout=1.5)
     assert 1.4 < time.monotonic() - started < 4
+
+
+def _refuse_writes(client: redis.Redis, folder: Path) -> None:
+    """Make Redis fail to save, as on a full or unwritable disk: from then on it answers every
+    write (and PING) with MISCONF until a save succeeds."""
+    folder.mkdir()
+    client.config_set("dir", str(folder))
+    folder.rmdir()
+    client.bgsave()
+    deadline = time.monotonic() + 10
+    while client.info("persistence")["rdb_last_bgsave_status"] != "err" or \
+            client.info("persistence")["rdb_bgsave_in_progress"]:
+        assert time.monotonic() < deadline, "the save did not fail"
+        time.sleep(0.05)
+
+
+def test_a_wait_rides_out_redis_refusing_writes_and_reads_the_reply_after(tmp_path: Path, settings):
+    """A Redis that cannot write its disk refuses every write with MISCONF, and a reply is read
+    with BLMOVE, a write: a waiting `persona ask` gave up at once with Redis's raw error while
+    its request was still generated, for nobody. It now waits, as through a restart."""
+    import threading
+
+    from persona.contract import GenerationReply
+    from persona.queue import WorkQueue
+
+    server = EmbeddedRedis(tmp_path / "own-redis")
+    url = server.start(unix_socket=False)
+    try:
+        admin = redis.Redis.from_url(url)
+        work = WorkQueue(redis.Redis.from_url(url), settings.queue)
+        request = QueueClient(redis.Redis.from_url(url), settings.queue).submit(
+            GenerationRequest(persona="sage", messages=[Message(role="user", content="still there?")]))
+        [job] = work.claim("w", 10, block_ms=1000)
+        _refuse_writes(admin, tmp_path / "gone")
+        with pytest.raises(redis.exceptions.ResponseError, match="MISCONF"):
+            admin.set("probe", 1)
+
+        def mend_and_answer() -> None:
+            time.sleep(1.0)
+            (tmp_path / "gone").mkdir()
+            admin.config_set("dir", str(tmp_path / "gone"))  # Redis's working folder was the removed one
+            admin.bgsave()
+            while admin.info("persistence")["rdb_last_bgsave_status"] != "ok":
+                time.sleep(0.05)
+            work.deliver([(job, GenerationReply(id=job.request.id, ok=True, text="here"))], "w")
+
+        mending = threading.Thread(target=mend_and_answer, daemon=True)
+        mending.start()
+        reply = QueueClient(redis.Redis.from_url(url), settings.queue).wait(request, timeout=20)
+        mending.join()
+        assert reply.text == "here"
+    finally:
+        server.stop()
+
+
+def test_a_redis_refusing_writes_is_found_and_said_as_a_disk_it_cannot_write(tmp_path: Path):
+    """MISCONF refuses PING too: every command waited 5 s, then called the embedded Redis
+    "not answered for 5 s (starting, or stuck)", and a refused write was Redis's raw text."""
+    from persona.cli.common import explain_redis_error
+    from persona.embedded_record import find_embedded_url
+
+    server = EmbeddedRedis(tmp_path / "data")
+    url = server.start(unix_socket=False)
+    try:
+        admin = redis.Redis.from_url(url)
+        _refuse_writes(admin, tmp_path / "gone")
+        assert find_embedded_url(tmp_path / "data") == url
+        with pytest.raises(redis.exceptions.ResponseError) as refused:
+            admin.pipeline(transaction=False).set("probe", 1).execute()
+        said = explain_redis_error(refused.value)
+        assert said.startswith("Redis cannot write its data to disk (full, or not writable)"), said
+        assert "free space or fix the folder's permissions" in said
+        admin.config_set("dir", str(tmp_path))  # mended: it saves as it stops
+    finally:
+        server.stop()

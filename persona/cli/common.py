@@ -190,6 +190,11 @@ def explain_redis_error(exc: redis.exceptions.RedisError) -> str:
         )
     if isinstance(exc, redis.exceptions.InvalidResponse):
         return f"the server at PERSONA_REDIS_URL does not answer as Redis does ({said}); is that Redis's address?"
+    if "MISCONF " in said:  # it refuses every write, PING too, until it can save again
+        log_file = ("its log, " + str(get_settings().data_dir.absolute() / "redis" / "redis.log")
+                    if get_settings.cache_info().currsize and get_settings().redis_url is None else "the Redis server's log")
+        return (f"Redis cannot write its data to disk (full, or not writable), so it refuses every change until it "
+                f"can: free space or fix the folder's permissions; {log_file} says which ({said})")
     return f"Redis refused a command ({said}); `persona queue stats` shows the state it is in"
 
 
