@@ -295,7 +295,9 @@ class Swapper:
                 log.info("persona %s is gone (its file was removed); no longer serving it", name)
                 continue
             except PersonaError as exc:
-                problems[name] = f"cannot switch {name} to {self.version_for(name)}: {exc}"
+                version = self.version_for(name)  # None: the file's own, which nobody switched to
+                doing = f"switch {name} to {version}" if version is not None else f"serve {name} (as its file says)"
+                problems[name] = f"cannot {doing}: {exc}"
                 continue
             wanted.add(served.key)
             if served.version != shown:

@@ -589,6 +589,30 @@ def test_a_persona_file_removed_while_serving_is_let_go_and_logged_once(
     assert "unknown persona 'gone'" in client.wait(request, timeout=5).error.message
 
 
+def test_a_served_persona_file_pointed_at_a_missing_base_is_said_as_such(
+    write_persona, personas_dir, tiny_llama_dir, tmp_path, settings, redis_client, caplog
+):
+    """A persona file edited under a running worker to name a base that is not there logged
+    "cannot switch tiny to None": nobody had asked for a switch, and None named no version."""
+    from persona.personas import PersonaRegistry
+    from persona.pool import ModelPool
+    from persona.swapper import FOLLOW_EVERY_S
+    from persona.worker import Worker
+
+    write_persona("tiny", base=str(tiny_llama_dir))
+    worker = Worker(settings, redis_client, ModelPool(settings, "cpu"), registry=PersonaRegistry([personas_dir]),
+                    worker_id="w-edited")
+    worker.preload()
+    time.sleep(0.05)  # a later modification time than the file the worker read
+    write_persona("tiny", base=str(tmp_path / "no-such-base"))
+    with caplog.at_level(logging.WARNING, logger="persona.swapper"):
+        started = time.monotonic()
+        while time.monotonic() - started < 3 * FOLLOW_EVERY_S:
+            worker.turn(block_ms=50)
+    assert "cannot serve tiny (as its file says): " in caplog.text, caplog.text
+    assert "to None" not in caplog.text
+
+
 def test_a_row_still_decoding_at_its_deadline_stops_and_its_caller_is_told(
     write_persona, tiny_llama_dir, settings, redis_client, client
 ):
