@@ -8,7 +8,9 @@ validation while its twin is trained on). One changed word alters up to three 3-
 too many of a short text's for the Jaccard rule, so texts under ``_SHORT_WORDS`` words
 are also compared word by word (``NEAR_DUPLICATE_WORD_RATIO``). Each text is measured only
 against the kept texts that share one of its rarest 3-grams or words (``_NearIndex``): those
-are all that can be near it.
+are all that can be near it. Of those, the latest ``_MOST_CANDIDATES`` are looked at: a corpus of
+texts made of a few common words has thousands for each (writing has tens), and looking at them
+all grew with the square of the corpus.
 """
 
 from __future__ import annotations
@@ -31,11 +33,16 @@ _SHINGLE_WORDS = 3
 # 100,000 tweets takes half a minute or more to clean, and twenty thousand blog posts minutes to read.
 Progress = Callable[[str, int, int], None]
 _SHORT_WORDS = 30  # from about here on, one changed word keeps Jaccard at or above 0.8
+# Of the kept texts that share a rare 3-gram with a text, the most looked at for each 3-gram, and of those that share
+# its rarest words, for all of them (the latest): texts of a few common words share them with thousands, and 200,000
+# such texts took more than ten minutes. Writing has few so alike: 26 at most in Debian's 15,217 fortunes.
+_MOST_CANDIDATES = 1000
 _URL = re.compile(r"(?:https?://|www\.)\S+", re.IGNORECASE)
 _HANDLE = re.compile(r"(?<![\w@])@\w{1,30}\b")
 # Invisible characters that carry nothing, but not ZWNJ and ZWJ (U+200C, U+200D): they
-# are part of Persian and Indic spelling and join emoji sequences.
-_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\u200b\u200e\u200f\u2028\u2029\ufeff]")
+# are part of Persian and Indic spelling and join emoji sequences. And half an emoji: a lone surrogate
+# (JSON's "\ud83d" from a post cut short), which no file can hold as UTF-8.
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\u200b\u200e\u200f\u2028\u2029\ufeff\ud800-\udfff]")
 
 
 @dataclass
@@ -142,6 +149,10 @@ class _NearIndex:
     in one text alone): those are told first, from every text's rarest kept as 8-byte hashes, and only
     they are indexed. A kept text is measured again from its folded form. Holding every kept text's
     shingles, and every rare one, took two gigabytes for 100,000 posts.
+
+    A short text is measured only against the texts that share enough of its 3-grams (``_share_shingles``)
+    or words (``_share_words``) to be near it, counted for all of them at once from their hashes; and
+    only against the latest ``_MOST_CANDIDATES`` that share a rare one with it.
     """
 
     def __init__(self, folds: Sequence[str], progress: Progress | None = None) -> None:
@@ -161,6 +172,15 @@ class _NearIndex:
             if len(words) < _SHORT_WORDS:
                 self.word_rows[number, : len(words)] = [numbers.setdefault(word, len(numbers)) for word in words]
         self.marked = np.zeros(len(numbers) + 1, dtype=bool)  # the words of the text admitted; the last for -1
+        # Each short text's 3-grams, hashed to 31 bits (-1 after its last), and how many it has: to count the 3-grams
+        # two short texts share all at once (``_share_shingles``). Two of one hash only count one more.
+        self.shingle_rows = np.full((len(folds), _SHORT_WORDS - _SHINGLE_WORDS), -1, dtype=np.int32)
+        self.shingle_counts = np.zeros(len(folds), dtype=np.int64)
+        for number, fold in enumerate(folds):
+            if len(tokens := fold.split()) < _SHORT_WORDS:
+                shingles = _shingles(tokens)
+                self.shingle_rows[number, : len(shingles)] = [hash(shingle) & 0x7FFFFFFF for shingle in shingles]
+                self.shingle_counts[number] = len(shingles)
         self.np = np
         # Text n's rarest shingles, hashed, are rarest[starts[n] : starts[n + 1]]. Two shingles of one hash
         # only bring a text more to measure: nothing is found near that is not.
@@ -198,10 +218,11 @@ class _NearIndex:
         tokens = self.folds[number].split()
         shared = [key for key in self.rarest[self.starts[number] : self.starts[number + 1]] if key in self.by_shingle]
         rarest_words = self._rarest_words(tokens)
-        candidates: set[int] = set()
+        found: set[int] = set()
         for key in shared:
-            candidates.update(self.by_shingle[key])
-        if alike := self._alike_short(rarest_words, len(tokens)) - candidates:
+            found.update(self.by_shingle[key][-_MOST_CANDIDATES:])
+        candidates = self._share_shingles(number, found) if found and len(tokens) < _SHORT_WORDS else found
+        if alike := self._alike_short(rarest_words, len(tokens)) - found:
             candidates.update(self._share_words(number, alike))
         if candidates:
             shingles = _shingles(tokens)
@@ -216,7 +237,8 @@ class _NearIndex:
         return True
 
     def _alike_short(self, rarest_words: list[tuple[str, int]], length: int) -> set[int]:
-        """The kept texts that may share enough words with a short one for ``_similar_short``."""
+        """The kept texts that may share enough words with a short one for ``_similar_short``: the latest
+        ``_MOST_CANDIDATES`` of them, found by its rarest words first."""
         found: set[int] = set()
         for place, word in enumerate(rarest_words):
             if (by_length := self.by_word.get(word)) is None:
@@ -226,7 +248,9 @@ class _NearIndex:
                 # share no more words than follow it in either (a rarer shared word only raises the bound).
                 if length - place >= least:
                     for others in by_length.get(other_length, [])[: other_length - least + 1]:
-                        found.update(others)
+                        if (room := _MOST_CANDIDATES - len(found)) <= 0:
+                            return found
+                        found.update(others[-room:])
         return found
 
     def _share_words(self, number: int, others: set[int]) -> list[int]:
@@ -246,6 +270,20 @@ class _NearIndex:
         self.marked[row] = False
         alike = 2.0 * shared / (length + self.lengths[found]) >= NEAR_DUPLICATE_WORD_RATIO  # as difflib computes it
         return found[alike].tolist()
+
+    def _share_shingles(self, number: int, others: set[int]) -> set[int]:
+        """Those of ``others`` that may share enough 3-grams with short text ``number`` for ``_near``: the long
+        ones, and the short ones whose 3-grams counted by their hashes (as many as they share, or more) reach
+        Jaccard's bar or the one for ``_similar_short``. Texts of a few common words share a rare 3-gram with
+        hundreds of others, and few more: measured one by one, they grew with the square of their number."""
+        np = self.np
+        found = np.fromiter(others, dtype=np.int64, count=len(others))
+        own = self.shingle_rows[number, : self.shingle_counts[number]]
+        shared = np.isin(self.shingle_rows[found], own).sum(axis=1)
+        size, sizes = int(self.shingle_counts[number]), self.shingle_counts[found]
+        may = ((shared >= 1) & ((shared * (1 + NEAR_DUPLICATE_JACCARD) >= NEAR_DUPLICATE_JACCARD * (size + sizes) - 1e-9)
+                                | (shared >= np.minimum(size, sizes) - 6))) | (sizes == 0)  # sizes 0: a long text
+        return set(found[may].tolist())
 
     def _near(self, shingles: set[tuple[str, ...]], tokens: list[str], other: int) -> bool:
         other_tokens = self.folds[other].split()

@@ -14,6 +14,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import shutil
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -22,6 +24,7 @@ from pathlib import Path
 from persona.errors import CorpusError
 from training.cleaning import CleanOptions, CleanReport, Progress, clean_documents
 from training.fortune import read_fortune
+from training.json_records import read_jsonl
 from training.markdown import read_markdown
 from training.pdf import read_pdf
 from training.sources import (
@@ -35,7 +38,6 @@ from training.sources import (
     is_tweet_archive,
     json_lines,
     read_csv,
-    read_jsonl,
     read_text,
 )
 from training.tweets import read_tweets, tweet_archive_members
@@ -249,11 +251,27 @@ def build_corpus(
 
 
 def write_corpus(corpus: Corpus, path: Path) -> None:
-    """Save a corpus as JSONL with each document's split."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rows = [{"text": t, "split": "train"} for t in corpus.train]
-    rows += [{"text": t, "split": "validation"} for t in corpus.validation]
-    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    """Save a corpus as JSONL with each document's split: line by line to a file beside it, then renamed into
+    place, so that a crash or a full disk never leaves half a corpus under its name (nor holds the whole in
+    memory as one string: three times the file's size)."""
+    target = path.resolve() if path.is_symlink() else path  # written where the link points, as before
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Hidden: a build that reads the folder leaves it out, should a kill leave it there. Of this process: no
+    # other writes it, and one a killed process left under the same number is written over.
+    partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
+    try:
+        with partial.open("w", encoding="utf-8") as out:
+            for split, texts in (("train", corpus.train), ("validation", corpus.validation)):
+                for text in texts:
+                    out.write(json.dumps({"text": text, "split": split}, ensure_ascii=False) + "\n")
+            out.flush()
+            os.fsync(out.fileno())  # on disk before the name is moved: else a power cut may leave it empty
+        if target.exists():
+            shutil.copymode(target, partial)  # who may read it, as when it was written over
+        os.replace(partial, target)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
     corpus.path = path
 
 

@@ -6,7 +6,8 @@ file and line; the corpus builder reports it and goes on with the other files.
 
 Formats: Markdown with YAML (``---``) or TOML (``+++``) front matter (``markdown.py``), plain text split on
 ``<|endoftext|>`` or blank lines, CSV (one column; comma, semicolon, tab or bar between
-cells), JSONL (one field; a JSON array of records too, or an object wrapping them: ``{"posts": [...]}``),
+cells), JSONL (``json_records.py``: one field; a JSON array of records too, or an object wrapping them,
+a few levels down too: ``{"posts": [...]}``, ``{"db": [{"data": {"posts": [...]}}]}``),
 PDF (``pdf.py``), Twitter/X archives (``tweets.py``: the export's zip, or ``tweets.js`` and its parts, with
 the full text of long posts taken from the ``note-tweet.js`` beside them) and fortune files (``fortune.py``:
 ``%`` between entries; the offensive ones that ``strfile -x`` stored in ROT13 are read decoded).
@@ -26,12 +27,10 @@ from __future__ import annotations
 import codecs
 import csv
 import io
-import json
 import logging
 import re
 import struct
 import unicodedata
-from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,9 +47,9 @@ __all__ = [
     "is_tweet_archive",
     "json_lines",
     "read_csv",
-    "read_jsonl",
     "read_text",
     "read_text_file",
+    "some_lines",
     "strfile_flags",
     "text_blocks",
 ]
@@ -348,7 +347,7 @@ def strfile_flags(path: Path) -> int | None:
     return flags if version in (1, 2) else None
 
 
-# --- CSV and JSONL ------------------------------------------------------------------
+# --- CSV, and JSONL's lines (its reader is in json_records.py) ---------------------
 
 
 def _delimiter(header: str) -> str:
@@ -409,7 +408,7 @@ def read_csv(path: Path, options: ReadOptions) -> Documents:
     if spilled:
         documents.left_out.append(SourceProblem(
             path, spilled[0], f"{len(spilled)} row(s) left out, with more cells than the header (line(s) "
-                              f"{_some(spilled)}): an unquoted {delimiter!r} in a text splits it, so which cell holds "
+                              f"{some_lines(spilled)}): an unquoted {delimiter!r} in a text splits it, so which cell holds "
                               f"the {column!r} cannot be told; quote the cells that hold {delimiter!r}"))
     return documents
 
@@ -423,197 +422,7 @@ def json_lines(text: str) -> list[str]:
     return [line.removesuffix("\r") for line in text.split("\n")]
 
 
-def _json_records(path: Path, text: str) -> tuple[list[tuple[int, object]], list[tuple[int, str]]]:
-    """(line, record) for each line of a JSONL text, and (line, why) for each line that is not JSON.
-    A line holding an array gives its items, and so does a file that is one JSON array over many
-    lines (or one pretty-printed object gives itself).
-
-    A few broken lines (a record cut short by a crash, a stray line) are only those lines: the
-    rest is read. A file with as many broken lines as good ones is no JSONL: ``SourceProblem``.
-    """
-    records: list[tuple[int, object]] = []
-    broken: list[tuple[int, str]] = []
-    good = 0
-    whole_error: SourceProblem | None = None
-    for number, line in enumerate(json_lines(text), start=1):
-        if not line.strip():
-            continue
-        try:
-            value = json.loads(line)
-        except json.JSONDecodeError as exc:
-            if not good and not broken:  # the first line: perhaps of one value over many lines
-                try:
-                    return _whole_json_records(text), []
-                except json.JSONDecodeError as whole_exc:  # says where an array breaks, not at its "["
-                    whole_error = SourceProblem(path, whole_exc.lineno, f"not JSON: {whole_exc.msg}")
-            broken.append((number, f"{exc.msg} (column {exc.colno})"))
-            continue
-        good += 1
-        records.extend((number, item) for item in (value if isinstance(value, list) else [value]))
-    if broken and len(broken) >= good:  # read as JSON for its name (.json, .jsonl) or --format
-        problem = whole_error or SourceProblem(path, broken[0][0], f"not JSON: {broken[0][1]}")
-        raise SourceProblem(path, problem.line, f"{problem.reason}; --format text reads it as plain text")
-    return records, broken
-
-
-_BLANK = re.compile(r"[ \t\n\r]*")
-
-
-def _whole_json_records(text: str) -> list[tuple[int, object]]:
-    """(line, record) for a text that is one JSON value over many lines: each item of an array
-    with the line it starts on (each was named by the array's first line), or the one value."""
-    position = _BLANK.match(text).end()
-    if not text.startswith("[", position):
-        value, end = json.JSONDecoder().raw_decode(text, position)
-        records = [(text.count("\n", 0, position) + 1, value)]
-    else:
-        records, end = _array_records(text, position)
-    if (rest := _BLANK.match(text, end).end()) != len(text):
-        raise json.JSONDecodeError("Extra data", text, rest)
-    return records
-
-
-def _array_records(text: str, position: int) -> tuple[list[tuple[int, object]], int]:
-    """(line, item) for each item of the JSON array whose "[" is at ``position``, each with the line
-    it starts on, and where the array ends."""
-    decoder = json.JSONDecoder()
-    records: list[tuple[int, object]] = []
-    line, counted = 1, 0
-    end = _BLANK.match(text, position + 1).end()
-    while not (text.startswith("]", end) and not records):
-        line += text.count("\n", counted, end)
-        counted = end
-        item, end = decoder.raw_decode(text, end)
-        records.append((line, item))
-        end = _BLANK.match(text, end).end()
-        if text.startswith("]", end):
-            break
-        if not text.startswith(",", end):
-            raise json.JSONDecodeError("Expecting ',' delimiter", text, end)
-        end = _BLANK.match(text, end + 1).end()
-    return records, end + 1  # past the "]"
-
-
-def _member_records(text: str, key: str) -> list[tuple[int, object]]:
-    """(line, item) for each item of the array under ``key`` in the JSON object a text holds (a text
-    known to be JSON), each with the line it starts on."""
-    decoder = json.JSONDecoder()
-    records: list[tuple[int, object]] = []
-    end = _BLANK.match(text, text.index("{") + 1).end()  # past the "{" (the lines before it are blank)
-    while not text.startswith("}", end):
-        name, end = decoder.raw_decode(text, end)
-        end = _BLANK.match(text, _BLANK.match(text, end).end() + 1).end()  # past the ":"
-        if name == key and text.startswith("[", end):  # the last of a key written twice, as json.loads reads it
-            records, end = _array_records(text, end)
-        else:
-            end = decoder.raw_decode(text, end)[1]
-        end = _BLANK.match(text, end).end()
-        if text.startswith(",", end):
-            end = _BLANK.match(text, end + 1).end()
-    return records
-
-
-_ABSENT = object()
-
-
-def _field(record: object, dotted: str) -> object:
-    """The value at a dotted path in a record, ``_ABSENT`` where the record has no such field."""
-    for key in dotted.split("."):
-        if not isinstance(record, dict) or key not in record:
-            return _ABSENT
-        record = record[key]
-    return record
-
-
-def _listed_records(path: Path, text: str, line: int, record: dict, field: str) -> list[tuple[int, object]]:
-    """The records of a JSON object that wraps them in a list (``{"posts": [...]}``, a JSON feed's
-    ``"items"``), or the object itself when it holds no such list.
-
-    The list is the one whose records have the field; else the one list of records (the error then
-    names their fields); else the one list of strings. Two lists alike cannot be told apart:
-    ``SourceProblem`` naming them.
-    """
-    lists = {key: items for key, items in record.items() if isinstance(items, list) and items}
-    with_field = [key for key, items in lists.items()
-                  if any(isinstance(item, dict) and _field(item, field) is not _ABSENT for item in items)]
-    of_records = [key for key, items in lists.items() if all(isinstance(item, dict) for item in items)]
-    of_strings = [key for key, items in lists.items() if all(isinstance(item, str) for item in items)]
-    for keys in (with_field, of_records, of_strings):
-        if len(keys) == 1:
-            return _member_records(text, keys[0])
-        if len(keys) > 1 and keys is of_records:
-            fields = "; ".join(f"{key!r}: {', '.join(map(str, lists[key][0]))}" for key in keys)
-            raise SourceProblem(path, line, f"no record has the field {field!r}, in any of the lists of records the "
-                                            f"object holds (their first records' fields are {fields}); use --field")
-        if len(keys) > 1:
-            held = ", ".join(f"{key!r} ({len(lists[key])} record(s))" for key in keys)
-            name = keys[0] if keys[0].isidentifier() else "records"
-            pick = f".{keys[0]}" if keys[0].isidentifier() else f".[{json.dumps(keys[0])}]"
-            raise SourceProblem(path, line, f"the object holds several lists of writing: {held}, and which to read "
-                                            f"cannot be told; save the one to read as a file of its own (jq "
-                                            f"'{pick}' {path.name} > {name}.json) and name that")
-    return [(line, record)]
-
-
-def read_jsonl(path: Path, options: ReadOptions) -> Documents:
-    """One document per line, from the field named by ``--field`` (dots go deeper); the records
-    without text in it (missing, null, a number...), and a few lines that are not JSON, are left out and
-    said so. One object without the field that wraps the records in a list (``{"posts": [...]}``) gives them."""
-    documents = Documents()
-    first: tuple[int, dict] | None = None  # the first record that is an object, for the error
-    present = False
-    lacking: list[int] = []
-    not_text: list[tuple[int, str]] = []  # (line, what the field holds instead)
-    text = read_text_file(path)
-    records, broken = _json_records(path, text)
-    if (len(records) == 1 and not broken and isinstance(records[0][1], dict)
-            and _field(records[0][1], options.field) is _ABSENT):  # one object: perhaps the wrapper of a list
-        records = _listed_records(path, text, *records[0], options.field)
-    for number, record in records:
-        if isinstance(record, str):
-            documents.append(RawDocument(record, str(path), number))
-            continue
-        if isinstance(record, dict) and first is None:
-            first = number, record
-        value = _field(record, options.field)
-        present = present or value is not _ABSENT
-        if value is _ABSENT or value is None:
-            lacking.append(number)
-        elif not isinstance(value, str):
-            not_text.append((number, _JSON_KINDS.get(type(value), "a value")))
-        else:
-            documents.append(RawDocument(value, str(path), number))
-    if first is not None and not present:  # a wrong --field would otherwise read nothing, and say nothing
-        line, record = first
-        raise SourceProblem(path, line, f"no record has the field {options.field!r}; the first record's fields are "
-                                        f"{', '.join(map(str, record)) or 'none'} (use --field)")
-    from_field = len(documents) - sum(isinstance(record, str) for _, record in records)
-    if not_text and not documents:  # the field holds something else in every record: the wrong field
-        line, kind = not_text[0]
-        raise SourceProblem(path, line, f"field {options.field!r} holds no text in any record ({kind} at line {line}); "
-                                        "use --field to name the field that holds the text (a.b for one inside another)")
-    if lacking or not_text:
-        lines = lacking + [number for number, _ in not_text]
-        kinds = Counter(kind for _, kind in not_text)
-        held = "".join(f", {n} of them {kind}" for kind, n in kinds.items())
-        hint = "" if from_field else "; --field names the field that holds the text"
-        documents.left_out.append(SourceProblem(
-            path, min(lines), f"{len(lines)} record(s) with no text in the field {options.field!r} (line(s) "
-                              f"{_some(lines)}{held}; the other {len(documents)} were read){hint}"))
-    if broken:
-        (line, why), *_ = broken
-        gave = "" if len(documents) == len(records) else f": {len(documents)} gave text, {len(records) - len(documents)} had none"
-        documents.left_out.append(SourceProblem(
-            path, line, f"{len(broken)} line(s) not JSON, left out (line(s) {_some(n for n, _ in broken)}; the "
-                         f"first: {why}); the other {len(records)} record(s) were read{gave}; fix those lines to "
-                         "read them too"))
-    return documents
-
-
-_JSON_KINDS = {bool: "true or false", int: "a number", float: "a number", list: "a list", dict: "an object"}
-
-
-def _some(numbers: Iterable[int], shown: int = 5) -> str:
+def some_lines(numbers: Iterable[int], shown: int = 5) -> str:
     """Line numbers, the first few of them: "2, 5, 9 and 12 more"."""
     lines = sorted(set(numbers))
     return ", ".join(map(str, lines[:shown])) + (f" and {len(lines) - shown} more" if len(lines) > shown else "")
