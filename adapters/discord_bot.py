@@ -35,10 +35,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
+import secrets
 import signal
-import time
 from collections import OrderedDict
 from collections.abc import Iterator
 
@@ -46,15 +45,23 @@ import aiohttp
 import discord
 import yarl
 from discord import app_commands
-from discord.backoff import ExponentialBackoff
 from discord.gateway import DiscordWebSocket
 
 from adapters.access import AccessControl
+from adapters.delivery import Failure, send_parts
 from adapters.discord_commands import (
     NO_MENTIONS,
     OPERATOR_ONLY_TEXT,
     SlashCommands,
     kept_name,
+)
+from adapters.discord_gateway import (
+    INTENT_REFUSED_TEXT,
+    TOKEN_REFUSED_TEXT,
+    OneLinePerOutage,
+    bound_reconnect_waits,
+    gateway_refusal,
+    point_client_at,
 )
 from adapters.discord_reading import (
     FILE_NOTICE_PATTERN,
@@ -67,6 +74,7 @@ from adapters.responder import (
     BARE_MENTION_TEXT,
     Responder,
     Where,
+    check_default_persona,
     connect_with_backoff,
     persona_words,
 )
@@ -97,61 +105,6 @@ CLOSE_WAIT_S = 10.0
 # is among the last 1,000 answered, so this many are more than enough.
 MAX_REMEMBERED_ANSWERS = 10_000
 _UNKNOWN = object()  # a channel whose parent the API could not tell
-# While the gateway cannot be reached, discord.py waits a random time up to 2, 4, 8, ... 1,024 s
-# between tries: here at most the settings' reconnect_wait_cap_s.
-
-
-def point_client_at(api_url: str) -> None:
-    """Send discord.py's REST calls to ``api_url`` (the gateway follows in ``setup_hook``)."""
-    discord.http.Route.BASE = api_url.rstrip("/")
-
-
-class _BoundedBackoff(ExponentialBackoff):
-    """discord.py's reconnect backoff, each wait cut to ``cap_s`` (its randomness kept)."""
-
-    def __init__(self, cap_s: float) -> None:
-        super().__init__()
-        self.cap_s = cap_s
-
-    def delay(self) -> float:
-        return min(super().delay(), self.cap_s)
-
-
-def bound_reconnect_waits(cap_s: float) -> None:
-    """Make discord.py wait at most ``cap_s`` between tries to reach the gateway. It builds its
-    backoff in ``Client.connect`` and takes no other: like the REST base, a module's global."""
-    discord.client.ExponentialBackoff = functools.partial(_BoundedBackoff, cap_s)
-
-
-class _OneLinePerOutage(logging.Filter):
-    """discord.py logs each failed try to reach the gateway with its traceback ("Attempting a
-    reconnect in 3.02s"): during an outage, one every few seconds. The first of an outage is said
-    in one line of our own and the rest dropped, until ``connected`` ends the outage."""
-
-    def __init__(self, wait_cap_s: float) -> None:
-        super().__init__()
-        self.wait_cap_s = wait_cap_s
-        self.since: float | None = None
-        self.tries = 0
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if not str(record.msg).startswith("Attempting a reconnect"):
-            return True
-        self.tries += 1
-        if self.since is None:
-            self.since = time.monotonic()
-            error = record.exc_info[1] if record.exc_info else None
-            reason = " ".join(str(error).split()) or type(error).__name__
-            log.warning("lost the connection to the Discord gateway (%s); trying again, at most %g s apart",
-                        reason, self.wait_cap_s)
-        return False
-
-    def connected(self) -> None:
-        """The gateway took the bot again: say after how long, if it had been lost."""
-        if self.since is not None:
-            log.info("connected to the Discord gateway again after %.1f s (%d failed tries)",
-                     time.monotonic() - self.since, self.tries)
-        self.since, self.tries = None, 0
 
 
 class PersonaBot(SlashCommands, discord.Client):
@@ -160,6 +113,7 @@ class PersonaBot(SlashCommands, discord.Client):
     def __init__(self, settings: Settings) -> None:
         if settings.discord.token is None:
             raise ConfigError("no Discord token: set PERSONA_DISCORD__TOKEN")
+        check_default_persona(settings, "discord")
         intents = discord.Intents.default()
         intents.message_content = True  # privileged: enable it in the Developer Portal
         # The bot never joins a voice channel: no "PyNaCl is not installed" warning at start.
@@ -174,7 +128,7 @@ class PersonaBot(SlashCommands, discord.Client):
         self._answered: OrderedDict[int, None] = OrderedDict()  # message ids, see MAX_REMEMBERED_ANSWERS
         self._answering: set[asyncio.Task] = set()  # handlers waiting for an answer, or sending it
         self._files = TextFiles()  # read lately: a reply chain holding a paste downloads it once
-        self._outages = _OneLinePerOutage(self.options.reconnect_wait_cap_s)
+        self._outages = OneLinePerOutage(self.options.reconnect_wait_cap_s)
         self._add_commands()
 
     # --- start-up -----------------------------------------------------------------------
@@ -195,12 +149,11 @@ class PersonaBot(SlashCommands, discord.Client):
         try:
             await self.start_with_settings()
         except discord.PrivilegedIntentsRequired:
-            raise ConfigError(
-                "Discord refused the Message Content intent: enable it for this bot in the Developer "
-                "Portal (Bot → Privileged Gateway Intents → Message Content Intent), then start again"
-            ) from None
+            raise ConfigError(INTENT_REFUSED_TEXT) from None
         except discord.LoginFailure:
-            raise ConfigError("Discord refused the token: check PERSONA_DISCORD__TOKEN") from None
+            raise ConfigError(TOKEN_REFUSED_TEXT) from None
+        except discord.ConnectionClosed as exc:  # a session the gateway ended for good (discord.py resumes the rest)
+            raise gateway_refusal(exc) from None
         except (aiohttp.ClientError, OSError) as exc:  # only while logging in: the gateway reconnects by itself
             raise PlatformUnreachable(
                 f"cannot reach Discord at {self.options.api_url} ({exc}): check the network, "
@@ -480,26 +433,45 @@ class PersonaBot(SlashCommands, discord.Client):
         # A thread's first question goes on from the message the thread was started from.
         may_open_thread = not is_dm and parent is None
         async with keep_typing(message.channel.typing, TYPING_REFRESH_S):
-            reply = await self.responder.answer(
+            await self.responder.answer(
                 where, text, history=history, notify=lambda notice: self.send_reply(message, notice),
                 opening=(lambda: self.thread_opening(message.channel)) if may_open_thread else None,
+                deliver=lambda reply: self.send_reply(message, reply),
             )
-        await self.send_reply(message, reply)
 
-    async def send_reply(self, message: discord.Message, text: str) -> None:
-        """Reply in as many messages as it takes. In a server each quotes the one before it (the
+    async def send_reply(self, message: discord.Message, text: str) -> bool:
+        """Reply in as many messages as it takes; whether all went out (each part is tried again
+        while nothing arrived: ``delivery``). In a server each quotes the one before it (the
         first quotes the question, if it still exists), so a reply to any part of a long answer
         leads back through all of it to the question: the reply chain is the conversation."""
         quoted = message if message.guild is not None else None
-        for chunk in split_message(text, DISCORD_MESSAGE_LIMIT_CHARS):
+        # A part keeps its nonce on every try: Discord then drops a second copy of one that had
+        # arrived though its answer was lost (discord.py sends the nonce with enforce_nonce).
+        parts = [(chunk, secrets.randbits(63)) for chunk in split_message(text, DISCORD_MESSAGE_LIMIT_CHARS)]
+
+        async def send(part: tuple[str, int]) -> None:
+            nonlocal quoted
+            chunk, nonce = part
             if quoted is None:
-                await message.channel.send(chunk, allowed_mentions=NO_MENTIONS)
-                continue
+                await message.channel.send(chunk, nonce=nonce, allowed_mentions=NO_MENTIONS)
+                return
             # The question may be deleted while the bot thinks: then the answer goes out unquoted.
             quote = quoted.to_reference(fail_if_not_exists=False)
             quoted = await message.channel.send(
-                chunk, reference=quote, mention_author=False, allowed_mentions=NO_MENTIONS
+                chunk, nonce=nonce, reference=quote, mention_author=False, allowed_mentions=NO_MENTIONS
             )
+
+        return await send_parts(parts, send, _send_failure, to=f"Discord channel {message.channel.id}")
+
+
+def _send_failure(exc: Exception) -> Failure | None:
+    """What a failed send means: a 5xx, a dropped connection or one that timed out is tried again
+    (a copy that had arrived is dropped by its nonce); any other answer is a refusal."""
+    if isinstance(exc, discord.DiscordServerError | aiohttp.ClientError | OSError | asyncio.TimeoutError):
+        return Failure.TRY_AGAIN
+    if isinstance(exc, discord.DiscordException):
+        return Failure.REFUSED  # no permission there, the channel is gone...
+    return None
 
 
 def _close_on_sigterm(bot: PersonaBot) -> None:

@@ -37,13 +37,21 @@ from adapters.ratelimit import RateDecision, RateLimiter, rate_limited_text
 from persona import constants as keys
 from persona.connection import connect_async
 from persona.contract import ErrorKind, GenerationReply, GenerationRequest, Message
-from persona.errors import ConfigError, InvalidRequest, QueueBusy, QueueError, RedisUnavailable, ReplyTimeout
+from persona.errors import (
+    ConfigError,
+    InvalidRequest,
+    QueueBusy,
+    QueueError,
+    RedisUnavailable,
+    ReplyTimeout,
+    UnknownPersona,
+)
 from persona.heartbeat import LIVE_SCRIPT
 from persona.personas import PersonaRegistry
 from persona.queue import AsyncQueueClient
 from persona.settings import ChatAdapterSettings, Settings
 
-__all__ = ["Responder", "Where", "connect_with_backoff", "persona_words"]
+__all__ = ["Deliver", "Responder", "Where", "check_default_persona", "connect_with_backoff", "persona_words"]
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +108,11 @@ MAX_CONNECT_PAUSE_S = 30.0
 # quarter of the reply timeout). A worker that stopped still counts as live for up to its
 # heartbeat TTL, so a restart in progress goes unmentioned.
 NO_WORKER_NOTICE_S = 5.0
+MAX_REMEMBERED_MOVES = 1000  # chats moved (Telegram groups upgraded: rare) that answers still follow
 
-Notify = Callable[[str], Awaitable[None]]
+Notify = Callable[[str], Awaitable[object]]
+# How an adapter sends what ``answer`` or ``retry`` says: whether all of it went out.
+Deliver = Callable[[str], Awaitable[bool]]
 
 
 async def connect_with_backoff(settings: Settings) -> redis.asyncio.Redis:
@@ -114,6 +125,28 @@ async def connect_with_backoff(settings: Settings) -> redis.asyncio.Redis:
             log.warning("%s; trying again in %.0f s", exc, pause)
             await asyncio.sleep(pause)
             pause = min(MAX_CONNECT_PAUSE_S, pause * 2)
+
+
+def check_default_persona(settings: Settings, platform: str) -> None:
+    """Refuse to start an adapter whose persona (``PERSONA_<PLATFORM>__PERSONA``) is not there, or
+    not enabled on the platform: it started, and then every question got the worker's refusal."""
+    setting = f"PERSONA_{platform.upper()}__PERSONA"
+    name = getattr(settings, platform).persona
+    try:
+        persona = PersonaRegistry.from_settings(settings).get(name)
+    except ConfigError as exc:
+        raise ConfigError(f"{setting} names {name!r}, which cannot be served: {exc} Fix the setting") from None
+    if platform not in persona.adapters:
+        raise ConfigError(
+            f"{setting} names {name!r}, whose adapters list has no {platform!r} (it lists "
+            f"{', '.join(persona.adapters) or 'none'}): add it there, or name another persona"
+        )
+
+
+def _sentence(text: str) -> str:
+    """``text`` ending as a sentence does: a full stop added unless it ends with one already ("?.")."""
+    text = text.rstrip()
+    return text if text.endswith((".", "?", "!", "…")) else text + "."
 
 
 def persona_words(text: str) -> str:
@@ -163,6 +196,9 @@ class Responder:
         # answer must not store the forgotten turns again when it arrives.
         self._answering: set[str] = set()
         self._forgotten: set[str] = set()
+        # Chats that moved (``move_chat``), old id → new, oldest first: an answer sent once its chat
+        # moved (the send itself may find out) is kept in the conversation at the new id.
+        self._moved: dict[str, str] = {}
 
     def stop(self) -> None:
         """Withdraw every question still waiting for its answer, and any asked from now on: each
@@ -225,6 +261,8 @@ class Responder:
         """A line or two about a persona, for /persona."""
         try:
             persona = self.registry.get(name)
+        except UnknownPersona:
+            return f"{name}, a persona that is not here (any more): pick another with /persona NAME"
         except ConfigError:
             return f"{name} (its persona file cannot be read right now)"
         return f"{persona.speaker}: {persona.description}".rstrip(": ")
@@ -250,12 +288,13 @@ class Responder:
     async def answer(
         self, where: Where, text: str, *, history: list[Message] | None = None, keep_as: str | None = None,
         notify: Notify | None = None, opening: Callable[[], Awaitable[list[Message]]] | None = None,
+        deliver: Deliver | None = None,
     ) -> str:
         """Answer ``text``: the conversation so far (or ``history``) plus it, through the queue.
         ``keep_as``: also keep the exchange under that name (see ``kept``). ``notify``: how to
         tell the asker something before the answer (that no worker is running). ``opening``:
         what the conversation opens with while none is kept (a Discord thread started from a
-        message: that message's conversation)."""
+        message: that message's conversation). ``deliver``: how to send the answer (see ``_say``)."""
         note = LONG_MESSAGE_NOTE.format(chars=self._max_chars) if len(text) > self._max_chars else ""
         async with self.in_turn(where):
             try:
@@ -263,26 +302,42 @@ class Responder:
                 if not turns and history is None and opening is not None:
                     turns = await opening()
                 turns = [*turns, Message(role="user", content=text)]
-                reply = await self._generate(where, turns, keep_as=keep_as, notify=notify)
+                reply = await self._generate(where, turns, keep_as=keep_as, notify=notify, deliver=deliver, note=note)
             except REDIS_ERRORS as exc:
-                return self._explain(exc)
-        return reply + note if reply else reply
+                reply = self._explain(exc)
+        return await self._say(reply + note if reply else reply, deliver)
 
-    async def retry(self, where: Where, *, keep_as: str | None = None, notify: Notify | None = None) -> str:
-        """Answer the last message again, with a fresh seed (``keep_as``, ``notify``: as for ``answer``);
-        also a message that got no answer (it timed out, the queue was full, the bot restarted)."""
+    async def retry(
+        self, where: Where, *, keep_as: str | None = None, notify: Notify | None = None, deliver: Deliver | None = None,
+    ) -> str:
+        """Answer the last message again, with a fresh seed (``keep_as``, ``notify``, ``deliver``: as
+        for ``answer``); also a message that got no answer (it timed out, the queue was full, the
+        bot restarted, the answer could not be sent)."""
         async with self.in_turn(where):
             try:
                 turns = await self.store.load(where.scope)
                 while turns and turns[-1].role == "assistant":
                     turns.pop()
                 if not turns:
-                    return NOTHING_TO_RETRY_TEXT
-                return await self._generate(
-                    where, turns, seed=secrets.randbelow(2**31), keep_as=keep_as, notify=notify
-                )
+                    reply = NOTHING_TO_RETRY_TEXT
+                else:
+                    reply = await self._generate(
+                        where, turns, seed=secrets.randbelow(2**31), keep_as=keep_as, notify=notify, deliver=deliver
+                    )
             except REDIS_ERRORS as exc:
-                return self._explain(exc)
+                reply = self._explain(exc)
+        return await self._say(reply, deliver)
+
+    @staticmethod
+    async def _say(text: str, deliver: Deliver | None) -> str:
+        """What is left for the adapter to send. Given ``deliver``, the responder sends all it says
+        through it: the persona's answer once it is ready, before the conversation keeps it as seen
+        (one that does not go out is kept unanswered, so /retry answers it), and any sentence
+        saying why there is none; nothing is left then ('')."""
+        if deliver is None or not text:
+            return text
+        await deliver(text)
+        return ""
 
     async def reset(self, where: Where) -> str:
         """Forget the conversation, including an exchange whose answer is still on its way."""
@@ -327,13 +382,27 @@ class Responder:
             log.warning("%s: could not move chat %s to %s: %s", self.platform, old, new, exc)
             return
         log.info("%s: chat %s is now %s; moved its persona choice and %d conversation(s)", self.platform, old, new, moved)
+        self._moved[old] = new
+        if len(self._moved) > MAX_REMEMBERED_MOVES:
+            del self._moved[next(iter(self._moved))]
+
+    def _scope_now(self, where: Where) -> str:
+        """The conversation's scope now: at its chat's new id if the chat moved."""
+        chat = where.chat
+        for _ in range(len(self._moved)):  # each move is to a newer id; the bound only guards a loop
+            if chat not in self._moved:
+                break
+            chat = self._moved[chat]
+        return Where(chat=chat, user=where.user).scope
 
     async def _generate(
         self, where: Where, turns: list[Message], seed: int | None = None, keep_as: str | None = None,
-        notify: Notify | None = None,
+        notify: Notify | None = None, deliver: Deliver | None = None, note: str = "",
     ) -> str:
         """One round trip through the queue; stores the exchange when it succeeds (under the
-        conversation's scope, and under ``keep_as`` if given)."""
+        conversation's scope, and under ``keep_as`` if given): with ``deliver``, only once the
+        answer (and ``note``, said after it; without ``deliver`` the caller adds it) went out
+        through it, and then returns ''."""
         persona = await self.persona_for(where.chat)
         request = build_request(
             persona, turns, user=f"{self.platform}:{where.user}", source=self.source,
@@ -350,7 +419,7 @@ class Responder:
             try:
                 reply = await self._ask(request, notify)
             except InvalidRequest as exc:
-                return f"I can't take that message: {exc}."
+                return _sentence(f"I can't take that message: {exc}")
             except (ReplyTimeout, QueueBusy) as exc:
                 await self._keep_unanswered(where, request)
                 if isinstance(exc, QueueBusy) or await self._workers_live():
@@ -367,14 +436,19 @@ class Responder:
             text = reply.text.strip()
             log.info("%s answered %s in %.0f ms (%s@%s)", self.platform, where.scope,
                      reply.timings.queue_ms + reply.timings.generate_ms, reply.persona, reply.version)
+            said = (text or EMPTY_REPLY_TEXT) + note
+            if deliver is not None and not await deliver(said):
+                # Never seen: the next message must not read as if it had been, and /retry answers it.
+                await self._keep_unanswered(where, request)
+                return ""
             exchange = [*request.messages, Message(role="assistant", content=text)]
-            for scope in filter(None, (where.scope, keep_as)):
+            for scope in filter(None, (self._scope_now(where), keep_as)):
                 if where.scope in self._forgotten:
                     break
                 await self.store.save(scope, exchange)
             if where.scope in self._forgotten:  # a /reset while saving: its forget may have gone first
                 await self.store.forget(where.scope)
-            return text or EMPTY_REPLY_TEXT
+            return "" if deliver is not None else text or EMPTY_REPLY_TEXT
         finally:
             self._answering.discard(where.scope)
             self._forgotten.discard(where.scope)
@@ -388,7 +462,7 @@ class Responder:
         if where.scope in self._forgotten:
             return
         try:
-            await self.store.save(where.scope, list(request.messages))
+            await self.store.save(self._scope_now(where), list(request.messages))
         except REDIS_ERRORS as exc:
             log.warning("%s: could not keep the unanswered question of %s: %s", self.platform, where.scope, exc)
 
@@ -467,6 +541,6 @@ class Responder:
         if kind in (ErrorKind.timeout, ErrorKind.dead_letter):
             return TIMEOUT_TEXT
         if kind is ErrorKind.invalid and reply.error:
-            return f"I can't answer that: {reply.error.message}."
+            return _sentence(f"I can't answer that: {reply.error.message}")
         log.warning("%s: request %s failed: %s", self.platform, reply.id, reply.error)
         return FAILED_TEXT

@@ -25,26 +25,14 @@ of every log line (httpx logs request URLs, which hold it).
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import datetime as dt
 import logging
 import re
 import time
-import warnings
-from collections.abc import Awaitable, Callable, Iterator
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable
 
-from telegram import BotCommand, Chat, Message, ReplyParameters, Update
-from telegram.constants import ChatAction, ChatMemberStatus, ChatType, ParseMode
-from telegram.error import (
-    BadRequest,
-    ChatMigrated,
-    InvalidToken,
-    NetworkError,
-    RetryAfter,
-    TimedOut,
-)
+from telegram import BotCommand, Chat, Message, Update
+from telegram.constants import ChatAction, ChatMemberStatus, ChatType
 from telegram.ext import (
     Application,
     CommandHandler,
@@ -53,24 +41,30 @@ from telegram.ext import (
     TypeHandler,
     filters,
 )
-from telegram.request import HTTPXRequest
 
 from adapters.access import AccessControl
 from adapters.posting.chat_sinks import telegram_api_url
 from adapters.responder import (
     BARE_MENTION_TEXT,
+    Deliver,
     Notify,
     Responder,
     Where,
+    check_default_persona,
     connect_with_backoff,
 )
-from adapters.splitting import TELEGRAM_MESSAGE_LIMIT_CHARS, split_message
-from adapters.telegram_format import split_for_formatting, telegram_html
 from adapters.telegram_order import InOrder
 from adapters.telegram_pastes import Pastes, join_pieces
+from adapters.telegram_polling import (
+    TOKEN_REFUSED_TEXT,
+    PatientPolling,
+    quiet_start_up_tracebacks,
+    start_failures_in_one_line,
+)
+from adapters.telegram_sending import send_text, with_flood_control
 from adapters.typing_indicator import keep_typing
-from persona.errors import ConfigError, PlatformUnreachable
-from persona.settings import Settings, TelegramSettings
+from persona.errors import ConfigError
+from persona.settings import Settings
 
 __all__ = ["TelegramBot", "guard_token_in_logs", "run_telegram", "unknown_command_text", "with_flood_control"]
 
@@ -80,88 +74,10 @@ TYPING_REFRESH_S = 4.5
 # The local path the webhook server listens on (http://LISTEN:PORT/telegram); the public
 # PERSONA_TELEGRAM__WEBHOOK_URL is what Telegram calls, usually a proxy forwarding here.
 WEBHOOK_PATH = "telegram"
-FLOOD_RETRIES = 8
-TOKEN_REFUSED_TEXT = "Telegram refused the token: check PERSONA_TELEGRAM__TOKEN"
 # How long an edit of a group message can still draw an answer, and so how long the bot
 # remembers which messages it answered (in this process; see ``on_edit``).
 EDIT_ANSWERED_WITHIN_S = 3600.0
-# While the Bot API cannot be reached, the waits between tries grow from this to at most the
-# settings' reconnect_wait_cap_s (python-telegram-bot's own grow to 30 s, whatever the reply timeout).
-FIRST_RECONNECT_WAIT_S = 1.0
 
-
-@contextlib.contextmanager
-def _start_failures_in_one_line(options: TelegramSettings) -> Iterator[None]:
-    """A refused token (a ConfigError) or an unreachable Bot API (PlatformUnreachable, which
-    `persona up` restarts after a pause) ends the adapter in one line naming the setting to
-    check, not a traceback (PTB's own message for a refused token quotes it)."""
-    try:
-        yield
-    except InvalidToken:
-        raise ConfigError(TOKEN_REFUSED_TEXT) from None
-    except NetworkError as exc:  # raised only while starting: once polling, PTB retries by itself
-        token = options.token.get_secret_value() if options.token else ""
-        reason = str(exc).replace(token, "***") if token else str(exc)
-        raise PlatformUnreachable(
-            f"cannot reach the Telegram Bot API at {options.api_url} ({reason}): check the network, "
-            "or PERSONA_TELEGRAM__API_URL"
-        ) from None
-
-
-class _NoTracebackForWhatIsRaised(logging.Filter):
-    """PTB logs the traceback of a start-up call it gives up on ("... Aborting"), then raises
-    the error, which the adapter reports as one line saying what to check: keep PTB's line,
-    drop the traceback."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if "Aborting" in str(record.msg):
-            record.exc_info, record.exc_text = None, None
-        return True
-
-
-def _quiet_start_up_tracebacks() -> None:
-    ptb = logging.getLogger("telegram.ext")
-    if not any(isinstance(f, _NoTracebackForWhatIsRaised) for f in ptb.filters):
-        ptb.addFilter(_NoTracebackForWhatIsRaised())
-
-
-class _PatientPolling(HTTPXRequest):
-    """The long poll's connection (getUpdates): while polling, a try that cannot reach the Bot API
-    is made again after a wait that grows, ×1.5 from FIRST_RECONNECT_WAIT_S, to at most
-    ``wait_cap_s``; one that timed out has waited already, and is made again at once. The outage
-    is logged as it begins and as it ends, not at every try (python-telegram-bot logged each with
-    its traceback). Not polling (starting, stopping), a failure is python-telegram-bot's to handle."""
-
-    def __init__(self, api_url: str, wait_cap_s: float, polling: Callable[[], bool]) -> None:
-        super().__init__(connection_pool_size=1)  # as python-telegram-bot builds the long poll's own
-        self._api_url = api_url
-        self._wait_cap_s = wait_cap_s
-        self._polling = polling
-
-    async def post(self, *args: Any, **kwargs: Any) -> Any:  # BaseRequest.post's arguments and answer
-        """Make the call, trying again while the Bot API cannot be reached and polling goes on."""
-        tries, since, wait_s = 0, 0.0, 0.0
-        while True:
-            try:
-                result = await super().post(*args, **kwargs)
-            except NetworkError as exc:  # TimedOut too; not a refusal (BadRequest, InvalidToken)
-                if not self._polling():
-                    raise
-                if not tries:
-                    since = time.monotonic()
-                    log.warning("cannot reach the Telegram Bot API at %s (%s); trying again, at most %g s apart",
-                                self._api_url, exc.message, self._wait_cap_s)
-                tries += 1
-                wait_s = min(max(wait_s * 1.5, FIRST_RECONNECT_WAIT_S), self._wait_cap_s)
-                await asyncio.sleep(0.0 if isinstance(exc, TimedOut) else wait_s)
-                continue
-            if tries:
-                log.info("reached the Telegram Bot API again after %.1f s (%d failed tries)",
-                         time.monotonic() - since, tries)
-            return result
-
-
-T = TypeVar("T")
 
 COMMANDS = [
     ("start", "say hello and see who you are talking to"),
@@ -215,25 +131,6 @@ def guard_token_in_logs(token: str) -> None:
     logging.setLogRecordFactory(redacting_factory)
 
 
-def _retry_after_s(exc: RetryAfter) -> float:
-    with warnings.catch_warnings():  # PTB 22 warns that the type of this value will change
-        warnings.simplefilter("ignore")
-        value = exc.retry_after
-    return value.total_seconds() if isinstance(value, dt.timedelta) else float(value)
-
-
-async def with_flood_control(call: Callable[[], Awaitable[T]]) -> T:
-    """Run a Bot API call, waiting out Telegram's flood control instead of failing."""
-    for _ in range(FLOOD_RETRIES):
-        try:
-            return await call()
-        except RetryAfter as exc:
-            pause = _retry_after_s(exc)
-            log.warning("Telegram asks us to slow down; waiting %.1f s", pause)
-            await asyncio.sleep(pause)
-    return await call()
-
-
 class _Application(Application):
     """PTB's Application, telling the bot when it begins to stop (SIGTERM, Ctrl-C, ``stop()``):
     before it waits for the handlers still running, so questions waiting for a worker are
@@ -256,20 +153,21 @@ class TelegramBot:
         if options.token is None:
             raise ConfigError("no Telegram token: set PERSONA_TELEGRAM__TOKEN (from @BotFather)")
         telegram_api_url(options.api_url, "persona telegram")  # a URL PTB cannot use is a setting to fix
+        check_default_persona(settings, "telegram")
         self.settings = settings
         self.options = options
         token = options.token.get_secret_value()
         guard_token_in_logs(token)
-        _quiet_start_up_tracebacks()
+        quiet_start_up_tracebacks()
         self.application = (
             Application.builder()
             .application_class(_Application, kwargs={"on_stopping": self._withdraw_questions})
             .token(token)
             .base_url(options.api_url)
             .base_file_url(re.sub(r"/bot$", "/file/bot", options.api_url))
-            .get_updates_request(_PatientPolling(
+            .get_updates_request(PatientPolling(
                 options.api_url, options.reconnect_wait_cap_s,
-                polling=lambda: self.application.updater.running,
+                polling=lambda: self.application.updater.running, on_refused=self._token_refused,
             ))
             .concurrent_updates(True)  # /cancel must get through while an answer is pending
             .post_init(self._connect)
@@ -283,6 +181,8 @@ class TelegramBot:
         # first: an edit never answers one of them again. Kept for EDIT_ANSWERED_WITHIN_S.
         self._answered: dict[tuple[int, int], float] = {}
         self._started = dt.datetime.now(dt.UTC).replace(microsecond=0)  # Telegram's dates are whole seconds
+        self._running_until_stopped = False  # in ``run``, which ends the process; not ``start``
+        self._refused = False  # the token was refused while polling
         self._add_handlers()
 
     def _add_handlers(self) -> None:
@@ -317,13 +217,24 @@ class TelegramBot:
         await with_flood_control(lambda: app.bot.set_my_commands([BotCommand(n, a) for n, a in COMMANDS]))
         log.info("Telegram bot @%s serving persona %s", app.bot.username, self.options.persona)
 
+    def _token_refused(self) -> None:
+        """The token was refused while polling (revoked with @BotFather): nothing more will come.
+        ``run`` stops and ends with the ConfigError a refused token gets at start (status 78:
+        `persona up` does not restart the adapter for it); an embedding program (``start``) hears
+        it in the log."""
+        self._refused = True
+        if self._running_until_stopped:
+            self.application.stop_running()
+        else:
+            log.error("%s; the bot hears nothing more", TOKEN_REFUSED_TEXT)
+
     def _withdraw_questions(self) -> None:
         if self.responder is not None:
             self.responder.stop()
 
     async def start(self) -> None:
         """Start polling inside a running event loop (tests, or an embedding program)."""
-        with _start_failures_in_one_line(self.options):
+        with start_failures_in_one_line(self.options):
             await self.application.initialize()
         await self._connect(self.application)
         await self.application.start()
@@ -354,11 +265,14 @@ class TelegramBot:
 
     def run(self) -> None:
         """Serve until interrupted: long polling, or a webhook if one is configured."""
-        with _start_failures_in_one_line(self.options):
+        self._running_until_stopped = True
+        with start_failures_in_one_line(self.options):
             if self.options.webhook_url:
                 self.application.run_webhook(**self._webhook_options())
             else:
                 self.application.run_polling(allowed_updates=Update.ALL_TYPES)
+        if self._refused:
+            raise ConfigError(TOKEN_REFUSED_TEXT)
 
     # --- who is talking, and may they -------------------------------------------------
 
@@ -487,7 +401,8 @@ class TelegramBot:
                 if await self._within_limits(update):
                     await self.say(update, BARE_MENTION_TEXT, quote=True)
                 return
-            await self._answer(update, context, lambda where, notify: self.responder.answer(where, text, notify=notify))
+            await self._answer(update, context, lambda where, notify, deliver: self.responder.answer(
+                where, text, notify=notify, deliver=deliver))
 
     async def on_not_text(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         """A photo, sticker, voice message, file...: say that only text is read, rather than
@@ -531,10 +446,11 @@ class TelegramBot:
         return decision.allowed
 
     async def _answer(
-        self, update: Update, context: ContextTypes.DEFAULT_TYPE, make: Callable[[Where, Notify], Awaitable[str]]
+        self, update: Update, context: ContextTypes.DEFAULT_TYPE,
+        make: Callable[[Where, Notify, Deliver], Awaitable[str]],
     ) -> None:
-        """Rate-limit, show typing while ``make`` works (it may ``notify`` the asker meanwhile),
-        then send its text."""
+        """Rate-limit, and show typing while ``make`` works (it may ``notify`` the asker meanwhile)
+        and sends what it says (``deliver``)."""
         chat, message = update.effective_chat, update.effective_message
         if not await self._within_limits(update):
             return
@@ -546,9 +462,11 @@ class TelegramBot:
         async def notify(text: str) -> None:
             await self.say(update, text, quote=quote)
 
+        async def deliver(text: str) -> bool:
+            return await self.say(update, text, quote=quote)
+
         async with keep_typing(typing, TYPING_REFRESH_S):
-            reply = await make(where, notify)
-        await self.say(update, reply, quote=quote)
+            await make(where, notify, deliver)
 
     async def on_start(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         """Greet, and say who the user is talking to."""
@@ -605,7 +523,8 @@ class TelegramBot:
     async def on_retry(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         """Answer the last message again, with a new seed."""
         if await self._admitted(update):
-            await self._answer(update, context, lambda where, notify: self.responder.retry(where, notify=notify))
+            await self._answer(update, context, lambda where, notify, deliver: self.responder.retry(
+                where, notify=notify, deliver=deliver))
 
     async def on_cancel(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         """Withdraw the request still waiting or running."""
@@ -616,46 +535,18 @@ class TelegramBot:
         """The one place errors end up: log them with the traceback."""
         log.error("error while handling a Telegram update", exc_info=context.error)
 
-    async def say(self, update: Update, text: str, *, quote: bool = False) -> None:
-        """Answer in the chat, and the forum topic, the update came from (quoting it if ``quote``)."""
+    async def say(self, update: Update, text: str, *, quote: bool = False) -> bool:
+        """Answer in the chat, and the forum topic, the update came from (quoting it if ``quote``);
+        whether it all went out."""
         message = update.effective_message
         reply_to = message.message_id if quote and message is not None else None
-        await self.send(update.effective_chat.id, text, reply_to=reply_to, topic=self._topic(message))
+        return await self.send(update.effective_chat.id, text, reply_to=reply_to, topic=self._topic(message))
 
-    async def send(self, chat_id: int, text: str, reply_to: int | None = None, topic: int | None = None) -> None:
-        """Send text in as many messages as it takes, formatted, waiting out flood control. A group
-        upgraded to a supergroup while its answer was on the way refuses it (``ChatMigrated``):
-        the chat moves (as ``on_migrate`` does, whichever comes first) and the text goes to the
-        new id, so the asker still gets the answer."""
-        # Telegram formats only a message's first 100 entities: a part holding more is cut again.
-        chunks = [part for chunk in split_message(text, TELEGRAM_MESSAGE_LIMIT_CHARS) for part in split_for_formatting(chunk)]
-        for index, chunk in enumerate(chunks):
-            reply = ReplyParameters(message_id=reply_to, allow_sending_without_reply=True) if reply_to and index == 0 else None
-            try:
-                await self._send_one(chat_id, chunk, reply, topic)
-            except ChatMigrated as moved:
-                log.info("chat %s became %s while its answer was on the way; sending it there", chat_id, moved.new_chat_id)
-                await self._move_chat(chat_id, moved.new_chat_id)
-                chat_id = moved.new_chat_id
-                await self._send_one(chat_id, chunk, reply, topic)
-
-    async def _send_one(self, chat_id: int, text: str, reply: ReplyParameters | None, topic: int | None) -> None:
-        """Send one message: its Markdown as HTML; as it is when it has none, or when Telegram
-        refuses the HTML ("can't parse entities"; any 400 there is worth a try without it)."""
-        bot = self.application.bot
-        formatted = telegram_html(text)
-        if "<" in formatted:  # escaped text holds no "<": a tag is formatting
-            try:
-                await with_flood_control(lambda: bot.send_message(
-                    chat_id, formatted, parse_mode=ParseMode.HTML, reply_parameters=reply, message_thread_id=topic
-                ))
-                return
-            except BadRequest as exc:
-                log.warning("Telegram refused a reply's formatting (%s); sending it as plain text", exc.message)
-        await with_flood_control(
-            lambda: bot.send_message(chat_id, text, reply_parameters=reply, message_thread_id=topic)
-        )
-
+    async def send(self, chat_id: int, text: str, reply_to: int | None = None, topic: int | None = None) -> bool:
+        """Send text as ``send_text`` does; whether all of it went out. A chat found to have moved
+        on the way takes its persona and conversations along (as ``on_migrate`` does)."""
+        return await send_text(self.application.bot, chat_id, text, reply_to=reply_to, topic=topic,
+                               on_moved=self._move_chat)
 
 def run_telegram(settings: Settings) -> None:
     """Run the Telegram adapter until interrupted (``persona telegram``)."""

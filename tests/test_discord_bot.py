@@ -23,6 +23,7 @@ import redis
 from discord.gateway import DiscordWebSocket
 from pydantic import SecretStr
 
+from adapters import delivery
 from adapters.discord_bot import NOT_TEXT_TEXT, OPERATOR_ONLY_TEXT, PersonaBot
 from adapters.responder import (
     BARE_MENTION_TEXT,
@@ -362,6 +363,49 @@ async def test_a_429_delays_the_reply_but_never_loses_it(start_bot, fake_api, di
     assert len(posts) == 2
 
 
+@pytest.mark.parametrize("failure", ["503", "drop"])
+async def test_an_answer_discord_fails_to_take_once_is_sent_again(start_bot, fake_api, discord_settings, failure, caplog):
+    with scripted_worker(discord_settings, echo):
+        await start_bot()
+        fake_api.fail_sends(failure)  # discord.py itself tries a 503, or a reset connection on Linux, only once
+        await fake_api.user_message("hi", mention_bot=True)
+        await fake_api.wait_for(lambda: fake_api.texts() == ["echo: user=hi"])
+    posts = [r for r in fake_api.requests if r == ("POST", f"/channels/{CHANNEL_ID}/messages")]
+    assert len(posts) == 2 and "Traceback" not in caplog.text
+
+
+async def test_a_part_that_arrived_though_its_answer_was_lost_is_not_posted_twice(start_bot, fake_api, discord_settings):
+    with scripted_worker(discord_settings, lambda request: "x" * 2500):
+        await start_bot()
+        fake_api.fail_sends("drop after posting")
+        await fake_api.user_message("hi", mention_bot=True)
+        await fake_api.wait_for(lambda: len(fake_api.texts()) == 2)
+        await asyncio.sleep(0.3)
+    assert "".join(fake_api.texts()) == "x" * 2500  # the first part once, quoted by the second
+    assert int(fake_api.sent[1]["message_reference"]["message_id"]) == int(fake_api.sent[0]["id"])
+
+
+async def test_an_answer_that_never_went_out_is_logged_in_one_line_and_kept_unanswered(
+    start_bot, fake_api, discord_settings, redis_client, caplog, monkeypatch
+):
+    monkeypatch.setattr(delivery, "FIRST_RETRY_WAIT_S", 0.05)
+    with scripted_worker(discord_settings, echo) as seen:
+        await start_bot()
+        fake_api.fail_sends(*["503"] * delivery.DELIVERY_TRIES)
+        await fake_api.user_message("my name is Ada", guild=False, channel_id=DM_CHANNEL)
+        await fake_api.wait_for(lambda: len(fake_api.requests) and not fake_api.failing_sends)
+        await asyncio.sleep(0.3)
+        assert fake_api.texts() == []
+        stored = json.loads(redis_client.get(keys.conversation_key("discord", f"{DM_CHANNEL}:111")))
+        assert stored == [{"role": "user", "content": "my name is Ada"}]
+        await fake_api.user_message("and yours?", guild=False, channel_id=DM_CHANNEL)
+        await fake_api.wait_for(lambda: len(fake_api.texts()) == 1)
+    assert [m.content for m in seen[1].messages] == ["my name is Ada", "and yours?"]  # no answer it never saw
+    failures = [r for r in caplog.records if "could not send" in r.getMessage()]
+    assert len(failures) == 1 and failures[0].exc_info is None and "503" in failures[0].getMessage()
+    assert "Traceback" not in caplog.text
+
+
 async def test_rate_limits_and_a_busy_queue_get_friendly_replies(start_bot, fake_api, discord_settings, redis_client):
     with scripted_worker(discord_settings, echo):
         await start_bot(user_messages_per_minute=1)
@@ -591,6 +635,37 @@ async def test_a_wrong_token_is_a_clear_error(discord_settings, fake_api, redis_
                 await asyncio.wait_for(bot.serve(), 30)
     finally:
         discord.http.Route.BASE = default_base
+
+
+@pytest.mark.parametrize(("code", "error"), [
+    (4004, "^Discord refused the token: check PERSONA_DISCORD__TOKEN$"),  # reset in the Developer Portal
+    (4013, r"^Discord closed the gateway connection for good \(4013, invalid intents\): check"),
+])
+async def test_a_session_discord_ends_for_good_while_running_is_a_one_line_error(
+    discord_settings, fake_api, redis_client, code, error
+):
+    default_base, default_gateway = discord.http.Route.BASE, DiscordWebSocket.DEFAULT_GATEWAY
+    try:
+        async with PersonaBot(discord_settings) as bot:
+            serving = asyncio.create_task(bot.serve())
+            await asyncio.wait_for(fake_api.identified.wait(), 30)
+            fake_api.token = "revoked"
+            await fake_api.end_sessions(code)
+            with pytest.raises(ConfigError, match=error) as ended:
+                await asyncio.wait_for(serving, 30)
+    finally:
+        discord.http.Route.BASE, DiscordWebSocket.DEFAULT_GATEWAY = default_base, default_gateway
+    assert ended.value.__cause__ is None and ended.value.__suppress_context__  # no traceback
+
+
+async def test_a_persona_not_enabled_on_discord_is_refused_before_the_bot_starts(discord_settings, write_persona, tiny_llama_dir):
+    discord_settings.discord = discord_settings.discord.model_copy(update={"persona": "dcc"})
+    with pytest.raises(ConfigError, match=r"^PERSONA_DISCORD__PERSONA names 'dcc', .*Did you mean 'dc'\?"):
+        PersonaBot(discord_settings)
+    write_persona("tg", base=str(tiny_llama_dir), adapters=["telegram"])
+    discord_settings.discord = discord_settings.discord.model_copy(update={"persona": "tg"})
+    with pytest.raises(ConfigError, match=r"^PERSONA_DISCORD__PERSONA names 'tg', whose adapters list has no 'discord'"):
+        PersonaBot(discord_settings)
 
 
 async def test_an_unreachable_api_is_a_clear_error_naming_the_setting(discord_settings, redis_client):

@@ -19,10 +19,12 @@ from adapters.responder import (
     UNREACHABLE_TEXT,
     Responder,
     Where,
+    check_default_persona,
     persona_words,
 )
 from persona import heartbeat
 from persona.contract import Message
+from persona.errors import ConfigError
 from persona.settings import Settings
 from tests.fakes.full_redis import redis_refusing_writes
 from tests.fakes.scripted_worker import scripted_worker
@@ -173,3 +175,33 @@ async def test_while_a_worker_loads_its_models_the_asker_hears_the_persona_is_wa
         await client.aclose()
     assert told == [STARTING_TEXT]
     assert persona_words(STARTING_TEXT) == persona_words(STARTING_TIMEOUT_TEXT) == ""  # never read back as its words
+
+
+async def test_a_refusal_that_ends_in_a_question_is_one_sentence_not_two(
+    settings: Settings, redis_url, redis_client, running_worker, write_persona
+):
+    """A worker's refusal ending in "Did you mean 'dc'?" read "...'dc'?." to the asker."""
+    write_persona("dc", base="smollm2")
+    settings.telegram = settings.telegram.model_copy(update={"persona": "dcc"})
+    running_worker()
+    client = redis.asyncio.Redis.from_url(redis_url)
+    responder = Responder(client, settings, "telegram")
+    reply = await responder.answer(HERE, "hello?")
+    assert reply.startswith("I can't answer that: unknown persona 'dcc'") and reply.endswith("Did you mean 'dc'?")
+    assert "cannot be read" not in responder.describe_persona("dcc")
+    assert responder.describe_persona("dcc").startswith("dcc, a persona that is not here")
+    await client.aclose()
+
+
+def test_a_default_persona_that_is_not_there_or_not_on_the_platform_is_refused_naming_the_setting(
+    settings: Settings, write_persona
+):
+    write_persona("dc", base="smollm2", adapters=["cli", "telegram"])
+    settings.telegram = settings.telegram.model_copy(update={"persona": "dcc"})
+    with pytest.raises(ConfigError, match=r"^PERSONA_TELEGRAM__PERSONA names 'dcc', .*Did you mean 'dc'\? Fix the setting$"):
+        check_default_persona(settings, "telegram")
+    settings.discord = settings.discord.model_copy(update={"persona": "dc"})
+    with pytest.raises(ConfigError, match=r"^PERSONA_DISCORD__PERSONA names 'dc', whose adapters list has no 'discord'"):
+        check_default_persona(settings, "discord")
+    settings.telegram = settings.telegram.model_copy(update={"persona": "dc"})
+    check_default_persona(settings, "telegram")

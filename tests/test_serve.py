@@ -194,16 +194,19 @@ def test_up_suggests_chatting_with_a_persona_it_serves(start_up, tmp_path):
     assert "***" not in banner and f"(embedded; its password is kept in {tmp_path / 'up-data' / 'redis'})" in banner, banner
 
 
-@pytest.mark.parametrize(("args", "preload", "said"), [
-    (["--chat", "nosuch"], "[]", "unknown persona 'nosuch'; known personas: bofh, sage, tiny"),
-    ([], '["tiny", "nosuch"]', ("PERSONA_WORKER__PERSONAS names 'nosuch', which the workers cannot preload: "
-                                "unknown persona 'nosuch'")),
+@pytest.mark.parametrize(("args", "changes", "said"), [
+    (["--chat", "nosuch"], {}, "unknown persona 'nosuch'; known personas: bofh, sage, tiny"),
+    ([], {"PERSONA_WORKER__PERSONAS": '["tiny", "nosuch"]'}, (
+        "PERSONA_WORKER__PERSONAS names 'nosuch', which the workers cannot preload: unknown persona 'nosuch'")),
+    ([], {"PERSONA_TELEGRAM__TOKEN": "123:abc", "PERSONA_TELEGRAM__PERSONA": "tinyy"}, (
+        "PERSONA_TELEGRAM__PERSONA names 'tinyy', which cannot be served: unknown persona 'tinyy'")),
 ])
-def test_up_refuses_a_persona_that_is_not_there_before_starting_anything(tmp_path, up_env, args, preload, said):
+def test_up_refuses_a_persona_that_is_not_there_before_starting_anything(tmp_path, up_env, args, changes, said):
     """`up --chat TYPO` started every service, then stopped them all to say so; a preload
     naming a persona not there made each worker exit, five times, and then be given up on
-    while `up` served on without one."""
-    env = up_env | {"PERSONA_WORKER__PERSONAS": preload}
+    while `up` served on without one; a chat adapter's misspelt persona got every user the
+    worker's refusal."""
+    env = up_env | {"PERSONA_WORKER__PERSONAS": "[]"} | changes
     try:
         told = subprocess.run([sys.executable, "-m", "persona", "up", "--no-dashboard", *args], env=env,
                               stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30, check=False)

@@ -23,6 +23,7 @@ import pytest
 import redis
 from pydantic import SecretStr
 
+from adapters import delivery
 from adapters.access import NOT_ALLOWED_TEXT, approve_code
 from adapters.responder import (
     BARE_MENTION_TEXT,
@@ -250,6 +251,44 @@ async def test_flood_control_delays_a_reply_but_never_loses_it(start_bot, fake_a
         await fake_api.wait_for(lambda: fake_api.texts() == ["echo: hello"])
     assert time.monotonic() - started >= 2.0
     assert sum(1 for method, _ in fake_api.calls if method == "sendMessage") == 3
+
+
+@pytest.mark.parametrize("failure", ["502", "drop"])
+async def test_an_answer_the_bot_api_fails_to_take_once_is_sent_again_and_kept_as_seen(
+    start_bot, fake_api, telegram_settings, redis_client, failure, caplog
+):
+    with scripted_worker(telegram_settings, echo):
+        await start_bot()
+        fake_api.fail_sends(failure)  # python-telegram-bot itself tries again only after flood control
+        fake_api.push_message("what is the answer?")
+        await fake_api.wait_for(lambda: fake_api.texts() == ["echo: what is the answer?"])
+    stored = json.loads(redis_client.get(keys.conversation_key("telegram", "1001:1001")))
+    assert [turn["role"] for turn in stored] == ["user", "assistant"]
+    assert "Traceback" not in caplog.text and not any(r.exc_info for r in caplog.records)
+
+
+async def test_an_answer_whose_second_part_never_went_out_is_logged_once_and_kept_unanswered_for_retry(
+    start_bot, fake_api, telegram_settings, redis_client, caplog, monkeypatch
+):
+    monkeypatch.setattr(delivery, "FIRST_RETRY_WAIT_S", 0.05)
+    answer = "word " * 1000  # two messages
+    with scripted_worker(telegram_settings, lambda request: answer) as seen:
+        await start_bot()
+        fake_api.fail_sends("ok", *["502"] * delivery.DELIVERY_TRIES)
+        fake_api.push_message("tell me everything")
+        await fake_api.wait_for(lambda: not fake_api.failing_sends)
+        await asyncio.sleep(0.3)
+        assert len(fake_api.texts()) == 1  # the first part; the second never went out
+        stored = json.loads(redis_client.get(keys.conversation_key("telegram", "1001:1001")))
+        assert stored == [{"role": "user", "content": "tell me everything"}]  # no answer the asker never saw
+        fake_api.push_message("/retry")
+        await fake_api.wait_for(lambda: len(fake_api.texts()) == 3)
+    assert seen[-1].messages[-1].content == "tell me everything"
+    assert " ".join(fake_api.texts()[1:]).split() == answer.split()
+    failures = [r for r in caplog.records if "could not send" in r.getMessage()]
+    assert len(failures) == 1 and failures[0].exc_info is None
+    assert failures[0].getMessage().startswith("could not send part 2 of 2 to Telegram chat 1001 after 4 tries (Bad Gateway)")
+    assert "Traceback" not in caplog.text
 
 
 async def test_typing_is_refreshed_no_faster_than_every_4_5_seconds(start_bot, fake_api, telegram_settings):
@@ -514,6 +553,28 @@ async def test_after_a_bot_api_outage_a_message_is_seen_within_the_reply_timeout
     assert len(said) == 2 and not any(r.exc_info for r in caplog.records)
 
 
+async def test_another_instance_polling_with_the_token_is_said_once_and_waited_out(
+    start_bot, fake_api, telegram_settings, caplog
+):
+    caplog.set_level(logging.INFO)
+    with scripted_worker(telegram_settings, echo):
+        await start_bot(reply_timeout_s=0.5)  # waits at most that long between tries
+        fake_api.other_instance = True
+        await fake_api.wait_for(lambda: len(fake_api.conflicting_polls) >= 4, timeout=5)
+        fake_api.other_instance = False
+        fake_api.push_message("is it just you now?")
+        await fake_api.wait_for(lambda: fake_api.texts() == ["echo: is it just you now?"], timeout=5)
+    tries = fake_api.conflicting_polls
+    assert 0.4 < min(later - earlier for earlier, later in itertools.pairwise(tries[1:]))  # not a tight loop
+    assert max(later - earlier for earlier, later in itertools.pairwise(tries)) < 0.5 + 0.4
+    said = [(r.levelname, r.getMessage()) for r in caplog.records if r.levelno >= logging.WARNING or "instance" in r.getMessage()]
+    warned = ("another instance is polling the Telegram Bot API with this token; stop it "
+              "(Telegram serves one at a time); trying again, at most 0.5 s apart")
+    assert said[0] == ("WARNING", warned)
+    assert said[1][0] == "INFO" and said[1][1].startswith("no other instance polls with this token any more")
+    assert len(said) == 2 and not any(r.exc_info for r in caplog.records)
+
+
 async def test_groups_outside_the_allowed_chats_are_ignored(start_bot, fake_api, telegram_settings):
     with scripted_worker(telegram_settings, echo) as seen:
         await start_bot(allowed_chats=[GROUP])
@@ -719,12 +780,44 @@ def fake_api_in_a_thread() -> Iterator[FakeTelegram]:
 def test_a_wrong_token_is_a_clear_error_that_never_shows_the_token(settings, fake_api_in_a_thread):
     wrong = "123456789:AAE-WRONG-secret-token"
     settings.telegram = settings.telegram.model_copy(
-        update={"token": SecretStr(wrong), "api_url": fake_api_in_a_thread.base_url, "persona": "tg"}
+        update={"token": SecretStr(wrong), "api_url": fake_api_in_a_thread.base_url, "persona": "sage"}
     )
     with pytest.raises(ConfigError, match="Telegram refused the token: check PERSONA_TELEGRAM__TOKEN") as refused:
         run_telegram(settings)
     assert wrong not in str(refused.value) and wrong.split(":")[1] not in str(refused.value)
     assert refused.value.__cause__ is None and refused.value.__suppress_context__  # no traceback quoting it
+
+
+def test_a_token_revoked_while_polling_ends_the_bot_at_once_with_the_token_error(
+    settings, fake_api_in_a_thread, redis_client, write_persona, tiny_llama_dir, caplog
+):
+    asyncio.set_event_loop(asyncio.new_event_loop())  # run_polling closes the loop it ran on: not another test's
+    write_persona("tg", base=str(tiny_llama_dir))
+    fake = fake_api_in_a_thread
+    settings.telegram = settings.telegram.model_copy(
+        update={"token": SecretStr(TOKEN), "api_url": fake.base_url, "persona": "tg"}
+    )
+
+    def revoke_once_polling() -> None:  # as @BotFather's /revoke does
+        while not any(method == "getUpdates" for method, _ in fake.calls):
+            time.sleep(0.05)
+        fake.token = "123456789:AAE-revoked"
+
+    threading.Thread(target=revoke_once_polling, daemon=True).start()
+    started = time.monotonic()
+    with pytest.raises(ConfigError, match="^Telegram refused the token: check PERSONA_TELEGRAM__TOKEN$") as refused:
+        run_telegram(settings)
+    assert time.monotonic() - started < 10  # not deaf until someone stops it
+    assert refused.value.__cause__ is None and refused.value.__context__ is None  # no traceback
+    assert "Task was destroyed" not in caplog.text and "Event loop is closed" not in caplog.text
+    assert not any(record.exc_info for record in caplog.records)
+
+
+def test_a_misspelled_persona_is_refused_before_the_bot_starts_naming_the_setting(telegram_settings, fake_api):
+    telegram_settings.telegram = telegram_settings.telegram.model_copy(update={"persona": "tgg"})
+    with pytest.raises(ConfigError, match=r"^PERSONA_TELEGRAM__PERSONA names 'tgg', .*Did you mean 'tg'\?"):
+        TelegramBot(telegram_settings)
+    assert fake_api.calls == []  # every user was to get that hint instead of an answer
 
 
 def closed_port_url(path: str) -> str:
@@ -736,7 +829,7 @@ def test_an_unreachable_bot_api_is_a_clear_error_naming_the_setting(settings, ca
     """Not a configuration error, which `persona up` would not restart: the network may come up."""
     asyncio.set_event_loop(asyncio.new_event_loop())  # run_polling closes the loop it ran on: not another test's
     settings.telegram = settings.telegram.model_copy(
-        update={"token": SecretStr(TOKEN), "api_url": closed_port_url("/bot"), "persona": "tg"}
+        update={"token": SecretStr(TOKEN), "api_url": closed_port_url("/bot"), "persona": "sage"}
     )
     with pytest.raises(PlatformUnreachable, match="cannot reach the Telegram Bot API at .*PERSONA_TELEGRAM__API_URL") as refused:
         run_telegram(settings)

@@ -123,9 +123,10 @@ def up(
 
 
 def _check_personas_named(settings: Settings, chat: str | None) -> None:
-    """Refuse, before anything starts, a persona to chat with or to preload that is not
-    there or not valid: every service started, then the chat stopped them all again; and
-    each worker exited on it, was restarted four times, then was given up on."""
+    """Refuse, before anything starts, a persona to chat with, to preload or to serve on a chat
+    platform that is not there or not valid: every service started, then the chat stopped them
+    all again; each worker exited on it, was restarted four times, then was given up on; and a
+    chat adapter served every message the worker's refusal."""
     from persona.personas import PersonaRegistry
 
     registry = PersonaRegistry.from_settings(settings)
@@ -139,6 +140,11 @@ def _check_personas_named(settings: Settings, chat: str | None) -> None:
             ) from None
     if chat:
         registry.get(chat)
+    from adapters.responder import check_default_persona
+
+    for platform in ("discord", "telegram"):  # each chat adapter `up` starts: those given a token
+        if getattr(settings, platform).token is not None:
+            check_default_persona(settings, platform)
 
 
 @contextlib.contextmanager

@@ -18,7 +18,12 @@ deferred response ("thinking…") fills that response in, which keeps the visibi
 deferred with (the follow-up's ephemeral flag, 64, is ignored); once the original response
 is deleted (``deleted_originals``), a follow-up is a message of its own, with its own flags.
 ``public_texts()`` is what everyone in the channel sees.
-``go_down()`` plays an outage of the gateway until ``come_back()``: the connections open are
+``fail_sends("503", "drop", "drop after posting")`` makes the next messages the bot posts in a
+channel fail, one way each: 503 from the proxy in front of the API, the connection dropped before
+any answer, or dropped once the message was posted. A message sent with ``enforce_nonce`` and a
+nonce already used is not posted again: the one posted is answered, as on Discord.
+``end_sessions(code)`` closes the gateway's connections with that close code (4004: the token
+was reset). ``go_down()`` plays an outage of the gateway until ``come_back()``: the connections open are
 closed (1001, going away) and each new one is refused with 502 before it opens, its time kept
 in ``refused_connections``.
 The guild has the role Discord makes for a bot when it joins (``BOT_ROLE_ID``, named like the
@@ -99,6 +104,7 @@ class FakeDiscord:
     down: bool = False  # True: the gateway refuses every connection (``go_down``)
     refused_connections: list[float] = field(default_factory=list)  # when each was refused (monotonic)
     resumes: int = 0  # sessions resumed (RESUME answered with RESUMED)
+    failing_sends: list[str] = field(default_factory=list)  # how the next channel messages fail (``fail_sends``)
 
     def __post_init__(self) -> None:
         self._ids = itertools.count(950000000000000001)
@@ -273,6 +279,18 @@ class FakeDiscord:
     def come_back(self) -> None:
         self.down = False
 
+    async def end_sessions(self, code: int, reason: str = "") -> None:
+        """Close the gateway's connections with a close code Discord ends a session with for good
+        (4004 when the token was reset in the Developer Portal: set ``token`` too)."""
+        for socket in self._sockets:
+            await socket.close(code=code, message=reason.encode())
+
+    def fail_sends(self, *ways: str) -> None:
+        """Make the next channel messages the bot posts fail, one each way: ``"503"``, ``"drop"``
+        (the connection closes before any answer), ``"drop after posting"`` (it closes once the
+        message was posted, so the bot never hears that it was)."""
+        self.failing_sends.extend(ways)
+
     def rate_limit(self, route_prefix: str, seconds: float, times: int = 1) -> None:
         """Answer the next ``times`` requests whose path starts with ``route_prefix`` with 429."""
         self.limits.setdefault(route_prefix, []).extend([seconds] * times)
@@ -409,13 +427,25 @@ class FakeDiscord:
                 self.typing.append((int(channel_id), time.monotonic()))
                 return web.Response(status=204)
             case "POST", ["channels", channel_id, "messages"]:
+                failing = self.failing_sends.pop(0) if self.failing_sends else None
+                if failing == "503":
+                    return web.Response(status=503, text="upstream connect error or disconnect/reset before headers")
+                if failing == "drop":
+                    request.transport.close()
+                    return web.Response(status=500)  # never written: the connection is gone
+                posted = self._posted_with_nonce(body)
+                if posted is not None:
+                    return _json(posted)
                 reference = body.get("message_reference")
                 if reference and int(reference["message_id"]) not in self.messages:
                     if reference.get("fail_if_not_exists", True):
                         return _json({"code": 50035, "message": "Invalid Form Body", "errors": {"message_reference": {
                             "_errors": [{"code": "REPLIES_UNKNOWN_MESSAGE", "message": "Unknown message"}]}}}, status=400)
                     body = {k: v for k, v in body.items() if k != "message_reference"}  # sent as a plain message
-                return _json(self._record(channel_id, body))
+                recorded = self._record(channel_id, body)
+                if failing == "drop after posting":
+                    request.transport.close()
+                return _json(recorded)
             case "GET", ["channels", channel_id, "messages", message_id]:
                 found = self.messages.get(int(message_id))
                 if found is None:
@@ -443,6 +473,13 @@ class FakeDiscord:
                 self.deleted_originals.append(self._interactions_by_token[token]["id"])
                 return web.Response(status=204)
         return _json({"message": f"fake has no {request.method} {path}", "code": 0}, status=404)
+
+    def _posted_with_nonce(self, body: dict) -> dict | None:
+        """The message posted before with this one's nonce, if it asks for them to be unique."""
+        nonce = body.get("nonce")
+        if not body.get("enforce_nonce") or nonce is None:
+            return None
+        return next((m for m in self.messages.values() if m.get("nonce") == str(nonce)), None)
 
     @staticmethod
     def _refuse_content(method: str, parts: list[str], body: dict | list) -> web.Response | None:
@@ -507,6 +544,8 @@ class FakeDiscord:
         }
         if body.get("message_reference"):
             message["message_reference"] = body["message_reference"]
+        if body.get("nonce") is not None:
+            message["nonce"] = str(body["nonce"])
         message |= extra or {}
         self.messages[int(message["id"])] = message
         self.sent.append({**message, "allowed_mentions": body.get("allowed_mentions")})

@@ -22,7 +22,11 @@ the first 100 entities (tags) of a message are formatted and the rest silently i
 message's ``ignored_entities`` lists those, the text showing them as plain. ``texts()`` is what
 the user sees; ``sent`` holds the parameters as sent. ``refuse_html = True`` refuses every
 HTML text that way, as Telegram would one the bot's formatting got wrong.
-``go_down()`` plays an outage of the Bot API until ``come_back()``: every call is answered with
+``fail_sends("502", "drop", "ok")`` makes the next ``sendMessage`` calls fail, one each way: 502
+"Bad Gateway", or the connection dropped before any answer ("ok": that one goes through).
+``other_instance = True`` plays a second bot polling with the same token: every ``getUpdates``
+is answered 409 "Conflict", as Telegram answers all but one long poll per token, its time kept in
+``conflicting_polls``. ``go_down()`` plays an outage of the Bot API until ``come_back()``: every call is answered with
 502 "Bad Gateway", as Telegram's front answers while the API behind it is down, and the time
 of each ``getUpdates`` so turned away is kept in ``refused_polls``.
 """
@@ -124,6 +128,9 @@ class FakeTelegram:
     down: bool = False  # True: every call is answered 502 Bad Gateway (``go_down``)
     refused_polls: list[float] = field(default_factory=list)  # when each getUpdates was turned away (monotonic)
     webhook: dict | None = None  # setWebhook's parameters, until deleteWebhook
+    failing_sends: list[str] = field(default_factory=list)  # how the next sendMessage calls fail (``fail_sends``)
+    other_instance: bool = False  # True: another bot polls with this token; getUpdates answers 409
+    conflicting_polls: list[float] = field(default_factory=list)  # when each getUpdates got 409 (monotonic)
     base_url: str = ""
 
     def __post_init__(self) -> None:
@@ -268,6 +275,11 @@ class FakeTelegram:
     def come_back(self) -> None:
         self.down = False
 
+    def fail_sends(self, *ways: str) -> None:
+        """Make the next ``sendMessage`` calls fail, one each way: ``"502"``, ``"drop"`` (the
+        connection closes before any answer), or ``"ok"`` (that one goes through)."""
+        self.failing_sends.extend(ways)
+
     def flood(self, method: str, seconds: int, times: int = 1) -> None:
         """Make the next ``times`` calls of ``method`` fail with flood control."""
         self.floods.setdefault(method, []).extend([seconds] * times)
@@ -306,8 +318,19 @@ class FakeTelegram:
             if method == "getUpdates":
                 self.refused_polls.append(time.monotonic())
             return web.json_response({"ok": False, "error_code": 502, "description": "Bad Gateway"}, status=502)
+        if method == "getUpdates" and self.other_instance:
+            self.conflicting_polls.append(time.monotonic())
+            return web.json_response({"ok": False, "error_code": 409, "description": (
+                "Conflict: terminated by other getUpdates request; make sure that only one bot instance is running")},
+                status=409)
         params = await self._params(request)
         self.calls.append((method, params))
+        failing = self.failing_sends.pop(0) if method == "sendMessage" and self.failing_sends else None
+        if failing == "502":
+            return web.json_response({"ok": False, "error_code": 502, "description": "Bad Gateway"}, status=502)
+        if failing == "drop":
+            request.transport.close()
+            return web.Response(status=500)  # never written: the connection is gone
         pending_floods = self.floods.get(method)
         if pending_floods:
             seconds = pending_floods.pop(0)
