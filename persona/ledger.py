@@ -41,6 +41,9 @@ UNSETTLED_STATES = ("uncertain", "intent")
 # A poster is working on a slot in one of these states, or was when it died: '' while
 # the scheduler or `persona post` publishes it, 'approved' while its approver does.
 OPEN_STATES = ("", "approved")
+# The slots `persona post` makes up when none is named (``adapters.posting.slots.manual_slot``).
+# No scheduler ever looks at them: one left open is finished by a person or by nobody.
+MANUAL_SLOT_PREFIX = "manual-"
 
 # Claim a slot unless it is finished, waiting for approval (unless the approver asks),
 # or held by someone else. Returns 'claimed', 'busy', 'pending' or 'done:<state>'.
@@ -220,6 +223,12 @@ class PostLedger:
         """Give the slot up without finishing it (another may take it at once)."""
         self._release(keys=[keys.post_lock_key(persona, slot)], args=[self.owner])
 
+    def held_s(self, persona: str, slot: str) -> int:
+        """Whole seconds until the slot's claim runs out (0 where nobody holds it): how long
+        a poster that stopped mid-post keeps everyone else from finishing it."""
+        left_ms = self.redis.pttl(keys.post_lock_key(persona, slot))
+        return max(0, -(-left_ms // 1000)) if left_ms > 0 else 0
+
     def record(self, persona: str, slot: str) -> dict[str, str]:
         """The slot's ledger record, decoded (empty if the slot was never touched)."""
         raw = self.redis.hgetall(keys.post_record_key(persona, slot))
@@ -286,30 +295,66 @@ class PostLedger:
 
     def unsettled(self, persona: str | None = None) -> list[dict[str, str]]:
         """Posts that got no answer and were left so, oldest first: persona, slot, sink, state, text, error, at,
-        approval, and command: what finishes it (`persona posts settle` once a person has looked,
-        or `persona post --slot` where posting again is safe).
+        approval, held_s (seconds its claim has left, 0 where none), and command: what finishes it
+        (`persona posts settle` once a person has looked, `persona post --slot` where posting again
+        is safe, `persona posts approve ID` for an approved post).
 
         ``state`` is ``uncertain`` where a person must look (the sink cannot tell a repeat),
-        or ``intent`` where the slot was closed with the sink unanswered although a retry
-        is safe: the scheduler retries it only within the missed-slot grace period, so one
-        left past it waits for `persona post --slot`. An intent in a slot still open is a
-        post under way (or its poster died, and the scheduler finishes it), not listed.
+        ``intent`` where the sink never answered although a retry is safe, ``approved`` (or
+        ``begun``) where an approved post (or another) never reached the sink, its poster
+        stopped before. The
+        scheduler retries a closed slot's intent only within the missed-slot grace period, so
+        one left past it waits for `persona post --slot`.
+
+        An open slot's intents are listed where nobody but a person will finish it (see
+        ``stopped_midway``); in one the scheduler holds, a post under way, they are not.
         """
         found: list[dict[str, str]] = []
         pattern = f"{keys.POST_RECORD_KEY_PREFIX}{persona or '*'}:*"
         for key in self.redis.scan_iter(match=pattern, count=1000):
             owner, _, slot = _text(key)[len(keys.POST_RECORD_KEY_PREFIX):].partition(":")
             record = self.record(owner, slot)
-            closed = record.get("state", "") not in OPEN_STATES
-            for sink, entry in _sink_entries(record).items():
-                if entry.state == "uncertain" or (entry.state == "intent" and closed):
-                    found.append({
-                        "persona": owner, "slot": slot, "sink": sink, "state": entry.state,
-                        "text": record.get("text", ""), "error": entry.error, "at": str(entry.at),
-                        "approval": record.get("approval", ""),
-                        "command": _finishing_command(owner, slot, sink, entry.state),
-                    })
+            entries = _sink_entries(record)
+            if record.get("state", "") not in OPEN_STATES:
+                left, held_s = _unfinished(record, entries), 0
+            elif self.stopped_midway(owner, slot, record):
+                left, held_s = _unfinished(record, entries, stopped=True), self.held_s(owner, slot)
+            else:  # under way: only what a person must look at already
+                left, held_s = {spec: e for spec, e in entries.items() if e.state == "uncertain"}, 0
+            for sink, entry in left.items():
+                found.append({
+                    "persona": owner, "slot": slot, "sink": sink, "state": entry.state,
+                    "text": record.get("text", ""), "error": entry.error or _STOPPED_WORDS.get(entry.state, ""),
+                    "at": str(entry.at or record.get("updated", 0)), "approval": record.get("approval", ""),
+                    "held_s": str(held_s), "command": _finishing_command(owner, slot, sink, entry.state, record),
+                })
         return sorted(found, key=lambda item: float(item["at"]))
+
+    def stopped_midway(self, persona: str, slot: str, record: dict[str, str] | None = None) -> bool:
+        """Whether an open slot (its text chosen, never closed) waits for a person to finish it.
+
+        An approved post and a slot of `persona post`'s own (``manual-…``) are finished by
+        nobody else: each is listed from the moment it is open, its claim held or not (a
+        poster killed mid-post holds it for posting.lease_s, and `persona posts uncertain` is
+        where a person looks meanwhile). A scheduled slot is the scheduler's while its claim
+        is held; once the claim is gone, its poster stopped mid-post.
+        """
+        record = self.record(persona, slot) if record is None else record
+        if not record.get("text") or record.get("state", "") not in OPEN_STATES:
+            return False
+        if record.get("state") == "approved" or slot.startswith(MANUAL_SLOT_PREFIX):
+            return True
+        return not self.redis.exists(keys.post_lock_key(persona, slot))
+
+    def open_texts(self, persona: str) -> dict[str, str]:
+        """The texts of the persona's open slots (chosen, never closed: being posted, or stopped
+        mid-post), by slot: a text that may be out already although no history shows it."""
+        found: dict[str, str] = {}
+        for key in self.redis.scan_iter(match=f"{keys.POST_RECORD_KEY_PREFIX}{persona}:*", count=1000):
+            state, text = (_text(v) for v in self.redis.hmget(key, "state", "text"))
+            if text and state in OPEN_STATES:
+                found[_text(key)[len(keys.post_record_key(persona, "")):]] = text
+        return found
 
     def history(self, count: int = 20, persona: str | None = None) -> list[dict[str, str]]:
         """What went out, newest first: persona, slot, sink, id, url, text, at, and slot_state: what
@@ -336,8 +381,31 @@ class PostLedger:
         return found
 
 
-def _finishing_command(persona: str, slot: str, sink: str, state: str) -> str:
-    """What finishes a post that got no answer: settle it (a person looked), or post it again (safe)."""
+# What happened, for a sink entry a poster that stopped mid-post left with no words of its own.
+_STOPPED_WORDS = {
+    "intent": "its poster stopped before the platform answered",
+    "approved": "approved; its poster stopped before posting it here",
+    "begun": "its poster stopped before posting it here",
+}
+
+
+def _unfinished(record: dict[str, str], entries: dict[str, SinkEntry], *, stopped: bool = False) -> dict[str, SinkEntry]:
+    """The sinks of a slot a person must finish: those that got no answer and, where its poster
+    ``stopped`` mid-post, those it never reached (``approved`` in an approved post, else ``begun``)."""
+    left = {spec: entry for spec, entry in entries.items() if entry.state in UNSETTLED_STATES}
+    if stopped:
+        never = "approved" if record.get("state") == "approved" else "begun"
+        for spec in json.loads(record.get("sinks") or "[]"):
+            if spec not in entries:
+                left[spec] = SinkEntry(state=never, marker="")
+    return left
+
+
+def _finishing_command(persona: str, slot: str, sink: str, state: str, record: dict[str, str]) -> str:
+    """What finishes a post that got no answer: settle it (a person looked), or post it again (safe);
+    an approved post, by approving it again."""
     if state == "uncertain":
         return f"persona posts settle {persona} {slot} --sink {sink} --posted LINK"
+    if record.get("state") == "approved" and record.get("approval"):
+        return f"persona posts approve {record['approval']}"
     return f"persona post {persona} --slot {slot}"

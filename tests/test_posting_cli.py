@@ -23,7 +23,7 @@ from persona import heartbeat
 from persona.contract import Priority
 from persona.curation import Draft, is_finished
 from persona.errors import PostingError
-from persona.ledger import PostLedger
+from persona.ledger import PostLedger, SinkEntry
 from persona.settings import LONGEST_GRACE_S, Settings
 from tests.conftest import free_port, read_jsonl
 
@@ -772,8 +772,9 @@ def test_a_post_some_sinks_took_says_partly_posted_and_is_finished_where_it_fail
     blocked = settings.data_dir / "posts" / "blocked.jsonl"
     blocked.mkdir(parents=True)  # that sink cannot write: a refusal
     shown = persona("post", "split", "--text", "Patience is a slow river.", env=env)
-    assert shown.returncode == 1 and shown.stderr.startswith("partly posted: 1 of 2 split manual-"), shown.stderr
-    slot = shown.stderr.split()[6]
+    began, said = shown.stderr.split("\n", 1)
+    slot = began.split()[3]  # "posting split slot SLOT (if this stops: ...)", said as it began
+    assert shown.returncode == 1 and said.startswith(f"partly posted: 1 of 2 split {slot}"), shown.stderr
     assert "file:blocked.jsonl: not posted: cannot write" in shown.stderr and shown.stdout == ""
     out = json.loads(persona("post", "split", "--slot", slot, "--json", env=env).stdout)  # still refused
     assert (out["status"], out["headline"], out["retry_later"]) == ("failed", "partly posted: 1 of 2", False)
@@ -941,7 +942,7 @@ def test_a_sink_that_cannot_be_reached_is_said_once_in_a_line_with_what_to_do_ne
     assert (result.returncode, result.stdout) == (1, ""), result.stdout + result.stderr
     assert _lines_with("Mastodon", result.stderr) == [
         f"  mastodon: unreachable, nothing sent: cannot reach Mastodon at {down} (connection refused)"], result.stderr
-    slot = result.stderr.split()[2]
+    slot = result.stderr.split()[3]  # "posting masto slot SLOT (if this stops: ...)", said as it began
     assert _lines_with("try again", result.stderr) == [
         f"to try again later: `persona post masto --slot {slot}` (it never posts twice)"], result.stderr
     # --json has the whole story in the message.
@@ -966,9 +967,10 @@ def test_a_refusal_or_a_rate_limit_beside_a_post_that_went_out_is_said_once(tell
     fake.fail_with = status
     result = persona("post", "teller", "--text", TEXTS[1], env=env)
     assert (result.returncode, result.stdout) == (1, ""), result.stdout + result.stderr
-    assert result.stderr.startswith("partly posted: 1 of 2 teller manual-"), result.stderr
-    slot = result.stderr.split()[6]
-    lines = result.stderr.splitlines()
+    began, *lines = result.stderr.splitlines()
+    slot = began.split()[3]
+    assert began == f"posting teller slot {slot} (if this stops: `persona post teller --slot {slot}` finishes it, never twice)"
+    assert lines[0].startswith(f"partly posted: 1 of 2 teller {slot}"), result.stderr
     assert lines[2:] == [f"  file:teller.jsonl: posted {_lines_with('file://', result.stderr)[0].split()[-1]}",
                          said, next_step.format(slot=slot)], result.stderr
 
@@ -991,3 +993,120 @@ def test_approve_help_says_it_reads_the_edited_text_from_standard_input(env):
     shown = persona("posts", "approve", "--help", env=env).stdout
     assert "`-` reads it from standard input" in " ".join(shown.replace("│", " ").split()), shown
     assert "reads them" not in shown
+
+
+QUIET = "Quiet hands, quiet mind, number four."
+
+
+def _until(done, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not done():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def _stopped_mid_post(fake, args: list[str], env: dict[str, str], stop: signal.Signals) -> tuple[int, str]:
+    """Run `persona ARGS` against a Mastodon that answers slowly; stop it once Mastodon has the post."""
+    fake.slow_s = 3.0  # the post is made at once, its answer comes 3 s later
+    process = subprocess.Popen([sys.executable, "-m", "persona", *args], env=env, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        _until(lambda: fake.statuses or process.poll() is not None)
+    finally:
+        process.send_signal(stop)
+        _, err = process.communicate(timeout=30)
+    fake.slow_s = 0.0
+    assert len(fake.statuses) == 1, err
+    return process.returncode, err
+
+
+@pytest.fixture
+def hands(write_persona, env):
+    """A persona posting to Mastodon, where Mastodon is the fake platform; its CLI environment."""
+    from tests.fakes.social_api import serve, settings_env
+
+    write_persona("hands", base="unused", schedule={"sinks": ["mastodon"], "candidates": 1})
+    with serve() as fake:
+        yield fake, env | settings_env(fake.url)
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "kill-9"])
+def test_a_post_stopped_mid_publish_names_its_slot_and_is_finished_never_posted_twice(hands, redis_client, stop):
+    """Ctrl-C (or kill -9) while Mastodon was answering: the stop message said `--slot SLOT`
+    but no command ever printed the slot, `posts uncertain` listed nothing, and the same
+    command run again posted the text a second time."""
+    fake, env = hands
+    env = env | {"PERSONA_POSTING__LEASE_S": "5"}  # a killed poster holds its slot this long
+    status, err = _stopped_mid_post(fake, ["post", "hands", "--text", QUIET], env, stop)
+    listed = json.loads(persona("posts", "uncertain", "--json", env=env).stdout)
+    assert [(u["sink"], u["state"], u["text"]) for u in listed] == [("mastodon", "intent", QUIET)], listed
+    slot = listed[0]["slot"]
+    finish = f"persona post hands --slot {slot}"
+    # Said as soon as the post began, before the platform answered (a kill -9 says nothing after).
+    assert err.splitlines()[0] == f"posting hands slot {slot} (if this stops: `{finish}` finishes it, never twice)"
+    if stop == signal.SIGINT:
+        assert status == 130 and f"stopped while posting slot {slot}" in err and f"`{finish}` finishes it" in err, err
+        assert listed[0]["command"] == finish and listed[0]["held_s"] == "0"
+    else:  # its claim is left held until the lease runs out: said, with when
+        assert status == -signal.SIGKILL and int(listed[0]["held_s"]) > 0
+        shown = persona("posts", "uncertain", env=env).stdout
+        assert "its claim runs out in" in shown and f"after that, `{finish}`" in shown, shown
+
+    again = persona("post", "hands", "--text", QUIET, env=env)
+    assert again.returncode == 1 and f"slot {slot} of hands holds this text already" in again.stderr, again.stderr
+    assert f"`{finish}` finishes it" in again.stderr and f"`persona posts settle hands {slot} --posted LINK`" in again.stderr
+    assert len(fake.statuses) == 1
+
+    _until(lambda: not redis_client.exists(keys.post_lock_key("hands", slot)), timeout_s=10)
+    finished = persona("post", "hands", "--slot", slot, env=env)
+    assert finished.returncode == 0 and f"posted hands {slot}" in finished.stdout, finished.stdout + finished.stderr
+    assert len(fake.statuses) == 1  # found (its idempotency key), not posted again
+    assert json.loads(persona("posts", "uncertain", "--json", env=env).stdout) == []
+    assert [h["text"] for h in json.loads(persona("posts", "history", "--json", env=env).stdout)] == [QUIET]
+
+
+def test_an_approval_killed_mid_post_says_when_its_claim_runs_out_and_is_listed_until_finished(hands, redis_client):
+    """`posts approve ID` killed mid-post, then run again, said the slot "is being posted by
+    another scheduler right now" for posting.lease_s (10 minutes), and meanwhile the post was
+    neither pending nor uncertain."""
+    fake, env = hands
+    env = env | {"PERSONA_POSTING__LEASE_S": "5"}
+    waiting = json.loads(persona("post", "hands", "--text", QUIET, "--approval", "--json", env=env).stdout)
+    approval, slot = waiting["approval_id"], waiting["slot"]
+    status, _ = _stopped_mid_post(fake, ["posts", "approve", approval], env, signal.SIGKILL)
+    assert status == -signal.SIGKILL
+
+    held = persona("posts", "approve", approval, env=env)
+    assert held.returncode == 1 and "another scheduler" not in held.stderr, held.stderr
+    said = " ".join(held.stderr.split())
+    assert f"slot {slot} of hands is held by another poster" in said and "stopped mid-post" in said, said
+    assert "its claim runs out in" in said and f"then run `persona posts approve {approval}` again" in said, said
+    listed = json.loads(persona("posts", "uncertain", "--json", env=env).stdout)
+    assert [(u["slot"], u["sink"], u["state"], u["command"]) for u in listed] == [
+        (slot, "mastodon", "intent", f"persona posts approve {approval}")]
+    assert int(listed[0]["held_s"]) > 0
+
+    _until(lambda: not redis_client.exists(keys.post_lock_key("hands", slot)), timeout_s=10)
+    approved = persona("posts", "approve", approval, env=env)
+    assert approved.returncode == 0 and f"posted hands {slot}" in approved.stdout, approved.stdout + approved.stderr
+    assert len(fake.statuses) == 1
+    assert json.loads(persona("posts", "uncertain", "--json", env=env).stdout) == []
+
+
+def test_a_post_stopped_mid_publish_and_settled_as_posted_is_not_posted_again(settings, write_persona, redis_client):
+    """Settled as posted, the stopped post's slot closed with its text nowhere among the recent
+    posts: the same --text then went out a second time."""
+    write_persona("calm", base="unused", schedule={"sinks": ["file:calm.jsonl"], "candidates": 1})
+    slot = "manual-2026-03-01T09:00:00.000000Z"
+    stopped = PostLedger(redis_client)  # what a `persona post` stopped mid-post (Ctrl-C) leaves behind
+    assert stopped.claim("calm", slot).claimed
+    stopped.save("calm", slot, text=QUIET, sinks='["file:calm.jsonl"]')
+    stopped.set_sink("calm", slot, "file:calm.jsonl", SinkEntry(state="intent", marker=f"calm:{slot}:file:calm.jsonl"))
+    stopped.release("calm", slot)
+    poster = Poster(settings, redis_client, lambda p, n, seed: TEXTS[:n])
+    with pytest.raises(PostingError, match=f"slot {slot} of calm holds this text already"):
+        poster.post("calm", text=QUIET)
+    assert poster.settle("calm", slot, posted="https://example.test/calm/1").status == "posted"
+    with pytest.raises(PostingError, match="calm posted this text already"):
+        poster.post("calm", text=QUIET)
+    assert not (settings.data_dir / "posts" / "calm.jsonl").exists()

@@ -19,7 +19,7 @@ from adapters.posting.slots import next_slot, plan_slots, slot_id, slots_between
 from adapters.scheduler import Scheduler
 from persona import constants as keys
 from persona.errors import ConfigError
-from persona.ledger import PostLedger
+from persona.ledger import PostLedger, SinkEntry
 from persona.settings import Settings
 from tests.conftest import read_jsonl
 
@@ -414,6 +414,10 @@ def test_a_slot_held_by_a_dead_scheduler_is_posted_once_its_lease_runs_out(setti
     runner.tick(utc(2026, 1, 5, 8))
     [held] = runner.tick(utc(2026, 1, 5, 9, 1))
     assert held.status == "busy" and not scheduled.exists()
+    # Not "being posted by another scheduler right now": it may be dead, and holds the slot only so long.
+    assert held.message == ("slot 2026-01-05T09:00:00Z of poet is held by another poster (a scheduler, `persona post` or "
+                            "`persona posts approve`), at work or stopped mid-post; its claim runs out in 1 s "
+                            "(posting.lease_s); the scheduler takes it at its first tick after that")
     time.sleep(0.6)
     [posted] = runner.tick(utc(2026, 1, 5, 9, 2))
     assert posted.status == "posted" and posted.slot == "2026-01-05T09:00:00Z"
@@ -457,6 +461,34 @@ def test_a_slot_begun_on_time_is_finished_after_a_crash_however_late(settings, s
     assert finished.status == "posted" and finished.slot == "2026-01-05T09:00:00Z" and finished.text == TEXTS[0]
     assert [line["marker"] for line in read_jsonl(scheduled)] == ["poet:2026-01-05T09:00:00Z:file:poet.jsonl"]
     assert restarted.tick(utc(2026, 1, 5, 9, 17)) == []
+
+
+def test_a_slot_whose_poster_died_mid_post_is_listed_for_a_person_once_its_claim_is_gone(settings, scheduled, redis_client):
+    """An intent in a slot still open was never listed ("the scheduler finishes it"), though
+    only the scheduler's own slots are finished by it, and only once the dead one's claim is gone."""
+    dead = PostLedger(redis_client, lease_s=0.3)  # what a poster killed mid-post leaves: claim, text, intent
+    for slot in ("2026-01-05T09:00:00Z", "manual-2026-01-05T10:00:00.000000Z"):
+        assert dead.claim("poet", slot).claimed
+        dead.save("poet", slot, text=TEXTS[0], sinks='["file:poet.jsonl"]')
+        dead.set_sink("poet", slot, "file:poet.jsonl", SinkEntry(state="intent", marker=f"poet:{slot}:file:poet.jsonl"))
+    ledger = PostLedger(redis_client)
+    # The scheduler's slot is a post under way while claimed; `persona post`'s own is nobody else's to finish.
+    [manual] = ledger.unsettled()
+    assert (manual["slot"], manual["state"], manual["command"]) == (
+        "manual-2026-01-05T10:00:00.000000Z", "intent", "persona post poet --slot manual-2026-01-05T10:00:00.000000Z")
+    assert manual["held_s"] == "1" and manual["error"] == "its poster stopped before the platform answered"
+    time.sleep(0.4)
+    assert [(u["slot"], u["command"], u["held_s"]) for u in ledger.unsettled()] == [
+        ("2026-01-05T09:00:00Z", "persona post poet --slot 2026-01-05T09:00:00Z", "0"),
+        ("manual-2026-01-05T10:00:00.000000Z", "persona post poet --slot manual-2026-01-05T10:00:00.000000Z", "0"),
+    ]
+    # Finished: the scheduler's at its next tick, the other by hand; then nothing is left to list.
+    runner = Scheduler(poster_for(settings), redis_client)
+    runner.tick(utc(2026, 1, 5, 8))
+    [finished] = runner.tick(utc(2026, 1, 5, 9, 1))
+    assert finished.status == "posted" and finished.slot == "2026-01-05T09:00:00Z"
+    assert poster_for(settings).post("poet", slot="manual-2026-01-05T10:00:00.000000Z").status == "posted"
+    assert ledger.unsettled() == [] and [line["text"] for line in read_jsonl(scheduled)] == [TEXTS[0], TEXTS[0]]
 
 
 def test_a_begun_slot_is_finished_even_when_a_newer_one_fell_due_meanwhile(settings, scheduled):

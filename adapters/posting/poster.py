@@ -54,8 +54,12 @@ class Poster:
         self, settings: Settings, client: redis.Redis, candidates: CandidateSource, *,
         registry: PersonaRegistry | None = None, owner: str | None = None,
         sink_factory: Callable[[str, Settings], Sink] = make_sink,
+        on_publish: Callable[[str, str], None] | None = None,
     ) -> None:
         self.settings = settings
+        # Told (persona, slot) as a slot's text is about to go out: from here on, a stop
+        # leaves a slot begun that `persona post NAME --slot SLOT` finishes.
+        self.on_publish = on_publish
         self.sink_factory = sink_factory
         self.candidates = candidates
         self.registry = registry or PersonaRegistry.from_settings(settings)
@@ -144,7 +148,7 @@ class Poster:
             raise PostingError(f"persona {name!r} has no sinks: add schedule.sinks to its file, or pass --sink")
         claim = self.ledger.claim(persona.name, slot)
         if not claim.claimed:
-            return self._unclaimed(persona.name, slot, claim.outcome, claim.state)
+            return self._unclaimed(persona.name, slot, claim.outcome, claim.state, by_hand=by_hand)
         try:
             approve = persona.schedule.approval if approval is None else approval
             outcome = self._post_claimed(persona, slot, built, count, approve, text)
@@ -169,15 +173,30 @@ class Poster:
             raise PostingError(f"the text is too long ({'; '.join(over)} characters); shorten it, nothing was posted")
         if repeat_ok:
             return posted
+        same = " ".join(posted.split())
+        if begun := [slot for slot, text in self.ledger.open_texts(name).items() if " ".join(text.split()) == same]:
+            raise PostingError(self._begun_with_text(name, begun[0]))
         recent = self.ledger.recent_texts(name, self.settings.posting.recent_posts)
         waiting = [a.text for a in self.approvals.pending() if a.persona == name]
-        if " ".join(posted.split()) in {" ".join(t.split()) for t in recent + waiting}:
+        if same in {" ".join(t.split()) for t in recent + waiting}:
             raise PostingError(
                 f"{name} posted this text already, or it waits for approval (`persona posts history --persona {name}`, "
                 f"`persona posts pending`); to finish a post that failed somewhere: `persona post {name} --slot SLOT`, "
                 f"which never posts twice"
             )
         return posted
+
+    def _begun_with_text(self, name: str, slot: str) -> str:
+        """Why a text that an open slot holds is not posted in a new one, and how to finish that slot."""
+        finish = f"`persona post {name} --slot {slot}` finishes it (it never posts twice)"
+        if held_s := self.ledger.held_s(name, slot):
+            finish = (f"its poster is still at work or stopped mid-post, and holds it {held_s} s more "
+                      f"(posting.lease_s); then {finish}")
+        return (
+            f"slot {slot} of {name} holds this text already and was never finished: it may be out on some "
+            f"sinks (`persona posts uncertain --persona {name}`); {finish}, or once you have looked: "
+            f"`persona posts settle {name} {slot} --posted LINK` (or `--not-posted`); nothing was posted now"
+        )
 
     def slot_named(self, persona: Persona, name: str, *, by_hand: bool = False) -> str:
         """The slot a person named, as the ledger knows it (see ``slots.resolve_slot`` for the forms).
@@ -213,7 +232,7 @@ class Poster:
                 )
             outcome = PostOutcome(persona.name, slot, "posted", text=record["text"],
                                   candidates=int(record.get("candidates", 0)), rejected=json.loads(record.get("rejected", "{}")))
-            return self.publisher.publish(persona.name, slot, sinks, outcome)
+            return self._publish(persona.name, slot, sinks, outcome)
         if text is not None:  # a person's own words: nothing to generate or choose
             outcome = PostOutcome(persona.name, slot, "posted", text=text)
         else:
@@ -235,7 +254,12 @@ class Poster:
             outcome.status, outcome.approval_id = "pending", waiting.id
             outcome.message = _joined(f"waiting for approval: `persona posts approve {waiting.id}`", outcome.message)
             return outcome
-        return self.publisher.publish(persona.name, slot, sinks, outcome)
+        return self._publish(persona.name, slot, sinks, outcome)
+
+    def _publish(self, name: str, slot: str, sinks: list[Sink], outcome: PostOutcome) -> PostOutcome:
+        if self.on_publish is not None:
+            self.on_publish(name, slot)
+        return self.publisher.publish(name, slot, sinks, outcome)
 
     def settle(self, name: str, slot: str, *, posted: str | None, sink: str | None = None) -> PostOutcome:
         """Record what a person found of a post that got no answer (see ``Publisher.settle``)."""
@@ -293,7 +317,7 @@ class Poster:
         sinks = self.sinks_for(persona, waiting.sinks)
         claim = self.ledger.claim(persona.name, waiting.slot, approving=True)
         if not claim.claimed:
-            return self._unclaimed(persona.name, waiting.slot, claim.outcome, claim.state)
+            return self._unclaimed(persona.name, waiting.slot, claim.outcome, claim.state, by_hand=True)
         try:
             if not retry:
                 waiting = self.approvals.decide(approval_id, "approved", text or "")
@@ -360,7 +384,7 @@ class Poster:
         """What a real post would do with a slot already begun, or None for one it would generate for."""
         peeked = self.ledger.peek(name, slot)
         if peeked.outcome != "free":  # posted, closed, waiting for approval, or being posted now
-            outcome = self._unclaimed(name, slot, peeked.outcome, peeked.state)
+            outcome = self._unclaimed(name, slot, peeked.outcome, peeked.state, by_hand=True)
             outcome.message += f"; to preview new candidates, leave out --slot: `persona post {name} --dry-run`"
             return outcome
         record = self.ledger.record(name, slot)
@@ -397,18 +421,32 @@ class Poster:
             message=message,
         )
 
-    def _unclaimed(self, name: str, slot: str, outcome: str, state: str) -> PostOutcome:
+    def _unclaimed(self, name: str, slot: str, outcome: str, state: str, *, by_hand: bool = False) -> PostOutcome:
         record = self.ledger.record(name, slot)
         messages = {
             "done": f"slot {slot} of {name} was already {state}; nothing to do" if state != "expired"
             else f"slot {slot} of {name} waited for an approval that expired unanswered; nothing to do",
-            "busy": f"slot {slot} of {name} is being posted by another scheduler right now",
+            "busy": self._held(name, slot, record, by_hand=by_hand),
             "pending": f"slot {slot} of {name} is waiting for approval ({record.get('approval', '?')})",
         }
         return PostOutcome(
             name, slot, "done" if outcome == "done" else outcome, text=record.get("text", ""),
             approval_id=record.get("approval", ""), message=messages.get(outcome, outcome),
         )
+
+    def _held(self, name: str, slot: str, record: dict[str, str], *, by_hand: bool) -> str:
+        """Why a slot cannot be taken now: another poster holds it, perhaps one that was killed
+        mid-post (it holds the slot until its claim runs out); when that is, and what to run then."""
+        held_s = self.ledger.held_s(name, slot)
+        if not by_hand:  # the scheduler: it looks again at every tick
+            then = "the scheduler takes it at its first tick after that"
+        elif record.get("approval") and record.get("state") in ("pending", "approved"):
+            then = f"then run `persona posts approve {record['approval']}` again (it never posts twice)"
+        else:
+            then = f"then run `persona post {name} --slot {slot}` (it never posts twice)"
+        runs_out = f"its claim runs out in {held_s} s (posting.lease_s)" if held_s else "its claim has just run out"
+        return (f"slot {slot} of {name} is held by another poster (a scheduler, `persona post` or `persona posts "
+                f"approve`), at work or stopped mid-post; {runs_out}; {then}")
 
 
 def _joined(*messages: str) -> str:

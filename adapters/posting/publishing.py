@@ -191,7 +191,10 @@ class Publisher:
         claim = self.ledger.claim(name, slot, approving=True)
         if not claim.claimed:
             if claim.outcome == "busy":
-                raise PostingError(f"slot {slot} of {name} is being posted right now; settle it when that is done")
+                raise PostingError(
+                    f"slot {slot} of {name} is held by another poster, at work or stopped mid-post; its claim runs "
+                    f"out in {max(1, self.ledger.held_s(name, slot))} s (posting.lease_s): settle it then"
+                )
             raise PostingError(f"slot {slot} of {name} is {claim.state or claim.outcome}; nothing to settle")
         try:
             entry = self.ledger.sink_entry(name, slot, spec)
@@ -207,7 +210,9 @@ class Publisher:
                 self.ledger.set_sink(name, slot, spec, entry)
             entries = self.ledger.sink_entries(name, slot)
             state = slot_state({entry.state for entry in entries.values()})
-            self.ledger.finish(name, slot, state)
+            # Out somewhere (or maybe): a recent post, so that the same words are not posted again.
+            went_out = record.get("text", "") if {e.state for e in entries.values()} & {"posted", *UNSETTLED_STATES} else ""
+            self.ledger.finish(name, slot, state, went_out, recent_kept=self.recent_kept)
         finally:
             self.ledger.release(name, slot)
         outcome = PostOutcome(

@@ -22,6 +22,9 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from croniter import CroniterBadDateError, croniter
 
 from persona.errors import ConfigError, PostingError
+from persona.ledger import (
+    MANUAL_SLOT_PREFIX,  # a post made by hand with no slot named: one slot of its own
+)
 from persona.personas import cron_problem
 
 __all__ = [
@@ -39,7 +42,6 @@ def slot_id(when: datetime) -> str:
     return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-MANUAL_SLOT_PREFIX = "manual-"  # a post made by hand with no slot named: one slot of its own
 SLOT_FORMS = (
     "2026-11-27T18:00 (a time in the persona's schedule.timezone), 2026-11-27T18:00Z or "
     "2026-11-27T19:00+01:00 (that instant), or 2026-11-27 (that day's slot, if the schedule has one that day)"

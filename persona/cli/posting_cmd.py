@@ -71,18 +71,18 @@ def _read_text(text: str | None) -> str | None:
 
 def _poster(
     settings: Settings, source: str = "cli", stopping: threading.Event | None = None, *, worker_now: bool = False,
-    by_hand: bool = False,
+    by_hand: bool = False, on_publish=None,
 ):
     """A Poster whose candidates come through the queue; with ``worker_now``, only from a
     worker that serves or is starting (see ``_FromAWorker``); ``by_hand`` (`persona post`):
-    it says when they wait for a worker (see ``_SaysItWaits``)."""
+    it says when they wait for a worker (see ``_SaysItWaits``); ``on_publish``: see ``Poster``."""
     from adapters.posting.candidates import QueueCandidates
     from adapters.posting.poster import Poster
 
     client = connect(settings)
     queue = _SaysItWaits(client, settings) if by_hand else QueueClient(client, settings.queue)
     candidates = QueueCandidates(queue, settings.posting.wait_s, source=source, stopping=stopping)
-    return Poster(settings, client, _FromAWorker(candidates) if worker_now else candidates)
+    return Poster(settings, client, _FromAWorker(candidates) if worker_now else candidates, on_publish=on_publish)
 
 
 class _SaysItWaits(QueueClient):
@@ -251,8 +251,9 @@ def post(
     """
     settings = get_settings()
     text = _read_text(text)
+    publishing = _Publishing(named=slot is not None)
     # A dry run is a look, not a post to see through: with no worker it ends at once.
-    poster = _poster(settings, worker_now=dry_run, by_hand=True)
+    poster = _poster(settings, worker_now=dry_run, by_hand=True, on_publish=publishing)
     _sink_failures_on_screen()
     waiting = (contextlib.nullcontext() if json_output or text is not None
                else console.status(f"{persona} is writing candidates..."))
@@ -263,7 +264,7 @@ def post(
                 outcome = poster.post(persona, slot=slot, sinks=sink or None, dry_run=dry_run, n=n, approval=approval,
                                       text=text, by_hand=True)
         except KeyboardInterrupt:
-            _say_stopped(persona, poster.candidates.withdrawn, dry_run, json_output)
+            _say_stopped(persona, poster.candidates.withdrawn, dry_run, json_output, publishing.slot)
             raise typer.Exit(stopping.exit_status()) from None
     if outcome.retry_later:  # the scheduler tries its own slots again; by hand, say how
         # Not "nothing went out": a post that got no answer may be out, and the retry finds or deduplicates it.
@@ -273,7 +274,24 @@ def post(
         raise typer.Exit(1)
 
 
-def _say_stopped(persona: str, withdrawn: int, dry_run: bool, json_output: bool) -> None:
+class _Publishing:
+    """The slot `persona post` began to publish, said on stderr as it begins where the person did
+    not name it: a stop (Ctrl-C, a kill) leaves it begun, and only its name finishes it."""
+
+    def __init__(self, *, named: bool) -> None:
+        self.named = named
+        self.slot = ""
+
+    def __call__(self, persona: str, slot: str) -> None:
+        self.slot = slot
+        if not self.named:
+            with contextlib.suppress(OSError):  # the terminal may be gone: the post goes on
+                err_console.print(f"posting {persona} slot {slot} (if this stops: `persona post {persona} --slot "
+                                  f"{slot}` finishes it, never twice)", style="dim", markup=False, highlight=False,
+                                  soft_wrap=True)
+
+
+def _say_stopped(persona: str, withdrawn: int, dry_run: bool, json_output: bool, slot: str = "") -> None:
     """Say what became of a `persona post` stopped with Ctrl-C: on stderr, and
     under ``--json`` also as the failure a script reads (it read nothing, exit 130)."""
     if withdrawn:  # stopped while the workers wrote its candidates: the slot was let go, untouched
@@ -281,10 +299,11 @@ def _say_stopped(persona: str, withdrawn: int, dry_run: bool, json_output: bool)
         said = f"stopped: {them} withdrawn (no worker will write {'them' if withdrawn > 1 else 'it'}); nothing was posted"
     elif dry_run:
         said = "stopped: nothing was posted (a dry run posts nothing)"
-    else:  # it may have been posting: only the ledger knows what went out
-        said = (f"stopped before the post was finished: `persona posts history --persona {persona}` shows what went "
-                f"out, `persona posts uncertain` what may have; `persona post {persona} --slot SLOT` finishes a "
-                f"slot begun (never twice)")
+    elif slot:  # it was posting: only the ledger knows what went out
+        said = (f"stopped while posting slot {slot}: it may be out on some sinks (`persona posts uncertain --persona "
+                f"{persona}` lists it); `persona post {persona} --slot {slot}` finishes it (never twice)")
+    else:  # stopped before any platform was called
+        said = "stopped before posting: nothing was posted"
     with contextlib.suppress(OSError):  # the terminal or the reader of a pipe may be gone
         err_console.print(said, style="yellow", markup=False, highlight=False)
         if json_output:
@@ -353,7 +372,10 @@ def uncertain(
     X and Telegram cannot tell a repeat: only a person can say if the post went out
     (`persona posts settle`). Mastodon, Bluesky, Discord and files make a retry safe: the
     scheduler retries within the missed-slot grace period, and `persona post PERSONA --slot
-    SLOT` finishes one left after it. Piped: one line a post, a line break as \\n.
+    SLOT` finishes one left after it. Also listed: a post whose poster stopped mid-post
+    (Ctrl-C, a kill) where nothing else will finish it: a `persona post` or an approved
+    post (`persona posts approve ID` again), or a scheduled slot whose claim ran out.
+    Piped: one line a post, a line break as \\n.
     """
     from persona.ledger import PostLedger
 
@@ -365,13 +387,27 @@ def uncertain(
     if not items:
         console.print("no post is uncertain")
         return
-    rows = []
-    for item in items:
-        happened = item["error"] if item["state"] == "uncertain" else f"no answer (safe to retry): {item['error']}"
-        todo = (f"look on {item['sink']}, then `{item['command']}` (or `--not-posted`)" if item["state"] == "uncertain"
-                else f"`{item['command']}`")
-        rows.append((item["persona"], item["slot"], item["sink"], happened, todo, item["text"]))
+    rows = [(item["persona"], item["slot"], item["sink"], *_unsettled_said(item), item["text"]) for item in items]
     _print_rows(("persona", "slot", "sink", "what happened", "what to do", "text"), rows)
+
+
+def _unsettled_said(item: dict[str, str]) -> tuple[str, str]:
+    """What happened to a post `posts uncertain` lists, and what to do about it."""
+    todo = f"`{item['command']}`"
+    held_s = int(item.get("held_s") or 0)
+    if item["state"] == "uncertain":
+        happened, todo = item["error"], f"look on {item['sink']}, then {todo} (or `--not-posted`)"
+    elif held_s:  # its poster may have been killed: it holds the slot until its claim runs out
+        happened = "no answer yet (safe to retry)" if item["state"] == "intent" else f"{item['state']}, not posted here yet"
+        happened += ": its poster is still at work or was stopped mid-post"
+    elif item["state"] == "intent":
+        happened = f"no answer (safe to retry): {item['error']}"
+    else:  # approved or begun: its poster stopped before this sink
+        happened = item["error"]
+    if held_s:
+        happened += f"; its claim runs out in {held_s} s"
+        todo = f"after that, {todo}"
+    return happened, todo
 
 
 @posts_app.command("settle")
