@@ -94,18 +94,30 @@ def test_bench_engine_refuses_a_batch_size_given_twice(tmp_path):
 
 
 def test_bench_engine_refuses_an_unknown_gguf_type(tmp_path):
+    """Said as `persona export --gguf` says it (it was a usage box, exit 2)."""
     result = bench_engine_cli(tmp_path, "--gguf", "q2_k")
-    assert result.returncode == 2
-    assert "q8_0, q4_1 or f16" in result.stderr and refused_at_once(result)
+    assert result.returncode == 1
+    assert "error: unknown GGUF type 'q2_k'; choose one of q8_0, q4_1, f16" in result.stderr and refused_at_once(result)
 
 
 def test_bench_engine_refuses_an_unknown_gpu_step_choice(tmp_path):
+    """One sentence naming the choices, as `--device gpu` is refused (these were usage boxes, exit 2)."""
     kernels = bench_engine_cli(tmp_path, "--kernels", "sometimes")
-    assert kernels.returncode == 2
-    assert "--kernels must be one of auto, always, never" in kernels.stderr and refused_at_once(kernels)
+    assert kernels.returncode == 1
+    assert "error: unknown --kernels 'sometimes'; choose one of auto, always, never" in kernels.stderr
+    assert refused_at_once(kernels)
     attention = bench_engine_cli(tmp_path, "--attention", "flash")
-    assert attention.returncode == 2
-    assert "--attention must be one of auto, torch, triton" in attention.stderr and refused_at_once(attention)
+    assert attention.returncode == 1
+    assert "error: unknown --attention 'flash'; choose one of auto, torch, triton" in attention.stderr
+    assert refused_at_once(attention)
+
+
+def test_bench_threads_of_0_is_refused_as_every_commands_threads_is(tmp_path):
+    """`--threads 0` was taken (x>=0), its meaning said nowhere; every other --threads starts at 1."""
+    for command in ("engine", "serve"):
+        result = bench_cli(tmp_path, command, "--threads", "0", "--device", "gpu")  # refused first, without it
+        assert result.returncode == 2 and "'--threads'" in result.stderr, result.stderr
+        assert refused_at_once(result)
 
 
 def test_bench_engine_measures_a_model_of_the_users_choosing(tmp_path, tiny_gpt2_dir):
@@ -127,15 +139,15 @@ def test_bench_engine_measures_a_model_of_the_users_choosing(tmp_path, tiny_gpt2
 
 
 def test_bench_engine_refuses_an_unknown_mode_before_loading_a_model(tmp_path):
-    """--mode turbo is a usage error naming the choices (it was a traceback, after the model loaded)."""
+    """--mode turbo is one sentence naming the choices, as `--device gpu` is (it was a traceback, after
+    the model loaded; then a usage box)."""
     result = bench_engine_cli(tmp_path, "--mode", "turbo")
-    assert result.returncode == 2, result.stderr[-2000:]
-    said = " ".join(result.stderr.replace("│", " ").split())  # the error box wraps at the terminal's width
-    assert "--mode must be one of auto, eager, fused, int8, llamacpp, not 'turbo'" in said
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "error: unknown --mode 'turbo'; choose one of auto, eager, fused, int8, llamacpp\n" in result.stderr
     assert "Traceback" not in result.stderr and refused_at_once(result)
     serve = bench_cli(tmp_path, "serve", "--mode", "turbo")  # `bench serve` takes the same choices
-    assert serve.returncode == 2 and refused_at_once(serve), serve.stderr[-2000:]
-    assert "--mode must be one of auto, eager, fused" in " ".join(serve.stderr.replace("│", " ").split())
+    assert serve.returncode == 1 and refused_at_once(serve), serve.stderr[-2000:]
+    assert "error: unknown --mode 'turbo'; choose one of auto, eager, fused" in serve.stderr
 
 
 def test_new_tokens_past_the_models_context_are_refused_before_timing(tiny_gpt2_dir, tmp_path):

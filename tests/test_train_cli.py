@@ -318,11 +318,19 @@ def test_a_corpus_with_nothing_held_out_is_trained_with_a_warning_and_no_nan(env
 
 
 def test_bad_option_values_are_one_line_naming_the_option(env, tmp_path: Path):
-    result = persona("train", "x", "--corpus", str(tmp_path / "c.jsonl"), "--learning-rate", "0", "--device", "gpu",
-                     env=env)
+    result = persona("train", "x", "--corpus", str(tmp_path / "c.jsonl"), "--learning-rate", "0", env=env)
     assert result.returncode == 1 and "Traceback" not in result.stderr
-    said = " ".join(result.stderr.split())
-    assert "--learning-rate: input should be greater than 0" in said and "--device: input should be" in said
+    assert result.stderr == "error: --learning-rate: input should be greater than 0\n"
+
+
+@pytest.mark.parametrize("command", ["train", "eval"])
+def test_an_unknown_device_is_refused_as_the_worker_refuses_it(env, tmp_path: Path, command: str):
+    """`train --device gpu` said "--device: input should be 'auto', 'cpu' or 'cuda'" where `worker` says
+    "unknown device 'gpu'; choose one of auto, cpu, cuda"; `eval` had no --device (it took
+    PERSONA_WORKER__DEVICE without a word)."""
+    result = persona(command, "x", "--corpus", str(tmp_path / "c.jsonl"), "--device", "gpu", env=env)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr == "error: unknown device 'gpu'; choose one of auto, cpu, cuda\n"
 
 
 def test_steps_and_epochs_together_are_refused_saying_which_to_keep(env, tmp_path: Path):
@@ -357,7 +365,8 @@ def test_eval_json_of_a_wrecked_model_is_valid_json(env, settings: Settings, tmp
     assert report["loss"] > 700 and report["base_perplexity"] > 1
 
 
-# Presses Ctrl-C twice (PRESSES times) inside optimiser step STEP of a real `persona train`, as a hurried hand does.
+# Presses Ctrl-C twice (PRESSES times) inside optimiser step STEP of a real `persona train`, as a hurried hand does;
+# or sends the signal SIGNAL names (SIGTERM: `kill`; SIGHUP: the terminal closed) instead of Ctrl-C's SIGINT.
 _TWO_PRESSES = """
 import os, signal, sys
 from torch.optim.optimizer import register_optimizer_step_post_hook
@@ -366,7 +375,7 @@ def press(optimizer, args, kwargs):
     seen.append(1)
     if len(seen) == int(os.environ["PRESS_AT_STEP"]):
         for _ in range(int(os.environ.get("PRESSES", "2"))):
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), getattr(signal, os.environ.get("SIGNAL", "SIGINT")))
 register_optimizer_step_post_hook(press)
 from persona.cli import main
 sys.argv[0] = "persona"
@@ -648,6 +657,22 @@ def test_an_interrupted_run_says_what_it_keeps_and_resumes_from_anywhere(env, se
     assert "registered roving v1" in resumed.stdout
 
 
+@pytest.mark.parametrize(("stop_signal", "status"), [("SIGTERM", 143), ("SIGHUP", 129)])
+def test_a_run_stopped_by_sigterm_or_sighup_exits_with_that_signals_status(env, tmp_path: Path, tiny_gpt2_dir: Path,
+                                                                           stop_signal: str, status: int):
+    """Stopped by `kill` or a closed terminal, a run exited 130, Ctrl-C's status, where `persona ask`
+    exits 143 and 129: a script or supervisor could not tell who stopped it. It still says how to continue."""
+    corpus = tmp_path / "c.jsonl"
+    sayings = [entry.strip().split("\n")[0] for entry in SAYINGS.split("%") if entry.strip()]
+    corpus.write_text("".join(json.dumps({"text": text}) + "\n" for text in sayings))
+    args = ["train", "stopped", "--corpus", str(corpus), "--base", str(tiny_gpt2_dir), "--steps", "4",
+            "--eval-every", "2", "--batch-size", "2"]
+    stopped = subprocess.run([sys.executable, "-c", _TWO_PRESSES, *args], capture_output=True, text=True, timeout=120,
+                             env=env | {"PRESS_AT_STEP": "1", "PRESSES": "1", "SIGNAL": stop_signal}, check=False)
+    assert stopped.returncode == status, stopped.stderr
+    assert "interrupted at step 1; continue with `persona train stopped --corpus " in " ".join(stopped.stdout.split())
+
+
 def test_eval_of_a_persona_whose_first_run_was_interrupted_says_how_to_finish_it(env, settings: Settings,
                                                                                  tmp_path: Path, tiny_gpt2_dir: Path):
     """Its persona file is written when the run registers a checkpoint: `eval`, `export` and
@@ -739,6 +764,40 @@ def test_eval_and_export_take_threads_as_train_does(env, settings: Settings, tmp
     refused = persona("eval", "plain", "--corpus", str(corpus), "--threads", "0", env=all_cores)
     assert refused.returncode == 2 and "--threads" in refused.stderr
     assert "--threads" in persona("export", "--help", env=env).stdout
+
+
+# `persona ARGS` as the console script runs it; then, last on stderr, the CPU threads torch ran on.
+_THREADS_PROBE = """
+import atexit, sys
+atexit.register(lambda: print(f"torch threads: {sys.modules['torch'].get_num_threads()}", file=sys.stderr))
+from persona.cli import main
+sys.argv[0] = "persona"
+main()
+"""
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="torch's default is one thread on one core")
+def test_train_eval_and_export_take_their_threads_from_the_worker_setting(env, tmp_path: Path, tiny_gpt2_dir: Path):
+    """The README tells a busy machine to set PERSONA_WORKER__THREADS=1: `worker` and `bench` took it,
+    while `train`, `eval` and `export` ran on every core unless given --threads."""
+    corpus = tmp_path / "c.jsonl"
+    sayings = [entry.strip().split("\n")[0] for entry in SAYINGS.split("%") if entry.strip()]
+    corpus.write_text("".join(json.dumps({"text": text}) + "\n" for text in sayings))
+    busy = {k: v for k, v in env.items() if k != "OMP_NUM_THREADS"} | {"PERSONA_WORKER__THREADS": "1"}
+
+    def probed(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", _THREADS_PROBE, *args], env=busy, capture_output=True, text=True,
+                              timeout=120, check=False)
+
+    trained = probed("train", "frugal", "--corpus", str(corpus), "--base", str(tiny_gpt2_dir), "--steps", "1",
+                     "--batch-size", "2")
+    assert trained.returncode == 0 and trained.stderr.endswith("torch threads: 1\n"), trained.stderr
+    exported = probed("export", "frugal", "-o", str(tmp_path / "out"))
+    assert exported.returncode == 0 and exported.stderr.endswith("torch threads: 1\n"), exported.stderr
+    evaluated = persona("eval", "frugal", "--corpus", str(corpus), "--samples", "1", "--device", "cpu", "--json",
+                        env=busy)
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert json.loads(evaluated.stdout)["threads"] == 1
 
 
 def test_help_names_the_arguments_and_says_each_option_whole(env):

@@ -133,14 +133,16 @@ def evaluate_persona(
     sample_tokens: int = 48,
     copy_words: int = 8,
     seed: int = 0,
+    device: str | None = None,
     progress: EvalProgress | None = None,
 ) -> EvalReport:
     """Base and persona perplexity on the held-out split, and originality of samples written
-    as the persona writes a post; ``progress`` hears of each stage as it goes."""
+    as the persona writes a post, on ``device`` (None: the worker's setting); ``progress`` hears
+    of each stage as it goes."""
     if not corpus.validation:
         raise CorpusError("the corpus has no held-out documents to measure on; build it with more entries")
     started = time.perf_counter()
-    device = pick_device(settings.worker.device)
+    device = pick_device(device or settings.worker.device)
     version_name, checkpoint = resolve_checkpoint(persona, settings, version)
     trained_on = _training_fingerprint(checkpoint) if checkpoint is not None else None
     progress = progress or _Quiet()

@@ -31,9 +31,15 @@ class StopRequest:
     def __init__(self, saved: SavedState) -> None:
         self.requested = False
         self.saved = saved  # what a stop at once keeps
+        # The first stop signal that came (None: none did), which the command's exit status says,
+        # as `persona ask`'s does: 143 for SIGTERM, 129 for SIGHUP, 130 for Ctrl-C.
+        self.signum: int | None = None
 
-    def ask(self, why: str, again: str | None) -> None:
-        """Stop after the step in hand and save; ``again``: what stops the run at once instead."""
+    def ask(self, why: str, again: str | None, signum: int | None = None) -> None:
+        """Stop after the step in hand and save; ``again``: what stops the run at once instead;
+        ``signum``: the signal that asks, if one does."""
+        if self.signum is None:
+            self.signum = signum
         if self.requested and again is None:  # a closed terminal may send SIGHUP twice (the shell's, the kernel's)
             return
         self.requested = True
@@ -77,7 +83,7 @@ def stop_between_steps(saved: SavedState) -> Iterator[StopRequest]:
         why, again = _STOP_SIGNALS[signal.Signals(signum)]
         if again is not None:
             signal.signal(signum, previous[signum])
-        stop.ask(why, again)
+        stop.ask(why, again, signum)
 
     for signum in previous:
         signal.signal(signum, ask_to_stop)

@@ -117,6 +117,7 @@ class TrainResult:
     best_dir: Path
     metrics: dict[str, float]
     history: list[dict[str, float]] = field(default_factory=list)
+    stopped_by: int | None = None  # the signal that stopped an interrupted run (its number), if one did
 
 
 def _seed_everything(seed: int) -> None:
@@ -345,7 +346,7 @@ def train(
         "run_tokens_per_s": (state.tokens - session_tokens) / session_s if session_s > 0 else 0.0,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
-    return TrainResult(status, best_dir, metrics, list(state.history))
+    return TrainResult(status, best_dir, metrics, list(state.history), stopped_by=stop.signum)
 
 
 def _measure_best_on_all(run: _Run, report: Reporting, best_dir: Path, documents: int) -> float:

@@ -12,6 +12,8 @@ from rich.table import Table
 
 from persona.cli.common import console, friendly_errors, get_settings
 from persona.cli.soak import register_bench
+from persona.cli.training_common import THREADS_HELP
+from persona.errors import ConfigError
 
 __all__ = ["bench_app", "engine", "queue", "register", "serve"]
 
@@ -71,10 +73,11 @@ def _batches(text: str) -> list[int]:
 
 
 def _gguf_type(value: str) -> str:
+    """``--gguf`` (or the worker setting), refused as `persona export --gguf` refuses one."""
     from persona.gguf_files import GGUF_TYPES
 
     if value not in GGUF_TYPES or value == "f32":
-        raise typer.BadParameter(f"unknown GGUF type {value!r}; choose q8_0, q4_1 or f16")
+        raise ConfigError(f"unknown GGUF type {value!r}; choose one of q8_0, q4_1, f16")
     return value
 
 
@@ -91,7 +94,7 @@ def _bench_device(settings, device: str, json_output: bool) -> str:
     return pick_device(device)
 
 
-def _bench_model(settings, device: str, threads: int, tokenizer: Path | None, model: str = ""):
+def _bench_model(settings, device: str, threads: int | None, tokenizer: Path | None, model: str = ""):
     """The bundled model (on a GPU: a random one of its shape) or ``model``, torch's threads
     set first."""
     import torch
@@ -107,8 +110,10 @@ def _bench_model(settings, device: str, threads: int, tokenizer: Path | None, mo
 
 
 def _choice(value: str, choices: tuple[str, ...], option: str) -> str:
+    """``value``, if one of ``choices``; refused in one sentence, as `persona worker --device` refuses
+    one ("unknown device 'gpu'; choose one of auto, cpu, cuda"), where it was a usage box."""
     if value not in choices:
-        raise typer.BadParameter(f"{option} must be one of {', '.join(choices)}, not {value!r}")
+        raise ConfigError(f"unknown {option} {value!r}; choose one of {', '.join(choices)}")
     return value
 
 
@@ -147,7 +152,7 @@ def engine(
     tokens: int = typer.Option(64, min=1, help="new tokens per row"),
     mode: str = typer.Option("", help="our engine's path: auto, eager, fused, int8 or llamacpp (default: the worker setting)"),
     repeats: int = typer.Option(2, min=1, help="runs per batch size; the best is kept (the machine is shared)"),
-    threads: int = typer.Option(0, min=0, show_default=False, help="CPU threads for torch and llama.cpp (default: the worker setting, else all cores)"),
+    threads: int = typer.Option(None, min=1, help=THREADS_HELP),
     gguf: str = typer.Option("", help="llama.cpp path: the GGUF type, q8_0, q4_1 or f16 (default: the worker setting)"),
     compile: bool | None = typer.Option(
         None, "--compile/--no-compile", help="GPU: torch.compile the decode step (default: the worker setting)"
@@ -246,7 +251,7 @@ def serve(
         show_default=False,
     ),
     mode: str = typer.Option("", help="our engine's path: auto, eager, fused, int8 or llamacpp (default: the worker setting)"),
-    threads: int = typer.Option(0, min=0, show_default=False, help="CPU threads for torch and llama.cpp (default: the worker setting, else all cores)"),
+    threads: int = typer.Option(None, min=1, help=THREADS_HELP),
     tokenizer: Path | None = typer.Option(
         None, exists=True, file_okay=False,
         help="GPU: a saved tokenizer folder for the random-weight model, where the bundled GGUF is not installed",

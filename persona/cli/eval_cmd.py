@@ -11,8 +11,10 @@ from rich.progress import Progress
 
 from persona.cli.common import console, err_console, friendly_errors, get_settings
 from persona.cli.training_common import (
+    DEVICE_CHOICES,
     SERVED_HELP,
     THREADS_HELP,
+    check_device,
     persona_with_weights,
     ready_torch,
     served_version,
@@ -38,6 +40,9 @@ def eval_(
     seed: int = typer.Option(0, min=0, max=MAX_SEED, metavar="N", help="sampling seed"),
     json_output: bool = typer.Option(False, "--json", help="print one JSON object"),
     threads: int = typer.Option(None, min=1, help=THREADS_HELP),
+    device: str = typer.Option(
+        None, help=f"{DEVICE_CHOICES} (default: PERSONA_WORKER__DEVICE, else auto)", show_default=False,
+    ),
 ) -> None:
     """Held-out perplexity of the base model and of the persona, and how original its samples are."""
     from persona.checkpoints import BASE_VERSION
@@ -45,7 +50,9 @@ def eval_(
     from training.evaluate import evaluate_persona
 
     settings = get_settings()
-    ready_torch(threads)
+    device = device or settings.worker.device
+    check_device(device)
+    ready_torch(settings, threads)
     persona = persona_with_weights(settings, name, "measure")
     data = read_corpus(corpus)
     version = checkpoint or served_version(settings, persona, "measuring", base_allowed=True)
@@ -58,7 +65,7 @@ def eval_(
         progress.start()
     try:
         report = evaluate_persona(settings, persona, data, version=version, samples=samples, seed=seed,
-                                  progress=bar)
+                                  device=device, progress=bar)
     finally:
         if progress.live.is_started:
             progress.stop()

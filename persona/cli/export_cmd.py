@@ -39,7 +39,7 @@ def export(
     persona = persona_with_weights(settings, name, "export")
     # Refused (swapped to base) before torch loads.
     version = checkpoint or served_version(settings, persona, "exporting", base_allowed=False)
-    ready_torch(threads)
+    ready_torch(settings, threads)
     with console.status(f"exporting {escape(name)}..."):
         folder = export_persona(settings, persona, output, version=version, gguf=gguf)
     console.print(f"wrote {folder}; load it with AutoModelForCausalLM.from_pretrained({str(folder)!r})",

@@ -258,7 +258,7 @@ def worker(
         None, min=1, help="most requests generated together (default: PERSONA_WORKER__MAX_BATCH, else 16)"
     ),
     threads: int = typer.Option(
-        None, min=1, help="CPU threads for decoding (default: PERSONA_WORKER__THREADS, else every core; "
+        None, min=1, help="CPU threads for decoding (default: PERSONA_WORKER__THREADS, else all cores; "
         "1 on a machine shared with other work)",
     ),
 ) -> None:

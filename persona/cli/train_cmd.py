@@ -22,7 +22,9 @@ from persona.cli.eval_cmd import eval_
 from persona.cli.export_cmd import export
 from persona.cli.generate_cmd import generate
 from persona.cli.training_common import (
+    DEVICE_CHOICES,
     THREADS_HELP,
+    check_device,
     ready_torch,
     warn_nothing_held_out,
 )
@@ -65,7 +67,7 @@ def train(
     eval_every: int = typer.Option(None, min=1, help="steps between validations (default ~10 per run)"),
     patience: int = typer.Option(3, min=1, help="validations without improvement before stopping"),
     seed: int = typer.Option(0, help="the run's seed: same seed, same corpus, same weights"),
-    device: str = typer.Option("auto", help="auto|cpu|cuda"),
+    device: str = typer.Option("auto", help=DEVICE_CHOICES),
     resume: bool = typer.Option(False, "--resume", help="continue the persona's interrupted run exactly as it started (only --max-minutes, --threads and --corpus may be given with it)"),
     restart: bool = typer.Option(False, "--restart", help="start over, discarding the unfinished run"),
     threads: int = typer.Option(None, min=1, help=THREADS_HELP),
@@ -104,11 +106,12 @@ def train(
                               "`persona corpus build SRC... -o corpus.jsonl`")
         if base is None:
             base = existing.model.base if existing is not None else "smollm2"
+        check_device(device)  # in `persona worker`'s words; pydantic's named the Literal's quoted values
         try:
             config = TrainConfig(base=base, kind="lora" if lora else "full", steps=steps, epochs=epochs,
                                  max_minutes=max_minutes, batch_size=batch_size, learning_rate=learning_rate,
                                  eval_every=eval_every, patience=patience, seed=seed, device=device)
-        except ValidationError as exc:  # was a pydantic traceback (--learning-rate 0, --device gpu)
+        except ValidationError as exc:  # was a pydantic traceback (--learning-rate 0)
             raise ConfigError("; ".join(_option_problem(e) for e in exc.errors())) from None
     if corpus is not None:
         check_corpus_path(corpus)
@@ -123,7 +126,7 @@ def train(
     check_trainable(data, corpus)
     from training.runs import corpus_file, train_persona
 
-    ready_torch(threads)
+    ready_torch(settings, threads)
     from_pipe = not corpus.is_file()
     corpus = corpus_file(settings, name, corpus, data)  # absolute, for --resume from anywhere
     if from_pipe:  # read once, kept for later
@@ -173,7 +176,7 @@ def train(
         console.print(escape(f"interrupted at step {metrics['steps']:.0f}; continue with "
                              f"`{resume_command(name, corpus)}`" + _kept_run(settings, name, True)),
                       highlight=False)
-        raise typer.Exit(130)
+        raise typer.Exit(_stopped_status(done.result.stopped_by))
     info = done.checkpoint
     ran = _steps_run(done.result.status, int(metrics["steps"]), reporter.planned_steps)
     if math.isnan(metrics["base_perplexity"]):  # nothing held out: the last weights, no perplexity
@@ -212,6 +215,16 @@ def _steps_run(status: str, steps: int, planned: int | None) -> str:
     if planned is None or planned == steps:
         return f"{status} after {steps} steps"
     return f"{status} after {steps} of {planned} planned steps"
+
+
+def _stopped_status(signum: int | None) -> int:
+    """The exit status of a run that a stop signal ended: `persona ask`'s, 143 for SIGTERM, 129 for
+    SIGHUP, 130 for Ctrl-C (and for output lost, no signal). A run stopped by `kill` exited 130."""
+    from persona.cli.talk import Stopping
+
+    stopped = Stopping()
+    stopped.signum = signum
+    return stopped.exit_status()
 
 
 def _unfinished_to_keep(settings: Settings, name: str) -> UnfinishedRun | None:

@@ -14,17 +14,30 @@ if TYPE_CHECKING:
     from persona.personas import Persona
     from persona.settings import Settings
 
-__all__ = ["SERVED_HELP", "THREADS_HELP", "persona_with_weights", "ready_torch", "served_version",
-           "warn_nothing_held_out"]
+__all__ = ["DEVICE_CHOICES", "SERVED_HELP", "THREADS_HELP", "check_device", "persona_with_weights", "ready_torch",
+           "served_version", "warn_nothing_held_out"]
 
 # --checkpoint's default, for the commands that use ``served_version``.
 SERVED_HELP = "the one the persona serves now (`persona swap` changes it), else the persona file's"
-THREADS_HELP = "CPU threads (default: all cores; 1 is faster on a machine shared with other work)"
+# --threads of every command that runs a model here (`bench` too), in one wording.
+THREADS_HELP = "CPU threads (default: PERSONA_WORKER__THREADS, else all cores; 1 on a machine shared with other work)"
+# --device's choices, for `train` and `eval` (their defaults differ: each says its own).
+DEVICE_CHOICES = "auto (cuda if torch sees a GPU), cpu or cuda"
 
 
-def ready_torch(threads: int | None) -> None:
-    """Ready the libraries for a command that runs a model here: torch's CPU threads
-    (None leaves its default, every core), and transformers and peft quieter.
+def check_device(device: str) -> None:
+    """Refuse a --device that is none of the choices, as `persona worker` does ("unknown device
+    'gpu'; choose one of auto, cpu, cuda"), before torch loads (seconds)."""
+    from persona.models import DEVICES, pick_device
+
+    if device not in DEVICES:
+        pick_device(device)  # refuses it without importing torch
+
+
+def ready_torch(settings: Settings, threads: int | None) -> None:
+    """Ready the libraries for a command that runs a model here: torch's CPU threads (--threads,
+    else PERSONA_WORKER__THREADS, as `worker` and `bench` take them; with neither, torch's default,
+    every core), and transformers and peft quieter.
 
     Quieter: without their "Loading weights" bar for each model, and their warnings about
     their own internals (a deprecated attribute peft reads, GPT-2's Conv1D layers peft
@@ -35,6 +48,7 @@ def ready_torch(threads: int | None) -> None:
     hf_logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers|peft")
     warnings.filterwarnings("ignore", message="fan_in_fan_out is set to False", category=UserWarning)
+    threads = threads or settings.worker.threads  # the README's advice for a busy machine was lost on these
     if threads:
         import torch
 
