@@ -2,7 +2,10 @@
 operators (user ids or a role from the settings) /queue, /swap and /rollback, the same
 all-or-nothing swap as the CLI's. A command's refusal (a rate limit, the dm_policy, a
 switch the user may not make) is shown to its user alone; every command that waits on
-Redis shows "thinking…" first, since Discord drops one not answered within 3 s.
+Redis shows "thinking…" first, since Discord drops one not answered within 3 s. The answer to
+/ask and /retry goes out as the answer to a message does (``adapters.delivery``): a part Discord
+fails to take is sent again where that cannot show it twice (``_Answering``), and the exchange
+is kept in the conversation only once all of it went out.
 
 ``SlashCommands`` is the part of ``PersonaBot`` (``adapters.discord_bot``) that answers
 them: it uses the bot's ``responder``, ``access``, ``settings``, ``tree``, its place lists
@@ -15,11 +18,13 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
+import aiohttp
 import discord
 from discord import app_commands
 
+from adapters.delivery import Failure, send_parts
 from adapters.discord_reading import readable
-from adapters.responder import Notify, Where
+from adapters.responder import Deliver, Where
 from adapters.splitting import DISCORD_MESSAGE_LIMIT_CHARS, split_message
 from persona import swap as swaps
 from persona.connection import connect
@@ -50,14 +55,15 @@ class SlashCommands:
             kept = kept_name(interaction.id)
             text = readable(self, interaction, text)
             await self._slash_answer(
-                interaction, lambda where, notify: self.responder.answer(where, text, keep_as=kept, notify=notify)
+                interaction,
+                lambda where, say: self.responder.answer(where, text, keep_as=kept, notify=say, deliver=say),
             )
 
         @tree.command(name="retry", description="Answer your last message again, differently")
         async def retry(interaction: discord.Interaction) -> None:
             kept = kept_name(interaction.id)
             await self._slash_answer(
-                interaction, lambda where, notify: self.responder.retry(where, keep_as=kept, notify=notify)
+                interaction, lambda where, say: self.responder.retry(where, keep_as=kept, notify=say, deliver=say)
             )
 
         @tree.command(name="reset", description="Forget our conversation")
@@ -125,10 +131,10 @@ class SlashCommands:
         await self._respond(interaction, text, ephemeral=True)
 
     async def _slash_answer(
-        self, interaction: discord.Interaction, make: Callable[[Where, Notify], Awaitable[str]]
+        self, interaction: discord.Interaction, make: Callable[[Where, Deliver], Awaitable[object]]
     ) -> None:
-        """Rate-limit, show "thinking…" while the queue works (``make`` may ``notify`` the user
-        meanwhile), then follow up with the reply."""
+        """Rate-limit, show "thinking…" while the queue works, then let ``make`` say the answer
+        (and any notice before it) through the ``Deliver`` it is given."""
         if not await self._slash_allowed(interaction, ephemeral=False):
             return
         where = self._where(interaction)
@@ -137,7 +143,7 @@ class SlashCommands:
             await self._refuse(interaction, notice or "Please slow down a little.", thinking_in_public=True)
             return
         with self._answering_now():
-            await self._respond(interaction, await make(where, lambda notice: self._respond(interaction, notice)))
+            await make(where, _Answering(interaction).say)
 
     async def _persona(self, interaction: discord.Interaction, name: str | None) -> None:
         """Show the persona (to the user alone), or switch it (for all to see)."""
@@ -236,6 +242,46 @@ class SlashCommands:
                 await interaction.followup.send(chunk, ephemeral=ephemeral, allowed_mentions=NO_MENTIONS)
             else:
                 await interaction.response.send_message(chunk, ephemeral=ephemeral, allowed_mentions=NO_MENTIONS)
+
+
+class _Answering:
+    """What /ask or /retry says after its public "thinking…", each part sent again while a second
+    try cannot show it twice. The first part fills "thinking…" in by editing the original
+    response: an edit sent twice shows the same words once, so it is tried again after any 5xx,
+    dropped connection or timeout. The parts after it are follow-ups, which are webhook
+    executions: Discord's API takes no nonce for those, so one that may have been posted (its
+    connection dropped or timed out once sent) is not sent again, and one that failed to connect
+    at all is. discord.py itself sends a follow-up or an edit again after each 5xx, 5 times over
+    about 25 s; after that the part counts as not sent."""
+
+    def __init__(self, interaction: discord.Interaction) -> None:
+        self.interaction = interaction
+        self.thinking = True  # the original response still says "thinking…"
+
+    async def say(self, text: str) -> bool:
+        """Send ``text`` in as many messages as it takes; whether all went out."""
+        parts = split_message(text, DISCORD_MESSAGE_LIMIT_CHARS)
+        return await send_parts(parts, self._send, self._failure, to=f"Discord channel {self.interaction.channel_id}")
+
+    async def _send(self, chunk: str) -> None:
+        if self.thinking:
+            await self.interaction.edit_original_response(content=chunk, allowed_mentions=NO_MENTIONS)
+            self.thinking = False
+        else:
+            await self.interaction.followup.send(chunk, allowed_mentions=NO_MENTIONS)
+
+    def _failure(self, exc: Exception) -> Failure | None:
+        """What a failed edit (``thinking``) or follow-up means (see the class's docstring)."""
+        if isinstance(exc, aiohttp.ClientConnectorError):  # no connection was made: nothing was sent
+            return Failure.TRY_AGAIN
+        lost = isinstance(exc, aiohttp.ClientError | OSError | asyncio.TimeoutError)
+        if self.thinking and (lost or isinstance(exc, discord.DiscordServerError)):
+            return Failure.TRY_AGAIN
+        if lost:
+            return Failure.MAY_HAVE_ARRIVED
+        if isinstance(exc, discord.DiscordException):
+            return Failure.REFUSED  # a 4xx (the interaction expired...), or 5xx after discord.py's own tries
+        return None
 
 
 def kept_name(interaction_id: int) -> str:

@@ -406,6 +406,65 @@ async def test_an_answer_that_never_went_out_is_logged_in_one_line_and_kept_unan
     assert "Traceback" not in caplog.text
 
 
+@pytest.mark.parametrize("failure", ["503", "drop", "drop after posting"])
+async def test_a_slash_answer_discord_fails_to_take_once_is_shown_once_and_kept(
+    start_bot, fake_api, discord_settings, redis_client, failure, caplog
+):
+    """discord.py tries a 5xx on a follow-up again by itself, and nothing else. The answer fills
+    its "thinking…" in by an edit, which can be sent again: a second edit shows it once."""
+    conversation = keys.conversation_key("discord", f"{CHANNEL_ID}:111")
+    with scripted_worker(discord_settings, echo):
+        await start_bot()
+        fake_api.fail_sends(failure)
+        await fake_api.slash("ask", {"text": "what is calm?"})
+        await fake_api.wait_for(lambda: fake_api.texts() and redis_client.get(conversation) is not None)
+        await asyncio.sleep(0.3)
+    assert fake_api.public_texts() == ["echo: user=what is calm?"]
+    stored = json.loads(redis_client.get(conversation))
+    assert stored == [{"role": "user", "content": "what is calm?"}, {"role": "assistant", "content": "echo: user=what is calm?"}]
+    assert "Traceback" not in caplog.text
+
+
+async def test_a_slash_answer_that_never_went_out_is_logged_in_one_line_and_retry_answers_it(
+    start_bot, fake_api, discord_settings, redis_client, caplog, monkeypatch
+):
+    monkeypatch.setattr(delivery, "FIRST_RETRY_WAIT_S", 0.05)
+    with scripted_worker(discord_settings, echo) as seen:
+        await start_bot()
+        fake_api.fail_sends(*["drop"] * delivery.DELIVERY_TRIES)
+        await fake_api.slash("ask", {"text": "my name is Ada"})
+        await fake_api.wait_for(lambda: not fake_api.failing_sends, timeout=10)
+        await asyncio.sleep(0.3)
+        assert fake_api.texts() == []
+        stored = json.loads(redis_client.get(keys.conversation_key("discord", f"{CHANNEL_ID}:111")))
+        assert stored == [{"role": "user", "content": "my name is Ada"}]  # unanswered, as it was never seen
+        await fake_api.slash("retry")
+        await fake_api.wait_for(lambda: len(fake_api.texts()) == 1)
+    assert fake_api.texts() == ["echo: user=my name is Ada"]
+    assert [m.content for m in seen[1].messages] == ["my name is Ada"]
+    failures = [r for r in caplog.records if "could not send" in r.getMessage()]
+    assert len(failures) == 1 and failures[0].exc_info is None and "after 4 tries" in failures[0].getMessage()
+    assert "Traceback" not in caplog.text
+
+
+async def test_a_long_slash_answers_part_that_may_have_arrived_is_not_posted_twice(
+    start_bot, fake_api, discord_settings, redis_client, caplog
+):
+    """A follow-up (the parts after the first) has no nonce: one whose connection dropped once it
+    was sent may have been posted, and is not sent again (a second copy confuses more than a
+    missing one)."""
+    with scripted_worker(discord_settings, lambda request: "x" * 2500):
+        await start_bot()
+        fake_api.fail_sends("ok", "drop after posting")
+        await fake_api.slash("ask", {"text": "go on"})
+        await fake_api.wait_for(lambda: len(fake_api.texts()) == 2)
+        await asyncio.sleep(0.3)
+    assert "".join(fake_api.texts()) == "x" * 2500
+    stored = json.loads(redis_client.get(keys.conversation_key("discord", f"{CHANNEL_ID}:111")))
+    assert [m["role"] for m in stored] == ["user", "assistant"]
+    assert "no confirmation that part 2 of 2" in caplog.text and "Traceback" not in caplog.text
+
+
 async def test_rate_limits_and_a_busy_queue_get_friendly_replies(start_bot, fake_api, discord_settings, redis_client):
     with scripted_worker(discord_settings, echo):
         await start_bot(user_messages_per_minute=1)

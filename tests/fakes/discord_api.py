@@ -2,7 +2,7 @@
 
 REST: /users/@me, /oauth2/applications/@me, /gateway/bot, a thread's channel object,
 channel messages (create and fetch), typing, application commands (sync), interaction
-callbacks, follow-ups, and deleting an interaction's original response.
+callbacks, follow-ups, and editing or deleting an interaction's original response.
 Gateway (websocket, JSON text frames): HELLO, IDENTIFY → READY and GUILD_CREATE,
 RESUME → RESUMED (counted in ``resumes``), heartbeat ACKs, and dispatches the tests ask for (MESSAGE_CREATE, MESSAGE_UPDATE for
 ``edit_message``, INTERACTION_CREATE, THREAD_CREATE). Tests read back what the bot did: ``sent`` (messages it posted, replies
@@ -17,10 +17,13 @@ interaction and its user, as Discord's do. As on Discord, the first follow-up af
 deferred response ("thinking…") fills that response in, which keeps the visibility it was
 deferred with (the follow-up's ephemeral flag, 64, is ignored); once the original response
 is deleted (``deleted_originals``), a follow-up is a message of its own, with its own flags.
+Editing the original response while it is "thinking…" fills it in the same way; a later edit
+changes its content in place (in ``sent`` too).
 ``public_texts()`` is what everyone in the channel sees.
-``fail_sends("503", "drop", "drop after posting")`` makes the next messages the bot posts in a
-channel fail, one way each: 503 from the proxy in front of the API, the connection dropped before
-any answer, or dropped once the message was posted. A message sent with ``enforce_nonce`` and a
+``fail_sends("503", "drop", "drop after posting")`` makes the next messages the bot posts fail
+(in a channel, as a follow-up, or as an edit of an interaction's original response), one way
+each: 503 from the proxy in front of the API, the connection dropped before any answer, or
+dropped once the message was posted (or edited); ``"ok"`` posts one as usual. A message sent with ``enforce_nonce`` and a
 nonce already used is not posted again: the one posted is answered, as on Discord.
 ``end_sessions(code)`` closes the gateway's connections with that close code (4004: the token
 was reset). ``go_down()`` plays an outage of the gateway until ``come_back()``: the connections open are
@@ -104,7 +107,7 @@ class FakeDiscord:
     down: bool = False  # True: the gateway refuses every connection (``go_down``)
     refused_connections: list[float] = field(default_factory=list)  # when each was refused (monotonic)
     resumes: int = 0  # sessions resumed (RESUME answered with RESUMED)
-    failing_sends: list[str] = field(default_factory=list)  # how the next channel messages fail (``fail_sends``)
+    failing_sends: list[str] = field(default_factory=list)  # how the next messages posted fail (``fail_sends``)
 
     def __post_init__(self) -> None:
         self._ids = itertools.count(950000000000000001)
@@ -286,9 +289,10 @@ class FakeDiscord:
             await socket.close(code=code, message=reason.encode())
 
     def fail_sends(self, *ways: str) -> None:
-        """Make the next channel messages the bot posts fail, one each way: ``"503"``, ``"drop"``
-        (the connection closes before any answer), ``"drop after posting"`` (it closes once the
-        message was posted, so the bot never hears that it was)."""
+        """Make the next messages the bot posts (in a channel, as follow-ups, as edits of an original
+        response) fail, one each way: ``"503"``, ``"drop"`` (the connection closes before any
+        answer), ``"drop after posting"`` (it closes once the message was posted, so the bot never
+        hears that it was); ``"ok"`` lets one through, so that a later one fails."""
         self.failing_sends.extend(ways)
 
     def rate_limit(self, route_prefix: str, seconds: float, times: int = 1) -> None:
@@ -427,12 +431,9 @@ class FakeDiscord:
                 self.typing.append((int(channel_id), time.monotonic()))
                 return web.Response(status=204)
             case "POST", ["channels", channel_id, "messages"]:
-                failing = self.failing_sends.pop(0) if self.failing_sends else None
-                if failing == "503":
-                    return web.Response(status=503, text="upstream connect error or disconnect/reset before headers")
-                if failing == "drop":
-                    request.transport.close()
-                    return web.Response(status=500)  # never written: the connection is gone
+                failing, failed = self._failing_send(request)
+                if failed is not None:
+                    return failed
                 posted = self._posted_with_nonce(body)
                 if posted is not None:
                     return _json(posted)
@@ -464,7 +465,23 @@ class FakeDiscord:
                     "id": interaction_id, "type": 2, "response_message_loading": body.get("type") == 5,
                     "response_message_ephemeral": bool(data.get("flags", 0) & 64)}})
             case "POST", ["webhooks", _, token]:
-                return _json(self._follow_up(token, body))
+                failing, failed = self._failing_send(request)
+                if failed is not None:
+                    return failed
+                followed = self._follow_up(token, body)
+                if failing == "drop after posting":
+                    request.transport.close()
+                return _json(followed)
+            case "PATCH", ["webhooks", _, token, "messages", "@original"]:
+                failing, failed = self._failing_send(request)
+                if failed is not None:
+                    return failed
+                edited = self._edit_original(token, body)
+                if edited is None:
+                    return _json({"message": "Unknown Message", "code": 10008}, status=404)
+                if failing == "drop after posting":
+                    request.transport.close()
+                return _json(edited)
             case "DELETE", ["webhooks", _, token, "messages", "@original"]:
                 original = self._originals.pop(token, None)
                 if original is None:
@@ -473,6 +490,17 @@ class FakeDiscord:
                 self.deleted_originals.append(self._interactions_by_token[token]["id"])
                 return web.Response(status=204)
         return _json({"message": f"fake has no {request.method} {path}", "code": 0}, status=404)
+
+    def _failing_send(self, request: web.Request) -> tuple[str | None, web.Response | None]:
+        """How this message fails (``fail_sends``: the next way, if any), and what to answer
+        instead of posting it when it fails before being posted."""
+        failing = self.failing_sends.pop(0) if self.failing_sends else None
+        if failing == "503":
+            return failing, web.Response(status=503, text="upstream connect error or disconnect/reset before headers")
+        if failing == "drop":
+            request.transport.close()
+            return failing, web.Response(status=500)  # never written: the connection is gone
+        return failing, None
 
     def _posted_with_nonce(self, body: dict) -> dict | None:
         """The message posted before with this one's nonce, if it asks for them to be unique."""
@@ -484,7 +512,7 @@ class FakeDiscord:
     @staticmethod
     def _refuse_content(method: str, parts: list[str], body: dict | list) -> web.Response | None:
         """Discord's checks on a message's content: at most 2,000 characters, and not nothing."""
-        if method != "POST" or not isinstance(body, dict):
+        if method not in ("POST", "PATCH") or not isinstance(body, dict):
             return None
         if parts[:1] == ["channels"] and parts[2:] == ["messages"] or parts[:1] == ["webhooks"]:
             message = body
@@ -520,6 +548,26 @@ class FakeDiscord:
         if fills_original:
             original |= {"loading": False, "message": message["id"]}
         message["followup_of"] = token
+        return message
+
+    def _edit_original(self, token: str, body: dict) -> dict | None:
+        """Edit an interaction's original response: while it is "thinking…" that fills it in, as
+        the first follow-up would (with the visibility it was deferred with); after, its content
+        changes in place. None if it is not there (deleted, or never sent)."""
+        original = self._originals.get(token)
+        if original is None:
+            return None
+        if original["loading"]:
+            message = self._record(str(CHANNEL_ID), {**body, "flags": original["flags"] & 64}, self._answering(token))
+            original |= {"loading": False, "message": message["id"]}
+            return message
+        message = self.messages.get(int(original.get("message", 0)))
+        if message is None:
+            return None
+        message |= {"content": body.get("content", message["content"]), "edited_timestamp": TIMESTAMP}
+        for sent in self.sent:
+            if sent["id"] == message["id"]:
+                sent |= {"content": message["content"], "edited_timestamp": TIMESTAMP}
         return message
 
     def _answering(self, token: str) -> dict:
