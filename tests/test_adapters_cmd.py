@@ -52,6 +52,23 @@ async def test_pairing_approve_list_and_revoke(env, redis_url: str, redis_client
     await client.aclose()
 
 
+async def test_a_strangers_name_is_shown_as_written_and_never_breaks_the_listing(env, redis_url: str):
+    """A name is whatever a stranger calls themselves: "[/]" made `access list` fail with a rich
+    MarkupError, hiding every pending code, and "[bold green]✔ approved[/]" showed styled."""
+    client = redis.asyncio.Redis.from_url(redis_url)
+    access = AccessControl(client, "telegram", "pairing", [], code_ttl_s=600)
+    await access.check("13", "[/]")
+    refusal = await access.check("14", "Eve [bold green]✔ approved by operator[/]")
+    code = refusal.reply.split("pairing code is ")[1].split(".")[0]
+    listed = persona("access", "list", env=env | {"COLUMNS": "200"})
+    assert listed.returncode == 0, listed.stderr
+    assert "[/]" in listed.stdout and "Eve [bold green]✔ approved by operator[/]" in listed.stdout
+    approved = persona("access", "approve", code, env=env | {"COLUMNS": "200"})
+    assert approved.returncode == 0 and "Traceback" not in approved.stderr
+    assert "approved Eve [bold green]✔ approved by operator[/] (telegram user 14)" in approved.stdout
+    await client.aclose()
+
+
 async def test_access_approve_and_revoke_json_print_one_object_and_a_refusal_as_the_json_failure(env, redis_url,
                                                                                                   redis_client):
     """`access list` had --json and `access approve` and `access revoke` did not; a revoke of a

@@ -182,6 +182,7 @@ def test_discord_channel_with_the_bot_token_and_a_nonce(settings, platform):
     assert message["path"] == "/api/v10/channels/123456789012345678/messages"
     assert message["json"]["content"] == "Tend the garden daily."
     assert message["json"]["enforce_nonce"] is True and len(message["json"]["nonce"]) == 25
+    assert message["json"]["allowed_mentions"] == {"parse": []}  # "@everyone" in a post pings nobody
     assert Route.BASE == "https://discord.com/api/v10"  # put back for everyone else
     platform.discord_guild_id = None  # a direct message's channel
     assert sink.post("Tend it again.", "sage:s2:discord").url.startswith("https://discord.com/channels/@me/123456789012345678/")

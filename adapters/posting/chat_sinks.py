@@ -98,11 +98,15 @@ class DiscordSink:
         return asyncio.run(self._find(text))
 
     async def _post(self, text: str, marker: str) -> Posted:
+        import discord
         from discord.http import handle_message_parameters
 
         nonce = hashlib.sha256(marker.encode()).hexdigest()[:DISCORD_NONCE_CHARS]
         async with self._session() as (http, _):
-            with handle_message_parameters(content=text, nonce=nonce) as params:
+            # A post mentions nobody: without this, Discord parses "@everyone" or "<@&role>" in a
+            # generated (or typed) post, and a bot allowed to would ping the whole server.
+            with handle_message_parameters(content=text, nonce=nonce,
+                                           allowed_mentions=discord.AllowedMentions.none()) as params:
                 params.payload["enforce_nonce"] = True  # a repeat within minutes gets the first message back
                 message = await http.send_message(self.channel, params=params)
             place = await self._place(http)

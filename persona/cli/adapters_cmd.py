@@ -6,6 +6,7 @@ import datetime as dt
 import json
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from persona.cli.common import console, friendly_errors, get_settings
@@ -58,7 +59,8 @@ def approve(
         print(json.dumps({"ok": True, **pending.__dict__}))
         return
     who = f"{pending.name} " if pending.name else ""
-    console.print(f"approved {who}({pending.platform} user {pending.user})")
+    # A name is whatever the stranger called themselves: "[/]" broke the command, "[bold]..." styled it.
+    console.print(escape(f"approved {who}({pending.platform} user {pending.user})"), highlight=False)
 
 
 @access_app.command("list")
@@ -77,14 +79,14 @@ def list_access(json_output: bool = typer.Option(False, "--json", help="print on
     table.add_column("user id")
     for platform, users in approved.items():
         for user in users:
-            table.add_row(platform, user)
+            table.add_row(escape(platform), escape(user))
     console.print(table)
     waiting = Table(title="pending pairing codes", header_style="bold")
     for column in ("code", "platform", "user id", "name", "asked at (UTC)"):
         waiting.add_column(column)
     for p in pending:
         asked = dt.datetime.fromtimestamp(p.created_at, dt.UTC).strftime("%Y-%m-%d %H:%M")
-        waiting.add_row(p.code, p.platform, p.user, p.name, asked)
+        waiting.add_row(*(escape(field) for field in (p.code, p.platform, p.user, p.name)), asked)
     console.print(waiting)
 
 
@@ -107,7 +109,7 @@ def revoke(
     if json_output:
         print(json.dumps({"ok": True, "platform": platform, "user": user}))
         return
-    console.print(f"revoked {platform} user {user}")
+    console.print(escape(f"revoked {platform} user {user}"), highlight=False)
 
 
 def register(app: typer.Typer) -> None:
