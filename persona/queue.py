@@ -16,6 +16,12 @@ in time (and whether workers run, are still starting, or none is there), the req
 not in the queue (never submitted, or lost with a Redis that keeps nothing over a
 restart), or its reply was read already or expired unread.
 
+This module submits, waits and reads; the rules both clients share live beside it:
+``persona.waiting`` (how long a wait lasts, in what slices, and which Redis errors it
+rides out), ``persona.unanswered`` (the last look, and the ``ReplyTimeout`` saying why no
+reply came) and ``persona.busy`` (the look at a full stream, and the ``QueueBusy`` saying
+why a request was refused).
+
 Workers take requests and answer them through ``WorkQueue`` (in ``persona.work_queue``;
 importable from here too, with ``Job``).
 """
@@ -31,45 +37,29 @@ import redis
 import redis.asyncio
 
 from persona import constants as keys
+from persona.busy import (
+    check_submitted,
+    full_ones,
+    look_at_full,
+    partly_refused,
+    refused_as_full,
+)
 from persona.connection import retrying_until
 from persona.contract import GenerationReply, GenerationRequest, Priority
-from persona.errors import InvalidRequest, QueueBusy, ReplyTimeout
-from persona.heartbeat import StartingWorker, longest_loading_first
-from persona.queue_scripts import (
-    CANCEL_SCRIPT,
-    FULL_SCRIPT,
-    HOLDER_SCRIPT,
-    SUBMIT_SCRIPT,
-    WORKERS_SCRIPT,
-)
+from persona.errors import InvalidRequest, QueueBusy
+from persona.queue_scripts import CANCEL_SCRIPT, SUBMIT_SCRIPT
 from persona.settings import QueueSettings
+from persona.unanswered import LONGER_WAIT, last_look, no_reply
 from persona.validation import check_request
+from persona.waiting import outage_pause, wait_seconds, wait_slice
 from persona.work_queue import Job, WorkQueue
 
 __all__ = ["AsyncQueueClient", "Job", "QueueClient", "WorkQueue", "stream_for"]
 
 log = logging.getLogger(__name__)
 
-WAIT_SLACK_S = 5.0
-# A caller waits for its reply in slices shorter than any client's socket read timeout
-# (redis-py 8 defaults to 5 s), so one long BLMOVE is never cut off as a dead socket.
-WAIT_SLICE_S = 2.0
-# BLMOVE treats 0 as "forever": the last slice is never shorter than this.
-MIN_SLICE_S = 0.01
-# While Redis cannot be reached (restarting), a wait tries again this often until its deadline.
-OUTAGE_PAUSE_S = 1.0
-# Error replies of a Redis that refuses writes for now (see ``_outage``), besides MISCONF's (a
-# disk it cannot write), which redis-py gives no class of its own.
-WRITES_REFUSED = (redis.exceptions.OutOfMemoryError, redis.exceptions.ReadOnlyError, redis.exceptions.MasterDownError)
 # Replies a client keeps after reading them, for a second wait on the same request.
 REPLIES_KEPT = 256
-# A full stream's untaken entries that a refusal looks through for dead ones (FULL_SCRIPT):
-# 6 ms of Redis's time for 200 of 6000 characters each (1000 took 32 ms, on every refusal).
-FULL_SCAN_LIMIT = 200
-# The entries in flight that an unanswered wait looks through for its own (HOLDER_SCRIPT).
-HOLDER_SCAN_LIMIT = 1000
-# How a request is given longer, for a caller that names none of its own (see ``_Caller``).
-LONGER_WAIT = "a later deadline, or PERSONA_QUEUE__DEFAULT_DEADLINE_S for every caller"
 
 
 def stream_for(priority: Priority) -> str:
@@ -118,123 +108,7 @@ def _take(pipe, key: str, wait_s: float, spent: list[str]) -> None:
     redis-py's retry reads it again. Its result is the pipeline's last."""
     if spent:
         pipe.unlink(*spent)
-    pipe.blmove(key, key, _slice(wait_s), "LEFT", "LEFT")
-
-
-def _full_stream(outcome: bytes | str | None, request: GenerationRequest) -> str | None:
-    """The stream that refused a request as full, if it was refused so."""
-    return stream_for(request.priority) if outcome in (b"busy", "busy") else None
-
-
-def _check_submitted(
-    outcome: bytes | str | None, request: GenerationRequest, settings: QueueSettings,
-    full: dict[str, QueueBusy] | None = None,
-) -> None:
-    """Raise QueueBusy for a refusal (else the request is queued, now or before); ``full``
-    holds the one for each stream that refused a request as full (see ``_full``)."""
-    outcome = outcome.decode() if isinstance(outcome, bytes) else outcome
-    if outcome == "busy":
-        stream = stream_for(request.priority)
-        raise (full or {}).get(stream) or _full(stream, settings, None)
-    if outcome == "user_busy":
-        mine = settings.max_pending_per_user
-        raise QueueBusy(
-            f"you already have {_requests(mine)} waiting; please wait for "
-            f"{'that answer' if mine == 1 else 'those answers'} first"
-        )
-
-
-def _looking_at(pipe, stream: str) -> None:
-    """Queue on a pipeline the look at a stream that refused a request as full
-    (``FULL_SCRIPT``, then ``WORKERS_SCRIPT``): what fills it, and who could clear it."""
-    pipe.eval(FULL_SCRIPT, 3, stream, keys.CANCEL_EPOCH_KEY, keys.WORKER_INDEX_KEY,
-              keys.CONSUMER_GROUP, keys.CANCEL_KEY_PREFIX, FULL_SCAN_LIMIT)
-    pipe.eval(WORKERS_SCRIPT, 2, keys.WORKER_INDEX_KEY, keys.STARTING_INDEX_KEY, keys.STARTING_KEY_PREFIX)
-
-
-def _full(stream: str, settings: QueueSettings, looked: list | None) -> QueueBusy:
-    """QueueBusy for a stream that refused a request as full, saying what fills it and
-    whether trying again can help (``looked``: ``_looking_at``'s answers; None if that
-    look failed). "3 requests already waiting" was the limit, not a count: the entries
-    were expired and withdrawn ones that, with no worker running, stayed for good."""
-    limit = f"its limit, PERSONA_QUEUE__MAX_LENGTH={settings.max_length}"
-    if not looked:
-        return QueueBusy(f"the queue is busy ({stream} is full: {limit}); please try again in a moment")
-    (length, in_flight, live, expired, withdrawn, scanned), workers = [int(n) for n in looked[0]], looked[1]
-    if length < settings.max_length:
-        return QueueBusy(f"the queue was full as this request came ({stream}: {limit}); it has room again: try again")
-    if live:
-        return QueueBusy(f"the queue is busy: {stream} holds {_requests(length)} ({limit}), {in_flight} of them "
-                         "being answered; please try again in a moment")
-    parts = [(expired, "past their deadline"), (withdrawn, "withdrawn"),
-             (in_flight, "held by a worker that stopped"),
-             (length - expired - withdrawn - in_flight, "waiting")]
-    counted = ", ".join(f"{n} {what}" for n, what in parts if n)
-    if scanned < length - in_flight:
-        counted += f" (of the oldest {scanned} untaken)"
-    _, starting = _workers(workers)
-    if starting:
-        first = starting[0]
-        why = (f"no worker serves yet to take them, or to clear away those nobody waits for (one is starting: "
-               f"{first.doing()}, {first.loading_s:.0f} s so far): try again once `persona queue stats` lists it as live")
-    else:
-        why = ("no worker is running to take them, or to clear away those nobody waits for, so trying again will not "
-               "help: start one (`persona worker`, or `persona up`), then try again")
-    return QueueBusy(f"the queue is full: {stream} holds {_requests(length)} ({limit}): {counted}; {why}")
-
-
-def _requests(count: int) -> str:
-    """A count of requests in words: "1 request", "20 requests"."""
-    return f"{count} request{'' if count == 1 else 's'}"
-
-
-def _partly_refused(stamped: list[GenerationRequest], refusals: dict[str, list[int]]) -> QueueBusy:
-    """QueueBusy for a ``submit_many`` some of whose requests were refused, naming which."""
-    refused_numbers = sorted(n for numbers in refusals.values() for n in numbers)
-    refused = [stamped[n - 1] for n in refused_numbers]
-    queued = [request for n, request in enumerate(stamped, 1) if n not in set(refused_numbers)]
-    why = "".join(f"\n  {_numbered(numbers)}: {reason}" for reason, numbers in refusals.items())
-    return QueueBusy(
-        f"{len(queued)} of {len(stamped)} requests were queued and {len(refused)} refused (QueueBusy.queued "
-        f"lists those to wait for; submit QueueBusy.refused again in a moment):{why}",
-        queued=queued, refused=refused,
-    )
-
-
-def _numbered(numbers: list[int]) -> str:
-    """Request numbers as runs: "request 3", "requests 2-4, 7"."""
-    runs: list[list[int]] = []
-    for number in numbers:
-        if runs and number == runs[-1][-1] + 1:
-            runs[-1].append(number)
-        else:
-            runs.append([number])
-    said = ", ".join(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]) for run in runs)
-    return f"request{'s' if len(numbers) > 1 else ''} {said}"
-
-
-def _wait_seconds(request: GenerationRequest, timeout: float | None, settings: QueueSettings) -> float:
-    """How long to wait: ``timeout``, else until the deadline (the one the queue stamps, for
-    a request as it was before ``submit``: a wait on that one used to give up after 1 s)."""
-    if timeout is not None:
-        return timeout
-    deadline = request.deadline or request.created_at + settings.default_deadline_s
-    return max(1.0, deadline - time.time() + WAIT_SLACK_S)
-
-
-def _outage(exc: redis.exceptions.RedisError) -> bool:
-    """Whether an error is Redis out of reach for now (restarting, loading its data), or
-    refusing writes for now (a disk it cannot write, its memory full, a replica), which a wait
-    rides out: a reply is read with BLMOVE, a write, and one waiting to be read is kept; not a
-    refused password, which waiting cannot mend."""
-    refused = (redis.exceptions.AuthenticationError, redis.exceptions.AuthorizationError)
-    if isinstance(exc, redis.exceptions.ResponseError):
-        return isinstance(exc, WRITES_REFUSED) or "MISCONF " in str(exc)  # in a pipeline's error, after its command
-    return isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError) and not isinstance(exc, refused)
-
-
-def _slice(left_s: float) -> float:
-    return min(max(left_s, MIN_SLICE_S), WAIT_SLICE_S)
+    pipe.blmove(key, key, wait_slice(wait_s), "LEFT", "LEFT")
 
 
 def _cancel_keys_args(request_id: str, settings: QueueSettings) -> tuple[list[str], list]:
@@ -248,80 +122,6 @@ def _withdrew(mark: bytes | str | None) -> bool:
     """Whether a cancellation found its request waiting or running (its mark '': queued, not
     answered), rather than answered already or not in the queue (an unknown id)."""
     return mark is not None and not mark
-
-
-def _no_reply(
-    request: GenerationRequest, mark: bytes | str | None, settings: QueueSettings, workers: list | None = None,
-    holder: list | None = None, longer: str = LONGER_WAIT,
-) -> ReplyTimeout:
-    """Why a wait ended without a reply, from the request's mark (see ``constants``): queued
-    and not answered yet (''), answered by the worker it names, or not in the queue (None).
-    For one not answered yet, ``holder`` (``HOLDER_SCRIPT``'s answer) says which worker has
-    it in hand, if one took it, else ``workers`` (``WORKERS_SCRIPT``'s) says who could have;
-    ``longer`` is how the caller gives a request longer."""
-    if mark is None:
-        return ReplyTimeout(
-            f"request {request.id} for persona {request.persona!r} is not in the queue: it was never "
-            "submitted (submit it, or use ask), or Redis lost it (a Redis that keeps nothing over a "
-            "restart), or it was answered over a day ago. Submit it again to have it answered"
-        )
-    if mark:
-        worker = mark.decode(errors="replace") if isinstance(mark, bytes) else mark
-        return ReplyTimeout(
-            f"request {request.id} was answered (by worker {worker}), but its reply is "
-            f"gone: it was read already, by another client (keep the reply wait returns), or it waited "
-            f"unread past {settings.reply_ttl_s} s. Submit it again with a new id for a new answer"
-        )
-    if holder:
-        return ReplyTimeout(f"request {request.id} for persona {request.persona!r} was not answered in time: "
-                            + _held(*holder, longer=longer))
-    return ReplyTimeout(f"no worker answered request {request.id} for persona {request.persona!r} in time; "
-                        + _who_could(*_workers(workers), longer=longer))
-
-
-def _held(worker: bytes | str, held_ms: int, deliveries: int, live: int, longer: str) -> str:
-    """What a caller should know of the worker holding its unanswered request (``HOLDER_SCRIPT``):
-    "did not reach it" was said of a request a worker had taken and was still answering."""
-    worker = worker.decode(errors="replace") if isinstance(worker, bytes) else worker
-    taken = f"worker {worker} took it {int(held_ms) / 1000:.1f} s ago"
-    again = f", for the {_ordinal(int(deliveries))} time" if int(deliveries) > 1 else ""
-    if int(live):
-        return (f"{taken}{again} and is still answering it (a long message or reply takes longer); give it "
-                f"longer ({longer})")
-    return (f"{taken}{again}, but its heartbeat has lapsed: it stopped with the request unfinished, and the "
-            "next live worker takes it over (is one running? See `persona queue stats`)")
-
-
-def _ordinal(n: int) -> str:
-    return f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
-
-
-def _who_could(live: int, starting: list[StartingWorker], longer: str = LONGER_WAIT) -> str:
-    """What a caller whose request went unanswered should know about the workers, and do."""
-    if live:
-        return (f"{live} worker{'s are' if live > 1 else ' is'} running, but none took it before its deadline "
-                f"(see `persona queue stats` for the queue's depth); try again, or give it longer ({longer})")
-    if starting:
-        first = starting[0]
-        others = f" (and {len(starting) - 1} more)" if len(starting) > 1 else ""
-        return (f"a worker is still starting{others}: {first.doing()}, {first.loading_s:.0f} s so far, and it answers "
-                f"nothing until it has loaded. Wait until `persona queue stats` lists it as live and try again, or "
-                f"give the request longer ({longer})")
-    return "is a worker running (`persona worker`, or `persona up`)? See `persona queue stats`"
-
-
-def _workers(found: list | None) -> tuple[int, list[StartingWorker]]:
-    """The live workers' count and the starting workers (longest first) from ``WORKERS_SCRIPT``."""
-    if not found:
-        return 0, []
-    now, live, *infos = found
-    starting = []
-    for info in infos:
-        try:
-            starting.append(StartingWorker.model_validate_json(info))
-        except ValueError:  # written by another version: it still starts, but is not described
-            continue
-    return int(live), longest_loading_first(float(now), starting)
 
 
 class _Caller:
@@ -367,14 +167,9 @@ class _Caller:
         return reply
 
     def _looking(self, request: GenerationRequest):
-        """A pipeline that reads the request's mark, its reply if it is there after all, who
-        could have answered it (``WORKERS_SCRIPT``), and who holds it (``HOLDER_SCRIPT``)."""
+        """A pipeline that takes the last look at a request gone unanswered (see ``unanswered.last_look``)."""
         pipe = self.redis.pipeline(transaction=False)
-        pipe.get(keys.answered_key(request.id))
-        pipe.lindex(keys.reply_key(request.id), 0)
-        pipe.eval(WORKERS_SCRIPT, 2, keys.WORKER_INDEX_KEY, keys.STARTING_INDEX_KEY, keys.STARTING_KEY_PREFIX)
-        pipe.eval(HOLDER_SCRIPT, 2, stream_for(request.priority), keys.WORKER_INDEX_KEY,
-                  keys.CONSUMER_GROUP, request.id, HOLDER_SCAN_LIMIT)
+        last_look(pipe, request, stream_for(request.priority))
         return pipe
 
     def _found(self, request: GenerationRequest, looked: list) -> GenerationReply:
@@ -382,18 +177,19 @@ class _Caller:
         mark, got, workers, holder = looked
         reply = self._read(request, got)
         if reply is None:
-            raise _no_reply(request, mark, self.settings, workers, holder, self.longer_wait)
+            raise no_reply(request, mark, self.settings, workers, holder, self.longer_wait)
         return reply
 
     def _looking_at_full(self, outcomes: list[tuple[GenerationRequest, bytes | str | None]]):
         """A pipeline that looks at each stream that refused one of these requests as full
-        (see ``_full``), and the streams in its order; None if none did."""
-        streams = list(dict.fromkeys(s for request, outcome in outcomes if (s := _full_stream(outcome, request))))
+        (see ``busy.look_at_full``), and the streams in its order; None if none did."""
+        streams = list(dict.fromkeys(stream_for(request.priority) for request, outcome in outcomes
+                                     if refused_as_full(outcome)))
         if not streams:
             return None, []
         pipe = self.redis.pipeline(transaction=False)
         for stream in streams:
-            _looking_at(pipe, stream)
+            look_at_full(pipe, stream)
         return pipe, streams
 
     def _full_ones(self, streams: list[str], looked: list | BaseException) -> dict[str, QueueBusy]:
@@ -401,8 +197,8 @@ class _Caller:
         answers (a look that failed leaves the plain "busy")."""
         if isinstance(looked, BaseException):
             log.warning("could not look at the full queue: %s", looked)
-            return {stream: _full(stream, self.settings, None) for stream in streams}
-        return {stream: _full(stream, self.settings, looked[2 * n : 2 * n + 2]) for n, stream in enumerate(streams)}
+            looked = None
+        return full_ones(streams, looked, self.settings)
 
     def _outage_left(self, request: GenerationRequest, exc: redis.exceptions.RedisError, give_up: float,
                      first: bool) -> float:
@@ -410,13 +206,12 @@ class _Caller:
         short; re-raises ``exc`` if the wait's time is up or the error is not an outage. Said
         once a wait (``first``): every second, it filled the terminal of a `persona ask`."""
         left = give_up - time.monotonic()
-        if left <= 0 or not _outage(exc):
-            raise exc
+        pause = outage_pause(exc, left)
         if first:
             why = "refuses writes for now" if isinstance(exc, redis.exceptions.ResponseError) else "cannot be reached"
             log.warning("waiting for request %s: Redis %s (%s); trying again until its deadline, %.0f s from now",
                         request.id, why, str(exc).rstrip("."), left)
-        return min(OUTAGE_PAUSE_S, left)
+        return pause
 
     def _asking(self, request: GenerationRequest, give_up: float):
         """A pipeline that submits the request and starts waiting (see ``_ask_pipeline``)."""
@@ -434,7 +229,7 @@ class QueueClient(_Caller):
         request = _stamp(request, self.settings)
         script_keys, args = _submit_keys_args(request, self.settings)
         outcome = self._submit(keys=script_keys, args=args)
-        _check_submitted(outcome, request, self.settings, self._full_of([(request, outcome)]))
+        check_submitted(outcome, stream_for(request.priority), self.settings, self._full_of([(request, outcome)]))
         return request
 
     def _full_of(self, outcomes: list[tuple[GenerationRequest, bytes | str | None]]) -> dict[str, QueueBusy]:
@@ -475,17 +270,17 @@ class QueueClient(_Caller):
         full = self._full_of(outcomes)
         for number, (request, outcome) in enumerate(outcomes, 1):
             try:
-                _check_submitted(outcome, request, self.settings, full)
+                check_submitted(outcome, stream_for(request.priority), self.settings, full)
             except QueueBusy as exc:
                 refusals.setdefault(str(exc), []).append(number)
         if refusals:
-            raise _partly_refused(stamped, refusals)
+            raise partly_refused(stamped, refusals)
         return stamped
 
     def wait(self, request: GenerationRequest, timeout: float | None = None) -> GenerationReply:
         """Block until the request's reply arrives (at once for one this client has read
         already), riding out Redis restarting; ReplyTimeout, saying why, if none does."""
-        return self._wait(request, time.monotonic() + _wait_seconds(request, timeout, self.settings))
+        return self._wait(request, time.monotonic() + wait_seconds(request, timeout, self.settings))
 
     def _wait(self, request: GenerationRequest, give_up: float, got=None) -> GenerationReply:
         reply = self._read(request, got) if got is not None else self._replies.get(request.id)
@@ -503,10 +298,10 @@ class QueueClient(_Caller):
         """Submit and wait: one round trip through the queue (one to Redis, too)."""
         check_request(request, self.settings)
         request = _stamp(request, self.settings)
-        give_up = time.monotonic() + _wait_seconds(request, timeout, self.settings)
+        give_up = time.monotonic() + wait_seconds(request, timeout, self.settings)
         with retrying_until(give_up):
             outcome, *_, got = self._asking(request, give_up).execute()
-        _check_submitted(outcome, request, self.settings, self._full_of([(request, outcome)]))
+        check_submitted(outcome, stream_for(request.priority), self.settings, self._full_of([(request, outcome)]))
         return self._wait(request, give_up, got)
 
     def cancel(self, request_id: str) -> bool:
@@ -524,7 +319,7 @@ class AsyncQueueClient(_Caller):
         request = _stamp(request, self.settings)
         script_keys, args = _submit_keys_args(request, self.settings)
         outcome = await self._submit(keys=script_keys, args=args)
-        _check_submitted(outcome, request, self.settings, await self._full_of([(request, outcome)]))
+        check_submitted(outcome, stream_for(request.priority), self.settings, await self._full_of([(request, outcome)]))
         return request
 
     async def _full_of(self, outcomes: list[tuple[GenerationRequest, bytes | str | None]]) -> dict[str, QueueBusy]:
@@ -538,7 +333,7 @@ class AsyncQueueClient(_Caller):
         return self._full_ones(streams, looked)
 
     async def wait(self, request: GenerationRequest, timeout: float | None = None) -> GenerationReply:
-        return await self._wait(request, time.monotonic() + _wait_seconds(request, timeout, self.settings))
+        return await self._wait(request, time.monotonic() + wait_seconds(request, timeout, self.settings))
 
     async def _wait(self, request: GenerationRequest, give_up: float, got=None) -> GenerationReply:
         reply = self._read(request, got) if got is not None else self._replies.get(request.id)
@@ -555,10 +350,10 @@ class AsyncQueueClient(_Caller):
     async def ask(self, request: GenerationRequest, timeout: float | None = None) -> GenerationReply:
         check_request(request, self.settings)
         request = _stamp(request, self.settings)
-        give_up = time.monotonic() + _wait_seconds(request, timeout, self.settings)
+        give_up = time.monotonic() + wait_seconds(request, timeout, self.settings)
         with retrying_until(give_up):
             outcome, *_, got = await self._asking(request, give_up).execute()
-        _check_submitted(outcome, request, self.settings, await self._full_of([(request, outcome)]))
+        check_submitted(outcome, stream_for(request.priority), self.settings, await self._full_of([(request, outcome)]))
         return await self._wait(request, give_up, got)
 
     async def cancel(self, request_id: str) -> bool:

@@ -3,8 +3,8 @@
 Each runs inside Redis in one call: submitting (with the busy and fair-share checks),
 withdrawing, delivering a whole batch, recording the telemetry of many batches, setting
 a request aside as a dead letter, handing an entry back, and the looks a caller takes
-when a request is refused or goes unanswered. ``persona.queue`` calls them; the
-argument layouts are here.
+when a request is refused or goes unanswered. ``persona.queue``, ``persona.busy``,
+``persona.unanswered`` and the workers call them; the argument layouts are here.
 """
 
 from __future__ import annotations

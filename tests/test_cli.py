@@ -798,7 +798,7 @@ def test_generate_withdraws_the_samples_unanswered_at_its_deadline_at_once(env, 
     import time
 
     from persona import constants as keys
-    from persona.queue import WAIT_SLACK_S
+    from persona.waiting import WAIT_SLACK_S
 
     _, url, client = own_redis
     env["PERSONA_REDIS_URL"] = url
