@@ -54,6 +54,7 @@ from adapters.discord_commands import (
     OPERATOR_ONLY_TEXT,
     SlashCommands,
     kept_name,
+    operator_role_name_text,
 )
 from adapters.discord_gateway import (
     INTENT_REFUSED_TEXT,
@@ -114,6 +115,9 @@ class PersonaBot(SlashCommands, discord.Client):
         if settings.discord.token is None:
             raise ConfigError("no Discord token: set PERSONA_DISCORD__TOKEN")
         check_default_persona(settings, "discord")
+        role = settings.discord.operator_role
+        if role and not role.isdigit() and not settings.discord.allowed_guilds:
+            raise ConfigError(operator_role_name_text(role))
         intents = discord.Intents.default()
         intents.message_content = True  # privileged: enable it in the Developer Portal
         # The bot never joins a voice channel: no "PyNaCl is not installed" warning at start.
@@ -244,12 +248,19 @@ class PersonaBot(SlashCommands, discord.Client):
         return parent_id
 
     def is_operator(self, user: discord.abc.User) -> bool:
-        """Whether this user may run operator commands (by id, or by role name or id)."""
+        """Whether this user may run operator commands: by their id, or the operators' role in the
+        server they are in. That role is matched by its id, which Discord gives; by its name only
+        in the servers of PERSONA_DISCORD__ALLOWED_GUILDS: anyone can make a server, invite the
+        bot and give themselves a role of any name there."""
         if user.id in self.options.operator_ids:
             return True
-        role = self.options.operator_role
-        roles = getattr(user, "roles", [])
-        return bool(role) and any(r.name == role or str(r.id) == role for r in roles)
+        role, guild = self.options.operator_role, getattr(user, "guild", None)
+        roles = getattr(user, "roles", [])  # a Member's, in that server; none in a DM
+        if not role or guild is None:
+            return False
+        if role.isdigit():
+            return any(r.id == int(role) for r in roles)
+        return guild.id in self.options.allowed_guilds and any(r.name == role for r in roles)
 
     async def _parent(self, message: discord.Message) -> discord.Message | None:
         """The message this one replies to, from the payload, the cache, or the API."""
@@ -409,16 +420,17 @@ class PersonaBot(SlashCommands, discord.Client):
             return
         if not is_dm and not await self._place_allowed(message.guild.id, message.channel):
             return
-        if is_dm:
-            decision = await self.access.check(str(message.author.id), message.author.name)
-            if not decision.allowed:
-                await self.send_reply(message, decision.reply)
-                return
+        # The limits first: a flood of DMs refused by the dm_policy is not met with a flood of refusals.
         admitted, notice = await self.responder.admit(where)
         if not admitted.allowed:
             if notice:
                 await self.send_reply(message, notice)
             return
+        if is_dm:
+            decision = await self.access.check(str(message.author.id), message.author.name)
+            if not decision.allowed:
+                await self.send_reply(message, decision.reply)
+                return
         try:
             text = await self._words(message, strict=True)
         except UnreadableFile as exc:

@@ -1,6 +1,9 @@
 """The Discord adapter's slash commands: /ask, /persona, /reset, /retry, /cancel, and for
-operators (user ids or a role from the settings) /queue, /swap and /rollback, the same
-all-or-nothing swap as the CLI's. A command's refusal (a rate limit, the dm_policy, a
+operators (user ids or a role from the settings: ``PersonaBot.is_operator``) /queue, /swap and
+/rollback, the same all-or-nothing swap as the CLI's, of a version by its name (a checkpoint
+folder only by the CLI, on the server). Every command keeps to the place lists and counts
+against the rate limits, read before the dm_policy; past the limits the first gets the notice
+and the rest nothing, as messages do. A command's refusal (a rate limit, the dm_policy, a
 switch the user may not make) is shown to its user alone; every command that waits on
 Redis shows "thinking…" first, since Discord drops one not answered within 3 s. The answer to
 /ask and /retry goes out as the answer to a message does (``adapters.delivery``): a part Discord
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Awaitable, Callable
 
 import aiohttp
@@ -27,17 +31,27 @@ from adapters.discord_reading import readable
 from adapters.responder import Deliver, Where
 from adapters.splitting import DISCORD_MESSAGE_LIMIT_CHARS, split_message
 from persona import swap as swaps
+from persona.checkpoints import BASE_VERSION
 from persona.connection import connect
 from persona.errors import PersonaError
 from persona.heartbeat import live_workers, starting_workers
 from persona.monitoring import collect_stats
 from persona.personas import PersonaRegistry
 
-__all__ = ["NO_MENTIONS", "OPERATOR_ONLY_TEXT", "SlashCommands", "kept_name"]
+__all__ = ["NO_MENTIONS", "OPERATOR_ONLY_TEXT", "SlashCommands", "kept_name", "operator_role_name_text"]
 
 log = logging.getLogger(__name__)
 
 OPERATOR_ONLY_TEXT = "This command is for the bot's operators."
+NOT_HERE_TEXT = "I'm not answering in this channel."
+SLOW_DOWN_TEXT = "Please slow down a little."
+FOLDER_REFUSED_TEXT = (
+    "Name a version, such as v3 or base: a checkpoint folder can be swapped in only by `persona swap` on the server."
+)
+VERSION_NAME_PATTERN = re.compile(rf"v\d+|{BASE_VERSION}")
+# How long a command waits for Redis to count it before showing "thinking…": Discord drops a
+# command not answered within 3 s of its use, and the gateway took some of those to bring it.
+ADMIT_WAIT_S = 1.0
 # Every live worker loads and checks the new weights before the switch.
 SWAP_TIMEOUT_S = 300.0
 NO_MENTIONS = discord.AllowedMentions.none()  # what the bot says never pings anyone
@@ -99,24 +113,54 @@ class SlashCommands:
     def _where(interaction: discord.Interaction) -> Where:
         return Where(chat=str(interaction.channel_id), user=str(interaction.user.id))
 
-    async def _slash_allowed(self, interaction: discord.Interaction, *, ephemeral: bool, refusal: str = "") -> bool:
-        """The place lists, then ``refusal`` (a reason to refuse that needs no Redis), then in
-        DMs the dm_policy; a refused user is told why, alone. An allowed command shows
-        "thinking…" (``ephemeral``: to its user alone) before anything waits on Redis: Discord
-        drops a command not answered within 3 s, and a restarting Redis takes longer than that
-        to say so."""
+    async def _slash_allowed(
+        self, interaction: discord.Interaction, *, ephemeral: bool, refusal: str = "", dm_policy: bool = True
+    ) -> bool:
+        """The place lists, then ``refusal`` (a reason to refuse that needs no Redis), then the rate
+        limits, then in DMs the dm_policy (unless not ``dm_policy``: operators' commands); a
+        refused user is told why, alone. An allowed command shows "thinking…" (``ephemeral``: to
+        its user alone) before the dm_policy waits on Redis: Discord drops a command not answered
+        within 3 s, and a restarting Redis takes longer than that to say so."""
         if interaction.guild_id is not None and not await self._place_allowed(interaction.guild_id, interaction.channel):
-            refusal = "I'm not answering in this channel."
+            refusal = NOT_HERE_TEXT
         if refusal:
             await self._respond(interaction, refusal, ephemeral=True)
             return False
-        await interaction.response.defer(ephemeral=ephemeral, thinking=True)
-        if interaction.guild_id is None:
+        if not await self._within_limits(interaction, ephemeral=ephemeral):
+            return False
+        if not interaction.response.is_done():
+            await interaction.response.defer(ephemeral=ephemeral, thinking=True)
+        if interaction.guild_id is None and dm_policy:
             decision = await self.access.check(str(interaction.user.id), interaction.user.name)
             if not decision.allowed:
                 await self._refuse(interaction, decision.reply, thinking_in_public=not ephemeral)
                 return False
         return True
+
+    async def _within_limits(self, interaction: discord.Interaction, *, ephemeral: bool) -> bool:
+        """Count the command against the rate limits. Over them, the first gets the notice, to its
+        user alone, and the rest nothing, as messages do. A Redis slower than ADMIT_WAIT_S to count
+        it gets "thinking…" shown meanwhile (``ephemeral``: to its user alone), and a refusal then
+        replaces it: a "thinking…" is never left unanswered."""
+        counting = asyncio.ensure_future(self.responder.admit(self._where(interaction)))
+        await asyncio.wait({counting}, timeout=ADMIT_WAIT_S)
+        if not counting.done():
+            await interaction.response.defer(ephemeral=ephemeral, thinking=True)
+        decision, notice = await counting
+        if decision.allowed:
+            return True
+        if interaction.response.is_done():
+            await self._refuse(interaction, notice or SLOW_DOWN_TEXT, thinking_in_public=not ephemeral)
+        elif notice:
+            await self._respond(interaction, notice, ephemeral=True)
+        return False
+
+    async def _operator_allowed(self, interaction: discord.Interaction, refusal: str = "") -> bool:
+        """``_slash_allowed`` for an operator's command: the place lists, then whether the user is an
+        operator (there), then ``refusal``, then the rate limits; "thinking…" shows, to them alone.
+        The dm_policy is for people talking to the persona, not for its operators."""
+        refusal = refusal if self.is_operator(interaction.user) else OPERATOR_ONLY_TEXT
+        return await self._slash_allowed(interaction, ephemeral=True, refusal=refusal, dm_policy=False)
 
     async def _refuse(self, interaction: discord.Interaction, text: str, *, thinking_in_public: bool) -> None:
         """Tell a command's user alone why not, after its "thinking…". Discord fixes a response's
@@ -137,13 +181,8 @@ class SlashCommands:
         (and any notice before it) through the ``Deliver`` it is given."""
         if not await self._slash_allowed(interaction, ephemeral=False):
             return
-        where = self._where(interaction)
-        admitted, notice = await self.responder.admit(where)
-        if not admitted.allowed:
-            await self._refuse(interaction, notice or "Please slow down a little.", thinking_in_public=True)
-            return
         with self._answering_now():
-            await make(where, _Answering(interaction).say)
+            await make(self._where(interaction), _Answering(interaction).say)
 
     async def _persona(self, interaction: discord.Interaction, name: str | None) -> None:
         """Show the persona (to the user alone), or switch it (for all to see)."""
@@ -173,10 +212,8 @@ class SlashCommands:
         """Operator-only: queue depths, outcomes and live workers. "Thinking…" goes first, as
         for every command that reads Redis: a slow or restarting Redis takes longer than the
         3 s Discord waits for a first response."""
-        if not self.is_operator(interaction.user):
-            await self._respond(interaction, OPERATOR_ONLY_TEXT, ephemeral=True)
+        if not await self._operator_allowed(interaction):
             return
-        await interaction.response.defer(ephemeral=True, thinking=True)
 
         def read() -> str:
             client = connect(self.settings)
@@ -197,11 +234,13 @@ class SlashCommands:
         await self._respond(interaction, text, ephemeral=True)
 
     async def _swap(self, interaction: discord.Interaction, name: str, target: str | None) -> None:
-        """Operator-only: the same all-or-nothing swap as `persona swap` / `persona rollback`."""
-        if not self.is_operator(interaction.user):
-            await self._respond(interaction, OPERATOR_ONLY_TEXT, ephemeral=True)
+        """Operator-only: the same all-or-nothing swap as `persona swap` / `persona rollback`, to a
+        version named (``target``; None: the one before). A folder path is refused: it names files
+        on the bot's machine, which only the CLI there takes."""
+        target = target.strip().lower() if target is not None else None
+        refusal = FOLDER_REFUSED_TEXT if target is not None and not VERSION_NAME_PATTERN.fullmatch(target) else ""
+        if not await self._operator_allowed(interaction, refusal):  # "thinking…": a swap takes seconds
             return
-        await interaction.response.defer(ephemeral=True, thinking=True)  # a swap takes seconds
         try:
             by = f"discord:{interaction.user} ({interaction.user.id})"  # the swap log says which operator
             text = await asyncio.to_thread(self._run_swap, name.strip().lower(), target, by)
@@ -282,6 +321,15 @@ class _Answering:
         if isinstance(exc, discord.DiscordException):
             return Failure.REFUSED  # a 4xx (the interaction expired...), or 5xx after discord.py's own tries
         return None
+
+
+def operator_role_name_text(role: str) -> str:
+    """Why the operators' role cannot be given by its name alone (``PersonaBot`` refuses to start)."""
+    return (
+        f"PERSONA_DISCORD__OPERATOR_ROLE names the role {role!r}, which anyone can give themselves in a server of "
+        "their own that they invite the bot to: set it to the role's id (Developer Mode on, right-click the role, "
+        "Copy Role ID), or list your servers in PERSONA_DISCORD__ALLOWED_GUILDS"
+    )
 
 
 def kept_name(interaction_id: int) -> str:

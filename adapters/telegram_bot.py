@@ -20,7 +20,9 @@ message, which Telegram's apps send in pieces, is answered once, as one message
 message edited to mention the bot is answered, once (a photo's caption too; an edited piece
 of a paste answers the whole paste); no other edit is (``on_edit``). A command it does not have gets the list of those it has. Long polling
 by default; a webhook when ``PERSONA_TELEGRAM__WEBHOOK_URL`` is set. The token is kept out
-of every log line (httpx logs request URLs, which hold it).
+of every log line (httpx logs request URLs, which hold it: ``token_redaction``). Every message and
+command counts against the rate limits before the ``dm_policy`` is read: past them the one
+notice, then nothing, however many come.
 """
 
 from __future__ import annotations
@@ -28,7 +30,6 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import re
-import time
 from collections.abc import Awaitable, Callable
 
 from telegram import BotCommand, Chat, Message, Update
@@ -43,6 +44,7 @@ from telegram.ext import (
 )
 
 from adapters.access import AccessControl
+from adapters.answered import AnsweredMessages
 from adapters.posting.chat_sinks import telegram_api_url
 from adapters.responder import (
     BARE_MENTION_TEXT,
@@ -62,6 +64,7 @@ from adapters.telegram_polling import (
     start_failures_in_one_line,
 )
 from adapters.telegram_sending import send_text, with_flood_control
+from adapters.token_redaction import guard_token_in_logs
 from adapters.typing_indicator import keep_typing
 from persona.errors import ConfigError
 from persona.settings import Settings
@@ -77,6 +80,9 @@ WEBHOOK_PATH = "telegram"
 # How long an edit of a group message can still draw an answer, and so how long the bot
 # remembers which messages it answered (in this process; see ``on_edit``).
 EDIT_ANSWERED_WITHIN_S = 3600.0
+# Group messages remembered as answered at most: more than the rate limits let through in that hour
+# in any but the busiest deployments; past it, the oldest are forgotten first.
+MAX_REMEMBERED_ANSWERS = 100_000
 
 
 COMMANDS = [
@@ -97,38 +103,9 @@ HELP_TEXT = (
 )
 
 
-
 def unknown_command_text(command: str) -> str:
     """What a command the bot does not have gets: that, and the commands it has."""
     return f"I don't know the command {command}.\n\n{HELP_TEXT}"
-
-
-_guarded_tokens: set[str] = set()
-
-
-def guard_token_in_logs(token: str) -> None:
-    """Keep the token out of every log record: httpx and PTB both log URLs that hold it.
-
-    A record factory, rather than a filter on some loggers, because any library logger
-    (httpx, telegram.ext.ExtBot, ...) may print a URL, and filters do not inherit.
-    """
-    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger("httpx").level))
-    if token in _guarded_tokens:
-        return
-    _guarded_tokens.add(token)
-    make_record = logging.getLogRecordFactory()
-
-    def redacting_factory(*args, **kwargs) -> logging.LogRecord:
-        record = make_record(*args, **kwargs)
-        try:
-            message = record.getMessage()
-        except Exception:  # a broken log call is the logging module's to report
-            return record
-        if token in message:
-            record.msg, record.args = message.replace(token, "***"), ()
-        return record
-
-    logging.setLogRecordFactory(redacting_factory)
 
 
 class _Application(Application):
@@ -177,9 +154,9 @@ class TelegramBot:
         self.access: AccessControl | None = None
         self._pastes = Pastes(options.paste_window_s, keep_s=EDIT_ANSWERED_WITHIN_S)
         self._in_order = InOrder(options.paste_window_s)  # a webhook's updates, as polling hands them out
-        # Group messages answered (or being answered), by (chat id, message id) → when, oldest
-        # first: an edit never answers one of them again. Kept for EDIT_ANSWERED_WITHIN_S.
-        self._answered: dict[tuple[int, int], float] = {}
+        # Group messages answered (or being answered), by (chat id, message id): an edit never
+        # answers one of them again.
+        self.answered = AnsweredMessages(EDIT_ANSWERED_WITHIN_S, MAX_REMEMBERED_ANSWERS)
         self._started = dt.datetime.now(dt.UTC).replace(microsecond=0)  # Telegram's dates are whole seconds
         self._running_until_stopped = False  # in ``run``, which ends the process; not ``start``
         self._refused = False  # the token was refused while polling
@@ -277,13 +254,22 @@ class TelegramBot:
     # --- who is talking, and may they -------------------------------------------------
 
     async def _admitted(self, update: Update) -> bool:
-        """Whether to serve this chat and user; a refused private user is told why. A message
+        """Whether to serve this chat and user. The message counts against the rate limits (over
+        them the one notice is sent, then nothing), and only then is a private user's access
+        checked (a refused one is told why): a flood of refusals would answer a flood. A message
         written as a chat (``sender_chat``) is served: its ``from`` is a placeholder bot."""
         chat, user, message = update.effective_chat, update.effective_user, update.effective_message
         if chat is None or user is None or message is None or (user.is_bot and message.sender_chat is None):
             return False
+        if chat.type != ChatType.PRIVATE and self.options.allowed_chats and chat.id not in self.options.allowed_chats:
+            return False
+        limits, notice = await self.responder.admit(self._where(update))
+        if not limits.allowed:
+            if notice:
+                await self.say(update, notice, quote=True)
+            return False
         if chat.type != ChatType.PRIVATE:
-            return not self.options.allowed_chats or chat.id in self.options.allowed_chats
+            return True
         decision = await self.access.check(str(user.id), user.full_name)
         if not decision.allowed:
             await self.say(update, decision.reply)
@@ -311,16 +297,15 @@ class TelegramBot:
     def _first_answer(self, chat: Chat, messages: list[Message]) -> bool:
         """Whether these group messages are answered for the first time; from now on they count
         as answered (a private chat's edits are never answered: nothing to remember there)."""
-        if chat.type == ChatType.PRIVATE:
+        return chat.type == ChatType.PRIVATE or self.answered.claim((chat.id, m.message_id) for m in messages)
+
+    async def _admitted_once(self, updates: list[Update]) -> bool:
+        """``_admitted`` for messages ``_first_answer`` took on: one refused is forgotten again, so a
+        flood over the rate limits is not remembered for an hour."""
+        if await self._admitted(updates[0]):
             return True
-        keys = [(chat.id, message.message_id) for message in messages]
-        if any(key in self._answered for key in keys):
-            return False
-        now = time.monotonic()
-        while self._answered and next(iter(self._answered.values())) < now - EDIT_ANSWERED_WITHIN_S:
-            del self._answered[next(iter(self._answered))]
-        self._answered.update(dict.fromkeys(keys, now))
-        return True
+        self.answered.release((u.effective_chat.id, u.effective_message.message_id) for u in updates)
+        return False
 
     @staticmethod
     def _where(update: Update) -> Where:
@@ -395,11 +380,10 @@ class TelegramBot:
             return
         # The turn is taken before anything awaits, so quick messages are answered in order.
         async with self.responder.in_turn(self._where(update)):
-            if not await self._admitted(update):
+            if not await self._admitted_once(updates):
                 return
             if not text:
-                if await self._within_limits(update):
-                    await self.say(update, BARE_MENTION_TEXT, quote=True)
+                await self.say(update, BARE_MENTION_TEXT, quote=True)
                 return
             await self._answer(update, context, lambda where, notify, deliver: self.responder.answer(
                 where, text, notify=notify, deliver=deliver))
@@ -415,7 +399,7 @@ class TelegramBot:
             return
         if not self._first_answer(chat, [message]):  # asked already; its caption edited since
             return
-        if await self._admitted(update) and await self._within_limits(update):
+        if await self._admitted_once([update]):
             await self.say(update, NOT_TEXT_TEXT, quote=chat.type != ChatType.PRIVATE)
 
     async def on_migrate(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
@@ -438,22 +422,13 @@ class TelegramBot:
             log.warning("chat %s is now %s: add %s to PERSONA_TELEGRAM__ALLOWED_CHATS, or I stay quiet there",
                         old, new, new)
 
-    async def _within_limits(self, update: Update) -> bool:
-        """Count the message against the rate limits; over them, the one notice is sent."""
-        decision, notice = await self.responder.admit(self._where(update))
-        if not decision.allowed and notice:
-            await self.say(update, notice, quote=True)
-        return decision.allowed
-
     async def _answer(
         self, update: Update, context: ContextTypes.DEFAULT_TYPE,
         make: Callable[[Where, Notify, Deliver], Awaitable[str]],
     ) -> None:
-        """Rate-limit, and show typing while ``make`` works (it may ``notify`` the asker meanwhile)
-        and sends what it says (``deliver``)."""
+        """Show typing while ``make`` works (it may ``notify`` the asker meanwhile) and sends what it
+        says (``deliver``); the message was ``_admitted``."""
         chat, message = update.effective_chat, update.effective_message
-        if not await self._within_limits(update):
-            return
         where = self._where(update)
         topic = self._topic(message)
         quote = chat.type != ChatType.PRIVATE

@@ -301,7 +301,11 @@ class DiscordSettings(ChatAdapterSettings):
     operator_ids: list[int] = Field(
         default_factory=list, description="user ids that may run operator commands (queue stats, swap, switching a server channel's persona)"
     )
-    operator_role: str | None = Field(None, description="a role's name or id whose members are operators too")
+    operator_role: str | None = Field(
+        None, description="the id of a role whose members are operators too (Developer Mode on: right-click the role, "
+        "Copy Role ID); a role's name counts only in allowed_guilds, and without them the bot refuses to start with one "
+        "(anyone can make a role of any name in a server of their own and invite the bot there)",
+    )
     allowed_guilds: list[int] = Field(default_factory=list, description="guilds it answers in; empty: every guild")
     denied_guilds: list[int] = Field(default_factory=list, description="guilds it never answers in")
     allowed_channels: list[int] = Field(
@@ -312,6 +316,17 @@ class DiscordSettings(ChatAdapterSettings):
     allowed_users: list[int] = Field(default_factory=list, description=ALLOWED_USERS_DESCRIPTION)
 
     _token_trimmed = field_validator("token", mode="before")(_token)
+
+    @field_validator("operator_role", mode="before")
+    @classmethod
+    def _role_as_copied(cls, value: object) -> object:
+        """A role as pasted: its id, or its mention as Discord writes it (``<@&123>``), less the
+        whitespace around it; nothing left is no role."""
+        if not isinstance(value, str):
+            return value
+        value = value.strip()
+        mention = re.fullmatch(r"<@&(\d+)>", value)
+        return (mention.group(1) if mention else value) or None
 
 
 class TelegramSettings(ChatAdapterSettings):

@@ -44,8 +44,12 @@ from tests.fakes.checkpoints import make_checkpoint
 from tests.fakes.discord_api import (
     BOT_ID,
     CHANNEL_ID,
+    GUILD_ID,
     OPERATOR_ROLE_ID,
     OTHER_CHANNEL_ID,
+    STRANGER_CHANNEL_ID,
+    STRANGER_GUILD_ID,
+    STRANGER_ROLE_ID,
     FakeDiscord,
 )
 from tests.fakes.full_redis import redis_refusing_writes
@@ -103,6 +107,13 @@ def echo(request) -> str:
     return "echo: " + " | ".join(f"{m.role}={m.content}" for m in request.messages)
 
 
+
+async def kept_turns(fake_api, redis_client, key: str, turns: int) -> list[dict]:
+    """The conversation once it holds ``turns`` turns: an exchange is kept once its reply went
+    out, a moment after the fake received it."""
+    await fake_api.wait_for(lambda: len(json.loads(redis_client.get(key) or "[]")) >= turns)
+    return json.loads(redis_client.get(key))
+
 async def test_it_connects_where_the_api_says_and_registers_its_commands(start_bot, fake_api):
     await start_bot()
     assert ("GET", "/gateway/bot") in fake_api.requests
@@ -122,7 +133,7 @@ async def test_a_mention_is_answered_through_a_real_worker(start_bot, fake_api, 
     assert int(reply["message_reference"]["message_id"]) == int(question["id"])
     assert reply["allowed_mentions"]["parse"] == []  # a persona never pings anyone
     assert any(channel == CHANNEL_ID for channel, _ in fake_api.typing)
-    stored = json.loads(redis_client.get(keys.conversation_key("discord", f"{CHANNEL_ID}:111")))
+    stored = await kept_turns(fake_api, redis_client, keys.conversation_key("discord", f"{CHANNEL_ID}:111"), 2)
     assert stored[0] == {"role": "user", "content": "what is patience?"}
     assert stored[1]["role"] == "assistant"
 
@@ -510,20 +521,52 @@ async def test_slash_ask_retry_and_reset(start_bot, fake_api, discord_settings, 
 
 
 async def test_a_rate_limited_slash_command_is_refused_to_its_user_alone(start_bot, fake_api, discord_settings):
-    """/ask and /retry show "thinking…" in public before the rate limit is read from Redis, and
-    Discord keeps a response as visible as it was deferred: a refusal filling it in would be
-    shown to the whole channel. The "thinking…" goes, and the refusal comes on its own."""
+    """Every command counts against the rate limits, as messages do: past them the first gets the
+    notice, for its user's eyes only, and the rest nothing (a flood is not met with a flood).
+    The limits are read before "thinking…" (Discord keeps a response as visible as it was
+    deferred, so a refusal filling in a public "thinking…" would be shown to the whole channel)."""
     with scripted_worker(discord_settings, echo):
-        await start_bot(user_messages_per_minute=1)
+        await start_bot(user_messages_per_minute=2)
         await fake_api.slash("ask", {"text": "first"})
         await fake_api.wait_for(lambda: fake_api.texts() == ["echo: user=first"])
-        over = [await fake_api.slash("ask", {"text": "second"}), await fake_api.slash("retry")]
+        await fake_api.slash("reset")
+        await fake_api.wait_for(lambda: len(fake_api.texts()) == 2)
+        for command in ("ask", "retry", "reset", "cancel", "persona", "reset"):
+            await fake_api.slash(command, {"text": "more"} if command == "ask" else None)
         await fake_api.wait_for(lambda: len(fake_api.texts()) == 3)
-    assert [r["type"] for r in fake_api.interaction_responses] == [5, 5, 5]  # "thinking…" in time, each
+        await asyncio.sleep(0.5)
+    assert [r["type"] for r in fake_api.interaction_responses] == [5, 5, 4]  # the notice, unannounced
     assert fake_api.public_texts() == ["echo: user=first"]
-    notice, quiet = sorted(fake_api.texts()[1:])
-    assert notice.startswith("I need a moment to catch up") and quiet == "Please slow down a little."
-    assert sorted(fake_api.deleted_originals) == sorted(r["id"] for r in over)
+    assert fake_api.texts()[1] == RESET_TEXT and fake_api.texts()[2].startswith("I need a moment to catch up")
+    assert fake_api.interaction_responses[2]["data"]["flags"] & 64  # for its user alone
+
+
+async def test_a_slash_command_waiting_on_a_slow_redis_for_the_rate_limit_says_thinking_first(
+    start_bot, fake_api, discord_settings, redis_client
+):
+    """Discord drops a command not answered within 3 s: a Redis slow to count it (here paused)
+    gets "thinking…" shown in time, and a refusal then comes on its own, to its user alone."""
+    await start_bot(user_messages_per_minute=1)
+    await fake_api.slash("reset")
+    await fake_api.wait_for(lambda: fake_api.texts() == [RESET_TEXT])
+    redis_client.client_pause(2500)
+    await fake_api.slash("persona")
+    await fake_api.wait_for(lambda: len(fake_api.texts()) == 2)
+    assert [r["type"] for r in fake_api.interaction_responses] == [5, 5]  # "thinking…", in time
+    assert fake_api.texts()[1].startswith("I need a moment to catch up")
+    assert fake_api.sent[1]["flags"] & 64 and fake_api.deleted_originals == []  # it was for its user alone anyway
+
+
+async def test_dms_refused_by_the_pairing_policy_count_against_the_rate_limit(start_bot, fake_api, discord_settings):
+    """A stranger's flood of DMs got a pairing reply each: the limits are read before the policy."""
+    await start_bot(dm_policy="pairing", user_messages_per_minute=2)
+    for n in range(10):
+        await fake_api.user_message(f"hi {n}", guild=False, channel_id=DM_CHANNEL, author_id=4444)
+    await fake_api.wait_for(lambda: len(fake_api.texts(DM_CHANNEL)) == 3)
+    await asyncio.sleep(0.5)
+    said = fake_api.texts(DM_CHANNEL)
+    assert len(said) == 3 and said[0] == said[1] and "pairing code" in said[0]
+    assert said[2].startswith("I need a moment to catch up")
 
 
 async def test_a_slash_command_refused_by_the_dm_policy_is_refused_to_its_user_alone(start_bot, fake_api, discord_settings):
@@ -558,7 +601,7 @@ async def test_a_refused_persona_switch_is_told_at_once_to_its_user_alone(
 
 async def test_operator_commands_refuse_ordinary_users(start_bot, fake_api, discord_settings, write_persona, tiny_llama_dir):
     write_persona("other", base=str(tiny_llama_dir))
-    await start_bot(operator_ids=[555], operator_role="persona-ops")
+    await start_bot(operator_ids=[555], operator_role="persona-ops", allowed_guilds=[GUILD_ID])
     await fake_api.slash("queue", author_id=111)
     await fake_api.wait_for(lambda: len(fake_api.interaction_responses) == 1)
     refusal = fake_api.interaction_responses[0]
@@ -575,6 +618,59 @@ async def test_operator_commands_refuse_ordinary_users(start_bot, fake_api, disc
     await fake_api.wait_for(lambda: "Only the bot's operators" in fake_api.texts()[-1])
     await fake_api.slash("persona", {"name": "other"}, author_id=555)
     await fake_api.wait_for(lambda: fake_api.texts()[-1].startswith("From now on you are talking to Other"))
+
+
+async def test_a_role_named_like_the_operators_in_someone_elses_server_makes_nobody_an_operator(
+    start_bot, fake_api, discord_settings
+):
+    """Anyone can make a server, invite the bot and create a role named like the operators' one:
+    the role is matched by its id, which is Discord's to give. A name alone would let them in."""
+    with pytest.raises(ConfigError, match="PERSONA_DISCORD__ALLOWED_GUILDS"):
+        await start_bot(operator_role="persona-ops")
+    await start_bot(operator_role=str(OPERATOR_ROLE_ID))
+    await fake_api.stranger_guild()
+    await fake_api.slash("queue", author_id=777, roles=[STRANGER_ROLE_ID], guild_id=STRANGER_GUILD_ID,
+                         channel_id=STRANGER_CHANNEL_ID)
+    await fake_api.wait_for(lambda: len(fake_api.interaction_responses) == 1)
+    assert fake_api.texts() == [OPERATOR_ONLY_TEXT]
+    await fake_api.slash("queue", author_id=666, roles=[OPERATOR_ROLE_ID])
+    await fake_api.wait_for(lambda: len(fake_api.texts()) == 2)
+    assert "workers:" in fake_api.texts()[1]
+
+
+async def test_operator_commands_are_refused_in_a_server_the_bot_does_not_answer_in(
+    start_bot, fake_api, discord_settings, running_worker, redis_client, tiny_llama_dir
+):
+    """A role named like the operators' counts only in PERSONA_DISCORD__ALLOWED_GUILDS, and
+    /queue, /swap and /rollback keep to the place lists as every other command does: a stranger's
+    server, where its owner made a role of that name, cannot switch the checkpoint for everyone."""
+    make_checkpoint(discord_settings, tiny_llama_dir, "dc", seed=1)
+    running_worker("w-dc", preload=["dc"])
+    await fake_api.wait_for(lambda: redis_client.exists(keys.worker_key("w-dc")))
+    await start_bot(operator_ids=[555], operator_role="persona-ops", allowed_guilds=[GUILD_ID])
+    await fake_api.stranger_guild()
+    elsewhere = {"guild_id": STRANGER_GUILD_ID, "channel_id": STRANGER_CHANNEL_ID}
+    await fake_api.slash("swap", {"persona": "dc", "version": "v1"}, author_id=777, roles=[STRANGER_ROLE_ID], **elsewhere)
+    await fake_api.slash("queue", author_id=555, **elsewhere)  # an operator too: not there
+    await fake_api.slash("rollback", {"persona": "dc"}, author_id=555, **elsewhere)
+    await fake_api.wait_for(lambda: len(fake_api.texts()) == 3)
+    assert fake_api.texts() == ["I'm not answering in this channel."] * 3
+    assert swaps.active_versions(redis_client).get("dc") is None  # still its file's: base
+    await fake_api.slash("queue", author_id=666, roles=[OPERATOR_ROLE_ID])  # the role, where it counts
+    await fake_api.wait_for(lambda: len(fake_api.texts()) == 4)
+    assert "workers:" in fake_api.texts()[3]
+
+
+async def test_slash_swap_takes_a_version_name_not_a_folder(start_bot, fake_api, discord_settings, tiny_llama_dir):
+    """A folder path names files on the bot's machine: only `persona swap` there takes one."""
+    await start_bot(operator_ids=[555])
+    for target in (str(tiny_llama_dir), "../dc/v1", "v1/../../x"):
+        await fake_api.slash("swap", {"persona": "dc", "version": target}, author_id=555)
+    await fake_api.wait_for(lambda: len(fake_api.texts()) == 3)
+    assert set(fake_api.texts()) == {
+        "Name a version, such as v3 or base: a checkpoint folder can be swapped in only by `persona swap` on the server."
+    }
+    assert [r["type"] for r in fake_api.interaction_responses] == [4, 4, 4]  # refused at once, nothing read
 
 
 async def test_operator_commands_say_thinking_before_waiting_on_a_slow_redis(start_bot, fake_api, redis_client):

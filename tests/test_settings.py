@@ -101,6 +101,17 @@ def test_whitespace_around_a_token_is_no_part_of_it(clean_env, monkeypatch):
 
 
 
+def test_the_operators_role_is_taken_as_copied(clean_env, monkeypatch):
+    """Its id as Discord's "Copy Role ID" gives it, or the mention Discord writes (``<@&id>``),
+    with a stray newline from the file it was pasted from."""
+    monkeypatch.setenv("PERSONA_DISCORD__OPERATOR_ROLE", " <@&930000000000000001>\n")
+    assert Settings().discord.operator_role == "930000000000000001"
+    monkeypatch.setenv("PERSONA_DISCORD__OPERATOR_ROLE", "930000000000000001 ")
+    assert Settings().discord.operator_role == "930000000000000001"
+    monkeypatch.setenv("PERSONA_DISCORD__OPERATOR_ROLE", " ")
+    assert Settings().discord.operator_role is None
+
+
 @pytest.mark.parametrize(("url", "said"), [
     ("redis://:hunter2-secret@127.0.0.1:99999/0", "its port must be a number from 1 to 65535"),
     ("redis://:hunter2-secret@127.0.0.1:abc/0", "its port must be a number from 1 to 65535"),

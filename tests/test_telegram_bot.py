@@ -25,6 +25,7 @@ from pydantic import SecretStr
 
 from adapters import delivery
 from adapters.access import NOT_ALLOWED_TEXT, approve_code
+from adapters.answered import AnsweredMessages
 from adapters.responder import (
     BARE_MENTION_TEXT,
     BUSY_TEXT,
@@ -86,6 +87,13 @@ def echo(request) -> str:
     return "echo: " + request.messages[-1].content
 
 
+
+async def kept_turns(fake_api, redis_client, key: str, turns: int) -> list[dict]:
+    """The conversation once it holds ``turns`` turns: an exchange is kept once its reply went
+    out, a moment after the fake received it."""
+    await fake_api.wait_for(lambda: len(json.loads(redis_client.get(key) or "[]")) >= turns)
+    return json.loads(redis_client.get(key))
+
 async def test_a_private_conversation_through_a_real_worker(
     start_bot, fake_api: FakeTelegram, running_worker, redis_client: redis.Redis
 ):
@@ -102,7 +110,7 @@ async def test_a_private_conversation_through_a_real_worker(
     answer = fake_api.sent[1]["text"]
     assert answer and "reply_parameters" not in fake_api.sent[1]  # private chats need no quoting
     assert any(a["action"] == "typing" and int(a["chat_id"]) == 1001 for a in fake_api.actions)
-    stored = json.loads(redis_client.get(keys.conversation_key("telegram", "1001:1001")))
+    stored = await kept_turns(fake_api, redis_client, keys.conversation_key("telegram", "1001:1001"), 2)
     assert stored[0] == {"role": "user", "content": "How should I spend a quiet morning?"}
     assert stored[1]["role"] == "assistant" and (stored[1]["content"] == answer or not stored[1]["content"])
 
@@ -262,7 +270,7 @@ async def test_an_answer_the_bot_api_fails_to_take_once_is_sent_again_and_kept_a
         fake_api.fail_sends(failure)  # python-telegram-bot itself tries again only after flood control
         fake_api.push_message("what is the answer?")
         await fake_api.wait_for(lambda: fake_api.texts() == ["echo: what is the answer?"])
-    stored = json.loads(redis_client.get(keys.conversation_key("telegram", "1001:1001")))
+        stored = await kept_turns(fake_api, redis_client, keys.conversation_key("telegram", "1001:1001"), 2)
     assert [turn["role"] for turn in stored] == ["user", "assistant"]
     assert "Traceback" not in caplog.text and not any(r.exc_info for r in caplog.records)
 
@@ -316,6 +324,47 @@ async def test_rate_limits_answer_with_one_friendly_notice(start_bot, fake_api, 
     assert len(texts) == 3
     notices = [t for t in texts if "catch up" in t]
     assert len(notices) == 1 and "try again in about" in notices[0]
+
+
+async def test_messages_refused_by_the_pairing_policy_count_against_the_rate_limit(start_bot, fake_api):
+    """A stranger's flood of private messages got a pairing reply each: the limits come first."""
+    await start_bot(dm_policy="pairing", user_messages_per_minute=2)
+    for n in range(10):
+        fake_api.push_message(f"hi {n}", chat_id=7777, user_id=7777)
+    await fake_api.wait_for(lambda: len(fake_api.texts(7777)) == 3)
+    await asyncio.sleep(0.5)
+    said = fake_api.texts(7777)
+    assert len(said) == 3 and said[0] == said[1] and "pairing code" in said[0] and "catch up" in said[2]
+
+
+async def test_every_command_counts_against_the_rate_limit(start_bot, fake_api, telegram_settings):
+    """/help, /start, an unknown command... each got an answer, however many came: a flood of
+    them was met with a flood. They count as messages do: one notice, then nothing."""
+    with scripted_worker(telegram_settings, echo):
+        await start_bot(user_messages_per_minute=2)
+        for command in ("/help", "/start", "/help", "/nosuch", "/persona", "/reset", "/cancel", "/retry", "/start"):
+            fake_api.push_message(command)
+        await fake_api.wait_for(lambda: len(fake_api.sent) == 3)
+        await asyncio.sleep(0.5)
+    texts = fake_api.texts()
+    assert len(texts) == 3 and [("catch up" in t) for t in texts].count(True) == 1
+
+
+async def test_a_rate_limited_flood_in_a_group_is_not_remembered(start_bot, fake_api, telegram_settings):
+    """Every message addressed to the bot in a group was remembered for an hour (so that its edit
+    is not answered again), answered or not: a flood over the rate limits grew that without end.
+    Only those answered are kept, and never more than a bound."""
+    with scripted_worker(telegram_settings, echo):
+        bot = await start_bot(user_messages_per_minute=1, chat_messages_per_minute=100)
+        for n in range(20):
+            fake_api.push_message(f"@{BOT_USERNAME} {n}", chat_id=GROUP, chat_type="group", user_id=2002)
+        await fake_api.wait_for(lambda: len(fake_api.sent) == 2)
+        await asyncio.sleep(0.5)
+    assert len(bot.answered) == 1  # the one answered; not the one told to slow down, nor the quiet ones
+    assert fake_api.texts()[1].startswith("I need a moment to catch up")
+    remembered = AnsweredMessages(keep_s=3600, max_count=3)
+    assert all(remembered.claim([n]) for n in range(5)) and len(remembered) == 3
+    assert not remembered.claim([4]) and remembered.claim([0])  # the oldest went first
 
 
 async def test_a_busy_queue_and_a_silent_worker_get_polite_replies(start_bot, fake_api, telegram_settings, redis_client):
@@ -441,10 +490,12 @@ async def test_anonymous_admins_and_channels_are_answered_each_in_a_conversation
         ):
             fake_api.push_message(f"@{BOT_USERNAME} {text}", chat_id=where, chat_type="supergroup", as_chat=as_chat)
         await fake_api.wait_for(lambda: len(fake_api.sent) == 4)
+        # Each exchange is kept once its reply went out: just after the last one arrived.
+        conversations = [keys.conversation_key("telegram", f"{where}:{as_chat}") for where, as_chat in
+                         ((GROUP, channel), (GROUP, other_channel), (GROUP, GROUP), (other_group, other_group))]
+        await fake_api.wait_for(lambda: redis_client.exists(*conversations) == 4)
     assert sorted(fake_api.texts()) == sorted(f"echo: {r.messages[-1].content}" for r in seen)  # no "slow down"
     assert {r.user for r in seen} == {f"telegram:{c}" for c in (channel, other_channel, GROUP, other_group)}
-    for where, as_chat in ((GROUP, channel), (GROUP, other_channel), (GROUP, GROUP), (other_group, other_group)):
-        assert redis_client.exists(keys.conversation_key("telegram", f"{where}:{as_chat}"))
 
 
 async def test_an_anonymous_admin_may_switch_the_persona_and_a_channel_may_not(
@@ -499,9 +550,8 @@ async def test_webhook_mode_registers_the_url_and_answers_posted_updates(start_b
 
 @pytest.mark.slow  # the client's reconnect backoff takes about 15 s before it gives up politely
 async def test_a_redis_outage_gets_a_polite_reply_and_the_bot_recovers(start_bot, fake_api, telegram_settings, tmp_path):
-    from persona.embedded_redis import EmbeddedRedis
-
     from adapters.responder import UNREACHABLE_TEXT
+    from persona.embedded_redis import EmbeddedRedis
 
     server = EmbeddedRedis(tmp_path / "own-redis")
     url = server.start()

@@ -41,6 +41,9 @@ Mentions of people and channels: ``user_message(mentions=[(id, name)])`` lists t
 ``<@id>`` in the content names, as Discord's payload does (``slash(mentions=...)``: in the
 interaction's ``resolved`` users); the guild has the channels
 ``general`` and ``off-topic`` and the roles ``persona-ops`` and ``persona``.
+``stranger_guild()`` adds a server someone else made and invited the bot to (GUILD_CREATE), with
+a channel ``lobby`` and a role its owner named ``persona-ops`` too; ``slash(guild_id=...)`` runs
+a command there.
 Content longer than 2,000 characters is refused with 400 (50035, BASE_TYPE_MAX_LENGTH), and a
 message with no content at all with 400 (50006), wherever a message is sent (channel,
 interaction response, follow-up), as on Discord, whose API counts code points (Python's
@@ -68,6 +71,9 @@ CHANNEL_ID = 920000000000000001
 OTHER_CHANNEL_ID = 920000000000000002
 OPERATOR_ROLE_ID = 930000000000000001
 BOT_ROLE_ID = 930000000000000002  # the managed role Discord gives the bot in a guild
+STRANGER_GUILD_ID = 910000000000000002  # someone else's server, which invited the bot
+STRANGER_CHANNEL_ID = 920000000000000003
+STRANGER_ROLE_ID = 930000000000000003  # named like the operators' role, made by that server's owner
 TIMESTAMP = "2025-01-01T00:00:00.000000+00:00"
 INTERACTION_RESPONSE_S = 3.0  # Discord's window for an interaction's first response
 MESSAGE_LIMIT_CHARS = 2000  # content, in code points
@@ -81,6 +87,24 @@ def _json(data, status: int = 200, headers: dict | None = None) -> web.Response:
 
 def user(user_id: int, name: str, bot: bool = False) -> dict:
     return {"id": str(user_id), "username": name, "discriminator": "0", "global_name": name, "avatar": None, "bot": bot}
+
+
+def _role(role_id: int, name: str, *, position: int = 0, permissions: str = "0") -> dict:
+    return {"id": str(role_id), "name": name, "permissions": permissions, "position": position, "color": 0,
+            "hoist": False, "managed": False, "mentionable": False}
+
+
+def _guild(guild_id: int, name: str, roles: list[dict], channels: dict[int, str]) -> dict:
+    """A GUILD_CREATE payload: the bot is a member, its text channels are ``channels`` (id → name)."""
+    channel = {"type": 0, "position": 0, "permission_overwrites": [], "nsfw": False, "parent_id": None}
+    return {
+        "id": str(guild_id), "name": name, "icon": None, "owner_id": "1", "unavailable": False,
+        "member_count": 3, "large": False, "features": [], "emojis": [], "stickers": [], "voice_states": [],
+        "presences": [], "threads": [], "stage_instances": [], "guild_scheduled_events": [], "roles": roles,
+        "channels": [{**channel, "id": str(i), "name": n} for i, n in channels.items()],
+        "members": [{"user": user(BOT_ID, "persona", bot=True), "roles": [], "joined_at": TIMESTAMP,
+                     "deaf": False, "mute": False, "flags": 0}],
+    }
 
 
 @dataclass
@@ -239,10 +263,12 @@ class FakeDiscord:
     async def slash(
         self, name: str, options: dict | None = None, *, author_id: int = 111, roles: list[int] | None = None,
         channel_id: int = CHANNEL_ID, guild: bool = True, mentions: list[tuple[int, str]] | None = None,
+        guild_id: int = GUILD_ID,
     ) -> dict:
         """A slash command, dispatched as INTERACTION_CREATE; returns its payload. ``guild=False``:
         used in a DM with the bot (``channel_id`` is then the DM's). ``mentions``: the people (id,
-        name) its string options mention, which the payload's ``resolved`` names, as Discord's does."""
+        name) its string options mention, which the payload's ``resolved`` names, as Discord's does.
+        ``guild_id``: the server it was used in (``channel_id`` one of its channels)."""
         asker = user(author_id, "ada")
         interaction = {
             "id": str(next(self._ids)), "application_id": str(APP_ID), "type": 2, "token": f"itoken{next(self._ids)}",
@@ -255,13 +281,13 @@ class FakeDiscord:
             interaction["data"]["resolved"] = {"users": {str(i): user(i, name) for i, name in mentions}}
         if guild:
             interaction |= {
-                "guild_id": str(GUILD_ID), "guild_locale": "en-US", "context": 0,
+                "guild_id": str(guild_id), "guild_locale": "en-US", "context": 0,
                 "channel": self.threads.get(channel_id) or {
-                    "id": str(channel_id), "type": 0, "guild_id": str(GUILD_ID), "name": "general", "position": 0,
+                    "id": str(channel_id), "type": 0, "guild_id": str(guild_id), "name": "general", "position": 0,
                     "permission_overwrites": []},
                 "member": {"user": asker, "roles": [str(r) for r in roles or []], "joined_at": TIMESTAMP,
                            "permissions": "2147483647", "deaf": False, "mute": False, "flags": 0},
-                "authorizing_integration_owners": {"0": str(GUILD_ID)},
+                "authorizing_integration_owners": {"0": str(guild_id)},
             }
         else:
             interaction |= {
@@ -272,6 +298,12 @@ class FakeDiscord:
         self._interactions_by_token[interaction["token"]] = interaction
         await self.dispatch("INTERACTION_CREATE", interaction)
         return interaction
+
+    async def stranger_guild(self) -> None:
+        """Someone else's server joins (they invited the bot): GUILD_CREATE with its channel
+        ``lobby`` (STRANGER_CHANNEL_ID) and the role ``persona-ops`` they made (STRANGER_ROLE_ID)."""
+        roles = [_role(STRANGER_GUILD_ID, "@everyone"), _role(STRANGER_ROLE_ID, "persona-ops", position=1)]
+        await self.dispatch("GUILD_CREATE", _guild(STRANGER_GUILD_ID, "a stranger's server", roles, {STRANGER_CHANNEL_ID: "lobby"}))
 
     async def go_down(self) -> None:
         """Close the gateway's connections and refuse new ones (502) until ``come_back``."""
@@ -350,26 +382,13 @@ class FakeDiscord:
             "application": {"id": str(APP_ID), "flags": 0},
         }
         await socket.send_str(json.dumps({"op": 0, "t": "READY", "s": next(self._sequence), "d": ready}))
-        channel = {"type": 0, "position": 0, "permission_overwrites": [], "nsfw": False, "parent_id": None}
-        guild = {
-            "id": str(GUILD_ID), "name": "fake guild", "icon": None, "owner_id": "1", "unavailable": False,
-            "member_count": 3, "large": False, "features": [], "emojis": [], "stickers": [], "voice_states": [],
-            "presences": [], "threads": [], "stage_instances": [], "guild_scheduled_events": [],
-            "roles": [
-                {"id": str(GUILD_ID), "name": "@everyone", "permissions": "2147483647", "position": 0, "color": 0,
-                 "hoist": False, "managed": False, "mentionable": False},
-                {"id": str(OPERATOR_ROLE_ID), "name": "persona-ops", "permissions": "0", "position": 1, "color": 0,
-                 "hoist": False, "managed": False, "mentionable": False},
-                {"id": str(BOT_ROLE_ID), "name": "persona", "permissions": "0", "position": 2, "color": 0,
-                 "hoist": False, "managed": True, "mentionable": False, "tags": {"bot_id": str(BOT_ID)}},
-            ],
-            "channels": [
-                {**channel, "id": str(CHANNEL_ID), "name": "general"},
-                {**channel, "id": str(OTHER_CHANNEL_ID), "name": "off-topic"},
-            ],
-            "members": [{"user": user(BOT_ID, "persona", bot=True), "roles": [str(BOT_ROLE_ID)], "joined_at": TIMESTAMP,
-                         "deaf": False, "mute": False, "flags": 0}],
-        }
+        roles = [
+            _role(GUILD_ID, "@everyone", permissions="2147483647"),
+            _role(OPERATOR_ROLE_ID, "persona-ops", position=1),
+            _role(BOT_ROLE_ID, "persona", position=2) | {"managed": True, "tags": {"bot_id": str(BOT_ID)}},
+        ]
+        guild = _guild(GUILD_ID, "fake guild", roles, {CHANNEL_ID: "general", OTHER_CHANNEL_ID: "off-topic"})
+        guild["members"][0]["roles"] = [str(BOT_ROLE_ID)]
         await socket.send_str(json.dumps({"op": 0, "t": "GUILD_CREATE", "s": next(self._sequence), "d": guild}))
         self.identified.set()
 
