@@ -175,7 +175,8 @@ class Worker:
         self._sending: list[tuple[list[tuple[Job, GenerationReply]], int]] = []
         # Settled, not yet counted: (replies, batch size), recorded in the round trip that
         # delivers them while work is waiting (a worker killed under load used to lose a
-        # quarter second of timings for good), within RECORD_EVERY_S while idle.
+        # quarter second of timings for good), within RECORD_EVERY_S while idle. Each decode
+        # step's batch size is counted once: with the replies it ended, or with none ([]).
         self._unrecorded: list[tuple[list[GenerationReply], int]] = []
         self._last_record = 0.0
         # Log lines of settled replies (format and arguments), written once the replies
@@ -612,6 +613,8 @@ class Worker:
                 done, settled = [], self._failed(engine.abandon(), exc)
             else:
                 settled = [(row.job, self._reply(row, completion, batch)) for row, completion in done]
+                if not done:  # a step is one batch generated together, whether or not a row ended in it
+                    self._unrecorded.append(([], batch))
             for job, _ in settled:
                 self._in_flight.pop(job.request.id, None)
             if done:

@@ -882,3 +882,26 @@ def test_a_counter_redis_cannot_add_to_costs_its_count_never_the_reply_or_the_ac
     # The damaged one is left for the operator (`persona queue stats` says how); the others still count.
     assert (redis_client.hget(key, field) if field else redis_client.get(key)) == b"abc"
     assert redis_client.hget(keys.STATS_KEY, "failed:invalid") == b"1"
+
+
+def test_the_batch_size_histogram_counts_each_decode_step_once_with_the_rows_it_decoded(
+    settings, redis_client, write_persona, tiny_llama_dir, client
+):
+    """`persona_batch_size` ("requests generated together") was observed only at the decode
+    steps that finished a reply, sized by the batch at that step: 225 requests gave 158
+    observations, rate(_count) was neither batches nor steps a second, and sum/count leant
+    to the steps where rows ended. Each step is one batch generated together: observed once,
+    with the rows it decoded, so the sum is every token generated."""
+    from persona.pool import ModelPool
+    from persona.telemetry import read_histogram
+    from persona.worker import Worker
+
+    write_persona("tiny", base=str(tiny_llama_dir))
+    requests = [client.submit(chat("tiny", sampling=SamplingOverrides(max_new_tokens=n, temperature=0.0)))
+                for n in (2, 2, 2, 5)]
+    worker = Worker(settings, redis_client, ModelPool(settings, "cpu"), worker_id="w-steps")
+    assert worker.step(block_ms=100) == 4  # all four join the first step: a batch of 4, then 1
+    tokens = [client.wait(r, timeout=5).new_tokens for r in requests]
+    _, total, count = read_histogram(redis_client, "batch_size")
+    assert count == max(tokens), "one observation per decode step"
+    assert total == sum(tokens), "each step's rows: one token each"

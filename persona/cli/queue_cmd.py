@@ -27,7 +27,7 @@ from persona.cli.common import (
     local_time,
     print_whole,
 )
-from persona.connection import connect
+from persona.connection import _not_ready, connect, retrying_until
 from persona.contract import GenerationRequest
 from persona.dead_letters import (
     DeadLetter,
@@ -42,6 +42,7 @@ from persona.dead_letters import (
     retry_dead,
     trimmed_note,
 )
+from persona.embedded_locks import server_pid
 from persona.errors import QueueError
 from persona.monitoring import QueueStats, collect_stats, stream_label
 from persona.personas import Persona, PersonaRegistry
@@ -56,6 +57,10 @@ __all__ = [
 MAX_PROBLEMS_SHOWN = 3
 # A dead letter's id is a stream entry id ("1732800000000-0"), at most 41 characters.
 MAX_ID_SHOWN_CHARS = 48
+# How long one reading of `watch` retries a Redis that fails, at least (its interval, if
+# longer), before its line says so: as the dashboard's sampler does. On the connection's own
+# 8 reconnects a silent (SIGSTOPped) Redis held the watch without a line for 72 s.
+READ_GIVE_UP_S = 3.0
 
 queue_app = typer.Typer(help="Watch the queue and handle dead letters (list, show, retry, drop).", no_args_is_help=True)
 
@@ -203,16 +208,32 @@ def _personas(settings: Settings) -> dict[str, Persona]:
 
 
 def _read(
-    client: redis.Redis, personas: dict[str, Persona], lost_since: float | None,
+    client: redis.Redis, personas: dict[str, Persona], lost_since: float | None, interval: float,
 ) -> tuple[QueueStats | None, str, float | None]:
-    """One reading for `watch`: the figures, or why they cannot be read (and since when Redis
-    could not be read: None while it can)."""
+    """One reading for `watch`, given up after ``interval`` (``READ_GIVE_UP_S`` at least): the
+    figures, or why they cannot be read (and since when Redis could not be read: None while it can)."""
+    started = time.time()
     try:
-        return collect_stats(client, personas=personas), "", None
+        with retrying_until(time.monotonic() + max(interval, READ_GIVE_UP_S)):
+            return collect_stats(client, personas=personas), "", None
     except redis.exceptions.RedisError as exc:
-        lost_since = lost_since or time.time()
+        # Since the first reading that failed began, not since one gave up (a minute later, once).
+        lost_since = lost_since or started
         since = dt.datetime.fromtimestamp(lost_since).strftime("%H:%M:%S")
-        return None, f"{explain_redis_error(exc)} (cannot read the queue since {since}; still trying: Ctrl-C stops)", lost_since
+        return None, f"{_why_unread(exc)} (cannot read the queue since {since}; still trying: Ctrl-C stops)", lost_since
+
+
+def _why_unread(exc: redis.exceptions.RedisError) -> str:
+    """What a failed reading means. An embedded Redis whose process runs but that times out
+    (stopped by a signal, stuck) or loads its data is said in the words `queue stats` uses
+    (``_not_ready``'s): it was said to have stopped, with `persona up` to start again, though
+    `persona up` was running."""
+    settings = get_settings()
+    if settings.redis_url is None and isinstance(exc, redis.exceptions.TimeoutError | redis.exceptions.BusyLoadingError):
+        pid = server_pid(settings.data_dir)
+        if pid is not None:
+            return _not_ready(settings.data_dir, pid)
+    return explain_redis_error(exc)
 
 
 def summary_line(stats: QueueStats) -> str:
@@ -254,13 +275,14 @@ def _watch_live(client: redis.Redis, personas: dict[str, Persona], interval: flo
             time.sleep(interval)
             # A restarting Redis is said on screen and waited for: the watch used to end
             # there, just when the operator most wanted to see it come back.
-            stats, problem, lost_since = _read(client, personas, lost_since)
+            stats, problem, lost_since = _read(client, personas, lost_since, interval)
             live.update(render_all(stats) if stats else Text(problem, style="red"), refresh=True)
 
 
 def _watch_lines(client: redis.Redis, personas: dict[str, Persona], interval: float) -> None:
     """Not a terminal: one timestamped line a period, and the versions whenever they change
     (a live display there wrote nothing until it ended, and then only its last frame)."""
+    began = time.monotonic()
     reading: tuple[QueueStats | None, str, float | None] = (collect_stats(client, personas=personas), "", None)
     versions = None
     while True:
@@ -274,8 +296,11 @@ def _watch_lines(client: redis.Redis, personas: dict[str, Persona], interval: fl
                 shown = ", ".join(f"{k}@{v}" for k, v in sorted(versions.items())) or "-"
                 print(f"{now} active versions: {shown}", flush=True)
             print(f"{now} {summary_line(stats)}", flush=True)
-        time.sleep(interval)
-        reading = _read(client, personas, lost_since)
+        # A line an interval from the last reading's start: one that waited on a silent
+        # Redis is not followed by a whole interval more.
+        time.sleep(max(0.0, began + interval - time.monotonic()))
+        began = time.monotonic()
+        reading = _read(client, personas, lost_since, interval)
 
 
 @queue_app.command()
