@@ -25,7 +25,7 @@ from persona.embedded_redis import find_embedded_url, server_pid
 from persona.errors import ConfigError, PersonaError, RedisUnavailable
 from persona.settings import Settings
 
-__all__ = ["connect", "connect_async", "describe_url", "redis_url", "retrying_until"]
+__all__ = ["connect", "connect_async", "describe_url", "redis_url", "retrying_until", "unchecked_client"]
 
 RETRIES = 8
 # How long a connection may take to open, and a reply to come: a host that drops packets
@@ -318,6 +318,14 @@ def connect(settings: Settings, *, url: str | None = None) -> redis.Redis:
     except FIRST_CONTACT_ERRORS as exc:
         raise _refusal(exc, url, chosen=settings.redis_url is not None) from None
     _check_version(info, url)
+    return unchecked_client(settings, url)
+
+
+def unchecked_client(settings: Settings, url: str | None = None) -> redis.Redis:
+    """The client ``connect`` returns (its retries and timeouts, following the embedded Redis),
+    without the first contact: redis-py connects at its first command. For a service that
+    serves while Redis is out of reach (the dashboard, whose /readyz says so)."""
+    url = url or redis_url(settings)
     return redis.Redis.from_url(url, **_options(url), **following_options(settings, url, asynchronous=False))
 
 

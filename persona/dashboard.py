@@ -6,11 +6,15 @@ latency every few seconds into a bounded history for the charts. Access rules:
 - bound to loopback with no token set: reads are open to this machine; a POST (dead-
   letter retry or drop) must carry the ``X-Persona-Action`` header, which a page on another
   site cannot send without the browser asking first (so it cannot be forged).
-- a token set (required when bound anywhere else): every route wants it, as
-  ``Authorization: Bearer TOKEN`` or ``?token=TOKEN`` (how the page is opened).
+- a token set (required when bound anywhere else): every route but the page itself (which
+  holds no figure) and the probes wants it, as ``Authorization: Bearer TOKEN`` or
+  ``?token=TOKEN`` (how the page is opened: its script then keeps the token for the tab,
+  out of the address bar, and sends it as a Bearer header).
 - with no token, a request must name this machine (or the bound address) in its
   ``Host`` header: a site whose name an attacker points at 127.0.0.1 (DNS rebinding)
   is the browser's same origin, but its requests say its own name and are refused.
+- every answer forbids framing and referrers (``dashboard_access``: a framed "retry all"
+  click would carry the page's own ``X-Persona-Action``).
 
 With Redis out of reach the dashboard keeps answering: the page's figures and actions
 get 503 with the reason (the page shows it), and ``/metrics`` still answers, with
@@ -18,8 +22,8 @@ get 503 with the reason (the page shows it), and ``/metrics`` still answers, wit
 down (a failed scrape would read as the dashboard being down).
 
 Posts that got no answer from a sink (``persona posts uncertain``) are listed on the page,
-each with the command that finishes it, and counted in ``/metrics``; finding them scans
-the keyspace, so they are read at most every ``UNSETTLED_EVERY_S``.
+each with the command that finishes it, and counted in ``/metrics`` (``dashboard_metrics``).
+Persona files that cannot be read are listed too, and a persona no worker can load says why.
 
 Two probes, open without the token (a probe seldom carries one) and answering at once:
 ``/healthz`` is liveness, 200 while the process serves HTTP, Redis or not (restarting
@@ -40,31 +44,33 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import ipaddress
 import logging
 import secrets
 import socket
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator
+from pathlib import Path
 
 import redis
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-    Metric,
-)
 from redis.backoff import NoBackoff
 from redis.retry import Retry
-from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from persona import constants as keys
-from persona.checkpoints import scan_checkpoints
+from persona.checkpoint_checks import static_problem
+from persona.checkpoints import resolve_checkpoint, scan_checkpoints
 from persona.connection import retrying_until
+from persona.dashboard_access import (
+    AccessGuard,
+    allowed_hosts,
+    check_binding,
+    has_token,
+    is_loopback,
+)
+from persona.dashboard_metrics import PostsToSettle, QueueCollector, RedisWatch
 from persona.dashboard_page import PAGE_HTML
 from persona.dead_letters import (
     cap_warning,
@@ -74,27 +80,24 @@ from persona.dead_letters import (
     retry_dead,
     trimmed_note,
 )
-from persona.errors import ConfigError, QueueBusy
-from persona.ledger import PostLedger
-from persona.logs import REDACTED, secrets_of
+from persona.errors import ConfigError, ModelError, QueueBusy
+from persona.logs import secrets_of
+from persona.models import BUNDLED_ALIASES, resolve_base
 from persona.monitoring import QueueStats, collect_stats
-from persona.personas import PersonaRegistry
+from persona.personas import Persona, PersonaRegistry
 from persona.settings import Settings
 from persona.swap import served_versions
-from persona.telemetry import read_histogram
+from persona.telemetry import THROUGHPUT_WINDOW_S
 
-__all__ = ["PostsToSettle", "QueueCollector", "RedisWatch", "bind", "check_binding", "create_app", "http_address",
-           "is_loopback", "serve"]
+__all__ = ["PersonaProblems", "PostsToSettle", "QueueCollector", "RedisWatch", "bind", "check_binding", "create_app",
+           "http_address", "is_loopback", "serve"]
 
 log = logging.getLogger(__name__)
 
 SAMPLE_EVERY_S = 2.0
 HISTORY_POINTS = 900  # 30 minutes at one point every two seconds
 ACTION_HEADER = "x-persona-action"
-BYTES_PER_MB = 1024 * 1024  # a heartbeat's memory_mb is ru_maxrss (KiB) / 1024
-LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1", "[::1]")
 READY_TIMEOUT_S = 2.0  # under a probe's usual timeout (Compose's and Kubernetes' default: 30 s and 1 s)
-UNSETTLED_EVERY_S = 15.0  # posts to settle: a SCAN of the keyspace, not run at every poll of the page
 # How long a page read or a scrape retries a Redis that fails (a silent one: until its
 # first read timeout, 5 s) before it answers 503: redis-py's own 8 reconnects took 54 s.
 READ_GIVE_UP_S = 3.0
@@ -105,224 +108,54 @@ def _reading() -> contextlib.AbstractContextManager[None]:
     return retrying_until(time.monotonic() + READ_GIVE_UP_S)
 
 
-def is_loopback(host: str) -> bool:
-    """Whether a bind address only accepts connections from this machine."""
-    if host == "localhost":
-        return True
+def _mtime_ns(path: Path | None) -> int | None:
     try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+        return path.stat().st_mtime_ns if path is not None else None
+    except OSError:  # gone: a change as well
+        return None
 
 
-def check_binding(settings: Settings, host: str) -> None:
-    """Refuse to serve beyond this machine without a token."""
-    if not is_loopback(host) and not _has_token(settings):
-        raise ConfigError(
-            f"the dashboard would listen on {host}, reachable from other machines, with no token; "
-            "set PERSONA_DASHBOARD__TOKEN (or bind to 127.0.0.1)"
-        )
+class PersonaProblems:
+    """What `persona personas validate` finds wrong with a persona's base model or checkpoint
+    before loading anything (a base folder gone, a checkpoint without weights): a persona
+    that no worker can load showed as serving `base`, as a healthy one did. Checked again
+    only when the persona file, or a folder it names, changes (the page asks every 2 s)."""
 
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._checked: dict[str, tuple[tuple, str | None, Path | None]] = {}
 
-def _has_token(settings: Settings) -> bool:
-    # The one test of "a token is set": a blank one (PERSONA_DASHBOARD__TOKEN= in a .env)
-    # guards nothing, so it counts as none (Settings already reads it as unset).
-    token = settings.dashboard.token
-    return token is not None and bool(token.get_secret_value().strip())
+    def __call__(self, persona: Persona) -> str | None:
+        """The problem, in `personas validate`'s words, or None."""
+        base = None if persona.model.base in BUNDLED_ALIASES else Path(persona.model.base).expanduser()
+        folder = self._checked.get(persona.name, ((), None, None))[2]
+        watched = (persona.source, base, base / "config.json" if base else None,
+                   self.settings.checkpoints_dir / persona.name, folder)
+        key = tuple(_mtime_ns(path) for path in watched)
+        if (seen := self._checked.get(persona.name)) is not None and seen[0] == key:
+            return seen[1]
+        problem, folder = self._check(persona, base)
+        self._checked[persona.name] = (key, problem, folder)
+        return problem
 
-
-def _allowed_hosts(settings: Settings, host: str) -> list[str]:
-    """The Host header values a request may carry: any with a token, else this machine's names."""
-    if _has_token(settings):
-        return ["*"]  # the token, which a rebinding page does not have, guards every route
-    hosts = {*LOOPBACK_NAMES, host}
-    if ":" in host:
-        hosts.add(f"[{host}]")  # how an IPv6 address appears in a Host header
-    return sorted(hosts)
-
-
-class RedisWatch:
-    """Whether the dashboard could read Redis last time; says so in the log once per change
-    (the page asks every two seconds and Prometheus scrapes too: one line, not a traceback each).
-
-    What it says hides ``secrets`` (the settings' passwords and tokens): it is the body of
-    ``/readyz``, which answers anyone who can reach the dashboard, token or not, and a
-    server that is not quite Redis may quote the password back ("unknown command 'AUTH',
-    with args beginning with: ...")."""
-
-    def __init__(self, secrets: list[str] | None = None) -> None:
-        self.reachable = True
-        self.secrets = secrets or []
-
-    def failed(self, exc: redis.exceptions.RedisError) -> str:
-        """Note a failure; the sentence the page and the log show."""
-        said = f"the dashboard cannot read the queue from Redis ({str(exc).rstrip('.')}); is Redis running? " \
-               "`persona up` starts it; `persona queue stats` checks"
-        for secret in self.secrets:
-            said = said.replace(secret, REDACTED)
-        if self.reachable:
-            log.warning("%s", said)
-        self.reachable = False
-        return said
-
-    def read(self) -> None:
-        """Note a success."""
-        if not self.reachable:
-            log.info("the dashboard reads Redis again")
-        self.reachable = True
-
-
-class PostsToSettle:
-    """The posts that got no answer from a sink, as `persona posts uncertain` lists them, each
-    with the command that finishes it; read again at most every ``every_s`` seconds."""
-
-    def __init__(self, client: redis.Redis, every_s: float = UNSETTLED_EVERY_S) -> None:
-        self.ledger = PostLedger(client)
-        self.every_s = every_s
-        self._read_at = float("-inf")
-        self._items: list[dict[str, str]] = []
-
-    def __call__(self) -> list[dict[str, str]]:
-        if time.monotonic() - self._read_at >= self.every_s:
-            self._items = self.ledger.unsettled()
-            self._read_at = time.monotonic()
-        return self._items
-
-
-class QueueCollector:
-    """Prometheus figures read from Redis at each scrape, so every worker's work counts."""
-
-    def __init__(
-        self, client: redis.Redis, watch: RedisWatch | None = None, settings: Settings | None = None,
-        posts: Callable[[], list[dict[str, str]]] | None = None,
-    ) -> None:
-        self.redis = client
-        self.watch = watch or RedisWatch()
-        self.settings = settings  # where the persona files are: each one's version is shown, swapped or not
-        self.posts = posts or PostsToSettle(client)
-
-    def collect(self) -> Iterator[Metric]:
-        """Yield every metric family; with Redis out of reach, only ``persona_redis_up 0``."""
+    def _check(self, persona: Persona, base: Path | None) -> tuple[str | None, Path | None]:
+        if base is not None:  # the bundled model is written on first use: not a problem here
+            try:
+                resolve_base(persona.model.base, self.settings.model_cache_dir, weights=False)
+            except ModelError as exc:
+                return f"model.base: {exc}", None
         try:
-            families, up = self._families(), 1
-        except redis.exceptions.RedisError as exc:
-            self.watch.failed(exc)
-            families, up = [], 0
-        else:
-            self.watch.read()
-        yield GaugeMetricFamily("persona_redis_up", "1 if the dashboard could read Redis at this scrape", value=up)
-        yield from families
-
-    def _families(self) -> list[Metric]:
-        """Every family, read whole before any is yielded: Redis failing half way yields none."""
-        stats = collect_stats(self.redis)
-        if self.settings is None:
-            served = stats.active_versions
-        else:
-            served = served_versions(PersonaRegistry.from_settings(self.settings).scan()[0], stats.active_versions)
-        families = [*_queue_families(stats), *_reply_families(stats, served), *_worker_families(stats)]
-        unsettled = GaugeMetricFamily(
-            "persona_posts_unsettled", "Posts a sink never answered, left for a person (`persona posts uncertain`): "
-            "uncertain (look, then settle) or intent (safe to post again)", labels=["state"],
-        )
-        posts = self.posts()
-        for state in ("uncertain", "intent"):
-            unsettled.add_metric([state], sum(1 for item in posts if item["state"] == state))
-        families.append(unsettled)
-        for name, help_text in (
-            ("queue_wait_seconds", "Time requests waited in the queue (failed ones too, where measured)"),
-            ("generate_seconds", "Time the batch that answered a request took to generate"),
-            ("batch_size", "Requests generated together"),
-        ):
-            buckets, total, _ = read_histogram(self.redis, name)
-            families.append(HistogramMetricFamily(f"persona_{name}", help_text, buckets=buckets, sum_value=total))
-        return families
+            _, folder = resolve_checkpoint(persona, self.settings)
+        except ModelError as exc:
+            return f"model.checkpoint: {exc}", None
+        problem = static_problem(persona, folder) if folder is not None else None
+        return (f"model.checkpoint: {problem}" if problem else None), folder
 
 
-def _queue_families(stats: QueueStats) -> Iterator[Metric]:
-    waiting = GaugeMetricFamily("persona_queue_waiting", "Requests waiting per stream (chat, batch)", labels=["stream"])
-    in_flight = GaugeMetricFamily("persona_queue_in_flight", "Requests being generated per stream (chat, batch)", labels=["stream"])
-    oldest = GaugeMetricFamily("persona_queue_oldest_waiting_seconds", "Age of the oldest waiting request", labels=["stream"])
-    # Not taken yet and no longer wanted: not waiting work (a worker discards them).
-    withdrawn = GaugeMetricFamily(
-        "persona_queue_withdrawn", "Requests not taken yet whose callers withdrew them, per stream", labels=["stream"]
-    )
-    expired = GaugeMetricFamily(
-        "persona_queue_expired", "Requests not taken yet whose deadline has passed, per stream", labels=["stream"]
-    )
-    for s in stats.streams:  # labelled chat and batch, as people call them, not by Redis key
-        waiting.add_metric([s.label], s.waiting)
-        in_flight.add_metric([s.label], s.in_flight)
-        oldest.add_metric([s.label], s.oldest_waiting_s)
-        withdrawn.add_metric([s.label], s.withdrawn)
-        expired.add_metric([s.label], s.expired)
-    yield from (waiting, in_flight, oldest, withdrawn, expired)
-    yield GaugeMetricFamily("persona_dead_letters", "Requests in the dead-letter stream", value=stats.dead_letters)
-    # A gauge, not a counter: it is worked out from other counts, which a moment's race
-    # can leave one low, and a counter that dips reads as a reset.
-    # Every one ever, a clean-up too: what the page and the CLI still warn of is the part
-    # since the stream was last emptied (QueueStats.dead_letters_trimmed_since_cleared).
-    yield GaugeMetricFamily(
-        "persona_dead_letters_trimmed", "Dead letters deleted unseen at the stream's cap (never retried or dropped)",
-        value=stats.dead_letters_trimmed,
-    )
-    yield GaugeMetricFamily("persona_stuck_requests", "Requests in flight past their deadline or held by a dead worker", value=len(stats.stuck))
-
-
-def _reply_families(stats: QueueStats, served: dict[str, str]) -> Iterator[Metric]:
-    replies = CounterMetricFamily("persona_replies", "Replies with text, per persona version", labels=["persona", "version"])
-    for key, value in sorted(stats.version_replies.items()):
-        persona, _, version = key.partition("@")
-        replies.add_metric([persona, version], value)
-    yield replies
-    errors = CounterMetricFamily(
-        "persona_request_errors", "Requests answered with an error, by kind (neither withdrawn nor expired)", labels=["kind"]
-    )
-    for name, value in sorted(stats.counters.items()):
-        if name.startswith("failed:"):
-            errors.add_metric([name.removeprefix("failed:")], value)
-    yield errors
-    yield CounterMetricFamily("persona_requests_withdrawn", "Requests discarded because their callers withdrew them",
-                              value=stats.withdrawn)
-    yield CounterMetricFamily("persona_requests_expired", "Requests whose deadline passed before they were generated",
-                              value=stats.expired)
-    yield CounterMetricFamily("persona_tokens_generated", "Tokens generated", value=stats.counters.get("tokens", 0))
-    yield CounterMetricFamily("persona_requests_completed", "Requests answered with text", value=stats.completed)
-    # Every persona, not only those swapped at least once: a panel or an alert on a
-    # persona's version found nothing until its first swap.
-    active = GaugeMetricFamily(
-        "persona_active_version", "1 for the version each persona serves (base when never swapped)",
-        labels=["persona", "version"],
-    )
-    for persona, version in sorted(served.items()):
-        active.add_metric([persona, version], 1)
-    yield active
-
-
-def _worker_families(stats: QueueStats) -> Iterator[Metric]:
-    up = GaugeMetricFamily("persona_worker_up", "1 for each worker with a live heartbeat", labels=["worker", "host", "device"])
-    # In bytes, Prometheus's base unit (it was megabytes, which no byte-formatting panel reads right).
-    memory = GaugeMetricFamily(
-        "persona_worker_peak_resident_memory_bytes", "Peak resident memory of each worker", labels=["worker"]
-    )
-    loaded = GaugeMetricFamily("persona_worker_persona_version", "1 for each persona version a worker serves", labels=["worker", "persona", "version"])
-    for w in stats.workers:
-        up.add_metric([w.id, w.host, w.device], 1)
-        memory.add_metric([w.id], w.memory_mb * BYTES_PER_MB)
-        for persona, version in sorted(w.personas.items()):
-            loaded.add_metric([w.id, persona, version], 1)
-    # Apart from persona_worker_up: a worker loading its models serves nothing yet.
-    starting = GaugeMetricFamily(
-        "persona_worker_starting_seconds", "How long each worker still loading its models has been starting",
-        labels=["worker", "host", "device"],
-    )
-    for w in stats.starting_workers:
-        starting.add_metric([w.id, w.host, w.device], w.loading_s)
-    yield from (up, memory, loaded, starting)
-
-
-def _personas(settings: Settings, stats: QueueStats) -> list[dict]:
-    found, _ = PersonaRegistry.from_settings(settings).scan()
+def _personas(settings: Settings, stats: QueueStats, problems: PersonaProblems) -> tuple[list[dict], list[str]]:
+    """Each persona read (its versions, the one served, what stops it loading), and what is
+    wrong with each persona file that cannot be read (`persona personas validate` says the same)."""
+    found, invalid = PersonaRegistry.from_settings(settings).scan()
     served = served_versions(found, stats.active_versions)
     rows = []
     for name, persona in sorted(found.items()):
@@ -331,8 +164,9 @@ def _personas(settings: Settings, stats: QueueStats) -> list[dict]:
         # `persona checkpoints` names them.
         readable, _ = scan_checkpoints(settings.checkpoints_dir, name)
         versions = [c.version for c in readable]
-        rows.append({"name": name, "base": persona.model.base, "active": active, "versions": versions})
-    return rows
+        rows.append({"name": name, "base": persona.model.base, "active": active, "versions": versions,
+                     "problem": problems(persona)})
+    return rows, [str(problem) for problem in invalid]
 
 
 def _sample(stats: QueueStats) -> dict:
@@ -357,11 +191,14 @@ def _probe_client(client: redis.Redis) -> redis.Redis:
     return redis.Redis(connection_pool=redis.ConnectionPool(connection_class=pool.connection_class, max_connections=4, **kwargs))
 
 
-def create_app(settings: Settings, client: redis.Redis, host: str | None = None) -> FastAPI:
-    """The dashboard app, reading from ``client``, served on ``host`` (default: the setting)."""
+def create_app(
+    settings: Settings, client: redis.Redis, host: str | None = None, *, redis_reachable: bool = True
+) -> FastAPI:
+    """The dashboard app, reading from ``client``, served on ``host`` (default: the setting);
+    ``redis_reachable`` False where the caller has already said that Redis is out of reach."""
     history: deque[dict] = deque(maxlen=HISTORY_POINTS)
-    token = settings.dashboard.token.get_secret_value() if _has_token(settings) else None
-    watch = RedisWatch(secrets_of(settings))
+    token = settings.dashboard.token.get_secret_value() if has_token(settings) else None
+    watch = RedisWatch(secrets_of(settings), reachable=redis_reachable)
 
     def sample() -> dict:
         with _reading():
@@ -404,8 +241,9 @@ def create_app(settings: Settings, client: redis.Redis, host: str | None = None)
             raise HTTPException(401, "this dashboard needs its token (Authorization: Bearer ..., or ?token=...)")
 
     app = FastAPI(title="persona dashboard", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(TrustedHostMiddleware, allowed_hosts=_allowed_hosts(settings, host or settings.dashboard.host))
+    app.add_middleware(AccessGuard, hosts=allowed_hosts(settings, host or settings.dashboard.host))
     posts = PostsToSettle(client)
+    problems = PersonaProblems(settings)
     registry = CollectorRegistry(auto_describe=False)
     registry.register(QueueCollector(client, watch, settings, posts))
     guard = [Depends(authorized)]
@@ -415,7 +253,9 @@ def create_app(settings: Settings, client: redis.Redis, host: str | None = None)
         # 503, not a bare 500 the page read as "cannot reach the dashboard".
         return JSONResponse({"detail": watch.failed(exc)}, status_code=503)
 
-    @app.get("/", response_class=HTMLResponse, dependencies=guard)
+    # The page itself holds no figure and wants no token: it takes ?token= out of the address
+    # bar and keeps it for the tab, so a reload (a wall screen's) asks for "/" without one.
+    @app.get("/", response_class=HTMLResponse)
     def page() -> str:
         return PAGE_HTML
 
@@ -426,14 +266,18 @@ def create_app(settings: Settings, client: redis.Redis, host: str | None = None)
             dead = list_dead(client, count=50)
             to_settle = posts()
         watch.read()
-        if not history or time.time() - history[-1]["t"] >= 1.0:
-            history.append(_sample(figures))
+        personas, invalid_personas = _personas(settings, figures, problems)
+        # The history is the sampler's alone: points the page's polls added too fell at
+        # uneven times, and filled HISTORY_POINTS faster than the half hour it is meant to hold.
         return JSONResponse({
             "stats": figures.model_dump(mode="json"),
             "history": list(history),
-            "personas": _personas(settings, figures),
+            "history_window_s": HISTORY_POINTS * SAMPLE_EVERY_S,  # how far back the charts reach
+            "personas": personas,
+            "invalid_personas": invalid_personas,
             "dead": [d.model_dump(mode="json", exclude={"payload"}) for d in dead],
             "posts_to_settle": to_settle,
+            "throughput_window_s": THROUGHPUT_WINDOW_S,  # what the page's replies/s is over, at most
             "dead_note": cap_warning(figures.dead_letters, figures.dead_letters_trimmed_since_cleared)
             or trimmed_note(figures.dead_letters_trimmed_since_cleared),
         })
@@ -468,21 +312,21 @@ def create_app(settings: Settings, client: redis.Redis, host: str | None = None)
             report = retry_all(client, max_length=limit)
         return report.model_dump() | {"left": report.left}
 
-    @app.get("/metrics", dependencies=guard)
+    @app.api_route("/metrics", methods=["GET", "HEAD"], dependencies=guard)
     def metrics() -> Response:
         with _reading():
             return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     # The probes are async, on no worker thread: page reads and scrapes that wait on a
     # silent Redis can hold every one, and the probes must still answer.
-    @app.get("/healthz")
+    @app.api_route("/healthz", methods=["GET", "HEAD"])  # HEAD: what many uptime checkers send
     async def healthz() -> dict:
         """Liveness: the dashboard answers (Redis or not)."""
         return {"ok": True}
 
     probe = _probe_client(client)
 
-    @app.get("/readyz")
+    @app.api_route("/readyz", methods=["GET", "HEAD"])
     async def readyz() -> JSONResponse:
         """Readiness: 200 when Redis can be read, else 503 with the reason."""
         try:
@@ -531,7 +375,7 @@ def http_address(host: str, port: int) -> str:
 
 def serve(
     settings: Settings, client: redis.Redis, host: str | None = None, port: int | None = None,
-    listening: socket.socket | None = None,
+    listening: socket.socket | None = None, *, redis_reachable: bool = True,
 ) -> None:
     """Run the dashboard until Ctrl-C or SIGTERM, on ``listening`` (from ``bind``) or a socket bound now."""
     import uvicorn
@@ -539,5 +383,5 @@ def serve(
     listening = listening or bind(settings, host, port)
     bound_host, bound_port = listening.getsockname()[:2]
     log.info("dashboard on %s", http_address(bound_host, bound_port))
-    app = create_app(settings, client, host or settings.dashboard.host)
+    app = create_app(settings, client, host or settings.dashboard.host, redis_reachable=redis_reachable)
     uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[listening])

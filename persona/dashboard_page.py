@@ -1,7 +1,10 @@
 """The dashboard's one page: plain HTML, CSS and a small script, nothing from a CDN.
 
 The script polls ``api/stats`` every two seconds, fills the tables (the posts to settle
-among them), and draws the depth and latency history as inline SVG lines.
+among them), and draws the depth and latency history as inline SVG lines, each point
+placed by its time. A ``?token=`` it was opened with is kept for the tab (sessionStorage)
+and taken out of the address bar; figures it could not read again are greyed out and
+dated ("stale since ...").
 """
 
 from __future__ import annotations
@@ -18,11 +21,12 @@ header h1{font-size:18px;margin:0} #updated{opacity:.7;font-size:12px}
 main{display:grid;grid-template-columns:repeat(auto-fit,minmax(420px,1fr));gap:14px;padding:14px}
 section{background:#fff;border-radius:6px;padding:10px 14px;box-shadow:0 1px 2px #0002;overflow-x:auto}
 h2{font-size:14px;margin:0 0 8px;text-transform:uppercase;letter-spacing:.04em;color:#556}
-table{border-collapse:collapse;width:100%} td,th{padding:3px 6px;text-align:left;border-bottom:1px solid #eee;overflow-wrap:anywhere}
+table{border-collapse:collapse;width:100%} td,th{padding:3px 6px;text-align:left;border-bottom:1px solid #eee}
+th,td.n{white-space:nowrap} .w{overflow-wrap:anywhere}  /* only long ids and messages wrap mid-word, never numbers or headers */
 td.n{text-align:right;font-variant-numeric:tabular-nums} .big{font-size:26px;font-weight:600}
 .figs{display:flex;gap:24px;flex-wrap:wrap} .fig span{display:block;color:#667;font-size:12px}
 svg{width:100%;height:150px;background:#fbfbfd;border:1px solid #eee} .bad{color:#b00020}
-button{font:inherit;padding:2px 8px;cursor:pointer} .legend span{margin-right:12px;font-size:12px}
+button{font:inherit;padding:2px 8px;cursor:pointer} main.stale{opacity:.45;filter:grayscale(1)} .legend span{margin-right:12px;font-size:12px}
 </style></head><body>
 <header><h1>persona</h1><span id="updated">connecting...</span><span id="error" class="bad"></span></header>
 <main>
@@ -30,12 +34,12 @@ button{font:inherit;padding:2px 8px;cursor:pointer} .legend span{margin-right:12
  <div class="fig"><div class="big" id="waiting-total">-</div><span>waiting</span></div>
  <div class="fig"><div class="big" id="inflight-total">-</div><span>in flight</span></div>
  <div class="fig"><div class="big" id="oldest">-</div><span>oldest waiting</span></div>
- <div class="fig"><div class="big" id="throughput">-</div><span>replies/s (1 min)</span></div>
+ <div class="fig"><div class="big" id="throughput">-</div><span id="throughput-label">replies/s</span></div>
  <div class="fig"><div class="big" id="dead-count">-</div><span>dead letters</span></div>
  <div class="fig"><div class="big" id="stuck-count">-</div><span>stuck</span></div></div>
  <table id="streams"><thead><tr><th>stream</th><th>waiting</th><th>in flight</th><th>oldest</th><th>withdrawn</th><th>expired</th></tr></thead><tbody></tbody></table>
  <p id="counters"></p></section>
-<section><h2>Latency (ms, last 5 min)</h2>
+<section><h2 id="latency-title">Latency (ms)</h2>
  <table id="latency"><thead><tr><th></th><th>p50</th><th>p95</th><th>p99</th></tr></thead><tbody></tbody></table></section>
 <section><h2>Depth over time</h2><svg id="depth-chart" viewBox="0 0 600 150" preserveAspectRatio="none"></svg>
  <div class="legend" id="depth-legend"></div></section>
@@ -43,31 +47,47 @@ button{font:inherit;padding:2px 8px;cursor:pointer} .legend span{margin-right:12
  <div class="legend"><span style="color:#2a6fdb">queue wait</span><span style="color:#d9480f">generation</span></div></section>
 <section><h2>Workers</h2><p id="workers-note"></p><table id="workers"><thead><tr><th>worker</th><th>host</th><th>device</th><th>state</th>
  <th>personas</th><th>requests</th><th>MB</th><th>seen</th></tr></thead><tbody></tbody></table></section>
-<section><h2>Personas</h2><table id="personas"><thead><tr><th>persona</th><th>active</th><th>versions</th><th>replies</th></tr></thead><tbody></tbody></table></section>
-<section><h2>Dead letters</h2><p id="dead-note" class="bad"></p><p><button id="retry-all">retry all</button></p>
+<section><h2>Personas</h2><table id="personas"><thead><tr><th>persona</th><th>active</th><th>versions</th><th>replies</th><th>problem</th></tr></thead><tbody></tbody></table></section>
+<section><h2>Dead letters</h2><p id="dead-note" class="bad"></p><p><button id="retry-all">retry all</button> <span id="dead-shown"></span></p>
  <table id="dead"><thead><tr><th>request</th><th>persona</th><th>deliveries</th><th>reason</th><th></th></tr></thead><tbody></tbody></table></section>
 <section><h2>Stuck work</h2><table id="stuck"><thead><tr><th>request</th><th>worker</th><th>held</th><th>why</th></tr></thead><tbody></tbody></table></section>
 <section style="grid-column:1/-1"><h2>Posts to settle</h2><p id="posts-note"></p>
  <table id="posts"><thead><tr><th>persona</th><th>slot</th><th>sink</th><th>text</th><th>what happened</th><th>what to do</th></tr></thead><tbody></tbody></table></section>
 </main>
 <script>
-const token = new URLSearchParams(location.search).get('token');
+// The token the page was opened with (?token=) is kept for this tab only and taken out of
+// the address bar at once: a wall screen, the history and a proxy's log would show it.
+function takeToken(){
+  const given = new URLSearchParams(location.search).get('token');
+  let kept = null;
+  try {
+    if (given) sessionStorage.setItem('persona-token', given);
+    kept = sessionStorage.getItem('persona-token');
+  } catch (e) {}  // storage turned off: this page's own reads still have the token given
+  if (given) history.replaceState(null, '', location.pathname);
+  return given || kept;
+}
+const token = takeToken();
 const headers = token ? {'Authorization': 'Bearer ' + token} : {};
 const colors = ['#2a6fdb', '#d9480f', '#2b8a3e', '#862e9c'];
 function esc(v){return String(v).replace(/[&<>"]/g, c => ({'&':'&amp;','<':'&lt;','>':'&gt;','"':'&quot;'}[c]));}
+function wrap(v){return '<span class="w">' + esc(v) + '</span>';}  // a long id or message: may break anywhere
 function rows(id, list, cells){
   document.querySelector('#' + id + ' tbody').innerHTML =
     list.map(item => '<tr>' + cells(item).map(c => c[0] === '#' ? '<td class="n">' + esc(c.slice(1)) + '</td>' : '<td>' + c + '</td>').join('') + '</tr>').join('');
 }
-function line(points, max, color){
+// Points are placed by when they were sampled (t), the right edge the latest, the left
+// edge the history's reach: a gap in sampling shows as one, not as evenly spaced points.
+function line(points, max, color, last, reach){
   if (points.length < 2) return '';
-  const step = 600 / (points.length - 1);
-  const d = points.map((v, i) => (i ? 'L' : 'M') + (i * step).toFixed(1) + ' ' + (145 - 140 * v / max).toFixed(1)).join(' ');
+  const d = points.map(([t, v], i) => (i ? 'L' : 'M') + (600 - 600 * (last - t) / reach).toFixed(1) + ' ' +
+                       (145 - 140 * v / max).toFixed(1)).join(' ');
   return '<path d="' + d + '" fill="none" stroke="' + color + '" stroke-width="2" vector-effect="non-scaling-stroke"/>';
 }
-function chart(id, series){
-  const max = Math.max(1, ...series.flatMap(s => s.points));
-  document.getElementById(id).innerHTML = series.map(s => line(s.points, max, s.color)).join('') +
+function chart(id, series, history, reach){
+  const max = Math.max(1, ...series.flatMap(s => history.map(s.value)));
+  const last = history.length ? history[history.length - 1].t : 0;
+  document.getElementById(id).innerHTML = series.map(s => line(history.map(h => [h.t, s.value(h)]), max, s.color, last, reach)).join('') +
     '<text x="4" y="12" font-size="11" fill="#667">' + Math.round(max) + '</text>';
 }
 async function act(url){
@@ -86,6 +106,12 @@ function render(data){
   document.getElementById('inflight-total').textContent = sum('in_flight');
   document.getElementById('oldest').textContent = Math.max(...s.streams.map(x => x.oldest_waiting_s)).toFixed(1) + 's';
   document.getElementById('throughput').textContent = lat ? lat.replies_per_s.toFixed(2) : '-';
+  // The spans the figures were measured over, as `persona queue stats` says them: the reply
+  // log may reach less far back than the window (it keeps the last replies only).
+  const span = lat ? Math.min(data.throughput_window_s, lat.window_s) : 0;
+  document.getElementById('throughput-label').textContent = 'replies/s' + (!lat ? ''
+    : span >= data.throughput_window_s ? ' (last ' + Math.round(span) + ' s)' : ' (last ' + Math.round(span) + ' s: all the reply log holds)');
+  document.getElementById('latency-title').textContent = 'Latency (ms' + (lat ? ', last ' + Math.round(lat.window_s) + ' s' : '') + ')';
   document.getElementById('dead-count').textContent = s.dead_letters;
   document.getElementById('dead-note').textContent = data.dead_note || '';  // trimmed at the cap, or near it
   document.getElementById('stuck-count').textContent = s.stuck.length;
@@ -113,9 +139,17 @@ function render(data){
   document.getElementById('workers-note').textContent = live + ' live' + (starting.length ? ', ' + starting.length + ' starting' : '') +
     (live ? '' : starting.length ? ': no worker serves yet; requests wait until a starting one has loaded its models'
      : ': nothing is answered; start one with `persona worker` (or `persona up`)');
-  rows('personas', data.personas, p => [esc(p.name), '<b>' + esc(p.active) + '</b>', esc(p.versions.join(', ') || '-'),
-       '#' + Object.entries(s.version_replies).filter(([k]) => k.split('@')[0] === p.name).map(([k, v]) => k.split('@')[1] + ': ' + v).join(', ')]);
-  rows('dead', data.dead, d => ['<span title="' + esc(d.request_id) + '">' + esc((d.request_id || '(malformed)').slice(0, 12)) + '</span>', esc(d.persona), '#' + d.deliveries, esc(d.reason),
+  // A persona no worker can load (its base folder gone...) says why; a file that cannot be read is listed too:
+  // it was simply absent, as if there were no such file.
+  rows('personas', data.personas.concat((data.invalid_personas || []).map(problem => ({invalid: problem}))), p => p.invalid
+       ? ['<span class="bad">unreadable file</span>', '-', '-', '#-', '<span class="bad w">' + esc(p.invalid) + '</span>']
+       : [esc(p.name), '<b>' + esc(p.active) + '</b>', esc(p.versions.join(', ') || '-'),
+          '#' + Object.entries(s.version_replies).filter(([k]) => k.split('@')[0] === p.name).map(([k, v]) => k.split('@')[1] + ': ' + v).join(', '),
+          p.problem ? '<span class="bad w">' + esc(p.problem) + '</span>' : '-']);
+  // The newest only: the page says so, not a table of 50 under "304 dead letters".
+  document.getElementById('dead-shown').textContent = data.dead.length < s.dead_letters
+    ? 'the newest ' + data.dead.length + ' of ' + s.dead_letters + ' shown (`persona queue dead --limit ' + s.dead_letters + '` lists them all)' : '';
+  rows('dead', data.dead, d => ['<span title="' + esc(d.request_id) + '">' + esc((d.request_id || '(malformed)').slice(0, 12)) + '</span>', esc(d.persona), '#' + d.deliveries, wrap(d.reason),
        (d.request_id ? '<button data-id="' + esc(d.id) + '" data-do="retry">retry</button> ' : '') +
        '<button data-id="' + esc(d.id) + '" data-do="drop">drop</button>']);
   document.querySelectorAll('#dead button').forEach(b => b.onclick = () => {
@@ -127,31 +161,43 @@ function render(data){
   const posts = data.posts_to_settle || [], note = document.getElementById('posts-note');
   note.textContent = posts.length ? posts.length + ' post(s) got no answer; each waits for what its last column says' : 'none';
   note.className = posts.some(x => x.state === 'uncertain') ? 'bad' : '';
-  rows('posts', posts, x => [esc(x.persona), esc(x.slot), esc(x.sink), esc(x.text),
-       esc((x.state === 'uncertain' ? 'no answer; it may be posted: ' : 'no answer (safe to post again): ') + x.error),
-       (x.state === 'uncertain' ? 'look on ' + esc(x.sink) + ', then ' : '') + '<code>' + esc(x.command) + '</code>' +
+  rows('posts', posts, x => [esc(x.persona), esc(x.slot), esc(x.sink), wrap(x.text),
+       wrap((x.state === 'uncertain' ? 'no answer; it may be posted: ' : 'no answer (safe to post again): ') + x.error),
+       (x.state === 'uncertain' ? 'look on ' + esc(x.sink) + ', then ' : '') + '<code class="w">' + esc(x.command) + '</code>' +
        (x.state === 'uncertain' ? ' (or <code>--not-posted</code>)' : '')]);
-  rows('stuck', s.stuck, x => [esc(x.request_id), esc(x.worker), '#' + x.held_s + 's', esc(x.reason)]);
+  rows('stuck', s.stuck, x => [wrap(x.request_id), wrap(x.worker), '#' + x.held_s + 's', wrap(x.reason)]);
   const names = s.streams.map(x => x.name);
-  chart('depth-chart', names.map((n, i) => ({color: colors[i % 4], points: data.history.map(h => h.depth[n] || 0)})));
+  chart('depth-chart', names.map((n, i) => ({color: colors[i % 4], value: h => h.depth[n] || 0})), data.history, data.history_window_s);
   document.getElementById('depth-legend').innerHTML = s.streams.map((x, i) => '<span style="color:' + colors[i % 4] + '">' + esc(x.label) + '</span>').join('');
-  chart('latency-chart', [{color: colors[0], points: data.history.map(h => h.queue_p95)},
-                          {color: colors[1], points: data.history.map(h => h.generate_p95)}]);
-  document.getElementById('updated').textContent = 'updated ' + new Date().toLocaleTimeString();
+  chart('latency-chart', [{color: colors[0], value: h => h.queue_p95}, {color: colors[1], value: h => h.generate_p95}],
+        data.history, data.history_window_s);
+  document.getElementById('updated').textContent = 'updated ' + new Date().toLocaleTimeString([], {hour12: false});
+}
+let readAt = null;  // when the figures shown were read
+function stale(said){
+  // The figures shown are old: greyed out and dated, not shown as if live beside a small red line.
+  document.querySelector('main').classList.add('stale');
+  const since = readAt ? 'stale since ' + readAt.toLocaleTimeString([], {hour12: false}) : 'no figures yet';
+  document.getElementById('updated').textContent = since;
+  document.getElementById('error').textContent = (readAt ? 'the figures below are ' + since + ': ' : '') + said;
 }
 async function refresh(){
   try {
     const r = await fetch('api/stats', {headers});
     if (!r.ok) {  // the dashboard answered: say what it said (Redis down, a wrong token)
       const body = await r.json().catch(() => ({}));
-      document.getElementById('error').textContent = body.detail || ('the dashboard answered HTTP ' + r.status);
-      return;
+      return stale(body.detail || ('the dashboard answered HTTP ' + r.status));
     }
     render(await r.json());
+    readAt = new Date();
+    document.querySelector('main').classList.remove('stale');
     document.getElementById('error').textContent = '';
-  } catch (e) { document.getElementById('error').textContent = 'cannot reach the dashboard: ' + e.message; }
+  } catch (e) { stale('cannot reach the dashboard: ' + e.message); }
 }
-document.getElementById('retry-all').onclick = () => act('api/dead/retry-all');
+document.getElementById('retry-all').onclick = () => {
+  // Every dead letter goes back on the queue at once: asked first (a stray click, or one made in a frame).
+  if (confirm('Re-queue all ' + document.getElementById('dead-count').textContent + ' dead letters?')) act('api/dead/retry-all');
+};
 refresh(); setInterval(refresh, 2000);
 </script></body></html>
 """

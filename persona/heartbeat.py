@@ -47,6 +47,9 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+MAX_REPORTED = 1000  # (worker, value) pairs already warned of, forgotten past this many
+_reported: set[tuple[str, bytes | str]] = set()
 M = TypeVar("M", bound=BaseModel)
 
 
@@ -248,7 +251,7 @@ def live_workers(client: redis.Redis, ids: set[str] | None = None) -> list[Worke
     caller has just read them with ``live_worker_ids``).
 
     A heartbeat that is not a ``WorkerInfo`` (written by something else, or by a version
-    of persona that reports differently) is skipped with a warning, so one odd key
+    of persona that reports differently) is skipped with a warning (once per value), so one odd key
     cannot stop the stats, the dashboard, swaps or reclaiming; ``live_worker_ids`` still
     counts its worker as alive.
     """
@@ -268,5 +271,18 @@ def _read_each(client: redis.Redis, ids: list[str], key_of: Callable[[str], str]
         try:
             found.append(model.model_validate_json(value))
         except ValueError as exc:
-            log.warning("skipping the unreadable %s of worker %s: %s", what, worker_id, str(exc).splitlines()[0])
+            _warn_once(worker_id, value, "skipping the unreadable %s of worker %s: %s", what, worker_id,
+                       str(exc).splitlines()[0])
     return found
+
+
+def _warn_once(worker_id: str, value: bytes | str, message: str, *args: object) -> None:
+    """Log ``message`` about ``value`` (a worker's key) unless it was logged already: the
+    dashboard reads every worker's key every two seconds and at each scrape (87 lines in a
+    minute and a half of one worker of a newer version). A changed value is said again."""
+    if (worker_id, value) in _reported:
+        return
+    if len(_reported) >= MAX_REPORTED:
+        _reported.clear()
+    _reported.add((worker_id, value))
+    log.warning(message, *args)

@@ -43,6 +43,9 @@ STUCK_SCAN_LIMIT = 200
 # still waiting: the oldest this many of each stream (which holds about
 # PERSONA_QUEUE__MAX_LENGTH, 1,000 unless set); any past them count as waiting.
 UNTAKEN_SCAN_LIMIT = 5000
+# The counters shown at 0 before anything has counted into them: on a fresh install
+# `queue stats --json` had none, and a script reading "completed" failed.
+ALWAYS_COUNTED = ("completed", "tokens", "withdrawn", "expired", "dead_lettered", "retried", "dropped")
 
 
 def stream_label(stream: str) -> str:
@@ -92,7 +95,7 @@ class QueueStats(BaseModel):
     dead_letters_trimmed_since_cleared: int = Field(
         0, description="those of dead_letters_trimmed since an operator last emptied the stream: what the CLI and page warn of"
     )
-    counters: dict[str, int]
+    counters: dict[str, int] = Field(description="every counter, those in ALWAYS_COUNTED at 0 before their first count")
     workers: list[WorkerInfo]
     unreadable_workers: list[str] = Field(
         default_factory=list, description="live workers whose heartbeat could not be read (left out of workers)"
@@ -111,20 +114,26 @@ class QueueStats(BaseModel):
     taken_at: float = Field(default_factory=time.time)
     redis_time: float = Field(0.0, description="Redis's time when read: what each worker's last_seen is measured against")
 
+    # Computed fields: in `queue stats --json` too, as the table shows them.
+    @computed_field  # type: ignore[prop-decorator]
     @property
     def completed(self) -> int:
+        """Requests answered with text."""
         return self.counters.get("completed", 0)
 
+    @computed_field  # type: ignore[prop-decorator]
     @property
     def withdrawn(self) -> int:
         """Requests a worker discarded because their callers withdrew them."""
         return self.counters.get("withdrawn", 0)
 
+    @computed_field  # type: ignore[prop-decorator]
     @property
     def expired(self) -> int:
         """Requests whose deadline passed before they were generated (a worker answered them so)."""
         return self.counters.get("expired", 0)
 
+    @computed_field  # type: ignore[prop-decorator]
     @property
     def failed(self) -> int:
         """Requests answered with an error: neither withdrawn nor expired."""
@@ -269,6 +278,7 @@ def collect_stats(
     raw_counters, dead_letters = pipe.execute()
     # A counter that is no number (a damaged or foreign writer's) is left out and named once.
     counters = counters_named(read_counts(keys.STATS_KEY, raw_counters))
+    counters = {name: counters.get(name, 0) for name in ALWAYS_COUNTED} | counters
     # Every live worker, those whose heartbeat cannot be read too: what they hold is
     # not stuck (their work was listed as held by a worker whose heartbeat had lapsed).
     live = live_worker_ids(client)

@@ -22,6 +22,7 @@ from persona import constants as keys
 from persona import heartbeat
 from persona.contract import GenerationReply, GenerationRequest, Message, Timings
 from persona.dashboard import check_binding, create_app
+from persona.dashboard_page import PAGE_HTML
 from persona.errors import ConfigError
 from persona.queue import QueueClient, WorkQueue
 from persona.settings import Settings
@@ -117,7 +118,10 @@ def test_json_figures_personas_and_retry(settings, redis_client, dashboard, writ
     assert {p["name"]: p["active"] for p in data["personas"]}["tiny"] == "v7"
     [letter] = data["dead"]
     assert letter["reason"] == "it crashed the worker" and letter["deliveries"] == 3
-    assert len(data["history"]) >= 1
+    deadline = time.time() + 5
+    while not httpx.get(f"{base}/api/stats").json()["history"]:  # the sampler's first point
+        assert time.time() < deadline, "the sampler added no point"
+        time.sleep(0.05)
     page = httpx.get(base)
     assert page.status_code == 200 and "api/stats" in page.text and "http" not in page.text.split("<script>")[1]
 
@@ -187,7 +191,8 @@ def test_token_rules(settings, redis_client, dashboard):
     with pytest.raises(ConfigError, match="PERSONA_DASHBOARD__TOKEN"):
         dashboard(host="0.0.0.0")
     base = dashboard(token="s3cret", host="0.0.0.0")
-    for path in ("/", "/api/stats", "/metrics"):
+    assert httpx.get(base).status_code == 200 and "s3cret" not in httpx.get(base).text  # the page holds no figure
+    for path in ("/api/stats", "/metrics"):
         assert httpx.get(base + path).status_code == 401
         assert httpx.get(base + path, headers={"Authorization": "Bearer wrong"}).status_code == 401
         assert httpx.get(base + path, headers={"Authorization": "Bearer s3cret"}).status_code == 200
@@ -358,7 +363,7 @@ def test_the_sampler_outlives_an_unexpected_error_and_says_so_once(settings, red
     assert len(said) == 1 and said[0].exc_info and "persona queue stats" in said[0].getMessage()
     failing = False
     deadline = time.time() + 5
-    while len(history := httpx.get(f"{base}/api/stats").json()["history"]) < 5:  # the page adds one a second at most
+    while len(history := httpx.get(f"{base}/api/stats").json()["history"]) < 5:  # the sampler's points
         assert time.time() < deadline, f"the sampler stopped: {history}"
         time.sleep(0.1)
 
@@ -553,3 +558,302 @@ def test_a_worker_loading_its_models_is_on_the_page_and_in_metrics_apart(
     assert "w-serving" in workers and "<td>loading smollm2 for sage</td>" in workers
     shown = re.search(r"<td>starting \((\d+)s\)</td>", workers)
     assert shown and int(shown.group(1)) >= 42, workers  # 42 s and counting
+
+
+def scrape(base: str) -> dict[tuple[str, tuple], float]:
+    """/metrics as {(sample name, sorted labels): value}, read by Prometheus's own parser."""
+    families = text_string_to_metric_families(httpx.get(f"{base}/metrics").text)
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families for s in f.samples}
+
+
+def test_the_live_worker_count_is_in_metrics_when_none_is_live_and_counts_unreadable_heartbeats(
+    settings, redis_client, dashboard
+):
+    """With no live worker persona_worker_up had no sample, so an alert on
+    `sum(persona_worker_up) < 1` never fired; and a live worker whose heartbeat could not be
+    read (a newer version's) was counted by `queue stats` and the page but not here."""
+    base = dashboard()
+    samples = scrape(base)
+    assert samples[("persona_workers_live", ())] == 0
+    assert samples[("persona_workers_starting", ())] == 0 and samples[("persona_workers_unreadable", ())] == 0
+    heartbeat.publish(redis_client, heartbeat.WorkerInfo(id="w-good"), ttl_s=30)
+    heartbeat.publish(redis_client, heartbeat.WorkerInfo(id="w-newer"), ttl_s=30)
+    redis_client.set(keys.worker_key("w-newer"), '{"format": 2}')  # a newer version's heartbeat
+    samples = scrape(base)
+    assert samples[("persona_workers_live", ())] == 2 and samples[("persona_workers_unreadable", ())] == 1
+    assert [labels for name, labels in samples if name == "persona_worker_up"] == [
+        (("device", "cpu"), ("host", socket.gethostname()), ("worker", "w-good"))]
+
+
+def test_every_answer_forbids_framing_and_the_page_and_api_are_never_cached(settings, redis_client, dashboard):
+    """Any site could frame the dashboard (clickjacking): its own script sends
+    X-Persona-Action, so a framed click on "retry all" re-queued every dead letter."""
+    base = dashboard()
+    port = base.rsplit(":", 1)[1]
+    for path, headers in (("/", {}), ("/api/stats", {}), ("/metrics", {}), ("/healthz", {}),
+                          ("/api/stats", {"Host": f"evil.example:{port}"})):
+        answer = httpx.get(base + path, headers=headers)
+        assert answer.headers["x-frame-options"] == "DENY", path
+        assert answer.headers["content-security-policy"] == "frame-ancestors 'none'"
+        assert answer.headers["referrer-policy"] == "no-referrer" and answer.headers["x-content-type-options"] == "nosniff"
+    assert httpx.get(base).headers["cache-control"] == "no-store"
+    assert httpx.get(f"{base}/api/stats").headers["cache-control"] == "no-store"
+    handler = PAGE_HTML.split("getElementById('retry-all').onclick")[1].split("};")[0]
+    assert "confirm(" in handler  # the page asks before re-queuing every dead letter
+
+
+def test_probes_and_metrics_answer_head_requests(settings, redis_client, dashboard):
+    """Uptime checkers that send HEAD got 405 from /healthz and /readyz."""
+    base = dashboard()
+    for path in ("/healthz", "/readyz", "/metrics"):
+        answer = httpx.head(base + path)
+        assert answer.status_code == 200 and answer.content == b"", path
+
+
+def test_a_request_for_another_host_name_is_told_which_names_are_accepted_and_how_to_proxy(
+    settings, redis_client, dashboard
+):
+    """A reverse proxy passing its own Host got a bare "Invalid host header"."""
+    base = dashboard()
+    refused = httpx.get(f"{base}/", headers={"Host": "dash.example.org"})
+    assert refused.status_code == 400
+    assert "127.0.0.1" in refused.text and "localhost" in refused.text and "'dash.example.org'" in refused.text
+    assert "Host: 127.0.0.1" in refused.text and "PERSONA_DASHBOARD__TOKEN" in refused.text
+
+
+class Browser:
+    """A headless Chromium driven over its DevTools pipe (fds 3 and 4, no port, no websocket
+    library): open a page, let it run in real time, read what its script shows."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self._to_chrome, self._from_chrome = os.pipe(), os.pipe()
+        flags = [*(f for f in _chromium(tmp_path) if not f.startswith("--virtual-time")), "--remote-debugging-pipe", "about:blank"]
+        self.process = subprocess.Popen(
+            ["bash", "-c", f'exec "$@" 3<&{self._to_chrome[0]} 4>&{self._from_chrome[1]}', "chromium", *flags],
+            pass_fds=(self._to_chrome[0], self._from_chrome[1]), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        os.close(self._to_chrome[0])
+        os.close(self._from_chrome[1])
+        self._buffer, self._next_id = b"", 0
+        self.session = ""
+
+    def call(self, method: str, **params) -> dict:
+        """One DevTools command, answered."""
+        import json
+
+        self._next_id += 1
+        message = {"id": self._next_id, "method": method, "params": params}
+        if self.session:
+            message["sessionId"] = self.session
+        os.write(self._to_chrome[1], json.dumps(message).encode() + b"\0")
+        while True:
+            while b"\0" not in self._buffer:
+                chunk = os.read(self._from_chrome[0], 65536)
+                assert chunk, "chromium closed its DevTools pipe"
+                self._buffer += chunk
+            raw, self._buffer = self._buffer.split(b"\0", 1)
+            answer = json.loads(raw)
+            if answer.get("id") == self._next_id:
+                assert "error" not in answer, answer
+                return answer["result"]
+
+    def open(self, url: str) -> None:
+        target = self.call("Target.createTarget", url=url)["targetId"]
+        self.session = self.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+
+    def evaluate(self, expression: str):
+        return self.call("Runtime.evaluate", expression=expression, returnByValue=True)["result"].get("value")
+
+    def wait_for(self, expression: str, timeout_s: float = 20.0):
+        """The value of ``expression`` once it is truthy (polled)."""
+        deadline = time.monotonic() + timeout_s
+        while not (value := self.evaluate(expression)):
+            assert time.monotonic() < deadline, f"never true: {expression}"
+            time.sleep(0.2)
+        return value
+
+    def close(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=30)
+        os.close(self._to_chrome[1])
+        os.close(self._from_chrome[0])
+
+
+@pytest.fixture
+def browser(tmp_path):
+    if not CHROMIUM.exists():
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
+    opened = Browser(tmp_path)
+    yield opened
+    opened.close()
+
+
+def test_the_token_leaves_the_address_bar_and_the_page_goes_on_reading(settings, redis_client, dashboard, browser):
+    """Opened as /?token=..., the token stayed in the address bar (on a wall screen, in the
+    history, in a proxy's log) for as long as the page was open."""
+    fill_queue(settings, redis_client, waiting=2)
+    base = dashboard(token="s3cret")
+    browser.open(f"{base}/?token=s3cret")
+    assert browser.wait_for("document.getElementById('waiting-total').textContent === '2'")
+    assert browser.evaluate("location.href") == f"{base}/"
+    QueueClient(redis_client, settings.queue).submit(chat())  # later reads still carry the token
+    assert browser.wait_for("document.getElementById('waiting-total').textContent === '3'")
+    assert browser.evaluate("document.getElementById('error').textContent") == ""
+    browser.evaluate("location.reload()")  # a wall screen reloads: the tab still has the token
+    time.sleep(0.5)
+    assert browser.wait_for("document.getElementById('waiting-total').textContent === '3'")
+
+
+def test_figures_read_before_redis_went_down_are_greyed_out_and_dated(
+    settings, redis_url, redis_client, dashboard, browser, monkeypatch
+):
+    """With Redis down the page went on showing the last figures as if live, under a small
+    red line an operator glancing at a wall screen did not see."""
+    from persona import connection
+    from persona import dashboard as dashboard_module
+    from tests.fakes.cutting_proxy import CuttingProxy
+
+    monkeypatch.setattr(dashboard_module, "READ_GIVE_UP_S", 0.3)
+    proxy = CuttingProxy(redis_url)
+    try:
+        base = dashboard(client=connection.connect(settings, url=proxy.url))
+        browser.open(base)
+        assert browser.wait_for("document.getElementById('waiting-total').textContent === '0'")
+        assert not browser.evaluate("document.querySelector('main').classList.contains('stale')")
+        proxy.go_down()
+        said = browser.wait_for("document.querySelector('main.stale') && document.getElementById('updated').textContent")
+        assert re.fullmatch(r"stale since \d\d:\d\d:\d\d", said), said
+        error = browser.evaluate("document.getElementById('error').textContent")
+        assert error.startswith(f"the figures below are {said}: ") and "cannot read the queue from Redis" in error
+        proxy.come_back()
+        assert browser.wait_for("!document.querySelector('main.stale')")
+        assert browser.evaluate("document.getElementById('updated').textContent").startswith("updated ")
+    finally:
+        proxy.come_back()
+        proxy.close()
+
+
+def test_the_page_names_the_spans_its_latency_and_throughput_were_measured_over(
+    settings, redis_client, dashboard, browser
+):
+    """The page said "last 5 min" and "1 min" whatever the reply log held: at 300 replies a
+    second it keeps 33 s, which `persona queue stats` says and the page did not."""
+    base = dashboard()
+    browser.open(base)
+    title, label = "document.getElementById('latency-title').textContent", "document.getElementById('throughput-label').textContent"
+    assert browser.wait_for(f"{title} === 'Latency (ms, last 300 s)'")
+    assert browser.evaluate(label) == "replies/s (last 60 s)"
+    redis_client.delete(keys.REPLY_LOG_STREAM)
+    start_ms = int((time.time() - 60) * 1000)  # 300 replies a second for a minute, trimmed as workers trim it
+    pipe = redis_client.pipeline(transaction=False)
+    for n in range(18_000):
+        pipe.xadd(keys.REPLY_LOG_STREAM, {"r": b"1 4 1.5 20.0 - p v1"}, id=f"{start_ms + n * 10 // 3}-{n}",
+                  maxlen=keys.REPLY_LOG_MAX_LEN, approximate=True)
+    pipe.execute()
+    shown = browser.wait_for(f"/^Latency \\(ms, last [0-9]+ s\\)$/.test({title}) && {title} !== 'Latency (ms, last 300 s)' && {title}")
+    assert 25 <= int(shown.split()[-2]) <= 45, shown
+    assert re.fullmatch(r"replies/s \(last \d+ s: all the reply log holds\)", browser.evaluate(label))
+
+
+def test_only_the_sampler_adds_to_the_history_and_the_charts_place_points_by_time(
+    settings, redis_client, dashboard, browser, monkeypatch
+):
+    """Every poll of the page added a point as well as the sampler: points fell at uneven
+    times, 900 of them held far less than the half hour HISTORY_POINTS is meant to, and the
+    charts spread them evenly whatever time they stood for."""
+    import persona.dashboard
+
+    monkeypatch.setattr(persona.dashboard, "SAMPLE_EVERY_S", 3600.0)  # one point, at start
+    base = dashboard()
+    deadline = time.time() + 5
+    while not httpx.get(f"{base}/api/stats").json()["history"]:
+        assert time.time() < deadline, "the sampler added no point"
+        time.sleep(0.05)
+    for _ in range(3):
+        assert len(httpx.get(f"{base}/api/stats").json()["history"]) == 1
+        time.sleep(1.1)
+
+    monkeypatch.setattr(persona.dashboard, "SAMPLE_EVERY_S", 0.2)  # the charts then reach back 180 s
+    browser.open(dashboard())
+    path = browser.wait_for("(document.querySelector('#depth-chart path') || {}).outerHTML")
+    first_x = float(re.search(r'd="M([\d.]+) ', path).group(1))
+    assert 550 < first_x < 600, path  # a second or two of 180 s: at the right edge, not spread from 0
+
+
+def test_persona_files_that_cannot_be_read_and_personas_that_cannot_load_are_shown(
+    settings, redis_client, dashboard, personas_dir, write_persona, tiny_llama_dir, tmp_path, browser
+):
+    """An invalid persona file was on neither the page nor /metrics (it was simply absent),
+    and a persona whose base folder was gone showed as serving `base`, as a healthy one."""
+    write_persona("tiny", base=str(tiny_llama_dir))
+    write_persona("gone", base=str(tmp_path / "deleted-model"))
+    (personas_dir / "broken.toml").write_text('name = "broken"\nmodel = {base = \n')
+    base = dashboard()
+    data = httpx.get(f"{base}/api/stats").json()
+    [invalid] = data["invalid_personas"]
+    assert "broken.toml" in invalid and "not valid TOML" in invalid
+    problems = {p["name"]: p["problem"] for p in data["personas"]}
+    assert problems["tiny"] is None and "deleted-model" in problems["gone"]
+    assert scrape(base)[("persona_personas_invalid", ())] == 1
+    shutil.copytree(tiny_llama_dir, tmp_path / "deleted-model")  # put back: the page sees it at once
+    assert {p["name"]: p["problem"] for p in httpx.get(f"{base}/api/stats").json()["personas"]}["gone"] is None
+    shutil.rmtree(tmp_path / "deleted-model")
+    browser.open(base)
+    table = browser.wait_for("document.querySelector('#personas tbody').textContent.includes('broken.toml') "
+                             "&& document.querySelector('#personas tbody').textContent")
+    assert "not valid TOML" in table and "deleted-model" in table
+
+
+def test_persona_dashboard_serves_before_redis_answers_and_reads_it_once_it_does(settings, redis_url):
+    """`persona dashboard` refused to start without Redis ("cannot reach Redis"): Prometheus
+    saw the target down rather than `persona_redis_up 0`, and /healthz never answered."""
+    from tests.fakes.cutting_proxy import CuttingProxy
+
+    proxy = CuttingProxy(redis_url)
+    proxy.go_down()
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PERSONA_")}
+    env |= {"PERSONA_DATA_DIR": str(settings.data_dir), "PERSONA_REDIS_URL": proxy.url, "PERSONA_DASHBOARD__PORT": str(port)}
+    process = subprocess.Popen([sys.executable, "-m", "persona", "dashboard"], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                if httpx.get(f"{base}/healthz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.time() < deadline and process.poll() is None, "persona dashboard did not come up"
+            time.sleep(0.3)
+        assert httpx.get(f"{base}/readyz", timeout=30).status_code == 503
+        assert scrape(base) == {("persona_redis_up", ()): 0}
+        proxy.come_back()
+        assert httpx.get(f"{base}/readyz", timeout=30).status_code == 200
+        assert scrape(base)[("persona_redis_up", ())] == 1
+    finally:
+        process.terminate()
+        _, err = process.communicate(timeout=30)
+        proxy.come_back()
+        proxy.close()
+    assert err.count("cannot reach Redis") == 1 and "cannot read the queue" not in err, err
+    assert "Traceback" not in err
+
+
+def test_the_dead_letter_table_says_how_many_of_them_it_shows_and_numbers_never_wrap(
+    settings, redis_client, dashboard, browser
+):
+    """The table showed 50 rows under "60 dead letters" without saying so, and every cell
+    could break anywhere: numbers and headers split mid-word in a narrow column."""
+    for n in range(60):
+        redis_client.xadd(keys.STREAM_DEAD, {"r": b"not json", "reason": f"malformed {n}", "deliveries": 1})
+    browser.open(dashboard())
+    shown = browser.wait_for("document.getElementById('dead-shown').textContent")
+    assert shown == "the newest 50 of 60 shown (`persona queue dead --limit 60` lists them all)"
+    assert browser.evaluate("document.querySelectorAll('#dead tbody tr').length") == 50
+    style = "getComputedStyle(document.querySelector('{}'))"
+    for cell in ("#dead td.n", "#dead th", "#streams td.n"):
+        assert browser.evaluate(style.format(cell) + ".overflowWrap") != "anywhere", cell
+        assert browser.evaluate(style.format(cell) + ".whiteSpace") == "nowrap", cell
+    assert browser.evaluate(style.format("#dead td .w") + ".overflowWrap") == "anywhere"  # the reason may wrap

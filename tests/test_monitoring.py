@@ -23,7 +23,7 @@ from persona.contract import (
     Timings,
 )
 from persona.embedded_redis import EmbeddedRedis
-from persona.monitoring import collect_stats, find_stuck
+from persona.monitoring import ALWAYS_COUNTED, collect_stats, find_stuck
 from persona.queue import QueueClient, WorkQueue
 from persona.telemetry import read_histogram, record_replies, summarize
 
@@ -68,7 +68,7 @@ def test_figures_after_real_replies(settings, redis_client, write_persona, tiny_
 def test_an_unreadable_heartbeat_is_skipped_and_its_worker_still_counts_as_alive(settings, redis_client, caplog):
     heartbeat.publish(redis_client, heartbeat.WorkerInfo(id="w-good"), ttl_s=30)
     redis_client.zadd(keys.WORKER_INDEX_KEY, {"w-odd": time.time() + 30})  # something else beats for it
-    redis_client.set(keys.worker_key("w-odd"), "not a heartbeat")
+    redis_client.set(keys.worker_key("w-odd"), "not a heartbeat, as something else writes it")  # said once per value
     with caplog.at_level(logging.WARNING, logger="persona.heartbeat"):
         stats = collect_stats(redis_client)  # the CLI, the dashboard and /metrics still read
     assert [w.id for w in stats.workers] == ["w-good"]
@@ -408,7 +408,7 @@ def test_older_workers_counts_of_withdrawn_and_expired_requests_are_not_failures
     both kinds of count, and they are read as one."""
     redis_client.hset(keys.STATS_KEY, mapping={"failed:cancelled": 2, "failed:timeout": 3, "failed:model": 1, "withdrawn": 1})
     stats = collect_stats(redis_client)
-    assert stats.counters == {"withdrawn": 3, "expired": 3, "failed:model": 1}
+    assert stats.counters == dict.fromkeys(ALWAYS_COUNTED, 0) | {"withdrawn": 3, "expired": 3, "failed:model": 1}
     assert (stats.withdrawn, stats.expired, stats.failed) == (3, 3, 1)
 
 
@@ -600,7 +600,7 @@ def test_counters_that_cannot_be_read_are_reported_once_and_read_as_missing(
         stats = collect_stats(redis_client)
         buckets, total, count = read_histogram(redis_client, "generate_seconds")
     # What can be read is still shown: the tokens and the reply recorded above.
-    assert stats.counters == {"tokens": 4} and stats.completed == 0 and stats.failed == 0
+    assert stats.counters == dict.fromkeys(ALWAYS_COUNTED, 0) | {"tokens": 4} and stats.completed == 0 and stats.failed == 0
     assert stats.version_replies == {"tiny@base": 1}
     assert stats.latency.replies == 1 and stats.latency.generate_ms.p50 == 200
     assert (dict(buckets)["+Inf"], total, count) == (0, 0.0, 1)  # its one observation (0.2 s) was in 0.25
@@ -672,3 +672,35 @@ def test_stats_read_a_cancel_epoch_of_another_type_as_none(redis_client, client)
         FULL_SCRIPT, 3, keys.STREAM_INTERACTIVE, keys.CANCEL_EPOCH_KEY, keys.WORKER_INDEX_KEY,
         keys.CONSUMER_GROUP, keys.CANCEL_KEY_PREFIX, 200)
     assert (withdrawn_count, expired) == (1, 0)
+
+
+def test_an_unreadable_heartbeat_is_named_once_per_value_not_at_every_read(redis_client, caplog):
+    """The dashboard reads the stats every two seconds and at each scrape: the same
+    unreadable heartbeat was warned of each time (87 lines in a minute and a half)."""
+    worker = f"w-newer-{time.time_ns()}"  # what was said is remembered for the process: a name no other test used
+    heartbeat.publish(redis_client, heartbeat.WorkerInfo(id=worker), ttl_s=30)
+    redis_client.set(keys.worker_key(worker), '{"format": 2}')  # a newer version's heartbeat
+    with caplog.at_level(logging.WARNING, logger="persona.heartbeat"):
+        for _ in range(5):
+            assert collect_stats(redis_client).unreadable_workers == [worker]
+        redis_client.set(keys.worker_key(worker), '{"format": 3}')  # it changed: said again
+        collect_stats(redis_client)
+    said = [r.getMessage() for r in caplog.records if f"unreadable heartbeat of worker {worker}:" in r.getMessage()]
+    assert len(said) == 2, said
+
+
+def test_queue_stats_json_holds_every_counter_and_the_totals_on_a_fresh_install(settings, redis_url, redis_client):
+    """On a fresh install `queue stats --json` had an empty "counters" (a script reading
+    ["completed"] failed), and completed, failed, withdrawn and expired, which the table
+    shows, were not in it at all."""
+    shown = _queue_stats_command(settings, redis_url, "--json")
+    assert shown.returncode == 0, shown.stderr
+    figures = json.loads(shown.stdout)
+    assert figures["counters"] == {"completed": 0, "tokens": 0, "withdrawn": 0, "expired": 0,
+                                   "dead_lettered": 0, "retried": 0, "dropped": 0}
+    assert (figures["completed"], figures["failed"], figures["withdrawn"], figures["expired"]) == (0, 0, 0, 0)
+    redis_client.hset(keys.STATS_KEY, mapping={"completed": 5, "failed:model": 2, "failed:cancelled": 1})
+    figures = json.loads(_queue_stats_command(settings, redis_url, "--json").stdout)
+    assert (figures["completed"], figures["failed"], figures["withdrawn"], figures["expired"]) == (5, 2, 1, 0)
+    table = _queue_stats_command(settings, redis_url).stdout  # the table reads the same figures, unchanged
+    assert "retried from dead letters" not in table and "failed:model" in table
