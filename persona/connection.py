@@ -25,7 +25,7 @@ from persona.embedded_redis import find_embedded_url, server_pid
 from persona.errors import ConfigError, PersonaError, RedisUnavailable
 from persona.settings import Settings
 
-__all__ = ["connect", "connect_async", "describe_url", "redis_url", "retrying_until", "unchecked_client"]
+__all__ = ["connect", "connect_async", "describe_url", "not_ready", "redis_url", "retrying_until", "unchecked_client"]
 
 RETRIES = 8
 # How long a connection may take to open, and a reply to come: a host that drops packets
@@ -59,7 +59,7 @@ def redis_url(settings: Settings) -> str:
                 "PERSONA_REDIS_URL to a running Redis"
             )
         if time.monotonic() >= deadline:
-            raise RedisUnavailable(_not_ready(data_dir, pid) if pid is not None else _not_back(data_dir))
+            raise RedisUnavailable(not_ready(data_dir, pid) if pid is not None else _not_back(data_dir))
         time.sleep(0.2)
     return url
 
@@ -73,7 +73,7 @@ def _not_back(data_dir: Path) -> str:
             f"{EMBEDDED_WAIT_S:.0f} s; see that service's log, and Redis's, {log_file}")
 
 
-def _not_ready(data_dir: Path, pid: int) -> str:
+def not_ready(data_dir: Path, pid: int) -> str:
     """Why the embedded Redis that runs on ``data_dir``'s files does not answer: loading its
     data (for how long so far), or starting or stuck."""
     url = recorded_url(data_dir)

@@ -177,7 +177,7 @@ def explain_redis_error(exc: redis.exceptions.RedisError) -> str:
     """What a Redis failure past the connection's retries means, and what to do about it."""
     said = str(exc).rstrip(".")
     if isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
-        if (embedded := _lost_embedded(said)) is not None:
+        if (embedded := _lost_embedded(said, exc)) is not None:
             return embedded
         if get_settings.cache_info().currsize and get_settings().redis_url is not None:  # not one `up` starts
             return (
@@ -198,15 +198,24 @@ def explain_redis_error(exc: redis.exceptions.RedisError) -> str:
     return f"Redis refused a command ({said}); `persona queue stats` shows the state it is in"
 
 
-def _lost_embedded(said: str) -> str | None:
+def _lost_embedded(said: str, exc: redis.exceptions.RedisError | None = None) -> str | None:
     """A lost connection to the embedded Redis, said with what became of it (once the
-    settings are read and name no PERSONA_REDIS_URL); None otherwise."""
+    settings are read and name no PERSONA_REDIS_URL); None otherwise. One whose process runs
+    but that timed out (stopped by a signal, stuck) or loads its data is said so: it was said
+    to have stopped, with `persona up` to start again, though `persona up` was running."""
     if not get_settings.cache_info().currsize:
         return None
     settings = get_settings()
     if settings.redis_url is not None:
         return None
+    from persona.embedded_locks import server_pid
     from persona.embedded_redis import find_embedded_url
+
+    if isinstance(exc, redis.exceptions.TimeoutError | redis.exceptions.BusyLoadingError):
+        from persona.connection import not_ready
+
+        if (pid := server_pid(settings.data_dir)) is not None:
+            return not_ready(settings.data_dir, pid)
 
     lost = f"lost the connection to the embedded Redis of data directory {settings.data_dir} ({said})"
     if find_embedded_url(settings.data_dir) is None:

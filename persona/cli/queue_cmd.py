@@ -27,7 +27,7 @@ from persona.cli.common import (
     local_time,
     print_whole,
 )
-from persona.connection import _not_ready, connect, retrying_until
+from persona.connection import connect, retrying_until
 from persona.contract import GenerationRequest
 from persona.dead_letters import (
     DeadLetter,
@@ -42,7 +42,6 @@ from persona.dead_letters import (
     retry_dead,
     trimmed_note,
 )
-from persona.embedded_locks import server_pid
 from persona.errors import QueueError
 from persona.monitoring import QueueStats, collect_stats, stream_label
 from persona.personas import Persona, PersonaRegistry
@@ -220,20 +219,7 @@ def _read(
         # Since the first reading that failed began, not since one gave up (a minute later, once).
         lost_since = lost_since or started
         since = dt.datetime.fromtimestamp(lost_since).strftime("%H:%M:%S")
-        return None, f"{_why_unread(exc)} (cannot read the queue since {since}; still trying: Ctrl-C stops)", lost_since
-
-
-def _why_unread(exc: redis.exceptions.RedisError) -> str:
-    """What a failed reading means. An embedded Redis whose process runs but that times out
-    (stopped by a signal, stuck) or loads its data is said in the words `queue stats` uses
-    (``_not_ready``'s): it was said to have stopped, with `persona up` to start again, though
-    `persona up` was running."""
-    settings = get_settings()
-    if settings.redis_url is None and isinstance(exc, redis.exceptions.TimeoutError | redis.exceptions.BusyLoadingError):
-        pid = server_pid(settings.data_dir)
-        if pid is not None:
-            return _not_ready(settings.data_dir, pid)
-    return explain_redis_error(exc)
+        return None, f"{explain_redis_error(exc)} (cannot read the queue since {since}; still trying: Ctrl-C stops)", lost_since
 
 
 def summary_line(stats: QueueStats) -> str:
