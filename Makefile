@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PERSONA ?= sage
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
 .PHONY: install up test test-fast lint bench clean
 
@@ -15,10 +16,12 @@ $(VENV)/.installed: pyproject.toml
 			"install Python 3.11, then run: make $(or $(MAKECMDGOALS),install) PYTHON=python3.11" >&2; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	# A CPU build of torch: PyPI's Linux torch brings CUDA (gigabytes). The CPU index's
-	# `+cpu` wheel outranks PyPI's of the same version; where that index cannot be reached
-	# pip says so and goes on with the others.
-	$(BIN)/python -m pip install -q --extra-index-url https://download.pytorch.org/whl/cpu torch==2.13.0
+	# A CPU build of torch: PyPI's Linux torch brings CUDA (gigabytes). Where PyTorch's CPU
+	# index answers, its `+cpu` wheel outranks PyPI's of the same version; where it does not
+	# (no internet, a local wheel) pip is not sent there, which cost 10 s of retries a package.
+	$(BIN)/python -m pip install -q $$($(BIN)/python -c "import urllib.request as u; \
+		u.urlopen('$(TORCH_CPU_INDEX)/', timeout=10); print('--extra-index-url $(TORCH_CPU_INDEX)')" 2>/dev/null) \
+		torch==2.13.0
 	$(BIN)/python -m pip install -q -e ".[all]"
 	# Triton's interpreter runs the GPU decode kernels' tests on a CPU (3.8 or later: numpy 2.4).
 	# Only beside a CPU torch: a CUDA torch brings the Triton it was built with.
