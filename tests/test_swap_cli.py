@@ -143,6 +143,7 @@ def test_every_swap_and_rollback_json_outcome_says_ok_and_a_refusal_its_error_as
         outcome = json.loads(refused.stdout)
         assert (refused.returncode, outcome["ok"], outcome["committed"]) == (1, False, False), refused.stdout
         assert outcome["error"] == {"kind": kind, "message": outcome["problem"]} and outcome["problem"], outcome
+        assert "id" not in outcome["proposal"], outcome  # refused before a proposal: it had the id ""
     assert "Did you mean 'tiny'?" in json.loads(_run(env, "rollback", "tny", "--json").stdout)["error"]["message"]
 
     down = _run(_env(settings, f"redis://127.0.0.1:{free_port()}/0", personas_dir), "swap", "tiny", "v1", "--json")
@@ -153,7 +154,7 @@ def test_every_swap_and_rollback_json_outcome_says_ok_and_a_refusal_its_error_as
     unchanged = _run(env, "swap", "tiny", "base", "--json")  # it serves base already: nothing to do, a success
     outcome = json.loads(unchanged.stdout)
     assert (unchanged.returncode, outcome["ok"], outcome["committed"], outcome["unchanged"]) == (0, True, True, True)
-    assert "error" not in outcome
+    assert "error" not in outcome and "id" not in outcome["proposal"]
 
 
 def test_a_swap_under_way_says_when_it_lapses(redis_client, tiny):  # noqa: F811

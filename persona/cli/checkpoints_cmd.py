@@ -149,7 +149,7 @@ def _print_outcome(outcome: swaps.SwapOutcome, kind: str = SwapRefused.__name__,
 
 def _report(outcome: swaps.SwapOutcome, json_output: bool, started: float) -> None:
     if json_output:
-        _print_outcome(outcome)
+        _print_outcome(outcome, unopened=not outcome.proposal.id)
         if not outcome.committed:
             raise typer.Exit(1)  # the object says why; nothing more on stderr to mix into it
         return
@@ -180,7 +180,8 @@ def _refusal_as_json(json_output: bool, draft: swaps.SwapProposal) -> Iterator[s
         if not json_output:
             raise
         problem = explain_redis_error(exc) if isinstance(exc, redis.exceptions.RedisError) else str(exc)
-        _print_outcome(swaps.SwapOutcome(proposal=draft, committed=False, problem=problem), failure_kind(exc))
+        _print_outcome(swaps.SwapOutcome(proposal=draft, committed=False, problem=problem), failure_kind(exc),
+                       unopened=not draft.id)
         raise typer.Exit(1) from None
 
 
@@ -402,7 +403,7 @@ def swap(
             if json_output:  # still one JSON object, as --json promises: nothing needed doing
                 _print_outcome(swaps.SwapOutcome(
                     proposal=draft.model_copy(update={"previous": target}), committed=True, unchanged=True,
-                ))
+                ), unopened=True)
             else:
                 console.print(f"{escape(persona.name)} already serves {escape(target)}", highlight=False)
             return
