@@ -254,7 +254,9 @@ class PostLedger:
             args=[self.owner, *pairs, "updated", time.time()],
         )
         if not ok:
-            raise PostingError(f"lost the claim on {persona} slot {slot} (its lease ran out); another scheduler owns it now")
+            raise PostingError(f"lost the claim on {persona} slot {slot} (its lease, posting.lease_s, ran out); another "
+                               "poster (a scheduler, `persona post` or `persona posts approve`) may hold it now: "
+                               "`persona posts uncertain` shows what is unfinished")
 
     def set_sink(self, persona: str, slot: str, sink: str, entry: SinkEntry) -> None:
         """Write one sink's entry (an intent, a failure, an uncertainty)."""

@@ -383,8 +383,9 @@ def test_a_lost_lease_cannot_overwrite_the_new_owner(settings, scheduled, redis_
     assert second.claim("poet", "s2").claimed
     from persona.errors import PostingError
 
-    with pytest.raises(PostingError, match="lost the claim"):
+    with pytest.raises(PostingError, match="lost the claim") as lost:
         first.save("poet", "s2", text="stale")
+    assert "`persona posts uncertain` shows what is unfinished" in str(lost.value)  # not "another scheduler"
     second.save("poet", "s2", text="fresh")
     assert second.record("poet", "s2")["text"] == "fresh"
 
