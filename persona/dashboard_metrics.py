@@ -126,10 +126,11 @@ class QueueCollector:
         families += [*_queue_families(stats), *_reply_families(stats, served), *_worker_families(stats)]
         unsettled = GaugeMetricFamily(
             "persona_posts_unsettled", "Posts a sink never answered, left for a person (`persona posts uncertain`): "
-            "uncertain (look, then settle) or intent (safe to post again)", labels=["state"],
+            "uncertain (look, then settle), intent (safe to post again), or approved and begun (their poster "
+            "stopped before reaching the sink)", labels=["state"],
         )
         posts = self.posts()
-        for state in ("uncertain", "intent"):
+        for state in ("uncertain", "intent", "approved", "begun"):
             unsettled.add_metric([state], sum(1 for item in posts if item["state"] == state))
         families.append(unsettled)
         for name, help_text in (

@@ -105,7 +105,18 @@ def test_posts_that_got_no_answer_are_on_the_page_and_in_metrics(settings, redis
     assert 'id="posts"' in httpx.get(base).text
     families = {f.name: f for f in text_string_to_metric_families(httpx.get(f"{base}/metrics").text)}
     counted = {s.labels["state"]: s.value for s in families["persona_posts_unsettled"].samples}
-    assert counted == {"uncertain": 1, "intent": 1}
+    assert counted == {"uncertain": 1, "intent": 1, "approved": 0, "begun": 0}
+
+    # A `persona post` stopped before it reached its sink is listed by `posts uncertain`: counted too.
+    from persona.ledger import PostLedger
+
+    stopped, ledger = "manual-2026-11-27T09:00:00.000000Z", PostLedger(redis_client)
+    assert ledger.claim("tiny", stopped).claimed
+    ledger.save("tiny", stopped, text="A post stopped mid-way.", sinks='["bluesky"]')
+    base = dashboard()
+    families = {f.name: f for f in text_string_to_metric_families(httpx.get(f"{base}/metrics").text)}
+    counted = {s.labels["state"]: s.value for s in families["persona_posts_unsettled"].samples}
+    assert counted == {"uncertain": 1, "intent": 1, "approved": 0, "begun": 1}
 
 
 def test_json_figures_personas_and_retry(settings, redis_client, dashboard, write_persona, tiny_llama_dir):
