@@ -69,7 +69,7 @@ from adapters.typing_indicator import keep_typing
 from persona.errors import ConfigError
 from persona.settings import Settings
 
-__all__ = ["TelegramBot", "guard_token_in_logs", "run_telegram", "unknown_command_text", "with_flood_control"]
+__all__ = ["TelegramBot", "run_telegram", "unknown_command_text"]
 
 log = logging.getLogger(__name__)
 

@@ -68,7 +68,6 @@ from persona.dashboard_access import (
     allowed_hosts,
     check_binding,
     has_token,
-    is_loopback,
 )
 from persona.dashboard_metrics import PostsToSettle, QueueCollector, RedisWatch
 from persona.dashboard_page import PAGE_HTML
@@ -89,8 +88,7 @@ from persona.settings import Settings
 from persona.swap import served_versions
 from persona.telemetry import THROUGHPUT_WINDOW_S
 
-__all__ = ["PersonaProblems", "PostsToSettle", "QueueCollector", "RedisWatch", "bind", "check_binding", "create_app",
-           "http_address", "is_loopback", "serve"]
+__all__ = ["PersonaProblems", "bind", "create_app", "http_address", "serve"]
 
 log = logging.getLogger(__name__)
 

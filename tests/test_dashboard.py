@@ -21,7 +21,8 @@ from pydantic import SecretStr
 from persona import constants as keys
 from persona import heartbeat
 from persona.contract import GenerationReply, GenerationRequest, Message, Timings
-from persona.dashboard import check_binding, create_app
+from persona.dashboard import create_app
+from persona.dashboard_access import check_binding
 from persona.dashboard_page import PAGE_HTML
 from persona.errors import ConfigError
 from persona.queue import QueueClient, WorkQueue

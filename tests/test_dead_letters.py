@@ -274,7 +274,7 @@ def test_letters_deleted_at_the_streams_cap_are_counted_and_the_cap_is_warned_of
     assert f"holds {held:,} of about {keys.DEAD_STREAM_MAX_LEN:,}" in listed.stdout and f"({lost:,} so far)" in listed.stdout
     assert persona("dead", "--limit", "1", "--json").stderr.startswith("warning:")  # JSON lines stay clean
     assert stats()["dead_letters_trimmed"] == lost
-    from persona.dashboard import QueueCollector
+    from persona.dashboard_metrics import QueueCollector
 
     gauges = {m.name: m.samples[0].value for m in QueueCollector(redis_client).collect() if m.samples}
     assert gauges["persona_dead_letters_trimmed"] == lost
@@ -287,7 +287,7 @@ def test_a_clean_up_clears_the_deleted_unseen_note_and_metrics_keep_the_total(se
     retried or dropped every letter, `persona queue dead`, stats and the page still said
     "N older dead letter(s) were deleted unseen" for good. Emptying the stream clears it;
     /metrics keeps the total (it only grows), and letters trimmed later are said anew."""
-    from persona.dashboard import QueueCollector
+    from persona.dashboard_metrics import QueueCollector
     from persona.dead_letters import count_dead, drop_dead
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("PERSONA_")}
