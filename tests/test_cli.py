@@ -215,7 +215,7 @@ def test_a_command_line_refused_under_json_is_one_json_object_too(env):
         (("queue", "stats", "--json", "--bogus"), "--bogus"),
     ):
         result = persona(*args, env=env)
-        assert result.returncode == 1 and result.stderr == "", result.stderr
+        assert result.returncode == 2 and result.stderr == "", result.stderr  # click's status, as without --json
         failed = json.loads(result.stdout)
         assert failed["ok"] is False and failed["error"]["kind"] == "UsageError", failed
         assert option in failed["error"]["message"] and "--help`" in failed["error"]["message"], failed
@@ -705,7 +705,7 @@ def test_generate_refuses_an_out_it_cannot_write_before_sampling(env, monkeypatc
     a_file = tmp_path / "a-file"
     a_file.write_text("")
     result = invoke(monkeypatch, env, "generate", "sage", "--out", str(a_file / "samples.txt"))
-    assert result.exit_code == 1, result.stderr
+    assert result.exit_code == 2, result.stderr  # a wrong command line, as the folder's: click's status
     assert "--out" in result.stderr and "cannot make its folder" in result.stderr, result.stderr
 
 

@@ -83,11 +83,11 @@ def test_names_filter_by_any_part_of_the_variable_in_any_case(env, tmp_path: Pat
 
 def test_a_name_no_variable_holds_is_an_error_naming_the_nearest(env, tmp_path: Path):
     plain = settings("max_bach", env=env, cwd=tmp_path)
-    assert plain.returncode == 1 and plain.stdout == ""
+    assert plain.returncode == 2 and plain.stdout == ""  # a wrong command line: click's status
     assert "no setting's variable holds 'max_bach' (did you mean PERSONA_WORKER__MAX_BATCH?)" in plain.stderr
 
     as_json = settings("telegarm", "--json", env=env, cwd=tmp_path)
-    assert as_json.returncode == 1 and as_json.stderr == ""
+    assert as_json.returncode == 2 and as_json.stderr == ""
     failed = json.loads(as_json.stdout)["error"]
     assert failed["kind"] == "UsageError" and "(did you mean PERSONA_TELEGRAM__*?)" in failed["message"], failed
 

@@ -1,8 +1,8 @@
 """What every command shares: the settings, the console, and friendly errors.
 
-An error ends a command with exit status 1 and one red line on stderr, or, when the
-command was given ``--json`` (its ``json_output`` option), with one JSON object on
-stdout instead, shaped as a failed reply's: ``{"ok": false, "error": {"kind": ...,
+An error ends a command with exit status 1 (2 for a command line that is wrong, as click
+has it) and one red line on stderr, or, when the command was given ``--json`` (its
+``json_output`` option), with the same status and one JSON object on stdout instead, shaped as a failed reply's: ``{"ok": false, "error": {"kind": ...,
 "message": ...}}``, where ``kind`` names the class in ``persona.errors`` (``ConfigError``
 for settings that cannot be read, ``UsageError`` for a command line that click refused:
 an unknown option, a value that is not one). A ConfigError ending a service that
@@ -54,6 +54,9 @@ __all__ = [
     "usage_failure",
     "wants_json",
 ]
+
+# A command line that is wrong ends the command with click's status, whoever refused it.
+USAGE_EXIT_STATUS = 2
 
 console = Console()
 err_console = Console(stderr=True)
@@ -127,7 +130,7 @@ def usage_failure(exc: typer.TyperException) -> typer.Exit:
         message = f"{message}{joined} `{ctx.command_path} --help`"
     as_json = _json_errors.set(True)
     try:
-        return _fail(message, UsageError.__name__)
+        return _fail(message, UsageError.__name__, USAGE_EXIT_STATUS)
     finally:
         _json_errors.reset(as_json)
 
@@ -229,8 +232,8 @@ def _lost_embedded(said: str, exc: redis.exceptions.RedisError | None = None) ->
 
 def friendly_errors(func: Callable[P, R]) -> Callable[P, R]:
     """Turn the project's errors, and Redis failing under them, into one red line (one JSON
-    object on stdout for a command given ``--json``) and exit status 1 (a ConfigError in a
-    service `persona up` runs: ``CONFIG_ERROR_EXIT_STATUS``), no traceback."""
+    object on stdout for a command given ``--json``) and exit status 1 (a UsageError: 2; a
+    ConfigError in a service `persona up` runs: ``CONFIG_ERROR_EXIT_STATUS``), no traceback."""
 
     @functools.wraps(func)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
@@ -238,14 +241,22 @@ def friendly_errors(func: Callable[P, R]) -> Callable[P, R]:
         try:
             return func(*args, **kwargs)
         except PersonaError as exc:
-            status = config_error_exit_status() if isinstance(exc, ConfigError) else 1
-            raise _fail(str(exc), type(exc).__name__, status) from None
+            raise _fail(str(exc), type(exc).__name__, _exit_status(exc)) from None
         except redis.exceptions.RedisError as exc:  # Redis stopped, or never was Redis, mid-command
             raise _fail(explain_redis_error(exc), failure_kind(exc)) from None
         finally:
             _json_errors.reset(as_json)
 
     return wrapper
+
+
+def _exit_status(exc: PersonaError) -> int:
+    """The status a command ends with on ``exc``: a wrong command line's is click's, 2, with
+    ``--json`` or without; a ConfigError in a service `persona up` runs tells the supervisor not
+    to start it again; any other failure's is 1."""
+    if isinstance(exc, UsageError):
+        return USAGE_EXIT_STATUS
+    return config_error_exit_status() if isinstance(exc, ConfigError) else 1
 
 
 def forget_interrupts_caught() -> None:
