@@ -35,6 +35,7 @@ from persona.cli.common import (
     failure_kind,
     friendly_errors,
     get_settings,
+    json_error,
     local_time,
     print_whole,
 )
@@ -143,7 +144,7 @@ def _print_outcome(outcome: swaps.SwapOutcome, kind: str = SwapRefused.__name__,
     ``unopened``: no proposal was made, so it has no id (one of "" read as an id)."""
     shown = {"ok": outcome.committed, **outcome.model_dump(mode="json", exclude={"proposal": {"id"}} if unopened else None)}
     if not outcome.committed:
-        shown["error"] = {"kind": kind, "message": outcome.problem}
+        shown["error"] = json_error(outcome.problem, kind)
     print(json.dumps(shown, ensure_ascii=False), flush=True)
 
 
