@@ -76,12 +76,7 @@ def _full(stream: str, settings: QueueSettings, looked: list | None) -> QueueBus
     if live:
         return QueueBusy(f"the queue is busy: {stream} holds {_requests(length)} ({limit}), {in_flight} of them "
                          "being answered; please try again in a moment")
-    parts = [(expired, "past their deadline"), (withdrawn, "withdrawn"),
-             (in_flight, "held by a worker that stopped"),
-             (length - expired - withdrawn - in_flight, "waiting")]
-    counted = ", ".join(f"{n} {what}" for n, what in parts if n)
-    if scanned < length - in_flight:
-        counted += f" (of the oldest {scanned} untaken)"
+    counted = _counted(length, in_flight, expired, withdrawn, scanned)
     _, starting = live_and_starting(workers)
     if starting:
         first = starting[0]
@@ -91,6 +86,26 @@ def _full(stream: str, settings: QueueSettings, looked: list | None) -> QueueBus
         why = ("no worker is running to take them, or to clear away those nobody waits for, so trying again will not "
                "help: start one (`persona worker`, or `persona up`), then try again")
     return QueueBusy(f"the queue is full: {stream} holds {_requests(length)} ({limit}): {counted}; {why}")
+
+
+def _counted(length: int, in_flight: int, expired: int, withdrawn: int, scanned: int) -> str:
+    """What fills a full stream with no live worker, from ``FULL_SCRIPT``'s counts. Past
+    the untaken entries it looked at (the oldest ``FULL_SCAN_LIMIT``), it says how many it
+    did not: those were once all counted as waiting, under "(of the oldest 200 untaken)"."""
+    untaken = length - in_flight
+    if scanned >= untaken:
+        return _counts([(expired, "past their deadline"), (withdrawn, "withdrawn"),
+                        (in_flight, "held by a worker that stopped"), (untaken - expired - withdrawn, "waiting")])
+    among = _counts([(expired, "past their deadline"), (withdrawn, "withdrawn"),
+                     (scanned - expired - withdrawn, "waiting")])
+    counted = (f"{among} among the oldest {scanned} looked at, {untaken - scanned} more not looked at" if among
+               else f"{untaken} not looked at")
+    return f"{in_flight} held by a worker that stopped; of the rest, {counted}" if in_flight else counted
+
+
+def _counts(parts: list[tuple[int, str]]) -> str:
+    """Counts in words, those of 0 left out: "5 past their deadline, 192 waiting"."""
+    return ", ".join(f"{n} {what}" for n, what in parts if n)
 
 
 def _requests(count: int) -> str:

@@ -124,6 +124,20 @@ def _withdrew(mark: bytes | str | None) -> bool:
     return mark is not None and not mark
 
 
+def _asked(answers: list) -> tuple[bytes | str | None, bytes | redis.exceptions.RedisError | None]:
+    """The submission's outcome and the first slice's read, from an ask pipeline's answers.
+
+    A submission Redis refused (writes refused: nothing was queued) is raised, as ``submit``
+    raises it. A slice refused after its submission went through (a request queued already,
+    whose ask was sent again) is returned, for the wait to ride out as it rides out any
+    slice's: raised, its caller heard Redis's error while the request was answered, for nobody.
+    """
+    outcome, got = answers[0], answers[-1]
+    if isinstance(outcome, redis.exceptions.RedisError):
+        raise outcome
+    return outcome, got
+
+
 class _Caller:
     """What both clients keep: their Redis, settings, and the reply lists they have read."""
 
@@ -214,7 +228,8 @@ class _Caller:
         return pause
 
     def _asking(self, request: GenerationRequest, give_up: float):
-        """A pipeline that submits the request and starts waiting (see ``_ask_pipeline``)."""
+        """A pipeline that submits the request and starts waiting (see ``_ask_pipeline``);
+        run it with ``raise_on_error=False`` and hand its answers to ``_asked``."""
         pipe = self.redis.pipeline(transaction=False)
         _ask_pipeline(pipe, request, self.settings, give_up - time.monotonic(), self._take_spent())
         return pipe
@@ -282,10 +297,16 @@ class QueueClient(_Caller):
         already), riding out Redis restarting; ReplyTimeout, saying why, if none does."""
         return self._wait(request, time.monotonic() + wait_seconds(request, timeout, self.settings))
 
-    def _wait(self, request: GenerationRequest, give_up: float, got=None) -> GenerationReply:
-        reply = self._read(request, got) if got is not None else self._replies.get(request.id)
+    def _wait(self, request: GenerationRequest, give_up: float, got=None, outages: int = 0) -> GenerationReply:
+        """Wait until ``give_up``; ``got`` and ``outages``: what an ask's first slice read (the
+        reply, None, or the error that cut it short), and the outages its submission rode out."""
+        reply = self._replies.get(request.id)
         with retrying_until(give_up):
-            outages = 0
+            if isinstance(got, redis.exceptions.RedisError):
+                time.sleep(self._outage_left(request, got, give_up, first=not outages))
+                outages += 1
+            elif got is not None:
+                reply = self._read(request, got)
             while reply is None and (left := give_up - time.monotonic()) > 0:
                 try:
                     reply = self._read(request, self._waiting(request, left).execute()[-1])
@@ -300,9 +321,17 @@ class QueueClient(_Caller):
         request = _stamp(request, self.settings)
         give_up = time.monotonic() + wait_seconds(request, timeout, self.settings)
         with retrying_until(give_up):
-            outcome, *_, got = self._asking(request, give_up).execute()
+            outages = 0
+            while True:
+                try:  # Redis's refusals come back as answers; a lost connection raises
+                    answers = self._asking(request, give_up).execute(raise_on_error=False)
+                    break
+                except redis.exceptions.RedisError as exc:  # queued or not, sent again it is queued once
+                    time.sleep(self._outage_left(request, exc, give_up, first=not outages))
+                    outages += 1
+        outcome, got = _asked(answers)
         check_submitted(outcome, stream_for(request.priority), self.settings, self._full_of([(request, outcome)]))
-        return self._wait(request, give_up, got)
+        return self._wait(request, give_up, got, outages)
 
     def cancel(self, request_id: str) -> bool:
         """Withdraw a request that is still waiting or running (its caller is answered
@@ -335,10 +364,14 @@ class AsyncQueueClient(_Caller):
     async def wait(self, request: GenerationRequest, timeout: float | None = None) -> GenerationReply:
         return await self._wait(request, time.monotonic() + wait_seconds(request, timeout, self.settings))
 
-    async def _wait(self, request: GenerationRequest, give_up: float, got=None) -> GenerationReply:
-        reply = self._read(request, got) if got is not None else self._replies.get(request.id)
+    async def _wait(self, request: GenerationRequest, give_up: float, got=None, outages: int = 0) -> GenerationReply:
+        reply = self._replies.get(request.id)
         with retrying_until(give_up):
-            outages = 0
+            if isinstance(got, redis.exceptions.RedisError):
+                await asyncio.sleep(self._outage_left(request, got, give_up, first=not outages))
+                outages += 1
+            elif got is not None:
+                reply = self._read(request, got)
             while reply is None and (left := give_up - time.monotonic()) > 0:
                 try:
                     reply = self._read(request, (await self._waiting(request, left).execute())[-1])
@@ -352,9 +385,17 @@ class AsyncQueueClient(_Caller):
         request = _stamp(request, self.settings)
         give_up = time.monotonic() + wait_seconds(request, timeout, self.settings)
         with retrying_until(give_up):
-            outcome, *_, got = await self._asking(request, give_up).execute()
+            outages = 0
+            while True:
+                try:
+                    answers = await self._asking(request, give_up).execute(raise_on_error=False)
+                    break
+                except redis.exceptions.RedisError as exc:
+                    await asyncio.sleep(self._outage_left(request, exc, give_up, first=not outages))
+                    outages += 1
+        outcome, got = _asked(answers)
         check_submitted(outcome, stream_for(request.priority), self.settings, await self._full_of([(request, outcome)]))
-        return await self._wait(request, give_up, got)
+        return await self._wait(request, give_up, got, outages)
 
     async def cancel(self, request_id: str) -> bool:
         script_keys, args = _cancel_keys_args(request_id, self.settings)

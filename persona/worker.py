@@ -420,22 +420,27 @@ class Worker:
         return held
 
     def process(self, jobs: list[Job]) -> None:
-        """Answer every job: refusals at once, the rest by their model's engine."""
-        runnable: list[Job] = []
-        early: list[tuple[Job, GenerationReply]] = []
+        """Answer every job: withdrawn ones and refusals at once, the rest by their model's engine.
+
+        A withdrawn request is answered so whatever its deadline, as ``_drop_withdrawn``
+        answers a row and `persona queue stats` counts those waiting: one withdrawn and then
+        reached late was answered as timed out, and counted expired."""
+        requested: list[Job] = []
         for job in jobs:
             if job.request is None:
                 self._set_aside(job)
-                continue
-            refusal = self._refusal(job)
-            if refusal is None:
-                runnable.append(job)
             else:
+                requested.append(job)
+        cancelled = self.queue.cancelled(requested)
+        runnable: list[Job] = []
+        early: list[tuple[Job, GenerationReply]] = []
+        for job in requested:
+            if job.request.id in cancelled:
+                early.append((job, self._failure(job, ErrorKind.cancelled, "the request was withdrawn")))
+            elif (refusal := self._refusal(job)) is not None:
                 early.append((job, refusal))
-        cancelled = self.queue.cancelled(runnable)
-        for job in [j for j in runnable if j.request.id in cancelled]:
-            early.append((job, self._failure(job, ErrorKind.cancelled, "the request was withdrawn")))
-        runnable = [j for j in runnable if j.request.id not in cancelled]
+            else:
+                runnable.append(job)
         self._send(early)
         for members in self._groups(runnable):
             if isinstance(members[0], tuple):  # settled already (the persona could not be served)

@@ -723,10 +723,15 @@ def test_a_full_queue_with_no_worker_says_what_fills_it_and_that_trying_again_wi
         client.ask(chat(), timeout=5)
 
 
-def test_a_full_queue_longer_than_a_refusal_looks_through_says_its_counts_are_of_the_oldest_it_read(settings, client):
+def test_a_full_queue_longer_than_a_refusal_looks_through_says_its_counts_are_of_the_oldest_it_read(
+    settings, client, work
+):
     """A refusal judges at most the oldest 200 untaken entries (each is read inside Redis, on
-    every refusal): requests withdrawn further back are not counted, and it says so."""
-    settings.queue.max_length = 210
+    every refusal), and says how many more it did not look at: it counted those as waiting
+    ("202 waiting (of the oldest 200 untaken)"), 10 of them withdrawn."""
+    settings.queue.max_length = 211
+    client.submit(chat("held"))
+    work.claim("w-stopped", 1, block_ms=0)  # no heartbeat: a worker that stopped holds it
     client.submit_many([_stale(f"timed out {n}") for n in range(5)])
     for request in client.submit_many([chat(f"withdrawn {n}") for n in range(3)]):
         client.cancel(request.id)
@@ -736,8 +741,9 @@ def test_a_full_queue_longer_than_a_refusal_looks_through_says_its_counts_are_of
     time.sleep(0.1)
     with pytest.raises(QueueBusy) as refused:
         client.submit(chat())
-    assert ("holds 210 requests (its limit, PERSONA_QUEUE__MAX_LENGTH=210): 5 past their deadline, 3 withdrawn, "
-            "202 waiting (of the oldest 200 untaken); no worker is running") in str(refused.value)
+    assert ("holds 211 requests (its limit, PERSONA_QUEUE__MAX_LENGTH=211): 1 held by a worker that stopped; "
+            "of the rest, 5 past their deadline, 3 withdrawn, 192 waiting among the oldest 200 looked at, "
+            "10 more not looked at; no worker is running") in str(refused.value)
 
 
 def test_a_full_queue_with_a_live_worker_says_to_try_again_in_a_moment(settings, client, work, redis_client):

@@ -251,6 +251,29 @@ def test_cancelled_request_is_not_generated(write_persona, tiny_llama_dir, runni
     assert not reply.ok and reply.error.kind is ErrorKind.cancelled
 
 
+def test_a_request_withdrawn_and_then_past_its_deadline_is_counted_withdrawn_not_expired(
+    settings, redis_client, write_persona, tiny_llama_dir, client
+):
+    """A worker reaching a request its caller withdrew, late, answered it as timed out and
+    counted it expired: withdrawn it is, whatever its deadline, as `persona queue stats`
+    judges the ones still waiting and as a row withdrawn mid-generation is answered."""
+    from persona.bench_queue import InstantEngine
+    from persona.pool import ModelPool
+    from persona.worker import Worker
+
+    write_persona("tiny", base=str(tiny_llama_dir))
+    worker = Worker(settings, redis_client, ModelPool(settings, "cpu", engine_factory=InstantEngine), worker_id="w-late")
+    request = client.submit(chat("tiny", "never mind", deadline=time.time() + 0.2))
+    assert client.cancel(request.id)
+    time.sleep(0.4)
+    worker.step(block_ms=0)
+    worker.flush()
+    reply = client.wait(request, timeout=5)
+    assert not reply.ok and reply.error.kind is ErrorKind.cancelled
+    counted = {name.decode(): int(n) for name, n in redis_client.hgetall(keys.STATS_KEY).items()}
+    assert counted.get("withdrawn") == 1 and "expired" not in counted, counted
+
+
 def _long_request_decoding(worker, client: QueueClient, tokens: int) -> GenerationRequest:
     """Submit a request that decodes ``tokens`` tokens; return once the worker is decoding it."""
     request = client.submit(chat("tiny", sampling=SamplingOverrides(max_new_tokens=tokens, temperature=1.0, top_k=0, seed=5)))
