@@ -6,17 +6,19 @@ Batching is continuous: a row that has finished leaves the batch at the next ste
 cache rows are dropped), and a row added while the batch decodes joins it at the next
 step (where the decoder can join: fused, int8 and llamacpp), so a long request never
 holds short ones hostage. Sampling is ours on every path; decoders only give logits.
+
+Its parts: ``engine_modes`` (which decode path a model gets), ``sampling`` (the
+batch's rows and each row's next token), ``stop_strings`` (where a reply ends) and
+``eager_decoder`` (Hugging Face's own modules for any causal LM).
 """
 
 from __future__ import annotations
 
 import functools
-import importlib.util
-import inspect
 import logging
 import tempfile
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol
@@ -24,79 +26,21 @@ from typing import Literal, Protocol
 import torch
 
 from persona import llama_decoder
+from persona.eager_decoder import _EagerDecoder
+from persona.engine_modes import _torch_mode, pick_engine_mode
 from persona.errors import ModelError
 from persona.host_copies import to_device
 from persona.kernel_cache import keep_compiled_kernels
 from persona.models import LoadedModel
 from persona.personas import Sampling
+from persona.sampling import _Rows, _sample
+from persona.stop_strings import _cut_at_stop, _hits_stop, _may_complete, _token_pieces
 
-__all__ = [
-    "ENGINE_MODES",
-    "Completion",
-    "ContinuousGenerator",
-    "Generator",
-    "TransformersEngine",
-    "Work",
-    "llamacpp_available",
-    "pick_engine_mode",
-]
+__all__ = ["Completion", "ContinuousGenerator", "Generator", "TransformersEngine", "Work"]
 
 log = logging.getLogger(__name__)
 
-# eager: Hugging Face's own modules (any causal LM). fused: the lean Llama decode loop
-# at full precision (the same logits). int8: that loop with int8 weights (CPU only).
-# llamacpp: llama.cpp's CPU kernels on a GGUF of the same weights (the bundled Q4_1 file
-# itself, or a checkpoint written as GGUF once). auto: the fastest the model and device allow.
-ENGINE_MODES = ("auto", "eager", "fused", "int8", "llamacpp")
-INT8_MIN_HIDDEN = 512  # hidden size from which int8 beats full precision on CPU
 MAX_TOP_K = 2**31 - 1  # more than any vocabulary: a larger top-k keeps every token, as 0 does
-
-
-def llamacpp_available() -> bool:
-    """Whether llama-cpp-python is installed (the ``fast`` extra)."""
-    return importlib.util.find_spec("llama_cpp") is not None
-
-
-def pick_engine_mode(mode: str, loaded: LoadedModel) -> str:
-    """The decode path a model gets: ``mode`` made concrete for this model and device."""
-    if mode not in ENGINE_MODES:
-        raise ValueError(f"unknown engine mode {mode!r}; choose one of {', '.join(ENGINE_MODES)}")
-    fusable = _fusable(loaded)
-    on_cpu = torch.device(loaded.device).type == "cpu"
-    if mode == "auto":
-        if on_cpu and loaded.gguf_ready and llamacpp_available():
-            return "llamacpp"  # Llama-family and GPT-2 models
-        return _torch_mode(loaded)
-    if mode in ("fused", "int8") and not fusable or mode == "llamacpp" and not (fusable or loaded.gguf_ready):
-        log.warning("%s is not a Llama-family model; using the eager engine instead of %s", loaded.name, mode)
-        return "eager"
-    if mode in ("int8", "llamacpp") and not on_cpu:
-        fallback = _torch_mode(loaded)  # fused, or eager for a model it cannot fuse
-        log.warning("%s is a CPU path; using the %s engine on %s", mode, fallback, loaded.device)
-        return fallback
-    if mode == "llamacpp" and not llamacpp_available():
-        fallback = _torch_mode(loaded)
-        log.warning("llama-cpp-python is not installed (`pip install '.[fast]'`); using the %s engine", fallback)
-        return fallback
-    return mode
-
-
-def _fusable(loaded: LoadedModel) -> bool:
-    """Whether our Llama decoder runs this model (judged from its config until loaded)."""
-    if loaded.weights_loaded:
-        return llama_decoder.supports(loaded.model)
-    return llama_decoder.supports_config(loaded.config)
-
-
-def _torch_mode(loaded: LoadedModel) -> str:
-    """The fastest torch path for this model: where llama.cpp is not installed, cannot
-    serve it, or could not write its GGUF."""
-    if not _fusable(loaded):
-        return "eager"
-    # int8 kernels cost a fixed few microseconds per call; only on wide layers do the
-    # bytes they save pay for that (measured: slower than fused on a 32-wide model).
-    wide = getattr(loaded.config, "hidden_size", 0) >= INT8_MIN_HIDDEN
-    return "int8" if torch.device(loaded.device).type == "cpu" and wide else "fused"
 
 
 @dataclass
@@ -472,92 +416,6 @@ class TransformersEngine:
         return finished
 
 
-class _Rows:
-    """The live rows of a batch, their masks and the state sampling needs."""
-
-    def __init__(self, batch: list[Work], tags: list[object], device: torch.device, pad_id: int,
-                 unpenalised: Collection[int] = ()) -> None:
-        self.work = batch
-        self.tags = tags
-        self.size = len(batch)
-        self.index = list(range(self.size))
-        self.generated: list[list[int]] = [[] for _ in batch]
-        self.started = [time.perf_counter()] * self.size
-        width = max(len(w.token_ids) for w in batch) or 1
-        ids = torch.full((self.size, width), pad_id, dtype=torch.long)
-        mask = torch.zeros((self.size, width), dtype=torch.long)
-        for i, w in enumerate(batch):
-            if w.token_ids:
-                ids[i, width - len(w.token_ids) :] = torch.tensor(w.token_ids)
-                mask[i, width - len(w.token_ids) :] = 1
-            else:
-                mask[i, -1] = 1
-        input_ids, position_ids = to_device(ids, device), to_device((mask.cumsum(-1) - 1).clamp(min=0), device)
-        # The prompts (ids, mask, positions) until the decoder is handed them at admission;
-        # None after, so nothing reads them once rows leave or join.
-        self.prompts: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = (
-            input_ids, to_device(mask, device), position_ids,
-        )  # fmt: skip
-        self.position = position_ids[:, -1]  # each row's latest position
-        # The tokens each row has seen, for the repetition penalty: its padding holds the
-        # row's own first token instead (penalised once either way), so a row batched with
-        # longer prompts does not penalise the padding token (often end-of-text) unlike alone.
-        self.seen = to_device(torch.where(mask.bool(), ids, ids.gather(1, mask.argmax(dim=1, keepdim=True))), device)
-        settings = [w.sampling for w in batch]
-        self.temperature = to_device(torch.tensor([s.temperature for s in settings]), device)
-        self.top_p = to_device(torch.tensor([s.top_p for s in settings]), device)
-        self.top_k = to_device(torch.tensor([s.top_k for s in settings]), device)
-        self.penalty = to_device(torch.tensor([s.repetition_penalty for s in settings]), device)
-        # The tokens that end a reply are never penalised: the prompt holds the end of every
-        # turn before it, and a penalty on those made stopping half as likely, so replies
-        # rambled on to max_new_tokens and ended mid-sentence.
-        self.unpenalised = to_device(torch.tensor(sorted(unpenalised), dtype=torch.long), device) if unpenalised else None
-        # Each row's uniform draws, one per token it samples (and one for a step taken past
-        # its length), drawn at admission on the host: a seeded row's from its own
-        # generator, so its reply depends on its seed alone, never on the rows beside it
-        # (and is the same on any device); the others' from torch's global generator.
-        # Sampling reads column ``position - start``: no launch per row, seeded or not.
-        self.uniforms = to_device(_uniforms([w.sampling for w in batch]), device)
-        self.start = self.position.clone()  # where its draws begin (the decoder owns the prompts)
-        # Plain copies, so deciding how to sample needs no device sync.
-        self.temperatures = [w.sampling.temperature for w in batch]
-        self.top_ks = [w.sampling.top_k for w in batch]
-        self.penalties = [w.sampling.repetition_penalty for w in batch]
-
-    def append(self, tokens: torch.Tensor) -> None:
-        self.position = self.position + 1
-        self.seen = torch.cat([self.seen, tokens[:, None]], dim=1)
-
-    def select(self, keep: list[int], index: torch.Tensor) -> None:
-        """Keep these rows (by position; ``index``: the same on the rows' device)."""
-        self.size = len(keep)
-        self.index = [self.index[i] for i in keep]
-        for name in ("position", "start", "uniforms", "seen", "temperature", "top_p", "top_k", "penalty"):
-            setattr(self, name, getattr(self, name).index_select(0, index))
-        self.temperatures = [self.temperatures[i] for i in keep]
-        self.top_ks = [self.top_ks[i] for i in keep]
-        self.penalties = [self.penalties[i] for i in keep]
-
-    def merge(self, other: _Rows) -> None:
-        """Append ``other``'s rows after these (rows that joined a running batch)."""
-        offset = len(self.work)
-        self.work = self.work + other.work
-        self.tags = self.tags + other.tags
-        self.generated += other.generated
-        self.started += other.started
-        self.index += [offset + i for i in other.index]
-        self.size += other.size
-        width = max(self.seen.shape[1], other.seen.shape[1])
-        self.seen = torch.cat([_widened(self.seen, width), _widened(other.seen, width)])
-        draws = max(self.uniforms.shape[1], other.uniforms.shape[1])  # columns past a row's own are never read
-        self.uniforms = torch.cat([_padded(self.uniforms, draws), _padded(other.uniforms, draws)])
-        for name in ("position", "start", "temperature", "top_p", "top_k", "penalty"):
-            setattr(self, name, torch.cat([getattr(self, name), getattr(other, name)]))
-        self.temperatures += other.temperatures
-        self.top_ks += other.top_ks
-        self.penalties += other.penalties
-
-
 def _reader(tokens: torch.Tensor) -> Callable[[], list[int]]:
     """Start copying ``tokens`` to the host; the returned call waits for them.
 
@@ -577,157 +435,3 @@ def _reader(tokens: torch.Tensor) -> Callable[[], list[int]]:
         return host.tolist()
 
     return read
-
-
-def _widened(seen: torch.Tensor, width: int) -> torch.Tensor:
-    """``seen`` left-padded to ``width`` with each row's own first token (see ``_Rows``)."""
-    return torch.cat([seen[:, :1].expand(-1, width - seen.shape[1]), seen], dim=1)
-
-
-def _padded(uniforms: torch.Tensor, draws: int) -> torch.Tensor:
-    """``uniforms`` with columns added up to ``draws`` (a row never reads past its own)."""
-    extra = draws - uniforms.shape[1]
-    return torch.cat([uniforms, uniforms.new_zeros((uniforms.shape[0], extra))], dim=1) if extra else uniforms
-
-
-def _uniforms(settings: list[Sampling]) -> torch.Tensor:
-    """One row of uniform draws in [0, 1) per row: ``max_new_tokens + 1`` of them (the
-    last for a step launched past the row's length, whose token is never used)."""
-    draws = torch.rand((len(settings), max(s.max_new_tokens for s in settings) + 1))
-    for i, sampling in enumerate(settings):
-        if sampling.seed is not None:
-            own = torch.Generator().manual_seed(sampling.seed)
-            draws[i, : sampling.max_new_tokens + 1] = torch.rand(sampling.max_new_tokens + 1, generator=own)
-    return draws
-
-
-class _EagerDecoder:
-    """Hugging Face's own forward pass and dynamic cache, for any causal LM."""
-
-    def __init__(self, model) -> None:
-        self.model = model
-        # transformers renamed `past_key_values` to `cache` in 5.2x; accept both.
-        params = inspect.signature(model.forward).parameters
-        self.cache_arg = "cache" if "cache" in params else "past_key_values"
-        self.cache = None
-        self.attention_mask = torch.empty(0)
-
-    def start(self, input_ids, attention_mask, position_ids, room: int) -> torch.Tensor:
-        from transformers import DynamicCache
-
-        self.cache = DynamicCache(config=self.model.config)
-        self.attention_mask = attention_mask
-        return self._forward(input_ids, position_ids)
-
-    def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        one = torch.ones((tokens.shape[0], 1), dtype=self.attention_mask.dtype, device=tokens.device)
-        self.attention_mask = torch.cat([self.attention_mask, one], dim=1)
-        return self._forward(tokens[:, None], positions[:, None])
-
-    def select(self, keep: list[int]) -> None:
-        index = torch.tensor(keep, device=self.attention_mask.device)
-        self.cache.batch_select_indices(index)
-        self.attention_mask = self.attention_mask[index]
-
-    def _forward(self, input_ids, position_ids) -> torch.Tensor:
-        return self.model(
-            input_ids=input_ids,
-            attention_mask=self.attention_mask,
-            position_ids=position_ids,
-            use_cache=True,
-            **{self.cache_arg: self.cache},
-        ).logits[:, -1, :]
-
-
-def _sample(logits: torch.Tensor, rows: _Rows) -> torch.Tensor:
-    """One token per row, each row with its own sampling settings.
-
-    What to do is decided from plain lists (no device sync); greedy rows without a
-    penalty read the logits as they come (bf16 on a GPU: the same argmax).
-    """
-    if any(p != 1.0 for p in rows.penalties):
-        logits = logits.float()
-        seen_scores = logits.gather(1, rows.seen)
-        factor = rows.penalty[:, None]
-        seen_scores = torch.where(seen_scores < 0, seen_scores * factor, seen_scores / factor)
-        penalised = logits.scatter(1, rows.seen, seen_scores)
-        if rows.unpenalised is not None:
-            penalised = penalised.index_copy(1, rows.unpenalised, logits.index_select(1, rows.unpenalised))
-        logits = penalised
-    if all(t <= 0 for t in rows.temperatures):
-        return logits.argmax(dim=-1)
-    logits = logits.float()
-    scaled = logits / rows.temperature.clamp(min=1e-5)[:, None]
-    vocab = scaled.shape[-1]
-    # Rows with a top-k never look past their k best tokens, so when every row has one
-    # a partial top-k replaces sorting the whole vocabulary; probabilities are still
-    # normalised over the whole vocabulary, so the top-p cut is the same as a full sort's.
-    widest = max(rows.top_ks) if all(k > 0 for k in rows.top_ks) else vocab
-    if widest < vocab:
-        sorted_logits, sorted_ids = scaled.topk(widest, dim=-1)
-    else:
-        sorted_logits, sorted_ids = scaled.sort(dim=-1, descending=True)
-    ranks = torch.arange(sorted_logits.shape[-1], device=logits.device)[None, :]
-    k = torch.where(rows.top_k > 0, rows.top_k, vocab)[:, None]
-    drop = ranks >= k
-    probs = (sorted_logits - scaled.logsumexp(dim=-1, keepdim=True)).exp()
-    before = probs.cumsum(dim=-1) - probs
-    drop |= before > rows.top_p[:, None]
-    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-    # Inverse CDF with each row's own uniform draw for this token (see ``_Rows.uniforms``):
-    # the first candidate whose cumulative probability passes it. Candidates past a row's
-    # own top-k add nothing, so a seeded row draws the same token whatever the widest
-    # top-k of the rows beside it.
-    cdf = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-    drawn = (rows.position - rows.start).clamp(max=rows.uniforms.shape[1] - 1)
-    threshold = rows.uniforms.gather(1, drawn[:, None]) * cdf[:, -1:]
-    choice = (cdf < threshold).sum(dim=-1, keepdim=True).clamp(max=cdf.shape[-1] - 1)
-    sampled = sorted_ids.gather(1, choice).squeeze(1)
-    if all(t > 0 for t in rows.temperatures):
-        return sampled
-    return torch.where(rows.temperature <= 0, logits.argmax(dim=-1), sampled)
-
-
-def _token_pieces(tokenizer) -> list[str]:
-    """Each token's text decoded on its own (the Rust tokenizer: 30 ms for 49,152 tokens)."""
-    ids = [[i] for i in range(len(tokenizer))]
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        return backend.decode_batch(ids, skip_special_tokens=True)
-    return tokenizer.batch_decode(ids, skip_special_tokens=True)
-
-
-def _may_complete(pieces: list[str], token: int, stop: list[str]) -> bool:
-    """Whether ``token`` may complete one of the ``stop`` strings, so the reply's tail is
-    worth decoding (about 8 us a row a step: 1 ms a step at 128 rows, as long as a GPU's
-    whole decode step).
-
-    A stop string the tail did not hold a token ago ends in this token's text, and that
-    text decoded alone holds its last character too, unless the token is part of a UTF-8
-    character (alone it reads as U+FFFD) or the character is a space (decoders add and
-    drop spaces between tokens). Those are always checked. (Special tokens are skipped
-    when decoding: they complete nothing.)
-    """
-    if token >= len(pieces):
-        return True
-    piece = pieces[token]
-    if "\ufffd" in piece:
-        return True
-    return any(not s or s[-1] in piece or s[-1].isspace() for s in stop)
-
-
-def _hits_stop(tokenizer, generated: list[int], stop: list[str]) -> bool:
-    # Only the tail can hold a stop string that was not there one token ago; a character
-    # may take a token per UTF-8 byte (an emoji: up to four).
-    longest = max(len(s.encode("utf-8")) for s in stop)
-    tail = tokenizer.decode(generated[-(longest + 4) :], skip_special_tokens=True)
-    return any(s in tail for s in stop)
-
-
-def _cut_at_stop(text: str, stop: list[str]) -> str:
-    cut = len(text)
-    for s in stop:
-        at = text.find(s)
-        if at != -1:
-            cut = min(cut, at)
-    return text[:cut]

@@ -23,70 +23,34 @@ repeats the keys per query head), and with ``compile`` the step is first compile
 Where Triton runs, ``decode_kernels`` offers the step for a few rows as five Triton
 kernels a layer (``kernels``: timed against the torch step, or always), and the static
 step's attention as one Triton kernel over the filled slots (``attention="triton"``).
+
+The decoder's parts: ``fused_weights`` (the fused and int8 projections),
+``decode_lanes`` (the static cache's lanes and prompt reads) and ``decode_graphs``
+(the captured steps and the choice among them).
 """
 
 from __future__ import annotations
 
 import logging
-import warnings
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from persona.host_copies import to_device
+from persona.decode_graphs import StepGraphs
+from persona.decode_lanes import StaticLanes, _rounded, lane_count
+from persona.fused_weights import _cat_bias, _fuse, _Layer, _Linear
 
-__all__ = ["LlamaDecoder", "lane_count", "prompt_shape", "supports", "supports_config"]
+__all__ = ["LlamaDecoder", "supports", "supports_config"]
 
 log = logging.getLogger(__name__)
 
 FUSABLE_MODEL_TYPES = frozenset({"llama"})
 KERNEL_CHOICES = ("never", "auto", "always")
 ATTENTION_CHOICES = ("torch", "triton", "auto")
-# The steps a captured layout can take (the "auto" choices time them and keep the fastest).
-TORCH, KERNELS, TRITON_ATTENTION = "torch", "kernels", "triton_attention"
-# "auto" offers the torch step with Triton attention to layouts of this many lanes or more
-# (smaller ones have the whole step as Triton kernels), so it is compiled for one class of shapes.
-ATTENTION_MIN_LANES = 16
-# A static cache's length is rounded up to this, so batches of similar prompts share
-# one shape (and so one captured graph and one compiled step).
-STATIC_CAPACITY_STEP = 64
-# A static cache has lanes for 1, 2, 4 or 8 rows, then for a multiple of this many.
-LANE_STEP = 8
-# A static cache with half its lanes idle or more for this many steps in a row is laid
-# out for fewer (a new layout costs a graph capture; rows that soon join again would
-# make it lay out more lanes again).
-SHRINK_AFTER_STEPS = 64
-# Prompts are read (prefilled) in a few fixed shapes, so a GPU captures each shape's read
-# once per layout (``prompt_shape``); larger reads are read as they are.
-PROMPT_MIN_WIDTH = 16
-PROMPT_CAPTURED_TOKENS = 8192
 # On a GPU a prompt read costs about as much as a few decode steps however short the
 # prompts (it is mostly launches), so rows wait up to this many steps to join a running
 # batch and are read together (the engine's ``join_every``).
 JOIN_EVERY = 8
-# The overload itself: calling the packet resolves it in Python on every call.
-_LINEAR_DYNAMIC = torch.ops.quantized.linear_dynamic.default
-
-
-def lane_count(rows: int) -> int:
-    """How many rows a static cache for ``rows`` rows is laid out for (its lanes)."""
-    if rows <= LANE_STEP:
-        return 1 << max(rows - 1, 0).bit_length()
-    return -(-rows // LANE_STEP) * LANE_STEP
-
-
-def prompt_shape(rows: int, width: int) -> tuple[int, int] | None:
-    """The fixed shape a static cache reads ``rows`` prompts of ``width`` tokens in (a GPU
-    captures each shape's read once): rows as lanes are counted, width to a power of two,
-    at least PROMPT_MIN_WIDTH. None for reads of more than PROMPT_CAPTURED_TOKENS tokens so
-    shaped: those are read as they are (their launches are a small part of their time)."""
-    shape = lane_count(rows), max(PROMPT_MIN_WIDTH, 1 << (width - 1).bit_length())
-    return shape if shape[0] * shape[1] <= PROMPT_CAPTURED_TOKENS else None
-
-
-def _rounded(slots: int) -> int:
-    return -(-slots // STATIC_CAPACITY_STEP) * STATIC_CAPACITY_STEP
 
 
 def supports(model) -> bool:
@@ -109,63 +73,7 @@ def supports_config(config) -> bool:
     return params.get("rope_type", "default") not in ("dynamic", "longrope")
 
 
-class _Linear:
-    """y = x W^T (+ b), in full precision or as fbgemm dynamic int8."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, int8: bool) -> None:
-        self.int8 = int8
-        if int8:
-            weight = weight.float()
-            scales = (weight.abs().amax(dim=1) / 127).clamp(min=1e-8).double()
-            zeros = torch.zeros(weight.shape[0], dtype=torch.long)
-            # torch marks its quantized tensors deprecated (in favour of torchao, which
-            # is not installed); the fbgemm kernels themselves are what we want.
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                quantized = torch.quantize_per_channel(weight, scales, zeros, 0, torch.qint8)
-                self.packed = torch.ops.quantized.linear_prepack(quantized, bias.float() if bias is not None else None)
-        else:
-            self.weight = weight
-            self.bias = bias
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.int8:
-            # reduce_range: fbgemm's AVX2 path saturates 16-bit sums with the full range.
-            return _LINEAR_DYNAMIC(x, self.packed, True)
-        return F.linear(x, self.weight, self.bias)
-
-
-def _fuse(linears, share: bool) -> torch.Tensor:
-    """The linears' weights stacked; with ``share`` they become views of the result,
-    so the model keeps working and holds no second copy of its weights."""
-    fused = torch.cat([lin.weight.detach() for lin in linears])
-    if share:
-        start = 0
-        for lin in linears:
-            rows = lin.weight.shape[0]
-            lin.weight.data = fused[start : start + rows]
-            start += rows
-    return fused
-
-
-def _cat_bias(*linears) -> torch.Tensor | None:
-    biases = [lin.bias for lin in linears]
-    if all(b is None for b in biases):
-        return None
-    return torch.cat([b if b is not None else torch.zeros(lin.out_features) for b, lin in zip(biases, linears)])
-
-
-@dataclass
-class _Layer:
-    qkv: _Linear
-    o: _Linear
-    gate_up: _Linear
-    down: _Linear
-    norm1: torch.Tensor
-    norm2: torch.Tensor
-
-
-class LlamaDecoder:
+class LlamaDecoder(StaticLanes, StepGraphs):
     """Prefill and decode steps over a left-padded batch with a preallocated KV cache."""
 
     can_join = True  # rows can be added while the batch decodes (``join``)
@@ -231,7 +139,7 @@ class LlamaDecoder:
         self.graphs = graphs and self.device.type == "cuda"
         self.at = torch.zeros((), dtype=torch.long, device=self.device)
         # static: rows live in lanes of a cache laid out for more rows than the batch may
-        # have (see "lanes" below); the layout's graphs by its number of lanes.
+        # have (see decode_lanes); the layout's graphs by its number of lanes.
         self.lanes: list[int] = []  # each row's lane, in the batch's order
         self._lane_ids: torch.Tensor | None = None  # the same on the device; None: rows are lanes 0..n-1
         self._spans: dict[int, tuple[int, int]] = {}
@@ -391,184 +299,7 @@ class LlamaDecoder:
         hidden = self._forward(ids, positions, attend[:, None], 0, caches=(k, v))
         return self.head(F.rms_norm(hidden[:, -1], (hidden.shape[-1],), self.norm, self.eps)), k, v
 
-    # -- lanes: a static cache's rows --------------------------------------------
-    #
-    # A static cache is laid out for a number of rows ("lanes", ``lane_count``) that can
-    # exceed the batch. A row that leaves frees its lane; a row that joins takes a free
-    # lane. The buffers, and the CUDA graphs captured over them, stay until the batch
-    # outgrows its lanes or its cache, or half its lanes or more idle for
-    # SHRINK_AFTER_STEPS steps (rows that left and others that soon join would otherwise
-    # make it shrink and grow again, capturing each time). Idle lanes
-    # decode stale inputs nobody reads. Each row's ``_spans`` entry (the slot its prompt
-    # starts at, the slot its last token ends at) says what a layout must keep.
-
-    def _allocate(self, lanes: int, capacity: int) -> None:
-        shape = (lanes, self.kv_heads, capacity, self.head_dim)
-        self.k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
-        self.v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
-        self.valid = torch.zeros((lanes, capacity), dtype=torch.bool, device=self.device)
-        self._feed = (
-            torch.zeros(lanes, dtype=torch.long, device=self.device),
-            torch.zeros(lanes, dtype=torch.long, device=self.device),
-        )
-        self._captured.clear()  # captured graphs point at the old tensors
-        if self._reads is not None:
-            self._reads.clear()
-            # A pool whose graphs are all gone cannot take a new capture (PyTorch's
-            # allocator asserts, and the failed capture leaves the RNG mid-capture, which
-            # then breaks torch.compile): this layout's reads get a pool of their own.
-            self._read_pool = torch.cuda.graph_pool_handle()
-        self.layouts += 1
-
-    def _set_length(self, length: int) -> None:
-        self.length = length
-        self.at.fill_(length)
-
-    def _read_into_lanes(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, room: int
-    ) -> torch.Tensor:
-        """Read prompts into free lanes, whole, their slots ending at ``self.length``;
-        return their next-token logits.
-
-        The read has a fixed shape (``prompt_shape``: the prompts left-padded to a width
-        bucket, the last row repeated to a row bucket), so on a GPU it is captured once per
-        shape and layout and replayed: one launch instead of ~25 a layer."""
-        rows, width = input_ids.shape
-        shape = prompt_shape(rows, width)
-        count, wide = shape or (rows, width)
-        taken = set(self.lanes)
-        lanes = [lane for lane in range(self.valid.shape[0]) if lane not in taken][:rows]
-        extra = count - rows
-        inputs = [
-            F.pad(torch.cat([t, t[-1:].expand(extra, -1)]) if extra else t, (wide - width, 0))
-            for t in (input_ids, attention_mask.bool(), position_ids)
-        ]
-        logits = self._read(*inputs, self._on_device(lanes + [lanes[-1]] * extra), capture=shape is not None)[:rows]
-        self.reads += 1
-        self.lanes += lanes
-        at = self.length
-        self._spans.update({lane: (at - width, at + room) for lane in lanes})
-        self._lanes_changed()
-        return logits
-
-    def _read(
-        self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, lane_ids: torch.Tensor, capture: bool
-    ) -> torch.Tensor:
-        """``_read_lanes``, on a GPU (``capture``) as a graph of this shape and layout,
-        captured after its first, uncaptured run."""
-        key = tuple(ids.shape)
-        if not capture or self._reads is None:
-            return self._read_lanes(ids, mask, positions, lane_ids)
-        captured = self._reads.get(key)
-        if captured is None:
-            inputs = (ids, mask, positions, lane_ids)
-            logits = self._read_lanes(*inputs)
-            try:
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self._read_pool):
-                    out = self._read_lanes(*inputs)
-                self._reads[key] = (graph, inputs, out)
-            except Exception as exc:  # noqa: BLE001 - the uncaptured read serves; stop trying
-                log.warning("cannot capture reading prompts (%s: %s); reading them uncaptured", type(exc).__name__, exc)
-                self._reads = None
-            return logits
-        graph, inputs, out = captured
-        for buffer, value in zip(inputs, (ids, mask, positions, lane_ids), strict=True):
-            buffer.copy_(value)
-        graph.replay()
-        return out.clone()  # the next read of any shape may reuse the graph's memory
-
-    def _read_lanes(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, lane_ids: torch.Tensor) -> torch.Tensor:
-        """Device work only, so it can be captured: prefill the prompts (``mask``: their
-        tokens, bool) and write each into its lane (``lane_ids``) of the batch's cache with
-        its last token at slot ``self.at`` - 1; the rest of the lane is zeroed."""
-        rows, wide = ids.shape
-        logits, k, v = self._read_prompts(ids, mask, positions, wide)
-        # Slot of each prompt position; padding that would fall before slot 0 goes to the
-        # last slot instead, unused until this lane's own decode writes it (masked till then).
-        capacity = self.valid.shape[1]
-        slots = self.at - wide + torch.arange(wide, device=self.device)
-        slots = torch.where(slots < 0, capacity - 1, slots)
-        for cache, new in zip((*self.k, *self.v), (*k, *v), strict=True):
-            lane = torch.zeros((rows, *cache.shape[1:]), dtype=self.dtype, device=self.device)
-            cache.index_copy_(0, lane_ids, lane.index_copy_(2, slots, new))
-        valid = torch.zeros((rows, capacity), dtype=torch.bool, device=self.device)
-        self.valid.index_copy_(0, lane_ids, valid.index_copy_(1, slots, mask))
-        return logits
-
-    def _make_room(self, rows: int, width: int, room: int) -> None:
-        """Before ``rows`` rows of ``width`` slots join needing ``room`` more: a free lane for
-        each, the running rows' slots moved right if the new prompts are longer than their
-        history, and cache slots to the longest reply's end. In place where the lanes and
-        slots suffice (dropping the slots before every row's start if need be), else in a
-        new layout with more lanes, or twice the slots (fewer layouts, so fewer captures,
-        as rows keep joining)."""
-        shift = max(0, width - self.length)
-        lead = min([self._spans[lane][0] + shift for lane in self.lanes] + [self.length + shift - width])
-        needed = max([self._spans[lane][1] + shift for lane in self.lanes] + [self.length + shift + room])
-        lanes, capacity = self.valid.shape
-        wanted = len(self.lanes) + rows
-        if wanted <= lanes and needed <= capacity:
-            if shift:
-                self._move(shift)
-        elif wanted <= lanes and needed - lead <= capacity:
-            self._move(shift - lead)
-        else:
-            if needed - lead > capacity:
-                capacity = _rounded(max(needed - lead, capacity * 2))
-            self._relayout(max(lanes, lane_count(wanted)), capacity, shift - lead)
-
-    def _move(self, move: int) -> None:
-        """Shift every row's slots by ``move`` within the same buffers."""
-        self.moves += 1
-        first = min(start for start, _ in self._spans.values())
-        at = self.length
-        for cache in (*self.k, *self.v):
-            cache[:, :, first + move : at + move] = cache[:, :, first:at].clone()
-        kept = self.valid[:, first:at].clone()
-        self.valid.zero_()
-        self.valid[:, first + move : at + move] = kept
-        self._spans = {lane: (start + move, end + move) for lane, (start, end) in self._spans.items()}
-        self._set_length(at + move)
-
-    def _relayout(self, lanes: int, capacity: int, move: int) -> None:
-        """New buffers of ``lanes`` lanes and ``capacity`` slots; the rows move into the
-        first lanes, in order, their slots shifted by ``move``."""
-        first = min(start for start, _ in self._spans.values()) if self._spans else self.length
-        at = self.length
-        index = self._on_device(self.lanes)
-        k, v, valid = self.k, self.v, self.valid
-        self._allocate(lanes, capacity)
-        rows = len(self.lanes)
-        for new, old in zip((*self.k, *self.v), (*k, *v), strict=True):
-            new[:rows, :, first + move : at + move] = old[index, :, first:at]
-        self.valid[:rows, first + move : at + move] = valid[index, first:at]
-        self._spans = {
-            lane: (self._spans[old][0] + move, self._spans[old][1] + move) for lane, old in enumerate(self.lanes)
-        }
-        self.lanes = list(range(rows))
-        self._set_length(at + move)
-        self._lanes_changed()
-
-    def _shrink_if_idle(self) -> None:
-        """Lay the cache out for fewer lanes once half or more have idled long enough."""
-        fewer = lane_count(len(self.lanes)) if self.lanes else 1
-        if fewer > self.valid.shape[0] // 2:
-            self._half_idle = 0
-            return
-        self._half_idle += 1
-        if self._half_idle >= SHRINK_AFTER_STEPS:
-            lead = min((start for start, _ in self._spans.values()), default=0)
-            self._relayout(fewer, self.valid.shape[1], -lead)
-            self._half_idle = 0
-
-    def _lanes_changed(self) -> None:
-        """Rows in lanes 0..n-1 of n need no scatter or gather around the step."""
-        self._lane_ids = None if self.lanes == list(range(self.valid.shape[0])) else self._on_device(self.lanes)
-
-    def _on_device(self, values: list[int]) -> torch.Tensor:
-        """Indices on the decoder's device, without waiting for the work queued before."""
-        return to_device(torch.tensor(values, dtype=torch.long), self.device)
+    # -- the static step ----------------------------------------------------------
 
     def _triton(self, name: str):
         """decode_kernels' ``name`` over this decoder, or None where Triton cannot run it."""
@@ -614,162 +345,6 @@ class LlamaDecoder:
         """Whether prompt reads replay captured graphs (a GPU's static cache, unless a
         capture failed: then they run uncaptured, and the log says why)."""
         return self._reads is not None
-
-    @property
-    def timed_sizes(self) -> list[int]:
-        """Lane counts an engine's warm-up runs a batch of: those whose first capture
-        times several steps (for one lane, compiles and tunes the Triton step alone)."""
-        if not self.graphs:
-            return []
-        sizes = set()
-        step = self.kernel_step
-        if step is not None and self.kernels == "auto":
-            # The small layouts, and one of each class of row counts the tiled kernels
-            # are tuned for (tuning takes seconds: here, not on a user's time).
-            sizes |= {lane_count(rows) for rows in range(1, step.vector_rows + 1)}
-            sizes |= {lane_count(rows) for rows in step.rows_classes}
-        if self._attention_fn is not None:
-            sizes.add(ATTENTION_MIN_LANES)  # compiles the torch step with Triton attention
-        return sorted(sizes)
-
-    def _replay(self) -> torch.Tensor:
-        """The static step as a CUDA graph over the lanes' inputs (``_feed``), captured on
-        first use of this layout; returns the graph's own logits, rewritten by each replay."""
-        lanes = self.valid.shape[0]
-        if lanes not in self._captured:
-            self._captured[lanes] = self._graph_for(*self._feed)
-        graph, logits = self._captured[lanes]
-        graph.replay()
-        return logits
-
-    def _graph_for(self, tokens: torch.Tensor, positions: torch.Tensor) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        """A graph of the step this many lanes take. The first time, each candidate step is
-        captured and timed and the fastest kept; a candidate that fails is dropped for good."""
-        batch = tokens.shape[0]
-        chosen = self._choice.get(batch)
-        if chosen is None and self.kernels == "always" and KERNELS in self._candidates(batch):
-            chosen = KERNELS
-        if chosen is not None:
-            graph = self._graph_of(chosen, tokens, positions)
-            if graph is not None:
-                self._choice[batch] = chosen
-                return graph
-        graphs = {}
-        for name in self._candidates(batch):
-            graph = self._graph_of(name, tokens, positions)
-            if graph is not None:
-                graphs[name] = graph
-        if not graphs:  # the only candidate failed: the torch step serves
-            graphs[TORCH] = self._graph_of(TORCH, tokens, positions)
-        if len(graphs) == 1:
-            name, graph = next(iter(graphs.items()))
-            self._choice[batch] = name
-            return graph
-        timed = {name: _replay_ms(graph[0]) for name, graph in graphs.items()}
-        best = min(timed, key=timed.get)
-        self._choice[batch] = best
-        self.step_ms[batch] = {self._label(name): round(ms, 4) for name, ms in timed.items()}
-        log.info(
-            "decode step for %d lane(s): %s; using the %s",
-            batch, ", ".join(f"{self._label(n)} {ms:.3f} ms" for n, ms in timed.items()), self._label(best),
-        )  # fmt: skip
-        return graphs[best]
-
-    def _candidates(self, batch: int) -> list[str]:
-        step = self.kernel_step
-        kernels = step is not None and (step.max_rows is None or batch <= step.max_rows)
-        # One lane takes the Triton step alone where it can: it beat the compiled step on
-        # every H100 run (0.85-0.93 ms a step against 1.0-1.08), and timing the torch step
-        # there would compile it once more (torch specialises a size of 1).
-        names = [] if kernels and batch == 1 else [TORCH]
-        if kernels:
-            names.append(KERNELS)
-        if self._attention_fn is not None and batch >= ATTENTION_MIN_LANES:
-            names.append(TRITON_ATTENTION)
-        return names
-
-    def _label(self, name: str) -> str:
-        if name == KERNELS:
-            return "kernels"
-        step = "compiled" if self.compiled else "eager"
-        return f"{step}_triton_attention" if name == TRITON_ATTENTION else step
-
-    def _graph_of(self, name: str, tokens: torch.Tensor, positions: torch.Tensor):
-        """The candidate step ``name`` captured; None if it failed (the torch step must not)."""
-        if name == TORCH:
-            return self._torch_graph(tokens, positions)
-        step = self.kernel_step if name == KERNELS else self._attention_fn
-        if step is None:
-            return None
-        try:
-            if name == TRITON_ATTENTION:
-                self._mark_dynamic(tokens, positions)
-            self._off_graph(step, tokens, positions)  # Triton (and inductor) compile here
-            return self._capture(step, tokens, positions)
-        except Exception as exc:  # noqa: BLE001 - any failure of Triton, compiling or capturing: others serve
-            log.warning("the %s step failed (%s: %s); decoding without it", self._label(name), type(exc).__name__, exc)
-            if name != KERNELS:
-                self._attention_fn = None
-            elif tokens.shape[0] > self.kernel_step.vector_rows:
-                self.kernel_step.max_rows = self.kernel_step.vector_rows  # the tiled kernels only
-            else:
-                self.kernel_step = None
-            return None
-
-    def _torch_graph(self, tokens: torch.Tensor, positions: torch.Tensor) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        self._off_graph(self._warm_step, tokens, positions)
-        try:
-            return self._capture(self._step_fn, tokens, positions)
-        except Exception as exc:
-            if not self.compiled:
-                raise
-            self._stop_compiling("cannot capture the compiled step", exc)
-            return self._capture(self._step_fn, tokens, positions)
-
-    @staticmethod
-    def _off_graph(fn, tokens: torch.Tensor, positions: torch.Tensor) -> None:
-        """Run a step once on a side stream before capturing it (compiles, picks kernels)."""
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            fn(tokens, positions)
-        torch.cuda.current_stream().wait_stream(side)
-
-    @staticmethod
-    def _capture(fn, tokens: torch.Tensor, positions: torch.Tensor) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            logits = fn(tokens, positions)
-        return graph, logits
-
-    def _mark_dynamic(self, tokens: torch.Tensor, positions: torch.Tensor) -> None:
-        """Before compiling: the batch size and the cache's length vary; the weights' shapes never do."""
-        for tensor in (*self.k, *self.v):
-            torch._dynamo.maybe_mark_dynamic(tensor, 0)
-            torch._dynamo.maybe_mark_dynamic(tensor, 2)
-        for tensor in (self.valid, tokens, positions):
-            torch._dynamo.maybe_mark_dynamic(tensor, 0)
-        torch._dynamo.maybe_mark_dynamic(self.valid, 1)
-
-    def _warm_step(self, tokens: torch.Tensor, positions: torch.Tensor) -> None:
-        """The torch step once before capturing it; a step that cannot compile runs uncompiled."""
-        if self.compiled:
-            self._mark_dynamic(tokens, positions)
-        try:
-            self._step_fn(tokens, positions)
-        except Exception as exc:
-            if not self.compiled:
-                raise
-            self._stop_compiling("torch.compile failed", exc)
-            self._static_step(tokens, positions)
-
-    def _stop_compiling(self, what: str, exc: Exception) -> None:
-        """From now on every step runs (and is captured) uncompiled."""
-        log.warning("%s (%s: %s); decoding with the uncompiled step", what, type(exc).__name__, exc)
-        self.compiled = False
-        self._step_fn = self._static_step
-        if self._attention_fn is not None:
-            self._attention_fn = self._triton_attention_step
 
     # -- the model ----------------------------------------------------------------
 
@@ -834,14 +409,3 @@ class LlamaDecoder:
         attended = torch.matmul(scores.softmax(dim=-1).to(v_cache.dtype), v_cache)  # (batch, kv, group, dim)
         return attended.reshape(batch, 1, self.heads, self.head_dim)
 
-
-def _replay_ms(graph: torch.cuda.CUDAGraph, replays: int = 20) -> float:
-    """Milliseconds per replay of a captured step (it rewrites the same slot each time)."""
-    graph.replay()
-    began, ended = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    began.record()
-    for _ in range(replays):
-        graph.replay()
-    ended.record()
-    ended.synchronize()
-    return began.elapsed_time(ended) / replays

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from persona.checkpoints import BASE_VERSION, checkpoint_candidates, resolve_checkpoint
-from persona.engine import Generator, TransformersEngine, llamacpp_available
+from persona.engine import Generator, TransformersEngine
+from persona.engine_modes import llamacpp_available
 from persona.errors import ModelError
 from persona.models import LOADING, LoadedModel, load_model, resolve_base
 from persona.personas import Persona

@@ -124,7 +124,7 @@ def test_bench_engine_measures_a_model_of_the_users_choosing(tmp_path, tiny_gpt2
     """--model benches any base: here a GPT-2 folder, which llama.cpp serves where installed."""
     import json
 
-    from persona.engine import llamacpp_available
+    from persona.engine_modes import llamacpp_available
 
     result = bench_engine_cli(
         tmp_path, "--model", str(tiny_gpt2_dir), "--batch", "1", "--tokens", "3", "--repeats", "1", "--json"

@@ -4,12 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from persona.engine import (
-    TransformersEngine,
-    Work,
-    llamacpp_available,
-    pick_engine_mode,
-)
+from persona.engine import TransformersEngine, Work
+from persona.engine_modes import llamacpp_available, pick_engine_mode
 from persona.models import LoadedModel, load_model
 from persona.personas import Sampling
 

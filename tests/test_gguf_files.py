@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from persona.engine import llamacpp_available
+from persona.engine_modes import llamacpp_available
 from persona.models import load_model
 
 pytestmark = pytest.mark.skipif(not llamacpp_available(), reason="llama-cpp-python (the `fast` extra) is not installed")

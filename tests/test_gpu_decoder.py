@@ -10,8 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from persona.decode_lanes import lane_count
 from persona.engine import TransformersEngine, Work
-from persona.llama_decoder import LlamaDecoder, lane_count
+from persona.llama_decoder import LlamaDecoder
 from persona.models import LoadedModel
 from persona.personas import Sampling
 from tests.arrivals import word_tokenizer

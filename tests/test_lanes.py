@@ -6,12 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from persona.llama_decoder import (
-    SHRINK_AFTER_STEPS,
-    LlamaDecoder,
-    lane_count,
-    prompt_shape,
-)
+from persona.decode_lanes import SHRINK_AFTER_STEPS, lane_count, prompt_shape
+from persona.llama_decoder import LlamaDecoder
 from tests.arrivals import random_works, serve_at_random, word_tokenizer
 from tests.checked_batch import CheckedBatch, prompt
 

@@ -8,7 +8,8 @@ import sys
 import pytest
 import torch
 
-from persona.engine import TransformersEngine, Work, llamacpp_available
+from persona.engine import TransformersEngine, Work
+from persona.engine_modes import llamacpp_available
 from persona.models import load_model
 from persona.personas import Sampling
 from tests.arrivals import random_works, serve_at_random

@@ -346,7 +346,7 @@ def test_a_persona_without_a_system_prompt_is_told_who_it_is(chat_model):
 def test_a_long_chat_on_a_small_cache_loses_old_turns_instead_of_failing(chat_model, model_cache_dir):
     """Prompts are sized to what one row may hold in the engine (llama.cpp's cache less a
     batch), not only to the model's positions: a long chat used to fail its request."""
-    from persona.engine import llamacpp_available
+    from persona.engine_modes import llamacpp_available
 
     if not llamacpp_available():
         pytest.skip("llama.cpp is not installed")

@@ -12,8 +12,9 @@ from pydantic import ValidationError
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from persona.contract import MAX_SEED, SamplingOverrides
-from persona.engine import TransformersEngine, Work, _Rows, _sample
+from persona.engine import TransformersEngine, Work
 from persona.personas import Sampling
+from persona.sampling import _Rows, _sample
 
 PROBS = [0.5, 0.3, 0.2, 0.0, 0.0, 0.0]
 

@@ -8,15 +8,10 @@ import torch
 from pydantic import ValidationError
 
 from persona.contract import SamplingOverrides
-from persona.engine import (
-    TransformersEngine,
-    Work,
-    _hits_stop,
-    _may_complete,
-    _Rows,
-    _token_pieces,
-)
+from persona.engine import TransformersEngine, Work
 from persona.personas import Sampling
+from persona.sampling import _Rows
+from persona.stop_strings import _hits_stop, _may_complete, _token_pieces
 
 TEXTS = [
     "Patience is a garden.\nUser: and the weeds?\nSage: Pull one a day.",

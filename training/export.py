@@ -15,7 +15,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from persona.engine import llamacpp_available
+from persona.engine_modes import llamacpp_available
 from persona.errors import ConfigError, ModelError
 from persona.gguf_files import GGUF_TYPES, unwritable, write_gguf
 from persona.models import LoadedModel, load_model

@@ -1,0 +1,74 @@
+"""Which decode path a model gets: ``pick_engine_mode`` makes an engine mode concrete.
+
+A mode asked for may not fit the model or the device (int8 and llama.cpp are CPU paths;
+the fused paths run Llama-family models only; llama.cpp needs the ``fast`` extra): the
+nearest one that does is used instead, and the log says why.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+
+import torch
+
+from persona import llama_decoder
+from persona.models import LoadedModel
+
+__all__ = ["ENGINE_MODES", "llamacpp_available", "pick_engine_mode"]
+
+log = logging.getLogger(__name__)
+
+# eager: Hugging Face's own modules (any causal LM). fused: the lean Llama decode loop
+# at full precision (the same logits). int8: that loop with int8 weights (CPU only).
+# llamacpp: llama.cpp's CPU kernels on a GGUF of the same weights (the bundled Q4_1 file
+# itself, or a checkpoint written as GGUF once). auto: the fastest the model and device allow.
+ENGINE_MODES = ("auto", "eager", "fused", "int8", "llamacpp")
+INT8_MIN_HIDDEN = 512  # hidden size from which int8 beats full precision on CPU
+
+
+def llamacpp_available() -> bool:
+    """Whether llama-cpp-python is installed (the ``fast`` extra)."""
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+def pick_engine_mode(mode: str, loaded: LoadedModel) -> str:
+    """The decode path a model gets: ``mode`` made concrete for this model and device."""
+    if mode not in ENGINE_MODES:
+        raise ValueError(f"unknown engine mode {mode!r}; choose one of {', '.join(ENGINE_MODES)}")
+    fusable = _fusable(loaded)
+    on_cpu = torch.device(loaded.device).type == "cpu"
+    if mode == "auto":
+        if on_cpu and loaded.gguf_ready and llamacpp_available():
+            return "llamacpp"  # Llama-family and GPT-2 models
+        return _torch_mode(loaded)
+    if mode in ("fused", "int8") and not fusable or mode == "llamacpp" and not (fusable or loaded.gguf_ready):
+        log.warning("%s is not a Llama-family model; using the eager engine instead of %s", loaded.name, mode)
+        return "eager"
+    if mode in ("int8", "llamacpp") and not on_cpu:
+        fallback = _torch_mode(loaded)  # fused, or eager for a model it cannot fuse
+        log.warning("%s is a CPU path; using the %s engine on %s", mode, fallback, loaded.device)
+        return fallback
+    if mode == "llamacpp" and not llamacpp_available():
+        fallback = _torch_mode(loaded)
+        log.warning("llama-cpp-python is not installed (`pip install '.[fast]'`); using the %s engine", fallback)
+        return fallback
+    return mode
+
+
+def _fusable(loaded: LoadedModel) -> bool:
+    """Whether our Llama decoder runs this model (judged from its config until loaded)."""
+    if loaded.weights_loaded:
+        return llama_decoder.supports(loaded.model)
+    return llama_decoder.supports_config(loaded.config)
+
+
+def _torch_mode(loaded: LoadedModel) -> str:
+    """The fastest torch path for this model: where llama.cpp is not installed, cannot
+    serve it, or could not write its GGUF."""
+    if not _fusable(loaded):
+        return "eager"
+    # int8 kernels cost a fixed few microseconds per call; only on wide layers do the
+    # bytes they save pay for that (measured: slower than fused on a 32-wide model).
+    wide = getattr(loaded.config, "hidden_size", 0) >= INT8_MIN_HIDDEN
+    return "int8" if torch.device(loaded.device).type == "cpu" and wide else "fused"
