@@ -261,7 +261,10 @@ class EmbeddedRedis:
             f"dir {_config_value(config.parent)}",
             "appendonly yes",
             "appendfsync everysec",
-            "save 60 1",
+            # The append-only file is what a restart loads; a snapshot is a second copy, taken
+            # hourly. Every minute (as it was), the workers' heartbeats alone forked a full
+            # save each minute, and each one wrote five lines to redis.log, for ever.
+            "save 3600 1",
             "protected-mode yes",
             f"requirepass {password}",
             f"logfile {_config_value(log_file)}",

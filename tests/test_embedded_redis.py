@@ -72,6 +72,15 @@ def test_a_folder_that_cannot_hold_the_socket_falls_back_to_tcp(server: Embedded
     assert "could not open a unix socket" in caplog.text
 
 
+def test_an_idle_service_is_not_snapshotted_every_minute(server: EmbeddedRedis):
+    """Heartbeats change a key every few seconds, and `save 60 1` forked a full snapshot of
+    every conversation each minute, each one five more lines in redis.log, for ever; the
+    append-only file is what a restart loads."""
+    client = redis.Redis.from_url(server.start())
+    assert client.config_get("appendonly") == {"appendonly": "yes"}
+    assert client.config_get("save") == {"save": "3600 1"}
+
+
 def test_a_data_directory_named_with_spaces_and_url_characters_works(tmp_path: Path):
     data = tmp_path / 'My "data" #1 100%?'  # what a folder on a desktop may be called
     server = EmbeddedRedis(data)
