@@ -3,7 +3,10 @@
 Cuts fall at a paragraph break if one is near the limit, else a line break, else a
 space; a word is cut only when it alone is longer than a message. A code block that
 must be cut is closed at the end of one message and reopened (same language) at the
-start of the next, so no message ever carries an unbalanced fence.
+start of the next, so no message ever carries an unbalanced fence. A fence written at the end
+of a line of prose ("Here is the code: ```python"), as models often write one, is first moved
+to a line of its own (``fences_on_own_lines``): Discord opens a block there too, and a fence
+is only found at the start of a line.
 
 Lengths are counted in Unicode code points (Python's ``len``), as both platforms count
 them: the Bot API server refuses a text whose ``utf8_length`` (tdlib's count of code
@@ -26,6 +29,7 @@ __all__ = [
     "DISCORD_MESSAGE_LIMIT_CHARS",
     "TELEGRAM_MESSAGE_LIMIT_CHARS",
     "fence_opener",
+    "fences_on_own_lines",
     "split_message",
     "toggles_fence",
 ]
@@ -39,6 +43,8 @@ MIN_LIMIT_CHARS = 40
 # A cut earlier than this share of the budget wastes too much of a message.
 GOOD_CUT_SHARE = 0.5
 _LANGUAGE = re.compile(r"\w{0,20}")
+# A fence that ends a line after other text, with its language if it names one: "The code: ```python".
+_FENCE_AFTER_TEXT = re.compile(r"(?P<text>(?:(?!```).)*?\S)[ \t]*(?P<fence>```\w{0,20})[ \t\r]*")
 _GRAPHEME = regex.compile(r"\X")
 
 
@@ -74,6 +80,26 @@ def fence_opener(line: str) -> str:
     """The fence that reopens a block whose opening line was ``line``."""
     language = _LANGUAGE.match(line.strip()[len(FENCE):])
     return FENCE + (language.group(0) if language else "") + "\n"
+
+
+def fences_on_own_lines(text: str) -> str:
+    """``text`` with each fence that ends a line of text moved to a line of its own: one that opens a
+    block ("Here it is: ```python") when a fence later closes it, one that closes a block ("x = 1```")."""
+    if FENCE not in text:
+        return text
+    lines = text.split("\n")
+    found = [_FENCE_AFTER_TEXT.fullmatch(line) if not toggles_fence(line) else None for line in lines]
+    last_fence = max((n for n, line in enumerate(lines) if found[n] or toggles_fence(line)), default=-1)
+    out: list[str] = []
+    inside = False
+    for number, (line, match) in enumerate(zip(lines, found)):
+        if match and (inside and match["fence"] == FENCE or not inside and number < last_fence):
+            out += [match["text"], match["fence"]]
+            inside = not inside
+        else:
+            out.append(line)
+            inside ^= toggles_fence(line)
+    return "\n".join(out)
 
 
 def _fence_state(text: str, opener: str) -> str:
@@ -123,7 +149,7 @@ def split_message(text: str, limit: int) -> list[str]:
         raise ValueError(f"a message limit below {MIN_LIMIT_CHARS} characters cannot hold a code fence")
     chunks: list[str] = []
     opener = ""  # the fence to reopen at the start of the next message
-    rest = _valid(text).strip()
+    rest = fences_on_own_lines(_valid(text)).strip()
     while rest:
         ends_inside = _fence_state(rest, opener)
         whole = opener + rest + (CLOSE_FENCE if ends_inside else "")

@@ -20,6 +20,7 @@ from adapters.splitting import (
     FENCE,
     MIN_LIMIT_CHARS,
     fence_opener,
+    fences_on_own_lines,
     split_message,
     toggles_fence,
 )
@@ -135,7 +136,7 @@ def _html_parts(text: str) -> list[tuple[str, str]]:
     """Each line, or code block, of ``text``: its HTML, and its text as written."""
     parts: list[tuple[str, str]] = []
     fence, block = None, []  # the line that opened the code block we are in, and its lines
-    for line in text.split("\n"):
+    for line in fences_on_own_lines(text).split("\n"):
         if toggles_fence(line) and fence is not None:
             parts.append((_code_block(fence, block, line), "\n".join([fence, *block, line])))
             fence, block = None, []

@@ -37,17 +37,19 @@ MAX_REMEMBERED_PASTES = 256
 
 
 def utf16_units(text: str) -> int:
-    """A text's length as Telegram's apps count it when they cut a paste into pieces."""
-    return len(text.encode("utf-16-le")) // 2
+    """A text's length as Telegram's apps count it when they cut a paste into pieces (half an emoji,
+    a lone surrogate from a webhook sender or a Bot API server of one's own, counts one)."""
+    return len(text.encode("utf-16-le", "surrogatepass")) // 2
 
 
 def join_pieces(texts: list[str]) -> str:
     """A paste from its pieces: one that fills a message was cut mid-word (as the mobile apps
-    cut); any other at a line break or space that Telegram trimmed away."""
+    cut); any other at a line break or space that Telegram trimmed away. Halves of an emoji
+    (surrogates) side by side are joined, and one alone becomes U+FFFD: it has no UTF-8 to send."""
     joined = texts[0]
     for previous, text in itertools.pairwise(texts):
         joined += ("" if utf16_units(previous) >= TELEGRAM_MESSAGE_LIMIT_CHARS else "\n") + text
-    return joined
+    return joined.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
 
 
 def _identity(update: Update) -> tuple[int, int]:

@@ -8,7 +8,8 @@ cleaned, then checked by the filters in order (the first that fails names the re
                  with no finished sentence worth keeping before it (see below)
     too_short    under the persona's ``filters.min_chars``
     too_long     over the tightest limit of the persona and every target platform
-    blocklist    contains a blocked word or phrase (case-insensitive, whole words)
+    blocklist    contains a blocked word or phrase (case-insensitive, whole words; in scripts
+                 written without spaces, Chinese or Japanese, anywhere: see ``originality.words``)
     degenerate   the model looped (a word or phrase over and over)
     copied       a verbatim run from the persona's corpus longer than ``max_copied_words``,
                  or a whole corpus entry of 4 words or more (see ``originality.CopyIndex``)
@@ -42,7 +43,7 @@ from itertools import pairwise
 from pathlib import Path
 
 from persona.errors import CorpusError
-from persona.originality import CopyIndex, distinct_n, words
+from persona.originality import UNSPACED_SCRIPTS, CopyIndex, distinct_n, words
 
 __all__ = [
     "Candidate",
@@ -84,22 +85,56 @@ X_LIGHT_RANGES = ((0, 4351), (8192, 8205), (8208, 8223), (8242, 8247))
 X_LINK_LENGTH = 23
 # The characters that count 2: one regex pass (a corpus's tweets are weighed too).
 _X_HEAVY = re.compile("[^" + "".join(f"\\U{low:08x}-\\U{high:08x}" for low, high in X_LIGHT_RANGES) + "]")
-_LINK = re.compile(r"https?://\S+", re.IGNORECASE)
+# A link as X finds one (twitter-text's ``extract_urls``, in part): with "http(s)://", or a bare
+# domain ("example.com"). Its path or query does not end in punctuation: "See example.com/a."
+# links "example.com/a". Each counts ``X_LINK_LENGTH``, however long, when its top-level domain
+# is one X knows (every country's, the common others); with another ("foo.bar": X knows
+# hundreds), as the longer of that and its characters, which X counts if it does not link it.
+_COUNTRY_TLDS = (
+    "ac ad ae af ag ai al am an ao aq ar as at au aw ax az ba bb bd be bf bg bh bi bj bl bm bn bo bq br bs bt bv "
+    "bw by bz ca cc cd cf cg ch ci ck cl cm cn co cr cu cv cw cx cy cz de dj dk dm do dz ec ee eg eh er es et eu fi "
+    "fj fk fm fo fr ga gb gd ge gf gg gh gi gl gm gn gp gq gr gs gt gu gw gy hk hm hn hr ht hu id ie il im in io iq "
+    "ir is it je jm jo jp ke kg kh ki km kn kp kr kw ky kz la lb lc li lk lr ls lt lu lv ly ma mc md me mf mg mh mk "
+    "ml mm mn mo mp mq mr ms mt mu mv mw mx my mz na nc ne nf ng ni nl no np nr nu nz om pa pe pf pg ph pk pl pm pn "
+    "pr ps pt pw py qa re ro rs ru rw sa sb sc sd se sg sh si sj sk sl sm sn so sr ss st su sv sx sy sz tc td tf tg "
+    "th tj tk tl tm tn to tp tr tt tv tw tz ua ug uk um us uy uz va vc ve vg vi vn vu wf ws ye yt za zm zw"
+)
+_COMMON_TLDS = (
+    "com net org edu gov mil int info biz name pro mobi app dev xyz online site tech blog news shop store club "
+    "live art page cloud wiki media link social world today email space website design studio agency games "
+    "global network digital life fun top icu vip work one lol wtf ninja guru photo photos video music bar "
+    "church travel codes software systems solutions support center company bio eco gay moe xxx"
+)
+X_KNOWN_TLDS = frozenset((_COUNTRY_TLDS + " " + _COMMON_TLDS).split())
+_LINK_LETTERS = "\u00c0-\u00d6\u00d8-\u00f6\u00f8-\u024f\u0300-\u036f\u0400-\u04ff\u1e00-\u1eff"  # X's accents, Cyrillic
+_LINK = re.compile(
+    r"(?<![a-z0-9@\uff20$#\uff03])"  # not inside a word, an address (a@b.com), a hashtag or a cashtag
+    r"(?:https?://(?:[^\W_](?:[\w-]*[^\W_])?\.)+"
+    rf"|(?<![-_./])(?:[-a-z0-9{_LINK_LETTERS}]+\.)+)"
+    r"(?P<tld>xn--[-0-9a-z]+|[a-z]{2,63})(?![0-9a-z@+-])(?::[0-9]{1,5})?"
+    rf"(?P<rest>[/?][a-z0-9!*';:=+,.$/%#\[\]\-\u2013_~@|&?(){_LINK_LETTERS}]*)?",
+    re.IGNORECASE,
+)
+# What a link's path or query may end in (else the character is the sentence's, not the link's).
+_LINK_END = re.compile(f"[-+a-z0-9=_#/&{_LINK_LETTERS}]", re.IGNORECASE)
 
 NEAR_REPEAT_SIMILARITY = 0.8  # difflib ratio over words at or above which two posts are "the same"
 REPEATED_WORD_RUN = 3  # the same word this many times in a row is a loop
 REPEATED_CHAR_RUN = 8  # the same character this many times in a row ("!!!!!!!!")
 MIN_DISTINCT_BIGRAMS = 0.6  # fewer distinct word pairs than this (over 8+ words) is a loop
 SWEET_SPOT_CHARS = (60, 180)
-CLOSERS = "\"'”’)]»"  # what may follow a sentence's last stop: "Be still." (she said)
-ELLIPSES = ("..", "…", ". .")  # a trail, not an ending: "...with each step anew..."
+CLOSERS = "\"'”’)]»」』）］】〕〉》"  # what may follow a sentence's last stop: "Be still." (she said)
+ELLIPSES = ("..", "…", ". .", "‥", "。。")  # a trail, not an ending: "...with each step anew..."
+# The stops that end a sentence: Chinese and Japanese write theirs full width, "。！？".
+SENTENCE_STOPS = ".!?。！？｡．"
 # Each of ``flaws``'s names, as a message says it of a text.
 FLAW_WORDS = {"unfinished": "does not end as a finished sentence", "open_quote": "leaves a double quote open"}
 LEAKED_MARKERS = re.compile(r"<\|[a-z_]+\|>|</?s>")
 # A cut-off text keeps its finished sentences only if they are at least this share of it.
 SALVAGE_MIN_SHARE = 1 / 3
-# Where a sentence may end inside a text: a stop (and closers) before a space.
-_SENTENCE_END = re.compile(rf"[.!?][{re.escape(CLOSERS)}]*(?=\s)")
+# Where a sentence may end inside a text: a stop (and closers) before a space, or a full-width
+# stop anywhere (Chinese and Japanese put no space after one); "３．１４" is a number.
+_SENTENCE_END = re.compile(rf"[.!?][{re.escape(CLOSERS)}]*(?=\s)|(?:[。！？｡]|．(?![0-9０-９]))[{re.escape(CLOSERS)}]*")
 # A stop after one of these ends a word, never a sentence: a title before a name ("Mr."),
 # or what introduces more ("e.g."). A text that ends in one was cut off mid-thought.
 NEVER_FINAL_ABBREVIATIONS = frozenset({
@@ -111,7 +146,8 @@ NEVER_FINAL_ABBREVIATIONS = frozenset({
 # letters, "J.R.R.", "U.S."), but a text the model ended there is finished.
 ABBREVIATIONS = NEVER_FINAL_ABBREVIATIONS | {"etc", "jr", "sr", "inc", "ltd", "co", "al", "esq"}
 _DOTTED_LETTERS = re.compile(r"(?:[^\W\d_]\.)+[^\W\d_]")
-_OPENERS = "\"'“‘([«"
+_OPENERS = "\"'“‘([«「『（［【〔〈《"
+_UNSPACED_CHARACTER = re.compile(f"[{UNSPACED_SCRIPTS}]")
 
 
 @dataclass(frozen=True)
@@ -171,10 +207,32 @@ def over_limits(text: str, platforms: Iterable[str]) -> list[str]:
 
 
 def x_length(text: str) -> int:
-    """How long X counts a post: a 140-character Japanese post is 280, X's whole limit."""
-    links = _LINK.findall(text)
-    rest = _LINK.sub("", text)
-    return X_LINK_LENGTH * len(links) + len(rest) + len(_X_HEAVY.findall(rest))
+    """How long X counts a post: a 140-character Japanese post is 280, X's whole limit; a link
+    ("https://example.com/a", or "example.com") 23, whatever its length."""
+    links = 0  # what the links count
+    pieces: list[str] = []
+    position = 0
+    for match in _LINK.finditer(text):
+        end = match.end()
+        rest = match["rest"] or ""
+        while rest and not _ends_link(rest):
+            rest, end = rest[:-1], end - 1
+        pieces.append(text[position : match.start()])
+        tld = match["tld"].lower()
+        known = tld in X_KNOWN_TLDS or tld.startswith("xn--")
+        links += X_LINK_LENGTH if known else max(X_LINK_LENGTH, end - match.start())
+        position = end
+    pieces.append(text[position:])
+    plain = "".join(pieces)
+    return links + len(plain) + len(_X_HEAVY.findall(plain))
+
+
+def _ends_link(rest: str) -> bool:
+    """Whether a link's path or query may end where ``rest`` does: in a letter, digit or "/", or a
+    ")" that closes a "(" of its own ("wiki/Pisa_(city)"), not the sentence's stop or bracket."""
+    if rest[-1] == ")":
+        return rest.count("(") >= rest.count(")")
+    return _LINK_END.match(rest[-1]) is not None
 
 
 def clean_text(raw: str) -> str:
@@ -193,7 +251,8 @@ def is_degenerate(text: str) -> bool:
     tokens = words(text)
     run = 1
     for previous, current in pairwise(tokens):
-        run = run + 1 if current == previous else 1
+        # A character of Chinese or Japanese is no word: "哈哈哈" (ha ha ha) is one, as "hahaha" is.
+        run = run + 1 if current == previous and not _UNSPACED_CHARACTER.fullmatch(current) else 1
         if run >= REPEATED_WORD_RUN:
             return True
     return len(tokens) >= 8 and distinct_n([text], 2) < MIN_DISTINCT_BIGRAMS
@@ -223,7 +282,7 @@ def is_finished(text: str) -> bool:
     closing quote or bracket), not an ellipsis that trails off, nor the stop of a title or an
     initial that a name should follow ("said Mr.", "by J.") or of "e.g."."""
     body = text.rstrip(CLOSERS)
-    if body[-1:] not in (".", "!", "?") or body.endswith(ELLIPSES):
+    if not body or body[-1] not in SENTENCE_STOPS or body.endswith(ELLIPSES):
         return False
     return not (body.endswith(".") and _ends_in_abbreviation(body, may_end=False))
 

@@ -7,6 +7,12 @@ one-line fortune) has no such run, so it is held whole: a text that repeats all 
 copies it too, if it has at least ``MIN_WHOLE_COPY_WORDS`` words. Words are compared
 lower-cased, punctuation stripped, so a copied sentence is caught however it is
 capitalised or punctuated.
+
+Chinese, Japanese, Thai and the like are written without spaces between words, and Korean
+joins its particles to its words ("학교에"): in those scripts (``UNSPACED_SCRIPTS``) each
+character is a word of its own, so a clause is not one long "word" that no other text
+shares. Two of them weigh as much as one word where runs are measured (a Chinese word is
+one or two characters, a Japanese one two or three): a run of 9 words is 18 characters.
 """
 
 from __future__ import annotations
@@ -14,34 +20,92 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-__all__ = ["MIN_WHOLE_COPY_WORDS", "CopyIndex", "copied_fraction", "distinct_n", "words"]
+__all__ = [
+    "MIN_WHOLE_COPY_WORDS",
+    "UNSPACED_SCRIPTS",
+    "CopyIndex",
+    "copied_fraction",
+    "distinct_n",
+    "split_unspaced",
+    "words",
+]
 
 # Shorter documents ("Thank you!") are phrases anyone writes, not the author's to copy.
 MIN_WHOLE_COPY_WORDS = 4
-WORD = re.compile(r"[\w']+", re.UNICODE)
+# Scripts written without spaces between words (a regex character class): Han (with 々〆〇),
+# Hiragana, Katakana (and its half-width forms), Hangul (syllables and jamo), Thai, Lao,
+# Khmer, Myanmar. Their punctuation ("。", "、", "「") is outside these ranges.
+UNSPACED_SCRIPTS = (
+    "\u3005-\u3007\u3040-\u309f\u30a0-\u30fa\u30fc-\u30ff\u31f0-\u31ff\u3400-\u4dbf\u4e00-\u9fff"
+    "\uf900-\ufaff\uff66-\uff9f\U00020000-\U0003134f"  # Han, kana
+    "\u1100-\u11ff\u3131-\u318e\ua960-\ua97f\uac00-\ud7a3\ud7b0-\ud7ff\uffa0-\uffdc"  # Hangul
+    "\u0e01-\u0e3a\u0e40-\u0e4e\u0e50-\u0e59\u0e81-\u0edf\u1000-\u109f\u1780-\u17dd\u17e0-\u17e9"
+)
+WORD = re.compile(f"[\\w'{UNSPACED_SCRIPTS}]+")
+_UNSPACED = re.compile(f"[{UNSPACED_SCRIPTS}]")
+_UNSPACED_SPLIT = re.compile(f"[{UNSPACED_SCRIPTS}]|[^{UNSPACED_SCRIPTS}]+")
+# What a word weighs where runs are measured, and a character of ``UNSPACED_SCRIPTS`` (half a word).
+_WORD_UNITS = 2
+_CHARACTER_UNITS = 1
+
+
+def split_unspaced(tokens: Iterable[str]) -> list[str]:
+    """``tokens`` with each character of a script written without spaces (``UNSPACED_SCRIPTS``)
+    a token of its own: "今日はいい天気" is seven, "GPUを使う" is "gpu", "を", "使", "う"."""
+    split: list[str] = []
+    for token in tokens:
+        if _UNSPACED.search(token):
+            split.extend(_UNSPACED_SPLIT.findall(token))
+        else:
+            split.append(token)
+    return split
 
 
 def words(text: str) -> list[str]:
-    """The text's words, lower-cased, punctuation dropped."""
-    return [w.lower() for w in WORD.findall(text)]
+    """The text's words, lower-cased, punctuation dropped; in scripts written without
+    spaces (``UNSPACED_SCRIPTS``), its characters."""
+    return split_unspaced(w.lower() for w in WORD.findall(text))
 
 
 def _ngrams(tokens: list[str], n: int) -> Iterable[tuple[str, ...]]:
     return (tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
 
 
+def _units(tokens: list[str]) -> list[int]:
+    """What each token weighs: a word 2, a character of a script written without spaces 1."""
+    return [_CHARACTER_UNITS if len(t) == 1 and _UNSPACED.match(t) else _WORD_UNITS for t in tokens]
+
+
+def _spans(units: list[int], need: int) -> Iterable[tuple[int, int]]:
+    """For each start, the shortest run of tokens from it that weighs ``need`` or more: (start, end)."""
+    end = total = 0
+    for start in range(len(units)):
+        while end < len(units) and total < need:
+            total += units[end]
+            end += 1
+        if total < need:
+            return
+        yield start, end
+        total -= units[start]
+
+
 class CopyIndex:
-    """Every ``n``-word run of a corpus, and its shorter documents whole, for fast verbatim-copy checks."""
+    """Every ``n``-word run of a corpus, and its shorter documents whole, for fast verbatim-copy checks.
+
+    A run is the shortest that weighs ``n`` words from where it starts: ``n`` words, or ``2 * n``
+    characters of a script written without spaces, or a mix. A text that copies ``n`` words'
+    weight from the corpus starts such a run where the copy starts, the same run as the corpus's."""
 
     def __init__(self, documents: Iterable[str], n: int = 8) -> None:
         self.n = n
         self._runs: set[tuple[str, ...]] = set()
-        self._whole: set[tuple[str, ...]] = set()  # documents shorter than n words
+        self._whole: dict[tuple[str, ...], int] = {}  # documents shorter than n words -> their weight in words
         for document in documents:
             tokens = words(document)
-            if MIN_WHOLE_COPY_WORDS <= len(tokens) < n:
-                self._whole.add(tuple(tokens))
-            self._runs.update(_ngrams(tokens, n))
+            units = _units(tokens)
+            if MIN_WHOLE_COPY_WORDS * _WORD_UNITS <= sum(units) < n * _WORD_UNITS:
+                self._whole[tuple(tokens)] = sum(units) // _WORD_UNITS
+            self._runs.update(tuple(tokens[i:j]) for i, j in _spans(units, n * _WORD_UNITS))
         self._whole_lengths = sorted({len(w) for w in self._whole}, reverse=True)
 
     def __len__(self) -> int:
@@ -50,29 +114,29 @@ class CopyIndex:
     def copies(self, text: str) -> bool:
         """Whether ``text`` contains ``n`` consecutive words of the corpus, or a whole short document."""
         tokens = words(text)
-        return self._longest_whole_copy(tokens) > 0 or any(run in self._runs for run in _ngrams(tokens, self.n))
+        return self._longest_whole_copy(tokens) > 0 or any(
+            tuple(tokens[i:j]) in self._runs for i, j in _spans(_units(tokens), self.n * _WORD_UNITS)
+        )
 
     def _longest_whole_copy(self, tokens: list[str]) -> int:
-        """The length of the longest short corpus document found whole in ``tokens`` (0 if none)."""
-        for length in self._whole_lengths:
-            if any(gram in self._whole for gram in _ngrams(tokens, length)):
-                return length
-        return 0
+        """The weight in words of the longest short corpus document found whole in ``tokens`` (0 if none)."""
+        return max((self._whole.get(gram, 0) for length in self._whole_lengths for gram in _ngrams(tokens, length)),
+                   default=0)
 
     def longest_copied_run(self, text: str) -> int:
         """The most consecutive words of ``text`` found verbatim in the corpus (0: nothing copied)."""
         tokens = words(text)
+        units = _units(tokens)
+        copied = {i: j for i, j in _spans(units, self.n * _WORD_UNITS) if tuple(tokens[i:j]) in self._runs}
         best = self._longest_whole_copy(tokens)
-        i = 0
-        while i + self.n <= len(tokens):
-            if tuple(tokens[i : i + self.n]) in self._runs:
-                j = i + self.n
-                while j < len(tokens) and tuple(tokens[j - self.n + 1 : j + 1]) in self._runs:
-                    j += 1
-                best = max(best, j - i)
-                i = j
-            else:
-                i += 1
+        start = None
+        end = 0
+        for i in range(len(tokens) + 1):  # a copy goes on while each next start begins a copied run too
+            if i in copied:
+                start, end = (i, copied[i]) if start is None else (start, max(end, copied[i]))
+            elif start is not None:
+                best = max(best, sum(units[start:end]) // _WORD_UNITS)
+                start = None
         return best
 
 

@@ -22,7 +22,12 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
 from persona.errors import CorpusError
-from training.cleaning import CleanOptions, clean_documents, normalize_text
+from training.cleaning import (
+    CleanOptions,
+    clean_documents,
+    has_mojibake,
+    normalize_text,
+)
 from training.corpus import Corpus, build_corpus, read_corpus, write_corpus
 from training.fortune import read_fortune
 from training.json_records import read_jsonl
@@ -1552,3 +1557,27 @@ def test_cli_reads_a_json_file_named_as_json_and_one_in_a_folder_only_when_named
     wrong = _persona_cli(str(posts), "-o", str(tmp_path / "wrong.jsonl"))
     assert wrong.returncode == 1, wrong.stderr
     assert f"skipped {posts}:1: not JSON: Expecting value; --format text reads it as plain text" in wrong.stderr
+
+
+def test_cleaning_keeps_the_authors_characters_and_merges_only_one_letter_spelled_two_ways():
+    """NFKC rewrote the text: "ㅋㅋㅋ" became jamo that do not show as the laughing ㅋ, "E=mc²" became "E=mc2"."""
+    for written in ["ㅋㅋㅋ 진짜", "ㅋㅠ", "E=mc² and H₂O", "x⁻¹", "①②③", "10㎏", "Brand™", "ｶﾀｶﾅ", "…"]:
+        assert normalize_text(written) == written
+    assert normalize_text("cafe\u0301") == "café"
+    kept, report = clean_documents(["10㎏ of rice", "10kg of rice", "café", "cafe\u0301"])
+    assert kept == ["10㎏ of rice", "café"] and report.dropped["duplicate"] == 2  # NFKC still finds duplicates
+
+
+def test_c1_control_characters_are_removed():
+    assert normalize_text("a\x9dmenu\x80 b") == "amenu b"
+
+
+def test_mojibake_is_kept_with_one_warning_naming_the_file_and_a_count(tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    source = tmp_path / "notes.txt"
+    source.write_text("CafÃ© and its â€œmenuâ€\x9d.\n\nA plain line.\n\nSÃO PAULO is not garbled.\n", encoding="utf-8")
+    with caplog.at_level("WARNING", logger="training.corpus"):
+        result = build_corpus([source])
+    [warning] = caplog.messages
+    assert f"{source}: 1 of 3 document(s) hold UTF-8 read as another encoding" in warning and "iconv" in warning
+    assert "CafÃ© and its â€œmenuâ€." in result.corpus.documents  # not repaired, only said
+    assert not has_mojibake("São Paulo, naïve, Â. 5°C")

@@ -69,6 +69,21 @@ def test_x_counts_cjk_emoji_and_links_its_own_way():
     assert x_length("Read https://example.com/a/very/long/path/that/x/shortens/anyway now") == 5 + 23 + 4
 
 
+def test_x_counts_a_link_without_a_scheme_and_leaves_out_the_punctuation_after_one():
+    """As twitter-text's parse_tweet counts them (twitter-text-parser 3.0.0): a post of 276 characters
+    with "x.com" in it is 294 on X, and X refused it."""
+    assert x_length("See x.com") == 4 + 23
+    assert x_length("Read more at example.com today.") == 13 + 23 + 7
+    assert x_length("Go to https://example.com.") == 6 + 23 + 1
+    assert x_length("(https://example.com/a)") == 1 + 23 + 1
+    assert x_length("https://en.wikipedia.org/wiki/Pisa_(city) is nice") == 23 + 8
+    assert x_length("visit www.example.co.uk/path?q=1&r=2, ok") == 6 + 23 + 4
+    assert x_length("http://twitter.com/これは日本語です。example.com中国語") == 23 + 2 * 9 + 23 + 2 * 3
+    assert x_length("mail me at user@example.com, or #example.com") == 44  # an address and a hashtag are no links
+    assert x_length("e.g. this, i.e. that, 3.14 and v1.2.3") == 37
+    assert reason("a" * 270 + " x.com", platforms=["x"]) == "too_long"
+
+
 def test_blocklist_matches_whole_words_case_insensitively():
     assert reason("Damn the torpedoes, full patience ahead.", blocklist=["DAMN"]) == "blocklist"
     assert reason("Amsterdam teaches patience to its cyclists.", blocklist=["dam"]) is None

@@ -131,6 +131,21 @@ def test_an_unclosed_fence_is_closed():
     assert split_message("```\ncode", 100) == ["```\ncode\n```"]
 
 
+def test_a_fence_opened_after_text_on_its_line_is_a_fence_when_split_and_formatted():
+    """Models write "Here is the code: ```python": the code was shown as prose on Telegram, the prose
+    after it as code, and a message cut inside it for Discord was left with its fence open."""
+    code = "".join(f"    result_{i} = compute_value({i}, scale=2)  # step {i}\n" for i in range(60))
+    text = "Sure! Here is the code: ```python\n" + code + "```\nThat's all you need."
+    parts = split_message(text, 2000)
+    assert len(parts) == 2 and all(part.count("```") == 2 for part in parts)
+    assert parts[0].startswith("Sure! Here is the code:\n```python\n") and parts[1].startswith("```python\n")
+    assert parts[1].endswith("```\nThat's all you need.")
+    short = 'Sure! Here is the code: ```python\nprint("hi")\nx = 1```\nThat is all you need.'
+    assert telegram_html(short) == ('Sure! Here is the code:\n<pre><code class="language-python">print("hi")\nx = 1'
+                                    "</code></pre>\nThat is all you need.")
+    assert split_message("The fence is ``` and that is all.", 100) == ["The fence is ``` and that is all."]
+
+
 def test_limit_too_small_is_refused():
     with pytest.raises(ValueError):
         split_message("x", 10)

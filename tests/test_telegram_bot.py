@@ -1156,6 +1156,15 @@ async def test_retry_after_a_full_queue_answers_the_message_it_refused(start_bot
         await fake_api.wait_for(lambda: fake_api.texts() == [BUSY_TEXT, "echo: are you there?"], timeout=10)
 
 
+async def test_a_message_holding_half_an_emoji_is_answered(start_bot, fake_api, telegram_settings):
+    """A lone surrogate (JSON's "\\ud83d", from a webhook sender or a Bot API server of one's own)
+    could not be counted in UTF-16: the handler failed and the message was never answered."""
+    with scripted_worker(telegram_settings, echo):
+        await start_bot()
+        fake_api.push_message("half an emoji \ud83d here")
+        await fake_api.wait_for(lambda: fake_api.texts() == ["echo: half an emoji \ufffd here"], timeout=15)
+
+
 async def test_quick_messages_in_a_group_are_answered_in_the_order_they_came(start_bot, fake_api, telegram_settings):
     """Each message of a quick run waited for Redis (its rate limit) before taking its place in
     the conversation, and Redis's answers come back in any order: the run was answered shuffled,

@@ -1,7 +1,9 @@
 """Cleaning documents: Unicode and whitespace normalised, duplicates dropped.
 
-Exact duplicates are found on a folded form of the text (case, punctuation and spacing
-ignored), near duplicates by the overlap of their word 3-grams (Jaccard similarity at
+The text kept is the author's, in NFC: spelled one way where Unicode has two for the same
+letter ("é" as one character or as "e" and an accent), and otherwise as written ("E=mc²",
+"ㅋㅋㅋ", "①" stay) but for full-width Latin, ligatures and wide spaces (``_COMPATIBILITY_FOLD``). Exact duplicates are found on a folded form of the text (NFKC, so "ﬁ" is
+"fi" and "ＡＢＣ" "abc"; case, punctuation and spacing ignored), near duplicates by the overlap of their word 3-grams (Jaccard similarity at
 or above ``NEAR_DUPLICATE_JACCARD``): the same joke told twice with a changed word is
 one document, not two, and would otherwise be learned by heart (or be held out for
 validation while its twin is trained on). One changed word alters up to three 3-grams,
@@ -24,7 +26,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from difflib import SequenceMatcher
 
-__all__ = ["CleanOptions", "CleanReport", "Progress", "clean_documents", "normalize_text"]
+from persona.originality import UNSPACED_SCRIPTS, split_unspaced
+
+__all__ = ["CleanOptions", "CleanReport", "Progress", "clean_documents", "has_mojibake", "normalize_text"]
 
 NEAR_DUPLICATE_JACCARD = 0.8
 NEAR_DUPLICATE_WORD_RATIO = 0.85  # one word changed in seven, or a misspelling in a tweet
@@ -41,8 +45,22 @@ _URL = re.compile(r"(?:https?://|www\.)\S+", re.IGNORECASE)
 _HANDLE = re.compile(r"(?<![\w@])@\w{1,30}\b")
 # Invisible characters that carry nothing, but not ZWNJ and ZWJ (U+200C, U+200D): they
 # are part of Persian and Indic spelling and join emoji sequences. And half an emoji: a lone surrogate
-# (JSON's "\ud83d" from a post cut short), which no file can hold as UTF-8.
-_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\u200b\u200e\u200f\u2028\u2029\ufeff\ud800-\udfff]")
+# (JSON's "\ud83d" from a post cut short), which no file can hold as UTF-8. And the C1 controls
+# (U+0080-U+009F: bytes of another encoding read as Latin-1) but U+0085, a line break (NEL).
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x84\x86-\x9f\u200b\u200e\u200f\u2028\u2029\ufeff\ud800-\udfff]")
+# UTF-8 read as Windows-1252 or Latin-1 ("mojibake"): "Ã©" was "é", "â€™" was "’", "Â " a no-break space.
+# What follows the lead letter is the second byte of a UTF-8 character, as those encodings show it.
+_UTF8_SECOND_BYTE = "\x80-\xbf€‚ƒ„…†‡ˆ‰Š‹ŒŽ‘’“”•–—˜™š›œžŸ"
+_MOJIBAKE = re.compile(f"Ã[{_UTF8_SECOND_BYTE}]|Â[\xa0-\xbf]|â€[{_UTF8_SECOND_BYTE}]")
+# The few compatibility characters the kept text does fold, as NFKC would: full-width Latin letters, digits
+# and signs ("Ｆｕｌｌ" is "Full"), the Latin ligatures ("ﬁ" is "fi") and the spaces of other widths (a
+# no-break space from a web page). What else NFKC folds is the author's ("E=mc²", "ㅋ", "①", "™").
+_COMPATIBILITY_FOLD = str.maketrans(
+    {chr(c): chr(c - 0xFEE0) for c in range(0xFF01, 0xFF5F)}
+    | dict(zip("\ufb00\ufb01\ufb02\ufb03\ufb04\ufb05\ufb06", ["ff", "fi", "fl", "ffi", "ffl", "st", "st"], strict=True))
+    | dict.fromkeys([0xA0, *range(0x2000, 0x200B), 0x202F, 0x205F, 0x3000], " ")
+)
+_FOLD_WORD = re.compile(f"[\\w{UNSPACED_SCRIPTS}]+")
 
 
 @dataclass
@@ -80,9 +98,10 @@ def _overstrike(text: str) -> str:
 
 
 def normalize_text(text: str, options: CleanOptions | None = None) -> str:
-    """NFKC Unicode, no control characters, single spaces, at most one blank line."""
+    """NFC Unicode (full-width Latin, ligatures and wide spaces folded), no control characters, single
+    spaces, at most one blank line."""
     options = options or CleanOptions()
-    text = unicodedata.normalize("NFKC", text).replace("\r\n", "\n").replace("\r", "\n")
+    text = unicodedata.normalize("NFC", text).translate(_COMPATIBILITY_FOLD).replace("\r\n", "\n").replace("\r", "\n")
     text = text.replace("<|endoftext|>", "")  # a leaked marker must never be learned
     if "\b" in text:
         text = _overstrike(text)
@@ -96,8 +115,15 @@ def normalize_text(text: str, options: CleanOptions | None = None) -> str:
     return re.sub(r"\n{3,}", "\n\n", text).strip()
 
 
+def has_mojibake(text: str) -> bool:
+    """Whether ``text`` holds UTF-8 that was read as Windows-1252 or Latin-1 ("cafÃ©" for "café")."""
+    return _MOJIBAKE.search(text) is not None
+
+
 def _folded(text: str) -> str:
-    return " ".join(re.findall(r"\w+", text.casefold()))
+    """The words of ``text`` as compared for duplicates: NFKC, case folded, punctuation dropped; in
+    scripts written without spaces (Chinese, Japanese, Thai...), each character a word."""
+    return " ".join(split_unspaced(_FOLD_WORD.findall(unicodedata.normalize("NFKC", text).casefold())))
 
 
 def _shingles(tokens: list[str]) -> set[tuple[str, ...]]:

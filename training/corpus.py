@@ -22,7 +22,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from persona.errors import CorpusError
-from training.cleaning import CleanOptions, CleanReport, Progress, clean_documents
+from training.cleaning import (
+    CleanOptions,
+    CleanReport,
+    Progress,
+    clean_documents,
+    has_mojibake,
+)
 from training.fortune import read_fortune
 from training.json_records import read_jsonl
 from training.markdown import read_markdown
@@ -237,6 +243,7 @@ def build_corpus(
             problems.extend(documents.left_out)
         by_format[chosen] += len(documents)
         raw.extend(doc.text for doc in documents)
+        _warn_of_mojibake(path, [doc.text for doc in documents])
     texts, report = clean_documents(raw, clean_options, progress)
     splits = assign_splits(texts)
     tail_held_out = len(texts) == 1 and len(texts[0]) >= TAIL_HELD_OUT_MIN_CHARS
@@ -248,6 +255,17 @@ def build_corpus(
         fingerprint=_fingerprint(zip(texts, splits)),
     )
     return BuildResult(corpus, len(files), len(raw), report, problems, by_format, tail_held_out, left_out)
+
+
+def _warn_of_mojibake(path: Path, texts: list[str]) -> None:
+    """Warn, in one line, when a file's documents hold UTF-8 read as another encoding: kept as they are,
+    since a guess at repairing them could as well spoil a text that means what it says."""
+    garbled = sum(map(has_mojibake, texts))
+    if garbled:
+        log.warning("%s: %d of %d document(s) hold UTF-8 read as another encoding (\"cafÃ©\" for \"café\", "
+                    "\"â€™\" for \"’\"), kept as they are. If the file was converted to UTF-8 twice, "
+                    "`iconv -f UTF-8 -t WINDOWS-1252 %s > fixed.txt` undoes one; then build from fixed.txt",
+                    path, garbled, len(texts), path)
 
 
 def write_corpus(corpus: Corpus, path: Path) -> None:
