@@ -116,6 +116,15 @@ def test_copied_from_the_corpus(tmp_path: Path):
     assert reason(eight_words, corpus=index) is None
 
 
+def test_a_copy_that_differs_only_in_its_apostrophes_is_a_copy(tmp_path: Path):
+    """The corpus wrote "can’t" and the sample "can't": the copy went unseen (longest run 0)."""
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text(json.dumps({"text": "You can’t step twice into the river, and you don’t step once."}) + "\n")
+    index = load_corpus(corpus, max_copied_words=8)
+    assert reason("You can't step twice into the river, and you don't step once.", corpus=index) == "copied"
+    assert reason("You ʼcanʼt step twice into the river, and you donʼt step once.", corpus=index) == "copied"
+
+
 def test_corpus_errors_name_the_line(tmp_path: Path):
     bad = tmp_path / "corpus.jsonl"
     bad.write_text('{"text": "fine"}\nnot json\n')
