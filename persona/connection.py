@@ -8,7 +8,7 @@ import time
 from collections.abc import Iterator
 from contextvars import ContextVar
 from pathlib import Path
-from urllib.parse import parse_qs, unquote, urlparse
+from urllib.parse import parse_qs, urlparse
 
 import redis
 import redis.asyncio
@@ -23,9 +23,13 @@ from persona.embedded_locks import served_on
 from persona.embedded_record import recorded_url
 from persona.embedded_redis import find_embedded_url, server_pid
 from persona.errors import ConfigError, PersonaError, RedisUnavailable
+from persona.logs import REDACTED, describe_url, url_secrets
 from persona.settings import Settings
 
-__all__ = ["connect", "connect_async", "describe_url", "not_ready", "redis_url", "retrying_until", "unchecked_client"]
+__all__ = [
+    "acl_advice", "check_permissions", "connect", "connect_async", "full_redis_text", "is_full", "not_ready", "redis_url",
+    "refusal_text", "retrying_until", "size_text", "unchecked_client", "user_of",
+]
 
 RETRIES = 8
 # How long a connection may take to open, and a reply to come: a host that drops packets
@@ -40,6 +44,7 @@ NEWER_REDIS = "the official redis:7 image, or `persona up`'s embedded one"
 # How long a command waits for an embedded Redis that runs but does not answer yet (loading
 # a large data set after a restart, or starting) before it says so.
 EMBEDDED_WAIT_S = 5.0
+BYTES_PER_MB = 1 << 20
 
 
 def redis_url(settings: Settings) -> str:
@@ -91,14 +96,6 @@ def not_ready(data_dir: Path, pid: int) -> str:
             f"see its log, {log_file}")
 
 
-def describe_url(url: str) -> str:
-    """The URL with any password hidden, for logs and errors."""
-    if "@" not in url:
-        return url
-    scheme, _, rest = url.partition("://")
-    return f"{scheme}://***@{rest.rpartition('@')[2]}"
-
-
 def _server_info(info, ping) -> dict:
     """What Redis says about itself; {} for a user its ACL denies INFO (managed Redis often
     does), whose Redis is then only pinged and its version left unchecked."""
@@ -122,6 +119,89 @@ def _check_version(info: dict, url: str) -> None:
             f"Redis at {describe_url(url)} is version {version}; persona needs "
             f"{'.'.join(map(str, OLDEST_REDIS))} or newer ({NEWER_REDIS})"
         )
+
+
+# What persona runs, and on which keys: every key it uses starts with persona: (no pub/sub
+# channel). INFO is @dangerous, but lets it warn of a Redis that may delete its keys.
+ACL_RULES = "~persona:* +@all -@dangerous +info"
+# A key no one writes: a stream read through a group it does not have answers NOGROUP, once
+# the user's ACL has let the command run on it.
+ACL_PROBE_KEY = "persona:acl-probe"
+
+
+def user_of(url: str) -> str:
+    """The Redis user ``url`` connects as (``default`` where it names none)."""
+    return redis.connection.parse_url(url).get("username") or "default"
+
+
+def acl_advice(user: str) -> str:
+    """What a Redis user needs for persona, as the ACL line that grants it."""
+    return (f"persona needs scripting (EVAL, EVALSHA, SCRIPT LOAD), streams, lists and hashes on keys persona:*; "
+            f"grant it with `ACL SETUSER {user} reset on >PASSWORD {ACL_RULES}` (in redis.conf or users.acl: "
+            f"`user {user} on >PASSWORD {ACL_RULES}`)")
+
+
+def check_permissions(client: redis.Redis, url: str) -> None:
+    """Refuse, as a ConfigError naming the user and the rules it needs, a Redis user whose ACL
+    denies what persona runs (scripts; streams on persona:* keys): a worker found out only
+    after loading every model. Run by long-running services as they start."""
+    try:
+        client.eval("return 1", 0)
+        client.evalsha(client.script_load("return 1"), 0)
+        try:
+            client.xreadgroup("persona-acl-probe", "probe", {ACL_PROBE_KEY: ">"}, count=1)
+        except redis.exceptions.NoPermissionError:
+            raise
+        except redis.exceptions.ResponseError:  # NOGROUP: the ACL let it run, and nothing was read
+            pass
+    except redis.exceptions.NoPermissionError as exc:
+        raise ConfigError(
+            f"Redis at {describe_url(url)} refuses user {user_of(url)!r} what persona needs "
+            f"({_without_password(str(exc).rstrip('.'), url)}): {acl_advice(user_of(url))}"
+        ) from None
+
+
+def full_redis_text(max_bytes: int | None = None) -> str:
+    """What a Redis at its maxmemory (under noeviction) means for persona, and what to do."""
+    limit = f" {size_text(max_bytes)}" if max_bytes else ""
+    return (f"Redis is full (maxmemory{limit} reached): nothing new can be queued; "
+            "free memory or raise maxmemory (`CONFIG SET maxmemory ...`)")
+
+
+def size_text(count: int) -> str:
+    """A size in bytes as people read it: ``6.1 MB``, ``1.0 GB``, or under a MB, ``512 bytes``."""
+    if count >= 1 << 30:
+        return f"{count / (1 << 30):.1f} GB"
+    return f"{count / BYTES_PER_MB:.1f} MB" if count >= BYTES_PER_MB else f"{count} bytes"
+
+
+def refusal_text(exc: redis.exceptions.RedisError, *, user: str = "default", max_bytes: int | None = None) -> str | None:
+    """What Redis refusing a command means where it is a state of Redis's to fix, not a fault:
+    full (OOM; ``max_bytes``, its maxmemory, where known), ``user`` denied the command by its
+    ACL (NOPERM), unable to save (MISCONF), a read-only replica; None for any other failure.
+    (It quotes Redis's words: the caller hides any secret in them.)"""
+    said = str(exc).rstrip(".")
+    if isinstance(exc, redis.exceptions.NoPermissionError) or _said(said, "NOPERM"):
+        return f"Redis refuses user {user!r} a command ({said}): {acl_advice(user)}"
+    if is_full(exc):
+        return full_redis_text(max_bytes)
+    if _said(said, "MISCONF"):  # it refuses every write, PING too, until it can save again
+        return (f"Redis cannot write its data to disk (full, or not writable), so it refuses every change until it can "
+                f"({said}); free space or fix its folder's permissions: its log says which")
+    if isinstance(exc, redis.exceptions.ReadOnlyError) or _said(said, "READONLY"):
+        return f"Redis is a read-only replica, which refuses every change ({said}); point PERSONA_REDIS_URL at its primary"
+    return None
+
+
+def is_full(exc: redis.exceptions.RedisError) -> bool:
+    """Whether Redis refused for want of memory (maxmemory reached under noeviction): in its own
+    words, or quoted in a script's error (``... -OOM command not allowed ...``)."""
+    return isinstance(exc, redis.exceptions.OutOfMemoryError) or _said(str(exc), "OOM")
+
+
+def _said(text: str, code: str) -> bool:
+    """Whether ``text`` holds Redis's error ``code`` (as a script's error quotes it: ``-OOM ...``)."""
+    return re.search(rf"(?<![A-Za-z]){code} ", text) is not None
 
 
 # When the calls made in this context must have given up (time.monotonic()), or None.
@@ -225,7 +305,7 @@ def _refusal(exc: redis.exceptions.RedisError, url: str, *, chosen: bool) -> Per
     (redis-py's asyncio client wraps the refusal in a plain ConnectionError.)"""
     said = _without_password(str(exc).rstrip("."), url)
     if any(isinstance(e, redis.exceptions.AuthenticationError) for e in (exc, exc.__cause__)):
-        if urlparse(url).password is None:
+        if not redis.connection.parse_url(url).get("password"):  # as redis-py reads it: before the @, or ?password=
             return ConfigError(f"Redis at {describe_url(url)} wants a password, and PERSONA_REDIS_URL gives none: "
                                "redis://:PASSWORD@HOST:PORT/0")
         return ConfigError(f"Redis at {describe_url(url)} refused the password: {said}. "
@@ -262,9 +342,8 @@ _NO_HELLO = re.compile(r"unknown command [`']HELLO[`']", re.IGNORECASE)
 def _without_password(said: str, url: str) -> str:
     """A server's words with the URL's password hidden: an error quoting the greeting
     back (a Redis older than 6 does) would show it in a log or a terminal."""
-    parsed = urlparse(url)
-    for secret in {parsed.password, unquote(parsed.password or "")} - {None, ""}:
-        said = said.replace(secret, "***")
+    for secret in sorted(url_secrets(url), key=len, reverse=True):
+        said = said.replace(secret, REDACTED)
     return said
 
 

@@ -28,7 +28,8 @@ Persona files that cannot be read are listed too, and a persona no worker can lo
 Two probes, open without the token (a probe seldom carries one) and answering at once:
 ``/healthz`` is liveness, 200 while the process serves HTTP, Redis or not (restarting
 the dashboard would not bring Redis back); ``/readyz`` is readiness, 200 when Redis can
-be read, else 503 with the reason, tried once within ``READY_TIMEOUT_S`` (the page's
+be read and takes a write (a short-lived ``persona:readyz-probe``: a full Redis, one that
+cannot save, or a replica, refuses it), else 503 with the reason, tried once within ``READY_TIMEOUT_S`` (the page's
 reads retry with backoff for seconds, longer than a probe waits). A container
 healthcheck or a load balancer should ask ``/readyz``. Neither waits for a worker thread:
 the page's reads and scrapes run on those, and a Redis that stops answering held each for
@@ -82,7 +83,7 @@ from persona.dead_letters import (
 from persona.errors import ConfigError, ModelError, QueueBusy
 from persona.logs import secrets_of
 from persona.models import BUNDLED_ALIASES, resolve_base
-from persona.monitoring import QueueStats, collect_stats
+from persona.monitoring import QueueStats, collect_stats, warn_if_evicting
 from persona.personas import Persona, PersonaRegistry
 from persona.settings import Settings
 from persona.swap import served_versions
@@ -99,6 +100,9 @@ READY_TIMEOUT_S = 2.0  # under a probe's usual timeout (Compose's and Kubernetes
 # How long a page read or a scrape retries a Redis that fails (a silent one: until its
 # first read timeout, 5 s) before it answers 503: redis-py's own 8 reconnects took 54 s.
 READ_GIVE_UP_S = 3.0
+# What /readyz writes to learn that Redis takes changes: a key of its own, gone in seconds.
+READY_PROBE_KEY = keys.KEY_PREFIX + "readyz-probe"
+READY_PROBE_TTL_MS = 10_000
 
 
 def _reading() -> contextlib.AbstractContextManager[None]:
@@ -196,7 +200,8 @@ def create_app(
     ``redis_reachable`` False where the caller has already said that Redis is out of reach."""
     history: deque[dict] = deque(maxlen=HISTORY_POINTS)
     token = settings.dashboard.token.get_secret_value() if has_token(settings) else None
-    watch = RedisWatch(secrets_of(settings), reachable=redis_reachable)
+    watch = RedisWatch(secrets_of(settings), reachable=redis_reachable, client=client)
+    writes = RedisWatch(secrets_of(settings), client=client, recovered="Redis takes changes again")  # /readyz's write
 
     def sample() -> dict:
         with _reading():
@@ -326,13 +331,20 @@ def create_app(
 
     @app.api_route("/readyz", methods=["GET", "HEAD"])
     async def readyz() -> JSONResponse:
-        """Readiness: 200 when Redis can be read, else 503 with the reason."""
+        """Readiness: 200 when Redis can be read and written, else 503 with the reason."""
         try:
             # On asyncio's own threads (the sampler's), not the page's: tried once, briefly.
             await asyncio.to_thread(probe.exists, keys.STATS_KEY)  # a read of a key, as the page's figures are
         except redis.exceptions.RedisError as exc:
             return JSONResponse({"ready": False, "detail": watch.failed(exc)}, status_code=503)
         watch.read()
+        try:
+            # A Redis that answers reads but refuses every change (full, unable to save, a
+            # replica) queues nothing: /readyz said ready. Watched apart, as the page's reads work.
+            await asyncio.to_thread(probe.set, READY_PROBE_KEY, b"1", px=READY_PROBE_TTL_MS)
+        except redis.exceptions.RedisError as exc:
+            return JSONResponse({"ready": False, "detail": writes.failed(exc)}, status_code=503)
+        writes.read()
         return JSONResponse({"ready": True})
 
     return app
@@ -381,5 +393,8 @@ def serve(
     listening = listening or bind(settings, host, port)
     bound_host, bound_port = listening.getsockname()[:2]
     log.info("dashboard on %s", http_address(bound_host, bound_port))
+    if redis_reachable:  # a Redis that may delete persona's keys: said once in the log, and on the page
+        with contextlib.suppress(redis.exceptions.RedisError), _reading():
+            warn_if_evicting(client)
     app = create_app(settings, client, host or settings.dashboard.host, redis_reachable=redis_reachable)
     uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[listening])

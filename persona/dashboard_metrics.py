@@ -9,6 +9,7 @@ else, as an exporter does when what it watches is down.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -21,9 +22,10 @@ from prometheus_client.core import (
     Metric,
 )
 
+from persona.connection import is_full, refusal_text
 from persona.ledger import PostLedger
 from persona.logs import REDACTED
-from persona.monitoring import QueueStats, collect_stats
+from persona.monitoring import QueueStats, RedisMemory, collect_stats, read_memory
 from persona.personas import PersonaRegistry
 from persona.settings import Settings
 from persona.swap import served_versions
@@ -46,14 +48,21 @@ class RedisWatch:
     server that is not quite Redis may quote the password back ("unknown command 'AUTH',
     with args beginning with: ...")."""
 
-    def __init__(self, secrets: list[str] | None = None, *, reachable: bool = True) -> None:
+    def __init__(
+        self, secrets: list[str] | None = None, *, reachable: bool = True, client: redis.Redis | None = None,
+        recovered: str = "the dashboard reads Redis again",
+    ) -> None:
         self.reachable = reachable  # False: out of reach already said (at start), so not said again
         self.secrets = secrets or []
+        self.client = client  # asked its user, and its maxmemory when it is full
+        self.recovered = recovered  # logged once it works again
 
     def failed(self, exc: redis.exceptions.RedisError) -> str:
         """Note a failure; the sentence the page and the log show."""
-        said = f"the dashboard cannot read the queue from Redis ({str(exc).rstrip('.')}); is Redis running? " \
-               "`persona up` starts it; `persona queue stats` checks"
+        said = self._refused(exc) or (
+            f"the dashboard cannot read the queue from Redis ({str(exc).rstrip('.')}); is Redis running? "
+            "`persona up` starts it; `persona queue stats` checks"
+        )
         for secret in self.secrets:
             said = said.replace(secret, REDACTED)
         if self.reachable:
@@ -61,10 +70,21 @@ class RedisWatch:
         self.reachable = False
         return said
 
+    def _refused(self, exc: redis.exceptions.RedisError) -> str | None:
+        """Redis answered, refusing (full, a user its ACL denies, ...): that said, not "is it running?"."""
+        if self.client is None:
+            return refusal_text(exc)
+        user = self.client.connection_pool.connection_kwargs.get("username") or "default"
+        memory = None
+        if is_full(exc):
+            with contextlib.suppress(redis.exceptions.RedisError):
+                memory = read_memory(self.client)
+        return refusal_text(exc, user=user, max_bytes=memory.max_bytes if memory else None)
+
     def read(self) -> None:
         """Note a success."""
         if not self.reachable:
-            log.info("the dashboard reads Redis again")
+            log.info("%s", self.recovered)
         self.reachable = True
 
 
@@ -124,6 +144,8 @@ class QueueCollector:
                 "the problems): their personas are not served", value=len(invalid),
             ))
         families += [*_queue_families(stats), *_reply_families(stats, served), *_worker_families(stats)]
+        if stats.redis_memory is not None:  # INFO denied (an ACL): these figures are absent, not 0
+            families += _memory_families(stats.redis_memory)
         unsettled = GaugeMetricFamily(
             "persona_posts_unsettled", "Posts a sink never answered, left for a person (`persona posts uncertain`): "
             "uncertain (look, then settle), intent (safe to post again), or approved and begun (their poster "
@@ -235,3 +257,17 @@ def _worker_families(stats: QueueStats) -> Iterator[Metric]:
     for w in stats.starting_workers:
         starting.add_metric([w.id, w.host, w.device], w.loading_s)
     yield from (up, memory, loaded, starting)
+
+
+def _memory_families(memory: RedisMemory) -> Iterator[Metric]:
+    # An evicting Redis deletes persona's keys (queued work, counters, versions) without a
+    # word: alert on persona_redis_evicts == 1, or on persona_redis_evicted_keys rising.
+    yield GaugeMetricFamily("persona_redis_evicts", "1 if Redis deletes keys to make room once full (maxmemory set and "
+                            "maxmemory-policy not noeviction): it can lose queued requests, counters and versions",
+                            value=int(memory.evicts))
+    yield CounterMetricFamily("persona_redis_evicted_keys", "Keys Redis has deleted to make room since it started "
+                              "(INFO stats evicted_keys)", value=memory.evicted_keys)
+    yield GaugeMetricFamily("persona_redis_used_memory_bytes", "Memory Redis uses (INFO memory used_memory)",
+                            value=memory.used_bytes)
+    yield GaugeMetricFamily("persona_redis_maxmemory_bytes", "Redis's maxmemory (0: no limit); under noeviction, "
+                            "writes are refused once used memory reaches it", value=memory.max_bytes)

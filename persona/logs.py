@@ -5,18 +5,57 @@ from __future__ import annotations
 import logging
 import re
 from typing import TextIO
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
 
 from pydantic import SecretStr
 
 from persona.settings import Settings
 
-__all__ = ["RedactingFormatter", "secrets_of", "setup_logging"]
+__all__ = ["RedactingFormatter", "describe_url", "secrets_of", "setup_logging", "url_secrets"]
 
 REDACTED = "***"
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # Telegram puts the token in its URLs (…/bot123:ABC/getUpdates); hide any such token.
 BOT_TOKEN_IN_URL = re.compile(r"/bot\d+:[A-Za-z0-9_-]+")
+# The query options of a Redis URL that hold a secret (redis-py reads ``password`` as the
+# password when the URL has none before its @; ``ssl_password`` unlocks a TLS key).
+SECRET_URL_OPTIONS = ("password", "ssl_password")
+
+
+def _secret_option(piece: str) -> bool:
+    return piece.partition("=")[0].lower() in SECRET_URL_OPTIONS
+
+
+def describe_url(url: str) -> str:
+    """A URL as every log line, error and banner shows it: its passwords (before the @, and
+    ``password=``/``ssl_password=`` in its query) as ``***``, the user name kept. A user name
+    with no password is hidden too (``redis://SECRET@host`` is a password with its colon
+    left out), unless the query gives the password."""
+    parts = urlsplit(url)
+    pieces = parts.query.split("&") if parts.query else []
+    userinfo, at, host = parts.netloc.rpartition("@")
+    if at:
+        user, colon, _ = userinfo.partition(":")
+        named = colon or any(p.partition("=")[0].lower() == "password" for p in pieces)
+        userinfo = f"{user}:{REDACTED}" if user and colon else user if user and named else REDACTED
+    query = "&".join(f"{p.partition('=')[0]}={REDACTED}" if _secret_option(p) else p for p in pieces)
+    return urlunsplit(parts._replace(netloc=f"{userinfo}{at}{host}", query=query))
+
+
+def url_secrets(url: str) -> set[str]:
+    """Every secret ``url`` holds, as written and decoded: what ``describe_url`` hides, for
+    hiding them in text that quotes them apart from the URL (a server's error)."""
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    found = {value for name, value in query if name.lower() in SECRET_URL_OPTIONS}
+    found |= {value for name, value in re.findall(r"([^&=]+)=([^&]*)", parts.query) if name.lower() in SECRET_URL_OPTIONS}
+    userinfo, at, _ = parts.netloc.rpartition("@")
+    user, colon, password = userinfo.partition(":")
+    if colon:
+        found |= {password, unquote(password)}
+    elif at and not any(name.lower() == "password" for name, _ in query):
+        found |= {user, unquote(user)}
+    return found - {""}
 
 
 def secrets_of(settings: Settings) -> list[str]:
@@ -29,9 +68,7 @@ def secrets_of(settings: Settings) -> list[str]:
             if secret:
                 found.append(secret)
                 if "://" in secret:  # a URL: its password alone may be logged too
-                    password = urlsplit(secret).password
-                    if password:
-                        found.append(password)
+                    found.extend(url_secrets(secret))
         elif hasattr(value, "__pydantic_fields__"):
             for name in type(value).__pydantic_fields__:
                 walk(getattr(value, name))

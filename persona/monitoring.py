@@ -14,6 +14,7 @@ discards it when it takes it, and counts it so again: not as failed).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from collections.abc import Mapping
@@ -22,6 +23,7 @@ import redis
 from pydantic import BaseModel, Field, computed_field
 
 from persona import constants as keys
+from persona.connection import full_redis_text, size_text
 from persona.dead_letters import trimmed_count
 from persona.heartbeat import (
     StartingWorker,
@@ -36,7 +38,12 @@ from persona.personas import Persona
 from persona.swap import served_versions
 from persona.telemetry import LatencySummary, counters_named, read_counts, summarize
 
-__all__ = ["QueueStats", "StreamStats", "StuckEntry", "collect_stats", "find_stuck", "stream_label"]
+__all__ = [
+    "QueueStats", "RedisMemory", "StreamStats", "StuckEntry", "collect_stats", "find_stuck", "read_memory", "stream_label",
+    "warn_if_evicting",
+]
+
+log = logging.getLogger(__name__)
 
 STUCK_SCAN_LIMIT = 200
 # Requests not taken yet that are read to tell the withdrawn and the expired from those
@@ -46,6 +53,12 @@ UNTAKEN_SCAN_LIMIT = 5000
 # The counters shown at 0 before anything has counted into them: on a fresh install
 # `queue stats --json` had none, and a script reading "completed" failed.
 ALWAYS_COUNTED = ("completed", "tokens", "withdrawn", "expired", "dead_lettered", "retried", "dropped")
+# The one maxmemory-policy that never deletes a key: every other one, once maxmemory is
+# reached, deletes keys persona keeps (queued requests, counters, dead letters, the swapped
+# versions; the volatile-* ones first the replies and heartbeats, which carry a TTL).
+KEEPING_POLICY = "noeviction"
+# Tries at reading the counters and the dead letters held with nothing set aside between.
+CONSISTENT_READ_TRIES = 3
 
 
 def stream_label(stream: str) -> str:
@@ -84,6 +97,71 @@ class StuckEntry(BaseModel):
     reason: str
 
 
+class RedisMemory(BaseModel):
+    """What Redis says of its memory (INFO memory and stats): whether it may delete persona's
+    keys to make room, or is full."""
+
+    used_bytes: int = Field(description="used_memory")
+    max_bytes: int = Field(description="maxmemory; 0: no limit")
+    policy: str = Field(description="maxmemory_policy: what Redis does once max_bytes is reached")
+    evicted_keys: int = Field(description="keys Redis has deleted to make room since it started")
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def evicts(self) -> bool:
+        """Whether Redis deletes keys once full: a limit, and a policy other than noeviction."""
+        return self.max_bytes > 0 and self.policy != KEEPING_POLICY
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def full(self) -> bool:
+        """Whether Redis is at its limit under noeviction: it refuses every write that adds data."""
+        return self.max_bytes > 0 and not self.evicts and self.used_bytes >= self.max_bytes
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def warning(self) -> str:
+        """What an operator must fix, in one line; '' when nothing."""
+        if self.evicts:
+            deleted = f"; it has deleted {self.evicted_keys} keys so far" if self.evicted_keys else ""
+            return (f"Redis deletes keys when full (maxmemory-policy {self.policy}, maxmemory {size_text(self.max_bytes)}){deleted}: "
+                    "it can silently lose queued requests, replies, counters, dead letters and swapped persona versions. "
+                    "Set `CONFIG SET maxmemory-policy noeviction` (in redis.conf: `maxmemory-policy noeviction`; "
+                    "on a managed Redis, its parameter group)")
+        if self.full:
+            return full_redis_text(self.max_bytes)
+        return ""
+
+
+def read_memory(client: redis.Redis) -> RedisMemory | None:
+    """Redis's memory figures, from INFO (which a managed Redis answers where it hides
+    CONFIG); None where INFO is denied (an ACL) or says none of them."""
+    pipe = client.pipeline(transaction=False)
+    pipe.info("memory")
+    pipe.info("stats")
+    try:
+        memory, stats = pipe.execute()
+    except redis.exceptions.ResponseError as exc:  # NOPERM, or a Redis-like server without these sections
+        log.debug("not checking Redis's maxmemory-policy: INFO is refused (%s)", exc)
+        return None
+    try:
+        return RedisMemory(used_bytes=int(memory["used_memory"]), max_bytes=int(memory.get("maxmemory", 0)),
+                           policy=str(memory.get("maxmemory_policy", KEEPING_POLICY)),
+                           evicted_keys=int(stats.get("evicted_keys", 0)))
+    except (KeyError, TypeError, ValueError):
+        log.debug("not checking Redis's maxmemory-policy: INFO memory does not say it")
+        return None
+
+
+def warn_if_evicting(client: redis.Redis) -> RedisMemory | None:
+    """Log, once, a Redis that may delete persona's keys to make room (or is full): what a
+    long-running service says as it starts. Its figures (None where INFO is denied)."""
+    memory = read_memory(client)
+    if memory is not None and memory.warning:
+        log.warning("%s", memory.warning)
+    return memory
+
+
 class QueueStats(BaseModel):
     """A snapshot of the whole queue."""
 
@@ -111,6 +189,9 @@ class QueueStats(BaseModel):
         description="persona -> the version serving it, for every persona file read and every persona swapped",
     )
     version_replies: dict[str, int] = Field(default_factory=dict, description="'persona@version' -> replies")
+    redis_memory: RedisMemory | None = Field(
+        None, description="Redis's memory limit and policy (its warning: keys it may delete, or full); None where INFO is denied"
+    )
     taken_at: float = Field(default_factory=time.time)
     redis_time: float = Field(0.0, description="Redis's time when read: what each worker's last_seen is measured against")
 
@@ -270,12 +351,7 @@ def collect_stats(
     """Read every figure the CLI, the dashboard and /metrics show; with ``personas`` (the
     persona files read), the version serving each of them too."""
     now = redis_now(client)
-    # The counters and the dead letters held, read together: what the cap trimmed is
-    # their difference (a retry between two reads would count as one trimmed).
-    pipe = client.pipeline(transaction=True)
-    pipe.hgetall(keys.STATS_KEY)
-    pipe.xlen(keys.STREAM_DEAD)
-    raw_counters, dead_letters = pipe.execute()
+    raw_counters, dead_letters = _counters_and_dead(client)
     # A counter that is no number (a damaged or foreign writer's) is left out and named once.
     counters = counters_named(read_counts(keys.STATS_KEY, raw_counters))
     counters = {name: counters.get(name, 0) for name in ALWAYS_COUNTED} | counters
@@ -302,6 +378,23 @@ def collect_stats(
         # persona swapped on the workers whose file this machine lacks is still listed.
         served_versions=dict(sorted((active | served_versions(personas or {}, active)).items())),
         version_replies=read_counts(keys.VERSION_REPLIES_KEY, client.hgetall(keys.VERSION_REPLIES_KEY)),
+        redis_memory=read_memory(client),
         taken_at=time.time(),
         redis_time=now,
     )
+
+
+def _counters_and_dead(client: redis.Redis) -> tuple[dict, int]:
+    """The counters and the dead letters held, read together: what the cap trimmed is their
+    difference (a letter set aside or retried between two reads would count as one trimmed).
+    Not in MULTI, which a full Redis refuses even for reads: the stream's length read on both
+    sides of the counters, and read again (a few times) where it changed meanwhile."""
+    for _ in range(CONSISTENT_READ_TRIES):
+        pipe = client.pipeline(transaction=False)
+        pipe.xlen(keys.STREAM_DEAD)
+        pipe.hgetall(keys.STATS_KEY)
+        pipe.xlen(keys.STREAM_DEAD)
+        before, raw_counters, after = pipe.execute()
+        if before == after:
+            break
+    return raw_counters, after

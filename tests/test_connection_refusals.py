@@ -94,3 +94,52 @@ def test_a_redis_url_that_answers_nothing_is_not_sent_to_persona_up(tmp_path: Pa
     assert "Check that the Redis at that address is running and can be reached from here" in said
     assert "or unset PERSONA_REDIS_URL to use the embedded one" in said
     assert "`persona up` starts one" not in said and PASSWORD not in said
+
+
+@pytest.mark.parametrize(("url", "shown"), [
+    ("redis://127.0.0.1:6379/3?password=TOPSECRET", "redis://127.0.0.1:6379/3?password=***"),
+    ("redis://:TOPSECRET@127.0.0.1:6379/0", "redis://***@127.0.0.1:6379/0"),
+    ("redis://ops:TOPSECRET@127.0.0.1:6379/0", "redis://ops:***@127.0.0.1:6379/0"),
+    ("redis://TOPSECRET@127.0.0.1:6379/0", "redis://***@127.0.0.1:6379/0"),  # a password with its colon left out
+    ("redis://persona@127.0.0.1:6379/3?password=TOPSECRET", "redis://persona@127.0.0.1:6379/3?password=***"),
+    ("redis://127.0.0.1:6379/3?username=persona&password=TOP%40SECRET",
+     "redis://127.0.0.1:6379/3?username=persona&password=***"),
+    ("rediss://h:6380/0?ssl_password=TOPSECRET&ssl_ca_certs=/ca.pem", "rediss://h:6380/0?ssl_password=***&ssl_ca_certs=/ca.pem"),
+    ("unix://:TOP%40SECRET@/run/redis.sock?db=0", "unix://***@/run/redis.sock?db=0"),
+])
+def test_one_rule_hides_every_password_a_redis_url_can_hold(url: str, shown: str):
+    """`persona up`'s banner, every connection error and the bots' logs showed a ``?password=``
+    (only ``user:pass@`` was hidden), and `persona settings` had a rule of its own."""
+    from persona.logs import describe_url, url_secrets
+
+    assert describe_url(url) == shown
+    assert {"TOPSECRET", "TOP@SECRET"} & url_secrets(url)
+
+
+def test_a_wrong_password_in_the_query_is_called_wrong_and_never_shown(tmp_path: Path, redis_url: str):
+    """It was "Redis at redis://…/0?password=WRONGPW123 wants a password, and PERSONA_REDIS_URL
+    gives none": the password printed, and the diagnosis wrong."""
+    from persona.embedded_redis import EmbeddedRedis
+
+    server = EmbeddedRedis(tmp_path / "guarded")
+    server.start(unix_socket=False)
+    try:
+        wrong = f"redis://127.0.0.1:{server.port}/0?password=WRONGPW123"
+        told = _persona("queue", "stats", env=_env(tmp_path, wrong))
+        said = " ".join(told.stderr.split())
+        assert told.returncode == 1 and "WRONGPW123" not in said, said
+        assert f"Redis at redis://127.0.0.1:{server.port}/0?password=*** refused the password" in said
+        told = _persona("queue", "stats", env=_env(tmp_path, f"redis://127.0.0.1:{server.port}/0"))
+        assert "wants a password, and PERSONA_REDIS_URL gives none" in told.stderr
+    finally:
+        server.stop()
+
+
+def test_a_password_in_the_query_of_a_redis_out_of_reach_is_not_in_the_json_error(tmp_path: Path):
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    told = _persona("queue", "stats", "--json", env=_env(tmp_path, f"redis://127.0.0.1:{port}/3?password=TOPSECRETPW"))
+    error = json.loads(told.stdout)["error"]
+    assert error["message"].startswith(f"cannot reach Redis at redis://127.0.0.1:{port}/3?password=***: ")
+    assert "TOPSECRETPW" not in told.stdout + told.stderr

@@ -30,6 +30,7 @@ from persona.settings import Settings
 from persona.supervisor import services_for_up
 from persona.telemetry import record_replies
 from tests.conftest import free_port
+from tests.fakes.full_redis import redis_refusing_writes
 from tests.fakes.old_redis import OldRedis
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -869,3 +870,41 @@ def test_the_dead_letter_table_says_how_many_of_them_it_shows_and_numbers_never_
         assert browser.evaluate(style.format(cell) + ".overflowWrap") != "anywhere", cell
         assert browser.evaluate(style.format(cell) + ".whiteSpace") == "nowrap", cell
     assert browser.evaluate(style.format("#dead td .w") + ".overflowWrap") == "anywhere"  # the reason may wrap
+
+
+def _samples(text: str) -> dict:
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value for f in text_string_to_metric_families(text) for s in f.samples}
+
+
+def test_an_evicting_redis_is_on_the_page_and_in_metrics_for_an_alert(settings, redis_client, dashboard):
+    """Under allkeys-lru, Redis deleted the queue, the counters and the swapped versions to make
+    room for another app's keys; neither the page nor /metrics had anything to show or alert on."""
+    from tests.test_redis_limits import evicting
+
+    base = dashboard()
+    assert _samples(httpx.get(f"{base}/metrics").text)[("persona_redis_evicts", ())] == 0
+    with evicting(redis_client):
+        samples = _samples(httpx.get(f"{base}/metrics").text)
+        figures = httpx.get(f"{base}/api/stats").json()["stats"]
+    assert samples[("persona_redis_evicts", ())] == 1 and samples[("persona_redis_evicted_keys_total", ())] == 0
+    assert samples[("persona_redis_maxmemory_bytes", ())] == 1 << 30 and samples[("persona_redis_used_memory_bytes", ())] > 0
+    assert "maxmemory-policy allkeys-lru" in figures["redis_memory"]["warning"]
+    assert 'id="redis-warning"' in PAGE_HTML and "s.redis_memory.warning" in PAGE_HTML
+
+
+def test_a_full_redis_is_not_ready_and_said_full_while_its_figures_still_read(settings, redis_client, dashboard, caplog):
+    """Full (noeviction, over maxmemory), Redis refuses every write: /readyz said ready, the page
+    and /metrics could read nothing (a MULTI of reads is refused too) and blamed "is Redis running?"."""
+    base = dashboard()
+    assert httpx.get(f"{base}/readyz").json() == {"ready": True}
+    with redis_refusing_writes(redis_client):
+        ready = httpx.get(f"{base}/readyz")
+        page = httpx.get(f"{base}/api/stats")
+        samples = _samples(httpx.get(f"{base}/metrics").text)
+    assert ready.status_code == 503 and ready.json()["detail"].startswith(
+        "Redis is full (maxmemory 1 bytes reached): nothing new can be queued; free memory or raise maxmemory")
+    assert page.status_code == 200 and page.json()["stats"]["redis_memory"]["full"] is True
+    assert samples[("persona_redis_up", ())] == 1 and samples[("persona_queue_waiting", (("stream", "chat"),))] == 0
+    assert "is Redis running" not in caplog.text
+    assert httpx.get(f"{base}/readyz").json() == {"ready": True}
+    assert 0 < redis_client.pttl("persona:readyz-probe") <= 10_000  # the probe's key lapses on its own

@@ -509,3 +509,28 @@ def test_a_dashboard_on_an_ipv6_address_gives_it_as_a_browser_takes_it(tmp_path)
         dashboard.send_signal(signal.SIGTERM)
         assert dashboard.wait(timeout=30) == 0
     assert re.match(r"dashboard on http://\[::1\]:\d+/ ", said), said
+
+
+def test_up_on_a_redis_url_hides_a_query_password_and_warns_of_an_evicting_redis(tmp_path, up_env, own_redis):
+    """`persona up` printed "persona is up on Redis redis://127.0.0.1:16391/3?password=adminpw"
+    on the console, and said nothing of a maxmemory-policy that deletes the queue's keys."""
+    from tests.test_redis_limits import evicting
+
+    _, url, client = own_redis
+    password = url.split("@")[0].rsplit(":", 1)[1]
+    address = url.rpartition("@")[2].split("/")[0]
+    env = up_env | {"PERSONA_REDIS_URL": f"redis://{address}/3?password={password}"}
+    output = tmp_path / "up.log"
+    with evicting(client), output.open("w") as log:
+        up = subprocess.Popen([sys.executable, "-m", "persona", "up", "--no-dashboard"], env=env, stdout=log,
+                              stderr=subprocess.STDOUT, preexec_fn=_interruptible)  # noqa: PLW1509
+        try:
+            wait_for(lambda: "persona is up" in output.read_text() or up.poll() is not None,
+                     "`persona up` did not start")
+        finally:
+            up.send_signal(signal.SIGTERM)
+            up.wait(timeout=60)
+    said = output.read_text()
+    assert f"persona is up on Redis redis://{address}/3?password=***: worker-1, scheduler" in said, said
+    assert password not in said
+    assert "Redis deletes keys when full (maxmemory-policy allkeys-lru" in said

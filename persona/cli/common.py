@@ -198,7 +198,32 @@ def explain_redis_error(exc: redis.exceptions.RedisError) -> str:
                     if get_settings.cache_info().currsize and get_settings().redis_url is None else "the Redis server's log")
         return (f"Redis cannot write its data to disk (full, or not writable), so it refuses every change until it "
                 f"can: free space or fix the folder's permissions; {log_file} says which ({said})")
+    refused = _refused_for(exc)
+    if refused is not None:
+        return refused
     return f"Redis refused a command ({said}); `persona queue stats` shows the state it is in"
+
+
+def _refused_for(exc: redis.exceptions.RedisError) -> str | None:
+    """A refusal that is Redis's state to fix (full, a user its ACL denies, a replica), said
+    with the user and, for a full one, its maxmemory (asked of it once, briefly); else None."""
+    from persona.connection import is_full, redis_url, refusal_text, user_of
+
+    url = None
+    if get_settings.cache_info().currsize:
+        with contextlib.suppress(PersonaError):
+            url = redis_url(get_settings())
+    max_bytes = _maxmemory(url) if url and is_full(exc) else None
+    return refusal_text(exc, user=user_of(url) if url else "default", max_bytes=max_bytes)
+
+
+def _maxmemory(url: str) -> int | None:
+    """The maxmemory of the Redis at ``url`` (INFO answers while it is full); None where it cannot be read."""
+    try:
+        with redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2) as client:
+            return int(client.info("memory").get("maxmemory", 0)) or None
+    except (redis.exceptions.RedisError, ValueError, TypeError):
+        return None
 
 
 def _lost_embedded(said: str, exc: redis.exceptions.RedisError | None = None) -> str | None:

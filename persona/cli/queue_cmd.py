@@ -170,6 +170,8 @@ def render_all(stats: QueueStats) -> Group:
         parts.append("active versions: " + escape(", ".join(f"{k}@{v}" for k, v in sorted(versions.items()))))
     if stats.stuck:
         parts.append(render_stuck(stats))
+    if stats.redis_memory is not None and stats.redis_memory.warning:  # Redis may delete keys, or is full
+        parts.append(Text(f"warning: {stats.redis_memory.warning}", style="yellow"))
     return Group(*parts)
 
 
@@ -250,6 +252,8 @@ def summary_line(stats: QueueStats) -> str:
         parts.append(f"workers {live}" + ("" if live else " (nothing is answered: start `persona worker`)"))
     if stats.stuck:
         parts.append(f"stuck {len(stats.stuck)} (see `persona queue stats`)")
+    if stats.redis_memory is not None and stats.redis_memory.warning:
+        parts.append(f"warning: {stats.redis_memory.warning}")
     return "; ".join(parts)
 
 

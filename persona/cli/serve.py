@@ -17,9 +17,9 @@ from rich.markup import escape
 
 from persona import heartbeat
 from persona.cli.common import console, friendly_errors, get_settings
-from persona.connection import connect, describe_url
+from persona.connection import check_permissions, connect
 from persona.errors import ConfigError, ModelError, RedisUnavailable
-from persona.logs import setup_logging
+from persona.logs import describe_url, setup_logging
 from persona.served_redis import (
     ServedRedis,
     data_dir_made,
@@ -77,7 +77,8 @@ def up(
         served_redis(settings) as served,
     ):
         url = served.url
-        connect(settings, url=url).close()
+        with connect(settings, url=url) as client:
+            check_redis_for_service(client, url)
         env = dict(os.environ)
         if settings.redis_url is None:
             env["PERSONA_REDIS_URL"] = url
@@ -291,6 +292,7 @@ def worker(
             pick_device(preference)
         with redis_for_service(settings) as url:
             client = connect(settings, url=url)
+            check_redis_for_service(client, url)  # before minutes of loading models, not after
             # Seen as starting from here on, by `persona ask`, the chat adapters and the
             # monitoring (torch's import and the models take seconds, a GPU's warm-up minutes),
             # but not as serving: swaps and reclaiming count only heartbeats, from `run`.
@@ -309,6 +311,16 @@ def worker(
         log.info("worker stopped")
     except ModelError as exc:
         raise _cannot_start(exc, starting.persona) from None
+
+
+def check_redis_for_service(client: redis.Redis, url: str) -> None:
+    """What a long-running service checks of its Redis as it starts: a user its ACL denies what
+    persona runs is a ConfigError; a Redis that may delete persona's keys to make room (or is
+    full) is warned of in the log."""
+    from persona.monitoring import warn_if_evicting
+
+    check_permissions(client, url)
+    warn_if_evicting(client)
 
 
 def _cannot_start(exc: ModelError, persona: str) -> ConfigError:
