@@ -16,7 +16,7 @@ import typing
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
-from urllib.parse import ParseResult, parse_qs, unquote, urlparse
+from urllib.parse import ParseResult, unquote, urlparse
 
 import platformdirs
 import redis
@@ -147,9 +147,13 @@ def _option_problem(said: str, parsed: ParseResult) -> str:
         return f"its query names {name}, which a {parsed.scheme}:// URL does not take{tls}"
     if (bad := re.search(r"Invalid value for '([^']+)'", said)) is not None:
         return f"the value of {bad.group(1)} in its query is not one it can take"
-    password = parsed.password or ""
-    for secret in {password, unquote(password), *parse_qs(parsed.query).get("password", [])} - {""}:
-        said = said.replace(secret, "***")
+    from persona.logs import (  # here: persona.logs imports this module
+        REDACTED,
+        url_secrets,
+    )
+
+    for secret in url_secrets(parsed.geturl()):
+        said = said.replace(secret, REDACTED)
     return f"redis-py refuses its query options: {said.rstrip('.')}"
 
 

@@ -75,6 +75,14 @@ def test_secrets_are_never_shown_only_whether_they_are_set(env, tmp_path: Path):
     assert shown["PERSONA_REDIS_URL"]["value"] == "redis://ops:***@127.0.0.1:1/0"
 
 
+def test_a_url_whose_passwords_are_in_its_query_is_shown_as_every_command_shows_it(env, tmp_path: Path):
+    """`persona settings` had a masker of its own, which showed `ssl_password=` and hid the user
+    name of `ops@host?password=...`, where every other command showed `ops@...?password=***`."""
+    env["PERSONA_REDIS_URL"] = "rediss://ops@127.0.0.1:1/0?password=hunter2-secret&ssl_password=key-secret"
+    shown = json.loads(settings("redis_url", "--json", env=env, cwd=tmp_path).stdout)["PERSONA_REDIS_URL"]["value"]
+    assert shown == "rediss://ops@127.0.0.1:1/0?password=***&ssl_password=***", shown
+
+
 def test_names_filter_by_any_part_of_the_variable_in_any_case(env, tmp_path: Path):
     shown = json.loads(settings("telegram", "MAX_batch", "--json", env=env, cwd=tmp_path).stdout)
     assert "PERSONA_TELEGRAM__WEBHOOK_LISTEN" in shown and "PERSONA_WORKER__MAX_BATCH" in shown

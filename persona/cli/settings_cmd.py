@@ -10,7 +10,6 @@ import difflib
 import json
 from dataclasses import dataclass
 from typing import Annotated
-from urllib.parse import urlsplit, urlunsplit
 
 import typer
 from pydantic import BaseModel, SecretStr, ValidationError
@@ -21,7 +20,7 @@ from rich.text import Text
 
 from persona.cli.common import friendly_errors, print_whole
 from persona.errors import ConfigError, UsageError
-from persona.logs import REDACTED
+from persona.logs import describe_url
 from persona.settings import (
     ENV_PREFIX,
     Settings,
@@ -120,25 +119,12 @@ def _shown(value: object, *, secret: bool = False) -> object:
     """``value`` as JSON, a secret as "set" or "unset" (a URL with its password hidden)."""
     if isinstance(value, SecretStr):
         raw = value.get_secret_value()
-        return _without_password(raw) if "://" in raw else "set"
+        return describe_url(raw) if "://" in raw else "set"
     if value is None and secret:
         return "unset"
     if isinstance(value, BaseModel):
         return value.model_dump(mode="json")
     return to_jsonable_python(value)
-
-
-def _without_password(url: str) -> str:
-    """A URL with its password, and any ``password=`` in its query, as ``***``; a user name with
-    no password is hidden too (``redis://SECRET@host`` is a password with its colon left out)."""
-    parts = urlsplit(url)
-    userinfo, at, host = parts.netloc.rpartition("@")
-    if at:
-        user, colon, _ = userinfo.partition(":")
-        userinfo = f"{user}:{REDACTED}" if colon else REDACTED
-    pieces = parts.query.split("&") if parts.query else []
-    query = "&".join(f"password={REDACTED}" if p.lower().startswith("password=") else p for p in pieces)
-    return urlunsplit(parts._replace(netloc=f"{userinfo}{at}{host}", query=query))
 
 
 def _matching(rows: list[SettingRow], filters: list[str]) -> list[SettingRow]:
