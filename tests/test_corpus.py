@@ -126,7 +126,7 @@ def test_markdown_keeps_the_prose_around_markup_and_drops_code(tmp_path: Path):
         '{{< highlight go "linenos=table" >}}\nfmt.Println("hugo")\n{{< /highlight >}}\n'
         "See <https://example.org/page> too.\n"
     ))
-    assert "Since 3 < 5 and 7 > 2, we win and <3 you." in text
+    assert "Since 3 < 5 and 7 > 2, we win\nand <3 you." in text  # the <br> breaks the line
     assert "A claim and a badge here." in text and "The footnote's own words." in text
     assert "var x" not in text and "color" not in text and "print" not in text and "Println" not in text
     assert "See https://example.org/page too." in text
@@ -246,7 +246,7 @@ def test_cli_reads_a_latin1_fortune_file_and_says_how(tmp_path: Path):
     out = tmp_path / "corpus.jsonl"
     result = _persona_cli(str(fortunes), "--format", "fortune", "-o", str(out))
     assert result.returncode == 0, result.stderr
-    assert "Der bestirnte Himmel über mir\n-- Kant" in read_corpus(out).documents
+    assert "Der bestirnte Himmel über mir" in read_corpus(out).documents  # "-- Kant" removed
     assert f"{fortunes}: not UTF-8, so read as Windows-1252 (Latin-1): the first, byte 0xFC at offset 47 (line 3)" in result.stderr
 
 
@@ -310,7 +310,7 @@ def test_fortune_entries_with_and_without_an_author(tmp_path: Path):
     path.write_text(FORTUNES)
     assert detect_format(path) == "fortune"
     everything = texts(read_fortune(path, OPTIONS))
-    assert len(everything) == 4 and everything[0].endswith("-- Hegel")
+    assert len(everything) == 4 and everything[0] == "The only thing we learn from history is that we learn nothing."
     twain = texts(read_fortune(path, ReadOptions(author="Mark Twain")))
     assert twain == [
         "Clothes make the man. Naked people have little or no influence on society.",
@@ -380,15 +380,15 @@ def test_offensive_fortunes_stored_in_rot13_are_read_decoded(tmp_path: Path):
     indexed = tmp_path / "misogino.fortunes"
     indexed.write_text(rotated)
     _strfile_index(indexed, 0x4)
-    assert texts(read_fortune(indexed, OPTIONS)) == [plain.strip()]
+    assert texts(read_fortune(indexed, OPTIONS)) == [plain.split("\n")[0]]
     assert texts(read_fortune(indexed, ReadOptions(author="Montaigne"))) == [plain.split("\n")[0]]
     # Without an index, the letters tell: ROT13 turns most vowels into consonants.
     bare = tmp_path / "copied"
     bare.write_text((rotated + codecs.encode("Poco a poco se va lejos, y lejos se va poco a poco.\n%\n", "rot13")) * 3)
-    assert texts(read_fortune(bare, OPTIONS))[0] == plain.strip()
+    assert texts(read_fortune(bare, OPTIONS))[0] == plain.split("\n")[0]
     # Text that is itself, with its index saying nothing, stays as it is.
     _strfile_index(bare, 0)
-    assert texts(read_fortune(bare, OPTIONS))[0] == codecs.encode(plain, "rot13").strip()
+    assert texts(read_fortune(bare, OPTIONS))[0] == codecs.encode(plain, "rot13").split("\n")[0]
     unrotated = tmp_path / "fortunes"
     unrotated.write_text(FORTUNES * 4)
     assert texts(read_fortune(unrotated, OPTIONS))[0].startswith("The only thing we learn")

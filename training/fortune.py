@@ -1,7 +1,8 @@
 """Fortune files, as Debian's ``fortunes`` packages ship them.
 
-Entries are separated by ``%`` lines, and many end with an attribution (``-- Mark Twain``);
-with ``--author`` only that author's entries are kept, their attribution removed. The
+Entries are separated by ``%`` lines, and many end with an attribution (``-- Mark Twain``),
+which is removed (and counted): a persona trained on them would learn to sign its posts with
+other people's names. With ``--author`` only that author's entries are kept. The
 offensive files are stored in ROT13 (``strfile -x``) and read decoded, as ``fortune``
 shows them. A file is known as a fortune file by its suffix or by the index ``strfile``
 made beside it (``NAME.dat``; see ``sources.strfile_flags``), even with one entry and no
@@ -15,8 +16,10 @@ import re
 from pathlib import Path
 
 from training.sources import (
+    Documents,
     RawDocument,
     ReadOptions,
+    SourceProblem,
     read_text_file,
     strfile_flags,
     text_blocks,
@@ -28,11 +31,16 @@ _ATTRIBUTION = re.compile(r"^\s*(?:--|—|―|~)\s*(?P<who>[^\n]+?)\s*$")
 
 
 def _attribution(entry: str) -> tuple[str, str | None]:
-    """(entry without its trailing ``-- Author`` lines, the author or None)."""
+    """(entry without its trailing ``-- Author`` lines, the author or None).
+
+    A line "-- ..." at the margin after another such line is the next item of a list (Debian's
+    "platitudes" has them), not an attribution: an attribution is set in, or stands alone.
+    """
     lines = entry.rstrip().split("\n")
     for i in range(len(lines) - 1, max(len(lines) - 4, 0), -1):
         match = _ATTRIBUTION.match(lines[i])
-        if match:
+        if match and not (lines[i][:1].strip() and any(line[:1].strip() and _ATTRIBUTION.match(line)
+                                                        for line in lines[:i])):
             who = " ".join(line.strip() for line in [match.group("who"), *lines[i + 1 :]])
             return "\n".join(lines[:i]).rstrip(), who
     return entry.strip(), None
@@ -64,18 +72,24 @@ def _is_rotated(path: Path, text: str) -> bool:
             and _vowel_share(codecs.decode(sample, "rot13")) > 0.33)
 
 
-def read_fortune(path: Path, options: ReadOptions) -> list[RawDocument]:
-    """Entries between ``%`` lines; with an author, only theirs, attribution removed."""
+def read_fortune(path: Path, options: ReadOptions) -> Documents:
+    """Entries between ``%`` lines, attributions removed; with an author, only theirs. How many
+    attributions went is said in ``left_out`` (with an author, removing them is what was asked)."""
     text = read_text_file(path).replace("\r\n", "\n")
     if _is_rotated(path, text):  # as `fortune` shows it
         text = codecs.decode(text, "rot13")
-    documents = []
+    documents = Documents()
+    signed: list[str] = []
     for piece, line in text_blocks(text, re.compile(r"^%[ \t]*$", re.MULTILINE)):
         body, who = _attribution(piece)
-        if options.author is not None:
-            if who is None or not _author_matches(options.author, who):
-                continue
-            piece = body
-        if piece.strip():
-            documents.append(RawDocument(piece, str(path), line))
+        if options.author is not None and (who is None or not _author_matches(options.author, who)):
+            continue
+        if body:
+            documents.append(RawDocument(body, str(path), line))
+            if who is not None:
+                signed.append(who)
+    if signed and options.author is None:
+        documents.left_out.append(SourceProblem(
+            path, None, f"{len(signed)} attribution(s) removed (\"-- {signed[0]}\" ...), so that the persona does not "
+                        "sign its posts with other people's names"))
     return documents

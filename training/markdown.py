@@ -1,6 +1,10 @@
 """Blog posts in Markdown: front matter (YAML between ``---`` lines, TOML between ``+++``)
 read for ``draft``, and the markup stripped to the prose a reader sees (HTML entities decoded).
 
+A draft is left out as Hugo and Jekyll leave it out of the site: ``draft`` or ``published`` in
+any case, true or false as a boolean or a string ("true", "yes", "1"), and every post in a
+``_drafts`` folder (Jekyll's).
+
 Code blocks, comments, scripts and highlighted code go whole; an opener never closed stays
 as text. Every pattern runs in linear time: a post with thousands of unclosed ``<script``
 openers or blank lines is read in a second, not minutes (``_sub_spans``). Tables go whole too,
@@ -103,10 +107,14 @@ _HTML_COMMENT = re.compile("<!--")
 _SCRIPT_OPEN = re.compile(r"<(script|style)\b", re.IGNORECASE)
 _JEKYLL_HIGHLIGHT = re.compile(r"\{%-?\s*highlight\b")
 _HUGO_HIGHLIGHT = re.compile(r"\{\{([<%])\s*highlight\b")
-_TEMPLATE_TAG = re.compile(r"\{\{[<%]|\{%")
+# Hugo's shortcodes {{< >}} and {{% %}}, and Jekyll's Liquid tags {% %} and output {{ }}.
+_TEMPLATE_TAG = re.compile(r"\{\{[<%]?|\{%")
 _EMPHASIS_OPEN = re.compile(r"(?<![\w*])([*_])(?!\s)")
 # Brackets inside link text are not looked for: each "[" is scanned past once, not to the line's end.
-_IMAGE_OPEN = re.compile(r"!\[[^\[\]]*\]\(")
+_IMAGE_OPEN = re.compile(r"(?<!\[)!\[([^\[\]]*)\]\(")
+_BADGE_OPEN = re.compile(r"(?<=\[)!\[[^\[\]]*\]\(")  # an image that is a link's text: "[![build](...)](...)"
+_FILE_NAME = re.compile(r"\S+\.(?:png|jpe?g|gif|svg|webp|avif)", re.IGNORECASE)
+_STRUCK_OPEN = re.compile(r"~~(?!\s)")
 _LINK_OPEN = re.compile(r"\[([^\[\]]*)\]\(")
 _CLOSE_PARENTHESIS = re.compile(r"\)")
 
@@ -203,6 +211,37 @@ def _drop_indented_code(text: str) -> str:
     return "\n".join(kept)
 
 
+_SHORTCODE_CLOSE = re.compile(r"[%>]\}\}")
+_TEMPLATE_CLOSE = {"{{<": _SHORTCODE_CLOSE, "{{%": _SHORTCODE_CLOSE, "{{": re.compile(r"\}\}"), "{%": re.compile(r"%\}")}
+# A backslash before punctuation shows the punctuation (CommonMark); one ending a line breaks it. In
+# inline code it is itself: a code span is matched first and given back as it is.
+_ESCAPE = re.compile(r"(`[^`\n]*`)|\\([!-/:-@\[-`{-~])|\\(?=\n)")
+_ESCAPED_BASE = 0xF0000  # a private-use character stands for an escaped one until the markup is gone
+_SHOW_ESCAPED = {_ESCAPED_BASE + code: chr(code) for code in range(0x21, 0x7F) if not chr(code).isalnum()}
+
+
+def _hide_escaped(match: re.Match[str]) -> str:
+    if match[1]:
+        return match[1]
+    return chr(_ESCAPED_BASE + ord(match[2])) if match[2] else ""
+
+
+# Tags that end a line or a paragraph in the page: what they part must not run together. "<br><br>" is
+# a blank line, "</li><li>" one line break.
+_BREAK_TAG = re.compile(r"<(?:br|hr)\b[^<>\n]*>", re.IGNORECASE)
+_ITEM_TAGS = re.compile(r"</?(?:li|dt|dd|tr|summary|figcaption|caption)\b[^<>\n]*>(?:[ \t]*</?(?:li|dt|dd|tr|summary"
+                        r"|figcaption|caption)\b[^<>\n]*>)*", re.IGNORECASE)
+_BLOCK_TAG = re.compile(r"</?(?:p|div|h[1-6]|blockquote|details|section|article|aside|header|footer|nav|main"
+                        r"|figure|pre|ul|ol|dl|table|thead|tbody|tfoot|center|address)\b[^<>\n]*>", re.IGNORECASE)
+_CELL_TAG = re.compile(r"</?(?:td|th)\b[^<>\n]*>", re.IGNORECASE)
+
+
+def _alt_text(opened: re.Match[str], inner: str) -> str:
+    """An image's alt text, the author's description of it; not a bare file name ("IMG_0042.jpg")."""
+    alt = opened[1].strip()
+    return "" if _FILE_NAME.fullmatch(alt) else alt
+
+
 def strip_markdown(text: str) -> str:
     """Markdown to the plain prose a reader sees."""
     # Code blocks, comments, scripts and Jekyll/Hugo highlighted code go whole; an opener never
@@ -212,11 +251,13 @@ def strip_markdown(text: str) -> str:
     text = _sub_spans(text, _SCRIPT_OPEN, lambda m: re.compile(rf"</{m[1].lower()}\s*>", re.IGNORECASE))
     text = _sub_spans(text, _JEKYLL_HIGHLIGHT, lambda m: re.compile(r"\{%-?\s*endhighlight\s*-?%\}"))
     text = _sub_spans(text, _HUGO_HIGHLIGHT, lambda m: re.compile(rf"\{{\{{{re.escape(m[1])}\s*/highlight\s*[%>]\}}\}}"))
-    # The other Hugo/Jekyll tags: {{< ... >}}, {{% ... %}}, {% ... %}.
-    text = _sub_spans(text, _TEMPLATE_TAG, lambda m: re.compile(r"[%>]\}\}" if m[0].startswith("{{") else r"%\}"))
+    # The other Hugo/Jekyll tags: {{< ... >}}, {{% ... %}}, {% ... %}, {{ ... }}.
+    text = _sub_spans(text, _TEMPLATE_TAG, lambda m: _TEMPLATE_CLOSE[m[0]])
     # After the blocks above: a line of theirs read as indented code or a table row could take their closer.
     text = _drop_tables(_drop_indented_code(text))
-    text = _sub_spans(text, _IMAGE_OPEN, lambda m: _CLOSE_PARENTHESIS)  # a linked badge leaves "[](...)"
+    text = _ESCAPE.sub(_hide_escaped, text)  # "\*" is a "*" to show, not emphasis: hidden from the markup below
+    text = _sub_spans(text, _BADGE_OPEN, lambda m: _CLOSE_PARENTHESIS)  # a linked badge leaves "[](...)"
+    text = _sub_spans(text, _IMAGE_OPEN, lambda m: _CLOSE_PARENTHESIS, _alt_text)  # "see ![a map](...)" reads on
     text = _sub_spans(text, _LINK_OPEN, lambda m: _CLOSE_PARENTHESIS, lambda opened, inner: opened[1])  # keep words
     text = re.sub(r"\[([^\[\]]+)\]\[[^\[\]]*\]", r"\1", text)
     text = re.sub(r"^[ \t]*\[\^[^\[\]]+\]:[ \t]*", "", text, flags=re.MULTILINE)  # a footnote keeps its words
@@ -224,7 +265,12 @@ def strip_markdown(text: str) -> str:
     # "^\s*" would try every blank line after each: thousands of them in a row took seconds.
     text = re.sub(r"^[ \t]*\[[^\]\n]+\]:\s*\S+.*$", "", text, flags=re.MULTILINE)  # link definitions
     text = re.sub(r"<((?:https?|ftp)://[^\s<>]+)>", r"\1", text)  # autolinks keep their address
-    # A tag starts with a letter, so "3 < 5 and 7 > 2" stays; no "<" inside keeps it linear.
+    # A tag starts with a letter, so "3 < 5 and 7 > 2" stays; no "<" inside keeps it linear. Where a
+    # tag breaks a line or a paragraph, the words either side must stay apart: "soft<br>upon".
+    text = _BREAK_TAG.sub("\n", text)
+    text = _ITEM_TAGS.sub("\n", text)
+    text = _BLOCK_TAG.sub("\n\n", text)
+    text = _CELL_TAG.sub(" ", text)
     text = re.sub(r"</?[A-Za-z][^<>\n]*>", "", text)  # inline HTML
     text = re.sub(r"^\s{0,3}#{1,6}\s*", "", text, flags=re.MULTILINE)
     text = re.sub(r"^\s{0,3}>\s?", "", text, flags=re.MULTILINE)
@@ -233,20 +279,61 @@ def strip_markdown(text: str) -> str:
     text = re.sub(r"(\*\*|__)(.+?)\1", r"\2", text)
     text = _sub_spans(text, _EMPHASIS_OPEN, lambda m: re.compile(rf"(?<!\s){re.escape(m[1])}(?![\w*])"),
                       lambda opened, inner: inner, one_line=True, inner_min=1)
+    text = _sub_spans(text, _STRUCK_OPEN, lambda m: re.compile(r"(?<!\s)~~"), lambda opened, inner: inner,
+                      one_line=True, inner_min=1)  # struck out, and still the author's words
     text = re.sub(r"`([^`]*)`", r"\1", text)
     # Last, so "&lt;b&gt;" written in the prose stays the text "<b>" a reader sees, not a tag to strip.
-    return html.unescape(text)  # "AT&amp;T", "&mdash;", "&nbsp;" as a reader sees them
+    text = html.unescape(text)  # "AT&amp;T", "&mdash;", "&nbsp;" as a reader sees them
+    return text.translate(_SHOW_ESCAPED)
+
+
+_YES_WORDS = frozenset({"true", "yes", "on", "1"})
+_NO_WORDS = frozenset({"false", "no", "off", "0"})
+_DRAFTS_FOLDER = "_drafts"  # Jekyll's: its posts are drafts by where they are
+
+
+def _flag(value: object) -> bool | None:
+    """A front matter value as true or false, as Hugo casts one ("true", "yes" and 1 are true too);
+    None when it is neither."""
+    if isinstance(value, bool | int):
+        return bool(value)
+    if isinstance(value, str):
+        word = value.strip().lower()
+        return True if word in _YES_WORDS else False if word in _NO_WORDS else None
+    return None
+
+
+class _InDraftsFolder(Draft):
+    """A post in Jekyll's ``_drafts`` folder: a draft whatever its front matter says; left out, and said so."""
+
+    def __init__(self, path: Path) -> None:
+        SourceProblem.__init__(self, path, None, f"a draft (it is in a {_DRAFTS_FOLDER} folder, whose posts Jekyll "
+                                                 "does not publish); move it to _posts to read it")
+        # As the summary of many drafts words them ("whose front matter sets ...; set ... in its front matter").
+        self.setting = f"nothing (it is in {_DRAFTS_FOLDER}/)"
+        self.undo = f"nothing (move a post in {_DRAFTS_FOLDER}/ to _posts/)"
+
+
+def _unpublished(path: Path, text: str, meta: dict, start: int) -> Draft | None:
+    """Why the post is a draft (its front matter, in any case, or its folder); None when it is not one."""
+    for key, unpublished in (("draft", True), ("published", False)):
+        for written, value in meta.items():
+            if str(written).lower() == key and _flag(value) is unpublished:
+                header = text.split("\n")[1:start]
+                line = next((n for n, row in enumerate(header, start=2)
+                             if re.match(rf"\s*[\"']?{re.escape(str(written))}\b", row)), 1)
+                return Draft(path, line, str(written), unpublished)
+    if _DRAFTS_FOLDER in path.parent.parts:
+        return _InDraftsFolder(path)
+    return None
 
 
 def read_markdown(path: Path, options: ReadOptions) -> Documents:
     """One document per file: the body with front matter and markup stripped; a draft (Hugo's
-    ``draft: true``, Jekyll's ``published: false``) is left out, and said so."""
+    ``draft: true``, Jekyll's ``published: false`` or a post in ``_drafts``) is left out, and said so."""
     # Windows line endings: TOML refuses the "\r" that splitting on "\n" would leave.
     text = read_text_file(path).replace("\r\n", "\n")
     meta, body, start = _split_front_matter(path, text)
-    for key, unpublished in (("draft", True), ("published", False)):
-        if meta.get(key) is unpublished:
-            header = text.split("\n")[1:start]
-            line = next((n for n, row in enumerate(header, start=2) if re.match(rf"\s*{key}\b", row)), 1)
-            return Documents(left_out=[Draft(path, line, key, unpublished)])
+    if (draft := _unpublished(path, text, meta, start)) is not None:
+        return Documents(left_out=[draft])
     return Documents([RawDocument(strip_markdown(body), str(path), start)])

@@ -5,6 +5,11 @@ item is ``{"tweet": {...}}``. Retweets and replies are dropped unless asked for 
 so the build can say so), links (always ``t.co`` wrappers) are removed, and HTML entities are
 decoded. The zip X sends is read as its unzipped folder would be.
 
+A reply to the author's own post is theirs, and kept: a thread, often their longest writing. It
+is known by the account it answers (``accountId`` in the ``account.js`` beside ``tweets.js``)
+or by the post it answers being in the same file. A kept reply loses the "@friend" mentions X
+puts before its text and hides (``display_text_range`` starts after them).
+
 Long posts: newer X exports keep the whole text of a post over 280 characters (a "note
 tweet") in ``note-tweet.js`` (``note-tweet-part1.js``, ...), items ``{"noteTweet": {...,
 "createdAt": ..., "core": {"text": ...}}}``, while its entry in ``tweets.js`` holds only
@@ -246,15 +251,71 @@ def _is_retweet(tweet: dict, text: str) -> bool:
     return text.startswith("RT @") or "retweeted_status" in tweet or bool(tweet.get("retweeted"))
 
 
+@dataclass(frozen=True)
+class _Author:
+    """What marks a post as the author's own: their account's ids, and the ids of the posts read."""
+
+    accounts: frozenset[str]
+    posts: frozenset[str]
+
+
+def _id(tweet: dict, *keys: str) -> str | None:
+    """The first of these ids the tweet has, as a string (older exports give numbers)."""
+    value = next((tweet[key] for key in keys if tweet.get(key)), None)
+    return None if value is None else str(value)
+
+
 def _is_reply(tweet: dict) -> bool:
-    return any(tweet.get(key) for key in ("in_reply_to_status_id_str", "in_reply_to_status_id",
-                                          "in_reply_to_user_id_str", "in_reply_to_user_id"))
+    return _id(tweet, "in_reply_to_status_id_str", "in_reply_to_status_id",
+               "in_reply_to_user_id_str", "in_reply_to_user_id") is not None
 
 
-def _own_tweets(path: Path, tweets: list[dict], notes: _NoteIndex | None, options: ReadOptions) -> Documents:
-    """The tweets the author wrote themselves, as documents; the retweets and replies left out are counted."""
+def _answers_self(tweet: dict, author: _Author) -> bool:
+    """Whether a reply answers the author's own post: a thread of theirs."""
+    return (_id(tweet, "in_reply_to_user_id_str", "in_reply_to_user_id") in author.accounts
+            or _id(tweet, "in_reply_to_status_id_str", "in_reply_to_status_id") in author.posts)
+
+
+def _account_ids(path: Path, text: str) -> frozenset[str]:
+    """The ``accountId`` values in an X export's ``account.js``; none when it cannot be read (the
+    posts the replies answer still tell a thread)."""
+    try:
+        accounts = _parse_items(path, text, "account", "account file", "accounts")
+    except SourceProblem:
+        return frozenset()
+    return frozenset(str(account["accountId"]) for account in accounts if account.get("accountId"))
+
+
+def _accounts_beside(path: Path) -> frozenset[str]:
+    account = path.parent / "account.js"
+    try:
+        return _account_ids(account, account.read_text(encoding="utf-8")) if account.is_file() else frozenset()
+    except (OSError, UnicodeDecodeError):
+        return frozenset()
+
+
+_MENTIONS = re.compile(r"(?:[ \t]*@\w{1,15})+[ \t]*")
+
+
+def _hidden_mentions(tweet: dict, raw: str) -> str:
+    """The "@friend " a reply's text opens with that X does not show (``display_text_range`` starts
+    after it); "" when there is none, or the range does not fall after mentions alone."""
+    shown = tweet.get("display_text_range")
+    try:
+        start = int(shown[0]) if isinstance(shown, list) and shown else 0
+    except (TypeError, ValueError):
+        return ""
+    hidden = raw[:start]
+    return hidden if start > 0 and _MENTIONS.fullmatch(hidden) else ""
+
+
+def _own_tweets(path: Path, tweets: list[dict], notes: _NoteIndex | None, options: ReadOptions,
+                accounts: frozenset[str] = frozenset()) -> Documents:
+    """The tweets the author wrote themselves, as documents (their threads too, a reply to their own
+    post); the retweets and replies to others left out are counted."""
     documents = Documents()
-    retweets = replies = 0
+    retweets = replies = threads = 0
+    author = _Author(accounts, frozenset(filter(None, (_id(tweet, "id_str", "id") for tweet in tweets))))
     for number, tweet in enumerate(tweets, start=1):
         raw = tweet.get("full_text", tweet.get("text"))
         if not isinstance(raw, str):
@@ -263,19 +324,25 @@ def _own_tweets(path: Path, tweets: list[dict], notes: _NoteIndex | None, option
         if _is_retweet(tweet, body) and not options.keep_retweets:
             retweets += 1
             continue
-        if _is_reply(tweet) and not options.keep_replies:
-            replies += 1
-            continue
+        if _is_reply(tweet):
+            if _answers_self(tweet, author):
+                threads += 1
+            elif not options.keep_replies:
+                replies += 1
+                continue
         whole = notes.full_text(raw, _timestamp(tweet.get("created_at", tweet.get("createdAt")))) if notes else None
         body = whole if whole is not None else _LINK.sub("", body).strip()
+        if hidden := _hidden_mentions(tweet, raw).strip():
+            body = body.removeprefix(hidden).lstrip()
         if body:
             documents.append(RawDocument(body, str(path), number))
     if retweets or replies:  # most of an archive may be these: say so, or the count read looks like a loss
         counted = [f"{n} {what}" for n, what in ((retweets, "retweet(s)"), (replies, "reply(ies)")) if n]
         keep = [flag for n, flag in ((retweets, "--keep-retweets"), (replies, "--keep-replies")) if n]
+        among = f", {threads} in the author's own threads among them" if threads else ""
         documents.left_out.append(SourceProblem(
             path, None, f"{' and '.join(counted)} left out, as not the author's own posts (the other "
-                        f"{len(documents)} were read); {' and '.join(keep)} read them too"))
+                        f"{len(documents)} were read{among}); {' and '.join(keep)} read them too"))
     return documents
 
 
@@ -290,7 +357,7 @@ def read_tweets(path: Path, options: ReadOptions) -> Documents:
         return _read_zip(path, options)
     if is_note_tweets(path):
         return Documents(RawDocument(note.text, str(path), number) for number, note in _read_notes(path) if note.text)
-    return _own_tweets(path, parse_archive(path, _read(path)), _notes_beside(path), options)
+    return _own_tweets(path, parse_archive(path, _read(path)), _notes_beside(path), options, _accounts_beside(path))
 
 
 # --- The export as X sends it: one zip ------------------------------------------------
@@ -314,6 +381,15 @@ def _member_text(archive: zipfile.ZipFile, path: Path, name: str) -> str:
         raise SourceProblem(path / name, None, f"cannot read it from the zip ({exc}); unzip it and name the folder") from exc
 
 
+def _accounts_in_zip(archive: zipfile.ZipFile, path: Path, folder: PurePosixPath) -> frozenset[str]:
+    """The account ids in the ``account.js`` beside a tweet archive in the zip; none when there is none."""
+    name = str(folder / "account.js")
+    try:
+        return _account_ids(path / name, _member_text(archive, path, name)) if name in archive.namelist() else frozenset()
+    except SourceProblem:  # locked or not UTF-8: the posts the replies answer still tell a thread
+        return frozenset()
+
+
 def _read_zip(path: Path, options: ReadOptions) -> Documents:
     """The author's tweets in an X export's zip: each archive file with the notes beside it in the zip."""
     members = tweet_archive_members(path)
@@ -332,7 +408,7 @@ def _read_zip(path: Path, options: ReadOptions) -> Documents:
             notes = [note for n in note_names
                      for _, note in _notes_in(path / n, _member_text(archive, path, n))]
             read = _own_tweets(path / name, parse_archive(path / name, _member_text(archive, path, name)),
-                               _NoteIndex(notes) if notes else None, options)
+                               _NoteIndex(notes) if notes else None, options, _accounts_in_zip(archive, path, folder))
             documents.extend(read)
             documents.left_out.extend(read.left_out)
     return documents
