@@ -3,9 +3,12 @@
 Every ``tick_s`` it looks at each persona whose file enables the schedule (and lists
 ``scheduler`` among its adapters), finds the slots due since it last looked, applies
 the persona's missed-slot policy, and asks the ``Poster`` for the one slot to post.
-Any number of schedulers may run: the ledger's claim lets one of them post a slot,
-and the others see it taken or done. The first look at a persona starts its clock
-(nothing before it counts as missed).
+Any number of schedulers may run, on machines whose clocks disagree: each takes its
+``now`` from Redis's clock, the ledger's claim lets one of them post a slot, and the
+others see it taken or done. The first look at a persona starts its clock (nothing
+before it counts as missed), and so does the first look after its schedule was off
+(``enabled = false``, its file invalid, or ``scheduler`` not among its adapters): the
+time it was off is not downtime.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from adapters.posting.slots import (
 )
 from persona import constants as keys
 from persona.errors import PersonaError, QueueError
+from persona.heartbeat import redis_now
 from persona.ledger import OPEN_STATES
 from persona.personas import Persona, unscheduled_reason
 
@@ -39,6 +43,14 @@ log = logging.getLogger(__name__)
 MAX_BACKOFF_S = 60.0
 # How many of the latest due slots are looked up for one a dead scheduler began.
 MAX_BEGUN_LOOKBACK = 48
+
+# A persona's checked mark only moves forward: a scheduler a tick behind another (or given
+# an earlier ``now``) set it back, and the slots between were then due again, a posted
+# one logged "skipped missed slot" at every tick.
+CHECKED_FORWARD_SCRIPT = """
+local was = tonumber(redis.call('HGET', KEYS[1], ARGV[1]))
+if was == nil or tonumber(ARGV[2]) > was then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
+"""
 
 
 def scheduled_personas(personas: dict[str, Persona]) -> list[Persona]:
@@ -52,14 +64,25 @@ class Scheduler:
 
     poster: Poster
     client: redis.Redis
-    clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
+    # None: Redis's clock, which every scheduler shares; by its own machine's clock, one
+    # running fast posted early, and slots were due at different times on each machine.
+    clock: Callable[[], datetime] | None = None
     stopping: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self) -> None:
+        self._forward = self.client.register_script(CHECKED_FORWARD_SCRIPT)
+
+    def now(self) -> datetime:
+        """The time the scheduler goes by: Redis's (or the ``clock`` it was given)."""
+        return self.clock() if self.clock else datetime.fromtimestamp(redis_now(self.client), UTC)
 
     def tick(self, now: datetime | None = None) -> list[PostOutcome]:
         """One look at every scheduled persona; returns the posts attempted."""
-        now = now or self.clock()
+        now = now or self.now()
+        scheduled = scheduled_personas(self.poster.registry.all())
+        self._forget_unscheduled({persona.name for persona in scheduled})
         done: list[PostOutcome] = []
-        for persona in scheduled_personas(self.poster.registry.all()):
+        for persona in scheduled:
             if self.stopping.is_set():
                 break
             try:
@@ -119,6 +142,9 @@ class Scheduler:
         read are each named, with what to change.
         """
         problems: list[str] = []
+        # Only for the next slot's name in the log: this machine's clock will do, and with
+        # Redis not up yet the scheduler still starts (its ticks back off until it is).
+        now = self.clock() if self.clock else datetime.now(UTC)
         for persona in self.poster.registry.all().values():
             if reason := unscheduled_reason(persona):
                 problems.append(f"{persona.name}: schedule.enabled is true, but {reason}")
@@ -126,7 +152,7 @@ class Scheduler:
             if not persona.schedule.enabled:
                 continue
             try:
-                upcoming = slot_id(next_slot(persona.schedule.cron, persona.schedule.timezone, self.clock()))
+                upcoming = slot_id(next_slot(persona.schedule.cron, persona.schedule.timezone, now))
                 self.poster.sinks_for(persona, None)
                 self.poster.corpus_index(persona)
             except PersonaError as exc:
@@ -188,7 +214,21 @@ class Scheduler:
         log.log(level, "%s: slot %s %s%s", persona.name, slot, outcome.headline, f"; {said}" if said else "")
 
     def _checked(self, persona: Persona, now: datetime) -> None:
-        self.client.hset(keys.SCHEDULER_CHECKED_KEY, persona.name, now.timestamp())
+        """Mark the persona looked at up to ``now``; never earlier than another scheduler marked it."""
+        self._forward(keys=[keys.SCHEDULER_CHECKED_KEY], args=[persona.name, repr(now.timestamp())])
+
+    def _forget_unscheduled(self, scheduled: set[str]) -> None:
+        """Drop the checked mark of each persona not scheduled now, so that when its schedule
+        is back on, its first look starts its clock afresh.
+
+        Kept, the mark dated from before it was turned off: a month off with
+        ``missed = "latest"`` posted that day's slot the moment it was back on, hours late,
+        and with "skip" logged a month of slots as missed that were never due.
+        """
+        names = [name.decode() if isinstance(name, bytes) else name
+                 for name in self.client.hkeys(keys.SCHEDULER_CHECKED_KEY)]
+        if unscheduled := [name for name in names if name not in scheduled]:
+            self.client.hdel(keys.SCHEDULER_CHECKED_KEY, *unscheduled)
 
     def run(self) -> None:
         """Tick until stopped; when Redis or the queue fails, wait longer each time and retry."""

@@ -2,7 +2,9 @@
 
 Each waiting post is a hash (persona, slot, text, the runner-up candidates, sinks) and
 its id sits in a sorted set by creation time. Approving or rejecting moves it out of
-the pending set in one script, so two operators cannot both act on the same post.
+the pending set in one script, so two operators cannot both act on the same post. A post
+left waiting lapses after ``APPROVAL_TTL_S`` (its hash expires). Its times are Redis's,
+the clock every machine that reads them shares.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import redis
 
 from persona import constants as keys
 from persona.errors import PostingError
+from persona.heartbeat import redis_now, redis_time
 
 __all__ = ["Approval", "ApprovalQueue"]
 
@@ -44,16 +47,23 @@ class Approval:
     sinks: list[str]
     alternatives: list[str] = field(default_factory=list)
     state: str = "pending"
-    created: float = 0.0
+    created: float = 0.0  # epoch seconds, by Redis's clock
+    expires: float = 0.0  # when it lapses, by Redis's clock; 0: never (its hash holds no expiry)
 
     @classmethod
-    def from_hash(cls, approval_id: str, raw: dict) -> Approval:
+    def from_hash(cls, approval_id: str, raw: dict, now: float = 0.0, left_ms: int = -1) -> Approval:
+        """The approval stored as ``raw``; ``left_ms`` (PTTL's answer at Redis time ``now``) dates its lapse."""
         data = {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v) for k, v in raw.items()}
         return cls(
             id=approval_id, persona=data["persona"], slot=data["slot"], text=data["text"],
             sinks=json.loads(data.get("sinks", "[]")), alternatives=json.loads(data.get("alternatives", "[]")),
             state=data.get("state", "pending"), created=float(data.get("created", 0)),
+            expires=now + left_ms / 1000 if left_ms >= 0 else 0.0,
         )
+
+    def waited_s(self, now: float) -> float:
+        """How long it has waited at ``now`` (Redis's time)."""
+        return max(0.0, now - self.created)
 
 
 def _unknown(approval_id: str) -> str:
@@ -72,9 +82,10 @@ class ApprovalQueue:
 
     def add(self, persona: str, slot: str, text: str, sinks: list[str], alternatives: list[str]) -> Approval:
         """Put a curated post in the queue; returns it with its short id."""
+        now = redis_now(self.redis)
         approval = Approval(
             id=secrets.token_hex(4), persona=persona, slot=slot, text=text, sinks=sinks,
-            alternatives=alternatives, created=time.time(),
+            alternatives=alternatives, created=now, expires=now + APPROVAL_TTL_S,
         )
         pipe = self.redis.pipeline()
         pipe.hset(keys.approval_key(approval.id), mapping={
@@ -88,22 +99,36 @@ class ApprovalQueue:
 
     def get(self, approval_id: str) -> Approval:
         """One approval by id; PostingError naming the command that lists them if unknown."""
-        raw = self.redis.hgetall(keys.approval_key(approval_id))
-        if not raw:
+        [found] = self._read([approval_id])
+        if found is None:
             raise PostingError(_unknown(approval_id))
-        return Approval.from_hash(approval_id, raw)
+        return found
 
     def pending(self) -> list[Approval]:
         """Every post still waiting, oldest first."""
         ids = [i.decode() if isinstance(i, bytes) else i for i in self.redis.zrange(keys.APPROVALS_PENDING_KEY, 0, -1)]
         found = []
-        for approval_id in ids:
-            raw = self.redis.hgetall(keys.approval_key(approval_id))
-            if raw:
-                found.append(Approval.from_hash(approval_id, raw))
+        for approval_id, approval in zip(ids, self._read(ids), strict=True):
+            if approval is not None:
+                found.append(approval)
             else:  # expired: forget it
                 self.redis.zrem(keys.APPROVALS_PENDING_KEY, approval_id)
         return found
+
+    def now(self) -> float:
+        """Redis's time: the clock an approval's times are on."""
+        return redis_now(self.redis)
+
+    def _read(self, ids: list[str]) -> list[Approval | None]:
+        """The approvals with these ids (None for one gone), with when each lapses, in one round trip."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.time()
+        for approval_id in ids:
+            pipe.hgetall(keys.approval_key(approval_id))
+            pipe.pttl(keys.approval_key(approval_id))
+        now, *answers = pipe.execute()
+        return [Approval.from_hash(approval_id, raw, redis_time(now), left_ms) if raw else None
+                for approval_id, raw, left_ms in zip(ids, answers[::2], answers[1::2], strict=True)]
 
     def decide(self, approval_id: str, state: str, text: str = "") -> Approval:
         """Mark a pending post ``approved`` (optionally with new text) or ``rejected``, once."""

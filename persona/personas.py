@@ -9,6 +9,7 @@ schedule, and the adapters it is enabled on. Files come from the project's
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import tomllib
@@ -44,6 +45,7 @@ __all__ = [
     "format_validation_error",
     "load_persona_file",
     "unscheduled_reason",
+    "zone_problem",
 ]
 
 log = logging.getLogger(__name__)
@@ -155,12 +157,9 @@ class ScheduleConfig(_Strict):
     @field_validator("timezone")
     @classmethod
     def _known_zone(cls, value: str) -> str:
-        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
-
-        try:
-            ZoneInfo(value)
-        except (ZoneInfoNotFoundError, ValueError):
-            raise ValueError(f"unknown time zone {value!r} (e.g. 'Europe/London', 'UTC')") from None
+        problem = zone_problem(value)
+        if problem:
+            raise ValueError(problem)
         return value
 
     @field_validator("cron")
@@ -173,6 +172,37 @@ class ScheduleConfig(_Strict):
 
 
 CRON_FIELDS = 5  # minute hour day-of-month month day-of-week
+ZONE_EXAMPLES = "e.g. 'Europe/Berlin', 'America/New_York', 'UTC'"
+# Names zoneinfo opens that name no zone: "localtime" is each machine's own (/etc/localtime),
+# so schedulers on machines in different zones named one slot two ways and each posted it;
+# "Factory" is tzdata's placeholder for a machine whose zone was never set.
+NOT_ZONES = frozenset({"localtime", "Factory", "posixrules"})
+
+
+@functools.cache
+def _iana_zones() -> frozenset[str]:
+    """The IANA zone names this machine knows (its own tz database, or the tzdata package)."""
+    from zoneinfo import available_timezones
+
+    return (frozenset(available_timezones()) - NOT_ZONES) | {"UTC"}
+
+
+def zone_problem(name: str) -> str:
+    """What is wrong with a schedule's time zone, '' if nothing: only an IANA name is one
+    (anything else zoneinfo opens, a file path or "localtime", means something else on
+    each machine, or nothing)."""
+    zones = _iana_zones()
+    if name in zones:
+        return ""
+    if name == "localtime":
+        return (f"{name!r} is each machine's own zone, so schedulers on machines in different zones would post "
+                f"a slot at different times, and twice; name the zone ({ZONE_EXAMPLES})")
+    if name in NOT_ZONES:
+        return f"{name!r} names no zone (tzdata keeps it for its own use); name the zone ({ZONE_EXAMPLES})"
+    # A path ("/usr/share/zoneinfo/Europe/Berlin") is read as the zone its tail names.
+    tails = [zone for zone in zones if name.endswith("/" + zone)]
+    near = max(tails, key=len) if tails else closest(name, sorted(zones))
+    return f"unknown time zone {name!r} ({f'did you mean {near!r}? ' if near else ''}an IANA name, {ZONE_EXAMPLES})"
 
 
 def cron_problem(cron: str) -> str:

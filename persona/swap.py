@@ -128,7 +128,8 @@ class SwapProposal(BaseModel):
     kind: Literal["swap", "rollback"] = "swap"
     by: str = Field("", description="who asked for it, kept in the swap log (opened without it: user@host of this process)")
     workers: list[str] = Field(default_factory=list, description="workers that must vote ready")
-    created_at: float = Field(default_factory=time.time)
+    created_at: float = Field(default_factory=time.time,
+                              description="when it was opened, by Redis's clock (``open_proposal`` stamps it)")
     deadline: float = Field(0.0, description="when it lapses, by Redis's clock (as every party reads it)")
 
     def expired(self, now: float) -> bool:
@@ -246,7 +247,7 @@ def _under_way_text(persona: str, other: SwapProposal, now: float) -> str:
     lapses_at = dt.datetime.fromtimestamp(time.time() + left_s).strftime("%H:%M:%S")  # on this machine's clock
     return (
         f"a swap of {persona!r} to {other.target!r}{f' by {other.by}' if other.by else ''} is already under way "
-        f"(started {time.time() - other.created_at:.0f} s ago); wait for it to finish, at the latest when it "
+        f"(started {max(0.0, now - other.created_at):.0f} s ago); wait for it to finish, at the latest when it "
         f"lapses in {left_s:.0f} s ({lapses_at})"
     )
 
@@ -328,8 +329,9 @@ def open_proposal(client: redis.Redis, proposal: SwapProposal, timeout_s: float)
     """Open a proposal for the workers that serve the persona now (``voters``), lapsing
     ``timeout_s`` from now by Redis's clock; the proposal as opened (SwapRefused if another
     is under way)."""
+    now = redis_now(client)  # both by Redis's clock: the proposer's may disagree with whoever reads them
     proposal = proposal.model_copy(update={
-        "workers": sorted(voters(client, proposal.persona)), "deadline": redis_now(client) + timeout_s,
+        "workers": sorted(voters(client, proposal.persona)), "created_at": now, "deadline": now + timeout_s,
         "by": proposal.by or operator_name(),
     })
     propose(client, proposal)

@@ -756,6 +756,16 @@ def test_a_timeout_past_a_day_is_refused_as_a_usage_error(env, monkeypatch):
             assert "--timeout" in result.stderr and "86400" in result.stderr, result.stderr
 
 
+def test_a_timeout_that_is_not_a_number_is_said_to_be_none(env, monkeypatch):
+    """`--timeout nan` was refused as "Input should be less than or equal to 86400": nan is
+    under no limit, so that read as if it were too large."""
+    for command in (["ask", "sage", "hello"], ["chat", "sage"], ["generate", "sage"]):
+        result = invoke(monkeypatch, env, *command, "--timeout", "nan")
+        said = " ".join(result.stderr.replace("│", " ").split())
+        assert result.exit_code == 2 and "'--timeout': nan is not a number; give seconds from 1 to 86400" in said, said
+        assert "less than or equal" not in said
+
+
 def test_generate_counts_every_missing_sample_and_fails_when_any_is(env, own_redis):
     """With -n 100 and a --timeout that ran out during the first window of 64, generate said
     "63 of 100 samples failed: <the first failure>" and exited 0: the 36 never asked for
@@ -946,6 +956,22 @@ def test_generate_waits_no_longer_than_its_timeout(env, own_redis):
     assert result.returncode == 1 and "2 not answered in time" in " ".join(result.stderr.split()), result.stderr
     deadline = max(float(fields[b"d"]) for _, fields in client.xrange(keys.STREAM_BATCH))
     assert ended - deadline < 2.5, f"ended {ended - deadline:.1f} s after the deadline"
+
+
+def test_generate_waits_no_longer_than_its_timeout_when_the_wall_clock_is_stepped_back(env, own_redis, monkeypatch):
+    """--timeout was timed by the wall clock: stepped back an hour (NTP, an operator) as the
+    samples were asked for, `generate --timeout 1` waited an hour and a second."""
+    import time
+
+    from persona.cli import generate_cmd
+    from tests.fakes.clocks import SteppedBack
+
+    _, url, _ = own_redis
+    monkeypatch.setattr(generate_cmd, "time", SteppedBack(60.0))
+    started = time.monotonic()
+    result = invoke(monkeypatch, env | {"PERSONA_REDIS_URL": url}, "generate", "sage", "-n", "2", "--timeout", "1")
+    assert result.exit_code == 1 and "2 not answered in time" in " ".join(result.output.split()), result.output
+    assert time.monotonic() - started < 5
 
 
 def test_usage_errors_read_as_sentences(env, monkeypatch, redis_url):

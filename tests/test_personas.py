@@ -221,6 +221,20 @@ def test_our_own_checks_and_a_section_given_a_value_read_plainly(tmp_path: Path)
     assert "schedule: should be a table of fields" in message and "ScheduleConfig" not in message
 
 
+@pytest.mark.parametrize("zone, says", [
+    ("localtime", "'localtime' is each machine's own zone"),
+    ("Factory", "'Factory' names no zone"),
+    ("/usr/share/zoneinfo/Europe/Berlin", "did you mean 'Europe/Berlin'?"),
+])
+def test_a_schedule_zone_is_an_iana_name_not_what_this_machine_opens(tmp_path: Path, zone: str, says: str):
+    """zoneinfo opens "localtime" (each machine's /etc/localtime), "Factory" and file paths:
+    "localtime" was accepted, and schedulers on machines in different zones each named the
+    09:00 slot by their own zone and both posted it."""
+    message = _refusal(tmp_path / "when.toml", f'[schedule]\ntimezone = "{zone}"\n')
+    assert f"  schedule.timezone: {says}" in message or f"schedule.timezone: unknown time zone {zone!r} ({says}" in message
+    assert "e.g. 'Europe/Berlin'" in message
+
+
 def test_an_unknown_persona_is_one_line_not_every_invalid_files_problems(settings, personas_dir: Path, caplog):
     """Asking for a persona that does not exist logged each invalid file's problems in
     full before the error it was about."""

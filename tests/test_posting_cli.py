@@ -201,6 +201,29 @@ def test_posts_pending_lists_one_personas_posts_with_persona(settings, write_per
     assert (none_yet.returncode, none_yet.stdout) == (0, "no posts by sage waiting for approval\n")
 
 
+def test_posts_pending_says_how_long_each_has_waited_and_when_it_lapses(settings, write_persona, env, redis_client):
+    """A post left waiting 30 days lapses, never posted; the listing said neither its age nor
+    when it would lapse (a post hours from lapsing read like a new one), and gave its slot only
+    as a UTC instant, while --slot and the schedule read the persona's own zone."""
+    write_persona("careful", base="unused", schedule={
+        "sinks": ["file:careful.jsonl"], "approval": True, "candidates": 1, "timezone": "Europe/Berlin"})
+    waiting = Poster(settings, redis_client, lambda p, n, seed: TEXTS[:n]).post("careful", slot="2026-03-01T08:00:00Z")
+    now = heartbeat.redis_now(redis_client)
+    redis_client.hset(keys.approval_key(waiting.approval_id), "created", now - 29.9 * 86400)  # as if made 29.9 days ago
+    redis_client.pexpire(keys.approval_key(waiting.approval_id), int(0.1 * 86400 * 1000))
+
+    [listed] = json.loads(persona("posts", "pending", "--json", env=env).stdout)
+    assert listed["created"] == pytest.approx(now - 29.9 * 86400)
+    assert listed["waiting_s"] == pytest.approx(29.9 * 86400, abs=30)
+    assert listed["expires"] == pytest.approx(now + 0.1 * 86400, abs=30)
+    table = persona("posts", "pending", env=env | {"COLUMNS": "400"})
+    header, row = table.stdout.splitlines()
+    assert header.split() == ["id", "persona", "slot", "waiting", "lapses", "(UTC)", "sinks", "text"]
+    lapses = datetime.fromtimestamp(now + 0.1 * 86400, UTC)
+    assert "2026-03-01T08:00:00Z (09:00 Europe/Berlin)" in row and "29 d 21 h" in row, row
+    assert f"{lapses:%Y-%m-%d} " in row and "(in 2 h 2" in row, row
+
+
 def test_a_post_waiting_for_approval_is_not_proposed_again(settings, write_persona, redis_client):
     """Two days' posts waiting for one approver were the same text: approving both posted it twice."""
     first = pending_post(settings, write_persona, "2026-03-10T09:00:00Z")

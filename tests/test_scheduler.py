@@ -18,10 +18,11 @@ from adapters.posting.sinks import FileSink, Posted, make_sink
 from adapters.posting.slots import next_slot, plan_slots, slot_id, slots_between
 from adapters.scheduler import Scheduler
 from persona import constants as keys
-from persona.errors import ConfigError
+from persona.errors import ConfigError, ReplyTimeout
 from persona.ledger import PostLedger, SinkEntry
 from persona.settings import Settings
 from tests.conftest import read_jsonl
+from tests.fakes.clocks import SteppedBack
 
 TEXTS = [
     "Patience is the slow river that carves the canyon of a life.",
@@ -68,6 +69,18 @@ def test_fall_back_fires_once_not_twice():
     ]
 
 
+def test_a_refused_slot_in_the_hour_that_happens_twice_is_named_with_its_offset():
+    """Both 02:30s of Berlin's fall-back night read "02:30": the refusal said "2026-10-25T02:30
+    is not one of the schedule's slots; the nearest: 2026-10-25T02:30"."""
+    from adapters.posting.slots import resolve_slot
+    from persona.errors import PostingError
+
+    with pytest.raises(PostingError) as refused:
+        resolve_slot("2026-10-25T02:30+01:00", "30 2 * * *", "Europe/Berlin", utc(2026, 11, 28))
+    assert ("2026-10-25T02:30+01:00 is not one of the schedule's slots ('30 2 * * *', Europe/Berlin); "
+            "the nearest: 2026-10-25T02:30+02:00, 2026-10-26T02:30;") in str(refused.value)
+
+
 def test_us_dst_and_weekday_schedules():
     # New York springs forward on 2026-03-08; weekdays only.
     slots = slots_between("0 8 * * 1-5", "America/New_York", utc(2026, 3, 6), utc(2026, 3, 10))
@@ -80,6 +93,8 @@ def test_bad_schedules_are_clear_errors():
         slots_between("every day", "UTC", utc(2026, 1, 1), utc(2026, 1, 2))
     with pytest.raises(ConfigError, match="unknown time zone"):
         slots_between("0 9 * * *", "Mars/Olympus", utc(2026, 1, 1), utc(2026, 1, 2))
+    with pytest.raises(ConfigError, match="schedule.timezone: 'localtime' is each machine's own zone"):
+        slots_between("0 9 * * *", "localtime", utc(2026, 1, 1), utc(2026, 1, 2))
 
 
 def test_cron_with_seconds_or_a_date_that_never_comes_is_refused():
@@ -308,6 +323,79 @@ def test_disabled_schedules_never_post(settings, write_persona, redis_client):
     assert runner.tick(utc(2026, 1, 5, 9)) == []
 
 
+POET_SCHEDULE = {"cron": "0 9 * * *", "timezone": "Europe/London", "missed": "latest", "enabled": True,
+                 "sinks": ["file:poet.jsonl"], "candidates": 3}
+
+
+def _disabled(write_persona):
+    write_persona("poet", base="unused", adapters=["cli", "scheduler"], schedule={**POET_SCHEDULE, "enabled": False})
+
+
+def _scheduler_adapter_removed(write_persona):
+    write_persona("poet", base="unused", adapters=["cli"], schedule=POET_SCHEDULE)
+
+
+def _file_broken(write_persona):
+    write_persona("poet", base="unused", adapters=["cli", "scheduler"], schedule=POET_SCHEDULE).write_text("name = ")
+
+
+@pytest.mark.parametrize("turn_off", [_disabled, _scheduler_adapter_removed, _file_broken])
+def test_a_schedule_turned_back_on_starts_afresh(settings, write_persona, redis_client, caplog, turn_off):
+    """The checked mark stayed as it was while the schedule was off: turned back on a month
+    later, at 20:00, that day's 09:00 slot went out at once (policy latest), and 29 days
+    were logged as missed slots that were never due."""
+    write_persona("poet", base="unused", adapters=["cli", "scheduler"], schedule=POET_SCHEDULE)
+    out = settings.data_dir / "posts" / "poet.jsonl"
+    runner = Scheduler(poster_for(settings), redis_client)
+    runner.tick(utc(2026, 1, 5, 8))
+    assert [o.status for o in runner.tick(utc(2026, 1, 5, 9, 1))] == ["posted"]
+    turn_off(write_persona)
+    assert runner.tick(utc(2026, 1, 6, 12)) == []
+    write_persona("poet", base="unused", adapters=["cli", "scheduler"], schedule=POET_SCHEDULE)
+    with caplog.at_level(logging.INFO, logger="adapters.scheduler"):
+        assert runner.tick(utc(2026, 2, 4, 20)) == []
+    assert [r.getMessage() for r in caplog.records if r.name == "adapters.scheduler"] == [
+        "poet: schedule '0 9 * * *' (Europe/London) starts now"]
+    assert [o.slot for o in runner.tick(utc(2026, 2, 5, 9, 1))] == ["2026-02-05T09:00:00Z"]
+    assert [line["marker"] for line in read_jsonl(out)] == [
+        "poet:2026-01-05T09:00:00Z:file:poet.jsonl", "poet:2026-02-05T09:00:00Z:file:poet.jsonl"]
+
+
+def test_a_scheduler_behind_another_cannot_make_a_posted_slot_due_again(settings, scheduled, redis_client, caplog):
+    """Each scheduler wrote its own ``now`` as the checked mark: one an hour behind set it
+    back, and the other then found the slot it had posted due again at every tick ("done",
+    then "skipped missed slot" for the rest of the hour)."""
+    ahead, behind = (Scheduler(poster_for(settings), redis_client) for _ in range(2))
+    ahead.tick(utc(2026, 1, 5, 8, 50))
+    assert [o.status for o in ahead.tick(utc(2026, 1, 5, 9, 0, 30))] == ["posted"]
+    with caplog.at_level(logging.INFO, logger="adapters.scheduler"):
+        assert behind.tick(utc(2026, 1, 5, 8, 1)) == []
+        assert ahead.tick(utc(2026, 1, 5, 9, 1)) == []
+        assert ahead.tick(utc(2026, 1, 5, 9, 30)) == []
+    assert [r.getMessage() for r in caplog.records if r.name == "adapters.scheduler"] == []
+    assert len(read_jsonl(scheduled)) == 1
+
+
+class _HourFast(datetime):
+    """This machine's clock, an hour ahead of Redis's."""
+
+    @classmethod
+    def now(cls, tz=None):
+        return datetime.now(tz) + timedelta(hours=1)
+
+
+def test_a_scheduler_on_a_fast_machine_posts_by_redis_time(settings, write_persona, redis_client, monkeypatch):
+    """The scheduler went by its own machine's clock: one an hour fast posted a 09:00 slot at 08:00."""
+    slot = (datetime.fromtimestamp(redis_client.time()[0], UTC) + timedelta(minutes=30)).replace(second=0)
+    write_persona("poet", base="unused", adapters=["cli", "scheduler"], schedule={
+        **POET_SCHEDULE, "cron": f"{slot.minute} {slot.hour} * * *", "timezone": "UTC"})
+    runner = Scheduler(poster_for(settings), redis_client)
+    runner.tick()  # the clock starts, by Redis's time
+    monkeypatch.setattr("adapters.scheduler.datetime", _HourFast)
+    assert runner.tick() == []
+    assert not (settings.data_dir / "posts" / "poet.jsonl").exists()
+
+
 class Crash(BaseException):
     """The process dies here: nothing after it runs."""
 
@@ -515,6 +603,29 @@ def test_stopping_ends_a_wait_for_candidates_and_leaves_the_slot_due(settings, s
     assert time.monotonic() - started < 10
     assert redis_client.hget("persona:scheduler:checked", "poet") == str(utc(2026, 1, 5, 8).timestamp()).encode()
     assert redis_client.exists("persona:post-lock:poet:2026-01-05T09:00:00Z") == 0
+
+
+def test_a_wall_clock_stepped_back_does_not_lengthen_the_wait_for_candidates(settings, scheduled, redis_client,
+                                                                             monkeypatch):
+    """The wait was timed by the wall clock: stepped back an hour, it held the scheduler (and
+    every persona after this one) an hour past posting.wait_s."""
+    from adapters.posting import candidates as module
+    from persona.queue import QueueClient
+
+    monkeypatch.setattr(module, "WAIT_SLACK_S", 0.5)  # the queue's slack, shortened for the test
+    monkeypatch.setattr(module, "time", SteppedBack())
+    stopping = threading.Event()
+    wait = module.QueueCandidates(QueueClient(redis_client, settings.queue), 1.0, stopping=stopping)
+    persona = Poster(settings, redis_client, slow_candidates).registry.get("poet")
+    timer = threading.Timer(20, stopping.set)  # ends a wait the stepped clock would hold a minute
+    timer.start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(ReplyTimeout):  # no worker runs
+            wait(persona, 2, seed=1)
+    finally:
+        timer.cancel()
+    assert time.monotonic() - started < 5
 
 
 def test_a_queue_full_midway_withdraws_the_candidates_already_submitted(settings, write_persona, redis_client):

@@ -553,6 +553,21 @@ def test_a_swap_under_way_names_who_started_it(redis_client, tiny):
         swaps.swap_persona(redis_client, tiny, "v2", timeout_s=5)
 
 
+def test_a_swap_under_way_says_how_long_ago_by_redis_time(redis_client, tiny):
+    """The proposal was stamped by its proposer's clock and read by this machine's: opened on
+    a machine ten minutes fast, a second operator was told it "started -600 s ago"."""
+    import re
+
+    from persona.errors import SwapRefused
+
+    fast = swaps.SwapProposal(persona="tiny", target="v1", previous="base", by="bob@fast", created_at=time.time() + 600)
+    swaps.open_proposal(redis_client, fast, timeout_s=60)
+    with pytest.raises(SwapRefused) as refused:
+        swaps.swap_persona(redis_client, tiny, "v2", timeout_s=5)
+    started = re.search(r"\(started (-?\d+) s ago\)", str(refused.value))
+    assert started is not None and 0 <= int(started[1]) <= 5, str(refused.value)
+
+
 def test_a_worker_that_began_serving_during_a_swap_must_vote_too(redis_client, tiny):
     """A worker still loading its models when the swap opened was not asked, and the swap
     committed without it as soon as the others were ready: it then served the new version

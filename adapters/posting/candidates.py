@@ -54,7 +54,10 @@ class QueueCandidates:
         self.withdrawn = 0  # of the last call's requests, those withdrawn when it was stopped (Ctrl-C)
 
     def __call__(self, persona: Persona, n: int, seed: int) -> list[Draft]:
-        deadline = time.time() + self.wait_s
+        deadline = time.time() + self.wait_s  # the requests' own, which the queue turns into an allowance
+        # The wait is timed by the monotonic clock: by the wall clock, one stepped back an hour
+        # (NTP, an operator) held the scheduler, and every persona after this one, an hour longer.
+        give_up = time.monotonic() + self.wait_s + WAIT_SLACK_S
         requests: list[GenerationRequest] = []
         texts: list[Draft] = []
         self.withdrawn = 0
@@ -67,7 +70,7 @@ class QueueCandidates:
                     sampling=SamplingOverrides(seed=seed + i), deadline=deadline,
                 )))
             for request in requests:
-                reply = self._wait(request)
+                reply = self._wait(request, give_up)
                 if reply.ok:
                     texts.append(Draft(reply.text, reply.finish_reason))
                 else:
@@ -81,13 +84,15 @@ class QueueCandidates:
             raise
         return texts
 
-    def _wait(self, request: GenerationRequest) -> GenerationReply:
+    def _wait(self, request: GenerationRequest, give_up: float) -> GenerationReply:
+        """The request's reply, waited for until ``give_up`` (``time.monotonic``'s), the queue's
+        slack after its deadline included (for the worker's own timeout reply)."""
         # Short waits in a loop, so a stop (SIGTERM) takes effect while a cold worker
         # spends minutes loading its model.
         while True:
             if self.stopping.is_set():
                 raise PostingError("stopped while waiting for candidates; the slot stays due")
-            remaining = request.deadline + WAIT_SLACK_S - time.time()
+            remaining = give_up - time.monotonic()
             try:
                 return self.queue.wait(request, timeout=max(0.1, min(POLL_S, remaining)))
             except ReplyTimeout:

@@ -25,7 +25,7 @@ from persona.errors import ConfigError, PostingError
 from persona.ledger import (
     MANUAL_SLOT_PREFIX,  # a post made by hand with no slot named: one slot of its own
 )
-from persona.personas import cron_problem
+from persona.personas import cron_problem, zone_problem
 
 __all__ = [
     "MANUAL_SLOT_PREFIX", "SLOT_FORMS", "SlotPlan", "catching_up", "check_catching_up", "check_schedule", "is_late",
@@ -171,7 +171,13 @@ def _is_date(text: str) -> bool:
 
 
 def _local_time(when: datetime, zone: ZoneInfo) -> str:
-    return when.astimezone(zone).strftime("%Y-%m-%dT%H:%M")
+    """``when`` as the schedule reads it, local; with its UTC offset in the hour that happens
+    twice (clocks go back), where the time alone names two instants."""
+    local = when.astimezone(zone)
+    said = local.strftime("%Y-%m-%dT%H:%M")
+    if local.replace(fold=1 - local.fold).utcoffset() != local.utcoffset():
+        said += local.isoformat(timespec="minutes")[len(said):]  # "+02:00"
+    return said
 
 
 def _slots_on(day: datetime, cron: str, timezone: str, zone: ZoneInfo) -> list[datetime]:
@@ -203,11 +209,14 @@ def check_schedule(cron: str, timezone: str) -> ZoneInfo:
     problem = cron_problem(cron)
     if problem:
         raise ConfigError(f"schedule.cron: {problem}")
+    problem = zone_problem(timezone)
+    if problem:
+        raise ConfigError(f"schedule.timezone: {problem}")
     try:
-        zone = ZoneInfo(timezone)
-    except (ZoneInfoNotFoundError, ValueError):
-        raise ConfigError(f"schedule.timezone: unknown time zone {timezone!r} (e.g. 'Europe/London', 'UTC')") from None
-    return zone
+        return ZoneInfo(timezone)
+    except (ZoneInfoNotFoundError, ValueError):  # listed, yet its file cannot be read
+        raise ConfigError(f"schedule.timezone: {timezone!r} cannot be read from this machine's time zone "
+                          "database; install the tzdata package (pip install tzdata)") from None
 
 
 def _second_occurrence(when: datetime, zone: ZoneInfo) -> bool:

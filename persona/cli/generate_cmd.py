@@ -13,9 +13,9 @@ from rich.progress import BarColumn, Progress, TextColumn
 
 from persona.cli.common import err_console, friendly_errors, get_settings, json_error
 from persona.cli.talk import (
-    MAX_TIMEOUT_S,
     queue_if_no_worker,
     stop_signals_as_ctrl_c,
+    timeout_seconds,
     withdraw,
 )
 from persona.cli.training_common import persona_with_weights
@@ -70,7 +70,7 @@ def generate(
     ),
     seed: int = typer.Option(None, min=0, max=MAX_SEED, metavar="N", help="sample i uses seed N+i, for repeatable samples"),
     timeout: float = typer.Option(
-        600.0, min=1.0, max=MAX_TIMEOUT_S, help="seconds to wait for all samples, also their deadline"
+        600.0, parser=timeout_seconds, metavar="SECONDS", help="seconds to wait for all samples (1 to 86400), also their deadline"
     ),
     json_output: bool = typer.Option(
         False, "--json", help="print one JSON object: ok, asked, written, and the samples unless --out has them "
@@ -91,7 +91,7 @@ def generate(
     if out is not None:  # said now, not after minutes of sampling that the traceback then threw away
         _check_writable(out)
     client = QueueClient(connect(settings), settings.queue, longer_wait=GENERATE_LONGER)
-    sampling = _Sampling(client, name, prefix, n, temperature, max_new_tokens, seed, deadline=time.time() + timeout)
+    sampling = _Sampling(client, name, prefix, n, temperature, max_new_tokens, seed, timeout=timeout)
     with stop_signals_as_ctrl_c() as stopping:
         try:
             sampling.run()
@@ -136,8 +136,11 @@ class _Sampling:
     """The samples of one `persona generate`, asked a window at a time; what came back so far."""
 
     def __init__(self, client, name: str, prefix: str, n: int, temperature: float | None,
-                 max_new_tokens: int | None, seed: int | None, *, deadline: float) -> None:
-        self.client, self.name, self.prefix, self.n, self.deadline = client, name, prefix, n, deadline
+                 max_new_tokens: int | None, seed: int | None, *, timeout: float) -> None:
+        self.client, self.name, self.prefix, self.n = client, name, prefix, n
+        # Timed by the monotonic clock: by the wall clock, one stepped back an hour (NTP, an
+        # operator) kept the command waiting an hour past --timeout.
+        self.give_up = time.monotonic() + timeout
         self.temperature, self.max_new_tokens, self.seed = temperature, max_new_tokens, seed
         self.texts: list[str] = []
         self.never_asked = 0  # not sent at all: --timeout ran out first
@@ -152,7 +155,7 @@ class _Sampling:
 
         return GenerationRequest(
             persona=self.name, mode="complete", prefix=self.prefix, priority=Priority.batch, source="cli-generate",
-            deadline=self.deadline, sampling=SamplingOverrides(
+            deadline=time.time() + self.left_s(), sampling=SamplingOverrides(
                 temperature=self.temperature, max_new_tokens=self.max_new_tokens,
                 seed=None if self.seed is None else (self.seed + i) % (MAX_SEED + 1)))
 
@@ -163,7 +166,7 @@ class _Sampling:
                       console=err_console) as progress:
             task = progress.add_task("sampling", total=self.n)
             for begin in range(0, self.n, GENERATE_WINDOW):
-                if time.time() >= self.deadline:
+                if self.left_s() <= 0:
                     self.never_asked = self.n - begin
                     break
                 for i in range(begin, min(self.n, begin + GENERATE_WINDOW)):
@@ -171,18 +174,22 @@ class _Sampling:
                     self.waiting.append(request)  # before it is sent: Ctrl-C while sending withdraws it too
                     # With no worker live, the first is queued, then said to wait: said before it was
                     # sent, "this waits in the queue" came ahead of a full queue's refusal.
-                    if i == 0 and queue_if_no_worker(self.client, request, self.deadline - time.time()) is not None:
+                    if i == 0 and queue_if_no_worker(self.client, request, self.left_s()) is not None:
                         continue
                     self.client.submit(request)
                 while self.waiting:
                     # Until the deadline, as `ask --timeout` waits: the queue's slack after it (for
                     # the worker's own timeout reply) kept a run with no worker 5 s past --timeout.
                     # Once it has passed, a look at each, not a wait (LAST_LOOK_S).
-                    self._gather(self.waiting[0], timeout=max(LAST_LOOK_S, self.deadline - time.time()))
+                    self._gather(self.waiting[0], timeout=max(LAST_LOOK_S, self.left_s()))
                     self.waiting.pop(0)
                     progress.advance(task)
         if self.late:  # withdrawn together, so no worker writes what nobody reads
             self.withdraw_problem = withdraw(self.client, self.late, "the samples not answered in time", "write them")
+
+    def left_s(self) -> float:
+        """Seconds left of --timeout."""
+        return self.give_up - time.monotonic()
 
     def _gather(self, request, timeout: float) -> None:
         """Wait up to ``timeout`` seconds for one sample's reply, and keep what came."""

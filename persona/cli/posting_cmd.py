@@ -27,7 +27,7 @@ from persona.cli.common import (
 from persona.cli.talk import queue_if_no_worker, stop_signals_as_ctrl_c
 from persona.connection import connect
 from persona.contract import GenerationRequest
-from persona.errors import PostingError, SinkError
+from persona.errors import PersonaError, PostingError, SinkError
 from persona.logs import setup_logging
 from persona.personas import Persona, PersonaRegistry
 from persona.queue import QueueClient
@@ -317,18 +317,66 @@ def pending(
     persona: str = typer.Option(None, "--persona", help="only this persona's posts"),
     json_output: bool = typer.Option(False, "--json", help="print a JSON list"),
 ) -> None:
-    """List the posts waiting for approval, oldest first (piped: one line a post, a line break as \\n)."""
+    """List the posts waiting for approval, oldest first, with how long each has waited and
+    when it lapses (left 30 days, it is never posted; piped: one line a post, a line break as \\n)."""
     from persona.approvals import ApprovalQueue
 
-    waiting = [w for w in ApprovalQueue(connect(get_settings())).pending() if persona is None or w.persona == persona]
+    approvals = ApprovalQueue(connect(get_settings()))
+    waiting = [w for w in approvals.pending() if persona is None or w.persona == persona]
     _refuse_if_unknown(persona, waiting)
-    if json_output:
-        print(json.dumps([w.__dict__ for w in waiting], ensure_ascii=False))
+    now = approvals.now()
+    if json_output:  # created and expires in epoch seconds, by Redis's clock
+        print(json.dumps([{**w.__dict__, "waiting_s": round(w.waited_s(now), 3)} for w in waiting], ensure_ascii=False))
         return
     if not waiting:
         console.print(f"no posts by {persona} waiting for approval" if persona else "no posts waiting for approval")
         return
-    _print_rows(("id", "persona", "slot", "sinks", "text"), [(w.id, w.persona, w.slot, ", ".join(w.sinks), w.text) for w in waiting])
+    zones = _schedule_zones({w.persona for w in waiting})
+    rows = [(w.id, w.persona, _slot_in_zone(w.slot, zones.get(w.persona, "UTC")), _duration(w.waited_s(now)),
+             _lapses(w.expires, now), ", ".join(w.sinks), w.text) for w in waiting]
+    _print_rows(("id", "persona", "slot", "waiting", "lapses (UTC)", "sinks", "text"), rows)
+
+
+def _schedule_zones(names: set[str]) -> dict[str, str]:
+    """Each persona's schedule.timezone, for those whose file can still be read."""
+    registry = PersonaRegistry.from_settings(get_settings())
+    zones = {}
+    for name in names:
+        with contextlib.suppress(PersonaError):  # its file gone or broken since: its slot is shown in UTC
+            zones[name] = registry.get(name).schedule.timezone
+    return zones
+
+
+def _slot_in_zone(slot: str, zone: str) -> str:
+    """A slot's name (its UTC instant, "Z"), with the time it is in the persona's zone, as
+    --slot and the schedule read it: "2026-03-01T08:00:00Z (09:00 Europe/Berlin)"."""
+    from zoneinfo import ZoneInfo
+
+    try:
+        when = datetime.fromisoformat(slot)
+    except ValueError:  # a post made by hand names a slot of its own
+        return slot
+    if zone == "UTC" or when.tzinfo is None:
+        return slot
+    local = when.astimezone(ZoneInfo(zone))
+    return f"{slot} ({local:%H:%M} {zone})" if local.date() == when.date() else f"{slot} ({local:%Y-%m-%d %H:%M} {zone})"
+
+
+def _duration(seconds: float) -> str:
+    """A span as a person reads it: "40 s", "12 min", "5 h 3 min", "29 d 21 h"."""
+    minutes, hours, days = int(seconds // 60), int(seconds // 3600), int(seconds // 86400)
+    if days:
+        return f"{days} d {hours % 24} h"
+    if hours:
+        return f"{hours} h {minutes % 60} min"
+    return f"{minutes} min" if minutes else f"{int(seconds)} s"
+
+
+def _lapses(expires: float, now: float) -> str:
+    """When a waiting post lapses, in UTC, and how soon."""
+    if not expires:
+        return "never"
+    return f"{datetime.fromtimestamp(expires, UTC):%Y-%m-%d %H:%M} (in {_duration(max(0.0, expires - now))})"
 
 
 @posts_app.command("approve")

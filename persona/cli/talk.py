@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import re
 import signal
 import sys
@@ -56,6 +57,7 @@ WITHDRAW_WAIT_S = 2.0
 # The longest --timeout: a day. `--timeout inf` crashed, and 1e300 reached Redis as a
 # 300-digit number it refused; a wait longer than a day is a mistake, not a plan.
 MAX_TIMEOUT_S = LATEST_DEADLINE_AFTER_S
+MIN_TIMEOUT_S = 1.0
 # SIGTERM (`kill`, `docker stop`) and SIGHUP (the terminal closed) withdraw what waits, as
 # Ctrl-C does; the command then exits 128 + the signal's number (143, 129), Ctrl-C with 130.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
@@ -147,11 +149,27 @@ def _seed_option():
     )
 
 
+def timeout_seconds(value: str | float) -> float:
+    """A --timeout as seconds, from MIN_TIMEOUT_S to MAX_TIMEOUT_S; else BadParameter that says
+    why. Checked here, not by the option's range: `--timeout nan` passes any comparison, and
+    was refused as "should be less than or equal to 86400"."""
+    allowed = f"give seconds from {MIN_TIMEOUT_S:.0f} to {MAX_TIMEOUT_S:.0f} (a day)"
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise typer.BadParameter(f"{value!r} is not a number; {allowed}") from None
+    if math.isnan(seconds):
+        raise typer.BadParameter(f"{value} is not a number; {allowed}")
+    if not MIN_TIMEOUT_S <= seconds <= MAX_TIMEOUT_S:
+        raise typer.BadParameter(f"{value} is out of range; {allowed}")
+    return seconds
+
+
 def _timeout_option():
     return typer.Option(
-        None, min=1.0, max=MAX_TIMEOUT_S, help="seconds to wait for the reply, also its deadline (default: the "
-        "queue's, PERSONA_QUEUE__DEFAULT_DEADLINE_S, 120 s unless set); raise it while a worker is still loading "
-        "its model",
+        None, parser=timeout_seconds, metavar="SECONDS",
+        help="seconds to wait for the reply (1 to 86400), also its deadline (default: the queue's, "
+        "PERSONA_QUEUE__DEFAULT_DEADLINE_S, 120 s unless set); raise it while a worker is still loading its model",
     )
 
 
