@@ -759,7 +759,7 @@ def test_a_timeout_past_a_day_is_refused_as_a_usage_error(env, monkeypatch):
 def test_a_timeout_that_is_not_a_number_is_said_to_be_none(env, monkeypatch):
     """`--timeout nan` was refused as "Input should be less than or equal to 86400": nan is
     under no limit, so that read as if it were too large."""
-    for command in (["ask", "sage", "hello"], ["chat", "sage"], ["generate", "sage"]):
+    for command in (["ask", "sage", "hello"], ["chat", "sage"], ["generate", "sage"], ["swap", "sage", "v1"], ["rollback", "sage"]):
         result = invoke(monkeypatch, env, *command, "--timeout", "nan")
         said = " ".join(result.stderr.replace("│", " ").split())
         assert result.exit_code == 2 and "'--timeout': nan is not a number; give seconds from 1 to 86400" in said, said

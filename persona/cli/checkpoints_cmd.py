@@ -6,7 +6,6 @@ import contextlib
 import dataclasses
 import datetime as dt
 import json
-import math
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -39,7 +38,7 @@ from persona.cli.common import (
     local_time,
     print_whole,
 )
-from persona.cli.talk import MAX_TIMEOUT_S, stop_signals_as_ctrl_c
+from persona.cli.talk import stop_signals_as_ctrl_c, timeout_seconds
 from persona.connection import connect, retrying_until
 from persona.errors import (
     ModelError,
@@ -123,17 +122,11 @@ def perform_swap(
                                   on_open=on_open)
 
 
-def _seconds(value: float) -> float:
-    """A --timeout that is a number (click's range lets `nan` through: no comparison fails)."""
-    if math.isnan(value):
-        raise typer.BadParameter(f"nan is not a number of seconds; give one from 1 to {MAX_TIMEOUT_S:.0f}")
-    return value
-
-
 def _timeout_option():
     """--timeout, as swap and rollback take it."""
-    return typer.Option(DEFAULT_TIMEOUT_S, min=1.0, max=MAX_TIMEOUT_S, callback=_seconds,
-                        help="seconds to wait for every worker to be ready")
+    # A parser, not a range: `--timeout nan` passes any comparison (said "less than or equal to 86400").
+    return typer.Option(DEFAULT_TIMEOUT_S, parser=timeout_seconds, metavar="SECONDS",
+                        help="seconds to wait for every worker to be ready (1 to 86400)")
 
 
 def _print_outcome(outcome: swaps.SwapOutcome, kind: str = SwapRefused.__name__, *, unopened: bool = False) -> None:
