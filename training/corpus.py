@@ -4,9 +4,14 @@ One document per line: ``{"text": ..., "split": "train" | "validation"}``. The s
 chosen once, when the corpus is built, from a hash of each text (so it does not depend
 on file order), and saved in the file: training, early stopping and ``persona eval`` all
 use the same held-out documents. A plain ``{"text": ...}`` JSONL written by hand gets
-the same split when it is read. A corpus of one long document (a book in one file) has
-no document to spare: its last tenth, cut at a paragraph, line, sentence or word break,
-becomes a held-out document of its own.
+the same split when it is read, and a warning that it was not cleaned. A corpus of one
+long document (a book in one file) has no document to spare: its last tenth, cut at a
+paragraph, line, sentence or word break, becomes a held-out document of its own.
+
+A folder named is read but for what is no writing of the author's (``OWNED_FOLDERS``: a site's
+theme, its built pages, its packages; a project's README and LICENSE; an X export's deleted posts
+and other records; documents in formats not read here), each passed over said by kind
+(``PASSED_OVER``) in the ``BuildResult``; named itself, such a folder or file is read.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ import hashlib
 import json
 import logging
 import os
+import re
+import shlex
 import shutil
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -30,10 +37,12 @@ from training.cleaning import (
     has_mojibake,
 )
 from training.fortune import read_fortune
+from training.html_text import looks_like_html, read_html
 from training.json_records import read_jsonl
 from training.markdown import read_markdown
 from training.pdf import read_pdf
 from training.sources import (
+    DOCUMENT_SUFFIXES,
     FORMATS,
     Documents,
     RawDocument,
@@ -49,6 +58,8 @@ from training.sources import (
 from training.tweets import read_tweets, tweet_archive_members
 
 __all__ = [
+    "OWNED_FOLDERS",
+    "PASSED_OVER",
     "VALIDATION_FRACTION",
     "BuildResult",
     "Corpus",
@@ -78,6 +89,7 @@ READERS: dict[str, Reader] = {
     "pdf": read_pdf,
     "tweets": read_tweets,
     "fortune": read_fortune,
+    "html": read_html,
 }
 _KNOWN_SUFFIXES = {".md", ".markdown", ".txt", ".csv", ".tsv", ".jsonl", ".ndjson", ".pdf", ".js", ".json",
                    ".fortune", ".fortunes", ".u8", ""}
@@ -109,7 +121,10 @@ class BuildResult:
     problems: list[SourceProblem] = field(default_factory=list)
     by_format: Counter[str] = field(default_factory=Counter)
     tail_held_out: bool = False  # the one document's end was held out
-    left_out: list[Path] = field(default_factory=list)  # files in the folders named that are not writing
+    left_out: list[Path] = field(default_factory=list)  # files in the folders named of no kind read here
+    # Folders and files in the folders named that are no writing of the author's, by why (``PASSED_OVER``).
+    passed_over: dict[str, list[Path]] = field(default_factory=dict)
+    read_in: Counter[Path] = field(default_factory=Counter)  # files read from each folder, in the folders named
 
 
 def _text_hash(text: str) -> str:
@@ -163,21 +178,87 @@ def _is_fortune_index(path: Path) -> bool:
     return path.suffix.lower() == ".dat" and path.with_suffix("").is_file()
 
 
-def _scan(sources: list[Path], exclude: Iterable[Path]) -> tuple[list[Path], list[Path]]:
-    """(the files to read, the files inside the folders named that do not look like writing)."""
+# Folders in a folder named that hold no writing of the author's: what a site generator makes, copies or
+# builds from (Hugo, Jekyll, Eleventy, Gatsby, WordPress), themes and their example posts, and packages.
+# Named as a source itself, one is read. Hidden folders (.git, .cache) are passed over too.
+OWNED_FOLDERS = frozenset({
+    "themes", "exampleSite", "archetypes", "layouts", "static", "assets", "resources", "i18n", "public",
+    "_site", "_layouts", "_includes", "_sass", "_data", "_plugins", "wp-admin", "wp-includes", "plugins",
+    "node_modules", "bower_components", "jspm_packages", "vendor", "site-packages", "__pycache__", "venv",
+})
+# A project's files, not posts: "README.md", "README-fr.md", "LICENSE.txt", "CHANGELOG"; the upper-case ones only
+# so written ("AUTHORS", not an author's "authors.md").
+_PROJECT_FILE = re.compile(r"(?:(?i:readme|licen[cs]e|copying|changelog|contributing|code[-_]of[-_]conduct)"
+                           r"|AUTHORS|CONTRIBUTORS|NOTICE|SECURITY|CHANGES|HISTORY|NEWS)"
+                           r"(?:[-_](?:[a-z]{2}(?:[-_][A-Za-z]{2})?|[A-Z0-9][A-Z0-9-]*))?")  # README-fr, LICENSE-MIT
+_SITE_FILES = frozenset({"robots.txt", "humans.txt", "ads.txt", "app-ads.txt", "security.txt", "llms.txt",
+                         "cname", "_redirects", "_headers", "gemfile", "rakefile", "makefile", "dockerfile",
+                         "procfile", "brewfile", "pipfile", "vagrantfile", "justfile", "requirements.txt"})
+_DELETED_POSTS = re.compile(r"deleted[-_].*\.js(on)?$")  # an X export's deleted-tweets.js, deleted-note-tweet.js
+# Why a folder scan passed over what it did, each said by `corpus build` with what to do.
+PASSED_OVER = ("folders", "project files", "deleted posts", "export records", "documents")
+
+
+@dataclass
+class _Scan:
+    """The files to read, and what the folders named held that is not read (``BuildResult`` says what)."""
+
+    files: list[Path] = field(default_factory=list)
+    left_out: list[Path] = field(default_factory=list)
+    passed_over: dict[str, list[Path]] = field(default_factory=dict)
+    read_in: Counter[Path] = field(default_factory=Counter)
+
+    def pass_over(self, why: str, path: Path) -> None:
+        self.passed_over.setdefault(why, []).append(path)
+
+
+def _is_project_file(name: str) -> bool:
+    """Whether a file is one of a project's or a site's own (README.md, LICENSE, robots.txt), not a post."""
+    return _PROJECT_FILE.fullmatch(name.split(".")[0]) is not None or name.lower() in _SITE_FILES
+
+
+def _walk(source: Path, skipped: set[Path], scan: _Scan) -> list[Path]:
+    """The files below a folder named, passing over hidden and ``OWNED_FOLDERS`` (said in ``scan``)."""
+    found: list[Path] = []
+    for folder, folders, names in os.walk(source):
+        here = Path(folder)
+        for name in sorted(folders):
+            if not name.startswith(".") and name in OWNED_FOLDERS:
+                scan.pass_over("folders", here / name)
+        folders[:] = [name for name in folders if not name.startswith(".") and name not in OWNED_FOLDERS]
+        for name in names:
+            path = here / name
+            if name.startswith(".") or not path.is_file() or path.resolve() in skipped:
+                continue
+            if _is_project_file(name):
+                scan.pass_over("project files", path)
+            elif _DELETED_POSTS.match(name.lower()):
+                scan.pass_over("deleted posts", path)
+            else:
+                found.append(path)
+    return found
+
+
+def _scan(sources: list[Path], exclude: Iterable[Path]) -> _Scan:
+    """The files to read, and what the folders named held that is not read, and why."""
     skipped = {p.resolve() for p in exclude}
+    scan = _Scan()
     files: list[Path] = []
-    left_out: list[Path] = []
+    in_folders: set[Path] = set()
     for source in sources:
         if source.is_dir():
-            for path in sorted(source.rglob("*")):
-                if (not path.is_file() or any(part.startswith(".") for part in path.relative_to(source).parts)
-                        or path.resolve() in skipped):
-                    continue
+            found = sorted(_walk(source, skipped, scan))
+            archives = {p.parent for p in found if is_tweet_archive(p)}
+            for path in found:
                 if _looks_readable(path):
                     files.append(path)
+                    in_folders.add(path)
+                elif path.suffix.lower() in DOCUMENT_SUFFIXES:
+                    scan.pass_over("documents", path)
+                elif path.parent in archives and path.suffix.lower() == ".js":  # likes, messages, the account
+                    scan.pass_over("export records", path)
                 elif not _is_fortune_index(path):
-                    left_out.append(path)
+                    scan.left_out.append(path)
         elif source.is_file():
             files.append(source)
         elif source.exists():  # a pipe (<(cat notes.txt)) was said not to exist
@@ -191,7 +272,9 @@ def _scan(sources: list[Path], exclude: Iterable[Path]) -> tuple[list[Path], lis
         first.setdefault(path.resolve(), path)
     unique = list(first.values())
     archives = {p.parent.resolve() for p in unique if is_tweet_archive(p)}
-    return [p for p in unique if not (is_note_tweets(p) and p.parent.resolve() in archives)], left_out
+    scan.files = [p for p in unique if not (is_note_tweets(p) and p.parent.resolve() in archives)]
+    scan.read_in.update(path.parent for path in scan.files if path in in_folders)
+    return scan
 
 
 def source_files(sources: list[Path], exclude: Iterable[Path] = ()) -> list[Path]:
@@ -203,7 +286,7 @@ def source_files(sources: list[Path], exclude: Iterable[Path] = ()) -> list[Path
     the tweets reader takes the full text of long posts from it (read alone, its notes are
     documents of their own).
     """
-    return _scan(sources, exclude)[0]
+    return _scan(sources, exclude).files
 
 
 def build_corpus(
@@ -225,7 +308,8 @@ def build_corpus(
     if fmt not in FORMATS:
         raise CorpusError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     read_options = read_options or ReadOptions()
-    files, left_out = _scan(sources, exclude)
+    scan = _scan(sources, exclude)
+    files = scan.files
     raw: list[str] = []
     problems: list[SourceProblem] = []
     by_format: Counter[str] = Counter()
@@ -254,7 +338,8 @@ def build_corpus(
         validation=[t for t, s in zip(texts, splits) if s == "validation"],
         fingerprint=_fingerprint(zip(texts, splits)),
     )
-    return BuildResult(corpus, len(files), len(raw), report, problems, by_format, tail_held_out, left_out)
+    return BuildResult(corpus, len(files), len(raw), report, problems, by_format, tail_held_out, scan.left_out,
+                       scan.passed_over, scan.read_in)
 
 
 def _warn_of_mojibake(path: Path, texts: list[str]) -> None:
@@ -327,12 +412,25 @@ def check_trainable(corpus: Corpus, path: Path) -> None:
         raise CorpusError(f"corpus {path} has no training documents; add more writing")
 
 
+def _warn_not_cleaned(path: Path, texts: list[str]) -> None:
+    """Say, in one line, that a corpus written otherwise than by `corpus build` is trained on as it is."""
+    marked = sum(map(looks_like_html, texts))
+    html = f"; {marked} of its {len(texts)} documents hold HTML tags" if marked else ""
+    named = path.is_file()  # a pipe's /dev/fd/63 cannot be built from: it is read once
+    source = shlex.quote(str(path)) if named else "FILE.jsonl"
+    clean = shlex.quote(str(path.with_name(f"{path.stem}-clean.jsonl"))) if named else "clean.jsonl"
+    log.warning("%s was not written by `persona corpus build` (not every line is a text and its split), so it was "
+                "not cleaned: HTML, links, duplicates and empty lines are trained on as they are%s. To clean it: "
+                "`persona corpus build %s -o %s`, then train on that", path, html, source, clean)
+
+
 def read_corpus(path: Path) -> Corpus:
     """A corpus file, with the split it was saved with (or the standard one if none); a pipe
     (``--corpus <(zcat corpus.jsonl.gz)``) is read too, once."""
     check_corpus_path(path)
     texts: list[str] = []
     saved: list[str | None] = []
+    built = True  # every line a text and its split, as `corpus build` writes them
     try:
         # utf-8-sig: a corpus written by hand in an editor may start with a byte-order mark.
         content = path.read_text(encoding="utf-8-sig")
@@ -344,18 +442,26 @@ def read_corpus(path: Path) -> Corpus:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise CorpusError(f"{path}:{number}: not JSON ({exc.msg}); a corpus has one {{\"text\": ...}} per line") from exc
+            raise CorpusError(f"{path}:{number}: not JSON ({exc.msg}); a corpus has one {{\"text\": ...}} per line. "
+                              "If it is the author's writing (an X export's tweets.js, a CSV, notes), make a corpus "
+                              f"of it: `persona corpus build {shlex.quote(str(path))} -o corpus.jsonl`, then train on "
+                              "corpus.jsonl") from exc
         text = row.get("text") if isinstance(row, dict) else None
         if not isinstance(text, str):
-            raise CorpusError(f"{path}:{number}: no \"text\" field; a corpus has one {{\"text\": ...}} per line")
+            raise CorpusError(f"{path}:{number}: no \"text\" field; a corpus has one {{\"text\": ...}} per line. "
+                              "If its records hold the author's writing in another field, make a corpus of it: "
+                              f"`persona corpus build {shlex.quote(str(path))} --field FIELD -o corpus.jsonl`")
         if text.strip():
             texts.append(text)
             split = row.get("split")
             saved.append(split if split in SPLITS else None)
+            built = built and row.keys() == {"text", "split"} and split in SPLITS
     if not texts:
         raise CorpusError(f"corpus {path} holds no documents; rebuild it with `persona corpus build`")
     if any(s is None for s in saved):
         saved = assign_splits(texts)
+    if not built:
+        _warn_not_cleaned(path, texts)
     return Corpus(
         train=[t for t, s in zip(texts, saved) if s == "train"],
         validation=[t for t, s in zip(texts, saved) if s == "validation"],

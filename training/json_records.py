@@ -16,6 +16,7 @@ import shlex
 from collections import Counter
 from pathlib import Path
 
+from training.html_text import html_to_text, looks_like_html
 from training.sources import (
     Documents,
     RawDocument,
@@ -30,8 +31,8 @@ __all__ = ["WRAPPER_DEPTH", "read_jsonl"]
 
 WRAPPER_DEPTH = 6  # steps (a key, or the one item of a list) from the wrapping object down to its list of records
 # Fields that hold a post's text in the exports people have, the likelier first: suggested when --field
-# names none. Not mobiledoc or lexical (Ghost's), which are JSON of the post's structure; html last: its markup
-# is kept as text.
+# names none. Not mobiledoc or lexical (Ghost's), which are JSON of the post's structure; html last: a field
+# that holds HTML is read as its text, but one that holds the text itself (Ghost's plaintext) is the closer copy.
 _TEXT_FIELDS = ("text", "full_text", "plaintext", "content_text", "selftext", "body", "content", "message",
                 "description", "caption", "html")
 _JQ_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -303,6 +304,7 @@ def read_jsonl(path: Path, options: ReadOptions) -> Documents:
         documents.left_out.append(SourceProblem(
             path, min(lines), f"{len(lines)} record(s) with no text in the field {options.field!r} (line(s) "
                               f"{some_lines(lines)}{held}; the other {len(documents)} were read){hint}"))
+    _read_html_as_text(path, documents, options.field)
     if broken:
         (line, why), *_ = broken
         gave = "" if len(documents) == len(records) else f": {len(documents)} gave text, {len(records) - len(documents)} had none"
@@ -311,6 +313,19 @@ def read_jsonl(path: Path, options: ReadOptions) -> Documents:
                          f"first: {why}); the other {len(records)} record(s) were read{gave}; fix those lines to "
                          "read them too"))
     return documents
+
+
+def _read_html_as_text(path: Path, documents: Documents, field: str) -> None:
+    """The documents that hold HTML (Mastodon's ``object.content``, Ghost's ``html``) made its text, in place, and
+    said so: its tags and entities would otherwise be trained on as the author's words."""
+    marked = [i for i, document in enumerate(documents) if looks_like_html(document.text)]
+    for i in marked:
+        documents[i] = RawDocument(html_to_text(documents[i].text), documents[i].source, documents[i].line)
+    if marked:
+        lines = [documents[i].line for i in marked]
+        documents.left_out.append(SourceProblem(
+            path, lines[0], f"{len(marked)} record(s) hold HTML in the field {field!r} (line(s) {some_lines(lines)}): "
+                            "read as the text it shows, tags left out and entities such as &amp; decoded"))
 
 
 _JSON_KINDS = {bool: "true or false", int: "a number", float: "a number", list: "a list", dict: "an object"}

@@ -8,9 +8,11 @@ Formats: Markdown with YAML (``---``) or TOML (``+++``) front matter (``markdown
 ``<|endoftext|>`` or blank lines, CSV (one column; comma, semicolon, tab or bar between
 cells), JSONL (``json_records.py``: one field; a JSON array of records too, or an object wrapping them,
 a few levels down too: ``{"posts": [...]}``, ``{"db": [{"data": {"posts": [...]}}]}``),
-PDF (``pdf.py``), Twitter/X archives (``tweets.py``: the export's zip, or ``tweets.js`` and its parts, with
-the full text of long posts taken from the ``note-tweet.js`` beside them) and fortune files (``fortune.py``:
-``%`` between entries; the offensive ones that ``strfile -x`` stored in ROT13 are read decoded).
+PDF (``pdf.py``), HTML pages (``html_text.py``: the text they show), Twitter/X archives (``tweets.py``: the
+export's zip, or ``tweets.js`` and its parts, with the full text of long posts taken from the ``note-tweet.js``
+beside them) and fortune files (``fortune.py``: ``%`` between entries; the offensive ones that ``strfile -x``
+stored in ROT13 are read decoded). Word, EPUB, OpenDocument, RTF and Pages files are refused, saying how to
+convert them to text.
 
 Text is UTF-8, or UTF-16/32 when it starts with a byte-order mark (Notepad's "Unicode"), or UTF-16
 without one (told by where its NUL bytes fall: ``_utf16_without_mark``). Text
@@ -29,13 +31,16 @@ import csv
 import io
 import logging
 import re
+import shlex
 import struct
 import unicodedata
+import zipfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = [
+    "DOCUMENT_SUFFIXES",
     "FORMATS",
     "Documents",
     "Draft",
@@ -56,7 +61,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("auto", "text", "markdown", "csv", "jsonl", "pdf", "tweets", "fortune")
+FORMATS = ("auto", "text", "markdown", "csv", "jsonl", "pdf", "tweets", "fortune", "html")
 END_OF_TEXT = "<|endoftext|>"
 
 
@@ -145,6 +150,8 @@ def read_text_file(path: Path) -> str:
     if path.suffix.lower() == ".dat" and fortune.is_file() and strfile_flags(fortune) is not None:
         raise SourceProblem(path, None, f"the index `strfile` made for the fortune file {fortune.name}, "
                                         "not text; name that file instead")
+    if (kind := _document_kind(raw)) is not None:
+        raise SourceProblem(path, None, _convert_first(path, kind))
     text = _decode(path, raw)
     if not text.strip():  # else said only as "no documents found", or as a CSV with no columns
         raise SourceProblem(path, None, "empty (0 bytes), nothing in it to read" if not raw else
@@ -166,10 +173,53 @@ def _decode(path: Path, raw: bytes, *, warn: bool = True) -> str:
         text = raw.decode("utf-8")  # not "utf-8-sig": its errors count their offsets from after the mark
     except UnicodeDecodeError as exc:
         if b"\0" in raw[:_SNIFF_BYTES]:
-            raise SourceProblem(path, None, "a binary file, not text (neither UTF-8 nor UTF-16); "
-                                            "name the files of the author's writing") from exc
+            raise SourceProblem(path, None, "a binary file, not text (neither UTF-8 nor UTF-16): no kind of writing "
+                                            "read here; name the author's text, Markdown, CSV, JSON or PDF files") from exc
         text = _guess_single_byte(path, raw, exc, warn=warn)
     return text.removeprefix("\ufeff")  # the byte-order mark some editors write at the start of UTF-8
+
+
+# Word processors' and e-books' files: the author's writing, in a format not read here.
+_OLE_MAGIC = b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1"  # old Word's .doc (and Excel's .xls)
+_ZIPPED_DOCUMENTS = {"word/document.xml": "a Word document", "application/epub+zip": "an EPUB book",
+                     "application/vnd.oasis.opendocument.text": "an OpenDocument text (LibreOffice, .odt)",
+                     "Index/Document.iwa": "an Apple Pages document"}
+DOCUMENT_SUFFIXES = frozenset({".docx", ".doc", ".odt", ".epub", ".rtf", ".pages"})
+
+
+def _document_kind(raw: bytes) -> str | None:
+    """What kind of word processor's or e-book's file these bytes are, or None if none."""
+    if raw.startswith(b"{\\rtf"):
+        return "RTF (rich text)"
+    if raw.startswith(_OLE_MAGIC):
+        return "an old Word document (.doc)"
+    if not raw.startswith(b"PK\x03\x04"):
+        return None
+    try:
+        with zipfile.ZipFile(io.BytesIO(raw)) as archive:
+            names = set(archive.namelist())
+            mimetype = archive.read("mimetype").decode("ascii", "replace").strip() if "mimetype" in names else ""
+    except (zipfile.BadZipFile, OSError):
+        return None
+    found = [kind for key, kind in _ZIPPED_DOCUMENTS.items() if key in names or key == mimetype]
+    return found[0] if found else "a zip archive"
+
+
+def _convert_first(path: Path, kind: str) -> str:
+    """Why a document cannot be read, and how to make a text of it that can."""
+    name, text = shlex.quote(str(path)), shlex.quote(str(path.with_suffix(".txt")))
+    pandoc = f"`pandoc {name} -t plain --wrap=none -o {text}`"
+    if kind == "a zip archive":
+        return "a zip archive, not text; unzip it and name the folder of writing"
+    if kind.startswith("an old Word"):
+        how = f"save it as plain text from Word or LibreOffice (`soffice --headless --convert-to txt {name}`)"
+    elif kind.startswith("an Apple Pages"):
+        how = "export it from Pages as plain text (File > Export To > Plain Text)"
+    elif kind.startswith("an EPUB"):
+        how = f"convert it to plain text: {pandoc}, or Calibre's `ebook-convert {name} {text}`"
+    else:  # Word, OpenDocument and RTF: their editors save plain text, pandoc reads all three
+        how = f"save it as plain text from its editor (File > Save As > Plain Text), or convert it: {pandoc}"
+    return f"{kind}, a format not read here; {how}, then name that file"
 
 
 _SNIFF_BYTES = 4096  # where NUL bytes are looked for: text has none, UTF-16 and binary files many
@@ -284,7 +334,8 @@ def detect_format(path: Path) -> str:
     # A .json file named is a JSON array of records, an object wrapping them, or JSON Lines: the JSONL reader reads them.
     by_suffix = {".md": "markdown", ".markdown": "markdown", ".csv": "csv", ".tsv": "csv", ".jsonl": "jsonl",
                  ".ndjson": "jsonl", ".json": "jsonl", ".pdf": "pdf", ".fortune": "fortune", ".fortunes": "fortune",
-                 ".zip": "tweets"}  # the zip of an X export; the tweets reader says what any other zip is
+                 ".zip": "tweets",  # the zip of an X export; the tweets reader says what any other zip is
+                 ".html": "html", ".htm": "html", ".xhtml": "html"}
     if suffix in by_suffix:
         return by_suffix[suffix]
     if suffix in ("", ".txt", ".dat", ".u8"):  # Debian's fortune files have no suffix, or ".u8" (UTF-8)
@@ -384,6 +435,7 @@ def read_csv(path: Path, options: ReadOptions) -> Documents:
         last_column = column == (reader.fieldnames or [])[-1]
         documents = Documents()
         spilled: list[int] = []  # rows with more cells than the header, whose text cannot be told
+        empty: list[int] = []  # rows with nothing in the column
         # The lines the last row started and ended on, and the line the next one starts on
         # (blank lines after the last row are read past once the rows run out: not its lines).
         last, ended, starts = None, 0, reader.line_num + 1
@@ -395,8 +447,10 @@ def read_csv(path: Path, options: ReadOptions) -> Documents:
                 else:
                     spilled.append(starts)
                     value = None
-            if value:
+            if value and value.strip():
                 documents.append(RawDocument(value, str(path), starts))
+            elif value is not None or not row.get(None):
+                empty.append(starts)
             last, ended, starts = starts, reader.line_num, reader.line_num + 1
     except csv.Error as exc:
         raise SourceProblem(path, reader.line_num, f"bad CSV: {exc}") from exc
@@ -410,6 +464,10 @@ def read_csv(path: Path, options: ReadOptions) -> Documents:
             path, spilled[0], f"{len(spilled)} row(s) left out, with more cells than the header (line(s) "
                               f"{some_lines(spilled)}): an unquoted {delimiter!r} in a text splits it, so which cell holds "
                               f"the {column!r} cannot be told; quote the cells that hold {delimiter!r}"))
+    if empty:
+        documents.left_out.append(SourceProblem(
+            path, empty[0], f"{len(empty)} row(s) left out, with no text in the {column!r} column (line(s) "
+                            f"{some_lines(empty)})"))
     return documents
 
 

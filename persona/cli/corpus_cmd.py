@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
+import re
+import shlex
 import time
 from collections import Counter
 from pathlib import Path
@@ -27,7 +30,7 @@ def corpus_build(
     sources: list[Path] = typer.Argument(..., metavar="SOURCE", help="files or folders of the author's writing (an X export's zip as downloaded too)"),
     output: Path = typer.Option(..., "-o", "--output", help="the corpus file to write (JSONL)"),
     fmt: str = typer.Option("auto", "--format", help="how to read the sources: auto (each file by its name and "
-                            "first lines), text, markdown, csv, jsonl, pdf, tweets or fortune"),
+                            "first lines), text, markdown, csv, jsonl, pdf, tweets, fortune or html"),
     author: str = typer.Option(None, help="fortune files: keep only the entries signed '-- NAME' (the signature is removed)"),
     column: str = typer.Option("text", help="CSV: the column holding the text"),
     field: str = typer.Option("text", help="JSONL: the field holding the text (a.b for nested)"),
@@ -40,7 +43,12 @@ def corpus_build(
 ) -> None:
     """Read, clean and de-duplicate an author's writing into one document per line, with a held-out split."""
     from training.cleaning import CleanOptions
-    from training.corpus import build_corpus, is_built_corpus, write_corpus
+    from training.corpus import (
+        build_corpus,
+        is_built_corpus,
+        source_files,
+        write_corpus,
+    )
     from training.sources import Draft, ReadOptions
 
     if output.is_dir():  # found out only after reading everything, as a traceback
@@ -70,12 +78,15 @@ def corpus_build(
         err_console.print(said, highlight=False)
     if len(drafts) > DRAFTS_NAMED:  # a line each: hundreds of lines hid everything else said
         err_console.print(f"[yellow]left out[/yellow] {escape(_drafts_line(drafts))}", highlight=False)
+    for why, paths in result.passed_over.items():
+        err_console.print(f"[yellow]left out[/yellow] {escape(_passed_over(why, paths))}", highlight=False)
     if result.left_out:
         err_console.print(f"[yellow]left out[/yellow] {escape(_left_out(result.left_out))}", highlight=False)
     corpus = result.corpus
     if not corpus.documents:
         hint = f" signed by {author!r}" if author else ""
-        raise CorpusError(f"no documents{hint} found in {result.files} file(s); nothing written")
+        nearest = _nearest_signatures(author, source_files(sources, [output]), fmt) if author else ""
+        raise CorpusError(f"no documents{hint} found in {result.files} file(s); nothing written{nearest}")
     size = _size_line(corpus.train, corpus.validation, base)  # before writing: it may fail (no model cache)
     try:
         write_corpus(corpus, output)
@@ -84,6 +95,8 @@ def corpus_build(
     formats = ", ".join(f"{n} {f}" for f, n in sorted(result.by_format.items()))
     dropped = ", ".join(f"{n} {why}" for why, n in sorted(result.cleaning.dropped.items())) or "none"
     console.print(f"read {result.files} file(s): {result.found} documents ({formats})")
+    if result.read_in:
+        console.print(escape(_read_in(result.read_in)), highlight=False)
     console.print(f"kept {result.cleaning.kept}, dropped {dropped}")
     if result.tail_held_out:
         console.print(f"split: one document, so its last {len(corpus.validation[0].split())} words are held out "
@@ -125,6 +138,68 @@ def _left_out(paths: list[Path]) -> str:
     listing = ", ".join(f"{count} {kind}" for kind, count in kinds.most_common(5)) + (", ..." if len(kinds) > 5 else "")
     return (f"{len(paths)} file(s) in the folders that are no kind of writing it reads ({listing}); "
             "name a file to read it, with --format if its name does not say what it is")
+
+
+# What each kind of thing a folder scan passed over is, and what to do to read it.
+_PASSED_OVER = {
+    "folders": (("folder(s) that a site generator or package manager owns (a theme and its example posts, the "
+                 "built site, its templates, static files, packages), not the author's writing"),
+                "name one to read it"),
+    "project files": ("project file(s), not posts (README, LICENSE, robots.txt...)", "name one to read it"),
+    "deleted posts": ("file(s) of posts the author deleted, on purpose", "a persona should not post them again"),
+    "export records": (("other file(s) of the X export (likes, messages, the account's settings), no posts of "
+                        "the author's"),
+                       "its tweets.js and note-tweet.js are read"),
+    "documents": ("document(s) in a format not read here (Word, EPUB, OpenDocument, RTF, Pages)",
+                  ("convert each to plain text, e.g. `pandoc FILE -t plain --wrap=none -o FILE.txt` (pandoc reads "
+                   "Word, EPUB, OpenDocument and RTF), and name the .txt")),
+}
+NAMES_SHOWN = 5  # files or folders named in a line that counts them
+
+
+def _passed_over(why: str, paths: list[Path]) -> str:
+    """One line: what a folder scan passed over for one reason, how many, the first few, and what to do."""
+    what, todo = _PASSED_OVER[why]
+    shown = ", ".join(str(path) for path in sorted(paths)[:NAMES_SHOWN])
+    more = f" and {len(paths) - NAMES_SHOWN} more" if len(paths) > NAMES_SHOWN else ""
+    return f"{len(paths)} {what}: {shown}{more}; {todo}"
+
+
+def _read_in(read_in: Counter[Path]) -> str:
+    """The folders the files read from the folders named were in, with how many from each, most first."""
+    folders = read_in.most_common()
+    shown = ", ".join(f"{folder} ({count})" for folder, count in folders[:NAMES_SHOWN])
+    more = f" and {len(folders) - NAMES_SHOWN} more folders" if len(folders) > NAMES_SHOWN else ""
+    return f"files read from: {shown}{more}"
+
+
+_SIGNATURE = re.compile(r"^[ \t]*(?:--|—|―|~)[ \t]*(?P<who>[^,(\n\"“]+)", re.MULTILINE)  # "-- Oscar Wilde, ..."
+
+
+def _nearest_signatures(author: str, files: list[Path], fmt: str) -> str:
+    """". Nearest signatures: 'Oscar Wilde' (61 entries); ..." for an --author that signs none of the fortune files'
+    entries (a name mistyped, or signed otherwise); else nothing."""
+    from training.sources import SourceProblem, detect_format, read_text_file
+
+    signed: Counter[str] = Counter()
+    for path in files:
+        if (fmt if fmt != "auto" else detect_format(path)) != "fortune":
+            continue
+        try:
+            signed.update(match["who"].strip(" \t.;:") for match in _SIGNATURE.finditer(read_text_file(path)))
+        except SourceProblem:
+            continue
+    by_folded = {name.casefold(): name for name, _ in signed.most_common()}
+    wanted = author.strip().casefold()
+    close = difflib.get_close_matches(wanted, list(by_folded), n=3, cutoff=0.6)
+    if not close:  # a surname alone: "Wild" for "Oscar Wilde"
+        last = {name.split()[-1]: name for name in reversed(by_folded) if name.split()}
+        close = [last[word] for word in difflib.get_close_matches(wanted, list(last), n=3, cutoff=0.75)]
+    if not close:
+        return ""
+    names = [by_folded[name] for name in close]
+    listed = "; ".join(f"{name!r} ({signed[name]} {'entry' if signed[name] == 1 else 'entries'})" for name in names)
+    return f". Nearest signatures: {listed}; try --author {shlex.quote(names[0])}"
 
 
 def _tokenizer(base: str):

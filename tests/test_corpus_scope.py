@@ -1,0 +1,225 @@
+"""What a corpus build reads: the author's posts in a site's folder, not its theme or packages; the text of
+HTML, not its tags; documents it cannot read, named with how to convert them; and a corpus written by hand,
+said to be uncleaned."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from persona.errors import CorpusError
+from training.corpus import build_corpus, read_corpus, write_corpus
+from training.html_text import html_to_text
+from training.json_records import read_jsonl
+from training.sources import ReadOptions, SourceProblem, read_csv, read_text
+
+
+def _write(root: Path, files: dict[str, str]) -> Path:
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text, encoding="utf-8")
+    return root
+
+
+def _persona_cli(*args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PERSONA_")} | {"COLUMNS": "300"}
+    return subprocess.run([sys.executable, "-m", "persona", "corpus", "build", *args, "--base", ""], env=env,
+                          capture_output=True, text=True, check=False, timeout=120)
+
+
+HUGO_SITE = {
+    "content/posts/rain.md": "---\ntitle: Rain\n---\nMy own post about the rain.\n",
+    "content/about.md": "---\ntitle: About\n---\nI write about weather.\n",
+    "themes/ananke/exampleSite/content/post/chapter-1.md": "---\ntitle: Alice\n---\nAlice was beginning to get tired.\n",
+    "themes/ananke/README.md": "# Ananke, a theme for Hugo\n",
+    "node_modules/pkg/README.md": "An npm package's readme.\n",
+    "node_modules/pkg/notes.txt": "A package's notes.\n",
+    "static/robots.txt": "User-agent: *\n",
+    "archetypes/default.md": "---\ntitle: '{{ .Name }}'\n---\n",
+    "public/posts/rain/index.html": "<p>My own post about the rain.</p>",
+    "README.md": "# my-blog\n\nThe source of my blog; run `hugo server`.\n",
+    "LICENSE": "MIT License\n\nPermission is hereby granted, free of charge...\n",
+    "Gemfile": "source 'https://rubygems.org'\n",
+}
+
+
+def test_a_site_root_gives_the_author_s_posts_not_the_theme_s_packages_or_readmes(tmp_path: Path):
+    """Built from a Hugo site's root, the corpus held the theme's example posts (Alice in Wonderland, in the
+    real Ananke theme), the READMEs, the MIT licence, npm packages' files and robots.txt, as the author's."""
+    site = _write(tmp_path / "site", HUGO_SITE)
+    result = build_corpus([site])
+    assert sorted(result.corpus.documents) == ["I write about weather.", "My own post about the rain."]
+    assert sorted(result.passed_over["folders"]) == [site / name for name in
+                                                     ("archetypes", "node_modules", "public", "static", "themes")]
+    assert sorted(result.passed_over["project files"]) == [site / "Gemfile", site / "LICENSE", site / "README.md"]
+    assert result.read_in == {site / "content": 1, site / "content" / "posts": 1}
+    # A folder passed over is read when it is named itself.
+    theme = build_corpus([site / "themes" / "ananke" / "exampleSite"])
+    assert theme.corpus.documents == ["Alice was beginning to get tired."]
+
+
+def test_cli_says_what_it_passed_over_in_a_site_and_which_folders_it_read(tmp_path: Path):
+    """The report said only "left out 2 file(s) ... (1 .toml, 1 .html)", as though the folder were handled."""
+    site = _write(tmp_path / "site", HUGO_SITE)
+    result = _persona_cli(str(site), "-o", str(tmp_path / "corpus.jsonl"))
+    assert result.returncode == 0, result.stderr
+    assert (f"left out 5 folder(s) that a site generator or package manager owns (a theme and its example posts, "
+            f"the built site, its templates, static files, packages), not the author's writing: {site / 'archetypes'}, "
+            f"{site / 'node_modules'}, {site / 'public'}, {site / 'static'}, {site / 'themes'}; name one to read it"
+            ) in result.stderr
+    assert (f"left out 3 project file(s), not posts (README, LICENSE, robots.txt...): {site / 'Gemfile'}, "
+            f"{site / 'LICENSE'}, {site / 'README.md'}; name one to read it") in result.stderr
+    assert f"files read from: {site / 'content'} (1), {site / 'content' / 'posts'} (1)\n" in result.stdout
+
+
+def test_an_x_export_s_deleted_posts_and_other_records_are_passed_over_each_for_its_reason(tmp_path: Path):
+    """deleted-tweets.js was counted among ".js files ... name a file to read it", which invited adding the posts
+    the author deleted; so were the export's likes and messages."""
+    tweet = {"tweet": {"id_str": "1", "full_text": "A post of my own.", "created_at": "Wed May 01 10:00:00 +0000 2024"}}
+    data = _write(tmp_path / "export" / "data", {
+        "tweets.js": "window.YTD.tweets.part0 = " + json.dumps([tweet]),
+        "deleted-tweets.js": "window.YTD.deleted_tweets.part0 = " + json.dumps([tweet]),
+        "like.js": "window.YTD.like.part0 = []",
+        "direct-messages.js": "window.YTD.direct_messages.part0 = []",
+    })
+    result = build_corpus([tmp_path / "export"])
+    assert result.corpus.documents == ["A post of my own."] and result.left_out == []
+    assert result.passed_over["deleted posts"] == [data / "deleted-tweets.js"]
+    assert sorted(result.passed_over["export records"]) == [data / "direct-messages.js", data / "like.js"]
+
+
+def test_html_reads_as_its_text_with_its_paragraphs_and_lines():
+    page = ("<html><head><title>Blog</title><style>p {}</style></head><body><nav>Home | About</nav>"
+            "<article><h1>Rain</h1><p>The rain fell soft<br>upon the town<br/>and no one woke.</p>"
+            "<p>Tom &amp; Jerry &mdash; and   more\n words.</p><ul><li>one</li><li>two</li></ul>"
+            "<script>track()</script></article><footer>(c) me</footer></body></html>")
+    assert html_to_text(page) == ("Rain\n\nThe rain fell soft\nupon the town\nand no one woke.\n\n"
+                                  "Tom & Jerry — and more words.\n\none\ntwo")
+    assert html_to_text("<p>First para.</p><p>Second para.</p>") == "First para.\n\nSecond para."
+
+
+def test_a_named_html_file_gives_its_text_not_its_markup(tmp_path: Path):
+    """Named, page.html was stored as "<html><body><article><p>My HTML essay...", tags and all."""
+    page = tmp_path / "page.html"
+    page.write_text("<html><body><article><p>My HTML essay about rain.</p></article></body></html>")
+    assert build_corpus([page]).corpus.documents == ["My HTML essay about rain."]
+
+
+def test_a_mastodon_outbox_s_html_content_is_read_as_text_and_said_so(tmp_path: Path):
+    """--field object.content, the build's own hint for an outbox, stored '<p><span class="h-card"><a href=...'."""
+    outbox = tmp_path / "outbox.json"
+    outbox.write_text(json.dumps({"orderedItems": [
+        {"type": "Create", "object": {"content": '<p>My first toot about <a href="https://m.s/tags/rain" '
+                                                 'class="hashtag">#<span>rain</span></a> &amp; tea.</p><p>Second.</p>'}},
+        {"type": "Create", "object": {"content": "A plain one, 3 < 4 and 5 > 2."}},
+    ]}))
+    documents = read_jsonl(outbox, ReadOptions(field="object.content"))
+    assert [d.text for d in documents] == ["My first toot about #rain & tea.\n\nSecond.", "A plain one, 3 < 4 and 5 > 2."]
+    [said] = documents.left_out
+    assert said.reason.startswith("1 record(s) hold HTML in the field 'object.content'") and not said.whole_file
+
+
+def test_ghost_s_html_field_is_read_as_text(tmp_path: Path):
+    export = tmp_path / "ghost.json"
+    export.write_text(json.dumps({"db": [{"data": {"posts": [
+        {"html": "<p>Ghost post &amp; HTML <strong>bold</strong></p><figure><img src=x></figure>"}]}}]}))
+    assert [d.text for d in read_jsonl(export, ReadOptions(field="html"))] == ["Ghost post & HTML bold"]
+
+
+def _zipped(path: Path, members: dict[str, str]) -> Path:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name, text in members.items():
+            archive.writestr(name, text)
+    path.write_bytes(buffer.getvalue())
+    return path
+
+
+def test_word_epub_and_rtf_files_are_named_as_such_with_how_to_convert_them(tmp_path: Path):
+    """A .docx was "a binary file ... name the files of the author's writing", though it is the author's
+    writing, and an .rtf was read as text, its {\\rtf1 markup and all."""
+    docx = _zipped(tmp_path / "novel.docx", {"[Content_Types].xml": "<Types/>", "word/document.xml": "<w:document/>"})
+    epub = _zipped(tmp_path / "book.epub", {"mimetype": "application/epub+zip", "META-INF/container.xml": "<c/>"})
+    rtf = tmp_path / "notes.rtf"
+    rtf.write_text("{\\rtf1\\ansi\\deff0 {\\fonttbl {\\f0 Times;}}\\f0 My notes about rain.\\par}")
+    with pytest.raises(SourceProblem) as word:
+        read_text(docx, ReadOptions())
+    assert word.value.reason == (f"a Word document, a format not read here; "
+                                 f"save it as plain text from its editor (File > Save As > Plain Text), or convert it: "
+                                 f"`pandoc {docx} -t plain --wrap=none -o {tmp_path / 'novel.txt'}`, then name that file")
+    with pytest.raises(SourceProblem, match=rf"an EPUB book, .*Calibre's `ebook-convert {epub} {tmp_path / 'book.txt'}`"):
+        read_text(epub, ReadOptions())
+    with pytest.raises(SourceProblem, match=r"RTF \(rich text\), a format not read here"):
+        read_text(rtf, ReadOptions())
+    result = build_corpus([tmp_path])
+    assert sorted(result.passed_over["documents"]) == [epub, rtf, docx] and result.left_out == []
+
+
+def test_a_corpus_not_written_by_corpus_build_is_said_to_be_uncleaned(tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    """A hand-made {"text": ...} JSONL went into `persona train` with its HTML, links and entities, without a word."""
+    hand = tmp_path / "raw.jsonl"
+    hand.write_text('{"text": "Some <b>writing</b> &amp; a link https://t.co/x1."}\n{"text": "More writing."}\n')
+    with caplog.at_level(logging.WARNING, logger="training.corpus"):
+        read_corpus(hand)
+    [warning] = caplog.messages
+    assert warning == (f"{hand} was not written by `persona corpus build` (not every line is a text and its split), "
+                       "so it was not cleaned: HTML, links, duplicates and empty lines are trained on as they are; "
+                       f"1 of its 2 documents hold HTML tags. To clean it: `persona corpus build {hand} -o "
+                       f"{tmp_path / 'raw-clean.jsonl'}`, then train on that")
+    caplog.clear()
+    built = tmp_path / "built.jsonl"
+    write_corpus(build_corpus([hand]).corpus, built)
+    with caplog.at_level(logging.WARNING, logger="training.corpus"):
+        assert read_corpus(built).documents == ["Some writing & a link https://t.co/x1.", "More writing."]
+    assert caplog.messages == []
+
+
+def test_a_source_file_given_as_the_corpus_points_to_corpus_build(tmp_path: Path):
+    """`persona train --corpus tweets.js` said only "not JSON (Expecting value); a corpus has one {"text": ...}"."""
+    tweets = tmp_path / "tweets.js"
+    tweets.write_text('window.YTD.tweets.part0 = [{"tweet": {"full_text": "A post"}}]\n')
+    with pytest.raises(CorpusError, match=rf"make a corpus of it: `persona corpus build {tweets} -o corpus.jsonl`"):
+        read_corpus(tweets)
+    records = tmp_path / "posts.jsonl"
+    records.write_text('{"body": "A post"}\n')
+    with pytest.raises(CorpusError, match=rf"`persona corpus build {records} --field FIELD -o corpus.jsonl`"):
+        read_corpus(records)
+
+
+def test_a_mistyped_fortune_author_is_told_the_nearest_signatures(tmp_path: Path):
+    """--author "Oscar Wild" gave only "no documents signed by 'Oscar Wild' found"."""
+    fortunes = tmp_path / "quotes"
+    fortunes.write_text("Be yourself.\n\t\t-- Oscar Wilde\n%\nWork is love made visible.\n\t\t-- Kahlil Gibran\n"
+                        "%\nI can resist anything except temptation.\n\t\t-- Oscar Wilde, \"Lady Windermere's Fan\"\n%\n")
+    result = _persona_cli(str(fortunes), "--author", "Oscar Wild", "-o", str(tmp_path / "corpus.jsonl"))
+    assert result.returncode == 1
+    assert result.stderr.strip() == ("error: no documents signed by 'Oscar Wild' found in 1 file(s); nothing written. "
+                                     "Nearest signatures: 'Oscar Wilde' (2 entries); try --author 'Oscar Wilde'")
+
+
+def test_an_empty_csv_text_cell_is_counted_not_lost_in_silence(tmp_path: Path):
+    """Row 3's empty cell disappeared while the report said "dropped none"."""
+    posts = tmp_path / "posts.csv"
+    posts.write_text("id,text,likes\n1,First post.,5\n2,Second post.,3\n3,,0\n4,   ,1\n5\n")
+    documents = read_csv(posts, ReadOptions())
+    assert [d.text for d in documents] == ["First post.", "Second post."]
+    [said] = documents.left_out
+    assert said.line == 4 and said.reason == "3 row(s) left out, with no text in the 'text' column (line(s) 4, 5, 6)"
+
+
+def test_project_files_are_known_by_their_names_not_posts_whose_slug_begins_alike(tmp_path: Path):
+    blog = _write(tmp_path / "blog", {"README-fr.md": "Le blog.\n", "LICENSE-MIT": "MIT License\n",
+                                      "CODE_OF_CONDUCT.md": "Be kind.\n", "license-to-kill.md": "A post about Bond.\n",
+                                      "authors.md": "The writers I love.\n", "AUTHORS": "Me <me@example.org>\n"})
+    result = build_corpus([blog])
+    assert sorted(result.corpus.documents) == ["A post about Bond.", "The writers I love."]
+    assert sorted(path.name for path in result.passed_over["project files"]) == [
+        "AUTHORS", "CODE_OF_CONDUCT.md", "LICENSE-MIT", "README-fr.md"]
