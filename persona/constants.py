@@ -25,6 +25,12 @@ CANCEL_KEY_PREFIX = KEY_PREFIX + "cancel:"
 CANCEL_EPOCH_KEY = KEY_PREFIX + "cancel-epoch"
 # How many requests one sender has waiting or running (fair share under a flood).
 USER_PENDING_KEY_PREFIX = KEY_PREFIX + "user-pending:"
+# Passed to a script in place of an optional key it has none for (a sender's counter
+# for an anonymous caller, the marks of an entry with no readable request id). Never
+# written or read: the scripts compare against it. '' used to stand there, and Redis
+# checks every key a script is passed against the user's ACL: a user limited to
+# persona's keys (`~persona:*`) was refused every anonymous `ask` and `generate`.
+NO_KEY = KEY_PREFIX + "no-key"
 # A worker's heartbeat (JSON, with a TTL): host, device, loaded persona versions.
 WORKER_KEY_PREFIX = KEY_PREFIX + "worker:"
 WORKER_INDEX_KEY = KEY_PREFIX + "workers"  # sorted set: worker id -> when its heartbeat lapses
@@ -84,7 +90,12 @@ REPLY_LOG_MAX_LEN = 10_000
 SWAP_LOG_MAX_LEN = 1_000
 VERSION_HISTORY_MAX_LEN = 50
 SWAP_VOTES_TTL_S = 3600
-ANSWERED_TTL_S = 24 * 3600
+# A request's answered mark lasts this long past its deadline, and the reply TTL after
+# its answer at least (see ``pending_entries.answered_until``)...
+ANSWERED_PAST_DEADLINE_S = 60
+# ...or, where its deadline is unknown (an older client's entry), this long: the latest
+# deadline a request may have (a day), and a minute.
+ANSWERED_TTL_S = 24 * 3600 + ANSWERED_PAST_DEADLINE_S
 BLOCK_MS = 1000
 EMBEDDED_REDIS_START_TIMEOUT_S = 20.0
 

@@ -161,7 +161,8 @@ class ErrorInfo(BaseModel):
 class Timings(BaseModel):
     """Where the time went, in milliseconds.
 
-    ``queue_ms`` runs from the request's creation to when a worker took it from the queue.
+    ``queue_ms`` runs from when Redis queued the request to when a worker took it, both by
+    Redis's clock (a caller's or a worker's own clock that is off changes nothing).
     Workers measure it on failures too (a request that timed out waiting says how long it
     waited) and set ``queue_measured`` whenever they do. A failure without it says nothing
     about its wait: no worker could read the request (a malformed entry), it was set aside

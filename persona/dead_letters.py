@@ -37,7 +37,7 @@ from pydantic import BaseModel, Field
 from persona import constants as keys
 from persona.contract import GenerationRequest
 from persona.errors import QueueBusy
-from persona.queue_scripts import ONE_MORE_WAITING, REDIS_NOW
+from persona.queue_scripts import NO_KEY_LUA, ONE_MORE_WAITING, REDIS_NOW
 from persona.telemetry import read_counts
 
 __all__ = [
@@ -62,17 +62,17 @@ end
 # Re-queue only if the entry is still in the dead-letter stream (XDEL says so), with its
 # deadline by Redis's clock (ARGV[3]: the allowance; '' for none), as a submit does; and
 # only while its stream holds fewer than ARGV[4] entries ('' for no limit), else 'busy'.
-# The sender's pending counter (KEYS[6], '' for an anonymous caller) counts it again, as
+# The sender's pending counter (KEYS[6], NO_KEY for an anonymous caller) counts it again, as
 # a submit does (without the fair-share limit: an operator asked for it), and lives at
 # least ARGV[5] seconds, so a decrement that is lost heals itself. Its answered mark
 # (KEYS[3]), old reply (KEYS[5]) and any cancel flag (KEYS[7]) go.
-RETRY_SCRIPT = REDIS_NOW + ONE_MORE_WAITING + CLEARED_IF_EMPTY + """
+RETRY_SCRIPT = REDIS_NOW + NO_KEY_LUA + ONE_MORE_WAITING + CLEARED_IF_EMPTY + """
 if ARGV[4] ~= '' and redis.call('XLEN', KEYS[2]) >= tonumber(ARGV[4]) then return 'busy' end
 if redis.call('XDEL', KEYS[1], ARGV[1]) == 0 then return false end
 redis.call('DEL', KEYS[3], KEYS[5], KEYS[7])
 redis.pcall('HINCRBY', KEYS[4], 'retried', 1)
 cleared_if_empty(KEYS[1], KEYS[4])
-if KEYS[6] ~= '' then
+if KEYS[6] ~= NO_KEY then
   one_more_waiting(KEYS[6])
   if redis.call('TTL', KEYS[6]) < tonumber(ARGV[5]) then redis.call('EXPIRE', KEYS[6], ARGV[5]) end
 end
@@ -261,7 +261,7 @@ def retry_dead(client: redis.Redis, entry_id: str, max_length: int | None = None
     stream = _bound_for(letter)
     new_id = client.eval(
         RETRY_SCRIPT, 7, keys.STREAM_DEAD, stream, keys.answered_key(request.id), keys.STATS_KEY,
-        keys.reply_key(request.id), keys.user_pending_key(request.user) if request.user else "",
+        keys.reply_key(request.id), keys.user_pending_key(request.user) if request.user else keys.NO_KEY,
         keys.cancel_key(request.id),
         entry_id, fresh.to_json(), f"{allowed:.3f}" if allowed > 0 else "",
         "" if max_length is None else max_length,

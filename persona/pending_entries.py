@@ -5,13 +5,16 @@ Entries held by a dead worker (no heartbeat) or held past the visibility timeout
 claimed by another (``reclaim``); a live worker keeps the entries it has in hand fresh
 (``keep``). After ``max_deliveries`` a request is moved to the dead-letter stream and its
 caller is told so (``dead_letter``); so is an entry that holds no valid request, at once.
-A worker that leaves hands its unfinished entries back first (``hand_back``).
+A worker that leaves hands its unfinished entries back first (``hand_back``), and leaves
+the consumer group; the consumers of workers that died without leaving are forgotten
+while reclaiming (``forget_gone``).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 import redis
@@ -26,12 +29,40 @@ if TYPE_CHECKING:
 
     from persona.settings import QueueSettings
 
-__all__ = ["PendingEntries"]
+__all__ = ["PendingEntries", "answered_until"]
 
 # Under the name these lines had before they moved here: the log format shows it.
 log = logging.getLogger("persona.work_queue")
 
 RECLAIM_BATCH = 100
+# How often one worker looks for the consumers of workers that are gone (``forget_gone``):
+# each look reads every consumer of both streams, and a fleet has many workers reclaiming.
+FORGET_EVERY_S = 30.0
+
+
+def answered_until(jobs: Iterable[Job | None]) -> str:
+    """Until when (Redis's time, as ``queue_scripts.ANSWERED_TTL`` reads it) the answered
+    marks of these jobs' requests must last: a minute past the latest of their deadlines;
+    '' where one's deadline is unknown (an older client's entry, a reply without its entry).
+
+    What the mark guards is over by then. A submission sent again (redis-py re-sends a call
+    whose answer a dropped connection lost; `ask` rides out an outage) comes before the
+    deadline and its slack, and must find the mark, not queue the request a second time; a
+    cancellation or a caller's last look, at the latest as its wait ends (5 s past the
+    deadline), reads "answered" in it. A second worker holding the same entry (reclaimed
+    from one that stalled, or whose heartbeat lapsed) answers by the deadline too: a row
+    still decoding then is answered "late", one claimed past it "timed out", at once. The
+    mark also outlives the reply's own TTL (``ANSWERED_TTL``), so no second reply lands in a
+    list its caller may still read. It used to last a day whatever the deadline: about
+    110 bytes a request, 1 GB of Redis at 100 requests a second. Only a worker stalled
+    past all that that then delivers would answer twice, into a list nobody reads.
+    """
+    latest = 0.0
+    for job in jobs:
+        if job is None or job.due is None:
+            return ""
+        latest = max(latest, job.due)
+    return f"{latest + keys.ANSWERED_PAST_DEADLINE_S:.3f}"
 
 
 class PendingEntries:
@@ -43,6 +74,8 @@ class PendingEntries:
     _requeue: Script
     _keep_fresh: Script
     _set_aside: Script
+    _forget: Script
+    _forgot_at: float = -FORGET_EVERY_S  # monotonic time of the last look (none yet)
 
     def reclaim(
         self, consumer: str, live_consumers: set[str], *, holding: set[str], limit: int = RECLAIM_BATCH
@@ -54,7 +87,8 @@ class PendingEntries:
         fresh: see ``keep``). This consumer's own entries that it no longer has in hand
         (not in ``holding``: claimed by a turn that failed before it took them) are taken
         back at once. Returns the jobs to run now, and the jobs that have used up their
-        deliveries (with their count), which the caller must dead-letter.
+        deliveries (with their count), which the caller must dead-letter. Every
+        ``FORGET_EVERY_S`` it also forgets the consumers of workers that are gone (``forget_gone``).
         """
         timeout_ms = int(self.settings.visibility_timeout_s * 1000)
         jobs: list[Job] = []
@@ -96,7 +130,26 @@ class PendingEntries:
                             f"request {job.request_id}" if job.request_id else "no readable request id",
                             holder, deliveries,
                         )
+        if time.monotonic() - self._forgot_at >= FORGET_EVERY_S:
+            self.forget_gone(consumer)
         return jobs, exhausted
+
+    def forget_gone(self, consumer: str) -> list[str]:
+        """Delete the consumers of workers that are gone (see ``FORGET_SCRIPT``): none holds
+        an entry, none has done anything for the visibility timeout, and none has a live
+        heartbeat (``consumer``, the one looking, is never forgotten). Returns their names.
+        A worker killed with kill -9 never leaves the group itself, and each start is a new
+        consumer: they piled up in `XINFO CONSUMERS`."""
+        self._forgot_at = time.monotonic()
+        idle_ms = int(self.settings.visibility_timeout_s * 1000)
+        forgotten = []
+        for stream in keys.STREAMS_BY_PRIORITY:
+            names = self._forget(keys=[stream, keys.WORKER_INDEX_KEY], args=[keys.CONSUMER_GROUP, idle_ms, consumer])
+            forgotten += [n.decode() if isinstance(n, bytes) else n for n in names]
+        if forgotten:
+            log.info("forgot the consumers of %d worker(s) that are gone: %s",
+                     len(set(forgotten)), ", ".join(sorted(set(forgotten))))
+        return forgotten
 
     def keep(self, consumer: str, jobs: list[Job]) -> None:
         """These entries are still in this consumer's hand (rows decoding, however long):
@@ -127,14 +180,14 @@ class PendingEntries:
         user = job.user
         script_keys = [
             keys.STATS_KEY, keys.STREAM_DEAD, job.stream,
-            keys.answered_key(request_id) if request_id else "",
-            keys.reply_key(request_id) if request_id else "",
-            keys.user_pending_key(user) if request_id and user else "",
+            keys.answered_key(request_id) if request_id else keys.NO_KEY,
+            keys.reply_key(request_id) if request_id else keys.NO_KEY,
+            keys.user_pending_key(user) if request_id and user else keys.NO_KEY,
         ]
         args = [
             keys.CONSUMER_GROUP, job.entry_id, keys.DEAD_STREAM_MAX_LEN,
             job.payload, reason, deliveries, worker, time.time(),
-            reply, self.settings.reply_ttl_s, keys.ANSWERED_TTL_S, f"failed:{kind}",
+            reply, self.settings.reply_ttl_s, answered_until([job]), f"failed:{kind}",
         ]
         letter = self._set_aside(keys=script_keys, args=args)
         return letter.decode() if isinstance(letter, bytes) else (letter or None)

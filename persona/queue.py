@@ -77,7 +77,7 @@ def _stamp(request: GenerationRequest, settings: QueueSettings) -> GenerationReq
 def _submit_keys_args(
     request: GenerationRequest, settings: QueueSettings, waiting: bool = False
 ) -> tuple[list[str], list]:
-    user_key = keys.user_pending_key(request.user) if request.user else ""
+    user_key = keys.user_pending_key(request.user) if request.user else keys.NO_KEY
     hold_s = int(settings.default_deadline_s * 2) + 60  # a lost decrement heals itself
     allowance = request.deadline - request.created_at
     stream_keys = [

@@ -9,9 +9,12 @@ when a request is refused or goes unanswered. ``persona.queue``, ``persona.busy`
 
 from __future__ import annotations
 
+from persona import constants as keys
+
 __all__ = [
-    "CANCEL_SCRIPT", "DEAD_LETTER_SCRIPT", "DELIVER_SCRIPT", "FULL_SCRIPT", "HOLDER_SCRIPT", "KEEP_SCRIPT",
-    "ONE_MORE_WAITING", "RECORD_SCRIPT", "REDIS_NOW", "REQUEST_ID", "REQUEUE_SCRIPT", "SUBMIT_SCRIPT", "WORKERS_SCRIPT",
+    "ANSWERED_TTL", "CANCEL_SCRIPT", "DEAD_LETTER_SCRIPT", "DELIVER_SCRIPT", "FORGET_SCRIPT", "FULL_SCRIPT", "HOLDER_SCRIPT",
+    "KEEP_SCRIPT", "NO_KEY_LUA", "ONE_MORE_WAITING", "RECORD_SCRIPT", "REDIS_NOW", "REQUEST_ID", "REQUEUE_SCRIPT", "SUBMIT_SCRIPT",
+    "WORKERS_SCRIPT",
 ]
 
 # Redis's own time in seconds, as ``now``: what every script that times something (a
@@ -19,6 +22,13 @@ __all__ = [
 REDIS_NOW = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+"""
+
+# The stand-in for an optional key (``constants.NO_KEY``), as ``NO_KEY``: a script passed
+# it has no such key (Redis checks every key passed against the user's ACL, so it is a
+# persona: key, never '').
+NO_KEY_LUA = f"""
+local NO_KEY = '{keys.NO_KEY}'
 """
 
 # Counting never stops the work it counts. A counter Redis cannot add to (a damaged one:
@@ -56,7 +66,7 @@ end
 
 # Refuse new work once a stream is full, or once its sender already has their share
 # waiting (so a flood from one user cannot starve everyone else), atomically with
-# adding it. KEYS[2] is the sender's pending counter, or '' for an anonymous caller.
+# adding it. KEYS[2] is the sender's pending counter, or NO_KEY for an anonymous caller.
 # The entry carries the cancel epoch as it was added ('x' if the request was already
 # withdrawn), so a worker can skip reading cancel flags when nothing was cancelled since.
 # A caller that waits for the reply in the same round trip (``ask``) sets ARGV[5]: a
@@ -70,7 +80,7 @@ end
 # added: a refusal an earlier attempt left there is not taken for the reply.
 # A cancel epoch of another type (a hash or a list where a string belongs) failed every
 # submission until a withdrawal overwrote it: it starts again here (``FRESH_EPOCH``).
-SUBMIT_SCRIPT = REDIS_NOW + ONE_MORE_WAITING + FRESH_EPOCH + """
+SUBMIT_SCRIPT = REDIS_NOW + NO_KEY_LUA + ONE_MORE_WAITING + FRESH_EPOCH + """
 if redis.call('EXISTS', KEYS[6]) == 1 then return 'duplicate' end
 local function refuse(why)
   if ARGV[5] == '1' then
@@ -80,7 +90,7 @@ local function refuse(why)
   return why
 end
 if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then return refuse('busy') end
-if KEYS[2] ~= '' then
+if KEYS[2] ~= NO_KEY then
   local held = one_more_waiting(KEYS[2])
   redis.call('EXPIRE', KEYS[2], tonumber(ARGV[4]))
   if held > tonumber(ARGV[3]) then
@@ -112,18 +122,30 @@ if type(redis.pcall('INCR', KEYS[3])) ~= 'number' then fresh_epoch(KEYS[3]) end
 return mark
 """
 
+# How long a request's answered mark lasts once it is answered, in seconds: until
+# ``lasts`` (Redis's time: its deadline and a minute, see ``pending_entries.answered_until``;
+# '' where that is unknown: the longest a request may wait), and for the reply's own TTL
+# at least. Needs ``now`` (``REDIS_NOW``).
+ANSWERED_TTL = f"""
+local function answered_ttl(lasts, reply_ttl)
+  if lasts == '' then return {keys.ANSWERED_TTL_S} end
+  return math.max(reply_ttl, math.ceil(tonumber(lasts) - now))
+end
+"""
+
 # Deliver each reply unless its request was answered already (its mark names the
 # worker that answered it; '' is a request queued and not yet answered); always settle its entry;
 # count completions. One call delivers and settles a whole batch. Per-request keys are
 # built here from their prefixes, and replies come in runs that share a counter, and
 # entries in runs that share a stream, so a reply costs four arguments in all.
-# ARGV: reply TTL, answered TTL, group, worker, then the prefixes of the answered flags,
-# reply lists and senders' pending counters; then a count of reply runs, each a counter
+# ARGV: reply TTL, until when the answered marks last (see ``ANSWERED_TTL``), group,
+# worker, then the prefixes of the answered flags, reply lists and senders' pending counters; then a count of reply runs, each a counter
 # name, a count of replies and three values per reply (request id, reply, sender or '');
 # then a count of entry runs, each a stream, a count of entries and their ids.
 # KEYS[1] is the stats hash.
-DELIVER_SCRIPT = """
-local reply_ttl, answered_ttl = tonumber(ARGV[1]), tonumber(ARGV[2])
+DELIVER_SCRIPT = REDIS_NOW + ANSWERED_TTL + """
+local reply_ttl = tonumber(ARGV[1])
+local marked_ttl = answered_ttl(ARGV[2], reply_ttl)
 local group, worker = ARGV[3], ARGV[4]
 local answered, replies, pending = ARGV[5], ARGV[6], ARGV[7]
 local new, a = 0, 9
@@ -134,7 +156,7 @@ for _ = 1, tonumber(ARGV[8]) do
     local id, user = ARGV[a], ARGV[a + 2]
     local mark = redis.call('GET', answered .. id)
     if not mark or mark == '' then
-      redis.call('SET', answered .. id, worker, 'EX', answered_ttl)
+      redis.call('SET', answered .. id, worker, 'EX', marked_ttl)
       counted = counted + 1
       redis.call('LPUSH', replies .. id, ARGV[a + 1])
       redis.call('EXPIRE', replies .. id, reply_ttl)
@@ -190,32 +212,33 @@ return 1
 # Set one entry aside: add the letter to the dead stream (KEYS[2]), acknowledge and delete
 # the entry (ARGV[2]) in its stream (KEYS[3]), count it as dead-lettered and answer its
 # caller as DELIVER_SCRIPT would (its answered mark KEYS[4], reply list KEYS[5], sender's
-# pending counter KEYS[6]; KEYS[4] '' for an entry with no readable request: nobody to
-# answer, counted as unanswerable), all in one step: a crash between steps used to leave
-# the letter uncounted (and `persona queue stats` then misreports how many the cap
+# pending counter KEYS[6], NO_KEY for an anonymous sender; KEYS[4..6] NO_KEY for an entry
+# with no readable request: nobody to answer, counted as unanswerable), all in one step:
+# a crash between steps used to leave the letter uncounted (and `persona queue stats` then misreports how many the cap
 # trimmed). Only an entry still pending in the group (ARGV[1]) is set aside, so a call
 # redis-py re-sends after a dropped connection, or a second worker that claimed the
 # same entry, adds no second letter and counts nothing twice. KEYS[1] is the stats hash.
 # ARGV: group, entry id, the dead stream's cap, then the letter's payload, reason,
-# deliveries, worker and time, then the reply, reply TTL, answered TTL and its counter.
+# deliveries, worker and time, then the reply, reply TTL, until when its answered mark
+# lasts (see ``ANSWERED_TTL``) and its counter.
 # Returns the letter's id if it set the entry aside, 0 if it was not pending.
-DEAD_LETTER_SCRIPT = """
+DEAD_LETTER_SCRIPT = REDIS_NOW + NO_KEY_LUA + ANSWERED_TTL + """
 if #redis.call('XPENDING', KEYS[3], ARGV[1], ARGV[2], ARGV[2], 1) == 0 then return 0 end
 local letter = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'r', ARGV[4], 'stream', KEYS[3],
   'reason', ARGV[5], 'deliveries', ARGV[6], 'worker', ARGV[7], 'at', ARGV[8])
 redis.call('XACK', KEYS[3], ARGV[1], ARGV[2])
 redis.call('XDEL', KEYS[3], ARGV[2])
 redis.pcall('HINCRBY', KEYS[1], 'dead_lettered', 1)
-if KEYS[4] == '' then
+if KEYS[4] == NO_KEY then
   redis.pcall('HINCRBY', KEYS[1], 'failed:unanswerable', 1)
   return letter
 end
 local mark = redis.call('GET', KEYS[4])
 if not mark or mark == '' then
-  redis.call('SET', KEYS[4], ARGV[7], 'EX', tonumber(ARGV[11]))
+  redis.call('SET', KEYS[4], ARGV[7], 'EX', answered_ttl(ARGV[11], tonumber(ARGV[10])))
   redis.call('LPUSH', KEYS[5], ARGV[9])
   redis.call('EXPIRE', KEYS[5], tonumber(ARGV[10]))
-  if KEYS[6] ~= '' and (tonumber(redis.call('GET', KEYS[6])) or 0) > 0 then
+  if KEYS[6] ~= NO_KEY and (tonumber(redis.call('GET', KEYS[6])) or 0) > 0 then
     redis.call('DECR', KEYS[6])
   end
   redis.pcall('HINCRBY', KEYS[1], ARGV[12], 1)
@@ -247,6 +270,33 @@ for i = 3, #ARGV do
   end
 end
 return kept
+"""
+
+
+# Forget the consumers of workers that are gone (killed, out of memory, a lost machine:
+# none left the group as a stopping worker does, and each start is a new id, so the group
+# grew by one consumer per crash, for good): those that hold no entry, have done nothing
+# for ARGV[2] ms, and whose worker has no live heartbeat (never ARGV[3], the worker that
+# looks, whose own heartbeat may have lapsed while it was paused). Judged and deleted in
+# one step: deleting a consumer drops the entries it holds, so one that claims meanwhile
+# is kept.
+# (A live worker whose heartbeat lapsed for a moment and is forgotten loses nothing: its
+# next read makes it a consumer again.) KEYS: the stream, the heartbeat index. ARGV:
+# group, idle ms, the consumer that looks. Returns the names forgotten.
+FORGET_SCRIPT = REDIS_NOW + """
+local consumers = redis.pcall('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])
+if consumers.err then return {} end
+local forgotten = {}
+for _, c in ipairs(consumers) do
+  local info = {}
+  for i = 1, #c, 2 do info[c[i]] = c[i + 1] end
+  if info['pending'] == 0 and info['idle'] > tonumber(ARGV[2]) and info['name'] ~= ARGV[3]
+      and (tonumber(redis.call('ZSCORE', KEYS[2], info['name'])) or 0) < now then
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], info['name'])
+    table.insert(forgotten, info['name'])
+  end
+end
+return forgotten
 """
 
 

@@ -21,10 +21,11 @@ from hiredis import pack_command
 from persona import constants as keys
 from persona.contract import GenerationReply
 from persona.jobs import DUE_FIELD, EPOCH_FIELD, REQUEST_FIELD, Job  # noqa: F401 - still importable from here
-from persona.pending_entries import RECLAIM_BATCH, PendingEntries  # noqa: F401 - still importable from here
+from persona.pending_entries import RECLAIM_BATCH, PendingEntries, answered_until  # noqa: F401 - still importable from here
 from persona.queue_scripts import (
     DEAD_LETTER_SCRIPT,
     DELIVER_SCRIPT,
+    FORGET_SCRIPT,
     KEEP_SCRIPT,
     RECORD_SCRIPT,
     REQUEUE_SCRIPT,
@@ -94,6 +95,7 @@ class WorkQueue(PendingEntries):
         self._keep_fresh = client.register_script(KEEP_SCRIPT)
         self._record = client.register_script(RECORD_SCRIPT)
         self._set_aside = client.register_script(DEAD_LETTER_SCRIPT)
+        self._forget = client.register_script(FORGET_SCRIPT)
         self.active_versions: dict[str, str] = {}
         self._drained = False  # whether the last claim left the streams empty
         # Riders sent with the last claim whose results are still to be read, and the
@@ -369,7 +371,7 @@ class WorkQueue(PendingEntries):
             if job:
                 entries.setdefault(job.stream, []).append(job.entry_id)
         args: list = [
-            self.settings.reply_ttl_s, keys.ANSWERED_TTL_S, keys.CONSUMER_GROUP, worker,
+            self.settings.reply_ttl_s, answered_until(job for job, _ in settled), keys.CONSUMER_GROUP, worker,
             keys.ANSWERED_KEY_PREFIX, keys.REPLY_KEY_PREFIX, keys.USER_PENDING_KEY_PREFIX, len(runs),
         ]
         for counter, values in runs.items():

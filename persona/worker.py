@@ -73,12 +73,31 @@ class _Row:
     served: Served
 
 
-def _waited_ms(job: Job) -> float:
-    """How long a job's request waited before this worker took it, in ms: from its creation
-    (the caller's clock) to its claim (this one's), so never below 0 where they disagree.
+def _queued_at(job: Job) -> float:
+    """When a job's request was queued, by Redis's clock, in seconds.
+
+    The entry's deadline ``d`` is Redis's time as it was queued plus the allowance its
+    caller gave it (its deadline less its creation: a difference on one clock, which no
+    skew between machines changes), so ``d`` less that allowance is when it was queued;
+    a hand-back's new entry keeps ``d``, so its wait still counts from then. An entry
+    without ``d`` (an older client's, a retried letter without a deadline) is timed from
+    its id, whose milliseconds Redis set as it added it.
+    """
+    request = job.request
+    if job.due is not None and request.deadline:
+        return job.due - (request.deadline - request.created_at)
+    return int(job.entry_id.partition("-")[0]) / 1000
+
+
+def _waited_ms(job: Job, redis_offset: float) -> float:
+    """How long a job's request waited before this worker took it, in ms, all by Redis's
+    clock: from its queueing to its claim (the claim by this machine's clock plus
+    ``redis_offset``, Redis's clock minus this one's). The caller's clock used to start it
+    and this machine's to end it, so a worker 30 s fast reported 30 s waits for instant
+    replies (and one slow, none). Never below 0, where the offset learnt is a little off.
     One that expired waiting counts all of it, though its caller gave up at its deadline:
     that is how long the queue held it."""
-    return max(0.0, (job.claimed_at - job.request.created_at) * 1000)
+    return max(0.0, (job.claimed_at + redis_offset - _queued_at(job)) * 1000)
 
 
 def _answered_line(rows: Sequence[_Row], completions: Sequence[Completion], seconds: float, batch: int) -> tuple:
@@ -699,7 +718,7 @@ class Worker:
             "finish_reason": completion.finish_reason,
             "new_tokens": completion.new_tokens,
             "timings": {
-                "queue_ms": _waited_ms(row.job),
+                "queue_ms": _waited_ms(row.job, self._redis_offset),
                 "generate_ms": seconds * 1000,
                 "queue_measured": True,
             },
@@ -716,5 +735,6 @@ class Worker:
         worst waits end as timeouts, and percentiles of text replies alone hid them."""
         request = job.request
         return GenerationReply.failure(
-            request.id, kind, message, persona=request.persona, worker=self.id, queue_ms=_waited_ms(job)
+            request.id, kind, message, persona=request.persona, worker=self.id,
+            queue_ms=_waited_ms(job, self._redis_offset),
         )

@@ -132,6 +132,29 @@ def test_reply_is_delivered_once_even_if_two_workers_answer(client, work):
     assert int(client.redis.hget(keys.STATS_KEY, "completed")) == 1
 
 
+def test_an_answered_mark_lasts_until_its_request_is_over_not_a_day(settings, client, work):
+    """Every request left its "answered" mark for 24 h whatever its deadline: about 110
+    bytes each, 1 GB of Redis at 100 requests a second. It lasts for the reply's TTL, or
+    a minute past the request's deadline where that is later, and still answers once."""
+    settings.queue.reply_ttl_s = 600
+    chat_request = client.submit(chat("a chat: the default deadline, 120 s"))
+    long_request = client.submit(chat("a long batch", deadline=time.time() + 3600))
+    doomed = client.submit(chat("set aside"))
+    chat_job, long_job, doomed_job = work.claim("w1", 10, block_ms=100)
+    for job in (chat_job, long_job):
+        assert work.deliver([(job, GenerationReply(id=job.request.id, ok=True, text="first"))], "w1") == 1
+    work.dead_letter(doomed_job, "it crashed every worker", 3, "w1")
+    mark_ttl = {r.id: client.redis.ttl(keys.answered_key(r.id)) for r in (chat_request, long_request, doomed)}
+    assert 590 <= mark_ttl[chat_request.id] <= 600 and 590 <= mark_ttl[doomed.id] <= 600, mark_ttl
+    assert 3650 <= mark_ttl[long_request.id] <= 3660, mark_ttl
+    # What the mark guards: a second worker's answer (a reclaimed entry) is dropped, and a
+    # submission sent again (a dropped connection) queues nothing.
+    assert work.deliver([(chat_job, GenerationReply(id=chat_request.id, ok=True, text="second"))], "w2") == 0
+    assert client.wait(chat_request, timeout=1).text == "first"
+    client.submit(chat_request)
+    assert client.redis.xlen(keys.STREAM_INTERACTIVE) == 0
+
+
 def test_one_delivery_answers_settles_and_counts_a_mixed_batch(client, work):
     """Replies that succeeded and failed, from both streams, some with a sender, one already
     answered: each new reply reaches its caller once, every entry is settled, and each is
@@ -336,6 +359,35 @@ def test_a_reclaim_takes_no_more_than_the_room_left(client, work):
     work.claim("dead-worker", 10, block_ms=100)
     jobs, _ = work.reclaim("live", live_consumers={"live"}, holding=set(), limit=2)
     assert len(jobs) == 2
+
+
+def consumers(client) -> set[str]:
+    return {c["name"].decode() for c in client.xinfo_consumers(keys.STREAM_INTERACTIVE, keys.CONSUMER_GROUP)}
+
+
+def test_the_consumers_of_workers_that_died_are_forgotten_and_live_ones_kept(settings, client, work):
+    """Workers killed with kill -9 never left the consumer group, and each start is a new
+    consumer: `XINFO CONSUMERS` grew by one per crash, for good."""
+    from persona.heartbeat import WorkerInfo, live_worker_ids, publish
+
+    settings.queue.visibility_timeout_s = 0.2
+    for n in range(2):
+        client.submit(chat(f"held by killed-{n}"))
+        work.claim(f"killed-{n}", 1, block_ms=100)
+    publish(client.redis, WorkerInfo(id="idle-but-alive"), 30)
+    client.submit(chat("answered"))
+    [done] = work.claim("idle-but-alive", 10, block_ms=100)
+    work.deliver([(done, GenerationReply(id=done.request.id, ok=True))], "idle-but-alive")  # holds nothing now
+    time.sleep(0.3)  # every one idle past the visibility timeout
+    assert consumers(client.redis) == {"killed-0", "killed-1", "idle-but-alive"}
+    jobs, _ = work.reclaim("survivor", live_worker_ids(client.redis), holding=set(), limit=1)
+    assert len(jobs) == 1  # killed-0's entry; killed-1 still holds its own
+    assert consumers(client.redis) == {"survivor", "killed-1", "idle-but-alive"}
+    [taken], _ = work.reclaim("survivor", {"survivor", "idle-but-alive"}, holding={jobs[0].entry_id})
+    work.deliver([(job, GenerationReply(id=job.request.id, ok=True)) for job in (*jobs, taken)], "survivor")
+    time.sleep(0.3)  # the survivor holds nothing either, and has no heartbeat (paused a while, say)
+    assert work.forget_gone("survivor") == ["killed-1"]  # its entry was taken: it holds nothing now
+    assert consumers(client.redis) == {"survivor", "idle-but-alive"}  # the one looking is never forgotten
 
 
 def test_a_claim_waiting_on_both_streams_takes_no_more_than_its_room(client, work):

@@ -533,6 +533,52 @@ def test_deadlines_are_kept_by_redis_clock_whatever_the_callers(
     assert client.wait(late, timeout=5).error.kind is ErrorKind.timeout
 
 
+@pytest.mark.parametrize("skew", [-600.0, 600.0], ids=["caller-behind", "caller-ahead"])
+def test_queue_waits_are_timed_by_redis_clock_whatever_the_callers(
+    settings, redis_client, write_persona, tiny_llama_dir, client, monkeypatch, skew
+):
+    """A caller whose clock was 10 min behind the worker's had instant replies counted as
+    10 min of queue wait (in `queue stats`, the page, /metrics); one 10 min ahead had every
+    wait counted as 0. The wait runs from Redis's time as the request was queued."""
+    from persona.bench_queue import InstantEngine
+    from persona.monitoring import collect_stats
+    from persona.pool import ModelPool
+    from persona.worker import Worker
+
+    write_persona("tiny", base=str(tiny_llama_dir))
+    worker = Worker(settings, redis_client, ModelPool(settings, "cpu", engine_factory=InstantEngine), worker_id="w-clock")
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() + skew)  # the caller's machine
+    sent = [client.submit(chat("tiny", f"hi {n}", created_at=time.time())) for n in range(3)]
+    monkeypatch.setattr(time, "time", real)
+    time.sleep(0.3)  # each waits this long, and no more
+    worker.step(block_ms=0)
+    worker.record_telemetry()
+    for reply in (client.wait(request, timeout=5) for request in sent):
+        assert reply.ok and reply.timings.queue_measured and 300 <= reply.queue_wait_ms < 5000, reply.timings
+    waits = collect_stats(redis_client).latency.queue_ms
+    assert 300 <= waits.p50 <= waits.p99 < 5000, waits
+
+
+def test_a_handed_back_request_counts_its_wait_from_when_it_was_first_queued(
+    settings, redis_client, write_persona, tiny_llama_dir, client, work
+):
+    """A leaving worker's hand-back queues the entry again under a new id (a new time): the
+    wait still runs from the request's first queueing."""
+    from persona.bench_queue import InstantEngine
+    from persona.pool import ModelPool
+    from persona.worker import Worker
+
+    write_persona("tiny", base=str(tiny_llama_dir))
+    sent = client.submit(chat("tiny", "handed back"))
+    work.claim("w-leaving", 10, block_ms=100)
+    time.sleep(0.3)
+    assert work.hand_back("w-leaving") == 1
+    worker = Worker(settings, redis_client, ModelPool(settings, "cpu", engine_factory=InstantEngine), worker_id="w-next")
+    worker.step(block_ms=0)
+    assert 300 <= client.wait(sent, timeout=5).queue_wait_ms < 5000
+
+
 def test_failures_say_how_long_their_request_waited_for_a_worker(
     settings, redis_client, write_persona, tiny_llama_dir, client
 ):
