@@ -1,10 +1,11 @@
-"""The supervisor with real `persona` processes: restarts, giving up, stopping."""
+"""The supervisor with real `persona` processes: restarts, giving up, stopping, log files."""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
+import re
 import threading
 import time
 
@@ -158,6 +159,69 @@ def test_nothing_is_restarted_once_stopping(env):
         if service.process is not None:  # the old supervisor's orphan
             service.process.kill()
             service.process.wait()
+
+
+# A line of `persona queue watch` into a file: "2026-11-28 09:47:00 waiting 0 (chat 0, ...".
+WATCH_LINE = re.compile(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) (waiting|active versions) .*\n")
+
+
+def test_a_service_log_is_rotated_at_its_size_while_the_service_runs(env, redis_url, tmp_path):
+    """`persona up --chat` appended each service's output to its log for ever (the soak audit:
+    40 MB a day under load). Now a log is rotated once it reaches a size, here a few lines:
+    none grows much past it, older ones are kept up to a number, and the service writes on
+    into the same file. `persona queue watch`, into a file, writes a line every 0.2 s."""
+    env["PERSONA_REDIS_URL"] = redis_url
+    service = Service("watch", ["queue", "watch", "--interval", "0.2"])
+    cap = 600  # three lines or so
+    supervisor = Supervisor([service], env=env, log_dir=tmp_path / "logs", log_max_bytes=cap, log_backups=2)
+    current, older, oldest = (tmp_path / "logs" / name for name in ("watch.log", "watch.log.1", "watch.log.2"))
+    supervisor.start()
+    try:
+        pid, first_oldest = service.process.pid, None
+        deadline = time.monotonic() + 30
+        # Until the oldest kept has been dropped for a newer one, and the current file has a
+        # line again: the check rotates nothing more once the service is stopped.
+        while first_oldest is None or oldest.stat().st_ino == first_oldest or current.stat().st_size == 0:
+            assert time.monotonic() < deadline, f"not rotated: {sorted(os.listdir(tmp_path / 'logs'))}"
+            assert service.process.poll() is None, current.read_text()
+            supervisor.check()
+            if first_oldest is None and oldest.exists():
+                first_oldest = oldest.stat().st_ino
+            time.sleep(0.05)
+        assert service.process.pid == pid  # one run throughout
+    finally:
+        supervisor.stop()
+    assert sorted(os.listdir(tmp_path / "logs")) == ["watch.log", "watch.log.1", "watch.log.2"]
+    files = [oldest.read_text(), older.read_text(), current.read_text()]
+    lines = [line for text in files for line in text.splitlines(keepends=True)]
+    assert all(WATCH_LINE.fullmatch(line) for line in lines), files  # none cut in two
+    longest = max(map(len, lines))
+    # Each holds what was written until a check found it at the size, and what came before the
+    # next: a line, as a rule (this loop checks every 0.05 s, `persona up` every second).
+    assert all(len(text) < cap + 4 * longest for text in files), [len(text) for text in files]
+    # In order, the oldest in .2: the last line is in watch.log, not in a file renamed away
+    # that the service went on writing into.
+    stamps = [WATCH_LINE.fullmatch(line).group(1) for line in lines]
+    assert stamps == sorted(stamps)
+
+
+def test_a_log_left_by_an_earlier_run_is_rotated_as_the_service_starts(env, tmp_path):
+    """Kept across runs, a log grew by each run's output on top of the last's."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    earlier = "an earlier run's line\n" * 100
+    (logs / "worker-1.log").write_text(earlier)
+    service = Service("worker-1", ["worker"])  # it cannot reach Redis, says so and exits
+    supervisor = Supervisor([service], env=env, log_dir=logs, log_max_bytes=1000, log_backups=1)
+    supervisor.start()
+    try:
+        exited(service)
+    finally:
+        supervisor.stop()
+    assert (logs / "worker-1.log.1").read_text() == earlier
+    this_run = (logs / "worker-1.log").read_text()
+    assert this_run.startswith("error: cannot reach Redis at redis://127.0.0.1:"), this_run
+    assert "earlier run" not in this_run
 
 
 def test_a_data_directory_up_cannot_write_its_lock_in_is_refused_in_words(tmp_path):
