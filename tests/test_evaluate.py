@@ -129,6 +129,29 @@ def test_eval_on_another_corpus_than_the_trained_one_says_so(settings: Settings,
     assert other.trained_on_this_corpus is False and other.as_dict()["trained_on_this_corpus"] is False
 
 
+def test_eval_on_another_corpus_names_the_corpus_file_it_was_trained_on(settings: Settings, tiny_gpt2_dir: Path,
+                                                                         corpus_file: Path, tmp_path: Path):
+    """"measure with the corpus file it was trained on" did not name it, though training knew it. Now
+    the one its checkpoint records, else the persona file's, as long as it still holds that corpus."""
+    persona = PersonaRegistry.from_settings(settings).get(_lora_persona(settings, tiny_gpt2_dir, corpus_file))
+    grown = tmp_path / "grown.jsonl"
+    grown.write_text(corpus_file.read_text() + json.dumps({"text": "Still water shows the moon."}) + "\n")
+
+    def trained_on() -> str | None:
+        report = evaluate_persona(settings, persona, read_corpus(grown), samples=1, sample_tokens=4)
+        assert report.trained_on_this_corpus is False
+        return report.trained_on_corpus
+
+    assert trained_on() == str(corpus_file)
+    record = settings.checkpoints_dir / "quick" / "v1" / "checkpoint.json"
+    made = json.loads(record.read_text())
+    del made["config"]["corpus"]  # as checkpoints made before it was recorded
+    record.write_text(json.dumps(made))
+    assert trained_on() == str(corpus_file)  # the persona file's filters.corpus
+    corpus_file.write_text(grown.read_text())  # rebuilt in place with more writing: it is not that corpus now
+    assert trained_on() is None
+
+
 def test_an_exported_model_is_readable_as_any_folder_you_make(settings: Settings, tiny_gpt2_dir: Path,
                                                               corpus_file: Path, tmp_path: Path):
     """The folder came out 0700 (mkdtemp) and its weights 0600 (safetensors): an Ollama or

@@ -399,7 +399,7 @@ def test_a_second_ctrl_c_says_whether_and_how_the_run_continues(env, tmp_path: P
         assert "before the run saved anything; start it again without --resume" in stopped.stdout
         return
     hint = stopped.stdout.split("continue from the run's last save with `")[1].split("`")[0]
-    assert "measuring it on 1 held-out documents..." in stopped.stdout  # said before the silent minutes
+    assert "measuring the base model on 1 held-out documents..." in stopped.stdout  # said before the silent minutes
     assert "if you will not continue it, delete it with `rm -r " in " ".join(stopped.stdout.split())
     assert shlex.split(hint) == ["persona", "train", "hasty", "--corpus", str(corpus), "--resume"]
     resumed = persona(*shlex.split(hint)[1:], env=env)
@@ -496,6 +496,41 @@ def test_the_time_left_never_runs_past_the_time_budget():
         assert "0:02:25" in [str(column.render(progress.tasks[0])) for column in progress.columns]
 
 
+def test_a_measurement_of_the_held_out_writing_shows_how_far_it_is_and_the_time_left():
+    """Measuring the base model on a thousand held-out fortunes: 6.5 minutes before step 1 without
+    a count or an estimate. Into a pipe, a line every ten seconds; on a terminal, a bar of its own."""
+    clock = [1000.0]
+    out = io.StringIO()  # not a terminal, as a pipe is not
+    with Progress(*RichReporter.columns(), console=Console(file=out, width=200), get_time=lambda: clock[0],
+                  auto_refresh=False) as progress:
+        reporter = RichReporter(progress)
+        reporter.on_measure("measuring the base model on 1000 held-out documents", 4000)
+        for done in range(100, 4001, 100):  # 100 tokens every 2 s: 80 s in all
+            clock[0] += 2
+            reporter.on_measure_advance(done)
+        reporter.on_start(10, 0)
+    lines = out.getvalue().splitlines()
+    assert lines[:3] == ["measuring the base model on 1000 held-out documents...",
+                         "measuring the base model on 1000 held-out documents: 12%, about 1m10s left",
+                         "measuring the base model on 1000 held-out documents: 25%, about 1m00s left"], lines
+    assert "measuring the base model on 1000 held-out documents: done in 1m20s" in lines
+
+    terminal = io.StringIO()
+    with Progress(*RichReporter.columns(), console=Console(file=terminal, width=200, force_terminal=True),
+                  get_time=lambda: clock[0], auto_refresh=False) as progress:
+        reporter = RichReporter(progress)
+        reporter.on_measure("measuring the best weights (step 4) on all 1000 held-out documents", 4000)
+        for done in (500, 1000):
+            clock[0] += 5
+            reporter.on_measure_advance(done)
+        shown = [str(column.render(progress.tasks[0])) for column in progress.columns]
+        assert shown[0] == "measuring the best weights (step 4) on all 1000 held-out documents"
+        assert shown[2:] == ["25%", "0:00:30"]
+        reporter.on_measure_advance(4000)
+        assert progress.tasks == []  # the bar gives way to the line saying how long it took
+    assert "measuring the best weights (step 4) on all 1000 held-out documents: done in 10s" in terminal.getvalue()
+
+
 def test_a_run_stopped_by_its_time_budget_ends_with_a_full_bar_saying_why():
     """A `--max-minutes 2` run's bar ended at `16/35`, as if it had broken off."""
     out = io.StringIO()
@@ -590,6 +625,28 @@ def test_a_run_stopped_by_its_time_budget_says_how_far_it_got_of_its_plan(env, t
     ran = re.search(r"time-limit after (\d+) of 100000 planned steps; best at step (\d+); held-out perplexity",
                     trained.stdout)
     assert ran and int(ran[2]) <= int(ran[1]) < 100000, trained.stdout[-2000:]
+
+
+def test_train_says_how_far_its_measurements_are_and_where_to_ask_its_persona(env, tmp_path: Path,
+                                                                             tiny_gpt2_dir: Path):
+    """On a thousand held-out fortunes, `persona train` sat silent 6.5 minutes measuring the base model
+    and 5 more measuring the best weights; and it ended with "try `persona ask ...`", which fails
+    unless the service runs."""
+    corpus = tmp_path / "c.jsonl"
+    sayings = [entry.strip().split("\n")[0] for entry in SAYINGS.split("%") if entry.strip()]
+    rows = [{"text": text, "split": "train"} for text in sayings]
+    rows += [{"text": f"{text} ({n})", "split": "validation"} for n in range(30) for text in sayings]  # past eval_tokens
+    corpus.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    trained = persona("train", "measured", "--corpus", str(corpus), "--base", str(tiny_gpt2_dir), "--steps", "1",
+                      "--batch-size", "2", env=env)
+    assert trained.returncode == 0, trained.stderr
+    lines = trained.stdout.splitlines()
+    assert lines.index("measuring the base model on 300 held-out documents...") < \
+        next(i for i, line in enumerate(lines) if line.startswith("[1 | "))
+    assert "measuring the best weights (step 1) on all 300 held-out documents..." in lines
+    assert len([line for line in lines if re.fullmatch(r"measuring .* held-out documents: done in \d+s", line)]) == 2
+    assert "with `persona up` running (start it if it is not), try `persona ask measured hello`" in \
+        " ".join(trained.stdout.split())
 
 
 def test_train_shows_the_run_not_the_libraries_chatter(env, tmp_path: Path, tiny_gpt2_dir: Path):
@@ -738,6 +795,27 @@ def test_eval_of_a_persona_without_a_checkpoint_says_it_measured_the_base(env, s
     assert "of the base model: plain has no fine-tuned checkpoint to compare" in said and "→" not in said
 
 
+def test_eval_names_the_corpus_to_measure_with_and_says_what_no_copy_means(env, settings: Settings, tmp_path: Path,
+                                                                            tiny_gpt2_dir: Path):
+    """Given another corpus, eval said "measure with the corpus file it was trained on" without naming
+    it; and "(longest run 0 words)" of samples that shared four-word runs with the corpus."""
+    from training.runs import train_persona
+    from training.trainer import TrainConfig
+
+    corpus = tmp_path / "c.jsonl"
+    sayings = [entry.strip().split("\n")[0] for entry in SAYINGS.split("%") if entry.strip()]
+    corpus.write_text("".join(json.dumps({"text": text}) + "\n" for text in sayings))
+    train_persona(settings, "essayist", corpus, TrainConfig(base=str(tiny_gpt2_dir), steps=1, batch_size=4, samples=0))
+    grown = tmp_path / "grown.jsonl"
+    grown.write_text(corpus.read_text() + json.dumps({"text": "Every lamp runs out of oil."}) + "\n")
+    evaluated = persona("eval", "essayist", "--corpus", str(grown), "--samples", "2", env=env)
+    assert evaluated.returncode == 0, evaluated.stderr
+    warned = " ".join(evaluated.stderr.split())
+    assert f"measure with the corpus file it was trained on, {corpus}: `persona eval essayist --corpus {corpus}`" in warned
+    assert "copied 8+ words or a whole entry verbatim: 0% of 2 samples (no run of 8 or more words in common with " \
+           "the corpus)" in " ".join(evaluated.stdout.split())
+
+
 def test_eval_says_what_it_is_doing_on_stderr_and_prints_only_json_on_stdout(env, settings: Settings,
                                                                              tmp_path: Path, tiny_gpt2_dir: Path):
     """`persona eval` on the bundled model took a minute with nothing said between the model
@@ -806,6 +884,10 @@ def test_help_names_the_arguments_and_says_each_option_whole(env):
     narrow = env | {"COLUMNS": "80"}
     usage = persona("train", "--help", env=narrow).stdout
     assert "persona train [OPTIONS] NAME" in usage and "{name}" not in usage and "{NAME}" not in usage
+    # The measurements at the start and the end took minutes each, outside --max-minutes, unsaid.
+    assert "On top come loading the model, the first measurement of the base model on every held-out document, " \
+           "the step in hand, and the final measurement of the best weights on every held-out document" in \
+           " ".join(usage.replace("│", " ").split())
     build = persona("corpus", "build", "--help", env=narrow).stdout
     assert "…" not in build and "tweets or fortune" in " ".join(build.replace("│", " ").split())
 

@@ -21,7 +21,7 @@ from typing import Protocol
 
 import torch
 
-from persona.checkpoints import read_checkpoint
+from persona.checkpoints import CheckpointInfo, read_checkpoint
 from persona.errors import CorpusError, ModelError
 from persona.models import LoadedModel, load_model, pick_device
 from persona.originality import CopyIndex, copied_fraction, distinct_n
@@ -29,7 +29,7 @@ from persona.personas import Persona
 from persona.pool import BASE_VERSION, resolve_checkpoint
 from persona.settings import Settings
 from training.batching import encode_documents, evaluate_loss, perplexity
-from training.corpus import Corpus
+from training.corpus import Corpus, read_corpus
 from training.trainer import max_positions, sample_texts
 
 __all__ = ["EvalProgress", "EvalReport", "evaluate_persona", "held_out_loss"]
@@ -77,6 +77,11 @@ class EvalReport:
     threads: int  # torch's CPU threads, which ``seconds`` depends on
     # Whether the corpus is the one the checkpoint was trained on (None: not known, or the base).
     trained_on_this_corpus: bool | None = None
+    # When it is not: the corpus file it was trained on, where its checkpoint or persona file names
+    # one that still holds that corpus (None: none does).
+    trained_on_corpus: str | None = None
+    # The run of words a sample must share with the corpus to count as copied (or a short entry whole).
+    copy_words: int = 8
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -107,12 +112,29 @@ def held_out_loss(loaded: LoadedModel, corpus: Corpus, max_tokens: int = 256, *,
     return evaluate_loss(loaded.model, examples, pad_id, loaded.device, on_batch=progress.on_advance)
 
 
-def _training_fingerprint(checkpoint: Path) -> str | None:
-    """The fingerprint of the corpus a checkpoint was trained on, if its metadata says."""
+def _training_record(checkpoint: Path) -> CheckpointInfo | None:
+    """How a checkpoint was made, if its metadata says."""
     try:
-        return read_checkpoint(checkpoint).corpus_fingerprint or None
+        return read_checkpoint(checkpoint)
     except ModelError:  # a folder named by path, made elsewhere
         return None
+
+
+def _training_corpus(record: CheckpointInfo, persona: Persona) -> str | None:
+    """The corpus file a checkpoint was trained on, where one named for it still holds that
+    corpus: the one its run recorded, else the persona file's ``filters.corpus`` (the corpus a
+    persona's first run was trained on). "Measure with the corpus it was trained on" named none."""
+    named = [record.config.get("corpus"), persona.filters.corpus]
+    for name in dict.fromkeys(n for n in named if n):
+        path = Path(name).expanduser()
+        if not path.is_absolute() and persona.source is not None:  # as the persona file reads it
+            path = persona.source.parent / path
+        try:
+            if path.is_file() and read_corpus(path).fingerprint == record.corpus_fingerprint:
+                return str(path)
+        except (CorpusError, OSError):  # rebuilt into something unreadable since: not it
+            continue
+    return None
 
 
 def _load(settings: Settings, persona: Persona, checkpoint: Path | None, label: str, device: str,
@@ -144,7 +166,8 @@ def evaluate_persona(
     started = time.perf_counter()
     device = pick_device(device or settings.worker.device)
     version_name, checkpoint = resolve_checkpoint(persona, settings, version)
-    trained_on = _training_fingerprint(checkpoint) if checkpoint is not None else None
+    record = _training_record(checkpoint) if checkpoint is not None else None
+    trained_on = (record.corpus_fingerprint or None) if record is not None else None
     progress = progress or _Quiet()
     documents = f"{len(corpus.validation)} held-out documents"
     # As long as the persona's posts may be, at most ``sample_tokens``: a sample of each.
@@ -173,6 +196,7 @@ def evaluate_persona(
         base = _load(settings, persona, None, f"the base model {persona.model.base}", device, progress)
         base_loss = measure(base, "the base model")
     index = CopyIndex(corpus.documents, n=copy_words)
+    same_corpus = None if trained_on is None else trained_on == corpus.fingerprint
     return EvalReport(
         persona=persona.name,
         version=version_name if checkpoint is not None else BASE_VERSION,
@@ -189,5 +213,7 @@ def evaluate_persona(
         samples=texts,
         seconds=time.perf_counter() - started,
         threads=torch.get_num_threads(),
-        trained_on_this_corpus=None if trained_on is None else trained_on == corpus.fingerprint,
+        trained_on_this_corpus=same_corpus,
+        trained_on_corpus=_training_corpus(record, persona) if same_corpus is False and record else None,
+        copy_words=copy_words,
     )

@@ -313,8 +313,9 @@ def _train_and_register(settings: Settings, name: str, corpus_path: Path, corpus
                    record=None if resume else record, sampling=sampling)
     if result.status == "interrupted":
         return TrainedPersona(result, None, None, False)
+    # The corpus file beside the config that made it: `persona eval` on another corpus names it.
     info = CheckpointInfo(persona=name, version="pending", base=config.base, kind=config.kind,
-                          corpus_fingerprint=corpus.fingerprint, config=config.model_dump(),
+                          corpus_fingerprint=corpus.fingerprint, config={**config.model_dump(), "corpus": str(corpus_path)},
                           metrics={k: v for k, v in result.metrics.items()})
     staging = settings.checkpoints_dir / name / f".staging-{os.getpid()}"
     staging.parent.mkdir(parents=True, exist_ok=True)

@@ -16,12 +16,14 @@ Beside it: the settings of a run (``train_config.py``), the state saved for ``re
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import random
 import resource
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -43,7 +45,7 @@ from training.run_folder import PROGRESS_FILE, STATE_FILE
 from training.run_state import RunState, SavedState, remove_leftovers, write_record
 from training.sampling import max_positions, sample_texts
 from training.schedule import eval_sample, lr_factor
-from training.stopping import Reporting, stop_between_steps
+from training.stopping import Reporting, StopRequest, stop_between_steps
 from training.train_config import DEFAULT_EPOCHS, TrainConfig
 from training.weights import load_weights, save_weights
 
@@ -71,6 +73,11 @@ class Reporter(Protocol):
     def on_samples(self, step: int, texts: list[str]) -> None: ...
     # Before the best weights are measured on every held-out document (evaluations used a sample).
     def on_full_eval(self, best_step: int, documents: int) -> None: ...
+    # A measurement of every held-out document starts (the base model's before the first step, the
+    # best weights' after the last; minutes each on a CPU for a thousand): ``stage`` says which, and
+    # ``on_measure_advance`` how many of its ``total_tokens`` are done. Optional, as on_time_budget.
+    def on_measure(self, stage: str, total_tokens: int) -> None: ...
+    def on_measure_advance(self, done_tokens: int) -> None: ...
     # With a time limit, at the start: the training time (``on_step``'s ``elapsed_s``, which counts
     # the run's earlier sessions) at which it stops. Optional: reporters written before it lack it.
     def on_time_budget(self, until_s: float) -> None: ...
@@ -105,8 +112,10 @@ class LogReporter:
         log.info("training until %.0f s of training time", until_s)
 
     def on_full_eval(self, best_step: int, documents: int) -> None:
-        log.info("the evaluations used a sample of the held-out writing; measuring the best weights "
-                 "(step %d) on all %d held-out documents", best_step, documents)
+        log.info("the evaluations used a sample of the held-out writing; the final figure measures all of it")
+
+    def on_measure(self, stage: str, total_tokens: int) -> None:
+        log.info("%s (%d tokens)", stage, total_tokens)
 
 
 @dataclass
@@ -206,13 +215,25 @@ class _Run:
         """The saved state, to continue from (``SavedState.load``)."""
         self.state = self.saved.load(self.model, self.optimizer, self.config.kind)
 
-    def evaluate(self, examples: list[Example] | None = None) -> float:
-        """Mean loss per token on ``examples`` (default: the in-run sample); NaN with none."""
+    def evaluate(self, examples: list[Example] | None = None, on_batch: Callable[[int], None] | None = None) -> float:
+        """Mean loss per token on ``examples`` (default: the in-run sample); NaN with none.
+        ``on_batch``: told how many examples are done after each batch (``evaluate_loss``)."""
         examples = self.eval_examples if examples is None else examples
         if not examples:
             return math.nan
         with self._autocast():
-            return evaluate_loss(self.model, examples, self.pad_id, self.device, self.config.batch_size)
+            return evaluate_loss(self.model, examples, self.pad_id, self.device, self.config.batch_size,
+                                 on_batch=on_batch)
+
+    def measure_held_out(self, report: Reporting, stage: str) -> float:
+        """Mean loss per token on every held-out example, its progress reported in tokens measured."""
+        if not self.val_examples:
+            return math.nan
+        # evaluate_loss measures the shortest examples first and counts the examples done; in tokens
+        # the pace holds, so the time left shown is not that of the short ones.
+        done_tokens = list(itertools.accumulate(sorted(map(len, self.val_examples)), initial=0))
+        report("on_measure", stage, done_tokens[-1])
+        return self.evaluate(self.val_examples, on_batch=lambda done: report("on_measure_advance", done_tokens[done]))
 
     def _autocast(self):
         # bf16 on a GPU that has it; the CPU trains in fp32 (its bf16 is slower here).
@@ -267,6 +288,7 @@ def train(
     """
     run = _Run(config, corpus, base_dir, run_dir)
     run.sampling = sampling or Sampling()
+    reporter = reporter or LogReporter()
     best_dir = run_dir / BEST_DIR
     if resume:
         run.load_state()
@@ -276,7 +298,11 @@ def train(
         (run_dir / PROGRESS_FILE).unlink(missing_ok=True)
         if record is not None:
             write_record(run_dir, record)
-        run.state.base_val_loss = run.evaluate(run.val_examples)
+        # Before the run's signals are set (Ctrl-C here stops at once: nothing is saved yet to lose). Its
+        # output failing asks a stop nobody reads: the run's own reporting finds the failure at its first line.
+        before_run = Reporting(reporter, StopRequest(run.saved))
+        run.state.base_val_loss = run.measure_held_out(
+            before_run, f"measuring the base model on {len(corpus.validation)} held-out documents")
         run.state.run_minutes = config.max_minutes
     remove_leftovers(run_dir, keep={run.saved.linked})  # a crash mid-save left a partial state as big as a whole one
     state = run.state
@@ -286,7 +312,7 @@ def train(
     started = time.perf_counter() - state.elapsed_s
     session_tokens, session_started = state.tokens, time.perf_counter()
     with stop_between_steps(run.saved) as stop:
-        report = Reporting(reporter or LogReporter(), stop)
+        report = Reporting(reporter, stop)
         report("on_start", run.total_steps, state.step)
         if run.budget is not None:
             report("on_time_budget", run.budget[1])
@@ -354,7 +380,8 @@ def _measure_best_on_all(run: _Run, report: Reporting, best_dir: Path, documents
     report("on_full_eval", run.state.best_step, documents)
     if run.state.best_step != run.state.step:  # the weights in hand are later ones
         load_weights(run.model, run.config.kind, best_dir)
-    return run.evaluate(run.val_examples)
+    return run.measure_held_out(report, f"measuring the best weights (step {run.state.best_step}) on all "
+                                        f"{documents} held-out documents")
 
 
 def _eval_due(run: _Run) -> bool:

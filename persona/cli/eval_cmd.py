@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,6 +26,7 @@ from persona.contract import MAX_SEED
 if TYPE_CHECKING:
     from persona.personas import Persona
     from persona.settings import Settings
+    from training.evaluate import EvalReport
 
 __all__ = ["eval_", "register"]
 
@@ -73,7 +75,7 @@ def eval_(
         err_console.print(
             f"[yellow]warning:[/yellow] {escape(str(corpus))} is not the corpus {escape(report.version)} was "
             "trained on, so some of its held-out documents may have been trained on and the persona's "
-            "perplexity may look better than it is; measure with the corpus file it was trained on",
+            f"perplexity may look better than it is; {escape(_measure_with(name, checkpoint, report))}",
             highlight=False)
     if json_output:
         print(report.as_json())
@@ -89,11 +91,29 @@ def eval_(
                       f"checkpoint to compare (train one with `persona train {escape(name)} --corpus FILE`)")
     else:
         console.print(f"perplexity: base {report.base_perplexity:.2f} → persona {report.perplexity:.2f}")
-    console.print(f"copied 8+ words or a whole entry verbatim: {report.copied_fraction:.0%} of {samples} samples "
-                  f"(longest run {report.longest_copied_run} words)")
+    console.print(f"copied {report.copy_words}+ words or a whole entry verbatim: {report.copied_fraction:.0%} of "
+                  f"{len(report.samples)} samples ({_longest_run(report)})")
     console.print(f"distinct-1 {report.distinct_1:.2f}, distinct-2 {report.distinct_2:.2f}")
     console.print(f"[dim]{SAMPLES_ARE_POSTS}[/dim]", highlight=False)
     print_samples(console, report.samples[:5])
+
+
+def _measure_with(name: str, checkpoint: str | None, report: EvalReport) -> str:
+    """How to measure with the corpus the checkpoint was trained on: its file, where one is known."""
+    if report.trained_on_corpus is None:
+        return ("measure with the corpus file it was trained on (neither its checkpoint nor the persona file "
+                "names one that still holds it)")
+    chosen = ["--checkpoint", checkpoint] if checkpoint else []
+    command = shlex.join(["persona", "eval", name, *chosen, "--corpus", report.trained_on_corpus])
+    return f"measure with the corpus file it was trained on, {report.trained_on_corpus}: `{command}`"
+
+
+def _longest_run(report: EvalReport) -> str:
+    """The longest copy in words, or that there is none: runs shorter than ``copy_words`` are not
+    looked for, and "longest run 0 words" read as no words in common where samples shared runs of four."""
+    if report.longest_copied_run == 0:
+        return f"no run of {report.copy_words} or more words in common with the corpus"
+    return f"longest copied run {report.longest_copied_run} words"
 
 
 def _refuse_unfit_checkpoint(settings: Settings, persona: Persona, version: str | None) -> None:

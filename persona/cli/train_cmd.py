@@ -61,7 +61,7 @@ def train(
     lora: bool = typer.Option(True, "--lora/--full", help="train a LoRA adapter (default) or all weights"),
     steps: int = typer.Option(None, min=1, help="optimiser steps to run"),
     epochs: float = typer.Option(None, min=0.01, help="passes over the corpus (default 5)"),
-    max_minutes: float = typer.Option(None, min=0.01, help="stop after this many minutes of training (the learning rate decays to fit; the step in hand and the final evaluation of the best weights come on top); with --resume, the minutes of this session"),
+    max_minutes: float = typer.Option(None, min=0.01, help="stop after this many minutes of training (the learning rate decays to fit). On top come loading the model, the first measurement of the base model on every held-out document, the step in hand, and the final measurement of the best weights on every held-out document: each of those two takes minutes on a CPU for a thousand documents. With --resume, the minutes of this session"),
     batch_size: int = typer.Option(8, min=1, help="documents per step"),
     learning_rate: float = typer.Option(None, min=0.0, help="peak rate (default 2e-4 LoRA, 5e-5 full)"),
     eval_every: int = typer.Option(None, min=1, help="steps between validations (default ~10 per run)"),
@@ -142,12 +142,12 @@ def train(
         if not data.validation:
             warn_nothing_held_out(f"{escape(str(corpus))} holds no held-out documents (too few documents to "
                                    "spare one)")
-        # Loading, and measuring the base on a thousand held-out documents, takes minutes on a
-        # CPU: said, so a silent terminal does not look stuck.
+        # Loading takes a while: said, so a silent terminal does not look stuck. Measuring the base
+        # on a thousand held-out documents (minutes on a CPU) then shows its own bar (RichReporter).
         if resume:
             console.print("loading the model and the run's saved state...")
-        elif data.validation:
-            console.print(f"loading the base model and measuring it on {len(data.validation)} held-out documents...")
+        else:
+            console.print("loading the base model...")
         progress.start()
 
     # Started by ready(): a refusal before it left an empty line where the bar would have been.
@@ -192,8 +192,9 @@ def train(
                               highlight=False)
     console.print(f"registered [bold]{name} {info.version}[/bold] at {escape(str(info.path))}")
     if done.persona_file_created:
-        console.print(f"persona file {escape(str(done.persona_file))} now uses {info.version}; "
-                      f"try `persona ask {name} hello`")
+        # `persona ask` needs the service: without it, the hint failed with "no Redis is running".
+        console.print(f"persona file {escape(str(done.persona_file))} now uses {info.version}; with `persona up` "
+                      f"running (start it if it is not), try `persona ask {name} hello`")
     else:  # what the persona serves changes only by a swap (training/runs.py says why)
         console.print(f"it is not served yet: `persona swap {name} {info.version}` serves it "
                       f"(and `persona rollback {name}` returns to what is served now)")
