@@ -14,8 +14,9 @@ from pathlib import Path
 from training.cleaning import normalize_text
 from training.corpus import read_corpus
 from training.fortune import read_fortune
+from training.html_text import html_to_text
 from training.markdown import read_markdown, strip_markdown
-from training.sources import ReadOptions
+from training.sources import ReadOptions, read_text
 from training.tweets import read_tweets
 
 OPTIONS = ReadOptions()
@@ -79,7 +80,59 @@ def test_posts_in_jekylls_drafts_folder_are_left_out_and_said_to_be_drafts(tmp_p
     assert "left out 6 drafts" in many.stderr and "Idea number" not in (tmp_path / "corpus.jsonl").read_text()
 
 
+def test_many_drafts_in_a_drafts_folder_are_summed_up_as_drafts_by_place(tmp_path: Path):
+    """Past five, the line said "6 drafts, whose front matter sets nothing (it is in _drafts/) ...; to read one,
+    set nothing (move a post in _drafts/ to _posts/) in its front matter": a folder's drafts are drafts by place."""
+    site = tmp_path / "jekyll"
+    _post(site / "_posts", "2022-01-15-hello.md", "title: Hello", "A published post about the sea.")
+    _post(site / "_posts", "2022-01-20-wind.md", "title: Wind", "A published post about the wind.")
+    for n in range(6):
+        _post(site / "_drafts", f"idea-{n}.md", "title: idea", f"Idea number {n}.")
+    result = _persona_cli(str(site), "-o", str(tmp_path / "corpus.jsonl"))
+    assert result.returncode == 0, result.stderr
+    folder = site / "_drafts"
+    assert " ".join(result.stderr.split()) == (
+        f"left out 6 drafts, in a _drafts/ folder, whose posts Jekyll does not publish: {folder / 'idea-0.md'}, "
+        f"{folder / 'idea-1.md'}, {folder / 'idea-2.md'} and 3 more; to read one, move it from _drafts/ to _posts/")
+    _post(site / "_posts", "2022-02-01-soon.md", "title: Soon\npublished: false", "Not yet.")
+    mixed = _persona_cli(str(site), "-o", str(tmp_path / "corpus.jsonl"))
+    assert mixed.returncode == 0, mixed.stderr
+    assert " ".join(mixed.stderr.split()) == (
+        f"left out 7 drafts, 1 whose front matter sets published to false and 6 in a _drafts/ folder, whose posts "
+        f"Jekyll does not publish: {folder / 'idea-0.md'}, {folder / 'idea-1.md'}, {folder / 'idea-2.md'} and 4 more; "
+        "to read one, set published to true in its front matter, or move it from _drafts/ to _posts/")
+
+
+# --- Line ends --------------------------------------------------------------------------
+
+
+def test_old_mac_line_ends_part_documents_as_other_line_ends_do(tmp_path: Path):
+    """A file saved with a lone CR at each line's end (classic Mac OS, some exports) was one document: its
+    blank lines, its front matter's fences and its "%" lines were not found."""
+    notes = tmp_path / "notes.txt"
+    notes.write_bytes(b"First post, old Mac.\rSecond line.\r\rSecond post.\r")
+    assert texts(read_text(notes, OPTIONS)) == ["First post, old Mac.\nSecond line.", "Second post."]
+    post = tmp_path / "post.md"
+    post.write_bytes(b"---\rtitle: Rain\r---\rOne paragraph.\r\rAnother.\r")
+    assert texts(read_markdown(post, OPTIONS)) == ["One paragraph.\n\nAnother."]
+    draft = tmp_path / "draft.md"
+    draft.write_bytes(b"+++\rdraft = true\r+++\rNot yet.\r")
+    assert read_markdown(draft, OPTIONS) == [] and read_markdown(draft, OPTIONS).left_out
+    wisdom = tmp_path / "wisdom.fortune"
+    wisdom.write_bytes(b"One saying.\r\t\t-- Hegel\r%\rAnother saying.\r%\r")
+    assert texts(read_fortune(wisdom, OPTIONS)) == ["One saying.", "Another saying."]
+
+
 # --- Markup -----------------------------------------------------------------------------
+
+
+def test_markdown_s_inline_html_and_an_html_page_part_words_at_the_same_tags():
+    """The two kept lists of tags apart: an HTML page glued "Centred.After." where Markdown parted them."""
+    for fragment in ("<center>Centred.</center>After.", "<p>One.</p><hr><p>Two.</p>", "Line one<br><br>Line two",
+                     "<figure><img src=x><figcaption>A caption.</figcaption></figure>After.",
+                     "<ul><li>a</li><li>b</li></ul>", "<dl><dt>Term</dt><dd>Meaning</dd></dl>"):
+        assert normalize_text(strip_markdown(fragment)) == html_to_text(fragment), fragment
+    assert html_to_text("<center>Centred.</center>After.") == "Centred.\n\nAfter."
 
 
 def test_html_line_and_block_tags_keep_the_words_either_side_apart():
@@ -256,6 +309,17 @@ def test_cli_builds_fortunes_without_signatures_and_says_so(tmp_path: Path):
     assert f"{path}: 2 attribution(s) removed" in result.stderr and "skipped" not in result.stderr
     assert not any("Hegel" in document or "Twain" in document
                    for document in read_corpus(tmp_path / "corpus.jsonl").documents)
+
+
+def test_attributions_removed_from_many_fortune_files_are_said_in_one_line(tmp_path: Path):
+    """Debian's fortunes folder printed a line per file, forty of them: "FILE: N attribution(s) removed ..."."""
+    for name in ("wisdom", "people", "science"):
+        (tmp_path / "fortunes" / name).parent.mkdir(exist_ok=True)
+        (tmp_path / "fortunes" / name).write_text(FORTUNES.replace("nothing", f"nothing of {name}"))
+    result = _persona_cli(str(tmp_path / "fortunes"), "-o", str(tmp_path / "corpus.jsonl"))
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines() == [("6 attribution(s) removed from 3 fortune files (\"-- Hegel\" ...), so that "
+                                           "the persona does not sign its posts with other people's names")]
 
 
 def test_markdown_with_many_unclosed_liquid_struck_or_escaped_openers_is_read_in_time():

@@ -96,6 +96,58 @@ def test_an_x_export_s_deleted_posts_and_other_records_are_passed_over_each_for_
     assert sorted(result.passed_over["export records"]) == [data / "direct-messages.js", data / "like.js"]
 
 
+def test_deleted_tweets_named_are_refused_saying_why_and_how_to_read_them_all_the_same(tmp_path: Path):
+    """Named, deleted-tweets.js was read as plain text: its raw JSON, of posts the author deleted, was the corpus."""
+    tweet = {"tweet": {"id_str": "1", "full_text": "A post I took back.", "created_at": "Wed May 01 10:00:00 +0000 2024"}}
+    deleted = _write(tmp_path / "data", {"deleted-tweets.js": "window.YTD.deleted_tweets.part0 = " + json.dumps([tweet])})
+    deleted /= "deleted-tweets.js"
+    result = build_corpus([deleted])
+    assert result.corpus.documents == []
+    [refused] = result.problems
+    assert refused.whole_file and refused.reason == (
+        "posts the author deleted (the X export keeps them apart), left out on purpose: a persona should not post "
+        "again what its author took back. To train on them all the same, read them as an archive of their own: "
+        f"`mkdir deleted && cp {deleted} deleted/tweets.js`, then name deleted/tweets.js")
+    copy = _write(tmp_path / "deleted", {"tweets.js": deleted.read_text()}) / "tweets.js"
+    assert build_corpus([copy]).corpus.documents == ["A post I took back."]  # as the refusal says
+
+
+def test_a_ghost_export_s_drafts_are_left_out_and_counted(tmp_path: Path):
+    """A Ghost export's drafts ("status": "draft") were trained on, as published posts are."""
+    export = tmp_path / "ghost.json"
+    export.write_text(json.dumps({"db": [{"data": {"posts": [
+        {"plaintext": "A published post.", "status": "published", "type": "post"},
+        {"plaintext": "An unfinished thought.", "status": "draft", "type": "post"},
+        {"plaintext": "About me, a page.", "status": "published", "type": "page"},
+        {"plaintext": "Coming on Monday.", "status": "scheduled", "type": "post"},
+    ]}}]}, indent=1))
+    documents = read_jsonl(export, ReadOptions(field="plaintext"))
+    assert [d.text for d in documents] == ["A published post.", "About me, a page.", "Coming on Monday."]
+    [said] = documents.left_out
+    assert not said.whole_file and said.reason == (
+        '1 draft(s) left out, records whose "status" is "draft" (line(s) 11): not published, so not the author\'s '
+        'to post; publish them (or set their status to "published" in the file) to read them')
+
+
+def test_a_mastodon_outbox_s_replies_to_others_are_left_out_but_its_threads_kept(tmp_path: Path):
+    """Replies to other people in an outbox ("inReplyTo" another's post) were kept, their "@bob" and all."""
+    me = "https://m.example/users/me"
+    outbox = tmp_path / "outbox.json"
+    outbox.write_text(json.dumps({"orderedItems": [
+        {"type": "Create", "actor": me, "object": {"attributedTo": me, "inReplyTo": None, "content": "<p>A toot.</p>"}},
+        {"type": "Create", "actor": me, "object": {"attributedTo": me, "inReplyTo": "https://o.example/users/bob/1",
+                                                   "content": "<p>@bob sure</p>"}},
+        {"type": "Create", "actor": me, "object": {"attributedTo": me, "inReplyTo": f"{me}/statuses/1",
+                                                   "content": "<p>My thread, part two.</p>"}},
+    ]}))
+    documents = read_jsonl(outbox, ReadOptions(field="object.content"))
+    assert [d.text for d in documents] == ["A toot.", "My thread, part two."]
+    assert any(said.reason.startswith("1 reply(ies) to other people's posts left out") and "--keep-replies" in said.reason
+               for said in documents.left_out)
+    kept = read_jsonl(outbox, ReadOptions(field="object.content", keep_replies=True))
+    assert [d.text for d in kept] == ["A toot.", "@bob sure", "My thread, part two."]
+
+
 def test_html_reads_as_its_text_with_its_paragraphs_and_lines():
     page = ("<html><head><title>Blog</title><style>p {}</style></head><body><nav>Home | About</nav>"
             "<article><h1>Rain</h1><p>The rain fell soft<br>upon the town<br/>and no one woke.</p>"
@@ -173,7 +225,7 @@ def test_a_corpus_not_written_by_corpus_build_is_said_to_be_uncleaned(tmp_path: 
     assert warning == (f"{hand} was not written by `persona corpus build` (not every line is a text and its split), "
                        "so it was not cleaned: HTML, links, duplicates and empty lines are trained on as they are; "
                        f"1 of its 2 documents hold HTML tags. To clean it: `persona corpus build {hand} -o "
-                       f"{tmp_path / 'raw-clean.jsonl'}`, then train on that")
+                       f"{tmp_path / 'raw-clean.jsonl'}`, then use that one")
     caplog.clear()
     built = tmp_path / "built.jsonl"
     write_corpus(build_corpus([hand]).corpus, built)

@@ -8,10 +8,8 @@ the same split when it is read, and a warning that it was not cleaned. A corpus 
 long document (a book in one file) has no document to spare: its last tenth, cut at a
 paragraph, line, sentence or word break, becomes a held-out document of its own.
 
-A folder named is read but for what is no writing of the author's (``OWNED_FOLDERS``: a site's
-theme, its built pages, its packages; a project's README and LICENSE; an X export's deleted posts
-and other records; documents in formats not read here), each passed over said by kind
-(``PASSED_OVER``) in the ``BuildResult``; named itself, such a folder or file is read.
+Which files of the sources named are read, and what the folders named hold that is not, is
+``scanning.py``'s to say; ``BuildResult`` carries it.
 """
 
 from __future__ import annotations
@@ -20,7 +18,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shlex
 import shutil
 from collections import Counter
@@ -41,25 +38,21 @@ from training.html_text import looks_like_html, read_html
 from training.json_records import read_jsonl
 from training.markdown import read_markdown
 from training.pdf import read_pdf
+from training.scanning import scan_sources
 from training.sources import (
-    DOCUMENT_SUFFIXES,
     FORMATS,
     Documents,
     RawDocument,
     ReadOptions,
     SourceProblem,
     detect_format,
-    is_note_tweets,
-    is_tweet_archive,
     json_lines,
     read_csv,
     read_text,
 )
-from training.tweets import read_tweets, tweet_archive_members
+from training.tweets import read_tweets
 
 __all__ = [
-    "OWNED_FOLDERS",
-    "PASSED_OVER",
     "VALIDATION_FRACTION",
     "BuildResult",
     "Corpus",
@@ -69,7 +62,6 @@ __all__ = [
     "check_trainable",
     "is_built_corpus",
     "read_corpus",
-    "source_files",
     "write_corpus",
 ]
 
@@ -91,8 +83,6 @@ READERS: dict[str, Reader] = {
     "fortune": read_fortune,
     "html": read_html,
 }
-_KNOWN_SUFFIXES = {".md", ".markdown", ".txt", ".csv", ".tsv", ".jsonl", ".ndjson", ".pdf", ".js", ".json",
-                   ".fortune", ".fortunes", ".u8", ""}
 
 
 @dataclass
@@ -122,7 +112,7 @@ class BuildResult:
     by_format: Counter[str] = field(default_factory=Counter)
     tail_held_out: bool = False  # the one document's end was held out
     left_out: list[Path] = field(default_factory=list)  # files in the folders named of no kind read here
-    # Folders and files in the folders named that are no writing of the author's, by why (``PASSED_OVER``).
+    # Folders and files in the folders named that are no writing of the author's, by why (``scanning.PASSED_OVER``).
     passed_over: dict[str, list[Path]] = field(default_factory=dict)
     read_in: Counter[Path] = field(default_factory=Counter)  # files read from each folder, in the folders named
 
@@ -163,132 +153,6 @@ def _fingerprint(rows: Iterable[tuple[str, str]]) -> str:
     return digest.hexdigest()[:16]
 
 
-def _looks_readable(path: Path) -> bool:
-    """Whether a file found in a folder is writing: a known format, not any .json lying about."""
-    suffix = path.suffix.lower()
-    if suffix in (".js", ".json"):
-        return detect_format(path) == "tweets"
-    if suffix == ".zip":  # an X export as downloaded; any other zip is no writing
-        return bool(tweet_archive_members(path))
-    return suffix in _KNOWN_SUFFIXES
-
-
-def _is_fortune_index(path: Path) -> bool:
-    """Whether a file is the index ``strfile`` made for the fortune file beside it (``NAME.dat``)."""
-    return path.suffix.lower() == ".dat" and path.with_suffix("").is_file()
-
-
-# Folders in a folder named that hold no writing of the author's: what a site generator makes, copies or
-# builds from (Hugo, Jekyll, Eleventy, Gatsby, WordPress), themes and their example posts, and packages.
-# Named as a source itself, one is read. Hidden folders (.git, .cache) are passed over too.
-OWNED_FOLDERS = frozenset({
-    "themes", "exampleSite", "archetypes", "layouts", "static", "assets", "resources", "i18n", "public",
-    "_site", "_layouts", "_includes", "_sass", "_data", "_plugins", "wp-admin", "wp-includes", "plugins",
-    "node_modules", "bower_components", "jspm_packages", "vendor", "site-packages", "__pycache__", "venv",
-})
-# A project's files, not posts: "README.md", "README-fr.md", "LICENSE.txt", "CHANGELOG"; the upper-case ones only
-# so written ("AUTHORS", not an author's "authors.md").
-_PROJECT_FILE = re.compile(r"(?:(?i:readme|licen[cs]e|copying|changelog|contributing|code[-_]of[-_]conduct)"
-                           r"|AUTHORS|CONTRIBUTORS|NOTICE|SECURITY|CHANGES|HISTORY|NEWS)"
-                           r"(?:[-_](?:[a-z]{2}(?:[-_][A-Za-z]{2})?|[A-Z0-9][A-Z0-9-]*))?")  # README-fr, LICENSE-MIT
-_SITE_FILES = frozenset({"robots.txt", "humans.txt", "ads.txt", "app-ads.txt", "security.txt", "llms.txt",
-                         "cname", "_redirects", "_headers", "gemfile", "rakefile", "makefile", "dockerfile",
-                         "procfile", "brewfile", "pipfile", "vagrantfile", "justfile", "requirements.txt"})
-_DELETED_POSTS = re.compile(r"deleted[-_].*\.js(on)?$")  # an X export's deleted-tweets.js, deleted-note-tweet.js
-# Why a folder scan passed over what it did, each said by `corpus build` with what to do.
-PASSED_OVER = ("folders", "project files", "deleted posts", "export records", "documents")
-
-
-@dataclass
-class _Scan:
-    """The files to read, and what the folders named held that is not read (``BuildResult`` says what)."""
-
-    files: list[Path] = field(default_factory=list)
-    left_out: list[Path] = field(default_factory=list)
-    passed_over: dict[str, list[Path]] = field(default_factory=dict)
-    read_in: Counter[Path] = field(default_factory=Counter)
-
-    def pass_over(self, why: str, path: Path) -> None:
-        self.passed_over.setdefault(why, []).append(path)
-
-
-def _is_project_file(name: str) -> bool:
-    """Whether a file is one of a project's or a site's own (README.md, LICENSE, robots.txt), not a post."""
-    return _PROJECT_FILE.fullmatch(name.split(".")[0]) is not None or name.lower() in _SITE_FILES
-
-
-def _walk(source: Path, skipped: set[Path], scan: _Scan) -> list[Path]:
-    """The files below a folder named, passing over hidden and ``OWNED_FOLDERS`` (said in ``scan``)."""
-    found: list[Path] = []
-    for folder, folders, names in os.walk(source):
-        here = Path(folder)
-        for name in sorted(folders):
-            if not name.startswith(".") and name in OWNED_FOLDERS:
-                scan.pass_over("folders", here / name)
-        folders[:] = [name for name in folders if not name.startswith(".") and name not in OWNED_FOLDERS]
-        for name in names:
-            path = here / name
-            if name.startswith(".") or not path.is_file() or path.resolve() in skipped:
-                continue
-            if _is_project_file(name):
-                scan.pass_over("project files", path)
-            elif _DELETED_POSTS.match(name.lower()):
-                scan.pass_over("deleted posts", path)
-            else:
-                found.append(path)
-    return found
-
-
-def _scan(sources: list[Path], exclude: Iterable[Path]) -> _Scan:
-    """The files to read, and what the folders named held that is not read, and why."""
-    skipped = {p.resolve() for p in exclude}
-    scan = _Scan()
-    files: list[Path] = []
-    in_folders: set[Path] = set()
-    for source in sources:
-        if source.is_dir():
-            found = sorted(_walk(source, skipped, scan))
-            archives = {p.parent for p in found if is_tweet_archive(p)}
-            for path in found:
-                if _looks_readable(path):
-                    files.append(path)
-                    in_folders.add(path)
-                elif path.suffix.lower() in DOCUMENT_SUFFIXES:
-                    scan.pass_over("documents", path)
-                elif path.parent in archives and path.suffix.lower() == ".js":  # likes, messages, the account
-                    scan.pass_over("export records", path)
-                elif not _is_fortune_index(path):
-                    scan.left_out.append(path)
-        elif source.is_file():
-            files.append(source)
-        elif source.exists():  # a pipe (<(cat notes.txt)) was said not to exist
-            raise CorpusError(f"{source} is a pipe or device, not a file; corpus build reads a file more than "
-                              "once (to tell its format, then to read it): save it to a file and name that")
-        else:
-            raise CorpusError(f"{source} does not exist; name files or folders of the author's writing")
-    # A file named twice, or reached again through a link (Debian's "kids.u8" is "kids"), is read once.
-    first: dict[Path, Path] = {}
-    for path in files:
-        first.setdefault(path.resolve(), path)
-    unique = list(first.values())
-    archives = {p.parent.resolve() for p in unique if is_tweet_archive(p)}
-    scan.files = [p for p in unique if not (is_note_tweets(p) and p.parent.resolve() in archives)]
-    scan.read_in.update(path.parent for path in scan.files if path in in_folders)
-    return scan
-
-
-def source_files(sources: list[Path], exclude: Iterable[Path] = ()) -> list[Path]:
-    """The files named, and the readable-looking files inside folders named, sorted, each once.
-
-    Files in ``exclude`` (the corpus being written) are skipped inside folders: a corpus
-    saved next to the writing would otherwise be read back into the next build. An X
-    export's ``note-tweet.js`` is left out when a tweet archive in the same folder is read:
-    the tweets reader takes the full text of long posts from it (read alone, its notes are
-    documents of their own).
-    """
-    return _scan(sources, exclude).files
-
-
 def build_corpus(
     sources: list[Path],
     *,
@@ -308,7 +172,7 @@ def build_corpus(
     if fmt not in FORMATS:
         raise CorpusError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     read_options = read_options or ReadOptions()
-    scan = _scan(sources, exclude)
+    scan = scan_sources(sources, exclude)
     files = scan.files
     raw: list[str] = []
     problems: list[SourceProblem] = []
@@ -421,7 +285,7 @@ def _warn_not_cleaned(path: Path, texts: list[str]) -> None:
     clean = shlex.quote(str(path.with_name(f"{path.stem}-clean.jsonl"))) if named else "clean.jsonl"
     log.warning("%s was not written by `persona corpus build` (not every line is a text and its split), so it was "
                 "not cleaned: HTML, links, duplicates and empty lines are trained on as they are%s. To clean it: "
-                "`persona corpus build %s -o %s`, then train on that", path, html, source, clean)
+                "`persona corpus build %s -o %s`, then use that one", path, html, source, clean)
 
 
 def read_corpus(path: Path) -> Corpus:

@@ -25,7 +25,7 @@ from training.sources import (
     text_blocks,
 )
 
-__all__ = ["read_fortune"]
+__all__ = ["AttributionsRemoved", "read_fortune"]
 
 _ATTRIBUTION = re.compile(r"^\s*(?:--|—|―|~)\s*(?P<who>[^\n]+?)\s*$")
 
@@ -53,6 +53,16 @@ def _author_matches(author: str, attributed: str) -> bool:
     return bool(wanted) and re.search(rf"(^| ){re.escape(wanted)}( |$)", found) is not None
 
 
+class AttributionsRemoved(SourceProblem):
+    """How many attributions were removed from a fortune file read without ``--author`` (``count``), and the
+    first of them (``first``): said, since they are gone from the corpus, but not left out of it."""
+
+    def __init__(self, path: Path, signed: list[str]) -> None:
+        self.count, self.first = len(signed), signed[0]
+        super().__init__(path, None, f"{self.count} attribution(s) removed (\"-- {self.first}\" ...), so that the "
+                                     "persona does not sign its posts with other people's names")
+
+
 _STR_ROTATED = 0x4  # strfile's flag: the entries are stored in ROT13 (fortune's offensive files)
 
 
@@ -75,7 +85,7 @@ def _is_rotated(path: Path, text: str) -> bool:
 def read_fortune(path: Path, options: ReadOptions) -> Documents:
     """Entries between ``%`` lines, attributions removed; with an author, only theirs. How many
     attributions went is said in ``left_out`` (with an author, removing them is what was asked)."""
-    text = read_text_file(path).replace("\r\n", "\n")
+    text = read_text_file(path)
     if _is_rotated(path, text):  # as `fortune` shows it
         text = codecs.decode(text, "rot13")
     documents = Documents()
@@ -89,7 +99,5 @@ def read_fortune(path: Path, options: ReadOptions) -> Documents:
             if who is not None:
                 signed.append(who)
     if signed and options.author is None:
-        documents.left_out.append(SourceProblem(
-            path, None, f"{len(signed)} attribution(s) removed (\"-- {signed[0]}\" ...), so that the persona does not "
-                        "sign its posts with other people's names"))
+        documents.left_out.append(AttributionsRemoved(path, signed))
     return documents

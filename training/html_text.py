@@ -16,14 +16,15 @@ from pathlib import Path
 
 from training.sources import RawDocument, ReadOptions, read_text_file
 
-__all__ = ["html_to_text", "looks_like_html", "read_html"]
+__all__ = ["BLOCK_TAGS", "CELL_TAGS", "LINE_TAGS", "html_to_text", "looks_like_html", "read_html"]
 
-# Each starts and ends a paragraph.
-_PARAGRAPH_TAGS = frozenset({"p", "div", "section", "article", "main", "header", "blockquote", "pre", "figure",
-                             "figcaption", "h1", "h2", "h3", "h4", "h5", "h6", "ul", "ol", "dl", "table", "hr",
-                             "address", "details", "hgroup", "body", "html"})
-_LINE_TAGS = frozenset({"br", "li", "dt", "dd", "tr", "summary", "caption"})  # each starts a line
-_CELL_TAGS = frozenset({"td", "th"})  # cells of a row: a space between them
+# How tags part the words either side, here and in the inline HTML of Markdown (``markdown.strip_markdown``).
+# Each starts and ends a paragraph (the rows of a table are lines: not its thead, tbody or tfoot).
+BLOCK_TAGS = frozenset({"p", "div", "section", "article", "main", "header", "footer", "nav", "aside", "blockquote",
+                        "pre", "figure", "figcaption", "h1", "h2", "h3", "h4", "h5", "h6", "ul", "ol", "dl", "table",
+                        "hr", "address", "details", "center", "hgroup", "body", "html"})
+LINE_TAGS = frozenset({"br", "li", "dt", "dd", "tr", "summary", "caption"})  # each starts a line
+CELL_TAGS = frozenset({"td", "th"})  # cells of a row: a space between them
 # Their contents are no prose: code run by the page, its styles, the page's head, the site's navigation,
 # forms and embedded objects.
 _DROPPED_TAGS = frozenset({"script", "style", "head", "title", "template", "noscript", "svg", "math", "nav",
@@ -64,11 +65,11 @@ class _TextParser(HTMLParser):
             self.main.append(piece)
 
     def _break(self, tag: str) -> None:
-        if tag in _PARAGRAPH_TAGS:
+        if tag in BLOCK_TAGS:
             self._add(_PARAGRAPH)
-        elif tag in _LINE_TAGS:
+        elif tag in LINE_TAGS:
             self._add(_LINE)
-        elif tag in _CELL_TAGS:
+        elif tag in CELL_TAGS:
             self._add(" ")
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
@@ -93,7 +94,7 @@ class _TextParser(HTMLParser):
         if tag in _VOID_TAGS:  # "</br>", written by some editors, is a <br> to browsers
             self._break(tag)
             return
-        if tag not in _LINE_TAGS:  # a list item's line ends where the next starts: "</li><li>" is one line end
+        if tag not in LINE_TAGS:  # a list item's line ends where the next starts: "</li><li>" is one line end
             self._break(tag)
         if tag == "pre":
             self.pre = max(0, self.pre - 1)

@@ -6,6 +6,10 @@ through objects and lists of one object, up to ``WRAPPER_DEPTH`` steps: a blog's
 Ghost's ``{"db": [{"data": {"posts": [...]}}]}``, a Reddit listing's ``{"data": {"children": [...]}}``,
 a feed converted from RSS, ``{"rss": {"channel": {"item": [...]}}}``. The list whose records hold the field
 is read, one of the object's own first; several alike are named, with the ``jq`` path that saves one alone.
+
+A record its author has not published (``"status": "draft"``, as Ghost and WordPress export drafts) is left out,
+and so is a reply to other people's posts in a Mastodon outbox (an ActivityPub note ``inReplyTo`` a post that is
+not its author's; ``--keep-replies`` keeps them): both counted and said, as the Markdown and X readers do.
 """
 
 from __future__ import annotations
@@ -261,8 +265,9 @@ def _shell_quoted(word: str) -> str:
 def read_jsonl(path: Path, options: ReadOptions) -> Documents:
     """One document per line, from the field named by ``--field`` (dots go deeper); the records
     without text in it (missing, null, a number...), and a few lines that are not JSON, are left out and
-    said so. One object without the field that wraps the records in a list (``{"posts": [...]}``, or a few levels
-    down: ``{"db": [{"data": {"posts": [...]}}]}``) gives them."""
+    said so, and so are drafts and replies to others (see the module's docstring). One object without the field that
+    wraps the records in a list (``{"posts": [...]}``, or a few levels down: ``{"db": [{"data": {"posts": [...]}}]}``)
+    gives them."""
     documents = Documents()
     first: tuple[int, dict] | None = None  # the first record that is an object, for the error
     present = False
@@ -273,6 +278,11 @@ def read_jsonl(path: Path, options: ReadOptions) -> Documents:
     if (len(records) == 1 and not broken and isinstance(records[0][1], dict)
             and _field(records[0][1], options.field) is _ABSENT):  # one object: perhaps the wrapper of a list
         records = _listed_records(path, text, *records[0], options.field)
+    drafts = [number for number, record in records if _is_draft(record)]
+    replies = [] if options.keep_replies else [number for number, record in records if _answers_others(record)]
+    if drafts or replies:
+        records = [(number, record) for number, record in records
+                   if not _is_draft(record) and (options.keep_replies or not _answers_others(record))]
     for number, record in records:
         if isinstance(record, str):
             documents.append(RawDocument(record, str(path), number))
@@ -304,6 +314,16 @@ def read_jsonl(path: Path, options: ReadOptions) -> Documents:
         documents.left_out.append(SourceProblem(
             path, min(lines), f"{len(lines)} record(s) with no text in the field {options.field!r} (line(s) "
                               f"{some_lines(lines)}{held}; the other {len(documents)} were read){hint}"))
+    if drafts:
+        documents.left_out.append(SourceProblem(
+            path, drafts[0], f"{len(drafts)} draft(s) left out, records whose \"status\" is \"draft\" (line(s) "
+                             f"{some_lines(drafts)}): not published, so not the author's to post; publish them (or set "
+                             "their status to \"published\" in the file) to read them"))
+    if replies:
+        documents.left_out.append(SourceProblem(
+            path, replies[0], f"{len(replies)} reply(ies) to other people's posts left out (line(s) {some_lines(replies)}), "
+                              "as not the author's own posts (replies in their own threads are read); --keep-replies "
+                              "reads them too"))
     _read_html_as_text(path, documents, options.field)
     if broken:
         (line, why), *_ = broken
@@ -313,6 +333,27 @@ def read_jsonl(path: Path, options: ReadOptions) -> Documents:
                          f"first: {why}); the other {len(records)} record(s) were read{gave}; fix those lines to "
                          "read them too"))
     return documents
+
+
+def _is_draft(record: object) -> bool:
+    """Whether a record is a post its author has not published: a Ghost or WordPress export's ``"status": "draft"``."""
+    status = record.get("status") if isinstance(record, dict) else None
+    return isinstance(status, str) and status.strip().lower() == "draft"
+
+
+def _answers_others(record: object) -> bool:
+    """Whether a record is a reply to someone else's post: an ActivityPub note (a Mastodon outbox's ``Create``
+    activity, or its ``object``) with an ``inReplyTo`` that is not a post of the note's own author (its
+    ``attributedTo``, or the activity's ``actor``): the next part of an author's own thread is theirs."""
+    if not isinstance(record, dict):
+        return False
+    note = record["object"] if isinstance(record.get("object"), dict) else record
+    answered = note.get("inReplyTo")
+    answered = answered.get("id") if isinstance(answered, dict) else answered
+    if not isinstance(answered, str) or not answered:
+        return False
+    author = note.get("attributedTo") or record.get("actor")
+    return not (isinstance(author, str) and author and answered.startswith(author.rstrip("/") + "/"))
 
 
 def _read_html_as_text(path: Path, documents: Documents, field: str) -> None:

@@ -16,9 +16,10 @@ from __future__ import annotations
 import html
 import re
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from training.html_text import BLOCK_TAGS, CELL_TAGS, LINE_TAGS
 from training.sources import (
     Documents,
     Draft,
@@ -226,14 +227,17 @@ def _hide_escaped(match: re.Match[str]) -> str:
     return chr(_ESCAPED_BASE + ord(match[2])) if match[2] else ""
 
 
-# Tags that end a line or a paragraph in the page: what they part must not run together. "<br><br>" is
-# a blank line, "</li><li>" one line break.
-_BREAK_TAG = re.compile(r"<(?:br|hr)\b[^<>\n]*>", re.IGNORECASE)
-_ITEM_TAGS = re.compile(r"</?(?:li|dt|dd|tr|summary|figcaption|caption)\b[^<>\n]*>(?:[ \t]*</?(?:li|dt|dd|tr|summary"
-                        r"|figcaption|caption)\b[^<>\n]*>)*", re.IGNORECASE)
-_BLOCK_TAG = re.compile(r"</?(?:p|div|h[1-6]|blockquote|details|section|article|aside|header|footer|nav|main"
-                        r"|figure|pre|ul|ol|dl|table|thead|tbody|tfoot|center|address)\b[^<>\n]*>", re.IGNORECASE)
-_CELL_TAG = re.compile(r"</?(?:td|th)\b[^<>\n]*>", re.IGNORECASE)
+def _tag(names: Iterable[str]) -> str:
+    """A pattern for an opening or closing tag of any of these names."""
+    return rf"</?(?:{'|'.join(sorted(names))})\b[^<>\n]*>"
+
+
+# Tags that end a line or a paragraph in the page (as ``html_text`` reads a page): what they part must not
+# run together. "<br><br>" is a blank line, "</li><li>" one line break.
+_BREAK_TAG = re.compile(r"<br\b[^<>\n]*>", re.IGNORECASE)
+_ITEM_TAGS = re.compile(rf"{_tag(LINE_TAGS - {'br'})}(?:[ \t]*{_tag(LINE_TAGS - {'br'})})*", re.IGNORECASE)
+_BLOCK_TAG = re.compile(_tag(BLOCK_TAGS), re.IGNORECASE)
+_CELL_TAG = re.compile(_tag(CELL_TAGS), re.IGNORECASE)
 
 
 def _alt_text(opened: re.Match[str], inner: str) -> str:
@@ -309,9 +313,8 @@ class _InDraftsFolder(Draft):
     def __init__(self, path: Path) -> None:
         SourceProblem.__init__(self, path, None, f"a draft (it is in a {_DRAFTS_FOLDER} folder, whose posts Jekyll "
                                                  "does not publish); move it to _posts to read it")
-        # As the summary of many drafts words them ("whose front matter sets ...; set ... in its front matter").
-        self.setting = f"nothing (it is in {_DRAFTS_FOLDER}/)"
-        self.undo = f"nothing (move a post in {_DRAFTS_FOLDER}/ to _posts/)"
+        self.setting = self.undo = None
+        self.folder = _DRAFTS_FOLDER
 
 
 def _unpublished(path: Path, text: str, meta: dict, start: int) -> Draft | None:
@@ -331,8 +334,7 @@ def _unpublished(path: Path, text: str, meta: dict, start: int) -> Draft | None:
 def read_markdown(path: Path, options: ReadOptions) -> Documents:
     """One document per file: the body with front matter and markup stripped; a draft (Hugo's
     ``draft: true``, Jekyll's ``published: false`` or a post in ``_drafts``) is left out, and said so."""
-    # Windows line endings: TOML refuses the "\r" that splitting on "\n" would leave.
-    text = read_text_file(path).replace("\r\n", "\n")
+    text = read_text_file(path)  # every line ending in a line feed: TOML refuses a "\r" left at a line's end
     meta, body, start = _split_front_matter(path, text)
     if (draft := _unpublished(path, text, meta, start)) is not None:
         return Documents(left_out=[draft])

@@ -17,7 +17,8 @@ convert them to text.
 Text is UTF-8, or UTF-16/32 when it starts with a byte-order mark (Notepad's "Unicode"), or UTF-16
 without one (told by where its NUL bytes fall: ``_utf16_without_mark``). Text
 that is not UTF-8 is read as Windows-1252 (Latin-1: old fortune files, Windows exports), with a
-warning naming the file and the first such byte.
+warning naming the file and the first such byte. Its lines end in a line feed however they were
+saved (Windows' CR LF, old Macs' CR alone).
 
 What a reader leaves out on purpose, a draft, the JSONL records without the field asked for or
 a few lines that are not JSON, CSV rows whose text cannot be told, retweets and replies, it
@@ -48,6 +49,7 @@ __all__ = [
     "ReadOptions",
     "SourceProblem",
     "detect_format",
+    "is_deleted_posts",
     "is_note_tweets",
     "is_tweet_archive",
     "json_lines",
@@ -79,13 +81,16 @@ class SourceProblem(Exception):
 
 
 class Draft(SourceProblem):
-    """A post its author has not published (``setting``: what its front matter says, "draft to true");
-    left out on purpose, and reported so."""
+    """A post its author has not published, left out on purpose and reported so: ``setting``, what its front
+    matter says ("draft to true"), and ``undo``, what would publish it; both None for a post that is a draft
+    by where it is (``folder``: Jekyll's "_drafts")."""
 
     def __init__(self, path: Path, line: int | None, key: str, value: bool) -> None:
         said, undo = str(value).lower(), str(not value).lower()
         super().__init__(path, line, f"a draft (its front matter sets {key} to {said}); set it to {undo} to read the post")
-        self.setting, self.undo = f"{key} to {said}", f"{key} to {undo}"
+        self.setting: str | None = f"{key} to {said}"
+        self.undo: str | None = f"{key} to {undo}"
+        self.folder: str | None = None
 
 
 @dataclass(frozen=True)
@@ -140,8 +145,9 @@ _BYTE_ORDER_MARKS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf
 
 
 def read_text_file(path: Path) -> str:
-    """A text file's contents: UTF-8, UTF-16/32 with a byte-order mark, or Windows-1252 guessed (with a
-    warning naming the file) when it is none of those; else a ``SourceProblem`` saying what to do."""
+    """A text file's contents, every line ending in a line feed (Windows' CR LF and old Macs' lone CR made one):
+    UTF-8, UTF-16/32 with a byte-order mark, or Windows-1252 guessed (with a warning naming the file) when it is
+    none of those; else a ``SourceProblem`` saying what to do."""
     try:
         raw = path.read_bytes()
     except OSError as exc:
@@ -152,11 +158,17 @@ def read_text_file(path: Path) -> str:
                                         "not text; name that file instead")
     if (kind := _document_kind(raw)) is not None:
         raise SourceProblem(path, None, _convert_first(path, kind))
-    text = _decode(path, raw)
+    text = _one_line_end(_decode(path, raw))
     if not text.strip():  # else said only as "no documents found", or as a CSV with no columns
         raise SourceProblem(path, None, "empty (0 bytes), nothing in it to read" if not raw else
                                         "blank, nothing in it to read but spaces and line ends")
     return text
+
+
+def _one_line_end(text: str) -> str:
+    """Text with a line feed for every line end: a file saved on an old Mac (or by some exports) ends its lines
+    in a CR alone, whose blank lines, front matter and "%" lines would not be found: one document of it all."""
+    return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 def _decode(path: Path, raw: bytes, *, warn: bool = True) -> str:
@@ -305,11 +317,12 @@ def _guess_single_byte(path: Path, raw: bytes, error: UnicodeDecodeError, *, war
 
 
 # A large archive is split: tweets.js, tweets-part1.js, ... (older: tweet.js, tweet-part1.js).
-# Both patterns are matched from the start of the name: "note-tweet.js" is not a tweet archive,
+# The patterns are matched from the start of the name: "note-tweet.js" is not a tweet archive,
 # and "deleted-tweets.js" / "deleted-note-tweet.js" (posts the author deleted) are neither.
 _TWEET_ARCHIVE = re.compile(r"tweets?(-part\d+)?\.js(on)?$")
 # Newer X exports keep the full text of posts over 280 characters in note-tweet.js (parts too).
 _NOTE_TWEETS = re.compile(r"note[-_]?tweets?(-part\d+)?\.js(on)?$")
+_DELETED_POSTS = re.compile(r"deleted[-_].*\.js(on)?$")  # an X export's deleted-tweets.js, deleted-note-tweet.js
 
 
 def is_tweet_archive(path: Path) -> bool:
@@ -322,14 +335,19 @@ def is_note_tweets(path: Path) -> bool:
     return _NOTE_TWEETS.match(path.name.lower()) is not None
 
 
+def is_deleted_posts(path: Path) -> bool:
+    """Whether the file's name is that of an X export's posts the author deleted (``deleted-tweets.js``...)."""
+    return _DELETED_POSTS.match(path.name.lower()) is not None
+
+
 def detect_format(path: Path) -> str:
     """A format name from the file's name and, for plain text, its first lines.
 
     A note-tweet file is ``"tweets"`` too: the tweets reader reads it with the archive
-    beside it, or on its own when there is none.
+    beside it, or on its own when there is none; and so are the deleted posts, which it refuses.
     """
     suffix = path.suffix.lower()
-    if is_tweet_archive(path) or is_note_tweets(path):
+    if is_tweet_archive(path) or is_note_tweets(path) or is_deleted_posts(path):
         return "tweets"
     # A .json file named is a JSON array of records, an object wrapping them, or JSON Lines: the JSONL reader reads them.
     by_suffix = {".md": "markdown", ".markdown": "markdown", ".csv": "csv", ".tsv": "csv", ".jsonl": "jsonl",
@@ -342,7 +360,7 @@ def detect_format(path: Path) -> str:
         if strfile_flags(path) is not None:  # indexed by strfile: a fortune file, even of one entry (no "%")
             return "fortune"
         try:  # decoded as it is read: UTF-16's "%" lines were not found in its bytes read as UTF-8
-            head = _decode(path, path.read_bytes(), warn=False)[:_SNIFF_BYTES]
+            head = _one_line_end(_decode(path, path.read_bytes(), warn=False)[:_SNIFF_BYTES])
         except (OSError, SourceProblem):  # its reader says what is wrong with it
             return "text"
         if re.search(r"^%\s*$", head, re.MULTILINE):
@@ -373,7 +391,7 @@ def text_blocks(text: str, separator: re.Pattern[str]) -> list[tuple[str, int]]:
 
 def read_text(path: Path, options: ReadOptions) -> list[RawDocument]:
     """Documents split on ``<|endoftext|>`` when present, else on blank lines."""
-    text = read_text_file(path).replace("\r\n", "\n")
+    text = read_text_file(path)
     if END_OF_TEXT in text:
         separator = re.compile(re.escape(END_OF_TEXT))
     else:

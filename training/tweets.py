@@ -23,7 +23,7 @@ the two times agree within a minute; a stub shorter than
 notes fit equally well keeps its own text. A paired tweet gives
 the note's whole text (links removed); retweets and replies are dropped first, so the note
 of a dropped reply is never read. A note-tweet file is not a source of its own when a
-tweet archive is read with it (``training.corpus.source_files`` leaves it out); read on its
+tweet archive is read with it (``training.scanning.source_files`` leaves it out); read on its
 own (a folder with no ``tweets.js``, or the file named by itself) each note is one
 document, all of them kept: a note does not say whether it was a reply. A note-tweet file
 that is not valid JSON raises ``SourceProblem`` with its own file and line, naming the
@@ -35,6 +35,7 @@ from __future__ import annotations
 import html
 import json
 import re
+import shlex
 import zipfile
 from bisect import bisect_left, bisect_right
 from collections import defaultdict
@@ -49,6 +50,7 @@ from training.sources import (
     RawDocument,
     ReadOptions,
     SourceProblem,
+    is_deleted_posts,
     is_note_tweets,
     is_tweet_archive,
 )
@@ -346,15 +348,23 @@ def _own_tweets(path: Path, tweets: list[dict], notes: _NoteIndex | None, option
     return documents
 
 
+_DELETED_REFUSED = ("posts the author deleted (the X export keeps them apart), left out on purpose: a persona should "
+                    "not post again what its author took back. To train on them all the same, read them as an archive "
+                    "of their own: `mkdir deleted && cp {copy} deleted/tweets.js`, then name deleted/tweets.js")
+
+
 def read_tweets(path: Path, options: ReadOptions) -> Documents:
     """One document per tweet the author wrote themselves, long ones whole from ``note-tweet.js``;
     the retweets and replies left out are counted in ``left_out``. A zip of an X export is read
     as its folder would be.
 
-    A note-tweet file read by itself gives one document per note.
+    A note-tweet file read by itself gives one document per note. The posts the author deleted
+    (``deleted-tweets.js``) are refused, saying how to read them all the same.
     """
     if path.suffix.lower() == ".zip":
         return _read_zip(path, options)
+    if is_deleted_posts(path):
+        raise SourceProblem(path, None, _DELETED_REFUSED.format(copy=shlex.quote(str(path))))
     if is_note_tweets(path):
         return Documents(RawDocument(note.text, str(path), number) for number, note in _read_notes(path) if note.text)
     return _own_tweets(path, parse_archive(path, _read(path)), _notes_beside(path), options, _accounts_beside(path))

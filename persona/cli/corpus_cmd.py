@@ -8,6 +8,7 @@ import shlex
 import time
 from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.markup import escape
@@ -15,6 +16,10 @@ from rich.markup import escape
 from persona.cli.common import console, err_console, friendly_errors, get_settings
 from persona.cli.training_common import warn_nothing_held_out
 from persona.errors import CorpusError
+
+if TYPE_CHECKING:  # imported where used: `persona --help` does not wait for the readers
+    from training.fortune import AttributionsRemoved
+    from training.sources import Draft, SourceProblem
 
 __all__ = ["corpus_build", "register"]
 
@@ -31,25 +36,21 @@ def corpus_build(
     output: Path = typer.Option(..., "-o", "--output", help="the corpus file to write (JSONL)"),
     fmt: str = typer.Option("auto", "--format", help="how to read the sources: auto (each file by its name and "
                             "first lines), text, markdown, csv, jsonl, pdf, tweets, fortune or html"),
-    author: str = typer.Option(None, help="fortune files: keep only the entries signed '-- NAME' (the signature is removed)"),
+    author: str = typer.Option(None, help="fortune files: keep only the entries signed '-- NAME' (signatures are removed either way)"),
     column: str = typer.Option("text", help="CSV: the column holding the text"),
     field: str = typer.Option("text", help="JSONL: the field holding the text (a.b for nested)"),
     strip_urls: bool = typer.Option(False, "--strip-urls", help="remove web links from the text"),
     strip_handles: bool = typer.Option(False, "--strip-handles", help="remove @handles from the text"),
-    keep_replies: bool = typer.Option(False, "--keep-replies", help="tweets: keep replies too"),
+    keep_replies: bool = typer.Option(False, "--keep-replies", help="tweets and Mastodon outboxes: keep replies to other people too"),
     keep_retweets: bool = typer.Option(False, "--keep-retweets", help="tweets: keep retweets too"),
     min_chars: int = typer.Option(1, min=1, help="drop documents shorter than this"),
     base: str = typer.Option("smollm2", help="count tokens with this model's tokenizer ('' for words only)"),
 ) -> None:
     """Read, clean and de-duplicate an author's writing into one document per line, with a held-out split."""
     from training.cleaning import CleanOptions
-    from training.corpus import (
-        build_corpus,
-        is_built_corpus,
-        source_files,
-        write_corpus,
-    )
-    from training.sources import Draft, ReadOptions
+    from training.corpus import build_corpus, is_built_corpus, write_corpus
+    from training.scanning import source_files
+    from training.sources import ReadOptions
 
     if output.is_dir():  # found out only after reading everything, as a traceback
         raise CorpusError(f"{output} is a folder; name the corpus file to write, e.g. -o {output / 'corpus.jsonl'}")
@@ -69,15 +70,7 @@ def corpus_build(
         exclude=[output],
         progress=_ProgressLine(),
     )
-    drafts = [problem for problem in result.problems if isinstance(problem, Draft)]
-    for problem in result.problems:  # escaped: a path may hold brackets ("my [draft] notes")
-        if len(drafts) > DRAFTS_NAMED and isinstance(problem, Draft):
-            continue
-        # Only a file left out whole was skipped; what was left out of a file read is said under its name.
-        said = f"[yellow]skipped[/yellow] {escape(str(problem))}" if problem.whole_file else escape(str(problem))
-        err_console.print(said, highlight=False)
-    if len(drafts) > DRAFTS_NAMED:  # a line each: hundreds of lines hid everything else said
-        err_console.print(f"[yellow]left out[/yellow] {escape(_drafts_line(drafts))}", highlight=False)
+    _say_problems(result.problems)
     for why, paths in result.passed_over.items():
         err_console.print(f"[yellow]left out[/yellow] {escape(_passed_over(why, paths))}", highlight=False)
     if result.left_out:
@@ -123,13 +116,56 @@ class _ProgressLine:
             err_console.print(f"{stage}: {done} of {total} {what} ({100 * done // max(total, 1)}%)", highlight=False)
 
 
-def _drafts_line(drafts: list) -> str:
-    """Many drafts in one line: how many, what marks them, the first few."""
-    settings = " or ".join(sorted({draft.setting for draft in drafts}))
-    undo = " or ".join(sorted({draft.undo for draft in drafts}))
+def _say_problems(problems: list[SourceProblem]) -> None:
+    """The files that could not be read, and what was left out of those read, each on a line of its own; but
+    many drafts in one line, and the attributions removed from several fortune files in one line."""
+    from training.fortune import AttributionsRemoved
+    from training.sources import Draft
+
+    drafts = [problem for problem in problems if isinstance(problem, Draft)]
+    removed = [problem for problem in problems if isinstance(problem, AttributionsRemoved)]
+    # A line each: hundreds of drafts, or Debian's forty fortune files, hid everything else said.
+    summed: tuple[type[SourceProblem], ...] = ()
+    if len(drafts) > DRAFTS_NAMED:
+        summed += (Draft,)
+    if len(removed) > 1:
+        summed += (AttributionsRemoved,)
+    for problem in problems:  # escaped: a path may hold brackets ("my [draft] notes")
+        if isinstance(problem, summed):
+            continue
+        # Only a file left out whole was skipped; what was left out of a file read is said under its name.
+        said = f"[yellow]skipped[/yellow] {escape(str(problem))}" if problem.whole_file else escape(str(problem))
+        err_console.print(said, highlight=False)
+    if Draft in summed:
+        err_console.print(f"[yellow]left out[/yellow] {escape(_drafts_line(drafts))}", highlight=False)
+    if AttributionsRemoved in summed:
+        err_console.print(escape(_attributions_line(removed)), highlight=False)
+
+
+def _drafts_line(drafts: list[Draft]) -> str:
+    """Many drafts in one line: how many, what makes them drafts (their front matter, or a drafts folder), the
+    first few, and how to read one."""
+    marked = [draft for draft in drafts if draft.setting is not None]
+    placed = sorted({draft.folder for draft in drafts if draft.setting is None})
+    why, how = [], []
+    if marked:
+        settings = " or ".join(sorted({draft.setting for draft in marked}))
+        why.append(f"whose front matter sets {settings}")
+        how.append(f"set {' or '.join(sorted({draft.undo for draft in marked}))} in its front matter")
+    if placed:
+        folders = " or ".join(f"{folder}/" for folder in placed)
+        why.append(f"in a {folders} folder, whose posts Jekyll does not publish")
+        how.append(f"move it from {folders} to _posts/")
+    if marked and placed:  # how many of each
+        why = [f"{len(marked)} {why[0]}", f"{len(drafts) - len(marked)} {why[1]}"]
     named = ", ".join(str(draft.path) for draft in drafts[:3])
-    return (f"{len(drafts)} drafts, whose front matter sets {settings}: {named} and {len(drafts) - 3} more; "
-            f"to read one, set {undo} in its front matter")
+    return f"{len(drafts)} drafts, {' and '.join(why)}: {named} and {len(drafts) - 3} more; to read one, {', or '.join(how)}"
+
+
+def _attributions_line(removed: list[AttributionsRemoved]) -> str:
+    """The attributions removed from several fortune files, in one line: how many, from how many files, the first."""
+    return (f"{sum(problem.count for problem in removed)} attribution(s) removed from {len(removed)} fortune files "
+            f"(\"-- {removed[0].first}\" ...), so that the persona does not sign its posts with other people's names")
 
 
 def _left_out(paths: list[Path]) -> str:
