@@ -5,7 +5,9 @@ text, and sends back the text this returns. Here: the rate limits, the conversat
 (from Redis, or a history the platform supplies, such as Discord's reply chain), the
 round trip through the queue, ``/retry`` (of the last answer, or of a question that got
 none: it timed out, the queue was full), ``/reset``, ``/cancel`` and the per-chat
-persona, which moves with its conversations when a chat changes id (``move_chat``). An
+persona, which moves with its conversations when a chat changes id (``move_chat``); a chat whose
+persona is no longer offered on the platform (its file edited while the bot runs) is told so,
+and which ones are, rather than answered as it. An
 answer can also be kept under a name of the adapter's choosing (``keep_as``, ``kept``),
 for an answer that cannot quote its question. A conversation's messages are answered one
 at a time, in the order they came, when the adapter takes each one's turn (``in_turn``)
@@ -83,6 +85,9 @@ STARTING_TIMEOUT_TEXT = (
     "Sorry, I couldn't answer in time: I'm still waking up (loading my model). Please send your message "
     "again in a minute."
 )
+# The chat's persona (chosen, or the default) was withdrawn from the platform while the bot ran.
+WITHDRAWN_TEXT = "I can't answer as {name}: it is not offered here any more."
+NONE_OFFERED_TEXT = "No persona is offered here right now; please try again later."
 LONG_MESSAGE_NOTE = "\n\n(Your message was long, so I read only its last {chars} characters.)"
 # What the bot says that the persona did not: notices, refusals and apologies. A conversation
 # rebuilt from what was said (Discord's reply chain) leaves them out, as the store never saves
@@ -94,6 +99,9 @@ NOTICE_TEXTS = frozenset({
 })
 # (Not "I can't answer that: ...", which the persona may well say too.)
 RATE_LIMITED_PATTERN = re.compile(re.escape(rate_limited_text(0)).replace("0", r"\d+"))
+WITHDRAWN_PATTERN = re.compile(
+    re.escape(WITHDRAWN_TEXT).replace(re.escape("{name}"), "'[^']*'") + r" (Available: .*|" + re.escape(NONE_OFFERED_TEXT) + ")"
+)
 LONG_MESSAGE_NOTE_PATTERN = re.compile(
     r"\s*" + re.escape(LONG_MESSAGE_NOTE.strip()).replace(re.escape("{chars}"), r"\d+") + r"\s*$"
 )
@@ -153,7 +161,7 @@ def persona_words(text: str) -> str:
     """What the persona said in a message the bot sent: '' for a notice (``NOTICE_TEXTS``), and an
     answer without the note that only the end of a long question was read."""
     text = text.strip()
-    if text in NOTICE_TEXTS or RATE_LIMITED_PATTERN.fullmatch(text):
+    if text in NOTICE_TEXTS or RATE_LIMITED_PATTERN.fullmatch(text) or WITHDRAWN_PATTERN.fullmatch(text):
         return ""
     return LONG_MESSAGE_NOTE_PATTERN.sub("", text)
 
@@ -199,6 +207,8 @@ class Responder:
         # Chats that moved (``move_chat``), old id → new, oldest first: an answer sent once its chat
         # moved (the send itself may find out) is kept in the conversation at the new id.
         self._moved: dict[str, str] = {}
+        # Whether the default persona was found no longer offered here (said once in the log).
+        self._default_withdrawn = False
 
     def stop(self) -> None:
         """Withdraw every question still waiting for its answer, and any asked from now on: each
@@ -246,25 +256,45 @@ class Responder:
         return decision, notice
 
     async def persona_for(self, chat: str) -> str:
-        """The persona that speaks in this chat."""
+        """The persona that speaks in this chat: the one it chose, else the adapter's default.
+        It may no longer be offered here (``withdrawn_text`` says so)."""
+        return await self._chosen(chat) or self.default_persona
+
+    async def _chosen(self, chat: str) -> str | None:
+        """The persona this chat chose with /persona, None if none (or while Redis cannot say)."""
         try:
             chosen = await self.redis.get(keys.chat_persona_key(self.platform, chat))
         except REDIS_ERRORS:
-            return self.default_persona
-        return chosen.decode() if chosen else self.default_persona
+            return None
+        return chosen.decode() if chosen else None
 
     def persona_names(self) -> list[str]:
         """Personas enabled on this platform."""
         return sorted(name for name, p in self.registry.all().items() if self.platform in p.adapters)
 
+    def _offered(self, name: str) -> bool:
+        """Whether ``name`` may speak here now: its file is there and lists this platform in
+        ``adapters``. Read at each question, as files are edited while the bot runs. A file
+        that cannot be read right now (being saved, or broken) counts as offered: the worker's
+        refusal says what is wrong with it, as before."""
+        try:
+            return self.platform in self.registry.get(name).adapters
+        except UnknownPersona:
+            return False
+        except ConfigError:
+            return True
+
     def describe_persona(self, name: str) -> str:
-        """A line or two about a persona, for /persona."""
+        """A line or two about a persona, for /persona ("You are talking to ..."); for one no
+        longer offered here, that it is no one, and what to do."""
         try:
             persona = self.registry.get(name)
         except UnknownPersona:
-            return f"{name}, a persona that is not here (any more): pick another with /persona NAME"
+            persona = None
         except ConfigError:
             return f"{name} (its persona file cannot be read right now)"
+        if persona is None or self.platform not in persona.adapters:
+            return f"no one: {name!r} is not offered here any more; pick another with /persona NAME"
         return f"{persona.speaker}: {persona.description}".rstrip(": ")
 
     def unknown_persona_text(self, name: str) -> str:
@@ -273,6 +303,29 @@ class Responder:
             return ""
         known = ", ".join(self.persona_names()) or "none"
         return f"There is no persona called {name!r} here. Available: {known}."
+
+    def withdrawn_text(self, name: str, *, default: bool) -> str:
+        """What to tell a chat whose persona ``name`` is no longer offered here (its file was
+        deleted, or its ``adapters`` no longer lists this platform); '' while it is offered.
+        ``default``: the chat chose none, and ``name`` is the adapter's default, which the
+        operator is told of once (in the log) each time it goes."""
+        if self._offered(name):
+            if default and self._default_withdrawn:
+                log.info("%s: the default persona %r is offered here again", self.platform, name)
+                self._default_withdrawn = False
+            return ""
+        known = self.persona_names()
+        if default and not self._default_withdrawn:
+            log.warning(
+                "%s: the default persona %r (PERSONA_%s__PERSONA) is no longer offered here (its file is gone, or "
+                "its adapters no longer lists %r), so chats that chose no persona are not answered: add %r back to "
+                "its adapters, or set PERSONA_%s__PERSONA to one of %s and restart",
+                self.platform, name, self.platform.upper(), self.platform, self.platform, self.platform.upper(),
+                ", ".join(known) or "the personas that list it",
+            )
+            self._default_withdrawn = True
+        then = f"Available: {', '.join(known)}. Pick one with /persona NAME." if known else NONE_OFFERED_TEXT
+        return WITHDRAWN_TEXT.format(name=repr(name)) + " " + then
 
     async def set_persona(self, chat: str, name: str) -> str:
         """Switch this chat's persona; the reply says what happened."""
@@ -403,7 +456,8 @@ class Responder:
         conversation's scope, and under ``keep_as`` if given): with ``deliver``, only once the
         answer (and ``note``, said after it; without ``deliver`` the caller adds it) went out
         through it, and then returns ''."""
-        persona = await self.persona_for(where.chat)
+        chosen = await self._chosen(where.chat)
+        persona = chosen or self.default_persona
         request = build_request(
             persona, turns, user=f"{self.platform}:{where.user}", source=self.source,
             max_turns=self.settings.queue.max_messages,
@@ -411,6 +465,10 @@ class Responder:
             seed=seed,
             patience_s=self.options.reply_timeout_s,
         )
+        if withdrawn := self.withdrawn_text(persona, default=chosen is None):
+            # Kept, so that /retry answers it once the chat has picked a persona that is offered.
+            await self._keep_unanswered(where, request)
+            return withdrawn
         await self.store.set_inflight(where.scope, request.id)
         # The scope counts as answering until the exchange is saved: a /reset at any moment
         # before that (it takes no lock) must hold, not be undone by the save.

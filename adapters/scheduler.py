@@ -53,9 +53,19 @@ if was == nil or tonumber(ARGV[2]) > was then redis.call('HSET', KEYS[1], ARGV[1
 """
 
 
+# A persona's standing with the scheduler, as ``_standing`` gives it (any other: why its
+# enabled schedule is not posted on), and one whose file is gone or cannot be read.
+SCHEDULED, OFF, GONE = "", "off", "gone"
+
+
 def scheduled_personas(personas: dict[str, Persona]) -> list[Persona]:
     """The personas that post on their own: schedule enabled, scheduler adapter on, sinks set."""
     return [p for p in personas.values() if p.schedule.enabled and not unscheduled_reason(p)]
+
+
+def _standing(persona: Persona) -> str:
+    """SCHEDULED, OFF (``schedule.enabled`` is false), or why an enabled schedule is not posted on."""
+    return unscheduled_reason(persona) if persona.schedule.enabled else OFF
 
 
 @dataclass
@@ -71,6 +81,9 @@ class Scheduler:
 
     def __post_init__(self) -> None:
         self._forward = self.client.register_script(CHECKED_FORWARD_SCRIPT)
+        # Each persona's standing as last said (``_standing``), so that an edit that stops or
+        # restarts its posts is logged once, when it happens, not at every tick.
+        self._said: dict[str, str] = {}
 
     def now(self) -> datetime:
         """The time the scheduler goes by: Redis's (or the ``clock`` it was given)."""
@@ -79,7 +92,9 @@ class Scheduler:
     def tick(self, now: datetime | None = None) -> list[PostOutcome]:
         """One look at every scheduled persona; returns the posts attempted."""
         now = now or self.now()
-        scheduled = scheduled_personas(self.poster.registry.all())
+        personas = self.poster.registry.all()
+        self._say_changes(personas)
+        scheduled = scheduled_personas(personas)
         self._forget_unscheduled({persona.name for persona in scheduled})
         done: list[PostOutcome] = []
         for persona in scheduled:
@@ -146,6 +161,7 @@ class Scheduler:
         # Redis not up yet the scheduler still starts (its ticks back off until it is).
         now = self.clock() if self.clock else datetime.now(UTC)
         for persona in self.poster.registry.all().values():
+            self._said[persona.name] = _standing(persona)  # said here: the first tick need not again
             if reason := unscheduled_reason(persona):
                 problems.append(f"{persona.name}: schedule.enabled is true, but {reason}")
                 continue
@@ -161,6 +177,29 @@ class Scheduler:
             log.info("%s posts on %r (%s) to %s; next slot %s", persona.name, persona.schedule.cron,
                      persona.schedule.timezone, ", ".join(persona.schedule.sinks), upcoming)
         return problems
+
+    def _say_changes(self, personas: dict[str, Persona]) -> None:
+        """Log each persona whose file was edited so that it stops posting on schedule (why, and
+        what to change), or posts again, once, at the tick that finds it. Only ``preflight`` said
+        so, at start; the tick after an edit dropped the persona in silence."""
+        for name in sorted(self._said.keys() | personas.keys()):
+            was = self._said.get(name)
+            now = _standing(personas[name]) if name in personas else GONE
+            if now == was:
+                continue
+            if now not in (SCHEDULED, OFF, GONE):
+                log.warning("%s: not posted on schedule: schedule.enabled is true, but %s", name, now)
+            elif now == GONE and was == SCHEDULED:
+                log.warning("%s: not posted on schedule: its persona file is gone or cannot be read "
+                            "(`persona personas validate` says why)", name)
+            elif now == OFF and was is not None:
+                log.info("%s: not posted on schedule: schedule.enabled is false now", name)
+            elif now == SCHEDULED and was not in (None, OFF):
+                log.info("%s: posted on schedule again", name)
+            if now == GONE and was in (None, OFF, GONE):
+                self._said.pop(name, None)  # nothing to say if it comes back: forget it
+            else:
+                self._said[name] = now
 
     def _begun(self, persona: Persona, slot: datetime) -> bool:
         """Whether the slot's text was chosen but the slot never closed (its poster died).

@@ -44,6 +44,7 @@ __all__ = [
     "cron_problem",
     "format_validation_error",
     "load_persona_file",
+    "unread_reason",
     "unscheduled_reason",
     "zone_problem",
 ]
@@ -271,6 +272,19 @@ def unscheduled_reason(persona: Persona) -> str:
     return ""
 
 
+def unread_reason(path: Path) -> str:
+    """Why the registry passes over a file of this name ("" if it reads it): a hidden file, an
+    editor's lock or backup (Emacs keeps ``.#name.toml``, a dangling link, while a buffer is
+    changed; macOS writes ``._name.toml``), or ``.toml`` in another case."""
+    name = path.name
+    if name.startswith((".", "#")) or name.endswith("~"):
+        return ("its name starts with '.' or '#' (a hidden file, or an editor's lock or backup), and such files "
+                "are never read as personas")
+    if name.lower().endswith(".toml") and not name.endswith(".toml"):
+        return f"only names ending in '.toml' (lower case) are read as personas; rename it to {path.stem}.toml"
+    return ""
+
+
 def format_validation_error(path: Path, error: ValidationError) -> str:
     """Each problem on its own line, naming the exact field, e.g. ``sampling.top_p``."""
     lines = [f"{path}: {error.error_count()} problem(s)"]
@@ -374,8 +388,18 @@ class PersonaRegistry:
         return cls([BUILTIN_PERSONAS_DIR, *settings.personas_dirs, settings.user_personas_dir])
 
     def files(self) -> list[Path]:
-        """Persona files in search order; a later one overrides an earlier namesake."""
-        return [p for folder in self.folders if folder.is_dir() for p in sorted(folder.glob("*.toml"))]
+        """Persona files in search order; a later one overrides an earlier namesake. Hidden files
+        and editors' locks are passed over (``unread_reason``): an Emacs lock read as a persona
+        file made every command, and the service's metrics, report an invalid persona while a
+        file was being edited."""
+        return [p for folder in self.folders if folder.is_dir() for p in sorted(folder.glob("*.toml"))
+                if not unread_reason(p)]
+
+    def misnamed(self) -> list[Path]:
+        """Files in the folders that are surely meant as persona files, yet never read: those
+        ending in ``.toml`` in another case (``caps.TOML``)."""
+        return [p for folder in self.folders if folder.is_dir() for p in sorted(folder.iterdir())
+                if p.suffix.lower() == ".toml" and p.suffix != ".toml" and not p.name.startswith((".", "#"))]
 
     def scan(self) -> tuple[dict[str, Persona], list[ConfigError]]:
         """All valid personas by name, and the errors of the invalid files.

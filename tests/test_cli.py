@@ -128,7 +128,7 @@ def test_personas_list_show_and_validate_json_print_one_object_and_a_problem_as_
     checked = persona("personas", "validate", "sage", "--json", env=env)
     assert checked.returncode == 0, checked.stderr
     assert json.loads(checked.stdout) == {"ok": True, "checked": [{"path": sage["source"], "problem": None,
-                                                                   "overridden_by": None}]}
+                                                                   "overridden_by": None, "warnings": []}]}
     bad = tmp_path / "wrong.toml"
     bad.write_text("[sampling]\nmax_new_tokens = 0\n")
     refused = persona("personas", "validate", str(bad), "sage", "--json", env=env)
@@ -864,6 +864,45 @@ def test_personas_validate_takes_a_persona_name_and_says_what_a_typo_meant(env, 
     assert "sgae: no such file, folder or persona; did you mean 'sage'?" in result.stderr, result.stderr
     assert "nothere.toml: no such file or folder" in result.stderr, result.stderr
     assert invoke(monkeypatch, env, "personas", "validate", "bofh").exit_code == 0
+
+
+def test_a_closed_standard_input_is_read_as_an_empty_one(env, redis_url):
+    """`persona ask sage - <&-` was an AttributeError traceback, and `persona chat sage <&-`
+    "RuntimeError: input(): lost sys.stdin": a script that closed stdin got a crash."""
+    env["PERSONA_REDIS_URL"] = redis_url
+
+    def closed(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["sh", "-c", 'exec "$0" -m persona "$@" <&-', sys.executable, *args], env=env,
+                              capture_output=True, text=True, timeout=60, check=False)
+
+    asked = closed("ask", "sage", "-")
+    assert (asked.returncode, asked.stderr) == (1, "error: the message is empty; say something\n")
+    chatted = closed("chat", "sage")
+    assert chatted.returncode == 0 and chatted.stderr == "", chatted.stderr
+    assert chatted.stdout.startswith("chatting with sage;")
+
+
+def test_personas_validate_and_the_service_agree_on_which_files_are_personas(env, monkeypatch, tmp_path: Path):
+    """`validate caps.TOML` said ✓ of a file the service never reads (it reads *.toml, in lower
+    case), and `validate` counted an editor's lock file (.#mine.toml) as a broken persona."""
+    import json
+
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "mine.toml").write_text('description = "mine"\n')
+    (folder / ".#mine.toml").symlink_to("root@host.1234:1700000000")
+    (folder / "caps.TOML").write_text('description = "shouting"\n')
+    env = {**env, "PERSONA_PERSONAS_DIRS": json.dumps([str(folder)])}
+    never = "never read: only names ending in '.toml' (lower case) are read as personas; rename it to caps.toml"
+    named = invoke(monkeypatch, env, "personas", "validate", str(folder / "caps.TOML"))
+    assert named.exit_code == 1 and f"✗ {folder / 'caps.TOML'}: {never}" in named.stderr, named.output
+    for args in ([], [str(folder)]):  # every persona file, or the folder's
+        result = invoke(monkeypatch, env, "personas", "validate", *args)
+        assert result.exit_code == 1, result.output
+        assert f"✓ {folder / 'mine.toml'}" in result.stdout and ".#mine" not in result.output
+        assert result.stderr.splitlines() == [f"✗ {folder / 'caps.TOML'}: {never}"]
+    (folder / "caps.TOML").rename(folder / "caps.toml")
+    assert invoke(monkeypatch, env, "personas", "validate").exit_code == 0
 
 
 def test_eval_and_train_refuse_a_seed_torch_cannot_take_before_loading_anything(env, monkeypatch, tmp_path: Path):

@@ -153,3 +153,39 @@ def test_a_timeout_past_any_sensible_wait_is_refused_with_the_range(env, command
     refused = persona(env, *command, "--timeout", timeout)
     assert refused.returncode == 2 and "--timeout" in refused.stderr and "Traceback" not in refused.stderr
     assert "86400" in " ".join(refused.stderr.replace("│", " ").split()), refused.stderr
+
+
+def test_a_terminal_that_cannot_show_a_character_gets_a_question_mark_not_a_traceback(env, write_persona):
+    """In a latin-1 (or cp1252) terminal, a description holding "—" ended `personas list` and
+    `show` in a UnicodeEncodeError traceback, and `validate` ended in rich's own at its "✓"."""
+    write_persona("dash", base="smollm2", description="calm — and “quoted”")
+    latin = {**env, "PYTHONIOENCODING": "latin-1"}
+    for args in (["personas", "list"], ["personas", "show", "dash"], ["personas", "validate", "dash"]):
+        shown = subprocess.run([sys.executable, "-m", "persona", *args], env=latin, capture_output=True,
+                               check=False, timeout=120)
+        assert (shown.returncode, shown.stderr) == (0, b""), (args, shown.stderr.decode("latin-1"))
+        said = shown.stdout.decode("latin-1")
+        assert "calm ? and ?quoted?" in said or said.startswith("? "), (args, said)
+
+
+def test_queue_stats_on_a_40_column_terminal_cuts_no_figure_or_id(redis_client):
+    """On a 40-column terminal the workers table showed the memory "791" as "7…" and the
+    worker's id as "v…"."""
+    import io
+
+    from rich.console import Console
+
+    from persona.cli.queue_cmd import render_all
+    from persona.monitoring import collect_stats
+
+    worker = "vm-56a5c0ffee-0123-gpu0"
+    heartbeat.publish(redis_client, heartbeat.WorkerInfo(id=worker, personas={"sage": "v12", "bofh": "base"},
+                                                         state="serving", requests=12345, memory_mb=791.0), ttl_s=30)
+    narrow = Console(width=40, file=io.StringIO(), force_terminal=True, color_system=None)
+    narrow.print(render_all(collect_stats(redis_client)))
+    shown = narrow.file.getvalue()
+    assert "…" not in shown and max(map(len, shown.splitlines())) <= 40, shown
+    cells = [[cell.strip() for cell in line.split("│")[1:-1]] for line in shown.splitlines() if line.startswith("│")]
+    workers = [row for row in cells if len(row) == 8]
+    assert ["12345", "791"] in [row[5:7] for row in workers], shown
+    assert "".join(row[0] for row in workers) == worker  # folded across lines, every character there

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -10,7 +13,7 @@ from hypothesis import HealthCheck, given, settings as hsettings, strategies as 
 
 from persona.contract import SamplingOverrides
 from persona.errors import ConfigError, UnknownPersona
-from persona.personas import BUILTIN_PERSONAS_DIR, PersonaRegistry, load_persona_file
+from persona.personas import BUILTIN_PERSONAS_DIR, PersonaRegistry, load_persona_file, unread_reason
 
 
 def test_shipped_personas_are_valid_and_distinct():
@@ -72,6 +75,28 @@ def test_registry_lists_valid_files_and_reports_the_rest(settings, personas_dir:
     found, problems = registry.scan()
     assert "ok" in found and "sage" in found and "nope" not in found
     assert len(problems) == 1 and "sampling.temperature" in str(problems[0])
+
+
+def test_editor_locks_and_hidden_files_are_not_persona_files(settings, personas_dir: Path):
+    """Emacs's lock while a buffer is changed (``.#mine.toml``, a dangling link) was read as a
+    persona file: every command, and the service's metrics, reported an invalid persona."""
+    (personas_dir / "mine.toml").write_text('description = "mine"\n')
+    (personas_dir / ".#mine.toml").symlink_to("root@host.1234:1700000000")
+    (personas_dir / "._mine.toml").write_bytes(b"\x00\x05\x16\x07")  # macOS AppleDouble
+    (personas_dir / "#mine.toml").write_text("name = ")
+    registry = PersonaRegistry.from_settings(settings)
+    found, problems = registry.scan()
+    assert "mine" in found and problems == []
+    assert [p.name for p in registry.files() if p.parent == personas_dir] == ["mine.toml"]
+
+
+def test_a_toml_extension_in_another_case_is_said_to_be_never_read(settings, personas_dir: Path):
+    (personas_dir / "caps.TOML").write_text('description = "shouting"\n')
+    registry = PersonaRegistry.from_settings(settings)
+    assert "caps" not in registry.all() and registry.misnamed() == [personas_dir / "caps.TOML"]
+    assert unread_reason(personas_dir / "caps.TOML") == (
+        "only names ending in '.toml' (lower case) are read as personas; rename it to caps.toml")
+    assert unread_reason(personas_dir / "caps.toml") == ""
 
 
 def test_later_folder_overrides_a_builtin_namesake(settings, personas_dir: Path):
@@ -269,18 +294,48 @@ def test_a_relative_base_model_is_found_beside_the_persona_file_from_any_folder(
     assert load_persona_file(tmp_path / "personas" / "bundled.toml").model.base == "smollm2"
 
 
-def _validate_folder(settings, personas_dir: Path):
-    """`persona personas validate FOLDER`, run as a user runs it, on these settings' data."""
+def _validate_env(settings, personas_dir: Path) -> dict[str, str]:
     import json
     import os
-    import subprocess
-    import sys
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("PERSONA_")}
-    env |= {"PERSONA_DATA_DIR": str(settings.data_dir), "PERSONA_PERSONAS_DIRS": json.dumps([str(personas_dir)]),
-            "PYTHONIOENCODING": "utf-8"}
-    return subprocess.run([sys.executable, "-m", "persona", "personas", "validate", str(personas_dir)], env=env,
-                          capture_output=True, check=False, text=True, encoding="utf-8", timeout=120)
+    return env | {"PERSONA_DATA_DIR": str(settings.data_dir), "PERSONA_PERSONAS_DIRS": json.dumps([str(personas_dir)]),
+                  "PYTHONIOENCODING": "utf-8"}
+
+
+def _validate_folder(settings, personas_dir: Path):
+    """`persona personas validate FOLDER`, run as a user runs it, on these settings' data."""
+    return subprocess.run([sys.executable, "-m", "persona", "personas", "validate", str(personas_dir)],
+                          env=_validate_env(settings, personas_dir), capture_output=True, check=False, text=True,
+                          encoding="utf-8", timeout=120)
+
+
+def test_validate_warns_of_a_system_prompt_the_models_context_has_no_room_for(
+    settings, personas_dir: Path, write_persona, tiny_llama_dir
+):
+    """A 20,000-word system prompt passed validate; served, its end was cut from every request,
+    and each took the only worker minutes."""
+    import json
+
+    long = " ".join(["Patience is the slow river that carves the canyon of a life."] * 300)  # about 4,200 tokens
+    write_persona("wordy", base=str(tiny_llama_dir), system=long)  # the tiny model reads 512 tokens
+    write_persona("terse", base=str(tiny_llama_dir))
+    write_persona("epic", base="smollm2", system=long * 3)
+    checked = _validate_folder(settings, personas_dir)
+    assert checked.returncode == 0, checked.stderr
+    said = {line.split(": ")[1].removesuffix(".toml").rsplit("/", 1)[-1]: line for line in checked.stderr.splitlines()}
+    assert set(said) == {"wordy", "epic"}, checked.stderr
+    assert re.search(r"prompt\.system is [\d,]+ tokens, and the model reads 512 tokens, of which 504 may be prompt "
+                     r"beside a reply of up to sampling\.max_new_tokens \(8\): the system prompt alone leaves no room",
+                     said["wordy"]), said["wordy"]
+    # The bundled model's tokenizer is read once it was unpacked; before, the length is estimated.
+    assert re.search(r"prompt\.system is (about )?[\d,]+ tokens( \(estimated at 4 characters a token\))?, and the model "
+                     r"reads 8,192 tokens", said["epic"]), said["epic"]
+    assert all(line.startswith("warning: ") for line in said.values())
+    as_json = subprocess.run([*checked.args, "--json"], env=_validate_env(settings, personas_dir), capture_output=True,
+                             check=False, text=True, encoding="utf-8", timeout=120)
+    warned = {Path(c["path"]).stem: c["warnings"] for c in json.loads(as_json.stdout)["checked"]}
+    assert warned["terse"] == [] and [said["wordy"].removeprefix("warning: ")] == warned["wordy"]
 
 
 def _poster_with_every_credential(settings, redis_client):

@@ -180,17 +180,71 @@ async def test_while_a_worker_loads_its_models_the_asker_hears_the_persona_is_wa
 async def test_a_refusal_that_ends_in_a_question_is_one_sentence_not_two(
     settings: Settings, redis_url, redis_client, running_worker, write_persona
 ):
-    """A worker's refusal ending in "Did you mean 'dc'?" read "...'dc'?." to the asker."""
-    write_persona("dc", base="smollm2")
-    settings.telegram = settings.telegram.model_copy(update={"persona": "dcc"})
+    """A worker's refusal ending in "did you mean 'temperature'?" read "...'temperature'?." to the asker."""
+    write_persona("dc", base="smollm2", sampling={"temprature": 0.5})
+    settings.telegram = settings.telegram.model_copy(update={"persona": "dc"})
     running_worker()
     client = redis.asyncio.Redis.from_url(redis_url)
     responder = Responder(client, settings, "telegram")
     reply = await responder.answer(HERE, "hello?")
-    assert reply.startswith("I can't answer that: unknown persona 'dcc'") and reply.endswith("Did you mean 'dc'?")
-    assert "cannot be read" not in responder.describe_persona("dcc")
-    assert responder.describe_persona("dcc").startswith("dcc, a persona that is not here")
+    assert reply.startswith("I can't answer that: ") and reply.endswith("did you mean 'temperature'?")
+    assert responder.describe_persona("dc") == "dc (its persona file cannot be read right now)"
     await client.aclose()
+
+
+async def test_a_persona_withdrawn_from_the_platform_stops_answering_there(
+    settings: Settings, redis_url, redis_client, write_persona, personas_dir
+):
+    """The chat chose 'other'; then its file dropped telegram from adapters (or was deleted). It
+    went on answering as 'other', and /persona still said "You are talking to Other"."""
+    write_persona("tg", base="smollm2")
+    write_persona("other", base="smollm2")
+    settings.telegram = settings.telegram.model_copy(update={"persona": "tg"})
+    client = redis.asyncio.Redis.from_url(redis_url)
+    responder = Responder(client, settings, "telegram")
+    await responder.set_persona("c1", "other")
+    with scripted_worker(settings, lambda r: f"as {r.persona}: {r.messages[-1].content}") as seen:
+        assert await responder.answer(HERE, "hi") == "as other: hi"
+        write_persona("other", base="smollm2", adapters=["cli"])
+        assert await responder.answer(HERE, "hello") == (
+            "I can't answer as 'other': it is not offered here any more. "
+            "Available: bofh, sage, tg. Pick one with /persona NAME."
+        )
+        assert len(seen) == 1  # the worker never saw it
+        assert not responder.describe_persona("other").startswith("Other")
+        assert responder.describe_persona("other").startswith("no one: 'other' is not offered here any more")
+        # Once the chat picks one that is offered, /retry answers the question that got none.
+        await responder.set_persona("c1", "tg")
+        assert await responder.retry(HERE) == "as tg: hello"
+        (personas_dir / "tg.toml").unlink()  # deleted: the same
+        assert (await responder.answer(HERE, "still there?")).startswith("I can't answer as 'tg': it is not offered")
+    assert persona_words(await responder.answer(HERE, "and now?")) == ""  # a notice, not the persona's words
+    await client.aclose()
+
+
+async def test_a_default_persona_withdrawn_while_running_is_said_to_the_asker_and_logged_once(
+    settings: Settings, redis_url, redis_client, write_persona, caplog
+):
+    write_persona("tg", base="smollm2")
+    settings.discord = settings.discord.model_copy(update={"persona": "tg"})
+    client = redis.asyncio.Redis.from_url(redis_url)
+    responder = Responder(client, settings, "discord")
+    write_persona("tg", base="smollm2", adapters=["cli", "telegram"])
+    with scripted_worker(settings, lambda r: f"as {r.persona}") as seen, caplog.at_level("INFO", "adapters.responder"):
+        for chat in ("c1", "c2"):
+            reply = await responder.answer(Where(chat=chat, user="u1"), "hello")
+            assert reply == ("I can't answer as 'tg': it is not offered here any more. Available: bofh, sage. "
+                             "Pick one with /persona NAME.")
+        assert not seen
+        said = [r.getMessage() for r in caplog.records if "default persona" in r.getMessage()]
+        assert said == [(
+            "discord: the default persona 'tg' (PERSONA_DISCORD__PERSONA) is no longer offered here (its file is "
+            "gone, or its adapters no longer lists 'discord'), so chats that chose no persona are not answered: add "
+            "'discord' back to its adapters, or set PERSONA_DISCORD__PERSONA to one of bofh, sage and restart"
+        )]
+        write_persona("tg", base="smollm2")  # put back: answered again, and that is said too
+        assert await responder.answer(HERE, "hello") == "as tg"
+        assert "discord: the default persona 'tg' is offered here again" in caplog.messages
 
 
 def test_a_default_persona_that_is_not_there_or_not_on_the_platform_is_refused_naming_the_setting(

@@ -352,13 +352,50 @@ def test_a_schedule_turned_back_on_starts_afresh(settings, write_persona, redis_
     turn_off(write_persona)
     assert runner.tick(utc(2026, 1, 6, 12)) == []
     write_persona("poet", base="unused", adapters=["cli", "scheduler"], schedule=POET_SCHEDULE)
+    caplog.clear()  # why it stopped, said when it did
     with caplog.at_level(logging.INFO, logger="adapters.scheduler"):
         assert runner.tick(utc(2026, 2, 4, 20)) == []
     assert [r.getMessage() for r in caplog.records if r.name == "adapters.scheduler"] == [
+        *(["poet: posted on schedule again"] if turn_off is not _disabled else []),
         "poet: schedule '0 9 * * *' (Europe/London) starts now"]
     assert [o.slot for o in runner.tick(utc(2026, 2, 5, 9, 1))] == ["2026-02-05T09:00:00Z"]
     assert [line["marker"] for line in read_jsonl(out)] == [
         "poet:2026-01-05T09:00:00Z:file:poet.jsonl", "poet:2026-02-05T09:00:00Z:file:poet.jsonl"]
+
+
+def test_an_edit_that_stops_or_restarts_scheduled_posts_is_logged_once_when_it_happens(
+    settings, write_persona, redis_client, caplog
+):
+    """Edited to adapters = ["cli"] while the scheduler ran, a persona's posts stopped and nothing
+    was logged: only the start (``preflight``) said why a persona is not posted on."""
+    write_persona("poet", base="unused", adapters=["cli", "scheduler"], schedule=POET_SCHEDULE)
+    runner = Scheduler(poster_for(settings), redis_client)
+    assert runner.preflight() == []
+
+    def said_at(when: datetime) -> list[str]:
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="adapters.scheduler"):
+            runner.tick(when)
+        return [r.getMessage() for r in caplog.records if r.name == "adapters.scheduler" and "starts now" not in r.getMessage()]
+
+    assert said_at(utc(2026, 1, 5, 8)) == []
+    _scheduler_adapter_removed(write_persona)
+    assert said_at(utc(2026, 1, 5, 8, 1)) == [('poet: not posted on schedule: schedule.enabled is true, but adapters '
+                                               'does not list "scheduler" (it lists cli); add it to post on schedule')]
+    assert said_at(utc(2026, 1, 5, 8, 2)) == []  # not again at every tick
+    write_persona("poet", base="unused", adapters=["cli", "scheduler"], schedule={**POET_SCHEDULE, "sinks": []})
+    assert said_at(utc(2026, 1, 5, 8, 3)) == [('poet: not posted on schedule: schedule.enabled is true, but schedule.sinks '
+                                               'is empty; name where the posts go, e.g. sinks = ["file:posts.jsonl"]')]
+    write_persona("poet", base="unused", adapters=["cli", "scheduler"], schedule=POET_SCHEDULE)
+    assert said_at(utc(2026, 1, 5, 8, 4)) == ["poet: posted on schedule again"]
+    assert said_at(utc(2026, 1, 5, 8, 5)) == []
+    _disabled(write_persona)
+    assert said_at(utc(2026, 1, 5, 8, 6)) == ["poet: not posted on schedule: schedule.enabled is false now"]
+    write_persona("poet", base="unused", adapters=["cli", "scheduler"], schedule=POET_SCHEDULE)
+    assert said_at(utc(2026, 1, 5, 8, 7)) == []  # turned on: its "schedule ... starts now" says so
+    _file_broken(write_persona)
+    assert said_at(utc(2026, 1, 5, 8, 8)) == [("poet: not posted on schedule: its persona file is gone or cannot be read "
+                                               "(`persona personas validate` says why)")]
 
 
 def test_a_scheduler_behind_another_cannot_make_a_posted_slot_due_again(settings, scheduled, redis_client, caplog):

@@ -474,6 +474,32 @@ async def test_only_group_admins_switch_the_persona(start_bot, fake_api, telegra
     assert "no persona called 'nosuch'" in fake_api.texts()[2]
 
 
+async def test_a_persona_withdrawn_from_telegram_while_the_bot_runs_stops_answering_there(
+    start_bot, fake_api, telegram_settings, write_persona, tiny_llama_dir
+):
+    """A chat chose 'other'; then 'other' and the default 'tg' were edited to adapters = ["cli"].
+    /persona still said "You are talking to Other", and both went on answering."""
+    write_persona("other", base=str(tiny_llama_dir))
+    with scripted_worker(telegram_settings, lambda r: f"as {r.persona}") as seen:
+        await start_bot()
+        fake_api.push_message("/persona other", chat_id=1001)
+        await fake_api.wait_for(lambda: len(fake_api.sent) == 1)
+        write_persona("other", base=str(tiny_llama_dir), adapters=["cli"])
+        write_persona("tg", base=str(tiny_llama_dir), adapters=["cli"])
+        fake_api.push_message("/persona", chat_id=1001)
+        await fake_api.wait_for(lambda: len(fake_api.sent) == 2)
+        fake_api.push_message("hello", chat_id=1001)
+        fake_api.push_message("hello", chat_id=1002, user_id=1002)
+        await fake_api.wait_for(lambda: len(fake_api.sent) == 4)
+    assert fake_api.texts()[1] == ("You are talking to no one: 'other' is not offered here any more; pick another "
+                                   "with /persona NAME\nAvailable: bofh, sage")
+    assert set(fake_api.texts()[2:]) == {  # the two chats' answers, in either order
+        f"I can't answer as {name!r}: it is not offered here any more. Available: bofh, sage. Pick one with /persona NAME."
+        for name in ("other", "tg")
+    }
+    assert not seen
+
+
 async def test_anonymous_admins_and_channels_are_answered_each_in_a_conversation_of_their_own(
     start_bot, fake_api, telegram_settings, redis_client
 ):

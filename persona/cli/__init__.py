@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
+import io
 import os
 import select
 import sys
@@ -187,8 +188,19 @@ def _flush_stdout() -> None:
         _drop_output_nobody_reads()
 
 
+def _replace_what_cannot_be_shown() -> None:
+    """Standard output and error, in an encoding that cannot write every character (a latin-1
+    or cp1252 terminal), write "?" for those it cannot: a description holding "—", or
+    validate's "✓", ended the command in a UnicodeEncodeError traceback. Their encoding is
+    kept, and a stream set to handle errors its own way (surrogateescape) is left so."""
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper) and stream.errors == "strict":
+            stream.reconfigure(errors="replace")
+
+
 def main() -> None:
     """Entry point of the ``persona`` console script."""
+    _replace_what_cannot_be_shown()
     rich.console.Console.on_broken_pipe = _on_broken_pipe  # the hook rich offers; see its docstring
     command = _tidy_help(typer.main.get_command(app))
     command.invoke = _stops_when_the_reader_goes(command.invoke)

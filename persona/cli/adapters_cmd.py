@@ -7,9 +7,9 @@ import json
 
 import typer
 from rich.markup import escape
-from rich.table import Table
 
 from persona.cli.common import console, friendly_errors, get_settings
+from persona.cli.queue_cmd import WholeNumbersTable
 from persona.connection import connect
 from persona.errors import ConfigError
 from persona.logs import setup_logging
@@ -74,16 +74,13 @@ def list_access(json_output: bool = typer.Option(False, "--json", help="print on
     if json_output:
         print(json.dumps({"approved": approved, "pending": [p.__dict__ for p in pending]}))
         return
-    table = Table(title="approved users", header_style="bold")
-    table.add_column("platform")
-    table.add_column("user id")
+    table = WholeNumbersTable("platform", "user id", numbers=("user id",), title="approved users", header_style="bold")
     for platform, users in approved.items():
         for user in users:
             table.add_row(escape(platform), escape(user))
     console.print(table)
-    waiting = Table(title="pending pairing codes", header_style="bold")
-    for column in ("code", "platform", "user id", "name", "asked at (UTC)"):
-        waiting.add_column(column)
+    waiting = WholeNumbersTable("code", "platform", "user id", "name", "asked at (UTC)", numbers=("code", "user id"),
+                                title="pending pairing codes", header_style="bold")
     for p in pending:
         asked = dt.datetime.fromtimestamp(p.created_at, dt.UTC).strftime("%Y-%m-%d %H:%M")
         waiting.add_row(*(escape(field) for field in (p.code, p.platform, p.user, p.name)), asked)

@@ -15,7 +15,6 @@ from typing import Literal
 import redis
 import typer
 from rich.markup import escape
-from rich.table import Table
 
 from persona import swap as swaps
 from persona.checkpoint_checks import static_problem
@@ -38,6 +37,7 @@ from persona.cli.common import (
     local_time,
     print_whole,
 )
+from persona.cli.queue_cmd import WholeNumbersTable
 from persona.cli.talk import stop_signals_as_ctrl_c, timeout_seconds
 from persona.connection import connect, retrying_until
 from persona.errors import (
@@ -320,9 +320,8 @@ def checkpoints(
         err_console.print(f"which version is active, and what a rollback returns to, is unknown: {state.unknown}",
                           style="yellow", markup=False, highlight=False)
     # Every cell escaped: a base or an active folder named "runs/[draft]" was read as markup.
-    table = Table(title=escape(f"{persona.name}: checkpoints (active: {active or 'unknown'})"), header_style="bold")
-    for column in ("", "version", "created", "kind", "base", "metrics"):
-        table.add_column(column)
+    table = WholeNumbersTable("", "version", "created", "kind", "base", "metrics", numbers=("version",),
+                              title=escape(f"{persona.name}: checkpoints (active: {active or 'unknown'})"), header_style="bold")
     table.add_row("*" if active == BASE_VERSION else "", BASE_VERSION, "", "", escape(persona.model.base), "")
     for c in found:
         created = dt.datetime.fromtimestamp(c.created_at).strftime("%Y-%m-%d %H:%M")

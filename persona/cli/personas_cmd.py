@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from persona.cli.common import (
     json_error,
 )
 from persona.errors import ConfigError, closest
-from persona.personas import Persona, PersonaRegistry, unscheduled_reason
+from persona.personas import Persona, PersonaRegistry, unread_reason, unscheduled_reason
 from persona.settings import Settings
 
 personas_app = typer.Typer(help="List, show and validate persona files.", no_args_is_help=True)
@@ -113,8 +114,12 @@ def validate(
     on this machine, an enabled schedule must be able to post, each sink must be spelt as
     posting reads it, and no two of its sinks may post to one place.
 
+    A warning (on stderr) says what works, but not as meant: a system prompt so long that the
+    model's context leaves no room beside it (its end would be cut from every request).
+
     With --json: ok, and checked (each file: path, problem or null, overridden_by: the namesake
-    used instead, or null); with any problem, ok false and an error holding them all (exit status 1).
+    used instead, or null, and warnings); with any problem, ok false and an error holding them all
+    (exit status 1).
     """
     from persona.personas import load_persona_file
 
@@ -126,25 +131,33 @@ def validate(
     winner = {path.stem: path.resolve() for path in searched}
     if paths:  # a persona's name stands for the file it is read from ("sage: cannot read" sent people looking)
         paths = [str(winner[p]) if p in winner and not Path(p).exists() else p for p in paths]
-    files = _files_named([Path(p) for p in paths if Path(p).exists()]) if paths else searched
+    named = [Path(p) for p in paths if Path(p).exists()] if paths else []
+    files = _files_named(named) if paths else searched + registry.misnamed()
     searched_here = {path.resolve() for path in searched}
     if paths:  # a folder named with no persona file in it passed as if all were well
-        missing = [f"{folder}: no persona files (*.toml) in this folder" for folder in map(Path, paths)
-                   if folder.is_dir() and not any(folder.glob("*.toml"))]
+        missing = [f"{folder}: no persona files (*.toml) in this folder" for folder in named
+                   if folder.is_dir() and not _files_named([folder])]
         missing += [_not_found(p, sorted(winner)) for p in paths if not Path(p).exists()]
     else:
         missing = _missing_folders(settings)
     checked = []
     for path in files:
         here = path.resolve()
+        warnings: list[str] = []
         try:
-            _check_usable(load_persona_file(path), settings)
+            # A file the service never reads (caps.TOML, an editor's lock) is no persona, however valid.
+            if unread := unread_reason(path):
+                raise ConfigError(f"{path}: never read: {unread}")
+            persona = load_persona_file(path)
+            _check_usable(persona, settings)
         except ConfigError as exc:
             problem = str(exc)
         else:
             problem = None
+            warnings = [f"{path}: {warning}" for warning in _warnings(persona, settings)]
         unused = here in searched_here and winner[path.stem] != here
-        checked.append({"path": str(path), "problem": problem, "overridden_by": str(winner[path.stem]) if unused else None})
+        checked.append({"path": str(path), "problem": problem, "overridden_by": str(winner[path.stem]) if unused else None,
+                        "warnings": warnings})
     problems = missing + [c["problem"] for c in checked if c["problem"]]
     if json_output:
         shown = {"ok": not problems, "checked": checked}
@@ -168,6 +181,8 @@ def _print_checked(missing: list[str], checked: list[dict]) -> None:
         else:
             note = f" [yellow](not used: {escape(c['overridden_by'])} overrides it)[/yellow]" if c["overridden_by"] else ""
             console.print(f"[green]✓[/green] {escape(c['path'])}{note}", highlight=False)
+            for warning in c["warnings"]:
+                err_console.print(f"[yellow]warning:[/yellow] {escape(warning)}", highlight=False)
 
 
 def _not_found(named: str, known: list[str]) -> str:
@@ -180,8 +195,13 @@ def _not_found(named: str, known: list[str]) -> str:
 
 
 def _files_named(paths: list[Path]) -> list[Path]:
-    """The files named, a folder standing for its persona files."""
-    return [found for path in paths for found in (sorted(path.glob("*.toml")) if path.is_dir() else [path])]
+    """The files named, a folder standing for its persona files (as the service reads them) and
+    those meant as such that it never reads (``caps.TOML``)."""
+    def within(folder: Path) -> list[Path]:
+        registry = PersonaRegistry([folder])
+        return sorted([*registry.files(), *registry.misnamed()])
+
+    return [found for path in paths for found in (within(path) if path.is_dir() else [path])]
 
 
 def _missing_folders(settings: Settings) -> list[str]:
@@ -260,6 +280,101 @@ def _model_problems(persona: Persona, settings: Settings) -> list[str]:
         except ModelError as exc:
             problems.append(f"model.base: {exc}")
     return problems
+
+
+def _warnings(persona: Persona, settings: Settings) -> list[str]:
+    """What works, but not as meant: each said in a sentence with what to change."""
+    room = _system_prompt_room(persona, settings)
+    return [room] if room else []
+
+
+def _system_prompt_room(persona: Persona, settings: Settings) -> str:
+    """A warning when the system prompt alone leaves the newest message no room in the model's
+    context beside the reply ('' when it fits). Counted with the model's tokenizer when its
+    folder has a tokenizer.json (no weights are read), else estimated. The worker cut such a
+    prompt's end from every request, and spent long on each (a 20,000-word prompt held the only
+    worker minutes past its requests' deadlines)."""
+    from persona.prompting import MIN_MESSAGE_TOKENS, prompt_budget
+
+    system = persona.prompt.system
+    if not system:
+        return ""
+    folders = _model_folders(persona, settings)
+    context = _context_tokens(folders)
+    budget = prompt_budget(context, persona.sampling.max_new_tokens)
+    tokens = _count_tokens(system, folders)
+    if tokens is not None:
+        counted = f"{tokens:,} tokens"
+    else:  # no tokenizer to read: estimated
+        tokens = len(system) // ESTIMATED_CHARS_PER_TOKEN
+        counted = f"about {tokens:,} tokens (estimated at {ESTIMATED_CHARS_PER_TOKEN} characters a token)"
+    if tokens + MIN_MESSAGE_TOKENS <= budget:
+        return ""
+    return (
+        f"prompt.system is {counted}, and the model reads {context:,} tokens, of which {budget:,} may be prompt "
+        f"beside a reply of up to sampling.max_new_tokens ({persona.sampling.max_new_tokens}): the system prompt "
+        "alone leaves no room for the conversation, so its end is cut from every request. Shorten prompt.system, "
+        "or serve the persona on a model that reads more"
+    )
+
+
+# English averages about 4 characters a token in the BPE vocabularies of small models; an
+# estimate at 4 says "too long" only of prompts longer than that.
+ESTIMATED_CHARS_PER_TOKEN = 4
+# As the worker reads a model's context (LoadedModel.context_tokens): its config's, capped.
+MAX_CONTEXT_TOKENS = 8192
+DEFAULT_CONTEXT_TOKENS = 2048
+
+
+def _model_folders(persona: Persona, settings: Settings) -> list[Path]:
+    """The folders that say what the persona's model reads, the checkpoint's first; those not
+    on this machine (the bundled model before its first use: converting it takes seconds) left out."""
+    from persona.checkpoints import resolve_checkpoint
+    from persona.errors import ModelError
+    from persona.models import BUNDLED_ALIASES, BUNDLED_CACHE_NAME, resolve_base
+
+    folders = []
+    with contextlib.suppress(ModelError):
+        _, checkpoint = resolve_checkpoint(persona, settings)
+        folders += [checkpoint] if checkpoint is not None else []
+    if persona.model.base in BUNDLED_ALIASES:
+        folders.append(settings.model_cache_dir / BUNDLED_CACHE_NAME)
+    else:
+        with contextlib.suppress(ModelError):
+            folders.append(resolve_base(persona.model.base, settings.model_cache_dir, weights=False))
+    return folders
+
+
+def _context_tokens(folders: list[Path]) -> int:
+    """The positions the worker gives the model: its config's (the first folder's that has one), capped;
+    the cap when none can be read (the bundled model's own is the cap)."""
+    for folder in folders:
+        try:
+            config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        for key in ("max_position_embeddings", "n_positions", "n_ctx"):
+            value = config.get(key) if isinstance(config, dict) else None
+            if isinstance(value, int) and value > 0:
+                return min(value, MAX_CONTEXT_TOKENS)
+        return DEFAULT_CONTEXT_TOKENS
+    return MAX_CONTEXT_TOKENS
+
+
+def _count_tokens(text: str, folders: list[Path]) -> int | None:
+    """``text``'s tokens by the first tokenizer.json among ``folders`` (None if none can be read)."""
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        return None
+    for folder in folders:
+        path = folder / "tokenizer.json"
+        if path.is_file():
+            try:
+                return len(Tokenizer.from_file(str(path)).encode(text, add_special_tokens=False).ids)
+            except Exception:  # noqa: BLE001 - the library raises plain Exception for a file it cannot read: estimated instead
+                return None
+    return None
 
 
 def register(app: typer.Typer) -> None:

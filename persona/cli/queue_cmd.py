@@ -5,20 +5,24 @@ from __future__ import annotations
 import datetime as dt
 import json
 import time
-from typing import Annotated
+from collections.abc import Collection
+from typing import Annotated, Any
 
 import click
 import redis
 import typer
 from pydantic import ValidationError
-from rich.console import Group
+from rich.cells import cell_len
+from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderResult
 from rich.live import Live
 from rich.markup import escape
+from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
 from persona import constants as keys
 from persona.cli.common import (
+    UNBOUNDED_WIDTH_CHARS,
     console,
     err_console,
     explain_redis_error,
@@ -49,7 +53,7 @@ from persona.settings import Settings
 from persona.telemetry import THROUGHPUT_WINDOW_S
 
 __all__ = [
-    "dead", "drop", "register", "render_all", "render_latency", "render_stats", "render_stuck", "render_workers", "retry",
+    "WholeNumbersTable", "dead", "drop", "register", "render_all", "render_latency", "render_stats", "render_stuck", "render_workers", "retry",
     "show", "stats", "summary_line", "watch",
 ]
 
@@ -61,19 +65,94 @@ MAX_ID_SHOWN_CHARS = 48
 # 8 reconnects a silent (SIGSTOPped) Redis held the watch without a line for 72 s.
 READ_GIVE_UP_S = 3.0
 
+# A text column is narrowed to this before a figure's header is folded to make room.
+FEWEST_TEXT_CHARS = 6
+
+
+class WholeNumbersTable(Table):
+    """A table whose cells are never cut short: on a terminal too narrow for it, its text
+    columns fold (an id goes on across lines), and the columns named in ``numbers`` stay as
+    wide as their longest figure, their headers wrapping instead. Left to rich, a 40-column
+    terminal showed a worker's memory "791" as "7…" and its id as "v…". Into a pipe
+    (``print_whole`` sets its width) it is as wide as its cells need, as before."""
+
+    def __init__(self, *headers: str, numbers: Collection[str] = (), right: Collection[str] = (), **kwargs: Any) -> None:
+        """``headers``: the columns (``right``: those of them set flush right); more may be added."""
+        super().__init__(**kwargs)
+        self.numbers = frozenset(numbers)
+        for header in headers:
+            self.add_column(header, justify="right" if header in right else "left")
+
+    def add_column(self, header: RenderableType = "", *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("overflow", "fold")
+        super().add_column(header, *args, **kwargs)
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        kept = [column.max_width for column in self.columns], self.padding
+        caps = self._caps(console, options) if self.width is None else []
+        if caps is None:  # not even with a character a line of text: the cells' padding goes, the lines stay
+            self.padding = (0, 0)
+            caps = self._caps(console, options) or []
+        for column, cap in zip(self.columns, caps, strict=False):
+            column.max_width = cap
+        try:
+            yield from super().__rich_console__(console, options)
+        finally:
+            for column, was in zip(self.columns, kept[0], strict=True):
+                column.max_width = was
+            self.padding = kept[1]
+
+    def _caps(self, console: Console, options: ConsoleOptions) -> list[int | None] | None:
+        """Each column's widest, so that the table fits ``options.max_width`` with every figure
+        whole; None when it cannot."""
+        texts = [[_plain(console, cell) for cell in (column.header, *column.cells)] for column in self.columns]
+        natural = [max((cell_len(line) for text in column for line in text.splitlines()), default=1)
+                   for column in texts]
+        chrome = Measurement.get(console, options.update_width(UNBOUNDED_WIDTH_CHARS), self).maximum - sum(natural)
+        room = options.max_width - chrome
+        if sum(natural) <= room:
+            return [None] * len(natural)
+        caps: list[int | None] = list(natural)
+        figures = [i for i, column in enumerate(self.columns) if column.header in self.numbers]
+        others = [i for i in range(len(caps)) if i not in figures]
+
+        def longest_word(texts: list[str]) -> int:
+            return max((cell_len(word) for text in texts for word in text.split()), default=1)
+
+        # Each figure whole; its header wraps at its spaces, or, when the text would be left
+        # fewer than a few characters a line, folds too ("reque|sts" over "sa|ge|@v|1").
+        headed = {i: longest_word(texts[i]) for i in figures}
+        if sum(headed.values()) + sum(min(natural[i], FEWEST_TEXT_CHARS) for i in others) > room:
+            headed = {i: longest_word(texts[i][1:]) for i in figures}
+        if sum(headed.values()) + len(others) > room:
+            return None
+        for i, cap in headed.items():
+            caps[i] = cap
+        excess = sum(caps) - room
+        while excess > 0 and others:  # the widest text column gives a character, until it fits
+            widest = max(others, key=lambda i: caps[i])
+            if caps[widest] <= 1:
+                break
+            caps[widest] -= 1
+            excess -= 1
+        return caps
+
+
+def _plain(console: Console, cell: RenderableType) -> str:
+    """A cell's text as shown (markup read), for its width."""
+    if isinstance(cell, Text):
+        return cell.plain
+    return console.render_str(cell).plain if isinstance(cell, str) else str(cell)
+
+
 queue_app = typer.Typer(help="Watch the queue and handle dead letters (list, show, retry, drop).", no_args_is_help=True)
 
 
 def render_stats(stats: QueueStats) -> Table:
     """Depth, waiting age and counters, ready to print."""
-    table = Table(title="queue", show_header=True, header_style="bold")
-    table.add_column("stream")
-    table.add_column("waiting", justify="right")
-    table.add_column("in flight", justify="right")
-    table.add_column("oldest waiting", justify="right")
-    # Not taken yet, but no longer wanted: a worker discards them (they are not waiting work).
-    table.add_column("withdrawn", justify="right")
-    table.add_column("expired", justify="right")
+    # "withdrawn": not taken yet, but no longer wanted: a worker discards them (they are not waiting work).
+    figures = ("waiting", "in flight", "oldest waiting", "withdrawn", "expired")
+    table = WholeNumbersTable("stream", *figures, numbers=figures, right=figures, title="queue", header_style="bold")
     for stream in stats.streams:
         table.add_row(escape(stream.label), str(stream.waiting), str(stream.in_flight), f"{stream.oldest_waiting_s:.1f}s",
                       str(stream.withdrawn), str(stream.expired))
@@ -105,9 +184,8 @@ def render_latency(stats: QueueStats) -> Table:
     if lat:
         unwanted = "".join(f", {count} {name}" for name, count in (("withdrawn", lat.withdrawn), ("expired", lat.expired)) if count)
         title = f"latency (last {lat.window_s:.0f} s, {lat.replies} replies, {lat.failed} failed{unwanted})"
-    table = Table(title=title, header_style="bold")
-    for column in ("", "p50 ms", "p95 ms", "p99 ms"):
-        table.add_column(column, justify="right" if column else "left")
+    figures = ("p50 ms", "p95 ms", "p99 ms")
+    table = WholeNumbersTable("", *figures, numbers=figures, right=figures, title=title, header_style="bold")
     if lat:
         # Queue waits count failures too (the requests that timed out waiting are the worst).
         for name, p, count in (("queue wait", lat.queue_ms, lat.queue_waits), ("generation", lat.generate_ms, lat.replies)):
@@ -127,9 +205,8 @@ def render_workers(stats: QueueStats) -> Table:
     title += f", {len(stats.starting_workers)} starting)" if stats.starting_workers else ")"
     if stats.unreadable_workers:
         title += f", [yellow]unreadable heartbeat: {escape(', '.join(stats.unreadable_workers))}[/yellow]"
-    table = Table(title=title, header_style="bold")
-    for column in ("worker", "host", "device", "state", "personas", "requests", "memory MB", "seen"):
-        table.add_column(column)
+    table = WholeNumbersTable("worker", "host", "device", "state", "personas", "requests", "memory MB", "seen",
+                              numbers=("requests", "memory MB", "seen"), title=title, header_style="bold")
     # Heartbeats are stamped by Redis's clock, and so is this reading: one clock for both.
     now = stats.redis_time or time.time()
     for w in stats.workers:
@@ -153,9 +230,8 @@ def render_workers(stats: QueueStats) -> Table:
 
 def render_stuck(stats: QueueStats) -> Table:
     """Requests in flight that should not be."""
-    table = Table(title=f"[red]stuck work ({len(stats.stuck)})[/red]", header_style="bold")
-    for column in ("request", "persona", "worker", "held", "deliveries", "why"):
-        table.add_column(column)
+    table = WholeNumbersTable("request", "persona", "worker", "held", "deliveries", "why", numbers=("held", "deliveries"),
+                              title=f"[red]stuck work ({len(stats.stuck)})[/red]", header_style="bold")
     for s in stats.stuck:
         table.add_row(*map(escape, (s.request_id, s.persona, s.worker)), f"{s.held_s:.0f}s", str(s.deliveries), escape(s.reason))
     return table
@@ -335,9 +411,10 @@ def dead(
         return
     if not letters:  # an empty table, its title and a rule, looked like output cut short
         console.print("no dead letters")
-    table = Table(title=f"dead letters ({len(letters)} of {held} shown, newest first)", header_style="bold")
-    # The id whole, however narrow the terminal (a pipe is 80 columns): it is what `show`,
-    # `retry` and `drop` take, and "1795810641…" was all there was to copy.
+    # The id whole on a line, however narrow the terminal (a pipe is 80 columns): it is what
+    # `show`, `retry` and `drop` take, and "1795810641…" was all there was to copy.
+    table = WholeNumbersTable(numbers=("id", "deliveries"), title=f"dead letters ({len(letters)} of {held} shown, newest first)",
+                              header_style="bold")
     table.add_column("id", no_wrap=True, min_width=max((len(d.id) for d in letters), default=2))
     for column in ("request", "persona", "deliveries", "when", "reason"):
         table.add_column(column)

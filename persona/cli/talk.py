@@ -281,6 +281,8 @@ def _read_message(text: str) -> str:
     """The message as given, or for `-` all of standard input (its trailing line break dropped)."""
     if text != FROM_STDIN:
         return text
+    if sys.stdin is None:  # closed (`<&-`): nothing to read, as from an empty one
+        return ""
     if sys.stdin.isatty():
         err_console.print("type the message, then Ctrl-D on a line of its own", markup=False, highlight=False)
     return sys.stdin.read().rstrip("\r\n")
@@ -356,6 +358,8 @@ def run_chat(
     console.print(f"chatting with [bold]{persona}[/bold]; {CHAT_COMMANDS}")
     while True:
         try:
+            if sys.stdin is None:  # closed (`<&-`): at its end, as an empty one is
+                raise EOFError
             text = console.input("[bold cyan]you>[/bold cyan] ").strip()
         except (EOFError, KeyboardInterrupt):
             console.print()
