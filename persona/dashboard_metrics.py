@@ -22,11 +22,11 @@ from prometheus_client.core import (
     Metric,
 )
 
-from persona.connection import is_full, refusal_text
 from persona.ledger import PostLedger
 from persona.logs import REDACTED
 from persona.monitoring import QueueStats, RedisMemory, collect_stats, read_memory
 from persona.personas import PersonaRegistry
+from persona.redis_refusals import is_full, refusal_text
 from persona.settings import Settings
 from persona.swap import served_versions
 from persona.telemetry import read_histogram

@@ -23,7 +23,6 @@ import redis
 from pydantic import BaseModel, Field, computed_field
 
 from persona import constants as keys
-from persona.connection import full_redis_text, size_text
 from persona.dead_letters import trimmed_count
 from persona.heartbeat import (
     StartingWorker,
@@ -35,6 +34,7 @@ from persona.heartbeat import (
 )
 from persona.jobs import DUE_FIELD, EPOCH_FIELD, REQUEST_FIELD
 from persona.personas import Persona
+from persona.redis_refusals import full_redis_text, size_text
 from persona.swap import served_versions
 from persona.telemetry import LatencySummary, counters_named, read_counts, summarize
 

@@ -12,6 +12,11 @@ error saying why), and the worker keeps going; a reply that cannot be delivered 
 down) is kept and sent again. A heartbeat thread keeps the worker visible while it
 decodes. On stop (SIGTERM or Ctrl-C) it finishes the rows in hand, hands back
 whatever it still holds, and leaves the consumer group.
+
+The worker's parts: ``model_groups`` (jobs grouped per model, as rows),
+``row_decoding`` (rows through their engines), ``answering`` (the replies, text or
+error, that jobs are answered with) and ``reply_delivery`` (settled replies sent, with
+their telemetry and log lines).
 """
 
 from __future__ import annotations
@@ -22,27 +27,24 @@ import os
 import resource
 import threading
 import time
-from collections import defaultdict
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import redis
 
 from persona import heartbeat
+from persona.answering import Answering
 from persona.contract import ErrorKind, GenerationReply
-from persona.endings import end_cut_off
-from persona.engine import Completion, ContinuousGenerator, Work
-from persona.errors import ConfigError, ModelError, PersonaError
+from persona.engine import ContinuousGenerator
+from persona.errors import ModelError, PersonaError
 from persona.heartbeat import new_worker_id
+from persona.model_groups import ModelGroups, _Row
 from persona.personas import Persona, PersonaRegistry
-from persona.pool import ModelPool, Served
-from persona.prompting import build_prompts
+from persona.pool import ModelPool
 from persona.queue import Job, WorkQueue
+from persona.reply_delivery import RECORD_EVERY_S, ReplyDelivery
+from persona.row_decoding import RowDecoding
 from persona.settings import Settings
 from persona.swapper import Swapper
-from persona.telemetry import Tally
-from persona.validation import request_problem
 
 __all__ = ["Worker", "freeze_heap", "new_worker_id"]
 
@@ -52,64 +54,7 @@ RECLAIM_EVERY_S = 1.0
 # Rows in hand are marked fresh in Redis this often (a fraction of the visibility timeout),
 # so a reply that takes longer than the timeout is never taken as stalled.
 KEEP_EVERY = 0.25
-# A persona file is re-read at most this often: edits apply within a second, and a
-# round of one request does not pay for reading and validating TOML.
-PERSONA_REFRESH_S = 1.0
 MAX_RECONNECT_PAUSE_S = 5.0
-# With work waiting, replies carry their telemetry in the round trip that delivers them;
-# an idle worker's (and any a dropped connection lost) goes with a claim this long after
-# the last recording: a quarter second late at most, and never in the way of a reply.
-RECORD_EVERY_S = 0.25
-# What a row still decoding at its deadline is answered: its caller stops waiting then.
-LATE = "the reply was not finished by its deadline; please ask again"
-
-
-@dataclass(frozen=True)
-class _Row:
-    """What the worker keeps about a row an engine is decoding, to answer it."""
-
-    job: Job
-    persona: Persona
-    served: Served
-
-
-def _queued_at(job: Job) -> float:
-    """When a job's request was queued, by Redis's clock, in seconds.
-
-    The entry's deadline ``d`` is Redis's time as it was queued plus the allowance its
-    caller gave it (its deadline less its creation: a difference on one clock, which no
-    skew between machines changes), so ``d`` less that allowance is when it was queued;
-    a hand-back's new entry keeps ``d``, so its wait still counts from then. An entry
-    without ``d`` (an older client's, a retried letter without a deadline) is timed from
-    its id, whose milliseconds Redis set as it added it.
-    """
-    request = job.request
-    if job.due is not None and request.deadline:
-        return job.due - (request.deadline - request.created_at)
-    return int(job.entry_id.partition("-")[0]) / 1000
-
-
-def _waited_ms(job: Job, redis_offset: float) -> float:
-    """How long a job's request waited before this worker took it, in ms, all by Redis's
-    clock: from its queueing to its claim (the claim by this machine's clock plus
-    ``redis_offset``, Redis's clock minus this one's). The caller's clock used to start it
-    and this machine's to end it, so a worker 30 s fast reported 30 s waits for instant
-    replies (and one slow, none). Never below 0, where the offset learnt is a little off.
-    One that expired waiting counts all of it, though its caller gave up at its deadline:
-    that is how long the queue held it."""
-    return max(0.0, (job.claimed_at + redis_offset - _queued_at(job)) * 1000)
-
-
-def _answered_line(rows: Sequence[_Row], completions: Sequence[Completion], seconds: float, batch: int) -> tuple:
-    """The log line (format and arguments) of rows answered together, the same from either
-    kind of engine: who, which version, how many tokens, how long, in how big a batch.
-    One line per batch, not per request: at thousands of replies a second, logging is the cost."""
-    return (
-        "answered %d request(s) for %s version=%s tokens=%d in %.0f ms (batch of %d)",
-        len(rows), ",".join(sorted({row.persona.name for row in rows})),
-        ",".join(sorted({row.served.version for row in rows})),
-        sum(c.new_tokens for c in completions), seconds * 1000, batch,
-    )
 
 
 def _longer(pause_s: float) -> float:
@@ -154,7 +99,7 @@ def freeze_heap() -> None:
     gc.set_threshold(YOUNG_COLLECTION_THRESHOLD, *gc.get_threshold()[1:])
 
 
-class Worker:
+class Worker(RowDecoding, ModelGroups, Answering, ReplyDelivery):
     """Serves requests from the queue until told to stop."""
 
     def __init__(
@@ -393,28 +338,6 @@ class Worker:
         self.flush()
         return claimed
 
-    def _unsent(self, outbox: list[tuple[list[tuple[Job, GenerationReply]], int]],
-                record: list[tuple[list[GenerationReply], int]] | None, exc: Exception) -> None:
-        """Keep what a failed exchange was to deliver and record, to send again."""
-        self._outbox[:0] = outbox  # sent again: a reply is delivered at most once anyway
-        if record and isinstance(exc, (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)):
-            self._unrecorded[:0] = record  # not sent, most likely: counted once Redis is back
-
-    def _to_record(self, now: float, due: bool = False) -> list[tuple[list[GenerationReply], int]] | None:
-        """The batches settled and not yet counted, if it is time to record them (``due``:
-        with replies on their way, at once)."""
-        if not self._unrecorded or not (due or now - self._last_record >= RECORD_EVERY_S):
-            return None
-        self._last_record = now
-        batches, self._unrecorded = self._unrecorded, []
-        return batches
-
-    def record_telemetry(self) -> None:
-        """Record what was settled and not yet counted, now."""
-        batches = self._to_record(time.monotonic(), due=True)
-        if batches:
-            self.queue.record(Tally.of_batches(batches))
-
     def _reclaim(self, claimed: list[Job], room: int) -> list[Job]:
         """Up to ``room`` entries that dead or stalled workers held, or that this one lost
         (claimed by a turn that failed before it took them in hand)."""
@@ -468,273 +391,3 @@ class Worker:
                 self._admit(members)
             else:
                 self._send(self._generate(members), batch_size=len(members))
-
-    def _send(self, settled: list[tuple[Job, GenerationReply]], batch_size: int = 0) -> None:
-        """Settle replies: they are delivered with the next claim, or by ``flush``.
-
-        Their timings follow in the same round trip, right behind them, while work is
-        waiting (before an idle wait, within ``RECORD_EVERY_S``), so counting never holds a
-        caller's reply back.
-        """
-        if settled:
-            batch_size = batch_size if any(reply.ok for _, reply in settled) else 0
-            self._outbox.append((settled, batch_size))
-            self._unrecorded.append(([reply for _, reply in settled], batch_size))
-
-    def _confirm(self) -> None:
-        """Learn what became of the replies sent with the last claim; keep them if they failed."""
-        sending, self._sending = self._sending, []
-        try:
-            self.queue.confirm()
-        except redis.exceptions.RedisError:
-            self._outbox[:0] = sending  # their telemetry was sent with them: not counted twice
-            raise
-
-    def flush(self) -> None:
-        """Deliver the settled replies now, with their telemetry; what Redis cannot take is
-        kept and sent again."""
-        self._confirm()
-        outbox, self._outbox = self._outbox, []
-        record = self._to_record(time.monotonic(), due=bool(outbox))
-        if outbox or record is not None:
-            try:
-                self.queue.deliver([pair for group, _ in outbox for pair in group], self.id, record=record)
-            except redis.exceptions.RedisError as exc:
-                self._unsent(outbox, record, exc)
-                raise
-        self._log_answered()
-
-    def _log_answered(self) -> None:
-        """Write the log lines of the replies just sent (one per batch, not one per request)."""
-        lines, self._answered = self._answered, []
-        for line in lines:
-            log.info(*line)
-
-    def _set_aside(self, job: Job, deliveries: int | None = None) -> None:
-        """Set an entry that holds no valid request aside as a dead letter, payload and all,
-        and answer its caller with why where the payload names one. Such an entry used to
-        be deleted, its payload in no log line, and not one command could show it."""
-        problem = job.problem or "malformed request"
-        letter = self.queue.dead_letter(
-            job, problem, deliveries or job.deliveries, self.id, kind=ErrorKind.invalid,
-            message=f"{problem}; it was set aside for an operator to see (`persona queue dead`)",
-        )
-        if letter:
-            log.error("set aside malformed entry %s (request %s) as dead letter %s: %s; see `persona queue show %s`",
-                      job.entry_id, job.request_id or "unknown", letter, problem, letter)
-
-    def _refusal(self, job: Job) -> GenerationReply | None:
-        """An error reply for a job with a request that must not be generated, else None."""
-        request = job.request
-        if job.expired(time.time() + self._redis_offset):
-            return self._failure(job, ErrorKind.timeout, "the request waited past its deadline; please ask again")
-        problem = request_problem(request, self.settings.queue)
-        if problem:
-            return self._failure(job, ErrorKind.invalid, problem)
-        return None
-
-    def _groups(self, runnable: list[Job]) -> Iterator[list[_Row] | list[tuple[Job, GenerationReply]]]:
-        """Runnable jobs grouped per set of weights (as rows), or settled with why not."""
-        by_model: dict[tuple, list[_Row]] = defaultdict(list)
-        # Each persona is read (and its model found) once per round, not once per job;
-        # an edited persona file still takes effect on the next round.
-        found: dict[str, tuple[Persona, Served] | tuple[ErrorKind, str]] = {}
-        for job in runnable:
-            name = job.request.persona
-            if name not in found:
-                found[name] = self._serve(name)
-            persona, served = found[name]
-            if isinstance(persona, ErrorKind):
-                yield [(job, self._failure(job, persona, served))]
-                continue
-            self.info.personas[persona.name] = served.version
-            by_model[served.key].append(_Row(job, persona, served))
-        size = self.settings.worker.max_batch
-        for members in by_model.values():
-            for start in range(0, len(members), size):
-                yield members[start : start + size]
-
-    def _serve(self, name: str) -> tuple[Persona, Served] | tuple[ErrorKind, str]:
-        """A persona and what answers for it, or why it cannot answer."""
-        try:
-            persona = self._persona(name)
-            return persona, self.pool.serve(persona, self.swaps.version_for(persona.name))
-        except ConfigError as exc:
-            return ErrorKind.invalid, str(exc)
-        except ModelError as exc:
-            return ErrorKind.model, self._cannot_serve(name, exc)
-        except Exception as exc:  # out of memory, a bug in an engine: this persona fails, others go on
-            log.exception("cannot serve persona %s", name)
-            return ErrorKind.model, f"cannot load the model: {type(exc).__name__}: {exc}"
-
-    def _cannot_serve(self, name: str, exc: PersonaError) -> str:
-        """Why a persona's model cannot load here, and, for a version an operator swapped
-        to, what to do: the fleet agreed on it, but this worker (started since, or on a
-        machine whose copy differs) cannot load it, and it answered every request for the
-        persona with the load error alone, naming neither the swap nor the worker."""
-        version = self.swaps.version_for(name)
-        if version is None or not isinstance(exc, ModelError):  # a persona file's error is the file's
-            return str(exc)
-        return (
-            f"{exc}; {name!r} was swapped to {version}, which worker {self.id} cannot load: fix that checkpoint "
-            f"on its machine, or move every worker off it with `persona rollback {name}` or `persona swap {name} VERSION`"
-        )
-
-    def _persona(self, name: str) -> Persona:
-        now = time.monotonic()
-        cached = self._personas.get(name)
-        if cached is not None and now - cached[0] < PERSONA_REFRESH_S:
-            return cached[1]
-        persona = self.registry.get(name)
-        self._personas[name] = (now, persona)
-        return persona
-
-    def _works(self, members: list[_Row]) -> list[Work]:
-        items = [(r.persona, r.job.request, r.persona.sampling.merged(r.job.request.sampling)) for r in members]
-        served = members[0].served
-        prompts = build_prompts(items, served.loaded, getattr(served.engine, "context_tokens", None))
-        return [Work(p.token_ids, sampling, p.stop) for p, (_, _, sampling) in zip(prompts, items, strict=True)]
-
-    def _prompted(self, members: list[_Row]) -> tuple[list[_Row], list[Work]]:
-        """The rows whose prompts could be built, and their work; the others are answered
-        with why, alone: a chat template that refuses one conversation ("roles must
-        alternate", on Llama-2 or Mistral) used to fail every request beside it."""
-        try:
-            return members, self._works(members)
-        except Exception as exc:
-            if len(members) == 1:
-                self._send(self._failed(members, exc))
-                return [], []
-        kept, works = [], []
-        for row in members:
-            try:
-                works += self._works([row])
-            except Exception as exc:
-                self._send(self._failed([row], exc))
-            else:
-                kept.append(row)
-        return kept, works
-
-    def _admit(self, members: list[_Row]) -> None:
-        """Hand rows to their model's engine; they join its batch at the next step."""
-        engine = members[0].served.engine
-        members, works = self._prompted(members)
-        if not members:
-            return
-        for row, work in zip(members, works, strict=True):
-            engine.add(work, row)
-            self._in_flight[row.job.request.id] = row
-        self._decoding[id(engine)] = engine
-        self.info.batches += 1
-
-    def _decode_step(self) -> None:
-        """One step of every engine with rows; deliver the rows that finished."""
-        for key, engine in list(self._decoding.items()):
-            batch = engine.active
-            try:
-                done = engine.step()
-            except Exception as exc:  # the one place a decode's failure is caught
-                done, settled = [], self._failed(engine.abandon(), exc)
-            else:
-                settled = [(row.job, self._reply(row, completion, batch)) for row, completion in done]
-                if not done:  # a step is one batch generated together, whether or not a row ended in it
-                    self._unrecorded.append(([], batch))
-            for job, _ in settled:
-                self._in_flight.pop(job.request.id, None)
-            if done:
-                rows, completions = zip(*done, strict=True)
-                self._answered.append(_answered_line(rows, completions, max(c.seconds for c in completions), batch))
-            if not engine.active:
-                del self._decoding[key]
-            self.info.requests += sum(1 for _, reply in settled if reply.ok)
-            self._send(settled, batch_size=batch)
-
-    def _drop_withdrawn(self) -> None:
-        """Rows whose callers withdrew them, or whose deadline passed (their callers stop
-        waiting then), leave their batch now and are answered so."""
-        withdrawn = self.queue.is_cancelled(list(self._in_flight))
-        now = time.time() + self._redis_offset
-        late = {i for i, row in self._in_flight.items() if i not in withdrawn and row.job.expired(now)}
-        if not withdrawn and not late:
-            return
-        rows = [self._in_flight.pop(request_id) for request_id in [*withdrawn, *late]]
-        dropped = {id(row) for row in rows}
-        for key, engine in list(self._decoding.items()):
-            engine.remove(lambda tag: id(tag) in dropped)
-            if not engine.active:
-                del self._decoding[key]
-        if withdrawn:
-            log.info("stopped %d withdrawn request(s) mid-generation", len(withdrawn))
-        if late:
-            log.warning("stopped %d request(s) mid-generation at their deadline", len(late))
-        self._send(
-            [(r.job, self._failure(r.job, ErrorKind.cancelled, "the request was withdrawn")) for r in rows[: len(withdrawn)]]
-            + [(r.job, self._failure(r.job, ErrorKind.timeout, LATE)) for r in rows[len(withdrawn) :]]
-        )
-
-    def _generate(self, members: list[_Row]) -> list[tuple[Job, GenerationReply]]:
-        """One whole batch through an engine that cannot take rows while decoding."""
-        started = time.perf_counter()
-        members, works = self._prompted(members)
-        if not members:
-            return []
-        try:
-            completions = members[0].served.engine.generate(works)
-        except Exception as exc:
-            return self._failed(members, exc)
-        elapsed = time.perf_counter() - started
-        self.info.batches += 1
-        self.info.requests += len(members)
-        self._answered.append(_answered_line(members, completions, elapsed, len(members)))
-        return [
-            (row.job, self._reply(row, c, len(members), c.seconds or elapsed))
-            for row, c in zip(members, completions, strict=True)
-        ]
-
-    def _reply(self, row: _Row, completion: Completion, batch: int, seconds: float | None = None) -> GenerationReply:
-        request = row.job.request
-        seconds = completion.seconds if seconds is None else seconds
-        log.debug(
-            "answered %s persona=%s version=%s tokens=%d batch=%d in %.0f ms",
-            request.id, row.persona.name, row.served.version, completion.new_tokens, batch, seconds * 1000,
-        )
-        # A continuation of a prefix keeps its leading space ("Life is" + " often"); a reply
-        # starts at its first word.
-        text = completion.text if request.mode == "complete" and request.prefix else completion.text.lstrip()
-        if completion.finish_reason == "length" and request.mode == "chat":
-            # Cut off by its token limit, often mid-word: a chat reply ends at its last finished
-            # sentence or whole word. finish_reason stays "length" and new_tokens counts every
-            # token generated. Completions (generate, post candidates) keep the raw text: curation
-            # trims a post itself and records what it dropped.
-            text = end_cut_off(text)
-        # Validated from one dict: half the cost of building Timings and then the reply.
-        return GenerationReply.model_validate({
-            "id": request.id,
-            "ok": True,
-            "text": text,
-            "persona": row.persona.name,
-            "version": row.served.version,
-            "worker": self.id,
-            "finish_reason": completion.finish_reason,
-            "new_tokens": completion.new_tokens,
-            "timings": {
-                "queue_ms": _waited_ms(row.job, self._redis_offset),
-                "generate_ms": seconds * 1000,
-                "queue_measured": True,
-            },
-        })
-
-    def _failed(self, members: list[_Row], exc: Exception) -> list[tuple[Job, GenerationReply]]:
-        """Every row answered with the error that stopped its batch."""
-        log.error("batch of %d for %s failed", len(members), members[0].served.loaded.name if members else "?", exc_info=exc)
-        kind = ErrorKind.model if isinstance(exc, PersonaError) else ErrorKind.internal
-        return [(r.job, self._failure(r.job, kind, f"generation failed: {exc}")) for r in members]
-
-    def _failure(self, job: Job, kind: ErrorKind, message: str) -> GenerationReply:
-        """An error reply for a job with a readable request, saying how long it waited: the
-        worst waits end as timeouts, and percentiles of text replies alone hid them."""
-        request = job.request
-        return GenerationReply.failure(
-            request.id, kind, message, persona=request.persona, worker=self.id,
-            queue_ms=_waited_ms(job, self._redis_offset),
-        )

@@ -18,9 +18,10 @@ import pytest
 import redis
 
 from persona.cli.serve import check_redis_for_service
-from persona.connection import ACL_RULES, connect
+from persona.connection import connect
 from persona.errors import ConfigError
 from persona.monitoring import collect_stats
+from persona.redis_refusals import ACL_RULES
 from tests.fakes.full_redis import redis_refusing_writes
 
 

@@ -207,7 +207,8 @@ def explain_redis_error(exc: redis.exceptions.RedisError) -> str:
 def _refused_for(exc: redis.exceptions.RedisError) -> str | None:
     """A refusal that is Redis's state to fix (full, a user its ACL denies, a replica), said
     with the user and, for a full one, its maxmemory (asked of it once, briefly); else None."""
-    from persona.connection import is_full, redis_url, refusal_text, user_of
+    from persona.connection import redis_url
+    from persona.redis_refusals import is_full, refusal_text, user_of
 
     url = None
     if get_settings.cache_info().currsize:

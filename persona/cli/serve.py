@@ -17,9 +17,10 @@ from rich.markup import escape
 
 from persona import heartbeat
 from persona.cli.common import console, friendly_errors, get_settings
-from persona.connection import check_permissions, connect
+from persona.connection import connect
 from persona.errors import ConfigError, ModelError, RedisUnavailable
 from persona.logs import describe_url, setup_logging
+from persona.redis_refusals import check_permissions
 from persona.served_redis import (
     ServedRedis,
     data_dir_made,
