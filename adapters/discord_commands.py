@@ -191,9 +191,7 @@ class SlashCommands:
             return
         chat = str(interaction.channel_id)
         if name is None:
-            current = await self.responder.persona_for(chat)
-            others = ", ".join(self.responder.persona_names())
-            text = f"You are talking to {self.responder.describe_persona(current)}\nAvailable: {others}"
+            text = await self.responder.persona_text(chat)
         else:
             text = await self.responder.set_persona(chat, name.lower())
         await self._respond(interaction, text, ephemeral=name is None)

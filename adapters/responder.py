@@ -285,17 +285,29 @@ class Responder:
             return True
 
     def describe_persona(self, name: str) -> str:
-        """A line or two about a persona, for /persona ("You are talking to ..."); for one no
-        longer offered here, that it is no one, and what to do."""
+        """A line or two about a persona, for "You are talking to ..." (its name alone when its
+        file is gone)."""
         try:
             persona = self.registry.get(name)
         except UnknownPersona:
-            persona = None
+            return name
         except ConfigError:
             return f"{name} (its persona file cannot be read right now)"
-        if persona is None or self.platform not in persona.adapters:
-            return f"no one: {name!r} is not offered here any more; pick another with /persona NAME"
         return f"{persona.speaker}: {persona.description}".rstrip(": ")
+
+    async def persona_text(self, chat: str, *, available: bool = True) -> str:
+        """The reply to /persona: who this chat is talking to, and (``available``) which personas
+        are offered here; for a persona no longer offered here, that, and which are, in one
+        sentence (whatever ``available`` says: the chat must pick one)."""
+        name = await self.persona_for(chat)
+        known = self.persona_names()
+        if not self._offered(name):
+            if not known:
+                return f"This chat's persona, {name!r}, is not offered here any more, and none is right now; please try again later."
+            return (f"This chat's persona, {name!r}, is not offered here any more; pick another with "
+                    f"/persona NAME (offered here: {', '.join(known)}).")
+        talking = f"You are talking to {self.describe_persona(name)}"
+        return f"{talking}\nAvailable: {', '.join(known)}" if available else talking
 
     def unknown_persona_text(self, name: str) -> str:
         """What to say when ``name`` is no persona on this platform; '' when it is one."""

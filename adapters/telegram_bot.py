@@ -447,8 +447,8 @@ class TelegramBot:
         """Greet, and say who the user is talking to."""
         if not await self._admitted(update):
             return
-        persona = await self.responder.persona_for(str(update.effective_chat.id))
-        await self.say(update, f"Hello! You are talking to {self.responder.describe_persona(persona)}\n\n{HELP_TEXT}")
+        persona = await self.responder.persona_text(str(update.effective_chat.id), available=False)
+        await self.say(update, f"Hello! {persona}\n\n{HELP_TEXT}")
 
     async def on_help(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         """List the commands."""
@@ -461,9 +461,7 @@ class TelegramBot:
             return
         chat = update.effective_chat
         if not context.args:
-            current = await self.responder.persona_for(str(chat.id))
-            others = ", ".join(self.responder.persona_names())
-            text = f"You are talking to {self.responder.describe_persona(current)}\nAvailable: {others}"
+            text = await self.responder.persona_text(str(chat.id))
         elif chat.type != ChatType.PRIVATE and not await self._is_admin(update):
             text = "Only the group's administrators can switch the persona here."
         else:

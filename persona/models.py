@@ -21,7 +21,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,7 @@ __all__ = [
     "LoadedModel",
     "bundled_gguf_path",
     "bundled_tokenizer",
+    "context_tokens_of",
     "load_model",
     "pick_device",
     "resolve_base",
@@ -58,6 +59,23 @@ DEVICES = ("auto", "cpu", "cuda")  # what a worker may be told to use (the setti
 # transformers' loading patches process-wide state (meta-device init), so two loads in
 # one process (workers in threads, a lazy load beside a pool's) must not overlap.
 LOADING = threading.RLock()
+
+
+# The tokens of context the worker gives a model: its config's, capped at the first; the second
+# when its config names none.
+MAX_CONTEXT_TOKENS = 8192
+DEFAULT_CONTEXT_TOKENS = 2048
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "n_ctx")  # Llama's, GPT-2's, older GPT-2's
+
+
+def context_tokens_of(config: Mapping[str, Any] | Any) -> int:
+    """The tokens of context the worker gives a model with this config: a transformers config, or
+    its config.json read as a dict (so that checking a persona need not load transformers)."""
+    for key in CONTEXT_KEYS:
+        value = config.get(key) if isinstance(config, Mapping) else getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return min(value, MAX_CONTEXT_TOKENS)
+    return DEFAULT_CONTEXT_TOKENS
 
 
 class LoadedModel:
@@ -137,12 +155,9 @@ class LoadedModel:
 
     @functools.cached_property
     def context_tokens(self) -> int:
-        """The longest sequence the model was trained on (read once: every prompt asks)."""
-        for attr in ("max_position_embeddings", "n_positions", "n_ctx"):
-            value = getattr(self.config, attr, None)
-            if isinstance(value, int) and value > 0:
-                return min(value, 8192)
-        return 2048
+        """The longest sequence the model was trained on, as ``context_tokens_of`` reads it (read
+        once: every prompt asks)."""
+        return context_tokens_of(self.config)
 
     def parameter_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.model.parameters())

@@ -599,6 +599,24 @@ async def test_a_refused_persona_switch_is_told_at_once_to_its_user_alone(
     assert fake_api.public_texts() == [fake_api.texts()[2]] and fake_api.texts()[2].startswith("From now on")
 
 
+async def test_slash_persona_in_a_channel_whose_persona_was_withdrawn_says_so_in_one_sentence(
+    start_bot, fake_api, discord_settings, write_persona, tiny_llama_dir
+):
+    """It read "You are talking to no one: 'dc' is not offered here any more; pick another with
+    /persona NAME" and then "Available: ..." on a line of its own."""
+    await start_bot()
+    await fake_api.slash("persona")
+    await fake_api.wait_for(lambda: len(fake_api.texts()) == 1)
+    write_persona("dc", base=str(tiny_llama_dir), adapters=["cli"])
+    await fake_api.slash("persona")
+    await fake_api.wait_for(lambda: len(fake_api.texts()) == 2)
+    assert fake_api.texts() == [
+        "You are talking to Dc: test persona dc\nAvailable: bofh, dc, sage",  # while it is offered
+        "This chat's persona, 'dc', is not offered here any more; pick another with /persona NAME (offered here: bofh, sage).",
+    ]
+    assert fake_api.public_texts() == []  # for its user alone, as before
+
+
 async def test_operator_commands_refuse_ordinary_users(start_bot, fake_api, discord_settings, write_persona, tiny_llama_dir):
     write_persona("other", base=str(tiny_llama_dir))
     await start_bot(operator_ids=[555], operator_role="persona-ops", allowed_guilds=[GUILD_ID])

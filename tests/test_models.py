@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from persona.errors import DataDirUnwritable, ModelError
-from persona.models import load_model, resolve_base
+from persona.models import context_tokens_of, load_model, resolve_base
 
 
 def make_lora(base_dir: Path, out: Path, *, scale: float = 0.5, pickled: bool = False) -> Path:
@@ -107,6 +107,17 @@ def test_plain_gpt2_folder_loads_without_a_chat_template(tiny_gpt2_dir, tmp_path
     assert not loaded.has_chat_template
     assert loaded.tokenizer.pad_token_id is not None
     assert loaded.stop_token_ids == [loaded.tokenizer.eos_token_id]
+
+
+def test_a_models_context_is_read_alike_from_its_loaded_config_and_its_config_json(tiny_llama_dir, tiny_gpt2_dir, tmp_path):
+    """`persona personas validate` reads config.json (no weights loaded) to warn of a system prompt
+    the context has no room for: it must come to the worker's figure, GPT-2's n_positions included."""
+    for folder in (tiny_llama_dir, tiny_gpt2_dir):
+        loaded = load_model(str(folder), cache_dir=tmp_path)
+        assert context_tokens_of(json.loads((folder / "config.json").read_text())) == loaded.context_tokens
+    assert context_tokens_of({"n_positions": 1024}) == 1024
+    assert context_tokens_of({"max_position_embeddings": 131072}) == 8192  # capped
+    assert context_tokens_of({}) == context_tokens_of({"max_position_embeddings": 0}) == 2048  # none named
 
 
 def test_the_bundled_model_is_converted_for_torch_only_once_torch_needs_it(tmp_path, capfd, caplog, monkeypatch):

@@ -211,14 +211,34 @@ async def test_a_persona_withdrawn_from_the_platform_stops_answering_there(
             "Available: bofh, sage, tg. Pick one with /persona NAME."
         )
         assert len(seen) == 1  # the worker never saw it
-        assert not responder.describe_persona("other").startswith("Other")
-        assert responder.describe_persona("other").startswith("no one: 'other' is not offered here any more")
+        assert await responder.persona_text("c1") == (
+            "This chat's persona, 'other', is not offered here any more; pick another with /persona NAME "
+            "(offered here: bofh, sage, tg)."
+        )
         # Once the chat picks one that is offered, /retry answers the question that got none.
         await responder.set_persona("c1", "tg")
         assert await responder.retry(HERE) == "as tg: hello"
         (personas_dir / "tg.toml").unlink()  # deleted: the same
         assert (await responder.answer(HERE, "still there?")).startswith("I can't answer as 'tg': it is not offered")
     assert persona_words(await responder.answer(HERE, "and now?")) == ""  # a notice, not the persona's words
+    await client.aclose()
+
+
+async def test_persona_in_a_chat_whose_persona_was_withdrawn_with_none_left_says_to_come_back_later(
+    settings: Settings, redis_url, redis_client, write_persona
+):
+    for bundled in ("bofh", "sage"):  # overridden, not offered here: only 'tg' is
+        write_persona(bundled, base="smollm2", adapters=["cli"])
+    write_persona("tg", base="smollm2")
+    settings.telegram = settings.telegram.model_copy(update={"persona": "tg"})
+    client = redis.asyncio.Redis.from_url(redis_url)
+    responder = Responder(client, settings, "telegram")
+    assert await responder.persona_text("c1") == "You are talking to Tg: test persona tg\nAvailable: tg"
+    assert await responder.persona_text("c1", available=False) == "You are talking to Tg: test persona tg"
+    write_persona("tg", base="smollm2", adapters=["cli"])
+    assert await responder.persona_text("c1", available=False) == (
+        "This chat's persona, 'tg', is not offered here any more, and none is right now; please try again later."
+    )
     await client.aclose()
 
 

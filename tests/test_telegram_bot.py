@@ -491,13 +491,33 @@ async def test_a_persona_withdrawn_from_telegram_while_the_bot_runs_stops_answer
         fake_api.push_message("hello", chat_id=1001)
         fake_api.push_message("hello", chat_id=1002, user_id=1002)
         await fake_api.wait_for(lambda: len(fake_api.sent) == 4)
-    assert fake_api.texts()[1] == ("You are talking to no one: 'other' is not offered here any more; pick another "
-                                   "with /persona NAME\nAvailable: bofh, sage")
+    assert fake_api.texts()[1] == ("This chat's persona, 'other', is not offered here any more; pick another with "
+                                   "/persona NAME (offered here: bofh, sage).")
     assert set(fake_api.texts()[2:]) == {  # the two chats' answers, in either order
         f"I can't answer as {name!r}: it is not offered here any more. Available: bofh, sage. Pick one with /persona NAME."
         for name in ("other", "tg")
     }
     assert not seen
+
+
+async def test_start_and_persona_in_a_chat_whose_persona_was_withdrawn_say_so_in_one_sentence(
+    start_bot, fake_api, telegram_settings, write_persona, tiny_llama_dir
+):
+    """/persona read "You are talking to no one: 'tg' is not offered here any more; pick another
+    with /persona NAME" and then "Available: ..." on a line of its own; /start "Hello! You are
+    talking to no one: ..."."""
+    await start_bot()
+    fake_api.push_message("/persona", chat_id=1001)
+    await fake_api.wait_for(lambda: len(fake_api.sent) == 1)
+    write_persona("tg", base=str(tiny_llama_dir), adapters=["cli"])
+    fake_api.push_message("/persona", chat_id=1001)
+    await fake_api.wait_for(lambda: len(fake_api.sent) == 2)
+    fake_api.push_message("/start", chat_id=1001)
+    await fake_api.wait_for(lambda: len(fake_api.sent) == 3)
+    assert fake_api.texts()[0] == "You are talking to Tg: test persona tg\nAvailable: bofh, sage, tg"  # while offered
+    withdrawn = "This chat's persona, 'tg', is not offered here any more; pick another with /persona NAME (offered here: bofh, sage)."
+    assert fake_api.texts()[1] == withdrawn
+    assert fake_api.texts()[2] == f"Hello! {withdrawn}\n\n{HELP_TEXT}"
 
 
 async def test_anonymous_admins_and_channels_are_answered_each_in_a_conversation_of_their_own(

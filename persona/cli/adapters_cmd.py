@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 
 from persona.cli.common import console, friendly_errors, get_settings
-from persona.cli.queue_cmd import WholeNumbersTable
+from persona.cli.tables import WholeNumbersTable
 from persona.connection import connect
 from persona.errors import ConfigError
 from persona.logs import setup_logging

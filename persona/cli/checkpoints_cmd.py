@@ -37,7 +37,7 @@ from persona.cli.common import (
     local_time,
     print_whole,
 )
-from persona.cli.queue_cmd import WholeNumbersTable
+from persona.cli.tables import WholeNumbersTable
 from persona.cli.talk import stop_signals_as_ctrl_c, timeout_seconds
 from persona.connection import connect, retrying_until
 from persona.errors import (

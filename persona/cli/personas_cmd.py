@@ -321,9 +321,6 @@ def _system_prompt_room(persona: Persona, settings: Settings) -> str:
 # English averages about 4 characters a token in the BPE vocabularies of small models; an
 # estimate at 4 says "too long" only of prompts longer than that.
 ESTIMATED_CHARS_PER_TOKEN = 4
-# As the worker reads a model's context (LoadedModel.context_tokens): its config's, capped.
-MAX_CONTEXT_TOKENS = 8192
-DEFAULT_CONTEXT_TOKENS = 2048
 
 
 def _model_folders(persona: Persona, settings: Settings) -> list[Path]:
@@ -348,16 +345,14 @@ def _model_folders(persona: Persona, settings: Settings) -> list[Path]:
 def _context_tokens(folders: list[Path]) -> int:
     """The positions the worker gives the model: its config's (the first folder's that has one), capped;
     the cap when none can be read (the bundled model's own is the cap)."""
+    from persona.models import MAX_CONTEXT_TOKENS, context_tokens_of
+
     for folder in folders:
         try:
             config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
         except (OSError, ValueError):
             continue
-        for key in ("max_position_embeddings", "n_positions", "n_ctx"):
-            value = config.get(key) if isinstance(config, dict) else None
-            if isinstance(value, int) and value > 0:
-                return min(value, MAX_CONTEXT_TOKENS)
-        return DEFAULT_CONTEXT_TOKENS
+        return context_tokens_of(config if isinstance(config, dict) else {})
     return MAX_CONTEXT_TOKENS
 
 
