@@ -157,6 +157,16 @@ def _sentence(text: str) -> str:
     return text if text.endswith((".", "?", "!", "…")) else text + "."
 
 
+def _cut_note(message: str, request: GenerationRequest, reply: GenerationReply) -> str:
+    """The note that only the end of ``message`` was read, or '' where all of it was. What
+    was read is what the request kept of it (cut to the bot's budget, in characters) or,
+    where the worker cut it further to fit the model's context (in tokens: a CJK
+    character takes about two), what the worker says it kept."""
+    sent = len(request.messages[-1].content)
+    read = sent if reply.message_chars is None else min(sent, reply.message_chars)
+    return LONG_MESSAGE_NOTE.format(chars=read) if read < len(message) else ""
+
+
 def persona_words(text: str) -> str:
     """What the persona said in a message the bot sent: '' for a notice (``NOTICE_TEXTS``), and an
     answer without the note that only the end of a long question was read."""
@@ -360,17 +370,16 @@ class Responder:
         tell the asker something before the answer (that no worker is running). ``opening``:
         what the conversation opens with while none is kept (a Discord thread started from a
         message: that message's conversation). ``deliver``: how to send the answer (see ``_say``)."""
-        note = LONG_MESSAGE_NOTE.format(chars=self._max_chars) if len(text) > self._max_chars else ""
         async with self.in_turn(where):
             try:
                 turns = history if history is not None else await self.store.load(where.scope)
                 if not turns and history is None and opening is not None:
                     turns = await opening()
                 turns = [*turns, Message(role="user", content=text)]
-                reply = await self._generate(where, turns, keep_as=keep_as, notify=notify, deliver=deliver, note=note)
+                reply = await self._generate(where, turns, keep_as=keep_as, notify=notify, deliver=deliver)
             except REDIS_ERRORS as exc:
                 reply = self._explain(exc)
-        return await self._say(reply + note if reply else reply, deliver)
+        return await self._say(reply, deliver)
 
     async def retry(
         self, where: Where, *, keep_as: str | None = None, notify: Notify | None = None, deliver: Deliver | None = None,
@@ -462,12 +471,12 @@ class Responder:
 
     async def _generate(
         self, where: Where, turns: list[Message], seed: int | None = None, keep_as: str | None = None,
-        notify: Notify | None = None, deliver: Deliver | None = None, note: str = "",
+        notify: Notify | None = None, deliver: Deliver | None = None,
     ) -> str:
         """One round trip through the queue; stores the exchange when it succeeds (under the
         conversation's scope, and under ``keep_as`` if given): with ``deliver``, only once the
-        answer (and ``note``, said after it; without ``deliver`` the caller adds it) went out
-        through it, and then returns ''."""
+        answer (with its note, where only the end of the message was read) went out through
+        it, and then returns ''."""
         chosen = await self._chosen(where.chat)
         persona = chosen or self.default_persona
         request = build_request(
@@ -506,7 +515,7 @@ class Responder:
             text = reply.text.strip()
             log.info("%s answered %s in %.0f ms (%s@%s)", self.platform, where.scope,
                      reply.timings.queue_ms + reply.timings.generate_ms, reply.persona, reply.version)
-            said = (text or EMPTY_REPLY_TEXT) + note
+            said = (text or EMPTY_REPLY_TEXT) + _cut_note(turns[-1].content, request, reply)
             if deliver is not None and not await deliver(said):
                 # Never seen: the next message must not read as if it had been, and /retry answers it.
                 await self._keep_unanswered(where, request)
@@ -518,7 +527,7 @@ class Responder:
                 await self.store.save(scope, exchange)
             if where.scope in self._forgotten:  # a /reset while saving: its forget may have gone first
                 await self.store.forget(where.scope)
-            return "" if deliver is not None else text or EMPTY_REPLY_TEXT
+            return "" if deliver is not None else said
         finally:
             self._answering.discard(where.scope)
             self._forgotten.discard(where.scope)

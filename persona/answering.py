@@ -114,6 +114,7 @@ class Answering:
             "worker": self.id,
             "finish_reason": completion.finish_reason,
             "new_tokens": completion.new_tokens,
+            "message_chars": row.message_chars,
             "timings": {
                 "queue_ms": _waited_ms(row.job, self._redis_offset),
                 "generate_ms": seconds * 1000,

@@ -189,6 +189,10 @@ class GenerationReply(BaseModel):
     finish_reason: Literal["stop", "length", "error"] = "stop"
     new_tokens: int = 0  # every token generated, a trimmed chat reply's dropped ones too
     timings: Timings = Field(default_factory=Timings)
+    # How many characters of the newest message the model read, where the worker had to cut
+    # its start to fit the model's context (CJK text takes about two tokens a character);
+    # None where it read all of it, and from workers older than this field.
+    message_chars: int | None = None
 
     @classmethod
     def failure(

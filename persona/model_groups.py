@@ -38,6 +38,9 @@ class _Row:
     job: Job
     persona: Persona
     served: Served
+    # Once its prompt is built: how many characters of its newest message the prompt kept
+    # where it had to cut it (None: all of them); its reply says so, and the bot's note is true.
+    message_chars: int | None = None
 
 
 class ModelGroups:

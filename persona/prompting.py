@@ -6,7 +6,8 @@ on raw text) get a transcript ("User: ...\\nSage: ...") and stop at the next spe
 name, so the persona never writes the user's side of the conversation.
 
 The conversation is trimmed to the model's context window, oldest turns first; the
-newest message is always kept (cut from its start only if it alone is too long).
+newest message is always kept (cut from its start only if it alone is too long: the
+prompt then says how many of its characters it kept, for the reply to tell the asker).
 
 Whatever a person wrote (a message, the persona's system prompt and examples, a post's
 opening) is encoded as text: a message spelling "<|im_end|>\\n<|im_start|>system" is
@@ -51,6 +52,9 @@ class Prompt:
 
     token_ids: list[int]
     stop: list[str]
+    # How many characters of the newest message it kept, where that message alone was too
+    # long for the model's context and its start was cut; None where it kept all of it.
+    message_chars: int | None = None
 
 
 def prompt_budget(context: int, max_new_tokens: int) -> int:
@@ -146,7 +150,9 @@ def _fit(render, persona: Persona, turns: list[Message], loaded: LoadedModel, bu
     the few-shot examples; the start of the newest message, down to its last
     ``MIN_MESSAGE_TOKENS``; the end of the system prompt. The newest message is always
     there (it used to vanish when the system prompt alone was too long, and the prompt
-    was then cut from its front, mid-system-prompt)."""
+    was then cut from its front, mid-system-prompt). A prompt that cut the newest message
+    says how many of its characters it kept: the asker is told (the bot's note counted
+    only its own cut, by characters, and a CJK message cut here went unmentioned)."""
     tokenizer = loaded.tokenizer
     kept = list(turns)
     ids = render(persona, kept)
@@ -156,20 +162,25 @@ def _fit(render, persona: Persona, turns: list[Message], loaded: LoadedModel, bu
     if len(ids) > budget and persona.prompt.examples:
         persona = _with_prompt(persona, examples=[])
         ids = render(persona, kept)
+    message_chars = None
     if len(ids) > budget and kept:
         last = kept[-1]
         [content_ids] = encode_as_text(tokenizer, [last.content])
         keep = max(MIN_MESSAGE_TOKENS, len(content_ids) - (len(ids) - budget) - 8)
         if keep < len(content_ids):
-            kept[-1] = Message(role=last.role, content=tokenizer.decode(content_ids[-keep:]))
+            tail = tokenizer.decode(content_ids[-keep:])
+            kept[-1] = Message(role=last.role, content=tail)
             ids = render(persona, kept)
+            # A cut inside a character (a byte token of CJK text, an emoji) decodes as U+FFFD:
+            # it is no character of the message.
+            message_chars = min(len(last.content), len(tail.lstrip("\ufffd")))
     if len(ids) > budget and persona.prompt.system:
         [system_ids] = encode_as_text(tokenizer, [persona.prompt.system])
         keep = max(0, len(system_ids) - (len(ids) - budget) - 8)
         _say_system_prompt_cut(persona.name, str(persona.source or "its persona file"), len(system_ids), budget)
         persona = _with_prompt(persona, system=tokenizer.decode(system_ids[:keep]))
         ids = render(persona, kept)
-    return Prompt(token_ids=ids[-budget:], stop=stop)
+    return Prompt(token_ids=ids[-budget:], stop=stop, message_chars=message_chars)
 
 
 @functools.lru_cache(maxsize=256)

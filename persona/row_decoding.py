@@ -4,11 +4,13 @@ A continuous engine takes rows into its running batch (``_admit``); every turn s
 engine with rows once (``_decode_step``), and the rows that finished are answered. Rows
 whose callers withdrew them, or whose deadline passed, leave their batch at once
 (``_drop_withdrawn``). An engine that can only run whole batches is given one at a time
-(``_generate``). A prompt that cannot be built fails its own row alone (``_prompted``).
+(``_generate``). A prompt that cannot be built fails its own row alone (``_prompted``); a
+row whose prompt is built carries what the reply tells of it (``_Row.message_chars``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 
@@ -38,18 +40,19 @@ class RowDecoding:
     (``ReplyDelivery``) settles them.
     """
 
-    def _works(self, members: list[_Row]) -> list[Work]:
+    def _works(self, members: list[_Row]) -> tuple[list[_Row], list[Work]]:
         items = [(r.persona, r.job.request, r.persona.sampling.merged(r.job.request.sampling)) for r in members]
         served = members[0].served
         prompts = build_prompts(items, served.loaded, getattr(served.engine, "context_tokens", None))
-        return [Work(p.token_ids, sampling, p.stop) for p, (_, _, sampling) in zip(prompts, items, strict=True)]
+        rows = [dataclasses.replace(r, message_chars=p.message_chars) for r, p in zip(members, prompts, strict=True)]
+        return rows, [Work(p.token_ids, sampling, p.stop) for p, (_, _, sampling) in zip(prompts, items, strict=True)]
 
     def _prompted(self, members: list[_Row]) -> tuple[list[_Row], list[Work]]:
         """The rows whose prompts could be built, and their work; the others are answered
         with why, alone: a chat template that refuses one conversation ("roles must
         alternate", on Llama-2 or Mistral) used to fail every request beside it."""
         try:
-            return members, self._works(members)
+            return self._works(members)
         except Exception as exc:
             if len(members) == 1:
                 self._send(self._failed(members, exc))
@@ -57,11 +60,12 @@ class RowDecoding:
         kept, works = [], []
         for row in members:
             try:
-                works += self._works([row])
+                [prompted], [work] = self._works([row])
             except Exception as exc:
                 self._send(self._failed([row], exc))
             else:
-                kept.append(row)
+                kept.append(prompted)
+                works.append(work)
         return kept, works
 
     def _admit(self, members: list[_Row]) -> None:

@@ -79,6 +79,24 @@ def test_a_newest_message_longer_than_the_context_is_cut_from_its_start(chat_mod
     assert "the very end" in chat_model.tokenizer.decode(prompt.token_ids)
 
 
+JAPANESE = "語彙の多様性について考える。静かな朝に一杯のお茶を飲みながら、"
+
+
+@pytest.mark.parametrize("message", ["word " * 2000 + "the very end", "START" + JAPANESE * 40 + "最後の質問？"])
+def test_a_prompt_that_cuts_the_newest_message_says_how_much_of_it_it_kept(chat_model, message):
+    """Cut by tokens, a message loses more characters than its length suggests (Japanese
+    takes about two tokens a character), and the bot's note counted characters only: the
+    prompt says how many characters it kept, so the asker can be told what was read."""
+    request = conversation(message)
+    sampling = Sampling(max_new_tokens=8)
+    for prompt in (build_prompt(PERSONA, request, chat_model, sampling), build_prompts([(PERSONA, request, sampling)], chat_model)[0]):
+        text = chat_model.tokenizer.decode(prompt.token_ids)
+        assert prompt.message_chars is not None and 0 < prompt.message_chars < len(message)
+        assert message[-prompt.message_chars :] in text  # all it says it kept
+        assert message[-prompt.message_chars - 1 :] not in text  # and no more
+    assert build_prompt(PERSONA, conversation("How are you?"), chat_model, sampling).message_chars is None
+
+
 def test_reply_ends_before_a_stop_string(plain_model):
     engine = TransformersEngine(plain_model)
     ids = plain_model.tokenizer.encode("Patience is")

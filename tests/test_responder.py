@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import redis.asyncio
 from redis.asyncio.retry import Retry
@@ -58,6 +60,29 @@ async def test_a_long_message_is_answered_with_a_note(settings: Settings, redis_
         reply = await responder.answer(HERE, "x" * 900 + "the question?")
     assert reply.startswith("read 500") and "read only its last 500 characters" in reply
     assert seen[0].messages[-1].content.endswith("the question?")
+    await client.aclose()
+
+
+JAPANESE = "語彙の多様性について考える。静かな朝に一杯のお茶を飲みながら、"
+
+
+async def test_the_note_says_how_much_of_a_message_the_model_read(
+    settings: Settings, redis_url, redis_client, write_persona, tiny_llama_dir, running_worker
+):
+    """Japanese takes about two tokens a character, so the worker cut a message the bot had
+    sent whole to fit the model's context, and nobody said so; one past the bot's budget was
+    said to be read to its last 2000 characters though fewer were. The note says what the
+    model read: here, a 512-position model, fewer characters than it has positions."""
+    write_persona("tiny", base=str(tiny_llama_dir))
+    settings.telegram = settings.telegram.model_copy(update={"persona": "tiny", "context_chars": 2000})
+    running_worker(preload=["tiny"])
+    client = redis.asyncio.Redis.from_url(redis_url)
+    responder = Responder(client, settings, "telegram")
+    for message in ("START" + JAPANESE * 40, "START" + JAPANESE * 100):  # 1,205 and 3,005 characters
+        reply = await responder.answer(HERE, message)
+        [read] = re.findall(r"\(Your message was long, so I read only its last (\d+) characters\.\)$", reply)
+        assert 0 < int(read) < 512, reply
+    assert "read only" not in await responder.answer(HERE, "Hello?")
     await client.aclose()
 
 
