@@ -237,15 +237,17 @@ def _worker_families(stats: QueueStats) -> Iterator[Metric]:
                             value=len(stats.starting_workers))
     yield GaugeMetricFamily("persona_workers_unreadable", "Live workers whose heartbeat cannot be read (another version's?): "
                             "counted in persona_workers_live, absent from persona_worker_up", value=unreadable)
+    # software_version: the persona each runs (`persona --version`; "unknown" from one too old to
+    # say), so a rolling upgrade's progress is a query; one value per worker, as host and device.
     up = GaugeMetricFamily("persona_worker_up", "1 for each live worker whose heartbeat can be read (no sample when none: "
-                           "count workers with persona_workers_live)", labels=["worker", "host", "device"])
+                           "count workers with persona_workers_live)", labels=["worker", "host", "device", "software_version"])
     # In bytes, Prometheus's base unit (it was megabytes, which no byte-formatting panel reads right).
     memory = GaugeMetricFamily(
         "persona_worker_peak_resident_memory_bytes", "Peak resident memory of each worker", labels=["worker"]
     )
     loaded = GaugeMetricFamily("persona_worker_persona_version", "1 for each persona version a worker serves", labels=["worker", "persona", "version"])
     for w in stats.workers:
-        up.add_metric([w.id, w.host, w.device], 1)
+        up.add_metric([w.id, w.host, w.device, w.version or "unknown"], 1)
         memory.add_metric([w.id], w.memory_mb * BYTES_PER_MB)
         for persona, version in sorted(w.personas.items()):
             loaded.add_metric([w.id, persona, version], 1)

@@ -48,7 +48,7 @@ button{font:inherit;padding:2px 8px;cursor:pointer} main.stale{opacity:.45;filte
  <div class="legend" id="depth-legend"></div></section>
 <section><h2>Latency p95 over time (ms)</h2><svg id="latency-chart" viewBox="0 0 600 150" preserveAspectRatio="none"></svg>
  <div class="legend"><span style="color:#2a6fdb">queue wait</span><span style="color:#d9480f">generation</span></div></section>
-<section><h2>Workers</h2><p id="workers-note"></p><table id="workers"><thead><tr><th>worker</th><th>host</th><th>device</th><th>state</th>
+<section><h2>Workers</h2><p id="workers-note"></p><table id="workers"><thead><tr><th>worker</th><th>host</th><th>device</th><th>version</th><th>state</th>
  <th>personas</th><th>requests</th><th>MB</th><th>seen</th></tr></thead><tbody></tbody></table></section>
 <section><h2>Personas</h2><table id="personas"><thead><tr><th>persona</th><th>active</th><th>versions</th><th>replies</th><th>problem</th></tr></thead><tbody></tbody></table></section>
 <section><h2>Dead letters</h2><p id="dead-note" class="bad"></p><p><button id="retry-all">retry all</button> <span id="dead-shown"></span></p>
@@ -134,10 +134,10 @@ function render(data){
   // Workers still loading their models are listed after the live ones: they serve nothing yet.
   const starting = s.starting_workers || [];
   rows('workers', s.workers.concat(starting), w => w.loading_s === undefined
-       ? [esc(w.id), esc(w.host), esc(w.device), esc(w.state),
+       ? [esc(w.id), esc(w.host), esc(w.device), esc(w.version || '-'), esc(w.state),
           esc(Object.entries(w.personas).map(([p, v]) => p + '@' + v).join(', ') || '-'), '#' + w.requests,
           '#' + Math.round(w.memory_mb), '#' + (now - w.last_seen).toFixed(1) + 's']
-       : [esc(w.id), esc(w.host), esc(w.device), 'starting (' + Math.round(w.loading_s) + 's)',
+       : [esc(w.id), esc(w.host), esc(w.device), esc(w.version || '-'), 'starting (' + Math.round(w.loading_s) + 's)',
           esc(w.persona ? 'loading ' + (w.model || 'the model') + ' for ' + w.persona : 'starting up'), '#-', '#-',
           '#' + Math.max(0, now - w.last_seen).toFixed(1) + 's']);
   const live = s.workers.length + s.unreadable_workers.length;

@@ -2,23 +2,27 @@
 
 The server holds a lock in its folder (``SERVER_LOCK_FILE``) for as long as it, or a
 child saving for it, runs: ``server_pid`` reads it, so a second server is never started
-on the same files, whatever the address record says. The processes that serve on it
-share another (``serving_lock``): one at a time finds or starts the server, or stops it,
-and the last of them to leave stops it. A client asks ``served_on`` whether any does: one
-that will start the server again should it die.
+on the same files, whatever the address record says (nor beside one that a version from
+before that lock started: ``server_pid`` knows that one by its process). The processes
+that serve on it share another (``serving_lock``): one at a time finds or starts the
+server, or stops it, and the last of them to leave stops it. A client asks ``served_on``
+whether any does: one that will start the server again should it die.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
+import re
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 from persona.errors import DataDirUnwritable
 
-__all__ = ["ServingLock", "served_on", "server_pid", "serving_lock"]
+__all__ = ["ServingLock", "served_on", "server_pid", "serving_lock", "unlocked_server_pid"]
 
 SERVING_LOCK_FILE = "redis.serving.lock"  # shared by every process serving on it
 TURN_LOCK_FILE = "redis.turn.lock"  # held alone by one process starting or stopping it
@@ -31,11 +35,14 @@ def server_pid(data_dir: Path) -> int | None:
     """The pid of the embedded Redis running on this data directory's files (0 if it did
     not say), whether or not it answers or was recorded; None if none runs. A fact, not a
     guess from a record: the server holds its lock until it, and any child saving for it,
-    has exited."""
+    has exited. A server that holds no lock, because a version from before the lock started
+    it, counts too when its recorded process is still a redis-server on these files
+    (``unlocked_server_pid``): one that stalled or loads its data was taken for none, and a
+    second server started beside it on the same append-only file."""
     try:
         fd = os.open(data_dir / "redis" / SERVER_LOCK_FILE, os.O_RDONLY)
     except OSError:
-        return None  # never started here (or unreadable: then the start says why)
+        return unlocked_server_pid(data_dir)  # never started here by this version (or unreadable: the start says why)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
@@ -43,9 +50,55 @@ def server_pid(data_dir: Path) -> int | None:
             said = os.pread(fd, 32, 0).decode(errors="replace").strip()
             return int(said) if said.isdigit() else 0
         fcntl.flock(fd, fcntl.LOCK_UN)
-        return None
     finally:
         os.close(fd)
+    return unlocked_server_pid(data_dir)
+
+
+# Where a server's starter records its address and pid (``persona.embedded_record``, which
+# reads the rest of it); read here too, for the pid of a server that holds no lock.
+ADDRESS_FILE = "redis.json"
+_RECORD_MAX_BYTES = 64 * 1024  # a few hundred, as written
+
+
+def unlocked_server_pid(data_dir: Path) -> int | None:
+    """The pid of a redis-server running on this data directory's files without holding
+    their lock (started by a version of persona from before ``SERVER_LOCK_FILE``): the
+    process its starter recorded, if it still runs and is a redis-server working in this
+    data directory's Redis folder; None otherwise (a pid since given to another process)."""
+    try:
+        with (data_dir / ADDRESS_FILE).open("rb") as file:
+            record = json.loads(file.read(_RECORD_MAX_BYTES))
+        pid, port = int(record.get("pid", 0)), int(record.get("port", 0))
+    except (OSError, ValueError, TypeError, AttributeError):  # no record, or not one
+        return None
+    if pid <= 0 or not _runs_redis_on(pid, data_dir / "redis", port):
+        return None
+    return pid
+
+
+def _runs_redis_on(pid: int, folder: Path, port: int) -> bool:
+    """Whether process ``pid`` is a redis-server working on ``folder``'s files: its working
+    directory is that folder (Redis moves into its ``dir``). Where there is no /proc
+    (macOS), its command line says so instead: Redis names itself there by the address it
+    listens on (``redis-server 127.0.0.1:PORT``), or it shows the config file it was given."""
+    proc = Path("/proc")
+    if proc.is_dir():
+        try:
+            named = (proc / str(pid) / "comm").read_text().strip()
+            cwd, here = os.stat(proc / str(pid) / "cwd"), os.stat(folder)
+        except OSError:  # gone, or another user's: not this data directory's server
+            return False
+        return named.startswith("redis-server") and (cwd.st_dev, cwd.st_ino) == (here.st_dev, here.st_ino)
+    try:
+        command = subprocess.run(["ps", "-o", "command=", "-p", str(pid)], capture_output=True, text=True,
+                                 timeout=5, check=False).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return False
+    words = command.split()
+    return bool(words) and Path(words[0]).name == "redis-server" and (
+        (port > 0 and re.search(rf":{port}\b", command) is not None) or str(folder.absolute() / "redis.conf") in command
+    )
 
 
 def served_on(data_dir: Path) -> bool:

@@ -13,12 +13,10 @@ import time
 from pathlib import Path
 
 from persona.constants import EMBEDDED_REDIS_START_TIMEOUT_S
-from persona.embedded_locks import server_pid
+from persona.embedded_locks import ADDRESS_FILE, server_pid
 from persona.errors import RedisUnavailable
 
 __all__ = ["find_embedded_url", "recorded_server", "recorded_url", "running_url", "stop_embedded"]
-
-ADDRESS_FILE = "redis.json"
 
 
 def _alive(pid: int) -> bool:

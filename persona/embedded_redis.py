@@ -36,6 +36,7 @@ from persona.embedded_locks import (  # noqa: F401 - still importable from here
     ServingLock,
     server_pid,
     serving_lock,
+    unlocked_server_pid,
 )
 from persona.embedded_record import (
     ADDRESS_FILE,
@@ -150,9 +151,17 @@ def _claim(folder: Path) -> int:
     for _ in range(20):  # ``server_pid`` holds it for an instant while it looks
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return fd
         except BlockingIOError:
             time.sleep(0.05)
+            continue
+        if (earlier := unlocked_server_pid(folder.parent)) is None:
+            return fd
+        os.close(fd)
+        raise RedisUnavailable(
+            f"an embedded Redis (pid {earlier}) that an earlier version of persona started already runs on {folder}, "
+            f"and two must not share its files; `persona queue stats` shows whether it answers, and if it is stuck, "
+            f"stop it (`kill {earlier}`) and start again"
+        )
     said = os.pread(fd, 32, 0).decode(errors="replace").strip()
     os.close(fd)
     raise RedisUnavailable(

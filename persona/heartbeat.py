@@ -29,6 +29,7 @@ from pydantic import BaseModel, Field
 
 from persona import constants as keys
 from persona.queue_scripts import REDIS_NOW
+from persona.version import persona_version
 
 __all__ = [
     "StartingBeat",
@@ -83,6 +84,8 @@ class WorkerInfo(BaseModel):
     requests: int = 0
     memory_mb: float = 0.0
     state: str = "starting"
+    version: str = Field("", description="the persona it runs (`persona --version`), stamped as it publishes; "
+                                         "'' from versions that did not say")
 
 
 class StartingWorker(BaseModel):
@@ -97,6 +100,7 @@ class StartingWorker(BaseModel):
     since: float = Field(0.0, description="when it began starting, by Redis's clock")
     last_seen: float = Field(0.0, description="its latest word, by Redis's clock")
     loading_s: float = Field(0.0, description="how long it had been starting when read (by Redis's clock)")
+    version: str = Field("", description="the persona it runs, stamped as it announces itself; '' from versions that did not say")
 
     def doing(self) -> str:
         """What it is doing, in words: "loading smollm2 for sage"."""
@@ -127,13 +131,15 @@ return redis.call('ZRANGEBYSCORE', KEYS[1], now, '+inf')
 
 
 def publish(client: redis.Redis, info: WorkerInfo, ttl_s: float) -> float:
-    """Say this worker is alive for the next ``ttl_s`` seconds; returns Redis's time.
+    """Say this worker is alive for the next ``ttl_s`` seconds, and which persona it runs
+    (``version``, when it does not say already); returns Redis's time.
 
     ``last_seen`` is written as Redis's time of the beat, not this machine's: the
     monitoring shows it as an age measured on Redis's clock, and a worker whose clock
     ran ten minutes ahead read "seen -600.0s ago".
     """
     ttl_ms = max(1, int(ttl_s * 1000))
+    info.version = info.version or persona_version()  # which workers a rolling upgrade has reached
     described = info.model_dump_json(exclude={"last_seen"})
     now = float(client.eval(
         PUBLISH_SCRIPT, 4, keys.worker_key(info.id), keys.WORKER_INDEX_KEY, keys.starting_key(info.id),
@@ -160,6 +166,7 @@ def announce_starting(client: redis.Redis, info: StartingWorker, ttl_s: float) -
     if not info.since:
         info.since = redis_now(client)
     ttl_ms = max(1, int(ttl_s * 1000))
+    info.version = info.version or persona_version()
     described = info.model_dump_json(exclude={"last_seen", "loading_s"})
     now = float(client.eval(PUBLISH_SCRIPT, 2, keys.starting_key(info.id), keys.STARTING_INDEX_KEY, info.id, described, ttl_ms))
     info.last_seen = now

@@ -186,6 +186,6 @@ def test_queue_stats_on_a_40_column_terminal_cuts_no_figure_or_id(redis_client):
     shown = narrow.file.getvalue()
     assert "…" not in shown and max(map(len, shown.splitlines())) <= 40, shown
     cells = [[cell.strip() for cell in line.split("│")[1:-1]] for line in shown.splitlines() if line.startswith("│")]
-    workers = [row for row in cells if len(row) == 8]
-    assert ["12345", "791"] in [row[5:7] for row in workers], shown
+    workers = [row for row in cells if len(row) == 9]  # worker, host, device, version, state, personas, ...
+    assert ["12345", "791"] in [row[6:8] for row in workers], shown
     assert "".join(row[0] for row in workers) == worker  # folded across lines, every character there

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -29,6 +30,7 @@ from persona.queue import QueueClient, WorkQueue
 from persona.settings import Settings
 from persona.supervisor import services_for_up
 from persona.telemetry import record_replies
+from persona.version import persona_version
 from tests.conftest import free_port
 from tests.fakes.full_redis import redis_refusing_writes
 from tests.fakes.old_redis import OldRedis
@@ -268,7 +270,8 @@ def test_metrics_parse_with_the_prometheus_parser(settings, redis_client, dashbo
     assert ("persona_request_errors_total", (("kind", "timeout"),)) not in samples
     assert samples[("persona_tokens_generated_total", ())] == 45
     assert samples[("persona_dead_letters", ())] == 1
-    assert samples[("persona_worker_up", (("device", "cpu"), ("host", socket.gethostname()), ("worker", "w-1")))] == 1
+    assert samples[("persona_worker_up", (("device", "cpu"), ("host", socket.gethostname()),
+                                          ("software_version", persona_version()), ("worker", "w-1")))] == 1
     assert families["persona_generate_seconds"].type == "histogram"
     assert samples[("persona_generate_seconds_bucket", (("le", "0.25"),))] == 0
     assert samples[("persona_generate_seconds_bucket", (("le", "0.5"),))] == 9
@@ -551,8 +554,14 @@ def test_a_worker_loading_its_models_is_on_the_page_and_in_metrics_apart(
 ):
     """A worker loading its models (a GPU's warm-up takes minutes) was shown nowhere: the
     page listed no worker. It is listed as starting now, and /metrics gives it a gauge of
-    its own: persona_worker_up counts only the workers that serve."""
+    its own: persona_worker_up counts only the workers that serve. Each says which persona
+    it runs (a rolling upgrade's progress); one too old to say shows a dash."""
     heartbeat.publish(redis_client, heartbeat.WorkerInfo(id="w-serving"), ttl_s=60)
+    heartbeat.publish(redis_client, heartbeat.WorkerInfo(id="w-old"), ttl_s=60)
+    old_beat = json.loads(redis_client.get(keys.worker_key("w-old")))
+    del old_beat["version"]  # as versions before this one wrote it
+    redis_client.set(keys.worker_key("w-old"), json.dumps(old_beat))
+    request.addfinalizer(lambda: heartbeat.withdraw(redis_client, "w-old"))
     info = heartbeat.StartingWorker(id="w-warming", device="cuda", persona="sage", model="smollm2",
                                     since=heartbeat.redis_now(redis_client) - 42)
     heartbeat.announce_starting(redis_client, info, ttl_s=60)
@@ -564,11 +573,16 @@ def test_a_worker_loading_its_models_is_on_the_page_and_in_metrics_apart(
                for f in text_string_to_metric_families(httpx.get(f"{base}/metrics").text) for s in f.samples}
     assert ("persona_worker_up", "w-warming") not in samples and samples[("persona_worker_up", "w-serving")] == 1
     assert 42 <= samples[("persona_worker_starting_seconds", "w-warming")] < 100
+    up = {dict(labels)["worker"]: dict(labels)["software_version"] for name, labels in scrape(base) if name == "persona_worker_up"}
+    assert up == {"w-serving": persona_version(), "w-old": "unknown"}
     dom = subprocess.run([*_chromium(tmp_path), "--dump-dom", base], capture_output=True, check=False, text=True,
                          timeout=120)
     workers = dom.stdout.split('id="workers-note"')[1].split("</table>")[0]
-    assert ">1 live, 1 starting<" in workers, dom.stderr[-2000:]
+    assert ">2 live, 1 starting<" in workers, dom.stderr[-2000:]
     assert "w-serving" in workers and "<td>loading smollm2 for sage</td>" in workers
+    shown = {row.split("</td>")[0]: row.split("<td>")[3].split("</td>")[0]  # id -> version, its fourth cell
+             for row in workers.split("<tr><td>")[1:]}
+    assert shown == {"w-serving": persona_version(), "w-old": "-", "w-warming": persona_version()}, workers
     shown = re.search(r"<td>starting \((\d+)s\)</td>", workers)
     assert shown and int(shown.group(1)) >= 42, workers  # 42 s and counting
 
@@ -595,7 +609,7 @@ def test_the_live_worker_count_is_in_metrics_when_none_is_live_and_counts_unread
     samples = scrape(base)
     assert samples[("persona_workers_live", ())] == 2 and samples[("persona_workers_unreadable", ())] == 1
     assert [labels for name, labels in samples if name == "persona_worker_up"] == [
-        (("device", "cpu"), ("host", socket.gethostname()), ("worker", "w-good"))]
+        (("device", "cpu"), ("host", socket.gethostname()), ("software_version", persona_version()), ("worker", "w-good"))]
 
 
 def test_every_answer_forbids_framing_and_the_page_and_api_are_never_cached(settings, redis_client, dashboard):

@@ -902,3 +902,35 @@ def test_samples_say_once_how_they_are_written():
         reporter.on_samples(3, ["-upcasting. This phrase"])
         reporter.on_samples(6, ["There is only one thing"])
     assert out.getvalue().count("samples are written from nothing, as its posts") == 1
+
+
+def test_a_run_an_older_version_recorded_with_a_relative_corpus_is_continued_as_recorded(env, settings: Settings,
+                                                                                          tmp_path: Path,
+                                                                                          tiny_gpt2_dir: Path):
+    """Older versions recorded --corpus as typed ("../corpus.jsonl"); `personas list` made it
+    absolute from wherever it was run, and named a file that was never there (`/../corpus.jsonl`)."""
+    from training.run_folder import RUN_FILE, run_dir
+    from training.runs import train_persona
+    from training.trainer import TrainConfig
+
+    corpus = tmp_path / "sayings.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in SAYINGS.split("\n%\n")[:6]))
+    steps = TrainConfig(base=str(tiny_gpt2_dir), steps=4, batch_size=2, eval_every=2, samples=0)
+    assert train_persona(settings, "older", corpus, steps, reporter=Recorder(stop_at=1)).checkpoint is None
+    record = run_dir(settings, "older") / RUN_FILE
+    record.write_text(json.dumps(json.loads(record.read_text()) | {"corpus": "../sayings.jsonl"}))
+    ran_in = tmp_path / "ran-in"  # where that version ran: ../sayings.jsonl is there from it
+    ran_in.mkdir()
+
+    def listed(cwd: Path) -> str:
+        shown = subprocess.run([sys.executable, "-m", "persona", "personas", "list"], env=env, cwd=cwd,
+                               capture_output=True, text=True, check=False, timeout=120)
+        assert shown.returncode == 0, shown.stderr
+        return " ".join(shown.stderr.split())
+
+    said = listed(ran_in)
+    assert "continue it with `persona train older --corpus ../sayings.jsonl --resume`" in said, said
+    said = listed(Path("/"))
+    assert "--corpus /../sayings.jsonl" not in said
+    assert ("continue it with `persona train older --corpus FILE --resume` (it started on the corpus "
+            "../sayings.jsonl, which is not there now; name where it is)") in said, said

@@ -50,6 +50,22 @@ for _module in COMMAND_MODULES:
     importlib.import_module(_module).register(app)
 
 
+def _print_version(wanted: bool) -> None:
+    if wanted:
+        from persona.version import persona_version
+
+        print(f"persona {persona_version()}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="Print persona's version (with its git commit, run from a checkout) and exit."),
+) -> None:
+    pass
+
+
 def _reflowed(text: str | None) -> str | None:
     """Help text with each paragraph's lines joined, so the terminal wraps it at its own
     width: this typer keeps a docstring's line breaks past the first paragraph, and an

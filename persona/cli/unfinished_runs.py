@@ -35,7 +35,7 @@ def unfinished_line(run: UnfinishedRun) -> str:
                 f"`{again}`, or delete it with `{shlex.join(['rm', '-r', str(run.folder)])}`")
     stopped = f"stopped at {how_far}, saved {local_time(run.saved_at or 0)}" if how_far else \
         f"saved {local_time(run.saved_at or 0)}"
-    return f"{run.persona}: unfinished training run ({stopped}); continue it with `{continue_command(run)}`"
+    return f"{run.persona}: unfinished training run ({stopped}); continue it with `{continue_command(run)}`{_corpus_gone(run)}"
 
 
 def unfinished_refusal(run: UnfinishedRun) -> str:
@@ -44,7 +44,8 @@ def unfinished_refusal(run: UnfinishedRun) -> str:
     how_far = f"stopped at step {run.step} of {run.total_steps}, " if run.step is not None else ""
     return (f"persona {run.persona!r} has an unfinished training run ({how_far}saved "
             f"{local_time(run.saved_at or 0)}), which a new run would discard; continue it with "
-            f"`{continue_command(run)}`, or discard it and start over by running this command again with --restart")
+            f"`{continue_command(run)}`{_corpus_gone(run)}, or discard it and start over by running this command again "
+            "with --restart")
 
 
 def unfinished_json(run: UnfinishedRun) -> dict:
@@ -56,7 +57,19 @@ def unfinished_json(run: UnfinishedRun) -> dict:
 
 
 def continue_command(run: UnfinishedRun) -> str:
-    """The command that goes on with an unfinished run, for a shell."""
-    if run.corpus is None:  # a run saved before run.json named its corpus
+    """The command that goes on with an unfinished run, for a shell: on the corpus it started on,
+    as its run.json names it, or on FILE where that is not there now (``_corpus_gone``)."""
+    if run.corpus is None or not run.corpus.is_file():  # a run saved before run.json named its corpus, or moved
         return f"persona train {run.persona} --corpus FILE --resume"
+    if not run.corpus.is_absolute():  # recorded by an older version, relative to where it ran: as recorded
+        return shlex.join(["persona", "train", run.persona, "--corpus", str(run.corpus), "--resume"])
     return resume_command(run.persona, run.corpus)
+
+
+def _corpus_gone(run: UnfinishedRun) -> str:
+    """What to do about the corpus an unfinished run started on that is not there now (moved, or
+    named relative to where an older version ran it: made absolute from here, it named a file
+    that was never there); "" where it is."""
+    if run.corpus is None or run.corpus.is_file():
+        return ""
+    return f" (it started on the corpus {run.corpus}, which is not there now; name where it is)"
