@@ -890,7 +890,7 @@ def test_help_names_the_arguments_and_says_each_option_whole(env):
            "the step in hand, and the final measurement of the best weights on every held-out document" in \
            " ".join(usage.replace("│", " ").split())
     build = persona("corpus", "build", "--help", env=narrow).stdout
-    assert "…" not in build and "tweets or fortune" in " ".join(build.replace("│", " ").split())
+    assert "…" not in build and "tweets, fortune or html" in " ".join(build.replace("│", " ").split())
 
 
 def test_samples_say_once_how_they_are_written():
