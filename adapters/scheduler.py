@@ -6,9 +6,9 @@ the persona's missed-slot policy, and asks the ``Poster`` for the one slot to po
 Any number of schedulers may run, on machines whose clocks disagree: each takes its
 ``now`` from Redis's clock, the ledger's claim lets one of them post a slot, and the
 others see it taken or done. The first look at a persona starts its clock (nothing
-before it counts as missed), and so does the first look after its schedule was off
-(``enabled = false``, its file invalid, or ``scheduler`` not among its adapters): the
-time it was off is not downtime.
+before it counts as missed), and so does the first look after a scheduler saw its
+schedule go off (``enabled = false``, its file invalid, or ``scheduler`` not among its
+adapters): the time it was off is not downtime.
 """
 
 from __future__ import annotations
@@ -84,6 +84,9 @@ class Scheduler:
         # Each persona's standing as last said (``_standing``), so that an edit that stops or
         # restarts its posts is logged once, when it happens, not at every tick.
         self._said: dict[str, str] = {}
+        # The personas this scheduler found scheduled at its last tick: only one it saw go
+        # off has its checked mark dropped (``_forget_unscheduled``).
+        self._scheduled: set[str] = set()
 
     def now(self) -> datetime:
         """The time the scheduler goes by: Redis's (or the ``clock`` it was given)."""
@@ -257,17 +260,20 @@ class Scheduler:
         self._forward(keys=[keys.SCHEDULER_CHECKED_KEY], args=[persona.name, repr(now.timestamp())])
 
     def _forget_unscheduled(self, scheduled: set[str]) -> None:
-        """Drop the checked mark of each persona not scheduled now, so that when its schedule
-        is back on, its first look starts its clock afresh.
+        """Drop the checked mark of each persona this scheduler saw go from scheduled (at its
+        last tick) to not scheduled now, so that when its schedule is back on, its first look
+        starts its clock afresh.
 
         Kept, the mark dated from before it was turned off: a month off with
         ``missed = "latest"`` posted that day's slot the moment it was back on, hours late,
-        and with "skip" logged a month of slots as missed that were never due.
+        and with "skip" logged a month of slots as missed that were never due. Only a change
+        seen here counts: dropping every mark of a persona missing from this machine's folder,
+        a scheduler elsewhere (a rolling deploy, a file half-saved) restarted the clock of a
+        persona another one posts at every tick, and it never posted again.
         """
-        names = [name.decode() if isinstance(name, bytes) else name
-                 for name in self.client.hkeys(keys.SCHEDULER_CHECKED_KEY)]
-        if unscheduled := [name for name in names if name not in scheduled]:
-            self.client.hdel(keys.SCHEDULER_CHECKED_KEY, *unscheduled)
+        if stopped := sorted(self._scheduled - scheduled):
+            self.client.hdel(keys.SCHEDULER_CHECKED_KEY, *stopped)
+        self._scheduled = scheduled  # only once dropped: with Redis down, the next tick drops them
 
     def run(self) -> None:
         """Tick until stopped; when Redis or the queue fails, wait longer each time and retry."""

@@ -128,8 +128,11 @@ return mark
 # at least. Needs ``now`` (``REDIS_NOW``).
 ANSWERED_TTL = f"""
 local function answered_ttl(lasts, reply_ttl)
-  if lasts == '' then return {keys.ANSWERED_TTL_S} end
-  return math.max(reply_ttl, math.ceil(tonumber(lasts) - now))
+  local until_ = tonumber(lasts)
+  if not until_ then return {keys.ANSWERED_TTL_S} end
+  -- Never past the longest a mark needs: a damaged or foreign entry's huge deadline made
+  -- SET ... EX refuse, and with it the whole batch's delivery, again and again.
+  return math.min({keys.ANSWERED_TTL_S}, math.max(reply_ttl, math.ceil(until_ - now)))
 end
 """
 

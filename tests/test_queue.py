@@ -155,6 +155,22 @@ def test_an_answered_mark_lasts_until_its_request_is_over_not_a_day(settings, cl
     assert client.redis.xlen(keys.STREAM_INTERACTIVE) == 0
 
 
+def test_an_entry_with_a_huge_deadline_does_not_stop_its_batch_being_delivered(client, work):
+    """A damaged or foreign entry's deadline, finite but huge (a nanosecond timestamp), made
+    the answered mark's TTL one SET ... EX refuses, and with it the whole batch's delivery,
+    sent again with every later batch: that worker delivered nothing any more."""
+    import dataclasses
+
+    good, odd = client.submit(chat("an ordinary one")), client.submit(chat("a damaged deadline"))
+    good_job, odd_job = work.claim("w1", 10, block_ms=100)
+    odd_job = dataclasses.replace(odd_job, due=1.76e18)
+    replies = [(good_job, GenerationReply(id=good.id, ok=True, text="good")),
+               (odd_job, GenerationReply(id=odd.id, ok=True, text="odd"))]
+    assert work.deliver(replies, "w1") == 2
+    assert client.wait(good, timeout=1).text == "good" and client.wait(odd, timeout=1).text == "odd"
+    assert 0 < client.redis.ttl(keys.answered_key(odd.id)) <= keys.ANSWERED_TTL_S
+
+
 def test_one_delivery_answers_settles_and_counts_a_mixed_batch(client, work):
     """Replies that succeeded and failed, from both streams, some with a sender, one already
     answered: each new reply reaches its caller once, every entry is settled, and each is

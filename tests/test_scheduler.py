@@ -20,6 +20,7 @@ from adapters.scheduler import Scheduler
 from persona import constants as keys
 from persona.errors import ConfigError, ReplyTimeout
 from persona.ledger import PostLedger, SinkEntry
+from persona.personas import PersonaRegistry
 from persona.settings import Settings
 from tests.conftest import read_jsonl
 from tests.fakes.clocks import SteppedBack
@@ -361,6 +362,23 @@ def test_a_schedule_turned_back_on_starts_afresh(settings, write_persona, redis_
     assert [o.slot for o in runner.tick(utc(2026, 2, 5, 9, 1))] == ["2026-02-05T09:00:00Z"]
     assert [line["marker"] for line in read_jsonl(out)] == [
         "poet:2026-01-05T09:00:00Z:file:poet.jsonl", "poet:2026-02-05T09:00:00Z:file:poet.jsonl"]
+
+
+def test_a_scheduler_whose_folder_lacks_a_persona_leaves_its_clock_alone(settings, scheduled, redis_client, tmp_path):
+    """Two schedulers shared one Redis, and the second's folder lacked 'poet' (another machine,
+    a rolling deploy): each of its ticks dropped poet's checked mark, the first scheduler
+    started poet's clock afresh at every tick, and poet never posted again."""
+    here = Scheduler(poster_for(settings), redis_client)
+    elsewhere = tmp_path / "other-machine-personas"
+    elsewhere.mkdir()
+    there = Scheduler(poster_for(settings, registry=PersonaRegistry([elsewhere])), redis_client)
+    here.tick(utc(2026, 1, 5, 8))
+    there.tick(utc(2026, 1, 5, 8, 30))
+    there.tick(utc(2026, 1, 5, 8, 45))
+    assert [o.status for o in here.tick(utc(2026, 1, 5, 9, 1))] == ["posted"]
+    there.tick(utc(2026, 1, 6, 8, 30))
+    assert [o.slot for o in here.tick(utc(2026, 1, 6, 9, 1))] == ["2026-01-06T09:00:00Z"]
+    assert len(read_jsonl(scheduled)) == 2
 
 
 def test_an_edit_that_stops_or_restarts_scheduled_posts_is_logged_once_when_it_happens(
