@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import re
 from typing import TextIO
-from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, unquote_plus, urlsplit, urlunsplit
 
 from pydantic import SecretStr
 
@@ -23,7 +23,9 @@ SECRET_URL_OPTIONS = ("password", "ssl_password")
 
 
 def _secret_option(piece: str) -> bool:
-    return piece.partition("=")[0].lower() in SECRET_URL_OPTIONS
+    """Whether a query piece names a password, as redis-py reads it: its name decoded
+    (``pass%77ord=`` is ``password=`` to redis-py, and was shown as written)."""
+    return unquote_plus(piece.partition("=")[0]).lower() in SECRET_URL_OPTIONS
 
 
 def describe_url(url: str) -> str:
@@ -36,10 +38,14 @@ def describe_url(url: str) -> str:
     userinfo, at, host = parts.netloc.rpartition("@")
     if at:
         user, colon, _ = userinfo.partition(":")
-        named = colon or any(p.partition("=")[0].lower() == "password" for p in pieces)
+        named = colon or any(unquote_plus(p.partition("=")[0]).lower() == "password" for p in pieces)
         userinfo = f"{user}:{REDACTED}" if user and colon else user if user and named else REDACTED
     query = "&".join(f"{p.partition('=')[0]}={REDACTED}" if _secret_option(p) else p for p in pieces)
-    return urlunsplit(parts._replace(netloc=f"{userinfo}{at}{host}", query=query))
+    shown = urlunsplit(parts._replace(netloc=f"{userinfo}{at}{host}", query=query))
+    # urlunsplit drops the // of an address with no host (unix:///tmp/r.sock): kept as given.
+    if f"{parts.scheme}://" in url and f"{parts.scheme}://" not in shown:
+        shown = shown.replace(f"{parts.scheme}:", f"{parts.scheme}://", 1)
+    return shown
 
 
 def url_secrets(url: str) -> set[str]:

@@ -55,3 +55,17 @@ def test_a_log_level_in_lower_case_sets_the_level(tmp_path):
     assert logging.getLogger().level == logging.DEBUG
     setup_logging(Settings(_env_file=None, data_dir=tmp_path), level="warning")
     assert logging.getLogger().level == logging.WARNING
+
+
+@pytest.mark.parametrize(("url", "shown"), [
+    # redis-py decodes a query option's name: pass%77ord= is its password, and was shown as written.
+    ("redis://h:6379/0?pass%77ord=s3cret", "redis://h:6379/0?pass%77ord=***"),
+    ("rediss://h/0?ssl%5Fpassword=k3y", "rediss://h/0?ssl%5Fpassword=***"),
+    # An address with no host keeps its // (it was shown as unix:/tmp/r.sock).
+    ("unix:///tmp/r.sock?password=x", "unix:///tmp/r.sock?password=***"),
+    ("redis://ops@h/0?password=pw", "redis://ops@h/0?password=***"),
+])
+def test_a_url_is_shown_without_any_password_redis_py_would_read_in_it(url: str, shown: str):
+    from persona.logs import describe_url
+
+    assert describe_url(url) == shown
