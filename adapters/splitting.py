@@ -83,23 +83,39 @@ def fence_opener(line: str) -> str:
 
 
 def fences_on_own_lines(text: str) -> str:
-    """``text`` with each fence that ends a line of text moved to a line of its own: one that opens a
-    block ("Here it is: ```python") when a fence later closes it, one that closes a block ("x = 1```")."""
+    """``text`` with each fence that ends a line of text and really opens or closes a block moved to
+    a line of its own: "Here it is: ```python" when the next fence line is a bare closing one, and
+    "x = 1```" when it closes such a block and no fence follows. Prose about fences ("you fence
+    code with ```" before a "```python" line) and code ending in ``` inside a block stay as written."""
     if FENCE not in text:
         return text
     lines = text.split("\n")
     found = [_FENCE_AFTER_TEXT.fullmatch(line) if not toggles_fence(line) else None for line in lines]
-    last_fence = max((n for n, line in enumerate(lines) if found[n] or toggles_fence(line)), default=-1)
+    fence_lines = [n for n, line in enumerate(lines) if found[n] or toggles_fence(line)]
+    last_fence = max(fence_lines, default=-1)
     out: list[str] = []
     inside = False
     for number, (line, match) in enumerate(zip(lines, found)):
-        if match and (inside and match["fence"] == FENCE or not inside and number < last_fence):
+        closes = match is not None and match["fence"] == FENCE and number == last_fence
+        if match and (closes if inside else _opens_block(number, lines, found, fence_lines)):
             out += [match["text"], match["fence"]]
             inside = not inside
         else:
             out.append(line)
             inside ^= toggles_fence(line)
     return "\n".join(out)
+
+
+def _opens_block(number: int, lines: list[str], found: list[re.Match[str] | None], fence_lines: list[int]) -> bool:
+    """Whether the fence that ends line ``number`` opens a block: the next fence line closes one
+    (a bare fence, or a last "x = 1```"), and is not the very next line ("with ```" then "```python")."""
+    later = next((n for n in fence_lines if n > number), None)
+    if later is None or later == number + 1 and toggles_fence(lines[later]):
+        return False
+    closing = found[later]
+    if closing is not None:
+        return closing["fence"] == FENCE and later == fence_lines[-1]
+    return lines[later].strip() == FENCE
 
 
 def _fence_state(text: str, opener: str) -> str:

@@ -87,9 +87,9 @@ X_LINK_LENGTH = 23
 _X_HEAVY = re.compile("[^" + "".join(f"\\U{low:08x}-\\U{high:08x}" for low, high in X_LIGHT_RANGES) + "]")
 # A link as X finds one (twitter-text's ``extract_urls``, in part): with "http(s)://", or a bare
 # domain ("example.com"). Its path or query does not end in punctuation: "See example.com/a."
-# links "example.com/a". Each counts ``X_LINK_LENGTH``, however long, when its top-level domain
-# is one X knows (every country's, the common others); with another ("foo.bar": X knows
-# hundreds), as the longer of that and its characters, which X counts if it does not link it.
+# links "example.com/a". Each counts ``X_LINK_LENGTH``, however long. A bare domain is a link
+# only when its top-level domain is one X knows (every country's, the common others): words a
+# stop joins ("Mr.Smith", "Node.js", "index.html") count as written.
 _COUNTRY_TLDS = (
     "ac ad ae af ag ai al am an ao aq ar as at au aw ax az ba bb bd be bf bg bh bi bj bl bm bn bo bq br bs bt bv "
     "bw by bz ca cc cd cf cg ch ci ck cl cm cn co cr cu cv cw cx cy cz de dj dk dm do dz ec ee eg eh er es et eu fi "
@@ -217,14 +217,21 @@ def x_length(text: str) -> int:
         rest = match["rest"] or ""
         while rest and not _ends_link(rest):
             rest, end = rest[:-1], end - 1
+        if not _is_link(match):
+            continue
         pieces.append(text[position : match.start()])
-        tld = match["tld"].lower()
-        known = tld in X_KNOWN_TLDS or tld.startswith("xn--")
-        links += X_LINK_LENGTH if known else max(X_LINK_LENGTH, end - match.start())
+        links += X_LINK_LENGTH
         position = end
     pieces.append(text[position:])
     plain = "".join(pieces)
     return links + len(plain) + len(_X_HEAVY.findall(plain))
+
+
+def _is_link(match: re.Match[str]) -> bool:
+    """Whether X links what ``_LINK`` matched: anything with a scheme, a bare domain only with a
+    top-level domain X knows ("x.com" is a link, "Mr.Smith" two words)."""
+    tld = match["tld"].lower()
+    return match[0].lower().startswith(("http://", "https://")) or tld in X_KNOWN_TLDS or tld.startswith("xn--")
 
 
 def _ends_link(rest: str) -> bool:

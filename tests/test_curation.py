@@ -84,6 +84,18 @@ def test_x_counts_a_link_without_a_scheme_and_leaves_out_the_punctuation_after_o
     assert reason("a" * 270 + " x.com", platforms=["x"]) == "too_long"
 
 
+def test_x_counts_words_a_stop_joins_as_written_not_as_links():
+    """A bare domain is a link only with a top-level domain X knows: "Mr.Smith" (22 characters
+    as written) counted 37 as a link, and a post near 280 was refused as too long for X."""
+    assert x_length("Ask Mr.Smith about it.") == 22
+    assert x_length("It was late.Then we left.") == 25
+    assert x_length("I use Node.js daily") == 19
+    assert x_length("see index.html") == 14
+    assert x_length("see index.html or x.com") == 18 + 23
+    assert x_length("https://example.invalidtld/a") == 23  # with a scheme, a link whatever its domain
+    assert over_limits("a" * 262 + " Ask Mr.Smith.", ["x"]) == []  # 276 characters, not 291
+
+
 def test_blocklist_matches_whole_words_case_insensitively():
     assert reason("Damn the torpedoes, full patience ahead.", blocklist=["DAMN"]) == "blocklist"
     assert reason("Amsterdam teaches patience to its cyclists.", blocklist=["dam"]) is None

@@ -146,6 +146,21 @@ def test_a_fence_opened_after_text_on_its_line_is_a_fence_when_split_and_formatt
     assert split_message("The fence is ``` and that is all.", 100) == ["The fence is ``` and that is all."]
 
 
+def test_a_fence_mentioned_before_a_block_and_one_ending_a_code_line_stay_where_they_are():
+    """Moving every fence that ends a line broke correct blocks: "fence code with ```" before a
+    "```python" block put print(1) outside the block and "Done." in one, and a code line ending in
+    ``` closed its block early, leaving the rest of the code as prose."""
+    mentioned = "In Markdown you fence code with ```\n```python\nprint(1)\n```\nDone."
+    assert split_message(mentioned, 2000) == [mentioned]
+    assert telegram_html(mentioned) == (
+        'In Markdown you fence code with ```\n<pre><code class="language-python">print(1)</code></pre>\nDone.'
+    )
+    code = "```\ncode line ending with ```\nmore\n```"
+    assert split_message(code, 2000) == [code]
+    assert telegram_html(code) == "<pre>code line ending with ```\nmore</pre>"
+    assert split_message("Run this:```\nls\n```", 2000) == ["Run this:\n```\nls\n```"]
+
+
 def test_limit_too_small_is_refused():
     with pytest.raises(ValueError):
         split_message("x", 10)
