@@ -131,7 +131,11 @@ class PendingEntries:
                             holder, deliveries,
                         )
         if time.monotonic() - self._forgot_at >= FORGET_EVERY_S:
-            self.forget_gone(consumer)
+            try:
+                self.forget_gone(consumer)
+            except redis.exceptions.RedisError as exc:  # housekeeping: the entries claimed above go on
+                log.warning("could not forget the consumers of workers that are gone (%s); trying again in %.0f s",
+                            exc, FORGET_EVERY_S)
         return jobs, exhausted
 
     def forget_gone(self, consumer: str) -> list[str]:

@@ -406,6 +406,19 @@ def test_the_consumers_of_workers_that_died_are_forgotten_and_live_ones_kept(set
     assert consumers(client.redis) == {"survivor", "idle-but-alive"}  # the one looking is never forgotten
 
 
+def test_a_reclaim_whose_housekeeping_fails_still_hands_over_what_it_claimed(settings, client, work):
+    """Forgetting gone workers' consumers runs inside a reclaim, after its claims: a script
+    error there (a damaged worker index) lost the entries just claimed, and each retry
+    counted one more delivery of them towards the dead letters."""
+    settings.queue.visibility_timeout_s = 0.2
+    client.submit(chat("held by a worker that died"))
+    work.claim("killed", 1, block_ms=100)
+    client.redis.set(keys.WORKER_INDEX_KEY, "not a sorted set")
+    time.sleep(0.3)
+    jobs, _ = work.reclaim("survivor", {"survivor"}, holding=set())
+    assert [job.request.messages[-1].content for job in jobs] == ["held by a worker that died"]
+
+
 def test_a_claim_waiting_on_both_streams_takes_no_more_than_its_room(client, work):
     """A blocking read of both streams counts per stream: a worker with room for 4 got 8,
     batch work beside the interactive work it had no room for."""
