@@ -105,6 +105,8 @@ class RedisMemory(BaseModel):
     max_bytes: int = Field(description="maxmemory; 0: no limit")
     policy: str = Field(description="maxmemory_policy: what Redis does once max_bytes is reached")
     evicted_keys: int = Field(description="keys Redis has deleted to make room since it started")
+    uncounted_bytes: int = Field(0, description="mem_not_counted_for_evict: replica and AOF buffers, which "
+                                 "Redis leaves out of the limit")
 
     @computed_field  # type: ignore[prop-decorator]
     @property
@@ -116,7 +118,9 @@ class RedisMemory(BaseModel):
     @property
     def full(self) -> bool:
         """Whether Redis is at its limit under noeviction: it refuses every write that adds data."""
-        return self.max_bytes > 0 and not self.evicts and self.used_bytes >= self.max_bytes
+        # As Redis judges it: its replicas' and AOF rewrite's buffers do not count towards the
+        # limit, and a primary with replicas read as full while it still took writes.
+        return self.max_bytes > 0 and not self.evicts and self.used_bytes - self.uncounted_bytes >= self.max_bytes
 
     @computed_field  # type: ignore[prop-decorator]
     @property
@@ -147,7 +151,8 @@ def read_memory(client: redis.Redis) -> RedisMemory | None:
     try:
         return RedisMemory(used_bytes=int(memory["used_memory"]), max_bytes=int(memory.get("maxmemory", 0)),
                            policy=str(memory.get("maxmemory_policy", KEEPING_POLICY)),
-                           evicted_keys=int(stats.get("evicted_keys", 0)))
+                           evicted_keys=int(stats.get("evicted_keys", 0)),
+                           uncounted_bytes=int(memory.get("mem_not_counted_for_evict", 0)))
     except (KeyError, TypeError, ValueError):
         log.debug("not checking Redis's maxmemory-policy: INFO memory does not say it")
         return None

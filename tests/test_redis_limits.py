@@ -172,3 +172,14 @@ def test_the_acl_the_error_recommends_runs_persona_and_reads_its_memory(settings
     QueueClient(service, settings.queue).submit(request)
     [job] = WorkQueue(service, settings.queue).claim("w-acl", 1, block_ms=0)
     assert job.request.id == request.id
+
+
+def test_a_redis_over_its_limit_only_by_its_replica_and_aof_buffers_is_not_called_full():
+    """Redis leaves its replicas' output buffers and the AOF rewrite's out of maxmemory
+    (INFO's mem_not_counted_for_evict): a primary with replicas was said to be full, "nothing
+    new can be queued", while it still took every write."""
+    from persona.monitoring import RedisMemory
+
+    buffered = RedisMemory(used_bytes=110, max_bytes=100, policy="noeviction", evicted_keys=0, uncounted_bytes=20)
+    assert not buffered.full and buffered.warning == ""
+    assert RedisMemory(used_bytes=130, max_bytes=100, policy="noeviction", evicted_keys=0, uncounted_bytes=20).full
