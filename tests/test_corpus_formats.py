@@ -301,6 +301,24 @@ def test_fortune_attributions_are_removed_without_author_and_counted(tmp_path: P
     assert twain.left_out == []  # removing the signature is what --author says it does
 
 
+def test_a_dash_line_of_the_author_s_own_at_an_entry_s_end_is_kept_without_author(tmp_path: Path):
+    """Any "-- " line of an entry's last three was taken for an attribution and cut with all after it:
+    "-- every single day, for a whole year." was lost, and "I told her the plan" kept alone."""
+    path = tmp_path / "mine.fortune"
+    path.write_text("He came back tomorrow, and the day after\n-- every single day, for a whole year.\n%\n"
+                    "I told her the plan\n-- the whole plan,\nand she laughed.\n%\n"
+                    "Well begun is half done.\n-- Aristotle, Politics 5.4\n%\n"
+                    "Strike while the iron is hot.\n\t-- J. R. R. Tolkien\n\t   (not really)\n%\n")
+    documents = read_fortune(path, OPTIONS)
+    assert texts(documents) == [
+        "He came back tomorrow, and the day after\n-- every single day, for a whole year.",
+        "I told her the plan\n-- the whole plan,\nand she laughed.",
+        "Well begun is half done.",
+        "Strike while the iron is hot.",
+    ]
+    assert documents.left_out[0].count == 2
+
+
 def test_cli_builds_fortunes_without_signatures_and_says_so(tmp_path: Path):
     path = tmp_path / "wisdom"
     path.write_text(FORTUNES)
@@ -328,3 +346,9 @@ def test_markdown_with_many_unclosed_liquid_struck_or_escaped_openers_is_read_in
     stripped = [strip_markdown(opener * 20_000) for opener in ("{{ x\n", "~~a ", "`a\\* ", "![a](", "<li>x ")]
     assert time.perf_counter() - started < 3
     assert all(len(text) >= 20_000 for text in stripped)
+
+
+def test_full_width_punctuation_of_chinese_and_japanese_is_kept_as_written():
+    """All of U+FF01-FF5E was folded: "你好，世界！" became "你好,世界!". Only full-width letters and digits fold."""
+    assert normalize_text("你好，世界！真的吗？（是的）") == "你好，世界！真的吗？（是的）"
+    assert normalize_text("Ｆｕｌｌ ｗｉｄｔｈ ２０２４。") == "Full width 2024。"

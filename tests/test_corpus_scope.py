@@ -66,6 +66,36 @@ def test_a_site_root_gives_the_author_s_posts_not_the_theme_s_packages_or_readme
     assert theme.corpus.documents == ["Alice was beginning to get tired."]
 
 
+def test_a_folder_named_like_a_site_s_is_read_outside_a_site_root(tmp_path: Path):
+    """"public", "resources", "assets"... were passed over at any depth: writing/public/essay.md was lost. Only a
+    site's root (a config.toml, package.json, Gemfile...) owns them; packages and virtualenvs are owned anywhere."""
+    writing = _write(tmp_path / "writing", {
+        "public/essay.md": "My published essay.\n",
+        "resources/reading.md": "What I read this year.\n",
+        "blog/config.toml": "title = 'Blog'\n",
+        "blog/public/index.md": "A built page.\n",
+        "blog/content/public/speech.md": "A speech I gave in public.\n",
+        "tools/node_modules/pkg/notes.txt": "A package's notes.\n",
+        "tools/env/pyvenv.cfg": "home = /usr/bin\n",
+        "tools/env/lib/notes.txt": "A package's notes.\n",
+    })
+    result = build_corpus([writing])
+    assert sorted(result.corpus.documents) == ["A speech I gave in public.", "My published essay.",
+                                               "What I read this year."]
+    assert sorted(result.passed_over["folders"]) == [writing / "blog" / "public", writing / "tools" / "env",
+                                                     writing / "tools" / "node_modules"]
+
+
+def test_posts_named_like_a_project_s_files_are_read(tmp_path: Path):
+    """"copying-is-ok.md" and "Changelog.md" were passed over as a project's COPYING and CHANGELOG."""
+    posts = ("copying-is-ok.md", "readme-if-bored.md", "license-to-ill.md", "Changelog.md", "README-xx-yy.md")
+    project = ("README.fr.md", "README-de.md", "README-pt_BR.md", "LICENSE-MIT", "LICENSE.txt", "CHANGELOG.md")
+    blog = _write(tmp_path / "blog", {name: f"A post called {name}.\n" for name in posts + project})
+    result = build_corpus([blog])
+    assert len(result.corpus.documents) == len(posts)
+    assert sorted(path.name for path in result.passed_over["project files"]) == sorted(project)
+
+
 def test_cli_says_what_it_passed_over_in_a_site_and_which_folders_it_read(tmp_path: Path):
     """The report said only "left out 2 file(s) ... (1 .toml, 1 .html)", as though the folder were handled."""
     site = _write(tmp_path / "site", HUGO_SITE)
@@ -94,6 +124,16 @@ def test_an_x_export_s_deleted_posts_and_other_records_are_passed_over_each_for_
     assert result.corpus.documents == ["A post of my own."] and result.left_out == []
     assert result.passed_over["deleted posts"] == [data / "deleted-tweets.js"]
     assert sorted(result.passed_over["export records"]) == [data / "direct-messages.js", data / "like.js"]
+
+
+def test_a_json_of_records_named_deleted_something_is_not_taken_for_x_s_deleted_posts(tmp_path: Path):
+    """Any "deleted-*.js(on)" was refused as an X export's deleted posts: deleted_scenes.json, a plain list of
+    records, was refused named and passed over in a folder."""
+    scenes = _write(tmp_path / "book", {"deleted_scenes.json": json.dumps([{"text": "A scene I cut from the book."}]),
+                                        "deleted-posts.jsonl": json.dumps({"text": "A post I moved."}) + "\n"})
+    named = build_corpus([scenes / "deleted_scenes.json"])
+    assert named.corpus.documents == ["A scene I cut from the book."] and named.problems == []
+    assert "deleted posts" not in build_corpus([scenes]).passed_over
 
 
 def test_deleted_tweets_named_are_refused_saying_why_and_how_to_read_them_all_the_same(tmp_path: Path):
@@ -177,6 +217,17 @@ def test_a_mastodon_outbox_s_html_content_is_read_as_text_and_said_so(tmp_path: 
     assert [d.text for d in documents] == ["My first toot about #rain & tea.\n\nSecond.", "A plain one, 3 < 4 and 5 > 2."]
     [said] = documents.left_out
     assert said.reason.startswith("1 record(s) hold HTML in the field 'object.content'") and not said.whole_file
+
+
+def test_prose_that_mentions_a_tag_is_read_as_written_not_as_html(tmp_path: Path):
+    """Text in a "text" field with one tag-like word was read as HTML: "the <b> tag" lost its tag's name and the
+    post its paragraphs. HTML in a field of text is still read as its text."""
+    prose = "Today I learned the <b> tag is not for bold any more.\n\nUse CSS. The <p> tag still is.\nLine two."
+    path = tmp_path / "posts.jsonl"
+    path.write_text("".join(json.dumps({"text": text}) + "\n"
+                            for text in (prose, "<p>One.</p><p>Two &amp; three.</p>", "A <a href='/x'>link</a>.")))
+    documents = read_jsonl(path, ReadOptions(field="text"))
+    assert [document.text for document in documents] == [prose, "One.\n\nTwo & three.", "A link."]
 
 
 def test_ghost_s_html_field_is_read_as_text(tmp_path: Path):

@@ -52,11 +52,11 @@ _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x84\x86-\x9f\u200b\u200
 # What follows the lead letter is the second byte of a UTF-8 character, as those encodings show it.
 _UTF8_SECOND_BYTE = "\x80-\xbf€‚ƒ„…†‡ˆ‰Š‹ŒŽ‘’“”•–—˜™š›œžŸ"
 _MOJIBAKE = re.compile(f"Ã[{_UTF8_SECOND_BYTE}]|Â[\xa0-\xbf]|â€[{_UTF8_SECOND_BYTE}]")
-# The few compatibility characters the kept text does fold, as NFKC would: full-width Latin letters, digits
-# and signs ("Ｆｕｌｌ" is "Full"), the Latin ligatures ("ﬁ" is "fi") and the spaces of other widths (a
+# The few compatibility characters the kept text does fold, as NFKC would: full-width Latin letters and
+# digits ("Ｆｕｌｌ" is "Full"; full-width punctuation is Chinese and Japanese writing's own, "你好，世界！"), the Latin ligatures ("ﬁ" is "fi") and the spaces of other widths (a
 # no-break space from a web page). What else NFKC folds is the author's ("E=mc²", "ㅋ", "①", "™").
 _COMPATIBILITY_FOLD = str.maketrans(
-    {chr(c): chr(c - 0xFEE0) for c in range(0xFF01, 0xFF5F)}
+    {chr(c): chr(c - 0xFEE0) for c in [*range(0xFF10, 0xFF1A), *range(0xFF21, 0xFF3B), *range(0xFF41, 0xFF5B)]}
     | dict(zip("\ufb00\ufb01\ufb02\ufb03\ufb04\ufb05\ufb06", ["ff", "fi", "fl", "ffi", "ffl", "st", "st"], strict=True))
     | dict.fromkeys([0xA0, *range(0x2000, 0x200B), 0x202F, 0x205F, 0x3000], " ")
 )

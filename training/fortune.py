@@ -30,19 +30,49 @@ __all__ = ["AttributionsRemoved", "read_fortune"]
 _ATTRIBUTION = re.compile(r"^\s*(?:--|—|―|~)\s*(?P<who>[^\n]+?)\s*$")
 
 
-def _attribution(entry: str) -> tuple[str, str | None]:
+# Lower-case words a name may hold: "Ludwig van Beethoven", "Mark Twain, in ...", "Letter to W. D. Howells".
+_NAME_PARTICLES = frozenset({"a", "and", "at", "da", "de", "del", "der", "di", "du", "el", "et", "from", "in", "la",
+                             "le", "of", "on", "the", "to", "van", "von", "y", "zu"})
+_NAME_MAX_CHARS = 60
+
+
+def _looks_like_name(who: str) -> bool:
+    """Whether a margin "-- ..." line names someone ("-- Mark Twain, 1894", "-- J. R. R. Tolkien") rather than
+    going on with the entry ("-- every single day, for a whole year.", "-- the whole plan,"): short, its words
+    capitalised, and no sentence ending or pausing before its end (an initial's or "Dr."'s stop aside)."""
+    words = re.findall(r"[^\W\d_][\w'’-]*", who)
+    if len(who) > _NAME_MAX_CHARS or not words or not words[0][0].isupper() or who.endswith((",", ";", ":")):
+        return False
+    if re.search(r"[!?;:](?=\s*\S)|(?<!\b[A-Z])(?<!\b[A-Z][a-z])(?<!\b[A-Z][a-z][a-z])\.(?=\s*[^\s\d])", who):
+        return False
+    return all(word[0].isupper() or word.lower() in _NAME_PARTICLES for word in words)
+
+
+def _is_list_item(lines: list[str], i: int) -> bool:
+    """Whether a "-- ..." line at the margin follows another: the next item of a list (Debian's "platitudes")."""
+    return bool(lines[i][:1].strip()) and any(line[:1].strip() and _ATTRIBUTION.match(line) for line in lines[:i])
+
+
+def _attribution(entry: str, loose: bool = False) -> tuple[str, str | None]:
     """(entry without its trailing ``-- Author`` lines, the author or None).
 
-    A line "-- ..." at the margin after another such line is the next item of a list (Debian's
-    "platitudes" has them), not an attribution: an attribution is set in, or stands alone.
+    An attribution is the entry's last line, set in ("\t\t-- Kant", and its lines carried on as deep), or a
+    margin "-- Name" that reads as a name; a "-- ..." line with the entry going on after it, or that is
+    a sentence, is the author's own. ``loose`` (with ``--author``, where an entry is kept only if the
+    author is found) takes any "-- ..." line of the last three, set in or standing alone, and what follows.
     """
     lines = entry.rstrip().split("\n")
     for i in range(len(lines) - 1, max(len(lines) - 4, 0), -1):
         match = _ATTRIBUTION.match(lines[i])
-        if match and not (lines[i][:1].strip() and any(line[:1].strip() and _ATTRIBUTION.match(line)
-                                                        for line in lines[:i])):
+        if not match or _is_list_item(lines, i):
+            continue
+        indent = len(lines[i]) - len(lines[i].lstrip())
+        set_in = indent > 0 and all(len(line) - len(line.lstrip()) >= indent for line in lines[i + 1 :])
+        if loose or set_in or (i == len(lines) - 1 and _looks_like_name(match.group("who"))):
             who = " ".join(line.strip() for line in [match.group("who"), *lines[i + 1 :]])
             return "\n".join(lines[:i]).rstrip(), who
+        if not loose:
+            break
     return entry.strip(), None
 
 
@@ -91,7 +121,7 @@ def read_fortune(path: Path, options: ReadOptions) -> Documents:
     documents = Documents()
     signed: list[str] = []
     for piece, line in text_blocks(text, re.compile(r"^%[ \t]*$", re.MULTILINE)):
-        body, who = _attribution(piece)
+        body, who = _attribution(piece, loose=options.author is not None)
         if options.author is not None and (who is None or not _author_matches(options.author, who)):
             continue
         if body:

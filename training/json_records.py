@@ -39,6 +39,14 @@ WRAPPER_DEPTH = 6  # steps (a key, or the one item of a list) from the wrapping 
 # that holds HTML is read as its text, but one that holds the text itself (Ghost's plaintext) is the closer copy.
 _TEXT_FIELDS = ("text", "full_text", "plaintext", "content_text", "selftext", "body", "content", "message",
                 "description", "caption", "html")
+# Fields that hold HTML in the exports that have them (Ghost's html, Mastodon's object.content, JSON Feed's
+# content_html): what they hold with a tag is read as HTML. In another field, text is read as HTML only when it is
+# plainly so (``_is_html``), not prose that mentions "the <b> tag".
+_HTML_FIELDS = frozenset({"html", "content", "content_html", "body_html"})
+_BLOCK_START = re.compile(r"\s*<(?:p|div|h[1-6]|ul|ol|blockquote|pre|figure|section|article|table|html|body)\b[^<>]*>",
+                          re.IGNORECASE)
+_PAIRED_TAG = re.compile(r"<([a-z][a-z0-9]*)\b[^<>]*>.*?</\1\s*>", re.IGNORECASE | re.DOTALL)
+_BLANK_LINE = re.compile(r"\n[ \t]*\n")
 _JQ_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _JQ_KEYWORDS = frozenset({"and", "as", "catch", "def", "elif", "else", "end", "foreach", "if", "import",
                           "include", "label", "not", "or", "reduce", "then", "try", "__loc__"})
@@ -356,10 +364,19 @@ def _answers_others(record: object) -> bool:
     return not (isinstance(author, str) and author and answered.startswith(author.rstrip("/") + "/"))
 
 
+def _is_html(text: str, field: str) -> bool:
+    """Whether a record's text is HTML: a tag in a field that holds HTML, or text that opens with a block tag, or
+    has a tag closed and no paragraphs of its own between blank lines (which HTML would not need)."""
+    if not looks_like_html(text):
+        return False
+    return (field.rsplit(".", 1)[-1] in _HTML_FIELDS or _BLOCK_START.match(text) is not None
+            or (_PAIRED_TAG.search(text) is not None and _BLANK_LINE.search(text.strip()) is None))
+
+
 def _read_html_as_text(path: Path, documents: Documents, field: str) -> None:
     """The documents that hold HTML (Mastodon's ``object.content``, Ghost's ``html``) made its text, in place, and
     said so: its tags and entities would otherwise be trained on as the author's words."""
-    marked = [i for i, document in enumerate(documents) if looks_like_html(document.text)]
+    marked = [i for i, document in enumerate(documents) if _is_html(document.text, field)]
     for i in marked:
         documents[i] = RawDocument(html_to_text(documents[i].text), documents[i].source, documents[i].line)
     if marked:

@@ -1,8 +1,8 @@
 """Which files of the sources named are read: the files named, and the files of writing in the folders named.
 
-A folder named is read but for what is no writing of the author's (``OWNED_FOLDERS``: a site's
-theme, its built pages, its packages; a project's README and LICENSE; an X export's deleted posts
-and other records; documents in formats not read here), each passed over said by kind
+A folder named is read but for what is no writing of the author's (``OWNED_FOLDERS`` in a site's
+root: its theme, its built pages, its packages; packages and hidden folders anywhere; a project's
+README and LICENSE; an X export's deleted posts and other records; documents in formats not read here), each passed over said by kind
 (``PASSED_OVER``) in the ``Scan``; named itself, such a folder or file is read.
 """
 
@@ -46,19 +46,29 @@ def _is_fortune_index(path: Path) -> bool:
     return path.suffix.lower() == ".dat" and path.with_suffix("").is_file()
 
 
-# Folders in a folder named that hold no writing of the author's: what a site generator makes, copies or
-# builds from (Hugo, Jekyll, Eleventy, Gatsby, WordPress), themes and their example posts, and packages.
-# Named as a source itself, one is read. Hidden folders (.git, .cache) are passed over too.
+# Folders directly in a site's or a project's root (``_SITE_ROOT_FILES``) that hold no writing of the author's: what
+# a site generator makes, copies or builds from (Hugo, Jekyll, Eleventy, Gatsby, WordPress), themes and their example
+# posts, and packages. Elsewhere a folder so named ("writing/public") is the author's. Named as a source, one is read.
 OWNED_FOLDERS = frozenset({
     "themes", "exampleSite", "archetypes", "layouts", "static", "assets", "resources", "i18n", "public",
-    "_site", "_layouts", "_includes", "_sass", "_data", "_plugins", "wp-admin", "wp-includes", "plugins",
-    "node_modules", "bower_components", "jspm_packages", "vendor", "site-packages", "__pycache__", "venv",
+    "_site", "_layouts", "_includes", "_sass", "_data", "_plugins", "wp-admin", "wp-includes", "wp-content", "plugins",
+    "vendor",
 })
-# A project's files, not posts: "README.md", "README-fr.md", "LICENSE.txt", "CHANGELOG"; the upper-case ones only
-# so written ("AUTHORS", not an author's "authors.md").
-_PROJECT_FILE = re.compile(r"(?:(?i:readme|licen[cs]e|copying|changelog|contributing|code[-_]of[-_]conduct)"
-                           r"|AUTHORS|CONTRIBUTORS|NOTICE|SECURITY|CHANGES|HISTORY|NEWS)"
-                           r"(?:[-_](?:[a-z]{2}(?:[-_][A-Za-z]{2})?|[A-Z0-9][A-Z0-9-]*))?")  # README-fr, LICENSE-MIT
+# Folders a tool owns wherever they are (as are hidden folders such as .git, and a virtualenv: one with pyvenv.cfg).
+_TOOL_FOLDERS = frozenset({"node_modules", "bower_components", "jspm_packages", "site-packages", "__pycache__"})
+# The files that make a folder a site's or a package's root: Hugo, Jekyll, Eleventy, npm, WordPress, Bundler.
+_SITE_ROOT_FILES = frozenset({
+    "config.toml", "config.yaml", "config.yml", "hugo.toml", "hugo.yaml", "hugo.yml", "hugo.json", "_config.yml",
+    "_config.yaml", "package.json", "wp-config.php", ".eleventy.js", "eleventy.config.js", "eleventy.config.mjs",
+    "eleventy.config.cjs", "Gemfile",
+})
+# A project's files, not posts: "README.md", "README.fr.md", "README-pt_BR.md", "LICENSE-MIT", "LICENSE.txt",
+# "CHANGELOG"; the upper-case ones only so written ("AUTHORS", not an author's "authors.md"). A post's slug
+# ("copying-is-ok.md", "Changelog.md") is not one: the names are as projects write them, upper case.
+_PROJECT_FILE = re.compile(r"(?:README|LICEN[CS]E|COPYING|CHANGELOG|CONTRIBUTING|CODE_OF_CONDUCT|AUTHORS|CONTRIBUTORS"
+                           r"|NOTICE|SECURITY|CHANGES|HISTORY|NEWS|(?i:readme|license))"
+                           r"(?:[-_.](?:[a-z]{2}(?:[-_][A-Z]{2})?|[A-Z][A-Z0-9.-]*[A-Z0-9]))?"  # .fr, -pt_BR, -MIT
+                           r"(?:\.(?:md|markdown|txt|rst|adoc|org|html))?")
 _SITE_FILES = frozenset({"robots.txt", "humans.txt", "ads.txt", "app-ads.txt", "security.txt", "llms.txt",
                          "cname", "_redirects", "_headers", "gemfile", "rakefile", "makefile", "dockerfile",
                          "procfile", "brewfile", "pipfile", "vagrantfile", "justfile", "requirements.txt"})
@@ -81,18 +91,25 @@ class Scan:
 
 def _is_project_file(name: str) -> bool:
     """Whether a file is one of a project's or a site's own (README.md, LICENSE, robots.txt), not a post."""
-    return _PROJECT_FILE.fullmatch(name.split(".")[0]) is not None or name.lower() in _SITE_FILES
+    return _PROJECT_FILE.fullmatch(name) is not None or name.lower() in _SITE_FILES
+
+
+def _tool_owned(folder: Path, name: str, names: set[str]) -> bool:
+    """Whether a folder in ``folder`` (whose files are ``names``) holds no writing: one a tool owns wherever it is,
+    or one a site generator or package manager owns in a site's root."""
+    return (name in _TOOL_FOLDERS or (folder / name / "pyvenv.cfg").is_file()
+            or (name in OWNED_FOLDERS and not names.isdisjoint(_SITE_ROOT_FILES)))
 
 
 def _walk(source: Path, skipped: set[Path], scan: Scan) -> list[Path]:
-    """The files below a folder named, passing over hidden and ``OWNED_FOLDERS`` (said in ``scan``)."""
+    """The files below a folder named, passing over hidden and tool-owned folders (said in ``scan``)."""
     found: list[Path] = []
     for folder, folders, names in os.walk(source):
         here = Path(folder)
-        for name in sorted(folders):
-            if not name.startswith(".") and name in OWNED_FOLDERS:
-                scan.pass_over("folders", here / name)
-        folders[:] = [name for name in folders if not name.startswith(".") and name not in OWNED_FOLDERS]
+        owned = {name for name in folders if not name.startswith(".") and _tool_owned(here, name, set(names))}
+        for name in sorted(owned):
+            scan.pass_over("folders", here / name)
+        folders[:] = [name for name in folders if not name.startswith(".") and name not in owned]
         for name in names:
             path = here / name
             if name.startswith(".") or not path.is_file() or path.resolve() in skipped:

@@ -322,7 +322,9 @@ def _guess_single_byte(path: Path, raw: bytes, error: UnicodeDecodeError, *, war
 _TWEET_ARCHIVE = re.compile(r"tweets?(-part\d+)?\.js(on)?$")
 # Newer X exports keep the full text of posts over 280 characters in note-tweet.js (parts too).
 _NOTE_TWEETS = re.compile(r"note[-_]?tweets?(-part\d+)?\.js(on)?$")
-_DELETED_POSTS = re.compile(r"deleted[-_].*\.js(on)?$")  # an X export's deleted-tweets.js, deleted-note-tweet.js
+# An X export's posts the author deleted: deleted-tweets.js (and its parts), deleted-note-tweet.js,
+# deleted-tweet-headers.js; only these names, not any "deleted_scenes.json" of the author's.
+_DELETED_POSTS = re.compile(r"deleted-(?:tweets?|note-tweets?|tweet-headers)(-part\d+)?\.js$")
 
 
 def is_tweet_archive(path: Path) -> bool:
