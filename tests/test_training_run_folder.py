@@ -222,3 +222,15 @@ def test_a_run_killed_while_it_replaced_its_best_weights_resumes_with_its_best(s
     assert stopped.result.status == "interrupted" and stopped.result.metrics["best_step"] == 4
     assert {file.name: file.read_bytes() for file in best.iterdir()} == kept
     assert not best.with_name("best.old").exists()
+
+
+def test_the_command_that_resumes_a_run_names_an_old_relative_corpus_as_recorded(tmp_path: Path, monkeypatch):
+    """After a second Ctrl-C while resuming a run an older version started, the command printed
+    made its relative corpus absolute from here (`--corpus /work/main/../corpus.jsonl`), a file
+    that was never there; one that is here is still named from here."""
+    from persona.cli.unfinished_runs import resume_command
+
+    monkeypatch.chdir(tmp_path)
+    assert resume_command("wilde", Path("../gone.jsonl")) == "persona train wilde --corpus ../gone.jsonl --resume"
+    (tmp_path / "here.jsonl").write_text("")
+    assert resume_command("wilde", Path("here.jsonl")) == f"persona train wilde --corpus {tmp_path / 'here.jsonl'} --resume"

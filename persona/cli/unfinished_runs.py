@@ -17,8 +17,11 @@ __all__ = ["continue_command", "resume_command", "unfinished_json", "unfinished_
 
 def resume_command(name: str, corpus: Path) -> str:
     """The command that continues NAME's interrupted run, quoted for a shell; it works from any
-    directory (a relative corpus is named from here)."""
-    return shlex.join(["persona", "train", name, "--corpus", str(corpus.absolute()), "--resume"])
+    directory (a relative corpus that is here is named from here; one that is not, recorded by
+    an older version relative to where it ran, as recorded: made absolute from here, it named a
+    file that was never there)."""
+    shown = corpus.absolute() if corpus.is_absolute() or corpus.exists() else corpus
+    return shlex.join(["persona", "train", name, "--corpus", str(shown), "--resume"])
 
 
 def unfinished_line(run: UnfinishedRun) -> str:
