@@ -485,15 +485,7 @@ def test_persona_dashboard_command_serves_and_up_includes_it(settings, redis_url
     process = subprocess.Popen([sys.executable, "-m", "persona", "dashboard"], env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.time() + 90
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/api/stats").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.time() < deadline and process.poll() is None, "persona dashboard did not come up"
-            time.sleep(0.3)
+        wait_until_answering(process, f"http://127.0.0.1:{port}/api/stats")
         # A second one on the same port used to announce itself, then fail in uvicorn's words.
         second = subprocess.run([sys.executable, "-m", "persona", "dashboard"], env=env,
                                 capture_output=True, check=False, text=True, timeout=120)
@@ -585,6 +577,19 @@ def test_a_worker_loading_its_models_is_on_the_page_and_in_metrics_apart(
     assert shown == {"w-serving": persona_version(), "w-old": "-", "w-warming": persona_version()}, workers
     shown = re.search(r"<td>starting \((\d+)s\)</td>", workers)
     assert shown and int(shown.group(1)) >= 42, workers  # 42 s and counting
+
+
+def wait_until_answering(process: subprocess.Popen, url: str) -> None:
+    """Wait (90 s at most) for a `persona dashboard` started as ``process`` to answer 200 at ``url``."""
+    deadline = time.time() + 90
+    while True:
+        try:
+            if httpx.get(url).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.time() < deadline and process.poll() is None, "persona dashboard did not come up"
+        time.sleep(0.3)
 
 
 def scrape(base: str) -> dict[tuple[str, tuple], float]:
@@ -845,15 +850,7 @@ def test_persona_dashboard_serves_before_redis_answers_and_reads_it_once_it_does
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 90
-        while True:
-            try:
-                if httpx.get(f"{base}/healthz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.time() < deadline and process.poll() is None, "persona dashboard did not come up"
-            time.sleep(0.3)
+        wait_until_answering(process, f"{base}/healthz")
         assert httpx.get(f"{base}/readyz", timeout=30).status_code == 503
         assert scrape(base) == {("persona_redis_up", ()): 0}
         proxy.come_back()
