@@ -23,7 +23,7 @@ from prometheus_client.core import (
 )
 
 from persona.ledger import PostLedger
-from persona.logs import REDACTED
+from persona.logs import hide_secrets
 from persona.monitoring import QueueStats, RedisMemory, collect_stats, read_memory
 from persona.personas import PersonaRegistry
 from persona.redis_refusals import is_full, refusal_text
@@ -63,8 +63,7 @@ class RedisWatch:
             f"the dashboard cannot read the queue from Redis ({str(exc).rstrip('.')}); is Redis running? "
             "`persona up` starts it; `persona queue stats` checks"
         )
-        for secret in self.secrets:
-            said = said.replace(secret, REDACTED)
+        said = hide_secrets(said, self.secrets)
         if self.reachable:
             log.warning("%s", said)
         self.reachable = False

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Iterable
 from typing import TextIO
 from urllib.parse import parse_qsl, unquote, unquote_plus, urlsplit, urlunsplit
 
@@ -11,7 +12,7 @@ from pydantic import SecretStr
 
 from persona.settings import Settings
 
-__all__ = ["RedactingFormatter", "describe_url", "secrets_of", "setup_logging", "url_secrets"]
+__all__ = ["RedactingFormatter", "describe_url", "hide_secrets", "secrets_of", "setup_logging", "url_secrets"]
 
 REDACTED = "***"
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -83,6 +84,14 @@ def secrets_of(settings: Settings) -> list[str]:
     return sorted({s for s in found if len(s) >= 4}, key=len, reverse=True)
 
 
+def hide_secrets(text: str, secrets: Iterable[str]) -> str:
+    """``text`` with every one of ``secrets`` in it as ``***``, the longest first (a password
+    as written holds its decoded form, or another secret, whole)."""
+    for secret in sorted({s for s in secrets if s}, key=len, reverse=True):
+        text = text.replace(secret, REDACTED)
+    return text
+
+
 class RedactingFormatter(logging.Formatter):
     """Formats as usual, then hides every secret, tracebacks included."""
 
@@ -91,10 +100,7 @@ class RedactingFormatter(logging.Formatter):
         self.secrets = secrets
 
     def format(self, record: logging.LogRecord) -> str:
-        text = BOT_TOKEN_IN_URL.sub("/bot" + REDACTED, super().format(record))
-        for secret in self.secrets:
-            text = text.replace(secret, REDACTED)
-        return text
+        return hide_secrets(BOT_TOKEN_IN_URL.sub("/bot" + REDACTED, super().format(record)), self.secrets)
 
 
 def setup_logging(settings: Settings, *, level: str | None = None, stream: TextIO | None = None) -> None:

@@ -19,7 +19,7 @@ import redis
 import redis.connection
 
 from persona.errors import ConfigError, PersonaError, RedisUnavailable
-from persona.logs import REDACTED, describe_url, url_secrets
+from persona.logs import describe_url, hide_secrets, url_secrets
 
 __all__ = ["acl_advice", "check_permissions", "full_redis_text", "is_full", "refusal_text", "size_text", "user_of"]
 
@@ -172,9 +172,7 @@ _NO_HELLO = re.compile(r"unknown command [`']HELLO[`']", re.IGNORECASE)
 def _without_password(said: str, url: str) -> str:
     """A server's words with the URL's password hidden: an error quoting the greeting
     back (a Redis older than 6 does) would show it in a log or a terminal."""
-    for secret in sorted(url_secrets(url), key=len, reverse=True):
-        said = said.replace(secret, REDACTED)
-    return said
+    return hide_secrets(said, url_secrets(url))
 
 
 # What a plain connection to a TLS port meets once its first command is sent.

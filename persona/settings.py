@@ -148,12 +148,11 @@ def _option_problem(said: str, parsed: ParseResult) -> str:
     if (bad := re.search(r"Invalid value for '([^']+)'", said)) is not None:
         return f"the value of {bad.group(1)} in its query is not one it can take"
     from persona.logs import (  # here: persona.logs imports this module
-        REDACTED,
+        hide_secrets,
         url_secrets,
     )
 
-    for secret in url_secrets(parsed.geturl()):
-        said = said.replace(secret, REDACTED)
+    said = hide_secrets(said, url_secrets(parsed.geturl()))
     return f"redis-py refuses its query options: {said.rstrip('.')}"
 
 

@@ -36,7 +36,7 @@ from persona.errors import (
     RedisUnavailable,
     UsageError,
 )
-from persona.logs import REDACTED, secrets_of
+from persona.logs import hide_secrets, secrets_of
 from persona.settings import Settings, explain_settings_error
 from persona.supervisor import config_error_exit_status
 
@@ -80,10 +80,8 @@ def _without_secrets(message: str) -> str:
     greeting back, password and all), and an error line ends up in CI logs and bug reports."""
     if not get_settings.cache_info().currsize:  # not read (or not readable): nothing to hide yet
         return message
-    for secret in secrets_of(get_settings()):
-        if "://" not in secret:  # a URL's password is hidden on its own; the rest says where Redis is
-            message = message.replace(secret, REDACTED)
-    return message
+    # A URL's password is hidden on its own; the rest says where Redis is.
+    return hide_secrets(message, (secret for secret in secrets_of(get_settings()) if "://" not in secret))
 
 
 def json_error(message: str, kind: str) -> dict[str, str]:
