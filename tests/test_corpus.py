@@ -216,7 +216,7 @@ def test_text_in_windows_1252_is_read_with_a_warning_saying_so(tmp_path: Path, c
     """An old fortune file or a Windows export (é as the byte 0xE9) was skipped whole as "not UTF-8 text"."""
     old = tmp_path / "latin1.txt"
     old.write_bytes(b"fine\nalso fine\ncaf\xe9 and \x93quotes\x94 \x96 dashes\n")
-    with caplog.at_level("WARNING", logger="training.sources"):
+    with caplog.at_level("WARNING", logger="training.text_decoding"):
         assert texts(read_text(old, OPTIONS)) == ["fine\nalso fine\ncafé and “quotes” – dashes"]
     [warning] = caplog.messages
     assert f"{old}: not UTF-8, so read as Windows-1252" in warning
@@ -228,7 +228,7 @@ def test_utf8_text_with_a_part_in_windows_1252_reads_both_parts(tmp_path: Path, 
     is reported with its offset, after a byte-order mark too."""
     mixed = tmp_path / "notes.txt"
     mixed.write_bytes(codecs.BOM_UTF8 + "Crème brûlée, naïvely.\n\n".encode() + b"Caf\xe9 society.\n")
-    with caplog.at_level("WARNING", logger="training.sources"):
+    with caplog.at_level("WARNING", logger="training.text_decoding"):
         assert texts(read_text(mixed, OPTIONS)) == ["Crème brûlée, naïvely.", "Café society."]
     assert "UTF-8 but for 1 byte(s)" in caplog.text and "byte 0xE9 at offset 34 (line 3)" in caplog.text
     dos = tmp_path / "dos.txt"

@@ -188,6 +188,69 @@ def test_a_mastodon_outbox_s_replies_to_others_are_left_out_but_its_threads_kept
     assert [d.text for d in kept] == ["A toot.", "@bob sure", "My thread, part two."]
 
 
+ME = "https://m.example/users/me"
+
+
+def _mention(name: str) -> str:
+    """A mention of someone as Mastodon writes it in a post's HTML."""
+    return (f'<span class="h-card" translate="no"><a href="https://o.example/@{name}" class="u-url mention">'
+            f'@<span>{name}</span></a></span>')
+
+
+def _toot(number: int, content: str, in_reply_to: str | None = None) -> dict:
+    """A post of the author's as a Mastodon outbox holds it: a Create activity around its Note."""
+    return {"id": f"{ME}/statuses/{number}/activity", "type": "Create", "actor": ME,
+            "published": "2024-05-01T10:00:00Z", "to": ["https://www.w3.org/ns/activitystreams#Public"],
+            "object": {"id": f"{ME}/statuses/{number}", "type": "Note", "summary": None, "inReplyTo": in_reply_to,
+                       "attributedTo": ME, "content": content, "contentMap": {"en": content}, "tag": []}}
+
+
+def _boost(number: int, post: str) -> dict:
+    """A boost as a Mastodon outbox holds it: an Announce activity with only the address of the post shared."""
+    return {"id": f"{ME}/statuses/{number}/activity", "type": "Announce", "actor": ME,
+            "published": "2024-05-01T11:00:00Z", "to": ["https://www.w3.org/ns/activitystreams#Public"],
+            "object": post}
+
+
+def _outbox(path: Path, items: list[dict]) -> Path:
+    path.write_text(json.dumps({"@context": "https://www.w3.org/ns/activitystreams", "id": "outbox.json",
+                                "type": "OrderedCollection", "totalItems": len(items), "orderedItems": items},
+                               indent=2))
+    return path
+
+
+def test_a_mastodon_outbox_s_boosts_are_left_out_and_named_as_boosts(tmp_path: Path):
+    """Boosts ("type": "Announce", other people's posts) were counted as "2 record(s) with no text in the field"."""
+    outbox = _outbox(tmp_path / "outbox.json", [
+        _toot(1, "<p>The rain on the roof is a kind of clock.</p>"),
+        _boost(2, "https://o.example/users/bob/statuses/99"),
+        _boost(3, "https://o.example/users/ann/statuses/7"),
+    ])
+    result = build_corpus([outbox], read_options=ReadOptions(field="object.content"))
+    assert result.corpus.documents == ["The rain on the roof is a kind of clock."]
+    boosts, html = result.problems
+    assert boosts.reason.startswith("2 boost(s) of other people's posts left out (line(s) 28, 38), as not the "
+                                    "author's own posts") and not boosts.whole_file
+    assert html.reason.startswith("1 record(s) hold HTML")
+
+
+def test_a_mastodon_reply_read_loses_the_mentions_it_opens_with_not_those_in_its_sentences(tmp_path: Path):
+    """A self-reply in a thread was read as "@bob @ann And the clock...", the mentions Mastodon opens a reply with."""
+    outbox = _outbox(tmp_path / "outbox.json", [
+        _toot(1, f"<p>{_mention('bob')} The rain on the roof is a kind of clock.</p>"),
+        _toot(2, f"<p>{_mention('bob')} {_mention('ann')} And the clock never agrees with {_mention('bob')} about "
+                 "the hour.</p>", in_reply_to=f"{ME}/statuses/1"),
+        _toot(3, '<p><a href="https://m.example/tags/rain" class="mention hashtag" rel="tag">#<span>rain</span></a> '
+                 "again today.</p>", in_reply_to=f"{ME}/statuses/2"),
+        _toot(4, f"<p>{_mention('ann')}, you were right.</p>", in_reply_to=f"{ME}/statuses/3"),
+    ])
+    documents = read_jsonl(outbox, ReadOptions(field="object.content"))
+    assert [d.text for d in documents] == ["@bob The rain on the roof is a kind of clock.",  # no reply: as written
+                                           "And the clock never agrees with @bob about the hour.",
+                                           "#rain again today.",
+                                           "@ann, you were right."]  # her name, in its sentence
+
+
 def test_html_reads_as_its_text_with_its_paragraphs_and_lines():
     page = ("<html><head><title>Blog</title><style>p {}</style></head><body><nav>Home | About</nav>"
             "<article><h1>Rain</h1><p>The rain fell soft<br>upon the town<br/>and no one woke.</p>"

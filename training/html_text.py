@@ -6,6 +6,11 @@ author's words inside tags and entities. Their text is kept as it reads: a block
 (``&amp;``, ``&mdash;``) are the characters they show, and what is no prose (scripts, styles, a
 page's ``<head>``, its navigation and forms) goes whole. A page with an ``<article>`` (or a
 ``<main>``) gives the text inside it alone: the rest is the site around the post.
+
+A reply's HTML in a Mastodon outbox opens with links to the people it answers
+(``<span class="h-card"><a href=... class="u-url mention">@<span>bob</span></a></span>``), put there
+by the reply, as X puts its hidden "@bob" before a reply's text: ``html_to_text(...,
+leading_mentions=False)`` leaves out those before its first word, and keeps a mention in a sentence.
 """
 
 from __future__ import annotations
@@ -46,8 +51,11 @@ def looks_like_html(text: str) -> bool:
 class _TextParser(HTMLParser):
     """Collects the text of a page, with its breaks, and that of its articles and main part apart."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, leading_mentions: bool = True) -> None:
         super().__init__(convert_charrefs=True)
+        self.cut_mentions = not leading_mentions  # until the first word
+        self.in_mention = False
+        self.mention = ""  # the last leading mention's text, cut once a space or a line end follows it
         self.everything: list[str] = []
         self.articles: list[str] = []
         self.main: list[str] = []
@@ -71,8 +79,14 @@ class _TextParser(HTMLParser):
             self._add(_LINE)
         elif tag in CELL_TAGS:
             self._add(" ")
+        else:
+            return
+        self.mention = ""
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if self.cut_mentions and tag == "a" and _is_mention(attrs):
+            self.in_mention, self.mention = True, ""
+            return
         if tag in _DROPPED_TAGS:
             self.dropped += 1
             return
@@ -88,6 +102,9 @@ class _TextParser(HTMLParser):
         self._break(tag)  # <br/>, <hr/>: nothing inside them to drop
 
     def handle_endtag(self, tag: str) -> None:
+        if self.in_mention and tag == "a":
+            self.in_mention = False
+            return
         if tag in _DROPPED_TAGS:
             self.dropped = max(0, self.dropped - 1)
             return
@@ -102,8 +119,24 @@ class _TextParser(HTMLParser):
             self.inside[tag] = max(0, self.inside[tag] - 1)
 
     def handle_data(self, data: str) -> None:
+        if self.in_mention:
+            self.mention += data
+            return
+        if self.cut_mentions and not self.dropped:
+            if data[:1].isspace():
+                self.mention = ""
+            if data.strip():  # the first word: a mention right before it is the sentence's own ("@bob, thanks")
+                self.cut_mentions = False
+                self._add(self.mention)
         # Outside <pre>, spaces and line ends in HTML are one space, as a browser shows them.
         self._add(data if self.pre else re.sub(r"\s+", " ", data))
+
+
+def _is_mention(attrs: list[tuple[str, str | None]]) -> bool:
+    """Whether a link is a Mastodon mention of someone (``class="u-url mention"``), not of a hashtag
+    (``class="mention hashtag"``)."""
+    classes = (dict(attrs).get("class") or "").split()
+    return "mention" in classes and "hashtag" not in classes
 
 
 def _joined(pieces: list[str]) -> str:
@@ -116,11 +149,11 @@ def _joined(pieces: list[str]) -> str:
     return re.sub(r"\n{3,}", "\n\n", text).strip()
 
 
-def html_to_text(html: str) -> str:
+def html_to_text(html: str, *, leading_mentions: bool = True) -> str:
     """The text of HTML as it reads: paragraphs apart by a blank line, ``<br>`` a line end, entities decoded,
     scripts, styles, navigation and the page's head left out; only the articles' (or main part's) text when
-    the page has them."""
-    parser = _TextParser()
+    the page has them. ``leading_mentions`` False: a reply's mentions before its first word left out."""
+    parser = _TextParser(leading_mentions=leading_mentions)
     parser.feed(html)
     parser.close()
     for region in (parser.articles, parser.main, parser.everything):

@@ -9,7 +9,9 @@ is read, one of the object's own first; several alike are named, with the ``jq``
 
 A record its author has not published (``"status": "draft"``, as Ghost and WordPress export drafts) is left out,
 and so is a reply to other people's posts in a Mastodon outbox (an ActivityPub note ``inReplyTo`` a post that is
-not its author's; ``--keep-replies`` keeps them): both counted and said, as the Markdown and X readers do.
+not its author's; ``--keep-replies`` keeps them): both counted and said, as the Markdown and X readers do. So are an
+outbox's boosts (``Announce`` activities): other people's posts the author shared, held in it only by their address.
+A reply that is read loses the mentions its HTML opens with (``html_text``), as a reply out of an X archive does.
 """
 
 from __future__ import annotations
@@ -287,10 +289,12 @@ def read_jsonl(path: Path, options: ReadOptions) -> Documents:
             and _field(records[0][1], options.field) is _ABSENT):  # one object: perhaps the wrapper of a list
         records = _listed_records(path, text, *records[0], options.field)
     drafts = [number for number, record in records if _is_draft(record)]
+    boosts = [number for number, record in records if _is_boost(record)]
     replies = [] if options.keep_replies else [number for number, record in records if _answers_others(record)]
-    if drafts or replies:
-        records = [(number, record) for number, record in records
-                   if not _is_draft(record) and (options.keep_replies or not _answers_others(record))]
+    if drafts or boosts or replies:
+        records = [(number, record) for number, record in records if not _is_draft(record) and not _is_boost(record)
+                   and (options.keep_replies or not _answers_others(record))]
+    answering: set[int] = set()  # the documents that reply to a post: their leading mentions go with their HTML
     for number, record in records:
         if isinstance(record, str):
             documents.append(RawDocument(record, str(path), number))
@@ -304,6 +308,8 @@ def read_jsonl(path: Path, options: ReadOptions) -> Documents:
         elif not isinstance(value, str):
             not_text.append((number, _JSON_KINDS.get(type(value), "a value")))
         else:
+            if _in_reply_to(record):
+                answering.add(len(documents))
             documents.append(RawDocument(value, str(path), number))
     if first is not None and not present:  # a wrong --field would otherwise read nothing, and say nothing
         line, record = first
@@ -327,12 +333,17 @@ def read_jsonl(path: Path, options: ReadOptions) -> Documents:
             path, drafts[0], f"{len(drafts)} draft(s) left out, records whose \"status\" is \"draft\" (line(s) "
                              f"{some_lines(drafts)}): not published, so not the author's to post; publish them (or set "
                              "their status to \"published\" in the file) to read them"))
+    if boosts:
+        documents.left_out.append(SourceProblem(
+            path, boosts[0], f"{len(boosts)} boost(s) of other people's posts left out (line(s) {some_lines(boosts)}), as "
+                             "not the author's own posts: the outbox holds only their address (\"type\": \"Announce\"), "
+                             "not their text"))
     if replies:
         documents.left_out.append(SourceProblem(
             path, replies[0], f"{len(replies)} reply(ies) to other people's posts left out (line(s) {some_lines(replies)}), "
                               "as not the author's own posts (replies in their own threads are read); --keep-replies "
                               "reads them too"))
-    _read_html_as_text(path, documents, options.field)
+    _read_html_as_text(path, documents, options.field, answering)
     if broken:
         (line, why), *_ = broken
         gave = "" if len(documents) == len(records) else f": {len(documents)} gave text, {len(records) - len(documents)} had none"
@@ -349,17 +360,30 @@ def _is_draft(record: object) -> bool:
     return isinstance(status, str) and status.strip().lower() == "draft"
 
 
-def _answers_others(record: object) -> bool:
-    """Whether a record is a reply to someone else's post: an ActivityPub note (a Mastodon outbox's ``Create``
-    activity, or its ``object``) with an ``inReplyTo`` that is not a post of the note's own author (its
-    ``attributedTo``, or the activity's ``actor``): the next part of an author's own thread is theirs."""
+def _is_boost(record: object) -> bool:
+    """Whether a record is a boost in a Mastodon outbox: an ActivityPub ``Announce`` of another's post."""
+    return isinstance(record, dict) and record.get("type") == "Announce"
+
+
+def _in_reply_to(record: object) -> str:
+    """The post an ActivityPub note (a Mastodon outbox's ``Create`` activity, or its ``object``) replies to
+    (its ``inReplyTo``); "" when it is none."""
     if not isinstance(record, dict):
-        return False
+        return ""
     note = record["object"] if isinstance(record.get("object"), dict) else record
     answered = note.get("inReplyTo")
     answered = answered.get("id") if isinstance(answered, dict) else answered
-    if not isinstance(answered, str) or not answered:
+    return answered if isinstance(answered, str) else ""
+
+
+def _answers_others(record: object) -> bool:
+    """Whether a record is a reply to someone else's post: an ActivityPub note with an ``inReplyTo`` that is not
+    a post of the note's own author (its ``attributedTo``, or the activity's ``actor``): the next part of an
+    author's own thread is theirs."""
+    answered = _in_reply_to(record)
+    if not answered or not isinstance(record, dict):
         return False
+    note = record["object"] if isinstance(record.get("object"), dict) else record
     author = note.get("attributedTo") or record.get("actor")
     return not (isinstance(author, str) and author and answered.startswith(author.rstrip("/") + "/"))
 
@@ -373,12 +397,14 @@ def _is_html(text: str, field: str) -> bool:
             or (_PAIRED_TAG.search(text) is not None and _BLANK_LINE.search(text.strip()) is None))
 
 
-def _read_html_as_text(path: Path, documents: Documents, field: str) -> None:
+def _read_html_as_text(path: Path, documents: Documents, field: str, answering: set[int]) -> None:
     """The documents that hold HTML (Mastodon's ``object.content``, Ghost's ``html``) made its text, in place, and
-    said so: its tags and entities would otherwise be trained on as the author's words."""
+    said so: its tags and entities would otherwise be trained on as the author's words. Those ``answering`` a post
+    (their indices) lose the mentions they open with."""
     marked = [i for i, document in enumerate(documents) if _is_html(document.text, field)]
     for i in marked:
-        documents[i] = RawDocument(html_to_text(documents[i].text), documents[i].source, documents[i].line)
+        text = html_to_text(documents[i].text, leading_mentions=i not in answering)
+        documents[i] = RawDocument(text, documents[i].source, documents[i].line)
     if marked:
         lines = [documents[i].line for i in marked]
         documents.left_out.append(SourceProblem(

@@ -14,11 +14,8 @@ beside them) and fortune files (``fortune.py``: ``%`` between entries; the offen
 stored in ROT13 are read decoded). Word, EPUB, OpenDocument, RTF and Pages files are refused, saying how to
 convert them to text.
 
-Text is UTF-8, or UTF-16/32 when it starts with a byte-order mark (Notepad's "Unicode"), or UTF-16
-without one (told by where its NUL bytes fall: ``_utf16_without_mark``). Text
-that is not UTF-8 is read as Windows-1252 (Latin-1: old fortune files, Windows exports), with a
-warning naming the file and the first such byte. Its lines end in a line feed however they were
-saved (Windows' CR LF, old Macs' CR alone).
+Text is UTF-8, UTF-16/32, or Windows-1252 with a warning, its lines ending in a line feed however they
+were saved (``text_decoding.py``).
 
 What a reader leaves out on purpose, a draft, the JSONL records without the field asked for or
 a few lines that are not JSON, CSV rows whose text cannot be told, retweets and replies, it
@@ -27,18 +24,17 @@ returns in ``Documents.left_out``; the corpus builder reports it like a file it 
 
 from __future__ import annotations
 
-import codecs
 import csv
 import io
-import logging
 import re
 import shlex
 import struct
-import unicodedata
 import zipfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+
+from training.text_decoding import SNIFF_BYTES, NotText, decode_text, one_line_end
 
 __all__ = [
     "DOCUMENT_SUFFIXES",
@@ -60,8 +56,6 @@ __all__ = [
     "strfile_flags",
     "text_blocks",
 ]
-
-log = logging.getLogger(__name__)
 
 FORMATS = ("auto", "text", "markdown", "csv", "jsonl", "pdf", "tweets", "fortune", "html")
 END_OF_TEXT = "<|endoftext|>"
@@ -139,11 +133,6 @@ class ReadOptions:
     keep_retweets: bool = False
 
 
-# UTF-32's little-endian mark begins with UTF-16's: it is looked for first.
-_BYTE_ORDER_MARKS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
-                     (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
-
-
 def read_text_file(path: Path) -> str:
     """A text file's contents, every line ending in a line feed (Windows' CR LF and old Macs' lone CR made one):
     UTF-8, UTF-16/32 with a byte-order mark, or Windows-1252 guessed (with a warning naming the file) when it is
@@ -158,37 +147,14 @@ def read_text_file(path: Path) -> str:
                                         "not text; name that file instead")
     if (kind := _document_kind(raw)) is not None:
         raise SourceProblem(path, None, _convert_first(path, kind))
-    text = _one_line_end(_decode(path, raw))
+    try:
+        text = one_line_end(decode_text(path, raw))
+    except NotText as exc:
+        raise SourceProblem(path, exc.line, exc.reason) from exc
     if not text.strip():  # else said only as "no documents found", or as a CSV with no columns
         raise SourceProblem(path, None, "empty (0 bytes), nothing in it to read" if not raw else
                                         "blank, nothing in it to read but spaces and line ends")
     return text
-
-
-def _one_line_end(text: str) -> str:
-    """Text with a line feed for every line end: a file saved on an old Mac (or by some exports) ends its lines
-    in a CR alone, whose blank lines, front matter and "%" lines would not be found: one document of it all."""
-    return text.replace("\r\n", "\n").replace("\r", "\n")
-
-
-def _decode(path: Path, raw: bytes, *, warn: bool = True) -> str:
-    """A file's bytes as ``read_text_file`` reads them (``warn``: log how text that is not UTF-8 was read)."""
-    for mark, codec in _BYTE_ORDER_MARKS:
-        if raw.startswith(mark):
-            try:
-                return raw.decode(codec)
-            except UnicodeDecodeError as exc:
-                raise SourceProblem(path, None, f"not {codec.upper()} text, though it starts as such ({exc.reason})") from exc
-    if b"\0" in raw[:_SNIFF_BYTES] and (text := _utf16_without_mark(raw)) is not None:
-        return text
-    try:
-        text = raw.decode("utf-8")  # not "utf-8-sig": its errors count their offsets from after the mark
-    except UnicodeDecodeError as exc:
-        if b"\0" in raw[:_SNIFF_BYTES]:
-            raise SourceProblem(path, None, "a binary file, not text (neither UTF-8 nor UTF-16): no kind of writing "
-                                            "read here; name the author's text, Markdown, CSV, JSON or PDF files") from exc
-        text = _guess_single_byte(path, raw, exc, warn=warn)
-    return text.removeprefix("\ufeff")  # the byte-order mark some editors write at the start of UTF-8
 
 
 # Word processors' and e-books' files: the author's writing, in a format not read here.
@@ -232,88 +198,6 @@ def _convert_first(path: Path, kind: str) -> str:
     else:  # Word, OpenDocument and RTF: their editors save plain text, pandoc reads all three
         how = f"save it as plain text from its editor (File > Save As > Plain Text), or convert it: {pandoc}"
     return f"{kind}, a format not read here; {how}, then name that file"
-
-
-_SNIFF_BYTES = 4096  # where NUL bytes are looked for: text has none, UTF-16 and binary files many
-_NOT_TEXT = frozenset({"Cc", "Cs", "Co", "Cn"})  # control, lone surrogate, private use, unassigned
-_TEXT_CONTROLS = frozenset("\t\n\r\f\v")
-
-
-def _utf16_without_mark(raw: bytes) -> str | None:
-    """UTF-16 text saved without a byte-order mark (as Python's "utf-16-le" and some Windows tools write
-    it), or None if ``raw`` is not that.
-
-    Its tell is the NUL byte of each character below U+0100 (spaces, line ends, Latin letters): at odd
-    offsets little-endian, at even ones big-endian. Chinese or Japanese text has few such characters,
-    and some whose other byte is NUL ("一" is U+4E00), so the order with more NULs is tried first,
-    then the other. Binary data read as UTF-16 gives NUL characters, or control characters, lone
-    surrogates, private-use or unassigned code points: more than one in a hundred is no text.
-    """
-    if len(raw) % 2:
-        return None
-    sample = raw[:_SNIFF_BYTES]
-    orders = ["utf-16-le", "utf-16-be"]
-    if sample[0::2].count(0) > sample[1::2].count(0):
-        orders.reverse()
-    for codec in orders:
-        try:
-            text = raw.decode(codec)
-        except UnicodeDecodeError:  # a lone surrogate
-            continue
-        head = text[:_SNIFF_BYTES]
-        if "\0" in head:  # a NUL character: in no text, and in most binary files
-            continue
-        odd = sum(1 for char in head if unicodedata.category(char) in _NOT_TEXT and char not in _TEXT_CONTROLS)
-        if 100 * odd < len(head):
-            return text
-    return None
-
-
-_ICONV = "`iconv -f ENCODING -t UTF-8 FILE > NEW.txt` (`iconv -l` lists them; DOS's is CP437, old Macs' MACINTOSH)"
-# A character UTF-8 writes in two to four bytes. Windows-1252 text holds some of the two-byte ones
-# by chance ("ß" then a closing quote), but hardly ever "Ã" or "Â" then a symbol, or three such bytes:
-# those show that the file is UTF-8 (é is "Ã©" read as Windows-1252) but for a part.
-_UTF8_CHARACTER = re.compile(rb"[\xc2-\xdf][\x80-\xbf]|[\xe0-\xef][\x80-\xbf]{2}|[\xf0-\xf4][\x80-\xbf]{3}")
-_UTF8_FOR_SURE = re.compile(rb"[\xc2\xc3][\x80-\xbf]|[\xe0-\xef][\x80-\xbf]{2}|[\xf0-\xf4][\x80-\xbf]{3}")
-_ASCII = bytes(range(0x80))
-
-
-def _byte_as_cp1252(error: UnicodeError) -> tuple[str, int]:
-    """A decoding error handler: the first byte that is not UTF-8 read as Windows-1252, then UTF-8 again."""
-    if not isinstance(error, UnicodeDecodeError):
-        raise error
-    byte = error.object[error.start : error.start + 1]
-    try:
-        return bytes(byte).decode("cp1252"), error.start + 1
-    except UnicodeDecodeError:  # one of the five bytes it leaves undefined: say where in the whole text
-        raise UnicodeDecodeError("cp1252", error.object, error.start, error.start + 1, "undefined") from None
-
-
-codecs.register_error("persona-cp1252", _byte_as_cp1252)
-
-
-def _guess_single_byte(path: Path, raw: bytes, error: UnicodeDecodeError, *, warn: bool = True) -> str:
-    """Text that is not UTF-8, with a warning (if ``warn``) saying how it was read: each byte that is not UTF-8 as
-    Windows-1252 (Latin-1 as Windows extends it: old fortune files, Windows exports), and the whole
-    file so when nothing in it shows UTF-8. A byte Windows-1252 leaves undefined is a ``SourceProblem``."""
-    found = _UTF8_CHARACTER.findall(raw)
-    others = len(raw.translate(None, _ASCII)) - sum(map(len, found))
-    partly = len(found) > others or _UTF8_FOR_SURE.search(raw) is not None
-    try:
-        text = raw.decode("utf-8", "persona-cp1252") if partly else raw.decode("cp1252")
-    except UnicodeDecodeError as exc:
-        raise SourceProblem(path, raw[: exc.start].count(b"\n") + 1,
-                            f"neither UTF-8 nor Windows-1252 text (byte 0x{raw[exc.start]:02X} at offset {exc.start}); "
-                            f"convert it to UTF-8 from the encoding it was saved in: {_ICONV}") from error
-    if not warn:
-        return text
-    how = (f"UTF-8 but for {others} byte(s) (a part saved in another encoding?), read as Windows-1252 (Latin-1)"
-           if partly else "not UTF-8, so read as Windows-1252 (Latin-1)")
-    at = error.start
-    log.warning("%s: %s: the first, byte 0x%02X at offset %d (line %d), is %r. If letters come out wrong, convert "
-                "it to UTF-8 from the encoding it was saved in: %s", path, how, raw[at], at,
-                raw[:at].count(b"\n") + 1, raw[at : at + 1].decode("cp1252"), _ICONV)
-    return text
 
 
 # A large archive is split: tweets.js, tweets-part1.js, ... (older: tweet.js, tweet-part1.js).
@@ -362,8 +246,8 @@ def detect_format(path: Path) -> str:
         if strfile_flags(path) is not None:  # indexed by strfile: a fortune file, even of one entry (no "%")
             return "fortune"
         try:  # decoded as it is read: UTF-16's "%" lines were not found in its bytes read as UTF-8
-            head = _one_line_end(_decode(path, path.read_bytes(), warn=False)[:_SNIFF_BYTES])
-        except (OSError, SourceProblem):  # its reader says what is wrong with it
+            head = one_line_end(decode_text(path, path.read_bytes(), warn=False)[:SNIFF_BYTES])
+        except (OSError, NotText):  # its reader says what is wrong with it
             return "text"
         if re.search(r"^%\s*$", head, re.MULTILINE):
             return "fortune"
