@@ -18,6 +18,10 @@ approval (``approved`` once approved), then ``posted``, ``failed`` or ``uncertai
 given), which close it for good. A sink left ``uncertain`` (the platform took the
 request and never answered, and cannot be searched) stays so until a person who looked
 settles it: ``posted`` (with its link) or ``failed`` (not there, safe to post again).
+
+A persona's text is chosen by one poster at a time (``PostLedger.choosing``): the look for
+the text among its posts and the write that shows it to the others (the slot's record)
+are one step, or two posters started together both found one text new and both posted it.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import redis
@@ -44,6 +50,11 @@ OPEN_STATES = ("", "approved")
 # The slots `persona post` makes up when none is named (``adapters.posting.slots.manual_slot``).
 # No scheduler ever looks at them: one left open is finished by a person or by nobody.
 MANUAL_SLOT_PREFIX = "manual-"
+# A persona's text choice is held (``PostLedger.choosing``) by a lock beside its slots' locks,
+# under a name no slot has (slot names are instants or ``manual-…``). A holder that dies
+# keeps the others waiting this long at most; holding it takes milliseconds.
+CHOOSING_LOCK_SLOT = "+choosing"
+CHOOSING_LEASE_MS = 30_000
 
 # Claim a slot unless it is finished, waiting for approval (unless the approver asks),
 # or held by someone else. Returns 'claimed', 'busy', 'pending' or 'done:<state>'.
@@ -63,10 +74,12 @@ redis.call('HSET', KEYS[1], 'state', 'expired', 'updated', ARGV[2])
 return 1
 """
 
-# HSET on the record only while the caller still holds the slot's lock.
+# HSET on the record only while the caller still holds the slot's lock (and, with a third
+# key, the persona's text choice: a text is written only where it was checked, and still held).
 FENCED_HSET_SCRIPT = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-redis.call('HSET', KEYS[2], unpack(ARGV, 2))
+if KEYS[3] and redis.call('GET', KEYS[3]) ~= ARGV[2] then return -1 end
+redis.call('HSET', KEYS[2], unpack(ARGV, 3))
 return 1
 """
 
@@ -246,17 +259,45 @@ class PostLedger:
         raw = self.redis.hget(keys.post_record_key(persona, slot), f"sink:{sink}")
         return SinkEntry.from_json(raw) if raw else None
 
-    def save(self, persona: str, slot: str, **fields: str) -> None:
-        """Write fields of the record while holding the slot; PostingError if the claim was lost."""
+    def save(self, persona: str, slot: str, *, choosing: str = "", **fields: str) -> None:
+        """Write fields of the record while holding the slot (and, given its token, the persona's
+        text choice: see ``choosing``); PostingError if either was lost."""
         pairs = [item for name, value in fields.items() for item in (name, value)]
+        fences = [keys.post_lock_key(persona, slot), keys.post_record_key(persona, slot)]
         ok = self._hset(
-            keys=[keys.post_lock_key(persona, slot), keys.post_record_key(persona, slot)],
-            args=[self.owner, *pairs, "updated", time.time()],
+            keys=[*fences, keys.post_lock_key(persona, CHOOSING_LOCK_SLOT)] if choosing else fences,
+            args=[self.owner, choosing, *pairs, "updated", time.time()],
         )
+        if ok == -1:
+            raise PostingError(f"{persona}'s text for slot {slot} took more than {CHOOSING_LEASE_MS // 1000} s to check "
+                               f"against its other posts, and another poster may have chosen the same text meanwhile; "
+                               f"nothing was posted: try again")
         if not ok:
             raise PostingError(f"lost the claim on {persona} slot {slot} (its lease, posting.lease_s, ran out); another "
                                "poster (a scheduler, `persona post` or `persona posts approve`) may hold it now: "
                                "`persona posts uncertain` shows what is unfinished")
+
+    @contextmanager
+    def choosing(self, persona: str, *, wait_s: float = CHOOSING_LEASE_MS / 1000 + 5) -> Iterator[str]:
+        """Hold the persona's text choice while a poster checks a text against its posts and
+        saves it in a slot (``save(..., choosing=token)``); yields the token.
+
+        Held, a text the others have not seen yet cannot be chosen twice: the check of each
+        later poster finds it (an open slot's text, then a recent post). A poster waits here
+        for one ahead of it, at most ``wait_s``, then PostingError.
+        """
+        lock, token = keys.post_lock_key(persona, CHOOSING_LOCK_SLOT), uuid.uuid4().hex
+        deadline = time.monotonic() + wait_s
+        while not self.redis.set(lock, token, nx=True, px=CHOOSING_LEASE_MS):
+            if time.monotonic() > deadline:
+                raise PostingError(f"another poster of {persona} has been choosing its text for over {wait_s:.0f} s "
+                                   f"(its hold runs out in {max(1, self.redis.pttl(lock) // 1000)} s); nothing was "
+                                   f"posted: try again then")
+            time.sleep(0.01)
+        try:
+            yield token
+        finally:
+            self._release(keys=[lock], args=[token])
 
     def set_sink(self, persona: str, slot: str, sink: str, entry: SinkEntry) -> None:
         """Write one sink's entry (an intent, a failure, an uncertainty)."""

@@ -18,7 +18,7 @@ from adapters.posting.sinks import FileSink, Posted, make_sink
 from adapters.posting.slots import next_slot, plan_slots, slot_id, slots_between
 from adapters.scheduler import Scheduler
 from persona import constants as keys
-from persona.errors import ConfigError, ReplyTimeout
+from persona.errors import ConfigError, PostingError, ReplyTimeout
 from persona.ledger import PostLedger, SinkEntry
 from persona.personas import PersonaRegistry
 from persona.settings import Settings
@@ -74,7 +74,6 @@ def test_a_refused_slot_in_the_hour_that_happens_twice_is_named_with_its_offset(
     """Both 02:30s of Berlin's fall-back night read "02:30": the refusal said "2026-10-25T02:30
     is not one of the schedule's slots; the nearest: 2026-10-25T02:30"."""
     from adapters.posting.slots import resolve_slot
-    from persona.errors import PostingError
 
     with pytest.raises(PostingError) as refused:
         resolve_slot("2026-10-25T02:30+01:00", "30 2 * * *", "Europe/Berlin", utc(2026, 11, 28))
@@ -286,6 +285,62 @@ def test_two_schedulers_ticking_together_post_once(settings, scheduled):
     assert [(h["slot"], h["sink"]) for h in history] == [("2026-01-05T09:00:00Z", "file:poet.jsonl")]
 
 
+def _together(*runs) -> list:
+    """Run each in its own thread, all started at one moment; each one's result (or the PostingError it raised)."""
+    start = threading.Barrier(len(runs))
+    results: list = [None] * len(runs)
+
+    def run(i: int) -> None:
+        start.wait()
+        try:
+            results[i] = runs[i]()
+        except PostingError as exc:
+            results[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(runs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    return results
+
+
+def test_the_same_text_posted_twice_at_one_moment_goes_out_once(settings, scheduled):
+    """`persona post poet --text ...` run twice at once: each looked for the text among poet's
+    posts before either had claimed a slot for it, found it new, and both posted it."""
+
+    def slow_sinks(spec: str, made: Settings):
+        time.sleep(0.3)  # both have looked before either claims
+        return make_sink(spec, made)
+
+    words = "The same words, twice at once."
+    first, second = _together(*[lambda: poster_for(settings, sink_factory=slow_sinks).post("poet", text=words)] * 2)
+    assert [line["text"] for line in read_jsonl(scheduled)] == [words]
+    [refused] = [r for r in (first, second) if isinstance(r, PostingError)]
+    [posted] = [r for r in (first, second) if not isinstance(r, PostingError)]
+    assert posted.status == "posted" and "this text already" in str(refused)
+
+
+class SlowFile(FileSink):
+    """A file that takes its time, as a platform does: a post is a while under way."""
+
+    def post(self, text: str, marker: str) -> Posted:
+        time.sleep(0.3)
+        return super().post(text, marker)
+
+
+def test_a_scheduled_post_and_one_by_hand_at_one_moment_never_choose_the_same_text(settings, scheduled):
+    """The scheduler's 09:00 slot and `persona post poet` at the same moment: each chose its text
+    against the posts already out, neither saw the other's, and the same text went out twice."""
+    runner = Scheduler(poster_for(settings, sink_factory=lambda spec, s: SlowFile(spec, scheduled)),
+                       redis.Redis.from_url(settings.redis_url.get_secret_value()))
+    runner.tick(utc(2026, 1, 5, 8))
+    by_hand = poster_for(settings, sink_factory=lambda spec, s: SlowFile(spec, scheduled))
+    ticked, posted = _together(lambda: runner.tick(utc(2026, 1, 5, 9, 1)), lambda: by_hand.post("poet"))
+    assert [o.status for o in ticked] == ["posted"] and posted.status == "posted"
+    assert sorted(line["text"] for line in read_jsonl(scheduled)) == sorted(TEXTS[:2])
+
+
 def test_scheduler_after_downtime_follows_the_policy(settings, scheduled, write_persona):
     runner = Scheduler(poster_for(settings), redis.Redis.from_url(settings.redis_url.get_secret_value()))
     runner.tick(utc(2026, 1, 5, 8))
@@ -362,6 +417,76 @@ def test_a_schedule_turned_back_on_starts_afresh(settings, write_persona, redis_
     assert [o.slot for o in runner.tick(utc(2026, 2, 5, 9, 1))] == ["2026-02-05T09:00:00Z"]
     assert [line["marker"] for line in read_jsonl(out)] == [
         "poet:2026-01-05T09:00:00Z:file:poet.jsonl", "poet:2026-02-05T09:00:00Z:file:poet.jsonl"]
+
+
+def _daily_slot_five_hours_ago(write_persona, missed: str) -> tuple[datetime, datetime, dict]:
+    """poet posting daily at the minute five hours ago, by the real clock (a file's times are
+    real): now (to the minute), that slot today, and the schedule."""
+    now = datetime.now(UTC).replace(second=0, microsecond=0)
+    slot = now - timedelta(hours=5)
+    schedule = {**POET_SCHEDULE, "cron": f"{slot.minute} {slot.hour} * * *", "timezone": "UTC", "missed": missed}
+    write_persona("poet", base="unused", adapters=["cli", "scheduler"], schedule=schedule)
+    return now, slot, schedule
+
+
+def _turned_off_and_on(write_persona, schedule: dict) -> None:
+    """poet's schedule turned off, and on again, as a person edits its file."""
+    write_persona("poet", base="unused", adapters=["cli", "scheduler"], schedule={**schedule, "enabled": False})
+    write_persona("poet", base="unused", adapters=["cli", "scheduler"], schedule=schedule)
+
+
+def _scheduler_said(caplog, tick) -> tuple[object, list[str]]:
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="adapters.scheduler"):
+        done = tick()
+    return done, [r.getMessage() for r in caplog.records if r.name == "adapters.scheduler"]
+
+
+def test_a_schedule_turned_off_and_on_while_no_scheduler_ran_starts_afresh(settings, write_persona, redis_client, caplog):
+    """The scheduler stopped; a month later poet's schedule was turned off and on again, and the
+    scheduler started: none had seen the schedule off, so the month was downtime to it: that
+    morning's slot went out at once, hours late (missed = "latest"), and 29 days were logged as
+    missed slots."""
+    now, slot, schedule = _daily_slot_five_hours_ago(write_persona, "latest")
+    Scheduler(poster_for(settings), redis_client).tick(now - timedelta(days=30))
+    _turned_off_and_on(write_persona, schedule)
+    restarted = Scheduler(poster_for(settings), redis_client)
+    done, said = _scheduler_said(caplog, lambda: restarted.tick(now + timedelta(minutes=5)))
+    assert done == []
+    [changed] = said
+    assert changed.startswith("poet: its file changed at ") and ("the schedule may have been off meanwhile, so its "
+                                                                 "30 slots before that are not counted as missed") in changed
+    assert [o.slot for o in restarted.tick(slot + timedelta(days=1, minutes=1))] == [slot_id(slot + timedelta(days=1))]
+    assert [line["marker"] for line in read_jsonl(settings.data_dir / "posts" / "poet.jsonl")] == [
+        f"poet:{slot_id(slot + timedelta(days=1))}:file:poet.jsonl"]
+
+
+def test_slots_missed_after_a_schedule_was_turned_on_while_no_scheduler_ran_are_still_missed(
+    settings, write_persona, redis_client, caplog
+):
+    """Turned on again while the scheduler was down, the schedule was on from then: its slots after
+    that went by with no scheduler, and are said as missed as any downtime's are."""
+    now, slot, schedule = _daily_slot_five_hours_ago(write_persona, "skip")
+    Scheduler(poster_for(settings), redis_client).tick(now - timedelta(days=30))
+    _turned_off_and_on(write_persona, schedule)
+    restarted = Scheduler(poster_for(settings), redis_client)
+    done, said = _scheduler_said(caplog, lambda: restarted.tick(slot + timedelta(days=2, hours=2)))
+    assert done == [] and said[-1] == (f"poet: skipped 2 missed slots, {slot_id(slot + timedelta(days=1))} to "
+                                       f"{slot_id(slot + timedelta(days=2))} (policy skip)")
+    assert len(said) == 2 and "so its 30 slots before that are not counted as missed" in said[0]
+
+
+def test_a_scheduler_down_while_the_schedule_stayed_on_counts_the_slots_it_missed(
+    settings, write_persona, redis_client, caplog
+):
+    """The other side of starting afresh: a file untouched since the scheduler last looked was on all along."""
+    now, slot, _ = _daily_slot_five_hours_ago(write_persona, "latest")
+    Scheduler(poster_for(settings), redis_client).tick(now + timedelta(minutes=5))
+    restarted = Scheduler(poster_for(settings), redis_client)
+    done, said = _scheduler_said(caplog, lambda: restarted.tick(slot + timedelta(days=3, hours=2)))
+    assert [(o.slot, o.status) for o in done] == [(slot_id(slot + timedelta(days=3)), "posted")]
+    assert said[0] == (f"poet: skipped 2 missed slots, {slot_id(slot + timedelta(days=1))} to "
+                       f"{slot_id(slot + timedelta(days=2))} (policy latest)")
 
 
 def test_a_scheduler_whose_folder_lacks_a_persona_leaves_its_clock_alone(settings, scheduled, redis_client, tmp_path):
@@ -524,13 +649,29 @@ def test_a_lost_lease_cannot_overwrite_the_new_owner(settings, scheduled, redis_
     assert second.claim("poet", "s2").outcome == "busy"
     time.sleep(0.3)
     assert second.claim("poet", "s2").claimed
-    from persona.errors import PostingError
 
     with pytest.raises(PostingError, match="lost the claim") as lost:
         first.save("poet", "s2", text="stale")
     assert "`persona posts uncertain` shows what is unfinished" in str(lost.value)  # not "another scheduler"
     second.save("poet", "s2", text="fresh")
     assert second.record("poet", "s2")["text"] == "fresh"
+
+
+def test_a_text_checked_under_a_hold_that_ran_out_is_not_saved(redis_client, monkeypatch):
+    """A poster whose hold on poet's text choice ran out mid-check (a stalled process) may find a
+    text new that another has just chosen: it saves nothing, and so posts nothing."""
+    import persona.ledger
+
+    monkeypatch.setattr(persona.ledger, "CHOOSING_LEASE_MS", 100)
+    stalled, other = PostLedger(redis_client), PostLedger(redis_client)
+    assert stalled.claim("poet", "a").claimed and other.claim("poet", "b").claimed
+    with stalled.choosing("poet") as held:
+        time.sleep(0.2)
+        with other.choosing("poet") as taken:
+            other.save("poet", "b", choosing=taken, text="The same words.")
+        with pytest.raises(PostingError, match="another poster may have chosen the same text meanwhile; nothing was posted"):
+            stalled.save("poet", "a", choosing=held, text="The same words.")
+    assert "text" not in stalled.record("poet", "a") and other.record("poet", "b")["text"] == "The same words."
 
 
 def test_scheduler_rides_out_redis_being_down(settings, scheduled, caplog):

@@ -5,6 +5,10 @@
 filters, and stores it in the slot's record *before* publishing, so a retry after a
 crash publishes the same text; ``adapters.posting.publishing`` sends it to each sink
 exactly once. With approval on, the post waits in the approval queue instead.
+
+The text is checked against the persona's other posts (recent, waiting for approval, or
+open in another slot) and saved in one hold of the persona's text choice
+(``PostLedger.choosing``): two posters at one moment cannot both find a text new.
 """
 
 from __future__ import annotations
@@ -105,18 +109,24 @@ class Poster:
 
     def choose(self, persona: Persona, platforms: list[str], n: int) -> Curated:
         """Generate ``n`` candidates and curate them for these platforms."""
-        corpus = self.corpus_index(persona)  # an unreadable corpus is said before the workers spend a batch
-        raws = self.candidates(persona, n, secrets.randbelow(SEED_RANGE))
-        # Posts still waiting for approval count as recent: approved a week later, two near
-        # copies would both go out.
+        return self._curate(persona, platforms, n, self._generate(persona, n))
+
+    def _generate(self, persona: Persona, n: int) -> list[str]:
+        self.corpus_index(persona)  # an unreadable corpus is said before the workers spend a batch
+        return self.candidates(persona, n, secrets.randbelow(SEED_RANGE))
+
+    def _curate(self, persona: Persona, platforms: list[str], n: int, raws: list[str], slot: str = "") -> Curated:
+        """The candidates judged; a near copy of a recent post, of one waiting for approval (approved
+        a week later, two near copies would both go out) or of another open slot's text is rejected."""
         waiting = [a.text for a in self.approvals.pending() if a.persona == persona.name]
+        others = [text for begun, text in self.ledger.open_texts(persona.name).items() if begun != slot]
         curated = curate(
             raws,
             max_chars=limit_for(platforms, persona.filters.max_chars),
             min_chars=persona.filters.min_chars,
             blocklist=persona.filters.blocklist,
-            recent=self.ledger.recent_texts(persona.name, self.settings.posting.recent_posts) + waiting,
-            corpus=corpus,
+            recent=self.ledger.recent_texts(persona.name, self.settings.posting.recent_posts) + waiting + others,
+            corpus=self.corpus_index(persona),
             platforms=platforms,
         )
         missing = n - len(raws)
@@ -171,10 +181,15 @@ class Poster:
             raise PostingError("--text is empty (with --text -: nothing came in on standard input); give the post's words")
         if over := over_limits(posted, [platform_of(spec) for spec in specs]):
             raise PostingError(f"the text is too long ({'; '.join(over)} characters); shorten it, nothing was posted")
-        if repeat_ok:
-            return posted
-        same = " ".join(posted.split())
-        if begun := [slot for slot, text in self.ledger.open_texts(name).items() if " ".join(text.split()) == same]:
+        if not repeat_ok:  # said before anything is built; checked again as it is saved (``_post_claimed``)
+            self._check_new(name, posted)
+        return posted
+
+    def _check_new(self, name: str, text: str, slot: str = "") -> None:
+        """PostingError if ``text`` is one of the persona's recent posts, waits for approval, or is
+        held by one of its open slots other than ``slot``."""
+        same = " ".join(text.split())
+        if begun := [s for s, held in self.ledger.open_texts(name).items() if s != slot and " ".join(held.split()) == same]:
             raise PostingError(self._begun_with_text(name, begun[0]))
         recent = self.ledger.recent_texts(name, self.settings.posting.recent_posts)
         waiting = [a.text for a in self.approvals.pending() if a.persona == name]
@@ -184,7 +199,6 @@ class Poster:
                 f"`persona posts pending`); to finish a post that failed somewhere: `persona post {name} --slot SLOT`, "
                 f"which never posts twice"
             )
-        return posted
 
     def _begun_with_text(self, name: str, slot: str) -> str:
         """Why a text that an open slot holds is not posted in a new one, and how to finish that slot."""
@@ -193,7 +207,7 @@ class Poster:
             finish = (f"its poster is still at work or stopped mid-post, and holds it {held_s} s more "
                       f"(posting.lease_s); then {finish}")
         return (
-            f"slot {slot} of {name} holds this text already and was never finished: it may be out on some "
+            f"slot {slot} of {name} holds this text already and is not finished: it may be out on some "
             f"sinks (`persona posts uncertain --persona {name}`); {finish}, or once you have looked: "
             f"`persona posts settle {name} {slot} --posted LINK` (or `--not-posted`); nothing was posted now"
         )
@@ -233,20 +247,23 @@ class Poster:
             outcome = PostOutcome(persona.name, slot, "posted", text=record["text"],
                                   candidates=int(record.get("candidates", 0)), rejected=json.loads(record.get("rejected", "{}")))
             return self._publish(persona.name, slot, sinks, outcome)
-        if text is not None:  # a person's own words: nothing to generate or choose
-            outcome = PostOutcome(persona.name, slot, "posted", text=text)
-        else:
-            curated = self.choose(persona, [s.platform for s in sinks], n)
-            outcome = self._outcome(persona, slot, "posted", curated)
-            if curated.best is None:
-                self.ledger.save(persona.name, slot, candidates=str(outcome.candidates), rejected=json.dumps(outcome.rejected))
-                self.ledger.finish(persona.name, slot, "failed")
-                outcome.status = "no_candidate"
-                return outcome
-        self.ledger.save(
-            persona.name, slot, text=outcome.text, candidates=str(outcome.candidates),
-            rejected=json.dumps(outcome.rejected), sinks=json.dumps([s.spec for s in sinks]),
-        )
+        raws = self._generate(persona, n) if text is None else []  # outside the hold: it takes seconds
+        with self.ledger.choosing(persona.name) as choosing:
+            if text is not None:  # a person's own words: nothing to generate or choose
+                self._check_new(persona.name, text, slot)
+                outcome = PostOutcome(persona.name, slot, "posted", text=text)
+            else:
+                curated = self._curate(persona, [s.platform for s in sinks], n, raws, slot)
+                outcome = self._outcome(persona, slot, "posted", curated)
+                if curated.best is None:
+                    self.ledger.save(persona.name, slot, candidates=str(outcome.candidates), rejected=json.dumps(outcome.rejected))
+                    self.ledger.finish(persona.name, slot, "failed")
+                    outcome.status = "no_candidate"
+                    return outcome
+            self.ledger.save(
+                persona.name, slot, choosing=choosing, text=outcome.text, candidates=str(outcome.candidates),
+                rejected=json.dumps(outcome.rejected), sinks=json.dumps([s.spec for s in sinks]),
+            )
         if approval:
             waiting = self.approvals.add(persona.name, slot, outcome.text, [s.spec for s in sinks], outcome.passed[1:])
             self.ledger.save(persona.name, slot, approval=waiting.id)
