@@ -22,7 +22,8 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q $$($(BIN)/python -c "import urllib.request as u; \
 		u.urlopen('$(TORCH_CPU_INDEX)/', timeout=10); print('--extra-index-url $(TORCH_CPU_INDEX)')" 2>/dev/null) \
 		torch==2.13.0
-	$(BIN)/python -m pip install -q -e ".[all]"
+	# Every optional part, and the test and lint tools (`make test`, `make lint`), which `all` leaves out.
+	$(BIN)/python -m pip install -q -e ".[all,dev]"
 	# Triton's interpreter runs the GPU decode kernels' tests on a CPU (3.8 or later: numpy 2.4).
 	# Only beside a CPU torch: a CUDA torch brings the Triton it was built with.
 	if $(BIN)/python -c "import sys, torch; sys.exit(torch.version.cuda is not None)"; then \

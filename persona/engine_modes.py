@@ -7,6 +7,7 @@ nearest one that does is used instead, and the log says why.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 
@@ -25,6 +26,8 @@ log = logging.getLogger(__name__)
 # itself, or a checkpoint written as GGUF once). auto: the fastest the model and device allow.
 ENGINE_MODES = ("auto", "eager", "fused", "int8", "llamacpp")
 INT8_MIN_HIDDEN = 512  # hidden size from which int8 beats full precision on CPU
+# How to add llama.cpp: an installed package names its extra; a checkout (`make install`) has it.
+FAST_INSTALL = "pip install 'persona[fast]', or in a checkout pip install -e '.[fast]'"
 
 
 def llamacpp_available() -> bool:
@@ -41,6 +44,8 @@ def pick_engine_mode(mode: str, loaded: LoadedModel) -> str:
     if mode == "auto":
         if on_cpu and loaded.gguf_ready and llamacpp_available():
             return "llamacpp"  # Llama-family and GPT-2 models
+        if on_cpu and not llamacpp_available() and loaded.gguf_ready:
+            _say_fast_missing()
         return _torch_mode(loaded)
     if mode in ("fused", "int8") and not fusable or mode == "llamacpp" and not (fusable or loaded.gguf_ready):
         log.warning("%s is not a Llama-family model; using the eager engine instead of %s", loaded.name, mode)
@@ -51,9 +56,19 @@ def pick_engine_mode(mode: str, loaded: LoadedModel) -> str:
         return fallback
     if mode == "llamacpp" and not llamacpp_available():
         fallback = _torch_mode(loaded)
-        log.warning("llama-cpp-python is not installed (`pip install '.[fast]'`); using the %s engine", fallback)
+        log.warning("llama-cpp-python is not installed (%s); using the %s engine", FAST_INSTALL, fallback)
         return fallback
     return mode
+
+
+@functools.cache
+def _say_fast_missing() -> None:
+    """Say, once a process (as the worker loads its first model), that llama.cpp would serve
+    on the CPU faster: under `auto` an install without it (a wheel, `persona[all]`) quietly got
+    the slower int8 engine, and nothing named the `fast` extra."""
+    log.warning("llama.cpp would decode faster here, but llama-cpp-python (the fast extra) is not installed, so "
+                "the slower torch engine serves; to add it (it compiles with a C++ compiler, about 5 minutes): %s",
+                FAST_INSTALL)
 
 
 def _fusable(loaded: LoadedModel) -> bool:

@@ -10,6 +10,7 @@ schedule, and the adapters it is enabled on. Files come from the project's
 from __future__ import annotations
 
 import functools
+import importlib.util
 import logging
 import re
 import tomllib
@@ -210,17 +211,20 @@ def cron_problem(cron: str) -> str:
     """What is wrong with a schedule's cron expression, '' if nothing: not cron at all; six
     fields, which croniter reads as seconds at the end ("0 0 9 * * *", seconds first as
     Quartz writes it, would post every second of midnight on the 9th); a date that never
-    comes ("0 9 30 2 *")."""
+    comes ("0 9 30 2 *"). Without croniter (the posting extra) only the count of fields is
+    checked, so that a file is judged alike on every install; ``unscheduled_reason`` says
+    that a schedule enabled there cannot post."""
+    fields = cron.split()
+    wrong_count = (f"{cron!r} has {len(fields)} fields; a schedule has 5 (minute hour day month weekday), "
+                   "no seconds: '0 9 * * *' is 09:00 daily")
     try:
         from croniter import CroniterBadDateError, croniter
-    except ImportError:  # the posting extra is not installed: nothing schedules anyway
-        return ""
+    except ImportError:
+        return wrong_count if len(fields) != CRON_FIELDS and not cron.strip().startswith("@") else ""
     if not croniter.is_valid(cron):
         return f"{cron!r} is not a cron expression (e.g. '0 9 * * *': 09:00 daily)"
-    fields = cron.split()
     if len(fields) != CRON_FIELDS and not cron.strip().startswith("@"):
-        return (f"{cron!r} has {len(fields)} fields; a schedule has 5 (minute hour day month weekday), "
-                "no seconds: '0 9 * * *' is 09:00 daily")
+        return wrong_count
     from datetime import UTC, datetime
 
     try:
@@ -269,6 +273,9 @@ def unscheduled_reason(persona: Persona) -> str:
         return f"adapters does not list \"scheduler\" (it lists {', '.join(persona.adapters) or 'none'}); add it to post on schedule"
     if not persona.schedule.sinks:
         return "schedule.sinks is empty; name where the posts go, e.g. sinks = [\"file:posts.jsonl\"]"
+    if importlib.util.find_spec("croniter") is None:  # no scheduler runs, and its cron goes unchecked
+        return ("the posting extra is not installed, so nothing posts on schedule and schedule.cron cannot be "
+                "checked: pip install 'persona[posting]'")
     return ""
 
 

@@ -37,9 +37,11 @@ from persona.settings import Settings
 
 __all__ = [
     "CONFIG_ERROR_EXIT_STATUS",
+    "SERVICE_EXTRAS",
     "Service",
     "Supervisor",
     "config_error_exit_status",
+    "missing_extra",
     "one_up_per_data_dir",
     "services_for_up",
 ]
@@ -191,19 +193,44 @@ class Service:
 
 
 def services_for_up(settings: Settings, *, workers: int = 1, dashboard: bool = True) -> list[Service]:
-    """The services `persona up` runs: workers, and each optional part that is set up."""
+    """The services `persona up` runs: workers, and each optional part that is set up and
+    installed. One set up whose extra is not installed is left out, with a line naming the
+    extra: started, it died five times on a ModuleNotFoundError and was given up on."""
     services = [Service(f"worker-{i + 1}", ["worker"]) for i in range(workers)]
-    optional = [
-        (dashboard, "dashboard", "persona.dashboard"),
-        (settings.discord.token is not None, "discord", "adapters.discord_bot"),
-        (settings.telegram.token is not None, "telegram", "adapters.telegram_bot"),
-        # The scheduler idles until a persona enables its schedule; it needs the posting extra.
-        (_importable("croniter"), "scheduler", "adapters.scheduler"),
+    optional = [  # wanted, the service, and what is said when its extra is not installed
+        (dashboard, "dashboard", "the dashboard is not served (`persona up --no-dashboard` goes without it)"),
+        (settings.discord.token is not None, "discord", "the Discord bot is not started, though PERSONA_DISCORD__TOKEN is set"),
+        (settings.telegram.token is not None, "telegram", "the Telegram bot is not started, though PERSONA_TELEGRAM__TOKEN is set"),
+        # The scheduler idles until a persona enables its schedule: left out without a word
+        # (`persona personas validate` says so of a file whose schedule is enabled).
+        (True, "scheduler", ""),
     ]
-    for wanted, command, module in optional:
-        if wanted and _importable(module):
-            services.append(Service(command, [command]))
+    for wanted, command, unstarted in optional:
+        if not wanted:
+            continue
+        if extra := missing_extra(command):
+            if unstarted:
+                log.warning("%s: it needs the %s extra, which is not installed: pip install 'persona[%s]'",
+                            unstarted, extra, extra)
+            continue
+        services.append(Service(command, [command]))
     return services
+
+
+# The third-party modules each optional service imports, and the extra (pyproject.toml's
+# optional-dependencies) that installs them. Persona's own modules are always there.
+SERVICE_EXTRAS: dict[str, tuple[tuple[str, ...], str]] = {
+    "dashboard": (("fastapi", "uvicorn", "prometheus_client"), "dashboard"),
+    "discord": (("discord",), "discord"),
+    "telegram": (("telegram",), "telegram"),
+    "scheduler": (("croniter",), "posting"),
+}
+
+
+def missing_extra(service: str) -> str:
+    """The extra ``service`` needs that is not installed ('' when it can start)."""
+    modules, extra = SERVICE_EXTRAS[service]
+    return "" if all(_importable(module) for module in modules) else extra
 
 
 def _importable(module: str) -> bool:

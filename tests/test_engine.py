@@ -57,6 +57,27 @@ def test_auto_picks_llamacpp_where_it_can_else_int8_for_wide_llamas_fused_for_na
         pick_engine_mode("turbo", gpt2)
 
 
+def test_without_llamacpp_auto_says_once_how_to_add_it(tiny_llama, monkeypatch, caplog):
+    """An install without the fast extra (a wheel, `persona[all]`) got the slower torch engine
+    under `auto` with nothing said; the one hint, for an explicit llamacpp, read
+    `pip install '.[fast]'`, which means nothing outside a checkout."""
+    import sys
+
+    from persona import engine_modes
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # importing it fails, as on an install without it
+    engine_modes._say_fast_missing.cache_clear()
+    with caplog.at_level("WARNING", logger="persona.engine_modes"):
+        assert [pick_engine_mode("auto", tiny_llama) for _ in range(3)] == ["fused"] * 3
+    [said] = [r.getMessage() for r in caplog.records]
+    assert said.startswith("llama.cpp would decode faster here, but llama-cpp-python (the fast extra) is not installed")
+    assert said.endswith("pip install 'persona[fast]', or in a checkout pip install -e '.[fast]'")
+    caplog.clear()
+    assert pick_engine_mode("llamacpp", tiny_llama) == "fused"
+    assert "pip install 'persona[fast]'" in caplog.text
+    engine_modes._say_fast_missing.cache_clear()  # the next test's process-wide "once" starts afresh
+
+
 @pytest.mark.parametrize(("mode", "lookahead"), [("fused", False), ("int8", False), ("fused", True)])
 def test_a_row_added_while_a_batch_decodes_joins_it_and_leaves_when_done(tiny_llama, mode, lookahead):
     """Continuous batching: a short request joins a long one at the next step, finishes

@@ -239,6 +239,38 @@ def test_up_whose_dashboard_port_is_taken_says_what_to_do_before_starting_anythi
     assert "--port," not in said and not (tmp_path / "up-data" / "redis").exists()
 
 
+def test_up_leaves_out_what_is_not_installed_and_names_the_extra_to_install(tmp_path, up_env):
+    """Without the dashboard extra, `persona up` (--no-dashboard too) ended in a traceback on
+    `No module named 'fastapi'`; with a Telegram token set but not its extra, the bot was
+    started, died five times on `No module named 'telegram'`, and was given up on."""
+    not_installed = ("import sys; sys.modules.update(dict.fromkeys(['fastapi', 'telegram'])); "
+                     "sys.argv[0] = 'persona'; from persona.cli import main; main()")
+    env = up_env | {"PERSONA_WORKER__PERSONAS": "[]", "PERSONA_TELEGRAM__TOKEN": "123:abc"}
+    output = tmp_path / "up.log"
+    with output.open("w") as log:
+        up = subprocess.Popen([sys.executable, "-c", not_installed, "up"], env=env, stdin=subprocess.DEVNULL,
+                              stdout=log, stderr=subprocess.STDOUT, preexec_fn=_interruptible)  # noqa: PLW1509
+    try:
+        wait_for(lambda: "persona is up on Redis" in output.read_text() or up.poll() is not None, "`up` did not start")
+        assert up.poll() is None, output.read_text()
+        up.send_signal(signal.SIGTERM)
+        assert up.wait(timeout=60) == 0
+    finally:
+        if up.poll() is None:
+            up.kill()
+        for pid in started_under(tmp_path):  # whatever a failed run left behind
+            os.kill(pid, signal.SIGKILL)
+    said = output.read_text()
+    assert "Traceback" not in said, said
+    [up_line] = [line for line in said.splitlines() if "persona is up on Redis" in line]
+    assert up_line.rsplit(": ", 1)[1] == "worker-1, scheduler"
+    said = " ".join(said.split())
+    assert ("the dashboard is not served (`persona up --no-dashboard` goes without it): it needs the dashboard "
+            "extra, which is not installed: pip install 'persona[dashboard]'") in said
+    assert ("the Telegram bot is not started, though PERSONA_TELEGRAM__TOKEN is set: it needs the telegram extra, "
+            "which is not installed: pip install 'persona[telegram]'") in said
+
+
 def test_killing_up_stops_its_services_and_the_next_up_takes_over_its_redis(start_up):
     up, redis_pid = start_up()
     services = wait_for(lambda: workers_of(up), "no worker started") | children(up.pid)

@@ -4,8 +4,8 @@ An error ends a command with exit status 1 (2 for a command line that is wrong, 
 has it) and one red line on stderr, or, when the command was given ``--json`` (its
 ``json_output`` option), with the same status and one JSON object on stdout instead, shaped as a failed reply's: ``{"ok": false, "error": {"kind": ...,
 "message": ...}}``, where ``kind`` names the class in ``persona.errors`` (``ConfigError``
-for settings that cannot be read, ``UsageError`` for a command line that click refused:
-an unknown option, a value that is not one). A ConfigError ending a service that
+for settings that cannot be read, or an optional part whose extra is not installed,
+``UsageError`` for a command line that click refused: an unknown option, a value that is not one). A ConfigError ending a service that
 `persona up` runs exits with ``persona.supervisor.CONFIG_ERROR_EXIT_STATUS`` instead, which
 tells the supervisor that starting it again would only fail again.
 """
@@ -41,6 +41,7 @@ from persona.settings import Settings, explain_settings_error
 from persona.supervisor import config_error_exit_status
 
 __all__ = [
+    "EXTRA_OF_MODULE",
     "console",
     "err_console",
     "explain_redis_error",
@@ -255,9 +256,11 @@ def _lost_embedded(said: str, exc: redis.exceptions.RedisError | None = None) ->
 
 
 def friendly_errors(func: Callable[P, R]) -> Callable[P, R]:
-    """Turn the project's errors, and Redis failing under them, into one red line (one JSON
-    object on stdout for a command given ``--json``) and exit status 1 (a UsageError: 2; a
-    ConfigError in a service `persona up` runs: ``CONFIG_ERROR_EXIT_STATUS``), no traceback."""
+    """Turn the project's errors, Redis failing under them, and an optional part whose extra
+    is not installed (a ModuleNotFoundError of a module in ``EXTRA_OF_MODULE``, said as a
+    ConfigError naming the extra) into one red line (one JSON object on stdout for a command
+    given ``--json``) and exit status 1 (a UsageError: 2; a ConfigError in a service `persona
+    up` runs: ``CONFIG_ERROR_EXIT_STATUS``), no traceback."""
 
     @functools.wraps(func)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
@@ -268,10 +271,35 @@ def friendly_errors(func: Callable[P, R]) -> Callable[P, R]:
             raise _fail(str(exc), type(exc).__name__, _exit_status(exc)) from None
         except redis.exceptions.RedisError as exc:  # Redis stopped, or never was Redis, mid-command
             raise _fail(explain_redis_error(exc), failure_kind(exc)) from None
+        except ModuleNotFoundError as exc:
+            extra = EXTRA_OF_MODULE.get((exc.name or "").partition(".")[0])
+            if extra is None:  # not an optional part's: a broken install or a bug, traceback and all
+                raise
+            raise _fail(_needs_extra(extra, exc.name), ConfigError.__name__, config_error_exit_status()) from None
         finally:
             _json_errors.reset(as_json)
 
     return wrapper
+
+
+# The extra (pyproject.toml's optional-dependencies) that installs each third-party module
+# the optional parts import; tests/test_packaging.py checks the two agree.
+EXTRA_OF_MODULE = {
+    "fastapi": "dashboard", "starlette": "dashboard", "uvicorn": "dashboard", "prometheus_client": "dashboard",
+    "discord": "discord", "aiohttp": "discord",  # discord.py's own HTTP client
+    "telegram": "telegram",
+    "croniter": "posting", "tweepy": "posting", "mastodon": "posting", "atproto": "posting",
+    "atproto_client": "posting",
+    "pypdf": "train", "yaml": "train", "tqdm": "train",
+    "llama_cpp": "fast",
+}
+
+
+def _needs_extra(extra: str, module: str) -> str:
+    """What to install for a command that stopped on ``module`` missing: its extra, by name.
+    The traceback named the module alone (aiohttp, for `persona discord`), never the extra."""
+    return (f"this needs the {extra} extra, which is not installed (no module named {module!r}): "
+            f"pip install 'persona[{extra}]'")
 
 
 def _exit_status(exc: PersonaError) -> int:

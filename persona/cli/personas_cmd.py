@@ -17,7 +17,13 @@ from persona.cli.common import (
     json_error,
 )
 from persona.errors import ConfigError, closest
-from persona.personas import Persona, PersonaRegistry, unread_reason, unscheduled_reason
+from persona.personas import (
+    BUILTIN_PERSONAS_DIR,
+    Persona,
+    PersonaRegistry,
+    unread_reason,
+    unscheduled_reason,
+)
 from persona.settings import Settings
 
 personas_app = typer.Typer(help="List, show and validate persona files.", no_args_is_help=True)
@@ -37,6 +43,7 @@ def list_personas(json_output: bool = typer.Option(False, "--json", help="print 
     found, problems = registry.scan()
     for folder in _missing_folders(settings):
         err_console.print(f"[yellow]{escape(folder)}[/yellow]", highlight=False)
+    _say_none_found(registry, settings, found)
     if json_output:
         _print_listing(found, problems, settings)
         return
@@ -64,6 +71,23 @@ def _print_listing(found: dict[str, Persona], problems: list[ConfigError], setti
                      ensure_ascii=False))
     if problems:
         err_console.print(f"[yellow]{len(problems)} invalid persona file(s); see `persona personas validate`[/yellow]")
+
+
+def _say_none_found(registry: PersonaRegistry, settings: Settings, found: dict[str, Persona]) -> None:
+    """Where `list` looked, on stderr, when it found no valid persona: an install that lost its
+    bundled files listed nothing and said nothing, with status 0."""
+    if not found and not registry.files():
+        err_console.print(f"[yellow]{escape(_none_found(registry, settings))}[/yellow]", highlight=False)
+
+
+def _none_found(registry: PersonaRegistry, settings: Settings) -> str:
+    """That no persona file is in any folder searched, naming each, and where to put one."""
+    searched = ", ".join(f"{folder}{'' if folder.is_dir() else ' (not there)'}" for folder in registry.folders)
+    said = (f"no persona files (*.toml) found; searched {searched}. Put one in {settings.user_personas_dir}, "
+            "or name the folder that holds yours in PERSONA_PERSONAS_DIRS")
+    if not BUILTIN_PERSONAS_DIR.is_dir():
+        said += f"; the bundled personas (sage, bofh) belong in {BUILTIN_PERSONAS_DIR}: reinstall persona"
+    return said
 
 
 def _print_unfinished_runs(settings: Settings) -> None:
@@ -140,6 +164,8 @@ def validate(
         missing += [_not_found(p, sorted(winner)) for p in paths if not Path(p).exists()]
     else:
         missing = _missing_folders(settings)
+        if not files:  # "ok" with nothing checked: an install that lost its persona files passed
+            missing.append(_none_found(registry, settings))
     checked = []
     for path in files:
         here = path.resolve()

@@ -153,11 +153,14 @@ def _check_personas_named(settings: Settings, chat: str | None) -> None:
 def _dashboard_can_listen(settings: Settings, *, wanted: bool) -> Iterator[None]:
     """Refuse to start when the dashboard could not listen (its port taken, say): it
     exited at once, was started again four times, each saying so among the log lines,
-    then given up on while `persona up` served on without it."""
-    from persona.dashboard import bind
+    then given up on while `persona up` served on without it. Without the dashboard extra
+    there is nothing to check: `services_for_up` leaves the dashboard out and says so."""
+    from persona.supervisor import missing_extra
 
     without = "start without it: `persona up --no-dashboard`"
-    if wanted:
+    if wanted and not missing_extra("dashboard"):
+        from persona.dashboard import bind
+
         try:
             bind(settings, port_advice=f"set PERSONA_DASHBOARD__PORT to a free port, or {without}").close()
         except ConfigError as exc:
