@@ -15,7 +15,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from persona.engine_modes import llamacpp_available
+from persona.engine_modes import FAST_INSTALL, llamacpp_available
 from persona.errors import ConfigError, ModelError
 from persona.gguf_files import GGUF_TYPES, unwritable, write_gguf
 from persona.models import LoadedModel, load_model
@@ -74,7 +74,7 @@ def export_persona(
             if why is not None:
                 raise ModelError(
                     f"no GGUF can be written for this checkpoint: {why} "
-                    "(a Llama-family or GPT-2 model with a byte-level BPE vocabulary, and `pip install '.[fast]'`); "
+                    f"(a Llama-family or GPT-2 model with a byte-level BPE vocabulary, and llama.cpp: {FAST_INSTALL}); "
                     "export without --gguf"
                 )
         try:
