@@ -1,10 +1,12 @@
 """How the worker answers a job: with its text, or with an error reply saying why not.
 
 A finished row is answered with its text (``_reply``: a chat reply cut off by its token
-limit ends at its last whole sentence or word). A job is refused before any decoding
-when it waited past its deadline or its request is invalid (``_refusal``); a batch that
-fails answers each of its rows with the error (``_failed``); an entry that holds no valid
-request is set aside as a dead letter, its caller told why where it can be (``_set_aside``).
+limit ends at its last whole sentence or word), or, where its deadline passed while its
+long prompt was being read, with a timeout (``PROMPT_LATE``). A job is refused before
+any decoding when it waited past its deadline or its request is invalid (``_refusal``); a
+batch that fails answers each of its rows with the error (``_failed``); an entry that
+holds no valid request is set aside as a dead letter, its caller told why where it can
+be (``_set_aside``).
 Every reply, text or error, says how long its request waited, all by Redis's clock
 (``_waited_ms``).
 """
@@ -29,6 +31,13 @@ __all__ = ["Answering"]
 
 # Under the name these lines had before they moved here: the log format shows it.
 log = logging.getLogger("persona.worker")
+
+# What a row whose deadline passed while its prompt was read is answered (the engine
+# stopped reading it then: its caller stops waiting at its deadline).
+PROMPT_LATE = (
+    "the reply was not finished by its deadline: its conversation was still being read; "
+    "please ask again with a later deadline or a shorter conversation"
+)
 
 
 def _queued_at(job: Job) -> float:
@@ -89,6 +98,9 @@ class Answering:
         return None
 
     def _reply(self, row: _Row, completion: Completion, batch: int, seconds: float | None = None) -> GenerationReply:
+        """The reply to a finished row: its text, or a timeout where its deadline came first."""
+        if completion.finish_reason == "deadline":
+            return self._failure(row.job, ErrorKind.timeout, PROMPT_LATE)
         request = row.job.request
         seconds = completion.seconds if seconds is None else seconds
         log.debug(

@@ -10,6 +10,12 @@ holds short ones hostage. Sampling is ours on every path; decoders only give log
 Its parts: ``engine_modes`` (which decode path a model gets), ``sampling`` (the
 batch's rows and each row's next token), ``stop_strings`` (where a reply ends) and
 ``eager_decoder`` (Hugging Face's own modules for any causal LM).
+
+A row's deadline (``Work.deadline``) is looked at before its prompt is read and, where
+the decoder reads prompts in chunks (eager and llamacpp: ``reads_in_chunks``), between
+chunks: a row whose caller stopped waiting is not read on, and comes back finished for
+"deadline" with no text. A prompt of thousands of tokens used to be read whole, holding
+the worker (and every request behind it) for seconds after its deadline.
 """
 
 from __future__ import annotations
@@ -50,6 +56,9 @@ class Work:
     token_ids: list[int]
     sampling: Sampling
     stop: list[str] = field(default_factory=list)
+    # When its caller stops waiting, by this machine's clock (time.time()); 0.0: never.
+    # A row past it is not read further (see the module's docstring).
+    deadline: float = 0.0
 
 
 @dataclass
@@ -58,7 +67,8 @@ class Completion:
 
     text: str
     new_tokens: int
-    finish_reason: Literal["stop", "length"]
+    # "deadline": its deadline passed before its prompt was read (no text)
+    finish_reason: Literal["stop", "length", "deadline"]
     seconds: float = 0.0
 
 
@@ -127,6 +137,7 @@ class TransformersEngine:
         self.lookahead = self.device.type == "cuda" if lookahead is None else lookahead
         self._ahead: torch.Tensor | None = None  # the launched step's tokens, not read yet
         self._waited = 0  # steps that rows have waited to join the running batch
+        self._late: list[tuple[object, Completion]] = []  # rows not read: their deadline passed
         self._checking = False  # while warming up: refuse weights whose logits are not finite
         log.info("%s decodes with the %s engine", loaded.name, self.mode)
 
@@ -237,7 +248,8 @@ class TransformersEngine:
     @torch.inference_mode()
     def step(self) -> list[tuple[object, Completion]]:
         """Feed the running rows their last tokens, admit waiting rows, sample one token for
-        every row; return the rows that finished.
+        every row; return the rows that finished (those left unread at their deadline
+        first, finished for "deadline").
 
         With ``lookahead`` the step after this one is launched before this one's tokens are
         read (unless rows wait to join or every row ends now), and the next call starts
@@ -258,7 +270,7 @@ class TransformersEngine:
                     logits = joined if logits is None else torch.cat([logits, joined])
             rows = self._rows
             if rows is None:
-                return []
+                return self._given_up()
             if self._checking and not torch.isfinite(logits).all():
                 raise ModelError(f"{self.loaded.name} produces NaN or infinite logits (corrupt weights)")
             tokens = _sample(logits, rows)
@@ -271,7 +283,7 @@ class TransformersEngine:
         finished = self._settle(rows, read())
         done = [(rows.tags[rows.index[pos]], completion) for pos, completion in finished.items()]
         self._keep([i for i in range(rows.size) if i not in finished], tokens)
-        return done
+        return self._given_up() + done
 
     def _join_due(self) -> bool:
         """Whether waiting rows join at this step: at once into an empty batch; into a
@@ -320,10 +332,11 @@ class TransformersEngine:
 
     def abandon(self) -> list[object]:
         """Drop every row (after a failed step); return their tags so each can be answered."""
-        tags = [tag for _, tag in self._waiting]
+        tags = [tag for _, tag in self._waiting] + [tag for tag, _ in self._late]
         if self._rows is not None:
             tags += [self._rows.tags[i] for i in self._rows.index]
         self._waiting, self._rows, self._pending, self._ahead, self._waited = [], None, None, None, 0
+        self._late = []
         return tags
 
     def _admit(self) -> torch.Tensor | None:
@@ -333,7 +346,12 @@ class TransformersEngine:
         A decoder with a fixed cache (llama.cpp) takes only the rows whose whole reply
         fits beside the running ones; the rest wait for rows to leave. With nothing
         running, at least one row is always tried (if it cannot fit, it fails alone).
+
+        Rows past their deadline are not read (``_drop_late``); where the decoder reads in
+        chunks, a read that reaches a row's deadline stops, nothing of it is kept, and the
+        rows still in time wait to be read again at the next step.
         """
+        self._drop_late()
         count = len(self._waiting)
         fitting = getattr(self.decoder, "fitting", None)
         if fitting is not None:
@@ -349,6 +367,7 @@ class TransformersEngine:
         new = _Rows([w for w, _ in waiting], [t for _, t in waiting], self.device, self.pad_id, self.stop_ids)
         room = max(w.sampling.max_new_tokens for w, _ in waiting) + 1
         prompts, new.prompts = new.prompts, None  # the decoder's from here on
+        reading = self._reading(waiting)
         if self._rows is None:
             forget = getattr(self.decoder, "forget_prefixes", None)
             if forget is not None and any(w.sampling.seed is not None for w, _ in waiting):
@@ -357,13 +376,41 @@ class TransformersEngine:
                 # land): a seeded row that starts a batch starts from an empty cache, as on a
                 # fresh worker. (One that joins a running batch cannot: see `persona ask --help`.)
                 forget()
-            logits = self.decoder.start(*prompts, room)
+            logits = self.decoder.start(*prompts, room, **reading)
+            if logits is None:  # stopped at a deadline
+                self._drop_late()
+                return None
             self._rows = new
         else:
-            logits = self.decoder.join(*prompts, room)
+            logits = self.decoder.join(*prompts, room, **reading)
+            if logits is None:
+                self._drop_late()
+                return None
             self._rows.merge(new)
         del self._waiting[:count]
         return logits
+
+    def _reading(self, waiting: list[tuple[Work, object]]) -> dict[str, Callable[[], bool]]:
+        """How a read of these rows is stopped: the decoder's ``stop``, true once the first of
+        their deadlines has passed, where the decoder reads in chunks and a row has one."""
+        deadlines = [w.deadline for w, _ in waiting if w.deadline]
+        if not deadlines or not getattr(self.decoder, "reads_in_chunks", False):
+            return {}
+        first = min(deadlines)
+        return {"stop": lambda: time.time() > first}
+
+    def _drop_late(self) -> None:
+        """Waiting rows past their deadline leave unread, to be returned by this step."""
+        now = time.time()
+        late = [(w, t) for w, t in self._waiting if w.deadline and now > w.deadline]
+        if late:
+            self._waiting = [(w, t) for w, t in self._waiting if not (w.deadline and now > w.deadline)]
+            self._late += [(t, Completion(text="", new_tokens=0, finish_reason="deadline")) for _, t in late]
+
+    def _given_up(self) -> list[tuple[object, Completion]]:
+        """The rows dropped unread at their deadline since the last step (taken once)."""
+        late, self._late = self._late, []
+        return late
 
     def generate(self, batch: list[Work]) -> list[Completion]:
         """Generate every row of ``batch`` (rows finish independently), in order."""

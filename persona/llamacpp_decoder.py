@@ -18,6 +18,10 @@ cache (flash attention sums 64-cell tiles when a micro-batch has 64 tokens or mo
 a one-token step on several threads splits a cache of 512 cells or more between them).
 A batch started after ``forget_prefixes`` starts from an empty cache, read exactly as by
 a fresh decoder; rows beside it (one that leaves, too) still change its sums slightly.
+
+Prompts are read ``BATCH_TOKENS`` at a time; ``start`` and ``join`` take ``stop``, looked
+at between two of those chunks: once it says so (a row's deadline has passed), the read
+stops and nothing of the rows being read is kept.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import ctypes
 import logging
 import os
 from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -130,6 +135,7 @@ class LlamaCppDecoder:
     """Prefill, join, decode and select over llama.cpp sequences (one per row)."""
 
     can_join = True
+    reads_in_chunks = True  # ``start`` and ``join`` take ``stop``
 
     def __init__(self, path: Path, *, threads: int | None = None, context_tokens: int = CONTEXT_TOKENS) -> None:
         import llama_cpp
@@ -210,8 +216,12 @@ class LlamaCppDecoder:
                 return count
             self._drop_prefix()
 
-    def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, room: int) -> torch.Tensor:
-        """A new batch: forget every row's sequence, prefill these rows, return their logits.
+    def start(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, room: int,
+        stop: Callable[[], bool] | None = None,
+    ) -> torch.Tensor | None:
+        """A new batch: forget every row's sequence, prefill these rows, return their logits
+        (None where ``stop`` stopped the read, as ``join``).
 
         With no prefix kept, the cache starts as new: these rows' logits are a fresh decoder's."""
         for sequence in set(self.reserved) - set(self.prefixes):
@@ -219,10 +229,15 @@ class LlamaCppDecoder:
         if not self.prefixes:  # where new cells go, too, is as in a new cache
             self.lib.llama_memory_clear(self.memory, False)
         self._forget_sequences()
-        return self.join(input_ids, attention_mask, position_ids, room)
+        return self.join(input_ids, attention_mask, position_ids, room, stop)
 
-    def join(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, room: int) -> torch.Tensor:
-        """Prefill these rows as new sequences beside the running ones; return their logits.
+    def join(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, room: int,
+        stop: Callable[[], bool] | None = None,
+    ) -> torch.Tensor | None:
+        """Prefill these rows as new sequences beside the running ones; return their logits,
+        or None where ``stop`` said so between two chunks (none of these rows is kept; the
+        running ones are untouched).
 
         A row that begins like an earlier row of the same call (best-of-N candidates, one
         persona's messages arriving together) is read in a second pass, once that row is
@@ -239,20 +254,32 @@ class LlamaCppDecoder:
         logits: dict[int, torch.Tensor] = {}
         try:
             for wave in (first, later):
-                if wave:
-                    logits.update(zip(wave, self._prefill([prompts[i] for i in wave], room, added, wave)))
+                if not wave:
+                    continue
+                read = self._prefill([prompts[i] for i in wave], room, added, wave, stop)
+                if read is None:  # stopped
+                    self._drop_sequences(added.values())
+                    return None
+                logits.update(zip(wave, read))
         except ModelError:
-            for sequence in added.values():
-                self.lib.llama_memory_seq_rm(self.memory, sequence, -1, -1)
-                self.reserved.pop(sequence, None)
-                self.free.append(sequence)
+            self._drop_sequences(added.values())
             raise
         self.sequences += [added[i] for i in range(len(prompts))]
         return torch.stack([logits[i] for i in range(len(prompts))])
 
-    def _prefill(self, prompts: list[list[int]], room: int, added: dict[int, int], rows: list[int]) -> torch.Tensor:
+    def _drop_sequences(self, sequences: Iterable[int]) -> None:
+        """Take these rows' sequences out of the cache (a read that failed or stopped)."""
+        for sequence in sequences:
+            self.lib.llama_memory_seq_rm(self.memory, sequence, -1, -1)
+            self.reserved.pop(sequence, None)
+            self.free.append(sequence)
+
+    def _prefill(
+        self, prompts: list[list[int]], room: int, added: dict[int, int], rows: list[int], stop: Callable[[], bool] | None
+    ) -> torch.Tensor | None:
         """Read these prompts (each from its longest kept beginning on) as new sequences,
-        recorded in ``added``; keep each that began like no kept prompt; their logits."""
+        recorded in ``added``; keep each that began like no kept prompt; their logits
+        (None, nothing kept, where ``stop`` stopped the read)."""
         tokens: list[tuple[int, int, int, bool]] = []
         shares = []
         for row, prompt in zip(rows, prompts, strict=True):
@@ -262,7 +289,9 @@ class LlamaCppDecoder:
             shares.append((sequence, prompt, shared))
             self.reserved[sequence] = len(prompt) + room
             tokens += [(t, p, sequence, p == len(prompt) - 1) for p, t in enumerate(prompt) if p >= shared]
-        logits = self._decode(tokens)
+        logits = self._decode(tokens, stop)
+        if logits is None:
+            return None
         for sequence, prompt, shared in shares:
             if shared < len(prompt) - 1:  # it began like no kept prompt (or only partly): keep it
                 self._keep_prefix(sequence, prompt)
@@ -334,11 +363,15 @@ class LlamaCppDecoder:
 
     # -- llama.cpp calls ------------------------------------------------------------
 
-    def _decode(self, tokens: list[tuple[int, int, int, bool]]) -> torch.Tensor:
-        """Run (token, position, sequence, wants logits) in chunks; the wanted logits in order."""
+    def _decode(self, tokens: list[tuple[int, int, int, bool]], stop: Callable[[], bool] | None = None) -> torch.Tensor | None:
+        """Run (token, position, sequence, wants logits) in chunks; the wanted logits in order,
+        or None where ``stop``, asked between two chunks, said to stop (the cells written
+        stay: the caller drops their sequences)."""
         out: list[np.ndarray] = []
         batch = self.batch
         for start in range(0, len(tokens), BATCH_TOKENS):
+            if start and stop is not None and stop():
+                return None
             chunk = tokens[start : start + BATCH_TOKENS]
             wanted = 0
             for i, (token, position, sequence, logits) in enumerate(chunk):

@@ -3,9 +3,11 @@
 A continuous engine takes rows into its running batch (``_admit``); every turn steps each
 engine with rows once (``_decode_step``), and the rows that finished are answered. Rows
 whose callers withdrew them, or whose deadline passed, leave their batch at once
-(``_drop_withdrawn``). An engine that can only run whole batches is given one at a time
-(``_generate``). A prompt that cannot be built fails its own row alone (``_prompted``); a
-row whose prompt is built carries what the reply tells of it (``_Row.message_chars``).
+(``_drop_withdrawn``); a row whose deadline passes while its long prompt is read is not
+read on (each work carries its deadline: ``_deadline``) and comes back finished for it.
+An engine that can only run whole batches is given one at a time (``_generate``). A
+prompt that cannot be built fails its own row alone (``_prompted``); a row whose prompt
+is built carries what the reply tells of it (``_Row.message_chars``).
 """
 
 from __future__ import annotations
@@ -45,7 +47,17 @@ class RowDecoding:
         served = members[0].served
         prompts = build_prompts(items, served.loaded, getattr(served.engine, "context_tokens", None))
         rows = [dataclasses.replace(r, message_chars=p.message_chars) for r, p in zip(members, prompts, strict=True)]
-        return rows, [Work(p.token_ids, sampling, p.stop) for p, (_, _, sampling) in zip(prompts, items, strict=True)]
+        return rows, [
+            Work(p.token_ids, sampling, p.stop, deadline=self._deadline(r.job))
+            for p, r, (_, _, sampling) in zip(prompts, rows, items, strict=True)
+        ]
+
+    def _deadline(self, job: Job) -> float:
+        """When a job's caller stops waiting, by this machine's clock (0.0: never), as
+        ``Job.expired`` judges it: by Redis's clock where the entry says, less the offset."""
+        if job.due is not None:
+            return job.due - self._redis_offset
+        return job.request.deadline
 
     def _prompted(self, members: list[_Row]) -> tuple[list[_Row], list[Work]]:
         """The rows whose prompts could be built, and their work; the others are answered
@@ -90,6 +102,9 @@ class RowDecoding:
                 done, settled = [], self._failed(engine.abandon(), exc)
             else:
                 settled = [(row.job, self._reply(row, completion, batch)) for row, completion in done]
+                if late := sum(1 for _, completion in done if completion.finish_reason == "deadline"):
+                    log.warning("stopped reading the prompts of %d request(s) at their deadline", late)
+                    done = [(row, completion) for row, completion in done if completion.finish_reason != "deadline"]
                 if not done:  # a step is one batch generated together, whether or not a row ended in it
                     self._unrecorded.append(([], batch))
             for job, _ in settled:

@@ -1,0 +1,141 @@
+"""A request whose deadline passes while its long prompt is read stops being read then.
+
+A prompt of thousands of tokens is read in chunks (``PROMPT_CHUNK_TOKENS``), and its
+deadline is looked at between them: read in one go, it held its worker (and everyone
+queued behind it) for seconds after its caller had stopped waiting.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from persona import constants as keys
+from persona.contract import ErrorKind, GenerationRequest, Message
+from persona.engine import TransformersEngine, Work
+from persona.engine_modes import llamacpp_available
+from persona.personas import Sampling
+
+LONG_CONTEXT_TOKENS = 8192
+# How long after its deadline a request whose prompt is being read may be answered: one
+# chunk's read, a few tenths of a second here, with room for a machine whose two cores are
+# shared by several test runs (up to 3 s seen). Read whole, the prompt took 10 to 21 s.
+AFTER_DEADLINE_S = 4.0
+
+needs_llamacpp = pytest.mark.skipif(not llamacpp_available(), reason="llama-cpp-python (the `fast` extra) is not installed")
+
+
+@pytest.fixture(scope="module")
+def long_context_llama_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_tokenizer_dir: Path) -> Path:
+    """A small random Llama with the bundled tokenizer that holds 8,192 positions: reading
+    a prompt that long takes it 10 s or more on two cores, a chunk of it a few tenths."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=LONG_CONTEXT_TOKENS,
+        tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    folder = tmp_path_factory.mktemp("long-context-llama")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def long_conversation(persona: str, deadline: float) -> GenerationRequest:
+    """A chat of a dozen turns of 7,000 characters: more than the model's context holds, so
+    its prompt is cut to about 8,000 tokens."""
+    words = " ".join(f"the {i} quick foxes jumped over {i * 7} lazy dogs." for i in range(900))[:7000]
+    turns = [Message(role="user" if i % 2 == 0 else "assistant", content=words) for i in range(11)]
+    return GenerationRequest(persona=persona, messages=[*turns, Message(role="user", content="And then?")], deadline=deadline)
+
+
+@pytest.mark.parametrize("engine", ["eager", pytest.param("llamacpp", marks=needs_llamacpp)])
+def test_a_request_whose_deadline_passes_while_its_long_prompt_is_read_stops_then(
+    engine, settings, redis_client, client, write_persona, long_context_llama_dir
+):
+    """Its caller hears "timeout" one chunk's read after the deadline, not once the whole
+    prompt is read, and the worker goes on to the next request."""
+    from persona.pool import ModelPool
+    from persona.worker import Worker
+
+    settings.worker.engine, settings.worker.gguf_type = engine, "f16"
+    write_persona("reader", base=str(long_context_llama_dir))
+    worker = Worker(settings, redis_client, ModelPool(settings, "cpu"), worker_id=f"w-{engine}")
+    worker.preload(["reader"])
+    deadline_s = 1.0
+    late = client.submit(long_conversation("reader", deadline=time.time() + deadline_s))
+    started = time.monotonic()
+    while not redis_client.exists(keys.reply_key(late.id)) and time.monotonic() - started < 60:
+        worker.turn(block_ms=0)
+    took = time.monotonic() - started
+    reply = client.wait(late, timeout=1)
+    assert not reply.ok and reply.error.kind is ErrorKind.timeout and "deadline" in reply.error.message
+    assert took < deadline_s + AFTER_DEADLINE_S, f"its prompt was read to its end: answered after {took:.1f} s"
+    after = client.submit(GenerationRequest(persona="reader", messages=[Message(role="user", content="hello")]))
+    worker.step(block_ms=1000)
+    assert client.wait(after, timeout=5).ok
+
+
+@pytest.mark.parametrize("mode", ["eager", pytest.param("llamacpp", marks=needs_llamacpp)])
+def test_a_read_stopped_at_a_deadline_keeps_nothing_and_the_row_beside_it_is_read_again(
+    mode, long_context_llama_dir, model_cache_dir, tmp_path, one_torch_thread
+):
+    """A long row and a short one are read together; the long one's deadline passes after
+    the first chunk: it comes back "deadline", and the short one, read again, gets the
+    reply it gets alone (nothing of the stopped read stayed in the cache)."""
+    from persona.models import load_model
+
+    loaded = load_model(str(long_context_llama_dir), cache_dir=model_cache_dir)
+    engine = TransformersEngine(loaded, mode=mode, cache_dir=tmp_path, threads=1, gguf_type="f16")
+    sampling = Sampling(temperature=0.0, max_new_tokens=4)
+    short = Work(list(range(50, 70)), sampling)
+    [alone] = engine.generate([short])
+    engine.add(Work(list(range(1000, 3000)), sampling, deadline=time.time() + 0.05), "late")  # a chunk takes longer
+    engine.add(short, "in time")
+    finished = []
+    while engine.active:
+        finished += engine.step()
+    outcomes = dict(finished)
+    assert outcomes["late"].finish_reason == "deadline"
+    assert outcomes["in time"].text == alone.text and outcomes["in time"].finish_reason == alone.finish_reason
+
+
+def test_a_long_prompt_read_in_chunks_predicts_as_if_read_whole(long_context_llama_dir, model_cache_dir):
+    """The eager decoder reads 700 tokens in two chunks, beside a short left-padded row,
+    and the next-token logits are those of one pass over each prompt."""
+    from persona.models import load_model
+
+    loaded = load_model(str(long_context_llama_dir), cache_dir=model_cache_dir)
+    engine = TransformersEngine(loaded, mode="eager")
+    long, short = list(range(1000, 1700)), list(range(50, 70))
+    decoder = engine.decoder
+    width = len(long)
+    ids = torch.tensor([long, [0] * (width - len(short)) + short])
+    mask = (torch.arange(width) >= torch.tensor([[0], [width - len(short)]])).long()
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    with torch.inference_mode():
+        read = decoder.start(ids, mask, positions, room=1)
+        whole = [loaded.model(torch.tensor([p])).logits[0, -1] for p in (long, short)]
+    for got, expected in zip(read, whole, strict=True):
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["eager", "fused", pytest.param("llamacpp", marks=needs_llamacpp)])
+def test_a_row_past_its_deadline_before_it_is_read_is_not_read(mode, tiny_llama, tmp_path):
+    """Every decode path, the one that reads a prompt in one pass too: a row whose deadline
+    passed while it waited to join comes back "deadline", unread; the row beside it is answered."""
+    engine = TransformersEngine(tiny_llama, mode=mode, cache_dir=tmp_path, threads=1, gguf_type="f16")
+    sampling = Sampling(temperature=0.0, max_new_tokens=3)
+    engine.add(Work([5, 17, 42], sampling, deadline=time.time() - 1), "late")
+    engine.add(Work([5, 17, 43], sampling, deadline=time.time() + 60), "in time")
+    finished = []
+    while engine.active:
+        finished += engine.step()
+    outcomes = {tag: completion.finish_reason for tag, completion in finished}
+    assert outcomes == {"late": "deadline", "in time": "length"}
