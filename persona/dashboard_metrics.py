@@ -211,6 +211,14 @@ def _reply_families(stats: QueueStats, served: dict[str, str]) -> Iterator[Metri
                               value=stats.withdrawn)
     yield CounterMetricFamily("persona_requests_expired", "Requests whose deadline passed before they were generated",
                               value=stats.expired)
+    # Both reasons always sampled (0 included): an alert on their rate has a series from the start.
+    refused = CounterMetricFamily(
+        "persona_requests_refused", "Requests refused as they were submitted, never queued, by reason "
+        "(full: the queue was at its limit; user_share: their user already had their share waiting)", labels=["reason"]
+    )
+    refused.add_metric(["full"], stats.refused_full)
+    refused.add_metric(["user_share"], stats.refused_user_share)
+    yield refused
     yield CounterMetricFamily("persona_tokens_generated", "Tokens generated", value=stats.counters.get("tokens", 0))
     yield CounterMetricFamily("persona_requests_completed", "Requests answered with text", value=stats.completed)
     # Every persona, not only those swapped at least once: a panel or an alert on a

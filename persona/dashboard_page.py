@@ -126,6 +126,8 @@ function render(data){
   const failed = Object.entries(s.counters).filter(([k]) => k.startsWith('failed:'));
   document.getElementById('counters').textContent = 'completed ' + (s.counters.completed || 0) + ', tokens ' + (s.counters.tokens || 0) +
     ', withdrawn ' + (s.counters.withdrawn || 0) + ', expired ' + (s.counters.expired || 0) +
+    // Turned away as they came (never queued): the queue full, or their user's share waiting.
+    ', refused ' + (s.refused || 0) + ' (queue full ' + (s.refused_full || 0) + ", user's share " + (s.refused_user_share || 0) + ')' +
     (failed.length ? ', ' + failed.map(([k, v]) => k + ' ' + v).join(', ') : '');
   // Nothing measured in the window: a dash, as `persona queue stats` shows, not 0 ms (which reads as instant).
   rows('latency', lat ? [['queue wait', lat.queue_ms, lat.queue_waits], ['generation', lat.generate_ms, lat.replies]] : [],

@@ -8,7 +8,9 @@ machine that reads them.
 
 A request no worker has taken yet is waiting only while it is still wanted: one its
 caller withdrew, or whose deadline passed, is counted as withdrawn or expired (a worker
-discards it when it takes it, and counts it so again: not as failed).
+discards it when it takes it, and counts it so again: not as failed). A request refused as
+it was submitted (its stream full, or its user with their share waiting) was never queued:
+it is counted as refused, by why.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from persona.heartbeat import (
 )
 from persona.jobs import DUE_FIELD, EPOCH_FIELD, REQUEST_FIELD
 from persona.personas import Persona
+from persona.queue_scripts import REFUSED_COUNTERS
 from persona.redis_refusals import full_redis_text, size_text
 from persona.swap import served_versions
 from persona.telemetry import LatencySummary, counters_named, read_counts, summarize
@@ -52,6 +55,8 @@ STUCK_SCAN_LIMIT = 200
 UNTAKEN_SCAN_LIMIT = 5000
 # The counters shown at 0 before anything has counted into them: on a fresh install
 # `queue stats --json` had none, and a script reading "completed" failed.
+# (The refusals are read as 0 before their first count by QueueStats.refused_full and
+# refused_user_share, where scripts read them.)
 ALWAYS_COUNTED = ("completed", "tokens", "withdrawn", "expired", "dead_lettered", "retried", "dropped")
 # The one maxmemory-policy that never deletes a key: every other one, once maxmemory is
 # reached, deletes keys persona keeps (queued requests, counters, dead letters, the swapped
@@ -218,6 +223,25 @@ class QueueStats(BaseModel):
     def expired(self) -> int:
         """Requests whose deadline passed before they were generated (a worker answered them so)."""
         return self.counters.get("expired", 0)
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def refused(self) -> int:
+        """Requests refused as they were submitted, never queued: the two below."""
+        return self.refused_full + self.refused_user_share
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def refused_full(self) -> int:
+        """Requests refused because their stream was full (PERSONA_QUEUE__MAX_LENGTH)."""
+        return self.counters.get(REFUSED_COUNTERS["busy"], 0)
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def refused_user_share(self) -> int:
+        """Requests refused because their user already had their share waiting
+        (PERSONA_QUEUE__MAX_PENDING_PER_USER)."""
+        return self.counters.get(REFUSED_COUNTERS["user_busy"], 0)
 
     @computed_field  # type: ignore[prop-decorator]
     @property

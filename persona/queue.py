@@ -82,7 +82,7 @@ def _submit_keys_args(
     allowance = request.deadline - request.created_at
     stream_keys = [
         stream_for(request.priority), user_key, keys.CANCEL_EPOCH_KEY, keys.cancel_key(request.id),
-        keys.reply_key(request.id), keys.answered_key(request.id),
+        keys.reply_key(request.id), keys.answered_key(request.id), keys.STATS_KEY,  # where a refusal is counted
     ]
     return stream_keys, [
         settings.max_length, request.to_json(), settings.max_pending_per_user, hold_s, int(waiting),

@@ -13,8 +13,8 @@ from persona import constants as keys
 
 __all__ = [
     "ANSWERED_TTL", "CANCEL_SCRIPT", "DEAD_LETTER_SCRIPT", "DELIVER_SCRIPT", "FORGET_SCRIPT", "FULL_SCRIPT", "HOLDER_SCRIPT",
-    "KEEP_SCRIPT", "NO_KEY_LUA", "ONE_MORE_WAITING", "RECORD_SCRIPT", "REDIS_NOW", "REQUEST_ID", "REQUEUE_SCRIPT", "SUBMIT_SCRIPT",
-    "WORKERS_SCRIPT",
+    "KEEP_SCRIPT", "NO_KEY_LUA", "ONE_MORE_WAITING", "RECORD_SCRIPT", "REDIS_NOW", "REFUSED_COUNTERS", "REQUEST_ID", "REQUEUE_SCRIPT",
+    "SUBMIT_SCRIPT", "WORKERS_SCRIPT",
 ]
 
 # Redis's own time in seconds, as ``now``: what every script that times something (a
@@ -64,9 +64,17 @@ local function fresh_epoch(key)
 end
 """
 
+# The stats-hash counter of each refusal, by the reason ``SUBMIT_SCRIPT`` answers: the
+# stream was full, or the sender already had their share waiting. What `persona queue
+# stats`, the page and /metrics (``reason`` label: the part after the colon) read.
+REFUSED_COUNTERS = {"busy": "refused:full", "user_busy": "refused:user_share"}
+REFUSED_LUA = "\nlocal REFUSED = {" + ", ".join(f"{why} = '{counter}'" for why, counter in REFUSED_COUNTERS.items()) + "}\n"
+
 # Refuse new work once a stream is full, or once its sender already has their share
 # waiting (so a flood from one user cannot starve everyone else), atomically with
-# adding it. KEYS[2] is the sender's pending counter, or NO_KEY for an anonymous caller.
+# adding it; a refusal is counted by its reason in the stats hash (KEYS[7], a pcall: see
+# above), and a request added counts nothing here, so adding one costs what it did.
+# KEYS[2] is the sender's pending counter, or NO_KEY for an anonymous caller.
 # The entry carries the cancel epoch as it was added ('x' if the request was already
 # withdrawn), so a worker can skip reading cancel flags when nothing was cancelled since.
 # A caller that waits for the reply in the same round trip (``ask``) sets ARGV[5]: a
@@ -80,9 +88,10 @@ end
 # added: a refusal an earlier attempt left there is not taken for the reply.
 # A cancel epoch of another type (a hash or a list where a string belongs) failed every
 # submission until a withdrawal overwrote it: it starts again here (``FRESH_EPOCH``).
-SUBMIT_SCRIPT = REDIS_NOW + NO_KEY_LUA + ONE_MORE_WAITING + FRESH_EPOCH + """
+SUBMIT_SCRIPT = REDIS_NOW + NO_KEY_LUA + ONE_MORE_WAITING + FRESH_EPOCH + REFUSED_LUA + """
 if redis.call('EXISTS', KEYS[6]) == 1 then return 'duplicate' end
 local function refuse(why)
+  redis.pcall('HINCRBY', KEYS[7], REFUSED[why], 1)
   if ARGV[5] == '1' then
     redis.call('RPUSH', KEYS[5], why)
     redis.call('EXPIRE', KEYS[5], 60)

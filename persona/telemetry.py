@@ -9,7 +9,9 @@ waits end as timeouts, and text replies alone showed a healthy p99.
 How each request ended is counted in the stats hash (``outcome_counter``): ``completed``,
 ``withdrawn`` (its caller took it back), ``expired`` (its deadline passed before it was
 generated), else ``failed:<kind>``. Withdrawn and expired requests are not failures:
-counted as failures they read as workers breaking.
+counted as failures they read as workers breaking. A request refused as it is submitted
+(never queued) is counted there too, by the submit script: ``refused:full`` or
+``refused:user_share`` (``queue_scripts.REFUSED_COUNTERS``).
 
 A ``Tally`` sums many batches in Python first, so they touch each counter and histogram
 bucket once. A worker records timings in the round trip that delivers their replies,

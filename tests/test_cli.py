@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
@@ -235,6 +236,35 @@ def test_queue_stats_shows_streams_and_workers(env, redis_url, redis_client):
     import json
 
     assert [s["name"] for s in json.loads(as_json.stdout)["streams"]] == ["persona:q:chat", "persona:q:batch"]
+
+
+def test_queue_stats_counts_the_requests_refused_by_why(env, redis_url, redis_client, settings):
+    """Refused requests were counted nowhere: `queue stats` showed completed, withdrawn and
+    expired, and no sign that callers were being turned away (the queue full, or a user
+    with their share of requests waiting). Counts from before they were kept read as 0."""
+    import json
+
+    from persona import constants as keys
+    from persona.contract import GenerationRequest, Message
+    from persona.errors import QueueBusy
+    from persona.queue import QueueClient
+
+    env["PERSONA_REDIS_URL"] = redis_url
+    redis_client.hset(keys.STATS_KEY, mapping={"completed": 7, "expired": 2})  # as an older version left them
+    before = json.loads(persona("queue", "stats", "--json", env=env).stdout)
+    assert (before["refused"], before["refused_full"], before["refused_user_share"]) == (0, 0, 0)
+
+    settings.queue.max_length, settings.queue.max_pending_per_user = 3, 1
+    client = QueueClient(redis_client, settings.queue)
+    for user in ("ann", "ann", "ann", "bob", "cy", "dee"):  # ann twice over her share; dee finds it full
+        with contextlib.suppress(QueueBusy):
+            client.submit(GenerationRequest(persona="sage", messages=[Message(role="user", content="hi")], user=user))
+    after = json.loads(persona("queue", "stats", "--json", env=env).stdout)
+    assert (after["refused"], after["refused_full"], after["refused_user_share"]) == (3, 1, 2)
+    assert after["completed"] == 7
+    table = persona("queue", "stats", env=env).stdout
+    assert re.search(r"│ refused +│ +3 │", table), table
+    assert re.search(r"│   queue full +│ +1 │", table) and re.search(r"│   user's share +│ +2 │", table), table
 
 
 def test_wrong_redis_password_is_named_without_showing_it(env, redis_url):

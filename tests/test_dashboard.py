@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -25,7 +26,7 @@ from persona.contract import GenerationReply, GenerationRequest, Message, Timing
 from persona.dashboard import create_app
 from persona.dashboard_access import check_binding
 from persona.dashboard_page import PAGE_HTML
-from persona.errors import ConfigError
+from persona.errors import ConfigError, QueueBusy
 from persona.queue import QueueClient, WorkQueue
 from persona.settings import Settings
 from persona.supervisor import services_for_up
@@ -303,6 +304,31 @@ def test_withdrawn_and_expired_requests_are_not_waiting_on_the_page_or_in_metric
     assert not [name for name, _ in samples if name == "persona_request_errors_total"]
 
 
+def test_refused_requests_are_counted_on_the_page_and_in_metrics_by_reason(settings, redis_client, dashboard):
+    """Refused requests were in no figure: an operator could not see, or alert on, callers
+    turned away because the queue was full or a user had their share waiting. Both
+    reasons are sampled from the start (0 before any refusal, and on counts an older
+    version left), so an alert's rate() has a series to read."""
+    redis_client.hset(keys.STATS_KEY, mapping={"completed": 3})  # as an older version left them
+    base = dashboard()
+
+    def refused() -> dict[str, float]:
+        families = text_string_to_metric_families(httpx.get(f"{base}/metrics").text)
+        [family] = [f for f in families if f.name == "persona_requests_refused"]
+        assert family.type == "counter"
+        return {s.labels["reason"]: s.value for s in family.samples if s.name == "persona_requests_refused_total"}
+
+    assert refused() == {"full": 0, "user_share": 0}
+    settings.queue.max_length, settings.queue.max_pending_per_user = 2, 1
+    client = QueueClient(redis_client, settings.queue)
+    for user in ("ann", "ann", "bob", "cy", "dee"):  # ann over her share; cy and dee find it full
+        with contextlib.suppress(QueueBusy):
+            client.submit(chat().model_copy(update={"user": user}))
+    assert refused() == {"full": 2, "user_share": 1}
+    shown = httpx.get(f"{base}/api/stats").json()["stats"]
+    assert (shown["refused"], shown["refused_full"], shown["refused_user_share"]) == (3, 2, 1)  # the page's figures
+
+
 def test_active_version_metric_covers_every_persona(settings, redis_client, dashboard, write_persona, tiny_llama_dir):
     """persona_active_version named only the personas swapped at least once: one never
     swapped (serving base, as the page said) had no series for a panel or alert to read."""
@@ -521,6 +547,7 @@ def test_dashboard_in_a_real_headless_browser(settings, redis_client, dashboard,
     client = QueueClient(redis_client, settings.queue)
     client.cancel(client.submit(chat()).id)  # withdrawn: not waiting
     redis_client.hincrby(keys.STATS_KEY, "withdrawn", 2)
+    redis_client.hincrby(keys.STATS_KEY, "refused:full", 4)  # callers turned away: the queue was full
     record_replies(redis_client, [GenerationReply(id="x", ok=True, persona="tiny", version="base", new_tokens=3,
                                                   timings=Timings(queue_ms=40, generate_ms=250))], batch_size=1)
     heartbeat.publish(redis_client, heartbeat.WorkerInfo(id="w-browser", personas={"tiny": "base"}), ttl_s=60)
@@ -530,7 +557,7 @@ def test_dashboard_in_a_real_headless_browser(settings, redis_client, dashboard,
     flags = _chromium(tmp_path)
     dom = subprocess.run([*flags, "--dump-dom", url], capture_output=True, check=False, text=True, timeout=120)
     assert 'id="waiting-total">3<' in dom.stdout, dom.stderr[-2000:]
-    assert "withdrawn 2, expired 0" in dom.stdout
+    assert "withdrawn 2, expired 0, refused 4 (queue full 4, user's share 0)" in dom.stdout
     assert 'id="dead-count">1<' in dom.stdout and "w-browser" in dom.stdout and "it crashed the worker" in dom.stdout
     assert "<path" in dom.stdout  # the depth chart has a line
     assert "persona posts settle tiny 2026-11-25T09:00:00Z --sink x" in dom.stdout  # a post to settle, with its command

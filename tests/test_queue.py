@@ -579,6 +579,52 @@ def test_ask_refused_as_busy_returns_at_once_and_leaves_nothing_behind(settings,
         client.ask(chat(user="u"), timeout=30)
 
 
+def refusals_counted(redis_client) -> dict[str, int]:
+    """The refusals in the stats hash, by reason, as `persona queue stats` and /metrics read them."""
+    counts = redis_client.hgetall(keys.STATS_KEY)
+    return {reason: int(counts.get(f"refused:{reason}".encode(), 0)) for reason in ("full", "user_share")}
+
+
+async def test_every_refused_request_is_counted_by_why_it_was_refused(settings, redis_url, redis_client, client):
+    """Expired, withdrawn and completed requests were counted, refused ones nowhere: an
+    operator could not see people being turned away. Whichever way a request comes (submit,
+    ask, submit_many, an adapter's async ask), its refusal is counted as it is decided."""
+    settings.queue.max_length, settings.queue.max_pending_per_user = 2, 1
+    client.submit(chat(user="ann"))
+    with pytest.raises(QueueBusy, match="you already have 1 request waiting"):
+        client.submit(chat(user="ann"))
+    client.submit(chat(user="bob"))  # the stream is full now
+    assert refusals_counted(redis_client) == {"full": 0, "user_share": 1}  # those queued are not counted
+    with pytest.raises(QueueBusy, match="the queue is full"):
+        client.submit(chat(user="cy"))
+    with pytest.raises(QueueBusy, match="the queue is full"):
+        client.ask(chat(user="dee"), timeout=5)
+    with pytest.raises(QueueBusy, match="0 of 2 requests were queued and 2 refused"):
+        client.submit_many([chat(user="eve"), chat()])
+    async_redis = redis.asyncio.Redis.from_url(redis_url)
+    try:
+        with pytest.raises(QueueBusy):
+            await AsyncQueueClient(async_redis, settings.queue).ask(chat(user="fay"), timeout=5)
+    finally:
+        await async_redis.aclose()
+    assert refusals_counted(redis_client) == {"full": 5, "user_share": 1}
+    assert redis_client.xlen(keys.STREAM_INTERACTIVE) == 2
+
+
+def test_a_refusal_whose_counter_cannot_be_added_to_is_still_said(settings, redis_client, client):
+    """Counting never stops the work it counts: a damaged counter loses only its own count."""
+    settings.queue.max_length, settings.queue.max_pending_per_user = 1, 1
+    redis_client.hset(keys.STATS_KEY, "refused:full", "abc")
+    client.submit(chat(user="ann"))
+    with pytest.raises(QueueBusy, match="the queue is full"):
+        client.submit(chat(user="bob"))
+    settings.queue.max_length = 10
+    with pytest.raises(QueueBusy, match="you already have 1 request waiting"):
+        client.submit(chat(user="ann"))
+    assert redis_client.hget(keys.STATS_KEY, "refused:full") == b"abc"
+    assert redis_client.hget(keys.STATS_KEY, "refused:user_share") == b"1"
+
+
 def test_a_queue_full_at_one_request_says_one_request(settings, client):
     """It said "the queue is busy (1 requests already waiting ...)"."""
     settings.queue.max_length = 1

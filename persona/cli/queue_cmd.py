@@ -87,6 +87,10 @@ def render_stats(stats: QueueStats) -> Table:
     # Discarded by a worker: their callers took them back, or stopped waiting. Not failures.
     table.add_row("withdrawn", str(stats.withdrawn))
     table.add_row("expired", str(stats.expired))
+    # Never queued: turned away as they came, the queue full or their user's share waiting.
+    table.add_row("refused", str(stats.refused))
+    table.add_row("  queue full", str(stats.refused_full))
+    table.add_row("  user's share", str(stats.refused_user_share))
     table.add_row("failed", str(stats.failed))
     for name, value in sorted(stats.counters.items()):
         if name.startswith("failed:"):
@@ -232,7 +236,7 @@ def summary_line(stats: QueueStats) -> str:
         parts.append("not taken yet, no longer wanted: " + ", ".join(f"{name} {count}" for name, count in untaken))
     parts += [
         f"completed {stats.completed}", f"withdrawn {stats.withdrawn}", f"expired {stats.expired}",
-        f"failed {stats.failed}", f"dead letters {stats.dead_letters}",
+        f"refused {stats.refused}", f"failed {stats.failed}", f"dead letters {stats.dead_letters}",
     ]
     lat = stats.latency
     if lat and lat.replies:
