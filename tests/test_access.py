@@ -6,7 +6,14 @@ import redis.asyncio
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from adapters.access import AccessControl, approve_code, approved_users, pending_pairings, revoke_user
+from adapters.access import (
+    AccessControl,
+    approve_code,
+    approved_users,
+    pending_pairings,
+    revoke_user,
+)
+from persona import constants as keys
 
 NO_RETRY = Retry(NoBackoff(), 0)  # a dead Redis fails at once (production clients back off)
 
@@ -41,3 +48,33 @@ async def test_redis_down_refuses_politely_but_serves_the_configured_list():
     refused = await pairing.check("8")
     assert not refused.allowed and "try again" in refused.reply
     await dead.aclose()
+
+
+async def test_a_pairing_code_expires_and_so_does_the_users_hold_on_it(redis_url, redis_client):
+    """ "Codes expire", the operator is told: kept for good, every stranger who ever wrote
+    would stay in `persona access list`."""
+    client = redis.asyncio.Redis.from_url(redis_url)
+    await AccessControl(client, "telegram", "pairing", [], 600).check("901", "ann")
+    await client.aclose()
+    [pending] = pending_pairings(redis_client)
+    assert 0 < redis_client.ttl(keys.pairing_code_key(pending.code)) <= 600
+    assert 0 < redis_client.ttl(keys.pairing_user_key("telegram", "901")) <= 600
+
+
+async def test_a_code_typed_in_lower_case_with_spaces_around_is_approved(redis_url, redis_client):
+    client = redis.asyncio.Redis.from_url(redis_url)
+    pairing = AccessControl(client, "telegram", "pairing", [], 600)
+    await pairing.check("901", "ann")
+    [pending] = pending_pairings(redis_client)
+    assert approve_code(redis_client, f"  {pending.code.lower()} ").user == "901"
+    assert (await pairing.check("901")).allowed and pending_pairings(redis_client) == []
+    await client.aclose()
+
+
+async def test_pending_pairings_are_listed_oldest_first(redis_url, redis_client):
+    client = redis.asyncio.Redis.from_url(redis_url)
+    pairing = AccessControl(client, "discord", "pairing", [], 600)
+    for user in ("1001", "1002", "1003"):
+        await pairing.check(user, f"user {user}")
+    await client.aclose()
+    assert [pending.user for pending in pending_pairings(redis_client)] == ["1001", "1002", "1003"]

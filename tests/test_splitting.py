@@ -50,6 +50,20 @@ def test_short_text_is_one_message():
     assert split_message("", DISCORD_MESSAGE_LIMIT_CHARS) == []
 
 
+def test_a_reply_of_exactly_the_limit_is_one_message():
+    reply = " ".join(["word"] * 400) + "."  # 2,000 characters, with spaces to cut at
+    assert len(reply) == DISCORD_MESSAGE_LIMIT_CHARS
+    assert split_message(reply, DISCORD_MESSAGE_LIMIT_CHARS) == [reply]
+
+
+def test_a_cut_falls_at_a_paragraph_break_rather_than_a_later_line_break():
+    """A paragraph of short lines (a list, a poem) is kept whole: the last line break that fits
+    would end the first message thirty lines into the second paragraph."""
+    first = "\n".join(f"first paragraph, line {n}" for n in range(50))  # 1,239 characters
+    second = "\n".join(f"second paragraph, line {n}" for n in range(50))
+    assert split_message(first + "\n\n" + second, DISCORD_MESSAGE_LIMIT_CHARS) == [first, second]
+
+
 def test_words_are_never_broken_and_paragraphs_are_preferred():
     paragraph = " ".join(["word"] * 300)  # 1,499 characters
     text = paragraph + "\n\n" + paragraph
@@ -159,6 +173,15 @@ def test_a_fence_mentioned_before_a_block_and_one_ending_a_code_line_stay_where_
     assert split_message(code, 2000) == [code]
     assert telegram_html(code) == "<pre>code line ending with ```\nmore</pre>"
     assert split_message("Run this:```\nls\n```", 2000) == ["Run this:\n```\nls\n```"]
+
+
+def test_a_line_that_opens_and_closes_triple_backticks_opens_no_code_block():
+    """Read as the opening fence of a block, "```ls -la``` lists the files." had every message
+    after it closed with a stray fence and the next one opened with a bogus "```ls"."""
+    text = "```ls -la``` lists the files.\n\n" + " ".join(["word"] * 600)
+    chunks = split_message(text, DISCORD_MESSAGE_LIMIT_CHARS)
+    assert len(chunks) == 2 and chunks[0].startswith("```ls -la``` lists the files.\n\nword word")
+    assert [chunk.count("```") for chunk in chunks] == [2, 0]
 
 
 def test_limit_too_small_is_refused():

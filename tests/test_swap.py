@@ -283,6 +283,42 @@ def test_a_swap_prepared_before_another_landed_is_withdrawn(redis_client, tiny):
     assert swaps.open_proposals(redis_client) == []
 
 
+
+def open_swap_from_v1_to_v2(redis_client, workers: list[str]) -> swaps.SwapProposal:
+    """A swap of "tiny", which serves v1, to v2, that ``workers`` must vote ready for."""
+    redis_client.hset(keys.ACTIVE_VERSIONS_KEY, "tiny", "v1")
+    proposal = swaps.SwapProposal(persona="tiny", target="v2", previous="v1", workers=workers, deadline=time.time() + 60)
+    swaps.propose(redis_client, proposal)
+    return proposal
+
+
+# The commit re-checks, in the same step as the flip, what the swap read before it: a worker's
+# refusal or missing vote, and another operator's swap landing meanwhile, leave v1 serving.
+def test_the_commit_itself_refuses_a_worker_that_refused(redis_client):
+    proposal = open_swap_from_v1_to_v2(redis_client, ["w1", "w2"])
+    swaps.cast_vote(redis_client, proposal.id, swaps.Vote(worker="w1", ready=True))
+    swaps.cast_vote(redis_client, proposal.id, swaps.Vote(worker="w2", ready=False, reason="cannot load the model"))
+    assert swaps.commit(redis_client, proposal, ["w1", "w2"]) == "refused:w2"
+    assert swaps.active_versions(redis_client) == {"tiny": "v1"} and swaps.version_history(redis_client, "tiny") == []
+
+
+def test_the_commit_itself_refuses_a_worker_that_has_not_voted(redis_client):
+    proposal = open_swap_from_v1_to_v2(redis_client, ["w1", "w2"])
+    swaps.cast_vote(redis_client, proposal.id, swaps.Vote(worker="w1", ready=True))
+    assert swaps.commit(redis_client, proposal, ["w1", "w2"]) == "missing:w2"
+    assert swaps.active_versions(redis_client) == {"tiny": "v1"}
+    swaps.cast_vote(redis_client, proposal.id, swaps.Vote(worker="w2", ready=True))
+    assert swaps.commit(redis_client, proposal, ["w1", "w2"]) == "ok"  # once all are ready, it flips
+    assert swaps.active_versions(redis_client) == {"tiny": "v2"} and swaps.version_history(redis_client, "tiny") == ["v1"]
+
+
+def test_the_commit_itself_refuses_when_another_swap_landed_meanwhile(redis_client):
+    proposal = open_swap_from_v1_to_v2(redis_client, ["w1"])
+    swaps.cast_vote(redis_client, proposal.id, swaps.Vote(worker="w1", ready=True))
+    redis_client.hset(keys.ACTIVE_VERSIONS_KEY, "tiny", "v9")  # another operator's swap to v9
+    assert swaps.commit(redis_client, proposal, ["w1"]) == "moved:v9"
+    assert swaps.active_versions(redis_client) == {"tiny": "v9"} and swaps.version_history(redis_client, "tiny") == []
+
 @pytest.mark.slow
 def test_checkpoints_swap_and_rollback_commands(settings, redis_url, redis_client, tiny, tiny_llama_dir, personas_dir):
     make_checkpoint(settings, tiny_llama_dir, "tiny", seed=1)
