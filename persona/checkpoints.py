@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -46,6 +47,7 @@ log = logging.getLogger(__name__)
 # The version name of a persona served by its base model alone.
 BASE_VERSION = "base"
 METADATA_FILE = "checkpoint.json"
+CARD_FILE = "README.md"
 DAMAGED_ADVICE = "copy the whole folder again, train again, or remove the folder"
 VERSION_PATTERN = re.compile(r"^v(\d+)$")
 
@@ -155,9 +157,11 @@ def register_checkpoint(
     checkpoints_root: Path,
     staging: Path,
     info: CheckpointInfo,
-    model_card: str = "",
+    model_card: Callable[[CheckpointInfo], str] | None = None,
 ) -> CheckpointInfo:
-    """Move a fully written staging folder into place as the next version."""
+    """Move a fully written staging folder into place as the next version, with its
+    ``checkpoint.json`` and its card (``model_card`` of the version's info), written first:
+    a version is never in place without them, nor with either cut short by a full disk."""
     if not ((staging / "adapter_config.json").is_file() or (staging / "config.json").is_file()):
         raise ModelError(f"{staging} holds no weights (no adapter_config.json or config.json)")
     folder = checkpoint_dir(checkpoints_root, info.persona)
@@ -165,9 +169,9 @@ def register_checkpoint(
     while True:
         version = next_version(checkpoints_root, info.persona)
         info = info.model_copy(update={"version": version})
-        (staging / METADATA_FILE).write_text(info.model_dump_json(indent=2))
-        if model_card:
-            (staging / "README.md").write_text(model_card)
+        _write_whole(staging / METADATA_FILE, info.model_dump_json(indent=2))
+        if model_card is not None:
+            _write_whole(staging / CARD_FILE, model_card(info))
         target = folder / version
         try:
             os.rename(staging, target)  # atomic; fails if another writer took the name
@@ -176,6 +180,18 @@ def register_checkpoint(
             if not target.exists():
                 raise
     return info.model_copy(update={"path": target})
+
+
+def _write_whole(path: Path, text: str) -> None:
+    """Put ``text`` in ``path`` whole or not at all: a full disk left an empty checkpoint.json,
+    which then hid the version."""
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        partial.write_text(text)
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
 
 
 def remove_checkpoint(checkpoints_root: Path, persona: str, version: str) -> None:

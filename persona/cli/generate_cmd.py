@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -255,7 +256,7 @@ def _write_samples(texts: list[str], out: Path | None, json_output: bool = False
     else:
         content = "".join(t + "\n" + SAMPLE_SEPARATOR for t in texts)
     try:
-        out.write_text(content)
+        _replace_whole(out, content)
     except OSError as exc:  # the disk filled up, say: the samples are printed rather than lost
         problem = f"cannot write {out} ({exc.strerror or exc})"
         if json_output:
@@ -265,6 +266,25 @@ def _write_samples(texts: list[str], out: Path | None, json_output: bool = False
         return problem
     err_console.print(f"wrote {len(texts)} samples to {escape(str(out))}")
     return None
+
+
+def _replace_whole(out: Path, content: str) -> None:
+    """Put ``content`` in ``out`` whole or not at all: written beside it, then moved in. Written
+    in place, a full disk emptied the earlier samples and left a cut-off part of the new ones."""
+    target = out.resolve() if out.is_symlink() else out  # written where the link points
+    # Hidden, and of this process: no other writes it.
+    partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
+    try:
+        with partial.open("w") as file:
+            file.write(content)
+            file.flush()
+            os.fsync(file.fileno())  # on disk before the name moves: else a power cut may leave it empty
+        if target.exists():
+            shutil.copymode(target, partial)  # who may read it, as when it was written over
+        os.replace(partial, target)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
 
 
 def register(app: typer.Typer) -> None:
