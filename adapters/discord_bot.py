@@ -400,37 +400,54 @@ class PersonaBot(SlashCommands, discord.Client):
 
     async def _reply_to(self, message: discord.Message) -> None:
         """Answer a message addressed to the bot (a mention, a DM, a reply to it), once, after the
-        messages its author sent there before it: its turn in the conversation is taken before
-        anything awaits (discord.py hands the messages over in order; the Redis calls before the
-        answer may return in any order, and quick messages were answered last first)."""
+        messages its author sent there before it: it is let in (``_admitted``) as it arrives, and
+        its turn in the conversation taken, before anything awaits (discord.py hands the messages
+        over in order; the Redis calls before the answer may return in any order, and quick
+        messages were answered last first). Counted when its turn came, a flood was told to slow
+        down only once the answers before it were written."""
         is_dm = message.guild is None
         if not (is_dm or self._mentioned(message) or message.reference is not None):
             return
         where = Where(chat=str(message.channel.id), user=str(message.author.id))
-        with self._answering_now():
-            async with self.responder.in_turn(where):
-                await self._reply_in_turn(message, where)
+        parent: discord.Message | None = None
 
-    async def _reply_in_turn(self, message: discord.Message, where: Where) -> None:
-        """``_reply_to``, holding the conversation's turn."""
+        async def admitted() -> bool:
+            nonlocal parent
+            parent = await self._parent(message)
+            return await self._admitted(message, where, parent)
+
+        with self._answering_now():
+            async with self.responder.admitted_turn(where, admitted) as let_in:
+                if let_in:
+                    await self._reply_in_turn(message, where, parent)
+
+    async def _admitted(self, message: discord.Message, where: Where, parent: discord.Message | None) -> bool:
+        """Whether to answer a message (replying to ``parent``, if any): addressed to the bot, not
+        answered before, in a place allowed, within the rate limits (over them the one notice is
+        sent, then nothing), and, in a DM, from someone the ``dm_policy`` lets in (told why not)."""
         is_dm = message.guild is None
-        parent = await self._parent(message)
         replied_to_bot = parent is not None and parent.author == self.user
         if not (is_dm or self._mentioned(message) or replied_to_bot) or not self._first_answer(message):
-            return
+            return False
         if not is_dm and not await self._place_allowed(message.guild.id, message.channel):
-            return
+            return False
         # The limits first: a flood of DMs refused by the dm_policy is not met with a flood of refusals.
-        admitted, notice = await self.responder.admit(where)
-        if not admitted.allowed:
+        limits, notice = await self.responder.admit(where)
+        if not limits.allowed:
             if notice:
                 await self.send_reply(message, notice)
-            return
+            return False
         if is_dm:
             decision = await self.access.check(str(message.author.id), message.author.name)
             if not decision.allowed:
                 await self.send_reply(message, decision.reply)
-                return
+            return decision.allowed
+        return True
+
+    async def _reply_in_turn(self, message: discord.Message, where: Where, parent: discord.Message | None) -> None:
+        """``_reply_to``, holding the conversation's turn, for a message let in."""
+        is_dm = message.guild is None
+        replied_to_bot = parent is not None and parent.author == self.user
         try:
             text = await self._words(message, strict=True)
         except UnreadableFile as exc:

@@ -2,12 +2,15 @@
 
 A fixed one-minute window per user and per chat. The first message over a limit gets
 a friendly notice saying when to try again; the rest of that window is ignored
-quietly, so a flood is not answered with a flood of notices.
+quietly, so a flood is not answered with a flood of notices. While Redis cannot count
+(out of reach, or the client out of connections) each process counts for itself: a
+flood let through then was answered with a flood of apologies.
 """
 
 from __future__ import annotations
 
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 import redis.asyncio
@@ -43,9 +46,12 @@ class RateLimiter:
         self.platform = platform
         self.per_user = per_user
         self.per_chat = per_chat
+        # Messages counted here, by rate key, while Redis could not count them (this window's only).
+        self._counted_here: Counter[str] = Counter()
+        self._window_here = -1
 
     async def check(self, user: str, chat: str, now: float | None = None) -> RateDecision:
-        """Count this message and decide; a Redis failure lets it through (the reply will explain)."""
+        """Count this message and decide; while Redis cannot count, it is counted here."""
         now = time.time() if now is None else now
         window = int(now // WINDOW_S)
         retry_after_s = max(1, int((window + 1) * WINDOW_S - now))
@@ -57,10 +63,18 @@ class RateLimiter:
                 pipe.incr(chat_key).expire(chat_key, WINDOW_S * 2)
                 user_count, _, chat_count, _ = await pipe.execute()
         except redis.exceptions.RedisError:
-            return RateDecision(allowed=True)
+            user_count, chat_count = self._count_here(window, user_key, chat_key)
         if user_count <= self.per_user and chat_count <= self.per_chat:
             return RateDecision(allowed=True)
         first_over = user_count == self.per_user + 1 or (
             user_count <= self.per_user and chat_count == self.per_chat + 1
         )
         return RateDecision(allowed=False, retry_after_s=retry_after_s, notify=first_over)
+
+    def _count_here(self, window: int, user_key: str, chat_key: str) -> tuple[int, int]:
+        """Count a message in this process, for a window Redis could not count it in."""
+        if window != self._window_here:
+            self._counted_here.clear()
+            self._window_here = window
+        self._counted_here.update((user_key, chat_key))
+        return self._counted_here[user_key], self._counted_here[chat_key]

@@ -11,9 +11,11 @@ and which ones are, rather than answered as it. An
 answer can also be kept under a name of the adapter's choosing (``keep_as``, ``kept``),
 for an answer that cannot quote its question. A conversation's messages are answered one
 at a time, in the order they came, when the adapter takes each one's turn (``in_turn``)
-before it awaits anything. Every failure becomes a polite sentence; nothing here raises to
-the adapter for a queue or Redis problem. When the adapter stops (``stop``), the questions still
-waiting are withdrawn from the queue and answered with a sentence saying so. When no
+before it awaits anything; each counts against the rate limits as it arrives, not when its
+turn comes (``admitted_turn``), so a flood hears at once that it is over them. Every failure
+becomes a polite sentence ("busy" for a client out of connections, not "restarting"); nothing
+here raises to the adapter for a queue or Redis problem. When the adapter stops (``stop``),
+the questions still waiting are withdrawn from the queue and answered with a sentence saying so. When no
 worker is running, the asker hears so within seconds (through the adapter's ``notify``)
 rather than watching "typing…" for minutes, and the question keeps waiting for one; if
 none starts in time, the answer says that no worker ran, not that thinking took too long.
@@ -111,6 +113,9 @@ NOT_RETRIED = frozenset({ErrorKind.cancelled, ErrorKind.invalid})
 # Not only an outage: a Redis that refuses writes (OOM when full, READONLY after a
 # failover, MISCONF on a full disk) must also get the user a polite answer.
 REDIS_ERRORS = (QueueError, redis.exceptions.RedisError)
+# Redis errors the asker hears as "busy", not "restarting": Redis is full, or this bot's client has
+# every connection it may open in use (MaxConnectionsError), each by a question waiting.
+BUSY_ERRORS = (redis.exceptions.OutOfMemoryError, redis.exceptions.MaxConnectionsError)
 MAX_CONNECT_PAUSE_S = 30.0
 # How long a question waits before its asker hears that no worker is running (at most a
 # quarter of the reply timeout). A worker that stopped still counts as live for up to its
@@ -207,6 +212,8 @@ class Responder:
         # One answer at a time per conversation, so a quick second message sees the first; and
         # the handler holding each conversation's turn (``in_turn``).
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+        # One message at a time per conversation counted as it arrives (``admitted_turn``).
+        self._arrivals: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         self._turn_holders: dict[str, asyncio.Task] = {}
         # Set when the adapter stops: every question still waiting for its answer is withdrawn.
         self._stopping = asyncio.Event()
@@ -234,11 +241,12 @@ class Responder:
     def _max_chars(self) -> int:
         return min(self.options.context_chars, self.settings.queue.max_message_chars)
 
-    def _lock(self, scope: str) -> asyncio.Lock:
-        lock = self._locks.get(scope)
+    @staticmethod
+    def _lock(locks: weakref.WeakValueDictionary[str, asyncio.Lock], scope: str) -> asyncio.Lock:
+        lock = locks.get(scope)
         if lock is None:
             lock = asyncio.Lock()
-            self._locks[scope] = lock
+            locks[scope] = lock
         return lock
 
     @contextlib.asynccontextmanager
@@ -252,12 +260,29 @@ class Responder:
         if task is not None and self._turn_holders.get(where.scope) is task:
             yield
             return
-        async with self._lock(where.scope):
+        async with self._lock(self._locks, where.scope):
             self._turn_holders[where.scope] = task
             try:
                 yield
             finally:
                 del self._turn_holders[where.scope]
+
+    @contextlib.asynccontextmanager
+    async def admitted_turn(self, where: Where, admitted: Callable[[], Awaitable[bool]]) -> AsyncIterator[bool]:
+        """Let a message in as it arrives, then hold its conversation's turn (``in_turn``) if it
+        was: ``admitted`` (the rate limits through ``admit``, and whoever else may refuse it) runs
+        at once, one message of the conversation at a time, in the order their handlers took this.
+        Counted when its turn came, after the answers before it, a flood was told to slow down only
+        once they were written, and got more answers than the limit once the count spread over
+        later minutes. Yields whether it was let in; take it before awaiting anything."""
+        async with self._lock(self._arrivals, where.scope):
+            let_in = await admitted()
+        if not let_in:
+            yield False
+            return
+        # Nothing awaits between the count and taking the turn: turns keep the order of arrival.
+        async with self.in_turn(where):
+            yield True
 
     async def admit(self, where: Where) -> tuple[RateDecision, str]:
         """Count a message against the limits: the decision, and the notice to send (or '')."""
@@ -611,7 +636,8 @@ class Responder:
         if isinstance(exc, ReplyTimeout):
             return TIMEOUT_TEXT
         log.warning("%s: the queue failed: %s: %s", self.platform, type(exc).__name__, exc)
-        return BUSY_TEXT if isinstance(exc, redis.exceptions.OutOfMemoryError) else UNREACHABLE_TEXT
+        # A full Redis, or a client with all its connections in use (Redis is fine): "busy".
+        return BUSY_TEXT if isinstance(exc, BUSY_ERRORS) else UNREACHABLE_TEXT
 
     def _explain_reply(self, reply: GenerationReply) -> str:
         kind = reply.error.kind if reply.error else ErrorKind.internal

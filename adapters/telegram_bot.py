@@ -21,8 +21,9 @@ message edited to mention the bot is answered, once (a photo's caption too; an e
 of a paste answers the whole paste); no other edit is (``on_edit``). A command it does not have gets the list of those it has. Long polling
 by default; a webhook when ``PERSONA_TELEGRAM__WEBHOOK_URL`` is set. The token is kept out
 of every log line (httpx logs request URLs, which hold it: ``token_redaction``). Every message and
-command counts against the rate limits before the ``dm_policy`` is read: past them the one
-notice, then nothing, however many come.
+command counts against the rate limits as it arrives, before the ``dm_policy`` is read (not when
+its turn comes, after the answers to those before it): past them the one notice at once, then
+nothing, however many come.
 """
 
 from __future__ import annotations
@@ -378,9 +379,10 @@ class TelegramBot:
         text = self._addressed_text(messages, chat, context)
         if text is None or not self._first_answer(chat, messages):
             return
-        # The turn is taken before anything awaits, so quick messages are answered in order.
-        async with self.responder.in_turn(self._where(update)):
-            if not await self._admitted_once(updates):
+        # Counted as it comes (a flood hears at once that it is over the limits), then answered in
+        # its turn; both taken before anything awaits, so quick messages are answered in order.
+        async with self.responder.admitted_turn(self._where(update), lambda: self._admitted_once(updates)) as admitted:
+            if not admitted:
                 return
             if not text:
                 await self.say(update, BARE_MENTION_TEXT, quote=True)

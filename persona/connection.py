@@ -7,6 +7,7 @@ worded in ``redis_refusals``.
 from __future__ import annotations
 
 import contextlib
+import resource
 import time
 from collections.abc import Iterator
 from contextvars import ContextVar
@@ -25,7 +26,7 @@ from persona.embedded_record import recorded_url
 from persona.embedded_redis import find_embedded_url, server_pid
 from persona.errors import RedisUnavailable
 from persona.redis_refusals import _check_version, _refusal
-from persona.settings import Settings
+from persona.settings import QueueSettings, Settings
 
 __all__ = ["connect", "connect_async", "not_ready", "redis_url", "retrying_until", "unchecked_client"]
 
@@ -39,6 +40,16 @@ SOCKET_TIMEOUT_S = 5.0
 # How long a command waits for an embedded Redis that runs but does not answer yet (loading
 # a large data set after a restart, or starting) before it says so.
 EMBEDDED_WAIT_S = 5.0
+# A caller waiting for its reply holds one of its client's connections (its BLMOVE), so a client
+# has one for every request both streams can hold (``max_length`` each), and this many more for
+# all else that goes on at once (python-telegram-bot handles 256 updates at once). redis-py's own
+# pool has 100: the 101st caller of a bot was refused ("Too many connections") and told the
+# service was restarting, with the queue 900 requests short of full.
+OTHER_CALLS_AT_ONCE = 256
+# Open files a process keeps for all but its Redis connections (models, logs, a platform's API).
+OTHER_OPEN_FILES = 256
+# The fewest connections a client is given, whatever the limit on open files (redis-py's own pool).
+MIN_CONNECTIONS = 100
 
 
 def redis_url(settings: Settings) -> str:
@@ -181,12 +192,36 @@ def _timeouts() -> dict:
     return {"socket_connect_timeout": CONNECT_TIMEOUT_S, "socket_timeout": SOCKET_TIMEOUT_S}
 
 
-def _options(url: str) -> dict:
+def _connections_for(queue: QueueSettings) -> int:
+    """How many connections a client may open: one for every caller the queue can keep waiting,
+    and room for everything else (``OTHER_CALLS_AT_ONCE``); within the files the process may
+    open (``_room_for``). Past them a call fails with MaxConnectionsError: "busy", not an outage."""
+    return _room_for(2 * queue.max_length + OTHER_CALLS_AT_ONCE)
+
+
+def _room_for(connections: int) -> int:
+    """How many of ``connections`` the process can open beside its other files: its soft limit on
+    open files is raised to fit them, as far as its hard limit allows (the soft limit is often
+    1024, which a bot's thousand waiting callers would pass: "Too many open files", an outage)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    needed = connections + OTHER_OPEN_FILES
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        raised = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+            soft = raised
+    if soft == resource.RLIM_INFINITY:
+        return connections
+    return max(MIN_CONNECTIONS, min(connections, soft - OTHER_OPEN_FILES))
+
+
+def _options(url: str, queue: QueueSettings) -> dict:
     # Reconnect with backoff: a restarted Redis costs callers a pause, not an error.
     options = _timeouts() | {
         "retry": _Retry(_backoff(), RETRIES),
         "retry_on_error": [redis.exceptions.ConnectionError, redis.exceptions.TimeoutError],
         "health_check_interval": 15,
+        "max_connections": _connections_for(queue),
     }
     if not url.startswith("unix:"):  # TCP keepalive; a unix socket has none (redis-py refuses the option)
         options["socket_keepalive"] = True
@@ -217,7 +252,7 @@ def unchecked_client(settings: Settings, url: str | None = None) -> redis.Redis:
     without the first contact: redis-py connects at its first command. For a service that
     serves while Redis is out of reach (the dashboard, whose /readyz says so)."""
     url = url or redis_url(settings)
-    return redis.Redis.from_url(url, **_options(url), **following_options(settings, url, asynchronous=False))
+    return redis.Redis.from_url(url, **_options(url, settings.queue), **following_options(settings, url, asynchronous=False))
 
 
 async def connect_async(settings: Settings, *, url: str | None = None) -> redis.asyncio.Redis:
@@ -236,7 +271,7 @@ async def connect_async(settings: Settings, *, url: str | None = None) -> redis.
     finally:
         await probe.aclose()
     _check_version(info, url)
-    options = _options(url) | {"retry": _AsyncRetry(_backoff(), RETRIES)}
+    options = _options(url, settings.queue) | {"retry": _AsyncRetry(_backoff(), RETRIES)}
     following = following_options(settings, url, asynchronous=True)
     if not following:
         return redis.asyncio.Redis.from_url(url, **options)

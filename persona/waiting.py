@@ -4,7 +4,8 @@ A wait lasts until the request's deadline (the one the queue stamps, if the call
 it to the queue) and a little slack, or the caller's own timeout. It reads in slices
 shorter than any socket read timeout, and rides out Redis out of reach (restarting,
 loading its data) or refusing writes for now, pausing between tries, until that time is
-up; a refused password ends it at once.
+up; a refused password ends it at once, and a client with none of its connections left
+(more callers share it than it may open) is "busy" at once: Redis itself is fine.
 
 ``persona.queue``'s clients, sync and async, wait by these rules.
 """
@@ -16,6 +17,7 @@ import time
 import redis
 
 from persona.contract import GenerationRequest
+from persona.errors import QueueBusy
 from persona.settings import QueueSettings
 
 __all__ = ["outage", "outage_pause", "wait_seconds", "wait_slice"]
@@ -31,6 +33,10 @@ OUTAGE_PAUSE_S = 1.0
 # Error replies of a Redis that refuses writes for now (see ``outage``), besides MISCONF's (a
 # disk it cannot write), which redis-py gives no class of its own.
 WRITES_REFUSED = (redis.exceptions.OutOfMemoryError, redis.exceptions.ReadOnlyError, redis.exceptions.MasterDownError)
+OUT_OF_CONNECTIONS_TEXT = (
+    "the queue is busy here: every connection this program may open to Redis is in use, each by a "
+    "caller waiting for its reply; please try again in a moment"
+)
 
 
 def wait_seconds(request: GenerationRequest, timeout: float | None, settings: QueueSettings) -> float:
@@ -46,8 +52,9 @@ def outage(exc: redis.exceptions.RedisError) -> bool:
     """Whether an error is Redis out of reach for now (restarting, loading its data), or
     refusing writes for now (a disk it cannot write, its memory full, a replica), which a wait
     rides out: a reply is read with BLMOVE, a write, and one waiting to be read is kept; not a
-    refused password, which waiting cannot mend."""
-    refused = (redis.exceptions.AuthenticationError, redis.exceptions.AuthorizationError)
+    refused password, which waiting cannot mend, nor a client out of connections (redis-py's
+    MaxConnectionsError, a ConnectionError though none failed), which is "busy"."""
+    refused = (redis.exceptions.AuthenticationError, redis.exceptions.AuthorizationError, redis.exceptions.MaxConnectionsError)
     if isinstance(exc, redis.exceptions.ResponseError):
         return isinstance(exc, WRITES_REFUSED) or "MISCONF " in str(exc)  # in a pipeline's error, after its command
     return isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError) and not isinstance(exc, refused)
@@ -55,7 +62,11 @@ def outage(exc: redis.exceptions.RedisError) -> bool:
 
 def outage_pause(exc: redis.exceptions.RedisError, left_s: float) -> float:
     """How long to pause before trying again a wait that ``exc`` cut short, with ``left_s``
-    of its time left; re-raises ``exc`` if that time is up or the error is not an outage."""
+    of its time left; re-raises ``exc`` if that time is up or the error is not an outage. A client
+    out of connections raises QueueBusy at once: it was ridden out as "Redis cannot be reached",
+    then raised as redis-py's MaxConnectionsError, the caller's whole deadline later."""
+    if isinstance(exc, redis.exceptions.MaxConnectionsError):
+        raise QueueBusy(OUT_OF_CONNECTIONS_TEXT) from exc
     if left_s <= 0 or not outage(exc):
         raise exc
     return min(OUTAGE_PAUSE_S, left_s)

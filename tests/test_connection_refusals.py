@@ -1,19 +1,28 @@
-"""What a Redis that refuses the session tells the user, in the real CLI and to a bot."""
+"""What a Redis that refuses the session tells the user, in the real CLI and to a bot; and
+what a caller hears when its client has no connection left to give (a refusal of its own)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import socket
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import redis.asyncio
 
 from persona.connection import connect, connect_async
-from persona.errors import ConfigError
+from persona.constants import STREAM_INTERACTIVE
+from persona.contract import GenerationRequest, Message
+from persona.errors import ConfigError, QueueBusy, QueueError, ReplyTimeout
+from persona.queue import AsyncQueueClient, QueueClient
 from tests.fakes.old_redis import OldRedis
 
 PASSWORD = "hunter2-secret"
@@ -143,3 +152,56 @@ def test_a_password_in_the_query_of_a_redis_out_of_reach_is_not_in_the_json_erro
     error = json.loads(told.stdout)["error"]
     assert error["message"].startswith(f"cannot reach Redis at redis://127.0.0.1:{port}/3?password=***: ")
     assert "TOPSECRETPW" not in told.stdout + told.stderr
+
+
+def _question(n: int) -> GenerationRequest:
+    return GenerationRequest(persona="sage", messages=[Message(role="user", content=f"question {n}")])
+
+
+async def _outcomes(asks) -> list[object]:
+    return await asyncio.gather(*asks, return_exceptions=True)
+
+
+async def test_a_service_client_has_a_connection_for_every_question_waiting(settings, redis_client):
+    """Each caller waiting for its reply holds a connection, and redis-py's pool gave 100: past
+    that, callers of the Python API were told "Redis cannot be reached (Too many connections)",
+    waited out their deadline, and got redis-py's MaxConnectionsError, never queued."""
+    client = await connect_async(settings)
+    queue = AsyncQueueClient(client, settings.queue)
+    outcomes = await _outcomes(queue.ask(_question(n), timeout=1.0) for n in range(150))
+    assert {type(outcome) for outcome in outcomes} == {ReplyTimeout}  # queued, and no worker runs
+    assert redis_client.xlen(STREAM_INTERACTIVE) == 150
+    await client.aclose()
+
+
+def test_a_blocking_client_has_a_connection_for_every_question_waiting(settings, redis_client):
+    """The same for the blocking client (``connect``), shared by a program's threads."""
+    queue = QueueClient(connect(settings), settings.queue)
+    together = threading.Barrier(150)
+
+    def ask(n: int) -> object:
+        together.wait()
+        try:
+            return queue.ask(_question(n), timeout=1.0)
+        except (QueueError, redis.exceptions.RedisError) as exc:  # what each thread heard
+            return exc
+
+    with ThreadPoolExecutor(max_workers=150) as threads:
+        outcomes = list(threads.map(ask, range(150)))
+    assert {type(outcome) for outcome in outcomes} == {ReplyTimeout}
+    assert redis_client.xlen(STREAM_INTERACTIVE) == 150
+    queue.redis.close()
+
+
+async def test_a_caller_whose_client_is_out_of_connections_hears_busy_at_once(settings, redis_url, redis_client):
+    """A client smaller than the callers sharing it: the ones it has no connection for are told
+    the queue is busy at once, not that Redis cannot be reached after their whole wait."""
+    client = redis.asyncio.Redis.from_url(redis_url, max_connections=3)
+    queue = AsyncQueueClient(client, settings.queue)
+    started = time.monotonic()
+    outcomes = await _outcomes(queue.ask(_question(n), timeout=3.0) for n in range(12))
+    busy = [outcome for outcome in outcomes if isinstance(outcome, QueueBusy)]
+    assert busy and {type(outcome) for outcome in outcomes} <= {QueueBusy, ReplyTimeout}
+    assert "every connection this program may open to Redis is in use" in str(busy[0])
+    assert time.monotonic() - started < 5  # not after the whole wait
+    await client.aclose()

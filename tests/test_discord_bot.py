@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import discord
@@ -490,6 +491,29 @@ async def test_rate_limits_and_a_busy_queue_get_friendly_replies(start_bot, fake
     redis_client.xadd(keys.STREAM_INTERACTIVE, {"r": b"{}"})
     await fake_api.user_message("busy?", mention_bot=True, author_id=222)
     await fake_api.wait_for(lambda: fake_api.texts()[-1] == BUSY_TEXT)
+
+
+async def test_a_flood_is_counted_as_it_comes_and_told_to_slow_down_at_once(start_bot, fake_api, discord_settings):
+    """Each message counted against the rate limit only when its turn came, after the answers to
+    those before it: the notice came only once they were written. Counted as it comes, the notice
+    goes out while the first answer is still being written, and the first two are answered."""
+    writing = threading.Event()  # no answer is written until the notice went out
+
+    def slow_echo(request) -> str:
+        writing.wait(10)
+        return echo(request)
+
+    with scripted_worker(discord_settings, slow_echo):
+        await start_bot(user_messages_per_minute=2)
+        for n in range(8):
+            await fake_api.user_message(f"m{n}", mention_bot=True)
+        await fake_api.wait_for(lambda: len(fake_api.sent) == 1, timeout=5)
+        writing.set()
+        await fake_api.wait_for(lambda: len(fake_api.sent) == 3)
+        await asyncio.sleep(0.5)
+    texts = fake_api.texts()
+    assert texts[0].startswith("I need a moment to catch up")
+    assert [answer.rsplit("=", 1)[1] for answer in texts[1:]] == ["m0", "m1"]
 
 
 async def test_allow_and_deny_lists(start_bot, fake_api, discord_settings):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 
 import pytest
@@ -14,6 +15,7 @@ from adapters.responder import (
     BUSY_TEXT,
     LONG_MESSAGE_NOTE,
     NO_WORKER_TEXT,
+    NO_WORKER_TIMEOUT_TEXT,
     NOTHING_TO_CANCEL_TEXT,
     NOTHING_TO_RETRY_TEXT,
     STARTING_TEXT,
@@ -24,7 +26,9 @@ from adapters.responder import (
     check_default_persona,
     persona_words,
 )
+from persona import constants as keys
 from persona import heartbeat
+from persona.connection import connect_async
 from persona.contract import Message
 from persona.errors import ConfigError
 from persona.settings import Settings
@@ -47,6 +51,19 @@ async def test_redis_down_means_polite_replies_not_crashes(settings: Settings):
     assert await responder.persona_for("c1") == settings.telegram.persona
     assert await responder.kept("interaction:1") == []
     await responder.move_chat("c1", "c2")  # logged, not raised
+    await dead.aclose()
+
+
+async def test_a_flood_while_redis_cannot_count_it_gets_one_notice_then_silence(settings: Settings):
+    """The limits let every message through while Redis could not count them (out of reach, or the
+    bot's client out of connections): a flood then got a "restarting" apology for each message.
+    The bot counts them itself meanwhile."""
+    dead = redis.asyncio.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.5, retry=NO_RETRY)
+    settings.telegram = settings.telegram.model_copy(update={"user_messages_per_minute": 2})
+    responder = Responder(dead, settings, "telegram")
+    decisions = [await responder.admit(HERE) for _ in range(5)]
+    assert [limits.allowed for limits, _ in decisions] == [True, True, False, False, False]
+    assert [bool(notice) for _, notice in decisions] == [False, False, True, False, False]
     await dead.aclose()
 
 
@@ -117,6 +134,36 @@ async def test_redis_refusing_writes_means_polite_replies_not_silence(settings: 
     with redis_refusing_writes(redis_client):
         assert await responder.answer(HERE, "hello?") == BUSY_TEXT
         assert await responder.set_persona("c1", settings.telegram.persona) == BUSY_TEXT
+    await client.aclose()
+
+
+async def test_more_than_a_hundred_questions_waiting_at_once_are_all_queued(settings: Settings, redis_url, redis_client):
+    """Each question waiting for its answer holds a connection, and the bots' client had redis-py's
+    pool of 100: past 100 waiting, every asker was told the service was restarting and nothing was
+    queued for them, with the queue 900 short of full. The client has room for every question the
+    queue can hold (here, no worker runs: each one waits its second, then hears so)."""
+    settings.telegram = settings.telegram.model_copy(update={"reply_timeout_s": 1.0})
+    client = await connect_async(settings)
+    responder = Responder(client, settings, "telegram")
+    askers = [Where(chat=str(n), user=str(n)) for n in range(150)]
+    replies = await asyncio.gather(*(responder.answer(where, "are you there?") for where in askers))
+    assert set(replies) == {NO_WORKER_TIMEOUT_TEXT}
+    assert redis_client.xlen(keys.STREAM_INTERACTIVE) == 150
+    await client.aclose()
+
+
+async def test_a_client_out_of_connections_says_busy_not_restarting(settings: Settings, redis_url, redis_client):
+    """Should a client still run out of connections (redis-py's MaxConnectionsError), the asker
+    hears that the bot is busy, at once: not that the service is restarting, after the whole wait."""
+    settings.telegram = settings.telegram.model_copy(update={"reply_timeout_s": 3.0})
+    client = redis.asyncio.Redis.from_url(redis_url, max_connections=4)
+    responder = Responder(client, settings, "telegram")
+    askers = [Where(chat=str(n), user=str(n)) for n in range(20)]
+    started = asyncio.get_running_loop().time()
+    replies = await asyncio.gather(*(responder.answer(where, "are you there?") for where in askers))
+    assert BUSY_TEXT in replies and UNREACHABLE_TEXT not in replies
+    assert set(replies) <= {BUSY_TEXT, NO_WORKER_TIMEOUT_TEXT}
+    assert asyncio.get_running_loop().time() - started < 6  # the busy ones were told at once
     await client.aclose()
 
 
