@@ -29,6 +29,7 @@ import os
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
     from pathlib import Path
 
     from persona.contract import GenerationReply, GenerationRequest
@@ -73,15 +74,19 @@ class ConfigError(PersonaError):
 class UnknownPersona(ConfigError):
     """No persona by that name."""
 
-    def __init__(self, name: str, known: list[str]) -> None:
+    def __init__(self, name: str, known: list[str], *, searched: Sequence[str] = (),
+                 unreadable: Sequence[str] = ()) -> None:
         listing = ", ".join(known) if known else "none"
+        # Where it looked: with none or few known, the reader could not tell that the folder was wrong.
+        where = f" (searched {', '.join(searched)})" if searched else ""
         # Among many personas, the list alone left the reader to spot the typo.
         meant = closest(name, known)
         super().__init__(
-            f"unknown persona {name!r}; known personas: {listing}. "
-            "See `persona personas list`." + (f" Did you mean {meant!r}?" if meant else "")
+            f"unknown persona {name!r}; known personas: {listing}{where}. " + "".join(f"{said}. " for said in unreadable)
+            + "See `persona personas list`." + (f" Did you mean {meant!r}?" if meant else "")
         )
         self.name = name
+        self.unreadable = list(unreadable)  # what each folder that cannot be read says: it may be there
 
 
 class DataDirUnwritable(ConfigError):

@@ -9,9 +9,11 @@ schedule, and the adapters it is enabled on. Files come from the project's
 
 from __future__ import annotations
 
+import errno
 import functools
 import importlib.util
 import logging
+import os
 import re
 import tomllib
 import unicodedata
@@ -399,30 +401,63 @@ class PersonaRegistry:
         and editors' locks are passed over (``unread_reason``): an Emacs lock read as a persona
         file made every command, and the service's metrics, report an invalid persona while a
         file was being edited."""
-        return [p for folder in self.folders if folder.is_dir() for p in sorted(folder.glob("*.toml"))
-                if not unread_reason(p)]
+        return _persona_files(self._listed()[0])
 
     def misnamed(self) -> list[Path]:
         """Files in the folders that are surely meant as persona files, yet never read: those
         ending in ``.toml`` in another case (``caps.TOML``)."""
-        return [p for folder in self.folders if folder.is_dir() for p in sorted(folder.iterdir())
+        return [p for _, entries in self._listed()[0] for p in entries
                 if p.suffix.lower() == ".toml" and p.suffix != ".toml" and not p.name.startswith((".", "#"))]
 
+    def unreadable_folders(self) -> dict[Path, ConfigError]:
+        """Each folder that is there but cannot be read, with what to do: none of its personas is
+        served (such a folder was passed over without a word, its personas "unknown")."""
+        return self._listed()[1]
+
+    def searched(self) -> list[str]:
+        """The folders searched, in order, as a message names them: "(not there)" after one that is
+        not, "(cannot be read)" after one that cannot be."""
+        listed, unreadable = self._listed()
+        there = {folder for folder, _ in listed}
+
+        def named(folder: Path) -> str:
+            if folder in there:
+                return str(folder)
+            return f"{folder} ({'cannot be read' if folder in unreadable else 'not there'})"
+
+        return [named(folder) for folder in self.folders]
+
+    def _listed(self) -> tuple[list[tuple[Path, list[Path]]], dict[Path, ConfigError]]:
+        """Each folder there with its entries, in search order, and the problem of each that cannot be read."""
+        listed: list[tuple[Path, list[Path]]] = []
+        unreadable: dict[Path, ConfigError] = {}
+        for folder in self.folders:
+            try:
+                listed.append((folder, sorted(folder.iterdir())))
+            except (FileNotFoundError, NotADirectoryError):
+                continue  # not there: `personas list` and `validate` name a folder the settings name
+            except OSError as exc:
+                unreadable[folder] = ConfigError(_unreadable_folder(folder, exc))
+        return listed, unreadable
+
     def scan(self) -> tuple[dict[str, Persona], list[ConfigError]]:
-        """All valid personas by name, and the errors of the invalid files.
+        """All valid personas by name, and the errors of the folders that cannot be read and of the
+        invalid files.
 
         An invalid file still overrides its earlier namesakes, as in ``get``: the
         persona is not served until it is fixed. Listing the earlier file instead showed
         a persona (in `persona personas list`, on the dashboard, preloaded by workers)
         that every request then found broken.
         """
-        found, invalid = self._scan()
-        return found, list(invalid.values())
+        found, invalid, unreadable = self._scan()
+        return found, [*unreadable.values(), *invalid.values()]
 
-    def _scan(self) -> tuple[dict[str, Persona], dict[Path, ConfigError]]:
+    def _scan(self) -> tuple[dict[str, Persona], dict[Path, ConfigError], dict[Path, ConfigError]]:
+        """The valid personas, the invalid files' errors and the unreadable folders'."""
         found: dict[str, Persona] = {}
         invalid: dict[Path, ConfigError] = {}
-        for path in self.files():
+        listed, unreadable = self._listed()
+        for path in _persona_files(listed):
             try:
                 persona = load_persona_file(path)
             except ConfigError as exc:
@@ -430,24 +465,26 @@ class PersonaRegistry:
                 found.pop(path.stem, None)
                 continue
             found[persona.name] = persona
-        return found, invalid
+        return found, invalid, unreadable
 
     def all(self) -> dict[str, Persona]:
-        """All valid personas by name; invalid files are skipped, each logged once until it changes."""
-        found, invalid = self._scan()
-        for path, problem in invalid.items():
+        """All valid personas by name; invalid files and unreadable folders are skipped, each
+        logged once until it changes."""
+        found, invalid, unreadable = self._scan()
+        for path, problem in [*unreadable.items(), *invalid.items()]:
             # Keyed on what is said, not on the file's bytes read again: a file rewritten between
             # the two reads (an editor saving) had its old problem said twice.
             said = str(problem)
             if self._said.get(path) != said:
-                log.warning("skipping invalid persona file: %s", problem)
+                log.warning("skipping %s: %s", "a folder of persona files" if path in unreadable else
+                            "invalid persona file", problem)
             self._said[path] = said
-        for path in self._said.keys() - invalid.keys():  # fixed or gone: broken again, it is said again
+        for path in self._said.keys() - invalid.keys() - unreadable.keys():  # fixed or gone: said again if broken again
             self._said.pop(path, None)
         return found
 
     def get(self, name: str) -> Persona:
-        """One persona by name, or UnknownPersona listing the known ones."""
+        """One persona by name, or UnknownPersona listing the known ones and the folders searched."""
         if re.fullmatch(NAME_PATTERN, name):
             for path in reversed(self.files()):
                 if path.stem == name:
@@ -457,11 +494,36 @@ class PersonaRegistry:
             for path in reversed(self.files()):
                 if unicodedata.normalize("NFC", path.stem) == named:
                     raise ConfigError(_misnamed(path))
-        found, problems = self.scan()
-        if problems:  # the one meant may be among them: one line, not every file's problems in full
-            log.warning("%d invalid persona file(s) skipped; `persona personas validate` names the problems", len(problems))
-        raise UnknownPersona(name, sorted(found))
+        found, invalid, unreadable = self._scan()
+        if invalid:  # the one meant may be among them: one line, not every file's problems in full
+            log.warning("%d invalid persona file(s) skipped; `persona personas validate` names the problems", len(invalid))
+        # The one meant may be in a folder that cannot be read: said in full, as nothing else says it.
+        raise UnknownPersona(name, sorted(found), searched=self.searched(),
+                             unreadable=[str(problem) for problem in unreadable.values()])
 
+
+def _persona_files(listed: list[tuple[Path, list[Path]]]) -> list[Path]:
+    """The persona files among the folders' entries, in search order."""
+    return [p for _, entries in listed for p in entries if p.name.endswith(".toml") and not unread_reason(p)]
+
+
+def _unreadable_folder(folder: Path, exc: OSError) -> str:
+    """What to do about a folder of persona files that cannot be read."""
+    said = f"{folder}: cannot read this folder of persona files ({exc.strerror or exc}), so none of its personas is served"
+    if exc.errno not in (errno.EACCES, errno.EPERM):
+        return f"{said}; mend it, or keep the persona files in a folder that can be read"
+    return (f"{said}; let the user persona runs as{_user()} read it and the folders above it: change their "
+            "permissions (e.g. chmod a+rx) or owner")
+
+
+def _user() -> str:
+    """' (name)' of the user this process runs as, '' where that cannot be told."""
+    try:
+        import pwd
+
+        return f" ({pwd.getpwuid(os.geteuid()).pw_name})"
+    except (ImportError, KeyError):  # not POSIX, or a uid with no name (a container's)
+        return f" (uid {os.geteuid()})" if hasattr(os, "geteuid") else ""
 
 
 def _suggested_name(word: str) -> str:

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 import re
+import shutil
 import subprocess
 import sys
 import tomllib
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -438,3 +443,90 @@ def test_a_top_level_field_written_below_a_table_header_is_said_to_belong_at_the
     assert ("schedule.adapters: unknown field; adapters is a top-level field: write it at the top of the file, "
             "before any [table] header (below [schedule], a key belongs to that table)") in message
     assert "did you mean" not in message
+
+
+def test_an_unknown_persona_names_the_folders_searched(settings, personas_dir: Path, tmp_path: Path):
+    """"unknown persona 'x'; known personas: none" did not say where personas were looked for: with
+    none or few known, nobody could tell that the folder was the wrong one."""
+    with pytest.raises(UnknownPersona) as caught:
+        PersonaRegistry.from_settings(settings).get("nobody")
+    assert (f"known personas: bofh, sage (searched {BUILTIN_PERSONAS_DIR}, {personas_dir}, "
+            f"{settings.user_personas_dir} (not there)). See `persona personas list`.") in str(caught.value)
+    with pytest.raises(UnknownPersona) as caught:
+        PersonaRegistry([tmp_path / "gone"]).get("sage")
+    assert str(caught.value).startswith(f"unknown persona 'sage'; known personas: none (searched {tmp_path / 'gone'} "
+                                        "(not there)).")
+
+
+@contextlib.contextmanager
+def _unreadable(folder: Path) -> Iterator[list[str]]:
+    """``folder`` made unreadable (chmod 000), and the command prefix under which that stops reading
+    it: none for a user other than root; for root, who reads anything (CI runs as root, in a
+    container), setpriv without the capabilities that let it. Skips the test where neither works."""
+    folder.chmod(0)
+    try:
+        prefix = ["setpriv", "--inh-caps=-all", "--bounding-set=-dac_override,-dac_read_search"] if os.geteuid() == 0 else []
+        if prefix and shutil.which("setpriv") is None:
+            pytest.skip("running as root without setpriv: no folder can be made unreadable")
+        listing = "import os, sys\ntry: os.listdir(sys.argv[1])\nexcept PermissionError: sys.exit(13)"
+        probe = subprocess.run([*prefix, sys.executable, "-c", listing, str(folder)], capture_output=True, check=False)
+        if probe.returncode != 13:  # setpriv refused (no CAP_SETPCAP), or the folder is read all the same
+            pytest.skip(f"cannot make a folder unreadable here: {probe.stderr.decode(errors='replace')[-200:]}")
+        yield prefix
+    finally:
+        folder.chmod(0o755)
+
+
+@pytest.mark.parametrize("locked", ["the folder", "a folder above it"])
+def test_a_personas_folder_that_cannot_be_read_is_said_by_every_command_and_the_others_are_served(
+        tmp_path: Path, locked: str):
+    """It was passed over without a word: `list` showed the other personas alone (exit 0), `show tiny`
+    said "unknown persona", `validate` died with a PermissionError traceback (and a folder named in
+    PERSONA_PERSONAS_DIRS below one that cannot be read made every command die so)."""
+    own, shared = tmp_path / "data" / "personas", tmp_path / "shared" / "personas"
+    for folder, name in ((own, "tiny"), (shared, "mini")):
+        folder.mkdir(parents=True)
+        (folder / f"{name}.toml").write_text('description = "small"\n')
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PERSONA_")}
+    env |= {"PERSONA_DATA_DIR": str(own.parent), "PERSONA_PERSONAS_DIRS": json.dumps([str(shared)]), "COLUMNS": "400"}
+    folder, hidden, served = (own, "tiny", "mini") if locked == "the folder" else (shared, "mini", "tiny")
+    said_of_it = (f"{folder}: cannot read this folder of persona files (Permission denied), so none of its personas "
+                  "is served; let the user persona runs as")
+    with _unreadable(folder if locked == "the folder" else folder.parent) as prefix:
+        def persona(*args: str) -> subprocess.CompletedProcess:
+            run = subprocess.run([*prefix, sys.executable, "-m", "persona", "personas", *args], env=env,
+                                 capture_output=True, text=True, check=False, timeout=60)
+            assert "Traceback" not in run.stderr, run.stderr
+            return run
+
+        listed, listed_json, shown, checked = persona("list"), persona("list", "--json"), persona("show", hidden), \
+            persona("validate")
+    assert listed.returncode == 0, listed.stderr
+    assert [line.split("\t")[0] for line in listed.stdout.splitlines()] == sorted(["bofh", "sage", served])
+    assert said_of_it in listed.stderr and "read it and the folders above it" in listed.stderr, listed.stderr
+    assert "not a folder" not in listed.stderr and "invalid persona file" not in listed.stderr  # it is a folder
+    assert [problem for problem in json.loads(listed_json.stdout)["invalid"] if problem.startswith(said_of_it)]
+    assert shown.returncode == 1 and f"unknown persona {hidden!r}" in shown.stderr, shown.stderr
+    assert f"{folder} (cannot be read)" in shown.stderr and said_of_it in shown.stderr, shown.stderr
+    assert checked.returncode == 1 and f"✗ {said_of_it}" in checked.stderr, checked.stderr
+    assert f"✓ {BUILTIN_PERSONAS_DIR / 'sage.toml'}" in checked.stdout and f"{served}.toml" in checked.stdout
+
+
+def test_a_service_says_once_that_a_personas_folder_cannot_be_read_and_serves_the_others(tmp_path: Path):
+    """Workers (and so `persona up`) preload every persona the registry finds: a folder it could not
+    read was skipped without a line in their logs."""
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "tiny.toml").write_text('description = "small"\n')
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "mini.toml").write_text('description = "also small"\n')
+    serve = ("import logging, sys\nfrom pathlib import Path\nfrom persona.personas import PersonaRegistry\n"
+             "logging.basicConfig(format='%(levelname)s %(message)s')\n"
+             "registry = PersonaRegistry([Path(p) for p in sys.argv[1:]])\n"
+             "for _ in range(3): print(sorted(registry.all()))")
+    with _unreadable(tmp_path / "mine") as prefix:
+        served = subprocess.run([*prefix, sys.executable, "-c", serve, str(tmp_path / "mine"), str(tmp_path / "other")],
+                                capture_output=True, text=True, check=False, timeout=60)
+    assert served.returncode == 0 and served.stdout.splitlines() == ["['mini']"] * 3, served.stderr
+    [said] = served.stderr.splitlines()
+    assert said.startswith(f"WARNING skipping a folder of persona files: {tmp_path / 'mine'}: cannot read this folder "
+                           "of persona files (Permission denied)"), said

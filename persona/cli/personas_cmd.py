@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from pathlib import Path
 
 import typer
@@ -35,17 +36,20 @@ def list_personas(json_output: bool = typer.Option(False, "--json", help="print 
     """One persona per line: name, base model and checkpoint, description; then, on stderr,
     any unfinished training run (stopped or running) and the command that continues it.
 
-    With --json: personas (name, base, checkpoint, description, source), invalid (each
-    unreadable file's problem) and unfinished_runs (persona, running, what to do); the notes on
-    stderr stay there."""
+    With --json: personas (name, base, checkpoint, description, source), invalid (the problem of
+    each folder that cannot be read, then of each invalid file) and unfinished_runs (persona,
+    running, what to do); the notes on stderr stay there."""
     settings = get_settings()
     registry = PersonaRegistry.from_settings(settings)
     found, problems = registry.scan()
-    for folder in _missing_folders(settings):
-        err_console.print(f"[yellow]{escape(folder)}[/yellow]", highlight=False)
+    # A folder that cannot be read, said in full: its personas were missing from the list without a word.
+    unreadable = [str(problem) for problem in registry.unreadable_folders().values()]
+    for said in [*_missing_folders(settings, registry), *unreadable]:
+        err_console.print(f"[yellow]{escape(said)}[/yellow]", highlight=False)
+    problems = [problem for problem in problems if str(problem) not in unreadable]  # the files' own, counted below
     _say_none_found(registry, settings, found)
     if json_output:
-        _print_listing(found, problems, settings)
+        _print_listing(found, problems, settings, unreadable)
         return
     for name, persona in sorted(found.items()):
         weights = persona.model.base + (f"+{persona.model.checkpoint}" if persona.model.checkpoint else "")
@@ -57,7 +61,8 @@ def list_personas(json_output: bool = typer.Option(False, "--json", help="print 
     _print_unfinished_runs(settings)
 
 
-def _print_listing(found: dict[str, Persona], problems: list[ConfigError], settings: Settings) -> None:
+def _print_listing(found: dict[str, Persona], problems: list[ConfigError], settings: Settings,
+                   unreadable: list[str]) -> None:
     """`personas list --json`'s one object (its notes on stderr, as without --json)."""
     from persona.cli.train_cmd import unfinished_line
     from training.run_folder import unfinished_runs
@@ -67,8 +72,8 @@ def _print_listing(found: dict[str, Persona], problems: list[ConfigError], setti
                 for name, persona in sorted(found.items())]
     runs = [{"persona": run.persona, "running": run.running, "said": unfinished_line(run)}
             for run in unfinished_runs(settings)]
-    print(json.dumps({"personas": personas, "invalid": [str(problem) for problem in problems], "unfinished_runs": runs},
-                     ensure_ascii=False))
+    invalid = [*unreadable, *(str(problem) for problem in problems)]
+    print(json.dumps({"personas": personas, "invalid": invalid, "unfinished_runs": runs}, ensure_ascii=False))
     if problems:
         err_console.print(f"[yellow]{len(problems)} invalid persona file(s); see `persona personas validate`[/yellow]")
 
@@ -82,7 +87,7 @@ def _say_none_found(registry: PersonaRegistry, settings: Settings, found: dict[s
 
 def _none_found(registry: PersonaRegistry, settings: Settings) -> str:
     """That no persona file is in any folder searched, naming each, and where to put one."""
-    searched = ", ".join(f"{folder}{'' if folder.is_dir() else ' (not there)'}" for folder in registry.folders)
+    searched = ", ".join(registry.searched())
     said = (f"no persona files (*.toml) found; searched {searched}. Put one in {settings.user_personas_dir}, "
             "or name the folder that holds yours in PERSONA_PERSONAS_DIRS")
     if not BUILTIN_PERSONAS_DIR.is_dir():
@@ -154,16 +159,23 @@ def validate(
     searched = registry.files()
     winner = {path.stem: path.resolve() for path in searched}
     if paths:  # a persona's name stands for the file it is read from ("sage: cannot read" sent people looking)
-        paths = [str(winner[p]) if p in winner and not Path(p).exists() else p for p in paths]
-    named = [Path(p) for p in paths if Path(p).exists()] if paths else []
+        paths = [str(winner[p]) if p in winner and not _there(Path(p)) else p for p in paths]
+    named = [Path(p) for p in paths if _there(Path(p))] if paths else []
     files = _files_named(named) if paths else searched + registry.misnamed()
     searched_here = {path.resolve() for path in searched}
     if paths:  # a folder named with no persona file in it passed as if all were well
-        missing = [f"{folder}: no persona files (*.toml) in this folder" for folder in named
-                   if folder.is_dir() and not _files_named([folder])]
-        missing += [_not_found(p, sorted(winner)) for p in paths if not Path(p).exists()]
+        # (A path behind a folder that cannot be read may be a file: it is read as one, and says "cannot read".)
+        unreadable = PersonaRegistry([path for path in named if os.path.isdir(path)]).unreadable_folders()
+        missing = [str(problem) for problem in unreadable.values()]
+        missing += [f"{folder}: no persona files (*.toml) in this folder" for folder in named
+                    if folder not in unreadable and os.path.isdir(folder) and not _files_named([folder])]
+        missing += [_not_found(p, sorted(winner)) for p in paths if not _there(Path(p))]
+        if any(not _there(Path(p)) for p in paths):  # the persona named may be in a folder that cannot be read
+            missing += [str(problem) for folder, problem in registry.unreadable_folders().items()
+                        if folder not in unreadable]
     else:
-        missing = _missing_folders(settings)
+        # A folder that cannot be read is a problem: its personas were passed over, and validate passed.
+        missing = _missing_folders(settings, registry) + [str(p) for p in registry.unreadable_folders().values()]
         if not files:  # "ok" with nothing checked: an install that lost its persona files passed
             missing.append(_none_found(registry, settings))
     checked = []
@@ -227,16 +239,30 @@ def _files_named(paths: list[Path]) -> list[Path]:
         registry = PersonaRegistry([folder])
         return sorted([*registry.files(), *registry.misnamed()])
 
-    return [found for path in paths for found in (within(path) if path.is_dir() else [path])]
+    # A path not even looked at (a folder above it cannot be read) is read as a file: it says "cannot read".
+    return [found for path in paths for found in (within(path) if os.path.isdir(path) else [path])]
 
 
-def _missing_folders(settings: Settings) -> list[str]:
+def _there(path: Path) -> bool:
+    """Whether ``path`` is there, or may be: one behind a folder that cannot be read is said to be
+    unreadable, not missing (``Path.exists`` raised PermissionError)."""
+    try:
+        path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError:  # PermissionError, above all: it may be there
+        pass
+    return True
+
+
+def _missing_folders(settings: Settings, registry: PersonaRegistry) -> list[str]:
     """A sentence for each folder PERSONA_PERSONAS_DIRS names that is not one (searched, it
-    yielded nothing, without a word)."""
+    yielded nothing, without a word); one that cannot be read has a sentence of its own."""
+    unreadable = registry.unreadable_folders()
     return [
         f"{folder}: not a folder, yet PERSONA_PERSONAS_DIRS names it; create it or fix the setting"
         for folder in settings.personas_dirs
-        if not folder.is_dir()
+        if folder not in unreadable and not os.path.isdir(folder)
     ]
 
 
