@@ -99,6 +99,9 @@ class DataDirUnwritable(ConfigError):
             disk = _mount_point(data_dir)
             todo = (f"free some space on that disk{f' (mounted at {disk})' if disk else ''}, or set "
                     "PERSONA_DATA_DIR to a folder on another one")
+        elif exc.errno == errno.EFBIG:  # a file larger than this process may write (`ulimit -f`)
+            todo = ("raise the limit on the size of files this process may write (`ulimit -f`: it runs "
+                    "under a limit), or set PERSONA_DATA_DIR to a file system that allows such files")
         else:
             todo = "set PERSONA_DATA_DIR to a folder you can write"
         super().__init__(f"cannot keep data in {data_dir} ({said}{where}); {todo}")

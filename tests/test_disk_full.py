@@ -212,3 +212,15 @@ def test_llama_cpp_short_of_room_for_its_gguf_says_the_room_was_short_not_llama_
     assert said.startswith("llama.cpp could not write big.f32.gguf (f32, about 6 MB): "), said
     assert said.endswith("may write files of 3 MB at most (ulimit -f); raise that limit"), said
     assert list(target.parent.iterdir()) == []  # its part-written file is gone
+
+
+def test_a_file_larger_than_the_process_may_write_is_said_as_that_limit_not_a_folder_to_change(tmp_path: Path):
+    """EFBIG is the process's own limit on a file's size (`ulimit -f`), not the folder: the advice
+    was to set PERSONA_DATA_DIR to a folder one can write, which the folder already was."""
+    import errno
+
+    from persona.errors import DataDirUnwritable
+
+    said = str(DataDirUnwritable(tmp_path, OSError(errno.EFBIG, "File too large")))
+    assert said.startswith(f"cannot keep data in {tmp_path} (File too large); raise the limit on the size of files")
+    assert "`ulimit -f`" in said and "a folder you can write" not in said
