@@ -43,6 +43,7 @@ from persona.errors import PersonaError, QueueError
 from persona.heartbeat import redis_now
 from persona.ledger import OPEN_STATES
 from persona.personas import Persona, unscheduled_reason
+from persona.redis_refusals import refusal_text
 
 __all__ = ["Scheduler", "scheduled_personas"]
 
@@ -64,6 +65,18 @@ if was == nil or tonumber(ARGV[2]) > was then redis.call('HSET', KEYS[1], ARGV[1
 # A persona's standing with the scheduler, as ``_standing`` gives it (any other: why its
 # enabled schedule is not posted on), and one whose file is gone or cannot be read.
 SCHEDULED, OFF, GONE = "", "off", "gone"
+
+
+def _refusal(exc: Exception) -> str | None:
+    """What Redis refusing a change means (full, unable to save to disk, a read-only replica, a
+    user its ACL denies), in words to act on; None for any other failure."""
+    return refusal_text(exc) if isinstance(exc, redis.exceptions.ResponseError) else None
+
+
+def _kind(refusal: str) -> str:
+    """A refusal's kind: its words before Redis's own, which it quotes in brackets (those vary:
+    a script's error quotes them with its name)."""
+    return refusal.split(" (", 1)[0]
 
 
 def scheduled_personas(personas: dict[str, Persona]) -> list[Persona]:
@@ -132,7 +145,9 @@ class Scheduler:
             except PersonaError as exc:
                 log.error("%s: %s", persona.name, exc)
                 continue
-            except Exception:  # a bug with one persona (or its sink) must not keep the others from posting
+            except Exception as exc:  # a bug with one persona (or its sink) must not keep the others from posting
+                if _refusal(exc) is not None:
+                    raise  # Redis refuses every change: the caller says so once, and backs off; the slot stays due
                 log.exception("%s: posting failed; its slot stays due and is tried again at the next tick", persona.name)
                 continue
             if outcome is not None:
@@ -319,16 +334,26 @@ class Scheduler:
         """Tick until stopped; when Redis or the queue fails, wait longer each time and retry."""
         tick_s = self.poster.settings.posting.tick_s
         backoff_s = 0.0
+        refused = ""  # the kind of Redis's refusal said last: said once while it lasts, not at every tick
         while not self.stopping.is_set():
             try:
                 self.tick()
                 backoff_s = 0.0
+                if refused:
+                    log.info("Redis takes changes again: the scheduler posts again")
+                refused = ""
             except (QueueError, redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
                 backoff_s = min(MAX_BACKOFF_S, max(1.0, backoff_s * 2))
                 log.warning("scheduler tick failed (%s); retrying in %.0f s", exc, backoff_s)
-            except Exception:
-                log.exception("scheduler tick failed")
+            except Exception as exc:
                 backoff_s = min(MAX_BACKOFF_S, max(1.0, backoff_s * 2))
+                said = _refusal(exc)
+                if said is None:
+                    log.exception("scheduler tick failed")
+                elif _kind(said) != refused:
+                    refused = _kind(said)
+                    log.warning("scheduler tick failed, as Redis refuses writes: %s. Nothing is posted meanwhile; "
+                                "due slots stay due, tried again every %.0f s at most", said, MAX_BACKOFF_S)
             self.stopping.wait(backoff_s or tick_s)
 
     def stop(self) -> None:

@@ -1,8 +1,8 @@
 """The dashboard's one page: plain HTML, CSS and a small script, nothing from a CDN.
 
 The script polls ``api/stats`` every two seconds, fills the tables (the posts to settle
-among them), shows Redis's memory warning above them (a policy that deletes keys, or
-full), and draws the depth and latency history as inline SVG lines, each point placed
+among them), shows Redis's warnings above them (it refuses every change, and why; a
+policy that deletes keys, or full), and draws the depth and latency history as inline SVG lines, each point placed
 by its time. A ``?token=`` it was opened with is kept for the tab (sessionStorage)
 and taken out of the address bar; figures it could not read again are greyed out and
 dated ("stale since ...").
@@ -27,7 +27,7 @@ th,td.n{white-space:nowrap} .w{overflow-wrap:anywhere}  /* only long ids and mes
 td.n{text-align:right;font-variant-numeric:tabular-nums} .big{font-size:26px;font-weight:600}
 .figs{display:flex;gap:24px;flex-wrap:wrap} .fig span{display:block;color:#667;font-size:12px}
 svg{width:100%;height:150px;background:#fbfbfd;border:1px solid #eee} .bad{color:#b00020}
-#redis-warning{background:#fff4e5;color:#8a3c00;padding:8px 20px;margin:0} #redis-warning:empty{display:none}
+#redis-warning{background:#fff4e5;color:#8a3c00;padding:8px 20px;margin:0;white-space:pre-line} #redis-warning:empty{display:none}
 button{font:inherit;padding:2px 8px;cursor:pointer} main.stale{opacity:.45;filter:grayscale(1)} .legend span{margin-right:12px;font-size:12px}
 </style></head><body>
 <header><h1>persona</h1><span id="updated">connecting...</span><span id="error" class="bad"></span></header>
@@ -118,8 +118,11 @@ function render(data){
   document.getElementById('dead-count').textContent = s.dead_letters;
   document.getElementById('dead-note').textContent = data.dead_note || '';  // trimmed at the cap, or near it
   document.getElementById('stuck-count').textContent = s.stuck.length;
-  // A Redis that deletes keys to make room (maxmemory-policy), or that is full: what to set, above everything.
-  document.getElementById('redis-warning').textContent = (s.redis_memory && s.redis_memory.warning) || '';
+  // A Redis that refuses every change (full, unable to save to disk, a replica), or that deletes keys to
+  // make room (maxmemory-policy): what to fix, above everything; its being full said once.
+  const memoryWarning = (s.redis_memory && s.redis_memory.warning) || '';
+  document.getElementById('redis-warning').textContent = [s.writes_refused || '']
+    .concat(memoryWarning !== s.writes_refused ? [memoryWarning] : []).filter(Boolean).join('\\n');
   // Withdrawn and expired: not taken yet and no longer wanted (a worker discards them), so not waiting.
   rows('streams', s.streams, x => [esc(x.label), '#' + x.waiting, '#' + x.in_flight, '#' + x.oldest_waiting_s.toFixed(1) + 's',
                                    '#' + x.withdrawn, '#' + x.expired]);
@@ -144,7 +147,10 @@ function render(data){
           '#' + Math.max(0, now - w.last_seen).toFixed(1) + 's']);
   const live = s.workers.length + s.unreadable_workers.length;
   document.getElementById('workers-note').textContent = live + ' live' + (starting.length ? ', ' + starting.length + ' starting' : '') +
-    (live ? '' : starting.length ? ': no worker serves yet; requests wait until a starting one has loaded its models'
+    // While Redis refuses changes, running workers cannot write their heartbeats: "start one" misled.
+    (live ? '' : s.writes_refused ? ': no worker can be listed while Redis refuses changes (see above): their heartbeats '
+        + 'are refused too, so running workers go unseen; they are listed again once Redis takes changes'
+     : starting.length ? ': no worker serves yet; requests wait until a starting one has loaded its models'
      : ': nothing is answered; start one with `persona worker` (or `persona up`)');
   // A persona no worker can load (its base folder gone...) says why; a file that cannot be read is listed too:
   // it was simply absent, as if there were no such file.

@@ -11,6 +11,11 @@ caller withdrew, or whose deadline passed, is counted as withdrawn or expired (a
 discards it when it takes it, and counts it so again: not as failed). A request refused as
 it was submitted (its stream full, or its user with their share waiting) was never queued:
 it is counted as refused, by why.
+
+Whether Redis takes changes at all is learnt by writing a short-lived key of its own
+(``WRITE_PROBE_KEY``), as ``/readyz`` does: one that refuses every change (full, unable to
+save its data to disk, a read-only replica) refuses workers' heartbeats too, so none is
+listed live while the workers still run.
 """
 
 from __future__ import annotations
@@ -37,13 +42,13 @@ from persona.heartbeat import (
 from persona.jobs import DUE_FIELD, EPOCH_FIELD, REQUEST_FIELD
 from persona.personas import Persona
 from persona.queue_scripts import REFUSED_COUNTERS
-from persona.redis_refusals import full_redis_text, size_text
+from persona.redis_refusals import full_redis_text, refusal_text, size_text
 from persona.swap import served_versions
 from persona.telemetry import LatencySummary, counters_named, read_counts, summarize
 
 __all__ = [
     "QueueStats", "RedisMemory", "StreamStats", "StuckEntry", "collect_stats", "find_stuck", "read_memory", "stream_label",
-    "warn_if_evicting",
+    "warn_if_evicting", "writes_refused",
 ]
 
 log = logging.getLogger(__name__)
@@ -64,6 +69,10 @@ ALWAYS_COUNTED = ("completed", "tokens", "withdrawn", "expired", "dead_lettered"
 KEEPING_POLICY = "noeviction"
 # Tries at reading the counters and the dead letters held with nothing set aside between.
 CONSISTENT_READ_TRIES = 3
+# What a reading of the figures writes to learn that Redis takes changes: a key of its own,
+# gone in seconds (``/readyz`` writes its own).
+WRITE_PROBE_KEY = keys.KEY_PREFIX + "write-probe"
+WRITE_PROBE_TTL_MS = 10_000
 
 
 def stream_label(stream: str) -> str:
@@ -172,6 +181,21 @@ def warn_if_evicting(client: redis.Redis) -> RedisMemory | None:
     return memory
 
 
+def writes_refused(client: redis.Redis, memory: RedisMemory | None = None) -> str:
+    """Why Redis refuses every change, in one line that says what to do; '' while it takes
+    them. Full (``memory``, its figures, says so without a write), unable to save its data to
+    disk (MISCONF), a read-only replica: found by writing a short-lived key."""
+    if memory is not None and memory.full:
+        return memory.warning
+    try:
+        client.set(WRITE_PROBE_KEY, b"1", px=WRITE_PROBE_TTL_MS)
+    except redis.exceptions.NoPermissionError:  # a user kept to reads (a monitor's): not the workers' refusal
+        return ""
+    except redis.exceptions.ResponseError as exc:
+        return refusal_text(exc, max_bytes=memory.max_bytes if memory else None) or ""
+    return ""
+
+
 class QueueStats(BaseModel):
     """A snapshot of the whole queue."""
 
@@ -201,6 +225,10 @@ class QueueStats(BaseModel):
     version_replies: dict[str, int] = Field(default_factory=dict, description="'persona@version' -> replies")
     redis_memory: RedisMemory | None = Field(
         None, description="Redis's memory limit and policy (its warning: keys it may delete, or full); None where INFO is denied"
+    )
+    writes_refused: str = Field(
+        "", description="why Redis refuses every change (full, unable to save to disk, a read-only replica), with what to "
+        "do; '' while it takes them. Workers' heartbeats are refused too: running workers may be missing from workers"
     )
     taken_at: float = Field(default_factory=time.time)
     redis_time: float = Field(0.0, description="Redis's time when read: what each worker's last_seen is measured against")
@@ -389,6 +417,7 @@ def collect_stats(
     live = live_worker_ids(client)
     workers = live_workers(client, live)
     active = {_text(k): _text(v) for k, v in client.hgetall(keys.ACTIVE_VERSIONS_KEY).items()}
+    memory = read_memory(client)
     return QueueStats(
         streams=[_stream_stats(client, s, now) for s in keys.STREAMS_BY_PRIORITY],
         dead_letters=dead_letters,
@@ -407,7 +436,8 @@ def collect_stats(
         # persona swapped on the workers whose file this machine lacks is still listed.
         served_versions=dict(sorted((active | served_versions(personas or {}, active)).items())),
         version_replies=read_counts(keys.VERSION_REPLIES_KEY, client.hgetall(keys.VERSION_REPLIES_KEY)),
-        redis_memory=read_memory(client),
+        redis_memory=memory,
+        writes_refused=writes_refused(client, memory),
         taken_at=time.time(),
         redis_time=now,
     )

@@ -606,6 +606,27 @@ def test_a_worker_loading_its_models_is_on_the_page_and_in_metrics_apart(
     assert shown and int(shown.group(1)) >= 42, workers  # 42 s and counting
 
 
+def test_a_redis_that_cannot_save_is_said_above_the_page_and_not_blamed_on_workers(own_redis, dashboard, tmp_path):
+    """A Redis that cannot save to disk refuses every change, workers' heartbeats too: /readyz
+    said so, but the page showed no hint, only "0 live: nothing is answered; start one with
+    `persona worker`" while a worker ran."""
+    from tests.test_monitoring import redis_unable_to_save
+
+    _, url, client = own_redis
+    base = dashboard(url=url)
+    with redis_unable_to_save(client, tmp_path / "gone"):
+        figures = httpx.get(f"{base}/api/stats").json()["stats"]
+        dom = subprocess.run([*_chromium(tmp_path), "--dump-dom", base], capture_output=True, check=False, text=True,
+                             timeout=120)
+    said = dom.stdout.split('<p id="redis-warning">')[1].split("</p>")[0]
+    assert said.startswith("Redis cannot write its data to disk (full, or not writable), so it refuses every change"), \
+        dom.stderr[-2000:]
+    workers = dom.stdout.split('id="workers-note"')[1].split("</p>")[0]
+    assert "0 live: no worker can be listed while Redis refuses changes (see above)" in workers, workers
+    assert "start one" not in workers
+    assert figures["writes_refused"] == said  # the page shows what /api/stats says
+
+
 def wait_until_answering(process: subprocess.Popen, url: str) -> None:
     """Wait (90 s at most) for a `persona dashboard` started as ``process`` to answer 200 at ``url``."""
     deadline = time.time() + 90

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -9,8 +10,11 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+import redis
 
 from persona import constants as keys
 from persona import heartbeat
@@ -26,6 +30,7 @@ from persona.embedded_redis import EmbeddedRedis
 from persona.monitoring import ALWAYS_COUNTED, collect_stats, find_stuck
 from persona.queue import QueueClient, WorkQueue
 from persona.telemetry import read_histogram, record_replies, summarize
+from tests.conftest import free_port
 
 
 def chat(persona: str = "tiny", **kwargs) -> GenerationRequest:
@@ -181,8 +186,6 @@ def test_figures_read_on_a_machine_whose_clock_is_ahead_are_timed_by_redis(setti
 
 
 def test_counters_and_dead_letters_survive_a_restart(tmp_path, settings):
-    import redis
-
     server = EmbeddedRedis(tmp_path / "persisted")
     url = server.start()
     try:
@@ -704,3 +707,73 @@ def test_queue_stats_json_holds_every_counter_and_the_totals_on_a_fresh_install(
     assert (figures["completed"], figures["failed"], figures["withdrawn"], figures["expired"]) == (5, 2, 1, 0)
     table = _queue_stats_command(settings, redis_url).stdout  # the table reads the same figures, unchanged
     assert "retried from dead letters" not in table and "failed:model" in table
+
+
+@contextlib.contextmanager
+def redis_unable_to_save(client: redis.Redis, folder: Path) -> Iterator[None]:
+    """Redis fails to save, as on a full or unwritable disk: while inside, it answers every
+    write with MISCONF (its working folder is gone; stop-writes-on-bgsave-error, the default).
+    Mended after, so that it saves as it stops."""
+    before = client.config_get("dir")["dir"]
+    folder.mkdir()
+    client.config_set("dir", str(folder))
+    folder.rmdir()
+    client.bgsave()
+    deadline = time.monotonic() + 10
+    while (persistence := client.info("persistence"))["rdb_last_bgsave_status"] != "err" or \
+            persistence["rdb_bgsave_in_progress"]:
+        assert time.monotonic() < deadline, "the save did not fail"
+        time.sleep(0.05)
+    try:
+        yield
+    finally:
+        client.config_set("dir", before)
+        client.bgsave()
+        while client.info("persistence")["rdb_last_bgsave_status"] != "ok":
+            assert time.monotonic() < deadline + 10, "the save did not succeed again"
+            time.sleep(0.05)
+
+
+def test_stats_say_redis_refuses_writes_rather_than_that_no_worker_runs(settings, own_redis, tmp_path):
+    """A Redis that cannot save to disk refuses every change, a worker's heartbeat too: `queue
+    stats` said "no live worker ... start one with `persona worker`" while one ran, its --json
+    had "full": false and no warning, and nothing said Redis refused writes."""
+    _, url, client = own_redis
+    heartbeat.publish(client, heartbeat.WorkerInfo(id="w-running"), ttl_s=0.5)
+    with redis_unable_to_save(client, tmp_path / "gone"):
+        with pytest.raises(redis.exceptions.ResponseError, match="MISCONF"):
+            heartbeat.publish(client, heartbeat.WorkerInfo(id="w-running"), ttl_s=0.5)  # its next beat
+        time.sleep(0.6)  # the last beat Redis took has lapsed
+        figures = json.loads(_queue_stats_command(settings, url, "--json").stdout)
+        table = _queue_stats_command(settings, url)
+    assert table.returncode == 0, table.stderr
+    first_line = table.stdout.splitlines()[0]
+    assert first_line.startswith("warning: Redis cannot write its data to disk"), table.stdout  # before any figure
+    assert "start one with `persona worker`" not in table.stdout
+    assert "no worker can be listed live while Redis refuses changes: their heartbeats are refused too" in table.stdout
+    assert figures["workers"] == [] and figures["redis_memory"]["full"] is False
+    assert figures["writes_refused"].startswith("Redis cannot write its data to disk (full, or not writable), so it "
+                                                "refuses every change until it can (MISCONF ")
+    assert collect_stats(client).writes_refused == ""  # it saves again: nothing to say
+
+
+def test_a_read_only_replica_and_a_full_redis_are_each_said_once_as_refusing_changes(own_redis, redis_client):
+    """Redis refuses every change as a replica, and when full; `watch`'s line says why, and
+    no longer "start `persona worker`". Full is said once, not as both refusal and memory."""
+    from persona.cli.queue_cmd import summary_line
+    from tests.fakes.full_redis import redis_refusing_writes
+
+    _, _, client = own_redis
+    client.replicaof("127.0.0.1", free_port())  # a primary that never answers: it stays a read-only replica
+    try:
+        line = summary_line(collect_stats(client))
+    finally:
+        client.replicaof("NO", "ONE")
+    assert line.startswith("warning: Redis is a read-only replica, which refuses every change ("), line
+    assert "point PERSONA_REDIS_URL at its primary" in line and "start `persona worker`" not in line
+    assert "workers 0 (heartbeats refused: Redis refuses changes)" in line
+    with redis_refusing_writes(redis_client):
+        figures = collect_stats(redis_client)
+    line = summary_line(figures)
+    assert figures.writes_refused == figures.redis_memory.warning and figures.writes_refused.startswith("Redis is full")
+    assert line.startswith("warning: Redis is full") and line.count("Redis is full") == 1, line

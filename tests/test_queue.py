@@ -24,6 +24,7 @@ from persona.contract import (
 from persona.errors import InvalidRequest, QueueBusy, ReplyTimeout
 from persona.queue import AsyncQueueClient, Job, QueueClient, WorkQueue
 from persona.telemetry import Tally, record_replies
+from persona.validation import LATEST_DEADLINE_AFTER_S
 
 
 def chat(text: str = "hi", **kwargs) -> GenerationRequest:
@@ -153,6 +154,20 @@ def test_an_answered_mark_lasts_until_its_request_is_over_not_a_day(settings, cl
     assert client.wait(chat_request, timeout=1).text == "first"
     client.submit(chat_request)
     assert client.redis.xlen(keys.STREAM_INTERACTIVE) == 0
+
+
+def test_a_request_given_a_day_keeps_its_queued_mark_all_day(settings, client):
+    """`ask` and `generate --timeout` give a request up to a day, far past the queue's default
+    deadline. The mark it is queued with must last as long: once it lapsed, cancel() would say
+    there was nothing to withdraw while the request still waited, and a submission redis-py
+    sent again after a dropped connection would be queued a second time."""
+    made = time.time()
+    request = client.submit(chat("a day-long batch", created_at=made, deadline=made + LATEST_DEADLINE_AFTER_S))
+    assert LATEST_DEADLINE_AFTER_S > settings.queue.default_deadline_s * 2 + 60  # past what the default keeps it
+    assert client.redis.ttl(keys.answered_key(request.id)) >= LATEST_DEADLINE_AFTER_S  # still there at its deadline
+    client.submit(request)  # sent again: a duplicate, not queued twice
+    assert client.redis.xlen(keys.STREAM_INTERACTIVE) == 1
+    assert client.cancel(request.id) is True
 
 
 def test_an_entry_with_a_huge_deadline_does_not_stop_its_batch_being_delivered(client, work):

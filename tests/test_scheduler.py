@@ -864,3 +864,35 @@ def test_four_scheduler_processes_post_a_slot_once(settings, scheduled):
         process.join(20)
     assert [p.exitcode for p in workers] == [0, 0, 0, 0]
     assert len(read_jsonl(scheduled)) == 1
+
+
+def test_redis_refusing_writes_is_logged_once_not_as_a_traceback_at_every_tick(
+    settings, scheduled, own_redis, tmp_path, caplog, monkeypatch
+):
+    """On a full disk Redis refuses every change: the scheduler logged "scheduler tick failed"
+    with a whole traceback at every tick, and never said that Redis refused writes."""
+    import adapters.scheduler as scheduler_module
+    from tests.test_monitoring import redis_unable_to_save
+
+    monkeypatch.setattr(scheduler_module, "MAX_BACKOFF_S", 0.1)  # ticks tried again ten times a second
+    _, _, client = own_redis
+    runner = Scheduler(Poster(settings, client, slow_candidates), client)
+    ticking = threading.Thread(target=runner.run, daemon=True)
+    with caplog.at_level(logging.INFO, logger="adapters.scheduler"):
+        with redis_unable_to_save(client, tmp_path / "gone"):
+            ticking.start()
+            time.sleep(1.0)  # some ten ticks refused
+            assert client.hget(keys.SCHEDULER_CHECKED_KEY, "poet") is None  # nothing could be marked
+        deadline = time.monotonic() + 10
+        while client.hget(keys.SCHEDULER_CHECKED_KEY, "poet") is None:  # it ticks again, once Redis saves
+            assert time.monotonic() < deadline, caplog.text
+            time.sleep(0.05)
+        runner.stop()
+        ticking.join(timeout=10)
+    said = [r for r in caplog.records if r.name == "adapters.scheduler"]
+    refused = [r.getMessage() for r in said if "Redis refuses writes" in r.getMessage()]
+    assert len(refused) == 1, refused
+    assert refused[0].startswith("scheduler tick failed, as Redis refuses writes: Redis cannot write its data to disk "
+                                 "(full, or not writable)")
+    assert not any(r.exc_info for r in said), caplog.text  # no traceback
+    assert "Redis takes changes again: the scheduler posts again" in [r.getMessage() for r in said]

@@ -143,11 +143,31 @@ def render_workers(stats: QueueStats) -> Table:
             "-", "-", f"{max(0.0, now - w.last_seen):.1f}s ago",
         )
     if not stats.workers and not stats.unreadable_workers:
-        table.caption = (
-            "no worker serves yet: requests wait until a starting one has loaded its models" if stats.starting_workers
-            else "no live worker, so nothing is answered; start one with `persona worker` (or `persona up`)"
-        )
+        table.caption = _no_live_worker(stats)
     return table
+
+
+# While Redis refuses every change, a running worker cannot write its heartbeat: "start one"
+# sent people starting workers beside those running.
+HEARTBEATS_REFUSED = ("no worker can be listed live while Redis refuses changes: their heartbeats are refused too, so "
+                      "running workers go unseen (see the warning above); they are listed again once Redis takes changes")
+
+
+def _no_live_worker(stats: QueueStats) -> str:
+    """Why no worker is listed live, and what to do."""
+    if stats.writes_refused:
+        return HEARTBEATS_REFUSED
+    if stats.starting_workers:
+        return "no worker serves yet: requests wait until a starting one has loaded its models"
+    return "no live worker, so nothing is answered; start one with `persona worker` (or `persona up`)"
+
+
+def _redis_warnings(stats: QueueStats) -> list[str]:
+    """What an operator must fix in Redis, most urgent first: that it refuses every change
+    (and why), then what its memory figures warn of (said once where both are its being full)."""
+    found = [stats.writes_refused] if stats.writes_refused else []
+    memory = stats.redis_memory.warning if stats.redis_memory is not None else ""
+    return found + [memory] if memory and memory not in found else found
 
 
 def render_stuck(stats: QueueStats) -> Table:
@@ -161,15 +181,17 @@ def render_stuck(stats: QueueStats) -> Table:
 
 def render_all(stats: QueueStats) -> Group:
     """Every section, for `stats` and each frame of `watch`."""
-    parts = [render_stats(stats), render_latency(stats), render_workers(stats)]
+    warnings = [Text(f"warning: {line}", style="yellow") for line in _redis_warnings(stats)]
+    # Redis refusing every change comes first: it explains the figures below (no worker live).
+    first, last = (warnings[:1], warnings[1:]) if stats.writes_refused else ([], warnings)
+    parts = [*first, render_stats(stats), render_latency(stats), render_workers(stats)]
     # Every persona's version (swapped or not), as /metrics and the dashboard show them.
     versions = stats.served_versions or stats.active_versions
     if versions:
         parts.append("active versions: " + escape(", ".join(f"{k}@{v}" for k, v in sorted(versions.items()))))
     if stats.stuck:
         parts.append(render_stuck(stats))
-    if stats.redis_memory is not None and stats.redis_memory.warning:  # Redis may delete keys, or is full
-        parts.append(Text(f"warning: {stats.redis_memory.warning}", style="yellow"))
+    parts += last  # Redis may delete keys
     return Group(*parts)
 
 
@@ -244,15 +266,17 @@ def summary_line(stats: QueueStats) -> str:
     if lat:
         parts.append(f"{lat.replies_per_s:.2f} replies/s")
     live, starting = len(stats.workers) + len(stats.unreadable_workers), len(stats.starting_workers)
-    if starting:
+    if stats.writes_refused and not live:
+        parts.append("workers 0 (heartbeats refused: Redis refuses changes)")
+    elif starting:
         parts.append(f"workers {live} ({starting} starting" + (")" if live else ": nothing is answered until it serves)"))
     else:
         parts.append(f"workers {live}" + ("" if live else " (nothing is answered: start `persona worker`)"))
     if stats.stuck:
         parts.append(f"stuck {len(stats.stuck)} (see `persona queue stats`)")
-    if stats.redis_memory is not None and stats.redis_memory.warning:
-        parts.append(f"warning: {stats.redis_memory.warning}")
-    return "; ".join(parts)
+    warnings = [f"warning: {line}" for line in _redis_warnings(stats)]
+    # Redis refusing every change leads the line: it explains the figures (no worker live).
+    return "; ".join(warnings[:1] + parts + warnings[1:] if stats.writes_refused else parts + warnings)
 
 
 def _watch_live(client: redis.Redis, personas: dict[str, Persona], interval: float) -> None:
