@@ -7,8 +7,8 @@ measured is the queue and the worker's own work per request: parse, build the pr
 reply, acknowledge, and log as a worker under `persona up` does (into a file).
 Requests are queued as callers queue them (the submit script) and every message
 differs, so no cache can answer for the worker. The baseline is the
-obvious Streams worker: read one entry, push its reply, acknowledge it, one command at
-a time.
+obvious Streams worker: read one entry, push its reply, acknowledge it, delete it, one
+command at a time; it drains as many requests as ours.
 """
 
 from __future__ import annotations
@@ -38,10 +38,12 @@ from persona.queue import QueueClient, WorkQueue
 from persona.settings import QueueSettings, Settings
 from persona.telemetry import percentile
 
-__all__ = ["InstantEngine", "QueueBenchResult", "run_queue_bench"]
+__all__ = ["BASELINE_LOOP", "InstantEngine", "QueueBenchResult", "run_queue_bench"]
 
 PERSONA_NAME = "bench"
 PREFILL_CHUNK = 1000
+# What the baseline sends for each request (``_baseline_step``), as the results name it.
+BASELINE_LOOP = "one XREADGROUP, LPUSH, XACK and XDEL per job"
 
 
 class InstantEngine:
@@ -64,6 +66,7 @@ class QueueBenchResult:
     jobs_per_s: float
     p50_ms: float
     p99_ms: float
+    baseline_jobs: int  # requests the baseline drained: as many as ours
     baseline_jobs_per_s: float
     baseline_p50_ms: float
     baseline_p99_ms: float
@@ -209,7 +212,7 @@ def _round_trips_against(serve, settings: Settings, url: str, seconds: float) ->
 
 
 def _baseline_step(client: redis.Redis, consumer: str) -> int:
-    """The obvious worker: one entry, one reply, one acknowledgement, each its own command."""
+    """The obvious worker: one entry, one reply, one acknowledgement, one deletion, each its own command."""
     got = client.xreadgroup(keys.CONSUMER_GROUP, consumer, {keys.STREAM_INTERACTIVE: ">"}, count=1, block=100)
     for _, entries in got or []:
         for entry_id, fields in entries:
@@ -271,7 +274,7 @@ def run_queue_bench(
             _write_persona(root / "personas", model_dir)
             settings = _bench_settings(root / "data", url, root / "personas", batch)
             rate, trips = _ours(settings, url, jobs, seconds, say)
-            base_rate, base_trips = _baseline(settings, url, max(1000, jobs // 4), seconds, say)
+            base_rate, base_trips = _baseline(settings, url, jobs, seconds, say)
         finally:
             server.stop()
     return QueueBenchResult(
@@ -280,6 +283,7 @@ def run_queue_bench(
         jobs_per_s=round(rate, 1),
         p50_ms=round(statistics.median(trips), 3),
         p99_ms=round(percentile(trips, 0.99), 3),
+        baseline_jobs=jobs,
         baseline_jobs_per_s=round(base_rate, 1),
         baseline_p50_ms=round(statistics.median(base_trips), 3),
         baseline_p99_ms=round(percentile(base_trips, 0.99), 3),

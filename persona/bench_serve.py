@@ -173,9 +173,10 @@ def run_serve_bench(
     progress: Callable[[str], None] | None = None,
     repeats: int = 2,
 ) -> ServeBenchResult:
-    """The backlog served by ours (continuous), ours one batch at a time, and ``generate()``.
-    Ours is the best of ``repeats`` runs each way: the first also pays what a long-running
-    server pays once (on a GPU: capturing the graphs of new cache layouts and prompt shapes)."""
+    """The backlog served by ours (continuous), ours one batch at a time, and ``generate()``:
+    each the best of ``repeats`` runs, taking turns (so a neighbour's burst of load slows each
+    alike). Ours' first run also pays what a long-running server pays once (on a GPU: capturing
+    the graphs of new cache layouts and prompt shapes). ``progress`` is told each run as it starts."""
     prompts = prompt_ids(loaded, requests, numbered=True)  # alike only in the chat template's opening
     check_room(loaded, prompts, longest, "--longest")
     engine = TransformersEngine(
@@ -192,14 +193,15 @@ def run_serve_bench(
         reply_tokens=lengths, warm_up_s=round(warm_up_s, 2),
     )
     time_baseline(loaded, prompts[:1], 2)  # its first call's costs, off the clock
-    for name, run in (
+    runs = (
         ("ours", lambda: serve_backlog(engine, work, concurrency, continuous=True)),
         ("ours_batches", lambda: serve_backlog(engine, work, concurrency, continuous=False)),
         ("baseline", lambda: _serve_baseline(loaded, prompts, lengths, concurrency)),
-    ):
-        if progress:
-            progress(name)
-        for _ in range(1 if name == "baseline" else max(1, repeats)):
+    )
+    for _ in range(max(1, repeats)):
+        for name, run in runs:
+            if progress:
+                progress(name)
             layouts, reads = (getattr(engine.decoder, counter, 0) for counter in ("layouts", "reads"))
             served = run()
             if served.tokens_per_s > getattr(result, name).tokens_per_s:
@@ -207,6 +209,7 @@ def run_serve_bench(
                 if name == "ours":  # the counts of the run reported
                     result.layouts = getattr(engine.decoder, "layouts", 0) - layouts
                     result.reads = getattr(engine.decoder, "reads", 0) - reads
+    for name, _ in runs:
         log.info("%s: %.1f useful tok/s", name, getattr(result, name).tokens_per_s)
     result.compiled = bool(getattr(engine.decoder, "compiled", False))
     result.reads_captured = bool(getattr(engine.decoder, "reads_captured", False))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from itertools import accumulate
 
 __all__ = [
     "MIN_WHOLE_COPY_WORDS",
@@ -99,18 +100,30 @@ class CopyIndex:
 
     A run is the shortest that weighs ``n`` words from where it starts: ``n`` words, or ``2 * n``
     characters of a script written without spaces, or a mix. A text that copies ``n`` words'
-    weight from the corpus starts such a run where the copy starts, the same run as the corpus's."""
+    weight from the corpus starts such a run where the copy starts, the same run as the corpus's.
+    Each run keeps where it is in the corpus, so a longer copy is followed through one document
+    only: two passages that share ``n`` words are not one passage."""
 
     def __init__(self, documents: Iterable[str], n: int = 8) -> None:
         self.n = n
-        self._runs: set[tuple[str, ...]] = set()
+        # Run -> where it starts in the corpus: the documents' tokens numbered in one sequence,
+        # a number left out after each, so the run after a document's last is never its next.
+        self._runs: dict[tuple[str, ...], int] = {}
+        self._more: dict[tuple[str, ...], list[int]] = {}  # where runs found more than once also start
         self._whole: dict[tuple[str, ...], int] = {}  # documents shorter than n words -> their weight in words
+        spelling: dict[str, str] = {}  # one string per distinct word, shared by all its runs
+        known = self._runs.setdefault
+        first = 0
         for document in documents:
-            tokens = words(document)
+            tokens = [spelling.setdefault(token, token) for token in words(document)]
             units = _units(tokens)
             if MIN_WHOLE_COPY_WORDS * _WORD_UNITS <= sum(units) < n * _WORD_UNITS:
                 self._whole[tuple(tokens)] = sum(units) // _WORD_UNITS
-            self._runs.update(tuple(tokens[i:j]) for i, j in _spans(units, n * _WORD_UNITS))
+            runs = ((tuple(tokens[i:j]), first + i) for i, j in _spans(units, n * _WORD_UNITS))
+            # Most runs are new: a comprehension adds them, and sets aside the few found before.
+            for run, place in [(run, place) for run, place in runs if known(run, place) != place]:
+                self._more.setdefault(run, []).append(place)
+            first += len(tokens) + 1
         self._whole_lengths = sorted({len(w) for w in self._whole}, reverse=True)
 
     def __len__(self) -> int:
@@ -128,20 +141,23 @@ class CopyIndex:
         return max((self._whole.get(gram, 0) for length in self._whole_lengths for gram in _ngrams(tokens, length)),
                    default=0)
 
+    def _places(self, run: tuple[str, ...]) -> list[int]:
+        """Where ``run`` starts in the corpus (none: it is not there)."""
+        first = self._runs.get(run)
+        return [] if first is None else [first, *self._more.get(run, ())]
+
     def longest_copied_run(self, text: str) -> int:
-        """The most consecutive words of ``text`` found verbatim in the corpus (0: nothing copied)."""
+        """The most consecutive words of ``text`` found verbatim in one place of the corpus (0: nothing copied)."""
         tokens = words(text)
         units = _units(tokens)
-        copied = {i: j for i, j in _spans(units, self.n * _WORD_UNITS) if tuple(tokens[i:j]) in self._runs}
+        weight = [0, *accumulate(units)]  # weight[j] - weight[i]: what tokens[i:j] weigh
         best = self._longest_whole_copy(tokens)
-        start = None
-        end = 0
-        for i in range(len(tokens) + 1):  # a copy goes on while each next start begins a copied run too
-            if i in copied:
-                start, end = (i, copied[i]) if start is None else (start, max(end, copied[i]))
-            elif start is not None:
-                best = max(best, sum(units[start:end]) // _WORD_UNITS)
-                start = None
+        started: dict[int, int] = {}  # the copies going on: where each is now in the corpus -> its start in text
+        for i, j in _spans(units, self.n * _WORD_UNITS):
+            # A copy goes on while the run starting at the next word is the corpus's next run.
+            started = {place: started.get(place - 1, i) for place in self._places(tuple(tokens[i:j]))}
+            if started:
+                best = max(best, (weight[j] - weight[min(started.values())]) // _WORD_UNITS)
         return best
 
 

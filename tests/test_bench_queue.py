@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 
-from persona.bench_queue import InstantEngine
+from persona.bench_queue import BASELINE_LOOP, InstantEngine, _baseline_step
+from persona.contract import GenerationRequest, Message
 from persona.engine import Work
 from persona.personas import Sampling
+from persona.queue import QueueClient, WorkQueue
 
 
 def test_instant_engine_answers_every_row_at_once():
@@ -33,6 +36,21 @@ def test_bench_queue_prints_ours_and_the_baseline_as_json(tmp_path):
         assert data[key] > 0, key
     assert data["p99_ms"] >= data["p50_ms"]
     assert data["transport"] == "unix socket"  # as `persona up` reaches its embedded Redis
+    # Both sides drain as many: the baseline drained a quarter of ours, or 1,000 (here more), and the JSON hid it.
+    assert data["jobs"] == data["baseline_jobs"] == 300
+
+
+def test_the_baseline_is_described_by_the_commands_it_sends(own_redis, settings):
+    """The label said one XREADGROUP, LPUSH and XACK per job; the loop also sent an XDEL."""
+    _, _, redis_client = own_redis
+    WorkQueue(redis_client, settings.queue)  # the consumer group
+    QueueClient(redis_client, settings.queue).submit(
+        GenerationRequest(persona="bench", messages=[Message(role="user", content="hello")])
+    )
+    redis_client.config_resetstat()
+    assert _baseline_step(redis_client, "baseline") == 1
+    sent = {name.removeprefix("cmdstat_").upper() for name in redis_client.info("commandstats")} - {"CONFIG"}
+    assert sent == set(re.findall(r"\b[A-Z]{4,}\b", BASELINE_LOOP)) == {"XREADGROUP", "LPUSH", "XACK", "XDEL"}
 
 
 def _soak_cli(tmp_path, *args: str) -> subprocess.Popen:

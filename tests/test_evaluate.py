@@ -98,6 +98,20 @@ def test_copying_counts_a_short_entry_repeated_whole():
     assert [index.longest_copied_run(s) for s in samples] == [7, 4, 0, 0]
 
 
+def test_the_longest_copied_run_is_one_passage_not_two_joined_where_they_share_words():
+    """Two entries share "the small things matter more than we think": a sample that starts as
+    the first and ends as the second was said to copy a 20-word run found nowhere in the corpus."""
+    first = "Every morning I remind myself that the small things matter more than we think, and I start there."
+    second = "My grandmother said the small things matter more than we think about love and bread and sleep."
+    index = CopyIndex([first, second], n=8)
+    joined = "Every morning I remind myself that the small things matter more than we think about love and bread and sleep."
+    assert index.copies(joined)
+    assert index.longest_copied_run(joined) == 14  # "every morning ... than we think", the first's
+    # The shared words are in both entries: a copy may go on into either.
+    assert index.longest_copied_run(first) == 18 and index.longest_copied_run(second) == 17
+    assert index.longest_copied_run("She said the small things matter more than we think about love.") == 11
+
+
 def _lora_persona(settings: Settings, tiny_gpt2_dir: Path, corpus_file: Path) -> str:
     train_persona(settings, "quick", corpus_file, TrainConfig(base=str(tiny_gpt2_dir), steps=2, batch_size=4, samples=0))
     return "quick"

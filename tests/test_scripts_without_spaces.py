@@ -36,6 +36,13 @@ def test_two_characters_weigh_one_word_so_a_short_stock_phrase_is_not_a_copy():
     assert CopyIndex(["静けさの中にこそ本当の答えがある"], n=9).longest_copied_run("静けさの中にこそ本当の答えがある") == 8
 
 
+def test_a_japanese_copied_run_is_one_passage_not_two_joined_where_they_share_characters():
+    shared = "本当の答えは心の中にあるのだと私は思う"  # 19 characters, in both entries
+    index = CopyIndex(["毎朝わたしは" + shared + "から始める", "祖母はいつも" + shared + "と言っていた"], n=9)
+    joined = "毎朝わたしは" + shared + "と言っていた"  # 31 characters, 25 of them from one entry
+    assert index.copies(joined) and index.longest_copied_run(joined) == 12
+
+
 def test_a_looping_japanese_text_is_degenerate_but_laughter_is_not():
     assert is_degenerate("静かな心" * 6)
     assert not is_degenerate("哈哈哈，今天天气真好！")
