@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import typer
-
 from rich.progress import Progress
 from rich.table import Table
 
