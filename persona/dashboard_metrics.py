@@ -139,8 +139,9 @@ class QueueCollector:
             served = served_versions(found, stats.active_versions)
             # Absent from persona_active_version, with no trace: a broken file looked like no file.
             families.append(GaugeMetricFamily(
-                "persona_personas_invalid", "Persona files that cannot be read (`persona personas validate` names "
-                "the problems): their personas are not served", value=len(invalid),
+                "persona_personas_invalid", "Persona files that are invalid or cannot be read, and folders of them "
+                "that cannot be read (`persona personas validate` names the problems): their personas are not "
+                "served", value=len(invalid),
             ))
         families += [*_queue_families(stats), *_reply_families(stats, served), *_worker_families(stats)]
         if stats.redis_memory is not None:  # INFO denied (an ACL): these figures are absent, not 0

@@ -152,10 +152,10 @@ function render(data){
         + 'are refused too, so running workers go unseen; they are listed again once Redis takes changes'
      : starting.length ? ': no worker serves yet; requests wait until a starting one has loaded its models'
      : ': nothing is answered; start one with `persona worker` (or `persona up`)');
-  // A persona no worker can load (its base folder gone...) says why; a file that cannot be read is listed too:
-  // it was simply absent, as if there were no such file.
+  // A persona no worker can load (its base folder gone...) says why; a file, or a folder of them, that cannot be
+  // read is listed too: it was simply absent, as if there were no such file.
   rows('personas', data.personas.concat((data.invalid_personas || []).map(problem => ({invalid: problem}))), p => p.invalid
-       ? ['<span class="bad">unreadable file</span>', '-', '-', '#-', '<span class="bad w">' + esc(p.invalid) + '</span>']
+       ? ['<span class="bad">unreadable file or folder</span>', '-', '-', '#-', '<span class="bad w">' + esc(p.invalid) + '</span>']
        : [esc(p.name), '<b>' + esc(p.active) + '</b>', esc(p.versions.join(', ') || '-'),
           '#' + Object.entries(s.version_replies).filter(([k]) => k.split('@')[0] === p.name).map(([k, v]) => k.split('@')[1] + ': ' + v).join(', '),
           p.problem ? '<span class="bad w">' + esc(p.problem) + '</span>' : '-']);

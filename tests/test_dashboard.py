@@ -967,3 +967,25 @@ def test_a_full_redis_is_not_ready_and_said_full_while_its_figures_still_read(se
     assert "is Redis running" not in caplog.text
     assert httpx.get(f"{base}/readyz").json() == {"ready": True}
     assert 0 < redis_client.pttl("persona:readyz-probe") <= 10_000  # the probe's key lapses on its own
+
+
+def test_a_folder_of_persona_files_that_cannot_be_read_is_counted_and_shown_as_a_folder(
+    settings, redis_client, dashboard, personas_dir, browser
+):
+    """A folder of persona files that cannot be read is counted by persona_personas_invalid and
+    listed on the page, yet both said "persona files" / "unreadable file". (A folder that is a
+    symbolic link to itself: one that cannot be listed, by root too, as the dashboard runs here.)"""
+    loop = personas_dir.parent / "loop"
+    loop.symlink_to(loop)
+    settings.personas_dirs.append(loop)
+    base = dashboard()
+    [family] = [f for f in text_string_to_metric_families(httpx.get(f"{base}/metrics").text)
+                if f.name == "persona_personas_invalid"]
+    assert [s.value for s in family.samples] == [1]
+    assert family.documentation.startswith("Persona files that are invalid or cannot be read, and folders of them "
+                                           "that cannot be read")
+    browser.open(base)
+    row = browser.wait_for("[...document.querySelectorAll('#personas tbody tr')].map(r => r.textContent)"
+                           f".find(t => t.includes({json.dumps(str(loop))}))")
+    assert row.startswith(f"unreadable file or folder---{loop}: cannot read this folder of persona files "
+                          "(Too many levels of symbolic links), so none of its personas is served"), row

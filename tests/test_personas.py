@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tomllib
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,6 +16,7 @@ from hypothesis import HealthCheck, given, settings as hsettings, strategies as 
 from persona.contract import SamplingOverrides
 from persona.errors import ConfigError, UnknownPersona
 from persona.personas import BUILTIN_PERSONAS_DIR, PersonaRegistry, load_persona_file, unread_reason
+from tests.unreadable import unreadable
 
 
 def test_shipped_personas_are_valid_and_distinct():
@@ -458,25 +456,6 @@ def test_an_unknown_persona_names_the_folders_searched(settings, personas_dir: P
                                         "(not there)).")
 
 
-@contextlib.contextmanager
-def _unreadable(folder: Path) -> Iterator[list[str]]:
-    """``folder`` made unreadable (chmod 000), and the command prefix under which that stops reading
-    it: none for a user other than root; for root, who reads anything (CI runs as root, in a
-    container), setpriv without the capabilities that let it. Skips the test where neither works."""
-    folder.chmod(0)
-    try:
-        prefix = ["setpriv", "--inh-caps=-all", "--bounding-set=-dac_override,-dac_read_search"] if os.geteuid() == 0 else []
-        if prefix and shutil.which("setpriv") is None:
-            pytest.skip("running as root without setpriv: no folder can be made unreadable")
-        listing = "import os, sys\ntry: os.listdir(sys.argv[1])\nexcept PermissionError: sys.exit(13)"
-        probe = subprocess.run([*prefix, sys.executable, "-c", listing, str(folder)], capture_output=True, check=False)
-        if probe.returncode != 13:  # setpriv refused (no CAP_SETPCAP), or the folder is read all the same
-            pytest.skip(f"cannot make a folder unreadable here: {probe.stderr.decode(errors='replace')[-200:]}")
-        yield prefix
-    finally:
-        folder.chmod(0o755)
-
-
 @pytest.mark.parametrize("locked", ["the folder", "a folder above it"])
 def test_a_personas_folder_that_cannot_be_read_is_said_by_every_command_and_the_others_are_served(
         tmp_path: Path, locked: str):
@@ -492,7 +471,7 @@ def test_a_personas_folder_that_cannot_be_read_is_said_by_every_command_and_the_
     folder, hidden, served = (own, "tiny", "mini") if locked == "the folder" else (shared, "mini", "tiny")
     said_of_it = (f"{folder}: cannot read this folder of persona files (Permission denied), so none of its personas "
                   "is served; let the user persona runs as")
-    with _unreadable(folder if locked == "the folder" else folder.parent) as prefix:
+    with unreadable(folder if locked == "the folder" else folder.parent) as prefix:
         def persona(*args: str) -> subprocess.CompletedProcess:
             run = subprocess.run([*prefix, sys.executable, "-m", "persona", "personas", *args], env=env,
                                  capture_output=True, text=True, check=False, timeout=60)
@@ -523,7 +502,7 @@ def test_a_service_says_once_that_a_personas_folder_cannot_be_read_and_serves_th
              "logging.basicConfig(format='%(levelname)s %(message)s')\n"
              "registry = PersonaRegistry([Path(p) for p in sys.argv[1:]])\n"
              "for _ in range(3): print(sorted(registry.all()))")
-    with _unreadable(tmp_path / "mine") as prefix:
+    with unreadable(tmp_path / "mine") as prefix:
         served = subprocess.run([*prefix, sys.executable, "-c", serve, str(tmp_path / "mine"), str(tmp_path / "other")],
                                 capture_output=True, text=True, check=False, timeout=60)
     assert served.returncode == 0 and served.stdout.splitlines() == ["['mini']"] * 3, served.stderr

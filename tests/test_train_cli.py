@@ -23,6 +23,7 @@ from persona.cli.train_cmd import RichReporter
 from persona.models import load_model
 from persona.settings import Settings
 from tests.reporters import Recorder
+from tests.unreadable import unreadable
 from training.runs import persona_template
 
 SAYINGS = "\n%\n".join([
@@ -119,6 +120,36 @@ def test_a_corpus_with_nothing_to_train_on_is_refused_before_torch_loads(env, tm
         assert result.returncode == 1 and said in " ".join(result.stderr.split()), result.stderr[-2000:]
         assert "training.corpus" in imported and "torch" not in imported and "transformers" not in imported
 
+
+
+def test_a_persona_whose_folder_cannot_be_read_is_not_trained_as_a_new_one(env, settings: Settings, tmp_path: Path,
+                                                                           tiny_gpt2_dir: Path):
+    """With the user's personas folder unreadable, `persona train tiny` took tiny for a new persona:
+    it trained the bundled model instead of tiny's base, with a new persona's settings, and failed
+    only at its end, writing tiny's file into that folder. Refused now before torch loads."""
+    folder = settings.user_personas_dir
+    folder.mkdir(parents=True)
+    (folder / "tiny.toml").write_text(f'description = "mine"\n[model]\nbase = "{tiny_gpt2_dir}"\n')
+    corpus = tmp_path / "good.jsonl"
+    corpus.write_text('{"text": "a"}\n{"text": "b"}\n')
+    record = settings.data_dir / "runs" / "tiny" / "run.json"  # a run stopped before the folder became unreadable
+    record.parent.mkdir(parents=True)
+    record.write_text(json.dumps({"config": {"base": str(tiny_gpt2_dir)}, "corpus": str(corpus)}))
+    with unreadable(folder) as prefix:
+        for args in (["--corpus", str(corpus)], ["--resume"]):
+            result = subprocess.run([*prefix, sys.executable, "-m", "persona", "train", "tiny", *args],
+                                    env=env | {"PYTHONPROFILEIMPORTTIME": "1"}, capture_output=True, text=True,
+                                    check=False, timeout=60)
+            imported = re.findall(r"^import time:.*\|\s*([\w.]+)$", result.stderr, re.MULTILINE)
+            said = " ".join(result.stderr.split())
+            assert result.returncode == 1, said[-2000:]
+            assert (f"cannot tell whether 'tiny' has a persona file: it may be in a folder that cannot be read, and a "
+                    f"run that took it for a new persona would lose its base model and settings. {folder}: cannot "
+                    "read this folder of persona files (Permission denied)") in said, said[-2000:]
+            assert "change their permissions (e.g. chmod a+rx) or owner. Then train it again." in said
+            assert "Traceback" not in said and "torch" not in imported and "transformers" not in imported
+    assert (folder / "tiny.toml").read_text().endswith(f'base = "{tiny_gpt2_dir}"\n')
+    assert sorted(p.name for p in record.parent.iterdir()) == ["run.json"]  # the stopped run as it was
 
 def test_a_base_that_is_not_there_is_refused_before_torch_loads(env, settings: Settings, tmp_path: Path):
     """A mistyped --base, or the base folder of a run to resume moved away, was said once torch had loaded."""

@@ -24,11 +24,13 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import tomli_w
 
 from persona.checkpoints import CheckpointInfo, register_checkpoint, scan_checkpoints
 from persona.errors import (
+    ConfigError,
     CorpusError,
     DataDirUnwritable,
     ModelError,
@@ -50,12 +52,17 @@ from training.run_folder import (
     run_dir,
     saved_run_config,
 )
-from training.train_config import check_base_fits, check_run_name
-from training.trainer import Reporter, TrainConfig, TrainResult, train
+from training.train_config import TrainConfig, check_base_fits, check_run_name
+
+# The trainer (torch: seconds to import) only where a run trains: `persona train` asks
+# `existing_persona` before its other checks, which must not wait for torch.
+if TYPE_CHECKING:
+    from training.trainer import Reporter, TrainResult
 
 __all__ = [
     "TrainedPersona",
     "corpus_file",
+    "existing_persona",
     "lock_path",
     "model_card",
     "persona_template",
@@ -224,11 +231,22 @@ def model_card(info: CheckpointInfo, corpus: Corpus, result: TrainResult) -> str
     )
 
 
-def _existing(settings: Settings, name: str) -> Persona | None:
+def existing_persona(settings: Settings, name: str) -> Persona | None:
+    """NAME's persona, or None where it has no file yet (a run makes one); refused where a folder
+    of persona files cannot be read, as NAME's file may be there.
+
+    Taken for a new persona, a run of an existing one forgot its base model and settings, and
+    failed only at its end, writing a persona file into that folder."""
     try:
         return PersonaRegistry.from_settings(settings).get(name)
-    except UnknownPersona:
-        return None
+    except UnknownPersona as exc:
+        if not exc.unreadable:
+            return None
+        raise ConfigError(
+            f"cannot tell whether {name!r} has a persona file: it may be in a folder that cannot be read, and a "
+            "run that took it for a new persona would lose its base model and settings. "
+            + "".join(f"{said}. " for said in exc.unreadable) + "Then train it again."
+        ) from None
 
 
 def _write_atomically(path: Path, text: str) -> None:
@@ -293,7 +311,7 @@ def _train_and_register(settings: Settings, name: str, corpus_path: Path, corpus
                         *, resume: bool, session_minutes: float | None, reporter: Reporter | None,
                         on_ready: Callable[[], None] | None) -> TrainedPersona:
     """``train_persona``'s work, while it holds the persona's training lock."""
-    persona = _existing(settings, name)
+    persona = existing_persona(settings, name)
     check_base_fits(persona, config.base)  # `persona train` checked it before torch loaded; again, under the lock
     folder = run_dir(settings, name)
     run_id = uuid.uuid4().hex  # names the run in the version it registers, so --resume knows it did
@@ -317,6 +335,8 @@ def _train_and_register(settings: Settings, name: str, corpus_path: Path, corpus
     # The samples at each evaluation are written as the persona writes now (its file's
     # sampling, hand edits included), or as the persona this run creates will.
     sampling = persona.sampling if persona is not None else Sampling.model_validate(NEW_PERSONA_SAMPLING)
+    from training.trainer import train  # torch: only once a run trains
+
     result = train(config, corpus, base_dir, folder, resume=resume, session_minutes=session_minutes, reporter=reporter,
                    record=None if resume else record, sampling=sampling)
     if result.status == "interrupted":
@@ -360,6 +380,8 @@ def _finish_registration(settings: Settings, persona: Persona | None, name: str,
         persona_file, created = _write_persona_file(settings, persona, name, base, info.version, corpus_path)
     shutil.rmtree(run_dir(settings, name), ignore_errors=True)
     if result is None:
+        from training.trainer import TrainResult
+
         # The perplexities a run without held-out documents did not measure are not saved: NaN, as it had them.
         unmeasured = dict.fromkeys(("base_val_loss", "base_perplexity", "val_loss", "perplexity"), math.nan)
         result = TrainResult("finished", info.path, unmeasured | info.metrics)

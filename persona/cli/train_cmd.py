@@ -38,7 +38,6 @@ from persona.cli.unfinished_runs import (
 from persona.errors import ConfigError, CorpusError
 
 if TYPE_CHECKING:
-    from persona.personas import Persona
     from persona.settings import Settings
     from training.run_folder import UnfinishedRun
 
@@ -78,6 +77,7 @@ def train(
     from persona.models import BUNDLED_ALIASES, resolve_base
     from training.corpus import check_corpus_path, check_trainable, read_corpus
     from training.run_folder import STATE_FILE, run_corpus, run_dir, saved_run_config
+    from training.runs import existing_persona
     from training.train_config import TrainConfig, check_base_fits, check_run_name
 
     # The name, the options, the run to resume, the base and the corpus are checked before torch loads
@@ -85,7 +85,7 @@ def train(
     # persona can have, a base the persona does not speak with, was said only after that.
     settings = get_settings()
     check_run_name(name)  # before the run folder it names is read
-    existing = _existing_persona(settings, name)
+    existing = existing_persona(settings, name)
     if resume and restart:
         raise ConfigError("--resume continues the unfinished run and --restart discards it: give one of them")
     unfinished = None if resume else _unfinished_to_keep(settings, name)
@@ -235,17 +235,6 @@ def _unfinished_to_keep(settings: Settings, name: str) -> UnfinishedRun | None:
 
     run = unfinished_run(settings, name)
     return run if run is not None and run.resumable and not run.running else None
-
-
-def _existing_persona(settings: Settings, name: str) -> Persona | None:
-    """NAME's persona, if it has a file: a new run of it must keep its base."""
-    from persona.errors import UnknownPersona
-    from persona.personas import PersonaRegistry
-
-    try:
-        return PersonaRegistry.from_settings(settings).get(name)
-    except UnknownPersona:
-        return None
 
 
 def _resumed_corpus(name: str, recorded: Path | None) -> Path:
