@@ -51,7 +51,7 @@ from persona.queue_scripts import CANCEL_SCRIPT, SUBMIT_SCRIPT
 from persona.settings import QueueSettings
 from persona.unanswered import LONGER_WAIT, last_look, no_reply
 from persona.validation import check_request
-from persona.waiting import outage_pause, wait_seconds, wait_slice
+from persona.waiting import no_connection_free, outage_pause, wait_seconds, wait_slice
 from persona.work_queue import Job, WorkQueue
 
 __all__ = ["AsyncQueueClient", "Job", "QueueClient", "WorkQueue", "stream_for"]
@@ -116,6 +116,15 @@ def _cancel_keys_args(request_id: str, settings: QueueSettings) -> tuple[list[st
     flag, and the epoch workers compare. The flag is set whatever the mark says: a request
     whose submission is still on its way is withdrawn as it is added."""
     return [keys.answered_key(request_id), keys.cancel_key(request_id), keys.CANCEL_EPOCH_KEY], [settings.reply_ttl_s]
+
+
+def _why_not_now(exc: redis.exceptions.RedisError) -> str:
+    """What cut a wait short, for its log line."""
+    if isinstance(exc, redis.exceptions.MaxConnectionsError):
+        return "every connection this program may open to Redis is in use"
+    if isinstance(exc, redis.exceptions.ResponseError):
+        return "Redis refuses writes for now"
+    return "Redis cannot be reached"
 
 
 def _withdrew(mark: bytes | str | None) -> bool:
@@ -215,16 +224,16 @@ class _Caller:
         return full_ones(streams, looked, self.settings)
 
     def _outage_left(self, request: GenerationRequest, exc: redis.exceptions.RedisError, give_up: float,
-                     first: bool) -> float:
+                     first: bool, *, queued: bool = False) -> float:
         """How long to pause before trying a wait again that Redis being out of reach cut
-        short; re-raises ``exc`` if the wait's time is up or the error is not an outage. Said
-        once a wait (``first``): every second, it filled the terminal of a `persona ask`."""
+        short; re-raises ``exc`` if the wait's time is up or the error is not an outage (see
+        ``outage_pause``; ``queued``: whether the request is). Said once a wait (``first``):
+        every second, it filled the terminal of a `persona ask`."""
         left = give_up - time.monotonic()
-        pause = outage_pause(exc, left)
+        pause = outage_pause(exc, left, queued=queued)
         if first:
-            why = "refuses writes for now" if isinstance(exc, redis.exceptions.ResponseError) else "cannot be reached"
-            log.warning("waiting for request %s: Redis %s (%s); trying again until its deadline, %.0f s from now",
-                        request.id, why, str(exc).rstrip("."), left)
+            log.warning("waiting for request %s: %s (%s); trying again until its deadline, %.0f s from now",
+                        request.id, _why_not_now(exc), str(exc).rstrip("."), left)
         return pause
 
     def _asking(self, request: GenerationRequest, give_up: float):
@@ -303,7 +312,7 @@ class QueueClient(_Caller):
         reply = self._replies.get(request.id)
         with retrying_until(give_up):
             if isinstance(got, redis.exceptions.RedisError):
-                time.sleep(self._outage_left(request, got, give_up, first=not outages))
+                time.sleep(self._outage_left(request, got, give_up, first=not outages, queued=True))
                 outages += 1
             elif got is not None:
                 reply = self._read(request, got)
@@ -311,9 +320,15 @@ class QueueClient(_Caller):
                 try:
                     reply = self._read(request, self._waiting(request, left).execute()[-1])
                 except redis.exceptions.RedisError as exc:
-                    time.sleep(self._outage_left(request, exc, give_up, first=not outages))
+                    time.sleep(self._outage_left(request, exc, give_up, first=not outages, queued=True))
                     outages += 1
-            return reply if reply is not None else self._found(request, self._looking(request).execute())
+            if reply is None:
+                try:
+                    looked = self._looking(request).execute()
+                except redis.exceptions.MaxConnectionsError as exc:
+                    raise no_connection_free(request) from exc
+                reply = self._found(request, looked)
+            return reply
 
     def ask(self, request: GenerationRequest, timeout: float | None = None) -> GenerationReply:
         """Submit and wait: one round trip through the queue (one to Redis, too)."""
@@ -368,7 +383,7 @@ class AsyncQueueClient(_Caller):
         reply = self._replies.get(request.id)
         with retrying_until(give_up):
             if isinstance(got, redis.exceptions.RedisError):
-                await asyncio.sleep(self._outage_left(request, got, give_up, first=not outages))
+                await asyncio.sleep(self._outage_left(request, got, give_up, first=not outages, queued=True))
                 outages += 1
             elif got is not None:
                 reply = self._read(request, got)
@@ -376,9 +391,15 @@ class AsyncQueueClient(_Caller):
                 try:
                     reply = self._read(request, (await self._waiting(request, left).execute())[-1])
                 except redis.exceptions.RedisError as exc:
-                    await asyncio.sleep(self._outage_left(request, exc, give_up, first=not outages))
+                    await asyncio.sleep(self._outage_left(request, exc, give_up, first=not outages, queued=True))
                     outages += 1
-            return reply if reply is not None else self._found(request, await self._looking(request).execute())
+            if reply is None:
+                try:
+                    looked = await self._looking(request).execute()
+                except redis.exceptions.MaxConnectionsError as exc:
+                    raise no_connection_free(request) from exc
+                reply = self._found(request, looked)
+            return reply
 
     async def ask(self, request: GenerationRequest, timeout: float | None = None) -> GenerationReply:
         check_request(request, self.settings)

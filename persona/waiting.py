@@ -4,8 +4,10 @@ A wait lasts until the request's deadline (the one the queue stamps, if the call
 it to the queue) and a little slack, or the caller's own timeout. It reads in slices
 shorter than any socket read timeout, and rides out Redis out of reach (restarting,
 loading its data) or refusing writes for now, pausing between tries, until that time is
-up; a refused password ends it at once, and a client with none of its connections left
-(more callers share it than it may open) is "busy" at once: Redis itself is fine.
+up; a refused password ends it at once. A client with none of its connections left (more
+callers share it than it may open: Redis itself is fine) refuses a request "busy" at once,
+as it is submitted; a wait for one queued already rides it out, as other callers' slices
+end and free their connections.
 
 ``persona.queue``'s clients, sync and async, wait by these rules.
 """
@@ -17,10 +19,10 @@ import time
 import redis
 
 from persona.contract import GenerationRequest
-from persona.errors import QueueBusy
+from persona.errors import QueueBusy, ReplyTimeout
 from persona.settings import QueueSettings
 
-__all__ = ["outage", "outage_pause", "wait_seconds", "wait_slice"]
+__all__ = ["no_connection_free", "outage", "outage_pause", "wait_seconds", "wait_slice"]
 
 WAIT_SLACK_S = 5.0
 # A caller waits for its reply in slices shorter than any client's socket read timeout
@@ -60,16 +62,32 @@ def outage(exc: redis.exceptions.RedisError) -> bool:
     return isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError) and not isinstance(exc, refused)
 
 
-def outage_pause(exc: redis.exceptions.RedisError, left_s: float) -> float:
+def outage_pause(exc: redis.exceptions.RedisError, left_s: float, *, queued: bool = False) -> float:
     """How long to pause before trying again a wait that ``exc`` cut short, with ``left_s``
-    of its time left; re-raises ``exc`` if that time is up or the error is not an outage. A client
-    out of connections raises QueueBusy at once: it was ridden out as "Redis cannot be reached",
-    then raised as redis-py's MaxConnectionsError, the caller's whole deadline later."""
+    of its time left; re-raises ``exc`` if that time is up or the error is not an outage.
+
+    A client out of connections raises QueueBusy at once for a request not ``queued`` yet (it
+    was ridden out as "Redis cannot be reached", then raised as redis-py's MaxConnectionsError,
+    the caller's whole deadline later). For one queued it is ridden out: that request may be
+    answered, and was, unread, while its caller heard "busy" and asked again. Its time up, the
+    pause is 0, and the wait ends with its last look (``no_connection_free`` if that finds none).
+    """
     if isinstance(exc, redis.exceptions.MaxConnectionsError):
-        raise QueueBusy(OUT_OF_CONNECTIONS_TEXT) from exc
+        if not queued:
+            raise QueueBusy(OUT_OF_CONNECTIONS_TEXT) from exc
+        return min(OUTAGE_PAUSE_S, max(0.0, left_s))
     if left_s <= 0 or not outage(exc):
         raise exc
     return min(OUTAGE_PAUSE_S, left_s)
+
+
+def no_connection_free(request: GenerationRequest) -> ReplyTimeout:
+    """The ReplyTimeout of a wait whose last look found every connection of its client in use."""
+    return ReplyTimeout(
+        f"no reply to request {request.id} for persona {request.persona!r} was read in time: every "
+        "connection this program may open to Redis was in use, each by a caller waiting for its reply. "
+        "The request is still queued and may yet be answered: wait for it again in a moment"
+    )
 
 
 def wait_slice(left_s: float) -> float:

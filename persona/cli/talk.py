@@ -183,14 +183,18 @@ def withdraw(
     """Withdraw requests whose caller pressed Ctrl-C, so no worker spends its time on answers
     nobody will read; None once done, else why not (``what`` they are, what a worker may
     ``then`` do). Quickly: with Redis down, redis-py's reconnects held the terminal for 9 s,
-    and the chat then said "(withdrawn)" all the same."""
+    and the chat then said "(withdrawn)" all the same. A Redis that refuses the write (a full
+    disk: MISCONF) is said as such, not as one that "cannot be reached"."""
     try:
         with retrying_until(time.monotonic() + WITHDRAW_WAIT_S):
             for request in requests:
                 client.cancel(request.id)
-    except redis.exceptions.RedisError as exc:
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
         return (f"could not withdraw {what}: Redis cannot be reached ({str(exc).rstrip('.')}); "
                 f"a worker may still {then} once Redis is back, for nobody")
+    except redis.exceptions.RedisError as exc:
+        return (f"could not withdraw {what}, so a worker may still {then}, for nobody, if Redis takes "
+                f"changes again before the deadline: {explain_redis_error(exc)}")
     return None
 
 
