@@ -4,6 +4,11 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PERSONA ?= sage
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+# The suite in TEST_JOBS processes, each taking a whole test file at a time (a file's model and
+# servers are made once). Most of a test's time is waiting (servers, subprocesses, deadlines), so
+# two overlap well even on two cores; TEST_JOBS=0 runs it all in this one process.
+TEST_JOBS ?= 2
+PYTEST_JOBS := $(if $(filter 0,$(TEST_JOBS)),,-n $(TEST_JOBS) --dist loadfile)
 
 .PHONY: install up test test-fast lint bench clean
 
@@ -40,10 +45,10 @@ up: install
 	$(BIN)/persona up --chat $(PERSONA)
 
 test: install
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest $(PYTEST_JOBS)
 
 test-fast: install
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest $(PYTEST_JOBS) -m "not slow"
 
 lint: install
 	$(BIN)/python -m ruff check persona adapters training tests || true
