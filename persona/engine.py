@@ -352,6 +352,8 @@ class TransformersEngine:
         rows still in time wait to be read again at the next step.
         """
         self._drop_late()
+        if not self._waiting:  # every row waiting was late: nothing to read (nor to fit)
+            return None
         count = len(self._waiting)
         fitting = getattr(self.decoder, "fitting", None)
         if fitting is not None:

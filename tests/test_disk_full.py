@@ -224,3 +224,22 @@ def test_a_file_larger_than_the_process_may_write_is_said_as_that_limit_not_a_fo
     said = str(DataDirUnwritable(tmp_path, OSError(errno.EFBIG, "File too large")))
     assert said.startswith(f"cannot keep data in {tmp_path} (File too large); raise the limit on the size of files")
     assert "`ulimit -f`" in said and "a folder you can write" not in said
+
+
+def test_samples_sent_to_a_pipe_are_written_into_it_not_over_it(tmp_path: Path):
+    """Written beside and moved in, `--out` made a FIFO (or, as root, /dev/null) a plain file
+    holding the samples, and the pipe's reader got nothing."""
+    import stat
+
+    from persona.cli.generate_cmd import _write_samples
+
+    fifo = tmp_path / "samples.fifo"
+    os.mkfifo(fifo)
+    reader = subprocess.Popen(["cat", str(fifo)], stdout=subprocess.PIPE)
+    try:
+        _write_samples(["a sample"], fifo)
+        got, _ = reader.communicate(timeout=10)
+    finally:
+        reader.kill()
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    assert b"a sample" in got

@@ -139,3 +139,16 @@ def test_a_row_past_its_deadline_before_it_is_read_is_not_read(mode, tiny_llama,
         finished += engine.step()
     outcomes = {tag: completion.finish_reason for tag, completion in finished}
     assert outcomes == {"late": "deadline", "in time": "length"}
+
+
+@pytest.mark.parametrize("mode", ["eager", "fused", pytest.param("llamacpp", marks=needs_llamacpp)])
+def test_a_late_row_joining_a_running_batch_leaves_and_the_batch_runs_on(mode, tiny_llama, tmp_path):
+    """With every row waiting late, llama.cpp's fitting took the max of nothing: the step raised,
+    and the worker failed the whole running batch with that error."""
+    engine = TransformersEngine(tiny_llama, mode=mode, cache_dir=tmp_path, threads=1, gguf_type="f16")
+    engine.add(Work([5, 17, 42], Sampling(temperature=0.0, max_new_tokens=10)), "running")
+    finished = engine.step()  # "running" is read and decodes
+    engine.add(Work([5, 17, 43], Sampling(temperature=0.0, max_new_tokens=3), deadline=time.time() - 1), "late")
+    while engine.active:
+        finished += engine.step()
+    assert {tag: completion.finish_reason for tag, completion in finished} == {"late": "deadline", "running": "length"}

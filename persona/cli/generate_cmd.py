@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import time
 from pathlib import Path
 
@@ -272,6 +273,9 @@ def _replace_whole(out: Path, content: str) -> None:
     """Put ``content`` in ``out`` whole or not at all: written beside it, then moved in. Written
     in place, a full disk emptied the earlier samples and left a cut-off part of the new ones."""
     target = out.resolve() if out.is_symlink() else out  # written where the link points
+    if target.exists() and not stat.S_ISREG(target.stat().st_mode):  # a pipe, /dev/null, a terminal
+        target.write_text(content)  # written into, as ever: moving a file over one would replace it
+        return
     # Hidden, and of this process: no other writes it.
     partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
     try:
