@@ -9,14 +9,6 @@ others see it taken or done. The first look at a persona starts its clock (nothi
 before it counts as missed), and so does the first look after a scheduler saw its
 schedule go off (``enabled = false``, its file invalid, or ``scheduler`` not among its
 adapters): the time it was off is not downtime.
-
-A schedule turned off and on again while no scheduler ran was seen off by none: a
-scheduler's first look at a persona (once started, or once it sees it scheduled again)
-takes the persona file's last change (written, renamed, its permissions changed) after
-its checked mark as the moment the schedule may have come back on, and counts as missed
-only the slots after it. A file unchanged since the mark kept its schedule on throughout:
-all of that time is downtime. One changed for another reason cannot be told apart, and
-its slots before the change are not counted either (said in the log, with their range).
 """
 
 from __future__ import annotations
@@ -84,16 +76,6 @@ def scheduled_personas(personas: dict[str, Persona]) -> list[Persona]:
     return [p for p in personas.values() if p.schedule.enabled and not unscheduled_reason(p)]
 
 
-def _file_changed_at(persona: Persona) -> datetime | None:
-    """When the persona's file was last written, renamed or had its permissions changed (None if
-    unknown): a schedule turned off that way and back changes it, whatever the file holds now."""
-    try:
-        found = persona.source.stat() if persona.source else None
-    except OSError:
-        return None
-    return datetime.fromtimestamp(max(found.st_mtime, found.st_ctime), UTC) if found else None
-
-
 def _standing(persona: Persona) -> str:
     """SCHEDULED, OFF (``schedule.enabled`` is false), or why an enabled schedule is not posted on."""
     return unscheduled_reason(persona) if persona.schedule.enabled else OFF
@@ -118,9 +100,6 @@ class Scheduler:
         # The personas this scheduler found scheduled at its last tick: only one it saw go
         # off has its checked mark dropped (``_forget_unscheduled``).
         self._scheduled: set[str] = set()
-        # The personas this scheduler has marked checked since it last found them not
-        # scheduled: any other's first look asks when its file changed (``_counted``).
-        self._looked: set[str] = set()
 
     def now(self) -> datetime:
         """The time the scheduler goes by: Redis's (or the ``clock`` it was given)."""
@@ -132,7 +111,6 @@ class Scheduler:
         personas = self.poster.registry.all()
         self._say_changes(personas)
         scheduled = scheduled_personas(personas)
-        self._looked &= {persona.name for persona in scheduled}
         self._forget_unscheduled({persona.name for persona in scheduled})
         done: list[PostOutcome] = []
         for persona in scheduled:
@@ -171,8 +149,7 @@ class Scheduler:
         if begun is not None:
             plan = SlotPlan(post=begun, late=True)
         else:
-            plan = plan_slots(self._counted(persona, since, now, due), now, schedule.missed,
-                              self.poster.settings.posting.grace_s)
+            plan = plan_slots(due, now, schedule.missed, self.poster.settings.posting.grace_s)
         self._log_skipped(persona, plan.skipped)
         outcome = None
         if plan.post is not None:
@@ -189,22 +166,6 @@ class Scheduler:
         # Only now: a crash before this line leaves the slot due, and the ledger makes the retry safe.
         self._checked(persona, now)
         return outcome
-
-    def _counted(self, persona: Persona, since: datetime, now: datetime, due: list[datetime]) -> list[datetime]:
-        """The slots due that the missed-slot policy applies to: at this scheduler's first look at
-        the persona, only those after its file last changed, if that was after ``since`` (no
-        scheduler looked between: the schedule may have been off until that change)."""
-        if persona.name in self._looked or (changed := _file_changed_at(persona)) is None or not since < changed <= now:
-            return due  # a change dated after ``now`` is a clock that disagrees: nothing to go by
-        counted = [slot for slot in due if slot > changed]
-        if before := due[:len(due) - len(counted)]:
-            log.info(
-                "%s: its file changed at %s, after the scheduler last looked at it (%s) and none ran since: the "
-                "schedule may have been off meanwhile, so its %d slot%s before that are not counted as missed (%s)",
-                persona.name, slot_id(changed), slot_id(since), len(before), "s" if len(before) > 1 else "",
-                slot_id(before[0]) if len(before) == 1 else f"{slot_id(before[0])} to {slot_id(before[-1])}",
-            )
-        return counted
 
     def preflight(self) -> list[str]:
         """What would keep a persona from posting on schedule, found now rather than at its first slot.
@@ -312,7 +273,6 @@ class Scheduler:
     def _checked(self, persona: Persona, now: datetime) -> None:
         """Mark the persona looked at up to ``now``; never earlier than another scheduler marked it."""
         self._forward(keys=[keys.SCHEDULER_CHECKED_KEY], args=[persona.name, repr(now.timestamp())])
-        self._looked.add(persona.name)
 
     def _forget_unscheduled(self, scheduled: set[str]) -> None:
         """Drop the checked mark of each persona this scheduler saw go from scheduled (at its
