@@ -234,6 +234,20 @@ def test_a_mastodon_outbox_s_boosts_are_left_out_and_named_as_boosts(tmp_path: P
     assert html.reason.startswith("1 record(s) hold HTML")
 
 
+def test_a_record_of_another_export_whose_type_is_announce_is_read_as_any_other(tmp_path: Path):
+    """Only an ActivityPub Announce (an actor's, of a post) is a boost: a newsletter's announcement
+    ("type": "Announce", its own text) was left out as another person's post."""
+    export = tmp_path / "newsletter.jsonl"
+    export.write_text("".join(json.dumps(record) + "\n" for record in [
+        {"type": "Announce", "text": "We launch the new garden club on Saturday; bring seeds and stories."},
+        {"type": "Essay", "text": "On patience, and the slow work of soil."},
+    ]))
+    documents = read_jsonl(export, ReadOptions(field="text"))
+    assert [d.text for d in documents] == ["We launch the new garden club on Saturday; bring seeds and stories.",
+                                           "On patience, and the slow work of soil."]
+    assert not documents.left_out
+
+
 def test_a_mastodon_reply_read_loses_the_mentions_it_opens_with_not_those_in_its_sentences(tmp_path: Path):
     """A self-reply in a thread was read as "@bob @ann And the clock...", the mentions Mastodon opens a reply with."""
     outbox = _outbox(tmp_path / "outbox.json", [

@@ -361,8 +361,11 @@ def _is_draft(record: object) -> bool:
 
 
 def _is_boost(record: object) -> bool:
-    """Whether a record is a boost in a Mastodon outbox: an ActivityPub ``Announce`` of another's post."""
-    return isinstance(record, dict) and record.get("type") == "Announce"
+    """Whether a record is a boost in a Mastodon outbox: an ActivityPub ``Announce`` activity (by an
+    ``actor``, of an ``object`` that is a post's address or the post) -- not any record whose own
+    ``type`` a blog or newsletter export happens to call "Announce"."""
+    return (isinstance(record, dict) and record.get("type") == "Announce" and isinstance(record.get("actor"), str)
+            and isinstance(record.get("object"), (str, dict)))
 
 
 def _in_reply_to(record: object) -> str:
