@@ -12,7 +12,7 @@ batch's rows and each row's next token), ``stop_strings`` (where a reply ends) a
 ``eager_decoder`` (Hugging Face's own modules for any causal LM).
 
 A row's deadline (``Work.deadline``) is looked at before its prompt is read and, where
-the decoder reads prompts in chunks (eager and llamacpp: ``reads_in_chunks``), between
+the decoder reads prompts in chunks (eager, llamacpp, and fused and int8 on a CPU: ``reads_in_chunks``), between
 chunks: a row whose caller stopped waiting is not read on, and comes back finished for
 "deadline" with no text. A prompt of thousands of tokens used to be read whole, holding
 the worker (and every request behind it) for seconds after its deadline.

@@ -24,6 +24,13 @@ Where Triton runs, ``decode_kernels`` offers the step for a few rows as five Tri
 kernels a layer (``kernels``: timed against the torch step, or always), and the static
 step's attention as one Triton kernel over the filled slots (``attention="triton"``).
 
+On a CPU (where the engine keeps a cache per batch, not lanes) a prompt longer than
+``PROMPT_CHUNK_TOKENS`` is read in chunks of it, and ``start`` and ``join`` take ``stop``,
+looked at between two: once it says so (a row's deadline has passed), the read stops and
+nothing of its rows is kept. Read whole, an 8,000-token prompt held a CPU worker for
+seconds past its caller's deadline; a GPU reads one in tens of ms, so its reads (and
+their captured graphs) stay whole.
+
 The decoder's parts: ``fused_weights`` (the fused and int8 projections),
 ``decode_lanes`` (the static cache's lanes and prompt reads) and ``decode_graphs``
 (the captured steps and the choice among them).
@@ -32,12 +39,14 @@ The decoder's parts: ``fused_weights`` (the fused and int8 projections),
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 from persona.decode_graphs import StepGraphs
 from persona.decode_lanes import StaticLanes, _rounded, lane_count
+from persona.eager_decoder import PROMPT_CHUNK_TOKENS
 from persona.fused_weights import _cat_bias, _fuse, _Layer, _Linear
 
 __all__ = ["LlamaDecoder", "supports", "supports_config"]
@@ -137,6 +146,10 @@ class LlamaDecoder(StaticLanes, StepGraphs):
         # on a GPU it can be captured once per layout as a CUDA graph and replayed.
         self.static = static or graphs
         self.graphs = graphs and self.device.type == "cuda"
+        # CPU only (the cache per batch the engine uses there): long prompts are read in
+        # chunks, and ``start`` and ``join`` take ``stop`` (see the module's docstring). A
+        # GPU's reads are left whole: fast there, and captured as graphs in lanes.
+        self.reads_in_chunks = self.device.type == "cpu" and not self.static
         self.at = torch.zeros((), dtype=torch.long, device=self.device)
         # static: rows live in lanes of a cache laid out for more rows than the batch may
         # have (see decode_lanes); the layout's graphs by its number of lanes.
@@ -186,8 +199,12 @@ class LlamaDecoder(StaticLanes, StepGraphs):
 
     # -- the batch's cache --------------------------------------------------------
 
-    def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, room: int) -> torch.Tensor:
-        """Run the prompts (left-padded) and return each row's next-token logits."""
+    def start(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, room: int,
+        stop: Callable[[], bool] | None = None,
+    ) -> torch.Tensor | None:
+        """Run the prompts (left-padded) and return each row's next-token logits, or None
+        where ``stop`` stopped the read (``reads_in_chunks``; nothing of the rows is kept)."""
         width = input_ids.shape[1]
         if self.static:
             rows, needed = input_ids.shape[0], _rounded(width + room)
@@ -201,7 +218,10 @@ class LlamaDecoder(StaticLanes, StepGraphs):
             self.lanes, self._spans, self._half_idle = [], {}, 0
             self._set_length(width)
             return self._read_into_lanes(input_ids, attention_mask, position_ids, room)
-        logits, self.k, self.v, self.valid = self._prefill(input_ids, attention_mask, position_ids, width + room)
+        read = self._prefill(input_ids, attention_mask, position_ids, width + room, stop)
+        if read is None:
+            return None
+        logits, self.k, self.v, self.valid = read
         self.length = width
         return logits
 
@@ -233,8 +253,13 @@ class LlamaDecoder(StaticLanes, StepGraphs):
         hidden = self._forward(tokens[:, None], positions[:, None], mask, at)
         return self.head(F.rms_norm(hidden[:, -1], (hidden.shape[-1],), self.norm, self.eps))
 
-    def join(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, room: int) -> torch.Tensor:
-        """Prefill new rows and add them after the running ones; return the new rows' logits.
+    def join(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, room: int,
+        stop: Callable[[], bool] | None = None,
+    ) -> torch.Tensor | None:
+        """Prefill new rows and add them after the running ones; return the new rows' logits,
+        or None where ``stop`` stopped the read (none of them is kept; the running rows are
+        untouched).
 
         Every row's cache ends at the same slot (each row's positions are its own, so
         where its keys sit in the cache does not matter): the new rows' keys are placed to
@@ -245,7 +270,10 @@ class LlamaDecoder(StaticLanes, StepGraphs):
             self._make_room(rows, width, room)
             return self._read_into_lanes(input_ids, attention_mask, position_ids, room)
         k, v, valid, length = self.k, self.v, self.valid, self.length
-        logits, new_k, new_v, new_valid = self._prefill(input_ids, attention_mask, position_ids, width + room)
+        read = self._prefill(input_ids, attention_mask, position_ids, width + room, stop)
+        if read is None:
+            return None
+        logits, new_k, new_v, new_valid = read
         joined = max(length, width)
         capacity = joined + max(valid.shape[1] - length, room)
 
@@ -276,13 +304,44 @@ class LlamaDecoder(StaticLanes, StepGraphs):
         self._lanes_changed()
 
     def _prefill(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, capacity: int
-    ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, capacity: int,
+        stop: Callable[[], bool] | None,
+    ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor], torch.Tensor] | None:
         """Read the prompts into a cache of their own with room for ``capacity`` slots;
-        return their next-token logits, the cache's keys and values, and its valid slots."""
+        return their next-token logits, the cache's keys and values, and its valid slots
+        (None where ``stop`` stopped a read in chunks)."""
         mask = attention_mask.bool()
-        logits, k, v = self._read_prompts(input_ids, mask, position_ids, capacity)
+        if self.reads_in_chunks and input_ids.shape[1] > PROMPT_CHUNK_TOKENS:
+            read = self._read_in_chunks(input_ids, mask, position_ids, capacity, stop)
+            if read is None:
+                return None
+            logits, k, v = read
+        else:
+            logits, k, v = self._read_prompts(input_ids, mask, position_ids, capacity)
         return logits, k, v, F.pad(mask, (0, capacity - mask.shape[1]), value=False)
+
+    def _read_in_chunks(
+        self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, capacity: int,
+        stop: Callable[[], bool] | None,
+    ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]] | None:
+        """``_read_prompts`` PROMPT_CHUNK_TOKENS positions at a time (a CPU's reads), each
+        chunk attending to the keys written before it; None where ``stop``, asked between
+        two chunks, said so (the new keys and values are dropped)."""
+        batch, width = ids.shape
+        shape = (batch, self.kv_heads, capacity, self.head_dim)
+        k = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+        v = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+        for begin in range(0, width, PROMPT_CHUNK_TOKENS):
+            if begin and stop is not None and stop():
+                return None
+            end = min(begin + PROMPT_CHUNK_TOKENS, width)
+            # The whole read's mask, its rows begin..end: causal over the prompts' tokens,
+            # a padding position attending to itself (no empty softmax row).
+            query = torch.arange(begin, end, device=self.device)[:, None]
+            key = torch.arange(end, device=self.device)[None]
+            attend = ((key <= query)[None] & mask[:, None, :end]) | (key == query)[None]
+            hidden = self._forward(ids[:, begin:end], positions[:, begin:end], attend[:, None], begin, caches=(k, v))
+        return self.head(F.rms_norm(hidden[:, -1], (hidden.shape[-1],), self.norm, self.eps)), k, v
 
     def _read_prompts(
         self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, capacity: int

@@ -1,7 +1,7 @@
 """A request whose deadline passes while its long prompt is read stops being read then.
 
-A prompt of thousands of tokens is read in chunks (``PROMPT_CHUNK_TOKENS``), and its
-deadline is looked at between them: read in one go, it held its worker (and everyone
+A prompt of thousands of tokens is read in chunks (``PROMPT_CHUNK_TOKENS``; by the
+fused and int8 engines on a CPU only), and its deadline is looked at between them: read in one go, it held its worker (and everyone
 queued behind it) for seconds after its caller had stopped waiting.
 """
 
@@ -55,7 +55,7 @@ def long_conversation(persona: str, deadline: float) -> GenerationRequest:
     return GenerationRequest(persona=persona, messages=[*turns, Message(role="user", content="And then?")], deadline=deadline)
 
 
-@pytest.mark.parametrize("engine", ["eager", pytest.param("llamacpp", marks=needs_llamacpp)])
+@pytest.mark.parametrize("engine", ["eager", "fused", "int8", pytest.param("llamacpp", marks=needs_llamacpp)])
 def test_a_request_whose_deadline_passes_while_its_long_prompt_is_read_stops_then(
     engine, settings, redis_client, client, write_persona, long_context_llama_dir
 ):
@@ -82,7 +82,7 @@ def test_a_request_whose_deadline_passes_while_its_long_prompt_is_read_stops_the
     assert client.wait(after, timeout=5).ok
 
 
-@pytest.mark.parametrize("mode", ["eager", pytest.param("llamacpp", marks=needs_llamacpp)])
+@pytest.mark.parametrize("mode", ["eager", "fused", "int8", pytest.param("llamacpp", marks=needs_llamacpp)])
 def test_a_read_stopped_at_a_deadline_keeps_nothing_and_the_row_beside_it_is_read_again(
     mode, long_context_llama_dir, model_cache_dir, tmp_path, one_torch_thread
 ):
@@ -124,6 +124,58 @@ def test_a_long_prompt_read_in_chunks_predicts_as_if_read_whole(long_context_lla
         whole = [loaded.model(torch.tensor([p])).logits[0, -1] for p in (long, short)]
     for got, expected in zip(read, whole, strict=True):
         torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_a_long_prompt_read_in_chunks_by_the_fused_decoder_predicts_as_if_read_whole(long_context_llama_dir, model_cache_dir):
+    """On a CPU the fused decoder reads 1,100 tokens in three chunks, beside a short
+    left-padded row joining a running one: every row's next-token logits, and the step
+    after, are those of Hugging Face's pass over each whole sequence."""
+    from persona.llama_decoder import LlamaDecoder
+    from persona.models import load_model
+
+    loaded = load_model(str(long_context_llama_dir), cache_dir=model_cache_dir)
+    decoder = LlamaDecoder(loaded.model)
+    assert decoder.reads_in_chunks
+    running, long, short = list(range(200, 230)), list(range(1000, 2100)), list(range(50, 70))
+    width = len(long)
+    ids = torch.tensor([long, [0] * (width - len(short)) + short])
+    mask = (torch.arange(width) >= torch.tensor([[0], [width - len(short)]])).long()
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    with torch.inference_mode():
+        decoder.start(torch.tensor([running]), torch.ones(1, len(running), dtype=torch.long), torch.arange(len(running))[None], 2)
+        read = decoder.join(ids, mask, positions, room=2)
+        following = torch.tensor([7, 8, 9])
+        stepped = decoder.step(following, torch.tensor([len(p) for p in (running, long, short)]))
+        # Hugging Face's last two positions over each sequence and its next token: the read's
+        # logits, then the step's
+        whole = [
+            loaded.model(torch.tensor([p + [t]]), logits_to_keep=2).logits[0]
+            for p, t in zip((running, long, short), following.tolist(), strict=True)
+        ]
+    for got, expected in zip(read, whole[1:], strict=True):
+        torch.testing.assert_close(got, expected[0], atol=1e-4, rtol=1e-4)
+    for got, expected in zip(stepped, whole, strict=True):
+        torch.testing.assert_close(got, expected[1], atol=1e-4, rtol=1e-4)
+
+
+def test_a_fused_read_stopped_between_chunks_leaves_the_running_rows_as_they_were(long_context_llama_dir, model_cache_dir):
+    """A join whose ``stop`` says so after the first chunk returns nothing and keeps
+    nothing: the running row's next step is what it is without that join."""
+    from persona.llama_decoder import LlamaDecoder
+    from persona.models import load_model
+
+    loaded = load_model(str(long_context_llama_dir), cache_dir=model_cache_dir)
+    decoder = LlamaDecoder(loaded.model)
+    running = list(range(200, 230))
+    asked = []
+    with torch.inference_mode():
+        decoder.start(torch.tensor([running]), torch.ones(1, len(running), dtype=torch.long), torch.arange(len(running))[None], 2)
+        long = torch.arange(1000, 2100)[None]
+        stopped = decoder.join(long, torch.ones_like(long), torch.arange(long.shape[1])[None], 2, stop=lambda: not asked.append(1))
+        stepped = decoder.step(torch.tensor([7]), torch.tensor([len(running)]))
+        expected = loaded.model(torch.tensor([running + [7]])).logits[0, -1]
+    assert stopped is None and asked == [1]  # asked once, before the second chunk
+    torch.testing.assert_close(stepped[0], expected, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("mode", ["eager", "fused", pytest.param("llamacpp", marks=needs_llamacpp)])
