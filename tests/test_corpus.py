@@ -1581,3 +1581,24 @@ def test_mojibake_is_kept_with_one_warning_naming_the_file_and_a_count(tmp_path:
     assert f"{source}: 1 of 3 document(s) hold UTF-8 read as another encoding" in warning and "iconv" in warning
     assert "CafÃ© and its â€œmenuâ€." in result.corpus.documents  # not repaired, only said
     assert not has_mojibake("São Paulo, naïve, Â. 5°C")
+
+
+def test_stripping_handles_leaves_email_addresses_whole():
+    """--strip-handles drops @mentions, not the @ inside an address: "me@example.com" is not
+    "me.com"."""
+    options = CleanOptions(strip_handles=True)
+    assert normalize_text("Write to me@example.com, @ann", options) == "Write to me@example.com,"
+
+
+def test_a_no_break_space_or_sign_read_as_latin_1_is_mojibake():
+    """UTF-8's no-break space and "©" read as Latin-1 or Windows-1252 show as "Â" and the
+    character: a page copied that way is told, as "Ã©" for "é" is."""
+    assert has_mojibake("Copyright Â© 2020")
+    assert has_mojibake("10\u00c2\u00a0km away")
+
+
+def test_old_mac_line_endings_are_line_breaks():
+    """A file saved with lone carriage returns (classic Mac OS) has lines, not one line with
+    "\\r" in it: they are read as line breaks, as Windows's "\\r\\n" is."""
+    assert normalize_text("first line\rsecond line\r\rnext paragraph") == "first line\nsecond line\n\nnext paragraph"
+    assert normalize_text("first line\r\nsecond line") == "first line\nsecond line"

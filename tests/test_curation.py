@@ -327,3 +327,41 @@ def test_a_cut_off_text_is_trimmed_past_abbreviations_and_initials_to_a_real_sen
     kept = "Learn to say no. It is the start of a quiet and well-kept life."
     cut = curate([Draft(kept + " And then the river, when", "length")], max_chars=280).candidates[0]
     assert (cut.text, cut.trimmed) == (kept, "And then the river, when")
+
+
+def test_a_text_of_exactly_a_platforms_limit_fits_it():
+    """A post of 280 characters is one X takes, as is one of 300 on Bluesky and 500 on Mastodon."""
+    assert over_limits("a" * 280, ["x"]) == []
+    assert over_limits("a" * 300, ["bluesky", "mastodon"]) == []
+    assert over_limits("忍耐" * 70, ["x"]) == []  # X counts each 2: 280
+    assert over_limits("a" * 500, ["mastodon"]) == []
+
+
+def test_quotes_that_open_and_close_inside_a_text_are_not_taken_for_wrapping_quotes():
+    """Only a text wrapped whole in quotes loses them: one that begins with a quoted phrase and
+    ends with another keeps all four quotes, or it would read 'Go," she said, "now'."""
+    text = '"Go," she said, "now."'
+    assert clean_text(text) == text
+    assert clean_text('"Go now, she said."') == "Go now, she said."
+
+
+def test_an_unclosed_curly_quote_is_a_flaw_whatever_the_straight_ones():
+    """Curly quotes must pair up too: “ without its ” is a garbled candidate's stray quote."""
+    assert curate(["“Wait,” she said, “and see."], max_chars=280).best.flaws == ["open_quote"]
+    assert curate(["“Wait,” she said, “and see.”"], max_chars=280).best.flaws == []
+
+
+def test_a_cut_off_candidate_keeps_a_first_sentence_of_exactly_the_minimum_length():
+    """What is kept must be at least ``min_chars``: a finished sentence of exactly that many
+    characters is kept, as a finished candidate of that length passes ``too_short``."""
+    from persona.curation import Draft
+
+    kept = "Be still now."
+    cut = curate([Draft(kept + " And the river", "length")], max_chars=280, min_chars=len(kept)).candidates[0]
+    assert (cut.rejected, cut.text, cut.trimmed) == (None, kept, "And the river")
+
+
+def test_a_persona_limit_tighter_than_its_platforms_wins():
+    """A persona that keeps its posts to 200 characters gets 200 on Mastodon (500) and X (280) too."""
+    assert limit_for(["mastodon"], 200) == 200
+    assert limit_for(["x", "bluesky"], 200) == 200

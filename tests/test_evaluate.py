@@ -270,3 +270,21 @@ def test_eval_of_a_checkpoint_that_fails_to_load_measures_nothing_first(
                                          r"\(.*\): all 4 of its weights have other shapes than this model's"):
         evaluate_persona(settings, persona, read_corpus(corpus_file), version="v1", samples=1, progress=progress)
     assert progress.stages == [["loading sage v1", 0, 0]]  # the base was neither loaded nor measured
+
+
+def test_the_longest_copied_run_counts_from_where_the_copy_began_when_its_last_words_are_in_two_entries():
+    """A sample copies the first entry to its seventh word; its last three words are also the
+    start of the second entry. The copy is seven words, from the first entry's start, not the
+    three the second entry shares."""
+    index = CopyIndex(["one two three four five six seven eight", "five six seven and more"], n=3)
+    assert index.longest_copied_run("one two three four five six seven") == 7
+
+
+def test_samples_with_no_words_to_compare_are_not_reported_as_perfectly_varied():
+    """Distinct-n is 1.0 only where there are n-grams and none repeats: samples too short for
+    one (empty replies, a single word) have no variety to report, 0.0, not a perfect score."""
+    from persona.originality import distinct_n
+
+    assert distinct_n(["", "   "], 1) == 0.0
+    assert distinct_n(["Hello."], 2) == 0.0
+    assert distinct_n(["one two three"], 2) == 1.0

@@ -948,3 +948,34 @@ def test_a_timeout_names_the_callers_own_way_to_wait_longer_and_no_command_of_it
     own = QueueClient(redis_client, settings.queue, longer_wait="`persona generate --timeout SECONDS`")
     with pytest.raises(ReplyTimeout, match=r"give it longer \(`persona generate --timeout SECONDS`\)"):
         own.wait(request, timeout=0.2)
+
+
+def test_an_entry_whose_deadline_is_unknown_keeps_its_answered_mark_as_long_as_any_request_may_wait(settings, client, work):
+    """An older client's entry carries no deadline: it may be waited on as long as any
+    request (a day), so its answered mark must last that long, not the reply's TTL; else a
+    submission sent again after that is queued and answered a second time. It is answered in
+    one batch with an ordinary request, whose known deadline must not shorten it."""
+    import dataclasses
+
+    settings.queue.reply_ttl_s = 600
+    known, unknown = client.submit(chat("an ordinary one")), client.submit(chat("from an older client"))
+    known_job, unknown_job = work.claim("w1", 10, block_ms=100)
+    unknown_job = dataclasses.replace(unknown_job, due=None)
+    replies = [(known_job, GenerationReply(id=known.id, ok=True, text="known")),
+               (unknown_job, GenerationReply(id=unknown.id, ok=True, text="unknown"))]
+    assert work.deliver(replies, "w1") == 2
+    assert client.wait(unknown, timeout=1).text == "unknown"
+    assert client.redis.ttl(keys.answered_key(unknown.id)) >= keys.ANSWERED_TTL_S - 10
+
+
+def test_a_leaving_worker_hands_back_more_entries_than_one_page_of_them(client, work):
+    """A GPU worker may hold more entries than one page of them (``RECLAIM_BATCH``) when its
+    max_batch is large: all are handed back, and it leaves the group with nothing orphaned."""
+    from persona.pending_entries import RECLAIM_BATCH
+
+    held = [client.submit(chat(str(i))) for i in range(RECLAIM_BATCH + 5)]
+    assert len(work.claim("leaver", len(held), block_ms=100)) == len(held)
+    assert work.hand_back("leaver") == len(held)
+    consumers = client.redis.xinfo_consumers(keys.STREAM_INTERACTIVE, keys.CONSUMER_GROUP)
+    assert [c["name"] for c in consumers] == []
+    assert len(work.claim("stayer", len(held), block_ms=100)) == len(held)

@@ -873,3 +873,52 @@ def test_redis_refusing_writes_is_logged_once_not_as_a_traceback_at_every_tick(
                                  "(full, or not writable)")
     assert not any(r.exc_info for r in said), caplog.text  # no traceback
     assert "Redis takes changes again: the scheduler posts again" in [r.getMessage() for r in said]
+
+
+def test_a_slot_exactly_the_grace_period_late_is_still_on_time():
+    """posting.grace_s is how late a slot may be and still count as on time: at exactly that,
+    it is posted, not skipped; with a grace of 0, a slot looked at on its very second is posted."""
+    slot = utc(2026, 1, 3, 9)
+    at_the_edge = plan_slots([slot], slot + timedelta(seconds=900), "skip", grace_s=900)
+    assert at_the_edge.post == slot and not at_the_edge.late
+    assert plan_slots([slot], slot, "skip", grace_s=0).post == slot
+    assert plan_slots([slot], slot + timedelta(seconds=901), "skip", grace_s=900).post is None
+
+
+def test_the_slots_a_person_may_still_name_are_the_three_newest_the_scheduler_would_post():
+    """After a long outage with a wide grace, `--slot` is offered the newest slots the scheduler
+    would still post, newest first, three at most (not every hour of the day)."""
+    from adapters.posting.slots import catching_up
+
+    now = utc(2026, 1, 3, 12, 30)
+    assert catching_up("0 * * * *", "UTC", "skip", 86400, now) == [utc(2026, 1, 3, h) for h in (12, 11, 10)]
+    assert catching_up("0 * * * *", "UTC", "skip", 86400, now, most=1) == [utc(2026, 1, 3, 12)]
+
+
+def test_a_slot_named_at_its_very_instant_may_be_posted():
+    """A slot has come at its own instant: naming it then is naming a slot on time, not one
+    "past the scheduler's catch-up"."""
+    from adapters.posting.slots import check_catching_up
+
+    slot = utc(2026, 1, 3, 9)
+    assert check_catching_up("2026-01-03T09:00", slot_id(slot), "0 9 * * *", "UTC", "skip", 900, now=slot) is None
+
+
+def test_a_slot_named_in_the_hour_the_clocks_skip_is_told_so():
+    """01:30 never happens in London on the day the clocks go forward: naming it is told why,
+    with the slots the schedule has that day, not that it is off the schedule."""
+    from adapters.posting.slots import resolve_slot
+    from persona.errors import PostingError
+
+    with pytest.raises(PostingError, match=r"does not happen in Europe/London \(the clocks go forward then\)"):
+        resolve_slot("2026-03-29T01:30", "30 1 * * *", "Europe/London", now=utc(2026, 4, 1))
+
+
+def test_with_missed_latest_only_the_newest_late_slot_may_still_be_named():
+    """schedule.missed = "latest" posts the newest slot however late, and only it: older late
+    slots are skipped, so they are not offered to `--slot` either."""
+    from adapters.posting.slots import catching_up
+
+    now = utc(2026, 1, 3, 12, 30)  # every slot is more than the 900 s grace late
+    assert catching_up("0 * * * *", "UTC", "latest", 900, now) == [utc(2026, 1, 3, 12)]
+    assert catching_up("0 * * * *", "UTC", "skip", 900, now) == []

@@ -338,3 +338,56 @@ def test_where_each_setting_comes_from(clean_env, monkeypatch):
     assert where_set(secrets) == {
         ("redis_url",): str(secrets), ("log_level",): ".env", ("worker", "max_batch"): "env", ("queue", "max_length"): "env",
     }
+
+
+def test_a_redis_url_with_port_zero_is_refused_not_sent_to_6379(clean_env, monkeypatch):
+    """redis-py reads port 0 as no port and goes to 6379: a typo'd port quietly reached
+    another Redis (or none), so it is refused by name."""
+    from pydantic import ValidationError
+
+    from persona.settings import explain_settings_error
+
+    monkeypatch.setenv("PERSONA_REDIS_URL", "redis://127.0.0.1:0/0")
+    with pytest.raises(ValidationError) as caught:
+        Settings()
+    assert "its port must be a number from 1 to 65535" in explain_settings_error(caught.value)
+
+
+def test_a_redis_url_without_a_redis_scheme_is_told_the_schemes_and_an_example(clean_env, monkeypatch):
+    """An http:// URL, or a host and port alone, is told which schemes a Redis URL starts with and
+    shown one that works, not that redis-py "refuses its query options"."""
+    from pydantic import ValidationError
+
+    from persona.settings import explain_settings_error
+
+    for url in ("http://127.0.0.1:6379/0", "localhost:6379"):
+        monkeypatch.setenv("PERSONA_REDIS_URL", url)
+        with pytest.raises(ValidationError) as caught:
+            Settings()
+        assert explain_settings_error(caught.value) == (
+            "PERSONA_REDIS_URL: must start with redis://, rediss://, unix:// (e.g. redis://127.0.0.1:6379/0)"
+        )
+
+
+def test_an_adapter_tries_to_reconnect_at_most_ten_seconds_apart_and_never_past_its_reply_timeout():
+    """While Discord or Telegram cannot be reached, the adapter tries again at most 10 s apart
+    (the libraries' own waits grow to 30 s, or 1,024 s), so a message written as it comes back
+    is heard within that; with a shorter reply timeout, at most that apart."""
+    from persona.settings import DiscordSettings, TelegramSettings
+
+    assert DiscordSettings().reconnect_wait_cap_s == 10.0  # the reply timeout is 120 s by default
+    assert TelegramSettings(reply_timeout_s=3).reconnect_wait_cap_s == 3.0
+
+
+def test_the_readme_states_the_rate_limits_the_settings_default_to():
+    """The README tells an operator how many messages a person and a chat get a minute by
+    default: the numbers must be the settings' own."""
+    import re
+
+    from persona.settings import ChatAdapterSettings
+
+    readme = " ".join((Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8").split())
+    said = re.search(r"`USER_MESSAGES_PER_MINUTE` \((\d+)\) and each chat `CHAT_MESSAGES_PER_MINUTE` \((\d+)\)", readme)
+    assert said is not None, "the README no longer states the rate limits' defaults"
+    defaults = ChatAdapterSettings()
+    assert (int(said[1]), int(said[2])) == (defaults.user_messages_per_minute, defaults.chat_messages_per_minute)
