@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from persona.errors import ModelError
+from persona.whole_files import write_whole
 
 if TYPE_CHECKING:
     from persona.personas import Persona
@@ -169,9 +170,9 @@ def register_checkpoint(
     while True:
         version = next_version(checkpoints_root, info.persona)
         info = info.model_copy(update={"version": version})
-        _write_whole(staging / METADATA_FILE, info.model_dump_json(indent=2))
+        write_whole(staging / METADATA_FILE, info.model_dump_json(indent=2))
         if model_card is not None:
-            _write_whole(staging / CARD_FILE, model_card(info))
+            write_whole(staging / CARD_FILE, model_card(info))
         target = folder / version
         try:
             os.rename(staging, target)  # atomic; fails if another writer took the name
@@ -180,18 +181,6 @@ def register_checkpoint(
             if not target.exists():
                 raise
     return info.model_copy(update={"path": target})
-
-
-def _write_whole(path: Path, text: str) -> None:
-    """Put ``text`` in ``path`` whole or not at all: a full disk left an empty checkpoint.json,
-    which then hid the version."""
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
-        partial.write_text(text)
-        os.replace(partial, path)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
 
 
 def remove_checkpoint(checkpoints_root: Path, persona: str, version: str) -> None:

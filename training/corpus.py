@@ -17,15 +17,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shlex
-import shutil
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 from persona.errors import CorpusError
+from persona.whole_files import write_whole
 from training.cleaning import (
     CleanOptions,
     CleanReport,
@@ -223,22 +223,12 @@ def write_corpus(corpus: Corpus, path: Path) -> None:
     memory as one string: three times the file's size)."""
     target = path.resolve() if path.is_symlink() else path  # written where the link points, as before
     target.parent.mkdir(parents=True, exist_ok=True)
-    # Hidden: a build that reads the folder leaves it out, should a kill leave it there. Of this process: no
-    # other writes it, and one a killed process left under the same number is written over.
-    partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
-    try:
-        with partial.open("w", encoding="utf-8") as out:
-            for split, texts in (("train", corpus.train), ("validation", corpus.validation)):
-                for text in texts:
-                    out.write(json.dumps({"text": text, "split": split}, ensure_ascii=False) + "\n")
-            out.flush()
-            os.fsync(out.fileno())  # on disk before the name is moved: else a power cut may leave it empty
-        if target.exists():
-            shutil.copymode(target, partial)  # who may read it, as when it was written over
-        os.replace(partial, target)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
+
+    def lines(out: TextIO) -> None:
+        for split, texts in (("train", corpus.train), ("validation", corpus.validation)):
+            out.writelines(json.dumps({"text": text, "split": split}, ensure_ascii=False) + "\n" for text in texts)
+
+    write_whole(target, lines)  # a build that reads the folder passes over a kill's leftover
     corpus.path = path
 
 

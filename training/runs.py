@@ -44,6 +44,7 @@ from persona.personas import (
     load_persona_file,
 )
 from persona.settings import Settings
+from persona.whole_files import write_whole
 from training.corpus import Corpus, check_trainable, read_corpus, write_corpus
 from training.run_folder import (
     RUN_FILE,
@@ -174,13 +175,7 @@ def corpus_file(settings: Settings, name: str, corpus_path: Path, corpus: Corpus
     kept = settings.data_dir / "corpora" / f"{name}-{corpus.fingerprint}.jsonl"
     if not kept.is_file():
         try:
-            kept.parent.mkdir(parents=True, exist_ok=True)
-            partial = kept.with_name(f".{kept.name}.{os.getpid()}.tmp")
-            try:
-                write_corpus(corpus, partial)
-                partial.replace(kept)
-            finally:
-                partial.unlink(missing_ok=True)
+            write_corpus(corpus, kept)  # whole or not at all
         except OSError as exc:
             raise DataDirUnwritable(settings.data_dir, exc) from None
     return kept
@@ -249,17 +244,6 @@ def existing_persona(settings: Settings, name: str) -> Persona | None:
         ) from None
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` whole or not at all: a worker reads persona files while
-    training writes them, and a full disk must not leave one cut short."""
-    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        partial.write_text(text)
-        partial.replace(path)
-    finally:
-        partial.unlink(missing_ok=True)
-
-
 def _write_persona_file(settings: Settings, persona: Persona | None, name: str, base: str,
                         version: str, corpus_path: Path) -> tuple[Path | None, bool]:
     """A new persona's file, naming its first version; an existing persona's file is left as it is.
@@ -272,7 +256,7 @@ def _write_persona_file(settings: Settings, persona: Persona | None, name: str, 
     folder = settings.user_personas_dir
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.toml"
-    _write_atomically(path, tomli_w.dumps(persona_template(name, base, version, corpus_path)))
+    write_whole(path, tomli_w.dumps(persona_template(name, base, version, corpus_path)))
     load_persona_file(path)  # what we wrote must load
     return path, True
 

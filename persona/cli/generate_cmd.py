@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import stat
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ from persona.cli.talk import (
 from persona.cli.training_common import persona_with_weights
 from persona.contract import MAX_NEW_TOKENS, MAX_SEED
 from persona.errors import QueueError, ReplyTimeout, RequestFailed, UsageError
+from persona.whole_files import write_whole
 
 __all__ = ["generate", "register"]
 
@@ -270,25 +270,13 @@ def _write_samples(texts: list[str], out: Path | None, json_output: bool = False
 
 
 def _replace_whole(out: Path, content: str) -> None:
-    """Put ``content`` in ``out`` whole or not at all: written beside it, then moved in. Written
-    in place, a full disk emptied the earlier samples and left a cut-off part of the new ones."""
+    """Put ``content`` in ``out`` whole or not at all (``write_whole``). Written in place, a full
+    disk emptied the earlier samples and left a cut-off part of the new ones."""
     target = out.resolve() if out.is_symlink() else out  # written where the link points
     if target.exists() and not stat.S_ISREG(target.stat().st_mode):  # a pipe, /dev/null, a terminal
         target.write_text(content)  # written into, as ever: moving a file over one would replace it
         return
-    # Hidden, and of this process: no other writes it.
-    partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
-    try:
-        with partial.open("w") as file:
-            file.write(content)
-            file.flush()
-            os.fsync(file.fileno())  # on disk before the name moves: else a power cut may leave it empty
-        if target.exists():
-            shutil.copymode(target, partial)  # who may read it, as when it was written over
-        os.replace(partial, target)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
+    write_whole(target, content)
 
 
 def register(app: typer.Typer) -> None:
