@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import errno
 import functools
-import importlib.util
 import logging
 import os
 import re
@@ -32,6 +31,7 @@ from pydantic import (
 
 from persona.contract import MAX_SEED, SamplingOverrides, StopString
 from persona.errors import ConfigError, UnknownPersona, closest
+from persona.extras import install_command, installed
 from persona.settings import Settings
 
 __all__ = [
@@ -275,9 +275,9 @@ def unscheduled_reason(persona: Persona) -> str:
         return f"adapters does not list \"scheduler\" (it lists {', '.join(persona.adapters) or 'none'}); add it to post on schedule"
     if not persona.schedule.sinks:
         return "schedule.sinks is empty; name where the posts go, e.g. sinks = [\"file:posts.jsonl\"]"
-    if importlib.util.find_spec("croniter") is None:  # no scheduler runs, and its cron goes unchecked
+    if not installed("croniter"):  # no scheduler runs, and its cron goes unchecked
         return ("the posting extra is not installed, so nothing posts on schedule and schedule.cron cannot be "
-                "checked: pip install 'persona[posting]'")
+                f"checked: {install_command('posting')}")
     return ""
 
 

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from persona.errors import ConfigError, DataDirUnwritable
+from persona.extras import EXTRA_OF_MODULE, install_command, installed
 from persona.settings import Settings
 
 __all__ = [
@@ -210,36 +211,29 @@ def services_for_up(settings: Settings, *, workers: int = 1, dashboard: bool = T
             continue
         if extra := missing_extra(command):
             if unstarted:
-                log.warning("%s: it needs the %s extra, which is not installed: pip install 'persona[%s]'",
-                            unstarted, extra, extra)
+                log.warning("%s: it needs the %s extra, which is not installed: %s", unstarted, extra, install_command(extra))
             continue
         services.append(Service(command, [command]))
     return services
 
 
-# The third-party modules each optional service imports, and the extra (pyproject.toml's
-# optional-dependencies) that installs them. Persona's own modules are always there.
+# The third-party modules each optional service imports (persona's own are always there),
+# and the extra that installs them (``persona.extras``).
+SERVICE_MODULES: dict[str, tuple[str, ...]] = {
+    "dashboard": ("fastapi", "uvicorn", "prometheus_client"),
+    "discord": ("discord",),
+    "telegram": ("telegram",),
+    "scheduler": ("croniter",),
+}
 SERVICE_EXTRAS: dict[str, tuple[tuple[str, ...], str]] = {
-    "dashboard": (("fastapi", "uvicorn", "prometheus_client"), "dashboard"),
-    "discord": (("discord",), "discord"),
-    "telegram": (("telegram",), "telegram"),
-    "scheduler": (("croniter",), "posting"),
+    service: (modules, EXTRA_OF_MODULE[modules[0]]) for service, modules in SERVICE_MODULES.items()
 }
 
 
 def missing_extra(service: str) -> str:
     """The extra ``service`` needs that is not installed ('' when it can start)."""
     modules, extra = SERVICE_EXTRAS[service]
-    return "" if all(_importable(module) for module in modules) else extra
-
-
-def _importable(module: str) -> bool:
-    import importlib.util
-
-    try:
-        return importlib.util.find_spec(module) is not None
-    except ImportError:
-        return False
+    return "" if all(installed(module) for module in modules) else extra
 
 
 @dataclass

@@ -36,6 +36,7 @@ from persona.errors import (
     RedisUnavailable,
     UsageError,
 )
+from persona.extras import EXTRA_OF_MODULE, install_command
 from persona.logs import hide_secrets, secrets_of
 from persona.settings import Settings, explain_settings_error
 from persona.supervisor import config_error_exit_status
@@ -282,24 +283,10 @@ def friendly_errors(func: Callable[P, R]) -> Callable[P, R]:
     return wrapper
 
 
-# The extra (pyproject.toml's optional-dependencies) that installs each third-party module
-# the optional parts import; tests/test_packaging.py checks the two agree.
-EXTRA_OF_MODULE = {
-    "fastapi": "dashboard", "starlette": "dashboard", "uvicorn": "dashboard", "prometheus_client": "dashboard",
-    "discord": "discord", "aiohttp": "discord",  # discord.py's own HTTP client
-    "telegram": "telegram",
-    "croniter": "posting", "tweepy": "posting", "mastodon": "posting", "atproto": "posting",
-    "atproto_client": "posting",
-    "pypdf": "train", "yaml": "train", "tqdm": "train",
-    "llama_cpp": "fast",
-}
-
-
 def _needs_extra(extra: str, module: str) -> str:
     """What to install for a command that stopped on ``module`` missing: its extra, by name.
     The traceback named the module alone (aiohttp, for `persona discord`), never the extra."""
-    return (f"this needs the {extra} extra, which is not installed (no module named {module!r}): "
-            f"pip install 'persona[{extra}]'")
+    return f"this needs the {extra} extra, which is not installed (no module named {module!r}): {install_command(extra)}"
 
 
 def _exit_status(exc: PersonaError) -> int:
