@@ -12,8 +12,6 @@ import os
 import resource
 import subprocess
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -22,6 +20,7 @@ from persona.checkpoints import list_checkpoints
 from persona.errors import ModelError
 from persona.personas import PersonaRegistry
 from persona.settings import Settings
+from tests.fakes.full_disk import disk_refusing_files_over
 from tests.fakes.scripted_worker import scripted_worker
 from tests.reporters import Recorder
 from tests.sayings import SAYINGS
@@ -37,17 +36,6 @@ def persona(*args: str, env: dict[str, str], file_size_limit_bytes: int | None =
              "runpy.run_module('persona', run_name='__main__')")
     return subprocess.run([sys.executable, "-c", start, *args], env=env, capture_output=True, text=True, timeout=60,
                           check=False)
-
-
-@contextmanager
-def files_limited_to(size_bytes: int) -> Iterator[None]:
-    """Writes past ``size_bytes`` into any file refused in this process (EFBIG), as a full disk refuses them."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (size_bytes, hard))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
 
 
 @pytest.fixture
@@ -96,7 +84,7 @@ def test_a_full_disk_while_the_bundled_model_converts_says_so_and_leaves_no_part
 
     cache = tmp_path / "data" / "model-cache"
     # Room for its config and tokenizer (2 MB), not for its weights (538 MB).
-    with files_limited_to(50 * 2**20), pytest.raises(DataDirUnwritable) as refused:
+    with disk_refusing_files_over(50 * 2**20), pytest.raises(DataDirUnwritable) as refused:
         load_model("smollm2", cache_dir=cache, dtype="float32")
     assert str(refused.value).startswith(f"cannot keep data in {tmp_path / 'data'} (File too large"), refused.value
     assert not (cache / BUNDLED_CACHE_NAME).exists()
@@ -206,7 +194,7 @@ def test_llama_cpp_short_of_room_for_its_gguf_says_the_room_was_short_not_llama_
 
     small = write_gguf(tiny_llama.model, tiny_llama.tokenizer, tmp_path / "small.q4_1.gguf", "q4_1")  # 1 MB
     target = tmp_path / "cache" / "big.f32.gguf"  # 6 MB
-    with files_limited_to(3 * 2**20), pytest.raises(ModelError) as refused:
+    with disk_refusing_files_over(3 * 2**20), pytest.raises(ModelError) as refused:
         requantize_gguf(small, target, "f32")
     said = str(refused.value)
     assert said.startswith("llama.cpp could not write big.f32.gguf (f32, about 6 MB): "), said

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import resource
 import signal
 import time
 from collections.abc import Iterator
@@ -20,6 +19,7 @@ from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 from persona.errors import ModelError
 from persona.models import load_model
+from tests.fakes.full_disk import disk_refusing_files_over
 from tests.reporters import Recorder, press_ctrl_c
 from tests.sayings import SIX_SAYINGS as SAYINGS
 from training.batching import batch_tensors, encode_documents
@@ -355,18 +355,6 @@ def test_same_seed_same_weights_other_seed_other_weights(tiny_gpt2_dir: Path, tm
 def test_resume_without_a_saved_run_says_so(tiny_gpt2_dir: Path, tmp_path: Path):
     with pytest.raises(ModelError, match="nothing to resume"):
         train(TrainConfig(steps=2, samples=0), corpus(), tiny_gpt2_dir, tmp_path / "none", resume=True)
-
-
-@contextmanager
-def disk_refusing_files_over(size_bytes: int) -> Iterator[None]:
-    """A disk with no room for a file over ``size_bytes``: the system refuses the write
-    (EFBIG, as a full disk refuses with ENOSPC)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (size_bytes, hard))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
 
 
 @pytest.mark.parametrize("room", [100_000, 300_000], ids=["best-weights", "run-state"])
