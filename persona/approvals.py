@@ -5,6 +5,11 @@ its id sits in a sorted set by creation time. Approving or rejecting moves it ou
 the pending set in one script, so two operators cannot both act on the same post. A post
 left waiting lapses after ``APPROVAL_TTL_S`` (its hash expires). Its times are Redis's,
 the clock every machine that reads them shares.
+
+Approving also writes the post into its slot's ledger record (``persona.ledger``: state
+``approved``, the text that goes out) in that same script, fenced by the approver's claim on
+the slot and its hold on the persona's text choice: there is no moment at which a post is
+approved while its slot still reads as waiting (listed nowhere, its edit unseen by other posts).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import redis
 from persona import constants as keys
 from persona.errors import PostingError
 from persona.heartbeat import redis_now, redis_time
+from persona.ledger import CHOOSING_LEASE_MS, CHOOSING_LOCK_SLOT
 
 __all__ = ["Approval", "ApprovalQueue"]
 
@@ -32,6 +38,20 @@ end
 redis.call('HSET', KEYS[1], 'state', ARGV[1], 'decided', ARGV[2])
 if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'text', ARGV[3]) end
 redis.call('ZREM', KEYS[2], ARGV[4])
+return 'ok'
+"""
+
+# Approve a pending post and write it into its slot's record, in one step, only while the approver
+# holds the slot (KEYS[3]) and the persona's text choice (KEYS[5]); else change nothing.
+APPROVE_SCRIPT = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if state ~= 'pending' then return state or 'missing' end
+if redis.call('GET', KEYS[3]) ~= ARGV[1] then return 'lost' end
+if redis.call('GET', KEYS[5]) ~= ARGV[2] then return 'choosing' end
+if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'text', ARGV[3]) end
+redis.call('HSET', KEYS[1], 'state', 'approved', 'decided', ARGV[4])
+redis.call('ZREM', KEYS[2], ARGV[5])
+redis.call('HSET', KEYS[4], 'text', redis.call('HGET', KEYS[1], 'text'), 'state', 'approved', 'updated', ARGV[4])
 return 'ok'
 """
 
@@ -79,6 +99,7 @@ class ApprovalQueue:
     def __init__(self, client: redis.Redis) -> None:
         self.redis = client
         self._decide = client.register_script(DECIDE_SCRIPT)
+        self._approve = client.register_script(APPROVE_SCRIPT)
 
     def add(self, persona: str, slot: str, text: str, sinks: list[str], alternatives: list[str]) -> Approval:
         """Put a curated post in the queue; returns it with its short id."""
@@ -142,3 +163,27 @@ class ApprovalQueue:
         if outcome != "ok":
             raise PostingError(f"post {approval_id} was already {outcome}")
         return self.get(approval_id)
+
+    def approve(self, waiting: Approval, text: str, *, owner: str, choosing: str) -> Approval:
+        """Mark a pending post approved (``text``: its edit, or '' for its own) and its slot's ledger
+        record ``approved`` with that text, in one step; ``owner`` must still hold the slot and
+        ``choosing`` the persona's text choice (``PostLedger.choosing``), else nothing changes."""
+        now = time.time()
+        outcome = self._approve(
+            keys=[keys.approval_key(waiting.id), keys.APPROVALS_PENDING_KEY, keys.post_lock_key(waiting.persona, waiting.slot),
+                  keys.post_record_key(waiting.persona, waiting.slot), keys.post_lock_key(waiting.persona, CHOOSING_LOCK_SLOT)],
+            args=[owner, choosing, text, now, waiting.id],
+        )
+        outcome = outcome.decode() if isinstance(outcome, bytes) else outcome
+        still = f"nothing was posted and post {waiting.id} still waits: `persona posts approve {waiting.id}` again"
+        if outcome == "lost":
+            raise PostingError(f"lost the claim on {waiting.persona} slot {waiting.slot} before approving it (its lease, "
+                               f"posting.lease_s, ran out; another poster may hold it now); {still}")
+        if outcome == "choosing":
+            raise PostingError(f"the text of post {waiting.id} took more than {CHOOSING_LEASE_MS // 1000} s to check against "
+                               f"{waiting.persona}'s other posts, and another poster may have chosen the same text meanwhile; {still}")
+        if outcome == "missing":
+            raise PostingError(_unknown(waiting.id))
+        if outcome != "ok":
+            raise PostingError(f"post {waiting.id} was already {outcome}")
+        return self.get(waiting.id)

@@ -8,7 +8,8 @@ exactly once. With approval on, the post waits in the approval queue instead.
 
 The text is checked against the persona's other posts (recent, waiting for approval, or
 open in another slot) and saved in one hold of the persona's text choice
-(``PostLedger.choosing``): two posters at one moment cannot both find a text new.
+(``PostLedger.choosing``): two posters at one moment cannot both find a text new. An
+approver's edit is checked and saved so too (``Poster.approve``).
 """
 
 from __future__ import annotations
@@ -36,13 +37,14 @@ from persona.curation import (
     FLAW_WORDS,
     Curated,
     curate,
+    is_near_repeat,
     limit_for,
     load_corpus,
     over_limits,
 )
 from persona.errors import ConfigError, PostingError
 from persona.ledger import FINAL_STATES, PostLedger
-from persona.originality import CopyIndex
+from persona.originality import CopyIndex, words
 from persona.personas import Persona, PersonaRegistry
 from persona.settings import Settings
 
@@ -314,8 +316,9 @@ class Poster:
     def approve(self, approval_id: str, text: str | None = None) -> PostOutcome:
         """Publish a waiting post (optionally with edited text) to its sinks.
 
-        Approving it again retries the sinks that a refusal, a rate limit or a crash
-        left out (the slot's ledger keeps those already posted from a second post).
+        An edit is refused (the post still waits) if it says nearly what another of the persona's
+        posts says (``_check_edit_new``). Approving it again retries the sinks that a refusal, a
+        rate limit or a crash left out (the slot's ledger keeps those already posted from a second post).
         """
         waiting = self.approvals.get(approval_id)
         retry = waiting.state == "approved"
@@ -336,9 +339,15 @@ class Poster:
         if not claim.claimed:
             return self._unclaimed(persona.name, waiting.slot, claim.outcome, claim.state, by_hand=True)
         try:
-            if not retry:
-                waiting = self.approvals.decide(approval_id, "approved", text or "")
-            self.ledger.save(persona.name, waiting.slot, text=waiting.text, state="approved")
+            # The edit is checked and shown to the others (the slot's record) in one hold of the
+            # persona's text choice, as a generated text is (``_post_claimed``).
+            with self.ledger.choosing(persona.name) as choosing:
+                if retry:  # its record says approved already, unless an older approver stopped between the two writes
+                    self.ledger.save(persona.name, waiting.slot, choosing=choosing, text=waiting.text, state="approved")
+                else:
+                    if text is not None and text != waiting.text:
+                        self._check_edit_new(waiting, text)
+                    waiting = self.approvals.approve(waiting, text or "", owner=self.ledger.owner, choosing=choosing)
             outcome = PostOutcome(persona.name, waiting.slot, "posted", text=waiting.text, approval_id=approval_id)
             outcome = self.publisher.publish(persona.name, waiting.slot, sinks, outcome)
             if outcome.status == "failed":
@@ -363,6 +372,30 @@ class Poster:
                 f"(post {approval_id} still waits)"
             )
         return edited
+
+    def _check_edit_new(self, waiting: Approval, text: str) -> None:
+        """PostingError if an approver's edit says (nearly) what one of the persona's recent posts,
+        another post waiting for approval or another open slot says: the near-repeat check a
+        generated text gets (``_curate``). The post still waits."""
+        name = waiting.persona
+        # Read in the order a post moves (waiting, open, recent): one that moves on between two
+        # reads is met in the next. (Held here, the choosing lock stops waiting -> open; a
+        # publisher finishing moves open -> recent at any moment.)
+        others = [(f"post {a.id} of {name}, waiting for approval", a.text)
+                  for a in self.approvals.pending() if a.persona == name and a.id != waiting.id]
+        others += [(f"the text of {name}'s slot {s}, being posted", t)
+                   for s, t in self.ledger.open_texts(name).items() if s != waiting.slot]
+        others += [(f"one of {name}'s recent posts", t) for t in self.ledger.recent_texts(name, self.settings.posting.recent_posts)]
+        same = " ".join(text.split())
+        for where, other in others:
+            exact = same == " ".join(other.split())
+            if exact or (words(text) and is_near_repeat(text, [other])):  # no words (emoji alone): only the same text
+                raise PostingError(
+                    f"the edited text is {'the same as' if exact else 'nearly the same as'} {where} ({other!r}); "
+                    f"nothing was posted and post {waiting.id} still waits: edit it again "
+                    f"(`persona posts approve {waiting.id} --text ...`), approve it as it was chosen "
+                    f"(`persona posts approve {waiting.id}` without --text), or drop it (`persona posts reject {waiting.id}`)"
+                )
 
     def reject(self, approval_id: str) -> Approval:
         """Drop a waiting post; its slot is closed as rejected."""
