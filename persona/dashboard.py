@@ -28,8 +28,9 @@ Persona files that cannot be read are listed too, and a persona no worker can lo
 Two probes, open without the token (a probe seldom carries one) and answering at once:
 ``/healthz`` is liveness, 200 while the process serves HTTP, Redis or not (restarting
 the dashboard would not bring Redis back); ``/readyz`` is readiness, 200 when Redis can
-be read and takes a write (a short-lived ``persona:readyz-probe``: a full Redis, one that
-cannot save, or a replica, refuses it), else 503 with the reason, tried once within ``READY_TIMEOUT_S`` (the page's
+be read and takes a write (``monitoring.write_probe``'s short-lived ``persona:write-probe``,
+which the page's figures write too: a full Redis, one that cannot save, or a replica,
+refuses it), else 503 with the reason, tried once within ``READY_TIMEOUT_S`` (the page's
 reads retry with backoff for seconds, longer than a probe waits). A container
 healthcheck or a load balancer should ask ``/readyz``. Neither waits for a worker thread:
 the page's reads and scrapes run on those, and a Redis that stops answering held each for
@@ -83,7 +84,7 @@ from persona.dead_letters import (
 from persona.errors import ConfigError, ModelError, QueueBusy
 from persona.logs import secrets_of
 from persona.models import BUNDLED_ALIASES, resolve_base
-from persona.monitoring import QueueStats, collect_stats, warn_if_evicting
+from persona.monitoring import QueueStats, collect_stats, warn_if_evicting, write_probe
 from persona.personas import Persona, PersonaRegistry
 from persona.settings import Settings
 from persona.swap import served_versions
@@ -100,9 +101,6 @@ READY_TIMEOUT_S = 2.0  # under a probe's usual timeout (Compose's and Kubernetes
 # How long a page read or a scrape retries a Redis that fails (a silent one: until its
 # first read timeout, 5 s) before it answers 503: redis-py's own 8 reconnects took 54 s.
 READ_GIVE_UP_S = 3.0
-# What /readyz writes to learn that Redis takes changes: a key of its own, gone in seconds.
-READY_PROBE_KEY = keys.KEY_PREFIX + "readyz-probe"
-READY_PROBE_TTL_MS = 10_000
 
 
 def _reading() -> contextlib.AbstractContextManager[None]:
@@ -341,7 +339,7 @@ def create_app(
         try:
             # A Redis that answers reads but refuses every change (full, unable to save, a
             # replica) queues nothing: /readyz said ready. Watched apart, as the page's reads work.
-            await asyncio.to_thread(probe.set, READY_PROBE_KEY, b"1", px=READY_PROBE_TTL_MS)
+            await asyncio.to_thread(write_probe, probe)
         except redis.exceptions.RedisError as exc:
             return JSONResponse({"ready": False, "detail": writes.failed(exc)}, status_code=503)
         writes.read()

@@ -119,10 +119,8 @@ function render(data){
   document.getElementById('dead-note').textContent = data.dead_note || '';  // trimmed at the cap, or near it
   document.getElementById('stuck-count').textContent = s.stuck.length;
   // A Redis that refuses every change (full, unable to save to disk, a replica), or that deletes keys to
-  // make room (maxmemory-policy): what to fix, above everything; its being full said once.
-  const memoryWarning = (s.redis_memory && s.redis_memory.warning) || '';
-  document.getElementById('redis-warning').textContent = [s.writes_refused || '']
-    .concat(memoryWarning !== s.writes_refused ? [memoryWarning] : []).filter(Boolean).join('\\n');
+  // make room (maxmemory-policy): what to fix, above everything, in the order `persona queue stats` says it.
+  document.getElementById('redis-warning').textContent = (s.redis_warnings || []).join('\\n');
   // Withdrawn and expired: not taken yet and no longer wanted (a worker discards them), so not waiting.
   rows('streams', s.streams, x => [esc(x.label), '#' + x.waiting, '#' + x.in_flight, '#' + x.oldest_waiting_s.toFixed(1) + 's',
                                    '#' + x.withdrawn, '#' + x.expired]);

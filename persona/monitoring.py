@@ -13,9 +13,11 @@ it was submitted (its stream full, or its user with their share waiting) was nev
 it is counted as refused, by why.
 
 Whether Redis takes changes at all is learnt by writing a short-lived key of its own
-(``WRITE_PROBE_KEY``), as ``/readyz`` does: one that refuses every change (full, unable to
-save its data to disk, a read-only replica) refuses workers' heartbeats too, so none is
-listed live while the workers still run.
+(``write_probe``, which ``/readyz`` writes too): one that refuses every change (full, unable
+to save its data to disk, a read-only replica) refuses workers' heartbeats too, so none is
+listed live while the workers still run. What an operator must fix in Redis is listed once,
+in the order to say it (``QueueStats.redis_warnings``), for `queue stats`, `queue watch` and
+the page alike.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ from persona.telemetry import LatencySummary, counters_named, read_counts, summa
 
 __all__ = [
     "QueueStats", "RedisMemory", "StreamStats", "StuckEntry", "collect_stats", "find_stuck", "read_memory", "stream_label",
-    "warn_if_evicting", "writes_refused",
+    "warn_if_evicting", "write_probe", "writes_refused",
 ]
 
 log = logging.getLogger(__name__)
@@ -69,8 +71,8 @@ ALWAYS_COUNTED = ("completed", "tokens", "withdrawn", "expired", "dead_lettered"
 KEEPING_POLICY = "noeviction"
 # Tries at reading the counters and the dead letters held with nothing set aside between.
 CONSISTENT_READ_TRIES = 3
-# What a reading of the figures writes to learn that Redis takes changes: a key of its own,
-# gone in seconds (``/readyz`` writes its own).
+# What a reading of the figures and ``/readyz`` write to learn that Redis takes changes: a
+# key of its own, gone in seconds.
 WRITE_PROBE_KEY = keys.KEY_PREFIX + "write-probe"
 WRITE_PROBE_TTL_MS = 10_000
 
@@ -181,6 +183,12 @@ def warn_if_evicting(client: redis.Redis) -> RedisMemory | None:
     return memory
 
 
+def write_probe(client: redis.Redis) -> None:
+    """Write persona's short-lived probe key, to learn that Redis takes changes; raises what
+    Redis answers where it refuses them (full, unable to save to disk, a read-only replica)."""
+    client.set(WRITE_PROBE_KEY, b"1", px=WRITE_PROBE_TTL_MS)
+
+
 def writes_refused(client: redis.Redis, memory: RedisMemory | None = None) -> str:
     """Why Redis refuses every change, in one line that says what to do; '' while it takes
     them. Full (``memory``, its figures, says so without a write), unable to save its data to
@@ -188,7 +196,7 @@ def writes_refused(client: redis.Redis, memory: RedisMemory | None = None) -> st
     if memory is not None and memory.full:
         return memory.warning
     try:
-        client.set(WRITE_PROBE_KEY, b"1", px=WRITE_PROBE_TTL_MS)
+        write_probe(client)
     except redis.exceptions.NoPermissionError:  # a user kept to reads (a monitor's): not the workers' refusal
         return ""
     except redis.exceptions.ResponseError as exc:
@@ -234,6 +242,15 @@ class QueueStats(BaseModel):
     redis_time: float = Field(0.0, description="Redis's time when read: what each worker's last_seen is measured against")
 
     # Computed fields: in `queue stats --json` too, as the table shows them.
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def redis_warnings(self) -> list[str]:
+        """What an operator must fix in Redis, most urgent first: that it refuses every change
+        (writes_refused), then what its memory figures warn of; its being full said once."""
+        found = [self.writes_refused] if self.writes_refused else []
+        memory = self.redis_memory.warning if self.redis_memory is not None else ""
+        return found + [memory] if memory and memory not in found else found
+
     @computed_field  # type: ignore[prop-decorator]
     @property
     def completed(self) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -27,6 +28,7 @@ from persona.dashboard import create_app
 from persona.dashboard_access import check_binding
 from persona.dashboard_page import PAGE_HTML
 from persona.errors import ConfigError, QueueBusy
+from persona.monitoring import WRITE_PROBE_KEY
 from persona.queue import QueueClient, WorkQueue
 from persona.settings import Settings
 from persona.supervisor import services_for_up
@@ -609,12 +611,14 @@ def test_a_worker_loading_its_models_is_on_the_page_and_in_metrics_apart(
 def test_a_redis_that_cannot_save_is_said_above_the_page_and_not_blamed_on_workers(own_redis, dashboard, tmp_path):
     """A Redis that cannot save to disk refuses every change, workers' heartbeats too: /readyz
     said so, but the page showed no hint, only "0 live: nothing is answered; start one with
-    `persona worker`" while a worker ran."""
+    `persona worker`" while a worker ran. What else it warns of (here: it deletes keys when
+    full) follows, in the order `persona queue stats` says them (``redis_warnings``)."""
     from tests.test_monitoring import redis_unable_to_save
+    from tests.test_redis_limits import evicting
 
     _, url, client = own_redis
     base = dashboard(url=url)
-    with redis_unable_to_save(client, tmp_path / "gone"):
+    with evicting(client), redis_unable_to_save(client, tmp_path / "gone"):
         figures = httpx.get(f"{base}/api/stats").json()["stats"]
         dom = subprocess.run([*_chromium(tmp_path), "--dump-dom", base], capture_output=True, check=False, text=True,
                              timeout=120)
@@ -624,7 +628,9 @@ def test_a_redis_that_cannot_save_is_said_above_the_page_and_not_blamed_on_worke
     workers = dom.stdout.split('id="workers-note"')[1].split("</p>")[0]
     assert "0 live: no worker can be listed while Redis refuses changes (see above)" in workers, workers
     assert "start one" not in workers
-    assert figures["writes_refused"] == said  # the page shows what /api/stats says
+    refusal, memory = figures["redis_warnings"]  # the page shows what /api/stats says, in its order
+    assert said == f"{refusal}\n{memory}" and refusal == figures["writes_refused"], said
+    assert memory.startswith("Redis deletes keys when full (maxmemory-policy allkeys-lru"), memory
 
 
 def wait_until_answering(process: subprocess.Popen, url: str) -> None:
@@ -948,7 +954,7 @@ def test_an_evicting_redis_is_on_the_page_and_in_metrics_for_an_alert(settings, 
     assert samples[("persona_redis_evicts", ())] == 1 and samples[("persona_redis_evicted_keys_total", ())] == 0
     assert samples[("persona_redis_maxmemory_bytes", ())] == 1 << 30 and samples[("persona_redis_used_memory_bytes", ())] > 0
     assert "maxmemory-policy allkeys-lru" in figures["redis_memory"]["warning"]
-    assert 'id="redis-warning"' in PAGE_HTML and "s.redis_memory.warning" in PAGE_HTML
+    assert figures["redis_warnings"] == [figures["redis_memory"]["warning"]]  # what the page shows above everything
 
 
 def test_a_full_redis_is_not_ready_and_said_full_while_its_figures_still_read(settings, redis_client, dashboard, caplog):
@@ -966,7 +972,32 @@ def test_a_full_redis_is_not_ready_and_said_full_while_its_figures_still_read(se
     assert samples[("persona_redis_up", ())] == 1 and samples[("persona_queue_waiting", (("stream", "chat"),))] == 0
     assert "is Redis running" not in caplog.text
     assert httpx.get(f"{base}/readyz").json() == {"ready": True}
-    assert 0 < redis_client.pttl("persona:readyz-probe") <= 10_000  # the probe's key lapses on its own
+    assert 0 < redis_client.pttl(WRITE_PROBE_KEY) <= 10_000  # the probe's key lapses on its own
+
+
+def test_readyz_and_the_figures_learn_that_redis_takes_changes_from_one_probe_key(settings, redis_client, dashboard):
+    """/readyz and the page's figures (`queue stats`') each wrote a probe key of their own,
+    ``persona:readyz-probe`` and ``persona:write-probe``: one does for both."""
+    base = dashboard()
+    assert httpx.get(f"{base}/readyz").json() == {"ready": True}
+    assert httpx.get(f"{base}/api/stats").status_code == 200
+    assert set(redis_client.scan_iter(match="persona:*probe*")) == {WRITE_PROBE_KEY.encode()}
+
+
+def test_readyz_says_redis_refuses_changes_in_its_log_once_and_that_it_takes_them_again_once(
+    settings, redis_client, dashboard, caplog
+):
+    """A probe asks every few seconds: a Redis that refuses changes is logged when it starts
+    to, and when it stops, not at every probe."""
+    base = dashboard()
+    caplog.set_level(logging.INFO, logger="persona.dashboard")
+    with redis_refusing_writes(redis_client):
+        answers = [httpx.get(f"{base}/readyz") for _ in range(3)]
+    assert [a.status_code for a in answers] == [503] * 3
+    assert [httpx.get(f"{base}/readyz").status_code for _ in range(3)] == [200] * 3
+    said = [r.getMessage() for r in caplog.records if r.name == "persona.dashboard"]
+    assert [line for line in said if line.startswith("Redis is full")] == [answers[0].json()["detail"]], said
+    assert said.count("Redis takes changes again") == 1, said
 
 
 def test_a_folder_of_persona_files_that_cannot_be_read_is_counted_and_shown_as_a_folder(

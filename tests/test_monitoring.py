@@ -777,3 +777,31 @@ def test_a_read_only_replica_and_a_full_redis_are_each_said_once_as_refusing_cha
     line = summary_line(figures)
     assert figures.writes_refused == figures.redis_memory.warning and figures.writes_refused.startswith("Redis is full")
     assert line.startswith("warning: Redis is full") and line.count("Redis is full") == 1, line
+
+
+def test_redis_warnings_are_one_ordered_list_that_queue_stats_and_its_json_share(settings, own_redis, tmp_path):
+    """`queue stats` and the page each worked out the order of Redis's warnings on their own
+    (the refusal first, then the memory warning unless it says the same); the figures carry
+    it once, as ``redis_warnings`` (in --json too), and the table says it in that order."""
+    from tests.test_redis_limits import evicting
+
+    _, url, client = own_redis
+    assert collect_stats(client).redis_warnings == []  # nothing to fix
+    with evicting(client), redis_unable_to_save(client, tmp_path / "gone"):
+        figures = json.loads(_queue_stats_command(settings, url, "--json").stdout)
+        table = _queue_stats_command(settings, url).stdout
+    refusal, memory = figures["redis_warnings"]
+    assert refusal == figures["writes_refused"] and refusal.startswith("Redis cannot write its data to disk")
+    assert memory == figures["redis_memory"]["warning"] and memory.startswith("Redis deletes keys when full")
+    lines = table.rstrip().splitlines()
+    assert lines[0] == f"warning: {refusal}", table  # above the figures: it explains them (no worker live)
+    assert lines[-1] == f"warning: {memory}", table  # below them
+
+
+def test_a_full_redis_is_one_warning_in_redis_warnings(redis_client):
+    """Full is both a refusal of changes and a memory warning, in the same words: listed once."""
+    from tests.fakes.full_redis import redis_refusing_writes
+
+    with redis_refusing_writes(redis_client):
+        figures = collect_stats(redis_client)
+    assert figures.redis_warnings == [figures.writes_refused] and figures.writes_refused.startswith("Redis is full")

@@ -162,14 +162,6 @@ def _no_live_worker(stats: QueueStats) -> str:
     return "no live worker, so nothing is answered; start one with `persona worker` (or `persona up`)"
 
 
-def _redis_warnings(stats: QueueStats) -> list[str]:
-    """What an operator must fix in Redis, most urgent first: that it refuses every change
-    (and why), then what its memory figures warn of (said once where both are its being full)."""
-    found = [stats.writes_refused] if stats.writes_refused else []
-    memory = stats.redis_memory.warning if stats.redis_memory is not None else ""
-    return found + [memory] if memory and memory not in found else found
-
-
 def render_stuck(stats: QueueStats) -> Table:
     """Requests in flight that should not be."""
     table = WholeNumbersTable("request", "persona", "worker", "held", "deliveries", "why", numbers=("held", "deliveries"),
@@ -181,7 +173,7 @@ def render_stuck(stats: QueueStats) -> Table:
 
 def render_all(stats: QueueStats) -> Group:
     """Every section, for `stats` and each frame of `watch`."""
-    warnings = [Text(f"warning: {line}", style="yellow") for line in _redis_warnings(stats)]
+    warnings = [Text(f"warning: {line}", style="yellow") for line in stats.redis_warnings]
     # Redis refusing every change comes first: it explains the figures below (no worker live).
     first, last = (warnings[:1], warnings[1:]) if stats.writes_refused else ([], warnings)
     parts = [*first, render_stats(stats), render_latency(stats), render_workers(stats)]
@@ -274,7 +266,7 @@ def summary_line(stats: QueueStats) -> str:
         parts.append(f"workers {live}" + ("" if live else " (nothing is answered: start `persona worker`)"))
     if stats.stuck:
         parts.append(f"stuck {len(stats.stuck)} (see `persona queue stats`)")
-    warnings = [f"warning: {line}" for line in _redis_warnings(stats)]
+    warnings = [f"warning: {line}" for line in stats.redis_warnings]
     # Redis refusing every change leads the line: it explains the figures (no worker live).
     return "; ".join(warnings[:1] + parts + warnings[1:] if stats.writes_refused else parts + warnings)
 
