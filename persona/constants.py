@@ -18,6 +18,9 @@ REPLY_KEY_PREFIX = KEY_PREFIX + "reply:"
 # One mark per request: '' once it is queued (so a re-sent submission is not queued
 # again), then the name of the first worker that answers it (so no one answers twice).
 ANSWERED_KEY_PREFIX = KEY_PREFIX + "answered:"
+# A refused request's mark (its value: why it was refused first), so that a refusal is
+# counted once per request however often it is sent again (``queue_scripts.SUBMIT_SCRIPT``).
+REFUSED_KEY_PREFIX = KEY_PREFIX + "refused:"
 # Set by a caller that no longer wants its answer (/cancel).
 CANCEL_KEY_PREFIX = KEY_PREFIX + "cancel:"
 # Counts cancellations. Each queued entry carries its value at submission, so a worker
@@ -106,6 +109,10 @@ def reply_key(request_id: str) -> str:
 
 def answered_key(request_id: str) -> str:
     return ANSWERED_KEY_PREFIX + request_id
+
+
+def refused_key(request_id: str) -> str:
+    return REFUSED_KEY_PREFIX + request_id
 
 
 def cancel_key(request_id: str) -> str:

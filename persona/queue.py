@@ -48,6 +48,7 @@ from persona.connection import retrying_until
 from persona.contract import GenerationReply, GenerationRequest, Priority
 from persona.errors import InvalidRequest, QueueBusy
 from persona.queue_scripts import CANCEL_SCRIPT, SUBMIT_SCRIPT
+from persona.redis_refusals import too_few_replicas
 from persona.settings import QueueSettings
 from persona.unanswered import LONGER_WAIT, last_look, no_reply
 from persona.validation import check_request
@@ -83,6 +84,7 @@ def _submit_keys_args(
     stream_keys = [
         stream_for(request.priority), user_key, keys.CANCEL_EPOCH_KEY, keys.cancel_key(request.id),
         keys.reply_key(request.id), keys.answered_key(request.id), keys.STATS_KEY,  # where a refusal is counted
+        keys.refused_key(request.id),  # so that it is counted once
     ]
     return stream_keys, [
         settings.max_length, request.to_json(), settings.max_pending_per_user, hold_s, int(waiting),
@@ -122,6 +124,8 @@ def _why_not_now(exc: redis.exceptions.RedisError) -> str:
     """What cut a wait short, for its log line."""
     if isinstance(exc, redis.exceptions.MaxConnectionsError):
         return "every connection this program may open to Redis is in use"
+    if too_few_replicas(exc):
+        return "Redis refuses writes until enough of its replicas are in step with it (min-replicas-to-write)"
     if isinstance(exc, redis.exceptions.ResponseError):
         return "Redis refuses writes for now"
     return "Redis cannot be reached"
@@ -228,7 +232,9 @@ class _Caller:
         """How long to pause before trying a wait again that Redis being out of reach cut
         short; re-raises ``exc`` if the wait's time is up or the error is not an outage (see
         ``outage_pause``; ``queued``: whether the request is). Said once a wait (``first``):
-        every second, it filled the terminal of a `persona ask`."""
+        every second, it filled the terminal of a `persona ask`. A primary refusing writes
+        until its replicas catch up (NOREPLICAS) is ridden out as one unable to save is
+        (MISCONF): the slice's BLMOVE is a write, and the request stays queued meanwhile."""
         left = give_up - time.monotonic()
         pause = outage_pause(exc, left, queued=queued)
         if first:

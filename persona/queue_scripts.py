@@ -13,7 +13,8 @@ from persona import constants as keys
 
 __all__ = [
     "ANSWERED_TTL", "CANCEL_SCRIPT", "DEAD_LETTER_SCRIPT", "DELIVER_SCRIPT", "FORGET_SCRIPT", "FULL_SCRIPT", "HOLDER_SCRIPT",
-    "KEEP_SCRIPT", "NO_KEY_LUA", "ONE_MORE_WAITING", "RECORD_SCRIPT", "REDIS_NOW", "REFUSED_COUNTERS", "REQUEST_ID", "REQUEUE_SCRIPT",
+    "KEEP_SCRIPT", "NO_KEY_LUA", "ONE_MORE_WAITING", "RECORD_SCRIPT", "REDIS_NOW", "REFUSED_COUNTERS",
+    "REQUEST_ID", "REQUEUE_SCRIPT",
     "SUBMIT_SCRIPT", "WORKERS_SCRIPT",
 ]
 
@@ -68,12 +69,23 @@ end
 # stream was full, or the sender already had their share waiting. What `persona queue
 # stats`, the page and /metrics (``reason`` label: the part after the colon) read.
 REFUSED_COUNTERS = {"busy": "refused:full", "user_busy": "refused:user_share"}
-REFUSED_LUA = "\nlocal REFUSED = {" + ", ".join(f"{why} = '{counter}'" for why, counter in REFUSED_COUNTERS.items()) + "}\n"
+# How long a refused request's mark outlives its deadline, in seconds: a re-sent submission
+# comes before that (a caller's own retries end at its deadline), and a flood of refusals,
+# each leaving a mark, is not kept long.
+REFUSED_PAST_DEADLINE_S = 60
+REFUSED_LUA = (
+    "\nlocal REFUSED = {" + ", ".join(f"{why} = '{counter}'" for why, counter in REFUSED_COUNTERS.items()) + "}\n"
+    f"local REFUSED_PAST_DEADLINE_S = {REFUSED_PAST_DEADLINE_S}\n"
+)
 
 # Refuse new work once a stream is full, or once its sender already has their share
 # waiting (so a flood from one user cannot starve everyone else), atomically with
 # adding it; a refusal is counted by its reason in the stats hash (KEYS[7], a pcall: see
 # above), and a request added counts nothing here, so adding one costs what it did.
+# A request is counted refused once however often it is sent (redis-py re-sends a call
+# whose answer a dropped connection lost; ``QueueBusy.refused`` are to be sent again):
+# its first refusal sets its refused mark (KEYS[8]), until a minute past its deadline
+# (its allowance ARGV[6]), and a refusal that finds the mark is not counted.
 # KEYS[2] is the sender's pending counter, or NO_KEY for an anonymous caller.
 # The entry carries the cancel epoch as it was added ('x' if the request was already
 # withdrawn), so a worker can skip reading cancel flags when nothing was cancelled since.
@@ -91,7 +103,9 @@ REFUSED_LUA = "\nlocal REFUSED = {" + ", ".join(f"{why} = '{counter}'" for why, 
 SUBMIT_SCRIPT = REDIS_NOW + NO_KEY_LUA + ONE_MORE_WAITING + FRESH_EPOCH + REFUSED_LUA + """
 if redis.call('EXISTS', KEYS[6]) == 1 then return 'duplicate' end
 local function refuse(why)
-  redis.pcall('HINCRBY', KEYS[7], REFUSED[why], 1)
+  -- nil (false) where the mark was there; an error (a write refused) is counted as ever
+  local first = redis.pcall('SET', KEYS[8], why, 'NX', 'EX', math.max(0, math.ceil(tonumber(ARGV[6]))) + REFUSED_PAST_DEADLINE_S)
+  if first then redis.pcall('HINCRBY', KEYS[7], REFUSED[why], 1) end
   if ARGV[5] == '1' then
     redis.call('RPUSH', KEYS[5], why)
     redis.call('EXPIRE', KEYS[5], 60)

@@ -4,7 +4,8 @@ At first contact (``_refusal``): a password wanted or refused, a session refused
 database number it does not have), a Redis too old to know HELLO, a TLS setting to fix
 (``_tls_refusal``), or no Redis answering at all; and a Redis older than ``OLDEST_REDIS``
 (``_check_version``). Once serving (``refusal_text``): a user its ACL denies a command
-(NOPERM), Redis full (OOM), unable to save (MISCONF), a read-only replica. The ACL that
+(NOPERM), Redis full (OOM), unable to save (MISCONF), a read-only replica, a primary with
+too few replicas in step (NOREPLICAS: ``too_few_replicas``). The ACL that
 persona needs (``ACL_RULES``, ``acl_advice``) is checked as long-running services start
 (``check_permissions``). A server's words are quoted with the URL's password hidden.
 """
@@ -21,7 +22,10 @@ import redis.connection
 from persona.errors import ConfigError, PersonaError, RedisUnavailable
 from persona.logs import describe_url, hide_secrets, url_secrets
 
-__all__ = ["acl_advice", "check_permissions", "full_redis_text", "is_full", "refusal_text", "size_text", "user_of"]
+__all__ = [
+    "acl_advice", "check_permissions", "full_redis_text", "is_full", "refusal_text", "size_text", "too_few_replicas",
+    "user_of",
+]
 
 # BLMOVE, which callers read their replies with, came in Redis 6.2.
 OLDEST_REDIS = (6, 2)
@@ -101,8 +105,9 @@ def size_text(count: int) -> str:
 def refusal_text(exc: redis.exceptions.RedisError, *, user: str = "default", max_bytes: int | None = None) -> str | None:
     """What Redis refusing a command means where it is a state of Redis's to fix, not a fault:
     full (OOM; ``max_bytes``, its maxmemory, where known), ``user`` denied the command by its
-    ACL (NOPERM), unable to save (MISCONF), a read-only replica; None for any other failure.
-    (It quotes Redis's words: the caller hides any secret in them.)"""
+    ACL (NOPERM), unable to save (MISCONF), a read-only replica, too few replicas in step
+    (NOREPLICAS); None for any other failure. (It quotes Redis's words: the caller hides any
+    secret in them.)"""
     said = str(exc).rstrip(".")
     if isinstance(exc, redis.exceptions.NoPermissionError) or _said(said, "NOPERM"):
         return f"Redis refuses user {user!r} a command ({said}): {acl_advice(user)}"
@@ -113,6 +118,12 @@ def refusal_text(exc: redis.exceptions.RedisError, *, user: str = "default", max
                 f"({said}); free space or fix its folder's permissions: its log says which")
     if isinstance(exc, redis.exceptions.ReadOnlyError) or _said(said, "READONLY"):
         return f"Redis is a read-only replica, which refuses every change ({said}); point PERSONA_REDIS_URL at its primary"
+    if too_few_replicas(exc):
+        # Its words only: a script's error wraps them in its name and line ("Error running script ...").
+        return (f"Redis refuses every change until enough of its replicas are in step with it, as its "
+                f"min-replicas-to-write asks ({said[said.index('NOREPLICAS'):]}); it takes changes again once "
+                "they catch up: bring its replicas back (`INFO replication` lists them), or lower that "
+                "setting (`CONFIG SET min-replicas-to-write 0`)")
     return None
 
 
@@ -120,6 +131,13 @@ def is_full(exc: redis.exceptions.RedisError) -> bool:
     """Whether Redis refused for want of memory (maxmemory reached under noeviction): in its own
     words, or quoted in a script's error (``... -OOM command not allowed ...``)."""
     return isinstance(exc, redis.exceptions.OutOfMemoryError) or _said(str(exc), "OOM")
+
+
+def too_few_replicas(exc: redis.exceptions.RedisError) -> bool:
+    """Whether Redis refused a write for want of replicas in step with it (NOREPLICAS: fewer
+    than its min-replicas-to-write answered within min-replicas-max-lag): for now, until they
+    catch up. In its own words, or quoted in a script's or a pipeline's error."""
+    return isinstance(exc, redis.exceptions.ResponseError) and _said(str(exc), "NOREPLICAS")
 
 
 def _said(text: str, code: str) -> bool:

@@ -20,6 +20,7 @@ import redis
 
 from persona.contract import GenerationRequest
 from persona.errors import QueueBusy, ReplyTimeout
+from persona.redis_refusals import too_few_replicas
 from persona.settings import QueueSettings
 
 __all__ = ["no_connection_free", "outage", "outage_pause", "wait_seconds", "wait_slice"]
@@ -52,13 +53,15 @@ def wait_seconds(request: GenerationRequest, timeout: float | None, settings: Qu
 
 def outage(exc: redis.exceptions.RedisError) -> bool:
     """Whether an error is Redis out of reach for now (restarting, loading its data), or
-    refusing writes for now (a disk it cannot write, its memory full, a replica), which a wait
+    refusing writes for now (a disk it cannot write, its memory full, a replica, too few
+    replicas in step with a primary that asks for them: NOREPLICAS), which a wait
     rides out: a reply is read with BLMOVE, a write, and one waiting to be read is kept; not a
     refused password, which waiting cannot mend, nor a client out of connections (redis-py's
     MaxConnectionsError, a ConnectionError though none failed), which is "busy"."""
     refused = (redis.exceptions.AuthenticationError, redis.exceptions.AuthorizationError, redis.exceptions.MaxConnectionsError)
     if isinstance(exc, redis.exceptions.ResponseError):
-        return isinstance(exc, WRITES_REFUSED) or "MISCONF " in str(exc)  # in a pipeline's error, after its command
+        # MISCONF and NOREPLICAS are quoted in a pipeline's or a script's error, after its command.
+        return isinstance(exc, WRITES_REFUSED) or "MISCONF " in str(exc) or too_few_replicas(exc)
     return isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError) and not isinstance(exc, refused)
 
 

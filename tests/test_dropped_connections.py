@@ -19,7 +19,7 @@ from persona import connection
 from persona import constants as keys
 from persona.connection import connect, connect_async
 from persona.contract import GenerationReply, GenerationRequest, Message
-from persona.errors import ConfigError, RedisUnavailable, ReplyTimeout
+from persona.errors import ConfigError, QueueBusy, RedisUnavailable, ReplyTimeout
 from persona.queue import AsyncQueueClient, QueueClient, WorkQueue
 from persona.queue_scripts import SUBMIT_SCRIPT
 from tests.fakes.cutting_proxy import CuttingProxy
@@ -62,6 +62,40 @@ def test_an_ask_whose_answer_was_lost_is_queued_once_and_answered(settings, redi
     assert redis_client.xlen(keys.STREAM_INTERACTIVE) == 1
     answer(work, "once")
     assert through_proxy.wait(request, timeout=5).text == "once"
+
+
+def refusals_counted(redis_client) -> dict[str, int]:
+    """The refusals in the stats hash, by reason, as `persona queue stats` and /metrics read them."""
+    counts = redis_client.hgetall(keys.STATS_KEY)
+    return {reason: int(counts.get(f"refused:{reason}".encode(), 0)) for reason in ("full", "user_share")}
+
+
+def test_a_refusal_whose_answer_was_lost_is_counted_once(settings, redis_client, client, proxy):
+    """redis-py re-sends a submission whose answer a dropped connection lost: one refused the
+    first time was refused again, and counted again, so `queue stats` said more requests were
+    turned away than were."""
+    settings.queue.max_length = 1
+    client.submit(chat())  # the stream is full
+    redis_client.script_load(SUBMIT_SCRIPT)
+    through_proxy = QueueClient(connect(settings, url=proxy.url), settings.queue)
+    request = chat()
+    proxy.cut_answer_to(request.id.encode())
+    with pytest.raises(QueueBusy, match="the queue is full"):
+        through_proxy.submit(request)
+    assert proxy.cuts == 1  # sent twice, refused twice
+    assert refusals_counted(redis_client) == {"full": 1, "user_share": 0}
+
+
+async def test_a_refused_ask_whose_answer_was_lost_is_counted_once(settings, redis_client, client, proxy):
+    """The same for a chat adapter's ask, its submission and first wait in one round trip."""
+    settings.queue.max_pending_per_user = 1
+    client.submit(chat(user="ann"))  # ann has her share waiting
+    request = chat(user="ann")
+    proxy.cut_answer_to(request.id.encode())
+    with pytest.raises(QueueBusy, match="you already have 1 request waiting"):
+        await _ask_async(settings, proxy.url, request, timeout=5)
+    assert proxy.cuts == 1
+    assert refusals_counted(redis_client) == {"full": 0, "user_share": 1}
 
 
 def test_a_request_answered_already_is_not_queued_again(client, redis_client, work):

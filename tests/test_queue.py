@@ -626,6 +626,25 @@ async def test_every_refused_request_is_counted_by_why_it_was_refused(settings, 
     assert redis_client.xlen(keys.STREAM_INTERACTIVE) == 2
 
 
+def test_requests_refused_and_sent_again_are_counted_refused_once(settings, redis_client, client):
+    """QueueBusy.refused are to be sent again: each time they were refused again they were
+    counted again, so the counters said more requests were turned away than were. A request
+    is counted once, by why it was first refused; once there is room it is queued."""
+    settings.queue.max_length = 1
+    client.submit(chat())
+    with pytest.raises(QueueBusy) as busy:
+        client.submit_many([chat(), chat()])
+    for _ in range(3):
+        with pytest.raises(QueueBusy, match="0 of 2 requests were queued and 2 refused"):
+            client.submit_many(busy.value.refused)
+    assert refusals_counted(redis_client) == {"full": 2, "user_share": 0}
+    ttl = redis_client.ttl(keys.refused_key(busy.value.refused[0].id))
+    assert 0 < ttl <= settings.queue.default_deadline_s + 60  # a minute past its deadline, then forgotten
+    settings.queue.max_length = 3
+    assert client.submit_many(busy.value.refused) == busy.value.refused  # room now: queued
+    assert refusals_counted(redis_client) == {"full": 2, "user_share": 0}
+
+
 def test_a_refusal_whose_counter_cannot_be_added_to_is_still_said(settings, redis_client, client):
     """Counting never stops the work it counts: a damaged counter loses only its own count."""
     settings.queue.max_length, settings.queue.max_pending_per_user = 1, 1
