@@ -8,7 +8,9 @@ and the asker heard nothing. Here each part of a reply is sent, and sent again u
 arrived, or the platform drops a second copy itself (Discord, by the message's nonce):
 ``Failure.TRY_AGAIN``. A failure after which the part may have arrived (``MAY_HAVE_ARRIVED``:
 sent, then no answer in time) is not tried again, as a second copy of an answer confuses more
-than a missing one, which /retry brings back; the part counts as sent. The caller learns
+than a missing one, which /retry brings back; the part counts as sent (the platform had all of
+it, so most likely showed it, and the conversation must then read with it), and the log says that
+its fate is unknown. The caller learns
 whether the whole reply went out, and so whether the conversation may count it as seen.
 """
 
@@ -52,8 +54,8 @@ async def send_parts(parts: Sequence[P], send: Callable[[P], Awaitable[None]], c
         where = f"part {number} of {len(parts)}" if len(parts) > 1 else "the reply"
         reason = " ".join(str(error).split()) or type(error).__name__
         if failure is Failure.MAY_HAVE_ARRIVED:
-            log.warning("no confirmation that %s to %s arrived (%s); not sending it again, which could show it twice",
-                        where, to, reason)
+            log.warning("no confirmation that %s to %s arrived (%s): it may or may not be shown; not sending it "
+                        "again, which could show it twice, and counting it as sent (/retry answers again)", where, to, reason)
             continue
         tries = f" after {DELIVERY_TRIES} tries" if failure is Failure.TRY_AGAIN else ""
         log.warning("could not send %s to %s%s (%s)%s", where, to, tries, reason,

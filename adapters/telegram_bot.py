@@ -12,14 +12,17 @@ does an answer that was on its way then. Replies are split at Telegram's 4,096-c
 limit, and again where a part holds more formatting than the 100 entities Telegram shows
 (``split_for_formatting``), then each part's Markdown (bold, italic, code, code blocks) is sent as
 Telegram's HTML, everything else escaped (``telegram_html``); a part Telegram still cannot parse ("can't
-parse entities") goes again as the plain text it was, so formatting never costs an answer. While the
+parse entities") goes again as the plain text it was, so formatting never costs an answer; an
+@username in a reply pings no one (``quiet_mentions``). While the
 queue works it shows "typing", refreshed every 4.5 s (Telegram shows it for 5 s). Flood
 control (``RetryAfter``) delays a message; it never drops it. A paste longer than a
 message, which Telegram's apps send in pieces, is answered once, as one message
 (``telegram_pastes``), in whatever order a webhook's requests bring its pieces. A group
 message edited to mention the bot is answered, once (a photo's caption too; an edited piece
 of a paste answers the whole paste); no other edit is (``on_edit``). A command it does not have gets the list of those it has. Long polling
-by default; a webhook when ``PERSONA_TELEGRAM__WEBHOOK_URL`` is set. The token is kept out
+by default; a webhook when ``PERSONA_TELEGRAM__WEBHOOK_URL`` is set. A token refused while it
+serves (revoked with @BotFather), to the long poll or to any other call, ends ``run`` and
+``serve`` as one refused at start does. The token is kept out
 of every log line (httpx logs request URLs, which hold it: ``token_redaction``). Every message and
 command counts against the rate limits as it arrives, before the ``dm_policy`` is read (not when
 its turn comes, after the answers to those before it): past them the one notice at once, then
@@ -28,6 +31,7 @@ nothing, however many come.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import logging
 import re
@@ -61,6 +65,7 @@ from adapters.telegram_pastes import Pastes, join_pieces
 from adapters.telegram_polling import (
     TOKEN_REFUSED_TEXT,
     PatientPolling,
+    WatchedCalls,
     quiet_start_up_tracebacks,
     start_failures_in_one_line,
 )
@@ -143,6 +148,7 @@ class TelegramBot:
             .token(token)
             .base_url(options.api_url)
             .base_file_url(re.sub(r"/bot$", "/file/bot", options.api_url))
+            .request(WatchedCalls(serving=lambda: self.application.running, on_refused=self._token_refused))
             .get_updates_request(PatientPolling(
                 options.api_url, options.reconnect_wait_cap_s,
                 polling=lambda: self.application.updater.running, on_refused=self._token_refused,
@@ -159,8 +165,11 @@ class TelegramBot:
         # answers one of them again.
         self.answered = AnsweredMessages(EDIT_ANSWERED_WITHIN_S, MAX_REMEMBERED_ANSWERS)
         self._started = dt.datetime.now(dt.UTC).replace(microsecond=0)  # Telegram's dates are whole seconds
-        self._running_until_stopped = False  # in ``run``, which ends the process; not ``start``
-        self._refused = False  # the token was refused while polling
+        self._mode = "start"  # or "run", "serve": how a refused token ends the bot (``_token_refused``)
+        self._refused = False  # the token was refused while serving
+        self._stopping: asyncio.Task | None = None  # stopping by itself, the token refused
+        self._stopped = asyncio.Event()  # stopped, by ``stop`` or by itself
+        self._closed = False
         self._add_handlers()
 
     def _add_handlers(self) -> None:
@@ -196,15 +205,27 @@ class TelegramBot:
         log.info("Telegram bot @%s serving persona %s", app.bot.username, self.options.persona)
 
     def _token_refused(self) -> None:
-        """The token was refused while polling (revoked with @BotFather): nothing more will come.
-        ``run`` stops and ends with the ConfigError a refused token gets at start (status 78:
-        `persona up` does not restart the adapter for it); an embedding program (``start``) hears
-        it in the log."""
+        """The token was refused while serving (revoked with @BotFather): nothing more comes in or
+        goes out. ``run`` stops and ends with the ConfigError a refused token gets at start (status
+        78: `persona up` does not restart the adapter for it); a bot started by ``serve`` or
+        ``start`` stops by itself, and ``serve`` ends with that error (after ``start``, the log says it)."""
+        if self._refused:
+            return
         self._refused = True
-        if self._running_until_stopped:
+        if self._mode == "run":
             self.application.stop_running()
-        else:
-            log.error("%s; the bot hears nothing more", TOKEN_REFUSED_TEXT)
+            return
+        if self._mode == "start":
+            log.error("%s; the Telegram bot stopped", TOKEN_REFUSED_TEXT)
+        self._stopping = asyncio.get_running_loop().create_task(self._stop_serving())
+
+    async def _stop_serving(self) -> None:
+        """Stop taking updates and answering; ``stop`` closes the rest."""
+        if self.application.updater.running:
+            await self.application.updater.stop()
+        if self.application.running:
+            await self.application.stop()
+        self._stopped.set()
 
     def _withdraw_questions(self) -> None:
         if self.responder is not None:
@@ -221,15 +242,31 @@ class TelegramBot:
         else:
             await self.application.updater.start_polling(poll_interval=0.0, timeout=dt.timedelta(seconds=1))
 
+    async def serve(self) -> None:
+        """Start, then serve until ``stop`` (for a program running the bot among its own tasks); a
+        token refused meanwhile (revoked with @BotFather) stops the bot and ends this with the
+        ConfigError a refused token gets at start, as ``run`` ends."""
+        self._mode = "serve"
+        await self.start()
+        await self._stopped.wait()
+        if self._refused:
+            await self.stop()
+            raise ConfigError(TOKEN_REFUSED_TEXT)
+
     async def stop(self) -> None:
         """Stop polling and close the connections."""
+        if self._stopping is not None:
+            await self._stopping
         if self.application.updater.running:
             await self.application.updater.stop()
         if self.application.running:
             await self.application.stop()
-        await self.application.shutdown()
-        if self.responder is not None:
-            await self.responder.redis.aclose()
+        if not self._closed:
+            self._closed = True
+            await self.application.shutdown()
+            if self.responder is not None:
+                await self.responder.redis.aclose()
+        self._stopped.set()
 
     def _webhook_options(self) -> dict:
         """Where Telegram posts updates, and where we listen for them."""
@@ -242,8 +279,9 @@ class TelegramBot:
         }
 
     def run(self) -> None:
-        """Serve until interrupted: long polling, or a webhook if one is configured."""
-        self._running_until_stopped = True
+        """Serve until interrupted: long polling, or a webhook if one is configured; a token refused
+        at start or meanwhile ends it with a ConfigError."""
+        self._mode = "run"
         with start_failures_in_one_line(self.options):
             if self.options.webhook_url:
                 self.application.run_webhook(**self._webhook_options())

@@ -7,6 +7,12 @@ what the user sees (the text less its markup) is never longer than the Markdown 
 was counted on. Telegram formats only the first 100 entities of a message and silently drops
 the rest (their markers already gone): ``split_for_formatting`` cuts a message holding more,
 and past ``MAX_ENTITIES`` (one line holding more) the message goes on as written.
+
+Telegram links every ``@username`` in a message's text (not in its code) and notifies that user if
+they are in the chat: a persona copying its author's corpus ("as @someone said") would ping
+strangers in a group. ``quiet_mentions`` (plain text) and ``quiet_html_mentions`` (``telegram_html``'s
+output, its code left alone) put an invisible word joiner after each such "@", so Telegram links
+no one; the text reads the same. Each adds a character per mention, which the sender allows for.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from adapters.splitting import (
     toggles_fence,
 )
 
-__all__ = ["MAX_ENTITIES", "split_for_formatting", "telegram_html"]
+__all__ = ["MAX_ENTITIES", "quiet_html_mentions", "quiet_mentions", "split_for_formatting", "telegram_html"]
 
 _HEADING = re.compile(r" {0,3}#{1,6}[ \t]+(.+?)(?:[ \t]+#+)?[ \t]*")
 _CODE_SPAN = re.compile(r"(`+)(?!`)(.+?)(?<!`)\1(?!`)")
@@ -46,6 +52,13 @@ MAX_EMPHASIS_DEPTH = 8  # deeper than any real text nests; past it, markers stay
 # experiment; python-telegram-bot's ``MessageLimit.MESSAGE_ENTITIES``). Past it, Markdown stays as written.
 MAX_ENTITIES = MessageLimit.MESSAGE_ENTITIES
 _OPENING_TAG = re.compile(r"<(?!/|code class=)")  # an entity each; ``<pre><code class=…>`` is one
+# An "@" that Telegram reads as the start of a mention: not after a letter, digit or underscore (an
+# e-mail address), and before a username's first character. Telegram links only usernames of 4 to 32
+# characters; every such "@" is quieted, as one quieted needlessly costs nothing.
+_MENTION_AT = re.compile(r"(?<!\w)@(?=[A-Za-z0-9_])")
+WORD_JOINER = "\u2060"  # invisible, and no break: "@\u2060name" reads "@name" and is no username
+# ``telegram_html``'s code: Telegram links nothing inside it. Its text is escaped: no "<" in it.
+_HTML_CODE = re.compile(r"(<pre>(?:<code[^>]*>)?[^<]*(?:</code>)?</pre>|<code>[^<]*</code>)")
 
 
 def _escape(text: str) -> str:
@@ -118,6 +131,19 @@ def telegram_html(text: str) -> str:
     """``text`` (a message, split already) with its Markdown as Telegram's HTML; everything
     else escaped. Without Markdown, no tags: the text, escaped. Past ``MAX_ENTITIES``, as written."""
     return "\n".join(_within_entity_limit(_html_parts(text)))
+
+
+def quiet_mentions(text: str) -> str:
+    """``text`` with every @mention unlinked (a word joiner after its "@"): sent as it is, it
+    notifies no one."""
+    return _MENTION_AT.sub("@" + WORD_JOINER, text)
+
+
+def quiet_html_mentions(markup: str) -> str:
+    """``telegram_html``'s ``markup`` with every @mention outside its code unlinked (code is shown,
+    and copied, as written: Telegram links nothing there)."""
+    pieces = _HTML_CODE.split(markup)  # prose at even places, code at odd
+    return "".join(piece if n % 2 else quiet_mentions(piece) for n, piece in enumerate(pieces))
 
 
 def split_for_formatting(text: str) -> list[str]:

@@ -6,7 +6,9 @@ Starting: a refused token (a ConfigError) or an unreachable Bot API (PlatformUnr
 an outage, or a second instance polling with the same token (409 Conflict: Telegram serves one
 long poll per token), is waited out, logged as it begins and as it ends rather than at every
 try; a token refused while polling (revoked with @BotFather) is told to the adapter
-(``on_refused``), which stops and ends with the ConfigError a refused token gets at start.
+(``on_refused``), which stops and ends with the ConfigError a refused token gets at start. So is
+one refused to any other call while the bot serves (``WatchedCalls``: sending, showing typing),
+which is how a bot served by webhook, with no long poll, finds out.
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ from telegram.request import HTTPXRequest
 from persona.errors import ConfigError, PlatformUnreachable
 from persona.settings import TelegramSettings
 
-__all__ = ["TOKEN_REFUSED_TEXT", "PatientPolling", "quiet_start_up_tracebacks", "start_failures_in_one_line"]
+__all__ = [
+    "TOKEN_REFUSED_TEXT", "PatientPolling", "WatchedCalls", "quiet_start_up_tracebacks", "start_failures_in_one_line",
+]
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +38,7 @@ TOKEN_REFUSED_TEXT = "Telegram refused the token: check PERSONA_TELEGRAM__TOKEN"
 FIRST_RECONNECT_WAIT_S = 1.0
 # Why polling stalls, as logged when it begins and ends.
 UNREACHABLE, CONFLICT = "unreachable", "conflict"
+BOT_CALL_CONNECTIONS = 256  # python-telegram-bot's own pool for the calls other than the long poll
 
 
 @contextlib.contextmanager
@@ -141,3 +146,24 @@ class PatientPolling(HTTPXRequest):
         else:
             log.warning("cannot reach the Telegram Bot API at %s (%s); trying again, at most %g s apart",
                         self._api_url, exc.message, self._wait_cap_s)
+
+
+class WatchedCalls(HTTPXRequest):
+    """The connection of every call but the long poll (sending, showing typing...): a token
+    refused there while the bot serves (revoked with @BotFather: by webhook no long poll finds
+    out) is told (``on_refused``), then raised as before, so the call fails as it would have.
+    Not serving (starting, stopping), a refusal is python-telegram-bot's alone to handle."""
+
+    def __init__(self, serving: Callable[[], bool], on_refused: Callable[[], None]) -> None:
+        super().__init__(connection_pool_size=BOT_CALL_CONNECTIONS)
+        self._serving = serving
+        self._on_refused = on_refused
+
+    async def post(self, *args: Any, **kwargs: Any) -> Any:  # BaseRequest.post's arguments and answer
+        """Make the call; a refused token is told, then raised."""
+        try:
+            return await super().post(*args, **kwargs)
+        except InvalidToken:
+            if self._serving():
+                self._on_refused()
+            raise

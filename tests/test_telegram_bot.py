@@ -22,8 +22,10 @@ from collections.abc import Iterator
 import pytest
 import redis
 from pydantic import SecretStr
+from telegram import Bot
+from telegram.request import HTTPXRequest
 
-from adapters import delivery
+from adapters import delivery, telegram_sending
 from adapters.access import NOT_ALLOWED_TEXT, approve_code
 from adapters.answered import AnsweredMessages
 from adapters.responder import (
@@ -43,7 +45,13 @@ from persona.errors import ConfigError, PlatformUnreachable
 from persona.settings import Settings
 from tests.conftest import free_port
 from tests.fakes.scripted_worker import scripted_worker
-from tests.fakes.telegram_api import BOT_ID, BOT_USERNAME, FakeTelegram, in_a_thread
+from tests.fakes.telegram_api import (
+    BOT_ID,
+    BOT_USERNAME,
+    MESSAGE_LIMIT_CHARS,
+    FakeTelegram,
+    in_a_thread,
+)
 
 TOKEN = "123456789:AAE-secret_token-value_xyz"
 GROUP = -100500
@@ -217,6 +225,44 @@ async def test_a_reply_whose_formatting_telegram_refuses_goes_out_as_plain_text(
     assert [params.get("parse_mode") for method, params in fake_api.calls if method == "sendMessage"] == ["HTML", None]
 
 
+async def test_a_reply_naming_someone_by_username_pings_no_one(start_bot, fake_api, telegram_settings):
+    """A persona copying its author's corpus ("as @someone_here said") linked that user, and
+    Telegram notified them in every group they share with the bot. Each @ is followed by an
+    invisible word joiner now, formatted or plain; code keeps its @ as written, to be copied, and
+    the asker is still notified, by the answer quoting their message."""
+    reply = ("As @someone_here said, ask **@another_one** (or mail ada@example.com).\n"
+             "```python\n@property\ndef name(self): ...\n```")
+    with scripted_worker(telegram_settings, lambda request: reply):
+        await start_bot()
+        asked = fake_api.push_message(f"@{BOT_USERNAME} who said it?", chat_id=GROUP, chat_type="group")
+        await fake_api.wait_for(lambda: len(fake_api.sent) == 1)
+        fake_api.refuse_html = True  # the same answer as plain text, as when Telegram refuses its formatting
+        fake_api.push_message(f"@{BOT_USERNAME} and again?", chat_id=GROUP, chat_type="group")
+        await fake_api.wait_for(lambda: len(fake_api.sent) == 2)
+    formatted, plain = fake_api.sent
+    assert formatted["mentions"] == [] and plain["mentions"] == []
+    assert formatted["visible"].replace("\u2060", "") == (
+        "As @someone_here said, ask @another_one (or mail ada@example.com).\n@property\ndef name(self): ..."
+    )
+    assert "\n@property\n" in formatted["visible"] and "ada@example.com" in formatted["visible"]
+    assert plain["visible"].replace("\u2060", "") == reply
+    assert formatted["reply_parameters"]["message_id"] == asked["message_id"]
+
+
+async def test_a_reply_full_of_usernames_still_fits_telegrams_messages_once_they_are_quieted(
+    start_bot, fake_api, telegram_settings
+):
+    """Each quieted mention is a character longer: a part cut at 4,096 characters would no longer fit."""
+    answer = " ".join(f"@user{n:04d}" for n in range(600))  # 6,000 characters, 600 mentions
+    with scripted_worker(telegram_settings, lambda request: answer):
+        await start_bot()
+        fake_api.push_message("who is there?")
+        await fake_api.wait_for(lambda: " ".join(fake_api.texts()).count("@") == 600)
+    assert " ".join(fake_api.texts()).replace("\u2060", "").split() == answer.split()
+    assert all(m["mentions"] == [] and len(m["visible"]) <= MESSAGE_LIMIT_CHARS for m in fake_api.sent)
+    assert not [c for c in fake_api.calls if c[0] == "sendMessage" and c[1] not in fake_api.sent]  # none refused
+
+
 async def test_a_long_formatted_reply_is_split_so_each_part_parses_and_fits(start_bot, fake_api, telegram_settings):
     """Split before formatting: no cut falls inside a tag, a code block cut in two is two blocks,
     and each part's length is that of the text the user sees."""
@@ -297,6 +343,69 @@ async def test_an_answer_whose_second_part_never_went_out_is_logged_once_and_kep
     assert len(failures) == 1 and failures[0].exc_info is None
     assert failures[0].getMessage().startswith("could not send part 2 of 2 to Telegram chat 1001 after 4 tries (Bad Gateway)")
     assert "Traceback" not in caplog.text
+
+
+async def test_a_reply_telegram_is_slow_to_confirm_is_waited_for_and_counted_as_sent(
+    start_bot, fake_api, telegram_settings, redis_client, caplog
+):
+    """python-telegram-bot waits 5 s for Telegram's answer to a message: a slower one left the
+    reply's fate unknown (not sent again, and counted as sent) although it had been posted. Now a
+    send waits ``SEND_ANSWER_WAIT_S``, and Telegram's late answer settles it."""
+    fake_api.late_answer_s = 5.5
+    with scripted_worker(telegram_settings, echo):
+        await start_bot()
+        fake_api.fail_sends("late")
+        fake_api.push_message("take your time")
+        stored = await kept_turns(fake_api, redis_client, keys.conversation_key("telegram", "1001:1001"), 2)
+    assert fake_api.texts() == ["echo: take your time"] and stored[1]["content"] == "echo: take your time"
+    assert sum(1 for method, _ in fake_api.calls if method == "sendMessage") == 1
+    assert "no confirmation" not in caplog.text
+
+
+async def test_a_reply_telegram_never_confirms_is_not_sent_again_and_said_to_be_of_unknown_fate(
+    start_bot, fake_api, telegram_settings, redis_client, caplog, monkeypatch
+):
+    """Telegram took the first part and did not answer in time: it may or may not be shown, and the
+    Bot API cannot drop a second copy, so it is not sent again; the rest of the answer follows, the
+    exchange counts as said (a part Telegram was slow to confirm was almost always posted, and the
+    next message must read with it), and the log says plainly that the part's fate is unknown."""
+    monkeypatch.setattr(telegram_sending, "SEND_ANSWER_WAIT_S", 0.5)
+    fake_api.late_answer_s = 1.5
+    answer = "word " * 1000  # two messages
+    with scripted_worker(telegram_settings, lambda request: answer):
+        await start_bot()
+        fake_api.fail_sends("late")
+        fake_api.push_message("tell me everything")
+        stored = await kept_turns(fake_api, redis_client, keys.conversation_key("telegram", "1001:1001"), 2)
+    assert " ".join(fake_api.texts()).split() == answer.split()  # the first part once, then the second
+    assert sum(1 for method, _ in fake_api.calls if method == "sendMessage") == 2
+    assert stored[1] == {"role": "assistant", "content": answer.strip()}
+    unknown = [r.getMessage() for r in caplog.records if "no confirmation" in r.getMessage()]
+    assert unknown == [(
+        "no confirmation that part 1 of 2 to Telegram chat 1001 arrived (Timed out): it may or may not be shown; "
+        "not sending it again, which could show it twice, and counting it as sent (/retry answers again)"
+    )]
+    assert "Traceback" not in caplog.text
+
+
+async def test_a_send_that_timed_out_before_its_request_went_out_is_tried_again_and_not_counted_as_sent(
+    fake_api, caplog, monkeypatch
+):
+    """A write that timed out sends no request Telegram can act on (it reads one to its end first),
+    yet it counted as a message that may have arrived: tried once, never again, and reported sent
+    while Telegram had nothing. (A write timeout of almost nothing times out before a byte is written.)"""
+    monkeypatch.setattr(delivery, "FIRST_RETRY_WAIT_S", 0.01)
+    bot = Bot(TOKEN, base_url=fake_api.base_url, request=HTTPXRequest(write_timeout=1e-9))
+
+    async def moved(old: int, new: int) -> None:
+        raise AssertionError("no chat moved")
+
+    try:
+        sent = await telegram_sending.send_text(bot, 1001, "hello", on_moved=moved)
+    finally:
+        await bot.shutdown()
+    assert sent is False and fake_api.calls == []
+    assert "could not send the reply to Telegram chat 1001 after 4 tries (Timed out)" in caplog.text
 
 
 async def test_typing_is_refreshed_no_faster_than_every_4_5_seconds(start_bot, fake_api, telegram_settings):
@@ -930,6 +1039,63 @@ def test_a_token_revoked_while_polling_ends_the_bot_at_once_with_the_token_error
     assert time.monotonic() - started < 10  # not deaf until someone stops it
     assert refused.value.__cause__ is None and refused.value.__context__ is None  # no traceback
     assert "Task was destroyed" not in caplog.text and "Event loop is closed" not in caplog.text
+    assert not any(record.exc_info for record in caplog.records)
+
+
+def test_a_token_revoked_while_serving_a_webhook_ends_the_bot_at_once_with_the_token_error(
+    settings, fake_api_in_a_thread, redis_client, write_persona, tiny_llama_dir, caplog
+):
+    """By webhook no long poll finds a revoked token: Telegram refused only the answers, each logged
+    as not sent, and the bot served on, unable to say a word, until stopped (then with status 0),
+    so `persona up` neither said what to fix nor stopped restarting it."""
+    asyncio.set_event_loop(asyncio.new_event_loop())  # run_webhook closes the loop it ran on: not another test's
+    write_persona("tg", base=str(tiny_llama_dir))
+    fake = fake_api_in_a_thread
+    port = free_port()
+    settings.telegram = settings.telegram.model_copy(update={
+        "token": SecretStr(TOKEN), "api_url": fake.base_url, "persona": "tg",
+        "webhook_url": f"http://127.0.0.1:{port}/telegram", "webhook_port": port,
+    })
+    stopped = threading.Event()
+
+    def revoke_then_write() -> None:
+        while fake.webhook is None:
+            time.sleep(0.05)
+        fake.token = "123456789:AAE-revoked"  # as @BotFather's /revoke does
+        asyncio.run(fake.deliver(fake.push_message("are you there?")))
+        if not stopped.wait(10):
+            os.kill(os.getpid(), signal.SIGINT)  # it serves on: stop it, as Ctrl-C does
+
+    threading.Thread(target=revoke_then_write, daemon=True).start()
+    try:
+        with scripted_worker(settings, echo), pytest.raises(
+            ConfigError, match="^Telegram refused the token: check PERSONA_TELEGRAM__TOKEN$"
+        ) as refused:
+            run_telegram(settings)
+    finally:
+        stopped.set()
+    assert refused.value.__cause__ is None and refused.value.__context__ is None  # no traceback
+    assert not any(record.exc_info for record in caplog.records)
+
+
+async def test_a_bot_a_program_runs_stops_when_its_token_is_revoked_and_serve_ends_with_the_error(
+    telegram_settings, fake_api, start_bot, caplog
+):
+    """Started by ``start`` within a program's own event loop, a bot whose token was revoked only
+    logged it and went on "running", deaf; the program never heard. It stops by itself now, saying
+    so in one line; ``serve`` (run until stopped) ends with the error ``run`` ends with."""
+    served = TelegramBot(telegram_settings)
+    serving = asyncio.create_task(served.serve())
+    started = await start_bot()
+    await fake_api.wait_for(lambda: sum(method == "getUpdates" for method, _ in fake_api.calls) >= 2)
+    fake_api.token = "123456789:AAE-revoked"
+    with pytest.raises(ConfigError, match="^Telegram refused the token: check PERSONA_TELEGRAM__TOKEN$"):
+        await asyncio.wait_for(serving, 10)
+    assert not served.application.running and not served.application.updater.running
+    await fake_api.wait_for(lambda: not started.application.running, timeout=10)
+    assert not started.application.updater.running
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert said == ["Telegram refused the token: check PERSONA_TELEGRAM__TOKEN; the Telegram bot stopped"]
     assert not any(record.exc_info for record in caplog.records)
 
 

@@ -22,8 +22,11 @@ the first 100 entities (tags) of a message are formatted and the rest silently i
 message's ``ignored_entities`` lists those, the text showing them as plain. ``texts()`` is what
 the user sees; ``sent`` holds the parameters as sent. ``refuse_html = True`` refuses every
 HTML text that way, as Telegram would one the bot's formatting got wrong.
-``fail_sends("502", "drop", "ok")`` makes the next ``sendMessage`` calls fail, one each way: 502
-"Bad Gateway", or the connection dropped before any answer ("ok": that one goes through).
+``fail_sends("502", "drop", "late", "ok")`` makes the next ``sendMessage`` calls fail, one each way: 502
+"Bad Gateway", the connection dropped before any answer, or ("late") the message posted and its
+answer held ``late_answer_s``, as a Telegram slow to confirm ("ok": that one goes through).
+As Telegram does, the Bot API links each ``@username`` in a message's text, outside its code, and
+notifies that user if they are in the chat: a sent message's ``mentions`` lists those usernames.
 ``other_instance = True`` plays a second bot polling with the same token: every ``getUpdates``
 is answered 409 "Conflict", as Telegram answers all but one long poll per token, its time kept in
 ``conflicting_polls``. ``go_down()`` plays an outage of the Bot API until ``come_back()``: every call is answered with
@@ -63,13 +66,28 @@ _HTML_TOKEN = re.compile(
 )
 
 
-def visible_text(markup: str, entities: list[str] | None = None) -> str:
+# A mention as Telegram finds one (tdlib's find_mentions): "@" not after a letter, digit or
+# underscore, then a username of 4 to 32 letters, digits and underscores, not running on.
+_MENTION = re.compile(r"(?<!\w)@([A-Za-z0-9_]{4,32})(?!\w)")
+
+
+def linked_mentions(text: str, code: list[tuple[int, int]] = ()) -> list[str]:
+    """The usernames Telegram links, and notifies, in a message's ``text``: none inside ``code``
+    (the shown text's spans in code or pre, where Telegram links nothing)."""
+    return [m.group(1) for m in _MENTION.finditer(text) if not any(s < m.end() and m.start() < e for s, e in code)]
+
+
+def visible_text(markup: str, entities: list[str] | None = None, code: list[tuple[int, int]] | None = None) -> str:
     """What a user sees of an HTML text, as the Bot API parses it; BadRequest where it would refuse it.
-    ``entities`` gets the formatting it holds, a tag name each (``pre`` with its ``code``: one)."""
+    ``entities`` gets the formatting it holds, a tag name each (``pre`` with its ``code``: one);
+    ``code`` the spans of the text shown in code or pre."""
     shown: list[str] = []
     open_tags: list[str] = []
     position = 0
     for token in _HTML_TOKEN.finditer(markup):
+        if code is not None and {"code", "pre"} & set(open_tags):
+            start = sum(map(len, shown))
+            code.append((start, start + token.start() - position))
         shown.append(markup[position:token.start()])
         position = token.end()
         closing, tag, attributes, entity = token.groups()
@@ -129,6 +147,7 @@ class FakeTelegram:
     refused_polls: list[float] = field(default_factory=list)  # when each getUpdates was turned away (monotonic)
     webhook: dict | None = None  # setWebhook's parameters, until deleteWebhook
     failing_sends: list[str] = field(default_factory=list)  # how the next sendMessage calls fail (``fail_sends``)
+    late_answer_s: float = 2.0  # how long a "late" send's answer is held
     other_instance: bool = False  # True: another bot polls with this token; getUpdates answers 409
     conflicting_polls: list[float] = field(default_factory=list)  # when each getUpdates got 409 (monotonic)
     base_url: str = ""
@@ -277,7 +296,8 @@ class FakeTelegram:
 
     def fail_sends(self, *ways: str) -> None:
         """Make the next ``sendMessage`` calls fail, one each way: ``"502"``, ``"drop"`` (the
-        connection closes before any answer), or ``"ok"`` (that one goes through)."""
+        connection closes before any answer), ``"late"`` (posted, then answered only after
+        ``late_answer_s``), or ``"ok"`` (that one goes through)."""
         self.failing_sends.extend(ways)
 
     def flood(self, method: str, seconds: int, times: int = 1) -> None:
@@ -351,6 +371,8 @@ class FakeTelegram:
             result = await handler(params) if handler else True
         except BadRequest as exc:
             return web.json_response({"ok": False, "error_code": 400, "description": f"Bad Request: {exc}"}, status=400)
+        if failing == "late":  # posted; the answer comes after the client may have stopped waiting
+            await asyncio.sleep(self.late_answer_s)
         return web.json_response({"ok": True, "result": result})
 
     @staticmethod
@@ -376,12 +398,14 @@ class FakeTelegram:
 
     async def _api_sendMessage(self, params: dict) -> dict:
         text = str(params.get("text", ""))
+        code: list[tuple[int, int]] = []
         if str(params.get("parse_mode", "")).lower() == "html":
             if self.refuse_html:
                 raise BadRequest("can't parse entities: unsupported start tag \"b\" at byte offset 0")
             entities: list[str] = []
-            text = visible_text(text, entities)
+            text = visible_text(text, entities, code)
             params["ignored_entities"] = entities[MESSAGE_ENTITIES_MAX:]  # shown unformatted
+        params["mentions"] = linked_mentions(text, code)  # before the trim, which moves no mention
         text = text.strip()
         if not text:
             raise BadRequest("message text is empty")
