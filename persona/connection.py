@@ -1,17 +1,19 @@
 """Finding and connecting to Redis: the configured URL, or the embedded server.
 
 What a refusal at first contact tells the user (a password, a Redis too old, TLS) is
-worded in ``redis_refusals``.
+worded in ``redis_refusals``; a TLS file the URL names that holds no certificate or key, here.
 """
 
 from __future__ import annotations
 
 import contextlib
 import resource
+import ssl
 import time
 from collections.abc import Iterator
 from contextvars import ContextVar
 from pathlib import Path
+from urllib.parse import parse_qs, urlparse
 
 import redis
 import redis.asyncio
@@ -24,7 +26,8 @@ from persona.embedded_following import following_options
 from persona.embedded_locks import served_on
 from persona.embedded_record import recorded_url
 from persona.embedded_redis import find_embedded_url, server_pid
-from persona.errors import RedisUnavailable
+from persona.errors import ConfigError, PersonaError, RedisUnavailable
+from persona.logs import describe_url
 from persona.redis_refusals import _check_version, _refusal
 from persona.settings import QueueSettings, Settings
 
@@ -233,6 +236,49 @@ def _options(url: str, queue: QueueSettings) -> dict:
 FIRST_CONTACT_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, redis.exceptions.ResponseError)
 
 
+def _first_contact_refusal(exc: redis.exceptions.RedisError, url: str, *, chosen: bool) -> PersonaError:
+    """What a failed first contact tells the user (``_refusal``), but first a TLS file the URL
+    names that is there but is not what it must be: ssl's words for a CA file holding no
+    certificate ("no certificate or crl found") came with "rediss:// is TLS: does that port
+    speak it?", though the port did and the file was the fault."""
+    return _unusable_tls_file(url) or _refusal(exc, url, chosen=chosen)
+
+
+def _unusable_tls_file(url: str) -> ConfigError | None:
+    """A file that a rediss:// URL names and that ssl cannot use: a CA file (``ssl_ca_certs``)
+    with no CA certificate in it, a client certificate and key (``ssl_certfile``,
+    ``ssl_keyfile``) that are no PEM, or not a pair. None if each is usable, or missing
+    (``_refusal`` says that), or the URL is not TLS."""
+    if not url.startswith("rediss://"):
+        return None
+    query = {name: values[0] for name, values in parse_qs(urlparse(url).query).items()}
+    where = describe_url(url)
+    context = ssl.create_default_context()
+    ca_file = query.get("ssl_ca_certs")
+    if ca_file and Path(ca_file).is_file():
+        try:
+            context.load_verify_locations(cafile=ca_file)
+        except ssl.SSLError as exc:
+            return ConfigError(
+                f"the file that ssl_ca_certs names in PERSONA_REDIS_URL ({ca_file}) holds no CA certificate "
+                f"({exc.reason or exc}): name the PEM file of the CA that signed Redis's certificate ({where})"
+            )
+    cert_file, key_file = query.get("ssl_certfile"), query.get("ssl_keyfile")
+    if cert_file and Path(cert_file).is_file() and (key_file is None or Path(key_file).is_file()):
+        password = query.get("ssl_password")
+        try:  # a callable password: an encrypted key without one never prompts on the terminal
+            context.load_cert_chain(cert_file, key_file, password=lambda: password or "")
+        except ssl.SSLError as exc:
+            said = ("do not belong together: the key is not the certificate's" if exc.reason == "KEY_VALUES_MISMATCH"
+                    else "cannot be read as a PEM certificate and key (or the key is encrypted, and ssl_password "
+                    "in the query is not its password)")
+            return ConfigError(
+                f"the files that ssl_certfile and ssl_keyfile name in PERSONA_REDIS_URL ({cert_file}, {key_file or cert_file}) "
+                f"{said} ({exc.reason or exc}); fix them in the URL ({where})"
+            )
+    return None
+
+
 def connect(settings: Settings, *, url: str | None = None) -> redis.Redis:
     """A checked connection to the service's Redis. One to the embedded Redis follows it to
     the address it records, should it come back on another."""
@@ -242,7 +288,7 @@ def connect(settings: Settings, *, url: str | None = None) -> redis.Redis:
         with redis.Redis.from_url(url, **_timeouts()) as probe:
             info = _server_info(probe.info, probe.ping)
     except FIRST_CONTACT_ERRORS as exc:
-        raise _refusal(exc, url, chosen=settings.redis_url is not None) from None
+        raise _first_contact_refusal(exc, url, chosen=settings.redis_url is not None) from None
     _check_version(info, url)
     return unchecked_client(settings, url)
 
@@ -267,7 +313,7 @@ async def connect_async(settings: Settings, *, url: str | None = None) -> redis.
             await probe.ping()
             info = {}
     except FIRST_CONTACT_ERRORS as exc:
-        raise _refusal(exc, url, chosen=settings.redis_url is not None) from None
+        raise _first_contact_refusal(exc, url, chosen=settings.redis_url is not None) from None
     finally:
         await probe.aclose()
     _check_version(info, url)

@@ -5,12 +5,15 @@ reads the environment. Precedence, highest first: constructor arguments, environ
 variables (``PERSONA_`` prefix, ``__`` between nested names), the ``.env`` file in the
 working directory, files in the secrets directory (``/run/secrets`` in containers),
 then the defaults below. A variable set to nothing (``PERSONA_DATA_DIR=``) counts as unset.
+A secret file is named as the variable is (``/run/secrets/PERSONA_TELEGRAM__TOKEN``), in any
+letter case. A ``PERSONA_`` name that is no setting is ignored, and said (``unknown_variables``):
+a misspelling, or a setting of a newer version, which must not stop this one.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
-import os
 import re
 import typing
 from collections.abc import Sequence
@@ -34,7 +37,8 @@ from pydantic_settings import (
     BaseSettings,
     DotEnvSettingsSource,
     EnvSettingsSource,
-    SecretsSettingsSource,
+    NestedSecretsSettingsSource,
+    PydanticBaseSettingsSource,
     SettingsConfigDict,
     SettingsError,
 )
@@ -42,6 +46,7 @@ from pydantic_settings import (
 from persona.validation import LATEST_DEADLINE_AFTER_S
 
 __all__ = [
+    "SETTINGS_READ_ERRORS",
     "ChatAdapterSettings",
     "DashboardSettings",
     "DiscordSettings",
@@ -53,12 +58,21 @@ __all__ = [
     "default_data_dir",
     "env_name",
     "explain_settings_error",
+    "nearest_variables",
+    "place_in_words",
     "setting_fields",
+    "unknown_variables",
     "where_set",
 ]
 
 SECRETS_DIR = Path("/run/secrets")
 ENV_PREFIX = "PERSONA_"
+ENV_FILE = ".env"
+# PERSONA_ variables that are no setting, and not a slip either: `persona up` marks the services it
+# runs with PERSONA_UP_SERVICE (persona.supervisor.SERVICE_ENV, which imports this module).
+NOT_SETTINGS = frozenset({"PERSONA_UP_SERVICE"})
+# The most near names a misspelt one is answered with.
+MAX_SUGGESTIONS = 3
 
 
 def _blank_is_unset(value: object) -> object:
@@ -70,6 +84,19 @@ def _blank_is_unset(value: object) -> object:
 def _data_dir(value: object) -> object:
     """A blank data directory is the default one, not the working directory (``Path("")`` is ".")."""
     return default_data_dir() if isinstance(value, str) and not value.strip() else value
+
+
+def _absolute(value: Path | list[Path]) -> Path | list[Path]:
+    """A folder as one absolute path, ``~`` expanded: written in a .env, a compose env_file or a
+    systemd unit, where no shell expands it, ``~/persona-data`` was a folder named ``~`` in the
+    working directory; and a relative path named another folder from each directory a command
+    was run from (the queue, the checkpoints split between them)."""
+    if isinstance(value, list):
+        return [_absolute(path) for path in value]
+    try:
+        return value.expanduser().resolve()
+    except RuntimeError as exc:  # ~user of no user here, or a loop of links
+        raise ValueError(f"{value} cannot be made a folder: {exc}") from None
 
 
 # A wait tied to one request is at most LATEST_DEADLINE_AFTER_S (a day): no request's deadline
@@ -116,6 +143,8 @@ def _redis_url_problem(url: str) -> str | None:
     that is no number, quietly use database 0); None if it can."""
     if not url.startswith(REDIS_SCHEMES):
         return f"must start with {', '.join(REDIS_SCHEMES)} (e.g. redis://127.0.0.1:6379/0)"
+    if (socket := _socket_path_slip(url)) is not None:
+        return socket
     # An unencoded / ? # or @ in a password ends the address early: what follows reads as
     # the port or the database.
     encoded = "; a password holding / ? # or @ must be percent-encoded (%2F %3F %23 %40)" if "@" in url else ""
@@ -137,6 +166,23 @@ def _redis_url_problem(url: str) -> str | None:
     except (ValueError, TypeError, redis.exceptions.RedisError) as exc:
         return _option_problem(str(exc), parsed)
     return None
+
+
+def _socket_path_slip(url: str) -> str | None:
+    """A ``unix://`` URL with two slashes: the path's first folder is read as a host, and
+    dropped (``unix://tmp/x.sock`` opened ``/x.sock``). None for any other URL."""
+    if not url.startswith("unix://"):
+        return None
+    try:
+        parsed = urlparse(url)
+    except ValueError:  # an unclosed [: said with the other URLs'
+        return None
+    _, at, host = parsed.netloc.rpartition("@")
+    if host.lower() in ("", "localhost"):
+        return None
+    password = " (a password goes before the third: unix://:PASSWORD@/path/to/redis.sock)" if at else ""
+    return (f"a unix:// URL's socket path is absolute, after three slashes: unix:///{host}{parsed.path}{password}; "
+            f"with two, {host!r} is read as a host, and the socket looked for is {parsed.path or '/'}")
 
 
 def _option_problem(said: str, parsed: ParseResult) -> str:
@@ -416,10 +462,13 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX,
         env_nested_delimiter="__",
-        env_file=".env",
+        env_file=ENV_FILE,
         env_file_encoding="utf-8",
         secrets_dir=SECRETS_DIR if SECRETS_DIR.is_dir() else None,
-        extra="ignore",
+        # A secret file named as the variable (PERSONA_TELEGRAM__TOKEN) sets that one field: the
+        # plain secrets source read only files named after a whole section, holding its JSON.
+        secrets_nested_delimiter="__",
+        extra="ignore",  # a name of a newer version's must not stop this one: said by unknown_variables
         env_ignore_empty=True,  # PERSONA_X= is unset: "" was a data dir of ".", an adapter persona of ""
     )
 
@@ -445,8 +494,22 @@ class Settings(BaseSettings):
     posting: PostingSettings = PostingSettings()
 
     _data_dir_blank_is_default = field_validator("data_dir", mode="before")(_data_dir)
+    _folders_absolute = field_validator("data_dir", "personas_dirs")(_absolute)
     _redis_url_blank_is_unset = field_validator("redis_url", mode="before")(_blank_is_unset)
     _redis_url_opens = field_validator("redis_url")(_redis_url)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The nested secrets source splits a file's name on "__" as the environment's does, in
+        # any letter case; given the plain one, it keeps its secrets_dir (``Settings(_secrets_dir=...)``).
+        return init_settings, env_settings, dotenv_settings, NestedSecretsSettingsSource(file_secret_settings)
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -486,18 +549,30 @@ def setting_fields() -> list[tuple[tuple[str, ...], FieldInfo]]:
     return found
 
 
+def _places(secrets_dir: Path | None = None) -> list[tuple[str, EnvSettingsSource]]:
+    """The places ``Settings()`` reads, lowest precedence first (a later one overrides), each
+    with its name: the secrets directory (``/run/secrets``), ".env", "env". Each holds its
+    variables by lower-case name (``source.env_vars``); a file that is not UTF-8 raises
+    UnicodeDecodeError here, as in ``Settings()``."""
+    secrets_dir = secrets_dir or Settings.model_config.get("secrets_dir")
+    return [
+        (str(secrets_dir), NestedSecretsSettingsSource(Settings, secrets_dir=secrets_dir)),
+        (ENV_FILE, DotEnvSettingsSource(Settings)),
+        ("env", EnvSettingsSource(Settings)),
+    ]
+
+
+def place_in_words(place: str) -> str:
+    """A place ``where_set`` names, as a message says it: "the environment", ".env", the secrets folder."""
+    return "the environment" if place == "env" else place
+
+
 def where_set(secrets_dir: Path | None = None) -> dict[tuple[str, ...], str]:
     """Where each setting given a value gets it, read as ``Settings()`` reads them: "env", ".env",
     or the secrets directory (``/run/secrets``); a setting not here has its default. A place
     whose values cannot be read (JSON that is none) is left out: ``Settings()`` says why."""
-    secrets_dir = secrets_dir or Settings.model_config.get("secrets_dir")
-    places = [  # lowest precedence first: a later place overrides
-        (str(secrets_dir), SecretsSettingsSource(Settings, secrets_dir=secrets_dir)),
-        (".env", DotEnvSettingsSource(Settings)),
-        ("env", EnvSettingsSource(Settings)),
-    ]
     found: dict[tuple[str, ...], str] = {}
-    for place, source in places:
+    for place, source in _places(secrets_dir):
         try:
             values = source()
         except SettingsError:
@@ -514,16 +589,120 @@ def where_set(secrets_dir: Path | None = None) -> dict[tuple[str, ...], str]:
 _ABSENT = object()
 
 
-def explain_settings_error(exc: Exception) -> str:
-    """What a ``ValidationError`` or ``SettingsError`` from ``Settings()`` means, by variable name."""
+def unknown_variables(secrets_dir: Path | None = None) -> list[str]:
+    """Each ``PERSONA_`` name set in the environment, .env or the secrets directory that names no
+    setting (``PERSONA_REDIS_ULR``, ``PERSONA_TELEGRAM_TOKEN``), and each key of a section's JSON
+    (``PERSONA_WORKER='{"engne": "int8"}'``) that names no field: one line each, saying where it
+    was set and the nearest setting. They are ignored, not refused: a setting of a newer
+    version must not stop an older one."""
+    variables = [env_name(names) for names, _ in setting_fields()]
+    sections = {env_name([name]).lower(): name for name in _sections()}
+    known = {variable.lower() for variable in variables} | set(sections) | {n.lower() for n in NOT_SETTINGS}
+    said: dict[str, str] = {}
+    for place, source in reversed(_places(secrets_dir)):  # the place that wins first
+        where = f"set in {place_in_words(place)}"
+        for name, value in sorted(source.env_vars.items()):
+            if not name.startswith(ENV_PREFIX.lower()) or name in said:
+                continue
+            if name in sections:
+                said[name] = "; ".join(_unknown_keys(name.upper(), where, sections[name], value))
+            elif name not in known:
+                nearest = nearest_variables(name, variables)[:1]
+                meant = f" (did you mean {nearest[0]}?)" if nearest else "; `persona settings` lists every one"
+                said[name] = f"{name.upper()} ({where}) is not a setting, so it is ignored{meant}"
+    return [line for line in said.values() if line]
+
+
+def _sections() -> list[str]:
+    """The settings that are sections (``worker``), set whole as JSON or field by field."""
+    return [name for name, field in Settings.model_fields.items()
+            if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)]
+
+
+def _unknown_keys(variable: str, where: str, section: str, value: str | None) -> list[str]:
+    """The keys of a section's JSON object that name no field of it, one line each."""
+    try:
+        given = json.loads(value or "")
+    except ValueError:
+        return []  # not JSON: Settings() says so
+    if not isinstance(given, dict):
+        return []
+    fields = list(Settings.model_fields[section].annotation.model_fields)
+    lines = []
+    for key in given:
+        if str(key).lower() not in fields:
+            nearest = difflib.get_close_matches(str(key).lower(), fields, n=1)
+            meant = f" (did you mean {nearest[0]!r}?)" if nearest else ""
+            lines.append(f"{variable} ({where}) holds {key!r}, which is not a setting of {section}, so it is ignored{meant}")
+    return lines
+
+
+def nearest_variables(word: str, variables: list[str]) -> list[str]:
+    """What ``word`` most likely misspells, nearest first: the variable it is but for its
+    underscores ("telegram_token": PERSONA_TELEGRAM__TOKEN), variables near it whole
+    ("redis_ulr"), a section ("telegarm": PERSONA_TELEGRAM__*), or variables near it by their
+    last name ("max_bach": PERSONA_WORKER__MAX_BATCH)."""
+    word = word.lower().removeprefix(ENV_PREFIX.lower())
+    tails = {variable.lower().removeprefix(ENV_PREFIX.lower()): variable for variable in variables}
+    squeezed = {re.sub("_+", "_", tail): variable for tail, variable in tails.items()}
+    if (same := squeezed.get(re.sub("_+", "_", word))) is not None:
+        return [same]
+    whole = difflib.get_close_matches(word, list(tails), n=MAX_SUGGESTIONS, cutoff=0.8)
+    if whole:
+        return [tails[tail] for tail in whole]
+    sections = {tail.partition("__")[0] for tail in tails if "__" in tail}
+    for section in difflib.get_close_matches(word, sorted(sections), n=1):
+        return [f"{ENV_PREFIX}{section.upper()}__*"]
+    by_key: dict[str, list[str]] = {}
+    for tail, variable in tails.items():
+        by_key.setdefault(tail, []).append(variable)
+        by_key.setdefault(tail.rpartition("__")[2], []).append(variable)
+    keys = difflib.get_close_matches(word, list(by_key), n=MAX_SUGGESTIONS)
+    return list(dict.fromkeys(v for key in keys for v in by_key[key]))[:MAX_SUGGESTIONS]
+
+
+# What reading the settings can fail with: a value refused, JSON that is none, a .env or a
+# secret file that is not UTF-8 text, or one that cannot be read. explain_settings_error says each.
+SETTINGS_READ_ERRORS = (ValidationError, SettingsError, UnicodeDecodeError, OSError)
+
+
+def explain_settings_error(exc: Exception, secrets_dir: Path | None = None) -> str:
+    """What an error of ``SETTINGS_READ_ERRORS`` from ``Settings()`` means: by variable name, and
+    for JSON that is none where it was set; a file that is not UTF-8 text or cannot be read, by
+    its name."""
     if isinstance(exc, ValidationError):
         return "; ".join(_explain_invalid(error) for error in exc.errors())
-    found = re.search(r'field "([^"]+)"', str(exc))
+    if isinstance(exc, UnicodeDecodeError):
+        return _not_utf8(secrets_dir) or f"the settings cannot be read: {exc}"
+    if isinstance(exc, OSError):
+        return f"{exc.filename or 'a settings file'} cannot be read: {exc.strerror or exc}"
+    found = re.search(r'field "([^"]+)"(?: from source "([^"]+)")?', str(exc))
     if found is None:
         return f"the settings cannot be read: {exc}"
     # pydantic-settings parses list and nested values as JSON before validating them.
-    names = _unparsable(found.group(1))
-    return "; ".join(f"{env_name(n)} cannot be read: expected {_expected_form(n)}" for n in names)
+    bad = _unparsable(found.group(1), found.group(2), secrets_dir)
+    return "; ".join(f"{env_name(names)} cannot be read: expected {_expected_form(names)}"
+                     f"{f'; it is set in {place_in_words(place)}' if place else ''}" for names, place in bad)
+
+
+def _not_utf8(secrets_dir: Path | None) -> str | None:
+    """Which of .env and the secret files is not UTF-8 text, and where it goes wrong; None if each is."""
+    secrets_dir = secrets_dir or Settings.model_config.get("secrets_dir")
+    files = [(Path(ENV_FILE), f"{ENV_FILE} (in {Path.cwd()})")]
+    if secrets_dir is not None and Path(secrets_dir).is_dir():
+        files += [(path, str(path)) for path in sorted(Path(secrets_dir).iterdir()) if path.is_file()]
+    for path, name in files:
+        try:
+            data = path.read_bytes()
+            data.decode("utf-8")
+        except OSError:
+            continue
+        except UnicodeDecodeError as exc:
+            line = data.count(b"\n", 0, exc.start) + 1
+            utf16 = " (it is UTF-16, as Notepad's \"Unicode\" saves)" if data.startswith((b"\xff\xfe", b"\xfe\xff")) else ""
+            return (f"{name} is not UTF-8 text (byte 0x{data[exc.start]:02x} at byte {exc.start}, line {line}){utf16}; "
+                    "save it as UTF-8")
+    return None
 
 
 def _explain_invalid(error: ErrorDetails) -> str:
@@ -591,19 +770,22 @@ def _expected_form(names: list[str]) -> str:
     return "a valid value"
 
 
-def _unparsable(field: str) -> list[list[str]]:
-    """The set values under a top-level field that are not the JSON they must be."""
-    environ = {name.upper(): value for name, value in os.environ.items()}
+def _unparsable(field: str, source: str | None, secrets_dir: Path | None) -> list[tuple[list[str], str | None]]:
+    """The set values under a top-level field that are not the JSON they must be, each with the
+    place it was set: in the source pydantic-settings named (its class's name), else in any."""
     nested = _annotation([field])
     candidates = [[field]]
     if isinstance(nested, type) and issubclass(nested, BaseModel):
         candidates += [[field, sub] for sub in nested.model_fields]
-    bad = []
-    for names in candidates:
-        value = environ.get(env_name(names))
-        if value is not None and (len(names) == 1 or typing.get_origin(_annotation(names)) is list):
-            try:
-                json.loads(value)
-            except ValueError:
-                bad.append(names)
-    return bad or [[field]]
+    bad: list[tuple[list[str], str | None]] = []
+    for place, held in reversed(_places(secrets_dir)):
+        if source is not None and type(held).__name__ != source:
+            continue
+        for names in candidates:
+            value = held.env_vars.get(env_name(names).lower())
+            if value is not None and (len(names) == 1 or typing.get_origin(_annotation(names)) is list):
+                try:
+                    json.loads(value)
+                except ValueError:
+                    bad.append((names, place))
+    return bad or [([field], None)]

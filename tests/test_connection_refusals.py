@@ -23,7 +23,9 @@ from persona.constants import STREAM_INTERACTIVE
 from persona.contract import GenerationRequest, Message
 from persona.errors import ConfigError, QueueBusy, QueueError, ReplyTimeout
 from persona.queue import AsyncQueueClient, QueueClient
+from persona.settings import Settings
 from tests.fakes.old_redis import OldRedis
+from tests.fakes.tls import self_signed
 
 PASSWORD = "hunter2-secret"
 
@@ -79,6 +81,8 @@ def _env(tmp_path: Path, url: str) -> dict[str, str]:
     (f"redis://:{PASSWORD}@127.0.0.1:99999/0", "its port must be a number from 1 to 65535"),
     (f"redis://:{PASSWORD}@127.0.0.1:6391/0?ssl_cert_reqs=bogus", "ssl_cert_reqs, which a redis:// URL does not take"),
     (f"redis://:{PASSWORD}@127.0.0.1:6391/abc", "its database, the path after HOST:PORT, must be a number"),
+    # Two slashes: "tmp" was read as a host, and dropped; the socket looked for was /x.sock.
+    (f"unix://:{PASSWORD}@tmp/x.sock", "a unix:// URL's socket path is absolute, after three slashes: unix:///tmp/x.sock"),
 ])
 def test_a_redis_url_redis_cannot_open_is_a_config_error_not_a_traceback(tmp_path: Path, url: str, said: str):
     """`persona queue stats --json` printed redis-py's traceback (Port out of range, an
@@ -88,6 +92,25 @@ def test_a_redis_url_redis_cannot_open_is_a_config_error_not_a_traceback(tmp_pat
     error = json.loads(told.stdout)["error"]
     assert error["kind"] == "ConfigError" and error["message"].startswith("PERSONA_REDIS_URL: "), error
     assert said in error["message"] and PASSWORD not in told.stdout
+
+
+def test_a_tls_file_that_holds_no_certificate_is_said_to_be_the_fault(tmp_path: Path, own_redis):
+    """A key given as the CA file was "cannot reach Redis ...: no certificate or crl found
+    (rediss:// is TLS: does that port speak it?)": the port was never the fault. (ssl reads the
+    files as it opens the connection, before a byte of TLS: a plain Redis shows it as well.)"""
+    cert, key = self_signed(tmp_path)
+    _, url, _ = own_redis
+    address = url.replace("redis://", "rediss://")
+    told = _persona("queue", "stats", "--json", env=_env(tmp_path, f"{address}?ssl_ca_certs={key}"))
+    error = json.loads(told.stdout)["error"]
+    assert error["kind"] == "ConfigError", error
+    assert error["message"].startswith(f"the file that ssl_ca_certs names in PERSONA_REDIS_URL ({key}) holds no CA certificate")
+    assert "speak" not in error["message"]
+    (tmp_path / "other").mkdir()
+    _, other_key = self_signed(tmp_path / "other")
+    with pytest.raises(ConfigError, match="do not belong together: the key is not the certificate's"):
+        connect(Settings(_env_file=None, data_dir=tmp_path / "data",
+                         redis_url=f"{address}?ssl_certfile={cert}&ssl_keyfile={other_key}&ssl_cert_reqs=none"))
 
 
 def test_a_redis_url_that_answers_nothing_is_not_sent_to_persona_up(tmp_path: Path):

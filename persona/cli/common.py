@@ -17,13 +17,12 @@ import contextvars
 import datetime as dt
 import functools
 import json
+import os
 from collections.abc import Callable, Sequence
 from typing import ParamSpec, TypeVar
 
 import redis
 import typer
-from pydantic import ValidationError
-from pydantic_settings import SettingsError
 from rich.console import Console, Group, RenderableType
 from rich.markup import escape
 from rich.measure import Measurement
@@ -38,8 +37,13 @@ from persona.errors import (
 )
 from persona.extras import EXTRA_OF_MODULE, install_command
 from persona.logs import hide_secrets, secrets_of
-from persona.settings import Settings, explain_settings_error
-from persona.supervisor import config_error_exit_status
+from persona.settings import (
+    SETTINGS_READ_ERRORS,
+    Settings,
+    explain_settings_error,
+    unknown_variables,
+)
+from persona.supervisor import SERVICE_ENV, config_error_exit_status
 
 __all__ = [
     "EXTRA_OF_MODULE",
@@ -55,6 +59,7 @@ __all__ = [
     "print_whole",
     "usage_failure",
     "wants_json",
+    "warn_of_unknown_variables",
 ]
 
 # A command line that is wrong ends the command with click's status, whoever refused it.
@@ -137,12 +142,23 @@ def usage_failure(exc: typer.TyperException) -> typer.Exit:
 
 @functools.cache
 def get_settings() -> Settings:
-    """The settings, read once per process; one that cannot be read ends the command (a ConfigError)."""
+    """The settings, read once per process; one that cannot be read ends the command (a ConfigError).
+    A PERSONA_ variable that is no setting is warned of first, but for in a service `persona up`
+    runs: `up` warned of it as it started, and each service would say it again."""
     try:
+        if os.environ.get(SERVICE_ENV) != "1":
+            warn_of_unknown_variables()
         return Settings()
-    except (ValidationError, SettingsError) as exc:
+    except SETTINGS_READ_ERRORS as exc:
         # The value itself is never shown: it may be a token.
         raise _fail(explain_settings_error(exc), ConfigError.__name__, config_error_exit_status()) from None
+
+
+def warn_of_unknown_variables() -> None:
+    """One warning line on stderr for each PERSONA_ variable that is no setting (a misspelling,
+    which was silently ignored, or a setting of a newer version), with the nearest setting."""
+    for line in unknown_variables():
+        err_console.print(f"[yellow]warning:[/yellow] {escape(line)}", highlight=False)
 
 
 def print_whole(*renderables: RenderableType) -> None:

@@ -6,26 +6,26 @@ reads ``set``, and a URL (PERSONA_REDIS_URL) is shown with its password as ``***
 
 from __future__ import annotations
 
-import difflib
 import json
 from dataclasses import dataclass
 from typing import Annotated
 
 import typer
-from pydantic import BaseModel, SecretStr, ValidationError
+from pydantic import BaseModel, SecretStr
 from pydantic_core import to_jsonable_python
-from pydantic_settings import SettingsError
 from rich.table import Table
 from rich.text import Text
 
-from persona.cli.common import friendly_errors, print_whole
+from persona.cli.common import friendly_errors, print_whole, warn_of_unknown_variables
 from persona.errors import ConfigError, UsageError
 from persona.logs import describe_url
 from persona.settings import (
-    ENV_PREFIX,
+    SETTINGS_READ_ERRORS,
     Settings,
     env_name,
     explain_settings_error,
+    nearest_variables,
+    place_in_words,
     setting_fields,
     where_set,
 )
@@ -34,7 +34,6 @@ __all__ = ["SettingRow", "register", "show_settings"]
 
 DEFAULT_SOURCE = "default"
 TOP_LEVEL = "top level"
-MAX_SUGGESTIONS = 3
 
 
 @dataclass(frozen=True)
@@ -69,11 +68,16 @@ def show_settings(
 
 def _read() -> Settings:
     """The settings; ones that cannot be read are a ConfigError naming each variable, and
-    where it was set (the question an operator came here with)."""
+    where it was set (the question an operator came here with). A PERSONA_ variable that is no
+    setting is warned of first, with the nearest one."""
     try:
+        warn_of_unknown_variables()
         return Settings()
-    except (ValidationError, SettingsError) as exc:
-        raise ConfigError(_with_places(explain_settings_error(exc))) from None
+    except SETTINGS_READ_ERRORS as exc:
+        explained = explain_settings_error(exc)
+        if isinstance(exc, UnicodeDecodeError | OSError):  # where_set could read no more than Settings()
+            raise ConfigError(explained) from None
+        raise ConfigError(_with_places(explained)) from None
 
 
 def _with_places(explained: str) -> str:
@@ -83,13 +87,9 @@ def _with_places(explained: str) -> str:
     for part in explained.split("; "):
         variable, colon, rest = part.partition(":")
         if colon and variable in places:
-            part = f"{variable} (set in {_place_in_words(places[variable])}):{rest}"
+            part = f"{variable} (set in {place_in_words(places[variable])}):{rest}"
         parts.append(part)
     return "; ".join(parts)
-
-
-def _place_in_words(place: str) -> str:
-    return "the environment" if place == "env" else place
 
 
 def _rows(settings: Settings) -> list[SettingRow]:
@@ -139,25 +139,9 @@ def _matching(rows: list[SettingRow], filters: list[str]) -> list[SettingRow]:
 
 
 def _no_such(word: str, variables: list[str]) -> str:
-    nearest = _nearest(word, variables)
+    nearest = nearest_variables(word, variables)
     meant = f" (did you mean {' or '.join(nearest)}?)" if nearest else ""
     return f"no setting's variable holds {word!r}{meant}"
-
-
-def _nearest(word: str, variables: list[str]) -> list[str]:
-    """What ``word`` most likely misspells: a section ("telegarm": PERSONA_TELEGRAM__*), or
-    variables, compared whole and by their last name ("max_bach": PERSONA_WORKER__MAX_BATCH)."""
-    word = word.lower().removeprefix("persona_")
-    sections = {v.lower().removeprefix("persona_").partition("__")[0] for v in variables if "__" in v}
-    for section in difflib.get_close_matches(word, sorted(sections), n=1):
-        return [f"{ENV_PREFIX}{section.upper()}__*"]
-    by_key: dict[str, list[str]] = {}
-    for variable in variables:
-        tail = variable.lower().removeprefix("persona_")
-        by_key.setdefault(tail, []).append(variable)
-        by_key.setdefault(tail.rpartition("__")[2], []).append(variable)
-    keys = difflib.get_close_matches(word, list(by_key), n=MAX_SUGGESTIONS)
-    return list(dict.fromkeys(v for key in keys for v in by_key[key]))[:MAX_SUGGESTIONS]
 
 
 def _tables(rows: list[SettingRow]) -> list[Table]:
