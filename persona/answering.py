@@ -47,13 +47,13 @@ def _queued_at(job: Job) -> float:
     caller gave it (its deadline less its creation: a difference on one clock, which no
     skew between machines changes), so ``d`` less that allowance is when it was queued;
     a hand-back's new entry keeps ``d``, so its wait still counts from then. An entry
-    without ``d`` (an older client's, a retried letter without a deadline) is timed from
+    without ``d`` (a direct writer's, a retried letter without a deadline) is timed from
     its id, whose milliseconds Redis set as it added it.
     """
     request = job.request
-    if job.due is not None and request.deadline:
+    if job.due_given and request.deadline:
         return job.due - (request.deadline - request.created_at)
-    return int(job.entry_id.partition("-")[0]) / 1000
+    return job.arrived_at
 
 
 def _waited_ms(job: Job, redis_offset: float) -> float:
@@ -78,6 +78,7 @@ class Answering:
         """Set an entry that holds no valid request aside as a dead letter, payload and all,
         and answer its caller with why where the payload names one. Such an entry used to
         be deleted, its payload in no log line, and not one command could show it."""
+        self._time(job)
         problem = job.problem or "malformed request"
         letter = self.queue.dead_letter(
             job, problem, deliveries or job.deliveries, self.id, kind=ErrorKind.invalid,
@@ -88,14 +89,20 @@ class Answering:
                       job.entry_id, job.request_id or "unknown", letter, problem, letter)
 
     def _refusal(self, job: Job) -> GenerationReply | None:
-        """An error reply for a job with a request that must not be generated, else None."""
-        request = job.request
-        if job.expired(time.time() + self._redis_offset):
-            return self._failure(job, ErrorKind.timeout, "the request waited past its deadline; please ask again")
-        problem = request_problem(request, self.settings.queue)
+        """An error reply for a job with a request that must not be generated, else None.
+        One that is invalid is refused so whatever its deadline: a deadline of 30 (meant as
+        30 s) was answered "waited past its deadline; please ask again", again and again."""
+        self._time(job)
+        problem = request_problem(job.request, self.settings.queue)
         if problem:
             return self._failure(job, ErrorKind.invalid, problem)
+        if job.expired(time.time() + self._redis_offset):
+            return self._failure(job, ErrorKind.timeout, "the request waited past its deadline; please ask again")
         return None
+
+    def _time(self, job: Job) -> None:
+        """Say when a job's deadline falls where its entry does not (``Job.time_by_default``)."""
+        job.time_by_default(self.settings.queue.default_deadline_s, self._redis_offset)
 
     def _reply(self, row: _Row, completion: Completion, batch: int, seconds: float | None = None) -> GenerationReply:
         """The reply to a finished row: its text, or a timeout where its deadline came first."""
@@ -143,6 +150,7 @@ class Answering:
     def _failure(self, job: Job, kind: ErrorKind, message: str) -> GenerationReply:
         """An error reply for a job with a readable request, saying how long it waited: the
         worst waits end as timeouts, and percentiles of text replies alone hid them."""
+        self._time(job)  # its answered mark lasts until its deadline (a withdrawn one's too)
         request = job.request
         return GenerationReply.failure(
             request.id, kind, message, persona=request.persona, worker=self.id,

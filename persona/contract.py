@@ -6,15 +6,18 @@ JSON in one Redis Stream field; a reply travels as JSON in a per-request list.
 
 from __future__ import annotations
 
+import difflib
+import json
 import re
 import time
 import uuid
 from enum import StrEnum
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 __all__ = [
+    "CONTRACT_VERSION",
     "ErrorInfo",
     "ErrorKind",
     "GenerationReply",
@@ -42,6 +45,15 @@ def _without_controls(value: str) -> str:
     if value.isprintable():
         return value
     return _LONE_SURROGATE.sub("\ufffd", value.translate(_CONTROL_TABLE))
+
+
+# The version of this contract a request speaks (``GenerationRequest.version``; one without
+# speaks the reader's own). Raised when a change means an older worker would misread a
+# request: it then refuses the request, saying to upgrade, rather than serve half of it.
+CONTRACT_VERSION = 1
+# How many unknown fields a refusal names, and how much of each it quotes.
+MAX_UNKNOWN_NAMED = 5
+MAX_NAME_CHARS = 40
 
 
 def new_request_id() -> str:
@@ -111,6 +123,11 @@ class SamplingOverrides(BaseModel):
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
 
 
+def _id_required(schema: dict[str, Any]) -> None:
+    """The schema a client sees: ``id`` required, as on the wire."""
+    schema["required"] = ["id", *(name for name in schema.get("required", []) if name != "id")]
+
+
 class GenerationRequest(BaseModel):
     """Ask a persona for one piece of text.
 
@@ -119,9 +136,14 @@ class GenerationRequest(BaseModel):
     author would write: posts, samples for curation, evaluation.
     """
 
-    model_config = ConfigDict(extra="ignore")
+    # Unknown fields are refused: "temperature" at the top level (it belongs in sampling)
+    # used to be dropped without a word, and the persona's own temperature served.
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_id_required)
 
-    id: str = Field(default_factory=new_request_id, min_length=1, max_length=128)
+    # Required on the wire (``from_wire``: the caller waits on the list named after it);
+    # Python code may leave it to the default.
+    id: str = Field(default_factory=new_request_id, min_length=1, max_length=128,
+                    description="the caller's own, unique for a day: the reply goes to the list persona:reply:{id}")
     persona: str = Field(min_length=1, max_length=128)
     mode: Literal["chat", "complete"] = "chat"
     messages: list[Message] = Field(default_factory=list)
@@ -132,7 +154,13 @@ class GenerationRequest(BaseModel):
     user: str | None = Field(None, description=f"who asked, for fairness and rate limits (at most {MAX_USER_CHARS} characters)")
     source: str = Field("cli", description=f"what sent it: cli, discord, scheduler... (at most {MAX_SOURCE_CHARS} characters)")
     created_at: float = Field(default_factory=time.time)
-    deadline: float = Field(0.0, description="epoch seconds; 0 means the queue's default")
+    deadline: float = Field(
+        0.0, description="a Unix time in seconds, by the caller's clock; 0 means the queue's default after its arrival"
+    )
+    version: int = Field(
+        CONTRACT_VERSION, ge=1, le=CONTRACT_VERSION,
+        description="the contract version it speaks (CONTRACT_VERSION); left out, the worker's own",
+    )
 
     @field_validator("prefix")
     @classmethod
@@ -148,7 +176,92 @@ class GenerationRequest(BaseModel):
 
     @classmethod
     def from_json(cls, data: str | bytes) -> GenerationRequest:
-        return cls.model_validate_json(data)
+        """Read a request's JSON; raises ValueError (ValidationError) saying what is wrong.
+
+        JSON that only pydantic's parser refuses is read as Python's json reads it: a lone
+        surrogate escape ("\\ud83c", what JSON.stringify and json.dumps write for half an
+        emoji) was refused "Invalid JSON", though the model turns it into U+FFFD.
+        """
+        try:
+            return cls.model_validate_json(data)
+        except ValidationError as exc:
+            if not _not_json(exc):
+                raise
+            return cls.model_validate(_loaded(data, exc))
+
+    @classmethod
+    def from_wire(cls, data: str | bytes) -> GenerationRequest:
+        """Read a request as a worker reads it off the queue (``from_json``), and refuse with
+        ValueError, saying why, one without an ``id`` (its reply would go to a list nobody
+        reads), one of a newer contract than this one, and fields this contract does not have
+        (naming them, and the field each may have meant)."""
+        try:
+            request = cls.model_validate_json(data)
+        except ValidationError as exc:
+            fields = _loaded(data, exc)
+            if isinstance(fields, dict):
+                _check_fields(fields)
+            if not _not_json(exc):
+                raise
+            request = cls.model_validate(fields)
+        if "id" not in request.model_fields_set:
+            raise ValueError(
+                'malformed request: it has no id: give each request an "id" of its own (1 to 128 characters, '
+                "not used again for a day); its reply is pushed to the list persona:reply:ID"
+            )
+        return request
+
+
+def _not_json(exc: ValidationError) -> bool:
+    """Whether pydantic refused the payload as JSON (not a field in it)."""
+    return any(error["type"] == "json_invalid" for error in exc.errors())
+
+
+def _loaded(data: str | bytes, exc: ValidationError) -> Any:
+    """The payload as Python's json reads it, every lone surrogate in it U+FFFD (one in an id
+    or a user could not be written to Redis); ``exc`` (pydantic's words) where it cannot."""
+    try:
+        return _mended(json.loads(data))
+    except (ValueError, RecursionError):  # not UTF-8, not JSON, nested too deep
+        raise exc from None
+
+
+def _mended(value: Any) -> Any:
+    """``value`` with every lone surrogate in its strings replaced by U+FFFD."""
+    if isinstance(value, str):
+        return _LONE_SURROGATE.sub("\ufffd", value)
+    if isinstance(value, list):
+        return [_mended(item) for item in value]
+    if isinstance(value, dict):
+        return {_mended(key): _mended(item) for key, item in value.items()}
+    return value
+
+
+def _check_fields(fields: dict[str, Any]) -> None:
+    """Raise ValueError for a request of a newer contract, or with fields this one lacks."""
+    version = fields.get("version")
+    if isinstance(version, int | float) and not isinstance(version, bool) and version > CONTRACT_VERSION:
+        raise ValueError(
+            f"the request speaks contract version {str(version)[:MAX_NAME_CHARS]}: this worker speaks contract version "
+            f"{CONTRACT_VERSION}; upgrade it"
+        )
+    unknown = sorted(name for name in fields if name not in GenerationRequest.model_fields)
+    if not unknown:
+        return
+    named = ", ".join(_unknown(name) for name in unknown[:MAX_UNKNOWN_NAMED])
+    more = f" (and {len(unknown) - MAX_UNKNOWN_NAMED} more)" if len(unknown) > MAX_UNKNOWN_NAMED else ""
+    raise ValueError(
+        f"malformed request: unknown field{'s' if len(unknown) > 1 else ''} {named}{more}; a request of contract "
+        f"version {CONTRACT_VERSION} has only {', '.join(GenerationRequest.model_fields)} (docs/wire-protocol.md)"
+    )
+
+
+def _unknown(name: str) -> str:
+    """An unknown field's name, quoted, with the field it may have meant."""
+    known = {f: f for f in GenerationRequest.model_fields} | {f: f"sampling.{f}" for f in SamplingOverrides.model_fields}
+    close = difflib.get_close_matches(name.lower()[:MAX_NAME_CHARS], known, n=1, cutoff=0.6)
+    quoted = repr(name[:MAX_NAME_CHARS] + ("…" if len(name) > MAX_NAME_CHARS else ""))
+    return quoted + (f" (did you mean {known[close[0]]!r}?)" if close else "")
 
 
 class ErrorInfo(BaseModel):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from dataclasses import dataclass, field
 
@@ -22,6 +23,12 @@ DUE_FIELD = b"d"  # when the deadline falls, by Redis's clock (entries from olde
 MAX_PROBLEMS_NAMED = 3
 # How much of a field that cannot be read a problem quotes (a foreign writer's may be huge).
 MAX_QUOTED_CHARS = 40
+# The id at the front of a payload that is no JSON (cut short, a byte not UTF-8): the match
+# ``queue_scripts.REQUEST_ID`` makes in Lua (``^{"id":"([%w_.:-]*)"``), with room for the
+# spaces json.dumps writes, so its caller is answered why.
+LEADING_ID = re.compile(r'\s*\{\s*"id"\s*:\s*"([A-Za-z0-9_.:-]+)"')
+# Half of a UTF-16 pair, as ``contract`` mends it: no Redis key can hold one.
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _due(value: bytes | str | None) -> float | None:
@@ -45,8 +52,8 @@ def _due(value: bytes | str | None) -> float | None:
 
 def _problem(exc: ValueError) -> str:
     """Why a payload is not a request, in one line: the fields wrong and what is wrong with each."""
-    if not isinstance(exc, ValidationError):
-        return f"malformed request: {exc}".splitlines()[0]
+    if not isinstance(exc, ValidationError):  # worded whole by ``GenerationRequest.from_wire``
+        return str(exc).splitlines()[0]
     errors = exc.errors()
     named = [f"{'.'.join(map(str, e['loc'])) + ': ' if e['loc'] else ''}{e['msg']}" for e in errors[:MAX_PROBLEMS_NAMED]]
     more = f" (and {len(errors) - MAX_PROBLEMS_NAMED} more)" if len(errors) > MAX_PROBLEMS_NAMED else ""
@@ -67,8 +74,10 @@ class Job:
     epoch: bytes | None = None
     # Claimed with the epoch unchanged since: nobody has cancelled anything, this included.
     not_cancelled: bool = False
-    # When its deadline falls by Redis's clock (None: only the caller's clock says).
+    # When its deadline falls by Redis's clock (None: not known yet; see ``time_by_default``).
     due: float | None = None
+    # Whether ``due`` is the entry's own (its field d), not worked out by the worker.
+    due_given: bool = False
     # Which delivery of the entry this is (a reclaim says; a new entry's is its first).
     deliveries: int = 1
 
@@ -84,11 +93,31 @@ class Job:
         except ValueError as exc:
             job.problem = str(exc)
             return job
+        job.due_given = job.due is not None
         try:
-            job.request = GenerationRequest.from_json(payload)
+            job.request = GenerationRequest.from_wire(payload)
         except ValueError as exc:
             job.problem = _problem(exc)
         return job
+
+    @property
+    def arrived_at(self) -> float:
+        """When Redis added the entry, by its clock, in seconds: its id's milliseconds."""
+        return int(self.entry_id.partition("-")[0]) / 1000
+
+    def time_by_default(self, default_deadline_s: float, redis_offset: float) -> None:
+        """Say when its deadline falls (``due``) where the entry does not (no field d: a direct
+        writer's, a retried letter's): at its request's deadline (the caller's clock read as
+        this machine's, ``redis_offset`` being Redis's clock less this one's), or, where that
+        is 0, left out or no finite time, ``default_deadline_s`` after the entry arrived.
+        Such a request used to wait for ever, and its answered mark to last a day."""
+        if self.due is not None:
+            return
+        deadline = self.request.deadline if self.request is not None else 0.0
+        if deadline and math.isfinite(deadline):
+            self.due = deadline + redis_offset
+        else:
+            self.due = self.arrived_at + default_deadline_s
 
     def expired(self, redis_now: float) -> bool:
         """Whether its deadline has passed: by Redis's clock (``redis_now``: the worker's
@@ -108,9 +137,13 @@ class Job:
         return (self.request.user if self.request is not None else self._raw("user")) or ""
 
     def _raw(self, name: str) -> str | None:
-        """A text field of the payload as JSON, whatever else is wrong with it; None if unreadable."""
+        """A text field of the payload as JSON, whatever else is wrong with it (a byte that is not
+        UTF-8 read as U+FFFD); the id also from the front of a payload that is no JSON (cut
+        short); None if unreadable."""
+        text = self.payload.decode(errors="replace") if isinstance(self.payload, bytes) else self.payload
         try:
-            value = json.loads(self.payload).get(name)
+            value = json.loads(text).get(name)
         except (ValueError, AttributeError, RecursionError):  # nested too deep for json: pydantic says so
-            return None
-        return value if isinstance(value, str) and value else None
+            leading = LEADING_ID.match(text) if name == "id" else None
+            value = leading[1] if leading else None
+        return LONE_SURROGATE.sub("\ufffd", value) if isinstance(value, str) and value else None

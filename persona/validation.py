@@ -54,7 +54,7 @@ def request_problem(request: GenerationRequest, limits: QueueSettings) -> str | 
             f"the source is {len(request.source):,} characters long; at most {MAX_SOURCE_CHARS} are accepted: "
             "name what sent the request (\"discord\", \"scheduler\")"
         )
-    return None
+    return _deadline_problem(request, limits)
 
 
 # What shows nothing on its own: format characters (zero-width space and joiner, direction
@@ -82,23 +82,33 @@ LATEST_DEADLINE_AFTER_S = 24 * 3600.0
 
 
 def check_request(request: GenerationRequest, limits: QueueSettings) -> None:
-    """Raise InvalidRequest if the request breaks the limits, or its deadline is not a time."""
+    """Raise InvalidRequest if the request breaks the limits (``request_problem``)."""
     problem = request_problem(request, limits)
-    if problem is None and request.deadline and request.deadline < EARLIEST_DEADLINE:
-        # Queued, it was answered at once with "waited past its deadline; please ask again",
-        # and asking again did the same. (A deadline that has only just passed still goes:
-        # its worker answers it with a timeout, as it would a moment later.)
-        after = f"{request.deadline:g}" if request.deadline >= 1 else "30"
-        problem = (
-            f"the deadline {request.deadline:g} is not a time: it is in epoch seconds "
-            f"(time.time() + {after} for {after} s from now), or 0 for the queue's default "
-            f"({limits.default_deadline_s:g} s)"
-        )
-    allowance = request.deadline - request.created_at
-    if problem is None and request.deadline and not allowance <= LATEST_DEADLINE_AFTER_S:  # inf, nan too
-        problem = (
-            f"the deadline {request.deadline:g} is more than {LATEST_DEADLINE_AFTER_S:g} s after the request was made; "
-            f"give one within a day, or 0 for the queue's default ({limits.default_deadline_s:g} s)"
-        )
     if problem:
         raise InvalidRequest(problem)
+
+
+def _deadline_problem(request: GenerationRequest, limits: QueueSettings) -> str | None:
+    """What is wrong with a request's deadline: not a time, or further off than a day; None if nothing.
+
+    Checked by the worker too: a writer that goes straight to Redis sent "deadline": 30,
+    queued, and it was answered at once with "waited past its deadline; please ask again",
+    and asking again did the same. (A deadline that has only just passed still goes: its
+    worker answers it with a timeout, as it would a moment later.)
+    """
+    if not request.deadline:
+        return None
+    if request.deadline < EARLIEST_DEADLINE:
+        after = f"{request.deadline:g}" if request.deadline >= 1 else "30"
+        return (
+            f"the deadline {request.deadline:g} is not a time: it is in epoch seconds "
+            f"(time.time() + {after} for {after} s from now), the Unix time in seconds when the request "
+            f"is no longer wanted, or 0 for the queue's default ({limits.default_deadline_s:g} s)"
+        )
+    if not request.deadline - request.created_at <= LATEST_DEADLINE_AFTER_S:  # inf, nan too
+        return (
+            f"the deadline {request.deadline:g} is more than {LATEST_DEADLINE_AFTER_S:g} s after the request was made; "
+            f"give one within a day, as a Unix time in seconds, or 0 for the queue's default "
+            f"({limits.default_deadline_s:g} s)"
+        )
+    return None
