@@ -66,7 +66,7 @@ def test_a_bad_value_names_the_setting(clean_env, monkeypatch):
 def test_a_redis_url_needs_a_redis_scheme_and_blank_means_unset(clean_env, monkeypatch):
     from pydantic import ValidationError
 
-    from persona.settings import explain_settings_error
+    from persona.settings_sources import explain_settings_error
 
     monkeypatch.setenv("PERSONA_REDIS_URL", "localhost:6379")
     with pytest.raises(ValidationError) as caught:
@@ -128,7 +128,7 @@ def test_a_redis_url_redis_cannot_open_is_refused_by_name(clean_env, monkeypatch
     database that is no number (/abc) was database 0, without a word."""
     from pydantic import ValidationError
 
-    from persona.settings import explain_settings_error
+    from persona.settings_sources import explain_settings_error
 
     monkeypatch.setenv("PERSONA_REDIS_URL", url)
     with pytest.raises(ValidationError) as caught:
@@ -181,7 +181,7 @@ def test_no_duration_setting_takes_infinity_or_the_like(clean_env, monkeypatch, 
     traceback; PERSONA_WORKER__HEARTBEAT_TTL_S=inf one after the worker had loaded its models."""
     from pydantic import ValidationError
 
-    from persona.settings import explain_settings_error
+    from persona.settings_sources import explain_settings_error
 
     variable = _variable(names)
     monkeypatch.setenv(variable, value)
@@ -198,7 +198,7 @@ def test_no_duration_setting_takes_more_than_its_bound_in_seconds(clean_env, mon
     said "less than or equal to 604800", with no unit."""
     from pydantic import ValidationError
 
-    from persona.settings import explain_settings_error
+    from persona.settings_sources import explain_settings_error
 
     variable = _variable(names)
     monkeypatch.setenv(variable, "99999999999999999999")
@@ -212,7 +212,7 @@ def test_no_duration_setting_takes_more_than_its_bound_in_seconds(clean_env, mon
 def test_a_bound_is_told_in_seconds_and_in_words(clean_env, monkeypatch):
     from pydantic import ValidationError
 
-    from persona.settings import explain_settings_error
+    from persona.settings_sources import explain_settings_error
 
     def explained(variable: str, value: str) -> str:
         monkeypatch.setenv(variable, value)
@@ -247,7 +247,7 @@ def test_a_heartbeat_must_come_well_within_its_ttl(clean_env, monkeypatch):
     and other workers took its requests from it as a dead worker's."""
     from pydantic import ValidationError
 
-    from persona.settings import explain_settings_error
+    from persona.settings_sources import explain_settings_error
 
     monkeypatch.setenv("PERSONA_WORKER__HEARTBEAT_S", "30")
     with pytest.raises(ValidationError) as caught:
@@ -271,7 +271,7 @@ def test_a_heartbeat_must_come_well_within_its_ttl(clean_env, monkeypatch):
 def test_a_default_deadline_is_at_most_the_furthest_a_request_may_set(clean_env, monkeypatch):
     from pydantic import ValidationError
 
-    from persona.settings import explain_settings_error
+    from persona.settings_sources import explain_settings_error
     from persona.validation import LATEST_DEADLINE_AFTER_S
 
     assert Settings(queue={"default_deadline_s": LATEST_DEADLINE_AFTER_S}).queue.default_deadline_s == LATEST_DEADLINE_AFTER_S
@@ -286,7 +286,7 @@ def test_a_log_level_in_any_case_is_taken_and_others_name_the_choices(clean_env,
     """PERSONA_LOG_LEVEL=debug (or LOUD) passed, then `persona up` was "ValueError: Unknown level"."""
     from pydantic import ValidationError
 
-    from persona.settings import explain_settings_error
+    from persona.settings_sources import explain_settings_error
 
     for given, level in (("debug", "DEBUG"), ("Warning", "WARNING"), (" error ", "ERROR"), ("warn", "WARNING")):
         monkeypatch.setenv("PERSONA_LOG_LEVEL", given)
@@ -326,7 +326,7 @@ def test_every_setting_says_what_it_does():
 
 
 def test_where_each_setting_comes_from(clean_env, monkeypatch):
-    from persona.settings import where_set
+    from persona.settings_sources import where_set
 
     secrets = clean_env / "secrets"
     secrets.mkdir()
@@ -345,7 +345,7 @@ def test_a_redis_url_with_port_zero_is_refused_not_sent_to_6379(clean_env, monke
     another Redis (or none), so it is refused by name."""
     from pydantic import ValidationError
 
-    from persona.settings import explain_settings_error
+    from persona.settings_sources import explain_settings_error
 
     monkeypatch.setenv("PERSONA_REDIS_URL", "redis://127.0.0.1:0/0")
     with pytest.raises(ValidationError) as caught:
@@ -358,7 +358,7 @@ def test_a_redis_url_without_a_redis_scheme_is_told_the_schemes_and_an_example(c
     shown one that works, not that redis-py "refuses its query options"."""
     from pydantic import ValidationError
 
-    from persona.settings import explain_settings_error
+    from persona.settings_sources import explain_settings_error
 
     for url in ("http://127.0.0.1:6379/0", "localhost:6379"):
         monkeypatch.setenv("PERSONA_REDIS_URL", url)

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 from pydantic_settings import SettingsError
 
-from persona.settings import (
+from persona.settings import Settings
+from persona.settings_sources import (
     NOT_SETTINGS,
     SETTINGS_READ_ERRORS,
-    Settings,
     explain_settings_error,
     unknown_variables,
     where_set,

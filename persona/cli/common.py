@@ -37,9 +37,9 @@ from persona.errors import (
 )
 from persona.extras import EXTRA_OF_MODULE, install_command
 from persona.logs import hide_secrets, secrets_of
-from persona.settings import (
+from persona.settings import Settings
+from persona.settings_sources import (
     SETTINGS_READ_ERRORS,
-    Settings,
     explain_settings_error,
     unknown_variables,
 )

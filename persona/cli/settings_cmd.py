@@ -19,14 +19,12 @@ from rich.text import Text
 from persona.cli.common import friendly_errors, print_whole, warn_of_unknown_variables
 from persona.errors import ConfigError, UsageError
 from persona.logs import describe_url
-from persona.settings import (
+from persona.settings import Settings, env_name, setting_fields
+from persona.settings_sources import (
     SETTINGS_READ_ERRORS,
-    Settings,
-    env_name,
     explain_settings_error,
     nearest_variables,
     place_in_words,
-    setting_fields,
     where_set,
 )
 
