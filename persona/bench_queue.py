@@ -36,7 +36,7 @@ from persona.logs import setup_logging
 from persona.models import LoadedModel
 from persona.queue import QueueClient, WorkQueue
 from persona.settings import QueueSettings, Settings
-from persona.telemetry import percentile
+from persona.telemetry_reading import percentile
 
 __all__ = ["BASELINE_LOOP", "InstantEngine", "QueueBenchResult", "run_queue_bench"]
 

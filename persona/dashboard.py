@@ -88,7 +88,7 @@ from persona.monitoring import QueueStats, collect_stats, warn_if_evicting, writ
 from persona.personas import Persona, PersonaRegistry
 from persona.settings import Settings
 from persona.swap import served_versions
-from persona.telemetry import THROUGHPUT_WINDOW_S
+from persona.telemetry_reading import THROUGHPUT_WINDOW_S
 
 __all__ = ["PersonaProblems", "bind", "create_app", "http_address", "serve"]
 

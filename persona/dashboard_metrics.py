@@ -29,7 +29,7 @@ from persona.personas import PersonaRegistry
 from persona.redis_refusals import is_full, refusal_text
 from persona.settings import Settings
 from persona.swap import served_versions
-from persona.telemetry import read_histogram
+from persona.telemetry_reading import read_histogram
 
 __all__ = ["PostsToSettle", "QueueCollector", "RedisWatch"]
 

@@ -38,7 +38,7 @@ from persona import constants as keys
 from persona.contract import GenerationRequest
 from persona.errors import QueueBusy
 from persona.queue_scripts import NO_KEY_LUA, ONE_MORE_WAITING, REDIS_NOW
-from persona.telemetry import read_counts
+from persona.telemetry_reading import read_counts
 
 __all__ = [
     "DeadLetter", "RetryReport", "cap_warning", "count_dead", "dead_ids", "drop_dead", "find_dead", "list_dead", "retry_all",

@@ -46,7 +46,12 @@ from persona.personas import Persona
 from persona.queue_scripts import REFUSED_COUNTERS
 from persona.redis_refusals import full_redis_text, refusal_text, size_text
 from persona.swap import served_versions
-from persona.telemetry import LatencySummary, counters_named, read_counts, summarize
+from persona.telemetry_reading import (
+    LatencySummary,
+    counters_named,
+    read_counts,
+    summarize,
+)
 
 __all__ = [
     "QueueStats", "RedisMemory", "StreamStats", "StuckEntry", "collect_stats", "find_stuck", "read_memory", "stream_label",

@@ -42,7 +42,7 @@ from persona.embedded_redis import EmbeddedRedis
 from persona.errors import ConfigError, PersonaError
 from persona.queue import AsyncQueueClient
 from persona.settings import QueueSettings
-from persona.telemetry import percentile
+from persona.telemetry_reading import percentile
 
 __all__ = ["SOAK_MODELS", "SoakReport", "run_soak"]
 

@@ -29,7 +29,8 @@ from persona.contract import (
 from persona.embedded_redis import EmbeddedRedis
 from persona.monitoring import ALWAYS_COUNTED, collect_stats, find_stuck
 from persona.queue import QueueClient, WorkQueue
-from persona.telemetry import read_histogram, record_replies, summarize
+from persona.telemetry import record_replies
+from persona.telemetry_reading import read_histogram, summarize
 from tests.conftest import free_port
 
 
@@ -99,7 +100,7 @@ def test_percentiles_from_the_reply_log(redis_client):
 
 def test_percentiles_are_nearest_rank():
     """They were one rank high whenever q times the count was whole: the median of 10 and 1000 read 1000."""
-    from persona.telemetry import percentile
+    from persona.telemetry_reading import percentile
 
     assert percentile([1000, 10], 0.5) == 10 and percentile([10, 1000], 0.99) == 1000
     assert percentile([7], 0.5) == 7 and percentile([], 0.5) == 0.0
@@ -599,7 +600,7 @@ def test_counters_that_cannot_be_read_are_reported_once_and_read_as_missing(
     redis_client.hset(generate, mapping={"0.25": "x-2", "sum": "nan"})
     redis_client.xadd(keys.REPLY_LOG_STREAM, {"r": "garbage-1"})
 
-    with caplog.at_level(logging.WARNING, logger="persona.telemetry"):
+    with caplog.at_level(logging.WARNING, logger="persona.telemetry_reading"):
         stats = collect_stats(redis_client)
         buckets, total, count = read_histogram(redis_client, "generate_seconds")
     # What can be read is still shown: the tokens and the reply recorded above.
@@ -615,7 +616,7 @@ def test_counters_that_cannot_be_read_are_reported_once_and_read_as_missing(
     assert any("1 reply-log entry" in line and "'garbage-1'" in line for line in said), said
 
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="persona.telemetry"):
+    with caplog.at_level(logging.WARNING, logger="persona.telemetry_reading"):
         collect_stats(redis_client)  # the dashboard reads every few seconds: named once is enough
         read_histogram(redis_client, "generate_seconds")
     assert caplog.records == []

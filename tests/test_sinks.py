@@ -25,10 +25,12 @@ from adapters.posting.sinks import (
     platform_of,
 )
 from adapters.scheduler import Scheduler
+from persona.curation import TELEGRAM_LIMIT_CHARS
 from persona.errors import ConfigError, PostingError, SinkError
 from persona.settings import Settings
 from tests.conftest import free_port, read_jsonl
 from tests.fakes.social_api import FakePlatform, serve
+from tests.fakes.telegram_api import in_a_thread
 
 
 @pytest.fixture
@@ -212,6 +214,27 @@ def test_telegram_channel_through_the_bot(settings, platform):
     platform.fail_with = 400
     with pytest.raises(SinkError, match="(?i)chat not found"):
         sink.post("again", "m2")
+
+
+def test_a_telegram_post_notifies_nobody_it_names(settings):
+    """Telegram links each "@username" in a message and notifies that person: a persona posting
+    "as @someone said" from its author's corpus pinged strangers in its channel. The post reads
+    the same (an invisible word joiner after each "@"); an e-mail address is left as written."""
+    written = "As @marcus_aurelius said to @everyone: patience. Write to sage@example.com"
+    with in_a_thread("123456:telegram-token") as fake:
+        changed = settings.model_copy(deep=True)
+        changed.telegram.token, changed.telegram.api_url = SecretStr(fake.token), fake.base_url
+        sink = make_sink("telegram:-1001234567890", changed)
+        sink.post(written, "m1")
+        [sent] = fake.sent
+        assert sent["mentions"] == [] and sent["text"].replace("\u2060", "") == written
+        assert "sage@example.com" in sent["text"]
+        # A post at Telegram's limit has no room for the word joiners: said so, and nothing sent.
+        at_limit = "@someone " + "x" * (TELEGRAM_LIMIT_CHARS - len("@someone "))
+        with pytest.raises(SinkError, match=r"4,097 characters once its @mentions are kept from notifying anyone "
+                                            r".*Telegram takes 4,096: shorten it by 1"):
+            sink.post(at_limit, "m2")
+        assert len(fake.sent) == 1
 
 
 def test_rate_limits_are_told_apart_from_refusals(settings, platform):

@@ -897,7 +897,7 @@ def test_a_worker_killed_right_after_answering_leaves_its_timings_counted(
     from persona.monitoring import collect_stats
     from persona.pool import ModelPool
     from persona.queue_scripts import DELIVER_SCRIPT, RECORD_SCRIPT
-    from persona.telemetry import read_histogram
+    from persona.telemetry_reading import read_histogram
     from persona.worker import Worker
 
     write_persona("tiny", base=str(tiny_llama_dir))
@@ -962,7 +962,7 @@ def test_the_batch_size_histogram_counts_each_decode_step_once_with_the_rows_it_
     to the steps where rows ended. Each step is one batch generated together: observed once,
     with the rows it decoded, so the sum is every token generated."""
     from persona.pool import ModelPool
-    from persona.telemetry import read_histogram
+    from persona.telemetry_reading import read_histogram
     from persona.worker import Worker
 
     write_persona("tiny", base=str(tiny_llama_dir))

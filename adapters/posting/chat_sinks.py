@@ -15,6 +15,10 @@ discord.py sleeps through a 429 for as long as Discord asks, however long, unles
 limit: the sink waits out a short one (``DISCORD_RATE_LIMIT_WAIT_S``, the least discord.py
 allows) and reads a longer one, or five in a row, as ``SinkRateLimited``, so the slot is
 tried again at a later tick instead of the scheduler stalling past its lease.
+
+A post notifies nobody it names, as the chat bots' replies do: Discord is told to parse no
+mentions ("@everyone" included), and Telegram, which links and notifies every "@username"
+in a text, gets each "@" followed by an invisible word joiner (``quiet_mentions``).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from adapters.posting.sinks import (
     SinkUnreachable,
     one_line,
 )
+from persona.curation import TELEGRAM_LIMIT_CHARS
 from persona.errors import ConfigError, SinkError
 from persona.settings import Settings
 
@@ -228,8 +233,17 @@ class TelegramSink:
         self.api_url = telegram_api_url(settings.telegram.api_url, f"sink {spec!r}")
 
     def post(self, text: str, marker: str) -> Posted:
+        from adapters.telegram_format import quiet_mentions
+
+        quiet = quiet_mentions(text)
+        if len(quiet) > TELEGRAM_LIMIT_CHARS:  # Telegram would refuse it as too long, in fewer words
+            raise SinkError(
+                f"the post is {len(quiet):,} characters once its @mentions are kept from notifying anyone (an "
+                f"invisible character after each \"@\"); Telegram takes {TELEGRAM_LIMIT_CHARS:,}: shorten it by "
+                f"{len(quiet) - TELEGRAM_LIMIT_CHARS:,}"
+            )
         try:
-            return asyncio.run(self._post(text))
+            return asyncio.run(self._post(quiet))
         except (SinkError, SinkNoAnswer) as exc:
             # python-telegram-bot spells the token out ("The token `123:ABC` was rejected"), and
             # the bot's URL holds it: a message goes to logs, the ledger and the dashboard.

@@ -47,7 +47,7 @@ from persona.errors import QueueError
 from persona.monitoring import QueueStats, collect_stats, stream_label
 from persona.personas import Persona, PersonaRegistry
 from persona.settings import Settings
-from persona.telemetry import THROUGHPUT_WINDOW_S
+from persona.telemetry_reading import THROUGHPUT_WINDOW_S
 
 __all__ = [
     "dead", "drop", "register", "render_all", "render_latency", "render_stats", "render_stuck", "render_workers", "retry",
