@@ -4,6 +4,8 @@ A submission is refused when its stream is full (``max_length`` entries) or its 
 already has ``max_pending_per_user`` requests waiting. A full stream is looked at
 (``look_at_full``) so the refusal says what fills it and whether trying again can help;
 a ``submit_many`` refused part-way names which requests were queued and which not.
+A request under an id that another request holds is refused too, for good: as
+``InvalidRequest`` (``id_in_use``), since only a new id helps.
 
 ``persona.queue``'s clients, sync and async, submit and take the look; the wording is here.
 """
@@ -12,12 +14,13 @@ from __future__ import annotations
 
 from persona import constants as keys
 from persona.contract import GenerationRequest
-from persona.errors import QueueBusy
+from persona.errors import InvalidRequest, QueueBusy
 from persona.queue_scripts import FULL_SCRIPT, WORKERS_SCRIPT
 from persona.settings import QueueSettings
 from persona.unanswered import live_and_starting
 
-__all__ = ["check_submitted", "full_ones", "look_at_full", "partly_refused", "refused_as_full"]
+__all__ = ["check_submitted", "full_ones", "id_in_use", "in_use_in_batch", "look_at_full", "partly_refused",
+           "refused_as_full"]
 
 # A full stream's untaken entries that a refusal looks through for dead ones (FULL_SCRIPT):
 # 6 ms of Redis's time for 200 of 6000 characters each (1000 took 32 ms, on every refusal).
@@ -29,13 +32,23 @@ def refused_as_full(outcome: bytes | str | None) -> bool:
     return outcome in (b"busy", "busy")
 
 
+def id_in_use(request_id: str, other: str = "another request") -> str:
+    """Why a request under an id that ``other`` holds is refused, and what to do."""
+    return (f"request id {request_id} is in use by {other} (ids must be unique for 24 h): "
+            "make a new id and send the request again")
+
+
 def check_submitted(
     outcome: bytes | str | None, stream: str, settings: QueueSettings, full: dict[str, QueueBusy] | None = None,
+    *, request_id: str = "",
 ) -> None:
     """Raise QueueBusy for a refusal of a request to ``stream`` (else the request is queued,
     now or before); ``full`` holds the one for each stream that refused a request as full
-    (see ``full_ones``)."""
+    (see ``full_ones``). InvalidRequest for request ``request_id`` refused because a different
+    request holds its id (the same request sent again counts as queued)."""
     outcome = outcome.decode() if isinstance(outcome, bytes) else outcome
+    if outcome == "in_use":
+        raise InvalidRequest(id_in_use(request_id))
     if outcome == "busy":
         raise (full or {}).get(stream) or _full(stream, settings, None)
     if outcome == "user_busy":
@@ -124,6 +137,16 @@ def partly_refused(stamped: list[GenerationRequest], refusals: dict[str, list[in
         f"lists those to wait for; submit QueueBusy.refused again in a moment):{why}",
         queued=queued, refused=refused,
     )
+
+
+def in_use_in_batch(stamped: list[GenerationRequest], in_use: list[int], refusals: dict[str, list[int]]) -> InvalidRequest:
+    """InvalidRequest for a ``submit_many`` some of whose requests' ids other requests hold
+    (``in_use``: their numbers, from 1), naming which were queued and which were refused busy."""
+    queued = len(stamped) - len(in_use) - sum(len(numbers) for numbers in refusals.values())
+    said = "".join(f"\n  request {n} (id {stamped[n - 1].id}): {id_in_use(stamped[n - 1].id)}" for n in in_use)
+    said += "".join(f"\n  {_numbered(numbers)}: {reason} (submit those again in a moment)"
+                    for reason, numbers in refusals.items())
+    return InvalidRequest(f"{queued} of {len(stamped)} requests were queued; these were not:{said}")
 
 
 def _numbered(numbers: list[int]) -> str:

@@ -18,6 +18,10 @@ REPLY_KEY_PREFIX = KEY_PREFIX + "reply:"
 # One mark per request: '' once it is queued (so a re-sent submission is not queued
 # again), then the name of the first worker that answers it (so no one answers twice).
 ANSWERED_KEY_PREFIX = KEY_PREFIX + "answered:"
+# Beside each mark, and lasting as long: a digest of the request queued under that id, so a
+# different request sent under an id in use is refused while the same one sent again still
+# counts as queued (``queue_scripts.SUBMIT_SCRIPT``).
+DIGEST_KEY_PREFIX = KEY_PREFIX + "digest:"
 # A refused request's mark (its value: why it was refused first), so that a refusal is
 # counted once per request however often it is sent again (``queue_scripts.SUBMIT_SCRIPT``).
 REFUSED_KEY_PREFIX = KEY_PREFIX + "refused:"
@@ -67,6 +71,14 @@ POST_LOCK_KEY_PREFIX = KEY_PREFIX + "post-lock:"
 POST_RECORD_KEY_PREFIX = KEY_PREFIX + "post:"
 POST_HISTORY_STREAM = KEY_PREFIX + "posts"
 RECENT_POSTS_KEY_PREFIX = KEY_PREFIX + "recent-posts:"
+# Each persona's slots whose records still matter (open, waiting for approval, or with a sink
+# that got no answer): a set, so that no reader scans every record (a closed slot's record
+# expires); the personas that have had one; a mark that the sets were built from the records
+# written before them; and each persona's newest closed scheduled slot, whose record is kept.
+POST_OPEN_KEY_PREFIX = KEY_PREFIX + "post-open:"
+POST_OPEN_PERSONAS_KEY = KEY_PREFIX + "post-open-personas"
+POST_OPEN_BUILT_KEY = KEY_PREFIX + "post-open-built"
+POST_NEWEST_KEY_PREFIX = KEY_PREFIX + "post-newest:"
 # The approval queue: one hash per waiting post, and a sorted set of the pending ids.
 APPROVAL_KEY_PREFIX = KEY_PREFIX + "approval:"
 APPROVALS_PENDING_KEY = KEY_PREFIX + "approvals"
@@ -109,6 +121,10 @@ def reply_key(request_id: str) -> str:
 
 def answered_key(request_id: str) -> str:
     return ANSWERED_KEY_PREFIX + request_id
+
+
+def digest_key(request_id: str) -> str:
+    return DIGEST_KEY_PREFIX + request_id
 
 
 def refused_key(request_id: str) -> str:
@@ -169,6 +185,14 @@ def post_record_key(persona: str, slot: str) -> str:
 
 def recent_posts_key(persona: str) -> str:
     return RECENT_POSTS_KEY_PREFIX + persona
+
+
+def post_open_key(persona: str) -> str:
+    return POST_OPEN_KEY_PREFIX + persona
+
+
+def post_newest_key(persona: str) -> str:
+    return POST_NEWEST_KEY_PREFIX + persona
 
 
 def approval_key(approval_id: str) -> str:

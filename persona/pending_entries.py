@@ -7,7 +7,9 @@ claimed by another (``reclaim``); a live worker keeps the entries it has in hand
 caller is told so (``dead_letter``); so is an entry that holds no valid request, at once.
 A worker that leaves hands its unfinished entries back first (``hand_back``), and leaves
 the consumer group; the consumers of workers that died without leaving are forgotten
-while reclaiming (``forget_gone``).
+while reclaiming (``forget_gone``). An entry the submit script did not add (written
+straight onto the stream) whose request id another request holds is set aside, not
+generated (``_unique``): its reply would have been dropped, and its caller left waiting.
 """
 
 from __future__ import annotations
@@ -20,9 +22,11 @@ from typing import TYPE_CHECKING
 import redis
 
 from persona import constants as keys
+from persona.busy import id_in_use
 from persona.contract import ErrorKind, GenerationReply
 from persona.errors import QueueError
 from persona.jobs import Job
+from persona.queue_scripts import payload_digest
 
 if TYPE_CHECKING:
     from redis.commands.core import Script
@@ -35,6 +39,9 @@ __all__ = ["PendingEntries", "answered_until"]
 log = logging.getLogger("persona.work_queue")
 
 RECLAIM_BATCH = 100
+# Who holds the id of an entry set aside by ``_unique``, by ``OWN_IDS_SCRIPT``'s verdict.
+HELD_BY = {"waiting": "another request, still waiting for its answer",
+           "answered": "another request, answered already"}
 # How often one worker looks for the consumers of workers that are gone (``forget_gone``):
 # each look reads every consumer of both streams, and a fleet has many workers reclaiming.
 FORGET_EVERY_S = 30.0
@@ -75,6 +82,7 @@ class PendingEntries:
     _keep_fresh: Script
     _set_aside: Script
     _forget: Script
+    _own_ids: Script
     _forgot_at: float = -FORGET_EVERY_S  # monotonic time of the last look (none yet)
 
     def reclaim(
@@ -130,6 +138,7 @@ class PendingEntries:
                             f"request {job.request_id}" if job.request_id else "no readable request id",
                             holder, deliveries,
                         )
+        jobs = self._unique(jobs, consumer)
         if time.monotonic() - self._forgot_at >= FORGET_EVERY_S:
             try:
                 self.forget_gone(consumer)
@@ -137,6 +146,35 @@ class PendingEntries:
                 log.warning("could not forget the consumers of workers that are gone (%s); trying again in %.0f s",
                             exc, FORGET_EVERY_S)
         return jobs, exhausted
+
+    def _unique(self, jobs: list[Job], worker: str) -> list[Job]:
+        """These jobs, less those whose request id another request holds, set aside (see
+        ``dead_letter``) by ``worker``.
+
+        Only entries the submit script did not add are looked at (no cancel epoch: written
+        straight onto the stream, or a retried letter): it refuses a different request under
+        an id in use, so the callers' entries cost no extra round trip. Each such entry's id
+        is marked as its own (see ``OWN_IDS_SCRIPT``); one under an id answered already or
+        held by another request waiting is set aside and answered ``invalid`` where its
+        reply list is no other caller's. Generated, its reply was dropped as a second answer.
+        """
+        foreign = [job for job in jobs if job.epoch is None and job.request is not None]
+        if not foreign:
+            return jobs
+        args: list = [keys.ANSWERED_KEY_PREFIX, keys.DIGEST_KEY_PREFIX, self.settings.reply_ttl_s]
+        for job in foreign:
+            args += [job.request.id, payload_digest(job.payload), answered_until([job])]
+        verdicts = self._own_ids(keys=[], args=args)
+        held = {job.entry_id: HELD_BY[v.decode() if isinstance(v, bytes) else v]
+                for job, v in zip(foreign, verdicts, strict=True) if v not in (b"ok", "ok")}
+        for job in jobs:
+            if job.entry_id in held:
+                why = id_in_use(job.request.id, held[job.entry_id])
+                letter = self.dead_letter(job, why, job.deliveries, worker, kind=ErrorKind.invalid,
+                                          message=f"{why}; it was not generated, and was set aside for an "
+                                                  "operator to see (`persona queue dead`)")
+                log.warning("set aside entry %s as dead letter %s, not generated: %s", job.entry_id, letter, why)
+        return [job for job in jobs if job.entry_id not in held]
 
     def forget_gone(self, consumer: str) -> list[str]:
         """Delete the consumers of workers that are gone (see ``FORGET_SCRIPT``): none holds
@@ -187,11 +225,12 @@ class PendingEntries:
             keys.answered_key(request_id) if request_id else keys.NO_KEY,
             keys.reply_key(request_id) if request_id else keys.NO_KEY,
             keys.user_pending_key(user) if request_id and user else keys.NO_KEY,
+            keys.digest_key(request_id) if request_id else keys.NO_KEY,
         ]
         args = [
             keys.CONSUMER_GROUP, job.entry_id, keys.DEAD_STREAM_MAX_LEN,
             job.payload, reason, deliveries, worker, time.time(),
-            reply, self.settings.reply_ttl_s, answered_until([job]), f"failed:{kind}",
+            reply, self.settings.reply_ttl_s, answered_until([job]), f"failed:{kind}", payload_digest(job.payload),
         ]
         letter = self._set_aside(keys=script_keys, args=args)
         return letter.decode() if isinstance(letter, bytes) else (letter or None)

@@ -4,11 +4,12 @@ Callers (``QueueClient``, or ``AsyncQueueClient`` inside adapters) add a request
 of two streams, interactive or batch, refused with ``QueueBusy`` once the stream holds
 ``max_length`` entries, then wait on the request's own reply list. A request is added
 once however often its submission is sent (redis-py re-sends a call whose reply a
-dropped connection lost), and a caller reads its reply without removing it (BLMOVE of
-the list onto itself), so a reply lost on the way back is read again on the retry; the
-caller deletes the lists it has read with its next call, and keeps the replies it has
-read (the latest ``REPLIES_KEPT``), so waiting again for a request answered already
-returns its reply at once. A wait rides out Redis restarting (its connection refused or
+dropped connection lost), and a different request under an id in use is refused
+(``InvalidRequest``: an id names its reply list, so ids must be unique for 24 h). A
+caller reads its reply without removing it (BLMOVE of the list onto itself), so a reply
+lost on the way back is read again on the retry; the caller deletes the lists it has
+read with its next call, and keeps the replies it has read (the latest ``REPLIES_KEPT``),
+so waiting again for a request answered already returns its reply at once. A wait rides out Redis restarting (its connection refused or
 dropped) until the request's deadline, and no longer (redis-py's own reconnects end by
 it too: ``connection.retrying_until``): the request is still queued, and its reply is
 read once Redis is back. A wait that ends without a reply says why: no worker answered
@@ -40,6 +41,7 @@ from persona import constants as keys
 from persona.busy import (
     check_submitted,
     full_ones,
+    in_use_in_batch,
     look_at_full,
     partly_refused,
     refused_as_full,
@@ -47,7 +49,7 @@ from persona.busy import (
 from persona.connection import retrying_until
 from persona.contract import GenerationReply, GenerationRequest, Priority
 from persona.errors import InvalidRequest, QueueBusy
-from persona.queue_scripts import CANCEL_SCRIPT, SUBMIT_SCRIPT
+from persona.queue_scripts import CANCEL_SCRIPT, SUBMIT_SCRIPT, payload_digest
 from persona.redis_refusals import too_few_replicas
 from persona.settings import QueueSettings
 from persona.unanswered import LONGER_WAIT, last_look, no_reply
@@ -81,22 +83,42 @@ def _submit_keys_args(
     user_key = keys.user_pending_key(request.user) if request.user else keys.NO_KEY
     hold_s = int(settings.default_deadline_s * 2) + 60  # a lost decrement heals itself
     allowance = request.deadline - request.created_at
+    payload = request.to_json()
     stream_keys = [
         stream_for(request.priority), user_key, keys.CANCEL_EPOCH_KEY, keys.cancel_key(request.id),
         keys.reply_key(request.id), keys.answered_key(request.id), keys.STATS_KEY,  # where a refusal is counted
         keys.refused_key(request.id),  # so that it is counted once
+        keys.digest_key(request.id),  # the same request sent again, or another under its id
     ]
     return stream_keys, [
-        settings.max_length, request.to_json(), settings.max_pending_per_user, hold_s, int(waiting),
+        settings.max_length, payload, settings.max_pending_per_user, hold_s, int(waiting),
         f"{allowance:.3f}",  # its allowance, timed from now by Redis
         max(hold_s, int(allowance) + 60),  # its mark outlives any re-sent submission
+        payload_digest(payload),
     ]
+
+
+def _one_request_an_id(requests: list[GenerationRequest]) -> None:
+    """InvalidRequest, naming them, if two different requests of a batch share an id (the
+    second would be refused as the id is in use; the same request twice is queued once)."""
+    first: dict[str, int] = {}
+    for number, request in enumerate(requests):
+        seen = first.setdefault(request.id, number)
+        if seen != number and requests[seen].to_json() != request.to_json():
+            raise InvalidRequest(
+                f"requests {seen + 1} and {number + 1} of {len(requests)} are different requests that share id "
+                f"{request.id} (ids must be unique for 24 h): make a new id for one; none of them was queued"
+            )
 
 
 def _ask_pipeline(pipe, request: GenerationRequest, settings: QueueSettings, wait_s: float, spent: list[str]) -> None:
     """Submit and start waiting for the reply in one round trip (deleting ``spent`` lists).
 
     EVAL, not EVALSHA: in a pipeline a missing script would only show after the wait.
+    A request refused as its id is in use is told so after that first slice (WAIT_SLICE_S
+    at most): the reply list waited on is the other request's, so nothing is pushed there
+    to end the wait, and what it reads is not this request's reply (``check_submitted``
+    raises first).
     """
     script_keys, args = _submit_keys_args(request, settings, waiting=True)
     pipe.eval(SUBMIT_SCRIPT, len(script_keys), *script_keys, *args)
@@ -259,7 +281,8 @@ class QueueClient(_Caller):
         request = _stamp(request, self.settings)
         script_keys, args = _submit_keys_args(request, self.settings)
         outcome = self._submit(keys=script_keys, args=args)
-        check_submitted(outcome, stream_for(request.priority), self.settings, self._full_of([(request, outcome)]))
+        check_submitted(outcome, stream_for(request.priority), self.settings, self._full_of([(request, outcome)]),
+                        request_id=request.id)
         return request
 
     def _full_of(self, outcomes: list[tuple[GenerationRequest, bytes | str | None]]) -> dict[str, QueueBusy]:
@@ -281,7 +304,9 @@ class QueueClient(_Caller):
         ``submit`` would (a worker may make room part-way; one sender may be over their
         share while others are not): if any was refused, QueueBusy lists exactly which were
         queued (``queued``) and which were not (``refused``). Sending a request again is
-        safe, if a connection dropped before the answer: it is queued once.
+        safe, if a connection dropped before the answer: it is queued once. Two different
+        requests under one id are refused before any is sent; one whose id another request
+        holds already is refused with InvalidRequest, naming which were queued.
         """
         stamped = []
         for number, request in enumerate(requests, 1):
@@ -291,18 +316,24 @@ class QueueClient(_Caller):
                 raise InvalidRequest(f"request {number} of {len(requests)} (id {request.id}): {exc}; "
                                      "none of them was queued") from None
             stamped.append(_stamp(request, self.settings))
+        _one_request_an_id(stamped)
         pipe = self.redis.pipeline(transaction=False)
         for request in stamped:
             script_keys, args = _submit_keys_args(request, self.settings)
             pipe.eval(SUBMIT_SCRIPT, len(script_keys), *script_keys, *args)
         refusals: dict[str, list[int]] = {}  # why -> the refused requests' numbers (from 1)
+        in_use: list[int] = []
         outcomes = list(zip(stamped, pipe.execute(), strict=True))
         full = self._full_of(outcomes)
         for number, (request, outcome) in enumerate(outcomes, 1):
             try:
-                check_submitted(outcome, stream_for(request.priority), self.settings, full)
+                check_submitted(outcome, stream_for(request.priority), self.settings, full, request_id=request.id)
             except QueueBusy as exc:
                 refusals.setdefault(str(exc), []).append(number)
+            except InvalidRequest:
+                in_use.append(number)
+        if in_use:
+            raise in_use_in_batch(stamped, in_use, refusals)
         if refusals:
             raise partly_refused(stamped, refusals)
         return stamped
@@ -351,7 +382,8 @@ class QueueClient(_Caller):
                     time.sleep(self._outage_left(request, exc, give_up, first=not outages))
                     outages += 1
         outcome, got = _asked(answers)
-        check_submitted(outcome, stream_for(request.priority), self.settings, self._full_of([(request, outcome)]))
+        check_submitted(outcome, stream_for(request.priority), self.settings, self._full_of([(request, outcome)]),
+                        request_id=request.id)
         return self._wait(request, give_up, got, outages)
 
     def cancel(self, request_id: str) -> bool:
@@ -369,7 +401,8 @@ class AsyncQueueClient(_Caller):
         request = _stamp(request, self.settings)
         script_keys, args = _submit_keys_args(request, self.settings)
         outcome = await self._submit(keys=script_keys, args=args)
-        check_submitted(outcome, stream_for(request.priority), self.settings, await self._full_of([(request, outcome)]))
+        check_submitted(outcome, stream_for(request.priority), self.settings, await self._full_of([(request, outcome)]),
+                        request_id=request.id)
         return request
 
     async def _full_of(self, outcomes: list[tuple[GenerationRequest, bytes | str | None]]) -> dict[str, QueueBusy]:
@@ -421,7 +454,8 @@ class AsyncQueueClient(_Caller):
                     await asyncio.sleep(self._outage_left(request, exc, give_up, first=not outages))
                     outages += 1
         outcome, got = _asked(answers)
-        check_submitted(outcome, stream_for(request.priority), self.settings, await self._full_of([(request, outcome)]))
+        check_submitted(outcome, stream_for(request.priority), self.settings, await self._full_of([(request, outcome)]),
+                        request_id=request.id)
         return await self._wait(request, give_up, got, outages)
 
     async def cancel(self, request_id: str) -> bool:

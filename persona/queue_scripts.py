@@ -9,13 +9,14 @@ when a request is refused or goes unanswered. ``persona.queue``, ``persona.busy`
 
 from __future__ import annotations
 
+import hashlib
+
 from persona import constants as keys
 
 __all__ = [
-    "ANSWERED_TTL", "CANCEL_SCRIPT", "DEAD_LETTER_SCRIPT", "DELIVER_SCRIPT", "FORGET_SCRIPT", "FULL_SCRIPT", "HOLDER_SCRIPT",
-    "KEEP_SCRIPT", "NO_KEY_LUA", "ONE_MORE_WAITING", "RECORD_SCRIPT", "REDIS_NOW", "REFUSED_COUNTERS",
-    "REQUEST_ID", "REQUEUE_SCRIPT",
-    "SUBMIT_SCRIPT", "WORKERS_SCRIPT",
+    "ANSWERED_TTL", "CANCEL_SCRIPT", "DEAD_LETTER_SCRIPT", "DELIVER_SCRIPT", "DIGEST_LUA", "FORGET_SCRIPT", "FULL_SCRIPT",
+    "HOLDER_SCRIPT", "KEEP_SCRIPT", "NO_KEY_LUA", "ONE_MORE_WAITING", "OWN_IDS_SCRIPT", "RECORD_SCRIPT", "REDIS_NOW",
+    "REFUSED_COUNTERS", "REQUEST_ID", "REQUEUE_SCRIPT", "SUBMIT_SCRIPT", "WORKERS_SCRIPT", "payload_digest",
 ]
 
 # Redis's own time in seconds, as ``now``: what every script that times something (a
@@ -31,6 +32,24 @@ local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 NO_KEY_LUA = f"""
 local NO_KEY = '{keys.NO_KEY}'
 """
+
+# A request's digest: the first DIGEST_CHARS hex digits of its payload's SHA-1
+# (``payload_digest``). Kept beside its answered mark (``constants.DIGEST_KEY_PREFIX``), it
+# tells the same request sent again (counted as queued) from a different one sent under an
+# id in use (refused). 64 bits: two requests under one id share it by chance 1 in 10**19.
+# The callers and workers make it and pass it in, so Redis, which every caller shares, does
+# not hash every payload (2 ms of its time for one of 512 KB); ``digest``, the same in Lua,
+# is for a script's caller that passes none.
+DIGEST_CHARS = 16
+DIGEST_LUA = f"""
+local function digest(payload) return string.sub(redis.sha1hex(payload), 1, {DIGEST_CHARS}) end
+"""
+
+
+def payload_digest(payload: bytes | str) -> str:
+    """A payload's digest, as the scripts' ``digest`` makes it from the same bytes."""
+    return hashlib.sha1(payload.encode() if isinstance(payload, str) else payload).hexdigest()[:DIGEST_CHARS]
+
 
 # Counting never stops the work it counts. A counter Redis cannot add to (a damaged one:
 # `HSET persona:stats completed abc`) made a script fail halfway: the reply pushed, its
@@ -94,14 +113,24 @@ REFUSED_LUA = (
 # The entry also carries when its deadline falls by Redis's clock ('d': now plus the
 # request's allowance ARGV[6]), so machines whose clocks disagree agree on it.
 # A request is added once: its mark (KEYS[6], the same key that later says it was
-# answered) is set to '' as it is added, for ARGV[7] seconds, and a request whose mark
-# exists is not added again ('duplicate'): redis-py re-sends a call whose reply a
-# dropped connection lost. A waiting caller's reply list is emptied as its request is
+# answered) is set to '' as it is added, for ARGV[7] seconds, and its digest (ARGV[8], see
+# ``payload_digest``; made here where it is '' or left out) as long beside it (KEYS[9]),
+# and a request whose mark exists is not added again:
+# the same request ('duplicate': redis-py re-sends a call whose reply a dropped connection
+# lost) counts as queued, and a different one under that id is refused ('in_use': it would
+# have read the other's reply as its own; nothing is pushed to the reply list, which is
+# the other's). A mark without a digest (an older client's) reads as the same request. A waiting caller's reply list is emptied as its request is
 # added: a refusal an earlier attempt left there is not taken for the reply.
 # A cancel epoch of another type (a hash or a list where a string belongs) failed every
 # submission until a withdrawal overwrote it: it starts again here (``FRESH_EPOCH``).
-SUBMIT_SCRIPT = REDIS_NOW + NO_KEY_LUA + ONE_MORE_WAITING + FRESH_EPOCH + REFUSED_LUA + """
-if redis.call('EXISTS', KEYS[6]) == 1 then return 'duplicate' end
+SUBMIT_SCRIPT = REDIS_NOW + NO_KEY_LUA + ONE_MORE_WAITING + FRESH_EPOCH + REFUSED_LUA + DIGEST_LUA + """
+local mine = ARGV[8]
+if not mine or mine == '' then mine = digest(ARGV[2]) end
+if redis.call('EXISTS', KEYS[6]) == 1 then
+  local held = redis.pcall('GET', KEYS[9])
+  if type(held) == 'string' and held ~= mine then return 'in_use' end
+  return 'duplicate'
+end
 local function refuse(why)
   -- nil (false) where the mark was there; an error (a write refused) is counted as ever
   local first = redis.pcall('SET', KEYS[8], why, 'NX', 'EX', math.max(0, math.ceil(tonumber(ARGV[6]))) + REFUSED_PAST_DEADLINE_S)
@@ -127,6 +156,7 @@ epoch = epoch or '0'
 if redis.call('EXISTS', KEYS[4]) == 1 then epoch = 'x' end
 local entry = redis.call('XADD', KEYS[1], '*', 'r', ARGV[2], 'e', epoch, 'd', string.format('%.3f', now + tonumber(ARGV[6])))
 redis.call('SET', KEYS[6], '', 'EX', tonumber(ARGV[7]))
+redis.call('SET', KEYS[9], mine, 'EX', tonumber(ARGV[7]))
 if ARGV[5] == '1' then redis.call('DEL', KEYS[5]) end
 return entry
 """
@@ -161,11 +191,13 @@ end
 
 # Deliver each reply unless its request was answered already (its mark names the
 # worker that answered it; '' is a request queued and not yet answered); always settle its entry;
-# count completions. One call delivers and settles a whole batch. Per-request keys are
+# count completions. A request's digest (see ``payload_digest``) is kept as long as its mark.
+# One call delivers and settles a whole batch. Per-request keys are
 # built here from their prefixes, and replies come in runs that share a counter, and
 # entries in runs that share a stream, so a reply costs four arguments in all.
 # ARGV: reply TTL, until when the answered marks last (see ``ANSWERED_TTL``), group,
-# worker, then the prefixes of the answered flags, reply lists and senders' pending counters; then a count of reply runs, each a counter
+# worker, then the prefixes of the answered flags, reply lists, senders' pending counters
+# and digests; then a count of reply runs, each a counter
 # name, a count of replies and three values per reply (request id, reply, sender or '');
 # then a count of entry runs, each a stream, a count of entries and their ids.
 # KEYS[1] is the stats hash.
@@ -173,9 +205,9 @@ DELIVER_SCRIPT = REDIS_NOW + ANSWERED_TTL + """
 local reply_ttl = tonumber(ARGV[1])
 local marked_ttl = answered_ttl(ARGV[2], reply_ttl)
 local group, worker = ARGV[3], ARGV[4]
-local answered, replies, pending = ARGV[5], ARGV[6], ARGV[7]
-local new, a = 0, 9
-for _ = 1, tonumber(ARGV[8]) do
+local answered, replies, pending, digests = ARGV[5], ARGV[6], ARGV[7], ARGV[8]
+local new, a = 0, 10
+for _ = 1, tonumber(ARGV[9]) do
   local counter, n, counted = ARGV[a], tonumber(ARGV[a + 1]), 0
   a = a + 2
   for _ = 1, n do
@@ -183,6 +215,7 @@ for _ = 1, tonumber(ARGV[8]) do
     local mark = redis.call('GET', answered .. id)
     if not mark or mark == '' then
       redis.call('SET', answered .. id, worker, 'EX', marked_ttl)
+      redis.call('EXPIRE', digests .. id, marked_ttl)
       counted = counted + 1
       redis.call('LPUSH', replies .. id, ARGV[a + 1])
       redis.call('EXPIRE', replies .. id, reply_ttl)
@@ -238,15 +271,21 @@ return 1
 # Set one entry aside: add the letter to the dead stream (KEYS[2]), acknowledge and delete
 # the entry (ARGV[2]) in its stream (KEYS[3]), count it as dead-lettered and answer its
 # caller as DELIVER_SCRIPT would (its answered mark KEYS[4], reply list KEYS[5], sender's
-# pending counter KEYS[6], NO_KEY for an anonymous sender; KEYS[4..6] NO_KEY for an entry
-# with no readable request: nobody to answer, counted as unanswerable), all in one step:
+# pending counter KEYS[6], NO_KEY for an anonymous sender, and digest KEYS[7]; KEYS[4..7]
+# NO_KEY for an entry with no readable request: nobody to answer, counted as unanswerable),
+# all in one step:
 # a crash between steps used to leave the letter uncounted (and `persona queue stats` then misreports how many the cap
 # trimmed). Only an entry still pending in the group (ARGV[1]) is set aside, so a call
 # redis-py re-sends after a dropped connection, or a second worker that claimed the
-# same entry, adds no second letter and counts nothing twice. KEYS[1] is the stats hash.
+# same entry, adds no second letter and counts nothing twice. An entry whose id another
+# request holds (a second request under one id, written straight onto the stream) is
+# answered only where that cannot take the other's place: not while the other waits (its
+# mark '', a digest not this payload's), nor while the other's reply is unread (its mark
+# names a worker, its reply list still there); unanswered, it counts as unanswerable.
+# KEYS[1] is the stats hash.
 # ARGV: group, entry id, the dead stream's cap, then the letter's payload, reason,
 # deliveries, worker and time, then the reply, reply TTL, until when its answered mark
-# lasts (see ``ANSWERED_TTL``) and its counter.
+# lasts (see ``ANSWERED_TTL``), its counter and the payload's digest (``payload_digest``).
 # Returns the letter's id if it set the entry aside, 0 if it was not pending.
 DEAD_LETTER_SCRIPT = REDIS_NOW + NO_KEY_LUA + ANSWERED_TTL + """
 if #redis.call('XPENDING', KEYS[3], ARGV[1], ARGV[2], ARGV[2], 1) == 0 then return 0 end
@@ -260,16 +299,62 @@ if KEYS[4] == NO_KEY then
   return letter
 end
 local mark = redis.call('GET', KEYS[4])
-if not mark or mark == '' then
-  redis.call('SET', KEYS[4], ARGV[7], 'EX', answered_ttl(ARGV[11], tonumber(ARGV[10])))
-  redis.call('LPUSH', KEYS[5], ARGV[9])
-  redis.call('EXPIRE', KEYS[5], tonumber(ARGV[10]))
-  if KEYS[6] ~= NO_KEY and (tonumber(redis.call('GET', KEYS[6])) or 0) > 0 then
-    redis.call('DECR', KEYS[6])
+local held = mark == '' and redis.pcall('GET', KEYS[7])
+if mark and mark ~= '' then
+  if redis.call('EXISTS', KEYS[5]) == 1 then
+    redis.pcall('HINCRBY', KEYS[1], 'failed:unanswerable', 1)
+  else
+    redis.call('LPUSH', KEYS[5], ARGV[9])
+    redis.call('EXPIRE', KEYS[5], tonumber(ARGV[10]))
+    redis.pcall('HINCRBY', KEYS[1], ARGV[12], 1)
   end
-  redis.pcall('HINCRBY', KEYS[1], ARGV[12], 1)
+  return letter
 end
+if type(held) == 'string' and held ~= ARGV[13] then
+  redis.pcall('HINCRBY', KEYS[1], 'failed:unanswerable', 1)
+  return letter
+end
+local ttl = answered_ttl(ARGV[11], tonumber(ARGV[10]))
+redis.call('SET', KEYS[4], ARGV[7], 'EX', ttl)
+if mark then redis.call('EXPIRE', KEYS[7], ttl) else redis.call('SET', KEYS[7], ARGV[13], 'EX', ttl) end
+redis.call('LPUSH', KEYS[5], ARGV[9])
+redis.call('EXPIRE', KEYS[5], tonumber(ARGV[10]))
+if KEYS[6] ~= NO_KEY and (tonumber(redis.call('GET', KEYS[6])) or 0) > 0 then
+  redis.call('DECR', KEYS[6])
+end
+redis.pcall('HINCRBY', KEYS[1], ARGV[12], 1)
 return letter
+"""
+
+
+# Take the ids of entries the submit script did not add (no cancel epoch: written straight
+# onto the stream, or a retried letter), which nothing checked as they came: an id nobody
+# holds is marked '' (queued; see ``SUBMIT_SCRIPT``) with the entry's digest beside it, so a
+# second entry under it, or a submission, finds it held. Returns, for each entry, 'ok' (its
+# id is its own: newly marked, or marked with its own digest, or with none), 'waiting'
+# (another request under that id is queued) or 'answered' (that id was answered). ARGV: the
+# prefixes of the answered marks and digests, the reply TTL, then three values per entry:
+# its request id, its digest (``payload_digest``) and until when its mark lasts (see
+# ``ANSWERED_TTL``). A mark or digest of another type (a damaged key) reads as none there.
+OWN_IDS_SCRIPT = REDIS_NOW + ANSWERED_TTL + """
+local answered, digests, reply_ttl = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local verdicts = {}
+for a = 4, #ARGV, 3 do
+  local id, mine = ARGV[a], ARGV[a + 1]
+  local mark, verdict = redis.pcall('GET', answered .. id), 'ok'
+  if not mark then
+    local ttl = answered_ttl(ARGV[a + 2], reply_ttl)
+    redis.call('SET', answered .. id, '', 'EX', ttl)
+    redis.call('SET', digests .. id, mine, 'EX', ttl)
+  elseif mark == '' then
+    local held = redis.pcall('GET', digests .. id)
+    if type(held) == 'string' and held ~= mine then verdict = 'waiting' end
+  elseif type(mark) == 'string' then
+    verdict = 'answered'
+  end
+  table.insert(verdicts, verdict)
+end
+return verdicts
 """
 
 

@@ -27,6 +27,7 @@ from persona.queue_scripts import (
     DELIVER_SCRIPT,
     FORGET_SCRIPT,
     KEEP_SCRIPT,
+    OWN_IDS_SCRIPT,
     RECORD_SCRIPT,
     REQUEUE_SCRIPT,
 )
@@ -96,6 +97,7 @@ class WorkQueue(PendingEntries):
         self._record = client.register_script(RECORD_SCRIPT)
         self._set_aside = client.register_script(DEAD_LETTER_SCRIPT)
         self._forget = client.register_script(FORGET_SCRIPT)
+        self._own_ids = client.register_script(OWN_IDS_SCRIPT)
         self.active_versions: dict[str, str] = {}
         self._drained = False  # whether the last claim left the streams empty
         # Riders sent with the last claim whose results are still to be read, and the
@@ -139,7 +141,8 @@ class WorkQueue(PendingEntries):
         that their outcome is read by the next ``confirm`` (which every claim calls first).
         ``meanwhile`` is called once the replies are on their way, before the claim's
         results are read (and before any wait): the consumer's work that must not hold
-        its replies back, such as logging them.
+        its replies back, such as logging them. An entry the submit script did not add
+        whose id another request holds is set aside, not returned (see ``_unique``).
         """
         self.confirm()
 
@@ -192,7 +195,7 @@ class WorkQueue(PendingEntries):
                 job.not_cancelled = job.epoch == epoch
                 jobs.append(job)
         self._drained = len(jobs) < count
-        return jobs
+        return self._unique(jobs, consumer)
 
     def _within(self, entries: list[tuple[str, list]], count: int) -> list[tuple[str, list]]:
         """At most ``count`` of these entries, interactive ones first; the rest go back to
@@ -372,7 +375,7 @@ class WorkQueue(PendingEntries):
                 entries.setdefault(job.stream, []).append(job.entry_id)
         args: list = [
             self.settings.reply_ttl_s, answered_until(job for job, _ in settled), keys.CONSUMER_GROUP, worker,
-            keys.ANSWERED_KEY_PREFIX, keys.REPLY_KEY_PREFIX, keys.USER_PENDING_KEY_PREFIX, len(runs),
+            keys.ANSWERED_KEY_PREFIX, keys.REPLY_KEY_PREFIX, keys.USER_PENDING_KEY_PREFIX, keys.DIGEST_KEY_PREFIX, len(runs),
         ]
         for counter, values in runs.items():
             args += [counter, len(values) // 3, *values]
