@@ -38,6 +38,46 @@ PLATFORMS = ("telegram", "discord")
 CANNOT_CHECK_TEXT = "I can't check my list of friends right now; please try again in a little while."
 NOT_ALLOWED_TEXT = "Sorry, I only talk to people on my list. Ask the operator of this bot to add you."
 
+# The user's key names their one live code; it is the only index of a user's codes. A code it
+# does not name (the spare of two made at once before this script, or one it has moved past)
+# is dead: never given, listed or approved, and gone within the code's time to live.
+# KEYS: the user's key. ARGV: code key prefix, a new code, its record, ttl (s).
+CODE_FOR_SCRIPT = """
+local prefix, code, record, ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local existing = redis.call('GET', KEYS[1])
+if existing and redis.call('EXISTS', prefix .. existing) == 1 then
+  return existing
+end
+if not redis.call('SET', prefix .. code, record, 'EX', ttl, 'NX') then
+  return false
+end
+redis.call('SET', KEYS[1], code, 'EX', ttl)
+return code
+"""
+
+# Approve a code only while it is the user's live one; the approval and the end of every
+# live code of the user happen together, so no check slips a code in between.
+# KEYS: code key, the user's key, the platform's approved set. ARGV: the code, the user.
+APPROVE_SCRIPT = """
+if redis.call('GET', KEYS[2]) ~= ARGV[1] or redis.call('EXISTS', KEYS[1]) == 0 then
+  return 0
+end
+redis.call('SADD', KEYS[3], ARGV[2])
+redis.call('DEL', KEYS[1], KEYS[2])
+return 1
+"""
+
+# Revoke, and end the user's live code with it (a code from before the revoke re-admitted them).
+# KEYS: the platform's approved set, the user's key. ARGV: the user, code key prefix.
+REVOKE_SCRIPT = """
+local had = redis.call('SREM', KEYS[1], ARGV[1])
+local code = redis.call('GET', KEYS[2])
+if code then
+  redis.call('DEL', ARGV[2] .. code, KEYS[2])
+end
+return had
+"""
+
 
 def pairing_text(code: str) -> str:
     """What an unknown user is told under the pairing policy."""
@@ -97,21 +137,20 @@ class AccessControl:
             return AccessDecision(False, CANNOT_CHECK_TEXT)
 
     async def _code_for(self, user: str, name: str) -> str:
-        """The user's pending code, or a new one (one code per user at a time)."""
-        user_key = keys.pairing_user_key(self.platform, user)
-        existing = await self.redis.get(user_key)
-        if existing:
-            code = existing.decode() if isinstance(existing, bytes) else existing
-            if await self.redis.exists(keys.pairing_code_key(code)):
-                return code
-        code = "".join(secrets.choice(CODE_ALPHABET) for _ in range(CODE_LENGTH))
-        record = {"platform": self.platform, "user": user, "name": name, "created_at": time.time()}
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.set(keys.pairing_code_key(code), json.dumps(record), ex=self.code_ttl_s)
-            pipe.set(user_key, code, ex=self.code_ttl_s)
-            await pipe.execute()
-        return code
+        """The user's pending code, or a new one (one code per user at a time).
 
+        Read and written in one script: two messages checked at once (discord.py runs each
+        on_message as its own task) got two codes when this was a GET, then a SET."""
+        record = json.dumps({"platform": self.platform, "user": user, "name": name, "created_at": time.time()})
+        script = self.redis.register_script(CODE_FOR_SCRIPT)
+        while True:
+            code = "".join(secrets.choice(CODE_ALPHABET) for _ in range(CODE_LENGTH))
+            given = await script(
+                keys=[keys.pairing_user_key(self.platform, user)],
+                args=[keys.PAIRING_CODE_KEY_PREFIX, code, record, self.code_ttl_s],
+            )
+            if given:  # nothing: the new code is another user's (1 in 10^12); draw again
+                return given.decode() if isinstance(given, bytes) else given
 
 def _pending(code: str, raw: bytes | str) -> PendingPairing:
     data = json.loads(raw)
@@ -126,12 +165,15 @@ def approve_code(client: redis.Redis, code: str) -> PendingPairing | None:
     if raw is None:
         return None
     pending = _pending(code, raw)
-    pipe = client.pipeline(transaction=True)
-    pipe.sadd(keys.access_key(pending.platform), pending.user)
-    pipe.delete(keys.pairing_code_key(code), keys.pairing_user_key(pending.platform, pending.user))
-    pipe.execute()
-    return pending
-
+    approved = client.register_script(APPROVE_SCRIPT)(
+        keys=[
+            keys.pairing_code_key(code),
+            keys.pairing_user_key(pending.platform, pending.user),
+            keys.access_key(pending.platform),
+        ],
+        args=[code, pending.user],
+    )
+    return pending if approved else None
 
 def approved_users(client: redis.Redis) -> dict[str, list[str]]:
     """Approved user ids per platform."""
@@ -142,16 +184,22 @@ def approved_users(client: redis.Redis) -> dict[str, list[str]]:
 
 
 def pending_pairings(client: redis.Redis) -> list[PendingPairing]:
-    """Codes still waiting for approval, oldest first."""
+    """Codes still waiting for approval, oldest first (each user's live one)."""
     found = []
     for key in client.scan_iter(match=keys.PAIRING_CODE_KEY_PREFIX + "*", count=500):
         name = key.decode()
         raw = client.get(name)
-        if raw is not None:
-            found.append(_pending(name.removeprefix(keys.PAIRING_CODE_KEY_PREFIX), raw))
+        if raw is None:
+            continue
+        pending = _pending(name.removeprefix(keys.PAIRING_CODE_KEY_PREFIX), raw)
+        live = client.get(keys.pairing_user_key(pending.platform, pending.user))
+        if live is not None and live.decode() == pending.code:
+            found.append(pending)
     return sorted(found, key=lambda p: p.created_at)
 
-
 def revoke_user(client: redis.Redis, platform: str, user: str) -> bool:
-    """Withdraw a user's approval; whether they had one."""
-    return bool(client.srem(keys.access_key(platform), user))
+    """Withdraw a user's approval, and their pending code; whether they had an approval."""
+    return bool(client.register_script(REVOKE_SCRIPT)(
+        keys=[keys.access_key(platform), keys.pairing_user_key(platform, user)],
+        args=[user, keys.PAIRING_CODE_KEY_PREFIX],
+    ))

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
 import redis.asyncio
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -78,3 +84,64 @@ async def test_pending_pairings_are_listed_oldest_first(redis_url, redis_client)
         await pairing.check(user, f"user {user}")
     await client.aclose()
     assert [pending.user for pending in pending_pairings(redis_client)] == ["1001", "1002", "1003"]
+
+
+def _check_at_once(redis_url: str, user: str, threads: int = 4, tasks: int = 4) -> list[str]:
+    """One stranger's messages checked together: from `threads` threads at once (two bot
+    processes), each with `tasks` checks on one AccessControl at once (discord.py runs each
+    on_message as its own task); the replies."""
+    start = threading.Barrier(threads)
+
+    def one_bot() -> list[str]:
+        async def bot() -> list[str]:
+            client = redis.asyncio.Redis.from_url(redis_url)
+            gate = AccessControl(client, "discord", "pairing", [], 600)
+            start.wait()
+            decisions = await asyncio.gather(*(gate.check(user, "mallory") for _ in range(tasks)))
+            await client.aclose()
+            return [decision.reply for decision in decisions]
+
+        return asyncio.run(bot())
+
+    with ThreadPoolExecutor(threads) as pool:
+        return [reply for replies in pool.map(lambda _: one_bot(), range(threads)) for reply in replies]
+
+
+async def test_messages_checked_at_once_get_one_code(redis_url, redis_client):
+    for user in ("4242", "4243", "4244"):
+        replies = _check_at_once(redis_url, user)
+        [pending] = [p for p in pending_pairings(redis_client) if p.user == user]
+        assert all(pending.code in reply for reply in replies)
+    assert len(list(redis_client.scan_iter(match=keys.PAIRING_CODE_KEY_PREFIX + "*"))) == 3
+
+
+async def test_approval_and_revoke_leave_the_user_no_code_that_readmits_them(redis_url, redis_client):
+    replies = _check_at_once(redis_url, "4343")
+    [code] = {reply.split("code is ")[1][:8] for reply in replies}
+    assert approve_code(redis_client, code).user == "4343"
+    assert revoke_user(redis_client, "discord", "4343")
+    assert approve_code(redis_client, code) is None
+    assert approved_users(redis_client)["discord"] == [] and pending_pairings(redis_client) == []
+
+
+async def test_a_revoke_ends_the_users_pending_code(redis_url, redis_client):
+    client = redis.asyncio.Redis.from_url(redis_url)
+    refused = await AccessControl(client, "telegram", "pairing", [], 600).check("77", "eve")
+    await client.aclose()
+    [pending] = pending_pairings(redis_client)
+    assert pending.code in refused.reply
+    assert not revoke_user(redis_client, "telegram", "77")  # never approved, and its code is gone too
+    assert approve_code(redis_client, pending.code) is None and pending_pairings(redis_client) == []
+
+
+def test_a_spare_code_made_before_one_code_per_user_is_never_approved(redis_client):
+    """Codes made by the old GET-then-SET: two for one user, the user's key naming the later one."""
+    for code in ("SPARE222", "LIVE3333"):
+        record = {"platform": "discord", "user": "4444", "name": "mallory", "created_at": time.time()}
+        redis_client.set(keys.pairing_code_key(code), json.dumps(record), ex=600)
+        redis_client.set(keys.pairing_user_key("discord", "4444"), code, ex=600)
+    assert [p.code for p in pending_pairings(redis_client)] == ["LIVE3333"]
+    assert approve_code(redis_client, "LIVE3333").user == "4444"
+    assert revoke_user(redis_client, "discord", "4444")
+    assert approve_code(redis_client, "SPARE222") is None
+    assert approved_users(redis_client)["discord"] == []

@@ -4,6 +4,7 @@ hold, and the approval and its slot's record change in one step."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import subprocess
@@ -156,3 +157,55 @@ def test_an_approval_that_lost_its_slot_is_left_waiting_not_half_approved(settin
     settings.posting.lease_s = 600
     again = poster_for(settings, []).approve(waiting, TEXTS[1])
     assert (again.status, again.text) == ("posted", TEXTS[1])
+
+
+def _approve_in_background(settings: Settings, approval_id: str) -> tuple[threading.Thread, list]:
+    """`posts approve ID` run in a thread; its outcome (or PostingError) lands in the list."""
+    said: list = []
+
+    def approve() -> None:
+        try:
+            said.append(poster_for(settings, []).approve(approval_id))
+        except PostingError as exc:
+            said.append(exc)
+
+    thread = threading.Thread(target=approve)
+    thread.start()
+    return thread, said
+
+
+def test_a_second_approval_while_the_first_publishes_says_so(settings, careful):
+    """The loser of two approvals was told the slot was held by another poster for about 10 minutes
+    (exit 1) while the first approval's post went out seconds later."""
+    waiting = waiting_post(settings, "2026-03-01T09:00:00Z", TEXTS[0])
+    careful.parent.mkdir(parents=True, exist_ok=True)
+    with open(careful, "a") as slow_platform:
+        fcntl.flock(slow_platform, fcntl.LOCK_EX)  # the file sink waits for it, as a slow platform keeps one waiting
+        first, first_said = _approve_in_background(settings, waiting)
+        time.sleep(0.3)
+        second = poster_for(settings, []).approve(waiting)
+        fcntl.flock(slow_platform, fcntl.LOCK_UN)
+    first.join(10)
+    assert first_said[0].status == "posted" and second.status == "busy"  # not known to be out yet: exit 1
+    assert second.message.startswith(f"another `persona posts approve {waiting}` is publishing post {waiting} right now; "
+                                     "`persona posts history careful` shows how it went in a moment. Should that one "
+                                     "have stopped instead: slot 2026-03-01T09:00:00Z of careful is held"), second.message
+    assert [line["text"] for line in read_jsonl(careful)] == [TEXTS[0]]
+
+
+def test_an_approval_that_loses_to_a_rejection_says_it_was_rejected(settings, careful, redis_client):
+    """Once in 40 approve/reject races, the approval found the rejection's hold just let go and told
+    the operator to `persona post careful --slot ...` into the slot just rejected."""
+    slot = "2026-03-01T09:00:00Z"
+    waiting = waiting_post(settings, slot, TEXTS[0])
+    rejecter = PostLedger(redis_client)
+    assert rejecter.claim("careful", slot, approving=True).claimed  # `posts reject` holds the slot, deciding
+    approval, said = _approve_in_background(settings, waiting)
+    time.sleep(0.3)
+    ApprovalQueue(redis_client).decide(waiting, "rejected")
+    rejecter.finish("careful", slot, "rejected")
+    rejecter.release("careful", slot)
+    approval.join(10)
+    [refused] = said
+    assert isinstance(refused, PostingError) and str(refused) == f"post {waiting} was already rejected"
+    assert not careful.exists()

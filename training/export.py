@@ -9,6 +9,7 @@ written as one GGUF file (for llama.cpp, Ollama, LM Studio...).
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
@@ -79,11 +80,7 @@ def export_persona(
                 )
         try:
             _write(staging, loaded, persona, version_name, checkpoint, gguf)
-            if out_dir.exists():  # an empty folder made for it (a shell may be in it): filled, not replaced
-                for item in staging.iterdir():
-                    item.rename(out_dir / item.name)
-            else:
-                staging.rename(out_dir)
+            _move_into_place(staging, out_dir)
         except OSError as exc:  # a full disk, mostly: nothing half written is left
             free_mb = shutil.disk_usage(out_dir.parent).free / 2**20
             raise ConfigError(f"could not write the model to {out_dir} ({free_mb:.0f} MB free there): "
@@ -92,6 +89,37 @@ def export_persona(
         shutil.rmtree(staging, ignore_errors=True)
     log.info("exported %s %s to %s", persona.name, version_name, out_dir)
     return out_dir
+
+
+def _move_into_place(staging: Path, out_dir: Path) -> None:
+    """The written folder as ``out_dir``, in one step that refuses a folder filled meanwhile.
+
+    Emptiness was checked before the model loaded (minutes before): two exports to one new
+    folder both passed it, and the later one moved its files in over the other's."""
+    filled = ConfigError(f"{out_dir} was filled while this export ran (by another `persona export` to it?); "
+                         "nothing was written there; choose a new folder")
+    if not out_dir.exists():
+        try:
+            staging.rename(out_dir)  # atomic; refused if the folder is by now there and not empty
+        except OSError as exc:
+            if exc.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR):
+                raise filled from None
+            raise
+        return
+    # An empty folder made for it (a shell may be in it): filled, not replaced. Its README is
+    # claimed first, made only if absent, so of two exports here one goes on and one stops.
+    readme = staging / "README.md"
+    try:
+        with open(out_dir / readme.name, "xb") as claimed:
+            claimed.write(readme.read_bytes())
+    except (FileExistsError, NotADirectoryError):
+        raise filled from None
+    if [item.name for item in out_dir.iterdir()] != [readme.name]:  # something else came in meanwhile
+        (out_dir / readme.name).unlink()
+        raise filled
+    readme.unlink()
+    for item in staging.iterdir():
+        item.rename(out_dir / item.name)
 
 
 def _staging_beside(out_dir: Path) -> Path:

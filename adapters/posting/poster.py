@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import time
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
@@ -43,7 +44,7 @@ from persona.curation import (
     over_limits,
 )
 from persona.errors import ConfigError, PostingError
-from persona.ledger import FINAL_STATES, PostLedger
+from persona.ledger import FINAL_STATES, ClaimResult, PostLedger
 from persona.originality import CopyIndex, words
 from persona.personas import Persona, PersonaRegistry
 from persona.settings import Settings
@@ -51,6 +52,10 @@ from persona.settings import Settings
 __all__ = ["Poster"]
 
 SEED_RANGE = 2**31 - 1024
+# A `posts approve` of a post that another approval or rejection of it is deciding waits this long
+# for that one (deciding takes milliseconds; one stopped mid-way holds the slot for posting.lease_s).
+APPROVER_WAIT_S = 5.0
+APPROVER_POLL_S = 0.1
 
 
 class Poster:
@@ -319,25 +324,22 @@ class Poster:
         An edit is refused (the post still waits) if it says nearly what another of the persona's
         posts says (``_check_edit_new``). Approving it again retries the sinks that a refusal, a
         rate limit or a crash left out (the slot's ledger keeps those already posted from a second post).
+        Found held by another approval or rejection of it (two people at once), it waits a few
+        seconds for that one (``_wait_for_approver``), then reads the post again and answers as it stands.
         """
-        waiting = self.approvals.get(approval_id)
-        retry = waiting.state == "approved"
-        if not retry and waiting.state != "pending":
-            raise PostingError(f"post {approval_id} was already {waiting.state}")
-        if text is not None:
-            text = self._check_edit(approval_id, text, waiting.sinks)
-        if retry and text and text != waiting.text:
-            state = self.ledger.record(waiting.persona, waiting.slot).get("state", "")
-            if state in FINAL_STATES:
-                raise PostingError(f"post {approval_id} was approved and is {state} already; its text cannot change now")
-            raise PostingError(
-                f"post {approval_id} was approved already with its text; run `persona posts approve {approval_id}` without --text to finish posting it"
-            )
-        persona = self.registry.get(waiting.persona)
-        sinks = self.sinks_for(persona, waiting.sinks)
-        claim = self.ledger.claim(persona.name, waiting.slot, approving=True)
-        if not claim.claimed:
-            return self._unclaimed(persona.name, waiting.slot, claim.outcome, claim.state, by_hand=True)
+        waited = False
+        while True:
+            waiting, retry, text = self._approvable(approval_id, text)
+            persona = self.registry.get(waiting.persona)
+            sinks = self.sinks_for(persona, waiting.sinks)
+            claim = self.ledger.claim(persona.name, waiting.slot, approving=True)
+            if claim.claimed:
+                break
+            if claim.outcome == "busy" and not waited:
+                waited = True
+                self._wait_for_approver(approval_id, persona.name, waiting.slot)
+                continue
+            return self._unclaimed_approval(approval_id, persona.name, waiting.slot, claim)
         try:
             # The edit is checked and shown to the others (the slot's record) in one hold of the
             # persona's text choice, as a generated text is (``_post_claimed``).
@@ -355,6 +357,51 @@ class Poster:
             return outcome
         finally:
             self.ledger.release(persona.name, waiting.slot)
+
+    def _approvable(self, approval_id: str, text: str | None) -> tuple[Approval, bool, str | None]:
+        """The waiting post, whether approving it is a retry (it was approved already), and the edit
+        trimmed; PostingError where it cannot be approved (decided otherwise, or an edit now too late)."""
+        waiting = self.approvals.get(approval_id)
+        retry = waiting.state == "approved"
+        if not retry and waiting.state != "pending":
+            raise PostingError(f"post {approval_id} was already {waiting.state}")
+        if text is not None:
+            text = self._check_edit(approval_id, text, waiting.sinks)
+        if retry and text and text != waiting.text:
+            state = self.ledger.record(waiting.persona, waiting.slot).get("state", "")
+            if state in FINAL_STATES:
+                raise PostingError(f"post {approval_id} was approved and is {state} already; its text cannot change now")
+            raise PostingError(
+                f"post {approval_id} was approved already with its text; run `persona posts approve {approval_id}` without --text to finish posting it"
+            )
+        return waiting, retry, text
+
+    def _wait_for_approver(self, approval_id: str, name: str, slot: str) -> None:
+        """Wait (APPROVER_WAIT_S at most) while the slot is held and the post is still undecided:
+        the holder is then another approval or rejection of it (a scheduler takes no slot that
+        waits for approval), deciding, which takes milliseconds. An approved post's holder may be
+        publishing for minutes, or have stopped mid-post: that is said at once, not waited for."""
+        deadline = time.monotonic() + APPROVER_WAIT_S
+        while time.monotonic() < deadline and self.ledger.held_s(name, slot):
+            if self.approvals.get(approval_id).state != "pending":
+                return
+            time.sleep(APPROVER_POLL_S)
+
+    def _unclaimed_approval(self, approval_id: str, name: str, slot: str, claim: ClaimResult) -> PostOutcome:
+        """Why an approval cannot go ahead, read after the claim failed (and any wait): the post as it
+        stands now, not as it was when the command started."""
+        now = self.approvals.get(approval_id)
+        if now.state not in ("pending", "approved"):  # a rejection (or expiry) won the race
+            raise PostingError(f"post {approval_id} was already {now.state}")
+        outcome = self._unclaimed(name, slot, claim.outcome, claim.state, by_hand=True)
+        if claim.outcome == "busy" and now.state == "approved":
+            # Approved, and its slot held: another approver is publishing it (to a slow platform), or
+            # one stopped mid-post; the slot's claim cannot tell which. Still "busy" (exit 1): it is
+            # not known to be out, and approving again is safe (never twice) and says when it is.
+            outcome.message = (f"another `persona posts approve {approval_id}` is publishing post {approval_id} "
+                               f"right now; `persona posts history {name}` shows how it went in a moment. "
+                               f"Should that one have stopped instead: {outcome.message}")
+        return outcome
 
     @staticmethod
     def _check_edit(approval_id: str, text: str, sinks: list[str]) -> str:
@@ -495,8 +542,11 @@ class Poster:
         else:
             then = f"then run `persona post {name} --slot {slot}` (it never posts twice)"
         runs_out = f"its claim runs out in {held_s} s (posting.lease_s)" if held_s else "its claim has just run out"
-        return (f"slot {slot} of {name} is held by another poster (a scheduler, `persona post` or `persona posts "
-                f"approve`), at work or stopped mid-post; {runs_out}; {then}")
+        # Waiting for approval, the slot is taken by nobody but an approval or rejection of its post.
+        holder = (f"another `persona posts approve` or `persona posts reject` of post {record['approval']}"
+                  if record.get("state") == "pending" and record.get("approval") else
+                  "another poster (a scheduler, `persona post` or `persona posts approve`)")
+        return f"slot {slot} of {name} is held by {holder}, at work or stopped mid-post; {runs_out}; {then}"
 
 
 def _joined(*messages: str) -> str:
