@@ -11,6 +11,9 @@ Its parts: ``engine_modes`` (which decode path a model gets), ``sampling`` (the
 batch's rows and each row's next token), ``stop_strings`` (where a reply ends) and
 ``eager_decoder`` (Hugging Face's own modules for any causal LM).
 
+torch is imported only by an engine that decodes with it: with llama.cpp the rows are
+numpy arrays (``sampling.HostArrays``), so a worker serving that way never loads torch.
+
 A row's deadline (``Work.deadline``) is looked at before its prompt is read and, where
 the decoder reads prompts in chunks (eager, llamacpp, and fused and int8 on a CPU: ``reads_in_chunks``), between
 chunks: a row whose caller stopped waiting is not read on, and comes back finished for
@@ -27,19 +30,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
-import torch
-
-from persona import llama_decoder
-from persona.eager_decoder import _EagerDecoder
-from persona.engine_modes import _torch_mode, pick_engine_mode
+from persona.engine_modes import _device_type, _torch_mode, pick_engine_mode
 from persona.errors import ModelError
-from persona.host_copies import to_device
-from persona.kernel_cache import keep_compiled_kernels
 from persona.models import LoadedModel
 from persona.personas import Sampling
-from persona.sampling import _Rows, _sample
+from persona.sampling import Arrays, HostArrays, TorchArrays, _HostRows, _Rows
 from persona.stop_strings import _cut_at_stop, _hits_stop, _may_complete, _token_pieces
 
 __all__ = ["Completion", "ContinuousGenerator", "Generator", "TransformersEngine", "Work"]
@@ -122,20 +119,24 @@ class TransformersEngine:
         lookahead: bool | None = None,
     ) -> None:
         self.loaded = loaded
-        self.device = torch.device(loaded.device)
+        self.on_gpu = _device_type(loaded.device) == "cuda"
         self.tokenizer = loaded.tokenizer
         self.stop_ids = set(loaded.stop_token_ids)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.mode = pick_engine_mode(mode, loaded)
         self.decoder = self._decoder(cache_dir, threads, gguf_type, kv_tokens, compile, kernels, attention)
+        # How rows are held and sampled: numpy on the host for llama.cpp, else torch
+        # tensors on the model's device (the mode is final here: llama.cpp may have fallen back).
+        self.arrays: Arrays = HostArrays() if self.mode == "llamacpp" else TorchArrays(loaded.device)
         self._waiting: list[tuple[Work, object]] = []
-        self._rows: _Rows | None = None
-        self._pending: torch.Tensor | None = None  # each row's last token, not fed yet
+        self._rows: _Rows | _HostRows | None = None
+        # Token arrays below are the rows' kind: torch tensors, or numpy arrays (llama.cpp).
+        self._pending: Any = None  # each row's last token, not fed yet
         # lookahead (default: on a GPU): each step launches the next before its own tokens
         # are read back, so the host's bookkeeping runs while the GPU decodes; a row that
         # ends on a stop token costs one wasted row-step. Replies are the same either way.
-        self.lookahead = self.device.type == "cuda" if lookahead is None else lookahead
-        self._ahead: torch.Tensor | None = None  # the launched step's tokens, not read yet
+        self.lookahead = self.on_gpu if lookahead is None else lookahead
+        self._ahead: Any = None  # the launched step's tokens, not read yet
         self._waited = 0  # steps that rows have waited to join the running batch
         self._late: list[tuple[object, Completion]] = []  # rows not read: their deadline passed
         self._checking = False  # while warming up: refuse weights whose logits are not finite
@@ -146,6 +147,8 @@ class TransformersEngine:
         kernels: str, attention: str,
     ):  # fmt: skip
         if self.mode == "eager":
+            from persona.eager_decoder import _EagerDecoder
+
             return _EagerDecoder(self.loaded.model)
         if self.mode == "llamacpp":
             from persona.llamacpp_decoder import (
@@ -160,21 +163,25 @@ class TransformersEngine:
                 self.mode = _torch_mode(self.loaded)
                 log.warning("%s; using the %s engine", exc, self.mode)
                 if self.mode == "eager":
+                    from persona.eager_decoder import _EagerDecoder
+
                     return _EagerDecoder(self.loaded.model)
             else:
                 decoder = LlamaCppDecoder(path, threads=threads, context_tokens=kv_tokens or CONTEXT_TOKENS)
                 self.loaded.release_weights()  # llama.cpp holds its own copy
                 return decoder
+        from persona import llama_decoder
+        from persona.kernel_cache import keep_compiled_kernels
+
         # On a GPU each decode step replays a CUDA graph of the (compiled) step; what is
         # compiled for it is kept beside the models for the next start.
-        on_gpu = self.device.type == "cuda"
-        if on_gpu and cache_dir is not None:
+        if self.on_gpu and cache_dir is not None:
             log.info("compiled kernels are kept in %s", ", ".join(keep_compiled_kernels(cache_dir).values()))
         return llama_decoder.LlamaDecoder(
             self.loaded.model,
             int8=self.mode == "int8",
-            graphs=on_gpu,
-            compile=compile and on_gpu,
+            graphs=self.on_gpu,
+            compile=compile and self.on_gpu,
             kernels=kernels,  # both act only on a GPU's static step
             attention=attention,
         )
@@ -245,7 +252,6 @@ class TransformersEngine:
             work = Work(work.token_ids, work.sampling.model_copy(update=changes), work.stop)
         self._waiting.append((work, tag))
 
-    @torch.inference_mode()
     def step(self) -> list[tuple[object, Completion]]:
         """Feed the running rows their last tokens, admit waiting rows, sample one token for
         every row; return the rows that finished (those left unread at their deadline
@@ -257,6 +263,11 @@ class TransformersEngine:
         settled: every row it held is still there to be answered (``abandon``), and rows
         that finished earlier were returned by earlier steps.
         """
+        with self.arrays.inference():
+            return self._step()
+
+    def _step(self) -> list[tuple[object, Completion]]:
+        arrays = self.arrays
         if self._ahead is not None:
             tokens, self._ahead = self._ahead, None
             rows = self._rows
@@ -267,18 +278,18 @@ class TransformersEngine:
             if self._waiting and self._join_due():
                 joined = self._admit()
                 if joined is not None:
-                    logits = joined if logits is None else torch.cat([logits, joined])
+                    logits = joined if logits is None else arrays.cat(logits, joined)
             rows = self._rows
             if rows is None:
                 return self._given_up()
-            if self._checking and not torch.isfinite(logits).all():
+            if self._checking and not arrays.finite(logits):
                 raise ModelError(f"{self.loaded.name} produces NaN or infinite logits (corrupt weights)")
-            tokens = _sample(logits, rows)
+            tokens = arrays.sample(logits, rows)
             rows.append(tokens)
-        read = _reader(tokens)
+        read = arrays.reader(tokens)
         self._waited = self._waited + 1 if self._waiting else 0
         if self._worth_looking_ahead(rows):
-            self._ahead = _sample(self.decoder.step(tokens, rows.position), rows)
+            self._ahead = arrays.sample(self.decoder.step(tokens, rows.position), rows)
             rows.append(self._ahead)
         finished = self._settle(rows, read())
         done = [(rows.tags[rows.index[pos]], completion) for pos, completion in finished.items()]
@@ -296,7 +307,7 @@ class TransformersEngine:
             return False
         return self._waited + 1 >= getattr(self.decoder, "join_every", 1)
 
-    def _worth_looking_ahead(self, rows: _Rows) -> bool:
+    def _worth_looking_ahead(self, rows: _Rows | _HostRows) -> bool:
         """Whether to launch the next step now: not when waiting rows join at it (they join
         at a step that decodes), nor when every row has reached its length with this token."""
         if not self.lookahead or self._checking or (self._waiting and self._join_due()):
@@ -313,20 +324,20 @@ class TransformersEngine:
             self._keep([i for i in range(rows.size) if not unwanted(rows.tags[rows.index[i]])], self._pending)
         return before - self.active
 
-    def _keep(self, keep: list[int], tokens: torch.Tensor | None) -> None:
+    def _keep(self, keep: list[int], tokens: Any) -> None:
         """Only these rows stay, each with its next token to feed (or, looking ahead, the
         launched step's token to read); none left ends the batch."""
         if not keep:
             self._rows = self._pending = self._ahead = None
             return
         if len(keep) < self._rows.size:
-            index = to_device(torch.tensor(keep), self.device)  # no wait for the step ahead
+            index = self.arrays.index(keep)
             # The decoder first: should it fail, every row is still here for ``abandon``.
             self.decoder.select(keep)
             self._rows.select(keep, index)
-            tokens = tokens.index_select(0, index) if tokens is not None else None
+            tokens = self.arrays.take(tokens, index) if tokens is not None else None
             if self._ahead is not None:
-                self._ahead = self._ahead.index_select(0, index)
+                self._ahead = self.arrays.take(self._ahead, index)
         # Fed at the next step; looking ahead, this step's tokens are already fed.
         self._pending = tokens if self._ahead is None else None
 
@@ -339,7 +350,7 @@ class TransformersEngine:
         self._late = []
         return tags
 
-    def _admit(self) -> torch.Tensor | None:
+    def _admit(self) -> Any:
         """Prefill the waiting rows and add them to the running batch (or start one);
         return their next-token logits (None when none could be admitted).
 
@@ -366,7 +377,7 @@ class TransformersEngine:
         # The rows leave the waiting list only once admitted: if reading their prompts
         # fails, they are still there for ``abandon`` to hand back, to be answered.
         waiting = self._waiting[:count]
-        new = _Rows([w for w, _ in waiting], [t for _, t in waiting], self.device, self.pad_id, self.stop_ids)
+        new = self.arrays.rows([w for w, _ in waiting], [t for _, t in waiting], self.pad_id, self.stop_ids)
         room = max(w.sampling.max_new_tokens for w, _ in waiting) + 1
         prompts, new.prompts = new.prompts, None  # the decoder's from here on
         reading = self._reading(waiting)
@@ -435,7 +446,7 @@ class TransformersEngine:
         """Each token's text alone, for the stop-string check (made on first use)."""
         return _token_pieces(self.tokenizer)
 
-    def _settle(self, rows: _Rows, tokens: list[int]) -> dict[int, Completion]:
+    def _settle(self, rows: _Rows | _HostRows, tokens: list[int]) -> dict[int, Completion]:
         """Give each row its token; return the rows (by position) that are now done."""
         finished: dict[int, Completion] = {}
         now = time.perf_counter()
@@ -464,23 +475,3 @@ class TransformersEngine:
                 )
         return finished
 
-
-def _reader(tokens: torch.Tensor) -> Callable[[], list[int]]:
-    """Start copying ``tokens`` to the host; the returned call waits for them.
-
-    On a GPU the copy is queued now, behind only the work that made them, so whatever is
-    launched after (the next step) does not delay reading them.
-    """
-    if tokens.device.type != "cuda":
-        values = tokens.tolist()
-        return lambda: values
-    host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-    host.copy_(tokens, non_blocking=True)
-    copied = torch.cuda.Event()
-    copied.record()
-
-    def read() -> list[int]:
-        copied.synchronize()
-        return host.tolist()
-
-    return read

@@ -11,9 +11,6 @@ import functools
 import importlib.util
 import logging
 
-import torch
-
-from persona import llama_decoder
 from persona.models import LoadedModel
 
 __all__ = ["ENGINE_MODES", "llamacpp_available", "pick_engine_mode"]
@@ -39,15 +36,16 @@ def pick_engine_mode(mode: str, loaded: LoadedModel) -> str:
     """The decode path a model gets: ``mode`` made concrete for this model and device."""
     if mode not in ENGINE_MODES:
         raise ValueError(f"unknown engine mode {mode!r}; choose one of {', '.join(ENGINE_MODES)}")
-    fusable = _fusable(loaded)
-    on_cpu = torch.device(loaded.device).type == "cpu"
+    # Whether our Llama decoder runs the model is asked only where it matters: it imports
+    # torch, which a model llama.cpp serves from its GGUF never needs.
+    on_cpu = _device_type(loaded.device) == "cpu"
     if mode == "auto":
         if on_cpu and loaded.gguf_ready and llamacpp_available():
             return "llamacpp"  # Llama-family and GPT-2 models
         if on_cpu and not llamacpp_available() and loaded.gguf_ready:
             _say_fast_missing()
         return _torch_mode(loaded)
-    if mode in ("fused", "int8") and not fusable or mode == "llamacpp" and not (fusable or loaded.gguf_ready):
+    if mode in ("fused", "int8") and not _fusable(loaded) or mode == "llamacpp" and not (loaded.gguf_ready or _fusable(loaded)):
         log.warning("%s is not a Llama-family model; using the eager engine instead of %s", loaded.name, mode)
         return "eager"
     if mode in ("int8", "llamacpp") and not on_cpu:
@@ -71,8 +69,15 @@ def _say_fast_missing() -> None:
                 FAST_INSTALL)
 
 
+def _device_type(device: str) -> str:
+    """``torch.device(device).type`` without torch: ``cuda:1`` is ``cuda``."""
+    return str(device).split(":", 1)[0]
+
+
 def _fusable(loaded: LoadedModel) -> bool:
     """Whether our Llama decoder runs this model (judged from its config until loaded)."""
+    from persona import llama_decoder
+
     if loaded.weights_loaded:
         return llama_decoder.supports(loaded.model)
     return llama_decoder.supports_config(loaded.config)
@@ -86,4 +91,4 @@ def _torch_mode(loaded: LoadedModel) -> str:
     # int8 kernels cost a fixed few microseconds per call; only on wide layers do the
     # bytes they save pay for that (measured: slower than fused on a 32-wide model).
     wide = getattr(loaded.config, "hidden_size", 0) >= INT8_MIN_HIDDEN
-    return "int8" if torch.device(loaded.device).type == "cpu" and wide else "fused"
+    return "int8" if _device_type(loaded.device) == "cpu" and wide else "fused"

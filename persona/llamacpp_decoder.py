@@ -3,9 +3,11 @@
 The engine hands this decoder token ids (prompts tokenized by the Hugging Face
 tokenizer, the same vocabulary as the GGUF) and takes back next-token logits, exactly
 as from the torch decoders, so sampling, stop strings and every request's settings
-stay the engine's. Each row of the batch is a llama.cpp sequence in one shared KV
-cache: a row that joins is prefilled as a new sequence beside the running ones, and a
-row that leaves has its sequence dropped, so batching is continuous.
+stay the engine's. They are numpy arrays, so serving with llama.cpp needs no torch (a
+caller that hands it torch tensors gets tensors back). Each row of the batch is a
+llama.cpp sequence in one shared KV cache: a row that joins is prefilled as a new
+sequence beside the running ones, and a row that leaves has its sequence dropped, so
+batching is continuous.
 
 The last few prompts stay in the cache as sequences of their own (prefixes). A row whose
 prompt begins like one of them shares those cache cells (llama.cpp's sequence copy adds
@@ -29,13 +31,13 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import sys
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from persona.errors import ModelError
 from persona.models import LoadedModel
@@ -217,9 +219,9 @@ class LlamaCppDecoder:
             self._drop_prefix()
 
     def start(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, room: int,
+        self, input_ids: Any, attention_mask: Any, position_ids: Any, room: int,
         stop: Callable[[], bool] | None = None,
-    ) -> torch.Tensor | None:
+    ) -> Any:
         """A new batch: forget every row's sequence, prefill these rows, return their logits
         (None where ``stop`` stopped the read, as ``join``).
 
@@ -232,9 +234,9 @@ class LlamaCppDecoder:
         return self.join(input_ids, attention_mask, position_ids, room, stop)
 
     def join(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, room: int,
+        self, input_ids: Any, attention_mask: Any, position_ids: Any, room: int,
         stop: Callable[[], bool] | None = None,
-    ) -> torch.Tensor | None:
+    ) -> Any:
         """Prefill these rows as new sequences beside the running ones; return their logits,
         or None where ``stop`` said so between two chunks (none of these rows is kept; the
         running ones are untouched).
@@ -251,7 +253,7 @@ class LlamaCppDecoder:
         for i, prompt in enumerate(prompts):
             (later if any(_begin_alike(prompts[j], prompt) for j in first) else first).append(i)
         added: dict[int, int] = {}  # row -> its sequence
-        logits: dict[int, torch.Tensor] = {}
+        logits: dict[int, np.ndarray] = {}
         try:
             for wave in (first, later):
                 if not wave:
@@ -265,7 +267,7 @@ class LlamaCppDecoder:
             self._drop_sequences(added.values())
             raise
         self.sequences += [added[i] for i in range(len(prompts))]
-        return torch.stack([logits[i] for i in range(len(prompts))])
+        return _like(np.stack([logits[i] for i in range(len(prompts))]), input_ids)
 
     def _drop_sequences(self, sequences: Iterable[int]) -> None:
         """Take these rows' sequences out of the cache (a read that failed or stopped)."""
@@ -276,7 +278,7 @@ class LlamaCppDecoder:
 
     def _prefill(
         self, prompts: list[list[int]], room: int, added: dict[int, int], rows: list[int], stop: Callable[[], bool] | None
-    ) -> torch.Tensor | None:
+    ) -> np.ndarray | None:
         """Read these prompts (each from its longest kept beginning on) as new sequences,
         recorded in ``added``; keep each that began like no kept prompt; their logits
         (None, nothing kept, where ``stop`` stopped the read)."""
@@ -297,10 +299,10 @@ class LlamaCppDecoder:
                 self._keep_prefix(sequence, prompt)
         return logits
 
-    def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def step(self, tokens: Any, positions: Any) -> Any:
         """Feed one token per row at its position; return the next-token logits."""
         fed = zip(tokens.tolist(), positions.tolist(), self.sequences, strict=True)
-        return self._decode([(t, p, s, True) for t, p, s in fed])
+        return _like(self._decode([(t, p, s, True) for t, p, s in fed]), tokens)
 
     def select(self, keep: list[int]) -> None:
         """Keep only these rows (by position); the others' sequences leave the cache."""
@@ -363,7 +365,7 @@ class LlamaCppDecoder:
 
     # -- llama.cpp calls ------------------------------------------------------------
 
-    def _decode(self, tokens: list[tuple[int, int, int, bool]], stop: Callable[[], bool] | None = None) -> torch.Tensor | None:
+    def _decode(self, tokens: list[tuple[int, int, int, bool]], stop: Callable[[], bool] | None = None) -> np.ndarray | None:
         """Run (token, position, sequence, wants logits) in chunks; the wanted logits in order,
         or None where ``stop``, asked between two chunks, said to stop (the cells written
         stay: the caller drops their sequences)."""
@@ -389,7 +391,16 @@ class LlamaCppDecoder:
             if wanted:
                 pointer = self.lib.llama_get_logits(self.ctx)
                 out.append(np.ctypeslib.as_array(pointer, shape=(wanted, self.vocab)).copy())
-        return torch.from_numpy(np.concatenate(out) if len(out) != 1 else out[0])
+        return np.concatenate(out) if len(out) != 1 else out[0]
+
+
+def _like(logits: np.ndarray, given: Any) -> Any:
+    """``logits`` as the kind of array the caller handed in: numpy (the engine's, for
+    llama.cpp), or a torch tensor for a caller that works in torch."""
+    torch = sys.modules.get("torch")  # a caller that hands in tensors has imported it
+    if torch is not None and isinstance(given, torch.Tensor):
+        return torch.from_numpy(logits)
+    return logits
 
 
 def _begin_alike(a: list[int], b: list[int]) -> bool:

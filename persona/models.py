@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import errno
 import functools
+import importlib.metadata
 import importlib.util
+import json
 import logging
 import os
 import re
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -87,7 +90,9 @@ class LoadedModel:
     The torch weights (``model``) are loaded when first needed: a model that llama.cpp
     serves from its GGUF never needs them, so the worker neither spends the seconds
     nor holds the memory. ``release_weights`` drops a loaded copy again (it is loaded
-    anew if something asks for it later). ``config`` is always at hand.
+    anew if something asks for it later). ``config`` is always at hand: given, the
+    model's, or read from ``config_dir`` when first asked (transformers' AutoConfig
+    imports torch, which a worker serving the bundled GGUF with llama.cpp never needs).
     """
 
     def __init__(
@@ -104,13 +109,17 @@ class LoadedModel:
         identity: str = "",
         config: Any = None,
         weights: Callable[[], Any] | None = None,
+        config_dir: Path | None = None,
     ) -> None:
         if model is None and weights is None:
             raise ValueError("a LoadedModel needs its model or a way to load it")
+        if config is None and model is None and config_dir is None:
+            raise ValueError("a LoadedModel needs its config, its model, or the folder of its config.json")
         self._model = model
         self._weights = weights
         self._lock = threading.Lock()
-        self.config = config if config is not None else model.config
+        self._config = config if config is not None or model is None else model.config
+        self._config_dir = config_dir
         self.tokenizer = tokenizer
         self.device = device
         self.name = name
@@ -124,6 +133,13 @@ class LoadedModel:
 
     def __repr__(self) -> str:
         return f"LoadedModel({self.name!r}, device={self.device!r}, weights_loaded={self.weights_loaded})"
+
+    @property
+    def config(self) -> Any:
+        """The model's transformers config (read from ``config_dir`` the first time)."""
+        if self._config is None:
+            self._config = _config(self._config_dir)
+        return self._config
 
     @property
     def model(self) -> Any:
@@ -159,7 +175,9 @@ class LoadedModel:
     @functools.cached_property
     def context_tokens(self) -> int:
         """The longest sequence the model was trained on, as ``context_tokens_of`` reads it (read
-        once: every prompt asks)."""
+        once: every prompt asks; from config.json itself while the config is not loaded)."""
+        if self._config is None:
+            return context_tokens_of(json.loads((self._config_dir / "config.json").read_text()))
         return context_tokens_of(self.config)
 
     def parameter_bytes(self) -> int:
@@ -184,7 +202,7 @@ def pick_device(preference: str = "auto") -> str:
     """
     if preference not in DEVICES:  # before torch's import (seconds): a typo is told at once
         raise ConfigError(f"unknown device {preference!r}; choose one of {', '.join(DEVICES)}")
-    if preference == "cpu":
+    if preference == "cpu" or preference == "auto" and not _may_have_gpu():
         return "cpu"
     import torch
 
@@ -195,6 +213,20 @@ def pick_device(preference: str = "auto") -> str:
     if preference == "auto" and torch.cuda.is_available():
         return "cuda"
     return "cpu"
+
+
+def _may_have_gpu() -> bool:
+    """False where torch could not see a GPU, told without importing it (seconds, and a third
+    of a llama.cpp worker's memory): a CPU build of torch, or Linux without a GPU driver."""
+    try:
+        version = importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        return True  # torch's import says what is wrong
+    if version.endswith("+cpu"):
+        return False
+    if sys.platform.startswith("linux"):
+        return any(Path(p).exists() for p in ("/proc/driver/nvidia", "/dev/nvidiactl", "/dev/kfd"))
+    return True
 
 
 def bundled_gguf_path() -> Path:
@@ -361,12 +393,13 @@ def load_model(
     device: str = "cpu",
     dtype: str | None = None,
 ) -> LoadedModel:
-    """Load a base model, with a checkpoint on top when given, ready for generation."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    """Load a base model, with a checkpoint on top when given, ready for generation.
 
+    The bundled model served from its GGUF imports neither torch nor transformers' models
+    (seconds of a worker's start, and a third of its memory, where llama.cpp serves it):
+    its tokenizer is read with its own class, and its config only when asked for.
+    """
     _quiet_transformers()
-    torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if device == "cuda" else torch.float32)
     lora = None
     if checkpoint is not None:
         checkpoint = Path(checkpoint)
@@ -396,6 +429,10 @@ def load_model(
     tokenizer_dir = tokenizer_folder(base_dir, checkpoint)
 
     def weights() -> Any:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if device == "cuda" else torch.float32)
         if weights_dir == base_dir:
             resolve_base(base, cache_dir)  # the bundled weights are written when first needed
         try:
@@ -409,13 +446,10 @@ def load_model(
 
     gguf_file = bundled_gguf_path() if from_gguf else None
     try:
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        tokenizer = _tokenizer(tokenizer_dir, bundled=from_gguf)
     except Exception as exc:
         raise ModelError(f"cannot load the tokenizer from {tokenizer_dir}: {exc}") from exc
-    try:
-        config = AutoConfig.from_pretrained(weights_dir)
-    except Exception as exc:
-        raise ModelError(f"cannot load the model from {weights_dir}: {exc}") from exc
+    config = None if from_gguf else _config(weights_dir)
     if lora is not None:  # from the base's config: loading the base first to find it took seconds
         refuse_misfit(lora, config)
     model = None if from_gguf else weights()
@@ -426,6 +460,7 @@ def load_model(
         model,
         weights=weights,
         config=config,
+        config_dir=weights_dir,
         tokenizer=tokenizer,
         device=device,
         name=f"{base}+{checkpoint.name}" if checkpoint else base,
@@ -435,6 +470,28 @@ def load_model(
         gguf_file=gguf_file,
         identity=_identity(base_dir, checkpoint),
     )
+
+
+def _tokenizer(folder: Path, *, bundled: bool) -> Any:
+    """A model's tokenizer. The bundled model's folder holds the one ``bundled_tokenizer``
+    wrote, read back with its class (``AutoTokenizer`` picks the same one, but its import
+    loads torch)."""
+    if bundled:
+        from transformers import PreTrainedTokenizerFast
+
+        return PreTrainedTokenizerFast.from_pretrained(folder)
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def _config(folder: Path) -> Any:
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(folder)
+    except Exception as exc:
+        raise ModelError(f"cannot load the model from {folder}: {exc}") from exc
 
 
 def tokenizer_folder(base_dir: Path, checkpoint: Path | None = None) -> Path:
@@ -460,7 +517,7 @@ def _generation_config(folder: Path, config: Any) -> Any:
     try:
         return GenerationConfig.from_pretrained(folder)
     except OSError:  # no generation_config.json: what the model's config implies
-        return GenerationConfig.from_model_config(config)
+        return GenerationConfig.from_model_config(config if config is not None else _config(folder))
 
 
 def _identity(base_dir: Path, checkpoint: Path | None) -> str:

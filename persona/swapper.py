@@ -15,6 +15,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -340,10 +341,6 @@ def _free_memory() -> None:
     gc.collect()
     if frozen:
         gc.freeze()
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except ImportError:  # a worker without torch holds no weights to free
-        pass
+    torch = sys.modules.get("torch")  # never imported (llama.cpp serving): no torch memory to give back
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -77,7 +77,11 @@ def test_rows_wait_for_cache_room_instead_of_failing(tiny_llama, tmp_path):
     while engine.active:
         finished += engine.step()
     assert sorted(tag for tag, _ in finished) == [0, 1, 2]
-    assert all(c.new_tokens == w.sampling.max_new_tokens for (tag, c), w in zip(sorted(finished, key=lambda f: f[0]), rows))
+    # Each ran to its length, or to a stop token its seed drew (sampled at temperature 1 over a
+    # random model's vocabulary, which holds one): none was cut short by the wait.
+    for (_tag, c), w in zip(sorted(finished, key=lambda f: f[0]), rows):
+        assert c.finish_reason in ("length", "stop")
+        assert c.new_tokens == w.sampling.max_new_tokens if c.finish_reason == "length" else 0 < c.new_tokens < w.sampling.max_new_tokens
 
 
 def test_a_prompt_that_begins_like_a_recent_one_reads_only_the_rest(tiny_llama, tmp_path):
