@@ -2,7 +2,8 @@
 
 Each job becomes a row (``_Row``: the job, its persona, and what serves it); the rows of
 one set of weights go to its engine together, ``max_batch`` at a time (``_groups``). A
-persona file is read at most once a second (``_persona``), and a persona whose model
+persona file is read at most once a second (``_persona``; one caught part-way through a
+save serves its last good read meanwhile), and a persona whose model
 cannot be served here answers its jobs with why (``_serve``, ``_cannot_serve``: for a
 version an operator swapped to, what to do about it).
 """
@@ -99,10 +100,15 @@ class ModelGroups:
         )
 
     def _persona(self, name: str) -> Persona:
+        """The persona as its file last read, read again at most once a second (``_personas``
+        keeps each with when to read it again). A file caught part-way through a save serves
+        its last good read (``PersonaRegistry._steady``); it is then read again when the newer
+        read would be taken, not a second later, so an edit still applies within a second."""
         now = time.monotonic()
         cached = self._personas.get(name)
-        if cached is not None and now - cached[0] < PERSONA_REFRESH_S:
+        if cached is not None and now < cached[0]:
             return cached[1]
         persona = self.registry.get(name)
-        self._personas[name] = (now, persona)
+        held_s = self.registry.held_back_s(name)
+        self._personas[name] = (now + min(PERSONA_REFRESH_S, PERSONA_REFRESH_S if held_s is None else held_s), persona)
         return persona

@@ -14,8 +14,11 @@ import functools
 import logging
 import os
 import re
+import threading
+import time
 import tomllib
 import unicodedata
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, get_args
@@ -347,18 +350,31 @@ def _meant(loc: tuple) -> str:
 def load_persona_file(path: Path) -> Persona:
     """Read and validate one persona file; raise ConfigError naming what is wrong."""
     try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
+    return _parsed(path, raw)[0]
+
+
+def _parsed(path: Path, raw: bytes) -> tuple[Persona, dict]:
+    """The persona a file's bytes hold, and its TOML as read; ConfigError naming what is wrong."""
+    try:
         # Less the byte-order mark Windows editors write, which tomllib refuses.
-        raw = path.read_bytes().decode("utf-8").removeprefix("\ufeff")
-        data = tomllib.loads(raw)
+        data = tomllib.loads(raw.decode("utf-8").removeprefix("\ufeff"))
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
-    data.setdefault("name", path.stem)
+    if not data:
+        # Every field has a default, so an empty file read as a persona on the bundled model:
+        # `validate` passed it, and a worker that read a file mid-save served the bundled model.
+        raise ConfigError(
+            f"{path}: empty: a persona file needs at least a setting, e.g. its model ([model] base = \"smollm2\", "
+            "the bundled one) and a system prompt ([prompt] system = \"...\"); "
+            "`persona personas show sage` prints a whole one"
+        )
     try:
-        persona = Persona.model_validate(data)
+        persona = Persona.model_validate({"name": path.stem, **data})
     except ValidationError as exc:
         raise ConfigError(format_validation_error(path, exc)) from exc
     if persona.name != path.stem:
@@ -366,7 +382,7 @@ def load_persona_file(path: Path) -> Persona:
             f"{path}: name: {persona.name!r} differs from the file name; "
             f"rename the file to {persona.name}.toml or fix the name"
         )
-    return _base_beside_file(persona.model_copy(update={"source": path}))
+    return _base_beside_file(persona.model_copy(update={"source": path})), data
 
 
 def _base_beside_file(persona: Persona) -> Persona:
@@ -383,14 +399,111 @@ def _base_beside_file(persona: Persona) -> Persona:
     return persona.model_copy(update={"model": persona.model.model_copy(update={"base": str(beside.resolve())})})
 
 
+# How long a persona file must stand unchanged before a long-running reader takes a read of it
+# that looks like a save caught part-way (PersonaRegistry._steady): a persona that lacks the
+# settings the file ended with, or ends mid-line; and a file that is no persona at all (empty, not TOML, invalid,
+# unreadable), which a slow writer (a network disk) can leave for seconds, and which costs
+# nothing to wait on: the last good read answers meanwhile.
+SAVE_SETTLE_S = 1.0
+BROKEN_SETTLE_S = 5.0
+
+
+@dataclass(frozen=True)
+class _Read:
+    """One read of a persona file: the persona or why it is none, and how the file stood."""
+
+    persona: Persona | None
+    problem: ConfigError | None = None
+    stamp: tuple[int, int, int] | None = None  # (inode, size, mtime_ns) as read; None: no file
+    written_at: float = 0.0  # its modification time (seconds since the epoch)
+    keys: tuple[str, ...] = ()  # the settings it holds in the file's order, dotted ("prompt.system")
+    doubt: str = ""  # why a persona read may yet be a save caught part-way
+
+
+def _read_once(path: Path) -> _Read:
+    """Read a file once, noting whether it changed meanwhile."""
+    try:
+        with path.open("rb") as file:
+            before = os.fstat(file.fileno())
+            raw = file.read()
+            after = os.fstat(file.fileno())
+    except OSError as exc:
+        problem = ConfigError(f"{path}: cannot read: {exc.strerror}")
+        try:
+            there = path.stat()
+        except OSError:
+            return _Read(None, problem)
+        return _Read(None, problem, _stamp(there), there.st_mtime)
+    stamp = _stamp(after)
+    try:
+        persona, data = _parsed(path, raw)
+    except ConfigError as exc:
+        return _Read(None, exc, stamp, after.st_mtime)
+    doubt = ("changed while it was read" if _stamp(before) != stamp
+             else "ends part-way through a line" if not raw.endswith(b"\n") else "")
+    return _Read(persona, None, stamp, after.st_mtime, tuple(_keys(data)), doubt)
+
+
+def _stamp(found: os.stat_result) -> tuple[int, int, int]:
+    return found.st_ino, found.st_size, found.st_mtime_ns
+
+
+def _keys(table: dict, within: str = "") -> Iterator[str]:
+    """The dotted names of the settings a TOML table holds, its tables' included."""
+    for key, value in table.items():
+        yield within + key
+        if isinstance(value, dict):
+            yield from _keys(value, f"{within}{key}.")
+
+
+def _cut_off(had: tuple[str, ...], has: tuple[str, ...]) -> list[str]:
+    """The settings a file ended with (``had``, in its order) that a newer read lacks, when it
+    lacks none before them: what a save caught part-way lacks. One taken out of the middle
+    (an ``adapters`` line, to leave the default) is an edit."""
+    there = set(has)
+    lost = [key for key in had if key not in there]
+    if not lost or any(key in there for key in had[had.index(lost[0]):]):
+        return []
+    return lost
+
+
+@dataclass
+class _Kept:
+    """A persona's last good read, and the newer read of its file held back from serving."""
+
+    read: _Read
+    held: tuple[int, int, int] | None = None  # the stamp of the read held back
+    held_since: float = 0.0  # monotonic: when this registry first saw the file so
+    settles_at: float = 0.0  # monotonic: when it is taken, if the file stays so
+    said: bool = False  # whether holding it back was logged
+
+    def stood_still_s(self, read: _Read) -> float:
+        """How long the file has stood as ``read`` found it: since this registry first saw it so,
+        or since its modification time where that is earlier and not in the future (a file
+        server's clock ahead of ours)."""
+        now = time.monotonic()
+        if read.stamp != self.held:
+            self.held, self.held_since = read.stamp, now
+        age_s = time.time() - read.written_at
+        return now - (min(self.held_since, now - age_s) if age_s >= 0 else self.held_since)
+
+
 @dataclass
 class PersonaRegistry:
-    """Every persona the service knows, found in its folders."""
+    """Every persona the service knows, found in its folders.
+
+    A registry that is asked again and again (a worker's, a bot's, the scheduler's) keeps each
+    persona's last good read, and serves it while a newer read of the file looks like a save
+    caught part-way (``_steady``).
+    """
 
     folders: list[Path]
     # Each invalid file's problem as last logged: a service asks
     # every few seconds, and said each time, the same block filled its log for good.
     _said: dict[Path, str] = field(default_factory=dict, init=False, repr=False, compare=False)
+    # Each persona's last good read, by name (``_steady``).
+    _kept: dict[str, _Kept] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> PersonaRegistry:
@@ -457,14 +570,19 @@ class PersonaRegistry:
         found: dict[str, Persona] = {}
         invalid: dict[Path, ConfigError] = {}
         listed, unreadable = self._listed()
-        for path in _persona_files(listed):
+        files = _persona_files(listed)
+        used = {path.stem: path for path in files}  # the last namesake is the one served
+        for path in files:
             try:
-                persona = load_persona_file(path)
+                persona = self._steady(path.stem, path) if used[path.stem] == path else load_persona_file(path)
             except ConfigError as exc:
                 invalid[path] = exc
                 found.pop(path.stem, None)
                 continue
             found[persona.name] = persona
+        with self._lock:  # a file removed is no persona's now: one written again is read afresh
+            for name in self._kept.keys() - used.keys():
+                del self._kept[name]
         return found, invalid, unreadable
 
     def all(self) -> dict[str, Persona]:
@@ -486,9 +604,11 @@ class PersonaRegistry:
     def get(self, name: str) -> Persona:
         """One persona by name, or UnknownPersona listing the known ones and the folders searched."""
         if re.fullmatch(NAME_PATTERN, name):
-            for path in reversed(self.files()):
-                if path.stem == name:
-                    return load_persona_file(path)
+            path = next((path for path in reversed(self.files()) if path.stem == name), None)
+            if path is not None:
+                return self._steady(name, path)
+            with self._lock:  # removed: one written again is read afresh
+                self._kept.pop(name, None)
         else:  # its file is skipped by every listing: "unknown persona" sent people looking for it
             named = unicodedata.normalize("NFC", name)  # macOS keeps file names decomposed
             for path in reversed(self.files()):
@@ -500,6 +620,79 @@ class PersonaRegistry:
         # The one meant may be in a folder that cannot be read: said in full, as nothing else says it.
         raise UnknownPersona(name, sorted(found), searched=self.searched(),
                              unreadable=[str(problem) for problem in unreadable.values()])
+
+    def _steady(self, name: str, path: Path) -> Persona:
+        """The persona in ``path``, or its last good read while the file looks like a save caught
+        part-way; ConfigError for a file that stays no persona.
+
+        A save in place (truncated, then written: `cp`, `cat >`, Python's ``write_text``, many
+        editors) leaves the file empty, then part-written, for a moment. A worker that read it
+        then served the bundled model (every field of an empty file has its default), or the
+        persona without its system prompt, until its next read a second later. So a read is
+        taken at once when it is the first, or a persona that reads whole: unchanged while it
+        was read, ending at a line's end, and not lacking the settings the last good read ended
+        with (an edit is served at the next read, as it was, unless it removes the file's last
+        settings). Any other read (no persona; cut short) is held back, the last good read
+        serving meanwhile, until the file has stood as read for SAVE_SETTLE_S, or
+        BROKEN_SETTLE_S for one that is no persona: a save has finished by then, and the file
+        is what its author meant (one left broken is then refused with why, as before).
+        "Stood" is from the file's modification time, or from this registry's first sight of
+        it where that time is in the future (a file server's clock ahead of ours). Holding a
+        read back is logged once, and taking the file again after that. A removed file is
+        taken at once.
+        """
+        read = _read_once(path)
+        with self._lock:
+            kept = self._kept.get(name)
+            doubt = self._doubt(read, kept) if kept is not None else ""
+            if not doubt:
+                return self._take(name, read)
+            settle_s = SAVE_SETTLE_S if read.persona is not None else BROKEN_SETTLE_S
+            stood_s = kept.stood_still_s(read)
+            if stood_s >= settle_s:
+                return self._take(name, read)
+            kept.settles_at = time.monotonic() + settle_s - stood_s
+            if not kept.said:
+                kept.said = True
+                log.log(logging.INFO if read.persona is not None else logging.WARNING,
+                        "persona %s: keeping its last good read of %s while %s; a file being saved reads so for a "
+                        "moment, and is taken as it reads once it has stood unchanged for %g s",
+                        name, kept.read.persona.source, doubt, settle_s)
+            return kept.read.persona
+
+    def held_back_s(self, name: str) -> float | None:
+        """Seconds until the read of ``name``'s file held back (``_steady``) is taken, if the file
+        stays as it is (0: at the next read); None if none is held back."""
+        with self._lock:
+            kept = self._kept.get(name)
+            if kept is None or kept.held is None:
+                return None
+            return max(0.0, kept.settles_at - time.monotonic())
+
+    @staticmethod
+    def _doubt(read: _Read, kept: _Kept) -> str:
+        """Why ``read`` may be a save caught part-way ('' if it reads whole, or as last time)."""
+        if read.persona is not None and read.persona == kept.read.persona:
+            return ""
+        if read.stamp is None:  # gone: removed (an editor's save never leaves it so for long)
+            return ""
+        if read.problem is not None:
+            return f"the file reads as no persona ({str(read.problem).removeprefix(f'{kept.read.persona.source}: ')})"
+        if lost := _cut_off(kept.read.keys, read.keys):
+            shown = ", ".join(lost[:3]) + (f" and {len(lost) - 3} more" if len(lost) > 3 else "")
+            return f"the file lacks the settings it ended with ({shown})"
+        return f"the file {read.doubt}" if read.doubt else ""
+
+    def _take(self, name: str, read: _Read) -> Persona:
+        """Serve ``read`` from now on: its persona, or ConfigError with its problem."""
+        kept = self._kept.pop(name, None)
+        if kept is not None and kept.said:
+            log.info("persona %s: its file is taken as it now reads (%s)", name,
+                     "a persona" if read.persona is not None else "no persona")
+        if read.persona is None:
+            raise read.problem
+        self._kept[name] = _Kept(read)
+        return read.persona
 
 
 def _persona_files(listed: list[tuple[Path, list[Path]]]) -> list[Path]:

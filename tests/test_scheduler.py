@@ -20,7 +20,7 @@ from adapters.scheduler import Scheduler
 from persona import constants as keys
 from persona.errors import ConfigError, PostingError, ReplyTimeout
 from persona.ledger import PostLedger, SinkEntry
-from persona.personas import PersonaRegistry
+from persona.personas import BROKEN_SETTLE_S, PersonaRegistry
 from persona.settings import Settings
 from tests.conftest import read_jsonl
 from tests.fakes.clocks import SteppedBack
@@ -392,7 +392,11 @@ def _scheduler_adapter_removed(write_persona):
 
 
 def _file_broken(write_persona):
-    write_persona("poet", base="unused", adapters=["cli", "scheduler"], schedule=POET_SCHEDULE).write_text("name = ")
+    path = write_persona("poet", base="unused", adapters=["cli", "scheduler"], schedule=POET_SCHEDULE)
+    path.write_text("name = ")
+    # Left broken, not caught mid-save: a long-running reader keeps a file's last good read
+    # until a broken one has stood unchanged this long (the scheduler ticks every 30 s).
+    os.utime(path, (time.time() - BROKEN_SETTLE_S,) * 2)
 
 
 @pytest.mark.parametrize("turn_off", [_disabled, _scheduler_adapter_removed, _file_broken])
