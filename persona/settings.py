@@ -6,8 +6,9 @@ variables (``PERSONA_`` prefix, ``__`` between nested names), the ``.env`` file 
 working directory, files in the secrets directory (``/run/secrets`` in containers),
 then the defaults below. A variable set to nothing (``PERSONA_DATA_DIR=``) counts as unset.
 A secret file is named as the variable is (``/run/secrets/PERSONA_TELEGRAM__TOKEN``), in any
-letter case. A ``PERSONA_`` name that is no setting is ignored: a misspelling, or a setting of a
-newer version, which must not stop this one. Where a value came from, the names that are no
+letter case; no other file there is opened (the folder is shared with other programs). A
+``PERSONA_`` name that is no setting is ignored: a misspelling, or a setting of a newer version,
+which must not stop this one. Where a value came from, the names that are no
 setting, and what a failed read means: persona.settings_sources.
 """
 
@@ -31,7 +32,6 @@ from pydantic import (
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
-    NestedSecretsSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
 )
@@ -483,9 +483,13 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # The nested secrets source splits a file's name on "__" as the environment's does, in
-        # any letter case; given the plain one, it keeps its secrets_dir (``Settings(_secrets_dir=...)``).
-        return init_settings, env_settings, dotenv_settings, NestedSecretsSettingsSource(file_secret_settings)
+        # Imported here: persona.settings_sources imports this module.
+        from persona.settings_sources import SecretFilesSource
+
+        # A file's name is split on "__" as the environment's is, in any letter case, and only
+        # files named as a setting are opened; given the plain source, it keeps its secrets_dir
+        # (``Settings(_secrets_dir=...)``).
+        return init_settings, env_settings, dotenv_settings, SecretFilesSource(file_secret_settings)
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -15,6 +15,8 @@ import difflib
 import json
 import re
 import typing
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 from pydantic import BaseModel, ValidationError
@@ -40,6 +42,7 @@ from persona.validation import LATEST_DEADLINE_AFTER_S
 
 __all__ = [
     "SETTINGS_READ_ERRORS",
+    "SecretFilesSource",
     "explain_settings_error",
     "nearest_variables",
     "place_in_words",
@@ -61,14 +64,82 @@ BOUNDS_IN_WORDS = {
 BOUND_REASONS = {LATEST_DEADLINE_AFTER_S: "the furthest a request's deadline may lie ahead"}
 
 
+class SecretFilesSource(NestedSecretsSettingsSource):
+    """The secrets directory (``/run/secrets``), read as the environment is (``__`` between nested
+    names, any letter case), but only the files named as a setting or a section is
+    (``PERSONA_TELEGRAM__TOKEN``, ``persona_discord`` holding its JSON). The folder is shared:
+    Compose and Swarm put every service's secrets there, sops-nix and agenix every secret of the
+    host (root's, mode 0400), so another program's key file, binary, unreadable or large, is never
+    opened, sized or counted. A file of ours that cannot be read (not UTF-8, not ours to read)
+    stops ``Settings()``, and ``explain_settings_error`` names it: read past, it would leave a bot
+    without its token or the queue on another Redis, with nothing said."""
+
+    def validate_secrets_path(self, path: Path) -> None:
+        if not path.is_dir():
+            super().validate_secrets_path(path)  # missing: a warning; a file: refused
+            return
+        size = sum(file.stat().st_size for file in self._iter_secret_files(path))
+        if size > self.secrets_dir_max_size:
+            raise SettingsError(
+                f"the setting files in {path} hold {size} bytes in all, more than {self.secrets_dir_max_size}; "
+                "each holds one value (a token, a URL), so one of them is not the file meant for it"
+            )
+
+    @staticmethod
+    def _iter_secret_files(path: Path) -> Iterator[Path]:
+        variables = _setting_variables()
+        yield from (file for file in _persona_files(path) if file.name.lower() in variables)
+
+    def not_settings(self) -> list[str]:
+        """The ``PERSONA_`` files here that name no setting, by lower-case name; never opened."""
+        variables = _setting_variables()
+        return [file.name.lower() for folder in self.secrets_paths if folder.is_dir()
+                for file in _persona_files(folder) if file.name.lower() not in variables]
+
+    def __repr__(self) -> str:
+        return f"SecretFilesSource(secrets_dir={self.secrets_dir!r})"
+
+
+def _setting_variables() -> frozenset[str]:
+    """Each name a file of ours may have, lower-case: every setting's variable, and every
+    section's, set whole as JSON (``persona_discord``)."""
+    return frozenset(env_name(names[:depth]).lower() for names, _ in setting_fields() for depth in range(1, len(names) + 1))
+
+
+def _persona_files(folder: Path) -> list[Path]:
+    """The files directly in ``folder`` named ``PERSONA_*`` in any letter case, by name. A folder
+    only its owner may list (sops-nix's is 0751) still opens by name: each setting's file is
+    looked for as the README writes it and in lower case."""
+    try:
+        entries = sorted(folder.iterdir())
+    except OSError:
+        entries = sorted({folder / name for variable in _setting_variables() for name in (variable, variable.upper())})
+    return [entry for entry in entries if entry.name.lower().startswith(ENV_PREFIX.lower()) and _file_within(entry, folder)]
+
+
+def _file_within(entry: Path, folder: Path) -> bool:
+    """Whether ``entry`` is a file that stays inside ``folder`` (a Kubernetes secret is a link
+    into its ``..data``); one that cannot even be looked at counts, so that reading it names it."""
+    try:
+        resolved = entry.resolve()
+        if not resolved.is_file():
+            return False
+    except OSError:
+        return True
+    if folder.resolve() not in resolved.parents:
+        warnings.warn(f"{entry} is not read: it is a link to {resolved}, outside {folder}", stacklevel=2)
+        return False
+    return True
+
+
 def _places(secrets_dir: Path | None = None) -> list[tuple[str, EnvSettingsSource]]:
     """The places ``Settings()`` reads, lowest precedence first (a later one overrides), each
     with its name: the secrets directory (``/run/secrets``), ".env", "env". Each holds its
-    variables by lower-case name (``source.env_vars``); a file that is not UTF-8 raises
+    variables by lower-case name (``source.env_vars``); a file of ours that is not UTF-8 raises
     UnicodeDecodeError here, as in ``Settings()``."""
     secrets_dir = secrets_dir or Settings.model_config.get("secrets_dir")
     return [
-        (str(secrets_dir), NestedSecretsSettingsSource(Settings, secrets_dir=secrets_dir)),
+        (str(secrets_dir), SecretFilesSource(Settings, secrets_dir=secrets_dir)),
         (ENV_FILE, DotEnvSettingsSource(Settings)),
         ("env", EnvSettingsSource(Settings)),
     ]
@@ -113,7 +184,10 @@ def unknown_variables(secrets_dir: Path | None = None) -> list[str]:
     said: dict[str, str] = {}
     for place, source in reversed(_places(secrets_dir)):  # the place that wins first
         where = f"set in {place_in_words(place)}"
-        for name, value in sorted(source.env_vars.items()):
+        names = dict(source.env_vars)
+        if isinstance(source, SecretFilesSource):  # a file of ours only is opened
+            names |= dict.fromkeys(source.not_settings())
+        for name, value in sorted(names.items()):
             if not name.startswith(ENV_PREFIX.lower()) or name in said:
                 continue
             if name in sections:
@@ -186,6 +260,9 @@ def explain_settings_error(exc: Exception, secrets_dir: Path | None = None) -> s
         return "; ".join(_explain_invalid(error) for error in exc.errors())
     if isinstance(exc, UnicodeDecodeError):
         return _not_utf8(secrets_dir) or f"the settings cannot be read: {exc}"
+    if isinstance(exc, PermissionError) and exc.filename:
+        return (f"{exc.filename} cannot be read: {exc.strerror or exc}; let the user persona runs as read it "
+                "(chown or chmod it), or remove it")
     if isinstance(exc, OSError):
         return f"{exc.filename or 'a settings file'} cannot be read: {exc.strerror or exc}"
     found = re.search(r'field "([^"]+)"(?: from source "([^"]+)")?', str(exc))
@@ -201,8 +278,8 @@ def _not_utf8(secrets_dir: Path | None) -> str | None:
     """Which of .env and the secret files is not UTF-8 text, and where it goes wrong; None if each is."""
     secrets_dir = secrets_dir or Settings.model_config.get("secrets_dir")
     files = [(Path(ENV_FILE), f"{ENV_FILE} (in {Path.cwd()})")]
-    if secrets_dir is not None and Path(secrets_dir).is_dir():
-        files += [(path, str(path)) for path in sorted(Path(secrets_dir).iterdir()) if path.is_file()]
+    if secrets_dir is not None and Path(secrets_dir).is_dir():  # the files Settings() reads there, no other
+        files += [(path, str(path)) for path in SecretFilesSource._iter_secret_files(Path(secrets_dir).expanduser())]
     for path, name in files:
         try:
             data = path.read_bytes()

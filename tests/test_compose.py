@@ -126,9 +126,12 @@ def test_every_persona_service_runs_a_real_cli_command():
 @pytest.mark.parametrize("port", [None, "18999"])
 def test_the_dashboard_is_published_on_its_port_and_checked_at_readyz(port):
     """With PERSONA_DASHBOARD__PORT in .env the dashboard listened there, while the port published
-    and the healthcheck stayed at 8787: unhealthy, and the mapped port dead."""
+    and the healthcheck stayed at 8787: unhealthy, and the mapped port dead. Set in the shell (or
+    --env-file), it moved the port published and the healthcheck, but the dashboard, which sees
+    only the container's environment and .env, listened at 8787 still."""
     dashboard = compose({"PERSONA_DASHBOARD__PORT": port} if port else {})["services"]["dashboard"]
     port = port or str(DashboardSettings().port)
+    assert dashboard["environment"]["PERSONA_DASHBOARD__PORT"] == port  # the port it listens on
     assert dashboard["ports"] == [f"127.0.0.1:{port}:{port}"]
     assert f"127.0.0.1:{port}/readyz" in " ".join(dashboard["healthcheck"]["test"])
     assert "/readyz" in {route.path for route in create_app(Settings(), redis.Redis()).routes}

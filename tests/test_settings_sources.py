@@ -192,3 +192,87 @@ def test_persona_settings_names_the_variable_of_a_list_in_env_file(tmp_path: Pat
         "error: PERSONA_WORKER__PERSONAS cannot be read: expected a JSON list, "
         "e.g. PERSONA_WORKER__PERSONAS='[\"first\", \"second\"]'; it is set in .env\n"
     ), told.stderr
+
+
+def unreadable(path: Path) -> None:
+    """Make ``path`` unreadable to this user, or skip: root reads any file (chmod 000 or not)."""
+    path.chmod(0o000)
+    if os.geteuid() == 0 or os.access(path, os.R_OK):
+        pytest.skip("running as root: a chmod 000 file is still readable")
+
+
+@pytest.mark.parametrize("other", ["binary", "unreadable", "over 16 MiB"])
+def test_files_of_other_programs_in_the_secrets_folder_are_never_opened(secrets: Path, other: str):
+    """/run/secrets is shared (Compose and Swarm secrets, sops-nix and agenix put every secret of
+    the host there): a binary key file, another user's 0400 password or 17 MiB of files of other
+    programs stopped every command and service ("save it as UTF-8", PermissionError, "secrets_dir
+    size is above 16777216 bytes")."""
+    (secrets / "PERSONA_TELEGRAM__TOKEN").write_text("123:nested\n")
+    (secrets / "persona_redis_url").write_text("redis://old:6379/0\n")
+    (secrets / "PERSONA_DISCORD").write_text('{"token": "456:whole-section"}')  # a section as JSON, as before
+    if other == "binary":
+        (secrets / "redis-client.p12").write_bytes(bytes(range(256)))
+    elif other == "unreadable":
+        (secrets / "postgres-password").write_text("theirs")
+        unreadable(secrets / "postgres-password")
+    else:
+        for name in ("model-license.bin", "backup.tar"):
+            with (secrets / name).open("wb") as file:
+                file.truncate(9 * 2**20)  # sparse: the sizes count, not the disk
+    settings = Settings(_secrets_dir=secrets)
+    assert settings.telegram.token.get_secret_value() == "123:nested"
+    assert settings.discord.token.get_secret_value() == "456:whole-section"
+    assert settings.redis_url.get_secret_value() == "redis://old:6379/0"
+    place = str(secrets)
+    assert where_set(secrets) == {("telegram", "token"): place, ("discord", "token"): place, ("redis_url",): place}
+    assert unknown_variables(secrets) == []  # another program's file is no misspelt setting
+
+
+def test_a_persona_file_that_names_no_setting_is_said_but_never_opened(secrets: Path):
+    (secrets / "PERSONA_DASHBOARD__TOKN").write_bytes(b"\xff\xfe binary")
+    (secrets / "persona_telegram_token").write_text("x")
+    (secrets / "persona_telegram_token").chmod(0o000)  # unreadable, unless to root
+    assert Settings(_secrets_dir=secrets).dashboard.token is None
+    assert unknown_variables(secrets) == [
+        ignored("PERSONA_DASHBOARD__TOKN", str(secrets), "PERSONA_DASHBOARD__TOKEN"),
+        ignored("PERSONA_TELEGRAM_TOKEN", str(secrets), "PERSONA_TELEGRAM__TOKEN"),
+    ]
+
+
+def test_a_setting_file_that_cannot_be_read_is_refused_naming_it(secrets: Path):
+    """Read past, it would leave the bot without its token, with nothing said: refused, in one
+    line that names the file and what to do."""
+    (secrets / "redis-client.p12").write_bytes(bytes(range(256)))  # not the one named
+    (secrets / "PERSONA_TELEGRAM__TOKEN").write_text("123:abc")
+    unreadable(secrets / "PERSONA_TELEGRAM__TOKEN")
+    with pytest.raises(SETTINGS_READ_ERRORS) as caught:
+        Settings(_secrets_dir=secrets)
+    assert explain_settings_error(caught.value, secrets) == (
+        f"{secrets}/PERSONA_TELEGRAM__TOKEN cannot be read: Permission denied; "
+        "let the user persona runs as read it (chown or chmod it), or remove it"
+    )
+
+
+def test_a_secrets_folder_only_its_owner_may_list_still_gives_our_files(secrets: Path):
+    """sops-nix makes its folder 0751: another user opens a file in it by name, but cannot list it."""
+    (secrets / "PERSONA_TELEGRAM__TOKEN").write_text("123:abc")
+    (secrets / "persona_worker__max_batch").write_text("4")
+    secrets.chmod(0o311)
+    try:
+        if os.geteuid() == 0 or os.access(secrets, os.R_OK):
+            pytest.skip("running as root: the folder is still listable")
+        settings = Settings(_secrets_dir=secrets)
+        assert (settings.telegram.token.get_secret_value(), settings.worker.max_batch) == ("123:abc", 4)
+    finally:
+        secrets.chmod(0o755)
+
+
+def test_setting_files_over_16_mib_in_all_are_refused_by_what_they_are(secrets: Path):
+    with (secrets / "PERSONA_WORKER__PERSONAS").open("wb") as file:
+        file.truncate(17 * 2**20)  # sparse
+    with pytest.raises(SETTINGS_READ_ERRORS) as caught:
+        Settings(_secrets_dir=secrets)
+    assert explain_settings_error(caught.value, secrets) == (
+        f"the settings cannot be read: the setting files in {secrets} hold {17 * 2**20} bytes in all, more than "
+        "16777216; each holds one value (a token, a URL), so one of them is not the file meant for it"
+    )
