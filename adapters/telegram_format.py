@@ -10,13 +10,17 @@ and past ``MAX_ENTITIES`` (one line holding more) the message goes on as written
 
 Telegram links every ``@username`` in a message's text (not in its code) and notifies that user if
 they are in the chat: a persona copying its author's corpus ("as @someone said") would ping
-strangers in a group. ``quiet_mentions`` (plain text) and ``quiet_html_mentions`` (``telegram_html``'s
-output, its code left alone) put an invisible word joiner after each such "@", so Telegram links
-no one; the text reads the same. Each adds a character per mention, which the sender allows for.
+strangers in a group. ``quiet_mentions`` (plain text), ``quiet_html_mentions`` (``telegram_html``'s
+output) and ``quiet_markdown_mentions`` (Markdown sent as plain text) put an invisible word joiner
+after each such "@", so Telegram links no one; the text reads the same. Each adds a character per
+mention, which the sender allows for. Code is left as written (the last two), to be copied, and so
+is every link (all three): Telegram makes no mention inside a link ("medium.com/@jane/post"), and
+its link would end at the word joiner.
 """
 
 from __future__ import annotations
 
+import bisect
 import html
 import re
 
@@ -31,7 +35,10 @@ from adapters.splitting import (
     toggles_fence,
 )
 
-__all__ = ["MAX_ENTITIES", "quiet_html_mentions", "quiet_mentions", "split_for_formatting", "telegram_html"]
+__all__ = [
+    "MAX_ENTITIES", "quiet_html_mentions", "quiet_markdown_mentions", "quiet_mentions", "split_for_formatting",
+    "telegram_html",
+]
 
 _HEADING = re.compile(r" {0,3}#{1,6}[ \t]+(.+?)(?:[ \t]+#+)?[ \t]*")
 _CODE_SPAN = re.compile(r"(`+)(?!`)(.+?)(?<!`)\1(?!`)")
@@ -57,6 +64,15 @@ _OPENING_TAG = re.compile(r"<(?!/|code class=)")  # an entity each; ``<pre><code
 # characters; every such "@" is quieted, as one quieted needlessly costs nothing.
 _MENTION_AT = re.compile(r"(?<!\w)@(?=[A-Za-z0-9_])")
 WORD_JOINER = "\u2060"  # invisible, and no break: "@\u2060name" reads "@name" and is no username
+# A link as Telegram finds one (tdlib's URL finder, in short): a dotted host after http://, https://,
+# ftp:// or tonsite://, or a dotted domain with no scheme when a path, query or fragment follows
+# ("medium.com/@jane"), to the first space, "<", ">", '"', « or », or U+2000 to U+206F (the word
+# joiner among them). "&lt;" and "&gt;" end one too: they are "<" and ">" in ``telegram_html``'s output.
+_URL_PATH = r"(?:(?!&[lg]t;)[^\s<>\"«»\u2000-\u206f])*"
+_URL = re.compile(
+    rf"(?i:https?|ftp|tonsite)://(?:[^\s/@<>\"]+@)?[\w~-]+(?:\.[\w~-]+)+(?::\d{{1,5}})?(?:[/?#]{_URL_PATH})?"
+    rf"|(?<![\w~./#@-])[\w~-]+(?:\.[\w~-]+)*\.[^\W\d_]{{2,}}(?::\d{{1,5}})?[/?#]{_URL_PATH}"
+)
 # ``telegram_html``'s code: Telegram links nothing inside it. Its text is escaped: no "<" in it.
 _HTML_CODE = re.compile(r"(<pre>(?:<code[^>]*>)?[^<]*(?:</code>)?</pre>|<code>[^<]*</code>)")
 
@@ -134,16 +150,62 @@ def telegram_html(text: str) -> str:
 
 
 def quiet_mentions(text: str) -> str:
-    """``text`` with every @mention unlinked (a word joiner after its "@"): sent as it is, it
-    notifies no one."""
-    return _MENTION_AT.sub("@" + WORD_JOINER, text)
+    """``text`` with every @mention outside its links unlinked (a word joiner after its "@"): sent
+    as it is, it notifies no one."""
+    return _quiet_outside(text, _spans(_URL, text))
 
 
 def quiet_html_mentions(markup: str) -> str:
-    """``telegram_html``'s ``markup`` with every @mention outside its code unlinked (code is shown,
-    and copied, as written: Telegram links nothing there)."""
-    pieces = _HTML_CODE.split(markup)  # prose at even places, code at odd
-    return "".join(piece if n % 2 else quiet_mentions(piece) for n, piece in enumerate(pieces))
+    """``telegram_html``'s ``markup`` with every @mention outside its code and links unlinked (code
+    is shown, and copied, as written: Telegram links nothing there)."""
+    return _quiet_outside(markup, _spans(_HTML_CODE, markup) + _spans(_URL, markup))
+
+
+def quiet_markdown_mentions(text: str) -> str:
+    """``text``, Markdown to be sent as plain text (Telegram refused its HTML), with every @mention
+    outside its code and links unlinked: code copied from it runs as written."""
+    return _quiet_outside(text, _markdown_code(text) + _spans(_URL, text))
+
+
+def _spans(pattern: re.Pattern[str], text: str) -> list[tuple[int, int]]:
+    return [match.span() for match in pattern.finditer(text)]
+
+
+def _quiet_outside(text: str, kept: list[tuple[int, int]]) -> str:
+    """``text`` with a word joiner after each mention's "@" that lies in none of the ``kept`` spans."""
+    merged: list[tuple[int, int]] = []  # the spans in order, overlapping ones (a link in code) as one
+    for start, end in sorted(kept):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(end, merged[-1][1]))
+        else:
+            merged.append((start, end))
+    starts = [start for start, _end in merged]
+    out: list[str] = []
+    position = 0
+    for match in _MENTION_AT.finditer(text):
+        before = bisect.bisect_right(starts, match.start())  # the spans starting at or before the "@"
+        if before and match.start() < merged[before - 1][1]:
+            continue
+        out += [text[position:match.end()], WORD_JOINER]
+        position = match.end()
+    return "".join(out) + text[position:]
+
+
+def _markdown_code(text: str) -> list[tuple[int, int]]:
+    """Where ``text``'s code blocks (fence lines included) and code spans are, as ``telegram_html``
+    finds them line by line."""
+    code: list[tuple[int, int]] = []
+    offset = 0
+    inside = False
+    for line in text.split("\n"):
+        toggles = toggles_fence(line)
+        if inside or toggles:
+            code.append((offset, offset + len(line)))
+        else:
+            code += [(offset + start, offset + end) for start, end in _spans(_CODE_SPAN, line)]
+        inside ^= toggles
+        offset += len(line) + 1
+    return code
 
 
 def split_for_formatting(text: str) -> list[str]:

@@ -5,8 +5,9 @@ part holds more formatting than the 100 entities Telegram shows (``split_for_for
 its @mentions, once quieted, take it past the limit; each part's Markdown goes as Telegram's
 HTML, and again as plain text if Telegram cannot parse it, its @mentions quieted either way, so
 no one is pinged by what the bot says (``quiet_mentions``; an asker in a group is notified by
-the answer quoting their message). Flood control (``RetryAfter``) delays a message, never drops it
-(``with_flood_control``); a failure after which nothing arrived is tried again (``delivery``).
+the answer quoting their message); its links and code go as written. Flood control
+(``RetryAfter``) delays a message, never drops it (``with_flood_control``); a failure after which
+nothing arrived is tried again (``delivery``).
 
 A message Telegram took but did not confirm within ``SEND_ANSWER_WAIT_S`` may or may not be
 shown, and the Bot API can neither tell nor drop a second copy: it is not sent again, it counts
@@ -40,6 +41,7 @@ from adapters.delivery import Failure, send_parts
 from adapters.splitting import TELEGRAM_MESSAGE_LIMIT_CHARS, split_message
 from adapters.telegram_format import (
     quiet_html_mentions,
+    quiet_markdown_mentions,
     quiet_mentions,
     split_for_formatting,
     telegram_html,
@@ -110,16 +112,16 @@ async def send_text(
 
 def _fitting_once_quiet(text: str) -> list[str]:
     """``text``, cut again where quieting its @mentions (a character each) would take it past
-    Telegram's limit: its HTML, which quiets only those outside code, is never longer."""
+    Telegram's limit: its HTML and its plain text, which quiet only those outside code, are never longer."""
     if len(quiet_mentions(text)) <= TELEGRAM_MESSAGE_LIMIT_CHARS:
         return [text]
     return [part for half in split_message(text, len(text) // 2 + 1) for part in _fitting_once_quiet(half)]
 
 
 async def _send_one(bot: Bot, chat_id: int, text: str, reply: ReplyParameters | None, topic: int | None) -> None:
-    """Send one message, its @mentions quieted: its Markdown as HTML; as it is when it has none,
-    or when Telegram refuses the HTML ("can't parse entities"; any 400 there is worth a try
-    without it)."""
+    """Send one message, its @mentions outside code and links quieted: its Markdown as HTML; as it
+    is when it has none, or when Telegram refuses the HTML ("can't parse entities"; any 400 there
+    is worth a try without it)."""
     formatted = telegram_html(text)
     if "<" in formatted:  # escaped text holds no "<": a tag is formatting
         try:
@@ -131,7 +133,8 @@ async def _send_one(bot: Bot, chat_id: int, text: str, reply: ReplyParameters | 
         except BadRequest as exc:
             log.warning("Telegram refused a reply's formatting (%s); sending it as plain text", exc.message)
     await with_flood_control(lambda: bot.send_message(
-        chat_id, quiet_mentions(text), reply_parameters=reply, message_thread_id=topic, read_timeout=SEND_ANSWER_WAIT_S,
+        chat_id, quiet_markdown_mentions(text), reply_parameters=reply, message_thread_id=topic,
+        read_timeout=SEND_ANSWER_WAIT_S,
     ))
 
 

@@ -237,6 +237,21 @@ def test_a_telegram_post_notifies_nobody_it_names(settings):
         assert len(fake.sent) == 1
 
 
+def test_a_telegram_post_keeps_its_links_whole(settings):
+    """A post linking a Medium profile ("medium.com/@jane/...") got the word joiner after its "@",
+    where Telegram ends a link: the channel showed "https://medium.com/@" as the link, for good.
+    Telegram makes no mention inside a link, so a link goes as written; "@jane" beside it is quieted."""
+    link = "https://medium.com/@jane/why-i-write-3f2a"
+    written = f"New essay by @jane: {link}. Also at medium.com/@jane."
+    with in_a_thread("123456:telegram-token") as fake:
+        changed = settings.model_copy(deep=True)
+        changed.telegram.token, changed.telegram.api_url = SecretStr(fake.token), fake.base_url
+        make_sink("telegram:-1001234567890", changed).post(written, "m1")
+        [sent] = fake.sent
+    assert sent["links"] == [link, "medium.com/@jane"] and sent["mentions"] == []
+    assert sent["text"] == written.replace("by @jane", "by @\u2060jane")  # the links byte for byte
+
+
 def test_rate_limits_are_told_apart_from_refusals(settings, platform):
     changed = settings_for(settings, platform, x_bearer_token=SecretStr("user-token"))
     changed.telegram.token = SecretStr("123456:telegram-token")

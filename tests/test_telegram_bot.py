@@ -229,7 +229,9 @@ async def test_a_reply_naming_someone_by_username_pings_no_one(start_bot, fake_a
     """A persona copying its author's corpus ("as @someone_here said") linked that user, and
     Telegram notified them in every group they share with the bot. Each @ is followed by an
     invisible word joiner now, formatted or plain; code keeps its @ as written, to be copied, and
-    the asker is still notified, by the answer quoting their message."""
+    the asker is still notified, by the answer quoting their message. As plain text (Telegram
+    refused the HTML) the code is shown unformatted, and Telegram links its "@property" as it
+    would in any plain text: copied, the code runs."""
     reply = ("As @someone_here said, ask **@another_one** (or mail ada@example.com).\n"
              "```python\n@property\ndef name(self): ...\n```")
     with scripted_worker(telegram_settings, lambda request: reply):
@@ -240,13 +242,44 @@ async def test_a_reply_naming_someone_by_username_pings_no_one(start_bot, fake_a
         fake_api.push_message(f"@{BOT_USERNAME} and again?", chat_id=GROUP, chat_type="group")
         await fake_api.wait_for(lambda: len(fake_api.sent) == 2)
     formatted, plain = fake_api.sent
-    assert formatted["mentions"] == [] and plain["mentions"] == []
+    assert formatted["mentions"] == [] and plain["mentions"] == ["property"]
     assert formatted["visible"].replace("\u2060", "") == (
         "As @someone_here said, ask @another_one (or mail ada@example.com).\n@property\ndef name(self): ..."
     )
     assert "\n@property\n" in formatted["visible"] and "ada@example.com" in formatted["visible"]
     assert plain["visible"].replace("\u2060", "") == reply
+    assert plain["visible"].endswith("```python\n@property\ndef name(self): ...\n```")  # as written
     assert formatted["reply_parameters"]["message_id"] == asked["message_id"]
+
+
+PROFILE_LINKS = [
+    "https://medium.com/@jane/why-i-write-3f2a",
+    "https://www.youtube.com/@janewrites/videos",
+    "mastodon.social/@jane",
+    "https://www.tiktok.com/@jane.writes/video/7301?lang=en",
+]
+
+
+async def test_a_link_holding_an_at_reaches_telegram_whole(start_bot, fake_api, telegram_settings):
+    """The word joiner that keeps "@jane" from pinging anyone also went after the "@" of a profile
+    link (Medium, YouTube, Mastodon, TikTok), and Telegram ends a link there: it linked
+    "https://medium.com/@" and showed the rest as text. Telegram makes no mention inside a link, so
+    links go as written, formatted or plain, and a mention beside them is still quieted."""
+    reply = ("I wrote about it **here**: " + ", ".join(PROFILE_LINKS[:3]) + f" (ask @jane_herself).\n"
+             f"And [a video]({PROFILE_LINKS[3]}).")
+    with scripted_worker(telegram_settings, lambda request: reply):
+        await start_bot()
+        fake_api.push_message("where did you write about it?")
+        await fake_api.wait_for(lambda: len(fake_api.sent) == 1)
+        fake_api.refuse_html = True  # the same answer as plain text
+        fake_api.push_message("and again?")
+        await fake_api.wait_for(lambda: len(fake_api.sent) == 2)
+    formatted, plain = fake_api.sent
+    assert formatted["parse_mode"] == "HTML" and "parse_mode" not in plain
+    for sent in (formatted, plain):
+        assert sent["links"] == PROFILE_LINKS and sent["mentions"] == []
+        assert all(link in sent["text"] for link in PROFILE_LINKS)  # byte for byte
+        assert "(ask @\u2060jane_herself)" in sent["text"]
 
 
 async def test_a_reply_full_of_usernames_still_fits_telegrams_messages_once_they_are_quieted(

@@ -18,7 +18,8 @@ tried again at a later tick instead of the scheduler stalling past its lease.
 
 A post notifies nobody it names, as the chat bots' replies do: Discord is told to parse no
 mentions ("@everyone" included), and Telegram, which links and notifies every "@username"
-in a text, gets each "@" followed by an invisible word joiner (``quiet_mentions``).
+in a text, gets each "@" followed by an invisible word joiner (``quiet_mentions``), except in a
+link ("medium.com/@jane/post"), where Telegram makes no mention and the joiner would end the link.
 """
 
 from __future__ import annotations

@@ -27,6 +27,8 @@ HTML text that way, as Telegram would one the bot's formatting got wrong.
 answer held ``late_answer_s``, as a Telegram slow to confirm ("ok": that one goes through).
 As Telegram does, the Bot API links each ``@username`` in a message's text, outside its code, and
 notifies that user if they are in the chat: a sent message's ``mentions`` lists those usernames.
+It links each URL, and makes no mention inside one: ``links`` lists them, each to where Telegram
+ends it.
 ``other_instance = True`` plays a second bot polling with the same token: every ``getUpdates``
 is answered 409 "Conflict", as Telegram answers all but one long poll per token, its time kept in
 ``conflicting_polls``. ``go_down()`` plays an outage of the Bot API until ``come_back()``: every call is answered with
@@ -75,6 +77,23 @@ def linked_mentions(text: str, code: list[tuple[int, int]] = ()) -> list[str]:
     """The usernames Telegram links, and notifies, in a message's ``text``: none inside ``code``
     (the shown text's spans in code or pre, where Telegram links nothing)."""
     return [m.group(1) for m in _MENTION.finditer(text) if not any(s < m.end() and m.start() < e for s, e in code)]
+
+
+# A link as Telegram finds one (tdlib's find_urls, in short): from "http(s)://", or a dotted domain
+# followed by a path, to the first space, "<", ">", '"' or character from U+2000 to U+206F (a word
+# joiner among them), less a trailing ".:;,('?!`" or unmatched ")". Telegram makes no mention inside a link.
+_LINK = re.compile(r"(?:https?://|(?<![\w./@-])[\w-]+(?:\.[\w-]+)*\.[A-Za-z]{2,}/)[^\s<>\"\u2000-\u206f]*")
+
+
+def linked_urls(text: str) -> list[tuple[int, int]]:
+    """Where Telegram links a URL in a message's shown ``text``."""
+    spans = []
+    for match in _LINK.finditer(text):
+        link = match.group()
+        while link[-1] in ".:;,('?!`" or link[-1] == ")" and link.count(")") > link.count("("):
+            link = link[:-1]
+        spans.append((match.start(), match.start() + len(link)))
+    return spans
 
 
 def visible_text(markup: str, entities: list[str] | None = None, code: list[tuple[int, int]] | None = None) -> str:
@@ -405,6 +424,8 @@ class FakeTelegram:
             entities: list[str] = []
             text = visible_text(text, entities, code)
             params["ignored_entities"] = entities[MESSAGE_ENTITIES_MAX:]  # shown unformatted
+        code += linked_urls(text)  # Telegram makes no mention inside a link either
+        params["links"] = [text[start:end] for start, end in linked_urls(text)]  # each as Telegram links it
         params["mentions"] = linked_mentions(text, code)  # before the trim, which moves no mention
         text = text.strip()
         if not text:
