@@ -243,7 +243,7 @@ def create_app(
 
     app = FastAPI(title="persona dashboard", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(AccessGuard, hosts=allowed_hosts(settings, host or settings.dashboard.host))
-    posts = PostsToSettle(client)
+    posts = PostsToSettle(client, grace_s=settings.posting.grace_s)
     problems = PersonaProblems(settings)
     registry = CollectorRegistry(auto_describe=False)
     registry.register(QueueCollector(client, watch, settings, posts))

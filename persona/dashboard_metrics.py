@@ -91,8 +91,8 @@ class PostsToSettle:
     """The posts that got no answer from a sink, as `persona posts uncertain` lists them, each
     with the command that finishes it; read again at most every ``every_s`` seconds."""
 
-    def __init__(self, client: redis.Redis, every_s: float = UNSETTLED_EVERY_S) -> None:
-        self.ledger = PostLedger(client)
+    def __init__(self, client: redis.Redis, every_s: float = UNSETTLED_EVERY_S, *, grace_s: float = 0.0) -> None:
+        self.ledger = PostLedger(client, grace_s=grace_s)
         self.every_s = every_s
         self._read_at = float("-inf")
         self._items: list[dict[str, str]] = []

@@ -19,6 +19,18 @@ given), which close it for good. A sink left ``uncertain`` (the platform took th
 request and never answered, and cannot be searched) stays so until a person who looked
 settles it: ``posted`` (with its link) or ``failed`` (not there, safe to post again).
 
+A slot closed for good (``posted``, ``rejected``, ``skipped``, ``expired``, or ``failed``
+with no sink left waiting for an answer) keeps its record ``closed_record_ttl_s`` (30 days at
+least, twice ``posting.grace_s``), long past the last moment the scheduler or ``persona post
+--slot`` may post it again; then the record expires (the history stream and the recent posts,
+both capped, keep what went out). Only the persona's newest closed scheduled slot keeps its
+record for good: ``schedule.missed = "latest"`` posts the newest slot however late it is. Every
+other record (a slot open, waiting for approval, or with a sink that got no answer) is kept, and
+its slot is listed in the persona's open set (``post_open_key``), kept in step by the scripts
+that write the record: the readers of open slots (``open_texts``, ``unsettled``) read that set,
+never every record. Records written before the set existed are put in it once, by the first
+reader that finds it not built (``_ensure_index``).
+
 A persona's text is chosen by one poster at a time (``PostLedger.choosing``): the look for
 the text among its posts and the write that shows it to the others (the slot's record)
 are one step, or two posters started together both found one text new and both posted it.
@@ -27,6 +39,7 @@ are one step, or two posters started together both found one text new and both p
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 from collections.abc import Iterator
@@ -38,10 +51,18 @@ import redis
 from persona import constants as keys
 from persona.errors import PostingError
 
-__all__ = ["ClaimResult", "PostLedger", "SinkEntry", "slot_state", "slot_summary"]
+__all__ = ["ClaimResult", "PostLedger", "SinkEntry", "closed_record_ttl_s", "slot_state", "slot_summary"]
+
+log = logging.getLogger(__name__)
 
 # A slot in one of these states is never posted again.
 FINAL_STATES = ("posted", "rejected", "skipped", "expired")
+# A slot closed in one of these states, with no sink left waiting for an answer, matters to nobody
+# once nothing may post it again: its record expires (``closed_record_ttl_s``). A ``failed`` one is
+# tried again only within the missed-slot grace period (or by hand while its record lasts).
+SETTLED_STATES = (*FINAL_STATES, "failed")
+# A closed slot's record is kept this long at least, and twice posting.grace_s where that is longer.
+CLOSED_RECORD_KEPT_S = 30 * 24 * 3600
 # Sink states a person may settle: the request went out and no answer came back.
 UNSETTLED_STATES = ("uncertain", "intent")
 # A poster is working on a slot in one of these states, or was when it died: '' while
@@ -56,46 +77,109 @@ MANUAL_SLOT_PREFIX = "manual-"
 CHOOSING_LOCK_SLOT = "+choosing"
 CHOOSING_LEASE_MS = 30_000
 
+# Shared by every script that writes a slot's record: ``reindex(record, ttl)`` puts the slot in its
+# persona's open set while its record matters (open, pending, a sink with no answer), else takes it
+# out and lets the record expire in ``ttl`` seconds, except the persona's newest closed scheduled
+# slot, kept for good (the one before it then expires). A record that is gone leaves the set.
+_INDEX_LUA = """
+local RECORD_PREFIX, OPEN_PREFIX, PERSONAS = '__RECORD__', '__OPEN__', '__PERSONAS__'
+local NEWEST_PREFIX, MANUAL = '__NEWEST__', '__MANUAL__'
+local SETTLED, UNSETTLED = {__SETTLED__}, {__UNSETTLED__}
+-- nil: no record (or no hash); true: closed for good; false: it still matters
+local function settled(record)
+  if redis.call('TYPE', record)['ok'] ~= 'hash' then return nil end
+  if not SETTLED[redis.call('HGET', record, 'state') or ''] then return false end
+  local fields = redis.call('HGETALL', record)
+  for i = 1, #fields, 2 do
+    if string.sub(fields[i], 1, 5) == 'sink:' then
+      local ok, entry = pcall(cjson.decode, fields[i + 1])
+      if not ok or type(entry) ~= 'table' or UNSETTLED[entry.state] then return false end
+    end
+  end
+  return true
+end
+local function reindex(record, ttl)
+  local rest = string.sub(record, #RECORD_PREFIX + 1)
+  local colon = string.find(rest, ':', 1, true)
+  if not colon then return end  -- no record's name: nobody reads it
+  local persona, slot = string.sub(rest, 1, colon - 1), string.sub(rest, colon + 1)
+  local closed = settled(record)
+  if closed == false then
+    redis.call('SADD', OPEN_PREFIX .. persona, slot)
+    redis.call('SADD', PERSONAS, persona)
+    redis.call('PERSIST', record)
+    return
+  end
+  redis.call('SREM', OPEN_PREFIX .. persona, slot)
+  if closed == nil then return end
+  if string.sub(slot, 1, #MANUAL) ~= MANUAL then
+    local newest = redis.call('GET', NEWEST_PREFIX .. persona)
+    if newest == slot then redis.call('PERSIST', record) return end
+    if not newest or slot > newest then
+      redis.call('SET', NEWEST_PREFIX .. persona, slot)
+      redis.call('PERSIST', record)
+      if newest and settled(RECORD_PREFIX .. persona .. ':' .. newest) then
+        redis.call('EXPIRE', RECORD_PREFIX .. persona .. ':' .. newest, ttl)
+      end
+      return
+    end
+  end
+  redis.call('EXPIRE', record, ttl)
+end
+""".replace("__RECORD__", keys.POST_RECORD_KEY_PREFIX).replace("__OPEN__", keys.POST_OPEN_KEY_PREFIX).replace(
+    "__PERSONAS__", keys.POST_OPEN_PERSONAS_KEY).replace("__NEWEST__", keys.POST_NEWEST_KEY_PREFIX).replace(
+    "__MANUAL__", MANUAL_SLOT_PREFIX).replace("__SETTLED__", ", ".join(f"['{s}'] = true" for s in SETTLED_STATES)).replace(
+    "__UNSETTLED__", ", ".join(f"['{s}'] = true" for s in UNSETTLED_STATES))
+
 # Claim a slot unless it is finished, waiting for approval (unless the approver asks),
-# or held by someone else. Returns 'claimed', 'busy', 'pending' or 'done:<state>'.
+# or held by someone else. Returns 'claimed', 'busy', 'pending' or 'done:<state>'. A record
+# that is to expire (a failed slot tried again) gets its whole time again: it outlives the claim.
 CLAIM_SCRIPT = """
 local state = redis.call('HGET', KEYS[2], 'state')
 if state == 'posted' or state == 'rejected' or state == 'skipped' or state == 'expired' then return 'done:' .. state end
 if state == 'pending' and ARGV[3] ~= '1' then return 'pending' end
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', tonumber(ARGV[2])) then return 'claimed' end
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', tonumber(ARGV[2])) then
+  if redis.call('TTL', KEYS[2]) > 0 then redis.call('EXPIRE', KEYS[2], ARGV[4]) end
+  return 'claimed'
+end
 return 'busy'
 """
 
 # Close a slot that waits for an approval which is gone (approvals expire unanswered).
-EXPIRE_PENDING_SCRIPT = """
+EXPIRE_PENDING_SCRIPT = _INDEX_LUA + """
 if redis.call('HGET', KEYS[1], 'state') ~= 'pending' or redis.call('HGET', KEYS[1], 'approval') ~= ARGV[1] then return 0 end
 if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
 redis.call('HSET', KEYS[1], 'state', 'expired', 'updated', ARGV[2])
+reindex(KEYS[1], ARGV[3])
 return 1
 """
 
 # HSET on the record only while the caller still holds the slot's lock (and, with a third
 # key, the persona's text choice: a text is written only where it was checked, and still held).
-FENCED_HSET_SCRIPT = """
+FENCED_HSET_SCRIPT = _INDEX_LUA + """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 if KEYS[3] and redis.call('GET', KEYS[3]) ~= ARGV[2] then return -1 end
-redis.call('HSET', KEYS[2], unpack(ARGV, 3))
+redis.call('HSET', KEYS[2], unpack(ARGV, 4))
+reindex(KEYS[2], ARGV[3])
 return 1
 """
 
 # Record one platform's post id and add it to the history, in one step.
-RECORD_POST_SCRIPT = """
+RECORD_POST_SCRIPT = _INDEX_LUA + """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('HSET', KEYS[2], ARGV[2], ARGV[3], 'updated', ARGV[4])
-redis.call('XADD', KEYS[3], 'MAXLEN', '~', tonumber(ARGV[5]), '*', unpack(ARGV, 6))
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', tonumber(ARGV[5]), '*', unpack(ARGV, 7))
+reindex(KEYS[2], ARGV[6])
 return 1
 """
 
 # Close a slot: its final state, the text (if given) first among the persona's recent posts
-# (once: a slot retried until it is posted gives it again), lock released.
-FINISH_SCRIPT = """
+# (once: a slot retried until it is posted gives it again), lock released; closed for good, its
+# record expires in ARGV[6] seconds.
+FINISH_SCRIPT = _INDEX_LUA + """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('HSET', KEYS[2], 'state', ARGV[2], 'updated', ARGV[3])
+reindex(KEYS[2], ARGV[6])
 if ARGV[4] ~= '' then
   redis.call('LREM', KEYS[3], 0, ARGV[4])
   redis.call('LPUSH', KEYS[3], ARGV[4])
@@ -103,6 +187,13 @@ if ARGV[4] ~= '' then
 end
 redis.call('DEL', KEYS[1])
 return 1
+"""
+
+# The open sets, from records written before them (or a slot a reader found out of step): each
+# record in KEYS put in its persona's set, or given its expiry, as its writer would have.
+REINDEX_SCRIPT = _INDEX_LUA + """
+for _, record in ipairs(KEYS) do reindex(record, ARGV[1]) end
+return #KEYS
 """
 
 RELEASE_SCRIPT = """
@@ -147,6 +238,13 @@ class SinkEntry:
         return cls(**json.loads(raw))
 
 
+def closed_record_ttl_s(grace_s: float = 0.0) -> int:
+    """How long a slot closed for good keeps its record: 30 days, or twice ``grace_s`` (posting.grace_s)
+    where that is longer. The scheduler, and ``persona post --slot`` for a slot the ledger no longer
+    holds, post a slot only within the grace period after its time; the record outlives that."""
+    return int(max(CLOSED_RECORD_KEPT_S, 2 * grace_s))
+
+
 def _text(value: bytes | str | None) -> str:
     return value.decode() if isinstance(value, bytes) else (value or "")
 
@@ -182,10 +280,14 @@ def _sink_entries(record: dict[str, str]) -> dict[str, SinkEntry]:
 class PostLedger:
     """Claims, intents and post records for every (persona, slot), in Redis."""
 
-    def __init__(self, client: redis.Redis, *, lease_s: float = 900.0, owner: str | None = None) -> None:
+    def __init__(
+        self, client: redis.Redis, *, lease_s: float = 900.0, owner: str | None = None, grace_s: float = 0.0,
+    ) -> None:
         self.redis = client
         self.lease_ms = int(lease_s * 1000)
         self.owner = owner or uuid.uuid4().hex
+        # posting.grace_s: a closed slot's record outlives the time anything may post the slot again.
+        self.closed_ttl_s = closed_record_ttl_s(grace_s)
         self._claim = client.register_script(CLAIM_SCRIPT)
         self._hset = client.register_script(FENCED_HSET_SCRIPT)
         self._record = client.register_script(RECORD_POST_SCRIPT)
@@ -193,6 +295,7 @@ class PostLedger:
         self._release = client.register_script(RELEASE_SCRIPT)
         self._extend = client.register_script(EXTEND_SCRIPT)
         self._expire_pending = client.register_script(EXPIRE_PENDING_SCRIPT)
+        self._reindex = client.register_script(REINDEX_SCRIPT)
 
     def claim(self, persona: str, slot: str, *, approving: bool = False) -> ClaimResult:
         """Take the slot for this owner, unless it is finished or someone else holds it.
@@ -202,7 +305,7 @@ class PostLedger:
         """
         got = _text(self._claim(
             keys=[keys.post_lock_key(persona, slot), keys.post_record_key(persona, slot)],
-            args=[self.owner, self.lease_ms, "1" if approving else "0"],
+            args=[self.owner, self.lease_ms, "1" if approving else "0", self.closed_ttl_s],
         ))
         outcome, _, state = got.partition(":")
         if outcome == "pending" and self._expired_approval(persona, slot):
@@ -225,7 +328,8 @@ class PostLedger:
     def _expired_approval(self, persona: str, slot: str) -> bool:
         approval = _text(self.redis.hget(keys.post_record_key(persona, slot), "approval"))
         return bool(approval) and bool(self._expire_pending(
-            keys=[keys.post_record_key(persona, slot), keys.approval_key(approval)], args=[approval, time.time()],
+            keys=[keys.post_record_key(persona, slot), keys.approval_key(approval)],
+            args=[approval, time.time(), self.closed_ttl_s],
         ))
 
     def extend(self, persona: str, slot: str) -> bool:
@@ -266,7 +370,7 @@ class PostLedger:
         fences = [keys.post_lock_key(persona, slot), keys.post_record_key(persona, slot)]
         ok = self._hset(
             keys=[*fences, keys.post_lock_key(persona, CHOOSING_LOCK_SLOT)] if choosing else fences,
-            args=[self.owner, choosing, *pairs, "updated", time.time()],
+            args=[self.owner, choosing, self.closed_ttl_s, *pairs, "updated", time.time()],
         )
         if ok == -1:
             raise PostingError(f"{persona}'s text for slot {slot} took more than {CHOOSING_LEASE_MS // 1000} s to check "
@@ -286,6 +390,7 @@ class PostLedger:
         later poster finds it (an open slot's text, then a recent post). A poster waits here
         for one ahead of it, at most ``wait_s``, then PostingError.
         """
+        self._ensure_index()  # once, after an upgrade: not within the hold, whose lease it could outlast
         lock, token = keys.post_lock_key(persona, CHOOSING_LOCK_SLOT), uuid.uuid4().hex
         deadline = time.monotonic() + wait_s
         while not self.redis.set(lock, token, nx=True, px=CHOOSING_LEASE_MS):
@@ -314,7 +419,7 @@ class PostLedger:
         ok = self._record(
             keys=[keys.post_lock_key(persona, slot), keys.post_record_key(persona, slot), keys.POST_HISTORY_STREAM],
             args=[
-                self.owner, f"sink:{sink}", entry.to_json(), entry.at, keys.POST_HISTORY_MAX_LEN,
+                self.owner, f"sink:{sink}", entry.to_json(), entry.at, keys.POST_HISTORY_MAX_LEN, self.closed_ttl_s,
                 *[item for pair in history.items() for item in pair],
             ],
         )
@@ -325,7 +430,7 @@ class PostLedger:
         """Close the slot in ``state`` and release it; ``text``, if given (it went out somewhere), joins the recent posts."""
         ok = self._finish(
             keys=[keys.post_lock_key(persona, slot), keys.post_record_key(persona, slot), keys.recent_posts_key(persona)],
-            args=[self.owner, state, time.time(), text, max(1, recent_kept)],
+            args=[self.owner, state, time.time(), text, max(1, recent_kept), self.closed_ttl_s],
         )
         if not ok:
             raise PostingError(f"lost the claim on {persona} slot {slot} before finishing it")
@@ -353,10 +458,11 @@ class PostLedger:
         ``stopped_midway``); in one the scheduler holds, a post under way, they are not.
         """
         found: list[dict[str, str]] = []
-        pattern = f"{keys.POST_RECORD_KEY_PREFIX}{persona or '*'}:*"
-        for key in self.redis.scan_iter(match=pattern, count=1000):
-            owner, _, slot = _text(key)[len(keys.POST_RECORD_KEY_PREFIX):].partition(":")
+        tracked, indexed = self._tracked(persona)
+        for owner, slot in tracked:
             record = self.record(owner, slot)
+            if indexed and self._tidy(owner, slot, record):
+                continue
             entries = _sink_entries(record)
             if record.get("state", "") not in OPEN_STATES:
                 left, held_s = _unfinished(record, entries), 0
@@ -393,11 +499,64 @@ class PostLedger:
         """The texts of the persona's open slots (chosen, never closed: being posted, or stopped
         mid-post), by slot: a text that may be out already although no history shows it."""
         found: dict[str, str] = {}
-        for key in self.redis.scan_iter(match=f"{keys.POST_RECORD_KEY_PREFIX}{persona}:*", count=1000):
-            state, text = (_text(v) for v in self.redis.hmget(key, "state", "text"))
-            if text and state in OPEN_STATES:
-                found[_text(key)[len(keys.post_record_key(persona, "")):]] = text
+        tracked, _ = self._tracked(persona)
+        pipe = self.redis.pipeline(transaction=False)
+        for _, slot in tracked:
+            pipe.hmget(keys.post_record_key(persona, slot), "state", "text")
+        for (_, slot), (state, text) in zip(tracked, pipe.execute(), strict=True):
+            if text and _text(state) in OPEN_STATES:
+                found[slot] = _text(text)
         return found
+
+    def _tracked(self, persona: str | None) -> tuple[list[tuple[str, str]], bool]:
+        """The (persona, slot) of every record that may still matter, one persona's or every one's,
+        from the open sets; and whether it was, or (Redis refusing the writes that build them) every
+        record there is."""
+        if not self._ensure_index():
+            pattern = f"{keys.POST_RECORD_KEY_PREFIX}{persona or '*'}:*"
+            names = (_text(key)[len(keys.POST_RECORD_KEY_PREFIX):] for key in self.redis.scan_iter(match=pattern, count=1000))
+            return [(owner, slot) for owner, _, slot in (name.partition(":") for name in names)], False
+        personas = [persona] if persona is not None else sorted(_text(p) for p in self.redis.smembers(keys.POST_OPEN_PERSONAS_KEY))
+        pipe = self.redis.pipeline(transaction=False)
+        for owner in personas:
+            pipe.smembers(keys.post_open_key(owner))
+        return [(owner, _text(slot)) for owner, slots in zip(personas, pipe.execute(), strict=True) for slot in sorted(slots)], True
+
+    def _ensure_index(self) -> bool:
+        """Put the records written before the open sets existed in them, once (the first reader
+        after an upgrade does); False where Redis refuses the writes (a read-only replica, a full
+        disk): the reader then reads every record, as before the sets."""
+        if self.redis.exists(keys.POST_OPEN_BUILT_KEY):
+            return True
+        try:
+            batch: list[bytes] = []
+            for key in self.redis.scan_iter(match=f"{keys.POST_RECORD_KEY_PREFIX}*", count=1000):
+                batch.append(key)
+                if len(batch) == 1000:
+                    self._reindex(keys=batch, args=[self.closed_ttl_s])
+                    batch = []
+            if batch:
+                self._reindex(keys=batch, args=[self.closed_ttl_s])
+            self.redis.set(keys.POST_OPEN_BUILT_KEY, repr(time.time()))
+        except redis.exceptions.ResponseError as exc:
+            log.warning("could not list the open post slots (%s); every post record is read instead, which is slower: "
+                        "see that Redis takes writes", exc)
+            return False
+        return True
+
+    def _tidy(self, persona: str, slot: str, record: dict[str, str]) -> bool:
+        """True where a slot in the open set is no longer open: its record gone or closed for good
+        (taken out of the set, the record left to expire). One waiting for an approval that lapsed
+        unanswered is closed ``expired`` here, as ``claim`` would. Each change is best effort."""
+        try:
+            if not record or _settled(record):
+                self._reindex(keys=[keys.post_record_key(persona, slot)], args=[self.closed_ttl_s])
+                return True
+            if record.get("state") == "pending" and record.get("approval"):
+                self._expired_approval(persona, slot)  # listed as before: only a sink with no answer shows
+        except redis.exceptions.ResponseError as exc:  # Redis refuses writes: read it as it is
+            log.debug("left post slot %s %s as it is: %s", persona, slot, exc)
+        return False
 
     def history(self, count: int = 20, persona: str | None = None) -> list[dict[str, str]]:
         """What went out, newest first: persona, slot, sink, id, url, text, at, and slot_state: what
@@ -430,6 +589,12 @@ _STOPPED_WORDS = {
     "approved": "approved; its poster stopped before posting it here",
     "begun": "its poster stopped before posting it here",
 }
+
+
+def _settled(record: dict[str, str]) -> bool:
+    """Whether a slot's record is closed for good: in a settled state, no sink waiting for an answer."""
+    return record.get("state", "") in SETTLED_STATES and not any(
+        entry.state in UNSETTLED_STATES for entry in _sink_entries(record).values())
 
 
 def _unfinished(record: dict[str, str], entries: dict[str, SinkEntry], *, stopped: bool = False) -> dict[str, SinkEntry]:

@@ -1093,7 +1093,8 @@ def test_an_approval_killed_mid_post_says_when_its_claim_runs_out_and_is_listed_
     another scheduler right now" for posting.lease_s (10 minutes), and meanwhile the post was
     neither pending nor uncertain."""
     fake, env = hands
-    env = env | {"PERSONA_POSTING__LEASE_S": "5"}
+    # A lease that outlasts the next command's start on a loaded machine (it is waited out below).
+    env = env | {"PERSONA_POSTING__LEASE_S": "12"}
     waiting = json.loads(persona("post", "hands", "--text", QUIET, "--approval", "--json", env=env).stdout)
     approval, slot = waiting["approval_id"], waiting["slot"]
     status, _ = _stopped_mid_post(fake, ["posts", "approve", approval], env, signal.SIGKILL)
@@ -1109,7 +1110,7 @@ def test_an_approval_killed_mid_post_says_when_its_claim_runs_out_and_is_listed_
         (slot, "mastodon", "intent", f"persona posts approve {approval}")]
     assert int(listed[0]["held_s"]) > 0
 
-    _until(lambda: not redis_client.exists(keys.post_lock_key("hands", slot)), timeout_s=10)
+    _until(lambda: not redis_client.exists(keys.post_lock_key("hands", slot)), timeout_s=20)
     approved = persona("posts", "approve", approval, env=env)
     assert approved.returncode == 0 and f"posted hands {slot}" in approved.stdout, approved.stdout + approved.stderr
     assert len(fake.statuses) == 1

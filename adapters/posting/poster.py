@@ -74,7 +74,7 @@ class Poster:
         self.sink_factory = sink_factory
         self.candidates = candidates
         self.registry = registry or PersonaRegistry.from_settings(settings)
-        self.ledger = PostLedger(client, lease_s=settings.posting.lease_s, owner=owner)
+        self.ledger = PostLedger(client, lease_s=settings.posting.lease_s, owner=owner, grace_s=settings.posting.grace_s)
         self.approvals = ApprovalQueue(client)
         self.publisher = Publisher(self.ledger, recent_kept=settings.posting.recent_posts)
         self._corpora: dict[tuple[Path, int], CopyIndex] = {}

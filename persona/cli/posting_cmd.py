@@ -427,7 +427,8 @@ def uncertain(
     """
     from persona.ledger import PostLedger
 
-    items = PostLedger(connect(get_settings())).unsettled(persona)
+    settings = get_settings()
+    items = PostLedger(connect(settings), grace_s=settings.posting.grace_s).unsettled(persona)
     _refuse_if_unknown(persona, items)
     if json_output:
         print(json.dumps(items, ensure_ascii=False))
