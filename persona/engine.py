@@ -94,6 +94,15 @@ class ContinuousGenerator(Generator, Protocol):
 WARM_UP_LONGER_TOKENS = 64
 
 
+def _torch_threads(threads: int | None) -> None:
+    """Give torch ``threads`` (``worker.threads``) where a torch engine decodes; llama.cpp
+    takes its own, and a worker serving only through it never imports torch."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 class TransformersEngine:
     """A causal LM behind a per-row sampling decode loop with continuous batching.
 
@@ -146,6 +155,8 @@ class TransformersEngine:
         self, cache_dir: Path | None, threads: int | None, gguf_type: str, kv_tokens: int | None, compile: bool,
         kernels: str, attention: str,
     ):  # fmt: skip
+        if self.mode != "llamacpp":
+            _torch_threads(threads)
         if self.mode == "eager":
             from persona.eager_decoder import _EagerDecoder
 
@@ -162,6 +173,7 @@ class TransformersEngine:
             except ModelError as exc:
                 self.mode = _torch_mode(self.loaded)
                 log.warning("%s; using the %s engine", exc, self.mode)
+                _torch_threads(threads)
                 if self.mode == "eager":
                     from persona.eager_decoder import _EagerDecoder
 

@@ -361,10 +361,6 @@ def _load_worker(
     from persona.pool import ModelPool
     from persona.worker import Worker, freeze_heap
 
-    if settings.worker.threads:
-        import torch
-
-        torch.set_num_threads(settings.worker.threads)
     beat.info.device = device
     served = Worker(settings, client, ModelPool(settings, device), worker_id=beat.info.id)
     signal.signal(signal.SIGTERM, _stop_then_interrupt(served, finish=True))
