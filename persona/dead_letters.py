@@ -11,9 +11,10 @@ retrying at once re-queue it once. Given the queue's ``max_length``, a retry wai
 callers do: a stream that is full refuses it (``QueueBusy``); ``retry_all`` leaves the
 letters bound for that stream and goes on with the others.
 
-A letter that holds no readable request can never be retried, and one that crashes
-every worker should not be: ``drop_dead`` deletes letters for good (their callers were
-answered when they were set aside), counted as ``dropped``.
+A letter that holds no readable request can never be retried, nor one whose request names
+no id (nobody waits on a reply list it could be answered in), and one that crashes every
+worker should not be: ``drop_dead`` deletes letters for good (their callers were answered
+when they were set aside), counted as ``dropped``.
 
 The stream keeps about ``DEAD_STREAM_MAX_LEN`` letters and Redis trims the oldest past
 that. How many went that way is read from counters the queue keeps anyway (set aside,
@@ -36,7 +37,7 @@ from pydantic import BaseModel, Field
 
 from persona import constants as keys
 from persona.contract import GenerationRequest
-from persona.errors import QueueBusy
+from persona.errors import InvalidRequest, QueueBusy
 from persona.queue_scripts import NO_KEY_LUA, ONE_MORE_WAITING, REDIS_NOW
 from persona.telemetry_reading import read_counts
 
@@ -65,11 +66,12 @@ end
 # The sender's pending counter (KEYS[6], NO_KEY for an anonymous caller) counts it again, as
 # a submit does (without the fair-share limit: an operator asked for it), and lives at
 # least ARGV[5] seconds, so a decrement that is lost heals itself. Its answered mark
-# (KEYS[3]), old reply (KEYS[5]) and any cancel flag (KEYS[7]) go.
+# (KEYS[3]) and the digest kept beside it (KEYS[8]), old reply (KEYS[5]) and any cancel
+# flag (KEYS[7]) go.
 RETRY_SCRIPT = REDIS_NOW + NO_KEY_LUA + ONE_MORE_WAITING + CLEARED_IF_EMPTY + """
 if ARGV[4] ~= '' and redis.call('XLEN', KEYS[2]) >= tonumber(ARGV[4]) then return 'busy' end
 if redis.call('XDEL', KEYS[1], ARGV[1]) == 0 then return false end
-redis.call('DEL', KEYS[3], KEYS[5], KEYS[7])
+redis.call('DEL', KEYS[3], KEYS[5], KEYS[7], KEYS[8])
 redis.pcall('HINCRBY', KEYS[4], 'retried', 1)
 cleared_if_empty(KEYS[1], KEYS[4])
 if KEYS[6] ~= NO_KEY then
@@ -152,7 +154,8 @@ def _parse(entry_id: bytes, fields: dict[bytes, bytes]) -> DeadLetter:
     request_id, persona = "", ""
     try:
         request = GenerationRequest.from_json(payload)
-        request_id, persona = request.id, request.persona
+        # One that names no id was listed under an id made up at each reading, and retried.
+        request_id, persona = request.id if _names_id(request) else "", request.persona
     except ValueError:
         pass  # a malformed request is listed as it is; retrying it is refused
     return DeadLetter(
@@ -160,6 +163,11 @@ def _parse(entry_id: bytes, fields: dict[bytes, bytes]) -> DeadLetter:
         reason=_text(fields.get(b"reason")), deliveries=_count(fields.get(b"deliveries")),
         worker=_text(fields.get(b"worker")), at=_time(fields.get(b"at")), payload=payload,
     )
+
+
+def _names_id(request: GenerationRequest) -> bool:
+    """Whether a request read from a letter named its id (else ``from_json`` made one up)."""
+    return "id" in request.model_fields_set
 
 
 def trimmed_count(counters: Mapping[str, int], held: int, *, since_cleared: bool = False) -> int:
@@ -250,19 +258,27 @@ def retry_dead(client: redis.Redis, entry_id: str, max_length: int | None = None
     With ``max_length`` (the queue's setting) a stream already that full refuses it with
     ``QueueBusy`` and the letter stays: `retry --all` of a day's dead letters used to
     push thousands past the limit, and every caller then heard "busy" until they drained.
+    ValueError where the letter holds no readable request; InvalidRequest where its request
+    names no id: it was re-queued under one made up, and its reply pushed where nobody waits.
     """
     letter = find_dead(client, entry_id)
     if letter is None:
         return None
     request = GenerationRequest.from_json(letter.payload)  # ValueError: nothing to re-queue
+    if not _names_id(request):
+        raise InvalidRequest(
+            f"dead letter {entry_id} holds a request without an id, so nobody could read its reply: delete it with "
+            f"`persona queue drop {entry_id}`, and have its client send it again with an \"id\" of its own "
+            "(1 to 128 characters, not used again for a day)"
+        )
     allowed = (request.deadline - request.created_at) if request.deadline else 0.0
     now = time.time()
     fresh = request.model_copy(update={"created_at": now, "deadline": now + allowed if allowed > 0 else 0.0})
     stream = _bound_for(letter)
     new_id = client.eval(
-        RETRY_SCRIPT, 7, keys.STREAM_DEAD, stream, keys.answered_key(request.id), keys.STATS_KEY,
+        RETRY_SCRIPT, 8, keys.STREAM_DEAD, stream, keys.answered_key(request.id), keys.STATS_KEY,
         keys.reply_key(request.id), keys.user_pending_key(request.user) if request.user else keys.NO_KEY,
-        keys.cancel_key(request.id),
+        keys.cancel_key(request.id), keys.digest_key(request.id),
         entry_id, fresh.to_json(), f"{allowed:.3f}" if allowed > 0 else "",
         "" if max_length is None else max_length,
         int(max(allowed, 0.0) * 2) + 60,  # as long as a submit's hold, for its own deadline

@@ -45,6 +45,7 @@ from persona.jobs import DUE_FIELD, EPOCH_FIELD, REQUEST_FIELD
 from persona.personas import Persona
 from persona.queue_scripts import REFUSED_COUNTERS
 from persona.redis_refusals import full_redis_text, refusal_text, size_text
+from persona.settings import QueueSettings
 from persona.swap import served_versions
 from persona.telemetry_reading import (
     LatencySummary,
@@ -61,6 +62,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 STUCK_SCAN_LIMIT = 200
+# The queue's default deadline where a reader is not given the one in effect
+# (PERSONA_QUEUE__DEFAULT_DEADLINE_S): an entry that names none is judged by it.
+DEFAULT_DEADLINE_S: float = QueueSettings.model_fields["default_deadline_s"].default
 # Requests not taken yet that are read to tell the withdrawn and the expired from those
 # still waiting: the oldest this many of each stream (which holds about
 # PERSONA_QUEUE__MAX_LENGTH, 1,000 unless set); any past them count as waiting.
@@ -323,22 +327,34 @@ def _request(fields: dict) -> dict:
     return request if isinstance(request, dict) else {}
 
 
-def _due(fields: dict) -> float:
-    """When an entry's deadline falls (0.0 where it names none that can be read): by Redis's
-    clock, or for entries from older clients (no ``d``), by the caller's."""
+def _due(entry_id: bytes | str, fields: dict, default_deadline_s: float) -> float:
+    """When an entry's deadline falls, by Redis's clock, as a worker times it: by its ``d``;
+    without one, by its caller's deadline; with neither (a direct writer's request, its
+    deadline 0 or left out), ``default_deadline_s`` after it arrived (its id's milliseconds).
+    0.0 where it names none that can be read (a worker sets it aside: it is not judged here).
+    Such a request was counted as waiting for good, while a worker answers it "timeout"."""
+    given = fields.get(DUE_FIELD)
+    request = {} if given else _request(fields)  # read only where it must be: d is what the submit script writes
     try:
-        due = float(fields.get(DUE_FIELD) or _request(fields).get("deadline") or 0)
+        due = float(given or request.get("deadline", 0))
     except (TypeError, ValueError, OverflowError):  # malformed: a worker sets it aside, it is not judged here
         return 0.0
-    return due if math.isfinite(due) else 0.0
+    if not math.isfinite(due):
+        return 0.0
+    request_id = request.get("id")
+    if due or given or not (isinstance(request_id, str) and request_id):  # no id: set aside, never answered
+        return due
+    return int(_text(entry_id).partition("-")[0]) / 1000 + default_deadline_s
 
 
-def _unwanted(client: redis.Redis, untaken: list[tuple[bytes, dict]], now: float) -> dict[bytes, str]:
+def _unwanted(
+    client: redis.Redis, untaken: list[tuple[bytes, dict]], now: float, default_deadline_s: float
+) -> dict[bytes, str]:
     """Which untaken entries nobody waits for any more: 'withdrawn' where the caller withdrew
     it, whatever its deadline (one withdrawn and then past its deadline was counted as
     expired), else 'expired' where the deadline has passed (by Redis's clock; entries from
-    older clients carry only the caller's). ``FULL_SCRIPT`` judges a full stream's entries
-    by the same rule.
+    direct writers carry only the caller's, or none: then ``default_deadline_s`` after they
+    arrived, see ``_due``). ``FULL_SCRIPT`` judges a full stream's entries by the same rule.
 
     The cancel epoch spares a look-up for every entry added since the last withdrawal.
     """
@@ -349,7 +365,7 @@ def _unwanted(client: redis.Redis, untaken: list[tuple[bytes, dict]], now: float
         request_id = _request(fields).get("id")
         if fields.get(EPOCH_FIELD) != epoch and isinstance(request_id, str) and request_id:
             asked[entry_id] = request_id
-        due = _due(fields)
+        due = _due(entry_id, fields, default_deadline_s)
         if due and now > due:
             found[entry_id] = "expired"
     if asked:
@@ -369,14 +385,14 @@ def _cancel_epoch(client: redis.Redis) -> bytes | None:
         return None
 
 
-def _stream_stats(client: redis.Redis, stream: str, now: float) -> StreamStats:
+def _stream_stats(client: redis.Redis, stream: str, now: float, default_deadline_s: float) -> StreamStats:
     length = client.xlen(stream)
     try:
         pending = client.xpending(stream, keys.CONSUMER_GROUP)["pending"]
     except redis.exceptions.ResponseError:  # no group yet: no worker has started
         pending = 0
     untaken = _untaken(client, stream)
-    unwanted = _unwanted(client, untaken, now)
+    unwanted = _unwanted(client, untaken, now, default_deadline_s)
     wanted = next((_text(entry_id) for entry_id, _ in untaken if entry_id not in unwanted), None)
     oldest_s = max(0.0, now - int(wanted.split("-")[0]) / 1000) if wanted else 0.0  # entry ids carry their time
     withdrawn = sum(1 for why in unwanted.values() if why == "withdrawn")
@@ -387,10 +403,13 @@ def _stream_stats(client: redis.Redis, stream: str, now: float) -> StreamStats:
     )
 
 
-def find_stuck(client: redis.Redis, live: set[str], now: float | None = None) -> list[StuckEntry]:
+def find_stuck(
+    client: redis.Redis, live: set[str], now: float | None = None, *, default_deadline_s: float = DEFAULT_DEADLINE_S
+) -> list[StuckEntry]:
     """In-flight requests past their deadline, or held by a worker whose heartbeat lapsed.
 
-    ``now`` is Redis's time (default: asked of it), as is when each entry's deadline falls.
+    ``now`` is Redis's time (default: asked of it), as is when each entry's deadline falls
+    (for one that names none, ``default_deadline_s`` after it arrived: see ``_due``).
     """
     now = now if now is not None else redis_now(client)
     found = []
@@ -408,7 +427,7 @@ def find_stuck(client: redis.Redis, live: set[str], now: float | None = None) ->
             fields = rows[0][1] if rows else {}
             # Read as for the waiting ones: an entry a foreign writer damaged (its
             # deadline no number) ended every `queue stats`, /metrics and page with a traceback.
-            request, deadline = _request(fields), _due(fields)
+            request, deadline = _request(fields), _due(entry_id, fields, default_deadline_s)
             reasons = []
             if holder not in live:
                 reasons.append(f"held by {holder}, whose heartbeat has lapsed")
@@ -426,9 +445,11 @@ def find_stuck(client: redis.Redis, live: set[str], now: float | None = None) ->
 
 def collect_stats(
     client: redis.Redis, *, latency_window_s: float = 300.0, personas: Mapping[str, Persona] | None = None,
+    default_deadline_s: float = DEFAULT_DEADLINE_S,
 ) -> QueueStats:
     """Read every figure the CLI, the dashboard and /metrics show; with ``personas`` (the
-    persona files read), the version serving each of them too."""
+    persona files read), the version serving each of them too. ``default_deadline_s``
+    (PERSONA_QUEUE__DEFAULT_DEADLINE_S) times the entries that name no deadline, as workers do."""
     now = redis_now(client)
     raw_counters, dead_letters = _counters_and_dead(client)
     # A counter that is no number (a damaged or foreign writer's) is left out and named once.
@@ -441,7 +462,7 @@ def collect_stats(
     active = {_text(k): _text(v) for k, v in client.hgetall(keys.ACTIVE_VERSIONS_KEY).items()}
     memory = read_memory(client)
     return QueueStats(
-        streams=[_stream_stats(client, s, now) for s in keys.STREAMS_BY_PRIORITY],
+        streams=[_stream_stats(client, s, now, default_deadline_s) for s in keys.STREAMS_BY_PRIORITY],
         dead_letters=dead_letters,
         dead_letters_trimmed=trimmed_count(counters, dead_letters),
         dead_letters_trimmed_since_cleared=trimmed_count(counters, dead_letters, since_cleared=True),
@@ -452,7 +473,7 @@ def collect_stats(
         # its starting thread that came late still lists the worker once, as live.
         starting_workers=[w for w in starting_workers(client) if w.id not in live],
         latency=summarize(client, latency_window_s, now),
-        stuck=find_stuck(client, live, now),
+        stuck=find_stuck(client, live, now, default_deadline_s=default_deadline_s),
         active_versions=active,
         # Every persona, not only those swapped (as /metrics and the page show them); a
         # persona swapped on the workers whose file this machine lacks is still listed.

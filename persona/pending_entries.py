@@ -14,6 +14,7 @@ generated (``_unique``): its reply would have been dropped, and its caller left 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Iterable
@@ -126,7 +127,8 @@ class PendingEntries:
                     job = Job.parse(stream, claimed_id, fields)
                     deliveries = job.deliveries = item["times_delivered"] + 1
                     if deliveries > self.settings.max_deliveries:
-                        exhausted.append((job, deliveries - 1))
+                        # Set aside, its mark lasts until a minute past its deadline, not a day.
+                        exhausted.append((self._timed(job), deliveries - 1))
                         continue
                     jobs.append(job)
                     if job.request is not None:
@@ -162,19 +164,32 @@ class PendingEntries:
         if not foreign:
             return jobs
         args: list = [keys.ANSWERED_KEY_PREFIX, keys.DIGEST_KEY_PREFIX, self.settings.reply_ttl_s]
+        timed = {job.entry_id: self._timed(job) for job in foreign}  # marks that last a day where it has no d
         for job in foreign:
-            args += [job.request.id, payload_digest(job.payload), answered_until([job])]
+            args += [job.request.id, payload_digest(job.payload), answered_until([timed[job.entry_id]])]
         verdicts = self._own_ids(keys=[], args=args)
         held = {job.entry_id: HELD_BY[v.decode() if isinstance(v, bytes) else v]
                 for job, v in zip(foreign, verdicts, strict=True) if v not in (b"ok", "ok")}
         for job in jobs:
             if job.entry_id in held:
                 why = id_in_use(job.request.id, held[job.entry_id])
-                letter = self.dead_letter(job, why, job.deliveries, worker, kind=ErrorKind.invalid,
+                letter = self.dead_letter(timed[job.entry_id], why, job.deliveries, worker, kind=ErrorKind.invalid,
                                           message=f"{why}; it was not generated, and was set aside for an "
                                                   "operator to see (`persona queue dead`)")
                 log.warning("set aside entry %s as dead letter %s, not generated: %s", job.entry_id, letter, why)
         return [job for job in jobs if job.entry_id not in held]
+
+    def _timed(self, job: Job) -> Job:
+        """A copy of a job that says when its deadline falls where its entry does not, as a
+        worker times it (``Job.time_by_default``), for its answered mark to last until then.
+
+        The copy is timed with no clock offset (a caller's deadline read on Redis's clock):
+        a skew between clocks moves the mark's end by as much, within its minute of slack.
+        The job itself is left for the worker to time with the offset it measured.
+        """
+        timed = dataclasses.replace(job)
+        timed.time_by_default(self.settings.default_deadline_s, 0.0)
+        return timed
 
     def forget_gone(self, consumer: str) -> list[str]:
         """Delete the consumers of workers that are gone (see ``FORGET_SCRIPT``): none holds

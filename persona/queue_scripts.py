@@ -447,10 +447,12 @@ end
 # flag (read only where the entry's epoch differs from the current one: none or '' reads
 # as '0', one of another type as one no entry carries), whatever its deadline; else past
 # its deadline by the entry's 'd', else its request's deadline (one that is no finite
-# number, 0 where that is none), over at most ARGV[3] untaken entries; the last value is
-# how many it scanned.
+# number, 0 where that is none), else, where the entry has neither (a direct writer's
+# request with an id, its deadline 0 or left out), ARGV[4] seconds (the queue's default
+# deadline) after it arrived, as a worker times it ('' or left out: not judged), over at
+# most ARGV[3] untaken entries; the last value is how many it scanned.
 # KEYS: the stream, the cancel epoch, the heartbeat index. ARGV: group, cancel flag
-# prefix, scan limit. Read-only, and only after a refusal.
+# prefix, scan limit, default deadline in seconds. Read-only, and only after a refusal.
 FULL_SCRIPT = REDIS_NOW + REQUEST_ID + """
 local length = redis.call('XLEN', KEYS[1])
 local live = redis.call('ZCOUNT', KEYS[3], now, '+inf')
@@ -466,15 +468,19 @@ end
 if live > 0 then return {length, in_flight, live, -1, -1, 0} end
 local epoch = redis.pcall('GET', KEYS[2])
 if type(epoch) == 'table' then epoch = {} elseif not epoch or epoch == '' then epoch = '0' end
-local function due_of(f)
-  local due = f['d']
-  if not due or due == '' then
-    local ok, request = pcall(cjson.decode, f['r'] or '')
-    due = ok and type(request) == 'table' and request['deadline']
-  end
-  due = tonumber(due) or 0
-  if due ~= due or due == math.huge or due == -math.huge then return 0 end
+local by_default = tonumber(ARGV[4])
+local function finite(due)
+  if not due or due ~= due or due == math.huge or due == -math.huge then return 0 end
   return due
+end
+local function due_of(entry_id, f)
+  if f['d'] and f['d'] ~= '' then return finite(tonumber(f['d'])) end
+  local ok, request = pcall(cjson.decode, f['r'] or '')
+  if not ok or type(request) ~= 'table' then return 0 end
+  local deadline = request['deadline']
+  local due = tonumber(deadline == nil and 0 or deadline)
+  if due ~= 0 or not by_default or type(request['id']) ~= 'string' or request['id'] == '' then return finite(due) end
+  return tonumber(string.match(entry_id, '^%d+')) / 1000 + by_default
 end
 local untaken = redis.call('XRANGE', KEYS[1], '(' .. last, '+', 'COUNT', tonumber(ARGV[3]))
 local expired, withdrawn = 0, 0
@@ -482,7 +488,7 @@ for _, entry in ipairs(untaken) do
   local f = {}
   for i = 1, #entry[2], 2 do f[entry[2][i]] = entry[2][i + 1] end
   local id = f['e'] ~= epoch and request_id(f['r'] or '')
-  local due = due_of(f)
+  local due = due_of(entry[1], f)
   if id and id ~= '' and redis.call('EXISTS', ARGV[2] .. id) == 1 then
     withdrawn = withdrawn + 1
   elseif due ~= 0 and now > due then

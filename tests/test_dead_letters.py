@@ -20,7 +20,7 @@ from persona.contract import (
     SamplingOverrides,
 )
 from persona.dead_letters import dead_ids, list_dead, retry_all, retry_dead
-from persona.errors import QueueBusy
+from persona.errors import InvalidRequest, QueueBusy
 from persona.queue import QueueClient, WorkQueue
 
 
@@ -463,3 +463,35 @@ def test_retry_and_drop_json_print_one_object_and_a_refusal_as_the_json_failure(
     assert queue_json("drop", bad)[:2] == (0, {"ok": True, "dropped": 1})
     assert queue_json("drop", "--all", "--yes")[:2] == (0, {"ok": True, "dropped": 0})
     assert queue_json("retry", "--all")[:2] == (0, {"ok": True, "requeued": [], "full": {}, "unreadable": 0, "left": 0})
+
+
+def test_a_letter_whose_request_names_no_id_is_refused_not_requeued_under_a_made_up_one(
+    settings, redis_client, redis_url, work
+):
+    """Re-queued under an id from_json made up, it was generated and answered into a list nobody reads."""
+    anonymous = {"persona": "tiny", "messages": [{"role": "user", "content": "hi"}]}
+    redis_client.xadd(keys.STREAM_INTERACTIVE, {"r": json.dumps(anonymous)})  # a client in another language
+    [job] = work.claim("w1", 1, block_ms=0)
+    assert work.dead_letter(job, job.problem, 1, "w1", kind=ErrorKind.invalid)  # as a worker sets it aside
+    [letter] = list_dead(redis_client)
+    assert letter.request_id == ""  # no id made up at each reading
+
+    with pytest.raises(InvalidRequest, match=f"persona queue drop {letter.id}") as refused:
+        retry_dead(redis_client, letter.id)
+    assert "without an id" in str(refused.value) and '"id"' in str(refused.value)
+    report = retry_all(redis_client)
+    assert report.requeued == [] and report.unreadable == 1
+    assert dead_ids(redis_client, unreadable=True) == [letter.id]  # what `drop --unreadable` deletes
+    shown = _queue_command(settings, redis_url, "retry", letter.id)
+    assert shown.returncode == 1 and "Traceback" not in shown.stderr
+    assert f"persona queue drop {letter.id}" in shown.stderr and "without an id" in shown.stderr, shown.stderr
+    assert redis_client.xlen(keys.STREAM_INTERACTIVE) == 0 and list_dead(redis_client) == [letter]
+
+
+def test_a_retry_clears_the_requests_digest_with_its_answered_mark(settings, redis_client):
+    """The two are one record of who holds the id: the retry cleared the mark and left the digest behind (up to a day)."""
+    sent = dead_letter(settings, redis_client, chat(text="come back"))
+    assert redis_client.exists(keys.answered_key(sent.id), keys.digest_key(sent.id)) == 2
+    [letter] = list_dead(redis_client)
+    assert retry_dead(redis_client, letter.id)
+    assert redis_client.exists(keys.answered_key(sent.id), keys.digest_key(sent.id)) == 0

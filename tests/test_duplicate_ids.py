@@ -172,3 +172,31 @@ def test_a_submission_without_its_digest_is_told_apart_as_the_callers_are(client
     with pytest.raises(InvalidRequest, match=IN_USE):
         client.submit(chat("question from B"))
     assert redis_client.xlen(keys.STREAM_INTERACTIVE) == 1
+
+
+def test_a_direct_writes_mark_and_digest_last_past_its_default_deadline_not_a_day(work, settings, redis_client):
+    """No field d, no deadline: the worker times it from its arrival plus the default, and its
+    mark and digest, set as it is claimed, lasted the 24 h kept for a deadline unknown."""
+    settings.queue.default_deadline_s = 3600.0  # past the reply's TTL: the mark lasts until it and a minute
+    xadd(redis_client, chat("question from A"))
+
+    [job] = work.claim("w1", 10, block_ms=100)
+    for key in (keys.answered_key(job.request.id), keys.digest_key(job.request.id)):
+        assert 3600 - 5 < redis_client.ttl(key) <= 3600 + keys.ANSWERED_PAST_DEADLINE_S
+    assert job.due is None  # left for the worker to time, with the offset of its clock from Redis's it measured
+
+
+def test_a_direct_write_that_used_up_its_deliveries_keeps_its_mark_past_its_deadline_not_a_day(
+    work, settings, redis_client
+):
+    """Reclaimed once too often, it is set aside: its mark was set for 24 h, its deadline unknown."""
+    settings.queue.default_deadline_s = 3600.0
+    settings.queue.max_deliveries = 1
+    xadd(redis_client, chat("question from A"))
+    work.claim("w1", 10, block_ms=100)  # w1 dies holding it
+
+    jobs, [(job, deliveries)] = work.reclaim("w2", set(), holding=set())
+    assert jobs == []
+    assert work.dead_letter(job, "it was delivered to workers that died or stalled", deliveries, "w2")
+    for key in (keys.answered_key("order-42"), keys.digest_key("order-42")):
+        assert 3600 - 5 < redis_client.ttl(key) <= 3600 + keys.ANSWERED_PAST_DEADLINE_S

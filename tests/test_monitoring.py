@@ -659,6 +659,43 @@ def test_stats_and_a_full_queues_refusal_judge_withdrawn_and_expired_entries_by_
     assert stream.waiting == 2  # wanted, and the one whose deadline cannot be read: a worker sets it aside
 
 
+def test_a_direct_writers_request_without_a_deadline_expires_by_the_default_as_a_worker_times_it(
+    redis_client, client, work
+):
+    """No field d, its deadline 0 or left out: a worker answers it "timeout" once the queue's
+    default (120 s) has passed since it arrived, but the stats and a full queue's refusal
+    counted it as waiting for good, and `queue stats` never listed it in flight past its deadline."""
+    from persona.queue_scripts import FULL_SCRIPT
+
+    seconds, micros = redis_client.time()
+    arrived_ms = seconds * 1000 + micros // 1000 - 200_000  # 200 s ago, by Redis's clock
+
+    def direct(**fields) -> str:  # as a client in another language writes it: the JSON in field r alone
+        body = {"persona": "tiny", "messages": [{"role": "user", "content": "hi"}], **fields}
+        redis_client.xadd(keys.STREAM_INTERACTIVE, {"r": json.dumps(body)}, id=f"{arrived_ms}-{redis_client.xlen(keys.STREAM_INTERACTIVE)}")
+        return fields.get("id", "")
+
+    late = [direct(id="no-deadline"), direct(id="deadline-0", deadline=0)]
+    direct()  # no id: a worker sets it aside unanswered, it is not judged
+    direct(id="nan-deadline", deadline=float("nan"))  # answered "invalid": not judged
+    client.submit(chat())  # the submit script's, with d: still wanted
+
+    [stream, _] = collect_stats(redis_client).streams
+    *_, expired, withdrawn, scanned = redis_client.eval(
+        FULL_SCRIPT, 3, keys.STREAM_INTERACTIVE, keys.CANCEL_EPOCH_KEY, keys.WORKER_INDEX_KEY,
+        keys.CONSUMER_GROUP, keys.CANCEL_KEY_PREFIX, 200, 120)
+    assert (stream.waiting, stream.withdrawn, stream.expired) == (3, 0, 2)
+    assert (scanned, withdrawn, expired) == (5, 0, 2)
+    # With a longer default in effect (PERSONA_QUEUE__DEFAULT_DEADLINE_S=300), still wanted.
+    [stream, _] = collect_stats(redis_client, default_deadline_s=300).streams
+    assert (stream.waiting, stream.expired) == (5, 0)
+
+    work.claim("w1", 10, block_ms=0)  # in flight now, held by a live worker
+    stuck = find_stuck(redis_client, {"w1"})
+    assert sorted(entry.request_id for entry in stuck) == sorted(late)
+    assert all("past its deadline" in entry.reason for entry in stuck)
+
+
 def test_stats_read_a_cancel_epoch_of_another_type_as_none(redis_client, client):
     """`persona queue stats` ended with WRONGTYPE while the cancel epoch was a hash (until
     the next submission started it again). Such an epoch is as unknown: every flag is read,
