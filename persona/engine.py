@@ -12,7 +12,7 @@ batch's rows and each row's next token), ``stop_strings`` (where a reply ends) a
 ``eager_decoder`` (Hugging Face's own modules for any causal LM).
 
 torch is imported only by an engine that decodes with it: with llama.cpp the rows are
-numpy arrays (``sampling.HostArrays``), so a worker serving that way never loads torch.
+numpy arrays (``host_sampling.HostArrays``), so a worker serving that way never loads torch.
 
 A row's deadline (``Work.deadline``) is looked at before its prompt is read and, where
 the decoder reads prompts in chunks (eager, llamacpp, and fused and int8 on a CPU: ``reads_in_chunks``), between
@@ -34,9 +34,10 @@ from typing import Any, Literal, Protocol
 
 from persona.engine_modes import _device_type, _torch_mode, pick_engine_mode
 from persona.errors import ModelError
+from persona.host_sampling import HostArrays, _HostRows
 from persona.models import LoadedModel
 from persona.personas import Sampling
-from persona.sampling import Arrays, HostArrays, TorchArrays, _HostRows, _Rows
+from persona.sampling import Arrays, TorchArrays, _Rows
 from persona.stop_strings import _cut_at_stop, _hits_stop, _may_complete, _token_pieces
 
 __all__ = ["Completion", "ContinuousGenerator", "Generator", "TransformersEngine", "Work"]

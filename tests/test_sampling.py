@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 from pydantic import ValidationError
@@ -13,6 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from persona.contract import MAX_SEED, SamplingOverrides
 from persona.engine import TransformersEngine, Work
+from persona.host_sampling import _HostRows, _sample_host
 from persona.personas import Sampling
 from persona.sampling import _Rows, _sample
 
@@ -116,6 +118,39 @@ def test_the_tokens_that_end_a_reply_are_never_penalised_for_being_in_the_prompt
 
     assert pick([2.0, 0.0, 0.0, 0.0, 0.0, 2.2]) == 5  # the end of the reply, as likely as before
     assert pick([2.0, 0.0, 0.0, 0.0, 2.2, 0.0]) == 0  # a repeated word is still penalised
+
+
+def test_rows_that_leave_and_join_a_batch_draw_alike_as_torch_tensors_and_numpy_arrays():
+    """Torch's rows and llama.cpp's numpy rows keep one set of books: after rows leave a
+    batch and others join it, each row still has its own request, settings, seen tokens and
+    draws, so both kinds draw the same tokens for the same rows."""
+    rng = np.random.default_rng(0)
+
+    def works(count: int) -> list[Work]:
+        return [Work(rng.integers(0, 200, size=int(rng.integers(0, 6))).tolist(),
+                     Sampling(temperature=[0.0, 0.8, 1.4][i % 3], top_k=[0, 8][i % 2], top_p=[1.0, 0.9][i // 2 % 2],
+                              repetition_penalty=[1.0, 1.3][i // 3 % 2], max_new_tokens=8, seed=int(rng.integers(0, 2**40))))
+                for i in range(count)]  # fmt: skip
+
+    first, joining = works(7), works(4)
+    in_torch, on_host = _Rows(first, list(range(7)), torch.device("cpu"), 0, {3}), _HostRows(first, list(range(7)), 0, {3})
+    for step in range(6):
+        logits = (rng.standard_normal((in_torch.size, 200)) * 3).astype(np.float32)
+        tokens = _sample_host(logits, on_host)
+        assert tokens.tolist() == _sample(torch.from_numpy(logits), in_torch).tolist()
+        in_torch.append(torch.from_numpy(tokens))
+        on_host.append(tokens)
+        if step == 1:  # rows 1, 4 and 6 finish
+            in_torch.select([0, 2, 3, 5], torch.tensor([0, 2, 3, 5]))
+            on_host.select([0, 2, 3, 5], np.array([0, 2, 3, 5]))
+        if step == 2:  # four rows join, with longer and shorter prompts
+            in_torch.merge(_Rows(joining, list(range(7, 11)), torch.device("cpu"), 0, {3}))
+            on_host.merge(_HostRows(joining, list(range(7, 11)), 0, {3}))
+    kept = [first[i] for i in (0, 2, 3, 5)] + joining
+    assert on_host.index == in_torch.index == [0, 2, 3, 5, 7, 8, 9, 10]
+    assert [on_host.work[i] for i in on_host.index] == [in_torch.work[i] for i in in_torch.index] == kept
+    assert on_host.top_ks == in_torch.top_ks == [w.sampling.top_k for w in kept]
+    assert on_host.seen.tolist() == in_torch.seen.tolist()
 
 
 def test_training_samples_take_a_seed_past_what_torch_takes(tiny_gpt2_dir):

@@ -18,8 +18,9 @@ import torch
 
 from persona.engine import TransformersEngine, Work
 from persona.engine_modes import llamacpp_available
+from persona.host_sampling import _HostRows, _sample_host
 from persona.personas import Sampling
-from persona.sampling import _HostRows, _Rows, _sample, _sample_host
+from persona.sampling import _Rows, _sample
 
 needs_llamacpp = pytest.mark.skipif(not llamacpp_available(), reason="llama-cpp-python (the `fast` extra) is not installed")
 
