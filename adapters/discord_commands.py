@@ -216,7 +216,7 @@ class SlashCommands:
         def read() -> str:
             client = connect(self.settings)
             try:
-                stats = collect_stats(client)
+                stats = collect_stats(client, default_deadline_s=self.settings.queue.default_deadline_s)
             finally:
                 client.close()
             lines = [f"{s.name}: {s.waiting} waiting, {s.in_flight} in flight" for s in stats.streams]

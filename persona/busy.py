@@ -59,11 +59,12 @@ def check_submitted(
         )
 
 
-def look_at_full(pipe, stream: str) -> None:
+def look_at_full(pipe, stream: str, default_deadline_s: float) -> None:
     """Queue on a pipeline the look at a stream that refused a request as full
-    (``FULL_SCRIPT``, then ``WORKERS_SCRIPT``): what fills it, and who could clear it."""
+    (``FULL_SCRIPT``, then ``WORKERS_SCRIPT``): what fills it, and who could clear it. An
+    entry that names no deadline is timed ``default_deadline_s`` from its arrival, as a worker times it."""
     pipe.eval(FULL_SCRIPT, 3, stream, keys.CANCEL_EPOCH_KEY, keys.WORKER_INDEX_KEY,
-              keys.CONSUMER_GROUP, keys.CANCEL_KEY_PREFIX, FULL_SCAN_LIMIT)
+              keys.CONSUMER_GROUP, keys.CANCEL_KEY_PREFIX, FULL_SCAN_LIMIT, default_deadline_s)
     pipe.eval(WORKERS_SCRIPT, 2, keys.WORKER_INDEX_KEY, keys.STARTING_INDEX_KEY, keys.STARTING_KEY_PREFIX)
 
 

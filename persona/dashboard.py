@@ -81,7 +81,7 @@ from persona.dead_letters import (
     retry_dead,
     trimmed_note,
 )
-from persona.errors import ConfigError, ModelError, QueueBusy
+from persona.errors import ConfigError, InvalidRequest, ModelError, QueueBusy
 from persona.logs import secrets_of
 from persona.models import BUNDLED_ALIASES, resolve_base
 from persona.monitoring import QueueStats, collect_stats, warn_if_evicting, write_probe
@@ -203,7 +203,7 @@ def create_app(
 
     def sample() -> dict:
         with _reading():
-            return _sample(collect_stats(client))
+            return _sample(collect_stats(client, default_deadline_s=settings.queue.default_deadline_s))
 
     async def sampler() -> None:
         failing = ""  # the unexpected error met last: logged once, with its traceback, until sampling works again
@@ -263,7 +263,7 @@ def create_app(
     @app.get("/api/stats", dependencies=guard)
     def stats() -> JSONResponse:
         with _reading():
-            figures = collect_stats(client)
+            figures = collect_stats(client, default_deadline_s=settings.queue.default_deadline_s)
             dead = list_dead(client, count=50)
             to_settle = posts()
         watch.read()
@@ -295,6 +295,8 @@ def create_app(
             raise HTTPException(422, f"dead letter {entry_id} holds no readable request") from exc
         except QueueBusy as exc:
             raise HTTPException(503, str(exc)) from exc
+        except InvalidRequest as exc:  # its id in use by another request, none at all, or a newer contract's
+            raise HTTPException(422, str(exc)) from exc
         if new_id is None:
             raise HTTPException(404, f"no dead letter {entry_id}")
         return {"requeued": [entry_id]}

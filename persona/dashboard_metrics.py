@@ -130,7 +130,8 @@ class QueueCollector:
 
     def _families(self) -> list[Metric]:
         """Every family, read whole before any is yielded: Redis failing half way yields none."""
-        stats = collect_stats(self.redis)
+        timed = {} if self.settings is None else {"default_deadline_s": self.settings.queue.default_deadline_s}
+        stats = collect_stats(self.redis, **timed)
         families = []
         if self.settings is None:
             served = stats.active_versions

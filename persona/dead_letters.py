@@ -14,7 +14,11 @@ letters bound for that stream and goes on with the others.
 A letter that holds no readable request can never be retried, nor one whose request names
 no id (nobody waits on a reply list it could be answered in), and one that crashes every
 worker should not be: ``drop_dead`` deletes letters for good (their callers were answered
-when they were set aside), counted as ``dropped``.
+when they were set aside), counted as ``dropped``. One whose id another request holds (it
+was set aside for that) is refused while that request holds it: its retry cleared that
+request's mark and reply list, and handed its caller this one's reply. One of a newer
+contract (``newer_contract``) is listed under its id and persona, and refused at retry until
+this persona is upgraded.
 
 The stream keeps about ``DEAD_STREAM_MAX_LEN`` letters and Redis trims the oldest past
 that. How many went that way is read from counters the queue keeps anyway (set aside,
@@ -28,6 +32,7 @@ used to leave "deleted unseen" on every screen for good.
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from collections.abc import Mapping
@@ -36,14 +41,20 @@ import redis
 from pydantic import BaseModel, Field
 
 from persona import constants as keys
-from persona.contract import GenerationRequest
+from persona.busy import id_in_use
+from persona.contract import CONTRACT_VERSION, GenerationRequest
 from persona.errors import InvalidRequest, QueueBusy
-from persona.queue_scripts import NO_KEY_LUA, ONE_MORE_WAITING, REDIS_NOW
+from persona.queue_scripts import (
+    NO_KEY_LUA,
+    ONE_MORE_WAITING,
+    REDIS_NOW,
+    payload_digest,
+)
 from persona.telemetry_reading import read_counts
 
 __all__ = [
-    "DeadLetter", "RetryReport", "cap_warning", "count_dead", "dead_ids", "drop_dead", "find_dead", "list_dead", "retry_all",
-    "retry_dead", "trimmed_count", "trimmed_note",
+    "DeadLetter", "RetryReport", "cap_warning", "count_dead", "dead_ids", "drop_dead", "find_dead", "list_dead", "newer_contract",
+    "retry_all", "retry_dead", "trimmed_count", "trimmed_note",
 ]
 
 # A stream entry id as `persona queue dead` lists it: milliseconds-sequence.
@@ -60,17 +71,23 @@ local function cleared_if_empty(dead, stats)
 end
 """
 
-# Re-queue only if the entry is still in the dead-letter stream (XDEL says so), with its
+# Re-queue only if the entry is still in the dead-letter stream (false where it is not), with its
 # deadline by Redis's clock (ARGV[3]: the allowance; '' for none), as a submit does; and
 # only while its stream holds fewer than ARGV[4] entries ('' for no limit), else 'busy'.
 # The sender's pending counter (KEYS[6], NO_KEY for an anonymous caller) counts it again, as
 # a submit does (without the fair-share limit: an operator asked for it), and lives at
 # least ARGV[5] seconds, so a decrement that is lost heals itself. Its answered mark
 # (KEYS[3]) and the digest kept beside it (KEYS[8]), old reply (KEYS[5]) and any cancel
-# flag (KEYS[7]) go.
+# flag (KEYS[7]) go, but only where they are its own: the digest kept is none (or of
+# another type: a damaged key) or its payload's (ARGV[6]). Under another request's digest
+# the letter stays ('in_use'): it was set aside because that request held its id, and
+# clearing them handed that request's caller this one's reply.
 RETRY_SCRIPT = REDIS_NOW + NO_KEY_LUA + ONE_MORE_WAITING + CLEARED_IF_EMPTY + """
 if ARGV[4] ~= '' and redis.call('XLEN', KEYS[2]) >= tonumber(ARGV[4]) then return 'busy' end
-if redis.call('XDEL', KEYS[1], ARGV[1]) == 0 then return false end
+if #redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1]) == 0 then return false end
+local kept = redis.pcall('GET', KEYS[8])
+if type(kept) == 'string' and kept ~= ARGV[6] then return 'in_use' end
+redis.call('XDEL', KEYS[1], ARGV[1])
 redis.call('DEL', KEYS[3], KEYS[5], KEYS[7], KEYS[8])
 redis.pcall('HINCRBY', KEYS[4], 'retried', 1)
 cleared_if_empty(KEYS[1], KEYS[4])
@@ -119,10 +136,14 @@ class RetryReport(BaseModel):
     requeued: list[str] = Field(default_factory=list, description="dead-letter ids, newest first")
     full: dict[str, int] = Field(default_factory=dict, description="stream -> letters left because it was full")
     unreadable: int = Field(0, description="letters left because they hold no readable request")
+    refused: dict[str, str] = Field(
+        default_factory=dict, description="dead-letter id -> why it was left (its id in use by another request, "
+                                          "a request of a newer contract)",
+    )
 
     @property
     def left(self) -> int:
-        return sum(self.full.values()) + self.unreadable
+        return sum(self.full.values()) + self.unreadable + len(self.refused)
 
 
 def _text(value: bytes | None) -> str:
@@ -157,12 +178,48 @@ def _parse(entry_id: bytes, fields: dict[bytes, bytes]) -> DeadLetter:
         # One that names no id was listed under an id made up at each reading, and retried.
         request_id, persona = request.id if _names_id(request) else "", request.persona
     except ValueError:
-        pass  # a malformed request is listed as it is; retrying it is refused
+        # A request of a newer contract is listed under its id and persona (`drop --unreadable`
+        # deleted it, to be retried once upgraded); retrying it is refused, saying why. A
+        # malformed one is listed as it is; retrying it is refused.
+        request_id, persona = _newer_ids(payload)
     return DeadLetter(
         id=_text(entry_id), request_id=request_id, persona=persona, stream=_text(fields.get(b"stream")),
         reason=_text(fields.get(b"reason")), deliveries=_count(fields.get(b"deliveries")),
         worker=_text(fields.get(b"worker")), at=_time(fields.get(b"at")), payload=payload,
     )
+
+
+def _newer_ids(payload: str) -> tuple[str, str]:
+    """The id and persona of a request of a newer contract (see ``newer_contract``), read
+    as they are; ('', '') for any other this contract cannot read."""
+    fields = _object(payload)
+    if not newer_contract(fields):
+        return "", ""
+    request_id, persona = fields.get("id"), fields.get("persona")
+    return (request_id if isinstance(request_id, str) else "", persona if isinstance(persona, str) else "")
+
+
+def _object(payload: str) -> dict:
+    """A payload's JSON object; {} where it holds none."""
+    try:
+        fields = json.loads(payload)
+    except (ValueError, RecursionError):
+        return {}
+    return fields if isinstance(fields, dict) else {}
+
+
+def newer_contract(payload: str | dict) -> str:
+    """Why a request (its JSON, or its fields) is of a newer contract than this one (a
+    higher version, or fields this one lacks), as a retry says it; '' where it is not."""
+    fields = payload if isinstance(payload, dict) else _object(payload)
+    version = fields.get("version")
+    if isinstance(version, int | float) and not isinstance(version, bool) and version > CONTRACT_VERSION:
+        return f"it speaks contract version {str(version)[:40]}, and this persona speaks {CONTRACT_VERSION}"
+    unknown = sorted(name for name in fields if name not in GenerationRequest.model_fields)
+    if unknown:
+        named = ", ".join(n[:40] for n in unknown[:5]) + (f" (and {len(unknown) - 5} more)" if len(unknown) > 5 else "")
+        return f"it has field(s) contract version {CONTRACT_VERSION} does not: {named} (a newer contract's, or misspelt)"
+    return ""
 
 
 def _names_id(request: GenerationRequest) -> bool:
@@ -264,6 +321,11 @@ def retry_dead(client: redis.Redis, entry_id: str, max_length: int | None = None
     letter = find_dead(client, entry_id)
     if letter is None:
         return None
+    if newer := newer_contract(letter.payload):
+        raise InvalidRequest(
+            f"dead letter {entry_id} holds a request this persona cannot read whole ({newer}): retry it with an "
+            f"upgraded persona once the workers are upgraded too, or delete it with `persona queue drop {entry_id}`"
+        )
     request = GenerationRequest.from_json(letter.payload)  # ValueError: nothing to re-queue
     if not _names_id(request):
         raise InvalidRequest(
@@ -282,7 +344,13 @@ def retry_dead(client: redis.Redis, entry_id: str, max_length: int | None = None
         entry_id, fresh.to_json(), f"{allowed:.3f}" if allowed > 0 else "",
         "" if max_length is None else max_length,
         int(max(allowed, 0.0) * 2) + 60,  # as long as a submit's hold, for its own deadline
+        payload_digest(letter.payload),
     )
+    if new_id in (b"in_use", "in_use"):
+        raise InvalidRequest(
+            f"{id_in_use(request.id)}, so dead letter {entry_id} stays where it is: have its client send it again "
+            f"under a new id, or `persona queue drop {entry_id}`"
+        )
     if new_id in (b"busy", "busy"):
         from persona.monitoring import stream_label  # here: monitoring reads this module's counts
 
@@ -323,5 +391,7 @@ def retry_all(client: redis.Redis, page: int = 500, max_length: int | None = Non
                         report.requeued.append(letter.id)
                 except QueueBusy:
                     report.full[stream] = 1
+                except InvalidRequest as exc:  # its id in use by another request, or of a newer contract
+                    report.refused[letter.id] = str(exc)
         before = "(" + _text(rows[-1][0])
     return report

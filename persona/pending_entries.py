@@ -159,6 +159,7 @@ class PendingEntries:
         is marked as its own (see ``OWN_IDS_SCRIPT``); one under an id answered already or
         held by another request waiting is set aside and answered ``invalid`` where its
         reply list is no other caller's. Generated, its reply was dropped as a second answer.
+        One that repeats a request answered already, byte for byte, is dropped (``_drop_sent_again``).
         """
         foreign = [job for job in jobs if job.epoch is None and job.request is not None]
         if not foreign:
@@ -167,9 +168,11 @@ class PendingEntries:
         timed = {job.entry_id: self._timed(job) for job in foreign}  # marks that last a day where it has no d
         for job in foreign:
             args += [job.request.id, payload_digest(job.payload), answered_until([timed[job.entry_id]])]
-        verdicts = self._own_ids(keys=[], args=args)
-        held = {job.entry_id: HELD_BY[v.decode() if isinstance(v, bytes) else v]
-                for job, v in zip(foreign, verdicts, strict=True) if v not in (b"ok", "ok")}
+        verdicts = [v.decode() if isinstance(v, bytes) else v for v in self._own_ids(keys=[], args=args)]
+        held = {job.entry_id: HELD_BY[v] for job, v in zip(foreign, verdicts, strict=True) if v in HELD_BY}
+        again = [job for job, v in zip(foreign, verdicts, strict=True) if v == "duplicate"]
+        if again:
+            self._drop_sent_again(again)
         for job in jobs:
             if job.entry_id in held:
                 why = id_in_use(job.request.id, held[job.entry_id])
@@ -177,7 +180,21 @@ class PendingEntries:
                                           message=f"{why}; it was not generated, and was set aside for an "
                                                   "operator to see (`persona queue dead`)")
                 log.warning("set aside entry %s as dead letter %s, not generated: %s", job.entry_id, letter, why)
-        return [job for job in jobs if job.entry_id not in held]
+        dropped = held.keys() | {job.entry_id for job in again}
+        return [job for job in jobs if job.entry_id not in dropped]
+
+    def _drop_sent_again(self, jobs: list[Job]) -> None:
+        """Acknowledge and delete entries that repeat, byte for byte, a request answered
+        already (a direct writer sent it again): no letter, no second reply. Set aside as
+        "in use by another request", they pushed an ``invalid`` reply into the list the
+        writer reads, after or instead of its answer."""
+        pipe = self.redis.pipeline(transaction=True)
+        for job in jobs:
+            pipe.xack(job.stream, keys.CONSUMER_GROUP, job.entry_id)
+            pipe.xdel(job.stream, job.entry_id)
+        pipe.execute()
+        for job in jobs:
+            log.info("dropped entry %s: request %s sent again, answered already", job.entry_id, job.request.id)
 
     def _timed(self, job: Job) -> Job:
         """A copy of a job that says when its deadline falls where its entry does not, as a

@@ -238,7 +238,7 @@ class _Caller:
             return None, []
         pipe = self.redis.pipeline(transaction=False)
         for stream in streams:
-            look_at_full(pipe, stream)
+            look_at_full(pipe, stream, self.settings.default_deadline_s)
         return pipe, streams
 
     def _full_ones(self, streams: list[str], looked: list | BaseException) -> dict[str, QueueBusy]:

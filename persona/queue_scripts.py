@@ -332,7 +332,9 @@ return letter
 # holds is marked '' (queued; see ``SUBMIT_SCRIPT``) with the entry's digest beside it, so a
 # second entry under it, or a submission, finds it held. Returns, for each entry, 'ok' (its
 # id is its own: newly marked, or marked with its own digest, or with none), 'waiting'
-# (another request under that id is queued) or 'answered' (that id was answered). ARGV: the
+# (another request under that id is queued), 'answered' (another request under that id was
+# answered) or 'duplicate' (this same request, byte for byte, was answered already: a
+# direct writer sent its entry again, its first XADD's answer lost). ARGV: the
 # prefixes of the answered marks and digests, the reply TTL, then three values per entry:
 # its request id, its digest (``payload_digest``) and until when its mark lasts (see
 # ``ANSWERED_TTL``). A mark or digest of another type (a damaged key) reads as none there.
@@ -350,7 +352,8 @@ for a = 4, #ARGV, 3 do
     local held = redis.pcall('GET', digests .. id)
     if type(held) == 'string' and held ~= mine then verdict = 'waiting' end
   elseif type(mark) == 'string' then
-    verdict = 'answered'
+    local held = redis.pcall('GET', digests .. id)
+    verdict = held == mine and 'duplicate' or 'answered'
   end
   table.insert(verdicts, verdict)
 end

@@ -162,8 +162,22 @@ def test_a_retry_from_the_page_waits_for_room_as_callers_do(settings, redis_clie
     refused = httpx.post(f"{base}/api/dead/{letter['id']}/retry", headers=action)
     assert refused.status_code == 503 and "holds 3 requests" in refused.json()["detail"]
     report = httpx.post(f"{base}/api/dead/retry-all", headers=action).json()
-    assert report == {"requeued": [], "full": {"persona:q:chat": 1}, "unreadable": 0, "left": 1}
+    assert report == {"requeued": [], "full": {"persona:q:chat": 1}, "unreadable": 0, "refused": {}, "left": 1}
     assert redis_client.xlen("persona:q:chat") == 3 and redis_client.xlen("persona:q:dead") == 1
+
+
+def test_a_retry_from_the_page_under_an_id_in_use_is_refused_saying_why(settings, redis_client, dashboard):
+    """Refused by the queue (``InvalidRequest``), it answered a bare 500 the page showed as "cannot reach"."""
+    QueueClient(redis_client, settings.queue).submit(
+        GenerationRequest(id="order-42", persona="tiny", messages=[Message(role="user", content="question from A")]))
+    other = GenerationRequest(id="order-42", persona="tiny", messages=[Message(role="user", content="question from B")])
+    redis_client.xadd(keys.STREAM_INTERACTIVE, {"r": other.to_json()})  # a direct writer reuses the id
+    WorkQueue(redis_client, settings.queue).claim("w1", 10, block_ms=100)  # takes A, sets B aside
+    base = dashboard()
+    [letter] = httpx.get(f"{base}/api/stats").json()["dead"]
+    refused = httpx.post(f"{base}/api/dead/{letter['id']}/retry", headers={"X-Persona-Action": "1"})
+    assert refused.status_code == 422 and "request id order-42 is in use by another request" in refused.json()["detail"]
+    assert redis_client.xlen(keys.STREAM_DEAD) == 1
 
 
 def test_a_dead_letter_that_cannot_be_retried_can_be_dropped_from_the_page(settings, redis_client, dashboard, tmp_path):

@@ -450,7 +450,7 @@ def test_retry_and_drop_json_print_one_object_and_a_refusal_as_the_json_failure(
                               capture_output=True, check=False, text=True, timeout=120)
         return done.returncode, json.loads(done.stdout), done.stderr
 
-    assert queue_json("retry", oldest)[:2] == (0, {"ok": True, "requeued": [oldest], "full": {}, "unreadable": 0, "left": 0})
+    assert queue_json("retry", oldest)[:2] == (0, {"ok": True, "requeued": [oldest], "full": {}, "unreadable": 0, "refused": {}, "left": 0})
     status, shown, _ = queue_json("retry", oldest)
     assert (status, shown) == (1, {"ok": False, "error": {"kind": "QueueError",
                                                           "message": f"no dead letter {oldest}; see `persona queue dead`"}})
@@ -459,10 +459,10 @@ def test_retry_and_drop_json_print_one_object_and_a_refusal_as_the_json_failure(
     assert (status, shown["ok"], shown["error"]["message"]) == (1, False, "the answer was no, so nothing was re-queued")
     assert "re-queue all 3 dead letter(s)?" in asked
     assert queue_json("retry", "--all", "--yes")[:2] == (0, {"ok": True, "requeued": [newest, middle], "full": {},
-                                                             "unreadable": 1, "left": 1})
+                                                             "unreadable": 1, "refused": {}, "left": 1})
     assert queue_json("drop", bad)[:2] == (0, {"ok": True, "dropped": 1})
     assert queue_json("drop", "--all", "--yes")[:2] == (0, {"ok": True, "dropped": 0})
-    assert queue_json("retry", "--all")[:2] == (0, {"ok": True, "requeued": [], "full": {}, "unreadable": 0, "left": 0})
+    assert queue_json("retry", "--all")[:2] == (0, {"ok": True, "requeued": [], "full": {}, "unreadable": 0, "refused": {}, "left": 0})
 
 
 def test_a_letter_whose_request_names_no_id_is_refused_not_requeued_under_a_made_up_one(
@@ -495,3 +495,56 @@ def test_a_retry_clears_the_requests_digest_with_its_answered_mark(settings, red
     [letter] = list_dead(redis_client)
     assert retry_dead(redis_client, letter.id)
     assert redis_client.exists(keys.answered_key(sent.id), keys.digest_key(sent.id)) == 0
+
+
+def test_a_letter_set_aside_because_its_id_was_in_use_is_refused_a_retry_that_would_take_the_holders_reply(
+    settings, redis_client, redis_url, work
+):
+    """The retry cleared the answered mark, reply list and digest of the id whoever held them:
+    the holder's caller then read the other request's reply as its own."""
+    client = QueueClient(redis_client, settings.queue)
+    first = client.submit(chat(text="question from A", id="order-42"))
+    other = chat(text="question from B", id="order-42").to_json()
+    redis_client.xadd(keys.STREAM_INTERACTIVE, {"r": other})  # a client in another language reuses the id
+    [job] = work.claim("w1", 10, block_ms=100)
+    assert job.request == first
+    [letter] = list_dead(redis_client)
+    assert letter.payload == other
+
+    with pytest.raises(InvalidRequest, match=r"request id order-42 is in use by another request.*new id.*"
+                                             rf"`persona queue drop {letter.id}`"):
+        retry_dead(redis_client, letter.id)
+    report = retry_all(redis_client)
+    assert report.requeued == [] and list(report.refused) == [letter.id] and report.left == 1
+    shown = _queue_command(settings, redis_url, "retry", "--all", "--yes")
+    assert shown.returncode == 0 and "re-queued 0" in shown.stdout and "in use by another request" in shown.stdout
+    assert work.deliver([(job, GenerationReply(id=first.id, ok=True, text="for A"))], "w1") == 1
+    assert client.wait(first, timeout=2).text == "for A"
+    assert list_dead(redis_client) == [letter] and redis_client.xlen(keys.STREAM_INTERACTIVE) == 0
+
+
+@pytest.mark.parametrize(("newer", "said"), [
+    ({"version": 2}, "contract version 2"),
+    ({"stop_words": ["bye"]}, "stop_words"),
+], ids=["version 2", "a field this contract lacks"])
+def test_a_letter_of_a_newer_contract_is_listed_under_its_id_kept_and_refused_only_at_retry(
+    settings, redis_client, redis_url, work, newer, said
+):
+    """Listed as "(malformed)", `drop --unreadable` deleted it: the request an upgrade was to retry."""
+    request = {"id": "v2-req-1", "persona": "tiny", "messages": [{"role": "user", "content": "hi"}], **newer}
+    redis_client.xadd(keys.STREAM_INTERACTIVE, {"r": json.dumps(request)})  # a newer client, an older worker
+    [job] = work.claim("w1", 1, block_ms=0)
+    assert work.dead_letter(job, job.problem, 1, "w1", kind=ErrorKind.invalid)  # as the worker sets it aside
+    [letter] = list_dead(redis_client)
+    assert (letter.request_id, letter.persona) == ("v2-req-1", "tiny")
+    assert dead_ids(redis_client, unreadable=True) == []
+
+    with pytest.raises(InvalidRequest, match=rf"{said}.*upgraded.*`persona queue drop {letter.id}`"):
+        retry_dead(redis_client, letter.id)
+    assert list(retry_all(redis_client).refused) == [letter.id]
+    listed = _queue_command(settings, redis_url, "dead")
+    assert "v2-req-1" in listed.stdout and "(malformed)" not in listed.stdout, listed.stdout
+    shown = _queue_command(settings, redis_url, "show", letter.id)
+    assert shown.returncode == 0 and said in shown.stdout and "Traceback" not in shown.stderr, shown.stderr
+    assert _queue_command(settings, redis_url, "drop", "--unreadable", "--yes").returncode == 0
+    assert list_dead(redis_client) == [letter]

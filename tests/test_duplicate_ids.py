@@ -200,3 +200,19 @@ def test_a_direct_write_that_used_up_its_deliveries_keeps_its_mark_past_its_dead
     assert work.dead_letter(job, "it was delivered to workers that died or stalled", deliveries, "w2")
     for key in (keys.answered_key("order-42"), keys.digest_key("order-42")):
         assert 3600 - 5 < redis_client.ttl(key) <= 3600 + keys.ANSWERED_PAST_DEADLINE_S
+
+
+def test_a_direct_write_sent_again_after_its_answer_is_dropped_without_a_letter_or_reply(work, redis_client):
+    """Its first XADD's answer lost, a writer sends the same bytes again: set aside as "in use by
+    another request", it pushed an ``invalid`` reply into the list the writer reads."""
+    request = chat("question from A")
+    xadd(redis_client, request)
+    answer(work, "for A")
+    assert GenerationReply.from_json(redis_client.blpop([keys.reply_key(request.id)], timeout=2)[1]).text == "for A"
+
+    xadd(redis_client, request)  # the same bytes again
+    assert work.claim("w1", 10, block_ms=100) == []
+    assert list_dead(redis_client) == []
+    assert redis_client.llen(keys.reply_key(request.id)) == 0
+    assert redis_client.xlen(keys.STREAM_INTERACTIVE) == 0
+    assert redis_client.xpending(keys.STREAM_INTERACTIVE, keys.CONSUMER_GROUP)["pending"] == 0

@@ -843,3 +843,19 @@ def test_a_full_redis_is_one_warning_in_redis_warnings(redis_client):
     with redis_refusing_writes(redis_client):
         figures = collect_stats(redis_client)
     assert figures.redis_warnings == [figures.writes_refused] and figures.writes_refused.startswith("Redis is full")
+
+
+def test_queue_stats_times_a_direct_write_by_the_configured_default_deadline(settings, redis_client, redis_url):
+    """`persona queue stats` timed an entry that names no deadline by the built-in 120 s,
+    whatever PERSONA_QUEUE__DEFAULT_DEADLINE_S said: one the workers discard was "waiting"."""
+    arrived_ms = int((time.time() - 10) * 1000)  # 10 s ago: past a 5 s default, inside the built-in one
+    direct = {"id": "direct-1", "persona": "tiny", "messages": [{"role": "user", "content": "hi"}]}
+    redis_client.xadd(keys.STREAM_INTERACTIVE, {"r": json.dumps(direct)}, id=f"{arrived_ms}-0")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PERSONA_")}
+    env |= {"PERSONA_DATA_DIR": str(settings.data_dir), "PERSONA_REDIS_URL": redis_url,
+            "PERSONA_QUEUE__DEFAULT_DEADLINE_S": "5"}
+    shown = subprocess.run([sys.executable, "-m", "persona", "queue", "stats", "--json"], env=env,
+                           capture_output=True, check=False, text=True, timeout=120)
+    assert shown.returncode == 0, shown.stderr
+    [chat_stream] = [s for s in json.loads(shown.stdout)["streams"] if s["name"] == keys.STREAM_INTERACTIVE]
+    assert chat_stream["expired"] == 1

@@ -19,6 +19,7 @@ from persona.contract import (
     SamplingOverrides,
 )
 from persona.dead_letters import list_dead
+from persona.errors import QueueBusy
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "wire-protocol.md"
 
@@ -201,3 +202,13 @@ def test_the_wire_protocol_document_names_every_field_of_the_contract():
     assert set(_doc_table("Reply")) == set(GenerationReply.model_fields)
     assert "required" in _doc_table("Request")["id"] and "required" in _doc_table("Request")["persona"]
     assert f"`{CONTRACT_VERSION}`" in _doc_table("Request")["version"]
+
+
+def test_a_full_queue_counts_a_direct_write_past_the_default_deadline_as_past_it(settings, client, redis_client):
+    """It names no deadline: the refusal's look (FULL_SCRIPT) was given no default deadline
+    to time it by, and counted it as waiting for good."""
+    settings.queue.max_length, settings.queue.default_deadline_s = 1, 5.0
+    arrived_ms = int((time.time() - 10) * 1000)  # 10 s ago: past the 5 s default, far inside the 120 s one
+    redis_client.xadd(keys.STREAM_INTERACTIVE, {"r": json.dumps(ask())}, id=f"{arrived_ms}-0")
+    with pytest.raises(QueueBusy, match=r"holds 1 request .*: 1 past their deadline; no worker is running"):
+        client.submit(GenerationRequest.from_json(json.dumps(ask())))

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import time
+from collections.abc import Callable
 from typing import Annotated
 
 import click
@@ -39,6 +41,7 @@ from persona.dead_letters import (
     drop_dead,
     find_dead,
     list_dead,
+    newer_contract,
     retry_all,
     retry_dead,
     trimmed_note,
@@ -57,6 +60,8 @@ __all__ = [
 MAX_PROBLEMS_SHOWN = 3
 # A dead letter's id is a stream entry id ("1732800000000-0"), at most 41 characters.
 MAX_ID_SHOWN_CHARS = 48
+# How many letters `retry --all` names among those it refused (each one line).
+MAX_REFUSED_SHOWN = 10
 # How long one reading of `watch` retries a Redis that fails, at least (its interval, if
 # longer), before its line says so: as the dashboard's sampler does. On the connection's own
 # 8 reconnects a silent (SIGSTOPped) Redis held the watch without a line for 72 s.
@@ -193,7 +198,8 @@ def stats(json_output: bool = typer.Option(False, "--json", help="print one JSON
     """Depth, oldest waiting age, in-flight and stuck work, latency p50/p95/p99, throughput, workers
     (those still loading their models listed as starting), and the version each persona serves."""
     settings = get_settings()
-    figures = collect_stats(connect(settings), personas=_personas(settings))
+    figures = collect_stats(connect(settings), personas=_personas(settings),
+                            default_deadline_s=settings.queue.default_deadline_s)
     if json_output:
         print(figures.model_dump_json())
         return
@@ -221,14 +227,14 @@ def _personas(settings: Settings) -> dict[str, Persona]:
 
 
 def _read(
-    client: redis.Redis, personas: dict[str, Persona], lost_since: float | None, interval: float,
+    figures: Callable[[], QueueStats], lost_since: float | None, interval: float,
 ) -> tuple[QueueStats | None, str, float | None]:
     """One reading for `watch`, given up after ``interval`` (``READ_GIVE_UP_S`` at least): the
     figures, or why they cannot be read (and since when Redis could not be read: None while it can)."""
     started = time.time()
     try:
         with retrying_until(time.monotonic() + max(interval, READ_GIVE_UP_S)):
-            return collect_stats(client, personas=personas), "", None
+            return figures(), "", None
     except redis.exceptions.RedisError as exc:
         # Since the first reading that failed began, not since one gave up (a minute later, once).
         lost_since = lost_since or started
@@ -271,23 +277,23 @@ def summary_line(stats: QueueStats) -> str:
     return "; ".join(warnings[:1] + parts + warnings[1:] if stats.writes_refused else parts + warnings)
 
 
-def _watch_live(client: redis.Redis, personas: dict[str, Persona], interval: float) -> None:
+def _watch_live(figures: Callable[[], QueueStats], interval: float) -> None:
     """A terminal: one screen of figures, redrawn in place."""
     lost_since = None
-    with Live(render_all(collect_stats(client, personas=personas)), console=console, screen=False, auto_refresh=False) as live:
+    with Live(render_all(figures()), console=console, screen=False, auto_refresh=False) as live:
         while True:
             time.sleep(interval)
             # A restarting Redis is said on screen and waited for: the watch used to end
             # there, just when the operator most wanted to see it come back.
-            stats, problem, lost_since = _read(client, personas, lost_since, interval)
+            stats, problem, lost_since = _read(figures, lost_since, interval)
             live.update(render_all(stats) if stats else Text(problem, style="red"), refresh=True)
 
 
-def _watch_lines(client: redis.Redis, personas: dict[str, Persona], interval: float) -> None:
+def _watch_lines(figures: Callable[[], QueueStats], interval: float) -> None:
     """Not a terminal: one timestamped line a period, and the versions whenever they change
     (a live display there wrote nothing until it ended, and then only its last frame)."""
     began = time.monotonic()
-    reading: tuple[QueueStats | None, str, float | None] = (collect_stats(client, personas=personas), "", None)
+    reading: tuple[QueueStats | None, str, float | None] = (figures(), "", None)
     versions = None
     while True:
         stats, problem, lost_since = reading
@@ -304,7 +310,7 @@ def _watch_lines(client: redis.Redis, personas: dict[str, Persona], interval: fl
         # Redis is not followed by a whole interval more.
         time.sleep(max(0.0, began + interval - time.monotonic()))
         began = time.monotonic()
-        reading = _read(client, personas, lost_since, interval)
+        reading = _read(figures, lost_since, interval)
 
 
 @queue_app.command()
@@ -316,10 +322,10 @@ def watch(interval: float = typer.Option(1.0, min=0.2, help="seconds between ref
     INTERVAL seconds instead, and the active versions whenever they change.
     """
     settings = get_settings()
-    client = connect(settings)
-    personas = _personas(settings)
+    figures = functools.partial(collect_stats, connect(settings), personas=_personas(settings),
+                                default_deadline_s=settings.queue.default_deadline_s)
     try:
-        (_watch_live if console.is_terminal else _watch_lines)(client, personas, interval)
+        (_watch_live if console.is_terminal else _watch_lines)(figures, interval)
     except KeyboardInterrupt:
         pass
 
@@ -413,7 +419,8 @@ def show(
         f"  set aside  {local_time(letter.at)} by worker {letter.worker or '-'} after {letter.deliveries} {'delivery' if letter.deliveries == 1 else 'deliveries'}: {letter.reason}",
         f"  bound for  {'the ' + stream_label(letter.stream) + ' stream' if letter.stream else '-'}",
     ]
-    if letter.request_id:
+    newer = newer_contract(letter.payload)
+    if letter.request_id and not newer:
         request = GenerationRequest.from_json(letter.payload)
         user = f", user {request.user}" if request.user else ""
         lines.append(
@@ -424,6 +431,12 @@ def show(
             lines.append(f"  prefix     {json.dumps(request.prefix, ensure_ascii=False)}")
         lines += [f"  {m.role:>9}: {m.content}" for m in request.messages]
         lines.append(f"re-queue it with `persona queue retry {letter.id}`, or delete it with `persona queue drop {letter.id}`")
+    elif letter.request_id:  # a newer contract's: listed under its id, retried once this persona is upgraded
+        lines += [
+            f"  request    {letter.request_id} for {letter.persona or '-'}: {newer}",
+            f"  payload    {letter.payload}",
+            f"retry it with an upgraded persona, or delete it with `persona queue drop {letter.id}`",
+        ]
     else:
         lines += [
             f"  unreadable {_why_unreadable(letter)}",
@@ -445,7 +458,8 @@ def retry(
     """Re-queue dead letters with their original arguments (and a fresh deadline).
 
     With --json: ok, requeued (their dead-letter ids), and those --all left: left, full (per
-    stream, by its Redis key), unreadable.
+    stream, by its Redis key), unreadable, refused (dead-letter id: why, such as its request id
+    in use by another request).
     """
     settings = get_settings()
     client = connect(settings)
@@ -497,6 +511,10 @@ def retry(
             f"  {report.unreadable} holding no readable request, which cannot be retried (see `persona queue dead`); "
             "delete them with `persona queue drop --unreadable`"
         )
+    for why in list(report.refused.values())[:MAX_REFUSED_SHOWN]:
+        console.print(f"  {escape(why)}", highlight=False)
+    if len(report.refused) > MAX_REFUSED_SHOWN:
+        console.print(f"  and {len(report.refused) - MAX_REFUSED_SHOWN} more refused (see `persona queue dead`)")
 
 
 def _print_retried(report: RetryReport) -> None:
