@@ -1059,7 +1059,8 @@ def test_a_post_stopped_mid_publish_names_its_slot_and_is_finished_never_posted_
     but no command ever printed the slot, `posts uncertain` listed nothing, and the same
     command run again posted the text a second time."""
     fake, env = hands
-    env = env | {"PERSONA_POSTING__LEASE_S": "5"}  # a killed poster holds its slot this long
+    # A killed poster holds its slot this long: longer than two commands take to start on a loaded machine.
+    env = env | {"PERSONA_POSTING__LEASE_S": "12"}
     status, err = _stopped_mid_post(fake, ["post", "hands", "--text", QUIET], env, stop)
     listed = json.loads(persona("posts", "uncertain", "--json", env=env).stdout)
     assert [(u["sink"], u["state"], u["text"]) for u in listed] == [("mastodon", "intent", QUIET)], listed
@@ -1080,7 +1081,7 @@ def test_a_post_stopped_mid_publish_names_its_slot_and_is_finished_never_posted_
     assert f"`{finish}` finishes it" in again.stderr and f"`persona posts settle hands {slot} --posted LINK`" in again.stderr
     assert len(fake.statuses) == 1
 
-    _until(lambda: not redis_client.exists(keys.post_lock_key("hands", slot)), timeout_s=10)
+    _until(lambda: not redis_client.exists(keys.post_lock_key("hands", slot)), timeout_s=20)
     finished = persona("post", "hands", "--slot", slot, env=env)
     assert finished.returncode == 0 and f"posted hands {slot}" in finished.stdout, finished.stdout + finished.stderr
     assert len(fake.statuses) == 1  # found (its idempotency key), not posted again

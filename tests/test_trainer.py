@@ -587,7 +587,9 @@ def test_max_minutes_on_resume_limits_the_session_and_without_it_the_runs_own_co
     caplog.clear()
     with caplog.at_level("WARNING", logger="training.trainer"):
         resumed = train(limited, big, tiny_gpt2_dir, tmp_path / "b", resume=True, reporter=SlowSteps(0.1))
-    assert resumed.status == "time-limit" and resumed.metrics["train_seconds"] < 2 + 0.5
+    # The run's own 2 s, counted in all: under the 1.5 + 2 s a fresh session's limit would allow
+    # (a step may overrun on a loaded machine, which the limit only checks between steps).
+    assert resumed.status == "time-limit" and resumed.metrics["train_seconds"] < 1.5 + 2
     assert "of the 0.0333333 minutes it started with (--max-minutes)" in caplog.text
 
     # The same value again, given for this session: two more seconds, not what was left of two.
