@@ -122,6 +122,10 @@ MAX_CONNECT_PAUSE_S = 30.0
 # heartbeat TTL, so a restart in progress goes unmentioned.
 NO_WORKER_NOTICE_S = 5.0
 MAX_REMEMBERED_MOVES = 1000  # chats moved (Telegram groups upgraded: rare) that answers still follow
+# How long a chat's /persona choice outlives its last answer (or the conversation's TTL, if that is
+# longer): each answer renews it, so a chat that is heard from keeps its choice, and one gone
+# quiet is forgotten (it gets the default persona again) instead of kept in Redis for good.
+CHAT_PERSONA_TTL_S = 90 * 24 * 3600
 
 Notify = Callable[[str], Awaitable[object]]
 # How an adapter sends what ``answer`` or ``retry`` says: whether all of it went out.
@@ -209,6 +213,7 @@ class Responder:
             per_user=self.options.user_messages_per_minute, per_chat=self.options.chat_messages_per_minute,
         )
         self.registry = PersonaRegistry.from_settings(settings)
+        self.persona_ttl_s = max(CHAT_PERSONA_TTL_S, self.options.conversation_ttl_s)
         # One answer at a time per conversation, so a quick second message sees the first; and
         # the handler holding each conversation's turn (``in_turn``).
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
@@ -296,9 +301,16 @@ class Responder:
         return await self._chosen(chat) or self.default_persona
 
     async def _chosen(self, chat: str) -> str | None:
-        """The persona this chat chose with /persona, None if none (or while Redis cannot say)."""
+        """The persona this chat chose with /persona, None if none, or forgotten after
+        ``persona_ttl_s`` without a word (or while Redis cannot say). Reading it renews it: the
+        chat is in use (GETEX, the same one round trip as a GET). A Redis refusing writes (a
+        replica after a failover, a full disk) is still read, without renewing."""
+        key = keys.chat_persona_key(self.platform, chat)
         try:
-            chosen = await self.redis.get(keys.chat_persona_key(self.platform, chat))
+            try:
+                chosen = await self.redis.getex(key, ex=self.persona_ttl_s)
+            except redis.exceptions.ResponseError:  # the write refused, not Redis out of reach
+                chosen = await self.redis.get(key)
         except REDIS_ERRORS:
             return None
         return chosen.decode() if chosen else None
@@ -375,12 +387,13 @@ class Responder:
         return WITHDRAWN_TEXT.format(name=repr(name)) + " " + then
 
     async def set_persona(self, chat: str, name: str) -> str:
-        """Switch this chat's persona; the reply says what happened."""
+        """Switch this chat's persona (kept while the chat is heard from: ``_chosen``); the reply
+        says what happened."""
         unknown = self.unknown_persona_text(name)
         if unknown:
             return unknown
         try:
-            await self.redis.set(keys.chat_persona_key(self.platform, chat), name)
+            await self.redis.set(keys.chat_persona_key(self.platform, chat), name, ex=self.persona_ttl_s)
         except REDIS_ERRORS as exc:
             return self._explain(exc)
         return f"From now on you are talking to {self.describe_persona(name)}"

@@ -13,6 +13,7 @@ from redis.backoff import NoBackoff
 from adapters.ratelimit import rate_limited_text
 from adapters.responder import (
     BUSY_TEXT,
+    CHAT_PERSONA_TTL_S,
     LONG_MESSAGE_NOTE,
     NO_WORKER_TEXT,
     NO_WORKER_TIMEOUT_TEXT,
@@ -125,6 +126,45 @@ async def test_switching_persona_checks_the_name(settings: Settings, redis_url, 
     assert "no persona called 'quiet'" in await responder.set_persona("c1", "quiet")  # not enabled on discord
     assert (await responder.set_persona("c1", "loud")).startswith("From now on")
     assert await responder.persona_for("c1") == "loud" and await responder.persona_for("c2") == settings.discord.persona
+    await client.aclose()
+
+
+@pytest.mark.parametrize("platform", ["telegram", "discord"])
+async def test_a_chats_persona_choice_lasts_while_it_is_answered_and_is_forgotten_after_long_quiet(
+    platform: str, settings: Settings, redis_url, redis_client, write_persona
+):
+    """A /persona choice was kept in Redis for good, one key for every chat that ever chose. It
+    now expires CHAT_PERSONA_TTL_S after the chat was last answered; the chat then hears the
+    default persona again."""
+    write_persona("loud", base="smollm2")
+    client = redis.asyncio.Redis.from_url(redis_url)
+    responder = Responder(client, settings, platform)
+    key = keys.chat_persona_key(platform, HERE.chat)
+    await responder.set_persona(HERE.chat, "loud")
+    assert redis_client.ttl(key) == pytest.approx(CHAT_PERSONA_TTL_S, abs=5)
+    with scripted_worker(settings, lambda r: f"{r.persona} here"):
+        redis_client.expire(key, 60)  # as if the chat had been quiet for almost that long
+        assert await responder.answer(HERE, "still there?") == "loud here"
+        assert redis_client.ttl(key) == pytest.approx(CHAT_PERSONA_TTL_S, abs=5)  # renewed by the answer
+        redis_client.pexpire(key, 1)  # quiet for all of it
+        await asyncio.sleep(0.05)
+        assert await responder.answer(HERE, "and now?") == f"{getattr(settings, platform).persona} here"
+    assert await responder.persona_for(HERE.chat) == getattr(settings, platform).persona
+    await client.aclose()
+
+
+async def test_a_chats_persona_choice_is_read_while_redis_refuses_writes(settings: Settings, redis_url, redis_client, write_persona):
+    """Renewing the choice is a write; a Redis that refuses writes (here: no replica to write to,
+    as after a failover) still tells which persona the chat chose."""
+    write_persona("loud", base="smollm2")
+    client = redis.asyncio.Redis.from_url(redis_url)
+    responder = Responder(client, settings, "telegram")
+    await responder.set_persona("c1", "loud")
+    redis_client.config_set("min-replicas-to-write", 1)
+    try:
+        assert await responder.persona_for("c1") == "loud"
+    finally:
+        redis_client.config_set("min-replicas-to-write", 0)
     await client.aclose()
 
 

@@ -8,6 +8,7 @@ the fake server received.
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
 import json
 import logging
@@ -1361,6 +1362,46 @@ async def test_a_paste_edited_to_mention_the_bot_is_answered_whole_once(start_bo
     assert [m["reply_parameters"]["message_id"] for m in fake_api.sent[:2]] == [
         pieces[0]["message_id"], long_pieces[0]["message_id"]]
     assert len(seen) == 3
+
+
+def kept_per_chat(bot: TelegramBot) -> dict[str, int]:
+    """What the bot holds in memory that could grow with every chat or user it ever met."""
+    app, responder = bot.application, bot.responder
+    return {
+        "PTB's chat ids to persist": len(app._chat_ids_to_be_updated_in_persistence),
+        "PTB's user ids to persist": len(app._user_ids_to_be_updated_in_persistence),
+        "PTB's chat ids to drop": len(app._chat_ids_to_be_deleted_in_persistence),
+        "PTB's user ids to drop": len(app._user_ids_to_be_deleted_in_persistence),
+        "PTB's chat_data": len(app.chat_data),
+        "PTB's user_data": len(app.user_data),
+        "conversation locks": len(responder._locks) + len(responder._arrivals),
+        "turns held": len(responder._turn_holders),
+        "answers on their way": len(responder._answering) + len(responder._forgotten),
+        "pastes being gathered": len(bot._pastes._open) + len(bot._pastes._ending),
+        "updates waiting their turn": len(bot._in_order._waiting),
+        "counted while Redis could not": len(responder.limiter._counted_here),
+    }
+
+
+async def test_a_bot_meeting_new_people_all_the_time_keeps_nothing_in_memory_per_chat(
+    start_bot, fake_api, telegram_settings
+):
+    """A bot that sees a million people grew by about 700 MB before a restart: python-telegram-bot
+    noted every chat and user id for a persistence this bot does not have, and never let go of
+    them. Once their messages are answered, nothing the bot holds in memory counts the chats
+    and users it met (groups' answered messages are remembered, each for an hour)."""
+    private, groups = 150, 30
+    with scripted_worker(telegram_settings, echo):
+        bot = await start_bot()
+        for n in range(private):
+            fake_api.push_message("/persona" if n % 10 == 0 else f"hello {n}", chat_id=50_000 + n, user_id=50_000 + n)
+        for n in range(groups):
+            fake_api.push_message(f"@{BOT_USERNAME} hello", chat_id=-50_000 - n, user_id=60_000 + n, chat_type="group")
+        await fake_api.wait_for(lambda: len(fake_api.sent) == private + groups, timeout=60)
+        await fake_api.wait_for(lambda: not bot.responder._answering)  # the last exchanges saved
+    gc.collect()  # the conversation locks are weakly held: gone with their last holder
+    assert kept_per_chat(bot) == dict.fromkeys(kept_per_chat(bot), 0)
+    assert len(bot.answered) == groups
 
 
 async def test_an_unknown_command_is_told_the_commands_there_are(start_bot, fake_api, telegram_settings):
