@@ -65,10 +65,13 @@ class QueueCandidates:
             # Submit them all before waiting on any, so a worker generates them as one batch.
             # A full queue may refuse the fifth after taking four: those four are cancelled below.
             for i in range(n):
-                requests.append(self.queue.submit(GenerationRequest(
+                # Listed before it is sent: a stop (Ctrl-C) that comes while Redis adds it, before
+                # its answer is read, must withdraw it too (it was left queued, and not counted).
+                requests.append(GenerationRequest(
                     persona=persona.name, mode="complete", priority=Priority.batch, source=self.source,
                     sampling=SamplingOverrides(seed=seed + i), deadline=deadline,
-                )))
+                ))
+                requests[-1] = self.queue.submit(requests[-1])
             for request in requests:
                 reply = self._wait(request, give_up)
                 if reply.ok:
